@@ -1,0 +1,1 @@
+"""prunekit: prune neural networks to a budget."""

@@ -1,0 +1,10 @@
+"""The one exception type that reaches users.
+
+Every check on user input raises :class:`PrunekitError` with a message that says what is
+wrong *and what to change*. The CLI prints that message on one line and exits with code 2;
+library users can catch it like any ``ValueError``.
+"""
+
+
+class PrunekitError(ValueError):
+    """Bad input from the user: the message names the fix."""
