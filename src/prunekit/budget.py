@@ -1,0 +1,146 @@
+"""Budgets: what the user asks for, and its resolution into integers against a cost model.
+
+Conventions (the papers'):
+
+* ``sparsity``: share of the prunable weights set to zero (0.9 keeps 10%), or an absolute
+  number of prunable weights to *keep* ("50k").
+* ``flops``: share of the dense model's MACs the pruned model may keep (0.3 keeps at most
+  30%), or an absolute number of MACs per example to keep ("20M").
+* ``params``: share of all parameters kept (prunable nonzeros plus the rest), or an absolute
+  count ("200k").
+
+Values are fractions (0.9), percents ("90%") or counts with an optional k/M/G suffix.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .costs import CostModel
+from .errors import PrunekitError
+from .params import ParamSpace
+
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([kmg%]?)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Amount:
+    """A parsed budget value: a share in [0, 1] or an absolute count."""
+
+    value: float
+    absolute: bool
+
+    @classmethod
+    def parse(cls, text: str | float | int, what: str) -> "Amount":
+        if isinstance(text, (int, float)):
+            text = repr(text)
+        match = _NUMBER.match(str(text))
+        if not match:
+            raise PrunekitError(f"--{what} {text!r} is not a number: write a fraction (0.9), a "
+                                f"percent (90%) or a count (50k, 20M)")
+        number, suffix = float(match.group(1)), match.group(2).lower()
+        if suffix == "%":
+            return cls(number / 100, absolute=False)
+        if suffix or number > 1:
+            return cls(number * _SUFFIX[suffix], absolute=True)
+        return cls(number, absolute=False)
+
+
+@dataclass(frozen=True)
+class ResolvedBudget:
+    """A budget in integers for one model.
+
+    Attributes:
+        max_nonzeros: k, the most prunable weights that may stay nonzero.
+        max_macs: F, the most MACs per example the prunable weights may cost (the MACs of
+            weight layers left out of the ParamSpace are subtracted already); None = no limit.
+        total_prunable: p, the number of prunable weights.
+        fixed_macs: MACs of weight layers outside the ParamSpace (always kept).
+    """
+
+    max_nonzeros: int
+    max_macs: int | None
+    total_prunable: int
+    fixed_macs: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.max_nonzeros / self.total_prunable
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the user asked for; any of the three may be None (no limit)."""
+
+    sparsity: Amount | None = None
+    flops: Amount | None = None
+    params: Amount | None = None
+
+    @classmethod
+    def parse(cls, sparsity=None, flops=None, params=None) -> "Budget":
+        budget = cls(*(None if v is None else Amount.parse(v, name)
+                       for v, name in ((sparsity, "sparsity"), (flops, "flops"), (params, "params"))))
+        if budget.sparsity is None and budget.flops is None and budget.params is None:
+            raise PrunekitError("no budget given: pass --sparsity (e.g. 0.9), --flops (e.g. 0.3) "
+                                "or --params (e.g. 0.1)")
+        return budget
+
+    def resolve(self, costs: CostModel, space: ParamSpace) -> ResolvedBudget:
+        """Integers for this model; refuses an infeasible or meaningless budget."""
+        p = space.numel
+        prunable_params = p
+        other_params = costs.params - prunable_params
+        prunable_names = set(space.names())
+        fixed_macs = sum(layer.macs for layer in costs.weight_layers() if layer.name not in prunable_names)
+        k = p
+        if self.sparsity is not None:
+            k = min(k, self._keep_count(self.sparsity, p, "sparsity"))
+        if self.params is not None:
+            k = min(k, self._params_keep(self.params, costs.params, other_params))
+        max_macs = None
+        if self.flops is not None:
+            max_macs = self._macs_cap(self.flops, costs.macs, fixed_macs)
+        return ResolvedBudget(max_nonzeros=k, max_macs=max_macs, total_prunable=p, fixed_macs=fixed_macs)
+
+    @staticmethod
+    def _keep_count(amount: Amount, p: int, what: str) -> int:
+        if amount.absolute:
+            if not 1 <= amount.value <= p:
+                raise PrunekitError(f"--{what} {amount.value:.0f} weights to keep is out of range: "
+                                    f"this model has {p} prunable weights (keep 1 to {p})")
+            return int(amount.value)
+        if not 0 <= amount.value < 1:
+            raise PrunekitError(f"--{what} {amount.value} is out of range: the share of weights "
+                                f"removed must be in [0, 1), e.g. 0.9 keeps 10%")
+        keep = math.floor((1 - amount.value) * p + 1e-9)
+        if keep < 1:
+            raise PrunekitError(f"--{what} {amount.value} keeps no weight of {p}: the largest "
+                                f"feasible sparsity is {1 - 1 / p:.6f}")
+        return keep
+
+    @staticmethod
+    def _params_keep(amount: Amount, total: int, other: int) -> int:
+        limit = amount.value if amount.absolute else amount.value * total
+        if not amount.absolute and not 0 < amount.value <= 1:
+            raise PrunekitError(f"--params {amount.value} is out of range: the share of "
+                                f"parameters kept must be in (0, 1]")
+        if limit < other + 1 or limit > total:
+            raise PrunekitError(f"--params {limit:.0f} is infeasible: the parameters that are "
+                                f"never pruned (biases, norms, excluded layers) already take {other}; "
+                                f"ask for {other + 1} to {total} ({(other + 1) / total:.4f} to 1)")
+        return int(limit - other)
+
+    @staticmethod
+    def _macs_cap(amount: Amount, dense: int, fixed: int) -> int:
+        if not amount.absolute and not 0 < amount.value <= 1:
+            raise PrunekitError(f"--flops {amount.value} is out of range: the share of MACs "
+                                f"kept must be in (0, 1], e.g. 0.3 keeps 30%")
+        limit = amount.value if amount.absolute else amount.value * dense
+        if limit > dense or limit <= fixed:
+            raise PrunekitError(f"--flops {limit:.0f} MACs is infeasible: the dense model has "
+                                f"{dense} MACs and layers that are not pruned take {fixed}; ask for "
+                                f"more than {fixed / dense:.4f} and at most 1 (or {fixed + 1} to {dense} MACs)")
+        return int(math.floor(limit)) - fixed

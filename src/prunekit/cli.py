@@ -1,0 +1,320 @@
+"""The ``prunekit`` command line: info, eval, prune, train, demo.
+
+Every command turns bad input into a one-line error naming the fix and exit code 2
+(``PrunekitError``); ``--json`` prints exactly one JSON object on stdout, progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import zoo
+from .budget import Budget
+from .costs import CostModel
+from .data import DATASET_NAMES, load_dataset, make_loader
+from .errors import PrunekitError
+from .loading import LoadedModel, check_fits, load_data, load_model
+from .pipelines.oneshot import METHODS, prune
+from .saving import save_model, atomic_write_json
+from .train import evaluate, train_epochs
+
+DEMO_METHOD = "magnitude"
+DEMO_SPARSITY = 0.9
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2), naming the command's --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- shared option groups --------------------------------------------------------------------
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=f"zoo model: {', '.join(zoo.MODEL_NAMES)}")
+    p.add_argument("--checkpoint", help="weights to load (.pth/.th/.ckpt/.pth.tar or a prunekit .safetensors)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, choices=DATASET_NAMES, help="data set")
+    p.add_argument("--data-dir", required=required, help="folder with the data files (IDX, CIFAR batches or .npz)")
+    p.add_argument("--eval-split", default="test", choices=("test", "train"), help="split to evaluate on")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed for every random choice")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _loaded(args) -> LoadedModel:
+    return load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None))
+
+
+def _eval_data(args, loaded: LoadedModel):
+    ds = load_data(args.data, args.data_dir, args.eval_split)
+    check_fits(loaded, ds, f"{args.data} {args.eval_split}")
+    return make_loader(ds, loaded.normalization, batch_size=args.batch_size)
+
+
+def _emit(args, payload: dict, lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print("\n".join(lines))
+
+
+# --- info ------------------------------------------------------------------------------------
+
+def cmd_info(args) -> int:
+    loaded = load_model(args.model, args.checkpoint)
+    costs = CostModel(loaded.model, loaded.example_input())
+    counts = costs.count(loaded.model)
+    rows = []
+    for layer in costs.layers:
+        macs = counts.macs_by_layer.get(layer.name, layer.macs)
+        rows.append({"name": layer.name, "type": layer.kind,
+                     "shape": list(layer.weight_shape) if layer.weight_shape else None,
+                     "params": layer.params, "nonzeros": counts.nonzeros_by_layer.get(layer.name),
+                     "macs": macs, "other_ops": layer.other_ops,
+                     "share": macs / counts.macs if counts.macs else 0.0})
+    totals = {"params": counts.params, "dense_params": costs.params, "macs": counts.macs,
+              "dense_macs": costs.macs, "other_ops": costs.other_ops, "unknown_modules": costs.unknown}
+    if args.json:
+        print(json.dumps({"model": args.model, "input_shape": list(loaded.input_shape),
+                          "layers": rows, **totals}))
+        return 0
+    print(f"{args.model}: input {tuple(loaded.input_shape)}, MACs per example")
+    header = f"{'layer':<28} {'type':<18} {'shape':<20} {'params':>10} {'MACs':>13} {'share':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if not r["params"] and not r["macs"] and not r["other_ops"]:
+            continue
+        shape = "x".join(map(str, r["shape"])) if r["shape"] else ""
+        macs = f"{r['macs']:,}" if r["shape"] else (f"({r['other_ops']:,} ops)" if r["other_ops"] else "")
+        share = f"{100 * r['share']:.1f}%" if r["shape"] else ""
+        print(f"{r['name'][:28]:<28} {r['type'][:18]:<18} {shape:<20} {r['params']:>10,} {macs:>13} {share:>7}")
+    print("-" * len(header))
+    print(f"total: {counts.params:,} params, {counts.macs:,} MACs in weight layers "
+          f"({counts.macs / 1e6:.2f}M), {costs.other_ops:,} other ops (BN, pooling, adds)")
+    if counts.macs != costs.macs:
+        print(f"nonzero-aware: {100 * counts.flops_kept:.2f}% of dense MACs, "
+              f"{100 * counts.params_kept:.2f}% of dense params")
+    if costs.unknown:
+        print(f"warning: no counting rule for {len(costs.unknown)} module(s), counted as 0: "
+              f"{', '.join(costs.unknown[:5])}")
+    return 0
+
+
+# --- eval ------------------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    loaded = _loaded(args)
+    loader = _eval_data(args, loaded)
+    start = time.perf_counter()
+    accuracy = evaluate(loaded.model, loader, progress=not args.json)
+    payload = {"model": args.model, "data": args.data, "split": args.eval_split, "accuracy": accuracy,
+               "images": len(loader.dataset) if hasattr(loader, "dataset") else None,
+               "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+    _emit(args, payload, [f"{args.model} on {args.data} {args.eval_split}: {accuracy:.2f}% top-1"])
+    return 0
+
+
+# --- prune -----------------------------------------------------------------------------------
+
+def run_prune(loaded: LoadedModel, eval_loader, train_ds_loader, method: str, budget: Budget,
+              seed: int, include=None, exclude=None, recalibrate_bn: bool = True,
+              progress: bool = True) -> dict:
+    """Evaluate, prune, evaluate again; returns the flat record the CLI prints and saves."""
+    dense_accuracy = evaluate(loaded.model, eval_loader, progress=progress)
+    result = prune(loaded.model, method, budget, loaded.example_input(), train_ds_loader,
+                   include=include, exclude=exclude, seed=seed, recalibrate_bn=recalibrate_bn)
+    accuracy = evaluate(loaded.model, eval_loader, progress=progress)
+    return {"model": loaded.name, "method": method, "sparsity": result.sparsity,
+            "flops_kept": result.counts.flops_kept, "params_kept": result.counts.params_kept,
+            "nonzeros": result.nonzeros, "macs": result.counts.macs, "dense_macs": result.counts.dense_macs,
+            "params": result.counts.params, "budget_max_nonzeros": result.budget.max_nonzeros,
+            "budget_max_macs": None if result.budget.max_macs is None
+            else result.budget.max_macs + result.budget.fixed_macs,
+            "dense_accuracy": dense_accuracy, "accuracy": accuracy, "seconds": result.seconds,
+            "peak_rss_mb": peak_rss_mb(), **result.info}
+
+
+def _train_batches(args, loaded: LoadedModel):
+    """A function giving training batches, loading the training split on first use only."""
+
+    @lru_cache(maxsize=1)
+    def dataset():
+        ds = load_data(args.data, args.data_dir, "train", limit=args.train_samples, seed=args.seed)
+        check_fits(loaded, ds, f"{args.data} train")
+        return ds
+
+    return lambda: make_loader(dataset(), loaded.normalization, batch_size=128, shuffle=True, seed=args.seed)
+
+
+def _save_run(out: str, loaded: LoadedModel, record: dict) -> None:
+    out_dir = Path(out)
+    save_model(loaded.model, out_dir / "model.safetensors",
+               {"model": loaded.name, "build_kwargs": loaded.build_kwargs,
+                "input_shape": list(loaded.input_shape),
+                "normalization": {"mean": list(loaded.normalization.mean), "std": list(loaded.normalization.std)},
+                "result": record})
+    atomic_write_json(out_dir / "result.json", record)
+
+
+def _prune_lines(r: dict) -> list[str]:
+    return [f"{r['model']} pruned with {r['method']}:",
+            f"  accuracy   {r['dense_accuracy']:.2f}% -> {r['accuracy']:.2f}%",
+            f"  sparsity   {100 * r['sparsity']:.2f}% ({r['nonzeros']:,} prunable weights kept)",
+            f"  MACs kept  {100 * r['flops_kept']:.2f}% ({r['macs']:,} of {r['dense_macs']:,})",
+            f"  params     {100 * r['params_kept']:.2f}% kept",
+            f"  time       {r['seconds']:.2f} s pruning, peak RSS {r['peak_rss_mb']:.0f} MB"]
+
+
+def cmd_prune(args) -> int:
+    if args.method not in METHODS:
+        raise PrunekitError(f"unknown method {args.method!r}: choose one of {', '.join(METHODS)}")
+    budget = Budget.parse(args.sparsity, args.flops, args.params)
+    loaded = _loaded(args)
+    eval_loader = _eval_data(args, loaded)
+    record = run_prune(loaded, eval_loader, _train_batches(args, loaded), args.method, budget, args.seed,
+                       include=args.include, exclude=args.exclude,
+                       recalibrate_bn=not args.no_bn_recalibration, progress=not args.json)
+    if args.out:
+        _save_run(args.out, loaded, record)
+    _emit(args, record, _prune_lines(record) + ([f"  saved to   {args.out}"] if args.out else []))
+    return 0
+
+
+# --- train -----------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    train_ds = load_dataset(args.data, args.data_dir, "train")
+    test_ds = load_dataset(args.data, args.data_dir, "test")
+    loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
+                        in_channels=train_ds.image_shape[0], dataset=args.data)
+    if tuple(train_ds.image_shape[1:]) != tuple(loaded.input_shape[1:]):
+        loaded.input_shape = tuple(train_ds.image_shape)
+    check_fits(loaded, train_ds, f"{args.data} train")
+    torch.manual_seed(args.seed)
+    loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
+                         augment=args.augment, seed=args.seed, drop_last=True)
+    test_loader = make_loader(test_ds, loaded.normalization, batch_size=512)
+    start = time.perf_counter()
+    history = []
+
+    def report(epoch, loss):
+        history.append({"epoch": epoch + 1, "loss": loss})
+        if not args.json:
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}", file=sys.stderr)
+
+    train_epochs(loaded.model, loader, args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                 on_epoch_end=report, progress=not args.json)
+    accuracy = evaluate(loaded.model, test_loader)
+    record = {"model": args.model, "data": args.data, "epochs": args.epochs, "lr": args.lr,
+              "batch_size": args.batch_size, "seed": args.seed, "accuracy": accuracy,
+              "seconds": time.perf_counter() - start, "history": history, "peak_rss_mb": peak_rss_mb()}
+    if args.out:
+        _save_run(args.out, loaded, record)
+    _emit(args, record, [f"{args.model} trained on {args.data}: {accuracy:.2f}% test accuracy "
+                         f"({record['seconds']:.0f} s)"] + ([f"saved to {args.out}"] if args.out else []))
+    return 0
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    assets = resources.files("prunekit") / "assets"
+    with resources.as_file(assets / "mlpnet.safetensors") as weights, \
+            resources.as_file(assets / "mnist-sample.npz") as data:
+        loaded = load_model("mlpnet", weights)
+        test = load_dataset("mnist", data, "test")
+        train = load_dataset("mnist", data, "train")
+    eval_loader = make_loader(test, loaded.normalization, batch_size=1000)
+    train_batches = lambda: make_loader(train, loaded.normalization, batch_size=128, shuffle=True, seed=0)
+    if not args.json:
+        print(f"prunekit demo: MLPNet 784-40-20-10 (bundled), {len(train)} MNIST training images for "
+              f"the method, {len(test)} test images; method {DEMO_METHOD}, sparsity {DEMO_SPARSITY}")
+    record = run_prune(loaded, eval_loader, train_batches, DEMO_METHOD, Budget.parse(DEMO_SPARSITY),
+                       seed=0, progress=False)
+    _emit(args, record, _prune_lines(record))
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="prunekit", description="Prune neural networks to a budget.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="per-layer parameters and MACs of a model")
+    p.add_argument("model", help=f"zoo model: {', '.join(zoo.MODEL_NAMES)}")
+    p.add_argument("--checkpoint", help="count this checkpoint (nonzero-aware for pruned models)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="accuracy of a model on a data set")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prune", help="prune a model to a budget")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--method", default="magnitude", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--sparsity", help="share of prunable weights removed (0.9, 90%%) or count kept (50k)")
+    p.add_argument("--flops", help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M)")
+    p.add_argument("--params", help="share of all parameters kept (0.1) or count kept (200k)")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="training images used for gradients and BN recalibration (default: all)")
+    p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: all Conv/Linear)")
+    p.add_argument("--exclude", nargs="+", help="module-name patterns to leave dense")
+    p.add_argument("--no-bn-recalibration", action="store_true",
+                   help="keep the BatchNorm statistics of the dense model")
+    p.add_argument("--out", help="folder for the pruned model (safetensors + JSON) and result.json")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("train", help="train a zoo model on a data set")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (cosine schedule)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR-style)")
+    p.add_argument("--out", help="folder for the trained model (safetensors + JSON)")
+    p.set_defaults(func=cmd_train, batch_size=128)
+
+    p = sub.add_parser("demo", help="prune the bundled MLPNet on bundled MNIST (offline)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PrunekitError as err:
+        print(f"prunekit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

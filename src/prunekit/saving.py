@@ -1,0 +1,82 @@
+"""Save and load models as safetensors plus a JSON sidecar; writes are atomic.
+
+``save_model(model, "out/model.safetensors", meta)`` writes the tensors (no pickle, so loading
+never executes code) and ``out/model.json`` with ``meta``: the zoo architecture and its build
+arguments, the input normalization, the budget and the counts. Files are written to a
+temporary name in the same folder and renamed, so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import PrunekitError
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_model(model: nn.Module, path: str | Path, meta: dict) -> Path:
+    """Save ``model``'s state dict to ``path`` (.safetensors) and ``meta`` to the sidecar."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise PrunekitError(f"model files end in .safetensors, got {path.name!r}: "
+                            f"name it e.g. {path.stem}.safetensors")
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_json(sidecar_path(path), meta)
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    """The JSON sidecar of a saved model, or {} if it has none."""
+    side = sidecar_path(path)
+    if not side.exists():
+        return {}
+    try:
+        return json.loads(side.read_text())
+    except json.JSONDecodeError as err:
+        raise PrunekitError(f"{side} is not valid JSON ({err}); restore or delete it") from None
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise PrunekitError(f"no such file: {path}")
+    return load_file(str(path))

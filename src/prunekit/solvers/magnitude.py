@@ -1,0 +1,57 @@
+"""Magnitude pruning baselines on a flat weight vector.
+
+Each function returns a keep mask (p,) bool; kept weights keep their values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ilp import solve_flops_ilp
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the k largest entries of ``scores`` (p,); ties broken by index."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        keep[torch.topk(scores, k, sorted=False).indices] = True
+    return keep
+
+
+def magnitude_global(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest |w| over all layers. w: (p,)."""
+    return top_k_mask(w.abs(), k)
+
+
+def magnitude_uniform(w: torch.Tensor, layer_slices: list[slice], k: int) -> torch.Tensor:
+    """Keep the same share of every layer (the largest |w| in each), k in total at most.
+
+    Layer j keeps floor(k * n_j / p) weights; the few left over by the rounding go to the
+    layers with the largest remainders, so exactly k are kept.
+    """
+    p = w.numel()
+    sizes = torch.tensor([s.stop - s.start for s in layer_slices], dtype=torch.float64)
+    exact = sizes * (k / p)
+    quota = exact.floor().long()
+    leftover = k - int(quota.sum())
+    if leftover:
+        quota[torch.topk(exact - quota, leftover).indices] += 1
+    keep = torch.zeros(p, dtype=torch.bool)
+    for sl, q in zip(layer_slices, quota.tolist()):
+        keep[sl] = top_k_mask(w[sl].abs(), q)
+    return keep
+
+
+def magnitude_flops(w: torch.Tensor, layer_slices: list[slice], layer_macs: list[int],
+                    k: int, max_macs: int | None):
+    """Keep the most squared magnitude subject to both budgets: at most k nonzeros and
+    Σ macs_i over kept weights at most ``max_macs`` (an ILP, solved with a certified gap).
+
+    Returns (keep (p,) bool, ILPResult).
+    """
+    if max_macs is None:
+        return magnitude_global(w, k), None
+    result = solve_flops_ilp(w.double() ** 2, layer_slices=layer_slices,
+                             layer_costs=[float(c) for c in layer_macs],
+                             max_count=k, max_cost=float(max_macs))
+    return result.keep, result

@@ -1,0 +1,86 @@
+"""Training, evaluation and BatchNorm recalibration loops (plain PyTorch, with progress bars)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def _progress(iterable, desc: str, enabled: bool):
+    return tqdm(iterable, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> float:
+    """Top-1 accuracy of ``model`` on ``loader`` in percent (eval mode, restored after)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in _progress(loader, "eval", progress):
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += y.numel()
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable, max_batches: int = 50,
+                          progress: bool = False) -> bool:
+    """Re-estimate BatchNorm running statistics on ``loader`` (cumulative average).
+
+    Pruning changes the activations' statistics; without this, a pruned model with BN can
+    lose far more accuracy than its weights deserve. Returns False if the model has no BN.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    saved_momentum = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    for i, (x, _) in enumerate(_progress(loader, "recalibrate BN", progress)):
+        if i >= max_batches:
+            break
+        model(x)
+    for m, momentum in zip(norms, saved_momentum):
+        m.momentum = momentum
+    model.train(was_training)
+    return True
+
+
+def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, optimizer: torch.optim.Optimizer | None = None,
+                 on_epoch_end=None, progress: bool = True) -> torch.optim.Optimizer:
+    """SGD with a cosine learning rate over ``epochs`` on cross-entropy.
+
+    ``on_epoch_end(epoch, mean_loss)`` is called after each epoch. Returns the optimizer
+    (pass your own to hold masks on it, see ``MaskHold``).
+    """
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                    weight_decay=weight_decay, nesterov=momentum > 0)
+    steps = max(1, epochs * len(loader))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        bar = _progress(loader, f"epoch {epoch + 1}/{epochs}", progress)
+        for x, y in bar:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss) * y.numel()
+            count += y.numel()
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, total / max(count, 1))
+    model.eval()
+    return optimizer

@@ -1,0 +1,103 @@
+"""ParamSpace round trips, masks that hold through training, budget parsing and resolution."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from prunekit.budget import Amount, Budget
+from prunekit.costs import CostModel
+from prunekit.errors import PrunekitError
+from prunekit.masks import MaskHold, masks_from_vector, masks_from_weights
+from prunekit.params import ParamSpace
+
+
+def tiny_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 36, 10))
+
+
+def test_param_space_round_trip_and_patterns():
+    model = tiny_cnn()
+    space = ParamSpace(model)
+    assert space.names() == ["0", "4"]
+    assert space.numel == 36 + 1440
+    w = space.vector()
+    space.assign(w * 2)
+    assert torch.equal(model[4].weight.flatten(), 2 * w[36:])
+    assert ParamSpace(model, exclude=["4"]).names() == ["0"]
+    with pytest.raises(PrunekitError, match="no prunable"):
+        ParamSpace(model, include=["nothing*"])
+    with pytest.raises(PrunekitError, match="flat vector"):
+        space.assign(torch.zeros(3))
+
+
+@pytest.mark.parametrize("optimizer_cls", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    lambda ps: torch.optim.Adam(ps, lr=0.01),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)])
+def test_pruned_weights_stay_exactly_zero_through_training(optimizer_cls):
+    model = tiny_cnn()
+    space = ParamSpace(model)
+    optimizer = optimizer_cls(model.parameters())
+    # Warm the optimizer state first, so stale momentum would move pruned weights.
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 10, (16,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    keep = torch.rand(space.numel) > 0.7
+    masks = masks_from_vector(space, keep)
+    with MaskHold(space, masks, optimizer):
+        for _ in range(5):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    w = space.vector()
+    assert torch.all(w[~keep] == 0)
+    assert torch.count_nonzero(w[keep]) == keep.sum()
+    assert all(torch.equal(m, masks_from_weights(space)[n]) for n, m in masks.items())
+
+
+@pytest.mark.parametrize("text,value,absolute", [
+    ("0.9", 0.9, False), ("90%", 0.9, False), ("50k", 50_000, True), ("20M", 20e6, True),
+    ("1.5G", 1.5e9, True), (0.3, 0.3, False), ("1200", 1200, True)])
+def test_amount_parse(text, value, absolute):
+    amount = Amount.parse(text, "sparsity")
+    assert amount.value == pytest.approx(value) and amount.absolute == absolute
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"sparsity": "abc"}, "not a number"), ({"sparsity": "1.0"}, r"\[0, 1\)"),
+    ({"flops": "0"}, r"\(0, 1\]"), ({"flops": "150%"}, r"\(0, 1\]"),
+    ({"sparsity": "10M"}, "out of range"), ({"params": "5"}, "infeasible"), ({}, "no budget")])
+def test_bad_budgets_are_refused_with_the_range(kwargs, match):
+    model = tiny_cnn()
+    costs, space = CostModel(model, torch.zeros(1, 1, 6, 6)), ParamSpace(model)
+    with pytest.raises(PrunekitError, match=match):
+        Budget.parse(**kwargs).resolve(costs, space)
+
+
+def test_flops_budget_below_fixed_layers_names_the_smallest_feasible():
+    model = tiny_cnn()
+    costs = CostModel(model, torch.zeros(1, 1, 6, 6))
+    space = ParamSpace(model, exclude=["4"])  # the linear layer stays dense
+    with pytest.raises(PrunekitError, match="ask for more than"):
+        Budget.parse(flops=0.1).resolve(costs, space)
+
+
+_MODEL = tiny_cnn()
+_COSTS, _SPACE = CostModel(_MODEL, torch.zeros(1, 1, 6, 6)), ParamSpace(_MODEL)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sparsity=st.floats(0, 0.999), flops=st.floats(0.01, 1.0))
+def test_resolved_budget_meets_the_request(sparsity, flops):
+    costs, space = _COSTS, _SPACE
+    try:
+        resolved = Budget.parse(sparsity=sparsity, flops=flops).resolve(costs, space)
+    except PrunekitError:
+        assert (1 - sparsity) * space.numel < 1
+        return
+    assert 1 <= resolved.max_nonzeros <= (1 - sparsity) * space.numel + 1e-6
+    assert resolved.max_nonzeros > (1 - sparsity) * space.numel - 1
+    assert resolved.max_macs <= flops * costs.macs
