@@ -45,7 +45,11 @@ class Amount:
         if suffix == "%":
             return cls(number / 100, absolute=False)
         if suffix or number > 1:
-            return cls(number * _SUFFIX[suffix], absolute=True)
+            count = number * _SUFFIX[suffix]
+            if count != int(count):
+                raise PrunekitError(f"--{what} {text!r} is out of range: a share must be in [0, 1] "
+                                    f"(0.9 or 90%) and a count a whole number (50k, 20M)")
+            return cls(count, absolute=True)
         return cls(number, absolute=False)
 
 

@@ -12,7 +12,6 @@ import resource
 import sys
 import time
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from .pipelines.oneshot import METHODS, prune
 from .saving import save_model, atomic_write_json
 from .train import evaluate, train_epochs
 
+ASSETS = Path(__file__).parent / "assets"
 DEMO_METHOD = "magnitude"
 DEMO_SPARSITY = 0.9
 
@@ -238,12 +238,9 @@ def cmd_train(args) -> int:
 # --- demo ------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
-    assets = resources.files("prunekit") / "assets"
-    with resources.as_file(assets / "mlpnet.safetensors") as weights, \
-            resources.as_file(assets / "mnist-sample.npz") as data:
-        loaded = load_model("mlpnet", weights)
-        test = load_dataset("mnist", data, "test")
-        train = load_dataset("mnist", data, "train")
+    loaded = load_model("mlpnet", ASSETS / "mlpnet.safetensors")
+    test = load_dataset("mnist", ASSETS / "mnist", "test")
+    train = load_dataset("mnist", ASSETS / "mnist", "train")
     eval_loader = make_loader(test, loaded.normalization, batch_size=1000)
     train_batches = lambda: make_loader(train, loaded.normalization, batch_size=128, shuffle=True, seed=0)
     if not args.json:
@@ -314,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunekit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `prunekit info resnet50 | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

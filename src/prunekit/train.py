@@ -79,7 +79,7 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
             schedule.step()
             total += float(loss) * y.numel()
             count += y.numel()
-            bar.set_postfix(loss=f"{total / count:.4f}")
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         if on_epoch_end is not None:
             on_epoch_end(epoch, total / max(count, 1))
     model.eval()

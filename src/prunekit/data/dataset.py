@@ -1,0 +1,69 @@
+"""The in-memory image data set that every reader returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunekit.errors import PrunekitError
+
+
+@dataclass
+class ImageDataset:
+    """A labelled image classification set held in memory.
+
+    Attributes:
+        images: ``uint8`` tensor of shape ``(N, C, H, W)``, raw pixel values 0..255
+            (MNIST: ``C=1``, 28x28; CIFAR-10: ``C=3``, 32x32).
+        labels: ``int64`` tensor of shape ``(N,)``, values in ``[0, len(classes))``.
+        classes: class names; ``classes[k]`` names label ``k``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise PrunekitError(
+                f"images must be a uint8 tensor of shape (N, C, H, W), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}; convert them with .to(torch.uint8) and reshape"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise PrunekitError(
+                f"labels must be an int64 tensor of shape ({self.images.shape[0]},), got "
+                f"{self.labels.dtype} {tuple(self.labels.shape)}; pass one label per image"
+            )
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise PrunekitError(
+                f"labels must lie in [0, {len(self.classes)}) for {len(self.classes)} classes, got "
+                f"{int(self.labels.min())}..{int(self.labels.max())}; fix the labels or the class list"
+            )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        _, c, h, w = self.images.shape
+        return int(c), int(h), int(w)
+
+    def subset(self, n: int | None = None, seed: int | None = None) -> ImageDataset:
+        """Return ``n`` images: the first ``n`` if ``seed`` is None, else the first ``n`` of a
+        permutation drawn from ``seed`` (so a smaller subset is a prefix of a larger one).
+
+        ``n=None`` means all images (then a seed only reorders them). Raises
+        :class:`PrunekitError` if ``n`` is negative or larger than the data set.
+        """
+        total = len(self)
+        if n is None:
+            n = total
+        if not 0 <= n <= total:
+            raise PrunekitError(f"cannot take {n} images from a data set of {total}; use 0 <= n <= {total}")
+        if seed is None:
+            return ImageDataset(self.images[:n], self.labels[:n], list(self.classes))
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randperm(total, generator=generator)[:n]
+        return ImageDataset(self.images[index], self.labels[index], list(self.classes))

@@ -1,0 +1,91 @@
+"""Image-folder data sets: ``DIR/<split>/<class>/*.png`` or ``DIR/<class>/*.png``.
+
+Images are decoded with Pillow. All must share one size; they are converted to RGB, or to
+8-bit grayscale ("L") when every image is grayscale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from prunekit.data.dataset import ImageDataset
+from prunekit.errors import PrunekitError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_GRAYSCALE_MODES = ("1", "L", "LA")
+_SPLIT_NAMES = ("train", "test")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _split_root(data_dir: Path, split: str) -> Path:
+    """``data_dir/split`` if it exists; else ``data_dir`` itself, unless that is split into
+    other splits (then asking for a missing split is an error, not a class list)."""
+    if (data_dir / split).is_dir():
+        return data_dir / split
+    others = [name for name in _SPLIT_NAMES if (data_dir / name).is_dir()]
+    if others:
+        found = ", ".join(f"{name}/" for name in others)
+        raise PrunekitError(f"{data_dir} has no {split}/ folder (found {found}); choose split={others[0]!r}")
+    return data_dir
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise PrunekitError(
+            f"class folder {class_dir} has no {'/'.join(IMAGE_SUFFIXES)} images; add images or remove the folder"
+        )
+    return files
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        return Image.open(path)
+    except OSError as error:  # includes UnidentifiedImageError
+        raise PrunekitError(f"cannot decode {path} ({error}); remove or re-save the file") from error
+
+
+def load_image_folder(data_dir: Path, split: str) -> ImageDataset:
+    """Load an image-folder tree; classes are the sorted subfolder names.
+
+    Returns images ``(N, C, H, W)`` uint8 with ``C=3`` (RGB) or ``C=1`` (all grayscale),
+    labels ``(N,)`` int64 indexing the sorted class names; within a class, files are in
+    name order.
+    """
+    if not data_dir.is_dir():
+        raise PrunekitError(f"image folder {data_dir} does not exist; pass the folder that holds <class>/ subfolders")
+    root = _split_root(data_dir, split)
+    class_dirs = _subfolders(root)
+    if not class_dirs:
+        raise PrunekitError(f"no class folders in {root}: expected {root}/<class>/*.jpg or *.png")
+    files = [(label, path) for label, class_dir in enumerate(class_dirs) for path in _image_files(class_dir)]
+
+    # First pass reads only headers: check sizes and pick the mode before decoding pixels.
+    sizes, modes = set(), set()
+    for _, path in files:
+        with _open(path) as image:
+            sizes.add(image.size)
+            modes.add(image.mode)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
+        raise PrunekitError(f"images in {root} have different sizes ({shown}); resize them all to one size")
+    mode = "L" if modes <= set(_GRAYSCALE_MODES) else "RGB"
+
+    pixels = []
+    for _, path in files:
+        with _open(path) as image:
+            try:
+                pixels.append(np.asarray(image.convert(mode)))
+            except OSError as error:
+                raise PrunekitError(f"cannot decode {path} ({error}); remove or re-save the file") from error
+    array = np.stack(pixels)  # (N, H, W) for "L", (N, H, W, 3) for "RGB"
+    array = array[:, None] if mode == "L" else array.transpose(0, 3, 1, 2)
+    labels = torch.tensor([label for label, _ in files], dtype=torch.int64)
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(array)), labels, [d.name for d in class_dirs])

@@ -1,0 +1,42 @@
+"""``load_dataset``: one entry point that picks the reader for a data set name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prunekit.data.cifar import load_cifar10
+from prunekit.data.dataset import ImageDataset
+from prunekit.data.imagefolder import load_image_folder
+from prunekit.data.mnist import load_mnist_like
+from prunekit.errors import PrunekitError
+
+DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "imagefolder")
+SPLITS = ("train", "test")
+
+
+def load_dataset(name: str, data_dir: str | Path, split: str = "test") -> ImageDataset:
+    """Read the ``split`` ("train" or "test") of data set ``name`` from ``data_dir``.
+
+    - "mnist", "fashion-mnist": the four IDX files (``.gz`` or raw) in ``data_dir``.
+    - "cifar10": the python batches (in ``data_dir`` or ``data_dir/cifar-10-batches-py``),
+      else a Keras-style ``.npz`` in ``data_dir``; ``data_dir`` may also be the ``.npz``.
+    - "imagefolder": ``data_dir/<split>/<class>/*`` if that folder exists, else
+      ``data_dir/<class>/*``.
+
+    Returns uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``. Every problem raises
+    :class:`PrunekitError` with a message that names the fix.
+    """
+    if name not in DATASET_NAMES:
+        raise PrunekitError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if split not in SPLITS:
+        raise PrunekitError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = Path(data_dir).expanduser()
+    if not path.exists():
+        raise PrunekitError(f"data path {path} does not exist; pass the folder that holds the {name} files")
+    if name == "cifar10":
+        return load_cifar10(path, split)
+    if not path.is_dir():
+        raise PrunekitError(f"{path} is a file; pass the folder that holds the {name} files")
+    if name == "imagefolder":
+        return load_image_folder(path, split)
+    return load_mnist_like(name, path, split)

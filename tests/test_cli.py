@@ -1,0 +1,90 @@
+"""End-to-end CLI runs on the bundled MLPNet and MNIST sample, and the one-line errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunekit
+from prunekit import zoo
+from prunekit.cli import main
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+MLP = ["--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors")]
+MNIST = ["--data", "mnist", "--data-dir", str(ASSETS / "mnist")]
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_json(capsys):
+    out = run_json(capsys, ["eval", *MLP, *MNIST, "--json"])
+    assert out["accuracy"] > 90 and out["images"] == 10000
+
+
+@pytest.mark.parametrize("method", ["magnitude", "magnitude-uniform", "magnitude-flops"])
+def test_prune_meets_budget_and_saves(capsys, tmp_path, method):
+    out_dir = tmp_path / "run"
+    out = run_json(capsys, ["prune", *MLP, *MNIST, "--method", method, "--sparsity", "0.8",
+                            "--flops", "0.15", "--out", str(out_dir), "--json"])
+    for key in ("method", "sparsity", "flops_kept", "params_kept", "nonzeros", "macs",
+                "dense_accuracy", "accuracy", "seconds", "peak_rss_mb"):
+        assert key in out
+    assert out["nonzeros"] <= 0.2 * 32360 and out["flops_kept"] <= 0.15
+    # The saved model reloads and is counted the same.
+    reloaded = run_json(capsys, ["eval", "--model", "mlpnet", "--checkpoint",
+                                 str(out_dir / "model.safetensors"), *MNIST, "--json"])
+    assert reloaded["accuracy"] == pytest.approx(out["accuracy"])
+    info = run_json(capsys, ["info", "mlpnet", "--checkpoint", str(out_dir / "model.safetensors"), "--json"])
+    assert info["macs"] == out["macs"]
+
+
+def test_info_table(capsys):
+    assert main(["info", "resnet20-b"]) == 0
+    text = capsys.readouterr().out
+    assert "layer1.0.conv1" in text and "total:" in text
+
+
+def test_demo_runs_offline(capsys):
+    out = run_json(capsys, ["demo", "--json"])
+    assert out["model"] == "mlpnet" and out["accuracy"] > 10 and out["sparsity"] >= 0.9 - 1e-9
+
+
+@pytest.fixture
+def resnet_checkpoint(tmp_path):
+    path = tmp_path / "resnet20.pth"
+    torch.save({"state_dict": zoo.build("resnet20").state_dict()}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["prune", "--model", "nope", *MNIST, "--sparsity", "0.5"], "unknown model"),
+    (["prune", *MLP, *MNIST, "--method", "nope", "--sparsity", "0.5"], "unknown method"),
+    (["eval", "--model", "mlpnet", "--checkpoint", "/no/such/file.pth", *MNIST], "not found"),
+    (["prune", *MLP, *MNIST, "--sparsity", "1.5"], "out of range"),
+    (["prune", *MLP, *MNIST, "--flops", "0"], "out of range"),
+    (["eval", "--model", "resnet20", *MNIST], "(C,H,W)"),
+    (["eval", *MLP, "--data", "mnist", "--data-dir", "/no/such/dir"], "does not exist"),
+    (["prune", *MLP, *MNIST], "no budget"),
+    (["info", "nope"], "unknown model"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "Traceback" not in err
+
+
+def test_checkpoint_of_another_architecture(capsys, resnet_checkpoint):
+    assert main(["eval", "--model", "mlpnet", "--checkpoint", resnet_checkpoint, *MNIST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not fit" in err and "\n" not in err
+
+
+def test_argparse_errors_are_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--model"])
+    assert exc.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -1,0 +1,350 @@
+"""Readers of prunekit.data on tiny generated files: IDX, CIFAR batches, .npz, image folders."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prunekit.data import DATASET_NAMES, ImageDataset, load_dataset
+from prunekit.data.cifar import CIFAR10_CLASSES
+from prunekit.errors import PrunekitError
+
+RNG = np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------- file writers
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An unsigned-byte IDX file holding ``array``."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(folder: Path, split: str, n: int, compress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    prefix = "train" if split == "train" else "t10k"
+    images = RNG.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = RNG.integers(0, 10, n, dtype=np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+        if compress:
+            (folder / f"{stem}.gz").write_bytes(gzip.compress(idx_bytes(array)))
+        else:
+            (folder / stem).write_bytes(idx_bytes(array))
+    return images, labels
+
+
+def write_cifar_batch(path: Path, n: int, protocol: int = 2, byte_keys: bool = True) -> tuple[np.ndarray, list[int]]:
+    data = RNG.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = [int(v) for v in RNG.integers(0, 10, n)]
+    keys = (b"data", b"labels") if byte_keys else ("data", "labels")
+    path.write_bytes(pickle.dumps({keys[0]: data, keys[1]: labels}, protocol=protocol))
+    return data, labels
+
+
+def write_cifar_batches(folder: Path, n: int = 3) -> dict[str, tuple[np.ndarray, list[int]]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]
+    return {name: write_cifar_batch(folder / name, n) for name in names}
+
+
+def write_png_tree(root: Path, classes: dict[str, int], size=(6, 5), mode="RGB") -> None:
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(count):
+            channels = 3 if mode == "RGB" else 1
+            pixels = RNG.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+            Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(root / name / f"{k}.png")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def test_dataset_names_are_the_public_list():
+    assert DATASET_NAMES == ("mnist", "fashion-mnist", "cifar10", "imagefolder")
+
+
+@pytest.mark.parametrize(
+    ("name", "split", "message"),
+    [("imagenet", "test", "choose one of"), ("mnist", "valid", "unknown split")],
+)
+def test_bad_name_or_split(tmp_path, name, split, message):
+    with pytest.raises(PrunekitError, match=message):
+        load_dataset(name, tmp_path, split)
+
+
+@pytest.mark.parametrize("name", DATASET_NAMES)
+def test_missing_directory(tmp_path, name):
+    with pytest.raises(PrunekitError, match="does not exist"):
+        load_dataset(name, tmp_path / "nowhere")
+
+
+def test_errors_are_value_errors(tmp_path):
+    with pytest.raises(ValueError):
+        load_dataset("mnist", tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------- MNIST / IDX
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_mnist_round_trip(tmp_path, split, compress):
+    images, labels = write_mnist(tmp_path, split, 7, compress)
+    ds = load_dataset("mnist", str(tmp_path), split)
+    assert ds.images.dtype == torch.uint8 and ds.images.shape == (7, 1, 28, 28)
+    assert ds.labels.dtype == torch.int64 and ds.labels.tolist() == labels.tolist()
+    assert np.array_equal(ds.images[:, 0].numpy(), images)
+    assert ds.classes == [str(d) for d in range(10)] and ds.image_shape == (1, 28, 28)
+
+
+def test_fashion_mnist_class_names(tmp_path):
+    write_mnist(tmp_path, "test", 2)
+    ds = load_dataset("fashion-mnist", tmp_path, "test")
+    assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
+
+
+def test_mnist_missing_files_names_the_download(tmp_path):
+    write_mnist(tmp_path, "test", 2)
+    with pytest.raises(PrunekitError, match=r"train-images-idx3-ubyte\.gz.*prunekit\.data\.download\('mnist'"):
+        load_dataset("mnist", tmp_path, "train")
+
+
+def test_mnist_bad_magic(tmp_path):
+    write_mnist(tmp_path, "test", 2)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(idx_bytes(np.zeros((2, 1), np.uint8))))  # 2 dimensions, not 1
+    with pytest.raises(PrunekitError, match="magic"):
+        load_dataset("mnist", tmp_path, "test")
+
+
+def test_mnist_truncated_file(tmp_path):
+    write_mnist(tmp_path, "test", 3, compress=False)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(PrunekitError, match="truncated"):
+        load_dataset("mnist", tmp_path, "test")
+
+
+def test_mnist_count_mismatch(tmp_path):
+    write_mnist(tmp_path, "test", 3)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(4, np.uint8))))
+    with pytest.raises(PrunekitError, match="3 images but .* 4 labels"):
+        load_dataset("mnist", tmp_path, "test")
+
+
+def test_mnist_corrupt_gzip(tmp_path):
+    write_mnist(tmp_path, "test", 3)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:30])
+    with pytest.raises(PrunekitError, match="decompress"):
+        load_dataset("mnist", tmp_path, "test")
+
+
+def test_mnist_label_out_of_range(tmp_path):
+    write_mnist(tmp_path, "test", 2)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.array([1, 12], np.uint8))))
+    with pytest.raises(PrunekitError, match="outside 0..9"):
+        load_dataset("mnist", tmp_path, "test")
+
+
+# ---------------------------------------------------------------- CIFAR-10 batches
+
+
+@pytest.mark.parametrize("subfolder", ["", "cifar-10-batches-py"])
+def test_cifar_batches_round_trip(tmp_path, subfolder):
+    written = write_cifar_batches(tmp_path / subfolder)
+    train = load_dataset("cifar10", tmp_path, "train")
+    test = load_dataset("cifar10", tmp_path, "test")
+    assert train.images.shape == (15, 3, 32, 32) and test.images.shape == (3, 3, 32, 32)
+    expected = np.concatenate([written[f"data_batch_{k}"][0] for k in range(1, 6)]).reshape(-1, 3, 32, 32)
+    assert np.array_equal(train.images.numpy(), expected)
+    assert train.labels.tolist() == sum((written[f"data_batch_{k}"][1] for k in range(1, 6)), [])
+    assert test.labels.tolist() == written["test_batch"][1]
+    assert train.classes == CIFAR10_CLASSES
+
+
+@pytest.mark.parametrize(("protocol", "byte_keys"), [(2, True), (4, False), (5, True)])
+def test_cifar_batch_pickle_variants(tmp_path, protocol, byte_keys):
+    data, labels = write_cifar_batch(tmp_path / "test_batch", 4, protocol, byte_keys)
+    ds = load_dataset("cifar10", tmp_path, "test")
+    assert np.array_equal(ds.images.reshape(4, -1).numpy(), data) and ds.labels.tolist() == labels
+
+
+def test_cifar_meta_gives_class_names(tmp_path):
+    write_cifar_batches(tmp_path)
+    names = [f"c{k}".encode() for k in range(10)]
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    assert load_dataset("cifar10", tmp_path, "test").classes == [f"c{k}" for k in range(10)]
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": _RunsCode(), b"labels": []}))
+    with pytest.raises(PrunekitError, match="refusing to load posix.getcwd|refusing to load os.getcwd"):
+        load_dataset("cifar10", tmp_path, "test")
+
+
+def test_cifar_missing_train_batch(tmp_path):
+    write_cifar_batches(tmp_path)
+    (tmp_path / "data_batch_4").unlink()
+    with pytest.raises(PrunekitError, match=r"data_batch_4 .*download\('cifar10'"):
+        load_dataset("cifar10", tmp_path, "train")
+
+
+def test_cifar_wrong_batch_contents(tmp_path):
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}))
+    with pytest.raises(PrunekitError, match=r"shape \(N, 3072\)"):
+        load_dataset("cifar10", tmp_path, "test")
+
+
+def test_cifar_no_files(tmp_path):
+    with pytest.raises(PrunekitError, match="no CIFAR-10 files"):
+        load_dataset("cifar10", tmp_path, "test")
+
+
+# ---------------------------------------------------------------- CIFAR-10 .npz
+
+
+def write_npz(path: Path, n_train=4, n_test=2, **overrides) -> dict[str, np.ndarray]:
+    arrays = {
+        "x_train": RNG.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+        "y_train": RNG.integers(0, 10, (n_train, 1)),  # Keras stores labels as (N, 1)
+        "x_test": RNG.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+        "y_test": RNG.integers(0, 10, n_test).astype(np.uint8),
+    }
+    arrays.update(overrides)
+    np.savez(path, **arrays)
+    return arrays
+
+
+@pytest.mark.parametrize("point_at_file", [False, True])
+def test_cifar_npz_round_trip(tmp_path, point_at_file):
+    arrays = write_npz(tmp_path / "subset.npz")
+    ds = load_dataset("cifar10", tmp_path / "subset.npz" if point_at_file else tmp_path, "train")
+    assert ds.images.shape == (4, 3, 32, 32) and ds.images.is_contiguous()
+    assert np.array_equal(ds.images.permute(0, 2, 3, 1).numpy(), arrays["x_train"])
+    assert ds.labels.tolist() == arrays["y_train"].ravel().tolist()
+    assert len(load_dataset("cifar10", tmp_path, "test")) == 2
+
+
+def test_cifar_npz_uses_meta_next_to_it(tmp_path):
+    write_npz(tmp_path / "subset.npz")
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"n{k}" for k in range(10)]}))
+    assert load_dataset("cifar10", tmp_path, "test").classes[3] == "n3"
+
+
+def test_cifar_npz_errors(tmp_path):
+    write_npz(tmp_path / "a.npz", x_test=np.zeros((2, 3, 32, 32), np.uint8))
+    with pytest.raises(PrunekitError, match=r"\(N, H, W, 3\)"):
+        load_dataset("cifar10", tmp_path / "a.npz", "test")
+    np.savez(tmp_path / "b.npz", images=np.zeros(3))
+    with pytest.raises(PrunekitError, match="several .npz"):
+        load_dataset("cifar10", tmp_path, "test")
+    with pytest.raises(PrunekitError, match="needs 'x_test' and 'y_test'"):
+        load_dataset("cifar10", tmp_path / "b.npz", "test")
+    (tmp_path / "c.npz").write_bytes(b"not a zip")
+    with pytest.raises(PrunekitError, match="cannot read"):
+        load_dataset("cifar10", tmp_path / "c.npz", "test")
+
+
+def test_cifar_npz_refuses_pickled_objects(tmp_path):
+    np.savez(tmp_path / "obj.npz", x_test=np.array([object()], dtype=object), y_test=np.zeros(1))
+    with pytest.raises(PrunekitError, match="plain arrays"):
+        load_dataset("cifar10", tmp_path / "obj.npz", "test")
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def test_image_folder_rgb_round_trip(tmp_path):
+    write_png_tree(tmp_path, {"zebra": 2, "ant": 3})
+    ds = load_dataset("imagefolder", tmp_path)
+    assert ds.classes == ["ant", "zebra"] and ds.labels.tolist() == [0, 0, 0, 1, 1]
+    assert ds.images.shape == (5, 3, 5, 6) and ds.images.dtype == torch.uint8
+    pixels = np.asarray(Image.open(tmp_path / "zebra" / "1.png"))
+    assert np.array_equal(ds.images[4].permute(1, 2, 0).numpy(), pixels)
+
+
+def test_image_folder_grayscale_and_mixed(tmp_path):
+    write_png_tree(tmp_path / "gray", {"a": 1, "b": 1}, mode="L")
+    assert load_dataset("imagefolder", tmp_path / "gray").image_shape == (1, 5, 6)
+    write_png_tree(tmp_path / "gray", {"c": 1}, mode="RGB")
+    assert load_dataset("imagefolder", tmp_path / "gray").image_shape == (3, 5, 6)
+
+
+def test_image_folder_picks_split_folder(tmp_path):
+    write_png_tree(tmp_path / "train", {"a": 3, "b": 1})
+    write_png_tree(tmp_path / "test", {"a": 1, "b": 1})
+    assert len(load_dataset("imagefolder", tmp_path, "train")) == 4
+    assert len(load_dataset("imagefolder", tmp_path, "test")) == 2
+
+
+def test_image_folder_missing_split_is_an_error(tmp_path):
+    write_png_tree(tmp_path / "test", {"a": 1})
+    with pytest.raises(PrunekitError, match="no train/ folder"):
+        load_dataset("imagefolder", tmp_path, "train")
+
+
+def test_image_folder_sizes_must_match(tmp_path):
+    write_png_tree(tmp_path, {"a": 1})
+    write_png_tree(tmp_path, {"b": 1}, size=(4, 4))
+    with pytest.raises(PrunekitError, match="resize them"):
+        load_dataset("imagefolder", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: (root / "a").mkdir(), "has no"),
+        (lambda root: (root / "x.png").write_bytes(b""), "no class folders"),
+        (lambda root: ((root / "a").mkdir(), (root / "a" / "0.png").write_bytes(b"junk")), "cannot decode"),
+    ],
+)
+def test_image_folder_errors(tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(PrunekitError, match=message):
+        load_dataset("imagefolder", tmp_path)
+
+
+# ---------------------------------------------------------------- ImageDataset
+
+
+def make_dataset(n=10) -> ImageDataset:
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    return ImageDataset(images, torch.arange(n) % 3, ["a", "b", "c"])
+
+
+def test_subset_first_n_and_seeded():
+    ds = make_dataset()
+    assert ds.subset(4).images[:, 0, 0, 0].tolist() == [0, 1, 2, 3]
+    assert len(ds.subset()) == 10
+    small, large = ds.subset(3, seed=5), ds.subset(6, seed=5)
+    assert torch.equal(small.images, large.images[:3]) and torch.equal(small.labels, large.labels[:3])
+    assert not torch.equal(ds.subset(6, seed=5).images, ds.subset(6, seed=6).images)
+    assert sorted(ds.subset(seed=1).labels.tolist()) == sorted(ds.labels.tolist())
+
+
+def test_subset_too_large():
+    with pytest.raises(PrunekitError, match="cannot take 11"):
+        make_dataset().subset(11)
+
+
+def test_dataset_validates_its_tensors():
+    with pytest.raises(PrunekitError, match="uint8"):
+        ImageDataset(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.int64), ["a"])
+    with pytest.raises(PrunekitError, match="one label per image"):
+        ImageDataset(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64), ["a"])
+    with pytest.raises(PrunekitError, match=r"\[0, 1\)"):
+        ImageDataset(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.ones(2, dtype=torch.int64), ["a"])
