@@ -88,3 +88,10 @@ def test_argparse_errors_are_one_line_exit_2(capsys):
         main(["prune", "--model"])
     assert exc.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_info_reports_the_papers_prunable_set_for_resnet20_b(capsys):
+    info = run_json(capsys, ["info", "resnet20-b", "--json"])
+    assert info["prunable_weights"] == 268_336           # the FALCON/CHITA count
+    assert info["prunable_macs"] == pytest.approx(40.6e6, rel=0.002)
+    assert info["macs"] == info["dense_macs"] and info["params"] == 272_474

@@ -23,6 +23,7 @@ from .costs import CostModel
 from .data import DATASET_NAMES, load_dataset, make_loader
 from .errors import PrunekitError
 from .loading import LoadedModel, check_fits, load_data, load_model
+from .params import ParamSpace
 from .pipelines.oneshot import METHODS, prune
 from .saving import save_model, atomic_write_json
 from .train import evaluate, train_epochs
@@ -91,8 +92,12 @@ def cmd_info(args) -> int:
                      "params": layer.params, "nonzeros": counts.nonzeros_by_layer.get(layer.name),
                      "macs": macs, "other_ops": layer.other_ops,
                      "share": macs / counts.macs if counts.macs else 0.0})
+    space = ParamSpace(loaded.model, exclude=loaded.prune_exclude)
+    prunable_macs = int(space.macs_per_weight(costs).sum())
     totals = {"params": counts.params, "dense_params": costs.params, "macs": counts.macs,
-              "dense_macs": costs.macs, "other_ops": costs.other_ops, "unknown_modules": costs.unknown}
+              "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,
+              "prunable_macs": prunable_macs, "prunable_excluded": loaded.prune_exclude,
+              "unknown_modules": costs.unknown}
     if args.json:
         print(json.dumps({"model": args.model, "input_shape": list(loaded.input_shape),
                           "layers": rows, **totals}))
@@ -111,6 +116,8 @@ def cmd_info(args) -> int:
     print("-" * len(header))
     print(f"total: {counts.params:,} params, {counts.macs:,} MACs in weight layers "
           f"({counts.macs / 1e6:.2f}M), {costs.other_ops:,} other ops (BN, pooling, adds)")
+    print(f"prunable: {space.numel:,} weights, {prunable_macs:,} MACs ({prunable_macs / 1e6:.2f}M)"
+          + (f", leaving dense {', '.join(loaded.prune_exclude)}" if loaded.prune_exclude else ""))
     if counts.macs != costs.macs:
         print(f"nonzero-aware: {100 * counts.flops_kept:.2f}% of dense MACs, "
               f"{100 * counts.params_kept:.2f}% of dense params")
@@ -192,7 +199,8 @@ def cmd_prune(args) -> int:
     loaded = _loaded(args)
     eval_loader = _eval_data(args, loaded)
     record = run_prune(loaded, eval_loader, _train_batches(args, loaded), args.method, budget, args.seed,
-                       include=args.include, exclude=args.exclude,
+                       include=args.include,
+                       exclude=loaded.prune_exclude if args.exclude is None else args.exclude,
                        recalibrate_bn=not args.no_bn_recalibration, progress=not args.json)
     if args.out:
         _save_run(args.out, loaded, record)
@@ -279,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-samples", type=int, default=None,
                    help="training images used for gradients and BN recalibration (default: all)")
     p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: all Conv/Linear)")
-    p.add_argument("--exclude", nargs="+", help="module-name patterns to leave dense")
+    p.add_argument("--exclude", nargs="*", help="module-name patterns to leave dense (default: the "
+                   "model's paper convention, e.g. resnet20-b's 1x1 projections; pass none to prune all)")
     p.add_argument("--no-bn-recalibration", action="store_true",
                    help="keep the BatchNorm statistics of the dense model")
     p.add_argument("--out", help="folder for the pruned model (safetensors + JSON) and result.json")

@@ -36,6 +36,7 @@ class LoadedModel:
     build_kwargs: dict
     normalization: Normalization
     input_shape: tuple[int, int, int]
+    prune_exclude: list[str]
 
     def example_input(self) -> torch.Tensor:
         return torch.zeros(1, *self.input_shape)
@@ -77,7 +78,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
     if "input_shape" in meta:
         input_shape = tuple(meta["input_shape"])
     model.eval()
-    return LoadedModel(model, name, build_kwargs, norm, input_shape)
+    return LoadedModel(model, name, build_kwargs, norm, input_shape, list(spec.prune_exclude))
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path, name: str) -> None:

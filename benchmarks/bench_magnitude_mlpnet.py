@@ -1,0 +1,52 @@
+"""Magnitude pruning of the MLPNet reference checkpoint (93.97%) on the full MNIST test set.
+
+    python benchmarks/bench_magnitude_mlpnet.py --data ../shared/data
+
+Global and per-layer-uniform magnitude, one shot, at the CHITA paper's sparsities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+from common import DEFAULT_DATA, print_table, write_json
+
+from prunekit.budget import Budget
+from prunekit.data import make_loader
+from prunekit.loading import load_data, load_model
+from prunekit.pipelines.oneshot import prune
+from prunekit.train import evaluate
+
+SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
+METHODS = ("magnitude", "magnitude-uniform")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder")
+    parser.add_argument("--out", default="benchmarks/results/magnitude_mlpnet.json")
+    args = parser.parse_args()
+
+    dense = load_model("mlpnet", f"{args.data}/checkpoints/mnist_25_epoch_93.97.ckpt")
+    test = make_loader(load_data("mnist", f"{args.data}/mnist", "test"), dense.normalization, batch_size=1000)
+    dense_accuracy = evaluate(dense.model, test)
+    rows = []
+    for sparsity in SPARSITIES:
+        for method in METHODS:
+            model = copy.deepcopy(dense.model)
+            start = time.perf_counter()
+            result = prune(model, method, Budget.parse(sparsity=sparsity), dense.example_input())
+            rows.append({"method": method, "sparsity": sparsity, "accuracy": evaluate(model, test),
+                         "nonzeros": result.nonzeros, "flops_kept": result.counts.flops_kept,
+                         "seconds": time.perf_counter() - start})
+    print(f"MLPNet reference checkpoint, dense accuracy {dense_accuracy:.2f}% on {len(test.dataset)} MNIST test images")
+    print_table(rows, [("method", "method", ">18"), ("sparsity", "sparsity", ".2f"),
+                       ("accuracy", "accuracy %", ".2f"), ("nonzeros", "nonzeros", "d"),
+                       ("flops_kept", "MACs kept", ".4f"), ("seconds", "seconds", ".3f")])
+    write_json(args.out, {"benchmark": "magnitude_mlpnet", "dense_accuracy": dense_accuracy, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

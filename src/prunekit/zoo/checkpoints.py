@@ -1,0 +1,199 @@
+"""Reading checkpoints into zoo models without executing anything from the file.
+
+Three file kinds are read:
+
+* ``.safetensors`` files, through ``safetensors`` (a plain tensor format, no code at all);
+* PyTorch files (zip or legacy format) through ``torch.load(weights_only=True)``;
+* PyTorch files that ``weights_only=True`` refuses because they pickle other objects (an
+  optimizer, a scheduler ...) next to the weights, through :mod:`prunekit.zoo.restricted_pickle`,
+  which rebuilds tensors only and replaces every other object by an inert placeholder.
+
+The state dict is then found inside the file (top level, ``state_dict``, ``model_state_dict``
+or ``model``) and its keys normalized to the zoo's names: ``module.`` prefixes stripped
+(DataParallel), ``X._layer.weight`` renamed ``X.weight`` and ``X._weight_mask`` entries applied
+to ``X.weight`` and dropped (the WoodFisher / CHITA masked-layer wrappers).
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.zoo import restricted_pickle
+from prunekit.zoo.registry import MODEL_NAMES, build
+
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+_MASK_KEY = re.compile(r"^(?P<owner>.*)\._(?P<param>[A-Za-z0-9]+)_mask$")  # "fc1._weight_mask"
+_TOLERATED_MISSING = "num_batches_tracked"  # absent from checkpoints saved by PyTorch < 0.4.1
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights stored in checkpoint ``path``, on the CPU, under normalized names.
+
+    Raises :class:`PrunekitError` if the file is missing, unreadable or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PrunekitError(f"checkpoint {path} not found: check the path")
+    raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    return _normalize(_find_state_dict(raw, path), path)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load the weights of checkpoint ``path`` into ``model`` (in place).
+
+    Every parameter and buffer of ``model`` must be in the checkpoint with the same shape (a
+    missing BatchNorm ``num_batches_tracked`` keeps the model's value) and the checkpoint must
+    hold nothing else; otherwise :class:`PrunekitError` says what differs and, when one fits,
+    which zoo model the checkpoint was made for. The model is left unchanged on error.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith(_TOLERATED_MISSING)]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise PrunekitError(_misfit_message(model, state, path, missing, unexpected, mismatched))
+    kept = {k: v for k, v in own.items() if k not in state}  # tolerated num_batches_tracked
+    model.load_state_dict({**state, **kept}, strict=True)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise PrunekitError(f"cannot read checkpoint {path} as safetensors: {err}") from None
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # it pickles non-tensor objects: read it again, neutralizing them
+    except Exception as err:  # torch raises many types for files that are not checkpoints
+        raise PrunekitError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+    try:
+        # weights_only=False is required to pass a pickle_module; the restricted module
+        # resolves only tensor-rebuild functions, so nothing from the file is executed.
+        return torch.load(
+            path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle
+        )
+    except Exception as err:
+        raise PrunekitError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _find_state_dict(raw: object, path: Path) -> Mapping[str, torch.Tensor]:
+    if _is_state_dict(raw):
+        return raw  # type: ignore[return-value]
+    if isinstance(raw, Mapping):
+        for key in _STATE_DICT_KEYS:
+            if _is_state_dict(raw.get(key)):
+                return raw[key]
+        found = ", ".join(repr(k) for k in list(raw)[:8])
+        raise PrunekitError(
+            f"checkpoint {path} holds no state dict (top-level keys: {found}): "
+            f"save the weights as a dict of tensors, alone or under {' / '.join(_STATE_DICT_KEYS)}"
+        )
+    raise PrunekitError(
+        f"checkpoint {path} holds a {type(raw).__name__}, not a state dict: "
+        "save model.state_dict() rather than the model object"
+    )
+
+
+def _normalize(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Strip ``module.`` prefixes, rename ``._layer.`` and fold ``_<param>_mask`` entries in."""
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        key = key.replace("._layer.", ".")
+        if key in renamed:
+            raise PrunekitError(f"checkpoint {path} holds '{key}' twice once prefixes are stripped")
+        renamed[key] = value
+    out: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for key, value in renamed.items():
+        match = _MASK_KEY.match(key)
+        if match:
+            masks[f"{match['owner']}.{match['param']}"] = value
+        else:
+            out[key] = value
+    for key, mask in masks.items():
+        if key not in out:
+            raise PrunekitError(f"checkpoint {path} holds a mask for '{key}' but no such tensor")
+        if not bool((mask == 1).all()):
+            out[key] = out[key] * mask.to(out[key].dtype)
+    return out
+
+
+@functools.cache
+def _zoo_signature(name: str) -> frozenset[str]:
+    """State-dict keys of zoo model ``name`` (built on the meta device: no memory, no init cost)."""
+    with torch.device("meta"):
+        keys = build(name).state_dict().keys()
+    return frozenset(k for k in keys if not k.endswith(_TOLERATED_MISSING))
+
+
+def _zoo_name(keys: Iterable[str]) -> str | None:
+    """The zoo model whose state-dict keys are exactly ``keys`` (num_batches_tracked aside)."""
+    wanted = frozenset(k for k in keys if not k.endswith(_TOLERATED_MISSING))
+    return next((n for n in MODEL_NAMES if _zoo_signature(n) == wanted), None)
+
+
+def _misfit_message(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    path: Path,
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[str],
+) -> str:
+    own = model.state_dict()
+    problems = []
+    if missing:
+        problems.append(_counted(len(missing), "missing key") + f" e.g. '{missing[0]}'")
+    if unexpected:
+        problems.append(_counted(len(unexpected), "unexpected key") + f" e.g. '{unexpected[0]}'")
+    if mismatched:
+        k = mismatched[0]
+        problems.append(
+            _counted(len(mismatched), "shape mismatch")
+            + f" e.g. '{k}' {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} in the model"
+        )
+    model_name = _zoo_name(own)
+    fits = _zoo_name(state)
+    label = f"model '{model_name}'" if model_name else f"model {type(model).__name__}"
+    if fits and fits == model_name:
+        hint = "build the model with the checkpoint's num_classes / in_channels"
+    elif fits:
+        hint = f"pick the model it was trained for (--model {fits}?)"
+    else:
+        hint = "pick the model it was trained for"
+    return f"checkpoint {path} does not fit {label} ({', '.join(problems)}): {hint}"
+
+
+def _counted(n: int, noun: str) -> str:
+    plural = "es" if noun.endswith(("ch", "sh")) else "s"
+    return f"{n} {noun}{'' if n == 1 else plural}"

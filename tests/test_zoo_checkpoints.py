@@ -1,0 +1,196 @@
+"""Checkpoint reading: formats, key normalization, misfit messages, and that no pickled code runs."""
+
+import io
+import os
+import pickle
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from prunekit import zoo
+from prunekit.errors import PrunekitError
+from prunekit.zoo import restricted_pickle
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "checkpoints"
+
+
+def states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def trained_like(name: str) -> torch.nn.Module:
+    """A model whose BN statistics differ from a fresh one's, so a round trip is a real test."""
+    model = zoo.build(name)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.num_batches_tracked.fill_(7)
+    return model
+
+
+@pytest.mark.parametrize("legacy_format", [False, True])
+def test_round_trip_through_dataparallel_style_file(tmp_path, legacy_format):
+    source = trained_like("resnet20")
+    path = tmp_path / "r20.th"
+    state = {"module." + k: v for k, v in source.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 3}, path, _use_new_zipfile_serialization=not legacy_format)
+    target = zoo.build("resnet20")
+    assert not states_equal(source, target)
+    zoo.load_checkpoint(target, path)
+    assert states_equal(source, target)
+
+
+def test_safetensors_and_top_level_and_model_key(tmp_path):
+    source = trained_like("resnet20-b")
+    save_file(source.state_dict(), tmp_path / "m.safetensors")
+    torch.save(source.state_dict(), tmp_path / "top.pt")
+    torch.save({"model": source.state_dict()}, tmp_path / "under_model.pt")
+    for file in ("m.safetensors", "top.pt", "under_model.pt"):
+        loaded = zoo.load_model("resnet20-b", tmp_path / file)
+        assert states_equal(source, loaded)
+        assert not loaded.training
+
+
+def test_missing_num_batches_tracked_is_tolerated(tmp_path):
+    """Checkpoints saved by PyTorch < 0.4.1 (akamaster's) have no num_batches_tracked."""
+    source = zoo.build("resnet20")
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "old.th")
+    target = zoo.build("resnet20")
+    zoo.load_checkpoint(target, tmp_path / "old.th")
+    assert torch.equal(target.conv1.weight, source.conv1.weight)
+
+
+def woodfisher_state(model: torch.nn.Module, mask: torch.Tensor) -> dict:
+    state = {}
+    for name in ("fc1", "fc2", "fc3"):
+        weight = getattr(model, name).weight.detach().clone()
+        state[f"module.{name}._layer.weight"] = weight
+        state[f"module.{name}._weight_mask"] = mask if name == "fc2" else torch.ones_like(weight)
+    return state
+
+
+def test_masked_layer_keys_are_renamed_and_masks_applied(tmp_path):
+    source = zoo.build("mlpnet")
+    mask = (torch.rand(20, 40) > 0.5).float()
+    torch.save({"model_state_dict": woodfisher_state(source, torch.ones(20, 40))}, tmp_path / "ones.ckpt")
+    torch.save({"model_state_dict": woodfisher_state(source, mask)}, tmp_path / "mask.ckpt")
+    assert set(zoo.read_state_dict(tmp_path / "ones.ckpt")) == {"fc1.weight", "fc2.weight", "fc3.weight"}
+    assert states_equal(source, zoo.load_model("mlpnet", tmp_path / "ones.ckpt"))
+    masked = zoo.load_model("mlpnet", tmp_path / "mask.ckpt")
+    assert torch.equal(masked.fc2.weight, source.fc2.weight * mask)
+    assert torch.equal(masked.fc1.weight, source.fc1.weight)
+
+
+def test_misfit_names_the_problem_and_the_fitting_model(tmp_path):
+    torch.save({"state_dict": zoo.build("resnet20").state_dict()}, tmp_path / "a.th")
+    target = zoo.build("resnet20-b")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(PrunekitError) as err:
+        zoo.load_checkpoint(target, tmp_path / "a.th")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "does not fit model 'resnet20-b'" in message
+    assert "12 missing keys e.g. 'layer2.0.downsample.0.weight'" in message
+    assert "2 unexpected keys e.g. 'linear.weight'" in message
+    assert "--model resnet20?" in message
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_shape_mismatch_suggests_num_classes(tmp_path):
+    torch.save(zoo.build("resnet20").state_dict(), tmp_path / "a.th")
+    expected = (
+        r"2 shape mismatches e\.g\. 'linear\.weight' \(10, 64\) in the file vs \(100, 64\) in the model\): "
+        r"build the model with the checkpoint's num_classes"
+    )
+    with pytest.raises(PrunekitError, match=expected):
+        zoo.load_model("resnet20", tmp_path / "a.th", num_classes=100)
+
+
+def test_unreadable_files_raise_prunekit_error(tmp_path):
+    with pytest.raises(PrunekitError, match="not found"):
+        zoo.read_state_dict(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(PrunekitError, match="cannot read checkpoint"):
+        zoo.read_state_dict(tmp_path / "junk.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(PrunekitError, match="cannot read checkpoint .* as safetensors"):
+        zoo.read_state_dict(tmp_path / "junk.safetensors")
+    torch.save({"epoch": 3, "best": 0.9}, tmp_path / "nostate.pt")
+    with pytest.raises(PrunekitError, match="holds no state dict .*'epoch'"):
+        zoo.read_state_dict(tmp_path / "nostate.pt")
+
+
+class RunsShellCommand:
+    """Pickles as a call to os.system: unpickling it unsafely would create ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, ("touch " + shlex.quote(str(self.marker)),)
+
+
+SIDE_EFFECTS: list[str] = []
+
+
+def _record_side_effect(tag: str) -> str:
+    SIDE_EFFECTS.append(tag)
+    return tag
+
+
+class CallsLocalFunction:
+    def __reduce__(self):
+        return _record_side_effect, ("ran",)
+
+
+@pytest.mark.parametrize("legacy_format", [False, True])
+def test_pickled_code_in_a_checkpoint_is_not_executed(tmp_path, legacy_format):
+    marker = tmp_path / "pwned"
+    source = zoo.build("mlpnet")
+    payload = {
+        "state_dict": source.state_dict(),
+        "optimizer": RunsShellCommand(marker),
+        "extra": CallsLocalFunction(),
+    }
+    torch.save(payload, tmp_path / "evil.pt", _use_new_zipfile_serialization=not legacy_format)
+    assert not marker.exists()
+    loaded = zoo.load_model("mlpnet", tmp_path / "evil.pt")
+    assert states_equal(source, loaded)
+    assert not marker.exists()
+    assert SIDE_EFFECTS == []
+
+
+def test_restricted_unpickler_returns_inert_placeholders():
+    data = pickle.dumps({"hook": CallsLocalFunction(), "cls": pickle.Pickler, "n": [1, 2]})
+    out = restricted_pickle.load(io.BytesIO(data))
+    assert SIDE_EFFECTS == []
+    assert isinstance(out["hook"], restricted_pickle.InertObject)
+    assert out["hook"].source.endswith("_record_side_effect")
+    assert issubclass(out["cls"], restricted_pickle.InertObject)
+    assert out["n"] == [1, 2]
+
+
+REFERENCE = {
+    "mlpnet": "mnist_25_epoch_93.97.ckpt",
+    "resnet20-b": "resnet20_cifar10.pth.tar",
+    "resnet20": "resnet20-12fca82f.th",
+    "resnet32": "resnet32-d509ac18.th",
+    "resnet44": "resnet44-014dd654.th",
+    "resnet56": "resnet56-4bfd9763.th",
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE)
+def test_shared_reference_checkpoints_fit_their_models(name):
+    path = SHARED / REFERENCE[name]
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    model = zoo.load_model(name, path)
+    with torch.no_grad():
+        assert model(torch.zeros(1, *zoo.spec(name).input_shape)).shape == (1, 10)
