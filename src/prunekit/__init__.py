@@ -1,1 +1,19 @@
-"""prunekit: prune neural networks to a budget."""
+"""prunekit: prune neural networks to a budget.
+
+The stable public API::
+
+    from prunekit import Budget, CostModel, ParamSpace, prune_oneshot
+"""
+
+from .budget import Budget, ResolvedBudget
+from .costs import CostModel, Counts
+from .errors import PrunekitError
+from .masks import MaskHold
+from .params import ParamSpace
+from .pipelines.oneshot import PruneResult, method_names
+from .pipelines.oneshot import prune as prune_oneshot
+from .saving import save_model
+
+__all__ = ["Budget", "ResolvedBudget", "CostModel", "Counts", "PrunekitError", "MaskHold", "ParamSpace",
+           "PruneResult", "method_names", "prune_oneshot", "save_model"]
+__version__ = "0.1.0"
