@@ -25,6 +25,7 @@ from .errors import PrunekitError
 from .loading import LoadedModel, check_fits, load_data, load_model
 from .params import ParamSpace
 from .pipelines.oneshot import METHODS, prune
+from .pipelines.schedule import KINDS
 from .saving import save_model, atomic_write_json
 from .train import evaluate, train_epochs
 
@@ -145,11 +146,12 @@ def cmd_eval(args) -> int:
 
 def run_prune(loaded: LoadedModel, eval_loader, train_ds_loader, method: str, budget: Budget,
               seed: int, include=None, exclude=None, recalibrate_bn: bool = True,
-              progress: bool = True) -> dict:
+              progress: bool = True, options: dict | None = None) -> dict:
     """Evaluate, prune, evaluate again; returns the flat record the CLI prints and saves."""
     dense_accuracy = evaluate(loaded.model, eval_loader, progress=progress)
     result = prune(loaded.model, method, budget, loaded.example_input(), train_ds_loader,
-                   include=include, exclude=exclude, seed=seed, recalibrate_bn=recalibrate_bn)
+                   include=include, exclude=exclude, seed=seed, recalibrate_bn=recalibrate_bn,
+                   options={"progress": progress, **(options or {})})
     accuracy = evaluate(loaded.model, eval_loader, progress=progress)
     return {"model": loaded.name, "method": method, "sparsity": result.sparsity,
             "flops_kept": result.counts.flops_kept, "params_kept": result.counts.params_kept,
@@ -192,6 +194,13 @@ def _prune_lines(r: dict) -> list[str]:
             f"  time       {r['seconds']:.2f} s pruning, peak RSS {r['peak_rss_mb']:.0f} MB"]
 
 
+def _method_options(args) -> dict:
+    """The method options given on the command line (None = the method's default)."""
+    return {"fisher_samples": args.fisher_samples, "fisher_batch": args.fisher_batch, "ridge": args.ridge,
+            "stages": args.stages, "schedule": args.schedule, "revive": args.revive or None,
+            "solver": args.solver, "block_size": args.block_size}
+
+
 def cmd_prune(args) -> int:
     if args.method not in METHODS:
         raise PrunekitError(f"unknown method {args.method!r}: choose one of {', '.join(METHODS)}")
@@ -201,7 +210,8 @@ def cmd_prune(args) -> int:
     record = run_prune(loaded, eval_loader, _train_batches(args, loaded), args.method, budget, args.seed,
                        include=args.include,
                        exclude=loaded.prune_exclude if args.exclude is None else args.exclude,
-                       recalibrate_bn=not args.no_bn_recalibration, progress=not args.json)
+                       recalibrate_bn=not args.no_bn_recalibration, progress=not args.json,
+                       options=_method_options(args))
     if args.out:
         _save_run(args.out, loaded, record)
     _emit(args, record, _prune_lines(record) + ([f"  saved to   {args.out}"] if args.out else []))
@@ -292,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bn-recalibration", action="store_true",
                    help="keep the BatchNorm statistics of the dense model")
     p.add_argument("--out", help="folder for the pruned model (safetensors + JSON) and result.json")
+    g = p.add_argument_group("quadratic-model methods (chita, chita++, woodfisher)")
+    g.add_argument("--fisher-samples", type=int, help="gradient rows n (default 1000)")
+    g.add_argument("--fisher-batch", type=int, help="samples averaged per row m (default 1: per-sample)")
+    g.add_argument("--ridge", type=float, help="ridge λ of the quadratic model (default 1e-4)")
+    g.add_argument("--stages", type=int, help="pruning stages (default: chita 1, chita++ 15)")
+    g.add_argument("--schedule", choices=KINDS, help="kept share per stage (default poly)")
+    g.add_argument("--revive", action="store_true", help="let weights pruned in earlier stages come back")
+    g.add_argument("--solver", choices=("iht", "backsolve"),
+                   help="CHITA's support: IHT + backsolve (default) or magnitude + backsolve")
+    g.add_argument("--block-size", type=int, help="backsolve in blocks of this many weights (large models)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("train", help="train a zoo model on a data set")

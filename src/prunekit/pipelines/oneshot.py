@@ -146,7 +146,8 @@ def prune(model: nn.Module, method: str, budget: Budget, example_input: torch.Te
     space = ParamSpace(model, include=include, exclude=exclude)
     resolved = budget.resolve(costs, space)
     start = time.perf_counter()
-    ctx = PruneContext(model, space, costs, resolved, train_batches, seed, dict(options or {}))
+    ctx = PruneContext(model, space, costs, resolved, train_batches, seed,
+                       {"recalibrate_bn": recalibrate_bn, **(options or {})})
     space.assign(METHODS[method](ctx))
     recalibrated = bool(recalibrate_bn and train_batches is not None
                         and recalibrate_batchnorm(model, train_batches()))

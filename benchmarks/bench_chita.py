@@ -1,0 +1,81 @@
+"""One-shot CHITA against magnitude and WoodFisher, on the papers' reference checkpoints.
+
+    python benchmarks/bench_chita.py --model mlpnet
+    python benchmarks/bench_chita.py --model resnet20-b --sparsities 0.5 0.7 0.9
+
+Every row is a separate `prunekit prune --json` process, so its seconds and peak RSS are its
+own. MLPNet: gradients from the MNIST training images, accuracy on the full MNIST test set.
+ResNet-20-B: gradients from the 5,085 CIFAR-10 training images, accuracy on the 1,017 test
+images and on the 5,085 training images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import DEFAULT_DATA, print_table, write_json
+
+SETUPS = {
+    "mlpnet": {"checkpoint": "checkpoints/mnist_25_epoch_93.97.ckpt", "data": "mnist", "dir": "mnist"},
+    "resnet20-b": {"checkpoint": "checkpoints/resnet20_cifar10.pth.tar", "data": "cifar10", "dir": "cifar10"},
+}
+# name -> extra CLI arguments
+METHODS = {
+    "magnitude": ["--method", "magnitude"],
+    "woodfisher": ["--method", "woodfisher"],
+    "chita-iht": ["--method", "chita", "--solver", "iht"],
+    "chita-bso": ["--method", "chita", "--solver", "backsolve"],
+    "chita++": ["--method", "chita++"],
+}
+
+
+def prunekit(*args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "prunekit.cli", *args, "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"prunekit {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=SETUPS, default="mlpnet")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="more `prunekit prune` arguments for every row (e.g. --fisher-samples 500)")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/chita_MODEL.json)")
+    args = parser.parse_args()
+    setup = SETUPS[args.model]
+    common = ["--model", args.model, "--checkpoint", f"{args.data}/{setup['checkpoint']}",
+              "--data", setup["data"], "--data-dir", f"{args.data}/{setup['dir']}"]
+    rows = []
+    for sparsity in args.sparsities:
+        for name in args.methods:
+            with tempfile.TemporaryDirectory() as tmp:
+                r = prunekit("prune", *common, *METHODS[name], "--sparsity", str(sparsity), "--out", tmp, *args.extra)
+                row = {"method": name, "sparsity": sparsity, "accuracy": r["accuracy"],
+                       "nonzeros": r["nonzeros"], "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"],
+                       "dense_accuracy": r["dense_accuracy"], "stages": len(r.get("stages", [])) or None}
+                if setup["data"] == "cifar10":
+                    saved = ["--model", args.model, "--checkpoint", f"{tmp}/model.safetensors",
+                             "--data", setup["data"], "--data-dir", f"{args.data}/{setup['dir']}"]
+                    row["train_accuracy"] = prunekit("eval", *saved, "--eval-split", "train")["accuracy"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{args.model}, dense accuracy {rows[0]['dense_accuracy']:.2f}%")
+    print_table(rows, [("method", "method", ">12"), ("sparsity", "sparsity", ".2f"),
+                       ("accuracy", "test acc %", ".2f"), ("train_accuracy", "train acc %", ".2f"),
+                       ("seconds", "seconds", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+                       ("stages", "stages", "")])
+    write_json(args.out or f"benchmarks/results/chita_{args.model}.json",
+               {"benchmark": f"chita_{args.model}", "extra_args": args.extra, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

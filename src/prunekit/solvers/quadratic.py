@@ -1,0 +1,184 @@
+"""The local quadratic model of the loss that CHITA and WoodFisher prune against.
+
+Let X (n, p) hold one per-sample gradient of the loss at the trained weights w̄ per row. The
+empirical Fisher XᵀX/n stands in for the Hessian, and the loss change of moving to w is modelled as
+
+    Q(w) = (1/2n)‖X(w − w̄)‖² + (λ/2)‖w − w̄‖² + gᵀ(w − w̄)
+
+with a ridge λ > 0 (it keeps w near w̄ in the p − n directions the gradients say nothing about)
+and an optional first-order term g (e.g. the mean gradient, when w̄ is not a stationary point).
+For g = 0 CHITA writes the same function as the least-squares problem
+½‖y − Xw‖² + (nλ/2)‖w − w̄‖² with y = Xw̄, which is n·Q(w); we keep the (w − w̄) form.
+
+Only X is stored: every product goes through X or Xᵀ, never a p×p matrix. Vectors live in X's
+dtype (float32 for real networks); scalar reductions (objective values) are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..errors import PrunekitError
+
+
+class QuadraticModel:
+    """Q(w) = (1/2n)‖X(w − w̄)‖² + (λ/2)‖w − w̄‖² + gᵀ(w − w̄).
+
+    grads:  X, (n, p) per-sample gradients at w̄, floating point (float32 or float64).
+    w_bar:  w̄, (p,) the trained weights.
+    ridge:  λ > 0.
+    linear: g, (p,) or None (no first-order term).
+    """
+
+    def __init__(self, grads: torch.Tensor, w_bar: torch.Tensor, ridge: float,
+                 linear: torch.Tensor | None = None):
+        _check_inputs(grads, w_bar, ridge, linear)
+        self.X = grads
+        self.n, self.p = grads.shape
+        self.w_bar = w_bar.to(grads.dtype)
+        self.ridge = float(ridge)
+        self.linear = None if linear is None else linear.to(grads.dtype)
+        self._lipschitz: float | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.X.dtype
+
+    # --- products with X ------------------------------------------------------------------
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """X v: (p,) -> (n,)."""
+        return self.X @ v
+
+    def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
+        """Xᵀ r: (n,) -> (p,)."""
+        return self.X.t() @ r
+
+    def residual(self, w: torch.Tensor) -> torch.Tensor:
+        """r = X(w − w̄), (n,): the first-order change of each sample's loss."""
+        return self.matvec(w - self.w_bar)
+
+    # --- value and gradient ---------------------------------------------------------------
+
+    def objective(self, w: torch.Tensor, residual: torch.Tensor | None = None) -> float:
+        """Q(w). w: (p,); pass ``residual`` = X(w − w̄) (n,) if already known."""
+        r = self.residual(w) if residual is None else residual
+        delta = w - self.w_bar
+        value = dot64(r, r) / (2 * self.n) + self.ridge / 2 * dot64(delta, delta)
+        if self.linear is not None:
+            value += dot64(self.linear, delta)
+        return value
+
+    def gradient(self, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """∇Q(w) = Xᵀ X(w − w̄)/n + λ(w − w̄) + g, (p,)."""
+        r = self.residual(w) if residual is None else residual
+        grad = self.rmatvec(r) / self.n + self.ridge * (w - self.w_bar)
+        if self.linear is not None:
+            grad += self.linear
+        return grad
+
+    def lipschitz(self) -> float:
+        """L = λ_max(XᵀX/n) + λ, the Lipschitz constant of ∇Q, to about 1e-4 relative (from
+        below). Computed once with X products only (see _largest_eigenvalue), then cached."""
+        if self._lipschitz is None:
+            self._lipschitz = _largest_eigenvalue(self.X) + self.ridge
+        return self._lipschitz
+
+    # --- sub-problems ---------------------------------------------------------------------
+
+    def restrict(self, index: torch.Tensor) -> tuple[QuadraticModel, float]:
+        """Q over the weights ``index`` (m,) with every other weight held at zero.
+
+        Returns (sub, constant) with Q(w) = sub.objective(w[index]) + constant for every w that is
+        zero outside ``index``. With A = index, R the rest and z = X_R w̄_R (the output of the
+        weights held at zero), X(w − w̄) = X_A(w_A − w̄_A) − z, so expanding the square
+
+            (1/2n)‖X_A(w_A − w̄_A) − z‖² = (1/2n)‖X_A(w_A − w̄_A)‖² − (X_Aᵀz/n)ᵀ(w_A − w̄_A) + ‖z‖²/2n
+
+        gives a model of the same form on A with first-order term g_A − X_Aᵀz/n, plus the constant
+        ‖z‖²/2n + (λ/2)‖w̄_R‖² − g_Rᵀw̄_R.
+        """
+        X_A = self.X.index_select(1, index)
+        held = torch.ones(self.p, dtype=torch.bool, device=self.X.device)
+        held[index] = False
+        w_held = torch.where(held, self.w_bar, 0)               # (w̄_R, 0)
+        z = self.matvec(w_held)                                 # X_R w̄_R
+        linear = -(X_A.t() @ z) / self.n
+        constant = dot64(z, z) / (2 * self.n) + self.ridge / 2 * dot64(w_held, w_held)
+        if self.linear is not None:
+            linear += self.linear[index]
+            constant -= dot64(self.linear, w_held)
+        return QuadraticModel(X_A, self.w_bar[index], self.ridge, linear), constant
+
+
+def _largest_eigenvalue(X: torch.Tensor, max_steps: int = 64, rtol: float = 1e-4) -> float:
+    """λ_max(XᵀX/n) by Lanczos on the smaller of XXᵀ/n (n×n) and XᵀX/n (p×p), using only X.
+
+    Lanczos is power iteration that keeps every iterate: its Ritz value, the top eigenvalue of
+    M restricted to span{u, Mu, ..., Mʲu}, is never below the power-iteration estimate after j
+    steps, and unlike it converges fast even when the top eigenvalues are clustered (as for
+    random X). The basis is re-orthogonalised in full (it has at most min(n, p, max_steps)
+    vectors). Stops when the Ritz value moves less than ``rtol``, relative.
+    """
+    n, p = X.shape
+    if n <= p:
+        dim, apply = n, lambda u: X @ (X.t() @ u) / n           # XXᵀ/n, same nonzero spectrum
+    else:
+        dim, apply = p, lambda v: X.t() @ (X @ v) / n
+    start = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    basis = [start / start.norm()]
+    alphas: list[float] = []
+    betas: list[float] = []
+    ritz = 0.0
+    for _ in range(min(max_steps, dim)):
+        z = apply(basis[-1].to(device=X.device, dtype=X.dtype)).double().cpu()
+        alphas.append(float(basis[-1] @ z))                      # α_j = q_jᵀ M q_j
+        Q = torch.stack(basis)
+        for _ in range(2):                                       # z ⟂ all q's ("twice is enough")
+            z -= Q.t() @ (Q @ z)
+        beta = float(z.norm())                                   # β_j = ‖M q_j − Σ ...‖
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T += torch.diag(off, 1) + torch.diag(off, -1)
+        new_ritz = float(torch.linalg.eigvalsh(T)[-1])
+        converged = abs(new_ritz - ritz) <= rtol * new_ritz or beta <= 1e-12 * new_ritz
+        ritz = new_ritz
+        if converged:
+            break
+        betas.append(beta)
+        basis.append(z / beta)
+    return max(ritz, 0.0)
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """aᵀb accumulated in float64."""
+    return float(torch.dot(a.double(), b.double()))
+
+
+def _check_inputs(grads: torch.Tensor, w_bar: torch.Tensor, ridge: float,
+                  linear: torch.Tensor | None) -> None:
+    if not isinstance(grads, torch.Tensor) or grads.dim() != 2 or not grads.is_floating_point():
+        raise PrunekitError("grads must be a floating-point tensor of shape (n, p): one gradient per row")
+    n, p = grads.shape
+    if n == 0 or p == 0:
+        raise PrunekitError(f"grads has shape {tuple(grads.shape)}; collect at least one gradient of at least one weight")
+    if not isinstance(w_bar, torch.Tensor) or w_bar.shape != (p,):
+        raise PrunekitError(f"w_bar must have shape ({p},) to match grads (n, p) = {tuple(grads.shape)}")
+    if linear is not None and (not isinstance(linear, torch.Tensor) or linear.shape != (p,)):
+        raise PrunekitError(f"linear must be None or have shape ({p},) to match grads")
+    if not ridge > 0 or ridge == float("inf"):
+        raise PrunekitError(f"ridge must be a positive finite number (got {ridge}); try 1e-4")
+
+
+def check_k(k: int) -> int:
+    """The number of weights to keep as an int, or PrunekitError."""
+    try:
+        count = operator.index(k)
+    except TypeError:
+        count = -1
+    if count < 0:
+        raise PrunekitError(f"k must be a non-negative integer number of weights to keep (got {k!r})")
+    return count
