@@ -198,7 +198,7 @@ def _method_options(args) -> dict:
     """The method options given on the command line (None = the method's default)."""
     return {"fisher_samples": args.fisher_samples, "fisher_batch": args.fisher_batch, "ridge": args.ridge,
             "stages": args.stages, "schedule": args.schedule, "revive": args.revive or None,
-            "solver": args.solver, "block_size": args.block_size}
+            "solver": args.solver, "block_size": args.block_size, "first_order": args.first_order}
 
 
 def cmd_prune(args) -> int:
@@ -302,15 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bn-recalibration", action="store_true",
                    help="keep the BatchNorm statistics of the dense model")
     p.add_argument("--out", help="folder for the pruned model (safetensors + JSON) and result.json")
-    g = p.add_argument_group("quadratic-model methods (chita, chita++, woodfisher)")
+    g = p.add_argument_group("quadratic-model methods (chita, chita++, falcon, falcon++, woodfisher)")
     g.add_argument("--fisher-samples", type=int, help="gradient rows n (default 1000)")
     g.add_argument("--fisher-batch", type=int, help="samples averaged per row m (default 1: per-sample)")
     g.add_argument("--ridge", type=float, help="ridge λ of the quadratic model (default 1e-4)")
-    g.add_argument("--stages", type=int, help="pruning stages (default: chita 1, chita++ 15)")
+    g.add_argument("--stages", type=int, help="pruning stages (default: chita/falcon 1, chita++/falcon++ 15)")
     g.add_argument("--schedule", choices=KINDS, help="kept share per stage (default poly)")
     g.add_argument("--revive", action="store_true", help="let weights pruned in earlier stages come back")
-    g.add_argument("--solver", choices=("iht", "backsolve"),
-                   help="CHITA's support: IHT + backsolve (default) or magnitude + backsolve")
+    g.add_argument("--solver", choices=("iht", "backsolve", "dfo", "magnitude"),
+                   help="chita: iht (IHT + backsolve, default) or backsolve (magnitude + backsolve); "
+                        "falcon: dfo (first-order method, default) or magnitude (ILP on w², backsolve)")
+    g.add_argument("--first-order", action="store_true", default=None,
+                   help="add the loss gradient as the linear term of the quadratic model")
     g.add_argument("--block-size", type=int, help="backsolve in blocks of this many weights (large models)")
     p.set_defaults(func=cmd_prune)
 

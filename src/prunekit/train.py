@@ -27,7 +27,7 @@ def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> floa
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, loader: Iterable, max_batches: int = 50,
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable, max_batches: int = 20,
                           progress: bool = False) -> bool:
     """Re-estimate BatchNorm running statistics on ``loader`` (cumulative average).
 

@@ -1,0 +1,550 @@
+"""The FLOP- and sparsity-constrained selection ILP at the heart of FALCON.
+
+Given scores ``s`` (p,) with ``s_i >= 0`` and per-weight MAC costs ``c`` (p,) with
+``c_i >= 0``, choose which weights to keep::
+
+    maximise   Σ_i s_i z_i
+    subject to Σ_i z_i     <= k        (count budget)
+               Σ_i c_i z_i <= F        (FLOP budget)
+               z ∈ {0, 1}^p
+
+Costs are constant within a layer, so the weights fall into a few *cost groups*; within
+a group every weight has the same price, and any optimal solution keeps a prefix of that
+group's scores sorted in descending order. That is what makes the fast solver fast.
+
+Fast solver (:func:`solve_flops_ilp`): Lagrangian relaxation of both budgets with
+multipliers μ (FLOPs) and ν (count)::
+
+    L(μ, ν) = Σ_i max(0, s_i - μ c_i - ν) + μ F + ν k        (μ, ν >= 0)
+
+is an upper bound on the ILP optimum (and on its LP relaxation, whose optimum equals
+min L) for every μ, ν >= 0. For fixed μ the best ν is the k-th largest reduced score
+``s_i - μ c_i`` clipped at 0, and the maximiser T(μ) is the top-k of the positive reduced
+scores; g(μ) = min_ν L(μ, ν) is convex with subgradient F - cost(T(μ)), so cost(T(μ)) is
+non-increasing in μ and bisection on "T(μ) is within the FLOP budget" brackets the
+minimiser μ*. The kept set is T(μ_hi) from the feasible end of the bracket, completed
+greedily; the LP optimum has at most two fractional weights, so the rounding loses about
+two weights' worth of score at most.
+
+Exact reference (:func:`solve_flops_ilp_exact`): the same ILP handed to HiGHS through
+:func:`scipy.optimize.milp`; practical up to ~1e5 weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from prunekit.errors import PrunekitError
+
+__all__ = ["ILPResult", "solve_flops_ilp", "solve_flops_ilp_exact"]
+
+_TINY = 1e-300
+
+
+@dataclass(frozen=True)
+class ILPResult:
+    """A feasible selection with a certified bound on how far it is from optimal.
+
+    Attributes:
+        keep: (p,) bool tensor, on the device of ``scores``; ``count <= max_count`` and
+            ``cost <= max_cost`` always hold.
+        primal: Σ s_i over kept weights.
+        dual_bound: an upper bound on the ILP optimum (up to float64 rounding).
+        gap: (dual_bound - primal) / max(dual_bound, tiny); 0 means provably optimal.
+        count: number of kept weights.
+        cost: Σ c_i over kept weights.
+        seconds: wall-clock time of the solve, input checks included.
+        info: solver details (multipliers, iteration counts, HiGHS status, ...).
+    """
+
+    keep: torch.Tensor
+    primal: float
+    dual_bound: float
+    gap: float
+    count: int
+    cost: float
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- input
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """The ILP in cost-group form.
+
+    scores: (p,) float64, >= 0.  group: (p,) int64 in [0, G).  group_costs: (G,) float64.
+    max_count / max_cost are clipped to p / total cost (equivalent constraints).
+    """
+
+    scores: np.ndarray
+    group: np.ndarray
+    group_costs: np.ndarray
+    max_count: int
+    max_cost: float
+
+    def costs(self) -> np.ndarray:
+        """Per-weight costs (p,) float64."""
+        return self.group_costs[self.group]
+
+
+def _finite_vector(x, name: str) -> np.ndarray:
+    """``x`` (tensor or array-like) as a 1-D float64 array of finite, non-negative values."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1:
+        raise PrunekitError(f"{name} must be a 1-D vector, got shape {arr.shape}; flatten it first.")
+    if not np.isfinite(arr).all():
+        raise PrunekitError(f"{name} contains NaN or infinite values; pass finite numbers.")
+    if (arr < 0).any():
+        raise PrunekitError(f"{name} must be non-negative; found {arr.min():g}.")
+    return arr
+
+
+def _groups_from_costs(costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group weights by equal cost: returns (group (p,) int64, group_costs (G,))."""
+    group_costs, group = np.unique(costs, return_inverse=True)
+    return group.astype(np.int64), group_costs
+
+
+def _groups_from_layers(layer_slices: Sequence[slice], layer_costs, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """One group per layer: returns (group (p,) int64, group_costs (L,)).
+
+    The slices must partition range(p) (any order, step 1).
+    """
+    costs = _finite_vector(layer_costs, "layer_costs")
+    if len(layer_slices) != costs.size:
+        raise PrunekitError(
+            f"layer_slices has {len(layer_slices)} entries but layer_costs has {costs.size}; "
+            "give one cost per layer."
+        )
+    group = np.full(p, -1, dtype=np.int64)
+    for j, sl in enumerate(layer_slices):
+        if not isinstance(sl, slice) or sl.step not in (None, 1):
+            raise PrunekitError(f"layer_slices[{j}] = {sl!r} must be a slice(start, stop) with step 1.")
+        start, stop, _ = sl.indices(p)
+        if sl.start is None or sl.stop is None or sl.stop > p or start > stop:
+            raise PrunekitError(f"layer_slices[{j}] = {sl!r} is not a range inside [0, {p}) (p = len(scores)).")
+        if (group[start:stop] != -1).any():
+            raise PrunekitError(f"layer_slices[{j}] = {sl!r} overlaps an earlier layer; layers must not overlap.")
+        group[start:stop] = j
+    if (group == -1).any():
+        first = int(np.argmax(group == -1))
+        raise PrunekitError(f"weight {first} is in no layer slice; layer_slices must cover all {p} scores.")
+    return group, costs
+
+
+def _parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost) -> _Problem:
+    """Validate the user's input and put it in cost-group form."""
+    s = _finite_vector(scores, "scores")
+    p = s.size
+    if costs_per_weight is not None and (layer_slices is not None or layer_costs is not None):
+        raise PrunekitError("pass either costs_per_weight or layer_slices + layer_costs, not both.")
+    if costs_per_weight is not None:
+        c = _finite_vector(costs_per_weight, "costs_per_weight")
+        if c.size != p:
+            raise PrunekitError(f"costs_per_weight has {c.size} entries but scores has {p}; they must match.")
+        group, group_costs = _groups_from_costs(c)
+    elif layer_slices is not None and layer_costs is not None:
+        group, group_costs = _groups_from_layers(layer_slices, layer_costs, p)
+    else:
+        raise PrunekitError("give the costs: costs_per_weight (p,), or both layer_slices and layer_costs.")
+    if isinstance(max_count, bool) or not float(max_count).is_integer() or max_count < 0:
+        raise PrunekitError(f"max_count must be a non-negative integer, got {max_count!r}.")
+    if math.isnan(max_cost) or max_cost < 0:
+        raise PrunekitError(f"max_cost must be a non-negative number of MACs, got {max_cost!r}.")
+    total_cost = float(np.bincount(group, minlength=group_costs.size) @ group_costs)
+    return _Problem(s, group, group_costs, min(int(max_count), p), min(float(max_cost), total_cost))
+
+
+# --------------------------------------------------------------------------- fast solver
+
+
+class _SortedGroups:
+    """Scores sorted in descending order within each cost group, with vectorised counting.
+
+    A selection that keeps a prefix of every group is described by ``m`` (G,) int64, the
+    number kept per group. The layout is group-major: group g occupies positions
+    ``start[g] : start[g] + size[g]`` of ``s_desc``.
+
+    Counting "how many scores of group g exceed θ_g" for all g at once uses two
+    ``searchsorted`` calls: one on all scores sorted ascending (turning θ_g into a global
+    rank r_g) and one on the integer keys ``g * p + (p - 1 - rank)``, which are ascending
+    in the layout and put the scores of group g that exceed θ_g right at its start.
+    """
+
+    def __init__(self, scores: np.ndarray, group: np.ndarray, group_costs: np.ndarray):
+        p, n_groups = scores.size, group_costs.size
+        asc = np.argsort(scores, kind="stable")
+        rank = np.empty(p, dtype=np.int64)
+        rank[asc] = np.arange(p)
+        desc = asc[::-1]
+        # Stable sort by group keeps the descending score order inside each group;
+        # 16-bit keys let numpy use a linear-time radix sort.
+        small = group.astype(np.uint16) if n_groups <= 1 << 16 else group
+        self.perm = desc[np.argsort(small[desc], kind="stable")]  # layout position -> weight index
+        self.s_asc = scores[asc]
+        self.s_desc = scores[self.perm]
+        self.keys = group[self.perm] * p + (p - 1 - rank[self.perm])
+        self.prefix = np.concatenate([[0.0], np.cumsum(self.s_desc)])
+        self.size = np.bincount(group, minlength=n_groups)
+        self.start = np.concatenate([[0], np.cumsum(self.size)[:-1]])
+        self.costs = group_costs
+        self.by_cost = np.argsort(group_costs, kind="stable")
+        self.max_score = float(self.s_asc[-1])
+        self._key_base = np.arange(n_groups, dtype=np.int64) * p + p
+
+    def count_above(self, thresholds: np.ndarray) -> np.ndarray:
+        """m (G,): number of scores of group g strictly above thresholds[g]."""
+        r = np.searchsorted(self.s_asc, thresholds, side="right")  # scores <= θ_g
+        return np.searchsorted(self.keys, self._key_base - r, side="left") - self.start
+
+    def score_of(self, m: np.ndarray) -> float:
+        """Σ of the kept scores of the prefix selection m."""
+        return float((self.prefix[self.start + m] - self.prefix[self.start]).sum())
+
+    def cost_of(self, m: np.ndarray) -> float:
+        """Σ of the kept costs of the prefix selection m."""
+        return float(self.costs @ m)
+
+    def next_scores(self, m: np.ndarray) -> np.ndarray:
+        """(G,): the best score each group has not kept yet; 0 where the group is used up."""
+        left = m < self.size
+        idx = np.minimum(self.start + m, self.s_desc.size - 1)
+        return np.where(left, self.s_desc[idx], 0.0)
+
+    def last_scores(self, m: np.ndarray) -> np.ndarray:
+        """(G,): the worst score each group keeps; +inf where it keeps nothing."""
+        idx = np.maximum(self.start + m - 1, 0)
+        return np.where(m > 0, self.s_desc[idx], np.inf)
+
+    def take_cheapest_first(self, available: np.ndarray, n: int) -> np.ndarray:
+        """(G,): n items spread over groups with ``available`` (G,), cheapest groups first."""
+        avail = available[self.by_cost]
+        before = np.cumsum(avail) - avail
+        take = np.empty_like(available)
+        take[self.by_cost] = np.clip(n - before, 0, avail)
+        return take
+
+    def keep_mask(self, m: np.ndarray) -> np.ndarray:
+        """(p,) bool in the original weight order for the prefix selection m."""
+        offsets = np.repeat(self.start, m)
+        within = np.arange(offsets.size) - np.repeat(np.cumsum(m) - m, m)
+        keep = np.zeros(self.perm.size, dtype=bool)
+        keep[self.perm[offsets + within]] = True
+        return keep
+
+
+@dataclass(frozen=True)
+class _Point:
+    """The Lagrangian at one μ: multipliers, the maximiser T(μ) as prefix counts m (G,),
+    its count and cost, and g(μ) = L(μ, ν(μ))."""
+
+    mu: float
+    nu: float
+    m: np.ndarray
+    count: int
+    cost: float
+    dual: float
+
+
+class _Lagrangian:
+    """g(μ) = min_ν L(μ, ν) and its maximiser T(μ) for one problem."""
+
+    def __init__(self, groups: _SortedGroups, max_count: int, max_cost: float):
+        self.groups, self.k, self.F = groups, max_count, max_cost
+        self.evaluations = 0
+
+    def top_k(self, mu: float) -> tuple[float, np.ndarray]:
+        """(ν, m): ν = the k-th largest reduced score s_i - μ c_i clipped at 0, and m (G,)
+        the top-k positive reduced scores (ties go to the cheapest groups).
+
+        Bisection on the threshold t until exactly k reduced scores exceed it, or until t
+        cannot be split further in float64 (then the remaining candidates tie).
+        """
+        shift = mu * self.groups.costs
+        m_lo = self.groups.count_above(shift)
+        if m_lo.sum() <= self.k:
+            return 0.0, m_lo
+        lo, hi = 0.0, self.groups.max_score
+        m_hi = np.zeros_like(m_lo)
+        while m_lo.sum() > self.k:  # invariant: count(> lo) >= k > count(> hi)
+            mid = lo + 0.5 * (hi - lo)
+            if not lo < mid < hi:
+                extra = self.groups.take_cheapest_first(m_lo - m_hi, self.k - int(m_hi.sum()))
+                return lo, m_hi + extra
+            m_mid = self.groups.count_above(mid + shift)
+            if m_mid.sum() >= self.k:
+                lo, m_lo = mid, m_mid
+            else:
+                hi, m_hi = mid, m_mid
+        return lo, m_lo
+
+    def value(self, mu: float, nu: float) -> float:
+        """L(μ, ν) = μF + νk + Σ_i max(0, s_i - μ c_i - ν): an upper bound for any μ, ν >= 0."""
+        theta = nu + mu * self.groups.costs
+        m = self.groups.count_above(theta)
+        positive_part = self.groups.score_of(m) - float(theta @ m)
+        return mu * self.F + nu * self.k + positive_part
+
+    def at(self, mu: float) -> _Point:
+        """Evaluate the dual function and its maximiser at μ."""
+        self.evaluations += 1
+        nu, m = self.top_k(mu)
+        return _Point(mu, nu, m, int(m.sum()), self.groups.cost_of(m), self.value(mu, nu))
+
+
+def _bracket_mu(lagr: _Lagrangian, tol: float) -> tuple[_Point, _Point]:
+    """(lo, hi) with μ_lo <= μ* <= μ_hi, T(μ_hi) within the FLOP budget and T(μ_lo) over it
+    (lo is hi when μ* = 0). Stops when the two selections differ by at most two weights
+    (one swap across a single kink of g), or when the bracket is narrower than tol·μ_hi."""
+    lo = lagr.at(0.0)
+    if lo.cost <= lagr.F:
+        return lo, lo
+    positive_costs = lagr.groups.costs[lagr.groups.costs > 0]
+    # Beyond this μ no weight with a positive cost has a positive reduced score.
+    hi = lagr.at(2.0 * lagr.groups.max_score / positive_costs.min())
+    while np.abs(lo.m - hi.m).sum() > 2 and hi.mu - lo.mu > tol * hi.mu:
+        mid = 0.5 * (lo.mu + hi.mu)
+        if not lo.mu < mid < hi.mu:
+            break
+        point = lagr.at(mid)
+        if point.cost <= lagr.F:
+            hi = point
+        else:
+            lo = point
+    return lo, hi
+
+
+def _kink(lo: _Point, hi: _Point, F: float) -> float:
+    """μ where the supporting lines of g at lo and hi meet (the minimiser if one kink lies between)."""
+    slope_lo, slope_hi = F - lo.cost, F - hi.cost  # < 0 and >= 0
+    mu = (hi.dual - lo.dual + slope_lo * lo.mu - slope_hi * hi.mu) / (slope_lo - slope_hi)
+    return float(np.clip(mu, lo.mu, hi.mu))
+
+
+def _greedy_fill(groups: _SortedGroups, m: np.ndarray, k: int, F: float) -> np.ndarray:
+    """Add the best remaining weights that still fit both budgets to the feasible prefix
+    selection m (G,). Takes whole runs of a group at once (those scoring at least the best
+    alternative), so ties cost one step rather than one step per weight."""
+    m = m.copy()
+    while (room_count := k - int(m.sum())) > 0:
+        room_cost = F - groups.cost_of(m)
+        nxt = groups.next_scores(m)
+        candidates = np.where((nxt > 0) & (groups.costs <= room_cost), nxt, -np.inf)
+        g = int(np.argmax(candidates))
+        if candidates[g] == -np.inf:
+            break
+        candidates[g] = -np.inf
+        runner_up = candidates.max()
+        floor = np.nextafter(runner_up, -np.inf) if runner_up > 0 else 0.0
+        thresholds = np.full(groups.costs.size, np.inf)
+        thresholds[g] = floor
+        run = int(groups.count_above(thresholds)[g] - m[g])
+        n = min(run, room_count)
+        if groups.costs[g] > 0:
+            n = min(n, int(room_cost // groups.costs[g]))
+        step = np.zeros_like(m)
+        step[g] = 1
+        while n > 0 and groups.cost_of(m + n * step) > F:  # guard the float division
+            n -= 1
+        if n == 0:
+            break
+        m[g] += n
+    return m
+
+
+def _best_swap(groups: _SortedGroups, m: np.ndarray, F: float) -> tuple[float, int, int]:
+    """(gain, g, h): the best exchange of group h's worst kept weight for group g's best
+    unkept one that stays within the FLOP budget (the count is unchanged).
+
+    For each g the cheapest-in-score weight to drop is the minimum over groups with
+    c_h >= c_g - room, a suffix of the groups sorted by cost. O(G log G)."""
+    room = F - groups.cost_of(m)
+    nxt = groups.next_scores(m)
+    last_sorted = groups.last_scores(m)[groups.by_cost]
+    suffix_min = np.minimum.accumulate(last_sorted[::-1])[::-1]
+    first_ok = np.searchsorted(groups.costs[groups.by_cost], groups.costs - room, side="left")
+    droppable = np.append(suffix_min, np.inf)[first_ok]
+    gains = np.where(nxt > 0, nxt - droppable, -np.inf)
+    g = int(np.argmax(gains))
+    if not gains[g] > 0:
+        return 0.0, g, g
+    h = int(groups.by_cost[first_ok[g] + np.argmin(last_sorted[first_ok[g]:])])
+    return float(gains[g]), g, h
+
+
+def _local_search(groups: _SortedGroups, m: np.ndarray, k: int, F: float, max_rounds: int = 1000) -> np.ndarray:
+    """Greedy fill, then improving single swaps (each followed by a fill) until none is left."""
+    m = _greedy_fill(groups, m, k, F)
+    for _ in range(max_rounds):
+        gain, g, h = _best_swap(groups, m, F)
+        if gain <= 0:
+            break
+        trial = m.copy()
+        trial[g] += 1
+        trial[h] -= 1
+        if groups.cost_of(trial) > F:  # float rounding at the budget's edge
+            break
+        m = _greedy_fill(groups, trial, k, F)
+    return m
+
+
+def _empty_result(p: int, device: torch.device, start: float, info: dict) -> ILPResult:
+    keep = torch.zeros(p, dtype=torch.bool, device=device)
+    return ILPResult(keep, 0.0, 0.0, 0.0, 0, 0.0, time.perf_counter() - start, info)
+
+
+def _relative_gap(dual: float, primal: float) -> float:
+    return max(dual - primal, 0.0) / max(abs(dual), _TINY)
+
+
+def solve_flops_ilp(
+    scores: torch.Tensor,
+    costs_per_weight: torch.Tensor | None = None,
+    *,
+    layer_slices: Sequence[slice] | None = None,
+    layer_costs: Sequence[float] | torch.Tensor | None = None,
+    max_count: int,
+    max_cost: float,
+    tol: float = 1e-12,
+) -> ILPResult:
+    """Solve the FLOP + count budgeted selection ILP by Lagrangian duality (fast, certified).
+
+    Args:
+        scores: (p,) non-negative importance of each weight (e.g. squared magnitudes).
+        costs_per_weight: (p,) non-negative MACs of each weight; or instead
+        layer_slices: L slices partitioning range(p), with
+        layer_costs: (L,) the MACs of every weight in each layer.
+        max_count: k, the most weights to keep.
+        max_cost: F, the most MACs the kept weights may cost (``inf`` for no FLOP budget).
+        tol: the μ-bisection stops once its bracket is narrower than ``tol * μ``.
+
+    Returns:
+        :class:`ILPResult`; ``dual_bound`` is min over the evaluated μ of g(μ), so the ILP
+        (and LP) optimum lies in ``[primal, dual_bound]``.
+
+    Cost: one O(p log p) sort, then O(G log p) per dual evaluation (G = cost groups).
+
+    Raises:
+        PrunekitError: on negative or non-finite scores or costs, mismatched sizes,
+            slices that do not partition the scores, or negative budgets.
+    """
+    start = time.perf_counter()
+    prob = _parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost)
+    device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
+    if prob.max_count == 0 or not (prob.scores > 0).any():
+        return _empty_result(prob.scores.size, device, start, {"method": "trivial"})
+
+    groups = _SortedGroups(prob.scores, prob.group, prob.group_costs)
+    setup_seconds = time.perf_counter() - start
+    lagr = _Lagrangian(groups, prob.max_count, prob.max_cost)
+    lo, hi = _bracket_mu(lagr, tol)
+    dual = min(lo.dual, hi.dual)
+    if lo is not hi:
+        dual = min(dual, lagr.at(_kink(lo, hi, prob.max_cost)).dual)
+
+    rounded = [_local_search(groups, m, prob.max_count, prob.max_cost) for m in (hi.m, np.minimum(lo.m, hi.m))]
+    m = max(rounded, key=groups.score_of)
+    keep = groups.keep_mask(m)
+    primal = float(prob.scores[keep].sum())
+    dual = max(dual, primal)  # the bound is exact up to rounding; never report below a feasible value
+    info = {
+        "method": "lagrangian",
+        "mu": hi.mu,
+        "nu": hi.nu,
+        "mu_bracket": (lo.mu, hi.mu),
+        "dual_evaluations": lagr.evaluations,
+        "groups": int(groups.costs.size),
+        "setup_seconds": setup_seconds,
+    }
+    return ILPResult(
+        keep=torch.from_numpy(keep).to(device),
+        primal=primal,
+        dual_bound=dual,
+        gap=_relative_gap(dual, primal),
+        count=int(m.sum()),
+        cost=groups.cost_of(m),
+        seconds=time.perf_counter() - start,
+        info=info,
+    )
+
+
+# --------------------------------------------------------------------------- exact reference
+
+
+def _drop_until_feasible(keep: np.ndarray, prob: _Problem) -> int:
+    """Make ``keep`` (p,) feasible in place by dropping its lowest-score weights (a guard
+    for HiGHS's 1e-7 feasibility tolerance); returns how many were dropped."""
+    costs = prob.costs()
+    kept = np.flatnonzero(keep)
+    kept = kept[np.argsort(prob.scores[kept], kind="stable")]
+    count, cost, dropped = kept.size, float(costs[keep].sum()), 0
+    for i in kept:
+        if count <= prob.max_count and cost <= prob.max_cost:
+            break
+        if count > prob.max_count or costs[i] > 0:
+            keep[i] = False
+            count, cost, dropped = count - 1, cost - costs[i], dropped + 1
+    return dropped
+
+
+def solve_flops_ilp_exact(
+    scores: torch.Tensor,
+    costs_per_weight: torch.Tensor | None = None,
+    *,
+    layer_slices: Sequence[slice] | None = None,
+    layer_costs: Sequence[float] | torch.Tensor | None = None,
+    max_count: int,
+    max_cost: float,
+    tol: float = 1e-9,
+    time_limit: float = 600.0,
+) -> ILPResult:
+    """Solve the same ILP with HiGHS (:func:`scipy.optimize.milp`): the exact reference.
+
+    Arguments as :func:`solve_flops_ilp`, except ``tol`` is HiGHS's relative MIP gap and
+    ``time_limit`` caps the solve (seconds); ``info["status"]`` says whether HiGHS proved
+    optimality. One binary variable per weight, so keep p to about 1e5.
+    """
+    start = time.perf_counter()
+    prob = _parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost)
+    device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
+    p = prob.scores.size
+    if p == 0:
+        return _empty_result(0, device, start, {"method": "trivial"})
+
+    costs = prob.costs()
+    rows = csr_array(np.vstack([np.ones(p), costs]))
+    res = milp(
+        -prob.scores,
+        integrality=np.ones(p),
+        bounds=Bounds(0.0, 1.0),
+        constraints=LinearConstraint(rows, -np.inf, [prob.max_count, prob.max_cost]),
+        options={"mip_rel_gap": tol, "time_limit": time_limit},
+    )
+    keep = np.zeros(p, dtype=bool) if res.x is None else res.x > 0.5
+    dropped = _drop_until_feasible(keep, prob)
+    primal = float(prob.scores[keep].sum())
+    bound = res.get("mip_dual_bound")
+    dual = max(-bound if bound is not None and np.isfinite(bound) else math.inf, primal)
+    info = {"method": "highs", "status": res.status, "message": res.message, "dropped_after_rounding": dropped}
+    return ILPResult(
+        keep=torch.from_numpy(keep).to(device),
+        primal=primal,
+        dual_bound=dual,
+        gap=_relative_gap(dual, primal),
+        count=int(keep.sum()),
+        cost=float(costs[keep].sum()),
+        seconds=time.perf_counter() - start,
+        info=info,
+    )
