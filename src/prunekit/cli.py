@@ -197,6 +197,7 @@ def _prune_lines(r: dict) -> list[str]:
 def _method_options(args) -> dict:
     """The method options given on the command line (None = the method's default)."""
     return {"fisher_samples": args.fisher_samples, "fisher_batch": args.fisher_batch, "ridge": args.ridge,
+            "relative_ridge": args.relative_ridge,
             "stages": args.stages, "schedule": args.schedule, "revive": args.revive or None,
             "solver": args.solver, "block_size": args.block_size, "first_order": args.first_order}
 
@@ -305,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("quadratic-model methods (chita, chita++, falcon, falcon++, woodfisher)")
     g.add_argument("--fisher-samples", type=int, help="gradient rows n (default 1000)")
     g.add_argument("--fisher-batch", type=int, help="samples averaged per row m (default 1: per-sample)")
-    g.add_argument("--ridge", type=float, help="ridge λ of the quadratic model (default 1e-4)")
+    g.add_argument("--ridge", type=float, help="absolute ridge λ of the quadratic model (the papers' setting)")
+    g.add_argument("--relative-ridge", type=float,
+                   help="λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)")
     g.add_argument("--stages", type=int, help="pruning stages (default: chita/falcon 1, chita++/falcon++ 15)")
     g.add_argument("--schedule", choices=KINDS, help="kept share per stage (default poly)")
     g.add_argument("--revive", action="store_true", help="let weights pruned in earlier stages come back")

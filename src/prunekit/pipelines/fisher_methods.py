@@ -34,7 +34,10 @@ class FisherOptions:
 
     fisher_samples: n, rows of the gradient matrix.
     fisher_batch:   samples averaged per row (1 = per-sample gradients).
-    ridge:          λ of the quadratic model (also WoodFisher's damping).
+    ridge:          λ of the quadratic model (also WoodFisher's damping), absolute, as in the papers.
+    relative_ridge: when ``ridge`` is None, λ = relative_ridge × the mean diagonal of the empirical
+                    Fisher XᵀX/n of the stage: scale-free, so one default fits every model and
+                    every stage (gradients grow as pruning goes on).
     stages:         pruning stages (1 = one shot).
     schedule:       poly | exp | linear | const, the kept share per stage.
     revive:         let weights pruned in an earlier stage come back.
@@ -49,7 +52,8 @@ class FisherOptions:
 
     fisher_samples: int = 1000
     fisher_batch: int = 1
-    ridge: float = 1e-4
+    ridge: float | None = None
+    relative_ridge: float = 0.1
     stages: int = 1
     schedule: str = "poly"
     revive: bool = False
@@ -70,7 +74,7 @@ def _solve_stage_chita(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOp
 
 
 def _solve_stage_woodfisher(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOptions):
-    return woodfisher(q.X, q.w_bar, k, block_size=opts.obs_block_size, damp=opts.ridge)
+    return woodfisher(q.X, q.w_bar, k, block_size=opts.obs_block_size, damp=q.ridge)
 
 
 def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOptions):
@@ -110,7 +114,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions, flops_aware:
         index = free.nonzero().squeeze(1)
         rows = grads[:, index]
         linear = rows.mean(0) if opts.first_order else None
-        q = QuadraticModel(rows, w[index], opts.ridge, linear)
+        ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
+        q = QuadraticModel(rows, w[index], ridge, linear)
         del grads
         solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts)
         w = torch.zeros(p, dtype=w.dtype)
@@ -122,10 +127,16 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions, flops_aware:
                         and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
         history.append({"stage": stage, "max_nonzeros": k, "nonzeros": int((w != 0).sum()),
                         "max_macs": max_macs, "macs": int(macs[w != 0].sum()),
-                        "objective": solution.objective, "solver_seconds": solution.seconds,
+                        "ridge": ridge, "objective": solution.objective, "solver_seconds": solution.seconds,
                         "gradient_seconds": seconds_gradients, "bn_recalibrated": recalibrated,
                         "seconds": time.perf_counter() - start})
     return w
+
+
+def _mean_fisher_diagonal(rows: torch.Tensor) -> float:
+    """mean_j (XᵀX/n)_jj for X = rows (n, p), accumulated in float64."""
+    total = sum(float(chunk.pow(2).sum(dtype=torch.float64)) for chunk in rows.split(64))
+    return total / rows.numel() or 1.0
 
 
 def _method(solve_stage, flops_aware: bool = False, **defaults):

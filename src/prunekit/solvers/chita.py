@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import PrunekitError
-from .quadratic import QuadraticModel, check_k, dot64
+from .quadratic import QuadraticModel, check_k, dot64, spd_cholesky
 from .result import Solution
 
 METHODS = ("iht", "backsolve")
@@ -108,7 +108,7 @@ def _spd_solve(gram: torch.Tensor, shift: float, rhs: torch.Tensor) -> torch.Ten
     """(gram + shift·I)⁻¹ rhs by Cholesky in float64; returned in rhs's dtype."""
     M = gram.to(torch.float64, copy=True)                      # gram itself stays as it was
     M.diagonal().add_(shift)
-    return _cholesky_solve(torch.linalg.cholesky(M), rhs.double()).to(rhs.dtype)
+    return _cholesky_solve(spd_cholesky(M), rhs.double()).to(rhs.dtype)
 
 
 def _cholesky_solve(L: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -359,7 +359,7 @@ class _PrimalSupport:
         A = q.X.index_select(1, index).double()                       # (n, s)
         H = A.t() @ A / q.n
         H.diagonal().add_(q.ridge)
-        H_inv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+        H_inv = torch.cholesky_inverse(spd_cholesky(H))
         X_J = q.X.index_select(1, outside).double()                   # (n, m)
         H_SJ = A.t() @ X_J / q.n
         V = H_inv @ H_SJ                                              # H_SS⁻¹H_SJ, (s, m)
@@ -391,7 +391,7 @@ class _DualSupport:
         self.gram, self.z, self.b = _backsolve(q, support)[1] if parts is None else parts
         M = self.gram.clone()
         M.diagonal().add_(q.n * q.ridge)
-        self.L = torch.linalg.cholesky(M)
+        self.L = spd_cholesky(M)
         y = _cholesky_solve(self.L, self.z if self.b is None else self.z + self.b / q.ridge)
         Xty = q.rmatvec(y.to(q.dtype))                                 # (p,)
         if q.linear is None:

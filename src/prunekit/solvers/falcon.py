@@ -12,7 +12,8 @@ budgets: the ILP of :mod:`prunekit.solvers.ilp`.
 * method "magnitude" (the published release): support = ILP on w̄², then backsolve on it.
 * method "dfo" (the paper's discrete first-order method): from that point, repeat
   w ← backsolve(ILP-support of (w − η∇Q(w))²), with a step-size search that accepts a new point
-  only if Q decreases; stop when no step size decreases Q (a stall) or after ``max_iter``.
+  only if Q decreases (a step too short to change the support is lengthened, one that raises Q
+  is shortened); stop when no step size decreases Q (a stall) or after ``max_iter``.
 
 Either way the support always meets both budgets (the ILP's primal is feasible) and the result
 is never worse than the "magnitude" point.
@@ -34,7 +35,7 @@ METHODS = ("dfo", "magnitude")
 
 
 def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: float, *,
-           method: str = "dfo", max_iter: int = 30, max_search: int = 6, tol: float = 1e-5,
+           method: str = "dfo", max_iter: int = 30, max_search: int = 10, tol: float = 1e-5,
            block_size: int | None = None) -> Solution:
     """A w meeting both budgets with small Q.
 
@@ -74,12 +75,12 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
         for iterations in range(1, max_iter + 1):
             grad = q.gradient(w)
             improved = False
-            for trial in range(max_search):
-                # Longer steps first pass the search (they move the support most); halve on failure.
-                eta = step * (2.0 if trial == 0 else 0.5 ** (trial - 1))
+            eta = step
+            for _ in range(max_search):
                 info["trials"] += 1
                 candidate_support = project(w - eta * grad)
                 if torch.equal(candidate_support, support):
+                    eta *= 4                     # too short to move the support: lengthen
                     continue
                 candidate = solve_on(candidate_support)
                 f_candidate = q.objective(candidate)
@@ -89,6 +90,7 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
                     info["accepted"] += 1
                     improved = True
                     break
+                eta /= 2                         # moved the support the wrong way: shorten
             if not improved:
                 info["stalled"] = True
                 break

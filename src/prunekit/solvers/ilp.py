@@ -22,12 +22,14 @@ min L) for every μ, ν >= 0. For fixed μ the best ν is the k-th largest reduc
 ``s_i - μ c_i`` clipped at 0, and the maximiser T(μ) is the top-k of the positive reduced
 scores; g(μ) = min_ν L(μ, ν) is convex with subgradient F - cost(T(μ)), so cost(T(μ)) is
 non-increasing in μ and bisection on "T(μ) is within the FLOP budget" brackets the
-minimiser μ*. The kept set is T(μ_hi) from the feasible end of the bracket, completed
-greedily; the LP optimum has at most two fractional weights, so the rounding loses about
-two weights' worth of score at most.
+minimiser μ*. Rounding starts from both sides of the kink at μ*: T(μ_hi), which fits, and
+T(μ_lo) with its least score-per-MAC weights dropped until it fits; each is completed by a
+greedy fill and improving exchanges, and the better is kept. The LP optimum has at most
+two fractional weights, so rounding loses about two weights' score at most; the report
+carries the certified gap.
 
 Exact reference (:func:`solve_flops_ilp_exact`): the same ILP handed to HiGHS through
-:func:`scipy.optimize.milp`; practical up to ~1e5 weights.
+:func:`scipy.optimize.milp`, after exact reduced-cost fixing; practical up to ~1e5 weights.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import csr_array
+from scipy.sparse import coo_array, csr_array
 
 from prunekit.errors import PrunekitError
 
@@ -95,6 +97,15 @@ class _Problem:
     def costs(self) -> np.ndarray:
         """Per-weight costs (p,) float64."""
         return self.group_costs[self.group]
+
+    def count_and_cost(self, keep: np.ndarray) -> tuple[int, float]:
+        """Count and total cost of the selection ``keep`` (p,) bool."""
+        per_group = np.bincount(self.group[keep], minlength=self.group_costs.size)
+        return int(per_group.sum()), float(per_group @ self.group_costs)
+
+    def is_feasible(self, keep: np.ndarray) -> bool:
+        count, cost = self.count_and_cost(keep)
+        return count <= self.max_count and cost <= self.max_cost
 
 
 def _finite_vector(x, name: str) -> np.ndarray:
@@ -170,44 +181,58 @@ def _parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_coun
 # --------------------------------------------------------------------------- fast solver
 
 
+_LOOP_SORT_MAX_GROUPS = 1024
+
+
+def _grouped_order(scores: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """(p,) permutation listing group 0's weights by descending score, then group 1's, ...
+
+    Sorting each group on its own is several times faster than one global sort at
+    p ~ 1e7 (the blocks fit in cache); with very many groups one global sort is used.
+    """
+    small = group.astype(np.uint16) if n_groups <= 1 << 16 else group  # 16-bit: radix sort
+    if n_groups > _LOOP_SORT_MAX_GROUPS:
+        desc = np.argsort(-scores)
+        return desc[np.argsort(small[desc], kind="stable")]
+    order = np.argsort(small, kind="stable")
+    bounds = np.cumsum(np.bincount(group, minlength=n_groups))
+    for a, b in zip(np.r_[0, bounds[:-1]], bounds):
+        block = order[a:b]
+        order[a:b] = block[np.argsort(-scores[block])]
+    return order
+
+
 class _SortedGroups:
     """Scores sorted in descending order within each cost group, with vectorised counting.
 
     A selection that keeps a prefix of every group is described by ``m`` (G,) int64, the
     number kept per group. The layout is group-major: group g occupies positions
-    ``start[g] : start[g] + size[g]`` of ``s_desc``.
-
-    Counting "how many scores of group g exceed θ_g" for all g at once uses two
-    ``searchsorted`` calls: one on all scores sorted ascending (turning θ_g into a global
-    rank r_g) and one on the integer keys ``g * p + (p - 1 - rank)``, which are ascending
-    in the layout and put the scores of group g that exceed θ_g right at its start.
+    ``start[g] : start[g] + size[g]`` of ``s_desc`` (p,), and ``prefix`` (p + 1,) holds
+    the running sums of ``s_desc``.
     """
 
     def __init__(self, scores: np.ndarray, group: np.ndarray, group_costs: np.ndarray):
-        p, n_groups = scores.size, group_costs.size
-        asc = np.argsort(scores, kind="stable")
-        rank = np.empty(p, dtype=np.int64)
-        rank[asc] = np.arange(p)
-        desc = asc[::-1]
-        # Stable sort by group keeps the descending score order inside each group;
-        # 16-bit keys let numpy use a linear-time radix sort.
-        small = group.astype(np.uint16) if n_groups <= 1 << 16 else group
-        self.perm = desc[np.argsort(small[desc], kind="stable")]  # layout position -> weight index
-        self.s_asc = scores[asc]
+        n_groups = group_costs.size
+        self.perm = _grouped_order(scores, group, n_groups)  # layout position -> weight index
         self.s_desc = scores[self.perm]
-        self.keys = group[self.perm] * p + (p - 1 - rank[self.perm])
         self.prefix = np.concatenate([[0.0], np.cumsum(self.s_desc)])
         self.size = np.bincount(group, minlength=n_groups)
         self.start = np.concatenate([[0], np.cumsum(self.size)[:-1]])
         self.costs = group_costs
         self.by_cost = np.argsort(group_costs, kind="stable")
-        self.max_score = float(self.s_asc[-1])
-        self._key_base = np.arange(n_groups, dtype=np.int64) * p + p
+        self.max_score = float(scores.max())
+        self._steps = [1 << j for j in reversed(range(int(self.size.max()).bit_length()))]
 
     def count_above(self, thresholds: np.ndarray) -> np.ndarray:
-        """m (G,): number of scores of group g strictly above thresholds[g]."""
-        r = np.searchsorted(self.s_asc, thresholds, side="right")  # scores <= θ_g
-        return np.searchsorted(self.keys, self._key_base - r, side="left") - self.start
+        """m (G,): number of scores of group g strictly above thresholds[g].
+
+        A binary search in every group at once: O(log max_size) vectorised steps."""
+        m = np.zeros_like(self.size)
+        for step in self._steps:
+            trial = np.minimum(m + step, self.size)
+            above = (trial > m) & (self.s_desc[np.maximum(self.start + trial - 1, 0)] > thresholds)
+            m = np.where(above, trial, m)
+        return m
 
     def score_of(self, m: np.ndarray) -> float:
         """Σ of the kept scores of the prefix selection m."""
@@ -364,49 +389,136 @@ def _greedy_fill(groups: _SortedGroups, m: np.ndarray, k: int, F: float) -> np.n
     return m
 
 
-def _best_swap(groups: _SortedGroups, m: np.ndarray, F: float) -> tuple[float, int, int]:
-    """(gain, g, h): the best exchange of group h's worst kept weight for group g's best
-    unkept one that stays within the FLOP budget (the count is unchanged).
+def _drop_to_budget(groups: _SortedGroups, m: np.ndarray, F: float) -> np.ndarray:
+    """Make the prefix selection m (G,) fit the FLOP budget by dropping the kept weights
+    with the least score per MAC. Drops whole runs of a group at once (those with a ratio
+    at most the best alternative's), so ties cost one step rather than one step per weight."""
+    m = m.copy()
+    paid = groups.costs > 0
+    while (excess := groups.cost_of(m) - F) > 0:
+        ratio = np.where(paid & (m > 0), groups.last_scores(m) / np.where(paid, groups.costs, 1.0), np.inf)
+        h = int(np.argmin(ratio))
+        ratio[h] = np.inf
+        runner_up = ratio.min()
+        thresholds = np.full(groups.costs.size, np.inf)
+        thresholds[h] = runner_up * groups.costs[h]
+        run = int(m[h] - groups.count_above(thresholds)[h]) if np.isfinite(runner_up) else int(m[h])
+        m[h] -= max(1, min(run, math.ceil(excess / groups.costs[h])))
+    return m
 
-    For each g the cheapest-in-score weight to drop is the minimum over groups with
-    c_h >= c_g - room, a suffix of the groups sorted by cost. O(G log G)."""
-    room = F - groups.cost_of(m)
+
+def _shortlist(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the (at most) n largest finite entries of ``values``."""
+    idx = np.flatnonzero(np.isfinite(values))
+    if idx.size > n:
+        idx = idx[np.argpartition(-values[idx], n)[:n]]
+    return idx
+
+
+def _best_exchange(
+    groups: _SortedGroups, m: np.ndarray, k: int, F: float, width: int = 256
+) -> tuple[float, int, int, int]:
+    """(gain, g, h, n): the best move "keep group g's best unkept weight, drop the n worst
+    kept weights of group h" that leaves the prefix selection m (G,) within both budgets.
+
+    n is the least number of h-weights that frees the MACs (and, with the count budget
+    full, the slot) that g's weight needs. A one-for-one swap is the case n = 1. Adds are
+    shortlisted to the ``width`` best next scores, drops to the ``width`` groups whose
+    worst kept weight has the least score per MAC, so a round costs O(width²).
+    """
     nxt = groups.next_scores(m)
-    last_sorted = groups.last_scores(m)[groups.by_cost]
-    suffix_min = np.minimum.accumulate(last_sorted[::-1])[::-1]
-    first_ok = np.searchsorted(groups.costs[groups.by_cost], groups.costs - room, side="left")
-    droppable = np.append(suffix_min, np.inf)[first_ok]
-    gains = np.where(nxt > 0, nxt - droppable, -np.inf)
-    g = int(np.argmax(gains))
-    if not gains[g] > 0:
-        return 0.0, g, g
-    h = int(groups.by_cost[first_ok[g] + np.argmin(last_sorted[first_ok[g]:])])
-    return float(gains[g]), g, h
+    adds = _shortlist(np.where(nxt > 0, nxt, -np.inf), width)
+    paid = groups.costs > 0
+    last_ratio = groups.last_scores(m) / np.where(paid, groups.costs, 1.0)
+    drops = _shortlist(np.where(paid & (m > 0), -last_ratio, -np.inf), width)
+    if adds.size == 0 or drops.size == 0:
+        return 0.0, 0, 0, 0
+    need = groups.costs[adds, None] - (F - groups.cost_of(m))  # (A, 1) MACs to free
+    n = np.ceil(np.maximum(need, 0.0) / groups.costs[None, drops])  # (A, D)
+    if m.sum() >= k:
+        n = np.maximum(n, 1.0)
+    ok = n <= m[None, drops]
+    n = np.where(ok, n, 0).astype(np.int64)
+    end = groups.start[drops] + m[drops]
+    loss = groups.prefix[end] - groups.prefix[end - n]
+    gain = np.where(ok, nxt[adds, None] - loss, -np.inf)
+    a, d = np.unravel_index(int(np.argmax(gain)), gain.shape)
+    return float(gain[a, d]), int(adds[a]), int(drops[d]), int(n[a, d])
 
 
 def _local_search(groups: _SortedGroups, m: np.ndarray, k: int, F: float, max_rounds: int = 1000) -> np.ndarray:
-    """Greedy fill, then improving single swaps (each followed by a fill) until none is left."""
+    """Greedy fill, then improving exchanges (each followed by a fill) until none is left."""
     m = _greedy_fill(groups, m, k, F)
     for _ in range(max_rounds):
-        gain, g, h = _best_swap(groups, m, F)
-        if gain <= 0:
+        gain, g, h, n = _best_exchange(groups, m, k, F)
+        if not gain > 0:
             break
         trial = m.copy()
         trial[g] += 1
-        trial[h] -= 1
-        if groups.cost_of(trial) > F:  # float rounding at the budget's edge
+        trial[h] -= n
+        if groups.cost_of(trial) > F or trial.sum() > k:  # float rounding at the budget's edge
             break
         m = _greedy_fill(groups, trial, k, F)
     return m
 
 
-def _empty_result(p: int, device: torch.device, start: float, info: dict) -> ILPResult:
-    keep = torch.zeros(p, dtype=torch.bool, device=device)
-    return ILPResult(keep, 0.0, 0.0, 0.0, 0, 0.0, time.perf_counter() - start, info)
+@dataclass(frozen=True)
+class _Solution:
+    """A solver's answer before packaging: keep (p,) bool, its score, an upper bound."""
+
+    keep: np.ndarray
+    primal: float
+    dual: float
+    info: dict
 
 
-def _relative_gap(dual: float, primal: float) -> float:
-    return max(dual - primal, 0.0) / max(abs(dual), _TINY)
+def _solve_lagrangian(prob: _Problem, tol: float) -> _Solution:
+    """The fast solver on a validated problem (see :func:`solve_flops_ilp`)."""
+    if prob.max_count == 0 or not (prob.scores > 0).any():
+        return _Solution(np.zeros(prob.scores.size, dtype=bool), 0.0, 0.0, {"method": "trivial"})
+    start = time.perf_counter()
+    groups = _SortedGroups(prob.scores, prob.group, prob.group_costs)
+    setup_seconds = time.perf_counter() - start
+    lagr = _Lagrangian(groups, prob.max_count, prob.max_cost)
+    lo, hi = _bracket_mu(lagr, tol)
+    dual = min(lo.dual, hi.dual)
+    if lo is not hi:
+        dual = min(dual, lagr.at(_kink(lo, hi, prob.max_cost)).dual)
+
+    # Round from both sides of the kink: T(μ_hi), and T(μ_lo) cut down to the FLOP budget.
+    starts = [hi.m] if lo is hi else [hi.m, _drop_to_budget(groups, lo.m, prob.max_cost)]
+    m = max((_local_search(groups, m0, prob.max_count, prob.max_cost) for m0 in starts), key=groups.score_of)
+    keep = groups.keep_mask(m)
+    primal = float(prob.scores[keep].sum())
+    info = {
+        "method": "lagrangian",
+        "mu": float(hi.mu),
+        "nu": float(hi.nu),
+        "mu_bracket": (float(lo.mu), float(hi.mu)),
+        "dual_evaluations": lagr.evaluations,
+        "groups": int(groups.costs.size),
+        "setup_seconds": setup_seconds,
+    }
+    # The bound is exact up to float64 rounding; never report it below a feasible value.
+    return _Solution(keep, primal, max(dual, primal), info)
+
+
+def _package(prob: _Problem, sol: _Solution, device: torch.device, start: float) -> ILPResult:
+    count, cost = prob.count_and_cost(sol.keep)
+    return ILPResult(
+        keep=torch.from_numpy(sol.keep).to(device),
+        primal=sol.primal,
+        dual_bound=sol.dual,
+        gap=max(sol.dual - sol.primal, 0.0) / max(abs(sol.dual), _TINY),
+        count=count,
+        cost=cost,
+        seconds=time.perf_counter() - start,
+        info=sol.info,
+    )
+
+
+def _device_of(scores) -> torch.device:
+    return scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
 
 
 def solve_flops_ilp(
@@ -431,10 +543,11 @@ def solve_flops_ilp(
         tol: the μ-bisection stops once its bracket is narrower than ``tol * μ``.
 
     Returns:
-        :class:`ILPResult`; ``dual_bound`` is min over the evaluated μ of g(μ), so the ILP
-        (and LP) optimum lies in ``[primal, dual_bound]``.
+        :class:`ILPResult`; ``dual_bound`` is the least g(μ) evaluated, so the ILP (and LP)
+        optimum lies in ``[primal, dual_bound]``.
 
-    Cost: one O(p log p) sort, then O(G log p) per dual evaluation (G = cost groups).
+    Cost: one O(p log p) sort, then O(G log p) per dual evaluation (G = cost groups),
+    about 30-60 evaluations of ~30-60 threshold counts each.
 
     Raises:
         PrunekitError: on negative or non-finite scores or costs, mismatched sizes,
@@ -442,61 +555,70 @@ def solve_flops_ilp(
     """
     start = time.perf_counter()
     prob = _parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost)
-    device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
-    if prob.max_count == 0 or not (prob.scores > 0).any():
-        return _empty_result(prob.scores.size, device, start, {"method": "trivial"})
-
-    groups = _SortedGroups(prob.scores, prob.group, prob.group_costs)
-    setup_seconds = time.perf_counter() - start
-    lagr = _Lagrangian(groups, prob.max_count, prob.max_cost)
-    lo, hi = _bracket_mu(lagr, tol)
-    dual = min(lo.dual, hi.dual)
-    if lo is not hi:
-        dual = min(dual, lagr.at(_kink(lo, hi, prob.max_cost)).dual)
-
-    rounded = [_local_search(groups, m, prob.max_count, prob.max_cost) for m in (hi.m, np.minimum(lo.m, hi.m))]
-    m = max(rounded, key=groups.score_of)
-    keep = groups.keep_mask(m)
-    primal = float(prob.scores[keep].sum())
-    dual = max(dual, primal)  # the bound is exact up to rounding; never report below a feasible value
-    info = {
-        "method": "lagrangian",
-        "mu": hi.mu,
-        "nu": hi.nu,
-        "mu_bracket": (lo.mu, hi.mu),
-        "dual_evaluations": lagr.evaluations,
-        "groups": int(groups.costs.size),
-        "setup_seconds": setup_seconds,
-    }
-    return ILPResult(
-        keep=torch.from_numpy(keep).to(device),
-        primal=primal,
-        dual_bound=dual,
-        gap=_relative_gap(dual, primal),
-        count=int(m.sum()),
-        cost=groups.cost_of(m),
-        seconds=time.perf_counter() - start,
-        info=info,
-    )
+    return _package(prob, _solve_lagrangian(prob, tol), _device_of(scores), start)
 
 
 # --------------------------------------------------------------------------- exact reference
 
 
-def _drop_until_feasible(keep: np.ndarray, prob: _Problem) -> int:
-    """Make ``keep`` (p,) feasible in place by dropping its lowest-score weights (a guard
-    for HiGHS's 1e-7 feasibility tolerance); returns how many were dropped."""
-    costs = prob.costs()
-    kept = np.flatnonzero(keep)
-    kept = kept[np.argsort(prob.scores[kept], kind="stable")]
-    count, cost, dropped = kept.size, float(costs[keep].sum()), 0
-    for i in kept:
-        if count <= prob.max_count and cost <= prob.max_cost:
-            break
-        if count > prob.max_count or costs[i] > 0:
-            keep[i] = False
-            count, cost, dropped = count - 1, cost - costs[i], dropped + 1
-    return dropped
+def _reduced_cost_fixing(prob: _Problem, incumbent: _Solution) -> tuple[np.ndarray, np.ndarray, float]:
+    """(ones, free, upper): weights every optimal solution keeps, weights left to decide,
+    and the Lagrangian upper bound used.
+
+    For any μ, ν >= 0 and feasible z, with reduced scores r_i = s_i - μ c_i - ν,
+    Σ s_i z_i <= L(μ, ν) - Σ_{r_i > 0, z_i = 0} r_i - Σ_{r_i < 0, z_i = 1} |r_i|.
+    So a solution at least as good as the incumbent keeps every i with r_i > L - incumbent
+    and drops every i with r_i < -(L - incumbent). Valid whatever (μ, ν) are; good
+    multipliers and a good incumbent just leave fewer weights free.
+    """
+    mu, nu = incumbent.info.get("mu", 0.0), incumbent.info.get("nu", 0.0)
+    reduced = prob.scores - mu * prob.costs() - nu
+    upper = mu * prob.max_cost + nu * prob.max_count + float(np.maximum(reduced, 0.0).sum())
+    slack = upper - incumbent.primal + 1e-9 * max(1.0, abs(upper))  # margin for rounding
+    return reduced > slack, np.abs(reduced) <= slack, upper
+
+
+def _highs(
+    prob: _Problem, free: np.ndarray, ones: np.ndarray, tol: float, time_limit: float
+) -> tuple[np.ndarray, float, dict]:
+    """Keep ``ones`` and decide the ``free`` weights by a binary MIP in HiGHS.
+
+    Returns (keep (p,) bool, upper bound on the best objective with these fixings, info).
+    Within a cost group some optimal solution keeps a prefix of the scores in descending
+    order, so z_j >= z_{j+1} along each group's sorted free weights is added: it removes
+    the symmetric solutions that make plain branch-and-bound slow. Presolve is off; it is
+    slow on these wide two-row problems and gains nothing.
+    """
+    kept_score = float(prob.scores[ones].sum())
+    idx = np.flatnonzero(free)
+    if idx.size == 0:
+        return ones.copy(), kept_score, {"status": 0, "message": "every weight fixed by reduced costs"}
+    idx = idx[np.lexsort((-prob.scores[idx], prob.group[idx]))]
+    n, costs = idx.size, prob.costs()
+    pairs = np.flatnonzero(prob.group[idx][1:] == prob.group[idx][:-1])
+    rows = np.arange(pairs.size)
+    order = coo_array(
+        (np.r_[np.ones(pairs.size), -np.ones(pairs.size)], (np.r_[rows, rows], np.r_[pairs, pairs + 1])),
+        shape=(pairs.size, n),
+    )
+    budgets = csr_array(np.vstack([np.ones(n), costs[idx]]))
+    count_left, cost_left = prob.max_count - int(ones.sum()), prob.max_cost - float(costs[ones].sum())
+    res = milp(
+        -prob.scores[idx],
+        integrality=np.ones(n),
+        bounds=Bounds(0.0, 1.0),
+        constraints=[
+            LinearConstraint(budgets, -np.inf, [count_left, max(cost_left, 0.0)]),
+            LinearConstraint(order, 0.0, np.inf),
+        ],
+        options={"mip_rel_gap": tol, "time_limit": time_limit, "presolve": False},
+    )
+    keep = ones.copy()
+    if res.x is not None:
+        keep[idx[res.x > 0.5]] = True
+    bound = res.get("mip_dual_bound")
+    upper = -bound if bound is not None and np.isfinite(bound) else math.inf
+    return keep, upper + kept_score, {"status": int(res.status), "message": res.message}
 
 
 def solve_flops_ilp_exact(
@@ -509,42 +631,37 @@ def solve_flops_ilp_exact(
     max_cost: float,
     tol: float = 1e-9,
     time_limit: float = 600.0,
+    reduce: bool = True,
 ) -> ILPResult:
-    """Solve the same ILP with HiGHS (:func:`scipy.optimize.milp`): the exact reference.
+    """Solve the same ILP exactly with HiGHS (:func:`scipy.optimize.milp`): the reference.
 
-    Arguments as :func:`solve_flops_ilp`, except ``tol`` is HiGHS's relative MIP gap and
-    ``time_limit`` caps the solve (seconds); ``info["status"]`` says whether HiGHS proved
-    optimality. One binary variable per weight, so keep p to about 1e5.
+    Arguments as :func:`solve_flops_ilp`, except: ``tol`` is HiGHS's relative MIP gap;
+    ``time_limit`` caps the HiGHS solve (seconds; ``info["status"]`` is 0 when it proved
+    optimality); ``reduce`` first fixes, by reduced costs against the fast solver's
+    solution, the weights whose value no near-optimal solution can change (exact; see
+    :func:`_reduced_cost_fixing`), so HiGHS sees only the few hundred undecided weights.
+    With ``reduce=False`` HiGHS gets every weight, so its answer does not depend on the
+    fast solver (used then only as the fallback should HiGHS stop early); practical up to
+    ~1e4 weights.
     """
     start = time.perf_counter()
     prob = _parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost)
-    device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
-    p = prob.scores.size
-    if p == 0:
-        return _empty_result(0, device, start, {"method": "trivial"})
-
-    costs = prob.costs()
-    rows = csr_array(np.vstack([np.ones(p), costs]))
-    res = milp(
-        -prob.scores,
-        integrality=np.ones(p),
-        bounds=Bounds(0.0, 1.0),
-        constraints=LinearConstraint(rows, -np.inf, [prob.max_count, prob.max_cost]),
-        options={"mip_rel_gap": tol, "time_limit": time_limit},
-    )
-    keep = np.zeros(p, dtype=bool) if res.x is None else res.x > 0.5
-    dropped = _drop_until_feasible(keep, prob)
+    incumbent = _solve_lagrangian(prob, 1e-12)  # the fallback, and the fixing's reference value
+    if reduce:
+        ones, free, upper = _reduced_cost_fixing(prob, incumbent)
+    else:
+        ones, free, upper = np.zeros_like(incumbent.keep), np.ones_like(incumbent.keep), math.inf
+    keep, dual, highs_info = _highs(prob, free, ones, tol, time_limit)
     primal = float(prob.scores[keep].sum())
-    bound = res.get("mip_dual_bound")
-    dual = max(-bound if bound is not None and np.isfinite(bound) else math.inf, primal)
-    info = {"method": "highs", "status": res.status, "message": res.message, "dropped_after_rounding": dropped}
-    return ILPResult(
-        keep=torch.from_numpy(keep).to(device),
-        primal=primal,
-        dual_bound=dual,
-        gap=_relative_gap(dual, primal),
-        count=int(keep.sum()),
-        cost=float(costs[keep].sum()),
-        seconds=time.perf_counter() - start,
-        info=info,
-    )
+    # Fall back on the incumbent if HiGHS stopped early or bent a budget within its 1e-7 tolerance.
+    if not prob.is_feasible(keep) or primal < incumbent.primal:
+        keep, primal = incumbent.keep, incumbent.primal
+    info = {
+        "method": "highs",
+        **highs_info,
+        "free_weights": int(free.sum()),
+        "fixed_kept": int(ones.sum()),
+    }
+    # Solutions that break a fixing score below the incumbent, hence below primal.
+    dual = max(min(dual, upper), primal)
+    return _package(prob, _Solution(keep, primal, dual, info), _device_of(scores), start)

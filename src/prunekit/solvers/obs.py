@@ -30,7 +30,7 @@ import time
 import torch
 
 from ..errors import PrunekitError
-from .quadratic import QuadraticModel, check_k
+from .quadratic import QuadraticModel, check_k, spd_cholesky
 from .result import Solution
 
 
@@ -87,11 +87,11 @@ def _inverse_fisher(X_b: torch.Tensor, damp: float) -> torch.Tensor:
     if B <= n:
         F = X.t() @ X / n
         F.diagonal().add_(damp)
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(F))
+        inverse = torch.cholesky_inverse(spd_cholesky(F))
     else:
         M = X @ X.t()
         M.diagonal().add_(n * damp)
-        inverse = -X.t() @ torch.cholesky_solve(X, torch.linalg.cholesky(M))
+        inverse = -X.t() @ torch.cholesky_solve(X, spd_cholesky(M))
         inverse.diagonal().add_(1.0)
         inverse /= damp
     return inverse.to(X_b.dtype)

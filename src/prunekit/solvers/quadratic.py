@@ -153,6 +153,23 @@ def _largest_eigenvalue(X: torch.Tensor, max_steps: int = 64, rtol: float = 1e-4
     return max(ritz, 0.0)
 
 
+def spd_cholesky(M: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a symmetric positive definite M.
+
+    Gram matrices built in float32 can lose definiteness to rounding when the gradients are
+    large (late pruning stages); then a jitter growing from 1e-10·mean(diag M) is added.
+    """
+    L, info = torch.linalg.cholesky_ex(M)
+    scale = float(M.diagonal().abs().mean()) or 1.0
+    jitter = 1e-10 * scale
+    while int(info) != 0:
+        if jitter > 1e-2 * scale:
+            raise PrunekitError("the quadratic model is numerically singular: raise the ridge (--ridge)")
+        L, info = torch.linalg.cholesky_ex(M + jitter * torch.eye(M.shape[0], dtype=M.dtype, device=M.device))
+        jitter *= 100
+    return L
+
+
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     """aᵀb accumulated in float64."""
     return float(torch.dot(a.double(), b.double()))
