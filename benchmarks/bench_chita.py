@@ -31,6 +31,7 @@ METHODS = {
     "chita-iht": ["--method", "chita", "--solver", "iht"],
     "chita-bso": ["--method", "chita", "--solver", "backsolve"],
     "chita++": ["--method", "chita++"],
+    "chita++-revive": ["--method", "chita++", "--revive"],
 }
 
 
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="more `prunekit prune` arguments for every row (e.g. --fisher-samples 500)")
+    parser.add_argument("--plus-stages", type=int, help="stages of the chita++ rows (default: the method's)")
+    parser.add_argument("--plus-fisher-samples", type=int, help="gradient rows of the chita++ rows")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/chita_MODEL.json)")
     args = parser.parse_args()
     setup = SETUPS[args.model]
@@ -58,7 +61,12 @@ def main() -> None:
     for sparsity in args.sparsities:
         for name in args.methods:
             with tempfile.TemporaryDirectory() as tmp:
-                r = prunekit("prune", *common, *METHODS[name], "--sparsity", str(sparsity), "--out", tmp, *args.extra)
+                plus = []
+                if name.startswith("chita++"):
+                    plus += ["--stages", str(args.plus_stages)] if args.plus_stages else []
+                    plus += ["--fisher-samples", str(args.plus_fisher_samples)] if args.plus_fisher_samples else []
+                r = prunekit("prune", *common, *METHODS[name], "--sparsity", str(sparsity), "--out", tmp,
+                             *plus, *args.extra)
                 row = {"method": name, "sparsity": sparsity, "accuracy": r["accuracy"],
                        "nonzeros": r["nonzeros"], "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"],
                        "dense_accuracy": r["dense_accuracy"], "stages": len(r.get("stages", [])) or None}
@@ -74,7 +82,8 @@ def main() -> None:
                        ("seconds", "seconds", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
                        ("stages", "stages", "")])
     write_json(args.out or f"benchmarks/results/chita_{args.model}.json",
-               {"benchmark": f"chita_{args.model}", "extra_args": args.extra, "rows": rows})
+               {"benchmark": f"chita_{args.model}", "extra_args": args.extra, "plus_stages": args.plus_stages,
+                "plus_fisher_samples": args.plus_fisher_samples, "rows": rows})
 
 
 if __name__ == "__main__":

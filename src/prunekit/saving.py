@@ -9,14 +9,13 @@ temporary name in the same folder and renamed, so a crash never leaves a half-wr
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from .atomic import atomic_output
 from .errors import PrunekitError
 
 
@@ -25,19 +24,8 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as out:
+        out.write(data)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -51,15 +39,7 @@ def save_model(model: nn.Module, path: str | Path, meta: dict) -> Path:
         raise PrunekitError(f"model files end in .safetensors, got {path.name!r}: "
                             f"name it e.g. {path.stem}.safetensors")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
     atomic_write_json(sidecar_path(path), meta)
     return path
 

@@ -10,20 +10,17 @@ files and folders only, nothing outside ``data_dir``).
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
 from tqdm import tqdm
 
+from prunekit.atomic import atomic_output
 from prunekit.errors import PrunekitError
 
 _CHUNK = 1 << 20
@@ -88,26 +85,10 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextmanager
-def _atomic_output(path: Path) -> Iterator[BinaryIO]:
-    """Yield a temporary file next to ``path``; rename it to ``path`` if the block succeeds,
-    delete it if the block raises (including KeyboardInterrupt)."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def _fetch_from(url: str, path: Path, md5: str, progress: bool) -> None:
     """Stream ``url`` into ``path`` if its bytes have MD5 ``md5``; else raise and write nothing."""
     request = urllib.request.Request(url, headers={"User-Agent": "prunekit"})
-    with _atomic_output(path) as out, urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
+    with atomic_output(path, suffix=".part") as out, urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
         size = int(response.headers.get("Content-Length") or 0) or None
         digest = hashlib.md5(usedforsecurity=False)
         with tqdm(total=size, unit="B", unit_scale=True, desc=path.name, disable=not progress) as bar:
@@ -160,7 +141,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source = cast(BinaryIO, tar.extractfile(member))  # a regular file: never None
-                with source, _atomic_output(target) as out:
+                with source, atomic_output(target, suffix=".part") as out:
                     shutil.copyfileobj(source, out, _CHUNK)
     except (tarfile.TarError, EOFError, zlib.error) as error:
         raise PrunekitError(f"cannot unpack {archive} ({error}); delete it and download it again") from error
