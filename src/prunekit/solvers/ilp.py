@@ -273,12 +273,11 @@ class _SortedGroups:
 @dataclass(frozen=True)
 class _Point:
     """The Lagrangian at one μ: multipliers, the maximiser T(μ) as prefix counts m (G,),
-    its count and cost, and g(μ) = L(μ, ν(μ))."""
+    its cost, and g(μ) = L(μ, ν(μ))."""
 
     mu: float
     nu: float
     m: np.ndarray
-    count: int
     cost: float
     dual: float
 
@@ -326,7 +325,7 @@ class _Lagrangian:
         """Evaluate the dual function and its maximiser at μ."""
         self.evaluations += 1
         nu, m = self.top_k(mu)
-        return _Point(mu, nu, m, int(m.sum()), self.groups.cost_of(m), self.value(mu, nu))
+        return _Point(mu, nu, m, self.groups.cost_of(m), self.value(mu, nu))
 
 
 def _bracket_mu(lagr: _Lagrangian, tol: float) -> tuple[_Point, _Point]:
@@ -447,7 +446,8 @@ def _best_exchange(
 
 
 def _local_search(groups: _SortedGroups, m: np.ndarray, k: int, F: float, max_rounds: int = 1000) -> np.ndarray:
-    """Greedy fill, then improving exchanges (each followed by a fill) until none is left."""
+    """Greedy fill, then improving exchanges (each followed by a fill) until none is left
+    or ``max_rounds`` is reached (each round strictly raises the score)."""
     m = _greedy_fill(groups, m, k, F)
     for _ in range(max_rounds):
         gain, g, h, n = _best_exchange(groups, m, k, F)

@@ -1,0 +1,320 @@
+"""Tests for the FLOP + count budgeted selection ILP (prunekit.solvers.ilp).
+
+The fast Lagrangian solver is checked against HiGHS (``solve_flops_ilp_exact``), and
+HiGHS against brute force on tiny instances. Costs are integers (MAC counts), so cost
+sums are exact in float64 and HiGHS's feasibility tolerance cannot matter.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prunekit.errors import PrunekitError
+from prunekit.solvers.ilp import ILPResult, solve_flops_ilp, solve_flops_ilp_exact
+
+ILP_SOURCE = Path(__file__).resolve().parents[1] / "src" / "prunekit" / "solvers" / "ilp.py"
+
+
+@dataclass
+class Instance:
+    """scores (p,) float64, layers as slices with one cost each, budgets k and F."""
+
+    scores: torch.Tensor
+    slices: list[slice]
+    layer_costs: list[float]
+    k: int
+    F: float
+
+    @property
+    def costs(self) -> torch.Tensor:
+        sizes = [sl.stop - sl.start for sl in self.slices]
+        return torch.repeat_interleave(torch.tensor(self.layer_costs, dtype=torch.float64), torch.tensor(sizes))
+
+    def solve(self, solver=solve_flops_ilp, **kwargs) -> ILPResult:
+        return solver(self.scores, layer_slices=self.slices, layer_costs=self.layer_costs,
+                      max_count=self.k, max_cost=self.F, **kwargs)
+
+
+def make_instance(sizes, layer_costs, scores: np.ndarray, k_frac: float, f_frac: float) -> Instance:
+    bounds = np.cumsum([0, *sizes])
+    slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    total = float(np.dot(sizes, layer_costs))
+    return Instance(torch.tensor(scores, dtype=torch.float64), slices, [float(c) for c in layer_costs],
+                    int(round(k_frac * len(scores))), float(round(f_frac * total)))
+
+
+def convnet_instance(p: int, n_layers: int, k_frac: float, f_frac: float, seed: int = 0) -> Instance:
+    """A conv-net-like instance: four stages at spatial sizes 1024, 256, 64, 16 (the MACs
+    per weight), widths doubling per stage (weights per layer x4), a final FC layer (cost 1),
+    scores = squared He-initialised weights."""
+    rng = np.random.default_rng(seed)
+    stage = np.minimum(np.arange(n_layers - 1) * 4 // (n_layers - 1), 3)
+    layer_costs = np.r_[1024 / 4.0**stage, 1.0]
+    share = np.r_[4.0 ** stage, 4.0]
+    sizes = np.maximum(1, np.floor(share / share.sum() * p)).astype(int)
+    sizes[-2] += p - sizes.sum()
+    std = np.repeat(np.sqrt(2.0 / sizes), sizes)
+    scores = (rng.standard_normal(p) * std) ** 2
+    return make_instance(sizes, layer_costs, scores, k_frac, f_frac)
+
+
+def brute_force(inst: Instance) -> float:
+    """The optimum over all 2^p selections (p <= 16)."""
+    p = inst.scores.numel()
+    z = np.array(list(itertools.product([0, 1], repeat=p)), dtype=np.float64)
+    ok = (z.sum(1) <= inst.k) & (z @ inst.costs.numpy() <= inst.F)
+    return float((z[ok] @ inst.scores.numpy()).max())
+
+
+def assert_consistent(res: ILPResult, inst: Instance) -> None:
+    """keep is feasible and every reported figure matches it."""
+    p = inst.scores.numel()
+    assert res.keep.dtype == torch.bool and res.keep.shape == (p,)
+    assert res.count == int(res.keep.sum()) <= inst.k
+    assert res.cost == float(inst.costs[res.keep].sum()) <= inst.F
+    assert res.primal == pytest.approx(float(inst.scores[res.keep].sum()), rel=1e-12, abs=1e-12)
+    assert res.dual_bound >= res.primal
+    assert res.gap == pytest.approx((res.dual_bound - res.primal) / max(res.dual_bound, 1e-300), abs=1e-15)
+    assert res.seconds >= 0
+
+
+def bound_tol(value: float) -> float:
+    """Float64 slack for comparing sums of a few thousand positive terms."""
+    return 1e-9 * (1.0 + abs(value))
+
+
+# --------------------------------------------------------------------------- random instances
+
+
+@st.composite
+def layered_instances(draw, min_layers=2, max_layers=8, min_size=5, max_size=200) -> Instance:
+    n_layers = draw(st.integers(min_layers, max_layers))
+    sizes = draw(st.lists(st.integers(min_size, max_size), min_size=n_layers, max_size=n_layers))
+    cost = st.one_of(st.sampled_from([0, 1, 16, 64, 256, 1024]), st.integers(0, 2000))
+    layer_costs = draw(st.lists(cost, min_size=n_layers, max_size=n_layers))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scores = rng.standard_normal(sum(sizes)) ** 2 * rng.uniform(0.1, 10.0, n_layers).repeat(sizes)
+    if draw(st.booleans()):  # coarse scores: many ties, some zeros
+        scores = np.round(scores, 0)
+    k_frac = draw(st.floats(0.0, 1.2))
+    f_frac = draw(st.floats(0.0, 1.2))
+    return make_instance(sizes, layer_costs, scores, k_frac, f_frac)
+
+
+SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SLOW
+@given(layered_instances())
+def test_fast_solution_is_feasible_and_highs_optimum_lies_within_its_gap(inst):
+    fast = inst.solve()
+    exact = inst.solve(solve_flops_ilp_exact, reduce=False)  # HiGHS on every weight
+    assert_consistent(fast, inst)
+    assert_consistent(exact, inst)
+    assert exact.info["status"] == 0
+    assert fast.primal <= exact.primal + bound_tol(exact.primal)
+    assert exact.primal <= fast.dual_bound + bound_tol(fast.dual_bound)
+
+
+@SLOW
+@given(layered_instances())
+def test_reduced_cost_fixing_keeps_highs_exact(inst):
+    full = inst.solve(solve_flops_ilp_exact, reduce=False)
+    reduced = inst.solve(solve_flops_ilp_exact)
+    assert_consistent(reduced, inst)
+    assert reduced.primal == pytest.approx(full.primal, rel=1e-9, abs=1e-9)
+    assert reduced.info["free_weights"] <= inst.scores.numel()
+
+
+@settings(max_examples=60, deadline=None)
+@given(layered_instances(min_layers=1, max_layers=4, min_size=1, max_size=4))
+def test_brute_force_agrees_with_highs_and_lies_within_the_fast_gap(inst):
+    optimum = brute_force(inst)
+    fast = inst.solve()
+    assert_consistent(fast, inst)
+    assert inst.solve(solve_flops_ilp_exact, reduce=False).primal == pytest.approx(optimum, rel=1e-9, abs=1e-9)
+    assert inst.solve(solve_flops_ilp_exact).primal == pytest.approx(optimum, rel=1e-9, abs=1e-9)
+    assert fast.primal <= optimum + bound_tol(optimum)
+    assert optimum <= fast.dual_bound + bound_tol(optimum)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layered_instances(max_layers=6))
+def test_per_weight_costs_give_the_same_problem(inst):
+    """A per-weight cost vector, shuffled, is grouped by equal cost and solved alike."""
+    perm = torch.randperm(inst.scores.numel(), generator=torch.Generator().manual_seed(0))
+    by_layer = inst.solve()
+    by_weight = solve_flops_ilp(inst.scores[perm], inst.costs[perm], max_count=inst.k, max_cost=inst.F)
+    assert by_weight.count <= inst.k and by_weight.cost <= inst.F
+    assert by_weight.cost == float(inst.costs[perm][by_weight.keep].sum())
+    assert by_weight.dual_bound == pytest.approx(by_layer.dual_bound, rel=1e-9, abs=1e-9)
+    optimum = inst.solve(solve_flops_ilp_exact).primal
+    assert by_weight.primal <= optimum + bound_tol(optimum) <= by_weight.dual_bound + 2 * bound_tol(optimum)
+
+
+# --------------------------------------------------------------------------- typical instances
+
+
+@pytest.mark.parametrize(
+    "p, n_layers, k_frac, f_frac",
+    [(10_000, 10, 0.3, 0.2), (10_000, 20, 0.1, 0.05), (30_000, 30, 0.3, 0.2), (30_000, 50, 0.5, 0.3)],
+)
+def test_typical_instances_match_highs(p, n_layers, k_frac, f_frac):
+    inst = convnet_instance(p, n_layers, k_frac, f_frac)
+    fast = inst.solve()
+    exact = inst.solve(solve_flops_ilp_exact, time_limit=60)
+    assert_consistent(fast, inst)
+    assert fast.cost > 0.99 * inst.F or fast.count > 0.99 * inst.k  # a budget binds
+    assert fast.gap < 1e-3
+    assert exact.primal <= fast.dual_bound + bound_tol(fast.dual_bound)
+    assert fast.primal >= (1 - 1e-3) * exact.primal
+
+
+@pytest.mark.parametrize("p, n_layers", [(100_000, 50)])
+def test_typical_large_instance_gap(p, n_layers):
+    inst = convnet_instance(p, n_layers, 0.2, 0.15, seed=1)
+    fast = inst.solve()
+    assert_consistent(fast, inst)
+    assert fast.gap < 1e-4
+    assert fast.seconds < 5.0
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def small_instance(k: int, F: float, seed: int = 0) -> Instance:
+    """100 weights in three layers costing 256, 64 and 16 MACs per weight."""
+    rng = np.random.default_rng(seed)
+    return replace(make_instance([30, 50, 20], [256, 64, 16], rng.standard_normal(100) ** 2, 0, 0), k=k, F=F)
+
+
+@pytest.mark.parametrize("F", [float("inf"), 30 * 256 + 50 * 64 + 20 * 16, 1e12])
+def test_inactive_flop_budget_gives_top_k(F):
+    inst = small_instance(k=40, F=F)
+    res = inst.solve()
+    top = torch.zeros(100, dtype=torch.bool)
+    top[torch.topk(inst.scores, 40).indices] = True
+    assert torch.equal(res.keep, top)
+    assert res.gap == 0.0 and res.info["mu"] == 0.0
+
+
+def test_count_budget_above_p_leaves_only_the_flop_budget():
+    inst = small_instance(k=500, F=3000.0)
+    res = inst.solve()
+    exact = inst.solve(solve_flops_ilp_exact, reduce=False)
+    assert_consistent(res, inst)
+    assert res.primal <= exact.primal <= res.dual_bound + bound_tol(res.dual_bound)
+    assert res.info["nu"] == 0.0
+
+
+def test_zero_count_budget_keeps_nothing():
+    res = small_instance(k=0, F=1e9).solve()
+    assert not res.keep.any()
+    assert (res.primal, res.dual_bound, res.gap, res.count, res.cost) == (0.0, 0.0, 0.0, 0, 0.0)
+
+
+def test_all_zero_scores_keep_nothing():
+    inst = replace(small_instance(k=10, F=1e9), scores=torch.zeros(100, dtype=torch.float64))
+    res = inst.solve()
+    assert not res.keep.any() and res.primal == 0.0 and res.gap == 0.0
+
+
+def test_zero_cost_weights_are_free_under_a_zero_flop_budget():
+    rng = np.random.default_rng(3)
+    inst = replace(make_instance([40, 30, 30], [0, 64, 16], rng.standard_normal(100) ** 2, 0, 0), k=25)
+    res = inst.solve()
+    free = inst.scores[:40]
+    expected = torch.zeros(100, dtype=torch.bool)
+    expected[torch.topk(free, 25).indices] = True
+    assert torch.equal(res.keep, expected)
+    assert res.cost == 0.0 and res.gap == pytest.approx(0.0, abs=1e-12)
+
+
+def test_zero_cost_weights_still_count():
+    inst = make_instance([40, 30], [0, 8], np.r_[np.full(40, 1.0), np.full(30, 5.0)], 0, 0)
+    inst = replace(inst, k=10, F=40.0)  # five of the 5.0s fit the FLOPs, the 1.0s fill the count
+    res = inst.solve()
+    assert res.primal == 5 * 5.0 + 5 * 1.0
+    assert res.gap == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ties_everywhere():
+    """All scores equal: the optimum keeps as many weights as the budgets allow, cheapest first."""
+    inst = replace(make_instance([1000, 1000], [1, 2], np.ones(2000), 0, 0), k=1500, F=1200.0)
+    res = inst.solve()
+    assert_consistent(res, inst)
+    assert res.primal == 1100.0  # 1000 at cost 1, then 100 at cost 2
+    assert res.dual_bound == pytest.approx(1100.0)
+
+
+def test_float32_scores_and_a_cost_per_weight():
+    rng = np.random.default_rng(4)
+    scores = torch.tensor(rng.standard_normal(2000) ** 2, dtype=torch.float32)
+    costs = torch.tensor(rng.uniform(0.5, 100.0, 2000))  # every cost distinct: 2000 groups
+    res = solve_flops_ilp(scores, costs, max_count=800, max_cost=16000.0)
+    exact = solve_flops_ilp_exact(scores, costs, max_count=800, max_cost=16000.0, reduce=False)
+    assert res.info["groups"] == 2000
+    assert res.count <= 800 and float(costs[res.keep].sum()) <= 16000.0 * (1 + 1e-12)
+    assert res.primal <= exact.primal + 1e-9 and exact.primal <= res.dual_bound + 1e-9
+    assert res.gap < 1e-3
+
+
+def test_empty_problem():
+    res = solve_flops_ilp(torch.zeros(0), torch.zeros(0), max_count=3, max_cost=1.0)
+    assert res.keep.shape == (0,) and res.primal == 0.0 and res.count == 0
+
+
+BAD_INPUTS = {
+    "negative layer cost": dict(layer_costs=[1.0, -2.0]),
+    "negative weight cost": dict(costs_per_weight=torch.tensor([1.0, 2.0, -1.0, 1.0]),
+                                 layer_slices=None, layer_costs=None),
+    "negative score": dict(scores=torch.tensor([1.0, -0.5, 1.0, 1.0])),
+    "nan score": dict(scores=torch.tensor([1.0, float("nan"), 1.0, 1.0])),
+    "2-d scores": dict(scores=torch.ones(2, 2)),
+    "negative k": dict(max_count=-1),
+    "fractional k": dict(max_count=1.5),
+    "negative F": dict(max_cost=-1.0),
+    "nan F": dict(max_cost=float("nan")),
+    "cost vector size": dict(costs_per_weight=torch.ones(5), layer_slices=None, layer_costs=None),
+    "one cost per layer": dict(layer_costs=[1.0, 2.0, 3.0]),
+    "slices do not cover": dict(layer_slices=[slice(0, 2), slice(2, 3)]),
+    "slices overlap": dict(layer_slices=[slice(0, 3), slice(2, 4)]),
+    "slice past the end": dict(layer_slices=[slice(0, 2), slice(2, 6)]),
+    "strided slice": dict(layer_slices=[slice(0, 4, 2), slice(1, 4, 2)]),
+    "both cost forms": dict(costs_per_weight=torch.ones(4)),
+    "no costs": dict(layer_slices=None, layer_costs=None),
+}
+
+
+@pytest.mark.parametrize("solver", [solve_flops_ilp, solve_flops_ilp_exact])
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_invalid_input_raises_prunekit_error(solver, case):
+    args = dict(scores=torch.ones(4), costs_per_weight=None, layer_slices=[slice(0, 2), slice(2, 4)],
+                layer_costs=[1.0, 2.0], max_count=2, max_cost=3.0)
+    args.update(BAD_INPUTS[case])
+    scores = args.pop("scores")
+    with pytest.raises(PrunekitError):
+        solver(scores, **args)
+
+
+def test_solver_imports_only_math_and_prunekit_errors():
+    """The solver layer is pure math: no models, nothing from prunekit but errors and solvers."""
+    modules = []
+    for node in ast.walk(ast.parse(ILP_SOURCE.read_text())):
+        if isinstance(node, ast.Import):
+            modules += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules.append("." * node.level + (node.module or ""))
+    for name in modules:
+        assert not name.startswith("torch.nn"), name
+        if name.startswith("prunekit") or name.startswith("."):
+            assert name == "prunekit.errors" or name.startswith(("prunekit.solvers", ".")), name
