@@ -60,7 +60,7 @@ def test_pruned_weights_stay_exactly_zero_through_training(optimizer_cls):
 
 @pytest.mark.parametrize("text,value,absolute", [
     ("0.9", 0.9, False), ("90%", 0.9, False), ("50k", 50_000, True), ("20M", 20e6, True),
-    ("1.5G", 1.5e9, True), (0.3, 0.3, False), ("1200", 1200, True)])
+    ("1.5G", 1.5e9, True), (0.3, 0.3, False), ("1200", 1200, True), ("2.01k", 2010, True)])
 def test_amount_parse(text, value, absolute):
     amount = Amount.parse(text, "sparsity")
     assert amount.value == pytest.approx(value) and amount.absolute == absolute
@@ -69,7 +69,7 @@ def test_amount_parse(text, value, absolute):
 @pytest.mark.parametrize("kwargs,match", [
     ({"sparsity": "abc"}, "not a number"), ({"sparsity": "1.0"}, r"\[0, 1\)"),
     ({"flops": "0"}, r"\(0, 1\]"), ({"flops": "150%"}, r"\(0, 1\]"),
-    ({"sparsity": "10M"}, "out of range"), ({"params": "5"}, "infeasible"), ({}, "no budget")])
+    ({"sparsity": "10M"}, "out of range"), ({"sparsity": "90"}, "ambiguous"), ({"params": "0.005k"}, "infeasible"), ({}, "no budget")])
 def test_bad_budgets_are_refused_with_the_range(kwargs, match):
     model = tiny_cnn()
     costs, space = CostModel(model, torch.zeros(1, 1, 6, 6)), ParamSpace(model)

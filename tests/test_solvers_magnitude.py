@@ -6,8 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from prunekit.pipelines.oneshot import fit_k_to_macs
-from prunekit.solvers.magnitude import magnitude_flops, magnitude_global, magnitude_uniform
+from prunekit.solvers.magnitude import fit_k_to_macs, magnitude_flops, magnitude_global, magnitude_uniform
 
 
 def test_global_keeps_the_k_largest():

@@ -16,6 +16,9 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[BinaryIO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)    # mkstemp makes 0600; give the usual mode of a new file
     try:
         with os.fdopen(handle, "wb") as out:
             yield out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from dataclasses import dataclass
 
 from .costs import CostModel
@@ -41,16 +42,19 @@ class Amount:
         if not match:
             raise PrunekitError(f"--{what} {text!r} is not a number: write a fraction (0.9), a "
                                 f"percent (90%) or a count (50k, 20M)")
-        number, suffix = float(match.group(1)), match.group(2).lower()
+        number, suffix = Decimal(match.group(1)), match.group(2).lower()
         if suffix == "%":
-            return cls(number / 100, absolute=False)
+            return cls(float(number / 100), absolute=False)
         if suffix or number > 1:
             count = number * _SUFFIX[suffix]
-            if count != int(count):
+            if count != count.to_integral_value():
                 raise PrunekitError(f"--{what} {text!r} is out of range: a share must be in [0, 1] "
                                     f"(0.9 or 90%) and a count a whole number (50k, 20M)")
-            return cls(count, absolute=True)
-        return cls(number, absolute=False)
+            if not suffix and count <= 100:
+                raise PrunekitError(f"--{what} {text!r} is ambiguous: write {text}% for a share, or a "
+                                    f"count with a suffix (e.g. 0.1k) to keep that many")
+            return cls(float(count), absolute=True)
+        return cls(float(number), absolute=False)
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ class Budget:
         if not 0 <= amount.value < 1:
             raise PrunekitError(f"--{what} {amount.value} is out of range: the share of weights "
                                 f"removed must be in [0, 1), e.g. 0.9 keeps 10%")
-        keep = math.floor((1 - amount.value) * p + 1e-9)
+        keep = math.floor(round((1 - amount.value) * p, 6))
         if keep < 1:
             raise PrunekitError(f"--{what} {amount.value} keeps no weight of {p}: the largest "
                                 f"feasible sparsity is {1 - 1 / p:.6f}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -24,7 +25,7 @@ from .data import DATASET_NAMES, load_dataset, make_loader
 from .errors import PrunekitError
 from .loading import LoadedModel, check_fits, load_data, load_model
 from .params import ParamSpace
-from .pipelines.oneshot import METHODS, prune
+from .pipelines.oneshot import METHODS, check_request, prune
 from .pipelines.schedule import KINDS
 from .saving import save_model, atomic_write_json
 from .train import evaluate, train_epochs
@@ -148,10 +149,12 @@ def run_prune(loaded: LoadedModel, eval_loader, train_ds_loader, method: str, bu
               seed: int, include=None, exclude=None, recalibrate_bn: bool = True,
               progress: bool = True, options: dict | None = None) -> dict:
     """Evaluate, prune, evaluate again; returns the flat record the CLI prints and saves."""
+    options = {"progress": progress, **(options or {})}
+    check_request(loaded.model, method, budget, loaded.example_input(), include, exclude, options)
     dense_accuracy = evaluate(loaded.model, eval_loader, progress=progress)
     result = prune(loaded.model, method, budget, loaded.example_input(), train_ds_loader,
                    include=include, exclude=exclude, seed=seed, recalibrate_bn=recalibrate_bn,
-                   options={"progress": progress, **(options or {})})
+                   options=options)
     accuracy = evaluate(loaded.model, eval_loader, progress=progress)
     return {"model": loaded.name, "method": method, "sparsity": result.sparsity,
             "flops_kept": result.counts.flops_kept, "params_kept": result.counts.params_kept,
@@ -172,7 +175,12 @@ def _train_batches(args, loaded: LoadedModel):
         check_fits(loaded, ds, f"{args.data} train")
         return ds
 
-    return lambda: make_loader(dataset(), loaded.normalization, batch_size=128, shuffle=True, seed=args.seed)
+    # CIFAR models are trained on randomly cropped and flipped images, so their BatchNorm
+    # statistics are those of augmented data: recalibrating on plain images costs ResNet-20-B
+    # 3 points dense (90.86% -> 87.81%), on augmented ones it keeps 91.15%.
+    augment = args.data == "cifar10" and not args.no_train_augment
+    return lambda: make_loader(dataset(), loaded.normalization, batch_size=128, shuffle=True,
+                               augment=augment, seed=args.seed)
 
 
 def _save_run(out: str, loaded: LoadedModel, record: dict) -> None:
@@ -203,8 +211,8 @@ def _method_options(args) -> dict:
 
 
 def cmd_prune(args) -> int:
-    if args.method not in METHODS:
-        raise PrunekitError(f"unknown method {args.method!r}: choose one of {', '.join(METHODS)}")
+    if args.train_samples is not None and args.train_samples < 1:
+        raise PrunekitError("--train-samples must be at least 1 (leave it out to use every training image)")
     budget = Budget.parse(args.sparsity, args.flops, args.params)
     loaded = _loaded(args)
     eval_loader = _eval_data(args, loaded)
@@ -224,12 +232,12 @@ def cmd_prune(args) -> int:
 def cmd_train(args) -> int:
     train_ds = load_dataset(args.data, args.data_dir, "train")
     test_ds = load_dataset(args.data, args.data_dir, "test")
+    torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
                         in_channels=train_ds.image_shape[0], dataset=args.data)
-    if tuple(train_ds.image_shape[1:]) != tuple(loaded.input_shape[1:]):
-        loaded.input_shape = tuple(train_ds.image_shape)
+    loaded.input_shape = tuple(train_ds.image_shape)
+    CostModel(loaded.model, loaded.example_input())   # refuses images the model cannot take
     check_fits(loaded, train_ds, f"{args.data} train")
-    torch.manual_seed(args.seed)
     loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
                          augment=args.augment, seed=args.seed, drop_last=True)
     test_loader = make_loader(test_ds, loaded.normalization, batch_size=512)
@@ -302,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's paper convention, e.g. resnet20-b's 1x1 projections; pass none to prune all)")
     p.add_argument("--no-bn-recalibration", action="store_true",
                    help="keep the BatchNorm statistics of the dense model")
+    p.add_argument("--no-train-augment", action="store_true",
+                   help="use plain training images for gradients and BN (default for cifar10: crop + flip, "
+                        "as the models were trained)")
     p.add_argument("--out", help="folder for the pruned model (safetensors + JSON) and result.json")
     g = p.add_argument_group("quadratic-model methods (chita, chita++, falcon, falcon++, woodfisher)")
     g.add_argument("--fisher-samples", type=int, help="gradient rows n (default 1000)")
@@ -347,8 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         print("prunekit: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `prunekit info resnet50 | head`
-        sys.stderr.close()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:   # unwritable --out, full disk, unreadable data
+        print(f"prunekit: error: {err.strerror or err}: {err.filename or ''} "
+              "(check the path and its permissions)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

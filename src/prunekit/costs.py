@@ -139,12 +139,11 @@ class CostModel:
         input of the same shape. Either way ``dense_macs``/``dense_params`` are this cost
         model's, so ``flops_kept`` is relative to the model it was built from.
         """
-        modules = dict(model.named_modules())
+        modules_of = dict(model.named_modules())
         same_shapes = all(
-            layer.name in modules and tuple(modules[layer.name].weight.shape) == layer.weight_shape
+            tuple(getattr(modules_of.get(layer.name), "weight", torch.empty(0)).shape) == layer.weight_shape
             for layer in self.weight_layers())
         layers = self.layers if same_shapes else _trace(model, self.example_input)[0]
-        modules_of = dict(model.named_modules())
         macs, params = 0, 0
         nonzeros_by_layer, macs_by_layer = {}, {}
         for layer in layers:
@@ -267,7 +266,9 @@ def _trace(model: nn.Module, example_input) -> tuple[list[LayerCost], list[str]]
         with torch.no_grad(), counter:
             inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
             model(*inputs)
-    except RuntimeError as err:
+    except PrunekitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of the user's model on this input
         raise PrunekitError(f"the model failed on an example input of shape "
                             f"{tuple(inputs[0].shape)}: {str(err).splitlines()[0]}; "
                             "pass an example input the model accepts") from None

@@ -35,7 +35,8 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
     """
     if n < 1 or batch < 1:
         raise PrunekitError(f"need n >= 1 gradient rows of batch >= 1 samples, got n={n}, batch={batch}")
-    names = [f"{e.module_name}.weight" for e in space.entries]
+    names = space.param_names()
+    device = space.weights()[0].device
     fixed = {k: v.detach() for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
              if k not in names}
     weights = {k: w.detach() for k, w in zip(names, space.weights())}
@@ -57,8 +58,7 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
     bar = tqdm(total=n, desc="gradients", leave=False, disable=not progress, dynamic_ncols=True)
     try:
         for x, y in _regroup(batches, batch if batch > 1 else chunk):
-            if filled >= n:
-                break
+            x, y = x.to(device), y.to(device)
             if batch == 1:
                 g = per_sample_grads(weights, x, y)
                 block = torch.cat([g[k].reshape(x.shape[0], -1) for k in names], dim=1)
@@ -68,9 +68,11 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
                 g = batch_grad(weights, x, y)
                 block = torch.cat([g[k].reshape(1, -1) for k in names], dim=1)
             take = min(block.shape[0], n - filled)
-            rows[filled:filled + take] = block[:take].to(dtype)
+            rows[filled:filled + take] = block[:take].to(device="cpu", dtype=dtype)
             filled += take
             bar.update(take)
+            if filled >= n:
+                break
     finally:
         bar.close()
         model.train(was_training)

@@ -27,7 +27,7 @@ def apply_masks(space: ParamSpace, masks: dict[str, torch.Tensor]) -> None:
     """Zero every pruned weight in place."""
     with torch.no_grad():
         for entry, weight in zip(space.entries, space.weights()):
-            weight.mul_(masks[entry.module_name].to(weight.dtype))
+            weight.mul_(masks[entry.module_name].to(weight))
 
 
 class MaskHold:
@@ -46,7 +46,7 @@ class MaskHold:
         self._handles = [optimizer.register_step_post_hook(lambda *_: apply_masks(space, masks))]
         for entry, weight in zip(space.entries, space.weights()):
             mask = masks[entry.module_name]
-            self._handles.append(weight.register_hook(lambda grad, m=mask: grad * m.to(grad.dtype)))
+            self._handles.append(weight.register_hook(lambda grad, m=mask: grad * m.to(grad)))
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -64,6 +64,10 @@ class ParamSpace:
     def names(self) -> list[str]:
         return [e.module_name for e in self.entries]
 
+    def param_names(self) -> list[str]:
+        """The prunable tensors' names in ``model.named_parameters()``."""
+        return [f"{e.module_name}.weight" if e.module_name else "weight" for e in self.entries]
+
     def weights(self) -> list[torch.Tensor]:
         """The live weight tensors, in entry order."""
         return [self._modules[e.module_name].weight for e in self.entries]
@@ -87,7 +91,7 @@ class ParamSpace:
     def macs_per_weight(self, costs: CostModel) -> torch.Tensor:
         """MACs each prunable weight costs, per example, (p,) int64."""
         return torch.cat([torch.full((e.numel,), costs.layer(e.module_name).macs_per_weight,
-                                     dtype=torch.int64) for e in self.entries])
+                                     dtype=torch.int64, device=self.weights()[0].device) for e in self.entries])
 
     def layer_slices(self) -> list[slice]:
         return [e.slice for e in self.entries]

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
 from .atomic import atomic_output
@@ -45,18 +44,14 @@ def save_model(model: nn.Module, path: str | Path, meta: dict) -> Path:
 
 
 def read_meta(path: str | Path) -> dict:
-    """The JSON sidecar of a saved model, or {} if it has none."""
+    """The JSON sidecar of a model saved by prunekit (.safetensors), or {} if it has none."""
     side = sidecar_path(path)
-    if not side.exists():
+    if Path(path).suffix != ".safetensors" or not side.exists():
         return {}
     try:
-        return json.loads(side.read_text())
+        meta = json.loads(side.read_text())
     except json.JSONDecodeError as err:
         raise PrunekitError(f"{side} is not valid JSON ({err}); restore or delete it") from None
-
-
-def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.exists():
-        raise PrunekitError(f"no such file: {path}")
-    return load_file(str(path))
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise PrunekitError(f"{side} is not a prunekit sidecar (no 'model' key); move it away from {Path(path).name}")
+    return meta

@@ -9,6 +9,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+def _device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _progress(iterable, desc: str, enabled: bool):
     return tqdm(iterable, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
@@ -19,7 +24,9 @@ def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> floa
     was_training = model.training
     model.eval()
     correct = total = 0
+    device = _device(model)
     for x, y in _progress(loader, "eval", progress):
+        x, y = x.to(device), y.to(device)
         correct += int((model(x).argmax(dim=1) == y).sum())
         total += y.numel()
     model.train(was_training)
@@ -37,20 +44,26 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, max_batches: int =
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return False
-    saved_momentum = [m.momentum for m in norms]
+    saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
     was_training = model.training
     model.train()
-    for i, (x, _) in enumerate(_progress(loader, "recalibrate BN", progress)):
-        if i >= max_batches:
-            break
-        model(x)
-    for m, momentum in zip(norms, saved_momentum):
-        m.momentum = momentum
-    model.train(was_training)
-    return True
+    seen = 0
+    try:
+        for x, _ in _progress(loader, "recalibrate BN", progress):
+            if seen >= max_batches:
+                break
+            model(x.to(_device(model)))
+            seen += 1
+    finally:
+        for m, (momentum, state) in zip(norms, saved):
+            m.momentum = momentum
+            if seen == 0:
+                m.load_state_dict(state)    # no data: keep the old statistics, never reset ones
+        model.train(was_training)
+    return seen > 0
 
 
 def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentum: float = 0.9,
@@ -68,10 +81,12 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
+    device = _device(model)
     for epoch in range(epochs):
         total, count = 0.0, 0
         bar = _progress(loader, f"epoch {epoch + 1}/{epochs}", progress)
         for x, y in bar:
+            x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..budget import ResolvedBudget
 from ..errors import PrunekitError
 from ..fisher import collect_gradients
 from ..solvers.chita import chita
@@ -24,7 +25,7 @@ from ..solvers.falcon import falcon
 from ..solvers.obs import woodfisher
 from ..solvers.quadratic import QuadraticModel
 from ..train import recalibrate_batchnorm
-from .oneshot import METHODS, PruneContext
+from .oneshot import CHECKS, METHODS, PruneContext
 from .schedule import keep_schedule
 
 
@@ -78,22 +79,34 @@ def _solve_stage_woodfisher(q: QuadraticModel, k: int, max_macs, macs, opts: Fis
 
 
 def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOptions):
-    if max_macs is None:
-        raise PrunekitError("FALCON needs a FLOP budget: pass --flops (e.g. 0.3), or use chita for "
-                            "a sparsity budget alone")
     return falcon(q, macs, k, max_macs, method=opts.solver or "dfo", block_size=opts.block_size)
 
 
-def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions, flops_aware: bool = False) -> torch.Tensor:
+SOLVERS = {"chita": ("iht", "backsolve"), "falcon": ("dfo", "magnitude"), "woodfisher": ()}
+
+
+def check_options(family: str, budget: ResolvedBudget, opts: FisherOptions) -> None:
+    """Refuse a request the method cannot serve, before any gradient is collected."""
+    if family == "falcon" and budget.max_macs is None:
+        raise PrunekitError("FALCON needs a FLOP budget: pass --flops (e.g. 0.3), or use chita for "
+                            "a sparsity budget alone")
+    if family != "falcon" and budget.max_macs is not None:
+        raise PrunekitError("CHITA and WoodFisher take a sparsity budget only: use --method falcon "
+                            "(or magnitude-flops) for a FLOP budget")
+    if opts.solver is not None and opts.solver not in SOLVERS[family]:
+        raise PrunekitError(f"--solver {opts.solver} is not one of {family}'s: "
+                            f"{', '.join(SOLVERS[family]) or 'it has no --solver choice'}")
+    if opts.stages < 1 or opts.fisher_samples < 1 or opts.fisher_batch < 1:
+        raise PrunekitError("--stages, --fisher-samples and --fisher-batch must be at least 1")
+
+
+def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Tensor:
     """Prune over ``opts.stages`` stages to the context's budget; returns the final w (p,)."""
     if ctx.train_batches is None:
         raise PrunekitError("this method needs training data for its gradients: pass --data/--data-dir "
                             "(the training split is used)")
-    if ctx.budget.max_macs is not None and not flops_aware:
-        raise PrunekitError("CHITA and WoodFisher take a sparsity budget only: use --method falcon "
-                            "(or magnitude-flops) for a FLOP budget")
     p = ctx.space.numel
-    macs = ctx.space.macs_per_weight(ctx.costs)
+    macs = ctx.space.macs_per_weight(ctx.costs).cpu()     # the solvers work on the CPU
     dense_macs = int(macs.sum())
     target = ctx.budget.max_nonzeros
     target_macs = ctx.budget.max_macs
@@ -101,7 +114,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions, flops_aware:
     mac_shares = (keep_schedule(target_macs / dense_macs, opts.stages, opts.schedule)
                   if target_macs is not None else [None] * opts.stages)
     history = ctx.options.setdefault("report", {}).setdefault("stages", [])
-    w = ctx.space.vector()
+    w = ctx.space.vector().cpu()
     for stage, (share, mac_share) in enumerate(zip(shares, mac_shares), start=1):
         last = stage == len(shares)
         k = target if last else max(target, round(share * p))
@@ -112,11 +125,11 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions, flops_aware:
         seconds_gradients = time.perf_counter() - start
         free = torch.ones(p, dtype=torch.bool) if opts.revive or stage == 1 else w != 0
         index = free.nonzero().squeeze(1)
-        rows = grads[:, index]
+        rows = grads if index.numel() == p else grads.index_select(1, index)
+        del grads                                      # at most one n×p matrix alive
         linear = rows.mean(0) if opts.first_order else None
         ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
         q = QuadraticModel(rows, w[index], ridge, linear)
-        del grads
         solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts)
         w = torch.zeros(p, dtype=w.dtype)
         w[index] = solution.w.to(w.dtype)
@@ -139,17 +152,21 @@ def _mean_fisher_diagonal(rows: torch.Tensor) -> float:
     return total / rows.numel() or 1.0
 
 
-def _method(solve_stage, flops_aware: bool = False, **defaults):
+def _register(name: str, family: str, solve_stage, **defaults) -> None:
+    def options(raw: dict) -> FisherOptions:
+        return FisherOptions.from_dict(raw, **defaults)
+
     def method(ctx: PruneContext) -> torch.Tensor:
-        opts = FisherOptions.from_dict(ctx.options, **defaults)
-        return run_stages(ctx, solve_stage, opts, flops_aware)
-    return method
+        opts = options(ctx.options)
+        check_options(family, ctx.budget, opts)
+        return run_stages(ctx, solve_stage, opts)
+
+    METHODS[name] = method
+    CHECKS[name] = lambda budget, raw: check_options(family, budget, options(raw))
 
 
-METHODS.update({
-    "chita": _method(_solve_stage_chita),
-    "chita++": _method(_solve_stage_chita, stages=15),
-    "woodfisher": _method(_solve_stage_woodfisher),
-    "falcon": _method(_solve_stage_falcon, flops_aware=True),
-    "falcon++": _method(_solve_stage_falcon, flops_aware=True, stages=15),
-})
+_register("chita", "chita", _solve_stage_chita)
+_register("chita++", "chita", _solve_stage_chita, stages=15)
+_register("woodfisher", "woodfisher", _solve_stage_woodfisher)
+_register("falcon", "falcon", _solve_stage_falcon)
+_register("falcon++", "falcon", _solve_stage_falcon, stages=15)

@@ -18,7 +18,7 @@ from ..budget import Budget, ResolvedBudget
 from ..costs import CostModel, Counts
 from ..errors import PrunekitError
 from ..params import ParamSpace
-from ..solvers.magnitude import magnitude_flops, magnitude_global, magnitude_uniform
+from ..solvers.magnitude import fit_k_to_macs, magnitude_flops, magnitude_global, magnitude_uniform
 from ..train import recalibrate_batchnorm
 
 
@@ -42,28 +42,6 @@ class PruneContext:
 Method = Callable[[PruneContext], torch.Tensor]
 
 
-def fit_k_to_macs(mask_for_k: Callable[[int], torch.Tensor], macs_per_weight: torch.Tensor,
-                  k: int, max_macs: int | None) -> torch.Tensor:
-    """The mask of the largest k' <= k whose MACs fit ``max_macs`` (bisection on k').
-
-    For methods that only know a count budget: with a FLOP budget they prune further, to
-    the sparsity that lands within the MACs (the masks must grow with k for this to be exact).
-    """
-    mask = mask_for_k(k)
-    if max_macs is None or int(macs_per_weight[mask].sum()) <= max_macs:
-        return mask
-    lo, hi = 0, k   # invariant: mask_for_k(lo) fits, mask_for_k(hi) does not
-    best = torch.zeros_like(mask)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        candidate = mask_for_k(mid)
-        if int(macs_per_weight[candidate].sum()) <= max_macs:
-            lo, best = mid, candidate
-        else:
-            hi = mid
-    return best
-
-
 def _magnitude(ctx: PruneContext) -> torch.Tensor:
     w = ctx.space.vector()
     macs = ctx.space.macs_per_weight(ctx.costs)
@@ -82,10 +60,15 @@ def _magnitude_uniform(ctx: PruneContext) -> torch.Tensor:
 
 def _magnitude_flops(ctx: PruneContext) -> torch.Tensor:
     w = ctx.space.vector()
-    keep, _ = magnitude_flops(w, ctx.space.layer_slices(), ctx.layer_macs(),
-                              ctx.budget.max_nonzeros, ctx.budget.max_macs)
+    keep, ilp = magnitude_flops(w, ctx.space.layer_slices(), ctx.layer_macs(),
+                                ctx.budget.max_nonzeros, ctx.budget.max_macs)
+    if ilp is not None:
+        ctx.options.setdefault("report", {})["ilp_gap"] = ilp.gap
     return w * keep
 
+
+# Optional cheap checks of a request, run before any expensive work: (budget, options) -> None.
+CHECKS: dict[str, Callable[[ResolvedBudget, dict], None]] = {}
 
 METHODS: dict[str, Method] = {
     "magnitude": _magnitude,
@@ -127,6 +110,21 @@ def check_budget(space: ParamSpace, costs: CostModel, budget: ResolvedBudget) ->
     return counts, nonzeros
 
 
+def check_request(model: nn.Module, method: str, budget: Budget, example_input: torch.Tensor,
+                  include: list[str] | None = None, exclude: list[str] | None = None,
+                  options: dict | None = None) -> tuple[CostModel, ParamSpace, ResolvedBudget]:
+    """Validate a pruning request without doing it: the method, the budget against this model,
+    and the method's options. Raises PrunekitError; returns what ``prune`` needs."""
+    if method not in METHODS:
+        raise PrunekitError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    costs = CostModel(model, example_input)
+    space = ParamSpace(model, include=include, exclude=exclude)
+    resolved = budget.resolve(costs, space)
+    if method in CHECKS:
+        CHECKS[method](resolved, options or {})
+    return costs, space, resolved
+
+
 def prune(model: nn.Module, method: str, budget: Budget, example_input: torch.Tensor,
           train_batches: Callable[[], Iterable] | None = None, *, include: list[str] | None = None,
           exclude: list[str] | None = None, seed: int = 0, recalibrate_bn: bool = True,
@@ -139,12 +137,8 @@ def prune(model: nn.Module, method: str, budget: Budget, example_input: torch.Te
             by methods that use gradients, and for BatchNorm recalibration.
         include, exclude: module-name patterns of the prunable layers (see ParamSpace).
     """
-    if method not in METHODS:
-        raise PrunekitError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    costs, space, resolved = check_request(model, method, budget, example_input, include, exclude, options)
     torch.manual_seed(seed)
-    costs = CostModel(model, example_input)
-    space = ParamSpace(model, include=include, exclude=exclude)
-    resolved = budget.resolve(costs, space)
     start = time.perf_counter()
     ctx = PruneContext(model, space, costs, resolved, train_batches, seed,
                        {"recalibrate_bn": recalibrate_bn, **(options or {})})

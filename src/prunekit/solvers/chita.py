@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import PrunekitError
+from .magnitude import top_k_mask
 from .quadratic import QuadraticModel, check_k, dot64, spd_cholesky
 from .result import Solution
 
@@ -190,7 +191,7 @@ def _iht_loop(q: QuadraticModel, k: int, w: torch.Tensor, max_iter: int, tol: fl
     cur = _evaluate(q, _hard_threshold(w, k))
     for _ in range(max_iter):
         grad = q.gradient(cur.w, cur.r)
-        support = _top_k_mask(cur.w.abs(), k)
+        support = top_k_mask(cur.w.abs(), k)
         d = torch.where(support, grad, 0)                          # ∇Q on S
         Xd = q.matvec(d)
         dd = dot64(d, d)
@@ -288,7 +289,7 @@ def _active_set_iht(q: QuadraticModel, k: int, w: torch.Tensor, size: int, max_r
     they join the set and IHT resumes from that point; otherwise we are done.
     """
     w = _hard_threshold(w, k)
-    active = _top_k_mask(torch.where(w != 0, math.inf, q.w_bar.abs()), size)
+    active = top_k_mask(torch.where(w != 0, math.inf, q.w_bar.abs()), size)
     for _ in range(max_rounds):
         counters.active_set_rounds += 1
         index = active.nonzero().squeeze(1)
@@ -633,7 +634,7 @@ def chita(q: QuadraticModel, k: int, method: str = "iht", *, block_size: int | N
             return _backsolve(q, support)
         return backsolve_blockwise(q, support, block_size), None
 
-    magnitude = _top_k_mask(q.w_bar.abs(), min(k, q.p))
+    magnitude = top_k_mask(q.w_bar.abs(), min(k, q.p))
     w, parts = solve_on(magnitude)
     objective = q.objective(w)
     info: dict = {"method": method, "magnitude_objective": objective}
@@ -652,7 +653,7 @@ def chita(q: QuadraticModel, k: int, method: str = "iht", *, block_size: int | N
             h_diag = _hessian_diagonal(q)
             if any(int(s.sum()) < k for s, _ in starts):                    # IHT kept fewer than k:
                 gain = q.gradient(w_iht).square() / h_diag                 # fill up (never hurts)
-                starts = [(_top_k_mask(torch.where(s, math.inf, gain), k), None) for s, _ in starts]
+                starts = [(top_k_mask(torch.where(s, math.inf, gain), k), None) for s, _ in starts]
             found = _swap_search(q, starts, rounds=swap_rounds, candidates=swap_candidates, max_swaps=None,
                                  kicks=3, tol=1e-10, h_diag=h_diag)
             info.update(found.info)
@@ -672,16 +673,9 @@ def _evaluate(q: QuadraticModel, w: torch.Tensor) -> _Iterate:
     return _Iterate(w, r, q.objective(w, r))
 
 
-def _top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(p,) bool, True at the k largest ``scores``."""
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    mask[torch.topk(scores, k, sorted=False).indices] = True
-    return mask
-
-
 def _hard_threshold(v: torch.Tensor, k: int) -> torch.Tensor:
     """H_k(v): v with all but its k largest-magnitude entries set to 0."""
-    return torch.where(_top_k_mask(v.abs(), k), v, 0)
+    return torch.where(top_k_mask(v.abs(), k), v, 0)
 
 
 def _check_start(w0: torch.Tensor, q: QuadraticModel) -> torch.Tensor:

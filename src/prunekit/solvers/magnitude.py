@@ -5,16 +5,19 @@ Each function returns a keep mask (p,) bool; kept weights keep their values.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .ilp import solve_flops_ilp
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """True at the k largest entries of ``scores`` (p,); ties broken by index."""
+    """True at the k largest entries of ``scores`` (p,); ties go to the lower index, so the
+    result is the same on every run and thread count, and grows with k (nested masks)."""
     keep = torch.zeros_like(scores, dtype=torch.bool)
     if k > 0:
-        keep[torch.topk(scores, k, sorted=False).indices] = True
+        keep[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
     return keep
 
 
@@ -55,3 +58,25 @@ def magnitude_flops(w: torch.Tensor, layer_slices: list[slice], layer_macs: list
                              layer_costs=[float(c) for c in layer_macs],
                              max_count=k, max_cost=float(max_macs))
     return result.keep, result
+
+
+def fit_k_to_macs(mask_for_k: Callable[[int], torch.Tensor], macs_per_weight: torch.Tensor,
+                  k: int, max_macs: int | None) -> torch.Tensor:
+    """The mask of the largest k' <= k whose MACs fit ``max_macs`` (bisection on k').
+
+    For methods that only know a count budget: with a FLOP budget they prune further, to
+    the sparsity that lands within the MACs (the masks must grow with k for this to be exact).
+    """
+    mask = mask_for_k(k)
+    if max_macs is None or int(macs_per_weight[mask].sum()) <= max_macs:
+        return mask
+    lo, hi = 0, k   # invariant: mask_for_k(lo) fits, mask_for_k(hi) does not
+    best = torch.zeros_like(mask)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        candidate = mask_for_k(mid)
+        if int(macs_per_weight[candidate].sum()) <= max_macs:
+            lo, best = mid, candidate
+        else:
+            hi = mid
+    return best
