@@ -95,3 +95,18 @@ def test_info_reports_the_papers_prunable_set_for_resnet20_b(capsys):
     assert info["prunable_weights"] == 268_336           # the FALCON/CHITA count
     assert info["prunable_macs"] == pytest.approx(40.6e6, rel=0.002)
     assert info["macs"] == info["dense_macs"] and info["params"] == 272_474
+
+
+def test_unwritable_out_is_one_line(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["prune", *MLP, *MNIST, "--sparsity", "0.5", "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "prunekit: error" in err and "\n" not in err
+
+
+def test_bad_request_fails_before_any_evaluation(capsys, monkeypatch):
+    import prunekit.cli as cli
+    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking"))
+    assert main(["prune", *MLP, *MNIST, "--method", "chita", "--flops", "0.3"]) == 2
+    assert main(["prune", *MLP, *MNIST, "--method", "chita", "--sparsity", "0.5", "--solver", "dfo"]) == 2

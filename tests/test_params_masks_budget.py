@@ -101,3 +101,11 @@ def test_resolved_budget_meets_the_request(sparsity, flops):
     assert 1 <= resolved.max_nonzeros <= (1 - sparsity) * space.numel + 1e-6
     assert resolved.max_nonzeros > (1 - sparsity) * space.numel - 1
     assert resolved.max_macs <= flops * costs.macs
+
+
+def test_bn_recalibration_without_data_keeps_the_statistics():
+    from prunekit.train import recalibrate_batchnorm
+    model = tiny_cnn()
+    model[1].running_mean.fill_(0.25)
+    assert recalibrate_batchnorm(model, []) is False
+    assert torch.all(model[1].running_mean == 0.25)
