@@ -142,7 +142,9 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Ten
                         "max_macs": max_macs, "macs": int(macs[w != 0].sum()),
                         "ridge": ridge, "objective": solution.objective, "solver_seconds": solution.seconds,
                         "gradient_seconds": seconds_gradients, "bn_recalibrated": recalibrated,
-                        "seconds": time.perf_counter() - start})
+                        "seconds": time.perf_counter() - start,
+                        "solver_info": {key: value for key, value in solution.info.items()
+                                        if isinstance(value, (bool, int, float, str))}})
     return w
 
 
