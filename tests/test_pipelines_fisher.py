@@ -35,9 +35,12 @@ def test_falcon_meets_both_budgets(capsys):
     assert [s["max_macs"] is not None for s in out["stages"]] == [True, True]
 
 
-def test_chita_refuses_a_flop_budget(capsys):
-    assert main([*BASE, "--method", "chita", "--flops", "0.3"]) == 2
-    assert "falcon" in capsys.readouterr().err
+@pytest.mark.parametrize("method", ["chita", "woodfisher"])
+def test_count_budget_methods_prune_further_to_meet_a_flop_budget(capsys, method):
+    out = run(capsys, "--method", method, "--flops", "0.3")
+    assert out["flops_kept"] <= 0.3
+    assert out["flops_kept"] > 0.29                     # the search lands on the budget, not far below it
+    assert out["stages"][0]["solver_info"]["fit_solves"] >= 2
 
 
 def test_falcon_needs_a_flop_budget(capsys):

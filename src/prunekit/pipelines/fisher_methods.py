@@ -24,6 +24,7 @@ from ..solvers.chita import chita
 from ..solvers.falcon import falcon
 from ..solvers.obs import woodfisher
 from ..solvers.quadratic import QuadraticModel
+from ..solvers.search import largest_fitting_k
 from ..train import recalibrate_batchnorm
 from .oneshot import CHECKS, METHODS, PruneContext
 from .schedule import keep_schedule
@@ -70,12 +71,25 @@ class FisherOptions:
         return cls(**values)
 
 
+def _fit_macs(solve, k: int, max_macs, macs: torch.Tensor):
+    """Methods with a count budget only meet a FLOP budget at the largest k whose solution
+    fits it (found to within 0.2% of k: each trial is a full solve)."""
+    if max_macs is None:
+        return solve(k)
+    k_fit, solution, solves = largest_fitting_k(solve, lambda s: float(macs[s.w != 0].sum()), k, max_macs,
+                                                tolerance=max(1, k // 500))
+    solution.info.update(fitted_k=k_fit, fit_solves=solves)
+    return solution
+
+
 def _solve_stage_chita(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOptions):
-    return chita(q, k, method=opts.solver or "iht", block_size=opts.block_size)
+    return _fit_macs(lambda kk: chita(q, kk, method=opts.solver or "iht", block_size=opts.block_size),
+                     k, max_macs, macs)
 
 
 def _solve_stage_woodfisher(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOptions):
-    return woodfisher(q.X, q.w_bar, k, block_size=opts.obs_block_size, damp=q.ridge)
+    return _fit_macs(lambda kk: woodfisher(q.X, q.w_bar, kk, block_size=opts.obs_block_size, damp=q.ridge),
+                     k, max_macs, macs)
 
 
 def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOptions):
@@ -90,9 +104,6 @@ def check_options(family: str, budget: ResolvedBudget, opts: FisherOptions) -> N
     if family == "falcon" and budget.max_macs is None:
         raise PrunekitError("FALCON needs a FLOP budget: pass --flops (e.g. 0.3), or use chita for "
                             "a sparsity budget alone")
-    if family != "falcon" and budget.max_macs is not None:
-        raise PrunekitError("CHITA and WoodFisher take a sparsity budget only: use --method falcon "
-                            "(or magnitude-flops) for a FLOP budget")
     if opts.solver is not None and opts.solver not in SOLVERS[family]:
         raise PrunekitError(f"--solver {opts.solver} is not one of {family}'s: "
                             f"{', '.join(SOLVERS[family]) or 'it has no --solver choice'}")

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .ilp import solve_flops_ilp
+from .search import largest_fitting_k
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,21 +63,11 @@ def magnitude_flops(w: torch.Tensor, layer_slices: list[slice], layer_macs: list
 
 def fit_k_to_macs(mask_for_k: Callable[[int], torch.Tensor], macs_per_weight: torch.Tensor,
                   k: int, max_macs: int | None) -> torch.Tensor:
-    """The mask of the largest k' <= k whose MACs fit ``max_macs`` (bisection on k').
+    """The mask of the largest k' <= k whose MACs fit ``max_macs``.
 
     For methods that only know a count budget: with a FLOP budget they prune further, to
     the sparsity that lands within the MACs (the masks must grow with k for this to be exact).
     """
-    mask = mask_for_k(k)
-    if max_macs is None or int(macs_per_weight[mask].sum()) <= max_macs:
-        return mask
-    lo, hi = 0, k   # invariant: mask_for_k(lo) fits, mask_for_k(hi) does not
-    best = torch.zeros_like(mask)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        candidate = mask_for_k(mid)
-        if int(macs_per_weight[candidate].sum()) <= max_macs:
-            lo, best = mid, candidate
-        else:
-            hi = mid
-    return best
+    if max_macs is None:
+        return mask_for_k(k)
+    return largest_fitting_k(mask_for_k, lambda mask: int(macs_per_weight[mask].sum()), k, max_macs)[1]
