@@ -39,7 +39,7 @@ def test_dfo_improves_on_most_problems():
         dfo = falcon(q, costs, 8, 0.3 * float(costs.sum()), method="dfo")
         magnitude = falcon(q, costs, 8, 0.3 * float(costs.sum()), method="magnitude")
         improved += dfo.objective < magnitude.objective - 1e-12
-    assert improved >= 14          # measured: 16 of 20
+    assert improved >= 14          # measured: 17 of 20
 
 
 def test_bad_arguments():

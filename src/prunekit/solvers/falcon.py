@@ -12,8 +12,9 @@ budgets: the ILP of :mod:`prunekit.solvers.ilp`.
 * method "magnitude" (the published release): support = ILP on w̄², then backsolve on it.
 * method "dfo" (the paper's discrete first-order method): from that point, repeat
   w ← backsolve(ILP-support of (w − η∇Q(w))²), with a step-size search that accepts a new point
-  only if Q decreases (a step too short to change the support is lengthened, one that raises Q
-  is shortened); stop when no step size decreases Q (a stall) or after ``max_iter``.
+  only if Q decreases (searched on log η: a step too short to change the support is lengthened,
+  one that brings in too many new weights or raises Q is shortened); stop when no step size
+  decreases Q (a stall), when the decrease is negligible, or after ``max_iter``.
 
 Either way the support always meets both budgets (the ILP's primal is feasible) and the result
 is never worse than the "magnitude" point.
@@ -21,6 +22,7 @@ is never worse than the "magnitude" point.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -35,7 +37,8 @@ METHODS = ("dfo", "magnitude")
 
 
 def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: float, *,
-           method: str = "dfo", max_iter: int = 30, max_search: int = 10, tol: float = 1e-5,
+           method: str = "dfo", max_iter: int = 10, max_search: int = 20, tol: float = 1e-4,
+           max_change_share: float = 0.01,
            block_size: int | None = None) -> Solution:
     """A w meeting both budgets with small Q.
 
@@ -43,8 +46,10 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     macs_per_weight: c, (p,) MACs each weight costs (≥ 0).
     k:               most nonzeros; max_macs: F, most Σ c_i over nonzeros.
     method:          "dfo" or "magnitude" (see the module docstring).
-    max_iter:        first-order iterations; max_search: step sizes tried per iteration.
+    max_iter:        first-order iterations (each costs one or more backsolves);
+    max_search:      step sizes tried per iteration (each costs one ILP solve).
     tol:             stop once an iteration lowers Q by less than tol·|Q|.
+    max_change_share: a step may bring at most this share of k new entries into the support.
     block_size:      backsolve in independent blocks (large p).
     """
     start = time.perf_counter()
@@ -71,31 +76,52 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     info = {"method": method, "magnitude_objective": f, "accepted": 0, "trials": 0, "stalled": False}
     iterations = 0
     if method == "dfo":
-        step = 1.0 / q.lipschitz()
+        max_changes = max(1, int(max_change_share * k))
+        log_eta = -math.log2(q.lipschitz())          # log2 of a step known not to move the support
         for iterations in range(1, max_iter + 1):
             grad = q.gradient(w)
-            improved = False
-            eta = step
-            for _ in range(max_search):
-                info["trials"] += 1
-                candidate_support = project(w - eta * grad)
-                if torch.equal(candidate_support, support):
-                    eta *= 4                     # too short to move the support: lengthen
-                    continue
-                candidate = solve_on(candidate_support)
-                f_candidate = q.objective(candidate)
-                if f_candidate < f:
-                    decrease = f - f_candidate
-                    w, f, support, step = candidate, f_candidate, candidate_support, eta
-                    info["accepted"] += 1
-                    improved = True
-                    break
-                eta /= 2                         # moved the support the wrong way: shorten
-            if not improved:
+            accepted, log_eta = _support_changing_step(q, project, solve_on, w, f, support, grad,
+                                                      log_eta, max_changes, max_search, info)
+            if accepted is None:
                 info["stalled"] = True
                 break
+            decrease = f - accepted[1]
+            w, f, support = accepted
             if decrease < tol * abs(f):
                 break
     info["max_ilp_gap"] = max(gaps)
     return Solution(w=w, objective=f, support_size=int((w != 0).sum()), iterations=iterations,
                     seconds=time.perf_counter() - start, info=info)
+
+
+def _support_changing_step(q, project, solve_on, w, f, support, grad, log_eta, max_changes,
+                           max_search, info):
+    """One step of the discrete first-order method: search the step size η for a support of
+    w − η∇Q that brings in at most ``max_changes`` new entries and whose backsolve lowers Q.
+
+    At a backsolved point ∇Q vanishes on the support, so a step moves the support only once η
+    is long enough for some |η·g_j| off the support to beat a kept |w_i|; past that point the
+    support changes fast with η (on ResNet-20-B from 0 to 17,000 entries when η doubles). The
+    search therefore works on log η: grow it 16-fold while the support stays put, then bisect
+    between "does not move" and "moves too much, or raises Q".
+
+    Returns ((w, Q(w), support) or None when no step lowers Q, the log2 η to start from next).
+    """
+    lo, hi = log_eta, None
+    for _ in range(max_search):
+        trial = lo + 4 if hi is None else (lo + hi) / 2
+        info["trials"] += 1
+        candidate_support = project(w - 2.0 ** trial * grad)
+        changes = int((candidate_support & ~support).sum())     # entries coming in
+        if changes == 0:
+            lo = trial
+            continue
+        if changes <= max_changes:
+            candidate = solve_on(candidate_support)
+            f_candidate = q.objective(candidate)
+            if f_candidate < f:
+                info["accepted"] += 1
+                info["support_changes"] = info.get("support_changes", 0) + changes
+                return (candidate, f_candidate, candidate_support), lo
+        hi = trial
+    return None, lo
