@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import DEFAULT_DATA, print_table, write_json
+from common import DEFAULT_DATA, print_table, prunekit, write_json
 
 SETUPS = {
     "mlpnet": {"checkpoint": "checkpoints/mnist_25_epoch_93.97.ckpt", "data": "mnist", "dir": "mnist"},
@@ -33,13 +31,6 @@ METHODS = {
     "chita++": ["--method", "chita++"],
     "chita++-revive": ["--method", "chita++", "--revive"],
 }
-
-
-def prunekit(*args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "prunekit.cli", *args, "--json"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"prunekit {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout)
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,3 +38,11 @@ def write_json(path: str | Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def prunekit(*args: str) -> dict:
+    """Run one `prunekit ... --json` command in its own process (its seconds and peak RSS are its own)."""
+    done = subprocess.run([sys.executable, "-m", "prunekit.cli", *args, "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"prunekit {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
