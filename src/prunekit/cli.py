@@ -25,6 +25,7 @@ from .data import DATASET_NAMES, load_dataset, make_loader
 from .errors import PrunekitError
 from .loading import LoadedModel, check_fits, load_data, load_model
 from .params import ParamSpace
+from .pipelines.gradual import GradualOptions, prune_gradual
 from .pipelines.oneshot import METHODS, check_request, prune
 from .pipelines.schedule import KINDS
 from .saving import save_model, atomic_write_json
@@ -167,6 +168,32 @@ def run_prune(loaded: LoadedModel, eval_loader, train_ds_loader, method: str, bu
             "peak_rss_mb": peak_rss_mb(), **result.info}
 
 
+def run_gradual(loaded: LoadedModel, eval_loader, train_ds_loader, method: str, budget: Budget,
+                seed: int, opts: GradualOptions, include=None, exclude=None, progress: bool = True,
+                options: dict | None = None) -> dict:
+    """Evaluate, prune gradually (fine-tuning between events), evaluate; the record to print and save."""
+    dense_accuracy = evaluate(loaded.model, eval_loader, progress=progress)
+
+    def report(event):
+        if progress:
+            print(f"event {event['event']}/{opts.events}: {event['nonzeros']:,} weights, "
+                  f"{100 * event['flops_kept']:.2f}% MACs, accuracy {event['accuracy']:.2f}%", file=sys.stderr)
+
+    result = prune_gradual(loaded.model, method, budget, loaded.example_input(), train_ds_loader, opts,
+                           eval_loader=eval_loader, include=include, exclude=exclude, seed=seed,
+                           options=options, on_event=report, progress=progress)
+    return {"model": loaded.name, "method": method, "gradual": True, "sparsity": result.sparsity,
+            "flops_kept": result.counts.flops_kept, "params_kept": result.counts.params_kept,
+            "nonzeros": result.nonzeros, "macs": result.counts.macs, "dense_macs": result.counts.dense_macs,
+            "params": result.counts.params,
+            "budget_max_nonzeros": result.budget.max_nonzeros,
+            "budget_max_macs": None if result.budget.max_macs is None
+            else result.budget.max_macs + result.budget.fixed_macs,
+            "dense_accuracy": dense_accuracy, "accuracy": result.events[-1]["accuracy"],
+            "seconds": result.seconds, "peak_rss_mb": peak_rss_mb(), "options": vars(opts),
+            "events": result.events}
+
+
 def _train_batches(args, loaded: LoadedModel):
     """A function giving training batches, loading the training split on first use only."""
 
@@ -217,11 +244,21 @@ def cmd_prune(args) -> int:
     budget = Budget.parse(args.sparsity, args.flops, args.params)
     loaded = _loaded(args)
     eval_loader = _eval_data(args, loaded)
-    record = run_prune(loaded, eval_loader, _train_batches(args, loaded), args.method, budget, args.seed,
-                       include=args.include,
-                       exclude=loaded.prune_exclude if args.exclude is None else args.exclude,
-                       recalibrate_bn=not args.no_bn_recalibration, progress=not args.json,
-                       options=_method_options(args))
+    exclude = loaded.prune_exclude if args.exclude is None else args.exclude
+    if args.gradual:
+        opts = GradualOptions(events=args.events, epochs_per_event=args.epochs_per_event,
+                              final_epochs=args.final_epochs, lr=args.lr)
+        opts.check()
+        check_request(loaded.model, args.method, budget, loaded.example_input(), args.include, exclude,
+                      _method_options(args))
+        record = run_gradual(loaded, eval_loader, _train_batches(args, loaded), args.method, budget,
+                             args.seed, opts, include=args.include, exclude=exclude, progress=not args.json,
+                             options=_method_options(args))
+    else:
+        record = run_prune(loaded, eval_loader, _train_batches(args, loaded), args.method, budget, args.seed,
+                           include=args.include, exclude=exclude,
+                           recalibrate_bn=not args.no_bn_recalibration, progress=not args.json,
+                           options=_method_options(args))
     if args.out:
         _save_run(args.out, loaded, record)
     _emit(args, record, _prune_lines(record) + ([f"  saved to   {args.out}"] if args.out else []))
@@ -331,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--first-order", action="store_true", default=None,
                    help="add the loss gradient as the linear term of the quadratic model")
     g.add_argument("--block-size", type=int, help="backsolve in blocks of this many weights (large models)")
+    g = p.add_argument_group("gradual pruning (prune events on the schedule, fine-tuning in between)")
+    g.add_argument("--gradual", action="store_true", help="prune gradually with the method at each event")
+    g.add_argument("--events", type=int, default=4, help="prune events (default 4)")
+    g.add_argument("--epochs-per-event", type=int, default=1, help="fine-tuning epochs after each event (default 1)")
+    g.add_argument("--final-epochs", type=int, default=2, help="fine-tuning epochs after the last event (default 2)")
+    g.add_argument("--lr", type=float, default=0.01, help="peak learning rate of each cosine cycle (default 0.01)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("train", help="train a zoo model on a data set")

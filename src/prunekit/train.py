@@ -92,7 +92,7 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss) * y.numel()
+            total += loss.item() * y.numel()
             count += y.numel()
             bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         if on_epoch_end is not None:

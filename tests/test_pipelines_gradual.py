@@ -1,0 +1,80 @@
+"""Gradual pruning: event budgets, masks held between events, budgets met at the end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.budget import Budget, ResolvedBudget
+from prunekit.cli import main
+from prunekit.errors import PrunekitError
+from prunekit.pipelines.gradual import GradualOptions, event_budgets, prune_gradual
+from prunekit.pipelines.oneshot import METHODS
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+BASE = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"),
+        "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--train-samples", "256", "--json"]
+
+
+def test_event_budgets_shrink_to_the_target_on_both_budgets():
+    budget = ResolvedBudget(max_nonzeros=100, max_macs=3000, total_prunable=1000, fixed_macs=7)
+    budgets = event_budgets(budget, dense_macs=10_000, opts=GradualOptions(events=5))
+    counts = [b.max_nonzeros for b in budgets]
+    macs = [b.max_macs for b in budgets]
+    assert budgets[-1] == budget and len(budgets) == 5
+    assert counts == sorted(counts, reverse=True) and counts[0] < 1000
+    assert macs == sorted(macs, reverse=True) and macs[0] <= 9000
+    assert all(b.fixed_macs == 7 for b in budgets)
+
+
+def _tiny_setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    x = torch.randn(256, 1, 4, 4)
+    y = (x.flatten(1)[:, :4].argmax(1))
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+    return model, x[:1], (lambda: batches)
+
+
+def test_pruned_weights_stay_pruned_across_events(monkeypatch):
+    model, example, loader = _tiny_setup()
+    supports = []
+    original = METHODS["magnitude"]
+
+    def spy(ctx):
+        w = original(ctx)
+        supports.append(w != 0)
+        return w
+
+    monkeypatch.setitem(METHODS, "magnitude", spy)
+    seen = []
+    result = prune_gradual(model, "magnitude", Budget.parse("0.9"), example, loader,
+                           GradualOptions(events=3, epochs_per_event=1, final_epochs=1, lr=0.05),
+                           eval_loader=loader(), on_event=seen.append, progress=False)
+    assert len(supports) == 3 and len(seen) == 3
+    for earlier, later in zip(supports, supports[1:]):
+        assert not (later & ~earlier).any()                 # nothing revived by fine-tuning
+    assert result.nonzeros <= 0.1 * (16 * 32 + 32 * 4)
+    final = torch.cat([model[1].weight.flatten(), model[3].weight.flatten()]) != 0
+    assert torch.equal(final, supports[-1])                  # the final fine-tune held the mask
+    assert all(r["accuracy"] is not None and r["loss"] is not None for r in seen)
+
+
+def test_gradual_cli_meets_both_budgets(capsys):
+    assert main([*BASE, "--method", "falcon", "--sparsity", "0.8", "--flops", "0.15", "--fisher-samples", "32",
+                 "--gradual", "--events", "2", "--epochs-per-event", "1", "--final-epochs", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gradual"] and len(out["events"]) == 2
+    assert out["nonzeros"] <= 0.2 * 32360 and out["flops_kept"] <= 0.15
+    assert out["events"][0]["max_nonzeros"] > out["events"][1]["max_nonzeros"]
+    assert out["accuracy"] > 50
+
+
+@pytest.mark.parametrize("field,value", [("events", 0), ("final_epochs", -1), ("lr", 0.0)])
+def test_bad_options_are_refused(field, value):
+    model, example, loader = _tiny_setup()
+    with pytest.raises(PrunekitError):
+        prune_gradual(model, "magnitude", Budget.parse("0.5"), example, loader,
+                      GradualOptions(**{field: value}), progress=False)
