@@ -340,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--method", default="magnitude", help=f"one of {', '.join(METHODS)}")
     p.add_argument("--sparsity", help="share of prunable weights removed (0.9, 90%%) or count kept (50k)")
-    p.add_argument("--flops", help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M)")
+    p.add_argument("--flops", help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M); alone, it leaves "
+                   "the count of weights free (falcon chooses it; count-budget methods prune to the "
+                   "largest count that fits)")
     p.add_argument("--params", help="share of all parameters kept (0.1) or count kept (200k)")
     p.add_argument("--train-samples", type=int, default=None,
                    help="training images used for gradients and BN recalibration (default: all)")
