@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from pathlib import Path
 
 from common import DEFAULT_DATA, print_table, prunekit, write_json
 
@@ -46,11 +47,16 @@ def main() -> None:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="more `prunekit prune` arguments for every row (e.g. --fisher-samples 500)")
     parser.add_argument("--out", default="benchmarks/results/falcon_resnet20-b.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --out and run only the missing ones")
     args = parser.parse_args()
     data = ["--data", "cifar10", "--data-dir", f"{args.data}/cifar10"]
-    rows = []
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).exists() else []
+    done = {(row["method"], row["flops"]) for row in rows}
     for flops in args.flops:
         for name in args.methods:
+            if (name, flops) in done:
+                continue
             plus = (["--stages", str(args.plus_stages), "--fisher-samples", str(args.plus_fisher_samples),
                      "--solver", args.plus_solver] if name == "falcon++" else [])
             with tempfile.TemporaryDirectory() as tmp:
@@ -67,6 +73,8 @@ def main() -> None:
                          "peak_rss_mb": r["peak_rss_mb"], "stages": len(stages) or None,
                          "dense_accuracy": r["dense_accuracy"], "stage_records": stages})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "stage_records"}), flush=True)
+            save(args, rows)                 # after every row: an interrupted run loses at most one
+    rows.sort(key=lambda row: (-row["flops"], list(METHODS).index(row["method"])))
     print(f"\nresnet20-b, dense accuracy {rows[0]['dense_accuracy']:.2f}% (1,017 test images)")
     print_table(rows, [("method", "method", ">15"), ("flops", "MACs asked", ".2f"),
                        ("flops_kept", "MACs kept", ".4f"), ("sparsity", "sparsity", ".3f"),
@@ -75,6 +83,10 @@ def main() -> None:
                        ("peak_rss_mb", "peak RSS MB", ".0f")])
     for name, figures in PUBLISHED.items():
         print(f"{name}: " + ", ".join(f"{100 * f:.0f}% MACs {a:.2f}" for f, a in figures.items()))
+    save(args, rows)
+
+
+def save(args, rows: list[dict]) -> None:
     write_json(args.out, {"benchmark": "falcon_resnet20-b", "extra_args": args.extra,
                           "plus_stages": args.plus_stages, "plus_fisher_samples": args.plus_fisher_samples,
                           "plus_solver": args.plus_solver, "published": PUBLISHED, "rows": rows})

@@ -36,7 +36,9 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 def write_json(path: str | Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    partial.replace(path)                      # atomic: a kill never leaves half a file
     print(f"wrote {path}")
 
 
