@@ -356,12 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "as the models were trained)")
     p.add_argument("--out", help="folder for the pruned model (safetensors + JSON) and result.json")
     g = p.add_argument_group("quadratic-model methods (chita, chita++, falcon, falcon++, woodfisher)")
-    g.add_argument("--fisher-samples", type=int, help="gradient rows n (default 1000)")
+    g.add_argument("--fisher-samples", type=int, help="gradient rows n (default 1000; falcon++ 500 per stage)")
     g.add_argument("--fisher-batch", type=int, help="samples averaged per row m (default 1: per-sample)")
     g.add_argument("--ridge", type=float, help="absolute ridge λ of the quadratic model (the papers' setting)")
     g.add_argument("--relative-ridge", type=float,
                    help="λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)")
-    g.add_argument("--stages", type=int, help="pruning stages (default: chita/falcon 1, chita++/falcon++ 15)")
+    g.add_argument("--stages", type=int, help="pruning stages (default: chita/falcon 1, chita++ 15, falcon++ 5)")
     g.add_argument("--schedule", choices=KINDS, help="kept share per stage (default poly)")
     g.add_argument("--revive", action="store_true", help="let weights pruned in earlier stages come back")
     g.add_argument("--solver", choices=("iht", "backsolve", "dfo", "magnitude"),

@@ -182,4 +182,4 @@ _register("chita", "chita", _solve_stage_chita)
 _register("chita++", "chita", _solve_stage_chita, stages=15)
 _register("woodfisher", "woodfisher", _solve_stage_woodfisher)
 _register("falcon", "falcon", _solve_stage_falcon)
-_register("falcon++", "falcon", _solve_stage_falcon, stages=15)
+_register("falcon++", "falcon", _solve_stage_falcon, stages=5, fisher_samples=500)   # as benchmarked on ResNet-20-B
