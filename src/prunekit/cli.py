@@ -29,6 +29,8 @@ from .pipelines.oneshot import METHODS, check_request, prune
 from .pipelines.schedule import KINDS
 from .saving import save_model, atomic_write_json
 from .train import evaluate, train_epochs
+from .structured.cli import (STRUCTURED_METHODS, add_bench_latency_parser, add_structured_prune_args,
+                             cmd_prune_structured, shrunk_line, shrunk_summary)
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_METHOD = "chita++"
@@ -101,6 +103,9 @@ def cmd_info(args) -> int:
               "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,
               "prunable_macs": prunable_macs, "prunable_excluded": loaded.prune_exclude,
               "unknown_modules": costs.unknown}
+    shrunk = shrunk_summary(args.model, args.checkpoint, counts)
+    if shrunk:
+        totals["shrunk"] = shrunk
     if args.json:
         print(json.dumps({"model": args.model, "input_shape": list(loaded.input_shape),
                           "layers": rows, **totals}))
@@ -124,6 +129,8 @@ def cmd_info(args) -> int:
     if counts.macs != costs.macs:
         print(f"nonzero-aware: {100 * counts.flops_kept:.2f}% of dense MACs, "
               f"{100 * counts.params_kept:.2f}% of dense params")
+    if shrunk:
+        print(shrunk_line(shrunk))
     if costs.unknown:
         print(f"warning: no counting rule for {len(costs.unknown)} module(s), counted as 0: "
               f"{', '.join(costs.unknown[:5])}")
@@ -212,6 +219,8 @@ def _method_options(args) -> dict:
 
 
 def cmd_prune(args) -> int:
+    if args.method in STRUCTURED_METHODS:
+        return cmd_prune_structured(args)
     if args.train_samples is not None and args.train_samples < 1:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to use every training image)")
     budget = Budget.parse(args.sparsity, args.flops, args.params)
@@ -301,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model to a budget")
     _add_model_args(p)
     _add_data_args(p)
-    p.add_argument("--method", default="magnitude", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default="magnitude", help=f"one of {', '.join((*METHODS, *STRUCTURED_METHODS))}")
     p.add_argument("--sparsity", help="share of prunable weights removed (0.9, 90%%) or count kept (50k)")
     p.add_argument("--flops", help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M)")
     p.add_argument("--params", help="share of all parameters kept (0.1) or count kept (200k)")
@@ -331,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--first-order", action="store_true", default=None,
                    help="add the loss gradient as the linear term of the quadratic model")
     g.add_argument("--block-size", type=int, help="backsolve in blocks of this many weights (large models)")
+    add_structured_prune_args(p)
     p.set_defaults(func=cmd_prune)
+
+    add_bench_latency_parser(sub)
 
     p = sub.add_parser("train", help="train a zoo model on a data set")
     _add_model_args(p)

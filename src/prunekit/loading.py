@@ -61,6 +61,9 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
                                                 (("num_classes", num_classes), ("in_channels", in_channels))
                                                 if v is not None}
     model = zoo.build(name, **build_kwargs)
+    if "channel_layout" in meta:   # a structurally pruned (shrunk) model: resize its layers first
+        from .structured.shrink import apply_layout
+        apply_layout(model, meta["channel_layout"])
     if checkpoint is not None:
         zoo.load_checkpoint(model, checkpoint)
     channels = build_kwargs.get("in_channels", spec.input_shape[0])
