@@ -8,7 +8,8 @@ from prunekit.costs import CostModel
 from prunekit.errors import PrunekitError
 from prunekit.structured.gates import GatedMacs, GateHooks, fold_gates
 from prunekit.structured.groups import find_groups
-from prunekit.structured.shrink import apply_layout, channel_layout, shrink
+from prunekit.structured.shrink import shrink
+from prunekit.zoo.layout import apply_layout, channel_layout
 from prunekit.structured.threshold import masks_at, threshold_to_budget
 
 torch.set_num_threads(1)   # the machine is shared; tiny models gain nothing from threads
@@ -100,16 +101,15 @@ def test_threshold_meets_budget_exactly_and_never_empties_a_group():
     gen = torch.Generator().manual_seed(0)
     scores = [torch.rand(g.size, generator=gen) for g in groups]
     scores[0] = scores[0] * 0.01                       # a group that a plain threshold would empty
+    # brute force: the MACs of every candidate threshold
+    reachable = [counter.macs_of_masks(masks_at(scores, float(t)))
+                 for t in torch.cat([torch.tensor([-1.0]), torch.cat(scores)])]
     for share in (0.9, 0.6, 0.3, 0.15):
         budget = share * counter.dense
         masks, threshold = threshold_to_budget(scores, counter, budget)
         macs = counter.macs_of_masks(masks)
         assert macs <= budget and all(bool(m.any()) for m in masks)
-        # brute force over every candidate threshold: none keeps more MACs within the budget
-        best = max(counter.macs_of_masks(masks_at(scores, float(t)))
-                   for t in torch.cat([torch.tensor([-1.0]), torch.cat(scores)])
-                   if counter.macs_of_masks(masks_at(scores, float(t))) <= budget)
-        assert macs == best
+        assert macs == max(m for m in reachable if m <= budget)   # none keeps more within the budget
     with pytest.raises(PrunekitError, match="larger --flops"):
         threshold_to_budget(scores, counter, counter.minimum - 1)
 

@@ -17,7 +17,8 @@ from ..errors import PrunekitError
 from ..loading import LoadedModel, check_fits, load_data, load_model
 from ..saving import atomic_write_json, read_meta
 from ..train import evaluate
-from .pipeline import STRUCTURED_METHODS, StructuredResult, check_flops, prune_structured
+from .pipeline import (STRUCTURED_METHODS, StructuredResult, check_flops, check_structured_request,
+                       prune_structured)
 from .saving import export_onnx, save_shrunk
 
 __all__ = ["STRUCTURED_METHODS", "add_structured_prune_args", "cmd_prune_structured", "add_bench_latency_parser",
@@ -89,6 +90,7 @@ def cmd_prune_structured(args) -> int:
     augment = args.data == "cifar10" and not args.no_train_augment
     loader = make_loader(train, loaded.normalization, batch_size=args.gate_batch_size, shuffle=True,
                          augment=augment, seed=args.seed)
+    check_structured_request(loaded.model, args.method, flops, loaded.example_input(), args.snapshots)
     torch.manual_seed(args.seed)
     dense_accuracy = evaluate(loaded.model, eval_loader, progress=not args.json)
     result = prune_structured(loaded.model, args.method, flops, loaded.example_input(), lambda: loader,

@@ -58,6 +58,25 @@ def check_flops(flops: float) -> float:
     return float(flops)
 
 
+def check_structured_request(model: nn.Module, method: str, flops: float, example_input: torch.Tensor,
+                             snapshots: list[float] | None = None) -> tuple[CostModel, GroupSet, GatedMacs]:
+    """Refuse a request that cannot be met before any work; returns the cost model, groups and counter."""
+    if method not in STRUCTURED_METHODS:
+        raise PrunekitError(f"unknown structured method {method!r}: pick one of {', '.join(STRUCTURED_METHODS)}")
+    if snapshots and method != "taper":
+        raise PrunekitError("snapshots at several budgets come from one taper run: use --method taper")
+    costs = CostModel(model, example_input)
+    groups = find_groups(model, example_input)
+    counter = GatedMacs(model, groups, costs)
+    for share in [flops, *(snapshots or [])]:
+        share = check_flops(share)
+        if counter.minimum > share * costs.macs:
+            raise PrunekitError(f"--flops {share:g} asks for {share * costs.macs:,.0f} MACs but one channel per "
+                                f"group and the unprunable layers already cost {counter.minimum:,.0f} "
+                                f"({counter.minimum / costs.macs:.1%}): ask for at least that share")
+    return costs, groups, counter
+
+
 def prune_structured(model: nn.Module, method: str, flops: float, example_input: torch.Tensor,
                      train_batches, options: dict | None = None, snapshots: list[float] | None = None,
                      recalibrate_bn: bool = True, finetune_epochs: int = 0, finetune_lr: float = 0.01,
@@ -71,22 +90,10 @@ def prune_structured(model: nn.Module, method: str, flops: float, example_input:
         options: fields of ``AutoBotOptions`` or ``TaperOptions``.
         snapshots: taper only: further budgets (shares of MACs) to return models for.
     """
-    if method not in STRUCTURED_METHODS:
-        raise PrunekitError(f"unknown structured method {method!r}: pick one of {', '.join(STRUCTURED_METHODS)}")
-    flops = check_flops(flops)
-    if snapshots and method != "taper":
-        raise PrunekitError("snapshots at several budgets come from one taper run: use --method taper")
-    for s in snapshots or []:
-        check_flops(s)
     start = time.perf_counter()
-    costs = CostModel(model, example_input)
-    groups = find_groups(model, example_input)
-    counter = GatedMacs(model, groups, costs)
+    costs, groups, counter = check_structured_request(model, method, flops, example_input, snapshots)
+    flops = float(flops)
     target = flops * costs.macs
-    if counter.minimum > target:
-        raise PrunekitError(f"--flops {flops:g} asks for {target:,.0f} MACs but one channel per group and the "
-                            f"unprunable layers already cost {counter.minimum:,.0f} "
-                            f"({counter.minimum / costs.macs:.1%}): ask for at least that share")
     info: dict = {"skipped_groups": [f"{root}: {why}" for root, why in groups.skipped]}
     if method == "autobot":
         opts = _options(AutoBotOptions, options)
@@ -97,10 +104,6 @@ def prune_structured(model: nn.Module, method: str, flops: float, example_input:
     else:
         opts = _options(TaperOptions, options)
         budgets = sorted(set([flops, *(snapshots or [])]), reverse=True)
-        for b in budgets:
-            if counter.minimum > b * costs.macs:
-                raise PrunekitError(f"snapshot {b:g} is below the smallest reachable share "
-                                    f"{counter.minimum / costs.macs:.1%}")
         shots, extra = taper_snapshots(model, groups, counter, budgets, train_batches, example_input, opts,
                                        progress)
         made = {s.budget: (s.model, s.masks) for s in shots}

@@ -4,6 +4,7 @@ and export to ONNX."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..saving import save_model
-from .shrink import channel_layout
+from ..zoo.layout import channel_layout
 
 ONNX_OPSET = 17
 
@@ -23,15 +24,19 @@ def save_shrunk(model: nn.Module, path: str | Path, meta: dict) -> Path:
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
     """Export ``model`` (eval mode) to ONNX at opset 17 with a dynamic batch axis; checked by onnx.checker."""
-    import onnx   # optional dependency, needed only here
-
+    try:
+        import onnx   # optional dependency, needed only here
+    except ImportError:
+        raise PrunekitError("ONNX export needs the onnx package: pip install 'prunekit[onnx]'") from None
     path = Path(path)
     model.eval()
-    try:
-        torch.onnx.export(model, (example_input,), str(path), opset_version=ONNX_OPSET,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    except Exception as err:  # noqa: BLE001 - report any exporter failure as one line
-        raise PrunekitError(f"ONNX export failed: {str(err).splitlines()[0]}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")    # the TorchScript exporter's deprecation notices
+        try:
+            torch.onnx.export(model, (example_input,), str(path), opset_version=ONNX_OPSET,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        except Exception as err:  # noqa: BLE001 - report any exporter failure as one line
+            raise PrunekitError(f"ONNX export failed: {str(err).splitlines()[0]}") from None
     onnx.checker.check_model(onnx.load(str(path)))
     return path

@@ -1,9 +1,7 @@
 """Tapering Lagrangian (arXiv 1812.07060 style): gates and weights trained together while a
 MAC budget tapers from the dense count down, enforced as an equality constraint.
 
-* Gates ``g = sigmoid(k * theta)`` per channel of every group, with their own Adam optimizer
-  (``k`` grows from 1 to ``sharpness`` as the budget tapers, so the gates end near 0/1 and the
-  weights have adapted to nearly binary gates by the time they are cut); the
+* Gates ``g = sigmoid(theta)`` per channel of every group, with their own Adam optimizer; the
   weights are fine-tuned at the same time by SGD (model in train mode). The two optimizers
   never share parameters.
 * Constraint ``c(g, t) = (MACs(g) - B(t)) / F_dense = 0``; the gate loss is
@@ -50,7 +48,6 @@ class TaperOptions:
     penalty: float = 50.0        # rho of the augmented-Lagrangian term rho/2 * c^2 (tracks B(t) closely)
     gamma: float = 0.1           # weight of the polarization term L_bool
     init: float = 0.9            # initial gate value
-    sharpness: float = 10.0      # gates are sigmoid(k * theta), k growing from 1 to this as B tapers
     max_rate: float | None = None  # bound on the taper rate, share of dense MACs per epoch
     settle_steps: int = 10       # steps held at each snapshot budget before cutting ...
     settle_tol: float = 0.01     # ... and until |MACs(g) - B| <= settle_tol * dense (at most 5x settle_steps)
@@ -120,8 +117,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                 target = pending[0] * dense
                 if budget > target:
                     budget = target if forced else max(target, budget - rate * dense)
-                k = _sharpness(budget / dense, budgets[-1], options.sharpness)
-                gates = [torch.sigmoid(k * t) for t in theta]
+                gates = [torch.sigmoid(t) for t in theta]
                 hooks.values = gates
                 macs = counter.macs([g.double() for g in gates])
                 ce = loss_fn(model(x.to(device)), y.to(device))
@@ -146,7 +142,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                             rate = min(rate * options.speed_up, max_rate)
                     loss_ref = loss_avg
                 record = {"step": step, "ce": ce.item(), "budget": budget / dense,
-                          "gated_flops_kept": macs.item() / dense, "lambda": lam, "sharpness": k,
+                          "gated_flops_kept": macs.item() / dense, "lambda": lam,
                           "rate_per_epoch": rate * steps_per_epoch}
                 history.append(record)
                 if progress is not None:
@@ -156,7 +152,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                     close = abs(c.item()) <= options.settle_tol
                     if (held >= options.settle_steps and close) or held >= 5 * options.settle_steps:
                         hooks.remove()
-                        snapshots.append(_snapshot(model, groups, counter, [k * t for t in theta], pending[0], step,
+                        snapshots.append(_snapshot(model, groups, counter, theta, pending[0], step,
                                                    example_input, not forced))
                         hooks = GateHooks(model, groups)
                         model.train()
@@ -170,12 +166,6 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
             "snapshot_steps": {f"{s.budget:g}": s.step for s in snapshots},
             "snapshot_cuts": {f"{s.budget:g}": s.cut for s in snapshots}}
     return snapshots, info
-
-
-def _sharpness(share: float, last: float, most: float) -> float:
-    """1 at the dense budget, ``most`` at the last budget, linear in between."""
-    progress = min(1.0, max(0.0, (1.0 - share) / (1.0 - last)))
-    return 1.0 + (most - 1.0) * progress
 
 
 def _snapshot(model, groups, counter, logits, budget, step, example_input, on_schedule) -> Snapshot:
