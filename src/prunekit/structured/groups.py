@@ -27,6 +27,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import PrunekitError
+from ..zoo.cifar_resnet import ZeroPadShortcut
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -128,12 +129,12 @@ def _members(tp_group, names: dict) -> tuple[list[Member], str | None]:
         dep, idxs = item.dep, [int(i) for i in item.idxs]
         module = dep.target.module
         grad_name = type(dep.target.grad_fn).__name__ if getattr(dep.target, "grad_fn", None) else ""
-        if "ConstantPadNd" in grad_name or isinstance(module, _zero_pad_type()):
+        if "ConstantPadNd" in grad_name or isinstance(module, ZeroPadShortcut):
             return [], "passes through a zero-pad (option-A) shortcut: block outputs kept dense"
         if not isinstance(module, (*_CONV, nn.Linear, _BN)):
             continue
         name = names[module]
-        out_fn = graph_is_out(dep)
+        out_fn = _prunes_out_channels(dep)
         if isinstance(module, _BN):
             role, extent = "bn", module.num_features
         elif out_fn:
@@ -165,13 +166,9 @@ def _members(tp_group, names: dict) -> tuple[list[Member], str | None]:
     return members, None
 
 
-def graph_is_out(dep) -> bool:
+def _prunes_out_channels(dep) -> bool:
     """True if the dependency prunes the output channels of its layer."""
     fn = dep.handler
     name = getattr(fn, "__name__", "") or type(fn).__name__
     return "out" in name
 
-
-def _zero_pad_type():
-    from ..zoo.cifar_resnet import ZeroPadShortcut
-    return ZeroPadShortcut

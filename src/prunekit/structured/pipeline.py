@@ -8,7 +8,6 @@ on the shrunk model itself, and the budget is checked against that count.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field, fields
 
@@ -128,7 +127,3 @@ def prune_structured(model: nn.Module, method: str, flops: float, example_input:
     main.snapshots = results
     return main
 
-
-def describe_groups(groups: GroupSet) -> list[dict]:
-    return [{"root": g.root, "size": g.size, "members": [f"{m.module}:{m.role}" for m in g.members]}
-            for g in groups]
