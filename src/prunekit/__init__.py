@@ -2,7 +2,7 @@
 
 The stable public API::
 
-    from prunekit import Budget, CostModel, ParamSpace, prune_oneshot
+    from prunekit import Budget, CostModel, ParamSpace, prune_oneshot, prune_structured
 """
 
 from .budget import Budget, ResolvedBudget
@@ -13,7 +13,9 @@ from .params import ParamSpace
 from .pipelines.oneshot import PruneResult, method_names
 from .pipelines.oneshot import prune as prune_oneshot
 from .saving import save_model
+from .structured.pipeline import StructuredResult, prune_structured
 
 __all__ = ["Budget", "ResolvedBudget", "CostModel", "Counts", "PrunekitError", "MaskHold", "ParamSpace",
-           "PruneResult", "method_names", "prune_oneshot", "save_model"]
+           "PruneResult", "method_names", "prune_oneshot", "save_model",
+           "StructuredResult", "prune_structured"]
 __version__ = "0.1.0"

@@ -30,6 +30,8 @@ from .pipelines.oneshot import METHODS, check_request, prune
 from .pipelines.schedule import KINDS
 from .saving import save_model, atomic_write_json
 from .train import evaluate, train_epochs
+from .structured.cli import (STRUCTURED_METHODS, add_bench_latency_parser, add_structured_prune_args,
+                             cmd_prune_structured, shrunk_line, shrunk_summary)
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_METHOD = "chita++"
@@ -102,6 +104,9 @@ def cmd_info(args) -> int:
               "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,
               "prunable_macs": prunable_macs, "prunable_excluded": loaded.prune_exclude,
               "unknown_modules": costs.unknown}
+    shrunk = shrunk_summary(args.model, args.checkpoint, counts)
+    if shrunk:
+        totals["shrunk"] = shrunk
     if args.json:
         print(json.dumps({"model": args.model, "input_shape": list(loaded.input_shape),
                           "layers": rows, **totals}))
@@ -125,6 +130,8 @@ def cmd_info(args) -> int:
     if counts.macs != costs.macs:
         print(f"nonzero-aware: {100 * counts.flops_kept:.2f}% of dense MACs, "
               f"{100 * counts.params_kept:.2f}% of dense params")
+    if shrunk:
+        print(shrunk_line(shrunk))
     if costs.unknown:
         print(f"warning: no counting rule for {len(costs.unknown)} module(s), counted as 0: "
               f"{', '.join(costs.unknown[:5])}")
@@ -239,6 +246,8 @@ def _method_options(args) -> dict:
 
 
 def cmd_prune(args) -> int:
+    if args.method in STRUCTURED_METHODS:
+        return cmd_prune_structured(args)
     if args.train_samples is not None and args.train_samples < 1:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to use every training image)")
     budget = Budget.parse(args.sparsity, args.flops, args.params)
@@ -338,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model to a budget")
     _add_model_args(p)
     _add_data_args(p)
-    p.add_argument("--method", default="magnitude", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default="magnitude", help=f"one of {', '.join((*METHODS, *STRUCTURED_METHODS))}")
     p.add_argument("--sparsity", help="share of prunable weights removed (0.9, 90%%) or count kept (50k)")
     p.add_argument("--flops", help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M); alone, it leaves "
                    "the count of weights free (falcon chooses it; count-budget methods prune to the "
@@ -376,7 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs-per-event", type=int, default=1, help="fine-tuning epochs after each event (default 1)")
     g.add_argument("--final-epochs", type=int, default=2, help="fine-tuning epochs after the last event (default 2)")
     g.add_argument("--lr", type=float, default=0.01, help="peak learning rate of each cosine cycle (default 0.01)")
+    add_structured_prune_args(p)
     p.set_defaults(func=cmd_prune)
+
+    add_bench_latency_parser(sub)
 
     p = sub.add_parser("train", help="train a zoo model on a data set")
     _add_model_args(p)

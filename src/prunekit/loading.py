@@ -17,6 +17,7 @@ from . import zoo
 from .data import ImageDataset, Normalization, load_dataset
 from .errors import PrunekitError
 from .saving import read_meta
+from .zoo.layout import apply_layout
 
 # Input normalization of models trained from scratch, per data set (mean, std in [0,1] units);
 # the mnist and cifar10 ones are the zoo's. Fashion-MNIST: its training set's pixel statistics.
@@ -61,6 +62,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
                                                 (("num_classes", num_classes), ("in_channels", in_channels))
                                                 if v is not None}
     model = zoo.build(name, **build_kwargs)
+    if "channel_layout" in meta:   # a structurally pruned (shrunk) model: resize its layers first
+        apply_layout(model, meta["channel_layout"])
     if checkpoint is not None:
         zoo.load_checkpoint(model, checkpoint)
     channels = build_kwargs.get("in_channels", spec.input_shape[0])

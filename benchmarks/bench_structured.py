@@ -1,0 +1,203 @@
+"""Structured pruning to a MAC budget on option-A ResNet-56 (CIFAR-10): AutoBot and the tapering
+Lagrangian against torch-pruning's GroupMagnitude/GroupTaylor pruners at the same MACs.
+
+    python benchmarks/bench_structured.py --data-dir ../shared/data            # accuracy part, then latency
+    python benchmarks/bench_structured.py --data-dir ../shared/data --latency-only
+
+Gradients, gate training, BN recalibration and the fine-tune use the 5,085 exact CIFAR-10 training
+images (random crop + flip); accuracy is on the 1,017 exact test images (about +-0.8 points, one
+standard error). The accuracy part runs on one thread. Every pruned model is counted by our
+CostModel and saved (safetensors + channel layout) under --models-dir, which the latency part reads:
+median of --repeats timed forward passes after --warmup, at batch 1 and 64, on --threads threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import DEFAULT_DATA, machine, print_table, write_json
+from prunekit.costs import CostModel
+from prunekit.data import make_loader
+from prunekit.loading import load_data, load_model
+from prunekit.structured.baselines import TP_METHODS, tp_prune
+from prunekit.structured.pipeline import prune_structured
+from prunekit.structured.saving import save_shrunk
+from prunekit.train import evaluate, recalibrate_batchnorm, train_epochs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def latency_ms(model, shape, batch: int, warmup: int, repeats: int) -> float:
+    x = torch.randn(batch, *shape)
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def accuracy_part(args) -> dict:
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    checkpoint = args.checkpoint or sorted(glob.glob(f"{args.data_dir}/checkpoints/{args.model}-*.th"))[0]
+    loaded = load_model(args.model, checkpoint)
+    dense = loaded.model
+    train = load_data("cifar10", f"{args.data_dir}/cifar10", "train")
+    test = load_data("cifar10", f"{args.data_dir}/cifar10", "test")
+    test_loader = make_loader(test, loaded.normalization, batch_size=256)
+    # One loader object: each iter() is a new epoch (new order and augmentation).
+    train_loader = make_loader(train, loaded.normalization, batch_size=64, shuffle=True, augment=True,
+                               seed=args.seed)
+    batches = lambda: train_loader  # noqa: E731
+    example = loaded.example_input()
+    costs = CostModel(dense, example)
+    dense_acc = evaluate(dense, test_loader)
+    log(f"{args.model} dense: {dense_acc:.2f}% on {len(test)} test images, {costs.macs:,} MACs, "
+        f"{costs.params:,} params; {len(train)} training images")
+    models_dir = Path(args.models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    meta_base = {"model": args.model, "build_kwargs": loaded.build_kwargs, "input_shape": list(loaded.input_shape),
+                 "normalization": {"mean": list(loaded.normalization.mean), "std": list(loaded.normalization.std)}}
+    payload = {"model": args.model, "checkpoint": Path(checkpoint).name, "dense_accuracy": dense_acc,
+               "dense_macs": costs.macs, "dense_params": costs.params, "train_images": len(train),
+               "test_images": len(test), "settings": vars(args), "rows": []}
+
+    def finish(method, budget, small, seconds, info):
+        counts = costs.count(small)
+        assert counts.macs <= budget * costs.macs, (method, budget, counts.macs)
+        recalibrate_batchnorm(small, batches())
+        pruned_acc = evaluate(small, test_loader)
+        start = time.perf_counter()
+        train_epochs(small, batches(), args.finetune_epochs, lr=args.finetune_lr, progress=False)
+        ft_seconds = time.perf_counter() - start
+        ft_acc = evaluate(small, test_loader)
+        path = models_dir / f"{method}-{budget:g}.safetensors"
+        save_shrunk(small, path, {**meta_base, "method": method, "flops": budget})
+        row = {"method": method, "budget": budget, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept,
+               "macs": counts.macs, "params": counts.params, "accuracy_pruned_bn": pruned_acc,
+               "accuracy_finetuned": ft_acc, "prune_seconds": seconds, "finetune_seconds": ft_seconds,
+               "saved": str(path), "info": info}
+        payload["rows"].append(row)
+        log(f"{method} @ {budget:g}: MACs {counts.flops_kept:.4f}, params {counts.params_kept:.4f}, "
+            f"pruned+BN {pruned_acc:.2f}%, fine-tuned {ft_acc:.2f}%, prune {seconds:.0f} s, fine-tune {ft_seconds:.0f} s")
+        write_json(args.out, payload)
+
+    for method in args.methods:
+        if method == "taper":
+            model = copy.deepcopy(dense)
+            start = time.perf_counter()
+            result = prune_structured(model, "taper", min(args.budgets), example, batches,
+                                      {"epochs": args.taper_epochs, "max_rate": args.max_taper_rate},
+                                      snapshots=args.budgets, recalibrate_bn=False)
+            seconds = time.perf_counter() - start
+            shots = {result.flops: result, **result.snapshots}
+            info = {k: result.info[k] for k in ("taper_steps", "planned_steps", "snapshot_steps", "on_schedule",
+                                                "final_lambda")}
+            info["history"] = result.info["history"]
+            info["seconds_note"] = "one taper run gives every budget; seconds are the whole run"
+            for budget in sorted(args.budgets, reverse=True):
+                finish("taper", budget, shots[budget].model, seconds, info)
+            continue
+        for budget in sorted(args.budgets, reverse=True):
+            start = time.perf_counter()
+            if method == "autobot":
+                result = prune_structured(copy.deepcopy(dense), "autobot", budget, example, batches,
+                                          {"batches": args.gate_batches}, recalibrate_bn=False)
+                small = result.model
+                info = {k: result.info[k] for k in ("threshold_gate", "gate_steps", "gate_estimate_flops_kept", "history")}
+            else:
+                grads = [b for _, b in zip(range(args.taylor_batches), train_loader)]
+                small, info = tp_prune(dense, method, budget, example, grads)
+            finish(method, budget, small, time.perf_counter() - start, info)
+    return payload
+
+
+def latency_part(args, payload: dict) -> None:
+    torch.set_num_threads(args.threads)
+    checkpoint = args.checkpoint or sorted(glob.glob(f"{args.data_dir}/checkpoints/{args.model}-*.th"))[0]
+    dense = load_model(args.model, checkpoint)
+    shape = tuple(dense.input_shape)
+    dense_ms = {b: latency_ms(dense.model, shape, b, args.warmup, args.repeats) for b in (1, 64)}
+    payload["latency"] = {"threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
+                          "dense_ms": dense_ms}
+    log(f"dense latency on {args.threads} thread(s): batch 1 {dense_ms[1]:.2f} ms, batch 64 {dense_ms[64]:.1f} ms")
+    for row in payload["rows"]:
+        pruned = load_model(args.model, row["saved"]).model
+        ms = {b: latency_ms(pruned, shape, b, args.warmup, args.repeats) for b in (1, 64)}
+        row["latency_ms"] = ms
+        row["latency_share"] = {b: ms[b] / dense_ms[b] for b in (1, 64)}
+        row["latency_target_met_b64"] = ms[64] / dense_ms[64] <= 1.25 * row["flops_kept"]
+        log(f"{row['method']} @ {row['budget']:g}: batch 1 {ms[1]:.2f} ms ({ms[1] / dense_ms[1]:.2f}x), "
+            f"batch 64 {ms[64]:.1f} ms ({ms[64] / dense_ms[64]:.2f}x, MACs {row['flops_kept']:.2f})")
+        write_json(args.out, payload)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="the shared data folder")
+    parser.add_argument("--model", default="resnet56")
+    parser.add_argument("--checkpoint", help="default: DATA_DIR/checkpoints/MODEL-*.th")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3], help="shares of MACs kept")
+    parser.add_argument("--methods", nargs="+", default=["autobot", "taper", *TP_METHODS],
+                        choices=["autobot", "taper", *TP_METHODS])
+    parser.add_argument("--gate-batches", type=int, default=200, help="AutoBot gate-training batches of 64")
+    parser.add_argument("--taper-epochs", type=float, default=4.0, help="planned taper length in epochs")
+    parser.add_argument("--max-taper-rate", type=float, default=None, help="share of dense MACs per epoch")
+    parser.add_argument("--taylor-batches", type=int, default=10, help="batches of 64 for the Taylor gradients")
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency-only", action="store_true", help="time the saved models of a previous run")
+    parser.add_argument("--inputs", nargs="+", help="with --latency-only: merge the rows of these result files "
+                        "(e.g. methods run as separate processes) into --out")
+    parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="threads for the latency part")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--models-dir", default=str(RESULTS / "structured_models"))
+    parser.add_argument("--out", default=str(RESULTS / "structured_resnet56.json"))
+    args = parser.parse_args()
+    if args.latency_only:
+        parts = [json.loads(Path(p).read_text()) for p in (args.inputs or [args.out])]
+        payload = parts[0]
+        payload["machines"] = [p.pop("machine", None) for p in parts]
+        payload["settings"] = [p["settings"] for p in parts]
+        payload["rows"] = [row for p in parts for row in p["rows"]]
+    else:
+        payload = accuracy_part(args)
+    if not args.no_latency:
+        latency_part(args, payload)
+    rows = []
+    for r in payload["rows"]:
+        lat = r.get("latency_ms", {})
+        share = r.get("latency_share", {})
+        rows.append({**r, "b1": lat.get(1, lat.get("1")), "b64": lat.get(64, lat.get("64")),
+                     "s64": share.get(64, share.get("64"))})
+    print(f"\n{payload['model']} dense {payload['dense_accuracy']:.2f}% ({payload['dense_macs']:,} MACs)")
+    print_table(rows, [("method", "method", ">12"), ("budget", "budget", ".2f"), ("flops_kept", "MACs kept", ".4f"),
+                       ("params_kept", "params kept", ".4f"), ("accuracy_pruned_bn", "pruned+BN %", ".2f"),
+                       ("accuracy_finetuned", "fine-tuned %", ".2f"), ("prune_seconds", "prune s", ".0f"),
+                       ("b1", "b1 ms", ".2f"), ("b64", "b64 ms", ".1f"), ("s64", "b64 share", ".2f")])
+    write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""AutoBot (Castells & Yeom, arXiv 2111.09635): trainable bottlenecks on a frozen network.
+
+Gates ``g = sigmoid(theta)`` start at 0.9 on every channel of every group. Only ``theta`` is
+trained (Adam), the weights are frozen and the model stays in eval mode, on
+
+    loss = cross_entropy + beta * L_flops + gamma * L_bool
+    L_flops = (F - T) / (F_max - T)  if F > T  else  1 - F / T
+    L_bool  = mean |g - round(g)|
+
+with ``F`` the MACs of the gated model (``GatedMacs``, groups and depthwise convs counted as
+``CostModel`` counts them), ``T`` the target and ``F_max`` the dense MACs. The gates are then
+cut by one global threshold found by bisection so that the kept MACs meet the target exactly
+(the gate-loss estimate alone can miss it by a wide margin).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .gates import GatedMacs, GateHooks
+from .groups import GroupSet
+from .threshold import threshold_to_budget
+
+
+@dataclass
+class AutoBotOptions:
+    batches: int = 200      # gate-training steps (batches of the train loader, 64 images by default)
+    beta: float = 6.0       # weight of L_flops
+    gamma: float = 0.4      # weight of L_bool
+    lr: float = 0.6         # Adam learning rate on theta
+    init: float = 0.9       # initial gate value
+
+
+def flops_loss(macs: torch.Tensor, target: float, dense: float) -> torch.Tensor:
+    """AutoBot's L_flops: (F-T)/(F_max-T) above the target, 1 - F/T at or below it."""
+    if macs > target:
+        return (macs - target) / max(dense - target, 1.0)
+    return 1.0 - macs / target
+
+
+def bool_loss(gates: list[torch.Tensor]) -> torch.Tensor:
+    """Mean distance of the gates to {0, 1}."""
+    flat = torch.cat(gates)
+    return (flat - flat.round()).abs().mean()
+
+
+def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target_macs: float,
+                  batches, options: AutoBotOptions, progress=None) -> tuple[list[torch.Tensor], dict]:
+    """Train the bottlenecks on ``batches`` (an iterable of (x, y), cycled) and cut to ``target_macs``.
+
+    Returns (keep-masks in group order, info with the loss history and the final gate values).
+    """
+    device = next(model.parameters()).device
+    theta = [torch.full((g.size,), math.log(options.init / (1 - options.init)), device=device,
+                        requires_grad=True) for g in groups]
+    optimizer = torch.optim.Adam(theta, lr=options.lr)
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    history = []
+    loss_fn = nn.CrossEntropyLoss()
+    try:
+        with GateHooks(model, groups) as hooks:
+            step = 0
+            while step < options.batches:
+                seen = False
+                for x, y in batches():
+                    seen = True
+                    gates = [torch.sigmoid(t) for t in theta]
+                    hooks.values = gates
+                    macs = counter.macs([g.double() for g in gates])
+                    ce = loss_fn(model(x.to(device)), y.to(device))
+                    lf, lb = flops_loss(macs, target_macs, counter.dense), bool_loss(gates)
+                    loss = ce + options.beta * lf.float() + options.gamma * lb
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    history.append({"step": step, "ce": ce.item(), "l_flops": lf.item(), "l_bool": lb.item(),
+                                    "gated_flops_kept": macs.item() / counter.dense})
+                    if progress is not None:
+                        progress(history[-1])
+                    step += 1
+                    if step >= options.batches:
+                        break
+                if not seen:
+                    break
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+    # Cut on the logits: same order as the gates, without sigmoid's saturation into ties.
+    scores = [t.detach().cpu() for t in theta]
+    masks, threshold = threshold_to_budget(scores, counter, target_macs)
+    info = {"threshold_gate": float(torch.sigmoid(torch.tensor(threshold))), "gate_steps": len(history),
+            "gate_estimate_flops_kept": history[-1]["gated_flops_kept"] if history else None,
+            "history": history[:: max(1, len(history) // 50)]}
+    return masks, info

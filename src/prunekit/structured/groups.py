@@ -1,0 +1,174 @@
+"""Channel groups: sets of coupled channels that must be kept or removed together.
+
+An adapter over torch-pruning's ``DependencyGraph`` (which traces the autograd graph and knows
+that residual adds tie channels, depthwise convs tie input to output, concatenation offsets
+and flatten repeats indices). Its groups are turned into :class:`ChannelGroup` objects that
+say, per member layer, which slice of which channel axis the group controls.
+
+What the adapter refuses (the group is left dense and listed in ``GroupSet.skipped``):
+
+* groups that reach the network's output (no consumer inside the net: the logits);
+* groups whose index maps are not one of the shapes we understand (identity, a concat offset,
+  a flatten repeat): anything else would be pruned wrongly, so it is not pruned;
+* groups passing through an option-A zero-pad shortcut (``ZeroPadShortcut``): torch-pruning
+  sees the pad as an elementwise op and wrongly ties a stage's C channels to the first C of
+  the next stage's 2C. There the adapter keeps the block outputs (conv2/bn2, the stage width)
+  dense and prunes only the channels inside each block (conv1/bn1 out = conv2 in), the choice
+  most papers make for option-A ResNets;
+* groups touching a grouped conv that is not depthwise (none in the zoo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import PrunekitError
+from ..zoo.cifar_resnet import ZeroPadShortcut
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer's share of a group.
+
+    ``role``: "out" (output channels of a Conv/Linear), "in" (input channels of a Conv/Linear)
+    or "bn" (BatchNorm features). Group channel ``j`` is the layer's channels
+    ``offset + j * repeat ... offset + (j + 1) * repeat - 1`` on that axis (``repeat`` > 1
+    only for a Linear after a flatten of C x H x W).
+    """
+
+    module: str
+    role: str
+    offset: int = 0
+    repeat: int = 1
+
+
+@dataclass
+class ChannelGroup:
+    """``size`` coupled channels; ``root`` is the layer torch-pruning grouped them from."""
+
+    index: int
+    root: str
+    size: int
+    members: list[Member] = field(default_factory=list)
+
+    def layers(self, role: str) -> list[Member]:
+        return [m for m in self.members if m.role == role]
+
+    def __str__(self) -> str:
+        return f"group {self.index} ({self.root}, {self.size} channels, {len(self.members)} members)"
+
+
+@dataclass
+class GroupSet:
+    """The prunable groups of a model plus the groups left dense and why."""
+
+    groups: list[ChannelGroup]
+    skipped: list[tuple[str, str]]   # (root layer, reason)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        return iter(self.groups)
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    was_training = model.training
+    model.eval()
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    finally:
+        model.train(was_training)
+
+
+def find_groups(model: nn.Module, example_input: torch.Tensor) -> GroupSet:
+    """The channel groups of ``model`` (Conv/Linear/BatchNorm channels), traced on ``example_input``."""
+    graph = build_graph(model, example_input)
+    names = {module: name for name, module in model.named_modules()}
+    groups: list[ChannelGroup] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[frozenset] = set()
+    for tp_group in graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)):
+        root_module = tp_group[0].dep.target.module
+        root = names.get(root_module, str(root_module))
+        members, reason = _members(tp_group, names)
+        key = frozenset((m.module, m.role) for m in members) if members else frozenset([root])
+        if key in seen:
+            continue
+        seen.add(key)
+        if reason is not None:
+            skipped.append((root, reason))
+            continue
+        size = _size_of(root_module)
+        groups.append(ChannelGroup(index=len(groups), root=root, size=size, members=members))
+    if not groups:
+        raise PrunekitError("the model has no prunable channel group (every coupled channel set reaches "
+                            "the output or an operation the dependency analysis cannot map); "
+                            "structured pruning needs Conv/Linear layers with channels feeding other layers")
+    return GroupSet(groups, skipped)
+
+
+def _size_of(module: nn.Module) -> int:
+    return module.out_channels if isinstance(module, _CONV) else module.out_features
+
+
+def _members(tp_group, names: dict) -> tuple[list[Member], str | None]:
+    """Our members of a torch-pruning group, or a reason why it cannot be pruned."""
+    root_module = tp_group[0].dep.target.module
+    size = _size_of(root_module)
+    members: list[Member] = []
+    has_consumer = False
+    for item in tp_group.items:
+        dep, idxs = item.dep, [int(i) for i in item.idxs]
+        module = dep.target.module
+        grad_name = type(dep.target.grad_fn).__name__ if getattr(dep.target, "grad_fn", None) else ""
+        if "ConstantPadNd" in grad_name or isinstance(module, ZeroPadShortcut):
+            return [], "passes through a zero-pad (option-A) shortcut: block outputs kept dense"
+        if not isinstance(module, (*_CONV, nn.Linear, _BN)):
+            continue
+        name = names[module]
+        out_fn = _prunes_out_channels(dep)
+        if isinstance(module, _BN):
+            role, extent = "bn", module.num_features
+        elif out_fn:
+            role, extent = "out", _size_of(module)
+        else:
+            role, extent = "in", module.in_channels if isinstance(module, _CONV) else module.in_features
+            has_consumer = True
+        if isinstance(module, _CONV) and module.groups > 1:
+            depthwise = module.groups == module.in_channels == module.out_channels
+            if not depthwise:
+                return [], f"touches grouped conv {name} (groups={module.groups}, not depthwise)"
+            if role == "in":
+                role = "out"           # a depthwise conv's input channel is its output channel
+        if len(idxs) == 0 or len(idxs) % size:
+            return [], f"index map of {name} has {len(idxs)} entries for {size} channels"
+        repeat = len(idxs) // size
+        offset = idxs[0]
+        if idxs != list(range(offset, offset + len(idxs))) or offset + len(idxs) > extent:
+            return [], f"index map of {name} is not a contiguous block"
+        if repeat > 1 and role != "in":
+            return [], f"{name} repeats channels on its {role} axis"
+        if role != "in" and extent != size:
+            return [], f"{name} has {extent} channels where the group has {size}"
+        member = Member(name, role, offset, repeat)
+        if member not in members:
+            members.append(member)
+    if not has_consumer:
+        return [], "reaches the network output (no consuming layer)"
+    return members, None
+
+
+def _prunes_out_channels(dep) -> bool:
+    """True if the dependency prunes the output channels of its layer."""
+    fn = dep.handler
+    name = getattr(fn, "__name__", "") or type(fn).__name__
+    return "out" in name
+

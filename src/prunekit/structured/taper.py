@@ -1,0 +1,184 @@
+"""Tapering Lagrangian (arXiv 1812.07060 style): gates and weights trained together while a
+MAC budget tapers from the dense count down, enforced as an equality constraint.
+
+* Gates ``g = sigmoid(theta)`` per channel of every group, with their own Adam optimizer; the
+  weights are fine-tuned at the same time by SGD (model in train mode). The two optimizers
+  never share parameters.
+* Constraint ``c(g, t) = (MACs(g) - B(t)) / F_dense = 0``; the gate loss is
+  ``cross_entropy + lam * c + rho/2 * c^2 + gamma * L_bool`` (an augmented Lagrangian: the
+  quadratic term makes the gates track the moving budget) and the multiplier moves by dual
+  ascent, ``lam <- lam + dual_lr * c`` after every step (it may go negative: an equality constraint).
+* ``B(t)`` starts at ``F_dense`` and falls by ``rate * F_dense`` per step. Every ``check_every``
+  steps the rate adapts to the task loss (an exponential average): it is multiplied by
+  ``slow_down`` when the loss rose by more than ``rise_tol`` (relative), by ``speed_up`` when it
+  moved by less than ``flat_tol``; it never exceeds the user's bound ``max_rate`` (share of the
+  dense MACs per epoch) and never falls below a quarter of its starting value (so a run ends).
+* When ``B`` reaches a requested budget it is held there for ``settle_steps`` steps and until the
+  gated MACs are within ``settle_tol`` of it (at most ``5 * settle_steps`` steps), then a
+  snapshot is taken: the gates are folded into their consumer weights, cut to 0/1 by a global
+  threshold meeting the budget exactly (bisection), and the closed channels are removed. One
+  run thus yields a shrunk model at each budget (e.g. 70%, 50%, 30% of MACs).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import PrunekitError
+from .gates import GatedMacs, GateHooks, fold_gates
+from .groups import GroupSet
+from .autobot import bool_loss
+from .shrink import shrink
+from .threshold import threshold_to_budget
+
+
+@dataclass
+class TaperOptions:
+    epochs: float = 4.0          # planned length in passes over the training batches
+    lr: float = 0.01             # SGD learning rate of the weights
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    gate_lr: float = 0.1         # Adam learning rate of the gate logits
+    dual_lr: float = 0.2         # step of the multiplier per unit of relative MAC error
+    penalty: float = 50.0        # rho of the augmented-Lagrangian term rho/2 * c^2 (tracks B(t) closely)
+    gamma: float = 0.1           # weight of the polarization term L_bool
+    init: float = 0.9            # initial gate value
+    max_rate: float | None = None  # bound on the taper rate, share of dense MACs per epoch
+    settle_steps: int = 10       # steps held at each snapshot budget before cutting ...
+    settle_tol: float = 0.01     # ... and until |MACs(g) - B| <= settle_tol * dense (at most 5x settle_steps)
+    check_every: int = 20
+    slow_down: float = 0.7
+    speed_up: float = 1.1
+    rise_tol: float = 0.25       # relative rise of the averaged task loss that slows the taper
+    flat_tol: float = 0.02       # relative change below which the loss counts as flat
+    loss_average: float = 0.95   # decay of the exponential average of the task loss
+
+
+@dataclass
+class Snapshot:
+    budget: float                # share of dense MACs asked for
+    model: nn.Module             # shrunk copy
+    masks: list[torch.Tensor]
+    step: int
+    reached_by_schedule: bool    # False if the planned steps ran out first and B was forced down
+    cut: dict                    # how far the gates were from the 0/1 masks they were cut to
+
+
+def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budgets: list[float],
+                    batches, example_input: torch.Tensor, options: TaperOptions, progress=None
+                    ) -> tuple[list[Snapshot], dict]:
+    """Run the tapering Lagrangian on ``model`` (modified in place: its weights are trained).
+
+    ``budgets``: shares of dense MACs kept, each in (0, 1); snapshots come out largest first.
+    ``batches()``: a fresh iterable of (x, y) per epoch.
+    """
+    budgets = sorted(set(float(b) for b in budgets), reverse=True)
+    if not budgets or any(not 0 < b < 1 for b in budgets):
+        raise PrunekitError(f"taper budgets must be shares of MACs in (0, 1), got {budgets}")
+    dense = counter.dense
+    first = batches()
+    steps_per_epoch = len(first) if hasattr(first, "__len__") else sum(1 for _ in first)
+    planned = max(1, int(options.epochs * steps_per_epoch))
+    # Start fast enough to reach the last budget after half of the planned steps: the rate
+    # slows while the loss rises, and the rest is settling.
+    rate = (1.0 - budgets[-1]) / (planned / 2)
+    if options.max_rate is not None and options.max_rate <= 0:
+        raise PrunekitError("--max-taper-rate must be positive (share of dense MACs per epoch)")
+    max_rate = options.max_rate / steps_per_epoch if options.max_rate is not None else 2 * rate
+    rate = min_rate = min(rate, max_rate)
+    min_rate /= 4                # the rate never falls below a quarter of its start: it always ends
+
+    device = next(model.parameters()).device
+    theta = [torch.full((g.size,), math.log(options.init / (1 - options.init)), device=device,
+                        requires_grad=True) for g in groups]
+    gate_opt = torch.optim.Adam(theta, lr=options.gate_lr)
+    weight_opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=options.lr,
+                                 momentum=options.momentum, weight_decay=options.weight_decay, nesterov=True)
+    loss_fn = nn.CrossEntropyLoss()
+    lam, budget, step = 0.0, float(dense), 0
+    pending = list(budgets)
+    held = 0
+    loss_avg, loss_ref = None, None
+    snapshots: list[Snapshot] = []
+    history = []
+    hooks = GateHooks(model, groups)
+    model.train()
+    try:
+        while pending:
+            for x, y in batches():
+                if not pending:
+                    break
+                forced = step >= planned
+                target = pending[0] * dense
+                if budget > target:
+                    budget = target if forced else max(target, budget - rate * dense)
+                gates = [torch.sigmoid(t) for t in theta]
+                hooks.values = gates
+                macs = counter.macs([g.double() for g in gates])
+                ce = loss_fn(model(x.to(device)), y.to(device))
+                c = (macs - budget) / dense
+                c32 = c.float()
+                loss = ce + lam * c32 + options.penalty / 2 * c32 ** 2 + options.gamma * bool_loss(gates)
+                gate_opt.zero_grad(set_to_none=True)
+                weight_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gate_opt.step()
+                weight_opt.step()
+                lam += options.dual_lr * c.item()
+                step += 1
+                loss_avg = ce.item() if loss_avg is None else \
+                    options.loss_average * loss_avg + (1 - options.loss_average) * ce.item()
+                if step % options.check_every == 0:
+                    if loss_ref is not None and budget > target:
+                        change = (loss_avg - loss_ref) / max(loss_ref, 1e-8)
+                        if change > options.rise_tol:
+                            rate = max(rate * options.slow_down, min_rate)
+                        elif abs(change) < options.flat_tol:
+                            rate = min(rate * options.speed_up, max_rate)
+                    loss_ref = loss_avg
+                record = {"step": step, "ce": ce.item(), "budget": budget / dense,
+                          "gated_flops_kept": macs.item() / dense, "lambda": lam,
+                          "rate_per_epoch": rate * steps_per_epoch}
+                history.append(record)
+                if progress is not None:
+                    progress(record)
+                if budget <= target:
+                    held += 1
+                    close = abs(c.item()) <= options.settle_tol
+                    if (held >= options.settle_steps and close) or held >= 5 * options.settle_steps:
+                        hooks.remove()
+                        snapshots.append(_snapshot(model, groups, counter, theta, pending[0], step,
+                                                   example_input, not forced))
+                        hooks = GateHooks(model, groups)
+                        model.train()
+                        pending.pop(0)
+                        held = 0
+    finally:
+        hooks.remove()
+        model.eval()
+    info = {"taper_steps": step, "planned_steps": planned, "steps_per_epoch": steps_per_epoch,
+            "final_lambda": lam, "history": history[:: max(1, len(history) // 100)],
+            "snapshot_steps": {f"{s.budget:g}": s.step for s in snapshots},
+            "snapshot_cuts": {f"{s.budget:g}": s.cut for s in snapshots}}
+    return snapshots, info
+
+
+def _snapshot(model, groups, counter, logits, budget, step, example_input, on_schedule) -> Snapshot:
+    """Fold the gates into the weights, cut by logit (sigmoid saturates to ties), shrink."""
+    device = next(model.parameters()).device
+    logits = [t.detach().cpu() for t in logits]
+    gates = [torch.sigmoid(t) for t in logits]
+    folded = copy.deepcopy(model).eval()
+    fold_gates(folded, groups, [g.to(device) for g in gates])
+    masks, _ = threshold_to_budget(logits, counter, budget * counter.dense)
+    small = shrink(folded, groups, masks, example_input.to(device))
+    flat_g, flat_m = torch.cat(gates), torch.cat(masks).float()
+    cut = {"mean_abs_gate_change": float((flat_g - flat_m).abs().mean()),
+           "kept_gates_below_half": int(((flat_g < 0.5) & (flat_m > 0)).sum()),
+           "closed_gates_above_tenth": int(((flat_g > 0.1) & (flat_m == 0)).sum())}
+    return Snapshot(budget, small, masks, step, on_schedule, cut)

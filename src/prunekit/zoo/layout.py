@@ -1,0 +1,67 @@
+"""Per-layer channel counts of a model, and resizing a zoo model to them.
+
+A structurally pruned (shrunk) model has the zoo architecture with smaller Conv/Linear/BatchNorm
+layers; its saved sidecar records ``channel_layout(model)`` so that ``load_model`` can rebuild it
+with ``apply_layout`` before loading the tensors (no code from the file is executed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import PrunekitError
+
+_CONV = nn.modules.conv._ConvNd
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def channel_layout(model: nn.Module) -> dict[str, dict]:
+    """Per-layer channel counts of every Conv/Linear/BatchNorm (JSON-ready)."""
+    layout = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _CONV):
+            layout[name] = {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
+        elif isinstance(module, nn.Linear):
+            layout[name] = {"in": module.in_features, "out": module.out_features}
+        elif isinstance(module, _BN):
+            layout[name] = {"features": module.num_features}
+    return layout
+
+
+def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
+    """Resize ``model``'s layers in place to ``layout`` (fresh tensors; load weights after)."""
+    modules = dict(model.named_modules())
+    for name, spec in layout.items():
+        module = modules.get(name)
+        if module is None:
+            raise PrunekitError(f"the saved channel layout names layer {name!r}, which the model lacks: "
+                                "the file belongs to another architecture")
+        try:
+            if isinstance(module, _CONV):
+                cin, cout, groups = int(spec["in"]), int(spec["out"]), int(spec["groups"])
+                module.in_channels, module.out_channels, module.groups = cin, cout, groups
+                module.weight = nn.Parameter(torch.empty(cout, cin // groups, *module.kernel_size))
+                if module.bias is not None:
+                    module.bias = nn.Parameter(torch.empty(cout))
+            elif isinstance(module, nn.Linear):
+                cin, cout = int(spec["in"]), int(spec["out"])
+                module.in_features, module.out_features = cin, cout
+                module.weight = nn.Parameter(torch.empty(cout, cin))
+                if module.bias is not None:
+                    module.bias = nn.Parameter(torch.empty(cout))
+            elif isinstance(module, _BN):
+                n = int(spec["features"])
+                module.num_features = n
+                if module.affine:
+                    module.weight = nn.Parameter(torch.ones(n))
+                    module.bias = nn.Parameter(torch.zeros(n))
+                if module.track_running_stats:
+                    module.running_mean = torch.zeros(n)
+                    module.running_var = torch.ones(n)
+            else:
+                raise PrunekitError(f"layer {name!r} is a {type(module).__name__}, not a Conv/Linear/BatchNorm")
+        except (KeyError, TypeError, ValueError) as err:
+            raise PrunekitError(f"bad channel layout entry for {name!r}: {spec!r} ({err}); "
+                                "the sidecar JSON is damaged") from None
+    return model

@@ -1,0 +1,71 @@
+"""prunekit prune --method autobot|taper, info on a shrunk model, bench-latency, and their errors
+(bundled MLPNet and MNIST sample: offline and fast)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.cli import main
+
+torch.set_num_threads(1)   # the machine is shared; tiny models gain nothing from threads
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+MLP = ["--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors")]
+MNIST = ["--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--train-samples", "512"]
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_autobot_end_to_end(capsys, tmp_path):
+    out = run_json(capsys, ["prune", *MLP, *MNIST, "--method", "autobot", "--flops", "0.5",
+                            "--gate-batches", "5", "--out", str(tmp_path / "run"), "--onnx", "--json"])
+    assert out["flops_kept"] <= 0.5 and out["accuracy"] > 50
+    assert (tmp_path / "run" / "model.onnx").exists()
+    evaluated = run_json(capsys, ["eval", "--model", "mlpnet", "--checkpoint", str(tmp_path / "run" / "model.safetensors"),
+                                  "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--json"])
+    assert evaluated["accuracy"] == pytest.approx(out["accuracy"])
+    info = run_json(capsys, ["info", "mlpnet", "--checkpoint", str(tmp_path / "run" / "model.safetensors"), "--json"])
+    assert info["shrunk"]["macs"] == out["macs"] and info["macs"] == out["macs"]
+    assert main(["info", "mlpnet", "--checkpoint", str(tmp_path / "run" / "model.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "shrunk (channels removed)" in text and f"{out['kept_channels'][0]}" in text
+    bench = run_json(capsys, ["bench-latency", "--model", "mlpnet", "--pruned", str(tmp_path / "run"),
+                              "--repeats", "2", "--warmup", "1", "--json"])
+    assert [r["batch"] for r in bench["rows"]] == [1, 64] and bench["threads"] == 1
+
+
+def test_taper_snapshots_end_to_end(capsys, tmp_path):
+    out = run_json(capsys, ["prune", *MLP, *MNIST, "--method", "taper", "--flops", "0.4", "--snapshots", "0.8", "0.6",
+                            "--taper-epochs", "6", "--out", str(tmp_path / "run"), "--json"])
+    assert out["flops_kept"] <= 0.4
+    assert sorted(r["flops"] for r in out["snapshot_results"]) == [0.6, 0.8]
+    assert all(r["flops_kept"] <= r["flops"] for r in out["snapshot_results"])
+    for b in ("0.8", "0.6"):
+        assert (tmp_path / "run" / f"snapshot-{b}" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "autobot", "--sparsity", "0.5"], "not --sparsity"),
+    (["--method", "taper"], "needs --flops"),
+    (["--method", "autobot", "--flops", "half"], "is not a share"),
+    (["--method", "autobot", "--flops", "1.2"], "share of MACs"),
+    (["--method", "autobot", "--flops", "0.5", "--snapshots", "0.7"], "belong to --method taper"),
+    (["--method", "taper", "--flops", "0.5", "--gate-batches", "3"], "belong to --method autobot"),
+    (["--method", "autobot", "--flops", "0.5", "--gate-batches", "0"], "must be positive"),
+    (["--method", "autobot", "--flops", "0.0001"], "at least"),
+])
+def test_structured_errors(capsys, extra, message):
+    assert main(["prune", *MLP, *MNIST, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_latency_needs_a_pruned_model(capsys, tmp_path):
+    assert main(["bench-latency", "--model", "mlpnet", "--pruned", str(tmp_path)]) == 2
+    assert "no pruned model" in capsys.readouterr().err

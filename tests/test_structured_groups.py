@@ -1,0 +1,61 @@
+"""Channel groups from torch-pruning's dependency graph, through our adapter."""
+
+import torch
+import torch_pruning as tp
+
+from prunekit import zoo
+from prunekit.structured.groups import find_groups
+
+torch.set_num_threads(1)   # the machine is shared; tiny models gain nothing from threads
+
+
+def _groups(name, hw=16):
+    model = zoo.build(name).eval()
+    shape = zoo.spec(name).input_shape
+    return model, find_groups(model, torch.zeros(1, shape[0], hw, hw) if name != "mlpnet" else torch.zeros(1, *shape))
+
+
+def test_option_a_resnet_prunes_only_block_internal_channels():
+    model, groups = _groups("resnet20")
+    assert len(groups) == 9                                  # one per BasicBlock
+    for g in groups:
+        block = g.root.rsplit(".", 1)[0]
+        assert {(m.module, m.role) for m in g.members} == {
+            (f"{block}.conv1", "out"), (f"{block}.bn1", "bn"), (f"{block}.conv2", "in")}
+        assert g.size == dict(model.named_modules())[g.root].out_channels
+    assert any("zero-pad" in why for _, why in groups.skipped)
+
+
+def test_torch_pruning_alone_gets_option_a_wrong():
+    """The reason for the adapter rule: torch-pruning ties stage 1's 16 channels to BN layers
+    of 32 and 64 channels across the zero-pad shortcut."""
+    model = zoo.build("resnet20").eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, 16, 16))
+    group = graph.get_pruning_group(model.conv1, tp.prune_conv_out_channels, idxs=[0])
+    widths = {item.dep.target.module.num_features for item in group.items
+              if isinstance(item.dep.target.module, torch.nn.BatchNorm2d)}
+    assert widths == {16, 32, 64}
+
+
+def test_option_b_residual_stage_is_one_group():
+    _, groups = _groups("resnet20-b")
+    stage2 = next(g for g in groups if g.root == "layer2.0.downsample.0")
+    outs = {m.module for m in stage2.layers("out")}
+    assert outs == {"layer2.0.downsample.0", "layer2.0.conv2", "layer2.1.conv2", "layer2.2.conv2"}
+    assert {"layer3.0.conv1", "layer3.0.downsample.0", "layer2.1.conv1"} <= {m.module for m in stage2.layers("in")}
+    assert stage2.size == 32 and len(groups) == 12          # 3 stage groups + 9 block-internal
+
+
+def test_mobilenet_depthwise_ties_input_to_output():
+    _, groups = _groups("mobilenetv1-cifar")
+    g = next(g for g in groups if any(m.module == "features.2.depthwise.0" for m in g.members))
+    assert {(m.module, m.role) for m in g.members} >= {
+        ("features.1.pointwise.0", "out"), ("features.2.depthwise.0", "out"), ("features.2.pointwise.0", "in")}
+    assert len(groups) == 14                                 # stem + 13 pointwise outputs, not the logits
+
+
+def test_logits_are_never_a_group():
+    for name in ("mlpnet", "vgg16-bn", "resnet20-b"):
+        model, groups = _groups(name, 32)
+        head = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+        assert all(m.module != head or m.role == "in" for g in groups for m in g.members)

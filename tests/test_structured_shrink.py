@@ -1,0 +1,135 @@
+"""Gated model == shrunk model, and gated MACs == CostModel.count of the shrunk model."""
+
+import pytest
+import torch
+
+from prunekit import zoo
+from prunekit.costs import CostModel
+from prunekit.errors import PrunekitError
+from prunekit.structured.gates import GatedMacs, GateHooks, fold_gates
+from prunekit.structured.groups import find_groups
+from prunekit.structured.shrink import shrink
+from prunekit.zoo.layout import apply_layout, channel_layout
+from prunekit.structured.threshold import masks_at, threshold_to_budget
+
+torch.set_num_threads(1)   # the machine is shared; tiny models gain nothing from threads
+
+
+def _model(name, seed=0):
+    torch.manual_seed(seed)
+    model = zoo.build(name).eval()
+    for m in model.modules():      # non-trivial BN so that a wrongly kept bias would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    shape = zoo.spec(name).input_shape
+    hw = 16 if name in ("resnet20", "resnet20-b", "resnet32", "resnet44", "resnet56", "mobilenetv1-cifar") else 32
+    x = torch.randn(2, *shape) if name == "mlpnet" else torch.randn(2, shape[0], hw, hw)
+    return model, x
+
+
+def _random_masks(groups, gen, p=0.5):
+    masks = [torch.rand(g.size, generator=gen) < p for g in groups]
+    for m in masks:
+        m[torch.randint(m.numel(), (1,), generator=gen)] = True
+    return masks
+
+
+@pytest.mark.parametrize("name", zoo.MODEL_NAMES)
+def test_shrunk_equals_gated_on_every_zoo_model(name):
+    model, x = _model(name)
+    groups = find_groups(model, x)
+    masks = _random_masks(groups, torch.Generator().manual_seed(1))
+    small = shrink(model, groups, masks, x)
+    with torch.no_grad(), GateHooks(model, groups) as hooks:
+        hooks.values = [m.float() for m in masks]
+        gated = model(x)
+    assert (small(x) - gated).abs().max().item() < 1e-4
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert type(small) is type(model)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20-b", "mobilenetv1-cifar", "mlpnet"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gated_macs_equal_costmodel_count_of_shrunk(name, seed):
+    model, x = _model(name)
+    groups = find_groups(model, x)
+    costs = CostModel(model, x)
+    counter = GatedMacs(model, groups, costs)
+    masks = _random_masks(groups, torch.Generator().manual_seed(seed), p=0.2 + 0.3 * seed)
+    assert counter.macs_of_masks(masks) == costs.count(shrink(model, groups, masks, x)).macs
+    assert counter.macs_of_masks([torch.ones(g.size, dtype=torch.bool) for g in groups]) == costs.macs
+
+
+def test_gated_macs_are_differentiable_and_count_depthwise_once():
+    model, x = _model("mobilenetv1-cifar")
+    groups = find_groups(model, x)
+    costs = CostModel(model, x)
+    counter = GatedMacs(model, groups, costs)
+    gates = [torch.full((g.size,), 0.5, dtype=torch.float64, requires_grad=True) for g in groups]
+    counter.macs(gates).backward()
+    assert all(g.grad is not None and bool((g.grad > 0).all()) for g in gates)
+    # Closing one channel of a depthwise group saves the depthwise conv's k*k*HW MACs once,
+    # plus the pointwise convs on both sides: never the (in x out) a dense conv formula would give.
+    g = next(g for g in groups if any(m.module == "features.2.depthwise.0" for m in g.members))
+    masks = [torch.ones(h.size, dtype=torch.bool) for h in groups]
+    masks[g.index][0] = False
+    dw, pw1, pw2 = (costs.layer(n) for n in ("features.2.depthwise.0", "features.1.pointwise.0",
+                                             "features.2.pointwise.0"))
+    saved = dw.macs // dw.weight_shape[0] + pw1.macs // pw1.weight_shape[0] + pw2.macs // pw2.weight_shape[1]
+    assert costs.macs - counter.macs_of_masks(masks) == saved
+
+
+def test_fold_gates_is_exact():
+    model, x = _model("resnet20-b")
+    groups = find_groups(model, x)
+    gates = [torch.rand(g.size) for g in groups]
+    with torch.no_grad(), GateHooks(model, groups) as hooks:
+        hooks.values = gates
+        gated = model(x)
+    fold_gates(model, groups, gates)
+    with torch.no_grad():
+        assert (model(x) - gated).abs().max().item() < 1e-4
+
+
+def test_threshold_meets_budget_exactly_and_never_empties_a_group():
+    model, x = _model("resnet20-b")
+    groups = find_groups(model, x)
+    counter = GatedMacs(model, groups, CostModel(model, x))
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.rand(g.size, generator=gen) for g in groups]
+    scores[0] = scores[0] * 0.01                       # a group that a plain threshold would empty
+    # brute force: the MACs of every candidate threshold
+    reachable = [counter.macs_of_masks(masks_at(scores, float(t)))
+                 for t in torch.cat([torch.tensor([-1.0]), torch.cat(scores)])]
+    for share in (0.9, 0.6, 0.3, 0.15):
+        budget = share * counter.dense
+        masks, threshold = threshold_to_budget(scores, counter, budget)
+        macs = counter.macs_of_masks(masks)
+        assert macs <= budget and all(bool(m.any()) for m in masks)
+        assert macs == max(m for m in reachable if m <= budget)   # none keeps more within the budget
+    with pytest.raises(PrunekitError, match="larger --flops"):
+        threshold_to_budget(scores, counter, counter.minimum - 1)
+
+
+def test_shrink_refuses_an_empty_group():
+    model, x = _model("mlpnet")
+    groups = find_groups(model, x)
+    masks = [torch.ones(g.size, dtype=torch.bool) for g in groups]
+    masks[0][:] = False
+    with pytest.raises(PrunekitError, match="every channel"):
+        shrink(model, groups, masks, x)
+
+
+def test_layout_rebuilds_the_architecture():
+    model, x = _model("mobilenetv1-cifar")
+    groups = find_groups(model, x)
+    small = shrink(model, groups, _random_masks(groups, torch.Generator().manual_seed(3)), x)
+    rebuilt = apply_layout(zoo.build("mobilenetv1-cifar"), channel_layout(small))
+    rebuilt.load_state_dict(small.state_dict())
+    rebuilt.eval()
+    assert torch.equal(rebuilt(x), small(x))
+    with pytest.raises(PrunekitError, match="another architecture"):
+        apply_layout(zoo.build("mlpnet"), channel_layout(small))
