@@ -54,6 +54,11 @@ def latency_ms(model, shape, batch: int, warmup: int, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def shrunk_widths(model) -> list[int]:
+    """Output channels of every conv of the shrunk model, in order (shows the rounding)."""
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
 def accuracy_part(args) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -94,6 +99,7 @@ def accuracy_part(args) -> dict:
         row = {"method": method, "budget": budget, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept,
                "macs": counts.macs, "params": counts.params, "accuracy_pruned_bn": pruned_acc,
                "accuracy_finetuned": ft_acc, "prune_seconds": seconds, "finetune_seconds": ft_seconds,
+               "channel_multiple": args.channel_multiple, "kept_channels": shrunk_widths(small),
                "saved": str(path), "info": info}
         payload["rows"].append(row)
         log(f"{method} @ {budget:g}: MACs {counts.flops_kept:.4f}, params {counts.params_kept:.4f}, "
@@ -105,7 +111,8 @@ def accuracy_part(args) -> dict:
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             result = prune_structured(model, "taper", min(args.budgets), example, batches,
-                                      {"epochs": args.taper_epochs, "max_rate": args.max_taper_rate},
+                                      {"epochs": args.taper_epochs, "max_rate": args.max_taper_rate,
+                                       "channel_multiple": args.channel_multiple},
                                       snapshots=args.budgets, recalibrate_bn=False)
             seconds = time.perf_counter() - start
             shots = {result.flops: result, **result.snapshots}
@@ -120,12 +127,13 @@ def accuracy_part(args) -> dict:
             start = time.perf_counter()
             if method == "autobot":
                 result = prune_structured(copy.deepcopy(dense), "autobot", budget, example, batches,
-                                          {"batches": args.gate_batches}, recalibrate_bn=False)
+                                          {"batches": args.gate_batches, "channel_multiple": args.channel_multiple},
+                                          recalibrate_bn=False)
                 small = result.model
                 info = {k: result.info[k] for k in ("threshold_gate", "gate_steps", "gate_estimate_flops_kept", "history")}
             else:
                 grads = [b for _, b in zip(range(args.taylor_batches), train_loader)]
-                small, info = tp_prune(dense, method, budget, example, grads)
+                small, info = tp_prune(dense, method, budget, example, grads, round_to=args.channel_multiple)
             finish(method, budget, small, time.perf_counter() - start, info)
     return payload
 
@@ -164,6 +172,8 @@ def main() -> None:
     parser.add_argument("--taylor-batches", type=int, default=10, help="batches of 64 for the Taylor gradients")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--channel-multiple", type=int, default=1,
+                        help="round every group's kept channels to a multiple of this (1: no rounding)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency-only", action="store_true", help="time the saved models of a previous run")
     parser.add_argument("--inputs", nargs="+", help="with --latency-only: merge the rows of these result files "
