@@ -3,12 +3,16 @@ Lagrangian against torch-pruning's GroupMagnitude/GroupTaylor pruners at the sam
 
     python benchmarks/bench_structured.py --data-dir ../shared/data            # accuracy part, then latency
     python benchmarks/bench_structured.py --data-dir ../shared/data --latency-only
+    python benchmarks/bench_structured.py --data-dir ../shared/data --methods autobot --channel-multiple 8 \
+        --models-dir benchmarks/results/structured_models_m8 --out benchmarks/results/structured_resnet56_rounded.json
 
 Gradients, gate training, BN recalibration and the fine-tune use the 5,085 exact CIFAR-10 training
 images (random crop + flip); accuracy is on the 1,017 exact test images (about +-0.8 points, one
 standard error). The accuracy part runs on one thread. Every pruned model is counted by our
 CostModel and saved (safetensors + channel layout) under --models-dir, which the latency part reads:
-median of --repeats timed forward passes after --warmup, at batch 1 and 64, on --threads threads.
+median of --repeats timed forward passes after --warmup, at batch 1 and 64, on --threads threads
+(--rounds: repeat that pass, report the median over rounds). --channel-multiple M rounds every group's
+kept channels to a multiple of M (structured/rounding.py; torch-pruning's round_to for tp-*).
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ def latency_ms(model, shape, batch: int, warmup: int, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def shrunk_widths(model) -> list[int]:
+    """Output channels of every conv of the shrunk model, in order (shows the rounding)."""
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
 def accuracy_part(args) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -94,6 +103,7 @@ def accuracy_part(args) -> dict:
         row = {"method": method, "budget": budget, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept,
                "macs": counts.macs, "params": counts.params, "accuracy_pruned_bn": pruned_acc,
                "accuracy_finetuned": ft_acc, "prune_seconds": seconds, "finetune_seconds": ft_seconds,
+               "channel_multiple": args.channel_multiple, "kept_channels": shrunk_widths(small),
                "saved": str(path), "info": info}
         payload["rows"].append(row)
         log(f"{method} @ {budget:g}: MACs {counts.flops_kept:.4f}, params {counts.params_kept:.4f}, "
@@ -105,7 +115,8 @@ def accuracy_part(args) -> dict:
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             result = prune_structured(model, "taper", min(args.budgets), example, batches,
-                                      {"epochs": args.taper_epochs, "max_rate": args.max_taper_rate},
+                                      {"epochs": args.taper_epochs, "max_rate": args.max_taper_rate,
+                                       "channel_multiple": args.channel_multiple},
                                       snapshots=args.budgets, recalibrate_bn=False)
             seconds = time.perf_counter() - start
             shots = {result.flops: result, **result.snapshots}
@@ -120,34 +131,47 @@ def accuracy_part(args) -> dict:
             start = time.perf_counter()
             if method == "autobot":
                 result = prune_structured(copy.deepcopy(dense), "autobot", budget, example, batches,
-                                          {"batches": args.gate_batches}, recalibrate_bn=False)
+                                          {"batches": args.gate_batches, "channel_multiple": args.channel_multiple},
+                                          recalibrate_bn=False)
                 small = result.model
                 info = {k: result.info[k] for k in ("threshold_gate", "gate_steps", "gate_estimate_flops_kept", "history")}
             else:
                 grads = [b for _, b in zip(range(args.taylor_batches), train_loader)]
-                small, info = tp_prune(dense, method, budget, example, grads)
+                small, info = tp_prune(dense, method, budget, example, grads, round_to=args.channel_multiple)
             finish(method, budget, small, time.perf_counter() - start, info)
     return payload
 
 
 def latency_part(args, payload: dict) -> None:
+    """Dense, then every saved model; ``--rounds`` > 1 repeats the whole pass (the machine is shared)
+    and reports per model the median over rounds of each round's median, with every round kept."""
     torch.set_num_threads(args.threads)
     checkpoint = args.checkpoint or sorted(glob.glob(f"{args.data_dir}/checkpoints/{args.model}-*.th"))[0]
     dense = load_model(args.model, checkpoint)
     shape = tuple(dense.input_shape)
-    dense_ms = {b: latency_ms(dense.model, shape, b, args.warmup, args.repeats) for b in (1, 64)}
+    pruned = [load_model(args.model, row["saved"]).model for row in payload["rows"]]
+    dense_rounds, row_rounds = [], [[] for _ in pruned]
+    for r in range(args.rounds):
+        dense_rounds.append({b: latency_ms(dense.model, shape, b, args.warmup, args.repeats) for b in (1, 64)})
+        log(f"round {r + 1}: dense latency on {args.threads} thread(s): batch 1 {dense_rounds[-1][1]:.2f} ms, "
+            f"batch 64 {dense_rounds[-1][64]:.1f} ms")
+        for row, model, rounds in zip(payload["rows"], pruned, row_rounds):
+            ms = {b: latency_ms(model, shape, b, args.warmup, args.repeats) for b in (1, 64)}
+            rounds.append(ms)
+            log(f"round {r + 1}: {row['method']} @ {row['budget']:g} (m={row.get('channel_multiple', 1)}): "
+                f"batch 1 {ms[1]:.2f} ms ({ms[1] / dense_rounds[-1][1]:.2f}x), "
+                f"batch 64 {ms[64]:.1f} ms ({ms[64] / dense_rounds[-1][64]:.2f}x, MACs {row['flops_kept']:.2f})")
+    med = lambda rounds, b: statistics.median(x[b] for x in rounds)  # noqa: E731
+    dense_ms = {b: med(dense_rounds, b) for b in (1, 64)}
     payload["latency"] = {"threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
-                          "dense_ms": dense_ms}
-    log(f"dense latency on {args.threads} thread(s): batch 1 {dense_ms[1]:.2f} ms, batch 64 {dense_ms[64]:.1f} ms")
-    for row in payload["rows"]:
-        pruned = load_model(args.model, row["saved"]).model
-        ms = {b: latency_ms(pruned, shape, b, args.warmup, args.repeats) for b in (1, 64)}
+                          "rounds": args.rounds, "dense_ms": dense_ms, "dense_ms_rounds": dense_rounds}
+    for row, rounds in zip(payload["rows"], row_rounds):
+        ms = {b: med(rounds, b) for b in (1, 64)}
         row["latency_ms"] = ms
+        row["latency_ms_rounds"] = rounds
         row["latency_share"] = {b: ms[b] / dense_ms[b] for b in (1, 64)}
         row["latency_target_met_b64"] = ms[64] / dense_ms[64] <= 1.25 * row["flops_kept"]
-        log(f"{row['method']} @ {row['budget']:g}: batch 1 {ms[1]:.2f} ms ({ms[1] / dense_ms[1]:.2f}x), "
-            f"batch 64 {ms[64]:.1f} ms ({ms[64] / dense_ms[64]:.2f}x, MACs {row['flops_kept']:.2f})")
-        write_json(args.out, payload)
+    write_json(args.out, payload)
 
 
 def main() -> None:
@@ -164,6 +188,8 @@ def main() -> None:
     parser.add_argument("--taylor-batches", type=int, default=10, help="batches of 64 for the Taylor gradients")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--channel-multiple", type=int, default=1,
+                        help="round every group's kept channels to a multiple of this (1: no rounding)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency-only", action="store_true", help="time the saved models of a previous run")
     parser.add_argument("--inputs", nargs="+", help="with --latency-only: merge the rows of these result files "
@@ -172,6 +198,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads for the latency part")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole latency pass this many times")
     parser.add_argument("--models-dir", default=str(RESULTS / "structured_models"))
     parser.add_argument("--out", default=str(RESULTS / "structured_resnet56.json"))
     args = parser.parse_args()
@@ -190,9 +217,9 @@ def main() -> None:
         lat = r.get("latency_ms", {})
         share = r.get("latency_share", {})
         rows.append({**r, "b1": lat.get(1, lat.get("1")), "b64": lat.get(64, lat.get("64")),
-                     "s64": share.get(64, share.get("64"))})
+                     "s64": share.get(64, share.get("64")), "m": r.get("channel_multiple", 1)})
     print(f"\n{payload['model']} dense {payload['dense_accuracy']:.2f}% ({payload['dense_macs']:,} MACs)")
-    print_table(rows, [("method", "method", ">12"), ("budget", "budget", ".2f"), ("flops_kept", "MACs kept", ".4f"),
+    print_table(rows, [("method", "method", ">12"), ("m", "multiple", "d"), ("budget", "budget", ".2f"), ("flops_kept", "MACs kept", ".4f"),
                        ("params_kept", "params kept", ".4f"), ("accuracy_pruned_bn", "pruned+BN %", ".2f"),
                        ("accuracy_finetuned", "fine-tuned %", ".2f"), ("prune_seconds", "prune s", ".0f"),
                        ("b1", "b1 ms", ".2f"), ("b64", "b64 ms", ".1f"), ("s64", "b64 share", ".2f")])

@@ -42,8 +42,10 @@ def test_autobot_end_to_end(capsys, tmp_path):
 
 def test_taper_snapshots_end_to_end(capsys, tmp_path):
     out = run_json(capsys, ["prune", *MLP, *MNIST, "--method", "taper", "--flops", "0.4", "--snapshots", "0.8", "0.6",
-                            "--taper-epochs", "6", "--out", str(tmp_path / "run"), "--json"])
+                            "--taper-epochs", "6", "--channel-multiple", "8", "--out", str(tmp_path / "run"), "--json"])
     assert out["flops_kept"] <= 0.4
+    for r in [out, *out["snapshot_results"]]:      # rounded: multiples of 8 (or a group's full size)
+        assert all(k % 8 == 0 or k == n for k, n in zip(r["kept_channels"], r["group_sizes"]))
     assert sorted(r["flops"] for r in out["snapshot_results"]) == [0.6, 0.8]
     assert all(r["flops_kept"] <= r["flops"] for r in out["snapshot_results"])
     for b in ("0.8", "0.6"):
@@ -59,6 +61,7 @@ def test_taper_snapshots_end_to_end(capsys, tmp_path):
     (["--method", "taper", "--flops", "0.5", "--gate-batches", "3"], "belong to --method autobot"),
     (["--method", "autobot", "--flops", "0.5", "--gate-batches", "0"], "must be positive"),
     (["--method", "autobot", "--flops", "0.0001"], "at least"),
+    (["--method", "autobot", "--flops", "0.5", "--channel-multiple", "0"], "must be positive"),
 ])
 def test_structured_errors(capsys, extra, message):
     assert main(["prune", *MLP, *MNIST, *extra]) == 2

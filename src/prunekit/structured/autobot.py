@@ -23,7 +23,7 @@ from torch import nn
 
 from .gates import GatedMacs, GateHooks
 from .groups import GroupSet
-from .threshold import threshold_to_budget
+from .rounding import cut_to_budget
 
 
 @dataclass
@@ -33,6 +33,7 @@ class AutoBotOptions:
     gamma: float = 0.4      # weight of L_bool
     lr: float = 0.6         # Adam learning rate on theta
     init: float = 0.9       # initial gate value
+    channel_multiple: int = 1  # kept channels per group rounded to multiples of this (see rounding.py)
 
 
 def flops_loss(macs: torch.Tensor, target: float, dense: float) -> torch.Tensor:
@@ -96,7 +97,7 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
         model.train(was_training)
     # Cut on the logits: same order as the gates, without sigmoid's saturation into ties.
     scores = [t.detach().cpu() for t in theta]
-    masks, threshold = threshold_to_budget(scores, counter, target_macs)
+    masks, threshold = cut_to_budget(scores, counter, target_macs, options.channel_multiple)
     info = {"threshold_gate": float(torch.sigmoid(torch.tensor(threshold))), "gate_steps": len(history),
             "gate_estimate_flops_kept": history[-1]["gated_flops_kept"] if history else None,
             "history": history[:: max(1, len(history) // 50)]}

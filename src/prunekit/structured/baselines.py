@@ -20,7 +20,7 @@ from .groups import find_groups
 TP_METHODS = ("tp-magnitude", "tp-taylor")
 
 
-def _prune_once(model, method, ratio, example_input, ignored_names, grads, global_pruning):
+def _prune_once(model, method, ratio, example_input, ignored_names, grads, global_pruning, round_to):
     pruned = copy.deepcopy(model).eval()
     if grads is not None:
         for p, g in zip(pruned.parameters(), grads):
@@ -30,7 +30,8 @@ def _prune_once(model, method, ratio, example_input, ignored_names, grads, globa
         else tp.importance.GroupTaylorImportance()
     pruner = tp.pruner.MetaPruner(pruned, example_input, importance=importance, pruning_ratio=ratio,
                                   ignored_layers=[modules[n] for n in ignored_names],
-                                  global_pruning=global_pruning, max_pruning_ratio=0.95)
+                                  global_pruning=global_pruning, max_pruning_ratio=0.95,
+                                  round_to=round_to if round_to > 1 else None)
     pruner.step()
     for p in pruned.parameters():
         p.grad = None
@@ -38,14 +39,15 @@ def _prune_once(model, method, ratio, example_input, ignored_names, grads, globa
 
 
 def tp_prune(model: nn.Module, method: str, flops: float, example_input: torch.Tensor,
-             gradient_batches=None, iterations: int = 14, global_pruning: bool = True
+             gradient_batches=None, iterations: int = 14, global_pruning: bool = True, round_to: int = 1
              ) -> tuple[nn.Module, dict]:
     """Prune a copy of ``model`` with torch-pruning to at most ``flops`` of its MACs.
 
     ``global_pruning``: rank channels across layers (torch-pruning's global mode; finer MAC steps
     than one uniform per-layer ratio, so the budget is met more closely). No layer loses more
     than 95% of its channels. ``gradient_batches``: iterable of (x, y) whose summed cross-entropy gradient feeds the
-    Taylor criterion (needed for tp-taylor).
+    Taylor criterion (needed for tp-taylor). ``round_to``: torch-pruning's own rounding of
+    each layer's kept channels to a multiple (1: none).
     """
     costs = CostModel(model, example_input)
     groups = find_groups(model, example_input)
@@ -67,11 +69,11 @@ def tp_prune(model: nn.Module, method: str, flops: float, example_input: torch.T
     best = None
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        pruned = _prune_once(model, method, mid, example_input, ignored, grads, global_pruning)
+        pruned = _prune_once(model, method, mid, example_input, ignored, grads, global_pruning, round_to)
         if costs.count(pruned).macs <= target:
             hi, best = mid, pruned
         else:
             lo = mid
     if best is None:
-        best = _prune_once(model, method, hi, example_input, ignored, grads, global_pruning)
-    return best, {"pruning_ratio": hi, "global_pruning": global_pruning}
+        best = _prune_once(model, method, hi, example_input, ignored, grads, global_pruning, round_to)
+    return best, {"pruning_ratio": hi, "global_pruning": global_pruning, "round_to": round_to}

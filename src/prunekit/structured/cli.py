@@ -39,14 +39,18 @@ def add_structured_prune_args(p: argparse.ArgumentParser) -> None:
                    help="taper: also save models at these MAC shares (e.g. 0.7 0.5 0.3), from the same run")
     g.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the shrunk model(s) this many epochs")
     g.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate of the fine-tune")
+    g.add_argument("--channel-multiple", type=int, default=1,
+                   help="keep a multiple of this many channels in every group (default 1: exact counts; "
+                   "8 measured no faster on ResNet-56, see README)")
     g.add_argument("--onnx", action="store_true", help="also export the shrunk model to model.onnx (opset 17)")
 
 
 def _structured_options(args) -> dict:
     if args.method == "autobot":
-        return {"batches": args.gate_batches, "beta": args.beta, "gamma": args.gamma, "lr": args.gate_lr}
+        return {"batches": args.gate_batches, "beta": args.beta, "gamma": args.gamma, "lr": args.gate_lr,
+                "channel_multiple": args.channel_multiple}
     return {"epochs": args.taper_epochs, "max_rate": args.max_taper_rate, "gamma": args.gamma,
-            "gate_lr": args.gate_lr}
+            "gate_lr": args.gate_lr, "channel_multiple": args.channel_multiple}
 
 
 def _check_args(args) -> float:
@@ -66,7 +70,7 @@ def _check_args(args) -> float:
         raise PrunekitError("--snapshots, --taper-epochs and --max-taper-rate belong to --method taper")
     if args.method == "taper" and (args.gate_batches is not None or args.beta is not None):
         raise PrunekitError("--gate-batches and --beta belong to --method autobot")
-    for name in ("gate_batches", "gate_batch_size", "taper_epochs", "max_taper_rate", "gate_lr"):
+    for name in ("gate_batches", "gate_batch_size", "taper_epochs", "max_taper_rate", "gate_lr", "channel_multiple"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise PrunekitError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -90,7 +94,8 @@ def cmd_prune_structured(args) -> int:
     augment = args.data == "cifar10" and not args.no_train_augment
     loader = make_loader(train, loaded.normalization, batch_size=args.gate_batch_size, shuffle=True,
                          augment=augment, seed=args.seed)
-    check_structured_request(loaded.model, args.method, flops, loaded.example_input(), args.snapshots)
+    check_structured_request(loaded.model, args.method, flops, loaded.example_input(), args.snapshots,
+                             args.channel_multiple)
     torch.manual_seed(args.seed)
     dense_accuracy = evaluate(loaded.model, eval_loader, progress=not args.json)
     result = prune_structured(loaded.model, args.method, flops, loaded.example_input(), lambda: loader,

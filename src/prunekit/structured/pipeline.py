@@ -20,6 +20,7 @@ from ..train import recalibrate_batchnorm, train_epochs
 from .autobot import AutoBotOptions, autobot_masks
 from .gates import GatedMacs
 from .groups import GroupSet, find_groups
+from .rounding import minimum_rounded_macs
 from .shrink import shrink
 from .taper import TaperOptions, taper_snapshots
 
@@ -58,7 +59,8 @@ def check_flops(flops: float) -> float:
 
 
 def check_structured_request(model: nn.Module, method: str, flops: float, example_input: torch.Tensor,
-                             snapshots: list[float] | None = None) -> tuple[CostModel, GroupSet, GatedMacs]:
+                             snapshots: list[float] | None = None, channel_multiple: int = 1
+                             ) -> tuple[CostModel, GroupSet, GatedMacs]:
     """Refuse a request that cannot be met before any work; returns the cost model, groups and counter."""
     if method not in STRUCTURED_METHODS:
         raise PrunekitError(f"unknown structured method {method!r}: pick one of {', '.join(STRUCTURED_METHODS)}")
@@ -67,12 +69,17 @@ def check_structured_request(model: nn.Module, method: str, flops: float, exampl
     costs = CostModel(model, example_input)
     groups = find_groups(model, example_input)
     counter = GatedMacs(model, groups, costs)
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise PrunekitError(f"--channel-multiple must be a whole number >= 1, got {channel_multiple!r}")
+    floor = minimum_rounded_macs(counter, channel_multiple)
+    per_group = "one channel" if channel_multiple == 1 else f"{channel_multiple} channels (or all, if fewer)"
     for share in [flops, *(snapshots or [])]:
         share = check_flops(share)
-        if counter.minimum > share * costs.macs:
-            raise PrunekitError(f"--flops {share:g} asks for {share * costs.macs:,.0f} MACs but one channel per "
-                                f"group and the unprunable layers already cost {counter.minimum:,.0f} "
-                                f"({counter.minimum / costs.macs:.1%}): ask for at least that share")
+        if floor > share * costs.macs:
+            raise PrunekitError(f"--flops {share:g} asks for {share * costs.macs:,.0f} MACs but {per_group} per "
+                                f"group and the unprunable layers already cost {floor:,.0f} "
+                                f"({floor / costs.macs:.1%}): ask for at least that share"
+                                + ("" if channel_multiple == 1 else " or a smaller --channel-multiple"))
     return costs, groups, counter
 
 
@@ -86,11 +93,14 @@ def prune_structured(model: nn.Module, method: str, flops: float, example_input:
         flops: share of the dense model's MACs to keep, in (0, 1).
         example_input: (B, ...) tensor for tracing and counting.
         train_batches: function returning a fresh iterable of (x, y) batches (one epoch).
-        options: fields of ``AutoBotOptions`` or ``TaperOptions``.
+        options: fields of ``AutoBotOptions`` or ``TaperOptions`` (both take ``channel_multiple``:
+            every group keeps a multiple of it, see ``rounding.py``).
         snapshots: taper only: further budgets (shares of MACs) to return models for.
     """
     start = time.perf_counter()
-    costs, groups, counter = check_structured_request(model, method, flops, example_input, snapshots)
+    multiple = (options or {}).get("channel_multiple")
+    costs, groups, counter = check_structured_request(model, method, flops, example_input, snapshots,
+                                                      1 if multiple is None else multiple)
     flops = float(flops)
     target = flops * costs.macs
     info: dict = {"skipped_groups": [f"{root}: {why}" for root, why in groups.skipped]}

@@ -34,7 +34,7 @@ from .gates import GatedMacs, GateHooks, fold_gates
 from .groups import GroupSet
 from .autobot import bool_loss
 from .shrink import shrink
-from .threshold import threshold_to_budget
+from .rounding import cut_to_budget
 
 
 @dataclass
@@ -57,6 +57,7 @@ class TaperOptions:
     rise_tol: float = 0.25       # relative rise of the averaged task loss that slows the taper
     flat_tol: float = 0.02       # relative change below which the loss counts as flat
     loss_average: float = 0.95   # decay of the exponential average of the task loss
+    channel_multiple: int = 1    # kept channels per group rounded to multiples of this (see rounding.py)
 
 
 @dataclass
@@ -153,7 +154,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                     if (held >= options.settle_steps and close) or held >= 5 * options.settle_steps:
                         hooks.remove()
                         snapshots.append(_snapshot(model, groups, counter, theta, pending[0], step,
-                                                   example_input, not forced))
+                                                   example_input, not forced, options.channel_multiple))
                         hooks = GateHooks(model, groups)
                         model.train()
                         pending.pop(0)
@@ -168,14 +169,14 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
     return snapshots, info
 
 
-def _snapshot(model, groups, counter, logits, budget, step, example_input, on_schedule) -> Snapshot:
+def _snapshot(model, groups, counter, logits, budget, step, example_input, on_schedule, multiple) -> Snapshot:
     """Fold the gates into the weights, cut by logit (sigmoid saturates to ties), shrink."""
     device = next(model.parameters()).device
     logits = [t.detach().cpu() for t in logits]
     gates = [torch.sigmoid(t) for t in logits]
     folded = copy.deepcopy(model).eval()
     fold_gates(folded, groups, [g.to(device) for g in gates])
-    masks, _ = threshold_to_budget(logits, counter, budget * counter.dense)
+    masks, _ = cut_to_budget(logits, counter, budget * counter.dense, multiple)
     small = shrink(folded, groups, masks, example_input.to(device))
     flat_g, flat_m = torch.cat(gates), torch.cat(masks).float()
     cut = {"mean_abs_gate_change": float((flat_g - flat_m).abs().mean()),
