@@ -151,16 +151,17 @@ def evaluate_loss_accuracy(model: nn.Module, loader: Iterable) -> dict:
 
 
 def layer_density(costs: CostModel, model: nn.Module) -> list[dict]:
-    """Per weight layer: parameters and MACs kept against dense (from ``costs.count``, so it holds
-    for masked and for shrunk models alike)."""
+    """Per weight layer: nonzero weights (``params``, biases aside) and MACs kept against dense
+    (from ``costs.count``, so it holds for masked and for shrunk models alike)."""
     counts = costs.count(model)
     rows = []
     for layer in costs.weight_layers():
+        weights = math.prod(layer.weight_shape)
         params = counts.nonzeros_by_layer.get(layer.name, 0)
         macs = counts.macs_by_layer.get(layer.name, 0)
-        rows.append({"name": layer.name, "kind": layer.kind, "dense_params": layer.params, "params": params,
+        rows.append({"name": layer.name, "kind": layer.kind, "dense_params": weights, "params": params,
                      "dense_macs": layer.macs, "macs": macs,
-                     "params_kept": params / layer.params if layer.params else 1.0,
+                     "params_kept": params / weights if weights else 1.0,
                      "macs_kept": macs / layer.macs if layer.macs else 1.0})
     return rows
 
