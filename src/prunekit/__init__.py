@@ -3,6 +3,7 @@
 The stable public API::
 
     from prunekit import Budget, CostModel, ParamSpace, prune_oneshot
+    prunekit.prune(model, data, method=..., sparsity=..., flops=...)   # -> prunekit.Result
 """
 
 from .budget import Budget, ResolvedBudget
@@ -13,7 +14,9 @@ from .params import ParamSpace
 from .pipelines.oneshot import PruneResult, method_names
 from .pipelines.oneshot import prune as prune_oneshot
 from .saving import save_model
+from .api import Result, prune
 
 __all__ = ["Budget", "ResolvedBudget", "CostModel", "Counts", "PrunekitError", "MaskHold", "ParamSpace",
-           "PruneResult", "method_names", "prune_oneshot", "save_model"]
+           "PruneResult", "method_names", "prune_oneshot", "save_model",
+           "Result", "prune"]
 __version__ = "0.1.0"

@@ -133,6 +133,21 @@ class RunCheckpointer:
         return None
 
 
+class StageMeter:
+    """A ``StageCheckpointer`` that keeps nothing: it only adds ``measure(model)`` to each stage's
+    record (per-stage accuracy without a run folder)."""
+
+    def __init__(self, measure: Callable[[nn.Module], dict]):
+        self.measure = measure
+
+    def last(self) -> None:
+        return None
+
+    def save(self, state: StageState, model: nn.Module) -> None:
+        if state.history:
+            state.history[-1].update(self.measure(model))
+
+
 @torch.no_grad()
 def evaluate_loss_accuracy(model: nn.Module, loader: Iterable) -> dict:
     """Mean cross-entropy loss and top-1 accuracy (%) of ``model`` on ``loader`` (eval mode)."""
@@ -192,7 +207,7 @@ def execute(folder: RunFolder, model: nn.Module, *, name: str, method: str, budg
         atomic_write_bytes(folder.config, config_text.encode())
     folder.log(f"{'resume' if metrics else 'start'}: {name}, method {method}, budget {request or {}}")
     if dense is None:
-        dense = metrics.get("dense") or _measure(model, costs, space, eval_loader)
+        dense = metrics.get("dense") or measure(model, costs, space, eval_loader)
     metrics = {"status": "running", "model": name, "method": method, "request": request or {},
                "budget": {"max_nonzeros": resolved.max_nonzeros,
                           "max_macs": None if resolved.max_macs is None else resolved.max_macs + resolved.fixed_macs},
@@ -204,10 +219,10 @@ def execute(folder: RunFolder, model: nn.Module, *, name: str, method: str, budg
         metrics["stages"] = [dict(h) for h in history]
         folder.write_metrics(metrics)
 
-    checkpointer = RunCheckpointer(folder, lambda m: _measure(m, costs, space, eval_loader), on_saved)
+    checkpointer = RunCheckpointer(folder, lambda m: measure(m, costs, space, eval_loader), on_saved)
     result = prune(model, method, budget, example_input, train_batches, include=include, exclude=exclude,
                    seed=seed, recalibrate_bn=recalibrate_bn, options=options, checkpointer=checkpointer)
-    final = _measure(model, costs, space, eval_loader)
+    final = measure(model, costs, space, eval_loader)
     record = {"model": name, "method": method, "sparsity": result.sparsity,
               "flops_kept": result.counts.flops_kept, "params_kept": result.counts.params_kept,
               "nonzeros": result.nonzeros, "macs": result.counts.macs, "dense_macs": result.counts.dense_macs,
@@ -225,7 +240,7 @@ def execute(folder: RunFolder, model: nn.Module, *, name: str, method: str, budg
     return record
 
 
-def _measure(model: nn.Module, costs: CostModel, space: ParamSpace, eval_loader) -> dict:
+def measure(model: nn.Module, costs: CostModel, space: ParamSpace, eval_loader) -> dict:
     """Counts of the model as it is, and its loss and accuracy if there is evaluation data."""
     start = time.perf_counter()
     counts = costs.count(model)
