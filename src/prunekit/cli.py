@@ -7,6 +7,7 @@ Every command turns bad input into a one-line error naming the fix and exit code
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -28,7 +29,7 @@ from .params import ParamSpace
 from .pipelines.oneshot import METHODS, check_request, prune
 from .pipelines.schedule import KINDS
 from .saving import atomic_write_json, read_meta, save_model
-from . import recipes, report
+from . import recipes, report, runs
 from .train import evaluate, train_epochs
 
 ASSETS = Path(__file__).parent / "assets"
@@ -238,7 +239,6 @@ RUN_ONLY = ("json", "recipe", "resume", "func", "command")
 def _prune_into_folder(args, loaded: LoadedModel, eval_loader, budget: Budget, train_batches,
                        dense: dict | None = None) -> dict:
     """Prune into run folder ``args.out`` (resuming it with ``--resume``), then write its report."""
-    from . import runs
     folder = runs.RunFolder(args.out)
     config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
@@ -297,8 +297,6 @@ def _run_name(method: str, budget: dict) -> str:
 
 
 def cmd_sweep(args) -> int:
-    import copy
-    from . import runs
     plan = _sweep_plan(args)
     for method, budget in plan:           # refuse a bad method or budget before the first run
         if method not in METHODS:
@@ -308,9 +306,8 @@ def cmd_sweep(args) -> int:
     eval_loader = _eval_data(args, dense_model)
     train_batches = _train_batches(args, dense_model)
     for method, budget in plan:
-        loaded = copy.deepcopy(dense_model)
-        check_request(loaded.model, method, Budget.parse(**budget), loaded.example_input(),
-                      args.include, loaded.prune_exclude if args.exclude is None else args.exclude,
+        check_request(dense_model.model, method, Budget.parse(**budget), dense_model.example_input(),
+                      args.include, dense_model.prune_exclude if args.exclude is None else args.exclude,
                       _method_options(args))
     folders, dense = [], None
     for i, (method, budget) in enumerate(plan, start=1):

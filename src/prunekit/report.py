@@ -68,7 +68,7 @@ def stage_rows(metrics: dict) -> list[dict]:
              "accuracy": dense.get("accuracy"), "seconds": None}]
     for s in metrics.get("stages", []):
         rows.append({"label": str(s["stage"]),
-                     "asked_sparsity": 1 - s["max_nonzeros"] / p if p else None,
+                     "asked_sparsity": _asked_sparsity(s["max_nonzeros"], p),
                      "asked_flops": (s["max_macs"] + fixed) / dense_macs
                      if s.get("max_macs") is not None and dense_macs else None,
                      "sparsity": s.get("sparsity"), "flops_kept": s.get("flops_kept"), "loss": s.get("loss"),
@@ -76,13 +76,18 @@ def stage_rows(metrics: dict) -> list[dict]:
     final = metrics.get("final")
     if final:
         budget = metrics.get("budget", {})
-        rows.append({"label": "final",
-                     "asked_sparsity": 1 - budget["max_nonzeros"] / p if p and budget.get("max_nonzeros") else None,
+        rows.append({"label": "final" + ("\n(BN recal.)" if final.get("bn_recalibrated") else ""),
+                     "asked_sparsity": _asked_sparsity(budget.get("max_nonzeros"), p),
                      "asked_flops": budget["max_macs"] / dense_macs
                      if budget.get("max_macs") is not None and dense_macs else None,
                      "sparsity": final.get("sparsity"), "flops_kept": final.get("flops_kept"),
                      "loss": final.get("loss"), "accuracy": final.get("accuracy"), "seconds": final.get("seconds")})
     return rows
+
+
+def _asked_sparsity(max_nonzeros, p) -> float | None:
+    """The sparsity a count budget asks for; None when there is no count budget (all may stay)."""
+    return 1 - max_nonzeros / p if p and max_nonzeros is not None and max_nonzeros < p else None
 
 
 def write_run_report(path: str | Path) -> Path:
@@ -102,7 +107,8 @@ def write_run_report(path: str | Path) -> Path:
     lines += ["| stage | sparsity asked | sparsity | MACs kept asked | MACs kept | loss | accuracy | seconds |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {_pct(r['asked_sparsity'])} | {_pct(r['sparsity'])} | "
+        label = r["label"].replace("\n", " ")
+        lines.append(f"| {label} | {_pct(r['asked_sparsity'])} | {_pct(r['sparsity'])} | "
                      f"{_pct(r['asked_flops'])} | {_pct(r['flops_kept'])} | "
                      f"{_num(r['loss'], '.4f')} | {_acc(r['accuracy'])} | {_num(r['seconds'], '.1f')} |")
     lines += ["", "Loss and accuracy are on the evaluation split; a stage's row is measured right after "
@@ -132,7 +138,7 @@ def _plot_run_budget(plt, rows: list[dict], path: Path) -> None:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
             for x, y, label_ in pts:
-                ax.annotate(label_, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                ax.annotate(label_.replace("\n", " "), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[1].invert_xaxis()       # left to right: more pruning
@@ -174,9 +180,9 @@ def _plot_layers(plt, layers: list[dict], path: Path) -> None:
     ax.invert_yaxis()            # first layer on top
     ax.set_xlim(0, 100)
     ax.set_xlabel("kept share of the layer's dense count (%)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title("per-layer density")
+    ax.set_title("per-layer density", pad=22)
     _save(fig, path)
     plt.close(fig)
 

@@ -100,6 +100,7 @@ class RunCheckpointer:
     def __init__(self, folder: RunFolder, measure: Callable[[nn.Module], dict] | None = None,
                  on_saved: Callable[[list[dict]], None] | None = None):
         self.folder, self.measure, self.on_saved = folder, measure, on_saved
+        self.restored_seconds = 0.0     # time the stages restored by ``last`` took in earlier runs
 
     def path(self, stage: int) -> Path:
         return self.folder.checkpoints / f"stage-{stage:03d}.safetensors"
@@ -129,6 +130,7 @@ class RunCheckpointer:
                 self.folder.log(f"skipping unreadable checkpoint {path.name}: {err}")
                 continue
             self.folder.log(f"resuming after stage {state.stage} from {path.name}")
+            self.restored_seconds = sum(h.get("seconds") or 0.0 for h in state.history)
             return state
         return None
 
@@ -229,7 +231,7 @@ def execute(folder: RunFolder, model: nn.Module, *, name: str, method: str, budg
               "params": result.counts.params, "budget_max_nonzeros": metrics["budget"]["max_nonzeros"],
               "budget_max_macs": metrics["budget"]["max_macs"], "dense_accuracy": dense.get("accuracy"),
               "accuracy": final.get("accuracy"), "loss": final.get("loss"),
-              "seconds": sum(h.get("seconds", 0.0) for h in result.info.get("stages", [])) or result.seconds,
+              "seconds": result.seconds + checkpointer.restored_seconds,   # pruning, BN recalibration included
               **result.info}
     save_model(model, folder.model_path, {**sidecar, "result": _finite(record)})
     metrics.update(status="done", final=record, stages=result.info.get("stages", []),
