@@ -233,7 +233,7 @@ def cmd_prune(args) -> int:
 
 # --- run folders: prune --out/--resume, sweep, compare, export ------------------------------
 
-RUN_ONLY = ("json", "recipe", "resume", "func", "command")
+RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
 
 
 def _prune_into_folder(args, loaded: LoadedModel, eval_loader, budget: Budget, train_batches,

@@ -272,6 +272,9 @@ def _plot_curves(plt, rows: list[dict], key: str, label: str, path: Path) -> Non
                 label=f"{model} {method}" if len({g[0] for g in groups}) > 1 else method)
         if runs[0]["dense_accuracy"] is not None:
             dense[model] = runs[0]["dense_accuracy"]
+    if dense:                    # room above the dense line for its label
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, max(high, max(dense.values()) + 0.08 * (high - low)))
     for model, acc in dense.items():
         ax.axhline(acc, color="grey", ls="--", lw=1)
         ax.annotate(f"dense {model} {acc:.2f}%", (0.01, acc), xycoords=("axes fraction", "data"),

@@ -20,6 +20,7 @@ from ..errors import PrunekitError
 from ..params import ParamSpace
 from ..solvers.magnitude import fit_k_to_macs, magnitude_flops, magnitude_global, magnitude_uniform
 from ..train import recalibrate_batchnorm
+from .stages import StageCheckpointer
 
 
 @dataclass
@@ -35,7 +36,7 @@ class PruneContext:
     train_batches: Callable[[], Iterable] | None
     seed: int = 0
     options: dict = field(default_factory=dict)
-    checkpointer: object | None = None
+    checkpointer: StageCheckpointer | None = None
 
     def layer_macs(self) -> list[int]:
         return [self.costs.layer(e.module_name).macs_per_weight for e in self.space.entries]
@@ -130,7 +131,7 @@ def check_request(model: nn.Module, method: str, budget: Budget, example_input: 
 def prune(model: nn.Module, method: str, budget: Budget, example_input: torch.Tensor,
           train_batches: Callable[[], Iterable] | None = None, *, include: list[str] | None = None,
           exclude: list[str] | None = None, seed: int = 0, recalibrate_bn: bool = True,
-          options: dict | None = None, checkpointer=None) -> PruneResult:
+          options: dict | None = None, checkpointer: StageCheckpointer | None = None) -> PruneResult:
     """Prune ``model`` in place with ``method`` to ``budget`` and return the result.
 
     Args:
