@@ -22,6 +22,7 @@ method = "chita++"
 stages = 2
 sparsity = 0.9
 fisher-samples = 64
+solver = "backsolve"
 """
 
 

@@ -68,7 +68,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 MLP = ["--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
-       "--data-dir", str(ASSETS / "mnist"), "--train-samples", "256", "--fisher-samples", "64"]
+       "--data-dir", str(ASSETS / "mnist"), "--train-samples", "256", "--fisher-samples", "64",
+       "--solver", "backsolve"]      # magnitude support + backsolve: the fast CHITA
 
 
 def test_run_folder_holds_config_log_metrics_checkpoints_model_report(tmp_path, capsys):
