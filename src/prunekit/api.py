@@ -105,11 +105,9 @@ def prune(model: nn.Module, data=None, *, method: str = "magnitude", sparsity=No
                                   train_batches=train_batches, eval_loader=eval_loader, include=include,
                                   exclude=exclude, seed=seed, recalibrate_bn=recalibrate_bn, options=options,
                                   progress=progress, request={"sparsity": sparsity, "flops": flops, "params": params})
+    costs, space, _ = check_request(model, method, budget, example_input, include, exclude, options)
     dense = evaluate_loss_accuracy(model, eval_loader) if eval_loader is not None else {}
-    meter = None
-    if eval_loader is not None:
-        costs, space, _ = check_request(model, method, budget, example_input, include, exclude, options)
-        meter = runs.StageMeter(lambda m: runs.measure(m, costs, space, eval_loader))
+    meter = None if eval_loader is None else runs.StageMeter(lambda m: runs.measure(m, costs, space, eval_loader))
     result = prune_oneshot(model, method, budget, example_input, train_batches, include=include, exclude=exclude,
                            seed=seed, recalibrate_bn=recalibrate_bn, options={"progress": progress, **options},
                            checkpointer=meter)
