@@ -3,6 +3,7 @@
 The stable public API::
 
     from prunekit import Budget, CostModel, ParamSpace, prune_oneshot, prune_structured
+    prunekit.prune(model, data, method=..., sparsity=..., flops=...)   # -> prunekit.Result
 """
 
 from .budget import Budget, ResolvedBudget
@@ -14,8 +15,9 @@ from .pipelines.oneshot import PruneResult, method_names
 from .pipelines.oneshot import prune as prune_oneshot
 from .saving import save_model
 from .structured.pipeline import StructuredResult, prune_structured
+from .api import Result, prune
 
 __all__ = ["Budget", "ResolvedBudget", "CostModel", "Counts", "PrunekitError", "MaskHold", "ParamSpace",
            "PruneResult", "method_names", "prune_oneshot", "save_model",
-           "StructuredResult", "prune_structured"]
+           "StructuredResult", "prune_structured", "Result", "prune"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The ``prunekit`` command line: info, eval, prune, train, demo.
+"""The ``prunekit`` command line: info, eval, prune, sweep, compare, export, train, demo.
 
 Every command turns bad input into a one-line error naming the fix and exit code 2
 (``PrunekitError``); ``--json`` prints exactly one JSON object on stdout, progress goes to stderr.
@@ -7,6 +7,7 @@ Every command turns bad input into a one-line error naming the fix and exit code
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -28,7 +29,8 @@ from .params import ParamSpace
 from .pipelines.gradual import GradualOptions, prune_gradual
 from .pipelines.oneshot import METHODS, check_request, prune
 from .pipelines.schedule import KINDS
-from .saving import save_model, atomic_write_json
+from .saving import atomic_write_json, read_meta, save_model
+from . import recipes, report, runs
 from .train import evaluate, train_epochs
 from .structured.cli import (STRUCTURED_METHODS, add_bench_latency_parser, add_structured_prune_args,
                              cmd_prune_structured, shrunk_line, shrunk_summary)
@@ -263,14 +265,140 @@ def cmd_prune(args) -> int:
         record = run_gradual(loaded, eval_loader, _train_batches(args, loaded), args.method, budget,
                              args.seed, opts, include=args.include, exclude=exclude, progress=not args.json,
                              options=_method_options(args))
+        if args.out:
+            _save_run(args.out, loaded, record)
+    elif args.out:
+        record = _prune_into_folder(args, loaded, eval_loader, budget, _train_batches(args, loaded))
     else:
         record = run_prune(loaded, eval_loader, _train_batches(args, loaded), args.method, budget, args.seed,
-                           include=args.include, exclude=exclude,
+                           include=args.include,
+                           exclude=loaded.prune_exclude if args.exclude is None else args.exclude,
                            recalibrate_bn=not args.no_bn_recalibration, progress=not args.json,
                            options=_method_options(args))
-    if args.out:
-        _save_run(args.out, loaded, record)
     _emit(args, record, _prune_lines(record) + ([f"  saved to   {args.out}"] if args.out else []))
+    return 0
+
+
+# --- run folders: prune --out/--resume, sweep, compare, export ------------------------------
+
+RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
+
+
+def _prune_into_folder(args, loaded: LoadedModel, eval_loader, budget: Budget, train_batches,
+                       dense: dict | None = None) -> dict:
+    """Prune into run folder ``args.out`` (resuming it with ``--resume``), then write its report."""
+    folder = runs.RunFolder(args.out)
+    config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
+        if config.get(key) is not None:
+            config[key] = str(Path(config[key]).resolve())
+    # The same command again carries on where it stopped (that is how a sweep resumes); a
+    # different one must not mix its stages with this folder's.
+    if folder.exists() and not getattr(args, "resume", None):
+        old = folder.config.read_text() if folder.config.exists() else None
+        if old != recipes.dump_recipe(config):
+            raise PrunekitError(f"{args.out} already holds a run with other options: resume it with "
+                                f"`prunekit prune --resume {args.out}`, or pick another --out")
+    record = runs.execute(
+        folder, loaded.model, name=loaded.name, method=args.method, budget=budget,
+        example_input=loaded.example_input(), train_batches=train_batches, eval_loader=eval_loader,
+        sidecar=_sidecar(loaded), include=args.include,
+        exclude=loaded.prune_exclude if args.exclude is None else args.exclude, seed=args.seed,
+        recalibrate_bn=not args.no_bn_recalibration, options=_method_options(args), progress=not args.json,
+        dense=dense, request={k: getattr(args, k) for k in ("sparsity", "flops", "params")},
+        config_text=recipes.dump_recipe(config))
+    record["peak_rss_mb"] = peak_rss_mb()
+    atomic_write_json(folder.path / "result.json", record)
+    _write_report(lambda: report.write_run_report(folder.path), args.json)
+    return record
+
+
+def _write_report(write, quiet: bool) -> None:
+    try:
+        write()
+    except report.MissingPlotting as err:      # the report is written, without its plots
+        if not quiet:
+            print(f"prunekit: warning: {err}", file=sys.stderr)
+
+
+def _sidecar(loaded: LoadedModel) -> dict:
+    return {"model": loaded.name, "build_kwargs": loaded.build_kwargs, "input_shape": list(loaded.input_shape),
+            "normalization": {"mean": list(loaded.normalization.mean), "std": list(loaded.normalization.std)}}
+
+
+def _sweep_plan(args) -> list[tuple[str, dict]]:
+    """(method, {"sparsity": s, "flops": f, "params": p}) for every method and budget of a sweep;
+    budget lists of equal length go together, a single value goes with every budget."""
+    lists = {k: getattr(args, k) for k in ("sparsity", "flops", "params") if getattr(args, k)}
+    if not lists:
+        raise PrunekitError("a sweep needs budgets: e.g. --flops 0.6 0.4 0.3 or --sparsity 0.5 0.9")
+    n = max(len(v) for v in lists.values())
+    if any(len(v) not in (1, n) for v in lists.values()):
+        raise PrunekitError("budget lists of a sweep must have the same length (or one value each): "
+                            + ", ".join(f"--{k} has {len(v)}" for k, v in lists.items()))
+    budgets = [{k: v[i] if len(v) > 1 else v[0] for k, v in lists.items()} for i in range(n)]
+    return [(method, budget) for method in args.method for budget in budgets]
+
+
+def _run_name(method: str, budget: dict) -> str:
+    return method.replace("+", "p") + "".join(f"_{k}-{v}" for k, v in budget.items()).replace("%", "pct")
+
+
+def cmd_sweep(args) -> int:
+    plan = _sweep_plan(args)
+    for method, budget in plan:           # refuse a bad method or budget before the first run
+        if method not in METHODS:
+            raise PrunekitError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        Budget.parse(budget.get("sparsity"), budget.get("flops"), budget.get("params"))
+    dense_model = _loaded(args)
+    eval_loader = _eval_data(args, dense_model)
+    train_batches = _train_batches(args, dense_model)
+    for method, budget in plan:
+        check_request(dense_model.model, method, Budget.parse(**budget), dense_model.example_input(),
+                      args.include, dense_model.prune_exclude if args.exclude is None else args.exclude,
+                      _method_options(args))
+    folders, dense = [], None
+    for i, (method, budget) in enumerate(plan, start=1):
+        run_args = argparse.Namespace(**{**vars(args), "method": method, "sparsity": None, "flops": None,
+                                         "params": None, **budget,
+                                         "out": str(Path(args.out) / _run_name(method, budget))})
+        folder = runs.RunFolder(run_args.out)
+        if not args.json:
+            print(f"[{i}/{len(plan)}] {method} {budget} -> {folder.path}", file=sys.stderr)
+        loaded = copy.deepcopy(dense_model)
+        _prune_into_folder(run_args, loaded, eval_loader, Budget.parse(**budget), train_batches, dense)
+        dense = dense or runs.RunFolder(run_args.out).read_metrics().get("dense")
+        folders.append(folder.path)
+    table = report.collect(folders)
+    _write_report(lambda: report.write_comparison_report(args.out, table, title=f"Sweep: {args.model}"), args.json)
+    _emit(args, {"runs": table, "report": str(Path(args.out) / "report.md")},
+          report.table_lines(table) + [f"report: {Path(args.out) / 'report.md'}"])
+    return 0
+
+
+def cmd_compare(args) -> int:
+    table = report.collect(report.find_runs(args.runs))
+    if args.out:
+        _write_report(lambda: report.write_comparison_report(args.out, table, title="Comparison"), args.json)
+    _emit(args, {"runs": table, **({"report": str(Path(args.out) / "report.md")} if args.out else {})},
+          report.table_lines(table) + ([f"report: {Path(args.out) / 'report.md'}"] if args.out else []))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from . import export
+    formats = [f for f in ("onnx", "torchscript", "dense", "sparse") if getattr(args, f)]
+    if not formats:
+        raise PrunekitError("say what to export: --onnx, --torchscript, --dense and/or --sparse")
+    path = Path(args.run) / "model.safetensors"
+    meta = read_meta(path) if path.exists() else {}
+    if meta.get("model") not in zoo.MODEL_NAMES:
+        raise PrunekitError(f"{args.run} holds no zoo model (model.safetensors + model.json): pass a run "
+                            "folder of `prunekit prune --out`; for your own model use prunekit.export in Python")
+    loaded = load_model(meta["model"], path)
+    written = export.export_all(loaded.model, loaded.example_input(), Path(args.run) / "export", formats)
+    _emit(args, {"files": written}, [f"{f['format']:<12} {f['path']}  {f['bytes']:,} bytes"
+                                     + (f"  ({f['note']})" if f.get("note") else "") for f in written])
     return 0
 
 
@@ -329,6 +457,57 @@ def cmd_demo(args) -> int:
 
 # --- parser ----------------------------------------------------------------------------------
 
+def _add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """prune's options; a sweep takes several methods and budgets and needs --out."""
+    many = {"nargs": "+"} if sweep else {}
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--method", default=["magnitude"] if sweep else "magnitude", **many,
+                   help=f"one of {', '.join(METHODS if sweep else (*METHODS, *STRUCTURED_METHODS))}")
+    p.add_argument("--sparsity", **many, help="share of prunable weights removed (0.9, 90%%) or count kept (50k)")
+    p.add_argument("--flops", **many, help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M); alone, it "
+                   "leaves the count of weights free (falcon chooses it; count-budget methods prune to the "
+                   "largest count that fits)")
+    p.add_argument("--params", **many, help="share of all parameters kept (0.1) or count kept (200k)")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="training images used for gradients and BN recalibration (default: all)")
+    p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: all Conv/Linear)")
+    p.add_argument("--exclude", nargs="*", help="module-name patterns to leave dense (default: the "
+                   "model's paper convention, e.g. resnet20-b's 1x1 projections; pass none to prune all)")
+    p.add_argument("--no-bn-recalibration", action="store_true",
+                   help="keep the BatchNorm statistics of the dense model")
+    p.add_argument("--no-train-augment", action="store_true",
+                   help="use plain training images for gradients and BN (default for cifar10: crop + flip, "
+                        "as the models were trained)")
+    p.add_argument("--out", required=sweep, help="run folder: config, log, metrics, stage checkpoints, model, "
+                   "report" + (" (one run folder per method and budget inside)" if sweep else ""))
+    p.add_argument("--recipe", help="TOML file of options (keys = option names); flags override it")
+    g = p.add_argument_group("quadratic-model methods (chita, chita++, falcon, falcon++, woodfisher)")
+    g.add_argument("--fisher-samples", type=int, help="gradient rows n (default 1000; falcon++ 500 per stage)")
+    g.add_argument("--fisher-batch", type=int, help="samples averaged per row m (default 1: per-sample)")
+    g.add_argument("--ridge", type=float, help="absolute ridge λ of the quadratic model (the papers' setting)")
+    g.add_argument("--relative-ridge", type=float,
+                   help="λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)")
+    g.add_argument("--stages", type=int, help="pruning stages (default: chita/falcon 1, chita++ 15, falcon++ 5)")
+    g.add_argument("--schedule", choices=KINDS, help="kept share per stage (default poly)")
+    g.add_argument("--revive", action="store_true", help="let weights pruned in earlier stages come back")
+    g.add_argument("--solver", choices=("iht", "backsolve", "dfo", "magnitude"),
+                   help="chita: iht (IHT + backsolve, default) or backsolve (magnitude + backsolve); "
+                        "falcon: dfo (first-order method, default) or magnitude (ILP on w², backsolve)")
+    g.add_argument("--first-order", action="store_true", default=None,
+                   help="add the loss gradient as the linear term of the quadratic model")
+    g.add_argument("--block-size", type=int, help="backsolve in blocks of this many weights (large models)")
+    if sweep:
+        return
+    g = p.add_argument_group("gradual pruning (prune events on the schedule, fine-tuning in between)")
+    g.add_argument("--gradual", action="store_true", help="prune gradually with the method at each event")
+    g.add_argument("--events", type=int, default=4, help="prune events (default 4)")
+    g.add_argument("--epochs-per-event", type=int, default=1, help="fine-tuning epochs after each event (default 1)")
+    g.add_argument("--final-epochs", type=int, default=2, help="fine-tuning epochs after the last event (default 2)")
+    g.add_argument("--lr", type=float, default=0.01, help="peak learning rate of each cosine cycle (default 0.01)")
+    add_structured_prune_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prunekit", description="Prune neural networks to a budget.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -345,50 +524,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("prune", help="prune a model to a budget")
-    _add_model_args(p)
-    _add_data_args(p)
-    p.add_argument("--method", default="magnitude", help=f"one of {', '.join((*METHODS, *STRUCTURED_METHODS))}")
-    p.add_argument("--sparsity", help="share of prunable weights removed (0.9, 90%%) or count kept (50k)")
-    p.add_argument("--flops", help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M); alone, it leaves "
-                   "the count of weights free (falcon chooses it; count-budget methods prune to the "
-                   "largest count that fits)")
-    p.add_argument("--params", help="share of all parameters kept (0.1) or count kept (200k)")
-    p.add_argument("--train-samples", type=int, default=None,
-                   help="training images used for gradients and BN recalibration (default: all)")
-    p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: all Conv/Linear)")
-    p.add_argument("--exclude", nargs="*", help="module-name patterns to leave dense (default: the "
-                   "model's paper convention, e.g. resnet20-b's 1x1 projections; pass none to prune all)")
-    p.add_argument("--no-bn-recalibration", action="store_true",
-                   help="keep the BatchNorm statistics of the dense model")
-    p.add_argument("--no-train-augment", action="store_true",
-                   help="use plain training images for gradients and BN (default for cifar10: crop + flip, "
-                        "as the models were trained)")
-    p.add_argument("--out", help="folder for the pruned model (safetensors + JSON) and result.json")
-    g = p.add_argument_group("quadratic-model methods (chita, chita++, falcon, falcon++, woodfisher)")
-    g.add_argument("--fisher-samples", type=int, help="gradient rows n (default 1000; falcon++ 500 per stage)")
-    g.add_argument("--fisher-batch", type=int, help="samples averaged per row m (default 1: per-sample)")
-    g.add_argument("--ridge", type=float, help="absolute ridge λ of the quadratic model (the papers' setting)")
-    g.add_argument("--relative-ridge", type=float,
-                   help="λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)")
-    g.add_argument("--stages", type=int, help="pruning stages (default: chita/falcon 1, chita++ 15, falcon++ 5)")
-    g.add_argument("--schedule", choices=KINDS, help="kept share per stage (default poly)")
-    g.add_argument("--revive", action="store_true", help="let weights pruned in earlier stages come back")
-    g.add_argument("--solver", choices=("iht", "backsolve", "dfo", "magnitude"),
-                   help="chita: iht (IHT + backsolve, default) or backsolve (magnitude + backsolve); "
-                        "falcon: dfo (first-order method, default) or magnitude (ILP on w², backsolve)")
-    g.add_argument("--first-order", action="store_true", default=None,
-                   help="add the loss gradient as the linear term of the quadratic model")
-    g.add_argument("--block-size", type=int, help="backsolve in blocks of this many weights (large models)")
-    g = p.add_argument_group("gradual pruning (prune events on the schedule, fine-tuning in between)")
-    g.add_argument("--gradual", action="store_true", help="prune gradually with the method at each event")
-    g.add_argument("--events", type=int, default=4, help="prune events (default 4)")
-    g.add_argument("--epochs-per-event", type=int, default=1, help="fine-tuning epochs after each event (default 1)")
-    g.add_argument("--final-epochs", type=int, default=2, help="fine-tuning epochs after the last event (default 2)")
-    g.add_argument("--lr", type=float, default=0.01, help="peak learning rate of each cosine cycle (default 0.01)")
-    add_structured_prune_args(p)
+    _add_prune_args(p)
+    p.add_argument("--resume", metavar="DIR", help="finish the run in DIR from its last completed stage")
     p.set_defaults(func=cmd_prune)
 
     add_bench_latency_parser(sub)
+
+    p = sub.add_parser("sweep", help="prune with each method at each budget, then report and plot")
+    _add_prune_args(p, sweep=True)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="one table (and plots with --out) of run folders")
+    p.add_argument("runs", nargs="+", metavar="DIR", help="run folders, or sweep folders holding them")
+    p.add_argument("--out", help="folder for report.md and its plots")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="export a run folder's model: ONNX, TorchScript, dense or sparse weights")
+    p.add_argument("run", metavar="DIR", help="run folder (or a folder with model.safetensors + model.json)")
+    p.add_argument("--onnx", action="store_true", help="write DIR/export/model.onnx")
+    p.add_argument("--torchscript", action="store_true", help="write DIR/export/model.torchscript.pt (traced)")
+    p.add_argument("--dense", action="store_true", help="write DIR/export/model-dense.safetensors (zeros kept)")
+    p.add_argument("--sparse", action="store_true",
+                   help="write DIR/export/model-sparse.safetensors (indices + values of pruned tensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train", help="train a zoo model on a data set")
     _add_model_args(p)
@@ -406,8 +566,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_parser_for(command: str) -> argparse.ArgumentParser:
+    """The subparser of ``command`` in a fresh parser."""
+    parser = build_parser()
+    return parser._subparsers._group_actions[0].choices[command]
+
+
+def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``--recipe FILE`` (prune, sweep) or ``--resume DIR`` (prune): their options become the
+    subcommand's defaults before the real parse, so command-line flags override a recipe."""
+    if not argv or argv[0] not in ("prune", "sweep"):
+        return
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--recipe")
+    peek.add_argument("--resume")
+    known, _ = peek.parse_known_args(argv[1:])
+    sub = parser._subparsers._group_actions[0].choices[argv[0]]
+    if known.resume:
+        others = [a for a in argv[1:] if a.startswith("-") and a.split("=")[0] not in ("--resume", "--json")]
+        if others:
+            raise PrunekitError(f"--resume takes every option from {Path(known.resume) / 'config.toml'}; "
+                                f"leave out {', '.join(others)}")
+        config = Path(known.resume) / "config.toml"
+        if not config.exists():
+            raise PrunekitError(f"{known.resume} is not a prunekit run folder (no config.toml): "
+                                "pass the --out folder of a `prunekit prune` run")
+        recipes.apply_recipe(sub, {**recipes.load_recipe(config, sub), "out": known.resume})
+    elif known.recipe:
+        recipes.apply_recipe(sub, recipes.load_recipe(known.recipe, sub))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        _apply_recipe(parser, argv)
+    except PrunekitError as err:
+        print(f"prunekit: error: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except PrunekitError as err:

@@ -28,6 +28,7 @@ from ..solvers.search import largest_fitting_k
 from ..train import recalibrate_batchnorm
 from .oneshot import CHECKS, METHODS, PruneContext
 from .schedule import keep_schedule
+from .stages import resume_stages, stage_completed
 
 
 @dataclass
@@ -125,8 +126,11 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Ten
     mac_shares = (keep_schedule(target_macs / dense_macs, opts.stages, opts.schedule)
                   if target_macs is not None else [None] * opts.stages)
     history = ctx.options.setdefault("report", {}).setdefault("stages", [])
+    done = resume_stages(ctx)       # stages completed by an earlier, interrupted run (0: none)
     w = ctx.space.vector().cpu()
     for stage, (share, mac_share) in enumerate(zip(shares, mac_shares), start=1):
+        if stage <= done:
+            continue
         last = stage == len(shares)
         k = target if last else max(target, round(share * p))
         max_macs = None if mac_share is None else (target_macs if last else max(target_macs, int(mac_share * dense_macs)))
@@ -156,6 +160,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Ten
                         "seconds": time.perf_counter() - start,
                         "solver_info": {key: value for key, value in solution.info.items()
                                         if isinstance(value, (bool, int, float, str))}})
+        stage_completed(ctx, stage)
     return w
 
 

@@ -20,12 +20,14 @@ from ..errors import PrunekitError
 from ..params import ParamSpace
 from ..solvers.magnitude import fit_k_to_macs, magnitude_flops, magnitude_global, magnitude_uniform
 from ..train import recalibrate_batchnorm
+from .stages import StageCheckpointer
 
 
 @dataclass
 class PruneContext:
     """Everything a method may use. ``train_batches()`` yields (x, y) training batches
-    (None when no training data was given)."""
+    (None when no training data was given). ``checkpointer`` (optional) saves and restores
+    completed stages of multi-stage methods, see ``pipelines.stages``."""
 
     model: nn.Module
     space: ParamSpace
@@ -34,6 +36,7 @@ class PruneContext:
     train_batches: Callable[[], Iterable] | None
     seed: int = 0
     options: dict = field(default_factory=dict)
+    checkpointer: StageCheckpointer | None = None
 
     def layer_macs(self) -> list[int]:
         return [self.costs.layer(e.module_name).macs_per_weight for e in self.space.entries]
@@ -128,7 +131,7 @@ def check_request(model: nn.Module, method: str, budget: Budget, example_input: 
 def prune(model: nn.Module, method: str, budget: Budget, example_input: torch.Tensor,
           train_batches: Callable[[], Iterable] | None = None, *, include: list[str] | None = None,
           exclude: list[str] | None = None, seed: int = 0, recalibrate_bn: bool = True,
-          options: dict | None = None) -> PruneResult:
+          options: dict | None = None, checkpointer: StageCheckpointer | None = None) -> PruneResult:
     """Prune ``model`` in place with ``method`` to ``budget`` and return the result.
 
     Args:
@@ -136,12 +139,14 @@ def prune(model: nn.Module, method: str, budget: Budget, example_input: torch.Te
         train_batches: a function returning an iterable of (x, y) training batches; needed
             by methods that use gradients, and for BatchNorm recalibration.
         include, exclude: module-name patterns of the prunable layers (see ParamSpace).
+        checkpointer: a ``pipelines.stages.StageCheckpointer``; multi-stage methods save each
+            completed stage to it and resume from its last one.
     """
     costs, space, resolved = check_request(model, method, budget, example_input, include, exclude, options)
     torch.manual_seed(seed)
     start = time.perf_counter()
     ctx = PruneContext(model, space, costs, resolved, train_batches, seed,
-                       {"recalibrate_bn": recalibrate_bn, **(options or {})})
+                       {"recalibrate_bn": recalibrate_bn, **(options or {})}, checkpointer)
     space.assign(METHODS[method](ctx))
     recalibrated = bool(recalibrate_bn and train_batches is not None
                         and recalibrate_batchnorm(model, train_batches()))

@@ -27,7 +27,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path)
     try:
         import onnx   # optional dependency, needed only here
     except ImportError:
-        raise PrunekitError("ONNX export needs the onnx package: pip install 'prunekit[onnx]'") from None
+        raise PrunekitError("ONNX export needs the onnx package: pip install 'prunekit[export]'") from None
     path = Path(path)
     model.eval()
     with warnings.catch_warnings():

@@ -1,0 +1,113 @@
+"""Export a pruned model: ONNX, TorchScript, dense weights with zeros, compact sparse weights.
+
+The sparse form is a safetensors file: a tensor with at least half its entries zero is stored
+as ``<name>.indices`` (int32 flat positions of the nonzeros) and ``<name>.values``, its shape in
+the file's metadata; every other tensor is stored as is. ``load_sparse`` rebuilds the dense
+state dict exactly. Loading either safetensors file never executes code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import nn
+
+from .errors import PrunekitError
+from .saving import atomic_write_bytes
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "dense": "model-dense.safetensors",
+           "sparse": "model-sparse.safetensors"}
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def export_dense(model: nn.Module, path: str | Path) -> Path:
+    """The state dict, pruned weights as zeros (safetensors)."""
+    atomic_write_bytes(path, save(_state(model), metadata={"format": "pt"}))
+    return Path(path)
+
+
+def export_sparse(model: nn.Module, path: str | Path) -> Path:
+    """Tensors at least half zero as indices (int32) + values; the rest dense (safetensors)."""
+    tensors, shapes = {}, {}
+    for name, value in _state(model).items():
+        flat = value.reshape(-1)
+        if value.is_floating_point() and flat.numel() and int(torch.count_nonzero(flat)) * 2 <= flat.numel():
+            if flat.numel() > 2**31 - 1:
+                raise PrunekitError(f"{name} has more entries than int32 indices reach; export it dense")
+            index = flat.nonzero().squeeze(1)
+            tensors[f"{name}.indices"] = index.to(torch.int32)
+            tensors[f"{name}.values"] = flat[index].clone()
+            shapes[name] = list(value.shape)
+        else:
+            tensors[name] = value
+    atomic_write_bytes(path, save(tensors, metadata={"format": "prunekit-sparse", "shapes": json.dumps(shapes)}))
+    return Path(path)
+
+
+def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
+    """The dense state dict of a file written by ``export_sparse``."""
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata() or {}
+        if meta.get("format") != "prunekit-sparse":
+            raise PrunekitError(f"{path} is not a prunekit sparse export")
+        shapes = json.loads(meta["shapes"])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    state = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in shapes}
+    for name, shape in shapes.items():
+        values = tensors[f"{name}.values"]
+        dense = torch.zeros(torch.Size(shape).numel(), dtype=values.dtype)
+        dense[tensors[f"{name}.indices"].long()] = values
+        state[name] = dense.view(shape)
+    return state
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
+    """ONNX graph with a dynamic batch dimension (TorchScript-based exporter: fast, no onnxscript)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # the exporter's deprecation notes are not for our users
+        torch.onnx.export(model.eval(), (example_input,), buffer, dynamo=False, input_names=["input"],
+                          output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
+    """A traced TorchScript module (``torch.jit.load`` runs it without prunekit)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(model.eval(), example_input), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, formats) -> list[dict]:
+    """Write each of ``formats`` (keys of FORMATS) into folder ``out``; returns path, size per file."""
+    out = Path(out)
+    written = []
+    for fmt in formats:
+        path = out / FORMATS[fmt]
+        if fmt == "onnx":
+            export_onnx(model, example_input, path)
+        elif fmt == "torchscript":
+            export_torchscript(model, example_input, path)
+        elif fmt == "dense":
+            export_dense(model, path)
+        else:
+            export_sparse(model, path)
+        written.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
+    sizes = {f["format"]: f["bytes"] for f in written}
+    if "sparse" in sizes:
+        dense_bytes = sizes.get("dense") or len(save(_state(model)))
+        written[list(sizes).index("sparse")]["note"] = f"{sizes['sparse'] / dense_bytes:.1%} of the dense file's size"
+    return written

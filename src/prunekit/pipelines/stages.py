@@ -1,0 +1,111 @@
+"""Stage checkpoints: the protocol by which a multi-stage pipeline saves and resumes its progress.
+
+A pipeline that works in stages (CHITA++/FALCON++ in ``fisher_methods.run_stages``, gradual
+pruning with fine-tuning) plugs in with two calls and nothing else::
+
+    history = ctx.options.setdefault("report", {}).setdefault("stages", [])
+    done = resume_stages(ctx)          # 0, or the last completed stage: model, history, RNG restored
+    for stage in range(1, stages + 1):
+        if stage <= done:
+            continue
+        ...                             # the stage's work: read the model, change it, recalibrate BN
+        history.append({...})           # this stage's record (JSON-serialisable)
+        stage_completed(ctx, stage)     # after the stage is *fully* done, before the next begins
+
+Contract for the pipeline:
+  * Everything the next stage depends on lives in the model's ``state_dict()`` (weights, masks as
+    zeros, BatchNorm buffers), in ``ctx.options["report"]["stages"]`` or in the torch / numpy /
+    ``random`` RNG states. A pipeline with other state (an optimizer's momentum, a mask not
+    implied by zeros) must put it into the model or the history before ``stage_completed``.
+  * A stage's data must not depend on how many stages ran before *in this process*: take a fresh
+    loader per stage (``ctx.train_batches()`` does: each call starts at the same seeded epoch) or
+    one driven only by the restored RNG.
+  * ``stage_completed`` may run code on the model (the run folder evaluates it); it leaves the
+    model's state and the RNG states as it found them.
+
+Contract for the checkpointer (``ctx.checkpointer``, e.g. ``runs.RunCheckpointer``): ``save``
+writes atomically (a kill leaves the previous checkpoint or the new one, never half of one);
+``last`` returns the newest complete checkpoint or None. With both kept, a run killed at any
+moment and resumed ends with bit-identical weights to one never interrupted.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class StageState:
+    """What a completed stage leaves behind.
+
+    stage:       number of the last completed stage (1-based).
+    model_state: the model's ``state_dict()`` after that stage (tensors on the CPU).
+    history:     the per-stage records so far (``ctx.options["report"]["stages"]``).
+    rng:         ``capture_rng()`` after that stage.
+    """
+
+    stage: int
+    model_state: dict[str, torch.Tensor]
+    history: list[dict]
+    rng: dict = field(default_factory=dict)
+
+
+class StageCheckpointer(Protocol):
+    def last(self) -> StageState | None:
+        """The newest complete checkpoint, or None when no stage has completed."""
+
+    def save(self, state: StageState, model: nn.Module) -> None:
+        """Store ``state`` atomically; may add measurements to ``state.history[-1]`` first."""
+
+
+def capture_rng() -> dict:
+    """The torch (CPU), numpy and ``random`` generator states, as JSON-able data + one tensor."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state().clone(),
+            "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "random": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def restore_rng(state: dict) -> None:
+    """Undo ``capture_rng``."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    r = state["random"]
+    random.setstate((r["version"], tuple(r["internal"]), r["gauss_next"]))
+
+
+def resume_stages(ctx) -> int:
+    """Restore the context's model, stage history and RNG from its checkpointer's last stage.
+
+    Returns the number of stages already completed (0 without a checkpointer or checkpoint).
+    """
+    checkpointer = getattr(ctx, "checkpointer", None)
+    state = checkpointer.last() if checkpointer is not None else None
+    if state is None:
+        return 0
+    ctx.model.load_state_dict(state.model_state)
+    history = ctx.options.setdefault("report", {}).setdefault("stages", [])
+    history[:] = state.history
+    restore_rng(state.rng)
+    return state.stage
+
+
+def stage_completed(ctx, stage: int) -> None:
+    """Hand the finished ``stage`` to the context's checkpointer (no-op without one)."""
+    checkpointer = getattr(ctx, "checkpointer", None)
+    if checkpointer is None:
+        return
+    rng = capture_rng()
+    model_state = {k: v.detach().cpu().clone() for k, v in ctx.model.state_dict().items()}
+    history = ctx.options.setdefault("report", {}).setdefault("stages", [])
+    checkpointer.save(StageState(stage, model_state, history, rng), ctx.model)
+    restore_rng(rng)     # whatever the checkpointer ran (an evaluation) must not shift the run

@@ -1,0 +1,125 @@
+"""Recipes: a command's options in a TOML file (``prunekit prune --recipe run.toml``).
+
+The schema is the command's own argparse parser: every option of the command is a key (its
+long name, with ``-`` or ``_``: ``fisher-samples`` or ``fisher_samples``), with the option's type
+(int, float, string; a list for options taking several values; true/false for switches) and
+choices. Any other key, or a value of the wrong type, is refused naming the key. Recipe values
+become the parser's defaults, so flags given on the command line override them. Relative paths
+are relative to the working directory, as on the command line.
+
+``dump_recipe`` writes resolved options back as TOML (the run folder's ``config.toml``), which
+``--recipe`` and ``--resume`` read again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import tomllib
+from pathlib import Path
+
+from .errors import PrunekitError
+
+# Options that are about *this* invocation, not the run: never in a recipe.
+NOT_IN_RECIPES = {"help", "recipe", "resume", "json", "func", "command"}
+
+
+def schema(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The recipe keys of ``parser`` (option dests) and their argparse actions."""
+    return {a.dest: a for a in parser._actions if a.dest not in NOT_IN_RECIPES and a.option_strings}
+
+
+def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict:
+    """Read and validate a TOML recipe against ``parser``; returns {dest: value}."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise PrunekitError(f"recipe {path} does not exist: check the path") from None
+    except tomllib.TOMLDecodeError as err:
+        raise PrunekitError(f"recipe {path} is not valid TOML: {err}") from None
+    return validate(raw, parser, str(path))
+
+
+def validate(raw: dict, parser: argparse.ArgumentParser, where: str = "recipe") -> dict:
+    """Check every key and value of ``raw`` against ``parser``'s options; returns {dest: value}."""
+    actions = schema(parser)
+    values = {}
+    for key, value in raw.items():
+        dest = key.replace("-", "_")
+        if dest not in actions:
+            close = difflib.get_close_matches(dest, actions, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PrunekitError(f"unknown key {key!r} in {where}: not an option of `{parser.prog}`{hint}")
+        values[dest] = _convert(actions[dest], key, value, where)
+    return values
+
+
+def apply_recipe(parser: argparse.ArgumentParser, values: dict) -> None:
+    """Make ``values`` the parser's defaults (flags still override); options they give are no
+    longer required on the command line."""
+    for action in schema(parser).values():
+        if action.dest in values:
+            action.required = False
+    parser.set_defaults(**values)
+
+
+def _convert(action: argparse.Action, key: str, value, where: str):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise PrunekitError(f"key {key!r} in {where} is a switch: give true or false, not {value!r}")
+        return value
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list):
+            raise PrunekitError(f"key {key!r} in {where} takes a list, e.g. {key} = [...]; got {value!r}")
+        if action.nargs == "+" and not value:
+            raise PrunekitError(f"key {key!r} in {where} needs at least one value")
+        return [_scalar(action, key, v, where) for v in value]
+    return _scalar(action, key, value, where)
+
+
+def _scalar(action: argparse.Action, key: str, value, where: str):
+    kind = action.type or str
+    ok = not isinstance(value, (bool, list, dict))
+    if kind is int:
+        ok = ok and isinstance(value, int)
+    elif kind is float:
+        ok = ok and isinstance(value, (int, float))
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = ok and isinstance(value, (str, int, float))   # budgets read well as numbers: flops = 0.3
+        value = str(value) if ok else value
+    else:
+        raise PrunekitError(f"key {key!r} has a type recipes do not handle")  # no such option yet
+    if not ok:
+        raise PrunekitError(f"key {key!r} in {where} must be {_type_name(kind)}, got {value!r}")
+    if action.choices is not None and value not in action.choices:
+        raise PrunekitError(f"key {key!r} in {where} must be one of {', '.join(map(str, action.choices))}, "
+                            f"got {value!r}")
+    return value
+
+
+def _type_name(kind) -> str:
+    return {int: "an integer", float: "a number", str: "a string"}[kind]
+
+
+def dump_recipe(values: dict) -> str:
+    """TOML for flat {key: str | int | float | bool | list}; None values are left out (= default)."""
+    lines = []
+    for key, value in values.items():
+        if value is not None:
+            lines.append(f"{key.replace('_', '-')} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)    # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise PrunekitError(f"cannot write {value!r} to a recipe")

@@ -1,0 +1,291 @@
+"""Reports of run folders: ``report.md`` with tables and PNG plots (matplotlib, Agg backend).
+
+A run's report shows its stages (budget asked, sparsity and MACs reached, loss, accuracy), the
+accuracy against the budget reached, the accuracy per stage and the per-layer density (kept
+share of weights and of MACs per layer, from the CostModel, so it holds for shrunk models too).
+A comparison report (``prunekit sweep``/``compare``) tabulates runs and draws accuracy against
+sparsity and against MACs kept, one curve per model and method.
+
+Everything is read from ``metrics.json``; the plots need matplotlib (``pip install
+prunekit[report]``). Without it the markdown is still written, and ``MissingPlotting`` says why
+it has no plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import PrunekitError
+from .runs import METRICS, RunFolder, is_run
+from .saving import atomic_write_bytes
+
+
+class MissingPlotting(PrunekitError):
+    """matplotlib is not installed: reports are written without plots."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingPlotting("plots need matplotlib: pip install 'prunekit[report]' "
+                              "(report.md was written without them)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import io
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def _num(x, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _acc(x) -> str:
+    return "–" if x is None else f"{x:.2f}%"
+
+
+# --- one run ---------------------------------------------------------------------------------
+
+def stage_rows(metrics: dict) -> list[dict]:
+    """Dense, every stage, final: label, asked shares, reached shares, loss, accuracy, seconds."""
+    p = metrics.get("prunable_weights")
+    dense_macs, fixed = metrics.get("dense_macs"), metrics.get("fixed_macs", 0)
+    dense = metrics.get("dense", {})
+    rows = [{"label": "dense", "asked_sparsity": None, "asked_flops": None, "sparsity": dense.get("sparsity"),
+             "flops_kept": dense.get("flops_kept"), "loss": dense.get("loss"),
+             "accuracy": dense.get("accuracy"), "seconds": None}]
+    for s in metrics.get("stages", []):
+        rows.append({"label": str(s["stage"]),
+                     "asked_sparsity": _asked_sparsity(s["max_nonzeros"], p),
+                     "asked_flops": (s["max_macs"] + fixed) / dense_macs
+                     if s.get("max_macs") is not None and dense_macs else None,
+                     "sparsity": s.get("sparsity"), "flops_kept": s.get("flops_kept"), "loss": s.get("loss"),
+                     "accuracy": s.get("accuracy"), "seconds": s.get("seconds")})
+    final = metrics.get("final")
+    if final:
+        budget = metrics.get("budget", {})
+        rows.append({"label": "final" + ("\n(BN recal.)" if final.get("bn_recalibrated") else ""),
+                     "asked_sparsity": _asked_sparsity(budget.get("max_nonzeros"), p),
+                     "asked_flops": budget["max_macs"] / dense_macs
+                     if budget.get("max_macs") is not None and dense_macs else None,
+                     "sparsity": final.get("sparsity"), "flops_kept": final.get("flops_kept"),
+                     "loss": final.get("loss"), "accuracy": final.get("accuracy"), "seconds": final.get("seconds")})
+    return rows
+
+
+def _asked_sparsity(max_nonzeros, p) -> float | None:
+    """The sparsity a count budget asks for; None when there is no count budget (all may stay)."""
+    return 1 - max_nonzeros / p if p and max_nonzeros is not None and max_nonzeros < p else None
+
+
+def write_run_report(path: str | Path) -> Path:
+    """Write ``report.md`` (and ``plots/*.png``) of the run folder at ``path``."""
+    folder = RunFolder(path)
+    m = folder.read_metrics()
+    rows = stage_rows(m)
+    final = m.get("final", {})
+    lines = [f"# {m.get('model')} pruned with {m.get('method')}", "",
+             f"Status: **{m.get('status')}**. Budget asked: "
+             + ", ".join(f"{k} {v}" for k, v in m.get("request", {}).items() if v is not None) + ".", ""]
+    if final:
+        lines += [f"Accuracy {_acc(m['dense'].get('accuracy'))} → **{_acc(final.get('accuracy'))}**, "
+                  f"sparsity {_pct(final.get('sparsity'))}, MACs kept {_pct(final.get('flops_kept'))} "
+                  f"({final.get('macs', 0):,} of {final.get('dense_macs', 0):,} per example), "
+                  f"parameters kept {_pct(final.get('params_kept'))}.", ""]
+    lines += ["| stage | sparsity asked | sparsity | MACs kept asked | MACs kept | loss | accuracy | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        label = r["label"].replace("\n", " ")
+        lines.append(f"| {label} | {_pct(r['asked_sparsity'])} | {_pct(r['sparsity'])} | "
+                     f"{_pct(r['asked_flops'])} | {_pct(r['flops_kept'])} | "
+                     f"{_num(r['loss'], '.4f')} | {_acc(r['accuracy'])} | {_num(r['seconds'], '.1f')} |")
+    lines += ["", "Loss and accuracy are on the evaluation split; a stage's row is measured right after "
+              "the stage (before the final BatchNorm recalibration).", ""]
+    plots = ["accuracy_vs_budget.png", "accuracy_per_stage.png", "layer_density.png"]
+    lines += [f"![{name[:-4].replace('_', ' ')}](plots/{name})" for name in plots] + [""]
+    layers = m.get("layers", [])
+    if layers:
+        lines += ["| layer | weights kept | MACs kept |", "|---|---|---|"]
+        lines += [f"| {r['name']} | {r['params']:,} / {r['dense_params']:,} ({_pct(r['params_kept'])}) | "
+                  f"{r['macs']:,} / {r['dense_macs']:,} ({_pct(r['macs_kept'])}) |" for r in layers]
+    atomic_write_bytes(folder.report_path, ("\n".join(lines) + "\n").encode())
+    plt = _pyplot()
+    (folder.path / "plots").mkdir(exist_ok=True)
+    _plot_run_budget(plt, rows, folder.path / "plots" / plots[0])
+    _plot_run_stages(plt, rows, folder.path / "plots" / plots[1])
+    _plot_layers(plt, layers, folder.path / "plots" / plots[2])
+    return folder.report_path
+
+
+def _plot_run_budget(plt, rows: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, label in ((axes[0], "sparsity", "sparsity reached (%)"),
+                           (axes[1], "flops_kept", "MACs kept (% of dense)")):
+        pts = [(100 * r[key], r["accuracy"], r["label"]) for r in rows
+               if r[key] is not None and r["accuracy"] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+            for x, y, label_ in pts:
+                ax.annotate(label_.replace("\n", " "), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].invert_xaxis()       # left to right: more pruning
+    axes[0].set_ylabel("accuracy (%)")
+    fig.suptitle("accuracy against the budget reached (dense, each stage, final)")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _plot_run_stages(plt, rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [r["label"] for r in rows]
+    x = range(len(rows))
+    acc = [r["accuracy"] if r["accuracy"] is not None else float("nan") for r in rows]
+    ax.plot(x, acc, "o-", color="C0", label="accuracy")
+    ax.set_ylabel("accuracy (%)", color="C0")
+    ax.set_xticks(list(x), labels)
+    ax.set_xlabel("stage")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    for key, color, name in (("sparsity", "C1", "sparsity"), ("flops_kept", "C2", "MACs kept")):
+        vals = [100 * r[key] if r[key] is not None else float("nan") for r in rows]
+        twin.plot(x, vals, "s--", color=color, alpha=0.7, label=name)
+    twin.set_ylabel("sparsity / MACs kept (%)")
+    twin.set_ylim(0, 100)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
+    ax.set_title("accuracy per stage")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _plot_layers(plt, layers: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(layers) + 1)))
+    y = list(range(len(layers)))
+    ax.barh([i - 0.2 for i in y], [100 * r["params_kept"] for r in layers], height=0.4, label="weights kept")
+    ax.barh([i + 0.2 for i in y], [100 * r["macs_kept"] for r in layers], height=0.4, label="MACs kept")
+    ax.set_yticks(y, [r["name"] or "(model)" for r in layers], fontsize=8)
+    ax.invert_yaxis()            # first layer on top
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("kept share of the layer's dense count (%)")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("per-layer density", pad=22)
+    _save(fig, path)
+    plt.close(fig)
+
+
+# --- several runs ----------------------------------------------------------------------------
+
+def find_runs(paths) -> list[Path]:
+    """Run folders among ``paths``: each path is a run folder, or a folder holding run folders."""
+    found = []
+    for path in map(Path, paths):
+        if is_run(path):
+            found.append(path)
+            continue
+        inside = sorted(p.parent for p in path.glob(f"*/{METRICS}")) if path.is_dir() else []
+        if not inside:
+            raise PrunekitError(f"{path} is not a run folder (no {METRICS}) and holds none: "
+                                "pass folders written by `prunekit prune --out` or `prunekit sweep`")
+        found += inside
+    return found
+
+
+def collect(folders) -> list[dict]:
+    """One summary row per run folder."""
+    rows = []
+    for folder in map(RunFolder, folders):
+        m = folder.read_metrics()
+        final = m.get("final") or {}
+        rows.append({"run": str(folder.path), "name": folder.path.name, "model": m.get("model"),
+                     "method": m.get("method"), "request": m.get("request", {}), "status": m.get("status"),
+                     "sparsity": final.get("sparsity"), "flops_kept": final.get("flops_kept"),
+                     "params_kept": final.get("params_kept"),
+                     "dense_accuracy": m.get("dense", {}).get("accuracy"), "accuracy": final.get("accuracy"),
+                     "loss": final.get("loss"), "seconds": final.get("seconds"),
+                     "stages": len(m.get("stages", []))})
+    return rows
+
+
+def _asked(row: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in row["request"].items() if v is not None)
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """A plain-text table of ``collect``'s rows."""
+    head = f"{'run':<34} {'method':<16} {'asked':<22} {'sparsity':>9} {'MACs kept':>9} {'dense':>7} {'acc':>7} {'s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['name'][:34]:<34} {r['method'][:16]:<16} {_asked(r)[:22]:<22} {_pct(r['sparsity']):>9} "
+                     f"{_pct(r['flops_kept']):>9} {_acc(r['dense_accuracy']):>7} {_acc(r['accuracy']):>7} "
+                     f"{_num(r['seconds'], '.0f'):>7}"
+                     + ("" if r["status"] == "done" else f"  ({r['status']})"))
+    return lines
+
+
+def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Comparison") -> Path:
+    """``out/report.md`` with the runs' table and accuracy-vs-sparsity / -vs-MACs plots."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", "| run | model | method | asked | sparsity | MACs kept | dense acc. | accuracy | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        link = os.path.relpath(Path(r["run"]) / "report.md", out)
+        lines.append(f"| [{r['name']}]({link}) | {r['model']} | {r['method']} | {_asked(r)} | {_pct(r['sparsity'])} | "
+                     f"{_pct(r['flops_kept'])} | {_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | "
+                     f"{_num(r['seconds'], '.0f')} |")
+    lines += ["", "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)",
+              "![accuracy vs MACs](plots/accuracy_vs_macs.png)", ""]
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(out / "runs.json", (json.dumps(rows, indent=2) + "\n").encode())
+    plt = _pyplot()
+    (out / "plots").mkdir(exist_ok=True)
+    for key, label, name in (("sparsity", "sparsity (% of prunable weights removed)", "accuracy_vs_sparsity.png"),
+                             ("flops_kept", "MACs kept (% of dense)", "accuracy_vs_macs.png")):
+        _plot_curves(plt, rows, key, label, out / "plots" / name)
+    return out / "report.md"
+
+
+def _plot_curves(plt, rows: list[dict], key: str, label: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r[key] is not None and r["accuracy"] is not None:
+            groups.setdefault((r["model"], r["method"]), []).append(r)
+    dense = {}
+    for i, ((model, method), runs) in enumerate(sorted(groups.items())):
+        runs.sort(key=lambda r: r[key])
+        ax.plot([100 * r[key] for r in runs], [r["accuracy"] for r in runs], "o-", color=f"C{i}",
+                label=f"{model} {method}" if len({g[0] for g in groups}) > 1 else method)
+        if runs[0]["dense_accuracy"] is not None:
+            dense[model] = runs[0]["dense_accuracy"]
+    if dense:                    # room above the dense line for its label
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, max(high, max(dense.values()) + 0.08 * (high - low)))
+    for model, acc in dense.items():
+        ax.axhline(acc, color="grey", ls="--", lw=1)
+        ax.annotate(f"dense {model} {acc:.2f}%", (0.01, acc), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(0, 3), fontsize=8, color="grey")
+    if key == "flops_kept":
+        ax.invert_xaxis()        # left to right: more pruning
+    ax.set_xlabel(label)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend(fontsize=8)
+    ax.set_title(f"accuracy against {'MACs kept' if key == 'flops_kept' else 'sparsity'}")
+    _save(fig, path)
+    plt.close(fig)

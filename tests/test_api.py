@@ -1,0 +1,79 @@
+"""prunekit.prune on a user's own model: the README example, run exactly, and the data forms."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.costs import CostModel
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_api_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("<!-- runs block"):]
+    return re.search(r"```python\n(.*?)```", block, re.S).group(1)
+
+
+def test_readme_example_runs_and_meets_its_budget(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    scope = {}
+    exec(compile(readme_api_example(), "README.md", "exec"), scope)
+    result, net = scope["result"], scope["net"]
+    assert result.model is net and result.method == "falcon"
+    assert result.flops_kept <= 0.3
+    assert CostModel(net, torch.zeros(1, 1, 28, 28)).count(net).flops_kept == pytest.approx(result.flops_kept)
+    assert result.dense_accuracy > 80 and result.accuracy > 50    # chance is 10%
+    assert len(result.history) == 1 and result.history[0]["accuracy"] is not None
+    assert "MACs kept" in capsys.readouterr().out
+
+
+def _tiny():
+    torch.manual_seed(0)
+    x = torch.randn(256, 3, 8, 8)
+    y = (x[:, 0].mean((1, 2)) > 0).long()
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    return net, x, y
+
+
+def test_tensor_data_and_run_folder_resume(tmp_path):
+    net, x, y = _tiny()
+    kwargs = dict(method="chita++", sparsity=0.8, eval_data=(x, y), stages=3, fisher_samples=32,
+                  out=str(tmp_path / "run"))
+    first = prunekit.prune(net, (x, y), **kwargs)
+    assert first.sparsity == pytest.approx(0.8, abs=0.01) and len(first.history) == 3
+    for name in ("config.toml", "metrics.json", "model.safetensors", "report.md", "checkpoints/stage-003.safetensors"):
+        assert (tmp_path / "run" / name).exists(), name
+    # A finished run is not redone: a fresh dense model gets the saved pruned weights.
+    again_net = _tiny()[0]
+    again = prunekit.prune(again_net, (x, y), **kwargs)
+    assert all(a.equal(b) for a, b in zip(again_net.state_dict().values(), net.state_dict().values()))
+    assert again.accuracy == first.accuracy
+    with pytest.raises(prunekit.PrunekitError, match="other arguments"):
+        prunekit.prune(_tiny()[0], (x, y), **{**kwargs, "sparsity": 0.5})
+
+
+def test_same_data_forms_give_the_same_result():
+    net, x, y = _tiny()
+    dataset = torch.utils.data.TensorDataset(x, y)
+    a = prunekit.prune(net, dataset, method="chita", sparsity=0.5, fisher_samples=32)
+    net2 = _tiny()[0]
+    b = prunekit.prune(net2, (x, y), method="chita", sparsity=0.5, fisher_samples=32)
+    assert all(p.equal(q) for p, q in zip(net.state_dict().values(), net2.state_dict().values()))
+    assert a.nonzeros == b.nonzeros and a.accuracy is None
+
+
+def test_bad_calls_name_the_fix():
+    net, x, y = _tiny()
+    with pytest.raises(prunekit.PrunekitError, match="fisher_sample"):
+        prunekit.prune(net, (x, y), method="chita", sparsity=0.5, fisher_sample=32)
+    with pytest.raises(prunekit.PrunekitError, match="one-pass iterator"):
+        prunekit.prune(net, iter([(x, y)]), method="chita", sparsity=0.5)
+    with pytest.raises(prunekit.PrunekitError, match="example_input"):
+        prunekit.prune(net, method="magnitude", sparsity=0.5)
+    with pytest.raises(prunekit.PrunekitError, match="--flops"):
+        prunekit.prune(net, (x, y), method="falcon", sparsity=0.5)

@@ -1,0 +1,86 @@
+"""Recipes: every prune option can live in TOML, flags override, bad keys and types are refused."""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import prunekit
+from prunekit import recipes
+from prunekit.cli import build_parser_for, main
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+RECIPE = f"""
+model = "mlpnet"
+checkpoint = "{ASSETS / 'mlpnet.safetensors'}"
+data = "mnist"
+data-dir = "{ASSETS / 'mnist'}"
+train_samples = 256
+method = "chita++"
+stages = 2
+sparsity = 0.9
+fisher-samples = 64
+solver = "backsolve"
+"""
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_recipe_runs_flags_override_and_config_is_saved(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", "--recipe", write(tmp_path, RECIPE), "--sparsity", "0.8", "--out", str(out), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["method"] == "chita++" and len(record["stages"]) == 2
+    assert record["sparsity"] == pytest.approx(0.8, abs=1e-4)          # the flag won over the recipe's 0.9
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["sparsity"] == "0.8" and config["fisher-samples"] == 64 and config["stages"] == 2
+    assert config["train-samples"] == 256 and Path(config["data-dir"]).is_absolute()
+    # The saved config is itself a recipe giving the same run.
+    assert main(["prune", "--recipe", str(out / "config.toml"), "--out", str(tmp_path / "again"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nonzeros"] == record["nonzeros"]
+
+
+def test_every_prune_option_is_a_recipe_key_and_nothing_else():
+    parser = build_parser_for("prune")
+    keys = set(recipes.schema(parser))
+    flags = {a.dest for a in parser._actions if a.option_strings} - recipes.NOT_IN_RECIPES
+    assert keys == flags and {"fisher_samples", "sparsity", "exclude", "no_bn_recalibration"} <= keys
+
+
+@pytest.mark.parametrize("line,message", [
+    ("fisher_sample = 10", "unknown key 'fisher_sample'.*did you mean 'fisher_samples'"),
+    ("stages = 2.5", "key 'stages'.*integer"),
+    ("stages = \"3\"", "key 'stages'.*integer"),
+    ("ridge = \"big\"", "key 'ridge'.*number"),
+    ("revive = 1", "key 'revive'.*true or false"),
+    ("exclude = \"fc3\"", "key 'exclude'.*list"),
+    ("schedule = \"cubic\"", "key 'schedule'.*one of poly"),
+    ("model = true", "key 'model'.*string"),
+    ("json = true", "unknown key 'json'"),
+])
+def test_bad_keys_and_types_are_refused_by_name(tmp_path, capsys, line, message):
+    assert main(["prune", "--recipe", write(tmp_path, line + "\n")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunekit: error:") and err.count("\n") == 1
+    assert re.search(message, err), err
+
+
+def test_broken_or_missing_recipe(tmp_path, capsys):
+    assert main(["prune", "--recipe", write(tmp_path, "model = [")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(["prune", "--recipe", str(tmp_path / "nope.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_dump_reads_back_to_the_same_values():
+    parser = build_parser_for("prune")
+    values = {"model": "mlpnet", "sparsity": "90%", "stages": 3, "ridge": 1e-4, "revive": True,
+              "exclude": [], "include": ["fc*", 'we"ird'], "out": None}
+    back = recipes.validate(tomllib.loads(recipes.dump_recipe(values)), parser)
+    assert back == {k: v for k, v in values.items() if v is not None}

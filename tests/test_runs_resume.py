@@ -1,0 +1,110 @@
+"""Run folders and resume: a real `prunekit prune --out` killed with SIGKILL after its first stage
+checkpoint, resumed, ends bit-identical to an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import prunekit
+from prunekit.cli import main
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+SRC = Path(prunekit.__file__).parent.parent
+# Four CHITA++ stages on the bundled MLPNet: long enough (seconds per stage) to be killed between stages.
+ARGS = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+        "--data-dir", str(ASSETS / "mnist"), "--train-samples", "1024", "--fisher-samples", "256",
+        "--method", "chita++", "--stages", "4", "--sparsity", "0.95", "--json"]
+
+
+def _cli(*argv: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "prunekit.cli", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    victim = _cli(*ARGS, "--out", str(killed))
+    first = killed / "checkpoints" / "stage-001.safetensors"
+    deadline = time.monotonic() + 300
+    while not first.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "model.safetensors").exists()
+    done_before = sorted(p.name for p in (killed / "checkpoints").glob("stage-*.safetensors"))
+    assert "stage-004.safetensors" not in done_before and json.loads(
+        (killed / "metrics.json").read_text())["status"] == "running"
+
+    resumed = _cli("prune", "--resume", str(killed), "--json")
+    reference = _cli(*ARGS, "--out", str(whole))
+    out_resumed, err = resumed.communicate()
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    out_whole, err = reference.communicate()
+    assert reference.returncode == 0, err.decode()[-2000:]
+
+    log = (killed / "run.log").read_text()
+    assert "resuming after stage" in log
+    a, b = _weights(killed), _weights(whole)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].equal(b[key]), key                     # bit for bit, BN buffers included
+    ra, rb = json.loads(out_resumed), json.loads(out_whole)
+    assert ra["accuracy"] == rb["accuracy"] and ra["nonzeros"] == rb["nonzeros"]
+    stages = json.loads((killed / "metrics.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == [1, 2, 3, 4]
+
+
+MLP = ["--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+       "--data-dir", str(ASSETS / "mnist"), "--train-samples", "256", "--fisher-samples", "64",
+       "--solver", "backsolve"]      # magnitude support + backsolve: the fast CHITA
+
+
+def test_run_folder_holds_config_log_metrics_checkpoints_model_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", *MLP, "--method", "chita++", "--stages", "2", "--sparsity", "0.8",
+                 "--out", str(out), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    for name in ("config.toml", "run.log", "metrics.json", "model.safetensors", "model.json", "report.md",
+                 "checkpoints/stage-001.safetensors", "checkpoints/stage-002.safetensors",
+                 "plots/accuracy_vs_budget.png", "plots/accuracy_per_stage.png", "plots/layer_density.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "done" and metrics["final"]["accuracy"] == record["accuracy"]
+    for stage in metrics["stages"]:
+        for key in ("max_nonzeros", "max_macs", "sparsity", "flops_kept", "loss", "accuracy", "seconds"):
+            assert key in stage, key
+    assert metrics["stages"][-1]["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    layers = metrics["layers"]
+    assert sum(r["params"] for r in layers) == record["nonzeros"]   # MLPNet: every weight layer is prunable
+    assert all(0 <= r["params_kept"] <= 1 and 0 <= r["macs_kept"] <= 1 for r in layers)
+    # Accuracy in the metrics is the evaluation's: the sidecar's model reloads to it.
+    assert main(["eval", "--model", "mlpnet", "--checkpoint", str(out / "model.safetensors"),
+                 "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(record["accuracy"])
+    # The same command again finds the run done; another one is refused.
+    assert main(["prune", *MLP, "--method", "chita++", "--stages", "2", "--sparsity", "0.8",
+                 "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == record["accuracy"]
+    assert main(["prune", *MLP, "--method", "chita++", "--stages", "3", "--sparsity", "0.8",
+                 "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_options_and_non_run_folders(tmp_path, capsys):
+    assert main(["prune", "--resume", str(tmp_path)]) == 2
+    assert "config.toml" in capsys.readouterr().err
+    assert main(["prune", "--resume", str(tmp_path), "--stages", "3"]) == 2
+    assert "--stages" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+"""The stage checkpoint protocol's pieces: RNG capture, atomic checkpoints, fixed data per stage."""
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunekit.api import _batches
+from prunekit.data import Normalization, make_loader
+from prunekit.data.dataset import ImageDataset
+from prunekit.pipelines.stages import StageState, capture_rng, restore_rng
+from prunekit.runs import RunCheckpointer, RunFolder
+
+
+def draws():
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_rng_states_come_back():
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()                  # leaves a cached gaussian in numpy's state
+    state = capture_rng()
+    first = draws()
+    restore_rng(state)
+    assert draws() == first
+
+
+def test_checkpoints_round_trip_and_a_broken_one_is_skipped(tmp_path):
+    folder = RunFolder(tmp_path)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    saver = RunCheckpointer(folder, measure=lambda m: {"accuracy": 12.5})
+    for stage in (1, 2):
+        with torch.no_grad():
+            model[0].weight.mul_(0.5)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        saver.save(StageState(stage, state, [{"stage": s, "seconds": 1.0} for s in range(1, stage + 1)],
+                              capture_rng()), model)
+    last = RunCheckpointer(folder).last()
+    assert last.stage == 2 and last.history[-1] == {"stage": 2, "seconds": 1.0, "accuracy": 12.5}
+    assert all(last.model_state[k].equal(v) for k, v in model.state_dict().items())
+    # A damaged newest file (not one we would write: writes are atomic) falls back to the one before.
+    path = saver.path(2)
+    path.write_bytes(path.read_bytes()[:100])
+    assert RunCheckpointer(folder).last().stage == 1
+    assert "skipping unreadable checkpoint stage-002" in (tmp_path / "run.log").read_text()
+    assert not [p for p in tmp_path.rglob("*.tmp")]        # no temporary file left behind
+
+
+def test_a_prunekit_loader_gives_every_stage_the_same_batches():
+    images = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8)
+    ds = ImageDataset(images, torch.arange(40) % 3, classes=["a", "b", "c"])
+    loader = make_loader(ds, Normalization((0.5,), (0.5,)), batch_size=8, shuffle=True, seed=7)
+    iter(loader)                                             # the user's loader is at epoch 1
+    again = _batches(loader, 8, shuffle=True, seed=0, what="data")
+    first = [y.tolist() for _, y in again()]
+    assert [y.tolist() for _, y in again()] == first         # stage 2 sees stage 1's batches
+    assert loader.epoch == 1                                 # and the user's loader is untouched
+    assert first == [y.tolist() for _, y in list(loader)]    # epoch 1's order, as the user left it

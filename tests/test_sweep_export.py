@@ -1,0 +1,97 @@
+"""sweep, compare, reports with plots, and export on the bundled MLPNet."""
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+
+import prunekit
+from prunekit.cli import main
+from prunekit.export import load_sparse
+from prunekit.loading import load_model
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+MLP = ["--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+       "--data-dir", str(ASSETS / "mnist"), "--train-samples", "256", "--fisher-samples", "64"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_then_compare(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", *MLP, "--method", "magnitude-flops", "falcon", "--flops", "0.5", "0.2",
+                 "--out", str(out), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [(r["method"], r["request"]["flops"]) for r in runs] == [
+        ("magnitude-flops", "0.5"), ("magnitude-flops", "0.2"), ("falcon", "0.5"), ("falcon", "0.2")]
+    assert all(r["flops_kept"] <= float(r["request"]["flops"]) + 1e-9 and r["status"] == "done" for r in runs)
+    assert len({r["dense_accuracy"] for r in runs}) == 1
+    report = (out / "report.md").read_text()
+    for name in ("accuracy_vs_sparsity.png", "accuracy_vs_macs.png"):
+        assert f"plots/{name}" in report and (out / "plots" / name).read_bytes().startswith(PNG)
+    for r in runs:                                          # each run has its own report and plots
+        assert (Path(r["run"]) / "plots" / "layer_density.png").read_bytes().startswith(PNG)
+    # The same sweep again redoes nothing; compare reads the folders back.
+    assert main(["sweep", *MLP, "--method", "magnitude-flops", "falcon", "--flops", "0.5", "0.2",
+                 "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == runs
+    assert main(["compare", str(out), "--out", str(tmp_path / "cmp")]) == 0
+    text = capsys.readouterr().out
+    assert "falcon_flops-0.2" in text and "magnitude-flops_flops-0.5" in text
+    assert (tmp_path / "cmp" / "plots" / "accuracy_vs_macs.png").exists()
+
+
+def test_sweep_and_compare_refuse_bad_input(tmp_path, capsys):
+    assert main(["sweep", *MLP, "--method", "falcon", "--out", str(tmp_path / "s")]) == 2
+    assert "needs budgets" in capsys.readouterr().err
+    assert main(["sweep", *MLP, "--method", "falcon", "--flops", "0.5", "0.2", "--sparsity", "0.1", "0.2", "0.3",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "same length" in capsys.readouterr().err
+    assert main(["sweep", *MLP, "--method", "falcon", "--sparsity", "0.5", "--out", str(tmp_path / "s")]) == 2
+    assert "--flops" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()                    # refused before any run started
+    assert main(["compare", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_export_all_formats(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["prune", *MLP, "--method", "magnitude", "--sparsity", "0.9", "--out", str(run), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--onnx", "--torchscript", "--dense", "--sparse", "--json"]) == 0
+    files = {f["format"]: f for f in json.loads(capsys.readouterr().out)["files"]}
+    for f in files.values():
+        assert Path(f["path"]).stat().st_size == f["bytes"] > 0
+    assert files["sparse"]["bytes"] < 0.3 * files["dense"]["bytes"]     # 10% of the weights kept
+    assert "of the dense file's size" in files["sparse"]["note"]
+
+    model = load_model("mlpnet", run / "model.safetensors").model
+    state = model.state_dict()
+    sparse = load_sparse(files["sparse"]["path"])
+    assert sparse.keys() == state.keys() and all(sparse[k].equal(state[k]) for k in state)
+    x = torch.randn(3, 1, 28, 28)
+    expected = model(x).detach()
+    scripted = torch.jit.load(files["torchscript"]["path"])
+    assert torch.allclose(scripted(x), expected, atol=1e-5)
+    graph = onnx.load(files["onnx"]["path"])
+    onnx.checker.check_model(graph)
+    (got,) = ReferenceEvaluator(graph).run(None, {"input": x.numpy()})
+    assert torch.allclose(torch.from_numpy(got), expected, atol=1e-4)
+
+
+def test_export_refuses_a_folder_without_a_zoo_model(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--onnx"]) == 2
+    assert "no zoo model" in capsys.readouterr().err
+    assert main(["export", str(tmp_path)]) == 2
+    assert "--onnx" in capsys.readouterr().err
+
+
+def test_reports_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)     # import fails
+    run = tmp_path / "run"
+    assert main(["prune", *MLP, "--method", "magnitude", "--sparsity", "0.5", "--out", str(run)]) == 0
+    assert "pip install 'prunekit[report]'" in capsys.readouterr().err
+    assert (run / "report.md").exists() and not (run / "plots").exists()
