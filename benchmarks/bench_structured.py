@@ -33,6 +33,7 @@ from prunekit.costs import CostModel
 from prunekit.data import make_loader
 from prunekit.loading import load_data, load_model
 from prunekit.structured.baselines import TP_METHODS, tp_prune
+from prunekit.structured.cli import median_latency_ms
 from prunekit.structured.pipeline import prune_structured
 from prunekit.structured.saving import save_shrunk
 from prunekit.train import evaluate, recalibrate_batchnorm, train_epochs
@@ -45,17 +46,7 @@ def log(msg: str) -> None:
 
 
 def latency_ms(model, shape, batch: int, warmup: int, repeats: int) -> float:
-    x = torch.randn(batch, *shape)
-    model.eval()
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return median_latency_ms(model, torch.randn(batch, *shape), warmup, repeats)
 
 
 def shrunk_widths(model) -> list[int]:
