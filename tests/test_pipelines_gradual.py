@@ -78,3 +78,47 @@ def test_bad_options_are_refused(field, value):
     with pytest.raises(PrunekitError):
         prune_gradual(model, "magnitude", Budget.parse("0.5"), example, loader,
                       GradualOptions(**{field: value}), progress=False)
+
+
+class _MemoryCheckpointer:
+    """Keeps the last stage state in memory (a run folder keeps it on disk)."""
+
+    def __init__(self):
+        self.state = None
+
+    def last(self):
+        return self.state
+
+    def save(self, state, model):
+        self.state = state
+
+
+def test_an_interrupted_gradual_run_resumes_to_the_same_weights(monkeypatch):
+    opts = GradualOptions(events=3, epochs_per_event=1, final_epochs=1, lr=0.05)
+    model, example, loader = _tiny_setup()
+    uninterrupted = prune_gradual(model, "magnitude", Budget.parse("0.9"), example, loader, opts, progress=False)
+    expected = {k: v.clone() for k, v in uninterrupted.model.state_dict().items()}
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_event(record):
+        if record["event"] == 1:
+            raise Killed
+
+    checkpointer = _MemoryCheckpointer()
+    model, example, loader = _tiny_setup()
+    with pytest.raises(Killed):
+        prune_gradual(model, "magnitude", Budget.parse("0.9"), example, loader, opts, progress=False,
+                      on_event=kill_after_first_event, checkpointer=checkpointer)
+    assert checkpointer.state.stage == 1
+    model, example, loader = _tiny_setup()            # a fresh process: dense weights again
+    calls = []
+    original = METHODS["magnitude"]
+    monkeypatch.setitem(METHODS, "magnitude", lambda ctx: calls.append(1) or original(ctx))
+    resumed = prune_gradual(model, "magnitude", Budget.parse("0.9"), example, loader, opts, progress=False,
+                            checkpointer=checkpointer)
+    assert [e["event"] for e in resumed.events] == [1, 2, 3]
+    assert len(calls) == 2                             # event 1 came from the checkpoint
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import torch
@@ -25,6 +26,7 @@ from ..masks import MaskHold, masks_from_weights
 from ..train import evaluate, train_epochs
 from .oneshot import METHODS, PruneContext, check_budget, check_request
 from .schedule import keep_schedule
+from .stages import StageCheckpointer, resume_stages, stage_completed
 
 
 @dataclass
@@ -85,7 +87,8 @@ def prune_gradual(model: nn.Module, method: str, budget: Budget, example_input: 
                   train_loader: Callable[[], Iterable], opts: GradualOptions | None = None, *,
                   eval_loader: Iterable | None = None, include: list[str] | None = None,
                   exclude: list[str] | None = None, seed: int = 0, options: dict | None = None,
-                  on_event: Callable[[dict], None] | None = None, progress: bool = True) -> GradualResult:
+                  on_event: Callable[[dict], None] | None = None, progress: bool = True,
+                  checkpointer: StageCheckpointer | None = None) -> GradualResult:
     """Prune ``model`` in place gradually to ``budget`` with the one-shot ``method`` at each event.
 
     train_loader: returns an iterable of (x, y) training batches (one epoch); used by the
@@ -93,6 +96,9 @@ def prune_gradual(model: nn.Module, method: str, budget: Budget, example_input: 
     eval_loader:  when given, accuracy (%) is measured after every event's fine-tune.
     options:      the method's options (e.g. fisher_samples), as for one-shot ``prune``.
     on_event:     called with each event's record once its fine-tune is done.
+    checkpointer: saves the model, event records and RNG after every event (the protocol of
+        ``pipelines.stages``); a run resumed with the same checkpointer skips completed events
+        and ends with the same weights as one never interrupted.
     """
     opts = opts or GradualOptions()
     opts.check()
@@ -101,9 +107,13 @@ def prune_gradual(model: nn.Module, method: str, budget: Budget, example_input: 
     torch.manual_seed(seed)
     dense_macs = int(space.macs_per_weight(costs).sum())
     schedule = event_budgets(resolved, dense_macs, opts)
-    records: list[dict] = []
+    progress_ctx = SimpleNamespace(model=model, options={}, checkpointer=checkpointer)
+    records = progress_ctx.options.setdefault("report", {}).setdefault("stages", [])
+    done = resume_stages(progress_ctx)
     start = time.perf_counter()
     for event, event_budget in enumerate(schedule, start=1):
+        if event <= done:
+            continue
         event_start = time.perf_counter()
         ctx = PruneContext(model, space, costs, event_budget, train_loader, seed, dict(options))
         space.assign(METHODS[method](ctx))
@@ -124,9 +134,10 @@ def prune_gradual(model: nn.Module, method: str, budget: Budget, example_input: 
                   "accuracy": evaluate(model, eval_loader) if eval_loader is not None else None,
                   "seconds": time.perf_counter() - event_start}
         records.append(record)
+        stage_completed(progress_ctx, event)
         if on_event is not None:
             on_event(record)
     counts, nonzeros = check_budget(space, costs, resolved)
     return GradualResult(model=model, method=method, budget=resolved, counts=counts, nonzeros=nonzeros,
                          sparsity=1 - nonzeros / space.numel, seconds=time.perf_counter() - start,
-                         events=records)
+                         events=list(records))
