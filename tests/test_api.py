@@ -53,7 +53,7 @@ def test_tensor_data_and_run_folder_resume(tmp_path):
     again = prunekit.prune(again_net, (x, y), **kwargs)
     assert all(a.equal(b) for a, b in zip(again_net.state_dict().values(), net.state_dict().values()))
     assert again.accuracy == first.accuracy
-    with pytest.raises(prunekit.PrunekitError, match="other arguments"):
+    with pytest.raises(prunekit.PrunekitError, match="holds another run"):
         prunekit.prune(_tiny()[0], (x, y), **{**kwargs, "sparsity": 0.5})
 
 
@@ -75,5 +75,6 @@ def test_bad_calls_name_the_fix():
         prunekit.prune(net, iter([(x, y)]), method="chita", sparsity=0.5)
     with pytest.raises(prunekit.PrunekitError, match="example_input"):
         prunekit.prune(net, method="magnitude", sparsity=0.5)
-    with pytest.raises(prunekit.PrunekitError, match="--flops"):
+    with pytest.raises(prunekit.PrunekitError, match="flops budget") as refused:
         prunekit.prune(net, (x, y), method="falcon", sparsity=0.5)
+    assert "--" not in str(refused.value)          # Python messages name parameters, not flags

@@ -1,23 +1,26 @@
 """prunekit: prune neural networks to a budget.
 
-The stable public API::
+The public API::
 
-    from prunekit import Budget, CostModel, ParamSpace, prune_oneshot, prune_structured
-    prunekit.prune(model, data, method=..., sparsity=..., flops=...)   # -> prunekit.Result
+    import prunekit
+    result = prunekit.prune(model, data, method="falcon", flops=0.3)     # -> prunekit.Result
+    prunekit.methods.METHODS                                             # every method, its options
+    prunekit.add_method(prunekit.Method(...))                            # your own method
+
+and the building blocks ``Budget``, ``CostModel``, ``ParamSpace``, ``MaskHold``, ``save_model``.
 """
 
+from . import methods
+from .api import prune
 from .budget import Budget, ResolvedBudget
 from .costs import CostModel, Counts
 from .errors import PrunekitError
 from .masks import MaskHold
+from .methods import Method, add_method, method_names
 from .params import ParamSpace
-from .pipelines.oneshot import PruneResult, method_names
-from .pipelines.oneshot import prune as prune_oneshot
+from .record import Result
 from .saving import save_model
-from .structured.pipeline import StructuredResult, prune_structured
-from .api import Result, prune
 
-__all__ = ["Budget", "ResolvedBudget", "CostModel", "Counts", "PrunekitError", "MaskHold", "ParamSpace",
-           "PruneResult", "method_names", "prune_oneshot", "save_model",
-           "StructuredResult", "prune_structured", "Result", "prune"]
+__all__ = ["prune", "Result", "Method", "add_method", "method_names", "methods", "Budget", "ResolvedBudget",
+           "CostModel", "Counts", "PrunekitError", "MaskHold", "ParamSpace", "save_model"]
 __version__ = "0.1.0"

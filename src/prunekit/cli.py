@@ -26,14 +26,18 @@ from .data import DATASET_NAMES, load_dataset, make_loader
 from .errors import PrunekitError
 from .loading import LoadedModel, check_fits, load_data, load_model
 from .params import ParamSpace
-from .pipelines.gradual import GradualOptions, prune_gradual
-from .pipelines.oneshot import METHODS, check_request, prune
-from .pipelines.schedule import KINDS
-from .saving import atomic_write_json, read_meta, save_model
+from .commands import option_flags
+from .commands.bench_latency import add_bench_latency_parser
+from .commands.info_shrunk import shrunk_line, shrunk_summary
+from .commands.option_flags import add_option_flags
+from .executor import execute
+from .methods import METHODS, lookup
+from .options import cli_message
+from .record import save_pruned
+from .request import PruneRequest
+from .saving import atomic_write_json, read_meta
 from . import recipes, report, runs
 from .train import evaluate, train_epochs
-from .structured.cli import (STRUCTURED_METHODS, add_bench_latency_parser, add_structured_prune_args,
-                             cmd_prune_structured, shrunk_line, shrunk_summary)
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_METHOD = "chita++"
@@ -156,53 +160,6 @@ def cmd_eval(args) -> int:
 
 # --- prune -----------------------------------------------------------------------------------
 
-def run_prune(loaded: LoadedModel, eval_loader, train_ds_loader, method: str, budget: Budget,
-              seed: int, include=None, exclude=None, recalibrate_bn: bool = True,
-              progress: bool = True, options: dict | None = None) -> dict:
-    """Evaluate, prune, evaluate again; returns the flat record the CLI prints and saves."""
-    options = {"progress": progress, **(options or {})}
-    check_request(loaded.model, method, budget, loaded.example_input(), include, exclude, options)
-    dense_accuracy = evaluate(loaded.model, eval_loader, progress=progress)
-    result = prune(loaded.model, method, budget, loaded.example_input(), train_ds_loader,
-                   include=include, exclude=exclude, seed=seed, recalibrate_bn=recalibrate_bn,
-                   options=options)
-    accuracy = evaluate(loaded.model, eval_loader, progress=progress)
-    return {"model": loaded.name, "method": method, "sparsity": result.sparsity,
-            "flops_kept": result.counts.flops_kept, "params_kept": result.counts.params_kept,
-            "nonzeros": result.nonzeros, "macs": result.counts.macs, "dense_macs": result.counts.dense_macs,
-            "params": result.counts.params, "budget_max_nonzeros": result.budget.max_nonzeros,
-            "budget_max_macs": None if result.budget.max_macs is None
-            else result.budget.max_macs + result.budget.fixed_macs,
-            "dense_accuracy": dense_accuracy, "accuracy": accuracy, "seconds": result.seconds,
-            "peak_rss_mb": peak_rss_mb(), **result.info}
-
-
-def run_gradual(loaded: LoadedModel, eval_loader, train_ds_loader, method: str, budget: Budget,
-                seed: int, opts: GradualOptions, include=None, exclude=None, progress: bool = True,
-                options: dict | None = None) -> dict:
-    """Evaluate, prune gradually (fine-tuning between events), evaluate; the record to print and save."""
-    dense_accuracy = evaluate(loaded.model, eval_loader, progress=progress)
-
-    def report(event):
-        if progress:
-            print(f"event {event['event']}/{opts.events}: {event['nonzeros']:,} weights, "
-                  f"{100 * event['flops_kept']:.2f}% MACs, accuracy {event['accuracy']:.2f}%", file=sys.stderr)
-
-    result = prune_gradual(loaded.model, method, budget, loaded.example_input(), train_ds_loader, opts,
-                           eval_loader=eval_loader, include=include, exclude=exclude, seed=seed,
-                           options=options, on_event=report, progress=progress)
-    return {"model": loaded.name, "method": method, "gradual": True, "sparsity": result.sparsity,
-            "flops_kept": result.counts.flops_kept, "params_kept": result.counts.params_kept,
-            "nonzeros": result.nonzeros, "macs": result.counts.macs, "dense_macs": result.counts.dense_macs,
-            "params": result.counts.params,
-            "budget_max_nonzeros": result.budget.max_nonzeros,
-            "budget_max_macs": None if result.budget.max_macs is None
-            else result.budget.max_macs + result.budget.fixed_macs,
-            "dense_accuracy": dense_accuracy, "accuracy": result.events[-1]["accuracy"],
-            "seconds": result.seconds, "peak_rss_mb": peak_rss_mb(), "options": vars(opts),
-            "events": result.events}
-
-
 def _train_batches(args, loaded: LoadedModel):
     """A function giving training batches, loading the training split on first use only."""
 
@@ -221,60 +178,59 @@ def _train_batches(args, loaded: LoadedModel):
 
 
 def _save_run(out: str, loaded: LoadedModel, record: dict) -> None:
-    out_dir = Path(out)
-    save_model(loaded.model, out_dir / "model.safetensors",
-               {"model": loaded.name, "build_kwargs": loaded.build_kwargs,
-                "input_shape": list(loaded.input_shape),
-                "normalization": {"mean": list(loaded.normalization.mean), "std": list(loaded.normalization.std)},
-                "result": record})
-    atomic_write_json(out_dir / "result.json", record)
+    save_pruned(out, loaded.model, _describe(loaded), record, shrunk=False)
 
 
 def _prune_lines(r: dict) -> list[str]:
-    return [f"{r['model']} pruned with {r['method']}:",
-            f"  accuracy   {r['dense_accuracy']:.2f}% -> {r['accuracy']:.2f}%",
-            f"  sparsity   {100 * r['sparsity']:.2f}% ({r['nonzeros']:,} prunable weights kept)",
-            f"  MACs kept  {100 * r['flops_kept']:.2f}% ({r['macs']:,} of {r['dense_macs']:,})",
-            f"  params     {100 * r['params_kept']:.2f}% kept",
-            f"  time       {r['seconds']:.2f} s pruning, peak RSS {r['peak_rss_mb']:.0f} MB"]
+    lines = []
+    for one in [r, *r.get("snapshots", [])]:
+        lines += [f"{one['model']} pruned with {one['method']} ({one['mode']}):",
+                  f"  accuracy   {one['dense_accuracy']:.2f}% -> {one['accuracy']:.2f}%"]
+        if one["sparsity"] is not None:
+            lines.append(f"  sparsity   {100 * one['sparsity']:.2f}% ({one['nonzeros']:,} prunable weights kept)")
+        lines += [f"  MACs kept  {100 * one['flops_kept']:.2f}% ({one['macs']:,} of {one['dense_macs']:,})",
+                  f"  params     {100 * one['params_kept']:.2f}% kept ({one['params']:,})"]
+        if "kept_channels" in one:
+            lines.append(f"  channels   {sum(one['kept_channels']):,} of {sum(one['group_sizes']):,} "
+                         f"in {one['groups']} groups")
+    return lines + [f"  time       {r['seconds']:.2f} s pruning, peak RSS {r['peak_rss_mb']:.0f} MB"]
 
 
 def _method_options(args) -> dict:
-    """The method options given on the command line (None = the method's default)."""
-    return {"fisher_samples": args.fisher_samples, "fisher_batch": args.fisher_batch, "ridge": args.ridge,
-            "relative_ridge": args.relative_ridge,
-            "stages": args.stages, "schedule": args.schedule, "revive": args.revive or None,
-            "solver": args.solver, "block_size": args.block_size, "first_order": args.first_order}
+    """The method (and gradual) options given on the command line; None = not given."""
+    return {name: getattr(args, name) for name in option_flags.OPTION_NAMES if getattr(args, name, None) is not None}
+
+
+def _request(args, loaded: LoadedModel, method: str | None = None, budget: dict | None = None) -> PruneRequest:
+    method = method or args.method
+    weights = lookup(method).family == "weights"
+    exclude = loaded.prune_exclude if args.exclude is None and weights else args.exclude
+    budget = budget or {k: getattr(args, k) for k in ("sparsity", "flops", "params")}
+    return PruneRequest(loaded.model, loaded.example_input(), method, budget, args.include, exclude, args.seed,
+                        bool(args.gradual), not args.no_bn_recalibration, _method_options(args), loaded.name)
+
+
+def _step_printer(args):
+    if args.json:
+        return None
+
+    def show(step: dict) -> None:
+        what = (f"stage {step['stage']}" if "stage" in step else f"event {step['event']}" if "event" in step
+                else " ".join(str(step[k]) for k in ("phase", "flops", "epoch") if step.get(k)))
+        acc = f", accuracy {step['accuracy']:.2f}%" if step.get("accuracy") is not None else ""
+        print(f"{what}: MACs kept {100 * step.get('flops_kept', float('nan')):.2f}%{acc}", file=sys.stderr)
+    return show
 
 
 def cmd_prune(args) -> int:
-    if args.method in STRUCTURED_METHODS:
-        return cmd_prune_structured(args)
     if args.train_samples is not None and args.train_samples < 1:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to use every training image)")
-    budget = Budget.parse(args.sparsity, args.flops, args.params)
+    if args.onnx and not args.out:
+        raise PrunekitError("--onnx writes into the run folder: add --out DIR")
     loaded = _loaded(args)
     eval_loader = _eval_data(args, loaded)
-    exclude = loaded.prune_exclude if args.exclude is None else args.exclude
-    if args.gradual:
-        opts = GradualOptions(events=args.events, epochs_per_event=args.epochs_per_event,
-                              final_epochs=args.final_epochs, lr=args.lr)
-        opts.check()
-        check_request(loaded.model, args.method, budget, loaded.example_input(), args.include, exclude,
-                      _method_options(args))
-        record = run_gradual(loaded, eval_loader, _train_batches(args, loaded), args.method, budget,
-                             args.seed, opts, include=args.include, exclude=exclude, progress=not args.json,
-                             options=_method_options(args))
-        if args.out:
-            _save_run(args.out, loaded, record)
-    elif args.out:
-        record = _prune_into_folder(args, loaded, eval_loader, budget, _train_batches(args, loaded))
-    else:
-        record = run_prune(loaded, eval_loader, _train_batches(args, loaded), args.method, budget, args.seed,
-                           include=args.include,
-                           exclude=loaded.prune_exclude if args.exclude is None else args.exclude,
-                           recalibrate_bn=not args.no_bn_recalibration, progress=not args.json,
-                           options=_method_options(args))
+    plan = _request(args, loaded).plan()
+    record = _prune_into(args, plan, loaded, eval_loader, _train_batches(args, loaded))
     _emit(args, record, _prune_lines(record) + ([f"  saved to   {args.out}"] if args.out else []))
     return 0
 
@@ -284,32 +240,27 @@ def cmd_prune(args) -> int:
 RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
 
 
-def _prune_into_folder(args, loaded: LoadedModel, eval_loader, budget: Budget, train_batches,
-                       dense: dict | None = None) -> dict:
-    """Prune into run folder ``args.out`` (resuming it with ``--resume``), then write its report."""
-    folder = runs.RunFolder(args.out)
-    config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
-    for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
-        if config.get(key) is not None:
-            config[key] = str(Path(config[key]).resolve())
-    # The same command again carries on where it stopped (that is how a sweep resumes); a
-    # different one must not mix its stages with this folder's.
-    if folder.exists() and not getattr(args, "resume", None):
-        old = folder.config.read_text() if folder.config.exists() else None
-        if old != recipes.dump_recipe(config):
-            raise PrunekitError(f"{args.out} already holds a run with other options: resume it with "
-                                f"`prunekit prune --resume {args.out}`, or pick another --out")
-    record = runs.execute(
-        folder, loaded.model, name=loaded.name, method=args.method, budget=budget,
-        example_input=loaded.example_input(), train_batches=train_batches, eval_loader=eval_loader,
-        sidecar=_sidecar(loaded), include=args.include,
-        exclude=loaded.prune_exclude if args.exclude is None else args.exclude, seed=args.seed,
-        recalibrate_bn=not args.no_bn_recalibration, options=_method_options(args), progress=not args.json,
-        dense=dense, request={k: getattr(args, k) for k in ("sparsity", "flops", "params")},
-        config_text=recipes.dump_recipe(config))
-    record["peak_rss_mb"] = peak_rss_mb()
-    atomic_write_json(folder.path / "result.json", record)
-    _write_report(lambda: report.write_run_report(folder.path), args.json)
+def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None = None) -> dict:
+    """Prune as ``plan`` says, into run folder ``args.out`` when given (resuming it with
+    ``--resume``, clearing it first with ``--force``), then write its report."""
+    folder = None
+    if args.out:
+        folder = runs.RunFolder(args.out)
+        config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+        for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
+            if config.get(key) is not None:
+                config[key] = str(Path(config[key]).resolve())
+        runs.claim(folder, recipes.dump_recipe(config), resume=bool(getattr(args, "resume", None)),
+                   force=bool(getattr(args, "force", False)))
+    record, model = execute(plan, train_batches, eval_loader, folder=folder, describe=_describe(loaded),
+                            dense=dense, progress=not args.json, on_step=_step_printer(args))
+    record = {**record, "peak_rss_mb": peak_rss_mb()}
+    if folder is not None:
+        atomic_write_json(folder.path / "result.json", record)
+        if args.onnx:
+            from .export import export_onnx
+            record["onnx"] = str(export_onnx(model, loaded.example_input(), folder.path / "model.onnx"))
+        _write_report(lambda: report.write_run_report(folder.path), args.json)
     return record
 
 
@@ -321,7 +272,8 @@ def _write_report(write, quiet: bool) -> None:
             print(f"prunekit: warning: {err}", file=sys.stderr)
 
 
-def _sidecar(loaded: LoadedModel) -> dict:
+def _describe(loaded: LoadedModel) -> dict:
+    """How to rebuild the zoo model: what its saved sidecar holds besides the result."""
     return {"model": loaded.name, "build_kwargs": loaded.build_kwargs, "input_shape": list(loaded.input_shape),
             "normalization": {"mean": list(loaded.normalization.mean), "std": list(loaded.normalization.std)}}
 
@@ -346,29 +298,22 @@ def _run_name(method: str, budget: dict) -> str:
 
 def cmd_sweep(args) -> int:
     plan = _sweep_plan(args)
-    for method, budget in plan:           # refuse a bad method or budget before the first run
-        if method not in METHODS:
-            raise PrunekitError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-        Budget.parse(budget.get("sparsity"), budget.get("flops"), budget.get("params"))
     dense_model = _loaded(args)
+    for method, budget in plan:           # refuse a bad method, option or budget before the first run
+        _request(args, dense_model, method, budget).plan()
     eval_loader = _eval_data(args, dense_model)
     train_batches = _train_batches(args, dense_model)
-    for method, budget in plan:
-        check_request(dense_model.model, method, Budget.parse(**budget), dense_model.example_input(),
-                      args.include, dense_model.prune_exclude if args.exclude is None else args.exclude,
-                      _method_options(args))
     folders, dense = [], None
     for i, (method, budget) in enumerate(plan, start=1):
         run_args = argparse.Namespace(**{**vars(args), "method": method, "sparsity": None, "flops": None,
                                          "params": None, **budget,
                                          "out": str(Path(args.out) / _run_name(method, budget))})
-        folder = runs.RunFolder(run_args.out)
         if not args.json:
-            print(f"[{i}/{len(plan)}] {method} {budget} -> {folder.path}", file=sys.stderr)
+            print(f"[{i}/{len(plan)}] {method} {budget} -> {run_args.out}", file=sys.stderr)
         loaded = copy.deepcopy(dense_model)
-        _prune_into_folder(run_args, loaded, eval_loader, Budget.parse(**budget), train_batches, dense)
+        _prune_into(run_args, _request(run_args, loaded).plan(), loaded, eval_loader, train_batches, dense)
         dense = dense or runs.RunFolder(run_args.out).read_metrics().get("dense")
-        folders.append(folder.path)
+        folders.append(Path(run_args.out))
     table = report.collect(folders)
     _write_report(lambda: report.write_comparison_report(args.out, table, title=f"Sweep: {args.model}"), args.json)
     _emit(args, {"runs": table, "report": str(Path(args.out) / "report.md")},
@@ -449,9 +394,10 @@ def cmd_demo(args) -> int:
         print(f"prunekit demo: MLPNet 784-40-20-10 (bundled), {len(train)} MNIST training images for "
               f"the method, {len(test)} test images; method {DEMO_METHOD} ({DEMO_OPTIONS['stages']} stages), "
               f"sparsity {DEMO_SPARSITY}")
-    record = run_prune(loaded, eval_loader, train_batches, DEMO_METHOD, Budget.parse(DEMO_SPARSITY),
-                       seed=0, progress=not args.json, options=DEMO_OPTIONS)
-    _emit(args, record, _prune_lines(record))
+    plan = PruneRequest(loaded.model, loaded.example_input(), DEMO_METHOD, {"sparsity": DEMO_SPARSITY},
+                        exclude=loaded.prune_exclude, options=DEMO_OPTIONS, name=loaded.name).plan()
+    record, _ = execute(plan, train_batches, eval_loader, progress=not args.json)
+    _emit(args, {**record, "peak_rss_mb": peak_rss_mb()}, _prune_lines({**record, "peak_rss_mb": peak_rss_mb()}))
     return 0
 
 
@@ -463,7 +409,7 @@ def _add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--method", default=["magnitude"] if sweep else "magnitude", **many,
-                   help=f"one of {', '.join(METHODS if sweep else (*METHODS, *STRUCTURED_METHODS))}")
+                   help=f"one of {', '.join(METHODS)}")
     p.add_argument("--sparsity", **many, help="share of prunable weights removed (0.9, 90%%) or count kept (50k)")
     p.add_argument("--flops", **many, help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M); alone, it "
                    "leaves the count of weights free (falcon chooses it; count-budget methods prune to the "
@@ -482,30 +428,11 @@ def _add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--out", required=sweep, help="run folder: config, log, metrics, stage checkpoints, model, "
                    "report" + (" (one run folder per method and budget inside)" if sweep else ""))
     p.add_argument("--recipe", help="TOML file of options (keys = option names); flags override it")
-    g = p.add_argument_group("quadratic-model methods (chita, chita++, falcon, falcon++, woodfisher)")
-    g.add_argument("--fisher-samples", type=int, help="gradient rows n (default 1000; falcon++ 500 per stage)")
-    g.add_argument("--fisher-batch", type=int, help="samples averaged per row m (default 1: per-sample)")
-    g.add_argument("--ridge", type=float, help="absolute ridge λ of the quadratic model (the papers' setting)")
-    g.add_argument("--relative-ridge", type=float,
-                   help="λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)")
-    g.add_argument("--stages", type=int, help="pruning stages (default: chita/falcon 1, chita++ 15, falcon++ 5)")
-    g.add_argument("--schedule", choices=KINDS, help="kept share per stage (default poly)")
-    g.add_argument("--revive", action="store_true", help="let weights pruned in earlier stages come back")
-    g.add_argument("--solver", choices=("iht", "backsolve", "dfo", "magnitude"),
-                   help="chita: iht (IHT + backsolve, default) or backsolve (magnitude + backsolve); "
-                        "falcon: dfo (first-order method, default) or magnitude (ILP on w², backsolve)")
-    g.add_argument("--first-order", action="store_true", default=None,
-                   help="add the loss gradient as the linear term of the quadratic model")
-    g.add_argument("--block-size", type=int, help="backsolve in blocks of this many weights (large models)")
-    if sweep:
-        return
-    g = p.add_argument_group("gradual pruning (prune events on the schedule, fine-tuning in between)")
-    g.add_argument("--gradual", action="store_true", help="prune gradually with the method at each event")
-    g.add_argument("--events", type=int, default=4, help="prune events (default 4)")
-    g.add_argument("--epochs-per-event", type=int, default=1, help="fine-tuning epochs after each event (default 1)")
-    g.add_argument("--final-epochs", type=int, default=2, help="fine-tuning epochs after the last event (default 2)")
-    g.add_argument("--lr", type=float, default=0.01, help="peak learning rate of each cosine cycle (default 0.01)")
-    add_structured_prune_args(p)
+    p.add_argument("--onnx", action="store_true", help="also export the pruned model to DIR/model.onnx")
+    add_option_flags(p)
+    if not sweep:
+        p.add_argument("--force", action="store_true",
+                       help="--out holds another run: clear that run's files first")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -596,19 +523,25 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         recipes.apply_recipe(sub, recipes.load_recipe(known.recipe, sub))
 
 
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option of every command, by its Python name (the dest of its flag)."""
+    commands = parser._subparsers._group_actions[0].choices.values()
+    return {a.dest for p in commands for a in p._actions if a.option_strings} | {"data"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:
         _apply_recipe(parser, argv)
     except PrunekitError as err:
-        print(f"prunekit: error: {err}", file=sys.stderr)
+        print(f"prunekit: error: {cli_message(err, _flags(parser))}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except PrunekitError as err:
-        print(f"prunekit: error: {err}", file=sys.stderr)
+        print(f"prunekit: error: {cli_message(err, _flags(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunekit: interrupted", file=sys.stderr)

@@ -70,13 +70,28 @@ def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+ONNX_OPSET = 17
+
+
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
-    """ONNX graph with a dynamic batch dimension (TorchScript-based exporter: fast, no onnxscript)."""
+    """ONNX graph at opset 17 with a dynamic batch dimension (TorchScript-based exporter: fast, no
+    onnxscript), for masked and shrunk models alike; checked by ``onnx.checker`` when onnx is
+    installed (``pip install 'prunekit[export]'``)."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # the exporter's deprecation notes are not for our users
-        torch.onnx.export(model.eval(), (example_input,), buffer, dynamo=False, input_names=["input"],
-                          output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        try:
+            torch.onnx.export(model.eval(), (example_input,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        except Exception as err:  # noqa: BLE001 - report any exporter failure as one line
+            raise PrunekitError(f"ONNX export failed: {str(err).splitlines()[0]}") from None
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        onnx.checker.check_model(onnx.load_from_string(buffer.getvalue()))
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 

@@ -67,10 +67,15 @@ def stage_rows(metrics: dict) -> list[dict]:
              "flops_kept": dense.get("flops_kept"), "loss": dense.get("loss"),
              "accuracy": dense.get("accuracy"), "seconds": None}]
     for s in metrics.get("stages", []):
-        rows.append({"label": str(s["stage"]),
-                     "asked_sparsity": _asked_sparsity(s["max_nonzeros"], p),
-                     "asked_flops": (s["max_macs"] + fixed) / dense_macs
-                     if s.get("max_macs") is not None and dense_macs else None,
+        # a stage of a multi-stage method, an event of a gradual run (its max_macs counts the
+        # fixed layers already) or a phase of a channel method
+        label = (str(s["stage"]) if "stage" in s else f"event {s['event']}" if "event" in s
+                 else " ".join(str(s[k]) for k in ("phase", "flops", "epoch") if s.get(k)))
+        macs = s.get("max_macs")
+        if macs is not None and "stage" in s:
+            macs += fixed
+        rows.append({"label": label, "asked_sparsity": _asked_sparsity(s.get("max_nonzeros"), p),
+                     "asked_flops": macs / dense_macs if macs is not None and dense_macs else None,
                      "sparsity": s.get("sparsity"), "flops_kept": s.get("flops_kept"), "loss": s.get("loss"),
                      "accuracy": s.get("accuracy"), "seconds": s.get("seconds")})
     final = metrics.get("final")

@@ -10,8 +10,9 @@ Layout of ``DIR`` (every file but the log is written atomically)::
     model.safetensors, model.json       the final model and its sidecar
     report.md, plots/*.png              written by ``report.write_run_report``
 
-``execute`` runs a prune into a folder, resuming from the newest stage checkpoint if there is
-one (see ``pipelines.stages`` for the protocol the pipeline follows).
+``executor.execute`` runs a prune of any mode into a folder, resuming from the newest stage,
+event or phase checkpoint if there is one (see ``pipelines.stages`` for the protocol).
+A folder belongs to one run: ``claim`` refuses another request onto it.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from .budget import Budget
 from .costs import CostModel
 from .errors import PrunekitError
-from .params import ParamSpace
-from .pipelines.oneshot import check_request, prune
+from .options import OptionError
 from .pipelines.stages import StageState
-from .saving import atomic_write_bytes, atomic_write_json, save_model
+from .record import finite as _finite
+from .saving import atomic_write_bytes, atomic_write_json
 
 METRICS = "metrics.json"
 
@@ -76,15 +76,31 @@ def is_run(path: str | Path) -> bool:
     return (Path(path) / METRICS).exists()
 
 
-def _finite(obj):
-    """JSON has no NaN/inf: write them as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+# What a run writes into its folder; ``force`` removes exactly these, nothing a user put there.
+RUN_FILES = ("config.toml", "run.log", METRICS, "checkpoints", "model.safetensors", "model.json", "result.json",
+             "report.md", "plots", "export", "model.onnx")
+
+
+def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: bool = False) -> None:
+    """Make ``folder`` this run's: refuse it when it holds another run or files a run would
+    overwrite (unless ``force``, which first removes the other run's files); the same request
+    again (or ``resume``) carries on where it stopped."""
+    path = folder.path
+    present = [name for name in RUN_FILES if (path / name).exists()] + [p.name for p in path.glob("snapshot-*")]
+    if force:
+        import shutil
+        for name in present:
+            target = path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        present = []
+    if present and not resume:
+        old = folder.config.read_text() if folder.config.exists() else None
+        if old != config_text:
+            what = "another run" if old is not None else f"files a run would overwrite ({', '.join(present[:3])})"
+            raise OptionError(f"{path} holds {what}: pick another out, resume that run (resume) or clear it "
+                              "first (force)", ("out", "resume", "force"))
+    if not folder.config.exists():
+        atomic_write_bytes(folder.config, config_text.encode())
 
 
 class RunCheckpointer:
@@ -111,7 +127,8 @@ class RunCheckpointer:
         tensors = {f"model/{k}": v.contiguous() for k, v in state.model_state.items()}
         tensors["rng/torch"] = state.rng["torch"]
         meta = {"stage": str(state.stage), "history": json.dumps(_finite(state.history)),
-                "rng": json.dumps({k: v for k, v in state.rng.items() if k != "torch"})}
+                "rng": json.dumps({k: v for k, v in state.rng.items() if k != "torch"}),
+                "extra": json.dumps(_finite(state.extra))}
         atomic_write_bytes(self.path(state.stage), save_tensors(tensors, metadata=meta))
         self.folder.log(f"stage {state.stage} saved to {self.path(state.stage).name}")
         if self.on_saved is not None:
@@ -125,7 +142,8 @@ class RunCheckpointer:
                     tensors = {k: handle.get_tensor(k) for k in handle.keys()}
                 rng = {**json.loads(meta["rng"]), "torch": tensors.pop("rng/torch")}
                 model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-                state = StageState(int(meta["stage"]), model_state, json.loads(meta["history"]), rng)
+                state = StageState(int(meta["stage"]), model_state, json.loads(meta["history"]), rng,
+                                   json.loads(meta.get("extra", "{}")))
             except (SafetensorError, KeyError, ValueError, OSError) as err:
                 self.folder.log(f"skipping unreadable checkpoint {path.name}: {err}")
                 continue
@@ -137,10 +155,10 @@ class RunCheckpointer:
 
 class StageMeter:
     """A ``StageCheckpointer`` that keeps nothing: it only adds ``measure(model)`` to each stage's
-    record (per-stage accuracy without a run folder)."""
+    record (per-stage accuracy without a run folder); ``on_saved(record)`` is told after each."""
 
-    def __init__(self, measure: Callable[[nn.Module], dict]):
-        self.measure = measure
+    def __init__(self, measure: Callable[[nn.Module], dict], on_saved: Callable[[dict], None] | None = None):
+        self.measure, self.on_saved = measure, on_saved
 
     def last(self) -> None:
         return None
@@ -148,6 +166,8 @@ class StageMeter:
     def save(self, state: StageState, model: nn.Module) -> None:
         if state.history:
             state.history[-1].update(self.measure(model))
+            if self.on_saved is not None:
+                self.on_saved(state.history[-1])
 
 
 @torch.no_grad()
@@ -181,75 +201,3 @@ def layer_density(costs: CostModel, model: nn.Module) -> list[dict]:
                      "params_kept": params / weights if weights else 1.0,
                      "macs_kept": macs / layer.macs if layer.macs else 1.0})
     return rows
-
-
-def execute(folder: RunFolder, model: nn.Module, *, name: str, method: str, budget: Budget,
-            example_input: torch.Tensor, train_batches: Callable[[], Iterable] | None,
-            eval_loader: Iterable | None, sidecar: dict, include=None, exclude=None, seed: int = 0,
-            recalibrate_bn: bool = True, options: dict | None = None, progress: bool = True,
-            dense: dict | None = None, request: dict | None = None, config_text: str | None = None) -> dict:
-    """Prune ``model`` in place into run folder ``folder``, resuming if it holds stage checkpoints.
-
-    Args:
-        name: the model's name for records; sidecar: the model sidecar's content (architecture,
-            normalization) to which the result is added.
-        dense: the dense model's measurements, if already known (a sweep measures them once).
-        request: what the user asked for (budget strings etc.), kept in ``metrics.json``.
-        config_text: the resolved options as a TOML recipe, written to ``config.toml`` once the
-            request is known to be valid.
-    Returns the final record (also ``metrics.json["final"]``). A finished run is not redone.
-    """
-    metrics = folder.read_metrics()
-    if metrics.get("status") == "done":
-        folder.log("already complete; nothing to do")
-        return metrics["final"]
-    options = {"progress": progress, **(options or {})}
-    costs, space, resolved = check_request(model, method, budget, example_input, include, exclude, options)
-    if config_text is not None and not folder.config.exists():
-        atomic_write_bytes(folder.config, config_text.encode())
-    folder.log(f"{'resume' if metrics else 'start'}: {name}, method {method}, budget {request or {}}")
-    if dense is None:
-        dense = metrics.get("dense") or measure(model, costs, space, eval_loader)
-    metrics = {"status": "running", "model": name, "method": method, "request": request or {},
-               "budget": {"max_nonzeros": resolved.max_nonzeros,
-                          "max_macs": None if resolved.max_macs is None else resolved.max_macs + resolved.fixed_macs},
-               "prunable_weights": space.numel, "dense_macs": costs.macs, "fixed_macs": resolved.fixed_macs,
-               "dense": dense, "stages": metrics.get("stages", [])}
-    folder.write_metrics(metrics)
-
-    def on_saved(history: list[dict]) -> None:
-        metrics["stages"] = [dict(h) for h in history]
-        folder.write_metrics(metrics)
-
-    checkpointer = RunCheckpointer(folder, lambda m: measure(m, costs, space, eval_loader), on_saved)
-    result = prune(model, method, budget, example_input, train_batches, include=include, exclude=exclude,
-                   seed=seed, recalibrate_bn=recalibrate_bn, options=options, checkpointer=checkpointer)
-    final = measure(model, costs, space, eval_loader)
-    record = {"model": name, "method": method, "sparsity": result.sparsity,
-              "flops_kept": result.counts.flops_kept, "params_kept": result.counts.params_kept,
-              "nonzeros": result.nonzeros, "macs": result.counts.macs, "dense_macs": result.counts.dense_macs,
-              "params": result.counts.params, "budget_max_nonzeros": metrics["budget"]["max_nonzeros"],
-              "budget_max_macs": metrics["budget"]["max_macs"], "dense_accuracy": dense.get("accuracy"),
-              "accuracy": final.get("accuracy"), "loss": final.get("loss"),
-              "seconds": result.seconds + checkpointer.restored_seconds,   # pruning, BN recalibration included
-              **result.info}
-    save_model(model, folder.model_path, {**sidecar, "result": _finite(record)})
-    metrics.update(status="done", final=record, stages=result.info.get("stages", []),
-                   layers=layer_density(costs, model))
-    folder.write_metrics(metrics)
-    folder.log(f"done: sparsity {record['sparsity']:.4f}, MACs kept {record['flops_kept']:.4f}, "
-               f"accuracy {record['accuracy']}")
-    return record
-
-
-def measure(model: nn.Module, costs: CostModel, space: ParamSpace, eval_loader) -> dict:
-    """Counts of the model as it is, and its loss and accuracy if there is evaluation data."""
-    start = time.perf_counter()
-    counts = costs.count(model)
-    nonzeros = int(torch.count_nonzero(space.vector()))
-    out = {"model_macs": counts.macs, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept,
-           "sparsity": 1 - nonzeros / space.numel}
-    if eval_loader is not None:
-        out.update(evaluate_loss_accuracy(model, eval_loader))
-        out["eval_seconds"] = time.perf_counter() - start
-    return out

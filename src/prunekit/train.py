@@ -66,6 +66,38 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, max_batches: int =
     return seen > 0
 
 
+def sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
+    """The SGD optimizer of every fine-tune (Nesterov when there is momentum)."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=momentum > 0)
+
+
+def cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine learning rate from the optimizer's lr down to 0 over ``steps`` batches."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, schedule, desc: str = "epoch",
+                progress: bool = True) -> float:
+    """One pass over ``loader`` on cross-entropy, stepping ``schedule`` every batch; mean loss."""
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    device = _device(model)
+    total, count = 0.0, 0
+    bar = _progress(loader, desc, progress)
+    for x, y in bar:
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        total += loss.item() * y.numel()
+        count += y.numel()
+        bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+    return total / max(count, 1)
+
+
 def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 5e-4, optimizer: torch.optim.Optimizer | None = None,
                  on_epoch_end=None, progress: bool = True) -> torch.optim.Optimizer:
@@ -75,27 +107,11 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
     (pass your own to hold masks on it, see ``MaskHold``).
     """
     if optimizer is None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                                    weight_decay=weight_decay, nesterov=momentum > 0)
-    steps = max(1, epochs * len(loader))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    device = _device(model)
+        optimizer = sgd(model, lr, momentum, weight_decay)
+    schedule = cosine(optimizer, epochs * len(loader))
     for epoch in range(epochs):
-        total, count = 0.0, 0
-        bar = _progress(loader, f"epoch {epoch + 1}/{epochs}", progress)
-        for x, y in bar:
-            x, y = x.to(device), y.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * y.numel()
-            count += y.numel()
-            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+        loss = train_epoch(model, loader, optimizer, schedule, f"epoch {epoch + 1}/{epochs}", progress)
         if on_epoch_end is not None:
-            on_epoch_end(epoch, total / max(count, 1))
+            on_epoch_end(epoch, loss)
     model.eval()
     return optimizer

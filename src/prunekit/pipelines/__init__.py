@@ -1,6 +1,2 @@
-"""Pipelines: one-shot and multi-stage pruning on top of the model and solver layers.
-
-Importing this package registers every method in ``oneshot.METHODS``.
-"""
-
-from . import fisher_methods, oneshot  # noqa: F401  (fisher_methods registers its methods)
+"""Pipelines: pruning single weights (one shot, in stages, gradually) on top of the model and
+solver layers. The methods themselves are listed in ``prunekit.methods``."""

@@ -13,12 +13,12 @@ may come back if the quadratic model wants it).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from ..budget import ResolvedBudget
-from ..errors import PrunekitError
+from ..options import Flag, Integer, OneOf, OptionError, Options, Real
 from ..fisher import collect_gradients
 from ..solvers.chita import chita
 from ..solvers.falcon import falcon
@@ -26,14 +26,14 @@ from ..solvers.obs import woodfisher
 from ..solvers.quadratic import QuadraticModel
 from ..solvers.search import largest_fitting_k
 from ..train import recalibrate_batchnorm
-from .oneshot import CHECKS, METHODS, PruneContext
-from .schedule import keep_schedule
+from .schedule import KINDS, keep_schedule
 from .stages import resume_stages, stage_completed
+from .weights import PruneContext, Pruned
 
 
 @dataclass
-class FisherOptions:
-    """Options of the quadratic-model methods (CLI: ``--fisher-samples`` etc.).
+class QuadraticOptions(Options):
+    """Options shared by the quadratic-model methods.
 
     fisher_samples: n, rows of the gradient matrix.
     fisher_batch:   samples averaged per row (1 = per-sample gradients).
@@ -44,10 +44,6 @@ class FisherOptions:
     stages:         pruning stages (1 = one shot).
     schedule:       poly | exp | linear | const, the kept share per stage.
     revive:         let weights pruned in an earlier stage come back.
-    solver:         CHITA's support choice: "iht" (IHT + backsolve) or "backsolve" (magnitude + backsolve);
-                    FALCON's: "dfo" (discrete first-order method) or "magnitude" (ILP on w̄², backsolve).
-    block_size:     backsolve in independent blocks of this many weights (None: exact).
-    obs_block_size: WoodFisher's Fisher block size.
     first_order:    add the loss gradient g (mean of the rows) as the linear term of the quadratic
                     model. Off by default: with a small ridge the model then trusts long steps
                     along g, which we measured to hurt (ResNet-20-B at 40% MACs).
@@ -60,16 +56,40 @@ class FisherOptions:
     stages: int = 1
     schedule: str = "poly"
     revive: bool = False
-    solver: str | None = None
-    block_size: int | None = None
-    obs_block_size: int = 128
     first_order: bool = False
+    constraints = {"fisher_samples": Integer(1), "fisher_batch": Integer(1), "ridge": Real(0),
+                   "relative_ridge": Real(0), "stages": Integer(1), "schedule": OneOf(KINDS),
+                   "revive": Flag(), "first_order": Flag()}
 
-    @classmethod
-    def from_dict(cls, options: dict, **defaults) -> "FisherOptions":
-        known = {f.name for f in fields(cls)}
-        values = {**defaults, **{k: v for k, v in options.items() if k in known and v is not None}}
-        return cls(**values)
+
+@dataclass
+class ChitaOptions(QuadraticOptions):
+    """solver: "iht" (IHT + backsolve) or "backsolve" (magnitude support + backsolve);
+    block_size: backsolve in independent blocks of this many weights (None: exact)."""
+
+    solver: str = "iht"
+    block_size: int | None = None
+    constraints = {**QuadraticOptions.constraints, "solver": OneOf(("iht", "backsolve")),
+                   "block_size": Integer(1)}
+
+
+@dataclass
+class FalconOptions(QuadraticOptions):
+    """solver: "dfo" (discrete first-order method) or "magnitude" (ILP on w̄², backsolve);
+    block_size: backsolve in independent blocks of this many weights (None: exact)."""
+
+    solver: str = "dfo"
+    block_size: int | None = None
+    constraints = {**QuadraticOptions.constraints, "solver": OneOf(("dfo", "magnitude")),
+                   "block_size": Integer(1)}
+
+
+@dataclass
+class WoodFisherOptions(QuadraticOptions):
+    """obs_block_size: size of the diagonal blocks of the inverse Fisher."""
+
+    obs_block_size: int = 128
+    constraints = {**QuadraticOptions.constraints, "obs_block_size": Integer(1)}
 
 
 def _fit_macs(solve, k: int, max_macs, macs: torch.Tensor):
@@ -83,40 +103,44 @@ def _fit_macs(solve, k: int, max_macs, macs: torch.Tensor):
     return solution
 
 
-def _solve_stage_chita(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOptions):
-    return _fit_macs(lambda kk: chita(q, kk, method=opts.solver or "iht", block_size=opts.block_size),
+def _solve_stage_chita(q: QuadraticModel, k: int, max_macs, macs, opts: ChitaOptions):
+    return _fit_macs(lambda kk: chita(q, kk, method=opts.solver, block_size=opts.block_size),
                      k, max_macs, macs)
 
 
-def _solve_stage_woodfisher(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOptions):
+def _solve_stage_woodfisher(q: QuadraticModel, k: int, max_macs, macs, opts: WoodFisherOptions):
     return _fit_macs(lambda kk: woodfisher(q.X, q.w_bar, kk, block_size=opts.obs_block_size, damp=q.ridge),
                      k, max_macs, macs)
 
 
-def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOptions):
-    return falcon(q, macs, k, max_macs, method=opts.solver or "dfo", block_size=opts.block_size)
+def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FalconOptions):
+    return falcon(q, macs, k, max_macs, method=opts.solver, block_size=opts.block_size)
 
 
-SOLVERS = {"chita": ("iht", "backsolve"), "falcon": ("dfo", "magnitude"), "woodfisher": ()}
+def needs_flops(budget: ResolvedBudget, opts) -> None:
+    """FALCON's check: it solves under a FLOP budget."""
+    if budget.max_macs is None:
+        raise OptionError("falcon needs a flops budget (e.g. flops=0.3); for a sparsity budget alone use chita",
+                          ("flops",))
 
 
-def check_options(family: str, budget: ResolvedBudget, opts: FisherOptions) -> None:
-    """Refuse a request the method cannot serve, before any gradient is collected."""
-    if family == "falcon" and budget.max_macs is None:
-        raise PrunekitError("FALCON needs a FLOP budget: pass --flops (e.g. 0.3), or use chita for "
-                            "a sparsity budget alone")
-    if opts.solver is not None and opts.solver not in SOLVERS[family]:
-        raise PrunekitError(f"--solver {opts.solver} is not one of {family}'s: "
-                            f"{', '.join(SOLVERS[family]) or 'it has no --solver choice'}")
-    if opts.stages < 1 or opts.fisher_samples < 1 or opts.fisher_batch < 1:
-        raise PrunekitError("--stages, --fisher-samples and --fisher-batch must be at least 1")
+def run_chita(ctx: PruneContext, opts: ChitaOptions) -> Pruned:
+    return Pruned(run_stages(ctx, _solve_stage_chita, opts))
 
 
-def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Tensor:
+def run_woodfisher(ctx: PruneContext, opts: WoodFisherOptions) -> Pruned:
+    return Pruned(run_stages(ctx, _solve_stage_woodfisher, opts))
+
+
+def run_falcon(ctx: PruneContext, opts: FalconOptions) -> Pruned:
+    return Pruned(run_stages(ctx, _solve_stage_falcon, opts))
+
+
+def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions) -> torch.Tensor:
     """Prune over ``opts.stages`` stages to the context's budget; returns the final w (p,)."""
     if ctx.train_batches is None:
-        raise PrunekitError("this method needs training data for its gradients: pass --data/--data-dir "
-                            "(the training split is used)")
+        raise OptionError("this method needs training data for its gradients: pass data (the training "
+                          "split is used)", ("data",))
     p = ctx.space.numel
     macs = ctx.space.macs_per_weight(ctx.costs).cpu()     # the solvers work on the CPU
     dense_macs = int(macs.sum())
@@ -125,7 +149,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Ten
     shares = keep_schedule(target / p, opts.stages, opts.schedule)
     mac_shares = (keep_schedule(target_macs / dense_macs, opts.stages, opts.schedule)
                   if target_macs is not None else [None] * opts.stages)
-    history = ctx.options.setdefault("report", {}).setdefault("stages", [])
+    history = ctx.history
     done = resume_stages(ctx)       # stages completed by an earlier, interrupted run (0: none)
     w = ctx.space.vector().cpu()
     for stage, (share, mac_share) in enumerate(zip(shares, mac_shares), start=1):
@@ -136,7 +160,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Ten
         max_macs = None if mac_share is None else (target_macs if last else max(target_macs, int(mac_share * dense_macs)))
         start = time.perf_counter()
         grads = collect_gradients(ctx.model, ctx.space, ctx.train_batches(), opts.fisher_samples,
-                                  batch=opts.fisher_batch, progress=ctx.options.get("progress", True))
+                                  batch=opts.fisher_batch, progress=ctx.progress)
         seconds_gradients = time.perf_counter() - start
         free = torch.ones(p, dtype=torch.bool) if opts.revive or stage == 1 else w != 0
         index = free.nonzero().squeeze(1)
@@ -151,7 +175,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Ten
         ctx.space.assign(w)
         # The pipeline recalibrates after the last stage; between stages it matters for the
         # next stage's gradients.
-        recalibrated = (stage < len(shares) and ctx.options.get("recalibrate_bn", True)
+        recalibrated = (stage < len(shares) and ctx.recalibrate_bn
                         and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
         history.append({"stage": stage, "max_nonzeros": k, "nonzeros": int((w != 0).sum()),
                         "max_macs": max_macs, "macs": int(macs[w != 0].sum()),
@@ -168,23 +192,3 @@ def _mean_fisher_diagonal(rows: torch.Tensor) -> float:
     """mean_j (XᵀX/n)_jj for X = rows (n, p), accumulated in float64."""
     total = sum(float(chunk.pow(2).sum(dtype=torch.float64)) for chunk in rows.split(64))
     return total / rows.numel() or 1.0
-
-
-def _register(name: str, family: str, solve_stage, **defaults) -> None:
-    def options(raw: dict) -> FisherOptions:
-        return FisherOptions.from_dict(raw, **defaults)
-
-    def method(ctx: PruneContext) -> torch.Tensor:
-        opts = options(ctx.options)
-        check_options(family, ctx.budget, opts)
-        return run_stages(ctx, solve_stage, opts)
-
-    METHODS[name] = method
-    CHECKS[name] = lambda budget, raw: check_options(family, budget, options(raw))
-
-
-_register("chita", "chita", _solve_stage_chita)
-_register("chita++", "chita", _solve_stage_chita, stages=15)
-_register("woodfisher", "woodfisher", _solve_stage_woodfisher)
-_register("falcon", "falcon", _solve_stage_falcon)
-_register("falcon++", "falcon", _solve_stage_falcon, stages=5, fisher_samples=500)   # as benchmarked on ResNet-20-B

@@ -3,18 +3,18 @@
 A pipeline that works in stages (CHITA++/FALCON++ in ``fisher_methods.run_stages``, gradual
 pruning with fine-tuning) plugs in with two calls and nothing else::
 
-    history = ctx.options.setdefault("report", {}).setdefault("stages", [])
+    history = ctx.history
     done = resume_stages(ctx)          # 0, or the last completed stage: model, history, RNG restored
     for stage in range(1, stages + 1):
         if stage <= done:
             continue
         ...                             # the stage's work: read the model, change it, recalibrate BN
-        history.append({...})           # this stage's record (JSON-serialisable)
+        ctx.history.append({...})       # this stage's record (JSON-serialisable)
         stage_completed(ctx, stage)     # after the stage is *fully* done, before the next begins
 
 Contract for the pipeline:
   * Everything the next stage depends on lives in the model's ``state_dict()`` (weights, masks as
-    zeros, BatchNorm buffers), in ``ctx.options["report"]["stages"]`` or in the torch / numpy /
+    zeros, BatchNorm buffers), in ``ctx.history`` or in the torch / numpy /
     ``random`` RNG states. A pipeline with other state (an optimizer's momentum, a mask not
     implied by zeros) must put it into the model or the history before ``stage_completed``.
   * A stage's data must not depend on how many stages ran before *in this process*: take a fresh
@@ -46,14 +46,16 @@ class StageState:
 
     stage:       number of the last completed stage (1-based).
     model_state: the model's ``state_dict()`` after that stage (tensors on the CPU).
-    history:     the per-stage records so far (``ctx.options["report"]["stages"]``).
+    history:     the per-stage records so far (``ctx.history``).
     rng:         ``capture_rng()`` after that stage.
+    extra:       anything else (JSON-able) the pipeline needs to carry on (e.g. channel layouts).
     """
 
     stage: int
     model_state: dict[str, torch.Tensor]
     history: list[dict]
     rng: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
 
 
 class StageCheckpointer(Protocol):
@@ -86,6 +88,8 @@ def restore_rng(state: dict) -> None:
 def resume_stages(ctx) -> int:
     """Restore the context's model, stage history and RNG from its checkpointer's last stage.
 
+    ``ctx`` has ``model``, ``history`` (a list, filled in place) and ``checkpointer``.
+
     Returns the number of stages already completed (0 without a checkpointer or checkpoint).
     """
     checkpointer = getattr(ctx, "checkpointer", None)
@@ -93,8 +97,7 @@ def resume_stages(ctx) -> int:
     if state is None:
         return 0
     ctx.model.load_state_dict(state.model_state)
-    history = ctx.options.setdefault("report", {}).setdefault("stages", [])
-    history[:] = state.history
+    ctx.history[:] = state.history
     restore_rng(state.rng)
     return state.stage
 
@@ -106,6 +109,5 @@ def stage_completed(ctx, stage: int) -> None:
         return
     rng = capture_rng()
     model_state = {k: v.detach().cpu().clone() for k, v in ctx.model.state_dict().items()}
-    history = ctx.options.setdefault("report", {}).setdefault("stages", [])
-    checkpointer.save(StageState(stage, model_state, history, rng), ctx.model)
+    checkpointer.save(StageState(stage, model_state, ctx.history, rng), ctx.model)
     restore_rng(rng)     # whatever the checkpointer ran (an evaluation) must not shift the run

@@ -21,19 +21,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..options import Integer, Real
 from .gates import GatedMacs, GateHooks
 from .groups import GroupSet
+from .family import ChannelContext, ChannelOptions, Cut
 from .rounding import cut_to_budget
+from .shrink import shrink
 
 
 @dataclass
-class AutoBotOptions:
-    batches: int = 200      # gate-training steps (batches of the train loader, 64 images by default)
-    beta: float = 6.0       # weight of L_flops
-    gamma: float = 0.4      # weight of L_bool
-    lr: float = 0.6         # Adam learning rate on theta
-    init: float = 0.9       # initial gate value
-    channel_multiple: int = 1  # kept channels per group rounded to multiples of this (see rounding.py)
+class AutoBotOptions(ChannelOptions):
+    gate_batches: int = 200  # gate-training steps (batches of the train loader, 64 images by default)
+    beta: float = 6.0        # weight of L_flops
+    gamma: float = 0.4       # weight of L_bool
+    gate_lr: float = 0.6     # Adam learning rate on theta
+    init: float = 0.9        # initial gate value
+    constraints = {**ChannelOptions.constraints, "gate_batches": Integer(1), "beta": Real(0), "gamma": Real(0),
+                   "gate_lr": Real(0, open_low=True), "init": Real(0, 1, open_low=True)}
 
 
 def flops_loss(macs: torch.Tensor, target: float, dense: float) -> torch.Tensor:
@@ -58,7 +62,7 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
     device = next(model.parameters()).device
     theta = [torch.full((g.size,), math.log(options.init / (1 - options.init)), device=device,
                         requires_grad=True) for g in groups]
-    optimizer = torch.optim.Adam(theta, lr=options.lr)
+    optimizer = torch.optim.Adam(theta, lr=options.gate_lr)
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -69,7 +73,7 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
     try:
         with GateHooks(model, groups) as hooks:
             step = 0
-            while step < options.batches:
+            while step < options.gate_batches:
                 seen = False
                 for x, y in batches():
                     seen = True
@@ -87,7 +91,7 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
                     if progress is not None:
                         progress(history[-1])
                     step += 1
-                    if step >= options.batches:
+                    if step >= options.gate_batches:
                         break
                 if not seen:
                     break
@@ -102,3 +106,11 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
             "gate_estimate_flops_kept": history[-1]["gated_flops_kept"] if history else None,
             "history": history[:: max(1, len(history) // 50)]}
     return masks, info
+
+
+def run_autobot(ctx: ChannelContext, opts: AutoBotOptions) -> Cut:
+    """AutoBot as a channel method: train the bottlenecks, cut to ``ctx.shares[0]``, shrink."""
+    share = ctx.shares[0]
+    masks, info = autobot_masks(ctx.model, ctx.groups, ctx.counter, share * ctx.costs.macs, ctx.batches, opts,
+                                ctx.progress)
+    return Cut({share: shrink(ctx.model, ctx.groups, masks, ctx.example_input)}, {share: masks}, info)

@@ -10,7 +10,8 @@ What the adapter refuses (the group is left dense and listed in ``GroupSet.skipp
 * groups that reach the network's output (no consumer inside the net: the logits);
 * groups whose index maps are not one of the shapes we understand (identity, a concat offset,
   a flatten repeat): anything else would be pruned wrongly, so it is not pruned;
-* groups passing through an option-A zero-pad shortcut (``ZeroPadShortcut``): torch-pruning
+* groups passing through a zero-pad shortcut (a module with ``pads_channels = True``, e.g. the
+  zoo's option-A ``ZeroPadShortcut``): torch-pruning
   sees the pad as an elementwise op and wrongly ties a stage's C channels to the first C of
   the next stage's 2C. There the adapter keeps the block outputs (conv2/bn2, the stage width)
   dense and prunes only the channels inside each block (conv1/bn1 out = conv2 in), the choice
@@ -27,7 +28,6 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import PrunekitError
-from ..zoo.cifar_resnet import ZeroPadShortcut
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -129,7 +129,7 @@ def _members(tp_group, names: dict) -> tuple[list[Member], str | None]:
         dep, idxs = item.dep, [int(i) for i in item.idxs]
         module = dep.target.module
         grad_name = type(dep.target.grad_fn).__name__ if getattr(dep.target, "grad_fn", None) else ""
-        if "ConstantPadNd" in grad_name or isinstance(module, ZeroPadShortcut):
+        if "ConstantPadNd" in grad_name or getattr(module, "pads_channels", False):
             return [], "passes through a zero-pad (option-A) shortcut: block outputs kept dense"
         if not isinstance(module, (*_CONV, nn.Linear, _BN)):
             continue

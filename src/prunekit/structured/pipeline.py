@@ -1,139 +1,183 @@
-"""One entry point: prune a model to a MAC budget by removing channels, return the shrunk model.
+"""Pruning whole channels: a channel method cuts the model to a MAC budget, then BatchNorm is
+recalibrated and the shrunk model fine-tuned; every phase can be checkpointed.
 
-``prune_structured(model, "autobot" | "taper", flops, example_input, train_batches, options)``
-finds the channel groups, runs the method, removes the closed channels and (optionally)
-recalibrates BatchNorm and fine-tunes. MACs and parameters are counted by ``CostModel.count``
-on the shrunk model itself, and the budget is checked against that count.
+Phases (stage numbers of the ``pipelines.stages`` protocol), each handed to the checkpointer
+when done, so a run killed at any moment resumes from the last finished phase to the same
+weights as one never interrupted:
+
+    1             gates: the method trains its gates and cuts; the shrunk model(s) exist
+    then, for each shrunk model (largest share first):
+                  bn: BatchNorm recalibrated;  finetune: one phase per fine-tune epoch
+
+A checkpoint holds every shrunk model's tensors and channel layout (the models are rebuilt
+from the dense one with ``zoo.layout.apply_layout``), the fine-tune's optimizer and learning
+rate schedule, the training loader's epoch and the RNG states. MACs and parameters are
+counted by ``CostModel.count`` on each shrunk model, and the budget is checked against that.
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
-from ..costs import CostModel, Counts
+from ..costs import CostModel
 from ..errors import PrunekitError
-from ..train import recalibrate_batchnorm, train_epochs
-from .autobot import AutoBotOptions, autobot_masks
+from ..options import OptionError
+from ..pipelines.stages import StageCheckpointer, StageState, capture_rng, restore_rng
+from ..pipelines.weights import Outcome
+from ..train import cosine, recalibrate_batchnorm, sgd, train_epoch
+from ..zoo.layout import apply_layout, channel_layout
+from .family import ChannelContext, ChannelOptions, Cut
 from .gates import GatedMacs
-from .groups import GroupSet, find_groups
+from .groups import find_groups
 from .rounding import minimum_rounded_macs
-from .shrink import shrink
-from .taper import TaperOptions, taper_snapshots
-
-STRUCTURED_METHODS = ("autobot", "taper")
 
 
-@dataclass
-class StructuredResult:
-    """``model``: the shrunk plain ``nn.Module``; ``counts``: CostModel counts of it against the
-    dense model; ``snapshots``: budget -> StructuredResult for taper's other budgets."""
-
-    model: nn.Module
-    counts: Counts
-    flops: float
-    method: str
-    seconds: float
-    groups: int
-    info: dict = field(default_factory=dict)
-    snapshots: dict[float, "StructuredResult"] = field(default_factory=dict)
-
-
-def _options(cls, options: dict | None):
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    known = {f.name for f in fields(cls)}
-    unknown = set(options) - known
-    if unknown:
-        raise PrunekitError(f"unknown option(s) {sorted(unknown)} for this method; known: {sorted(known)}")
-    return cls(**options)
-
-
-def check_flops(flops: float) -> float:
-    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops < 1:
-        raise PrunekitError(f"structured pruning needs a share of MACs kept in (0, 1), got {flops!r}: "
-                            "pass e.g. --flops 0.5")
-    return float(flops)
-
-
-def check_structured_request(model: nn.Module, method: str, flops: float, example_input: torch.Tensor,
-                             snapshots: list[float] | None = None, channel_multiple: int = 1
-                             ) -> tuple[CostModel, GroupSet, GatedMacs]:
-    """Refuse a request that cannot be met before any work; returns the cost model, groups and counter."""
-    if method not in STRUCTURED_METHODS:
-        raise PrunekitError(f"unknown structured method {method!r}: pick one of {', '.join(STRUCTURED_METHODS)}")
-    if snapshots and method != "taper":
-        raise PrunekitError("snapshots at several budgets come from one taper run: use --method taper")
-    costs = CostModel(model, example_input)
+def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Tensor, shares: list[float],
+                    channel_multiple: int, batches, progress=None) -> ChannelContext:
+    """Find the channel groups and refuse shares that one channel (or ``channel_multiple``) per
+    group and the unprunable layers already exceed, before any work."""
     groups = find_groups(model, example_input)
     counter = GatedMacs(model, groups, costs)
-    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
-        raise PrunekitError(f"--channel-multiple must be a whole number >= 1, got {channel_multiple!r}")
     floor = minimum_rounded_macs(counter, channel_multiple)
     per_group = "one channel" if channel_multiple == 1 else f"{channel_multiple} channels (or all, if fewer)"
-    for share in [flops, *(snapshots or [])]:
-        share = check_flops(share)
+    for share in shares:
         if floor > share * costs.macs:
-            raise PrunekitError(f"--flops {share:g} asks for {share * costs.macs:,.0f} MACs but {per_group} per "
-                                f"group and the unprunable layers already cost {floor:,.0f} "
-                                f"({floor / costs.macs:.1%}): ask for at least that share"
-                                + ("" if channel_multiple == 1 else " or a smaller --channel-multiple"))
-    return costs, groups, counter
+            raise OptionError(f"flops {share:g} asks for {share * costs.macs:,.0f} MACs but {per_group} per "
+                              f"group and the unprunable layers already cost {floor:,.0f} "
+                              f"({floor / costs.macs:.1%}): ask for at least that share"
+                              + ("" if channel_multiple == 1 else " or a smaller channel_multiple"),
+                              ("flops", "channel_multiple"))
+    return ChannelContext(model, costs, groups, counter, list(shares), batches, example_input, progress)
 
 
-def prune_structured(model: nn.Module, method: str, flops: float, example_input: torch.Tensor,
-                     train_batches, options: dict | None = None, snapshots: list[float] | None = None,
-                     recalibrate_bn: bool = True, finetune_epochs: int = 0, finetune_lr: float = 0.01,
-                     progress=None) -> StructuredResult:
-    """Prune ``model`` (left unchanged for autobot; its weights are trained by taper) to ``flops``.
+def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrate_bn: bool = True,
+                   checkpointer: StageCheckpointer | None = None, progress: bool = False,
+                   on_phase=None) -> Outcome:
+    """Run channel method ``run`` in ``ctx`` and finish its shrunk models (BN, fine-tune).
 
-    Args:
-        flops: share of the dense model's MACs to keep, in (0, 1).
-        example_input: (B, ...) tensor for tracing and counting.
-        train_batches: function returning a fresh iterable of (x, y) batches (one epoch).
-        options: fields of ``AutoBotOptions`` or ``TaperOptions`` (both take ``channel_multiple``:
-            every group keeps a multiple of it, see ``rounding.py``).
-        snapshots: taper only: further budgets (shares of MACs) to return models for.
+    Returns the Outcome of ``ctx.shares[0]`` (its ``snapshots``: the others, taper's).
+    ``on_phase(record)`` is told after each phase is saved.
     """
-    start = time.perf_counter()
-    multiple = (options or {}).get("channel_multiple")
-    costs, groups, counter = check_structured_request(model, method, flops, example_input, snapshots,
-                                                      1 if multiple is None else multiple)
-    flops = float(flops)
-    target = flops * costs.macs
-    info: dict = {"skipped_groups": [f"{root}: {why}" for root, why in groups.skipped]}
-    if method == "autobot":
-        opts = _options(AutoBotOptions, options)
-        masks, extra = autobot_masks(model, groups, counter, target, train_batches, opts, progress)
-        small = shrink(model, groups, masks, example_input)
-        made = {flops: (small, masks)}
-        info.update(extra)
+    loader = ctx.batches()          # one loader: every pass is a new epoch (new order, new crops)
+    ctx.batches = lambda: loader
+    dense = copy.deepcopy(ctx.model)
+    history: list[dict] = []
+    state = checkpointer.last() if checkpointer is not None else None
+    optimizer = schedule = optimizer_state = None
+    if state is None:
+        start = time.perf_counter()
+        cut = run(ctx, opts)
+        seconds = time.perf_counter() - start
+        models, info = cut.models, {**cut.info, "seconds": seconds,
+                                    "kept_channels": {f"{s:g}": [int(m.sum()) for m in cut.masks[s]] for s in cut.models}}
+        history.append({"phase": "gates", "seconds": seconds})
+        done = 1
+        _save(checkpointer, done, models, models[ctx.shares[0]], history, info, loader, None, on_phase)
     else:
-        opts = _options(TaperOptions, options)
-        budgets = sorted(set([flops, *(snapshots or [])]), reverse=True)
-        shots, extra = taper_snapshots(model, groups, counter, budgets, train_batches, example_input, opts,
-                                       progress)
-        made = {s.budget: (s.model, s.masks) for s in shots}
-        info.update(extra)
-        info["on_schedule"] = {f"{s.budget:g}": s.reached_by_schedule for s in shots}
-    seconds = time.perf_counter() - start
-    results = {}
-    for budget, (small, masks) in made.items():
-        if recalibrate_bn:
-            recalibrate_batchnorm(small, train_batches())
-        if finetune_epochs > 0:
-            train_epochs(small, train_batches(), finetune_epochs, lr=finetune_lr, progress=progress is not None)
+        models, info, optimizer_state = _restore(state, dense, loader)
+        history, done = list(state.history), state.stage
+    phases = _phases(models, opts)
+    for number, (phase, share, epoch) in enumerate(phases, start=2):
+        if number <= done:
+            continue
+        start = time.perf_counter()
+        small = models[share]
+        record = {"phase": phase, "flops": share}
+        if phase == "bn":
+            record["bn_recalibrated"] = bool(recalibrate_bn and recalibrate_batchnorm(small, ctx.batches()))
+            optimizer = schedule = None
+        else:
+            if optimizer is None or epoch == 1:
+                optimizer = sgd(small, opts.finetune_lr)
+                schedule = cosine(optimizer, opts.finetune_epochs * len(loader))
+                if epoch > 1:
+                    _load_optimizer(optimizer, schedule, optimizer_state)
+            record["epoch"] = epoch
+            record["loss"] = train_epoch(small, ctx.batches(), optimizer, schedule,
+                                         f"fine-tune {epoch}/{opts.finetune_epochs}", progress)
+            small.eval()
+        record["seconds"] = time.perf_counter() - start
+        history.append(record)
+        _save(checkpointer, number, models, small, history, info, loader,
+              (optimizer, schedule) if phase == "finetune" else None, on_phase)
+    outcomes = {}
+    for share, small in models.items():
         small.eval()
-        counts = costs.count(small)
-        if counts.macs > budget * costs.macs:
-            raise AssertionError(f"shrunk model has {counts.macs} MACs above the budget {budget * costs.macs}")
-        kept = [int(m.sum()) for m in masks]
-        results[budget] = StructuredResult(small, counts, budget, method, seconds, len(groups),
-                                           {**info, "kept_channels": kept,
-                                            "group_sizes": [g.size for g in groups]})
-    main = results.pop(flops)
-    main.snapshots = results
+        counts = ctx.costs.count(small)
+        if counts.macs > share * ctx.costs.macs:
+            raise AssertionError(f"shrunk model has {counts.macs} MACs above the budget {share * ctx.costs.macs}")
+        outcomes[share] = Outcome(small, counts, None, None, info["seconds"], history,
+                                  {**{k: v for k, v in info.items() if k != "kept_channels"},
+                                   "groups": len(ctx.groups), "kept_channels": info["kept_channels"][f"{share:g}"],
+                                   "group_sizes": [g.size for g in ctx.groups],
+                                   "skipped_groups": [f"{root}: {why}" for root, why in ctx.groups.skipped]})
+    main = outcomes.pop(ctx.shares[0])
+    main.snapshots = outcomes
     return main
 
+
+def _phases(models: dict, opts: ChannelOptions) -> list[tuple[str, float, int]]:
+    phases = []
+    for share in sorted(models, reverse=True):
+        phases.append(("bn", share, 0))
+        phases += [("finetune", share, e) for e in range(1, opts.finetune_epochs + 1)]
+    return phases
+
+
+def _save(checkpointer, number, models, current, history, info, loader, training, on_phase) -> None:
+    if checkpointer is None:
+        if on_phase is not None:
+            on_phase(history[-1])
+        return
+    rng = capture_rng()
+    tensors = {f"{share!r}/{k}": v.detach().cpu().clone() for share, m in models.items()
+               for k, v in m.state_dict().items()}
+    extra = {"layouts": {repr(s): channel_layout(m) for s, m in models.items()}, "info": info,
+             "loader_epoch": getattr(loader, "epoch", None)}
+    if training is not None:
+        optimizer, schedule = training
+        state = optimizer.state_dict()
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().clone()
+        extra["optimizer"] = {"param_groups": state["param_groups"], "schedule": schedule.state_dict()}
+    checkpointer.save(StageState(number, tensors, history, rng, extra), current)
+    restore_rng(rng)
+    if on_phase is not None:
+        on_phase(history[-1])
+
+
+def _restore(state: StageState, dense: nn.Module, loader):
+    """The shrunk models, cut info and optimizer state of a phase checkpoint; RNG and loader restored."""
+    extra = state.extra
+    models = {}
+    for key, layout in extra["layouts"].items():
+        share = float(key)
+        small = apply_layout(copy.deepcopy(dense), layout)
+        prefix = f"{key}/"
+        small.load_state_dict({k[len(prefix):]: v for k, v in state.model_state.items() if k.startswith(prefix)})
+        models[share] = small.eval()
+    restore_rng(state.rng)
+    if extra.get("loader_epoch") is not None:
+        loader.epoch = extra["loader_epoch"]
+    optimizer_state = None
+    if "optimizer" in extra:
+        per_param: dict = {}
+        for k, v in state.model_state.items():
+            if k.startswith("optimizer/"):
+                _, index, key = k.split("/", 2)
+                per_param.setdefault(int(index), {})[key] = v
+        optimizer_state = {"state": per_param, **extra["optimizer"]}
+    return models, extra["info"], optimizer_state
+
+
+def _load_optimizer(optimizer, schedule, saved: dict | None) -> None:
+    if saved is None:
+        raise PrunekitError("the run folder's checkpoint lacks the fine-tune's optimizer state; "
+                            "start the run again with --force")
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": saved["param_groups"]})
+    schedule.load_state_dict(saved["schedule"])

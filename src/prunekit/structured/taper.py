@@ -30,16 +30,18 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
+from ..options import Integer, Real, Shares
 from .gates import GatedMacs, GateHooks, fold_gates
 from .groups import GroupSet
+from .family import ChannelContext, ChannelOptions, Cut
 from .autobot import bool_loss
 from .shrink import shrink
 from .rounding import cut_to_budget
 
 
 @dataclass
-class TaperOptions:
-    epochs: float = 4.0          # planned length in passes over the training batches
+class TaperOptions(ChannelOptions):
+    taper_epochs: float = 4.0    # planned length in passes over the training batches
     lr: float = 0.01             # SGD learning rate of the weights
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -48,7 +50,8 @@ class TaperOptions:
     penalty: float = 50.0        # rho of the augmented-Lagrangian term rho/2 * c^2 (tracks B(t) closely)
     gamma: float = 0.1           # weight of the polarization term L_bool
     init: float = 0.9            # initial gate value
-    max_rate: float | None = None  # bound on the taper rate, share of dense MACs per epoch
+    max_taper_rate: float | None = None  # bound on the taper rate, share of dense MACs per epoch
+    snapshots: list[float] | None = None  # further budgets (shares of MACs) to save models at, same run
     settle_steps: int = 10       # steps held at each snapshot budget before cutting ...
     settle_tol: float = 0.01     # ... and until |MACs(g) - B| <= settle_tol * dense (at most 5x settle_steps)
     check_every: int = 20
@@ -57,7 +60,12 @@ class TaperOptions:
     rise_tol: float = 0.25       # relative rise of the averaged task loss that slows the taper
     flat_tol: float = 0.02       # relative change below which the loss counts as flat
     loss_average: float = 0.95   # decay of the exponential average of the task loss
-    channel_multiple: int = 1    # kept channels per group rounded to multiples of this (see rounding.py)
+    constraints = {**ChannelOptions.constraints, "taper_epochs": Real(0, open_low=True), "lr": Real(0, open_low=True),
+                   "momentum": Real(0, 1), "weight_decay": Real(0), "gate_lr": Real(0, open_low=True),
+                   "dual_lr": Real(0), "penalty": Real(0), "gamma": Real(0), "init": Real(0, 1, open_low=True),
+                   "max_taper_rate": Real(0, open_low=True), "snapshots": Shares(), "settle_steps": Integer(1),
+                   "settle_tol": Real(0), "check_every": Integer(1), "slow_down": Real(0, 1, open_low=True),
+                   "speed_up": Real(1), "rise_tol": Real(0), "flat_tol": Real(0), "loss_average": Real(0, 1)}
 
 
 @dataclass
@@ -84,13 +92,11 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
     dense = counter.dense
     first = batches()
     steps_per_epoch = len(first) if hasattr(first, "__len__") else sum(1 for _ in first)
-    planned = max(1, int(options.epochs * steps_per_epoch))
+    planned = max(1, int(options.taper_epochs * steps_per_epoch))
     # Start fast enough to reach the last budget after half of the planned steps: the rate
     # slows while the loss rises, and the rest is settling.
     rate = (1.0 - budgets[-1]) / (planned / 2)
-    if options.max_rate is not None and options.max_rate <= 0:
-        raise PrunekitError("--max-taper-rate must be positive (share of dense MACs per epoch)")
-    max_rate = options.max_rate / steps_per_epoch if options.max_rate is not None else 2 * rate
+    max_rate = options.max_taper_rate / steps_per_epoch if options.max_taper_rate is not None else 2 * rate
     rate = min_rate = min(rate, max_rate)
     min_rate /= 4                # the rate never falls below a quarter of its start: it always ends
 
@@ -183,3 +189,11 @@ def _snapshot(model, groups, counter, logits, budget, step, example_input, on_sc
            "kept_gates_below_half": int(((flat_g < 0.5) & (flat_m > 0)).sum()),
            "closed_gates_above_tenth": int(((flat_g > 0.1) & (flat_m == 0)).sum())}
     return Snapshot(budget, small, masks, step, on_schedule, cut)
+
+
+def run_taper(ctx: ChannelContext, opts: TaperOptions) -> Cut:
+    """The tapering Lagrangian as a channel method: one run, a shrunk model at every share."""
+    shots, info = taper_snapshots(ctx.model, ctx.groups, ctx.counter, ctx.shares, ctx.batches, ctx.example_input,
+                                  opts, ctx.progress)
+    info["on_schedule"] = {f"{s.budget:g}": s.reached_by_schedule for s in shots}
+    return Cut({s.budget: s.model for s in shots}, {s.budget: s.masks for s in shots}, info)

@@ -27,12 +27,14 @@ class ZeroPadShortcut(nn.Module):
     """Option-A shortcut: ``x[:, :, ::stride, ::stride]`` zero-padded from C_in to C_out channels.
 
     The new channels are split evenly before and after the input's channels. No parameters and
-    no multiply-accumulates (``zero_macs = True`` tells the cost model so).
+    no multiply-accumulates (``zero_macs = True`` tells the cost model so); ``pads_channels``
+    tells channel pruning not to tie channels across it.
 
     Shapes: (B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride)).
     """
 
     zero_macs = True
+    pads_channels = True   # tells structured pruning: channels change count here by zero-padding
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()

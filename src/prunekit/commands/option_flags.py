@@ -1,0 +1,102 @@
+"""Command-line flags of the method options, made from their one declaration.
+
+Every field of a method's options class (``methods.METHODS``) and of ``GradualOptions`` that has
+a help line here becomes a flag ``--field-name`` whose type and choices come from the field's
+constraint. A flag's default is None (not given): the request then takes the method's default,
+and refuses a flag the chosen method does not take, naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..methods import METHODS
+from ..options import Flag, Integer, OneOf, Real, Shares
+from ..pipelines.gradual import GradualOptions
+
+# The words on the command line; what each option means is in its options class.
+HELP = {
+    "importance": None,      # a Python function: not on the command line
+    "fisher_samples": "gradient rows n (default 1000; falcon++ 500 per stage)",
+    "fisher_batch": "samples averaged per row m (default 1: per-sample)",
+    "ridge": "absolute ridge λ of the quadratic model (the papers' setting)",
+    "relative_ridge": "λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)",
+    "stages": "pruning stages (default: chita/falcon 1, chita++ 15, falcon++ 5)",
+    "schedule": "kept share per stage (default poly)",
+    "revive": "let weights pruned in earlier stages come back",
+    "solver": "chita: iht (IHT + backsolve, default) or backsolve (magnitude + backsolve); "
+              "falcon: dfo (first-order method, default) or magnitude (ILP on w², backsolve)",
+    "first_order": "add the loss gradient as the linear term of the quadratic model",
+    "block_size": "backsolve in blocks of this many weights (large models)",
+    "obs_block_size": "woodfisher: size of the inverse Fisher's diagonal blocks (default 128)",
+    "events": "gradual: prune events (default 4)",
+    "epochs_per_event": "gradual: fine-tuning epochs after each event (default 1)",
+    "final_epochs": "gradual: fine-tuning epochs after the last event (default 2)",
+    "lr": "gradual: peak learning rate of each cosine cycle (default 0.01); taper: SGD rate of the weights",
+    "gate_batches": "autobot: gate-training batches (default 200)",
+    "gate_batch_size": "batch size for gate training and fine-tuning (default 64)",
+    "beta": "autobot: weight of the FLOP loss (default 6)",
+    "gamma": "weight of the 0/1 polarization loss (autobot 0.4, taper 0.1)",
+    "gate_lr": "Adam learning rate of the gates (autobot 0.6, taper 0.1)",
+    "taper_epochs": "taper: planned length in epochs (default 4)",
+    "max_taper_rate": "taper: most dense-MAC share the budget may fall per epoch (default 2x the planned rate)",
+    "snapshots": "taper: also save models at these MAC shares (e.g. 0.7 0.5 0.3), from the same run",
+    "finetune_epochs": "fine-tune the shrunk model(s) this many epochs (default 0)",
+    "finetune_lr": "peak SGD learning rate of the fine-tune (default 0.01)",
+    "channel_multiple": "keep a multiple of this many channels in every group (default 1: exact counts; "
+                        "8 measured no faster on ResNet-56, see docs/benchmarks.md)",
+}
+
+GROUPS = {"weights": "options of the weights methods (chita, chita++, falcon, falcon++, woodfisher)",
+          "gradual": "gradual pruning (--gradual: prune events on the schedule, fine-tuning in between)",
+          "channels": "options of the channel methods (autobot, taper): remove whole channels to a --flops budget"}
+
+
+def _option_classes() -> dict[str, list[type]]:
+    classes: dict[str, list[type]] = {"weights": [], "gradual": [GradualOptions], "channels": []}
+    for method in METHODS.values():
+        if method.options not in classes[method.family]:
+            classes[method.family].append(method.options)
+    return classes
+
+
+def _argument(rule) -> dict:
+    if isinstance(rule, Flag):
+        return {"action": "store_true", "default": None}
+    if isinstance(rule, OneOf):
+        return {"choices": rule.choices}
+    if isinstance(rule, Integer):
+        return {"type": int}
+    if isinstance(rule, Real):
+        return {"type": float}
+    if isinstance(rule, Shares):
+        return {"type": float, "nargs": "+"}
+    raise TypeError(f"no flag for {rule!r}")
+
+
+def option_names() -> list[str]:
+    """Every option name that has a flag."""
+    names = []
+    for classes in _option_classes().values():
+        for cls in classes:
+            names += [n for n in cls.names() if HELP.get(n) and n not in names]
+    return names
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One argument group per family, a flag per option (shared options appear once)."""
+    added: set[str] = set()
+    for family, classes in _option_classes().items():
+        group = parser.add_argument_group(GROUPS[family])
+        if family == "gradual":
+            group.add_argument("--gradual", action="store_true", help="prune gradually with the method at each event")
+        for cls in classes:
+            for name in cls.names():
+                if name in added or not HELP.get(name):
+                    continue
+                added.add(name)
+                group.add_argument("--" + name.replace("_", "-"), dest=name, help=HELP[name],
+                                   **_argument(cls.constraints[name]))
+
+
+OPTION_NAMES = option_names()

@@ -1,0 +1,137 @@
+"""The one executor: runs every method in every mode (one-shot, multi-stage, gradual,
+structured), with or without a run folder, and builds the one record.
+
+    plan = PruneRequest(model, example_input, "falcon", {"flops": 0.3}).plan()   # checked once
+    record, model = execute(plan, train_batches, eval_loader, folder=RunFolder("runs/x"))
+
+With a folder, every stage, event or phase is checkpointed (``runs.RunCheckpointer``), a
+killed run resumes from the last one to the same weights, and the final model, ``result.json``
+and ``metrics.json`` are written; a finished run is not redone. Without one, per-stage
+accuracy is still measured when there is evaluation data.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .data.loaders import BatchLoader
+from .pipelines.gradual import prune_gradual
+from .pipelines.weights import Outcome, PruneContext, prune_weights
+from .record import build_record, save_pruned
+from .request import Plan
+from .runs import RunCheckpointer, RunFolder, StageMeter, evaluate_loss_accuracy, layer_density
+from .structured.pipeline import prune_channels
+from .zoo.layout import apply_layout
+
+
+def measure(plan: Plan, model: nn.Module, eval_loader) -> dict:
+    """Counts of ``model`` as it is (the dense one, a masked one or a shrunk one) and its loss and
+    accuracy when there is evaluation data."""
+    start = time.perf_counter()
+    counts = plan.costs.count(model)
+    out = {"model_macs": counts.macs, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept}
+    if model is plan.space.model:
+        out["sparsity"] = 1 - int(torch.count_nonzero(plan.space.vector())) / plan.space.numel
+    if eval_loader is not None:
+        out.update(evaluate_loss_accuracy(model, eval_loader))
+        out["eval_seconds"] = time.perf_counter() - start
+    return out
+
+
+def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loader: Iterable | None, *,
+            folder: RunFolder | None = None, describe: dict | None = None, dense: dict | None = None,
+            progress: bool = False, on_step: Callable[[dict], None] | None = None) -> tuple[dict, nn.Module]:
+    """Prune as ``plan`` says; returns (record, pruned model).
+
+    train_batches(): one epoch of (x, y) training batches, the same at every call.
+    describe: how to rebuild the model, for its sidecar in the folder (zoo name, build arguments,
+        normalization); dense: the dense model's measurements if known (a sweep measures once).
+    on_step(record): told after each stage, event or phase.
+    """
+    describe = describe or {"model": plan.name, "custom": True}
+    metrics = folder.read_metrics() if folder is not None else {}
+    if folder is not None and metrics.get("status") == "done":
+        folder.log("already complete; nothing to do")
+        return metrics["final"], _load_final(plan, folder)
+    if folder is not None:
+        folder.log(f"{'resume' if metrics else 'start'}: {plan.name}, method {plan.method.name}, "
+                   f"budget {plan.request.budget}")
+    dense = dense or metrics.get("dense") or measure(plan, plan.request.model, eval_loader)
+    measure_now = lambda model: measure(plan, model, eval_loader)   # noqa: E731
+    if folder is not None:
+        metrics = {"status": "running", "model": plan.name, "method": plan.method.name, "mode": plan.mode,
+                   "request": plan.request.budget,
+                   "budget": {"max_nonzeros": plan.budget.max_nonzeros,
+                              "max_macs": None if plan.budget.max_macs is None
+                              else plan.budget.max_macs + plan.budget.fixed_macs},
+                   "prunable_weights": plan.space.numel, "dense_macs": plan.costs.macs,
+                   "fixed_macs": plan.budget.fixed_macs, "dense": dense, "stages": metrics.get("stages", [])}
+        folder.write_metrics(metrics)
+
+        def on_saved(history: list[dict]) -> None:
+            metrics["stages"] = [dict(h) for h in history]
+            folder.write_metrics(metrics)
+            if on_step is not None:
+                on_step(history[-1])
+        checkpointer = RunCheckpointer(folder, measure_now, on_saved)
+    else:
+        checkpointer = StageMeter(measure_now, on_step) if eval_loader is not None or on_step else None
+    torch.manual_seed(plan.request.seed)
+    outcome = _run(plan, train_batches, eval_loader, checkpointer, progress)
+    restored = getattr(checkpointer, "restored_seconds", 0.0)
+    final = measure_now(outcome.model)
+    record = build_record(plan, outcome, dense, final, outcome.seconds + restored)
+    snapshots = {share: build_record(replace(plan, shares=[share]), snap, dense, measure_now(snap.model),
+                                     snap.seconds) for share, snap in outcome.snapshots.items()}
+    if snapshots:
+        record["snapshots"] = list(snapshots.values())
+    if folder is not None:
+        shrunk = plan.method.family == "channels"
+        save_pruned(folder.path, outcome.model, describe, record, shrunk)
+        for share, snap in outcome.snapshots.items():
+            save_pruned(folder.path / f"snapshot-{share:g}", snap.model, describe, snapshots[share], shrunk)
+        metrics.update(status="done", final=record, stages=outcome.history,
+                       layers=layer_density(plan.costs, outcome.model))
+        folder.write_metrics(metrics)
+        folder.log(f"done: MACs kept {record['flops_kept']:.4f}, accuracy {record['accuracy']}")
+    return record, outcome.model
+
+
+def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -> Outcome:
+    """Dispatch on the method's family and the mode: the one place where the paths part."""
+    request = plan.request
+    if plan.method.family == "channels":
+        source = train_batches() if train_batches is not None else []
+        if isinstance(source, BatchLoader):            # the gates' batch size, on a loader of our own
+            source = copy.copy(source)
+            source.batch_size = plan.options.gate_batch_size
+        channels = replace(plan.channels, batches=lambda: source)
+        return prune_channels(channels, plan.method.run, plan.options, recalibrate_bn=request.recalibrate_bn,
+                              checkpointer=checkpointer, progress=progress)
+    ctx = PruneContext(request.model, plan.space, plan.costs, plan.budget, train_batches, request.seed,
+                       request.recalibrate_bn, progress, checkpointer)
+    if plan.mode == "gradual":
+        # the checkpointer measures each event when there is evaluation data
+        return prune_gradual(ctx, plan.method.run, plan.options, plan.gradual,
+                             eval_loader=None if checkpointer is not None else eval_loader)
+    return prune_weights(ctx, plan.method.run, plan.options)
+
+
+def _load_final(plan: Plan, folder: RunFolder) -> nn.Module:
+    """The finished run's model: the request's own, with the saved weights (reshaped first when
+    it was shrunk)."""
+    from .saving import read_meta
+    model = plan.request.model
+    layout = read_meta(folder.model_path).get("channel_layout")
+    if layout is not None:
+        model = apply_layout(copy.deepcopy(model), layout)
+    model.load_state_dict(load_file(folder.model_path))
+    return model.eval()

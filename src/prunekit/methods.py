@@ -1,0 +1,86 @@
+"""Every pruning method, in one table: its name, family, options and the function that runs it.
+
+Family ``"weights"``: the method zeroes single weights; it runs one-shot (or in its own stages,
+``stages=``), or gradually with fine-tuning between prune events (``gradual=True``).
+``run(ctx: pipelines.weights.PruneContext, options) -> pipelines.weights.Pruned``.
+
+Family ``"channels"``: the method removes whole channels to a MAC budget (``flops``) and returns
+smaller models. ``run(ctx: structured.family.ChannelContext, options) -> structured.family.Cut``.
+
+``check(resolved_budget, options)`` (optional) refuses a request the method cannot serve before
+any work; ``defaults`` are the method's own defaults over its options class's.
+
+Add your own method with ``add_method(Method(...))`` (or pass a ``Method`` as ``method=`` to
+``prunekit.prune``); for a new importance score only, pass ``importance=`` to a magnitude
+method (see ``pipelines.magnitude_methods``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import PrunekitError
+from .pipelines.fisher_methods import (ChitaOptions, FalconOptions, WoodFisherOptions, needs_flops, run_chita,
+                                       run_falcon, run_woodfisher)
+from .pipelines.magnitude_methods import (MagnitudeOptions, run_magnitude, run_magnitude_flops,
+                                          run_magnitude_uniform)
+from .structured.autobot import AutoBotOptions, run_autobot
+from .structured.taper import TaperOptions, run_taper
+
+FAMILIES = ("weights", "channels")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table. ``options``: an ``options.Options`` dataclass (its fields are the
+    method's options, its ``constraints`` their rules)."""
+
+    name: str
+    family: str
+    options: type
+    run: Callable
+    about: str = ""
+    defaults: dict = field(default_factory=dict)
+    check: Callable | None = None
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("magnitude", "weights", MagnitudeOptions, run_magnitude, "largest |w| over all layers"),
+    Method("magnitude-uniform", "weights", MagnitudeOptions, run_magnitude_uniform, "largest |w|, same share per layer"),
+    Method("magnitude-flops", "weights", MagnitudeOptions, run_magnitude_flops,
+           "most w² under the count and the MAC budget (ILP)"),
+    Method("chita", "weights", ChitaOptions, run_chita, "L0-constrained least squares on the empirical Fisher"),
+    Method("chita++", "weights", ChitaOptions, run_chita, "CHITA over a schedule of stages", {"stages": 15}),
+    Method("woodfisher", "weights", WoodFisherOptions, run_woodfisher, "OBS with a block-diagonal inverse Fisher"),
+    Method("falcon", "weights", FalconOptions, run_falcon, "CHITA's model under a count and a MAC budget",
+           check=needs_flops),
+    Method("falcon++", "weights", FalconOptions, run_falcon, "FALCON over a schedule of stages",
+           {"stages": 5, "fisher_samples": 500}, check=needs_flops),
+    Method("autobot", "channels", AutoBotOptions, run_autobot, "trainable bottlenecks on a frozen network"),
+    Method("taper", "channels", TaperOptions, run_taper, "gates and weights trained as the MAC budget tapers"),
+]}
+
+
+def method_names(family: str | None = None) -> list[str]:
+    return [name for name, m in METHODS.items() if family is None or m.family == family]
+
+
+def lookup(method: str | Method) -> Method:
+    """The table's row for ``method`` (a name, or a ``Method`` of your own, used as it is)."""
+    if isinstance(method, Method):
+        return method
+    if method not in METHODS:
+        raise PrunekitError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def add_method(method: Method) -> Method:
+    """Add your own method to the table (then ``prunekit.prune(..., method=name)`` and the CLI's
+    ``--method`` know it). Refuses a name already taken or an unknown family."""
+    if method.family not in FAMILIES:
+        raise PrunekitError(f"method family must be one of {', '.join(FAMILIES)}, got {method.family!r}")
+    if method.name in METHODS:
+        raise PrunekitError(f"method {method.name!r} exists already: pick another name")
+    METHODS[method.name] = method
+    return method

@@ -1,0 +1,164 @@
+"""Method options, declared once with their constraints and checked the same way for every caller.
+
+Each method's options are a dataclass deriving from ``Options``; its ``constraints`` name, per
+field, what a value must be (as scikit-learn's ``_parameter_constraints`` do)::
+
+    @dataclass
+    class FisherOptions(Options):
+        fisher_samples: int = 1000
+        schedule: str = "poly"
+        constraints = {"fisher_samples": Integer(1), "schedule": OneOf(KINDS)}
+
+``FisherOptions.from_user(raw, method="chita")`` refuses an option the method does not take (by
+name, listing the ones it does), a value that breaks its constraint, and returns the options
+with the user's values over the defaults (``None`` = the default). Messages name the parameter
+as Python spells it (``fisher_samples``); ``cli_message`` shows the same message with each
+parameter as its command-line flag (``--fisher-samples``), so Python and the CLI refuse alike.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar
+
+from .errors import PrunekitError
+
+
+class OptionError(PrunekitError):
+    """A refused option; ``params`` are the parameter names the message mentions."""
+
+    def __init__(self, message: str, params: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.params = tuple(params)
+
+
+def cli_message(err: PrunekitError, flags: set[str] | None = None) -> str:
+    """The message of ``err`` with every parameter it names written as its flag (``--flops``);
+    ``flags``: the parameters that have a flag (default: all)."""
+    text = str(err)
+    for name in sorted(getattr(err, "params", ()), key=len, reverse=True):
+        if flags is not None and name not in flags:
+            continue
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", "--" + name.replace("_", "-"), text)
+    return text
+
+
+@dataclass(frozen=True)
+class Integer:
+    """A whole number >= ``low`` (and <= ``high`` when given)."""
+
+    low: int | None = None
+    high: int | None = None
+
+    def check(self, value) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"a whole number, got {value!r}"
+        return _range(value, self.low, self.high)
+
+
+@dataclass(frozen=True)
+class Real:
+    """A number in (``low``, ...) when ``open_low`` else [``low``, ...]; ``high`` likewise."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+
+    def check(self, value) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"a number, got {value!r}"
+        if self.open_low and self.low is not None and not value > self.low:
+            return f"above {self.low:g}, got {value!r}"
+        return _range(value, self.low, self.high)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    choices: tuple
+
+    def check(self, value) -> str | None:
+        return None if value in self.choices else f"one of {', '.join(map(str, self.choices))}, got {value!r}"
+
+
+@dataclass(frozen=True)
+class Flag:
+    def check(self, value) -> str | None:
+        return None if isinstance(value, bool) else f"true or false, got {value!r}"
+
+
+@dataclass(frozen=True)
+class Shares:
+    """A list of shares, each in (0, 1)."""
+
+    def check(self, value) -> str | None:
+        if not isinstance(value, (list, tuple)) or not value:
+            return f"a list of shares in (0, 1), got {value!r}"
+        bad = [v for v in value if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1]
+        return f"shares in (0, 1), got {bad[0]!r}" if bad else None
+
+
+@dataclass(frozen=True)
+class Callable_:
+    """A function (e.g. an importance score)."""
+
+    def check(self, value) -> str | None:
+        return None if callable(value) else f"a function, got {type(value).__name__}"
+
+
+def _range(value, low, high) -> str | None:
+    if low is not None and value < low:
+        return f"at least {low:g}, got {value!r}"
+    if high is not None and value > high:
+        return f"at most {high:g}, got {value!r}"
+    return None
+
+
+@dataclass
+class Options:
+    """Base of every method's options: the fields and ``constraints`` say it all."""
+
+    constraints: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_user(cls, raw: dict, method: str, **defaults) -> "Options":
+        """Check ``raw`` (user options; None = default) for ``method`` and build the options.
+
+        ``defaults`` are the method's own defaults over the class's (chita++: ``stages=15``).
+        """
+        given = {k: v for k, v in raw.items() if v is not None}
+        names = cls.names()
+        for key in given:
+            if key not in names:
+                raise unknown_option(key, method, names)
+        for key, value in given.items():
+            rule = cls.constraints.get(key)
+            problem = rule.check(value) if rule is not None else None
+            if problem:
+                raise OptionError(f"{key} must be {problem}", (key,))
+        return cls(**{**defaults, **given})
+
+    def to_dict(self) -> dict:
+        """The options as plain values (functions by their name), for records and config files."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = getattr(value, "__name__", repr(value)) if callable(value) else value
+        return out
+
+
+def unknown_option(key: str, method: str, names: list[str]) -> OptionError:
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    takes = ", ".join(names) if names else "none"
+    return OptionError(f"method {method} takes no option {key}{hint}; its options: {takes}",
+                       (key, *([close[0]] if close else []), *names))
+
+
+def defaults_of(cls) -> dict:
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}

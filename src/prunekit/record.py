@@ -1,0 +1,120 @@
+"""The one record of a pruning run, and the one way a pruned model is written to disk.
+
+``build_record`` makes the flat dict that every consumer reads: the CLI's ``--json`` output,
+``prunekit.prune``'s ``Result``, a run folder's ``result.json``, ``metrics.json["final"]`` and
+the model sidecar's ``result``, and so the reports. ``save_pruned`` writes a model with its
+sidecar (and, for a shrunk model, its channel layout) plus ``result.json``.
+
+Record keys: model, method, family, mode (one-shot | multi-stage | gradual | structured),
+request (the budget as asked), sparsity, nonzeros (weights methods), flops_kept, params_kept,
+macs, dense_macs, params, dense_params, budget_max_nonzeros, budget_max_macs, dense_accuracy,
+accuracy, loss (None without evaluation data), seconds (pruning, BatchNorm included), options
+(the method's, resolved), then the method's own facts (``ilp_gap``, ``kept_channels`` ...) and
+its history: ``stages`` (weights), ``events`` (gradual), ``phases`` (structured).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .pipelines.weights import Outcome
+from .saving import atomic_write_json, save_model
+from .zoo.layout import channel_layout
+
+HISTORY_KEY = {"one-shot": "stages", "multi-stage": "stages", "gradual": "events", "structured": "phases"}
+
+
+def finite(obj):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def build_record(plan, outcome: Outcome, dense: dict, final: dict, seconds: float) -> dict:
+    """The record of ``outcome``, the result of request ``plan`` (a ``request.Plan``).
+
+    dense / final: measurements of the model before / after (``executor.measure``).
+    seconds: pruning time, including stages restored from an earlier, interrupted run.
+    """
+    c, budget = outcome.counts, plan.budget
+    record = {"model": plan.name, "method": plan.method.name, "family": plan.method.family, "mode": plan.mode,
+              "request": dict(plan.request.budget), "sparsity": outcome.sparsity, "nonzeros": outcome.nonzeros,
+              "flops_kept": c.flops_kept, "params_kept": c.params_kept, "macs": c.macs,
+              "dense_macs": c.dense_macs, "params": c.params, "dense_params": c.dense_params,
+              "budget_max_nonzeros": budget.max_nonzeros if plan.method.family == "weights" else None,
+              "budget_max_macs": None if budget.max_macs is None else budget.max_macs + budget.fixed_macs,
+              "dense_accuracy": dense.get("accuracy"), "accuracy": final.get("accuracy"), "loss": final.get("loss"),
+              "seconds": seconds, "options": plan.options.to_dict(), **outcome.info,
+              HISTORY_KEY[plan.mode]: outcome.history}
+    if plan.mode == "gradual":
+        record["gradual"] = True
+    if plan.mode == "structured":
+        record["flops"] = plan.shares[0]
+    return finite(record)
+
+
+def save_pruned(folder: str | Path, model: nn.Module, describe: dict, record: dict, shrunk: bool) -> Path:
+    """Write ``folder/model.safetensors`` + ``model.json`` (``describe``: how to rebuild the model,
+    e.g. zoo name and build arguments; ``result``: the record; a shrunk model's channel layout)
+    and ``folder/result.json``."""
+    folder = Path(folder)
+    meta = {**describe, "result": record, **({"channel_layout": channel_layout(model)} if shrunk else {})}
+    save_model(model, folder / "model.safetensors", meta)
+    atomic_write_json(folder / "result.json", record)
+    return folder / "model.safetensors"
+
+
+@dataclass
+class Result:
+    """The outcome of ``prunekit.prune``.
+
+    model: the pruned model (for weights methods the one passed in, pruned in place; for channel
+    methods a new, smaller one). sparsity: share of prunable weights removed (weights methods);
+    flops_kept / params_kept: shares of the dense MACs / parameters kept (all in [0, 1]);
+    macs: MACs per example; accuracy / dense_accuracy: top-1 % on ``eval_data`` (None without
+    it); history: one record per stage, event or phase; record: everything, as the CLI's
+    ``--json`` prints it; snapshots: taper's other budgets (share -> Result).
+    """
+
+    model: nn.Module
+    method: str
+    mode: str
+    sparsity: float | None
+    flops_kept: float
+    params_kept: float
+    nonzeros: int | None
+    macs: int
+    dense_macs: int
+    seconds: float
+    accuracy: float | None = None
+    dense_accuracy: float | None = None
+    loss: float | None = None
+    history: list[dict] = field(default_factory=list)
+    out: str | None = None
+    record: dict = field(default_factory=dict)
+    snapshots: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: dict, model: nn.Module, out: str | None = None) -> "Result":
+        return cls(model=model, method=record["method"], mode=record["mode"], sparsity=record["sparsity"],
+                   flops_kept=record["flops_kept"], params_kept=record["params_kept"], nonzeros=record["nonzeros"],
+                   macs=record["macs"], dense_macs=record["dense_macs"], seconds=record["seconds"],
+                   accuracy=record.get("accuracy"), dense_accuracy=record.get("dense_accuracy"),
+                   loss=record.get("loss"), history=record.get(HISTORY_KEY[record["mode"]], []), out=out,
+                   record=record)
+
+    def summary(self) -> str:
+        acc = ("" if self.accuracy is None else
+               f", accuracy {self.dense_accuracy:.2f}% -> {self.accuracy:.2f}%")
+        sparsity = "" if self.sparsity is None else f"sparsity {100 * self.sparsity:.2f}%, "
+        return (f"{self.method}: {sparsity}MACs kept {100 * self.flops_kept:.2f}% "
+                f"({self.macs:,} of {self.dense_macs:,}){acc}, {self.seconds:.1f} s")

@@ -1,0 +1,129 @@
+"""A pruning request, checked once: ``PruneRequest(...).plan()`` resolves everything later steps need.
+
+``plan()`` looks the method up in the table, checks its options (and the gradual mode's) against
+their declared constraints, traces the model once (``CostModel``), builds the ``ParamSpace``,
+resolves the budget to integers and, for a channel method, finds the channel groups and checks
+the budget against the smallest model they allow. Every refusal is a ``PrunekitError`` naming
+the parameter, raised before any expensive work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .budget import Budget, ResolvedBudget
+from .costs import CostModel
+from .methods import Method, lookup
+from .options import OptionError, Options
+from .params import ParamSpace
+from .pipelines.gradual import GradualOptions
+from .structured.family import ChannelContext
+from .structured.pipeline import channel_context
+
+MODES = ("one-shot", "multi-stage", "gradual", "structured")
+
+
+@dataclass
+class PruneRequest:
+    """What the user asked for.
+
+    budget: {"sparsity": ..., "flops": ..., "params": ...} as given (0.9, "90%", "50k"; None = no limit).
+    options: the method's options, and with ``gradual`` the gradual mode's (``events`` ...).
+    name: the model's name in records (a zoo name, or the class name of your own model).
+    """
+
+    model: nn.Module
+    example_input: torch.Tensor
+    method: str | Method
+    budget: dict
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    seed: int = 0
+    gradual: bool = False
+    recalibrate_bn: bool = True
+    options: dict = field(default_factory=dict)
+    name: str | None = None
+
+    def plan(self) -> "Plan":
+        method = lookup(self.method)
+        method_options, gradual = _split_options(method, self.options, self.gradual)
+        options = method.options.from_user(method_options, method.name, **method.defaults)
+        budget = Budget.parse(**{k: self.budget.get(k) for k in ("sparsity", "flops", "params")})
+        costs = CostModel(self.model, self.example_input)
+        channels = None
+        if method.family == "channels":
+            _check_channel_request(method, budget, self.include, self.exclude)
+            space = ParamSpace(self.model)
+            resolved = budget.resolve(costs, space)
+            shares = [_share(budget, resolved, costs), *(getattr(options, "snapshots", None) or [])]
+            channels = channel_context(self.model, costs, self.example_input, shares, options.channel_multiple,
+                                       batches=None)
+        else:
+            space = ParamSpace(self.model, include=self.include, exclude=self.exclude)
+            resolved = budget.resolve(costs, space)
+            shares = []
+        if method.check is not None:
+            method.check(resolved, options)
+        mode = ("structured" if method.family == "channels" else "gradual" if gradual is not None
+                else "multi-stage" if getattr(options, "stages", 1) > 1 else "one-shot")
+        return Plan(self, method, options, gradual, mode, costs, space, resolved, shares, channels,
+                    self.name or type(self.model).__name__)
+
+
+@dataclass
+class Plan:
+    """A checked request: the method's row and options, the mode, the cost model, the prunable
+    weights, the budget in integers and, for channel methods, the shares of dense MACs to keep
+    (the asked one first) and the channel groups."""
+
+    request: PruneRequest
+    method: Method
+    options: Options
+    gradual: GradualOptions | None
+    mode: str
+    costs: CostModel
+    space: ParamSpace
+    budget: ResolvedBudget
+    shares: list[float]
+    channels: ChannelContext | None
+    name: str
+
+
+def _split_options(method: Method, options: dict, gradual: bool) -> tuple[dict, GradualOptions | None]:
+    """The method's options, and the gradual mode's options when ``gradual``."""
+    mode_names = set(GradualOptions.names()) - set(method.options.names())
+    given = {k: v for k, v in options.items() if v is not None}
+    mode_given = {k: v for k, v in given.items() if k in mode_names}
+    if gradual and method.family != "weights":
+        raise OptionError(f"method {method.name} removes whole channels; gradual is for the weights methods",
+                          ("gradual",))
+    if not gradual and mode_given:
+        key = next(iter(mode_given))
+        raise OptionError(f"{key} is an option of gradual pruning: add gradual, or leave {key} out",
+                          (key, "gradual"))
+    plan = GradualOptions.from_user(mode_given, "gradual") if gradual else None
+    return {k: v for k, v in given.items() if k not in mode_names}, plan
+
+
+def _check_channel_request(method: Method, budget: Budget, include, exclude) -> None:
+    if budget.sparsity is not None or budget.params is not None:
+        raise OptionError(f"method {method.name} removes whole channels to a MAC budget: give flops "
+                          "(e.g. flops=0.5), not sparsity or params", ("flops", "sparsity", "params"))
+    if budget.flops is None:
+        raise OptionError(f"method {method.name} needs flops, the share of MACs to keep (e.g. flops=0.5)",
+                          ("flops",))
+    if include is not None or exclude is not None:
+        raise OptionError(f"method {method.name} cuts channels wherever the model allows; include and exclude "
+                          "choose layers for the weights methods", ("include", "exclude"))
+
+
+def _share(budget: Budget, resolved: ResolvedBudget, costs: CostModel) -> float:
+    """The asked share of dense MACs (a count like 20M as its share)."""
+    share = budget.flops.value if not budget.flops.absolute else (resolved.max_macs + resolved.fixed_macs) / costs.macs
+    if not 0 < share < 1:
+        raise OptionError(f"flops {budget.flops.value:g} keeps every MAC: a channel method needs a share "
+                          "below 1 (e.g. flops=0.5)", ("flops",))
+    return share

@@ -1,0 +1,61 @@
+"""What every channel method takes and gives: ``ChannelOptions`` (options of them all, each method
+adds its own), ``ChannelContext`` (what it may use) and ``Cut`` (what it returns).
+
+A channel method (a row of ``methods.METHODS`` with family ``"channels"``) is a function
+``run(ctx: ChannelContext, options) -> Cut``; ``structured.pipeline.prune_channels`` runs it,
+then recalibrates BatchNorm and fine-tunes, checkpointing each phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..costs import CostModel
+from ..options import Integer, Options, Real
+from .gates import GatedMacs
+from .groups import GroupSet
+
+
+@dataclass
+class ChannelOptions(Options):
+    """gate_batch_size: training batch size while the gates learn and for the fine-tune (for
+    prunekit loaders; a DataLoader of your own keeps its batch size); channel_multiple: every
+    group keeps a multiple of this many channels (see ``rounding``); finetune_epochs /
+    finetune_lr: SGD fine-tuning of the shrunk model(s) (cosine learning rate from finetune_lr)."""
+
+    gate_batch_size: int = 64
+    channel_multiple: int = 1
+    finetune_epochs: int = 0
+    finetune_lr: float = 0.01
+    constraints = {"gate_batch_size": Integer(1), "channel_multiple": Integer(1), "finetune_epochs": Integer(0),
+                   "finetune_lr": Real(0, open_low=True)}
+
+
+@dataclass
+class ChannelContext:
+    """model: the dense model (autobot leaves it as it is, taper trains its weights);
+    shares: the budgets as shares of the dense MACs, the asked one first (then taper's
+    snapshots); batches(): the next epoch of (x, y) training batches; progress: called with
+    each gate-training step's record, or None."""
+
+    model: nn.Module
+    costs: CostModel
+    groups: GroupSet
+    counter: GatedMacs
+    shares: list[float]
+    batches: Callable[[], Iterable]
+    example_input: torch.Tensor
+    progress: Callable[[dict], None] | None = None
+
+
+@dataclass
+class Cut:
+    """The shrunk models by share of dense MACs, their keep-masks (group order) and facts to record."""
+
+    models: dict[float, nn.Module]
+    masks: dict[float, list[torch.Tensor]]
+    info: dict = field(default_factory=dict)
