@@ -5,16 +5,23 @@ import onnx
 import pytest
 import torch
 
+import prunekit
+
 from prunekit import zoo
 from prunekit.costs import CostModel
 from prunekit.errors import PrunekitError
 from prunekit.loading import load_model
 from prunekit.structured.autobot import flops_loss
 from prunekit.structured.baselines import tp_prune
-from prunekit.structured.pipeline import prune_structured
-from prunekit.structured.saving import export_onnx, save_shrunk
+from prunekit.export import export_onnx
+from prunekit.record import save_pruned
 
 torch.set_num_threads(1)   # the machine is shared; tiny models gain nothing from threads
+
+
+def prune_structured(model, method, flops, x, data, **options):
+    """A channel method through the one Python entry."""
+    return prunekit.prune(model, data, method=method, flops=flops, example_input=x, **options)
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +43,25 @@ def test_flops_loss_matches_the_paper_formula():
 def test_autobot_meets_the_target_exactly(tiny, flops):
     model, x, data = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    r = prune_structured(model, "autobot", flops, x, lambda: data, {"batches": 4})
+    r = prune_structured(model, "autobot", flops, x, lambda: data, gate_batches=4)
     costs = CostModel(model, x)
     counted = costs.count(r.model)
-    assert counted.macs == r.counts.macs <= flops * costs.macs
+    assert counted.macs == r.macs <= flops * costs.macs
     assert counted.macs >= (flops - 0.05) * costs.macs        # the bisection leaves little on the table
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # weights frozen
-    assert all(k >= 1 for k in r.info["kept_channels"])
+    assert all(k >= 1 for k in r.record["kept_channels"]) and r.mode == "structured"
 
 
 def test_taper_reaches_every_snapshot_under_its_budget(tiny):
     model, x, data = tiny
     r = prune_structured(zoo.build("resnet20-b").eval(), "taper", 0.4, x, lambda: data,
-                         {"epochs": 10, "settle_steps": 2}, snapshots=[0.8, 0.6])
+                         taper_epochs=10, settle_steps=2, snapshots=[0.8, 0.6])
     costs = CostModel(model, x)
     shots = {0.4: r, **r.snapshots}
     assert sorted(shots) == [0.4, 0.6, 0.8]
     for budget, res in shots.items():
         assert costs.count(res.model).macs <= budget * costs.macs
-    steps = r.info["snapshot_steps"]
+    steps = r.record["snapshot_steps"]
     assert steps["0.8"] < steps["0.6"] < steps["0.4"]           # one run passes every budget on the way down
     assert len({p.data_ptr() for s in shots.values() for p in s.model.parameters()}) == \
         sum(len(list(s.model.parameters())) for s in shots.values())   # independent models
@@ -71,28 +78,30 @@ def test_torch_pruning_baselines_meet_the_budget(tiny, method):
 
 def test_bad_requests(tiny):
     model, x, data = tiny
-    for flops in (0.0, 1.0, 1.5, "0.5", True):
-        with pytest.raises(PrunekitError, match="share of MACs"):
+    for flops in (0.0, 1.0, 1.5, "-0.5", True):
+        with pytest.raises(PrunekitError, match="flops"):
             prune_structured(model, "autobot", flops, x, lambda: data)
     with pytest.raises(PrunekitError, match="at least"):
         prune_structured(model, "autobot", 0.001, x, lambda: data)
-    with pytest.raises(PrunekitError, match="unknown structured method"):
+    with pytest.raises(PrunekitError, match="unknown method"):
         prune_structured(model, "l1", 0.5, x, lambda: data)
-    with pytest.raises(PrunekitError, match="taper"):
+    with pytest.raises(PrunekitError, match="takes no option snapshots"):
         prune_structured(model, "autobot", 0.5, x, lambda: data, snapshots=[0.7])
-    with pytest.raises(PrunekitError, match="unknown option"):
-        prune_structured(model, "autobot", 0.5, x, lambda: data, {"epochs": 3})
+    with pytest.raises(PrunekitError, match="takes no option taper_epochs"):
+        prune_structured(model, "autobot", 0.5, x, lambda: data, taper_epochs=3)
+    with pytest.raises(PrunekitError, match="not sparsity"):
+        prunekit.prune(model, lambda: data, method="taper", sparsity=0.5, example_input=x)
 
 
 def test_save_reload_and_onnx(tiny, tmp_path):
     model, x, data = tiny
-    r = prune_structured(model, "autobot", 0.5, x, lambda: data, {"batches": 2})
+    r = prune_structured(model, "autobot", 0.5, x, lambda: data, gate_batches=2)
     meta = {"model": "resnet20-b", "build_kwargs": {}, "input_shape": [3, 8, 8],
             "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
-    save_shrunk(r.model, tmp_path / "model.safetensors", meta)
+    save_pruned(tmp_path, r.model, meta, r.record, shrunk=True)
     loaded = load_model("resnet20-b", tmp_path / "model.safetensors")
     assert torch.equal(loaded.model(x), r.model(x))
-    assert CostModel(model, x).count(loaded.model).macs == r.counts.macs
+    assert CostModel(model, x).count(loaded.model).macs == r.macs
     path = export_onnx(r.model, x, tmp_path / "model.onnx")
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)

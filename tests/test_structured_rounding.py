@@ -13,7 +13,7 @@ from prunekit.costs import CostModel
 from prunekit.errors import PrunekitError
 from prunekit.structured.gates import GatedMacs
 from prunekit.structured.groups import find_groups
-from prunekit.structured.pipeline import prune_structured
+import prunekit
 from prunekit.structured.rounding import allowed_counts, cut_to_budget, minimum_rounded_macs
 from prunekit.structured.shrink import shrink
 from prunekit.structured.threshold import threshold_to_budget
@@ -84,21 +84,22 @@ def test_autobot_with_multiple_one_is_unchanged_and_eight_rounds():
     model, x, costs, groups, _ = _setup("resnet20")
     data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
     runs = {}
-    for options in ({"batches": 4}, {"batches": 4, "channel_multiple": 1}, {"batches": 4, "channel_multiple": 8}):
+    for options in ({"gate_batches": 4}, {"gate_batches": 4, "channel_multiple": 1},
+                    {"gate_batches": 4, "channel_multiple": 8}):
         torch.manual_seed(0)
-        runs[options.get("channel_multiple")] = prune_structured(model, "autobot", 0.5, x, lambda: data, options,
-                                                                 recalibrate_bn=False)
-    assert runs[1].info["kept_channels"] == runs[None].info["kept_channels"]
-    assert runs[1].counts.macs == runs[None].counts.macs
-    assert all(k % 8 == 0 for k in runs[8].info["kept_channels"])
-    assert runs[8].counts.macs <= 0.5 * costs.macs
+        runs[options.get("channel_multiple")] = prunekit.prune(model, lambda: data, method="autobot", flops=0.5,
+                                                               example_input=x, recalibrate_bn=False, **options)
+    assert runs[1].record["kept_channels"] == runs[None].record["kept_channels"]
+    assert runs[1].macs == runs[None].macs
+    assert all(k % 8 == 0 for k in runs[8].record["kept_channels"])
+    assert runs[8].macs <= 0.5 * costs.macs
 
 
 def test_request_below_the_rounded_floor_is_refused_before_work():
     model, x, costs, groups, counter = _setup("resnet20")
     share = (minimum_rounded_macs(counter, 16) - 1) / costs.macs
-    with pytest.raises(PrunekitError, match="smaller --channel-multiple"):
-        prune_structured(model, "autobot", share, x, lambda: [], {"channel_multiple": 16})
+    with pytest.raises(PrunekitError, match="smaller channel_multiple"):
+        prunekit.prune(model, lambda: [], method="autobot", flops=share, example_input=x, channel_multiple=16)
     for bad in (0, -8, 2.5):
-        with pytest.raises(PrunekitError, match="channel-multiple"):
-            prune_structured(model, "autobot", 0.5, x, lambda: [], {"channel_multiple": bad})
+        with pytest.raises(PrunekitError, match="channel_multiple"):
+            prunekit.prune(model, lambda: [], method="autobot", flops=0.5, example_input=x, channel_multiple=bad)

@@ -83,10 +83,12 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                   "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
                   **{k: v for k, v in options.items() if not callable(v)}}
         claim(folder, recipes.dump_recipe(config), force=force)
-    record, pruned = execute(plan, train_batches, eval_loader, folder=folder, progress=progress)
+    record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress)
     if folder is not None:
         _write_report(folder)
     result = Result.from_record(record, pruned, out)
+    result.snapshots = {share: Result.from_record(snap, snapshots[share]) for share, snap in
+                        zip(snapshots, record.get("snapshots", []))}
     return result
 
 

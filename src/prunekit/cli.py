@@ -32,7 +32,7 @@ from .commands.info_shrunk import shrunk_line, shrunk_summary
 from .commands.option_flags import add_option_flags
 from .executor import execute
 from .methods import METHODS, lookup
-from .options import cli_message
+from .options import OptionError, cli_message
 from .record import save_pruned
 from .request import PruneRequest
 from .saving import atomic_write_json, read_meta
@@ -202,12 +202,16 @@ def _method_options(args) -> dict:
 
 
 def _request(args, loaded: LoadedModel, method: str | None = None, budget: dict | None = None) -> PruneRequest:
-    method = method or args.method
-    weights = lookup(method).family == "weights"
-    exclude = loaded.prune_exclude if args.exclude is None and weights else args.exclude
+    """The request of ``args`` (with ``method`` and ``budget``: one run of a sweep, which gives
+    each method only the options it takes)."""
+    row = lookup(method or args.method)
+    exclude = loaded.prune_exclude if args.exclude is None and row.family == "weights" else args.exclude
     budget = budget or {k: getattr(args, k) for k in ("sparsity", "flops", "params")}
-    return PruneRequest(loaded.model, loaded.example_input(), method, budget, args.include, exclude, args.seed,
-                        bool(args.gradual), not args.no_bn_recalibration, _method_options(args), loaded.name)
+    options = _method_options(args)
+    if method is not None:
+        options = {k: v for k, v in options.items() if k in row.options.names() or args.gradual}
+    return PruneRequest(loaded.model, loaded.example_input(), row.name, budget, args.include, exclude, args.seed,
+                        bool(args.gradual), not args.no_bn_recalibration, options, loaded.name)
 
 
 def _step_printer(args):
@@ -252,7 +256,7 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
                 config[key] = str(Path(config[key]).resolve())
         runs.claim(folder, recipes.dump_recipe(config), resume=bool(getattr(args, "resume", None)),
                    force=bool(getattr(args, "force", False)))
-    record, model = execute(plan, train_batches, eval_loader, folder=folder, describe=_describe(loaded),
+    record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=_describe(loaded),
                             dense=dense, progress=not args.json, on_step=_step_printer(args))
     record = {**record, "peak_rss_mb": peak_rss_mb()}
     if folder is not None:
@@ -299,6 +303,10 @@ def _run_name(method: str, budget: dict) -> str:
 def cmd_sweep(args) -> int:
     plan = _sweep_plan(args)
     dense_model = _loaded(args)
+    taken = {n for m in args.method for n in lookup(m).options.names()}
+    unused = [k for k in _method_options(args) if k not in taken and not args.gradual]
+    if unused:
+        raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
     for method, budget in plan:           # refuse a bad method, option or budget before the first run
         _request(args, dense_model, method, budget).plan()
     eval_loader = _eval_data(args, dense_model)
@@ -311,7 +319,8 @@ def cmd_sweep(args) -> int:
         if not args.json:
             print(f"[{i}/{len(plan)}] {method} {budget} -> {run_args.out}", file=sys.stderr)
         loaded = copy.deepcopy(dense_model)
-        _prune_into(run_args, _request(run_args, loaded).plan(), loaded, eval_loader, train_batches, dense)
+        _prune_into(run_args, _request(run_args, loaded, method, budget).plan(), loaded, eval_loader, train_batches,
+                    dense)
         dense = dense or runs.RunFolder(run_args.out).read_metrics().get("dense")
         folders.append(Path(run_args.out))
     table = report.collect(folders)
@@ -396,7 +405,7 @@ def cmd_demo(args) -> int:
               f"sparsity {DEMO_SPARSITY}")
     plan = PruneRequest(loaded.model, loaded.example_input(), DEMO_METHOD, {"sparsity": DEMO_SPARSITY},
                         exclude=loaded.prune_exclude, options=DEMO_OPTIONS, name=loaded.name).plan()
-    record, _ = execute(plan, train_batches, eval_loader, progress=not args.json)
+    record, _, _ = execute(plan, train_batches, eval_loader, progress=not args.json)
     _emit(args, {**record, "peak_rss_mb": peak_rss_mb()}, _prune_lines({**record, "peak_rss_mb": peak_rss_mb()}))
     return 0
 

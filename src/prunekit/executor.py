@@ -2,7 +2,7 @@
 structured), with or without a run folder, and builds the one record.
 
     plan = PruneRequest(model, example_input, "falcon", {"flops": 0.3}).plan()   # checked once
-    record, model = execute(plan, train_batches, eval_loader, folder=RunFolder("runs/x"))
+    record, model, snapshots = execute(plan, train_batches, eval_loader, folder=RunFolder("runs/x"))
 
 With a folder, every stage, event or phase is checkpointed (``runs.RunCheckpointer``), a
 killed run resumes from the last one to the same weights, and the final model, ``result.json``
@@ -48,8 +48,9 @@ def measure(plan: Plan, model: nn.Module, eval_loader) -> dict:
 
 def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loader: Iterable | None, *,
             folder: RunFolder | None = None, describe: dict | None = None, dense: dict | None = None,
-            progress: bool = False, on_step: Callable[[dict], None] | None = None) -> tuple[dict, nn.Module]:
-    """Prune as ``plan`` says; returns (record, pruned model).
+            progress: bool = False, on_step: Callable[[dict], None] | None = None
+            ) -> tuple[dict, nn.Module, dict[float, nn.Module]]:
+    """Prune as ``plan`` says; returns (record, pruned model, taper's snapshot models by share).
 
     train_batches(): one epoch of (x, y) training batches, the same at every call.
     describe: how to rebuild the model, for its sidecar in the folder (zoo name, build arguments,
@@ -60,7 +61,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     metrics = folder.read_metrics() if folder is not None else {}
     if folder is not None and metrics.get("status") == "done":
         folder.log("already complete; nothing to do")
-        return metrics["final"], _load_final(plan, folder)
+        return metrics["final"], _load_final(plan, folder), {}
     if folder is not None:
         folder.log(f"{'resume' if metrics else 'start'}: {plan.name}, method {plan.method.name}, "
                    f"budget {plan.request.budget}")
@@ -102,7 +103,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
                        layers=layer_density(plan.costs, outcome.model))
         folder.write_metrics(metrics)
         folder.log(f"done: MACs kept {record['flops_kept']:.4f}, accuracy {record['accuracy']}")
-    return record, outcome.model
+    return record, outcome.model, {share: snap.model for share, snap in outcome.snapshots.items()}
 
 
 def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -> Outcome:

@@ -95,8 +95,11 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
                 if name in added or not HELP.get(name):
                     continue
                 added.add(name)
-                group.add_argument("--" + name.replace("_", "-"), dest=name, help=HELP[name],
-                                   **_argument(cls.constraints[name]))
+                rules = [c.constraints[name] for cs in _option_classes().values() for c in cs if name in c.constraints]
+                spec = _argument(rules[0])
+                if "choices" in spec:        # e.g. solver: chita's and falcon's, the request checks which
+                    spec["choices"] = tuple(dict.fromkeys(c for rule in rules for c in rule.choices))
+                group.add_argument("--" + name.replace("_", "-"), dest=name, help=HELP[name], **spec)
 
 
 OPTION_NAMES = option_names()
