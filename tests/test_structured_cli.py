@@ -44,10 +44,10 @@ def test_taper_snapshots_end_to_end(capsys, tmp_path):
     out = run_json(capsys, ["prune", *MLP, *MNIST, "--method", "taper", "--flops", "0.4", "--snapshots", "0.8", "0.6",
                             "--taper-epochs", "6", "--channel-multiple", "8", "--out", str(tmp_path / "run"), "--json"])
     assert out["flops_kept"] <= 0.4
-    for r in [out, *out["snapshot_results"]]:      # rounded: multiples of 8 (or a group's full size)
+    for r in [out, *out["snapshots"]]:      # rounded: multiples of 8 (or a group's full size)
         assert all(k % 8 == 0 or k == n for k, n in zip(r["kept_channels"], r["group_sizes"]))
-    assert sorted(r["flops"] for r in out["snapshot_results"]) == [0.6, 0.8]
-    assert all(r["flops_kept"] <= r["flops"] for r in out["snapshot_results"])
+    assert sorted(r["flops"] for r in out["snapshots"]) == [0.6, 0.8]
+    assert all(r["flops_kept"] <= r["flops"] for r in out["snapshots"])
     for b in ("0.8", "0.6"):
         assert (tmp_path / "run" / f"snapshot-{b}" / "model.safetensors").exists()
 
@@ -55,13 +55,17 @@ def test_taper_snapshots_end_to_end(capsys, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--method", "autobot", "--sparsity", "0.5"], "not --sparsity"),
     (["--method", "taper"], "needs --flops"),
-    (["--method", "autobot", "--flops", "half"], "is not a share"),
-    (["--method", "autobot", "--flops", "1.2"], "share of MACs"),
-    (["--method", "autobot", "--flops", "0.5", "--snapshots", "0.7"], "belong to --method taper"),
-    (["--method", "taper", "--flops", "0.5", "--gate-batches", "3"], "belong to --method autobot"),
-    (["--method", "autobot", "--flops", "0.5", "--gate-batches", "0"], "must be positive"),
+    (["--method", "autobot", "--flops", "half"], "is not a number"),
+    (["--method", "autobot", "--flops", "1.2"], "out of range"),
+    (["--method", "autobot", "--flops", "0.5", "--snapshots", "0.7"], "method autobot takes no option --snapshots"),
+    (["--method", "taper", "--flops", "0.5", "--gate-batches", "3"], "method taper takes no option --gate-batches"),
+    (["--method", "autobot", "--flops", "0.5", "--gate-batches", "0"], "--gate-batches must be at least 1"),
     (["--method", "autobot", "--flops", "0.0001"], "at least"),
-    (["--method", "autobot", "--flops", "0.5", "--channel-multiple", "0"], "must be positive"),
+    (["--method", "autobot", "--flops", "0.5", "--channel-multiple", "0"], "--channel-multiple must be at least 1"),
+    (["--method", "autobot", "--flops", "0.5", "--gradual"], "gradual is for the weights methods"),
+    (["--method", "magnitude", "--sparsity", "0.5", "--stages", "9"], "method magnitude takes no option --stages"),
+    (["--method", "chita", "--sparsity", "0.5", "--gate-batches", "9"], "method chita takes no option --gate-batches"),
+    (["--method", "chita", "--sparsity", "0.5", "--events", "3"], "--events is an option of pruning in events: add --gradual"),
 ])
 def test_structured_errors(capsys, extra, message):
     assert main(["prune", *MLP, *MNIST, *extra]) == 2

@@ -51,11 +51,13 @@ class PruneRequest:
         method = lookup(self.method)
         method_options, gradual = _split_options(method, self.options, self.gradual)
         options = method.options.from_user(method_options, method.name, **method.defaults)
-        budget = Budget.parse(**{k: self.budget.get(k) for k in ("sparsity", "flops", "params")})
+        asked = {k: self.budget.get(k) for k in ("sparsity", "flops", "params")}
+        if method.family == "channels":
+            _check_channel_request(method, asked, self.include, self.exclude)
+        budget = Budget.parse(**asked)
         costs = CostModel(self.model, self.example_input)
         channels = None
         if method.family == "channels":
-            _check_channel_request(method, budget, self.include, self.exclude)
             space = ParamSpace(self.model)
             resolved = budget.resolve(costs, space)
             shares = [_share(budget, resolved, costs), *(getattr(options, "snapshots", None) or [])]
@@ -102,17 +104,17 @@ def _split_options(method: Method, options: dict, gradual: bool) -> tuple[dict, 
                           ("gradual",))
     if not gradual and mode_given:
         key = next(iter(mode_given))
-        raise OptionError(f"{key} is an option of gradual pruning: add gradual, or leave {key} out",
+        raise OptionError(f"{key} is an option of pruning in events: add gradual, or leave {key} out",
                           (key, "gradual"))
     plan = GradualOptions.from_user(mode_given, "gradual") if gradual else None
     return {k: v for k, v in given.items() if k not in mode_names}, plan
 
 
-def _check_channel_request(method: Method, budget: Budget, include, exclude) -> None:
-    if budget.sparsity is not None or budget.params is not None:
+def _check_channel_request(method: Method, budget: dict, include, exclude) -> None:
+    if budget["sparsity"] is not None or budget["params"] is not None:
         raise OptionError(f"method {method.name} removes whole channels to a MAC budget: give flops "
                           "(e.g. flops=0.5), not sparsity or params", ("flops", "sparsity", "params"))
-    if budget.flops is None:
+    if budget["flops"] is None:
         raise OptionError(f"method {method.name} needs flops, the share of MACs to keep (e.g. flops=0.5)",
                           ("flops",))
     if include is not None or exclude is not None:
