@@ -65,7 +65,7 @@ def test_taper_snapshots_end_to_end(capsys, tmp_path):
     (["--method", "autobot", "--flops", "0.5", "--gradual"], "gradual is for the weights methods"),
     (["--method", "magnitude", "--sparsity", "0.5", "--stages", "9"], "method magnitude takes no option --stages"),
     (["--method", "chita", "--sparsity", "0.5", "--gate-batches", "9"], "method chita takes no option --gate-batches"),
-    (["--method", "chita", "--sparsity", "0.5", "--events", "3"], "--events is an option of pruning in events: add --gradual"),
+    (["--method", "chita", "--sparsity", "0.5", "--events", "3"], "--events is a setting of step-by-step pruning with fine-tuning: add --gradual"),
 ])
 def test_structured_errors(capsys, extra, message):
     assert main(["prune", *MLP, *MNIST, *extra]) == 2

@@ -104,7 +104,7 @@ def _split_options(method: Method, options: dict, gradual: bool) -> tuple[dict, 
                           ("gradual",))
     if not gradual and mode_given:
         key = next(iter(mode_given))
-        raise OptionError(f"{key} is an option of pruning in events: add gradual, or leave {key} out",
+        raise OptionError(f"{key} is a setting of step-by-step pruning with fine-tuning: add gradual, or leave {key} out",
                           (key, "gradual"))
     plan = GradualOptions.from_user(mode_given, "gradual") if gradual else None
     return {k: v for k, v in given.items() if k not in mode_names}, plan
