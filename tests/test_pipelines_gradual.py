@@ -10,8 +10,9 @@ import prunekit
 from prunekit.budget import Budget, ResolvedBudget
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
-from prunekit.pipelines.gradual import GradualOptions, event_budgets, prune_gradual
-from prunekit.pipelines.oneshot import METHODS
+from prunekit.methods import Method
+from prunekit.pipelines.gradual import GradualOptions, event_budgets
+from prunekit.pipelines.magnitude_methods import MagnitudeOptions, run_magnitude
 
 ASSETS = Path(prunekit.__file__).parent / "assets"
 BASE = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"),
@@ -38,28 +39,38 @@ def _tiny_setup():
     return model, x[:1], (lambda: batches)
 
 
-def test_pruned_weights_stay_pruned_across_events(monkeypatch):
+def _spy(name, calls, kill_at=None):
+    """A weights method of our own (magnitude underneath) that records each event's support and
+    raises ``Killed`` at call ``kill_at``: the table takes users' methods as they are."""
+
+    def run(ctx, opts):
+        if kill_at is not None and len(calls) + 1 == kill_at:
+            raise Killed
+        pruned = run_magnitude(ctx, opts)
+        calls.append(pruned.weights != 0)
+        return pruned
+    return Method(name, "weights", MagnitudeOptions, run)
+
+
+class Killed(Exception):
+    pass
+
+
+GRADUAL = dict(sparsity=0.9, gradual=True, events=3, epochs_per_event=1, final_epochs=1, lr=0.05)
+
+
+def test_pruned_weights_stay_pruned_across_events():
     model, example, loader = _tiny_setup()
     supports = []
-    original = METHODS["magnitude"]
-
-    def spy(ctx):
-        w = original(ctx)
-        supports.append(w != 0)
-        return w
-
-    monkeypatch.setitem(METHODS, "magnitude", spy)
-    seen = []
-    result = prune_gradual(model, "magnitude", Budget.parse("0.9"), example, loader,
-                           GradualOptions(events=3, epochs_per_event=1, final_epochs=1, lr=0.05),
-                           eval_loader=loader(), on_event=seen.append, progress=False)
-    assert len(supports) == 3 and len(seen) == 3
+    result = prunekit.prune(model, loader, method=_spy("spy", supports), example_input=example, eval_data=loader(),
+                            **GRADUAL)
+    assert len(supports) == 3 and len(result.history) == 3 and result.mode == "gradual"
     for earlier, later in zip(supports, supports[1:]):
         assert not (later & ~earlier).any()                 # nothing revived by fine-tuning
     assert result.nonzeros <= 0.1 * (16 * 32 + 32 * 4)
     final = torch.cat([model[1].weight.flatten(), model[3].weight.flatten()]) != 0
     assert torch.equal(final, supports[-1])                  # the final fine-tune held the mask
-    assert all(r["accuracy"] is not None and r["loss"] is not None for r in seen)
+    assert all(r["accuracy"] is not None and r["loss"] is not None for r in result.history)
 
 
 def test_gradual_cli_meets_both_budgets(capsys):
@@ -75,50 +86,22 @@ def test_gradual_cli_meets_both_budgets(capsys):
 @pytest.mark.parametrize("field,value", [("events", 0), ("final_epochs", -1), ("lr", 0.0)])
 def test_bad_options_are_refused(field, value):
     model, example, loader = _tiny_setup()
-    with pytest.raises(PrunekitError):
-        prune_gradual(model, "magnitude", Budget.parse("0.5"), example, loader,
-                      GradualOptions(**{field: value}), progress=False)
+    with pytest.raises(PrunekitError, match=field):
+        prunekit.prune(model, loader, method="magnitude", example_input=example, **{**GRADUAL, field: value})
 
 
-class _MemoryCheckpointer:
-    """Keeps the last stage state in memory (a run folder keeps it on disk)."""
-
-    def __init__(self):
-        self.state = None
-
-    def last(self):
-        return self.state
-
-    def save(self, state, model):
-        self.state = state
-
-
-def test_an_interrupted_gradual_run_resumes_to_the_same_weights(monkeypatch):
-    opts = GradualOptions(events=3, epochs_per_event=1, final_epochs=1, lr=0.05)
+def test_an_interrupted_gradual_run_resumes_to_the_same_weights(tmp_path):
     model, example, loader = _tiny_setup()
-    uninterrupted = prune_gradual(model, "magnitude", Budget.parse("0.9"), example, loader, opts, progress=False)
-    expected = {k: v.clone() for k, v in uninterrupted.model.state_dict().items()}
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_first_event(record):
-        if record["event"] == 1:
-            raise Killed
-
-    checkpointer = _MemoryCheckpointer()
+    prunekit.prune(model, loader, method=_spy("spy", []), example_input=example, **GRADUAL)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    out = str(tmp_path / "run")
     model, example, loader = _tiny_setup()
     with pytest.raises(Killed):
-        prune_gradual(model, "magnitude", Budget.parse("0.9"), example, loader, opts, progress=False,
-                      on_event=kill_after_first_event, checkpointer=checkpointer)
-    assert checkpointer.state.stage == 1
+        prunekit.prune(model, loader, method=_spy("spy", [], kill_at=2), example_input=example, out=out, **GRADUAL)
     model, example, loader = _tiny_setup()            # a fresh process: dense weights again
     calls = []
-    original = METHODS["magnitude"]
-    monkeypatch.setitem(METHODS, "magnitude", lambda ctx: calls.append(1) or original(ctx))
-    resumed = prune_gradual(model, "magnitude", Budget.parse("0.9"), example, loader, opts, progress=False,
-                            checkpointer=checkpointer)
-    assert [e["event"] for e in resumed.events] == [1, 2, 3]
+    resumed = prunekit.prune(model, loader, method=_spy("spy", calls), example_input=example, out=out, **GRADUAL)
+    assert [e["event"] for e in resumed.history] == [1, 2, 3]
     assert len(calls) == 2                             # event 1 came from the checkpoint
     for key, value in resumed.model.state_dict().items():
         assert torch.equal(value, expected[key]), key
