@@ -6,6 +6,8 @@ The stable public API::
     prunekit.prune(model, data, method=..., sparsity=..., flops=...)   # -> prunekit.Result
 """
 
+__version__ = "0.1.0"     # the package version (pyproject.toml reads it from here)
+
 from .budget import Budget, ResolvedBudget
 from .costs import CostModel, Counts
 from .errors import PrunekitError
@@ -20,4 +22,3 @@ from .api import Result, prune
 __all__ = ["Budget", "ResolvedBudget", "CostModel", "Counts", "PrunekitError", "MaskHold", "ParamSpace",
            "PruneResult", "method_names", "prune_oneshot", "save_model",
            "StructuredResult", "prune_structured", "Result", "prune"]
-__version__ = "0.1.0"

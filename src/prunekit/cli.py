@@ -30,7 +30,7 @@ from .pipelines.gradual import GradualOptions, prune_gradual
 from .pipelines.oneshot import METHODS, check_request, prune
 from .pipelines.schedule import KINDS
 from .saving import atomic_write_json, read_meta, save_model
-from . import recipes, report, runs
+from . import __version__, recipes, report, runs
 from .train import evaluate, train_epochs
 from .structured.cli import (STRUCTURED_METHODS, add_bench_latency_parser, add_structured_prune_args,
                              cmd_prune_structured, shrunk_line, shrunk_summary)
@@ -60,12 +60,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="weights to load (.pth/.th/.ckpt/.pth.tar or a prunekit .safetensors)")
 
 
-def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bool = True,
+                   batch_size: int = 256, batch_help: str = "evaluation batch size") -> None:
     p.add_argument("--data", required=required, choices=DATASET_NAMES, help="data set")
     p.add_argument("--data-dir", required=required, help="folder with the data files (IDX, CIFAR batches or .npz)")
-    p.add_argument("--eval-split", default="test", choices=("test", "train"), help="split to evaluate on")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--seed", type=int, default=0, help="seed for every random choice")
+    p.add_argument("--eval-split", default="test", choices=("test", "train"),
+                   help="split the accuracy is measured on (default test)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default {batch_size})")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -282,6 +285,10 @@ def cmd_prune(args) -> int:
 # --- run folders: prune --out/--resume, sweep, compare, export ------------------------------
 
 RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
+PRUNE_USAGE = ("prunekit prune --model MODEL --data DATA --data-dir DIR [--method METHOD] [--sparsity S] "
+               "[--flops F] [--params P] [options]\n"
+               "       prunekit prune --recipe FILE [options]\n"
+               "       prunekit prune --resume DIR [--json]")
 
 
 def _prune_into_folder(args, loaded: LoadedModel, eval_loader, budget: Budget, train_batches,
@@ -404,9 +411,23 @@ def cmd_export(args) -> int:
 
 # --- train -----------------------------------------------------------------------------------
 
+def _check_train_args(args) -> None:
+    """Refuse training settings that would silently do nothing or fail deep in the optimizer."""
+    if args.epochs < 1:
+        raise PrunekitError(f"--epochs must be at least 1, got {args.epochs}: 0 epochs would save an "
+                            "untrained model")
+    if not args.lr > 0:
+        raise PrunekitError(f"--lr must be a positive learning rate (e.g. 0.1), got {args.lr}")
+    if not args.weight_decay >= 0:
+        raise PrunekitError(f"--weight-decay must be 0 or more (e.g. 5e-4), got {args.weight_decay}")
+    if args.batch_size < 1:
+        raise PrunekitError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
 def cmd_train(args) -> int:
+    _check_train_args(args)
     train_ds = load_dataset(args.data, args.data_dir, "train")
-    test_ds = load_dataset(args.data, args.data_dir, "test")
+    test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test")
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
                         in_channels=train_ds.image_shape[0], dataset=args.data)
@@ -427,12 +448,12 @@ def cmd_train(args) -> int:
     train_epochs(loaded.model, loader, args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                  on_epoch_end=report, progress=not args.json)
     accuracy = evaluate(loaded.model, test_loader)
-    record = {"model": args.model, "data": args.data, "epochs": args.epochs, "lr": args.lr,
+    record = {"model": args.model, "data": args.data, "split": args.eval_split, "epochs": args.epochs, "lr": args.lr,
               "batch_size": args.batch_size, "seed": args.seed, "accuracy": accuracy,
               "seconds": time.perf_counter() - start, "history": history, "peak_rss_mb": peak_rss_mb()}
     if args.out:
         _save_run(args.out, loaded, record)
-    _emit(args, record, [f"{args.model} trained on {args.data}: {accuracy:.2f}% test accuracy "
+    _emit(args, record, [f"{args.model} trained on {args.data}: {accuracy:.2f}% {args.eval_split} accuracy "
                          f"({record['seconds']:.0f} s)"] + ([f"saved to {args.out}"] if args.out else []))
     return 0
 
@@ -463,8 +484,10 @@ def _add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--method", default=["magnitude"] if sweep else "magnitude", **many,
-                   help=f"one of {', '.join(METHODS if sweep else (*METHODS, *STRUCTURED_METHODS))}")
-    p.add_argument("--sparsity", **many, help="share of prunable weights removed (0.9, 90%%) or count kept (50k)")
+                   help=(f"one or more of {', '.join(METHODS)} (default magnitude)" if sweep else
+                         f"one of {', '.join((*METHODS, *STRUCTURED_METHODS))} (default magnitude)"))
+    p.add_argument("--sparsity", **many, help="as a share, the prunable weights REMOVED (0.9 or 90%% removes "
+                   "90%%); as a count, the weights KEPT (50k keeps 50,000)")
     p.add_argument("--flops", **many, help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M); alone, it "
                    "leaves the count of weights free (falcon chooses it; count-budget methods prune to the "
                    "largest count that fits)")
@@ -510,6 +533,7 @@ def _add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prunekit", description="Prune neural networks to a budget.")
+    parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("info", help="per-layer parameters and MACs of a model")
@@ -520,10 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy of a model on a data set")
     _add_model_args(p)
-    _add_data_args(p)
+    _add_data_args(p, seed=False)         # evaluation has no random choice
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("prune", help="prune a model to a budget")
+    p = sub.add_parser("prune", help="prune a model to a budget", usage=PRUNE_USAGE)
     _add_prune_args(p)
     p.add_argument("--resume", metavar="DIR", help="finish the run in DIR from its last completed stage")
     p.set_defaults(func=cmd_prune)
@@ -552,13 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a zoo model on a data set")
     _add_model_args(p)
-    _add_data_args(p)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (cosine schedule)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    _add_data_args(p, batch_size=128, batch_help="training batch size (evaluation uses 512)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training split (default 10)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine schedule (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default 5e-4)")
     p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR-style)")
     p.add_argument("--out", help="folder for the trained model (safetensors + JSON)")
-    p.set_defaults(func=cmd_train, batch_size=128)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="prune the bundled MLPNet on bundled MNIST (offline)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -596,6 +620,19 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         recipes.apply_recipe(sub, recipes.load_recipe(known.recipe, sub))
 
 
+def _how_to_resume(args) -> str:
+    """What an interrupted command left behind and how to carry on (the end of one line)."""
+    out = getattr(args, "out", None)
+    if args.command == "sweep":
+        return "run the same command again to finish the sweep (finished runs are kept)"
+    if args.command == "prune" and out and not args.gradual and args.method not in STRUCTURED_METHODS:
+        if (Path(out) / "config.toml").exists():
+            return f"resume with `prunekit prune --resume {out}`"
+        return f"stopped before {out} held a run: run the same command again"
+    return "nothing was saved: run the command again" + (
+        " (with --out DIR, a prune run can be resumed)" if args.command == "prune" and not out else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -611,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunekit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunekit: interrupted", file=sys.stderr)
+        print(f"prunekit: interrupted; {_how_to_resume(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `prunekit info resnet50 | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

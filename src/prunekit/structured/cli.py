@@ -37,8 +37,8 @@ def add_structured_prune_args(p: argparse.ArgumentParser) -> None:
                    help="taper: most dense-MAC share the budget may fall per epoch (default 2x the planned rate)")
     g.add_argument("--snapshots", type=float, nargs="+",
                    help="taper: also save models at these MAC shares (e.g. 0.7 0.5 0.3), from the same run")
-    g.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the shrunk model(s) this many epochs")
-    g.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate of the fine-tune")
+    g.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the shrunk model(s) this many epochs (default 0)")
+    g.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate of the fine-tune (default 0.01)")
     g.add_argument("--channel-multiple", type=int, default=1,
                    help="keep a multiple of this many channels in every group (default 1: exact counts; "
                    "8 measured no faster on ResNet-56, see README)")
@@ -176,10 +176,11 @@ def add_bench_latency_parser(sub) -> None:
     p.add_argument("--model", required=True, help="zoo model of both")
     p.add_argument("--checkpoint", help="weights of the dense model (default: fresh weights; timing does not care)")
     p.add_argument("--pruned", required=True, help="the pruned model: a run folder or its model.safetensors")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64],
+                   help="batch sizes to time, each its own row (default 1 64)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
-    p.add_argument("--repeats", type=int, default=30, help="timed runs; the median is reported")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs; the median is reported (default 30)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_latency)
 
