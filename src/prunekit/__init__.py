@@ -10,6 +10,8 @@ The public API::
 and the building blocks ``Budget``, ``CostModel``, ``ParamSpace``, ``MaskHold``, ``save_model``.
 """
 
+__version__ = "0.1.0"     # the package version (pyproject.toml reads it from here)
+
 from . import methods
 from .api import prune
 from .budget import Budget, ResolvedBudget
@@ -23,4 +25,3 @@ from .saving import save_model
 
 __all__ = ["prune", "Result", "Method", "add_method", "method_names", "methods", "Budget", "ResolvedBudget",
            "CostModel", "Counts", "PrunekitError", "MaskHold", "ParamSpace", "save_model"]
-__version__ = "0.1.0"

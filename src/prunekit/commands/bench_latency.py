@@ -11,7 +11,7 @@ import torch
 from ..costs import CostModel
 from ..errors import PrunekitError
 from ..loading import load_model
-from .info_shrunk import model_file
+from .common import model_file
 
 
 def add_bench_latency_parser(sub) -> None:
@@ -19,10 +19,11 @@ def add_bench_latency_parser(sub) -> None:
     p.add_argument("--model", required=True, help="zoo model of both")
     p.add_argument("--checkpoint", help="weights of the dense model (default: fresh weights; timing does not care)")
     p.add_argument("--pruned", required=True, help="the pruned model: a run folder or its model.safetensors")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64],
+                   help="batch sizes to time, each its own row (default 1 64)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
-    p.add_argument("--repeats", type=int, default=30, help="timed runs; the median is reported")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs; the median is reported (default 30)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_latency)
 

@@ -1,0 +1,40 @@
+"""``prunekit export``: a run folder's model as ONNX, TorchScript, dense or sparse weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import zoo
+from .. import export
+from ..errors import PrunekitError
+from ..loading import load_model
+from ..saving import read_meta
+from .common import emit
+
+
+def cmd_export(args) -> int:
+    formats = [f for f in ("onnx", "torchscript", "dense", "sparse") if getattr(args, f)]
+    if not formats:
+        raise PrunekitError("say what to export: --onnx, --torchscript, --dense and/or --sparse")
+    path = Path(args.run) / "model.safetensors"
+    meta = read_meta(path) if path.exists() else {}
+    if meta.get("model") not in zoo.MODEL_NAMES:
+        raise PrunekitError(f"{args.run} holds no zoo model (model.safetensors + model.json): pass a run "
+                            "folder of `prunekit prune --out`; for your own model use prunekit.export in Python")
+    loaded = load_model(meta["model"], path)
+    written = export.export_all(loaded.model, loaded.example_input(), Path(args.run) / "export", formats)
+    emit(args, {"files": written}, [f"{f['format']:<12} {f['path']}  {f['bytes']:,} bytes"
+                                     + (f"  ({f['note']})" if f.get("note") else "") for f in written])
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a run folder's model: ONNX, TorchScript, dense or sparse weights")
+    p.add_argument("run", metavar="DIR", help="run folder (or a folder with model.safetensors + model.json)")
+    p.add_argument("--onnx", action="store_true", help="write DIR/export/model.onnx")
+    p.add_argument("--torchscript", action="store_true", help="write DIR/export/model.torchscript.pt (traced)")
+    p.add_argument("--dense", action="store_true", help="write DIR/export/model-dense.safetensors (zeros kept)")
+    p.add_argument("--sparse", action="store_true",
+                   help="write DIR/export/model-sparse.safetensors (indices + values of pruned tensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)

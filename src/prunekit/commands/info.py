@@ -1,0 +1,90 @@
+"""``prunekit info``: per-layer parameters and MACs of a model (nonzero-aware; shrunk models
+against the zoo model they came from)."""
+
+from __future__ import annotations
+
+import json
+
+from .. import zoo
+from ..costs import CostModel, Counts
+from ..loading import load_model
+from ..params import ParamSpace
+from ..saving import read_meta
+from .common import model_file
+
+
+def cmd_info(args) -> int:
+    loaded = load_model(args.model, args.checkpoint)
+    costs = CostModel(loaded.model, loaded.example_input())
+    counts = costs.count(loaded.model)
+    rows = []
+    for layer in costs.layers:
+        macs = counts.macs_by_layer.get(layer.name, layer.macs)
+        rows.append({"name": layer.name, "type": layer.kind,
+                     "shape": list(layer.weight_shape) if layer.weight_shape else None,
+                     "params": layer.params, "nonzeros": counts.nonzeros_by_layer.get(layer.name),
+                     "macs": macs, "other_ops": layer.other_ops,
+                     "share": macs / counts.macs if counts.macs else 0.0})
+    space = ParamSpace(loaded.model, exclude=loaded.prune_exclude)
+    prunable_macs = int(space.macs_per_weight(costs).sum())
+    totals = {"params": counts.params, "dense_params": costs.params, "macs": counts.macs,
+              "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,
+              "prunable_macs": prunable_macs, "prunable_excluded": loaded.prune_exclude,
+              "unknown_modules": costs.unknown}
+    shrunk = shrunk_summary(args.model, args.checkpoint, counts)
+    if shrunk:
+        totals["shrunk"] = shrunk
+    if args.json:
+        print(json.dumps({"model": args.model, "input_shape": list(loaded.input_shape),
+                          "layers": rows, **totals}))
+        return 0
+    print(f"{args.model}: input {tuple(loaded.input_shape)}, MACs per example")
+    header = f"{'layer':<28} {'type':<18} {'shape':<20} {'params':>10} {'MACs':>13} {'share':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if not r["params"] and not r["macs"] and not r["other_ops"]:
+            continue
+        shape = "x".join(map(str, r["shape"])) if r["shape"] else ""
+        macs = f"{r['macs']:,}" if r["shape"] else (f"({r['other_ops']:,} ops)" if r["other_ops"] else "")
+        share = f"{100 * r['share']:.1f}%" if r["shape"] else ""
+        print(f"{r['name'][:28]:<28} {r['type'][:18]:<18} {shape:<20} {r['params']:>10,} {macs:>13} {share:>7}")
+    print("-" * len(header))
+    print(f"total: {counts.params:,} params, {counts.macs:,} MACs in weight layers "
+          f"({counts.macs / 1e6:.2f}M), {costs.other_ops:,} other ops (BN, pooling, adds)")
+    print(f"prunable: {space.numel:,} weights, {prunable_macs:,} MACs ({prunable_macs / 1e6:.2f}M)"
+          + (f", leaving dense {', '.join(loaded.prune_exclude)}" if loaded.prune_exclude else ""))
+    if counts.macs != costs.macs:
+        print(f"nonzero-aware: {100 * counts.flops_kept:.2f}% of dense MACs, "
+              f"{100 * counts.params_kept:.2f}% of dense params")
+    if shrunk:
+        print(shrunk_line(shrunk))
+    if costs.unknown:
+        print(f"warning: no counting rule for {len(costs.unknown)} module(s), counted as 0: "
+              f"{', '.join(costs.unknown[:5])}")
+    return 0
+
+
+def shrunk_summary(name: str, checkpoint, counts: Counts) -> dict | None:
+    """For a shrunk model: its MACs and params against the zoo model it came from; else None."""
+    if checkpoint is None or "channel_layout" not in read_meta(model_file(checkpoint)):
+        return None
+    dense = load_model(name)
+    costs = CostModel(dense.model, dense.example_input())
+    return {"macs": counts.macs, "dense_macs": costs.macs, "flops_kept": counts.macs / costs.macs,
+            "params": counts.params, "dense_params": costs.params, "params_kept": counts.params / costs.params}
+
+
+def shrunk_line(s: dict) -> str:
+    return (f"shrunk (channels removed): {100 * s['flops_kept']:.2f}% of the dense {s['dense_macs']:,} MACs, "
+            f"{100 * s['params_kept']:.2f}% of its {s['dense_params']:,} params")
+
+
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="per-layer parameters and MACs of a model")
+    p.add_argument("model", help=f"zoo model: {', '.join(zoo.MODEL_NAMES)}")
+    p.add_argument("--checkpoint", help="count this checkpoint (nonzero-aware for pruned models)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)

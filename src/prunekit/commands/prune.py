@@ -1,0 +1,151 @@
+"""``prunekit prune``: the command's request, one call to the executor, the lines it prints.
+
+    args -> PruneRequest (request.py) -> plan() -> executor.execute -> method (methods.py) -> solver
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import recipes, report, runs
+from ..errors import PrunekitError
+from ..executor import execute
+from ..loading import LoadedModel
+from ..methods import METHODS, lookup
+from ..request import PruneRequest
+from ..saving import atomic_write_json
+from . import option_flags
+from .common import (add_data_args, add_model_args, describe, emit, eval_data, loaded_model, peak_rss_mb,
+                     training_batches, write_report)
+from .option_flags import add_option_flags
+
+RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
+PRUNE_USAGE = ("prunekit prune --model MODEL --data DATA --data-dir DIR [--method METHOD] [--sparsity S] "
+               "[--flops F] [--params P] [options]\n"
+               "       prunekit prune --recipe FILE [options]\n"
+               "       prunekit prune --resume DIR [--json]")
+
+
+def method_options(args) -> dict:
+    """The method (and gradual) options given on the command line; None = not given."""
+    return {name: getattr(args, name) for name in option_flags.OPTION_NAMES if getattr(args, name, None) is not None}
+
+
+def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dict | None = None) -> PruneRequest:
+    """The request of ``args`` (with ``method`` and ``budget``: one run of a sweep, which gives
+    each method only the options it takes)."""
+    row = lookup(method or args.method)
+    exclude = loaded.prune_exclude if args.exclude is None and row.family == "weights" else args.exclude
+    budget = budget or {k: getattr(args, k) for k in ("sparsity", "flops", "params")}
+    options = method_options(args)
+    if method is not None:
+        options = {k: v for k, v in options.items() if k in row.options.names() or args.gradual}
+    return PruneRequest(loaded.model, loaded.example_input(), row.name, budget, args.include, exclude, args.seed,
+                        bool(args.gradual), not args.no_bn_recalibration, options, loaded.name)
+
+
+def step_printer(args):
+    if args.json:
+        return None
+
+    def show(step: dict) -> None:
+        what = (f"stage {step['stage']}" if "stage" in step else f"event {step['event']}" if "event" in step
+                else " ".join(str(step[k]) for k in ("phase", "flops", "epoch") if step.get(k)))
+        acc = f", accuracy {step['accuracy']:.2f}%" if step.get("accuracy") is not None else ""
+        print(f"{what}: MACs kept {100 * step.get('flops_kept', float('nan')):.2f}%{acc}", file=sys.stderr)
+    return show
+
+
+def cmd_prune(args) -> int:
+    if args.train_samples is not None and args.train_samples < 1:
+        raise PrunekitError("--train-samples must be at least 1 (leave it out to use every training image)")
+    if args.onnx and not args.out:
+        raise PrunekitError("--onnx writes into the run folder: add --out DIR")
+    loaded = loaded_model(args)
+    eval_loader = eval_data(args, loaded)
+    plan = request_of(args, loaded).plan()
+    record = prune_into(args, plan, loaded, eval_loader, training_batches(args, loaded))
+    emit(args, record, prune_lines(record) + ([f"  saved to   {args.out}"] if args.out else []))
+    return 0
+
+
+def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None = None) -> dict:
+    """Prune as ``plan`` says, into run folder ``args.out`` when given (resuming it with
+    ``--resume``, clearing it first with ``--force``), then write its report."""
+    folder = None
+    if args.out:
+        folder = runs.RunFolder(args.out)
+        config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+        for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
+            if config.get(key) is not None:
+                config[key] = str(Path(config[key]).resolve())
+        runs.claim(folder, recipes.dump_recipe(config), resume=bool(getattr(args, "resume", None)),
+                   force=bool(getattr(args, "force", False)))
+    record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
+                            dense=dense, progress=not args.json, on_step=step_printer(args))
+    record = {**record, "peak_rss_mb": peak_rss_mb()}
+    if folder is not None:
+        atomic_write_json(folder.path / "result.json", record)
+        if args.onnx:
+            from .export import export_onnx
+            record["onnx"] = str(export_onnx(model, loaded.example_input(), folder.path / "model.onnx"))
+        write_report(lambda: report.write_run_report(folder.path), args.json)
+    return record
+
+
+def prune_lines(r: dict) -> list[str]:
+    lines = []
+    for one in [r, *r.get("snapshots", [])]:
+        lines += [f"{one['model']} pruned with {one['method']} ({one['mode']}):",
+                  f"  accuracy   {one['dense_accuracy']:.2f}% -> {one['accuracy']:.2f}%"]
+        if one["sparsity"] is not None:
+            lines.append(f"  sparsity   {100 * one['sparsity']:.2f}% ({one['nonzeros']:,} prunable weights kept)")
+        lines += [f"  MACs kept  {100 * one['flops_kept']:.2f}% ({one['macs']:,} of {one['dense_macs']:,})",
+                  f"  params     {100 * one['params_kept']:.2f}% kept ({one['params']:,})"]
+        if "kept_channels" in one:
+            lines.append(f"  channels   {sum(one['kept_channels']):,} of {sum(one['group_sizes']):,} "
+                         f"in {one['groups']} groups")
+    return lines + [f"  time       {r['seconds']:.2f} s pruning, peak RSS {r['peak_rss_mb']:.0f} MB"]
+
+
+def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """prune's options; a sweep takes several methods and budgets and needs --out."""
+    many = {"nargs": "+"} if sweep else {}
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--method", default=["magnitude"] if sweep else "magnitude", **many,
+                   help=(f"one or more of {', '.join(METHODS)} (default magnitude)" if sweep else
+                         f"one of {', '.join(METHODS)} (default magnitude)"))
+    p.add_argument("--sparsity", **many, help="as a share, the prunable weights REMOVED (0.9 or 90%% removes "
+                   "90%%); as a count, the weights KEPT (50k keeps 50,000)")
+    p.add_argument("--flops", **many, help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M); alone, it "
+                   "leaves the count of weights free (falcon chooses it; count-budget methods prune to the "
+                   "largest count that fits)")
+    p.add_argument("--params", **many, help="share of all parameters kept (0.1) or count kept (200k)")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="training images used for gradients and BN recalibration (default: all)")
+    p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: all Conv/Linear)")
+    p.add_argument("--exclude", nargs="*", help="module-name patterns to leave dense (default: the "
+                   "model's paper convention, e.g. resnet20-b's 1x1 projections; pass none to prune all)")
+    p.add_argument("--no-bn-recalibration", action="store_true",
+                   help="keep the BatchNorm statistics of the dense model")
+    p.add_argument("--no-train-augment", action="store_true",
+                   help="use plain training images for gradients and BN (default for cifar10: crop + flip, "
+                        "as the models were trained)")
+    p.add_argument("--out", required=sweep, help="run folder: config, log, metrics, stage checkpoints, model, "
+                   "report" + (" (one run folder per method and budget inside)" if sweep else ""))
+    p.add_argument("--recipe", help="TOML file of options (keys = option names); flags override it")
+    p.add_argument("--onnx", action="store_true", help="also export the pruned model to DIR/model.onnx")
+    add_option_flags(p)
+    if not sweep:
+        p.add_argument("--force", action="store_true",
+                       help="--out holds another run: clear that run's files first")
+        p.add_argument("--resume", metavar="DIR", help="finish the run in DIR from its last completed stage")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("prune", help="prune a model to a budget", usage=PRUNE_USAGE)
+    add_prune_args(p)
+    p.set_defaults(func=cmd_prune)

@@ -1,0 +1,85 @@
+"""``prunekit sweep`` (each method at each budget, one run folder each, then a report) and
+``prunekit compare`` (one table and plots of run folders)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+from .. import report, runs
+from ..errors import PrunekitError
+from ..methods import lookup
+from ..options import OptionError
+from .common import emit, eval_data, loaded_model, training_batches, write_report
+from .prune import add_prune_args, method_options, prune_into, request_of
+
+
+def sweep_plan(args) -> list[tuple[str, dict]]:
+    """(method, {"sparsity": s, "flops": f, "params": p}) for every method and budget of a sweep;
+    budget lists of equal length go together, a single value goes with every budget."""
+    lists = {k: getattr(args, k) for k in ("sparsity", "flops", "params") if getattr(args, k)}
+    if not lists:
+        raise PrunekitError("a sweep needs budgets: e.g. --flops 0.6 0.4 0.3 or --sparsity 0.5 0.9")
+    n = max(len(v) for v in lists.values())
+    if any(len(v) not in (1, n) for v in lists.values()):
+        raise PrunekitError("budget lists of a sweep must have the same length (or one value each): "
+                            + ", ".join(f"--{k} has {len(v)}" for k, v in lists.items()))
+    budgets = [{k: v[i] if len(v) > 1 else v[0] for k, v in lists.items()} for i in range(n)]
+    return [(method, budget) for method in args.method for budget in budgets]
+
+
+def run_name(method: str, budget: dict) -> str:
+    return method.replace("+", "p") + "".join(f"_{k}-{v}" for k, v in budget.items()).replace("%", "pct")
+
+
+def cmd_sweep(args) -> int:
+    plan = sweep_plan(args)
+    dense_model = loaded_model(args)
+    taken = {n for m in args.method for n in lookup(m).options.names()}
+    unused = [k for k in method_options(args) if k not in taken and not args.gradual]
+    if unused:
+        raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
+    for method, budget in plan:           # refuse a bad method, option or budget before the first run
+        request_of(args, dense_model, method, budget).plan()
+    eval_loader = eval_data(args, dense_model)
+    train_batches = training_batches(args, dense_model)
+    folders, dense = [], None
+    for i, (method, budget) in enumerate(plan, start=1):
+        run_args = argparse.Namespace(**{**vars(args), "method": method, "sparsity": None, "flops": None,
+                                         "params": None, **budget,
+                                         "out": str(Path(args.out) / run_name(method, budget))})
+        if not args.json:
+            print(f"[{i}/{len(plan)}] {method} {budget} -> {run_args.out}", file=sys.stderr)
+        loaded = copy.deepcopy(dense_model)
+        prune_into(run_args, request_of(run_args, loaded, method, budget).plan(), loaded, eval_loader, train_batches,
+                    dense)
+        dense = dense or runs.RunFolder(run_args.out).read_metrics().get("dense")
+        folders.append(Path(run_args.out))
+    table = report.collect(folders)
+    write_report(lambda: report.write_comparison_report(args.out, table, title=f"Sweep: {args.model}"), args.json)
+    emit(args, {"runs": table, "report": str(Path(args.out) / "report.md")},
+          report.table_lines(table) + [f"report: {Path(args.out) / 'report.md'}"])
+    return 0
+
+
+def cmd_compare(args) -> int:
+    table = report.collect(report.find_runs(args.runs))
+    if args.out:
+        write_report(lambda: report.write_comparison_report(args.out, table, title="Comparison"), args.json)
+    emit(args, {"runs": table, **({"report": str(Path(args.out) / "report.md")} if args.out else {})},
+          report.table_lines(table) + ([f"report: {Path(args.out) / 'report.md'}"] if args.out else []))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("sweep", help="prune with each method at each budget, then report and plot")
+    add_prune_args(p, sweep=True)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="one table (and plots with --out) of run folders")
+    p.add_argument("runs", nargs="+", metavar="DIR", help="run folders, or sweep folders holding them")
+    p.add_argument("--out", help="folder for report.md and its plots")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_compare)

@@ -1,0 +1,114 @@
+"""The command line's surface: help texts, defaults shown, --version, usage, training checks and
+the resume hint of an interrupted run (issue 10)."""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import prunekit
+from prunekit import cli, runs
+from prunekit.cli import build_parser, main
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+MLP = ["--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors")]
+MNIST = ["--data", "mnist", "--data-dir", str(ASSETS / "mnist")]
+
+
+def _subparsers():
+    return build_parser()._subparsers._group_actions[0].choices
+
+
+def _options():
+    for command, parser in _subparsers().items():
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                yield command, action
+
+
+@pytest.mark.parametrize("command,action", list(_options()), ids=lambda v: getattr(v, "dest", v))
+def test_every_option_has_help_and_shows_a_nontrivial_default(command, action):
+    assert action.help, f"{command} {action.option_strings[0]} has no help text"
+    if action.default not in (None, False, argparse.SUPPRESS) and action.const is None:
+        after = action.help.split("default", 1)[-1]
+        if isinstance(action.default, (int, float)):
+            numbers = [float(n) for n in re.findall(r"[-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?", after)]
+            shown = action.default in numbers              # 5e-4 shows 0.0005
+        else:
+            words = action.default if isinstance(action.default, list) else [action.default]
+            shown = all(str(w) in after for w in words)
+        assert "default" in action.help and shown, \
+            f"{command} {action.option_strings[0]}: help does not show its default {action.default!r}"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"prunekit {prunekit.__version__}"
+
+
+def test_help_words(capsys):
+    subs = _subparsers()
+    train_batch = next(a for a in subs["train"]._actions if a.dest == "batch_size")
+    assert "training batch size" in train_batch.help and train_batch.default == 128
+    sweep_method = next(a for a in subs["sweep"]._actions if a.dest == "method")
+    assert sweep_method.help.startswith("one or more of")
+    sparsity = next(a for a in subs["prune"]._actions if a.dest == "sparsity")
+    assert "REMOVED" in sparsity.help and "KEPT" in sparsity.help     # a share removes, a count keeps
+    assert "seed" not in {a.dest for a in subs["eval"]._actions}     # evaluation has no random choice
+    usage = subs["prune"].format_usage()
+    assert "prunekit prune --resume DIR" in usage and "prunekit prune --recipe FILE" in usage
+
+
+def test_eval_refuses_seed(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", *MLP, *MNIST, "--seed", "3"])
+    assert exit_.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_train_measures_the_eval_split(tmp_path, capsys):
+    assert main(["train", "--model", "mlpnet", *MNIST, "--epochs", "1", "--eval-split", "train", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["split"] == "train" and record["epochs"] == 1 and 0 <= record["accuracy"] <= 100
+
+
+@pytest.mark.parametrize("flag,value,words", [("--epochs", "0", "--epochs must be at least 1"),
+                                              ("--lr", "-1", "--lr must be a positive"),
+                                              ("--lr", "0", "--lr must be a positive"),
+                                              ("--weight-decay", "-0.1", "--weight-decay must be 0 or more"),
+                                              ("--batch-size", "0", "--batch-size must be at least 1")])
+def test_train_refuses_settings_that_do_nothing_or_crash(tmp_path, capsys, flag, value, words):
+    out = tmp_path / "trained"
+    assert main(["train", "--model", "mlpnet", *MNIST, flag, value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_interrupted_run_says_how_to_resume_and_the_hint_works(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["prune", *MLP, *MNIST, "--method", "magnitude", "--train-samples", "256",
+            "--sparsity", "0.8", "--out", str(out), "--json"]
+    prune = runs.prune
+
+    def interrupt(*args, **kwargs):          # a Ctrl-C once the run folder holds its config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "prune", interrupt)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"prunekit: interrupted; resume with `prunekit prune --resume {out}`"
+    monkeypatch.setattr(runs, "prune", prune)
+    assert main(["prune", "--resume", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.8, abs=1e-4)
+
+
+def test_interrupt_without_a_run_folder_says_nothing_was_saved(capsys, monkeypatch):
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupt)
+    assert main(["eval", *MLP, *MNIST]) == 130
+    assert "nothing was saved" in capsys.readouterr().err
