@@ -106,7 +106,7 @@ def test_unwritable_out_is_one_line(capsys, tmp_path):
 
 
 def test_bad_request_fails_before_any_evaluation(capsys, monkeypatch):
-    import prunekit.cli as cli
-    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking"))
+    from prunekit import executor
+    monkeypatch.setattr(executor, "measure", lambda *a, **k: pytest.fail("evaluated before checking"))
     assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--sparsity", "0.5"]) == 2
     assert main(["prune", *MLP, *MNIST, "--method", "chita", "--sparsity", "0.5", "--solver", "dfo"]) == 2

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import prunekit
-from prunekit import cli, runs
+from prunekit import executor
+from prunekit.commands import eval as eval_command
 from prunekit.cli import build_parser, main
 
 ASSETS = Path(prunekit.__file__).parent / "assets"
@@ -91,16 +92,16 @@ def test_interrupted_run_says_how_to_resume_and_the_hint_works(tmp_path, capsys,
     out = tmp_path / "run"
     argv = ["prune", *MLP, *MNIST, "--method", "magnitude", "--train-samples", "256",
             "--sparsity", "0.8", "--out", str(out), "--json"]
-    prune = runs.prune
+    prune = executor.prune_weights
 
     def interrupt(*args, **kwargs):          # a Ctrl-C once the run folder holds its config
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "prune", interrupt)
+    monkeypatch.setattr(executor, "prune_weights", interrupt)
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"prunekit: interrupted; resume with `prunekit prune --resume {out}`"
-    monkeypatch.setattr(runs, "prune", prune)
+    monkeypatch.setattr(executor, "prune_weights", prune)
     assert main(["prune", "--resume", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.8, abs=1e-4)
 
@@ -109,6 +110,6 @@ def test_interrupt_without_a_run_folder_says_nothing_was_saved(capsys, monkeypat
     def interrupt(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_eval", interrupt)
+    monkeypatch.setattr(eval_command, "cmd_eval", interrupt)
     assert main(["eval", *MLP, *MNIST]) == 130
     assert "nothing was saved" in capsys.readouterr().err

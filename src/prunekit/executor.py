@@ -16,7 +16,6 @@ import copy
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file

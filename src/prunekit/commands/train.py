@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+import torch
+
 from ..costs import CostModel
 from ..errors import PrunekitError
 from ..data import load_dataset, make_loader

@@ -30,7 +30,7 @@ from ..pipelines.stages import StageCheckpointer, StageState, capture_rng, resto
 from ..pipelines.weights import Outcome
 from ..train import cosine, recalibrate_batchnorm, sgd, train_epoch
 from ..zoo.layout import apply_layout, channel_layout
-from .family import ChannelContext, ChannelOptions, Cut
+from .family import ChannelContext, ChannelOptions
 from .gates import GatedMacs
 from .groups import find_groups
 from .rounding import minimum_rounded_macs
