@@ -13,10 +13,9 @@ import time
 
 from common import DEFAULT_DATA, print_table, write_json
 
-from prunekit.budget import Budget
+import prunekit
 from prunekit.data import make_loader
 from prunekit.loading import load_data, load_model
-from prunekit.pipelines.oneshot import prune
 from prunekit.train import evaluate
 
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -37,9 +36,9 @@ def main() -> None:
         for method in METHODS:
             model = copy.deepcopy(dense.model)
             start = time.perf_counter()
-            result = prune(model, method, Budget.parse(sparsity=sparsity), dense.example_input())
+            result = prunekit.prune(model, method=method, sparsity=sparsity, example_input=dense.example_input())
             rows.append({"method": method, "sparsity": sparsity, "accuracy": evaluate(model, test),
-                         "nonzeros": result.nonzeros, "flops_kept": result.counts.flops_kept,
+                         "nonzeros": result.nonzeros, "flops_kept": result.flops_kept,
                          "seconds": time.perf_counter() - start})
     print(f"MLPNet reference checkpoint, dense accuracy {dense_accuracy:.2f}% on {len(test.dataset)} MNIST test images")
     print_table(rows, [("method", "method", ">18"), ("sparsity", "sparsity", ".2f"),

@@ -33,9 +33,9 @@ from prunekit.costs import CostModel
 from prunekit.data import make_loader
 from prunekit.loading import load_data, load_model
 from prunekit.structured.baselines import TP_METHODS, tp_prune
-from prunekit.structured.cli import median_latency_ms
-from prunekit.structured.pipeline import prune_structured
-from prunekit.structured.saving import save_shrunk
+import prunekit
+from prunekit.commands.bench_latency import median_latency_ms
+from prunekit.record import save_pruned
 from prunekit.train import evaluate, recalibrate_batchnorm, train_epochs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -89,8 +89,8 @@ def accuracy_part(args) -> dict:
         train_epochs(small, batches(), args.finetune_epochs, lr=args.finetune_lr, progress=False)
         ft_seconds = time.perf_counter() - start
         ft_acc = evaluate(small, test_loader)
-        path = models_dir / f"{method}-{budget:g}.safetensors"
-        save_shrunk(small, path, {**meta_base, "method": method, "flops": budget})
+        path = save_pruned(models_dir / f"{method}-{budget:g}", small, {**meta_base, "method": method, "flops": budget},
+                           {}, shrunk=True)
         row = {"method": method, "budget": budget, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept,
                "macs": counts.macs, "params": counts.params, "accuracy_pruned_bn": pruned_acc,
                "accuracy_finetuned": ft_acc, "prune_seconds": seconds, "finetune_seconds": ft_seconds,
@@ -105,15 +105,16 @@ def accuracy_part(args) -> dict:
         if method == "taper":
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            result = prune_structured(model, "taper", min(args.budgets), example, batches,
-                                      {"epochs": args.taper_epochs, "max_rate": args.max_taper_rate,
-                                       "channel_multiple": args.channel_multiple},
-                                      snapshots=args.budgets, recalibrate_bn=False)
+            others = sorted(set(args.budgets) - {min(args.budgets)}, reverse=True)
+            result = prunekit.prune(model, batches, method="taper", flops=min(args.budgets), example_input=example,
+                                    recalibrate_bn=False, taper_epochs=args.taper_epochs,
+                                    max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
+                                    snapshots=others or None)
             seconds = time.perf_counter() - start
-            shots = {result.flops: result, **result.snapshots}
-            info = {k: result.info[k] for k in ("taper_steps", "planned_steps", "snapshot_steps", "on_schedule",
-                                                "final_lambda")}
-            info["history"] = result.info["history"]
+            shots = {min(args.budgets): result, **result.snapshots}
+            info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps", "on_schedule",
+                                                  "final_lambda")}
+            info["history"] = result.record["history"]
             info["seconds_note"] = "one taper run gives every budget; seconds are the whole run"
             for budget in sorted(args.budgets, reverse=True):
                 finish("taper", budget, shots[budget].model, seconds, info)
@@ -121,11 +122,12 @@ def accuracy_part(args) -> dict:
         for budget in sorted(args.budgets, reverse=True):
             start = time.perf_counter()
             if method == "autobot":
-                result = prune_structured(copy.deepcopy(dense), "autobot", budget, example, batches,
-                                          {"batches": args.gate_batches, "channel_multiple": args.channel_multiple},
-                                          recalibrate_bn=False)
+                result = prunekit.prune(copy.deepcopy(dense), batches, method="autobot", flops=budget,
+                                        example_input=example, recalibrate_bn=False, gate_batches=args.gate_batches,
+                                        channel_multiple=args.channel_multiple)
                 small = result.model
-                info = {k: result.info[k] for k in ("threshold_gate", "gate_steps", "gate_estimate_flops_kept", "history")}
+                info = {k: result.record[k] for k in ("threshold_gate", "gate_steps", "gate_estimate_flops_kept",
+                                                      "history")}
             else:
                 grads = [b for _, b in zip(range(args.taylor_batches), train_loader)]
                 small, info = tp_prune(dense, method, budget, example, grads, round_to=args.channel_multiple)

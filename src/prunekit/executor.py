@@ -110,8 +110,8 @@ def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -
     request = plan.request
     if plan.method.family == "channels":
         source = train_batches() if train_batches is not None else []
-        if isinstance(source, BatchLoader):            # the gates' batch size, on a loader of our own
-            source = copy.copy(source)
+        if isinstance(source, BatchLoader) and source.batch_size != plan.options.gate_batch_size:
+            source = copy.copy(source)                 # the gates' batch size, on a loader of our own
             source.batch_size = plan.options.gate_batch_size
         channels = replace(plan.channels, batches=lambda: source)
         return prune_channels(channels, plan.method.run, plan.options, recalibrate_bn=request.recalibrate_bn,
