@@ -13,10 +13,45 @@ from prunekit.costs import CostModel
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_api_example() -> str:
+def readme_api_example(marker: str = "<!-- runs block") -> str:
     text = (ROOT / "README.md").read_text()
-    block = text[text.index("<!-- runs block"):]
+    block = text[text.index(marker):]
     return re.search(r"```python\n(.*?)```", block, re.S).group(1)
+
+
+def test_readme_autobot_block_runs_through_prunekit_prune(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    scope = {}
+    exec(compile(readme_api_example("<!-- python block: autobot"), "README.md", "exec"), scope)
+    result, loaded = scope["result"], scope["loaded"]
+    assert result.method == "autobot" and result.mode == "structured" and result.flops_kept <= 0.5
+    assert CostModel(loaded.model, loaded.example_input()).count(result.model).flops_kept == result.flops_kept
+    assert result.accuracy > 50 and result.dense_accuracy > 90          # chance is 10%
+    assert sum(result.record["kept_channels"]) < sum(result.record["group_sizes"])
+    assert "MACs kept" in capsys.readouterr().out
+
+
+def test_readme_own_method_block_runs():
+    scope = {}
+    exec(compile(readme_api_example("<!-- python block: own method"), "README.md", "exec"), scope)
+    scored, result, net = scope["scored"], scope["result"], scope["net"]
+    assert scored.sparsity == pytest.approx(0.8, abs=0.002) and result.method == "keep-first"
+    assert result.nonzeros == round(0.1 * (64 * 32 + 32 * 4))
+    flat = torch.cat([net[1].weight.flatten(), net[3].weight.flatten()])
+    assert bool((flat[result.nonzeros:] == 0).all())                   # the user's method decided
+
+
+def test_importance_changes_what_magnitude_keeps():
+    net, x, y = _tiny()
+    reference = [p.detach().clone() for p in net.parameters()]
+    inverted = prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5, recalibrate_bn=False,
+                              importance=lambda name, w: 1 / (w.abs() + 1e-3))    # keep the smallest
+    kept = torch.cat([p.flatten() for p, r in zip(net.parameters(), reference) if p.dim() > 1]) != 0
+    weights = torch.cat([r.flatten() for r in reference if r.dim() > 1]).abs()
+    assert inverted.sparsity == pytest.approx(0.5, abs=0.01)
+    assert weights[kept].max() <= weights[~kept].min()                 # the smallest weights were kept
+    with pytest.raises(prunekit.PrunekitError, match="importance"):
+        prunekit.prune(_tiny()[0], (x, y), method="magnitude", sparsity=0.5, importance=lambda n, w: w.sum())
 
 
 def test_readme_example_runs_and_meets_its_budget(monkeypatch, capsys):

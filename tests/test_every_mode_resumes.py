@@ -1,0 +1,144 @@
+"""Every method in every mode it runs in (one-shot, multi-stage, gradual, structured) with --out:
+interrupted, then resumed with --resume, ends with bit-identical weights to an uninterrupted run;
+one SIGKILL per mode family in a real process; --out onto another run is refused in one line;
+an option of another method is refused with the same message in Python and on the command line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import prunekit
+from prunekit import executor
+from prunekit.cli import build_parser, main
+from prunekit.cli import _flags as cli_flags
+from prunekit.methods import method_names
+from prunekit.options import cli_message
+from prunekit.runs import RunCheckpointer
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+BASE = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+        "--data-dir", str(ASSETS / "mnist"), "--train-samples", "128", "--batch-size", "2000", "--json"]
+QUADRATIC = ["--fisher-samples", "16"]
+BUDGET = {"magnitude": ["--sparsity", "0.8"], "magnitude-uniform": ["--sparsity", "0.8"],
+          "magnitude-flops": ["--sparsity", "0.5", "--flops", "0.3"], "chita": ["--sparsity", "0.8", *QUADRATIC],
+          "chita++": ["--sparsity", "0.8", "--stages", "3", *QUADRATIC],
+          "woodfisher": ["--sparsity", "0.8", *QUADRATIC], "falcon": ["--flops", "0.3", *QUADRATIC],
+          "falcon++": ["--flops", "0.3", "--stages", "2", *QUADRATIC]}
+GRADUAL = ["--gradual", "--events", "2", "--epochs-per-event", "1", "--final-epochs", "1"]
+STRUCTURED = {"autobot": ["--flops", "0.5", "--gate-batches", "4", "--finetune-epochs", "2"],
+              "taper": ["--flops", "0.5", "--snapshots", "0.7", "--taper-epochs", "1", "--finetune-epochs", "2"]}
+
+# (method flags, checkpoints written before the interrupt; 0 = killed just before the model is saved)
+CASES = {f"{m} one-shot": ([*BUDGET[m]] if m not in ("chita++", "falcon++") else None, 0) for m in BUDGET}
+CASES = {k: v for k, v in CASES.items() if v[0] is not None}
+CASES.update({"chita++ multi-stage": (BUDGET["chita++"], 1), "falcon++ multi-stage": (BUDGET["falcon++"], 1),
+              "woodfisher multi-stage": ([*BUDGET["woodfisher"], "--stages", "2"], 1)})
+CASES.update({f"{m} gradual": ([*BUDGET[m], *GRADUAL], 1) for m in BUDGET})
+CASES.update({f"{m} structured": (STRUCTURED[m], 3) for m in STRUCTURED})   # gates, bn, fine-tune epoch 1
+
+
+def _flags_for(case: str) -> list[str]:
+    return ["--method", case.split()[0], *CASES[case][0]]
+
+
+def test_the_cases_cover_every_method():
+    assert {case.split()[0] for case in CASES} == set(method_names())
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interrupted_run_resumes_to_the_same_weights(case, tmp_path, monkeypatch, capsys):
+    flags, kill_after = _flags_for(case), CASES[case][1]
+    assert main([*BASE, *flags, "--out", str(tmp_path / "whole")]) == 0
+    saved = []
+    if kill_after:
+        save = RunCheckpointer.save
+
+        def save_then_stop(self, state, model):
+            save(self, state, model)
+            saved.append(state.stage)
+            if len(saved) == kill_after:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    else:
+        def stop(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(executor, "save_pruned", stop)
+    assert main([*BASE, *flags, "--out", str(tmp_path / "cut")]) == 130
+    assert "resume with `prunekit prune --resume" in capsys.readouterr().err
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    monkeypatch.undo()
+    assert main(["prune", "--resume", str(tmp_path / "cut"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["mode"] == case.split()[1]
+    _same_weights(tmp_path / "whole", tmp_path / "cut")
+    if case.endswith("structured"):        # taper's snapshot too
+        for snapshot in (tmp_path / "whole").glob("snapshot-*"):
+            _same_weights(snapshot, tmp_path / "cut" / snapshot.name)
+
+
+@pytest.mark.parametrize("case", ["chita++ multi-stage", "magnitude gradual", "autobot structured"])
+def test_a_sigkilled_run_resumes_to_the_same_weights(case, tmp_path, capsys):
+    """One real SIGKILL per mode family, right after the first checkpoint is on disk."""
+    flags = _flags_for(case)
+    assert main([*BASE, *flags, "--out", str(tmp_path / "whole")]) == 0
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(Path(prunekit.__file__).parent.parent)}
+    process = subprocess.Popen([sys.executable, "-m", "prunekit.cli", *BASE, *flags, "--out", str(cut)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (cut / "checkpoints" / "stage-001.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL              # killed mid-run, not finished first
+    assert not (cut / "model.safetensors").exists()
+    assert main(["prune", "--resume", str(cut), "--json"]) == 0
+    _same_weights(tmp_path / "whole", cut)
+
+
+def test_out_onto_another_run_is_refused_in_one_line_unless_forced(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*BASE, "--method", "magnitude", "--sparsity", "0.8", "--out", str(out)]) == 0
+    first = (out / "model.safetensors").read_bytes()
+    for other in (["--method", "magnitude", "--sparsity", "0.5"], ["--method", "autobot", "--flops", "0.5"],
+                  ["--method", "magnitude", "--sparsity", "0.5", *GRADUAL]):
+        assert main([*BASE, *other, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds another run" in err and "--force" in err
+        assert (out / "model.safetensors").read_bytes() == first        # nothing was touched
+    (out / "notes.txt").write_text("mine")
+    assert main([*BASE, "--method", "magnitude", "--sparsity", "0.5", "--out", str(out), "--force"]) == 0
+    assert json.loads((out / "result.json").read_text())["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert (out / "notes.txt").read_text() == "mine"                    # force clears the run's files only
+
+
+@pytest.mark.parametrize("method,option,value", [("magnitude", "stages", 9), ("chita", "gate_batches", 3),
+                                                 ("autobot", "fisher_samples", 7), ("taper", "beta", 2.0)])
+def test_an_option_of_another_method_is_refused_alike_in_python_and_on_the_command_line(
+        method, option, value, capsys):
+    budget = {"flops": 0.5} if method in ("autobot", "taper") else {"sparsity": 0.5}
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with pytest.raises(prunekit.PrunekitError) as refused:
+        prunekit.prune(net, example_input=torch.zeros(1, 1, 28, 28), method=method, **budget, **{option: value})
+    python_message = str(refused.value)
+    assert f"method {method} takes no option {option}" in python_message and "--" not in python_message
+    flag = "--" + option.replace("_", "-")
+    budget_flags = [f"--{k}" for k in budget] + [str(v) for v in budget.values()]
+    assert main([*BASE, "--method", method, budget_flags[0], budget_flags[1], flag, str(value)]) == 2
+    cli_line = capsys.readouterr().err.strip()
+    assert cli_line == f"prunekit: error: {cli_message(refused.value, cli_flags(build_parser()))}"
+    assert f"method {method} takes no option {flag}" in cli_line
