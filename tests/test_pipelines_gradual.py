@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.budget import Budget, ResolvedBudget
+from prunekit.budget import ResolvedBudget
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.methods import Method

@@ -4,12 +4,12 @@ Each method's options are a dataclass deriving from ``Options``; its ``constrain
 field, what a value must be (as scikit-learn's ``_parameter_constraints`` do)::
 
     @dataclass
-    class FisherOptions(Options):
+    class QuadraticOptions(Options):
         fisher_samples: int = 1000
         schedule: str = "poly"
         constraints = {"fisher_samples": Integer(1), "schedule": OneOf(KINDS)}
 
-``FisherOptions.from_user(raw, method="chita")`` refuses an option the method does not take (by
+``ChitaOptions.from_user(raw, method="chita")`` refuses an option the method does not take (by
 name, listing the ones it does), a value that breaks its constraint, and returns the options
 with the user's values over the defaults (``None`` = the default). Messages name the parameter
 as Python spells it (``fisher_samples``); ``cli_message`` shows the same message with each
