@@ -40,6 +40,13 @@ def test_autobot_end_to_end(capsys, tmp_path):
     assert [r["batch"] for r in bench["rows"]] == [1, 64] and bench["threads"] == 1
 
 
+def test_a_count_budget_works_for_channel_methods(capsys):
+    """--flops as MACs kept (16k of MLPNet's 32,360), as for every other method."""
+    out = run_json(capsys, ["prune", *MLP, *MNIST, "--method", "autobot", "--flops", "16k", "--gate-batches", "5",
+                            "--json"])
+    assert out["macs"] <= 16_000 and out["flops"] == pytest.approx(16_000 / 32_360)
+
+
 def test_taper_snapshots_end_to_end(capsys, tmp_path):
     out = run_json(capsys, ["prune", *MLP, *MNIST, "--method", "taper", "--flops", "0.4", "--snapshots", "0.8", "0.6",
                             "--taper-epochs", "6", "--channel-multiple", "8", "--out", str(tmp_path / "run"), "--json"])

@@ -20,7 +20,7 @@ from decimal import Decimal
 from dataclasses import dataclass
 
 from .costs import CostModel
-from .errors import PrunekitError
+from .options import OptionError
 from .params import ParamSpace
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
@@ -40,19 +40,19 @@ class Amount:
             text = repr(text)
         match = _NUMBER.match(str(text))
         if not match:
-            raise PrunekitError(f"--{what} {text!r} is not a number: write a fraction (0.9), a "
-                                f"percent (90%) or a count (50k, 20M)")
+            raise OptionError(f"{what} {text!r} is not a number: write a fraction (0.9), a "
+                                f"percent (90%) or a count (50k, 20M)", (what,))
         number, suffix = Decimal(match.group(1)), match.group(2).lower()
         if suffix == "%":
             return cls(float(number / 100), absolute=False)
         if suffix or number > 1:
             count = number * _SUFFIX[suffix]
             if count != count.to_integral_value():
-                raise PrunekitError(f"--{what} {text!r} is out of range: a share must be in [0, 1] "
-                                    f"(0.9 or 90%) and a count a whole number (50k, 20M)")
+                raise OptionError(f"{what} {text!r} is out of range: a share must be in [0, 1] "
+                                    f"(0.9 or 90%) and a count a whole number (50k, 20M)", (what,))
             if not suffix and count <= 100:
-                raise PrunekitError(f"--{what} {text!r} is ambiguous: write {text}% for a share, or a "
-                                    f"count with a suffix (e.g. 0.1k) to keep that many")
+                raise OptionError(f"{what} {text!r} is ambiguous: write {text}% for a share, or a "
+                                    f"count with a suffix (e.g. 0.1k) to keep that many", (what,))
             return cls(float(count), absolute=True)
         return cls(float(number), absolute=False)
 
@@ -92,8 +92,8 @@ class Budget:
         budget = cls(*(None if v is None else Amount.parse(v, name)
                        for v, name in ((sparsity, "sparsity"), (flops, "flops"), (params, "params"))))
         if budget.sparsity is None and budget.flops is None and budget.params is None:
-            raise PrunekitError("no budget given: pass --sparsity (e.g. 0.9), --flops (e.g. 0.3) "
-                                "or --params (e.g. 0.1)")
+            raise OptionError("no budget given: pass sparsity (e.g. 0.9), flops (e.g. 0.3) or params (e.g. 0.1)",
+                              ("sparsity", "flops", "params"))
         return budget
 
     def resolve(self, costs: CostModel, space: ParamSpace) -> ResolvedBudget:
@@ -117,38 +117,38 @@ class Budget:
     def _keep_count(amount: Amount, p: int, what: str) -> int:
         if amount.absolute:
             if not 1 <= amount.value <= p:
-                raise PrunekitError(f"--{what} {amount.value:.0f} weights to keep is out of range: "
-                                    f"this model has {p} prunable weights (keep 1 to {p})")
+                raise OptionError(f"{what} {amount.value:.0f} weights to keep is out of range: "
+                                    f"this model has {p} prunable weights (keep 1 to {p})", (what,))
             return int(amount.value)
         if not 0 <= amount.value < 1:
-            raise PrunekitError(f"--{what} {amount.value} is out of range: the share of weights "
-                                f"removed must be in [0, 1), e.g. 0.9 keeps 10%")
+            raise OptionError(f"{what} {amount.value} is out of range: the share of weights "
+                                f"removed must be in [0, 1), e.g. 0.9 keeps 10%", (what,))
         keep = math.floor(round((1 - amount.value) * p, 6))
         if keep < 1:
-            raise PrunekitError(f"--{what} {amount.value} keeps no weight of {p}: the largest "
-                                f"feasible sparsity is {1 - 1 / p:.6f}")
+            raise OptionError(f"{what} {amount.value} keeps no weight of {p}: the largest "
+                                f"feasible sparsity is {1 - 1 / p:.6f}", (what,))
         return keep
 
     @staticmethod
     def _params_keep(amount: Amount, total: int, other: int) -> int:
         limit = amount.value if amount.absolute else amount.value * total
         if not amount.absolute and not 0 < amount.value <= 1:
-            raise PrunekitError(f"--params {amount.value} is out of range: the share of "
-                                f"parameters kept must be in (0, 1]")
+            raise OptionError(f"params {amount.value} is out of range: the share of "
+                                f"parameters kept must be in (0, 1]", ("params",))
         if limit < other + 1 or limit > total:
-            raise PrunekitError(f"--params {limit:.0f} is infeasible: the parameters that are "
+            raise OptionError(f"params {limit:.0f} is infeasible: the parameters that are "
                                 f"never pruned (biases, norms, excluded layers) already take {other}; "
-                                f"ask for {other + 1} to {total} ({(other + 1) / total:.4f} to 1)")
+                                f"ask for {other + 1} to {total} ({(other + 1) / total:.4f} to 1)", ("params",))
         return int(limit - other)
 
     @staticmethod
     def _macs_cap(amount: Amount, dense: int, fixed: int) -> int:
         if not amount.absolute and not 0 < amount.value <= 1:
-            raise PrunekitError(f"--flops {amount.value} is out of range: the share of MACs "
-                                f"kept must be in (0, 1], e.g. 0.3 keeps 30%")
+            raise OptionError(f"flops {amount.value} is out of range: the share of MACs "
+                                f"kept must be in (0, 1], e.g. 0.3 keeps 30%", ("flops",))
         limit = amount.value if amount.absolute else amount.value * dense
         if limit > dense or limit <= fixed:
-            raise PrunekitError(f"--flops {limit:.0f} MACs is infeasible: the dense model has "
+            raise OptionError(f"flops {limit:.0f} MACs is infeasible: the dense model has "
                                 f"{dense} MACs and layers that are not pruned take {fixed}; ask for "
-                                f"more than {fixed / dense:.4f} and at most 1 (or {fixed + 1} to {dense} MACs)")
+                                f"more than {fixed / dense:.4f} and at most 1 (or {fixed + 1} to {dense} MACs)", ("flops",))
         return int(math.floor(limit)) - fixed

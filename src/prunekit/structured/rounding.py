@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PrunekitError
+from ..options import OptionError
 from .gates import GatedMacs
 from .threshold import threshold_to_budget
 
@@ -59,16 +59,16 @@ def round_to_budget(scores: list[torch.Tensor], masks: list[torch.Tensor], count
     smallest allowed counts cost more than ``max_macs``.
     """
     if multiple < 1:
-        raise PrunekitError(f"--channel-multiple must be 1 or more, got {multiple}")
+        raise OptionError(f"channel_multiple must be 1 or more, got {multiple}", ("channel_multiple",))
     if multiple == 1:
         return masks
     if any(bool((s < 0).any()) for s in scores):
         raise ValueError("round_to_budget needs non-negative importances (e.g. gate values)")
     floor = minimum_rounded_macs(counter, multiple)
     if floor > max_macs:
-        raise PrunekitError(f"the budget of {max_macs:,.0f} MACs is below the {floor:,.0f} MACs left with "
-                            f"{multiple} channels per group (--channel-multiple {multiple}): ask for a larger "
-                            "--flops or a smaller --channel-multiple")
+        raise OptionError(f"the budget of {max_macs:,.0f} MACs is below the {floor:,.0f} MACs left with "
+                          f"{multiple} channels per group (channel_multiple {multiple}): ask for a larger "
+                          "flops or a smaller channel_multiple", ("flops", "channel_multiple"))
     orders = [torch.argsort(s.detach().double(), descending=True, stable=True) for s in scores]
     # cumulative importance of the top-k channels: prefix[i][k]
     prefix = [torch.cat([torch.zeros(1, dtype=torch.float64), s.detach().double()[o].cumsum(0)])
