@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import recipes, runs
+from .api_checks import check_arguments, check_data, check_labels, first_batch
 from .budget import Budget
 from .data.loaders import BatchLoader
 from .errors import PrunekitError
@@ -91,15 +92,21 @@ def prune(model: nn.Module, data=None, *, method: str = "magnitude", sparsity=No
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise PrunekitError(f"unknown option(s) {', '.join(unknown)}: the method options are {', '.join(OPTIONS)}")
+    check_arguments(model, {"method": method, "seed": seed, "batch_size": batch_size, "recalibrate_bn": recalibrate_bn,
+                            "progress": progress, "include": include, "exclude": exclude, "out": out}, options)
+    check_data(data, "data")
+    check_data(eval_data, "eval_data")
     budget = Budget.parse(sparsity, flops, params)
     train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data")
     eval_batches = _batches(eval_data, batch_size, shuffle=False, seed=seed, what="eval_data")
-    eval_loader = eval_batches() if eval_batches is not None else None
     if example_input is None:
-        source = train_batches or eval_batches
+        source, what = (train_batches, "data") if train_batches is not None else (eval_batches, "eval_data")
         if source is None:
             raise PrunekitError("pass example_input (one input batch) when there is no data to take it from")
-        example_input = next(iter(source()))[0][:1]
+        example_input = first_batch(source, what)[0][:1]
+    check_labels(model, example_input, data, train_batches, "data")
+    check_labels(model, example_input, eval_data, eval_batches, "eval_data")
+    eval_loader = eval_batches() if eval_batches is not None else None
     if out is not None:
         return _prune_into_folder(model, out, method=method, budget=budget, example_input=example_input,
                                   train_batches=train_batches, eval_loader=eval_loader, include=include,

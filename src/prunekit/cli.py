@@ -13,6 +13,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from . import zoo
 from .budget import Budget
 from .costs import CostModel
 from .data import DATASET_NAMES, load_dataset, make_loader
-from .errors import PrunekitError
+from .errors import PrunekitError, PrunekitWarning
 from .loading import LoadedModel, check_fits, load_data, load_model
 from .params import ParamSpace
 from .pipelines.gradual import GradualOptions, prune_gradual
@@ -633,7 +634,24 @@ def _how_to_resume(args) -> str:
         " (with --out DIR, a prune run can be resumed)" if args.command == "prune" and not out else "")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one line in our words; anything else as Python shows it."""
+    if issubclass(category, PrunekitWarning):
+        print(f"prunekit: warning: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():      # restores the warning display when main returns
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:

@@ -20,6 +20,7 @@ What the adapter refuses (the group is left dense and listed in ``GroupSet.skipp
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -83,7 +84,11 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     was_training = model.training
     model.eval()
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        with warnings.catch_warnings():
+            # A bare nn.Parameter used in forward: torch-pruning warns that it would prune its
+            # last axis. We never do; its groups are left dense and listed in GroupSet.skipped.
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     finally:
         model.train(was_training)
 
@@ -92,6 +97,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor) -> GroupSet:
     """The channel groups of ``model`` (Conv/Linear/BatchNorm channels), traced on ``example_input``."""
     graph = build_graph(model, example_input)
     names = {module: name for name, module in model.named_modules()}
+    names.update({param: name for name, param in model.named_parameters()})
     groups: list[ChannelGroup] = []
     skipped: list[tuple[str, str]] = []
     seen: set[frozenset] = set()
@@ -131,6 +137,8 @@ def _members(tp_group, names: dict) -> tuple[list[Member], str | None]:
         grad_name = type(dep.target.grad_fn).__name__ if getattr(dep.target, "grad_fn", None) else ""
         if "ConstantPadNd" in grad_name or isinstance(module, ZeroPadShortcut):
             return [], "passes through a zero-pad (option-A) shortcut: block outputs kept dense"
+        if isinstance(module, nn.Parameter):     # used bare in forward, outside any layer
+            return [], f"touches parameter {names.get(module, '?')} outside a Conv/Linear/BatchNorm layer"
         if not isinstance(module, (*_CONV, nn.Linear, _BN)):
             continue
         name = names[module]
