@@ -9,7 +9,7 @@ The stable public API::
 __version__ = "0.1.0"     # the package version (pyproject.toml reads it from here)
 
 from .budget import Budget, ResolvedBudget
-from .costs import CostModel, Counts
+from .costs import CostModel, Counts, ModuleCost, register_cost
 from .errors import PrunekitError
 from .masks import MaskHold
 from .params import ParamSpace
@@ -19,6 +19,6 @@ from .saving import save_model
 from .structured.pipeline import StructuredResult, prune_structured
 from .api import Result, prune
 
-__all__ = ["Budget", "ResolvedBudget", "CostModel", "Counts", "PrunekitError", "MaskHold", "ParamSpace",
+__all__ = ["Budget", "ResolvedBudget", "CostModel", "Counts", "ModuleCost", "register_cost", "PrunekitError", "MaskHold", "ParamSpace",
            "PruneResult", "method_names", "prune_oneshot", "save_model",
            "StructuredResult", "prune_structured", "Result", "prune"]

@@ -81,9 +81,10 @@ class ResolvedBudget:
     Attributes:
         max_nonzeros: k, the most prunable weights that may stay nonzero.
         max_macs: F, the most MACs per example the prunable weights may cost (the MACs of
-            weight layers left out of the ParamSpace are subtracted already); None = no limit.
+            MACs the ParamSpace does not pay for are subtracted already); None = no limit.
         total_prunable: p, the number of prunable weights.
-        fixed_macs: MACs of weight layers outside the ParamSpace (always kept).
+        fixed_macs: MACs not paid by prunable weights (layers outside the ParamSpace,
+            activation products such as attention's QKᵀ and AV): always kept.
     """
 
     max_nonzeros: int
@@ -118,8 +119,8 @@ class Budget:
         p = space.numel
         prunable_params = p
         other_params = costs.params - prunable_params
-        prunable_names = set(space.names())
-        fixed_macs = sum(layer.macs for layer in costs.weight_layers() if layer.name not in prunable_names)
+        # Everything the prunable weights do not pay for: excluded layers, attention products.
+        fixed_macs = costs.macs - int(space.macs_per_weight(costs).sum())
         k = p
         if self.sparsity is not None:
             k = min(k, self._keep_count(self.sparsity, p, "sparsity"))

@@ -104,7 +104,7 @@ def cmd_info(args) -> int:
                      "params": layer.params, "nonzeros": counts.nonzeros_by_layer.get(layer.name),
                      "macs": macs, "other_ops": layer.other_ops,
                      "share": macs / counts.macs if counts.macs else 0.0})
-    space = ParamSpace(loaded.model, exclude=loaded.prune_exclude)
+    space = ParamSpace(loaded.model, exclude=loaded.prune_exclude, costs=costs)
     prunable_macs = int(space.macs_per_weight(costs).sum())
     totals = {"params": counts.params, "dense_params": costs.params, "macs": counts.macs,
               "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,

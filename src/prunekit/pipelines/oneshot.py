@@ -39,7 +39,8 @@ class PruneContext:
     checkpointer: StageCheckpointer | None = None
 
     def layer_macs(self) -> list[int]:
-        return [self.costs.layer(e.module_name).macs_per_weight for e in self.space.entries]
+        """MACs per weight of each slice of ``space.cost_slices`` (one per layer, or finer)."""
+        return self.space.cost_slices(self.costs)[1]
 
 
 Method = Callable[[PruneContext], torch.Tensor]
@@ -63,7 +64,8 @@ def _magnitude_uniform(ctx: PruneContext) -> torch.Tensor:
 
 def _magnitude_flops(ctx: PruneContext) -> torch.Tensor:
     w = ctx.space.vector()
-    keep, ilp = magnitude_flops(w, ctx.space.layer_slices(), ctx.layer_macs(),
+    slices, slice_macs = ctx.space.cost_slices(ctx.costs)
+    keep, ilp = magnitude_flops(w, slices, slice_macs,
                                 ctx.budget.max_nonzeros, ctx.budget.max_macs)
     if ilp is not None:
         ctx.options.setdefault("report", {})["ilp_gap"] = ilp.gap
@@ -121,7 +123,7 @@ def check_request(model: nn.Module, method: str, budget: Budget, example_input: 
     if method not in METHODS:
         raise PrunekitError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     costs = CostModel(model, example_input)
-    space = ParamSpace(model, include=include, exclude=exclude)
+    space = ParamSpace(model, include=include, exclude=exclude, costs=costs)
     resolved = budget.resolve(costs, space)
     if method in CHECKS:
         CHECKS[method](resolved, options or {})
