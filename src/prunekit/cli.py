@@ -24,6 +24,7 @@ from . import zoo
 from .budget import Budget
 from .costs import CostModel
 from .data import DATASET_NAMES, load_dataset, make_loader
+from .api_checks import check_out
 from .errors import PrunekitError, PrunekitWarning
 from .loading import LoadedModel, check_fits, load_data, load_model
 from .params import ParamSpace
@@ -252,6 +253,7 @@ def _method_options(args) -> dict:
 
 
 def cmd_prune(args) -> int:
+    check_out(args.out, "--out")         # before any work: never write over a user's files
     if args.method in STRUCTURED_METHODS:
         return cmd_prune_structured(args)
     if args.train_samples is not None and args.train_samples < 1:
@@ -427,6 +429,7 @@ def _check_train_args(args) -> None:
 
 def cmd_train(args) -> int:
     _check_train_args(args)
+    check_out(args.out, "--out")
     train_ds = load_dataset(args.data, args.data_dir, "train")
     test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test")
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
