@@ -637,20 +637,20 @@ def _how_to_resume(args) -> str:
         " (with --out DIR, a prune run can be resumed)" if args.command == "prune" and not out else "")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Our own warnings as one line in our words; anything else as Python shows it."""
-    if issubclass(category, PrunekitWarning):
-        print(f"prunekit: warning: {message}", file=sys.stderr)
-    else:
-        _python_showwarning(message, category, filename, lineno, file, line)
-
-
-_python_showwarning = warnings.showwarning
+def _ours_on_one_line(show_others):
+    """A ``warnings.showwarning`` that prints our own warnings as one line in our words and
+    passes any other to ``show_others``."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, PrunekitWarning):
+            print(f"prunekit: warning: {message}", file=sys.stderr)
+        else:
+            show_others(message, category, filename, lineno, file, line)
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():      # restores the warning display when main returns
-        warnings.showwarning = _show_warning
+        warnings.showwarning = _ours_on_one_line(warnings.showwarning)
         return _main(argv)
 
 
