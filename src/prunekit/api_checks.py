@@ -93,18 +93,20 @@ def check_arguments(model, arguments: dict, options: dict) -> None:
     check_out(arguments.get("out"))
 
 
-def check_out(out) -> None:
-    """``out`` must be a new folder or a run folder (to resume): never a file, never a folder
-    holding other things, which the run would write over."""
+def check_out(out, flag: str | None = None) -> None:
+    """``out`` must be a new (or empty) folder or a run folder (to resume): never a file, never a
+    folder holding other things, which the run would write over. ``flag``: the CLI's name for it
+    (``--out``); the message names ``out=`` otherwise."""
     if out is None:
         return
     path = Path(out)
+    named = f"{flag} {out}" if flag else f"out={str(out)!r}"
     if path.exists() and not path.is_dir():
-        raise PrunekitError(f"out={str(out)!r} is a file: pass a new folder for the run (or a run folder to resume)")
+        raise PrunekitError(f"{named} is a file: pass a new folder for the run (or a run folder to resume)")
     if path.is_dir() and any(path.iterdir()) and not ((path / "config.toml").exists()
                                                        or (path / "metrics.json").exists()):
-        raise PrunekitError(f"out={str(out)!r} is a folder holding other files, not a run folder: "
-                            "pass a new folder so that nothing there is written over")
+        raise PrunekitError(f"{named} is a folder holding other files, not a run folder: pass a new "
+                            "folder so that nothing there is written over")
 
 
 def check_data(data, what: str) -> None:

@@ -24,6 +24,7 @@ from . import zoo
 from .budget import Budget
 from .costs import CostModel
 from .data import DATASET_NAMES, load_dataset, make_loader
+from .api_checks import check_out
 from .errors import PrunekitError, PrunekitWarning
 from .loading import LoadedModel, check_fits, load_data, load_model
 from .params import ParamSpace
@@ -252,6 +253,7 @@ def _method_options(args) -> dict:
 
 
 def cmd_prune(args) -> int:
+    check_out(args.out, "--out")         # before any work: never write over a user's files
     if args.method in STRUCTURED_METHODS:
         return cmd_prune_structured(args)
     if args.train_samples is not None and args.train_samples < 1:
@@ -427,6 +429,7 @@ def _check_train_args(args) -> None:
 
 def cmd_train(args) -> int:
     _check_train_args(args)
+    check_out(args.out, "--out")
     train_ds = load_dataset(args.data, args.data_dir, "train")
     test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test")
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
@@ -634,20 +637,20 @@ def _how_to_resume(args) -> str:
         " (with --out DIR, a prune run can be resumed)" if args.command == "prune" and not out else "")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Our own warnings as one line in our words; anything else as Python shows it."""
-    if issubclass(category, PrunekitWarning):
-        print(f"prunekit: warning: {message}", file=sys.stderr)
-    else:
-        _python_showwarning(message, category, filename, lineno, file, line)
-
-
-_python_showwarning = warnings.showwarning
+def _ours_on_one_line(show_others):
+    """A ``warnings.showwarning`` that prints our own warnings as one line in our words and
+    passes any other to ``show_others``."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, PrunekitWarning):
+            print(f"prunekit: warning: {message}", file=sys.stderr)
+        else:
+            show_others(message, category, filename, lineno, file, line)
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():      # restores the warning display when main returns
-        warnings.showwarning = _show_warning
+        warnings.showwarning = _ours_on_one_line(warnings.showwarning)
         return _main(argv)
 
 
