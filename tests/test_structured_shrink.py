@@ -46,7 +46,7 @@ def test_shrunk_equals_gated_on_every_zoo_model(name):
     with torch.no_grad(), GateHooks(model, groups) as hooks:
         hooks.values = [m.float() for m in masks]
         gated = model(x)
-    assert (small(x) - gated).abs().max().item() < 1e-4
+    assert (small(x) - gated).abs().max().item() <= 1e-5 * gated.abs().max().item()   # relative to scale
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     assert type(small) is type(model)
 
