@@ -9,7 +9,7 @@ from torch import nn
 from gallery import BranchyCNN, RowEncoder, independent_count, small_vit
 from prunekit.costs import CostModel
 from prunekit.errors import PrunekitError
-from prunekit.structured.attention import SlimAttention
+from prunekit.layers import SlimAttention
 from prunekit.structured.gates import GatedMacs, GateHooks
 from prunekit.structured.groups import find_groups
 from prunekit.structured.pipeline import prune_structured
@@ -102,3 +102,20 @@ def test_a_model_with_nothing_to_group_is_refused_with_the_reasons():
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.LayerNorm(32), nn.Linear(32, 10))
     with pytest.raises(PrunekitError, match=r"no prunable channel group.*LayerNorm"):
         find_groups(model, torch.zeros(1, 1, 28, 28))
+
+
+def test_a_vit_with_heads_removed_saves_and_reloads(tmp_path):
+    from prunekit import zoo
+    from prunekit.loading import load_model
+    from prunekit.structured.saving import save_shrunk
+    torch.manual_seed(0)
+    model = zoo.build("vit-tiny").eval()
+    x = torch.randn(2, 1, 28, 28)
+    groups = find_groups(model, x)
+    masks = [torch.arange(g.size) % 2 == 0 for g in groups]     # half the heads and MLP units
+    small = shrink(model, groups, masks, x)
+    path = save_shrunk(small, tmp_path / "vit.safetensors", {"model": "vit-tiny"})
+    again = load_model("vit-tiny", str(path)).model.eval()
+    assert isinstance(again.blocks[0].attn, SlimAttention) and again.blocks[0].attn.num_heads == 2
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
