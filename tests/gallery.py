@@ -106,6 +106,14 @@ def independent_count(model: nn.Module, x: torch.Tensor) -> dict:
         total["macs"] += b * (int((w[:E] != 0).sum()) * lq + int((w[E:] != 0).sum()) * lk
                               + nz(m.out_proj.weight) * lq + 2 * lq * lk * E)
 
+    def slim_attention(m, inputs, out):      # prunekit's attention with heads removed
+        q, k = inputs[0], inputs[1]
+        inner, lq, lk, b = m.num_heads * m.head_dim, q.shape[1], k.shape[1], q.shape[0]
+        w = m.in_proj_weight                 # its out_proj is an nn.Linear it calls: hooked as one
+        seen[id(w)] = w
+        total["macs"] += b * (int((w[:inner] != 0).sum()) * lq + int((w[inner:] != 0).sum()) * lk
+                              + 2 * lq * lk * inner)
+
     def recurrent(m, inputs, out):
         x = inputs[0]
         tokens = x.shape[0] * x.shape[1]
@@ -115,6 +123,9 @@ def independent_count(model: nn.Module, x: torch.Tensor) -> dict:
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention):
             handles.append(m.register_forward_hook(attention))
+        elif type(m).__name__ == "SlimAttention":
+            assert m.batch_first
+            handles.append(m.register_forward_hook(slim_attention))
         elif isinstance(m, nn.Linear) and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):
             handles.append(m.register_forward_hook(linear))
         elif isinstance(m, nn.Conv2d):
