@@ -90,7 +90,7 @@ def test_train_refuses_settings_that_do_nothing_or_crash(tmp_path, capsys, flag,
 
 def test_interrupted_run_says_how_to_resume_and_the_hint_works(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    argv = ["prune", *MLP, *MNIST, "--method", "magnitude", "--train-samples", "256",
+    argv = ["prune", *MLP, *MNIST, "--method", "magnitude", "--train-samples", "256", "--eval-split", "train",
             "--sparsity", "0.8", "--out", str(out), "--json"]
     prune = executor.prune_weights
 

@@ -102,3 +102,147 @@ def test_count_masked_and_shrunk_models():
 def test_bad_example_input_is_a_clear_error():
     with pytest.raises(PrunekitError, match="example input"):
         CostModel(nn.Linear(3, 3), torch.zeros(1, 5))
+
+
+# --- every parameterised operation, not only Conv/Linear leaves ------------------------------
+
+def test_multihead_attention_projections_and_products():
+    E, heads, T, B = 16, 4, 5, 3
+    mha = nn.MultiheadAttention(E, heads, batch_first=True)
+    x = torch.zeros(B, T, E)
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    for model, inputs in ((Wrap(), x), (mha, (x, x, x))):      # fused SDPA path, then explicit bmm path
+        costs = CostModel(model, inputs)
+        prefix = "attn." if model is not mha else ""
+        assert costs.layer(prefix + "in_proj_weight").macs == 3 * E * E * T
+        assert costs.layer(prefix + "out_proj").macs == E * E * T
+        assert costs.activation_macs == 2 * T * T * E          # QKᵀ and AV over all heads
+        assert costs.macs == 4 * E * E * T + 2 * T * T * E
+        assert costs.params == sum(p.numel() for p in mha.parameters())
+
+
+def test_cross_attention_prices_query_and_key_rows_apart():
+    E, Lq, Lk = 8, 3, 7
+    mha = nn.MultiheadAttention(E, 2, batch_first=True)
+    costs = CostModel(mha, (torch.zeros(1, Lq, E), torch.zeros(1, Lk, E), torch.zeros(1, Lk, E)))
+    layer = costs.layer("in_proj_weight")
+    assert layer.macs_per_weight is None
+    per_row = layer.element_macs.view(3 * E, E)[:, 0]
+    assert per_row.tolist() == [Lq] * E + [Lk] * 2 * E
+    assert costs.macs == E * E * (Lq + 2 * Lk) + E * E * Lq + 2 * Lq * Lk * E
+
+
+def test_transformer_encoder_and_decoder_layers_are_counted_op_by_op():
+    E, F, T = 16, 32, 6
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, 4, F, batch_first=True), 2,
+                                enable_nested_tensor=False).eval()
+    costs = CostModel(enc, torch.zeros(1, T, E))               # eval + no_grad: the fused fast path
+    assert costs.macs == 2 * (4 * E * E * T + 2 * E * F * T + 2 * T * T * E)
+    assert torch.backends.mha.get_fastpath_enabled()           # restored after the trace
+    dec = nn.TransformerDecoderLayer(E, 4, F, batch_first=True)
+    S = 9
+    costs = CostModel(dec, (torch.zeros(1, T, E), torch.zeros(1, S, E)))
+    self_attn = 4 * E * E * T + 2 * T * T * E
+    cross = 2 * E * E * T + 2 * E * E * S + 2 * T * S * E
+    assert costs.macs == self_attn + cross + 2 * E * F * T
+
+
+def test_functional_weights_embeddings_and_loose_parameters():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+            self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+            self.pos = nn.Parameter(torch.zeros(1, 5, 8))
+            self.w = nn.Parameter(torch.randn(12, 8))
+            self.v = nn.Parameter(torch.randn(12, 3))
+            self.k = nn.Parameter(torch.randn(4, 1, 3, 3))
+
+        def forward(self, tokens):
+            x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), self.embed(tokens)], 1) + self.pos
+            h = nn.functional.linear(x, self.w)                   # (B, 5, 12)
+            out = h @ self.v                                      # (B, 5, 3)
+            return nn.functional.conv2d(out.unsqueeze(1), self.k, padding=1)
+
+    model = Functional()
+    costs = CostModel(model, torch.zeros(2, 4, dtype=torch.long))
+    assert costs.layer("embed").macs == 0 and costs.layer("embed").is_weight_layer
+    assert costs.layer("w").macs == 12 * 8 * 5
+    assert costs.layer("v").macs == 12 * 3 * 5
+    assert costs.layer("k").macs == 4 * 9 * 5 * 3
+    assert costs.macs == 12 * 8 * 5 + 12 * 3 * 5 + 4 * 9 * 15
+    assert costs.params == sum(p.numel() for p in model.parameters())
+    assert not costs.layer("").is_weight_layer and costs.layer("").params == 8 + 40   # cls + pos
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layers_price_every_weight_once_per_token(cell):
+    T, B, F, H = 7, 2, 5, 6
+    rnn = cell(F, H, num_layers=2, bidirectional=True, batch_first=True)
+    costs = CostModel(rnn, torch.zeros(B, T, F))
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[cell]
+    per_direction = gates * H * (F + H) + gates * H * (2 * H + H)     # layer 0, layer 1
+    assert costs.macs == 2 * per_direction * T
+    assert costs.params == sum(p.numel() for p in rnn.parameters())
+
+
+def test_parameter_used_by_an_unknown_operation_is_refused_by_name():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(10, 4))
+
+        def forward(self, x):
+            return x @ torch.cumsum(self.table, 0)                  # cumsum has no cost rule
+
+    model = nn.Sequential(nn.Linear(10, 10), Odd())
+    with pytest.raises(PrunekitError, match=r"'1\.table'.*Odd.*cumsum.*register_cost\(Odd"):
+        CostModel(model, torch.zeros(1, 3, 10))
+
+
+def test_register_cost_prices_a_layer_the_trace_cannot(monkeypatch):
+    from prunekit import register_cost
+    from prunekit.costs import ModuleCost, unregister_cost
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(10, 4))
+
+        def forward(self, x):                                    # x (B, 10): each table row used once
+            return torch.cumsum(self.table, 0).sum(1) * x
+
+    register_cost(Odd, lambda m, inputs, out: ModuleCost({"table": inputs[0].shape[0]}, activation_macs=0))
+    try:
+        model = nn.Sequential(nn.Linear(10, 10), Odd())
+        costs = CostModel(model, torch.zeros(3, 10))
+        assert costs.layer("1.table").macs == 40 and costs.layer("1.table").is_weight_layer
+        assert costs.macs == 100 + 40
+        from prunekit.params import ParamSpace
+        assert ParamSpace(model, costs=costs).names() == ["0", "1.table"]
+        with pytest.raises(PrunekitError, match="names parameters"):
+            register_cost(Odd, lambda m, i, o: {"nope": 1})
+            CostModel(model, torch.zeros(3, 10))
+    finally:
+        unregister_cost(Odd)
+    with pytest.raises(PrunekitError, match="no cost rule"):
+        CostModel(nn.Sequential(nn.Linear(10, 10), Odd()), torch.zeros(3, 10))
+
+
+def test_masked_attention_projection_costs_nothing():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.zeros(1, 4, 8)
+    costs = CostModel(mha, (x, x, x))
+    with torch.no_grad():
+        mha.in_proj_weight[:8] = 0                                  # the query projection
+    counts = costs.count(mha)
+    assert counts.macs == costs.macs - 8 * 8 * 4
+    assert counts.params == costs.params - 64

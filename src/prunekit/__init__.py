@@ -15,7 +15,7 @@ __version__ = "0.1.0"     # the package version (pyproject.toml reads it from he
 from . import methods
 from .api import prune
 from .budget import Budget, ResolvedBudget
-from .costs import CostModel, Counts
+from .costs import CostModel, Counts, ModuleCost, register_cost
 from .errors import PrunekitError
 from .masks import MaskHold
 from .methods import Method, add_method, method_names
@@ -24,4 +24,4 @@ from .record import Result
 from .saving import save_model
 
 __all__ = ["prune", "Result", "Method", "add_method", "method_names", "methods", "Budget", "ResolvedBudget",
-           "CostModel", "Counts", "PrunekitError", "MaskHold", "ParamSpace", "save_model"]
+           "CostModel", "Counts", "ModuleCost", "register_cost", "PrunekitError", "MaskHold", "ParamSpace", "save_model"]

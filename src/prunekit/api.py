@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import recipes
+from .api_checks import check_arguments, check_data, check_labels, first_batch
 from .data.loaders import BatchLoader
 from .errors import PrunekitError
 from .executor import execute
@@ -64,14 +65,22 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     Weights methods prune ``model`` in place; channel methods (autobot, taper) return a new,
     smaller model in ``result.model``.
     """
+    check_arguments(model, {"method": method if isinstance(method, str) else method.name, "seed": seed,
+                            "batch_size": batch_size, "recalibrate_bn": recalibrate_bn, "progress": progress,
+                            "include": include, "exclude": exclude, "out": out},
+                    {k: v for k, v in options.items() if not callable(v)})
+    check_data(data, "data")
+    check_data(eval_data, "eval_data")
     train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data")
     eval_batches = _batches(eval_data, batch_size, shuffle=False, seed=seed, what="eval_data")
-    eval_loader = eval_batches() if eval_batches is not None else None
     if example_input is None:
-        source = train_batches or eval_batches
+        source, what = (train_batches, "data") if train_batches is not None else (eval_batches, "eval_data")
         if source is None:
             raise PrunekitError("pass example_input (one input batch) when there is no data to take it from")
-        example_input = next(iter(source()))[0][:1]
+        example_input = first_batch(source, what)[0][:1]
+    check_labels(model, example_input, data, train_batches, "data")
+    check_labels(model, example_input, eval_data, eval_batches, "eval_data")
+    eval_loader = eval_batches() if eval_batches is not None else None
     budget = {"sparsity": sparsity, "flops": flops, "params": params}
     request = PruneRequest(model, example_input, method, budget, include, exclude, seed, gradual, recalibrate_bn,
                            options)

@@ -24,7 +24,23 @@ from .options import OptionError
 from .params import ParamSpace
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
-_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([kmg%]?)\s*$", re.IGNORECASE)
+_NUMBER = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([kmg%]?)\s*$", re.IGNORECASE)
+
+# What each budget means as a share and the range it must lie in: the one notation every
+# message uses ([ includes the end, ( excludes it).
+SHARE_RANGE = {"sparsity": "[0, 1)", "flops": "(0, 1]", "params": "(0, 1]"}
+SHARE_MEANING = {"sparsity": "the share of prunable weights removed", "flops": "the share of dense MACs kept",
+                 "params": "the share of all parameters kept"}
+COUNT_MEANING = {"sparsity": "prunable weights kept", "flops": "MACs kept", "params": "parameters kept"}
+
+
+def _range_hint(what: str) -> str:
+    """'as a share (0.9 or 90%), the share of ... must be in [0, 1); as a count (50k), the number
+    of ... must be a positive whole number'."""
+    example = {"sparsity": "0.9 or 90%", "flops": "0.3 or 30%", "params": "0.1 or 10%"}[what]
+    count = {"sparsity": "50k", "flops": "20M", "params": "200k"}[what]
+    return (f"as a share ({example}), {SHARE_MEANING[what]} must be in {SHARE_RANGE[what]}; as a count "
+            f"({count}), the number of {COUNT_MEANING[what]} must be a positive whole number")
 
 
 @dataclass(frozen=True)
@@ -43,13 +59,14 @@ class Amount:
             raise OptionError(f"{what} {text!r} is not a number: write a fraction (0.9), a "
                                 f"percent (90%) or a count (50k, 20M)", (what,))
         number, suffix = Decimal(match.group(1)), match.group(2).lower()
+        if number < 0:
+            raise OptionError(f"{what} {text!r} is out of range: {_range_hint(what)}", (what,))
         if suffix == "%":
             return cls(float(number / 100), absolute=False)
         if suffix or number > 1:
             count = number * _SUFFIX[suffix]
             if count != count.to_integral_value():
-                raise OptionError(f"{what} {text!r} is out of range: a share must be in [0, 1] "
-                                    f"(0.9 or 90%) and a count a whole number (50k, 20M)", (what,))
+                raise OptionError(f"{what} {text!r} is out of range: {_range_hint(what)}", (what,))
             if not suffix and count <= 100:
                 raise OptionError(f"{what} {text!r} is ambiguous: write {text}% for a share, or a "
                                     f"count with a suffix (e.g. 0.1k) to keep that many", (what,))
@@ -64,9 +81,10 @@ class ResolvedBudget:
     Attributes:
         max_nonzeros: k, the most prunable weights that may stay nonzero.
         max_macs: F, the most MACs per example the prunable weights may cost (the MACs of
-            weight layers left out of the ParamSpace are subtracted already); None = no limit.
+            MACs the ParamSpace does not pay for are subtracted already); None = no limit.
         total_prunable: p, the number of prunable weights.
-        fixed_macs: MACs of weight layers outside the ParamSpace (always kept).
+        fixed_macs: MACs not paid by prunable weights (layers outside the ParamSpace,
+            activation products such as attention's QKᵀ and AV): always kept.
     """
 
     max_nonzeros: int
@@ -101,8 +119,8 @@ class Budget:
         p = space.numel
         prunable_params = p
         other_params = costs.params - prunable_params
-        prunable_names = set(space.names())
-        fixed_macs = sum(layer.macs for layer in costs.weight_layers() if layer.name not in prunable_names)
+        # Everything the prunable weights do not pay for: excluded layers, attention products.
+        fixed_macs = costs.macs - int(space.macs_per_weight(costs).sum())
         k = p
         if self.sparsity is not None:
             k = min(k, self._keep_count(self.sparsity, p, "sparsity"))
@@ -121,8 +139,8 @@ class Budget:
                                     f"this model has {p} prunable weights (keep 1 to {p})", (what,))
             return int(amount.value)
         if not 0 <= amount.value < 1:
-            raise OptionError(f"{what} {amount.value} is out of range: the share of weights "
-                                f"removed must be in [0, 1), e.g. 0.9 keeps 10%", (what,))
+            raise OptionError(f"{what} {amount.value} is out of range: {SHARE_MEANING['sparsity']} "
+                                f"must be in {SHARE_RANGE['sparsity']}, e.g. 0.9 keeps 10%", (what,))
         keep = math.floor(round((1 - amount.value) * p, 6))
         if keep < 1:
             raise OptionError(f"{what} {amount.value} keeps no weight of {p}: the largest "
@@ -133,8 +151,8 @@ class Budget:
     def _params_keep(amount: Amount, total: int, other: int) -> int:
         limit = amount.value if amount.absolute else amount.value * total
         if not amount.absolute and not 0 < amount.value <= 1:
-            raise OptionError(f"params {amount.value} is out of range: the share of "
-                                f"parameters kept must be in (0, 1]", ("params",))
+            raise OptionError(f"params {amount.value} is out of range: {SHARE_MEANING['params']} "
+                                f"must be in {SHARE_RANGE['params']}, e.g. 0.1 keeps 10%", ("params",))
         if limit < other + 1 or limit > total:
             raise OptionError(f"params {limit:.0f} is infeasible: the parameters that are "
                                 f"never pruned (biases, norms, excluded layers) already take {other}; "
@@ -144,8 +162,8 @@ class Budget:
     @staticmethod
     def _macs_cap(amount: Amount, dense: int, fixed: int) -> int:
         if not amount.absolute and not 0 < amount.value <= 1:
-            raise OptionError(f"flops {amount.value} is out of range: the share of MACs "
-                                f"kept must be in (0, 1], e.g. 0.3 keeps 30%", ("flops",))
+            raise OptionError(f"flops {amount.value} is out of range: {SHARE_MEANING['flops']} "
+                                f"must be in {SHARE_RANGE['flops']}, e.g. 0.3 keeps 30%", ("flops",))
         limit = amount.value if amount.absolute else amount.value * dense
         if limit > dense or limit <= fixed:
             raise OptionError(f"flops {limit:.0f} MACs is infeasible: the dense model has "

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__, recipes
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
-from .errors import PrunekitError
+from .errors import PrunekitError, PrunekitWarning
 from .options import cli_message
 
 
@@ -91,7 +92,24 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
     return {a.dest for p in commands for a in p._actions if a.option_strings} | {"data"}
 
 
+def _ours_on_one_line(show_others):
+    """A ``warnings.showwarning`` that prints our own warnings as one line in our words and
+    passes any other to ``show_others``."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, PrunekitWarning):
+            print(f"prunekit: warning: {message}", file=sys.stderr)
+        else:
+            show_others(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():      # restores the warning display when main returns
+        warnings.showwarning = _ours_on_one_line(warnings.showwarning)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:

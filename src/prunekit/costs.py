@@ -1,22 +1,28 @@
 """One cost model: MACs and parameters per layer and per prunable weight.
 
-The counts come from tracing one forward pass with hooks on every leaf module (so any model
-works, no hand-made tables) plus a ``TorchFunctionMode`` that sees tensor additions written in
-``forward`` code (residual adds), which module hooks cannot see.
+The counts come from tracing one forward pass (``cost_trace``): module hooks give the scope
+and the element-wise ops of norms and pools, a ``TorchDispatchMode`` sees every aten operation
+(also functional calls and the insides of ``nn.MultiheadAttention``), and a
+``TorchFunctionMode`` sees residual adds. No hand-made table of layer types.
 
 Conventions (the ones the papers use, so our figures compare with theirs):
 
-* ``macs`` of a model = multiply-accumulates of its weight layers (Conv, Linear) for **one
-  example**. A Conv weight element is used once per output position, so a conv costs
-  ``weight.numel() * prod(output spatial dims)`` (this is right for any stride, padding,
-  dilation and groups, depthwise included); a Linear weight element costs one MAC per token
-  (1 for a plain (B, features) input). Biases are not counted.
-* Everything else (BatchNorm: one MAC per element; pooling: one op per window element; residual
-  adds: one op per element) is reported as ``other_ops``, not inside ``macs``. ResNet-50 is then
-  the familiar 4.09 GMACs and MobileNetV1 569 MMACs.
-* A leaf module type the model does not know is listed in ``unknown`` and counted as zero, so
-  it is reported, never silently skipped. Parameter-free modules that do no arithmetic can say
-  so with a class attribute ``zero_macs = True``.
+* ``macs`` of a model = multiply-accumulates of its matrix products and convolutions for
+  **one example**. A weight element costs the number of times it is multiplied: a conv weight
+  once per output position (any stride, padding, dilation, groups), a linear weight (also a
+  functional ``F.linear``/``x @ W``, the packed ``in_proj_weight`` and ``out_proj`` of
+  ``nn.MultiheadAttention``, a recurrent layer's ``weight_ih``/``weight_hh``) once per token.
+  An embedding table's weights are prunable and cost 0 MACs. Biases are not counted.
+* Products of two activations (attention's QKᵀ and AV) are real MACs but tied to no weight:
+  a layer's ``activation_macs``, part of ``macs``, never prunable.
+* Everything else (BatchNorm: one op per element; pooling: one per window element; residual
+  adds: one per element) is ``other_ops``, not inside ``macs``. ResNet-50 is then the familiar
+  4.09 GMACs and MobileNetV1 569 MMACs, equal to thop's count for every zoo model.
+* Parameters outside any product (a class token, a positional embedding, norm scales) are
+  counted as parameters. A parameter used by an operation without a cost rule makes
+  ``CostModel`` refuse the model, naming it and the fix (``register_cost``); nothing is
+  reported from a partial count. Leaf module types with no element-wise rule are listed in
+  ``unknown`` (their MACs are counted anyway, from their operations).
 
 A masked model is counted by ``count``: a weight that is exactly zero costs nothing. A shrunk
 model (channels removed) is traced again by the same code, so every figure is counted one way.
@@ -29,8 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from .cost_trace import (_AddCounter, _OpCounter, _ParamIndex, ModuleCost, register_cost,  # noqa: F401
+                         registered_cost, unregister_cost)
 from .errors import PrunekitError
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
@@ -41,16 +48,22 @@ _POOL_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool
 _FREE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
          nn.Hardsigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity, nn.Flatten, nn.Unflatten,
          nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.ZeroPad2d, nn.ConstantPad2d)
-_ADD_FUNCS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
-              torch.Tensor.__iadd__, torch.Tensor.__radd__}
+# Leaf modules whose arithmetic is all in their traced products (no element-wise rule needed).
+_PRICED_BY_OPS = (*WEIGHT_LAYERS, nn.Embedding, nn.EmbeddingBag, nn.modules.rnn.RNNBase,
+                  nn.modules.rnn.RNNCellBase, nn.Bilinear)
 
 
 @dataclass
 class LayerCost:
-    """Costs of one leaf module (or one residual add) for one example.
+    """Costs of one entry for one example: a leaf module, a prunable weight tensor, a module's
+    loose parameters or activation products, or a residual add.
 
-    ``macs_per_weight`` is what each element of ``weight`` costs (0 for non-weight layers);
-    ``macs == macs_per_weight * prod(weight_shape)`` for weight layers.
+    A *weight layer* (``weight_shape`` set) is one parameter tensor multiplied by the network:
+    ``param_name`` is its name in ``model.named_parameters()``; the entry's ``name`` is the
+    module's name for a module's ``weight`` ("fc1", "blocks.0.attn.out_proj") and the parameter's
+    name otherwise ("blocks.0.attn.in_proj_weight"). ``macs_per_weight`` is what each element
+    costs, or None when elements cost different amounts (then ``element_macs``, (numel,) int64).
+    ``macs = weight MACs + activation_macs``; ``params`` counts every parameter of the entry.
     """
 
     name: str
@@ -59,12 +72,31 @@ class LayerCost:
     macs: int = 0
     other_ops: int = 0
     weight_shape: tuple[int, ...] | None = None
-    macs_per_weight: int = 0
+    macs_per_weight: int | None = 0
     output_shape: tuple[int, ...] = ()
+    param_name: str | None = None
+    element_macs: torch.Tensor | None = None
+    activation_macs: int = 0
 
     @property
     def is_weight_layer(self) -> bool:
         return self.weight_shape is not None
+
+    @property
+    def weight_macs(self) -> int:
+        return self.macs - self.activation_macs
+
+    def weight_costs(self, device=None) -> torch.Tensor:
+        """MACs of each weight element, (numel,) int64, in ``weight.reshape(-1)`` order."""
+        if self.element_macs is not None:
+            return self.element_macs.to(device)
+        return torch.full((math.prod(self.weight_shape),), self.macs_per_weight, dtype=torch.int64, device=device)
+
+    def macs_of(self, weight: torch.Tensor) -> int:
+        """Weight MACs of this layer with ``weight``'s zeros removed."""
+        if self.element_macs is None:
+            return int(torch.count_nonzero(weight)) * self.macs_per_weight
+        return int(self.element_macs[(weight.detach().reshape(-1) != 0).cpu()].sum())
 
 
 @dataclass
@@ -97,8 +129,11 @@ class CostModel:
             divided by B so they are per example.
 
     Attributes:
-        layers: ``LayerCost`` per leaf module in execution order, then residual adds.
-        unknown: names of leaf modules whose type has no counting rule (counted as zero).
+        layers: ``LayerCost`` entries in order of first use (leaf modules, weight tensors,
+            modules' activation products), then modules' unused parameters, then residual adds.
+        unknown: leaf modules with no element-wise rule (their products are counted anyway).
+
+    Raises PrunekitError if a parameter is used by an operation with no cost rule.
     """
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple):
@@ -109,8 +144,13 @@ class CostModel:
     # --- dense totals -------------------------------------------------------------------
     @property
     def macs(self) -> int:
-        """Dense MACs of the weight layers, per example."""
+        """Dense MACs per example: weight products and activation products."""
         return sum(layer.macs for layer in self.layers)
+
+    @property
+    def activation_macs(self) -> int:
+        """The part of ``macs`` no weight pays for (attention products): never prunable."""
+        return sum(layer.activation_macs for layer in self.layers)
 
     @property
     def other_ops(self) -> int:
@@ -127,6 +167,9 @@ class CostModel:
             raise PrunekitError(f"no layer named {name!r} in the cost model; "
                                 f"layers are e.g. {list(self._by_name)[:5]}") from None
 
+    def has_layer(self, name: str) -> bool:
+        return name in self._by_name
+
     def weight_layers(self) -> list[LayerCost]:
         return [layer for layer in self.layers if layer.is_weight_layer]
 
@@ -139,25 +182,24 @@ class CostModel:
         input of the same shape. Either way ``dense_macs``/``dense_params`` are this cost
         model's, so ``flops_kept`` is relative to the model it was built from.
         """
-        modules_of = dict(model.named_modules())
-        same_shapes = all(
-            tuple(getattr(modules_of.get(layer.name), "weight", torch.empty(0)).shape) == layer.weight_shape
-            for layer in self.weight_layers())
+        params_of = dict(model.named_parameters())
+        same_shapes = all(layer.param_name in params_of
+                          and tuple(params_of[layer.param_name].shape) == layer.weight_shape
+                          for layer in self.weight_layers())
         layers = self.layers if same_shapes else _trace(model, self.example_input)[0]
         macs, params = 0, 0
         nonzeros_by_layer, macs_by_layer = {}, {}
         for layer in layers:
+            macs += layer.activation_macs
             if not layer.is_weight_layer:
                 params += layer.params
                 continue
-            module = modules_of[layer.name]
-            nonzeros = int(torch.count_nonzero(module.weight.detach()))
-            other_params = sum(p.numel() for n, p in module.named_parameters(recurse=False)
-                               if n != "weight")
+            weight = params_of[layer.param_name].detach()
+            nonzeros = int(torch.count_nonzero(weight))
             nonzeros_by_layer[layer.name] = nonzeros
-            macs_by_layer[layer.name] = nonzeros * layer.macs_per_weight
-            macs += macs_by_layer[layer.name]
-            params += nonzeros + other_params
+            macs_by_layer[layer.name] = layer.macs_of(weight) + layer.activation_macs
+            macs += macs_by_layer[layer.name] - layer.activation_macs
+            params += layer.params - weight.numel() + nonzeros
         return Counts(macs=macs, dense_macs=self.macs, params=params, dense_params=self.params,
                       nonzeros_by_layer=nonzeros_by_layer, macs_by_layer=macs_by_layer)
 
@@ -171,100 +213,106 @@ def _batch_size(example_input) -> int:
     return first.shape[0]
 
 
-def _module_cost(name: str, module: nn.Module, inputs: tuple, output, batch: int) -> LayerCost | None:
-    """The cost rule for one leaf module; None if its type is unknown."""
-    params = sum(p.numel() for p in module.parameters(recurse=False))
-    out = output[0] if isinstance(output, (tuple, list)) else output
-    out_shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ()
-    cost = LayerCost(name=name, kind=type(module).__name__, params=params, output_shape=out_shape)
-    if isinstance(module, WEIGHT_LAYERS):
-        if isinstance(module, nn.Linear):
-            per_weight = out.numel() // (batch * module.out_features)   # tokens per example
-        elif isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
-            per_weight = math.prod(inputs[0].shape[2:])                # each input position
-        else:
-            per_weight = math.prod(out.shape[2:])                       # each output position
-        cost.weight_shape = tuple(module.weight.shape)
-        cost.macs_per_weight = int(per_weight)
-        cost.macs = int(per_weight) * module.weight.numel()
-    elif isinstance(module, _NORM_LAYERS):
-        cost.other_ops = out.numel() // batch
-    elif isinstance(module, _POOL_WINDOW):
+def _elementwise_ops(module: nn.Module, inputs: tuple, out, batch: int) -> int | None:
+    """Element-wise ops of a leaf module per example; None if its type has no rule."""
+    if isinstance(module, _NORM_LAYERS):
+        return out.numel() // batch
+    if isinstance(module, _POOL_WINDOW):
         kernel = module.kernel_size
         window = math.prod(kernel) if isinstance(kernel, tuple) else kernel ** (out.dim() - 2)
-        cost.other_ops = out.numel() // batch * window
-    elif isinstance(module, _POOL_ADAPTIVE):
-        cost.other_ops = inputs[0].numel() // batch
-    elif isinstance(module, _FREE) or getattr(module, "zero_macs", False):
-        pass
-    else:
-        return None
+        return out.numel() // batch * window
+    if isinstance(module, _POOL_ADAPTIVE):
+        return inputs[0].numel() // batch
+    if isinstance(module, (*_FREE, *_PRICED_BY_OPS)) or getattr(module, "zero_macs", False):
+        return 0
+    return None
+
+
+def _registered_uses(module: nn.Module, fn, inputs, output, name: str) -> ModuleCost:
+    cost = fn(module, inputs, output)
+    cost = ModuleCost(uses=dict(cost)) if isinstance(cost, dict) else cost
+    own = dict(module.named_parameters())
+    unknown = set(cost.uses) - set(own)
+    if unknown:
+        raise PrunekitError(f"the cost function registered for {type(module).__name__} names parameters "
+                            f"{sorted(unknown)} that module {name!r} does not have; it has {sorted(own)}")
     return cost
-
-
-class _AddCounter(TorchFunctionMode):
-    """Counts elementwise tensor additions made outside leaf modules (residual adds)."""
-
-    def __init__(self, scope: list[str], leaf_depth: list[int], batch: int):
-        super().__init__()
-        self.scope, self.leaf_depth, self.batch = scope, leaf_depth, batch
-        self.ops_by_scope: dict[str, int] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        if (func in _ADD_FUNCS and self.leaf_depth[0] == 0 and len(args) >= 2
-                and all(isinstance(a, torch.Tensor) for a in args[:2])
-                and isinstance(result, torch.Tensor)):
-            key = self.scope[-1] if self.scope else ""
-            self.ops_by_scope[key] = self.ops_by_scope.get(key, 0) + result.numel() // self.batch
-        return result
 
 
 def _trace(model: nn.Module, example_input) -> tuple[list[LayerCost], list[str]]:
     batch = _batch_size(example_input)
-    layers: dict[str, LayerCost] = {}   # a module called twice is one layer with both calls' costs
-    unknown: list[str] = []
+    modules = dict(model.named_modules())
+    index = _ParamIndex(model)
     scope: list[str] = []
-    leaf_depth = [0]
+    leaf_depth, opaque_depth = [0], [0]
+    ops = _OpCounter(index, scope, opaque_depth)
+    leaves: dict[str, dict] = {}       # leaf module name -> {"other_ops", "output_shape", "kind"}
+    unknown: list[str] = []
+    ran: set[str] = set()
     handles = []
 
-    def pre_hook(name, is_leaf):
+    def pre_hook(name, is_leaf, opaque):
         def hook(module, inputs):
+            ran.add(name)
             scope.append(name)
             leaf_depth[0] += is_leaf
+            opaque_depth[0] += opaque
         return hook
 
-    def post_hook(name, is_leaf):
+    def post_hook(name, is_leaf, fn):
         def hook(module, inputs, output):
             scope.pop()
             leaf_depth[0] -= is_leaf
+            if fn is not None:
+                opaque_depth[0] -= 1
+                if opaque_depth[0] == 0:
+                    _charge_registered(module, fn, inputs, output, name)
             if not is_leaf:
                 return
-            cost = _module_cost(name, module, inputs, output, batch)
-            if cost is None:
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            entry = leaves.setdefault(name, {"other_ops": 0, "kind": type(module).__name__,
+                                             "output_shape": tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ()})
+            if name not in ops.order:
+                ops.order.append(name)
+            other = 0 if fn is not None else _elementwise_ops(module, inputs, out, batch)
+            if other is None:
                 if name not in unknown:
                     unknown.append(name)
-                cost = LayerCost(name=name, kind=type(module).__name__ + " (unknown: 0 counted)",
-                                 params=sum(p.numel() for p in module.parameters(recurse=False)))
-            if name in layers:
-                layers[name].macs += cost.macs
-                layers[name].macs_per_weight += cost.macs_per_weight
-                layers[name].other_ops += cost.other_ops
+                entry["kind"] = type(module).__name__ + " (unknown: element-wise ops not counted)"
             else:
-                layers[name] = cost
+                entry["other_ops"] += other
         return hook
 
+    def _charge_registered(module, fn, inputs, output, name):
+        cost = _registered_uses(module, fn, inputs, output, name)
+        prefix = f"{name}." if name else ""
+        for local, uses in cost.uses.items():
+            full = prefix + local
+            ops.uses.mark(full)
+            ops.uses.uniform[full] += int(uses)
+            if full not in ops.order:
+                ops.order.append(full)
+        if cost.activation_macs:
+            scope.append(name)
+            ops._activation(cost.activation_macs)
+            scope.pop()
+
     for name, module in model.named_modules():
-        is_leaf = next(module.children(), None) is None
-        handles.append(module.register_forward_pre_hook(pre_hook(name, is_leaf)))
-        handles.append(module.register_forward_hook(post_hook(name, is_leaf)))
+        fn = registered_cost(module)
+        is_leaf = fn is not None or next(module.children(), None) is None
+        handles.append(module.register_forward_pre_hook(pre_hook(name, is_leaf, fn is not None)))
+        handles.append(module.register_forward_hook(post_hook(name, is_leaf, fn)))
 
     was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
-    counter = _AddCounter(scope, leaf_depth, batch)
+    adds = _AddCounter(scope, leaf_depth, batch)
+    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     try:
-        with torch.no_grad(), counter:
-            inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+        # The fused fast path of nn.MultiheadAttention / TransformerEncoderLayer is one opaque
+        # op; the ordinary path is the same arithmetic, op by op.
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad(), adds, ops:
             model(*inputs)
     except PrunekitError:
         raise
@@ -273,16 +321,80 @@ def _trace(model: nn.Module, example_input) -> tuple[list[LayerCost], list[str]]
                             f"{tuple(inputs[0].shape)}: {str(err).splitlines()[0]}; "
                             "pass an example input the model accepts") from None
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    _refuse_unpriced(ops.unpriced, modules)
+    return _build_layers(model, modules, ops, leaves, adds, batch, ran), unknown
 
-    # Parameters of modules that never ran (or of non-leaf modules) still count as params.
-    for name, module in model.named_modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False))
-        if own and name not in layers:
-            layers[name] = LayerCost(name=name, kind=type(module).__name__ + " (not run)", params=own)
-    for scope_name, ops in counter.ops_by_scope.items():
+
+def _refuse_unpriced(unpriced, modules) -> None:
+    if not unpriced:
+        return
+    first = unpriced[0]
+    owner = first.param.rsplit(".", 1)[0] if "." in first.param else ""
+    module = modules.get(owner)
+    kind = type(module).__name__ if module is not None else "module"
+    names = sorted({u.param for u in unpriced})
+    raise PrunekitError(
+        f"cannot count the MACs of parameter {first.param!r} (module {owner or '(root)'!r}, {kind}): "
+        f"it is used by the operation aten.{first.op}, which has no cost rule"
+        + (f" ({len(names)} parameters in all: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+           if len(names) > 1 else "")
+        + f"; register a cost for it with prunekit.register_cost({kind}, fn) (fn(module, inputs, output) "
+        "returns {parameter name: times each element is multiplied in the call}), or exclude the module "
+        "from the model you prune")
+
+
+def _key_of(name: str, weights: set[str]) -> tuple[str, str]:
+    """(entry name, owner module name) of parameter ``name``."""
+    owner, _, local = name.rpartition(".")
+    if name in weights and local != "weight":
+        return name, owner
+    return owner, owner
+
+
+def _build_layers(model, modules, ops: _OpCounter, leaves, adds, batch, ran: set[str]) -> list[LayerCost]:
+    weights = set(ops.uses.weights)
+    params = dict(model.named_parameters())
+    weight_keys = {_key_of(name, weights)[0] for name in weights}
+    _is_weight_key = weight_keys.__contains__
+    entries: dict[str, LayerCost] = {}
+
+    def entry(key: str, owner: str) -> LayerCost:
+        if key not in entries:
+            module = modules.get(owner)
+            kind = type(module).__name__ if module is not None else "?"
+            if key != owner:
+                kind = f"{kind}.{key.rpartition('.')[2]}"
+            elif key not in leaves and key not in ops.activation_macs and not _is_weight_key(key):
+                kind += " (parameters)" if owner in ran else " (not run)"
+            leaf = leaves.get(key, {})
+            entries[key] = LayerCost(name=key, kind=leaf.get("kind", kind), params=0,
+                                     other_ops=leaf.get("other_ops", 0), output_shape=leaf.get("output_shape", ()))
+        return entries[key]
+
+    for item in ops.order:           # execution order: leaves, weights, activation scopes
+        if item in params:
+            entry(*_key_of(item, weights))
+        else:
+            entry(item, item)
+    for name, p in params.items():
+        key, owner = _key_of(name, weights)
+        layer = entry(key, owner)
+        layer.params += p.numel()
+        if name in weights:
+            per_weight, per_element = ops.uses.per_element(name, p.numel(), batch)
+            layer.param_name, layer.weight_shape = name, tuple(p.shape)
+            layer.macs_per_weight, layer.element_macs = per_weight, per_element
+            layer.macs += per_weight * p.numel() if per_element is None else int(per_element.sum())
+    for scope_name, macs in ops.activation_macs.items():
+        layer = entry(scope_name, scope_name)
+        layer.activation_macs += macs // batch
+        layer.macs += macs // batch
+    ordered = [e for e in entries.values() if e.params or e.macs or e.other_ops or e.name in leaves]
+    for scope_name, n in adds.ops_by_scope.items():
         name = f"{scope_name}.(add)" if scope_name else "(add)"
-        layers[name] = LayerCost(name=name, kind="add", params=0, other_ops=ops)
-    return list(layers.values()), unknown
+        ordered.append(LayerCost(name=name, kind="add", params=0, other_ops=n))
+    return ordered

@@ -8,3 +8,8 @@ library users can catch it like any ``ValueError``.
 
 class PrunekitError(ValueError):
     """Bad input from the user: the message names the fix."""
+
+
+class PrunekitWarning(UserWarning):
+    """Something the user should know that does not stop the run (one line, our words; the
+    CLI prints it as ``prunekit: warning: ...``)."""

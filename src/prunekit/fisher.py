@@ -10,6 +10,8 @@ written into one preallocated (n, p) tensor as they are computed, so memory is n
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Iterable
 
 import torch
@@ -17,7 +19,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from .errors import PrunekitError
+from .errors import PrunekitError, PrunekitWarning
+
+# torch.func's notice for an operation without a batched (vmap) rule; it then loops over the
+# samples, which is exact but slow. We say it once, in our words, after the gradients.
+_NO_BATCH_RULE = re.compile(r"performance drop because we have not yet implemented the batching rule for (\S+?)\.")
 from .params import ParamSpace
 
 
@@ -56,11 +62,13 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
     was_training = model.training
     model.eval()
     bar = tqdm(total=n, desc="gradients", leave=False, disable=not progress, dynamic_ncols=True)
+    unbatched: set[str] = set()
     try:
         for x, y in _regroup(batches, batch if batch > 1 else chunk):
             x, y = x.to(device), y.to(device)
             if batch == 1:
-                g = per_sample_grads(weights, x, y)
+                with _unbatched_ops(unbatched):
+                    g = per_sample_grads(weights, x, y)
                 block = torch.cat([g[k].reshape(x.shape[0], -1) for k in names], dim=1)
             elif x.shape[0] < batch:
                 break                       # a short last mini-batch would weigh rows unequally
@@ -76,10 +84,39 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
     finally:
         bar.close()
         model.train(was_training)
+    if unbatched:
+        warnings.warn(PrunekitWarning(
+            f"per-sample gradients loop over the samples for {', '.join(sorted(unbatched))} (torch.func "
+            "has no batched rule for it): exact but slower; mini-batch rows (--fisher-batch 8) avoid it"),
+            stacklevel=2)
     if filled < n:
         raise PrunekitError(f"the training data gave only {filled} gradient rows of {batch} sample(s), "
                             f"{n} asked: lower --fisher-samples or --fisher-batch, or give more training images")
     return rows
+
+
+class _unbatched_ops:
+    """Collect into ``found`` the operations torch.func reports as lacking a batched rule (and
+    keep those notices from the user); any other warning passes through unchanged."""
+
+    def __init__(self, found: set[str]):
+        self.found = found
+        self.catcher = warnings.catch_warnings(record=True)
+
+    def __enter__(self):
+        self.caught = self.catcher.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self.catcher.__exit__(*exc)
+        for w in self.caught:
+            match = _NO_BATCH_RULE.search(str(w.message))
+            if match:
+                self.found.add(match.group(1).removesuffix("_backward"))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return False
 
 
 def _regroup(batches: Iterable, size: int):

@@ -1,8 +1,18 @@
 """ParamSpace: the prunable weights of a model as one flat vector with per-layer slices.
 
 Solvers work on a flat vector w of shape (p,); this module maps it to and from the model's
-tensors. By default every Conv/Linear ``weight`` is prunable; users include or exclude
-modules by name pattern (``fnmatch`` style, e.g. ``"layer1.*"`` or ``"fc"``).
+tensors. A *prunable weight* is a parameter tensor the network multiplies: every Conv/Linear
+``weight``, the packed ``in_proj_weight`` (or ``q/k/v_proj_weight``) of
+``nn.MultiheadAttention``, embedding tables, recurrent layers' ``weight_ih``/``weight_hh``, and,
+given the ``CostModel``, any parameter the trace saw as an operand of a product (a functional
+``F.linear(x, self.w)`` or ``x @ self.w``). Biases, norm scales, class tokens and positional
+embeddings are never prunable.
+
+Each prunable tensor is an ``Entry`` named like its ``CostModel`` layer: the module's name for
+a module's ``weight`` ("fc1"), the parameter's name otherwise ("blocks.0.attn.in_proj_weight").
+Users include or exclude by name pattern (``fnmatch`` style, e.g. ``"layer1.*"`` or ``"fc"``),
+matched against the entry's name, its module's name and every module above it, so excluding
+``"blocks.*.attn"`` leaves that attention's ``in_proj_weight`` and its ``out_proj`` dense.
 """
 
 from __future__ import annotations
@@ -16,12 +26,20 @@ from torch import nn
 from .costs import WEIGHT_LAYERS, CostModel
 from .errors import PrunekitError
 
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
 
 @dataclass(frozen=True)
 class Entry:
-    """One prunable tensor: ``module_name``'s ``weight``, at ``w[slice]`` in the flat vector."""
+    """One prunable tensor: parameter ``param_name``, at ``w[slice]`` in the flat vector.
 
-    module_name: str
+    ``name`` is its layer name (the ``CostModel``'s, and the key of masks); ``module`` the name
+    of the module that owns it.
+    """
+
+    name: str
+    param_name: str
+    module: str
     shape: tuple[int, ...]
     slice: slice
 
@@ -29,48 +47,80 @@ class Entry:
     def numel(self) -> int:
         return self.slice.stop - self.slice.start
 
+    @property
+    def module_name(self) -> str:
+        """The layer name (kept under its old name: masks and checkpoints are keyed by it)."""
+        return self.name
+
+
+def default_prunable(model: nn.Module) -> list[str]:
+    """Names (as in ``named_parameters``) of the parameters prunable by type, without a trace."""
+    names = []
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for local, p in module.named_parameters(recurse=False):
+            if _prunable_by_type(module, local, p):
+                names.append(prefix + local)
+    return names
+
+
+def _prunable_by_type(module: nn.Module, local: str, p: torch.Tensor) -> bool:
+    if isinstance(module, (*WEIGHT_LAYERS, nn.Embedding, nn.EmbeddingBag, nn.Bilinear)):
+        return local == "weight"
+    if isinstance(module, nn.MultiheadAttention):
+        return local in _ATTENTION_WEIGHTS
+    if isinstance(module, (nn.modules.rnn.RNNBase, nn.modules.rnn.RNNCellBase)):
+        return local.startswith(("weight_ih", "weight_hh"))
+    return False
+
 
 class ParamSpace:
     """The prunable weights of ``model``.
 
     Args:
         model: the network; its tensors are read and written in place.
-        include: name patterns of modules to prune (default: every Conv/Linear).
-        exclude: name patterns of modules to leave dense (applied after ``include``).
+        include: name patterns of layers to prune (default: every prunable weight).
+        exclude: name patterns of layers to leave dense (applied after ``include``).
+        costs: the model's ``CostModel``; with it, parameters the trace saw multiplied in
+            functional code are prunable too (without it, only the module types above).
     """
 
     def __init__(self, model: nn.Module, include: list[str] | None = None,
-                 exclude: list[str] | None = None):
+                 exclude: list[str] | None = None, costs: CostModel | None = None):
         self.model = model
         self.entries: list[Entry] = []
-        self._modules: dict[str, nn.Module] = {}
+        params = dict(model.named_parameters())
+        chosen = set(default_prunable(model))
+        if costs is not None:
+            chosen |= {layer.param_name for layer in costs.weight_layers() if layer.param_name in params}
         start = 0
-        for name, module in model.named_modules():
-            if not isinstance(module, WEIGHT_LAYERS):
+        for param_name, p in params.items():
+            if param_name not in chosen:
                 continue
-            if include is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
+            owner, _, local = param_name.rpartition(".")
+            name = owner if local == "weight" else param_name
+            if include is not None and not _matches(include, name, owner):
                 continue
-            if exclude is not None and any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
+            if exclude is not None and _matches(exclude, name, owner):
                 continue
-            numel = module.weight.numel()
-            self.entries.append(Entry(name, tuple(module.weight.shape), slice(start, start + numel)))
-            self._modules[name] = module
-            start += numel
+            self.entries.append(Entry(name, param_name, owner, tuple(p.shape), slice(start, start + p.numel())))
+            start += p.numel()
         if not self.entries:
-            raise PrunekitError("no prunable Conv/Linear weights matched: check the include/exclude "
-                                f"patterns {include!r}/{exclude!r} against the module names")
+            raise PrunekitError("no prunable weights matched: check the include/exclude "
+                                f"patterns {include!r}/{exclude!r} against the layer names")
+        self._params = {e.name: params[e.param_name] for e in self.entries}
         self.numel = start
 
     def names(self) -> list[str]:
-        return [e.module_name for e in self.entries]
+        return [e.name for e in self.entries]
 
     def param_names(self) -> list[str]:
         """The prunable tensors' names in ``model.named_parameters()``."""
-        return [f"{e.module_name}.weight" if e.module_name else "weight" for e in self.entries]
+        return [e.param_name for e in self.entries]
 
     def weights(self) -> list[torch.Tensor]:
         """The live weight tensors, in entry order."""
-        return [self._modules[e.module_name].weight for e in self.entries]
+        return [self._params[e.name] for e in self.entries]
 
     def vector(self) -> torch.Tensor:
         """A detached copy of the prunable weights, (p,)."""
@@ -86,12 +136,45 @@ class ParamSpace:
 
     def split(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-layer views of a flat vector (p,), shaped like the weights."""
-        return {e.module_name: v[e.slice].view(e.shape) for e in self.entries}
+        return {e.name: v[e.slice].view(e.shape) for e in self.entries}
 
     def macs_per_weight(self, costs: CostModel) -> torch.Tensor:
-        """MACs each prunable weight costs, per example, (p,) int64."""
-        return torch.cat([torch.full((e.numel,), costs.layer(e.module_name).macs_per_weight,
-                                     dtype=torch.int64, device=self.weights()[0].device) for e in self.entries])
+        """MACs each prunable weight costs, per example, (p,) int64 (0 for a weight the trace
+        never saw multiplied: a layer that did not run, an embedding table)."""
+        device = self.weights()[0].device
+        return torch.cat([self._layer_costs(costs, e, device) for e in self.entries])
+
+    def cost_slices(self, costs: CostModel) -> tuple[list[slice], list[int]]:
+        """Slices of w over which every weight costs the same, and that cost: per layer, or
+        finer where a layer's elements cost different amounts (cross-attention projections)."""
+        slices, macs = [], []
+        for e in self.entries:
+            layer = costs.layer(e.name) if costs.has_layer(e.name) else None
+            if layer is None or layer.param_name != e.param_name or layer.element_macs is None:
+                slices.append(e.slice)
+                macs.append(0 if layer is None or layer.param_name != e.param_name else layer.macs_per_weight)
+                continue
+            values = layer.element_macs
+            change = torch.nonzero(values[1:] != values[:-1]).flatten().add(1).tolist()
+            bounds = [0, *change, values.numel()]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                slices.append(slice(e.slice.start + a, e.slice.start + b))
+                macs.append(int(values[a]))
+        return slices, macs
+
+    @staticmethod
+    def _layer_costs(costs: CostModel, e: Entry, device) -> torch.Tensor:
+        layer = costs.layer(e.name) if costs.has_layer(e.name) else None
+        if layer is None or layer.param_name != e.param_name:
+            return torch.zeros(e.numel, dtype=torch.int64, device=device)
+        return layer.weight_costs(device)
 
     def layer_slices(self) -> list[slice]:
         return [e.slice for e in self.entries]
+
+
+def _matches(patterns: list[str], name: str, owner: str) -> bool:
+    """True if a pattern matches the entry's name or its module or any module above it."""
+    parts = owner.split(".") if owner else []
+    candidates = [name] + [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    return any(fnmatch.fnmatchcase(c, pat) for c in candidates for pat in patterns)

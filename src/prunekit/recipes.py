@@ -33,10 +33,16 @@ def schema(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict:
     """Read and validate a TOML recipe against ``parser``; returns {dest: value}."""
     path = Path(path)
+    if path.is_dir():
+        raise PrunekitError(f"recipe {path} is a folder: pass the TOML file (e.g. {path / 'config.toml'})")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PrunekitError(f"recipe {path} does not exist: check the path") from None
+    except UnicodeDecodeError:
+        raise PrunekitError(f"recipe {path} is not a text file: pass a TOML recipe (keys = option names)") from None
+    except OSError as err:
+        raise PrunekitError(f"cannot read recipe {path}: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise PrunekitError(f"recipe {path} is not valid TOML: {err}") from None
     return validate(raw, parser, str(path))

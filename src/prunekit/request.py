@@ -58,13 +58,13 @@ class PruneRequest:
         costs = CostModel(self.model, self.example_input)
         channels = None
         if method.family == "channels":
-            space = ParamSpace(self.model)
+            space = ParamSpace(self.model, costs=costs)
             resolved = budget.resolve(costs, space)
             shares = [_share(budget, resolved, costs), *(getattr(options, "snapshots", None) or [])]
             channels = channel_context(self.model, costs, self.example_input, shares, options.channel_multiple,
                                        batches=None)
         else:
-            space = ParamSpace(self.model, include=self.include, exclude=self.exclude)
+            space = ParamSpace(self.model, include=self.include, exclude=self.exclude, costs=costs)
             resolved = budget.resolve(costs, space)
             shares = []
         if method.check is not None:

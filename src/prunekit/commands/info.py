@@ -25,7 +25,7 @@ def cmd_info(args) -> int:
                      "params": layer.params, "nonzeros": counts.nonzeros_by_layer.get(layer.name),
                      "macs": macs, "other_ops": layer.other_ops,
                      "share": macs / counts.macs if counts.macs else 0.0})
-    space = ParamSpace(loaded.model, exclude=loaded.prune_exclude)
+    space = ParamSpace(loaded.model, exclude=loaded.prune_exclude, costs=costs)
     prunable_macs = int(space.macs_per_weight(costs).sum())
     totals = {"params": counts.params, "dense_params": costs.params, "macs": counts.macs,
               "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,
@@ -46,12 +46,14 @@ def cmd_info(args) -> int:
         if not r["params"] and not r["macs"] and not r["other_ops"]:
             continue
         shape = "x".join(map(str, r["shape"])) if r["shape"] else ""
-        macs = f"{r['macs']:,}" if r["shape"] else (f"({r['other_ops']:,} ops)" if r["other_ops"] else "")
-        share = f"{100 * r['share']:.1f}%" if r["shape"] else ""
+        counted = r["shape"] or r["macs"]        # weight layers, attention products
+        macs = f"{r['macs']:,}" if counted else (f"({r['other_ops']:,} ops)" if r["other_ops"] else "")
+        share = f"{100 * r['share']:.1f}%" if counted else ""
         print(f"{r['name'][:28]:<28} {r['type'][:18]:<18} {shape:<20} {r['params']:>10,} {macs:>13} {share:>7}")
     print("-" * len(header))
-    print(f"total: {counts.params:,} params, {counts.macs:,} MACs in weight layers "
-          f"({counts.macs / 1e6:.2f}M), {costs.other_ops:,} other ops (BN, pooling, adds)")
+    print(f"total: {counts.params:,} params, {counts.macs:,} MACs ({counts.macs / 1e6:.2f}M"
+          + (f", of which {costs.activation_macs:,} in attention products" if costs.activation_macs else "")
+          + f"), {costs.other_ops:,} other ops (BN, pooling, adds)")
     print(f"prunable: {space.numel:,} weights, {prunable_macs:,} MACs ({prunable_macs / 1e6:.2f}M)"
           + (f", leaving dense {', '.join(loaded.prune_exclude)}" if loaded.prune_exclude else ""))
     if counts.macs != costs.macs:
@@ -60,8 +62,8 @@ def cmd_info(args) -> int:
     if shrunk:
         print(shrunk_line(shrunk))
     if costs.unknown:
-        print(f"warning: no counting rule for {len(costs.unknown)} module(s), counted as 0: "
-              f"{', '.join(costs.unknown[:5])}")
+        print(f"note: no element-wise rule for {len(costs.unknown)} module(s) (their MACs are counted, "
+              f"their other ops not): {', '.join(costs.unknown[:5])}")
     return 0
 
 

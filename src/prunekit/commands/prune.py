@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .. import recipes, report, runs
+from ..api_checks import check_out
 from ..errors import PrunekitError
 from ..executor import execute
 from ..loading import LoadedModel
@@ -59,6 +60,7 @@ def step_printer(args):
 
 
 def cmd_prune(args) -> int:
+    check_out(args.out, "--out")         # before any work: never write over a user's files
     if args.train_samples is not None and args.train_samples < 1:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to use every training image)")
     if args.onnx and not args.out:

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..api_checks import check_out
 from ..costs import CostModel
 from ..errors import PrunekitError
 from ..data import load_dataset, make_loader
@@ -18,6 +19,7 @@ from .common import add_data_args, add_model_args, describe, emit, peak_rss_mb
 
 def cmd_train(args) -> int:
     check_train_args(args)
+    check_out(args.out, "--out")
     train_ds = load_dataset(args.data, args.data_dir, "train")
     test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test")
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights

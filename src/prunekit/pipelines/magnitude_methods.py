@@ -68,6 +68,6 @@ def run_magnitude_flops(ctx: PruneContext, opts: MagnitudeOptions) -> Pruned:
     s = scores(ctx, opts)
     # magnitude_flops maximises the sum of squares of what it is given: give it sqrt(score).
     values = ctx.space.vector() if opts.importance is None else s.sqrt()
-    keep, ilp = magnitude_flops(values, ctx.space.layer_slices(), ctx.layer_macs(),
-                                ctx.budget.max_nonzeros, ctx.budget.max_macs)
+    slices, slice_macs = ctx.space.cost_slices(ctx.costs)
+    keep, ilp = magnitude_flops(values, slices, slice_macs, ctx.budget.max_nonzeros, ctx.budget.max_macs)
     return Pruned(ctx.space.vector() * keep, {} if ilp is None else {"ilp_gap": ilp.gap})

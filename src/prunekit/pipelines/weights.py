@@ -46,7 +46,8 @@ class PruneContext:
     history: list[dict] = field(default_factory=list)
 
     def layer_macs(self) -> list[int]:
-        return [self.costs.layer(e.module_name).macs_per_weight for e in self.space.entries]
+        """MACs per weight of each slice of ``space.cost_slices`` (one per layer, or finer)."""
+        return self.space.cost_slices(self.costs)[1]
 
 
 @dataclass

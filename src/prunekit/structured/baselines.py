@@ -9,6 +9,7 @@ so that ``CostModel.count`` of the pruned model is the largest not above the bud
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch_pruning as tp
@@ -28,11 +29,15 @@ def _prune_once(model, method, ratio, example_input, ignored_names, grads, globa
     modules = dict(pruned.named_modules())
     importance = tp.importance.GroupMagnitudeImportance(p=2) if method == "tp-magnitude" \
         else tp.importance.GroupTaylorImportance()
-    pruner = tp.pruner.MetaPruner(pruned, example_input, importance=importance, pruning_ratio=ratio,
-                                  ignored_layers=[modules[n] for n in ignored_names],
-                                  global_pruning=global_pruning, max_pruning_ratio=0.95,
-                                  round_to=round_to if round_to > 1 else None)
-    pruner.step()
+    with warnings.catch_warnings():
+        # torch-pruning prunes bare parameters itself (their last axis) and says so; a baseline
+        # run is its behaviour by definition, so its notice is not for our users.
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        pruner = tp.pruner.MetaPruner(pruned, example_input, importance=importance, pruning_ratio=ratio,
+                                      ignored_layers=[modules[n] for n in ignored_names],
+                                      global_pruning=global_pruning, max_pruning_ratio=0.95,
+                                      round_to=round_to if round_to > 1 else None)
+        pruner.step()
     for p in pruned.parameters():
         p.grad = None
     return pruned

@@ -5,14 +5,20 @@ they are *consumed*: a forward pre-hook on every Conv/Linear that takes the grou
 input scales those input channels by ``g``. With ``g`` in {0, 1} the gated model computes
 exactly what the model with the closed channels removed computes (per-channel ops such as BN,
 ReLU and residual adds never mix channels, and every path of a channel ends in a consumer).
-Depthwise convs are not gated (their output goes on to a gated consumer).
+Depthwise convs are not gated (their output goes on to a gated consumer). An attention head
+is gated where its output leaves the head, before ``out_proj`` (``attention.py``: a forward
+hook recomputes the module's output with the gates; the fused fast path of
+``TransformerEncoderLayer`` is turned off while gates are attached, as it would skip it).
 
 ``GatedMacs`` counts MACs the way ``CostModel`` does (``weight.numel() * output positions``),
 from the same per-layer trace: a layer costs
 ``coef * kept_in * kept_out`` with ``coef = macs_per_weight * kernel elements`` and
-``kept = dense - sum_groups (size - sum(g)) * repeat``; a depthwise conv keeps one input
-channel per output channel, so it costs ``coef * 1 * kept_out``. For 0/1 gates this equals
-``CostModel.count`` of the shrunk model; for gates in (0, 1) it is the differentiable relaxation.
+``kept = dense - sum_groups (size - sum(g)) * repeat * segments``; a depthwise conv keeps one
+input channel per output channel, so it costs ``coef * 1 * kept_out``, a conv of G groups
+``coef * kept_in / G * kept_out``. A head group prices the rows of q, k and v of its heads,
+the columns of ``out_proj`` and the attention products (QKᵀ and AV: linear in the kept heads).
+For 0/1 gates this equals ``CostModel.count`` of the shrunk model; for gates in (0, 1) it is
+the differentiable relaxation.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from torch import nn
 
 from ..costs import CostModel
+from .attention import gated_forward_hook
 from .groups import GroupSet
 
 GateValues = list[torch.Tensor]   # one (group.size,) tensor per group, in GroupSet order
@@ -43,16 +50,25 @@ class GateHooks:
     def __init__(self, model: nn.Module, groups: GroupSet):
         self.values: GateValues | None = None
         modules = dict(model.named_modules())
-        consumers: dict[str, list[tuple[int, int, int]]] = {}
-        for group in groups:
-            for member in group.layers("in"):
-                consumers.setdefault(member.module, []).append((group.index, member.offset, member.repeat))
+        consumers: dict[str, list[tuple[int, torch.Tensor, int, int]]] = {}
         self._handles = []
+        for group in groups:
+            if group.kind == "heads":
+                member = group.members[0]
+                get = (lambda i: lambda: None if self.values is None else self.values[i])(group.index)
+                self._handles.append(modules[member.module].register_forward_hook(
+                    gated_forward_hook(get), with_kwargs=True))
+                continue
+            for member in group.layers("in"):
+                idx = group.channels(member, torch.arange(group.size))
+                consumers.setdefault(member.module, []).append((group.index, idx, member.repeat, group.segments))
         for name, entries in consumers.items():
             module = modules[name]
             if _is_depthwise(module):
                 continue
             self._handles.append(module.register_forward_pre_hook(self._hook(module, entries)))
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
 
     def _hook(self, module: nn.Module, entries):
         linear = isinstance(module, nn.Linear)
@@ -61,17 +77,11 @@ class GateHooks:
         def hook(mod, inputs):
             if self.values is None:
                 return None
-            pieces, at = [], 0
             x = inputs[0]
-            for index, offset, repeat in sorted(entries, key=lambda e: e[1]):
+            scale = torch.ones(width, dtype=x.dtype, device=x.device)
+            for index, idx, repeat, segments in entries:
                 g = self.values[index].to(x.dtype)
-                if offset > at:
-                    pieces.append(torch.ones(offset - at, dtype=x.dtype, device=x.device))
-                pieces.append(g.repeat_interleave(repeat) if repeat > 1 else g)
-                at = offset + g.numel() * repeat
-            if at < width:
-                pieces.append(torch.ones(width - at, dtype=x.dtype, device=x.device))
-            scale = torch.cat(pieces)
+                scale = scale.index_copy(0, idx.to(x.device), _spread(g, repeat, segments))
             shape = (1,) * (x.dim() - 1) + (width,) if linear else (1, width) + (1,) * (x.dim() - 2)
             return (x * scale.view(shape),) + tuple(inputs[1:])
         return hook
@@ -79,6 +89,8 @@ class GateHooks:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        if self._handles or hasattr(self, "_fastpath"):
+            torch.backends.mha.set_fastpath_enabled(getattr(self, "_fastpath", True))
         self._handles = []
 
     def __enter__(self):
@@ -86,6 +98,13 @@ class GateHooks:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+def _spread(g: torch.Tensor, repeat: int, segments: int) -> torch.Tensor:
+    """Gate values laid out like ``ChannelGroup.channels``: each gate ``repeat`` times in a row,
+    the whole block once per segment, (size * repeat * segments,)."""
+    g = g.repeat_interleave(repeat) if repeat > 1 else g
+    return g.repeat(segments) if segments > 1 else g
 
 
 class GatedMacs:
@@ -98,37 +117,63 @@ class GatedMacs:
         self.groups = groups
         modules = dict(model.named_modules())
         by_layer: dict[str, dict[str, list[tuple[int, int]]]] = {}
+        self.terms = []   # (coef, dense_in, dense_out, in_groups, out_groups, in_divisor)
+        handled = 0
         for group in groups:
+            if group.kind == "heads":
+                handled += self._head_terms(group, costs)
+                continue
             for member in group.members:
                 if member.role in ("out", "in"):
                     by_layer.setdefault(member.module, {"out": [], "in": []})[member.role].append(
-                        (group.index, member.repeat))
-        self.terms = []   # (coef, dense_in, dense_out, in_groups, out_groups)
-        self.fixed = 0
+                        (group.index, member.repeat * group.segments))
         for layer in costs.weight_layers():
-            shape = layer.weight_shape
-            coef = layer.macs_per_weight * math.prod(shape[2:])
             entry = by_layer.get(layer.name)
             if entry is None:
-                self.fixed += layer.macs
                 continue
-            depthwise = _is_depthwise(modules[layer.name])
-            in_groups = [] if depthwise else entry["in"]
-            self.terms.append((coef, shape[1], shape[0], in_groups, entry["out"]))
+            shape = layer.weight_shape
+            coef = layer.macs_per_weight * math.prod(shape[2:])
+            module = modules[layer.name]
+            groups_of = getattr(module, "groups", 1)
+            if _is_depthwise(module):
+                self.terms.append((coef, shape[1], shape[0], [], entry["out"], 1))
+            else:
+                self.terms.append((coef, shape[1] * groups_of, shape[0], entry["in"], entry["out"], groups_of))
+            handled += layer.weight_macs
+        self.fixed = costs.macs - handled
         self.dense = costs.macs
         ones = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
         for v in ones:
             v[0] = 1.0
         self.minimum = float(self.macs(ones))
 
+    def _head_terms(self, group, costs: CostModel) -> int:
+        """Terms of one attention module's head group; returns the dense MACs they cover."""
+        member = group.members[0]
+        d, heads = member.repeat, group.size
+        inner = heads * d
+        in_proj = costs.layer(f"{member.module}.in_proj_weight")
+        out_proj = costs.layer(f"{member.module}.out_proj")
+        embed = in_proj.weight_shape[1]
+        per_row = in_proj.weight_costs().view(3 * inner, embed)
+        for chunk in per_row.split(inner):
+            coef = int(chunk[0, 0])
+            if not bool((chunk == coef).all()):
+                raise AssertionError(f"{member.module}: projection rows of one kind cost different MACs")
+            self.terms.append((coef, embed, inner, [], [(group.index, d)], 1))
+        self.terms.append((out_proj.macs_per_weight, inner, out_proj.weight_shape[0], [(group.index, d)], [], 1))
+        products = costs.layer(member.module).activation_macs if costs.has_layer(member.module) else 0
+        self.terms.append((products / inner, 1, inner, [], [(group.index, d)], 1))
+        return in_proj.weight_macs + out_proj.weight_macs + products
+
     def macs(self, values: GateValues) -> torch.Tensor:
         """Total MACs (a 0-d tensor, float64 if the gates are) for gate ``values``."""
         closed = [g.numel() - g.sum() for g in values]
         total = torch.zeros((), dtype=values[0].dtype if values else torch.float64) + self.fixed
-        for coef, dense_in, dense_out, in_groups, out_groups in self.terms:
+        for coef, dense_in, dense_out, in_groups, out_groups, divisor in self.terms:
             kept_in = dense_in - sum((closed[i] * r for i, r in in_groups), torch.zeros(()))
             kept_out = dense_out - sum((closed[i] * r for i, r in out_groups), torch.zeros(()))
-            total = total + coef * kept_in * kept_out
+            total = total + coef * kept_in / divisor * kept_out
         return total
 
     def macs_of_masks(self, masks: list[torch.Tensor]) -> int:
@@ -141,16 +186,30 @@ def fold_gates(model: nn.Module, groups: GroupSet, values: GateValues) -> None:
     """Multiply each gate into the consumer weights it scales (in place; exact, consumers are linear).
 
     After this, the ungated model computes what the gated one did: a gated model whose gates
-    are then replaced by 0/1 masks keeps the learned scale of the channels it keeps.
+    are then replaced by 0/1 masks keeps the learned scale of the channels it keeps. A head's
+    gate goes into its columns of ``out_proj``.
     """
     modules = dict(model.named_modules())
     for group in groups:
         g = values[group.index].detach()
+        if group.kind == "heads":
+            member = group.members[0]
+            out_proj = modules[member.module].out_proj
+            out_proj.weight *= g.repeat_interleave(member.repeat).to(out_proj.weight.dtype).view(1, -1)
+            continue
         for member in group.layers("in"):
             module = modules[member.module]
             if _is_depthwise(module):
                 continue
-            scale = g.repeat_interleave(member.repeat) if member.repeat > 1 else g
-            stop = member.offset + scale.numel()
+            idx = group.channels(member, torch.arange(group.size)).to(module.weight.device)
+            scale = _spread(g, member.repeat, group.segments).to(module.weight.dtype)
             shape = (1, -1) + (1,) * (module.weight.dim() - 2)
-            module.weight[:, member.offset:stop] *= scale.to(module.weight.dtype).view(shape)
+            groups_of = getattr(module, "groups", 1)
+            if groups_of > 1:                     # weight (out, in/G, ...): block s scales its outputs' inputs
+                per = module.weight.shape[1]
+                full = torch.ones(per * groups_of, dtype=scale.dtype, device=scale.device).index_copy(0, idx, scale)
+                out_per = module.weight.shape[0] // groups_of
+                for s in range(groups_of):
+                    module.weight[s * out_per:(s + 1) * out_per] *= full[s * per:(s + 1) * per].view(shape)
+            else:
+                module.weight[:, idx] *= scale.view(shape)

@@ -5,9 +5,21 @@ that residual adds tie channels, depthwise convs tie input to output, concatenat
 and flatten repeats indices). Its groups are turned into :class:`ChannelGroup` objects that
 say, per member layer, which slice of which channel axis the group controls.
 
-What the adapter refuses (the group is left dense and listed in ``GroupSet.skipped``):
+Attention heads are groups of their own (``kind == "heads"``): one member, the
+``nn.MultiheadAttention`` module, role "heads", ``repeat`` = head dimension; removing a head
+removes its rows of the q/k/v projections and its columns of ``out_proj`` (``attention.py``),
+so the embedding width always stays ``heads x head_dim`` of the kept heads.
+
+A grouped convolution (``groups = G``, not depthwise) splits its channels into G blocks that
+must keep equal counts: a group touching one has ``segments = G`` and group channel ``j``
+stands for channel ``j`` of every block (so every block keeps the same positions).
+
+What the adapter refuses (the group is left dense and listed in ``GroupSet.skipped``, by name):
 
 * groups that reach the network's output (no consumer inside the net: the logits);
+* groups touching a module with parameters that channel surgery cannot resize (LayerNorm,
+  nn.MultiheadAttention's embedding width, an embedding, a recurrent layer, your own layer):
+  in a transformer this is the residual stream, kept at full width;
 * groups whose index maps are not one of the shapes we understand (identity, a concat offset,
   a flatten repeat): anything else would be pruned wrongly, so it is not pruned;
 * groups passing through a zero-pad shortcut (a module with ``pads_channels = True``, e.g. the
@@ -16,11 +28,12 @@ What the adapter refuses (the group is left dense and listed in ``GroupSet.skipp
   the next stage's 2C. There the adapter keeps the block outputs (conv2/bn2, the stage width)
   dense and prunes only the channels inside each block (conv1/bn1 out = conv2 in), the choice
   most papers make for option-A ResNets;
-* groups touching a grouped conv that is not depthwise (none in the zoo).
+* groups touching grouped convs of different G, or a grouped conv through a flatten.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +41,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import PrunekitError
+from .attention import head_prunable
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -37,10 +51,11 @@ _BN = nn.modules.batchnorm._BatchNorm
 class Member:
     """One layer's share of a group.
 
-    ``role``: "out" (output channels of a Conv/Linear), "in" (input channels of a Conv/Linear)
-    or "bn" (BatchNorm features). Group channel ``j`` is the layer's channels
-    ``offset + j * repeat ... offset + (j + 1) * repeat - 1`` on that axis (``repeat`` > 1
-    only for a Linear after a flatten of C x H x W).
+    ``role``: "out" (output channels of a Conv/Linear), "in" (input channels of a Conv/Linear),
+    "bn" (BatchNorm features) or "heads" (heads of an attention module, ``repeat`` = head dim).
+    Group channel ``j`` is the layer's channels ``offset + s * size * repeat + j * repeat ...
+    + repeat - 1`` on that axis for each segment ``s < group.segments`` (``repeat`` > 1 only for
+    a Linear after a flatten of C x H x W, and for heads).
     """
 
     module: str
@@ -57,12 +72,22 @@ class ChannelGroup:
     root: str
     size: int
     members: list[Member] = field(default_factory=list)
+    segments: int = 1
+    kind: str = "channels"
 
     def layers(self, role: str) -> list[Member]:
         return [m for m in self.members if m.role == role]
 
+    def channels(self, member: Member, j: torch.Tensor) -> torch.Tensor:
+        """The layer channels of ``member`` that group channels ``j`` (k,) stand for, (k·repeat·segments,)."""
+        block = self.size * member.repeat
+        per = (j.view(-1, 1) * member.repeat + torch.arange(member.repeat)).flatten()
+        return torch.cat([member.offset + s * block + per for s in range(self.segments)])
+
     def __str__(self) -> str:
-        return f"group {self.index} ({self.root}, {self.size} channels, {len(self.members)} members)"
+        what = "heads" if self.kind == "heads" else "channels"
+        extra = f" x {self.segments} blocks" if self.segments > 1 else ""
+        return f"group {self.index} ({self.root}, {self.size} {what}{extra}, {len(self.members)} members)"
 
 
 @dataclass
@@ -83,22 +108,30 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     was_training = model.training
     model.eval()
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        with warnings.catch_warnings():
+            # A bare nn.Parameter used in forward: torch-pruning warns that it would prune its
+            # last axis. We never do; its groups are left dense and listed in GroupSet.skipped.
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     finally:
         model.train(was_training)
 
 
 def find_groups(model: nn.Module, example_input: torch.Tensor) -> GroupSet:
-    """The channel groups of ``model`` (Conv/Linear/BatchNorm channels), traced on ``example_input``."""
+    """The channel groups of ``model`` (Conv/Linear/BatchNorm channels and attention heads),
+    traced on ``example_input``."""
     graph = build_graph(model, example_input)
     names = {module: name for name, module in model.named_modules()}
+    names.update({param: name for name, param in model.named_parameters()})
     groups: list[ChannelGroup] = []
     skipped: list[tuple[str, str]] = []
     seen: set[frozenset] = set()
     for tp_group in graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)):
         root_module = tp_group[0].dep.target.module
         root = names.get(root_module, str(root_module))
-        members, reason = _members(tp_group, names)
+        if isinstance(root_module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            continue               # an attention's out_proj: its heads are a group of their own
+        members, segments, reason = _members(tp_group, names)
         key = frozenset((m.module, m.role) for m in members) if members else frozenset([root])
         if key in seen:
             continue
@@ -106,12 +139,23 @@ def find_groups(model: nn.Module, example_input: torch.Tensor) -> GroupSet:
         if reason is not None:
             skipped.append((root, reason))
             continue
-        size = _size_of(root_module)
-        groups.append(ChannelGroup(index=len(groups), root=root, size=size, members=members))
+        size = _size_of(root_module) // segments
+        groups.append(ChannelGroup(index=len(groups), root=root, size=size, members=members, segments=segments))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            why = head_prunable(module)
+            if why is None and module.num_heads < 2:
+                why = "a single head"
+            if why is not None:
+                skipped.append((name, f"attention heads kept: {why}"))
+                continue
+            groups.append(ChannelGroup(index=len(groups), root=name, size=module.num_heads,
+                                       members=[Member(name, "heads", 0, module.head_dim)], kind="heads"))
     if not groups:
         raise PrunekitError("the model has no prunable channel group (every coupled channel set reaches "
                             "the output or an operation the dependency analysis cannot map); "
-                            "structured pruning needs Conv/Linear layers with channels feeding other layers")
+                            "structured pruning needs Conv/Linear layers with channels feeding other layers"
+                            + "".join(f"; {root}: {why}" for root, why in skipped[:3]))
     return GroupSet(groups, skipped)
 
 
@@ -119,19 +163,26 @@ def _size_of(module: nn.Module) -> int:
     return module.out_channels if isinstance(module, _CONV) else module.out_features
 
 
-def _members(tp_group, names: dict) -> tuple[list[Member], str | None]:
-    """Our members of a torch-pruning group, or a reason why it cannot be pruned."""
+def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
+    """Our members of a torch-pruning group and its segment count, or a reason why it cannot be pruned."""
     root_module = tp_group[0].dep.target.module
     size = _size_of(root_module)
     members: list[Member] = []
+    segments = 1
     has_consumer = False
     for item in tp_group.items:
         dep, idxs = item.dep, [int(i) for i in item.idxs]
         module = dep.target.module
         grad_name = type(dep.target.grad_fn).__name__ if getattr(dep.target, "grad_fn", None) else ""
         if "ConstantPadNd" in grad_name or getattr(module, "pads_channels", False):
-            return [], "passes through a zero-pad (option-A) shortcut: block outputs kept dense"
+            return [], 1, "passes through a zero-pad (option-A) shortcut: block outputs kept dense"
+        if isinstance(module, nn.Parameter):     # used bare in forward, outside any layer
+            return [], 1, f"touches parameter {names.get(module, '?')} outside a Conv/Linear/BatchNorm layer"
         if not isinstance(module, (*_CONV, nn.Linear, _BN)):
+            if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)) \
+                    or isinstance(module, nn.MultiheadAttention):
+                return [], 1, (f"touches {names.get(module, type(module).__name__)} ({type(module).__name__}), "
+                               "whose channels channel surgery cannot resize: kept dense")
             continue
         name = names[module]
         out_fn = _prunes_out_channels(dep)
@@ -144,26 +195,32 @@ def _members(tp_group, names: dict) -> tuple[list[Member], str | None]:
             has_consumer = True
         if isinstance(module, _CONV) and module.groups > 1:
             depthwise = module.groups == module.in_channels == module.out_channels
-            if not depthwise:
-                return [], f"touches grouped conv {name} (groups={module.groups}, not depthwise)"
-            if role == "in":
-                role = "out"           # a depthwise conv's input channel is its output channel
+            if depthwise:
+                if role == "in":
+                    role = "out"           # a depthwise conv's input channel is its output channel
+            elif segments not in (1, module.groups):
+                return [], 1, f"touches grouped convs of different groups ({segments}, {module.groups} at {name})"
+            else:
+                segments = module.groups
         if len(idxs) == 0 or len(idxs) % size:
-            return [], f"index map of {name} has {len(idxs)} entries for {size} channels"
+            return [], 1, f"index map of {name} has {len(idxs)} entries for {size} channels"
         repeat = len(idxs) // size
         offset = idxs[0]
         if idxs != list(range(offset, offset + len(idxs))) or offset + len(idxs) > extent:
-            return [], f"index map of {name} is not a contiguous block"
+            return [], 1, f"index map of {name} is not a contiguous block"
         if repeat > 1 and role != "in":
-            return [], f"{name} repeats channels on its {role} axis"
+            return [], 1, f"{name} repeats channels on its {role} axis"
         if role != "in" and extent != size:
-            return [], f"{name} has {extent} channels where the group has {size}"
+            return [], 1, f"{name} has {extent} channels where the group has {size}"
         member = Member(name, role, offset, repeat)
         if member not in members:
             members.append(member)
     if not has_consumer:
-        return [], "reaches the network output (no consuming layer)"
-    return members, None
+        return [], 1, "reaches the network output (no consuming layer)"
+    if segments > 1:
+        if size % segments or any(m.repeat > 1 for m in members):
+            return [], 1, f"{size} channels do not split into the {segments} blocks of a grouped conv"
+    return members, segments, None
 
 
 def _prunes_out_channels(dep) -> bool:

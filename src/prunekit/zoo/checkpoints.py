@@ -16,8 +16,10 @@ to ``X.weight`` and dropped (the WoodFisher / CHITA masked-layer wrappers).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import pickle
+import warnings
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -42,6 +44,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Raises :class:`PrunekitError` if the file is missing, unreadable or holds no state dict.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = path / "model.safetensors"
+        hint = f" (this one holds {inside})" if inside.is_file() else ""
+        raise PrunekitError(f"checkpoint {path} is a folder, not a file: pass the checkpoint file{hint}")
     if not path.is_file():
         raise PrunekitError(f"checkpoint {path} not found: check the path")
     raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
@@ -75,8 +81,14 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_torch(path: Path) -> object:
+    if _is_plain_pickle(path):
+        raise PrunekitError(
+            f"checkpoint {path} is a plain pickle (pickle.dump), not a torch.save file, and prunekit "
+            "never unpickles arbitrary objects: save it with torch.save(model.state_dict(), path) "
+            "or as .safetensors")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _quiet_torch_load():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass  # it pickles non-tensor objects: read it again, neutralizing them
     except Exception as err:  # torch raises many types for files that are not checkpoints
@@ -84,11 +96,33 @@ def _read_torch(path: Path) -> object:
     try:
         # weights_only=False is required to pass a pickle_module; the restricted module
         # resolves only tensor-rebuild functions, so nothing from the file is executed.
-        return torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle
-        )
+        with _quiet_torch_load():
+            return torch.load(
+                path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle
+            )
     except Exception as err:
         raise PrunekitError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+
+
+# torch.save's two formats: a zip archive, or (legacy) a pickle that starts with this magic number.
+_ZIP_START = b"PK\x03\x04"
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _is_plain_pickle(path: Path) -> bool:
+    """A pickle (protocol 2+ starts with 0x80) in neither of torch.save's formats."""
+    with open(path, "rb") as handle:
+        head = handle.read(32)
+    return head[:1] == b"\x80" and not head.startswith(_ZIP_START) and _LEGACY_MAGIC not in head
+
+
+@contextlib.contextmanager
+def _quiet_torch_load():
+    """Silence torch's notice about a pickle protocol its weights-only reader was not made for:
+    when such a file cannot be read, our error says why in one line; when it can, all is well."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        yield
 
 
 def _first_line(err: BaseException) -> str:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
+from ..layers import SlimAttention
 
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
@@ -20,7 +21,11 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
     """Per-layer channel counts of every Conv/Linear/BatchNorm (JSON-ready)."""
     layout = {}
     for name, module in model.named_modules():
-        if isinstance(module, _CONV):
+        if isinstance(module, SlimAttention):        # attention with heads removed
+            layout[name] = {"heads": module.num_heads, "head_dim": module.head_dim,
+                            "embed_dim": module.embed_dim, "bias": module.in_proj_bias is not None,
+                            "batch_first": module.batch_first, "dropout": module.dropout}
+        elif isinstance(module, _CONV):
             layout[name] = {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
         elif isinstance(module, nn.Linear):
             layout[name] = {"in": module.in_features, "out": module.out_features}
@@ -38,6 +43,12 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             raise PrunekitError(f"the saved channel layout names layer {name!r}, which the model lacks: "
                                 "the file belongs to another architecture")
         try:
+            if "heads" in spec:                          # an nn.MultiheadAttention that lost heads
+                slim = SlimAttention(int(spec["embed_dim"]), int(spec["heads"]), int(spec["head_dim"]),
+                                     bool(spec["bias"]), bool(spec["batch_first"]), float(spec["dropout"]))
+                parent_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, attr, slim)
+                continue
             if isinstance(module, _CONV):
                 cin, cout, groups = int(spec["in"]), int(spec["out"]), int(spec["groups"])
                 module.in_channels, module.out_channels, module.groups = cin, cout, groups

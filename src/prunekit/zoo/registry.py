@@ -14,10 +14,12 @@ from prunekit.zoo.imagenet_resnet import ResNet50
 from prunekit.zoo.mlp import MLPNet
 from prunekit.zoo.mobilenet import MobileNetV1
 from prunekit.zoo.vgg import VGG16BN
+from prunekit.zoo.vit import VisionTransformer
 
 Norm = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per input channel
 
 _MNIST: Norm = ((0.1307,), (0.3081,))
+_FASHION: Norm = ((0.2860,), (0.3530,))   # Fashion-MNIST training pixels' mean and std
 _HALF: Norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 _IMAGENET: Norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # The CIFAR-10 training set's per-channel pixel mean and standard deviation.
@@ -72,6 +74,8 @@ _REGISTRY: dict[str, tuple[ModelSpec, Builder]] = dict(
                lambda k, c: MobileNetV1(k, c, stem_stride=1)),
         _entry("resnet50", _IMAGENET_SHAPE, 1000, "imagenet", _IMAGENET, ResNet50),
         _entry("vgg16-bn", _CIFAR_SHAPE, 10, "cifar10", _CIFAR, VGG16BN),
+        # 4 heads of 16, 2 pre-norm blocks, 7x7 patches: 17 tokens (recipe in the README).
+        _entry("vit-tiny", (1, 28, 28), 10, "fashion-mnist", _FASHION, VisionTransformer),
     ]
 )  # fmt: skip
 

@@ -1,0 +1,189 @@
+"""Checks on the arguments of ``prunekit.prune``, before any work or any file is written.
+
+Every bad value becomes one :class:`PrunekitError` line that names the parameter as Python
+spells it (``fisher_samples``, not ``--fisher-samples``) and says what would be right. The
+per-option rules are one table (:data:`OPTION_RULES`: name -> (test, what is expected)) so that
+they can join a wider option-constraint table later; the data checks (:func:`check_data`,
+:func:`check_labels`) look at what the user passed, not at the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import PrunekitError
+from .pipelines.schedule import KINDS
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_whole(v) -> bool:
+    return _whole(v) and v >= 1
+
+
+def _positive_number(v) -> bool:
+    return _number(v) and 0 < v < float("inf")
+
+
+# Method options: name -> (test of a given value, what is expected). None always means "the
+# method's default" and is not checked here. Method-specific limits (a solver name chita does
+# not know, a count above the data) stay with the method.
+OPTION_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "fisher_samples": (_positive_whole, "a whole number of gradient rows >= 1, e.g. 1000"),
+    "fisher_batch": (_positive_whole, "a whole number of samples per row >= 1 (1 = per-sample)"),
+    "stages": (_positive_whole, "a whole number of stages >= 1"),
+    "block_size": (_positive_whole, "a whole number of weights >= 1"),
+    "obs_block_size": (_positive_whole, "a whole number of weights >= 1, e.g. 128"),
+    "ridge": (_positive_number, "a positive number, e.g. 1e-4"),
+    "relative_ridge": (_positive_number, "a positive number, e.g. 0.1"),
+    "schedule": (lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
+    "revive": (lambda v: isinstance(v, bool), "True or False"),
+    "first_order": (lambda v: isinstance(v, bool), "True or False"),
+    "solver": (lambda v: v in ("iht", "backsolve", "dfo", "magnitude"), "one of iht, backsolve (chita), "
+               "dfo, magnitude (falcon)"),
+}
+
+# The call's own arguments (not method options): name -> (test, what is expected).
+ARGUMENT_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "method": (lambda v: isinstance(v, str), "a method name, e.g. 'chita'"),
+    "seed": (lambda v: _whole(v) and 0 <= v < 2**63, "a whole number >= 0"),
+    "batch_size": (_positive_whole, "a whole number >= 1"),
+    "recalibrate_bn": (lambda v: isinstance(v, bool), "True or False"),
+    "progress": (lambda v: isinstance(v, bool), "True or False"),
+    "include": (lambda v: v is None or _patterns(v), "a list of module-name patterns, e.g. ['fc1', 'conv*']"),
+    "exclude": (lambda v: v is None or _patterns(v), "a list of module-name patterns, e.g. ['fc3']"),
+    "out": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a folder path"),
+}
+
+
+def _patterns(v) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return (text if len(text) <= 40 else text[:37] + "...") + f" ({type(value).__name__})"
+
+
+def check_arguments(model, arguments: dict, options: dict) -> None:
+    """Refuse a bad ``prunekit.prune`` argument or method option, naming it."""
+    if not isinstance(model, nn.Module):
+        raise PrunekitError(f"model must be a torch.nn.Module, got {_shown(model)}")
+    for table, values in ((ARGUMENT_RULES, arguments), (OPTION_RULES, options)):
+        for name, value in values.items():
+            rule = table.get(name)
+            if rule is None or (value is None and table is OPTION_RULES):
+                continue
+            test, expected = rule
+            if not test(value):
+                if isinstance(value, str) and name in ("include", "exclude"):
+                    expected += f" (a bare string would be read letter by letter: write [{value!r}])"
+                raise PrunekitError(f"{name} must be {expected}; got {_shown(value)}")
+    check_out(arguments.get("out"))
+
+
+def check_out(out, flag: str | None = None) -> None:
+    """``out`` must be a new (or empty) folder or a run folder (to resume): never a file, never a
+    folder holding other things, which the run would write over. ``flag``: the CLI's name for it
+    (``--out``); the message names ``out=`` otherwise."""
+    if out is None:
+        return
+    path = Path(out)
+    named = f"{flag} {out}" if flag else f"out={str(out)!r}"
+    if path.exists() and not path.is_dir():
+        raise PrunekitError(f"{named} is a file: pass a new folder for the run (or a run folder to resume)")
+    if path.is_dir() and any(path.iterdir()) and not ((path / "config.toml").exists()
+                                                       or (path / "metrics.json").exists()):
+        raise PrunekitError(f"{named} is a folder holding other files, not a run folder: pass a new "
+                            "folder so that nothing there is written over")
+
+
+def check_data(data, what: str) -> None:
+    """Refuse data that is not data: a split name, a path, a lone tensor, (X, Y) of unequal length."""
+    if data is None:
+        return
+    if isinstance(data, (str, bytes, os.PathLike)):
+        raise PrunekitError(f"{what} must be data, not the name or path {str(data)!r}: load it first, e.g. "
+                            f"prunekit.data.load_dataset('mnist', DIR, 'test'), or pass (X, Y) tensors")
+    if isinstance(data, torch.Tensor):
+        raise PrunekitError(f"{what} is one tensor: pass inputs and labels together as (X, Y)")
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        if len(data) != 2:
+            raise PrunekitError(f"{what} holds {len(data)} tensors: pass inputs and labels as (X, Y)")
+        x, y = data
+        if x.ndim == 0 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise PrunekitError(f"{what}=(X, Y) needs X of shape (N, ...) and Y of shape (N,) with the same N; "
+                                f"got X {tuple(x.shape)}, Y {tuple(y.shape)}")
+
+
+def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: Callable[[], Iterable] | None,
+                 what: str) -> None:
+    """Labels must be integer class indices below the model's number of outputs.
+
+    All labels are checked when they are at hand as one tensor ((X, Y), a TensorDataset, a
+    prunekit loader); otherwise those of the first batch (reading every batch could cost an epoch).
+    """
+    if batches is None:
+        return
+    labels = _all_labels(data)
+    if labels is None:
+        labels = first_batch(batches, what)[1]
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise PrunekitError(f"{what} labels must be integer class indices (torch.long), got {labels.dtype}")
+    if labels.numel() == 0:
+        return
+    classes = _outputs(model, example_input)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (classes is not None and high >= classes):
+        limit = f"0 to {classes - 1} (the model has {classes} outputs)" if classes is not None else "0 or more"
+        raise PrunekitError(f"{what} labels go from {low} to {high}, but class indices must be {limit}: "
+                            "pass the labels as indices of the model's outputs")
+
+
+def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first (x, y) batch of ``batches()``, refusing anything else in one line."""
+    try:
+        first = next(iter(batches()), None)
+    except TypeError as err:           # e.g. a function taking arguments, or returning no iterable
+        raise PrunekitError(f"{what} gave no batches ({err}): pass a DataLoader, a Dataset, (X, Y) tensors "
+                            "or a function of no arguments returning (x, y) batches") from None
+    if first is None:
+        raise PrunekitError(f"{what} is empty: it gave no batch")
+    if not (isinstance(first, (tuple, list)) and len(first) == 2
+            and all(isinstance(t, torch.Tensor) for t in first)):
+        raise PrunekitError(f"{what} must give (x, y) batches of tensors; its first batch is {_shown(first)}")
+    return first[0], first[1]
+
+
+def _all_labels(data) -> torch.Tensor | None:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[1]
+    if isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) == 2:
+        return data.tensors[1]
+    labels = getattr(getattr(data, "dataset", None), "labels", None)      # a prunekit BatchLoader
+    return labels if isinstance(labels, torch.Tensor) else None
+
+
+def _outputs(model: nn.Module, example_input: torch.Tensor) -> int | None:
+    """The model's number of outputs per example (classes), or None if its output is not (1, C)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example_input)
+    except Exception:            # the cost model's trace reports a model that cannot run, in its words
+        return None
+    finally:
+        model.train(was_training)
+    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None

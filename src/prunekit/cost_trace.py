@@ -1,0 +1,343 @@
+"""Tracing one forward pass to price every parameterised operation (the engine of ``CostModel``).
+
+Three views of the same forward pass:
+
+* **module hooks** give the scope (which module is running) and each leaf module's output, for
+  the element-wise costs of norms and pools (``other_ops``);
+* a **``TorchDispatchMode``** sees every aten operation, also those inside functional code
+  (``F.linear(x, self.w)``, ``x @ self.w``) and inside composites such as
+  ``F.multi_head_attention_forward``. An operand that is a parameter, or a view of one (a
+  transpose, a chunk of a packed ``in_proj_weight``), is found by its storage; each element is
+  charged the number of times it is multiplied. A product of two activations (attention's
+  QKᵀ and AV) is charged to the running module as *activation MACs*: real, never prunable;
+* a **``TorchFunctionMode``** sees tensor additions written in ``forward`` code (residual adds).
+
+A parameter used by an operation without a cost rule is *unpriced*: ``CostModel`` refuses the
+model, naming the parameter, its module and the operation. A module type with a registered
+cost function (``register_cost``) is priced by that function alone (its inner ops are not).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+_ADD_FUNCS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
+              torch.Tensor.__iadd__, torch.Tensor.__radd__}
+
+# Operations a parameter may take part in without costing MACs (besides element-wise and view ops).
+_NO_MAC_OPS = {
+    "native_layer_norm", "native_batch_norm", "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional", "native_group_norm",
+    "cat", "stack", "clone", "_to_copy", "copy_", "copy", "detach", "alias", "lift_fresh", "_unsafe_view",
+    "expand", "unsafe_split", "split", "split_with_sizes", "unbind", "chunk", "contiguous",
+    "_prelu_kernel", "_fused_rms_norm", "embedding", "_embedding_bag", "_embedding_bag_forward_only",
+}
+_EMBEDDING_OPS = {"embedding", "_embedding_bag", "_embedding_bag_forward_only"}
+_RNN_OPS = {"mkldnn_rnn_layer", "lstm", "gru", "rnn_tanh", "rnn_relu", "_cudnn_rnn", "miopen_rnn",
+            "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell"}
+_COPY_OPS = {"clone", "_to_copy", "contiguous"}
+
+
+@dataclass
+class ModuleCost:
+    """What a registered cost function returns for one call of its module.
+
+    uses: the module's parameter names (as in ``module.named_parameters()``) -> how many times
+        each element of that parameter is multiplied in this call, **for the whole batch**
+        (a Linear on (B, T, F) inputs: B*T). Those parameters become prunable weights costing
+        ``uses / B`` MACs each per example. Parameters left out cost no MACs.
+    activation_macs: MACs of the call not tied to a parameter, for the whole batch.
+    """
+
+    uses: dict[str, int] = field(default_factory=dict)
+    activation_macs: int = 0
+
+
+CostFunction = Callable[[nn.Module, tuple, object], "ModuleCost | dict[str, int]"]
+_REGISTRY: dict[type, CostFunction] = {}
+
+
+def register_cost(module_type: type, fn: CostFunction) -> None:
+    """Price every module of ``module_type`` (and its subclasses) with ``fn(module, inputs, output)``.
+
+    ``fn`` returns a ``ModuleCost`` or a plain dict ``{parameter name: uses for the batch}``; the
+    operations inside the module are then not traced. Use it for a layer whose operations
+    prunekit cannot price (it refuses such a model and names the layer). Example: a layer whose
+    ``weight`` (out, in) multiplies every token of a (B, T, in) input::
+
+        prunekit.register_cost(MyLayer, lambda m, inputs, out: {"weight": inputs[0].shape[0] * inputs[0].shape[1]})
+    """
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        from .errors import PrunekitError
+        raise PrunekitError(f"register_cost needs an nn.Module subclass, got {module_type!r}")
+    _REGISTRY[module_type] = fn
+
+
+def unregister_cost(module_type: type) -> None:
+    """Remove a cost function given by ``register_cost`` (no error if there is none)."""
+    _REGISTRY.pop(module_type, None)
+
+
+def registered_cost(module: nn.Module) -> CostFunction | None:
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+@dataclass
+class Unpriced:
+    """A parameter used by an operation that has no cost rule."""
+
+    param: str
+    op: str
+    scope: str
+
+
+class ParamUses:
+    """Per parameter: how many times each element is multiplied (whole batch), accumulated.
+
+    ``uniform[name]`` is added to every element; ``partial[name]`` (numel,) holds extra uses of
+    some elements only (a chunk of a packed projection). ``weights`` are the parameters used as
+    a weight operand at least once (an embedding table too, at zero uses).
+    """
+
+    def __init__(self):
+        self.uniform: dict[str, int] = {}
+        self.partial: dict[str, torch.Tensor] = {}
+        self.weights: list[str] = []
+
+    def mark(self, name: str) -> None:
+        if name not in self.weights:
+            self.weights.append(name)
+            self.uniform.setdefault(name, 0)
+
+    def per_element(self, name: str, numel: int, batch: int) -> tuple[int | None, torch.Tensor | None]:
+        """(uses per element per example, None) if every element costs the same, else (None, (numel,))."""
+        base = self.uniform.get(name, 0)
+        extra = self.partial.get(name)
+        if extra is None or bool((extra == extra[0]).all()):
+            total = base + (0 if extra is None else int(extra[0]))
+            return total // batch, None
+        return None, (extra + base) // batch
+
+
+class _ParamIndex:
+    """Finds which parameters (and which of their elements) a tensor's storage holds."""
+
+    def __init__(self, model: nn.Module):
+        self.by_storage: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._maps: dict[int, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+        self.keep_alive: list[torch.Tensor] = []
+        self.numels: dict[str, int] = {}
+        for name, p in model.named_parameters():
+            self.numels[name] = p.numel()
+            if p.numel() == 0:
+                continue
+            self.by_storage.setdefault(_storage_key(p), []).append((name, p))
+
+    def is_param(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and _storage_key(t) in self.by_storage
+
+    def owners(self, t: torch.Tensor) -> list[tuple[str, torch.Tensor | None]]:
+        """[(parameter name, None if ``t`` covers it exactly once else the flat indices (m,) of
+        the parameter's elements ``t`` holds, with repeats)]."""
+        entries = self.by_storage.get(_storage_key(t), [])
+        if len(entries) == 1 and entries[0][1] is not None and _same_elements(t, entries[0][1]):
+            return [(entries[0][0], None)]
+        key = _storage_key(t)
+        if key not in self._maps:
+            self._maps[key] = self._build_map(key, entries)
+        flat, owner, names = self._maps[key]
+        positions = torch.arange(flat.numel()).as_strided(t.size(), t.stride(), t.storage_offset()).reshape(-1)
+        which, idx = owner[positions], flat[positions]
+        return [(names[i], idx[which == i]) for i in which.unique().tolist() if i >= 0]
+
+    def add_alias(self, out: torch.Tensor, src: torch.Tensor) -> None:
+        """``out`` is an element-wise copy of ``src`` (a parameter view): charge ``out``'s uses to it."""
+        found = self.owners(src)
+        if len(found) != 1 or out.shape != src.shape:
+            return
+        name, idx = found[0]
+        idx = torch.arange(src.numel()) if idx is None else idx
+        size = out.untyped_storage().nbytes() // out.element_size()
+        flat = torch.full((size,), -1, dtype=torch.int64)
+        flat.as_strided(out.size(), out.stride(), out.storage_offset()).copy_(idx.view(out.shape))
+        owner = torch.where(flat >= 0, 0, -1)
+        key = _storage_key(out)
+        self.by_storage[key] = [(name, None)]
+        self._maps[key] = (flat, owner, [name])
+        self.keep_alive.append(out)
+
+    @staticmethod
+    def _build_map(key, entries):
+        size = max(p.storage_offset() + _extent(p) for _, p in entries)
+        size = max(size, entries[0][1].untyped_storage().nbytes() // entries[0][1].element_size())
+        flat = torch.full((size,), -1, dtype=torch.int64)
+        owner = torch.full((size,), -1, dtype=torch.int64)
+        for i, (_, p) in enumerate(entries):
+            flat.as_strided(p.size(), p.stride(), p.storage_offset()).copy_(
+                torch.arange(p.numel()).view(p.shape))
+            owner.as_strided(p.size(), p.stride(), p.storage_offset()).fill_(i)
+        return flat, owner, [name for name, _ in entries]
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _extent(p: torch.Tensor) -> int:
+    return 1 + sum((s - 1) * st for s, st in zip(p.shape, p.stride()))
+
+
+def _same_elements(t: torch.Tensor, p: torch.Tensor) -> bool:
+    """True if ``t`` is a permuted view of all of ``p``, each element once."""
+    if t.storage_offset() != p.storage_offset() or t.numel() != p.numel():
+        return False
+    layout = lambda x: sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1)  # noqa: E731
+    return layout(t) == layout(p)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Charges parameter uses and activation MACs of every aten op (see the module docstring)."""
+
+    def __init__(self, index: _ParamIndex, scope: list[str], opaque_depth: list[int]):
+        super().__init__()
+        self.index, self.scope, self.opaque_depth = index, scope, opaque_depth
+        self.uses = ParamUses()
+        self.activation_macs: dict[str, int] = {}
+        self.unpriced: list[Unpriced] = []
+        self.order: list[str] = []          # parameter names and scopes in order of first charge
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.opaque_depth[0] == 0:
+            self._charge(func, args, out)
+        return out
+
+    # --- charging ----------------------------------------------------------------------------
+    def _where(self) -> str:
+        return self.scope[-1] if self.scope else ""
+
+    def _activation(self, macs: int) -> None:
+        where = self._where()
+        self.activation_macs[where] = self.activation_macs.get(where, 0) + int(macs)
+        if where not in self.order:
+            self.order.append(where)
+
+    def _param(self, t: torch.Tensor, uses: int) -> None:
+        for name, idx in self.index.owners(t):
+            self.uses.mark(name)
+            if name not in self.order:
+                self.order.append(name)
+            if idx is None:
+                self.uses.uniform[name] += int(uses)
+            else:
+                numel = self.index.numels[name]
+                extra = self.uses.partial.setdefault(name, torch.zeros(numel, dtype=torch.int64))
+                extra.index_add_(0, idx, torch.full_like(idx, int(uses)))
+
+    def _refuse(self, func, t: torch.Tensor) -> None:
+        for name, _ in self.index.owners(t):
+            self.unpriced.append(Unpriced(name, str(func.overloadpacket.__name__), self._where()))
+
+    def _product(self, func, a, b, n: int, k: int, m: int, batch: int = 1) -> None:
+        """(…, n, k) @ (…, k, m): a's elements are used m times each, b's n times each."""
+        a_param, b_param = self.index.is_param(a), self.index.is_param(b)
+        if a_param and b_param:
+            self._refuse(func, a)
+            return
+        if b_param:
+            self._param(b, n)
+        elif a_param:
+            self._param(a, m)
+        else:
+            self._activation(batch * n * k * m)
+
+    def _charge(self, func, args, out) -> None:
+        name = func.overloadpacket.__name__
+        tensors = [a for a in _flatten(args) if isinstance(a, torch.Tensor)]
+        if name in ("mm", "addmm", "bmm", "baddbmm", "addbmm"):
+            a, b = (args[1], args[2]) if name.startswith(("addmm", "baddbmm", "addbmm")) else (args[0], args[1])
+            batch = math.prod(a.shape[:-2]) if a.dim() > 2 else 1
+            self._product(func, a, b, a.shape[-2], a.shape[-1], b.shape[-1], batch)
+        elif name in ("mv", "addmv"):
+            mat, vec = (args[1], args[2]) if name == "addmv" else (args[0], args[1])
+            self._product(func, mat, vec.unsqueeze(1), mat.shape[0], mat.shape[1], 1)
+        elif name in ("dot", "vdot"):
+            self._product(func, args[0].unsqueeze(0), args[1].unsqueeze(1), 1, args[0].numel(), 1)
+        elif name in ("convolution", "_convolution"):
+            self._convolution(func, args, out)
+        elif "scaled_dot_product" in name:
+            q, k, v = args[:3]
+            for t in (q, k, v):
+                if self.index.is_param(t):
+                    self._refuse(func, t)
+            self._activation(q.numel() // q.shape[-1] * k.shape[-2] * (q.shape[-1] + v.shape[-1]))
+        elif name in _EMBEDDING_OPS:
+            if self.index.is_param(args[0]):
+                self._param(args[0], 0)
+        elif name in _RNN_OPS:
+            self._rnn(args)
+        elif name in _COPY_OPS and tensors and self.index.is_param(tensors[0]) and isinstance(out, torch.Tensor):
+            self.index.add_alias(out, tensors[0])
+        elif func.is_view or torch.Tag.pointwise in func.tags or name in _NO_MAC_OPS:
+            pass
+        else:
+            for t in tensors:
+                if self.index.is_param(t):
+                    self._refuse(func, t)
+
+    def _convolution(self, func, args, out) -> None:
+        x, weight, transposed = args[0], args[1], bool(args[6])
+        positions = math.prod(x.shape[2:]) if transposed else math.prod(out.shape[2:])
+        uses = x.shape[0] * positions
+        if self.index.is_param(x):
+            self._refuse(func, x)
+        if self.index.is_param(weight):
+            self._param(weight, uses)
+        else:
+            self._activation(uses * weight.numel())
+
+    def _rnn(self, args) -> None:
+        x = args[0]
+        tokens = x.numel() // x.shape[-1]           # (T, B, F), (B, T, F) or packed (sum of lengths, F)
+        for t in _flatten(args[1:]):
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and self.index.is_param(t):
+                self._param(t, tokens)
+
+
+def _flatten(items):
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+class _AddCounter(TorchFunctionMode):
+    """Counts elementwise tensor additions made outside leaf modules (residual adds)."""
+
+    def __init__(self, scope: list[str], leaf_depth: list[int], batch: int):
+        super().__init__()
+        self.scope, self.leaf_depth, self.batch = scope, leaf_depth, batch
+        self.ops_by_scope: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if (func in _ADD_FUNCS and self.leaf_depth[0] == 0 and len(args) >= 2
+                and all(isinstance(a, torch.Tensor) for a in args[:2])
+                and isinstance(result, torch.Tensor)):
+            key = self.scope[-1] if self.scope else ""
+            self.ops_by_scope[key] = self.ops_by_scope.get(key, 0) + result.numel() // self.batch
+        return result

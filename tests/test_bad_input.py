@@ -1,0 +1,290 @@
+"""Every kind of bad input is refused the same way (issue 10): exit code 2 on the command line or a
+``PrunekitError`` in Python, a one-line message that says what is wrong, no traceback, no
+warning noise, and no file written, half-written or overwritten.
+
+One table per entry point; each row is one kind of bad input and a word its message must hold.
+Command lines run in-process (``prunekit.cli.main``), argparse's own refusals included (their
+``SystemExit(2)`` is caught). Every row runs against the same folder of user files (an existing
+file, a folder, a binary file, checkpoints, a run folder), snapshotted before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit import zoo
+from prunekit.cli import main
+from prunekit.errors import PrunekitError
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+CKPT = str(ASSETS / "mlpnet.safetensors")
+MNIST_DIR = str(ASSETS / "mnist")
+
+
+# --- the user's folder ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A folder of things a user made, which no refused command may touch."""
+    d = tmp_path_factory.mktemp("user")
+    (d / "notes.txt").write_text("my notes\n")
+    (d / "adir").mkdir()
+    (d / "adir" / "keep.txt").write_text("mine\n")
+    (d / "empty").write_bytes(b"")
+    (d / "binary.toml").write_bytes(bytes(range(256)) * 4)
+    (d / "bad.toml").write_text("method = [unclosed\n")
+    (d / "unknown-key.toml").write_text('mehtod = "chita"\n')
+    (d / "wrong-type.toml").write_text('fisher-samples = "many"\n')
+    (d / "noise.pth").write_bytes(os.urandom(512))
+    with open(d / "plain.pkl", "wb") as f:
+        pickle.dump({"fc1.weight": [[1.0]]}, f, protocol=4)
+    torch.save({"state_dict": zoo.build("resnet20").state_dict()}, d / "resnet20.pth")
+    run = d / "run"                       # a run folder made with other options
+    run.mkdir()
+    (run / "config.toml").write_text('model = "mlpnet"\nmethod = "chita"\nsparsity = "0.5"\n')
+    return d
+
+
+def snapshot(*folders: Path) -> dict:
+    """Every file and folder under ``folders``: content hash, size and modification time."""
+    state = {}
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            for name in dirs:
+                state[os.path.join(root, name)] = "dir"
+            for name in files:
+                path = os.path.join(root, name)
+                data = Path(path).read_bytes()
+                state[path] = (len(data), hashlib.sha1(data).hexdigest(), os.stat(path).st_mtime_ns)
+    return state
+
+
+@pytest.fixture
+def untouched(home):
+    """Asserts after the test that the user's folder, the assets and the working directory are unchanged."""
+    cwd = Path.cwd()
+    before = snapshot(home, ASSETS), sorted(os.listdir(cwd))
+    yield
+    assert (snapshot(home, ASSETS), sorted(os.listdir(cwd))) == before, "a refused input wrote or changed a file"
+
+
+# --- command line -----------------------------------------------------------------------------
+
+MLP = ["--model", "mlpnet", "--checkpoint", CKPT]
+MNIST = ["--data", "mnist", "--data-dir", MNIST_DIR]
+PRUNE = ["prune", *MLP, *MNIST]
+TRAIN = ["train", "--model", "mlpnet", *MNIST]
+H = "{home}"    # replaced by the user's folder
+
+CLI_CASES = [
+    # argparse: usage errors
+    ([], "required"),
+    (["frobnicate"], "invalid choice"),
+    (["prune", "--sparsity", "0.5"], "required"),
+    (["prune", "--model"], "expected one argument"),
+    ([*PRUNE, "--sparsity", "0.5", "--bogus"], "unrecognized arguments"),
+    (["eval", "--model", "mlpnet", "--data", "svhn", "--data-dir", MNIST_DIR], "invalid choice"),
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "abc"], "invalid int"),
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--schedule", "cubic"], "invalid choice"),
+    ([*PRUNE, "--sparsity", "0.5", "--eval-split", "val"], "invalid choice"),
+    (["eval", *MLP, *MNIST, "--batch-size", "1.5"], "invalid int"),
+    (["eval", *MLP, *MNIST, "--seed", "3"], "unrecognized arguments"),
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--solver", "xyz"], "invalid choice"),
+    (["info"], "required"),
+    (["export"], "required"),
+    (["bench-latency", "--model", "mlpnet"], "required"),
+    ([*TRAIN, "--epochs", "x"], "invalid int"),
+    (["compare"], "required"),
+    # models and checkpoints
+    (["prune", "--model", "nope", *MNIST, "--sparsity", "0.5"], "unknown model"),
+    (["info", "resnet21"], "did you mean"),
+    ([*PRUNE, "--method", "nope", "--sparsity", "0.5"], "unknown method"),
+    (["eval", "--model", "mlpnet", "--checkpoint", "/no/such/file.pth", *MNIST], "not found"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/adir", *MNIST], "is a folder"),
+    (["info", "mlpnet", "--checkpoint", f"{H}/plain.pkl"], "plain pickle"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/resnet20.pth", *MNIST], "--model resnet20"),
+    (["info", "mlpnet", "--checkpoint", f"{H}/noise.pth"], "cannot read checkpoint"),
+    (["info", "mlpnet", "--checkpoint", f"{H}/empty"], "cannot read checkpoint"),
+    (["info", "mlpnet", "--checkpoint", f"{H}/notes.txt"], "cannot read checkpoint"),
+    # data
+    (["eval", *MLP, "--data", "mnist", "--data-dir", "/no/such/dir"], "does not exist"),
+    (["eval", "--model", "resnet20", *MNIST], "(C,H,W)"),
+    (["eval", *MLP, "--data", "cifar10", "--data-dir", MNIST_DIR], "cifar"),
+    (["eval", *MLP, *MNIST, "--batch-size", "0"], "batch size"),
+    ([*PRUNE, "--sparsity", "0.5", "--train-samples", "0"], "--train-samples"),
+    # budgets
+    (PRUNE, "no budget"),
+    ([*PRUNE, "--sparsity", "1.5"], "out of range"),
+    ([*PRUNE, "--sparsity", "-0.1"], "out of range"),
+    ([*PRUNE, "--sparsity", "1.0"], "[0, 1)"),
+    ([*PRUNE, "--sparsity", "abc"], "not a number"),
+    ([*PRUNE, "--sparsity", "90"], "ambiguous"),
+    ([*PRUNE, "--sparsity", "10M"], "out of range"),
+    ([*PRUNE, "--flops", "0"], "(0, 1]"),
+    ([*PRUNE, "--flops", "-1"], "out of range"),
+    ([*PRUNE, "--flops", "150%"], "(0, 1]"),
+    ([*PRUNE, "--params", "0.00001"], "infeasible"),
+    ([*PRUNE, "--params", "1.5"], "out of range"),
+    # method options
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "0"], "at least 1"),
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--stages", "0"], "at least 1"),
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--solver", "dfo"], "--solver"),
+    ([*PRUNE, "--method", "autobot", "--sparsity", "0.5"], "--flops"),
+    ([*PRUNE, "--method", "autobot"], "needs --flops"),
+    ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--channel-multiple", "0"], "positive"),
+    ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--events", "0"], "events"),
+    # recipes, run folders, --out
+    (["prune", "--recipe", "/no/such/recipe.toml"], "does not exist"),
+    (["prune", "--recipe", f"{H}/adir"], "is a folder"),
+    (["prune", "--recipe", f"{H}/binary.toml"], "not a text file"),
+    (["prune", "--recipe", f"{H}/bad.toml"], "not valid TOML"),
+    (["prune", "--recipe", f"{H}/unknown-key.toml"], "did you mean"),
+    (["prune", "--recipe", f"{H}/wrong-type.toml"], "integer"),
+    (["prune", "--resume", f"{H}/adir"], "not a prunekit run folder"),
+    (["prune", "--resume", f"{H}/run", "--sparsity", "0.9"], "leave out --sparsity"),
+    ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/notes.txt"], "is a file"),
+    ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/adir"], "holding other files"),
+    ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/run"], "other options"),
+    ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--out", f"{H}/adir"], "holding other files"),
+    # train
+    ([*TRAIN, "--epochs", "0"], "--epochs"),
+    ([*TRAIN, "--lr", "-1"], "--lr"),
+    ([*TRAIN, "--lr", "0"], "--lr"),
+    ([*TRAIN, "--weight-decay", "-1"], "--weight-decay"),
+    ([*TRAIN, "--batch-size", "0"], "--batch-size"),
+    ([*TRAIN, "--out", f"{H}/notes.txt"], "is a file"),
+    ([*TRAIN, "--out", f"{H}/adir"], "holding other files"),
+    # sweep, compare, export, bench-latency
+    (["sweep", *MLP, *MNIST, "--out", f"{H}/sweep"], "needs budgets"),
+    (["sweep", *MLP, *MNIST, "--method", "nope", "--sparsity", "0.5", "--out", f"{H}/sweep"], "unknown method"),
+    (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "0.6", "--flops", "0.5", "0.4", "0.3", "--out", f"{H}/sweep"],
+     "same length"),
+    (["export", f"{H}/adir", "--onnx"], "no zoo model"),
+    (["export", f"{H}/adir"], "--onnx"),
+    (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir", "--threads", "0"], "positive"),
+    (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir"], "no pruned model"),
+    (["compare", f"{H}/nothing-here"], "nothing-here"),
+]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # a warning would be noise on top of the one line
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv,needle", CLI_CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CLI_CASES])
+def test_command_line_refuses_in_one_line(argv, needle, home, untouched, capsys):
+    argv = [a.replace(H, str(home)) for a in argv]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, f"exit code {code}: {err}"
+    assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
+    assert "Traceback" not in err and err.startswith("prunekit")
+    assert needle in err, f"{needle!r} not in {err!r}"
+    assert out == ""
+
+
+# --- Python -----------------------------------------------------------------------------------
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+X = torch.randn(48, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+Y = torch.arange(48) % 3
+OK = {"data": (X, Y), "method": "magnitude", "sparsity": 0.5}
+
+
+def one_pass():
+    return iter([(X, Y)])
+
+
+PY_CASES = [
+    # the five of the issue
+    ({"method": "chita", "fisher_samples": "10"}, "fisher_samples"),
+    ({"data": (X, Y + 3)}, "class indices"),
+    ({"eval_data": "test"}, "eval_data"),
+    ({"seed": "x"}, "seed"),
+    ({"out": f"{H}/notes.txt"}, "is a file"),
+    # arguments
+    ({"model": "mlpnet"}, "torch.nn.Module"),
+    ({"method": "nope"}, "unknown method"),
+    ({"method": 3}, "method"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 1.5}, "seed"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"recalibrate_bn": "no"}, "recalibrate_bn"),
+    ({"progress": 1}, "progress"),
+    ({"include": "1"}, "letter by letter"),
+    ({"exclude": 3}, "exclude"),
+    ({"out": f"{H}/adir"}, "holding other files"),
+    ({"out": 5}, "out"),
+    # budgets
+    ({"sparsity": None}, "no budget"),
+    ({"sparsity": 1.5}, "out of range"),
+    ({"sparsity": -0.1}, "out of range"),
+    ({"sparsity": None, "flops": 0}, "(0, 1]"),
+    ({"sparsity": "abc"}, "not a number"),
+    # method options
+    ({"method": "chita", "fisher_samples": 0}, "fisher_samples"),
+    ({"method": "chita", "fisher_samples": 10.5}, "fisher_samples"),
+    ({"method": "chita", "fisher_batch": 0}, "fisher_batch"),
+    ({"method": "chita", "stages": "2"}, "stages"),
+    ({"method": "chita", "ridge": -1.0}, "ridge"),
+    ({"method": "chita", "relative_ridge": 0}, "relative_ridge"),
+    ({"method": "chita", "schedule": "cubic"}, "schedule"),
+    ({"method": "chita", "revive": "yes"}, "revive"),
+    ({"method": "chita", "first_order": 1}, "first_order"),
+    ({"method": "chita", "solver": "nope"}, "solver"),
+    ({"method": "chita", "block_size": 0}, "block_size"),
+    ({"method": "chita", "fisher_sample": 10}, "unknown option"),
+    # data
+    ({"data": "train"}, "load it first"),
+    ({"data": X}, "(X, Y)"),
+    ({"data": (X,)}, "(X, Y)"),
+    ({"data": (X, Y[:5])}, "same N"),
+    ({"data": (X, Y.float())}, "integer class indices"),
+    ({"data": (X, Y - 5)}, "class indices"),
+    ({"eval_data": (X, Y + 1)}, "eval_data labels"),
+    ({"data": one_pass()}, "one-pass"),
+    ({"data": []}, "empty"),
+    ({"data": [(X, Y, Y)]}, "(x, y) batches"),
+    ({"data": None}, "example_input"),
+    ({"example_input": torch.zeros(1, 3)}, "example input"),
+    ({"example_input": "x"}, "example_input"),
+]
+
+
+@pytest.mark.parametrize("change,needle", PY_CASES, ids=[",".join(c) for c, _ in PY_CASES])
+def test_python_refuses_with_one_line(change, needle, home, untouched):
+    kwargs = {**OK, **{k: (v.replace(H, str(home)) if isinstance(v, str) else v) for k, v in change.items()}}
+    model = kwargs.pop("model", None) or tiny_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()} if isinstance(model, nn.Module) else None
+    data = kwargs.pop("data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(PrunekitError) as err:
+            prunekit.prune(model, data, **kwargs)
+    message = str(err.value)
+    assert "\n" not in message and needle in message, message
+    if before is not None:                    # refused before touching the model
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_at_least_sixty_kinds():
+    assert len(CLI_CASES) + len(PY_CASES) >= 60

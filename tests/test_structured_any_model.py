@@ -1,0 +1,121 @@
+"""Structured pruning beyond plain CNNs: attention heads, MLP hidden units, grouped convolutions
+and concatenations as groups; what cannot be grouped is named. Shrunk models are recounted by
+the independent hook counter of ``gallery.py`` (no code shared with prunekit.costs)."""
+
+import pytest
+import torch
+from torch import nn
+
+from gallery import BranchyCNN, RowEncoder, independent_count, small_vit
+from prunekit.costs import CostModel
+from prunekit.errors import PrunekitError
+from prunekit.layers import SlimAttention
+from prunekit.structured.gates import GatedMacs, GateHooks
+from prunekit.structured.groups import find_groups
+import prunekit
+from prunekit.structured.shrink import shrink
+
+torch.set_num_threads(1)
+MAKERS = {"vit": small_vit, "cnn": BranchyCNN, "encoder": RowEncoder}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    model = MAKERS[name]().eval()
+    for m in model.modules():          # non-trivial BN so that a wrongly kept channel would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return model, torch.randn(2, 1, 28, 28)
+
+
+def test_groups_of_a_vit_are_heads_and_mlp_units_and_the_residual_stream_is_named():
+    model, x = _model("vit")
+    groups = find_groups(model, x)
+    kinds = sorted((g.kind, g.root, g.size) for g in groups)
+    assert kinds == [("channels", "blocks.0.mlp.0", 64), ("channels", "blocks.1.mlp.0", 64),
+                     ("heads", "blocks.0.attn", 4), ("heads", "blocks.1.attn", 4)]
+    reasons = " ".join(why for _, why in groups.skipped)
+    assert "LayerNorm" in reasons                   # the embedding width stays whole, by name
+
+
+def test_grouped_conv_and_concatenation_are_groups():
+    model, x = _model("cnn")
+    groups = find_groups(model, x)
+    by_root = {g.root: g for g in groups}
+    assert by_root["grouped.0"].segments == 2 and by_root["grouped.0"].size == 16
+    assert by_root["dw.3"].segments == 2
+    concat = {(m.module, m.offset) for m in by_root["branch_b.0"].members if m.role == "in"}
+    assert concat == {("res.0", 16), ("proj.0", 16)}          # the second half of the concatenation
+    assert [root for root, _ in groups.skipped] == ["fc"]       # only the logits
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shrunk_equals_gated_and_every_count_agrees(name, seed):
+    model, x = _model(name)
+    groups = find_groups(model, x)
+    costs = CostModel(model, x)
+    counter = GatedMacs(model, groups, costs)
+    gen = torch.Generator().manual_seed(seed)
+    masks = [torch.rand(g.size, generator=gen) < 0.5 for g in groups]
+    for m in masks:
+        m[torch.randint(m.numel(), (1,), generator=gen)] = True
+    small = shrink(model, groups, masks, x)
+    with torch.no_grad(), GateHooks(model, groups) as hooks:
+        hooks.values = [m.float() for m in masks]
+        gated = model(x)
+    with torch.no_grad():
+        assert (small(x) - gated).abs().max() <= 1e-5 * gated.abs().max()
+    assert counter.macs_of_masks(masks) == costs.count(small).macs == independent_count(small, x)["macs"]
+    assert costs.count(small).params == sum(p.numel() for p in small.parameters())
+    for group, mask in zip(groups, masks):
+        if group.kind == "heads":
+            slim = small.get_submodule(group.root)
+            kept = int(mask.sum())
+            if kept < group.size:
+                assert isinstance(slim, SlimAttention) and slim.num_heads == kept
+                assert slim.in_proj_weight.shape == (3 * kept * slim.head_dim, slim.embed_dim)
+                assert slim.out_proj.weight.shape == (slim.embed_dim, kept * slim.head_dim)
+
+
+@pytest.mark.parametrize("method", ["autobot", "taper"])
+@pytest.mark.parametrize("name", ["vit", "cnn"])
+def test_structured_methods_give_valid_smaller_models_at_half_the_macs(name, method):
+    model, x = _model(name)
+    torch.manual_seed(1)
+    data = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(3)]
+    dense = independent_count(model, x)
+    options = {"gate_batches": 6} if method == "autobot" else {"taper_epochs": 6, "settle_steps": 2}
+    result = prunekit.prune(model, lambda: data, method=method, flops=0.5, example_input=x, **options)
+    recount = independent_count(result.model, x)
+    assert result.macs == recount["macs"] <= 0.5 * dense["macs"]
+    assert result.dense_macs == dense["macs"]
+    assert result.flops_kept == pytest.approx(recount["macs"] / dense["macs"], rel=1e-12)
+    assert result.record["params"] == sum(p.numel() for p in result.model.parameters())
+    assert result.record["params"] < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert result.model(x).shape == (2, 10) and torch.isfinite(result.model(x)).all()
+
+
+def test_a_model_with_nothing_to_group_is_refused_with_the_reasons():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.LayerNorm(32), nn.Linear(32, 10))
+    with pytest.raises(PrunekitError, match=r"no prunable channel group.*LayerNorm"):
+        find_groups(model, torch.zeros(1, 1, 28, 28))
+
+
+def test_a_vit_with_heads_removed_saves_and_reloads(tmp_path):
+    from prunekit import zoo
+    from prunekit.loading import load_model
+    from prunekit.record import save_pruned
+    torch.manual_seed(0)
+    model = zoo.build("vit-tiny").eval()
+    x = torch.randn(2, 1, 28, 28)
+    groups = find_groups(model, x)
+    masks = [torch.arange(g.size) % 2 == 0 for g in groups]     # half the heads and MLP units
+    small = shrink(model, groups, masks, x)
+    path = save_pruned(tmp_path, small, {"model": "vit-tiny"}, {}, shrunk=True)
+    again = load_model("vit-tiny", str(path)).model.eval()
+    assert isinstance(again.blocks[0].attn, SlimAttention) and again.blocks[0].attn.num_heads == 2
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))

@@ -1,0 +1,117 @@
+"""Third-party warnings we expect are caught where they arise and said once in our words (or
+not at all), and our own warnings print as one CLI line (issue 10)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import grad, vmap
+
+from prunekit import cli
+from prunekit.cli import main
+from prunekit.errors import PrunekitWarning
+from prunekit.fisher import collect_gradients
+from prunekit.params import ParamSpace
+from prunekit.structured.groups import find_groups
+
+TORCH_NOTICE = ("There is a performance drop because we have not yet implemented the batching rule for "
+                "aten::{}. Please file us an issue on GitHub so that we can prioritize its implementation.")
+
+
+class NoticeNet(nn.Module):
+    """Emits torch.func's fallback notice from forward, as an op without a batched rule does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        warnings.warn(TORCH_NOTICE.format("fake_op"), UserWarning)
+        warnings.warn(TORCH_NOTICE.format("fake_op_backward"), UserWarning)
+        return self.fc(x)
+
+
+class AttentionNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x.view(x.shape[0], 1, 2, 4))         # (batch, heads, tokens, features)
+        h = nn.functional.scaled_dot_product_attention(h, h, h)
+        return self.out(h.mean((1, 2)))
+
+
+def _data(features, n=12):
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(n, features, generator=gen), torch.randint(0, 3, (n,), generator=gen))]
+
+
+def _collect(model, features):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = collect_gradients(model, ParamSpace(model), _data(features), n=12, chunk=4, progress=False)
+    return rows, caught
+
+
+def test_vmap_fallback_notice_becomes_one_warning_in_our_words():
+    rows, caught = _collect(NoticeNet(), 6)
+    assert rows.shape == (12, 18)
+    assert [w.category for w in caught] == [PrunekitWarning]           # one, ours; torch's kept in
+    assert "aten::fake_op " in str(caught[0].message) and "--fisher-batch" in str(caught[0].message)
+
+
+def test_other_warnings_still_pass_through():
+    class Other(NoticeNet):
+        def forward(self, x):
+            warnings.warn("something else", RuntimeWarning)
+            return self.fc(x)
+
+    _, caught = _collect(Other(), 6)
+    assert {w.category for w in caught} == {RuntimeWarning} and "something else" in str(caught[0].message)
+
+
+def test_real_attention_model_shows_no_torch_notice():
+    model = AttentionNet()
+    x, y = _data(8)[0]
+    with warnings.catch_warnings(record=True) as raw:          # does this torch lack the rule?
+        warnings.simplefilter("always")
+        vmap(grad(lambda w, xi, yi: nn.functional.cross_entropy(
+            torch.func.functional_call(model, w, (xi[None],)), yi[None])), in_dims=(None, 0, 0))(
+            dict(model.named_parameters()), x[:2], y[:2])
+    if not any("performance drop" in str(w.message) for w in raw):
+        pytest.skip("this torch has a batched rule for attention: nothing to catch")
+    _, caught = _collect(model, 8)
+    assert [w.category for w in caught] == [PrunekitWarning]
+    assert "scaled_dot_product" in str(caught[0].message)
+
+
+def test_cli_prints_our_warning_on_one_line(capsys, monkeypatch):
+    def warns(args):
+        warnings.warn(PrunekitWarning("a note for the user"))
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_info", warns)
+    assert main(["info", "mlpnet"]) == 0
+    assert capsys.readouterr().err == "prunekit: warning: a note for the user\n"
+
+
+class BareParameterNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)) * self.scale)))
+
+
+def test_bare_parameter_group_is_left_dense_without_torch_pruning_notice():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = find_groups(BareParameterNet(), torch.randn(1, 4))
+    assert not caught
+    assert [g.root for g in groups] == ["b"]                    # a's channels meet `scale`: kept
+    assert ("a", "touches parameter scale outside a Conv/Linear/BatchNorm layer") in groups.skipped
