@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from prunekit import cli
+from prunekit.commands import info as info_command
 from prunekit.cli import main
 from prunekit.errors import PrunekitWarning
 from prunekit.fisher import collect_gradients
@@ -93,7 +93,7 @@ def test_cli_prints_our_warning_on_one_line(capsys, monkeypatch):
         warnings.warn(PrunekitWarning("a note for the user"))
         return 0
 
-    monkeypatch.setattr(cli, "cmd_info", warns)
+    monkeypatch.setattr(info_command, "cmd_info", warns)
     assert main(["info", "mlpnet"]) == 0
     assert capsys.readouterr().err == "prunekit: warning: a note for the user\n"
 

@@ -65,7 +65,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     Weights methods prune ``model`` in place; channel methods (autobot, taper) return a new,
     smaller model in ``result.model``.
     """
-    check_arguments(model, {"method": method if isinstance(method, str) else method.name, "seed": seed,
+    check_arguments(model, {"method": method.name if isinstance(method, Method) else method, "seed": seed,
                             "batch_size": batch_size, "recalibrate_bn": recalibrate_bn, "progress": progress,
                             "include": include, "exclude": exclude, "out": out},
                     {k: v for k, v in options.items() if not callable(v)})

@@ -96,8 +96,8 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
         old = folder.config.read_text() if folder.config.exists() else None
         if old != config_text:
             what = "another run" if old is not None else f"files a run would overwrite ({', '.join(present[:3])})"
-            raise OptionError(f"{path} holds {what}: pick another out, resume that run (resume) or clear it "
-                              "first (force)", ("out", "resume", "force"))
+            raise OptionError(f"{path} holds {what}: pick another out, carry that run on (resume) or clear "
+                              "it first (force)", ("out", "resume", "force"))
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())
 
