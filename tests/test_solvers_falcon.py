@@ -22,8 +22,8 @@ def problem(seed, n=6, p=30):
 def test_both_budgets_are_met_and_dfo_never_loses_to_magnitude(seed, k, share):
     q, costs = problem(seed)
     max_macs = share * float(costs.sum())
-    dfo = falcon(q, costs, k, max_macs, method="dfo")
-    magnitude = falcon(q, costs, k, max_macs, method="magnitude")
+    dfo = falcon(q, costs, k, max_macs, variant="dfo")
+    magnitude = falcon(q, costs, k, max_macs, variant="magnitude")
     for solution in (dfo, magnitude):
         nonzero = solution.w != 0
         assert int(nonzero.sum()) <= k
@@ -36,15 +36,15 @@ def test_dfo_improves_on_most_problems():
     improved = 0
     for seed in range(20):
         q, costs = problem(seed, n=10, p=30)
-        dfo = falcon(q, costs, 8, 0.3 * float(costs.sum()), method="dfo")
-        magnitude = falcon(q, costs, 8, 0.3 * float(costs.sum()), method="magnitude")
+        dfo = falcon(q, costs, 8, 0.3 * float(costs.sum()), variant="dfo")
+        magnitude = falcon(q, costs, 8, 0.3 * float(costs.sum()), variant="magnitude")
         improved += dfo.objective < magnitude.objective - 1e-12
     assert improved >= 14          # measured: 17 of 20
 
 
 def test_bad_arguments():
     q, costs = problem(0)
-    with pytest.raises(PrunekitError, match="method"):
-        falcon(q, costs, 5, 10.0, method="nope")
+    with pytest.raises(PrunekitError, match="variant"):
+        falcon(q, costs, 5, 10.0, variant="nope")
     with pytest.raises(PrunekitError, match="shape"):
         falcon(q, costs[:5], 5, 10.0)

@@ -22,7 +22,7 @@ from ..errors import PrunekitError
 from ..fisher import collect_gradients
 from ..solvers.chita import chita
 from ..solvers.falcon import falcon
-from ..solvers.obs import woodfisher
+from ..solvers.woodfisher import woodfisher
 from ..solvers.quadratic import QuadraticModel
 from ..solvers.search import largest_fitting_k
 from ..train import recalibrate_batchnorm
@@ -84,7 +84,7 @@ def _fit_macs(solve, k: int, max_macs, macs: torch.Tensor):
 
 
 def _solve_stage_chita(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOptions):
-    return _fit_macs(lambda kk: chita(q, kk, method=opts.solver or "iht", block_size=opts.block_size),
+    return _fit_macs(lambda kk: chita(q, kk, variant=opts.solver or "iht", block_size=opts.block_size),
                      k, max_macs, macs)
 
 
@@ -94,7 +94,7 @@ def _solve_stage_woodfisher(q: QuadraticModel, k: int, max_macs, macs, opts: Fis
 
 
 def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FisherOptions):
-    return falcon(q, macs, k, max_macs, method=opts.solver or "dfo", block_size=opts.block_size)
+    return falcon(q, macs, k, max_macs, variant=opts.solver or "dfo", block_size=opts.block_size)
 
 
 SOLVERS = {"chita": ("iht", "backsolve"), "falcon": ("dfo", "magnitude"), "woodfisher": ()}

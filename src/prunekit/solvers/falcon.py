@@ -9,8 +9,8 @@ model and c_i the MACs weight i costs, the problem is
 The projection onto that set, for a point v, keeps the support maximising Σ v_i² under both
 budgets: the ILP of :mod:`prunekit.solvers.ilp`.
 
-* method "magnitude" (the published release): support = ILP on w̄², then backsolve on it.
-* method "dfo" (the paper's discrete first-order method): from that point, repeat
+* variant "magnitude" (the published release): support = ILP on w̄², then backsolve on it.
+* variant "dfo" (the paper's discrete first-order method): from that point, repeat
   w ← backsolve(ILP-support of (w − η∇Q(w))²), with a step-size search that accepts a new point
   only if Q decreases (searched on log η: a step too short to change the support is lengthened,
   one that brings in too many new weights or raises Q is shortened); stop when no step size
@@ -28,16 +28,16 @@ import time
 import torch
 
 from ..errors import PrunekitError
-from .chita import backsolve, backsolve_blockwise
+from .backsolve import backsolve, backsolve_blockwise
 from .ilp import solve_flops_ilp
 from .quadratic import QuadraticModel, check_k
 from .result import Solution
 
-METHODS = ("dfo", "magnitude")
+VARIANTS = ("dfo", "magnitude")
 
 
 def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: float, *,
-           method: str = "dfo", max_iter: int = 10, max_search: int = 20, tol: float = 1e-4,
+           variant: str = "dfo", max_iter: int = 10, max_search: int = 20, tol: float = 1e-4,
            max_change_share: float = 0.01,
            block_size: int | None = None) -> Solution:
     """A w meeting both budgets with small Q.
@@ -45,7 +45,7 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     q:               the quadratic model (p weights).
     macs_per_weight: c, (p,) MACs each weight costs (≥ 0).
     k:               most nonzeros; max_macs: F, most Σ c_i over nonzeros.
-    method:          "dfo" or "magnitude" (see the module docstring).
+    variant:         "dfo" or "magnitude" (see the module docstring).
     max_iter:        first-order iterations (each costs one or more backsolves);
     max_search:      step sizes tried per iteration (each costs one ILP solve).
     tol:             stop once an iteration lowers Q by less than tol·|Q|.
@@ -53,8 +53,8 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     block_size:      backsolve in independent blocks (large p).
     """
     start = time.perf_counter()
-    if method not in METHODS:
-        raise PrunekitError(f"unknown FALCON method {method!r}; choose one of {', '.join(METHODS)}")
+    if variant not in VARIANTS:
+        raise PrunekitError(f"unknown FALCON variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     k = check_k(k)
     costs = macs_per_weight.to(torch.float64)
     if costs.shape != (q.p,):
@@ -73,9 +73,9 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     support = project(q.w_bar)
     w = solve_on(support)
     f = q.objective(w)
-    info = {"method": method, "magnitude_objective": f, "accepted": 0, "trials": 0, "stalled": False}
+    info = {"variant": variant, "magnitude_objective": f, "accepted": 0, "trials": 0, "stalled": False}
     iterations = 0
-    if method == "dfo":
+    if variant == "dfo":
         max_changes = max(1, int(max_change_share * k))
         log_eta = -math.log2(q.lipschitz())          # log2 of a step known not to move the support
         for iterations in range(1, max_iter + 1):

@@ -79,6 +79,13 @@ class QuadraticModel:
             grad += self.linear
         return grad
 
+    def hessian_diagonal(self) -> torch.Tensor:
+        """H_jj = ‖x_j‖²/n + λ, (p,). Row by row: one pass over X, no temporary of X's size."""
+        total = torch.zeros_like(self.w_bar)
+        for row in self.X:
+            total.addcmul_(row, row)
+        return total / self.n + self.ridge
+
     def lipschitz(self) -> float:
         """L = λ_max(XᵀX/n) + λ, the Lipschitz constant of ∇Q, to about 1e-4 relative (from
         below). Computed once with X products only (see _largest_eigenvalue), then cached."""
