@@ -88,15 +88,15 @@ def _models():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(16, 10), nn.ReLU(inplace=True), nn.Linear(10, 4))
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(inplace=True),   # ReLU on the first output
-                        nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Conv2d(4, 4, 1), nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1), nn.BatchNorm2d(6), nn.ReLU(),
                         nn.Conv2d(6, 6, 3, groups=2, padding="same"), nn.BatchNorm2d(6), nn.ReLU(),
                         nn.Flatten(), nn.Linear(6 * 4, 4))
-    cnn[3].running_mean.uniform_(-0.5, 0.5)
-    cnn[6].running_var.uniform_(0.5, 2.0)
+    cnn[4].running_mean.uniform_(-0.5, 0.5)
+    cnn[7].running_var.uniform_(0.5, 2.0)
     depthwise = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                               nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False),    # depthwise
                               nn.Conv2d(8, 16, 3, padding=1, groups=8, padding_mode="reflect"),  # multiplier 2
-                              nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+                              nn.Conv2d(16, 8, 1, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     return {"mlp": mlp, "cnn_bn": cnn, "depthwise": depthwise, "shared": _Shared()}
 
 

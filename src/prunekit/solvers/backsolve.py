@@ -28,19 +28,29 @@ def backsolve(q: QuadraticModel, support: torch.Tensor) -> torch.Tensor:
 
 def backsolve_with_parts(q: QuadraticModel, support: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
     """:func:`backsolve`, and for |S| > n the parts (AAᵀ, z, A g_S) of its Woodbury form in
-    float64 (else None), from which :class:`_DualSupport` starts without a new Gram matrix."""
+    float64 (else None), from which the swap search's dual support starts without a new Gram
+    matrix.
+
+    With A = X_S: for |S| ≤ n, A (n, |S| ≤ n) is formed; for |S| > n only AAᵀ (n, n) is, by
+    column blocks of X (:meth:`QuadraticModel.gram`), and the products Aᵀy, Ag go through
+    X and Xᵀ: memory O(n² + p) beyond X, nothing of size n×|S|.
+    """
     w = torch.zeros_like(q.w_bar)
     index = support.nonzero().squeeze(1)
     if index.numel() == 0:
         return w, None
     z = q.matvec(torch.where(support, 0, q.w_bar))             # X_{S^c} w̄_{S^c}, (n,)
     g = None if q.linear is None else q.linear[index]
-    A = q.X.index_select(1, index)
-    gram = A @ A.t() if index.numel() > q.n else None
-    w[index] = q.w_bar[index] + _support_step(A, z, g, q.ridge, gram)
-    if gram is None:
+    if index.numel() <= q.n:
+        w[index] = q.w_bar[index] + _support_step(q.columns(index), z, g, q.ridge)
         return w, None
-    return w, (gram.double(), z.double(), None if g is None else (A @ g).double())
+    gram = q.gram(support)                                     # AAᵀ, float64
+    Ag = None if g is None else q.matvec(torch.where(support, q.linear, 0)).double()
+    v = z.double() if g is None else z.double() + Ag / q.ridge
+    y = _spd_solve(gram, q.n * q.ridge, v)                     # M⁻¹(z + Ag/λ), float64
+    delta = q.rmatvec(y.to(q.dtype))[index]                    # Aᵀy
+    w[index] = q.w_bar[index] + (delta if g is None else delta - g / q.ridge)
+    return w, (gram, z.double(), Ag)
 
 
 def backsolve_blockwise(q: QuadraticModel, support: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -60,29 +70,28 @@ def backsolve_blockwise(q: QuadraticModel, support: torch.Tensor, block_size: in
         index = keep.nonzero().squeeze(1)
         if index.numel() == 0:
             continue
-        X_B = q.X[:, block]
+        X_B = q.X[:, block].to(q.dtype)
         z = X_B @ torch.where(keep, 0, q.w_bar[block])          # X_{B∖S} w̄_{B∖S}
         g = None if q.linear is None else q.linear[block][index]
         w[start + index] = q.w_bar[block][index] + _support_step(X_B.index_select(1, index), z, g, q.ridge)
     return w
 
 
-def _support_step(A: torch.Tensor, z: torch.Tensor, g: torch.Tensor | None, ridge: float,
-                  gram: torch.Tensor | None = None) -> torch.Tensor:
-    """δ (s,) solving (AᵀA/n + λI) δ = Aᵀz/n − g, for A (n, s), z (n,), g (s,) or None
-    (``gram``: AAᵀ if already formed, for s > n).
+def _support_step(A: torch.Tensor, z: torch.Tensor, g: torch.Tensor | None, ridge: float) -> torch.Tensor:
+    """δ (s,) solving (AᵀA/n + λI) δ = Aᵀz/n − g, for A (n, s), z (n,), g (s,) or None.
 
     s ≤ n: factor the s×s matrix. s > n: Woodbury in its push-through form,
         (AᵀA/n + λI)⁻¹ = (1/λ)[I − Aᵀ M⁻¹ A],   (AᵀA/n + λI)⁻¹ Aᵀ = n Aᵀ M⁻¹,   M = AAᵀ + nλI,
     gives δ = Aᵀ M⁻¹ (z + A g/λ) − g/λ: one n×n factorisation, and no 1/λ amplification of the
-    data term. The Gram matrix is formed in A's dtype, the small system is solved in float64.
+    data term (:func:`backsolve_with_parts` does this without forming A). The Gram matrix is
+    formed in A's dtype, the small system is solved in float64.
     """
     n, s = A.shape
     if s <= n:
         rhs = A.t() @ z / n if g is None else A.t() @ z / n - g
         return _spd_solve(A.t() @ A / n, ridge, rhs)
     v = z if g is None else z + A @ g / ridge
-    delta = A.t() @ _spd_solve(A @ A.t() if gram is None else gram, n * ridge, v)
+    delta = A.t() @ _spd_solve(A @ A.t(), n * ridge, v)
     return delta if g is None else delta - g / ridge
 
 

@@ -219,7 +219,7 @@ def _coordinate_descent(q: QuadraticModel, w: torch.Tensor, sweeps: int) -> torc
     """
     w = w.clone()
     index = w.nonzero().squeeze(1)
-    A = q.X.index_select(1, index)                                  # (n, s)
+    A = q.columns(index)                                            # (n, s)
     curvature = (A * A).sum(0) / q.n + q.ridge
     g = torch.zeros_like(curvature) if q.linear is None else q.linear[index]
     r = q.residual(w)

@@ -44,11 +44,11 @@ class _PrimalSupport:
         u_ij = [H_SS⁻¹H_Sj]_i and c_j = H_jj − H_jSH_SS⁻¹H_Sj, in float64."""
         q = self.q
         index = self.point.support.nonzero().squeeze(1)
-        A = q.X.index_select(1, index).double()                       # (n, s)
+        A = q.columns(index, torch.float64)                       # (n, s)
         H = A.t() @ A / q.n
         H.diagonal().add_(q.ridge)
         H_inv = torch.cholesky_inverse(spd_cholesky(H))
-        X_J = q.X.index_select(1, outside).double()                   # (n, m)
+        X_J = q.columns(outside, torch.float64)                   # (n, m)
         H_SJ = A.t() @ X_J / q.n
         V = H_inv @ H_SJ                                              # H_SS⁻¹H_SJ, (s, m)
         rows = torch.searchsorted(index, inside)                      # where ``inside`` sits in S
@@ -95,7 +95,7 @@ class _DualSupport:
         """As :meth:`_PrimalSupport.swap_statistics`, from H_SS⁻¹ = (1/λ)[I − AᵀM⁻¹A]:
         d_i = (1 − a_iᵀM⁻¹a_i)/λ, u_ij = a_iᵀM⁻¹x_j, c_j = λ(1 + x_jᵀM⁻¹x_j)."""
         q = self.q
-        columns = q.X.index_select(1, torch.cat([inside, outside])).double()
+        columns = q.columns(torch.cat([inside, outside]), torch.float64)
         Y = torch.linalg.solve_triangular(self.L, columns, upper=False)   # L⁻¹[X_I X_J]
         Y_I, Y_J = Y[:, :inside.numel()], Y[:, inside.numel():]
         d = (1 - (Y_I * Y_I).sum(0)) / self.q.ridge
@@ -107,8 +107,8 @@ class _DualSupport:
         support = self.point.support.clone()
         support[remove] = False
         support[add] = True
-        leaving = q.X.index_select(1, remove).double()
-        joining = q.X.index_select(1, add).double()
+        leaving = q.columns(remove, torch.float64)
+        joining = q.columns(add, torch.float64)
         gram = self.gram + joining @ joining.t() - leaving @ leaving.t()
         z = self.z + leaving @ q.w_bar[remove].double() - joining @ q.w_bar[add].double()
         b = None
