@@ -70,7 +70,10 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _loaded(args) -> LoadedModel:
-    return load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None))
+    loaded = load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None))
+    if getattr(args, "device", None):           # every tensor follows the model (solvers included)
+        loaded.model.to(args.device)
+    return loaded
 
 
 def _eval_data(args, loaded: LoadedModel):
@@ -241,10 +244,21 @@ def _prune_lines(r: dict) -> list[str]:
 
 def _method_options(args) -> dict:
     """The method options given on the command line (None = the method's default)."""
-    return {"fisher_samples": args.fisher_samples, "fisher_batch": args.fisher_batch, "ridge": args.ridge,
+    return {"fisher_samples": _fisher_samples(args.fisher_samples), "fisher_batch": args.fisher_batch,
+            "fisher_dtype": args.fisher_dtype, "max_memory": args.max_memory, "ridge": args.ridge,
             "relative_ridge": args.relative_ridge,
             "stages": args.stages, "schedule": args.schedule, "revive": args.revive or None,
             "solver": args.solver, "block_size": args.block_size, "first_order": args.first_order}
+
+
+def _fisher_samples(value: str | None):
+    """--fisher-samples: an integer or auto (a string on the command line and in recipes)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise PrunekitError(f"--fisher-samples must be an integer or auto, got {value!r}") from None
 
 
 def cmd_prune(args) -> int:
@@ -483,7 +497,13 @@ def _add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                    "report" + (" (one run folder per method and budget inside)" if sweep else ""))
     p.add_argument("--recipe", help="TOML file of options (keys = option names); flags override it")
     g = p.add_argument_group("quadratic-model methods (chita, chita++, falcon, falcon++, woodfisher)")
-    g.add_argument("--fisher-samples", type=int, help="gradient rows n (default 1000; falcon++ 500 per stage)")
+    g.add_argument("--fisher-samples", help="gradient rows n (default 1000; falcon++ 500 per stage), or auto: "
+                   "the largest n <= 1000 that fits --max-memory")
+    g.add_argument("--fisher-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="storage of the gradient matrix (default float32); products accumulate in float32")
+    g.add_argument("--max-memory", help="refuse a request whose estimated peak exceeds this, e.g. 16G or 500M "
+                   "(default: the memory available less a margin)")
+    g.add_argument("--device", help="run on this torch device, e.g. cuda or cuda:1 (default: cpu)")
     g.add_argument("--fisher-batch", type=int, help="samples averaged per row m (default 1: per-sample)")
     g.add_argument("--ridge", type=float, help="absolute ridge λ of the quadratic model (the papers' setting)")
     g.add_argument("--relative-ridge", type=float,

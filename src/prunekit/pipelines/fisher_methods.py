@@ -19,6 +19,7 @@ import torch
 
 from ..budget import ResolvedBudget
 from ..errors import PrunekitError
+from .. import memory_plan
 from ..fisher import collect_gradients
 from ..solvers.chita import chita
 from ..solvers.falcon import falcon
@@ -35,7 +36,11 @@ from .stages import resume_stages, stage_completed
 class FisherOptions:
     """Options of the quadratic-model methods (CLI: ``--fisher-samples`` etc.).
 
-    fisher_samples: n, rows of the gradient matrix.
+    fisher_samples: n, rows of the gradient matrix, or "auto": the largest n ≤ 1000 that fits max_memory.
+    fisher_dtype:   storage of the gradient matrix: float32, bfloat16 or float16 (half the memory;
+                    products still accumulate in float32).
+    max_memory:     refuse a request whose estimated peak exceeds this (bytes, or "16G", "500M");
+                    None: the memory available less a margin. See ``prunekit.memory_plan``.
     fisher_batch:   samples averaged per row (1 = per-sample gradients).
     ridge:          λ of the quadratic model (also WoodFisher's damping), absolute, as in the papers.
     relative_ridge: when ``ridge`` is None, λ = relative_ridge × the mean diagonal of the empirical
@@ -53,7 +58,9 @@ class FisherOptions:
                     along g, which we measured to hurt (ResNet-20-B at 40% MACs).
     """
 
-    fisher_samples: int = 1000
+    fisher_samples: int | str = 1000
+    fisher_dtype: str = "float32"
+    max_memory: int | str | None = None
     fisher_batch: int = 1
     ridge: float | None = None
     relative_ridge: float = 0.1
@@ -100,25 +107,45 @@ def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FisherO
 SOLVERS = {"chita": ("iht", "backsolve"), "falcon": ("dfo", "magnitude"), "woodfisher": ()}
 
 
-def check_options(family: str, budget: ResolvedBudget, opts: FisherOptions) -> None:
-    """Refuse a request the method cannot serve, before any gradient is collected."""
+def check_options(family: str, budget: ResolvedBudget, opts: FisherOptions, model=None, space=None,
+                  example_input=None) -> None:
+    """Refuse a request the method cannot serve, before any gradient is collected (with the
+    model: also one that does not fit in memory, see ``prunekit.memory_plan``)."""
     if family == "falcon" and budget.max_macs is None:
         raise PrunekitError("FALCON needs a FLOP budget: pass --flops (e.g. 0.3), or use chita for "
                             "a sparsity budget alone")
     if opts.solver is not None and opts.solver not in SOLVERS[family]:
         raise PrunekitError(f"--solver {opts.solver} is not one of {family}'s: "
                             f"{', '.join(SOLVERS[family]) or 'it has no --solver choice'}")
-    if opts.stages < 1 or opts.fisher_samples < 1 or opts.fisher_batch < 1:
-        raise PrunekitError("--stages, --fisher-samples and --fisher-batch must be at least 1")
+    if opts.stages < 1 or opts.fisher_batch < 1:
+        raise PrunekitError("--stages and --fisher-batch must be at least 1")
+    if opts.fisher_samples != "auto" and (isinstance(opts.fisher_samples, bool) or not isinstance(opts.fisher_samples, int)
+                                          or opts.fisher_samples < 1):
+        raise PrunekitError(f"--fisher-samples must be at least 1 or auto, got {opts.fisher_samples!r}")
+    memory_plan.storage_dtype(opts.fisher_dtype)
+    if opts.max_memory is not None:
+        memory_plan.parse_memory(opts.max_memory)
+    if space is not None:
+        _memory_plan(family, budget, opts, model, space, example_input)
 
 
-def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Tensor:
+def _memory_plan(family: str, budget: ResolvedBudget, opts: FisherOptions, model, space, example_input):
+    """The plan of the first stage (the largest: later stages have fewer free weights)."""
+    return memory_plan.plan(model, space, example_input, n=opts.fisher_samples, dtype=opts.fisher_dtype,
+                            family=family, max_memory=opts.max_memory, fisher_batch=opts.fisher_batch,
+                            obs_block_size=opts.obs_block_size, keep_share=budget.max_nonzeros / space.numel)
+
+
+def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions, family: str = "falcon") -> torch.Tensor:
     """Prune over ``opts.stages`` stages to the context's budget; returns the final w (p,)."""
     if ctx.train_batches is None:
         raise PrunekitError("this method needs training data for its gradients: pass --data/--data-dir "
                             "(the training split is used)")
     p = ctx.space.numel
-    macs = ctx.space.macs_per_weight(ctx.costs).cpu()     # the solvers work on the CPU
+    plan = _memory_plan(family, ctx.budget, opts, ctx.model, ctx.space, ctx.costs.example_input)
+    ctx.options.setdefault("report", {}).update(memory_estimate_mb=round(plan.total_mb, 1), fisher_samples=plan.n,
+                                                 fisher_dtype=opts.fisher_dtype)
+    macs = ctx.space.macs_per_weight(ctx.costs)           # solvers work where the model is
     dense_macs = int(macs.sum())
     target = ctx.budget.max_nonzeros
     target_macs = ctx.budget.max_macs
@@ -127,7 +154,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Ten
                   if target_macs is not None else [None] * opts.stages)
     history = ctx.options.setdefault("report", {}).setdefault("stages", [])
     done = resume_stages(ctx)       # stages completed by an earlier, interrupted run (0: none)
-    w = ctx.space.vector().cpu()
+    w = ctx.space.vector()
     for stage, (share, mac_share) in enumerate(zip(shares, mac_shares), start=1):
         if stage <= done:
             continue
@@ -135,25 +162,26 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Ten
         k = target if last else max(target, round(share * p))
         max_macs = None if mac_share is None else (target_macs if last else max(target_macs, int(mac_share * dense_macs)))
         start = time.perf_counter()
-        grads = collect_gradients(ctx.model, ctx.space, ctx.train_batches(), opts.fisher_samples,
-                                  batch=opts.fisher_batch, progress=ctx.options.get("progress", True))
+        grads = collect_gradients(ctx.model, ctx.space, ctx.train_batches(), plan.n, batch=opts.fisher_batch,
+                                  chunk=plan.chunk, dtype=plan.dtype, progress=ctx.options.get("progress", True))
         seconds_gradients = time.perf_counter() - start
-        free = torch.ones(p, dtype=torch.bool) if opts.revive or stage == 1 else w != 0
+        free = torch.ones(p, dtype=torch.bool, device=w.device) if opts.revive or stage == 1 else w != 0
         index = free.nonzero().squeeze(1)
-        rows = grads if index.numel() == p else grads.index_select(1, index)
-        del grads                                      # at most one n×p matrix alive
-        linear = rows.mean(0) if opts.first_order else None
+        rows = grads if index.numel() == p else _keep_columns(grads, index)
+        del grads
         ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
-        q = QuadraticModel(rows, w[index], ridge, linear)
+        q = QuadraticModel(rows, w[index], ridge)
+        if opts.first_order:                           # g = the mean of the rows
+            q = QuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
         solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts)
-        w = torch.zeros(p, dtype=w.dtype)
+        w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
         ctx.space.assign(w)
         # The pipeline recalibrates after the last stage; between stages it matters for the
         # next stage's gradients.
         recalibrated = (stage < len(shares) and ctx.options.get("recalibrate_bn", True)
                         and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
-        history.append({"stage": stage, "max_nonzeros": k, "nonzeros": int((w != 0).sum()),
+        history.append({"stage": stage, "memory_estimate_mb": round(plan.total_mb, 1), "max_nonzeros": k, "nonzeros": int((w != 0).sum()),
                         "max_macs": max_macs, "macs": int(macs[w != 0].sum()),
                         "ridge": ridge, "objective": solution.objective, "solver_seconds": solution.seconds,
                         "gradient_seconds": seconds_gradients, "bn_recalibrated": recalibrated,
@@ -164,9 +192,17 @@ def run_stages(ctx: PruneContext, solve_stage, opts: FisherOptions) -> torch.Ten
     return w
 
 
+def _keep_columns(grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """grads[:, index] (n, m) without a second n×p matrix: each row is compacted in place and the
+    result is a view of the first m columns (row stride p)."""
+    for row in grads:
+        row[:index.numel()] = row[index]
+    return grads[:, :index.numel()]
+
+
 def _mean_fisher_diagonal(rows: torch.Tensor) -> float:
-    """mean_j (XᵀX/n)_jj for X = rows (n, p), accumulated in float64."""
-    total = sum(float(chunk.pow(2).sum(dtype=torch.float64)) for chunk in rows.split(64))
+    """mean_j (XᵀX/n)_jj for X = rows (n, p), accumulated in float64, one row at a time."""
+    total = sum(float(row.double().square().sum()) for row in rows)
     return total / rows.numel() or 1.0
 
 
@@ -177,10 +213,10 @@ def _register(name: str, family: str, solve_stage, **defaults) -> None:
     def method(ctx: PruneContext) -> torch.Tensor:
         opts = options(ctx.options)
         check_options(family, ctx.budget, opts)
-        return run_stages(ctx, solve_stage, opts)
+        return run_stages(ctx, solve_stage, opts, family)
 
     METHODS[name] = method
-    CHECKS[name] = lambda budget, raw: check_options(family, budget, options(raw))
+    CHECKS[name] = lambda budget, raw, **request: check_options(family, budget, options(raw), **request)
 
 
 _register("chita", "chita", _solve_stage_chita)

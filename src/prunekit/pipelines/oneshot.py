@@ -71,7 +71,7 @@ def _magnitude_flops(ctx: PruneContext) -> torch.Tensor:
 
 
 # Optional cheap checks of a request, run before any expensive work: (budget, options) -> None.
-CHECKS: dict[str, Callable[[ResolvedBudget, dict], None]] = {}
+CHECKS: dict[str, Callable[..., None]] = {}     # (budget, options, model=, space=, example_input=)
 
 METHODS: dict[str, Method] = {
     "magnitude": _magnitude,
@@ -124,7 +124,7 @@ def check_request(model: nn.Module, method: str, budget: Budget, example_input: 
     space = ParamSpace(model, include=include, exclude=exclude)
     resolved = budget.resolve(costs, space)
     if method in CHECKS:
-        CHECKS[method](resolved, options or {})
+        CHECKS[method](resolved, options or {}, model=model, space=space, example_input=example_input)
     return costs, space, resolved
 
 
