@@ -26,14 +26,16 @@ def backsolve(q: QuadraticModel, support: torch.Tensor) -> torch.Tensor:
     return backsolve_with_parts(q, support)[0]
 
 
-def backsolve_with_parts(q: QuadraticModel, support: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+def backsolve_with_parts(q: QuadraticModel, support: torch.Tensor,
+                         gram: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
     """:func:`backsolve`, and for |S| > n the parts (AAᵀ, z, A g_S) of its Woodbury form in
     float64 (else None), from which the swap search's dual support starts without a new Gram
     matrix.
 
     With A = X_S: for |S| ≤ n, A (n, |S| ≤ n) is formed; for |S| > n only AAᵀ (n, n) is, by
-    column blocks of X (:meth:`QuadraticModel.gram`), and the products Aᵀy, Ag go through
-    X and Xᵀ: memory O(n² + p) beyond X, nothing of size n×|S|.
+    column blocks of X (:meth:`QuadraticModel.gram`), or passed in as ``gram`` (float64, e.g.
+    from :func:`updated_gram`), and the products Aᵀy, Ag go through X and Xᵀ: memory O(n² + p)
+    beyond X, nothing of size n×|S|.
     """
     w = torch.zeros_like(q.w_bar)
     index = support.nonzero().squeeze(1)
@@ -44,13 +46,25 @@ def backsolve_with_parts(q: QuadraticModel, support: torch.Tensor) -> tuple[torc
     if index.numel() <= q.n:
         w[index] = q.w_bar[index] + _support_step(q.columns(index), z, g, q.ridge)
         return w, None
-    gram = q.gram(support)                                     # AAᵀ, float64
+    gram = q.gram(support) if gram is None else gram           # AAᵀ, float64
     Ag = None if g is None else q.matvec(torch.where(support, q.linear, 0)).double()
     v = z.double() if g is None else z.double() + Ag / q.ridge
     y = _spd_solve(gram, q.n * q.ridge, v)                     # M⁻¹(z + Ag/λ), float64
     delta = q.rmatvec(y.to(q.dtype))[index]                    # Aᵀy
     w[index] = q.w_bar[index] + (delta if g is None else delta - g / q.ridge)
     return w, (gram, z.double(), Ag)
+
+
+def updated_gram(q: QuadraticModel, gram: torch.Tensor, added: torch.Tensor, removed: torch.Tensor,
+                 block: int = 4096) -> torch.Tensor:
+    """X_S' X_S'ᵀ from X_S X_Sᵀ (n, n) float64 when S' = S + ``added`` − ``removed`` (index
+    tensors): two rank-m corrections, from the changed columns only, ``block`` at a time."""
+    gram = gram.clone()
+    for index, sign in ((added, 1.0), (removed, -1.0)):
+        for part in index.split(block):
+            columns = q.columns(part, torch.float64)
+            gram.addmm_(columns, columns.t(), alpha=sign)
+    return gram
 
 
 def backsolve_blockwise(q: QuadraticModel, support: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ import time
 import torch
 
 from ..errors import PrunekitError
-from .backsolve import backsolve, backsolve_blockwise
+from .backsolve import backsolve_blockwise, backsolve_with_parts, updated_gram
 from .ilp import solve_flops_ilp
 from .quadratic import QuadraticModel, check_k
 from .result import Solution
@@ -61,17 +61,37 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
         raise PrunekitError(f"macs_per_weight must have shape ({q.p},), got {tuple(costs.shape)}")
 
     gaps: list[float] = []
+    cost_layers = _cost_runs(costs)
 
     def project(v: torch.Tensor) -> torch.Tensor:
-        result = solve_flops_ilp(v.double() ** 2, costs, max_count=k, max_cost=float(max_macs))
+        if cost_layers is None:
+            result = solve_flops_ilp(v.double() ** 2, costs, max_count=k, max_cost=float(max_macs))
+        else:
+            result = solve_flops_ilp(v.double() ** 2, layer_slices=cost_layers[0], layer_costs=cost_layers[1],
+                                     max_count=k, max_cost=float(max_macs))
         gaps.append(result.gap)
         return result.keep
 
+    current: list = [None]        # (support, X_S X_Sᵀ) of the current point, for cheap updates
+    latest: list = [None]         # the same for the last support solved
+
     def solve_on(support: torch.Tensor) -> torch.Tensor:
-        return backsolve(q, support) if block_size is None else backsolve_blockwise(q, support, block_size)
+        if block_size is not None:
+            return backsolve_blockwise(q, support, block_size)
+        gram = None
+        if current[0] is not None and current[0][1] is not None:
+            old_support, old_gram = current[0]
+            added = (support & ~old_support).nonzero().squeeze(1)
+            removed = (old_support & ~support).nonzero().squeeze(1)
+            if added.numel() + removed.numel() < int(support.sum()) // 4 and int(support.sum()) > q.n:
+                gram = updated_gram(q, old_gram, added, removed)
+        w, parts = backsolve_with_parts(q, support, gram)
+        latest[0] = (support, None if parts is None else parts[0])
+        return w
 
     support = project(q.w_bar)
     w = solve_on(support)
+    current[0] = latest[0]
     f = q.objective(w)
     info = {"variant": variant, "magnitude_objective": f, "accepted": 0, "trials": 0, "stalled": False}
     iterations = 0
@@ -87,11 +107,24 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
                 break
             decrease = f - accepted[1]
             w, f, support = accepted
+            current[0] = latest[0]                 # the accepted support was the last solved
             if decrease < tol * abs(f):
                 break
     info["max_ilp_gap"] = max(gaps)
     return Solution(w=w, objective=f, support_size=int((w != 0).sum()), iterations=iterations,
                     seconds=time.perf_counter() - start, info=info)
+
+
+def _cost_runs(costs: torch.Tensor, max_runs: int = 1024):
+    """The runs of consecutive weights of equal cost (a network's layers) as (slices, costs),
+    or None if there are more than ``max_runs``. Given to the ILP, they spare it grouping p
+    costs by sorting them on every call."""
+    change = ((costs[1:] != costs[:-1]).nonzero().squeeze(1) + 1).tolist()
+    if len(change) >= max_runs:
+        return None
+    bounds = [0, *change, costs.numel()]
+    return ([slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])],
+            costs[torch.tensor(bounds[:-1], device=costs.device)].cpu())
 
 
 def _support_changing_step(q, project, solve_on, w, f, support, grad, log_eta, max_changes,
