@@ -117,7 +117,6 @@ def test_cli_json_has_the_estimate_next_to_the_measured_peak(capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--fisher-samples", "many"], "--fisher-samples"),
     (["--fisher-samples", "0"], "fisher-samples"),
     (["--max-memory", "lots"], "max_memory"),
 ])
@@ -125,3 +124,10 @@ def test_bad_memory_options_are_one_line(capsys, argv, needle):
     assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
+
+
+def test_fisher_samples_neither_integer_nor_auto_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", "--fisher-samples", "many"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "integer or auto" in err and "\n" not in err

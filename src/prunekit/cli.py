@@ -244,21 +244,11 @@ def _prune_lines(r: dict) -> list[str]:
 
 def _method_options(args) -> dict:
     """The method options given on the command line (None = the method's default)."""
-    return {"fisher_samples": _fisher_samples(args.fisher_samples), "fisher_batch": args.fisher_batch,
+    return {"fisher_samples": args.fisher_samples, "fisher_batch": args.fisher_batch,
             "fisher_dtype": args.fisher_dtype, "max_memory": args.max_memory, "ridge": args.ridge,
             "relative_ridge": args.relative_ridge,
             "stages": args.stages, "schedule": args.schedule, "revive": args.revive or None,
             "solver": args.solver, "block_size": args.block_size, "first_order": args.first_order}
-
-
-def _fisher_samples(value: str | None):
-    """--fisher-samples: an integer or auto (a string on the command line and in recipes)."""
-    if value is None or value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise PrunekitError(f"--fisher-samples must be an integer or auto, got {value!r}") from None
 
 
 def cmd_prune(args) -> int:
@@ -497,7 +487,7 @@ def _add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                    "report" + (" (one run folder per method and budget inside)" if sweep else ""))
     p.add_argument("--recipe", help="TOML file of options (keys = option names); flags override it")
     g = p.add_argument_group("quadratic-model methods (chita, chita++, falcon, falcon++, woodfisher)")
-    g.add_argument("--fisher-samples", help="gradient rows n (default 1000; falcon++ 500 per stage), or auto: "
+    g.add_argument("--fisher-samples", type=recipes.int_or_auto, help="gradient rows n (default 1000; falcon++ 500 per stage), or auto: "
                    "the largest n <= 1000 that fits --max-memory")
     g.add_argument("--fisher-dtype", choices=("float32", "bfloat16", "float16"),
                    help="storage of the gradient matrix (default float32); products accumulate in float32")
