@@ -4,13 +4,14 @@ The peak of a request is estimated from its parts, each counted from the model i
 
     resident now         what the process already holds (model, data, the Python runtime)
   + X                    n × p in the storage dtype (the gradient matrix; usually dominant)
-  + activations          one chunk of samples through the model with autograd: measured as the
+  + the larger of the gradient phase (activations + layer gradients) and the solver phase:
+    activations          one chunk of samples through the model with autograd: measured as the
                          bytes of every leaf module's output for one sample (a no-grad forward),
                          times the chunk, times ACTIVATION_FACTOR (what autograd and our hooks
                          keep per output: calibrated on ResNet-20-B, MobileNetV1 and ResNet-50)
-  + layer gradients      the largest layer's per-sample gradients for a chunk, twice (computed,
+    layer gradients      the largest layer's per-sample gradients for a chunk, twice (computed,
                          then written)
-  + solver work arrays   SOLVER_VECTORS vectors of p float64 (weights, gradients, supports, the
+    solver work arrays   SOLVER_VECTORS vectors of p float64 (weights, gradients, supports, the
                          ILP's scores, costs and orders), a few n × n float64 factors, two column
                          blocks; CHITA's active set holds 1.5k columns of X, WoodFisher p × B
                          inverses.
@@ -58,7 +59,8 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.resident + self.gradients + self.activations + self.layer_gradients + self.solver
+        """Gradients are collected, then the solver runs: the two phases do not overlap."""
+        return self.resident + self.gradients + max(self.activations + self.layer_gradients, self.solver)
 
     @property
     def total_mb(self) -> float:
