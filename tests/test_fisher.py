@@ -1,9 +1,12 @@
 """Gradient rows against plain autograd, one sample or one mini-batch at a time."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
+from prunekit import fisher
 from prunekit.errors import PrunekitError
 from prunekit.fisher import collect_gradients
 from prunekit.params import ParamSpace
@@ -57,3 +60,106 @@ def test_too_little_data_is_a_clear_error():
     model = tiny_model()
     with pytest.raises(PrunekitError, match="fisher-samples"):
         collect_gradients(model, ParamSpace(model), data(10), n=4, batch=3, progress=False)
+
+
+# --- the per-layer hook path against the vmap path (the collector before it) ------------------
+
+def _vmap_rows(model, space, batches, n, batch=1, chunk=4, dtype=torch.float32):
+    rows = torch.empty(n, space.numel, dtype=dtype)
+    model.eval()
+    fisher._collect_with_vmap(model, space, batches, rows, batch, chunk, progress=False)
+    return rows
+
+
+class _Shared(nn.Module):
+    """One Linear used twice (its gradient is the sum of both uses) and one never used."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 6)
+        self.unused = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = x.flatten(1)[:, :6]
+        return self.out(torch.tanh(self.inp(torch.tanh(self.inp(x)))))
+
+
+def _models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(16, 10), nn.ReLU(inplace=True), nn.Linear(10, 4))
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(inplace=True),   # ReLU on the first output
+                        nn.Conv2d(4, 4, 1), nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Conv2d(6, 6, 3, groups=2, padding="same"), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(6 * 4, 4))
+    cnn[4].running_mean.uniform_(-0.5, 0.5)
+    cnn[7].running_var.uniform_(0.5, 2.0)
+    depthwise = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False),    # depthwise
+                              nn.Conv2d(8, 16, 3, padding=1, groups=8, padding_mode="reflect"),  # multiplier 2
+                              nn.Conv2d(16, 8, 1, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return {"mlp": mlp, "cnn_bn": cnn, "depthwise": depthwise, "shared": _Shared()}
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "depthwise", "shared"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_hook_rows_equal_vmap_rows(name, batch):
+    model = _models()[name]
+    space = ParamSpace(model)
+    n = 12 if batch == 1 else 4
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*vmap")     # the hook path must not fall back here
+        rows = collect_gradients(model, space, data(20), n=n, batch=batch, chunk=5, progress=False)
+    expected = _vmap_rows(model, space, data(20), n, batch=batch)
+    assert rows.shape == (n, space.numel)
+    torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_parameters_keep_requires_grad_and_mode():
+    model = _models()["cnn_bn"]
+    model[0].weight.requires_grad_(False)
+    model.train()
+    collect_gradients(model, ParamSpace(model), data(10), n=4, progress=False)
+    assert model.training and not model[0].weight.requires_grad and model[2].weight.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compact_storage_is_the_float32_rows_rounded(dtype):
+    model = _models()["cnn_bn"]
+    space = ParamSpace(model)
+    full = collect_gradients(model, space, data(10), n=8, chunk=3, progress=False)
+    compact = collect_gradients(model, space, data(10), n=8, chunk=3, dtype=dtype, progress=False)
+    assert compact.dtype == dtype
+    torch.testing.assert_close(compact, full.to(dtype), rtol=0, atol=0)
+
+
+def test_unsupported_layer_falls_back_to_vmap_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 14, 4))
+    space = ParamSpace(model)
+    batches = [(x.reshape(x.shape[0], 1, 16), y) for x, y in data(10)]
+    with pytest.warns(UserWarning, match="Conv2d only.*vmap"):
+        rows = collect_gradients(model, space, batches, n=6, progress=False)
+    torch.testing.assert_close(rows, _vmap_rows(model, space, batches, 6))
+
+
+class _Tied(nn.Module):
+    """The output layer's weight is also used functionally: its hooked gradient misses that use."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 4)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.inp(x.flatten(1))
+        return self.out(h) + h @ self.out.weight
+
+
+def test_weight_used_outside_its_layer_is_caught_and_falls_back():
+    torch.manual_seed(0)
+    model = _Tied()
+    space = ParamSpace(model)
+    with pytest.warns(UserWarning, match="disagree with autograd"):
+        rows = collect_gradients(model, space, data(10), n=6, progress=False)
+    torch.testing.assert_close(rows, _vmap_rows(model, space, data(10), 6))

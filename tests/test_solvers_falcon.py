@@ -22,8 +22,8 @@ def problem(seed, n=6, p=30):
 def test_both_budgets_are_met_and_dfo_never_loses_to_magnitude(seed, k, share):
     q, costs = problem(seed)
     max_macs = share * float(costs.sum())
-    dfo = falcon(q, costs, k, max_macs, method="dfo")
-    magnitude = falcon(q, costs, k, max_macs, method="magnitude")
+    dfo = falcon(q, costs, k, max_macs, variant="dfo")
+    magnitude = falcon(q, costs, k, max_macs, variant="magnitude")
     for solution in (dfo, magnitude):
         nonzero = solution.w != 0
         assert int(nonzero.sum()) <= k
@@ -36,15 +36,32 @@ def test_dfo_improves_on_most_problems():
     improved = 0
     for seed in range(20):
         q, costs = problem(seed, n=10, p=30)
-        dfo = falcon(q, costs, 8, 0.3 * float(costs.sum()), method="dfo")
-        magnitude = falcon(q, costs, 8, 0.3 * float(costs.sum()), method="magnitude")
+        dfo = falcon(q, costs, 8, 0.3 * float(costs.sum()), variant="dfo")
+        magnitude = falcon(q, costs, 8, 0.3 * float(costs.sum()), variant="magnitude")
         improved += dfo.objective < magnitude.objective - 1e-12
     assert improved >= 14          # measured: 17 of 20
 
 
 def test_bad_arguments():
     q, costs = problem(0)
-    with pytest.raises(PrunekitError, match="method"):
-        falcon(q, costs, 5, 10.0, method="nope")
+    with pytest.raises(PrunekitError, match="variant"):
+        falcon(q, costs, 5, 10.0, variant="nope")
     with pytest.raises(PrunekitError, match="shape"):
         falcon(q, costs[:5], 5, 10.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dfo_point_is_the_exact_backsolve_on_its_support(seed):
+    """DFO updates the Gram matrix of the support between steps instead of recomputing it: its
+    final point must still be the exact backsolve on its support."""
+    from prunekit.solvers.backsolve import backsolve
+    g = torch.Generator().manual_seed(seed)
+    n, p = 8, 600
+    X = torch.randn(n, p, generator=g, dtype=torch.float64) + torch.randn(n, 1, generator=g, dtype=torch.float64)
+    q = QuadraticModel(X, torch.randn(p, generator=g, dtype=torch.float64), ridge=0.05)
+    costs = torch.repeat_interleave(torch.tensor([9.0, 3.0, 1.0, 3.0], dtype=torch.float64), p // 4)
+    solution = falcon(q, costs, 300, 0.4 * float(costs.sum()), variant="dfo", max_change_share=0.05)
+    assert solution.info["accepted"] > 0
+    exact = backsolve(q, solution.w != 0)
+    assert float((solution.w - exact).norm()) <= 1e-8 * float(exact.norm())
+    assert solution.objective == pytest.approx(q.objective(exact), rel=1e-9)

@@ -67,8 +67,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     """
     check_arguments(model, {"method": method.name if isinstance(method, Method) else method, "seed": seed,
                             "batch_size": batch_size, "recalibrate_bn": recalibrate_bn, "progress": progress,
-                            "include": include, "exclude": exclude, "out": out},
-                    {k: v for k, v in options.items() if not callable(v)})
+                            "include": include, "exclude": exclude, "out": out})
     check_data(data, "data")
     check_data(eval_data, "eval_data")
     train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data")

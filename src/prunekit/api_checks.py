@@ -1,9 +1,9 @@
 """Checks on the arguments of ``prunekit.prune``, before any work or any file is written.
 
 Every bad value becomes one :class:`PrunekitError` line that names the parameter as Python
-spells it (``fisher_samples``, not ``--fisher-samples``) and says what would be right. The
-per-option rules are one table (:data:`OPTION_RULES`: name -> (test, what is expected)) so that
-they can join a wider option-constraint table later; the data checks (:func:`check_data`,
+spells it (``fisher_samples``, not ``--fisher-samples``) and says what would be right. The method
+options are checked by their declared constraints (``prunekit.options``, in
+``PruneRequest.plan``), not here; the data checks (:func:`check_data`,
 :func:`check_labels`) look at what the user passed, not at the model.
 """
 
@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
-from .pipelines.schedule import KINDS
 
 
 def _whole(v) -> bool:
@@ -35,24 +34,6 @@ def _positive_whole(v) -> bool:
 def _positive_number(v) -> bool:
     return _number(v) and 0 < v < float("inf")
 
-
-# Method options: name -> (test of a given value, what is expected). None always means "the
-# method's default" and is not checked here. Method-specific limits (a solver name chita does
-# not know, a count above the data) stay with the method.
-OPTION_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
-    "fisher_samples": (_positive_whole, "a whole number of gradient rows >= 1, e.g. 1000"),
-    "fisher_batch": (_positive_whole, "a whole number of samples per row >= 1 (1 = per-sample)"),
-    "stages": (_positive_whole, "a whole number of stages >= 1"),
-    "block_size": (_positive_whole, "a whole number of weights >= 1"),
-    "obs_block_size": (_positive_whole, "a whole number of weights >= 1, e.g. 128"),
-    "ridge": (_positive_number, "a positive number, e.g. 1e-4"),
-    "relative_ridge": (_positive_number, "a positive number, e.g. 0.1"),
-    "schedule": (lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
-    "revive": (lambda v: isinstance(v, bool), "True or False"),
-    "first_order": (lambda v: isinstance(v, bool), "True or False"),
-    "solver": (lambda v: v in ("iht", "backsolve", "dfo", "magnitude"), "one of iht, backsolve (chita), "
-               "dfo, magnitude (falcon)"),
-}
 
 # The call's own arguments (not method options): name -> (test, what is expected).
 ARGUMENT_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
@@ -76,20 +57,19 @@ def _shown(value) -> str:
     return (text if len(text) <= 40 else text[:37] + "...") + f" ({type(value).__name__})"
 
 
-def check_arguments(model, arguments: dict, options: dict) -> None:
-    """Refuse a bad ``prunekit.prune`` argument or method option, naming it."""
+def check_arguments(model, arguments: dict) -> None:
+    """Refuse a bad ``prunekit.prune`` argument (not a method option), naming it."""
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"model must be a torch.nn.Module, got {_shown(model)}")
-    for table, values in ((ARGUMENT_RULES, arguments), (OPTION_RULES, options)):
-        for name, value in values.items():
-            rule = table.get(name)
-            if rule is None or (value is None and table is OPTION_RULES):
-                continue
-            test, expected = rule
-            if not test(value):
-                if isinstance(value, str) and name in ("include", "exclude"):
-                    expected += f" (a bare string would be read letter by letter: write [{value!r}])"
-                raise PrunekitError(f"{name} must be {expected}; got {_shown(value)}")
+    for name, value in arguments.items():
+        rule = ARGUMENT_RULES.get(name)
+        if rule is None:
+            continue
+        test, expected = rule
+        if not test(value):
+            if isinstance(value, str) and name in ("include", "exclude"):
+                expected += f" (a bare string would be read letter by letter: write [{value!r}])"
+            raise PrunekitError(f"{name} must be {expected}; got {_shown(value)}")
     check_out(arguments.get("out"))
 
 

@@ -1,11 +1,20 @@
 """Gradients for the empirical Fisher: the n x p matrix X whose rows are loss gradients at w̄.
 
-Row i is either the gradient of the loss of one sample (``batch=1``, computed for many samples
-at once with ``torch.func.vmap``) or the gradient of the mean loss over a mini-batch of
-``batch`` samples. Only the prunable weights (a ``ParamSpace``) are differentiated. Rows are
-written into one preallocated (n, p) tensor as they are computed, so memory is n·p·4 bytes
-(float32) plus one chunk of per-sample gradients. The model is evaluated in eval mode
-(BatchNorm uses its running statistics), so that per-sample gradients are well defined.
+Row i is either the gradient of the loss of one sample (``batch=1``) or the gradient of the
+mean loss over a mini-batch of ``batch`` samples. Only the prunable weights (a ``ParamSpace``)
+are differentiated. The model is evaluated in eval mode (BatchNorm uses its running
+statistics), so that per-sample gradients are well defined.
+
+X is allocated once, (n, p) in the storage dtype, on the model's device, and each layer's
+gradients are written straight into its columns as backpropagation reaches the layer
+(:mod:`prunekit.layer_grads`, from the layer's input and output gradient). The peak is X +
+the model + one chunk's activations + one layer's per-sample gradients for the chunk: there is
+no chunk × p temporary and no concatenation.
+
+Layers that path cannot handle (anything but torch's own Linear and Conv2d), and any model
+whose first hooked row disagrees with plain autograd (a weight used outside its layer's
+forward, say), fall back to ``torch.func.vmap`` per-sample gradients, which build one
+chunk × p block per chunk; a warning names the reason.
 """
 
 from __future__ import annotations
@@ -19,30 +28,177 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from . import layer_grads
 from .errors import PrunekitError, PrunekitWarning
+from .params import Entry, ParamSpace
 
 # torch.func's notice for an operation without a batched (vmap) rule; it then loops over the
 # samples, which is exact but slow. We say it once, in our words, after the gradients.
 _NO_BATCH_RULE = re.compile(r"performance drop because we have not yet implemented the batching rule for (\S+?)\.")
-from .params import ParamSpace
 
 
 def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n: int, batch: int = 1,
                       chunk: int = 64, dtype: torch.dtype = torch.float32,
                       progress: bool = True) -> torch.Tensor:
-    """The (n, p) gradient matrix at the model's current weights.
+    """The (n, p) gradient matrix at the model's current weights, in ``dtype``, on the model's device.
 
     Args:
         batches: iterable of (x, y) training batches (any batch size); enough of them to give
             n·batch samples.
-        n: number of rows (``--fisher-samples``).
-        batch: samples averaged per row (``--fisher-batch``); 1 = per-sample gradients.
-        chunk: per-sample gradients computed together (memory: chunk·p floats).
+        n: number of rows (``fisher_samples``).
+        batch: samples averaged per row (``fisher_batch``); 1 = per-sample gradients.
+        chunk: samples forwarded together (memory: one chunk of activations).
+        dtype: storage dtype of X (float32, bfloat16, float16, float64).
     """
-    if n < 1 or batch < 1:
-        raise PrunekitError(f"need n >= 1 gradient rows of batch >= 1 samples, got n={n}, batch={batch}")
-    names = space.param_names()
+    if n < 1 or batch < 1 or chunk < 1:
+        raise PrunekitError(f"need n >= 1 gradient rows of batch >= 1 samples (chunk >= 1), "
+                            f"got n={n}, batch={batch}, chunk={chunk}")
     device = space.weights()[0].device
+    rows = torch.empty(n, space.numel, dtype=dtype, device=device)
+    modules = dict(model.named_modules())
+    unsupported = [e.module_name for e in space.entries if not layer_grads.supported(modules[e.module_name])]
+    was_training = model.training
+    model.eval()
+    try:
+        if unsupported:
+            warnings.warn(f"per-layer gradients handle Linear and Conv2d only; {', '.join(unsupported[:3])}"
+                          f"{' ...' if len(unsupported) > 3 else ''} use the slower vmap path "
+                          "(chunk x p extra memory)", stacklevel=2)
+        else:
+            try:
+                _collect_with_hooks(model, space, batches, rows, batch, chunk, progress)
+                return rows
+            except _HooksDisagree as error:
+                warnings.warn(f"per-layer gradients disagree with autograd ({error}); using the slower "
+                              "vmap path (chunk x p extra memory)", stacklevel=2)
+        _collect_with_vmap(model, space, batches, rows, batch, chunk, progress)
+        return rows
+    finally:
+        model.train(was_training)
+
+
+# --- per-layer hooks: each layer writes its own columns ----------------------------------------
+
+class _HooksDisagree(Exception):
+    pass
+
+
+class _LayerHooks:
+    """Forward hooks on the prunable layers that, during the backward pass, write each layer's
+    weight gradients into its columns of ``self.target`` (rows × p)."""
+
+    def __init__(self, model: nn.Module, space: ParamSpace, summed: bool):
+        modules = dict(model.named_modules())
+        self.summed = summed
+        self.target: torch.Tensor | None = None
+        self.written: set[str] = set()
+        self.handles = [modules[e.module_name].register_forward_hook(self._forward_hook(e))
+                        for e in space.entries]
+
+    def _forward_hook(self, entry: Entry):
+        def hook(module, inputs, output):
+            if self.target is None:               # not collecting (e.g. the autograd check)
+                return None
+            saved = [inputs[0].detach()]          # dropped as soon as the gradient is written
+            if not output.requires_grad:          # nothing upstream needs a gradient: start here
+                output = output + torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            output.register_hook(lambda g: self._write(module, entry, saved.pop(), g))
+            return output
+        return hook
+
+    def _write(self, module: nn.Module, entry: Entry, inputs: torch.Tensor, grad_output: torch.Tensor):
+        dest = self.target[:, entry.slice]
+        layer_grads.write_weight_grads(module, inputs, grad_output, dest,
+                                       accumulate=self.summed or entry.module_name in self.written,
+                                       summed=self.summed)
+        self.written.add(entry.module_name)
+
+    def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+                 loss_scale: float, entries: list[Entry]) -> None:
+        """Forward x, backpropagate Σ loss / loss_scale, writing into ``target``."""
+        self.target, self.written = target, set()
+        loss = nn.functional.cross_entropy(model(x), y, reduction="sum") / loss_scale
+        if loss.requires_grad:
+            loss.backward()
+        if not self.summed:                        # layers the forward never reached: zero gradient
+            for entry in entries:
+                if entry.module_name not in self.written:
+                    target[:, entry.slice] = 0
+        self.target = None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _collect_with_hooks(model, space, batches, rows, batch, chunk, progress) -> None:
+    n = rows.shape[0]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)                   # only activation gradients are needed
+    hooks = _LayerHooks(model, space, summed=batch > 1)
+    device = rows.device
+    accumulator = torch.zeros(1, space.numel, dtype=torch.float32, device=device) if batch > 1 else None
+    filled = 0
+    bar = tqdm(total=n, desc="gradients", leave=False, disable=not progress, dynamic_ncols=True)
+    try:
+        for x, y in _regroup(batches, batch if batch > 1 else chunk):
+            x, y = x.to(device), y.to(device)
+            if batch == 1:
+                take = min(x.shape[0], n - filled)
+                x, y = x[:take], y[:take]
+                hooks.backward(model, x, y, rows[filled:filled + take], 1.0, space.entries)
+            elif x.shape[0] < batch:
+                break                               # a short last mini-batch would weigh rows unequally
+            else:
+                take = 1
+                accumulator.zero_()
+                for xs, ys in zip(x.split(chunk), y.split(chunk)):
+                    hooks.backward(model, xs, ys, accumulator, float(batch), space.entries)
+                rows[filled] = accumulator[0]
+            if filled == 0:
+                _check_first_row(model, space, x[:1] if batch == 1 else x, y[:1] if batch == 1 else y,
+                                 rows[0], chunk)
+            filled += take
+            bar.update(take)
+            if filled >= n:
+                break
+    finally:
+        bar.close()
+        hooks.remove()
+        for p, requires_grad in frozen:
+            p.requires_grad_(requires_grad)
+    _check_filled(filled, n, batch)
+
+
+def _check_first_row(model, space, x, y, row, chunk) -> None:
+    """Compare the first row with plain autograd, layer by layer; raise _HooksDisagree if off.
+    A bfloat16/float16 row is off by its rounding (~0.4 %), hence the looser tolerance."""
+    weights = space.weights()
+    for w in weights:
+        w.requires_grad_(True)
+    reference = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    for xs, ys in zip(x.split(chunk), y.split(chunk)):
+        loss = nn.functional.cross_entropy(model(xs), ys, reduction="sum") / x.shape[0]
+        for total, g in zip(reference, torch.autograd.grad(loss, weights, allow_unused=True)):
+            if g is not None:
+                total += g
+    for w in weights:
+        w.requires_grad_(False)
+    tol = 1e-3 if row.dtype in (torch.float32, torch.float64) else 2e-2
+    for entry, ref in zip(space.entries, reference):
+        got = row[entry.slice].float()
+        ref = ref.reshape(-1)
+        if float((got - ref).norm()) > tol * float(ref.norm()) + 1e-12:
+            raise _HooksDisagree(f"layer {entry.module_name!r}")
+
+
+# --- fallback: torch.func per-sample gradients of the whole model -----------------------------
+
+def _collect_with_vmap(model, space, batches, rows, batch, chunk, progress) -> None:
+    n = rows.shape[0]
+    names = space.param_names()
+    device = rows.device
     fixed = {k: v.detach() for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
              if k not in names}
     weights = {k: w.detach() for k, w in zip(names, space.weights())}
@@ -56,43 +212,35 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
 
     per_sample_grads = vmap(grad(one_sample_loss), in_dims=(None, 0, 0))
     batch_grad = grad(loss)
-
-    rows = torch.empty(n, space.numel, dtype=dtype)
     filled = 0
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=n, desc="gradients", leave=False, disable=not progress, dynamic_ncols=True)
     unbatched: set[str] = set()
+    bar = tqdm(total=n, desc="gradients", leave=False, disable=not progress, dynamic_ncols=True)
     try:
         for x, y in _regroup(batches, batch if batch > 1 else chunk):
             x, y = x.to(device), y.to(device)
             if batch == 1:
+                take = min(x.shape[0], n - filled)
                 with _unbatched_ops(unbatched):
-                    g = per_sample_grads(weights, x, y)
-                block = torch.cat([g[k].reshape(x.shape[0], -1) for k in names], dim=1)
+                    g = per_sample_grads(weights, x[:take], y[:take])
             elif x.shape[0] < batch:
-                break                       # a short last mini-batch would weigh rows unequally
+                break
             else:
-                g = batch_grad(weights, x, y)
-                block = torch.cat([g[k].reshape(1, -1) for k in names], dim=1)
-            take = min(block.shape[0], n - filled)
-            rows[filled:filled + take] = block[:take].to(device="cpu", dtype=dtype)
+                take = 1
+                g = {k: v.unsqueeze(0) for k, v in batch_grad(weights, x, y).items()}
+            for entry, name in zip(space.entries, names):
+                rows[filled:filled + take, entry.slice] = g.pop(name).reshape(take, -1)
             filled += take
             bar.update(take)
             if filled >= n:
                 break
     finally:
         bar.close()
-        model.train(was_training)
     if unbatched:
         warnings.warn(PrunekitWarning(
             f"per-sample gradients loop over the samples for {', '.join(sorted(unbatched))} (torch.func "
-            "has no batched rule for it): exact but slower; mini-batch rows (--fisher-batch 8) avoid it"),
-            stacklevel=2)
-    if filled < n:
-        raise PrunekitError(f"the training data gave only {filled} gradient rows of {batch} sample(s), "
-                            f"{n} asked: lower --fisher-samples or --fisher-batch, or give more training images")
-    return rows
+            "has no batched rule for it): exact but slower; mini-batch rows (fisher_batch=8) avoid it"),
+            stacklevel=3)
+    _check_filled(filled, n, batch)
 
 
 class _unbatched_ops:
@@ -117,6 +265,12 @@ class _unbatched_ops:
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return False
+
+
+def _check_filled(filled: int, n: int, batch: int) -> None:
+    if filled < n:
+        raise PrunekitError(f"the training data gave only {filled} gradient rows of {batch} sample(s), "
+                            f"{n} asked: lower --fisher-samples or --fisher-batch, or give more training images")
 
 
 def _regroup(batches: Iterable, size: int):

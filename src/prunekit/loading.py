@@ -41,7 +41,7 @@ class LoadedModel:
     prune_exclude: list[str]
 
     def example_input(self) -> torch.Tensor:
-        return torch.zeros(1, *self.input_shape)
+        return torch.zeros(1, *self.input_shape, device=next(self.model.parameters()).device)
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: int | None = None,

@@ -8,7 +8,9 @@ Family ``"channels"``: the method removes whole channels to a MAC budget (``flop
 smaller models. ``run(ctx: structured.family.ChannelContext, options) -> structured.family.Cut``.
 
 ``check(resolved_budget, options)`` (optional) refuses a request the method cannot serve before
-any work; ``defaults`` are the method's own defaults over its options class's.
+any work; ``plan_memory(model, space, example_input, resolved_budget, options)`` (optional)
+refuses one whose estimated peak memory does not fit and returns its ``memory_plan.MemoryPlan``;
+``defaults`` are the method's own defaults over its options class's.
 
 Add your own method with ``add_method(Method(...))`` (or pass a ``Method`` as ``method=`` to
 ``prunekit.prune``); for a new importance score only, pass ``importance=`` to a magnitude
@@ -21,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import PrunekitError
-from .pipelines.fisher_methods import (ChitaOptions, FalconOptions, WoodFisherOptions, needs_flops, run_chita,
-                                       run_falcon, run_woodfisher)
+from .pipelines.fisher_methods import (ChitaOptions, FalconOptions, WoodFisherOptions, needs_flops, plan_memory,
+                                       run_chita, run_falcon, run_woodfisher)
 from .pipelines.magnitude_methods import (MagnitudeOptions, run_magnitude, run_magnitude_flops,
                                           run_magnitude_uniform)
 from .structured.autobot import AutoBotOptions, run_autobot
@@ -43,6 +45,7 @@ class Method:
     about: str = ""
     defaults: dict = field(default_factory=dict)
     check: Callable | None = None
+    plan_memory: Callable | None = None
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -50,13 +53,16 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("magnitude-uniform", "weights", MagnitudeOptions, run_magnitude_uniform, "largest |w|, same share per layer"),
     Method("magnitude-flops", "weights", MagnitudeOptions, run_magnitude_flops,
            "most w² under the count and the MAC budget (ILP)"),
-    Method("chita", "weights", ChitaOptions, run_chita, "L0-constrained least squares on the empirical Fisher"),
-    Method("chita++", "weights", ChitaOptions, run_chita, "CHITA over a schedule of stages", {"stages": 15}),
-    Method("woodfisher", "weights", WoodFisherOptions, run_woodfisher, "OBS with a block-diagonal inverse Fisher"),
+    Method("chita", "weights", ChitaOptions, run_chita, "L0-constrained least squares on the empirical Fisher",
+           plan_memory=plan_memory("chita")),
+    Method("chita++", "weights", ChitaOptions, run_chita, "CHITA over a schedule of stages", {"stages": 15},
+           plan_memory=plan_memory("chita")),
+    Method("woodfisher", "weights", WoodFisherOptions, run_woodfisher, "OBS with a block-diagonal inverse Fisher",
+           plan_memory=plan_memory("woodfisher")),
     Method("falcon", "weights", FalconOptions, run_falcon, "CHITA's model under a count and a MAC budget",
-           check=needs_flops),
+           check=needs_flops, plan_memory=plan_memory("falcon")),
     Method("falcon++", "weights", FalconOptions, run_falcon, "FALCON over a schedule of stages",
-           {"stages": 5, "fisher_samples": 500}, check=needs_flops),
+           {"stages": 5, "fisher_samples": 500}, check=needs_flops, plan_memory=plan_memory("falcon")),
     Method("autobot", "channels", AutoBotOptions, run_autobot, "trainable bottlenecks on a frozen network"),
     Method("taper", "channels", TaperOptions, run_taper, "gates and weights trained as the MAC budget tapers"),
 ]}

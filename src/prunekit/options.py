@@ -59,6 +59,27 @@ class Integer:
 
 
 @dataclass(frozen=True)
+class IntegerOrAuto(Integer):
+    """A whole number >= ``low``, or "auto" (chosen by the method, e.g. what fits in memory)."""
+
+    def check(self, value) -> str | None:
+        return None if value == "auto" else (super().check(value) and super().check(value) + " or auto")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """A size in bytes: an integer, or a string like "16G", "500M"."""
+
+    def check(self, value) -> str | None:
+        from .memory_plan import parse_memory
+        try:
+            parse_memory(value)
+        except PrunekitError:
+            return f"a size like 16G or 500M, got {value!r}"
+        return None
+
+
+@dataclass(frozen=True)
 class Real:
     """A number in (``low``, ...) when ``open_low`` else [``low``, ...]; ``high`` likewise."""
 

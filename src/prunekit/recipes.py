@@ -25,6 +25,16 @@ from .errors import PrunekitError
 NOT_IN_RECIPES = {"help", "recipe", "resume", "json", "func", "command"}
 
 
+def int_or_auto(value) -> int | str:
+    """An option type: a whole number, or "auto" (``--fisher-samples``)."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
+
+
 def schema(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """The recipe keys of ``parser`` (option dests) and their argparse actions."""
     return {a.dest: a for a in parser._actions if a.dest not in NOT_IN_RECIPES and a.option_strings}
@@ -93,6 +103,8 @@ def _scalar(action: argparse.Action, key: str, value, where: str):
     elif kind is float:
         ok = ok and isinstance(value, (int, float))
         value = float(value) if ok else value
+    elif kind is int_or_auto:
+        ok = ok and (value == "auto" or isinstance(value, int))
     elif kind is str:
         ok = ok and isinstance(value, (str, int, float))   # budgets read well as numbers: flops = 0.3
         value = str(value) if ok else value
@@ -107,7 +119,7 @@ def _scalar(action: argparse.Action, key: str, value, where: str):
 
 
 def _type_name(kind) -> str:
-    return {int: "an integer", float: "a number", str: "a string"}[kind]
+    return {int: "an integer", float: "a number", str: "a string", int_or_auto: "an integer or auto"}[kind]
 
 
 def dump_recipe(values: dict) -> str:

@@ -69,6 +69,8 @@ class PruneRequest:
             shares = []
         if method.check is not None:
             method.check(resolved, options)
+        if method.plan_memory is not None:
+            method.plan_memory(self.model, space, self.example_input, resolved, options)
         mode = ("structured" if method.family == "channels" else "gradual" if gradual is not None
                 else "multi-stage" if getattr(options, "stages", 1) > 1 else "one-shot")
         return Plan(self, method, options, gradual, mode, costs, space, resolved, shares, channels,

@@ -38,7 +38,10 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bo
 
 
 def loaded_model(args) -> LoadedModel:
-    return load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None))
+    loaded = load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None))
+    if getattr(args, "device", None):           # every tensor follows the model (solvers included)
+        loaded.model.to(args.device)
+    return loaded
 
 
 def eval_data(args, loaded: LoadedModel):

@@ -11,13 +11,18 @@ from __future__ import annotations
 import argparse
 
 from ..methods import METHODS
-from ..options import Flag, Integer, OneOf, Real, Shares
+from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, Real, Shares
+from ..recipes import int_or_auto
 from ..pipelines.gradual import GradualOptions
 
 # The words on the command line; what each option means is in its options class.
 HELP = {
     "importance": None,      # a Python function: not on the command line
-    "fisher_samples": "gradient rows n (default 1000; falcon++ 500 per stage)",
+    "fisher_samples": "gradient rows n (default 1000; falcon++ 500 per stage), or auto: the largest n <= 1000 "
+                      "that fits --max-memory",
+    "fisher_dtype": "storage of the gradient matrix (default float32); products accumulate in float32",
+    "max_memory": "refuse a request whose estimated peak exceeds this, e.g. 16G or 500M "
+                  "(default: the memory available less a margin)",
     "fisher_batch": "samples averaged per row m (default 1: per-sample)",
     "ridge": "absolute ridge λ of the quadratic model (the papers' setting)",
     "relative_ridge": "λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)",
@@ -65,6 +70,10 @@ def _argument(rule) -> dict:
         return {"action": "store_true", "default": None}
     if isinstance(rule, OneOf):
         return {"choices": rule.choices}
+    if isinstance(rule, IntegerOrAuto):
+        return {"type": int_or_auto}
+    if isinstance(rule, Memory):
+        return {"type": str}
     if isinstance(rule, Integer):
         return {"type": int}
     if isinstance(rule, Real):

@@ -140,6 +140,7 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                    "report" + (" (one run folder per method and budget inside)" if sweep else ""))
     p.add_argument("--recipe", help="TOML file of options (keys = option names); flags override it")
     p.add_argument("--onnx", action="store_true", help="also export the pruned model to DIR/model.onnx")
+    p.add_argument("--device", help="run on this torch device, e.g. cuda or cuda:1 (default: cpu)")
     add_option_flags(p)
     if not sweep:
         p.add_argument("--force", action="store_true",

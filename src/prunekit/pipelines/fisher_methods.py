@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import ResolvedBudget
-from ..options import Flag, Integer, OneOf, OptionError, Options, Real
+from .. import memory_plan
+from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, OptionError, Options, Real
 from ..fisher import collect_gradients
 from ..solvers.chita import chita
 from ..solvers.falcon import falcon
-from ..solvers.obs import woodfisher
+from ..solvers.woodfisher import woodfisher
 from ..solvers.quadratic import QuadraticModel
 from ..solvers.search import largest_fitting_k
 from ..train import recalibrate_batchnorm
@@ -35,7 +36,11 @@ from .weights import PruneContext, Pruned
 class QuadraticOptions(Options):
     """Options shared by the quadratic-model methods.
 
-    fisher_samples: n, rows of the gradient matrix.
+    fisher_samples: n, rows of the gradient matrix, or "auto": the largest n ≤ 1000 that fits max_memory.
+    fisher_dtype:   storage of the gradient matrix: float32, bfloat16 or float16 (half the memory;
+                    products still accumulate in float32).
+    max_memory:     refuse a request whose estimated peak exceeds this (bytes, or "16G", "500M");
+                    None: the memory available less a margin. See ``prunekit.memory_plan``.
     fisher_batch:   samples averaged per row (1 = per-sample gradients).
     ridge:          λ of the quadratic model (also WoodFisher's damping), absolute, as in the papers.
     relative_ridge: when ``ridge`` is None, λ = relative_ridge × the mean diagonal of the empirical
@@ -49,7 +54,9 @@ class QuadraticOptions(Options):
                     along g, which we measured to hurt (ResNet-20-B at 40% MACs).
     """
 
-    fisher_samples: int = 1000
+    fisher_samples: int | str = 1000
+    fisher_dtype: str = "float32"
+    max_memory: int | str | None = None
     fisher_batch: int = 1
     ridge: float | None = None
     relative_ridge: float = 0.1
@@ -57,7 +64,8 @@ class QuadraticOptions(Options):
     schedule: str = "poly"
     revive: bool = False
     first_order: bool = False
-    constraints = {"fisher_samples": Integer(1), "fisher_batch": Integer(1), "ridge": Real(0),
+    constraints = {"fisher_samples": IntegerOrAuto(1), "fisher_dtype": OneOf(tuple(memory_plan.STORAGE_DTYPES)),
+                   "max_memory": Memory(), "fisher_batch": Integer(1), "ridge": Real(0),
                    "relative_ridge": Real(0), "stages": Integer(1), "schedule": OneOf(KINDS),
                    "revive": Flag(), "first_order": Flag()}
 
@@ -104,7 +112,7 @@ def _fit_macs(solve, k: int, max_macs, macs: torch.Tensor):
 
 
 def _solve_stage_chita(q: QuadraticModel, k: int, max_macs, macs, opts: ChitaOptions):
-    return _fit_macs(lambda kk: chita(q, kk, method=opts.solver, block_size=opts.block_size),
+    return _fit_macs(lambda kk: chita(q, kk, variant=opts.solver, block_size=opts.block_size),
                      k, max_macs, macs)
 
 
@@ -114,7 +122,7 @@ def _solve_stage_woodfisher(q: QuadraticModel, k: int, max_macs, macs, opts: Woo
 
 
 def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FalconOptions):
-    return falcon(q, macs, k, max_macs, method=opts.solver, block_size=opts.block_size)
+    return falcon(q, macs, k, max_macs, variant=opts.solver, block_size=opts.block_size)
 
 
 def needs_flops(budget: ResolvedBudget, opts) -> None:
@@ -124,25 +132,39 @@ def needs_flops(budget: ResolvedBudget, opts) -> None:
                           ("flops",))
 
 
+def plan_memory(family: str):
+    """The memory check of a family ("chita", "falcon", "woodfisher": their solvers' work arrays
+    differ), for the method table: refuses a request that does not fit before any work."""
+    def check(model, space, example_input, budget: ResolvedBudget, opts: QuadraticOptions):
+        return memory_plan.plan(model, space, example_input, n=opts.fisher_samples, dtype=opts.fisher_dtype,
+                                family=family, max_memory=opts.max_memory, fisher_batch=opts.fisher_batch,
+                                obs_block_size=getattr(opts, "obs_block_size", 128),
+                                keep_share=budget.max_nonzeros / space.numel)
+    return check
+
+
 def run_chita(ctx: PruneContext, opts: ChitaOptions) -> Pruned:
-    return Pruned(run_stages(ctx, _solve_stage_chita, opts))
+    return run_stages(ctx, _solve_stage_chita, opts, plan_memory("chita"))
 
 
 def run_woodfisher(ctx: PruneContext, opts: WoodFisherOptions) -> Pruned:
-    return Pruned(run_stages(ctx, _solve_stage_woodfisher, opts))
+    return run_stages(ctx, _solve_stage_woodfisher, opts, plan_memory("woodfisher"))
 
 
 def run_falcon(ctx: PruneContext, opts: FalconOptions) -> Pruned:
-    return Pruned(run_stages(ctx, _solve_stage_falcon, opts))
+    return run_stages(ctx, _solve_stage_falcon, opts, plan_memory("falcon"))
 
 
-def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions) -> torch.Tensor:
-    """Prune over ``opts.stages`` stages to the context's budget; returns the final w (p,)."""
+def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -> Pruned:
+    """Prune over ``opts.stages`` stages to the context's budget; returns the final w (p,) and
+    the memory plan's figures. ``memory``: the family's ``plan_memory`` check."""
     if ctx.train_batches is None:
         raise OptionError("this method needs training data for its gradients: pass data (the training "
                           "split is used)", ("data",))
     p = ctx.space.numel
-    macs = ctx.space.macs_per_weight(ctx.costs).cpu()     # the solvers work on the CPU
+    # The plan of the first stage (the largest: later stages have fewer free weights).
+    plan = memory(ctx.model, ctx.space, ctx.costs.example_input, ctx.budget, opts)
+    macs = ctx.space.macs_per_weight(ctx.costs)           # solvers work where the model is
     dense_macs = int(macs.sum())
     target = ctx.budget.max_nonzeros
     target_macs = ctx.budget.max_macs
@@ -151,7 +173,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions) -> torch.
                   if target_macs is not None else [None] * opts.stages)
     history = ctx.history
     done = resume_stages(ctx)       # stages completed by an earlier, interrupted run (0: none)
-    w = ctx.space.vector().cpu()
+    w = ctx.space.vector()
     for stage, (share, mac_share) in enumerate(zip(shares, mac_shares), start=1):
         if stage <= done:
             continue
@@ -159,25 +181,26 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions) -> torch.
         k = target if last else max(target, round(share * p))
         max_macs = None if mac_share is None else (target_macs if last else max(target_macs, int(mac_share * dense_macs)))
         start = time.perf_counter()
-        grads = collect_gradients(ctx.model, ctx.space, ctx.train_batches(), opts.fisher_samples,
-                                  batch=opts.fisher_batch, progress=ctx.progress)
+        grads = collect_gradients(ctx.model, ctx.space, ctx.train_batches(), plan.n, batch=opts.fisher_batch,
+                                  chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress)
         seconds_gradients = time.perf_counter() - start
-        free = torch.ones(p, dtype=torch.bool) if opts.revive or stage == 1 else w != 0
+        free = torch.ones(p, dtype=torch.bool, device=w.device) if opts.revive or stage == 1 else w != 0
         index = free.nonzero().squeeze(1)
-        rows = grads if index.numel() == p else grads.index_select(1, index)
-        del grads                                      # at most one n×p matrix alive
-        linear = rows.mean(0) if opts.first_order else None
+        rows = grads if index.numel() == p else _keep_columns(grads, index)
+        del grads
         ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
-        q = QuadraticModel(rows, w[index], ridge, linear)
+        q = QuadraticModel(rows, w[index], ridge)
+        if opts.first_order:                           # g = the mean of the rows
+            q = QuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
         solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts)
-        w = torch.zeros(p, dtype=w.dtype)
+        w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
         ctx.space.assign(w)
         # The pipeline recalibrates after the last stage; between stages it matters for the
         # next stage's gradients.
         recalibrated = (stage < len(shares) and ctx.recalibrate_bn
                         and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
-        history.append({"stage": stage, "max_nonzeros": k, "nonzeros": int((w != 0).sum()),
+        history.append({"stage": stage, "memory_estimate_mb": round(plan.total_mb, 1), "max_nonzeros": k, "nonzeros": int((w != 0).sum()),
                         "max_macs": max_macs, "macs": int(macs[w != 0].sum()),
                         "ridge": ridge, "objective": solution.objective, "solver_seconds": solution.seconds,
                         "gradient_seconds": seconds_gradients, "bn_recalibrated": recalibrated,
@@ -185,10 +208,19 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions) -> torch.
                         "solver_info": {key: value for key, value in solution.info.items()
                                         if isinstance(value, (bool, int, float, str))}})
         stage_completed(ctx, stage)
-    return w
+    return Pruned(w, {"memory_estimate_mb": round(plan.total_mb, 1), "fisher_samples": plan.n,
+                      "fisher_dtype": opts.fisher_dtype})
+
+
+def _keep_columns(grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """grads[:, index] (n, m) without a second n×p matrix: each row is compacted in place and the
+    result is a view of the first m columns (row stride p)."""
+    for row in grads:
+        row[:index.numel()] = row[index]
+    return grads[:, :index.numel()]
 
 
 def _mean_fisher_diagonal(rows: torch.Tensor) -> float:
-    """mean_j (XᵀX/n)_jj for X = rows (n, p), accumulated in float64."""
-    total = sum(float(chunk.pow(2).sum(dtype=torch.float64)) for chunk in rows.split(64))
+    """mean_j (XᵀX/n)_jj for X = rows (n, p), accumulated in float64, one row at a time."""
+    total = sum(float(row.double().square().sum()) for row in rows)
     return total / rows.numel() or 1.0

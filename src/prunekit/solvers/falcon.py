@@ -9,8 +9,8 @@ model and c_i the MACs weight i costs, the problem is
 The projection onto that set, for a point v, keeps the support maximising Σ v_i² under both
 budgets: the ILP of :mod:`prunekit.solvers.ilp`.
 
-* method "magnitude" (the published release): support = ILP on w̄², then backsolve on it.
-* method "dfo" (the paper's discrete first-order method): from that point, repeat
+* variant "magnitude" (the published release): support = ILP on w̄², then backsolve on it.
+* variant "dfo" (the paper's discrete first-order method): from that point, repeat
   w ← backsolve(ILP-support of (w − η∇Q(w))²), with a step-size search that accepts a new point
   only if Q decreases (searched on log η: a step too short to change the support is lengthened,
   one that brings in too many new weights or raises Q is shortened); stop when no step size
@@ -28,16 +28,16 @@ import time
 import torch
 
 from ..errors import PrunekitError
-from .chita import backsolve, backsolve_blockwise
+from .backsolve import backsolve_blockwise, backsolve_with_parts, updated_gram
 from .ilp import solve_flops_ilp
 from .quadratic import QuadraticModel, check_k
 from .result import Solution
 
-METHODS = ("dfo", "magnitude")
+VARIANTS = ("dfo", "magnitude")
 
 
 def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: float, *,
-           method: str = "dfo", max_iter: int = 10, max_search: int = 20, tol: float = 1e-4,
+           variant: str = "dfo", max_iter: int = 10, max_search: int = 20, tol: float = 1e-4,
            max_change_share: float = 0.01,
            block_size: int | None = None) -> Solution:
     """A w meeting both budgets with small Q.
@@ -45,7 +45,7 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     q:               the quadratic model (p weights).
     macs_per_weight: c, (p,) MACs each weight costs (≥ 0).
     k:               most nonzeros; max_macs: F, most Σ c_i over nonzeros.
-    method:          "dfo" or "magnitude" (see the module docstring).
+    variant:         "dfo" or "magnitude" (see the module docstring).
     max_iter:        first-order iterations (each costs one or more backsolves);
     max_search:      step sizes tried per iteration (each costs one ILP solve).
     tol:             stop once an iteration lowers Q by less than tol·|Q|.
@@ -53,29 +53,49 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     block_size:      backsolve in independent blocks (large p).
     """
     start = time.perf_counter()
-    if method not in METHODS:
-        raise PrunekitError(f"unknown FALCON method {method!r}; choose one of {', '.join(METHODS)}")
+    if variant not in VARIANTS:
+        raise PrunekitError(f"unknown FALCON variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     k = check_k(k)
     costs = macs_per_weight.to(torch.float64)
     if costs.shape != (q.p,):
         raise PrunekitError(f"macs_per_weight must have shape ({q.p},), got {tuple(costs.shape)}")
 
     gaps: list[float] = []
+    cost_layers = _cost_runs(costs)
 
     def project(v: torch.Tensor) -> torch.Tensor:
-        result = solve_flops_ilp(v.double() ** 2, costs, max_count=k, max_cost=float(max_macs))
+        if cost_layers is None:
+            result = solve_flops_ilp(v.double() ** 2, costs, max_count=k, max_cost=float(max_macs))
+        else:
+            result = solve_flops_ilp(v.double() ** 2, layer_slices=cost_layers[0], layer_costs=cost_layers[1],
+                                     max_count=k, max_cost=float(max_macs))
         gaps.append(result.gap)
         return result.keep
 
+    current: list = [None]        # (support, X_S X_Sᵀ) of the current point, for cheap updates
+    latest: list = [None]         # the same for the last support solved
+
     def solve_on(support: torch.Tensor) -> torch.Tensor:
-        return backsolve(q, support) if block_size is None else backsolve_blockwise(q, support, block_size)
+        if block_size is not None:
+            return backsolve_blockwise(q, support, block_size)
+        gram = None
+        if current[0] is not None and current[0][1] is not None:
+            old_support, old_gram = current[0]
+            added = (support & ~old_support).nonzero().squeeze(1)
+            removed = (old_support & ~support).nonzero().squeeze(1)
+            if added.numel() + removed.numel() < int(support.sum()) // 4 and int(support.sum()) > q.n:
+                gram = updated_gram(q, old_gram, added, removed)
+        w, parts = backsolve_with_parts(q, support, gram)
+        latest[0] = (support, None if parts is None else parts[0])
+        return w
 
     support = project(q.w_bar)
     w = solve_on(support)
+    current[0] = latest[0]
     f = q.objective(w)
-    info = {"method": method, "magnitude_objective": f, "accepted": 0, "trials": 0, "stalled": False}
+    info = {"variant": variant, "magnitude_objective": f, "accepted": 0, "trials": 0, "stalled": False}
     iterations = 0
-    if method == "dfo":
+    if variant == "dfo":
         max_changes = max(1, int(max_change_share * k))
         log_eta = -math.log2(q.lipschitz())          # log2 of a step known not to move the support
         for iterations in range(1, max_iter + 1):
@@ -87,11 +107,24 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
                 break
             decrease = f - accepted[1]
             w, f, support = accepted
+            current[0] = latest[0]                 # the accepted support was the last solved
             if decrease < tol * abs(f):
                 break
     info["max_ilp_gap"] = max(gaps)
     return Solution(w=w, objective=f, support_size=int((w != 0).sum()), iterations=iterations,
                     seconds=time.perf_counter() - start, info=info)
+
+
+def _cost_runs(costs: torch.Tensor, max_runs: int = 1024):
+    """The runs of consecutive weights of equal cost (a network's layers) as (slices, costs),
+    or None if there are more than ``max_runs``. Given to the ILP, they spare it grouping p
+    costs by sorting them on every call."""
+    change = ((costs[1:] != costs[:-1]).nonzero().squeeze(1) + 1).tolist()
+    if len(change) >= max_runs:
+        return None
+    bounds = [0, *change, costs.numel()]
+    return ([slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])],
+            costs[torch.tensor(bounds[:-1], device=costs.device)].cpu())
 
 
 def _support_changing_step(q, project, solve_on, w, f, support, grad, log_eta, max_changes,

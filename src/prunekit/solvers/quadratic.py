@@ -10,8 +10,11 @@ and an optional first-order term g (e.g. the mean gradient, when w̄ is not a st
 For g = 0 CHITA writes the same function as the least-squares problem
 ½‖y − Xw‖² + (nλ/2)‖w − w̄‖² with y = Xw̄, which is n·Q(w); we keep the (w − w̄) form.
 
-Only X is stored: every product goes through X or Xᵀ, never a p×p matrix. Vectors live in X's
-dtype (float32 for real networks); scalar reductions (objective values) are accumulated in float64.
+Only X is stored: every product goes through X or Xᵀ, never a p×p matrix. X may be stored
+compactly (bfloat16 or float16: half the memory); vectors then live in float32 and every product
+with X (Xv, Xᵀr, Gram matrices of a support) converts X one block of columns at a time and
+accumulates in float32 or better, so no full float32 copy of X is ever made. Vectors of a float32
+or float64 X live in its dtype. Scalar reductions (objective values) are accumulated in float64.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from ..errors import PrunekitError
 class QuadraticModel:
     """Q(w) = (1/2n)‖X(w − w̄)‖² + (λ/2)‖w − w̄‖² + gᵀ(w − w̄).
 
-    grads:  X, (n, p) per-sample gradients at w̄, floating point (float32 or float64).
+    grads:  X, (n, p) per-sample gradients at w̄: float32, float64, or bfloat16/float16 (compact
+            storage; products then accumulate in float32, see the module docstring). May be a
+            column slice of a wider matrix (row stride ≥ p).
     w_bar:  w̄, (p,) the trained weights.
     ridge:  λ > 0.
     linear: g, (p,) or None (no first-order term).
@@ -37,24 +42,67 @@ class QuadraticModel:
         _check_inputs(grads, w_bar, ridge, linear)
         self.X = grads
         self.n, self.p = grads.shape
-        self.w_bar = w_bar.to(grads.dtype)
+        self._compute_dtype = compute_dtype(grads.dtype)
+        self.w_bar = w_bar.to(self._compute_dtype)
         self.ridge = float(ridge)
-        self.linear = None if linear is None else linear.to(grads.dtype)
+        self.linear = None if linear is None else linear.to(self._compute_dtype)
         self._lipschitz: float | None = None
+        # columns converted per block: a float32 block of at most BLOCK_BYTES
+        self.block_columns = max(1, BLOCK_BYTES // (4 * self.n))
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.X.dtype
+        """The dtype of vectors and products (float32 for a compact X, else X's dtype)."""
+        return self._compute_dtype
+
+    @property
+    def compact(self) -> bool:
+        return self.X.dtype != self._compute_dtype
+
+    def column_blocks(self):
+        """(slice, X[:, slice] in the compute dtype) over consecutive blocks of columns."""
+        for start in range(0, self.p, self.block_columns):
+            block = slice(start, min(start + self.block_columns, self.p))
+            yield block, self.X[:, block].to(self._compute_dtype)
 
     # --- products with X ------------------------------------------------------------------
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """X v: (p,) -> (n,)."""
-        return self.X @ v
+        v = v.to(self._compute_dtype)
+        if not self.compact:
+            return self.X @ v
+        out = torch.zeros(self.n, dtype=self._compute_dtype, device=self.X.device)
+        for block, X_b in self.column_blocks():
+            out += X_b @ v[block]
+        return out
 
     def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
         """Xᵀ r: (n,) -> (p,)."""
-        return self.X.t() @ r
+        r = r.to(self._compute_dtype)
+        if not self.compact:
+            return self.X.t() @ r
+        out = torch.empty(self.p, dtype=self._compute_dtype, device=self.X.device)
+        for block, X_b in self.column_blocks():
+            out[block] = X_b.t() @ r
+        return out
+
+    def columns(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """X[:, index], (n, m), in ``dtype`` (default: the compute dtype). For a few columns."""
+        return self.X.index_select(1, index).to(dtype or self._compute_dtype)
+
+    def gram(self, support: torch.Tensor) -> torch.Tensor:
+        """X_S X_Sᵀ, (n, n) float64, for the weights ``support`` (p,) bool, by column blocks
+        (each block's product in the compute dtype, summed in float64): no n×|S| copy."""
+        total = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.X.device)
+        for start in range(0, self.p, self.block_columns):
+            block = slice(start, min(start + self.block_columns, self.p))
+            index = support[block].nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            A_b = self.X[:, block].index_select(1, index).to(self._compute_dtype)
+            total += (A_b @ A_b.t()).double()
+        return total
 
     def residual(self, w: torch.Tensor) -> torch.Tensor:
         """r = X(w − w̄), (n,): the first-order change of each sample's loss."""
@@ -79,11 +127,19 @@ class QuadraticModel:
             grad += self.linear
         return grad
 
+    def hessian_diagonal(self) -> torch.Tensor:
+        """H_jj = ‖x_j‖²/n + λ, (p,). Row by row: one pass over X, no temporary of X's size."""
+        total = torch.zeros_like(self.w_bar)
+        for row in self.X:
+            row = row.to(self._compute_dtype)
+            total.addcmul_(row, row)
+        return total / self.n + self.ridge
+
     def lipschitz(self) -> float:
         """L = λ_max(XᵀX/n) + λ, the Lipschitz constant of ∇Q, to about 1e-4 relative (from
         below). Computed once with X products only (see _largest_eigenvalue), then cached."""
         if self._lipschitz is None:
-            self._lipschitz = _largest_eigenvalue(self.X) + self.ridge
+            self._lipschitz = _largest_eigenvalue(self) + self.ridge
         return self._lipschitz
 
     # --- sub-problems ---------------------------------------------------------------------
@@ -100,12 +156,12 @@ class QuadraticModel:
         gives a model of the same form on A with first-order term g_A − X_Aᵀz/n, plus the constant
         ‖z‖²/2n + (λ/2)‖w̄_R‖² − g_Rᵀw̄_R.
         """
-        X_A = self.X.index_select(1, index)
+        X_A = self.X.index_select(1, index)                     # in X's storage dtype
         held = torch.ones(self.p, dtype=torch.bool, device=self.X.device)
         held[index] = False
         w_held = torch.where(held, self.w_bar, 0)               # (w̄_R, 0)
         z = self.matvec(w_held)                                 # X_R w̄_R
-        linear = -(X_A.t() @ z) / self.n
+        linear = -self.rmatvec(z)[index] / self.n
         constant = dot64(z, z) / (2 * self.n) + self.ridge / 2 * dot64(w_held, w_held)
         if self.linear is not None:
             linear += self.linear[index]
@@ -113,7 +169,7 @@ class QuadraticModel:
         return QuadraticModel(X_A, self.w_bar[index], self.ridge, linear), constant
 
 
-def _largest_eigenvalue(X: torch.Tensor, max_steps: int = 64, rtol: float = 1e-4) -> float:
+def _largest_eigenvalue(q: QuadraticModel, max_steps: int = 64, rtol: float = 1e-4) -> float:
     """λ_max(XᵀX/n) by Lanczos on the smaller of XXᵀ/n (n×n) and XᵀX/n (p×p), using only X.
 
     Lanczos is power iteration that keeps every iterate: its Ritz value, the top eigenvalue of
@@ -122,18 +178,18 @@ def _largest_eigenvalue(X: torch.Tensor, max_steps: int = 64, rtol: float = 1e-4
     random X). The basis is re-orthogonalised in full (it has at most min(n, p, max_steps)
     vectors). Stops when the Ritz value moves less than ``rtol``, relative.
     """
-    n, p = X.shape
+    n, p = q.n, q.p
     if n <= p:
-        dim, apply = n, lambda u: X @ (X.t() @ u) / n           # XXᵀ/n, same nonzero spectrum
+        dim, apply = n, lambda u: q.matvec(q.rmatvec(u)) / n     # XXᵀ/n, same nonzero spectrum
     else:
-        dim, apply = p, lambda v: X.t() @ (X @ v) / n
+        dim, apply = p, lambda v: q.rmatvec(q.matvec(v)) / n
     start = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     basis = [start / start.norm()]
     alphas: list[float] = []
     betas: list[float] = []
     ritz = 0.0
     for _ in range(min(max_steps, dim)):
-        z = apply(basis[-1].to(device=X.device, dtype=X.dtype)).double().cpu()
+        z = apply(basis[-1].to(device=q.X.device, dtype=q.dtype)).double().cpu()
         alphas.append(float(basis[-1] @ z))                      # α_j = q_jᵀ M q_j
         Q = torch.stack(basis)
         for _ in range(2):                                       # z ⟂ all q's ("twice is enough")
@@ -151,6 +207,15 @@ def _largest_eigenvalue(X: torch.Tensor, max_steps: int = 64, rtol: float = 1e-4
         betas.append(beta)
         basis.append(z / beta)
     return max(ritz, 0.0)
+
+
+BLOCK_BYTES = 8 * 2**20        # a compact X is converted to float32 this many bytes at a time
+COMPACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(storage: torch.dtype) -> torch.dtype:
+    """The dtype products with an X stored in ``storage`` are accumulated in."""
+    return torch.float32 if storage in COMPACT_DTYPES else storage
 
 
 def spd_cholesky(M: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.solvers.obs import woodfisher
+from prunekit.solvers.woodfisher import woodfisher
 from prunekit.solvers.quadratic import QuadraticModel
 from closeness import assert_close_to_scale
 

@@ -30,7 +30,7 @@ import time
 import torch
 
 from ..errors import PrunekitError
-from .quadratic import QuadraticModel, check_k, spd_cholesky
+from .quadratic import QuadraticModel, check_k, compute_dtype, spd_cholesky
 from .result import Solution
 
 
@@ -94,7 +94,7 @@ def _inverse_fisher(X_b: torch.Tensor, damp: float) -> torch.Tensor:
         inverse = -X.t() @ torch.cholesky_solve(X, spd_cholesky(M))
         inverse.diagonal().add_(1.0)
         inverse /= damp
-    return inverse.to(X_b.dtype)
+    return inverse.to(compute_dtype(X_b.dtype))
 
 
 def _remove(w: torch.Tensor, inverse: torch.Tensor, local: torch.Tensor) -> None:

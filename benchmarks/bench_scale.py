@@ -1,0 +1,122 @@
+"""Cost of one-shot FALCON as the model and the number of gradient rows grow: seconds and memory.
+
+    python benchmarks/bench_scale.py                                   # every row that fits
+    python benchmarks/bench_scale.py --models resnet20-b resnet56 --n 64 256 1000
+    python benchmarks/bench_scale.py --models resnet50 --n 256 --dtypes bfloat16
+
+ResNet-20-B -> ResNet-56 (CIFAR layout, 32x32) -> MobileNetV1 -> ResNet-50 (224x224), one-shot
+FALCON (default solver, DFO) to 30% of the MACs, for n gradient rows stored in float32 or
+bfloat16. Every row runs `prunekit.prune` in its own process, with RANDOM weights and RANDOM
+inputs and labels (generated batch by batch, never held at once), recalibrate_bn=False: this
+measures cost (time, memory), not accuracy. Per row: seconds for the gradients and for the solver,
+the memory plan's estimate and the measured peak RSS of the process (ru_maxrss). A row whose plan
+does not fit the machine's available memory is reported as refused (that is the plan at work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import print_table, write_json
+
+MODELS = {"resnet20-b": 32, "resnet56": 32, "mobilenetv1": 224, "resnet50": 224}
+
+
+def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int) -> dict:
+    """One measurement, in this process."""
+    import torch
+
+    import prunekit
+    from prunekit import zoo
+    from prunekit.errors import PrunekitError
+
+    torch.set_num_threads(threads)
+    size = MODELS[model_name]
+    torch.manual_seed(0)
+    model = zoo.build(model_name)
+    classes = zoo.spec(model_name).num_classes
+    batch = 64
+
+    def batches():
+        gen = torch.Generator().manual_seed(1)
+        for _ in range((n + batch - 1) // batch):
+            yield torch.randn(batch, 3, size, size, generator=gen), torch.randint(0, classes, (batch,), generator=gen)
+
+    start = time.perf_counter()
+    row = {"model": model_name, "n": n, "dtype": dtype, "flops": flops, "threads": threads,
+           "p": sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))}
+    try:
+        result = prunekit.prune(model, batches, method="falcon", flops=flops, fisher_samples=n, fisher_dtype=dtype,
+                                example_input=torch.randn(1, 3, size, size), recalibrate_bn=False)
+    except PrunekitError as error:
+        return {**row, "refused": str(error), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    stage = result.history[0]
+    info = stage.get("solver_info", {})
+    return {**row, "flops_kept": result.flops_kept, "gradient_seconds": stage["gradient_seconds"],
+            "solver_seconds": stage["solver_seconds"], "seconds": time.perf_counter() - start,
+            "memory_estimate_mb": stage["memory_estimate_mb"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "dfo_accepted": info.get("accepted"), "dfo_trials": info.get("trials")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--n", type=int, nargs="+", default=[64, 128, 256, 512, 1000])
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"),
+                        default=["float32", "bfloat16"])
+    parser.add_argument("--flops", type=float, default=0.3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds before a row is abandoned")
+    parser.add_argument("--out", default="benchmarks/results/scale.json")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out")
+    parser.add_argument("--row", help=argparse.SUPPRESS)       # internal: run one row, print JSON
+    args = parser.parse_args()
+    if args.row:
+        spec = json.loads(args.row)
+        print(json.dumps(run_row(spec["model"], spec["n"], spec["dtype"], spec["flops"], spec["threads"])))
+        return
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).exists() else []
+    done = {(r["model"], r["n"], r["dtype"]) for r in rows}
+    for model_name in args.models:
+        for n in args.n:
+            for dtype in args.dtypes:
+                if (model_name, n, dtype) in done:
+                    continue
+                spec = json.dumps({"model": model_name, "n": n, "dtype": dtype, "flops": args.flops,
+                                   "threads": args.threads})
+                try:
+                    out = subprocess.run([sys.executable, __file__, "--row", spec], capture_output=True, text=True,
+                                         timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    rows.append({"model": model_name, "n": n, "dtype": dtype, "error": f"over {args.timeout:.0f} s"})
+                else:
+                    if out.returncode != 0:
+                        rows.append({"model": model_name, "n": n, "dtype": dtype,
+                                     "error": (out.stderr.strip().splitlines() or ["?"])[-1]})
+                    else:
+                        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                row = rows[-1]
+                if "memory_estimate_mb" in row:
+                    row["estimate_error"] = row["memory_estimate_mb"] / row["peak_rss_mb"] - 1
+                print(json.dumps(row), flush=True)
+                write_json(args.out, {"benchmark": "scale", "rows": rows})
+    print("\nrandom weights and inputs: cost only; one process per row")
+    print_table([r for r in rows if "gradient_seconds" in r],
+                [("model", "model", ">12"), ("p", "p", ",d"), ("n", "n", "d"), ("dtype", "X dtype", ">9"),
+                 ("gradient_seconds", "grad s", ".0f"), ("solver_seconds", "solver s", ".0f"),
+                 ("memory_estimate_mb", "est. MB", ".0f"), ("peak_rss_mb", "peak MB", ".0f"),
+                 ("estimate_error", "est/peak-1", "+.2f"), ("flops_kept", "MACs kept", ".3f")])
+    for r in rows:
+        if "refused" in r or "error" in r:
+            print(f"{r['model']} n={r['n']} {r['dtype']}: {r.get('refused') or r.get('error')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""A memory plan for the quadratic-model methods, made before any gradient is computed.
+
+The peak of a request is estimated from its parts, each counted from the model itself:
+
+    resident now         what the process already holds (model, data, the Python runtime)
+  + X                    n × p in the storage dtype (the gradient matrix; usually dominant)
+  + the larger of the gradient phase (activations + layer gradients) and the solver phase:
+    activations          one chunk of samples through the model with autograd: measured as the
+                         bytes of every leaf module's output for one sample (a no-grad forward),
+                         times the chunk, times ACTIVATION_FACTOR (what autograd and our hooks
+                         keep per output: calibrated on ResNet-20-B, MobileNetV1 and ResNet-50)
+    layer gradients      the largest layer's per-sample gradients for a chunk, twice (computed,
+                         then written)
+    solver work arrays   SOLVER_VECTORS vectors of p float64 (weights, gradients, supports, the
+                         ILP's scores, costs and orders), a few n × n float64 factors, two column
+                         blocks; CHITA's active set holds 1.5k columns of X, WoodFisher p × B
+                         inverses.
+
+The plan refuses a request whose estimate exceeds the limit (``max_memory``; default: the memory
+available to this process, from /proc/meminfo and the cgroup limit, less a margin) in one line
+naming the largest n that fits in each storage dtype, and resolves ``fisher_samples="auto"`` to
+the largest n ≤ 1000 that fits. It also picks the chunk: as many samples as keep the activations
+under ACTIVATION_BUDGET (at most 64).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import PrunekitError
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ACTIVATION_FACTOR = 1.2          # measured peak / (leaf outputs × chunk): 0.9-1.3
+ACTIVATION_BUDGET = 2 * 2**30    # bytes of activations a chunk may take
+MAX_CHUNK = 64
+SOLVER_VECTORS = 12              # p-long float64 vectors alive at once in FALCON/CHITA (counted)
+GiB, MiB = 2**30, 2**20
+
+
+@dataclass
+class MemoryPlan:
+    """The estimate of one request. Byte counts; ``total`` is the estimated peak RSS."""
+
+    n: int
+    p: int
+    dtype: torch.dtype
+    chunk: int
+    resident: int
+    gradients: int          # X
+    activations: int
+    layer_gradients: int
+    solver: int
+    limit: int
+
+    @property
+    def total(self) -> int:
+        """Gradients are collected, then the solver runs: the two phases do not overlap."""
+        return self.resident + self.gradients + max(self.activations + self.layer_gradients, self.solver)
+
+    @property
+    def total_mb(self) -> float:
+        return self.total / MiB
+
+    def fits(self) -> bool:
+        return self.total <= self.limit
+
+
+class _Sizes:
+    """What the estimate needs from the model, measured once."""
+
+    def __init__(self, model: nn.Module, space, example_input: torch.Tensor):
+        self.p = space.numel
+        self.largest_layer = max(e.numel for e in space.entries)
+        self.activation_per_sample = _activation_bytes(model, example_input)
+        self.device = space.weights()[0].device
+
+
+def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, dtype: str = "float32",
+         family: str = "falcon", max_memory=None, fisher_batch: int = 1, obs_block_size: int = 128,
+         keep_share: float = 1.0) -> MemoryPlan:
+    """The memory plan of gradients + solve for ``space``'s weights, refusing what does not fit.
+
+    n:          fisher_samples, an int or "auto" (the largest n ≤ 1000 that fits).
+    dtype:      storage dtype of X, a key of STORAGE_DTYPES.
+    family:     "chita", "falcon" or "woodfisher" (their solvers' work arrays differ).
+    max_memory: the limit, bytes or "16G"/"500M" (None: available memory less a margin).
+    keep_share: k/p, the share of weights kept (CHITA's active set is 1.5k columns).
+    Raises PrunekitError when the request does not fit.
+    """
+    storage = storage_dtype(dtype)
+    sizes = _Sizes(model, space, example_input)
+    limit = parse_memory(max_memory) if max_memory is not None else default_limit(sizes.device)
+    resident = current_usage(sizes.device)
+    estimate = lambda rows, kind: _estimate(sizes, rows, kind, family, fisher_batch, obs_block_size,
+                                            keep_share, resident, limit)
+    if n == "auto":
+        rows = largest_n(lambda rows: estimate(rows, storage), 1000)
+        if rows == 0:
+            raise PrunekitError(_refusal(estimate(1, storage), estimate, limit))
+        return estimate(rows, storage)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PrunekitError(f"fisher_samples must be a positive integer or 'auto', got {n!r}")
+    result = estimate(n, storage)
+    if not result.fits():
+        raise PrunekitError(_refusal(result, estimate, limit))
+    return result
+
+
+def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_batch: int,
+              obs_block_size: int, keep_share: float, resident: int, limit: int) -> MemoryPlan:
+    item = torch.tensor([], dtype=storage).element_size()
+    chunk = max(1, min(MAX_CHUNK, ACTIVATION_BUDGET // max(1, int(ACTIVATION_FACTOR * sizes.activation_per_sample))))
+    if fisher_batch == 1:
+        chunk = min(chunk, n)
+    gradients = n * sizes.p * item
+    activations = int(ACTIVATION_FACTOR * sizes.activation_per_sample * chunk)
+    rows_at_once = 1 if fisher_batch > 1 else chunk
+    layer_gradients = 2 * sizes.largest_layer * rows_at_once * 4 + (sizes.p * 4 if fisher_batch > 1 else 0)
+    solver = SOLVER_VECTORS * sizes.p * 8 + 4 * n * n * 8 + 2 * 8 * MiB
+    if family == "chita":
+        solver += int(min(1.0, 1.5 * keep_share) * gradients)     # the active set's columns of X
+    elif family == "woodfisher":
+        solver += sizes.p * obs_block_size * 4 * 2                 # block inverses (+ a float64 block)
+    return MemoryPlan(n=n, p=sizes.p, dtype=storage, chunk=chunk, resident=resident, gradients=gradients,
+                      activations=activations, layer_gradients=layer_gradients, solver=solver, limit=limit)
+
+
+def largest_n(estimate, upper: int) -> int:
+    """The largest n ≤ ``upper`` whose plan fits (0 if none); the estimate grows with n."""
+    if estimate(1).total > estimate(1).limit:
+        return 0
+    lo, hi = 1, upper
+    if estimate(hi).fits():
+        return hi
+    while hi - lo > 1:                 # lo fits, hi does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if estimate(mid).fits() else (lo, mid)
+    return lo
+
+
+def _refusal(result: MemoryPlan, estimate, limit: int) -> str:
+    fitting = ", ".join(f"{largest_n(lambda rows: estimate(rows, storage), 10**7):,} in {name}"
+                        for name, storage in STORAGE_DTYPES.items())
+    return (f"this request needs about {_human(result.total)} (gradients {result.n:,} x {result.p:,} in "
+            f"{str(result.dtype).removeprefix('torch.')} = {_human(result.gradients)}) but max_memory is "
+            f"{_human(limit)}: the largest fisher_samples that fits is {fitting} "
+            "(or raise max_memory)")
+
+
+def _human(count: int) -> str:
+    return f"{count / GiB:.1f} GB" if count >= GiB else f"{count / MiB:.0f} MB"
+
+
+def storage_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype) and name in STORAGE_DTYPES.values():
+        return name
+    if name not in STORAGE_DTYPES:
+        raise PrunekitError(f"fisher_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {name!r}")
+    return STORAGE_DTYPES[name]
+
+
+def parse_memory(value) -> int:
+    """Bytes from an int or a string like "16G", "500M", "1.5GB", "2048K" (powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(value), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise PrunekitError(f"max_memory must be a size like 16G or 500M, got {value!r}")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def default_limit(device: torch.device) -> int:
+    """What this process may still grow to: what it holds now plus the memory available to it,
+    less a margin of 5 % of the available memory and at least 512 MB."""
+    available = available_memory(device)
+    return current_usage(device) + available - max(512 * MiB, available // 20)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes still available: on a GPU its free memory; on the CPU MemAvailable of
+    /proc/meminfo, or less if a cgroup (v2 or v1) limits this process."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    candidates = [_meminfo_available()]
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:
+            candidates.append(max(0, limit - usage))
+    return min(c for c in candidates if c is not None)
+
+
+def current_usage(device: torch.device) -> int:
+    """Bytes this process holds now: its resident set (CPU) or allocated tensors (GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None                  # absent, or "max" (no limit)
+
+
+def _activation_bytes(model: nn.Module, example: torch.Tensor | tuple) -> int:
+    """Bytes of every leaf module's output for one sample (a no-grad forward in eval mode of the
+    first sample of ``example``, a batch or a tuple of batched inputs)."""
+    device = next(model.parameters()).device
+    inputs = tuple(x[:1].to(device) for x in (example if isinstance(example, (tuple, list)) else (example,)))
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return total

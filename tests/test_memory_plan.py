@@ -1,0 +1,134 @@
+"""The memory plan: sizes, the one-line refusal before any work, fisher_samples="auto"."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit import memory_plan
+from prunekit.cli import main
+from prunekit.errors import PrunekitError
+from prunekit.params import ParamSpace
+from prunekit.pipelines import fisher_methods
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+MLP = ["--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors")]
+MNIST = ["--data", "mnist", "--data-dir", str(ASSETS / "mnist")]
+MB = 2**20
+
+
+def wide_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 1000), nn.ReLU(), nn.Linear(1000, 1000), nn.ReLU(),
+                         nn.Linear(1000, 10))          # p = 1,074,000: 4.1 MB per float32 row
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+
+
+@pytest.mark.parametrize("text,expected", [("16G", 16 * 2**30), ("500M", 500 * MB), ("1.5GB", int(1.5 * 2**30)),
+                                           ("2048k", 2 * MB), (123456, 123456), ("7", 7)])
+def test_parse_memory(text, expected):
+    assert memory_plan.parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "lots", "-1G", "0", 0, -5, True, "1X"])
+def test_parse_memory_refuses_nonsense(bad):
+    with pytest.raises(PrunekitError, match="max_memory"):
+        memory_plan.parse_memory(bad)
+
+
+@pytest.fixture
+def steady_usage(monkeypatch):
+    """What the process holds, fixed, so that plans made one after another agree exactly."""
+    usage = memory_plan.current_usage(torch.device("cpu"))
+    monkeypatch.setattr(memory_plan, "current_usage", lambda device: usage)
+    return usage
+
+
+def test_estimate_parts_and_largest_n_per_dtype(steady_usage):
+    model = wide_model()
+    space = ParamSpace(model)
+    example = torch.zeros(1, 1, 8, 8)
+    roomy = memory_plan.plan(model, space, example, n=100, max_memory="100G")
+    assert roomy.gradients == 100 * space.numel * 4
+    assert roomy.total == roomy.resident + roomy.gradients + max(roomy.activations + roomy.layer_gradients,
+                                                                 roomy.solver)
+    compact = memory_plan.plan(model, space, example, n=100, dtype="bfloat16", max_memory="100G")
+    assert compact.gradients == roomy.gradients // 2
+    limit = roomy.resident + 1500 * MB
+    with pytest.raises(PrunekitError) as refused:
+        memory_plan.plan(model, space, example, n=1000, max_memory=limit)
+    message = str(refused.value)
+    assert "\n" not in message and "max_memory" in message
+    fitting = {}
+    for name in ("float32", "bfloat16", "float16"):
+        count = int(message.split("fits is ")[1].split(f" in {name}")[0].split()[-1].replace(",", ""))
+        fitting[name] = count
+        assert memory_plan.plan(model, space, example, n=count, dtype=name, max_memory=limit).fits()
+        with pytest.raises(PrunekitError):
+            memory_plan.plan(model, space, example, n=count + 1, dtype=name, max_memory=limit)
+    assert 100 < fitting["float32"] < 300 and fitting["bfloat16"] > 1.8 * fitting["float32"]
+    assert fitting["float16"] == fitting["bfloat16"]
+
+
+def test_auto_takes_the_largest_n_up_to_1000_that_fits(steady_usage):
+    model = wide_model()
+    space = ParamSpace(model)
+    example = torch.zeros(1, 1, 8, 8)
+    assert memory_plan.plan(model, space, example, n="auto", max_memory="100G").n == 1000
+    limit = steady_usage + 1500 * MB
+    auto = memory_plan.plan(model, space, example, n="auto", max_memory=limit)
+    assert auto.fits() and 100 < auto.n < 300
+    with pytest.raises(PrunekitError):
+        memory_plan.plan(model, space, example, n=auto.n + 1, max_memory=limit)
+
+
+def test_a_request_over_max_memory_is_refused_before_any_gradient(monkeypatch):
+    monkeypatch.setattr(fisher_methods, "collect_gradients", lambda *a, **k: pytest.fail("gradients computed"))
+    with pytest.raises(PrunekitError, match="largest fisher_samples that fits"):
+        prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=1000, max_memory="1M")
+
+
+def test_auto_and_compact_storage_through_prunekit_prune():
+    result = prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples="auto",
+                            fisher_dtype="bfloat16", max_memory=memory_plan.current_usage(torch.device("cpu"))
+                            + 150 * MB, recalibrate_bn=False)
+    stage = result.history[0]
+    assert result.flops_kept <= 0.5 and stage["memory_estimate_mb"] > 0
+
+
+def test_cli_refuses_in_one_line_with_exit_2(capsys):
+    assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", "--max-memory", "1M"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "largest fisher_samples that fits" in err and "bfloat16" in err and "\n" not in err
+
+
+def test_cli_json_has_the_estimate_next_to_the_measured_peak(capsys):
+    assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", "--fisher-samples", "auto",
+                 "--fisher-dtype", "bfloat16", "--train-samples", "1200", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fisher_samples"] == 1000 and out["fisher_dtype"] == "bfloat16"
+    assert 0 < out["memory_estimate_mb"] and out["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--fisher-samples", "0"], "fisher-samples"),
+    (["--max-memory", "lots"], "--max-memory"),
+])
+def test_bad_memory_options_are_one_line(capsys, argv, needle):
+    assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+
+
+def test_fisher_samples_neither_integer_nor_auto_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", "--fisher-samples", "many"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "integer or auto" in err and "\n" not in err
