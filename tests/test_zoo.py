@@ -41,7 +41,7 @@ def test_every_model_builds_and_runs(name):
     spec = zoo.spec(name)
     assert spec.name == name
     assert len(spec.mean) == len(spec.std) == spec.input_shape[0]
-    assert spec.dataset in {"mnist", "cifar10", "imagenet"}
+    assert spec.dataset in {"mnist", "fashion-mnist", "cifar10", "imagenet"}
     batch, shape = 3, spec.input_shape
     if spec.dataset == "imagenet":  # keep it cheap: the global pool takes any size
         batch, shape = 1, (3, 64, 64)
