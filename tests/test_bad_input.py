@@ -288,3 +288,16 @@ def test_python_refuses_with_one_line(change, needle, home, untouched):
 
 def test_at_least_sixty_kinds():
     assert len(CLI_CASES) + len(PY_CASES) >= 60
+
+
+def test_all_labels_of_a_prunekit_loader_are_checked(untouched):
+    """A prunekit loader's labels are checked in full, not only its first batch."""
+    from prunekit.data import Normalization, load_dataset, make_loader
+
+    train = load_dataset("mnist", MNIST_DIR, "train")
+    order = torch.argsort(train.labels)                # batch 1 holds only small labels
+    train.images, train.labels = train.images[order], train.labels[order]
+    loader = make_loader(train, Normalization((0.1307,), (0.3081,)), batch_size=64)
+    five_classes = nn.Sequential(nn.Flatten(), nn.Linear(784, 5))
+    with pytest.raises(PrunekitError, match=r"labels go from 0 to 9.*5 outputs"):
+        prunekit.prune(five_classes, loader, method="magnitude", sparsity=0.5)

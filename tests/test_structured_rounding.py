@@ -99,7 +99,7 @@ def test_request_below_the_rounded_floor_is_refused_before_work():
     model, x, costs, groups, counter = _setup("resnet20")
     share = (minimum_rounded_macs(counter, 16) - 1) / costs.macs
     with pytest.raises(PrunekitError, match="smaller channel_multiple"):
-        prunekit.prune(model, lambda: [], method="autobot", flops=share, example_input=x, channel_multiple=16)
+        prunekit.prune(model, None, method="autobot", flops=share, example_input=x, channel_multiple=16)
     for bad in (0, -8, 2.5):
         with pytest.raises(PrunekitError, match="channel_multiple"):
-            prunekit.prune(model, lambda: [], method="autobot", flops=0.5, example_input=x, channel_multiple=bad)
+            prunekit.prune(model, None, method="autobot", flops=0.5, example_input=x, channel_multiple=bad)

@@ -96,3 +96,20 @@ def test_reports_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):
     assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(run)]) == 0
     assert "pip install 'prunekit[report]'" in capsys.readouterr().err
     assert (run / "report.md").exists() and not (run / "plots").exists()
+
+
+def test_sweep_and_compare_take_structured_and_gradual_runs(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", *MLP[:-2], "--method", "magnitude-flops", "autobot", "--flops", "0.5",
+                 "--gate-batches", "3", "--out", str(out), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert sorted(r["method"] for r in runs) == ["autobot", "magnitude-flops"]
+    assert all(r["status"] == "done" and r["flops_kept"] <= 0.5 for r in runs)
+    gradual = tmp_path / "gradual"
+    assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.8", "--gradual", "--events", "2",
+                 "--final-epochs", "1", "--out", str(gradual), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(out), str(gradual), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)["runs"]
+    assert len(table) == 3 and {r["method"] for r in table} == {"autobot", "magnitude-flops", "magnitude"}
+    assert next(r for r in table if r["method"] == "magnitude")["stages"] == 2     # its two events

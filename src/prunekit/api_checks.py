@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data.loaders import BatchLoader
 from .errors import PrunekitError
 
 
@@ -151,8 +152,9 @@ def _all_labels(data) -> torch.Tensor | None:
         return data[1]
     if isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) == 2:
         return data.tensors[1]
-    labels = getattr(getattr(data, "dataset", None), "labels", None)      # a prunekit BatchLoader
-    return labels if isinstance(labels, torch.Tensor) else None
+    if isinstance(data, BatchLoader):        # prunekit's loader: the labels of its ImageDataset
+        return data.dataset.labels
+    return None
 
 
 def _outputs(model: nn.Module, example_input: torch.Tensor) -> int | None:

@@ -24,6 +24,7 @@ from torch import nn
 from .data.loaders import BatchLoader
 from .pipelines.gradual import prune_gradual
 from .pipelines.weights import Outcome, PruneContext, prune_weights
+from .options import OptionError
 from .record import build_record, save_pruned
 from .request import Plan
 from .runs import RunCheckpointer, RunFolder, StageMeter, evaluate_loss_accuracy, layer_density
@@ -109,7 +110,9 @@ def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -
     """Dispatch on the method's family and the mode: the one place where the paths part."""
     request = plan.request
     if plan.method.family == "channels":
-        source = train_batches() if train_batches is not None else []
+        if train_batches is None:
+            raise OptionError(f"method {plan.method.name} trains gates on training data: pass data", ("data",))
+        source = train_batches()
         if isinstance(source, BatchLoader) and source.batch_size != plan.options.gate_batch_size:
             source = copy.copy(source)                 # the gates' batch size, on a loader of our own
             source.batch_size = plan.options.gate_batch_size

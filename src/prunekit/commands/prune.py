@@ -91,7 +91,7 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     if folder is not None:
         atomic_write_json(folder.path / "result.json", record)
         if args.onnx:
-            from .export import export_onnx
+            from ..export import export_onnx
             record["onnx"] = str(export_onnx(model, loaded.example_input(), folder.path / "model.onnx"))
         write_report(lambda: report.write_run_report(folder.path), args.json)
     return record
