@@ -343,8 +343,8 @@ def _refuse_unpriced(unpriced, modules) -> None:
         + (f" ({len(names)} parameters in all: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
            if len(names) > 1 else "")
         + f"; register a cost for it with prunekit.register_cost({kind}, fn) (fn(module, inputs, output) "
-        "returns {parameter name: times each element is multiplied in the call}), or exclude the module "
-        "from the model you prune")
+        "returns {parameter name: times each element is multiplied in the call}; {} if it costs no MACs). "
+        "exclude= would only leave its weights dense: the MACs must still be counted")
 
 
 def _key_of(name: str, weights: set[str]) -> tuple[str, str]:
