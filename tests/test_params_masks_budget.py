@@ -109,3 +109,20 @@ def test_bn_recalibration_without_data_keeps_the_statistics():
     model[1].running_mean.fill_(0.25)
     assert recalibrate_batchnorm(model, []) is False
     assert torch.all(model[1].running_mean == 0.25)
+
+
+def test_param_space_sees_packed_attention_weights_and_patterns_reach_them():
+    from prunekit import zoo
+    vit = zoo.build("vit-tiny")
+    costs = CostModel(vit, torch.zeros(1, 1, 28, 28))
+    space = ParamSpace(vit, costs=costs)
+    assert "blocks.0.attn.in_proj_weight" in space.names() and "blocks.0.attn.out_proj" in space.names()
+    assert "blocks.0.attn.in_proj_weight" in space.param_names()
+    # every MAC a weight pays is priced per weight; only attention's QKᵀ/AV are fixed
+    assert int(space.macs_per_weight(costs).sum()) == costs.macs - costs.activation_macs
+    budget = Budget.parse(flops=0.4).resolve(costs, space)
+    assert budget.fixed_macs == costs.activation_macs
+    left = ParamSpace(vit, exclude=["blocks.*.attn"], costs=costs).names()
+    assert not any(".attn" in name for name in left)
+    only = ParamSpace(vit, include=["*.in_proj_weight"], costs=costs).names()
+    assert only == ["blocks.0.attn.in_proj_weight", "blocks.1.attn.in_proj_weight"]

@@ -119,3 +119,19 @@ def test_a_vit_with_heads_removed_saves_and_reloads(tmp_path):
     assert isinstance(again.blocks[0].attn, SlimAttention) and again.blocks[0].attn.num_heads == 2
     with torch.no_grad():
         assert torch.equal(again(x), small(x))
+
+
+def test_gates_turn_the_fused_attention_path_off_and_back_on():
+    from prunekit.costs import get_mha_fastpath
+    model, x = _model("encoder")
+    groups = find_groups(model, x)
+    before = get_mha_fastpath()
+    with GateHooks(model, groups) as hooks:
+        assert not get_mha_fastpath()          # else TransformerEncoderLayer would skip the gated attention
+        hooks.values = [torch.zeros(g.size) if g.kind == "heads" else torch.ones(g.size) for g in groups]
+        hooks.values = [v.index_fill(0, torch.tensor([0]), 1.0) for v in hooks.values]
+        with torch.no_grad():
+            gated = model(x)
+    assert get_mha_fastpath() == before
+    with torch.no_grad():
+        assert not torch.allclose(gated, model(x))   # one head left per layer changes the output

@@ -317,6 +317,21 @@ class _OpCounter(TorchDispatchMode):
                 self._param(t, tokens)
 
 
+def get_mha_fastpath() -> bool:
+    """Whether nn.MultiheadAttention / TransformerEncoderLayer may use their fused fast path
+    (``torch.backends.mha`` in torch >= 2.2; older versions always may)."""
+    mha = getattr(torch.backends, "mha", None)
+    return mha.get_fastpath_enabled() if mha is not None else True
+
+
+def set_mha_fastpath(enabled: bool) -> None:
+    """Turn the fused attention fast path on or off (a no-op where torch has no switch: there the
+    function mode of the trace keeps attention on its ordinary path)."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is not None:
+        mha.set_fastpath_enabled(enabled)
+
+
 def _flatten(items):
     for item in items:
         if isinstance(item, (list, tuple)):

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cost_trace import (_AddCounter, _OpCounter, _ParamIndex, ModuleCost, register_cost,  # noqa: F401
-                         registered_cost, unregister_cost)
+from .cost_trace import (_AddCounter, _OpCounter, _ParamIndex, ModuleCost, get_mha_fastpath,  # noqa: F401
+                         register_cost, registered_cost, set_mha_fastpath, unregister_cost)
 from .errors import PrunekitError
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
@@ -304,14 +304,14 @@ def _trace(model: nn.Module, example_input) -> tuple[list[LayerCost], list[str]]
         handles.append(module.register_forward_hook(post_hook(name, is_leaf, fn)))
 
     was_training = model.training
-    fastpath = torch.backends.mha.get_fastpath_enabled()
+    fastpath = get_mha_fastpath()
     model.eval()
     adds = _AddCounter(scope, leaf_depth, batch)
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     try:
         # The fused fast path of nn.MultiheadAttention / TransformerEncoderLayer is one opaque
         # op; the ordinary path is the same arithmetic, op by op.
-        torch.backends.mha.set_fastpath_enabled(False)
+        set_mha_fastpath(False)
         with torch.no_grad(), adds, ops:
             model(*inputs)
     except PrunekitError:
@@ -321,7 +321,7 @@ def _trace(model: nn.Module, example_input) -> tuple[list[LayerCost], list[str]]
                             f"{tuple(inputs[0].shape)}: {str(err).splitlines()[0]}; "
                             "pass an example input the model accepts") from None
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+        set_mha_fastpath(fastpath)
         for handle in handles:
             handle.remove()
         model.train(was_training)
@@ -343,8 +343,8 @@ def _refuse_unpriced(unpriced, modules) -> None:
         + (f" ({len(names)} parameters in all: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
            if len(names) > 1 else "")
         + f"; register a cost for it with prunekit.register_cost({kind}, fn) (fn(module, inputs, output) "
-        "returns {parameter name: times each element is multiplied in the call}), or exclude the module "
-        "from the model you prune")
+        "returns {parameter name: times each element is multiplied in the call}; {} if it costs no MACs). "
+        "exclude= would only leave its weights dense: the MACs must still be counted")
 
 
 def _key_of(name: str, weights: set[str]) -> tuple[str, str]:

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from ..costs import CostModel
+from ..costs import CostModel, get_mha_fastpath, set_mha_fastpath
 from .attention import gated_forward_hook
 from .groups import GroupSet
 
@@ -67,8 +67,8 @@ class GateHooks:
             if _is_depthwise(module):
                 continue
             self._handles.append(module.register_forward_pre_hook(self._hook(module, entries)))
-        self._fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
+        self._fastpath, self._attached = get_mha_fastpath(), True
+        set_mha_fastpath(False)
 
     def _hook(self, module: nn.Module, entries):
         linear = isinstance(module, nn.Linear)
@@ -89,8 +89,9 @@ class GateHooks:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        if self._handles or hasattr(self, "_fastpath"):
-            torch.backends.mha.set_fastpath_enabled(getattr(self, "_fastpath", True))
+        if self._attached:
+            set_mha_fastpath(self._fastpath)
+            self._attached = False
         self._handles = []
 
     def __enter__(self):
