@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import layer_grads
 from .errors import PrunekitError, PrunekitWarning
+from .options import OptionError
 from .params import Entry, ParamSpace
 
 # torch.func's notice for an operation without a batched (vmap) rule; it then loops over the
@@ -269,8 +270,9 @@ class _unbatched_ops:
 
 def _check_filled(filled: int, n: int, batch: int) -> None:
     if filled < n:
-        raise PrunekitError(f"the training data gave only {filled} gradient rows of {batch} sample(s), "
-                            f"{n} asked: lower --fisher-samples or --fisher-batch, or give more training images")
+        raise OptionError(f"the training data gave only {filled} gradient rows of {batch} sample(s), "
+                          f"{n} asked: lower fisher_samples or fisher_batch, or give more training images",
+                          ("fisher_samples", "fisher_batch"))
 
 
 def _regroup(batches: Iterable, size: int):

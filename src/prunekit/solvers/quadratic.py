@@ -229,7 +229,7 @@ def spd_cholesky(M: torch.Tensor) -> torch.Tensor:
     jitter = 1e-10 * scale
     while int(info) != 0:
         if jitter > 1e-2 * scale:
-            raise PrunekitError("the quadratic model is numerically singular: raise the ridge (--ridge)")
+            raise PrunekitError("the quadratic model is numerically singular: raise the ridge (ridge or relative_ridge)")
         L, info = torch.linalg.cholesky_ex(M + jitter * torch.eye(M.shape[0], dtype=M.dtype, device=M.device))
         jitter *= 100
     return L
