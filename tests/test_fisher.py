@@ -58,7 +58,7 @@ def test_mini_batch_rows_are_mean_gradients():
 
 def test_too_little_data_is_a_clear_error():
     model = tiny_model()
-    with pytest.raises(PrunekitError, match="fisher-samples"):
+    with pytest.raises(PrunekitError, match="fisher_samples"):
         collect_gradients(model, ParamSpace(model), data(10), n=4, batch=3, progress=False)
 
 
