@@ -93,7 +93,7 @@ CLI_CASES = [
     (["prune", "--model"], "expected one argument"),
     ([*PRUNE, "--sparsity", "0.5", "--bogus"], "unrecognized arguments"),
     (["eval", "--model", "mlpnet", "--data", "svhn", "--data-dir", MNIST_DIR], "invalid choice"),
-    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "abc"], "invalid int"),
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "abc"], "integer or auto"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--schedule", "cubic"], "invalid choice"),
     ([*PRUNE, "--sparsity", "0.5", "--eval-split", "val"], "invalid choice"),
     (["eval", *MLP, *MNIST, "--batch-size", "1.5"], "invalid int"),

@@ -65,8 +65,8 @@ class QuadraticOptions(Options):
     revive: bool = False
     first_order: bool = False
     constraints = {"fisher_samples": IntegerOrAuto(1), "fisher_dtype": OneOf(tuple(memory_plan.STORAGE_DTYPES)),
-                   "max_memory": Memory(), "fisher_batch": Integer(1), "ridge": Real(0),
-                   "relative_ridge": Real(0), "stages": Integer(1), "schedule": OneOf(KINDS),
+                   "max_memory": Memory(), "fisher_batch": Integer(1), "ridge": Real(0, open_low=True),
+                   "relative_ridge": Real(0, open_low=True), "stages": Integer(1), "schedule": OneOf(KINDS),
                    "revive": Flag(), "first_order": Flag()}
 
 
