@@ -60,7 +60,7 @@ def test_vmap_fallback_notice_becomes_one_warning_in_our_words():
     rows, caught = _collect(NoticeNet(), 6)
     assert rows.shape == (12, 18)
     assert [w.category for w in caught] == [PrunekitWarning]           # one, ours; torch's kept in
-    assert "aten::fake_op " in str(caught[0].message) and "--fisher-batch" in str(caught[0].message)
+    assert "aten::fake_op " in str(caught[0].message) and "fisher_batch" in str(caught[0].message)
 
 
 def test_other_warnings_still_pass_through():
@@ -84,8 +84,8 @@ def test_real_attention_model_shows_no_torch_notice():
     if not any("performance drop" in str(w.message) for w in raw):
         pytest.skip("this torch has a batched rule for attention: nothing to catch")
     _, caught = _collect(model, 8)
-    assert [w.category for w in caught] == [PrunekitWarning]
-    assert "scaled_dot_product" in str(caught[0].message)
+    assert not any("performance drop" in str(w.message) for w in caught)      # torch's notice never leaks
+    assert all(w.category is PrunekitWarning and "scaled_dot_product" in str(w.message) for w in caught)
 
 
 def test_cli_prints_our_warning_on_one_line(capsys, monkeypatch):

@@ -57,25 +57,39 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
     device = space.weights()[0].device
     rows = torch.empty(n, space.numel, dtype=dtype, device=device)
     modules = dict(model.named_modules())
-    unsupported = [e.module_name for e in space.entries if not layer_grads.supported(modules[e.module_name])]
+    unsupported = [e.module_name for e in space.entries if not layer_grads.supported(modules[e.module])]
     was_training = model.training
     model.eval()
+    unbatched: set[str] = set()
     try:
-        if unsupported:
-            warnings.warn(f"per-layer gradients handle Linear and Conv2d only; {', '.join(unsupported[:3])}"
-                          f"{' ...' if len(unsupported) > 3 else ''} use the slower vmap path "
-                          "(chunk x p extra memory)", stacklevel=2)
-        else:
-            try:
-                _collect_with_hooks(model, space, batches, rows, batch, chunk, progress)
-                return rows
-            except _HooksDisagree as error:
-                warnings.warn(f"per-layer gradients disagree with autograd ({error}); using the slower "
-                              "vmap path (chunk x p extra memory)", stacklevel=2)
-        _collect_with_vmap(model, space, batches, rows, batch, chunk, progress)
-        return rows
+        with _unbatched_ops(unbatched):
+            _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupported)
     finally:
         model.train(was_training)
+    if unbatched:
+        warnings.warn(PrunekitWarning(
+            f"per-sample gradients loop over the samples for {', '.join(sorted(unbatched))} (torch.func "
+            "has no batched rule for it): exact but slower; mini-batch rows (fisher_batch=8) avoid it"),
+            stacklevel=2)
+    return rows
+
+
+def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupported: list[str]) -> None:
+    """Per-layer hooks where every prunable layer allows them, else (or when they disagree with
+    autograd) torch.func over the whole model."""
+    if unsupported:
+        warnings.warn(PrunekitWarning(
+            f"per-layer gradients handle Linear and Conv2d only; {', '.join(unsupported[:3])}"
+            f"{' ...' if len(unsupported) > 3 else ''} use the slower vmap path (chunk x p extra memory)"),
+            stacklevel=3)
+    else:
+        try:
+            _collect_with_hooks(model, space, batches, rows, batch, chunk, progress)
+            return
+        except _HooksDisagree as error:
+            warnings.warn(PrunekitWarning(f"per-layer gradients disagree with autograd ({error}); using the "
+                                          "slower vmap path (chunk x p extra memory)"), stacklevel=3)
+    _collect_with_vmap(model, space, batches, rows, batch, chunk, progress)
 
 
 # --- per-layer hooks: each layer writes its own columns ----------------------------------------
@@ -93,7 +107,7 @@ class _LayerHooks:
         self.summed = summed
         self.target: torch.Tensor | None = None
         self.written: set[str] = set()
-        self.handles = [modules[e.module_name].register_forward_hook(self._forward_hook(e))
+        self.handles = [modules[e.module].register_forward_hook(self._forward_hook(e))
                         for e in space.entries]
 
     def _forward_hook(self, entry: Entry):
@@ -214,15 +228,13 @@ def _collect_with_vmap(model, space, batches, rows, batch, chunk, progress) -> N
     per_sample_grads = vmap(grad(one_sample_loss), in_dims=(None, 0, 0))
     batch_grad = grad(loss)
     filled = 0
-    unbatched: set[str] = set()
     bar = tqdm(total=n, desc="gradients", leave=False, disable=not progress, dynamic_ncols=True)
     try:
         for x, y in _regroup(batches, batch if batch > 1 else chunk):
             x, y = x.to(device), y.to(device)
             if batch == 1:
                 take = min(x.shape[0], n - filled)
-                with _unbatched_ops(unbatched):
-                    g = per_sample_grads(weights, x[:take], y[:take])
+                g = per_sample_grads(weights, x[:take], y[:take])
             elif x.shape[0] < batch:
                 break
             else:
@@ -236,11 +248,6 @@ def _collect_with_vmap(model, space, batches, rows, batch, chunk, progress) -> N
                 break
     finally:
         bar.close()
-    if unbatched:
-        warnings.warn(PrunekitWarning(
-            f"per-sample gradients loop over the samples for {', '.join(sorted(unbatched))} (torch.func "
-            "has no batched rule for it): exact but slower; mini-batch rows (fisher_batch=8) avoid it"),
-            stacklevel=3)
     _check_filled(filled, n, batch)
 
 

@@ -80,7 +80,7 @@ class _Sizes:
         self.largest_layer = max(e.numel for e in space.entries)
         modules = dict(model.named_modules())
         self.activation_per_sample = _activation_bytes(model, example_input,
-                                                       [modules[e.module_name] for e in space.entries])
+                                                       [modules[e.module] for e in space.entries])
         self.device = space.weights()[0].device
 
 
