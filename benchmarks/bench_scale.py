@@ -2,7 +2,8 @@
 
     python benchmarks/bench_scale.py                                   # every row that fits
     python benchmarks/bench_scale.py --models resnet20-b resnet56 --n 64 256 1000
-    python benchmarks/bench_scale.py --models resnet50 --n 256 --dtypes bfloat16
+    python benchmarks/bench_scale.py --models resnet50 --n 256 --dtypes bfloat16   # needs ~16 GB free
+    python benchmarks/bench_scale.py --models mobilenetv1 --n 1000 --dtypes bfloat16  # ~11 GB
 
 ResNet-20-B -> ResNet-56 (CIFAR layout, 32x32) -> MobileNetV1 -> ResNet-50 (224x224), one-shot
 FALCON (default solver, DFO) to 30% of the MACs, for n gradient rows stored in float32 or
