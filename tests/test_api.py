@@ -113,3 +113,29 @@ def test_bad_calls_name_the_fix():
     with pytest.raises(prunekit.PrunekitError, match="flops budget") as refused:
         prunekit.prune(net, (x, y), method="falcon", sparsity=0.5)
     assert "--" not in str(refused.value)          # Python messages name parameters, not flags
+
+
+def test_data_checks_leave_the_users_data_stream_untouched():
+    """The checks peek at the first batch; the run must still see the batches it would have seen
+    (a prunekit loader counts epochs per iter(); a shuffling DataLoader draws from torch's RNG)."""
+    from prunekit.api_checks import first_batch
+    from prunekit.data.dataset import ImageDataset
+    from prunekit.data.loaders import Normalization, make_loader
+
+    gen = torch.Generator().manual_seed(0)
+    ds = ImageDataset(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=gen),
+                      torch.randint(0, 10, (40,), generator=gen), [str(k) for k in range(10)])
+    norm = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    loader = make_loader(ds, norm, batch_size=8, shuffle=True, augment=True, seed=3)
+    peeked = first_batch(lambda: loader, "data")
+    assert loader.epoch == 0
+    fresh = next(iter(make_loader(ds, norm, batch_size=8, shuffle=True, augment=True, seed=3)))
+    for a, b, c in zip(peeked, next(iter(loader)), fresh):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+    torch_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(20.0), torch.arange(20)),
+                                               batch_size=4, shuffle=True)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first_batch(lambda: torch_loader, "data")
+    assert torch.equal(torch.get_rng_state(), before)

@@ -111,7 +111,7 @@ CLI_CASES = [
     (["eval", "--model", "mlpnet", "--checkpoint", "/no/such/file.pth", *MNIST], "not found"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/adir", *MNIST], "is a folder"),
     (["info", "mlpnet", "--checkpoint", f"{H}/plain.pkl"], "plain pickle"),
-    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/resnet20.pth", *MNIST], "--model resnet20"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/resnet20.pth", *MNIST], "trained for ('resnet20'?)"),
     (["info", "mlpnet", "--checkpoint", f"{H}/noise.pth"], "cannot read checkpoint"),
     (["info", "mlpnet", "--checkpoint", f"{H}/empty"], "cannot read checkpoint"),
     (["info", "mlpnet", "--checkpoint", f"{H}/notes.txt"], "cannot read checkpoint"),

@@ -133,9 +133,19 @@ def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: C
 
 
 def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first (x, y) batch of ``batches()``, refusing anything else in one line."""
+    """The first (x, y) batch of ``batches()``, refusing anything else in one line.
+
+    The peek leaves no trace on the user's data stream: torch's global random state is restored
+    (a shuffling DataLoader draws its order from it) and a prunekit loader's epoch is put back, so
+    the run sees the same batches as it would without the check.
+    """
     try:
-        first = next(iter(batches()), None)
+        with torch.random.fork_rng(devices=[]):
+            produced = batches()
+            epoch = produced.epoch if isinstance(produced, BatchLoader) else None
+            first = next(iter(produced), None)
+            if epoch is not None:
+                produced.epoch = epoch
     except TypeError as err:           # e.g. a function taking arguments, or returning no iterable
         raise PrunekitError(f"{what} gave no batches ({err}): pass a DataLoader, a Dataset, (X, Y) tensors "
                             "or a function of no arguments returning (x, y) batches") from None

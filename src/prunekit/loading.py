@@ -57,7 +57,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
     meta = read_meta(checkpoint) if checkpoint is not None else {}
     if meta.get("model") not in (None, name):
         raise PrunekitError(f"{checkpoint} holds a {meta['model']!r} model, not {name!r}: "
-                            f"pass --model {meta['model']}")
+                            f"load it as {meta['model']!r}")
     build_kwargs = meta.get("build_kwargs") or {k: v for k, v in
                                                 (("num_classes", num_classes), ("in_channels", in_channels))
                                                 if v is not None}
@@ -94,7 +94,7 @@ def check_fits(loaded: LoadedModel, ds: ImageDataset, what: str) -> None:
     if tuple(ds.image_shape) != tuple(loaded.input_shape):
         raise PrunekitError(f"the {what} images are {tuple(ds.image_shape)} (C,H,W) but model "
                             f"{loaded.name!r} takes {tuple(loaded.input_shape)}: pick the data set "
-                            f"the model was made for (--data) or another model")
+                            f"the model was made for, or another model")
     num_classes = _num_classes(loaded.model)
     if num_classes is not None and len(ds) and int(ds.labels.max()) >= num_classes:
         raise PrunekitError(f"the {what} labels go up to {int(ds.labels.max())} but model "

@@ -8,7 +8,8 @@ sidecar (and, for a shrunk model, its channel layout) plus ``result.json``.
 Record keys: model, method, family, mode (one-shot | multi-stage | gradual | structured),
 request (the budget as asked), sparsity, nonzeros (weights methods), flops_kept, params_kept,
 macs, dense_macs, params, dense_params, budget_max_nonzeros, budget_max_macs, dense_accuracy,
-accuracy, loss (None without evaluation data), seconds (pruning, BatchNorm included), options
+accuracy, loss (None without evaluation data), seconds (pruning, BatchNorm included), peak_rss_mb
+(this process's peak resident memory when the record was made), options
 (the method's, resolved), then the method's own facts (``ilp_gap``, ``kept_channels`` ...) and
 its history: ``stages`` (weights), ``events`` (gradual), ``phases`` (structured).
 """
@@ -16,6 +17,8 @@ its history: ``stages`` (weights), ``events`` (gradual), ``phases`` (structured)
 from __future__ import annotations
 
 import math
+import resource
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,12 @@ def finite(obj):
     return obj
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def build_record(plan, outcome: Outcome, dense: dict, final: dict, seconds: float) -> dict:
     """The record of ``outcome``, the result of request ``plan`` (a ``request.Plan``).
 
@@ -53,7 +62,7 @@ def build_record(plan, outcome: Outcome, dense: dict, final: dict, seconds: floa
               "budget_max_nonzeros": budget.max_nonzeros if plan.method.family == "weights" else None,
               "budget_max_macs": None if budget.max_macs is None else budget.max_macs + budget.fixed_macs,
               "dense_accuracy": dense.get("accuracy"), "accuracy": final.get("accuracy"), "loss": final.get("loss"),
-              "seconds": seconds, "options": plan.options.to_dict(), **outcome.info,
+              "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "options": plan.options.to_dict(), **outcome.info,
               HISTORY_KEY[plan.mode]: outcome.history}
     if plan.mode == "gradual":
         record["gradual"] = True

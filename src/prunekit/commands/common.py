@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -13,11 +12,6 @@ from .. import zoo
 from ..data import DATASET_NAMES, make_loader
 from .. import report
 from ..loading import LoadedModel, check_fits, load_data, load_model
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from ..train import evaluate
-from .common import add_data_args, add_model_args, emit, eval_data, loaded_model, peak_rss_mb
+from ..record import peak_rss_mb
+from .common import add_data_args, add_model_args, emit, eval_data, loaded_model
 
 
 def cmd_eval(args) -> int:

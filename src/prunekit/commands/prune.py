@@ -16,9 +16,8 @@ from ..executor import execute
 from ..loading import LoadedModel
 from ..methods import METHODS, lookup
 from ..request import PruneRequest
-from ..saving import atomic_write_json
 from . import option_flags
-from .common import (add_data_args, add_model_args, describe, emit, eval_data, loaded_model, peak_rss_mb,
+from .common import (add_data_args, add_model_args, describe, emit, eval_data, loaded_model,
                      training_batches, write_report)
 from .option_flags import add_option_flags
 
@@ -87,9 +86,7 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
                    force=bool(getattr(args, "force", False)))
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
                             dense=dense, progress=not args.json, on_step=step_printer(args))
-    record = {**record, "peak_rss_mb": peak_rss_mb()}
     if folder is not None:
-        atomic_write_json(folder.path / "result.json", record)
         if args.onnx:
             from ..export import export_onnx
             record["onnx"] = str(export_onnx(model, loaded.example_input(), folder.path / "model.onnx"))

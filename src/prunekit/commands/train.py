@@ -14,7 +14,8 @@ from ..data import load_dataset, make_loader
 from ..loading import check_fits, load_model
 from ..record import save_pruned
 from ..train import evaluate, train_epochs
-from .common import add_data_args, add_model_args, describe, emit, peak_rss_mb
+from ..record import peak_rss_mb
+from .common import add_data_args, add_model_args, describe, emit
 
 
 def cmd_train(args) -> int:

@@ -222,7 +222,7 @@ def _misfit_message(
     if fits and fits == model_name:
         hint = "build the model with the checkpoint's num_classes / in_channels"
     elif fits:
-        hint = f"pick the model it was trained for (--model {fits}?)"
+        hint = f"pick the model it was trained for ({fits!r}?)"
     else:
         hint = "pick the model it was trained for"
     return f"checkpoint {path} does not fit {label} ({', '.join(problems)}): {hint}"
