@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import prunekit
 from prunekit.cli import main
@@ -53,3 +54,11 @@ def test_schedules_end_at_the_target_and_never_rise(kind):
     shares = keep_schedule(0.02, 10, kind)
     assert shares[-1] == 0.02 and all(a >= b for a, b in zip(shares, shares[1:]))
     assert all(0.02 <= s <= 0.9 for s in shares)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mean_fisher_diagonal_matches_the_definition(dtype):
+    from prunekit.pipelines.fisher_methods import _mean_fisher_diagonal
+    X = (torch.randn(7, 300_001, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    exact = float(X.double().square().sum()) / X.numel()           # mean_j (XᵀX/n)_jj
+    assert _mean_fisher_diagonal(X) == pytest.approx(exact, rel=1e-6)
