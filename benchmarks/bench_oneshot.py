@@ -17,7 +17,10 @@ then measures the pruned model (``model.safetensors`` of the run folder):
   Fashion-MNIST ResNet-20 on its 10,000 test images;
 * accuracy and mean cross-entropy on training images, not augmented (ResNet-20-B: the 5,085
   CIFAR-10 images; MLPNet: the first 10,000 MNIST training images; Fashion-MNIST: the first
-  10,000): a tighter signal than 1,017 test images, though the gradients came from them.
+  10,000): a tighter signal than 1,017 test images, though the gradients came from them;
+* seconds (the record's: pruning and recalibration), CPU seconds of the whole prune process
+  (with one thread close to a quiet machine's wall time, so less sensitive to other jobs;
+  includes loading and the dense evaluation), peak RSS and the memory plan's estimate.
 
 Budgets are shares of the dense MACs kept (``--flops``); MLPNet's MACs are its weights, so its
 budget 0.02 is sparsity 0.98 (both given). Rows append to ``--out`` as they finish; a row already
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -109,7 +113,9 @@ def run_row(spec: dict, setup: dict, data: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     with tempfile.TemporaryDirectory() as folder:
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run(prune_command(spec, setup, data, folder), capture_output=True, text=True, env=env)
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0:
             raise SystemExit(f"row {spec} failed:\n{done.stderr[-3000:]}")
         record = json.loads(done.stdout)
@@ -122,6 +128,9 @@ def run_row(spec: dict, setup: dict, data: str) -> dict:
     return {"name": spec["name"], "model": spec["model"], "budget": spec["budget"], "spec": spec,
             **json.loads(measured.stdout.strip().splitlines()[-1]),
             "flops_kept": record["flops_kept"], "sparsity": record["sparsity"], "seconds": record["seconds"],
+            # CPU seconds of the whole prune process (one thread: close to a quiet machine's wall time;
+            # includes loading the model and data and the dense evaluation)
+            "cpu_seconds": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
             "peak_rss_mb": record["peak_rss_mb"], "memory_estimate_mb": record.get("memory_estimate_mb"),
             "dense_accuracy": record.get("dense_accuracy"), "options": record.get("options"),
             "stages": [{k: v for k, v in s.items()} for s in stages]}
@@ -179,6 +188,7 @@ def show(rows: list[dict]) -> None:
                        ("gain", "vs mag", "+.2f"), ("test_loss", "test loss", ".4f"),
                        ("train_accuracy", "train acc %", ".2f"), ("train_gain", "train vs mag", "+.2f"),
                        ("train_loss", "train loss", ".4f"), ("seconds", "seconds", ".0f"),
+                       ("cpu_seconds", "CPU s", ".0f"),
                        ("peak_rss_mb", "peak RSS MB", ".0f")])
 
 

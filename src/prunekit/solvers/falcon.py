@@ -133,6 +133,11 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
             if decrease < tol * abs(f):
                 break
     info["max_ilp_gap"] = max(gaps)
+    # How much of Q is the ridge: with n ≪ p the data term ‖X(w−w̄)‖²/2n sees only n directions and
+    # λ‖w−w̄‖²/2 (whose best support is the largest |w̄|) the rest, so a share near 1 means the
+    # model cannot prefer any support much over magnitude's.
+    delta = w - q.w_bar
+    info["ridge_share"] = q.ridge / 2 * float(delta.double().square().sum()) / f if f > 0 else 0.0
     return Solution(w=w, objective=f, support_size=int((w != 0).sum()), iterations=iterations,
                     seconds=time.perf_counter() - start, info=info)
 
