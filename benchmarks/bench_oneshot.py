@@ -147,6 +147,7 @@ def main() -> None:
                         help="an extra row as JSON: name, method and `prunekit prune` options (flag names)")
     parser.add_argument("--out", default="benchmarks/results/oneshot.json")
     parser.add_argument("--show", nargs="+", metavar="JSON", help="print the table of these result files, run nothing")
+    parser.add_argument("--markdown", action="store_true", help="with --show: also a markdown table per model")
     parser.add_argument("--measure", help=argparse.SUPPRESS)      # internal: measure one pruned model
     args = parser.parse_args()
     if args.checkpoint:
@@ -155,7 +156,10 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.measure))))
         return
     if args.show:
-        show([row for path in args.show for row in json.loads(Path(path).read_text())["rows"]])
+        rows = [row for path in args.show for row in json.loads(Path(path).read_text())["rows"]]
+        show(rows)
+        if args.markdown:
+            markdown(rows)
         return
     rows = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).exists() else []
     done = {(r["model"], r["name"], r["budget"]) for r in rows}
@@ -190,6 +194,27 @@ def show(rows: list[dict]) -> None:
                        ("train_loss", "train loss", ".4f"), ("seconds", "seconds", ".0f"),
                        ("cpu_seconds", "CPU s", ".0f"),
                        ("peak_rss_mb", "peak RSS MB", ".0f")])
+
+
+def markdown(rows: list[dict]) -> None:
+    """Per model: a row per method, a column per budget, cells "test / train accuracy / train loss"
+    (the gain over FLOP-aware magnitude in the test accuracy in brackets)."""
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        budgets = sorted({r["budget"] for r in mine}, reverse=True)
+        names = list(dict.fromkeys(r["name"] for r in mine))
+        print(f"\n{model}\n\n| row | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |")
+        print("|---|" + "---|" * len(budgets))
+        for name in names:
+            cells = []
+            for b in budgets:
+                r = next((r for r in mine if r["name"] == name and r["budget"] == b), None)
+                if r is None:
+                    cells.append("not run")
+                    continue
+                gain = "" if r.get("gain") is None or name == "magnitude-flops" else f" ({r['gain']:+.1f})"
+                cells.append(f"{r['test_accuracy']:.2f}{gain} / {r['train_accuracy']:.2f} / {r['train_loss']:.3f}")
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def save(path: str, rows: list[dict]) -> None:
