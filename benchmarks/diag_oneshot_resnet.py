@@ -103,11 +103,11 @@ def main() -> None:
             recalibrate_batchnorm(model, batches())
             te, tr = loss_accuracy(model, test), loss_accuracy(model, train_plain)
             model.load_state_dict(dense_state)
-            row = {"budget": flops, "variant": name, "relative_ridge": relative, "test_accuracy": te["accuracy"],
+            row = {**{key: v for key, v in sol.info.items() if isinstance(v, (int, float, bool, str))},
+                   "budget": flops, "name": name, "relative_ridge": relative, "test_accuracy": te["accuracy"],
                    "test_loss": te["loss"], "train_accuracy": tr["accuracy"], "train_loss": tr["loss"],
                    "Q": sol.objective, "solver_seconds": solver_seconds,
-                   "shared_with_magnitude_support": float((kept & magnitude_support).sum()) / float(kept.sum()),
-                   **{key: v for key, v in sol.info.items() if isinstance(v, (int, float, bool, str))}}
+                   "shared_with_magnitude_support": float((kept & magnitude_support).sum()) / float(kept.sum())}
             rows.append(row)
             print(json.dumps(row), flush=True)
             write_json(args.out, {"benchmark": "diag_oneshot_resnet20-b", "threads": 1,
