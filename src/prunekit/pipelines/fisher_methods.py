@@ -212,6 +212,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
         ctx.space.assign(w)
+        del q, rows          # this stage's X goes before the next stage allocates its own
         # The pipeline recalibrates after the last stage; between stages it matters for the
         # next stage's gradients.
         recalibrated = (stage < len(shares) and ctx.recalibrate_bn
