@@ -2,8 +2,14 @@
 
 Row i is either the gradient of the loss of one sample (``batch=1``) or the gradient of the
 mean loss over a mini-batch of ``batch`` samples. Only the prunable weights (a ``ParamSpace``)
-are differentiated. The model is evaluated in eval mode (BatchNorm uses its running
-statistics), so that per-sample gradients are well defined.
+are differentiated. The model is evaluated in eval mode.
+
+BatchNorm (``bn``): "frozen" (the default) normalises with the running statistics, so that
+per-sample gradients are well defined. "batch" normalises each mini-batch row with that
+mini-batch's own statistics, as the model will once its statistics are re-estimated around the
+pruned weights (recalibration), and neither reads nor updates the running statistics: a row is
+the gradient of the loss the recalibrated model has. Such a row needs its whole mini-batch in
+one forward pass, so ``batch`` >= 2 and the chunk is at least ``batch``.
 
 X is allocated once, (n, p) in the storage dtype, on the model's device, and each layer's
 gradients are written straight into its columns as backpropagation reaches the layer
@@ -19,6 +25,7 @@ chunk × p block per chunk; a warning names the reason.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from typing import Iterable
@@ -37,10 +44,12 @@ from .params import Entry, ParamSpace
 # samples, which is exact but slow. We say it once, in our words, after the gradients.
 _NO_BATCH_RULE = re.compile(r"performance drop because we have not yet implemented the batching rule for (\S+?)\.")
 
+BN_MODES = ("frozen", "batch")
+
 
 def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n: int, batch: int = 1,
                       chunk: int = 64, dtype: torch.dtype = torch.float32,
-                      progress: bool = True) -> torch.Tensor:
+                      progress: bool = True, bn: str = "frozen") -> torch.Tensor:
     """The (n, p) gradient matrix at the model's current weights, in ``dtype``, on the model's device.
 
     Args:
@@ -50,10 +59,19 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
         batch: samples averaged per row (``fisher_batch``); 1 = per-sample gradients.
         chunk: samples forwarded together (memory: one chunk of activations).
         dtype: storage dtype of X (float32, bfloat16, float16, float64).
+        bn: "frozen" (BatchNorm on its running statistics) or "batch" (each row on its
+            mini-batch's statistics, running statistics untouched; needs ``batch`` >= 2).
     """
     if n < 1 or batch < 1 or chunk < 1:
         raise PrunekitError(f"need n >= 1 gradient rows of batch >= 1 samples (chunk >= 1), "
                             f"got n={n}, batch={batch}, chunk={chunk}")
+    if bn not in BN_MODES:
+        raise OptionError(f"fisher_bn must be one of {', '.join(BN_MODES)}, got {bn!r}", ("fisher_bn",))
+    if bn == "batch":
+        if batch < 2:
+            raise OptionError("fisher_bn='batch' needs mini-batch rows: set fisher_batch to 2 or more (16 "
+                              "measured well), or fisher_bn='frozen'", ("fisher_bn", "fisher_batch"))
+        chunk = max(chunk, batch)                # a row's statistics are its whole mini-batch's
     device = space.weights()[0].device
     rows = torch.empty(n, space.numel, dtype=dtype, device=device)
     modules = dict(model.named_modules())
@@ -61,8 +79,9 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
     was_training = model.training
     model.eval()
     unbatched: set[str] = set()
+    normalise = batchnorm_on_batch_statistics(model) if bn == "batch" else contextlib.nullcontext()
     try:
-        with _unbatched_ops(unbatched):
+        with _unbatched_ops(unbatched), normalise:
             _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupported)
     finally:
         model.train(was_training)
@@ -72,6 +91,37 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
             "has no batched rule for it): exact but slower; mini-batch rows (fisher_batch=8) avoid it"),
             stacklevel=2)
     return rows
+
+
+@contextlib.contextmanager
+def batchnorm_on_batch_statistics(model: nn.Module):
+    """Within the block, every BatchNorm module of ``model`` normalises with the statistics of the
+    batch it sees and neither reads nor updates its running statistics (``num_batches_tracked``
+    included); other modules keep their mode. Restores each module's mode and flag on exit."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    try:
+        for m in norms:
+            m.train()
+            m.track_running_stats = False
+        yield norms
+    finally:
+        for m, (training, tracking) in zip(norms, saved):
+            m.train(training)
+            m.track_running_stats = tracking
+
+
+def passes(batches: Iterable, max_passes: int = 1000):
+    """The batches of ``batches`` pass after pass (a prunekit loader reshuffles and re-augments
+    at every pass), for mini-batch rows that need more samples than one pass holds; stops at
+    a pass that yields nothing (a one-shot iterator) and after ``max_passes``."""
+    for _ in range(max_passes):
+        empty = True
+        for item in batches:
+            empty = False
+            yield item
+        if empty:
+            return
 
 
 def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupported: list[str]) -> None:

@@ -10,6 +10,9 @@ The peak of a request is estimated from its parts, each counted from the model i
                          on one sample (saved-tensor hooks), times the chunk, times
                          ACTIVATION_FACTOR. Calibrated on ResNet-20-B, MobileNetV1 and
                          ResNet-50 (chunks of 8-64): within about 10 % of the measured phase.
+                         Rows with BatchNorm on batch statistics (fisher_bn="batch") forward a
+                         whole mini-batch of fisher_batch samples at once, measured in that mode
+                         (BatchNorm then saves its input and statistics too).
     layer gradients      the largest layer's per-sample gradients for a chunk, the check of
                          the first row against autograd (2p floats), BACKWARD_OVERHEAD
     solver work arrays   SOLVER_VECTORS vectors of p float64 (weights, gradients, supports, the
@@ -26,6 +29,7 @@ under ACTIVATION_BUDGET (at most 64).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -75,18 +79,20 @@ class MemoryPlan:
 class _Sizes:
     """What the estimate needs from the model, measured once."""
 
-    def __init__(self, model: nn.Module, space, example_input: torch.Tensor):
+    def __init__(self, model: nn.Module, space, example_input: torch.Tensor, batch_statistics: bool = False):
         self.p = space.numel
         self.largest_layer = max(e.numel for e in space.entries)
         modules = dict(model.named_modules())
+        self.batch_statistics = batch_statistics
         self.activation_per_sample = _activation_bytes(model, example_input,
-                                                       [modules[e.module] for e in space.entries])
+                                                       [modules[e.module] for e in space.entries],
+                                                       batch_statistics)
         self.device = space.weights()[0].device
 
 
 def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, dtype: str = "float32",
          family: str = "falcon", max_memory=None, fisher_batch: int = 1, obs_block_size: int = 128,
-         keep_share: float = 1.0) -> MemoryPlan:
+         keep_share: float = 1.0, fisher_bn: str = "frozen") -> MemoryPlan:
     """The memory plan of gradients + solve for ``space``'s weights, refusing what does not fit.
 
     n:          fisher_samples, an int or "auto" (the largest n ≤ 1000 that fits).
@@ -94,10 +100,12 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     family:     "chita", "falcon" or "woodfisher" (their solvers' work arrays differ).
     max_memory: the limit, bytes or "16G"/"500M" (None: available memory less a margin).
     keep_share: k/p, the share of weights kept (CHITA's active set is 1.5k columns).
+    fisher_bn:  "frozen" or "batch" (BatchNorm on each mini-batch's statistics: the whole mini-batch
+                is one forward pass, so the chunk is fisher_batch).
     Raises PrunekitError when the request does not fit.
     """
     storage = storage_dtype(dtype)
-    sizes = _Sizes(model, space, example_input)
+    sizes = _Sizes(model, space, example_input, batch_statistics=fisher_bn == "batch")
     limit = parse_memory(max_memory) if max_memory is not None else default_limit(sizes.device)
     resident = current_usage(sizes.device)
     estimate = lambda rows, kind: _estimate(sizes, rows, kind, family, fisher_batch, obs_block_size,
@@ -121,6 +129,8 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
     chunk = max(1, min(MAX_CHUNK, ACTIVATION_BUDGET // max(1, int(ACTIVATION_FACTOR * sizes.activation_per_sample))))
     if fisher_batch == 1:
         chunk = min(chunk, n)
+    if sizes.batch_statistics:
+        chunk = fisher_batch                      # a row's mini-batch is forwarded whole
     gradients = n * sizes.p * item
     activations = int(ACTIVATION_FACTOR * sizes.activation_per_sample * chunk)
     rows_at_once = 1 if fisher_batch > 1 else chunk
@@ -231,13 +241,19 @@ def _read_int(path: str) -> int | None:
         return None                  # absent, or "max" (no limit)
 
 
-def _activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: list[nn.Module]) -> int:
+def _activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: list[nn.Module],
+                      batch_statistics: bool = False) -> int:
     """Bytes kept for the backward pass per sample: every tensor autograd saves, and the inputs
     of the prunable layers (which the gradient hooks keep), each storage counted once. Measured
     on a forward of the first sample of ``example`` (a batch or a tuple of batched inputs) in
-    eval mode with the weights frozen, as the collector runs it."""
+    eval mode with the weights frozen, as the collector runs it. ``batch_statistics``: BatchNorm on
+    batch statistics (fisher_bn="batch"), measured on two copies of the sample (one sample has no
+    spread) and halved."""
+    from .fisher import batchnorm_on_batch_statistics      # the collector's own mode, not a copy
     device = next(model.parameters()).device
-    inputs = tuple(x[:1].to(device) for x in (example if isinstance(example, (tuple, list)) else (example,)))
+    copies = 2 if batch_statistics else 1
+    inputs = tuple(torch.cat([x[:1]] * copies).to(device)
+                   for x in (example if isinstance(example, (tuple, list)) else (example,)))
     inputs = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in inputs)
     storages: dict[int, int] = {}
 
@@ -257,7 +273,8 @@ def _activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable:
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        mode = batchnorm_on_batch_statistics(model) if batch_statistics else contextlib.nullcontext()
+        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             model(*inputs)
     finally:
         model.train(was_training)
@@ -267,4 +284,4 @@ def _activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable:
             handle.remove()
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     parameters |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    return sum(size for ptr, size in storages.items() if ptr not in parameters)
+    return sum(size for ptr, size in storages.items() if ptr not in parameters) // copies

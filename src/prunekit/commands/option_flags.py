@@ -24,6 +24,10 @@ HELP = {
     "max_memory": "refuse a request whose estimated peak exceeds this, e.g. 16G or 500M "
                   "(default: the memory available less a margin)",
     "fisher_batch": "samples averaged per row m (default 1: per-sample)",
+    "fisher_bn": "BatchNorm in the gradient rows: frozen (running statistics, default) or batch (each "
+                 "mini-batch row on its own statistics, as after recalibration; needs --fisher-batch >= 2)",
+    "support_score": "falcon: what the ILP keeps most of: magnitude (w², default) or saliency "
+                     "(diag(XᵀX/n + λ)·w², the quadratic model's cost of removing each weight alone)",
     "ridge": "absolute ridge λ of the quadratic model (the papers' setting)",
     "relative_ridge": "λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)",
     "stages": "pruning stages (default: chita/falcon 1, chita++ 15, falcon++ 5)",

@@ -20,9 +20,9 @@ import torch
 from ..budget import ResolvedBudget
 from .. import memory_plan
 from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, OptionError, Options, Real
-from ..fisher import collect_gradients
+from ..fisher import BN_MODES, collect_gradients, passes
 from ..solvers.chita import chita
-from ..solvers.falcon import falcon
+from ..solvers.falcon import SCORES, falcon
 from ..solvers.woodfisher import woodfisher
 from ..solvers.quadratic import QuadraticModel
 from ..solvers.search import largest_fitting_k
@@ -41,7 +41,12 @@ class QuadraticOptions(Options):
                     products still accumulate in float32).
     max_memory:     refuse a request whose estimated peak exceeds this (bytes, or "16G", "500M");
                     None: the memory available less a margin. See ``prunekit.memory_plan``.
-    fisher_batch:   samples averaged per row (1 = per-sample gradients).
+    fisher_batch:   samples averaged per row (1 = per-sample gradients). Mini-batch rows read the
+                    training data pass after pass (reshuffled, re-augmented) until n·fisher_batch
+                    samples are seen.
+    fisher_bn:      BatchNorm in the rows: "frozen" (running statistics) or "batch" (each mini-batch
+                    row on its own statistics, as the model is after BatchNorm recalibration;
+                    needs fisher_batch >= 2). See ``prunekit.fisher``.
     ridge:          λ of the quadratic model (also WoodFisher's damping), absolute, as in the papers.
     relative_ridge: when ``ridge`` is None, λ = relative_ridge × the mean diagonal of the empirical
                     Fisher XᵀX/n of the stage: scale-free, so one default fits every model and
@@ -58,6 +63,7 @@ class QuadraticOptions(Options):
     fisher_dtype: str = "float32"
     max_memory: int | str | None = None
     fisher_batch: int = 1
+    fisher_bn: str = "frozen"
     ridge: float | None = None
     relative_ridge: float = 0.1
     stages: int = 1
@@ -67,7 +73,12 @@ class QuadraticOptions(Options):
     constraints = {"fisher_samples": IntegerOrAuto(1), "fisher_dtype": OneOf(tuple(memory_plan.STORAGE_DTYPES)),
                    "max_memory": Memory(), "fisher_batch": Integer(1), "ridge": Real(0, open_low=True),
                    "relative_ridge": Real(0, open_low=True), "stages": Integer(1), "schedule": OneOf(KINDS),
-                   "revive": Flag(), "first_order": Flag()}
+                   "revive": Flag(), "first_order": Flag(), "fisher_bn": OneOf(BN_MODES)}
+
+    def __post_init__(self):
+        if self.fisher_bn == "batch" and self.fisher_batch < 2:
+            raise OptionError("fisher_bn batch needs mini-batch rows: set fisher_batch to 2 or more "
+                              "(16 measured well), or fisher_bn frozen", ("fisher_bn", "fisher_batch"))
 
 
 @dataclass
@@ -83,13 +94,16 @@ class ChitaOptions(QuadraticOptions):
 
 @dataclass
 class FalconOptions(QuadraticOptions):
-    """solver: "dfo" (discrete first-order method) or "magnitude" (ILP on w̄², backsolve);
-    block_size: backsolve in independent blocks of this many weights (None: exact)."""
+    """solver: "dfo" (discrete first-order method) or "magnitude" (ILP on the score, backsolve);
+    block_size: backsolve in independent blocks of this many weights (None: exact);
+    support_score: what the ILP keeps most of: "magnitude" (w²) or "saliency" (diag(XᵀX/n + λ)·w²,
+    the quadratic model's cost of removing each weight alone; see ``solvers.falcon``)."""
 
     solver: str = "dfo"
     block_size: int | None = None
+    support_score: str = "magnitude"
     constraints = {**QuadraticOptions.constraints, "solver": OneOf(("dfo", "magnitude")),
-                   "block_size": Integer(1)}
+                   "block_size": Integer(1), "support_score": OneOf(SCORES)}
 
 
 @dataclass
@@ -122,7 +136,7 @@ def _solve_stage_woodfisher(q: QuadraticModel, k: int, max_macs, macs, opts: Woo
 
 
 def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FalconOptions):
-    return falcon(q, macs, k, max_macs, variant=opts.solver, block_size=opts.block_size)
+    return falcon(q, macs, k, max_macs, variant=opts.solver, block_size=opts.block_size, score=opts.support_score)
 
 
 def needs_flops(budget: ResolvedBudget, opts) -> None:
@@ -138,6 +152,7 @@ def plan_memory(family: str):
     def check(model, space, example_input, budget: ResolvedBudget, opts: QuadraticOptions):
         return memory_plan.plan(model, space, example_input, n=opts.fisher_samples, dtype=opts.fisher_dtype,
                                 family=family, max_memory=opts.max_memory, fisher_batch=opts.fisher_batch,
+                                fisher_bn=opts.fisher_bn,
                                 obs_block_size=getattr(opts, "obs_block_size", 128),
                                 keep_share=budget.max_nonzeros / space.numel)
     return check
@@ -181,8 +196,9 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         k = target if last else max(target, round(share * p))
         max_macs = None if mac_share is None else (target_macs if last else max(target_macs, int(mac_share * dense_macs)))
         start = time.perf_counter()
-        grads = collect_gradients(ctx.model, ctx.space, ctx.train_batches(), plan.n, batch=opts.fisher_batch,
-                                  chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress)
+        batches = ctx.train_batches() if opts.fisher_batch == 1 else passes(ctx.train_batches())
+        grads = collect_gradients(ctx.model, ctx.space, batches, plan.n, batch=opts.fisher_batch,
+                                  chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn)
         seconds_gradients = time.perf_counter() - start
         free = torch.ones(p, dtype=torch.bool, device=w.device) if opts.revive or stage == 1 else w != 0
         index = free.nonzero().squeeze(1)
@@ -196,6 +212,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
         ctx.space.assign(w)
+        del q, rows          # this stage's X goes before the next stage allocates its own
         # The pipeline recalibrates after the last stage; between stages it matters for the
         # next stage's gradients.
         recalibrated = (stage < len(shares) and ctx.recalibrate_bn

@@ -16,6 +16,12 @@ budgets: the ILP of :mod:`prunekit.solvers.ilp`.
   one that brings in too many new weights or raises Q is shortened); stop when no step size
   decreases Q (a stall), when the decrease is negligible, or after ``max_iter``.
 
+``score="saliency"`` ranks weights by the quadratic model's own cost of removing each one alone
+(OBD-style: d_j·v_j² with d = diag(XᵀX/n) + λ) instead of v_j²: the projection is then taken in
+the metric of the model's diagonal, and the first-order step is w − η·∇Q/d to match. With rows
+taken with BatchNorm on batch statistics, d_j·w_j² does not change when a layer followed by
+BatchNorm is rescaled (its gradients scale inversely), whereas |w_j| does.
+
 Either way the support always meets both budgets (the ILP's primal is feasible) and the result
 is never worse than the "magnitude" point.
 """
@@ -34,12 +40,22 @@ from .quadratic import QuadraticModel, check_k
 from .result import Solution
 
 VARIANTS = ("dfo", "magnitude")
+SCORES = ("magnitude", "saliency")
+
+
+def fisher_diagonal(q: QuadraticModel) -> torch.Tensor:
+    """d = diag(XᵀX/n) + λ, (p,) float64 on X's device: Q's curvature along each weight
+    (X read by column blocks, so a compact X is never converted whole)."""
+    total = torch.empty(q.p, dtype=torch.float64, device=q.X.device)
+    for block, columns in q.column_blocks():
+        total[block] = columns.double().square().sum(0)
+    return total / q.n + q.ridge
 
 
 def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: float, *,
            variant: str = "dfo", max_iter: int = 10, max_search: int = 20, tol: float = 1e-4,
            max_change_share: float = 0.01,
-           block_size: int | None = None) -> Solution:
+           block_size: int | None = None, score: str = "magnitude") -> Solution:
     """A w meeting both budgets with small Q.
 
     q:               the quadratic model (p weights).
@@ -51,10 +67,13 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     tol:             stop once an iteration lowers Q by less than tol·|Q|.
     max_change_share: a step may bring at most this share of k new entries into the support.
     block_size:      backsolve in independent blocks (large p).
+    score:           "magnitude" (v²) or "saliency" (d·v², see the module docstring).
     """
     start = time.perf_counter()
     if variant not in VARIANTS:
         raise PrunekitError(f"unknown FALCON variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if score not in SCORES:
+        raise PrunekitError(f"unknown FALCON support score {score!r}; choose one of {', '.join(SCORES)}")
     k = check_k(k)
     costs = macs_per_weight.to(torch.float64)
     if costs.shape != (q.p,):
@@ -62,12 +81,14 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
 
     gaps: list[float] = []
     cost_layers = _cost_runs(costs)
+    metric = fisher_diagonal(q) if score == "saliency" else None
 
     def project(v: torch.Tensor) -> torch.Tensor:
+        value = v.double() ** 2 if metric is None else metric * v.double() ** 2
         if cost_layers is None:
-            result = solve_flops_ilp(v.double() ** 2, costs, max_count=k, max_cost=float(max_macs))
+            result = solve_flops_ilp(value, costs, max_count=k, max_cost=float(max_macs))
         else:
-            result = solve_flops_ilp(v.double() ** 2, layer_slices=cost_layers[0], layer_costs=cost_layers[1],
+            result = solve_flops_ilp(value, layer_slices=cost_layers[0], layer_costs=cost_layers[1],
                                      max_count=k, max_cost=float(max_macs))
         gaps.append(result.gap)
         return result.keep
@@ -93,13 +114,14 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     w = solve_on(support)
     current[0] = latest[0]
     f = q.objective(w)
-    info = {"variant": variant, "magnitude_objective": f, "accepted": 0, "trials": 0, "stalled": False}
+    info = {"variant": variant, "score": score, "magnitude_objective": f, "accepted": 0, "trials": 0, "stalled": False}
     iterations = 0
     if variant == "dfo":
         max_changes = max(1, int(max_change_share * k))
-        log_eta = -math.log2(q.lipschitz())          # log2 of a step known not to move the support
+        # log2 of a step known not to move the support (in the metric's units)
+        log_eta = -math.log2(q.lipschitz() / (1.0 if metric is None else float(metric.min())))
         for iterations in range(1, max_iter + 1):
-            grad = q.gradient(w)
+            grad = q.gradient(w) if metric is None else q.gradient(w) / metric.to(w.dtype)
             accepted, log_eta = _support_changing_step(q, project, solve_on, w, f, support, grad,
                                                       log_eta, max_changes, max_search, info)
             if accepted is None:
@@ -111,6 +133,11 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
             if decrease < tol * abs(f):
                 break
     info["max_ilp_gap"] = max(gaps)
+    # How much of Q is the ridge: with n ≪ p the data term ‖X(w−w̄)‖²/2n sees only n directions and
+    # λ‖w−w̄‖²/2 (whose best support is the largest |w̄|) the rest, so a share near 1 means the
+    # model cannot prefer any support much over magnitude's.
+    delta = w - q.w_bar
+    info["ridge_share"] = q.ridge / 2 * float(delta.double().square().sum()) / f if f > 0 else 0.0
     return Solution(w=w, objective=f, support_size=int((w != 0).sum()), iterations=iterations,
                     seconds=time.perf_counter() - start, info=info)
 

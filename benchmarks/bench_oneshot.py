@@ -1,0 +1,228 @@
+"""One-shot pruning against FLOP-aware magnitude with the same BatchNorm recalibration (issue 12).
+
+    python benchmarks/bench_oneshot.py                                    # every model, row, budget
+    python benchmarks/bench_oneshot.py --model resnet20-b --budgets 0.3 --rows magnitude-flops falcon-bn
+    python benchmarks/bench_oneshot.py --model resnet20-b --budgets 0.3 \\
+        --custom '{"name": "bn-n1000", "method": "falcon", "fisher-samples": 1000, "fisher-batch": 16, "fisher-bn": "batch"}'
+    python benchmarks/bench_oneshot.py --show benchmarks/results/oneshot.json   # the table only
+    python benchmarks/bench_oneshot.py --model fmnist-resnet20 --checkpoint runs/fmnist-resnet20/model.safetensors
+
+Every row is one `prunekit prune --json` process (OMP_NUM_THREADS=1, so its seconds and peak RSS
+are its own), as a user runs it: BatchNorm recalibrated after pruning on 20 training batches
+(CIFAR-10: augmented, as the model was trained), the same for every method. A second process
+then measures the pruned model (``model.safetensors`` of the run folder):
+
+* test accuracy and mean cross-entropy: ResNet-20-B on the 1,017 exact CIFAR-10 test images
+  (±0.8 to ±1.4 points, one standard error), MLPNet on the 10,000 MNIST test images,
+  Fashion-MNIST ResNet-20 on its 10,000 test images;
+* accuracy and mean cross-entropy on training images, not augmented (ResNet-20-B: the 5,085
+  CIFAR-10 images; MLPNet: the first 10,000 MNIST training images; Fashion-MNIST: the first
+  10,000): a tighter signal than 1,017 test images, though the gradients came from them;
+* seconds (the record's: pruning and recalibration), CPU seconds of the whole prune process
+  (with one thread close to a quiet machine's wall time, so less sensitive to other jobs;
+  includes loading and the dense evaluation), peak RSS and the memory plan's estimate.
+
+Budgets are shares of the dense MACs kept (``--flops``); MLPNet's MACs are its weights, so its
+budget 0.02 is sparsity 0.98 (both given). Rows append to ``--out`` as they finish; a row already
+there is skipped, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import DEFAULT_DATA, print_table, write_json
+
+SETUPS = {
+    "resnet20-b": {"model": "resnet20-b", "checkpoint": "{data}/checkpoints/resnet20_cifar10.pth.tar",
+                   "data": "cifar10", "dir": "{data}/cifar10", "budgets": [0.6, 0.4, 0.3, 0.2], "train_eval": None,
+                   "sparsity_too": False},
+    "mlpnet": {"model": "mlpnet", "checkpoint": "{data}/checkpoints/mnist_25_epoch_93.97.ckpt", "data": "mnist",
+               "dir": "{data}/mnist", "budgets": [0.1, 0.05, 0.02], "train_eval": 10000, "sparsity_too": True},
+    "fmnist-resnet20": {"model": "resnet20", "checkpoint": "/work/runs/fmnist-resnet20/model.safetensors",
+                        "data": "fashion-mnist", "dir": "{data}/fashion-mnist", "budgets": [0.4, 0.3, 0.2, 0.1],
+                        "train_eval": 10000, "sparsity_too": False},
+}
+
+# name -> `prunekit prune` options. "falcon" / "falcon++" are the methods' defaults (per-sample rows,
+# BatchNorm frozen at the dense statistics); the "-bn" rows see BatchNorm's re-normalisation: rows of
+# 16-image mini-batch gradients with BatchNorm on each mini-batch's statistics.
+ROWS = {
+    "magnitude-flops": {"method": "magnitude-flops"},
+    "falcon": {"method": "falcon"},
+    "falcon++": {"method": "falcon++"},
+    "falcon-bn": {"method": "falcon", "fisher-samples": 500, "fisher-batch": 16, "fisher-bn": "batch"},
+    "falcon++-bn": {"method": "falcon++", "fisher-samples": 250, "fisher-batch": 16, "fisher-bn": "batch"},
+}
+
+
+def prune_command(spec: dict, setup: dict, data: str, out: str) -> list[str]:
+    budget = spec["budget"]
+    args = [sys.executable, "-m", "prunekit.cli", "prune", "--model", setup["model"],
+            "--checkpoint", setup["checkpoint"].format(data=data), "--data", setup["data"],
+            "--data-dir", setup["dir"].format(data=data), "--flops", str(budget), "--out", out, "--json"]
+    if setup["sparsity_too"]:
+        args += ["--sparsity", str(round(1 - budget, 6))]
+    for key, value in spec.items():
+        if key in ("name", "budget", "model"):
+            continue
+        if value is True:
+            args.append(f"--{key}")
+        elif value is not False:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def measure(spec: dict) -> dict:
+    """(in its own process) test and training accuracy and loss of the pruned model in spec['folder']."""
+    import torch
+    from torch import nn
+
+    from prunekit.data.loaders import make_loader
+    from prunekit.loading import load_data, load_model
+
+    torch.set_num_threads(1)
+    setup = SETUPS[spec["model"]]
+    loaded = load_model(setup["model"], Path(spec["folder"]) / "model.safetensors")
+    model = loaded.model.eval()
+    out = {}
+    for split in ("test", "train"):
+        ds = load_data(setup["data"], setup["dir"].format(data=spec["data_root"]), split,
+                       limit=setup["train_eval"] if split == "train" else None)
+        correct = total = 0
+        loss = 0.0
+        with torch.no_grad():
+            for x, y in make_loader(ds, loaded.normalization, batch_size=500):
+                logits = model(x)
+                loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+                total += y.numel()
+        out[f"{split}_accuracy"], out[f"{split}_loss"], out[f"{split}_images"] = 100 * correct / total, loss / total, total
+    return out
+
+
+def run_row(spec: dict, setup: dict, data: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    with tempfile.TemporaryDirectory() as folder:
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(prune_command(spec, setup, data, folder), capture_output=True, text=True, env=env)
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise SystemExit(f"row {spec} failed:\n{done.stderr[-3000:]}")
+        record = json.loads(done.stdout)
+        measured = subprocess.run([sys.executable, __file__, "--measure",
+                                   json.dumps({**spec, "folder": folder, "data_root": data})],
+                                  capture_output=True, text=True, env=env)
+        if measured.returncode != 0:
+            raise SystemExit(f"measuring {spec} failed:\n{measured.stderr[-3000:]}")
+    stages = record.get("stages", [])
+    return {"name": spec["name"], "model": spec["model"], "budget": spec["budget"], "spec": spec,
+            **json.loads(measured.stdout.strip().splitlines()[-1]),
+            "flops_kept": record["flops_kept"], "sparsity": record["sparsity"], "seconds": record["seconds"],
+            # CPU seconds of the whole prune process (one thread: close to a quiet machine's wall time;
+            # includes loading the model and data and the dense evaluation)
+            "cpu_seconds": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
+            "peak_rss_mb": record["peak_rss_mb"], "memory_estimate_mb": record.get("memory_estimate_mb"),
+            "dense_accuracy": record.get("dense_accuracy"), "options": record.get("options"),
+            "stages": [{k: v for k, v in s.items()} for s in stages]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=SETUPS, nargs="+", default=["resnet20-b", "mlpnet"])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder")
+    parser.add_argument("--checkpoint", help="fmnist-resnet20's checkpoint (default: /work/runs/fmnist-resnet20)")
+    parser.add_argument("--budgets", type=float, nargs="+", help="shares of MACs kept (default: the model's)")
+    parser.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--custom", action="append", default=[],
+                        help="an extra row as JSON: name, method and `prunekit prune` options (flag names)")
+    parser.add_argument("--out", default="benchmarks/results/oneshot.json")
+    parser.add_argument("--show", nargs="+", metavar="JSON", help="print the table of these result files, run nothing")
+    parser.add_argument("--markdown", action="store_true", help="with --show: also a markdown table per model")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)      # internal: measure one pruned model
+    args = parser.parse_args()
+    if args.checkpoint:
+        SETUPS["fmnist-resnet20"]["checkpoint"] = args.checkpoint
+    if args.measure:
+        print(json.dumps(measure(json.loads(args.measure))))
+        return
+    if args.show:
+        rows = [row for path in args.show for row in json.loads(Path(path).read_text())["rows"]]
+        show(rows)
+        if args.markdown:
+            markdown(rows)
+        return
+    rows = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).exists() else []
+    done = {(r["model"], r["name"], r["budget"]) for r in rows}
+    specs = [{"name": n, **ROWS[n]} for n in args.rows] + [json.loads(c) for c in args.custom]
+    for model in args.model:
+        for budget in args.budgets or SETUPS[model]["budgets"]:
+            for spec in specs:
+                if (model, spec["name"], budget) in done:
+                    continue
+                start = time.time()
+                row = run_row({**spec, "model": model, "budget": budget}, SETUPS[model], args.data)
+                row["wall_seconds"] = time.time() - start
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("stages", "spec", "options")}),
+                      flush=True)
+                save(args.out, rows)
+    show(rows)
+
+
+def show(rows: list[dict]) -> None:
+    base = {(r["model"], r["budget"]): r for r in rows if r["name"] == "magnitude-flops"}
+    for r in rows:
+        b = base.get((r["model"], r["budget"]))
+        r["gain"] = None if b is None else r["test_accuracy"] - b["test_accuracy"]
+        r["train_gain"] = None if b is None else r["train_accuracy"] - b["train_accuracy"]
+    rows = sorted(rows, key=lambda r: (r["model"], -r["budget"]))
+    print("\none thread per row (OMP_NUM_THREADS=1); the machine was shared with other jobs unless said otherwise")
+    print_table(rows, [("model", "model", ">10"), ("name", "row", ">16"), ("budget", "MACs asked", ".2f"),
+                       ("flops_kept", "MACs kept", ".4f"), ("test_accuracy", "test acc %", ".2f"),
+                       ("gain", "vs mag", "+.2f"), ("test_loss", "test loss", ".4f"),
+                       ("train_accuracy", "train acc %", ".2f"), ("train_gain", "train vs mag", "+.2f"),
+                       ("train_loss", "train loss", ".4f"), ("seconds", "seconds", ".0f"),
+                       ("cpu_seconds", "CPU s", ".0f"),
+                       ("peak_rss_mb", "peak RSS MB", ".0f")])
+
+
+def markdown(rows: list[dict]) -> None:
+    """Per model: a row per method, a column per budget, cells "test / train accuracy / train loss"
+    (the gain over FLOP-aware magnitude in the test accuracy in brackets)."""
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        budgets = sorted({r["budget"] for r in mine}, reverse=True)
+        names = list(dict.fromkeys(r["name"] for r in mine))
+        print(f"\n{model}\n\n| row | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |")
+        print("|---|" + "---|" * len(budgets))
+        for name in names:
+            cells = []
+            for b in budgets:
+                r = next((r for r in mine if r["name"] == name and r["budget"] == b), None)
+                if r is None:
+                    cells.append("not run")
+                    continue
+                gain = "" if r.get("gain") is None or name == "magnitude-flops" else f" ({r['gain']:+.1f})"
+                cells.append(f"{r['test_accuracy']:.2f}{gain} / {r['train_accuracy']:.2f} / {r['train_loss']:.3f}")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def save(path: str, rows: list[dict]) -> None:
+    write_json(path, {"benchmark": "oneshot", "threads_per_row": 1,
+                      "note": "each row its own `prunekit prune` process with one thread; the machine was "
+                              "shared with other jobs (not quiet), so seconds are inflated",
+                      "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
