@@ -10,8 +10,8 @@ Gradients, gate training, BN recalibration and the fine-tune use the 5,085 exact
 images (random crop + flip); accuracy is on the 1,017 exact test images (about +-0.8 points, one
 standard error). The accuracy part runs on one thread. Every pruned model is counted by our
 CostModel and saved (safetensors + channel layout) under --models-dir, which the latency part reads:
-median of --repeats timed forward passes after --warmup, at batch 1 and 64, on --threads threads
-(--rounds: repeat that pass, report the median over rounds). --channel-multiple M rounds every group's
+median of --repeats timed forward passes after --warmup, at --batch-sizes (1 64) on --threads (1 2)
+(dense and pruned alternated in one process, prunekit.latency). --channel-multiple M rounds every group's
 kept channels to a multiple of M (structured/rounding.py; torch-pruning's round_to for tp-*).
 """
 
@@ -21,7 +21,6 @@ import argparse
 import copy
 import glob
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,19 +33,17 @@ from prunekit.data import make_loader
 from prunekit.loading import load_data, load_model
 from prunekit.structured.baselines import TP_METHODS, tp_prune
 import prunekit
-from prunekit.commands.bench_latency import median_latency_ms
+from prunekit.latency import latency_table
 from prunekit.record import save_pruned
-from prunekit.train import evaluate, recalibrate_batchnorm, train_epochs
+from prunekit.masks import MaskHold, masks_from_weights
+from prunekit.params import ParamSpace
+from prunekit.train import evaluate, recalibrate_batchnorm, sgd, train_epochs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def latency_ms(model, shape, batch: int, warmup: int, repeats: int) -> float:
-    return median_latency_ms(model, torch.randn(batch, *shape), warmup, repeats)
 
 
 def shrunk_widths(model) -> list[int]:
@@ -80,17 +77,22 @@ def accuracy_part(args) -> dict:
                "dense_macs": costs.macs, "dense_params": costs.params, "train_images": len(train),
                "test_images": len(test), "settings": vars(args), "rows": []}
 
-    def finish(method, budget, small, seconds, info):
+    def finish(method, budget, small, seconds, info, shrunk=True):
         counts = costs.count(small)
         assert counts.macs <= budget * costs.macs, (method, budget, counts.macs)
         recalibrate_batchnorm(small, batches())
         pruned_acc = evaluate(small, test_loader)
         start = time.perf_counter()
-        train_epochs(small, batches(), args.finetune_epochs, lr=args.finetune_lr, progress=False)
+        optimizer = sgd(small, args.finetune_lr)
+        space = ParamSpace(small)                  # zeros (falcon, hybrid) held through the fine-tune
+        with MaskHold(space, masks_from_weights(space), optimizer):
+            train_epochs(small, batches(), args.finetune_epochs, lr=args.finetune_lr, optimizer=optimizer,
+                         progress=False)
+        assert costs.count(small).macs == counts.macs
         ft_seconds = time.perf_counter() - start
         ft_acc = evaluate(small, test_loader)
         path = save_pruned(models_dir / f"{method}-{budget:g}", small, {**meta_base, "method": method, "flops": budget},
-                           {}, shrunk=True)
+                           {}, shrunk=shrunk)
         row = {"method": method, "budget": budget, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept,
                "macs": counts.macs, "params": counts.params, "accuracy_pruned_bn": pruned_acc,
                "accuracy_finetuned": ft_acc, "prune_seconds": seconds, "finetune_seconds": ft_seconds,
@@ -121,7 +123,22 @@ def accuracy_part(args) -> dict:
             continue
         for budget in sorted(args.budgets, reverse=True):
             start = time.perf_counter()
-            if method == "autobot":
+            if method == "hybrid":
+                result = prunekit.prune(copy.deepcopy(dense), batches, method="hybrid", flops=budget,
+                                        structured_flops=args.structured_flops, example_input=example,
+                                        recalibrate_bn=False, gate_batches=args.gate_batches,
+                                        fisher_samples=args.fisher_samples)
+                small = result.model
+                info = {k: result.record.get(k) for k in ("structured_macs", "sparsify", "nonzeros", "sparsity")}
+                info["structured_flops"] = args.structured_flops
+            elif method == "falcon":              # pure unstructured: a masked dense-shaped model
+                small = copy.deepcopy(dense)
+                result = prunekit.prune(small, batches, method="falcon", flops=budget, example_input=example,
+                                        recalibrate_bn=False, fisher_samples=args.fisher_samples)
+                info = {k: result.record.get(k) for k in ("nonzeros", "sparsity")}
+                finish(method, budget, result.model, time.perf_counter() - start, info, shrunk=False)
+                continue
+            elif method == "autobot":
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="autobot", flops=budget,
                                         example_input=example, recalibrate_bn=False, gate_batches=args.gate_batches,
                                         channel_multiple=args.channel_multiple)
@@ -130,41 +147,33 @@ def accuracy_part(args) -> dict:
                                                       "history")}
             else:
                 grads = [b for _, b in zip(range(args.taylor_batches), train_loader)]
-                small, info = tp_prune(dense, method, budget, example, grads, round_to=args.channel_multiple)
+                inner = method.endswith("-inner")        # torch-pruning with option-A block outputs kept dense
+                small, info = tp_prune(dense, method.removesuffix("-inner"), budget, example, grads,
+                                       round_to=args.channel_multiple, pads_residual=not inner)
             finish(method, budget, small, time.perf_counter() - start, info)
     return payload
 
 
 def latency_part(args, payload: dict) -> None:
-    """Dense, then every saved model; ``--rounds`` > 1 repeats the whole pass (the machine is shared)
-    and reports per model the median over rounds of each round's median, with every round kept."""
-    torch.set_num_threads(args.threads)
+    """Every saved model against the dense one, dense and pruned calls alternated in one process
+    (``prunekit.latency``): per thread count and batch, medians of --repeats pairs after --warmup,
+    the ratio the median of the per-pair ratios."""
     checkpoint = args.checkpoint or sorted(glob.glob(f"{args.data_dir}/checkpoints/{args.model}-*.th"))[0]
     dense = load_model(args.model, checkpoint)
     shape = tuple(dense.input_shape)
-    pruned = [load_model(args.model, row["saved"]).model for row in payload["rows"]]
-    dense_rounds, row_rounds = [], [[] for _ in pruned]
-    for r in range(args.rounds):
-        dense_rounds.append({b: latency_ms(dense.model, shape, b, args.warmup, args.repeats) for b in (1, 64)})
-        log(f"round {r + 1}: dense latency on {args.threads} thread(s): batch 1 {dense_rounds[-1][1]:.2f} ms, "
-            f"batch 64 {dense_rounds[-1][64]:.1f} ms")
-        for row, model, rounds in zip(payload["rows"], pruned, row_rounds):
-            ms = {b: latency_ms(model, shape, b, args.warmup, args.repeats) for b in (1, 64)}
-            rounds.append(ms)
-            log(f"round {r + 1}: {row['method']} @ {row['budget']:g} (m={row.get('channel_multiple', 1)}): "
-                f"batch 1 {ms[1]:.2f} ms ({ms[1] / dense_rounds[-1][1]:.2f}x), "
-                f"batch 64 {ms[64]:.1f} ms ({ms[64] / dense_rounds[-1][64]:.2f}x, MACs {row['flops_kept']:.2f})")
-    med = lambda rounds, b: statistics.median(x[b] for x in rounds)  # noqa: E731
-    dense_ms = {b: med(dense_rounds, b) for b in (1, 64)}
     payload["latency"] = {"threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
-                          "rounds": args.rounds, "dense_ms": dense_ms, "dense_ms_rounds": dense_rounds}
-    for row, rounds in zip(payload["rows"], row_rounds):
-        ms = {b: med(rounds, b) for b in (1, 64)}
-        row["latency_ms"] = ms
-        row["latency_ms_rounds"] = rounds
-        row["latency_share"] = {b: ms[b] / dense_ms[b] for b in (1, 64)}
-        row["latency_target_met_b64"] = ms[64] / dense_ms[64] <= 1.25 * row["flops_kept"]
-    write_json(args.out, payload)
+                          "batch_sizes": args.batch_sizes, "method": "dense and pruned alternated, paired ratios"}
+    for row in payload["rows"]:
+        model = load_model(args.model, row["saved"]).model
+        table = latency_table(dense.model, model, shape, args.batch_sizes, args.threads, args.warmup, args.repeats)
+        row["latency"] = table
+        for t in table:
+            t["target_met"] = t["ratio"] <= 1.25 * row["flops_kept"]
+            log(f"{row['method']} @ {row['budget']:g}: {t['threads']} thread(s) batch {t['batch']}: dense "
+                f"{t['dense_ms']:.2f} ms, pruned {t['pruned_ms']:.2f} ms, ratio {t['ratio']:.3f} "
+                f"[{t['ratio_q1']:.3f}, {t['ratio_q3']:.3f}] vs MACs {row['flops_kept']:.3f} "
+                f"(target <= {1.25 * row['flops_kept']:.3f}: {'met' if t['target_met'] else 'MISSED'})")
+        write_json(args.out, payload)
 
 
 def main() -> None:
@@ -173,8 +182,11 @@ def main() -> None:
     parser.add_argument("--model", default="resnet56")
     parser.add_argument("--checkpoint", help="default: DATA_DIR/checkpoints/MODEL-*.th")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3], help="shares of MACs kept")
+    tp_inner = [f"{m}-inner" for m in TP_METHODS]     # torch-pruning, option-A block outputs kept dense
     parser.add_argument("--methods", nargs="+", default=["autobot", "taper", *TP_METHODS],
-                        choices=["autobot", "taper", *TP_METHODS])
+                        choices=["autobot", "taper", "hybrid", "falcon", *TP_METHODS, *tp_inner])
+    parser.add_argument("--structured-flops", type=float, default=0.5, help="hybrid: MAC share after the channel cut")
+    parser.add_argument("--fisher-samples", type=int, default=500, help="hybrid and falcon: gradient rows")
     parser.add_argument("--gate-batches", type=int, default=200, help="AutoBot gate-training batches of 64")
     parser.add_argument("--taper-epochs", type=float, default=4.0, help="planned taper length in epochs")
     parser.add_argument("--max-taper-rate", type=float, default=None, help="share of dense MACs per epoch")
@@ -188,10 +200,10 @@ def main() -> None:
     parser.add_argument("--inputs", nargs="+", help="with --latency-only: merge the rows of these result files "
                         "(e.g. methods run as separate processes) into --out")
     parser.add_argument("--no-latency", action="store_true")
-    parser.add_argument("--threads", type=int, default=1, help="threads for the latency part")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts for the latency part")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes for the latency part")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole latency pass this many times")
+    parser.add_argument("--repeats", type=int, default=30, help="timed (dense, pruned) pairs per row (>= 5)")
     parser.add_argument("--models-dir", default=str(RESULTS / "structured_models"))
     parser.add_argument("--out", default=str(RESULTS / "structured_resnet56.json"))
     args = parser.parse_args()
@@ -207,15 +219,15 @@ def main() -> None:
         latency_part(args, payload)
     rows = []
     for r in payload["rows"]:
-        lat = r.get("latency_ms", {})
-        share = r.get("latency_share", {})
-        rows.append({**r, "b1": lat.get(1, lat.get("1")), "b64": lat.get(64, lat.get("64")),
-                     "s64": share.get(64, share.get("64")), "m": r.get("channel_multiple", 1)})
+        lat = {(t["threads"], t["batch"]): t["ratio"] for t in r.get("latency", [])}
+        rows.append({**r, "m": r.get("channel_multiple", 1),
+                     **{f"r{n}_{b}": lat.get((n, b)) for n in (1, 2) for b in (1, 64)}})
     print(f"\n{payload['model']} dense {payload['dense_accuracy']:.2f}% ({payload['dense_macs']:,} MACs)")
     print_table(rows, [("method", "method", ">12"), ("m", "multiple", "d"), ("budget", "budget", ".2f"), ("flops_kept", "MACs kept", ".4f"),
                        ("params_kept", "params kept", ".4f"), ("accuracy_pruned_bn", "pruned+BN %", ".2f"),
                        ("accuracy_finetuned", "fine-tuned %", ".2f"), ("prune_seconds", "prune s", ".0f"),
-                       ("b1", "b1 ms", ".2f"), ("b64", "b64 ms", ".1f"), ("s64", "b64 share", ".2f")])
+                       ("r1_1", "1t b1 ratio", ".2f"), ("r1_64", "1t b64 ratio", ".2f"),
+                       ("r2_1", "2t b1 ratio", ".2f"), ("r2_64", "2t b64 ratio", ".2f")])
     write_json(args.out, payload)
 
 

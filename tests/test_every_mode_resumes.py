@@ -37,7 +37,9 @@ BUDGET = {"magnitude": ["--sparsity", "0.8", *SMALL], "magnitude-uniform": ["--s
           "falcon++": ["--flops", "0.98", "--stages", "2", *QUADRATIC]}
 GRADUAL = ["--gradual", "--events", "2", "--epochs-per-event", "1", "--final-epochs", "1"]
 STRUCTURED = {"autobot": ["--flops", "0.5", "--gate-batches", "4", "--finetune-epochs", "2"],
-              "taper": ["--flops", "0.5", "--snapshots", "0.7", "--taper-epochs", "1", "--finetune-epochs", "2"]}
+              "taper": ["--flops", "0.5", "--snapshots", "0.7", "--taper-epochs", "1", "--finetune-epochs", "2"],
+              "hybrid": ["--flops", "0.3", "--structured-flops", "0.6", "--gate-batches", "4", "--fisher-samples", "16",
+                         "--finetune-epochs", "2"]}
 
 # (method flags, checkpoints written before the interrupt; 0 = killed just before the model is saved)
 CASES = {f"{m} one-shot": ([*BUDGET[m]] if m not in ("chita++", "falcon++") else None, 0) for m in BUDGET}
@@ -46,6 +48,8 @@ CASES.update({"chita++ multi-stage": (BUDGET["chita++"], 1), "falcon++ multi-sta
               "woodfisher multi-stage": ([*BUDGET["woodfisher"], "--stages", "2"], 1)})
 CASES.update({f"{m} gradual": ([*BUDGET[m], *GRADUAL], 1) for m in BUDGET})
 CASES.update({f"{m} structured": (STRUCTURED[m], 3) for m in STRUCTURED})   # gates, bn, fine-tune epoch 1
+# the hybrid's checkpoints: gates (the channel cut), sparsify (FALCON), bn, fine-tune epochs; also cut after the first
+CASES["hybrid structured (stopped after the channel cut)"] = (STRUCTURED["hybrid"], 1)
 
 
 @pytest.fixture(autouse=True)

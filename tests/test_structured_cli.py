@@ -36,8 +36,9 @@ def test_autobot_end_to_end(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "shrunk (channels removed)" in text and f"{out['kept_channels'][0]}" in text
     bench = run_json(capsys, ["bench-latency", "--model", "mlpnet", "--pruned", str(tmp_path / "run"),
-                              "--repeats", "2", "--warmup", "1", "--json"])
-    assert [r["batch"] for r in bench["rows"]] == [1, 64] and bench["threads"] == 1
+                              "--repeats", "5", "--warmup", "1", "--threads", "1", "2", "--json"])
+    assert [(r["threads"], r["batch"]) for r in bench["rows"]] == [(1, 1), (1, 64), (2, 1), (2, 64)]
+    assert all(r["repeats"] == 5 and r["dense_ms"] > 0 and r["ratio"] > 0 for r in bench["rows"])
 
 
 def test_a_count_budget_works_for_channel_methods(capsys):

@@ -15,8 +15,9 @@ def _groups(name, hw=16):
     return model, find_groups(model, torch.zeros(1, shape[0], hw, hw) if name != "mlpnet" else torch.zeros(1, *shape))
 
 
-def test_option_a_resnet_prunes_only_block_internal_channels():
-    model, groups = _groups("resnet20")
+def test_option_a_resnet_inner_only_mode_prunes_only_block_internal_channels():
+    model = zoo.build("resnet20").eval()
+    groups = find_groups(model, torch.zeros(1, 3, 16, 16), pads_residual=False)
     assert len(groups) == 9                                  # one per BasicBlock
     for g in groups:
         block = g.root.rsplit(".", 1)[0]
@@ -24,6 +25,23 @@ def test_option_a_resnet_prunes_only_block_internal_channels():
             (f"{block}.conv1", "out"), (f"{block}.bn1", "bn"), (f"{block}.conv2", "in")}
         assert g.size == dict(model.named_modules())[g.root].out_channels
     assert any("zero-pad" in why for _, why in groups.skipped)
+
+
+def test_option_a_resnet_stage_outputs_are_one_group_each_across_the_zero_pad_shortcut():
+    model, groups = _groups("resnet20")
+    assert len(groups) == 12                                 # 3 stage groups + 9 block-internal
+    stages = {g.root: g for g in groups if g.root in ("conv1", "layer2.0.conv2", "layer3.0.conv2")}
+    assert len(stages) == 3 and [stages[r].size for r in ("conv1", "layer2.0.conv2", "layer3.0.conv2")] == [16, 32, 64]
+    stage1, stage2, stage3 = stages["conv1"], stages["layer2.0.conv2"], stages["layer3.0.conv2"]
+    assert {m.module for m in stage1.layers("out")} == {"conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"}
+    # the shortcut consumes the previous stage's channels and produces the next stage's
+    assert ("layer2.0.shortcut", "in") in {(m.module, m.role) for m in stage1.members}
+    assert ("layer2.0.shortcut", "out") in {(m.module, m.role) for m in stage2.members}
+    assert ("layer3.0.shortcut", "in") in {(m.module, m.role) for m in stage2.members}
+    assert {"layer3.1.conv1", "layer3.2.conv1", "linear"} <= {m.module for m in stage3.layers("in")}
+    assert "layer3.0.conv1" in {m.module for m in stage2.layers("in")}
+    assert {"bn1", "layer1.2.bn2"} <= {m.module for m in stage1.layers("bn")}
+    assert not any("zero-pad" in why for _, why in groups.skipped)
 
 
 def test_torch_pruning_alone_gets_option_a_wrong():

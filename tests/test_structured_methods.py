@@ -108,3 +108,66 @@ def test_save_reload_and_onnx(tiny, tmp_path):
     assert graph.opset_import[0].version == 17
     convs = [n for n in graph.graph.node if n.op_type == "Conv"]
     assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in r.model.modules())
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_torch_pruning_on_option_a_in_both_modes(residual):
+    """Residual mode: torch-pruning prunes the block outputs through our shortcut pruner (the
+    shortcuts' maps rewritten, the model still runs); inner-only: every block output stays 16/32/64."""
+    torch.manual_seed(0)
+    model = zoo.build("resnet20").eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruned, info = tp_prune(model, "tp-magnitude", 0.5, x[:1], iterations=8, pads_residual=residual)
+    costs = CostModel(model, x[:1])
+    assert 0.4 * costs.macs <= costs.count(pruned).macs <= 0.5 * costs.macs
+    assert pruned(x).shape == (2, 10) and info["residual_channels"] is residual
+    widths = {pruned.layer1[0].bn2.num_features, pruned.layer2[0].bn2.num_features, pruned.layer3[0].bn2.num_features}
+    if residual:
+        assert widths != {16, 32, 64} and pruned.layer2[0].shortcut.out_channels == pruned.layer2[0].bn2.num_features
+        assert pruned.layer2[0].shortcut.in_channels == pruned.layer1[2].bn2.num_features
+    else:
+        assert widths == {16, 32, 64}
+
+
+def test_hybrid_cuts_channels_then_sparsifies_to_one_budget_and_holds_the_zeros(tiny):
+    model, x, data = tiny
+    costs = CostModel(model, x)
+    r = prune_structured(model, "hybrid", 0.25, x, lambda: data, structured_flops=0.6, gate_batches=2,
+                         fisher_samples=16, finetune_epochs=1)
+    assert costs.count(r.model).macs <= 0.25 * costs.macs == pytest.approx(0.25 * costs.macs)
+    assert 0.25 * costs.macs < r.record["structured_macs"] <= 0.6 * costs.macs       # the channel phase alone
+    assert sum(p.numel() for p in r.model.parameters()) < sum(p.numel() for p in model.parameters())
+    sparsified = r.record["sparsify"]["0.25"]
+    assert r.record["nonzeros"] == sparsified["nonzeros"] < sparsified["prunable_weights"]   # zeros held by the fine-tune
+    assert r.record["macs"] == sparsified["macs"] == costs.count(r.model).macs               # counted one way
+    with pytest.raises(PrunekitError, match="structured_flops 0.2 must be above flops 0.25"):
+        prune_structured(model, "hybrid", 0.25, x, lambda: data, structured_flops=0.2, gate_batches=2)
+
+
+def test_taper_temperature_anneals_from_one_to_the_final_value_and_cools_only_while_held():
+    from prunekit.structured.taper import TaperOptions, _temperature
+    opts = TaperOptions(final_temperature=0.04, hold_cooling=0.5)
+    assert _temperature(opts, 1.0, 0.3, 0) == pytest.approx(1.0)
+    assert _temperature(opts, 0.3, 0.3, 0) == pytest.approx(0.04)
+    assert _temperature(opts, 0.65, 0.3, 0) == pytest.approx(0.2)          # geometric: halfway is sqrt(0.04)
+    assert _temperature(opts, 0.65, 0.3, 2) == pytest.approx(0.05)         # two steps cooled while held
+    assert _temperature(TaperOptions(final_temperature=1.0), 0.3, 0.3, 50) == 1.0    # no annealing at all
+
+
+def test_settled_share_counts_gates_near_zero_or_one():
+    from prunekit.structured.taper import settled_share
+    gates = [torch.tensor([0.0, 0.04, 0.5, 0.96]), torch.tensor([1.0, 0.2, 0.06, 0.97])]
+    assert settled_share(gates, 0.05) == pytest.approx(5 / 8)
+
+
+def test_taper_snapshots_record_whether_the_gates_settled(tiny):
+    model, x, data = tiny
+    r = prune_structured(zoo.build("resnet20-b").eval(), "taper", 0.5, x, lambda: data, taper_epochs=10,
+                         settle_steps=2, max_hold_steps=60)
+    cut = r.record["snapshot_cuts"]["0.5"]
+    assert set(cut) >= {"settled", "held_steps", "temperature", "constraint_error", "mean_abs_gate_change"}
+    assert 2 <= cut["held_steps"] <= 60 and cut["temperature"] < 1
+    if cut["settled"]:          # cut on settled gates: few of them moved far
+        assert cut["mean_abs_gate_change"] < 0.1
+    else:
+        assert cut["held_steps"] == 60

@@ -134,3 +134,42 @@ def test_layout_rebuilds_the_architecture():
     assert torch.equal(rebuilt(x), small(x))
     with pytest.raises(PrunekitError, match="another architecture"):
         apply_layout(zoo.build("mlpnet"), channel_layout(small))
+
+
+def test_option_a_shortcut_copies_kept_channels_and_keeps_zeros():
+    """Stage-1 channel i reaches stage-2 channel 8 + i through the zero pad (16 -> 32): after the
+    cut, a kept stage-2 channel copies its stage-1 channel if that was kept, else it is zero."""
+    model, x = _model("resnet20")
+    groups = find_groups(model, x)
+    stage1 = next(g for g in groups if g.root == "conv1")
+    stage2 = next(g for g in groups if g.root == "layer2.0.conv2")
+    masks = [torch.ones(g.size, dtype=torch.bool) for g in groups]
+    masks[stage1.index][[0, 3]] = False                       # stage-1 channels 0, 3 closed
+    masks[stage2.index][[1, 11, 30]] = False                  # a pad channel, a copy of 3, a pad channel
+    small = shrink(model, groups, masks, x)
+    shortcut = small.layer2[0].shortcut
+    kept2 = [c for c in range(32) if c not in (1, 11, 30)]
+    renumber = {old: new for new, old in enumerate(c for c in range(16) if c not in (0, 3))}
+    expected = [renumber.get(c - 8, -1) if 8 <= c < 24 else -1 for c in kept2]
+    assert shortcut.source_list() == expected and (shortcut.in_channels, shortcut.out_channels) == (14, 29)
+    block_in = torch.randn(2, 14, 8, 8)
+    out = shortcut(block_in)
+    for new, src in enumerate(expected):
+        assert torch.equal(out[:, new], block_in[:, src, ::2, ::2] if src >= 0 else torch.zeros_like(out[:, new]))
+
+
+def test_option_a_shrunk_saves_reloads_and_exports_to_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from prunekit.export import export_onnx
+    model, x = _model("resnet20")
+    groups = find_groups(model, x)
+    small = shrink(model, groups, _random_masks(groups, torch.Generator().manual_seed(4)), x)
+    rebuilt = apply_layout(zoo.build("resnet20"), channel_layout(small))
+    rebuilt.load_state_dict(small.state_dict())
+    rebuilt.eval()
+    assert torch.equal(rebuilt(x), small(x))
+    graph = onnx.load(str(export_onnx(small, x, tmp_path / "model.onnx")))
+    onnx.checker.check_model(graph)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("Conv") == sum(isinstance(m, torch.nn.Conv2d) for m in small.modules())
+    assert "Gather" in ops                     # the shortcuts' channel maps

@@ -118,7 +118,7 @@ def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -
             source.batch_size = plan.options.gate_batch_size
         channels = replace(plan.channels, batches=lambda: source)
         return prune_channels(channels, plan.method.run, plan.options, recalibrate_bn=request.recalibrate_bn,
-                              checkpointer=checkpointer, progress=progress)
+                              checkpointer=checkpointer, progress=progress, sparsify=plan.method.sparsify)
     ctx = PruneContext(request.model, plan.space, plan.costs, plan.budget, train_batches, request.seed,
                        request.recalibrate_bn, progress, checkpointer)
     if plan.mode == "gradual":

@@ -7,6 +7,9 @@ Family ``"weights"``: the method zeroes single weights; it runs one-shot (or in 
 Family ``"channels"``: the method removes whole channels to a MAC budget (``flops``) and returns
 smaller models. ``run(ctx: structured.family.ChannelContext, options) -> structured.family.Cut``.
 
+A channel method may have a second phase, ``sparsify(ctx, model, share, options, recalibrate_bn)``
+(the hybrid's FALCON on the shrunk model; see ``structured.pipeline``).
+
 ``check(resolved_budget, options)`` (optional) refuses a request the method cannot serve before
 any work; ``plan_memory(model, space, example_input, resolved_budget, options)`` (optional)
 refuses one whose estimated peak memory does not fit and returns its ``memory_plan.MemoryPlan``;
@@ -28,6 +31,7 @@ from .pipelines.fisher_methods import (ChitaOptions, FalconOptions, WoodFisherOp
 from .pipelines.magnitude_methods import (MagnitudeOptions, run_magnitude, run_magnitude_flops,
                                           run_magnitude_uniform)
 from .structured.autobot import AutoBotOptions, run_autobot
+from .structured.hybrid import HybridOptions, run_hybrid, sparsify_shrunk
 from .structured.taper import TaperOptions, run_taper
 
 FAMILIES = ("weights", "channels")
@@ -46,6 +50,7 @@ class Method:
     defaults: dict = field(default_factory=dict)
     check: Callable | None = None
     plan_memory: Callable | None = None
+    sparsify: Callable | None = None     # channels family: a second phase pruning single weights
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -65,6 +70,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            {"stages": 5, "fisher_samples": 500}, check=needs_flops, plan_memory=plan_memory("falcon")),
     Method("autobot", "channels", AutoBotOptions, run_autobot, "trainable bottlenecks on a frozen network"),
     Method("taper", "channels", TaperOptions, run_taper, "gates and weights trained as the MAC budget tapers"),
+    Method("hybrid", "channels", HybridOptions, run_hybrid,
+           "channels removed (AutoBot) to structured_flops, then FALCON on the rest to flops",
+           sparsify=sparsify_shrunk),
 ]}
 
 

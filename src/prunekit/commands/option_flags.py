@@ -50,6 +50,11 @@ HELP = {
     "taper_epochs": "taper: planned length in epochs (default 4)",
     "max_taper_rate": "taper: most dense-MAC share the budget may fall per epoch (default 2x the planned rate)",
     "snapshots": "taper: also save models at these MAC shares (e.g. 0.7 0.5 0.3), from the same run",
+    "structured_flops": "hybrid: share of the dense MACs the channel phase keeps (default 0.5); FALCON prunes "
+                        "single weights from there to --flops",
+    "final_temperature": "taper: gate temperature at the last budget, annealed from 1 (default 0.05; 1: none)",
+    "settled_share": "taper: cut only when this share of the gates is near 0 or 1 (default 0.98)",
+    "max_hold_steps": "taper: cut anyway after this many steps at a budget (default 200)",
     "finetune_epochs": "fine-tune the shrunk model(s) this many epochs (default 0)",
     "finetune_lr": "peak SGD learning rate of the fine-tune (default 0.01)",
     "channel_multiple": "keep a multiple of this many channels in every group (default 1: exact counts; "

@@ -5,7 +5,9 @@ they are *consumed*: a forward pre-hook on every Conv/Linear that takes the grou
 input scales those input channels by ``g``. With ``g`` in {0, 1} the gated model computes
 exactly what the model with the closed channels removed computes (per-channel ops such as BN,
 ReLU and residual adds never mix channels, and every path of a channel ends in a consumer).
-Depthwise convs are not gated (their output goes on to a gated consumer). An attention head
+Depthwise convs are not gated (their output goes on to a gated consumer). A zero-pad shortcut
+(``pads_channels``) is gated like a consumer: a closed channel of the previous stage does not
+reach the next stage through it. An attention head
 is gated where its output leaves the head, before ``out_proj`` (``attention.py``: a forward
 hook recomputes the module's output with the gates; the fused fast path of
 ``TransformerEncoderLayer`` is turned off while gates are attached, as it would skip it).
@@ -200,8 +202,8 @@ def fold_gates(model: nn.Module, groups: GroupSet, values: GateValues) -> None:
             continue
         for member in group.layers("in"):
             module = modules[member.module]
-            if _is_depthwise(module):
-                continue
+            if _is_depthwise(module) or getattr(module, "pads_channels", False):
+                continue      # a zero-pad shortcut has no weight: it passes kept channels unscaled
             idx = group.channels(member, torch.arange(group.size)).to(module.weight.device)
             scale = _spread(g, member.repeat, group.segments).to(module.weight.dtype)
             shape = (1, -1) + (1,) * (module.weight.dim() - 2)

@@ -22,12 +22,19 @@ What the adapter refuses (the group is left dense and listed in ``GroupSet.skipp
   in a transformer this is the residual stream, kept at full width;
 * groups whose index maps are not one of the shapes we understand (identity, a concat offset,
   a flatten repeat): anything else would be pruned wrongly, so it is not pruned;
-* groups passing through a zero-pad shortcut (a module with ``pads_channels = True``, e.g. the
-  zoo's option-A ``ZeroPadShortcut``): torch-pruning
-  sees the pad as an elementwise op and wrongly ties a stage's C channels to the first C of
-  the next stage's 2C. There the adapter keeps the block outputs (conv2/bn2, the stage width)
-  dense and prunes only the channels inside each block (conv1/bn1 out = conv2 in), the choice
-  most papers make for option-A ResNets;
+* groups passing through a bare channel pad (``F.pad`` on the channel axis outside a module that
+  declares it): torch-pruning sees it as elementwise and would tie C channels to the first C
+  of the padded 2C.
+
+Zero-pad shortcuts (modules with ``pads_channels = True``, e.g. the zoo's option-A
+``ZeroPadShortcut``) are handed to torch-pruning as layers of their own (``PadShortcutPruner``),
+so their input channels belong to the previous stage's group and their output channels to the
+next stage's: a stage's block outputs (stem or conv2, bn2, the adds, the next stage's conv1
+inputs) are one group. Such a module is a member with role "in" (a consumer: it is gated, and
+its copied channels follow the kept channels of the previous stage) and "out" (its zero
+channels stay zero); it has no weight, costs no MACs, and ``shrink`` rewrites its channel map.
+With ``pads_residual=False`` the adapter falls back to the older choice: the groups through a
+shortcut are left dense (block outputs at full width) and only channels inside blocks are pruned.
 * groups touching grouped convs of different G, or a grouped conv through a flatten.
 """
 
@@ -104,7 +111,32 @@ class GroupSet:
         return iter(self.groups)
 
 
-def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
+    """torch-pruning's view of a zero-pad shortcut: a layer whose input and output channels are
+    separate axes (like a conv's), pruned by rewriting its channel map
+    (``remove_inputs`` / ``remove_outputs`` of the module)."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs):
+        layer.remove_outputs([int(i) for i in idxs])
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs):
+        layer.remove_inputs([int(i) for i in idxs])
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.in_channels
+
+
+def pad_pruners(model: nn.Module) -> dict:
+    """``customized_pruners`` for torch-pruning: one ``PadShortcutPruner`` per zero-pad shortcut type."""
+    return {type(m): PadShortcutPruner() for m in model.modules() if getattr(m, "pads_channels", False)}
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bool = True) -> tp.DependencyGraph:
     was_training = model.training
     model.eval()
     try:
@@ -112,15 +144,18 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
             # A bare nn.Parameter used in forward: torch-pruning warns that it would prune its
             # last axis. We never do; its groups are left dense and listed in GroupSet.skipped.
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_input,
+                customized_pruners=pad_pruners(model) if pads_residual else None)
     finally:
         model.train(was_training)
 
 
-def find_groups(model: nn.Module, example_input: torch.Tensor) -> GroupSet:
+def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bool = True) -> GroupSet:
     """The channel groups of ``model`` (Conv/Linear/BatchNorm channels and attention heads),
-    traced on ``example_input``."""
-    graph = build_graph(model, example_input)
+    traced on ``example_input``. ``pads_residual=False``: groups through a zero-pad shortcut are
+    left dense (only channels inside residual blocks are pruned)."""
+    graph = build_graph(model, example_input, pads_residual)
     names = {module: name for name, module in model.named_modules()}
     names.update({param: name for name, param in model.named_parameters()})
     groups: list[ChannelGroup] = []
@@ -174,11 +209,12 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
         dep, idxs = item.dep, [int(i) for i in item.idxs]
         module = dep.target.module
         grad_name = type(dep.target.grad_fn).__name__ if getattr(dep.target, "grad_fn", None) else ""
-        if "ConstantPadNd" in grad_name or getattr(module, "pads_channels", False):
+        pads = getattr(module, "pads_channels", False) and _is_pad_layer(dep)
+        if not pads and ("ConstantPadNd" in grad_name or getattr(module, "pads_channels", False)):
             return [], 1, "passes through a zero-pad (option-A) shortcut: block outputs kept dense"
         if isinstance(module, nn.Parameter):     # used bare in forward, outside any layer
             return [], 1, f"touches parameter {names.get(module, '?')} outside a Conv/Linear/BatchNorm layer"
-        if not isinstance(module, (*_CONV, nn.Linear, _BN)):
+        if not isinstance(module, (*_CONV, nn.Linear, _BN)) and not pads:
             if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)) \
                     or isinstance(module, nn.MultiheadAttention):
                 return [], 1, (f"touches {names.get(module, type(module).__name__)} ({type(module).__name__}), "
@@ -186,7 +222,10 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
             continue
         name = names[module]
         out_fn = _prunes_out_channels(dep)
-        if isinstance(module, _BN):
+        if pads:                                   # a zero-pad shortcut handed to torch-pruning as a layer
+            role = "out" if out_fn else "in"
+            extent = module.out_channels if out_fn else module.in_channels
+        elif isinstance(module, _BN):
             role, extent = "bn", module.num_features
         elif out_fn:
             role, extent = "out", _size_of(module)
@@ -221,6 +260,11 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
         if size % segments or any(m.repeat > 1 for m in members):
             return [], 1, f"{size} channels do not split into the {segments} blocks of a grouped conv"
     return members, segments, None
+
+
+def _is_pad_layer(dep) -> bool:
+    """True if torch-pruning handled this zero-pad shortcut as a layer (our ``PadShortcutPruner``)."""
+    return isinstance(getattr(dep.handler, "__self__", None), PadShortcutPruner)
 
 
 def _prunes_out_channels(dep) -> bool:

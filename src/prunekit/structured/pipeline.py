@@ -6,6 +6,8 @@ when done, so a run killed at any moment resumes from the last finished phase to
 weights as one never interrupted:
 
     1             gates: the method trains its gates and cuts; the shrunk model(s) exist
+    2             sparsify (only with ``sparsify``, the hybrid's): single weights of the shrunk
+                  model pruned to the final budget; its zeros are then held through the fine-tune
     then, for each shrunk model (largest share first):
                   bn: BatchNorm recalibrated;  finetune: one phase per fine-tune epoch
 
@@ -25,7 +27,9 @@ from torch import nn
 
 from ..costs import CostModel
 from ..errors import PrunekitError
+from ..masks import MaskHold, masks_from_weights
 from ..options import OptionError
+from ..params import ParamSpace
 from ..pipelines.stages import StageCheckpointer, StageState, capture_rng, restore_rng
 from ..pipelines.weights import Outcome
 from ..train import cosine, recalibrate_batchnorm, sgd, train_epoch
@@ -56,11 +60,13 @@ def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Ten
 
 def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrate_bn: bool = True,
                    checkpointer: StageCheckpointer | None = None, progress: bool = False,
-                   on_phase=None) -> Outcome:
+                   on_phase=None, sparsify=None) -> Outcome:
     """Run channel method ``run`` in ``ctx`` and finish its shrunk models (BN, fine-tune).
 
     Returns the Outcome of ``ctx.shares[0]`` (its ``snapshots``: the others, taper's).
-    ``on_phase(record)`` is told after each phase is saved.
+    ``on_phase(record)`` is told after each phase is saved. ``sparsify(ctx, model, share, opts,
+    recalibrate_bn) -> dict`` (a method row's second phase, the hybrid's FALCON): prunes single
+    weights of each shrunk model in place; the fine-tune then holds its zeros.
     """
     loader = ctx.batches()          # one loader: every pass is a new epoch (new order, new crops)
     ctx.batches = lambda: loader
@@ -80,14 +86,17 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
     else:
         models, info, optimizer_state = _restore(state, dense, loader)
         history, done = list(state.history), state.stage
-    phases = _phases(models, opts)
+    phases = _phases(models, opts, sparsify is not None)
     for number, (phase, share, epoch) in enumerate(phases, start=2):
         if number <= done:
             continue
         start = time.perf_counter()
         small = models[share]
         record = {"phase": phase, "flops": share}
-        if phase == "bn":
+        if phase == "sparsify":
+            record.update(sparsify(ctx, small, share, opts, recalibrate_bn))
+            info.setdefault("sparsify", {})[f"{share:g}"] = {k: v for k, v in record.items() if k != "falcon"}
+        elif phase == "bn":
             record["bn_recalibrated"] = bool(recalibrate_bn and recalibrate_batchnorm(small, ctx.batches()))
             optimizer = schedule = None
         else:
@@ -97,8 +106,13 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
                 if epoch > 1:
                     _load_optimizer(optimizer, schedule, optimizer_state)
             record["epoch"] = epoch
-            record["loss"] = train_epoch(small, ctx.batches(), optimizer, schedule,
-                                         f"fine-tune {epoch}/{opts.finetune_epochs}", progress)
+            hold = _hold_zeros(small, optimizer) if sparsify is not None else None
+            try:
+                record["loss"] = train_epoch(small, ctx.batches(), optimizer, schedule,
+                                             f"fine-tune {epoch}/{opts.finetune_epochs}", progress)
+            finally:
+                if hold is not None:
+                    hold.remove()
             small.eval()
         record["seconds"] = time.perf_counter() - start
         history.append(record)
@@ -110,7 +124,11 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
         counts = ctx.costs.count(small)
         if counts.macs > share * ctx.costs.macs:
             raise AssertionError(f"shrunk model has {counts.macs} MACs above the budget {share * ctx.costs.macs}")
-        outcomes[share] = Outcome(small, counts, None, None, info["seconds"], history,
+        nonzeros = sparsity = None
+        if sparsify is not None:          # weights zeroed too: count them against the dense model's prunable weights
+            nonzeros = int(sum(int((w != 0).sum()) for w in ParamSpace(small).weights()))
+            sparsity = 1 - nonzeros / ParamSpace(dense).numel
+        outcomes[share] = Outcome(small, counts, nonzeros, sparsity, info["seconds"], history,
                                   {**{k: v for k, v in info.items() if k != "kept_channels"},
                                    "groups": len(ctx.groups), "kept_channels": info["kept_channels"][f"{share:g}"],
                                    "group_sizes": [g.size for g in ctx.groups],
@@ -120,8 +138,14 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
     return main
 
 
-def _phases(models: dict, opts: ChannelOptions) -> list[tuple[str, float, int]]:
-    phases = []
+def _hold_zeros(model: nn.Module, optimizer) -> MaskHold:
+    """Hold the zero weights of ``model``'s prunable layers at zero through ``optimizer``'s steps."""
+    space = ParamSpace(model)
+    return MaskHold(space, masks_from_weights(space), optimizer)
+
+
+def _phases(models: dict, opts: ChannelOptions, sparsify: bool = False) -> list[tuple[str, float, int]]:
+    phases = [("sparsify", share, 0) for share in sorted(models, reverse=True)] if sparsify else []
     for share in sorted(models, reverse=True):
         phases.append(("bn", share, 0))
         phases += [("finetune", share, e) for e in range(1, opts.finetune_epochs + 1)]

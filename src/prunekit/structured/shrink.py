@@ -2,7 +2,8 @@
 
 ``shrink`` copies the model and cuts the closed channels of every group out of each member
 layer: Conv (plain, depthwise, grouped: each block keeps the same positions) and Linear weights
-and biases, BatchNorm parameters and statistics; a head group replaces its
+and biases, BatchNorm parameters and statistics, the channel map of a zero-pad shortcut
+(its copies follow the kept input channels, closed ones and pads are zero); a head group replaces its
 ``nn.MultiheadAttention`` by a ``SlimAttention`` holding the kept heads. The result is an
 ordinary ``nn.Module`` with smaller layers, computing what the gated model with 0/1 gates
 computes. ``zoo.layout`` records and rebuilds its per-layer channel counts for saving.
@@ -52,7 +53,11 @@ def shrink(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], exampl
             removed.setdefault((member.module, axis), set()).update(group.channels(member, closed).tolist())
     with torch.no_grad():
         for (name, axis), channels in removed.items():
-            _cut(modules[name], axis, sorted(channels), name)
+            module = modules[name]
+            if getattr(module, "pads_channels", False):     # a zero-pad shortcut: rewrite its channel map
+                (module.remove_inputs if axis == "in" else module.remove_outputs)(sorted(channels))
+                continue
+            _cut(module, axis, sorted(channels), name)
         for name, keep in heads.items():
             _replace(small, name, slim_copy(modules[name], keep))
     return small

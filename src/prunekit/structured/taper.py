@@ -13,11 +13,23 @@ MAC budget tapers from the dense count down, enforced as an equality constraint.
   ``slow_down`` when the loss rose by more than ``rise_tol`` (relative), by ``speed_up`` when it
   moved by less than ``flat_tol``; it never exceeds the user's bound ``max_rate`` (share of the
   dense MACs per epoch) and never falls below a quarter of its starting value (so a run ends).
-* When ``B`` reaches a requested budget it is held there for ``settle_steps`` steps and until the
-  gated MACs are within ``settle_tol`` of it (at most ``5 * settle_steps`` steps), then a
-  snapshot is taken: the gates are folded into their consumer weights, cut to 0/1 by a global
-  threshold meeting the budget exactly (bisection), and the closed channels are removed. One
-  run thus yields a shrunk model at each budget (e.g. 70%, 50%, 30% of MACs).
+* Temperature: ``g = sigmoid(theta / T)``. ``T`` falls from 1 to ``final_temperature`` as the
+  budget tapers (geometrically in the share of MACs removed so far) and, while a budget is
+  held, by a further ``hold_cooling`` per step at or under the budget (``c <= settle_tol``) and
+  warmer again by two such steps per step above it (frozen gates above the budget could not
+  come down); after a snapshot it returns to the taper's
+  value. A cooling sigmoid drives the gates to 0 or 1 (``final_temperature = 1``: no annealing,
+  no cooling while held either).
+* The budget is never forced down: ``B`` falls at least at the floor rate, so it reaches every
+  budget. When ``B`` reaches a requested budget it is held there until the constraint is met
+  (gated MACs within ``settle_tol`` of it, or, with channels too coarse for that, the settled
+  gates differ from the cut at the budget by at most one channel) *and* the gates have settled (a share
+  ``settled_share`` of them within ``settle_margin`` of 0 or 1), at least ``settle_steps``
+  steps and at most ``max_hold_steps``; then a snapshot is taken: the gates are folded into
+  their consumer weights, cut to 0/1 by a global threshold meeting the budget exactly
+  (bisection), and the closed channels are removed. Whether it settled, and how far the gates
+  were from 0/1, is recorded (``snapshot_cuts``). One run thus yields a shrunk model at each
+  budget (e.g. 70%, 50%, 30% of MACs).
 """
 
 from __future__ import annotations
@@ -53,7 +65,12 @@ class TaperOptions(ChannelOptions):
     max_taper_rate: float | None = None  # bound on the taper rate, share of dense MACs per epoch
     snapshots: list[float] | None = None  # further budgets (shares of MACs) to save models at, same run
     settle_steps: int = 10       # steps held at each snapshot budget before cutting ...
-    settle_tol: float = 0.01     # ... and until |MACs(g) - B| <= settle_tol * dense (at most 5x settle_steps)
+    settle_tol: float = 0.01     # ... and until |MACs(g) - B| <= settle_tol * dense ...
+    settled_share: float = 0.98  # ... and this share of the gates is within settle_margin of 0 or 1
+    settle_margin: float = 0.05
+    max_hold_steps: int = 200    # cut anyway after this many steps held (recorded as not settled)
+    final_temperature: float = 0.05  # gate temperature at the last budget (1: no annealing)
+    hold_cooling: float = 0.97   # extra factor on the temperature per step while a budget is held
     check_every: int = 20
     slow_down: float = 0.7
     speed_up: float = 1.1
@@ -64,7 +81,9 @@ class TaperOptions(ChannelOptions):
                    "momentum": Real(0, 1), "weight_decay": Real(0), "gate_lr": Real(0, open_low=True),
                    "dual_lr": Real(0), "penalty": Real(0), "gamma": Real(0), "init": Real(0, 1, open_low=True),
                    "max_taper_rate": Real(0, open_low=True), "snapshots": Shares(), "settle_steps": Integer(1),
-                   "settle_tol": Real(0), "check_every": Integer(1), "slow_down": Real(0, 1, open_low=True),
+                   "settle_tol": Real(0), "settled_share": Real(0, 1), "settle_margin": Real(0, 0.5),
+                   "max_hold_steps": Integer(1), "final_temperature": Real(0, 1, open_low=True),
+                   "hold_cooling": Real(0, 1, open_low=True), "check_every": Integer(1), "slow_down": Real(0, 1, open_low=True),
                    "speed_up": Real(1), "rise_tol": Real(0), "flat_tol": Real(0), "loss_average": Real(0, 1)}
 
 
@@ -74,8 +93,8 @@ class Snapshot:
     model: nn.Module             # shrunk copy
     masks: list[torch.Tensor]
     step: int
-    reached_by_schedule: bool    # False if the planned steps ran out first and B was forced down
-    cut: dict                    # how far the gates were from the 0/1 masks they were cut to
+    reached_by_schedule: bool    # False if the taper ran past its planned steps to get here
+    cut: dict                    # settled or not, temperature, how far the gates were from their 0/1 masks
 
 
 def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budgets: list[float],
@@ -109,7 +128,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
     loss_fn = nn.CrossEntropyLoss()
     lam, budget, step = 0.0, float(dense), 0
     pending = list(budgets)
-    held = 0
+    held = cooled = 0
     loss_avg, loss_ref = None, None
     snapshots: list[Snapshot] = []
     history = []
@@ -120,11 +139,11 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
             for x, y in batches():
                 if not pending:
                     break
-                forced = step >= planned
                 target = pending[0] * dense
                 if budget > target:
-                    budget = target if forced else max(target, budget - rate * dense)
-                gates = [torch.sigmoid(t) for t in theta]
+                    budget = max(target, budget - rate * dense)
+                temperature = _temperature(options, budget / dense, budgets[-1], cooled)
+                gates = [torch.sigmoid(t / temperature) for t in theta]
                 hooks.values = gates
                 macs = counter.macs([g.double() for g in gates])
                 ce = loss_fn(model(x.to(device)), y.to(device))
@@ -148,23 +167,30 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                         elif abs(change) < options.flat_tol:
                             rate = min(rate * options.speed_up, max_rate)
                     loss_ref = loss_avg
+                settled = settled_share(gates, options.settle_margin)
                 record = {"step": step, "ce": ce.item(), "budget": budget / dense,
                           "gated_flops_kept": macs.item() / dense, "lambda": lam,
-                          "rate_per_epoch": rate * steps_per_epoch}
+                          "rate_per_epoch": rate * steps_per_epoch, "temperature": temperature,
+                          "settled_share": settled}
                 history.append(record)
                 if progress is not None:
                     progress(record)
                 if budget <= target:
                     held += 1
-                    close = abs(c.item()) <= options.settle_tol
-                    if (held >= options.settle_steps and close) or held >= 5 * options.settle_steps:
+                    cooled = cooled + 1 if c.item() <= options.settle_tol else max(0, cooled - 2)
+                    met = held >= options.settle_steps and settled >= options.settled_share and (
+                        abs(c.item()) <= options.settle_tol
+                        or _cut_flips(theta, gates, counter, budget, options.channel_multiple) <= 1)
+                    if met or held >= options.max_hold_steps:
                         hooks.remove()
-                        snapshots.append(_snapshot(model, groups, counter, theta, pending[0], step,
-                                                   example_input, not forced, options.channel_multiple))
+                        snapshots.append(_snapshot(model, groups, counter, theta, temperature, pending[0], step,
+                                                   example_input, step <= planned, options.channel_multiple,
+                                                   {"settled": met, "held_steps": held,
+                                                    "constraint_error": c.item()}))
                         hooks = GateHooks(model, groups)
                         model.train()
                         pending.pop(0)
-                        held = 0
+                        held = cooled = 0
     finally:
         hooks.remove()
         model.eval()
@@ -175,17 +201,42 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
     return snapshots, info
 
 
-def _snapshot(model, groups, counter, logits, budget, step, example_input, on_schedule, multiple) -> Snapshot:
+def _temperature(options: TaperOptions, budget_share: float, last_share: float, cooled: int) -> float:
+    """Gate temperature: 1 at the dense budget, ``final_temperature`` at the last one
+    (geometric in the share of MACs removed), times ``hold_cooling ** cooled`` while a budget is held."""
+    if options.final_temperature >= 1.0:
+        return 1.0                                   # no annealing at all
+    progress = min(1.0, max(0.0, (1.0 - budget_share) / (1.0 - last_share)))
+    return max(options.final_temperature ** progress * options.hold_cooling ** cooled, 1e-3)
+
+
+def _cut_flips(logits, gates, counter: GatedMacs, budget: float, multiple: int) -> int:
+    """Channels whose 0/1 cut at ``budget`` MACs differs from their rounded gate (0 when the
+    settled gates already meet the budget as a cut; with coarse channels the MAC error of
+    settled gates can exceed ``settle_tol`` though the cut would change one channel at most)."""
+    masks, _ = cut_to_budget([t.detach().cpu() for t in logits], counter, budget, multiple)
+    return int(sum(int((m != (g.detach().cpu() > 0.5)).sum()) for m, g in zip(masks, gates)))
+
+
+def settled_share(gates: list[torch.Tensor], margin: float) -> float:
+    """Share of all gate values within ``margin`` of 0 or 1."""
+    flat = torch.cat([g.detach().flatten() for g in gates])
+    return float((torch.minimum(flat, 1 - flat) <= margin).float().mean())
+
+
+def _snapshot(model, groups, counter, logits, temperature, budget, step, example_input, on_schedule, multiple,
+              facts) -> Snapshot:
     """Fold the gates into the weights, cut by logit (sigmoid saturates to ties), shrink."""
     device = next(model.parameters()).device
     logits = [t.detach().cpu() for t in logits]
-    gates = [torch.sigmoid(t) for t in logits]
+    gates = [torch.sigmoid(t / temperature) for t in logits]
     folded = copy.deepcopy(model).eval()
     fold_gates(folded, groups, [g.to(device) for g in gates])
     masks, _ = cut_to_budget(logits, counter, budget * counter.dense, multiple)
     small = shrink(folded, groups, masks, example_input.to(device))
     flat_g, flat_m = torch.cat(gates), torch.cat(masks).float()
-    cut = {"mean_abs_gate_change": float((flat_g - flat_m).abs().mean()),
+    cut = {**facts, "temperature": temperature,
+           "mean_abs_gate_change": float((flat_g - flat_m).abs().mean()),
            "kept_gates_below_half": int(((flat_g < 0.5) & (flat_m > 0)).sum()),
            "closed_gates_above_tenth": int(((flat_g > 0.1) & (flat_m == 0)).sum())}
     return Snapshot(budget, small, masks, step, on_schedule, cut)

@@ -28,7 +28,13 @@ class ZeroPadShortcut(nn.Module):
 
     The new channels are split evenly before and after the input's channels. No parameters and
     no multiply-accumulates (``zero_macs = True`` tells the cost model so); ``pads_channels``
-    tells channel pruning not to tie channels across it.
+    tells channel pruning that channels change count here (input and output channels belong to
+    different groups).
+
+    After structured pruning the map is general: ``source`` (C_out,) gives, per output channel,
+    the input channel it copies, or -1 for a zero channel (``remove_inputs`` /
+    ``remove_outputs`` keep it right as channels are cut; ``source_list`` / ``set_source`` save
+    and restore it). ``source`` is a non-persistent buffer: state dicts stay those of the checkpoints.
 
     Shapes: (B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride)).
     """
@@ -43,14 +49,52 @@ class ZeroPadShortcut(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
+        self.padded = True      # the dense layout: F.pad (no index map needed)
+        before = (out_channels - in_channels) // 2
+        source = torch.full((out_channels,), -1, dtype=torch.long)
+        source[before:before + in_channels] = torch.arange(in_channels)
+        self.register_buffer("source", source, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.out_channels - self.in_channels
-        return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+        if self.padded:
+            extra = self.out_channels - self.in_channels
+            return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+        # One zero channel appended at index C_in; -1 in ``source`` points at it.
+        x = F.pad(x, (0, 0, 0, 0, 0, 1))
+        index = torch.where(self.source < 0, torch.full_like(self.source, self.in_channels), self.source)
+        return x.index_select(1, index)
+
+    def remove_inputs(self, closed: list[int]) -> None:
+        """Input channels ``closed`` are gone: outputs that copied them become zero channels."""
+        keep = torch.ones(self.in_channels, dtype=torch.bool)
+        keep[list(closed)] = False
+        renumber = torch.full((self.in_channels,), -1, dtype=torch.long)
+        renumber[keep] = torch.arange(int(keep.sum()))
+        source = self.source.clone()
+        copied = source >= 0
+        source[copied] = renumber.to(source.device)[source[copied]]
+        self.set_source(int(keep.sum()), source.tolist())
+
+    def remove_outputs(self, closed: list[int]) -> None:
+        """Output channels ``closed`` are gone."""
+        keep = torch.ones(self.out_channels, dtype=torch.bool)
+        keep[list(closed)] = False
+        self.set_source(self.in_channels, self.source[keep.to(self.source.device)].tolist())
+
+    def source_list(self) -> list[int]:
+        return [int(v) for v in self.source.tolist()]
+
+    def set_source(self, in_channels: int, source: list[int]) -> None:
+        """Set the channel map: ``in_channels`` inputs; ``source[c]`` in [-1, in_channels)."""
+        if any(not -1 <= int(v) < in_channels for v in source):
+            raise ValueError(f"shortcut source map {source} does not fit {in_channels} input channels")
+        self.in_channels, self.out_channels = int(in_channels), len(source)
+        self.source = torch.tensor([int(v) for v in source], dtype=torch.long, device=self.source.device)
+        self.padded = False
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}" + ("" if self.padded else ", mapped")
 
 
 class BasicBlock(nn.Module):

@@ -18,7 +18,8 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 
 def channel_layout(model: nn.Module) -> dict[str, dict]:
-    """Per-layer channel counts of every Conv/Linear/BatchNorm (JSON-ready)."""
+    """Per-layer channel counts of every Conv/Linear/BatchNorm, and the channel map of every
+    zero-pad shortcut that lost channels (JSON-ready)."""
     layout = {}
     for name, module in model.named_modules():
         if isinstance(module, SlimAttention):        # attention with heads removed
@@ -31,6 +32,9 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
             layout[name] = {"in": module.in_features, "out": module.out_features}
         elif isinstance(module, _BN):
             layout[name] = {"features": module.num_features}
+        elif getattr(module, "pads_channels", False) and not getattr(module, "padded", True):
+            # a zero-pad shortcut whose channels were cut: its map from input to output channels
+            layout[name] = {"in": module.in_channels, "source": module.source_list()}
     return layout
 
 
@@ -48,6 +52,9 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                                      bool(spec["bias"]), bool(spec["batch_first"]), float(spec["dropout"]))
                 parent_name, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, attr, slim)
+                continue
+            if getattr(module, "pads_channels", False) and "source" in spec:
+                module.set_source(int(spec["in"]), [int(v) for v in spec["source"]])
                 continue
             if isinstance(module, _CONV):
                 cin, cout, groups = int(spec["in"]), int(spec["out"]), int(spec["groups"])

@@ -1,0 +1,71 @@
+"""Structured + unstructured pruning under one MAC budget (method ``hybrid``).
+
+Phase 1 (a channel cut): AutoBot removes whole channels down to ``structured_flops`` of the
+dense MACs; the model is shrunk (a smaller, faster network). Phase 2 (``sparsify_shrunk``):
+FALCON prunes single weights of the shrunk model until the whole model keeps at most
+``flops`` of the *dense* model's MACs. Both phases count with the same ``CostModel`` rules
+(the dense model's cost model re-traces the shrunk, masked model; phase 2's own cost model
+of the shrunk model must agree with it, and is checked to). ``structure.pipeline`` then
+recalibrates BatchNorm and fine-tunes with the zeros held, each phase checkpointed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from torch import nn
+
+from ..budget import Amount, Budget
+from ..costs import CostModel
+from ..options import OptionError, Real
+from ..params import ParamSpace
+from ..pipelines.fisher_methods import FalconOptions, run_falcon
+from ..pipelines.weights import PruneContext, prune_weights
+from .autobot import AutoBotOptions, autobot_masks
+from .family import ChannelContext, Cut
+from .shrink import shrink
+
+
+@dataclass
+class HybridOptions(AutoBotOptions, FalconOptions):
+    """AutoBot's options for the channel phase, FALCON's for the weights phase, and
+    structured_flops: the share of the dense MACs the channel phase keeps (above ``flops``)."""
+
+    structured_flops: float = 0.5
+    constraints = {**AutoBotOptions.constraints, **FalconOptions.constraints,
+                   "structured_flops": Real(0, 1, open_low=True)}
+
+    def falcon_options(self) -> FalconOptions:
+        names = {f.name for f in fields(FalconOptions)}
+        return FalconOptions(**{k: v for k, v in self.to_dict().items() if k in names})
+
+
+def run_hybrid(ctx: ChannelContext, opts: HybridOptions) -> Cut:
+    """Phase 1: AutoBot to ``structured_flops``, shrunk; keyed by the final share ``ctx.shares[0]``."""
+    final = ctx.shares[0]
+    if not opts.structured_flops > final:
+        raise OptionError(f"structured_flops {opts.structured_flops:g} must be above flops {final:g}: the channel "
+                          "phase keeps more MACs than the final budget, FALCON removes the rest",
+                          ("structured_flops", "flops"))
+    masks, info = autobot_masks(ctx.model, ctx.groups, ctx.counter, opts.structured_flops * ctx.costs.macs,
+                                ctx.batches, opts, ctx.progress)
+    small = shrink(ctx.model, ctx.groups, masks, ctx.example_input)
+    info["structured_macs"] = ctx.costs.count(small).macs
+    return Cut({final: small}, {final: masks}, info)
+
+
+def sparsify_shrunk(ctx: ChannelContext, small: nn.Module, share: float, opts: HybridOptions,
+                    recalibrate_bn: bool = True) -> dict:
+    """Phase 2: FALCON on ``small`` (in place) so that it keeps at most ``share`` of the dense
+    MACs. Returns facts to record (nonzeros, MACs, FALCON's stage records)."""
+    costs = CostModel(small, ctx.example_input)
+    if costs.macs != ctx.costs.count(small).macs:
+        raise AssertionError(f"the shrunk model costs {costs.macs} MACs by its own trace and "
+                             f"{ctx.costs.count(small).macs} by the dense model's: one counting rule broken")
+    space = ParamSpace(small, costs=costs)
+    budget = Budget(flops=Amount(float(int(share * ctx.costs.macs)), absolute=True)).resolve(costs, space)
+    pctx = PruneContext(small, space, costs, budget, ctx.batches, recalibrate_bn=recalibrate_bn)
+    outcome = prune_weights(pctx, run_falcon, opts.falcon_options())
+    return {"nonzeros": outcome.nonzeros, "prunable_weights": space.numel, "sparsity_of_shrunk": outcome.sparsity,
+            "macs": outcome.counts.macs, "falcon": outcome.history, **{k: v for k, v in outcome.info.items()
+                                                                         if isinstance(v, (int, float, str, bool))}}
