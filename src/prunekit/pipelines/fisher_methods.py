@@ -20,11 +20,14 @@ import torch
 from ..budget import ResolvedBudget
 from .. import memory_plan
 from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, OptionError, Options, Real
+from .. import distributed
 from ..fisher import collect_gradients
+from ..distributed.gradients import collect_sharded_gradients
 from ..solvers.chita import chita
 from ..solvers.falcon import falcon
 from ..solvers.woodfisher import woodfisher
 from ..solvers.quadratic import QuadraticModel
+from ..solvers.sharded_quadratic import ShardedQuadraticModel
 from ..solvers.search import largest_fitting_k
 from ..train import recalibrate_batchnorm
 from .schedule import KINDS, keep_schedule
@@ -172,6 +175,9 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     mac_shares = (keep_schedule(target_macs / dense_macs, opts.stages, opts.schedule)
                   if target_macs is not None else [None] * opts.stages)
     history = ctx.history
+    collective = distributed.current()     # one process: a no-op communicator, the code path of old
+    if collective.distributed:
+        _check_shardable(solve_stage, opts)
     done = resume_stages(ctx)       # stages completed by an earlier, interrupted run (0: none)
     w = ctx.space.vector()
     for stage, (share, mac_share) in enumerate(zip(shares, mac_shares), start=1):
@@ -181,17 +187,20 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         k = target if last else max(target, round(share * p))
         max_macs = None if mac_share is None else (target_macs if last else max(target_macs, int(mac_share * dense_macs)))
         start = time.perf_counter()
-        grads = collect_gradients(ctx.model, ctx.space, ctx.train_batches(), plan.n, batch=opts.fisher_batch,
-                                  chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress)
-        seconds_gradients = time.perf_counter() - start
         free = torch.ones(p, dtype=torch.bool, device=w.device) if opts.revive or stage == 1 else w != 0
         index = free.nonzero().squeeze(1)
-        rows = grads if index.numel() == p else _keep_columns(grads, index)
-        del grads
-        ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
-        q = QuadraticModel(rows, w[index], ridge)
-        if opts.first_order:                           # g = the mean of the rows
-            q = QuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
+        if collective.distributed:
+            q, ridge = _sharded_model(ctx, plan, opts, w, index, collective)
+        else:
+            grads = collect_gradients(ctx.model, ctx.space, ctx.train_batches(), plan.n, batch=opts.fisher_batch,
+                                      chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress)
+            rows = grads if index.numel() == p else _keep_columns(grads, index)
+            del grads
+            ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
+            q = QuadraticModel(rows, w[index], ridge)
+            if opts.first_order:                           # g = the mean of the rows
+                q = QuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
+        seconds_gradients = time.perf_counter() - start
         solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts)
         w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
@@ -224,3 +233,31 @@ def _mean_fisher_diagonal(rows: torch.Tensor) -> float:
     """mean_j (XᵀX/n)_jj for X = rows (n, p), accumulated in float64, one row at a time."""
     total = sum(float(row.double().square().sum()) for row in rows)
     return total / rows.numel() or 1.0
+
+
+# --- several processes (torchrun): the gradient matrix sharded by columns ------------------------
+
+def _check_shardable(solve_stage, opts) -> None:
+    if solve_stage is _solve_stage_woodfisher or getattr(opts, "block_size", None) is not None:
+        raise OptionError("woodfisher and block_size need every column of the gradient matrix on one process: "
+                          "run them without torchrun (one process)", ("method", "block_size"))
+
+
+def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Tensor, index: torch.Tensor,
+                   collective) -> tuple[ShardedQuadraticModel, float]:
+    """This rank's columns of the stage's gradient matrix (the weights ``index``) as a sharded
+    quadratic model, and the ridge (its mean Fisher diagonal summed over the ranks)."""
+    columns = None if index.numel() == ctx.space.numel else index
+    rows, offset = collect_sharded_gradients(ctx.model, ctx.space, ctx.train_batches(), plan.n, collective,
+                                             columns, batch=opts.fisher_batch, chunk=plan.chunk,
+                                             dtype=plan.dtype, progress=ctx.progress)
+    ridge = opts.ridge
+    if ridge is None:
+        local = sum(float(row.double().square().sum()) for row in rows)
+        total = float(collective.all_reduce(torch.tensor([local], dtype=torch.float64, device=rows.device)))
+        ridge = opts.relative_ridge * (total / (rows.shape[0] * index.numel()) or 1.0)
+    q = ShardedQuadraticModel(rows, w[index], ridge, None, collective, offset)
+    if opts.first_order:
+        q = ShardedQuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)),
+                                  collective, offset)
+    return q, ridge

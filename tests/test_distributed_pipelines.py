@@ -1,0 +1,68 @@
+"""prunekit.prune on 2 gloo processes (the gradient matrix sharded by columns) gives what one
+process gives: the same mask, weights within 1e-5 of their scale; a 2-rank training step is a
+one-rank step on the whole batch; a 2-rank gradual run matches one rank."""
+
+import torch
+from torch import nn
+
+import prunekit
+from closeness import assert_close_to_scale
+from distributed_spawn import run_ranks
+from prunekit.train import sgd, cosine, train_epoch
+
+CASES = {
+    "magnitude": dict(method="magnitude", sparsity=0.8),
+    "chita": dict(method="chita", sparsity=0.7, fisher_samples=48, relative_ridge=0.5),
+    "falcon": dict(method="falcon", sparsity=0.7, flops=0.4, fisher_samples=48),
+    "falcon++": dict(method="falcon++", sparsity=0.8, flops=0.35, fisher_samples=48, stages=3),
+    "gradual": dict(method="magnitude", sparsity=0.8, gradual=True, events=2, epochs_per_event=1, final_epochs=1),
+}
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 1, 6, 6, generator=g)
+    return x, (x.flatten(1)[:, :4].argmax(1) + (x.flatten(1)[:, 4] > 1).long()) % 4
+
+
+def _prune_cases(names):
+    out = {}
+    for name in names:
+        net = _net()
+        prunekit.prune(net, _data(), **CASES[name])
+        out[name] = torch.cat([p.detach().flatten() for p in net.parameters()])
+    return out
+
+
+def _prune_worker(rank, world, names):
+    return _prune_cases(names)
+
+
+def test_distributed_prune_matches_one_process(tmp_path):
+    names = list(CASES)
+    expected = _prune_cases(names)
+    for got in run_ranks(_prune_worker, 2, tmp_path, names, timeout=240):
+        for name in names:
+            assert torch.equal(got[name] != 0, expected[name] != 0), name
+            assert_close_to_scale(got[name], expected[name], 1e-5)
+
+
+def _train_steps(rank=0, world=1):
+    net = _net()
+    x, y = _data()
+    optimizer = sgd(net, 0.05)
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    train_epoch(net, batches, optimizer, cosine(optimizer, len(batches)), progress=False)
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+def test_two_rank_training_steps_match_one_rank(tmp_path):
+    expected = _train_steps()
+    for got in run_ranks(_train_steps, 2, tmp_path):
+        assert_close_to_scale(got, expected, 1e-5)
+    assert not torch.equal(expected, torch.cat([p.detach().flatten() for p in _net().parameters()]))
