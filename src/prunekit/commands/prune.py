@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import recipes, report, runs
+from .. import distributed, recipes, report, runs
 from ..api_checks import check_out
 from ..errors import PrunekitError
 from ..executor import execute
@@ -77,7 +77,13 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     """Prune as ``plan`` says, into run folder ``args.out`` when given (resuming it with
     ``--resume``, clearing it first with ``--force``), then write its report."""
     folder = None
-    if args.out:
+    main = distributed.is_main_process()           # under torchrun, rank 0 alone writes
+    if args.out and not main:
+        distributed.current().barrier()            # rank 0 claims the folder
+        folder = runs.RunFolder(args.out).follower()
+        distributed.current().barrier()
+    elif args.out:
+        distributed.current().barrier()
         folder = runs.RunFolder(args.out)
         config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
         for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
@@ -85,10 +91,11 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
                 config[key] = str(Path(config[key]).resolve())
         runs.claim(folder, recipes.dump_recipe(config), resume=bool(getattr(args, "resume", None)),
                    force=bool(getattr(args, "force", False)))
+        distributed.current().barrier()
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
                             dense=dense, progress=not args.json, on_step=step_printer(args))
     record = {**record, "peak_rss_mb": peak_rss_mb()}
-    if folder is not None:
+    if folder is not None and main:
         atomic_write_json(folder.path / "result.json", record)
         if args.onnx:
             from ..export import export_onnx
