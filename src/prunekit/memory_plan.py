@@ -86,7 +86,7 @@ class _Sizes:
 
 def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, dtype: str = "float32",
          family: str = "falcon", max_memory=None, fisher_batch: int = 1, obs_block_size: int = 128,
-         keep_share: float = 1.0) -> MemoryPlan:
+         keep_share: float = 1.0, ranks: int = 1, ranks_here: int = 1) -> MemoryPlan:
     """The memory plan of gradients + solve for ``space``'s weights, refusing what does not fit.
 
     n:          fisher_samples, an int or "auto" (the largest n ≤ 1000 that fits).
@@ -94,14 +94,16 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     family:     "chita", "falcon" or "woodfisher" (their solvers' work arrays differ).
     max_memory: the limit, bytes or "16G"/"500M" (None: available memory less a margin).
     keep_share: k/p, the share of weights kept (CHITA's active set is 1.5k columns).
+    ranks:      processes sharing X by columns (torchrun): the plan is one rank's.
+    ranks_here: those of them on this machine; without max_memory each gets this share of it.
     Raises PrunekitError when the request does not fit.
     """
     storage = storage_dtype(dtype)
     sizes = _Sizes(model, space, example_input)
-    limit = parse_memory(max_memory) if max_memory is not None else default_limit(sizes.device)
+    limit = parse_memory(max_memory) if max_memory is not None else default_limit(sizes.device) // ranks_here
     resident = current_usage(sizes.device)
     estimate = lambda rows, kind: _estimate(sizes, rows, kind, family, fisher_batch, obs_block_size,
-                                            keep_share, resident, limit)
+                                            keep_share, resident, limit, ranks)
     if n == "auto":
         rows = largest_n(lambda rows: estimate(rows, storage), 1000)
         if rows == 0:
@@ -116,12 +118,15 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
 
 
 def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_batch: int,
-              obs_block_size: int, keep_share: float, resident: int, limit: int) -> MemoryPlan:
+              obs_block_size: int, keep_share: float, resident: int, limit: int, ranks: int = 1) -> MemoryPlan:
     item = torch.tensor([], dtype=storage).element_size()
     chunk = max(1, min(MAX_CHUNK, ACTIVATION_BUDGET // max(1, int(ACTIVATION_FACTOR * sizes.activation_per_sample))))
     if fisher_batch == 1:
         chunk = min(chunk, n)
     gradients = n * sizes.p * item
+    if ranks > 1:      # this rank's rows (all columns), its columns (all rows), one exchange block per rank
+        rows_here, columns_here = -(-n // ranks), -(-sizes.p // ranks)
+        gradients = (rows_here * sizes.p + n * columns_here + (ranks + 1) * rows_here * columns_here) * item
     activations = int(ACTIVATION_FACTOR * sizes.activation_per_sample * chunk)
     rows_at_once = 1 if fisher_batch > 1 else chunk
     # one layer's gradients for the rows at once; the autograd check of the first row (two p-long
@@ -130,7 +135,7 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
                        + (sizes.p * 4 if fisher_batch > 1 else 0))
     solver = SOLVER_VECTORS * sizes.p * 8 + 4 * n * n * 8 + 2 * 8 * MiB
     if family == "chita":
-        solver += int(min(1.0, 1.5 * keep_share) * gradients)     # the active set's columns of X
+        solver += int(min(1.0, 1.5 * keep_share) * n * sizes.p * item / ranks)   # the active set's columns of X
     elif family == "woodfisher":
         solver += sizes.p * obs_block_size * 4 * 2                 # block inverses (+ a float64 block)
     return MemoryPlan(n=n, p=sizes.p, dtype=storage, chunk=chunk, resident=resident, gradients=gradients,

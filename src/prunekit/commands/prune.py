@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from .. import distributed, recipes, report, runs
 from ..api_checks import check_out
 from ..errors import PrunekitError
@@ -95,6 +97,11 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
                             dense=dense, progress=not args.json, on_step=step_printer(args))
     record = {**record, "peak_rss_mb": peak_rss_mb()}
+    collective = distributed.current()
+    if collective.distributed:          # under torchrun: every rank's peak, rank order
+        peaks = collective.all_gather(torch.tensor([record["peak_rss_mb"]], dtype=torch.float64))
+        record["ranks"] = collective.size
+        record["peak_rss_mb_per_rank"] = [round(float(v), 1) for v in peaks]
     if folder is not None and main:
         atomic_write_json(folder.path / "result.json", record)
         if args.onnx:

@@ -66,6 +66,13 @@ def current() -> Collective:
     return Collective()
 
 
+def ranks_on_this_machine() -> int:
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

@@ -68,6 +68,7 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Iterable, n: in
         gathered = [torch.empty_like(block) for _ in range(size)] if dest == rank else None
         dist.gather(block.view(carrier), [g.view(carrier) for g in gathered] if gathered else None, dst=dest)
         collective.bytes_sent += block.numel() * block.element_size()
+        collective.calls += 1
         if dest == rank:
             for source, (r0, r1) in enumerate(rows):
                 out[r0:r1] = gathered[source][:r1 - r0]

@@ -142,7 +142,8 @@ def plan_memory(family: str):
         return memory_plan.plan(model, space, example_input, n=opts.fisher_samples, dtype=opts.fisher_dtype,
                                 family=family, max_memory=opts.max_memory, fisher_batch=opts.fisher_batch,
                                 obs_block_size=getattr(opts, "obs_block_size", 128),
-                                keep_share=budget.max_nonzeros / space.numel)
+                                keep_share=budget.max_nonzeros / space.numel, ranks=distributed.current().size,
+                                ranks_here=distributed.ranks_on_this_machine())
     return check
 
 
@@ -201,6 +202,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             if opts.first_order:                           # g = the mean of the rows
                 q = QuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
         seconds_gradients = time.perf_counter() - start
+        exchanged = collective.bytes_sent
         solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts)
         w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
@@ -216,6 +218,12 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
                         "seconds": time.perf_counter() - start,
                         "solver_info": {key: value for key, value in solution.info.items()
                                         if isinstance(value, (bool, int, float, str))}})
+        if collective.distributed:      # per rank: its share of X and what it sent
+            history[-1]["distributed"] = {
+                "ranks": collective.size, "gradient_matrix_mb": q.X.numel() * q.X.element_size() / 2**20,
+                "gradient_exchange_bytes": exchanged, "solver_bytes": collective.bytes_sent - exchanged,
+                "solver_collectives": collective.calls}
+            collective.bytes_sent, collective.calls = 0, 0
         stage_completed(ctx, stage)
     return Pruned(w, {"memory_estimate_mb": round(plan.total_mb, 1), "fisher_samples": plan.n,
                       "fisher_dtype": opts.fisher_dtype})
