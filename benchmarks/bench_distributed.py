@@ -3,11 +3,14 @@ columns. Per row: accuracy, wall time, peak RSS of every rank, each rank's share
 rank sent (gradient exchange, and per solver collective).
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/bench_distributed.py --ranks 1 2
-    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/bench_distributed.py --rows resnet50 --ranks 1 2 --n 16
+    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/bench_distributed.py --rows resnet56 --ranks 1 2 --n 256 --dtype float32
+    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/bench_distributed.py --rows resnet50 --ranks 1 2 --n 16 --max-memory 8G
 
 resnet20-b: the reference checkpoint on the real CIFAR-10 subset (../shared/data), one-shot FALCON
 to 30% of the MACs (`torchrun --nproc_per_node R -m prunekit prune ... --json`, one process group
-per row). resnet50: RANDOM weights, RANDOM 224x224 inputs (cost only: seconds, memory, bytes).
+per row). resnet56 (32x32), resnet50 and mobilenetv1 (224x224): RANDOM weights and inputs, BN not
+recalibrated (cost only: seconds, memory, bytes). ResNet-50 needs about 4 GB per rank even at
+n = 16 (the replicated p-vectors of the solver: the memory plan's estimate).
 """
 
 from __future__ import annotations
@@ -60,10 +63,11 @@ def resnet20b_row(ranks: int, n: int, data: Path, max_memory: str, timeout: floa
     return _row("resnet20-b", ranks, n, record, wall)
 
 
-def resnet50_row(ranks: int, n: int, dtype: str, max_memory: str, timeout: float) -> dict:
-    record, wall = _torchrun(ranks, [str(Path(__file__).resolve()), "--worker", "resnet50", "--n", str(n),
-                                     "--dtype", dtype, "--max-memory", max_memory], timeout)
-    return _row("resnet50", ranks, n, record, wall)
+def random_row(model: str, ranks: int, n: int, dtype: str, max_memory: str, timeout: float) -> dict:
+    # one argument: torchrun's own parser would take --n for one of its flags
+    record, wall = _torchrun(ranks, [str(Path(__file__).resolve()), f"--worker={model},{n},{dtype},{max_memory}"],
+                             timeout)
+    return _row(model, ranks, n, record, wall)
 
 
 def _row(model: str, ranks: int, n: int, record: dict, wall: float) -> dict:
@@ -82,8 +86,11 @@ def _row(model: str, ranks: int, n: int, record: dict, wall: float) -> dict:
             "solver_collectives": dist.get("solver_collectives"), "objective": stage.get("objective")}
 
 
-def worker_resnet50(n: int, dtype: str, max_memory: str) -> None:
-    """One rank of the resnet50 row (run under torchrun): prune, print rank 0's record as JSON."""
+SIZES = {"resnet50": (224, 1000), "resnet56": (32, 10), "mobilenetv1": (224, 1000)}
+
+
+def worker_random(model_name: str, n: int, dtype: str, max_memory: str) -> None:
+    """One rank of a random-weights row (run under torchrun): prune, print rank 0's record as JSON."""
     import torch
     import torch.distributed as dist
 
@@ -93,15 +100,16 @@ def worker_resnet50(n: int, dtype: str, max_memory: str) -> None:
     distributed.init_from_env()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = zoo.build("resnet50")
+    model = zoo.build(model_name)
+    size, classes = SIZES[model_name]
 
     def batches():
         gen = torch.Generator().manual_seed(1)
-        for _ in range(n):
-            yield torch.randn(1, 3, 224, 224, generator=gen), torch.randint(0, 1000, (1,), generator=gen)
+        for _ in range(-(-n // 8)):
+            yield torch.randn(8, 3, size, size, generator=gen), torch.randint(0, classes, (8,), generator=gen)
 
     result = prunekit.prune(model, batches, method="falcon", flops=0.3, fisher_samples=n, fisher_dtype=dtype, max_memory=max_memory,
-                            example_input=torch.randn(1, 3, 224, 224), recalibrate_bn=False)
+                            example_input=torch.randn(1, 3, size, size), recalibrate_bn=False)
     record = {"history": result.history, "flops_kept": result.flops_kept, "nonzeros": result.record.get("nonzeros"),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     collective = distributed.current()
@@ -115,10 +123,10 @@ def worker_resnet50(n: int, dtype: str, max_memory: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", choices=("resnet20-b", "resnet50"), default=["resnet20-b"])
+    parser.add_argument("--rows", nargs="+", choices=("resnet20-b", *SIZES), default=["resnet20-b"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--n", type=int, default=None, help="gradient rows (default: 256 for resnet20-b, 16 for resnet50)")
-    parser.add_argument("--dtype", default="bfloat16", help="resnet50's gradient storage")
+    parser.add_argument("--dtype", default="bfloat16", help="gradient storage of the random-weights rows")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--max-memory", default="2500M", help="per rank (the machine is shared: keep each under 3 GB)")
@@ -126,7 +134,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker_resnet50(args.n, args.dtype, args.max_memory)
+        model, n, dtype, max_memory = args.worker.split(",")
+        worker_random(model, int(n), dtype, max_memory)
         return
     rows = []
     for name in args.rows:
@@ -134,7 +143,7 @@ def main() -> None:
             if name == "resnet20-b":
                 row = resnet20b_row(ranks, args.n or 256, args.data, args.max_memory, args.timeout)
             else:
-                row = resnet50_row(ranks, args.n or 16, args.dtype, args.max_memory, args.timeout)
+                row = random_row(name, ranks, args.n or 16, args.dtype, args.max_memory, args.timeout)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(rows, [("model", "model", ""), ("ranks", "ranks", "d"), ("n", "n", "d"), ("accuracy", "acc %", ".2f"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -34,11 +35,10 @@ def run_ranks(fn, world: int, out_dir, *args, timeout: float = 120.0) -> list:
     port = free_port()
     context = mp.start_processes(_entry, args=(world, port, fn, args, str(out_dir)), nprocs=world, join=False,
                                  start_method="spawn")
-    import time
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"ranks did not finish within {timeout} s")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]

@@ -2,6 +2,7 @@
 process gives: the same mask, weights within 1e-5 of their scale; a 2-rank training step is a
 one-rank step on the whole batch; a 2-rank gradual run matches one rank."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,14 +40,20 @@ def _prune_cases(names):
     return out
 
 
-def _prune_worker(rank, world, names):
-    return _prune_cases(names)
+def _worker(rank, world):
+    return {"prune": _prune_cases(list(CASES)), "train": _train_steps(rank, world)}
 
 
-def test_distributed_prune_matches_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every case, and the training steps, on each of 2 ranks (one spawn for the module)."""
+    return run_ranks(_worker, 2, tmp_path_factory.mktemp("ranks"), timeout=300)
+
+
+def test_distributed_prune_matches_one_process(two_ranks):
     names = list(CASES)
     expected = _prune_cases(names)
-    for got in run_ranks(_prune_worker, 2, tmp_path, names, timeout=240):
+    for got in (result["prune"] for result in two_ranks):
         for name in names:
             assert torch.equal(got[name] != 0, expected[name] != 0), name
             assert_close_to_scale(got[name], expected[name], 1e-5)
@@ -61,8 +68,8 @@ def _train_steps(rank=0, world=1):
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 
 
-def test_two_rank_training_steps_match_one_rank(tmp_path):
+def test_two_rank_training_steps_match_one_rank(two_ranks):
     expected = _train_steps()
-    for got in run_ranks(_train_steps, 2, tmp_path):
+    for got in (result["train"] for result in two_ranks):
         assert_close_to_scale(got, expected, 1e-5)
     assert not torch.equal(expected, torch.cat([p.detach().flatten() for p in _net().parameters()]))

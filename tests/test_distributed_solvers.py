@@ -6,6 +6,7 @@ path is chaotic at that level on many tiny problems (a 1e-7 relative change of X
 for one process too), so the instance below is one whose one-process answer is stable under a
 1e-6 perturbation, which the test checks first."""
 
+import pytest
 import torch
 
 from closeness import assert_close_to_scale
@@ -49,17 +50,26 @@ def _solve_all(q, macs, chita_only=False):
     return out
 
 
-def _sharded_worker(rank, world, dtype_name):
-    X, w_bar, macs = _problem(getattr(torch, dtype_name))
-    collective = TorchCollective()
-    start, stop = shard_bounds(P, world)[rank]
-    q = ShardedQuadraticModel(X[:, start:stop].clone(), w_bar, RIDGE, None, collective, start)
-    result = {name: {"w": w, "objective": torch.tensor(f)} for name, (w, f) in _solve_all(q, macs).items()}
-    result["bytes"] = torch.tensor(collective.bytes_sent)
-    return result
+def _sharded_worker(rank, world):
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        X, w_bar, macs = _problem(dtype)
+        collective = TorchCollective()
+        start, stop = shard_bounds(P, world)[rank]
+        q = ShardedQuadraticModel(X[:, start:stop].clone(), w_bar, RIDGE, None, collective, start)
+        result = {name: {"w": w, "objective": torch.tensor(f)} for name, (w, f) in _solve_all(q, macs).items()}
+        result["bytes"] = torch.tensor(collective.bytes_sent)
+        out[str(dtype)] = result
+    return out
 
 
-def _check_against_one_process(tmp_path, dtype):
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory):
+    """Both storage dtypes' solutions from each of 2 ranks (one spawn for the module)."""
+    return run_ranks(_sharded_worker, 2, tmp_path_factory.mktemp("ranks"))
+
+
+def _check_against_one_process(sharded_results, dtype):
     X, w_bar, macs = _problem(dtype)
     expected = _solve_all(QuadraticModel(X, w_bar, RIDGE), macs)
     if dtype == torch.bfloat16:   # this instance's IHT path is not stable in bfloat16 (one process too)
@@ -68,7 +78,7 @@ def _check_against_one_process(tmp_path, dtype):
     for name, (w, _) in _solve_all(QuadraticModel(noisy.to(dtype), w_bar, RIDGE), macs, chita_only=True).items():
         if name in expected:
             assert torch.equal(w != 0, expected[name][0] != 0), f"{name}: the instance is not stable in one process"
-    ranks = run_ranks(_sharded_worker, 2, tmp_path, str(dtype).removeprefix("torch."))
+    ranks = [result[str(dtype)] for result in sharded_results]
     for got in ranks:
         for name, (w, f) in expected.items():
             assert torch.equal(got[name]["w"] != 0, w != 0), name          # the same support
@@ -79,12 +89,12 @@ def _check_against_one_process(tmp_path, dtype):
     assert int(ranks[0]["bytes"]) > 0
 
 
-def test_sharded_solvers_match_one_process(tmp_path):
-    _check_against_one_process(tmp_path, torch.float32)
+def test_sharded_solvers_match_one_process(sharded_results):
+    _check_against_one_process(sharded_results, torch.float32)
 
 
-def test_sharded_solvers_match_one_process_compact_storage(tmp_path):
-    _check_against_one_process(tmp_path, torch.bfloat16)
+def test_sharded_solvers_match_one_process_compact_storage(sharded_results):
+    _check_against_one_process(sharded_results, torch.bfloat16)
 
 
 def test_one_process_collective_is_identity():
