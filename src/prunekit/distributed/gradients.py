@@ -3,7 +3,8 @@ then the ranks swap blocks so that each holds all n rows of its share of the col
 
 Rank r takes samples [r·m, (r+1)·m) of the stream (m = ⌈n/R⌉ rows; the last rank fewer), so
 the rows, put back in rank order, are the rows one process would compute. Nothing of size n×p
-is ever on one rank: the peak is its m×p rows plus its n×p/R columns.
+is ever on one rank: the peak is its m×p rows, its n×p/R columns (received in place) and one
+m×p/R block in flight.
 """
 
 from __future__ import annotations
@@ -60,19 +61,19 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Iterable, n: in
         mine = torch.empty(0, width, dtype=dtype, device=device)
     per = -(-n // size)
     lo, hi = bounds[rank]
-    out = torch.empty(n, hi - lo, dtype=dtype, device=device)
+    # rank s's rows land straight in rows [s·per, s·per + its count) of this rank's columns
+    padded = torch.empty(per * size, hi - lo, dtype=dtype, device=device)
     carrier = torch.uint8        # blocks travel as bytes: exact for every dtype, and every backend gathers uint8
     for dest, (a, b) in enumerate(bounds):          # each column shard gathered to its owner
         block = torch.zeros(per, b - a, dtype=dtype, device=device)
         block[:mine.shape[0]] = mine[:, a:b]
-        gathered = [torch.empty_like(block) for _ in range(size)] if dest == rank else None
-        dist.gather(block.view(carrier), [g.view(carrier) for g in gathered] if gathered else None, dst=dest)
+        targets = [padded[s * per:(s + 1) * per].view(carrier) for s in range(size)] if dest == rank else None
+        dist.gather(block.view(carrier), targets, dst=dest)
         collective.bytes_sent += block.numel() * block.element_size()
         collective.calls += 1
-        if dest == rank:
-            for source, (r0, r1) in enumerate(rows):
-                out[r0:r1] = gathered[source][:r1 - r0]
-        del block, gathered
+        del block
+    del mine
+    out = padded[:n]
     return out, lo
 
 
