@@ -40,8 +40,30 @@ def _prune_cases(names):
     return out
 
 
+def _gradients(rank=0, world=1):
+    """Per rank: its column shard of X for n = 5 (rows 3 + 2: pieces with gaps) over all weights
+    and over every third weight, with offsets; one process: the full matrices."""
+    from prunekit.distributed import current
+    from prunekit.distributed.gradients import collect_sharded_gradients
+    from prunekit.fisher import collect_gradients
+    from prunekit.params import ParamSpace
+    net = _net()
+    space = ParamSpace(net)
+    x, y = _data()
+    batches = lambda: [(x[i:i + 3], y[i:i + 3]) for i in range(0, 30, 3)]   # noqa: E731
+    columns = torch.arange(0, space.numel, 3)
+    if world == 1:
+        full = collect_gradients(net, space, batches(), 5, progress=False)
+        return {"all": full, "some": full[:, columns].contiguous()}
+    shard, offset = collect_sharded_gradients(net, space, batches, 5, current())
+    some, some_offset = collect_sharded_gradients(net, space, batches, 5, current(), columns)
+    return {"all": shard.contiguous(), "all_offset": torch.tensor(offset), "some": some.contiguous(),
+            "some_offset": torch.tensor(some_offset)}
+
+
 def _worker(rank, world):
-    return {"prune": _prune_cases(list(CASES)), "train": _train_steps(rank, world)}
+    return {"prune": _prune_cases(list(CASES)), "train": _train_steps(rank, world),
+            "gradients": _gradients(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +95,13 @@ def test_two_rank_training_steps_match_one_rank(two_ranks):
     for got in (result["train"] for result in two_ranks):
         assert_close_to_scale(got, expected, 1e-5)
     assert not torch.equal(expected, torch.cat([p.detach().flatten() for p in _net().parameters()]))
+
+
+def test_sharded_gradients_are_the_columns_of_one_process(two_ranks):
+    expected = _gradients()
+    for which in ("all", "some"):
+        parts = sorted(((int(r["gradients"][f"{which}_offset"]), r["gradients"][which]) for r in two_ranks),
+                       key=lambda part: part[0])
+        assert parts[0][0] == 0 and parts[1][0] == parts[0][1].shape[1]
+        # the same rows (computed in other chunk sizes: equal to rounding)
+        assert_close_to_scale(torch.cat([part for _, part in parts], 1), expected[which], 1e-6)

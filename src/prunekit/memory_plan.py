@@ -124,9 +124,10 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
     if fisher_batch == 1:
         chunk = min(chunk, n)
     gradients = n * sizes.p * item
-    if ranks > 1:      # this rank's rows (all columns), its columns (all rows), one block in flight
-        rows_here, columns_here = -(-n // ranks), -(-sizes.p // ranks)
-        gradients = (rows_here * sizes.p + rows_here * ranks * columns_here + rows_here * columns_here) * item
+    if ranks > 1:      # its columns (all rows, padded), one piece of its rows (all columns), a block
+        per, columns_here = -(-n // ranks), -(-sizes.p // ranks)
+        piece = -(-per // ranks)
+        gradients = (piece * ranks * ranks * columns_here + piece * sizes.p + piece * columns_here) * item
     activations = int(ACTIVATION_FACTOR * sizes.activation_per_sample * chunk)
     rows_at_once = 1 if fisher_batch > 1 else chunk
     # one layer's gradients for the rows at once; the autograd check of the first row (two p-long

@@ -256,7 +256,7 @@ def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Ten
     """This rank's columns of the stage's gradient matrix (the weights ``index``) as a sharded
     quadratic model, and the ridge (its mean Fisher diagonal summed over the ranks)."""
     columns = None if index.numel() == ctx.space.numel else index
-    rows, offset = collect_sharded_gradients(ctx.model, ctx.space, ctx.train_batches(), plan.n, collective,
+    rows, offset = collect_sharded_gradients(ctx.model, ctx.space, ctx.train_batches, plan.n, collective,
                                              columns, batch=opts.fisher_batch, chunk=plan.chunk,
                                              dtype=plan.dtype, progress=ctx.progress)
     ridge = opts.ridge
