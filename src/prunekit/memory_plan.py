@@ -126,8 +126,8 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
     gradients = n * sizes.p * item
     if ranks > 1:      # its columns (all rows, padded), one piece of its rows (all columns), a block
         per, columns_here = -(-n // ranks), -(-sizes.p // ranks)
-        piece = -(-per // ranks)
-        gradients = (piece * ranks * ranks * columns_here + piece * sizes.p + piece * columns_here) * item
+        piece = -(-per // (4 * ranks))        # distributed.gradients: 4R pieces per rank
+        gradients = (piece * 4 * ranks * ranks * columns_here + piece * sizes.p + piece * columns_here) * item
     activations = int(ACTIVATION_FACTOR * sizes.activation_per_sample * chunk)
     rows_at_once = 1 if fisher_batch > 1 else chunk
     # one layer's gradients for the rows at once; the autograd check of the first row (two p-long

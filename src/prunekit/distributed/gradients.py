@@ -3,8 +3,8 @@ then the ranks swap blocks so that each holds all n rows of its share of the col
 
 Rank r takes samples [r·m, (r+1)·m) of the stream (m = ⌈n/R⌉ rows; the last rank fewer), so
 the rows, put back in rank order, are the rows one process would compute. Nothing of size n×p
-is ever on one rank: its rows are computed and sent in R pieces, so the peak is its n×p/R
-columns plus one piece of m/R rows × p.
+is ever on one rank: its rows are computed and sent in 4R pieces, so the peak is its n×p/R
+columns plus one piece of m/4R rows × p.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from ..fisher import collect_gradients
 from ..params import ParamSpace
 from ..solvers.collective import Collective, shard_bounds
 
+
+
+PIECES_PER_RANK = 4      # pieces of its rows a rank computes and sends, per rank (memory: 1/(4R²) of X)
 
 
 def row_ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -47,8 +50,9 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
              keeps the r-th contiguous share of them (:func:`shard_bounds`).
     Other arguments as :func:`prunekit.fisher.collect_gradients`; ``batch`` samples make a row.
 
-    Each rank computes its rows in R pieces and hands each piece's column blocks to their owners
-    before computing the next, so the peak is n·p'/R (its columns) + n·p'/R² (a piece), not 2·n·p'/R.
+    Each rank computes its rows in 4R pieces and hands each piece's column blocks to their owners
+    before computing the next, so the peak is n·p'/R (its columns) + n·p'/(4R²) (a piece) + a
+    block of it, not 2·n·p'/R.
     """
     rank, size = collective.rank, collective.size
     start, stop = row_ranges(n, size)[rank]
@@ -57,10 +61,11 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
     lo, hi = bounds[rank]
     device = space.weights()[0].device
     per = -(-n // size)                       # rows per rank (the last ranks may have fewer)
-    piece = -(-per // size)                   # rows per piece
-    slot = piece * size                       # rows reserved per source rank (≥ per)
+    pieces = PIECES_PER_RANK * size
+    piece = -(-per // pieces)                 # rows per piece
+    slot = piece * pieces                     # rows reserved per source rank (≥ per)
     received = torch.empty(slot * size, hi - lo, dtype=dtype, device=device)
-    for j in range(size):
+    for j in range(pieces):
         first, last = min(stop, start + j * piece), min(stop, start + (j + 1) * piece)
         rows = torch.empty(0, width, dtype=dtype, device=device)
         if last > first:
