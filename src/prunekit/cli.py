@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
-from . import __version__, recipes
+import torch.distributed
+
+from . import __version__, distributed, recipes
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
 from .errors import PrunekitError, PrunekitWarning
 from .options import cli_message
@@ -103,10 +106,22 @@ def _ours_on_one_line(show_others):
     return show
 
 
+def _lost_rank(err: RuntimeError) -> bool:
+    """Whether ``err`` is a collective failing because another rank died or timed out."""
+    text = str(err).lower()
+    return isinstance(err, torch.distributed.DistError) or any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
+
+
 def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():      # restores the warning display when main returns
         warnings.showwarning = _ours_on_one_line(warnings.showwarning)
-        return _main(argv)
+        joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
+        try:
+            return _main(argv)
+        finally:
+            if not joined_before:
+                distributed.shutdown()    # under torchrun: leave the group this call joined
 
 
 def _main(argv: list[str] | None) -> int:
@@ -119,6 +134,9 @@ def _main(argv: list[str] | None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
+        if distributed.init_from_env(getattr(args, "device", None)) and not distributed.is_main_process():
+            args.json = True                      # ranks other than 0 print nothing, draw no bars
+            sys.stdout = open(os.devnull, "w")
         return args.func(args)
     except PrunekitError as err:
         print(f"prunekit: error: {cli_message(err, _flags(parser))}", file=sys.stderr)
@@ -129,6 +147,14 @@ def _main(argv: list[str] | None) -> int:
     except BrokenPipeError:  # e.g. `prunekit info resnet50 | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except RuntimeError as err:
+        if not (distributed.launched_by_torchrun() and _lost_rank(err)):
+            raise
+        first = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
+        print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached "
+              f"({first[:160]}); {_how_to_resume(args).replace('prunekit prune', 'torchrun ... -m prunekit prune')}",
+              file=sys.stderr)
+        return 1
     except OSError as err:   # unwritable --out, full disk, unreadable data
         print(f"prunekit: error: {err.strerror or err}: {err.filename or ''} "
               "(check the path and its permissions)", file=sys.stderr)

@@ -94,7 +94,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
                                      snap.seconds) for share, snap in outcome.snapshots.items()}
     if snapshots:
         record["snapshots"] = list(snapshots.values())
-    if folder is not None:
+    if folder is not None and folder.writable:
         shrunk = plan.method.family == "channels"
         save_pruned(folder.path, outcome.model, describe, record, shrunk)
         for share, snap in outcome.snapshots.items():

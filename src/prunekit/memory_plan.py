@@ -92,7 +92,8 @@ class _Sizes:
 
 def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, dtype: str = "float32",
          family: str = "falcon", max_memory=None, fisher_batch: int = 1, obs_block_size: int = 128,
-         keep_share: float = 1.0, fisher_bn: str = "frozen") -> MemoryPlan:
+         keep_share: float = 1.0, fisher_bn: str = "frozen", ranks: int = 1,
+         ranks_here: int = 1) -> MemoryPlan:
     """The memory plan of gradients + solve for ``space``'s weights, refusing what does not fit.
 
     n:          fisher_samples, an int or "auto" (the largest n ≤ 1000 that fits).
@@ -102,14 +103,16 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     keep_share: k/p, the share of weights kept (CHITA's active set is 1.5k columns).
     fisher_bn:  "frozen" or "batch" (BatchNorm on each mini-batch's statistics: the whole mini-batch
                 is one forward pass, so the chunk is fisher_batch).
+    ranks:      processes sharing X by columns (torchrun): the plan is one rank's.
+    ranks_here: those of them on this machine; without max_memory each gets this share of it.
     Raises PrunekitError when the request does not fit.
     """
     storage = storage_dtype(dtype)
     sizes = _Sizes(model, space, example_input, batch_statistics=fisher_bn == "batch")
-    limit = parse_memory(max_memory) if max_memory is not None else default_limit(sizes.device)
+    limit = parse_memory(max_memory) if max_memory is not None else default_limit(sizes.device) // ranks_here
     resident = current_usage(sizes.device)
     estimate = lambda rows, kind: _estimate(sizes, rows, kind, family, fisher_batch, obs_block_size,
-                                            keep_share, resident, limit)
+                                            keep_share, resident, limit, ranks)
     if n == "auto":
         rows = largest_n(lambda rows: estimate(rows, storage), 1000)
         if rows == 0:
@@ -124,7 +127,7 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
 
 
 def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_batch: int,
-              obs_block_size: int, keep_share: float, resident: int, limit: int) -> MemoryPlan:
+              obs_block_size: int, keep_share: float, resident: int, limit: int, ranks: int = 1) -> MemoryPlan:
     item = torch.tensor([], dtype=storage).element_size()
     chunk = max(1, min(MAX_CHUNK, ACTIVATION_BUDGET // max(1, int(ACTIVATION_FACTOR * sizes.activation_per_sample))))
     if fisher_batch == 1:
@@ -132,6 +135,10 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
     if sizes.batch_statistics:
         chunk = fisher_batch                      # a row's mini-batch is forwarded whole
     gradients = n * sizes.p * item
+    if ranks > 1:      # its columns (all rows, padded), one piece of its rows (all columns), a block
+        per, columns_here = -(-n // ranks), -(-sizes.p // ranks)
+        piece = -(-per // (4 * ranks))        # distributed.gradients: 4R pieces per rank
+        gradients = (piece * 4 * ranks * ranks * columns_here + piece * sizes.p + piece * columns_here) * item
     activations = int(ACTIVATION_FACTOR * sizes.activation_per_sample * chunk)
     rows_at_once = 1 if fisher_batch > 1 else chunk
     # one layer's gradients for the rows at once; the autograd check of the first row (two p-long
@@ -140,7 +147,7 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
                        + (sizes.p * 4 if fisher_batch > 1 else 0))
     solver = SOLVER_VECTORS * sizes.p * 8 + 4 * n * n * 8 + 2 * 8 * MiB
     if family == "chita":
-        solver += int(min(1.0, 1.5 * keep_share) * gradients)     # the active set's columns of X
+        solver += int(min(1.0, 1.5 * keep_share) * n * sizes.p * item / ranks)   # the active set's columns of X
     elif family == "woodfisher":
         solver += sizes.p * obs_block_size * 4 * 2                 # block inverses (+ a float64 block)
     return MemoryPlan(n=n, p=sizes.p, dtype=storage, chunk=chunk, resident=resident, gradients=gradients,

@@ -41,8 +41,15 @@ METRICS = "metrics.json"
 class RunFolder:
     """Paths and small I/O helpers of one run folder."""
 
+    writable = True     # False for the ranks of a distributed run other than 0: they only read
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def follower(self) -> "RunFolder":
+        """The same folder, read-only: what ranks other than 0 of a torchrun run see (they resume
+        from it, rank 0 alone writes)."""
+        return _FollowerRunFolder(self.path)
 
     config = property(lambda self: self.path / "config.toml")
     metrics_path = property(lambda self: self.path / METRICS)
@@ -69,6 +76,16 @@ class RunFolder:
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_json(self.metrics_path, _finite(metrics))
+
+
+class _FollowerRunFolder(RunFolder):
+    writable = False
+
+    def log(self, message: str) -> None:
+        pass
+
+    def write_metrics(self, metrics: dict) -> None:
+        pass
 
 
 def is_run(path: str | Path) -> bool:
@@ -123,6 +140,10 @@ class RunCheckpointer:
     def save(self, state: StageState, model: nn.Module) -> None:
         if self.measure is not None and state.history:
             state.history[-1].update(self.measure(model))
+        if not self.folder.writable:          # another rank writes the checkpoint
+            if self.on_saved is not None:
+                self.on_saved(state.history)
+            return
         tensors = {f"model/{k}": v.contiguous() for k, v in state.model_state.items()}
         tensors["rng/torch"] = state.rng["torch"]
         meta = {"stage": str(state.stage), "history": json.dumps(_finite(state.history)),

@@ -77,18 +77,38 @@ def cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sched
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
 
 
+def _data_parallel(model: nn.Module) -> tuple[nn.Module, int, int]:
+    """(the module to call, rank, number of ranks): under torch.distributed, ``model`` wrapped in
+    DistributedDataParallel (gradients averaged over the ranks at every step); else itself."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return model, 0, 1
+    from torch.nn.parallel import DistributedDataParallel
+    device = _device(model)
+    wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return wrapped, dist.get_rank(), dist.get_world_size()
+
+
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, schedule, desc: str = "epoch",
                 progress: bool = True) -> float:
-    """One pass over ``loader`` on cross-entropy, stepping ``schedule`` every batch; mean loss."""
+    """One pass over ``loader`` on cross-entropy, stepping ``schedule`` every batch; mean loss.
+
+    Under torch.distributed every rank iterates the same batches (same seed) and trains on its
+    share of each (``tensor_split``: what a DistributedSampler gives, batch by batch) through
+    DistributedDataParallel, so with a batch size divisible by the ranks a step is one rank's
+    step on the whole batch. The mean loss returned is this rank's."""
     loss_fn = nn.CrossEntropyLoss()
     model.train()
+    forward, rank, ranks = _data_parallel(model)
     device = _device(model)
     total, count = 0.0, 0
-    bar = _progress(loader, desc, progress)
+    bar = _progress(loader, desc, progress and rank == 0)
     for x, y in bar:
+        if ranks > 1:
+            x, y = x.tensor_split(ranks)[rank], y.tensor_split(ranks)[rank]
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(forward(x), y)
         loss.backward()
         optimizer.step()
         schedule.step()

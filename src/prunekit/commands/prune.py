@@ -9,13 +9,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import recipes, report, runs
+import torch
+
+from .. import distributed, recipes, report, runs
 from ..api_checks import check_out
 from ..errors import PrunekitError
 from ..executor import execute
 from ..loading import LoadedModel
 from ..methods import METHODS, lookup
 from ..request import PruneRequest
+from ..saving import atomic_write_json
 from . import option_flags
 from .common import (add_data_args, add_model_args, describe, emit, eval_data, loaded_model,
                      training_batches, write_report)
@@ -76,7 +79,13 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     """Prune as ``plan`` says, into run folder ``args.out`` when given (resuming it with
     ``--resume``, clearing it first with ``--force``), then write its report."""
     folder = None
-    if args.out:
+    main = distributed.is_main_process()           # under torchrun, rank 0 alone writes
+    if args.out and not main:
+        distributed.current().barrier()            # rank 0 claims the folder
+        folder = runs.RunFolder(args.out).follower()
+        distributed.current().barrier()
+    elif args.out:
+        distributed.current().barrier()
         folder = runs.RunFolder(args.out)
         config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
         for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
@@ -84,9 +93,17 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
                 config[key] = str(Path(config[key]).resolve())
         runs.claim(folder, recipes.dump_recipe(config), resume=bool(getattr(args, "resume", None)),
                    force=bool(getattr(args, "force", False)))
+        distributed.current().barrier()
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
                             dense=dense, progress=not args.json, on_step=step_printer(args))
-    if folder is not None:
+    collective = distributed.current()
+    if collective.distributed:          # under torchrun: every rank's peak, rank order
+        peaks = collective.all_gather(torch.tensor([record["peak_rss_mb"]], dtype=torch.float64))
+        record = {**record, "ranks": collective.size,
+                  "peak_rss_mb_per_rank": [round(float(v), 1) for v in peaks]}
+        if folder is not None and main:  # the executor wrote rank 0's record; add the others' peaks
+            atomic_write_json(folder.path / "result.json", record)
+    if folder is not None and main:
         if args.onnx:
             from ..export import export_onnx
             record["onnx"] = str(export_onnx(model, loaded.example_input(), folder.path / "model.onnx"))

@@ -9,6 +9,7 @@ import torch
 
 from ..api_checks import check_out
 from ..costs import CostModel
+from ..distributed import is_main_process
 from ..errors import PrunekitError
 from ..data import load_dataset, make_loader
 from ..loading import check_fits, load_model
@@ -46,7 +47,7 @@ def cmd_train(args) -> int:
     record = {"model": args.model, "data": args.data, "split": args.eval_split, "epochs": args.epochs, "lr": args.lr,
               "batch_size": args.batch_size, "seed": args.seed, "accuracy": accuracy,
               "seconds": time.perf_counter() - start, "history": history, "peak_rss_mb": peak_rss_mb()}
-    if args.out:
+    if args.out and is_main_process():     # under torchrun, rank 0 alone writes
         save_pruned(args.out, loaded.model, describe(loaded), record, shrunk=False)
     emit(args, record, [f"{args.model} trained on {args.data}: {accuracy:.2f}% {args.eval_split} accuracy "
                          f"({record['seconds']:.0f} s)"] + ([f"saved to {args.out}"] if args.out else []))

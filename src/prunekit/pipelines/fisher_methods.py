@@ -20,11 +20,14 @@ import torch
 from ..budget import ResolvedBudget
 from .. import memory_plan
 from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, OptionError, Options, Real
+from .. import distributed
 from ..fisher import BN_MODES, collect_gradients, passes
+from ..distributed.gradients import collect_sharded_gradients
 from ..solvers.chita import chita
 from ..solvers.falcon import SCORES, falcon
 from ..solvers.woodfisher import woodfisher
 from ..solvers.quadratic import QuadraticModel
+from ..solvers.sharded_quadratic import ShardedQuadraticModel
 from ..solvers.search import largest_fitting_k
 from ..train import recalibrate_batchnorm
 from .schedule import KINDS, keep_schedule
@@ -154,7 +157,8 @@ def plan_memory(family: str):
                                 family=family, max_memory=opts.max_memory, fisher_batch=opts.fisher_batch,
                                 fisher_bn=opts.fisher_bn,
                                 obs_block_size=getattr(opts, "obs_block_size", 128),
-                                keep_share=budget.max_nonzeros / space.numel)
+                                keep_share=budget.max_nonzeros / space.numel, ranks=distributed.current().size,
+                                ranks_here=distributed.ranks_on_this_machine())
     return check
 
 
@@ -187,6 +191,9 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     mac_shares = (keep_schedule(target_macs / dense_macs, opts.stages, opts.schedule)
                   if target_macs is not None else [None] * opts.stages)
     history = ctx.history
+    collective = distributed.current()     # one process: a no-op communicator, the code path of old
+    if collective.distributed:
+        _check_shardable(solve_stage, opts)
     done = resume_stages(ctx)       # stages completed by an earlier, interrupted run (0: none)
     w = ctx.space.vector()
     for stage, (share, mac_share) in enumerate(zip(shares, mac_shares), start=1):
@@ -196,23 +203,28 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         k = target if last else max(target, round(share * p))
         max_macs = None if mac_share is None else (target_macs if last else max(target_macs, int(mac_share * dense_macs)))
         start = time.perf_counter()
-        batches = ctx.train_batches() if opts.fisher_batch == 1 else passes(ctx.train_batches())
-        grads = collect_gradients(ctx.model, ctx.space, batches, plan.n, batch=opts.fisher_batch,
-                                  chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn)
-        seconds_gradients = time.perf_counter() - start
         free = torch.ones(p, dtype=torch.bool, device=w.device) if opts.revive or stage == 1 else w != 0
         index = free.nonzero().squeeze(1)
-        rows = grads if index.numel() == p else _keep_columns(grads, index)
-        del grads
-        ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
-        q = QuadraticModel(rows, w[index], ridge)
-        if opts.first_order:                           # g = the mean of the rows
-            q = QuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
+        if collective.distributed:
+            q, ridge = _sharded_model(ctx, plan, opts, w, index, collective)
+        else:
+            batches = ctx.train_batches() if opts.fisher_batch == 1 else passes(ctx.train_batches())
+            grads = collect_gradients(ctx.model, ctx.space, batches, plan.n, batch=opts.fisher_batch,
+                                      chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn)
+            rows = grads if index.numel() == p else _keep_columns(grads, index)
+            del grads
+            ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
+            q = QuadraticModel(rows, w[index], ridge)
+            if opts.first_order:                           # g = the mean of the rows
+                q = QuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
+        seconds_gradients = time.perf_counter() - start
+        exchanged = collective.bytes_sent
         solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts)
         w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
         ctx.space.assign(w)
-        del q, rows          # this stage's X goes before the next stage allocates its own
+        x_mb = q.X.numel() * q.X.element_size() / 2**20
+        q = rows = None      # this stage's X goes before the next stage allocates its own
         # The pipeline recalibrates after the last stage; between stages it matters for the
         # next stage's gradients.
         recalibrated = (stage < len(shares) and ctx.recalibrate_bn
@@ -224,6 +236,12 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
                         "seconds": time.perf_counter() - start,
                         "solver_info": {key: value for key, value in solution.info.items()
                                         if isinstance(value, (bool, int, float, str))}})
+        if collective.distributed:      # per rank: its share of X and what it sent
+            history[-1]["distributed"] = {
+                "ranks": collective.size, "gradient_matrix_mb": x_mb,
+                "gradient_exchange_bytes": exchanged, "solver_bytes": collective.bytes_sent - exchanged,
+                "solver_collectives": collective.calls}
+            collective.bytes_sent, collective.calls = 0, 0
         stage_completed(ctx, stage)
     return Pruned(w, {"memory_estimate_mb": round(plan.total_mb, 1), "fisher_samples": plan.n,
                       "fisher_dtype": opts.fisher_dtype})
@@ -238,11 +256,44 @@ def _keep_columns(grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_fisher_diagonal(rows: torch.Tensor) -> float:
-    """mean_j (XᵀX/n)_jj for X = rows (n, p), summed in float64 over blocks of columns converted
-    to float32 about 8 MB at a time (whole rows in float64 would allocate 8p bytes per row:
-    2 minutes of page faults on ResNet-50)."""
-    n, p = rows.shape
-    width = max(1, (8 << 20) // (4 * max(n, 1)))
-    total = sum(float(block.to(torch.float32).square().sum(dtype=torch.float64))
-                for block in rows.split(width, dim=1))
-    return total / rows.numel() or 1.0
+    """mean_j (XᵀX/n)_jj for X = rows (n, p)."""
+    return _sum_of_squares(rows) / rows.numel() or 1.0
+
+
+def _sum_of_squares(rows: torch.Tensor) -> float:
+    """Σ X_ij² in float64, over blocks of columns converted to float32 about 8 MB at a time (whole
+    rows in float64 would allocate 8p bytes per row: 2 minutes of page faults on ResNet-50)."""
+    width = max(1, (8 << 20) // (4 * max(rows.shape[0], 1)))
+    return sum(float(block.to(torch.float32).square().sum(dtype=torch.float64))
+               for block in rows.split(width, dim=1))
+
+
+# --- several processes (torchrun): the gradient matrix sharded by columns ------------------------
+
+def _check_shardable(solve_stage, opts) -> None:
+    if solve_stage is _solve_stage_woodfisher or getattr(opts, "block_size", None) is not None:
+        raise OptionError("woodfisher and block_size need every column of the gradient matrix on one process: "
+                          "run them without torchrun (one process)", ("method", "block_size"))
+    if opts.fisher_bn == "batch":
+        raise OptionError("fisher_bn=batch is not sharded yet: run it without torchrun (one process)",
+                          ("fisher_bn",))
+
+
+def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Tensor, index: torch.Tensor,
+                   collective) -> tuple[ShardedQuadraticModel, float]:
+    """This rank's columns of the stage's gradient matrix (the weights ``index``) as a sharded
+    quadratic model, and the ridge (its mean Fisher diagonal summed over the ranks)."""
+    columns = None if index.numel() == ctx.space.numel else index
+    rows, offset = collect_sharded_gradients(ctx.model, ctx.space, ctx.train_batches, plan.n, collective,
+                                             columns, batch=opts.fisher_batch, chunk=plan.chunk,
+                                             dtype=plan.dtype, progress=ctx.progress)
+    ridge = opts.ridge
+    if ridge is None:
+        local = _sum_of_squares(rows)
+        total = float(collective.all_reduce(torch.tensor([local], dtype=torch.float64, device=rows.device)))
+        ridge = opts.relative_ridge * (total / (rows.shape[0] * index.numel()) or 1.0)
+    q = ShardedQuadraticModel(rows, w[index], ridge, None, collective, offset)
+    if opts.first_order:
+        q = ShardedQuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)),
+                                  collective, offset)
+    return q, ridge

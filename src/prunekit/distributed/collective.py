@@ -1,0 +1,111 @@
+"""``torch.distributed`` behind the solvers' :class:`~prunekit.solvers.collective.Collective`.
+
+``torchrun`` starts the processes and sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
+:func:`init_from_env` joins the group (gloo on CPU, NCCL when the model is on CUDA) with a
+timeout, so a rank that dies ends the others' collectives with an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..errors import PrunekitError
+from ..solvers.collective import Collective
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class TorchCollective(Collective):
+    """The default process group as a Collective; counts the bytes it sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rank = dist.get_rank()
+        self.size = dist.get_world_size()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        self._count(tensor.numel() * tensor.element_size())
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        lengths = torch.zeros(self.size, dtype=torch.int64, device=tensor.device)
+        lengths[self.rank] = tensor.numel()
+        dist.all_reduce(lengths)
+        longest = int(lengths.max())
+        padded = torch.zeros(longest, dtype=tensor.dtype, device=tensor.device)
+        padded[:tensor.numel()] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        self._count(padded.numel() * padded.element_size() + lengths.numel() * 8)
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:int(length)] for part, length in zip(parts, lengths.tolist())])
+
+    def broadcast_object(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def _count(self, nbytes: int) -> None:
+        self.bytes_sent += nbytes
+        self.calls += 1
+
+
+def current() -> Collective:
+    """The running process group as a Collective, or the one-process Collective when there is none."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return TorchCollective()
+    return Collective()
+
+
+def ranks_on_this_machine() -> int:
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str | None = None, timeout_s: float | None = None) -> bool:
+    """Join the process group torchrun describes in the environment (no-op when WORLD_SIZE is 1 or
+    unset, or when already joined). Returns whether this process is one of several.
+
+    The timeout (``PRUNEKIT_DIST_TIMEOUT`` seconds, default 300) bounds every collective, so a
+    dead or stuck rank ends the run with an error rather than a hang.
+    """
+    if not launched_by_torchrun():
+        return False
+    if dist.is_initialized():
+        return True
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise PrunekitError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start prunekit with torchrun "
+                            "(torchrun --nproc_per_node 2 -m prunekit prune ...)")
+    timeout_s = timeout_s or float(os.environ.get("PRUNEKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    cuda = device is not None and str(device).startswith("cuda")
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes files and prints."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

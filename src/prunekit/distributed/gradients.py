@@ -1,0 +1,109 @@
+"""Gradient matrices sharded by columns: each rank computes the rows of its share of the samples,
+then the ranks swap blocks so that each holds all n rows of its share of the columns.
+
+Rank r takes samples [r·m, (r+1)·m) of the stream (m = ⌈n/R⌉ rows; the last rank fewer), so
+the rows, put back in rank order, are the rows one process would compute. Nothing of size n×p
+is ever on one rank: its rows are computed and sent in 4R pieces, so the peak is its n×p/R
+columns plus one piece of m/4R rows × p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from ..fisher import collect_gradients
+from ..params import ParamSpace
+from ..solvers.collective import Collective, shard_bounds
+
+
+
+PIECES_PER_RANK = 4      # pieces of its rows a rank computes and sends, per rank (memory: 1/(4R²) of X)
+
+
+def row_ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """The rows [start, stop) each rank computes: ⌈n/size⌉ each, the last ones fewer (maybe none)."""
+    per = -(-n // size)
+    return [(min(n, r * per), min(n, (r + 1) * per)) for r in range(size)]
+
+
+def _skip_samples(batches: Iterable, skip: int):
+    """The stream of (x, y) batches without its first ``skip`` samples."""
+    for x, y in batches:
+        if skip >= x.shape[0]:
+            skip -= x.shape[0]
+            continue
+        yield x[skip:], y[skip:]
+        skip = 0
+
+
+def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], Iterable], n: int,
+                              collective: Collective, columns: torch.Tensor | None = None, *, batch: int = 1,
+                              chunk: int = 64, dtype: torch.dtype = torch.float32, progress: bool = False
+                              ) -> tuple[torch.Tensor, int]:
+    """(X_r, offset): this rank's columns of the (n, p') gradient matrix and where they start.
+
+    batches: a function returning the stream of (x, y) training batches, the same at every call.
+    columns: the indices (p',) of the weights kept in the matrix (default all p), sorted; rank r
+             keeps the r-th contiguous share of them (:func:`shard_bounds`).
+    Other arguments as :func:`prunekit.fisher.collect_gradients`; ``batch`` samples make a row.
+
+    Each rank computes its rows in 4R pieces and hands each piece's column blocks to their owners
+    before computing the next, so the peak is n·p'/R (its columns) + n·p'/(4R²) (a piece) + a
+    block of it, not 2·n·p'/R.
+    """
+    rank, size = collective.rank, collective.size
+    start, stop = row_ranges(n, size)[rank]
+    width = space.numel if columns is None else columns.numel()
+    bounds = shard_bounds(width, size)
+    lo, hi = bounds[rank]
+    device = space.weights()[0].device
+    per = -(-n // size)                       # rows per rank (the last ranks may have fewer)
+    pieces = PIECES_PER_RANK * size
+    piece = -(-per // pieces)                 # rows per piece
+    slot = piece * pieces                     # rows reserved per source rank (≥ per)
+    received = torch.empty(slot * size, hi - lo, dtype=dtype, device=device)
+    for j in range(pieces):
+        first, last = min(stop, start + j * piece), min(stop, start + (j + 1) * piece)
+        rows = torch.empty(0, width, dtype=dtype, device=device)
+        if last > first:
+            rows = collect_gradients(model, space, _skip_samples(batches(), first * batch), last - first,
+                                     batch=batch, chunk=chunk, dtype=dtype, progress=progress and rank == 0)
+            if columns is not None:
+                rows = _keep_columns(rows, columns)
+        _send_piece(rows, piece, bounds, received, [s * slot + j * piece for s in range(size)], collective)
+        del rows
+    return _close_gaps(received, n, per, slot, size), lo
+
+
+def _send_piece(rows, piece, bounds, received, at, collective) -> None:
+    """Gather each column block of ``rows`` (≤ piece, p') to its owner, which receives rank s's
+    block into ``received[at[s]:at[s] + piece]``. Blocks travel as bytes (exact for every dtype,
+    and every backend gathers uint8)."""
+    rank = collective.rank
+    for dest, (a, b) in enumerate(bounds):
+        block = torch.zeros(piece, b - a, dtype=received.dtype, device=received.device)
+        block[:rows.shape[0]] = rows[:, a:b]
+        targets = [received[i:i + piece].view(torch.uint8) for i in at] if dest == rank else None
+        dist.gather(block.view(torch.uint8), targets, dst=dest)
+        collective.bytes_sent += block.numel() * block.element_size()
+        collective.calls += 1
+
+
+def _close_gaps(received: torch.Tensor, n: int, per: int, slot: int, size: int) -> torch.Tensor:
+    """Rank s's rows sit at [s·slot, s·slot + its count); move them to [s·per, ...) in place (a
+    move to lower rows, one row at a time) and return the first n rows (a view)."""
+    if slot != per:
+        for s, (r0, r1) in enumerate(row_ranges(n, size)):
+            for i in range(r1 - r0):
+                received[r0 + i] = received[s * slot + i]
+    return received[:n]
+
+
+def _keep_columns(grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """grads[:, index] in place (each row compacted; a view of the first m columns)."""
+    for row in grads:
+        row[:index.numel()] = row[index]
+    return grads[:, :index.numel()]

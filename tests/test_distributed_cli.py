@@ -1,0 +1,69 @@
+"""``python -m prunekit prune`` as 2 ranks (the environment torchrun gives: RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT): rank 0 alone writes the run folder; a killed rank ends the other with
+a one-line message, not a hang; ``--resume`` with 2 ranks finishes the run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from distributed_spawn import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "src" / "prunekit" / "assets"
+PRUNE = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+         "--data-dir", str(ASSETS / "mnist"), "--method", "chita++", "--stages", "3", "--sparsity", "0.9",
+         "--fisher-samples", "32", "--train-samples", "256", "--json"]
+
+
+def _launch(args: list[str], port: int) -> list[subprocess.Popen]:
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
+        ranks.append(subprocess.Popen([sys.executable, "-m", "prunekit", *args], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return ranks
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return process.returncode, out, err
+
+
+def test_two_ranks_write_one_folder_and_a_killed_rank_resumes(tmp_path):
+    out = tmp_path / "run"
+    ranks = _launch([*PRUNE, "--out", str(out)], free_port())
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "stage-001.safetensors").exists():
+        assert ranks[0].poll() is None and ranks[1].poll() is None, _finish(ranks[0])[2][-2000:]
+        assert time.monotonic() < deadline, "stage 1 never finished"
+        time.sleep(0.2)
+    ranks[1].send_signal(signal.SIGKILL)
+    code, _, err = _finish(ranks[0], timeout=120)
+    _finish(ranks[1])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert code == 1, err[-2000:]            # stages 2 and 3 need rank 1: rank 0 cannot finish
+    lines = [line for line in err.splitlines() if line.startswith("prunekit: error")]
+    assert len(lines) == 1 and "rank 0" in lines[0] and f"--resume {out}" in lines[0], err[-2000:]
+    assert "Traceback" not in err
+    assert metrics["status"] == "running"
+    print(lines[0])
+
+    resumed = _launch(["prune", "--resume", str(out), "--json"], free_port())
+    results = [_finish(process) for process in resumed]
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    record = json.loads(results[0][1])
+    assert abs(record["sparsity"] - 0.9) < 1e-3
+    assert results[1][1] == ""                                   # rank 1 prints nothing
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "done" and [s["stage"] for s in metrics["stages"]] == [1, 2, 3]
+    assert "resuming after stage" in (out / "run.log").read_text()

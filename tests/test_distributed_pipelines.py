@@ -1,0 +1,107 @@
+"""prunekit.prune on 2 gloo processes (the gradient matrix sharded by columns) gives what one
+process gives: the same mask, weights within 1e-5 of their scale; a 2-rank training step is a
+one-rank step on the whole batch; a 2-rank gradual run matches one rank."""
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from closeness import assert_close_to_scale
+from distributed_spawn import run_ranks
+from prunekit.train import sgd, cosine, train_epoch
+
+CASES = {
+    "magnitude": dict(method="magnitude", sparsity=0.8),
+    "chita": dict(method="chita", sparsity=0.7, fisher_samples=48, relative_ridge=0.5),
+    "falcon": dict(method="falcon", sparsity=0.7, flops=0.4, fisher_samples=48),
+    "falcon++": dict(method="falcon++", sparsity=0.8, flops=0.35, fisher_samples=48, stages=3),
+    "gradual": dict(method="magnitude", sparsity=0.8, gradual=True, events=2, epochs_per_event=1, final_epochs=1),
+}
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 1, 6, 6, generator=g)
+    return x, (x.flatten(1)[:, :4].argmax(1) + (x.flatten(1)[:, 4] > 1).long()) % 4
+
+
+def _prune_cases(names):
+    out = {}
+    for name in names:
+        net = _net()
+        prunekit.prune(net, _data(), **CASES[name])
+        out[name] = torch.cat([p.detach().flatten() for p in net.parameters()])
+    return out
+
+
+def _gradients(rank=0, world=1):
+    """Per rank: its column shard of X for n = 5 (rows 3 + 2: pieces with gaps) over all weights
+    and over every third weight, with offsets; one process: the full matrices."""
+    from prunekit.distributed import current
+    from prunekit.distributed.gradients import collect_sharded_gradients
+    from prunekit.fisher import collect_gradients
+    from prunekit.params import ParamSpace
+    net = _net()
+    space = ParamSpace(net)
+    x, y = _data()
+    batches = lambda: [(x[i:i + 3], y[i:i + 3]) for i in range(0, 30, 3)]   # noqa: E731
+    columns = torch.arange(0, space.numel, 3)
+    if world == 1:
+        full = collect_gradients(net, space, batches(), 5, progress=False)
+        return {"all": full, "some": full[:, columns].contiguous()}
+    shard, offset = collect_sharded_gradients(net, space, batches, 5, current())
+    some, some_offset = collect_sharded_gradients(net, space, batches, 5, current(), columns)
+    return {"all": shard.contiguous(), "all_offset": torch.tensor(offset), "some": some.contiguous(),
+            "some_offset": torch.tensor(some_offset)}
+
+
+def _worker(rank, world):
+    return {"prune": _prune_cases(list(CASES)), "train": _train_steps(rank, world),
+            "gradients": _gradients(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every case, and the training steps, on each of 2 ranks (one spawn for the module)."""
+    return run_ranks(_worker, 2, tmp_path_factory.mktemp("ranks"), timeout=300)
+
+
+def test_distributed_prune_matches_one_process(two_ranks):
+    names = list(CASES)
+    expected = _prune_cases(names)
+    for got in (result["prune"] for result in two_ranks):
+        for name in names:
+            assert torch.equal(got[name] != 0, expected[name] != 0), name
+            assert_close_to_scale(got[name], expected[name], 1e-5)
+
+
+def _train_steps(rank=0, world=1):
+    net = _net()
+    x, y = _data()
+    optimizer = sgd(net, 0.05)
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    train_epoch(net, batches, optimizer, cosine(optimizer, len(batches)), progress=False)
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+def test_two_rank_training_steps_match_one_rank(two_ranks):
+    expected = _train_steps()
+    for got in (result["train"] for result in two_ranks):
+        assert_close_to_scale(got, expected, 1e-5)
+    assert not torch.equal(expected, torch.cat([p.detach().flatten() for p in _net().parameters()]))
+
+
+def test_sharded_gradients_are_the_columns_of_one_process(two_ranks):
+    expected = _gradients()
+    for which in ("all", "some"):
+        parts = sorted(((int(r["gradients"][f"{which}_offset"]), r["gradients"][which]) for r in two_ranks),
+                       key=lambda part: part[0])
+        assert parts[0][0] == 0 and parts[1][0] == parts[0][1].shape[1]
+        # the same rows (computed in other chunk sizes: equal to rounding)
+        assert_close_to_scale(torch.cat([part for _, part in parts], 1), expected[which], 1e-6)
