@@ -47,7 +47,7 @@ SETUPS = {
                    "sparsity_too": False},
     "mlpnet": {"model": "mlpnet", "checkpoint": "{data}/checkpoints/mnist_25_epoch_93.97.ckpt", "data": "mnist",
                "dir": "{data}/mnist", "budgets": [0.1, 0.05, 0.02], "train_eval": 10000, "sparsity_too": True},
-    "fmnist-resnet20": {"model": "resnet20", "checkpoint": "/work/runs/fmnist-resnet20/model.safetensors",
+    "fmnist-resnet20": {"model": "resnet20", "checkpoint": "runs/fmnist-resnet20/model.safetensors",
                         "data": "fashion-mnist", "dir": "{data}/fashion-mnist", "budgets": [0.4, 0.3, 0.2, 0.1],
                         "train_eval": 10000, "sparsity_too": False},
 }
@@ -61,6 +61,12 @@ ROWS = {
     "falcon++": {"method": "falcon++"},
     "falcon-bn": {"method": "falcon", "fisher-samples": 500, "fisher-batch": 16, "fisher-bn": "batch"},
     "falcon++-bn": {"method": "falcon++", "fisher-samples": 250, "fisher-batch": 16, "fisher-bn": "batch"},
+    # the per-layer allocation search judged by the recalibrated loss (pipelines.allocation)
+    "magnitude-flops-search": {"method": "magnitude-flops", "layer-search": 100},
+    "falcon-bn-search": {"method": "falcon", "fisher-samples": 500, "fisher-batch": 16, "fisher-bn": "batch",
+                         "layer-search": 100},
+    "falcon++-bn-search": {"method": "falcon++", "fisher-samples": 250, "fisher-batch": 16, "fisher-bn": "batch",
+                           "layer-search": 100},
 }
 
 
@@ -140,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=SETUPS, nargs="+", default=["resnet20-b", "mlpnet"])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder")
-    parser.add_argument("--checkpoint", help="fmnist-resnet20's checkpoint (default: /work/runs/fmnist-resnet20)")
+    parser.add_argument("--checkpoint", help="fmnist-resnet20's checkpoint (default: runs/fmnist-resnet20/model.safetensors, as the recipe in docs/benchmarks.md writes it)")
     parser.add_argument("--budgets", type=float, nargs="+", help="shares of MACs kept (default: the model's)")
     parser.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS))
     parser.add_argument("--custom", action="append", default=[],

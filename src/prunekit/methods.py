@@ -28,7 +28,7 @@ from typing import Callable
 from .errors import PrunekitError
 from .pipelines.fisher_methods import (ChitaOptions, FalconOptions, WoodFisherOptions, needs_flops, plan_memory,
                                        run_chita, run_falcon, run_woodfisher)
-from .pipelines.magnitude_methods import (MagnitudeOptions, run_magnitude, run_magnitude_flops,
+from .pipelines.magnitude_methods import (MagnitudeFlopsOptions, MagnitudeOptions, run_magnitude, run_magnitude_flops,
                                           run_magnitude_uniform)
 from .structured.autobot import AutoBotOptions, run_autobot
 from .structured.hybrid import HybridOptions, run_hybrid, sparsify_shrunk
@@ -56,7 +56,7 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("magnitude", "weights", MagnitudeOptions, run_magnitude, "largest |w| over all layers"),
     Method("magnitude-uniform", "weights", MagnitudeOptions, run_magnitude_uniform, "largest |w|, same share per layer"),
-    Method("magnitude-flops", "weights", MagnitudeOptions, run_magnitude_flops,
+    Method("magnitude-flops", "weights", MagnitudeFlopsOptions, run_magnitude_flops,
            "most w² under the count and the MAC budget (ILP)"),
     Method("chita", "weights", ChitaOptions, run_chita, "L0-constrained least squares on the empirical Fisher",
            plan_memory=plan_memory("chita")),

@@ -28,6 +28,8 @@ HELP = {
                  "mini-batch row on its own statistics, as after recalibration; needs --fisher-batch >= 2)",
     "support_score": "falcon: what the ILP keeps most of: magnitude (w², default) or saliency "
                      "(diag(XᵀX/n + λ)·w², the quadratic model's cost of removing each weight alone)",
+    "layer_search": "magnitude-flops, falcon, falcon++: trials of the per-layer allocation search judged by the "
+                    "loss after BatchNorm recalibration on held training batches (default 0: off; 200 measured)",
     "ridge": "absolute ridge λ of the quadratic model (the papers' setting)",
     "relative_ridge": "λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)",
     "stages": "pruning stages (default: chita/falcon 1, chita++ 15, falcon++ 5)",

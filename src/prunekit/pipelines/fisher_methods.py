@@ -30,6 +30,7 @@ from ..solvers.quadratic import QuadraticModel
 from ..solvers.sharded_quadratic import ShardedQuadraticModel
 from ..solvers.search import largest_fitting_k
 from ..train import recalibrate_batchnorm
+from .allocation import search_allocation
 from .schedule import KINDS, keep_schedule
 from .stages import resume_stages, stage_completed
 from .weights import PruneContext, Pruned
@@ -100,13 +101,17 @@ class FalconOptions(QuadraticOptions):
     """solver: "dfo" (discrete first-order method) or "magnitude" (ILP on the score, backsolve);
     block_size: backsolve in independent blocks of this many weights (None: exact);
     support_score: what the ILP keeps most of: "magnitude" (w²) or "saliency" (diag(XᵀX/n + λ)·w²,
-    the quadratic model's cost of removing each weight alone; see ``solvers.falcon``)."""
+    the quadratic model's cost of removing each weight alone; see ``solvers.falcon``);
+    layer_search: trials of the per-layer allocation search at the last stage (0 = off): each
+    trial is an ILP + backsolve with per-layer score multipliers, judged by the loss after
+    BatchNorm recalibration on held training batches (see ``pipelines.allocation``)."""
 
     solver: str = "dfo"
     block_size: int | None = None
     support_score: str = "magnitude"
+    layer_search: int = 0
     constraints = {**QuadraticOptions.constraints, "solver": OneOf(("dfo", "magnitude")),
-                   "block_size": Integer(1), "support_score": OneOf(SCORES)}
+                   "block_size": Integer(1), "support_score": OneOf(SCORES), "layer_search": Integer(0)}
 
 
 @dataclass
@@ -128,18 +133,41 @@ def _fit_macs(solve, k: int, max_macs, macs: torch.Tensor):
     return solution
 
 
-def _solve_stage_chita(q: QuadraticModel, k: int, max_macs, macs, opts: ChitaOptions):
+def _solve_stage_chita(q: QuadraticModel, k: int, max_macs, macs, opts: ChitaOptions, score_weights=None):
     return _fit_macs(lambda kk: chita(q, kk, variant=opts.solver, block_size=opts.block_size),
                      k, max_macs, macs)
 
 
-def _solve_stage_woodfisher(q: QuadraticModel, k: int, max_macs, macs, opts: WoodFisherOptions):
+def _solve_stage_woodfisher(q: QuadraticModel, k: int, max_macs, macs, opts: WoodFisherOptions,
+                            score_weights=None):
     return _fit_macs(lambda kk: woodfisher(q.X, q.w_bar, kk, block_size=opts.obs_block_size, damp=q.ridge),
                      k, max_macs, macs)
 
 
-def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FalconOptions):
-    return falcon(q, macs, k, max_macs, variant=opts.solver, block_size=opts.block_size, score=opts.support_score)
+def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FalconOptions, score_weights=None,
+                        variant: str | None = None):
+    return falcon(q, macs, k, max_macs, variant=variant or opts.solver, block_size=opts.block_size,
+                  score=opts.support_score, score_weights=score_weights)
+
+
+def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.Tensor, k: int, max_macs,
+                            macs: torch.Tensor, opts: FalconOptions, record: dict) -> torch.Tensor:
+    """(m,) per-weight score multipliers (one per layer) from the allocation search: each trial
+    is FALCON's "magnitude" variant (ILP + backsolve) with the trial's multipliers, judged by
+    the loss after BatchNorm recalibration. Adds the search's figures to ``record``."""
+    p = ctx.space.numel
+
+    def candidate(score_weights: torch.Tensor) -> torch.Tensor:
+        w = torch.zeros(p, dtype=q.w_bar.dtype, device=index.device)
+        w[index] = _solve_stage_falcon(q, k, max_macs, macs, opts, score_weights.to(index.device),
+                                       variant="magnitude").w.to(w.dtype)
+        return w
+
+    weights, found = search_allocation(ctx.model, ctx.space, ctx.train_batches(), opts.layer_search, candidate,
+                                       index, seed=ctx.seed, progress=ctx.progress)
+    record.update(layer_search_start_loss=found.start_loss, layer_search_loss=found.loss,
+                  layer_search_accepted=found.accepted, layer_search_seconds=found.seconds)
+    return weights.to(index.device)
 
 
 def needs_flops(budget: ResolvedBudget, opts) -> None:
@@ -219,7 +247,11 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
                 q = QuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
         seconds_gradients = time.perf_counter() - start
         exchanged = collective.bytes_sent
-        solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts)
+        searched = {}
+        score_weights = (_searched_score_weights(ctx, q, index, min(k, index.numel()), max_macs, macs[index], opts,
+                                                 searched)
+                         if last and getattr(opts, "layer_search", 0) else None)
+        solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts, score_weights)
         w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
         ctx.space.assign(w)
@@ -233,7 +265,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
                         "max_macs": max_macs, "macs": int(macs[w != 0].sum()),
                         "ridge": ridge, "objective": solution.objective, "solver_seconds": solution.seconds,
                         "gradient_seconds": seconds_gradients, "bn_recalibrated": recalibrated,
-                        "seconds": time.perf_counter() - start,
+                        "seconds": time.perf_counter() - start, **searched,
                         "solver_info": {key: value for key, value in solution.info.items()
                                         if isinstance(value, (bool, int, float, str))}})
         if collective.distributed:      # per rank: its share of X and what it sent
@@ -274,6 +306,9 @@ def _check_shardable(solve_stage, opts) -> None:
     if solve_stage is _solve_stage_woodfisher or getattr(opts, "block_size", None) is not None:
         raise OptionError("woodfisher and block_size need every column of the gradient matrix on one process: "
                           "run them without torchrun (one process)", ("method", "block_size"))
+    if getattr(opts, "layer_search", 0):
+        raise OptionError("layer_search is not sharded yet: run it without torchrun (one process)",
+                          ("layer_search",))
     if opts.fisher_bn == "batch":
         raise OptionError("fisher_bn=batch is not sharded yet: run it without torchrun (one process)",
                           ("fisher_bn",))

@@ -15,8 +15,9 @@ from typing import Callable
 import torch
 
 from ..errors import PrunekitError
-from ..options import Callable_, Options
+from ..options import Callable_, Integer, OptionError, Options
 from ..solvers.magnitude import fit_k_to_macs, magnitude_flops, magnitude_global, magnitude_uniform
+from .allocation import search_allocation
 from .weights import PruneContext, Pruned
 
 
@@ -26,6 +27,16 @@ class MagnitudeOptions(Options):
 
     importance: Callable | None = None
     constraints = {"importance": Callable_()}
+
+
+@dataclass
+class MagnitudeFlopsOptions(MagnitudeOptions):
+    """layer_search: trials of the per-layer allocation search (0 = off): each trial is the ILP
+    with per-layer score multipliers, judged by the loss after BatchNorm recalibration on held
+    training batches (see ``pipelines.allocation``)."""
+
+    layer_search: int = 0
+    constraints = {**MagnitudeOptions.constraints, "layer_search": Integer(0)}
 
 
 def scores(ctx: PruneContext, opts: MagnitudeOptions) -> torch.Tensor:
@@ -63,11 +74,27 @@ def run_magnitude_uniform(ctx: PruneContext, opts: MagnitudeOptions) -> Pruned:
     return Pruned(ctx.space.vector() * keep)
 
 
-def run_magnitude_flops(ctx: PruneContext, opts: MagnitudeOptions) -> Pruned:
+def run_magnitude_flops(ctx: PruneContext, opts: MagnitudeFlopsOptions) -> Pruned:
     """Most total score (squared magnitude by default) under the count and the MAC budget."""
     s = scores(ctx, opts)
+    w = ctx.space.vector()
     # magnitude_flops maximises the sum of squares of what it is given: give it sqrt(score).
-    values = ctx.space.vector() if opts.importance is None else s.sqrt()
+    values = w if opts.importance is None else s.sqrt()
     slices, slice_macs = ctx.space.cost_slices(ctx.costs)
-    keep, ilp = magnitude_flops(values, slices, slice_macs, ctx.budget.max_nonzeros, ctx.budget.max_macs)
-    return Pruned(ctx.space.vector() * keep, {} if ilp is None else {"ilp_gap": ilp.gap})
+
+    def keep_for(score_weights: torch.Tensor | None):
+        scaled = values if score_weights is None else values * score_weights.sqrt().to(values)
+        return magnitude_flops(scaled, slices, slice_macs, ctx.budget.max_nonzeros, ctx.budget.max_macs)
+
+    info = {}
+    score_weights = None
+    if opts.layer_search:
+        if ctx.train_batches is None:
+            raise OptionError("layer_search judges by the loss on training data: pass data", ("layer_search",))
+        score_weights, found = search_allocation(ctx.model, ctx.space, ctx.train_batches(), opts.layer_search,
+                                                 lambda sw: w * keep_for(sw)[0], seed=ctx.seed,
+                                                 progress=ctx.progress)
+        info.update(layer_search_start_loss=found.start_loss, layer_search_loss=found.loss,
+                    layer_search_accepted=found.accepted, layer_search_seconds=found.seconds)
+    keep, ilp = keep_for(score_weights)
+    return Pruned(w * keep, {**info, **({} if ilp is None else {"ilp_gap": ilp.gap})})

@@ -55,7 +55,8 @@ def fisher_diagonal(q: QuadraticModel) -> torch.Tensor:
 def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: float, *,
            variant: str = "dfo", max_iter: int = 10, max_search: int = 20, tol: float = 1e-4,
            max_change_share: float = 0.01,
-           block_size: int | None = None, score: str = "magnitude") -> Solution:
+           block_size: int | None = None, score: str = "magnitude",
+           score_weights: torch.Tensor | None = None) -> Solution:
     """A w meeting both budgets with small Q.
 
     q:               the quadratic model (p weights).
@@ -68,6 +69,8 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     max_change_share: a step may bring at most this share of k new entries into the support.
     block_size:      backsolve in independent blocks (large p).
     score:           "magnitude" (v²) or "saliency" (d·v², see the module docstring).
+    score_weights:   (p,) > 0, multiplies every weight's score in the projection (a per-layer
+                     exchange rate, see ``solvers.layer_search``); None: 1.
     """
     start = time.perf_counter()
     if variant not in VARIANTS:
@@ -82,9 +85,15 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     gaps: list[float] = []
     cost_layers = _cost_runs(costs)
     metric = fisher_diagonal(q) if score == "saliency" else None
+    if score_weights is not None:
+        if score_weights.shape != (q.p,) or not bool((score_weights > 0).all()):
+            raise PrunekitError(f"score_weights must be ({q.p},) and > 0")
+        score_weights = score_weights.to(device=costs.device, dtype=torch.float64)
 
     def project(v: torch.Tensor) -> torch.Tensor:
         value = v.double() ** 2 if metric is None else metric * v.double() ** 2
+        if score_weights is not None:
+            value = value * score_weights
         if cost_layers is None:
             result = solve_flops_ilp(value, costs, max_count=k, max_cost=float(max_macs))
         else:

@@ -1,0 +1,106 @@
+"""The per-layer allocation search wired to a network: candidate weights are judged by the loss
+the network has after BatchNorm is re-estimated, on training batches held fixed for the search.
+
+``layer_search`` (an option of magnitude-flops, FALCON and FALCON++; 0 = off) is the number of
+trials of :func:`prunekit.solvers.layer_search.search_layer_scales`. Each trial writes candidate
+weights into the model, re-estimates BatchNorm on ``calibration`` batches, and measures the mean
+cross-entropy on ``judge`` other batches (both taken once, at the start, from one pass over the
+training data, so every trial sees the same images). The model's weights and BatchNorm
+statistics are put back after the search.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..options import OptionError
+from ..params import ParamSpace
+from ..solvers.layer_search import LayerSearch, layer_index, search_layer_scales
+from ..train import recalibrate_batchnorm
+
+
+class RecalibratedLoss:
+    """loss(w): mean cross-entropy of ``model`` with prunable weights w (p,), after BatchNorm
+    re-estimation on ``calibration`` batches, on ``judge`` batches (both lists of (x, y))."""
+
+    def __init__(self, model: nn.Module, space: ParamSpace, calibration: list, judge: list):
+        if not judge:
+            raise OptionError("the layer search needs training batches to judge by: pass more training data",
+                              ("layer_search",))
+        self.model, self.space = model, space
+        self.calibration, self.judge = calibration, judge
+        self._weights = space.vector().clone()
+        self._buffers = {name: b.clone() for name, b in model.named_buffers()}
+
+    @classmethod
+    def from_batches(cls, model: nn.Module, space: ParamSpace, batches: Iterable,
+                     calibration: int = 4, judge: int = 8) -> "RecalibratedLoss":
+        """Take the first ``calibration`` batches for BatchNorm and the next ``judge`` to judge by."""
+        taken = list(itertools.islice(iter(batches), calibration + judge))
+        return cls(model, space, taken[:calibration], taken[calibration:])
+
+    @torch.no_grad()
+    def __call__(self, w: torch.Tensor) -> float:
+        self.space.assign(w)
+        if self.calibration:
+            recalibrate_batchnorm(self.model, self.calibration, max_batches=len(self.calibration))
+        was_training = self.model.training
+        self.model.eval()
+        device = w.device
+        total, count = 0.0, 0
+        for x, y in self.judge:
+            logits = self.model(x.to(device))
+            total += float(nn.functional.cross_entropy(logits, y.to(device), reduction="sum"))
+            count += y.numel()
+        self.model.train(was_training)
+        return total / count
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the model's weights and buffers (BatchNorm statistics) back as they were."""
+        self.space.assign(self._weights)
+        for name, b in self.model.named_buffers():
+            b.copy_(self._buffers[name])
+
+
+def search_allocation(model: nn.Module, space: ParamSpace, batches: Iterable, trials: int,
+                      candidate: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor | None = None,
+                      seed: int = 0, progress: bool = False) -> tuple[torch.Tensor, LayerSearch]:
+    """Search per-layer score multipliers for ``candidate``.
+
+    candidate(weights_of_score): the full weight vector (p,) a method gives when every free
+        weight's score is multiplied by weights_of_score (m,) (m = index.numel()).
+    index: the free weights (m,) the method chooses among (None: all p).
+    Returns ((m,) float64 multipliers of the best layer scales found, the search's record); the
+    model is left as it was.
+    """
+    p = space.numel
+    layers = layer_index(space.layer_slices(), p)
+    if index is not None:
+        layers = layers[index.cpu()]
+    used, local = torch.unique(layers, return_inverse=True)      # only layers with free weights
+    judge = RecalibratedLoss.from_batches(model, space, batches)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=trials, desc="layer search", leave=False)
+
+    def on_trial(trial: int, loss: float, best: float) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{best:.4f}")
+
+    def loss_of(scales: torch.Tensor) -> float:
+        return judge(candidate(scales[local]))
+
+    try:
+        found = search_layer_scales(loss_of, used.numel(), trials, seed=seed, on_trial=on_trial)
+    finally:
+        judge.restore()
+        if bar is not None:
+            bar.close()
+    return found.scales[local], found

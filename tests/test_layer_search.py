@@ -1,0 +1,137 @@
+"""The per-layer allocation search (``layer_search``): the search itself on losses with a known
+optimum, the recalibrated-loss judge against a hand computation (and the model left as it was),
+and the option end to end on a tiny BatchNorm network (both budgets met, recounted)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.cli import main
+from prunekit.costs import CostModel
+from prunekit.errors import PrunekitError
+from prunekit.params import ParamSpace
+from prunekit.pipelines.allocation import RecalibratedLoss
+from prunekit.solvers.falcon import falcon
+from prunekit.solvers.layer_search import layer_index, search_layer_scales
+from prunekit.solvers.quadratic import QuadraticModel
+from prunekit.train import recalibrate_batchnorm
+
+
+def test_the_search_moves_toward_a_known_optimum_and_never_ends_worse():
+    target = torch.tensor([1.5, -0.5, 0.0, 0.75], dtype=torch.float64)
+
+    def loss(scales):
+        return float(((scales.log2() - target) ** 2).sum())
+
+    found = search_layer_scales(loss, 4, 300, seed=3)
+    assert found.start_loss == pytest.approx(float((target ** 2).sum()))
+    assert found.loss <= found.start_loss
+    assert found.loss < 0.05 * found.start_loss           # most of the way to θ = target
+    assert loss(found.scales) == pytest.approx(found.loss)
+    assert [t for t, _ in found.history] == sorted(t for t, _ in found.history)
+    assert all(a[1] > b[1] for a, b in zip(found.history, found.history[1:]))   # accepted moves only go down
+
+
+def test_the_search_is_reproducible_and_zero_trials_keep_the_plain_score():
+    loss = lambda scales: float((scales - 2).abs().sum())       # noqa: E731
+    a = search_layer_scales(loss, 5, 40, seed=7)
+    b = search_layer_scales(loss, 5, 40, seed=7)
+    assert torch.equal(a.scales, b.scales) and a.loss == b.loss
+    none = search_layer_scales(loss, 5, 0)
+    assert torch.equal(none.scales, torch.ones(5, dtype=torch.float64)) and none.accepted == 0
+
+
+def test_the_search_refuses_a_non_finite_loss_and_bad_sizes():
+    with pytest.raises(PrunekitError, match="finite"):
+        search_layer_scales(lambda s: float("nan"), 3, 2)
+    with pytest.raises(PrunekitError, match="at least one layer"):
+        search_layer_scales(lambda s: 0.0, 0, 2)
+    with pytest.raises(PrunekitError, match="trials"):
+        search_layer_scales(lambda s: 0.0, 2, -1)
+
+
+def test_layer_index_tiles_the_vector():
+    assert layer_index([slice(0, 2), slice(2, 5)], 5).tolist() == [0, 0, 1, 1, 1]
+    with pytest.raises(PrunekitError, match="cover"):
+        layer_index([slice(0, 2)], 5)
+    with pytest.raises(PrunekitError, match="tile"):
+        layer_index([slice(1, 5)], 5)
+
+
+def test_score_weights_move_falcons_support_between_layers():
+    """With layer 1's scores multiplied by a large factor, the ILP keeps all of layer 1 it can."""
+    torch.manual_seed(0)
+    q = QuadraticModel(torch.randn(6, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64), 1e-2)
+    costs = torch.ones(8, dtype=torch.float64)
+    plain = falcon(q, costs, 4, 4.0, variant="magnitude")
+    favour = torch.tensor([1.0] * 4 + [1e6] * 4, dtype=torch.float64)
+    moved = falcon(q, costs, 4, 4.0, variant="magnitude", score_weights=favour)
+    assert moved.mask[4:].all() and not moved.mask[:4].any()
+    assert int(plain.mask.sum()) == int(moved.mask.sum()) == 4
+    with pytest.raises(PrunekitError, match="score_weights"):
+        falcon(q, costs, 4, 4.0, score_weights=-favour)
+
+
+def bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 36, 3))
+
+
+def batches(count, size=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 1, 6, 6, generator=g), torch.randint(0, 3, (size,), generator=g))
+            for _ in range(count)]
+
+
+def test_the_judge_is_the_loss_after_recalibration_and_leaves_the_model_as_it_was():
+    model = bn_net().eval()
+    space = ParamSpace(model)
+    before = copy.deepcopy(model.state_dict())
+    data = batches(5)
+    judge = RecalibratedLoss.from_batches(model, space, data, calibration=2, judge=3)
+    w = space.vector() * (torch.rand(space.numel, generator=torch.Generator().manual_seed(2)) > 0.5)
+    got = judge(w)
+    twin = copy.deepcopy(model)
+    ParamSpace(twin).assign(w)
+    recalibrate_batchnorm(twin, data[:2])
+    twin.eval()
+    with torch.no_grad():
+        expected = sum(float(nn.functional.cross_entropy(twin(x), y, reduction="sum")) for x, y in data[2:]) / 24
+    assert got == pytest.approx(expected, rel=1e-6)
+    judge.restore()
+    after = model.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+@pytest.mark.parametrize("method, extra", [("magnitude-flops", {}), ("falcon", {"fisher_samples": 12}),
+                                           ("falcon++", {"fisher_samples": 8, "stages": 2})])
+def test_layer_search_end_to_end_meets_both_budgets(method, extra):
+    net = bn_net()
+    x, y = torch.randn(200, 1, 6, 6), torch.randint(0, 3, (200,))
+    result = prunekit.prune(net, (x, y), method=method, flops=0.4, sparsity=0.7, batch_size=10,
+                            layer_search=6, **extra)
+    record = result.record
+    assert record["layer_search_loss"] <= record["layer_search_start_loss"] if method == "magnitude-flops" \
+        else result.history[-1]["layer_search_loss"] <= result.history[-1]["layer_search_start_loss"]
+    space = ParamSpace(result.model)
+    recount = CostModel(result.model, torch.zeros(1, 1, 6, 6)).count(result.model)
+    assert recount.flops_kept <= 0.4 + 1e-12
+    assert int(torch.count_nonzero(space.vector())) <= round(0.3 * space.numel)
+
+
+def test_layer_search_is_refused_where_it_does_not_belong(capsys):
+    net = bn_net()
+    x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 3, (40,))
+    with pytest.raises(PrunekitError, match="layer_search"):
+        prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5, layer_search=3)
+    with pytest.raises(PrunekitError, match="layer_search"):
+        prunekit.prune(net, (x, y), method="magnitude-flops", flops=0.5, layer_search=-1)
+    assert main(["prune", "--model", "mlpnet", "--method", "magnitude-flops", "--flops", "0.5",
+                 "--layer-search", "-2", "--data", "mnist", "--data-dir", "src/prunekit/assets/mnist"]) == 2
+    err = capsys.readouterr().err
+    assert "layer" in err and len(err.strip().splitlines()) == 1
