@@ -135,3 +135,11 @@ def test_layer_search_is_refused_where_it_does_not_belong(capsys):
                  "--layer-search", "-2", "--data", "mnist", "--data-dir", "src/prunekit/assets/mnist"]) == 2
     err = capsys.readouterr().err
     assert "layer" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_search_starts_where_it_is_told():
+    loss = lambda scales: float(((scales.log2() - 1.0) ** 2).sum())       # noqa: E731
+    found = search_layer_scales(loss, 3, 0, start=torch.full((3,), 2.0, dtype=torch.float64))
+    assert found.start_loss == 0.0 and torch.equal(found.scales, torch.full((3,), 2.0, dtype=torch.float64))
+    with pytest.raises(PrunekitError, match="start"):
+        search_layer_scales(loss, 3, 1, start=torch.zeros(3))

@@ -69,20 +69,24 @@ class RecalibratedLoss:
 
 def search_allocation(model: nn.Module, space: ParamSpace, batches: Iterable, trials: int,
                       candidate: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor | None = None,
-                      seed: int = 0, progress: bool = False) -> tuple[torch.Tensor, LayerSearch]:
+                      seed: int = 0, progress: bool = False, start: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, LayerSearch]:
     """Search per-layer score multipliers for ``candidate``.
 
     candidate(weights_of_score): the full weight vector (p,) a method gives when every free
         weight's score is multiplied by weights_of_score (m,) (m = index.numel()).
     index: the free weights (m,) the method chooses among (None: all p).
-    Returns ((m,) float64 multipliers of the best layer scales found, the search's record); the
-    model is left as it was.
+    start: (L,) scales per layer of ``space`` to start from (an earlier stage's; None: all 1).
+    Returns ((m,) float64 multipliers per free weight, (L,) the scales per layer found (layers
+    without free weights keep their start), the search's record); the model is left as it was.
     """
     p = space.numel
     layers = layer_index(space.layer_slices(), p)
     if index is not None:
         layers = layers[index.cpu()]
     used, local = torch.unique(layers, return_inverse=True)      # only layers with free weights
+    scales = (torch.ones(len(space.layer_slices()), dtype=torch.float64) if start is None
+              else start.to(torch.float64).clone())
     judge = RecalibratedLoss.from_batches(model, space, batches)
     bar = None
     if progress:
@@ -98,9 +102,10 @@ def search_allocation(model: nn.Module, space: ParamSpace, batches: Iterable, tr
         return judge(candidate(scales[local]))
 
     try:
-        found = search_layer_scales(loss_of, used.numel(), trials, seed=seed, on_trial=on_trial)
+        found = search_layer_scales(loss_of, used.numel(), trials, seed=seed, start=scales[used], on_trial=on_trial)
     finally:
         judge.restore()
         if bar is not None:
             bar.close()
-    return found.scales[local], found
+    scales[used] = found.scales
+    return found.scales[local], scales, found

@@ -102,7 +102,7 @@ class FalconOptions(QuadraticOptions):
     block_size: backsolve in independent blocks of this many weights (None: exact);
     support_score: what the ILP keeps most of: "magnitude" (w²) or "saliency" (diag(XᵀX/n + λ)·w²,
     the quadratic model's cost of removing each weight alone; see ``solvers.falcon``);
-    layer_search: trials of the per-layer allocation search at the last stage (0 = off): each
+    layer_search: trials of the per-layer allocation search at every stage (0 = off): each
     trial is an ILP + backsolve with per-layer score multipliers, judged by the loss after
     BatchNorm recalibration on held training batches (see ``pipelines.allocation``)."""
 
@@ -151,10 +151,12 @@ def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FalconO
 
 
 def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.Tensor, k: int, max_macs,
-                            macs: torch.Tensor, opts: FalconOptions, record: dict) -> torch.Tensor:
-    """(m,) per-weight score multipliers (one per layer) from the allocation search: each trial
-    is FALCON's "magnitude" variant (ILP + backsolve) with the trial's multipliers, judged by
-    the loss after BatchNorm recalibration. Adds the search's figures to ``record``."""
+                            macs: torch.Tensor, opts: FalconOptions, record: dict,
+                            layer_scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m,) per-weight score multipliers (one per layer) from the allocation search, and the (L,)
+    per-layer scales (the next stage starts from them): each trial is FALCON's "magnitude"
+    variant (ILP + backsolve) with the trial's multipliers, judged by the loss after BatchNorm
+    recalibration. Adds the search's figures to ``record``."""
     p = ctx.space.numel
 
     def candidate(score_weights: torch.Tensor) -> torch.Tensor:
@@ -163,11 +165,13 @@ def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.T
                                        variant="magnitude").w.to(w.dtype)
         return w
 
-    weights, found = search_allocation(ctx.model, ctx.space, ctx.train_batches(), opts.layer_search, candidate,
-                                       index, seed=ctx.seed, progress=ctx.progress)
+    weights, layer_scales, found = search_allocation(ctx.model, ctx.space, ctx.train_batches(), opts.layer_search,
+                                                     candidate, index, seed=ctx.seed, progress=ctx.progress,
+                                                     start=layer_scales)
     record.update(layer_search_start_loss=found.start_loss, layer_search_loss=found.loss,
-                  layer_search_accepted=found.accepted, layer_search_seconds=found.seconds)
-    return weights.to(index.device)
+                  layer_search_accepted=found.accepted, layer_search_seconds=found.seconds,
+                  layer_scales=[round(float(s), 6) for s in layer_scales])
+    return weights.to(index.device), layer_scales
 
 
 def needs_flops(budget: ResolvedBudget, opts) -> None:
@@ -223,6 +227,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     if collective.distributed:
         _check_shardable(solve_stage, opts)
     done = resume_stages(ctx)       # stages completed by an earlier, interrupted run (0: none)
+    layer_scales = _resumed_layer_scales(history)
     w = ctx.space.vector()
     for stage, (share, mac_share) in enumerate(zip(shares, mac_shares), start=1):
         if stage <= done:
@@ -247,10 +252,10 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
                 q = QuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
         seconds_gradients = time.perf_counter() - start
         exchanged = collective.bytes_sent
-        searched = {}
-        score_weights = (_searched_score_weights(ctx, q, index, min(k, index.numel()), max_macs, macs[index], opts,
-                                                 searched)
-                         if last and getattr(opts, "layer_search", 0) else None)
+        searched, score_weights = {}, None
+        if getattr(opts, "layer_search", 0):      # each stage starts from the previous stage's scales
+            score_weights, layer_scales = _searched_score_weights(ctx, q, index, min(k, index.numel()), max_macs,
+                                                                  macs[index], opts, searched, layer_scales)
         solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts, score_weights)
         w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
@@ -277,6 +282,12 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         stage_completed(ctx, stage)
     return Pruned(w, {"memory_estimate_mb": round(plan.total_mb, 1), "fisher_samples": plan.n,
                       "fisher_dtype": opts.fisher_dtype})
+
+
+def _resumed_layer_scales(history: list[dict]) -> torch.Tensor | None:
+    """The layer search's per-layer scales of the last completed stage (None: no search yet)."""
+    found = [h["layer_scales"] for h in history if "layer_scales" in h]
+    return torch.tensor(found[-1], dtype=torch.float64) if found else None
 
 
 def _keep_columns(grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ def run_magnitude_flops(ctx: PruneContext, opts: MagnitudeFlopsOptions) -> Prune
     if opts.layer_search:
         if ctx.train_batches is None:
             raise OptionError("layer_search judges by the loss on training data: pass data", ("layer_search",))
-        score_weights, found = search_allocation(ctx.model, ctx.space, ctx.train_batches(), opts.layer_search,
+        score_weights, _, found = search_allocation(ctx.model, ctx.space, ctx.train_batches(), opts.layer_search,
                                                  lambda sw: w * keep_for(sw)[0], seed=ctx.seed,
                                                  progress=ctx.progress)
         info.update(layer_search_start_loss=found.start_loss, layer_search_loss=found.loss,

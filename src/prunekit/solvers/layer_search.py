@@ -11,7 +11,7 @@ network's loss after BatchNorm recalibration on held training batches.
 The search is a random local search in θ (in the spirit of SPDY, Frantar & Alistarh 2022):
 start at θ = 0 (the plain score), then each trial perturbs a few layers' θ by a Gaussian step and
 keeps the move if the loss goes down. Early trials move many layers by long steps, later ones few
-layers by short steps. The result is never worse than θ = 0 on the caller's loss.
+layers by short steps. The result is never worse than the start on the caller's loss.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class LayerSearch:
     """The outcome of :func:`search_layer_scales`.
 
     scales:     (L,) float64, 2^θ per layer (1 = the plain score).
-    loss:       the caller's loss at ``scales``; start_loss: at scales = 1.
+    loss:       the caller's loss at ``scales``; start_loss: at the start (scales = 1 by default).
     trials:     losses measured after the start; accepted: moves kept.
     history:    (trial, loss) after each accepted move, trial 0 = the start.
     """
@@ -47,12 +47,14 @@ class LayerSearch:
 
 def search_layer_scales(loss_of: Callable[[torch.Tensor], float], n_layers: int, trials: int, *,
                         seed: int = 0, first_step: float = 1.0, last_step: float = 0.125,
+                        start: torch.Tensor | None = None,
                         on_trial: Callable[[int, float, float], None] | None = None) -> LayerSearch:
     """Search per-layer score multipliers that lower ``loss_of``.
 
     loss_of(scales): the loss (lower is better, finite) with layer l's scores multiplied by
                      scales[l]; scales is (n_layers,) float64 > 0.
     trials:          losses to measure after the start (each one costs one ``loss_of``).
+    start:           (n_layers,) scales to start from (None: all 1), e.g. an earlier stage's.
     first_step, last_step: standard deviation of a move in θ = log2(scale), decaying
                      geometrically from the first trial to the last (1.0 = up to about a factor 2).
     on_trial(trial, loss, best_loss): told after every trial (progress).
@@ -61,10 +63,12 @@ def search_layer_scales(loss_of: Callable[[torch.Tensor], float], n_layers: int,
         raise PrunekitError("the layer search needs at least one layer")
     if trials < 0:
         raise PrunekitError(f"trials must be >= 0, got {trials}")
-    start = time.perf_counter()
+    began = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    theta = torch.zeros(n_layers, dtype=torch.float64)
-    best = start_loss = _finite(loss_of(torch.ones(n_layers, dtype=torch.float64)))
+    theta = torch.zeros(n_layers, dtype=torch.float64) if start is None else start.to(torch.float64).log2()
+    if theta.shape != (n_layers,) or not bool(torch.isfinite(theta).all()):
+        raise PrunekitError(f"start scales must be ({n_layers},) and > 0")
+    best = start_loss = _finite(loss_of(torch.exp2(theta)))
     history, accepted = [(0, best)], 0
     for trial in range(1, trials + 1):
         progress = (trial - 1) / max(1, trials - 1)
@@ -80,7 +84,7 @@ def search_layer_scales(loss_of: Callable[[torch.Tensor], float], n_layers: int,
             history.append((trial, best))
         if on_trial is not None:
             on_trial(trial, loss, best)
-    return LayerSearch(torch.exp2(theta), best, start_loss, trials, accepted, time.perf_counter() - start, history)
+    return LayerSearch(torch.exp2(theta), best, start_loss, trials, accepted, time.perf_counter() - began, history)
 
 
 def _finite(loss) -> float:
