@@ -45,7 +45,9 @@ STRUCTURED = {"autobot": ["--flops", "0.5", "--gate-batches", "4", "--finetune-e
 CASES = {f"{m} one-shot": ([*BUDGET[m]] if m not in ("chita++", "falcon++") else None, 0) for m in BUDGET}
 CASES = {k: v for k, v in CASES.items() if v[0] is not None}
 CASES.update({"chita++ multi-stage": (BUDGET["chita++"], 1), "falcon++ multi-stage": (BUDGET["falcon++"], 1),
-              "woodfisher multi-stage": ([*BUDGET["woodfisher"], "--stages", "2"], 1)})
+              "woodfisher multi-stage": ([*BUDGET["woodfisher"], "--stages", "2"], 1),
+              # the layer search's per-layer scales carry from stage to stage, also across a resume
+              "falcon++ multi-stage with layer search": ([*BUDGET["falcon++"], "--layer-search", "3"], 1)})
 CASES.update({f"{m} gradual": ([*BUDGET[m], *GRADUAL], 1) for m in BUDGET})
 CASES.update({f"{m} structured": (STRUCTURED[m], 3) for m in STRUCTURED})   # gates, bn, fine-tune epoch 1
 # the hybrid's checkpoints: gates (the channel cut), sparsify (FALCON), bn, fine-tune epochs; also cut after the first

@@ -143,3 +143,14 @@ def test_the_search_starts_where_it_is_told():
     assert found.start_loss == 0.0 and torch.equal(found.scales, torch.full((3,), 2.0, dtype=torch.float64))
     with pytest.raises(PrunekitError, match="start"):
         search_layer_scales(loss, 3, 1, start=torch.zeros(3))
+
+
+def test_the_judge_splits_few_batches_between_calibration_and_judging():
+    model = bn_net()
+    space = ParamSpace(model)
+    few = RecalibratedLoss.from_batches(model, space, batches(6), calibration=4, judge=8)
+    assert (len(few.calibration), len(few.judge)) == (2, 4)
+    one = RecalibratedLoss.from_batches(model, space, batches(1))
+    assert len(one.calibration) == len(one.judge) == 1
+    with pytest.raises(PrunekitError, match="training batches"):
+        RecalibratedLoss.from_batches(model, space, [])

@@ -39,8 +39,14 @@ class RecalibratedLoss:
     @classmethod
     def from_batches(cls, model: nn.Module, space: ParamSpace, batches: Iterable,
                      calibration: int = 4, judge: int = 8) -> "RecalibratedLoss":
-        """Take the first ``calibration`` batches for BatchNorm and the next ``judge`` to judge by."""
+        """Take the first ``calibration`` batches for BatchNorm and the next ``judge`` to judge by;
+        with fewer batches, a third of them for BatchNorm and the rest to judge by (one batch:
+        the same batch for both)."""
         taken = list(itertools.islice(iter(batches), calibration + judge))
+        if len(taken) < calibration + judge:
+            calibration = len(taken) // 3
+            if len(taken) == 1:
+                return cls(model, space, taken, taken)
         return cls(model, space, taken[:calibration], taken[calibration:])
 
     @torch.no_grad()
