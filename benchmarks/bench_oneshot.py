@@ -6,6 +6,7 @@
         --custom '{"name": "bn-n1000", "method": "falcon", "fisher-samples": 1000, "fisher-batch": 16, "fisher-bn": "batch"}'
     python benchmarks/bench_oneshot.py --show benchmarks/results/oneshot.json   # the table only
     python benchmarks/bench_oneshot.py --model fmnist-resnet20 --checkpoint runs/fmnist-resnet20/model.safetensors
+    python benchmarks/bench_oneshot.py --model resnet20-b --rows magnitude-flops falcon-bn-search magnitude-flops-search
 
 Every row is one `prunekit prune --json` process (OMP_NUM_THREADS=1, so its seconds and peak RSS
 are its own), as a user runs it: BatchNorm recalibrated after pruning on 20 training batches
