@@ -18,6 +18,7 @@ from prunekit.solvers.falcon import falcon
 from prunekit.solvers.ilp import solve_flops_ilp
 from prunekit.solvers.quadratic import QuadraticModel
 from prunekit.solvers.sharded_quadratic import ShardedQuadraticModel
+from prunekit.solvers.sliced_ilp import sliced_cost_groups, solve_sliced_flops_ilp
 
 N, P = 24, 300
 
@@ -59,6 +60,10 @@ def _sharded_worker(rank, world):
         q = ShardedQuadraticModel(X[:, start:stop].clone(), w_bar, RIDGE, None, collective, start)
         result = {name: {"w": w, "objective": torch.tensor(f)} for name, (w, f) in _solve_all(q, macs).items()}
         result["bytes"] = torch.tensor(collective.bytes_sent)
+        group, group_costs = sliced_cost_groups(macs[start:stop].double(), collective)
+        sliced = solve_sliced_flops_ilp(w_bar[start:stop].double() ** 2, group, group_costs, max_count=90,
+                                        max_cost=float(macs.sum()) * 0.3, collective=collective)
+        result["sliced-ilp"] = {"keep": sliced.keep, "objective": torch.tensor(sliced.primal, dtype=torch.float64)}
         out[str(dtype)] = result
     return out
 
@@ -95,6 +100,17 @@ def test_sharded_solvers_match_one_process(sharded_results):
 
 def test_sharded_solvers_match_one_process_compact_storage(sharded_results):
     _check_against_one_process(sharded_results, torch.bfloat16)
+
+
+def test_sliced_ilp_over_gloo_same_objective_as_one_process(sharded_results):
+    """Each rank holds only its slice of the scores; the ILP exchanges counts and sums."""
+    _, w_bar, macs = _problem()
+    one = solve_flops_ilp(w_bar.double() ** 2, macs, max_count=90, max_cost=float(macs.sum()) * 0.3)
+    ranks = [result[str(torch.float32)]["sliced-ilp"] for result in sharded_results]
+    keep = torch.cat([r["keep"] for r in ranks])
+    assert abs(float(ranks[0]["objective"]) - one.primal) <= 1e-12 * one.primal
+    assert float(ranks[0]["objective"]) == float(ranks[1]["objective"])
+    assert int(keep.sum()) <= 90 and float(macs[keep].sum()) <= float(macs.sum()) * 0.3
 
 
 def test_one_process_collective_is_identity():

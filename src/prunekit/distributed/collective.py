@@ -33,6 +33,12 @@ class TorchCollective(Collective):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        self._count(tensor.numel() * tensor.element_size())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.contiguous()
         lengths = torch.zeros(self.size, dtype=torch.int64, device=tensor.device)

@@ -39,12 +39,15 @@ def backsolve_with_parts(q: QuadraticModel, support: torch.Tensor,
     """
     w = torch.zeros_like(q.w_bar)
     index = support.nonzero().squeeze(1)
-    if index.numel() == 0:
+    size = q.count(support)                                    # |S| over every slice
+    if size == 0:
         return w, None
     z = q.matvec(torch.where(support, 0, q.w_bar))             # X_{S^c} w̄_{S^c}, (n,)
     g = None if q.linear is None else q.linear[index]
-    if index.numel() <= q.n:
-        w[index] = q.w_bar[index] + _support_step(q.columns(index), z, g, q.ridge)
+    if size <= q.n:
+        A, mine = q.support_columns(index)                     # (n, |S|), all slices' columns
+        g_all = None if g is None else q.to_global(g)
+        w[index] = q.w_bar[index] + _support_step(A, z, g_all, q.ridge)[mine]
         return w, None
     gram = q.gram(support) if gram is None else gram           # AAᵀ, float64
     Ag = None if g is None else q.matvec(torch.where(support, q.linear, 0)).double()
@@ -59,6 +62,13 @@ def updated_gram(q: QuadraticModel, gram: torch.Tensor, added: torch.Tensor, rem
                  block: int = 4096) -> torch.Tensor:
     """X_S' X_S'ᵀ from X_S X_Sᵀ (n, n) float64 when S' = S + ``added`` − ``removed`` (index
     tensors): two rank-m corrections, from the changed columns only, ``block`` at a time."""
+    if q.sliced_vectors:      # each rank its own changed columns, one all-reduce of n²
+        change = torch.zeros_like(gram)
+        for index, sign in ((added, 1.0), (removed, -1.0)):
+            for part in index.split(block):
+                columns = q.columns(part, torch.float64)
+                change.addmm_(columns, columns.t(), alpha=sign)
+        return gram + q.collective.all_reduce(change)
     gram = gram.clone()
     for index, sign in ((added, 1.0), (removed, -1.0)):
         for part in index.split(block):

@@ -1,5 +1,5 @@
-"""The one thing solvers know about other processes: a communicator with a sum all-reduce and an
-all-gather. :class:`Collective` is the one-process one (every call returns its input), so the
+"""The one thing solvers know about other processes: a communicator with a sum (and max) all-reduce
+and an all-gather. :class:`Collective` is the one-process one (every call returns its input), so the
 one-process path runs exactly the code it always ran; :class:`prunekit.distributed.TorchCollective`
 is the same interface over ``torch.distributed``. Solvers never import a process group.
 """
@@ -30,6 +30,10 @@ class Collective:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """The elementwise sum of ``tensor`` over all processes (every process gets the same
         values). May work in place; returns the result."""
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum of ``tensor`` over all processes. May work in place."""
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:

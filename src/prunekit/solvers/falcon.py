@@ -37,6 +37,7 @@ from ..errors import PrunekitError
 from .backsolve import backsolve_blockwise, backsolve_with_parts, updated_gram
 from .ilp import solve_flops_ilp
 from .quadratic import QuadraticModel, check_k
+from .sliced_ilp import sliced_cost_groups, solve_sliced_flops_ilp
 from .result import Solution
 
 VARIANTS = ("dfo", "magnitude")
@@ -46,7 +47,7 @@ SCORES = ("magnitude", "saliency")
 def fisher_diagonal(q: QuadraticModel) -> torch.Tensor:
     """d = diag(XᵀX/n) + λ, (p,) float64 on X's device: Q's curvature along each weight
     (X read by column blocks, so a compact X is never converted whole)."""
-    total = torch.empty(q.p, dtype=torch.float64, device=q.X.device)
+    total = torch.empty(q.width, dtype=torch.float64, device=q.X.device)
     for block, columns in q.column_blocks():
         total[block] = columns.double().square().sum(0)
     return total / q.n + q.ridge
@@ -81,24 +82,24 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     costs = macs_per_weight.to(torch.float64)
     if costs.shape != (q.p,):
         raise PrunekitError(f"macs_per_weight must have shape ({q.p},), got {tuple(costs.shape)}")
-
-    gaps: list[float] = []
-    cost_layers = _cost_runs(costs)
-    metric = fisher_diagonal(q) if score == "saliency" else None
     if score_weights is not None:
         if score_weights.shape != (q.p,) or not bool((score_weights > 0).all()):
             raise PrunekitError(f"score_weights must be ({q.p},) and > 0")
         score_weights = score_weights.to(device=costs.device, dtype=torch.float64)
+    q = q.sliced()            # every (p,) vector below is this process's slice (all of it for one)
+    costs = q.local_part(costs)
+    if score_weights is not None:
+        score_weights = q.local_part(score_weights)
+
+    gaps: list[float] = []
+    solve_ilp = _projection_ilp(q, costs, k, float(max_macs))
+    metric = fisher_diagonal(q) if score == "saliency" else None
 
     def project(v: torch.Tensor) -> torch.Tensor:
         value = v.double() ** 2 if metric is None else metric * v.double() ** 2
         if score_weights is not None:
             value = value * score_weights
-        if cost_layers is None:
-            result = solve_flops_ilp(value, costs, max_count=k, max_cost=float(max_macs))
-        else:
-            result = solve_flops_ilp(value, layer_slices=cost_layers[0], layer_costs=cost_layers[1],
-                                     max_count=k, max_cost=float(max_macs))
+        result = solve_ilp(value)
         gaps.append(result.gap)
         return result.keep
 
@@ -111,9 +112,10 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
         gram = None
         if current[0] is not None and current[0][1] is not None:
             old_support, old_gram = current[0]
-            added = (support & ~old_support).nonzero().squeeze(1)
-            removed = (old_support & ~support).nonzero().squeeze(1)
-            if added.numel() + removed.numel() < int(support.sum()) // 4 and int(support.sum()) > q.n:
+            size, changed = q.count(support), q.count(support ^ old_support)
+            if changed < size // 4 and size > q.n:
+                added = (support & ~old_support).nonzero().squeeze(1)
+                removed = (old_support & ~support).nonzero().squeeze(1)
                 gram = updated_gram(q, old_gram, added, removed)
         w, parts = backsolve_with_parts(q, support, gram)
         latest[0] = (support, None if parts is None else parts[0])
@@ -128,7 +130,7 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     if variant == "dfo":
         max_changes = max(1, int(max_change_share * k))
         # log2 of a step known not to move the support (in the metric's units)
-        log_eta = -math.log2(q.lipschitz() / (1.0 if metric is None else float(metric.min())))
+        log_eta = -math.log2(q.lipschitz() / (1.0 if metric is None else -q.largest(-metric)))
         for iterations in range(1, max_iter + 1):
             grad = q.gradient(w) if metric is None else q.gradient(w) / metric.to(w.dtype)
             accepted, log_eta = _support_changing_step(q, project, solve_on, w, f, support, grad,
@@ -146,9 +148,23 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     # λ‖w−w̄‖²/2 (whose best support is the largest |w̄|) the rest, so a share near 1 means the
     # model cannot prefer any support much over magnitude's.
     delta = w - q.w_bar
-    info["ridge_share"] = q.ridge / 2 * float(delta.double().square().sum()) / f if f > 0 else 0.0
+    info["ridge_share"] = q.ridge / 2 * q.total(float(delta.double().square().sum())) / f if f > 0 else 0.0
+    w = q.to_global(w)                         # the one exchange of p values, at the end
     return Solution(w=w, objective=f, support_size=int((w != 0).sum()), iterations=iterations,
                     seconds=time.perf_counter() - start, info=info)
+
+
+def _projection_ilp(q: QuadraticModel, costs: torch.Tensor, k: int, max_macs: float):
+    """scores (this slice's) -> ILPResult: the FLOP + count ILP over every slice's scores."""
+    if q.sliced_vectors:
+        group, group_costs = sliced_cost_groups(costs, q.collective)
+        return lambda value: solve_sliced_flops_ilp(value, group, group_costs, max_count=k, max_cost=max_macs,
+                                                    collective=q.collective)
+    cost_layers = _cost_runs(costs)
+    if cost_layers is None:
+        return lambda value: solve_flops_ilp(value, costs, max_count=k, max_cost=max_macs)
+    return lambda value: solve_flops_ilp(value, layer_slices=cost_layers[0], layer_costs=cost_layers[1],
+                                         max_count=k, max_cost=max_macs)
 
 
 def _cost_runs(costs: torch.Tensor, max_runs: int = 1024):
@@ -181,7 +197,7 @@ def _support_changing_step(q, project, solve_on, w, f, support, grad, log_eta, m
         trial = lo + 4 if hi is None else (lo + hi) / 2
         info["trials"] += 1
         candidate_support = project(w - 2.0 ** trial * grad)
-        changes = int((candidate_support & ~support).sum())     # entries coming in
+        changes = q.count(candidate_support & ~support)          # entries coming in
         if changes == 0:
             lo = trial
             continue

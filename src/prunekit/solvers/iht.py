@@ -15,7 +15,6 @@ import torch
 
 from ..errors import PrunekitError
 from .backsolve import backsolve
-from .magnitude import top_k_mask
 from .quadratic import QuadraticModel, check_k, dot64
 from .result import Solution
 
@@ -58,19 +57,21 @@ def iht(q: QuadraticModel, k: int, w0: torch.Tensor | None = None, *, max_iter: 
     """
     start = time.perf_counter()
     k = check_k(k)
-    w = q.w_bar if w0 is None else _check_start(w0, q)
+    s = q.sliced()           # the steps run on this process's slice of every (p,) vector
+    w = s.w_bar if w0 is None else s.local_part(_check_start(w0, q))
     if active_factor < 1:
         raise PrunekitError(f"active_factor must be at least 1 (got {active_factor}); the default is 1.5")
     counters = _Counters()
     if k == 0:
-        w = torch.zeros_like(q.w_bar)
+        w = torch.zeros_like(s.w_bar)
     elif k >= q.p:                                                # no constraint left
-        w = backsolve(q, torch.ones(q.p, dtype=torch.bool, device=w.device))
+        w = backsolve(s, torch.ones(s.width, dtype=torch.bool, device=w.device))
     elif active_set and math.ceil(active_factor * k) < q.p:
-        w = _active_set_iht(q, k, w, math.ceil(active_factor * k), max_rounds,
+        w = _active_set_iht(s, k, w, math.ceil(active_factor * k), max_rounds,
                             dict(max_iter=max_iter, tol=tol, max_search=max_search), counters)
     else:
-        w = _iht_loop(q, k, w, max_iter, tol, max_search, counters).w
+        w = _iht_loop(s, k, w, max_iter, tol, max_search, counters).w
+    w = s.to_global(w)                                            # once, at the end
     if polish:
         w = _coordinate_descent(q, w, polish)
     return Solution(w=w, objective=q.objective(w), support_size=int((w != 0).sum()),
@@ -88,16 +89,16 @@ def _iht_loop(q: QuadraticModel, k: int, w: torch.Tensor, max_iter: int, tol: fl
     max(τ_keep, 1/L) (see _line_search). Only steps that lower Q are accepted.
     """
     inv_L = 1.0 / q.lipschitz()
-    cur = _evaluate(q, _hard_threshold(w, k))
+    cur = _evaluate(q, _hard_threshold(q, w, k))
     for _ in range(max_iter):
         grad = q.gradient(cur.w, cur.r)
-        support = top_k_mask(cur.w.abs(), k)
+        support = q.top_k_mask(cur.w.abs(), k)
         d = torch.where(support, grad, 0)                          # ∇Q on S
         Xd = q.matvec(d)
-        dd = dot64(d, d)
+        dd = q.dot(d, d)
         curvature = dot64(Xd, Xd) / q.n + q.ridge * dd              # dᵀ∇²Q d
         tau_exact = dd / curvature if dd > 0 else 0.0
-        tau_keep = _support_keeping_step(cur.w, grad, support)
+        tau_keep = _support_keeping_step(q, cur.w, grad, support)
         new = None
         if 0 < tau_exact <= tau_keep:
             new = _step_on_support(q, cur, d, Xd, tau_exact)
@@ -124,19 +125,18 @@ def small_decrease(f_old: float, f_new: float, tol: float) -> bool:
     return f_old - f_new <= tol * abs(f_old)
 
 
-def _support_keeping_step(w: torch.Tensor, grad: torch.Tensor, support: torch.Tensor) -> float:
+def _support_keeping_step(q: QuadraticModel, w: torch.Tensor, grad: torch.Tensor, support: torch.Tensor) -> float:
     """The largest τ for which H_k(w − τ∇) still has support S (0 if none).
 
     Outside S the entries are τ|∇_j| ≤ τm, m = max_{j∉S} |∇_j|. Inside, with a_i = |w_i| and
     b_i = sign(w_i)∇_i (b_i > 0: the step shrinks w_i), |w_i − τ∇_i| = |a_i − τb_i| stays ≥ τm
     while τ ≤ a_i/(m + b_i) when m + b_i > 0, and for every τ otherwise.
     """
-    outside = grad[~support]
-    m = outside.abs().max() if outside.numel() else grad.new_zeros(())
+    m = grad.new_tensor(q.largest(grad[~support].abs(), empty=0.0))     # over every slice
     a = w[support].abs()
     b = torch.sign(w[support]) * grad[support]
     limits = torch.where(m + b > 0, a / (m + b), math.inf)
-    return float(limits.min())
+    return -q.largest(-limits)
 
 
 def _step_on_support(q: QuadraticModel, cur: _Iterate, d: torch.Tensor, Xd: torch.Tensor,
@@ -159,7 +159,7 @@ def _line_search(q: QuadraticModel, k: int, cur: _Iterate, grad: torch.Tensor, t
 
     def trial(t: float) -> _Iterate:
         counters.objective_evals += 1
-        return _evaluate(q, _hard_threshold(cur.w - t * grad, k))
+        return _evaluate(q, _hard_threshold(q, cur.w - t * grad, k))
 
     best = trial(tau)
     if best.f < cur.f:
@@ -188,8 +188,8 @@ def _active_set_iht(q: QuadraticModel, k: int, w: torch.Tensor, size: int, max_r
     problem's 1/L, says whether outside weights want in: if that step lowers Q and brings some,
     they join the set and IHT resumes from that point; otherwise we are done.
     """
-    w = _hard_threshold(w, k)
-    active = top_k_mask(torch.where(w != 0, math.inf, q.w_bar.abs()), size)
+    w = _hard_threshold(q, w, k)
+    active = q.top_k_mask(torch.where(w != 0, math.inf, q.w_bar.abs()), size)
     for _ in range(max_rounds):
         counters.active_set_rounds += 1
         index = active.nonzero().squeeze(1)
@@ -203,11 +203,11 @@ def _active_set_iht(q: QuadraticModel, k: int, w: torch.Tensor, size: int, max_r
         if grown is None:
             break
         newcomers = (grown.w != 0) & ~active
-        if not newcomers.any():
+        if q.count(newcomers) == 0:
             break
         w = grown.w
         active |= newcomers
-    counters.active_set_size = int(active.sum())
+    counters.active_set_size = q.count(active)
     return w
 
 
@@ -237,9 +237,9 @@ def _evaluate(q: QuadraticModel, w: torch.Tensor) -> _Iterate:
     return _Iterate(w, r, q.objective(w, r))
 
 
-def _hard_threshold(v: torch.Tensor, k: int) -> torch.Tensor:
-    """H_k(v): v with all but its k largest-magnitude entries set to 0."""
-    return torch.where(top_k_mask(v.abs(), k), v, 0)
+def _hard_threshold(q: QuadraticModel, v: torch.Tensor, k: int) -> torch.Tensor:
+    """H_k(v): v (this slice) with all but the k largest-magnitude entries of every slice set to 0."""
+    return torch.where(q.top_k_mask(v.abs(), k), v, 0)
 
 
 def _check_start(w0: torch.Tensor, q: QuadraticModel) -> torch.Tensor:

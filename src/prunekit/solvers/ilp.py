@@ -238,6 +238,16 @@ class _SortedGroups:
         """Σ of the kept scores of the prefix selection m."""
         return float((self.prefix[self.start + m] - self.prefix[self.start]).sum())
 
+    def score_above(self, thresholds: np.ndarray) -> tuple[np.ndarray, float]:
+        """(m, Σ kept scores) of the selection of every score above its group's threshold."""
+        m = self.count_above(thresholds)
+        return m, self.score_of(m)
+
+    def tail_sums(self, m: np.ndarray, drops: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """(A, D): Σ of the n[a, d] least kept scores of group drops[d] (n ≤ m[drops])."""
+        end = self.start[drops] + m[drops]
+        return self.prefix[end] - self.prefix[end - n]
+
     def cost_of(self, m: np.ndarray) -> float:
         """Σ of the kept costs of the prefix selection m."""
         return float(self.costs @ m)
@@ -317,8 +327,8 @@ class _Lagrangian:
     def value(self, mu: float, nu: float) -> float:
         """L(μ, ν) = μF + νk + Σ_i max(0, s_i - μ c_i - ν): an upper bound for any μ, ν >= 0."""
         theta = nu + mu * self.groups.costs
-        m = self.groups.count_above(theta)
-        positive_part = self.groups.score_of(m) - float(theta @ m)
+        m, score = self.groups.score_above(theta)
+        positive_part = score - float(theta @ m)
         return mu * self.F + nu * self.k + positive_part
 
     def at(self, mu: float) -> _Point:
@@ -438,8 +448,7 @@ def _best_exchange(
         n = np.maximum(n, 1.0)
     ok = n <= m[None, drops]
     n = np.where(ok, n, 0).astype(np.int64)
-    end = groups.start[drops] + m[drops]
-    loss = groups.prefix[end] - groups.prefix[end - n]
+    loss = groups.tail_sums(m, drops, n)
     gain = np.where(ok, nxt[adds, None] - loss, -np.inf)
     a, d = np.unravel_index(int(np.argmax(gain)), gain.shape)
     return float(gain[a, d]), int(adds[a]), int(drops[d]), int(n[a, d])
@@ -479,17 +488,25 @@ def _solve_lagrangian(prob: _Problem, tol: float) -> _Solution:
     start = time.perf_counter()
     groups = _SortedGroups(prob.scores, prob.group, prob.group_costs)
     setup_seconds = time.perf_counter() - start
-    lagr = _Lagrangian(groups, prob.max_count, prob.max_cost)
+    m, dual, info = _round_lagrangian(groups, prob.max_count, prob.max_cost, tol)
+    info["setup_seconds"] = setup_seconds
+    keep = groups.keep_mask(m)
+    primal = float(prob.scores[keep].sum())
+    # The bound is exact up to float64 rounding; never report it below a feasible value.
+    return _Solution(keep, primal, max(dual, primal), info)
+
+
+def _round_lagrangian(groups: _SortedGroups, max_count: int, max_cost: float, tol: float) -> tuple[np.ndarray, float, dict]:
+    """(m, dual bound, info): the multiplier search and the rounding, on prefix counts m (G,)."""
+    lagr = _Lagrangian(groups, max_count, max_cost)
     lo, hi = _bracket_mu(lagr, tol)
     dual = min(lo.dual, hi.dual)
     if lo is not hi:
-        dual = min(dual, lagr.at(_kink(lo, hi, prob.max_cost)).dual)
+        dual = min(dual, lagr.at(_kink(lo, hi, max_cost)).dual)
 
     # Round from both sides of the kink: T(μ_hi), and T(μ_lo) cut down to the FLOP budget.
-    starts = [hi.m] if lo is hi else [hi.m, _drop_to_budget(groups, lo.m, prob.max_cost)]
-    m = max((_local_search(groups, m0, prob.max_count, prob.max_cost) for m0 in starts), key=groups.score_of)
-    keep = groups.keep_mask(m)
-    primal = float(prob.scores[keep].sum())
+    starts = [hi.m] if lo is hi else [hi.m, _drop_to_budget(groups, lo.m, max_cost)]
+    m = max((_local_search(groups, m0, max_count, max_cost) for m0 in starts), key=groups.score_of)
     info = {
         "method": "lagrangian",
         "mu": float(hi.mu),
@@ -497,10 +514,8 @@ def _solve_lagrangian(prob: _Problem, tol: float) -> _Solution:
         "mu_bracket": (float(lo.mu), float(hi.mu)),
         "dual_evaluations": lagr.evaluations,
         "groups": int(groups.costs.size),
-        "setup_seconds": setup_seconds,
     }
-    # The bound is exact up to float64 rounding; never report it below a feasible value.
-    return _Solution(keep, primal, max(dual, primal), info)
+    return m, dual, info
 
 
 def _package(prob: _Problem, sol: _Solution, device: torch.device, start: float) -> ILPResult:

@@ -24,6 +24,7 @@ import operator
 import torch
 
 from ..errors import PrunekitError
+from .collective import Collective
 
 
 class QuadraticModel:
@@ -37,6 +38,9 @@ class QuadraticModel:
     linear: g, (p,) or None (no first-order term).
     """
 
+    collective = Collective()      # one process: every reduction over slices is the identity
+    sliced_vectors = False         # (p,) vectors are whole here (see SlicedQuadraticModel)
+
     def __init__(self, grads: torch.Tensor, w_bar: torch.Tensor, ridge: float,
                  linear: torch.Tensor | None = None):
         _check_inputs(grads, w_bar, ridge, linear)
@@ -49,6 +53,7 @@ class QuadraticModel:
         self._lipschitz: float | None = None
         # columns converted per block: a float32 block of at most BLOCK_BYTES
         self.block_columns = max(1, BLOCK_BYTES // (4 * self.n))
+        self.width = self.p          # columns held here (all of them; a slice in SlicedQuadraticModel)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -61,8 +66,8 @@ class QuadraticModel:
 
     def column_blocks(self):
         """(slice, X[:, slice] in the compute dtype) over consecutive blocks of columns."""
-        for start in range(0, self.p, self.block_columns):
-            block = slice(start, min(start + self.block_columns, self.p))
+        for start in range(0, self.width, self.block_columns):
+            block = slice(start, min(start + self.block_columns, self.width))
             yield block, self.X[:, block].to(self._compute_dtype)
 
     # --- products with X ------------------------------------------------------------------
@@ -82,7 +87,7 @@ class QuadraticModel:
         r = r.to(self._compute_dtype)
         if not self.compact:
             return self.X.t() @ r
-        out = torch.empty(self.p, dtype=self._compute_dtype, device=self.X.device)
+        out = torch.empty(self.width, dtype=self._compute_dtype, device=self.X.device)
         for block, X_b in self.column_blocks():
             out[block] = X_b.t() @ r
         return out
@@ -95,8 +100,8 @@ class QuadraticModel:
         """X_S X_Sᵀ, (n, n) float64, for the weights ``support`` (p,) bool, by column blocks
         (each block's product in the compute dtype, summed in float64): no n×|S| copy."""
         total = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.X.device)
-        for start in range(0, self.p, self.block_columns):
-            block = slice(start, min(start + self.block_columns, self.p))
+        for start in range(0, self.width, self.block_columns):
+            block = slice(start, min(start + self.block_columns, self.width))
             index = support[block].nonzero().squeeze(1)
             if index.numel() == 0:
                 continue
@@ -142,6 +147,49 @@ class QuadraticModel:
             self._lipschitz = _largest_eigenvalue(self) + self.ridge
         return self._lipschitz
 
+    # --- this process's slice of the weights ------------------------------------------------
+    # Solvers that run on a slice of every (p,) vector (SlicedQuadraticModel: each process its
+    # contiguous columns) reduce across slices only through these. Here the slice is all of the
+    # weights and each is exactly the plain one-process expression.
+
+    def sliced(self) -> QuadraticModel:
+        """This model with its (p,) vectors cut to the slice held here: itself (one process)."""
+        return self
+
+    def local_part(self, v: torch.Tensor) -> torch.Tensor:
+        """This slice of a full (p,) vector."""
+        return v
+
+    def to_global(self, v: torch.Tensor) -> torch.Tensor:
+        """The full (p,) vector from every slice of ``v`` (once per solve, not per iteration)."""
+        return v
+
+    def count(self, mask: torch.Tensor) -> int:
+        """Σ mask over all slices."""
+        return int(mask.sum())
+
+    def total(self, value: float) -> float:
+        """Σ over all slices of a number each slice computed from its own entries."""
+        return value
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """aᵀb over all slices, accumulated in float64."""
+        return dot64(a, b)
+
+    def largest(self, v: torch.Tensor, empty: float = -float("inf")) -> float:
+        """max v over all slices (``empty`` when there are no entries)."""
+        return float(v.max()) if v.numel() else empty
+
+    def top_k_mask(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """True at the k largest ``scores`` over all slices, ties to the lower index."""
+        from .magnitude import top_k_mask
+        return top_k_mask(scores, k)
+
+    def support_columns(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, slice]:
+        """(X[:, S] (n, |S|) for the support S of every slice, the positions of this slice's
+        ``index`` among them). For supports of at most n weights."""
+        return self.columns(index, dtype), slice(0, index.numel())
+
     # --- sub-problems ---------------------------------------------------------------------
 
     def restrict(self, index: torch.Tensor) -> tuple[QuadraticModel, float]:
@@ -157,7 +205,7 @@ class QuadraticModel:
         ‖z‖²/2n + (λ/2)‖w̄_R‖² − g_Rᵀw̄_R.
         """
         X_A = self.X.index_select(1, index)                     # in X's storage dtype
-        held = torch.ones(self.p, dtype=torch.bool, device=self.X.device)
+        held = torch.ones(self.width, dtype=torch.bool, device=self.X.device)
         held[index] = False
         w_held = torch.where(held, self.w_bar, 0)               # (w̄_R, 0)
         z = self.matvec(w_held)                                 # X_R w̄_R
@@ -182,7 +230,8 @@ def _largest_eigenvalue(q: QuadraticModel, max_steps: int = 64, rtol: float = 1e
     if n <= p:
         dim, apply = n, lambda u: q.matvec(q.rmatvec(u)) / n     # XXᵀ/n, same nonzero spectrum
     else:
-        dim, apply = p, lambda v: q.rmatvec(q.matvec(v)) / n
+        # p < n: the p-vectors are shorter than the n-vectors, so a sliced model may gather them
+        dim, apply = p, lambda v: q.to_global(q.rmatvec(q.matvec(q.local_part(v)))) / n
     start = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     basis = [start / start.norm()]
     alphas: list[float] = []
