@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The ResNet-56 rows of issue 16 that have not been measured yet, one process per row, one at a
+# time, most important first. A row whose JSON exists is skipped, so after a kill the script
+# resumes at the first unfinished row (the killed row starts over).
+#
+#   bash benchmarks/issue16_rows.sh                 # every row, then the latency pass
+#   bash benchmarks/issue16_rows.sh accuracy        # accuracy rows only
+#   bash benchmarks/issue16_rows.sh latency         # only the latency pass (needs the rows' models)
+#
+# Run from the repository root, with ../shared/data present. Each row runs at nice 19 on one
+# thread (the machine is shared); the latency pass times 1 and 2 threads at batch 1 and 64, so
+# run it only when both cores are quiet (check `uptime`) and record the load next to the figures.
+# CPU time per row on a free core (estimates from earlier rows): AutoBot ~6-10 min, tp-* ~3-5 min,
+# taper (both budgets) ~16 min, falcon and hybrid ~10-15 min (gradients of n rows dominate).
+set -euo pipefail
+PY=${PY:-/work/venv/bin/python}
+DATA=${DATA:-../shared/data}
+RES=benchmarks/results
+MODELS=$RES/structured_models_res
+# FALCON's gradient matrix on ResNet-56 is n x 848,944 floats: n = 256 peaks near 1.5 GB
+# (bench_scale); n = 500 would come close to the 3 GB a process may use here.
+FISHER=${FISHER:-256}
+what=${1:-all}
+
+row() {   # row NAME ARGS...: one bench_structured process writing $RES/NAME.json (+ .log)
+    local name=$1; shift
+    if [[ -f $RES/$name.json ]]; then echo "skip $name (done)"; return; fi
+    echo "[$(date -u +%H:%M:%S)] $name: $*"
+    OMP_NUM_THREADS=1 PYTHONPATH=src nice -n 19 "$PY" benchmarks/bench_structured.py --data-dir "$DATA" \
+        --no-latency --models-dir "$MODELS" --out "$RES/$name.json.partial" "$@" > "$RES/$name.log" 2>&1
+    mv "$RES/$name.json.partial" "$RES/$name.json"     # only a finished row counts as done
+}
+
+if [[ $what == all || $what == accuracy ]]; then
+    # 1. 30% MACs: AutoBot (residual channels) and torch-pruning's best criterion in both modes
+    row structured_res_autobot_0.3 --methods autobot --budgets 0.3
+    row structured_res_tp-magnitude_0.3 --methods tp-magnitude --budgets 0.3
+    row structured_res_tp-magnitude-inner_0.3 --methods tp-magnitude-inner --budgets 0.3
+    # 2. the annealed taper, one run for both budgets
+    row structured_res_taper --methods taper --budgets 0.5 0.3
+    # 3. hybrid against pure AutoBot and pure FALCON at 20% and 10% of the MACs
+    for b in 0.2 0.1; do
+        row structured_res_hybrid_$b --methods hybrid --budgets $b --structured-flops 0.5 --fisher-samples "$FISHER"
+        row structured_res_autobot_$b --methods autobot --budgets $b
+        row structured_res_falcon_$b --methods falcon --budgets $b --fisher-samples "$FISHER"
+    done
+    row structured_res_tp-taylor-inner_0.3 --methods tp-taylor-inner --budgets 0.3
+    # the 50% models again (the earlier run's models were not kept), for the latency pass
+    row structured_res_autobot_0.5_again --methods autobot --budgets 0.5
+    row structured_res_tp-magnitude_0.5_again --methods tp-magnitude --budgets 0.5
+fi
+
+if [[ $what == all || $what == latency ]]; then
+    # 4. latency of the residual-channel models at 50% and 30%, 1 and 2 threads, batch 1 and 64
+    inputs=()
+    for n in autobot_0.5_again tp-magnitude_0.5_again autobot_0.3 tp-magnitude_0.3; do
+        [[ -f $RES/structured_res_$n.json ]] && inputs+=("$RES/structured_res_$n.json")
+    done
+    ((${#inputs[@]})) || { echo "no models to time: run the accuracy rows first" >&2; exit 2; }
+    echo "[$(date -u +%H:%M:%S)] latency; $(uptime)" | tee "$RES/structured_res_latency.log"
+    PYTHONPATH=src nice -n 19 "$PY" benchmarks/bench_structured.py --data-dir "$DATA" --latency-only \
+        --inputs "${inputs[@]}" --threads 1 2 --batch-sizes 1 64 --repeats 15 \
+        --out "$RES/structured_res_latency.json" 2>&1 | tee -a "$RES/structured_res_latency.log"
+    echo "after: $(uptime)" | tee -a "$RES/structured_res_latency.log"
+fi
