@@ -2,9 +2,12 @@
 gives: the same support, weights within 1e-5 of their scale, the same objective.
 
 Sharded products sum in another order than one process (rounding-level differences). CHITA's IHT
-path is chaotic at that level on many tiny problems (a 1e-7 relative change of X flips supports
-for one process too), so the instance below is one whose one-process answer is stable under a
-1e-6 perturbation, which the test checks first."""
+path is chaotic at that level on many tiny problems: in float32 storage the one-process answer
+on the instance below depends on the CPU's summation order (on one machine it took 22 IHT steps,
+on another 53, as float64 does). So every solver is checked exactly with X in float64, where
+rounding is ~1e-16; in float32 and bfloat16 storage every solver but IHT is checked exactly,
+and CHITA with IHT by what it guarantees (never worse than its backsolve variant) and by the two
+ranks agreeing bit for bit."""
 
 import pytest
 import torch
@@ -26,7 +29,7 @@ N, P = 24, 300
 def _problem(dtype=torch.float32):
     g = torch.Generator().manual_seed(3)
     X = (torch.randn(N, P, generator=g) * torch.linspace(0.2, 2.0, P)).to(dtype)
-    w_bar = torch.randn(P, generator=g)
+    w_bar = torch.randn(P, generator=g).to(torch.float64 if dtype == torch.float64 else torch.float32)
     macs = torch.cat([torch.full((100,), 9.0), torch.full((120,), 4.0), torch.full((80,), 1.0)])
     return X, w_bar, macs
 
@@ -53,7 +56,7 @@ def _solve_all(q, macs, chita_only=False):
 
 def _sharded_worker(rank, world):
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
         X, w_bar, macs = _problem(dtype)
         collective = TorchCollective()
         start, stop = shard_bounds(P, world)[rank]
@@ -77,13 +80,14 @@ def sharded_results(tmp_path_factory):
 def _check_against_one_process(sharded_results, dtype):
     X, w_bar, macs = _problem(dtype)
     expected = _solve_all(QuadraticModel(X, w_bar, RIDGE), macs)
-    if dtype == torch.bfloat16:   # this instance's IHT path is not stable in bfloat16 (one process too)
-        expected = {k: v for k, v in expected.items() if not k.startswith("chita-iht")}
-    noisy = X.float() * (1 + 1e-6 * torch.randn(X.shape, generator=torch.Generator().manual_seed(9)))
-    for name, (w, _) in _solve_all(QuadraticModel(noisy.to(dtype), w_bar, RIDGE), macs, chita_only=True).items():
-        if name in expected:
-            assert torch.equal(w != 0, expected[name][0] != 0), f"{name}: the instance is not stable in one process"
     ranks = [result[str(dtype)] for result in sharded_results]
+    if dtype != torch.float64:    # IHT's path turns on float32 rounding (see the module docstring)
+        chaotic = [name for name in expected if name.startswith("chita-iht")]
+        for name in chaotic:
+            backsolve_variant = float(ranks[0][name.replace("iht", "backsolve")]["objective"])
+            assert float(ranks[0][name]["objective"]) <= backsolve_variant * (1 + 1e-6), name
+            assert torch.equal(ranks[0][name]["w"], ranks[1][name]["w"]), name
+        expected = {k: v for k, v in expected.items() if k not in chaotic}
     for got in ranks:
         for name, (w, f) in expected.items():
             assert torch.equal(got[name]["w"] != 0, w != 0), name          # the same support
@@ -95,6 +99,10 @@ def _check_against_one_process(sharded_results, dtype):
 
 
 def test_sharded_solvers_match_one_process(sharded_results):
+    _check_against_one_process(sharded_results, torch.float64)
+
+
+def test_sharded_solvers_match_one_process_float32_storage(sharded_results):
     _check_against_one_process(sharded_results, torch.float32)
 
 

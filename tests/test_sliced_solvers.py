@@ -106,3 +106,30 @@ def test_falcon_sends_no_p_vector_per_dfo_trial():
     assert trials >= 1
     final_gather = 4 * p                             # the solution, once, at the end
     assert (sent - final_gather) / (trials + 1) < p, (sent, trials)
+
+
+def test_chita_sends_no_p_vector_per_swap_round():
+    """CHITA with IHT and swap search on 2 ranks: per IHT step and per swap round a rank sends
+    O(n·candidates) bytes, not O(p); only IHT's and the solution's final gathers are p-sized. The
+    answer is the one both ranks hold, and it is a k-sparse solution no worse than magnitude's."""
+    from prunekit.solvers.chita import chita
+    n, p, k = 8, 40_000, 400
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(n, p, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, p, dtype=torch.float64)
+    w_bar = torch.randn(p, generator=g, dtype=torch.float64)
+    cut = _slices(p, 2)
+
+    def solve(c):
+        q = ShardedQuadraticModel(X[:, cut[c.rank]].clone(), w_bar, 0.2, None, c, cut[c.rank].start)
+        q.sliced().lipschitz()
+        before = c.bytes_sent
+        s = chita(q, k, "iht", swap_rounds=6, swap_candidates=32)
+        return s, c.bytes_sent - before
+
+    (one, sent), (other, _) = run_threads(solve, 2)
+    assert torch.equal(one.w, other.w) and one.support_size <= k
+    assert one.objective <= one.info["magnitude_objective"] * (1 + 1e-9)
+    rounds = one.info["swap_rounds"] + one.iterations           # swap rounds + IHT steps
+    assert one.info["swap_rounds"] >= 1
+    p_sized = 3 * 8 * p                 # IHT's result, its mask and the solution, once each
+    assert (sent - p_sized) / (rounds + 1) < p, (sent, rounds)

@@ -27,7 +27,6 @@ import torch
 from ..errors import PrunekitError
 from .backsolve import backsolve_blockwise, backsolve_with_parts
 from .iht import iht
-from .magnitude import top_k_mask
 from .quadratic import QuadraticModel, check_k
 from .result import Solution
 from .swap_search import swap_search_from
@@ -56,32 +55,36 @@ def chita(q: QuadraticModel, k: int, variant: str = "iht", *, block_size: int | 
     if variant not in VARIANTS:
         raise PrunekitError(f"unknown CHITA variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     k = check_k(k)
+    if block_size is not None and q.sliced_vectors:
+        raise PrunekitError("block_size needs every column of X on one process")
+    full = q
+    q = q.sliced()            # every (p,) vector below is this process's slice (all of it for one)
 
     def solve_on(support: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
         if block_size is None:
             return backsolve_with_parts(q, support)
         return backsolve_blockwise(q, support, block_size), None
 
-    magnitude = top_k_mask(q.w_bar.abs(), min(k, q.p))
+    magnitude = q.top_k_mask(q.w_bar.abs(), min(k, q.p))
     w, parts = solve_on(magnitude)
     objective = q.objective(w)
     info: dict = {"variant": variant, "magnitude_objective": objective}
     iterations = 0
     if variant == "iht":
-        found = iht(q, k, **iht_options)
-        w_iht, parts_iht = solve_on(found.mask)
+        found = iht(full, k, **iht_options)
+        w_iht, parts_iht = solve_on(q.local_part(found.mask))
         objective_iht = q.objective(w_iht)
         info.update(found.info, iht_objective=found.objective, improved=objective_iht < objective)
         iterations = found.iterations
-        starts = [(magnitude, parts), (found.mask, parts_iht)]
+        starts = [(magnitude, parts), (q.local_part(found.mask), parts_iht)]
         if objective_iht < objective:
             w, objective = w_iht, objective_iht
             starts.reverse()
         if swap_rounds and 0 < k < q.p:
             h_diag = q.hessian_diagonal()
-            if any(int(s.sum()) < k for s, _ in starts):                    # IHT kept fewer than k:
+            if any(q.count(s) < k for s, _ in starts):                      # IHT kept fewer than k:
                 gain = q.gradient(w_iht).square() / h_diag                 # fill up (never hurts)
-                starts = [(top_k_mask(torch.where(s, math.inf, gain), k), None) for s, _ in starts]
+                starts = [(q.top_k_mask(torch.where(s, math.inf, gain), k), None) for s, _ in starts]
             found = swap_search_from(q, starts, rounds=swap_rounds, candidates=swap_candidates,
                                      max_swaps=None, kicks=3, tol=1e-10, h_diag=h_diag)
             info.update(found.info)
@@ -90,6 +93,7 @@ def chita(q: QuadraticModel, k: int, variant: str = "iht", *, block_size: int | 
             info["swap_objective"] = objective_swap
             if objective_swap < objective:
                 w, objective = w_swap, objective_swap
+    w = q.to_global(w)                         # the one exchange of p values, at the end
     return Solution(w=w, objective=objective, support_size=int((w != 0).sum()), iterations=iterations,
                     seconds=time.perf_counter() - start, info=info)
 

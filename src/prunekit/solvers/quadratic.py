@@ -185,10 +185,33 @@ class QuadraticModel:
         from .magnitude import top_k_mask
         return top_k_mask(scores, k)
 
+    def top_k_positions(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """The global indices (sorted) of the k largest ``scores`` over all slices (k small)."""
+        return torch.topk(scores, k).indices.sort().values
+
     def support_columns(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, slice]:
         """(X[:, S] (n, |S|) for the support S of every slice, the positions of this slice's
         ``index`` among them). For supports of at most n weights."""
         return self.columns(index, dtype), slice(0, index.numel())
+
+    # Positions among all p weights ("global" indices, sorted) name a few weights, the same on
+    # every slice: the swap search's candidates. Reads at them are the same on every process.
+
+    def positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """The global indices (sorted) where ``mask`` is True over every slice. For a few weights."""
+        return mask.nonzero().squeeze(1)
+
+    def values_at(self, v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """v at the global indices ``index`` (m,), from whichever slice holds each."""
+        return v[index]
+
+    def columns_at(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """X[:, index] (n, m) for global indices ``index``."""
+        return self.columns(index, dtype)
+
+    def assign_at(self, mask: torch.Tensor, index: torch.Tensor, value: bool) -> None:
+        """mask[index] = value for global indices ``index``, in place, in this slice."""
+        mask[index] = value
 
     # --- sub-problems ---------------------------------------------------------------------
 

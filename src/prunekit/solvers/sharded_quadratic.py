@@ -208,6 +208,37 @@ class SlicedQuadraticModel(QuadraticModel):
         every = self.collective.all_gather(mine.t().contiguous().reshape(-1))
         return every.reshape(-1, self.n).t(), slice(before, before + index.numel())
 
+    def top_k_positions(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        return self.positions(self.top_k_mask(scores, k))
+
+    def positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """Every rank's True entries as global indices (sorted: ranks hold contiguous slices in
+        order): an all-gather of their count."""
+        return self.collective.all_gather(mask.nonzero().squeeze(1) + self.offset)
+
+    def _owned(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(which of the global ``index`` this rank holds, their positions in its slice)."""
+        inside = (index >= self.offset) & (index < self.offset + self.width)
+        return inside, index[inside] - self.offset
+
+    def values_at(self, v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Each rank fills the entries it holds; one all-reduce of m values."""
+        inside, local = self._owned(index)
+        out = torch.zeros(index.numel(), dtype=v.dtype, device=v.device)
+        out[inside] = v[local]
+        return self.collective.all_reduce(out)
+
+    def columns_at(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Each rank fills the columns it holds; one all-reduce of n·m values."""
+        out = torch.zeros(self.n, index.numel(), dtype=dtype or self._compute_dtype, device=self.X.device)
+        inside, local = self._owned(index)
+        if bool(inside.any()):
+            out[:, inside] = self.columns(local, out.dtype)
+        return self.collective.all_reduce(out)
+
+    def assign_at(self, mask: torch.Tensor, index: torch.Tensor, value: bool) -> None:
+        mask[self._owned(index)[1]] = value
+
     def restrict(self, index: torch.Tensor) -> tuple[SlicedQuadraticModel, float]:
         """As :meth:`QuadraticModel.restrict` with ``index`` this rank's positions (sorted) in its
         slice; the sub-model is sliced the same way (each rank keeps its own)."""

@@ -3,6 +3,10 @@
 Part of CHITA (:mod:`prunekit.solvers.chita`): from the magnitude and IHT supports, swap weights
 of the support for weights outside while the backsolve objective drops. Each swap's change of
 objective is computed exactly from a few columns of X against one n×n (or s×s) factor.
+
+The search runs on ``q.sliced()``: with several processes each holds its slice of every (p,)
+vector, candidates are named by global index (``top_k_positions``) and their values and columns
+are read with ``values_at`` / ``columns_at``, so a round exchanges O(n·candidates) values, never p.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .result import Solution
 @dataclass
 class _SupportPoint:
     """The backsolve on a support S: w, Q(w), and ∇Q(w) set to 0 on S (where it vanishes)."""
-    support: torch.Tensor        # (p,) bool
+    support: torch.Tensor        # (p,) bool (this process's slice of it)
     w: torch.Tensor              # (p,)
     f: float
     grad: torch.Tensor           # (p,)
@@ -43,12 +47,12 @@ class _PrimalSupport:
         """For i ∈ ``inside`` ⊂ S and j ∈ ``outside`` (index tensors, j ∉ S): d_i = [H_SS⁻¹]_ii,
         u_ij = [H_SS⁻¹H_Sj]_i and c_j = H_jj − H_jSH_SS⁻¹H_Sj, in float64."""
         q = self.q
-        index = self.point.support.nonzero().squeeze(1)
-        A = q.columns(index, torch.float64)                       # (n, s)
+        index = q.positions(self.point.support)                      # global, s ≤ n of them
+        A = q.columns_at(index, torch.float64)                       # (n, s)
         H = A.t() @ A / q.n
         H.diagonal().add_(q.ridge)
         H_inv = torch.cholesky_inverse(spd_cholesky(H))
-        X_J = q.columns(outside, torch.float64)                   # (n, m)
+        X_J = q.columns_at(outside, torch.float64)                   # (n, m)
         H_SJ = A.t() @ X_J / q.n
         V = H_inv @ H_SJ                                              # H_SS⁻¹H_SJ, (s, m)
         rows = torch.searchsorted(index, inside)                      # where ``inside`` sits in S
@@ -56,10 +60,10 @@ class _PrimalSupport:
         return H_inv.diagonal()[rows], V[rows], c
 
     def swapped(self, remove: torch.Tensor, add: torch.Tensor) -> _PrimalSupport:
-        """The backsolve on S − ``remove`` + ``add``."""
+        """The backsolve on S − ``remove`` + ``add`` (global indices)."""
         support = self.point.support.clone()
-        support[remove] = False
-        support[add] = True
+        self.q.assign_at(support, remove, False)
+        self.q.assign_at(support, add, True)
         return _PrimalSupport(self.q, support)
 
 
@@ -95,7 +99,7 @@ class _DualSupport:
         """As :meth:`_PrimalSupport.swap_statistics`, from H_SS⁻¹ = (1/λ)[I − AᵀM⁻¹A]:
         d_i = (1 − a_iᵀM⁻¹a_i)/λ, u_ij = a_iᵀM⁻¹x_j, c_j = λ(1 + x_jᵀM⁻¹x_j)."""
         q = self.q
-        columns = q.columns(torch.cat([inside, outside]), torch.float64)
+        columns = q.columns_at(torch.cat([inside, outside]), torch.float64)
         Y = torch.linalg.solve_triangular(self.L, columns, upper=False)   # L⁻¹[X_I X_J]
         Y_I, Y_J = Y[:, :inside.numel()], Y[:, inside.numel():]
         d = (1 - (Y_I * Y_I).sum(0)) / self.q.ridge
@@ -105,20 +109,22 @@ class _DualSupport:
     def swapped(self, remove: torch.Tensor, add: torch.Tensor) -> _DualSupport:
         q = self.q
         support = self.point.support.clone()
-        support[remove] = False
-        support[add] = True
-        leaving = q.columns(remove, torch.float64)
-        joining = q.columns(add, torch.float64)
+        q.assign_at(support, remove, False)
+        q.assign_at(support, add, True)
+        leaving = q.columns_at(remove, torch.float64)
+        joining = q.columns_at(add, torch.float64)
         gram = self.gram + joining @ joining.t() - leaving @ leaving.t()
-        z = self.z + leaving @ q.w_bar[remove].double() - joining @ q.w_bar[add].double()
+        z = (self.z + leaving @ q.values_at(q.w_bar, remove).double()
+             - joining @ q.values_at(q.w_bar, add).double())
         b = None
         if self.b is not None:
-            b = self.b + joining @ q.linear[add].double() - leaving @ q.linear[remove].double()
+            b = (self.b + joining @ q.values_at(q.linear, add).double()
+                 - leaving @ q.values_at(q.linear, remove).double())
         return _DualSupport(q, support, (gram, z, b))
 
 
 def _support_state(q: QuadraticModel, support: torch.Tensor, parts: tuple | None = None):
-    if int(support.sum()) <= q.n:
+    if q.count(support) <= q.n:
         return _PrimalSupport(q, support)
     return _DualSupport(q, support, parts)
 
@@ -157,15 +163,20 @@ def swap_search(q: QuadraticModel, starts: torch.Tensor | list[torch.Tensor], *,
     tried, down to the single best swap, whose Δ is exact.
     """
     starts = [starts] if isinstance(starts, torch.Tensor) else list(starts)
-    starts = [(s.to(device=q.w_bar.device, dtype=torch.bool), None) for s in starts]
-    return swap_search_from(q, starts, rounds=rounds, candidates=candidates, max_swaps=max_swaps,
-                            kicks=kicks, tol=tol, h_diag=h_diag)
+    s = q.sliced()
+    starts = [(s.local_part(start.to(device=q.w_bar.device, dtype=torch.bool)), None) for start in starts]
+    found = swap_search_from(s, starts, rounds=rounds, candidates=candidates, max_swaps=max_swaps,
+                             kicks=kicks, tol=tol, h_diag=None if h_diag is None else s.local_part(h_diag))
+    found.w = s.to_global(found.w)
+    return found
 
 
 def swap_search_from(q: QuadraticModel, starts: list[tuple[torch.Tensor, tuple | None]], *, rounds: int,
                  candidates: int, max_swaps: int | None, kicks: int, tol: float,
                  h_diag: torch.Tensor | None) -> Solution:
-    """:func:`swap_search` from (support, parts of its backsolve from :func:`backsolve_with_parts`) pairs."""
+    """:func:`swap_search` from (support, parts of its backsolve from :func:`backsolve_with_parts`)
+    pairs, on a model whose vectors are this process's slices (``q.sliced()``): the supports,
+    ``h_diag`` and the returned w are slices too."""
     begin = time.perf_counter()
     if rounds < 0 or candidates < 1 or kicks < 0 or not starts:
         raise PrunekitError(f"swap search needs a start, rounds >= 0, candidates >= 1 and kicks >= 0 "
@@ -173,7 +184,7 @@ def swap_search_from(q: QuadraticModel, starts: list[tuple[torch.Tensor, tuple |
     info = {"swap_rounds": 0, "swaps": 0, "swap_trials": 0, "swap_starts": 0, "swap_kicks": 0}
     best = _support_state(q, *starts[0])
     info["swap_start_objective"] = best.point.f
-    size = int(starts[0][0].sum())
+    size = q.count(starts[0][0])
     if 0 < size < q.p and rounds > 0:
         h_diag = q.hessian_diagonal() if h_diag is None else h_diag
         search = _Descent(q, h_diag, candidates, max_swaps, tol, rounds, info)
@@ -181,7 +192,7 @@ def swap_search_from(q: QuadraticModel, starts: list[tuple[torch.Tensor, tuple |
         for number, (start, parts) in enumerate(starts):
             if search.budget == 0:
                 break
-            if any(torch.equal(start, other) for other, _ in starts[:number]):
+            if any(q.count(start ^ other) == 0 for other, _ in starts[:number]):
                 continue
             info["swap_starts"] += 1
             state, scores = search.run(best if number == 0 else _support_state(q, start, parts))
@@ -202,7 +213,7 @@ def swap_search_from(q: QuadraticModel, starts: list[tuple[torch.Tensor, tuple |
             else:
                 misses += 1
     point = best.point
-    return Solution(w=point.w, objective=point.f, support_size=int((point.w != 0).sum()),
+    return Solution(w=point.w, objective=point.f, support_size=q.count(point.w != 0),
                     iterations=info["swap_rounds"], seconds=time.perf_counter() - begin, info=info)
 
 
@@ -250,16 +261,16 @@ def _score_swaps(q: QuadraticModel, state, h_diag: torch.Tensor, candidates: int
     """(I, J, Δ): the candidate weights to remove (in S) and to add (outside), and the exact
     change Δ (|I|, |J|) of the backsolve objective for each swap (see :func:`swap_search`)."""
     point = state.point
-    size = int(point.support.sum())
+    size = q.count(point.support)
     removal = torch.where(point.support, point.w.square() * h_diag, math.inf)
-    I = torch.topk(removal, min(candidates, size), largest=False).indices.sort().values
+    I = q.top_k_positions(-removal, min(candidates, size))           # global indices
     gain = torch.where(point.support, -1.0, point.grad.square() / h_diag)
-    J = torch.topk(gain, min(candidates, q.p - size)).indices.sort().values
+    J = q.top_k_positions(gain, min(candidates, q.p - size))
     d, U, c = state.swap_statistics(I, J)
-    d = torch.maximum(d, 1 / h_diag[I].double())                     # [H_SS⁻¹]_ii ≥ 1/H_ii
+    d = torch.maximum(d, 1 / q.values_at(h_diag, I).double())        # [H_SS⁻¹]_ii ≥ 1/H_ii
     c = torch.clamp(c, min=q.ridge)                                  # the Schur complement is ≥ λ
-    g = point.grad[J].double()
-    moved = point.w[I].double().unsqueeze(1) + U * (g / c)
+    g = q.values_at(point.grad, J).double()
+    moved = q.values_at(point.w, I).double().unsqueeze(1) + U * (g / c)
     return I, J, moved.square() / (2 * (d.unsqueeze(1) + U.square() / c)) - g.square() / (2 * c)
 
 
