@@ -63,33 +63,40 @@ def resnet20b_row(ranks: int, n: int, data: Path, max_memory: str, timeout: floa
     return _row("resnet20-b", ranks, n, record, wall)
 
 
-def random_row(model: str, ranks: int, n: int, dtype: str, max_memory: str, timeout: float) -> dict:
+def random_row(model: str, ranks: int, n: int, dtype: str, max_memory: str, timeout: float,
+               method: str = "falcon") -> dict:
     # one argument: torchrun's own parser would take --n for one of its flags
-    record, wall = _torchrun(ranks, [str(Path(__file__).resolve()), f"--worker={model},{n},{dtype},{max_memory}"],
-                             timeout)
-    return _row(model, ranks, n, record, wall)
+    record, wall = _torchrun(ranks, [str(Path(__file__).resolve()),
+                                     f"--worker={model},{n},{dtype},{max_memory},{method}"], timeout)
+    return {**_row(model, ranks, n, record, wall), "method": method}
 
 
 def _row(model: str, ranks: int, n: int, record: dict, wall: float) -> dict:
     stage = record["stages"][0] if "stages" in record else record["history"][0]
     dist = stage.get("distributed", {})
     info = stage.get("solver_info", {})
-    iterations = max(1, int(info.get("trials") or 1))     # DFO step trials: each an ILP + backsolve
+    # FALCON: DFO step trials (each an ILP + backsolve); CHITA: IHT steps + swap rounds
+    iterations = max(1, int(info.get("trials") or (info.get("iterations", 0) + info.get("swap_rounds", 0)) or 1))
     peaks = record.get("peak_rss_mb_per_rank", [record["peak_rss_mb"]])
     return {"model": model, "ranks": ranks, "n": n, "accuracy": record.get("accuracy"),
             "nonzeros": record.get("nonzeros"), "flops_kept": record.get("flops_kept"),
             "wall_seconds": wall, "gradient_seconds": stage.get("gradient_seconds"),
             "solver_seconds": stage.get("solver_seconds"), "peak_rss_mb_max": max(peaks), "peak_rss_mb_per_rank": peaks,
+            "memory_estimate_mb": stage.get("memory_estimate_mb"),
             "X_mb_per_rank": dist.get("gradient_matrix_mb"), "exchange_mb": (dist.get("gradient_exchange_bytes") or 0) / 2**20,
-            "solver_mb": (dist.get("solver_bytes") or 0) / 2**20, "dfo_trials": info.get("trials"),
-            "solver_mb_per_trial": (dist.get("solver_bytes") or 0) / 2**20 / iterations,
+            "solver_mb": (dist.get("solver_bytes") or 0) / 2**20, "solver_iterations": iterations,
+            "solver_mb_per_iteration": (dist.get("solver_bytes") or 0) / 2**20 / iterations,
             "solver_collectives": dist.get("solver_collectives"), "objective": stage.get("objective")}
 
 
 SIZES = {"resnet50": (224, 1000), "resnet56": (32, 10), "mobilenetv1": (224, 1000)}
 
 
-def worker_random(model_name: str, n: int, dtype: str, max_memory: str) -> None:
+# what a random-weights row prunes to: FALCON to 30% of the MACs, CHITA to 70% sparsity
+BUDGETS = {"falcon": {"flops": 0.3}, "chita": {"sparsity": 0.7}}
+
+
+def worker_random(model_name: str, n: int, dtype: str, max_memory: str, method: str) -> None:
     """One rank of a random-weights row (run under torchrun): prune, print rank 0's record as JSON."""
     import torch
     import torch.distributed as dist
@@ -108,7 +115,8 @@ def worker_random(model_name: str, n: int, dtype: str, max_memory: str) -> None:
         for _ in range(-(-n // 8)):
             yield torch.randn(8, 3, size, size, generator=gen), torch.randint(0, classes, (8,), generator=gen)
 
-    result = prunekit.prune(model, batches, method="falcon", flops=0.3, fisher_samples=n, fisher_dtype=dtype, max_memory=max_memory,
+    result = prunekit.prune(model, batches, method=method, **BUDGETS[method], fisher_samples=n, fisher_dtype=dtype,
+                            max_memory=max_memory,
                             example_input=torch.randn(1, 3, size, size), recalibrate_bn=False)
     record = {"history": result.history, "flops_kept": result.flops_kept, "nonzeros": result.record.get("nonzeros"),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -127,6 +135,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--n", type=int, default=None, help="gradient rows (default: 256 for resnet20-b, 16 for resnet50)")
     parser.add_argument("--dtype", default="bfloat16", help="gradient storage of the random-weights rows")
+    parser.add_argument("--method", choices=tuple(BUDGETS), default="falcon",
+                        help="what the random-weights rows run (FALCON to 30%% MACs, CHITA to sparsity 0.7)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--max-memory", default="2500M", help="per rank (the machine is shared: keep each under 3 GB)")
@@ -134,8 +144,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        model, n, dtype, max_memory = args.worker.split(",")
-        worker_random(model, int(n), dtype, max_memory)
+        model, n, dtype, max_memory, *method = args.worker.split(",")
+        worker_random(model, int(n), dtype, max_memory, *(method or ["falcon"]))
         return
     rows = []
     for name in args.rows:
@@ -143,13 +153,13 @@ def main() -> None:
             if name == "resnet20-b":
                 row = resnet20b_row(ranks, args.n or 256, args.data, args.max_memory, args.timeout)
             else:
-                row = random_row(name, ranks, args.n or 16, args.dtype, args.max_memory, args.timeout)
+                row = random_row(name, ranks, args.n or 16, args.dtype, args.max_memory, args.timeout, args.method)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(rows, [("model", "model", ""), ("ranks", "ranks", "d"), ("n", "n", "d"), ("accuracy", "acc %", ".2f"),
                        ("nonzeros", "nonzeros", "d"), ("wall_seconds", "wall s", ".1f"),
                        ("peak_rss_mb_max", "max RSS MB", ".0f"), ("X_mb_per_rank", "X MB/rank", ".1f"),
-                       ("exchange_mb", "exchange MB", ".1f"), ("solver_mb_per_trial", "MB/trial", ".2f")])
+                       ("exchange_mb", "exchange MB", ".1f"), ("solver_mb_per_iteration", "MB/iteration", ".2f")])
     write_json(args.out, {"note": "one thread per rank (OMP_NUM_THREADS=1), nice 19, on a shared 2-core machine "
                                   "that was NOT quiet (other agents' benchmarks ran): seconds are loaded figures",
                           "rows": rows})

@@ -32,6 +32,22 @@ def test_sliced_top_k_equals_one_process_with_ties(ranks, k):
     assert torch.equal(torch.cat(got), top_k_mask(values, k))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_sliced_top_k_equals_one_process_on_wide_ranges(seed):
+    """Signs, magnitudes from 1e-30 to 1e30, infinities and repeated values: the byte-wise select
+    must order the keys exactly as a sort does."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(997, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-30, 30, (997,), generator=g)
+    values[::97] = values[3]
+    values[5], values[6] = float("inf"), -float("inf")
+    ranks = 2 + seed % 3
+    cut = _slices(997, ranks)
+    for k in (1, 2, 100, 498, 996):
+        got = run_threads(lambda c: sliced_top_k_mask(values[cut[c.rank]].float() if seed % 2 else values[cut[c.rank]], k, c), ranks)
+        expected = top_k_mask(values.float() if seed % 2 else values, k)
+        assert torch.equal(torch.cat(got), expected), k
+
+
 def _costs(p):
     # layers of equal cost that straddle slice boundaries, two layers of the same cost
     sizes = [p // 3, p // 4, p // 6]

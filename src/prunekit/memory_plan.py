@@ -16,8 +16,9 @@ The peak of a request is estimated from its parts, each counted from the model i
     layer gradients      the largest layer's per-sample gradients for a chunk, the check of
                          the first row against autograd (2p floats), BACKWARD_OVERHEAD
     solver work arrays   SOLVER_VECTORS vectors of p float64 (weights, gradients, supports, the
-                         ILP's scores, costs and orders), a few n × n float64 factors, two column
-                         blocks; CHITA's active set holds 1.5k columns of X, WoodFisher p × B
+                         ILP's scores, costs and orders; p/R each with R ranks, plus
+                         REPLICATED_VECTORS whole float32 ones), a few n × n float64 factors, two
+                         column blocks; CHITA's active set holds 1.5k columns of X, WoodFisher p × B
                          inverses.
 
 The plan refuses a request whose estimate exceeds the limit (``max_memory``; default: the memory
@@ -45,6 +46,8 @@ BACKWARD_OVERHEAD = 50 * 2**20   # the backward pass's own buffers (calibrated)
 ACTIVATION_BUDGET = 2 * 2**30    # bytes of activations a chunk may take
 MAX_CHUNK = 64
 SOLVER_VECTORS = 12              # p-long float64 vectors alive at once in FALCON/CHITA (counted)
+REPLICATED_VECTORS = 4          # p-long float32 vectors every rank holds whole under torchrun (w̄, the
+                                # solution and the all-gather's buffers for it)
 GiB, MiB = 2**30, 2**20
 
 
@@ -145,7 +148,10 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
     # float32 vectors); the mini-batch mode's float32 accumulator
     layer_gradients = (sizes.largest_layer * rows_at_once * 4 + 2 * sizes.p * 4 + BACKWARD_OVERHEAD
                        + (sizes.p * 4 if fisher_batch > 1 else 0))
-    solver = SOLVER_VECTORS * sizes.p * 8 + 4 * n * n * 8 + 2 * 8 * MiB
+    vectors = SOLVER_VECTORS * sizes.p * 8
+    if ranks > 1:      # sliced, p/R each; w̄, the solution and its all-gather buffers whole
+        vectors = SOLVER_VECTORS * -(-sizes.p // ranks) * 8 + REPLICATED_VECTORS * sizes.p * 4
+    solver = vectors + 4 * n * n * 8 + 2 * 8 * MiB
     if family == "chita":
         solver += int(min(1.0, 1.5 * keep_share) * n * sizes.p * item / ranks)   # the active set's columns of X
     elif family == "woodfisher":

@@ -98,7 +98,8 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
                             dense=dense, progress=not args.json, on_step=step_printer(args))
     collective = distributed.current()
     if collective.distributed:          # under torchrun: every rank's peak, rank order
-        peaks = collective.all_gather(torch.tensor([record["peak_rss_mb"]], dtype=torch.float64))
+        device = next(model.parameters()).device          # NCCL exchanges CUDA tensors only
+        peaks = collective.all_gather(torch.tensor([record["peak_rss_mb"]], dtype=torch.float64, device=device))
         record = {**record, "ranks": collective.size,
                   "peak_rss_mb_per_rank": [round(float(v), 1) for v in peaks]}
         if folder is not None and main:  # the executor wrote rank 0's record; add the others' peaks

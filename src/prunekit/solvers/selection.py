@@ -4,8 +4,8 @@ of the (p,) vectors (:class:`~prunekit.solvers.sharded_quadratic.SlicedQuadratic
 
 A float's IEEE-754 bits, read as a signed integer and with the negative ones' magnitude bits
 flipped, order the same way as the floats (:func:`order_keys`). The k-th largest value is then
-the largest integer t with #{key ≥ t} ≥ k, found by bisection on t: each round is one all-reduce
-of one count (64 rounds at most). Ties at the threshold go to the lower global index: to the
+the largest integer t with #{key ≥ t} ≥ k, found a byte at a time (8 rounds, each one all-reduce
+of 256 counts). Ties at the threshold go to the lower global index: to the
 lower rank first (slices are contiguous, in rank order), then to the lower index within a slice,
 which is what one process's stable sort gives.
 """
@@ -17,6 +17,7 @@ import torch
 from .collective import Collective
 
 _MAGNITUDE_BITS = 0x7FFFFFFFFFFFFFFF
+_SIGN_BIT = -2**63
 
 
 def order_keys(values: torch.Tensor) -> torch.Tensor:
@@ -36,34 +37,41 @@ def exclusive_prefix(collective: Collective, counts: torch.Tensor) -> torch.Tens
 
 def sliced_top_k_mask(scores: torch.Tensor, k: int, collective: Collective) -> torch.Tensor:
     """True at this slice's entries among the k largest of all slices of ``scores`` (ties to the
-    lower global index). Communication: about 64 all-reduces of one int64, one all-gather of R."""
+    lower global index). Communication: 8 all-reduces of 256 counts, one all-gather of R.
+
+    The k-th largest key is found a byte at a time, most significant first (radix select): each
+    round counts the candidates' next byte into 256 buckets, sums the counts over the slices and
+    keeps only the bucket that holds the k-th largest, so later rounds touch few entries.
+    """
     keep = torch.zeros_like(scores, dtype=torch.bool)
     device = scores.device
     keys = order_keys(scores)
 
-    def total(x: int) -> int:
-        return int(collective.all_reduce(torch.tensor([x], dtype=torch.int64, device=device)))
+    def total(counts: torch.Tensor) -> torch.Tensor:
+        return collective.all_reduce(counts.to(torch.int64))
 
-    size = total(keys.numel())
+    size = int(total(torch.tensor([keys.numel()], device=device)))
     if k <= 0:
         return keep
     if k >= size:
         return torch.ones_like(keep)
-    # the extreme keys over all slices (a slice may be empty)
-    big = torch.iinfo(torch.int64).max
-    local = torch.tensor([int(keys.max()) if keys.numel() else -big, -int(keys.min()) if keys.numel() else -big],
-                         dtype=torch.int64, device=device)
-    high, neg_low = (int(x) for x in collective.all_reduce_max(local))
-    lo, hi = -neg_low, high + 1          # #{key ≥ lo} = size ≥ k > 0 = #{key ≥ hi}
-    while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        if total(int((keys >= mid).sum())) >= k:
-            lo = mid
-        else:
-            hi = mid
-    above = keys > lo
-    ties = keys == lo
-    need = k - total(int(above.sum()))
+    # with the sign bit flipped the keys' bit patterns order as unsigned integers, byte by byte
+    candidates = keys ^ _SIGN_BIT
+    need, threshold = k, 0               # need: how many of the candidates are among the k largest
+    for shift in range(56, -1, -8):
+        digits = (candidates >> shift) & 0xFF
+        counts = total(torch.bincount(digits, minlength=256)).tolist()
+        above = 0
+        for digit in range(255, -1, -1):              # the bucket where the k-th largest falls
+            if above + counts[digit] >= need:
+                break
+            above += counts[digit]
+        need -= above
+        threshold |= digit << shift
+        candidates = candidates[digits == digit]
+    t = threshold - 2**63                             # back to a signed key
+    above = keys > t
+    ties = keys == t
     before = int(exclusive_prefix(collective, torch.tensor([int(ties.sum())], device=device)))
     take = min(max(need - before, 0), int(ties.sum()))
     keep |= above

@@ -50,7 +50,7 @@ class ShardedQuadraticModel(QuadraticModel):
         self.ridge = float(ridge)
         self.linear = None if linear is None else linear.to(self._compute_dtype)
         self._lipschitz = None
-        n_total = collective.all_reduce(torch.tensor([float(self.n)], dtype=torch.float64))
+        n_total = collective.all_reduce(torch.tensor([float(self.n)], dtype=torch.float64, device=local_grads.device))
         if int(n_total) != self.n * collective.size:
             raise PrunekitError("every rank must hold the same n rows of the gradient matrix")
 
