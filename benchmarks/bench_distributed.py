@@ -46,7 +46,9 @@ def _torchrun(ranks: int, args: list[str], timeout: float) -> tuple[dict, float]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        log = Path(tempfile.mkstemp(prefix="bench-dist-", suffix=".stderr")[1])
+        log.write_text(done.stderr)
+        raise SystemExit(f"{' '.join(command)} failed (whole stderr in {log}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1]), seconds
 
 

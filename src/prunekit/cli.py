@@ -117,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():      # restores the warning display when main returns
         warnings.showwarning = _ours_on_one_line(warnings.showwarning)
         joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
+        code = 1
         try:
-            return _main(argv)
+            code = _main(argv)
+            return code
         finally:
-            if not joined_before:
-                distributed.shutdown()    # under torchrun: leave the group this call joined
+            if not joined_before:         # under torchrun: leave the group this call joined
+                distributed.shutdown(wait=code == 0)
 
 
 def _main(argv: list[str] | None) -> int:

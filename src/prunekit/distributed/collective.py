@@ -107,8 +107,17 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
     return True
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group. ``wait`` (after a run that succeeded): first a barrier, so no rank
+    tears its connections down while another still has a collective in flight (gloo then aborts
+    that process: "terminate called without an active exception"). After a failure no barrier:
+    the others may be gone or stuck."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            try:
+                dist.barrier()
+            except RuntimeError:             # a rank left early: nothing left to wait for
+                pass
         dist.destroy_process_group()
 
 
