@@ -101,7 +101,6 @@ BUDGETS = {"falcon": {"flops": 0.3}, "chita": {"sparsity": 0.7}}
 def worker_random(model_name: str, n: int, dtype: str, max_memory: str, method: str) -> None:
     """One rank of a random-weights row (run under torchrun): prune, print rank 0's record as JSON."""
     import torch
-    import torch.distributed as dist
 
     import prunekit
     from prunekit import distributed, zoo

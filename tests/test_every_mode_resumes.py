@@ -131,7 +131,9 @@ def test_a_sigkilled_run_resumes_to_the_same_weights(case, tmp_path, capsys):
     flags = _flags_for(case)
     assert main([*BASE, *flags, "--out", str(tmp_path / "whole")]) == 0
     cut = tmp_path / "cut"
-    env = {**os.environ, "PYTHONPATH": str(Path(prunekit.__file__).parent.parent)}
+    # the killed run must compute as this process does (test modules set 1 thread at import)
+    env = {**os.environ, "PYTHONPATH": str(Path(prunekit.__file__).parent.parent),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     process = subprocess.run([sys.executable, "-c", _KILLED_AFTER_FIRST_CHECKPOINT, *BASE, *flags, "--out", str(cut)],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     assert process.returncode == -signal.SIGKILL             # killed mid-run, not finished first
