@@ -52,17 +52,18 @@ def _torchrun(ranks: int, args: list[str], timeout: float) -> tuple[dict, float]
     return json.loads(done.stdout.strip().splitlines()[-1]), seconds
 
 
-def resnet20b_row(ranks: int, n: int, data: Path, max_memory: str, timeout: float) -> dict:
+def resnet20b_row(ranks: int, n: int, data: Path, max_memory: str, timeout: float, method: str = "falcon") -> dict:
+    budget = [item for key, value in BUDGETS[method].items() for item in (f"--{key}", str(value))]
     out = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     try:
         record, wall = _torchrun(ranks, [
             "-m", "prunekit", "prune", "--model", "resnet20-b", "--checkpoint",
             str(data / "checkpoints" / "resnet20_cifar10.pth.tar"), "--data", "cifar10", "--data-dir",
-            str(data / "cifar10"), "--method", "falcon", "--flops", "0.3", "--fisher-samples", str(n),
+            str(data / "cifar10"), "--method", method, *budget, "--fisher-samples", str(n),
             "--max-memory", max_memory, "--json", "--out", str(out / "run")], timeout)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return _row("resnet20-b", ranks, n, record, wall)
+    return {**_row("resnet20-b", ranks, n, record, wall), "method": method}
 
 
 def random_row(model: str, ranks: int, n: int, dtype: str, max_memory: str, timeout: float,
@@ -137,7 +138,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="gradient rows (default: 256 for resnet20-b, 16 for resnet50)")
     parser.add_argument("--dtype", default="bfloat16", help="gradient storage of the random-weights rows")
     parser.add_argument("--method", choices=tuple(BUDGETS), default="falcon",
-                        help="what the random-weights rows run (FALCON to 30%% MACs, CHITA to sparsity 0.7)")
+                        help="what every row runs (FALCON to 30%% MACs, CHITA to sparsity 0.7)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--max-memory", default="2500M", help="per rank (the machine is shared: keep each under 3 GB)")
@@ -152,7 +153,7 @@ def main() -> None:
     for name in args.rows:
         for ranks in args.ranks:
             if name == "resnet20-b":
-                row = resnet20b_row(ranks, args.n or 256, args.data, args.max_memory, args.timeout)
+                row = resnet20b_row(ranks, args.n or 256, args.data, args.max_memory, args.timeout, args.method)
             else:
                 row = random_row(name, ranks, args.n or 16, args.dtype, args.max_memory, args.timeout, args.method)
             rows.append(row)
