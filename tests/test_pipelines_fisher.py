@@ -62,3 +62,52 @@ def test_mean_fisher_diagonal_matches_the_definition(dtype):
     X = (torch.randn(7, 300_001, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
     exact = float(X.double().square().sum()) / X.numel()           # mean_j (XᵀX/n)_jj
     assert _mean_fisher_diagonal(X) == pytest.approx(exact, rel=1e-6)
+
+
+
+@pytest.mark.parametrize("method", ["falcon++", "chita++"])
+def test_pruned_weights_stay_pruned_unless_revived(capsys, method):
+    """Each stage records how many weights zero before it are nonzero after it: none without
+    ``revive`` (with it, both revive none on this small sample either; the count itself is
+    checked by the next test)."""
+    budget = ["--sparsity", "0.9"] + (["--flops", "0.1"] if method == "falcon++" else [])
+    kept = run(capsys, "--method", method, *budget, "--stages", "3")
+    assert [s["revived"] for s in kept["stages"]] == [0, 0, 0]
+    revived = run(capsys, "--method", method, *budget, "--stages", "3", "--revive")
+    assert revived["stages"][0]["revived"] == 0 and all(s["revived"] >= 0 for s in revived["stages"])
+
+
+def test_revived_counts_the_weights_that_come_back():
+    """A stage solver that keeps k random weights of those offered: with ``revive`` every weight
+    is offered at every stage, and ``revived`` is exactly how many of a stage's weights were
+    zero after the stage before."""
+    from torch import nn
+
+    from prunekit.methods import Method
+    from prunekit.pipelines.fisher_methods import ChitaOptions, plan_memory, run_stages
+    from prunekit.solvers.result import Solution
+
+    chosen = []
+
+    def solve(q, k, max_macs, macs, opts, score_weights=None):
+        keep = torch.randperm(q.p, generator=torch.Generator().manual_seed(len(chosen)))[:k]
+        w = torch.zeros(q.p, dtype=q.w_bar.dtype)
+        w[keep] = 1.0
+        chosen.append(w != 0)
+        return Solution(w=w, objective=0.0, support_size=k, iterations=0, seconds=0.0)
+
+    method = Method("random-stages", "weights", ChitaOptions,
+                    lambda ctx, opts: run_stages(ctx, solve, opts, plan_memory("chita")))
+    x, y = torch.randn(60, 8), torch.randint(0, 3, (60,))
+    for revive in (False, True):
+        chosen.clear()
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        result = prunekit.prune(net, (x, y), method=method, sparsity=0.8, stages=3, revive=revive,
+                                fisher_samples=8, batch_size=10)
+        got = [s["revived"] for s in result.history]
+        if revive:
+            expected = [0] + [int((later & ~earlier).sum()) for earlier, later in zip(chosen, chosen[1:])]
+            assert sum(expected) > 0 and got == expected
+        else:
+            assert got == [0, 0, 0]

@@ -257,8 +257,11 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             score_weights, layer_scales = _searched_score_weights(ctx, q, index, min(k, index.numel()), max_macs,
                                                                   macs[index], opts, searched, layer_scales)
         solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts, score_weights)
+        was_pruned = w == 0
         w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
+        # weights zero before this stage and nonzero after it (only ``revive`` allows any)
+        revived = int((was_pruned & (w != 0)).sum()) if stage > 1 else 0
         ctx.space.assign(w)
         x_mb = q.X.numel() * q.X.element_size() / 2**20
         q = rows = None      # this stage's X goes before the next stage allocates its own
@@ -267,7 +270,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         recalibrated = (stage < len(shares) and ctx.recalibrate_bn
                         and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
         history.append({"stage": stage, "memory_estimate_mb": round(plan.total_mb, 1), "max_nonzeros": k, "nonzeros": int((w != 0).sum()),
-                        "max_macs": max_macs, "macs": int(macs[w != 0].sum()),
+                        "max_macs": max_macs, "macs": int(macs[w != 0].sum()), "revived": revived,
                         "ridge": ridge, "objective": solution.objective, "solver_seconds": solution.seconds,
                         "gradient_seconds": seconds_gradients, "bn_recalibrated": recalibrated,
                         "seconds": time.perf_counter() - start, **searched,
