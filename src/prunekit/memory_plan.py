@@ -17,8 +17,8 @@ The peak of a request is estimated from its parts, each counted from the model i
                          the first row against autograd (2p floats), BACKWARD_OVERHEAD
     solver work arrays   SOLVER_VECTORS vectors of p float64 (weights, gradients, supports, the
                          ILP's scores, costs and orders; p/R each with R ranks, plus
-                         REPLICATED_VECTORS whole float32 ones), a few n × n float64 factors, two
-                         column blocks; CHITA's active set holds 1.5k columns of X, WoodFisher p × B
+                         REPLICATED_VECTORS whole float32 ones), the stage loop's own vectors
+                         (PIPELINE_BYTES_PER_WEIGHT), a few n × n float64 factors, two column blocks; CHITA's active set holds 1.5k columns of X, WoodFisher p × B
                          inverses.
 
 The plan refuses a request whose estimate exceeds the limit (``max_memory``; default: the memory
@@ -46,6 +46,11 @@ BACKWARD_OVERHEAD = 50 * 2**20   # the backward pass's own buffers (calibrated)
 ACTIVATION_BUDGET = 2 * 2**30    # bytes of activations a chunk may take
 MAX_CHUNK = 64
 SOLVER_VECTORS = 12              # p-long float64 vectors alive at once in FALCON/CHITA (counted)
+PIPELINE_BYTES_PER_WEIGHT = 48  # what the stage loop holds beside the solver, whole on every rank: the
+                                # MAC cost per weight, its copy for the stage's free weights and their
+                                # index (float64/int64), and six float32 weight vectors (the weights,
+                                # the stage's w̄ and its compute-dtype copy, the solution, the new
+                                # weights). Measured: ResNet-50 FALCON peaks 1.5 GB above the solver alone
 REPLICATED_VECTORS = 4          # p-long float32 vectors every rank holds whole under torchrun (w̄, the
                                 # solution and the all-gather's buffers for it)
 GiB, MiB = 2**30, 2**20
@@ -151,7 +156,7 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
     vectors = SOLVER_VECTORS * sizes.p * 8
     if ranks > 1:      # sliced, p/R each; w̄, the solution and its all-gather buffers whole
         vectors = SOLVER_VECTORS * -(-sizes.p // ranks) * 8 + REPLICATED_VECTORS * sizes.p * 4
-    solver = vectors + 4 * n * n * 8 + 2 * 8 * MiB
+    solver = vectors + PIPELINE_BYTES_PER_WEIGHT * sizes.p + 4 * n * n * 8 + 2 * 8 * MiB
     if family == "chita":
         solver += int(min(1.0, 1.5 * keep_share) * n * sizes.p * item / ranks)   # the active set's columns of X
     elif family == "woodfisher":
