@@ -143,11 +143,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--max-memory", default="2500M", help="per rank (the machine is shared: keep each under 3 GB)")
     parser.add_argument("--out", default="benchmarks/results/distributed.json")
+    parser.add_argument("--note", default="one thread per rank (OMP_NUM_THREADS=1) on a shared 2-core machine",
+                        help="how the machine was (load, other jobs), stored with the rows")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        model, n, dtype, max_memory, *method = args.worker.split(",")
-        worker_random(model, int(n), dtype, max_memory, *(method or ["falcon"]))
+        model, n, dtype, max_memory, method = args.worker.split(",")
+        worker_random(model, int(n), dtype, max_memory, method)
         return
     rows = []
     for name in args.rows:
@@ -162,9 +164,7 @@ def main() -> None:
                        ("nonzeros", "nonzeros", "d"), ("wall_seconds", "wall s", ".1f"),
                        ("peak_rss_mb_max", "max RSS MB", ".0f"), ("X_mb_per_rank", "X MB/rank", ".1f"),
                        ("exchange_mb", "exchange MB", ".1f"), ("solver_mb_per_iteration", "MB/iteration", ".2f")])
-    write_json(args.out, {"note": "one thread per rank (OMP_NUM_THREADS=1), nice 19, on a shared 2-core machine "
-                                  "that was NOT quiet (other agents' benchmarks ran): seconds are loaded figures",
-                          "rows": rows})
+    write_json(args.out, {"note": args.note, "rows": rows})
 
 
 if __name__ == "__main__":
