@@ -114,8 +114,8 @@ def accuracy_part(args) -> dict:
                                     snapshots=others or None)
             seconds = time.perf_counter() - start
             shots = {min(args.budgets): result, **result.snapshots}
-            info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps", "on_schedule",
-                                                  "final_lambda")}
+            info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps", "snapshot_cuts",
+                                                  "on_schedule", "final_lambda")}
             info["history"] = result.record["history"]
             info["seconds_note"] = "one taper run gives every budget; seconds are the whole run"
             for budget in sorted(args.budgets, reverse=True):

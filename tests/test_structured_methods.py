@@ -171,3 +171,15 @@ def test_taper_snapshots_record_whether_the_gates_settled(tiny):
         assert cut["mean_abs_gate_change"] < 0.1
     else:
         assert cut["held_steps"] == 60
+
+
+def test_taper_gates_follow_the_budget_down_to_every_snapshot(tiny):
+    # Before the logits were bounded and the temperature followed the gated MACs, this run's gates
+    # stuck at 65% of the MACs while the budget was 40% (constraint error 0.25, cut unsettled).
+    model, x, data = tiny
+    r = prune_structured(zoo.build("resnet20-b").eval(), "taper", 0.4, x, lambda: data, taper_epochs=10,
+                         snapshots=[0.7])
+    cuts = r.record["snapshot_cuts"]
+    assert sorted(cuts) == ["0.4", "0.7"]
+    for cut in cuts.values():
+        assert cut["settled"] and abs(cut["constraint_error"]) < 0.05

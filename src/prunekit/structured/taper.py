@@ -14,12 +14,18 @@ MAC budget tapers from the dense count down, enforced as an equality constraint.
   moved by less than ``flat_tol``; it never exceeds the user's bound ``max_rate`` (share of the
   dense MACs per epoch) and never falls below a quarter of its starting value (so a run ends).
 * Temperature: ``g = sigmoid(theta / T)``. ``T`` falls from 1 to ``final_temperature`` as the
-  budget tapers (geometrically in the share of MACs removed so far) and, while a budget is
+  gated MACs come down (geometrically in the share of MACs removed so far, counted from the
+  larger of the budget and the gated model's MACs: cooling never runs ahead of the gates) and,
+  while a budget is
   held, by a further ``hold_cooling`` per step at or under the budget (``c <= settle_tol``) and
   warmer again by two such steps per step above it (frozen gates above the budget could not
   come down); after a snapshot it returns to the taper's
   value. A cooling sigmoid drives the gates to 0 or 1 (``final_temperature = 1``: no annealing,
-  no cooling while held either).
+  no cooling while held either). After every step ``|theta / T|`` is clipped to ``logit_bound``:
+  a gate pushed far past 0 or 1 (float32 sigmoid rounds to exactly 1 beyond about 17) would
+  have no gradient left, and Adam, scaled by the large gradients of the first steps, would
+  barely move one with a merely tiny gradient; either way the constraint could no longer close
+  it (ResNet-56: the gated MACs stuck at 96% of dense while the budget fell to 30%).
 * The budget is never forced down: ``B`` falls at least at the floor rate, so it reaches every
   budget. When ``B`` reaches a requested budget it is held there until the constraint is met
   (gated MACs within ``settle_tol`` of it, or, with channels too coarse for that, the settled
@@ -71,6 +77,7 @@ class TaperOptions(ChannelOptions):
     max_hold_steps: int = 200    # cut anyway after this many steps held (recorded as not settled)
     final_temperature: float = 0.05  # gate temperature at the last budget (1: no annealing)
     hold_cooling: float = 0.97   # extra factor on the temperature per step while a budget is held
+    logit_bound: float = 6.0     # |logit / T| is kept below this: no gate saturates where its gradient vanishes
     check_every: int = 20
     slow_down: float = 0.7
     speed_up: float = 1.1
@@ -83,7 +90,7 @@ class TaperOptions(ChannelOptions):
                    "max_taper_rate": Real(0, open_low=True), "snapshots": Shares(), "settle_steps": Integer(1),
                    "settle_tol": Real(0), "settled_share": Real(0, 1), "settle_margin": Real(0, 0.5),
                    "max_hold_steps": Integer(1), "final_temperature": Real(0, 1, open_low=True),
-                   "hold_cooling": Real(0, 1, open_low=True), "check_every": Integer(1), "slow_down": Real(0, 1, open_low=True),
+                   "hold_cooling": Real(0, 1, open_low=True), "logit_bound": Real(0, open_low=True), "check_every": Integer(1), "slow_down": Real(0, 1, open_low=True),
                    "speed_up": Real(1), "rise_tol": Real(0), "flat_tol": Real(0), "loss_average": Real(0, 1)}
 
 
@@ -127,6 +134,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                                  momentum=options.momentum, weight_decay=options.weight_decay, nesterov=True)
     loss_fn = nn.CrossEntropyLoss()
     lam, budget, step = 0.0, float(dense), 0
+    gated = float(dense)         # MACs of the gated model at the last step
     pending = list(budgets)
     held = cooled = 0
     loss_avg, loss_ref = None, None
@@ -142,7 +150,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                 target = pending[0] * dense
                 if budget > target:
                     budget = max(target, budget - rate * dense)
-                temperature = _temperature(options, budget / dense, budgets[-1], cooled)
+                temperature = _temperature(options, max(budget, gated) / dense, budgets[-1], cooled)
                 gates = [torch.sigmoid(t / temperature) for t in theta]
                 hooks.values = gates
                 macs = counter.macs([g.double() for g in gates])
@@ -155,7 +163,12 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                 loss.backward()
                 gate_opt.step()
                 weight_opt.step()
+                with torch.no_grad():
+                    bound = options.logit_bound * temperature
+                    for t in theta:
+                        t.clamp_(-bound, bound)
                 lam += options.dual_lr * c.item()
+                gated = macs.item()
                 step += 1
                 loss_avg = ce.item() if loss_avg is None else \
                     options.loss_average * loss_avg + (1 - options.loss_average) * ce.item()
