@@ -214,12 +214,13 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
     return snapshots, info
 
 
-def _temperature(options: TaperOptions, budget_share: float, last_share: float, cooled: int) -> float:
-    """Gate temperature: 1 at the dense budget, ``final_temperature`` at the last one
-    (geometric in the share of MACs removed), times ``hold_cooling ** cooled`` while a budget is held."""
+def _temperature(options: TaperOptions, reached_share: float, last_share: float, cooled: int) -> float:
+    """Gate temperature: 1 at the dense MACs, ``final_temperature`` once ``reached_share`` (the share
+    of dense MACs the taper has got down to) is the last budget's (geometric in the share of MACs
+    removed), times ``hold_cooling ** cooled`` while a budget is held."""
     if options.final_temperature >= 1.0:
         return 1.0                                   # no annealing at all
-    progress = min(1.0, max(0.0, (1.0 - budget_share) / (1.0 - last_share)))
+    progress = min(1.0, max(0.0, (1.0 - reached_share) / (1.0 - last_share)))
     return max(options.final_temperature ** progress * options.hold_cooling ** cooled, 1e-3)
 
 
