@@ -178,6 +178,7 @@ def test_allocation_first_searches_the_dense_model_at_the_final_budget_and_every
     first, *later = result.history
     final_k = result.history[-1]["max_nonzeros"]
     assert first["max_nonzeros"] > final_k and first["layer_search_judged_at"] == final_k
+    assert first["max_macs"] > result.history[-1]["max_macs"] == first["layer_search_judged_at_macs"]
     assert first["layer_search_accepted"] > 0             # the multipliers are not all 1
     assert all("layer_search_loss" not in h and h["layer_scales"] == first["layer_scales"] for h in later)
     space = ParamSpace(result.model)
@@ -200,9 +201,11 @@ def test_look_ahead_judges_every_stage_at_the_final_budget(monkeypatch):
     ahead, solved = _falcon_pp_with_spy(monkeypatch, layer_search=4, layer_search_mode="ahead")
     final_k = ahead.history[-1]["max_nonzeros"]
     assert [h["layer_search_judged_at"] for h in ahead.history] == [final_k] * 3
+    assert [h["layer_search_judged_at_macs"] for h in ahead.history] == [ahead.history[-1]["max_macs"]] * 3
     assert [k for k, _ in solved] == [h["max_nonzeros"] for h in ahead.history]   # each stage prunes to its own
     stage, _ = _falcon_pp_with_spy(monkeypatch, layer_search=4)
-    assert [h["layer_search_judged_at"] for h in stage.history] == [h["max_nonzeros"] for h in stage.history]
+    assert [(h["layer_search_judged_at"], h["layer_search_judged_at_macs"]) for h in stage.history] == \
+        [(h["max_nonzeros"], h["max_macs"]) for h in stage.history]
 
 
 def test_search_modes_are_refused_without_a_search(capsys):

@@ -197,7 +197,8 @@ def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.T
                                                      start=layer_scales)
     record.update(layer_search_start_loss=found.start_loss, layer_search_loss=found.loss,
                   layer_search_accepted=found.accepted, layer_search_seconds=found.seconds,
-                  layer_search_judged_at=k, layer_scales=[float(s) for s in layer_scales])
+                  layer_search_judged_at=k, layer_search_judged_at_macs=max_macs,
+                  layer_scales=[float(s) for s in layer_scales])
     return weights.to(index.device), layer_scales
 
 
