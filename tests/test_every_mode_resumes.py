@@ -46,7 +46,11 @@ CASES = {k: v for k, v in CASES.items() if v[0] is not None}
 CASES.update({"chita++ multi-stage": (BUDGET["chita++"], 1), "falcon++ multi-stage": (BUDGET["falcon++"], 1),
               "woodfisher multi-stage": ([*BUDGET["woodfisher"], "--stages", "2"], 1),
               # the layer search's per-layer scales carry from stage to stage, also across a resume
-              "falcon++ multi-stage with layer search": ([*BUDGET["falcon++"], "--layer-search", "3"], 1)})
+              "falcon++ multi-stage with layer search": ([*BUDGET["falcon++"], "--layer-search", "3"], 1),
+              # allocation first: stage 2 prunes with (and refines) the multipliers stage 1 searched
+              "falcon++ multi-stage with layer search first": (["--flops", "0.98", "--stages", "3", *QUADRATIC,
+                                                               "--layer-search", "3", "--layer-search-mode",
+                                                               "first", "--layer-search-refine", "2"], 1)})
 CASES.update({f"{m} gradual": ([*BUDGET[m], *GRADUAL], 1) for m in BUDGET})
 CASES.update({f"{m} structured": (STRUCTURED[m], 3) for m in STRUCTURED})   # gates, bn, fine-tune epoch 1
 # the hybrid's checkpoints: gates (the channel cut), sparsify (FALCON), bn, fine-tune epochs; also cut after the first

@@ -154,3 +154,70 @@ def test_the_judge_splits_few_batches_between_calibration_and_judging():
     assert len(one.calibration) == len(one.judge) == 1
     with pytest.raises(PrunekitError, match="training batches"):
         RecalibratedLoss.from_batches(model, space, [])
+
+
+def _falcon_pp_with_spy(monkeypatch, stages=3, **options):
+    """FALCON++ on the tiny BatchNorm network; returns (result, [(k, score_weights) of every stage's solve])."""
+    from prunekit.pipelines import fisher_methods
+    solve, solved = fisher_methods._solve_stage_falcon, []
+
+    def spy(q, k, max_macs, macs, opts, score_weights=None, variant=None):
+        if variant is None:                 # the stage's own solve, not a search candidate
+            solved.append((k, None if score_weights is None else score_weights.clone()))
+        return solve(q, k, max_macs, macs, opts, score_weights, variant)
+    monkeypatch.setattr(fisher_methods, "_solve_stage_falcon", spy)
+    net = bn_net()
+    x, y = torch.randn(200, 1, 6, 6), torch.randint(0, 3, (200,))
+    result = prunekit.prune(net, (x, y), method="falcon++", flops=0.4, sparsity=0.7, batch_size=10,
+                            fisher_samples=8, stages=stages, **options)
+    return result, solved
+
+
+def test_allocation_first_searches_the_dense_model_at_the_final_budget_and_every_stage_uses_it(monkeypatch):
+    result, solved = _falcon_pp_with_spy(monkeypatch, layer_search=30, layer_search_mode="first")
+    first, *later = result.history
+    final_k = result.history[-1]["max_nonzeros"]
+    assert first["max_nonzeros"] > final_k and first["layer_search_judged_at"] == final_k
+    assert first["max_macs"] > result.history[-1]["max_macs"] == first["layer_search_judged_at_macs"]
+    assert first["layer_search_accepted"] > 0             # the multipliers are not all 1
+    assert all("layer_search_loss" not in h and h["layer_scales"] == first["layer_scales"] for h in later)
+    space = ParamSpace(result.model)
+    per_weight = torch.tensor(first["layer_scales"], dtype=torch.float64)[layer_index(space.layer_slices(), space.numel)]
+    for stage, (k, weights) in enumerate(solved[1:], start=2):   # stage s's free weights: stage s-1's support
+        assert weights is not None and weights.numel() == result.history[stage - 2]["nonzeros"]
+        assert set(weights.tolist()) <= set(per_weight.tolist()) and not torch.all(weights == 1)
+
+
+def test_refine_searches_again_at_the_last_stage_only(monkeypatch):
+    result, _ = _falcon_pp_with_spy(monkeypatch, layer_search=6, layer_search_mode="first", layer_search_refine=4)
+    searched = ["layer_search_loss" in h for h in result.history]
+    assert searched == [True, False, True]
+    last = result.history[-1]
+    assert last["layer_search_judged_at"] == last["max_nonzeros"]
+    assert last["layer_search_loss"] <= last["layer_search_start_loss"]
+
+
+def test_look_ahead_judges_every_stage_at_the_final_budget(monkeypatch):
+    ahead, solved = _falcon_pp_with_spy(monkeypatch, layer_search=4, layer_search_mode="ahead")
+    final_k = ahead.history[-1]["max_nonzeros"]
+    assert [h["layer_search_judged_at"] for h in ahead.history] == [final_k] * 3
+    assert [h["layer_search_judged_at_macs"] for h in ahead.history] == [ahead.history[-1]["max_macs"]] * 3
+    assert [k for k, _ in solved] == [h["max_nonzeros"] for h in ahead.history]   # each stage prunes to its own
+    stage, _ = _falcon_pp_with_spy(monkeypatch, layer_search=4)
+    assert [(h["layer_search_judged_at"], h["layer_search_judged_at_macs"]) for h in stage.history] == \
+        [(h["max_nonzeros"], h["max_macs"]) for h in stage.history]
+
+
+def test_search_modes_are_refused_without_a_search(capsys):
+    net = bn_net()
+    x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 3, (40,))
+    with pytest.raises(PrunekitError, match="layer_search_mode first needs layer_search"):
+        prunekit.prune(net, (x, y), method="falcon++", flops=0.5, layer_search_mode="first")
+    with pytest.raises(PrunekitError, match="layer_search_refine"):
+        prunekit.prune(net, (x, y), method="falcon++", flops=0.5, layer_search=3, layer_search_refine=2)
+    with pytest.raises(PrunekitError, match="layer_search_mode must be one of"):
+        prunekit.prune(net, (x, y), method="falcon++", flops=0.5, layer_search=3, layer_search_mode="last")
+    assert main(["prune", "--model", "mlpnet", "--method", "falcon++", "--flops", "0.5", "--layer-search-mode",
+                 "ahead", "--data", "mnist", "--data-dir", "src/prunekit/assets/mnist"]) == 2
+    err = capsys.readouterr().err
+    assert "--layer-search-mode ahead needs --layer-search" in err and len(err.strip().splitlines()) == 1

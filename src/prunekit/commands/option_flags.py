@@ -30,6 +30,11 @@ HELP = {
                      "(diag(XᵀX/n + λ)·w², the quadratic model's cost of removing each weight alone)",
     "layer_search": "magnitude-flops, falcon, falcon++: trials of the per-layer allocation search judged by the "
                     "loss after BatchNorm recalibration on held training batches (default 0: off; 200 measured)",
+    "layer_search_mode": "falcon++: where the layer search runs: stage (every stage, judged at its own budget; "
+                         "default), ahead (every stage, judged at the final budget) or first (once, on the dense "
+                         "model at the final budget; later stages keep its multipliers)",
+    "layer_search_refine": "falcon++ with --layer-search-mode first: trials of a second search at the last stage, "
+                           "from the first stage's multipliers (default 0)",
     "ridge": "absolute ridge λ of the quadratic model (the papers' setting)",
     "relative_ridge": "λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)",
     "stages": "pruning stages (default: chita/falcon 1, chita++ 15, falcon++ 5)",

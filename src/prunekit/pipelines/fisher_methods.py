@@ -28,12 +28,16 @@ from ..solvers.falcon import SCORES, falcon
 from ..solvers.woodfisher import woodfisher
 from ..solvers.quadratic import QuadraticModel
 from ..solvers.sharded_quadratic import ShardedQuadraticModel
+from ..solvers.layer_search import layer_index
 from ..solvers.search import largest_fitting_k
 from ..train import recalibrate_batchnorm
 from .allocation import search_allocation
 from .schedule import KINDS, keep_schedule
 from .stages import resume_stages, stage_completed
 from .weights import PruneContext, Pruned
+
+
+SEARCH_MODES = ("stage", "ahead", "first")
 
 
 @dataclass
@@ -102,16 +106,39 @@ class FalconOptions(QuadraticOptions):
     block_size: backsolve in independent blocks of this many weights (None: exact);
     support_score: what the ILP keeps most of: "magnitude" (w²) or "saliency" (diag(XᵀX/n + λ)·w²,
     the quadratic model's cost of removing each weight alone; see ``solvers.falcon``);
-    layer_search: trials of the per-layer allocation search at every stage (0 = off): each
-    trial is an ILP + backsolve with per-layer score multipliers, judged by the loss after
-    BatchNorm recalibration on held training batches (see ``pipelines.allocation``)."""
+    layer_search: trials of the per-layer allocation search (0 = off): each trial is an ILP +
+    backsolve with per-layer score multipliers, judged by the loss after BatchNorm recalibration
+    on held training batches (see ``pipelines.allocation``);
+    layer_search_mode: where the search runs in a multi-stage run (one stage: all the same):
+        "stage": at every stage, each trial judged at that stage's own budget, starting from the
+                 previous stage's multipliers;
+        "ahead": at every stage, each trial judged by the candidate at the *final* budget solved
+                 from this stage's quadratic model; the multipliers found prune to this stage's
+                 budget;
+        "first": once, at stage 1 (the dense model), judged at the final budget, as one shot
+                 searches; every later stage prunes with those multipliers ("allocation first");
+    layer_search_refine: with "first", trials of a second search at the last stage, starting from
+        the first stage's multipliers (0 = none)."""
 
     solver: str = "dfo"
     block_size: int | None = None
     support_score: str = "magnitude"
     layer_search: int = 0
+    layer_search_mode: str = "stage"
+    layer_search_refine: int = 0
     constraints = {**QuadraticOptions.constraints, "solver": OneOf(("dfo", "magnitude")),
-                   "block_size": Integer(1), "support_score": OneOf(SCORES), "layer_search": Integer(0)}
+                   "block_size": Integer(1), "support_score": OneOf(SCORES), "layer_search": Integer(0),
+                   "layer_search_mode": OneOf(SEARCH_MODES), "layer_search_refine": Integer(0)}
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.layer_search_mode != "stage" and not self.layer_search:
+            raise OptionError(f"layer_search_mode {self.layer_search_mode} needs layer_search trials (e.g. 100)",
+                              ("layer_search_mode", "layer_search"))
+        if self.layer_search_refine and self.layer_search_mode != "first":
+            raise OptionError("layer_search_refine refines the search of layer_search_mode first: set "
+                              "layer_search_mode first, or drop layer_search_refine",
+                              ("layer_search_refine", "layer_search_mode"))
 
 
 @dataclass
@@ -151,12 +178,12 @@ def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FalconO
 
 
 def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.Tensor, k: int, max_macs,
-                            macs: torch.Tensor, opts: FalconOptions, record: dict,
+                            macs: torch.Tensor, opts: FalconOptions, trials: int, record: dict,
                             layer_scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(m,) per-weight score multipliers (one per layer) from the allocation search, and the (L,)
     per-layer scales (the next stage starts from them): each trial is FALCON's "magnitude"
-    variant (ILP + backsolve) with the trial's multipliers, judged by the loss after BatchNorm
-    recalibration. Adds the search's figures to ``record``."""
+    variant (ILP + backsolve) with the trial's multipliers at the budget (k, max_macs), judged by
+    the loss after BatchNorm recalibration. Adds the search's figures to ``record``."""
     p = ctx.space.numel
 
     def candidate(score_weights: torch.Tensor) -> torch.Tensor:
@@ -165,13 +192,23 @@ def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.T
                                        variant="magnitude").w.to(w.dtype)
         return w
 
-    weights, layer_scales, found = search_allocation(ctx.model, ctx.space, ctx.train_batches(), opts.layer_search,
+    weights, layer_scales, found = search_allocation(ctx.model, ctx.space, ctx.train_batches(), trials,
                                                      candidate, index, seed=ctx.seed, progress=ctx.progress,
                                                      start=layer_scales)
     record.update(layer_search_start_loss=found.start_loss, layer_search_loss=found.loss,
                   layer_search_accepted=found.accepted, layer_search_seconds=found.seconds,
+                  layer_search_judged_at=k, layer_search_judged_at_macs=max_macs,
                   layer_scales=[float(s) for s in layer_scales])
     return weights.to(index.device), layer_scales
+
+
+def _search_plan(opts, stage: int, last: bool) -> tuple[int, bool]:
+    """(trials of this stage's allocation search (0: none), whether its trials are judged at the
+    final budget rather than the stage's own)."""
+    trials, mode = getattr(opts, "layer_search", 0), getattr(opts, "layer_search_mode", "stage")
+    if not trials or mode != "first":
+        return trials, mode == "ahead"
+    return (trials if stage == 1 else opts.layer_search_refine if last else 0), True
 
 
 def needs_flops(budget: ResolvedBudget, opts) -> None:
@@ -253,9 +290,14 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         seconds_gradients = time.perf_counter() - start
         exchanged = collective.bytes_sent
         searched, score_weights = {}, None
-        if getattr(opts, "layer_search", 0):      # each stage starts from the previous stage's scales
-            score_weights, layer_scales = _searched_score_weights(ctx, q, index, min(k, index.numel()), max_macs,
-                                                                  macs[index], opts, searched, layer_scales)
+        trials, judged_at_final = _search_plan(opts, stage, last)
+        if trials:      # each stage starts from the previous stage's scales
+            judge_k, judge_macs = (target, target_macs) if judged_at_final else (min(k, index.numel()), max_macs)
+            score_weights, layer_scales = _searched_score_weights(ctx, q, index, judge_k, judge_macs, macs[index],
+                                                                  opts, trials, searched, layer_scales)
+        elif layer_scales is not None:     # "first": the stage prunes with the multipliers searched before
+            score_weights = layer_scales[layer_index(ctx.space.layer_slices(), p)[index.cpu()]].to(index.device)
+            searched["layer_scales"] = [float(s) for s in layer_scales]
         solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts, score_weights)
         was_pruned = w == 0
         w = torch.zeros(p, dtype=w.dtype, device=w.device)
