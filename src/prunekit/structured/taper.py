@@ -16,12 +16,11 @@ MAC budget tapers from the dense count down, enforced as an equality constraint.
 * Temperature: ``g = sigmoid(theta / T)``. ``T`` falls from 1 to ``final_temperature`` as the
   gated MACs come down (geometrically in the share of MACs removed so far, counted from the
   larger of the budget and the gated model's MACs: cooling never runs ahead of the gates) and,
-  while a budget is
-  held, by a further ``hold_cooling`` per step at or under the budget (``c <= settle_tol``) and
-  warmer again by two such steps per step above it (frozen gates above the budget could not
-  come down); after a snapshot it returns to the taper's
-  value. A cooling sigmoid drives the gates to 0 or 1 (``final_temperature = 1``: no annealing,
-  no cooling while held either). After every step ``|theta / T|`` is clipped to ``logit_bound``:
+  while a budget is held, by a further ``hold_cooling`` per step at or under the budget
+  (``c <= settle_tol``) and warmer again by two such steps per step above it (frozen gates above
+  the budget could not come down); after a snapshot it returns to the taper's value. A cooling
+  sigmoid drives the gates to 0 or 1 (``final_temperature = 1``: no annealing, no cooling while
+  held either). After every step ``|theta / T|`` is clipped to ``logit_bound``:
   a gate pushed far past 0 or 1 (float32 sigmoid rounds to exactly 1 beyond about 17) would
   have no gradient left, and Adam, scaled by the large gradients of the first steps, would
   barely move one with a merely tiny gradient; either way the constraint could no longer close
@@ -90,7 +89,8 @@ class TaperOptions(ChannelOptions):
                    "max_taper_rate": Real(0, open_low=True), "snapshots": Shares(), "settle_steps": Integer(1),
                    "settle_tol": Real(0), "settled_share": Real(0, 1), "settle_margin": Real(0, 0.5),
                    "max_hold_steps": Integer(1), "final_temperature": Real(0, 1, open_low=True),
-                   "hold_cooling": Real(0, 1, open_low=True), "logit_bound": Real(0, open_low=True), "check_every": Integer(1), "slow_down": Real(0, 1, open_low=True),
+                   "hold_cooling": Real(0, 1, open_low=True), "logit_bound": Real(0, open_low=True),
+                   "check_every": Integer(1), "slow_down": Real(0, 1, open_low=True),
                    "speed_up": Real(1), "rise_tol": Real(0), "flat_tol": Real(0), "loss_average": Real(0, 1)}
 
 
