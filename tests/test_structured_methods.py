@@ -183,3 +183,16 @@ def test_taper_gates_follow_the_budget_down_to_every_snapshot(tiny):
     assert sorted(cuts) == ["0.4", "0.7"]
     for cut in cuts.values():
         assert cut["settled"] and abs(cut["constraint_error"]) < 0.05
+
+
+@pytest.mark.parametrize("flops", [0.7, 0.4])
+def test_taper_temperature_never_jumps_back_up(tiny, flops):
+    # The temperature once followed max(budget, gated MACs) step by step: gates that overshot the
+    # budget re-warmed it at once (0.05 -> 0.7 on a depth-cut ResNet-56), the warm gates then fell
+    # far under it, and the two states alternated until the hold ran out (cut unsettled, every
+    # group at one channel). Only the hold's own warming (two cooling steps per step) may raise it.
+    from prunekit.structured.taper import TaperOptions
+    r = prune_structured(zoo.build("resnet20-b").eval(), "taper", flops, tiny[1], lambda: tiny[2], taper_epochs=10)
+    temps = [h["temperature"] for h in r.record["history"]]
+    rise = 1 / TaperOptions().hold_cooling ** 2
+    assert all(b <= a * rise * (1 + 1e-9) for a, b in zip(temps, temps[1:])), temps

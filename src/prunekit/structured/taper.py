@@ -15,7 +15,9 @@ MAC budget tapers from the dense count down, enforced as an equality constraint.
   dense MACs per epoch) and never falls below a quarter of its starting value (so a run ends).
 * Temperature: ``g = sigmoid(theta / T)``. ``T`` falls from 1 to ``final_temperature`` as the
   gated MACs come down (geometrically in the share of MACs removed so far, counted from the
-  larger of the budget and the gated model's MACs: cooling never runs ahead of the gates) and,
+  larger of the budget and the gated model's MACs: cooling never runs ahead of the gates; the
+  lowest such share so far, so gates that overshoot the budget do not re-warm it at once, which
+  made warm and cold states alternate) and,
   while a budget is held, by a further ``hold_cooling`` per step at or under the budget
   (``c <= settle_tol``) and warmer again by two such steps per step above it (frozen gates above
   the budget could not come down); after a snapshot it returns to the taper's value. A cooling
@@ -135,6 +137,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
     loss_fn = nn.CrossEntropyLoss()
     lam, budget, step = 0.0, float(dense), 0
     gated = float(dense)         # MACs of the gated model at the last step
+    reached = 1.0                # lowest share of dense MACs both budget and gates have come down to
     pending = list(budgets)
     held = cooled = 0
     loss_avg, loss_ref = None, None
@@ -150,7 +153,8 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                 target = pending[0] * dense
                 if budget > target:
                     budget = max(target, budget - rate * dense)
-                temperature = _temperature(options, max(budget, gated) / dense, budgets[-1], cooled)
+                reached = min(reached, max(budget, gated) / dense)
+                temperature = _temperature(options, reached, budgets[-1], cooled)
                 gates = [torch.sigmoid(t / temperature) for t in theta]
                 hooks.values = gates
                 macs = counter.macs([g.double() for g in gates])
