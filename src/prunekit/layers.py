@@ -6,6 +6,8 @@ heads replaces it by this module: the same computation with ``kept_heads * head_
 width on the same ``embed_dim`` residual stream, the same call signature, outputs
 ``(output, None)``. ``attention_forward`` is that computation written once, with an optional
 gate per head (used by structured pruning's gates).
+
+``RemovedBlock``: the identity, standing where depth pruning removed a block.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
     return mask.to(dtype)
+
+
+class RemovedBlock(nn.Identity):
+    """The identity where depth pruning (``structured.depth``) removed a shape-keeping block;
+    its own class so that the saved channel layout can record the removal."""
 
 
 class SlimAttention(nn.Module):

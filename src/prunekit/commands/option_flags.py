@@ -57,6 +57,9 @@ HELP = {
     "taper_epochs": "taper: planned length in epochs (default 4)",
     "max_taper_rate": "taper: most dense-MAC share the budget may fall per epoch (default 2x the planned rate)",
     "snapshots": "taper: also save models at these MAC shares (e.g. 0.7 0.5 0.3), from the same run",
+    "depth_flops": "autobot, taper: remove whole blocks first, down to this share of the dense MACs (above "
+                   "--flops); the method thins channels of the rest (fewer, wider layers run faster)",
+    "depth_batches": "autobot, taper with --depth-flops: training batches that score each block (default 4)",
     "structured_flops": "hybrid: share of the dense MACs the channel phase keeps (default 0.5); FALCON prunes "
                         "single weights from there to --flops",
     "final_temperature": "taper: gate temperature at the last budget, annealed from 1 (default 0.05; 1: none)",

@@ -25,14 +25,19 @@ class ChannelOptions(Options):
     """gate_batch_size: training batch size while the gates learn and for the fine-tune (for
     prunekit loaders; a DataLoader of your own keeps its batch size); channel_multiple: every
     group keeps a multiple of this many channels (see ``rounding``); finetune_epochs /
-    finetune_lr: SGD fine-tuning of the shrunk model(s) (cosine learning rate from finetune_lr)."""
+    finetune_lr: SGD fine-tuning of the shrunk model(s) (cosine learning rate from finetune_lr);
+    depth_flops: remove whole blocks first, down to this share of the dense MACs (``depth``;
+    None: no depth cut), scored on depth_batches training batches."""
 
     gate_batch_size: int = 64
     channel_multiple: int = 1
     finetune_epochs: int = 0
     finetune_lr: float = 0.01
+    depth_flops: float | None = None
+    depth_batches: int = 4
     constraints = {"gate_batch_size": Integer(1), "channel_multiple": Integer(1), "finetune_epochs": Integer(0),
-                   "finetune_lr": Real(0, open_low=True)}
+                   "finetune_lr": Real(0, open_low=True), "depth_flops": Real(0, 1, open_low=True),
+                   "depth_batches": Integer(1)}
 
 
 @dataclass

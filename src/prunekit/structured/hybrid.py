@@ -35,6 +35,11 @@ class HybridOptions(AutoBotOptions, FalconOptions):
     constraints = {**AutoBotOptions.constraints, **FalconOptions.constraints,
                    "structured_flops": Real(0, 1, open_low=True)}
 
+    @classmethod
+    def names(cls) -> list[str]:
+        """Not the depth cut's options: the hybrid's two phases already share the budget."""
+        return [name for name in super().names() if not name.startswith("depth_")]
+
     def falcon_options(self) -> FalconOptions:
         names = {f.name for f in fields(FalconOptions)}
         return FalconOptions(**{k: v for k, v in self.to_dict().items() if k in names})

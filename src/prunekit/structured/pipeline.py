@@ -20,6 +20,7 @@ counted by ``CostModel.count`` on each shrunk model, and the budget is checked a
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 
 import torch
@@ -34,7 +35,8 @@ from ..pipelines.stages import StageCheckpointer, StageState, capture_rng, resto
 from ..pipelines.weights import Outcome
 from ..train import cosine, recalibrate_batchnorm, sgd, train_epoch
 from ..zoo.layout import apply_layout, channel_layout
-from .family import ChannelContext, ChannelOptions
+from .depth import depth_cut
+from .family import ChannelContext, ChannelOptions, Cut
 from .gates import GatedMacs
 from .groups import find_groups
 from .rounding import minimum_rounded_macs
@@ -76,7 +78,7 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
     optimizer = schedule = optimizer_state = None
     if state is None:
         start = time.perf_counter()
-        cut = run(ctx, opts)
+        cut = _depth_then(ctx, run, opts)
         seconds = time.perf_counter() - start
         models, info = cut.models, {**cut.info, "seconds": seconds,
                                     "kept_channels": {f"{s:g}": [int(m.sum()) for m in cut.masks[s]] for s in cut.models}}
@@ -136,6 +138,27 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
     main = outcomes.pop(ctx.shares[0])
     main.snapshots = outcomes
     return main
+
+
+def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> Cut:
+    """``run(ctx, opts)``, after a depth cut to ``opts.depth_flops`` when that is set: the method
+    then works on the cut model, its shares rescaled to that model's MACs (and keyed back)."""
+    if opts.depth_flops is None:
+        return run(ctx, opts)
+    if not opts.depth_flops > max(ctx.shares):
+        raise OptionError(f"depth_flops {opts.depth_flops:g} must be above flops {max(ctx.shares):g}: the depth cut "
+                          "keeps more MACs than the budget, the channel method removes the rest",
+                          ("depth_flops", "flops"))
+    batches = list(itertools.islice(ctx.batches(), opts.depth_batches))
+    model, info = depth_cut(ctx.model, ctx.costs, opts.depth_flops * ctx.costs.macs, batches, ctx.progress)
+    costs = CostModel(model, ctx.example_input)
+    # shares of the cut model's MACs; a hair lower so that rounding never lifts a budget past the dense one's
+    scale = ctx.costs.macs / costs.macs * (1 - 1e-12)
+    shares = {share * scale: share for share in ctx.shares}
+    cut = run(channel_context(model, costs, ctx.example_input, list(shares), opts.channel_multiple, ctx.batches,
+                              ctx.progress), opts)
+    return Cut({shares[s]: m for s, m in cut.models.items()}, {shares[s]: m for s, m in cut.masks.items()},
+               {**cut.info, "depth": info})
 
 
 def _hold_zeros(model: nn.Module, optimizer) -> MaskHold:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
-from ..layers import SlimAttention
+from ..layers import RemovedBlock, SlimAttention
 
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
@@ -22,7 +22,9 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
     zero-pad shortcut that lost channels (JSON-ready)."""
     layout = {}
     for name, module in model.named_modules():
-        if isinstance(module, SlimAttention):        # attention with heads removed
+        if isinstance(module, RemovedBlock):            # a block removed by depth pruning
+            layout[name] = {"removed": True}
+        elif isinstance(module, SlimAttention):        # attention with heads removed
             layout[name] = {"heads": module.num_heads, "head_dim": module.head_dim,
                             "embed_dim": module.embed_dim, "bias": module.in_proj_bias is not None,
                             "batch_first": module.batch_first, "dropout": module.dropout}
@@ -47,6 +49,10 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             raise PrunekitError(f"the saved channel layout names layer {name!r}, which the model lacks: "
                                 "the file belongs to another architecture")
         try:
+            if spec.get("removed"):
+                parent_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, attr, RemovedBlock())
+                continue
             if "heads" in spec:                          # an nn.MultiheadAttention that lost heads
                 slim = SlimAttention(int(spec["embed_dim"]), int(spec["heads"]), int(spec["head_dim"]),
                                      bool(spec["bias"]), bool(spec["batch_first"]), float(spec["dropout"]))

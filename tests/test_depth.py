@@ -1,0 +1,100 @@
+"""Depth pruning (``structured.depth``): which blocks count, which go first, and a channel method
+after a depth cut (budget, record, save / reload / ONNX, refusals)."""
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit import zoo
+from prunekit.costs import CostModel
+from prunekit.errors import PrunekitError
+from prunekit.export import export_onnx
+from prunekit.layers import RemovedBlock
+from prunekit.loading import load_model
+from prunekit.record import save_pruned
+from prunekit.structured.depth import depth_cut, removable_blocks
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
+    return x, data
+
+
+def test_blocks_are_the_shape_keeping_children_of_sequentials(tiny):
+    x, _ = tiny
+    # option B ResNet-20: the first block of stages 2 and 3 changes the shape; BN-only children hold no weight
+    assert removable_blocks(zoo.build("resnet20-b").eval(), x) == \
+        ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
+    assert removable_blocks(zoo.build("mlpnet"), torch.randn(1, 1, 28, 28)) == []        # 784-40-20-10: none
+    nested = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), nn.Linear(4, 2))
+    assert removable_blocks(nested, torch.randn(1, 4)) == ["0.0", "0.2"]                # innermost only
+
+
+def test_the_block_whose_removal_costs_nothing_goes_first_and_the_macs_stay_above_the_target():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3))
+    with torch.no_grad():                 # block 1 is the identity: removing it changes nothing
+        net[1].weight.copy_(torch.eye(6))
+        net[1].bias.zero_()
+    x = torch.randn(1, 6)
+    batches = [(torch.randn(16, 6), torch.randint(0, 3, (16,)))]
+    costs = CostModel(net, x)
+    cut, info = depth_cut(net, costs, 0.7 * costs.macs, batches)       # room for one 36-MAC block of 126
+    assert info["removed"] == ["1"] and isinstance(cut[1], RemovedBlock)
+    assert info["blocks"]["1"]["loss_rise"] == pytest.approx(0.0, abs=1e-6)
+    assert info["macs"] == costs.count(cut).macs == 90 >= 0.7 * costs.macs
+    assert isinstance(net[1], nn.Linear)                               # the model given is not changed
+    rises = {}                                                         # each removal by hand
+    for i in range(3):
+        trial = nn.Sequential(*[nn.Identity() if j == i else m for j, m in enumerate(net)])
+        rises[str(i)] = float(nn.functional.cross_entropy(trial(batches[0][0]), batches[0][1])
+                              - nn.functional.cross_entropy(net(batches[0][0]), batches[0][1]))
+    assert {k: v["loss_rise"] for k, v in info["blocks"].items()} == pytest.approx(rises, rel=1e-5, abs=1e-6)
+
+
+def test_taper_after_a_depth_cut_meets_the_budget_and_reloads(tiny, tmp_path):
+    x, data = tiny
+    model = zoo.build("resnet20-b").eval()
+    r = prunekit.prune(model, lambda: data, method="taper", flops=0.3, example_input=x, depth_flops=0.6,
+                       taper_epochs=10)
+    costs = CostModel(model, x)
+    depth = r.record["depth"]
+    assert depth["removed"] and depth["flops_kept"] >= 0.6
+    assert sum(isinstance(m, RemovedBlock) for m in r.model.modules()) == len(depth["removed"])
+    assert costs.count(r.model).macs == r.macs <= 0.3 * costs.macs
+    meta = {"model": "resnet20-b", "build_kwargs": {}, "input_shape": [3, 8, 8],
+            "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    save_pruned(tmp_path, r.model, meta, r.record, shrunk=True)
+    loaded = load_model("resnet20-b", tmp_path / "model.safetensors")
+    assert torch.equal(loaded.model(x), r.model(x))
+    graph = onnx.load(str(export_onnx(r.model, x, tmp_path / "model.onnx")))
+    onnx.checker.check_model(graph)
+    assert sum(n.op_type == "Conv" for n in graph.graph.node) == sum(isinstance(m, nn.Conv2d)
+                                                                      for m in r.model.modules())
+
+
+def test_autobot_after_a_depth_cut_meets_the_budget(tiny):
+    x, data = tiny
+    model = zoo.build("resnet20-b").eval()
+    r = prunekit.prune(model, lambda: data, method="autobot", flops=0.4, example_input=x, depth_flops=0.7,
+                       gate_batches=2)
+    assert r.record["depth"]["removed"]
+    assert CostModel(model, x).count(r.model).macs == r.macs <= 0.4 * CostModel(model, x).macs
+
+
+def test_depth_requests_that_cannot_work_are_refused(tiny):
+    x, data = tiny
+    model = zoo.build("resnet20-b").eval()
+    with pytest.raises(PrunekitError, match="depth_flops 0.3 must be above flops 0.5"):
+        prunekit.prune(model, lambda: data, method="taper", flops=0.5, example_input=x, depth_flops=0.3)
+    with pytest.raises(PrunekitError, match="takes no option depth_flops"):
+        prunekit.prune(model, lambda: data, method="hybrid", flops=0.3, example_input=x, depth_flops=0.6)
+    with pytest.raises(PrunekitError, match="depth_flops"):
+        prunekit.prune(model, lambda: data, method="taper", flops=0.3, example_input=x, depth_flops=1.5)
