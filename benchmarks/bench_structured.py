@@ -103,7 +103,20 @@ def accuracy_part(args) -> dict:
             f"pruned+BN {pruned_acc:.2f}%, fine-tuned {ft_acc:.2f}%, prune {seconds:.0f} s, fine-tune {ft_seconds:.0f} s")
         write_json(args.out, payload)
 
+    depth_of = dict(zip(args.budgets, args.depth_flops)) if args.depth_flops else {}
     for method in args.methods:
+        if method == "taper" and depth_of:       # a depth cut per budget: one taper run each
+            for budget in sorted(args.budgets, reverse=True):
+                start = time.perf_counter()
+                result = prunekit.prune(copy.deepcopy(dense), batches, method="taper", flops=budget,
+                                        example_input=example, recalibrate_bn=False, taper_epochs=args.taper_epochs,
+                                        max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
+                                        depth_flops=depth_of[budget], depth_batches=args.depth_batches)
+                info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps",
+                                                      "snapshot_cuts", "on_schedule", "final_lambda", "history")}
+                finish("taper+depth", budget, result.model, time.perf_counter() - start,
+                       {**info, "depth": result.record["depth"]})
+            continue
         if method == "taper":
             model = copy.deepcopy(dense)
             start = time.perf_counter()
@@ -141,16 +154,20 @@ def accuracy_part(args) -> dict:
             elif method == "autobot":
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="autobot", flops=budget,
                                         example_input=example, recalibrate_bn=False, gate_batches=args.gate_batches,
-                                        channel_multiple=args.channel_multiple)
+                                        channel_multiple=args.channel_multiple, depth_flops=depth_of.get(budget),
+                                        depth_batches=args.depth_batches)
                 small = result.model
                 info = {k: result.record[k] for k in ("threshold_gate", "gate_steps", "gate_estimate_flops_kept",
                                                       "history")}
+                if depth_of:
+                    info["depth"] = result.record["depth"]
             else:
                 grads = [b for _, b in zip(range(args.taylor_batches), train_loader)]
                 inner = method.endswith("-inner")        # torch-pruning with option-A block outputs kept dense
                 small, info = tp_prune(dense, method.removesuffix("-inner"), budget, example, grads,
                                        round_to=args.channel_multiple, pads_residual=not inner)
-            finish(method, budget, small, time.perf_counter() - start, info)
+            finish(f"{method}+depth" if depth_of and method == "autobot" else method, budget, small,
+                   time.perf_counter() - start, info)
     return payload
 
 
@@ -191,6 +208,10 @@ def main() -> None:
     parser.add_argument("--taper-epochs", type=float, default=4.0, help="planned taper length in epochs")
     parser.add_argument("--max-taper-rate", type=float, default=None, help="share of dense MACs per epoch")
     parser.add_argument("--taylor-batches", type=int, default=10, help="batches of 64 for the Taylor gradients")
+    parser.add_argument("--depth-flops", type=float, nargs="+",
+                        help="autobot, taper: remove whole blocks first down to this share of the dense MACs, one "
+                             "per --budgets entry (rows named autobot+depth, taper+depth; taper runs once per budget)")
+    parser.add_argument("--depth-batches", type=int, default=4, help="training batches that score each block")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--channel-multiple", type=int, default=1,
@@ -207,6 +228,8 @@ def main() -> None:
     parser.add_argument("--models-dir", default=str(RESULTS / "structured_models"))
     parser.add_argument("--out", default=str(RESULTS / "structured_resnet56.json"))
     args = parser.parse_args()
+    if args.depth_flops and len(args.depth_flops) != len(args.budgets):
+        parser.error("--depth-flops needs one share per --budgets entry")
     if args.latency_only:
         parts = [json.loads(Path(p).read_text()) for p in (args.inputs or [args.out])]
         payload = parts[0]

@@ -48,15 +48,29 @@ def test_the_block_whose_removal_costs_nothing_goes_first_and_the_macs_stay_abov
     costs = CostModel(net, x)
     cut, info = depth_cut(net, costs, 0.7 * costs.macs, batches)       # room for one 36-MAC block of 126
     assert info["removed"] == ["1"] and isinstance(cut[1], RemovedBlock)
-    assert info["blocks"]["1"]["loss_rise"] == pytest.approx(0.0, abs=1e-6)
+    assert info["rounds"][0]["loss_rise"] == pytest.approx(0.0, abs=1e-6)
     assert info["macs"] == costs.count(cut).macs == 90 >= 0.7 * costs.macs
     assert isinstance(net[1], nn.Linear)                               # the model given is not changed
-    rises = {}                                                         # each removal by hand
-    for i in range(3):
-        trial = nn.Sequential(*[nn.Identity() if j == i else m for j, m in enumerate(net)])
-        rises[str(i)] = float(nn.functional.cross_entropy(trial(batches[0][0]), batches[0][1])
-                              - nn.functional.cross_entropy(net(batches[0][0]), batches[0][1]))
-    assert {k: v["loss_rise"] for k, v in info["blocks"].items()} == pytest.approx(rises, rel=1e-5, abs=1e-6)
+
+
+def test_greedy_rounds_match_removals_tried_by_hand():
+    torch.manual_seed(1)
+    net = nn.Sequential(*[nn.Linear(5, 5) for _ in range(4)], nn.Linear(5, 2))
+    x, (xs, ys) = torch.randn(1, 5), (torch.randn(32, 5), torch.randint(0, 2, (32,)))
+    costs = CostModel(net, x)                                 # 4 blocks of 25 MACs and a head of 10
+
+    def loss_without(names):
+        with torch.no_grad():
+            kept = nn.Sequential(*[nn.Identity() if str(i) in names else m for i, m in enumerate(net)])
+            return float(nn.functional.cross_entropy(kept(xs), ys))
+
+    first = min("0123", key=lambda a: loss_without({a}))
+    second = min(set("0123") - {first}, key=lambda b: loss_without({first, b}))
+    cut, info = depth_cut(net, costs, 60, [(xs, ys)])         # 110 MACs: two removals fit, three do not
+    assert info["removed"] == [first, second] and info["macs"] == 60
+    assert info["rounds"][1]["loss"] == pytest.approx(loss_without({first, second}), rel=1e-5)
+    assert torch.allclose(cut(xs), nn.Sequential(*[nn.Identity() if str(i) in (first, second) else m
+                                                   for i, m in enumerate(net)])(xs))
 
 
 def test_taper_after_a_depth_cut_meets_the_budget_and_reloads(tiny, tmp_path):
