@@ -111,7 +111,8 @@ def accuracy_part(args) -> dict:
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="taper", flops=budget,
                                         example_input=example, recalibrate_bn=False, taper_epochs=args.taper_epochs,
                                         max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
-                                        depth_flops=depth_of[budget], depth_batches=args.depth_batches)
+                                        depth_flops=depth_of[budget], depth_batches=args.depth_batches,
+                                        depth_per=args.depth_per)
                 info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps",
                                                       "snapshot_cuts", "on_schedule", "final_lambda", "history")}
                 finish("taper+depth", budget, result.model, time.perf_counter() - start,
@@ -155,7 +156,7 @@ def accuracy_part(args) -> dict:
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="autobot", flops=budget,
                                         example_input=example, recalibrate_bn=False, gate_batches=args.gate_batches,
                                         channel_multiple=args.channel_multiple, depth_flops=depth_of.get(budget),
-                                        depth_batches=args.depth_batches)
+                                        depth_batches=args.depth_batches, depth_per=args.depth_per)
                 small = result.model
                 info = {k: result.record[k] for k in ("threshold_gate", "gate_steps", "gate_estimate_flops_kept",
                                                       "history")}
@@ -212,6 +213,8 @@ def main() -> None:
                         help="autobot, taper: remove whole blocks first down to this share of the dense MACs, one "
                              "per --budgets entry (rows named autobot+depth, taper+depth; taper runs once per budget)")
     parser.add_argument("--depth-batches", type=int, default=4, help="training batches that score each block")
+    parser.add_argument("--depth-per", choices=["macs", "time"], default="macs",
+                        help="a block's loss rise per MAC or per second of its measured time")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--channel-multiple", type=int, default=1,

@@ -103,6 +103,28 @@ def test_autobot_after_a_depth_cut_meets_the_budget(tiny):
     assert CostModel(model, x).count(r.model).macs == r.macs <= 0.4 * CostModel(model, x).macs
 
 
+def test_per_time_takes_the_block_that_is_slow_for_its_macs():
+    # Two blocks with the same weights (so the same MACs and the same loss rise when either goes):
+    # per MAC the first found goes; per second the one made slow by a sleep in a forward hook.
+    import time as clock
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    with torch.no_grad():
+        for block in net[:2]:                 # 2I plus a little everywhere (no zero weight: full MACs)
+            block.weight.copy_(2 * torch.eye(8) + 1e-3)
+            block.bias.zero_()
+    net[1].register_forward_hook(lambda *_: clock.sleep(0.002))
+    xs = torch.randn(16, 8)
+    with torch.no_grad():                     # labels the net gets right: halving its logits costs loss
+        batches = [(xs, net(xs).argmax(1))]
+    costs = CostModel(net, torch.randn(1, 8))
+    _, by_macs = depth_cut(net, costs, costs.macs - 64, batches)
+    _, by_time = depth_cut(net, costs, costs.macs - 64, batches, per="time")
+    assert by_macs["removed"] == ["0"] and by_time["removed"] == ["1"]
+    assert by_time["rounds"][0]["loss_rise"] > 0
+    assert by_time["block_seconds"]["1"] > by_time["block_seconds"]["0"]
+
+
 def test_depth_requests_that_cannot_work_are_refused(tiny):
     x, data = tiny
     model = zoo.build("resnet20-b").eval()
@@ -112,3 +134,6 @@ def test_depth_requests_that_cannot_work_are_refused(tiny):
         prunekit.prune(model, lambda: data, method="hybrid", flops=0.3, example_input=x, depth_flops=0.6)
     with pytest.raises(PrunekitError, match="depth_flops"):
         prunekit.prune(model, lambda: data, method="taper", flops=0.3, example_input=x, depth_flops=1.5)
+    with pytest.raises(PrunekitError, match="depth_per must be one of macs, time"):
+        prunekit.prune(model, lambda: data, method="taper", flops=0.3, example_input=x, depth_flops=0.6,
+                       depth_per="seconds")

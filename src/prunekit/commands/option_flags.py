@@ -60,6 +60,8 @@ HELP = {
     "depth_flops": "autobot, taper: remove whole blocks first, down to this share of the dense MACs (above "
                    "--flops); the method thins channels of the rest (fewer, wider layers run faster)",
     "depth_batches": "autobot, taper with --depth-flops: training batches that score each block (default 4)",
+    "depth_per": "autobot, taper with --depth-flops: a block's loss rise is weighed per MAC it saves (macs, "
+                 "default) or per second of its forward time measured here (time: slow thin blocks go first)",
     "structured_flops": "hybrid: share of the dense MACs the channel phase keeps (default 0.5); FALCON prunes "
                         "single weights from there to --flops",
     "final_temperature": "taper: gate temperature at the last budget, annealed from 1 (default 0.05; 1: none)",

@@ -14,7 +14,8 @@ Removing one replaces it by :class:`~prunekit.layers.RemovedBlock` (the identity
 saved channel layout records, so the smaller model reloads without code from the file.
 
 Which blocks go: greedily, one per round, the block whose removal from the current cut raises
-the mean cross-entropy on ``depth_batches`` training batches least per MAC it saves, while the
+the mean cross-entropy on ``depth_batches`` training batches least per MAC it saves (or, with
+``depth_per="time"``, per second of its measured forward time), while the
 MACs stay at or above ``depth_flops``. The loss is taken with BatchNorm on batch statistics, as
 the recalibrated model will see it. Every round scores every remaining block (a forward pass of
 the batches each): one ranking on the dense model was tried first and, on ResNet-56, removed all
@@ -24,6 +25,8 @@ of stage 2 but its first block, as the blocks' single-removal scores were each s
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -88,17 +91,52 @@ def _mean_loss(model: nn.Module, batches: list) -> float:
     return total / count
 
 
-def depth_cut(model: nn.Module, costs: CostModel, target_macs: float, batches: list,
+def block_seconds(model: nn.Module, blocks: list[str], x: torch.Tensor, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of each block's forward on its own input when ``model`` runs on ``x`` (eval
+    mode, no grad, on this machine and torch's current thread count), after one warm-up call."""
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: inputs.__setitem__(name, args[0])) for name in blocks]
+    probe_mode = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    seconds = {}
+    with torch.no_grad():
+        for name in blocks:
+            block = model.get_submodule(name)
+            block(inputs[name])
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                block(inputs[name])
+                times.append(time.perf_counter() - start)
+            seconds[name] = statistics.median(times)
+    model.train(probe_mode)
+    return seconds
+
+
+def depth_cut(model: nn.Module, costs: CostModel, target_macs: float, batches: list, per: str = "macs",
               progress=None) -> tuple[nn.Module, dict]:
     """A copy of ``model`` with blocks removed greedily, keeping at least ``target_macs`` MACs
     (counted by ``costs``, the dense model's cost model): each round scores every block that
-    still fits by the loss rise per MAC saved when it is removed from the current cut, and
+    still fits by the loss rise per unit saved when it is removed from the current cut, and
     removes the cheapest (so removals that only hurt together, e.g. a whole stage, are seen).
 
-    ``batches``: a list of (x, y) training batches for the scores. Returns the cut copy and
-    facts to record: removed names in order, each round's loss and MACs, MACs kept.
+    ``per``: the unit, ``"macs"`` (MACs saved) or ``"time"`` (the block's measured forward time on
+    the first batch, ``block_seconds``: blocks that are slow for their MACs, e.g. thin ones at
+    high resolution, go first; the MAC budget is the same). ``batches``: a list of (x, y)
+    training batches for the scores. Returns the cut copy and facts to record: removed names in
+    order, each round's loss and MACs, MACs kept, the block times when measured.
     """
+    if per not in ("macs", "time"):
+        raise ValueError(f"per must be 'macs' or 'time', got {per!r}")
     blocks = removable_blocks(model, costs.example_input)
+    seconds = block_seconds(model, blocks, batches[0][0]) if per == "time" and blocks else {}
     cut = copy.deepcopy(model)
     macs = costs.count(cut).macs
     loss = _mean_loss(cut, batches) if blocks else None
@@ -111,8 +149,9 @@ def depth_cut(model: nn.Module, costs: CostModel, target_macs: float, batches: l
             if after < target_macs or after >= macs:
                 continue
             rise = _mean_loss(trial, batches) - loss
-            if best is None or rise / (macs - after) < best[0]:
-                best = (rise / (macs - after), name, trial, after, rise)
+            score = rise / (seconds[name] if per == "time" else macs - after)
+            if best is None or score < best[0]:
+                best = (score, name, trial, after, rise)
         if best is None:
             break
         _, name, cut, macs, rise = best
@@ -122,4 +161,4 @@ def depth_cut(model: nn.Module, costs: CostModel, target_macs: float, batches: l
         if progress is not None:
             progress({"depth_round": len(rounds), **rounds[-1]})
     return cut, {"removed": [r["removed"] for r in rounds], "macs": macs, "flops_kept": macs / costs.macs,
-                 "rounds": rounds, **({} if rounds else {"note": "no block could be removed within depth_flops"})}
+                 "per": per, "rounds": rounds, **({"block_seconds": seconds} if seconds else {}), **({} if rounds else {"note": "no block could be removed within depth_flops"})}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..costs import CostModel
-from ..options import Integer, Options, Real
+from ..options import Integer, OneOf, Options, Real
 from .gates import GatedMacs
 from .groups import GroupSet
 
@@ -27,7 +27,8 @@ class ChannelOptions(Options):
     group keeps a multiple of this many channels (see ``rounding``); finetune_epochs /
     finetune_lr: SGD fine-tuning of the shrunk model(s) (cosine learning rate from finetune_lr);
     depth_flops: remove whole blocks first, down to this share of the dense MACs (``depth``;
-    None: no depth cut), scored on depth_batches training batches."""
+    None: no depth cut), scored on depth_batches training batches by the loss rise per MAC
+    (depth_per "macs") or per second of measured block time ("time")."""
 
     gate_batch_size: int = 64
     channel_multiple: int = 1
@@ -35,9 +36,10 @@ class ChannelOptions(Options):
     finetune_lr: float = 0.01
     depth_flops: float | None = None
     depth_batches: int = 4
+    depth_per: str = "macs"
     constraints = {"gate_batch_size": Integer(1), "channel_multiple": Integer(1), "finetune_epochs": Integer(0),
                    "finetune_lr": Real(0, open_low=True), "depth_flops": Real(0, 1, open_low=True),
-                   "depth_batches": Integer(1)}
+                   "depth_batches": Integer(1), "depth_per": OneOf(("macs", "time"))}
 
 
 @dataclass

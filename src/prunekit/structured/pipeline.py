@@ -150,7 +150,8 @@ def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> Cut:
                           "keeps more MACs than the budget, the channel method removes the rest",
                           ("depth_flops", "flops"))
     batches = list(itertools.islice(ctx.batches(), opts.depth_batches))
-    model, info = depth_cut(ctx.model, ctx.costs, opts.depth_flops * ctx.costs.macs, batches, ctx.progress)
+    model, info = depth_cut(ctx.model, ctx.costs, opts.depth_flops * ctx.costs.macs, batches, opts.depth_per,
+                            ctx.progress)
     costs = CostModel(model, ctx.example_input)
     # shares of the cut model's MACs; a hair lower so that rounding never lifts a budget past the dense one's
     scale = ctx.costs.macs / costs.macs * (1 - 1e-12)
