@@ -1,8 +1,9 @@
 """Per-layer channel counts of a model, and resizing a zoo model to them.
 
 A structurally pruned (shrunk) model has the zoo architecture with smaller Conv/Linear/BatchNorm
-layers; its saved sidecar records ``channel_layout(model)`` so that ``load_model`` can rebuild it
-with ``apply_layout`` before loading the tensors (no code from the file is executed).
+layers (and, after depth pruning, ``RemovedBlock`` where blocks were); its saved sidecar records
+``channel_layout(model)`` so that ``load_model`` can rebuild it with ``apply_layout`` before
+loading the tensors (no code from the file is executed).
 """
 
 from __future__ import annotations
