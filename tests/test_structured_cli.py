@@ -71,6 +71,8 @@ def test_taper_snapshots_end_to_end(capsys, tmp_path):
     (["--method", "autobot", "--flops", "0.0001"], "at least"),
     (["--method", "autobot", "--flops", "0.5", "--channel-multiple", "0"], "--channel-multiple must be at least 1"),
     (["--method", "autobot", "--flops", "0.5", "--gradual"], "gradual is for the weights methods"),
+    (["--method", "taper", "--flops", "0.5", "--depth-flops", "0.3"], "--depth-flops 0.3 must be above"),
+    (["--method", "hybrid", "--flops", "0.3", "--depth-flops", "0.6"], "method hybrid takes no option --depth-flops"),
     (["--method", "magnitude", "--sparsity", "0.5", "--stages", "9"], "method magnitude takes no option --stages"),
     (["--method", "chita", "--sparsity", "0.5", "--gate-batches", "9"], "method chita takes no option --gate-batches"),
     (["--method", "chita", "--sparsity", "0.5", "--events", "3"], "--events is a setting of step-by-step pruning with fine-tuning: add --gradual"),
