@@ -63,6 +63,10 @@ class PruneRequest:
             shares = [_share(budget, resolved, costs), *(getattr(options, "snapshots", None) or [])]
             channels = channel_context(self.model, costs, self.example_input, shares, options.channel_multiple,
                                        batches=None)
+            if options.depth_flops is not None and not options.depth_flops > max(shares):
+                raise OptionError(f"depth_flops {options.depth_flops:g} must be above flops {max(shares):g}: the depth "
+                                  "cut keeps more MACs than the budget, the channel method removes the rest",
+                                  ("depth_flops", "flops"))
         else:
             space = ParamSpace(self.model, include=self.include, exclude=self.exclude, costs=costs)
             resolved = budget.resolve(costs, space)

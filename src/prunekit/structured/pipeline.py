@@ -141,14 +141,11 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
 
 
 def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> Cut:
-    """``run(ctx, opts)``, after a depth cut to ``opts.depth_flops`` when that is set: the method
-    then works on the cut model, its shares rescaled to that model's MACs (and keyed back)."""
+    """``run(ctx, opts)``, after a depth cut to ``opts.depth_flops`` when that is set (above every
+    share: ``request.plan`` checked it): the method then works on the cut model, its shares
+    rescaled to that model's MACs (and keyed back)."""
     if opts.depth_flops is None:
         return run(ctx, opts)
-    if not opts.depth_flops > max(ctx.shares):
-        raise OptionError(f"depth_flops {opts.depth_flops:g} must be above flops {max(ctx.shares):g}: the depth cut "
-                          "keeps more MACs than the budget, the channel method removes the rest",
-                          ("depth_flops", "flops"))
     batches = list(itertools.islice(ctx.batches(), opts.depth_batches))
     model, info = depth_cut(ctx.model, ctx.costs, opts.depth_flops * ctx.costs.macs, batches, opts.depth_per,
                             ctx.progress)
