@@ -101,7 +101,7 @@ def block_seconds(model: nn.Module, blocks: list[str], x: torch.Tensor, repeats:
     model.eval()
     try:
         with torch.no_grad():
-            model(x)
+            model(x.to(next(model.parameters()).device))
     finally:
         for handle in handles:
             handle.remove()
@@ -149,7 +149,7 @@ def depth_cut(model: nn.Module, costs: CostModel, target_macs: float, batches: l
             if after < target_macs or after >= macs:
                 continue
             rise = _mean_loss(trial, batches) - loss
-            score = rise / (seconds[name] if per == "time" else macs - after)
+            score = rise / (max(seconds[name], 1e-9) if per == "time" else macs - after)
             if best is None or score < best[0]:
                 best = (score, name, trial, after, rise)
         if best is None:
@@ -160,5 +160,10 @@ def depth_cut(model: nn.Module, costs: CostModel, target_macs: float, batches: l
         rounds.append({"removed": name, "loss_rise": rise, "loss": loss, "macs": macs})
         if progress is not None:
             progress({"depth_round": len(rounds), **rounds[-1]})
-    return cut, {"removed": [r["removed"] for r in rounds], "macs": macs, "flops_kept": macs / costs.macs,
-                 "per": per, "rounds": rounds, **({"block_seconds": seconds} if seconds else {}), **({} if rounds else {"note": "no block could be removed within depth_flops"})}
+    info = {"removed": [r["removed"] for r in rounds], "macs": macs, "flops_kept": macs / costs.macs, "per": per,
+            "rounds": rounds}
+    if seconds:
+        info["block_seconds"] = seconds
+    if not rounds:
+        info["note"] = "no block could be removed within depth_flops"
+    return cut, info
