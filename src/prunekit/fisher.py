@@ -124,6 +124,18 @@ def passes(batches: Iterable, max_passes: int = 1000):
             return
 
 
+def skip_samples(batches: Iterable, count: int):
+    """The (x, y) batches of ``batches`` less their first ``count`` samples (a batch that straddles
+    the cut is sliced)."""
+    for x, y in batches:
+        if count >= y.shape[0]:
+            count -= y.shape[0]
+            continue
+        if count:
+            x, y, count = x[count:], y[count:], 0
+        yield x, y
+
+
 def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupported: list[str]) -> None:
     """Per-layer hooks where every prunable layer allows them, else (or when they disagree with
     autograd) torch.func over the whole model."""

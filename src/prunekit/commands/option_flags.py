@@ -40,6 +40,8 @@ HELP = {
     "stages": "pruning stages (default: chita/falcon 1, chita++ 15, falcon++ 5)",
     "schedule": "kept share per stage (default poly)",
     "revive": "let weights pruned in earlier stages come back",
+    "fresh_samples": "each stage's gradient rows from training images the earlier stages did not use "
+                     "(default: the same first n images at every stage)",
     "solver": "chita: iht (IHT + backsolve, default) or backsolve (magnitude + backsolve); "
               "falcon: dfo (first-order method, default) or magnitude (ILP on w², backsolve)",
     "first_order": "add the loss gradient as the linear term of the quadratic model",
