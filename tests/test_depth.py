@@ -1,6 +1,8 @@
 """Depth pruning (``structured.depth``): which blocks count, which go first, and a channel method
 after a depth cut (budget, record, save / reload / ONNX, refusals)."""
 
+import copy
+
 import onnx
 import pytest
 import torch
@@ -137,3 +139,32 @@ def test_depth_requests_that_cannot_work_are_refused(tiny):
     with pytest.raises(PrunekitError, match="depth_per must be one of macs, time"):
         prunekit.prune(model, lambda: data, method="taper", flops=0.3, example_input=x, depth_flops=0.6,
                        depth_per="seconds")
+
+
+def test_a_run_with_a_depth_cut_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):
+    # the phase checkpoints rebuild the cut model from the dense one through the saved layout
+    from prunekit.runs import RunCheckpointer
+    from prunekit.structured import pipeline
+    x, data = tiny
+    dense = zoo.build("resnet20-b").eval()
+    options = dict(method="taper", flops=0.3, example_input=x, depth_flops=0.6, taper_epochs=4, finetune_epochs=2)
+    whole = prunekit.prune(copy.deepcopy(dense), lambda: data, out=str(tmp_path / "whole"), **options)
+    save, saved = RunCheckpointer.save, []
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        saved.append(state.stage)
+        if len(saved) == 2:                 # after the cut and the BatchNorm phase
+            raise KeyboardInterrupt
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(copy.deepcopy(dense), lambda: data, out=str(tmp_path / "cut"), **options)
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+
+    def cut_again(*args, **kwargs):
+        raise AssertionError("the resumed run cut the blocks again instead of loading its checkpoint")
+    monkeypatch.setattr(pipeline, "depth_cut", cut_again)
+    resumed = prunekit.prune(copy.deepcopy(dense), lambda: data, out=str(tmp_path / "cut"), **options)
+    assert whole.record["depth"]["removed"] == resumed.record["depth"]["removed"] != []
+    mine, theirs = whole.model.state_dict(), resumed.model.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
