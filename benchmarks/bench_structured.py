@@ -5,6 +5,8 @@ Lagrangian against torch-pruning's GroupMagnitude/GroupTaylor pruners at the sam
     python benchmarks/bench_structured.py --data-dir ../shared/data --latency-only
     python benchmarks/bench_structured.py --data-dir ../shared/data --methods autobot --channel-multiple 8 \
         --models-dir benchmarks/results/structured_models_m8 --out benchmarks/results/structured_resnet56_rounded.json
+    python benchmarks/bench_structured.py --data-dir ../shared/data --methods taper --budgets 0.3 \
+        --depth-flops 0.36 --depth-per time --no-latency      # blocks removed first (structured/depth.py)
 
 Gradients, gate training, BN recalibration and the fine-tune use the 5,085 exact CIFAR-10 training
 images (random crop + flip); accuracy is on the 1,017 exact test images (about +-0.8 points, one
