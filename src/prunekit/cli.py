@@ -113,6 +113,10 @@ def _lost_rank(err: RuntimeError) -> bool:
         word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
+class _RankLost(Exception):
+    """A collective failed because another rank died; its one-line message is already printed."""
+
+
 def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():      # restores the warning display when main returns
         warnings.showwarning = _ours_on_one_line(warnings.showwarning)
@@ -121,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             code = _main(argv)
             return code
+        except _RankLost:
+            # Tearing a gloo group down (here or at interpreter exit) while a peer is dead can
+            # abort the process ("terminate called without an active exception", exit -6), which
+            # would hide our exit code: end at once. The run folder is already on disk.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         finally:
             if not joined_before:         # under torchrun: leave the group this call joined
                 distributed.shutdown(wait=code == 0)
@@ -156,7 +167,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached "
               f"({first[:160]}); {_how_to_resume(args).replace('prunekit prune', 'torchrun ... -m prunekit prune')}",
               file=sys.stderr)
-        return 1
+        raise _RankLost from None
     except OSError as err:   # unwritable --out, full disk, unreadable data
         print(f"prunekit: error: {err.strerror or err}: {err.filename or ''} "
               "(check the path and its permissions)", file=sys.stderr)
