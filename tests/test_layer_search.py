@@ -208,6 +208,43 @@ def test_look_ahead_judges_every_stage_at_the_final_budget(monkeypatch):
         [(h["max_nonzeros"], h["max_macs"]) for h in stage.history]
 
 
+def test_a_run_judged_at_the_final_budget_ends_with_the_best_candidate_the_judge_saw(monkeypatch):
+    """"ahead" keeps each stage's final-budget candidate if it is the best judged so far; the last
+    stage's result is then compared with it on the same judge and the lower loss wins."""
+    from prunekit.pipelines import fisher_methods
+    result, _ = _falcon_pp_with_spy(monkeypatch, layer_search=4, layer_search_mode="ahead")
+    choice = result.history[-1]["final_choice"]
+    assert choice["kept_candidate_stage"] in (1, 2)
+    losses = {"kept candidate": choice["kept_candidate_loss"], "last stage": choice["last_stage_loss"]}
+    assert choice["used"] == min(losses, key=losses.get)
+    one_stage, _ = _falcon_pp_with_spy(monkeypatch, stages=1, layer_search=4, layer_search_mode="ahead")
+    assert "final_choice" not in one_stage.history[-1]                  # one shot: nothing to compare
+
+    # The choice itself, on weights whose order is known: the dense weights against a tenth of them.
+    model = bn_net()
+    space = ParamSpace(model)
+    dense = space.vector().clone()
+    sparse = dense * (torch.rand(space.numel, generator=torch.Generator().manual_seed(0)) < 0.1)
+    data = batches(12)
+    ctx = type("Ctx", (), {"model": model, "space": space, "train_batches": staticmethod(lambda: iter(data))})()
+    judge = RecalibratedLoss.from_batches(model, space, data)
+    dense_loss, sparse_loss = judge(dense), judge(sparse)
+    judge.restore()
+    assert dense_loss < sparse_loss
+    for last, candidate, used in ((sparse, dense, "kept candidate"), (dense, sparse, "last stage")):
+        record = {}
+        kept = {"candidate": candidate.clone(), "candidate_loss_stage": torch.tensor([0.0, 1.0])}
+        chosen = fisher_methods._best_of_last_and_kept(ctx, last.clone(), kept, record)
+        assert record["final_choice"]["used"] == used and torch.equal(chosen, dense)
+        assert torch.equal(space.vector(), dense)            # the model is left as it was
+    kept = {}
+    fisher_methods._keep_if_best(kept, 1, 0.5, lambda: sparse)
+    fisher_methods._keep_if_best(kept, 2, 0.7, lambda: dense)     # worse: not kept
+    assert torch.equal(kept["candidate"], sparse) and kept["candidate_loss_stage"].tolist() == [0.5, 1.0]
+    fisher_methods._keep_if_best(kept, 3, 0.4, lambda: dense)
+    assert torch.equal(kept["candidate"], dense) and kept["candidate_loss_stage"].tolist() == [0.4, 3.0]
+
+
 def test_search_modes_are_refused_without_a_search(capsys):
     net = bn_net()
     x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 3, (40,))

@@ -34,10 +34,12 @@ def test_checkpoints_round_trip_and_a_broken_one_is_skipped(tmp_path):
         with torch.no_grad():
             model[0].weight.mul_(0.5)
         state = {k: v.clone() for k, v in model.state_dict().items()}
+        kept = {"candidate": torch.arange(5.0) * stage}       # a pipeline's own tensor
         saver.save(StageState(stage, state, [{"stage": s, "seconds": 1.0} for s in range(1, stage + 1)],
-                              capture_rng()), model)
+                              capture_rng(), tensors=kept), model)
     last = RunCheckpointer(folder).last()
     assert last.stage == 2 and last.history[-1] == {"stage": 2, "seconds": 1.0, "accuracy": 12.5}
+    assert list(last.tensors) == ["candidate"] and last.tensors["candidate"].equal(torch.arange(5.0) * 2)
     assert all(last.model_state[k].equal(v) for k, v in model.state_dict().items())
     # A damaged newest file (not one we would write: writes are atomic) falls back to the one before.
     path = saver.path(2)

@@ -122,11 +122,12 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
 class RunCheckpointer:
     """A ``StageCheckpointer`` writing ``checkpoints/stage-NNN.safetensors`` in a run folder.
 
-    One file per stage holds the model state (``model/<key>``), the torch RNG state
-    (``rng/torch``) and, in the safetensors metadata, the stage number, history and the numpy /
-    ``random`` RNG states as JSON; one atomic write, so a file is complete or absent.
-    ``measure(model) -> dict`` (optional) adds measurements (accuracy, loss, counts) to the
-    stage's record before it is written; ``on_saved(history)`` is told after each write.
+    One file per stage holds the model state (``model/<key>``), the pipeline's own tensors
+    (``kept/<key>``), the torch RNG state (``rng/torch``) and, in the safetensors metadata, the
+    stage number, history and the numpy / ``random`` RNG states as JSON; one atomic write, so a
+    file is complete or absent. ``measure(model) -> dict`` (optional) adds measurements (accuracy,
+    loss, counts) to the stage's record before it is written; ``on_saved(history)`` is told after
+    each write.
     """
 
     def __init__(self, folder: RunFolder, measure: Callable[[nn.Module], dict] | None = None,
@@ -145,6 +146,7 @@ class RunCheckpointer:
                 self.on_saved(state.history)
             return
         tensors = {f"model/{k}": v.contiguous() for k, v in state.model_state.items()}
+        tensors.update({f"kept/{k}": v.contiguous() for k, v in state.tensors.items()})
         tensors["rng/torch"] = state.rng["torch"]
         meta = {"stage": str(state.stage), "history": json.dumps(_finite(state.history)),
                 "rng": json.dumps({k: v for k, v in state.rng.items() if k != "torch"}),
@@ -162,8 +164,9 @@ class RunCheckpointer:
                     tensors = {k: handle.get_tensor(k) for k in handle.keys()}
                 rng = {**json.loads(meta["rng"]), "torch": tensors.pop("rng/torch")}
                 model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+                kept = {k[len("kept/"):]: v for k, v in tensors.items() if k.startswith("kept/")}
                 state = StageState(int(meta["stage"]), model_state, json.loads(meta["history"]), rng,
-                                   json.loads(meta.get("extra", "{}")))
+                                   json.loads(meta.get("extra", "{}")), kept)
             except (SafetensorError, KeyError, ValueError, OSError) as err:
                 self.folder.log(f"skipping unreadable checkpoint {path.name}: {err}")
                 continue

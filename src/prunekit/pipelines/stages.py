@@ -14,8 +14,8 @@ pruning with fine-tuning) plugs in with two calls and nothing else::
 
 Contract for the pipeline:
   * Everything the next stage depends on lives in the model's ``state_dict()`` (weights, masks as
-    zeros, BatchNorm buffers), in ``ctx.history`` or in the torch / numpy /
-    ``random`` RNG states. A pipeline with other state (an optimizer's momentum, a mask not
+    zeros, BatchNorm buffers), in ``ctx.history``, in the torch / numpy / ``random`` RNG states,
+    or in the tensors the pipeline hands ``stage_completed`` (``resume_stages`` gives them back). A pipeline with other state (an optimizer's momentum, a mask not
     implied by zeros) must put it into the model or the history before ``stage_completed``.
   * A stage's data must not depend on how many stages ran before *in this process*: take a fresh
     loader per stage (``ctx.train_batches()`` does: each call starts at the same seeded epoch) or
@@ -49,6 +49,7 @@ class StageState:
     history:     the per-stage records so far (``ctx.history``).
     rng:         ``capture_rng()`` after that stage.
     extra:       anything else (JSON-able) the pipeline needs to carry on (e.g. channel layouts).
+    tensors:     the pipeline's own tensors to carry on (e.g. a candidate weight vector kept for later).
     """
 
     stage: int
@@ -56,6 +57,7 @@ class StageState:
     history: list[dict]
     rng: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class StageCheckpointer(Protocol):
@@ -85,8 +87,9 @@ def restore_rng(state: dict) -> None:
     random.setstate((r["version"], tuple(r["internal"]), r["gauss_next"]))
 
 
-def resume_stages(ctx) -> int:
-    """Restore the context's model, stage history and RNG from its checkpointer's last stage.
+def resume_stages(ctx, tensors: dict | None = None) -> int:
+    """Restore the context's model, stage history and RNG from its checkpointer's last stage,
+    and into ``tensors`` (filled in place) the tensors the pipeline handed ``stage_completed``.
 
     ``ctx`` has ``model``, ``history`` (a list, filled in place) and ``checkpointer``.
 
@@ -99,15 +102,19 @@ def resume_stages(ctx) -> int:
     ctx.model.load_state_dict(state.model_state)
     ctx.history[:] = state.history
     restore_rng(state.rng)
+    if tensors is not None:
+        tensors.update(state.tensors)
     return state.stage
 
 
-def stage_completed(ctx, stage: int) -> None:
-    """Hand the finished ``stage`` to the context's checkpointer (no-op without one)."""
+def stage_completed(ctx, stage: int, tensors: dict | None = None) -> None:
+    """Hand the finished ``stage`` (and ``tensors``, the pipeline's own state beyond the model) to
+    the context's checkpointer (no-op without one)."""
     checkpointer = getattr(ctx, "checkpointer", None)
     if checkpointer is None:
         return
     rng = capture_rng()
     model_state = {k: v.detach().cpu().clone() for k, v in ctx.model.state_dict().items()}
-    checkpointer.save(StageState(stage, model_state, ctx.history, rng), ctx.model)
+    kept = {k: v.detach().cpu().clone() for k, v in (tensors or {}).items()}
+    checkpointer.save(StageState(stage, model_state, ctx.history, rng, tensors=kept), ctx.model)
     restore_rng(rng)     # whatever the checkpointer ran (an evaluation) must not shift the run
