@@ -219,6 +219,8 @@ def test_a_run_judged_at_the_final_budget_ends_with_the_best_candidate_the_judge
     assert choice["used"] == min(losses, key=losses.get)
     one_stage, _ = _falcon_pp_with_spy(monkeypatch, stages=1, layer_search=4, layer_search_mode="ahead")
     assert "final_choice" not in one_stage.history[-1]                  # one shot: nothing to compare
+    last, _ = _falcon_pp_with_spy(monkeypatch, layer_search=4, layer_search_mode="ahead", final_pick="last")
+    assert "final_choice" not in last.history[-1]
 
     # The choice itself, on weights whose order is known: the dense weights against a tenth of them.
     model = bn_net()
@@ -226,7 +228,8 @@ def test_a_run_judged_at_the_final_budget_ends_with_the_best_candidate_the_judge
     dense = space.vector().clone()
     sparse = dense * (torch.rand(space.numel, generator=torch.Generator().manual_seed(0)) < 0.1)
     data = batches(12)
-    ctx = type("Ctx", (), {"model": model, "space": space, "train_batches": staticmethod(lambda: iter(data))})()
+    ctx = type("Ctx", (), {"model": model, "space": space, "recalibrate_bn": True,
+                           "train_batches": staticmethod(lambda: iter(data))})()
     judge = RecalibratedLoss.from_batches(model, space, data)
     dense_loss, sparse_loss = judge(dense), judge(sparse)
     judge.restore()
@@ -243,6 +246,26 @@ def test_a_run_judged_at_the_final_budget_ends_with_the_best_candidate_the_judge
     assert torch.equal(kept["candidate"], sparse) and kept["candidate_loss_stage"].tolist() == [0.5, 1.0]
     fisher_methods._keep_if_best(kept, 3, 0.4, lambda: dense)
     assert torch.equal(kept["candidate"], dense) and kept["candidate_loss_stage"].tolist() == [0.4, 3.0]
+
+
+@pytest.mark.parametrize("method", ["falcon++", "chita++"])
+def test_a_multi_stage_run_without_a_search_weighs_its_result_against_the_one_shot_solution(method):
+    net = bn_net()
+    x, y = torch.randn(200, 1, 6, 6), torch.randint(0, 3, (200,))
+    budget = {"flops": 0.4, "sparsity": 0.7} if method == "falcon++" else {"sparsity": 0.7}
+    runs = {pick: prunekit.prune(copy.deepcopy(net), (x, y), method=method, batch_size=10, fisher_samples=8,
+                                 stages=3, final_pick=pick, **budget) for pick in ("judge", "last")}
+    choice = runs["judge"].history[-1]["final_choice"]
+    assert choice["kept_candidate_stage"] == 1 and "final_choice" not in runs["last"].history[-1]
+    losses = {"kept candidate": choice["kept_candidate_loss"], "last stage": choice["last_stage_loss"]}
+    assert choice["used"] == min(losses, key=losses.get)
+    judged, last = (ParamSpace(runs[pick].model).vector() for pick in ("judge", "last"))
+    assert torch.equal(judged != 0, last != 0) == (choice["used"] == "last stage")
+    space = ParamSpace(runs["judge"].model)
+    assert int(torch.count_nonzero(space.vector())) <= round(0.3 * space.numel)
+    if method == "falcon++":
+        recount = CostModel(runs["judge"].model, torch.zeros(1, 1, 6, 6)).count(runs["judge"].model)
+        assert recount.flops_kept <= 0.4 + 1e-12
 
 
 def test_search_modes_are_refused_without_a_search(capsys):

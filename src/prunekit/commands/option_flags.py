@@ -45,6 +45,9 @@ HELP = {
     "solver": "chita: iht (IHT + backsolve, default) or backsolve (magnitude + backsolve); "
               "falcon: dfo (first-order method, default) or magnitude (ILP on w², backsolve)",
     "first_order": "add the loss gradient as the linear term of the quadratic model",
+    "final_pick": "multi-stage: judge (default: end with the last stage's result or stage 1's one-shot solution at "
+                  "the final budget, whichever has the lower loss on held training batches after BatchNorm "
+                  "re-estimation) or last (the last stage's result)",
     "block_size": "backsolve in blocks of this many weights (large models)",
     "obs_block_size": "woodfisher: size of the inverse Fisher's diagonal blocks (default 128)",
     "events": "gradual: prune events (default 4)",

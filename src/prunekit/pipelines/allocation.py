@@ -41,9 +41,9 @@ class RecalibratedLoss:
                      calibration: int = 4, judge: int = 8) -> "RecalibratedLoss":
         """Take the first ``calibration`` batches for BatchNorm and the next ``judge`` to judge by;
         with fewer batches, a third of them for BatchNorm and the rest to judge by (one batch:
-        the same batch for both)."""
+        the same batch for both). ``calibration=0``: BatchNorm is not re-estimated."""
         taken = list(itertools.islice(iter(batches), calibration + judge))
-        if len(taken) < calibration + judge:
+        if calibration and len(taken) < calibration + judge:
             calibration = len(taken) // 3
             if len(taken) == 1:
                 return cls(model, space, taken, taken)

@@ -38,6 +38,7 @@ from .weights import PruneContext, Pruned
 
 
 SEARCH_MODES = ("stage", "ahead", "first")
+FINAL_PICKS = ("judge", "last")
 
 
 @dataclass
@@ -69,6 +70,12 @@ class QuadraticOptions(Options):
     first_order:    add the loss gradient g (mean of the rows) as the linear term of the quadratic
                     model. Off by default: with a small ridge the model then trusts long steps
                     along g, which we measured to hurt (ResNet-20-B at 40% MACs).
+    final_pick:     what a multi-stage run ends with. "judge": stage 1 also solves at the final
+                    budget (the one-shot solution; with a layer search judged at the final budget,
+                    every stage's best candidate counts too), and the run ends with the last
+                    stage's result or the best of those, whichever has the lower loss after
+                    BatchNorm re-estimation on held training batches (the layer search's judge);
+                    "last": the last stage's result. One process only: under torchrun, "last".
     """
 
     fisher_samples: int | str = 1000
@@ -83,7 +90,8 @@ class QuadraticOptions(Options):
     revive: bool = False
     fresh_samples: bool = False
     first_order: bool = False
-    constraints = {"fisher_samples": IntegerOrAuto(1), "fisher_dtype": OneOf(tuple(memory_plan.STORAGE_DTYPES)),
+    final_pick: str = "judge"
+    constraints = {"final_pick": OneOf(FINAL_PICKS), "fisher_samples": IntegerOrAuto(1), "fisher_dtype": OneOf(tuple(memory_plan.STORAGE_DTYPES)),
                    "max_memory": Memory(), "fisher_batch": Integer(1), "ridge": Real(0, open_low=True),
                    "relative_ridge": Real(0, open_low=True), "stages": Integer(1), "schedule": OneOf(KINDS),
                    "revive": Flag(), "fresh_samples": Flag(), "first_order": Flag(), "fisher_bn": OneOf(BN_MODES)}
@@ -122,9 +130,6 @@ class FalconOptions(QuadraticOptions):
                  budget;
         "first": once, at stage 1 (the dense model), judged at the final budget, as one shot
                  searches; every later stage prunes with those multipliers ("allocation first");
-        with "ahead" and "first" every search leaves a candidate at the final budget; the run
-        ends with the last stage's result or the best earlier candidate, whichever the judge
-        prefers (so never worse on the judge's images than the one-shot search of stage 1);
     layer_search_refine: with "first", trials of a second search at the last stage, starting from
         the first stage's multipliers (0 = none)."""
 
@@ -271,6 +276,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     collective = distributed.current()     # one process: a no-op communicator, the code path of old
     if collective.distributed:
         _check_shardable(solve_stage, opts)
+    pick = opts.final_pick == "judge" and not collective.distributed
     kept: dict[str, torch.Tensor] = {}    # the best final-budget candidate so far (see below)
     done = resume_stages(ctx, kept)  # stages completed by an earlier, interrupted run (0: none)
     layer_scales = _resumed_layer_scales(history)
@@ -306,9 +312,12 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             judge_k, judge_macs = (target, target_macs) if judged_at_final else (min(k, index.numel()), max_macs)
             score_weights, layer_scales = _searched_score_weights(ctx, q, index, judge_k, judge_macs, macs[index],
                                                                   opts, trials, searched, layer_scales)
-            if judged_at_final and not last:
-                _keep_if_best(kept, stage, searched["layer_search_loss"], lambda: _final_candidate(
-                    q, index, p, target, target_macs, macs[index], opts, score_weights, w))
+        if pick and not last and trials and judged_at_final:    # the search judged its candidate already
+            _keep_if_best(kept, stage, searched["layer_search_loss"], lambda: _final_candidate(
+                solve_stage, q, index, p, target, target_macs, macs, opts, score_weights, w))
+        elif pick and stage == 1 and not last:                    # the one-shot solution, judged here
+            candidate = _final_candidate(solve_stage, q, index, p, target, target_macs, macs, opts, score_weights, w)
+            _keep_if_best(kept, stage, _judge_losses(ctx, candidate)[0], lambda: candidate)
         elif layer_scales is not None:     # "first": the stage prunes with the multipliers searched before
             score_weights = layer_scales[layer_index(ctx.space.layer_slices(), p)[index.cpu()]].to(index.device)
             searched["layer_scales"] = [float(s) for s in layer_scales]
@@ -345,20 +354,37 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
                       "fisher_dtype": opts.fisher_dtype})
 
 
-# A search judged at the final budget ("ahead", "first") finds at each stage a candidate that
-# already meets the final budget. Later stages prune from a network whose quadratic model can
-# mislead (Fashion-MNIST at 10% MACs: the candidates' judged loss went 0.822, 0.579, 0.650, 0.770,
-# 0.889 over five stages), so the run keeps the best candidate seen and ends with whichever of it
-# and the last stage's result the same judge prefers. Stage 1's candidate is the one-shot search's
-# own, so on the judge's images the multi-stage run is never worse than one shot.
+# ``final_pick="judge"``: later stages prune from a network whose quadratic model can mislead
+# (Fashion-MNIST at 10% MACs: default FALCON++ 54.05% against one-shot FALCON's 65.41%; the
+# look-ahead search's final-budget candidates were judged 0.822, 0.579, 0.650, 0.770, 0.889 over
+# five stages), so the run keeps the best final-budget candidate it has seen and ends with
+# whichever of it and the last stage's result the judge prefers. Stage 1's candidate is the
+# one-shot solution, so on the judge's images a multi-stage run is never worse than one shot.
 
-def _final_candidate(q: QuadraticModel, index: torch.Tensor, p: int, k: int, max_macs, macs: torch.Tensor,
-                     opts: FalconOptions, score_weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(p,) the ILP + backsolve solution at the final budget (k, max_macs) from this stage's model."""
+def _final_candidate(solve_stage, q, index: torch.Tensor, p: int, k: int, max_macs, macs: torch.Tensor,
+                     opts: QuadraticOptions, score_weights, like: torch.Tensor) -> torch.Tensor:
+    """(p,) this stage's solution at the final budget (k, max_macs) over its free weights ``index``;
+    macs: (p,) per weight. FALCON's candidates are ILP + backsolve, as the layer search judges them."""
+    free_macs = macs[index]
+    if solve_stage is _solve_stage_falcon:
+        solution = _solve_stage_falcon(q, min(k, index.numel()), max_macs, free_macs, opts, score_weights,
+                                       variant="magnitude")
+    else:
+        solution = solve_stage(q, min(k, index.numel()), max_macs, free_macs, opts, score_weights)
     w = torch.zeros(p, dtype=like.dtype, device=like.device)
-    w[index] = _solve_stage_falcon(q, min(k, index.numel()), max_macs, macs, opts, score_weights,
-                                   variant="magnitude").w.to(w.dtype)
+    w[index] = solution.w.to(w.dtype)
     return w
+
+
+def _judge_losses(ctx: PruneContext, *weights: torch.Tensor) -> list[float]:
+    """The loss of each weight vector (p,) after BatchNorm re-estimation (when the run
+    recalibrates) on the layer search's held training batches; the model is left as it was."""
+    judge = RecalibratedLoss.from_batches(ctx.model, ctx.space, ctx.train_batches(),
+                                          calibration=4 if ctx.recalibrate_bn else 0)
+    try:
+        return [judge(w) for w in weights]
+    finally:
+        judge.restore()
 
 
 def _keep_if_best(kept: dict, stage: int, loss: float, candidate) -> None:
@@ -370,14 +396,10 @@ def _keep_if_best(kept: dict, stage: int, loss: float, candidate) -> None:
 
 
 def _best_of_last_and_kept(ctx: PruneContext, w: torch.Tensor, kept: dict, record: dict) -> torch.Tensor:
-    """The last stage's weights w (p,) or the kept candidate, whichever has the lower loss after
-    BatchNorm re-estimation on the layer search's judge batches; both figures go into ``record``."""
-    judge = RecalibratedLoss.from_batches(ctx.model, ctx.space, ctx.train_batches())
+    """The last stage's weights w (p,) or the kept candidate, whichever the judge prefers; both
+    losses go into ``record``."""
     candidate = kept["candidate"].to(device=w.device, dtype=w.dtype)
-    try:
-        last_loss, kept_loss = judge(w), judge(candidate)
-    finally:
-        judge.restore()
+    last_loss, kept_loss = _judge_losses(ctx, w, candidate)
     use_kept = kept_loss < last_loss
     record["final_choice"] = {"last_stage_loss": last_loss, "kept_candidate_loss": kept_loss,
                               "kept_candidate_stage": int(kept["candidate_loss_stage"][1]),
