@@ -103,8 +103,9 @@ def test_revived_counts_the_weights_that_come_back():
         chosen.clear()
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        # final_pick="last": one solve per stage, so ``chosen`` is the stages' supports in order
         result = prunekit.prune(net, (x, y), method=method, sparsity=0.8, stages=3, revive=revive,
-                                fisher_samples=8, batch_size=10)
+                                fisher_samples=8, batch_size=10, final_pick="last")
         got = [s["revived"] for s in result.history]
         if revive:
             expected = [0] + [int((later & ~earlier).sum()) for earlier, later in zip(chosen, chosen[1:])]

@@ -276,7 +276,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     collective = distributed.current()     # one process: a no-op communicator, the code path of old
     if collective.distributed:
         _check_shardable(solve_stage, opts)
-    pick = opts.final_pick == "judge" and not collective.distributed
+    pick = opts.final_pick == "judge"
     kept: dict[str, torch.Tensor] = {}    # the best final-budget candidate so far (see below)
     done = resume_stages(ctx, kept)  # stages completed by an earlier, interrupted run (0: none)
     layer_scales = _resumed_layer_scales(history)
@@ -325,10 +325,10 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         was_pruned = w == 0
         w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
+        # weights zero before this stage and nonzero after its solve (only ``revive`` allows any)
+        revived = int((was_pruned & (w != 0)).sum()) if stage > 1 else 0
         if last and kept:
             w = _best_of_last_and_kept(ctx, w, kept, searched)
-        # weights zero before this stage and nonzero after it (only ``revive`` allows any)
-        revived = int((was_pruned & (w != 0)).sum()) if stage > 1 else 0
         ctx.space.assign(w)
         x_mb = q.X.numel() * q.X.element_size() / 2**20
         q = rows = None      # this stage's X goes before the next stage allocates its own
@@ -378,13 +378,19 @@ def _final_candidate(solve_stage, q, index: torch.Tensor, p: int, k: int, max_ma
 
 def _judge_losses(ctx: PruneContext, *weights: torch.Tensor) -> list[float]:
     """The loss of each weight vector (p,) after BatchNorm re-estimation (when the run
-    recalibrates) on the layer search's held training batches; the model is left as it was."""
+    recalibrates) on the layer search's held training batches; the model is left as it was.
+    Under torchrun every rank judges the same batches and the losses are averaged over ranks,
+    so that a last-digit difference between processes cannot send them different ways."""
     judge = RecalibratedLoss.from_batches(ctx.model, ctx.space, ctx.train_batches(),
                                           calibration=4 if ctx.recalibrate_bn else 0)
     try:
-        return [judge(w) for w in weights]
+        losses = torch.tensor([judge(w) for w in weights], dtype=torch.float64)
     finally:
         judge.restore()
+    collective = distributed.current()
+    if collective.distributed:
+        losses = collective.all_reduce(losses.to(weights[0].device)).cpu() / collective.size
+    return losses.tolist()
 
 
 def _keep_if_best(kept: dict, stage: int, loss: float, candidate) -> None:
