@@ -35,8 +35,11 @@ def _prune_cases(names):
     out = {}
     for name in names:
         net = _net()
-        prunekit.prune(net, _data(), **CASES[name])
+        result = prunekit.prune(net, _data(), **CASES[name])
         out[name] = torch.cat([p.detach().flatten() for p in net.parameters()])
+        if result.history and "final_choice" in result.history[-1]:     # multi-stage: the judge's losses
+            choice = result.history[-1]["final_choice"]
+            out[f"{name} final choice"] = torch.tensor([choice["last_stage_loss"], choice["kept_candidate_loss"]])
     return out
 
 
@@ -75,7 +78,9 @@ def two_ranks(tmp_path_factory):
 def test_distributed_prune_matches_one_process(two_ranks):
     names = list(CASES)
     expected = _prune_cases(names)
+    assert "falcon++ final choice" in expected
     for got in (result["prune"] for result in two_ranks):
+        assert_close_to_scale(got["falcon++ final choice"], expected["falcon++ final choice"], 1e-5)
         for name in names:
             assert torch.equal(got[name] != 0, expected[name] != 0), name
             assert_close_to_scale(got[name], expected[name], 1e-5)

@@ -75,7 +75,8 @@ class QuadraticOptions(Options):
                     every stage's best candidate counts too), and the run ends with the last
                     stage's result or the best of those, whichever has the lower loss after
                     BatchNorm re-estimation on held training batches (the layer search's judge);
-                    "last": the last stage's result. One process only: under torchrun, "last".
+                    "last": the last stage's result. Under torchrun the ranks average their
+                    judged losses, so every rank makes the same choice.
     """
 
     fisher_samples: int | str = 1000

@@ -15,8 +15,9 @@ pruning with fine-tuning) plugs in with two calls and nothing else::
 Contract for the pipeline:
   * Everything the next stage depends on lives in the model's ``state_dict()`` (weights, masks as
     zeros, BatchNorm buffers), in ``ctx.history``, in the torch / numpy / ``random`` RNG states,
-    or in the tensors the pipeline hands ``stage_completed`` (``resume_stages`` gives them back). A pipeline with other state (an optimizer's momentum, a mask not
-    implied by zeros) must put it into the model or the history before ``stage_completed``.
+    or in the tensors the pipeline hands ``stage_completed`` (``resume_stages`` gives them back).
+    A pipeline with other state (an optimizer's momentum, a mask not implied by zeros) must put
+    it into the model, the history or those tensors before ``stage_completed``.
   * A stage's data must not depend on how many stages ran before *in this process*: take a fresh
     loader per stage (``ctx.train_batches()`` does: each call starts at the same seeded epoch) or
     one driven only by the restored RNG.
