@@ -281,3 +281,28 @@ def test_search_modes_are_refused_without_a_search(capsys):
                  "ahead", "--data", "mnist", "--data-dir", "src/prunekit/assets/mnist"]) == 2
     err = capsys.readouterr().err
     assert "--layer-search-mode ahead needs --layer-search" in err and len(err.strip().splitlines()) == 1
+
+
+def test_allocation_first_offers_the_one_shot_search_result_as_a_final_candidate(monkeypatch):
+    """Stage 1 of ``first`` runs the one-shot search; FALCON's own solve with its multipliers (the
+    one-shot form's result, to the last digit) is one of the candidates the final pick weighs."""
+    from prunekit.pipelines import fisher_methods
+    keep, offered = fisher_methods._keep_if_best, []
+
+    def spy(kept, stage, loss, candidate):
+        offered.append((stage, loss, candidate().clone()))
+        keep(kept, stage, loss, candidate)
+    monkeypatch.setattr(fisher_methods, "_keep_if_best", spy)
+    net = bn_net()
+    x, y = torch.randn(200, 1, 6, 6), torch.randint(0, 3, (200,))
+    options = dict(flops=0.4, sparsity=0.7, batch_size=10, fisher_samples=8, layer_search=6)
+    one_shot = prunekit.prune(copy.deepcopy(net), (x, y), method="falcon", **options)
+    assert offered == []                                   # one stage: nothing to weigh
+    staged = prunekit.prune(copy.deepcopy(net), (x, y), method="falcon++", stages=3, layer_search_mode="first",
+                            **options)
+    stage_one = [candidate for stage, _, candidate in offered if stage == 1]
+    assert len(stage_one) == 2                             # the searched ILP + backsolve one, and FALCON's
+    one_shot_weights = ParamSpace(one_shot.model).vector()
+    assert any(torch.equal(candidate, one_shot_weights) for candidate in stage_one)
+    choice = staged.history[-1]["final_choice"]
+    assert choice["kept_candidate_loss"] == min(loss for _, loss, _ in offered)

@@ -72,7 +72,8 @@ class QuadraticOptions(Options):
                     along g, which we measured to hurt (ResNet-20-B at 40% MACs).
     final_pick:     what a multi-stage run ends with. "judge": stage 1 also solves at the final
                     budget (the one-shot solution; with a layer search judged at the final budget,
-                    every stage's best candidate counts too), and the run ends with the last
+                    every stage's searched candidates count too: ILP + backsolve, and FALCON's
+                    own solver with the searched multipliers), and the run ends with the last
                     stage's result or the best of those, whichever has the lower loss after
                     BatchNorm re-estimation on held training batches (the layer search's judge);
                     "last": the last stage's result. Under torchrun the ranks average their
@@ -316,6 +317,11 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         if pick and not last and trials and judged_at_final:    # the search judged its candidate already
             _keep_if_best(kept, stage, searched["layer_search_loss"], lambda: _final_candidate(
                 solve_stage, q, index, p, target, target_macs, macs, opts, score_weights, w))
+            if solve_stage is _solve_stage_falcon and opts.solver != "magnitude":
+                # FALCON's own solver with the searched multipliers (what the one-shot search ends with)
+                candidate = _final_candidate(solve_stage, q, index, p, target, target_macs, macs, opts,
+                                             score_weights, w, variant=opts.solver)
+                _keep_if_best(kept, stage, _judge_losses(ctx, candidate)[0], lambda: candidate)
         elif pick and stage == 1 and not last:                    # the one-shot solution, judged here
             candidate = _final_candidate(solve_stage, q, index, p, target, target_macs, macs, opts, score_weights, w)
             _keep_if_best(kept, stage, _judge_losses(ctx, candidate)[0], lambda: candidate)
@@ -359,17 +365,22 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
 # (Fashion-MNIST at 10% MACs: default FALCON++ 54.05% against one-shot FALCON's 65.41%; the
 # look-ahead search's final-budget candidates were judged 0.822, 0.579, 0.650, 0.770, 0.889 over
 # five stages), so the run keeps the best final-budget candidate it has seen and ends with
-# whichever of it and the last stage's result the judge prefers. Stage 1's candidate is the
-# one-shot solution, so on the judge's images a multi-stage run is never worse than one shot.
+# whichever of it and the last stage's result the judge prefers. Stage 1's candidates stand for
+# one shot: without a search, ILP + backsolve on stage 1's rows (cheap; not one-shot FALCON's
+# first-order method on its own n); with a search, also FALCON's own solver with the searched
+# multipliers, which is the one-shot search's result to the last digit (same rows and seed), so
+# on the judge's images such a run is never worse than the one-shot search.
 
 def _final_candidate(solve_stage, q, index: torch.Tensor, p: int, k: int, max_macs, macs: torch.Tensor,
-                     opts: QuadraticOptions, score_weights, like: torch.Tensor) -> torch.Tensor:
+                     opts: QuadraticOptions, score_weights, like: torch.Tensor,
+                     variant: str = "magnitude") -> torch.Tensor:
     """(p,) this stage's solution at the final budget (k, max_macs) over its free weights ``index``;
-    macs: (p,) per weight. FALCON's candidates are ILP + backsolve, as the layer search judges them."""
+    macs: (p,) per weight. FALCON's candidates are ILP + backsolve (``variant``), as the layer
+    search judges them."""
     free_macs = macs[index]
     if solve_stage is _solve_stage_falcon:
         solution = _solve_stage_falcon(q, min(k, index.numel()), max_macs, free_macs, opts, score_weights,
-                                       variant="magnitude")
+                                       variant=variant)
     else:
         solution = solve_stage(q, min(k, index.numel()), max_macs, free_macs, opts, score_weights)
     w = torch.zeros(p, dtype=like.dtype, device=like.device)
