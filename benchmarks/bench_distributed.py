@@ -3,6 +3,7 @@ columns. Per row: accuracy, wall time, peak RSS of every rank, each rank's share
 rank sent (gradient exchange, and per solver collective).
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/bench_distributed.py --ranks 1 2
+    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --ranks 1 2 --n 500 --prune-args="--fisher-batch 16 --fisher-bn batch"
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/bench_distributed.py --rows resnet56 --ranks 1 2 --n 256 --dtype float32
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/bench_distributed.py --rows resnet50 --ranks 1 2 --n 16 --max-memory 8G
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import socket
 import subprocess
@@ -52,7 +54,8 @@ def _torchrun(ranks: int, args: list[str], timeout: float) -> tuple[dict, float]
     return json.loads(done.stdout.strip().splitlines()[-1]), seconds
 
 
-def resnet20b_row(ranks: int, n: int, data: Path, max_memory: str, timeout: float, method: str = "falcon") -> dict:
+def resnet20b_row(ranks: int, n: int, data: Path, max_memory: str, timeout: float, method: str = "falcon",
+                  extra: tuple[str, ...] = ()) -> dict:
     budget = [item for key, value in BUDGETS[method].items() for item in (f"--{key}", str(value))]
     out = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     try:
@@ -60,10 +63,10 @@ def resnet20b_row(ranks: int, n: int, data: Path, max_memory: str, timeout: floa
             "-m", "prunekit", "prune", "--model", "resnet20-b", "--checkpoint",
             str(data / "checkpoints" / "resnet20_cifar10.pth.tar"), "--data", "cifar10", "--data-dir",
             str(data / "cifar10"), "--method", method, *budget, "--fisher-samples", str(n),
-            "--max-memory", max_memory, "--json", "--out", str(out / "run")], timeout)
+            "--max-memory", max_memory, "--json", "--out", str(out / "run"), *extra], timeout)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return {**_row("resnet20-b", ranks, n, record, wall), "method": method}
+    return {**_row("resnet20-b", ranks, n, record, wall), "method": method, "prune_args": " ".join(extra)}
 
 
 def random_row(model: str, ranks: int, n: int, dtype: str, max_memory: str, timeout: float,
@@ -139,6 +142,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="gradient storage of the random-weights rows")
     parser.add_argument("--method", choices=tuple(BUDGETS), default="falcon",
                         help="what every row runs (FALCON to 30%% MACs, CHITA to sparsity 0.7)")
+    parser.add_argument("--prune-args", default="", help="more `prunekit prune` flags for the resnet20-b rows, "
+                        "one string (e.g. \"--fisher-batch 16 --fisher-bn batch\")")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--max-memory", default="2500M", help="per rank (the machine is shared: keep each under 3 GB)")
@@ -155,7 +160,8 @@ def main() -> None:
     for name in args.rows:
         for ranks in args.ranks:
             if name == "resnet20-b":
-                row = resnet20b_row(ranks, args.n or 256, args.data, args.max_memory, args.timeout, args.method)
+                row = resnet20b_row(ranks, args.n or 256, args.data, args.max_memory, args.timeout, args.method,
+                                    tuple(shlex.split(args.prune_args)))
             else:
                 row = random_row(name, ranks, args.n or 16, args.dtype, args.max_memory, args.timeout, args.method)
             rows.append(row)

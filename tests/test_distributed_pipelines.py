@@ -1,5 +1,6 @@
 """prunekit.prune on 2 gloo processes (the gradient matrix sharded by columns) gives what one
-process gives: the same mask, weights within 1e-5 of their scale; a 2-rank training step is a
+process gives, also with batch-statistic rows from fresh samples: the same mask, weights within
+1e-5 of their scale; a 2-rank training step is a
 one-rank step on the whole batch; a 2-rank gradual run matches one rank."""
 
 import pytest
@@ -17,12 +18,23 @@ CASES = {
     "falcon": dict(method="falcon", sparsity=0.7, flops=0.4, fisher_samples=48),
     "falcon++": dict(method="falcon++", sparsity=0.8, flops=0.35, fisher_samples=48, stages=3),
     "gradual": dict(method="magnitude", sparsity=0.8, gradual=True, events=2, epochs_per_event=1, final_epochs=1),
+    # BatchNorm on each 8-image row's statistics, every stage's rows from images the earlier ones did
+    # not use: 3 stages of 24 rows read the 256 images more than twice
+    "falcon++ batch-statistic rows": dict(method="falcon++", sparsity=0.7, flops=0.5, fisher_samples=24,
+                                          fisher_batch=8, fisher_bn="batch", fresh_samples=True, stages=3),
 }
+NETS_WITH_BATCHNORM = {"falcon++ batch-statistic rows"}
 
 
 def _net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(36, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 12),
+                         nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 4))
 
 
 def _data():
@@ -34,7 +46,7 @@ def _data():
 def _prune_cases(names):
     out = {}
     for name in names:
-        net = _net()
+        net = _bn_net() if name in NETS_WITH_BATCHNORM else _net()
         result = prunekit.prune(net, _data(), **CASES[name])
         out[name] = torch.cat([p.detach().flatten() for p in net.parameters()])
         if result.history and "final_choice" in result.history[-1]:     # multi-stage: the judge's losses
@@ -45,23 +57,29 @@ def _prune_cases(names):
 
 def _gradients(rank=0, world=1):
     """Per rank: its column shard of X for n = 5 (rows 3 + 2: pieces with gaps) over all weights
-    and over every third weight, with offsets; one process: the full matrices."""
+    and over every third weight, and of 4-image batch-statistic rows of a BatchNorm net starting
+    24 samples into the 30-sample stream (so read past its end, pass after pass), with offsets;
+    one process: the full matrices."""
     from prunekit.distributed import current
     from prunekit.distributed.gradients import collect_sharded_gradients
-    from prunekit.fisher import collect_gradients
+    from prunekit.fisher import collect_gradients, passes, skip_samples
     from prunekit.params import ParamSpace
-    net = _net()
-    space = ParamSpace(net)
+    net, bn_net = _net(), _bn_net()
+    space, bn_space = ParamSpace(net), ParamSpace(bn_net)
     x, y = _data()
     batches = lambda: [(x[i:i + 3], y[i:i + 3]) for i in range(0, 30, 3)]   # noqa: E731
     columns = torch.arange(0, space.numel, 3)
+    bn_rows = dict(batch=4, bn="batch")
     if world == 1:
         full = collect_gradients(net, space, batches(), 5, progress=False)
-        return {"all": full, "some": full[:, columns].contiguous()}
+        bn = collect_gradients(bn_net, bn_space, skip_samples(passes(batches()), 24), 5, progress=False, **bn_rows)
+        return {"all": full, "some": full[:, columns].contiguous(), "bn": bn}
     shard, offset = collect_sharded_gradients(net, space, batches, 5, current())
     some, some_offset = collect_sharded_gradients(net, space, batches, 5, current(), columns)
+    bn, bn_offset = collect_sharded_gradients(bn_net, bn_space, batches, 5, current(), skip=24, repeat=True,
+                                              **bn_rows)
     return {"all": shard.contiguous(), "all_offset": torch.tensor(offset), "some": some.contiguous(),
-            "some_offset": torch.tensor(some_offset)}
+            "some_offset": torch.tensor(some_offset), "bn": bn.contiguous(), "bn_offset": torch.tensor(bn_offset)}
 
 
 def _worker(rank, world):
@@ -104,7 +122,7 @@ def test_two_rank_training_steps_match_one_rank(two_ranks):
 
 def test_sharded_gradients_are_the_columns_of_one_process(two_ranks):
     expected = _gradients()
-    for which in ("all", "some"):
+    for which in ("all", "some", "bn"):
         parts = sorted(((int(r["gradients"][f"{which}_offset"]), r["gradients"][which]) for r in two_ranks),
                        key=lambda part: part[0])
         assert parts[0][0] == 0 and parts[1][0] == parts[0][1].shape[1]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from ..fisher import collect_gradients
+from ..fisher import collect_gradients, passes, skip_samples
 from ..params import ParamSpace
 from ..solvers.collective import Collective, shard_bounds
 
@@ -29,26 +29,21 @@ def row_ranges(n: int, size: int) -> list[tuple[int, int]]:
     return [(min(n, r * per), min(n, (r + 1) * per)) for r in range(size)]
 
 
-def _skip_samples(batches: Iterable, skip: int):
-    """The stream of (x, y) batches without its first ``skip`` samples."""
-    for x, y in batches:
-        if skip >= x.shape[0]:
-            skip -= x.shape[0]
-            continue
-        yield x[skip:], y[skip:]
-        skip = 0
-
-
 def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], Iterable], n: int,
                               collective: Collective, columns: torch.Tensor | None = None, *, batch: int = 1,
-                              chunk: int = 64, dtype: torch.dtype = torch.float32, progress: bool = False
+                              chunk: int = 64, dtype: torch.dtype = torch.float32, progress: bool = False,
+                              bn: str = "frozen", skip: int = 0, repeat: bool = False
                               ) -> tuple[torch.Tensor, int]:
     """(X_r, offset): this rank's columns of the (n, p') gradient matrix and where they start.
 
     batches: a function returning the stream of (x, y) training batches, the same at every call.
     columns: the indices (p',) of the weights kept in the matrix (default all p), sorted; rank r
              keeps the r-th contiguous share of them (:func:`shard_bounds`).
-    Other arguments as :func:`prunekit.fisher.collect_gradients`; ``batch`` samples make a row.
+    skip:    samples of the stream before the first row's (``fresh_samples``: earlier stages' rows).
+    repeat:  the stream is ``batches()`` pass after pass (:func:`prunekit.fisher.passes`), as one
+             process reads it for mini-batch rows or fresh samples.
+    Other arguments as :func:`prunekit.fisher.collect_gradients`; ``batch`` samples make a row,
+    each on its own statistics with ``bn="batch"``, so the rows are one process's rows.
 
     Each rank computes its rows in 4R pieces and hands each piece's column blocks to their owners
     before computing the next, so the peak is n·p'/R (its columns) + n·p'/(4R²) (a piece) + a
@@ -69,8 +64,9 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
         first, last = min(stop, start + j * piece), min(stop, start + (j + 1) * piece)
         rows = torch.empty(0, width, dtype=dtype, device=device)
         if last > first:
-            rows = collect_gradients(model, space, _skip_samples(batches(), first * batch), last - first,
-                                     batch=batch, chunk=chunk, dtype=dtype, progress=progress and rank == 0)
+            stream = passes(batches()) if repeat else batches()
+            rows = collect_gradients(model, space, skip_samples(stream, skip + first * batch), last - first,
+                                     batch=batch, chunk=chunk, dtype=dtype, progress=progress and rank == 0, bn=bn)
             if columns is not None:
                 rows = _keep_columns(rows, columns)
         _send_piece(rows, piece, bounds, received, [s * slot + j * piece for s in range(size)], collective)

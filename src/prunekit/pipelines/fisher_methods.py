@@ -292,12 +292,14 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         start = time.perf_counter()
         free = torch.ones(p, dtype=torch.bool, device=w.device) if opts.revive or stage == 1 else w != 0
         index = free.nonzero().squeeze(1)
+        # fresh_samples: skip the samples the earlier stages' rows were taken from
+        skip = (stage - 1) * plan.n * opts.fisher_batch if opts.fresh_samples else 0
+        repeat = opts.fisher_batch > 1 or opts.fresh_samples      # read the training data pass after pass
         if collective.distributed:
-            q, ridge = _sharded_model(ctx, plan, opts, w, index, collective)
+            q, ridge = _sharded_model(ctx, plan, opts, w, index, collective, skip, repeat)
         else:
-            batches = ctx.train_batches() if opts.fisher_batch == 1 else passes(ctx.train_batches())
-            if opts.fresh_samples:       # skip the samples the earlier stages' rows were taken from
-                batches = skip_samples(passes(ctx.train_batches()), (stage - 1) * plan.n * opts.fisher_batch)
+            batches = passes(ctx.train_batches()) if repeat else ctx.train_batches()
+            batches = skip_samples(batches, skip) if skip else batches
             grads = collect_gradients(ctx.model, ctx.space, batches, plan.n, batch=opts.fisher_batch,
                                       chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn)
             rows = grads if index.numel() == p else _keep_columns(grads, index)
@@ -461,22 +463,18 @@ def _check_shardable(solve_stage, opts) -> None:
     if getattr(opts, "layer_search", 0):
         raise OptionError("layer_search is not sharded yet: run it without torchrun (one process)",
                           ("layer_search",))
-    if opts.fisher_bn == "batch":
-        raise OptionError("fisher_bn=batch is not sharded yet: run it without torchrun (one process)",
-                          ("fisher_bn",))
-    if opts.fresh_samples:
-        raise OptionError("fresh_samples is not sharded yet: run it without torchrun (one process)",
-                          ("fresh_samples",))
 
 
 def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Tensor, index: torch.Tensor,
-                   collective) -> tuple[ShardedQuadraticModel, float]:
+                   collective, skip: int, repeat: bool) -> tuple[ShardedQuadraticModel, float]:
     """This rank's columns of the stage's gradient matrix (the weights ``index``) as a sharded
-    quadratic model, and the ridge (its mean Fisher diagonal summed over the ranks)."""
+    quadratic model, and the ridge (its mean Fisher diagonal summed over the ranks). ``skip``,
+    ``repeat``: where the rows start in the training stream and whether it is read pass after pass."""
     columns = None if index.numel() == ctx.space.numel else index
     rows, offset = collect_sharded_gradients(ctx.model, ctx.space, ctx.train_batches, plan.n, collective,
                                              columns, batch=opts.fisher_batch, chunk=plan.chunk,
-                                             dtype=plan.dtype, progress=ctx.progress)
+                                             dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn,
+                                             skip=skip, repeat=repeat)
     ridge = opts.ridge
     if ridge is None:
         local = _sum_of_squares(rows)
