@@ -22,8 +22,14 @@ CASES = {
     # not use: 3 stages of 24 rows read the 256 images more than twice
     "falcon++ batch-statistic rows": dict(method="falcon++", sparsity=0.7, flops=0.5, fisher_samples=24,
                                           fisher_batch=8, fisher_bn="batch", fresh_samples=True, stages=3),
+    # the layer search: every rank re-estimates BatchNorm alike and judges its share of the batches
+    "falcon layer search": dict(method="falcon", sparsity=0.7, flops=0.5, fisher_samples=24, fisher_batch=8,
+                                fisher_bn="batch", layer_search=6, batch_size=16),
+    "falcon++ look-ahead search": dict(method="falcon++", sparsity=0.8, flops=0.35, fisher_samples=48, stages=3,
+                                       layer_search=4, layer_search_mode="ahead", batch_size=16),
+    "magnitude-flops layer search": dict(method="magnitude-flops", flops=0.4, layer_search=6, batch_size=16),
 }
-NETS_WITH_BATCHNORM = {"falcon++ batch-statistic rows"}
+NETS_WITH_BATCHNORM = {"falcon++ batch-statistic rows", "falcon layer search", "magnitude-flops layer search"}
 
 
 def _net():
@@ -52,6 +58,10 @@ def _prune_cases(names):
         if result.history and "final_choice" in result.history[-1]:     # multi-stage: the judge's losses
             choice = result.history[-1]["final_choice"]
             out[f"{name} final choice"] = torch.tensor([choice["last_stage_loss"], choice["kept_candidate_loss"]])
+        searches = [h for h in [*result.history, result.record] if "layer_search_loss" in h]
+        if searches:                           # the layer search's (start, best) losses per stage
+            out[f"{name}: search losses"] = torch.tensor([[h["layer_search_start_loss"], h["layer_search_loss"]]
+                                                  for h in searches])
     return out
 
 
@@ -97,8 +107,11 @@ def test_distributed_prune_matches_one_process(two_ranks):
     names = list(CASES)
     expected = _prune_cases(names)
     assert "falcon++ final choice" in expected
+    searched = [key for key in expected if key.endswith(": search losses")]
+    assert len(searched) == 3 and all(bool((expected[key][:, 1] < expected[key][:, 0]).any()) for key in searched)
     for got in (result["prune"] for result in two_ranks):
-        assert_close_to_scale(got["falcon++ final choice"], expected["falcon++ final choice"], 1e-5)
+        for key in ["falcon++ final choice", *searched]:
+            assert_close_to_scale(got[key], expected[key], 1e-5)
         for name in names:
             assert torch.equal(got[name] != 0, expected[name] != 0), name
             assert_close_to_scale(got[name], expected[name], 1e-5)

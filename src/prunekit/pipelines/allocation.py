@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .. import distributed
 from ..options import OptionError
 from ..params import ParamSpace
 from ..solvers.layer_search import LayerSearch, layer_index, search_layer_scales
@@ -51,18 +52,25 @@ class RecalibratedLoss:
 
     @torch.no_grad()
     def __call__(self, w: torch.Tensor) -> float:
+        """The loss with weights w (p,). Under torchrun every rank re-estimates BatchNorm on all
+        calibration batches (the model stays the same everywhere), judges every R-th judge batch
+        and the sums are all-reduced: each rank gets the same loss, for 1/R of the forward work."""
         self.space.assign(w)
         if self.calibration:
             recalibrate_batchnorm(self.model, self.calibration, max_batches=len(self.calibration))
         was_training = self.model.training
         self.model.eval()
         device = w.device
+        collective = distributed.current()
         total, count = 0.0, 0
-        for x, y in self.judge:
+        for x, y in self.judge[collective.rank::collective.size]:
             logits = self.model(x.to(device))
             total += float(nn.functional.cross_entropy(logits, y.to(device), reduction="sum"))
             count += y.numel()
         self.model.train(was_training)
+        if collective.distributed:
+            total, count = collective.all_reduce(torch.tensor([total, count], dtype=torch.float64,
+                                                              device=device)).tolist()
         return total / count
 
     @torch.no_grad()

@@ -393,18 +393,14 @@ def _final_candidate(solve_stage, q, index: torch.Tensor, p: int, k: int, max_ma
 def _judge_losses(ctx: PruneContext, *weights: torch.Tensor) -> list[float]:
     """The loss of each weight vector (p,) after BatchNorm re-estimation (when the run
     recalibrates) on the layer search's held training batches; the model is left as it was.
-    Under torchrun every rank judges the same batches and the losses are averaged over ranks,
-    so that a last-digit difference between processes cannot send them different ways."""
+    Under torchrun the ranks share the batches and every rank gets the same losses
+    (:class:`RecalibratedLoss`), so they all make the same choice."""
     judge = RecalibratedLoss.from_batches(ctx.model, ctx.space, ctx.train_batches(),
                                           calibration=4 if ctx.recalibrate_bn else 0)
     try:
-        losses = torch.tensor([judge(w) for w in weights], dtype=torch.float64)
+        return [judge(w) for w in weights]
     finally:
         judge.restore()
-    collective = distributed.current()
-    if collective.distributed:
-        losses = collective.all_reduce(losses.to(weights[0].device)).cpu() / collective.size
-    return losses.tolist()
 
 
 def _keep_if_best(kept: dict, stage: int, loss: float, candidate) -> None:
@@ -460,9 +456,6 @@ def _check_shardable(solve_stage, opts) -> None:
     if solve_stage is _solve_stage_woodfisher or getattr(opts, "block_size", None) is not None:
         raise OptionError("woodfisher and block_size need every column of the gradient matrix on one process: "
                           "run them without torchrun (one process)", ("method", "block_size"))
-    if getattr(opts, "layer_search", 0):
-        raise OptionError("layer_search is not sharded yet: run it without torchrun (one process)",
-                          ("layer_search",))
 
 
 def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Tensor, index: torch.Tensor,
