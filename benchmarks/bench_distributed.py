@@ -92,7 +92,8 @@ def _row(model: str, ranks: int, n: int, record: dict, wall: float) -> dict:
             "X_mb_per_rank": dist.get("gradient_matrix_mb"), "exchange_mb": (dist.get("gradient_exchange_bytes") or 0) / 2**20,
             "solver_mb": (dist.get("solver_bytes") or 0) / 2**20, "solver_iterations": iterations,
             "solver_mb_per_iteration": (dist.get("solver_bytes") or 0) / 2**20 / iterations,
-            "solver_collectives": dist.get("solver_collectives"), "objective": stage.get("objective")}
+            "solver_collectives": dist.get("solver_collectives"), "objective": stage.get("objective"),
+            "layer_search_loss": stage.get("layer_search_loss"), "layer_search_seconds": stage.get("layer_search_seconds")}
 
 
 SIZES = {"resnet50": (224, 1000), "resnet56": (32, 10), "mobilenetv1": (224, 1000)}
