@@ -1,7 +1,7 @@
 """prunekit.prune on 2 gloo processes (the gradient matrix sharded by columns) gives what one
-process gives, also with batch-statistic rows from fresh samples: the same mask, weights within
-1e-5 of their scale; a 2-rank training step is a
-one-rank step on the whole batch; a 2-rank gradual run matches one rank."""
+process gives, also with batch-statistic rows from fresh samples and with the layer search: the
+same mask, weights within 1e-5 of their scale; a 2-rank training step is a one-rank step on the
+whole batch; a 2-rank gradual run matches one rank."""
 
 import pytest
 import torch
