@@ -136,6 +136,14 @@ def skip_samples(batches: Iterable, count: int):
         yield x, y
 
 
+def keep_columns(grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """grads[:, index] (n, m) without a second n×p matrix: each row is compacted in place and the
+    result is a view of the first m columns (row stride p)."""
+    for row in grads:
+        row[:index.numel()] = row[index]
+    return grads[:, :index.numel()]
+
+
 def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupported: list[str]) -> None:
     """Per-layer hooks where every prunable layer allows them, else (or when they disagree with
     autograd) torch.func over the whole model."""

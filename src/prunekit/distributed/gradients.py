@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from ..fisher import collect_gradients, passes, skip_samples
+from ..fisher import collect_gradients, keep_columns, passes, skip_samples
 from ..params import ParamSpace
 from ..solvers.collective import Collective, shard_bounds
 
@@ -68,7 +68,7 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
             rows = collect_gradients(model, space, skip_samples(stream, skip + first * batch), last - first,
                                      batch=batch, chunk=chunk, dtype=dtype, progress=progress and rank == 0, bn=bn)
             if columns is not None:
-                rows = _keep_columns(rows, columns)
+                rows = keep_columns(rows, columns)
         _send_piece(rows, piece, bounds, received, [s * slot + j * piece for s in range(size)], collective)
         del rows
     return _close_gaps(received, n, per, slot, size), lo
@@ -96,10 +96,3 @@ def _close_gaps(received: torch.Tensor, n: int, per: int, slot: int, size: int) 
             for i in range(r1 - r0):
                 received[r0 + i] = received[s * slot + i]
     return received[:n]
-
-
-def _keep_columns(grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """grads[:, index] in place (each row compacted; a view of the first m columns)."""
-    for row in grads:
-        row[:index.numel()] = row[index]
-    return grads[:, :index.numel()]

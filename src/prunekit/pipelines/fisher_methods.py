@@ -21,7 +21,7 @@ from ..budget import ResolvedBudget
 from .. import memory_plan
 from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, OptionError, Options, Real
 from .. import distributed
-from ..fisher import BN_MODES, collect_gradients, passes, skip_samples
+from ..fisher import BN_MODES, collect_gradients, keep_columns, passes, skip_samples
 from ..distributed.gradients import collect_sharded_gradients
 from ..solvers.chita import chita
 from ..solvers.falcon import SCORES, falcon
@@ -302,7 +302,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             batches = skip_samples(batches, skip) if skip else batches
             grads = collect_gradients(ctx.model, ctx.space, batches, plan.n, batch=opts.fisher_batch,
                                       chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn)
-            rows = grads if index.numel() == p else _keep_columns(grads, index)
+            rows = grads if index.numel() == p else keep_columns(grads, index)
             del grads
             ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
             q = QuadraticModel(rows, w[index], ridge)
@@ -427,14 +427,6 @@ def _resumed_layer_scales(history: list[dict]) -> torch.Tensor | None:
     """The layer search's per-layer scales of the last completed stage (None: no search yet)."""
     found = [h["layer_scales"] for h in history if "layer_scales" in h]
     return torch.tensor(found[-1], dtype=torch.float64) if found else None
-
-
-def _keep_columns(grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """grads[:, index] (n, m) without a second n×p matrix: each row is compacted in place and the
-    result is a view of the first m columns (row stride p)."""
-    for row in grads:
-        row[:index.numel()] = row[index]
-    return grads[:, :index.numel()]
 
 
 def _mean_fisher_diagonal(rows: torch.Tensor) -> float:
