@@ -6,6 +6,7 @@
 #   bash benchmarks/issue16_rows.sh                 # every row, then the latency pass
 #   bash benchmarks/issue16_rows.sh accuracy        # accuracy rows only
 #   bash benchmarks/issue16_rows.sh latency         # only the latency pass (needs the rows' models)
+#   bash benchmarks/issue16_rows.sh seeds50         # 50% MACs: AutoBot and torch-pruning, seeds 0-2
 #
 # Run from the repository root, with ../shared/data present. Each row runs at nice 19 on one
 # thread (the machine is shared); the latency pass times 1 and 2 threads at batch 1 and 64, so
@@ -48,6 +49,16 @@ if [[ $what == all || $what == accuracy ]]; then
     # the 50% models again (the earlier run's models were not kept), for the latency pass
     row structured_res_autobot_0.5_again --methods autobot --budgets 0.5
     row structured_res_tp-magnitude_0.5_again --methods tp-magnitude --budgets 0.5
+fi
+
+if [[ $what == seeds50 ]]; then
+    # 50% MACs over three seeds (the seed sets the gate training, the fine-tune's order and crops):
+    # single rows differ by up to 2 points between reruns, more than the target's +1 margin.
+    for s in 0 1 2; do
+        MODELS=$RES/structured_models_res_seed$s row structured_res_autobot_0.5_seed$s --methods autobot --budgets 0.5 --seed $s
+        MODELS=$RES/structured_models_res_seed$s row structured_res_tp-magnitude-inner_0.5_seed$s --methods tp-magnitude-inner --budgets 0.5 --seed $s
+        MODELS=$RES/structured_models_res_seed$s row structured_res_tp-taylor-inner_0.5_seed$s --methods tp-taylor-inner --budgets 0.5 --seed $s
+    done
 fi
 
 if [[ $what == all || $what == latency ]]; then

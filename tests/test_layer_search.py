@@ -161,10 +161,10 @@ def _falcon_pp_with_spy(monkeypatch, stages=3, **options):
     from prunekit.pipelines import fisher_methods
     solve, solved = fisher_methods._solve_stage_falcon, []
 
-    def spy(q, k, max_macs, macs, opts, score_weights=None, variant=None):
+    def spy(q, k, max_macs, macs, opts, score_weights=None, variant=None, **more):
         if variant is None:                 # the stage's own solve, not a search candidate
             solved.append((k, None if score_weights is None else score_weights.clone()))
-        return solve(q, k, max_macs, macs, opts, score_weights, variant)
+        return solve(q, k, max_macs, macs, opts, score_weights, variant, **more)
     monkeypatch.setattr(fisher_methods, "_solve_stage_falcon", spy)
     net = bn_net()
     x, y = torch.randn(200, 1, 6, 6), torch.randint(0, 3, (200,))

@@ -65,3 +65,25 @@ def test_dfo_point_is_the_exact_backsolve_on_its_support(seed):
     exact = backsolve(q, solution.w != 0)
     assert float((solution.w - exact).norm()) <= 1e-8 * float(exact.norm())
     assert solution.objective == pytest.approx(q.objective(exact), rel=1e-9)
+
+
+def test_gram_cache_gives_the_fresh_solution_along_a_chain_of_nearby_supports():
+    """The layer search's trials: many calls on supports a few weights apart. Updating the cached
+    Gram matrix must give the fresh backsolve's weights; the chain restarts after MAX_CHAIN."""
+    from prunekit.solvers.backsolve import GramCache
+
+    q, _ = problem(3, n=6, p=60)
+    costs = torch.ones(60, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    cache, chains = GramCache(), []
+    scores = torch.ones(60, dtype=torch.float64)
+    for _ in range(2 * GramCache.MAX_CHAIN + 5):
+        moved = torch.randperm(60, generator=g)[:2]
+        scores[moved] *= 2.0 ** torch.randn(2, generator=g, dtype=torch.float64)
+        cached = falcon(q, costs, 40, 60.0, variant="magnitude", score_weights=scores, gram_cache=cache)
+        fresh = falcon(q, costs, 40, 60.0, variant="magnitude", score_weights=scores)
+        assert torch.equal(cached.w != 0, fresh.w != 0)
+        assert float((cached.w - fresh.w).abs().max()) <= 1e-10 * float(fresh.w.abs().max())
+        chains.append(cache.chain)
+    assert max(chains) == GramCache.MAX_CHAIN          # updates happened, up to the bound
+    assert chains.count(0) >= 2                        # ... and the chain restarted from a fresh Gram

@@ -23,6 +23,7 @@ from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, OptionError, 
 from .. import distributed
 from ..fisher import BN_MODES, collect_gradients, keep_columns, passes, skip_samples
 from ..distributed.gradients import collect_sharded_gradients
+from ..solvers.backsolve import GramCache
 from ..solvers.chita import chita
 from ..solvers.falcon import SCORES, falcon
 from ..solvers.woodfisher import woodfisher
@@ -187,9 +188,9 @@ def _solve_stage_woodfisher(q: QuadraticModel, k: int, max_macs, macs, opts: Woo
 
 
 def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FalconOptions, score_weights=None,
-                        variant: str | None = None):
+                        variant: str | None = None, gram_cache: GramCache | None = None):
     return falcon(q, macs, k, max_macs, variant=variant or opts.solver, block_size=opts.block_size,
-                  score=opts.support_score, score_weights=score_weights)
+                  score=opts.support_score, score_weights=score_weights, gram_cache=gram_cache)
 
 
 def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.Tensor, k: int, max_macs,
@@ -200,11 +201,12 @@ def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.T
     variant (ILP + backsolve) with the trial's multipliers at the budget (k, max_macs), judged by
     the loss after BatchNorm recalibration. Adds the search's figures to ``record``."""
     p = ctx.space.numel
+    nearby = GramCache()      # a trial moves a few layers' budgets: its Gram matrix is an update
 
     def candidate(score_weights: torch.Tensor) -> torch.Tensor:
         w = torch.zeros(p, dtype=q.w_bar.dtype, device=index.device)
         w[index] = _solve_stage_falcon(q, k, max_macs, macs, opts, score_weights.to(index.device),
-                                       variant="magnitude").w.to(w.dtype)
+                                       variant="magnitude", gram_cache=nearby).w.to(w.dtype)
         return w
 
     weights, layer_scales, found = search_allocation(ctx.model, ctx.space, ctx.train_batches(), trials,

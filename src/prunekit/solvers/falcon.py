@@ -34,7 +34,7 @@ import time
 import torch
 
 from ..errors import PrunekitError
-from .backsolve import backsolve_blockwise, backsolve_with_parts, updated_gram
+from .backsolve import GramCache, backsolve_blockwise, backsolve_with_parts, updated_gram
 from .ilp import solve_flops_ilp
 from .quadratic import QuadraticModel, check_k
 from .sliced_ilp import sliced_cost_groups, solve_sliced_flops_ilp
@@ -57,7 +57,7 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
            variant: str = "dfo", max_iter: int = 10, max_search: int = 20, tol: float = 1e-4,
            max_change_share: float = 0.01,
            block_size: int | None = None, score: str = "magnitude",
-           score_weights: torch.Tensor | None = None) -> Solution:
+           score_weights: torch.Tensor | None = None, gram_cache: GramCache | None = None) -> Solution:
     """A w meeting both budgets with small Q.
 
     q:               the quadratic model (p weights).
@@ -72,6 +72,10 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     score:           "magnitude" (v²) or "saliency" (d·v², see the module docstring).
     score_weights:   (p,) > 0, multiplies every weight's score in the projection (a per-layer
                      exchange rate, see ``solvers.layer_search``); None: 1.
+    gram_cache:      the Gram matrix of the support a previous call on the same ``q`` ended on;
+                     the first backsolve updates it rather than computing a new one, and the
+                     cache is left holding this call's final support (many calls on nearby
+                     supports, e.g. the layer search's trials).
     """
     start = time.perf_counter()
     if variant not in VARIANTS:
@@ -103,22 +107,23 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
         gaps.append(result.gap)
         return result.keep
 
-    current: list = [None]        # (support, X_S X_Sᵀ) of the current point, for cheap updates
+    # (support, X_S X_Sᵀ, updates since a fresh Gram) of the current point, for cheap updates
+    current: list = [None if gram_cache is None or block_size is not None else gram_cache.base(q.w_bar)]
     latest: list = [None]         # the same for the last support solved
 
     def solve_on(support: torch.Tensor) -> torch.Tensor:
         if block_size is not None:
             return backsolve_blockwise(q, support, block_size)
-        gram = None
-        if current[0] is not None and current[0][1] is not None:
-            old_support, old_gram = current[0]
+        gram, chain = None, 0
+        if current[0] is not None and current[0][1] is not None and current[0][2] < GramCache.MAX_CHAIN:
+            old_support, old_gram, old_chain = current[0]
             size, changed = q.count(support), q.count(support ^ old_support)
             if changed < size // 4 and size > q.n:
                 added = (support & ~old_support).nonzero().squeeze(1)
                 removed = (old_support & ~support).nonzero().squeeze(1)
-                gram = updated_gram(q, old_gram, added, removed)
+                gram, chain = updated_gram(q, old_gram, added, removed), old_chain + 1
         w, parts = backsolve_with_parts(q, support, gram)
-        latest[0] = (support, None if parts is None else parts[0])
+        latest[0] = (support, None if parts is None else parts[0], chain)
         return w
 
     support = project(q.w_bar)
@@ -144,6 +149,8 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
             if decrease < tol * abs(f):
                 break
     info["max_ilp_gap"] = max(gaps)
+    if gram_cache is not None and current[0] is not None and current[0][1] is not None:
+        gram_cache.support, gram_cache.gram, gram_cache.chain = current[0]
     # How much of Q is the ridge: with n ≪ p the data term ‖X(w−w̄)‖²/2n sees only n directions and
     # λ‖w−w̄‖²/2 (whose best support is the largest |w̄|) the rest, so a share near 1 means the
     # model cannot prefer any support much over magnitude's.
