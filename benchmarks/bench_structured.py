@@ -157,7 +157,8 @@ def accuracy_part(args) -> dict:
             elif method == "autobot":
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="autobot", flops=budget,
                                         example_input=example, recalibrate_bn=False, gate_batches=args.gate_batches,
-                                        channel_multiple=args.channel_multiple, depth_flops=depth_of.get(budget),
+                                        gate_bn=args.gate_bn, channel_multiple=args.channel_multiple,
+                                        depth_flops=depth_of.get(budget),
                                         depth_batches=args.depth_batches, depth_per=args.depth_per)
                 small = result.model
                 info = {k: result.record[k] for k in ("threshold_gate", "gate_steps", "gate_estimate_flops_kept",
@@ -169,7 +170,8 @@ def accuracy_part(args) -> dict:
                 inner = method.endswith("-inner")        # torch-pruning with option-A block outputs kept dense
                 small, info = tp_prune(dense, method.removesuffix("-inner"), budget, example, grads,
                                        round_to=args.channel_multiple, pads_residual=not inner)
-            finish(f"{method}+depth" if depth_of and method == "autobot" else method, budget, small,
+            name = f"{method}+bn-batch" if method == "autobot" and args.gate_bn == "batch" else method
+            finish(f"{name}+depth" if depth_of and method == "autobot" else name, budget, small,
                    time.perf_counter() - start, info)
     return payload
 
@@ -208,6 +210,8 @@ def main() -> None:
     parser.add_argument("--structured-flops", type=float, default=0.5, help="hybrid: MAC share after the channel cut")
     parser.add_argument("--fisher-samples", type=int, default=500, help="hybrid and falcon: gradient rows")
     parser.add_argument("--gate-batches", type=int, default=200, help="AutoBot gate-training batches of 64")
+    parser.add_argument("--gate-bn", choices=["frozen", "batch"], default="frozen",
+                        help="AutoBot: BatchNorm on running or on each batch's statistics while the gates train")
     parser.add_argument("--taper-epochs", type=float, default=4.0, help="planned taper length in epochs")
     parser.add_argument("--max-taper-rate", type=float, default=None, help="share of dense MACs per epoch")
     parser.add_argument("--taylor-batches", type=int, default=10, help="batches of 64 for the Taylor gradients")

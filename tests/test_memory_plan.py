@@ -77,6 +77,31 @@ def test_estimate_parts_and_largest_n_per_dtype(steady_usage):
     assert fitting["float16"] == fitting["bfloat16"]
 
 
+def test_the_judge_counts_its_held_batches_and_one_forward_pass(steady_usage):
+    model = wide_model()
+    space = ParamSpace(model)
+    example = torch.zeros(1, 1, 8, 8)
+    plain = memory_plan.plan(model, space, example, n=100, max_memory="100G")
+    judged = memory_plan.plan(model, space, example, n=100, max_memory="100G", judge_batch=10)
+    # a sample's input is 64 floats, the largest module output (a Linear's) 1,000 floats
+    assert plain.judge == 0
+    assert judged.judge == 10 * (memory_plan.JUDGE_BATCHES * 64 * 4 + memory_plan.INFERENCE_FACTOR * 1000 * 4)
+    assert judged.total == judged.resident + judged.gradients + max(
+        judged.activations + judged.layer_gradients, judged.solver + judged.judge)
+
+
+@pytest.mark.parametrize("options, judged", [({"method": "falcon"}, False),
+                                             ({"method": "falcon", "layer_search": 1}, True),
+                                             ({"method": "falcon++", "stages": 2}, True),
+                                             ({"method": "falcon++", "stages": 2, "final_pick": "last"}, False)])
+def test_runs_that_judge_plan_for_the_judge_at_their_batch_size(monkeypatch, options, judged):
+    planned = []
+    real = memory_plan.plan
+    monkeypatch.setattr(memory_plan, "plan", lambda *a, **k: planned.append(k["judge_batch"]) or real(*a, **k))
+    prunekit.prune(wide_model(), data(), flops=0.5, fisher_samples=8, batch_size=16, **options)
+    assert planned[-1] == (16 if judged else 0)
+
+
 def test_auto_takes_the_largest_n_up_to_1000_that_fits(steady_usage):
     model = wide_model()
     space = ParamSpace(model)

@@ -39,17 +39,37 @@ def test_flops_loss_matches_the_paper_formula():
     assert float(flops_loss(torch.tensor(50.0), 50.0, 100.0)) == 0.0
 
 
-@pytest.mark.parametrize("flops", [0.7, 0.4])
-def test_autobot_meets_the_target_exactly(tiny, flops):
+@pytest.mark.parametrize("flops, gate_bn", [(0.7, "frozen"), (0.4, "frozen"), (0.4, "batch")])
+def test_autobot_meets_the_target_exactly(tiny, flops, gate_bn):
     model, x, data = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    r = prune_structured(model, "autobot", flops, x, lambda: data, gate_batches=4)
+    r = prune_structured(model, "autobot", flops, x, lambda: data, gate_batches=4, gate_bn=gate_bn)
     costs = CostModel(model, x)
     counted = costs.count(r.model)
     assert counted.macs == r.macs <= flops * costs.macs
     assert counted.macs >= (flops - 0.05) * costs.macs        # the bisection leaves little on the table
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # weights frozen
     assert all(k >= 1 for k in r.record["kept_channels"]) and r.mode == "structured"
+
+
+@pytest.mark.parametrize("gate_bn", ["frozen", "batch"])
+def test_autobot_gates_train_on_the_loss_with_the_chosen_batchnorm_statistics(tiny, gate_bn):
+    """The first gate step's cross-entropy is the gated model's (gates at their 0.9 start) with
+    BatchNorm on running statistics ("frozen") or on the batch's own ("batch")."""
+    from prunekit.fisher import batchnorm_on_batch_statistics
+    from prunekit.structured.gates import GateHooks
+    from prunekit.structured.groups import find_groups
+    model, x, data = tiny
+    r = prune_structured(model, "autobot", 0.5, x, lambda: data, gate_batches=2, gate_bn=gate_bn)
+    groups = find_groups(model, x)
+    with torch.no_grad(), GateHooks(model, groups) as hooks:
+        hooks.values = [torch.full((g.size,), 0.9) for g in groups]
+        with batchnorm_on_batch_statistics(model):
+            on_batch = float(torch.nn.functional.cross_entropy(model(data[0][0]), data[0][1]))
+        frozen = float(torch.nn.functional.cross_entropy(model(data[0][0]), data[0][1]))
+    assert abs(on_batch - frozen) > 1e-3 * frozen        # the two modes are told apart here
+    expected = on_batch if gate_bn == "batch" else frozen
+    assert r.record["history"][0]["ce"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_taper_reaches_every_snapshot_under_its_budget(tiny):

@@ -20,6 +20,10 @@ The peak of a request is estimated from its parts, each counted from the model i
                          REPLICATED_VECTORS whole float32 ones), the stage loop's own vectors
                          (PIPELINE_BYTES_PER_WEIGHT), a few n × n float64 factors, two column blocks; CHITA's active set holds 1.5k columns of X, WoodFisher p × B
                          inverses.
+    judge                (layer search, FALCON++'s final pick) beside the solver: the training
+                         batches it holds (JUDGE_BATCHES of judge_batch samples, the inputs'
+                         bytes) and one forward pass without autograd of a batch, counted as
+                         INFERENCE_FACTOR times the largest module output per sample.
 
 The plan refuses a request whose estimate exceeds the limit (``max_memory``; default: the memory
 available to this process, from /proc/meminfo and the cgroup limit, less a margin) in one line
@@ -53,6 +57,9 @@ PIPELINE_BYTES_PER_WEIGHT = 48  # what the stage loop holds beside the solver, w
                                 # weights). Measured: ResNet-50 FALCON peaks 1.5 GB above the solver alone
 REPLICATED_VECTORS = 4          # p-long float32 vectors every rank holds whole under torchrun (w̄, the
                                 # solution and the all-gather's buffers for it)
+JUDGE_BATCHES = 12               # RecalibratedLoss: 4 batches to re-estimate BatchNorm, 8 to judge by
+INFERENCE_FACTOR = 3            # a forward pass without autograd holds a module's input and output and a
+                                # residual branch's input at most: 3x the largest output (an upper bound)
 GiB, MiB = 2**30, 2**20
 
 
@@ -70,11 +77,14 @@ class MemoryPlan:
     layer_gradients: int
     solver: int
     limit: int
+    judge: int = 0          # the judge's held batches and forward pass, beside the solver
 
     @property
     def total(self) -> int:
-        """Gradients are collected, then the solver runs: the two phases do not overlap."""
-        return self.resident + self.gradients + max(self.activations + self.layer_gradients, self.solver)
+        """Gradients are collected, then the solver runs (and the judge with it): the two phases
+        do not overlap."""
+        return self.resident + self.gradients + max(self.activations + self.layer_gradients,
+                                                    self.solver + self.judge)
 
     @property
     def total_mb(self) -> float:
@@ -95,13 +105,14 @@ class _Sizes:
         self.activation_per_sample = _activation_bytes(model, example_input,
                                                        [modules[e.module] for e in space.entries],
                                                        batch_statistics)
+        self.input_per_sample, self.largest_output_per_sample = _inference_bytes(model, example_input)
         self.device = space.weights()[0].device
 
 
 def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, dtype: str = "float32",
          family: str = "falcon", max_memory=None, fisher_batch: int = 1, obs_block_size: int = 128,
          keep_share: float = 1.0, fisher_bn: str = "frozen", ranks: int = 1,
-         ranks_here: int = 1) -> MemoryPlan:
+         ranks_here: int = 1, judge_batch: int = 0) -> MemoryPlan:
     """The memory plan of gradients + solve for ``space``'s weights, refusing what does not fit.
 
     n:          fisher_samples, an int or "auto" (the largest n ≤ 1000 that fits).
@@ -113,14 +124,18 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
                 is one forward pass, so the chunk is fisher_batch).
     ranks:      processes sharing X by columns (torchrun): the plan is one rank's.
     ranks_here: those of them on this machine; without max_memory each gets this share of it.
+    judge_batch: samples per training batch when the run judges candidates by their loss (the
+                layer search, the final pick); 0: no judge.
     Raises PrunekitError when the request does not fit.
     """
     storage = storage_dtype(dtype)
     sizes = _Sizes(model, space, example_input, batch_statistics=fisher_bn == "batch")
     limit = parse_memory(max_memory) if max_memory is not None else default_limit(sizes.device) // ranks_here
     resident = current_usage(sizes.device)
+    judge = judge_batch * (JUDGE_BATCHES * sizes.input_per_sample
+                           + INFERENCE_FACTOR * sizes.largest_output_per_sample)
     estimate = lambda rows, kind: _estimate(sizes, rows, kind, family, fisher_batch, obs_block_size,
-                                            keep_share, resident, limit, ranks)
+                                            keep_share, resident, limit, ranks, judge)
     if n == "auto":
         rows = largest_n(lambda rows: estimate(rows, storage), 1000)
         if rows == 0:
@@ -135,7 +150,8 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
 
 
 def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_batch: int,
-              obs_block_size: int, keep_share: float, resident: int, limit: int, ranks: int = 1) -> MemoryPlan:
+              obs_block_size: int, keep_share: float, resident: int, limit: int, ranks: int = 1,
+              judge: int = 0) -> MemoryPlan:
     item = torch.tensor([], dtype=storage).element_size()
     chunk = max(1, min(MAX_CHUNK, ACTIVATION_BUDGET // max(1, int(ACTIVATION_FACTOR * sizes.activation_per_sample))))
     if fisher_batch == 1:
@@ -162,7 +178,8 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
     elif family == "woodfisher":
         solver += sizes.p * obs_block_size * 4 * 2                 # block inverses (+ a float64 block)
     return MemoryPlan(n=n, p=sizes.p, dtype=storage, chunk=chunk, resident=resident, gradients=gradients,
-                      activations=activations, layer_gradients=layer_gradients, solver=solver, limit=limit)
+                      activations=activations, layer_gradients=layer_gradients, solver=solver, limit=limit,
+                      judge=judge)
 
 
 def largest_n(estimate, upper: int) -> int:
@@ -303,3 +320,28 @@ def _activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable:
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     parameters |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     return sum(size for ptr, size in storages.items() if ptr not in parameters) // copies
+
+
+@torch.no_grad()
+def _inference_bytes(model: nn.Module, example: torch.Tensor | tuple) -> tuple[int, int]:
+    """(bytes of one sample's inputs, bytes of the largest module output for one sample), from a
+    forward pass of the first sample of ``example`` in eval mode without autograd."""
+    device = next(model.parameters()).device
+    inputs = tuple(x[:1].to(device) for x in (example if isinstance(example, (tuple, list)) else (example,)))
+    largest = [0]
+
+    def measure(module, args, out) -> None:
+        for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(tensor, torch.Tensor):
+                largest[0] = max(largest[0], tensor.nbytes)
+
+    handles = [m.register_forward_hook(measure) for m in model.modules()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(*inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return sum(x.nbytes for x in inputs), largest[0]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..api_checks import first_batch
 from ..budget import ResolvedBudget
 from .. import memory_plan
 from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, OptionError, Options, Real
@@ -238,14 +239,21 @@ def needs_flops(budget: ResolvedBudget, opts) -> None:
 def plan_memory(family: str):
     """The memory check of a family ("chita", "falcon", "woodfisher": their solvers' work arrays
     differ), for the method table: refuses a request that does not fit before any work."""
-    def check(model, space, example_input, budget: ResolvedBudget, opts: QuadraticOptions):
+    def check(model, space, example_input, budget: ResolvedBudget, opts: QuadraticOptions, judge_batch: int = 0):
         return memory_plan.plan(model, space, example_input, n=opts.fisher_samples, dtype=opts.fisher_dtype,
                                 family=family, max_memory=opts.max_memory, fisher_batch=opts.fisher_batch,
                                 fisher_bn=opts.fisher_bn,
                                 obs_block_size=getattr(opts, "obs_block_size", 128),
                                 keep_share=budget.max_nonzeros / space.numel, ranks=distributed.current().size,
-                                ranks_here=distributed.ranks_on_this_machine())
+                                ranks_here=distributed.ranks_on_this_machine(), judge_batch=judge_batch)
     return check
+
+
+def _judge_batch(ctx: PruneContext, opts: QuadraticOptions) -> int:
+    """Samples per training batch when this run judges candidates by their loss (the layer
+    search, a multi-stage run's final pick: the judge holds such batches), else 0."""
+    judged = getattr(opts, "layer_search", 0) > 0 or (opts.final_pick == "judge" and opts.stages > 1)
+    return int(first_batch(ctx.train_batches, "data")[1].shape[0]) if judged else 0
 
 
 def run_chita(ctx: PruneContext, opts: ChitaOptions) -> Pruned:
@@ -268,7 +276,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
                           "split is used)", ("data",))
     p = ctx.space.numel
     # The plan of the first stage (the largest: later stages have fewer free weights).
-    plan = memory(ctx.model, ctx.space, ctx.costs.example_input, ctx.budget, opts)
+    plan = memory(ctx.model, ctx.space, ctx.costs.example_input, ctx.budget, opts, _judge_batch(ctx, opts))
     macs = ctx.space.macs_per_weight(ctx.costs)           # solvers work where the model is
     dense_macs = int(macs.sum())
     target = ctx.budget.max_nonzeros

@@ -8,20 +8,25 @@ trained (Adam), the weights are frozen and the model stays in eval mode, on
     L_bool  = mean |g - round(g)|
 
 with ``F`` the MACs of the gated model (``GatedMacs``, groups and depthwise convs counted as
-``CostModel`` counts them), ``T`` the target and ``F_max`` the dense MACs. The gates are then
+``CostModel`` counts them), ``T`` the target and ``F_max`` the dense MACs. ``gate_bn`` says what
+BatchNorm does meanwhile: "frozen" (the running statistics, as the paper's frozen network) or
+"batch" (each batch's own statistics, running ones neither read nor updated): the cross-entropy
+is then the one the pruned model has once its statistics are re-estimated. The gates are then
 cut by one global threshold found by bisection so that the kept MACs meet the target exactly
 (the gate-loss estimate alone can miss it by a wide margin).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..options import Integer, Real
+from ..fisher import BN_MODES, batchnorm_on_batch_statistics
+from ..options import Integer, OneOf, Real
 from .gates import GatedMacs, GateHooks
 from .groups import GroupSet
 from .family import ChannelContext, ChannelOptions, Cut
@@ -36,8 +41,9 @@ class AutoBotOptions(ChannelOptions):
     gamma: float = 0.4       # weight of L_bool
     gate_lr: float = 0.6     # Adam learning rate on theta
     init: float = 0.9        # initial gate value
+    gate_bn: str = "frozen"  # BatchNorm while the gates train: "frozen" or "batch" (module docstring)
     constraints = {**ChannelOptions.constraints, "gate_batches": Integer(1), "beta": Real(0), "gamma": Real(0),
-                   "gate_lr": Real(0, open_low=True), "init": Real(0, 1, open_low=True)}
+                   "gate_lr": Real(0, open_low=True), "init": Real(0, 1, open_low=True), "gate_bn": OneOf(BN_MODES)}
 
 
 def flops_loss(macs: torch.Tensor, target: float, dense: float) -> torch.Tensor:
@@ -70,8 +76,9 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
     model.eval()
     history = []
     loss_fn = nn.CrossEntropyLoss()
+    norms = batchnorm_on_batch_statistics(model) if options.gate_bn == "batch" else contextlib.nullcontext()
     try:
-        with GateHooks(model, groups) as hooks:
+        with GateHooks(model, groups) as hooks, norms:
             step = 0
             while step < options.gate_batches:
                 seen = False
