@@ -113,12 +113,12 @@ def accuracy_part(args) -> dict:
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="taper", flops=budget,
                                         example_input=example, recalibrate_bn=False, taper_epochs=args.taper_epochs,
                                         max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
-                                        depth_flops=depth_of[budget], depth_batches=args.depth_batches,
-                                        depth_per=args.depth_per)
+                                        residual_channels=args.residual_channels, depth_flops=depth_of[budget],
+                                        depth_batches=args.depth_batches, depth_per=args.depth_per)
                 info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps",
                                                       "snapshot_cuts", "on_schedule", "final_lambda", "history")}
-                finish("taper+depth", budget, result.model, time.perf_counter() - start,
-                       {**info, "depth": result.record["depth"]})
+                finish("taper-inner+depth" if args.residual_channels == "keep" else "taper+depth", budget,
+                       result.model, time.perf_counter() - start, {**info, "depth": result.record["depth"]})
             continue
         if method == "taper":
             model = copy.deepcopy(dense)
@@ -127,7 +127,7 @@ def accuracy_part(args) -> dict:
             result = prunekit.prune(model, batches, method="taper", flops=min(args.budgets), example_input=example,
                                     recalibrate_bn=False, taper_epochs=args.taper_epochs,
                                     max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
-                                    snapshots=others or None)
+                                    residual_channels=args.residual_channels, snapshots=others or None)
             seconds = time.perf_counter() - start
             shots = {min(args.budgets): result, **result.snapshots}
             info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps", "snapshot_cuts",
@@ -135,7 +135,8 @@ def accuracy_part(args) -> dict:
             info["history"] = result.record["history"]
             info["seconds_note"] = "one taper run gives every budget; seconds are the whole run"
             for budget in sorted(args.budgets, reverse=True):
-                finish("taper", budget, shots[budget].model, seconds, info)
+                finish("taper-inner" if args.residual_channels == "keep" else "taper", budget, shots[budget].model,
+                       seconds, info)
             continue
         for budget in sorted(args.budgets, reverse=True):
             start = time.perf_counter()
@@ -158,6 +159,7 @@ def accuracy_part(args) -> dict:
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="autobot", flops=budget,
                                         example_input=example, recalibrate_bn=False, gate_batches=args.gate_batches,
                                         gate_bn=args.gate_bn, channel_multiple=args.channel_multiple,
+                                        residual_channels=args.residual_channels,
                                         depth_flops=depth_of.get(budget),
                                         depth_batches=args.depth_batches, depth_per=args.depth_per)
                 small = result.model
@@ -171,6 +173,7 @@ def accuracy_part(args) -> dict:
                 small, info = tp_prune(dense, method.removesuffix("-inner"), budget, example, grads,
                                        round_to=args.channel_multiple, pads_residual=not inner)
             name = f"{method}+bn-batch" if method == "autobot" and args.gate_bn == "batch" else method
+            name += "-inner" if method == "autobot" and args.residual_channels == "keep" else ""
             finish(f"{name}+depth" if depth_of and method == "autobot" else name, budget, small,
                    time.perf_counter() - start, info)
     return payload
@@ -221,6 +224,9 @@ def main() -> None:
     parser.add_argument("--depth-batches", type=int, default=4, help="training batches that score each block")
     parser.add_argument("--depth-per", choices=["macs", "time"], default="macs",
                         help="a block's loss rise per MAC or per second of its measured time")
+    parser.add_argument("--residual-channels", choices=["prune", "keep"], default="prune",
+                        help="autobot, taper: prune option-A block outputs as one group per stage, or keep them "
+                             "(inner channels only, as tp-*-inner)")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--channel-multiple", type=int, default=1,

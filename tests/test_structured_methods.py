@@ -72,6 +72,25 @@ def test_autobot_gates_train_on_the_loss_with_the_chosen_batchnorm_statistics(ti
     assert r.record["history"][0]["ce"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["autobot", "taper"])
+def test_residual_channels_keep_leaves_option_a_block_outputs_at_full_width(method):
+    torch.manual_seed(0)
+    model = zoo.build("resnet20").eval()
+    x = torch.randn(1, 3, 16, 16)
+    data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(3)]
+    options = {"gate_batches": 4} if method == "autobot" else {"taper_epochs": 4}
+    kept = prune_structured(zoo.build("resnet20").eval(), method, 0.3, x, lambda: data, residual_channels="keep",
+                            **options)
+    pruned = prune_structured(zoo.build("resnet20").eval(), method, 0.3, x, lambda: data, **options)
+    costs = CostModel(model, x)
+    assert costs.count(kept.model).macs <= 0.3 * costs.macs
+    assert kept.record["groups"] < pruned.record["groups"]       # no stage-output groups in "keep"
+
+    def block_outputs(net):
+        return [block.conv2.out_channels for stage in (net.layer1, net.layer2, net.layer3) for block in stage]
+    assert block_outputs(kept.model) == block_outputs(model)
+
+
 def test_taper_reaches_every_snapshot_under_its_budget(tiny):
     model, x, data = tiny
     r = prune_structured(zoo.build("resnet20-b").eval(), "taper", 0.4, x, lambda: data,

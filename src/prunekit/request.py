@@ -62,7 +62,7 @@ class PruneRequest:
             resolved = budget.resolve(costs, space)
             shares = [_share(budget, resolved, costs), *(getattr(options, "snapshots", None) or [])]
             channels = channel_context(self.model, costs, self.example_input, shares, options.channel_multiple,
-                                       batches=None)
+                                       batches=None, residual_channels=options.residual_channels)
             if options.depth_flops is not None and not options.depth_flops > max(shares):
                 raise OptionError(f"depth_flops {options.depth_flops:g} must be above flops {max(shares):g}: the depth "
                                   "cut keeps more MACs than the budget, the channel method removes the rest",

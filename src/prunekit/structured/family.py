@@ -28,7 +28,9 @@ class ChannelOptions(Options):
     finetune_lr: SGD fine-tuning of the shrunk model(s) (cosine learning rate from finetune_lr);
     depth_flops: remove whole blocks first, down to this share of the dense MACs (``depth``;
     None: no depth cut), scored on depth_batches training batches by the loss rise per MAC
-    (depth_per "macs") or per second of measured block time ("time")."""
+    (depth_per "macs") or per second of measured block time ("time"); residual_channels: in an
+    option-A ResNet, "prune" (default) makes each stage's block outputs one group through the
+    zero-pad shortcuts, "keep" leaves them at full width and prunes inside the blocks only."""
 
     gate_batch_size: int = 64
     channel_multiple: int = 1
@@ -37,7 +39,8 @@ class ChannelOptions(Options):
     depth_flops: float | None = None
     depth_batches: int = 4
     depth_per: str = "macs"
-    constraints = {"gate_batch_size": Integer(1), "channel_multiple": Integer(1), "finetune_epochs": Integer(0),
+    residual_channels: str = "prune"
+    constraints = {"residual_channels": OneOf(("prune", "keep")), "gate_batch_size": Integer(1), "channel_multiple": Integer(1), "finetune_epochs": Integer(0),
                    "finetune_lr": Real(0, open_low=True), "depth_flops": Real(0, 1, open_low=True),
                    "depth_batches": Integer(1), "depth_per": OneOf(("macs", "time"))}
 

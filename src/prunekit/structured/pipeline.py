@@ -43,10 +43,11 @@ from .rounding import minimum_rounded_macs
 
 
 def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Tensor, shares: list[float],
-                    channel_multiple: int, batches, progress=None) -> ChannelContext:
+                    channel_multiple: int, batches, progress=None,
+                    residual_channels: str = "prune") -> ChannelContext:
     """Find the channel groups and refuse shares that one channel (or ``channel_multiple``) per
     group and the unprunable layers already exceed, before any work."""
-    groups = find_groups(model, example_input)
+    groups = find_groups(model, example_input, pads_residual=residual_channels == "prune")
     counter = GatedMacs(model, groups, costs)
     floor = minimum_rounded_macs(counter, channel_multiple)
     per_group = "one channel" if channel_multiple == 1 else f"{channel_multiple} channels (or all, if fewer)"
@@ -154,7 +155,7 @@ def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> Cut:
     scale = ctx.costs.macs / costs.macs * (1 - 1e-12)
     shares = {share * scale: share for share in ctx.shares}
     cut = run(channel_context(model, costs, ctx.example_input, list(shares), opts.channel_multiple, ctx.batches,
-                              ctx.progress), opts)
+                              ctx.progress, opts.residual_channels), opts)
     return Cut({shares[s]: m for s, m in cut.models.items()}, {shares[s]: m for s, m in cut.masks.items()},
                {**cut.info, "depth": info})
 
