@@ -6,7 +6,7 @@
 #   bash benchmarks/issue16_rows.sh                 # every row, then the latency pass
 #   bash benchmarks/issue16_rows.sh accuracy        # accuracy rows only
 #   bash benchmarks/issue16_rows.sh latency         # only the latency pass (needs the rows' models)
-#   bash benchmarks/issue16_rows.sh seeds50         # 50% MACs: AutoBot and torch-pruning, seeds 0-2
+#   bash benchmarks/issue16_rows.sh seeds50         # 50% MACs: AutoBot (both modes) and torch-pruning, seeds 0-2
 #
 # Run from the repository root, with ../shared/data present. Each row runs at nice 19 on one
 # thread (the machine is shared); the latency pass times 1 and 2 threads at batch 1 and 64, so
@@ -56,8 +56,14 @@ if [[ $what == seeds50 ]]; then
     # single rows differ by up to 2 points between reruns, more than the target's +1 margin.
     for s in 0 1 2; do
         MODELS=$RES/structured_models_res_seed$s row structured_res_autobot_0.5_seed$s --methods autobot --budgets 0.5 --seed $s
+        MODELS=$RES/structured_models_res_seed$s row structured_res_autobot-inner_0.5_seed$s --methods autobot --budgets 0.5 \
+            --seed $s --residual-channels keep
         MODELS=$RES/structured_models_res_seed$s row structured_res_tp-magnitude-inner_0.5_seed$s --methods tp-magnitude-inner --budgets 0.5 --seed $s
         MODELS=$RES/structured_models_res_seed$s row structured_res_tp-taylor-inner_0.5_seed$s --methods tp-taylor-inner --budgets 0.5 --seed $s
+    done
+    for s in 0 1; do      # gates trained with BatchNorm on batch statistics
+        MODELS=$RES/structured_models_res_seed$s row structured_res_autobot-bn-batch_0.5_seed$s --methods autobot \
+            --budgets 0.5 --seed $s --gate-bn batch
     done
 fi
 
