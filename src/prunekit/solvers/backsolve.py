@@ -75,9 +75,9 @@ class GramCache:
 
     MAX_CHAIN = 32
 
-    def base(self, support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """(S, gram, chain) to update from for a support shaped like ``support``, or None."""
-        if self.gram is None or self.support.shape != support.shape:
+    def base(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(S, gram, chain) to update from for supports shaped like ``like`` (p,), or None."""
+        if self.gram is None or self.support.shape != like.shape:
             return None
         return self.support, self.gram, self.chain
 
