@@ -55,13 +55,14 @@ if [[ $what == seeds50 ]]; then
     # 50% MACs over three seeds (the seed sets the gate training, the fine-tune's order and crops):
     # single rows differ by up to 2 points between reruns, more than the target's +1 margin.
     for s in 0 1 2; do
-        MODELS=$RES/structured_models_res_seed$s row structured_res_autobot_0.5_seed$s --methods autobot --budgets 0.5 --seed $s
+        MODELS=$RES/structured_models_res_seed$s row structured_res_autobot_0.5_seed$s --methods autobot --budgets 0.5 \
+            --seed $s --gate-bn frozen
         MODELS=$RES/structured_models_res_seed$s row structured_res_autobot-inner_0.5_seed$s --methods autobot --budgets 0.5 \
-            --seed $s --residual-channels keep
+            --seed $s --residual-channels keep --gate-bn frozen
         MODELS=$RES/structured_models_res_seed$s row structured_res_tp-magnitude-inner_0.5_seed$s --methods tp-magnitude-inner --budgets 0.5 --seed $s
         MODELS=$RES/structured_models_res_seed$s row structured_res_tp-taylor-inner_0.5_seed$s --methods tp-taylor-inner --budgets 0.5 --seed $s
     done
-    for s in 0 1; do      # gates trained with BatchNorm on batch statistics
+    for s in 0 1; do      # gates trained with BatchNorm on batch statistics (the default since session 13)
         MODELS=$RES/structured_models_res_seed$s row structured_res_autobot-bn-batch_0.5_seed$s --methods autobot \
             --budgets 0.5 --seed $s --gate-bn batch
     done
