@@ -172,7 +172,7 @@ def accuracy_part(args) -> dict:
                 inner = method.endswith("-inner")        # torch-pruning with option-A block outputs kept dense
                 small, info = tp_prune(dense, method.removesuffix("-inner"), budget, example, grads,
                                        round_to=args.channel_multiple, pads_residual=not inner)
-            name = f"{method}+bn-frozen" if method == "autobot" and args.gate_bn == "frozen" else method
+            name = f"{method}+bn-batch" if method == "autobot" and args.gate_bn == "batch" else method
             name += "-inner" if method == "autobot" and args.residual_channels == "keep" else ""
             finish(f"{name}+depth" if depth_of and method == "autobot" else name, budget, small,
                    time.perf_counter() - start, info)
@@ -213,10 +213,9 @@ def main() -> None:
     parser.add_argument("--structured-flops", type=float, default=0.5, help="hybrid: MAC share after the channel cut")
     parser.add_argument("--fisher-samples", type=int, default=500, help="hybrid and falcon: gradient rows")
     parser.add_argument("--gate-batches", type=int, default=200, help="AutoBot gate-training batches of 64")
-    parser.add_argument("--gate-bn", choices=["frozen", "batch"], default="batch",
-                        help="AutoBot: BatchNorm on each batch's statistics (default, rows named autobot) or on the "
-                             "running ones (rows named autobot+bn-frozen; the AutoBot rows before session 13) while "
-                             "the gates train")
+    parser.add_argument("--gate-bn", choices=["frozen", "batch"], default="frozen",
+                        help="AutoBot: BatchNorm on the running statistics (default, rows named autobot) or on each "
+                             "batch's own (rows named autobot+bn-batch) while the gates train")
     parser.add_argument("--taper-epochs", type=float, default=4.0, help="planned taper length in epochs")
     parser.add_argument("--max-taper-rate", type=float, default=None, help="share of dense MACs per epoch")
     parser.add_argument("--taylor-batches", type=int, default=10, help="batches of 64 for the Taylor gradients")

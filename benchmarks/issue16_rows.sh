@@ -62,7 +62,7 @@ if [[ $what == seeds50 ]]; then
         MODELS=$RES/structured_models_res_seed$s row structured_res_tp-magnitude-inner_0.5_seed$s --methods tp-magnitude-inner --budgets 0.5 --seed $s
         MODELS=$RES/structured_models_res_seed$s row structured_res_tp-taylor-inner_0.5_seed$s --methods tp-taylor-inner --budgets 0.5 --seed $s
     done
-    for s in 0 1; do      # gates trained with BatchNorm on batch statistics (the default since session 13)
+    for s in 0 1 2; do    # gates trained with BatchNorm on batch statistics
         MODELS=$RES/structured_models_res_seed$s row structured_res_autobot-bn-batch_0.5_seed$s --methods autobot \
             --budgets 0.5 --seed $s --gate-bn batch
     done

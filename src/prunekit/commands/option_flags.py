@@ -55,8 +55,9 @@ HELP = {
     "final_epochs": "gradual: fine-tuning epochs after the last event (default 2)",
     "lr": "gradual: peak learning rate of each cosine cycle (default 0.01); taper: SGD rate of the weights",
     "gate_batches": "autobot: gate-training batches (default 200)",
-    "gate_bn": "autobot: BatchNorm while the gates train: batch (each batch's own statistics, as after "
-               "recalibration; default) or frozen (running statistics, the paper's frozen network)",
+    "gate_bn": "autobot: BatchNorm while the gates train: frozen (running statistics, the paper's frozen "
+               "network; default) or batch (each batch's own statistics, as after recalibration: better at "
+               "tight budgets, see docs/benchmarks.md)",
     "gate_batch_size": "batch size for gate training and fine-tuning (default 64)",
     "beta": "autobot: weight of the FLOP loss (default 6)",
     "gamma": "weight of the 0/1 polarization loss (autobot 0.4, taper 0.1)",
