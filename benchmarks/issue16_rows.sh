@@ -7,6 +7,8 @@
 #   bash benchmarks/issue16_rows.sh accuracy        # accuracy rows only
 #   bash benchmarks/issue16_rows.sh latency         # only the latency pass (needs the rows' models)
 #   bash benchmarks/issue16_rows.sh seeds50         # 50% MACs: AutoBot (both modes) and torch-pruning, seeds 0-2
+#   bash benchmarks/issue16_rows.sh distill-taper   # every method's fine-tune distilled from the dense model
+#   bash benchmarks/issue16_rows.sh distill-others  #   (--finetune-distill 0.9, T = 4); two halves, one per core
 #
 # Run from the repository root, with ../shared/data present. Each row runs at nice 19 on one
 # thread (the machine is shared); the latency pass times 1 and 2 threads at batch 1 and 64, so
@@ -80,4 +82,24 @@ if [[ $what == all || $what == latency ]]; then
         --inputs "${inputs[@]}" --threads 1 2 --batch-sizes 1 64 --repeats 15 \
         --out "$RES/structured_res_latency.json" 2>&1 | tee -a "$RES/structured_res_latency.log"
     echo "after: $(uptime)" | tee -a "$RES/structured_res_latency.log"
+fi
+
+# Distillation in the fine-tune, the same for every method: 0.9 of the loss on the dense model's
+# outputs at temperature 4 (the usual CIFAR setting, chosen before any run, not tuned here).
+KD=(--finetune-distill 0.9 --finetune-temperature 4)
+if [[ $what == distill-taper ]]; then
+    for s in 0 1 2; do
+        MODELS=$RES/structured_models_kd_seed$s row structured_kd_taper-inner_seed$s --methods taper --budgets 0.5 0.3 \
+            --residual-channels keep --seed $s "${KD[@]}"
+    done
+fi
+if [[ $what == distill-others ]]; then
+    for s in 0 1 2; do
+        MODELS=$RES/structured_models_kd_seed$s row structured_kd_tp-magnitude-inner_0.5_seed$s --methods tp-magnitude-inner \
+            --budgets 0.5 --seed $s "${KD[@]}"
+        MODELS=$RES/structured_models_kd_seed$s row structured_kd_tp-taylor-inner_0.5_seed$s --methods tp-taylor-inner \
+            --budgets 0.5 --seed $s "${KD[@]}"
+        MODELS=$RES/structured_models_kd_seed$s row structured_kd_autobot_0.5_seed$s --methods autobot --budgets 0.5 \
+            --seed $s --gate-bn frozen "${KD[@]}"
+    done
 fi

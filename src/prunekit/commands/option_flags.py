@@ -77,6 +77,9 @@ HELP = {
     "max_hold_steps": "taper: cut anyway after this many steps at a budget (default 200)",
     "finetune_epochs": "fine-tune the shrunk model(s) this many epochs (default 0)",
     "finetune_lr": "peak SGD learning rate of the fine-tune (default 0.01)",
+    "finetune_distill": "weight of the dense model's softened outputs in the fine-tune's loss, 0-1 (default 0: "
+                        "labels only; 0.9 is the usual distillation setting)",
+    "finetune_temperature": "temperature of those softened outputs (default 4)",
     "residual_channels": "option-A ResNets: prune the block outputs as one group per stage through the zero-pad "
                          "shortcuts (prune, default) or keep them at full width, pruning inside blocks only (keep)",
     "channel_multiple": "keep a multiple of this many channels in every group (default 1: exact counts; "

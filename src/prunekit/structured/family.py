@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..costs import CostModel
-from ..options import Integer, OneOf, Options, Real
+from ..options import Integer, OneOf, OptionError, Options, Real
 from .gates import GatedMacs
 from .groups import GroupSet
 
@@ -26,6 +26,8 @@ class ChannelOptions(Options):
     prunekit loaders; a DataLoader of your own keeps its batch size); channel_multiple: every
     group keeps a multiple of this many channels (see ``rounding``); finetune_epochs /
     finetune_lr: SGD fine-tuning of the shrunk model(s) (cosine learning rate from finetune_lr);
+    finetune_distill / finetune_temperature: weight of the dense model's softened outputs in the
+    fine-tune's loss and their temperature (``train.distillation_loss``; 0: labels only);
     depth_flops: remove whole blocks first, down to this share of the dense MACs (``depth``;
     None: no depth cut), scored on depth_batches training batches by the loss rise per MAC
     (depth_per "macs") or per second of measured block time ("time"); residual_channels: in an
@@ -36,13 +38,22 @@ class ChannelOptions(Options):
     channel_multiple: int = 1
     finetune_epochs: int = 0
     finetune_lr: float = 0.01
+    finetune_distill: float = 0.0
+    finetune_temperature: float = 4.0
     depth_flops: float | None = None
     depth_batches: int = 4
     depth_per: str = "macs"
     residual_channels: str = "prune"
     constraints = {"residual_channels": OneOf(("prune", "keep")), "gate_batch_size": Integer(1), "channel_multiple": Integer(1), "finetune_epochs": Integer(0),
-                   "finetune_lr": Real(0, open_low=True), "depth_flops": Real(0, 1, open_low=True),
+                   "finetune_lr": Real(0, open_low=True), "finetune_distill": Real(0, 1),
+                   "finetune_temperature": Real(0, open_low=True), "depth_flops": Real(0, 1, open_low=True),
                    "depth_batches": Integer(1), "depth_per": OneOf(("macs", "time"))}
+
+    def __post_init__(self):
+        if self.finetune_distill and not self.finetune_epochs:
+            raise OptionError(f"finetune_distill {self.finetune_distill:g} acts in the fine-tune: ask for "
+                              "finetune_epochs of 1 or more, or leave finetune_distill at 0",
+                              ("finetune_distill", "finetune_epochs"))
 
 
 @dataclass

@@ -9,7 +9,8 @@ weights as one never interrupted:
     2             sparsify (only with ``sparsify``, the hybrid's): single weights of the shrunk
                   model pruned to the final budget; its zeros are then held through the fine-tune
     then, for each shrunk model (largest share first):
-                  bn: BatchNorm recalibrated;  finetune: one phase per fine-tune epoch
+                  bn: BatchNorm recalibrated;  finetune: one phase per fine-tune epoch (on labels,
+                  and with ``finetune_distill`` on the dense model's outputs as well)
 
 A checkpoint holds every shrunk model's tensors and channel layout (the models are rebuilt
 from the dense one with ``zoo.layout.apply_layout``), the fine-tune's optimizer and learning
@@ -112,7 +113,9 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
             hold = _hold_zeros(small, optimizer) if sparsify is not None else None
             try:
                 record["loss"] = train_epoch(small, ctx.batches(), optimizer, schedule,
-                                             f"fine-tune {epoch}/{opts.finetune_epochs}", progress)
+                                             f"fine-tune {epoch}/{opts.finetune_epochs}", progress,
+                                             teacher=dense if opts.finetune_distill else None,
+                                             distill=opts.finetune_distill, temperature=opts.finetune_temperature)
             finally:
                 if hold is not None:
                     hold.remove()

@@ -1,0 +1,89 @@
+"""The fine-tune's distillation loss against its formula, and ``finetune_distill`` reaching the
+channel methods' fine-tune."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit import zoo
+from prunekit.errors import PrunekitError
+from prunekit.train import distillation_loss, sgd, cosine, train_epoch
+
+torch.set_num_threads(1)
+
+
+def test_distillation_loss_is_the_weighted_sum_of_cross_entropy_and_scaled_kl():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 7), 3 * torch.randn(5, 7)
+    labels = torch.randint(0, 7, (5,))
+    temperature, weight = 3.0, 0.7
+    p_teacher = torch.softmax(teacher / temperature, dim=1)
+    log_p_student = torch.log_softmax(student / temperature, dim=1)
+    kl = (p_teacher * (p_teacher.log() - log_p_student)).sum(dim=1).mean()      # per sample, then mean
+    hard = nn.functional.cross_entropy(student, labels)
+    expected = (1 - weight) * hard + weight * temperature ** 2 * kl
+    got = distillation_loss(student, teacher, labels, weight, temperature)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    assert float(distillation_loss(student, teacher, labels, 0.0, temperature)) == pytest.approx(float(hard), rel=1e-6)
+    assert float(distillation_loss(teacher, teacher, labels, 1.0, temperature)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _one_epoch(model, data, teacher=None, distill=0.0):
+    torch.manual_seed(1)
+    optimizer = sgd(model, 0.05)
+    train_epoch(model, data, optimizer, cosine(optimizer, len(data)), progress=False, teacher=teacher,
+                distill=distill)
+    return model
+
+
+def test_full_distillation_ignores_the_labels_and_plain_training_does_not():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    teacher = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    inputs = [torch.randn(10, 6) for _ in range(3)]
+    labels_a = [torch.randint(0, 4, (10,)) for _ in inputs]
+    labels_b = [(y + 1) % 4 for y in labels_a]
+    a, b = list(zip(inputs, labels_a)), list(zip(inputs, labels_b))
+    distilled = [_one_epoch(copy.deepcopy(model), data, teacher, 1.0) for data in (a, b)]
+    plain = [_one_epoch(copy.deepcopy(model), data) for data in (a, b)]
+    assert all(torch.equal(p, q) for p, q in zip(distilled[0].parameters(), distilled[1].parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(plain[0].parameters(), plain[1].parameters()))
+    with pytest.raises(ValueError, match="teacher"):
+        _one_epoch(copy.deepcopy(model), a, None, 0.5)
+
+
+def test_channel_fine_tune_distils_from_the_dense_model(monkeypatch):
+    """The channel pipeline's fine-tune gets the dense model (weights as given, not the shrunk
+    ones) as its teacher with the asked weight and temperature; without the option, no teacher."""
+    import prunekit.structured.pipeline as pipeline
+    torch.manual_seed(0)
+    model = zoo.build("resnet20-b").eval()
+    x = torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
+    with torch.no_grad():
+        dense_out = model(x)
+    seen = []
+
+    def spy(*args, **kwargs):
+        teacher = kwargs["teacher"]
+        with torch.no_grad():
+            seen.append((None if teacher is None else teacher.eval()(x), kwargs["distill"], kwargs["temperature"]))
+        return train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_epoch", spy)
+    prunekit.prune(copy.deepcopy(model), lambda: data, method="autobot", flops=0.5, example_input=x, gate_batches=2,
+                   finetune_epochs=2, finetune_distill=0.9, finetune_temperature=3.0)
+    assert len(seen) == 2
+    for out, distill, temperature in seen:
+        assert torch.allclose(out, dense_out, rtol=1e-5, atol=1e-6 * float(dense_out.abs().max()))
+        assert (distill, temperature) == (0.9, 3.0)
+    seen.clear()
+    prunekit.prune(copy.deepcopy(model), lambda: data, method="taper", flops=0.5, example_input=x, taper_epochs=1,
+                   finetune_epochs=1)
+    assert len(seen) == 1 and seen[0][0] is None and seen[0][1] == 0
+    with pytest.raises(PrunekitError, match="finetune_epochs"):
+        prunekit.prune(copy.deepcopy(model), lambda: data, method="autobot", flops=0.5, example_input=x,
+                       gate_batches=2, finetune_distill=0.9)
