@@ -57,7 +57,7 @@ def test_full_distillation_ignores_the_labels_and_plain_training_does_not():
 
 def test_channel_fine_tune_distils_from_the_dense_model(monkeypatch):
     """The channel pipeline's fine-tune gets the dense model (weights as given, not the shrunk
-    ones) as its teacher with the asked weight and temperature; without the option, no teacher."""
+    ones) as its teacher with the asked weight and temperature, else the method's default."""
     import prunekit.structured.pipeline as pipeline
     torch.manual_seed(0)
     model = zoo.build("resnet20-b").eval()
@@ -83,7 +83,11 @@ def test_channel_fine_tune_distils_from_the_dense_model(monkeypatch):
     seen.clear()
     prunekit.prune(copy.deepcopy(model), lambda: data, method="taper", flops=0.5, example_input=x, taper_epochs=1,
                    finetune_epochs=1)
-    assert len(seen) == 1 and seen[0][0] is None and seen[0][1] == 0
+    assert len(seen) == 1 and seen[0][0] is None and seen[0][1] == 0          # the taper's default: labels only
+    seen.clear()
+    prunekit.prune(copy.deepcopy(model), lambda: data, method="autobot", flops=0.5, example_input=x, gate_batches=2,
+                   finetune_epochs=1)
+    assert len(seen) == 1 and seen[0][0] is not None and seen[0][1:] == (0.9, 4.0)   # AutoBot's default
     with pytest.raises(PrunekitError, match="finetune_epochs"):
         prunekit.prune(copy.deepcopy(model), lambda: data, method="autobot", flops=0.5, example_input=x,
                        gate_batches=2, finetune_distill=0.9)

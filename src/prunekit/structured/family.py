@@ -49,11 +49,14 @@ class ChannelOptions(Options):
                    "finetune_temperature": Real(0, open_low=True), "depth_flops": Real(0, 1, open_low=True),
                    "depth_batches": Integer(1), "depth_per": OneOf(("macs", "time"))}
 
-    def __post_init__(self):
-        if self.finetune_distill and not self.finetune_epochs:
-            raise OptionError(f"finetune_distill {self.finetune_distill:g} acts in the fine-tune: ask for "
-                              "finetune_epochs of 1 or more, or leave finetune_distill at 0",
+    @classmethod
+    def from_user(cls, raw: dict, method: str, **defaults) -> "ChannelOptions":
+        options = super().from_user(raw, method, **defaults)
+        if raw.get("finetune_distill") and not options.finetune_epochs:    # asked for, not a method default
+            raise OptionError(f"finetune_distill {raw['finetune_distill']:g} acts in the fine-tune: ask for "
+                              "finetune_epochs of 1 or more, or leave finetune_distill out",
                               ("finetune_distill", "finetune_epochs"))
+        return options
 
 
 @dataclass
