@@ -9,6 +9,7 @@
 #   bash benchmarks/issue16_rows.sh seeds50         # 50% MACs: AutoBot (both modes) and torch-pruning, seeds 0-2
 #   bash benchmarks/issue16_rows.sh distill-taper   # every method's fine-tune distilled from the dense model
 #   bash benchmarks/issue16_rows.sh distill-others  #   (--finetune-distill 0.9, T = 4); two halves, one per core
+#   bash benchmarks/issue16_rows.sh distill-autobot # AutoBot with distillation: inner channels at 50%, both at 30%
 #
 # Run from the repository root, with ../shared/data present. Each row runs at nice 19 on one
 # thread (the machine is shared); the latency pass times 1 and 2 threads at batch 1 and 64, so
@@ -102,4 +103,14 @@ if [[ $what == distill-others ]]; then
         MODELS=$RES/structured_models_kd_seed$s row structured_kd_autobot_0.5_seed$s --methods autobot --budgets 0.5 \
             --seed $s --gate-bn frozen "${KD[@]}"
     done
+fi
+if [[ $what == distill-autobot ]]; then
+    for s in 0 1 2; do
+        MODELS=$RES/structured_models_kd_seed$s row structured_kd_autobot-inner_0.5_seed$s --methods autobot --budgets 0.5 \
+            --seed $s --gate-bn frozen --residual-channels keep "${KD[@]}"
+        MODELS=$RES/structured_models_kd_seed$s row structured_kd_autobot_0.3_seed$s --methods autobot --budgets 0.3 \
+            --seed $s --gate-bn frozen "${KD[@]}"
+    done
+    MODELS=$RES/structured_models_kd_seed0 row structured_kd_tp-magnitude-inner_0.3_seed0 --methods tp-magnitude-inner \
+        --budgets 0.3 --seed 0 "${KD[@]}"
 fi
