@@ -10,7 +10,7 @@ from torch import nn
 import prunekit
 from prunekit import zoo
 from prunekit.errors import PrunekitError
-from prunekit.train import distillation_loss, sgd, cosine, train_epoch
+from prunekit.train import cosine, distillation_loss, sgd, train_epoch, train_epochs
 
 torch.set_num_threads(1)
 
@@ -91,3 +91,36 @@ def test_channel_fine_tune_distils_from_the_dense_model(monkeypatch):
     with pytest.raises(PrunekitError, match="finetune_epochs"):
         prunekit.prune(copy.deepcopy(model), lambda: data, method="autobot", flops=0.5, example_input=x,
                        gate_batches=2, finetune_distill=0.9)
+
+
+def test_gradual_fine_tunes_distil_from_the_model_as_passed_in(monkeypatch):
+    """Every event's fine-tune gets the dense model (not the pruned one it is fine-tuning) as
+    its teacher when finetune_distill is set, and none by default; without gradual the option is
+    refused (weights methods fine-tune only in gradual mode)."""
+    import prunekit.pipelines.gradual as gradual
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(64, 1, 4, 4)
+    batches = [(x[i:i + 16], x.flatten(1)[i:i + 16, :4].argmax(1)) for i in range(0, 64, 16)]
+    with torch.no_grad():
+        dense_out = model(x)
+    seen = []
+
+    def spy(*args, **kwargs):
+        teacher = kwargs["teacher"]
+        with torch.no_grad():
+            seen.append((None if teacher is None else teacher(x), kwargs["distill"]))
+        return train_epochs(*args, **kwargs)
+
+    monkeypatch.setattr(gradual, "train_epochs", spy)
+    options = dict(method="magnitude", sparsity=0.9, gradual=True, events=3, epochs_per_event=1, final_epochs=1,
+                   example_input=x[:1])
+    prunekit.prune(copy.deepcopy(model), lambda: batches, finetune_distill=0.5, **options)
+    assert len(seen) == 3
+    assert all(torch.equal(out, dense_out) and distill == 0.5 for out, distill in seen)
+    seen.clear()
+    prunekit.prune(copy.deepcopy(model), lambda: batches, **options)
+    assert seen == [(None, 0.0)] * 3
+    with pytest.raises(PrunekitError, match="gradual"):
+        prunekit.prune(copy.deepcopy(model), lambda: batches, method="magnitude", sparsity=0.9, example_input=x[:1],
+                       finetune_distill=0.5)

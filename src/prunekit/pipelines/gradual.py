@@ -6,11 +6,13 @@ default) from near dense down to the target at t = T. At each event any weights 
 for ``epochs_per_event`` epochs with a fresh SGD optimizer (its momentum reset: the old state
 belongs to weights that may be gone) and a cosine learning-rate cycle that restarts at every
 event, while ``MaskHold`` keeps the pruned weights at zero. A final fine-tune of
-``final_epochs`` follows the last event.
+``final_epochs`` follows the last event. With ``finetune_distill`` every fine-tune also learns the
+dense model's outputs (``train.distillation_loss``; the model as passed in is the teacher).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
@@ -31,7 +33,9 @@ class GradualOptions(Options):
     """events: prune events T; epochs_per_event: fine-tuning epochs after each event but the
     last; final_epochs: fine-tuning after the last event; lr: peak learning rate of each cosine
     cycle; event_schedule: poly | exp | linear | const (kept share per event); start_keep: share
-    kept before the first event's schedule point (see ``keep_schedule``)."""
+    kept before the first event's schedule point (see ``keep_schedule``); finetune_distill /
+    finetune_temperature: weight and temperature of the dense model's outputs in every
+    fine-tune's loss (0: labels only)."""
 
     events: int = 4
     epochs_per_event: int = 1
@@ -41,7 +45,10 @@ class GradualOptions(Options):
     weight_decay: float = 5e-4
     event_schedule: str = "poly"
     start_keep: float = 0.9
-    constraints = {"events": Integer(1), "epochs_per_event": Integer(0), "final_epochs": Integer(0),
+    finetune_distill: float = 0.0
+    finetune_temperature: float = 4.0
+    constraints = {"finetune_distill": Real(0, 1), "finetune_temperature": Real(0, open_low=True),
+                   "events": Integer(1), "epochs_per_event": Integer(0), "final_epochs": Integer(0),
                    "lr": Real(0, open_low=True), "momentum": Real(0, 1), "weight_decay": Real(0),
                    "event_schedule": OneOf(KINDS), "start_keep": Real(0, 1, open_low=True)}
 
@@ -79,6 +86,8 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
     torch.manual_seed(ctx.seed)
     dense_macs = int(space.macs_per_weight(costs).sum())
     schedule = event_budgets(ctx.budget, dense_macs, opts)
+    # the teacher is the model as passed in (dense; a resumed run is handed the dense model again)
+    teacher = copy.deepcopy(model).eval() if opts.finetune_distill else None
     done = resume_stages(ctx)
     start = time.perf_counter()
     for event, event_budget in enumerate(schedule, start=1):
@@ -95,7 +104,8 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
                                         weight_decay=opts.weight_decay, nesterov=opts.momentum > 0)
             with MaskHold(space, masks_from_weights(space), optimizer):
                 train_epochs(model, ctx.train_batches(), epochs, optimizer=optimizer,
-                             on_epoch_end=lambda _, loss: losses.append(loss), progress=ctx.progress)
+                             on_epoch_end=lambda _, loss: losses.append(loss), progress=ctx.progress,
+                             teacher=teacher, distill=opts.finetune_distill, temperature=opts.finetune_temperature)
         record = {"event": event, "max_nonzeros": event_budget.max_nonzeros, "nonzeros": nonzeros,
                   "max_macs": None if event_budget.max_macs is None
                   else event_budget.max_macs + event_budget.fixed_macs,
