@@ -10,6 +10,7 @@
 #   bash benchmarks/issue16_rows.sh distill-taper   # every method's fine-tune distilled from the dense model
 #   bash benchmarks/issue16_rows.sh distill-others  #   (--finetune-distill 0.9, T = 4); two halves, one per core
 #   bash benchmarks/issue16_rows.sh distill-autobot # AutoBot with distillation: inner channels at 50%, both at 30%
+#   bash benchmarks/issue16_rows.sh distill-hybrid  # the hybrid, AutoBot and FALCON at 20% MACs with distillation
 #
 # Run from the repository root, with ../shared/data present. Each row runs at nice 19 on one
 # thread (the machine is shared); the latency pass times 1 and 2 threads at batch 1 and 64, so
@@ -113,4 +114,12 @@ if [[ $what == distill-autobot ]]; then
     done
     MODELS=$RES/structured_models_kd_seed0 row structured_kd_tp-magnitude-inner_0.3_seed0 --methods tp-magnitude-inner \
         --budgets 0.3 --seed 0 "${KD[@]}"
+fi
+if [[ $what == distill-hybrid ]]; then
+    MODELS=$RES/structured_models_kd_seed0 row structured_kd_hybrid_0.2 --methods hybrid --budgets 0.2 \
+        --structured-flops 0.5 --fisher-samples "$FISHER" "${KD[@]}"
+    MODELS=$RES/structured_models_kd_seed0 row structured_kd_autobot_0.2 --methods autobot --budgets 0.2 \
+        --gate-bn frozen --fisher-samples 500 "${KD[@]}"
+    MODELS=$RES/structured_models_kd_seed0 row structured_kd_falcon_0.2 --methods falcon --budgets 0.2 \
+        --fisher-samples "$FISHER" "${KD[@]}"
 fi

@@ -69,7 +69,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("falcon++", "weights", FalconOptions, run_falcon, "FALCON over a schedule of stages",
            {"stages": 5, "fisher_samples": 500}, check=needs_flops, plan_memory=plan_memory("falcon")),
     # AutoBot's weights stay frozen while its gates train: its fine-tune gains most from the dense
-    # model's outputs (ResNet-56, three seeds: +1.2 points at 50% MACs, +3 at 30%; docs/benchmarks.md)
+    # model's outputs (ResNet-56, three seeds: +1.2 points at 50% MACs, +2.7 at 30%; docs/benchmarks.md)
     Method("autobot", "channels", AutoBotOptions, run_autobot, "trainable bottlenecks on a frozen network",
            {"finetune_distill": 0.9}),
     Method("taper", "channels", TaperOptions, run_taper, "gates and weights trained as the MAC budget tapers"),
