@@ -88,6 +88,10 @@ def test_channel_fine_tune_distils_from_the_dense_model(monkeypatch):
     prunekit.prune(copy.deepcopy(model), lambda: data, method="autobot", flops=0.5, example_input=x, gate_batches=2,
                    finetune_epochs=1)
     assert len(seen) == 1 and seen[0][0] is not None and seen[0][1:] == (0.9, 4.0)   # AutoBot's default
+    seen.clear()
+    prunekit.prune(copy.deepcopy(model), lambda: data, method="hybrid", flops=0.3, example_input=x, gate_batches=2,
+                   structured_flops=0.6, fisher_samples=8, finetune_epochs=1)
+    assert len(seen) == 1 and seen[0][0] is not None and seen[0][1:] == (0.9, 4.0)   # the hybrid's default
     with pytest.raises(PrunekitError, match="finetune_epochs"):
         prunekit.prune(copy.deepcopy(model), lambda: data, method="autobot", flops=0.5, example_input=x,
                        gate_batches=2, finetune_distill=0.9)

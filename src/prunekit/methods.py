@@ -68,14 +68,15 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            check=needs_flops, plan_memory=plan_memory("falcon")),
     Method("falcon++", "weights", FalconOptions, run_falcon, "FALCON over a schedule of stages",
            {"stages": 5, "fisher_samples": 500}, check=needs_flops, plan_memory=plan_memory("falcon")),
-    # AutoBot's weights stay frozen while its gates train: its fine-tune gains most from the dense
-    # model's outputs (ResNet-56, three seeds: +1.2 points at 50% MACs, +2.7 at 30%; docs/benchmarks.md)
+    # AutoBot's weights stay frozen while its gates train: its fine-tune (and the hybrid's, whose
+    # channel phase is AutoBot) gains most from the dense model's outputs (ResNet-56: +1.2 points at
+    # 50% MACs, +2.7 at 30% over three seeds, +6.3 / +7.8 at 20 / 10%; docs/benchmarks.md)
     Method("autobot", "channels", AutoBotOptions, run_autobot, "trainable bottlenecks on a frozen network",
            {"finetune_distill": 0.9}),
     Method("taper", "channels", TaperOptions, run_taper, "gates and weights trained as the MAC budget tapers"),
     Method("hybrid", "channels", HybridOptions, run_hybrid,
            "channels removed (AutoBot) to structured_flops, then FALCON on the rest to flops",
-           sparsify=sparsify_shrunk),
+           {"finetune_distill": 0.9}, sparsify=sparsify_shrunk),
 ]}
 
 

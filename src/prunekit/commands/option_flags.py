@@ -77,8 +77,8 @@ HELP = {
     "max_hold_steps": "taper: cut anyway after this many steps at a budget (default 200)",
     "finetune_epochs": "fine-tune the shrunk model(s) this many epochs (default 0)",
     "finetune_lr": "peak SGD learning rate of the fine-tune (default 0.01)",
-    "finetune_distill": "weight of the dense model's softened outputs in the fine-tune's loss, 0-1 (autobot 0.9; "
-                        "taper, hybrid and --gradual 0: labels only)",
+    "finetune_distill": "weight of the dense model's softened outputs in the fine-tune's loss, 0-1 (autobot and hybrid 0.9; "
+                        "taper and --gradual 0: labels only)",
     "finetune_temperature": "temperature of those softened outputs (default 4)",
     "residual_channels": "option-A ResNets: prune the block outputs as one group per stage through the zero-pad "
                          "shortcuts (prune, default) or keep them at full width, pruning inside blocks only (keep)",
