@@ -115,11 +115,23 @@ if [[ $what == distill-autobot ]]; then
     MODELS=$RES/structured_models_kd_seed0 row structured_kd_tp-magnitude-inner_0.3_seed0 --methods tp-magnitude-inner \
         --budgets 0.3 --seed 0 "${KD[@]}"
 fi
-if [[ $what == distill-hybrid ]]; then
-    MODELS=$RES/structured_models_kd_seed0 row structured_kd_hybrid_0.2 --methods hybrid --budgets 0.2 \
-        --structured-flops 0.5 --fisher-samples "$FISHER" "${KD[@]}"
+if [[ $what == distill-hybrid ]]; then      # each row with and without distillation, same pruning
+    H=(--methods hybrid --structured-flops 0.5 --fisher-samples "$FISHER")
+    MODELS=$RES/structured_models_kd_seed0 row structured_kd_hybrid_0.2 "${H[@]}" --budgets 0.2 "${KD[@]}"
     MODELS=$RES/structured_models_kd_seed0 row structured_kd_autobot_0.2 --methods autobot --budgets 0.2 \
-        --gate-bn frozen --fisher-samples 500 "${KD[@]}"
+        --gate-bn frozen "${KD[@]}"
     MODELS=$RES/structured_models_kd_seed0 row structured_kd_falcon_0.2 --methods falcon --budgets 0.2 \
         --fisher-samples "$FISHER" "${KD[@]}"
+    MODELS=$RES/structured_models_res_s14 row structured_s14_hybrid_0.2 "${H[@]}" --budgets 0.2
+    MODELS=$RES/structured_models_res_s14 row structured_s14_autobot_0.2 --methods autobot --budgets 0.2 --gate-bn frozen
+    MODELS=$RES/structured_models_res_s14 row structured_s14_falcon_0.2 --methods falcon --budgets 0.2 \
+        --fisher-samples "$FISHER"
+    for kd in "" _kd; do
+        args=(); [[ -n $kd ]] && args=("${KD[@]}")
+        MODELS=$RES/structured_models_res_s14$kd row structured_s14_hybrid${kd}_0.1 "${H[@]}" --budgets 0.1 "${args[@]}"
+        MODELS=$RES/structured_models_res_s14$kd row structured_s14_autobot${kd}_0.1 --methods autobot --budgets 0.1 \
+            --gate-bn frozen "${args[@]}"
+        MODELS=$RES/structured_models_res_s14$kd row structured_s14_hybrid${kd}_0.2_seed1 "${H[@]}" --budgets 0.2 --seed 1 \
+            "${args[@]}"
+    done
 fi
