@@ -1,5 +1,5 @@
 """The fine-tune's distillation loss against its formula, and ``finetune_distill`` reaching the
-channel methods' fine-tune."""
+channel methods' fine-tune and gradual pruning's, with each method's default."""
 
 import copy
 
