@@ -133,5 +133,11 @@ if [[ $what == distill-hybrid ]]; then      # each row with and without distilla
             --gate-bn frozen "${args[@]}"
         MODELS=$RES/structured_models_res_s14$kd row structured_s14_hybrid${kd}_0.2_seed1 "${H[@]}" --budgets 0.2 --seed 1 \
             "${args[@]}"
+        for s in 1 2; do
+            MODELS=$RES/structured_models_res_s14$kd row structured_s14_autobot${kd}_0.2_seed$s --methods autobot \
+                --budgets 0.2 --gate-bn frozen --seed $s "${args[@]}"
+        done
+        MODELS=$RES/structured_models_res_s14$kd row structured_s14_hybrid${kd}_0.1_seed1 "${H[@]}" --budgets 0.1 --seed 1 \
+            "${args[@]}"
     done
 fi
