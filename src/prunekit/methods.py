@@ -70,7 +70,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            {"stages": 5, "fisher_samples": 500}, check=needs_flops, plan_memory=plan_memory("falcon")),
     # AutoBot's weights stay frozen while its gates train: its fine-tune (and the hybrid's, whose
     # channel phase is AutoBot) gains most from the dense model's outputs (ResNet-56: +1.2 points at
-    # 50% MACs, +2.7 at 30% over three seeds, +6.3 / +7.8 at 20 / 10%; docs/benchmarks.md)
+    # 50% MACs, +2.7 at 30%, +3.8 at 20% over three seeds; hybrid +1.9 / +3.2 at 20 / 10%; docs/benchmarks.md)
     Method("autobot", "channels", AutoBotOptions, run_autobot, "trainable bottlenecks on a frozen network",
            {"finetune_distill": 0.9}),
     Method("taper", "channels", TaperOptions, run_taper, "gates and weights trained as the MAC budget tapers"),
