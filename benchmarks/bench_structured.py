@@ -99,7 +99,8 @@ def accuracy_part(args) -> dict:
         row = {"method": method, "budget": budget, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept,
                "macs": counts.macs, "params": counts.params, "accuracy_pruned_bn": pruned_acc,
                "accuracy_finetuned": ft_acc, "prune_seconds": seconds, "finetune_seconds": ft_seconds,
-               "finetune_distill": args.finetune_distill, "channel_multiple": args.channel_multiple, "kept_channels": shrunk_widths(small),
+               "finetune_distill": args.finetune_distill, "channel_multiple": args.channel_multiple,
+               "kept_channels": shrunk_widths(small),
                "saved": str(path), "info": info}
         payload["rows"].append(row)
         log(f"{method} @ {budget:g}: MACs {counts.flops_kept:.4f}, params {counts.params_kept:.4f}, "
@@ -232,7 +233,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--finetune-distill", type=float, default=0.0,
-                        help="weight of the dense model's softened outputs in every method's fine-tune (0: labels only)")
+                        help="weight of the dense model's outputs in every method's fine-tune (0: labels only)")
     parser.add_argument("--finetune-temperature", type=float, default=4.0)
     parser.add_argument("--channel-multiple", type=int, default=1,
                         help="round every group's kept channels to a multiple of this (1: no rounding)")

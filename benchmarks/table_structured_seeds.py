@@ -35,7 +35,8 @@ def main() -> None:
             payload = json.load(open(path))
             seed = payload["settings"]["seed"]
             for row in payload["rows"]:
-                key = (method_name(row["method"], payload["settings"]), row["budget"], row.get("finetune_distill", 0.0))
+                name = method_name(row["method"], payload["settings"])
+                key = (name, row["budget"], row.get("finetune_distill", 0.0))
                 rows[key][seed] = (row["accuracy_pruned_bn"], row["accuracy_finetuned"])
     print(f"{'method':<28} {'MACs':>5} {'KD':>4} {'seeds':>6} {'pruned+BN':>10} {'fine-tuned':>11}  per seed (fine-tuned)")
     for (method, budget, distill), by_seed in sorted(rows.items(), key=lambda kv: (-kv[0][1], kv[0][0], kv[0][2])):
