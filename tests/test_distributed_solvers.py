@@ -1,13 +1,16 @@
 """The solvers on a gradient matrix sharded by columns over 2 gloo processes give what one process
 gives: the same support, weights within 1e-5 of their scale, the same objective.
 
-Sharded products sum in another order than one process (rounding-level differences). CHITA's IHT
-path is chaotic at that level on many tiny problems: in float32 storage the one-process answer
-on the instance below depends on the CPU's summation order (on one machine it took 22 IHT steps,
-on another 53, as float64 does). So every solver is checked exactly with X in float64, where
-rounding is ~1e-16; in float32 and bfloat16 storage every solver but IHT is checked exactly,
-and CHITA with IHT by what it guarantees (never worse than its backsolve variant) and by the two
-ranks agreeing bit for bit."""
+Sharded products sum in another order than one process (rounding-level differences). CHITA's
+whole IHT path (up to 200 steps with line search, then the swap search with its kicks) is chaotic
+at that level: in float32 storage the one-process answer on the instance below depends on the
+CPU's summation order (on one machine it took 22 IHT steps, on another 53), and even in float64
+2 gloo ranks ended in another local optimum than one process on one machine (objective 12.665
+against 12.579 at k = 60), while on others they agreed. So the full CHITA with IHT is checked by
+what it guarantees (k weights, never worse than its backsolve variant) and by the two ranks
+agreeing bit for bit; the sharded IHT itself is checked exactly on a short path (3 steps, no swap
+search) with X in float64, where rounding is ~1e-16; every other solver is checked exactly in
+every storage dtype."""
 
 import pytest
 import torch
@@ -44,6 +47,8 @@ def _solve_all(q, macs, chita_only=False):
         for variant in ("iht", "backsolve"):
             s = chita(q, kk, variant)
             out[f"chita-{variant}-{kk}"] = (s.w, s.objective)
+        s = chita(q, kk, "iht", swap_rounds=0, max_iter=3)
+        out[f"short-iht-{kk}"] = (s.w, s.objective)
     if chita_only:
         return out
     for variant in ("dfo", "magnitude"):
@@ -81,13 +86,16 @@ def _check_against_one_process(sharded_results, dtype):
     X, w_bar, macs = _problem(dtype)
     expected = _solve_all(QuadraticModel(X, w_bar, RIDGE), macs)
     ranks = [result[str(dtype)] for result in sharded_results]
-    if dtype != torch.float64:    # IHT's path turns on float32 rounding (see the module docstring)
-        chaotic = [name for name in expected if name.startswith("chita-iht")]
-        for name in chaotic:
+    # IHT's long path turns on rounding (see the module docstring); a short one only on float32's
+    chaotic = [name for name in expected if name.startswith("chita-iht")
+               or (name.startswith("short-iht") and dtype != torch.float64)]
+    for name in chaotic:
+        if name.startswith("chita-iht"):
             backsolve_variant = float(ranks[0][name.replace("iht", "backsolve")]["objective"])
             assert float(ranks[0][name]["objective"]) <= backsolve_variant * (1 + 1e-6), name
-            assert torch.equal(ranks[0][name]["w"], ranks[1][name]["w"]), name
-        expected = {k: v for k, v in expected.items() if k not in chaotic}
+            assert int((ranks[0][name]["w"] != 0).sum()) == int(name.rsplit("-", 1)[1]), name
+        assert torch.equal(ranks[0][name]["w"], ranks[1][name]["w"]), name
+    expected = {k: v for k, v in expected.items() if k not in chaotic}
     for got in ranks:
         for name, (w, f) in expected.items():
             assert torch.equal(got[name]["w"] != 0, w != 0), name          # the same support
