@@ -108,6 +108,7 @@ def accuracy_part(args) -> dict:
         write_json(args.out, payload)
 
     depth_of = dict(zip(args.budgets, args.depth_flops)) if args.depth_flops else {}
+    distilled = "+distill" if args.taper_distill else ""
     for method in args.methods:
         if method == "taper" and depth_of:       # a depth cut per budget: one taper run each
             for budget in sorted(args.budgets, reverse=True):
@@ -115,12 +116,13 @@ def accuracy_part(args) -> dict:
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="taper", flops=budget,
                                         example_input=example, recalibrate_bn=False, taper_epochs=args.taper_epochs,
                                         max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
+                                        taper_distill=args.taper_distill,
                                         residual_channels=args.residual_channels, depth_flops=depth_of[budget],
                                         depth_batches=args.depth_batches, depth_per=args.depth_per)
                 info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps",
                                                       "snapshot_cuts", "on_schedule", "final_lambda", "history")}
-                finish("taper-inner+depth" if args.residual_channels == "keep" else "taper+depth", budget,
-                       result.model, time.perf_counter() - start, {**info, "depth": result.record["depth"]})
+                name = ("taper-inner+depth" if args.residual_channels == "keep" else "taper+depth") + distilled
+                finish(name, budget, result.model, time.perf_counter() - start, {**info, "depth": result.record["depth"]})
             continue
         if method == "taper":
             model = copy.deepcopy(dense)
@@ -129,6 +131,7 @@ def accuracy_part(args) -> dict:
             result = prunekit.prune(model, batches, method="taper", flops=min(args.budgets), example_input=example,
                                     recalibrate_bn=False, taper_epochs=args.taper_epochs,
                                     max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
+                                    taper_distill=args.taper_distill,
                                     residual_channels=args.residual_channels, snapshots=others or None)
             seconds = time.perf_counter() - start
             shots = {min(args.budgets): result, **result.snapshots}
@@ -137,8 +140,8 @@ def accuracy_part(args) -> dict:
             info["history"] = result.record["history"]
             info["seconds_note"] = "one taper run gives every budget; seconds are the whole run"
             for budget in sorted(args.budgets, reverse=True):
-                finish("taper-inner" if args.residual_channels == "keep" else "taper", budget, shots[budget].model,
-                       seconds, info)
+                name = ("taper-inner" if args.residual_channels == "keep" else "taper") + distilled
+                finish(name, budget, shots[budget].model, seconds, info)
             continue
         for budget in sorted(args.budgets, reverse=True):
             start = time.perf_counter()
@@ -220,6 +223,9 @@ def main() -> None:
                              "batch's own (rows named autobot+bn-batch) while the gates train")
     parser.add_argument("--taper-epochs", type=float, default=4.0, help="planned taper length in epochs")
     parser.add_argument("--max-taper-rate", type=float, default=None, help="share of dense MACs per epoch")
+    parser.add_argument("--taper-distill", type=float, default=0.0,
+                        help="taper: weight of the dense model's outputs while the weights train with the gates "
+                             "(rows named taper...+distill; the taper's default temperature, 1)")
     parser.add_argument("--taylor-batches", type=int, default=10, help="batches of 64 for the Taylor gradients")
     parser.add_argument("--depth-flops", type=float, nargs="+",
                         help="autobot, taper: remove whole blocks first down to this share of the dense MACs, one "

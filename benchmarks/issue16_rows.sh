@@ -11,6 +11,9 @@
 #   bash benchmarks/issue16_rows.sh distill-others  #   (--finetune-distill 0.9, T = 4); two halves, one per core
 #   bash benchmarks/issue16_rows.sh distill-autobot # AutoBot with distillation: inner channels at 50%, both at 30%
 #   bash benchmarks/issue16_rows.sh distill-hybrid  # the hybrid, AutoBot and FALCON at 20% MACs with distillation
+#   bash benchmarks/issue16_rows.sh taper-distill 0 # the taper's own weight training distilled too (seeds given)
+#   bash benchmarks/issue16_rows.sh taper-distill-labels 0  # the same, fine-tuned on labels only
+#   bash benchmarks/issue16_rows.sh taper-distill-residual 0  # the default taper (residual channels) distilled
 #
 # Run from the repository root, with ../shared/data present. Each row runs at nice 19 on one
 # thread (the machine is shared); the latency pass times 1 and 2 threads at batch 1 and 64, so
@@ -93,6 +96,24 @@ if [[ $what == distill-taper ]]; then
     for s in 0 1 2; do
         MODELS=$RES/structured_models_kd_seed$s row structured_kd_taper-inner_seed$s --methods taper --budgets 0.5 0.3 \
             --residual-channels keep --seed $s "${KD[@]}"
+    done
+fi
+if [[ $what == taper-distill ]]; then      # seeds as further arguments: one chain per core
+    for s in "${@:2}"; do
+        MODELS=$RES/structured_models_kd_seed$s row structured_kd_taper-inner+distill_seed$s --methods taper \
+            --budgets 0.5 0.3 --residual-channels keep --seed $s --taper-distill 0.9 "${KD[@]}"
+    done
+fi
+if [[ $what == taper-distill-labels ]]; then      # the same taper, fine-tuned on labels only
+    for s in "${@:2}"; do
+        MODELS=$RES/structured_models_res_seed$s row structured_res_taper-inner+distill_seed$s --methods taper \
+            --budgets 0.5 0.3 --residual-channels keep --seed $s --taper-distill 0.9
+    done
+fi
+if [[ $what == taper-distill-residual ]]; then    # the default taper (residual channels), labels-only fine-tune
+    for s in "${@:2}"; do
+        MODELS=$RES/structured_models_res_seed$s row structured_res_taper+distill_seed$s --methods taper \
+            --budgets 0.5 0.3 --seed $s --taper-distill 0.9
     done
 fi
 if [[ $what == distill-others ]]; then

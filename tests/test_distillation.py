@@ -128,3 +128,38 @@ def test_gradual_fine_tunes_distil_from_the_model_as_passed_in(monkeypatch):
     with pytest.raises(PrunekitError, match="gradual"):
         prunekit.prune(copy.deepcopy(model), lambda: batches, method="magnitude", sparsity=0.9, example_input=x[:1],
                        finetune_distill=0.5)
+
+
+def test_taper_weight_training_distils_from_the_untouched_dense_model(monkeypatch):
+    """With taper_distill the taper's weight-and-gate steps learn the dense model's outputs (the
+    model as given, not the one being trained), at the asked weight and temperature (default 1);
+    by default they see the labels only."""
+    import prunekit.structured.taper as taper
+    torch.manual_seed(0)
+    model = zoo.build("resnet20-b").eval()
+    x = torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
+    reference = copy.deepcopy(model).eval()
+    calls = []
+
+    def spy(logits, teacher_logits, labels, weight, temperature):
+        calls.append((teacher_logits.detach(), weight, temperature))
+        return distillation_loss(logits, teacher_logits, labels, weight, temperature)
+
+    monkeypatch.setattr(taper, "distillation_loss", spy)
+    prunekit.prune(copy.deepcopy(model), lambda: data, method="taper", flops=0.5, example_input=x, taper_epochs=1,
+                   taper_distill=0.9, taper_temperature=3.0)
+    assert len(calls) >= len(data)
+    with torch.no_grad():
+        expected = [reference(inputs) for inputs, _ in data]
+    for step, (teacher_logits, weight, temperature) in enumerate(calls):
+        want = expected[step % len(data)]
+        assert torch.allclose(teacher_logits, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+        assert (weight, temperature) == (0.9, 3.0)
+    calls.clear()
+    prunekit.prune(copy.deepcopy(model), lambda: data, method="taper", flops=0.5, example_input=x, taper_epochs=1,
+                   taper_distill=0.5)
+    assert calls and all(call[1:] == (0.5, 1.0) for call in calls)
+    calls.clear()
+    prunekit.prune(copy.deepcopy(model), lambda: data, method="taper", flops=0.5, example_input=x, taper_epochs=1)
+    assert calls == []

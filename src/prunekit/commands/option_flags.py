@@ -64,6 +64,10 @@ HELP = {
     "gate_lr": "Adam learning rate of the gates (autobot 0.6, taper 0.1)",
     "taper_epochs": "taper: planned length in epochs (default 4)",
     "max_taper_rate": "taper: most dense-MAC share the budget may fall per epoch (default 2x the planned rate)",
+    "taper_distill": "taper: weight of the dense model's softened outputs in the loss its weights and gates "
+                     "train on while the budget tapers, 0-1 (default 0: labels only)",
+    "taper_temperature": "taper: temperature of those outputs (default 1: the task loss stays on cross-entropy's "
+                         "scale, which the constraint's multiplier is set for)",
     "snapshots": "taper: also save models at these MAC shares (e.g. 0.7 0.5 0.3), from the same run",
     "depth_flops": "autobot, taper: remove whole blocks first, down to this share of the dense MACs (above "
                    "--flops); the method thins channels of the rest (fewer, wider layers run faster)",

@@ -64,7 +64,8 @@ class ChannelContext:
     """model: the dense model (autobot leaves it as it is, taper trains its weights);
     shares: the budgets as shares of the dense MACs, the asked one first (then taper's
     snapshots); batches(): the next epoch of (x, y) training batches; progress: called with
-    each gate-training step's record, or None."""
+    each gate-training step's record, or None; teacher: a copy of the dense model, untouched (set by
+    ``pipeline.prune_channels``), for methods that train weights and may learn its outputs."""
 
     model: nn.Module
     costs: CostModel
@@ -74,6 +75,7 @@ class ChannelContext:
     batches: Callable[[], Iterable]
     example_input: torch.Tensor
     progress: Callable[[dict], None] | None = None
+    teacher: nn.Module | None = None
 
 
 @dataclass

@@ -75,6 +75,7 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
     loader = ctx.batches()          # one loader: every pass is a new epoch (new order, new crops)
     ctx.batches = lambda: loader
     dense = copy.deepcopy(ctx.model)
+    ctx.teacher = dense
     history: list[dict] = []
     state = checkpointer.last() if checkpointer is not None else None
     optimizer = schedule = optimizer_state = None
@@ -157,8 +158,10 @@ def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> Cut:
     # shares of the cut model's MACs; a hair lower so that rounding never lifts a budget past the dense one's
     scale = ctx.costs.macs / costs.macs * (1 - 1e-12)
     shares = {share * scale: share for share in ctx.shares}
-    cut = run(channel_context(model, costs, ctx.example_input, list(shares), opts.channel_multiple, ctx.batches,
-                              ctx.progress, opts.residual_channels), opts)
+    inner = channel_context(model, costs, ctx.example_input, list(shares), opts.channel_multiple, ctx.batches,
+                            ctx.progress, opts.residual_channels)
+    inner.teacher = ctx.teacher
+    cut = run(inner, opts)
     return Cut({shares[s]: m for s, m in cut.models.items()}, {shares[s]: m for s, m in cut.masks.items()},
                {**cut.info, "depth": info})
 
