@@ -5,15 +5,15 @@ MAC budget tapers from the dense count down, enforced as an equality constraint.
   weights are fine-tuned at the same time by SGD (model in train mode). The two optimizers
   never share parameters.
 * Constraint ``c(g, t) = (MACs(g) - B(t)) / F_dense = 0``; the gate loss is
-  ``task + lam * c + rho/2 * c^2 + gamma * L_bool``, the task loss cross-entropy or, with
-  ``taper_distill`` d > 0 and a teacher (the dense model), ``train.distillation_loss`` at weight d
-  and temperature ``taper_temperature``: the weights then learn the dense model's outputs too
-  while their channels are taken away. That temperature defaults to 1, not the fine-tune's 4:
-  the soft term is scaled by T², and lam, rho and the rate control are set for cross-entropy's
-  scale; at T = 4 the task loss was ten times cross-entropy's on ResNet-56 and the gates lagged
-  the budget until the last cut was forced (an augmented Lagrangian: the
-  quadratic term makes the gates track the moving budget) and the multiplier moves by dual
-  ascent, ``lam <- lam + dual_lr * c`` after every step (it may go negative: an equality constraint).
+  ``task + lam * c + rho/2 * c^2 + gamma * L_bool`` (an augmented Lagrangian: the quadratic term
+  makes the gates track the moving budget) and the multiplier moves by dual ascent,
+  ``lam <- lam + dual_lr * c`` after every step (it may go negative: an equality constraint).
+* The task loss is cross-entropy or, with ``taper_distill`` d > 0, ``train.distillation_loss``
+  at weight d with the dense model as the teacher: the weights then also learn its outputs while
+  their channels are taken away. Its temperature ``taper_temperature`` defaults to 1, not the
+  fine-tune's 4: the soft term is scaled by T², while lam, rho and the rate control are set for
+  cross-entropy's scale (at T = 4 the task loss was ten times cross-entropy's on ResNet-56 and
+  the gates lagged the budget until the last cut was forced).
 * ``B(t)`` starts at ``F_dense`` and falls by ``rate * F_dense`` per step. Every ``check_every``
   steps the rate adapts to the task loss (an exponential average): it is multiplied by
   ``slow_down`` when the loss rose by more than ``rise_tol`` (relative), by ``speed_up`` when it
@@ -56,11 +56,11 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..options import Integer, Real, Shares
+from ..train import distillation_loss
 from .gates import GatedMacs, GateHooks, fold_gates
 from .groups import GroupSet
 from .family import ChannelContext, ChannelOptions, Cut
 from .autobot import bool_loss
-from ..train import distillation_loss
 from .shrink import shrink
 from .rounding import cut_to_budget
 
@@ -176,13 +176,13 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                 if options.taper_distill:
                     with torch.no_grad():
                         teacher_logits = teacher(x)
-                    ce = distillation_loss(model(x), teacher_logits, y, options.taper_distill,
-                                           options.taper_temperature)
+                    task = distillation_loss(model(x), teacher_logits, y, options.taper_distill,
+                                             options.taper_temperature)
                 else:
-                    ce = nn.functional.cross_entropy(model(x), y)
+                    task = nn.functional.cross_entropy(model(x), y)
                 c = (macs - budget) / dense
                 c32 = c.float()
-                loss = ce + lam * c32 + options.penalty / 2 * c32 ** 2 + options.gamma * bool_loss(gates)
+                loss = task + lam * c32 + options.penalty / 2 * c32 ** 2 + options.gamma * bool_loss(gates)
                 gate_opt.zero_grad(set_to_none=True)
                 weight_opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -195,8 +195,8 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                 lam += options.dual_lr * c.item()
                 gated = macs.item()
                 step += 1
-                loss_avg = ce.item() if loss_avg is None else \
-                    options.loss_average * loss_avg + (1 - options.loss_average) * ce.item()
+                loss_avg = task.item() if loss_avg is None else \
+                    options.loss_average * loss_avg + (1 - options.loss_average) * task.item()
                 if step % options.check_every == 0:
                     if loss_ref is not None and budget > target:
                         change = (loss_avg - loss_ref) / max(loss_ref, 1e-8)
@@ -206,7 +206,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                             rate = min(rate * options.speed_up, max_rate)
                     loss_ref = loss_avg
                 settled = settled_share(gates, options.settle_margin)
-                record = {"step": step, "ce": ce.item(), "budget": budget / dense,
+                record = {"step": step, "task_loss": task.item(), "budget": budget / dense,
                           "gated_flops_kept": macs.item() / dense, "lambda": lam,
                           "rate_per_epoch": rate * steps_per_epoch, "temperature": temperature,
                           "settled_share": settled}
