@@ -110,6 +110,9 @@ def accuracy_part(args) -> dict:
     depth_of = dict(zip(args.budgets, args.depth_flops)) if args.depth_flops else {}
     distilled = "+distill" if args.taper_distill else ""
     for method in args.methods:
+        if method == "dense":                    # the reference: nothing removed, the same fine-tune
+            finish("dense", 1.0, copy.deepcopy(dense), 0.0, {}, shrunk=False)
+            continue
         if method == "taper" and depth_of:       # a depth cut per budget: one taper run each
             for budget in sorted(args.budgets, reverse=True):
                 start = time.perf_counter()
@@ -214,7 +217,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3], help="shares of MACs kept")
     tp_inner = [f"{m}-inner" for m in TP_METHODS]     # torch-pruning, option-A block outputs kept dense
     parser.add_argument("--methods", nargs="+", default=["autobot", "taper", *TP_METHODS],
-                        choices=["autobot", "taper", "hybrid", "falcon", *TP_METHODS, *tp_inner])
+                        choices=["autobot", "taper", "hybrid", "falcon", "dense", *TP_METHODS, *tp_inner],
+                        help="dense: the unpruned model through the same recalibration and fine-tune (a ceiling for "
+                             "the fine-tune protocol; one row at budget 1)")
     parser.add_argument("--structured-flops", type=float, default=0.5, help="hybrid: MAC share after the channel cut")
     parser.add_argument("--fisher-samples", type=int, default=500, help="hybrid and falcon: gradient rows")
     parser.add_argument("--gate-batches", type=int, default=200, help="AutoBot gate-training batches of 64")

@@ -14,6 +14,8 @@
 #   bash benchmarks/issue16_rows.sh taper-distill 0 # the taper's own weight training distilled too (seeds given)
 #   bash benchmarks/issue16_rows.sh taper-distill-labels 0  # the same, fine-tuned on labels only
 #   bash benchmarks/issue16_rows.sh taper-distill-residual 0  # the default taper (residual channels) distilled
+#   bash benchmarks/issue16_rows.sh taper50 0       # the taper asked for 50% alone (not a snapshot of a 30% run)
+#   bash benchmarks/issue16_rows.sh dense 0         # the unpruned model through the same fine-tune (labels, KD)
 #
 # Run from the repository root, with ../shared/data present. Each row runs at nice 19 on one
 # thread (the machine is shared); the latency pass times 1 and 2 threads at batch 1 and 64, so
@@ -114,6 +116,18 @@ if [[ $what == taper-distill-residual ]]; then    # the default taper (residual 
     for s in "${@:2}"; do
         MODELS=$RES/structured_models_res_seed$s row structured_res_taper+distill_seed$s --methods taper \
             --budgets 0.5 0.3 --seed $s --taper-distill 0.9
+    done
+fi
+if [[ $what == taper50 ]]; then    # what `--flops 0.5` gives a user: the taper planned for 50% only
+    for s in "${@:2}"; do
+        MODELS=$RES/structured_models_res_seed$s row structured_res_taper-inner-alone_0.5_seed$s --methods taper \
+            --budgets 0.5 --residual-channels keep --seed $s
+    done
+fi
+if [[ $what == dense ]]; then      # the fine-tune protocol's ceiling: nothing pruned, seeds as arguments
+    for s in "${@:2}"; do
+        MODELS=$RES/structured_models_dense row structured_res_dense_seed$s --methods dense --seed $s
+        MODELS=$RES/structured_models_dense row structured_kd_dense_seed$s --methods dense --seed $s "${KD[@]}"
     done
 fi
 if [[ $what == distill-others ]]; then
