@@ -2,17 +2,47 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import torch
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+JPEG_TAR_MD5 = "43ad1cc9156043cc575cc07791220478"      # cifar10/test-jpeg.tar, from the data README
+JPEG_CACHE = "/tmp/prunekit-cifar10-jpeg"
+
+
+def unpacked_jpeg_test(data_dir: str | Path, cache_dir: str | Path = JPEG_CACHE) -> Path:
+    """The 10,000 official CIFAR-10 test images as lossy JPEG (an image-folder tree
+    ``cache_dir/test/<class>/*.jpg``; sorted class names = CIFAR-10's label order), unpacked once
+    from ``data_dir/cifar10/test-jpeg.tar`` after its md5 is checked. JPEG costs every model about
+    10 points: for comparing models with each other only (about +-0.4 points each)."""
+    cache_dir = Path(cache_dir)
+    if (cache_dir / ".unpacked").exists():
+        return cache_dir
+    tar_path = Path(data_dir) / "cifar10" / "test-jpeg.tar"
+    digest = hashlib.md5(tar_path.read_bytes()).hexdigest()
+    if digest != JPEG_TAR_MD5:
+        raise SystemExit(f"{tar_path} has md5 {digest}, expected {JPEG_TAR_MD5}: fetch the file again")
+    partial = cache_dir.with_name(f"{cache_dir.name}.{os.getpid()}.partial")
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(partial, filter="data")          # no links, nothing outside the folder
+    (partial / ".unpacked").touch()
+    try:
+        partial.rename(cache_dir)                       # atomic: a reader never sees half a tree
+    except OSError:                                     # another process unpacked it first
+        shutil.rmtree(partial)
+        if not (cache_dir / ".unpacked").exists():
+            raise SystemExit(f"{cache_dir} exists but holds no unpacked test set: remove it or pass another folder")
+    return cache_dir
 
 
 def machine() -> dict:

@@ -15,6 +15,8 @@
 #   bash benchmarks/issue16_rows.sh taper-distill-labels 0  # the same, fine-tuned on labels only
 #   bash benchmarks/issue16_rows.sh taper-distill-residual 0  # the default taper (residual channels) distilled
 #   bash benchmarks/issue16_rows.sh taper50 0       # the taper asked for 50% alone (not a snapshot of a 30% run)
+#   bash benchmarks/issue16_rows.sh models50 a|b|c  # session 13's 50% rows again, models kept for eval_jpeg10k.py
+#   bash benchmarks/issue16_rows.sh taper50-residual 0 # the default taper (residual channels) for 50% alone
 #   bash benchmarks/issue16_rows.sh dense 0         # the unpruned model through the same fine-tune (labels, KD)
 #
 # Run from the repository root, with ../shared/data present. Each row runs at nice 19 on one
@@ -120,14 +122,34 @@ if [[ $what == taper-distill-residual ]]; then    # the default taper (residual 
 fi
 if [[ $what == taper50 ]]; then    # what `--flops 0.5` gives a user: the taper planned for 50% only
     for s in "${@:2}"; do
-        MODELS=$RES/structured_models_res_seed$s row structured_res_taper-inner-alone_0.5_seed$s --methods taper \
+        MODELS=$RES/structured_models_res_alone_seed$s row structured_res_taper-inner-alone_0.5_seed$s --methods taper \
             --budgets 0.5 --residual-channels keep --seed $s
+    done
+fi
+if [[ $what == models50 ]]; then   # three chains (a, b: one per core; c: if time is left)
+    for s in 0 1 2; do
+        M=$RES/structured_models_res_s16_seed$s
+        case $2 in
+        a) MODELS=$M row structured_s16_tp-magnitude-inner_0.5_seed$s --methods tp-magnitude-inner --budgets 0.5 --seed $s
+           MODELS=$M row structured_s16_taper-inner_seed$s --methods taper --budgets 0.5 0.3 --residual-channels keep \
+               --seed $s ;;
+        b) MODELS=$M row structured_s16_autobot-inner_0.5_seed$s --methods autobot --budgets 0.5 --seed $s \
+               --residual-channels keep --gate-bn frozen
+           MODELS=$M row structured_s16_tp-magnitude_0.5_seed$s --methods tp-magnitude --budgets 0.5 --seed $s ;;
+        c) MODELS=$M row structured_s16_tp-taylor-inner_0.5_seed$s --methods tp-taylor-inner --budgets 0.5 --seed $s ;;
+        esac
+    done
+fi
+if [[ $what == taper50-residual ]]; then
+    for s in "${@:2}"; do
+        MODELS=$RES/structured_models_res_alone_seed$s row structured_res_taper-alone_0.5_seed$s --methods taper \
+            --budgets 0.5 --seed $s
     done
 fi
 if [[ $what == dense ]]; then      # the fine-tune protocol's ceiling: nothing pruned, seeds as arguments
     for s in "${@:2}"; do
-        MODELS=$RES/structured_models_dense row structured_res_dense_seed$s --methods dense --seed $s
-        MODELS=$RES/structured_models_dense row structured_kd_dense_seed$s --methods dense --seed $s "${KD[@]}"
+        MODELS=$RES/structured_models_dense_seed$s row structured_res_dense_seed$s --methods dense --seed $s
+        MODELS=$RES/structured_models_dense_kd_seed$s row structured_kd_dense_seed$s --methods dense --seed $s "${KD[@]}"
     done
 fi
 if [[ $what == distill-others ]]; then

@@ -1,0 +1,79 @@
+"""Accuracy of saved CIFAR-10 models on all 10,000 official test images (lossy JPEG copies).
+
+The exact test subset has 1,017 images (about +-0.8 points, one standard error): too few to
+separate methods within a point. ``../shared/data/cifar10/test-jpeg.tar`` holds the whole official
+test batch as JPEG (quality about 75), which costs every model about 10 points, so its figures are
+for comparing models with each other only (about +-0.4 points each, on the same images for all).
+
+    python benchmarks/eval_jpeg10k.py --inputs benchmarks/results/structured_s16_*.json \\
+        --out benchmarks/results/structured_s16_jpeg10k.json
+
+Reads every row's saved model (the ``saved`` path a ``bench_structured.py`` row writes: the model
+after its fine-tune), and the dense checkpoint of the rows' model, and evaluates each on the
+1,017 exact and the 10,000 JPEG test images. The tar is checked against its published md5 and
+unpacked once into --cache-dir (nothing under ../shared is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import DEFAULT_DATA, JPEG_CACHE, print_table, unpacked_jpeg_test, write_json
+from prunekit.data import make_loader
+from prunekit.loading import load_data, load_model
+from prunekit.train import evaluate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="the shared data folder")
+    parser.add_argument("--inputs", nargs="+", required=True, help="bench_structured.py result files")
+    parser.add_argument("--cache-dir", default=JPEG_CACHE, help="where the tar is unpacked")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    payloads = [(path, json.loads(Path(path).read_text())) for path in args.inputs]
+    models = {p["model"] for _, p in payloads}
+    if len(models) != 1:
+        raise SystemExit(f"--inputs mix models {sorted(models)}: give the rows of one model")
+    model_name = models.pop()
+    folder = unpacked_jpeg_test(args.data_dir, args.cache_dir)
+    jpeg = load_data("imagefolder", folder, "test")
+    exact = load_data("cifar10", Path(args.data_dir) / "cifar10", "test")
+    print(f"{len(jpeg)} JPEG test images, {len(exact)} exact test images")
+
+    def scores(loaded) -> dict:
+        return {name: evaluate(loaded.model, make_loader(data, loaded.normalization, batch_size=256))
+                for name, data in (("exact1017", exact), ("jpeg10k", jpeg))}
+
+    checkpoint = sorted(glob.glob(f"{args.data_dir}/checkpoints/{model_name}-*.th"))[0]
+    rows = [{"file": "-", "method": "dense (no fine-tune)", "budget": 1.0, "seed": None,
+             **scores(load_model(model_name, checkpoint))}]
+    for path, payload in payloads:
+        for row in payload["rows"]:
+            start = time.perf_counter()
+            got = scores(load_model(model_name, row["saved"]))
+            if abs(got["exact1017"] - row["accuracy_finetuned"]) > 1e-6:
+                raise SystemExit(f"{row['saved']} scores {got['exact1017']:.2f}% on the exact test images, but its "
+                                 f"row says {row['accuracy_finetuned']:.2f}%: the saved model is not that row's")
+            rows.append({"file": Path(path).name, "method": row["method"], "budget": row["budget"],
+                         "seed": payload["settings"]["seed"], "flops_kept": row["flops_kept"],
+                         "finetune_distill": row.get("finetune_distill", 0.0), **got})
+            print(f"{row['method']} @ {row['budget']:g} seed {payload['settings']['seed']}: exact {got['exact1017']:.2f}%, "
+                  f"JPEG {got['jpeg10k']:.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
+    print_table(rows, [("method", "method", ">"), ("budget", "budget", ".2f"), ("seed", "seed", "d"),
+                       ("exact1017", "exact 1,017 %", ".2f"), ("jpeg10k", "JPEG 10,000 %", ".2f")])
+    write_json(args.out, {"model": model_name, "jpeg_images": len(jpeg), "exact_images": len(exact),
+                          "threads": args.threads, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
