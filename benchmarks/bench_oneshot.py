@@ -17,8 +17,8 @@ then measures the pruned model (``model.safetensors`` of the run folder):
   (±0.8 to ±1.4 points, one standard error), MLPNet on the 10,000 MNIST test images,
   Fashion-MNIST ResNet-20 on its 10,000 test images;
 * ResNet-20-B also on all 10,000 official CIFAR-10 test images as lossy JPEG (``cifar10/test-jpeg.tar``,
-  about 10 points below the exact images for every model: for comparing rows with each other, about
-  ±0.4 points each), when the tar is there (``test_jpeg_*``; unpacked once under /tmp);
+  about 10 points below the exact images, not the same for every model: accuracy on compressed
+  images, about ±0.4 points each), when the tar is there (``test_jpeg_*``; unpacked once under /tmp);
 * accuracy and mean cross-entropy on training images, not augmented (ResNet-20-B: the 5,085
   CIFAR-10 images; MLPNet: the first 10,000 MNIST training images; Fashion-MNIST: the first
   10,000): a tighter signal than 1,017 test images, though the gradients came from them;

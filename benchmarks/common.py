@@ -23,8 +23,8 @@ JPEG_CACHE = "/tmp/prunekit-cifar10-jpeg"
 def unpacked_jpeg_test(data_dir: str | Path, cache_dir: str | Path = JPEG_CACHE) -> Path:
     """The 10,000 official CIFAR-10 test images as lossy JPEG (an image-folder tree
     ``cache_dir/test/<class>/*.jpg``; sorted class names = CIFAR-10's label order), unpacked once
-    from ``data_dir/cifar10/test-jpeg.tar`` after its md5 is checked. JPEG costs every model about
-    10 points: for comparing models with each other only (about +-0.4 points each)."""
+    from ``data_dir/cifar10/test-jpeg.tar`` after its md5 is checked. JPEG costs a model 10 to 13
+    points, not the same for every model: accuracy on compressed images (about +-0.4 points each)."""
     cache_dir = Path(cache_dir)
     if (cache_dir / ".unpacked").exists():
         return cache_dir

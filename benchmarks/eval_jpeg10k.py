@@ -2,8 +2,9 @@
 
 The exact test subset has 1,017 images (about +-0.8 points, one standard error): too few to
 separate methods within a point. ``../shared/data/cifar10/test-jpeg.tar`` holds the whole official
-test batch as JPEG (quality about 75), which costs every model about 10 points, so its figures are
-for comparing models with each other only (about +-0.4 points each, on the same images for all).
+test batch as JPEG (quality about 75), which costs a model 10 to 13 points, and not the same for
+every model (a fine-tuned pruned model can lose more than the dense one): its figures are accuracy
+on compressed images, about +-0.4 points each.
 
     python benchmarks/eval_jpeg10k.py --inputs benchmarks/results/structured_s16_*.json \\
         --out benchmarks/results/structured_jpeg10k_s16.json

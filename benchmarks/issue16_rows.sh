@@ -16,7 +16,6 @@
 #   bash benchmarks/issue16_rows.sh taper-distill-residual 0  # the default taper (residual channels) distilled
 #   bash benchmarks/issue16_rows.sh taper50 0       # the taper asked for 50% alone (not a snapshot of a 30% run)
 #   bash benchmarks/issue16_rows.sh models50 a|b|c  # session 13's 50% rows again, models kept for eval_jpeg10k.py
-#   bash benchmarks/issue16_rows.sh taper50-residual 0 # the default taper (residual channels) for 50% alone
 #   bash benchmarks/issue16_rows.sh dense 0         # the unpruned model through the same fine-tune (labels, KD)
 #
 # Run from the repository root, with ../shared/data present. Each row runs at nice 19 on one
@@ -138,12 +137,6 @@ if [[ $what == models50 ]]; then   # three chains (a, b: one per core; c: if tim
            MODELS=$M row structured_s16_tp-magnitude_0.5_seed$s --methods tp-magnitude --budgets 0.5 --seed $s ;;
         c) MODELS=$M row structured_s16_tp-taylor-inner_0.5_seed$s --methods tp-taylor-inner --budgets 0.5 --seed $s ;;
         esac
-    done
-fi
-if [[ $what == taper50-residual ]]; then
-    for s in "${@:2}"; do
-        MODELS=$RES/structured_models_res_alone_seed$s row structured_res_taper-alone_0.5_seed$s --methods taper \
-            --budgets 0.5 --seed $s
     done
 fi
 if [[ $what == dense ]]; then      # the fine-tune protocol's ceiling: nothing pruned, seeds as arguments
