@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, print_table, unpacked_jpeg_test, write_json
+from common import DEFAULT_DATA, jpeg_copies_of, print_table, unpacked_jpeg_test, write_json
 
 SETUPS = {
     "resnet20-b": {"model": "resnet20-b", "checkpoint": "{data}/checkpoints/resnet20_cifar10.pth.tar",
@@ -111,15 +111,19 @@ def measure(spec: dict) -> dict:
         sets["test_jpeg"] = lambda: load_data("imagefolder", unpacked_jpeg_test(spec["data_root"]), "test")
     for split, load in sets.items():
         ds = load()
-        correct = total = 0
-        loss = 0.0
+        right, losses = [], []
         with torch.no_grad():
             for x, y in make_loader(ds, loaded.normalization, batch_size=500):
                 logits = model(x)
-                loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-                correct += int((logits.argmax(1) == y).sum())
-                total += y.numel()
-        out[f"{split}_accuracy"], out[f"{split}_loss"], out[f"{split}_images"] = 100 * correct / total, loss / total, total
+                losses.append(nn.functional.cross_entropy(logits, y, reduction="none"))
+                right.append(logits.argmax(1) == y)
+        right, losses = torch.cat(right), torch.cat(losses)
+        out[f"{split}_accuracy"], out[f"{split}_loss"] = 100 * int(right.sum()) / right.numel(), float(losses.double().mean())
+        out[f"{split}_images"] = right.numel()
+        if split == "test_jpeg":     # its two parts: the exact test images' JPEG copies, and the others
+            same = jpeg_copies_of(sets["test"](), ds)
+            out["test_jpeg_same_accuracy"] = 100 * int(right[same].sum()) / int(same.sum())
+            out["test_jpeg_other_accuracy"] = 100 * int(right[~same].sum()) / int((~same).sum())
     return out
 
 

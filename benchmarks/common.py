@@ -45,6 +45,17 @@ def unpacked_jpeg_test(data_dir: str | Path, cache_dir: str | Path = JPEG_CACHE)
     return cache_dir
 
 
+def jpeg_copies_of(exact, jpeg):
+    """(N,) bool over the JPEG test set (an ``ImageDataset``): the JPEG copies of the images in
+    ``exact`` (the first images of the official test batch). The tar numbers each class's images in
+    the official order, so these are each class's first (its count in ``exact``) files; checked by
+    pixels: mean absolute difference 5.8 of 255 against 70 for the next file."""
+    same = torch.zeros(len(jpeg), dtype=torch.bool)
+    for label, count in enumerate(torch.bincount(exact.labels, minlength=int(jpeg.labels.max()) + 1).tolist()):
+        same[torch.nonzero(jpeg.labels == label).flatten()[:count]] = True
+    return same
+
+
 def machine() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(), "python": platform.python_version(),

@@ -12,9 +12,7 @@ on compressed images, about +-0.4 points each.
 Reads every row's saved model (the ``saved`` path a ``bench_structured.py`` row writes: the model
 after its fine-tune), and the dense checkpoint of the rows' model, and evaluates each on the
 1,017 exact and the 10,000 JPEG test images, and on the JPEG set's two parts: the JPEG copies of the
-1,017 exact images (the tar numbers each class's images in the official order, so they are the first
-ones of each class: checked by pixels, mean absolute difference 5.8 of 255 against 70 for the next
-file) and the other 8,983. Exact minus JPEG on the same 1,017 images is what compression costs a
+1,017 exact images (``common.jpeg_copies_of``) and the other 8,983. Exact minus JPEG on the same 1,017 images is what compression costs a
 model; the 8,983 are a sample independent of the exact one. The tar is checked against its published md5 and
 unpacked once into --cache-dir (nothing under ../shared is written).
 """
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import DEFAULT_DATA, JPEG_CACHE, print_table, unpacked_jpeg_test, write_json
+from common import DEFAULT_DATA, JPEG_CACHE, jpeg_copies_of, print_table, unpacked_jpeg_test, write_json
 from prunekit.data import make_loader
 from prunekit.loading import load_data, load_model
 
@@ -64,10 +62,7 @@ def main() -> None:
     exact = load_data("cifar10", Path(args.data_dir) / "cifar10", "test")
     print(f"{len(jpeg)} JPEG test images, {len(exact)} exact test images")
 
-    # The JPEG copies of the exact images: per class, its first (count in the exact set) files.
-    same = torch.zeros(len(jpeg), dtype=torch.bool)
-    for label, count in enumerate(torch.bincount(exact.labels, minlength=int(jpeg.labels.max()) + 1).tolist()):
-        same[torch.nonzero(jpeg.labels == label).flatten()[:count]] = True
+    same = jpeg_copies_of(exact, jpeg)
 
     def scores(loaded) -> dict:
         share = lambda right: 100 * int(right.sum()) / right.numel()     # noqa: E731  (as train.evaluate)
