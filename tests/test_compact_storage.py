@@ -13,6 +13,7 @@ import torch
 from prunekit.solvers.backsolve import backsolve
 from prunekit.solvers.falcon import falcon
 from prunekit.solvers.quadratic import QuadraticModel
+from peak_memory import fixed_mmap_threshold
 
 
 def problem(dtype, n=24, p=3000, seed=0):
@@ -93,5 +94,6 @@ def test_backsolve_on_compact_x_makes_no_float32_copy_of_x_nor_of_x_s():
         q.lipschitz(); q.hessian_diagonal(); q.objective(w)
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env=fixed_mmap_threshold())
     assert float(out.stdout.split()[-1]) < 64

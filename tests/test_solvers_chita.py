@@ -19,6 +19,7 @@ from prunekit.solvers.iht import iht
 from prunekit.solvers.quadratic import QuadraticModel
 from prunekit.solvers.swap_search import swap_search
 from closeness import assert_close_to_scale
+from peak_memory import fixed_mmap_threshold
 
 F64 = torch.float64
 
@@ -359,5 +360,6 @@ def test_memory_stays_linear_in_p():
         assert swap_search(q, s.mask, rounds=3).support_size <= 100_000
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env=fixed_mmap_threshold())
     assert float(out.stdout.split()[-1]) < 1024
