@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.solvers.quadratic import QuadraticModel, check_k
+from prunekit.solvers.quadratic import QuadraticModel, check_k, select_columns
 from closeness import assert_close_to_scale
 
 F64 = torch.float64
@@ -110,3 +110,15 @@ def test_check_k():
     for bad in (-1, 2.5, "3", None):
         with pytest.raises(PrunekitError):
             check_k(bad)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_select_columns_of_a_slice_equals_indexing(dtype):
+    # the stages' X is a column slice of a wider matrix: row stride > width
+    wide = torch.randn(5, 30, generator=torch.Generator().manual_seed(1), dtype=F64).to(dtype)
+    X = wide[:, :17]
+    index = torch.tensor([16, 0, 3, 3, 9])
+    for matrix in (X, wide, X[:, 4:12]):
+        picked = select_columns(matrix, index[index < matrix.shape[1]])
+        assert picked.is_contiguous() and picked.dtype == dtype
+        assert torch.equal(picked, matrix[:, index[index < matrix.shape[1]]])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PrunekitError
-from .quadratic import QuadraticModel, spd_cholesky
+from .quadratic import QuadraticModel, select_columns, spd_cholesky
 
 
 def backsolve(q: QuadraticModel, support: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,7 @@ def backsolve_blockwise(q: QuadraticModel, support: torch.Tensor, block_size: in
         X_B = q.X[:, block].to(q.dtype)
         z = X_B @ torch.where(keep, 0, q.w_bar[block])          # X_{B∖S} w̄_{B∖S}
         g = None if q.linear is None else q.linear[block][index]
-        w[start + index] = q.w_bar[block][index] + _support_step(X_B.index_select(1, index), z, g, q.ridge)
+        w[start + index] = q.w_bar[block][index] + _support_step(select_columns(X_B, index), z, g, q.ridge)
     return w
 
 

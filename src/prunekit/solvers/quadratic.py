@@ -94,7 +94,7 @@ class QuadraticModel:
 
     def columns(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """X[:, index], (n, m), in ``dtype`` (default: the compute dtype). For a few columns."""
-        return self.X.index_select(1, index).to(dtype or self._compute_dtype)
+        return select_columns(self.X, index).to(dtype or self._compute_dtype)
 
     def gram(self, support: torch.Tensor) -> torch.Tensor:
         """X_S X_Sᵀ, (n, n) float64, for the weights ``support`` (p,) bool, by column blocks
@@ -227,7 +227,7 @@ class QuadraticModel:
         gives a model of the same form on A with first-order term g_A − X_Aᵀz/n, plus the constant
         ‖z‖²/2n + (λ/2)‖w̄_R‖² − g_Rᵀw̄_R.
         """
-        X_A = self.X.index_select(1, index)                     # in X's storage dtype
+        X_A = select_columns(self.X, index)                     # in X's storage dtype
         held = torch.ones(self.width, dtype=torch.bool, device=self.X.device)
         held[index] = False
         w_held = torch.where(held, self.w_bar, 0)               # (w̄_R, 0)
@@ -283,6 +283,15 @@ def _largest_eigenvalue(q: QuadraticModel, max_steps: int = 64, rtol: float = 1e
 
 BLOCK_BYTES = 8 * 2**20        # a compact X is converted to float32 this many bytes at a time
 COMPACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def select_columns(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """X[:, index], (n, m) contiguous, for X (n, p) of any strides and index (m,) int64.
+
+    ``X.index_select(1, index)`` first copies a non-contiguous X whole (a column slice of a wider
+    matrix, as the stages' X is): 0.13 s to take 3 columns of a (500, 116133) slice. Taking the rows
+    of Xᵀ reads only the columns asked for."""
+    return X.t().index_select(0, index).t().contiguous()
 
 
 def compute_dtype(storage: torch.dtype) -> torch.dtype:

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import PrunekitError
 from .collective import Collective
-from .quadratic import BLOCK_BYTES, QuadraticModel, compute_dtype, dot64
+from .quadratic import BLOCK_BYTES, QuadraticModel, compute_dtype, dot64, select_columns
 from .selection import exclusive_prefix, sliced_top_k_mask
 
 
@@ -103,7 +103,7 @@ class ShardedQuadraticModel(QuadraticModel):
             constant -= dot64(self.linear, w_held)
         mine = (index >= self.local.start) & (index < self.local.stop)
         offset = int((index < self.local.start).sum())
-        X_A = self.X.index_select(1, index[mine] - self.local.start)
+        X_A = select_columns(self.X, index[mine] - self.local.start)
         return ShardedQuadraticModel(X_A, self.w_bar[index], self.ridge, linear, self.collective, offset), constant
 
     def sliced(self) -> SlicedQuadraticModel:
@@ -255,5 +255,5 @@ class SlicedQuadraticModel(QuadraticModel):
         counts = torch.tensor([index.numel()], device=self.X.device)
         offset = int(exclusive_prefix(self.collective, counts))
         p = int(self.collective.all_reduce(counts.clone()))
-        X_A = self.X.index_select(1, index)
+        X_A = select_columns(self.X, index)
         return SlicedQuadraticModel(X_A, self.w_bar[index], self.ridge, linear, self.collective, offset, p), constant
