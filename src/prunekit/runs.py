@@ -29,6 +29,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from .costs import CostModel
+from .layout import model_input
 from .errors import PrunekitError
 from .options import OptionError
 from .pipelines.stages import StageState
@@ -201,7 +202,7 @@ def evaluate_loss_accuracy(model: nn.Module, loader: Iterable) -> dict:
     device = next(model.parameters()).device
     loss = correct = total = 0.0
     for x, y in loader:
-        out = model(x.to(device))
+        out = model(model_input(model, x, device))
         y = y.to(device)
         loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())

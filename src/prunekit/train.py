@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .layout import model_input
+
 
 def _device(model: nn.Module) -> torch.device:
     first = next(model.parameters(), None)
@@ -26,7 +28,7 @@ def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> floa
     correct = total = 0
     device = _device(model)
     for x, y in _progress(loader, "eval", progress):
-        x, y = x.to(device), y.to(device)
+        x, y = model_input(model, x, device), y.to(device)
         correct += int((model(x).argmax(dim=1) == y).sum())
         total += y.numel()
     model.train(was_training)
@@ -45,17 +47,19 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, max_batches: int =
     if not norms:
         return False
     saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
     was_training = model.training
-    model.train()
     seen = 0
     try:
         for x, _ in _progress(loader, "recalibrate BN", progress):
             if seen >= max_batches:
                 break
-            model(x.to(_device(model)))
+            x = model_input(model, x, _device(model))    # (its first call probes the model as it is)
+            if seen == 0:
+                for m in norms:
+                    m.reset_running_stats()
+                    m.momentum = None
+                model.train()
+            model(x)
             seen += 1
     finally:
         for m, (momentum, state) in zip(norms, saved):

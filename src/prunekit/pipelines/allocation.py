@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..layout import model_input
 from ..options import OptionError
 from ..params import ParamSpace
 from ..solvers.layer_search import LayerSearch, layer_index, search_layer_scales
@@ -64,7 +65,7 @@ class RecalibratedLoss:
         collective = distributed.current()
         total, count = 0.0, 0
         for x, y in self.judge[collective.rank::collective.size]:
-            logits = self.model(x.to(device))
+            logits = self.model(model_input(self.model, x, device))
             total += float(nn.functional.cross_entropy(logits, y.to(device), reduction="sum"))
             count += y.numel()
         self.model.train(was_training)

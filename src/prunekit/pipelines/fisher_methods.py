@@ -40,6 +40,11 @@ from .weights import PruneContext, Pruned
 
 
 SEARCH_MODES = ("stage", "ahead", "first")
+# Training batches BatchNorm is re-estimated on between stages (1,024 images at the usual 128):
+# statistics for the next stage's gradient rows, themselves an estimate from a few hundred
+# samples. The final model gets the pipeline's full recalibration. Between stages this was 20
+# batches, a fifth of a default FALCON++ run on ResNet-20-B (CPU).
+BETWEEN_STAGES_BATCHES = 8
 FINAL_PICKS = ("judge", "last")
 
 
@@ -351,10 +356,10 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         ctx.space.assign(w)
         x_mb = q.X.numel() * q.X.element_size() / 2**20
         q = rows = None      # this stage's X goes before the next stage allocates its own
-        # The pipeline recalibrates after the last stage; between stages it matters for the
-        # next stage's gradients.
+        # The pipeline recalibrates after the last stage (on its default 20 batches); between
+        # stages it matters for the next stage's gradients only.
         recalibrated = (stage < len(shares) and ctx.recalibrate_bn
-                        and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
+                        and recalibrate_batchnorm(ctx.model, ctx.train_batches(), max_batches=BETWEEN_STAGES_BATCHES))
         history.append({"stage": stage, "memory_estimate_mb": round(plan.total_mb, 1), "max_nonzeros": k, "nonzeros": int((w != 0).sum()),
                         "max_macs": max_macs, "macs": int(macs[w != 0].sum()), "revived": revived,
                         "ridge": ridge, "objective": solution.objective, "solver_seconds": solution.seconds,
