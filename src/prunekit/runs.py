@@ -29,8 +29,8 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from .costs import CostModel
-from .layout import model_input
 from .errors import PrunekitError
+from .layout import model_input
 from .options import OptionError
 from .pipelines.stages import StageState
 from .record import finite as _finite
