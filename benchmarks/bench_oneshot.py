@@ -22,7 +22,8 @@ then measures the pruned model (``model.safetensors`` of the run folder):
 * accuracy and mean cross-entropy on training images, not augmented (ResNet-20-B: the 5,085
   CIFAR-10 images; MLPNet: the first 10,000 MNIST training images; Fashion-MNIST: the first
   10,000): a tighter signal than 1,017 test images, though the gradients came from them;
-* seconds (the record's: pruning and recalibration), CPU seconds of the whole prune process
+* seconds (the record's: pruning and recalibration, not the evaluation of each stage on the test
+  images, whose total is ``stage_eval_seconds``), CPU seconds of the whole prune process
   (with one thread close to a quiet machine's wall time, so less sensitive to other jobs;
   includes loading and the dense evaluation), peak RSS and the memory plan's estimate.
 
@@ -146,6 +147,7 @@ def run_row(spec: dict, setup: dict, data: str) -> dict:
     return {"name": spec["name"], "model": spec["model"], "budget": spec["budget"], "spec": spec,
             **json.loads(measured.stdout.strip().splitlines()[-1]),
             "flops_kept": record["flops_kept"], "sparsity": record["sparsity"], "seconds": record["seconds"],
+            "stage_eval_seconds": sum(s.get("eval_seconds") or 0.0 for s in stages),
             # CPU seconds of the whole prune process (one thread: close to a quiet machine's wall time;
             # includes loading the model and data and the dense evaluation)
             "cpu_seconds": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),

@@ -1,6 +1,7 @@
 """prunekit.prune on a user's own model: the README example, run exactly, and the data forms."""
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,32 @@ def test_data_checks_leave_the_users_data_stream_untouched():
     before = torch.get_rng_state()
     first_batch(lambda: torch_loader, "data")
     assert torch.equal(torch.get_rng_state(), before)
+
+
+class _SlowEvaluation:
+    """Evaluation batches that take ``pause`` seconds to start, every pass."""
+
+    def __init__(self, x, y, pause: float):
+        self.x, self.y, self.pause = x, y, pause
+
+    def __iter__(self):
+        time.sleep(self.pause)
+        yield self.x, self.y
+
+
+def test_pruning_seconds_leave_out_the_stage_evaluations():
+    net, x, y = _tiny()
+    result = prunekit.prune(net, (x, y), method="chita++", sparsity=0.8, stages=3, fisher_samples=32,
+                            eval_data=_SlowEvaluation(x, y, pause=0.5))
+    evaluations = [stage["eval_seconds"] for stage in result.history]
+    assert len(evaluations) == 3 and min(evaluations) >= 0.5
+    assert result.seconds < sum(evaluations)      # pruning this model takes far less than 1.5 s
+
+
+def test_the_last_stage_record_measures_the_final_model():
+    net, x, y = _tiny()
+    result = prunekit.prune(net, (x, y), method="chita++", sparsity=0.8, stages=3, fisher_samples=32,
+                            eval_data=(x, y))
+    last = result.history[-1]
+    assert last["bn_recalibrated"] and result.record["bn_recalibrated"]
+    assert last["loss"] == result.record["loss"] and last["accuracy"] == result.accuracy

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from prunekit.layout import model_input
-from prunekit.runs import evaluate_loss_accuracy
+from prunekit.train import evaluate_loss_accuracy
 from prunekit.train import evaluate, recalibrate_batchnorm
 
 

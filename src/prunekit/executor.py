@@ -27,8 +27,9 @@ from .pipelines.weights import Outcome, PruneContext, prune_weights
 from .options import OptionError
 from .record import build_record, save_pruned
 from .request import Plan
-from .runs import RunCheckpointer, RunFolder, StageMeter, evaluate_loss_accuracy, layer_density
+from .runs import RunCheckpointer, RunFolder, StageMeter, layer_density
 from .structured.pipeline import prune_channels
+from .train import evaluate_loss_accuracy
 from .zoo.layout import apply_layout
 
 

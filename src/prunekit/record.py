@@ -8,7 +8,8 @@ sidecar (and, for a shrunk model, its channel layout) plus ``result.json``.
 Record keys: model, method, family, mode (one-shot | multi-stage | gradual | structured),
 request (the budget as asked), sparsity, nonzeros (weights methods), flops_kept, params_kept,
 macs, dense_macs, params, dense_params, budget_max_nonzeros, budget_max_macs, dense_accuracy,
-accuracy, loss (None without evaluation data), seconds (pruning, BatchNorm included), peak_rss_mb
+accuracy, loss (None without evaluation data), seconds (pruning, BatchNorm included; the
+evaluations of each stage's record are not: their time is the stage's ``eval_seconds``), peak_rss_mb
 (this process's peak resident memory when the record was made), options
 (the method's, resolved), then the method's own facts (``ilp_gap``, ``kept_channels`` ...) and
 its history: ``stages`` (weights), ``events`` (gradual), ``phases`` (structured).

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 from torch import nn
 
 from .costs import CostModel
 from .errors import PrunekitError
-from .layout import model_input
 from .options import OptionError
 from .pipelines.stages import StageState
 from .record import finite as _finite
@@ -128,20 +127,22 @@ class RunCheckpointer:
     stage number, history and the numpy / ``random`` RNG states as JSON; one atomic write, so a
     file is complete or absent. ``measure(model) -> dict`` (optional) adds measurements (accuracy,
     loss, counts) to the stage's record before it is written; ``on_saved(history)`` is told after
-    each write.
+    each write. ``measure_seconds``: the time spent in ``measure`` so far, which pipelines leave
+    out of their pruning time.
     """
 
     def __init__(self, folder: RunFolder, measure: Callable[[nn.Module], dict] | None = None,
                  on_saved: Callable[[list[dict]], None] | None = None):
         self.folder, self.measure, self.on_saved = folder, measure, on_saved
         self.restored_seconds = 0.0     # time the stages restored by ``last`` took in earlier runs
+        self.measure_seconds = 0.0
 
     def path(self, stage: int) -> Path:
         return self.folder.checkpoints / f"stage-{stage:03d}.safetensors"
 
     def save(self, state: StageState, model: nn.Module) -> None:
         if self.measure is not None and state.history:
-            state.history[-1].update(self.measure(model))
+            self.measure_seconds += _measure_into(state.history[-1], self.measure, model)
         if not self.folder.writable:          # another rank writes the checkpoint
             if self.on_saved is not None:
                 self.on_saved(state.history)
@@ -179,36 +180,28 @@ class RunCheckpointer:
 
 class StageMeter:
     """A ``StageCheckpointer`` that keeps nothing: it only adds ``measure(model)`` to each stage's
-    record (per-stage accuracy without a run folder); ``on_saved(record)`` is told after each."""
+    record (per-stage accuracy without a run folder); ``on_saved(record)`` is told after each.
+    ``measure_seconds``: as ``RunCheckpointer``'s."""
 
     def __init__(self, measure: Callable[[nn.Module], dict], on_saved: Callable[[dict], None] | None = None):
         self.measure, self.on_saved = measure, on_saved
+        self.measure_seconds = 0.0
 
     def last(self) -> None:
         return None
 
     def save(self, state: StageState, model: nn.Module) -> None:
         if state.history:
-            state.history[-1].update(self.measure(model))
+            self.measure_seconds += _measure_into(state.history[-1], self.measure, model)
             if self.on_saved is not None:
                 self.on_saved(state.history[-1])
 
 
-@torch.no_grad()
-def evaluate_loss_accuracy(model: nn.Module, loader: Iterable) -> dict:
-    """Mean cross-entropy loss and top-1 accuracy (%) of ``model`` on ``loader`` (eval mode)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    loss = correct = total = 0.0
-    for x, y in loader:
-        out = model(model_input(model, x, device))
-        y = y.to(device)
-        loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        total += y.numel()
-    model.train(was_training)
-    return {"loss": loss / max(total, 1), "accuracy": 100.0 * correct / max(total, 1)}
+def _measure_into(record: dict, measure: Callable[[nn.Module], dict], model: nn.Module) -> float:
+    """Add ``measure(model)`` to ``record``; returns the seconds it took."""
+    start = time.perf_counter()
+    record.update(measure(model))
+    return time.perf_counter() - start
 
 
 def layer_density(costs: CostModel, model: nn.Module) -> list[dict]:

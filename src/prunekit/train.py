@@ -20,19 +20,27 @@ def _progress(iterable, desc: str, enabled: bool):
     return tqdm(iterable, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> float:
     """Top-1 accuracy of ``model`` on ``loader`` in percent (eval mode, restored after)."""
+    return evaluate_loss_accuracy(model, loader, progress)["accuracy"]
+
+
+@torch.no_grad()
+def evaluate_loss_accuracy(model: nn.Module, loader: Iterable, progress: bool = False) -> dict:
+    """Mean cross-entropy loss and top-1 accuracy (%) of ``model`` on ``loader`` (eval mode,
+    restored after)."""
     was_training = model.training
     model.eval()
-    correct = total = 0
     device = _device(model)
+    loss = correct = total = 0.0
     for x, y in _progress(loader, "eval", progress):
-        x, y = model_input(model, x, device), y.to(device)
-        correct += int((model(x).argmax(dim=1) == y).sum())
+        out = model(model_input(model, x, device))
+        y = y.to(device)
+        loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
         total += y.numel()
     model.train(was_training)
-    return 100.0 * correct / max(total, 1)
+    return {"loss": loss / max(total, 1), "accuracy": 100.0 * correct / max(total, 1)}
 
 
 @torch.no_grad()

@@ -356,10 +356,11 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         ctx.space.assign(w)
         x_mb = q.X.numel() * q.X.element_size() / 2**20
         q = rows = None      # this stage's X goes before the next stage allocates its own
-        # The pipeline recalibrates after the last stage (on its default 20 batches); between
-        # stages it matters for the next stage's gradients only.
-        recalibrated = (stage < len(shares) and ctx.recalibrate_bn
-                        and recalibrate_batchnorm(ctx.model, ctx.train_batches(), max_batches=BETWEEN_STAGES_BATCHES))
+        # After the last stage the final model's full recalibration (the default 20 batches), so
+        # that its record measures the final model; between stages it matters for the next
+        # stage's gradients only.
+        recalibrated = ctx.recalibrate_bn and recalibrate_batchnorm(
+            ctx.model, ctx.train_batches(), **({} if last else {"max_batches": BETWEEN_STAGES_BATCHES}))
         history.append({"stage": stage, "memory_estimate_mb": round(plan.total_mb, 1), "max_nonzeros": k, "nonzeros": int((w != 0).sum()),
                         "max_macs": max_macs, "macs": int(macs[w != 0].sum()), "revived": revived,
                         "ridge": ridge, "objective": solution.objective, "solver_seconds": solution.seconds,
@@ -375,7 +376,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             collective.bytes_sent, collective.calls = 0, 0
         stage_completed(ctx, stage, kept)
     return Pruned(w, {"memory_estimate_mb": round(plan.total_mb, 1), "fisher_samples": plan.n,
-                      "fisher_dtype": opts.fisher_dtype})
+                      "fisher_dtype": opts.fisher_dtype},
+                  bn_recalibrated=bool(history and history[-1]["bn_recalibrated"]))
 
 
 # ``final_pick="judge"``: later stages prune from a network whose quadratic model can mislead

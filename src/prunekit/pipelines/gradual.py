@@ -24,7 +24,7 @@ from ..masks import MaskHold, masks_from_weights
 from ..options import Integer, OneOf, OptionError, Options, Real
 from ..train import evaluate, train_epochs
 from .schedule import KINDS, keep_schedule
-from .stages import resume_stages, stage_completed
+from .stages import measure_seconds, resume_stages, stage_completed
 from .weights import Outcome, PruneContext, check_budget
 
 
@@ -89,7 +89,7 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
     # the teacher is the model as passed in (dense; a resumed run is handed the dense model again)
     teacher = copy.deepcopy(model).eval() if opts.finetune_distill else None
     done = resume_stages(ctx)
-    start = time.perf_counter()
+    start, measured = time.perf_counter(), measure_seconds(ctx.checkpointer)
     for event, event_budget in enumerate(schedule, start=1):
         if event <= done:
             continue
@@ -118,5 +118,5 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
         if on_event is not None:
             on_event(record)
     counts, nonzeros = check_budget(space, costs, ctx.budget)
-    return Outcome(model, counts, nonzeros, 1 - nonzeros / space.numel, time.perf_counter() - start,
-                   list(ctx.history), {"gradual": opts.to_dict()})
+    seconds = time.perf_counter() - start - (measure_seconds(ctx.checkpointer) - measured)
+    return Outcome(model, counts, nonzeros, 1 - nonzeros / space.numel, seconds, list(ctx.history), {"gradual": opts.to_dict()})

@@ -66,7 +66,14 @@ class StageCheckpointer(Protocol):
         """The newest complete checkpoint, or None when no stage has completed."""
 
     def save(self, state: StageState, model: nn.Module) -> None:
-        """Store ``state`` atomically; may add measurements to ``state.history[-1]`` first."""
+        """Store ``state`` atomically; may add measurements to ``state.history[-1]`` first (and
+        count their seconds in an attribute ``measure_seconds``: see ``measure_seconds``)."""
+
+
+def measure_seconds(checkpointer: StageCheckpointer | None) -> float:
+    """Seconds ``checkpointer`` has spent measuring stages so far (evaluations a pipeline leaves
+    out of its pruning time); 0 without one or for one that does not measure."""
+    return getattr(checkpointer, "measure_seconds", 0.0)
 
 
 def capture_rng() -> dict:

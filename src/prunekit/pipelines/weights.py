@@ -22,7 +22,7 @@ from ..budget import ResolvedBudget
 from ..costs import CostModel, Counts
 from ..params import ParamSpace
 from ..train import recalibrate_batchnorm
-from .stages import StageCheckpointer
+from .stages import StageCheckpointer, measure_seconds
 
 
 @dataclass
@@ -52,10 +52,16 @@ class PruneContext:
 
 @dataclass
 class Pruned:
-    """What a weights method returns: the new weights (p,) and facts to record (JSON-able)."""
+    """What a weights method returns: the new weights (p,) and facts to record (JSON-able).
+
+    bn_recalibrated: the method left the model holding these weights with BatchNorm re-estimated
+    as ``prune_weights`` would (a multi-stage method does it before its last stage's record, so
+    that record measures the final model); ``prune_weights`` then does not do it again.
+    """
 
     weights: torch.Tensor
     info: dict = field(default_factory=dict)
+    bn_recalibrated: bool = False
 
 
 @dataclass
@@ -89,12 +95,13 @@ def prune_weights(ctx: PruneContext, run, options) -> Outcome:
     """Prune ``ctx.model`` in place with weights method ``run`` and its ``options``; recalibrate
     BatchNorm (``ctx.recalibrate_bn``) and check the budget."""
     torch.manual_seed(ctx.seed)
-    start = time.perf_counter()
+    start, measured = time.perf_counter(), measure_seconds(ctx.checkpointer)
     pruned = run(ctx, options)
     ctx.space.assign(pruned.weights)
-    recalibrated = bool(ctx.recalibrate_bn and ctx.train_batches is not None
-                        and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
-    seconds = time.perf_counter() - start
+    recalibrated = pruned.bn_recalibrated or bool(ctx.recalibrate_bn and ctx.train_batches is not None
+                                                  and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
+    # per-stage evaluations are the record's, not pruning
+    seconds = time.perf_counter() - start - (measure_seconds(ctx.checkpointer) - measured)
     counts, nonzeros = check_budget(ctx.space, ctx.costs, ctx.budget)
     return Outcome(ctx.model, counts, nonzeros, 1 - nonzeros / ctx.space.numel, seconds, list(ctx.history),
                    {"bn_recalibrated": recalibrated, **pruned.info})
