@@ -89,7 +89,8 @@ def main() -> None:
 def save(args, rows: list[dict]) -> None:
     write_json(args.out, {"benchmark": "falcon_resnet20-b", "extra_args": args.extra,
                           "plus_stages": args.plus_stages, "plus_fisher_samples": args.plus_fisher_samples,
-                          "plus_solver": args.plus_solver, "published": PUBLISHED, "rows": rows})
+                          "plus_solver": args.plus_solver, "published": PUBLISHED, "rows": rows},
+               extends=args.resume)
 
 
 if __name__ == "__main__":

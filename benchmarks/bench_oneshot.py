@@ -131,6 +131,7 @@ def measure(spec: dict) -> dict:
 def run_row(spec: dict, setup: dict, data: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    load_average = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run(prune_command(spec, setup, data, folder), capture_output=True, text=True, env=env)
@@ -147,7 +148,7 @@ def run_row(spec: dict, setup: dict, data: str) -> dict:
     return {"name": spec["name"], "model": spec["model"], "budget": spec["budget"], "spec": spec,
             **json.loads(measured.stdout.strip().splitlines()[-1]),
             "flops_kept": record["flops_kept"], "sparsity": record["sparsity"], "seconds": record["seconds"],
-            "stage_eval_seconds": sum(s.get("eval_seconds") or 0.0 for s in stages),
+            "stage_eval_seconds": sum(s.get("eval_seconds") or 0.0 for s in stages), "load_average": load_average,
             # CPU seconds of the whole prune process (one thread: close to a quiet machine's wall time;
             # includes loading the model and data and the dense evaluation)
             "cpu_seconds": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
@@ -242,9 +243,10 @@ def markdown(rows: list[dict]) -> None:
 
 def save(path: str, rows: list[dict]) -> None:
     write_json(path, {"benchmark": "oneshot", "threads_per_row": 1,
-                      "note": "each row its own `prunekit prune` process with one thread; the machine was "
-                              "shared with other jobs (not quiet), so seconds are inflated",
-                      "rows": rows})
+                      "note": "each row its own `prunekit prune` process with one thread; load_average: the "
+                              "machine's 1-minute load when the row started (1 or more on 2 cores: other "
+                              "jobs ran beside it, so its seconds are inflated)",
+                      "rows": rows}, extends=True)         # rows already there were read and kept
 
 
 if __name__ == "__main__":

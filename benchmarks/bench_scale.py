@@ -107,7 +107,7 @@ def main() -> None:
                 if "memory_estimate_mb" in row:
                     row["estimate_error"] = row["memory_estimate_mb"] / row["peak_rss_mb"] - 1
                 print(json.dumps(row), flush=True)
-                write_json(args.out, {"benchmark": "scale", "rows": rows})
+                write_json(args.out, {"benchmark": "scale", "rows": rows}, extends=args.resume)
     print("\nrandom weights and inputs: cost only; one process per row")
     print_table([r for r in rows if "gradient_seconds" in r],
                 [("model", "model", ">12"), ("p", "p", ",d"), ("n", "n", "d"), ("dtype", "X dtype", ">9"),

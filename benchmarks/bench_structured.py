@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import DEFAULT_DATA, machine, print_table, write_json
+from common import DEFAULT_DATA, machine, print_table, refuse, unused_path, write_json
 from prunekit.costs import CostModel
 from prunekit.data import make_loader
 from prunekit.loading import load_data, load_model
@@ -94,7 +94,7 @@ def accuracy_part(args) -> dict:
         assert costs.count(small).macs == counts.macs
         ft_seconds = time.perf_counter() - start
         ft_acc = evaluate(small, test_loader)
-        path = save_pruned(models_dir / f"{method}-{budget:g}", small, {**meta_base, "method": method, "flops": budget},
+        path = save_pruned(unused_path(models_dir / f"{method}-{budget:g}"), small, {**meta_base, "method": method, "flops": budget},
                            {}, shrunk=shrunk)
         row = {"method": method, "budget": budget, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept,
                "macs": counts.macs, "params": counts.params, "accuracy_pruned_bn": pruned_acc,
@@ -262,8 +262,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.depth_flops and len(args.depth_flops) != len(args.budgets):
         parser.error("--depth-flops needs one share per --budgets entry")
+    read = (args.inputs or [args.out]) if args.latency_only else []
     if args.latency_only:
-        parts = [json.loads(Path(p).read_text()) for p in (args.inputs or [args.out])]
+        missing = [p for p in read if not Path(p).is_file()]
+        if missing:
+            refuse(f"{missing[0]} is not a file: --latency-only reads the results of an earlier run (--inputs or --out)")
+        parts = [json.loads(Path(p).read_text()) for p in read]
         payload = parts[0]
         payload["machines"] = [p.pop("machine", None) for p in parts]
         payload["settings"] = [p["settings"] for p in parts]
@@ -283,7 +287,8 @@ def main() -> None:
                        ("accuracy_finetuned", "fine-tuned %", ".2f"), ("prune_seconds", "prune s", ".0f"),
                        ("r1_1", "1t b1 ratio", ".2f"), ("r1_64", "1t b64 ratio", ".2f"),
                        ("r2_1", "2t b1 ratio", ".2f"), ("r2_64", "2t b64 ratio", ".2f")])
-    write_json(args.out, payload)
+    # --latency-only over --out itself adds latency to the rows it read
+    write_json(args.out, payload, extends=Path(args.out).resolve() in {Path(p).resolve() for p in read})
 
 
 if __name__ == "__main__":

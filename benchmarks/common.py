@@ -12,6 +12,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -31,7 +32,7 @@ def unpacked_jpeg_test(data_dir: str | Path, cache_dir: str | Path = JPEG_CACHE)
     tar_path = Path(data_dir) / "cifar10" / "test-jpeg.tar"
     digest = hashlib.md5(tar_path.read_bytes()).hexdigest()
     if digest != JPEG_TAR_MD5:
-        raise SystemExit(f"{tar_path} has md5 {digest}, expected {JPEG_TAR_MD5}: fetch the file again")
+        refuse(f"{tar_path} has md5 {digest}, expected {JPEG_TAR_MD5}: fetch the file again")
     partial = cache_dir.with_name(f"{cache_dir.name}.{os.getpid()}.partial")
     with tarfile.open(tar_path) as tar:
         tar.extractall(partial, filter="data")          # no links, nothing outside the folder
@@ -41,7 +42,7 @@ def unpacked_jpeg_test(data_dir: str | Path, cache_dir: str | Path = JPEG_CACHE)
     except OSError:                                     # another process unpacked it first
         shutil.rmtree(partial)
         if not (cache_dir / ".unpacked").exists():
-            raise SystemExit(f"{cache_dir} exists but holds no unpacked test set: remove it or pass another folder")
+            refuse(f"{cache_dir} exists but holds no unpacked test set: remove it or pass another folder")
     return cache_dir
 
 
@@ -74,13 +75,44 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(cells))
 
 
-def write_json(path: str | Path, payload: dict) -> None:
+def refuse(message: str) -> NoReturn:
+    """Bad input: one line naming the fix, exit code 2."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def unused_path(path: str | Path) -> Path:
+    """``path`` if nothing is there, else the first free ``<stem>-2<suffix>``, ``-3`` ... beside it."""
     path = Path(path)
+    candidate, number = path, 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+        number += 1
+    return candidate
+
+
+_TARGETS: dict[Path, Path] = {}       # result file asked for -> file this process writes
+
+
+def write_json(path: str | Path, payload: dict, *, extends: bool = False) -> Path:
+    """Write ``payload`` (with the machine's facts) to ``path`` atomically; returns the file written.
+
+    A file that was there before this process first wrote to ``path`` is never overwritten: the
+    results go to ``unused_path(path)`` (said on stdout), unless ``extends``: the script read that
+    file's rows and writes them back with its own (a resumed run).
+    """
+    asked = Path(path).resolve()
+    if asked not in _TARGETS:
+        _TARGETS[asked] = asked if extends or not asked.exists() else unused_path(asked)
+        if _TARGETS[asked] != asked:
+            print(f"{path} exists and is kept: these results go to {_TARGETS[asked]}")
+    path = _TARGETS[asked]
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
     partial.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     partial.replace(path)                      # atomic: a kill never leaves half a file
     print(f"wrote {path}")
+    return path
 
 
 def prunekit(*args: str) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import DEFAULT_DATA, JPEG_CACHE, jpeg_copies_of, print_table, unpacked_jpeg_test, write_json
+from common import DEFAULT_DATA, JPEG_CACHE, jpeg_copies_of, print_table, refuse, unpacked_jpeg_test, write_json
 from prunekit.data import make_loader
 from prunekit.loading import load_data, load_model
 
@@ -52,10 +52,10 @@ def main() -> None:
     payloads = [(path, json.loads(Path(path).read_text())) for path in args.inputs]
     for path, payload in payloads:
         if "settings" not in payload or not all("saved" in row for row in payload.get("rows", [])):
-            raise SystemExit(f"{path} is not a bench_structured.py result (rows with saved models): leave it out")
+            refuse(f"{path} is not a bench_structured.py result (rows with saved models): leave it out")
     models = {p["model"] for _, p in payloads}
     if len(models) != 1:
-        raise SystemExit(f"--inputs mix models {sorted(models)}: give the rows of one model")
+        refuse(f"--inputs mix models {sorted(models)}: give the rows of one model")
     model_name = models.pop()
     folder = unpacked_jpeg_test(args.data_dir, args.cache_dir)
     jpeg = load_data("imagefolder", folder, "test")
@@ -78,7 +78,7 @@ def main() -> None:
             start = time.perf_counter()
             got = scores(load_model(model_name, row["saved"]))
             if abs(got["exact1017"] - row["accuracy_finetuned"]) > 1e-6:
-                raise SystemExit(f"{row['saved']} scores {got['exact1017']:.2f}% on the exact test images, but its "
+                refuse(f"{row['saved']} scores {got['exact1017']:.2f}% on the exact test images, but its "
                                  f"row says {row['accuracy_finetuned']:.2f}%: the saved model is not that row's")
             rows.append({"file": Path(path).name, "method": row["method"], "budget": row["budget"],
                          "seed": payload["settings"]["seed"], "flops_kept": row["flops_kept"],

@@ -108,3 +108,14 @@ def test_resume_refuses_other_options_and_non_run_folders(tmp_path, capsys):
     assert "config.toml" in capsys.readouterr().err
     assert main(["prune", "--resume", str(tmp_path), "--stages", "3"]) == 2
     assert "--stages" in capsys.readouterr().err
+
+
+def test_no_stage_eval_measures_before_and_after_only(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["prune", *MLP, "--method", "chita++", "--stages", "2", "--sparsity", "0.8", "--no-stage-eval",
+                 "--out", str(out), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["accuracy"] is not None and record["dense_accuracy"] is not None
+    assert [("accuracy" in s, "eval_seconds" in s, "flops_kept" in s) for s in record["stages"]] == [(False, False, True)] * 2
+    assert (out / "report.md").is_file()
+    assert "no-stage-eval = true" in (out / "config.toml").read_text()      # a resume keeps it

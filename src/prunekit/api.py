@@ -39,7 +39,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
           params=None, example_input: torch.Tensor | None = None, eval_data=None, include: list[str] | None = None,
           exclude: list[str] | None = None, seed: int = 0, recalibrate_bn: bool = True, gradual: bool = False,
           batch_size: int = 128, out: str | None = None, force: bool = False, progress: bool = False,
-          **options) -> Result:
+          stage_eval: bool = True, **options) -> Result:
     """Prune ``model`` with ``method`` to the budget and return a ``Result``.
 
     Args:
@@ -51,6 +51,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         example_input: one input batch for counting MACs; default: the first training (or
             evaluation) batch's first example.
         eval_data: evaluation data; gives accuracy and loss before, per stage and after.
+        stage_eval: False: accuracy and loss before and after only, not after every stage, event
+            or phase (each reads all of ``eval_data``; pruning seconds never include them).
         include, exclude: module-name patterns of the layers to prune (weights methods; default:
             every Conv/Linear).
         gradual: prune in events with fine-tuning in between (weights methods; options
@@ -67,6 +69,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     """
     check_arguments(model, {"method": method.name if isinstance(method, Method) else method, "seed": seed,
                             "batch_size": batch_size, "recalibrate_bn": recalibrate_bn, "progress": progress,
+                            "stage_eval": stage_eval,
                             "include": include, "exclude": exclude, "out": out})
     check_data(data, "data")
     check_data(eval_data, "eval_data")
@@ -91,7 +94,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                   "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
                   **{k: v for k, v in options.items() if not callable(v)}}
         claim(folder, recipes.dump_recipe(config), force=force)
-    record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress)
+    record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress,
+                                        stage_eval=stage_eval)
     if folder is not None:
         _write_report(folder)
     result = Result.from_record(record, pruned, out)

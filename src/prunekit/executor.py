@@ -49,7 +49,7 @@ def measure(plan: Plan, model: nn.Module, eval_loader) -> dict:
 
 def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loader: Iterable | None, *,
             folder: RunFolder | None = None, describe: dict | None = None, dense: dict | None = None,
-            progress: bool = False, on_step: Callable[[dict], None] | None = None
+            progress: bool = False, on_step: Callable[[dict], None] | None = None, stage_eval: bool = True
             ) -> tuple[dict, nn.Module, dict[float, nn.Module]]:
     """Prune as ``plan`` says; returns (record, pruned model, taper's snapshot models by share).
 
@@ -57,6 +57,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     describe: how to rebuild the model, for its sidecar in the folder (zoo name, build arguments,
         normalization); dense: the dense model's measurements if known (a sweep measures once).
     on_step(record): told after each stage, event or phase.
+    stage_eval: measure accuracy and loss on ``eval_loader`` after each stage, event or phase too
+        (not only before and after); their seconds are not the pruning's (``eval_seconds``).
     """
     describe = describe or {"model": plan.name, "custom": True}
     metrics = folder.read_metrics() if folder is not None else {}
@@ -68,6 +70,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
                    f"budget {plan.request.budget}")
     dense = dense or metrics.get("dense") or measure(plan, plan.request.model, eval_loader)
     measure_now = lambda model: measure(plan, model, eval_loader)   # noqa: E731
+    measure_stage = lambda model: measure(plan, model, eval_loader if stage_eval else None)   # noqa: E731
     if folder is not None:
         metrics = {"status": "running", "model": plan.name, "method": plan.method.name, "mode": plan.mode,
                    "request": plan.request.budget,
@@ -83,9 +86,9 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
             folder.write_metrics(metrics)
             if on_step is not None:
                 on_step(history[-1])
-        checkpointer = RunCheckpointer(folder, measure_now, on_saved)
+        checkpointer = RunCheckpointer(folder, measure_stage, on_saved)
     else:
-        checkpointer = StageMeter(measure_now, on_step) if eval_loader is not None or on_step else None
+        checkpointer = StageMeter(measure_stage, on_step) if eval_loader is not None or on_step else None
     torch.manual_seed(plan.request.seed)
     outcome = _run(plan, train_batches, eval_loader, checkpointer, progress)
     restored = getattr(checkpointer, "restored_seconds", 0.0)

@@ -4,7 +4,8 @@ Convolutions on the CPU run faster on channels-last (NHWC) input batches than on
 NCHW ones (ResNet-20, a batch of 128, one thread: 0.26 -> 0.18 s in eval mode, 0.30 -> 0.22 s in
 train mode), and give the same result up to float rounding. BatchNorm re-estimation and every
 evaluation (the run folder's per-stage record, the judge of candidate weights) are such forward
-passes, a large share of a multi-stage run's time.
+passes, a large share of a multi-stage run's time; the fine-tuning loop (``train.train_epoch``)
+takes them too (forward and backward). Gradient rows (``fisher``) gained nothing from it.
 
 A model need not accept such a batch: ``.view`` of a spatial activation raises on its strides.
 So each model is probed once, on two samples in eval mode without gradients: channels-last is

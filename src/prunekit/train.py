@@ -142,14 +142,14 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
     for x, y in bar:
         if ranks > 1:
             x, y = x.tensor_split(ranks)[rank], y.tensor_split(ranks)[rank]
-        x, y = x.to(device), y.to(device)
+        y = y.to(device)
         optimizer.zero_grad(set_to_none=True)
         if teacher is not None and distill:
             with torch.no_grad():
-                target = teacher(x)
-            loss = distillation_loss(forward(x), target, y, distill, temperature)
+                target = teacher(model_input(teacher, x, device))
+            loss = distillation_loss(forward(model_input(model, x, device)), target, y, distill, temperature)
         else:
-            loss = nn.functional.cross_entropy(forward(x), y)
+            loss = nn.functional.cross_entropy(forward(model_input(model, x, device)), y)
         loss.backward()
         optimizer.step()
         schedule.step()

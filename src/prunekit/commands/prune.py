@@ -95,7 +95,8 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
                    force=bool(getattr(args, "force", False)))
         distributed.current().barrier()
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
-                            dense=dense, progress=not args.json, on_step=step_printer(args))
+                            dense=dense, progress=not args.json, on_step=step_printer(args),
+                            stage_eval=not getattr(args, "no_stage_eval", False))
     collective = distributed.current()
     if collective.distributed:          # under torchrun: every rank's peak, rank order
         device = next(model.parameters()).device          # NCCL exchanges CUDA tensors only
@@ -154,6 +155,8 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--out", required=sweep, help="run folder: config, log, metrics, stage checkpoints, model, "
                    "report" + (" (one run folder per method and budget inside)" if sweep else ""))
     p.add_argument("--recipe", help="TOML file of options (keys = option names); flags override it")
+    p.add_argument("--no-stage-eval", action="store_true",
+                   help="measure accuracy before and after pruning only, not after every stage, event or phase")
     p.add_argument("--onnx", action="store_true", help="also export the pruned model to DIR/model.onnx")
     p.add_argument("--device", help="run on this torch device, e.g. cuda or cuda:1 (default: cpu)")
     add_option_flags(p)
