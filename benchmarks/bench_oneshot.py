@@ -244,8 +244,9 @@ def markdown(rows: list[dict]) -> None:
 def save(path: str, rows: list[dict]) -> None:
     write_json(path, {"benchmark": "oneshot", "threads_per_row": 1,
                       "note": "each row its own `prunekit prune` process with one thread; load_average: the "
-                              "machine's 1-minute load when the row started (1 or more on 2 cores: other "
-                              "jobs ran beside it, so its seconds are inflated)",
+                              "machine's 1-minute load when the row started (about 1 is this run's previous "
+                              "row; clearly above 1 on 2 cores: other jobs ran beside it and its seconds "
+                              "are inflated)",
                       "rows": rows}, extends=True)         # rows already there were read and kept
 
 

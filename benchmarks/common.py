@@ -82,11 +82,13 @@ def refuse(message: str) -> NoReturn:
 
 
 def unused_path(path: str | Path) -> Path:
-    """``path`` if nothing is there, else the first free ``<stem>-2<suffix>``, ``-3`` ... beside it."""
+    """``path`` if nothing is there, else the first free ``<stem>-2<suffix>``, ``-3`` ... beside it
+    (a folder: ``<name>-2``; its name may hold dots, e.g. ``autobot-0.5``)."""
     path = Path(path)
+    stem, suffix = (path.name, "") if path.is_dir() else (path.stem, path.suffix)
     candidate, number = path, 2
     while candidate.exists():
-        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+        candidate = path.with_name(f"{stem}-{number}{suffix}")
         number += 1
     return candidate
 

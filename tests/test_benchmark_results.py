@@ -23,6 +23,8 @@ def test_an_existing_result_file_is_kept_and_the_new_one_goes_beside_it(tmp_path
     monkeypatch.setattr(common, "_TARGETS", {})
     assert common.write_json(old, {"rows": ["read", "and more"]}, extends=True) == old     # a resumed run
     assert common.unused_path(old) == tmp_path / "results-3.json"
+    (tmp_path / "autobot-0.5").mkdir()
+    assert common.unused_path(tmp_path / "autobot-0.5") == tmp_path / "autobot-0.5-2"
 
 
 def test_bad_input_exits_with_code_2(capsys):
