@@ -113,6 +113,12 @@ def test_interrupted_run_resumes_to_the_same_weights(case, tmp_path, monkeypatch
     last_choice = lambda metrics: (metrics.get("stages") or [{}])[-1].get("final_choice")   # noqa: E731
     assert last_choice(whole) == last_choice(cut)
     assert (last_choice(whole) is not None) == ("multi-stage" in case)
+    if "structured" in case:       # seconds: every phase (fine-tune too) once, restored or not; gates apart
+        for run_record in (record, json.loads((tmp_path / "whole" / "result.json").read_text())):
+            phases = run_record["phases"]
+            assert run_record["seconds"] == pytest.approx(sum(p["seconds"] for p in phases), rel=1e-6)
+            assert run_record["gate_seconds"] == pytest.approx(phases[0]["seconds"], rel=1e-6)
+            assert run_record["seconds"] > run_record["gate_seconds"]
     if case.endswith("structured"):        # taper's snapshot too
         for snapshot in (tmp_path / "whole").glob("snapshot-*"):
             _same_weights(snapshot, tmp_path / "cut" / snapshot.name)

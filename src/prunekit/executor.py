@@ -95,7 +95,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     final = measure_now(outcome.model)
     record = build_record(plan, outcome, dense, final, outcome.seconds + restored)
     snapshots = {share: build_record(replace(plan, shares=[share]), snap, dense, measure_now(snap.model),
-                                     snap.seconds) for share, snap in outcome.snapshots.items()}
+                                     snap.seconds + restored) for share, snap in outcome.snapshots.items()}
     if snapshots:
         record["snapshots"] = list(snapshots.values())
     if folder is not None and folder.writable:

@@ -125,7 +125,9 @@ def prune_lines(r: dict) -> list[str]:
         if "kept_channels" in one:
             lines.append(f"  channels   {sum(one['kept_channels']):,} of {sum(one['group_sizes']):,} "
                          f"in {one['groups']} groups")
-    return lines + [f"  time       {r['seconds']:.2f} s pruning, peak RSS {r['peak_rss_mb']:.0f} MB"]
+    spent = (f"{r['seconds']:.2f} s pruning and fine-tuning (gates {r['gate_seconds']:.2f} s)"
+             if "gate_seconds" in r else f"{r['seconds']:.2f} s pruning")
+    return lines + [f"  time       {spent}, peak RSS {r['peak_rss_mb']:.0f} MB"]
 
 
 def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:

@@ -67,7 +67,8 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
                    on_phase=None, sparsify=None) -> Outcome:
     """Run channel method ``run`` in ``ctx`` and finish its shrunk models (BN, fine-tune).
 
-    Returns the Outcome of ``ctx.shares[0]`` (its ``snapshots``: the others, taper's).
+    Returns the Outcome of ``ctx.shares[0]`` (its ``snapshots``: the others, taper's); its seconds
+    are every phase this process ran (``info["gate_seconds"]``: the gates' phase).
     ``on_phase(record)`` is told after each phase is saved. ``sparsify(ctx, model, share, opts,
     recalibrate_bn) -> dict`` (a method row's second phase, the hybrid's FALCON): prunes single
     weights of each shrunk model in place; the fine-tune then holds its zeros.
@@ -83,7 +84,7 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
         start = time.perf_counter()
         cut = _depth_then(ctx, run, opts)
         seconds = time.perf_counter() - start
-        models, info = cut.models, {**cut.info, "seconds": seconds,
+        models, info = cut.models, {**cut.info, "gate_seconds": seconds,
                                     "kept_channels": {f"{s:g}": [int(m.sum()) for m in cut.masks[s]] for s in cut.models}}
         history.append({"phase": "gates", "seconds": seconds})
         done = 1
@@ -91,6 +92,9 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
     else:
         models, info, optimizer_state = _restore(state, dense, loader)
         history, done = list(state.history), state.stage
+        if "seconds" in info:               # a folder written before gate_seconds had its name
+            info["gate_seconds"] = info.pop("seconds")
+    ran_from = 0 if state is None else len(history)     # phases run by this process (the rest: restored)
     phases = _phases(models, opts, sparsify is not None)
     for number, (phase, share, epoch) in enumerate(phases, start=2):
         if number <= done:
@@ -125,6 +129,9 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
         history.append(record)
         _save(checkpointer, number, models, small, history, info, loader,
               (optimizer, schedule) if phase == "finetune" else None, on_phase)
+    # every phase's time (gates, BatchNorm, sparsify, fine-tune) in this process, not the checkpoints'
+    # measurements and saving; the executor adds the restored phases' own
+    seconds_here = sum(h["seconds"] for h in history[ran_from:])
     outcomes = {}
     for share, small in models.items():
         small.eval()
@@ -135,7 +142,7 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
         if sparsify is not None:          # weights zeroed too: count them against the dense model's prunable weights
             nonzeros = int(sum(int((w != 0).sum()) for w in ParamSpace(small).weights()))
             sparsity = 1 - nonzeros / ParamSpace(dense).numel
-        outcomes[share] = Outcome(small, counts, nonzeros, sparsity, info["seconds"], history,
+        outcomes[share] = Outcome(small, counts, nonzeros, sparsity, seconds_here, history,
                                   {**{k: v for k, v in info.items() if k != "kept_channels"},
                                    "groups": len(ctx.groups), "kept_channels": info["kept_channels"][f"{share:g}"],
                                    "group_sizes": [g.size for g in ctx.groups],
