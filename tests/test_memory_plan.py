@@ -143,8 +143,9 @@ def test_cli_json_has_the_estimate_next_to_the_measured_peak(capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--fisher-samples", "0"], "fisher-samples"),
+    (["--fisher-samples", "0"], "--fisher-samples must be 'auto' or at least 1, got 0"),
     (["--max-memory", "lots"], "--max-memory"),
+    (["--max-memory", "1K"], "but max_memory is 1 KB"),          # sizes under a megabyte are not "0 MB"
 ])
 def test_bad_memory_options_are_one_line(capsys, argv, needle):
     assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", *argv]) == 2

@@ -205,7 +205,9 @@ def _refusal(result: MemoryPlan, estimate, limit: int) -> str:
 
 
 def _human(count: int) -> str:
-    return f"{count / GiB:.1f} GB" if count >= GiB else f"{count / MiB:.0f} MB"
+    if count >= GiB:
+        return f"{count / GiB:.1f} GB"
+    return f"{count / MiB:.0f} MB" if count >= MiB else f"{count / 2**10:.0f} KB"
 
 
 def storage_dtype(name) -> torch.dtype:

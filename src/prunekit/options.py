@@ -63,7 +63,10 @@ class IntegerOrAuto(Integer):
     """A whole number >= ``low``, or "auto" (chosen by the method, e.g. what fits in memory)."""
 
     def check(self, value) -> str | None:
-        return None if value == "auto" else (super().check(value) and super().check(value) + " or auto")
+        if value == "auto":
+            return None
+        problem = super().check(value)
+        return problem and f"'auto' or {problem}"
 
 
 @dataclass(frozen=True)
