@@ -150,6 +150,7 @@ CLI_CASES = [
     (["prune", "--recipe", f"{H}/unknown-key.toml"], "did you mean"),
     (["prune", "--recipe", f"{H}/wrong-type.toml"], "integer"),
     (["prune", "--resume", f"{H}/adir"], "not a prunekit run folder"),
+    (["prune", "--resume", f"{H}/no-such-run"], "no-such-run does not exist"),
     (["prune", "--resume", f"{H}/run", "--sparsity", "0.9"], "leave out --sparsity"),
     ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/notes.txt"], "is a file"),
     ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/adir"], "holding other files"),

@@ -55,6 +55,30 @@ def test_sweep_and_compare_refuse_bad_input(tmp_path, capsys):
     assert not (tmp_path / "s").exists()                    # refused before any run started
     assert main(["compare", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "typo")]) == 2
+    assert "typo does not exist" in capsys.readouterr().err
+
+
+def test_sweep_and_compare_never_overwrite_what_they_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "plots").mkdir(parents=True)
+    (mine / "plots" / "accuracy_vs_macs.png").write_bytes(b"my plot")
+    run = tmp_path / "run"
+    assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(run)]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in (*mine.rglob("*"), *run.rglob("*")) if p.is_file()}
+    sweep = ["sweep", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out"]
+    for argv, needle in (([*sweep, str(mine)], "holds a plots/accuracy_vs_macs.png that prunekit did not write"),
+                         (["compare", str(run), "--out", str(mine)], "that prunekit did not write"),
+                         ([*sweep, str(run)], "is the run folder of a `prunekit prune`"),
+                         ([*sweep, str(run / "model.json")], "is a file")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in (*mine.rglob("*"), *run.rglob("*")) if p.is_file()} == before
+    # a comparison's own folder is written again
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 0
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 0
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")

@@ -68,6 +68,8 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
             raise PrunekitError(f"--resume takes every option from {Path(known.resume) / 'config.toml'}; "
                                 f"leave out {', '.join(others)}")
         config = Path(known.resume) / "config.toml"
+        if not Path(known.resume).exists():
+            raise PrunekitError(f"--resume {known.resume} does not exist (check the path)")
         if not config.exists():
             raise PrunekitError(f"{known.resume} is not a prunekit run folder (no config.toml): "
                                 "pass the --out folder of a `prunekit prune` run")

@@ -201,6 +201,8 @@ def find_runs(paths) -> list[Path]:
         if is_run(path):
             found.append(path)
             continue
+        if not path.exists():
+            raise PrunekitError(f"{path} does not exist (check the path)")
         inside = sorted(p.parent for p in path.glob(f"*/{METRICS}")) if path.is_dir() else []
         if not inside:
             raise PrunekitError(f"{path} is not a run folder (no {METRICS}) and holds none: "
@@ -241,8 +243,38 @@ def table_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+COMPARISON_FILES = ("report.md", "runs.json", "plots/accuracy_vs_sparsity.png", "plots/accuracy_vs_macs.png")
+
+
+def check_report_folder(out: str | Path) -> None:
+    """Refuse (``PrunekitError``) an ``--out`` for ``write_comparison_report`` where it would
+    overwrite what it did not write: a file, a run folder of ``prunekit prune``, or a folder with
+    a report.md, runs.json or plot of its own. An earlier sweep's or comparison's folder is fine."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrunekitError(f"--out {out} is a file: pass a folder for the report")
+    if (out / METRICS).exists():
+        raise PrunekitError(f"--out {out} is the run folder of a `prunekit prune`: pass another folder for the report")
+    present = [name for name in COMPARISON_FILES if (out / name).exists()]
+    if present and not _is_comparison_rows(out / "runs.json"):
+        raise PrunekitError(f"--out {out} holds a {present[0]} that prunekit did not write: pass a new folder "
+                            "(nothing in it was changed)")
+
+
+def _is_comparison_rows(path: Path) -> bool:
+    """Whether ``path`` is the runs.json of an earlier ``write_comparison_report``."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(rows, list) and bool(rows)
+            and all(isinstance(r, dict) and {"run", "method", "accuracy"} <= r.keys() for r in rows))
+
+
 def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Comparison") -> Path:
-    """``out/report.md`` with the runs' table and accuracy-vs-sparsity / -vs-MACs plots."""
+    """``out/report.md`` with the runs' table and accuracy-vs-sparsity / -vs-MACs plots (and
+    ``runs.json``: the rows); refuses an ``out`` that ``check_report_folder`` refuses."""
+    check_report_folder(out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", "| run | model | method | asked | sparsity | MACs kept | dense acc. | accuracy | seconds |",

@@ -43,6 +43,7 @@ def cmd_sweep(args) -> int:
         raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
     for method, budget in plan:           # refuse a bad method, option or budget before the first run
         request_of(args, dense_model, method, budget).plan()
+    report.check_report_folder(args.out)  # and a folder whose own files the report would overwrite
     eval_loader = eval_data(args, dense_model)
     train_batches = training_batches(args, dense_model)
     folders, dense = [], None
@@ -65,6 +66,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    if args.out:
+        report.check_report_folder(args.out)
     table = report.collect(report.find_runs(args.runs))
     if args.out:
         write_report(lambda: report.write_comparison_report(args.out, table, title="Comparison"), args.json)
