@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from common import print_table, write_json
 
-from prunekit.solvers.ilp import solve_flops_ilp, solve_flops_ilp_exact
+from prunekit.solvers.ilp import solve_flops_ilp
+from prunekit.solvers.ilp_exact import solve_flops_ilp_exact
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ilp.json"
 SPATIAL = np.array([1024.0, 256.0, 64.0, 16.0])

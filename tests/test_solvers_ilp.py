@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prunekit.errors import PrunekitError
-from prunekit.solvers.ilp import ILPResult, solve_flops_ilp, solve_flops_ilp_exact
+from prunekit.solvers.ilp import ILPResult, solve_flops_ilp
+from prunekit.solvers.ilp_exact import solve_flops_ilp_exact
 
 ILP_SOURCE = Path(__file__).resolve().parents[1] / "src" / "prunekit" / "solvers" / "ilp.py"
 
