@@ -84,7 +84,8 @@ def test_revived_counts_the_weights_that_come_back():
     from torch import nn
 
     from prunekit.methods import Method
-    from prunekit.pipelines.fisher_methods import ChitaOptions, plan_memory, run_stages
+    from prunekit.pipelines.fisher_methods import plan_memory, run_stages
+    from prunekit.pipelines.fisher_options import ChitaOptions
     from prunekit.solvers.result import Solution
 
     chosen = []

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import PrunekitError
-from .pipelines.fisher_methods import (ChitaOptions, FalconOptions, WoodFisherOptions, needs_flops, plan_memory,
-                                       run_chita, run_falcon, run_woodfisher)
+from .pipelines.fisher_methods import needs_flops, plan_memory, run_chita, run_falcon, run_woodfisher
+from .pipelines.fisher_options import ChitaOptions, FalconOptions, WoodFisherOptions
 from .pipelines.magnitude_methods import (MagnitudeFlopsOptions, MagnitudeOptions, run_magnitude, run_magnitude_flops,
                                           run_magnitude_uniform)
 from .structured.autobot import AutoBotOptions, run_autobot

@@ -7,26 +7,25 @@ budgets, the count and the MACs, follow the schedule).
 
 "Pruned weights stay pruned" (the default) restricts each later stage to the weights still
 nonzero; ``revive=True`` lets every weight take part again (a pruned weight sits at w̄ = 0 and
-may come back if the quadratic model wants it).
+may come back if the quadratic model wants it). Their options: ``pipelines.fisher_options``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 from ..api_checks import first_batch
 from ..budget import ResolvedBudget
 from .. import memory_plan
-from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, OptionError, Options, Real
+from ..options import OptionError
 from .. import distributed
-from ..fisher import BN_MODES, collect_gradients, keep_columns, passes, skip_samples
+from ..fisher import collect_gradients, keep_columns, passes, skip_samples
 from ..distributed.gradients import collect_sharded_gradients
 from ..solvers.backsolve import GramCache
 from ..solvers.chita import chita
-from ..solvers.falcon import SCORES, falcon
+from ..solvers.falcon import falcon
 from ..solvers.woodfisher import woodfisher
 from ..solvers.quadratic import QuadraticModel
 from ..solvers.sharded_quadratic import ShardedQuadraticModel
@@ -34,141 +33,17 @@ from ..solvers.layer_search import layer_index
 from ..solvers.search import largest_fitting_k
 from ..train import recalibrate_batchnorm
 from .allocation import RecalibratedLoss, search_allocation
-from .schedule import KINDS, keep_schedule
+from .fisher_options import ChitaOptions, FalconOptions, QuadraticOptions, WoodFisherOptions
+from .schedule import keep_schedule
 from .stages import resume_stages, stage_completed
 from .weights import PruneContext, Pruned
 
 
-SEARCH_MODES = ("stage", "ahead", "first")
 # Training batches BatchNorm is re-estimated on between stages (1,024 images at the usual 128):
 # statistics for the next stage's gradient rows, themselves an estimate from a few hundred
 # samples. The final model gets the pipeline's full recalibration. Between stages this was 20
 # batches, a fifth of a default FALCON++ run on ResNet-20-B (CPU).
 BETWEEN_STAGES_BATCHES = 8
-FINAL_PICKS = ("judge", "last")
-
-
-@dataclass
-class QuadraticOptions(Options):
-    """Options shared by the quadratic-model methods.
-
-    fisher_samples: n, rows of the gradient matrix, or "auto": the largest n ≤ 1000 that fits max_memory.
-    fisher_dtype:   storage of the gradient matrix: float32, bfloat16 or float16 (half the memory;
-                    products still accumulate in float32).
-    max_memory:     refuse a request whose estimated peak exceeds this (bytes, or "16G", "500M");
-                    None: the memory available less a margin. See ``prunekit.memory_plan``.
-    fisher_batch:   samples averaged per row (1 = per-sample gradients). Mini-batch rows read the
-                    training data pass after pass (reshuffled, re-augmented) until n·fisher_batch
-                    samples are seen.
-    fisher_bn:      BatchNorm in the rows: "frozen" (running statistics) or "batch" (each mini-batch
-                    row on its own statistics, as the model is after BatchNorm recalibration;
-                    needs fisher_batch >= 2). See ``prunekit.fisher``.
-    ridge:          λ of the quadratic model (also WoodFisher's damping), absolute, as in the papers.
-    relative_ridge: when ``ridge`` is None, λ = relative_ridge × the mean diagonal of the empirical
-                    Fisher XᵀX/n of the stage: scale-free, so one default fits every model and
-                    every stage (gradients grow as pruning goes on).
-    stages:         pruning stages (1 = one shot).
-    schedule:       poly | exp | linear | const, the kept share per stage.
-    revive:         let weights pruned in an earlier stage come back.
-    fresh_samples:  each stage's gradient rows from training images the earlier stages did not use
-                    (the stream of shuffled training batches, pass after pass, continued where the
-                    previous stage stopped) instead of the same first n·fisher_batch images at
-                    every stage. A multi-stage run then models the loss on more of the data.
-    first_order:    add the loss gradient g (mean of the rows) as the linear term of the quadratic
-                    model. Off by default: with a small ridge the model then trusts long steps
-                    along g, which we measured to hurt (ResNet-20-B at 40% MACs).
-    final_pick:     what a multi-stage run ends with. "judge": stage 1 also solves at the final
-                    budget (the one-shot solution; with a layer search judged at the final budget,
-                    every stage's searched candidates count too: ILP + backsolve, and FALCON's
-                    own solver with the searched multipliers), and the run ends with the last
-                    stage's result or the best of those, whichever has the lower loss after
-                    BatchNorm re-estimation on held training batches (the layer search's judge);
-                    "last": the last stage's result. Under torchrun the ranks average their
-                    judged losses, so every rank makes the same choice.
-    """
-
-    fisher_samples: int | str = 1000
-    fisher_dtype: str = "float32"
-    max_memory: int | str | None = None
-    fisher_batch: int = 1
-    fisher_bn: str = "frozen"
-    ridge: float | None = None
-    relative_ridge: float = 0.1
-    stages: int = 1
-    schedule: str = "poly"
-    revive: bool = False
-    fresh_samples: bool = False
-    first_order: bool = False
-    final_pick: str = "judge"
-    constraints = {"final_pick": OneOf(FINAL_PICKS), "fisher_samples": IntegerOrAuto(1), "fisher_dtype": OneOf(tuple(memory_plan.STORAGE_DTYPES)),
-                   "max_memory": Memory(), "fisher_batch": Integer(1), "ridge": Real(0, open_low=True),
-                   "relative_ridge": Real(0, open_low=True), "stages": Integer(1), "schedule": OneOf(KINDS),
-                   "revive": Flag(), "fresh_samples": Flag(), "first_order": Flag(), "fisher_bn": OneOf(BN_MODES)}
-
-    def __post_init__(self):
-        if self.fisher_bn == "batch" and self.fisher_batch < 2:
-            raise OptionError("fisher_bn batch needs mini-batch rows: set fisher_batch to 2 or more "
-                              "(16 measured well), or fisher_bn frozen", ("fisher_bn", "fisher_batch"))
-
-
-@dataclass
-class ChitaOptions(QuadraticOptions):
-    """solver: "iht" (IHT + backsolve) or "backsolve" (magnitude support + backsolve);
-    block_size: backsolve in independent blocks of this many weights (None: exact)."""
-
-    solver: str = "iht"
-    block_size: int | None = None
-    constraints = {**QuadraticOptions.constraints, "solver": OneOf(("iht", "backsolve")),
-                   "block_size": Integer(1)}
-
-
-@dataclass
-class FalconOptions(QuadraticOptions):
-    """solver: "dfo" (discrete first-order method) or "magnitude" (ILP on the score, backsolve);
-    block_size: backsolve in independent blocks of this many weights (None: exact);
-    support_score: what the ILP keeps most of: "magnitude" (w²) or "saliency" (diag(XᵀX/n + λ)·w²,
-    the quadratic model's cost of removing each weight alone; see ``solvers.falcon``);
-    layer_search: trials of the per-layer allocation search (0 = off): each trial is an ILP +
-    backsolve with per-layer score multipliers, judged by the loss after BatchNorm recalibration
-    on held training batches (see ``pipelines.allocation``);
-    layer_search_mode: where the search runs in a multi-stage run (one stage: all the same):
-        "stage": at every stage, each trial judged at that stage's own budget, starting from the
-                 previous stage's multipliers;
-        "ahead": at every stage, each trial judged by the candidate at the *final* budget solved
-                 from this stage's quadratic model; the multipliers found prune to this stage's
-                 budget;
-        "first": once, at stage 1 (the dense model), judged at the final budget, as one shot
-                 searches; every later stage prunes with those multipliers ("allocation first");
-    layer_search_refine: with "first", trials of a second search at the last stage, starting from
-        the first stage's multipliers (0 = none)."""
-
-    solver: str = "dfo"
-    block_size: int | None = None
-    support_score: str = "magnitude"
-    layer_search: int = 0
-    layer_search_mode: str = "stage"
-    layer_search_refine: int = 0
-    constraints = {**QuadraticOptions.constraints, "solver": OneOf(("dfo", "magnitude")),
-                   "block_size": Integer(1), "support_score": OneOf(SCORES), "layer_search": Integer(0),
-                   "layer_search_mode": OneOf(SEARCH_MODES), "layer_search_refine": Integer(0)}
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.layer_search_mode != "stage" and not self.layer_search:
-            raise OptionError(f"layer_search_mode {self.layer_search_mode} needs layer_search trials (e.g. 100)",
-                              ("layer_search_mode", "layer_search"))
-        if self.layer_search_refine and self.layer_search_mode != "first":
-            raise OptionError("layer_search_refine refines the search of layer_search_mode first: set "
-                              "layer_search_mode first, or drop layer_search_refine",
-                              ("layer_search_refine", "layer_search_mode"))
-
-
-@dataclass
-class WoodFisherOptions(QuadraticOptions):
-    """obs_block_size: size of the diagonal blocks of the inverse Fisher."""
-
-    obs_block_size: int = 128
-    constraints = {**QuadraticOptions.constraints, "obs_block_size": Integer(1)}
 
 
 def _fit_macs(solve, k: int, max_macs, macs: torch.Tensor):

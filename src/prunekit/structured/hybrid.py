@@ -19,7 +19,8 @@ from ..budget import Amount, Budget
 from ..costs import CostModel
 from ..options import OptionError, Real
 from ..params import ParamSpace
-from ..pipelines.fisher_methods import FalconOptions, run_falcon
+from ..pipelines.fisher_methods import run_falcon
+from ..pipelines.fisher_options import FalconOptions
 from ..pipelines.weights import PruneContext, prune_weights
 from .autobot import AutoBotOptions, autobot_masks
 from .family import ChannelContext, Cut
