@@ -108,6 +108,7 @@ CLI_CASES = [
     (["prune", "--model", "nope", *MNIST, "--sparsity", "0.5"], "unknown model"),
     (["info", "resnet21"], "did you mean"),
     ([*PRUNE, "--method", "nope", "--sparsity", "0.5"], "unknown method"),
+    ([*PRUNE, "--method", "falcn", "--flops", "0.5"], "unknown method 'falcn' (did you mean 'falcon'?)"),
     (["eval", "--model", "mlpnet", "--checkpoint", "/no/such/file.pth", *MNIST], "not found"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/adir", *MNIST], "is a folder"),
     (["info", "mlpnet", "--checkpoint", f"{H}/plain.pkl"], "plain pickle"),

@@ -22,6 +22,7 @@ method (see ``pipelines.magnitude_methods``).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -89,7 +90,9 @@ def lookup(method: str | Method) -> Method:
     if isinstance(method, Method):
         return method
     if method not in METHODS:
-        raise PrunekitError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        close = difflib.get_close_matches(str(method), METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise PrunekitError(f"unknown method {method!r}{hint}: choose one of {', '.join(METHODS)}")
     return METHODS[method]
 
 
