@@ -125,8 +125,10 @@ def prune_lines(r: dict) -> list[str]:
         if "kept_channels" in one:
             lines.append(f"  channels   {sum(one['kept_channels']):,} of {sum(one['group_sizes']):,} "
                          f"in {one['groups']} groups")
-    spent = (f"{r['seconds']:.2f} s pruning and fine-tuning (gates {r['gate_seconds']:.2f} s)"
-             if "gate_seconds" in r else f"{r['seconds']:.2f} s pruning")
+    spent = f"{r['seconds']:.2f} s pruning"
+    if "gate_seconds" in r:          # a structured run: every phase, the gates apart
+        tuned = (r.get("options") or {}).get("finetune_epochs")
+        spent += f"{' and fine-tuning' if tuned else ''} (gates {r['gate_seconds']:.2f} s)"
     return lines + [f"  time       {spent}, peak RSS {r['peak_rss_mb']:.0f} MB"]
 
 
