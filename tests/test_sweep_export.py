@@ -107,6 +107,23 @@ def test_export_all_formats(tmp_path, capsys):
     assert_close_to_scale(torch.from_numpy(got), expected, rel=1e-5)
 
 
+def test_export_replaces_its_own_files_only(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.9", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--dense"]) == 0
+    assert main(["export", str(run), "--dense", "--sparse"]) == 0        # again: its own file refreshed
+    capsys.readouterr()
+    mine = run / "export" / "model.onnx"
+    mine.write_bytes(b"my own model")
+    assert main(["export", str(run), "--onnx", "--sparse"]) == 2
+    assert "model.onnx was not written by prunekit export" in capsys.readouterr().err
+    assert mine.read_bytes() == b"my own model"
+    (run / "export" / "model.onnx").unlink()
+    (run / "export" / "exported.json").write_text("my notes")              # not a manifest of ours
+    assert main(["export", str(run), "--sparse"]) == 2
+    assert (run / "export" / "exported.json").read_text() == "my notes"
+
+
 def test_export_refuses_a_folder_without_a_zoo_model(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--onnx"]) == 2
     assert "no zoo model" in capsys.readouterr().err

@@ -4,6 +4,9 @@ The sparse form is a safetensors file: a tensor with at least half its entries z
 as ``<name>.indices`` (int32 flat positions of the nonzeros) and ``<name>.values``, its shape in
 the file's metadata; every other tensor is stored as is. ``load_sparse`` rebuilds the dense
 state dict exactly. Loading either safetensors file never executes code.
+
+``export_all`` keeps a list of the files it wrote in the folder (``exported.json``) and never
+replaces a file it did not write there: exporting again refreshes its own files only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .saving import atomic_write_bytes
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "dense": "model-dense.safetensors",
            "sparse": "model-sparse.safetensors"}
+MANIFEST = "exported.json"       # the files export_all wrote in its folder
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,8 +111,17 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
 
 
 def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, formats) -> list[dict]:
-    """Write each of ``formats`` (keys of FORMATS) into folder ``out``; returns path, size per file."""
+    """Write each of ``formats`` (keys of FORMATS) into folder ``out``; returns path, size per file.
+    Refuses (``PrunekitError``, before writing anything) to replace a file in ``out`` that an
+    earlier ``export_all`` did not write."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrunekitError(f"{out} is a file: exports go into a folder")
+    ours = _written_before(out)
+    for path in [out / FORMATS[fmt] for fmt in formats] + [out / MANIFEST]:
+        if path.exists() and path.name not in ours:
+            raise PrunekitError(f"{path} was not written by prunekit export: move it away or export "
+                                "elsewhere (nothing was changed)")
     written = []
     for fmt in formats:
         path = out / FORMATS[fmt]
@@ -121,8 +134,22 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
         else:
             export_sparse(model, path)
         written.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
+        ours.add(path.name)
+        atomic_write_bytes(out / MANIFEST, json.dumps({"files": sorted(ours - {MANIFEST})}).encode())
     sizes = {f["format"]: f["bytes"] for f in written}
     if "sparse" in sizes:
         dense_bytes = sizes.get("dense") or len(save(_state(model)))
         written[list(sizes).index("sparse")]["note"] = f"{sizes['sparse'] / dense_bytes:.1%} of the dense file's size"
     return written
+
+
+def _written_before(out: Path) -> set[str]:
+    """Names of the files an earlier export_all wrote in ``out``, its manifest included (empty
+    when ``out`` has no manifest of ours)."""
+    try:
+        files = json.loads((out / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    if not isinstance(files, list) or not all(f in FORMATS.values() for f in files):
+        return set()
+    return {*files, MANIFEST}
