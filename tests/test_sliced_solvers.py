@@ -9,7 +9,8 @@ import torch
 from threaded_ranks import run_threads
 from prunekit.solvers.collective import shard_bounds
 from prunekit.solvers.falcon import _cost_runs, falcon
-from prunekit.solvers.ilp import _groups_from_costs, _groups_from_layers, solve_flops_ilp
+from prunekit.solvers.ilp import solve_flops_ilp
+from prunekit.solvers.ilp_groups import groups_from_costs, groups_from_layers
 from prunekit.solvers.magnitude import top_k_mask
 from prunekit.solvers.selection import sliced_top_k_mask
 from prunekit.solvers.sharded_quadratic import ShardedQuadraticModel
@@ -63,9 +64,9 @@ def test_sliced_cost_groups_number_as_one_process(ranks, max_runs):
     costs = _costs(300)
     runs = _cost_runs(costs, max_runs)
     if runs is None:
-        group, group_costs = _groups_from_costs(costs.numpy())
+        group, group_costs = groups_from_costs(costs.numpy())
     else:
-        group, group_costs = _groups_from_layers(runs[0], runs[1], 300)
+        group, group_costs = groups_from_layers(runs[0], runs[1], 300)
     cut = _slices(300, ranks)
     got = run_threads(lambda c: sliced_cost_groups(costs[cut[c.rank]], c, max_runs), ranks)
     for r, (g, gc) in enumerate(got):

@@ -15,10 +15,11 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array, csr_array
 
-from .ilp import ILPResult, _device_of, _package, _parse_problem, _Problem, _Solution, _solve_lagrangian
+from .ilp import ILPResult, Solution, device_of, package, solve_lagrangian
+from .ilp_groups import Problem, parse_problem
 
 
-def _reduced_cost_fixing(prob: _Problem, incumbent: _Solution) -> tuple[np.ndarray, np.ndarray, float]:
+def _reduced_cost_fixing(prob: Problem, incumbent: Solution) -> tuple[np.ndarray, np.ndarray, float]:
     """(ones, free, upper): weights every optimal solution keeps, weights left to decide,
     and the Lagrangian upper bound used.
 
@@ -36,7 +37,7 @@ def _reduced_cost_fixing(prob: _Problem, incumbent: _Solution) -> tuple[np.ndarr
 
 
 def _highs(
-    prob: _Problem, free: np.ndarray, ones: np.ndarray, tol: float, time_limit: float
+    prob: Problem, free: np.ndarray, ones: np.ndarray, tol: float, time_limit: float
 ) -> tuple[np.ndarray, float, dict]:
     """Keep ``ones`` and decide the ``free`` weights by a binary MIP in HiGHS.
 
@@ -102,8 +103,8 @@ def solve_flops_ilp_exact(
     ~1e4 weights.
     """
     start = time.perf_counter()
-    prob = _parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost)
-    incumbent = _solve_lagrangian(prob, 1e-12)  # the fallback, and the fixing's reference value
+    prob = parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost)
+    incumbent = solve_lagrangian(prob, 1e-12)  # the fallback, and the fixing's reference value
     if reduce:
         ones, free, upper = _reduced_cost_fixing(prob, incumbent)
     else:
@@ -121,4 +122,4 @@ def solve_flops_ilp_exact(
     }
     # Solutions that break a fixing score below the incumbent, hence below primal.
     dual = max(min(dual, upper), primal)
-    return _package(prob, _Solution(keep, primal, dual, info), _device_of(scores), start)
+    return package(prob, Solution(keep, primal, dual, info), device_of(scores), start)

@@ -4,8 +4,8 @@ one per process, solved by exchanging per-group counts and sums, never the score
 The fast solver works on prefix selections: m (G,) weights kept per cost group, each group's
 best first. Its multiplier search needs, for a threshold per group, how many scores lie above it
 and their sum: each process counts its own slice and one all-reduce of G + 1 values adds them
-up. :class:`_SlicedGroups` answers every question the solver asks of :class:`_SortedGroups` this
-way, so :func:`~prunekit.solvers.ilp._round_lagrangian` runs unchanged on top of it:
+up. :class:`_SlicedGroups` answers every question the solver asks of :class:`SortedGroups` this
+way, so :func:`~prunekit.solvers.ilp.round_lagrangian` runs unchanged on top of it:
 
 * ``count_above``, ``score_above``: local counts / sums, one all-reduce of G (+1) values;
 * which of a group's top m[g] weights this slice holds (``split``): remembered from the threshold
@@ -30,11 +30,12 @@ import numpy as np
 import torch
 
 from .collective import Collective
-from .ilp import ILPResult, _finite_vector, _round_lagrangian, _SortedGroups, _TINY
+from .ilp import ILPResult, round_lagrangian
+from .ilp_groups import TINY, SortedGroups, finite_vector
 from .selection import exclusive_prefix
 
 
-class _SlicedGroups(_SortedGroups):
+class _SlicedGroups(SortedGroups):
     """The scores of every slice, sorted within each global cost group, seen through counts.
 
     scores: this slice's (p_r,) float64; group: (p_r,) int64 global group ids; group_costs (G,)
@@ -44,7 +45,7 @@ class _SlicedGroups(_SortedGroups):
     def __init__(self, scores: np.ndarray, group: np.ndarray, group_costs: np.ndarray,
                  collective: Collective, device: torch.device):
         self.collective, self.device = collective, device
-        self.local = _SortedGroups(scores, group, group_costs) if scores.size else None
+        self.local = SortedGroups(scores, group, group_costs) if scores.size else None
         local_size = np.bincount(group, minlength=group_costs.size)
         self.costs = group_costs
         self.by_cost = np.argsort(group_costs, kind="stable")
@@ -236,7 +237,7 @@ def solve_sliced_flops_ilp(scores: torch.Tensor, group: np.ndarray, group_costs:
     """
     start = time.perf_counter()
     device = scores.device
-    s = _finite_vector(scores, "scores") + 0.0            # -0.0 + 0.0 = 0.0: the bits order as the values
+    s = finite_vector(scores, "scores") + 0.0            # -0.0 + 0.0 = 0.0: the bits order as the values
     groups = _SlicedGroups(s, group, group_costs, collective, device)
     p = int(groups.size.sum())
     max_count = min(int(max_count), p)
@@ -245,11 +246,11 @@ def solve_sliced_flops_ilp(scores: torch.Tensor, group: np.ndarray, group_costs:
     if max_count == 0 or positive == 0:
         keep, m, dual, info = np.zeros(s.size, dtype=bool), np.zeros_like(groups.size), 0.0, {"method": "trivial"}
     else:
-        m, dual, info = _round_lagrangian(groups, max_count, max_cost, tol)
+        m, dual, info = round_lagrangian(groups, max_count, max_cost, tol)
         keep = groups.keep_mask(m)
         info["bisection_rounds"] = groups.bisection_rounds
     primal = float(groups._sum(np.array([float(s[keep].sum())]))[0])
     dual = max(dual, primal)
     return ILPResult(keep=torch.from_numpy(keep).to(device), primal=primal, dual_bound=dual,
-                     gap=max(dual - primal, 0.0) / max(abs(dual), _TINY), count=int(m.sum()),
+                     gap=max(dual - primal, 0.0) / max(abs(dual), TINY), count=int(m.sum()),
                      cost=float(m @ group_costs), seconds=time.perf_counter() - start, info=info)
