@@ -255,6 +255,7 @@ PY_CASES = [
     ({"method": "chita", "solver": "nope"}, "solver"),
     ({"method": "chita", "block_size": 0}, "block_size"),
     ({"method": "chita", "fisher_sample": 10}, "takes no option fisher_sample"),
+    ({"method": "chita", "fisher_samples": 100}, "holds 48 samples, 100 gradient rows"),    # before any gradient
     # data
     ({"data": "train"}, "load it first"),
     ({"data": X}, "(X, Y)"),

@@ -107,6 +107,22 @@ def test_loader_drop_last():
     assert len(make_loader(random_dataset(48), NORM3, batch_size=16)) == 3
 
 
+def test_samples_per_pass_counts_what_one_pass_yields():
+    from prunekit.data.loaders import samples_per_pass
+
+    def counted(batches) -> int:
+        return sum(len(y) for _, y in batches)
+
+    tensors = torch.utils.data.TensorDataset(torch.zeros(50, 2), torch.zeros(50, dtype=torch.long))
+    for loader in (make_loader(random_dataset(50), NORM3, batch_size=16),
+                   make_loader(random_dataset(50), NORM3, batch_size=16, drop_last=True, shuffle=True),
+                   torch.utils.data.DataLoader(tensors, batch_size=16, shuffle=True),
+                   torch.utils.data.DataLoader(tensors, batch_size=16, drop_last=True)):
+        assert samples_per_pass(loader) == counted(loader)
+    assert samples_per_pass(iter([])) is None                                      # unknown: not read
+    assert samples_per_pass(torch.utils.data.DataLoader(tensors, batch_sampler=[[0, 1], [2]])) is None
+
+
 def labels_of_epoch(loader) -> list[int]:
     return torch.cat([y for _, y in loader]).tolist()
 

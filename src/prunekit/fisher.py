@@ -36,6 +36,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from . import layer_grads
+from .data.loaders import samples_per_pass
 from .errors import PrunekitError, PrunekitWarning
 from .options import OptionError
 from .params import Entry, ParamSpace
@@ -343,6 +344,16 @@ class _unbatched_ops:
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return False
+
+
+def check_enough_samples(batches: Iterable, n: int) -> None:
+    """Refuse, before any gradient, n per-sample rows from one pass over ``batches`` that holds
+    fewer samples (where its size is known: ``data.loaders.samples_per_pass``)."""
+    available = samples_per_pass(batches)
+    if available is not None and available < n:
+        raise OptionError(f"the training data holds {available} samples, {n} gradient rows of one sample asked: "
+                          "lower fisher_samples or give more training images (mini-batch rows, fisher_batch > 1, "
+                          "read the data pass after pass)", ("fisher_samples", "fisher_batch"))
 
 
 def _check_filled(filled: int, n: int, batch: int) -> None:

@@ -154,3 +154,21 @@ def make_loader(
     uint8 pixels before normalization; use it for training only.
     """
     return BatchLoader(ds, norm, batch_size, shuffle, augment, seed, drop_last)
+
+
+def samples_per_pass(batches) -> int | None:
+    """How many samples one pass over ``batches`` yields, where that is known without reading
+    it: a :class:`BatchLoader`, or a ``torch.utils.data.DataLoader`` with a batch size and a
+    sampler of known length; None for anything else (a generator, a custom batch sampler)."""
+    if isinstance(batches, BatchLoader):
+        size, count = batches.batch_size, len(batches.dataset)
+        drop_last = batches.drop_last
+    elif isinstance(batches, torch.utils.data.DataLoader) and batches.batch_size is not None:
+        try:
+            size, count = batches.batch_size, len(batches.sampler)
+        except TypeError:                     # a sampler without a length
+            return None
+        drop_last = batches.drop_last
+    else:
+        return None
+    return count // size * size if drop_last else count
