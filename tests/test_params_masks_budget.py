@@ -27,8 +27,10 @@ def test_param_space_round_trip_and_patterns():
     space.assign(w * 2)
     assert torch.equal(model[4].weight.flatten(), 2 * w[36:])
     assert ParamSpace(model, exclude=["4"]).names() == ["0"]
-    with pytest.raises(PrunekitError, match="no prunable"):
+    with pytest.raises(PrunekitError, match=r"no prunable weights matched.*layer names \(0, 4\)"):
         ParamSpace(model, include=["nothing*"])
+    with pytest.raises(PrunekitError, match="the model has no prunable weights"):
+        ParamSpace(nn.Sequential(nn.Flatten(), nn.ReLU()))
     with pytest.raises(PrunekitError, match="flat vector"):
         space.assign(torch.zeros(3))
 

@@ -105,9 +105,14 @@ class ParamSpace:
                 continue
             self.entries.append(Entry(name, param_name, owner, tuple(p.shape), slice(start, start + p.numel())))
             start += p.numel()
+        if not self.entries and not chosen:
+            raise PrunekitError("the model has no prunable weights: prunekit prunes the weights of "
+                                "Conv/Linear layers and of parameters multiplied in functional code")
         if not self.entries:
-            raise PrunekitError("no prunable weights matched: check the include/exclude "
-                                f"patterns {include!r}/{exclude!r} against the layer names")
+            candidates = sorted({e.rpartition(".")[0] or e for e in chosen})
+            shown = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
+            raise PrunekitError(f"no prunable weights matched: check the include/exclude patterns "
+                                f"{include!r}/{exclude!r} against the layer names ({shown})")
         self._params = {e.name: params[e.param_name] for e in self.entries}
         self.numel = start
 
