@@ -71,7 +71,7 @@ ROWS = {
     "falcon-bn-search": {"method": "falcon", "fisher-samples": 500, "fisher-batch": 16, "fisher-bn": "batch",
                          "layer-search": 100},
     "falcon++-bn-search": {"method": "falcon++", "fisher-samples": 250, "fisher-batch": 16, "fisher-bn": "batch",
-                           "layer-search": 100},
+                           "layer-search": 100, "layer-search-mode": "stage"},   # the mode its results ran with
 }
 
 

@@ -197,13 +197,14 @@ def test_refine_searches_again_at_the_last_stage_only(monkeypatch):
     assert last["layer_search_loss"] <= last["layer_search_start_loss"]
 
 
-def test_look_ahead_judges_every_stage_at_the_final_budget(monkeypatch):
-    ahead, solved = _falcon_pp_with_spy(monkeypatch, layer_search=4, layer_search_mode="ahead")
+def test_look_ahead_judges_every_stage_at_the_final_budget_and_is_the_default(monkeypatch):
+    ahead, solved = _falcon_pp_with_spy(monkeypatch, layer_search=4)
+    assert ahead.record["options"]["layer_search_mode"] == "ahead"
     final_k = ahead.history[-1]["max_nonzeros"]
     assert [h["layer_search_judged_at"] for h in ahead.history] == [final_k] * 3
     assert [h["layer_search_judged_at_macs"] for h in ahead.history] == [ahead.history[-1]["max_macs"]] * 3
     assert [k for k, _ in solved] == [h["max_nonzeros"] for h in ahead.history]   # each stage prunes to its own
-    stage, _ = _falcon_pp_with_spy(monkeypatch, layer_search=4)
+    stage, _ = _falcon_pp_with_spy(monkeypatch, layer_search=4, layer_search_mode="stage")
     assert [(h["layer_search_judged_at"], h["layer_search_judged_at_macs"]) for h in stage.history] == \
         [(h["max_nonzeros"], h["max_macs"]) for h in stage.history]
 
@@ -271,8 +272,9 @@ def test_a_multi_stage_run_without_a_search_weighs_its_result_against_the_one_sh
 def test_search_modes_are_refused_without_a_search(capsys):
     net = bn_net()
     x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 3, (40,))
-    with pytest.raises(PrunekitError, match="layer_search_mode first needs layer_search"):
-        prunekit.prune(net, (x, y), method="falcon++", flops=0.5, layer_search_mode="first")
+    for mode in ("first", "stage", "ahead"):          # the default too, when given
+        with pytest.raises(PrunekitError, match=f"layer_search_mode {mode} needs layer_search"):
+            prunekit.prune(net, (x, y), method="falcon++", flops=0.5, layer_search_mode=mode)
     with pytest.raises(PrunekitError, match="layer_search_refine"):
         prunekit.prune(net, (x, y), method="falcon++", flops=0.5, layer_search=3, layer_search_refine=2)
     with pytest.raises(PrunekitError, match="layer_search_mode must be one of"):

@@ -144,6 +144,8 @@ class Options:
     """Base of every method's options: the fields and ``constraints`` say it all."""
 
     constraints: ClassVar[dict[str, Any]] = {}
+    # option -> (the option it needs, an example of that option): one given without the other is refused
+    requires: ClassVar[dict[str, tuple[str, str]]] = {}
 
     @classmethod
     def names(cls) -> list[str]:
@@ -165,7 +167,11 @@ class Options:
             problem = rule.check(value) if rule is not None else None
             if problem:
                 raise OptionError(f"{key} must be {problem}", (key,))
-        return cls(**{**defaults, **given})
+        values = {**defaults, **given}
+        for key, (needed, example) in cls.requires.items():
+            if key in given and not values.get(needed, defaults_of(cls).get(needed)):
+                raise OptionError(f"{key} {given[key]} needs {needed} ({example})", (key, needed))
+        return cls(**values)
 
     def to_dict(self) -> dict:
         """The options as plain values (functions by their name), for records and config files."""

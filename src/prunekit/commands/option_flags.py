@@ -30,8 +30,8 @@ HELP = {
                      "(diag(XᵀX/n + λ)·w², the quadratic model's cost of removing each weight alone)",
     "layer_search": "magnitude-flops, falcon, falcon++: trials of the per-layer allocation search judged by the "
                     "loss after BatchNorm recalibration on held training batches (default 0: off; 200 measured)",
-    "layer_search_mode": "falcon++: where the layer search runs: stage (every stage, judged at its own budget; "
-                         "default), ahead (every stage, judged at the final budget) or first (once, on the dense "
+    "layer_search_mode": "falcon++: where the layer search runs: ahead (every stage, judged at the final budget; "
+                         "default), stage (every stage, judged at its own budget) or first (once, on the dense "
                          "model at the final budget; later stages keep its multipliers)",
     "layer_search_refine": "falcon++ with --layer-search-mode first: trials of a second search at the last stage, "
                            "from the first stage's multipliers (default 0)",

@@ -103,7 +103,7 @@ def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.T
 def _search_plan(opts, stage: int, last: bool) -> tuple[int, bool]:
     """(trials of this stage's allocation search (0: none), whether its trials are judged at the
     final budget rather than the stage's own)."""
-    trials, mode = getattr(opts, "layer_search", 0), getattr(opts, "layer_search_mode", "stage")
+    trials, mode = getattr(opts, "layer_search", 0), getattr(opts, "layer_search_mode", "ahead")
     if not trials or mode != "first":
         return trials, mode == "ahead"
     return (trials if stage == 1 else opts.layer_search_refine if last else 0), True

@@ -99,11 +99,12 @@ class FalconOptions(QuadraticOptions):
     backsolve with per-layer score multipliers, judged by the loss after BatchNorm recalibration
     on held training batches (see ``pipelines.allocation``);
     layer_search_mode: where the search runs in a multi-stage run (one stage: all the same):
+        "ahead" (default): at every stage, each trial judged by the candidate at the *final* budget
+                 solved from this stage's quadratic model; the multipliers found prune to this
+                 stage's budget (won or tied against "stage" in every comparison measured, at the
+                 same number of searches; docs/benchmarks.md);
         "stage": at every stage, each trial judged at that stage's own budget, starting from the
                  previous stage's multipliers;
-        "ahead": at every stage, each trial judged by the candidate at the *final* budget solved
-                 from this stage's quadratic model; the multipliers found prune to this stage's
-                 budget;
         "first": once, at stage 1 (the dense model), judged at the final budget, as one shot
                  searches; every later stage prunes with those multipliers ("allocation first");
     layer_search_refine: with "first", trials of a second search at the last stage, starting from
@@ -113,17 +114,15 @@ class FalconOptions(QuadraticOptions):
     block_size: int | None = None
     support_score: str = "magnitude"
     layer_search: int = 0
-    layer_search_mode: str = "stage"
+    layer_search_mode: str = "ahead"
     layer_search_refine: int = 0
     constraints = {**QuadraticOptions.constraints, "solver": OneOf(("dfo", "magnitude")),
                    "block_size": Integer(1), "support_score": OneOf(SCORES), "layer_search": Integer(0),
                    "layer_search_mode": OneOf(SEARCH_MODES), "layer_search_refine": Integer(0)}
+    requires = {"layer_search_mode": ("layer_search", "trials, e.g. 100")}
 
     def __post_init__(self):
         super().__post_init__()
-        if self.layer_search_mode != "stage" and not self.layer_search:
-            raise OptionError(f"layer_search_mode {self.layer_search_mode} needs layer_search trials (e.g. 100)",
-                              ("layer_search_mode", "layer_search"))
         if self.layer_search_refine and self.layer_search_mode != "first":
             raise OptionError("layer_search_refine refines the search of layer_search_mode first: set "
                               "layer_search_mode first, or drop layer_search_refine",
