@@ -256,6 +256,11 @@ PY_CASES = [
     ({"method": "chita", "block_size": 0}, "block_size"),
     ({"method": "chita", "fisher_sample": 10}, "takes no option fisher_sample"),
     ({"method": "chita", "fisher_samples": 100}, "holds 48 samples, 100 gradient rows"),    # before any gradient
+    # the user's loss
+    ({"loss": "mse"}, "loss must be None or a function"),
+    ({"loss": nn.CrossEntropyLoss(), "method": "chita", "gradual": True}, "loss= is taken by"),
+    ({"loss": nn.CrossEntropyLoss(), "method": "autobot", "sparsity": None, "flops": 0.5}, "loss= is taken by"),
+    ({"data": (X, torch.randn(48, 3))}, "need loss="),
     # data
     ({"data": "train"}, "load it first"),
     ({"data": X}, "(X, Y)"),

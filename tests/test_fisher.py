@@ -163,3 +163,55 @@ def test_weight_used_outside_its_layer_is_caught_and_falls_back():
     with pytest.warns(UserWarning, match="disagree with autograd"):
         rows = collect_gradients(model, space, data(10), n=6, progress=False)
     torch.testing.assert_close(rows, _vmap_rows(model, space, data(10), 6))
+
+
+class _TokenModel(nn.Module):
+    """A tiny language-model head: (B, T) tokens -> (B, T, V) logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 7)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def _token_loss(outputs, targets):
+    return nn.functional.cross_entropy(outputs.flatten(0, 1), targets.flatten())
+
+
+def _regression_case():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(12, 1, 4, 4, generator=g), torch.randn(12, 3, generator=g)
+    return model, nn.MSELoss(), x, y
+
+
+def _token_case():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 7, (12, 5), generator=g)
+    return _TokenModel(), _token_loss, tokens, torch.roll(tokens, -1, dims=1)
+
+
+@pytest.mark.parametrize("case", [_regression_case, _token_case], ids=["mse", "tokens"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_rows_of_the_users_loss_are_its_per_sample_gradients(case, batch):
+    """Per-sample (and mini-batch) rows of a loss that is not cross-entropy on class indices:
+    a regression's MSE (hook path) and a language model's token loss (vmap path: Embedding)."""
+    model, loss_fn, x, y = case()
+    space = ParamSpace(model)
+    n = 12 // batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                    # the Embedding's vmap notice
+        rows = collect_gradients(model, space, [(x, y)], n=n, batch=batch, chunk=5, progress=False,
+                                 loss_fn=loss_fn)
+    expected = []
+    for i in range(n):
+        model.zero_grad()
+        loss_fn(model(x[i * batch:(i + 1) * batch]), y[i * batch:(i + 1) * batch]).backward()
+        expected.append(torch.cat([w.grad.reshape(-1) for w in space.weights()]))
+    assert_close_to_scale(rows, torch.stack(expected), rel=1e-5)

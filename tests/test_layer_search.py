@@ -229,7 +229,7 @@ def test_a_run_judged_at_the_final_budget_ends_with_the_best_candidate_the_judge
     dense = space.vector().clone()
     sparse = dense * (torch.rand(space.numel, generator=torch.Generator().manual_seed(0)) < 0.1)
     data = batches(12)
-    ctx = type("Ctx", (), {"model": model, "space": space, "recalibrate_bn": True,
+    ctx = type("Ctx", (), {"model": model, "space": space, "recalibrate_bn": True, "loss_fn": None,
                            "train_batches": staticmethod(lambda: iter(data))})()
     judge = RecalibratedLoss.from_batches(model, space, data)
     dense_loss, sparse_loss = judge(dense), judge(sparse)

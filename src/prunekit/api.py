@@ -39,7 +39,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
           params=None, example_input: torch.Tensor | None = None, eval_data=None, include: list[str] | None = None,
           exclude: list[str] | None = None, seed: int = 0, recalibrate_bn: bool = True, gradual: bool = False,
           batch_size: int = 128, out: str | None = None, force: bool = False, progress: bool = False,
-          stage_eval: bool = True, **options) -> Result:
+          stage_eval: bool = True, loss=None, **options) -> Result:
     """Prune ``model`` with ``method`` to the budget and return a ``Result``.
 
     Args:
@@ -58,6 +58,10 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         gradual: prune in events with fine-tuning in between (weights methods; options
             ``events``, ``epochs_per_event``, ``final_epochs``, ``lr``).
         batch_size: batch size used when ``data``/``eval_data`` are a Dataset or tensors.
+        loss: for a model that is not a classifier over class indices, ``loss(outputs, targets)``
+            -> the mean over the batch of the per-sample losses (e.g. ``nn.MSELoss()``): the
+            gradients, the judge of a search and the evaluation's loss use it, and accuracy is
+            None. Weights methods, one shot and multi-stage (see ``prunekit.losses``).
         out: a run folder (config, log, metrics, checkpoints, model, report); calling again with
             the same arguments and folder resumes an interrupted run; a folder holding another
             run is refused unless ``force`` (which clears that run first).
@@ -70,9 +74,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     check_arguments(model, {"method": method.name if isinstance(method, Method) else method, "seed": seed,
                             "batch_size": batch_size, "recalibrate_bn": recalibrate_bn, "progress": progress,
                             "stage_eval": stage_eval,
-                            "include": include, "exclude": exclude, "out": out})
-    check_data(data, "data")
-    check_data(eval_data, "eval_data")
+                            "include": include, "exclude": exclude, "out": out, "loss": loss})
+    check_data(data, "data", class_labels=loss is None)
+    check_data(eval_data, "eval_data", class_labels=loss is None)
     train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data")
     eval_batches = _batches(eval_data, batch_size, shuffle=False, seed=seed, what="eval_data")
     if example_input is None:
@@ -80,12 +84,13 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         if source is None:
             raise PrunekitError("pass example_input (one input batch) when there is no data to take it from")
         example_input = first_batch(source, what)[0][:1]
-    check_labels(model, example_input, data, train_batches, "data")
-    check_labels(model, example_input, eval_data, eval_batches, "eval_data")
+    if loss is None:                          # the user's loss decides what its targets are
+        check_labels(model, example_input, data, train_batches, "data")
+        check_labels(model, example_input, eval_data, eval_batches, "eval_data")
     eval_loader = eval_batches() if eval_batches is not None else None
     budget = {"sparsity": sparsity, "flops": flops, "params": params}
     request = PruneRequest(model, example_input, method, budget, include, exclude, seed, gradual, recalibrate_bn,
-                           options)
+                           options, loss=loss)
     plan = request.plan()
     folder = None
     if out is not None:

@@ -47,6 +47,7 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "include": (lambda v: v is None or _patterns(v), "a list of module-name patterns, e.g. ['fc1', 'conv*']"),
     "exclude": (lambda v: v is None or _patterns(v), "a list of module-name patterns, e.g. ['fc3']"),
     "out": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a folder path"),
+    "loss": (lambda v: v is None or callable(v), "None or a function (outputs, targets) -> mean loss"),
 }
 
 
@@ -91,8 +92,9 @@ def check_out(out, flag: str | None = None) -> None:
                             "folder so that nothing there is written over")
 
 
-def check_data(data, what: str) -> None:
-    """Refuse data that is not data: a split name, a path, a lone tensor, (X, Y) of unequal length."""
+def check_data(data, what: str, class_labels: bool = True) -> None:
+    """Refuse data that is not data: a split name, a path, a lone tensor, (X, Y) of unequal length
+    (and, for ``class_labels``, Y that is not one label per sample)."""
     if data is None:
         return
     if isinstance(data, (str, bytes, os.PathLike)):
@@ -104,9 +106,12 @@ def check_data(data, what: str) -> None:
         if len(data) != 2:
             raise PrunekitError(f"{what} holds {len(data)} tensors: pass inputs and labels as (X, Y)")
         x, y = data
-        if x.ndim == 0 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise PrunekitError(f"{what}=(X, Y) needs X of shape (N, ...) and Y of shape (N,) with the same N; "
-                                f"got X {tuple(x.shape)}, Y {tuple(y.shape)}")
+        if x.ndim == 0 or y.ndim == 0 or (class_labels and y.ndim != 1) or x.shape[0] != y.shape[0]:
+            wanted = "(N,)" if class_labels else "(N, ...)"
+            hint = "" if not class_labels or y.ndim < 2 else \
+                " (targets that are not class indices need loss=, a function of (outputs, targets))"
+            raise PrunekitError(f"{what}=(X, Y) needs X of shape (N, ...) and Y of shape {wanted} with the same N; "
+                                f"got X {tuple(x.shape)}, Y {tuple(y.shape)}{hint}")
 
 
 def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: Callable[[], Iterable] | None,

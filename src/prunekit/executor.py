@@ -42,7 +42,7 @@ def measure(plan: Plan, model: nn.Module, eval_loader) -> dict:
     if model is plan.space.model:
         out["sparsity"] = 1 - int(torch.count_nonzero(plan.space.vector())) / plan.space.numel
     if eval_loader is not None:
-        out.update(evaluate_loss_accuracy(model, eval_loader))
+        out.update(evaluate_loss_accuracy(model, eval_loader, loss_fn=plan.request.loss))
         out["eval_seconds"] = time.perf_counter() - start
     return out
 
@@ -124,7 +124,7 @@ def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -
         return prune_channels(channels, plan.method.run, plan.options, recalibrate_bn=request.recalibrate_bn,
                               checkpointer=checkpointer, progress=progress, sparsify=plan.method.sparsify)
     ctx = PruneContext(request.model, plan.space, plan.costs, plan.budget, train_batches, request.seed,
-                       request.recalibrate_bn, progress, checkpointer)
+                       request.recalibrate_bn, progress, checkpointer, loss_fn=request.loss)
     if plan.mode == "gradual":
         # the checkpointer measures each event when there is evaluation data
         return prune_gradual(ctx, plan.method.run, plan.options, plan.gradual,

@@ -36,6 +36,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from . import layer_grads
+from .losses import LossFn, mean_loss, summed_loss
 from .data.loaders import samples_per_pass
 from .errors import PrunekitError, PrunekitWarning
 from .options import OptionError
@@ -50,7 +51,7 @@ BN_MODES = ("frozen", "batch")
 
 def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n: int, batch: int = 1,
                       chunk: int = 64, dtype: torch.dtype = torch.float32,
-                      progress: bool = True, bn: str = "frozen") -> torch.Tensor:
+                      progress: bool = True, bn: str = "frozen", loss_fn: LossFn | None = None) -> torch.Tensor:
     """The (n, p) gradient matrix at the model's current weights, in ``dtype``, on the model's device.
 
     Args:
@@ -62,6 +63,7 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
         dtype: storage dtype of X (float32, bfloat16, float16, float64).
         bn: "frozen" (BatchNorm on its running statistics) or "batch" (each row on its
             mini-batch's statistics, running statistics untouched; needs ``batch`` >= 2).
+        loss_fn: the loss differentiated (``prunekit.losses``; None: cross-entropy).
     """
     if n < 1 or batch < 1 or chunk < 1:
         raise PrunekitError(f"need n >= 1 gradient rows of batch >= 1 samples (chunk >= 1), "
@@ -83,7 +85,7 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
     normalise = batchnorm_on_batch_statistics(model) if bn == "batch" else contextlib.nullcontext()
     try:
         with _unbatched_ops(unbatched), normalise:
-            _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupported)
+            _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupported, loss_fn)
     finally:
         model.train(was_training)
     if unbatched:
@@ -145,7 +147,8 @@ def keep_columns(grads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return grads[:, :index.numel()]
 
 
-def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupported: list[str]) -> None:
+def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupported: list[str],
+                  loss_fn: LossFn | None) -> None:
     """Per-layer hooks where every prunable layer allows them, else (or when they disagree with
     autograd) torch.func over the whole model."""
     if unsupported:
@@ -155,12 +158,12 @@ def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupport
             stacklevel=3)
     else:
         try:
-            _collect_with_hooks(model, space, batches, rows, batch, chunk, progress)
+            _collect_with_hooks(model, space, batches, rows, batch, chunk, progress, loss_fn)
             return
         except _HooksDisagree as error:
             warnings.warn(PrunekitWarning(f"per-layer gradients disagree with autograd ({error}); using the "
                                           "slower vmap path (chunk x p extra memory)"), stacklevel=3)
-    _collect_with_vmap(model, space, batches, rows, batch, chunk, progress)
+    _collect_with_vmap(model, space, batches, rows, batch, chunk, progress, loss_fn)
 
 
 # --- per-layer hooks: each layer writes its own columns ----------------------------------------
@@ -200,10 +203,10 @@ class _LayerHooks:
         self.written.add(entry.module_name)
 
     def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
-                 loss_scale: float, entries: list[Entry]) -> None:
+                 loss_scale: float, entries: list[Entry], loss_fn: LossFn | None = None) -> None:
         """Forward x, backpropagate Σ loss / loss_scale, writing into ``target``."""
         self.target, self.written = target, set()
-        loss = nn.functional.cross_entropy(model(x), y, reduction="sum") / loss_scale
+        loss = summed_loss(loss_fn, model(x), y) / loss_scale
         if loss.requires_grad:
             loss.backward()
         if not self.summed:                        # layers the forward never reached: zero gradient
@@ -217,7 +220,7 @@ class _LayerHooks:
             handle.remove()
 
 
-def _collect_with_hooks(model, space, batches, rows, batch, chunk, progress) -> None:
+def _collect_with_hooks(model, space, batches, rows, batch, chunk, progress, loss_fn=None) -> None:
     n = rows.shape[0]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
@@ -233,18 +236,18 @@ def _collect_with_hooks(model, space, batches, rows, batch, chunk, progress) -> 
             if batch == 1:
                 take = min(x.shape[0], n - filled)
                 x, y = x[:take], y[:take]
-                hooks.backward(model, x, y, rows[filled:filled + take], 1.0, space.entries)
+                hooks.backward(model, x, y, rows[filled:filled + take], 1.0, space.entries, loss_fn)
             elif x.shape[0] < batch:
                 break                               # a short last mini-batch would weigh rows unequally
             else:
                 take = 1
                 accumulator.zero_()
                 for xs, ys in zip(x.split(chunk), y.split(chunk)):
-                    hooks.backward(model, xs, ys, accumulator, float(batch), space.entries)
+                    hooks.backward(model, xs, ys, accumulator, float(batch), space.entries, loss_fn)
                 rows[filled] = accumulator[0]
             if filled == 0:
                 _check_first_row(model, space, x[:1] if batch == 1 else x, y[:1] if batch == 1 else y,
-                                 rows[0], chunk)
+                                 rows[0], chunk, loss_fn)
             filled += take
             bar.update(take)
             if filled >= n:
@@ -257,7 +260,7 @@ def _collect_with_hooks(model, space, batches, rows, batch, chunk, progress) -> 
     _check_filled(filled, n, batch)
 
 
-def _check_first_row(model, space, x, y, row, chunk) -> None:
+def _check_first_row(model, space, x, y, row, chunk, loss_fn=None) -> None:
     """Compare the first row with plain autograd, layer by layer; raise _HooksDisagree if off.
     A bfloat16/float16 row is off by its rounding (~0.4 %), hence the looser tolerance."""
     weights = space.weights()
@@ -265,7 +268,7 @@ def _check_first_row(model, space, x, y, row, chunk) -> None:
         w.requires_grad_(True)
     reference = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     for xs, ys in zip(x.split(chunk), y.split(chunk)):
-        loss = nn.functional.cross_entropy(model(xs), ys, reduction="sum") / x.shape[0]
+        loss = summed_loss(loss_fn, model(xs), ys) / x.shape[0]
         for total, g in zip(reference, torch.autograd.grad(loss, weights, allow_unused=True)):
             if g is not None:
                 total += g
@@ -281,7 +284,7 @@ def _check_first_row(model, space, x, y, row, chunk) -> None:
 
 # --- fallback: torch.func per-sample gradients of the whole model -----------------------------
 
-def _collect_with_vmap(model, space, batches, rows, batch, chunk, progress) -> None:
+def _collect_with_vmap(model, space, batches, rows, batch, chunk, progress, loss_fn=None) -> None:
     n = rows.shape[0]
     names = space.param_names()
     device = rows.device
@@ -291,7 +294,7 @@ def _collect_with_vmap(model, space, batches, rows, batch, chunk, progress) -> N
 
     def loss(w: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, {**fixed, **w}, (x,))
-        return nn.functional.cross_entropy(out, y)
+        return mean_loss(loss_fn, out, y)
 
     def one_sample_loss(w, x, y):
         return loss(w, x.unsqueeze(0), y.unsqueeze(0))

@@ -8,8 +8,9 @@ sidecar (and, for a shrunk model, its channel layout) plus ``result.json``.
 Record keys: model, method, family, mode (one-shot | multi-stage | gradual | structured),
 request (the budget as asked), sparsity, nonzeros (weights methods), flops_kept, params_kept,
 macs, dense_macs, params, dense_params, budget_max_nonzeros, budget_max_macs, dense_accuracy,
-accuracy, loss (None without evaluation data), seconds (pruning, BatchNorm included; the
-evaluations of each stage's record are not: their time is the stage's ``eval_seconds``), peak_rss_mb
+accuracy, dense_loss, loss (None without evaluation data; accuracy None with the user's ``loss``),
+seconds (pruning, BatchNorm included; the evaluations of each stage's record are not: their time
+is the stage's ``eval_seconds``), peak_rss_mb
 (this process's peak resident memory when the record was made), options
 (the method's, resolved), then the method's own facts (``ilp_gap``, ``kept_channels`` ...) and
 its history: ``stages`` (weights), ``events`` (gradual), ``phases`` (structured).
@@ -62,7 +63,8 @@ def build_record(plan, outcome: Outcome, dense: dict, final: dict, seconds: floa
               "dense_macs": c.dense_macs, "params": c.params, "dense_params": c.dense_params,
               "budget_max_nonzeros": budget.max_nonzeros if plan.method.family == "weights" else None,
               "budget_max_macs": None if budget.max_macs is None else budget.max_macs + budget.fixed_macs,
-              "dense_accuracy": dense.get("accuracy"), "accuracy": final.get("accuracy"), "loss": final.get("loss"),
+              "dense_accuracy": dense.get("accuracy"), "accuracy": final.get("accuracy"),
+              "dense_loss": dense.get("loss"), "loss": final.get("loss"),
               "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "options": plan.options.to_dict(), **outcome.info,
               HISTORY_KEY[plan.mode]: outcome.history}
     if plan.mode == "gradual":
@@ -91,7 +93,7 @@ class Result:
     methods a new, smaller one). sparsity: share of prunable weights removed (weights methods);
     flops_kept / params_kept: shares of the dense MACs / parameters kept (all in [0, 1]);
     macs: MACs per example; accuracy / dense_accuracy: top-1 % on ``eval_data`` (None without
-    it); history: one record per stage, event or phase; record: everything, as the CLI's
+    it, or with the user's ``loss``); loss / dense_loss: the mean loss on ``eval_data``; history: one record per stage, event or phase; record: everything, as the CLI's
     ``--json`` prints it; snapshots: taper's other budgets (share -> Result).
     """
 
@@ -108,6 +110,7 @@ class Result:
     accuracy: float | None = None
     dense_accuracy: float | None = None
     loss: float | None = None
+    dense_loss: float | None = None
     history: list[dict] = field(default_factory=list)
     out: str | None = None
     record: dict = field(default_factory=dict)
@@ -119,12 +122,14 @@ class Result:
                    flops_kept=record["flops_kept"], params_kept=record["params_kept"], nonzeros=record["nonzeros"],
                    macs=record["macs"], dense_macs=record["dense_macs"], seconds=record["seconds"],
                    accuracy=record.get("accuracy"), dense_accuracy=record.get("dense_accuracy"),
-                   loss=record.get("loss"), history=record.get(HISTORY_KEY[record["mode"]], []), out=out,
+                   loss=record.get("loss"), dense_loss=record.get("dense_loss"), history=record.get(HISTORY_KEY[record["mode"]], []), out=out,
                    record=record)
 
     def summary(self) -> str:
         acc = ("" if self.accuracy is None else
                f", accuracy {self.dense_accuracy:.2f}% -> {self.accuracy:.2f}%")
+        if self.accuracy is None and self.loss is not None and self.dense_loss is not None:   # loss= given
+            acc = f", loss {self.dense_loss:.4g} -> {self.loss:.4g}"
         sparsity = "" if self.sparsity is None else f"sparsity {100 * self.sparsity:.2f}%, "
         return (f"{self.method}: {sparsity}MACs kept {100 * self.flops_kept:.2f}% "
                 f"({self.macs:,} of {self.dense_macs:,}){acc}, {self.seconds:.1f} s")

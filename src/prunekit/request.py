@@ -16,6 +16,7 @@ from torch import nn
 
 from .budget import Budget, ResolvedBudget
 from .costs import CostModel
+from .losses import LossFn
 from .methods import Method, lookup
 from .options import OptionError, Options
 from .params import ParamSpace
@@ -33,6 +34,7 @@ class PruneRequest:
     budget: {"sparsity": ..., "flops": ..., "params": ...} as given (0.9, "90%", "50k"; None = no limit).
     options: the method's options, and with ``gradual`` the gradual mode's (``events`` ...).
     name: the model's name in records (a zoo name, or the class name of your own model).
+    loss: the user's loss (``prunekit.losses``); None: cross-entropy on class indices.
     """
 
     model: nn.Module
@@ -46,6 +48,7 @@ class PruneRequest:
     recalibrate_bn: bool = True
     options: dict = field(default_factory=dict)
     name: str | None = None
+    loss: LossFn | None = None
 
     def plan(self) -> "Plan":
         method = lookup(self.method)
@@ -54,6 +57,9 @@ class PruneRequest:
         asked = {k: self.budget.get(k) for k in ("sparsity", "flops", "params")}
         if method.family == "channels":
             _check_channel_request(method, asked, self.include, self.exclude)
+        if self.loss is not None and (method.family == "channels" or gradual is not None):
+            raise OptionError("loss= is taken by the weights methods one shot and multi-stage; channel methods "
+                              "and the gradual mode train with cross-entropy on class indices", ("loss",))
         budget = Budget.parse(**asked)
         costs = CostModel(self.model, self.example_input)
         channels = None

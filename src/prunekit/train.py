@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .layout import model_input
+from .losses import LossFn, summed_loss
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -26,9 +27,11 @@ def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> floa
 
 
 @torch.no_grad()
-def evaluate_loss_accuracy(model: nn.Module, loader: Iterable, progress: bool = False) -> dict:
+def evaluate_loss_accuracy(model: nn.Module, loader: Iterable, progress: bool = False,
+                           loss_fn: LossFn | None = None) -> dict:
     """Mean cross-entropy loss and top-1 accuracy (%) of ``model`` on ``loader`` (eval mode,
-    restored after)."""
+    restored after). With the user's ``loss_fn`` (``prunekit.losses``): its mean over the samples,
+    and accuracy None (what the outputs mean is the user's)."""
     was_training = model.training
     model.eval()
     device = _device(model)
@@ -36,11 +39,13 @@ def evaluate_loss_accuracy(model: nn.Module, loader: Iterable, progress: bool = 
     for x, y in _progress(loader, "eval", progress):
         out = model(model_input(model, x, device))
         y = y.to(device)
-        loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        total += y.numel()
+        loss += float(summed_loss(loss_fn, out, y))
+        if loss_fn is None:
+            correct += int((out.argmax(1) == y).sum())
+        total += y.shape[0]
     model.train(was_training)
-    return {"loss": loss / max(total, 1), "accuracy": 100.0 * correct / max(total, 1)}
+    accuracy = 100.0 * correct / max(total, 1) if loss_fn is None else None
+    return {"loss": loss / max(total, 1), "accuracy": accuracy}
 
 
 @torch.no_grad()

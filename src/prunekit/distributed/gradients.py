@@ -32,8 +32,8 @@ def row_ranges(n: int, size: int) -> list[tuple[int, int]]:
 def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], Iterable], n: int,
                               collective: Collective, columns: torch.Tensor | None = None, *, batch: int = 1,
                               chunk: int = 64, dtype: torch.dtype = torch.float32, progress: bool = False,
-                              bn: str = "frozen", skip: int = 0, repeat: bool = False
-                              ) -> tuple[torch.Tensor, int]:
+                              bn: str = "frozen", skip: int = 0, repeat: bool = False,
+                              loss_fn=None) -> tuple[torch.Tensor, int]:
     """(X_r, offset): this rank's columns of the (n, p') gradient matrix and where they start.
 
     batches: a function returning the stream of (x, y) training batches, the same at every call.
@@ -66,7 +66,8 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
         if last > first:
             stream = passes(batches()) if repeat else batches()
             rows = collect_gradients(model, space, skip_samples(stream, skip + first * batch), last - first,
-                                     batch=batch, chunk=chunk, dtype=dtype, progress=progress and rank == 0, bn=bn)
+                                     batch=batch, chunk=chunk, dtype=dtype, progress=progress and rank == 0, bn=bn,
+                                     loss_fn=loss_fn)
             if columns is not None:
                 rows = keep_columns(rows, columns)
         _send_piece(rows, piece, bounds, received, [s * slot + j * piece for s in range(size)], collective)

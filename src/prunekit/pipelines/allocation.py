@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import distributed
 from ..layout import model_input
+from ..losses import LossFn, summed_loss
 from ..options import OptionError
 from ..params import ParamSpace
 from ..solvers.layer_search import LayerSearch, layer_index, search_layer_scales
@@ -29,27 +30,30 @@ class RecalibratedLoss:
     """loss(w): mean cross-entropy of ``model`` with prunable weights w (p,), after BatchNorm
     re-estimation on ``calibration`` batches, on ``judge`` batches (both lists of (x, y))."""
 
-    def __init__(self, model: nn.Module, space: ParamSpace, calibration: list, judge: list):
+    def __init__(self, model: nn.Module, space: ParamSpace, calibration: list, judge: list,
+                 loss_fn: LossFn | None = None):
         if not judge:
             raise OptionError("the layer search needs training batches to judge by: pass more training data",
                               ("layer_search",))
         self.model, self.space = model, space
         self.calibration, self.judge = calibration, judge
+        self.loss_fn = loss_fn
         self._weights = space.vector().clone()
         self._buffers = {name: b.clone() for name, b in model.named_buffers()}
 
     @classmethod
     def from_batches(cls, model: nn.Module, space: ParamSpace, batches: Iterable,
-                     calibration: int = 4, judge: int = 8) -> "RecalibratedLoss":
+                     calibration: int = 4, judge: int = 8, loss_fn: LossFn | None = None) -> "RecalibratedLoss":
         """Take the first ``calibration`` batches for BatchNorm and the next ``judge`` to judge by;
         with fewer batches, a third of them for BatchNorm and the rest to judge by (one batch:
-        the same batch for both). ``calibration=0``: BatchNorm is not re-estimated."""
+        the same batch for both). ``calibration=0``: BatchNorm is not re-estimated. ``loss_fn``:
+        the loss judged by (``prunekit.losses``; None: cross-entropy)."""
         taken = list(itertools.islice(iter(batches), calibration + judge))
         if calibration and len(taken) < calibration + judge:
             calibration = len(taken) // 3
             if len(taken) == 1:
-                return cls(model, space, taken, taken)
-        return cls(model, space, taken[:calibration], taken[calibration:])
+                return cls(model, space, taken, taken, loss_fn)
+        return cls(model, space, taken[:calibration], taken[calibration:], loss_fn)
 
     @torch.no_grad()
     def __call__(self, w: torch.Tensor) -> float:
@@ -65,9 +69,9 @@ class RecalibratedLoss:
         collective = distributed.current()
         total, count = 0.0, 0
         for x, y in self.judge[collective.rank::collective.size]:
-            logits = self.model(model_input(self.model, x, device))
-            total += float(nn.functional.cross_entropy(logits, y.to(device), reduction="sum"))
-            count += y.numel()
+            outputs = self.model(model_input(self.model, x, device))
+            total += float(summed_loss(self.loss_fn, outputs, y.to(device)))
+            count += y.shape[0]
         self.model.train(was_training)
         if collective.distributed:
             total, count = collective.all_reduce(torch.tensor([total, count], dtype=torch.float64,
@@ -84,8 +88,8 @@ class RecalibratedLoss:
 
 def search_allocation(model: nn.Module, space: ParamSpace, batches: Iterable, trials: int,
                       candidate: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor | None = None,
-                      seed: int = 0, progress: bool = False, start: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, LayerSearch]:
+                      seed: int = 0, progress: bool = False, start: torch.Tensor | None = None,
+                      loss_fn: LossFn | None = None) -> tuple[torch.Tensor, torch.Tensor, LayerSearch]:
     """Search per-layer score multipliers for ``candidate``.
 
     candidate(weights_of_score): the full weight vector (p,) a method gives when every free
@@ -102,7 +106,7 @@ def search_allocation(model: nn.Module, space: ParamSpace, batches: Iterable, tr
     used, local = torch.unique(layers, return_inverse=True)      # only layers with free weights
     scales = (torch.ones(len(space.layer_slices()), dtype=torch.float64) if start is None
               else start.to(torch.float64).clone())
-    judge = RecalibratedLoss.from_batches(model, space, batches)
+    judge = RecalibratedLoss.from_batches(model, space, batches, loss_fn=loss_fn)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -92,7 +92,7 @@ def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.T
 
     weights, layer_scales, found = search_allocation(ctx.model, ctx.space, ctx.train_batches(), trials,
                                                      candidate, index, seed=ctx.seed, progress=ctx.progress,
-                                                     start=layer_scales)
+                                                     start=layer_scales, loss_fn=ctx.loss_fn)
     record.update(layer_search_start_loss=found.start_loss, layer_search_loss=found.loss,
                   layer_search_accepted=found.accepted, layer_search_seconds=found.seconds,
                   layer_search_judged_at=k, layer_search_judged_at_macs=max_macs,
@@ -193,7 +193,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             batches = passes(ctx.train_batches()) if repeat else ctx.train_batches()
             batches = skip_samples(batches, skip) if skip else batches
             grads = collect_gradients(ctx.model, ctx.space, batches, plan.n, batch=opts.fisher_batch,
-                                      chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn)
+                                      chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn,
+                                      loss_fn=ctx.loss_fn)
             rows = grads if index.numel() == p else keep_columns(grads, index)
             del grads
             ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
@@ -290,7 +291,7 @@ def _judge_losses(ctx: PruneContext, *weights: torch.Tensor) -> list[float]:
     Under torchrun the ranks share the batches and every rank gets the same losses
     (:class:`RecalibratedLoss`), so they all make the same choice."""
     judge = RecalibratedLoss.from_batches(ctx.model, ctx.space, ctx.train_batches(),
-                                          calibration=4 if ctx.recalibrate_bn else 0)
+                                          calibration=4 if ctx.recalibrate_bn else 0, loss_fn=ctx.loss_fn)
     try:
         return [judge(w) for w in weights]
     finally:
@@ -353,7 +354,7 @@ def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Ten
     rows, offset = collect_sharded_gradients(ctx.model, ctx.space, ctx.train_batches, plan.n, collective,
                                              columns, batch=opts.fisher_batch, chunk=plan.chunk,
                                              dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn,
-                                             skip=skip, repeat=repeat)
+                                             skip=skip, repeat=repeat, loss_fn=ctx.loss_fn)
     ridge = opts.ridge
     if ridge is None:
         local = _sum_of_squares(rows)

@@ -93,7 +93,7 @@ def run_magnitude_flops(ctx: PruneContext, opts: MagnitudeFlopsOptions) -> Prune
             raise OptionError("layer_search judges by the loss on training data: pass data", ("layer_search",))
         score_weights, _, found = search_allocation(ctx.model, ctx.space, ctx.train_batches(), opts.layer_search,
                                                  lambda sw: w * keep_for(sw)[0], seed=ctx.seed,
-                                                 progress=ctx.progress)
+                                                 progress=ctx.progress, loss_fn=ctx.loss_fn)
         info.update(layer_search_start_loss=found.start_loss, layer_search_loss=found.loss,
                     layer_search_accepted=found.accepted, layer_search_seconds=found.seconds)
     keep, ilp = keep_for(score_weights)

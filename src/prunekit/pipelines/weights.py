@@ -20,6 +20,7 @@ from torch import nn
 
 from ..budget import ResolvedBudget
 from ..costs import CostModel, Counts
+from ..losses import LossFn
 from ..params import ParamSpace
 from ..train import recalibrate_batchnorm
 from .stages import StageCheckpointer, measure_seconds
@@ -32,6 +33,7 @@ class PruneContext:
     train_batches(): an iterable of (x, y) training batches, the same ones at every call (None
         when no training data was given). history: the per-stage records of a multi-stage
         method (restored on resume). checkpointer: saves and restores completed stages.
+        loss_fn: the loss gradients and judges use (``prunekit.losses``; None: cross-entropy).
     """
 
     model: nn.Module
@@ -44,6 +46,7 @@ class PruneContext:
     progress: bool = False
     checkpointer: StageCheckpointer | None = None
     history: list[dict] = field(default_factory=list)
+    loss_fn: LossFn | None = None
 
     def layer_macs(self) -> list[int]:
         """MACs per weight of each slice of ``space.cost_slices`` (one per layer, or finer)."""

@@ -1,0 +1,31 @@
+"""The loss the weights methods differentiate and judge by, and evaluations report.
+
+Default: cross-entropy on class indices (a classifier's logits). ``prunekit.prune(..., loss=f)``
+takes the user's ``f(outputs, targets) -> scalar tensor``: the **mean over the batch** of the
+per-sample losses, as ``nn.MSELoss()`` or a language model's token-averaged cross-entropy over
+sequences of one length. The gradient rows are per-sample gradients of it, so a loss that
+couples the samples of a batch (contrastive, batch-normalised) is not one to pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def summed_loss(loss_fn: LossFn | None, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ over the batch of the per-sample losses (a scalar tensor); ``loss_fn`` None: cross-entropy."""
+    if loss_fn is None:
+        return nn.functional.cross_entropy(outputs, targets, reduction="sum")
+    return loss_fn(outputs, targets) * targets.shape[0]
+
+
+def mean_loss(loss_fn: LossFn | None, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch of the per-sample losses; ``loss_fn`` None: cross-entropy."""
+    if loss_fn is None:
+        return nn.functional.cross_entropy(outputs, targets)
+    return loss_fn(outputs, targets)
