@@ -181,8 +181,8 @@ def test_readme_loss_block_runs(capsys):
 
 
 def test_a_regression_model_prunes_with_its_own_loss():
-    """loss= (here MSE) is what the gradients, the layer search's judge, the final pick and the
-    evaluation use; the budget holds as for a classifier, and CHITA's backsolve beats magnitude
+    """loss= (here MSE) is what the gradients, the layer search's judge, the final pick, the gradual
+    mode's fine-tunes and the evaluation use; the budget holds as for a classifier, and CHITA's backsolve beats magnitude
     on the loss it was given."""
     torch.manual_seed(0)
     x = torch.randn(256, 8)
@@ -206,6 +206,10 @@ def test_a_regression_model_prunes_with_its_own_loss():
             assert result.record["dense_loss"] == pytest.approx(float(mse(net(x), y)), rel=1e-5)
         assert f"loss {result.dense_loss:.4g} -> {result.loss:.4g}" in result.summary()
     assert results["chita"].loss < 0.5 * results["magnitude"].loss
+    gradual = prunekit.prune(copy.deepcopy(net), (x, y), method="chita", sparsity=0.7, eval_data=(x, y), loss=mse,
+                             fisher_samples=128, gradual=True, events=2, epochs_per_event=1, final_epochs=2)
+    assert gradual.loss < results["chita"].loss                 # fine-tuned on the MSE between events
+    assert gradual.sparsity >= 0.7 and all(event["accuracy"] is None for event in gradual.history)
     recount = CostModel(results["falcon++"].model, x[:1]).count(results["falcon++"].model)
     assert recount.flops_kept <= 0.3 + 1e-12
     assert results["falcon++"].history[-1]["layer_search_loss"] <= results["falcon++"].history[-1]["layer_search_start_loss"]

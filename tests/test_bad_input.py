@@ -258,7 +258,8 @@ PY_CASES = [
     ({"method": "chita", "fisher_samples": 100}, "holds 48 samples, 100 gradient rows"),    # before any gradient
     # the user's loss
     ({"loss": "mse"}, "loss must be None or a function"),
-    ({"loss": nn.CrossEntropyLoss(), "method": "chita", "gradual": True}, "loss= is taken by"),
+    ({"loss": nn.CrossEntropyLoss(), "method": "chita", "gradual": True, "finetune_distill": 0.5},
+     "finetune_distill softens"),
     ({"loss": nn.CrossEntropyLoss(), "method": "autobot", "sparsity": None, "flops": 0.5}, "loss= is taken by"),
     ({"data": (X, torch.randn(48, 3))}, "need loss="),
     # data

@@ -57,9 +57,12 @@ class PruneRequest:
         asked = {k: self.budget.get(k) for k in ("sparsity", "flops", "params")}
         if method.family == "channels":
             _check_channel_request(method, asked, self.include, self.exclude)
-        if self.loss is not None and (method.family == "channels" or gradual is not None):
-            raise OptionError("loss= is taken by the weights methods one shot and multi-stage; channel methods "
-                              "and the gradual mode train with cross-entropy on class indices", ("loss",))
+        if self.loss is not None and method.family == "channels":
+            raise OptionError("loss= is taken by the weights methods (one shot, multi-stage, gradual); channel "
+                              "methods train their gates with cross-entropy on class indices", ("loss",))
+        if self.loss is not None and gradual is not None and gradual.finetune_distill:
+            raise OptionError("finetune_distill softens a classifier's logits: with loss= leave it at 0",
+                              ("finetune_distill", "loss"))
         budget = Budget.parse(**asked)
         costs = CostModel(self.model, self.example_input)
         channels = None

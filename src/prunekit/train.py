@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .layout import model_input
-from .losses import LossFn, summed_loss
+from .losses import LossFn, mean_loss, summed_loss
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -124,8 +124,9 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, schedule, desc: str = "epoch",
                 progress: bool = True, teacher: nn.Module | None = None, distill: float = 0.0,
-                temperature: float = 4.0) -> float:
-    """One pass over ``loader`` on cross-entropy, stepping ``schedule`` every batch; mean loss.
+                temperature: float = 4.0, loss_fn: LossFn | None = None) -> float:
+    """One pass over ``loader`` on cross-entropy (or the user's ``loss_fn``, ``prunekit.losses``),
+    stepping ``schedule`` every batch; mean loss.
 
     With ``teacher`` (in eval mode, no gradients) and ``distill`` > 0 the loss is
     ``distillation_loss``: the student also learns the teacher's softened outputs, which on a
@@ -137,6 +138,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
     step on the whole batch. The mean loss returned is this rank's."""
     if distill and teacher is None:
         raise ValueError("distill > 0 needs a teacher model")
+    if distill and loss_fn is not None:
+        raise ValueError("distillation softens a classifier's logits: it does not take a loss_fn")
     if teacher is not None:
         teacher.eval()
     model.train()
@@ -154,12 +157,12 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
                 target = teacher(model_input(teacher, x, device))
             loss = distillation_loss(forward(model_input(model, x, device)), target, y, distill, temperature)
         else:
-            loss = nn.functional.cross_entropy(forward(model_input(model, x, device)), y)
+            loss = mean_loss(loss_fn, forward(model_input(model, x, device)), y)
         loss.backward()
         optimizer.step()
         schedule.step()
-        total += loss.item() * y.numel()
-        count += y.numel()
+        total += loss.item() * y.shape[0]
+        count += y.shape[0]
         bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
     return total / max(count, 1)
 
@@ -167,9 +170,10 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
 def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 5e-4, optimizer: torch.optim.Optimizer | None = None,
                  on_epoch_end=None, progress: bool = True, teacher: nn.Module | None = None,
-                 distill: float = 0.0, temperature: float = 4.0) -> torch.optim.Optimizer:
-    """SGD with a cosine learning rate over ``epochs`` on cross-entropy (or, with ``teacher``
-    and ``distill``, on ``distillation_loss``).
+                 distill: float = 0.0, temperature: float = 4.0,
+                 loss_fn: LossFn | None = None) -> torch.optim.Optimizer:
+    """SGD with a cosine learning rate over ``epochs`` on cross-entropy (with ``teacher`` and
+    ``distill``, on ``distillation_loss``; with ``loss_fn``, on it).
 
     ``on_epoch_end(epoch, mean_loss)`` is called after each epoch. Returns the optimizer
     (pass your own to hold masks on it, see ``MaskHold``).
@@ -179,7 +183,7 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
     schedule = cosine(optimizer, epochs * len(loader))
     for epoch in range(epochs):
         loss = train_epoch(model, loader, optimizer, schedule, f"epoch {epoch + 1}/{epochs}", progress,
-                           teacher, distill, temperature)
+                           teacher, distill, temperature, loss_fn)
         if on_epoch_end is not None:
             on_epoch_end(epoch, loss)
     model.eval()

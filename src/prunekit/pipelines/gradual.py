@@ -22,7 +22,7 @@ import torch
 from ..budget import ResolvedBudget
 from ..masks import MaskHold, masks_from_weights
 from ..options import Integer, OneOf, OptionError, Options, Real
-from ..train import evaluate, train_epochs
+from ..train import evaluate_loss_accuracy, train_epochs
 from .schedule import KINDS, keep_schedule
 from .stages import measure_seconds, resume_stages, stage_completed
 from .weights import Outcome, PruneContext, check_budget
@@ -105,13 +105,15 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
             with MaskHold(space, masks_from_weights(space), optimizer):
                 train_epochs(model, ctx.train_batches(), epochs, optimizer=optimizer,
                              on_epoch_end=lambda _, loss: losses.append(loss), progress=ctx.progress,
-                             teacher=teacher, distill=opts.finetune_distill, temperature=opts.finetune_temperature)
+                             teacher=teacher, distill=opts.finetune_distill, temperature=opts.finetune_temperature,
+                             loss_fn=ctx.loss_fn)
         record = {"event": event, "max_nonzeros": event_budget.max_nonzeros, "nonzeros": nonzeros,
                   "max_macs": None if event_budget.max_macs is None
                   else event_budget.max_macs + event_budget.fixed_macs,
                   "macs": counts.macs, "flops_kept": counts.flops_kept, "epochs": epochs,
                   "loss": losses[-1] if losses else None,
-                  "accuracy": evaluate(model, eval_loader) if eval_loader is not None else None,
+                  "accuracy": (evaluate_loss_accuracy(model, eval_loader, loss_fn=ctx.loss_fn)["accuracy"]
+                               if eval_loader is not None else None),
                   "seconds": time.perf_counter() - event_start}
         ctx.history.append(record)
         stage_completed(ctx, event)
