@@ -213,3 +213,27 @@ def test_a_regression_model_prunes_with_its_own_loss():
     recount = CostModel(results["falcon++"].model, x[:1]).count(results["falcon++"].model)
     assert recount.flops_kept <= 0.3 + 1e-12
     assert results["falcon++"].history[-1]["layer_search_loss"] <= results["falcon++"].history[-1]["layer_search_start_loss"]
+
+
+@pytest.mark.parametrize("method, options", [("autobot", {"gate_batches": 6, "finetune_epochs": 1}),
+                                             ("taper", {"taper_epochs": 2, "finetune_epochs": 1}),
+                                             ("hybrid", {"gate_batches": 6, "structured_flops": 0.7,
+                                                         "fisher_samples": 32})])
+def test_channel_methods_train_on_the_users_loss(method, options):
+    """The gates, the fine-tune (and the hybrid's FALCON) use loss=: every training step calls it."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 8)
+    y = x @ torch.randn(8, 3)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+    calls = []
+
+    def mse(outputs, targets):
+        calls.append(outputs.requires_grad)
+        return nn.functional.mse_loss(outputs, targets)
+
+    result = prunekit.prune(net, (x, y), method=method, flops=0.5, eval_data=(x, y), loss=mse, batch_size=32,
+                            **options)
+    assert result.accuracy is None and result.loss is not None and result.flops_kept <= 0.5
+    trained = sum(calls)                              # calls with autograd on: training steps
+    assert trained >= 4 + 4 * options.get("finetune_epochs", 0)
+    assert CostModel(net, x[:1]).count(result.model).flops_kept == pytest.approx(result.flops_kept)

@@ -260,7 +260,9 @@ PY_CASES = [
     ({"loss": "mse"}, "loss must be None or a function"),
     ({"loss": nn.CrossEntropyLoss(), "method": "chita", "gradual": True, "finetune_distill": 0.5},
      "finetune_distill softens"),
-    ({"loss": nn.CrossEntropyLoss(), "method": "autobot", "sparsity": None, "flops": 0.5}, "loss= is taken by"),
+    ({"loss": nn.CrossEntropyLoss(), "method": "autobot", "sparsity": None, "flops": 0.5, "finetune_distill": 0.5,
+      "finetune_epochs": 1},
+     "finetune_distill softens"),
     ({"data": (X, torch.randn(48, 3))}, "need loss="),
     # data
     ({"data": "train"}, "load it first"),

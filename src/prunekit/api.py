@@ -61,7 +61,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         loss: for a model that is not a classifier over class indices, ``loss(outputs, targets)``
             -> the mean over the batch of the per-sample losses (e.g. ``nn.MSELoss()``): the
             gradients, the judge of a search and the evaluation's loss use it, and accuracy is
-            None. Weights methods in every mode (see ``prunekit.losses``).
+            None. Every method and mode; distillation (for classifiers) is then off (``prunekit.losses``).
         out: a run folder (config, log, metrics, checkpoints, model, report); calling again with
             the same arguments and folder resumes an interrupted run; a folder holding another
             run is refused unless ``force`` (which clears that run first).

@@ -120,7 +120,7 @@ def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -
         if isinstance(source, BatchLoader) and source.batch_size != plan.options.gate_batch_size:
             source = copy.copy(source)                 # the gates' batch size, on a loader of our own
             source.batch_size = plan.options.gate_batch_size
-        channels = replace(plan.channels, batches=lambda: source)
+        channels = replace(plan.channels, batches=lambda: source, loss_fn=request.loss)
         return prune_channels(channels, plan.method.run, plan.options, recalibrate_bn=request.recalibrate_bn,
                               checkpointer=checkpointer, progress=progress, sparsify=plan.method.sparsify)
     ctx = PruneContext(request.model, plan.space, plan.costs, plan.budget, train_batches, request.seed,

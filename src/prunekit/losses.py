@@ -4,7 +4,9 @@ Default: cross-entropy on class indices (a classifier's logits). ``prunekit.prun
 takes the user's ``f(outputs, targets) -> scalar tensor``: the **mean over the batch** of the
 per-sample losses, as ``nn.MSELoss()`` or a language model's token-averaged cross-entropy over
 sequences of one length. The gradient rows are per-sample gradients of it, so a loss that
-couples the samples of a batch (contrastive, batch-normalised) is not one to pass.
+couples the samples of a batch (contrastive, batch-normalised) is not one to pass. Every method
+trains and judges on it: the weights methods' gradients, judges and gradual fine-tunes, the channel
+methods' gates, depth cut and fine-tune.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ the parameter, raised before any expensive work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -57,12 +57,13 @@ class PruneRequest:
         asked = {k: self.budget.get(k) for k in ("sparsity", "flops", "params")}
         if method.family == "channels":
             _check_channel_request(method, asked, self.include, self.exclude)
-        if self.loss is not None and method.family == "channels":
-            raise OptionError("loss= is taken by the weights methods (one shot, multi-stage, gradual); channel "
-                              "methods train their gates with cross-entropy on class indices", ("loss",))
-        if self.loss is not None and gradual is not None and gradual.finetune_distill:
-            raise OptionError("finetune_distill softens a classifier's logits: with loss= leave it at 0",
-                              ("finetune_distill", "loss"))
+        if self.loss is not None:         # distillation softens a classifier's logits: not with the user's loss
+            for name in ("finetune_distill", "taper_distill"):
+                if getattr(gradual, name, 0) or method_options.get(name):
+                    raise OptionError(f"{name} softens a classifier's logits: with loss= leave it at 0",
+                                      (name, "loss"))
+                if getattr(options, name, 0):          # the method's default (autobot's 0.9): off
+                    options = replace(options, **{name: 0.0})
         budget = Budget.parse(**asked)
         costs = CostModel(self.model, self.example_input)
         channels = None

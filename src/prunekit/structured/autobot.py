@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..fisher import BN_MODES, batchnorm_on_batch_statistics
+from ..losses import LossFn, mean_loss
 from ..options import Integer, OneOf, Real
 from .gates import GatedMacs, GateHooks
 from .groups import GroupSet
@@ -62,8 +63,10 @@ def bool_loss(gates: list[torch.Tensor]) -> torch.Tensor:
 
 
 def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target_macs: float,
-                  batches, options: AutoBotOptions, progress=None) -> tuple[list[torch.Tensor], dict]:
-    """Train the bottlenecks on ``batches`` (an iterable of (x, y), cycled) and cut to ``target_macs``.
+                  batches, options: AutoBotOptions, progress=None, loss_fn: LossFn | None = None
+                  ) -> tuple[list[torch.Tensor], dict]:
+    """Train the bottlenecks on ``batches`` (an iterable of (x, y), cycled) and cut to ``target_macs``;
+    the task loss is ``loss_fn`` (``prunekit.losses``; None: cross-entropy).
 
     Returns (keep-masks in group order, info with the loss history and the final gate values).
     """
@@ -77,7 +80,6 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
     was_training = model.training
     model.eval()
     history = []
-    loss_fn = nn.CrossEntropyLoss()
     norms = batchnorm_on_batch_statistics(model) if options.gate_bn == "batch" else contextlib.nullcontext()
     try:
         with GateHooks(model, groups) as hooks, norms:
@@ -89,7 +91,7 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
                     gates = [torch.sigmoid(t) for t in theta]
                     hooks.values = gates
                     macs = counter.macs([g.double() for g in gates])
-                    ce = loss_fn(model(x.to(device)), y.to(device))
+                    ce = mean_loss(loss_fn, model(x.to(device)), y.to(device))
                     lf, lb = flops_loss(macs, target_macs, counter.dense), bool_loss(gates)
                     loss = ce + options.beta * lf.float() + options.gamma * lb
                     optimizer.zero_grad(set_to_none=True)
@@ -121,5 +123,5 @@ def run_autobot(ctx: ChannelContext, opts: AutoBotOptions) -> Cut:
     """AutoBot as a channel method: train the bottlenecks, cut to ``ctx.shares[0]``, shrink."""
     share = ctx.shares[0]
     masks, info = autobot_masks(ctx.model, ctx.groups, ctx.counter, share * ctx.costs.macs, ctx.batches, opts,
-                                ctx.progress)
+                                ctx.progress, ctx.loss_fn)
     return Cut({share: shrink(ctx.model, ctx.groups, masks, ctx.example_input)}, {share: masks}, info)

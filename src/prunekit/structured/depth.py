@@ -33,6 +33,7 @@ from torch import nn
 
 from ..costs import CostModel
 from ..layers import RemovedBlock
+from ..losses import LossFn, summed_loss
 
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -74,8 +75,8 @@ def remove_blocks(model: nn.Module, names: list[str]) -> nn.Module:
     return model
 
 
-def _mean_loss(model: nn.Module, batches: list) -> float:
-    """Mean cross-entropy of a copy of ``model`` with BatchNorm on each batch's own statistics (as
+def _mean_loss(model: nn.Module, batches: list, loss_fn: LossFn | None = None) -> float:
+    """Mean loss (``prunekit.losses``; None: cross-entropy) of a copy of ``model`` with BatchNorm on each batch's own statistics (as
     after recalibration: a removed block shifts the statistics of every layer after it) and
     everything else in eval mode; ``model`` itself is not changed."""
     probe = copy.deepcopy(model).eval()
@@ -86,8 +87,8 @@ def _mean_loss(model: nn.Module, batches: list) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for x, y in batches:
-            total += float(nn.functional.cross_entropy(probe(x.to(device)), y.to(device), reduction="sum"))
-            count += len(y)
+            total += float(summed_loss(loss_fn, probe(x.to(device)), y.to(device)))
+            count += y.shape[0]
     return total / count
 
 
@@ -121,7 +122,7 @@ def block_seconds(model: nn.Module, blocks: list[str], x: torch.Tensor, repeats:
 
 
 def depth_cut(model: nn.Module, costs: CostModel, target_macs: float, batches: list, per: str = "macs",
-              progress=None) -> tuple[nn.Module, dict]:
+              progress=None, loss_fn: LossFn | None = None) -> tuple[nn.Module, dict]:
     """A copy of ``model`` with blocks removed greedily, keeping at least ``target_macs`` MACs
     (counted by ``costs``, the dense model's cost model): each round scores every block that
     still fits by the loss rise per unit saved when it is removed from the current cut, and
@@ -139,7 +140,7 @@ def depth_cut(model: nn.Module, costs: CostModel, target_macs: float, batches: l
     seconds = block_seconds(model, blocks, batches[0][0]) if per == "time" and blocks else {}
     cut = copy.deepcopy(model)
     macs = costs.count(cut).macs
-    loss = _mean_loss(cut, batches) if blocks else None
+    loss = _mean_loss(cut, batches, loss_fn) if blocks else None
     rounds: list[dict] = []
     while True:
         best = None
@@ -148,7 +149,7 @@ def depth_cut(model: nn.Module, costs: CostModel, target_macs: float, batches: l
             after = costs.count(trial).macs
             if after < target_macs or after >= macs:
                 continue
-            rise = _mean_loss(trial, batches) - loss
+            rise = _mean_loss(trial, batches, loss_fn) - loss
             score = rise / (max(seconds[name], 1e-9) if per == "time" else macs - after)
             if best is None or score < best[0]:
                 best = (score, name, trial, after, rise)

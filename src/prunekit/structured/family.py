@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..costs import CostModel
+from ..losses import LossFn
 from ..options import Integer, OneOf, OptionError, Options, Real
 from .gates import GatedMacs
 from .groups import GroupSet
@@ -65,7 +66,9 @@ class ChannelContext:
     shares: the budgets as shares of the dense MACs, the asked one first (then taper's
     snapshots); batches(): the next epoch of (x, y) training batches; progress: called with
     each gate-training step's record, or None; teacher: a copy of the dense model, untouched (set by
-    ``pipeline.prune_channels``), for methods that train weights and may learn its outputs."""
+    ``pipeline.prune_channels``), for methods that train weights and may learn its outputs;
+    loss_fn: the loss the gates, the depth cut and the fine-tune train on (``prunekit.losses``;
+    None: cross-entropy)."""
 
     model: nn.Module
     costs: CostModel
@@ -76,6 +79,7 @@ class ChannelContext:
     example_input: torch.Tensor
     progress: Callable[[dict], None] | None = None
     teacher: nn.Module | None = None
+    loss_fn: LossFn | None = None
 
 
 @dataclass

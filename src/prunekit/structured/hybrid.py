@@ -54,7 +54,7 @@ def run_hybrid(ctx: ChannelContext, opts: HybridOptions) -> Cut:
                           "phase keeps more MACs than the final budget, FALCON removes the rest",
                           ("structured_flops", "flops"))
     masks, info = autobot_masks(ctx.model, ctx.groups, ctx.counter, opts.structured_flops * ctx.costs.macs,
-                                ctx.batches, opts, ctx.progress)
+                                ctx.batches, opts, ctx.progress, ctx.loss_fn)
     small = shrink(ctx.model, ctx.groups, masks, ctx.example_input)
     info["structured_macs"] = ctx.costs.count(small).macs
     return Cut({final: small}, {final: masks}, info)
@@ -70,7 +70,7 @@ def sparsify_shrunk(ctx: ChannelContext, small: nn.Module, share: float, opts: H
                              f"{ctx.costs.count(small).macs} by the dense model's: one counting rule broken")
     space = ParamSpace(small, costs=costs)
     budget = Budget(flops=Amount(float(int(share * ctx.costs.macs)), absolute=True)).resolve(costs, space)
-    pctx = PruneContext(small, space, costs, budget, ctx.batches, recalibrate_bn=recalibrate_bn)
+    pctx = PruneContext(small, space, costs, budget, ctx.batches, recalibrate_bn=recalibrate_bn, loss_fn=ctx.loss_fn)
     outcome = prune_weights(pctx, run_falcon, opts.falcon_options())
     return {"nonzeros": outcome.nonzeros, "prunable_weights": space.numel, "sparsity_of_shrunk": outcome.sparsity,
             "macs": outcome.counts.macs, "falcon": outcome.history, **{k: v for k, v in outcome.info.items()

@@ -120,7 +120,8 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
                 record["loss"] = train_epoch(small, ctx.batches(), optimizer, schedule,
                                              f"fine-tune {epoch}/{opts.finetune_epochs}", progress,
                                              teacher=dense if opts.finetune_distill else None,
-                                             distill=opts.finetune_distill, temperature=opts.finetune_temperature)
+                                             distill=opts.finetune_distill, temperature=opts.finetune_temperature,
+                                             loss_fn=ctx.loss_fn)
             finally:
                 if hold is not None:
                     hold.remove()
@@ -160,14 +161,14 @@ def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> Cut:
         return run(ctx, opts)
     batches = list(itertools.islice(ctx.batches(), opts.depth_batches))
     model, info = depth_cut(ctx.model, ctx.costs, opts.depth_flops * ctx.costs.macs, batches, opts.depth_per,
-                            ctx.progress)
+                            ctx.progress, ctx.loss_fn)
     costs = CostModel(model, ctx.example_input)
     # shares of the cut model's MACs; a hair lower so that rounding never lifts a budget past the dense one's
     scale = ctx.costs.macs / costs.macs * (1 - 1e-12)
     shares = {share * scale: share for share in ctx.shares}
     inner = channel_context(model, costs, ctx.example_input, list(shares), opts.channel_multiple, ctx.batches,
                             ctx.progress, opts.residual_channels)
-    inner.teacher = ctx.teacher
+    inner.teacher, inner.loss_fn = ctx.teacher, ctx.loss_fn
     cut = run(inner, opts)
     return Cut({shares[s]: m for s, m in cut.models.items()}, {shares[s]: m for s, m in cut.masks.items()},
                {**cut.info, "depth": info})

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ..errors import PrunekitError
+from ..losses import LossFn, mean_loss
 from ..options import Integer, Real, Shares
 from ..train import distillation_loss
 from .gates import GatedMacs, GateHooks, fold_gates
@@ -118,12 +119,13 @@ class Snapshot:
 
 def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budgets: list[float],
                     batches, example_input: torch.Tensor, options: TaperOptions, progress=None,
-                    teacher: nn.Module | None = None) -> tuple[list[Snapshot], dict]:
+                    teacher: nn.Module | None = None, loss_fn: LossFn | None = None) -> tuple[list[Snapshot], dict]:
     """Run the tapering Lagrangian on ``model`` (modified in place: its weights are trained).
 
     ``budgets``: shares of dense MACs kept, each in (0, 1); snapshots come out largest first.
     ``batches()``: a fresh iterable of (x, y) per epoch. ``teacher``: the dense model, used (in
-    eval mode, no gradients) when ``options.taper_distill`` > 0.
+    eval mode, no gradients) when ``options.taper_distill`` > 0. ``loss_fn``: the task loss
+    (``prunekit.losses``; None: cross-entropy).
     """
     if options.taper_distill and teacher is None:
         raise PrunekitError("taper_distill needs the dense model as the teacher: pass teacher=")
@@ -179,7 +181,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                     task = distillation_loss(model(x), teacher_logits, y, options.taper_distill,
                                              options.taper_temperature)
                 else:
-                    task = nn.functional.cross_entropy(model(x), y)
+                    task = mean_loss(loss_fn, model(x), y)
                 c = (macs - budget) / dense
                 c32 = c.float()
                 loss = task + lam * c32 + options.penalty / 2 * c32 ** 2 + options.gamma * bool_loss(gates)
@@ -284,6 +286,6 @@ def _snapshot(model, groups, counter, logits, temperature, budget, step, example
 def run_taper(ctx: ChannelContext, opts: TaperOptions) -> Cut:
     """The tapering Lagrangian as a channel method: one run, a shrunk model at every share."""
     shots, info = taper_snapshots(ctx.model, ctx.groups, ctx.counter, ctx.shares, ctx.batches, ctx.example_input,
-                                  opts, ctx.progress, ctx.teacher)
+                                  opts, ctx.progress, ctx.teacher, ctx.loss_fn)
     info["on_schedule"] = {f"{s.budget:g}": s.reached_by_schedule for s in shots}
     return Cut({s.budget: s.model for s in shots}, {s.budget: s.masks for s in shots}, info)
