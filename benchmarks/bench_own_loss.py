@@ -5,8 +5,7 @@
 An MLP autoencoder (784-256-32-256-784, ReLU) is trained here, seeded, on the MNIST training
 images (mean squared error of the normalized pixels; 8 epochs of Adam), then pruned one shot at
 each sparsity by magnitude (global, per-layer uniform) and by CHITA / CHITA++ (n = 500, 5 stages),
-all with ``loss=nn.MSELoss()``, every row in its own
-process with one thread. Reported: the reconstruction error on the 10,000 test images and on the
+all with ``loss=nn.MSELoss()``, every row in its own process with one thread. Reported: the reconstruction error on the 10,000 test images and on the
 first 10,000 training images, seconds. BatchNorm plays no part (there is none): what differs is
 the quadratic model of the loss the user gave.
 """
