@@ -36,9 +36,9 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from . import layer_grads
-from .losses import LossFn, mean_loss, summed_loss
 from .data.loaders import samples_per_pass
 from .errors import PrunekitError, PrunekitWarning
+from .losses import LossFn, mean_loss, summed_loss
 from .options import OptionError
 from .params import Entry, ParamSpace
 

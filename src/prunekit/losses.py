@@ -1,4 +1,4 @@
-"""The loss the weights methods differentiate and judge by, and evaluations report.
+"""The loss every method trains, differentiates and judges by, and evaluations report.
 
 Default: cross-entropy on class indices (a classifier's logits). ``prunekit.prune(..., loss=f)``
 takes the user's ``f(outputs, targets) -> scalar tensor``: the **mean over the batch** of the

@@ -93,8 +93,9 @@ class Result:
     methods a new, smaller one). sparsity: share of prunable weights removed (weights methods);
     flops_kept / params_kept: shares of the dense MACs / parameters kept (all in [0, 1]);
     macs: MACs per example; accuracy / dense_accuracy: top-1 % on ``eval_data`` (None without
-    it, or with the user's ``loss``); loss / dense_loss: the mean loss on ``eval_data``; history: one record per stage, event or phase; record: everything, as the CLI's
-    ``--json`` prints it; snapshots: taper's other budgets (share -> Result).
+    it, or with the user's ``loss``); loss / dense_loss: the mean loss on ``eval_data``; history:
+    one record per stage, event or phase; record: everything, as the CLI's ``--json`` prints it;
+    snapshots: taper's other budgets (share -> Result).
     """
 
     model: nn.Module
@@ -122,7 +123,8 @@ class Result:
                    flops_kept=record["flops_kept"], params_kept=record["params_kept"], nonzeros=record["nonzeros"],
                    macs=record["macs"], dense_macs=record["dense_macs"], seconds=record["seconds"],
                    accuracy=record.get("accuracy"), dense_accuracy=record.get("dense_accuracy"),
-                   loss=record.get("loss"), dense_loss=record.get("dense_loss"), history=record.get(HISTORY_KEY[record["mode"]], []), out=out,
+                   loss=record.get("loss"), dense_loss=record.get("dense_loss"),
+                   history=record.get(HISTORY_KEY[record["mode"]], []), out=out,
                    record=record)
 
     def summary(self) -> str:

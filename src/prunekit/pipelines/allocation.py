@@ -27,8 +27,9 @@ from ..train import recalibrate_batchnorm
 
 
 class RecalibratedLoss:
-    """loss(w): mean cross-entropy of ``model`` with prunable weights w (p,), after BatchNorm
-    re-estimation on ``calibration`` batches, on ``judge`` batches (both lists of (x, y))."""
+    """loss(w): the mean loss (cross-entropy, or the user's) of ``model`` with prunable weights
+    w (p,), after BatchNorm re-estimation on ``calibration`` batches, on ``judge`` batches (both
+    lists of (x, y))."""
 
     def __init__(self, model: nn.Module, space: ParamSpace, calibration: list, judge: list,
                  loss_fn: LossFn | None = None):

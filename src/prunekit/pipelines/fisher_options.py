@@ -101,8 +101,8 @@ class FalconOptions(QuadraticOptions):
     layer_search_mode: where the search runs in a multi-stage run (one stage: all the same):
         "ahead" (default): at every stage, each trial judged by the candidate at the *final* budget
                  solved from this stage's quadratic model; the multipliers found prune to this
-                 stage's budget (won or tied against "stage" in every comparison measured, at the
-                 same number of searches; docs/benchmarks.md);
+                 stage's budget (at least as good as "stage" in the mean of every comparison
+                 measured, for the same number of searches; docs/benchmarks.md);
         "stage": at every stage, each trial judged at that stage's own budget, starting from the
                  previous stage's multipliers;
         "first": once, at stage 1 (the dense model), judged at the final budget, as one shot

@@ -76,9 +76,9 @@ def remove_blocks(model: nn.Module, names: list[str]) -> nn.Module:
 
 
 def _mean_loss(model: nn.Module, batches: list, loss_fn: LossFn | None = None) -> float:
-    """Mean loss (``prunekit.losses``; None: cross-entropy) of a copy of ``model`` with BatchNorm on each batch's own statistics (as
-    after recalibration: a removed block shifts the statistics of every layer after it) and
-    everything else in eval mode; ``model`` itself is not changed."""
+    """Mean loss (``prunekit.losses``; None: cross-entropy) of a copy of ``model`` with BatchNorm
+    on each batch's own statistics (as after recalibration: a removed block shifts the statistics
+    of every layer after it) and everything else in eval mode; ``model`` itself is not changed."""
     probe = copy.deepcopy(model).eval()
     for module in probe.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
