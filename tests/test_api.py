@@ -206,6 +206,7 @@ def test_a_regression_model_prunes_with_its_own_loss():
             assert result.record["dense_loss"] == pytest.approx(float(mse(net(x), y)), rel=1e-5)
         assert f"loss {result.dense_loss:.4g} -> {result.loss:.4g}" in result.summary()
     assert results["chita"].loss < 0.5 * results["magnitude"].loss
+    assert results["chita"].record["loss_function"] == "MSELoss"
     gradual = prunekit.prune(copy.deepcopy(net), (x, y), method="chita", sparsity=0.7, eval_data=(x, y), loss=mse,
                              fisher_samples=128, gradual=True, events=2, epochs_per_event=1, final_epochs=2)
     assert gradual.loss < results["chita"].loss                 # fine-tuned on the MSE between events
@@ -237,3 +238,17 @@ def test_channel_methods_train_on_the_users_loss(method, options):
     trained = sum(calls)                              # calls with autograd on: training steps
     assert trained >= 4 + 4 * options.get("finetune_epochs", 0)
     assert CostModel(net, x[:1]).count(result.model).flops_kept == pytest.approx(result.flops_kept)
+
+
+def test_a_run_folder_belongs_to_one_loss(tmp_path):
+    """The loss is part of the request a run folder holds: the same call resumes (a finished run
+    is read back), another loss is refused."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randn(64, 2)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    run = dict(method="chita", sparsity=0.5, fisher_samples=32, out=str(tmp_path / "run"))
+    first = prunekit.prune(copy.deepcopy(net), (x, y), loss=nn.MSELoss(), **run)
+    again = prunekit.prune(copy.deepcopy(net), (x, y), loss=nn.MSELoss(), **run)
+    assert again.record == first.record
+    with pytest.raises(prunekit.PrunekitError, match="holds another run"):
+        prunekit.prune(copy.deepcopy(net), (x, y), loss=nn.L1Loss(), **run)

@@ -29,6 +29,7 @@ from .api_checks import check_arguments, check_data, check_labels, first_batch
 from .data.loaders import BatchLoader
 from .errors import PrunekitError
 from .executor import execute
+from .losses import loss_name
 from .methods import Method
 from .record import Result
 from .request import PruneRequest
@@ -97,6 +98,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         folder = RunFolder(out)
         config = {"model_class": type(model).__name__, "method": plan.method.name, **budget, "include": include,
                   "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
+                  **({"loss": loss_name(loss)} if loss is not None else {}),
                   **{k: v for k, v in options.items() if not callable(v)}}
         claim(folder, recipes.dump_recipe(config), force=force)
     record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress,

@@ -26,6 +26,11 @@ def summed_loss(loss_fn: LossFn | None, outputs: torch.Tensor, targets: torch.Te
     return loss_fn(outputs, targets) * targets.shape[0]
 
 
+def loss_name(loss_fn: LossFn) -> str:
+    """How records and run folders name the user's loss: its function or class name."""
+    return getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+
 def mean_loss(loss_fn: LossFn | None, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The mean over the batch of the per-sample losses; ``loss_fn`` None: cross-entropy."""
     if loss_fn is None:

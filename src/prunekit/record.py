@@ -8,11 +8,10 @@ sidecar (and, for a shrunk model, its channel layout) plus ``result.json``.
 Record keys: model, method, family, mode (one-shot | multi-stage | gradual | structured),
 request (the budget as asked), sparsity, nonzeros (weights methods), flops_kept, params_kept,
 macs, dense_macs, params, dense_params, budget_max_nonzeros, budget_max_macs, dense_accuracy,
-accuracy, dense_loss, loss (None without evaluation data; accuracy None with the user's ``loss``),
-seconds (pruning, BatchNorm included; the evaluations of each stage's record are not: their time
-is the stage's ``eval_seconds``), peak_rss_mb
-(this process's peak resident memory when the record was made), options
-(the method's, resolved), then the method's own facts (``ilp_gap``, ``kept_channels`` ...) and
+accuracy, dense_loss, loss (None without evaluation data; accuracy None with the user's ``loss``,
+named in loss_function), seconds (pruning, BatchNorm included; the evaluations of each stage's
+record are not: their time is the stage's ``eval_seconds``), peak_rss_mb (this process's peak
+resident memory when the record was made), options (the method's, resolved), then the method's own facts (``ilp_gap``, ``kept_channels`` ...) and
 its history: ``stages`` (weights), ``events`` (gradual), ``phases`` (structured).
 """
 
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .losses import loss_name
 from .pipelines.weights import Outcome
 from .saving import atomic_write_json, save_model
 from .zoo.layout import channel_layout
@@ -67,6 +67,8 @@ def build_record(plan, outcome: Outcome, dense: dict, final: dict, seconds: floa
               "dense_loss": dense.get("loss"), "loss": final.get("loss"),
               "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "options": plan.options.to_dict(), **outcome.info,
               HISTORY_KEY[plan.mode]: outcome.history}
+    if plan.request.loss is not None:
+        record["loss_function"] = loss_name(plan.request.loss)
     if plan.mode == "gradual":
         record["gradual"] = True
     if plan.mode == "structured":
