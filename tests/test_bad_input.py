@@ -241,6 +241,7 @@ PY_CASES = [
     ({"sparsity": 1.5}, "out of range"),
     ({"sparsity": -0.1}, "out of range"),
     ({"sparsity": None, "flops": 0}, "(0, 1]"),
+    ({"sparsity": None, "flops": 1e-6}, "keeps no prunable weight"),      # every weight costs MACs
     ({"sparsity": "abc"}, "not a number"),
     # method options
     ({"method": "chita", "fisher_samples": 0}, "fisher_samples"),

@@ -120,7 +120,8 @@ class Budget:
         prunable_params = p
         other_params = costs.params - prunable_params
         # Everything the prunable weights do not pay for: excluded layers, attention products.
-        fixed_macs = costs.macs - int(space.macs_per_weight(costs).sum())
+        macs_per_weight = space.macs_per_weight(costs)
+        fixed_macs = costs.macs - int(macs_per_weight.sum())
         k = p
         if self.sparsity is not None:
             k = min(k, self._keep_count(self.sparsity, p, "sparsity"))
@@ -128,7 +129,9 @@ class Budget:
             k = min(k, self._params_keep(self.params, costs.params, other_params))
         max_macs = None
         if self.flops is not None:
-            max_macs = self._macs_cap(self.flops, costs.macs, fixed_macs)
+            # with weights that cost no MACs (embeddings) some weight always fits
+            cheapest = None if bool((macs_per_weight == 0).any()) else int(macs_per_weight.min())
+            max_macs = self._macs_cap(self.flops, costs.macs, fixed_macs, cheapest)
         return ResolvedBudget(max_nonzeros=k, max_macs=max_macs, total_prunable=p, fixed_macs=fixed_macs)
 
     @staticmethod
@@ -160,7 +163,9 @@ class Budget:
         return int(limit - other)
 
     @staticmethod
-    def _macs_cap(amount: Amount, dense: int, fixed: int) -> int:
+    def _macs_cap(amount: Amount, dense: int, fixed: int, cheapest: int | None = None) -> int:
+        """MACs the prunable weights may keep; ``cheapest``: the MACs of the cheapest prunable
+        weight, when every one costs some (a cap under it would remove them all)."""
         if not amount.absolute and not 0 < amount.value <= 1:
             raise OptionError(f"flops {amount.value} is out of range: {SHARE_MEANING['flops']} "
                                 f"must be in {SHARE_RANGE['flops']}, e.g. 0.3 keeps 30%", ("flops",))
@@ -169,4 +174,9 @@ class Budget:
             raise OptionError(f"flops {limit:.0f} MACs is infeasible: the dense model has "
                                 f"{dense} MACs and layers that are not pruned take {fixed}; ask for "
                                 f"more than {fixed / dense:.4f} and at most 1 (or {fixed + 1} to {dense} MACs)", ("flops",))
+        if cheapest is not None and int(math.floor(limit)) - fixed < cheapest:
+            raise OptionError(f"flops {amount.value:g}{' MACs' if amount.absolute else ''} keeps no prunable weight: "
+                              f"the cheapest costs {cheapest} MACs; ask for at least "
+                              f"{(fixed + cheapest) / dense:.6f} (or {fixed + cheapest} MACs)", ("flops",))
         return int(math.floor(limit)) - fixed
+
