@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit import zoo
+from prunekit import saving, zoo
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
 
@@ -31,6 +31,22 @@ MNIST_DIR = str(ASSETS / "mnist")
 
 
 # --- the user's folder ------------------------------------------------------------------------
+
+MODEL_FILE = """from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+
+def needs_args(width):
+    return nn.Linear(784, width)
+
+
+def not_a_model():
+    return 3
+"""
+
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
@@ -48,6 +64,12 @@ def home(tmp_path_factory):
     with open(d / "plain.pkl", "wb") as f:
         pickle.dump({"fc1.weight": [[1.0]]}, f, protocol=4)
     torch.save({"state_dict": zoo.build("resnet20").state_dict()}, d / "resnet20.pth")
+    (d / "net.py").write_text(MODEL_FILE)
+    (d / "broken.py").write_text("import torch\nSCALE = 1 / 0\n")
+    (d / "own").mkdir()
+    saving.save_model(nn.Linear(2, 2), d / "own" / "model.safetensors",
+                      {"model": f"{d}/net.py:build", "input_shape": [1, 28, 28],
+                       "normalization": {"mean": [0.0], "std": [1.0]}})
     run = d / "run"                       # a run folder made with other options
     run.mkdir()
     (run / "config.toml").write_text('model = "mlpnet"\nmethod = "chita"\nsparsity = "0.5"\n')
@@ -170,7 +192,27 @@ CLI_CASES = [
     (["sweep", *MLP, *MNIST, "--method", "nope", "--sparsity", "0.5", "--out", f"{H}/sweep"], "unknown method"),
     (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "0.6", "--flops", "0.5", "0.4", "0.3", "--out", f"{H}/sweep"],
      "same length"),
-    (["export", f"{H}/adir", "--onnx"], "no zoo model"),
+    (["export", f"{H}/adir", "--onnx"], "no prunekit model"),
+    (["export", f"{H}/own", "--onnx"], "name its file again, --model"),
+    # a model of the user's own: --model net.py:FUNCTION
+    (["prune", "--model", f"{H}/net.py", *MNIST, "--sparsity", "0.5"], "names a file but no function"),
+    (["prune", "--model", f"{H}/net.py:2x", *MNIST, "--sparsity", "0.5"], "not a Python function name"),
+    (["prune", "--model", f"{H}/nope.py:build", *MNIST, "--sparsity", "0.5"], "does not exist"),
+    (["prune", "--model", f"{H}/net.py:missing", *MNIST, "--sparsity", "0.5"], "it defines build, needs_args"),
+    (["prune", "--model", f"{H}/net.py:needs_args", *MNIST, "--sparsity", "0.5"], "needs arguments (width)"),
+    (["prune", "--model", f"{H}/net.py:not_a_model", *MNIST, "--sparsity", "0.5"], "returned a int"),
+    (["prune", "--model", f"{H}/broken.py:build", *MNIST, "--sparsity", "0.5"],
+     "ZeroDivisionError: division by zero (broken.py line 2)"),
+    (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5"], "--normalize none"),
+    (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5"], "MEANS/STDS"),
+    (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5,0.5/1,1"],
+     "gives 2 channel(s) but the images have 1"),
+    ([*PRUNE, "--sparsity", "0.5", "--normalize", "none"], "is for a model file"),
+    (["info", f"{H}/net.py:build"], "--input-shape"),
+    (["info", f"{H}/net.py:build", "--input-shape", "1,28"], "not C,H,W"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "net.py:build' model"),
+    (["eval", "--model", f"{H}/net.py:needs_args", "--checkpoint", f"{H}/own/model.safetensors", *MNIST],
+     "load it as --model"),
     (["export", f"{H}/adir"], "--onnx"),
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir", "--threads", "0"], "positive"),
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir"], "no pruned model"),

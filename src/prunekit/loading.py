@@ -7,13 +7,14 @@ shape or class count does not fit the model.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import zoo
+from . import user_models, zoo
 from .data import ImageDataset, Normalization, load_dataset
 from .errors import PrunekitError
 from .saving import read_meta
@@ -36,48 +37,126 @@ class LoadedModel:
     model: nn.Module
     name: str
     build_kwargs: dict
-    normalization: Normalization
-    input_shape: tuple[int, int, int]
+    normalization: Normalization | None    # None: a model file whose normalization was not given
+    input_shape: tuple[int, int, int] | None   # None: a model file whose input shape is not known yet
     prune_exclude: list[str]
 
     def example_input(self) -> torch.Tensor:
+        if self.input_shape is None:
+            raise PrunekitError(f"the input shape of {self.name} is unknown: give --input-shape C,H,W")
         return torch.zeros(1, *self.input_shape, device=next(self.model.parameters()).device)
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: int | None = None,
-               in_channels: int | None = None, dataset: str | None = None) -> LoadedModel:
-    """Build zoo model ``name`` and load ``checkpoint`` into it.
+               in_channels: int | None = None, dataset: str | None = None,
+               input_shape: tuple[int, int, int] | None = None,
+               normalization: Normalization | str | None = None) -> LoadedModel:
+    """Build zoo model ``name`` (or a model file ``net.py:function``) and load ``checkpoint`` into it.
 
-    A prunekit-saved ``.safetensors`` file carries a JSON sidecar with its build arguments and
-    normalization, which win over the arguments here. Reference checkpoints use the zoo's
-    normalization for that model; a model built for a data set other than its reference one
-    (e.g. ResNet-20 on Fashion-MNIST) uses that data set's normalization.
+    A prunekit-saved ``.safetensors`` file carries a JSON sidecar with its build arguments,
+    input shape and normalization, which win over the arguments here. Reference checkpoints use
+    the zoo's normalization for that model; a model built for a data set other than its
+    reference one (e.g. ResNet-20 on Fashion-MNIST) uses that data set's normalization.
+
+    A model file has no spec: its ``input_shape`` (C, H, W) comes from the sidecar or the
+    argument (the data's image shape), its ``normalization`` from the sidecar or the argument
+    (a :class:`Normalization`, or ``"none"`` for pixels in [0, 1]); without one it is None and
+    the commands that feed it images refuse (``check_normalized``).
     """
+    if user_models.is_model_file(name):
+        return _load_model_file(name, checkpoint, input_shape, normalization)
+    if normalization is not None:
+        raise PrunekitError(f"--normalize is for a model file (net.py:function); zoo model {name!r} "
+                            "uses the normalization its checkpoint was trained with")
     spec = zoo.spec(name)   # refuses an unknown name, suggesting the closest
     meta = read_meta(checkpoint) if checkpoint is not None else {}
     if meta.get("model") not in (None, name):
         raise PrunekitError(f"{checkpoint} holds a {meta['model']!r} model, not {name!r}: "
-                            f"load it as {meta['model']!r}")
+                            f"load it as --model {meta['model']}")
     build_kwargs = meta.get("build_kwargs") or {k: v for k, v in
                                                 (("num_classes", num_classes), ("in_channels", in_channels))
                                                 if v is not None}
     model = zoo.build(name, **build_kwargs)
-    if "channel_layout" in meta:   # a structurally pruned (shrunk) model: resize its layers first
-        apply_layout(model, meta["channel_layout"])
-    if checkpoint is not None:
-        zoo.load_checkpoint(model, checkpoint)
+    _load_weights(model, checkpoint, meta)
     channels = build_kwargs.get("in_channels", spec.input_shape[0])
     input_shape = (channels, *spec.input_shape[1:])
     if "normalization" in meta:
-        norm = Normalization(tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"]))
+        norm = _saved_normalization(meta)
     elif dataset is not None and dataset != spec.dataset and dataset in DATASET_NORMALIZATION:
         norm = DATASET_NORMALIZATION[dataset]
     else:
         norm = Normalization(tuple(spec.mean), tuple(spec.std))
     if "input_shape" in meta:
         input_shape = tuple(meta["input_shape"])
-    model.eval()
-    return LoadedModel(model, name, build_kwargs, norm, input_shape, list(spec.prune_exclude))
+    return LoadedModel(model.eval(), name, build_kwargs, norm, input_shape, list(spec.prune_exclude))
+
+
+def _load_model_file(name: str, checkpoint, input_shape, normalization) -> LoadedModel:
+    meta = read_meta(checkpoint) if checkpoint is not None else {}
+    saved = meta.get("model")
+    if saved is not None and not (user_models.is_model_file(saved)
+                                  and user_models.function_name(saved) == user_models.function_name(name)):
+        raise PrunekitError(f"{checkpoint} holds a {saved!r} model, not {name!r}: load it as --model {saved}")
+    model = user_models.build_model(name)
+    if meta.get("model_file_sha256") not in (None, user_models.file_digest(name)):
+        warnings.warn(f"{user_models.parse(name)[0]} changed since {checkpoint} was saved: if the model's "
+                      "forward changed, so do its outputs", stacklevel=2)
+    _load_weights(model, checkpoint, meta)
+    if "input_shape" in meta:
+        input_shape = tuple(meta["input_shape"])
+    if isinstance(normalization, str):
+        normalization = parse_normalization(normalization, input_shape)
+    if "normalization" in meta:
+        if normalization is not None and normalization != _saved_normalization(meta):
+            saved_norm = _saved_normalization(meta)
+            raise PrunekitError(f"--normalize differs from the normalization {checkpoint} was saved with "
+                                f"({normalization_text(saved_norm)}): leave --normalize out")
+        normalization = _saved_normalization(meta)
+    return LoadedModel(model, name, {}, normalization, input_shape, [])
+
+
+def _load_weights(model: nn.Module, checkpoint, meta: dict) -> None:
+    if "channel_layout" in meta:   # a structurally pruned (shrunk) model: resize its layers first
+        apply_layout(model, meta["channel_layout"])
+    if checkpoint is not None:
+        zoo.load_checkpoint(model, checkpoint)
+
+
+def _saved_normalization(meta: dict) -> Normalization:
+    return Normalization(tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"]))
+
+
+def parse_normalization(text: str, input_shape: tuple[int, ...] | None) -> Normalization:
+    """``"0.5,0.5,0.5/0.25,0.25,0.25"`` (means / stds, pixels in [0, 1]), or ``"none"``."""
+    if text.strip().lower() == "none":
+        if input_shape is None:
+            raise PrunekitError("--normalize none needs the input's channel count: give the data set too")
+        return Normalization((0.0,) * input_shape[0], (1.0,) * input_shape[0])
+    means, sep, stds = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        mean, std = tuple(float(v) for v in means.split(",")), tuple(float(v) for v in stds.split(","))
+    except ValueError:
+        raise PrunekitError(f"--normalize {text!r} is not MEANS/STDS: write e.g. 0.4914,0.4822,0.4465/"
+                            "0.2470,0.2435,0.2616 (per channel, pixels scaled to [0, 1]) or none") from None
+    norm = Normalization(mean, std)
+    if input_shape is not None and len(norm.mean) != input_shape[0]:
+        raise PrunekitError(f"--normalize gives {len(norm.mean)} channel(s) but the images have {input_shape[0]}: "
+                            "give one mean and one std per channel")
+    return norm
+
+
+def normalization_text(norm: Normalization) -> str:
+    """The ``--normalize`` form of ``norm``."""
+    return f"{','.join(map(str, norm.mean))}/{','.join(map(str, norm.std))}"
+
+
+def check_normalized(loaded: LoadedModel) -> None:
+    """Refuse to feed images to a model file whose input normalization nobody gave."""
+    if loaded.normalization is None:
+        raise PrunekitError(f"say how {loaded.name}'s inputs were normalized in training: --normalize MEANS/STDS "
+                            "(per channel, pixels in [0, 1], e.g. 0.5,0.5,0.5/0.5,0.5,0.5) or --normalize none")
 
 
 def load_data(name: str, data_dir: str | Path, split: str, limit: int | None = None,

@@ -8,15 +8,22 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from .. import zoo
+from .. import user_models, zoo
 from ..data import DATASET_NAMES, make_loader
 from .. import report
-from ..loading import LoadedModel, check_fits, load_data, load_model
+from ..loading import LoadedModel, check_fits, check_normalized, load_data, load_model
+
+
+MODEL_HELP = (f"zoo model ({', '.join(zoo.MODEL_NAMES)}) or your own: net.py:FUNCTION, a function of that "
+              "file that returns the nn.Module (called with no arguments)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=f"zoo model: {', '.join(zoo.MODEL_NAMES)}")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--checkpoint", help="weights to load (.pth/.th/.ckpt/.pth.tar or a prunekit .safetensors)")
+    p.add_argument("--normalize", metavar="MEANS/STDS", help="for a model file: the per-channel input "
+                   "normalization it was trained with, pixels in [0, 1] (e.g. 0.5,0.5,0.5/0.25,0.25,0.25), "
+                   "or none; a prunekit-saved checkpoint remembers it")
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bool = True,
@@ -32,20 +39,33 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bo
 
 
 def loaded_model(args) -> LoadedModel:
-    loaded = load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None))
+    input_shape = None
+    if user_models.is_model_file(args.model) and getattr(args, "data", None) and args.data_dir:
+        input_shape = tuple(evaluation_split(args.data, args.data_dir, args.eval_split).image_shape)
+    loaded = load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None), input_shape=input_shape,
+                        normalization=getattr(args, "normalize", None))
     if getattr(args, "device", None):           # every tensor follows the model (solvers included)
         loaded.model.to(args.device)
     return loaded
 
 
+@lru_cache(maxsize=1)
+def evaluation_split(name: str, data_dir: str, split: str):
+    """The evaluation images, read once (a model file's input shape is theirs)."""
+    return load_data(name, data_dir, split)
+
+
 def eval_data(args, loaded: LoadedModel):
-    ds = load_data(args.data, args.data_dir, args.eval_split)
+    ds = evaluation_split(args.data, args.data_dir, args.eval_split)
     check_fits(loaded, ds, f"{args.data} {args.eval_split}")
+    check_normalized(loaded)
     return make_loader(ds, loaded.normalization, batch_size=args.batch_size)
 
 
 def training_batches(args, loaded: LoadedModel):
     """A function giving training batches, loading the training split on first use only."""
+
+    check_normalized(loaded)
 
     @lru_cache(maxsize=1)
     def dataset():
@@ -62,9 +82,13 @@ def training_batches(args, loaded: LoadedModel):
 
 
 def describe(loaded: LoadedModel) -> dict:
-    """How to rebuild the zoo model: what its saved sidecar holds besides the result."""
-    return {"model": loaded.name, "build_kwargs": loaded.build_kwargs, "input_shape": list(loaded.input_shape),
-            "normalization": {"mean": list(loaded.normalization.mean), "std": list(loaded.normalization.std)}}
+    """How to rebuild the model: what its saved sidecar holds besides the result (for a model
+    file, the SHA-256 of the code it was built with, to tell later whether it changed)."""
+    described = {"model": loaded.name, "build_kwargs": loaded.build_kwargs, "input_shape": list(loaded.input_shape),
+                 "normalization": {"mean": list(loaded.normalization.mean), "std": list(loaded.normalization.std)}}
+    if user_models.is_model_file(loaded.name):
+        described["model_file_sha256"] = user_models.file_digest(loaded.name)
+    return described
 
 
 def model_file(path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import zoo
+from .. import user_models, zoo
 from .. import export
 from ..errors import PrunekitError
 from ..loading import load_model
@@ -18,10 +18,14 @@ def cmd_export(args) -> int:
         raise PrunekitError("say what to export: --onnx, --torchscript, --dense and/or --sparse")
     path = Path(args.run) / "model.safetensors"
     meta = read_meta(path) if path.exists() else {}
-    if meta.get("model") not in zoo.MODEL_NAMES:
-        raise PrunekitError(f"{args.run} holds no zoo model (model.safetensors + model.json): pass a run "
-                            "folder of `prunekit prune --out`; for your own model use prunekit.export in Python")
-    loaded = load_model(meta["model"], path)
+    saved = meta.get("model")
+    if saved is None or (saved not in zoo.MODEL_NAMES and not user_models.is_model_file(saved)):
+        raise PrunekitError(f"{args.run} holds no prunekit model (model.safetensors + model.json): pass a run "
+                            "folder of `prunekit prune --out` (a model of your own in Python: prunekit.export)")
+    if user_models.is_model_file(saved) and args.model is None:
+        raise PrunekitError(f"{args.run} holds a model built by {saved}: name its file again, --model "
+                            f"path/to/{Path(user_models.parse(saved)[0]).name}:{user_models.function_name(saved)}")
+    loaded = load_model(args.model or saved, path)
     written = export.export_all(loaded.model, loaded.example_input(), Path(args.run) / "export", formats)
     emit(args, {"files": written}, [f"{f['format']:<12} {f['path']}  {f['bytes']:,} bytes"
                                      + (f"  ({f['note']})" if f.get("note") else "") for f in written])
@@ -31,6 +35,8 @@ def cmd_export(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a run folder's model: ONNX, TorchScript, dense or sparse weights")
     p.add_argument("run", metavar="DIR", help="run folder (or a folder with model.safetensors + model.json)")
+    p.add_argument("--model", metavar="FILE.py:FUNCTION", help="the model file a model of your own was built "
+                   "by (never imported from the run folder's record)")
     p.add_argument("--onnx", action="store_true", help="write DIR/export/model.onnx")
     p.add_argument("--torchscript", action="store_true", help="write DIR/export/model.torchscript.pt (traced)")
     p.add_argument("--dense", action="store_true", help="write DIR/export/model-dense.safetensors (zeros kept)")

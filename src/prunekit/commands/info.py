@@ -3,18 +3,18 @@ against the zoo model they came from)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
-from .. import zoo
 from ..costs import CostModel, Counts
 from ..loading import load_model
 from ..params import ParamSpace
 from ..saving import read_meta
-from .common import model_file
+from .common import MODEL_HELP, model_file
 
 
 def cmd_info(args) -> int:
-    loaded = load_model(args.model, args.checkpoint)
+    loaded = load_model(args.model, args.checkpoint, input_shape=args.input_shape)
     costs = CostModel(loaded.model, loaded.example_input())
     counts = costs.count(loaded.model)
     rows = []
@@ -31,7 +31,7 @@ def cmd_info(args) -> int:
               "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,
               "prunable_macs": prunable_macs, "prunable_excluded": loaded.prune_exclude,
               "unknown_modules": costs.unknown}
-    shrunk = shrunk_summary(args.model, args.checkpoint, counts)
+    shrunk = shrunk_summary(args.model, args.checkpoint, counts, loaded.input_shape)
     if shrunk:
         totals["shrunk"] = shrunk
     if args.json:
@@ -67,11 +67,11 @@ def cmd_info(args) -> int:
     return 0
 
 
-def shrunk_summary(name: str, checkpoint, counts: Counts) -> dict | None:
-    """For a shrunk model: its MACs and params against the zoo model it came from; else None."""
+def shrunk_summary(name: str, checkpoint, counts: Counts, input_shape) -> dict | None:
+    """For a shrunk model: its MACs and params against the model it came from; else None."""
     if checkpoint is None or "channel_layout" not in read_meta(model_file(checkpoint)):
         return None
-    dense = load_model(name)
+    dense = load_model(name, input_shape=input_shape)
     costs = CostModel(dense.model, dense.example_input())
     return {"macs": counts.macs, "dense_macs": costs.macs, "flops_kept": counts.macs / costs.macs,
             "params": counts.params, "dense_params": costs.params, "params_kept": counts.params / costs.params}
@@ -86,7 +86,19 @@ def shrunk_line(s: dict) -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="per-layer parameters and MACs of a model")
-    p.add_argument("model", help=f"zoo model: {', '.join(zoo.MODEL_NAMES)}")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--checkpoint", help="count this checkpoint (nonzero-aware for pruned models)")
+    p.add_argument("--input-shape", type=input_shape, metavar="C,H,W",
+                   help="for a model file without a prunekit checkpoint: the shape of one input example")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
+
+
+def input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not C,H,W (three positive integers, e.g. 3,32,32)")
+    return shape

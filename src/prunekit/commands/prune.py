@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed, recipes, report, runs
+from .. import distributed, recipes, report, runs, user_models
 from ..api_checks import check_out
 from ..errors import PrunekitError
 from ..executor import execute
@@ -91,6 +91,8 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
         for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
             if config.get(key) is not None:
                 config[key] = str(Path(config[key]).resolve())
+        if user_models.is_model_file(config["model"]):
+            config["model"] = user_models.resolved(config["model"])
         runs.claim(folder, recipes.dump_recipe(config), resume=bool(getattr(args, "resume", None)),
                    force=bool(getattr(args, "force", False)))
         distributed.current().barrier()

@@ -1,4 +1,4 @@
-"""``prunekit train``: train a zoo model on a data set (SGD, cosine learning rate)."""
+"""``prunekit train``: train a zoo model (or a model file) on a data set (SGD, cosine learning rate)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..costs import CostModel
 from ..distributed import is_main_process
 from ..errors import PrunekitError
 from ..data import load_dataset, make_loader
-from ..loading import check_fits, load_model
+from ..loading import check_fits, check_normalized, load_model
 from ..record import save_pruned
 from ..train import evaluate, train_epochs
 from ..record import peak_rss_mb
@@ -26,8 +26,10 @@ def cmd_train(args) -> int:
     test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test")
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
-                        in_channels=train_ds.image_shape[0], dataset=args.data)
+                        in_channels=train_ds.image_shape[0], dataset=args.data,
+                        input_shape=tuple(train_ds.image_shape), normalization=args.normalize)
     loaded.input_shape = tuple(train_ds.image_shape)
+    check_normalized(loaded)
     CostModel(loaded.model, loaded.example_input())   # refuses images the model cannot take
     check_fits(loaded, train_ds, f"{args.data} train")
     loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
@@ -68,7 +70,7 @@ def check_train_args(args) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a zoo model on a data set")
+    p = sub.add_parser("train", help="train a zoo model (or your own: --model net.py:FUNCTION) on a data set")
     add_model_args(p)
     add_data_args(p, batch_size=128, batch_help="training batch size (evaluation uses 512)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training split (default 10)")

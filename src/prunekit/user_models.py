@@ -1,0 +1,121 @@
+"""A model of your own on the command line: ``--model path/to/net.py:function``.
+
+The file is imported as a module (its folder first on ``sys.path`` while it is imported and
+while the function runs, so that it may import its neighbours) and ``function()`` is called
+with no arguments; it must return the ``nn.Module`` to prune, its weights then loaded from
+``--checkpoint`` as for a zoo model. This runs the file's code, as ``python net.py`` would: it
+is the user's own file named on the command line, never a path read from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import sys
+import traceback
+from pathlib import Path
+
+from torch import nn
+
+from .errors import PrunekitError
+
+EXAMPLE = "path/to/net.py:build_model"
+
+
+def is_model_file(name: str) -> bool:
+    """Whether ``--model`` names a Python file (``net.py:function``) rather than a zoo model."""
+    path = name.rpartition(":")[0] if ":" in name else name
+    return path.endswith(".py")
+
+
+def parse(name: str) -> tuple[Path, str]:
+    """``net.py:function`` -> (path, function name); refuses a spec without a valid function."""
+    path, sep, function = name.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        raise PrunekitError(f"--model {name} names a file but no function: write {name}:FUNCTION, the "
+                            f"function that returns your nn.Module (e.g. {EXAMPLE})")
+    if not function.isidentifier():
+        raise PrunekitError(f"{function!r} after the colon of --model {name} is not a Python function name "
+                            f"(e.g. {EXAMPLE})")
+    return Path(path).expanduser(), function
+
+
+def function_name(name: str) -> str:
+    return parse(name)[1]
+
+
+def resolved(name: str) -> str:
+    """``name`` with its file's absolute path (a run folder's config works from any directory)."""
+    path, function = parse(name)
+    return f"{path.resolve()}:{function}"
+
+
+def file_digest(name: str) -> str:
+    """SHA-256 of the model file (recorded with a run, to tell later if the code changed)."""
+    return hashlib.sha256(parse(name)[0].read_bytes()).hexdigest()
+
+
+def build_model(name: str) -> nn.Module:
+    """Import the file of ``name`` (``net.py:function``) and return ``function()``, in eval mode."""
+    path, function = parse(name)
+    if not path.is_file():
+        raise PrunekitError(f"model file {path} does not exist: pass the .py file that defines {function}()")
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        module = _import(path)
+        factory = getattr(module, function, None)
+        if not callable(factory):
+            found = sorted(n for n, v in vars(module).items()
+                           if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+            raise PrunekitError(f"{path} defines no function {function!r}"
+                                + (f"; it defines {', '.join(found)}" if found else ""))
+        _check_takes_no_arguments(factory, name)
+        try:
+            model = factory()
+        except Exception as error:  # the user's code: one line that says where, not a traceback
+            raise PrunekitError(f"{name}() failed: {_where(error, path)}") from error
+    finally:
+        sys.path.remove(folder)
+    if not isinstance(model, nn.Module):
+        raise PrunekitError(f"{name}() returned a {type(model).__name__}, not a torch nn.Module: return the model")
+    return model.eval()
+
+
+def _import(path: Path):
+    module_name = f"prunekit_model_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise PrunekitError(f"cannot import {path} as Python: pass a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module      # dataclasses and pickling look a class's module up here
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True   # no __pycache__ in the user's folder
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[module_name]
+        raise PrunekitError(f"importing {path} failed: {_where(error, path)}") from error
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
+    return module
+
+
+def _check_takes_no_arguments(factory, name: str) -> None:
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):        # a builtin or C callable: let the call tell
+        return
+    required = [p.name for p in signature.parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if required:
+        raise PrunekitError(f"{name} needs arguments ({', '.join(required)}); prunekit calls it with none: give "
+                            "them defaults, or add a function that calls it with yours")
+
+
+def _where(error: Exception, path: Path) -> str:
+    """``ValueError: message (net.py line 12)``: the innermost line of the user's file."""
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if Path(frame.filename).resolve() == path.resolve()]
+    place = f" ({path.name} line {lines[-1]})" if lines else ""
+    return f"{type(error).__name__}: {error}{place}"

@@ -1,0 +1,131 @@
+"""A model of the user's own on the command line (``--model net.py:FUNCTION``): trained, pruned
+(weights and channels), evaluated, counted, exported and resumed like a zoo model."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.cli import main
+from prunekit.costs import CostModel
+from prunekit.loading import load_model
+
+MNIST = ["--data", "mnist", "--data-dir", str(Path(prunekit.__file__).parent / "assets" / "mnist")]
+NORMALIZE = ["--normalize", "0.1307/0.3081"]
+
+NET = """from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+"""
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """net.py and a checkpoint of it trained by `prunekit train` (sidecar: shape, normalization)."""
+    folder = tmp_path_factory.mktemp("mine")
+    (folder / "net.py").write_text(NET)
+    spec = f"{folder}/net.py:build"
+    assert main(["train", "--model", spec, *MNIST, *NORMALIZE, "--epochs", "2", "--lr", "0.2",
+                 "--out", str(folder / "trained"), "--json"]) == 0
+    return spec, folder / "trained" / "model.safetensors"
+
+
+def test_pruned_model_file_reloads_recounts_and_exports(capsys, tmp_path, trained):
+    spec, checkpoint = trained
+    out = run_json(capsys, ["prune", "--model", spec, "--checkpoint", str(checkpoint), *MNIST, "--method", "falcon",
+                            "--sparsity", "0.5", "--flops", "0.5", "--fisher-samples", "64",
+                            "--out", str(tmp_path / "run"), "--json"])
+    assert out["model"] == spec and out["flops_kept"] <= 0.5 and out["sparsity"] >= 0.5 - 1e-9
+    saved = str(tmp_path / "run" / "model.safetensors")
+    again = run_json(capsys, ["eval", "--model", spec, "--checkpoint", saved, *MNIST, "--json"])
+    assert again["accuracy"] == pytest.approx(out["accuracy"])
+    # independent recount: rebuild from the file, load the weights, count the nonzero MACs
+    loaded = load_model(spec, saved)
+    assert loaded.input_shape == (1, 28, 28)
+    costs = CostModel(loaded.model, loaded.example_input())
+    assert costs.count(loaded.model).macs == out["macs"]
+    info = run_json(capsys, ["info", spec, "--checkpoint", saved, "--json"])
+    assert info["macs"] == out["macs"]
+    written = run_json(capsys, ["export", str(tmp_path / "run"), "--model", spec, "--onnx", "--json"])["files"]
+    assert Path(written[0]["path"]).stat().st_size > 0
+
+
+def test_channels_of_a_model_file_are_removed_and_reload(capsys, tmp_path, trained):
+    spec, checkpoint = trained
+    out = run_json(capsys, ["prune", "--model", spec, "--checkpoint", str(checkpoint), *MNIST, "--method", "autobot",
+                            "--flops", "0.5", "--out", str(tmp_path / "run"), "--json"])
+    assert out["flops_kept"] <= 0.5
+    saved = str(tmp_path / "run" / "model.safetensors")
+    loaded = load_model(spec, saved)
+    assert loaded.model[0].out_channels < 8 or loaded.model[4].out_channels < 16     # shrunk, not masked
+    again = run_json(capsys, ["eval", "--model", spec, "--checkpoint", saved, *MNIST, "--json"])
+    assert again["accuracy"] == pytest.approx(out["accuracy"])
+    assert run_json(capsys, ["info", spec, "--checkpoint", saved, "--json"])["shrunk"]["flops_kept"] == \
+        pytest.approx(out["flops_kept"])
+
+
+def test_a_run_of_a_model_file_resumes_from_another_directory(capsys, tmp_path, trained, monkeypatch):
+    spec, checkpoint = trained
+    folder = Path(spec.rpartition(":")[0]).parent
+    monkeypatch.chdir(folder)               # a relative model path, resolved into the run's config
+    first = run_json(capsys, ["prune", "--model", "net.py:build", "--checkpoint", str(checkpoint), *MNIST,
+                              "--method", "chita", "--sparsity", "0.7", "--fisher-samples", "64",
+                              "--out", str(tmp_path / "run"), "--json"])
+    assert f'model = "{folder / "net.py"}:build"' in (tmp_path / "run" / "config.toml").read_text()
+    monkeypatch.chdir(tmp_path)
+    again = run_json(capsys, ["prune", "--resume", str(tmp_path / "run"), "--json"])
+    assert again["accuracy"] == pytest.approx(first["accuracy"]) and again["nonzeros"] == first["nonzeros"]
+
+
+def test_normalization_is_remembered_and_a_conflict_refused(capsys, tmp_path, trained):
+    spec, checkpoint = trained
+    loaded = load_model(spec, checkpoint)
+    assert loaded.normalization.mean == (0.1307,) and loaded.normalization.std == (0.3081,)
+    assert main(["eval", "--model", spec, "--checkpoint", str(checkpoint), *MNIST, "--normalize", "none"]) == 2
+    assert "leave --normalize out" in capsys.readouterr().err
+
+
+def test_plain_state_dict_of_a_model_file_with_the_data_shape(capsys, tmp_path, trained):
+    spec, _ = trained
+    model = load_model(spec).model
+    torch.save(model.state_dict(), tmp_path / "mine.pth")
+    out = run_json(capsys, ["eval", "--model", spec, "--checkpoint", str(tmp_path / "mine.pth"), *MNIST,
+                            "--normalize", "none", "--json"])
+    assert 0 <= out["accuracy"] <= 100 and out["images"] == 10000
+
+
+def test_a_changed_model_file_is_told(tmp_path, trained):
+    spec, checkpoint = trained
+    changed = tmp_path / "net.py"
+    changed.write_text(NET + "\n# edited\n")
+    with pytest.warns(UserWarning, match="changed since"):
+        load_model(f"{changed}:build", checkpoint)
+
+
+def test_readme_model_file_block_runs(capsys, tmp_path, monkeypatch):
+    """The README's net.py and its commands, run exactly (the bundled data path made absolute)."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text().split("<!-- model file block -->", 1)[1]
+    net = text.split("```python\n", 1)[1].split("```", 1)[0]
+    commands = text.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    (tmp_path / "net.py").write_text(net)
+    monkeypatch.chdir(tmp_path)
+    for line in commands.splitlines():
+        argv = shlex.split(line.replace("src/prunekit/assets/mnist", MNIST[3]))
+        assert argv[0] == "prunekit" and main(argv[1:] + ["--json"]) == 0, line
+        capsys.readouterr()
+    record = json.loads((tmp_path / "runs" / "mine-falcon" / "result.json").read_text())
+    assert record["flops_kept"] <= 0.3 and record["accuracy"] > 80
+    assert (tmp_path / "runs" / "mine-falcon" / "export" / "model.onnx").stat().st_size > 0
