@@ -124,9 +124,9 @@ def test_export_replaces_its_own_files_only(tmp_path, capsys):
     assert (run / "export" / "exported.json").read_text() == "my notes"
 
 
-def test_export_refuses_a_folder_without_a_zoo_model(tmp_path, capsys):
+def test_export_refuses_a_folder_without_a_prunekit_model(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--onnx"]) == 2
-    assert "no zoo model" in capsys.readouterr().err
+    assert "no prunekit model" in capsys.readouterr().err
     assert main(["export", str(tmp_path)]) == 2
     assert "--onnx" in capsys.readouterr().err
 

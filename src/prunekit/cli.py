@@ -87,6 +87,8 @@ def _how_to_resume(args) -> str:
         if (Path(out) / "config.toml").exists():
             return f"resume with `prunekit prune --resume {out}`"
         return f"stopped before {out} held a run: run the same command again"
+    if args.command == "train" and out:
+        return "run the same command again to carry on after the last completed epoch"
     return "nothing was saved: run the command again" + (
         " (with --out DIR, a prune run can be resumed)" if args.command == "prune" and not out else "")
 

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from .. import distributed, recipes, user_models
 from ..api_checks import check_out
 from ..costs import CostModel
 from ..distributed import is_main_process
 from ..errors import PrunekitError
 from ..data import load_dataset, make_loader
 from ..loading import check_fits, check_normalized, load_model
-from ..record import save_pruned
-from ..train import evaluate, train_epochs
-from ..record import peak_rss_mb
+from ..options import OptionError
+from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
+from ..record import peak_rss_mb, save_pruned
+from ..runs import RunCheckpointer, RunFolder, claim
+from ..train import cosine, evaluate, sgd, train_epoch
 from .common import add_data_args, add_model_args, describe, emit
 
 
@@ -35,25 +39,85 @@ def cmd_train(args) -> int:
     loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
                          augment=args.augment, seed=args.seed, drop_last=True)
     test_loader = make_loader(test_ds, loaded.normalization, batch_size=512)
-    start = time.perf_counter()
-    history = []
-
-    def report(epoch, loss):
-        history.append({"epoch": epoch + 1, "loss": loss})
+    folder = training_folder(args)
+    checkpointer = RunCheckpointer(folder) if folder is not None else None
+    optimizer = sgd(loaded.model, args.lr, weight_decay=args.weight_decay)
+    schedule = cosine(optimizer, args.epochs * len(loader))
+    history = resume(checkpointer, loaded.model, optimizer, schedule, loader)
+    if history and not args.json:
+        print(f"resuming {args.out} after epoch {len(history)}/{args.epochs}", file=sys.stderr)
+    for epoch in range(len(history), args.epochs):
+        start = time.perf_counter()
+        loss = train_epoch(loaded.model, loader, optimizer, schedule, f"epoch {epoch + 1}/{args.epochs}",
+                           progress=not args.json)
+        history.append({"epoch": epoch + 1, "loss": loss, "seconds": time.perf_counter() - start})
         if not args.json:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}", file=sys.stderr)
-
-    train_epochs(loaded.model, loader, args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                 on_epoch_end=report, progress=not args.json)
+        if checkpointer is not None:
+            save_epoch(checkpointer, loaded.model, optimizer, schedule, loader, history)
+    loaded.model.eval()
     accuracy = evaluate(loaded.model, test_loader)
     record = {"model": args.model, "data": args.data, "split": args.eval_split, "epochs": args.epochs, "lr": args.lr,
               "batch_size": args.batch_size, "seed": args.seed, "accuracy": accuracy,
-              "seconds": time.perf_counter() - start, "history": history, "peak_rss_mb": peak_rss_mb()}
+              "seconds": sum(h["seconds"] for h in history), "history": history, "peak_rss_mb": peak_rss_mb()}
     if args.out and is_main_process():     # under torchrun, rank 0 alone writes
         save_pruned(args.out, loaded.model, describe(loaded), record, shrunk=False)
     emit(args, record, [f"{args.model} trained on {args.data}: {accuracy:.2f}% {args.eval_split} accuracy "
                          f"({record['seconds']:.0f} s)"] + ([f"saved to {args.out}"] if args.out else []))
     return 0
+
+
+def training_folder(args) -> RunFolder | None:
+    """``--out`` as a run folder: its config.toml is this command's options, so that the same
+    command again carries on from the last completed epoch (under torchrun rank 0 writes, every
+    rank reads)."""
+    if not args.out:
+        return None
+    collective = distributed.current()
+    collective.barrier()
+    if not is_main_process():
+        collective.barrier()                 # rank 0 claims the folder
+        return RunFolder(args.out).follower()
+    config = {k: v for k, v in vars(args).items() if k not in recipes.NOT_IN_RECIPES}
+    for key in ("checkpoint", "data_dir", "out"):       # the same command from any directory
+        if config.get(key) is not None:
+            config[key] = str(Path(config[key]).resolve())
+    if user_models.is_model_file(config["model"]):
+        config["model"] = user_models.resolved(config["model"])
+    folder = RunFolder(args.out)
+    try:
+        claim(folder, recipes.dump_recipe(config))
+    except OptionError:
+        raise PrunekitError(f"--out {args.out} holds another training run (its config.toml has other options): "
+                            "pick another --out, or give that run's own options to carry it on") from None
+    finally:
+        collective.barrier()
+    return folder
+
+
+def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loader) -> list[dict]:
+    """Restore model, optimizer, schedule, RNG and data order from the last epoch checkpoint;
+    its per-epoch history (empty when starting afresh)."""
+    state = checkpointer.last() if checkpointer is not None else None
+    if state is None:
+        return []
+    model.load_state_dict({k[len("model/"):]: v for k, v in state.model_state.items() if k.startswith("model/")})
+    load_optimizer(optimizer, schedule, state.model_state, state.extra["optimizer"])
+    restore_rng(state.rng)
+    loader.epoch = state.extra["loader_epoch"]
+    return list(state.history)
+
+
+def save_epoch(checkpointer: RunCheckpointer, model, optimizer, schedule, loader, history: list[dict]) -> None:
+    """One checkpoint after the epoch just done; the one before it is removed (a long run keeps
+    one model's worth of checkpoint, written atomically before the old one goes)."""
+    tensors, optimizer_state = optimizer_tensors(optimizer, schedule)
+    tensors.update({f"model/{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    epoch = len(history)
+    checkpointer.save(StageState(epoch, tensors, history, capture_rng(),
+                                 {"optimizer": optimizer_state, "loader_epoch": loader.epoch}), model)
+    if checkpointer.folder.writable and epoch > 1:
+        checkpointer.path(epoch - 1).unlink(missing_ok=True)
 
 
 def check_train_args(args) -> None:
@@ -77,5 +141,6 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine schedule (default 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default 5e-4)")
     p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR-style)")
-    p.add_argument("--out", help="folder for the trained model (safetensors + JSON)")
+    p.add_argument("--out", help="run folder for the trained model (safetensors + JSON), with a checkpoint "
+                   "after every epoch: the same command again carries on after a kill")
     p.set_defaults(func=cmd_train)

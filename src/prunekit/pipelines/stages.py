@@ -126,3 +126,25 @@ def stage_completed(ctx, stage: int, tensors: dict | None = None) -> None:
     kept = {k: v.detach().cpu().clone() for k, v in (tensors or {}).items()}
     checkpointer.save(StageState(stage, model_state, ctx.history, rng, tensors=kept), ctx.model)
     restore_rng(rng)     # whatever the checkpointer ran (an evaluation) must not shift the run
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, schedule) -> tuple[dict, dict]:
+    """An optimizer's and its learning-rate schedule's state for a checkpoint: the tensors
+    (``optimizer/<param index>/<key>``, e.g. momentum buffers) and the JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors = {f"optimizer/{index}/{key}": value.detach().cpu().clone()
+               for index, values in state["state"].items() for key, value in values.items()}
+    return tensors, {"param_groups": state["param_groups"], "schedule": schedule.state_dict()}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, schedule, tensors: dict, saved: dict) -> None:
+    """Undo ``optimizer_tensors``: ``tensors`` may hold other keys too (those not under
+    ``optimizer/`` are ignored)."""
+    per_param: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer/"):
+            _, index, key = k.split("/", 2)
+            per_param.setdefault(int(index), {})[key] = v
+    optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
+    schedule.load_state_dict(saved["schedule"])
+

@@ -32,7 +32,8 @@ from ..errors import PrunekitError
 from ..masks import MaskHold, masks_from_weights
 from ..options import OptionError
 from ..params import ParamSpace
-from ..pipelines.stages import StageCheckpointer, StageState, capture_rng, restore_rng
+from ..pipelines.stages import (StageCheckpointer, StageState, capture_rng, load_optimizer, optimizer_tensors,
+                               restore_rng)
 from ..pipelines.weights import Outcome
 from ..train import cosine, recalibrate_batchnorm, sgd, train_epoch
 from ..zoo.layout import apply_layout, channel_layout
@@ -199,12 +200,8 @@ def _save(checkpointer, number, models, current, history, info, loader, training
     extra = {"layouts": {repr(s): channel_layout(m) for s, m in models.items()}, "info": info,
              "loader_epoch": getattr(loader, "epoch", None)}
     if training is not None:
-        optimizer, schedule = training
-        state = optimizer.state_dict()
-        for index, values in state["state"].items():
-            for key, value in values.items():
-                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().clone()
-        extra["optimizer"] = {"param_groups": state["param_groups"], "schedule": schedule.state_dict()}
+        optimizer_state, extra["optimizer"] = optimizer_tensors(*training)
+        tensors.update(optimizer_state)
     checkpointer.save(StageState(number, tensors, history, rng, extra), current)
     restore_rng(rng)
     if on_phase is not None:
@@ -224,20 +221,12 @@ def _restore(state: StageState, dense: nn.Module, loader):
     restore_rng(state.rng)
     if extra.get("loader_epoch") is not None:
         loader.epoch = extra["loader_epoch"]
-    optimizer_state = None
-    if "optimizer" in extra:
-        per_param: dict = {}
-        for k, v in state.model_state.items():
-            if k.startswith("optimizer/"):
-                _, index, key = k.split("/", 2)
-                per_param.setdefault(int(index), {})[key] = v
-        optimizer_state = {"state": per_param, **extra["optimizer"]}
+    optimizer_state = (state.model_state, extra["optimizer"]) if "optimizer" in extra else None
     return models, extra["info"], optimizer_state
 
 
-def _load_optimizer(optimizer, schedule, saved: dict | None) -> None:
+def _load_optimizer(optimizer, schedule, saved: tuple[dict, dict] | None) -> None:
     if saved is None:
         raise PrunekitError("the run folder's checkpoint lacks the fine-tune's optimizer state; "
                             "start the run again with --force")
-    optimizer.load_state_dict({"state": saved["state"], "param_groups": saved["param_groups"]})
-    schedule.load_state_dict(saved["schedule"])
+    load_optimizer(optimizer, schedule, *saved)

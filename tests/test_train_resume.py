@@ -1,0 +1,65 @@
+"""`prunekit train --out DIR` checkpoints every epoch: killed and run again, it ends with the
+same weights as a run that was never interrupted."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import prunekit
+from prunekit.cli import main
+from prunekit.commands import train as train_command
+
+MNIST = ["--data", "mnist", "--data-dir", str(Path(prunekit.__file__).parent / "assets" / "mnist")]
+TRAIN = ["train", "--model", "mlpnet", *MNIST, "--epochs", "3", "--lr", "0.05", "--json"]
+
+
+def test_killed_training_resumes_to_the_same_weights(capsys, tmp_path, monkeypatch):
+    assert main([*TRAIN, "--augment", "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads(capsys.readouterr().out)
+
+    calls = []
+    real_epoch = train_command.train_epoch
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_command, "train_epoch", killed_in_second_epoch)
+    assert main([*TRAIN, "--augment", "--out", str(tmp_path / "cut")]) == 130
+    assert "run the same command again" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["stage-001.safetensors"]
+    monkeypatch.setattr(train_command, "train_epoch", real_epoch)
+
+    assert main([*TRAIN, "--augment", "--out", str(tmp_path / "cut")]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    assert resumed["accuracy"] == whole["accuracy"]
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["stage-003.safetensors"]
+
+
+def test_a_training_folder_refuses_other_options(capsys, tmp_path):
+    assert main([*TRAIN, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main([*TRAIN, "--epochs", "2", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "holds another training run" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("where", ["same", "other"])
+def test_a_finished_training_run_again_is_the_same_result(capsys, tmp_path, monkeypatch, where):
+    assert main([*TRAIN, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    first = json.loads(capsys.readouterr().out)
+    out = str(tmp_path / "run")
+    if where == "other":                  # the config holds absolute paths: the same folder, named relatively
+        monkeypatch.chdir(tmp_path)
+        out = "run"
+    monkeypatch.setattr(train_command, "train_epoch", None)      # nothing left to train
+    assert main([*TRAIN, "--epochs", "1", "--out", out]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["accuracy"] == first["accuracy"] and again["history"] == first["history"]
