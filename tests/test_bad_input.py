@@ -144,6 +144,7 @@ CLI_CASES = [
     (["eval", *MLP, "--data", "cifar10", "--data-dir", MNIST_DIR], "cifar"),
     (["eval", *MLP, *MNIST, "--batch-size", "0"], "batch size"),
     ([*PRUNE, "--sparsity", "0.5", "--train-samples", "0"], "--train-samples"),
+    ([*PRUNE, "--sparsity", "0.5", "--resize", "32"], "for image folders"),
     # budgets
     (PRUNE, "no budget"),
     ([*PRUNE, "--sparsity", "1.5"], "out of range"),

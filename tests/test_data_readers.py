@@ -300,8 +300,48 @@ def test_image_folder_missing_split_is_an_error(tmp_path):
 def test_image_folder_sizes_must_match(tmp_path):
     write_png_tree(tmp_path, {"a": 1})
     write_png_tree(tmp_path, {"b": 1}, size=(4, 4))
-    with pytest.raises(PrunekitError, match="resize them"):
+    with pytest.raises(PrunekitError, match="--resize N --crop N"):
         load_dataset("imagefolder", tmp_path)
+    with pytest.raises(PrunekitError, match="--crop N"):      # 6x5 -> 5x4 after resize 4: still two sizes
+        load_dataset("imagefolder", tmp_path, resize=4)
+
+
+def test_image_folder_resize_and_crop_bring_sizes_to_one(tmp_path):
+    mixed = tmp_path / "mixed"
+    write_png_tree(mixed, {"a": 2}, size=(40, 20))           # landscape
+    write_png_tree(mixed, {"b": 1}, size=(16, 30))           # portrait
+    ds = load_dataset("imagefolder", mixed, resize=12, crop=10)
+    assert ds.images.shape == (3, 3, 10, 10) and ds.labels.tolist() == [0, 0, 1]
+    # the reference: Pillow's bilinear resize of the shorter side to 12, then the centre 10x10
+    with Image.open(mixed / "b" / "0.png") as image:
+        resized = image.resize((12, round(30 * 12 / 16)), Image.Resampling.BILINEAR)   # 12 wide, 22 high
+        expected = np.asarray(resized.crop((1, 6, 11, 16)))
+    assert np.array_equal(ds.images[2].permute(1, 2, 0).numpy(), expected)
+    # resize alone keeps the aspect ratio: the shorter side has the pixels asked for
+    write_png_tree(tmp_path / "wide", {"a": 2}, size=(40, 20))
+    assert load_dataset("imagefolder", tmp_path / "wide", resize=10).image_shape == (3, 10, 20)
+    # crop alone: the centre of the original
+    with Image.open(tmp_path / "wide" / "a" / "0.png") as image:
+        centre = np.asarray(image.crop((15, 5, 25, 15)))
+    cropped = load_dataset("imagefolder", tmp_path / "wide", crop=10).images[0]
+    assert np.array_equal(cropped.permute(1, 2, 0).numpy(), centre)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"crop": 25}, "smaller than the crop of 25"),
+    ({"resize": 8, "crop": 9}, "after resizing to 8"),
+    ({"resize": 0}, "positive number of pixels"),
+    ({"crop": 2.5}, "positive number of pixels"),
+])
+def test_image_folder_resize_and_crop_refusals(tmp_path, kwargs, message):
+    write_png_tree(tmp_path, {"a": 1}, size=(40, 20))
+    with pytest.raises(PrunekitError, match=message):
+        load_dataset("imagefolder", tmp_path, **kwargs)
+
+
+def test_resize_is_for_image_folders_only(tmp_path):
+    with pytest.raises(PrunekitError, match="for image folders"):
+        load_dataset("mnist", tmp_path, "test", resize=32)
 
 
 @pytest.mark.parametrize(

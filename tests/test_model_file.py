@@ -5,8 +5,10 @@ import json
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import prunekit
 from prunekit.cli import main
@@ -129,3 +131,28 @@ def test_readme_model_file_block_runs(capsys, tmp_path, monkeypatch):
     record = json.loads((tmp_path / "runs" / "mine-falcon" / "result.json").read_text())
     assert record["flops_kept"] <= 0.3 and record["accuracy"] > 80
     assert (tmp_path / "runs" / "mine-falcon" / "export" / "model.onnx").stat().st_size > 0
+
+
+def test_a_model_file_on_an_image_folder_of_many_sizes(capsys, tmp_path):
+    """Photos of any size, brought to one by --resize/--crop, for a 3-channel model of one's own."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 4)):
+        for label in ("cat", "dog"):
+            (tmp_path / "photos" / split / label).mkdir(parents=True)
+            for k in range(count):
+                size = (int(rng.integers(12, 30)), int(rng.integers(12, 30)))       # (width, height)
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels, "RGB").save(tmp_path / "photos" / split / label / f"{k}.png")
+    (tmp_path / "rgb.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential("
+                                     "nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))\n")
+    spec = f"{tmp_path}/rgb.py:build"
+    photos = ["--data", "imagefolder", "--data-dir", str(tmp_path / "photos"), "--resize", "12", "--crop", "10"]
+    assert main(["train", "--model", spec, *photos, "--normalize", "0.5,0.5,0.5/0.25,0.25,0.25", "--epochs", "1",
+                 "--batch-size", "4", "--out", str(tmp_path / "trained"), "--json"]) == 0
+    capsys.readouterr()
+    out = run_json(capsys, ["prune", "--model", spec, "--checkpoint", str(tmp_path / "trained" / "model.safetensors"),
+                            *photos, "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "8", "--json"])
+    assert out["sparsity"] >= 0.5 - 1e-9
+    assert main(["eval", "--model", spec, "--checkpoint", str(tmp_path / "trained" / "model.safetensors"),
+                 *photos[:4], "--resize", "12"]) == 2
+    assert "--crop N" in capsys.readouterr().err

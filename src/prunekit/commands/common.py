@@ -30,6 +30,10 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bo
                   batch_size: int = 256, batch_help: str = "evaluation batch size") -> None:
     p.add_argument("--data", required=required, choices=DATASET_NAMES, help="data set")
     p.add_argument("--data-dir", required=required, help="folder with the data files (IDX, CIFAR batches or .npz)")
+    p.add_argument("--resize", type=int, metavar="PIXELS", help="imagefolder: scale every image so that its "
+                   "shorter side has PIXELS (e.g. 256)")
+    p.add_argument("--crop", type=int, metavar="PIXELS", help="imagefolder: keep the central PIXELS x PIXELS "
+                   "(e.g. 224, after --resize 256)")
     p.add_argument("--eval-split", default="test", choices=("test", "train"),
                    help="split the accuracy is measured on (default test)")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default {batch_size})")
@@ -41,7 +45,8 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bo
 def loaded_model(args) -> LoadedModel:
     input_shape = None
     if user_models.is_model_file(args.model) and getattr(args, "data", None) and args.data_dir:
-        input_shape = tuple(evaluation_split(args.data, args.data_dir, args.eval_split).image_shape)
+        input_shape = tuple(evaluation_split(args.data, args.data_dir, args.eval_split, args.resize,
+                                             args.crop).image_shape)
     loaded = load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None), input_shape=input_shape,
                         normalization=getattr(args, "normalize", None))
     if getattr(args, "device", None):           # every tensor follows the model (solvers included)
@@ -50,13 +55,13 @@ def loaded_model(args) -> LoadedModel:
 
 
 @lru_cache(maxsize=1)
-def evaluation_split(name: str, data_dir: str, split: str):
+def evaluation_split(name: str, data_dir: str, split: str, resize: int | None, crop: int | None):
     """The evaluation images, read once (a model file's input shape is theirs)."""
-    return load_data(name, data_dir, split)
+    return load_data(name, data_dir, split, resize=resize, crop=crop)
 
 
 def eval_data(args, loaded: LoadedModel):
-    ds = evaluation_split(args.data, args.data_dir, args.eval_split)
+    ds = evaluation_split(args.data, args.data_dir, args.eval_split, args.resize, args.crop)
     check_fits(loaded, ds, f"{args.data} {args.eval_split}")
     check_normalized(loaded)
     return make_loader(ds, loaded.normalization, batch_size=args.batch_size)
@@ -69,7 +74,8 @@ def training_batches(args, loaded: LoadedModel):
 
     @lru_cache(maxsize=1)
     def dataset():
-        ds = load_data(args.data, args.data_dir, "train", limit=args.train_samples, seed=args.seed)
+        ds = load_data(args.data, args.data_dir, "train", limit=args.train_samples, seed=args.seed,
+                       resize=args.resize, crop=args.crop)
         check_fits(loaded, ds, f"{args.data} train")
         return ds
 

@@ -26,8 +26,9 @@ from .common import add_data_args, add_model_args, describe, emit
 def cmd_train(args) -> int:
     check_train_args(args)
     check_out(args.out, "--out")
-    train_ds = load_dataset(args.data, args.data_dir, "train")
-    test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test")
+    train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop)
+    test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test",
+                                                                        resize=args.resize, crop=args.crop)
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
                         in_channels=train_ds.image_shape[0], dataset=args.data,

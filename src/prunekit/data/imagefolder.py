@@ -1,7 +1,10 @@
 """Image-folder data sets: ``DIR/<split>/<class>/*.png`` or ``DIR/<class>/*.png``.
 
-Images are decoded with Pillow. All must share one size; they are converted to RGB, or to
-8-bit grayscale ("L") when every image is grayscale.
+Images are decoded with Pillow and converted to RGB, or to 8-bit grayscale ("L") when every
+image is grayscale. They must share one size, or be brought to one: ``resize`` scales each so
+that its shorter side has that many pixels (bilinear, antialiased), then ``crop`` keeps the
+central ``crop`` x ``crop`` pixels (the usual evaluation transform of ImageNet models: resize
+256, crop 224).
 """
 
 from __future__ import annotations
@@ -52,13 +55,17 @@ def _open(path: Path) -> Image.Image:
         raise PrunekitError(f"cannot decode {path} ({error}); remove or re-save the file") from error
 
 
-def load_image_folder(data_dir: Path, split: str) -> ImageDataset:
+def load_image_folder(data_dir: Path, split: str, resize: int | None = None, crop: int | None = None) -> ImageDataset:
     """Load an image-folder tree; classes are the sorted subfolder names.
 
     Returns images ``(N, C, H, W)`` uint8 with ``C=3`` (RGB) or ``C=1`` (all grayscale),
-    labels ``(N,)`` int64 indexing the sorted class names; within a class, files are in
-    name order.
+    ``H, W`` the images' own size or, with ``resize`` / ``crop`` (pixels), the size they are
+    brought to; labels ``(N,)`` int64 indexing the sorted class names; within a class, files
+    are in name order.
     """
+    for name, value in (("resize", resize), ("crop", crop)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PrunekitError(f"{name} must be a positive number of pixels, got {value!r}")
     if not data_dir.is_dir():
         raise PrunekitError(f"image folder {data_dir} does not exist; pass the folder that holds <class>/ subfolders")
     root = _split_root(data_dir, split)
@@ -71,21 +78,44 @@ def load_image_folder(data_dir: Path, split: str) -> ImageDataset:
     sizes, modes = set(), set()
     for _, path in files:
         with _open(path) as image:
-            sizes.add(image.size)
+            size = _resized(image.size, resize)
+            if crop is not None and min(size) < crop:
+                raise PrunekitError(f"{path} is {size[0]}x{size[1]}" + (f" after resizing to {resize}" if resize else "")
+                                    + f", smaller than the crop of {crop}: crop less or resize to at least {crop}")
+            sizes.add((crop, crop) if crop is not None else size)
             modes.add(image.mode)
     if len(sizes) > 1:
         shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
-        raise PrunekitError(f"images in {root} have different sizes ({shown}); resize them all to one size")
+        how = "crop them to one size (--crop N)" if resize else "bring them to one size (--resize N --crop N)"
+        raise PrunekitError(f"images in {root} have different sizes ({shown}); {how}")
     mode = "L" if modes <= set(_GRAYSCALE_MODES) else "RGB"
 
     pixels = []
     for _, path in files:
         with _open(path) as image:
             try:
-                pixels.append(np.asarray(image.convert(mode)))
+                pixels.append(np.asarray(_fitted(image.convert(mode), resize, crop)))
             except OSError as error:
                 raise PrunekitError(f"cannot decode {path} ({error}); remove or re-save the file") from error
     array = np.stack(pixels)  # (N, H, W) for "L", (N, H, W, 3) for "RGB"
     array = array[:, None] if mode == "L" else array.transpose(0, 3, 1, 2)
     labels = torch.tensor([label for label, _ in files], dtype=torch.int64)
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(array)), labels, [d.name for d in class_dirs])
+
+
+def _resized(size: tuple[int, int], resize: int | None) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to ``resize`` pixels (unchanged without)."""
+    if resize is None:
+        return size
+    width, height = size
+    scale = resize / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _fitted(image: Image.Image, resize: int | None, crop: int | None) -> Image.Image:
+    if resize is not None:
+        image = image.resize(_resized(image.size, resize), Image.Resampling.BILINEAR)
+    if crop is not None:
+        left, top = (image.width - crop) // 2, (image.height - crop) // 2
+        image = image.crop((left, top, left + crop, top + crop))
+    return image

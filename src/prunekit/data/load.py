@@ -14,20 +14,25 @@ DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "imagefolder")
 SPLITS = ("train", "test")
 
 
-def load_dataset(name: str, data_dir: str | Path, split: str = "test") -> ImageDataset:
+def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize: int | None = None,
+                 crop: int | None = None) -> ImageDataset:
     """Read the ``split`` ("train" or "test") of data set ``name`` from ``data_dir``.
 
     - "mnist", "fashion-mnist": the four IDX files (``.gz`` or raw) in ``data_dir``.
     - "cifar10": the python batches (in ``data_dir`` or ``data_dir/cifar-10-batches-py``),
       else a Keras-style ``.npz`` in ``data_dir``; ``data_dir`` may also be the ``.npz``.
     - "imagefolder": ``data_dir/<split>/<class>/*`` if that folder exists, else
-      ``data_dir/<class>/*``.
+      ``data_dir/<class>/*``; ``resize`` (shorter side) and ``crop`` (centre square), in
+      pixels, bring images of any size to one (image folders only).
 
     Returns uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``. Every problem raises
     :class:`PrunekitError` with a message that names the fix.
     """
     if name not in DATASET_NAMES:
         raise PrunekitError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if name != "imagefolder" and (resize is not None or crop is not None):
+        raise PrunekitError(f"resizing and cropping are for image folders: {name} images all have one size already; "
+                            "leave out resize and crop")
     if split not in SPLITS:
         raise PrunekitError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     path = Path(data_dir).expanduser()
@@ -38,5 +43,5 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test") -> ImageD
     if not path.is_dir():
         raise PrunekitError(f"{path} is a file; pass the folder that holds the {name} files")
     if name == "imagefolder":
-        return load_image_folder(path, split)
+        return load_image_folder(path, split, resize, crop)
     return load_mnist_like(name, path, split)
