@@ -135,3 +135,21 @@ def test_gates_turn_the_fused_attention_path_off_and_back_on():
     assert get_mha_fastpath() == before
     with torch.no_grad():
         assert not torch.allclose(gated, model(x))   # one head left per layer changes the output
+
+
+@pytest.mark.parametrize("name", ["vit", "cnn"])
+def test_a_saved_shrunk_model_reloads_into_a_fresh_instance(name, tmp_path):
+    """prunekit.load_pruned: a fresh model of the user's class, resized to the saved channel and
+    head counts, gives the pruned model's outputs."""
+    model, x = _model(name)
+    torch.manual_seed(1)
+    data = (torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    result = prunekit.prune(model, data, method="autobot", flops=0.5, example_input=x, out=str(tmp_path / "run"),
+                            gate_batches=2, finetune_epochs=0, batch_size=16)
+    fresh = prunekit.load_pruned(MAKERS[name](), tmp_path / "run")
+    assert sum(p.numel() for p in fresh.parameters()) == sum(p.numel() for p in result.model.parameters())
+    assert sum(p.numel() for p in fresh.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), result.model.eval()(x))
+    with pytest.raises(PrunekitError, match="no saved model"):
+        prunekit.load_pruned(MAKERS[name](), tmp_path / "elsewhere")

@@ -7,6 +7,8 @@ The public API::
     prunekit.methods.METHODS                                             # every method, its options
     prunekit.add_method(prunekit.Method(...))                            # your own method
 
+    net = prunekit.load_pruned(MyNet(), "runs/x")                        # a saved result, reloaded
+
 and the building blocks ``Budget``, ``CostModel``, ``ParamSpace``, ``MaskHold``, ``save_model``.
 """
 
@@ -17,6 +19,7 @@ from .api import prune
 from .budget import Budget, ResolvedBudget
 from .costs import CostModel, Counts, ModuleCost, register_cost
 from .errors import PrunekitError
+from .loading import load_pruned
 from .masks import MaskHold
 from .methods import Method, add_method, method_names
 from .params import ParamSpace
@@ -24,4 +27,4 @@ from .record import Result
 from .saving import save_model
 
 __all__ = ["prune", "Result", "Method", "add_method", "method_names", "methods", "Budget", "ResolvedBudget",
-           "CostModel", "Counts", "ModuleCost", "register_cost", "PrunekitError", "MaskHold", "ParamSpace", "save_model"]
+           "CostModel", "Counts", "ModuleCost", "register_cost", "PrunekitError", "MaskHold", "ParamSpace", "save_model", "load_pruned"]

@@ -115,6 +115,21 @@ def _load_model_file(name: str, checkpoint, input_shape, normalization) -> Loade
     return LoadedModel(model, name, {}, normalization, input_shape, [])
 
 
+def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a model prunekit saved (a run folder, or its ``model.safetensors`` with the JSON
+    sidecar) into ``model``, a fresh instance of the architecture it was pruned from: a channel
+    method's layers are first resized to the saved channel counts (and removed blocks removed),
+    then every weight is loaded (shapes must fit). Returns ``model``, in eval mode; no code
+    from the files is run.
+    """
+    path = Path(path)
+    path = path / "model.safetensors" if path.is_dir() else path
+    if not path.is_file():
+        raise PrunekitError(f"no saved model at {path}: pass a run folder (out=...) or its model.safetensors")
+    _load_weights(model, path, read_meta(path))
+    return model.eval()
+
+
 def _load_weights(model: nn.Module, checkpoint, meta: dict) -> None:
     if "channel_layout" in meta:   # a structurally pruned (shrunk) model: resize its layers first
         apply_layout(model, meta["channel_layout"])
