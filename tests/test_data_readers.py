@@ -388,3 +388,20 @@ def test_dataset_validates_its_tensors():
         ImageDataset(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64), ["a"])
     with pytest.raises(PrunekitError, match=r"\[0, 1\)"):
         ImageDataset(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.ones(2, dtype=torch.int64), ["a"])
+
+
+def test_image_folder_limit_reads_only_the_subset(tmp_path, monkeypatch):
+    """``limit`` gives the images ImageDataset.subset would keep, without decoding the others."""
+    from prunekit.data import imagefolder
+    write_png_tree(tmp_path, {"a": 5, "b": 7})
+    whole = load_dataset("imagefolder", tmp_path)
+    opened = []
+    real_open = imagefolder._open
+    monkeypatch.setattr(imagefolder, "_open", lambda path: opened.append(path) or real_open(path))
+    for seed in (None, 3):
+        opened.clear()
+        part = load_dataset("imagefolder", tmp_path, limit=4, seed=seed)
+        expected = whole.subset(4, seed)
+        assert torch.equal(part.images, expected.images) and torch.equal(part.labels, expected.labels)
+        assert len(set(opened)) == 4                  # the 8 other files were never opened
+    assert len(load_dataset("imagefolder", tmp_path, limit=100)) == 12     # at most: all 12, in order

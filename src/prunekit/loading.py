@@ -178,10 +178,7 @@ def load_data(name: str, data_dir: str | Path, split: str, limit: int | None = N
               seed: int | None = None, resize: int | None = None, crop: int | None = None) -> ImageDataset:
     """Load a split; ``limit`` keeps the first ``limit`` images (or a seeded random subset);
     ``resize`` / ``crop``: an image folder's images brought to one size (``load_dataset``)."""
-    ds = load_dataset(name, data_dir, split, resize=resize, crop=crop)
-    if limit is not None and limit < len(ds):
-        ds = ds.subset(limit, seed=seed)
-    return ds
+    return load_dataset(name, data_dir, split, resize=resize, crop=crop, limit=limit, seed=seed)
 
 
 def check_fits(loaded: LoadedModel, ds: ImageDataset, what: str) -> None:

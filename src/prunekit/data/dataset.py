@@ -57,13 +57,20 @@ class ImageDataset:
         ``n=None`` means all images (then a seed only reorders them). Raises
         :class:`PrunekitError` if ``n`` is negative or larger than the data set.
         """
-        total = len(self)
-        if n is None:
-            n = total
-        if not 0 <= n <= total:
-            raise PrunekitError(f"cannot take {n} images from a data set of {total}; use 0 <= n <= {total}")
-        if seed is None:
-            return ImageDataset(self.images[:n], self.labels[:n], list(self.classes))
-        generator = torch.Generator().manual_seed(seed)
-        index = torch.randperm(total, generator=generator)[:n]
+        index = subset_indices(len(self), n, seed)
+        if seed is None:                 # a prefix: views, no copy
+            return ImageDataset(self.images[:len(index)], self.labels[:len(index)], list(self.classes))
         return ImageDataset(self.images[index], self.labels[index], list(self.classes))
+
+
+def subset_indices(total: int, n: int | None, seed: int | None) -> torch.Tensor:
+    """The indices ``ImageDataset.subset(n, seed)`` keeps of ``total`` images: ``0..n-1`` without
+    a seed, else the first ``n`` of a permutation drawn from ``seed``."""
+    if n is None:
+        n = total
+    if not 0 <= n <= total:
+        raise PrunekitError(f"cannot take {n} images from a data set of {total}; use 0 <= n <= {total}")
+    if seed is None:
+        return torch.arange(n)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+

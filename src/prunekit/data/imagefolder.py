@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from prunekit.data.dataset import ImageDataset
+from prunekit.data.dataset import ImageDataset, subset_indices
 from prunekit.errors import PrunekitError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -55,13 +55,16 @@ def _open(path: Path) -> Image.Image:
         raise PrunekitError(f"cannot decode {path} ({error}); remove or re-save the file") from error
 
 
-def load_image_folder(data_dir: Path, split: str, resize: int | None = None, crop: int | None = None) -> ImageDataset:
+def load_image_folder(data_dir: Path, split: str, resize: int | None = None, crop: int | None = None,
+                      limit: int | None = None, seed: int | None = None) -> ImageDataset:
     """Load an image-folder tree; classes are the sorted subfolder names.
 
     Returns images ``(N, C, H, W)`` uint8 with ``C=3`` (RGB) or ``C=1`` (all grayscale),
     ``H, W`` the images' own size or, with ``resize`` / ``crop`` (pixels), the size they are
     brought to; labels ``(N,)`` int64 indexing the sorted class names; within a class, files
-    are in name order.
+    are in name order. With ``limit`` below the number of images, only those
+    ``ImageDataset.subset(limit, seed)`` would keep are read, in its order: a few thousand images
+    of a folder of a million without decoding the rest.
     """
     for name, value in (("resize", resize), ("crop", crop)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -73,6 +76,8 @@ def load_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
     if not class_dirs:
         raise PrunekitError(f"no class folders in {root}: expected {root}/<class>/*.jpg or *.png")
     files = [(label, path) for label, class_dir in enumerate(class_dirs) for path in _image_files(class_dir)]
+    if limit is not None and limit < len(files):
+        files = [files[i] for i in subset_indices(len(files), limit, seed)]
 
     # First pass reads only headers: check sizes and pick the mode before decoding pixels.
     sizes, modes = set(), set()

@@ -15,7 +15,7 @@ SPLITS = ("train", "test")
 
 
 def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize: int | None = None,
-                 crop: int | None = None) -> ImageDataset:
+                 crop: int | None = None, limit: int | None = None, seed: int | None = None) -> ImageDataset:
     """Read the ``split`` ("train" or "test") of data set ``name`` from ``data_dir``.
 
     - "mnist", "fashion-mnist": the four IDX files (``.gz`` or raw) in ``data_dir``.
@@ -24,6 +24,9 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     - "imagefolder": ``data_dir/<split>/<class>/*`` if that folder exists, else
       ``data_dir/<class>/*``; ``resize`` (shorter side) and ``crop`` (centre square), in
       pixels, bring images of any size to one (image folders only).
+
+    ``limit``: at most that many images, ``ImageDataset.subset(limit, seed)`` of the split when it
+    holds more (an image folder decodes only those).
 
     Returns uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``. Every problem raises
     :class:`PrunekitError` with a message that names the fix.
@@ -38,10 +41,12 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     path = Path(data_dir).expanduser()
     if not path.exists():
         raise PrunekitError(f"data path {path} does not exist; pass the folder that holds the {name} files")
+    if name == "imagefolder" and path.is_dir():
+        return load_image_folder(path, split, resize, crop, limit, seed)
     if name == "cifar10":
-        return load_cifar10(path, split)
-    if not path.is_dir():
+        ds = load_cifar10(path, split)
+    elif not path.is_dir():
         raise PrunekitError(f"{path} is a file; pass the folder that holds the {name} files")
-    if name == "imagefolder":
-        return load_image_folder(path, split, resize, crop)
-    return load_mnist_like(name, path, split)
+    else:
+        ds = load_mnist_like(name, path, split)
+    return ds if limit is None or limit >= len(ds) else ds.subset(limit, seed)
