@@ -145,6 +145,9 @@ CLI_CASES = [
     (["eval", *MLP, *MNIST, "--batch-size", "0"], "batch size"),
     ([*PRUNE, "--sparsity", "0.5", "--train-samples", "0"], "--train-samples"),
     ([*PRUNE, "--sparsity", "0.5", "--resize", "32"], "for image folders"),
+    ([*PRUNE, "--sparsity", "0.5", "--device", "gpu0"], "is not a torch device"),
+    (["eval", *MLP, *MNIST, "--device", "tpu"], "is not a torch device"),
+    ([*TRAIN, "--device", "meta"], "runs on cpu, cuda or mps"),
     # budgets
     (PRUNE, "no budget"),
     ([*PRUNE, "--sparsity", "1.5"], "out of range"),
@@ -219,6 +222,8 @@ CLI_CASES = [
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir"], "no pruned model"),
     (["compare", f"{H}/nothing-here"], "nothing-here"),
 ]
+if not torch.cuda.is_available():         # on a machine with a GPU this is no error
+    CLI_CASES.append(([*PRUNE, "--sparsity", "0.5", "--device", "cuda"], "sees no CUDA device"))
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -23,6 +23,7 @@ def run_json(capsys, argv):
 def test_eval_json(capsys):
     out = run_json(capsys, ["eval", *MLP, *MNIST, "--json"])
     assert out["accuracy"] > 90 and out["images"] == 10000
+    assert run_json(capsys, ["eval", *MLP, *MNIST, "--device", "cpu", "--json"])["accuracy"] == out["accuracy"]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "magnitude-uniform", "magnitude-flops"])

@@ -8,6 +8,8 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from .. import user_models, zoo
 from ..data import DATASET_NAMES, make_loader
 from .. import report
@@ -24,6 +26,31 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", metavar="MEANS/STDS", help="for a model file: the per-channel input "
                    "normalization it was trained with, pixels in [0, 1] (e.g. 0.5,0.5,0.5/0.25,0.25,0.25), "
                    "or none; a prunekit-saved checkpoint remembers it")
+
+
+def torch_device(text: str) -> str:
+    """An argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) sees no CUDA device; "
+                                             "leave out --device to run on the CPU")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0 to "
+                                             f"cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no Apple GPU (MPS) here; leave out --device to run on the CPU")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: prunekit runs on cpu, cuda or mps devices")
+    return text
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=torch_device, help="run on this torch device, e.g. cuda or cuda:1 (default: cpu)")
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bool = True,

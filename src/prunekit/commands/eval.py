@@ -6,7 +6,7 @@ import time
 
 from ..train import evaluate
 from ..record import peak_rss_mb
-from .common import add_data_args, add_model_args, emit, eval_data, loaded_model
+from .common import add_data_args, add_device_arg, add_model_args, emit, eval_data, loaded_model
 
 
 def cmd_eval(args) -> int:
@@ -25,4 +25,5 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="accuracy of a model on a data set")
     add_model_args(p)
     add_data_args(p, seed=False)         # evaluation has no random choice
+    add_device_arg(p)
     p.set_defaults(func=cmd_eval)

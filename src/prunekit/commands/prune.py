@@ -20,7 +20,7 @@ from ..methods import METHODS, lookup
 from ..request import PruneRequest
 from ..saving import atomic_write_json
 from . import option_flags
-from .common import (add_data_args, add_model_args, describe, emit, eval_data, loaded_model,
+from .common import (add_data_args, add_device_arg, add_model_args, describe, emit, eval_data, loaded_model,
                      training_batches, write_report)
 from .option_flags import add_option_flags
 
@@ -164,7 +164,7 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--no-stage-eval", action="store_true",
                    help="measure accuracy before and after pruning only, not after every stage, event or phase")
     p.add_argument("--onnx", action="store_true", help="also export the pruned model to DIR/model.onnx")
-    p.add_argument("--device", help="run on this torch device, e.g. cuda or cuda:1 (default: cpu)")
+    add_device_arg(p)
     add_option_flags(p)
     if not sweep:
         p.add_argument("--force", action="store_true",

@@ -20,7 +20,7 @@ from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimize
 from ..record import peak_rss_mb, save_pruned
 from ..runs import RunCheckpointer, RunFolder, claim
 from ..train import cosine, evaluate, sgd, train_epoch
-from .common import add_data_args, add_model_args, describe, emit
+from .common import add_data_args, add_device_arg, add_model_args, describe, emit
 
 
 def cmd_train(args) -> int:
@@ -35,6 +35,8 @@ def cmd_train(args) -> int:
                         input_shape=tuple(train_ds.image_shape), normalization=args.normalize)
     loaded.input_shape = tuple(train_ds.image_shape)
     check_normalized(loaded)
+    if args.device:
+        loaded.model.to(args.device)
     CostModel(loaded.model, loaded.example_input())   # refuses images the model cannot take
     check_fits(loaded, train_ds, f"{args.data} train")
     loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
@@ -138,6 +140,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a zoo model (or your own: --model net.py:FUNCTION) on a data set")
     add_model_args(p)
     add_data_args(p, batch_size=128, batch_help="training batch size (evaluation uses 512)")
+    add_device_arg(p)
     p.add_argument("--epochs", type=int, default=10, help="passes over the training split (default 10)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine schedule (default 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default 5e-4)")
