@@ -45,6 +45,10 @@ def needs_args(width):
 
 def not_a_model():
     return 3
+
+
+def wrong_input():
+    return nn.Sequential(nn.Flatten(), nn.Linear(100, 10))
 """
 
 
@@ -212,6 +216,8 @@ CLI_CASES = [
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5,0.5/1,1"],
      "gives 2 channel(s) but the images have 1"),
     ([*PRUNE, "--sparsity", "0.5", "--normalize", "none"], "is for a model file"),
+    (["eval", "--model", f"{H}/net.py:wrong_input", *MNIST, "--normalize", "none"],
+     "fails on one of the mnist test images, shape (1, 28, 28)"),
     (["info", f"{H}/net.py:build"], "--input-shape"),
     (["info", f"{H}/net.py:build", "--input-shape", "1,28"], "not C,H,W"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "net.py:build' model"),

@@ -187,10 +187,23 @@ def check_fits(loaded: LoadedModel, ds: ImageDataset, what: str) -> None:
         raise PrunekitError(f"the {what} images are {tuple(ds.image_shape)} (C,H,W) but model "
                             f"{loaded.name!r} takes {tuple(loaded.input_shape)}: pick the data set "
                             f"the model was made for, or another model")
+    if user_models.is_model_file(loaded.name):
+        _check_forward(loaded, what)
     num_classes = _num_classes(loaded.model)
     if num_classes is not None and len(ds) and int(ds.labels.max()) >= num_classes:
         raise PrunekitError(f"the {what} labels go up to {int(ds.labels.max())} but model "
                             f"{loaded.name!r} has {num_classes} outputs: pick a matching model or data set")
+
+
+def _check_forward(loaded: LoadedModel, what: str) -> None:
+    """A model file says nothing of its input: run it once on a zero image of the data's shape."""
+    try:
+        with torch.no_grad():
+            loaded.model(loaded.example_input())
+    except Exception as error:  # the user's forward: one line, what it said
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PrunekitError(f"{loaded.name} fails on one of the {what} images, shape "
+                            f"{tuple(loaded.input_shape)} (C,H,W): {first}; pick data the model takes") from None
 
 
 def _num_classes(model: nn.Module) -> int | None:
