@@ -107,11 +107,11 @@ def _load_model_file(name: str, checkpoint, input_shape, normalization) -> Loade
     if isinstance(normalization, str):
         normalization = parse_normalization(normalization, input_shape)
     if "normalization" in meta:
-        if normalization is not None and normalization != _saved_normalization(meta):
-            saved_norm = _saved_normalization(meta)
+        saved_norm = _saved_normalization(meta)
+        if normalization is not None and normalization != saved_norm:
             raise PrunekitError(f"--normalize differs from the normalization {checkpoint} was saved with "
                                 f"({normalization_text(saved_norm)}): leave --normalize out")
-        normalization = _saved_normalization(meta)
+        normalization = saved_norm
     return LoadedModel(model, name, {}, normalization, input_shape, [])
 
 
