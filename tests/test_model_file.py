@@ -156,3 +156,7 @@ def test_a_model_file_on_an_image_folder_of_many_sizes(capsys, tmp_path):
     assert main(["eval", "--model", spec, "--checkpoint", str(tmp_path / "trained" / "model.safetensors"),
                  *photos[:4], "--resize", "12"]) == 2
     assert "--crop N" in capsys.readouterr().err
+    # the same final size from another resize would change every input silently: refused
+    assert main(["eval", "--model", spec, "--checkpoint", str(tmp_path / "trained" / "model.safetensors"),
+                 *photos[:4], "--resize", "14", "--crop", "10"]) == 2
+    assert "pass --resize 12 --crop 10 again" in capsys.readouterr().err

@@ -40,6 +40,7 @@ class LoadedModel:
     normalization: Normalization | None    # None: a model file whose normalization was not given
     input_shape: tuple[int, int, int] | None   # None: a model file whose input shape is not known yet
     prune_exclude: list[str]
+    image_transform: dict | None = None    # {"resize": R, "crop": C} a saved model's image folder went through
 
     def example_input(self) -> torch.Tensor:
         if self.input_shape is None:
@@ -88,7 +89,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
         norm = Normalization(tuple(spec.mean), tuple(spec.std))
     if "input_shape" in meta:
         input_shape = tuple(meta["input_shape"])
-    return LoadedModel(model.eval(), name, build_kwargs, norm, input_shape, list(spec.prune_exclude))
+    return LoadedModel(model.eval(), name, build_kwargs, norm, input_shape, list(spec.prune_exclude),
+                       meta.get("image_transform"))
 
 
 def _load_model_file(name: str, checkpoint, input_shape, normalization) -> LoadedModel:
@@ -112,7 +114,7 @@ def _load_model_file(name: str, checkpoint, input_shape, normalization) -> Loade
             raise PrunekitError(f"--normalize differs from the normalization {checkpoint} was saved with "
                                 f"({normalization_text(saved_norm)}): leave --normalize out")
         normalization = saved_norm
-    return LoadedModel(model, name, {}, normalization, input_shape, [])
+    return LoadedModel(model, name, {}, normalization, input_shape, [], meta.get("image_transform"))
 
 
 def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:

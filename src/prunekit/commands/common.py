@@ -13,6 +13,7 @@ import torch
 from .. import user_models, zoo
 from ..data import DATASET_NAMES, make_loader
 from .. import report
+from ..errors import PrunekitError
 from ..loading import LoadedModel, check_fits, check_normalized, load_data, load_model
 
 
@@ -76,9 +77,28 @@ def loaded_model(args) -> LoadedModel:
                                              args.crop).image_shape)
     loaded = load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None), input_shape=input_shape,
                         normalization=getattr(args, "normalize", None))
+    if getattr(args, "data", None):
+        check_image_transform(loaded, args)
     if getattr(args, "device", None):           # every tensor follows the model (solvers included)
         loaded.model.to(args.device)
     return loaded
+
+
+def image_transform(args) -> dict | None:
+    """The --resize / --crop an image folder goes through (None: neither)."""
+    given = {k: getattr(args, k, None) for k in ("resize", "crop") if getattr(args, k, None) is not None}
+    return given or None
+
+
+def check_image_transform(loaded: LoadedModel, args) -> None:
+    """A model saved after training or pruning on resized / cropped images sees its images so
+    again: other flags would change every input without any error. The current ones are recorded."""
+    given = image_transform(args)
+    if loaded.image_transform is not None and given != loaded.image_transform:
+        saved = " ".join(f"--{k} {v}" for k, v in loaded.image_transform.items())
+        raise PrunekitError(f"{args.checkpoint} was saved from images brought to one size by {saved}: "
+                            f"pass {saved} again")
+    loaded.image_transform = given
 
 
 @lru_cache(maxsize=1)
@@ -121,6 +141,8 @@ def describe(loaded: LoadedModel) -> dict:
                  "normalization": {"mean": list(loaded.normalization.mean), "std": list(loaded.normalization.std)}}
     if user_models.is_model_file(loaded.name):
         described["model_file_sha256"] = user_models.file_digest(loaded.name)
+    if loaded.image_transform is not None:
+        described["image_transform"] = loaded.image_transform
     return described
 
 

@@ -20,7 +20,7 @@ from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimize
 from ..record import peak_rss_mb, save_pruned
 from ..runs import RunCheckpointer, RunFolder, claim
 from ..train import cosine, evaluate, sgd, train_epoch
-from .common import add_data_args, add_device_arg, add_model_args, describe, emit
+from .common import add_data_args, add_device_arg, add_model_args, check_image_transform, describe, emit
 
 
 def cmd_train(args) -> int:
@@ -35,6 +35,7 @@ def cmd_train(args) -> int:
                         input_shape=tuple(train_ds.image_shape), normalization=args.normalize)
     loaded.input_shape = tuple(train_ds.image_shape)
     check_normalized(loaded)
+    check_image_transform(loaded, args)
     if args.device:
         loaded.model.to(args.device)
     CostModel(loaded.model, loaded.example_input())   # refuses images the model cannot take
