@@ -49,6 +49,19 @@ def not_a_model():
 
 def wrong_input():
     return nn.Sequential(nn.Flatten(), nn.Linear(100, 10))
+
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)), x
+
+
+def pair():
+    return Pair()
 """
 
 
@@ -206,7 +219,7 @@ CLI_CASES = [
     (["prune", "--model", f"{H}/net.py", *MNIST, "--sparsity", "0.5"], "names a file but no function"),
     (["prune", "--model", f"{H}/net.py:2x", *MNIST, "--sparsity", "0.5"], "not a Python function name"),
     (["prune", "--model", f"{H}/nope.py:build", *MNIST, "--sparsity", "0.5"], "does not exist"),
-    (["prune", "--model", f"{H}/net.py:missing", *MNIST, "--sparsity", "0.5"], "it defines build, needs_args"),
+    (["prune", "--model", f"{H}/net.py:missing", *MNIST, "--sparsity", "0.5"], "it defines Pair, build, needs_args"),
     (["prune", "--model", f"{H}/net.py:needs_args", *MNIST, "--sparsity", "0.5"], "needs arguments (width)"),
     (["prune", "--model", f"{H}/net.py:not_a_model", *MNIST, "--sparsity", "0.5"], "returned a int"),
     (["prune", "--model", f"{H}/broken.py:build", *MNIST, "--sparsity", "0.5"],
@@ -218,6 +231,7 @@ CLI_CASES = [
     ([*PRUNE, "--sparsity", "0.5", "--normalize", "none"], "is for a model file"),
     (["eval", "--model", f"{H}/net.py:wrong_input", *MNIST, "--normalize", "none"],
      "fails on one of the mnist test images, shape (1, 28, 28)"),
+    (["eval", "--model", f"{H}/net.py:pair", *MNIST, "--normalize", "none"], "returns a tuple for one image"),
     (["info", f"{H}/net.py:build"], "--input-shape"),
     (["info", f"{H}/net.py:build", "--input-shape", "1,28"], "not C,H,W"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "net.py:build' model"),

@@ -201,11 +201,15 @@ def _check_forward(loaded: LoadedModel, what: str) -> None:
     """A model file says nothing of its input: run it once on a zero image of the data's shape."""
     try:
         with torch.no_grad():
-            loaded.model(loaded.example_input())
+            out = loaded.model(loaded.example_input())
     except Exception as error:  # the user's forward: one line, what it said
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PrunekitError(f"{loaded.name} fails on one of the {what} images, shape "
                             f"{tuple(loaded.input_shape)} (C,H,W): {first}; pick data the model takes") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
+        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise PrunekitError(f"{loaded.name} returns {got} for one image; the command line needs class scores of "
+                            "shape (batch, classes): return them from the function's model (e.g. wrap it)")
 
 
 def _num_classes(model: nn.Module) -> int | None:
