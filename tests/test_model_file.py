@@ -160,3 +160,23 @@ def test_a_model_file_on_an_image_folder_of_many_sizes(capsys, tmp_path):
     assert main(["eval", "--model", spec, "--checkpoint", str(tmp_path / "trained" / "model.safetensors"),
                  *photos[:4], "--resize", "14", "--crop", "10"]) == 2
     assert "pass --resize 12 --crop 10 again" in capsys.readouterr().err
+
+
+def test_a_resumed_run_says_when_the_model_file_changed(capsys, tmp_path, trained):
+    spec, checkpoint = trained
+    (tmp_path / "net.py").write_text(NET)
+    mine = f"{tmp_path}/net.py:build"
+    run = tmp_path / "run"
+    assert main(["prune", "--model", mine, "--checkpoint", str(checkpoint), *MNIST, "--method", "chita++",
+                 "--stages", "2", "--sparsity", "0.6", "--fisher-samples", "32", "--out", str(run), "--json"]) == 0
+    capsys.readouterr()
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["status"] = "running"                       # as if killed after its last stage checkpoint
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "net.py").write_text(NET + "\n# edited\n")
+    with pytest.warns(UserWarning) as caught:
+        assert main(["prune", "--resume", str(run), "--json"]) == 0
+    said = " | ".join(str(w.message) for w in caught)
+    assert "model file changed since this run started" in said       # the run's stages left
+    assert "was saved" in said                                        # and the checkpoint it started from
+    assert "model file changed" in (run / "run.log").read_text()

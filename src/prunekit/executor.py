@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
@@ -68,6 +69,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     if folder is not None:
         folder.log(f"{'resume' if metrics else 'start'}: {plan.name}, method {plan.method.name}, "
                    f"budget {plan.request.budget}")
+        _tell_changed_code(folder, metrics, describe)
     dense = dense or metrics.get("dense") or measure(plan, plan.request.model, eval_loader)
     measure_now = lambda model: measure(plan, model, eval_loader)   # noqa: E731
     measure_stage = lambda model: measure(plan, model, eval_loader if stage_eval else None)   # noqa: E731
@@ -79,6 +81,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
                               else plan.budget.max_macs + plan.budget.fixed_macs},
                    "prunable_weights": plan.space.numel, "dense_macs": plan.costs.macs,
                    "fixed_macs": plan.budget.fixed_macs, "dense": dense, "stages": metrics.get("stages", [])}
+        if "model_file_sha256" in describe:
+            metrics["model_file_sha256"] = describe["model_file_sha256"]
         folder.write_metrics(metrics)
 
         def on_saved(history: list[dict]) -> None:
@@ -130,6 +134,15 @@ def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -
         return prune_gradual(ctx, plan.method.run, plan.options, plan.gradual,
                              eval_loader=None if checkpointer is not None else eval_loader)
     return prune_weights(ctx, plan.method.run, plan.options)
+
+
+def _tell_changed_code(folder: RunFolder, metrics: dict, describe: dict) -> None:
+    """A run of a model file resumed after its file changed: say so (the stages left run the new code)."""
+    before, now = metrics.get("model_file_sha256"), describe.get("model_file_sha256")
+    if before is not None and now is not None and before != now:
+        message = f"the model file changed since this run started ({describe['model']}): the stages left use the new code"
+        folder.log(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _load_final(plan: Plan, folder: RunFolder) -> nn.Module:
