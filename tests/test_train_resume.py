@@ -63,3 +63,26 @@ def test_a_finished_training_run_again_is_the_same_result(capsys, tmp_path, monk
     assert main([*TRAIN, "--epochs", "1", "--out", out]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["accuracy"] == first["accuracy"] and again["history"] == first["history"]
+
+
+def test_a_resumed_training_of_a_model_file_says_when_the_file_changed(capsys, tmp_path, monkeypatch):
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef build():\n"
+                                     "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n")
+    argv = ["train", "--model", f"{tmp_path}/net.py:build", "--normalize", "none", *MNIST, "--epochs", "2",
+            "--json", "--out", str(tmp_path / "run")]
+    real_epoch = train_command.train_epoch
+    calls = []
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_command, "train_epoch", killed_in_second_epoch)
+    assert main(argv) == 130
+    monkeypatch.setattr(train_command, "train_epoch", real_epoch)
+    with (tmp_path / "net.py").open("a") as f:
+        f.write("# edited\n")
+    with pytest.warns(UserWarning, match="model file changed since this training started"):
+        assert main(argv) == 0

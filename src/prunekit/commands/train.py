@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +48,8 @@ def cmd_train(args) -> int:
     checkpointer = RunCheckpointer(folder) if folder is not None else None
     optimizer = sgd(loaded.model, args.lr, weight_decay=args.weight_decay)
     schedule = cosine(optimizer, args.epochs * len(loader))
-    history = resume(checkpointer, loaded.model, optimizer, schedule, loader)
+    digest = user_models.file_digest(args.model) if user_models.is_model_file(args.model) else None
+    history = resume(checkpointer, loaded.model, optimizer, schedule, loader, digest)
     if history and not args.json:
         print(f"resuming {args.out} after epoch {len(history)}/{args.epochs}", file=sys.stderr)
     for epoch in range(len(history), args.epochs):
@@ -58,7 +60,7 @@ def cmd_train(args) -> int:
         if not args.json:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}", file=sys.stderr)
         if checkpointer is not None:
-            save_epoch(checkpointer, loaded.model, optimizer, schedule, loader, history)
+            save_epoch(checkpointer, loaded.model, optimizer, schedule, loader, history, digest)
     loaded.model.eval()
     accuracy = evaluate(loaded.model, test_loader)
     record = {"model": args.model, "data": args.data, "split": args.eval_split, "epochs": args.epochs, "lr": args.lr,
@@ -99,12 +101,17 @@ def training_folder(args) -> RunFolder | None:
     return folder
 
 
-def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loader) -> list[dict]:
+def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loader,
+           digest: str | None = None) -> list[dict]:
     """Restore model, optimizer, schedule, RNG and data order from the last epoch checkpoint;
-    its per-epoch history (empty when starting afresh)."""
+    its per-epoch history (empty when starting afresh). ``digest``: the model file's SHA-256,
+    compared with the one the checkpoint was written with."""
     state = checkpointer.last() if checkpointer is not None else None
     if state is None:
         return []
+    if state.extra.get("model_file_sha256") not in (None, digest):
+        warnings.warn("the model file changed since this training started: the epochs left use the new code",
+                      stacklevel=2)
     model.load_state_dict({k[len("model/"):]: v for k, v in state.model_state.items() if k.startswith("model/")})
     load_optimizer(optimizer, schedule, state.model_state, state.extra["optimizer"])
     restore_rng(state.rng)
@@ -112,14 +119,16 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
     return list(state.history)
 
 
-def save_epoch(checkpointer: RunCheckpointer, model, optimizer, schedule, loader, history: list[dict]) -> None:
+def save_epoch(checkpointer: RunCheckpointer, model, optimizer, schedule, loader, history: list[dict],
+               digest: str | None = None) -> None:
     """One checkpoint after the epoch just done; the one before it is removed (a long run keeps
     one model's worth of checkpoint, written atomically before the old one goes)."""
     tensors, optimizer_state = optimizer_tensors(optimizer, schedule)
     tensors.update({f"model/{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()})
     epoch = len(history)
     checkpointer.save(StageState(epoch, tensors, history, capture_rng(),
-                                 {"optimizer": optimizer_state, "loader_epoch": loader.epoch}), model)
+                                 {"optimizer": optimizer_state, "loader_epoch": loader.epoch,
+                                  "model_file_sha256": digest}), model)
     if checkpointer.folder.writable and epoch > 1:
         checkpointer.path(epoch - 1).unlink(missing_ok=True)
 
