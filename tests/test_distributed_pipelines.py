@@ -92,9 +92,20 @@ def _gradients(rank=0, world=1):
             "some_offset": torch.tensor(some_offset), "bn": bn.contiguous(), "bn_offset": torch.tensor(bn_offset)}
 
 
+def _too_many_rows():
+    """The refusal of more per-sample rows than the data holds, before any gradient."""
+    x, y = _data()
+    try:
+        prunekit.prune(_net(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32),
+                       method="chita", sparsity=0.5, fisher_samples=300)
+    except prunekit.PrunekitError as error:
+        return str(error)
+    return "not refused"
+
+
 def _worker(rank, world):
     return {"prune": _prune_cases(list(CASES)), "train": _train_steps(rank, world),
-            "gradients": _gradients(rank, world)}
+            "gradients": _gradients(rank, world), "too_many_rows": _too_many_rows()}
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +152,9 @@ def test_sharded_gradients_are_the_columns_of_one_process(two_ranks):
         assert parts[0][0] == 0 and parts[1][0] == parts[0][1].shape[1]
         # the same rows (computed in other chunk sizes: equal to rounding)
         assert_close_to_scale(torch.cat([part for _, part in parts], 1), expected[which], 1e-6)
+
+
+def test_more_rows_than_samples_is_refused_on_every_rank(two_ranks):
+    assert "holds 256 samples, 300 gradient rows" in _too_many_rows()
+    for result in two_ranks:
+        assert "holds 256 samples, 300 gradient rows" in result["too_many_rows"]

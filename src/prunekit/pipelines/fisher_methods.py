@@ -168,8 +168,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     collective = distributed.current()     # one process: a no-op communicator, the code path of old
     if collective.distributed:
         _check_shardable(solve_stage, opts)
-    elif not (opts.fisher_batch > 1 or opts.fresh_samples):     # one pass of per-sample rows
-        check_enough_samples(ctx.train_batches(), plan.n)
+    if not (opts.fisher_batch > 1 or opts.fresh_samples):     # one pass of per-sample rows
+        check_enough_samples(ctx.train_batches(), plan.n)     # every rank reads the one stream
     pick = opts.final_pick == "judge"
     kept: dict[str, torch.Tensor] = {}    # the best final-budget candidate so far (see below)
     done = resume_stages(ctx, kept)  # stages completed by an earlier, interrupted run (0: none)
