@@ -93,14 +93,19 @@ def _gradients(rank=0, world=1):
 
 
 def _too_many_rows():
-    """The refusal of more per-sample rows than the data holds, before any gradient."""
+    """More per-sample rows than the data holds: refused before any gradient where the data's size
+    is known (a DataLoader), else when the rows run out (a function of batches)."""
     x, y = _data()
-    try:
-        prunekit.prune(_net(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32),
-                       method="chita", sparsity=0.5, fisher_samples=300)
-    except prunekit.PrunekitError as error:
-        return str(error)
-    return "not refused"
+    sized = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    unsized = lambda: ((x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32))   # noqa: E731
+    said = []
+    for data in (sized, unsized):
+        try:
+            prunekit.prune(_net(), data, method="chita", sparsity=0.5, fisher_samples=300)
+            said.append("not refused")
+        except prunekit.PrunekitError as error:
+            said.append(str(error))
+    return said
 
 
 def _worker(rank, world):
@@ -155,6 +160,10 @@ def test_sharded_gradients_are_the_columns_of_one_process(two_ranks):
 
 
 def test_more_rows_than_samples_is_refused_on_every_rank(two_ranks):
-    assert "holds 256 samples, 300 gradient rows" in _too_many_rows()
-    for result in two_ranks:
-        assert "holds 256 samples, 300 gradient rows" in result["too_many_rows"]
+    sized, unsized = _too_many_rows()
+    assert "holds 256 samples, 300 gradient rows" in sized and "gave only 256 gradient rows" in unsized
+    for result in two_ranks:          # rank 1's rows (150-299) run out; rank 0's do not, and it is told
+        sized, unsized = result["too_many_rows"]
+        assert "holds 256 samples, 300 gradient rows" in sized
+        assert "gave only" in unsized or "ran out before the 300 gradient rows" in unsized
+    assert "ran out before the 300 gradient rows of 1 sample(s) on another rank" in two_ranks[0]["too_many_rows"][1]

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..fisher import collect_gradients, keep_columns, passes, skip_samples
+from ..options import OptionError
 from ..params import ParamSpace
 from ..solvers.collective import Collective, shard_bounds
 
@@ -63,16 +64,33 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
     for j in range(pieces):
         first, last = min(stop, start + j * piece), min(stop, start + (j + 1) * piece)
         rows = torch.empty(0, width, dtype=dtype, device=device)
+        short = None
         if last > first:
             stream = passes(batches()) if repeat else batches()
-            rows = collect_gradients(model, space, skip_samples(stream, skip + first * batch), last - first,
-                                     batch=batch, chunk=chunk, dtype=dtype, progress=progress and rank == 0, bn=bn,
-                                     loss_fn=loss_fn)
-            if columns is not None:
+            try:
+                rows = collect_gradients(model, space, skip_samples(stream, skip + first * batch), last - first,
+                                         batch=batch, chunk=chunk, dtype=dtype, progress=progress and rank == 0,
+                                         bn=bn, loss_fn=loss_fn)
+            except OptionError as error:      # this rank's rows ran past the end of the data
+                short = error
+            if columns is not None and short is None:
                 rows = keep_columns(rows, columns)
+        _raise_together(short, collective, device, n, batch)
         _send_piece(rows, piece, bounds, received, [s * slot + j * piece for s in range(size)], collective)
         del rows
     return _close_gaps(received, n, per, slot, size), lo
+
+
+def _raise_together(short: OptionError | None, collective: Collective, device, n: int, batch: int) -> None:
+    """Every rank learns whether any rank's rows ran past the data, so that all of them stop with
+    one message instead of one raising while the others wait in the next gather."""
+    anyone = int(collective.all_reduce_max(torch.tensor([int(short is not None)], device=device)))
+    if short is not None:
+        raise short
+    if anyone:
+        raise OptionError(f"the training data ran out before the {n} gradient rows of {batch} sample(s) on another "
+                          "rank: lower fisher_samples or fisher_batch, or give more training images",
+                          ("fisher_samples", "fisher_batch"))
 
 
 def _send_piece(rows, piece, bounds, received, at, collective) -> None:
