@@ -73,4 +73,3 @@ def subset_indices(total: int, n: int | None, seed: int | None) -> torch.Tensor:
     if seed is None:
         return torch.arange(n)
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
-

@@ -147,4 +147,3 @@ def load_optimizer(optimizer: torch.optim.Optimizer, schedule, tensors: dict, sa
             per_param.setdefault(int(index), {})[key] = v
     optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
     schedule.load_state_dict(saved["schedule"])
-
