@@ -39,6 +39,9 @@ def test_prune_meets_budget_and_saves(capsys, tmp_path, method):
     reloaded = run_json(capsys, ["eval", "--model", "mlpnet", "--checkpoint",
                                  str(out_dir / "model.safetensors"), *MNIST, "--json"])
     assert reloaded["accuracy"] == pytest.approx(out["accuracy"])
+    # a prunekit checkpoint of a zoo model says which model it is: --model may be left out
+    unnamed = run_json(capsys, ["eval", "--checkpoint", str(out_dir / "model.safetensors"), *MNIST, "--json"])
+    assert unnamed["model"] == "mlpnet" and unnamed["accuracy"] == reloaded["accuracy"]
     info = run_json(capsys, ["info", "mlpnet", "--checkpoint", str(out_dir / "model.safetensors"), "--json"])
     assert info["macs"] == out["macs"]
 

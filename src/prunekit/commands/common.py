@@ -14,6 +14,7 @@ from .. import user_models, zoo
 from ..data import DATASET_NAMES, make_loader
 from .. import report
 from ..errors import PrunekitError
+from ..saving import read_meta
 from ..loading import LoadedModel, check_fits, check_normalized, load_data, load_model
 
 
@@ -22,7 +23,7 @@ MODEL_HELP = (f"zoo model ({', '.join(zoo.MODEL_NAMES)}) or your own: net.py:FUN
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--model", help=MODEL_HELP + "; may be left out with a prunekit checkpoint of a zoo model")
     p.add_argument("--checkpoint", help="weights to load (.pth/.th/.ckpt/.pth.tar or a prunekit .safetensors)")
     p.add_argument("--normalize", metavar="MEANS/STDS", help="for a model file: the per-channel input "
                    "normalization it was trained with, pixels in [0, 1] (e.g. 0.5,0.5,0.5/0.25,0.25,0.25), "
@@ -70,7 +71,24 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bo
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def resolve_model(args) -> None:
+    """``--model`` left out: the zoo model a prunekit checkpoint was saved from, else a refusal."""
+    if args.model is not None:
+        return
+    saved = read_meta(args.checkpoint).get("model") if args.checkpoint else None
+    if saved in zoo.MODEL_NAMES:
+        args.model = saved
+    elif saved is not None and user_models.is_model_file(saved):
+        path, function = user_models.parse(saved)
+        raise PrunekitError(f"{args.checkpoint} holds a model built by {saved}: name its file again, "
+                            f"--model path/to/{path.name}:{function}")
+    else:
+        raise PrunekitError("say which model: --model NAME (a zoo model) or --model net.py:FUNCTION (yours)"
+                            + (f"; {args.checkpoint} does not record it" if args.checkpoint else ""))
+
+
 def loaded_model(args) -> LoadedModel:
+    resolve_model(args)
     input_shape = None
     if user_models.is_model_file(args.model) and getattr(args, "data", None) and args.data_dir:
         input_shape = tuple(evaluation_split(args.data, args.data_dir, args.eval_split, args.resize,

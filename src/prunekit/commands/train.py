@@ -21,11 +21,13 @@ from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimize
 from ..record import peak_rss_mb, save_pruned
 from ..runs import RunCheckpointer, RunFolder, claim
 from ..train import cosine, evaluate, sgd, train_epoch
-from .common import add_data_args, add_device_arg, add_model_args, check_image_transform, describe, emit
+from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, describe, emit,
+                     resolve_model)
 
 
 def cmd_train(args) -> int:
     check_train_args(args)
+    resolve_model(args)
     check_out(args.out, "--out")
     train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop)
     test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test",
