@@ -22,7 +22,9 @@ def run_json(capsys, argv):
 
 def test_eval_json(capsys):
     out = run_json(capsys, ["eval", *MLP, *MNIST, "--json"])
-    assert out["accuracy"] > 90 and out["images"] == 10000
+    assert out["accuracy"] > 90 and out["images"] == 10000 and 0 < out["loss"] < 1
+    info = run_json(capsys, ["info", *MLP[1:], "--json"])
+    assert (out["macs"], out["params"]) == (info["macs"], info["params"])
     assert run_json(capsys, ["eval", *MLP, *MNIST, "--device", "cpu", "--json"])["accuracy"] == out["accuracy"]
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from ..train import evaluate
+from ..costs import CostModel
+from ..train import evaluate_loss_accuracy
 from ..record import peak_rss_mb
 from .common import add_data_args, add_device_arg, add_model_args, emit, eval_data, loaded_model
 
@@ -13,11 +14,16 @@ def cmd_eval(args) -> int:
     loaded = loaded_model(args)
     loader = eval_data(args, loaded)
     start = time.perf_counter()
-    accuracy = evaluate(loaded.model, loader, progress=not args.json)
-    payload = {"model": args.model, "data": args.data, "split": args.eval_split, "accuracy": accuracy,
+    measured = evaluate_loss_accuracy(loaded.model, loader, progress=not args.json)
+    seconds = time.perf_counter() - start
+    counts = CostModel(loaded.model, loaded.example_input()).count(loaded.model)    # nonzero-aware
+    payload = {"model": args.model, "data": args.data, "split": args.eval_split, "accuracy": measured["accuracy"],
+               "loss": measured["loss"], "macs": counts.macs, "params": counts.params,
                "images": len(loader.dataset) if hasattr(loader, "dataset") else None,
-               "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
-    emit(args, payload, [f"{args.model} on {args.data} {args.eval_split}: {accuracy:.2f}% top-1"])
+               "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+    emit(args, payload, [f"{args.model} on {args.data} {args.eval_split}: {measured['accuracy']:.2f}% top-1, "
+                         f"loss {measured['loss']:.4f} ({counts.macs / 1e6:.2f}M MACs per example, "
+                         f"{counts.params:,} nonzero params)"])
     return 0
 
 
