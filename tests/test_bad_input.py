@@ -140,7 +140,7 @@ CLI_CASES = [
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--solver", "xyz"], "invalid choice"),
     (["info"], "required"),
     (["export"], "required"),
-    (["bench-latency", "--model", "mlpnet"], "required"),
+    (["bench-latency", "--model", "mlpnet"], "required: --pruned"),
     ([*TRAIN, "--epochs", "x"], "invalid int"),
     (["compare"], "required"),
     # models and checkpoints

@@ -35,7 +35,7 @@ def test_autobot_end_to_end(capsys, tmp_path):
     assert main(["info", "mlpnet", "--checkpoint", str(tmp_path / "run" / "model.safetensors")]) == 0
     text = capsys.readouterr().out
     assert "shrunk (channels removed)" in text and f"{out['kept_channels'][0]}" in text
-    bench = run_json(capsys, ["bench-latency", "--model", "mlpnet", "--pruned", str(tmp_path / "run"),
+    bench = run_json(capsys, ["bench-latency", "--pruned", str(tmp_path / "run"),     # its sidecar names mlpnet
                               "--repeats", "5", "--warmup", "1", "--threads", "1", "2", "--json"])
     assert [(r["threads"], r["batch"]) for r in bench["rows"]] == [(1, 1), (1, 64), (2, 1), (2, 64)]
     assert all(r["repeats"] == 5 and r["dense_ms"] > 0 and r["ratio"] > 0 for r in bench["rows"])

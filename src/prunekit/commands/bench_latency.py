@@ -13,12 +13,13 @@ from ..costs import CostModel
 from ..errors import PrunekitError
 from ..latency import MIN_REPEATS, latency_table
 from ..loading import load_model
-from .common import model_file
+from .common import model_file, resolve_model
 
 
 def add_bench_latency_parser(sub) -> None:
     p = sub.add_parser("bench-latency", help="CPU latency of a pruned model against the dense one")
-    p.add_argument("--model", required=True, help="model of both: a zoo name or net.py:FUNCTION")
+    p.add_argument("--model", help="model of both: a zoo name or net.py:FUNCTION (may be left out when the "
+                   "pruned one is of a zoo model)")
     p.add_argument("--checkpoint", help="weights of the dense model (default: fresh weights; timing does not care)")
     p.add_argument("--pruned", required=True, help="the pruned model: a run folder or its model.safetensors")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64],
@@ -55,6 +56,7 @@ def cmd_bench_latency(args) -> int:
     pruned_file = model_file(args.pruned)
     if not pruned_file.exists():
         raise PrunekitError(f"no pruned model at {pruned_file}: pass the --out folder of `prunekit prune`")
+    resolve_model(args, pruned_file)
     pruned = load_model(args.model, pruned_file)
     dense = load_model(args.model, args.checkpoint, input_shape=pruned.input_shape)
     rows = latency_table(dense.model, pruned.model, dense.input_shape, args.batch_sizes, args.threads,

@@ -71,20 +71,22 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bo
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def resolve_model(args) -> None:
-    """``--model`` left out: the zoo model a prunekit checkpoint was saved from, else a refusal."""
+def resolve_model(args, saved_file=None) -> None:
+    """``--model`` left out: the zoo model a prunekit checkpoint (``saved_file``, default
+    ``--checkpoint``) was saved from, else a refusal."""
     if args.model is not None:
         return
-    saved = read_meta(args.checkpoint).get("model") if args.checkpoint else None
+    saved_file = saved_file or args.checkpoint
+    saved = read_meta(saved_file).get("model") if saved_file else None
     if saved in zoo.MODEL_NAMES:
         args.model = saved
     elif saved is not None and user_models.is_model_file(saved):
         path, function = user_models.parse(saved)
-        raise PrunekitError(f"{args.checkpoint} holds a model built by {saved}: name its file again, "
+        raise PrunekitError(f"{saved_file} holds a model built by {saved}: name its file again, "
                             f"--model path/to/{path.name}:{function}")
     else:
         raise PrunekitError("say which model: --model NAME (a zoo model) or --model net.py:FUNCTION (yours)"
-                            + (f"; {args.checkpoint} does not record it" if args.checkpoint else ""))
+                            + (f"; {saved_file} does not record it" if saved_file else ""))
 
 
 def loaded_model(args) -> LoadedModel:
