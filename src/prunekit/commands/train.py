@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 import time
 import warnings
@@ -47,6 +49,10 @@ def cmd_train(args) -> int:
                          augment=args.augment, seed=args.seed, drop_last=True)
     test_loader = make_loader(test_ds, loaded.normalization, batch_size=512)
     folder = training_folder(args)
+    finished = finished_record(folder)
+    if finished is not None:            # the same command after the run ended: its result again
+        emit(args, finished, result_lines(args, finished))
+        return 0
     checkpointer = RunCheckpointer(folder) if folder is not None else None
     optimizer = sgd(loaded.model, args.lr, weight_decay=args.weight_decay)
     schedule = cosine(optimizer, args.epochs * len(loader))
@@ -70,9 +76,25 @@ def cmd_train(args) -> int:
               "seconds": sum(h["seconds"] for h in history), "history": history, "peak_rss_mb": peak_rss_mb()}
     if args.out and is_main_process():     # under torchrun, rank 0 alone writes
         save_pruned(args.out, loaded.model, describe(loaded), record, shrunk=False)
-    emit(args, record, [f"{args.model} trained on {args.data}: {accuracy:.2f}% {args.eval_split} accuracy "
-                         f"({record['seconds']:.0f} s)"] + ([f"saved to {args.out}"] if args.out else []))
+        shutil.rmtree(folder.checkpoints, ignore_errors=True)     # the model and result.json are written
+    emit(args, record, result_lines(args, record))
     return 0
+
+
+def result_lines(args, record: dict) -> list[str]:
+    return ([f"{args.model} trained on {args.data}: {record['accuracy']:.2f}% {args.eval_split} accuracy "
+             f"({record['seconds']:.0f} s)"] + ([f"saved to {args.out}"] if args.out else []))
+
+
+def finished_record(folder: RunFolder | None) -> dict | None:
+    """The record of a training run that ended in ``folder`` (its model and result.json are
+    written, in that order, before its epoch checkpoint is removed); None otherwise."""
+    if folder is None:
+        return None
+    result = folder.path / "result.json"
+    if not (result.exists() and folder.model_path.exists()):
+        return None
+    return json.loads(result.read_text())
 
 
 def training_folder(args) -> RunFolder | None:
