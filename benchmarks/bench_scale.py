@@ -4,14 +4,17 @@
     python benchmarks/bench_scale.py --models resnet20-b resnet56 --n 64 256 1000
     python benchmarks/bench_scale.py --models resnet50 --n 256 --dtypes bfloat16   # needs ~16 GB free
     python benchmarks/bench_scale.py --models mobilenetv1 --n 1000 --dtypes bfloat16  # ~11 GB
+    python benchmarks/bench_scale.py --models resnet50 --n 1000 --dtypes bfloat16 --device cuda
 
 ResNet-20-B -> ResNet-56 (CIFAR layout, 32x32) -> MobileNetV1 -> ResNet-50 (224x224), one-shot
 FALCON (default solver, DFO) to 30% of the MACs, for n gradient rows stored in float32 or
 bfloat16. Every row runs `prunekit.prune` in its own process, with RANDOM weights and RANDOM
 inputs and labels (generated batch by batch, never held at once), recalibrate_bn=False: this
 measures cost (time, memory), not accuracy. Per row: seconds for the gradients and for the solver,
-the memory plan's estimate and the measured peak RSS of the process (ru_maxrss). A row whose plan
-does not fit the machine's available memory is reported as refused (that is the plan at work).
+the memory plan's estimate and the measured peak RSS of the process (ru_maxrss); with `--device
+cuda` the model, X and the solver live on the GPU and the estimate is compared with the GPU's
+peak allocation (torch.cuda.max_memory_allocated). A row whose plan does not fit the device's
+available memory is reported as refused (that is the plan at work).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from common import print_table, write_json
 MODELS = {"resnet20-b": 32, "resnet56": 32, "mobilenetv1": 224, "resnet50": 224}
 
 
-def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int) -> dict:
+def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int, device: str = "cpu") -> dict:
     """One measurement, in this process."""
     import torch
 
@@ -40,7 +43,7 @@ def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int) -> 
     torch.set_num_threads(threads)
     size = MODELS[model_name]
     torch.manual_seed(0)
-    model = zoo.build(model_name)
+    model = zoo.build(model_name).to(device)
     classes = zoo.spec(model_name).num_classes
     batch = 64
 
@@ -50,11 +53,11 @@ def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int) -> 
             yield torch.randn(batch, 3, size, size, generator=gen), torch.randint(0, classes, (batch,), generator=gen)
 
     start = time.perf_counter()
-    row = {"model": model_name, "n": n, "dtype": dtype, "flops": flops, "threads": threads,
+    row = {"model": model_name, "n": n, "dtype": dtype, "flops": flops, "threads": threads, "device": device,
            "p": sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))}
     try:
         result = prunekit.prune(model, batches, method="falcon", flops=flops, fisher_samples=n, fisher_dtype=dtype,
-                                example_input=torch.randn(1, 3, size, size), recalibrate_bn=False)
+                                example_input=torch.randn(1, 3, size, size, device=device), recalibrate_bn=False)
     except PrunekitError as error:
         return {**row, "refused": str(error), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     stage = result.history[0]
@@ -63,7 +66,8 @@ def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int) -> 
             "solver_seconds": stage["solver_seconds"], "seconds": time.perf_counter() - start,
             "memory_estimate_mb": stage["memory_estimate_mb"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "dfo_accepted": info.get("accepted"), "dfo_trials": info.get("trials")}
+            "dfo_accepted": info.get("accepted"), "dfo_trials": info.get("trials"),
+            **({"peak_device_mb": torch.cuda.max_memory_allocated() / 2**20} if device.startswith("cuda") else {})}
 
 
 def main() -> None:
@@ -74,6 +78,7 @@ def main() -> None:
                         default=["float32", "bfloat16"])
     parser.add_argument("--flops", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the model, X and the solver on that device)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a row is abandoned")
     parser.add_argument("--out", default="benchmarks/results/scale.json")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out")
@@ -81,7 +86,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.row:
         spec = json.loads(args.row)
-        print(json.dumps(run_row(spec["model"], spec["n"], spec["dtype"], spec["flops"], spec["threads"])))
+        print(json.dumps(run_row(spec["model"], spec["n"], spec["dtype"], spec["flops"], spec["threads"],
+                                 spec.get("device", "cpu"))))
         return
     rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).exists() else []
     done = {(r["model"], r["n"], r["dtype"]) for r in rows}
@@ -91,7 +97,7 @@ def main() -> None:
                 if (model_name, n, dtype) in done:
                     continue
                 spec = json.dumps({"model": model_name, "n": n, "dtype": dtype, "flops": args.flops,
-                                   "threads": args.threads})
+                                   "threads": args.threads, "device": args.device})
                 try:
                     out = subprocess.run([sys.executable, __file__, "--row", spec], capture_output=True, text=True,
                                          timeout=args.timeout)
@@ -105,7 +111,7 @@ def main() -> None:
                         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 row = rows[-1]
                 if "memory_estimate_mb" in row:
-                    row["estimate_error"] = row["memory_estimate_mb"] / row["peak_rss_mb"] - 1
+                    row["estimate_error"] = row["memory_estimate_mb"] / row.get("peak_device_mb", row["peak_rss_mb"]) - 1
                 print(json.dumps(row), flush=True)
                 write_json(args.out, {"benchmark": "scale", "rows": rows}, extends=args.resume)
     print("\nrandom weights and inputs: cost only; one process per row")
@@ -113,6 +119,7 @@ def main() -> None:
                 [("model", "model", ">12"), ("p", "p", ",d"), ("n", "n", "d"), ("dtype", "X dtype", ">9"),
                  ("gradient_seconds", "grad s", ".0f"), ("solver_seconds", "solver s", ".0f"),
                  ("memory_estimate_mb", "est. MB", ".0f"), ("peak_rss_mb", "peak MB", ".0f"),
+                 ("peak_device_mb", "GPU peak MB", ".0f"),
                  ("estimate_error", "est/peak-1", "+.2f"), ("flops_kept", "MACs kept", ".3f")])
     for r in rows:
         if "refused" in r or "error" in r:
