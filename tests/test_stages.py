@@ -26,6 +26,28 @@ def test_rng_states_come_back():
     assert draws() == first
 
 
+def test_gpu_generator_states_travel_through_a_checkpoint(tmp_path, monkeypatch):
+    """Each GPU's generator is captured once CUDA is in use, written beside the CPU's and set back
+    on resume (torch.cuda stood in for here: no GPU on the test machines)."""
+    gpu_states = [torch.arange(8, dtype=torch.uint8), torch.arange(8, 16, dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda index: gpu_states[index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.__setitem__(index, state))
+    model = nn.Linear(2, 2)
+    RunCheckpointer(RunFolder(tmp_path)).save(StageState(1, model.state_dict(), [], capture_rng()), model)
+    rng = RunCheckpointer(RunFolder(tmp_path)).last().rng
+    assert [t.tolist() for t in rng["cuda"]] == [t.tolist() for t in gpu_states]
+    restore_rng(rng)
+    assert [restored[i].tolist() for i in (0, 1)] == [t.tolist() for t in gpu_states]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)     # resumed on a machine with fewer GPUs
+    restored.clear()
+    restore_rng(rng)
+    assert restored == {}
+
+
 def test_checkpoints_round_trip_and_a_broken_one_is_skipped(tmp_path):
     folder = RunFolder(tmp_path)
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))

@@ -123,7 +123,7 @@ class RunCheckpointer:
     """A ``StageCheckpointer`` writing ``checkpoints/stage-NNN.safetensors`` in a run folder.
 
     One file per stage holds the model state (``model/<key>``), the pipeline's own tensors
-    (``kept/<key>``), the torch RNG state (``rng/torch``) and, in the safetensors metadata, the
+    (``kept/<key>``), the torch RNG states (``rng/torch``; each GPU's ``rng/cuda/<i>``) and, in the safetensors metadata, the
     stage number, history and the numpy / ``random`` RNG states as JSON; one atomic write, so a
     file is complete or absent. ``measure(model) -> dict`` (optional) adds measurements (accuracy,
     loss, counts) to the stage's record before it is written; ``on_saved(history)`` is told after
@@ -150,8 +150,9 @@ class RunCheckpointer:
         tensors = {f"model/{k}": v.contiguous() for k, v in state.model_state.items()}
         tensors.update({f"kept/{k}": v.contiguous() for k, v in state.tensors.items()})
         tensors["rng/torch"] = state.rng["torch"]
+        tensors.update({f"rng/cuda/{i}": t for i, t in enumerate(state.rng.get("cuda", []))})
         meta = {"stage": str(state.stage), "history": json.dumps(_finite(state.history)),
-                "rng": json.dumps({k: v for k, v in state.rng.items() if k != "torch"}),
+                "rng": json.dumps({k: v for k, v in state.rng.items() if k not in ("torch", "cuda")}),
                 "extra": json.dumps(_finite(state.extra))}
         atomic_write_bytes(self.path(state.stage), save_tensors(tensors, metadata=meta))
         self.folder.log(f"stage {state.stage} saved to {self.path(state.stage).name}")
@@ -165,6 +166,9 @@ class RunCheckpointer:
                     meta = handle.metadata()
                     tensors = {k: handle.get_tensor(k) for k in handle.keys()}
                 rng = {**json.loads(meta["rng"]), "torch": tensors.pop("rng/torch")}
+                cuda = sorted((k for k in tensors if k.startswith("rng/cuda/")), key=lambda k: int(k.split("/")[-1]))
+                if cuda:
+                    rng["cuda"] = [tensors.pop(k) for k in cuda]
                 model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
                 kept = {k[len("kept/"):]: v for k, v in tensors.items() if k.startswith("kept/")}
                 state = StageState(int(meta["stage"]), model_state, json.loads(meta["history"]), rng,

@@ -77,18 +77,26 @@ def measure_seconds(checkpointer: StageCheckpointer | None) -> float:
 
 
 def capture_rng() -> dict:
-    """The torch (CPU), numpy and ``random`` generator states, as JSON-able data + one tensor."""
+    """The torch (CPU), numpy and ``random`` generator states, as JSON-able data + one tensor,
+    and, once this process has used CUDA, each GPU's generator (``"cuda"``: a list of tensors;
+    dropout on a GPU draws from it)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state().clone(),
-            "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "random": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    state = {"torch": torch.get_rng_state().clone(),
+             "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "random": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [torch.cuda.get_rng_state(i).clone() for i in range(torch.cuda.device_count())]
+    return state
 
 
 def restore_rng(state: dict) -> None:
-    """Undo ``capture_rng``."""
+    """Undo ``capture_rng`` (GPU generators only where this process has as many GPUs)."""
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and torch.cuda.device_count() >= len(state["cuda"]):
+        for index, cuda_state in enumerate(state["cuda"]):
+            torch.cuda.set_rng_state(cuda_state, index)
     n = state["numpy"]
     np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     r = state["random"]
