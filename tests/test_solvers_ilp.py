@@ -189,6 +189,40 @@ def test_typical_large_instance_gap(p, n_layers):
     assert fast.seconds < 5.0
 
 
+def test_only_the_prefixes_a_budget_allows_are_sorted_and_the_answer_is_unchanged():
+    """A transformer's weights share one MAC cost: at 30% of the MACs no selection keeps more than
+    about 30% of that group, so only its best 30% are sorted; the solution equals the one found
+    with every score sorted, and HiGHS's optimum lies within its gap."""
+    from prunekit.solvers.ilp import round_lagrangian
+    from prunekit.solvers.ilp_groups import SortedGroups, parse_problem, prefix_limits
+
+    rng = np.random.default_rng(3)
+    sizes, costs = [20_000, 300, 50], [197.0, 196.0, 1.0]
+    inst = replace(make_instance(sizes, costs, rng.standard_normal(sum(sizes)) ** 2, 0, 0),
+                   k=15_000, F=0.3 * float(np.dot(sizes, costs)))
+    prob = parse_problem(inst.scores, None, inst.slices, inst.layer_costs, inst.k, inst.F)
+    full = np.bincount(prob.group, minlength=prob.group_costs.size)
+    limits = prefix_limits(full, prob.group_costs, prob.max_count, prob.max_cost)
+    assert limits[0] < 0.31 * full[0] and limits[2] == full[2]
+    cut = SortedGroups(prob.scores, prob.group, prob.group_costs, limits)
+    whole = SortedGroups(prob.scores, prob.group, prob.group_costs)
+    m_cut, dual_cut, _ = round_lagrangian(cut, prob.max_count, prob.max_cost, 1e-9)
+    m_whole, dual_whole, _ = round_lagrangian(whole, prob.max_count, prob.max_cost, 1e-9)
+    assert np.array_equal(cut.keep_mask(m_cut), whole.keep_mask(m_whole))
+    assert dual_cut == pytest.approx(dual_whole, rel=1e-12)
+    fast, exact = inst.solve(), inst.solve(solve_flops_ilp_exact, time_limit=60)
+    assert_consistent(fast, inst)
+    assert fast.primal <= exact.primal + bound_tol(exact.primal) <= fast.dual_bound + 2 * bound_tol(exact.primal)
+
+
+def test_sorted_groups_break_ties_by_weight_index():
+    from prunekit.solvers.ilp_groups import SortedGroups
+
+    scores = np.array([1.0, 3.0, 1.0, 3.0, 2.0, 1.0])
+    groups = SortedGroups(scores, np.zeros(6, dtype=np.int64), np.array([1.0]), np.array([4]))
+    assert groups.perm.tolist() == [1, 3, 4, 0]
+
+
 # --------------------------------------------------------------------------- edge cases
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .ilp_groups import TINY, Problem, SortedGroups, parse_problem
+from .ilp_groups import TINY, Problem, SortedGroups, parse_problem, prefix_limits
 from .ilp_rounding import drop_to_budget, local_search
 
 __all__ = ["ILPResult", "solve_flops_ilp"]
@@ -126,7 +126,9 @@ def solve_lagrangian(prob: Problem, tol: float) -> Solution:
     if prob.max_count == 0 or not (prob.scores > 0).any():
         return Solution(np.zeros(prob.scores.size, dtype=bool), 0.0, 0.0, {"method": "trivial"})
     start = time.perf_counter()
-    groups = SortedGroups(prob.scores, prob.group, prob.group_costs)
+    limits = prefix_limits(np.bincount(prob.group, minlength=prob.group_costs.size), prob.group_costs,
+                           prob.max_count, prob.max_cost)
+    groups = SortedGroups(prob.scores, prob.group, prob.group_costs, limits)
     setup_seconds = time.perf_counter() - start
     m, dual, info = round_lagrangian(groups, prob.max_count, prob.max_cost, tol)
     info["setup_seconds"] = setup_seconds

@@ -122,22 +122,55 @@ def parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count
 _LOOP_SORT_MAX_GROUPS = 1024
 
 
-def _grouped_order(scores: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
-    """(p,) permutation listing group 0's weights by descending score, then group 1's, ...
+def prefix_limits(group_sizes: np.ndarray, group_costs: np.ndarray, max_count: int, max_cost: float) -> np.ndarray:
+    """(G,) the longest prefix of each group a feasible selection can keep: at most k weights, and
+    at most F / c_g of group g alone (one more, against float rounding). Dropping a group's
+    weights beyond it changes neither the optimum nor any feasible selection's prefix counts."""
+    limits = np.minimum(group_sizes, max_count)
+    priced = group_costs > 0
+    with np.errstate(over="ignore"):
+        by_cost = np.floor(max_cost / np.where(priced, group_costs, 1.0)) + 1
+    return np.where(priced, np.minimum(limits, np.minimum(by_cost, group_sizes)), limits).astype(np.int64)
+
+
+def _descending(scores: np.ndarray, keep: int) -> np.ndarray:
+    """Positions of the ``keep`` largest of ``scores`` (q,) float64, largest first, ties by position.
+
+    torch's sort and top-k run about 2x and 5x faster than NumPy's argsort on 10^7 values."""
+    values = torch.from_numpy(scores)
+    if keep <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if keep < values.numel():
+        kth = torch.topk(values, keep, sorted=False).values.min()
+        above = torch.nonzero(values > kth).flatten()
+        tied = torch.nonzero(values == kth).flatten()[: keep - above.numel()]
+        candidates = torch.sort(torch.cat([above, tied])).values
+    else:
+        candidates = torch.arange(values.numel())
+    order = torch.sort(values[candidates], descending=True, stable=True).indices
+    return candidates[order].numpy()
+
+
+def _grouped_order(scores: np.ndarray, group: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """(Σ limits,) weight indices: group 0's ``limits[0]`` best by descending score (ties by
+    index), then group 1's, ...
 
     Sorting each group on its own is several times faster than one global sort at
     p ~ 1e7 (the blocks fit in cache); with very many groups one global sort is used.
     """
+    n_groups = limits.size
     small = group.astype(np.uint16) if n_groups <= 1 << 16 else group  # 16-bit: radix sort
+    sizes = np.bincount(group, minlength=n_groups)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
     if n_groups > _LOOP_SORT_MAX_GROUPS:
-        desc = np.argsort(-scores)
-        return desc[np.argsort(small[desc], kind="stable")]
-    order = np.argsort(small, kind="stable")
-    bounds = np.cumsum(np.bincount(group, minlength=n_groups))
-    for a, b in zip(np.r_[0, bounds[:-1]], bounds):
-        block = order[a:b]
-        order[a:b] = block[np.argsort(-scores[block])]
-    return order
+        desc = torch.sort(torch.from_numpy(scores), descending=True, stable=True).indices.numpy()
+        order = desc[np.argsort(small[desc], kind="stable")]
+        rank_in_group = np.arange(order.size) - np.repeat(starts, sizes)
+        return order[rank_in_group < np.repeat(limits, sizes)]
+    by_group = np.argsort(small, kind="stable")             # each group's weights in index order
+    return np.concatenate([np.zeros(0, dtype=np.int64)] + [
+        by_group[a:a + n][_descending(scores[by_group[a:a + n]], int(keep))]
+        for a, n, keep in zip(starts, sizes, limits)])
 
 
 class SortedGroups:
@@ -145,16 +178,20 @@ class SortedGroups:
 
     A selection that keeps a prefix of every group is described by ``m`` (G,) int64, the
     number kept per group. The layout is group-major: group g occupies positions
-    ``start[g] : start[g] + size[g]`` of ``s_desc`` (p,), and ``prefix`` (p + 1,) holds
-    the running sums of ``s_desc``.
+    ``start[g] : start[g] + size[g]`` of ``s_desc``, and ``prefix`` holds the running sums of
+    ``s_desc``. ``limits`` (G,), optional (see ``prefix_limits``): only the best ``limits[g]`` of
+    group g are sorted and seen (``size[g]``), which spares sorting what no feasible selection keeps.
     """
 
-    def __init__(self, scores: np.ndarray, group: np.ndarray, group_costs: np.ndarray):
+    def __init__(self, scores: np.ndarray, group: np.ndarray, group_costs: np.ndarray,
+                 limits: np.ndarray | None = None):
         n_groups = group_costs.size
-        self.perm = _grouped_order(scores, group, n_groups)  # layout position -> weight index
+        full_size = np.bincount(group, minlength=n_groups)
+        self.size = full_size if limits is None else np.minimum(full_size, limits)
+        self.p = scores.size
+        self.perm = _grouped_order(scores, group, self.size)  # layout position -> weight index
         self.s_desc = scores[self.perm]
         self.prefix = np.concatenate([[0.0], np.cumsum(self.s_desc)])
-        self.size = np.bincount(group, minlength=n_groups)
         self.start = np.concatenate([[0], np.cumsum(self.size)[:-1]])
         self.costs = group_costs
         self.by_cost = np.argsort(group_costs, kind="stable")
@@ -213,6 +250,6 @@ class SortedGroups:
         """(p,) bool in the original weight order for the prefix selection m."""
         offsets = np.repeat(self.start, m)
         within = np.arange(offsets.size) - np.repeat(np.cumsum(m) - m, m)
-        keep = np.zeros(self.perm.size, dtype=bool)
+        keep = np.zeros(self.p, dtype=bool)
         keep[self.perm[offsets + within]] = True
         return keep
