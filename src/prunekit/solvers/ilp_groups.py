@@ -136,15 +136,16 @@ def prefix_limits(group_sizes: np.ndarray, group_costs: np.ndarray, max_count: i
 def _descending(scores: np.ndarray, keep: int) -> np.ndarray:
     """Positions of the ``keep`` largest of ``scores`` (q,) float64, largest first, ties by position.
 
-    torch's sort and top-k run about 2x and 5x faster than NumPy's argsort on 10^7 values."""
+    torch's selection and sort run several times faster than NumPy's argsort on 10^7 values."""
     values = torch.from_numpy(scores)
     if keep <= 0:
         return np.zeros(0, dtype=np.int64)
     if keep < values.numel():
-        kth = torch.topk(values, keep, sorted=False).values.min()
-        above = torch.nonzero(values > kth).flatten()
-        tied = torch.nonzero(values == kth).flatten()[: keep - above.numel()]
-        candidates = torch.sort(torch.cat([above, tied])).values
+        kth = torch.kthvalue(values, values.numel() - keep + 1).values      # the keep-th largest
+        chosen = values > kth
+        tied = torch.nonzero(values == kth).flatten()
+        chosen[tied[: keep - int(chosen.sum())]] = True
+        candidates = torch.nonzero(chosen).flatten()
     else:
         candidates = torch.arange(values.numel())
     order = torch.sort(values[candidates], descending=True, stable=True).indices
