@@ -31,7 +31,7 @@ import torch
 
 from .collective import Collective
 from .ilp import ILPResult, round_lagrangian
-from .ilp_groups import TINY, SortedGroups, finite_vector
+from .ilp_groups import TINY, SortedGroups, finite_vector, prefix_limits
 from .selection import exclusive_prefix
 
 
@@ -43,13 +43,16 @@ class _SlicedGroups(SortedGroups):
     """
 
     def __init__(self, scores: np.ndarray, group: np.ndarray, group_costs: np.ndarray,
-                 collective: Collective, device: torch.device):
+                 collective: Collective, device: torch.device, max_count: int, max_cost: float):
         self.collective, self.device = collective, device
-        self.local = SortedGroups(scores, group, group_costs) if scores.size else None
+        # a slice's share of a feasible selection's group prefix is at most that prefix: only the
+        # slice's best prefix_limits(...) of each group are sorted and seen (as in one process)
         local_size = np.bincount(group, minlength=group_costs.size)
+        limits = prefix_limits(local_size, group_costs, max_count, max_cost)
+        self.local = SortedGroups(scores, group, group_costs, limits) if scores.size else None
         self.costs = group_costs
         self.by_cost = np.argsort(group_costs, kind="stable")
-        self.size = self._sum(local_size)
+        self.size = self._sum(np.minimum(local_size, limits))
         self.max_score = float(self._max(np.array([scores.max() if scores.size else 0.0]))[0])
         self._split: dict[tuple[int, int], int] = {}
         self.bisection_rounds = 0
@@ -238,7 +241,7 @@ def solve_sliced_flops_ilp(scores: torch.Tensor, group: np.ndarray, group_costs:
     start = time.perf_counter()
     device = scores.device
     s = finite_vector(scores, "scores") + 0.0            # -0.0 + 0.0 = 0.0: the bits order as the values
-    groups = _SlicedGroups(s, group, group_costs, collective, device)
+    groups = _SlicedGroups(s, group, group_costs, collective, device, int(max_count), float(max_cost))
     p = int(groups.size.sum())
     max_count = min(int(max_count), p)
     max_cost = min(float(max_cost), float(groups.size @ group_costs))
