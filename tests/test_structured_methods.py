@@ -183,6 +183,38 @@ def test_hybrid_cuts_channels_then_sparsifies_to_one_budget_and_holds_the_zeros(
         prune_structured(model, "hybrid", 0.25, x, lambda: data, structured_flops=0.2, gate_batches=2)
 
 
+class _MostlyFixed(torch.nn.Module):
+    """Most MACs in a layer no channel cut can shrink (flattened pixels -> classes) beside a small
+    branch of prunable channels: one channel per group and the rest already cost about 40%."""
+
+    def __init__(self):
+        super().__init__()
+        self.direct = torch.nn.Linear(64, 4)
+        self.branch = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                          torch.nn.Flatten(), torch.nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.direct(x.flatten(1)) + self.branch(x)
+
+
+def test_hybrid_checks_its_channel_floor_against_structured_flops_not_the_final_budget():
+    """A final budget below what channels alone can reach is the hybrid's point: FALCON removes
+    the rest. Only a structured_flops below the channel floor is refused, and named."""
+    torch.manual_seed(0)
+    model, x = _MostlyFixed(), torch.randn(1, 1, 8, 8)
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))) for _ in range(3)]
+    costs = CostModel(model, x)
+    with pytest.raises(PrunekitError, match=r"flops 0.3 asks for .* already cost .*\(([0-9.]+)%\)") as refused:
+        prune_structured(model, "autobot", 0.3, x, lambda: data, gate_batches=2)
+    floor = float(refused.value.args[0].rsplit("(", 1)[1].split("%")[0]) / 100
+    assert 0.3 < floor < 0.95
+    r = prune_structured(model, "hybrid", 0.3, x, lambda: data, structured_flops=0.95, gate_batches=2,
+                         fisher_samples=8)          # refused before: the channel floor was checked against 0.3
+    assert costs.count(r.model).macs <= 0.3 * costs.macs
+    with pytest.raises(PrunekitError, match=r"^structured_flops 0.35 asks for"):
+        prune_structured(model, "hybrid", 0.3, x, lambda: data, structured_flops=0.35, gate_batches=2)
+
+
 def test_taper_temperature_anneals_from_one_to_the_final_value_and_cools_only_while_held():
     from prunekit.structured.taper import TaperOptions, _temperature
     opts = TaperOptions(final_temperature=0.04, hold_cooling=0.5)

@@ -71,8 +71,10 @@ class PruneRequest:
             space = ParamSpace(self.model, costs=costs)
             resolved = budget.resolve(costs, space)
             shares = [_share(budget, resolved, costs), *(getattr(options, "snapshots", None) or [])]
+            targets = options.channel_targets(shares)
             channels = channel_context(self.model, costs, self.example_input, shares, options.channel_multiple,
-                                       batches=None, residual_channels=options.residual_channels)
+                                       batches=None, residual_channels=options.residual_channels, targets=targets,
+                                       target_name="flops" if targets == shares else "structured_flops")
             if options.depth_flops is not None and not options.depth_flops > max(shares):
                 raise OptionError(f"depth_flops {options.depth_flops:g} must be above flops {max(shares):g}: the depth "
                                   "cut keeps more MACs than the budget, the channel method removes the rest",

@@ -50,6 +50,11 @@ class ChannelOptions(Options):
                    "finetune_temperature": Real(0, open_low=True), "depth_flops": Real(0, 1, open_low=True),
                    "depth_batches": Integer(1), "depth_per": OneOf(("macs", "time"))}
 
+    def channel_targets(self, shares: list[float]) -> list[float]:
+        """The shares of the dense MACs the channel cut itself must reach for budget ``shares``
+        (the hybrid's cut stops at structured_flops, its weights phase does the rest)."""
+        return list(shares)
+
     @classmethod
     def from_user(cls, raw: dict, method: str, **defaults) -> "ChannelOptions":
         options = super().from_user(raw, method, **defaults)

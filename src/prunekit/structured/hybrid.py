@@ -41,6 +41,9 @@ class HybridOptions(AutoBotOptions, FalconOptions):
         """Not the depth cut's options: the hybrid's two phases already share the budget."""
         return [name for name in super().names() if not name.startswith("depth_")]
 
+    def channel_targets(self, shares: list[float]) -> list[float]:
+        return [self.structured_flops]
+
     def falcon_options(self) -> FalconOptions:
         names = {f.name for f in fields(FalconOptions)}
         return FalconOptions(**{k: v for k, v in self.to_dict().items() if k in names})

@@ -46,20 +46,22 @@ from .rounding import minimum_rounded_macs
 
 def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Tensor, shares: list[float],
                     channel_multiple: int, batches, progress=None,
-                    residual_channels: str = "prune") -> ChannelContext:
-    """Find the channel groups and refuse shares that one channel (or ``channel_multiple``) per
-    group and the unprunable layers already exceed, before any work."""
+                    residual_channels: str = "prune", targets: list[float] | None = None,
+                    target_name: str = "flops") -> ChannelContext:
+    """Find the channel groups and refuse channel-cut targets (default: ``shares``; the hybrid's:
+    its structured_flops, named ``target_name`` in the message) that one channel (or
+    ``channel_multiple``) per group and the unprunable layers already exceed, before any work."""
     groups = find_groups(model, example_input, pads_residual=residual_channels == "prune")
     counter = GatedMacs(model, groups, costs)
     floor = minimum_rounded_macs(counter, channel_multiple)
     per_group = "one channel" if channel_multiple == 1 else f"{channel_multiple} channels (or all, if fewer)"
-    for share in shares:
+    for share in shares if targets is None else targets:
         if floor > share * costs.macs:
-            raise OptionError(f"flops {share:g} asks for {share * costs.macs:,.0f} MACs but {per_group} per "
+            raise OptionError(f"{target_name} {share:g} asks for {share * costs.macs:,.0f} MACs but {per_group} per "
                               f"group and the unprunable layers already cost {floor:,.0f} "
                               f"({floor / costs.macs:.1%}): ask for at least that share"
                               + ("" if channel_multiple == 1 else " or a smaller channel_multiple"),
-                              ("flops", "channel_multiple"))
+                              (target_name, "channel_multiple"))
     return ChannelContext(model, costs, groups, counter, list(shares), batches, example_input, progress)
 
 
@@ -168,7 +170,8 @@ def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> Cut:
     scale = ctx.costs.macs / costs.macs * (1 - 1e-12)
     shares = {share * scale: share for share in ctx.shares}
     inner = channel_context(model, costs, ctx.example_input, list(shares), opts.channel_multiple, ctx.batches,
-                            ctx.progress, opts.residual_channels)
+                            ctx.progress, opts.residual_channels,
+                            targets=[t * scale for t in opts.channel_targets(ctx.shares)])
     inner.teacher, inner.loss_fn = ctx.teacher, ctx.loss_fn
     cut = run(inner, opts)
     return Cut({shares[s]: m for s, m in cut.models.items()}, {shares[s]: m for s, m in cut.masks.items()},
