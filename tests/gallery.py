@@ -44,6 +44,26 @@ class BranchyCNN(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+class DenseBlockCNN(nn.Module):
+    """DenseNet-style: each layer's features concatenated to its input, BatchNorm-ReLU-Conv on
+    the concatenation (so BatchNorm sees a group at an offset), a transition, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.layer1 = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1, bias=False))
+        self.layer2 = nn.Sequential(nn.BatchNorm2d(14), nn.ReLU(), nn.Conv2d(14, 6, 3, padding=1, bias=False))
+        self.transition = nn.Sequential(nn.BatchNorm2d(20), nn.ReLU(), nn.Conv2d(20, 12, 1, bias=False),
+                                        nn.AvgPool2d(4))
+        self.head = nn.Linear(12 * 7 * 7, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, self.layer1(x)], 1)
+        x = torch.cat([x, self.layer2(x)], 1)
+        return self.head(self.transition(x).flatten(1))
+
+
 class RowEncoder(nn.Module):
     """MNIST rows as 28 tokens, nn.TransformerEncoderLayer x2, mean over tokens."""
 
@@ -75,7 +95,8 @@ def small_vit() -> nn.Module:
     return VisionTransformer(dim=32, depth=2, heads=4, mlp_dim=64)
 
 
-GALLERY = {"mlp": MLP, "cnn": BranchyCNN, "vit": small_vit, "encoder": RowEncoder, "lstm": RowLSTM}
+GALLERY = {"mlp": MLP, "cnn": BranchyCNN, "densenet": DenseBlockCNN, "vit": small_vit, "encoder": RowEncoder,
+           "lstm": RowLSTM}
 
 
 def independent_count(model: nn.Module, x: torch.Tensor) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gallery import BranchyCNN, RowEncoder, independent_count, small_vit
+from gallery import BranchyCNN, DenseBlockCNN, RowEncoder, independent_count, small_vit
 from prunekit.costs import CostModel
 from prunekit.errors import PrunekitError
 from prunekit.layers import SlimAttention
@@ -16,7 +16,7 @@ import prunekit
 from prunekit.structured.shrink import shrink
 
 torch.set_num_threads(1)
-MAKERS = {"vit": small_vit, "cnn": BranchyCNN, "encoder": RowEncoder}
+MAKERS = {"vit": small_vit, "cnn": BranchyCNN, "densenet": DenseBlockCNN, "encoder": RowEncoder}
 
 
 def _model(name):
@@ -50,6 +50,18 @@ def test_grouped_conv_and_concatenation_are_groups():
     assert [root for root, _ in groups.skipped] == ["fc"]       # only the logits
 
 
+def test_densenet_features_are_groups_with_batchnorm_at_their_offset():
+    """Every layer's new features are a group, although the BatchNorm after each concatenation
+    sees them at an offset (they were left dense before): only the logits are skipped."""
+    model, x = _model("densenet")
+    groups = find_groups(model, x)
+    by_root = {g.root: g for g in groups}
+    assert sorted(by_root) == ["layer1.2", "layer2.2", "stem", "transition.2"]
+    bn = {(m.module, m.offset) for m in by_root["layer1.2"].members if m.role == "bn"}
+    assert bn == {("layer2.0", 8), ("transition.0", 8)}
+    assert [root for root, _ in groups.skipped] == ["head"]
+
+
 @pytest.mark.parametrize("name", list(MAKERS))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_shrunk_equals_gated_and_every_count_agrees(name, seed):
@@ -80,7 +92,7 @@ def test_shrunk_equals_gated_and_every_count_agrees(name, seed):
 
 
 @pytest.mark.parametrize("method", ["autobot", "taper"])
-@pytest.mark.parametrize("name", ["vit", "cnn"])
+@pytest.mark.parametrize("name", ["vit", "cnn", "densenet"])
 def test_structured_methods_give_valid_smaller_models_at_half_the_macs(name, method):
     model, x = _model(name)
     torch.manual_seed(1)

@@ -249,7 +249,7 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
             return [], 1, f"index map of {name} is not a contiguous block"
         if repeat > 1 and role != "in":
             return [], 1, f"{name} repeats channels on its {role} axis"
-        if role != "in" and extent != size:
+        if role == "out" and extent != size:        # BatchNorm may see the group at an offset (after a concat)
             return [], 1, f"{name} has {extent} channels where the group has {size}"
         member = Member(name, role, offset, repeat)
         if member not in members:
