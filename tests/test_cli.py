@@ -54,6 +54,17 @@ def test_info_table(capsys):
     assert "layer1.0.conv1" in text and "total:" in text
 
 
+def test_info_takes_the_model_as_other_commands_do(capsys):
+    """`info --model NAME` as `prune --model NAME`; the positional form stays; a prunekit
+    checkpoint of a zoo model names it."""
+    assert main(["info", "mlpnet", "--json"]) == 0
+    positional = json.loads(capsys.readouterr().out)
+    assert main(["info", "--model", "mlpnet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == positional
+    assert main(["info", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "mlpnet"
+
+
 def test_demo_runs_offline(capsys):
     out = run_json(capsys, ["demo", "--json"])
     assert out["model"] == "mlpnet" and out["accuracy"] > 10 and out["sparsity"] >= 0.9 - 1e-9

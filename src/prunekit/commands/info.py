@@ -10,10 +10,15 @@ from ..costs import CostModel, Counts
 from ..loading import load_model
 from ..params import ParamSpace
 from ..saving import read_meta
-from .common import MODEL_HELP, model_file
+from ..errors import PrunekitError
+from .common import MODEL_HELP, model_file, resolve_model
 
 
 def cmd_info(args) -> int:
+    if args.model is not None and args.model_flag not in (None, args.model):
+        raise PrunekitError(f"two models named: {args.model} and --model {args.model_flag}; name one")
+    args.model = args.model or args.model_flag      # `info MODEL`, or `--model MODEL` as other commands take it
+    resolve_model(args)
     loaded = load_model(args.model, args.checkpoint, input_shape=args.input_shape)
     costs = CostModel(loaded.model, loaded.example_input())
     counts = costs.count(loaded.model)
@@ -86,7 +91,9 @@ def shrunk_line(s: dict) -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="per-layer parameters and MACs of a model")
-    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("model", nargs="?", help=MODEL_HELP + " (or --model; may be left out with a prunekit "
+                   "checkpoint of a zoo model)")
+    p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as the positional MODEL")
     p.add_argument("--checkpoint", help="count this checkpoint (nonzero-aware for pruned models)")
     p.add_argument("--input-shape", type=input_shape, metavar="C,H,W",
                    help="for a model file without a prunekit checkpoint: the shape of one input example")
