@@ -10,7 +10,7 @@ from onnx.reference import ReferenceEvaluator
 
 import prunekit
 from prunekit.cli import main
-from prunekit.export import load_sparse
+from prunekit.export import export_all, load_sparse
 from prunekit.loading import load_model
 from closeness import assert_close_to_scale
 
@@ -105,6 +105,21 @@ def test_export_all_formats(tmp_path, capsys):
     onnx.checker.check_model(graph)
     (got,) = ReferenceEvaluator(graph).run(None, {"input": x.numpy()})
     assert_close_to_scale(torch.from_numpy(got), expected, rel=1e-5)
+
+
+def test_torchscript_export_of_attention(tmp_path):
+    """nn.MultiheadAttention takes its fused path only without autograd: the trace (with) and
+    its check (without) recorded different graphs and the export failed with a traceback."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), layer, torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 5, 4)
+    files = {f["format"]: f for f in export_all(model, x, tmp_path, ["torchscript"])}
+    scripted = torch.jit.load(files["torchscript"]["path"])
+    other = torch.randn(3, 5, 4)
+    with torch.no_grad():
+        assert_close_to_scale(scripted(other), model(other), rel=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled()            # switched back on after the trace
 
 
 def test_export_replaces_its_own_files_only(tmp_path, capsys):

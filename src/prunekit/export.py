@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
+from .cost_trace import get_mha_fastpath, set_mha_fastpath
 from .errors import PrunekitError
 from .saving import atomic_write_bytes
 
@@ -101,11 +102,24 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path)
 
 
 def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
-    """A traced TorchScript module (``torch.jit.load`` runs it without prunekit)."""
+    """A traced TorchScript module (``torch.jit.load`` runs it without prunekit).
+
+    The fused fast path of ``nn.MultiheadAttention`` / ``TransformerEncoderLayer`` is off while
+    tracing: torch takes it only without autograd, so the trace (with autograd) and its check
+    (without) would record different graphs and the check would fail. The ordinary path is the
+    same arithmetic, op by op.
+    """
     buffer = io.BytesIO()
+    fastpath = get_mha_fastpath()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(model.eval(), example_input), buffer)
+        try:
+            set_mha_fastpath(False)
+            torch.jit.save(torch.jit.trace(model.eval(), example_input), buffer)
+        except Exception as err:  # noqa: BLE001 - report any tracer failure as one line
+            raise PrunekitError(f"TorchScript export failed: {str(err).splitlines()[0]}") from None
+        finally:
+            set_mha_fastpath(fastpath)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 
