@@ -143,6 +143,33 @@ def test_unsupported_layer_falls_back_to_vmap_with_a_warning():
     torch.testing.assert_close(rows, _vmap_rows(model, space, batches, 6))
 
 
+class _RowRNN(nn.Module):
+    """The 4 rows of a 4 x 4 image as 4 time steps of a recurrent layer, the last state classified."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = cell(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(self.rnn(x.flatten(1, 2))[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.RNN])
+def test_recurrent_layer_vmap_cannot_run_gets_rows_one_sample_at_a_time(cell):
+    """torch.func.vmap fails inside GRU/RNN (their unbatched hidden state is written in place):
+    chita/falcon on such a model stopped with a RuntimeError traceback."""
+    torch.manual_seed(0)
+    model = _RowRNN(cell)
+    space = ParamSpace(model)
+    with pytest.warns(UserWarning, match="Conv2d only"), pytest.warns(UserWarning, match="one sample at a time"):
+        rows = collect_gradients(model, space, data(10), n=7, chunk=4, progress=False)
+    x = torch.cat([b[0] for b in data(10)])
+    y = torch.cat([b[1] for b in data(10)])
+    expected = torch.stack([autograd_row(model, space, x[i:i + 1], y[i:i + 1]) for i in range(7)])
+    assert_close_to_scale(rows, expected, rel=1e-5)
+
+
 class _Tied(nn.Module):
     """The output layer's weight is also used functionally: its hooked gradient misses that use."""
 

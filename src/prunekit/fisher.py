@@ -299,7 +299,7 @@ def _collect_with_vmap(model, space, batches, rows, batch, chunk, progress, loss
     def one_sample_loss(w, x, y):
         return loss(w, x.unsqueeze(0), y.unsqueeze(0))
 
-    per_sample_grads = vmap(grad(one_sample_loss), in_dims=(None, 0, 0))
+    per_sample_grads = _vmap_or_loop(grad(one_sample_loss))
     batch_grad = grad(loss)
     filled = 0
     bar = tqdm(total=n, desc="gradients", leave=False, disable=not progress, dynamic_ncols=True)
@@ -323,6 +323,29 @@ def _collect_with_vmap(model, space, batches, rows, batch, chunk, progress, loss
     finally:
         bar.close()
     _check_filled(filled, n, batch)
+
+
+def _vmap_or_loop(sample_grad):
+    """Per-sample gradients ``(weights, x (k, ...), y (k, ...)) -> {name: (k, ...)}``: ``sample_grad``
+    vmapped over the samples, or, where vmap cannot run the model (torch's GRU and RNN kernels
+    write their unbatched hidden state in place), ``sample_grad`` one sample at a time from then
+    on: the same rows, slower; said once."""
+    vmapped = vmap(sample_grad, in_dims=(None, 0, 0))
+    looped = []
+
+    def run(weights, x, y):
+        if not looped:
+            try:
+                return vmapped(weights, x, y)
+            except RuntimeError as err:
+                looped.append(True)
+                warnings.warn(PrunekitWarning(
+                    f"torch.func.vmap cannot run the model ({str(err).splitlines()[0]}): per-sample gradients "
+                    "one sample at a time, exact but slower; mini-batch rows (fisher_batch=8) avoid it"),
+                    stacklevel=2)
+        grads = [sample_grad(weights, xi, yi) for xi, yi in zip(x, y)]
+        return {name: torch.stack([g[name] for g in grads]) for name in grads[0]}
+    return run
 
 
 class _unbatched_ops:
