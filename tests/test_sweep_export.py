@@ -107,6 +107,7 @@ def test_export_all_formats(tmp_path, capsys):
     assert_close_to_scale(torch.from_numpy(got), expected, rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_torchscript_export_of_attention(tmp_path):
     """nn.MultiheadAttention takes its fused path only without autograd: the trace (with) and
     its check (without) recorded different graphs and the export failed with a traceback."""
