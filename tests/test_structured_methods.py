@@ -183,6 +183,40 @@ def test_hybrid_cuts_channels_then_sparsifies_to_one_budget_and_holds_the_zeros(
         prune_structured(model, "hybrid", 0.25, x, lambda: data, structured_flops=0.2, gate_batches=2)
 
 
+class _AttentionNet(torch.nn.Module):
+    """A functional weight (``t @ w``), 4 heads whose only channel group is the heads, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16, 8) / 4)
+        self.attn = torch.nn.MultiheadAttention(8, 4, batch_first=True)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):                                   # (B, 1, 4, 16): 4 tokens of 16
+        t = x.flatten(1, 2) @ self.w
+        return self.head(self.attn(t, t, t, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:per-(layer|sample) gradients")
+def test_hybrid_holds_the_zeros_of_slim_attention_and_functional_weights_through_the_fine_tune():
+    """The fine-tune held only weights prunable by module type: a SlimAttention's in_proj_weight
+    and a functional weight, sparsified by FALCON, grew back (the run stopped on its MAC budget
+    check) and the record's nonzeros left them out."""
+    from prunekit.layers import SlimAttention
+    torch.manual_seed(0)
+    model, x = _AttentionNet(), torch.randn(1, 1, 4, 16)
+    data = [(torch.randn(8, 1, 4, 16), torch.randint(0, 4, (8,))) for _ in range(3)]
+    costs = CostModel(model, x)
+    r = prune_structured(model, "hybrid", 0.3, x, lambda: data, structured_flops=0.7, gate_batches=2,
+                         fisher_samples=8, finetune_epochs=1, finetune_lr=0.1)
+    assert isinstance(r.model.attn, SlimAttention) and r.model.attn.num_heads < 4
+    assert r.macs == costs.count(r.model).macs <= 0.3 * costs.macs
+    weights = [r.model.w, r.model.attn.in_proj_weight, r.model.attn.out_proj.weight, r.model.head.weight]
+    nonzeros = sum(int((w != 0).sum()) for w in weights)
+    assert r.record["nonzeros"] == r.record["sparsify"]["0.3"]["nonzeros"] == nonzeros
+    assert int((r.model.attn.in_proj_weight == 0).sum()) > 0 and int((r.model.w == 0).sum()) > 0
+
+
 class _MostlyFixed(torch.nn.Module):
     """Most MACs in a layer no channel cut can shrink (flattened pixels -> classes) beside a small
     branch of prunable channels: one channel per group and the rest already cost about 40%."""

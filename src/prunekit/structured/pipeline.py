@@ -118,7 +118,7 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
                 if epoch > 1:
                     _load_optimizer(optimizer, schedule, optimizer_state)
             record["epoch"] = epoch
-            hold = _hold_zeros(small, optimizer) if sparsify is not None else None
+            hold = _hold_zeros(small, ctx.costs, optimizer) if sparsify is not None else None
             try:
                 record["loss"] = train_epoch(small, ctx.batches(), optimizer, schedule,
                                              f"fine-tune {epoch}/{opts.finetune_epochs}", progress,
@@ -144,8 +144,8 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
             raise AssertionError(f"shrunk model has {counts.macs} MACs above the budget {share * ctx.costs.macs}")
         nonzeros = sparsity = None
         if sparsify is not None:          # weights zeroed too: count them against the dense model's prunable weights
-            nonzeros = int(sum(int((w != 0).sum()) for w in ParamSpace(small).weights()))
-            sparsity = 1 - nonzeros / ParamSpace(dense).numel
+            nonzeros = int(sum(int((w != 0).sum()) for w in ParamSpace(small, costs=ctx.costs).weights()))
+            sparsity = 1 - nonzeros / ParamSpace(dense, costs=ctx.costs).numel
         outcomes[share] = Outcome(small, counts, nonzeros, sparsity, seconds_here, history,
                                   {**{k: v for k, v in info.items() if k != "kept_channels"},
                                    "groups": len(ctx.groups), "kept_channels": info["kept_channels"][f"{share:g}"],
@@ -178,9 +178,14 @@ def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> Cut:
                {**cut.info, "depth": info})
 
 
-def _hold_zeros(model: nn.Module, optimizer) -> MaskHold:
-    """Hold the zero weights of ``model``'s prunable layers at zero through ``optimizer``'s steps."""
-    space = ParamSpace(model)
+def _hold_zeros(model: nn.Module, costs: CostModel, optimizer) -> MaskHold:
+    """Hold the zero weights of ``model``'s prunable layers at zero through ``optimizer``'s steps.
+
+    The prunable weights are those ``costs`` (the dense model's trace; a shrunk model keeps its
+    parameter names) saw multiplied, as in the sparsify phase: by module type alone a
+    ``SlimAttention``'s ``in_proj_weight`` or a functional weight would be left free to regrow.
+    """
+    space = ParamSpace(model, costs=costs)
     return MaskHold(space, masks_from_weights(space), optimizer)
 
 
