@@ -95,6 +95,37 @@ def test_fold_gates_is_exact():
         assert_close_to_scale(model(x), gated, rel=1e-5)
 
 
+class _SharedWeight(torch.nn.Module):
+    """``b.weight = a.weight``: one weight, two consumers of the same channel group."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(16, 8)
+        self.a, self.b = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)
+        self.b.weight = self.a.weight
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x.flatten(1)))
+        return self.head(torch.relu(self.a(h)) + torch.relu(self.b(h)))
+
+
+def test_fold_gates_scales_a_shared_weight_once():
+    """The taper folds its gates before the cut; a weight shared by two consumers was scaled by
+    its gate once per consumer (g² where the gated model has g)."""
+    torch.manual_seed(0)
+    model, x = _SharedWeight().eval(), torch.randn(4, 1, 4, 4)
+    groups = find_groups(model, x)
+    assert any({("a", "in"), ("b", "in")} <= {(m.module, m.role) for m in g.members} for g in groups)
+    gates = [torch.rand(g.size) for g in groups]
+    with torch.no_grad(), GateHooks(model, groups) as hooks:
+        hooks.values = gates
+        gated = model(x)
+    fold_gates(model, groups, gates)
+    with torch.no_grad():
+        assert_close_to_scale(model(x), gated, rel=1e-5)
+
+
 def test_threshold_meets_budget_exactly_and_never_empties_a_group():
     model, x = _model("resnet20-b")
     groups = find_groups(model, x)

@@ -190,7 +190,8 @@ def fold_gates(model: nn.Module, groups: GroupSet, values: GateValues) -> None:
 
     After this, the ungated model computes what the gated one did: a gated model whose gates
     are then replaced by 0/1 masks keeps the learned scale of the channels it keeps. A head's
-    gate goes into its columns of ``out_proj``.
+    gate goes into its columns of ``out_proj``. A weight shared by several consumers of a group
+    (``b.weight = a.weight``) is scaled once: each of their calls was gated once.
     """
     modules = dict(model.named_modules())
     for group in groups:
@@ -200,10 +201,14 @@ def fold_gates(model: nn.Module, groups: GroupSet, values: GateValues) -> None:
             out_proj = modules[member.module].out_proj
             out_proj.weight *= g.repeat_interleave(member.repeat).to(out_proj.weight.dtype).view(1, -1)
             continue
+        scaled: set[tuple[int, int]] = set()      # (weight, first channel) already scaled
         for member in group.layers("in"):
             module = modules[member.module]
             if _is_depthwise(module) or getattr(module, "pads_channels", False):
                 continue      # a zero-pad shortcut has no weight: it passes kept channels unscaled
+            if (id(module.weight), member.offset) in scaled:
+                continue
+            scaled.add((id(module.weight), member.offset))
             idx = group.channels(member, torch.arange(group.size)).to(module.weight.device)
             scale = _spread(g, member.repeat, group.segments).to(module.weight.dtype)
             shape = (1, -1) + (1,) * (module.weight.dim() - 2)
