@@ -180,3 +180,33 @@ def test_a_resumed_run_says_when_the_model_file_changed(capsys, tmp_path, traine
     assert "model file changed since this run started" in said       # the run's stages left
     assert "was saved" in said                                        # and the checkpoint it started from
     assert "model file changed" in (run / "run.log").read_text()
+
+
+UNEXPORTABLE = """from torch import nn
+
+
+def build():     # a 28 -> 5 pool then 2 x 2: the ONNX exporter takes output sizes that divide the input only
+    return nn.Sequential(nn.Conv2d(1, 8, 3, stride=6), nn.ReLU(), nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(),
+                         nn.Linear(32, 10))
+"""
+
+
+def test_a_model_onnx_cannot_express_is_refused_in_one_line_before_any_work(capfd, tmp_path):
+    """`prune --onnx` refuses before pruning (it used to prune, save, then fail with exit 2 and
+    no record); `export --onnx` fails in one line; neither lets the exporter's graph dump (written
+    to the C++ stdout) reach stdout, so --json output stays one object."""
+    (tmp_path / "net.py").write_text(UNEXPORTABLE)
+    spec = f"{tmp_path}/net.py:build"
+    torch.save(load_model(spec, input_shape=(1, 28, 28)).model.state_dict(), tmp_path / "mine.pth")
+    common = ["--model", spec, "--checkpoint", str(tmp_path / "mine.pth"), *MNIST, *NORMALIZE]
+    assert main(["prune", *common, "--method", "magnitude", "--sparsity", "0.5", "--train-samples", "64",
+                 "--out", str(tmp_path / "run"), "--onnx", "--json"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err.count("\n") == 1 and "leave out --onnx" in err and "adaptive_avg_pool2d" in err
+    assert not (tmp_path / "run").exists()
+    assert main(["prune", *common, "--method", "magnitude", "--sparsity", "0.5", "--train-samples", "64",
+                 "--out", str(tmp_path / "run"), "--json"]) == 0
+    capfd.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--model", spec, "--onnx", "--json"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err.count("\n") == 1 and "ONNX export failed" in err and "Caused by" not in err

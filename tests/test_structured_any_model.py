@@ -13,7 +13,7 @@ from prunekit.layers import SlimAttention
 from prunekit.structured.gates import GatedMacs, GateHooks
 from prunekit.structured.groups import find_groups
 import prunekit
-from prunekit.structured.shrink import shrink
+from prunekit.structured.shrink import MISMATCH, checked_groups, shrink
 
 torch.set_num_threads(1)
 MAKERS = {"vit": small_vit, "cnn": BranchyCNN, "densenet": DenseBlockCNN, "encoder": RowEncoder}
@@ -108,6 +108,56 @@ def test_structured_methods_give_valid_smaller_models_at_half_the_macs(name, met
     assert result.record["params"] < sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         assert result.model(x).shape == (2, 10) and torch.isfinite(result.model(x)).all()
+
+
+class ShuffleUnitNet(nn.Module):
+    """A ShuffleNet unit: grouped 1x1 conv, channel shuffle (view, transpose, reshape), depthwise
+    3x3, grouped 1x1 conv, residual add."""
+
+    def __init__(self, c=8, g=2):
+        super().__init__()
+        self.g = g
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.gc1, self.bn1 = nn.Conv2d(c, c, 1, groups=g, bias=False), nn.BatchNorm2d(c)
+        self.dw, self.bn2 = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c)
+        self.gc2, self.bn3 = nn.Conv2d(c, c, 1, groups=g, bias=False), nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(self.bn1(self.gc1(x)))
+        b, c, h, w = y.shape
+        y = y.view(b, self.g, c // self.g, h, w).transpose(1, 2).reshape(b, c, h, w)
+        y = self.bn3(self.gc2(self.bn2(self.dw(y))))
+        return self.head(torch.relu(x + y).mean((2, 3)))
+
+
+def test_a_channel_shuffle_group_is_left_dense_and_named():
+    """torch-pruning reads the shuffle as elementwise: gc1's output channel j and the depthwise
+    conv's channel j become one group, though the shuffle sends j elsewhere, so removing them did
+    not compute what their gates do. checked_groups leaves that group dense, by name; the
+    residual group (no shuffle) is still pruned, and the channel methods run."""
+    torch.manual_seed(0)
+    model, x = ShuffleUnitNet().eval(), torch.randn(2, 1, 28, 28)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    found = find_groups(model, x)
+    assert sorted(g.root for g in found) == ["dw", "gc2"]     # dw: through the shuffle
+    groups = checked_groups(model, found, x)
+    assert [g.root for g in groups] == ["gc2"] and groups.groups[0].index == 0
+    assert ("dw", MISMATCH) in groups.skipped
+    masks = [torch.arange(g.size) % 2 == 0 for g in groups]
+    with torch.no_grad(), GateHooks(model, groups) as hooks:
+        hooks.values = [m.float() for m in masks]
+        gated = model(x)
+    with torch.no_grad():
+        assert (shrink(model, groups, masks, x)(x) - gated).abs().max() <= 1e-5 * gated.abs().max()
+    data = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(3)]
+    result = prunekit.prune(model, lambda: data, method="autobot", flops=0.7, example_input=x, gate_batches=4)
+    assert result.macs == independent_count(result.model, x)["macs"] <= 0.7 * result.dense_macs
+    assert any(entry.startswith("dw: removing its channels") for entry in result.record["skipped_groups"])
 
 
 def test_a_model_with_nothing_to_group_is_refused_with_the_reasons():

@@ -11,8 +11,11 @@ replaces a file it did not write there: exporting again refreshes its own files 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -82,23 +85,53 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path)
     """ONNX graph at opset 17 with a dynamic batch dimension (TorchScript-based exporter: fast, no
     onnxscript), for masked and shrunk models alike; checked by ``onnx.checker`` when onnx is
     installed (``pip install 'prunekit[export]'``)."""
+    atomic_write_bytes(path, onnx_bytes(model, example_input))
+    return Path(path)
+
+
+def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
+    """``export_onnx``'s file in memory (``model`` is put in eval mode); an exporter failure is a
+    one-line ``PrunekitError``, and the graph dump the exporter prints on stdout then is dropped."""
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _no_exporter_log():
         warnings.simplefilter("ignore")     # the exporter's deprecation notes are not for our users
         try:
             torch.onnx.export(model.eval(), (example_input,), buffer, dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["input"], output_names=["output"],
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
         except Exception as err:  # noqa: BLE001 - report any exporter failure as one line
-            raise PrunekitError(f"ONNX export failed: {str(err).splitlines()[0]}") from None
+            first = str(err).splitlines()[0].split("  [Caused by")[0] if str(err) else type(err).__name__
+            raise PrunekitError(f"ONNX export failed: {first}") from None
     try:
         import onnx
     except ImportError:
         onnx = None
     if onnx is not None:
         onnx.checker.check_model(onnx.load_from_string(buffer.getvalue()))
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _no_exporter_log():
+    """Send file descriptor 1 to the null device meanwhile: on a failure the TorchScript exporter
+    writes the whole graph to the C++ stdout (and turns its log on for good), which would
+    break ``--json``'s one object on stdout. Its log setting is restored after."""
+    log_was_on = torch._C._jit_is_onnx_log_enabled()
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:                  # no stdout to protect
+        saved = None
+    try:
+        if saved is not None:
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+        torch._C._jit_set_onnx_log_enabled(log_was_on)
 
 
 def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:

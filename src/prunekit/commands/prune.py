@@ -68,11 +68,26 @@ def cmd_prune(args) -> int:
     if args.onnx and not args.out:
         raise PrunekitError("--onnx writes into the run folder: add --out DIR")
     loaded = loaded_model(args)
+    if args.onnx:
+        check_onnx(loaded)
     eval_loader = eval_data(args, loaded)
     plan = request_of(args, loaded).plan()
     record = prune_into(args, plan, loaded, eval_loader, training_batches(args, loaded))
     emit(args, record, prune_lines(record) + ([f"  saved to   {args.out}"] if args.out else []))
     return 0
+
+
+def check_onnx(loaded: LoadedModel) -> None:
+    """Refuse ``--onnx`` before any work when the dense model cannot be exported (its pruned form
+    runs the same operations), naming the exporter's reason."""
+    from ..export import onnx_bytes
+    was_training = loaded.model.training
+    try:
+        onnx_bytes(loaded.model, loaded.example_input())
+    except PrunekitError as err:
+        raise PrunekitError(f"--onnx: {loaded.name} cannot be exported ({err}); leave out --onnx") from None
+    finally:
+        loaded.model.train(was_training)
 
 
 def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None = None) -> dict:

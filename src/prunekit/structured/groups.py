@@ -36,6 +36,9 @@ channels stay zero); it has no weight, costs no MACs, and ``shrink`` rewrites it
 With ``pads_residual=False`` the adapter falls back to the older choice: the groups through a
 shortcut are left dense (block outputs at full width) and only channels inside blocks are pruned.
 * groups touching grouped convs of different G, or a grouped conv through a flatten.
+
+Groups whose index maps look right but are not (a channel shuffle: view, transpose, reshape,
+read by torch-pruning as elementwise) are caught numerically by ``shrink.checked_groups``.
 """
 
 from __future__ import annotations
@@ -187,11 +190,16 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             groups.append(ChannelGroup(index=len(groups), root=name, size=module.num_heads,
                                        members=[Member(name, "heads", 0, module.head_dim)], kind="heads"))
     if not groups:
-        raise PrunekitError("the model has no prunable channel group (every coupled channel set reaches "
-                            "the output or an operation the dependency analysis cannot map); "
-                            "structured pruning needs Conv/Linear layers with channels feeding other layers"
-                            + "".join(f"; {root}: {why}" for root, why in skipped[:3]))
+        raise no_group_error(skipped)
     return GroupSet(groups, skipped)
+
+
+def no_group_error(skipped: list[tuple[str, str]]) -> PrunekitError:
+    """The refusal of a model without a prunable group, naming the first reasons in ``skipped``."""
+    return PrunekitError("the model has no prunable channel group (every coupled channel set reaches "
+                         "the output or an operation the dependency analysis cannot map); "
+                         "structured pruning needs Conv/Linear layers with channels feeding other layers"
+                         + "".join(f"; {root}: {why}" for root, why in skipped[:3]))
 
 
 def _size_of(module: nn.Module) -> int:

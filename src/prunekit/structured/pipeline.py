@@ -42,16 +42,19 @@ from .family import ChannelContext, ChannelOptions, Cut
 from .gates import GatedMacs
 from .groups import find_groups
 from .rounding import minimum_rounded_macs
+from .shrink import checked_groups
 
 
 def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Tensor, shares: list[float],
                     channel_multiple: int, batches, progress=None,
                     residual_channels: str = "prune", targets: list[float] | None = None,
                     target_name: str = "flops") -> ChannelContext:
-    """Find the channel groups and refuse channel-cut targets (default: ``shares``; the hybrid's:
+    """Find the channel groups (those whose removal computes what their gates compute: ``shrink.checked_groups``)
+    and refuse channel-cut targets (default: ``shares``; the hybrid's:
     its structured_flops, named ``target_name`` in the message) that one channel (or
     ``channel_multiple``) per group and the unprunable layers already exceed, before any work."""
-    groups = find_groups(model, example_input, pads_residual=residual_channels == "prune")
+    groups = checked_groups(model, find_groups(model, example_input, pads_residual=residual_channels == "prune"),
+                            example_input)
     counter = GatedMacs(model, groups, costs)
     floor = minimum_rounded_macs(counter, channel_multiple)
     per_group = "one channel" if channel_multiple == 1 else f"{channel_multiple} channels (or all, if fewer)"

@@ -7,18 +7,25 @@ and biases, BatchNorm parameters and statistics, the channel map of a zero-pad s
 ``nn.MultiheadAttention`` by a ``SlimAttention`` holding the kept heads. The result is an
 ordinary ``nn.Module`` with smaller layers, computing what the gated model with 0/1 gates
 computes. ``zoo.layout`` records and rebuilds its per-layer channel counts for saving.
+
+``checked_groups`` makes sure of that before any work: torch-pruning reads some operations as
+elementwise that move channels (a ShuffleNet channel shuffle, view + transpose + reshape), so the
+layers of such a group would lose channels at different positions; it removes random channels
+of every group once, compares with the gates, and leaves the groups that disagree dense.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
 
 from ..errors import PrunekitError
 from .attention import slim_copy
-from .groups import GroupSet
+from .gates import GateHooks
+from .groups import GroupSet, no_group_error
 
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
@@ -61,6 +68,84 @@ def shrink(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], exampl
         for name, keep in heads.items():
             _replace(small, name, slim_copy(modules[name], keep))
     return small
+
+
+MISMATCH = ("removing its channels does not compute what closing them computes (an operation between its "
+            "layers moves or mixes channels, e.g. a channel shuffle): kept dense")
+
+
+def checked_groups(model: nn.Module, groups: GroupSet, example_input: torch.Tensor) -> GroupSet:
+    """``groups`` less those whose shrunk model differs from the gated one, which join ``skipped``.
+
+    Closes about half the channels of every group (a fixed seed: the same groups every run) on
+    an input of ``example_input``'s shape (random if it is floating point; (1, ...) is enough)
+    and compares the outputs; if they differ, each group is tried alone to find the culprits.
+    Refuses (``PrunekitError``) a model left without a group.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = example_input
+    if x.is_floating_point():
+        x = torch.randn(x.shape, generator=gen).to(device=x.device, dtype=x.dtype)
+    masks = [_half_closed(group.size, gen) for group in groups]
+    was_training = model.training
+    model.eval()
+    try:
+        if _agrees(model, groups, masks, x):
+            return groups
+        full = [torch.ones(group.size, dtype=torch.bool) for group in groups]
+        bad = {group.index for group in groups
+               if not _agrees(model, groups, [masks[i] if i == group.index else full[i] for i in range(len(full))], x)}
+    finally:
+        model.train(was_training)
+    if not bad:
+        raise PrunekitError("the model with channels removed does not compute what its gated form computes, "
+                            "though each channel group alone does: use a weights method (e.g. --method falcon)")
+    skipped = list(groups.skipped) + [(group.root, MISMATCH) for group in groups if group.index in bad]
+    kept = [dataclasses.replace(group, index=i) for i, group in
+            enumerate(group for group in groups if group.index not in bad)]
+    if not kept:
+        raise no_group_error(skipped)
+    return GroupSet(kept, skipped)
+
+
+def _half_closed(size: int, gen: torch.Generator) -> torch.Tensor:
+    """A keep-mask (size,) with about half the channels closed, at least one kept and, if
+    ``size`` > 1, at least one closed."""
+    mask = torch.rand(size, generator=gen) < 0.5
+    mask[int(torch.randint(size, (1,), generator=gen))] = True
+    if size > 1 and bool(mask.all()):
+        mask[int(torch.randint(size, (1,), generator=gen))] = False
+    return mask
+
+
+@torch.no_grad()
+def _agrees(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], x: torch.Tensor) -> bool:
+    """True if the model shrunk by ``masks`` gives the gated model's outputs on ``x``, to 1e-4 of
+    their scale (1e-2 below float32); False also if the surgery or the shrunk model fails."""
+    with GateHooks(model, groups) as hooks:
+        hooks.values = [mask.to(device=x.device, dtype=torch.float32) for mask in masks]
+        gated = _tensors(model(x))
+    try:
+        small = _tensors(shrink(model, groups, masks, x)(x))
+    except (RuntimeError, AssertionError, PrunekitError):   # e.g. widths that no longer fit
+        return False
+    rel = 1e-4 if all(t.dtype in (torch.float32, torch.float64) for t in gated) else 1e-2
+    for a, b in zip(gated, small):
+        a, b = a.detach().float(), b.detach().float()
+        if a.shape != b.shape or float((a - b).abs().max()) > rel * float(a.abs().max()):
+            return False
+    return len(gated) == len(small)
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output (a tensor, or a tuple, list or dict of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    return []
 
 
 def _is_depthwise(module: nn.Module) -> bool:
