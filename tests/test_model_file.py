@@ -2,7 +2,10 @@
 (weights and channels), evaluated, counted, exported and resumed like a zoo model."""
 
 import json
+import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +213,7 @@ def test_a_model_onnx_cannot_express_is_refused_in_one_line_before_any_work(capf
     assert main(["export", str(tmp_path / "run"), "--model", spec, "--onnx", "--json"]) == 2
     out, err = capfd.readouterr()
     assert out == "" and err.count("\n") == 1 and "ONNX export failed" in err and "Caused by" not in err
+    # the exporter's dump waits in C's stdout buffer: a process of its own would print it at exit
+    done = subprocess.run([sys.executable, "-m", "prunekit", "export", str(tmp_path / "run"), "--model", spec,
+                           "--onnx", "--json"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(prunekit.__file__).parent.parent)})
+    assert done.returncode == 2 and done.stdout == "", done.stdout[:300]

@@ -129,9 +129,20 @@ def _no_exporter_log():
         yield
     finally:
         if saved is not None:
+            _flush_c_stdout()        # the dump sits in C's stdout buffer: empty it into the null device
             os.dup2(saved, 1)
             os.close(saved)
         torch._C._jit_set_onnx_log_enabled(log_was_on)
+
+
+def _flush_c_stdout() -> None:
+    """fflush the C library's stdout (C++'s std::cout writes through it): what it holds would
+    otherwise reach the real stdout when the process exits."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):    # no C library to reach (e.g. Windows): nothing buffered we can flush
+        pass
 
 
 def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
