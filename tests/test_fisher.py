@@ -192,6 +192,48 @@ def test_weight_used_outside_its_layer_is_caught_and_falls_back():
     torch.testing.assert_close(rows, _vmap_rows(model, space, data(10), 6))
 
 
+def test_fallback_after_the_check_reads_a_one_pass_iterator_from_its_start():
+    # The _Tied model's hook rows fail the first-row check after a batch is read; a generator
+    # cannot be restarted, and the vmap rows must still begin with its first sample (seen on a
+    # GPU: rows came up one batch short).
+    torch.manual_seed(0)
+    model = _Tied()
+    space = ParamSpace(model)
+    with pytest.warns(UserWarning, match="disagree with autograd"):
+        rows = collect_gradients(model, space, iter(data(10)), n=10, chunk=5, progress=False)
+    torch.testing.assert_close(rows, _vmap_rows(model, space, data(10), 10))
+
+
+class _RecordsPrecision(nn.Module):
+    """Records, at each forward, whether convolutions may use TF32 and the matmul precision."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+        self.seen = []
+
+    def forward(self, x):
+        conv = torch.backends.cudnn.conv
+        self.seen.append((conv.fp32_precision, torch.get_float32_matmul_precision()))
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch < 2.9 has no fp32_precision")
+def test_rows_are_computed_without_tf32_and_the_settings_are_restored():
+    # On a GPU, TF32 convolutions put the rows 10% off autograd (measured on an H200); the
+    # settings are what a CPU can check.
+    model = _RecordsPrecision()
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.get_float32_matmul_precision())
+    torch.set_float32_matmul_precision("high")
+    try:
+        collect_gradients(model, ParamSpace(model), data(6), n=6, progress=False)
+        assert model.seen and set(model.seen) == {("ieee", "highest")}
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.conv.fp32_precision == before[0]
+    finally:
+        torch.set_float32_matmul_precision(before[1])
+
+
 class _TokenModel(nn.Module):
     """A tiny language-model head: (B, T) tokens -> (B, T, V) logits."""
 

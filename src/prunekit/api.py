@@ -85,6 +85,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         if source is None:
             raise PrunekitError("pass example_input (one input batch) when there is no data to take it from")
         example_input = first_batch(source, what)[0][:1]
+    if isinstance(example_input, torch.Tensor):                 # the data may stay on the CPU
+        example_input = example_input.to(_model_device(model))
     if loss is None:                          # the user's loss decides what its targets are
         check_labels(model, example_input, data, train_batches, "data")
         check_labels(model, example_input, eval_data, eval_batches, "eval_data")
@@ -109,6 +111,11 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     result.snapshots = {share: Result.from_record(snap, snapshots[share]) for share, snap in
                         zip(snapshots, record.get("snapshots", []))}
     return result
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _write_report(folder: RunFolder) -> None:

@@ -37,6 +37,7 @@ _ADD_FUNCS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add
 _NO_MAC_OPS = {
     "native_layer_norm", "native_batch_norm", "_native_batch_norm_legit",
     "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional", "native_group_norm",
+    "cudnn_batch_norm", "miopen_batch_norm",          # what batch_norm dispatches to on GPUs
     "cat", "stack", "clone", "_to_copy", "copy_", "copy", "detach", "alias", "lift_fresh", "_unsafe_view",
     "expand", "unsafe_split", "split", "split_with_sizes", "unbind", "chunk", "contiguous",
     "_prelu_kernel", "_fused_rms_norm", "embedding", "_embedding_bag", "_embedding_bag_forward_only",

@@ -40,7 +40,7 @@ def magnitude_uniform(w: torch.Tensor, layer_slices: list[slice], k: int) -> tor
     leftover = k - int(quota.sum())
     if leftover:
         quota[torch.topk(exact - quota, leftover).indices] += 1
-    keep = torch.zeros(p, dtype=torch.bool)
+    keep = torch.zeros(p, dtype=torch.bool, device=w.device)
     for sl, q in zip(layer_slices, quota.tolist()):
         keep[sl] = top_k_mask(w[sl].abs(), q)
     return keep

@@ -37,7 +37,7 @@ def allowed_counts(size: int, multiple: int) -> list[int]:
 def _masks(orders: list[torch.Tensor], kept: list[int]) -> list[torch.Tensor]:
     masks = []
     for order, k in zip(orders, kept):
-        m = torch.zeros(order.numel(), dtype=torch.bool)
+        m = torch.zeros(order.numel(), dtype=torch.bool, device=order.device)
         m[order[:k]] = True
         masks.append(m)
     return masks
