@@ -77,6 +77,38 @@ def test_estimate_parts_and_largest_n_per_dtype(steady_usage):
     assert fitting["float16"] == fitting["bfloat16"]
 
 
+class _Attend(nn.Module):
+    """An attention layer (its packed projection is not a per-layer-hook layer) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        tokens = x.flatten(2).transpose(1, 2).expand(-1, -1, 64)      # (B, 64, 64)
+        return self.head(self.attn(tokens, tokens, tokens, need_weights=False)[0].mean(1))
+
+
+def test_whole_model_rows_count_and_cap_their_per_sample_gradients(steady_usage, monkeypatch):
+    # The vmap path holds chunk x p float32 gradients at once (on a GPU, beside the whole X).
+    example = torch.zeros(1, 1, 8, 8)
+    hooked, attend = wide_model(), _Attend()
+    for model, whole in ((hooked, False), (attend, True)):
+        space = ParamSpace(model)
+        assert memory_plan._Sizes(model, space, example).whole_model_rows == whole
+        budget = 8 * 4 * space.numel                       # room for 8 samples' gradients
+        monkeypatch.setattr(memory_plan, "ACTIVATION_BUDGET", budget)
+        planned = memory_plan.plan(model, space, example, n=64, max_memory="100G")
+        per_sample = planned.layer_gradients - 2 * space.numel * 4 - memory_plan.BACKWARD_OVERHEAD
+        if whole:
+            assert planned.chunk == 8 and per_sample == 8 * space.numel * 4
+        else:
+            largest = max(e.numel for e in space.entries)
+            assert planned.chunk > 8 and per_sample == planned.chunk * largest * 4
+        monkeypatch.undo()
+
+
 def test_the_judge_counts_its_held_batches_and_one_forward_pass(steady_usage):
     model = wide_model()
     space = ParamSpace(model)

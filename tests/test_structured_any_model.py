@@ -166,6 +166,45 @@ def test_a_model_with_nothing_to_group_is_refused_with_the_reasons():
         find_groups(model, torch.zeros(1, 1, 28, 28))
 
 
+class _LastStepGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.gru = nn.GRU(32, 48, batch_first=True)
+        self.head = nn.Linear(48, 4)
+
+    def forward(self, x):
+        h, _ = self.gru(torch.relu(self.embed(x)))
+        return self.head(h[:, -1])
+
+
+class _EinsumWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 32)
+        self.w = nn.Parameter(torch.randn(32, 16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(torch.einsum("bf,fg->bg", torch.relu(self.a(x)), self.w)))
+
+
+@pytest.mark.parametrize("method", ["autobot", "taper", "hybrid"])
+def test_a_recurrent_model_torch_pruning_cannot_trace_is_refused_naming_the_layer(method):
+    # torch-pruning's group enumeration raised IndexError on this GRU model (a traceback from
+    # prunekit.prune before).
+    torch.manual_seed(0)
+    X, Y = torch.randn(32, 5, 8), torch.randint(0, 4, (32,))
+    extra = {"structured_flops": 0.7} if method == "hybrid" else {}
+    with pytest.raises(PrunekitError, match=r"channel dependency analysis.*'gru' \(GRU\).*weights instead"):
+        prunekit.prune(_LastStepGRU(), (X, Y), method=method, flops=0.5, progress=False, **extra)
+
+
+def test_a_model_whose_channels_meet_an_einsum_weight_names_that_weight():
+    with pytest.raises(PrunekitError, match=r"no prunable channel group.*w: a weight held outside a known layer"):
+        find_groups(_EinsumWeight(), torch.zeros(1, 8))
+
+
 def test_a_vit_with_heads_removed_saves_and_reloads(tmp_path):
     from prunekit import zoo
     from prunekit.loading import load_model

@@ -158,13 +158,12 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
     """The channel groups of ``model`` (Conv/Linear/BatchNorm channels and attention heads),
     traced on ``example_input``. ``pads_residual=False``: groups through a zero-pad shortcut are
     left dense (only channels inside residual blocks are pruned)."""
-    graph = build_graph(model, example_input, pads_residual)
     names = {module: name for name, module in model.named_modules()}
     names.update({param: name for name, param in model.named_parameters()})
     groups: list[ChannelGroup] = []
     skipped: list[tuple[str, str]] = []
     seen: set[frozenset] = set()
-    for tp_group in graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)):
+    for tp_group in _traced_groups(model, example_input, pads_residual):
         root_module = tp_group[0].dep.target.module
         root = names.get(root_module, str(root_module))
         if isinstance(root_module, nn.modules.linear.NonDynamicallyQuantizableLinear):
@@ -190,8 +189,44 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             groups.append(ChannelGroup(index=len(groups), root=name, size=module.num_heads,
                                        members=[Member(name, "heads", 0, module.head_dim)], kind="heads"))
     if not groups:
-        raise no_group_error(skipped)
+        raise no_group_error(_loose_weights(model) + skipped)
     return GroupSet(groups, skipped)
+
+
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                nn.Embedding, nn.MultiheadAttention, nn.RNNBase, nn.PReLU)
+
+
+def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
+    """Parameters of at least two dimensions held by a module that is not a known layer (used by
+    einsum / matmul in a forward): the dependency analysis cannot follow channels through them."""
+    loose = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, _LAYER_TYPES):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2:
+                full = f"{module_name}.{name}" if module_name else name
+                loose.append((full, "a weight held outside a known layer (used by einsum or matmul, say), "
+                                    "which the channel analysis cannot follow"))
+    return loose
+
+
+def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bool) -> list:
+    """torch-pruning's dependency groups rooted at Conv/Linear layers; its failure (on some
+    recurrent models it fails with an IndexError) refused in one line."""
+    try:
+        graph = build_graph(model, example_input, pads_residual)
+        return list(graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)))
+    except PrunekitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure inside torch-pruning's trace of the user's model
+        recurrent = [f"'{name}' ({type(m).__name__})" for name, m in model.named_modules()
+                     if isinstance(m, nn.RNNBase)]
+        suspect = f"; it does not follow the recurrent layer {', '.join(recurrent[:3])}" if recurrent else ""
+        raise PrunekitError(f"the channel dependency analysis (torch-pruning) failed on this model "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else '?'}){suspect}: "
+                            "prune its weights instead (falcon, chita, magnitude)") from None
 
 
 def no_group_error(skipped: list[tuple[str, str]]) -> PrunekitError:

@@ -1,0 +1,98 @@
+"""The gradient phase's memory against the plan, on a model whose rows take the whole-model vmap path.
+
+    python benchmarks/bench_gradient_phase.py                         # ViT-B/16, n = 24, chunks: the plan's, 19
+    python benchmarks/bench_gradient_phase.py --model vit-mid --n 64 --chunks plan 8 32
+
+ViT-B/16 (224x224; its attention's packed projection is not a per-layer-hook layer, so its rows
+are per-sample gradients of the whole model through torch.func.vmap) or a mid-size ViT (64x64,
+width 384, 6 blocks), RANDOM weights and inputs: cost, not accuracy. Each row, in its own process:
+the memory plan for n bfloat16 rows, then ``fisher.collect_gradients`` with the chunk given ("plan":
+the plan's). Reported: seconds, the plan's activations and layer-gradient terms, and the measured
+gradient phase: peak RSS less what the process held before, less X (n x p x 2 bytes). 19 is the
+chunk the plan chose for ViT-B/16 before it counted vmap's chunk x p float32 gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from common import print_table, write_json
+
+MB = 2**20
+
+
+def build(name: str):
+    """(model, input shape, classes)."""
+    from prunekit.zoo.vit import VisionTransformer
+    if name == "vit-b16":
+        return VisionTransformer(1000, 3, image=224, patch=16, dim=768, depth=12, heads=12, mlp_dim=3072), (3, 224, 224), 1000
+    return VisionTransformer(100, 3, image=64, patch=8, dim=384, depth=6, heads=6, mlp_dim=1536), (3, 64, 64), 100
+
+
+def run_row(name: str, n: int, chunk: str, threads: int) -> dict:
+    import torch
+
+    from prunekit.fisher import collect_gradients
+    from prunekit.memory_plan import current_usage, plan
+    from prunekit.params import ParamSpace
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, shape, classes = build(name)
+    space = ParamSpace(model)
+    planned = plan(model, space, torch.randn(1, *shape), n=n, dtype="bfloat16", max_memory="1000G")
+    used_chunk = planned.chunk if chunk == "plan" else int(chunk)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, *shape, generator=gen), torch.randint(0, classes, (16,), generator=gen))
+               for _ in range(-(-n // 16))]
+    before = current_usage(torch.device("cpu"))
+    start = time.perf_counter()
+    collect_gradients(model, space, batches, n=n, chunk=used_chunk, dtype=torch.bfloat16, progress=False)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    x_bytes = n * space.numel * 2
+    estimate = planned.activations + planned.layer_gradients
+    measured = peak - before - x_bytes
+    return {"model": name, "p": space.numel, "n": n, "chunk": used_chunk, "plan_chunk": planned.chunk,
+            "threads": threads, "seconds": seconds, "plan_activations_mb": planned.activations / MB,
+            "plan_layer_gradients_mb": planned.layer_gradients / MB, "phase_estimate_mb": estimate / MB,
+            "phase_measured_mb": measured / MB, "estimate_error": estimate / measured - 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("vit-b16", "vit-mid"), default="vit-b16")
+    parser.add_argument("--n", type=int, default=24)
+    parser.add_argument("--chunks", nargs="+", default=["plan", "19"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/gradient_phase.json")
+    parser.add_argument("--row", help=argparse.SUPPRESS)       # internal: run one row, print JSON
+    args = parser.parse_args()
+    if args.row:
+        spec = json.loads(args.row)
+        print(json.dumps(run_row(spec["model"], spec["n"], spec["chunk"], spec["threads"])))
+        return
+    rows = []
+    for chunk in args.chunks:
+        spec = json.dumps({"model": args.model, "n": args.n, "chunk": chunk, "threads": args.threads})
+        out = subprocess.run([sys.executable, __file__, "--row", spec], capture_output=True, text=True)
+        if out.returncode != 0:
+            rows.append({"chunk": chunk, "error": (out.stderr.strip().splitlines() or ["?"])[-1]})
+        else:
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    write_json(args.out, {"benchmark": "gradient_phase", "rows": rows})
+    print("\nrandom weights and inputs: cost only; one process per row")
+    print_table([r for r in rows if "seconds" in r],
+                [("model", "model", ""), ("n", "n", ""), ("chunk", "chunk", ""), ("seconds", "seconds", ".1f"),
+                 ("phase_estimate_mb", "estimate MB", ".0f"), ("phase_measured_mb", "measured MB", ".0f"),
+                 ("estimate_error", "estimate/measured-1", "+.2f")])
+
+
+if __name__ == "__main__":
+    main()
