@@ -146,6 +146,49 @@ def test_threshold_meets_budget_exactly_and_never_empties_a_group():
         threshold_to_budget(scores, counter, counter.minimum - 1)
 
 
+def test_channels_tied_at_the_threshold_fill_the_budget_in_tiebreak_order():
+    # Taper gates clipped to their logit bound tie by the hundred; one threshold then had to keep
+    # all of them or none (a snapshot at 15% of the MACs for a 50% budget).
+    model, x = _model("resnet20-b")
+    groups = find_groups(model, x)
+    counter = GatedMacs(model, groups, CostModel(model, x))
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.where(torch.rand(g.size, generator=gen) < 0.3, torch.tensor(5.0), torch.tensor(-5.0))
+              for g in groups]                             # 30% open, the rest tied at the lower bound
+    tiebreak = [torch.rand(g.size, generator=gen) for g in groups]
+    open_only = counter.macs_of_masks(masks_at(scores, -5.0))
+    for share in (0.5, 0.7):
+        budget = share * counter.dense
+        assert open_only < budget < counter.dense
+        masks, threshold = threshold_to_budget(scores, counter, budget, tiebreak)
+        assert threshold == -5.0 and counter.macs_of_masks(masks) <= budget
+        tied = sorted(((float(tiebreak[g][j]), g, j) for g, s in enumerate(scores)
+                       for j in range(s.numel()) if s[j] == -5.0), reverse=True)
+        taken = [bool(masks[g][j]) for _, g, j in tied]
+        count = sum(taken)
+        assert taken == [True] * count + [False] * (len(taken) - count)      # a run, best first
+        with_next = [m.clone() for m in masks]
+        with_next[tied[count][1]][tied[count][2]] = True
+        assert counter.macs_of_masks(with_next) > budget                     # the run is the longest
+        assert counter.macs_of_masks(masks) > budget - counter.dense * 0.05  # within a channel or so
+
+
+def test_channel_norms_are_the_norms_of_each_channels_producing_weights():
+    from prunekit.structured.channel_norms import channel_norms
+    model, x = _model("resnet20-b")
+    groups = find_groups(model, x)
+    norms = channel_norms(model, groups)
+    modules = dict(model.named_modules())
+    for group, norm in zip(groups, norms):
+        expected = torch.zeros(group.size, dtype=torch.float64)
+        for member in group.layers("out"):
+            weight = modules[member.module].weight.detach().double()
+            for j in range(group.size):
+                for row in group.channels(member, torch.tensor([j])):
+                    expected[j] += weight[row].pow(2).sum()
+        torch.testing.assert_close(norm, expected.sqrt())
+
+
 def test_shrink_refuses_an_empty_group():
     model, x = _model("mlpnet")
     groups = find_groups(model, x)

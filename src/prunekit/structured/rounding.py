@@ -123,15 +123,15 @@ def round_to_budget(scores: list[torch.Tensor], masks: list[torch.Tensor], count
     return _masks(orders, kept)
 
 
-def cut_to_budget(logits: list[torch.Tensor], counter: GatedMacs, max_macs: float, multiple: int = 1
-                  ) -> tuple[list[torch.Tensor], float]:
+def cut_to_budget(logits: list[torch.Tensor], counter: GatedMacs, max_macs: float, multiple: int = 1,
+                  tiebreak: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], float]:
     """Gate logits -> keep-masks meeting ``max_macs``: the global threshold cut, then (``multiple`` > 1)
     rounded per group to multiples of ``multiple`` by gate value ``sigmoid(logit)``.
 
     Returns (masks, threshold of the unrounded cut). With ``multiple == 1`` this is exactly
-    ``threshold_to_budget``.
+    ``threshold_to_budget`` (``tiebreak`` orders the channels tied at the threshold).
     """
-    masks, threshold = threshold_to_budget(logits, counter, max_macs)
+    masks, threshold = threshold_to_budget(logits, counter, max_macs, tiebreak)
     if multiple != 1:
         masks = round_to_budget([torch.sigmoid(t.detach().double()) for t in logits], masks, counter,
                                 max_macs, multiple)

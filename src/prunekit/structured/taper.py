@@ -63,6 +63,7 @@ from .groups import GroupSet
 from .family import ChannelContext, ChannelOptions, Cut
 from .autobot import bool_loss
 from .shrink import shrink
+from .channel_norms import channel_norms
 from .rounding import cut_to_budget
 
 
@@ -267,13 +268,14 @@ def settled_share(gates: list[torch.Tensor], margin: float) -> float:
 
 def _snapshot(model, groups, counter, logits, temperature, budget, step, example_input, on_schedule, multiple,
               facts) -> Snapshot:
-    """Fold the gates into the weights, cut by logit (sigmoid saturates to ties), shrink."""
+    """Fold the gates into the weights, cut by logit (sigmoid saturates to ties; logits clipped to
+    their bound tie too: those are ordered by the size of their weights), shrink."""
     device = next(model.parameters()).device
     logits = [t.detach().cpu() for t in logits]
     gates = [torch.sigmoid(t / temperature) for t in logits]
     folded = copy.deepcopy(model).eval()
     fold_gates(folded, groups, [g.to(device) for g in gates])
-    masks, _ = cut_to_budget(logits, counter, budget * counter.dense, multiple)
+    masks, _ = cut_to_budget(logits, counter, budget * counter.dense, multiple, tiebreak=channel_norms(model, groups))
     small = shrink(folded, groups, masks, example_input.to(device))
     flat_g, flat_m = torch.cat(gates), torch.cat(masks).float()
     cut = {**facts, "temperature": temperature,
