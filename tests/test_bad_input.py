@@ -90,6 +90,8 @@ def home(tmp_path_factory):
     run = d / "run"                       # a run folder made with other options
     run.mkdir()
     (run / "config.toml").write_text('model = "mlpnet"\nmethod = "chita"\nsparsity = "0.5"\n')
+    (d / "listrun").mkdir()               # a run folder whose metrics.json is JSON but not an object
+    (d / "listrun" / "metrics.json").write_text("[1, 2]\n")
     return d
 
 
@@ -214,6 +216,8 @@ CLI_CASES = [
     (["sweep", *MLP, *MNIST, "--method", "nope", "--sparsity", "0.5", "--out", f"{H}/sweep"], "unknown method"),
     (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "0.6", "--flops", "0.5", "0.4", "0.3", "--out", f"{H}/sweep"],
      "same length"),
+    (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "0.5", "--out", f"{H}/sweep"], "magnitude_sparsity-0.5 twice"),
+    (["compare", f"{H}/listrun"], "not a prunekit metrics file"),
     (["export", f"{H}/adir", "--onnx"], "no prunekit model"),
     (["export", f"{H}/own", "--onnx"], "name its file again, --model"),
     # a model of the user's own: --model net.py:FUNCTION
@@ -347,6 +351,10 @@ PY_CASES = [
     ({"eval_data": (X, Y + 1)}, "eval_data labels"),
     ({"data": one_pass()}, "one-pass"),
     ({"data": []}, "empty"),
+    ({"data": (X[:0], Y[:0])}, "data is empty"),
+    ({"data": torch.utils.data.TensorDataset(X[:0], Y[:0])}, "data is empty"),
+    ({"eval_data": (X[:0], Y[:0])}, "eval_data is empty"),
+    ({"eval_data": (X[:, :, :2], Y)}, "the model failed on eval_data's first input, shape (1, 1, 2, 4)"),
     ({"data": [(X, Y, Y)]}, "(x, y) batches"),
     ({"data": None}, "example_input"),
     ({"example_input": torch.zeros(1, 3)}, "example input"),

@@ -112,6 +112,10 @@ def check_data(data, what: str, class_labels: bool = True) -> None:
                 " (targets that are not class indices need loss=, a function of (outputs, targets))"
             raise PrunekitError(f"{what}=(X, Y) needs X of shape (N, ...) and Y of shape {wanted} with the same N; "
                                 f"got X {tuple(x.shape)}, Y {tuple(y.shape)}{hint}")
+        if x.shape[0] == 0:
+            raise PrunekitError(f"{what} is empty: its (X, Y) hold no samples")
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") and len(data) == 0:
+        raise PrunekitError(f"{what} is empty: the dataset holds no samples")
 
 
 def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: Callable[[], Iterable] | None,
@@ -136,6 +140,22 @@ def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: C
         limit = f"0 to {classes - 1} (the model has {classes} outputs)" if classes is not None else "0 or more"
         raise PrunekitError(f"{what} labels go from {low} to {high}, but class indices must be {limit}: "
                             "pass the labels as indices of the model's outputs")
+
+
+def check_runs_on(model: nn.Module, batches: Callable[[], Iterable], what: str, device: torch.device) -> None:
+    """The model must run on the first input of ``batches`` (eval_data of another shape than data
+    would fail only after pruning)."""
+    x = first_batch(batches, what)[0][:1].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's model on this input
+        raise PrunekitError(f"the model failed on {what}'s first input, shape {tuple(x.shape)}: "
+                            f"{str(err).splitlines()[0]}; pass {what} of the inputs the model takes") from None
+    finally:
+        model.train(was_training)
 
 
 def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,9 +70,13 @@ class RunFolder:
         if not self.metrics_path.exists():
             return {}
         try:
-            return json.loads(self.metrics_path.read_text())
+            metrics = json.loads(self.metrics_path.read_text())
         except json.JSONDecodeError as err:
             raise PrunekitError(f"{self.metrics_path} is not valid JSON ({err}); restore or delete it") from None
+        if not isinstance(metrics, dict):
+            raise PrunekitError(f"{self.metrics_path} is not a prunekit metrics file (not a JSON object); "
+                                "restore or delete it")
+        return metrics
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_json(self.metrics_path, _finite(metrics))

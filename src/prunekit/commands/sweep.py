@@ -27,7 +27,12 @@ def sweep_plan(args) -> list[tuple[str, dict]]:
         raise PrunekitError("budget lists of a sweep must have the same length (or one value each): "
                             + ", ".join(f"--{k} has {len(v)}" for k, v in lists.items()))
     budgets = [{k: v[i] if len(v) > 1 else v[0] for k, v in lists.items()} for i in range(n)]
-    return [(method, budget) for method in args.method for budget in budgets]
+    plan = [(method, budget) for method in args.method for budget in budgets]
+    names = [run_name(method, budget) for method, budget in plan]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise PrunekitError(f"this sweep would run {twice} twice: give each method and budget once")
+    return plan
 
 
 def run_name(method: str, budget: dict) -> str:
