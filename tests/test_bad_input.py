@@ -209,6 +209,9 @@ CLI_CASES = [
     ([*TRAIN, "--lr", "0"], "--lr"),
     ([*TRAIN, "--weight-decay", "-1"], "--weight-decay"),
     ([*TRAIN, "--batch-size", "0"], "--batch-size"),
+    ([*TRAIN, "--lr", "inf"], "--lr"),
+    ([*TRAIN, "--weight-decay", "inf"], "--weight-decay"),
+    ([*TRAIN, "--batch-size", "100000", "--out", f"{H}/trained"], "lower --batch-size"),
     ([*TRAIN, "--out", f"{H}/notes.txt"], "is a file"),
     ([*TRAIN, "--out", f"{H}/adir"], "holding other files"),
     # sweep, compare, export, bench-latency
@@ -239,6 +242,7 @@ CLI_CASES = [
     (["eval", "--model", f"{H}/net.py:pair", *MNIST, "--normalize", "none"], "returns a tuple for one image"),
     (["info", f"{H}/net.py:build"], "--input-shape"),
     (["info", f"{H}/net.py:build", "--input-shape", "1,28"], "not C,H,W"),
+    (["info", "resnet20", "--input-shape", "3,64,64"], "is not the input of resnet20, 3,32,32"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "net.py:build' model"),
     (["eval", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "name its file again, --model path/to/net.py:build"),
     (["eval", *MNIST], "say which model"),
