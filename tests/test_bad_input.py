@@ -312,6 +312,8 @@ PY_CASES = [
     ({"batch_size": 0}, "batch_size"),
     ({"recalibrate_bn": "no"}, "recalibrate_bn"),
     ({"progress": 1}, "progress"),
+    ({"gradual": "no"}, "gradual must be True or False"),
+    ({"force": "no", "out": f"{H}/run"}, "force must be True or False"),
     ({"include": "1"}, "letter by letter"),
     ({"exclude": 3}, "exclude"),
     ({"out": f"{H}/adir"}, "holding other files"),
@@ -397,3 +399,12 @@ def test_all_labels_of_a_prunekit_loader_are_checked(untouched):
     five_classes = nn.Sequential(nn.Flatten(), nn.Linear(784, 5))
     with pytest.raises(PrunekitError, match=r"labels go from 0 to 9.*5 outputs"):
         prunekit.prune(five_classes, loader, method="magnitude", sparsity=0.5)
+
+
+@pytest.mark.parametrize("call", [lambda: prunekit.load_pruned("mlpnet", CKPT),
+                                  lambda: prunekit.load_pruned(CKPT, zoo.build("mlpnet")),
+                                  lambda: prunekit.save_model("mlpnet", "x.safetensors", {"model": "mlpnet"})],
+                         ids=["load_pruned name", "load_pruned swapped", "save_model name"])
+def test_load_pruned_and_save_model_refuse_a_model_that_is_not_a_module(call, untouched):
+    with pytest.raises(PrunekitError, match="must be a (fresh )?torch.nn.Module"):
+        call()

@@ -74,7 +74,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     """
     check_arguments(model, {"method": method.name if isinstance(method, Method) else method, "seed": seed,
                             "batch_size": batch_size, "recalibrate_bn": recalibrate_bn, "progress": progress,
-                            "stage_eval": stage_eval,
+                            "stage_eval": stage_eval, "gradual": gradual, "force": force,
                             "include": include, "exclude": exclude, "out": out, "loss": loss})
     check_data(data, "data", class_labels=loss is None)
     check_data(eval_data, "eval_data", class_labels=loss is None)

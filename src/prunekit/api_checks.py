@@ -44,6 +44,8 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "recalibrate_bn": (lambda v: isinstance(v, bool), "True or False"),
     "progress": (lambda v: isinstance(v, bool), "True or False"),
     "stage_eval": (lambda v: isinstance(v, bool), "True or False"),
+    "gradual": (lambda v: isinstance(v, bool), "True or False"),
+    "force": (lambda v: isinstance(v, bool), "True or False"),
     "include": (lambda v: v is None or _patterns(v), "a list of module-name patterns, e.g. ['fc1', 'conv*']"),
     "exclude": (lambda v: v is None or _patterns(v), "a list of module-name patterns, e.g. ['fc3']"),
     "out": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a folder path"),
