@@ -90,6 +90,8 @@ def home(tmp_path_factory):
     run = d / "run"                       # a run folder made with other options
     run.mkdir()
     (run / "config.toml").write_text('model = "mlpnet"\nmethod = "chita"\nsparsity = "0.5"\n')
+    (d / "oldsweep" / "magnitude_sparsity-0.5").mkdir(parents=True)    # a sweep made with other options
+    (d / "oldsweep" / "magnitude_sparsity-0.5" / "config.toml").write_text('model = "mlpnet"\n')
     (d / "listrun").mkdir()               # a run folder whose metrics.json is JSON but not an object
     (d / "listrun" / "metrics.json").write_text("[1, 2]\n")
     return d
@@ -221,6 +223,8 @@ CLI_CASES = [
      "same length"),
     (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "0.5", "--out", f"{H}/sweep"], "magnitude_sparsity-0.5 twice"),
     (["compare", f"{H}/listrun"], "not a prunekit metrics file"),
+    (["sweep", *MLP, *MNIST, "--sparsity", "0.3", "0.5", "--train-samples", "64", "--out", f"{H}/oldsweep"],
+     "magnitude_sparsity-0.5 holds another run"),
     (["export", f"{H}/adir", "--onnx"], "no prunekit model"),
     (["export", f"{H}/own", "--onnx"], "name its file again, --model"),
     # a model of the user's own: --model net.py:FUNCTION
