@@ -250,6 +250,8 @@ CLI_CASES = [
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "net.py:build' model"),
     (["eval", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "name its file again, --model path/to/net.py:build"),
     (["eval", *MNIST], "say which model"),
+    (["eval", "--checkpoint", f"{H}/adir", *MNIST], "is a folder, not a file"),
+    (["eval", "--checkpoint", "/no/such/file.pth", *MNIST], "not found"),
     (["eval", "--checkpoint", f"{H}/resnet20.pth", *MNIST], "resnet20.pth does not record it"),
     (["eval", "--model", f"{H}/net.py:needs_args", "--checkpoint", f"{H}/own/model.safetensors", *MNIST],
      "load it as --model"),
