@@ -318,6 +318,8 @@ PY_CASES = [
     ({"out": f"{H}/notes.txt"}, "is a file"),
     # arguments
     ({"model": "mlpnet"}, "torch.nn.Module"),
+    ({"model": nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).requires_grad_(False).apply(
+        lambda m: m.weight.fill_(float("inf")) if isinstance(m, nn.Linear) else None)}, "1.weight holds nan or inf"),
     ({"method": "nope"}, "unknown method"),
     ({"method": 3}, "method"),
     ({"seed": -1}, "seed"),

@@ -16,6 +16,7 @@ from torch import nn
 
 from .budget import Budget, ResolvedBudget
 from .costs import CostModel
+from .errors import PrunekitError
 from .losses import LossFn
 from .methods import Method, lookup
 from .options import OptionError, Options
@@ -65,6 +66,11 @@ class PruneRequest:
                 if getattr(options, name, 0):          # the method's default (autobot's 0.9): off
                     options = replace(options, **{name: 0.0})
         budget = Budget.parse(**asked)
+        broken = next((name for name, t in self.model.named_parameters()     # buffers may hold -inf masks
+                       if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())), None)
+        if broken is not None:
+            raise PrunekitError(f"the model's {broken} holds nan or inf values: load finite weights (did its training "
+                                "diverge?)")
         costs = CostModel(self.model, self.example_input)
         channels = None
         if method.family == "channels":
