@@ -116,6 +116,8 @@ def check_data(data, what: str, class_labels: bool = True) -> None:
                                 f"got X {tuple(x.shape)}, Y {tuple(y.shape)}{hint}")
         if x.shape[0] == 0:
             raise PrunekitError(f"{what} is empty: its (X, Y) hold no samples")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise PrunekitError(f"{what}'s X holds nan or inf values: pass finite inputs")
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") and len(data) == 0:
         raise PrunekitError(f"{what} is empty: the dataset holds no samples")
 
