@@ -228,6 +228,7 @@ CLI_CASES = [
      "same length"),
     (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "0.5", "--out", f"{H}/sweep"], "magnitude_sparsity-0.5 twice"),
     (["compare", f"{H}/listrun"], "not a prunekit metrics file"),
+    (["compare", f"{H}/listrun", f"{H}/listrun/"], "is named twice"),
     (["sweep", *MLP, *MNIST, "--sparsity", "0.3", "0.5", "--train-samples", "64", "--out", f"{H}/oldsweep"],
      "magnitude_sparsity-0.5 holds another run"),
     (["export", f"{H}/adir", "--onnx"], "no prunekit model"),

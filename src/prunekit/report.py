@@ -208,6 +208,11 @@ def find_runs(paths) -> list[Path]:
             raise PrunekitError(f"{path} is not a run folder (no {METRICS}) and holds none: "
                                 "pass folders written by `prunekit prune --out` or `prunekit sweep`")
         found += inside
+    resolved = [path.resolve() for path in found]
+    twice = next((path for path, real in zip(found, resolved) if resolved.count(real) > 1), None)
+    if twice is not None:
+        raise PrunekitError(f"run folder {twice} is named twice (itself, or inside a sweep folder also named): "
+                            "name each run once")
     return found
 
 
