@@ -364,6 +364,10 @@ PY_CASES = [
       "finetune_epochs": 1},
      "finetune_distill softens"),
     ({"data": (X, torch.randn(48, 3))}, "need loss="),
+    ({"loss": lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")}, "a tensor of shape (2,)"),
+    ({"loss": lambda o, y: 1.0}, "a tensor of one number; got float"),
+    ({"loss": lambda o: o.sum()}, "loss(outputs, targets) failed on data's first batch: TypeError"),
+    ({"importance": lambda w: w.abs()}, "importance('1', weight) failed: TypeError"),
     # data
     ({"data": "train"}, "load it first"),
     ({"data": X}, "(X, Y)"),

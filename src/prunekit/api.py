@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import recipes
-from .api_checks import check_arguments, check_data, check_labels, check_runs_on, first_batch
+from .api_checks import check_arguments, check_data, check_labels, check_loss, check_runs_on, first_batch
 from .data.loaders import BatchLoader
 from .errors import PrunekitError
 from .executor import execute
@@ -97,6 +97,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     plan = request.plan()
     if eval_batches is not None and train_batches is not None:     # the plan ran the model on data's first input
         check_runs_on(model, eval_batches, "eval_data", _model_device(model))
+    if loss is not None and train_batches is not None:
+        check_loss(model, loss, train_batches, _model_device(model))
     folder = None
     if out is not None:
         folder = RunFolder(out)

@@ -162,6 +162,30 @@ def check_runs_on(model: nn.Module, batches: Callable[[], Iterable], what: str, 
         model.train(was_training)
 
 
+def check_loss(model: nn.Module, loss, batches: Callable[[], Iterable], device: torch.device) -> None:
+    """The user's ``loss(outputs, targets)`` must run on the first batch of ``data`` and return the
+    mean loss: a tensor of one number (a per-sample loss fails only deep in the gradients)."""
+    x, y = first_batch(batches, "data")
+    x, y = x[:2].to(device), y[:2].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(x)
+    except Exception:  # noqa: BLE001 - the cost model's trace reports a model that cannot run
+        return
+    finally:
+        model.train(was_training)
+    try:
+        value = loss(outputs, y)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's loss
+        raise PrunekitError(f"loss(outputs, targets) failed on data's first batch: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise PrunekitError(f"loss(outputs, targets) must return the mean loss, a tensor of one number; got {got}")
+
+
 def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The first (x, y) batch of ``batches()``, refusing anything else in one line.
 
