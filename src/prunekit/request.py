@@ -66,6 +66,8 @@ class PruneRequest:
                 if getattr(options, name, 0):          # the method's default (autobot's 0.9): off
                     options = replace(options, **{name: 0.0})
         budget = Budget.parse(**asked)
+        if not 0 <= self.seed < 2**63:                # torch.manual_seed's range
+            raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}", ("seed",))
         broken = next((name for name, t in self.model.named_parameters()     # buffers may hold -inf masks
                        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())), None)
         if broken is not None:

@@ -172,6 +172,8 @@ def check_train_args(args) -> None:
         raise PrunekitError(f"--weight-decay must be 0 or more (e.g. 5e-4), got {args.weight_decay}")
     if args.batch_size < 1:
         raise PrunekitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 0 <= args.seed < 2**63:                     # torch.manual_seed's range
+        raise PrunekitError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
 
 
 def add_parser(sub) -> None:
