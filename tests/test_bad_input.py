@@ -92,6 +92,8 @@ def home(tmp_path_factory):
     (run / "config.toml").write_text('model = "mlpnet"\nmethod = "chita"\nsparsity = "0.5"\n')
     (d / "oldsweep" / "magnitude_sparsity-0.5").mkdir(parents=True)    # a sweep made with other options
     (d / "oldsweep" / "magnitude_sparsity-0.5" / "config.toml").write_text('model = "mlpnet"\n')
+    (d / "other-tool").mkdir()            # a metrics.json another tool wrote
+    (d / "other-tool" / "metrics.json").write_text('{"accuracy": 0.9}\n')
     (d / "listrun").mkdir()               # a run folder whose metrics.json is JSON but not an object
     (d / "listrun" / "metrics.json").write_text("[1, 2]\n")
     return d
@@ -232,6 +234,7 @@ CLI_CASES = [
     (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "0.5", "--out", f"{H}/sweep"], "magnitude_sparsity-0.5 twice"),
     (["compare", f"{H}/listrun"], "not a prunekit metrics file"),
     (["compare", f"{H}/listrun", f"{H}/listrun/"], "is named twice"),
+    (["compare", f"{H}/other-tool"], "not the metrics of a prunekit run"),
     (["sweep", *MLP, *MNIST, "--sparsity", "0.3", "0.5", "--train-samples", "64", "--out", f"{H}/oldsweep"],
      "magnitude_sparsity-0.5 holds another run"),
     (["export", f"{H}/adir", "--onnx"], "no prunekit model"),

@@ -221,6 +221,9 @@ def collect(folders) -> list[dict]:
     rows = []
     for folder in map(RunFolder, folders):
         m = folder.read_metrics()
+        if not isinstance(m.get("method"), str):          # e.g. another tool's metrics.json
+            raise PrunekitError(f"{folder.metrics_path} is not the metrics of a prunekit run (no method): pass "
+                                "only folders written by `prunekit prune --out` or `prunekit sweep`")
         final = m.get("final") or {}
         rows.append({"run": str(folder.path), "name": folder.path.name, "model": m.get("model"),
                      "method": m.get("method"), "request": m.get("request", {}), "status": m.get("status"),
