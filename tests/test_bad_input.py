@@ -226,6 +226,7 @@ CLI_CASES = [
     ([*TRAIN, "--batch-size", "100000", "--out", f"{H}/trained"], "lower --batch-size"),
     ([*TRAIN, "--out", f"{H}/notes.txt"], "is a file"),
     ([*TRAIN, "--out", f"{H}/adir"], "holding other files"),
+    ([*PRUNE, "--sparsity", "0.5", "--out", ""], "--out is an empty path"),
     # sweep, compare, export, bench-latency
     (["sweep", *MLP, *MNIST, "--out", f"{H}/sweep"], "needs budgets"),
     (["sweep", *MLP, *MNIST, "--method", "nope", "--sparsity", "0.5", "--out", f"{H}/sweep"], "unknown method"),
@@ -392,6 +393,8 @@ PY_CASES = [
     ({"eval_data": (X.clone().index_fill_(0, torch.tensor([3]), float("inf")), Y)}, "eval_data's X holds nan or inf"),
     ({"eval_data": (X[:, :, :2], Y)}, "the model failed on eval_data's first input, shape (1, 1, 2, 4)"),
     ({"data": [(X, Y, Y)]}, "(x, y) batches"),
+    ({"data": [(X[:8], Y[:4])]}, "one target per input"),
+    ({"out": ""}, "empty path"),
     ({"data": None}, "example_input"),
     ({"example_input": torch.zeros(1, 3)}, "example input"),
     ({"example_input": "x"}, "example_input"),

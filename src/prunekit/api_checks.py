@@ -84,6 +84,9 @@ def check_out(out, flag: str | None = None) -> None:
     (``--out``); the message names ``out=`` otherwise."""
     if out is None:
         return
+    if not str(out).strip():
+        raise PrunekitError(f"{flag or 'out='} is an empty path: name a new folder for the run"
+                            + ("" if flag else ", or leave out at None for no run folder"))
     path = Path(out)
     named = f"{flag} {out}" if flag else f"out={str(out)!r}"
     if path.exists() and not path.is_dir():
@@ -208,6 +211,9 @@ def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tenso
     if not (isinstance(first, (tuple, list)) and len(first) == 2
             and all(isinstance(t, torch.Tensor) for t in first)):
         raise PrunekitError(f"{what} must give (x, y) batches of tensors; its first batch is {_shown(first)}")
+    if first[0].ndim == 0 or first[1].ndim == 0 or first[0].shape[0] != first[1].shape[0]:
+        raise PrunekitError(f"{what}'s first batch has inputs of shape {tuple(first[0].shape)} and targets of shape "
+                            f"{tuple(first[1].shape)}: each batch needs one target per input (the same first size)")
     return first[0], first[1]
 
 
