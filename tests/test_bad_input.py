@@ -236,6 +236,8 @@ CLI_CASES = [
     (["compare", f"{H}/listrun"], "not a prunekit metrics file"),
     (["compare", f"{H}/listrun", f"{H}/listrun/"], "is named twice"),
     (["compare", f"{H}/other-tool"], "not the metrics of a prunekit run"),
+    (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "--out", ""], "--out is an empty path"),
+    (["compare", f"{H}/other-tool", "--out", ""], "--out is an empty path"),
     (["sweep", *MLP, *MNIST, "--sparsity", "0.3", "0.5", "--train-samples", "64", "--out", f"{H}/oldsweep"],
      "magnitude_sparsity-0.5 holds another run"),
     (["export", f"{H}/adir", "--onnx"], "no prunekit model"),

@@ -258,6 +258,8 @@ def check_report_folder(out: str | Path) -> None:
     """Refuse (``PrunekitError``) an ``--out`` for ``write_comparison_report`` where it would
     overwrite what it did not write: a file, a run folder of ``prunekit prune``, or a folder with
     a report.md, runs.json or plot of its own. An earlier sweep's or comparison's folder is fine."""
+    if not str(out).strip():
+        raise PrunekitError("--out is an empty path: name a folder for the report")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"--out {out} is a file: pass a folder for the report")

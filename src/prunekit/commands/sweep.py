@@ -78,7 +78,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    if args.out:
+    if args.out is not None:
         report.check_report_folder(args.out)
     table = report.collect(report.find_runs(args.runs))
     if args.out:
