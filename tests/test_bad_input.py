@@ -196,6 +196,8 @@ CLI_CASES = [
     ([*PRUNE, "--method", "autobot"], "needs --flops"),
     ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--channel-multiple", "0"], "--channel-multiple must be at least 1"),
     ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--events", "0"], "events"),
+    ([*PRUNE, "--method", "taper", "--flops", "0.5", "--snapshots", "0.3"], "--snapshots must be distinct shares above"),
+    ([*PRUNE, "--method", "taper", "--flops", "0.5", "--snapshots", "0.7", "0.7"], "--snapshots must be distinct"),
     ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--lr", "inf"], "--lr must be a finite number"),
     ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--finetune-distill", "nan"],
      "--finetune-distill must be a finite number"),

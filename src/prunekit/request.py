@@ -79,6 +79,10 @@ class PruneRequest:
             space = ParamSpace(self.model, costs=costs)
             resolved = budget.resolve(costs, space)
             shares = [_share(budget, resolved, costs), *(getattr(options, "snapshots", None) or [])]
+            if any(not share > shares[0] for share in shares[1:]) or len(set(shares)) != len(shares):
+                raise OptionError(f"snapshots must be distinct shares above flops {shares[0]:g} (taken on the way "
+                                  f"down to it), got {shares[1:]}: pass the lowest share as flops",
+                                  ("snapshots", "flops"))
             targets = options.channel_targets(shares)
             channels = channel_context(self.model, costs, self.example_input, shares, options.channel_multiple,
                                        batches=None, residual_channels=options.residual_channels, targets=targets,
