@@ -213,6 +213,7 @@ CLI_CASES = [
     (["prune", "--resume", f"{H}/adir"], "not a prunekit run folder"),
     (["prune", "--resume", f"{H}/no-such-run"], "no-such-run does not exist"),
     (["prune", "--resume", f"{H}/run", "--sparsity", "0.9"], "leave out --sparsity"),
+    (["sweep", "--resume", f"{H}/run"], "sweep takes no --resume"),
     ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/notes.txt"], "is a file"),
     ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/adir"], "holding other files"),
     ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/run"], "holds another run"),
