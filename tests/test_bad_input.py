@@ -90,6 +90,12 @@ def home(tmp_path_factory):
     run = d / "run"                       # a run folder made with other options
     run.mkdir()
     (run / "config.toml").write_text('model = "mlpnet"\nmethod = "chita"\nsparsity = "0.5"\n')
+    (d / "oldsweep" / "magnitude_sparsity-0.5").mkdir(parents=True)    # a sweep made with other options
+    (d / "oldsweep" / "magnitude_sparsity-0.5" / "config.toml").write_text('model = "mlpnet"\n')
+    (d / "other-tool").mkdir()            # a metrics.json another tool wrote
+    (d / "other-tool" / "metrics.json").write_text('{"accuracy": 0.9}\n')
+    (d / "listrun").mkdir()               # a run folder whose metrics.json is JSON but not an object
+    (d / "listrun" / "metrics.json").write_text("[1, 2]\n")
     return d
 
 
@@ -164,6 +170,9 @@ CLI_CASES = [
     ([*PRUNE, "--sparsity", "0.5", "--train-samples", "0"], "--train-samples"),
     ([*PRUNE, "--sparsity", "0.5", "--resize", "32"], "for image folders"),
     ([*PRUNE, "--sparsity", "0.5", "--device", "gpu0"], "is not a torch device"),
+    ([*PRUNE, "--sparsity", "0.5", "--seed", str(2**64), "--out", f"{H}/seeded"], "--seed must be a whole number"),
+    ([*TRAIN, "--seed", str(2**64)], "--seed must be a whole number"),
+    (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "--seed", str(2**64), "--out", f"{H}/sweep"], "--seed must be"),
     (["eval", *MLP, *MNIST, "--device", "tpu"], "is not a torch device"),
     ([*TRAIN, "--device", "meta"], "runs on cpu, cuda or mps"),
     # budgets
@@ -187,6 +196,13 @@ CLI_CASES = [
     ([*PRUNE, "--method", "autobot"], "needs --flops"),
     ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--channel-multiple", "0"], "--channel-multiple must be at least 1"),
     ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--events", "0"], "events"),
+    ([*PRUNE, "--method", "taper", "--flops", "0.5", "--snapshots", "0.3"], "--snapshots must be distinct shares above"),
+    ([*PRUNE, "--method", "taper", "--flops", "0.5", "--snapshots", "0.7", "0.7"], "--snapshots must be distinct"),
+    ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--lr", "inf"], "--lr must be a finite number"),
+    ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--finetune-distill", "nan"],
+     "--finetune-distill must be a finite number"),
+    ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--beta", "nan"], "--beta must be a finite number"),
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--ridge", "inf"], "--ridge must be a finite number"),
     # recipes, run folders, --out
     (["prune", "--recipe", "/no/such/recipe.toml"], "does not exist"),
     (["prune", "--recipe", f"{H}/adir"], "is a folder"),
@@ -197,6 +213,7 @@ CLI_CASES = [
     (["prune", "--resume", f"{H}/adir"], "not a prunekit run folder"),
     (["prune", "--resume", f"{H}/no-such-run"], "no-such-run does not exist"),
     (["prune", "--resume", f"{H}/run", "--sparsity", "0.9"], "leave out --sparsity"),
+    (["sweep", "--resume", f"{H}/run"], "sweep takes no --resume"),
     ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/notes.txt"], "is a file"),
     ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/adir"], "holding other files"),
     ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/run"], "holds another run"),
@@ -207,13 +224,25 @@ CLI_CASES = [
     ([*TRAIN, "--lr", "0"], "--lr"),
     ([*TRAIN, "--weight-decay", "-1"], "--weight-decay"),
     ([*TRAIN, "--batch-size", "0"], "--batch-size"),
+    ([*TRAIN, "--lr", "inf"], "--lr"),
+    ([*TRAIN, "--weight-decay", "inf"], "--weight-decay"),
+    ([*TRAIN, "--batch-size", "100000", "--out", f"{H}/trained"], "lower --batch-size"),
     ([*TRAIN, "--out", f"{H}/notes.txt"], "is a file"),
     ([*TRAIN, "--out", f"{H}/adir"], "holding other files"),
+    ([*PRUNE, "--sparsity", "0.5", "--out", ""], "--out is an empty path"),
     # sweep, compare, export, bench-latency
     (["sweep", *MLP, *MNIST, "--out", f"{H}/sweep"], "needs budgets"),
     (["sweep", *MLP, *MNIST, "--method", "nope", "--sparsity", "0.5", "--out", f"{H}/sweep"], "unknown method"),
     (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "0.6", "--flops", "0.5", "0.4", "0.3", "--out", f"{H}/sweep"],
      "same length"),
+    (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "0.5", "--out", f"{H}/sweep"], "magnitude_sparsity-0.5 twice"),
+    (["compare", f"{H}/listrun"], "not a prunekit metrics file"),
+    (["compare", f"{H}/listrun", f"{H}/listrun/"], "is named twice"),
+    (["compare", f"{H}/other-tool"], "not the metrics of a prunekit run"),
+    (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "--out", ""], "--out is an empty path"),
+    (["compare", f"{H}/other-tool", "--out", ""], "--out is an empty path"),
+    (["sweep", *MLP, *MNIST, "--sparsity", "0.3", "0.5", "--train-samples", "64", "--out", f"{H}/oldsweep"],
+     "magnitude_sparsity-0.5 holds another run"),
     (["export", f"{H}/adir", "--onnx"], "no prunekit model"),
     (["export", f"{H}/own", "--onnx"], "name its file again, --model"),
     # a model of the user's own: --model net.py:FUNCTION
@@ -229,15 +258,20 @@ CLI_CASES = [
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5"], "MEANS/STDS"),
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5,0.5/1,1"],
      "gives 2 channel(s) but the images have 1"),
+    (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "nan/1"], "finite"),
+    (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5/inf"], "finite"),
     ([*PRUNE, "--sparsity", "0.5", "--normalize", "none"], "is for a model file"),
     (["eval", "--model", f"{H}/net.py:wrong_input", *MNIST, "--normalize", "none"],
      "fails on one of the mnist test images, shape (1, 28, 28)"),
     (["eval", "--model", f"{H}/net.py:pair", *MNIST, "--normalize", "none"], "returns a tuple for one image"),
     (["info", f"{H}/net.py:build"], "--input-shape"),
     (["info", f"{H}/net.py:build", "--input-shape", "1,28"], "not C,H,W"),
+    (["info", "resnet20", "--input-shape", "3,64,64"], "is not the input of resnet20, 3,32,32"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "net.py:build' model"),
     (["eval", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "name its file again, --model path/to/net.py:build"),
     (["eval", *MNIST], "say which model"),
+    (["eval", "--checkpoint", f"{H}/adir", *MNIST], "is a folder, not a file"),
+    (["eval", "--checkpoint", "/no/such/file.pth", *MNIST], "not found"),
     (["eval", "--checkpoint", f"{H}/resnet20.pth", *MNIST], "resnet20.pth does not record it"),
     (["eval", "--model", f"{H}/net.py:needs_args", "--checkpoint", f"{H}/own/model.safetensors", *MNIST],
      "load it as --model"),
@@ -297,6 +331,8 @@ PY_CASES = [
     ({"out": f"{H}/notes.txt"}, "is a file"),
     # arguments
     ({"model": "mlpnet"}, "torch.nn.Module"),
+    ({"model": nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).requires_grad_(False).apply(
+        lambda m: m.weight.fill_(float("inf")) if isinstance(m, nn.Linear) else None)}, "1.weight holds nan or inf"),
     ({"method": "nope"}, "unknown method"),
     ({"method": 3}, "method"),
     ({"seed": -1}, "seed"),
@@ -304,6 +340,8 @@ PY_CASES = [
     ({"batch_size": 0}, "batch_size"),
     ({"recalibrate_bn": "no"}, "recalibrate_bn"),
     ({"progress": 1}, "progress"),
+    ({"gradual": "no"}, "gradual must be True or False"),
+    ({"force": "no", "out": f"{H}/run"}, "force must be True or False"),
     ({"include": "1"}, "letter by letter"),
     ({"exclude": 3}, "exclude"),
     ({"out": f"{H}/adir"}, "holding other files"),
@@ -321,6 +359,7 @@ PY_CASES = [
     ({"method": "chita", "fisher_batch": 0}, "fisher_batch"),
     ({"method": "chita", "stages": "2"}, "stages"),
     ({"method": "chita", "ridge": -1.0}, "ridge"),
+    ({"method": "autobot", "sparsity": None, "flops": 0.5, "gate_lr": float("inf")}, "gate_lr must be a finite number"),
     ({"method": "chita", "relative_ridge": 0}, "relative_ridge"),
     ({"method": "chita", "schedule": "cubic"}, "schedule"),
     ({"method": "chita", "revive": "yes"}, "revive"),
@@ -337,6 +376,10 @@ PY_CASES = [
       "finetune_epochs": 1},
      "finetune_distill softens"),
     ({"data": (X, torch.randn(48, 3))}, "need loss="),
+    ({"loss": lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")}, "a tensor of shape (2,)"),
+    ({"loss": lambda o, y: 1.0}, "a tensor of one number; got float"),
+    ({"loss": lambda o: o.sum()}, "loss(outputs, targets) failed on data's first batch: TypeError"),
+    ({"importance": lambda w: w.abs()}, "importance('1', weight) failed: TypeError"),
     # data
     ({"data": "train"}, "load it first"),
     ({"data": X}, "(X, Y)"),
@@ -347,7 +390,16 @@ PY_CASES = [
     ({"eval_data": (X, Y + 1)}, "eval_data labels"),
     ({"data": one_pass()}, "one-pass"),
     ({"data": []}, "empty"),
+    ({"data": (X[:0], Y[:0])}, "data is empty"),
+    ({"data": torch.utils.data.TensorDataset(X[:0], Y[:0])}, "data is empty"),
+    ({"eval_data": (X[:0], Y[:0])}, "eval_data is empty"),
+    ({"data": (X.clone().index_fill_(0, torch.tensor([3]), float("nan")), Y), "method": "chita", "fisher_samples": 16},
+     "data's X holds nan or inf"),
+    ({"eval_data": (X.clone().index_fill_(0, torch.tensor([3]), float("inf")), Y)}, "eval_data's X holds nan or inf"),
+    ({"eval_data": (X[:, :, :2], Y)}, "the model failed on eval_data's first input, shape (1, 1, 2, 4)"),
     ({"data": [(X, Y, Y)]}, "(x, y) batches"),
+    ({"data": [(X[:8], Y[:4])]}, "one target per input"),
+    ({"out": ""}, "empty path"),
     ({"data": None}, "example_input"),
     ({"example_input": torch.zeros(1, 3)}, "example input"),
     ({"example_input": "x"}, "example_input"),
@@ -385,3 +437,12 @@ def test_all_labels_of_a_prunekit_loader_are_checked(untouched):
     five_classes = nn.Sequential(nn.Flatten(), nn.Linear(784, 5))
     with pytest.raises(PrunekitError, match=r"labels go from 0 to 9.*5 outputs"):
         prunekit.prune(five_classes, loader, method="magnitude", sparsity=0.5)
+
+
+@pytest.mark.parametrize("call", [lambda: prunekit.load_pruned("mlpnet", CKPT),
+                                  lambda: prunekit.load_pruned(CKPT, zoo.build("mlpnet")),
+                                  lambda: prunekit.save_model("mlpnet", "x.safetensors", {"model": "mlpnet"})],
+                         ids=["load_pruned name", "load_pruned swapped", "save_model name"])
+def test_load_pruned_and_save_model_refuse_a_model_that_is_not_a_module(call, untouched):
+    with pytest.raises(PrunekitError, match="must be a (fresh )?torch.nn.Module"):
+        call()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import recipes
-from .api_checks import check_arguments, check_data, check_labels, first_batch
+from .api_checks import check_arguments, check_data, check_labels, check_loss, check_runs_on, first_batch
 from .data.loaders import BatchLoader
 from .errors import PrunekitError
 from .executor import execute
@@ -74,7 +74,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     """
     check_arguments(model, {"method": method.name if isinstance(method, Method) else method, "seed": seed,
                             "batch_size": batch_size, "recalibrate_bn": recalibrate_bn, "progress": progress,
-                            "stage_eval": stage_eval,
+                            "stage_eval": stage_eval, "gradual": gradual, "force": force,
                             "include": include, "exclude": exclude, "out": out, "loss": loss})
     check_data(data, "data", class_labels=loss is None)
     check_data(eval_data, "eval_data", class_labels=loss is None)
@@ -95,6 +95,10 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     request = PruneRequest(model, example_input, method, budget, include, exclude, seed, gradual, recalibrate_bn,
                            options, loss=loss)
     plan = request.plan()
+    if eval_batches is not None and train_batches is not None:     # the plan ran the model on data's first input
+        check_runs_on(model, eval_batches, "eval_data", _model_device(model))
+    if loss is not None and train_batches is not None:
+        check_loss(model, loss, train_batches, _model_device(model))
     folder = None
     if out is not None:
         folder = RunFolder(out)

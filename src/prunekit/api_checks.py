@@ -44,6 +44,8 @@ ARGUMENT_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "recalibrate_bn": (lambda v: isinstance(v, bool), "True or False"),
     "progress": (lambda v: isinstance(v, bool), "True or False"),
     "stage_eval": (lambda v: isinstance(v, bool), "True or False"),
+    "gradual": (lambda v: isinstance(v, bool), "True or False"),
+    "force": (lambda v: isinstance(v, bool), "True or False"),
     "include": (lambda v: v is None or _patterns(v), "a list of module-name patterns, e.g. ['fc1', 'conv*']"),
     "exclude": (lambda v: v is None or _patterns(v), "a list of module-name patterns, e.g. ['fc3']"),
     "out": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a folder path"),
@@ -82,6 +84,9 @@ def check_out(out, flag: str | None = None) -> None:
     (``--out``); the message names ``out=`` otherwise."""
     if out is None:
         return
+    if not str(out).strip():
+        raise PrunekitError(f"{flag or 'out='} is an empty path: name a new folder for the run"
+                            + ("" if flag else ", or leave out at None for no run folder"))
     path = Path(out)
     named = f"{flag} {out}" if flag else f"out={str(out)!r}"
     if path.exists() and not path.is_dir():
@@ -112,6 +117,12 @@ def check_data(data, what: str, class_labels: bool = True) -> None:
                 " (targets that are not class indices need loss=, a function of (outputs, targets))"
             raise PrunekitError(f"{what}=(X, Y) needs X of shape (N, ...) and Y of shape {wanted} with the same N; "
                                 f"got X {tuple(x.shape)}, Y {tuple(y.shape)}{hint}")
+        if x.shape[0] == 0:
+            raise PrunekitError(f"{what} is empty: its (X, Y) hold no samples")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise PrunekitError(f"{what}'s X holds nan or inf values: pass finite inputs")
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") and len(data) == 0:
+        raise PrunekitError(f"{what} is empty: the dataset holds no samples")
 
 
 def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: Callable[[], Iterable] | None,
@@ -138,6 +149,46 @@ def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: C
                             "pass the labels as indices of the model's outputs")
 
 
+def check_runs_on(model: nn.Module, batches: Callable[[], Iterable], what: str, device: torch.device) -> None:
+    """The model must run on the first input of ``batches`` (eval_data of another shape than data
+    would fail only after pruning)."""
+    x = first_batch(batches, what)[0][:1].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's model on this input
+        raise PrunekitError(f"the model failed on {what}'s first input, shape {tuple(x.shape)}: "
+                            f"{str(err).splitlines()[0]}; pass {what} of the inputs the model takes") from None
+    finally:
+        model.train(was_training)
+
+
+def check_loss(model: nn.Module, loss, batches: Callable[[], Iterable], device: torch.device) -> None:
+    """The user's ``loss(outputs, targets)`` must run on the first batch of ``data`` and return the
+    mean loss: a tensor of one number (a per-sample loss fails only deep in the gradients)."""
+    x, y = first_batch(batches, "data")
+    x, y = x[:2].to(device), y[:2].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(x)
+    except Exception:  # noqa: BLE001 - the cost model's trace reports a model that cannot run
+        return
+    finally:
+        model.train(was_training)
+    try:
+        value = loss(outputs, y)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's loss
+        raise PrunekitError(f"loss(outputs, targets) failed on data's first batch: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise PrunekitError(f"loss(outputs, targets) must return the mean loss, a tensor of one number; got {got}")
+
+
 def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The first (x, y) batch of ``batches()``, refusing anything else in one line.
 
@@ -160,6 +211,9 @@ def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tenso
     if not (isinstance(first, (tuple, list)) and len(first) == 2
             and all(isinstance(t, torch.Tensor) for t in first)):
         raise PrunekitError(f"{what} must give (x, y) batches of tensors; its first batch is {_shown(first)}")
+    if first[0].ndim == 0 or first[1].ndim == 0 or first[0].shape[0] != first[1].shape[0]:
+        raise PrunekitError(f"{what}'s first batch has inputs of shape {tuple(first[0].shape)} and targets of shape "
+                            f"{tuple(first[1].shape)}: each batch needs one target per input (the same first size)")
     return first[0], first[1]
 
 

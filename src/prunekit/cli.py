@@ -62,6 +62,9 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     peek.add_argument("--resume")
     known, _ = peek.parse_known_args(argv[1:])
     sub = parser._subparsers._group_actions[0].choices[argv[0]]
+    if known.resume and argv[0] == "sweep":
+        raise PrunekitError("sweep takes no --resume: run the same sweep command again to finish it "
+                            "(finished runs are kept)")
     if known.resume:
         others = [a for a in argv[1:] if a.startswith("-") and a.split("=")[0] not in ("--resume", "--json")]
         if others:

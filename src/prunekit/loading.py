@@ -124,6 +124,9 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     then every weight is loaded (shapes must fit). Returns ``model``, in eval mode; no code
     from the files is run.
     """
+    if not isinstance(model, nn.Module):
+        raise PrunekitError(f"load_pruned(model, path): model must be a fresh torch.nn.Module of the architecture "
+                            f"it was pruned from, got {type(model).__name__}")
     path = Path(path)
     path = path / "model.safetensors" if path.is_dir() else path
     if not path.is_file():

@@ -19,6 +19,7 @@ parameter as its command-line flag (``--fisher-samples``), so Python and the CLI
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
@@ -93,6 +94,8 @@ class Real:
     def check(self, value) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"a finite number, got {value!r}"
         if self.open_low and self.low is not None and not value > self.low:
             return f"above {self.low:g}, got {value!r}"
         return _range(value, self.low, self.high)

@@ -208,6 +208,11 @@ def find_runs(paths) -> list[Path]:
             raise PrunekitError(f"{path} is not a run folder (no {METRICS}) and holds none: "
                                 "pass folders written by `prunekit prune --out` or `prunekit sweep`")
         found += inside
+    resolved = [path.resolve() for path in found]
+    twice = next((path for path, real in zip(found, resolved) if resolved.count(real) > 1), None)
+    if twice is not None:
+        raise PrunekitError(f"run folder {twice} is named twice (itself, or inside a sweep folder also named): "
+                            "name each run once")
     return found
 
 
@@ -216,6 +221,9 @@ def collect(folders) -> list[dict]:
     rows = []
     for folder in map(RunFolder, folders):
         m = folder.read_metrics()
+        if not isinstance(m.get("method"), str):          # e.g. another tool's metrics.json
+            raise PrunekitError(f"{folder.metrics_path} is not the metrics of a prunekit run (no method): pass "
+                                "only folders written by `prunekit prune --out` or `prunekit sweep`")
         final = m.get("final") or {}
         rows.append({"run": str(folder.path), "name": folder.path.name, "model": m.get("model"),
                      "method": m.get("method"), "request": m.get("request", {}), "status": m.get("status"),
@@ -250,6 +258,8 @@ def check_report_folder(out: str | Path) -> None:
     """Refuse (``PrunekitError``) an ``--out`` for ``write_comparison_report`` where it would
     overwrite what it did not write: a file, a run folder of ``prunekit prune``, or a folder with
     a report.md, runs.json or plot of its own. An earlier sweep's or comparison's folder is fine."""
+    if not str(out).strip():
+        raise PrunekitError("--out is an empty path: name a folder for the report")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"--out {out} is a file: pass a folder for the report")

@@ -16,6 +16,7 @@ from torch import nn
 
 from .budget import Budget, ResolvedBudget
 from .costs import CostModel
+from .errors import PrunekitError
 from .losses import LossFn
 from .methods import Method, lookup
 from .options import OptionError, Options
@@ -65,12 +66,23 @@ class PruneRequest:
                 if getattr(options, name, 0):          # the method's default (autobot's 0.9): off
                     options = replace(options, **{name: 0.0})
         budget = Budget.parse(**asked)
+        if not 0 <= self.seed < 2**63:                # torch.manual_seed's range
+            raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}", ("seed",))
+        broken = next((name for name, t in self.model.named_parameters()     # buffers may hold -inf masks
+                       if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())), None)
+        if broken is not None:
+            raise PrunekitError(f"the model's {broken} holds nan or inf values: load finite weights (did its training "
+                                "diverge?)")
         costs = CostModel(self.model, self.example_input)
         channels = None
         if method.family == "channels":
             space = ParamSpace(self.model, costs=costs)
             resolved = budget.resolve(costs, space)
             shares = [_share(budget, resolved, costs), *(getattr(options, "snapshots", None) or [])]
+            if any(not share > shares[0] for share in shares[1:]) or len(set(shares)) != len(shares):
+                raise OptionError(f"snapshots must be distinct shares above flops {shares[0]:g} (taken on the way "
+                                  f"down to it), got {shares[1:]}: pass the lowest share as flops",
+                                  ("snapshots", "flops"))
             targets = options.channel_targets(shares)
             channels = channel_context(self.model, costs, self.example_input, shares, options.channel_multiple,
                                        batches=None, residual_channels=options.residual_channels, targets=targets,

@@ -70,9 +70,13 @@ class RunFolder:
         if not self.metrics_path.exists():
             return {}
         try:
-            return json.loads(self.metrics_path.read_text())
+            metrics = json.loads(self.metrics_path.read_text())
         except json.JSONDecodeError as err:
             raise PrunekitError(f"{self.metrics_path} is not valid JSON ({err}); restore or delete it") from None
+        if not isinstance(metrics, dict):
+            raise PrunekitError(f"{self.metrics_path} is not a prunekit metrics file (not a JSON object); "
+                                "restore or delete it")
+        return metrics
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_json(self.metrics_path, _finite(metrics))
@@ -97,24 +101,33 @@ RUN_FILES = ("config.toml", "run.log", METRICS, "checkpoints", "model.safetensor
              "report.md", "plots", "export", "model.onnx")
 
 
+def _present(path: Path) -> list[str]:
+    return [name for name in RUN_FILES if (path / name).exists()] + [p.name for p in path.glob("snapshot-*")]
+
+
+def check_claim(folder: RunFolder, config_text: str) -> None:
+    """Refuse ``folder`` when it holds another run or files a run would overwrite (writes nothing)."""
+    present = _present(folder.path)
+    if present:
+        old = folder.config.read_text() if folder.config.exists() else None
+        if old != config_text:
+            what = "another run" if old is not None else f"files a run would overwrite ({', '.join(present[:3])})"
+            raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (resume) or clear "
+                              "it first (force)", ("out", "resume", "force"))
+
+
 def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: bool = False) -> None:
     """Make ``folder`` this run's: refuse it when it holds another run or files a run would
     overwrite (unless ``force``, which first removes the other run's files); the same request
     again (or ``resume``) carries on where it stopped."""
     path = folder.path
-    present = [name for name in RUN_FILES if (path / name).exists()] + [p.name for p in path.glob("snapshot-*")]
     if force:
         import shutil
-        for name in present:
+        for name in _present(path):
             target = path / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
-        present = []
-    if present and not resume:
-        old = folder.config.read_text() if folder.config.exists() else None
-        if old != config_text:
-            what = "another run" if old is not None else f"files a run would overwrite ({', '.join(present[:3])})"
-            raise OptionError(f"{path} holds {what}: pick another out, carry that run on (resume) or clear "
-                              "it first (force)", ("out", "resume", "force"))
+    if not resume:
+        check_claim(folder, config_text)
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())
 

@@ -33,6 +33,9 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 def save_model(model: nn.Module, path: str | Path, meta: dict) -> Path:
     """Save ``model``'s state dict to ``path`` (.safetensors) and ``meta`` to the sidecar."""
+    if not isinstance(model, nn.Module):
+        raise PrunekitError(f"save_model(model, path, meta): model must be a torch.nn.Module, "
+                            f"got {type(model).__name__}")
     path = Path(path)
     if path.suffix != ".safetensors":
         raise PrunekitError(f"model files end in .safetensors, got {path.name!r}: "

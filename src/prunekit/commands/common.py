@@ -15,6 +15,7 @@ from ..data import DATASET_NAMES, make_loader
 from .. import report
 from ..errors import PrunekitError
 from ..saving import read_meta
+from ..zoo.checkpoints import check_checkpoint_path
 from ..loading import LoadedModel, check_fits, check_normalized, load_data, load_model
 
 
@@ -77,6 +78,8 @@ def resolve_model(args, saved_file=None) -> None:
     if args.model is not None:
         return
     saved_file = saved_file or args.checkpoint
+    if saved_file:
+        check_checkpoint_path(saved_file)
     saved = read_meta(saved_file).get("model") if saved_file else None
     if saved in zoo.MODEL_NAMES:
         args.model = saved

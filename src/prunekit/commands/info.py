@@ -20,6 +20,10 @@ def cmd_info(args) -> int:
     args.model = args.model or args.model_flag      # `info MODEL`, or `--model MODEL` as other commands take it
     resolve_model(args)
     loaded = load_model(args.model, args.checkpoint, input_shape=args.input_shape)
+    if args.input_shape is not None and tuple(args.input_shape) != tuple(loaded.input_shape):
+        raise PrunekitError(f"--input-shape {','.join(map(str, args.input_shape))} is not the input of {args.model}, "
+                            f"{','.join(map(str, loaded.input_shape))} (its zoo entry or checkpoint records it): "
+                            "leave --input-shape out")
     costs = CostModel(loaded.model, loaded.example_input())
     counts = costs.count(loaded.model)
     rows = []

@@ -90,6 +90,17 @@ def check_onnx(loaded: LoadedModel) -> None:
         loaded.model.train(was_training)
 
 
+def run_config(args) -> str:
+    """The config.toml of the run ``args`` ask for."""
+    config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
+        if config.get(key) is not None:
+            config[key] = str(Path(config[key]).resolve())
+    if user_models.is_model_file(config["model"]):
+        config["model"] = user_models.resolved(config["model"])
+    return recipes.dump_recipe(config)
+
+
 def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None = None) -> dict:
     """Prune as ``plan`` says, into run folder ``args.out`` when given (resuming it with
     ``--resume``, clearing it first with ``--force``), then write its report."""
@@ -102,13 +113,7 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     elif args.out:
         distributed.current().barrier()
         folder = runs.RunFolder(args.out)
-        config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
-        for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
-            if config.get(key) is not None:
-                config[key] = str(Path(config[key]).resolve())
-        if user_models.is_model_file(config["model"]):
-            config["model"] = user_models.resolved(config["model"])
-        runs.claim(folder, recipes.dump_recipe(config), resume=bool(getattr(args, "resume", None)),
+        runs.claim(folder, run_config(args), resume=bool(getattr(args, "resume", None)),
                    force=bool(getattr(args, "force", False)))
         distributed.current().barrier()
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),

@@ -13,7 +13,7 @@ from ..errors import PrunekitError
 from ..methods import lookup
 from ..options import OptionError
 from .common import emit, eval_data, loaded_model, training_batches, write_report
-from .prune import add_prune_args, method_options, prune_into, request_of
+from .prune import add_prune_args, method_options, prune_into, request_of, run_config
 
 
 def sweep_plan(args) -> list[tuple[str, dict]]:
@@ -27,11 +27,22 @@ def sweep_plan(args) -> list[tuple[str, dict]]:
         raise PrunekitError("budget lists of a sweep must have the same length (or one value each): "
                             + ", ".join(f"--{k} has {len(v)}" for k, v in lists.items()))
     budgets = [{k: v[i] if len(v) > 1 else v[0] for k, v in lists.items()} for i in range(n)]
-    return [(method, budget) for method in args.method for budget in budgets]
+    plan = [(method, budget) for method in args.method for budget in budgets]
+    names = [run_name(method, budget) for method, budget in plan]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise PrunekitError(f"this sweep would run {twice} twice: give each method and budget once")
+    return plan
 
 
 def run_name(method: str, budget: dict) -> str:
     return method.replace("+", "p") + "".join(f"_{k}-{v}" for k, v in budget.items()).replace("%", "pct")
+
+
+def run_args_of(args, method: str, budget: dict) -> argparse.Namespace:
+    """The arguments of one run of a sweep: its method, budget and run folder."""
+    return argparse.Namespace(**{**vars(args), "method": method, "sparsity": None, "flops": None, "params": None,
+                                 **budget, "out": str(Path(args.out) / run_name(method, budget))})
 
 
 def cmd_sweep(args) -> int:
@@ -46,11 +57,12 @@ def cmd_sweep(args) -> int:
     report.check_report_folder(args.out)  # and a folder whose own files the report would overwrite
     eval_loader = eval_data(args, dense_model)
     train_batches = training_batches(args, dense_model)
+    for method, budget in plan:           # a run folder of another sweep is refused before the first run
+        run_args = run_args_of(args, method, budget)
+        runs.check_claim(runs.RunFolder(run_args.out), run_config(run_args))
     folders, dense = [], None
     for i, (method, budget) in enumerate(plan, start=1):
-        run_args = argparse.Namespace(**{**vars(args), "method": method, "sparsity": None, "flops": None,
-                                         "params": None, **budget,
-                                         "out": str(Path(args.out) / run_name(method, budget))})
+        run_args = run_args_of(args, method, budget)
         if not args.json:
             print(f"[{i}/{len(plan)}] {method} {budget} -> {run_args.out}", file=sys.stderr)
         loaded = copy.deepcopy(dense_model)
@@ -66,7 +78,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    if args.out:
+    if args.out is not None:
         report.check_report_folder(args.out)
     table = report.collect(report.find_runs(args.runs))
     if args.out:

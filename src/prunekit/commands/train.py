@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -47,6 +48,9 @@ def cmd_train(args) -> int:
     check_fits(loaded, train_ds, f"{args.data} train")
     loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
                          augment=args.augment, seed=args.seed, drop_last=True)
+    if len(loader) == 0:                # whole batches only: no step would be taken
+        raise PrunekitError(f"--batch-size {args.batch_size} is more than the {len(train_ds):,} {args.data} training "
+                            "images: lower --batch-size")
     test_loader = make_loader(test_ds, loaded.normalization, batch_size=512)
     folder = training_folder(args)
     finished = finished_record(folder)
@@ -162,12 +166,14 @@ def check_train_args(args) -> None:
     if args.epochs < 1:
         raise PrunekitError(f"--epochs must be at least 1, got {args.epochs}: 0 epochs would save an "
                             "untrained model")
-    if not args.lr > 0:
+    if not 0 < args.lr < math.inf:
         raise PrunekitError(f"--lr must be a positive learning rate (e.g. 0.1), got {args.lr}")
-    if not args.weight_decay >= 0:
+    if not 0 <= args.weight_decay < math.inf:
         raise PrunekitError(f"--weight-decay must be 0 or more (e.g. 5e-4), got {args.weight_decay}")
     if args.batch_size < 1:
         raise PrunekitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 0 <= args.seed < 2**63:                     # torch.manual_seed's range
+        raise PrunekitError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
 
 
 def add_parser(sub) -> None:

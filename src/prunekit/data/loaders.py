@@ -7,6 +7,7 @@ generator seeded by ``(seed, epoch)``, so runs are reproducible.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ class Normalization:
             )
         if any(s <= 0 for s in self.std):
             raise PrunekitError(f"normalization std must be positive, got {self.std}")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise PrunekitError(f"normalization means and stds must be finite numbers, got {self.mean}/{self.std}")
 
 
 def to_float(images_uint8: torch.Tensor, norm: Normalization) -> torch.Tensor:

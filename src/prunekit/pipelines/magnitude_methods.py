@@ -46,8 +46,13 @@ def scores(ctx: PruneContext, opts: MagnitudeOptions) -> torch.Tensor:
         return w.abs()
     parts = []
     for entry, weight in zip(ctx.space.entries, ctx.space.weights()):
-        with torch.no_grad():
-            s = opts.importance(entry.module_name, weight.detach())
+        try:
+            with torch.no_grad():
+                s = opts.importance(entry.module_name, weight.detach())
+        except Exception as err:  # noqa: BLE001 - any failure of the user's function
+            raise PrunekitError(f"importance({entry.module_name!r}, weight) failed: {type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else ''}; importance takes (module_name, "
+                                "weight) and returns scores of the weight's shape") from None
         if not isinstance(s, torch.Tensor) or s.shape != weight.shape:
             raise PrunekitError(f"importance({entry.module_name!r}, weight) must return a tensor of shape "
                                 f"{tuple(weight.shape)}, got {getattr(s, 'shape', type(s).__name__)}")

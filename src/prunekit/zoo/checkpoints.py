@@ -38,11 +38,8 @@ _MASK_KEY = re.compile(r"^(?P<owner>.*)\._(?P<param>[A-Za-z0-9]+)_mask$")  # "fc
 _TOLERATED_MISSING = "num_batches_tracked"  # absent from checkpoints saved by PyTorch < 0.4.1
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights stored in checkpoint ``path``, on the CPU, under normalized names.
-
-    Raises :class:`PrunekitError` if the file is missing, unreadable or holds no state dict.
-    """
+def check_checkpoint_path(path: str | Path) -> None:
+    """Refuse a checkpoint path that is a folder or no file at all."""
     path = Path(path)
     if path.is_dir():
         inside = path / "model.safetensors"
@@ -50,6 +47,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise PrunekitError(f"checkpoint {path} is a folder, not a file: pass the checkpoint file{hint}")
     if not path.is_file():
         raise PrunekitError(f"checkpoint {path} not found: check the path")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights stored in checkpoint ``path``, on the CPU, under normalized names.
+
+    Raises :class:`PrunekitError` if the file is missing, unreadable or holds no state dict.
+    """
+    path = Path(path)
+    check_checkpoint_path(path)
     raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
     return _normalize(_find_state_dict(raw, path), path)
 
