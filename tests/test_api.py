@@ -156,11 +156,15 @@ class _SlowEvaluation:
 
 def test_pruning_seconds_leave_out_the_stage_evaluations():
     net, x, y = _tiny()
+    start = time.perf_counter()
     result = prunekit.prune(net, (x, y), method="chita++", sparsity=0.8, stages=3, fisher_samples=32,
                             eval_data=_SlowEvaluation(x, y, pause=0.5))
+    wall = time.perf_counter() - start
     evaluations = [stage["eval_seconds"] for stage in result.history]
     assert len(evaluations) == 3 and min(evaluations) >= 0.5
-    assert result.seconds < sum(evaluations)      # pruning this model takes far less than 1.5 s
+    # the stage evaluations lie outside result.seconds, whatever the machine's speed (a bound on
+    # result.seconds itself failed under load)
+    assert wall - result.seconds >= 0.99 * sum(evaluations)
 
 
 def test_the_last_stage_record_measures_the_final_model():
