@@ -191,3 +191,24 @@ def test_an_option_of_another_method_is_refused_alike_in_python_and_on_the_comma
     cli_line = capsys.readouterr().err.strip()
     assert cli_line == f"prunekit: error: {cli_message(refused.value, cli_flags(build_parser()))}"
     assert f"method {method} takes no option {flag}" in cli_line
+
+
+def test_a_run_started_with_force_resumes_instead_of_being_cleared_again(tmp_path, monkeypatch, capsys):
+    """--force clears another run once, when the run starts: the run's --resume (and the same
+    command again) carry on from its checkpoints rather than clearing them and starting over."""
+    out, flags = tmp_path / "run", ["--method", "chita++", *BUDGET["chita++"]]
+    assert main([*BASE, "--method", "magnitude", "--sparsity", "0.5", "--out", str(out)]) == 0
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    assert main([*BASE, *flags, "--out", str(out), "--force"]) == 130
+    capsys.readouterr()
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    assert main(["prune", "--resume", str(out), "--json"]) == 0
+    log = (out / "run.log").read_text()
+    assert "resuming after stage 1" in log and log.count("start:") == 1
+    assert main([*BASE, *flags, "--out", str(out), "--json"]) == 0        # the same command, unforced: done
+    assert "already complete" in (out / "run.log").read_text()

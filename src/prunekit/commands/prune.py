@@ -102,14 +102,16 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     elif args.out:
         distributed.current().barrier()
         folder = runs.RunFolder(args.out)
-        config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+        # force is about this invocation: kept in the config, a --resume would clear the run again
+        config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY and k != "force"}
         for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
             if config.get(key) is not None:
                 config[key] = str(Path(config[key]).resolve())
         if user_models.is_model_file(config["model"]):
             config["model"] = user_models.resolved(config["model"])
-        runs.claim(folder, recipes.dump_recipe(config), resume=bool(getattr(args, "resume", None)),
-                   force=bool(getattr(args, "force", False)))
+        resume = bool(getattr(args, "resume", None))       # a folder of an older version may say force = true
+        runs.claim(folder, recipes.dump_recipe(config), resume=resume,
+                   force=bool(getattr(args, "force", False)) and not resume)
         distributed.current().barrier()
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
                             dense=dense, progress=not args.json, on_step=step_printer(args),
