@@ -212,3 +212,27 @@ def test_a_run_started_with_force_resumes_instead_of_being_cleared_again(tmp_pat
     assert "resuming after stage 1" in log and log.count("start:") == 1
     assert main([*BASE, *flags, "--out", str(out), "--json"]) == 0        # the same command, unforced: done
     assert "already complete" in (out / "run.log").read_text()
+
+
+def test_a_run_whose_every_checkpoint_is_unreadable_is_refused_not_started_over(tmp_path, monkeypatch, capsys):
+    """A damaged newest checkpoint falls back to the one before (tests/test_stages.py); when none
+    can be read, the resume stops in one line and leaves the folder alone rather than starting the
+    run over on top of it."""
+    out, flags = tmp_path / "run", ["--method", "chita++", *BUDGET["chita++"]]
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    assert main([*BASE, *flags, "--out", str(out)]) == 130
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    checkpoint = out / "checkpoints" / "stage-001.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])             # truncated
+    damaged = checkpoint.read_bytes()
+    capsys.readouterr()
+    for again in (["prune", "--resume", str(out)], [*BASE, *flags, "--out", str(out)]):
+        assert main(again) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "stage-001.safetensors" in err and "checkpoints" in err
+        assert checkpoint.read_bytes() == damaged and not (out / "model.safetensors").exists()

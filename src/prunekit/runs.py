@@ -160,6 +160,10 @@ class RunCheckpointer:
             self.on_saved(state.history)
 
     def last(self) -> StageState | None:
+        """The newest readable checkpoint (a damaged one falls back to the one before); None when
+        there is none. Refuses (``PrunekitError``) checkpoints none of which can be read, rather
+        than starting the run over on top of them."""
+        unreadable = []
         for path in sorted(self.folder.checkpoints.glob("stage-*.safetensors"), reverse=True):
             try:
                 with safe_open(str(path), "pt") as handle:
@@ -175,10 +179,14 @@ class RunCheckpointer:
                                    json.loads(meta.get("extra", "{}")), kept)
             except (SafetensorError, KeyError, ValueError, OSError) as err:
                 self.folder.log(f"skipping unreadable checkpoint {path.name}: {err}")
+                unreadable.append(f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
                 continue
             self.folder.log(f"resuming after stage {state.stage} from {path.name}")
             self.restored_seconds = sum(h.get("seconds") or 0.0 for h in state.history)
             return state
+        if unreadable:
+            raise PrunekitError(f"no checkpoint in {self.folder.checkpoints} can be read ({unreadable[0]}): restore "
+                                "it, or delete that checkpoints folder to start the run over")
         return None
 
 
