@@ -236,3 +236,31 @@ def test_a_run_whose_every_checkpoint_is_unreadable_is_refused_not_started_over(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "stage-001.safetensors" in err and "checkpoints" in err
         assert checkpoint.read_bytes() == damaged and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("edit", [('sparsity = "0.8"', 'sparsity = "0.5"'), ("seed = 0", "seed = 3"),
+                                  ("fisher-samples = 16", "fisher-samples = 32")])
+def test_a_resume_after_its_config_was_edited_is_refused_in_one_line(edit, tmp_path, monkeypatch, capsys):
+    """The stages done ran with the options they were saved with: a --resume under other options
+    would finish a run that is neither (a 0.8 run edited to 0.5 ended at 0.59, recorded as 0.5)."""
+    out, flags = tmp_path / "run", ["--method", "chita++", *BUDGET["chita++"]]
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    assert main([*BASE, *flags, "--out", str(out)]) == 130
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    config = out / "config.toml"
+    original = config.read_text()
+    assert edit[0] in original
+    config.write_text(original.replace(edit[0], edit[1]))
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.toml" in err and edit[0].split(" =")[0] in err
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoints" / "stage-002.safetensors").exists()
+    config.write_text(original)                                         # put back: the run carries on
+    assert main(["prune", "--resume", str(out)]) == 0
+    assert "resuming after stage 1" in (out / "run.log").read_text()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import tomllib
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -154,6 +155,8 @@ class RunCheckpointer:
         meta = {"stage": str(state.stage), "history": json.dumps(_finite(state.history)),
                 "rng": json.dumps({k: v for k, v in state.rng.items() if k not in ("torch", "cuda")}),
                 "extra": json.dumps(_finite(state.extra))}
+        if self.folder.config.exists():       # the options the stage ran with: a resume under others is refused
+            meta["config"] = self.folder.config.read_text()
         atomic_write_bytes(self.path(state.stage), save_tensors(tensors, metadata=meta))
         self.folder.log(f"stage {state.stage} saved to {self.path(state.stage).name}")
         if self.on_saved is not None:
@@ -181,6 +184,7 @@ class RunCheckpointer:
                 self.folder.log(f"skipping unreadable checkpoint {path.name}: {err}")
                 unreadable.append(f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
                 continue
+            _check_same_config(self.folder, meta.get("config"), path.name)
             self.folder.log(f"resuming after stage {state.stage} from {path.name}")
             self.restored_seconds = sum(h.get("seconds") or 0.0 for h in state.history)
             return state
@@ -188,6 +192,23 @@ class RunCheckpointer:
             raise PrunekitError(f"no checkpoint in {self.folder.checkpoints} can be read ({unreadable[0]}): restore "
                                 "it, or delete that checkpoints folder to start the run over")
         return None
+
+
+def _check_same_config(folder: RunFolder, saved: str | None, name: str) -> None:
+    """Refuse to resume from checkpoint ``name`` when the folder's config.toml is no longer the
+    ``saved`` one it was written under (the stages left would run with other options)."""
+    if saved is None or not folder.config.exists():
+        return
+    now = folder.config.read_text()
+    if now == saved:
+        return
+    try:
+        before, after = tomllib.loads(saved), tomllib.loads(now)
+        changed = [k for k in {**before, **after} if before.get(k) != after.get(k)] or ["its text"]
+    except tomllib.TOMLDecodeError:
+        changed = ["its text"]
+    raise PrunekitError(f"{folder.config} was changed ({', '.join(changed[:3])}) since {name} was saved: put "
+                        "its values back to carry the run on, or start a new run in another folder")
 
 
 class StageMeter:
