@@ -264,3 +264,18 @@ def test_a_resume_after_its_config_was_edited_is_refused_in_one_line(edit, tmp_p
     config.write_text(original)                                         # put back: the run carries on
     assert main(["prune", "--resume", str(out)]) == 0
     assert "resuming after stage 1" in (out / "run.log").read_text()
+
+
+def test_a_folder_with_a_config_toml_of_its_own_is_not_taken_for_a_run_nor_cleared_by_force(tmp_path, capsys):
+    """A project folder may hold a config.toml (and plots) that no prunekit run wrote: --out there
+    is refused as a folder of other files, --force included, and nothing in it is removed."""
+    mine = tmp_path / "project"
+    (mine / "plots").mkdir(parents=True)
+    (mine / "config.toml").write_text('name = "my project"\n')
+    (mine / "plots" / "figure.png").write_bytes(b"my figure")
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    for force in ([], ["--force"]):
+        assert main([*BASE, "--method", "magnitude", "--sparsity", "0.5", "--out", str(mine), *force]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not a run folder" in err, err
+        assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
