@@ -183,7 +183,7 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
     written = []
     for fmt in formats:
         path = out / FORMATS[fmt]
-        ours.add(path.name)       # recorded before the file: a kill in between leaves no file export takes for the user's
+        ours.add(path.name)       # listed before it is written: a kill in between leaves no file taken for the user's
         atomic_write_bytes(out / MANIFEST, json.dumps({"files": sorted(ours - {MANIFEST})}).encode())
         if fmt == "onnx":
             export_onnx(model, example_input, path)
