@@ -279,3 +279,21 @@ def test_a_folder_with_a_config_toml_of_its_own_is_not_taken_for_a_run_nor_clear
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "not a run folder" in err, err
         assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+
+
+def test_force_clears_the_run_s_own_files_in_its_subfolders_only(tmp_path, capsys):
+    """Files of the user's own kept inside a run's export/, plots/ or checkpoints/ stay through
+    --force (export refuses to write over them; force must not delete them either)."""
+    out = tmp_path / "run"
+    assert main([*BASE, "--method", "magnitude", "--sparsity", "0.8", "--out", str(out)]) == 0
+    assert main(["export", str(out), "--dense"]) == 0
+    mine = {out / "export" / "notes.txt": b"my notes", out / "plots" / "my-figure.png": b"my figure",
+            out / "checkpoints" / "README": b"mine"}
+    for path, content in mine.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+    capsys.readouterr()
+    assert main([*BASE, "--method", "magnitude", "--sparsity", "0.5", "--out", str(out), "--force"]) == 0
+    assert {path: path.read_bytes() for path in mine} == mine
+    assert not (out / "export" / "model-dense.safetensors").exists()     # the old run's export is gone
+    assert json.loads((out / "result.json").read_text())["sparsity"] == pytest.approx(0.5, abs=1e-3)

@@ -96,6 +96,7 @@ def is_run(path: str | Path) -> bool:
 # What a run writes into its folder; ``force`` removes exactly these, nothing a user put there.
 RUN_FILES = ("config.toml", "run.log", METRICS, "checkpoints", "model.safetensors", "model.json", "result.json",
              "report.md", "plots", "export", "model.onnx")
+RUN_PLOTS = ("accuracy_vs_budget.png", "accuracy_per_stage.png", "layer_density.png")   # report.md's, in plots/
 
 
 def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: bool = False) -> None:
@@ -105,10 +106,9 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
     path = folder.path
     present = [name for name in RUN_FILES if (path / name).exists()] + [p.name for p in path.glob("snapshot-*")]
     if force:
-        import shutil
         for name in present:
             target = path / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            _remove_own_files(target) if target.is_dir() else target.unlink()
         present = []
     if present and not resume:
         old = folder.config.read_text() if folder.config.exists() else None
@@ -118,6 +118,25 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
                               "it first (force)", ("out", "resume", "force"))
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())
+
+
+def _remove_own_files(folder: Path) -> None:
+    """Remove the files a run wrote in its subfolder ``folder`` (checkpoints, plots, export,
+    snapshot-*), then the folder if nothing else is left in it: a user's own file there stays."""
+    from .export import _written_before
+    if folder.name == "checkpoints":
+        own = [*folder.glob("stage-*.safetensors"), *folder.glob(".stage-*.tmp")]
+    elif folder.name == "plots":
+        own = [folder / name for name in RUN_PLOTS]
+    elif folder.name == "export":
+        own = [folder / name for name in _written_before(folder)]
+    else:
+        own = [folder / name for name in ("model.safetensors", "model.json", "result.json")]
+    own += [temp for file in own for temp in folder.glob(f".{file.name}.*.tmp")]    # a killed atomic write's
+    for file in own:
+        file.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 class RunCheckpointer:
