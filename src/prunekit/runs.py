@@ -104,7 +104,8 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
     overwrite (unless ``force``, which first removes the other run's files); the same request
     again (or ``resume``) carries on where it stopped."""
     path = folder.path
-    present = [name for name in RUN_FILES if (path / name).exists()] + [p.name for p in path.glob("snapshot-*")]
+    present = [name for name in RUN_FILES if (path / name).exists()]
+    present += [p.name for p in path.glob("snapshot-*") if p.is_dir()]      # taper's; a file of that name is not
     if force:
         for name in present:
             target = path / name
