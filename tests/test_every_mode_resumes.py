@@ -297,3 +297,20 @@ def test_force_clears_the_run_s_own_files_in_its_subfolders_only(tmp_path, capsy
     assert {path: path.read_bytes() for path in mine} == mine
     assert not (out / "export" / "model-dense.safetensors").exists()     # the old run's export is gone
     assert json.loads((out / "result.json").read_text())["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_the_same_forced_command_again_carries_its_own_run_on(tmp_path, monkeypatch, capsys):
+    """--force clears another run; the run it started is not another run: the same command
+    (--force and all) again after a kill carries it on, as prunekit.prune(force=True) again does."""
+    out, flags = tmp_path / "run", ["--method", "chita++", *BUDGET["chita++"], "--force"]
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    assert main([*BASE, *flags, "--out", str(out)]) == 130
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    assert main([*BASE, *flags, "--out", str(out)]) == 0
+    log = (out / "run.log").read_text()
+    assert "resuming after stage 1" in log and log.count("start:") == 1

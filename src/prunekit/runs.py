@@ -106,13 +106,13 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
     path = folder.path
     present = [name for name in RUN_FILES if (path / name).exists()]
     present += [p.name for p in path.glob("snapshot-*") if p.is_dir()]      # taper's; a file of that name is not
-    if force:
+    old = folder.config.read_text() if folder.config.exists() else None
+    if force and old != config_text:        # another run's files; this run's own are carried on
         for name in present:
             target = path / name
             _remove_own_files(target) if target.is_dir() else target.unlink()
         present = []
     if present and not resume:
-        old = folder.config.read_text() if folder.config.exists() else None
         if old != config_text:
             what = "another run" if old is not None else f"files a run would overwrite ({', '.join(present[:3])})"
             raise OptionError(f"{path} holds {what}: pick another out, carry that run on (resume) or clear "
