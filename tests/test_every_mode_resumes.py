@@ -191,3 +191,126 @@ def test_an_option_of_another_method_is_refused_alike_in_python_and_on_the_comma
     cli_line = capsys.readouterr().err.strip()
     assert cli_line == f"prunekit: error: {cli_message(refused.value, cli_flags(build_parser()))}"
     assert f"method {method} takes no option {flag}" in cli_line
+
+
+def test_a_run_started_with_force_resumes_instead_of_being_cleared_again(tmp_path, monkeypatch, capsys):
+    """--force clears another run once, when the run starts: the run's --resume (and the same
+    command again) carry on from its checkpoints rather than clearing them and starting over."""
+    out, flags = tmp_path / "run", ["--method", "chita++", *BUDGET["chita++"]]
+    assert main([*BASE, "--method", "magnitude", "--sparsity", "0.5", "--out", str(out)]) == 0
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    assert main([*BASE, *flags, "--out", str(out), "--force"]) == 130
+    capsys.readouterr()
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    assert main(["prune", "--resume", str(out), "--json"]) == 0
+    log = (out / "run.log").read_text()
+    assert "resuming after stage 1" in log and log.count("start:") == 1
+    assert main([*BASE, *flags, "--out", str(out), "--json"]) == 0        # the same command, unforced: done
+    assert "already complete" in (out / "run.log").read_text()
+
+
+def test_a_run_whose_every_checkpoint_is_unreadable_is_refused_not_started_over(tmp_path, monkeypatch, capsys):
+    """A damaged newest checkpoint falls back to the one before (tests/test_stages.py); when none
+    can be read, the resume stops in one line and leaves the folder alone rather than starting the
+    run over on top of it."""
+    out, flags = tmp_path / "run", ["--method", "chita++", *BUDGET["chita++"]]
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    assert main([*BASE, *flags, "--out", str(out)]) == 130
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    checkpoint = out / "checkpoints" / "stage-001.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])             # truncated
+    damaged = checkpoint.read_bytes()
+    capsys.readouterr()
+    for again in (["prune", "--resume", str(out)], [*BASE, *flags, "--out", str(out)]):
+        assert main(again) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "stage-001.safetensors" in err and "checkpoints" in err
+        assert checkpoint.read_bytes() == damaged and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("edit", [('sparsity = "0.8"', 'sparsity = "0.5"'), ("seed = 0", "seed = 3"),
+                                  ("fisher-samples = 16", "fisher-samples = 32")])
+def test_a_resume_after_its_config_was_edited_is_refused_in_one_line(edit, tmp_path, monkeypatch, capsys):
+    """The stages done ran with the options they were saved with: a --resume under other options
+    would finish a run that is neither (a 0.8 run edited to 0.5 ended at 0.59, recorded as 0.5)."""
+    out, flags = tmp_path / "run", ["--method", "chita++", *BUDGET["chita++"]]
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    assert main([*BASE, *flags, "--out", str(out)]) == 130
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    config = out / "config.toml"
+    original = config.read_text()
+    assert edit[0] in original
+    config.write_text(original.replace(edit[0], edit[1]))
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.toml" in err and edit[0].split(" =")[0] in err
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoints" / "stage-002.safetensors").exists()
+    config.write_text(original)                                         # put back: the run carries on
+    assert main(["prune", "--resume", str(out)]) == 0
+    assert "resuming after stage 1" in (out / "run.log").read_text()
+
+
+def test_a_folder_with_a_config_toml_of_its_own_is_not_taken_for_a_run_nor_cleared_by_force(tmp_path, capsys):
+    """A project folder may hold a config.toml (and plots) that no prunekit run wrote: --out there
+    is refused as a folder of other files, --force included, and nothing in it is removed."""
+    mine = tmp_path / "project"
+    (mine / "plots").mkdir(parents=True)
+    (mine / "config.toml").write_text('name = "my project"\n')
+    (mine / "plots" / "figure.png").write_bytes(b"my figure")
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    for force in ([], ["--force"]):
+        assert main([*BASE, "--method", "magnitude", "--sparsity", "0.5", "--out", str(mine), *force]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not a run folder" in err, err
+        assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+
+
+def test_force_clears_the_run_s_own_files_in_its_subfolders_only(tmp_path, capsys):
+    """Files of the user's own kept inside a run's export/, plots/ or checkpoints/ stay through
+    --force (export refuses to write over them; force must not delete them either)."""
+    out = tmp_path / "run"
+    assert main([*BASE, "--method", "magnitude", "--sparsity", "0.8", "--out", str(out)]) == 0
+    assert main(["export", str(out), "--dense"]) == 0
+    mine = {out / "export" / "notes.txt": b"my notes", out / "plots" / "my-figure.png": b"my figure",
+            out / "checkpoints" / "README": b"mine", out / "snapshot-notes.txt": b"my notes on taper"}
+    for path, content in mine.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+    capsys.readouterr()
+    assert main([*BASE, "--method", "magnitude", "--sparsity", "0.5", "--out", str(out), "--force"]) == 0
+    assert {path: path.read_bytes() for path in mine} == mine
+    assert not (out / "export" / "model-dense.safetensors").exists()     # the old run's export is gone
+    assert json.loads((out / "result.json").read_text())["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_the_same_forced_command_again_carries_its_own_run_on(tmp_path, monkeypatch, capsys):
+    """--force clears another run; the run it started is not another run: the same command
+    (--force and all) again after a kill carries it on, as prunekit.prune(force=True) again does."""
+    out, flags = tmp_path / "run", ["--method", "chita++", *BUDGET["chita++"], "--force"]
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    assert main([*BASE, *flags, "--out", str(out)]) == 130
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    assert main([*BASE, *flags, "--out", str(out)]) == 0
+    log = (out / "run.log").read_text()
+    assert "resuming after stage 1" in log and log.count("start:") == 1

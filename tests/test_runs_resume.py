@@ -119,3 +119,15 @@ def test_no_stage_eval_measures_before_and_after_only(tmp_path, capsys):
     assert [("accuracy" in s, "eval_seconds" in s, "flops_kept" in s) for s in record["stages"]] == [(False, False, True)] * 2
     assert (out / "report.md").is_file()
     assert "no-stage-eval = true" in (out / "config.toml").read_text()      # a resume keeps it
+
+
+def test_resume_of_a_training_run_folder_says_how_to_carry_that_run_on(tmp_path, capsys):
+    out = tmp_path / "trained"
+    assert main(["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"),
+                 "--epochs", "1", "--json", "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["prune", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "prunekit train" in err and "unknown key" not in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -170,3 +170,35 @@ def test_sweep_and_compare_take_structured_and_gradual_runs(tmp_path, capsys):
     table = json.loads(capsys.readouterr().out)["runs"]
     assert len(table) == 3 and {r["method"] for r in table} == {"autobot", "magnitude-flops", "magnitude"}
     assert next(r for r in table if r["method"] == "magnitude")["stages"] == 2     # its two events
+
+
+def test_a_sweep_onto_an_earlier_sweep_of_other_options_names_a_fix_sweep_takes(tmp_path, capsys):
+    """sweep has no --resume or --force: the refusal of a run folder made with other options
+    says what a sweep can do instead, and leaves the earlier run as it was."""
+    out = tmp_path / "sweep"
+    sweep = ["sweep", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(out), "--json"]
+    assert main(sweep) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main([*sweep, "--no-bn-recalibration"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume" not in err and "--force" not in err and "--out" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_export_killed_right_after_writing_a_file_is_run_again(tmp_path, capsys, monkeypatch):
+    """A kill between an export's file and its record of what it wrote must not leave that file
+    looking like the user's: the same export again replaces it."""
+    from prunekit import export
+    run = tmp_path / "run"
+    assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.9", "--out", str(run)]) == 0
+    dense = export.export_dense
+
+    def write_then_die(model, path):
+        dense(model, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(export, "export_dense", write_then_die)
+    assert main(["export", str(run), "--dense"]) == 130
+    monkeypatch.setattr(export, "export_dense", dense)
+    capsys.readouterr()
+    assert main(["export", str(run), "--dense"]) == 0, capsys.readouterr().err

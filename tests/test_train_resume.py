@@ -86,3 +86,15 @@ def test_a_resumed_training_of_a_model_file_says_when_the_file_changed(capsys, t
         f.write("# edited\n")
     with pytest.warns(UserWarning, match="model file changed since this training started"):
         assert main(argv) == 0
+
+
+def test_train_onto_a_prune_run_folder_says_it_is_one(capsys, tmp_path):
+    run = tmp_path / "pruned"
+    assert main(["prune", "--model", "mlpnet", "--checkpoint", str(Path(prunekit.__file__).parent / "assets" /
+                 "mlpnet.safetensors"), *MNIST, "--sparsity", "0.5", "--json", "--out", str(run)]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main([*TRAIN, "--epochs", "1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "`prunekit prune` run" in err and "training run" not in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

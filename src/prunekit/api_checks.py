@@ -10,6 +10,7 @@ options are checked by their declared constraints (``prunekit.options``, in
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -91,10 +92,21 @@ def check_out(out, flag: str | None = None) -> None:
     named = f"{flag} {out}" if flag else f"out={str(out)!r}"
     if path.exists() and not path.is_dir():
         raise PrunekitError(f"{named} is a file: pass a new folder for the run (or a run folder to resume)")
-    if path.is_dir() and any(path.iterdir()) and not ((path / "config.toml").exists()
+    if path.is_dir() and any(path.iterdir()) and not (_is_run_config(path / "config.toml")
                                                        or (path / "metrics.json").exists()):
         raise PrunekitError(f"{named} is a folder holding other files, not a run folder: pass a new "
                             "folder so that nothing there is written over")
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is the config.toml of a prunekit run (prune names the model and the method,
+    train the model and the run folder, prunekit.prune the model's class and the method), not a
+    config.toml of the user's own in a folder of theirs."""
+    try:
+        config = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    return ("model" in config and ("method" in config or "out" in config)) or {"model_class", "method"} <= config.keys()
 
 
 def check_data(data, what: str, class_labels: bool = True) -> None:

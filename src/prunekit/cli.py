@@ -13,6 +13,7 @@ import argparse
 import os
 import re
 import sys
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -76,9 +77,21 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         if not config.exists():
             raise PrunekitError(f"{known.resume} is not a prunekit run folder (no config.toml): "
                                 "pass the --out folder of a `prunekit prune` run")
+        if _is_training_config(config):
+            raise PrunekitError(f"{known.resume} is the folder of a `prunekit train` run: run that train command "
+                                "again to carry it on (--resume is for `prunekit prune` runs)")
         recipes.apply_recipe(sub, {**recipes.load_recipe(config, sub), "out": known.resume})
     elif known.recipe:
         recipes.apply_recipe(sub, recipes.load_recipe(known.recipe, sub))
+
+
+def _is_training_config(config: Path) -> bool:
+    """Whether ``config`` is the config.toml of a `prunekit train` run (it has epochs, no method)."""
+    try:
+        keys = tomllib.loads(config.read_text()).keys()
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False        # load_recipe says what is wrong with it
+    return "epochs" in keys and "method" not in keys
 
 
 def _how_to_resume(args) -> str:

@@ -183,6 +183,8 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
     written = []
     for fmt in formats:
         path = out / FORMATS[fmt]
+        ours.add(path.name)       # listed before it is written: a kill in between leaves no file taken for the user's
+        atomic_write_bytes(out / MANIFEST, json.dumps({"files": sorted(ours - {MANIFEST})}).encode())
         if fmt == "onnx":
             export_onnx(model, example_input, path)
         elif fmt == "torchscript":
@@ -192,8 +194,6 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
         else:
             export_sparse(model, path)
         written.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
-        ours.add(path.name)
-        atomic_write_bytes(out / MANIFEST, json.dumps({"files": sorted(ours - {MANIFEST})}).encode())
     sizes = {f["format"]: f["bytes"] for f in written}
     if "sparse" in sizes:
         dense_bytes = sizes.get("dense") or len(save(_state(model)))

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from .errors import PrunekitError
-from .runs import METRICS, RunFolder, is_run
+from .runs import METRICS, RUN_PLOTS, RunFolder, is_run
 from .saving import atomic_write_bytes
 
 
@@ -118,7 +118,7 @@ def write_run_report(path: str | Path) -> Path:
                      f"{_num(r['loss'], '.4f')} | {_acc(r['accuracy'])} | {_num(r['seconds'], '.1f')} |")
     lines += ["", "Loss and accuracy are on the evaluation split; a stage's row is measured right after "
               "the stage (before the final BatchNorm recalibration).", ""]
-    plots = ["accuracy_vs_budget.png", "accuracy_per_stage.png", "layer_density.png"]
+    plots = RUN_PLOTS
     lines += [f"![{name[:-4].replace('_', ' ')}](plots/{name})" for name in plots] + [""]
     layers = m.get("layers", [])
     if layers:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import tomllib
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -99,10 +100,12 @@ def is_run(path: str | Path) -> bool:
 # What a run writes into its folder; ``force`` removes exactly these, nothing a user put there.
 RUN_FILES = ("config.toml", "run.log", METRICS, "checkpoints", "model.safetensors", "model.json", "result.json",
              "report.md", "plots", "export", "model.onnx")
+RUN_PLOTS = ("accuracy_vs_budget.png", "accuracy_per_stage.png", "layer_density.png")   # report.md's, in plots/
 
 
 def _present(path: Path) -> list[str]:
-    return [name for name in RUN_FILES if (path / name).exists()] + [p.name for p in path.glob("snapshot-*")]
+    return ([name for name in RUN_FILES if (path / name).exists()]
+            + [p.name for p in path.glob("snapshot-*") if p.is_dir()])      # taper's; a file of that name is not
 
 
 def check_claim(folder: RunFolder, config_text: str) -> None:
@@ -121,15 +124,34 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
     overwrite (unless ``force``, which first removes the other run's files); the same request
     again (or ``resume``) carries on where it stopped."""
     path = folder.path
-    if force:
-        import shutil
+    old = folder.config.read_text() if folder.config.exists() else None
+    if force and old != config_text:        # another run's files; this run's own are carried on
         for name in _present(path):
             target = path / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    if not resume:
+            _remove_own_files(target) if target.is_dir() else target.unlink()
+    elif not resume:
         check_claim(folder, config_text)
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())
+
+
+def _remove_own_files(folder: Path) -> None:
+    """Remove the files a run wrote in its subfolder ``folder`` (checkpoints, plots, export,
+    snapshot-*), then the folder if nothing else is left in it: a user's own file there stays."""
+    from .export import _written_before
+    if folder.name == "checkpoints":
+        own = [*folder.glob("stage-*.safetensors"), *folder.glob(".stage-*.tmp")]
+    elif folder.name == "plots":
+        own = [folder / name for name in RUN_PLOTS]
+    elif folder.name == "export":
+        own = [folder / name for name in _written_before(folder)]
+    else:
+        own = [folder / name for name in ("model.safetensors", "model.json", "result.json")]
+    own += [temp for file in own for temp in folder.glob(f".{file.name}.*.tmp")]    # a killed atomic write's
+    for file in own:
+        file.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 class RunCheckpointer:
@@ -167,12 +189,18 @@ class RunCheckpointer:
         meta = {"stage": str(state.stage), "history": json.dumps(_finite(state.history)),
                 "rng": json.dumps({k: v for k, v in state.rng.items() if k not in ("torch", "cuda")}),
                 "extra": json.dumps(_finite(state.extra))}
+        if self.folder.config.exists():       # the options the stage ran with: a resume under others is refused
+            meta["config"] = self.folder.config.read_text()
         atomic_write_bytes(self.path(state.stage), save_tensors(tensors, metadata=meta))
         self.folder.log(f"stage {state.stage} saved to {self.path(state.stage).name}")
         if self.on_saved is not None:
             self.on_saved(state.history)
 
     def last(self) -> StageState | None:
+        """The newest readable checkpoint (a damaged one falls back to the one before); None when
+        there is none. Refuses (``PrunekitError``) checkpoints none of which can be read, rather
+        than starting the run over on top of them."""
+        unreadable = []
         for path in sorted(self.folder.checkpoints.glob("stage-*.safetensors"), reverse=True):
             try:
                 with safe_open(str(path), "pt") as handle:
@@ -188,11 +216,33 @@ class RunCheckpointer:
                                    json.loads(meta.get("extra", "{}")), kept)
             except (SafetensorError, KeyError, ValueError, OSError) as err:
                 self.folder.log(f"skipping unreadable checkpoint {path.name}: {err}")
+                unreadable.append(f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
                 continue
+            _check_same_config(self.folder, meta.get("config"), path.name)
             self.folder.log(f"resuming after stage {state.stage} from {path.name}")
             self.restored_seconds = sum(h.get("seconds") or 0.0 for h in state.history)
             return state
+        if unreadable:
+            raise PrunekitError(f"no checkpoint in {self.folder.checkpoints} can be read ({unreadable[0]}): restore "
+                                "it, or delete that checkpoints folder to start the run over")
         return None
+
+
+def _check_same_config(folder: RunFolder, saved: str | None, name: str) -> None:
+    """Refuse to resume from checkpoint ``name`` when the folder's config.toml is no longer the
+    ``saved`` one it was written under (the stages left would run with other options)."""
+    if saved is None or not folder.config.exists():
+        return
+    now = folder.config.read_text()
+    if now == saved:
+        return
+    try:
+        before, after = tomllib.loads(saved), tomllib.loads(now)
+        changed = [k for k in {**before, **after} if before.get(k) != after.get(k)] or ["its text"]
+    except tomllib.TOMLDecodeError:
+        changed = ["its text"]
+    raise PrunekitError(f"{folder.config} was changed ({', '.join(changed[:3])}) since {name} was saved: put "
+                        "its values back to carry the run on, or start a new run in another folder")
 
 
 class StageMeter:

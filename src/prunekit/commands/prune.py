@@ -92,7 +92,8 @@ def check_onnx(loaded: LoadedModel) -> None:
 
 def run_config(args) -> str:
     """The config.toml of the run ``args`` ask for."""
-    config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    # force is about this invocation: kept in the config, a --resume would clear the run again
+    config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY and k != "force"}
     for key in ("checkpoint", "data_dir", "out"):     # a run folder's config works from any directory
         if config.get(key) is not None:
             config[key] = str(Path(config[key]).resolve())
@@ -113,8 +114,8 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     elif args.out:
         distributed.current().barrier()
         folder = runs.RunFolder(args.out)
-        runs.claim(folder, run_config(args), resume=bool(getattr(args, "resume", None)),
-                   force=bool(getattr(args, "force", False)))
+        resume = bool(getattr(args, "resume", None))       # a folder of an older version may say force = true
+        runs.claim(folder, run_config(args), resume=resume, force=bool(getattr(args, "force", False)) and not resume)
         distributed.current().barrier()
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
                             dense=dense, progress=not args.json, on_step=step_printer(args),

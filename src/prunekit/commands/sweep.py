@@ -66,8 +66,16 @@ def cmd_sweep(args) -> int:
         if not args.json:
             print(f"[{i}/{len(plan)}] {method} {budget} -> {run_args.out}", file=sys.stderr)
         loaded = copy.deepcopy(dense_model)
-        prune_into(run_args, request_of(run_args, loaded, method, budget).plan(), loaded, eval_loader, train_batches,
-                    dense)
+        try:
+            prune_into(run_args, request_of(run_args, loaded, method, budget).plan(), loaded, eval_loader,
+                       train_batches, dense)
+        except OptionError as err:       # the folder's refusal names prune's --resume / --force: a sweep has neither
+            if "resume" not in err.params:
+                raise
+            what = ("a run made with other options" if (Path(run_args.out) / "config.toml").exists()
+                    else "files a run would overwrite")
+            raise PrunekitError(f"{run_args.out} holds {what}: pick another --out for this sweep, or give it that "
+                                "sweep's own options to finish it") from None
         dense = dense or runs.RunFolder(run_args.out).read_metrics().get("dense")
         folders.append(Path(run_args.out))
     table = report.collect(folders)

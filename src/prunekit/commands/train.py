@@ -122,6 +122,9 @@ def training_folder(args) -> RunFolder | None:
     try:
         claim(folder, recipes.dump_recipe(config))
     except OptionError:
+        if (folder.path / "metrics.json").exists():       # only prune runs write one
+            raise PrunekitError(f"--out {args.out} holds a `prunekit prune` run: pick another --out for the "
+                                "training") from None
         raise PrunekitError(f"--out {args.out} holds another training run (its config.toml has other options): "
                             "pick another --out, or give that run's own options to carry it on") from None
     finally:
