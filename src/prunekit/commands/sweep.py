@@ -45,6 +45,18 @@ def run_args_of(args, method: str, budget: dict) -> argparse.Namespace:
                                  **budget, "out": str(Path(args.out) / run_name(method, budget))})
 
 
+def check_run_folder(run_args: argparse.Namespace) -> None:
+    """Refuse a run folder of the sweep that holds a run of other options (or files a run would
+    overwrite) in a sweep's words: prune's refusal names --resume and --force, a sweep has neither."""
+    try:
+        runs.check_claim(runs.RunFolder(run_args.out), run_config(run_args))
+    except OptionError:
+        what = ("a run made with other options" if (Path(run_args.out) / "config.toml").exists()
+                else "files a run would overwrite")
+        raise PrunekitError(f"{run_args.out} holds {what}: pick another --out for this sweep, or give it that "
+                            "sweep's own options to finish it") from None
+
+
 def cmd_sweep(args) -> int:
     plan = sweep_plan(args)
     dense_model = loaded_model(args)
@@ -58,24 +70,15 @@ def cmd_sweep(args) -> int:
     eval_loader = eval_data(args, dense_model)
     train_batches = training_batches(args, dense_model)
     for method, budget in plan:           # a run folder of another sweep is refused before the first run
-        run_args = run_args_of(args, method, budget)
-        runs.check_claim(runs.RunFolder(run_args.out), run_config(run_args))
+        check_run_folder(run_args_of(args, method, budget))
     folders, dense = [], None
     for i, (method, budget) in enumerate(plan, start=1):
         run_args = run_args_of(args, method, budget)
         if not args.json:
             print(f"[{i}/{len(plan)}] {method} {budget} -> {run_args.out}", file=sys.stderr)
         loaded = copy.deepcopy(dense_model)
-        try:
-            prune_into(run_args, request_of(run_args, loaded, method, budget).plan(), loaded, eval_loader,
-                       train_batches, dense)
-        except OptionError as err:       # the folder's refusal names prune's --resume / --force: a sweep has neither
-            if "resume" not in err.params:
-                raise
-            what = ("a run made with other options" if (Path(run_args.out) / "config.toml").exists()
-                    else "files a run would overwrite")
-            raise PrunekitError(f"{run_args.out} holds {what}: pick another --out for this sweep, or give it that "
-                                "sweep's own options to finish it") from None
+        prune_into(run_args, request_of(run_args, loaded, method, budget).plan(), loaded, eval_loader, train_batches,
+                   dense)
         dense = dense or runs.RunFolder(run_args.out).read_metrics().get("dense")
         folders.append(Path(run_args.out))
     table = report.collect(folders)
