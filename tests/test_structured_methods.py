@@ -183,6 +183,23 @@ def test_hybrid_cuts_channels_then_sparsifies_to_one_budget_and_holds_the_zeros(
         prune_structured(model, "hybrid", 0.25, x, lambda: data, structured_flops=0.2, gate_batches=2)
 
 
+
+def test_hybrid_whose_channel_cut_lands_under_the_final_budget_keeps_it_without_falcon(tiny, monkeypatch):
+    # The channel phase keeps the largest cut <= structured_flops, which may already be under
+    # flops (a channel's worth apart: DenseBlockCNN, flops 0.3 and structured_flops 0.33 cut to
+    # 0.2955): FALCON was then asked for more MACs than the shrunk model has, and refused the run.
+    from prunekit.structured import hybrid
+    model, x, data = tiny
+    costs = CostModel(model, x)
+    real = hybrid.autobot_masks
+    monkeypatch.setattr(hybrid, "autobot_masks", lambda m, groups, counter, target, *a, **k:
+                        real(m, groups, counter, 0.3 * counter.dense, *a, **k))   # cut to 0.3, not 0.6
+    r = prune_structured(model, "hybrid", 0.5, x, lambda: data, structured_flops=0.6, gate_batches=2,
+                         fisher_samples=16)
+    assert r.record["structured_macs"] == r.record["macs"] == costs.count(r.model).macs <= 0.3 * costs.macs
+    sparsified = r.record["sparsify"]["0.5"]
+    assert sparsified["nonzeros"] == sparsified["prunable_weights"] and sparsified["sparsity_of_shrunk"] == 0
+
 class _AttentionNet(torch.nn.Module):
     """A functional weight (``t @ w``), 4 heads whose only channel group is the heads, a head."""
 

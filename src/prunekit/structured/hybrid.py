@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import torch
 from torch import nn
 
 from ..budget import Amount, Budget
@@ -66,12 +67,18 @@ def run_hybrid(ctx: ChannelContext, opts: HybridOptions) -> Cut:
 def sparsify_shrunk(ctx: ChannelContext, small: nn.Module, share: float, opts: HybridOptions,
                     recalibrate_bn: bool = True) -> dict:
     """Phase 2: FALCON on ``small`` (in place) so that it keeps at most ``share`` of the dense
-    MACs. Returns facts to record (nonzeros, MACs, FALCON's stage records)."""
+    MACs. Returns facts to record (nonzeros, MACs, FALCON's stage records). A channel cut that
+    already fits (it keeps the largest cut <= structured_flops, which may lie a channel's worth
+    under ``share``) is kept as it is: FALCON would be asked for more MACs than the model has."""
     costs = CostModel(small, ctx.example_input)
     if costs.macs != ctx.costs.count(small).macs:
         raise AssertionError(f"the shrunk model costs {costs.macs} MACs by its own trace and "
                              f"{ctx.costs.count(small).macs} by the dense model's: one counting rule broken")
     space = ParamSpace(small, costs=costs)
+    if costs.macs <= int(share * ctx.costs.macs):   # the channel cut (the largest <= structured_flops)
+        nonzeros = int(torch.count_nonzero(space.vector()))      # already fits: nothing for FALCON
+        return {"nonzeros": nonzeros, "prunable_weights": space.numel, "sparsity_of_shrunk": 1 - nonzeros / space.numel,
+                "macs": costs.macs, "falcon": [], "skipped": "the channel cut already meets the budget"}
     budget = Budget(flops=Amount(float(int(share * ctx.costs.macs)), absolute=True)).resolve(costs, space)
     pctx = PruneContext(small, space, costs, budget, ctx.batches, recalibrate_bn=recalibrate_bn, loss_fn=ctx.loss_fn)
     outcome = prune_weights(pctx, run_falcon, opts.falcon_options())

@@ -5,7 +5,9 @@ that the kept MACs (counted by ``GatedMacs``, which equals ``CostModel.count`` o
 model) are the largest not above the budget. Every group keeps at least its best channel.
 Channels tied at the threshold (gates clipped to one logit bound: a whole block of them) are
 then added one at a time, by a secondary score, while they fit: otherwise a tie could leave the
-cut far under the budget (a taper snapshot at 15% of the MACs for a 50% budget).
+cut far under the budget (a taper snapshot at 15% of the MACs for a 50% budget). Last, any closed
+channel that still fits is added, best score first: the threshold stops at the first channel that
+does not fit, and a cheaper one below it may (AutoBot on a DenseNet block: 43% of the MACs for 50%).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def threshold_to_budget(scores: list[torch.Tensor], counter: GatedMacs, max_macs
                         tiebreak: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], float]:
     """Keep-masks whose MACs are the largest ``<= max_macs`` reachable by one global threshold,
     then the longest run that fits of the channels tied at it, highest ``tiebreak`` first (per
-    group, like ``scores``; None: the lower index first).
+    group, like ``scores``; None: the lower index first), then every other closed channel that
+    still fits, best score first (``_fill_gaps``).
 
     Returns (masks, threshold). Raises ``PrunekitError`` if even one channel per group costs more.
     """
@@ -51,7 +54,8 @@ def threshold_to_budget(scores: list[torch.Tensor], counter: GatedMacs, max_macs
         else:
             lo = mid
     threshold = float(candidates[hi])
-    return _fill_ties(masks_at(detached, threshold), detached, threshold, counter, max_macs, tiebreak), threshold
+    masks = _fill_ties(masks_at(detached, threshold), detached, threshold, counter, max_macs, tiebreak)
+    return _fill_gaps(masks, detached, counter, max_macs, tiebreak), threshold
 
 
 def _fill_ties(masks: list[torch.Tensor], scores: list[torch.Tensor], threshold: float, counter: GatedMacs,
@@ -79,3 +83,27 @@ def _fill_ties(masks: list[torch.Tensor], scores: list[torch.Tensor], threshold:
         else:
             over = mid
     return with_first(fits)
+
+
+def _fill_gaps(masks: list[torch.Tensor], scores: list[torch.Tensor], counter: GatedMacs, max_macs: float,
+               tiebreak: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Add, best score (then tiebreak) first, every closed channel that still fits the budget.
+
+    The threshold stops at the first channel that does not fit; a cheaper, lower-scored channel
+    of another group may (DenseBlockCNN: AutoBot at 43% of the MACs for a 50% budget, with a 7%
+    channel fitting). A group whose channel did not fit is passed over from then on: the channels
+    of a group cost the same, and MACs only grow as channels open, so none of it fits later;
+    this keeps the count evaluations to the channels added plus one per group.
+    """
+    masks = [m.clone() for m in masks]
+    order = sorted(((-float(s[j]), -float(tiebreak[g][j]) if tiebreak is not None else 0.0, g, int(j))
+                    for g, (s, m) in enumerate(zip(scores, masks)) for j in torch.nonzero(~m).flatten()))
+    blocked: set[int] = set()
+    for _, _, g, j in order:
+        if g in blocked:
+            continue
+        masks[g][j] = True
+        if counter.macs_of_masks(masks) > max_macs:
+            masks[g][j] = False
+            blocked.add(g)
+    return masks
