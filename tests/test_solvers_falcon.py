@@ -87,3 +87,18 @@ def test_gram_cache_gives_the_fresh_solution_along_a_chain_of_nearby_supports():
         chains.append(cache.chain)
     assert max(chains) == GramCache.MAX_CHAIN          # updates happened, up to the bound
     assert chains.count(0) >= 2                        # ... and the chain restarted from a fresh Gram
+
+
+def test_a_nearly_zero_quadratic_does_not_step_past_the_float_range():
+    # Random data through a random MobileNet gave gradients of ~1e-42: the step size 1/L grew
+    # 16-fold per trial until w - eta * grad overflowed and the ILP refused its inf scores.
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(6, 30, generator=g) * 1e-20).float()
+    w_bar = torch.randn(30, generator=g).float()
+    costs = torch.tensor([9.0] * 10 + [3.0] * 10 + [1.0] * 10, dtype=torch.float64)
+    q = QuadraticModel(X, w_bar, ridge=1e-38)
+    max_macs = 0.3 * float(costs.sum())
+    solution = falcon(q, costs, 10, max_macs, variant="dfo")
+    nonzero = solution.w != 0
+    assert bool(torch.isfinite(solution.w).all()) and int(nonzero.sum()) <= 10
+    assert float(costs[nonzero].sum()) <= max_macs

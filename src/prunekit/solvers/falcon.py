@@ -203,7 +203,11 @@ def _support_changing_step(q, project, solve_on, w, f, support, grad, log_eta, m
     for _ in range(max_search):
         trial = lo + 4 if hi is None else (lo + hi) / 2
         info["trials"] += 1
-        candidate_support = project(w - 2.0 ** trial * grad)
+        point = w - 2.0 ** trial * grad
+        if q.count(~torch.isfinite(point)):      # η past the float range (a quadratic of ~1e-35): too long
+            hi = trial
+            continue
+        candidate_support = project(point)
         changes = q.count(candidate_support & ~support)          # entries coming in
         if changes == 0:
             lo = trial
