@@ -162,3 +162,16 @@ def test_per_layer_rows_on_the_device_agree_with_autograd_and_the_cpu():
                                              progress=False).cpu()
     off = float((rows[DEVICE] - rows["cpu"]).norm() / rows["cpu"].norm())
     assert off < 1e-3, off
+
+
+def test_the_ilp_sorts_on_the_device_and_selects_as_on_the_cpu():
+    from prunekit.solvers.ilp import solve_flops_ilp
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 1000, (200_000,), generator=g).double()     # many ties
+    slices = [slice(a, a + 20_000) for a in range(0, 200_000, 20_000)]
+    layer_costs = [float(c) for c in range(1, 11)]
+    results = {device: solve_flops_ilp(scores.to(device), layer_slices=slices, layer_costs=layer_costs,
+                                       max_count=60_000, max_cost=200_000.0) for device in ("cpu", DEVICE)}
+    assert results[DEVICE].keep.device.type == torch.device(DEVICE).type
+    assert torch.equal(results[DEVICE].keep.cpu(), results["cpu"].keep)

@@ -353,3 +353,34 @@ def test_solver_imports_only_math_and_prunekit_errors():
         assert not name.startswith("torch.nn"), name
         if name.startswith("prunekit") or name.startswith("."):
             assert name == "prunekit.errors" or name.startswith(("prunekit.solvers", ".")), name
+
+
+@pytest.mark.parametrize("n_groups", [1, 5, 2000])        # 2000: past the per-group loop
+def test_the_device_sort_orders_exactly_as_the_cpu_sort(n_groups):
+    # ties (many equal scores) must go by index on both paths, and the limits cut each group
+    from prunekit.solvers.ilp_groups import _grouped_order, _grouped_order_on_device
+
+    rng = np.random.default_rng(n_groups)
+    p = 20_000
+    scores = rng.integers(0, 50, p).astype(np.float64)
+    group = rng.integers(0, n_groups, p)
+    sizes = np.bincount(group, minlength=n_groups)
+    limits = np.minimum(sizes, rng.integers(0, 40, n_groups))
+    expected = _grouped_order(scores, group, limits)
+    got = _grouped_order_on_device(torch.from_numpy(scores), group, limits)
+    assert got.shape == (int(limits.sum()),)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_problem_with_device_scores_solves_as_on_the_cpu(monkeypatch):
+    # the device path taken on the CPU (a CPU tensor posing as the accelerator's copy)
+    import prunekit.solvers.ilp_groups as ilp_groups
+
+    rng = np.random.default_rng(3)
+    scores = torch.from_numpy(rng.random(5000))
+    costs = torch.from_numpy(rng.integers(1, 6, 5000).astype(np.float64))
+    plain = solve_flops_ilp(scores, costs, max_count=1500, max_cost=3000.0)
+    monkeypatch.setattr(ilp_groups, "accelerator_copy", lambda x: x.to(torch.float64))
+    on_device = solve_flops_ilp(scores, costs, max_count=1500, max_cost=3000.0)
+    assert torch.equal(plain.keep, on_device.keep)
+    assert on_device.cost <= 3000.0 and on_device.count <= 1500

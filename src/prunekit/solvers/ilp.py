@@ -128,7 +128,7 @@ def solve_lagrangian(prob: Problem, tol: float) -> Solution:
     start = time.perf_counter()
     limits = prefix_limits(np.bincount(prob.group, minlength=prob.group_costs.size), prob.group_costs,
                            prob.max_count, prob.max_cost)
-    groups = SortedGroups(prob.scores, prob.group, prob.group_costs, limits)
+    groups = SortedGroups(prob.scores, prob.group, prob.group_costs, limits, prob.device_scores)
     setup_seconds = time.perf_counter() - start
     m, dual, info = round_lagrangian(groups, prob.max_count, prob.max_cost, tol)
     info["setup_seconds"] = setup_seconds

@@ -27,6 +27,8 @@ class Problem:
 
     scores: (p,) float64, >= 0.  group: (p,) int64 in [0, G).  group_costs: (G,) float64.
     max_count / max_cost are clipped to p / total cost (equivalent constraints).
+    device_scores: the same scores (float64) on the accelerator they came from, or None on
+    the CPU: the sort, the solve's one O(p log p) step, then runs there.
     """
 
     scores: np.ndarray
@@ -34,6 +36,7 @@ class Problem:
     group_costs: np.ndarray
     max_count: int
     max_cost: float
+    device_scores: torch.Tensor | None = None
 
     def costs(self) -> np.ndarray:
         """Per-weight costs (p,) float64."""
@@ -61,6 +64,13 @@ def finite_vector(x, name: str) -> np.ndarray:
     if (arr < 0).any():
         raise PrunekitError(f"{name} must be non-negative; found {arr.min():g}.")
     return arr
+
+
+def accelerator_copy(x) -> torch.Tensor | None:
+    """``x`` as float64 on its accelerator if it is a tensor there (for the device sort), else None."""
+    if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+        return x.detach().to(torch.float64)
+    return None
 
 
 def groups_from_costs(costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +126,8 @@ def parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count
     if math.isnan(max_cost) or max_cost < 0:
         raise PrunekitError(f"max_cost must be a non-negative number of MACs, got {max_cost!r}.")
     total_cost = float(np.bincount(group, minlength=group_costs.size) @ group_costs)
-    return Problem(s, group, group_costs, min(int(max_count), p), min(float(max_cost), total_cost))
+    return Problem(s, group, group_costs, min(int(max_count), p), min(float(max_cost), total_cost),
+                   accelerator_copy(scores))
 
 
 _LOOP_SORT_MAX_GROUPS = 1024
@@ -152,6 +163,21 @@ def _descending(scores: np.ndarray, keep: int) -> np.ndarray:
     return candidates[order].numpy()
 
 
+def _grouped_order_on_device(scores: torch.Tensor, group: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """:func:`_grouped_order` (the same order, ties by index) with the sorts on the device of
+    ``scores`` (p,): on a GPU two stable sorts of p values take milliseconds where the CPU's
+    take seconds (ViT-B/16, p = 86M: the sort was most of FALCON's time on an H200)."""
+    device = scores.device
+    order = torch.sort(scores, descending=True, stable=True).indices
+    by_group = torch.from_numpy(group.astype(np.int32)).to(device)[order]
+    order = order[torch.sort(by_group, stable=True).indices]  # group-major, descending within
+    del by_group
+    sizes = torch.from_numpy(np.bincount(group, minlength=limits.size)).to(device)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank_in_group = torch.arange(order.numel(), device=device) - torch.repeat_interleave(starts, sizes)
+    return order[rank_in_group < torch.repeat_interleave(torch.from_numpy(limits).to(device), sizes)].cpu().numpy()
+
+
 def _grouped_order(scores: np.ndarray, group: np.ndarray, limits: np.ndarray) -> np.ndarray:
     """(Σ limits,) weight indices: group 0's ``limits[0]`` best by descending score (ties by
     index), then group 1's, ...
@@ -182,15 +208,19 @@ class SortedGroups:
     ``start[g] : start[g] + size[g]`` of ``s_desc``, and ``prefix`` holds the running sums of
     ``s_desc``. ``limits`` (G,), optional (see ``prefix_limits``): only the best ``limits[g]`` of
     group g are sorted and seen (``size[g]``), which spares sorting what no feasible selection keeps.
+    ``device_scores``: the scores on an accelerator (see :class:`Problem`); the sort then runs there.
     """
 
     def __init__(self, scores: np.ndarray, group: np.ndarray, group_costs: np.ndarray,
-                 limits: np.ndarray | None = None):
+                 limits: np.ndarray | None = None, device_scores: torch.Tensor | None = None):
         n_groups = group_costs.size
         full_size = np.bincount(group, minlength=n_groups)
         self.size = full_size if limits is None else np.minimum(full_size, limits)
         self.p = scores.size
-        self.perm = _grouped_order(scores, group, self.size)  # layout position -> weight index
+        if device_scores is None:
+            self.perm = _grouped_order(scores, group, self.size)  # layout position -> weight index
+        else:
+            self.perm = _grouped_order_on_device(device_scores, group, self.size)
         self.s_desc = scores[self.perm]
         self.prefix = np.concatenate([[0.0], np.cumsum(self.s_desc)])
         self.start = np.concatenate([[0], np.cumsum(self.size)[:-1]])

@@ -31,7 +31,7 @@ import torch
 
 from .collective import Collective
 from .ilp import ILPResult, round_lagrangian
-from .ilp_groups import TINY, SortedGroups, finite_vector, prefix_limits
+from .ilp_groups import TINY, SortedGroups, accelerator_copy, finite_vector, prefix_limits
 from .selection import exclusive_prefix
 
 
@@ -43,13 +43,14 @@ class _SlicedGroups(SortedGroups):
     """
 
     def __init__(self, scores: np.ndarray, group: np.ndarray, group_costs: np.ndarray,
-                 collective: Collective, device: torch.device, max_count: int, max_cost: float):
+                 collective: Collective, device: torch.device, max_count: int, max_cost: float,
+                 device_scores: torch.Tensor | None = None):
         self.collective, self.device = collective, device
         # a slice's share of a feasible selection's group prefix is at most that prefix: only the
         # slice's best prefix_limits(...) of each group are sorted and seen (as in one process)
         local_size = np.bincount(group, minlength=group_costs.size)
         limits = prefix_limits(local_size, group_costs, max_count, max_cost)
-        self.local = SortedGroups(scores, group, group_costs, limits) if scores.size else None
+        self.local = SortedGroups(scores, group, group_costs, limits, device_scores) if scores.size else None
         self.costs = group_costs
         self.by_cost = np.argsort(group_costs, kind="stable")
         self.size = self._sum(np.minimum(local_size, limits))
@@ -241,7 +242,8 @@ def solve_sliced_flops_ilp(scores: torch.Tensor, group: np.ndarray, group_costs:
     start = time.perf_counter()
     device = scores.device
     s = finite_vector(scores, "scores") + 0.0            # -0.0 + 0.0 = 0.0: the bits order as the values
-    groups = _SlicedGroups(s, group, group_costs, collective, device, int(max_count), float(max_cost))
+    groups = _SlicedGroups(s, group, group_costs, collective, device, int(max_count), float(max_cost),
+                           accelerator_copy(scores))
     p = int(groups.size.sum())
     max_count = min(int(max_count), p)
     max_cost = min(float(max_cost), float(groups.size @ group_costs))
