@@ -175,3 +175,40 @@ def test_the_ilp_sorts_on_the_device_and_selects_as_on_the_cpu():
                                        max_count=60_000, max_cost=200_000.0) for device in ("cpu", DEVICE)}
     assert results[DEVICE].keep.device.type == torch.device(DEVICE).type
     assert torch.equal(results[DEVICE].keep.cpu(), results["cpu"].keep)
+
+
+@pytest.mark.parametrize("method", [["--method", "falcon", "--flops", "0.5"],
+                                    ["--method", "chita++", "--stages", "2", "--sparsity", "0.9"]])
+def test_two_ranks_on_the_device_prune_as_one_process(method, tmp_path):
+    # NCCL needs a GPU per rank; gloo carries CUDA tensors, so two ranks sharing one GPU run the
+    # distributed path (sharded rows, sliced ILP, collectives) with everything on the device.
+    import subprocess
+    import sys
+
+    from distributed_spawn import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    args = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), *MNIST, *method,
+            "--fisher-samples", "32", "--train-samples", "256", "--device", DEVICE, "--json"]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "prunekit", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, "-m", "prunekit", *args, "--out", str(tmp_path / "two")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "PRUNEKIT_DIST_BACKEND": "gloo", "PRUNEKIT_DIST_TIMEOUT": "120"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    single, double = (json.loads(p.read_text()) for p in (tmp_path / "one" / "result.json",
+                                                          tmp_path / "two" / "result.json"))
+    assert double["nonzeros"] <= double["budget_max_nonzeros"]
+    assert double["budget_max_macs"] is None or double["macs"] <= double["budget_max_macs"]
+    assert abs(double["nonzeros"] - single["nonzeros"]) <= 0.001 * single["nonzeros"]
+    assert abs(double["accuracy"] - single["accuracy"]) <= 0.5, (double["accuracy"], single["accuracy"])
+    weights = [load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "two")]
+    for name, w in weights[0].items():
+        same_support = float(((w != 0) == (weights[1][name] != 0)).float().mean())
+        assert same_support > 0.99, (name, same_support)

@@ -67,3 +67,37 @@ def test_two_ranks_write_one_folder_and_a_killed_rank_resumes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "done" and [s["stage"] for s in metrics["stages"]] == [1, 2, 3]
     assert "resuming after stage" in (out / "run.log").read_text()
+
+
+def test_the_backend_follows_the_device_unless_the_environment_names_one(monkeypatch):
+    import pytest
+    import torch
+
+    from prunekit.distributed.collective import chosen_backend, rank_gpu
+    from prunekit.errors import PrunekitError
+
+    monkeypatch.delenv("PRUNEKIT_DIST_BACKEND", raising=False)
+    assert (chosen_backend(cuda=False), chosen_backend(cuda=True)) == ("gloo", "nccl")
+    monkeypatch.setenv("PRUNEKIT_DIST_BACKEND", "Gloo")
+    assert chosen_backend(cuda=True) == "gloo"
+    for value, words in (("mpi", "gloo or nccl"), ("nccl", "--device cuda")):
+        monkeypatch.setenv("PRUNEKIT_DIST_BACKEND", value)
+        with pytest.raises(PrunekitError, match=words):
+            chosen_backend(cuda=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert rank_gpu("gloo") == 1                              # two GPUs shared by four ranks
+    with pytest.raises(PrunekitError, match="--nproc_per_node 2"):
+        rank_gpu("nccl")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_gpu("nccl") == 1
+
+
+def test_an_unknown_backend_is_refused_in_one_line_before_joining(tmp_path):
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "PRUNEKIT_DIST_BACKEND": "mpi", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-m", "prunekit", *PRUNE, "--out", str(tmp_path / "run")], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "PRUNEKIT_DIST_BACKEND='mpi'" in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()

@@ -100,11 +100,41 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
                             "(torchrun --nproc_per_node 2 -m prunekit prune ...)")
     timeout_s = timeout_s or float(os.environ.get("PRUNEKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     cuda = device is not None and str(device).startswith("cuda")
-    backend = "nccl" if cuda else "gloo"
+    backend = chosen_backend(cuda)
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(rank_gpu(backend))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return True
+
+
+BACKENDS = ("gloo", "nccl")
+
+
+def chosen_backend(cuda: bool) -> str:
+    """NCCL for a model on CUDA, gloo on the CPU; ``PRUNEKIT_DIST_BACKEND`` (gloo or nccl) overrides:
+    gloo also carries CUDA tensors, so it can run several ranks on one GPU (NCCL cannot) or
+    stand in where NCCL is broken."""
+    backend = os.environ.get("PRUNEKIT_DIST_BACKEND", "").strip().lower() or ("nccl" if cuda else "gloo")
+    if backend not in BACKENDS:
+        raise PrunekitError(f"PRUNEKIT_DIST_BACKEND={backend!r} is not a backend prunekit supports; "
+                            f"set it to {' or '.join(BACKENDS)}, or unset it")
+    if backend == "nccl" and not cuda:
+        raise PrunekitError("PRUNEKIT_DIST_BACKEND=nccl needs the model on a GPU: add --device cuda, "
+                            "or unset PRUNEKIT_DIST_BACKEND for gloo on the CPU")
+    return backend
+
+
+def rank_gpu(backend: str) -> int:
+    """The GPU index of this rank: LOCAL_RANK. NCCL needs a GPU per rank, so a machine with fewer GPUs
+    than ranks is refused; gloo shares them round-robin."""
+    local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank < gpus:
+        return local_rank
+    if backend == "nccl":
+        raise PrunekitError(f"local rank {local_rank} has no GPU of its own (this machine has {gpus}); NCCL needs "
+                            f"one per rank: start at most {gpus} per machine (torchrun --nproc_per_node {gpus}), "
+                            "or set PRUNEKIT_DIST_BACKEND=gloo to share them")
+    return local_rank % max(gpus, 1)
 
 
 def shutdown(wait: bool = True) -> None:
