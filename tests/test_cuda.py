@@ -190,7 +190,8 @@ def test_two_ranks_on_the_device_prune_as_one_process(method, tmp_path):
     root = Path(__file__).resolve().parent.parent
     args = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), *MNIST, *method,
             "--fisher-samples", "32", "--train-samples", "256", "--device", DEVICE, "--json"]
-    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "prunekit", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
