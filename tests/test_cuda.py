@@ -1,6 +1,6 @@
 """Every method in every mode on a CUDA device, against the same run on the CPU (skipped where
 torch sees no GPU; CI has none, so these run where a GPU is lent: `OMP_NUM_THREADS=1 pytest -n 14
-tests/test_cuda.py`, 38 s on an H200; uncapped, every worker's CPU runs take every core).
+tests/test_cuda.py`, 67 s on an H200; uncapped, every worker's CPU runs take every core).
 
 Each case is a command line of tests/test_every_mode_resumes.py (MLPNet on the bundled MNIST
 sample) or a small BatchNorm CNN of a model file, run with ``--device cuda`` and without. Checked:
