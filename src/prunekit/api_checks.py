@@ -19,6 +19,7 @@ from torch import nn
 
 from .data.loaders import BatchLoader
 from .errors import PrunekitError
+from .run_lock import LOCK_NAME
 
 
 def _whole(v) -> bool:
@@ -92,8 +93,8 @@ def check_out(out, flag: str | None = None) -> None:
     named = f"{flag} {out}" if flag else f"out={str(out)!r}"
     if path.exists() and not path.is_dir():
         raise PrunekitError(f"{named} is a file: pass a new folder for the run (or a run folder to resume)")
-    if path.is_dir() and any(path.iterdir()) and not (_is_run_config(path / "config.toml")
-                                                       or (path / "metrics.json").exists()):
+    others = path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())    # a killed run's lock file is ours
+    if others and not (_is_run_config(path / "config.toml") or (path / "metrics.json").exists()):
         raise PrunekitError(f"{named} is a folder holding other files, not a run folder: pass a new "
                             "folder so that nothing there is written over")
 
