@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from . import recipes, run_lock
-from .api_checks import check_arguments, check_data, check_labels, check_loss, check_runs_on, first_batch
+from .api_checks import (check_arguments, check_data, check_labels, check_loss, check_not_meta, check_runs_on,
+                         first_batch)
 from .data.loaders import BatchLoader
 from .errors import PrunekitError
 from .executor import execute
@@ -79,6 +80,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                             "include": include, "exclude": exclude, "out": out, "loss": loss})
     check_data(data, "data", class_labels=loss is None)
     check_data(eval_data, "eval_data", class_labels=loss is None)
+    check_not_meta(example_input, "example_input")
     train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data")
     eval_batches = _batches(eval_data, batch_size, shuffle=False, seed=seed, what="eval_data")
     if example_input is None:
