@@ -278,6 +278,8 @@ CLI_CASES = [
     (["export", f"{H}/adir"], "--onnx"),
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir", "--threads", "0"], "positive"),
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir"], "no pruned model"),
+    (["bench-latency", "--model", "mlpnet", "--pruned", CKPT, "--batch-sizes", "1", "10000000000"],
+     "the largest batch size that fits is"),
     (["compare", f"{H}/nothing-here"], "nothing-here"),
 ]
 if not torch.cuda.is_available():         # on a machine with a GPU this is no error
