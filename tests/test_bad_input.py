@@ -278,6 +278,8 @@ CLI_CASES = [
     (["export", f"{H}/adir"], "--onnx"),
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir", "--threads", "0"], "positive"),
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir"], "no pruned model"),
+    (["bench-latency", "--model", "mlpnet", "--pruned", CKPT, "--batch-sizes", "1", "10000000000"],
+     "the largest batch size that fits is"),
     (["compare", f"{H}/nothing-here"], "nothing-here"),
 ]
 if not torch.cuda.is_available():         # on a machine with a GPU this is no error
@@ -403,6 +405,13 @@ PY_CASES = [
     ({"data": None}, "example_input"),
     ({"example_input": torch.zeros(1, 3)}, "example input"),
     ({"example_input": "x"}, "example_input"),
+    # the meta device: shapes without data
+    ({"model": tiny_net().to("meta")}, "the model's parameter 1.weight is on the meta device (no data)"),
+    ({"data": (X.to("meta"), Y)}, "data's X is on the meta device (no data)"),
+    ({"data": (X, Y.to("meta"))}, "data's Y is on the meta device (no data)"),
+    ({"data": [(X.to("meta"), Y)]}, "data's first batch is on the meta device (no data)"),
+    ({"eval_data": (X.to("meta"), Y)}, "eval_data's X is on the meta device (no data)"),
+    ({"example_input": X[:1].to("meta")}, "example_input is on the meta device (no data)"),
 ]
 
 
@@ -410,7 +419,8 @@ PY_CASES = [
 def test_python_refuses_with_one_line(change, needle, home, untouched):
     kwargs = {**OK, **{k: (v.replace(H, str(home)) if isinstance(v, str) else v) for k, v in change.items()}}
     model = kwargs.pop("model", None) or tiny_net()
-    before = {k: v.clone() for k, v in model.state_dict().items()} if isinstance(model, nn.Module) else None
+    before = ({k: v.clone() for k, v in model.state_dict().items()}
+              if isinstance(model, nn.Module) and not any(v.is_meta for v in model.state_dict().values()) else None)
     data = kwargs.pop("data")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from prunekit.data import DATASET_NAMES, ImageDataset, load_dataset
 from prunekit.data.cifar import CIFAR10_CLASSES
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, PrunekitWarning
 
 RNG = np.random.default_rng(0)
 
@@ -404,4 +404,5 @@ def test_image_folder_limit_reads_only_the_subset(tmp_path, monkeypatch):
         expected = whole.subset(4, seed)
         assert torch.equal(part.images, expected.images) and torch.equal(part.labels, expected.labels)
         assert len(set(opened)) == 4                  # the 8 other files were never opened
-    assert len(load_dataset("imagefolder", tmp_path, limit=100)) == 12     # at most: all 12, in order
+    with pytest.warns(PrunekitWarning, match="holds 12 images, fewer than the 100 asked for: using all 12"):
+        assert len(load_dataset("imagefolder", tmp_path, limit=100)) == 12     # at most: all 12, in order

@@ -69,3 +69,30 @@ def test_table_has_a_row_per_thread_count_and_batch_and_restores_threads():
     assert [(r["threads"], r["batch"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
     assert all(r["dense_ms"] > 0 and r["pruned_ms"] > 0 and r["repeats"] == 5 for r in rows)
     assert torch.get_num_threads() == before
+
+
+def test_a_batch_size_past_the_memory_is_refused_naming_the_largest_that_fits():
+    import re
+
+    from prunekit import latency
+    from prunekit.errors import PrunekitError
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 300), torch.nn.ReLU(), torch.nn.Linear(300, 10))
+    per_sample = 784 * 4 + 3 * 784 * 4          # the input, and 3 x the largest module output (Flatten's)
+    room = 1000 * per_sample + 7                # bytes
+    latency.check_batch_sizes(net, (1, 28, 28), [1, 64, 1000], available=room)
+    with pytest.raises(PrunekitError) as err:
+        latency.check_batch_sizes(net, (1, 28, 28), [1, 1001], available=room)
+    message = str(err.value)
+    assert "\n" not in message and "--batch-sizes 1001" in message, message
+    assert re.search(r"the largest batch size that fits is 1000\b", message), message
+
+
+def test_the_memory_check_defaults_to_the_memory_available(monkeypatch):
+    from prunekit import latency, memory_plan
+    from prunekit.errors import PrunekitError
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    monkeypatch.setattr(memory_plan, "available_memory", lambda device: 2 * 2**30)
+    latency.check_batch_sizes(net, (1, 28, 28), [10_000])                     # 125 MB of 1.5 GB
+    with pytest.raises(PrunekitError, match="lower --batch-sizes"):
+        latency.check_batch_sizes(net, (1, 28, 28), [1_000_000])              # 12.5 GB

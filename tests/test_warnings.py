@@ -115,3 +115,25 @@ def test_bare_parameter_group_is_left_dense_without_torch_pruning_notice():
     assert not caught
     assert [g.root for g in groups] == ["b"]                    # a's channels meet `scale`: kept
     assert ("a", "touches parameter scale outside a Conv/Linear/BatchNorm layer") in groups.skipped
+
+
+MNIST_ASSETS = str(__import__("pathlib").Path(__import__("prunekit").__file__).parent / "assets" / "mnist")
+
+
+def test_a_limit_above_the_data_set_warns_with_the_count_used():
+    from prunekit.data import load_dataset
+    with pytest.warns(PrunekitWarning, match=r"holds 2000 .*using all 2000") as caught:
+        ds = load_dataset("mnist", MNIST_ASSETS, "train", limit=5000, seed=0)
+    assert len(ds) == 2000 and len(caught) == 1
+
+
+def test_train_samples_above_the_data_set_is_said_and_recorded(tmp_path, capsys):
+    ckpt = str(__import__("pathlib").Path(MNIST_ASSETS).parent / "mlpnet.safetensors")
+    argv = ["prune", "--model", "mlpnet", "--checkpoint", ckpt, "--data", "mnist", "--data-dir", MNIST_ASSETS,
+            "--sparsity", "0.5", "--train-samples", "5000", "--out", str(tmp_path / "run"), "--json"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if line.startswith("prunekit: warning:")]
+    assert len(warned) == 1 and "2000" in warned[0] and "5000" in warned[0], err
+    assert "train-samples = 2000" in (tmp_path / "run" / "config.toml").read_text()
+    assert main(argv) == 0          # the same command again carries the run on, not "holds another run"

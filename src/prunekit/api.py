@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 
-from . import recipes
-from .api_checks import check_arguments, check_data, check_labels, check_loss, check_runs_on, first_batch
+from . import recipes, run_lock
+from .api_checks import (check_arguments, check_data, check_labels, check_loss, check_not_meta, check_runs_on,
+                         first_batch)
 from .data.loaders import BatchLoader
 from .errors import PrunekitError
 from .executor import execute
@@ -78,6 +80,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                             "include": include, "exclude": exclude, "out": out, "loss": loss})
     check_data(data, "data", class_labels=loss is None)
     check_data(eval_data, "eval_data", class_labels=loss is None)
+    check_not_meta(example_input, "example_input")
     train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data")
     eval_batches = _batches(eval_data, batch_size, shuffle=False, seed=seed, what="eval_data")
     if example_input is None:
@@ -100,17 +103,19 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     if loss is not None and train_batches is not None:
         check_loss(model, loss, train_batches, _model_device(model))
     folder = None
-    if out is not None:
-        folder = RunFolder(out)
-        config = {"model_class": type(model).__name__, "method": plan.method.name, **budget, "include": include,
-                  "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
-                  **({"loss": loss_name(loss)} if loss is not None else {}),
-                  **{k: v for k, v in options.items() if not callable(v)}}
-        claim(folder, recipes.dump_recipe(config), force=force)
-    record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress,
-                                        stage_eval=stage_eval)
-    if folder is not None:
-        _write_report(folder)
+    with ExitStack() as lock:
+        if out is not None:
+            folder = RunFolder(out)
+            lock.enter_context(run_lock.held(out, "out="))        # one process at a time in the folder
+            config = {"model_class": type(model).__name__, "method": plan.method.name, **budget, "include": include,
+                      "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
+                      **({"loss": loss_name(loss)} if loss is not None else {}),
+                      **{k: v for k, v in options.items() if not callable(v)}}
+            claim(folder, recipes.dump_recipe(config), force=force)
+        record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress,
+                                            stage_eval=stage_eval)
+        if folder is not None:
+            _write_report(folder)
     result = Result.from_record(record, pruned, out)
     result.snapshots = {share: Result.from_record(snap, snapshots[share]) for share, snap in
                         zip(snapshots, record.get("snapshots", []))}

@@ -19,6 +19,7 @@ from torch import nn
 
 from .data.loaders import BatchLoader
 from .errors import PrunekitError
+from .run_lock import LOCK_NAME
 
 
 def _whole(v) -> bool:
@@ -67,6 +68,11 @@ def check_arguments(model, arguments: dict) -> None:
     """Refuse a bad ``prunekit.prune`` argument (not a method option), naming it."""
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"model must be a torch.nn.Module, got {_shown(model)}")
+    meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        kind = "parameter" if meta in dict(model.named_parameters()) else "buffer"
+        raise PrunekitError(f"the model's {kind} {meta} is on the meta device (no data): load real weights first "
+                            "(e.g. model.to_empty(device='cpu'), then load_state_dict)")
     for name, value in arguments.items():
         rule = ARGUMENT_RULES.get(name)
         if rule is None:
@@ -92,8 +98,8 @@ def check_out(out, flag: str | None = None) -> None:
     named = f"{flag} {out}" if flag else f"out={str(out)!r}"
     if path.exists() and not path.is_dir():
         raise PrunekitError(f"{named} is a file: pass a new folder for the run (or a run folder to resume)")
-    if path.is_dir() and any(path.iterdir()) and not (_is_run_config(path / "config.toml")
-                                                       or (path / "metrics.json").exists()):
+    others = path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())    # a killed run's lock file is ours
+    if others and not (_is_run_config(path / "config.toml") or (path / "metrics.json").exists()):
         raise PrunekitError(f"{named} is a folder holding other files, not a run folder: pass a new "
                             "folder so that nothing there is written over")
 
@@ -123,6 +129,8 @@ def check_data(data, what: str, class_labels: bool = True) -> None:
         if len(data) != 2:
             raise PrunekitError(f"{what} holds {len(data)} tensors: pass inputs and labels as (X, Y)")
         x, y = data
+        check_not_meta(x, f"{what}'s X")
+        check_not_meta(y, f"{what}'s Y")
         if x.ndim == 0 or y.ndim == 0 or (class_labels and y.ndim != 1) or x.shape[0] != y.shape[0]:
             wanted = "(N,)" if class_labels else "(N, ...)"
             hint = "" if not class_labels or y.ndim < 2 else \
@@ -226,7 +234,15 @@ def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tenso
     if first[0].ndim == 0 or first[1].ndim == 0 or first[0].shape[0] != first[1].shape[0]:
         raise PrunekitError(f"{what}'s first batch has inputs of shape {tuple(first[0].shape)} and targets of shape "
                             f"{tuple(first[1].shape)}: each batch needs one target per input (the same first size)")
+    for tensor in first:
+        check_not_meta(tensor, f"{what}'s first batch")
     return first[0], first[1]
+
+
+def check_not_meta(tensor, what: str) -> None:
+    """Refuse a tensor on the meta device: it has a shape but no values to run on."""
+    if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+        raise PrunekitError(f"{what} is on the meta device (no data): load real data first")
 
 
 def _all_labels(data) -> torch.Tensor | None:

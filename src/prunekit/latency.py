@@ -17,6 +17,9 @@ from typing import Callable
 
 import torch
 
+from . import memory_plan
+from .errors import PrunekitError
+
 MIN_REPEATS = 5
 
 
@@ -84,3 +87,30 @@ def latency_table(dense: torch.nn.Module, pruned: torch.nn.Module, input_shape, 
     finally:
         torch.set_num_threads(before)
     return rows
+
+
+def check_batch_sizes(model: torch.nn.Module, input_shape, batch_sizes, available: int | None = None) -> None:
+    """Refuse (``PrunekitError``, one line) a batch size whose timing would not fit in memory,
+    naming the largest that would.
+
+    The estimate, in bytes, is ``memory_plan``'s for a forward pass without autograd: per sample,
+    the float32 input (``input_shape``, one example's shape) plus ``INFERENCE_FACTOR`` times the
+    largest module output of ``model`` (measured on one sample), times the batch size. Give the
+    larger of the two models. ``available``: bytes the timing may take (default: the memory
+    available to this process, less ``memory_plan``'s margin of 5 % and at least 512 MB).
+    """
+    example = torch.zeros(1, *input_shape)
+    input_bytes, largest_output = memory_plan._inference_bytes(model, example)
+    per_sample = input_bytes + memory_plan.INFERENCE_FACTOR * largest_output
+    if available is None:
+        free = memory_plan.available_memory(torch.device("cpu"))
+        available = free - max(512 * memory_plan.MiB, free // 20)
+    fits = max(0, available) // per_sample
+    for batch in batch_sizes:
+        if batch > fits:
+            need = memory_plan._human(batch * per_sample)
+            raise PrunekitError(f"--batch-sizes {batch} needs about {need} for one forward pass (its inputs "
+                                f"{memory_plan._human(batch * input_bytes)} and activations) but about "
+                                f"{memory_plan._human(max(0, available))} is available: "
+                                + (f"the largest batch size that fits is {fits}; lower --batch-sizes" if fits else
+                                   "not even batch size 1 fits; free some memory first"))

@@ -9,6 +9,7 @@ Layout of ``DIR`` (every file but the log is written atomically)::
     checkpoints/stage-NNN.safetensors   model state + RNG states + stage history after stage NNN
     model.safetensors, model.json       the final model and its sidecar
     report.md, plots/*.png              written by ``report.write_run_report``
+    .prunekit.lock              while a process works in the folder (``run_lock``; left by a kill)
 
 ``executor.execute`` runs a prune of any mode into a folder, resuming from the newest stage,
 event or phase checkpoint if there is one (see ``pipelines.stages`` for the protocol).

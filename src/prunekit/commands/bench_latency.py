@@ -11,7 +11,7 @@ import torch
 
 from ..costs import CostModel
 from ..errors import PrunekitError
-from ..latency import MIN_REPEATS, latency_table
+from ..latency import MIN_REPEATS, check_batch_sizes, latency_table
 from ..loading import load_model
 from .common import model_file, resolve_model
 
@@ -59,6 +59,7 @@ def cmd_bench_latency(args) -> int:
     resolve_model(args, pruned_file)
     pruned = load_model(args.model, pruned_file)
     dense = load_model(args.model, args.checkpoint, input_shape=pruned.input_shape)
+    check_batch_sizes(dense.model, dense.input_shape, args.batch_sizes)     # the dense model is the larger
     rows = latency_table(dense.model, pruned.model, dense.input_shape, args.batch_sizes, args.threads,
                          args.warmup, args.repeats)
     costs = CostModel(dense.model, dense.example_input())

@@ -138,7 +138,11 @@ def eval_data(args, loaded: LoadedModel):
 
 
 def training_batches(args, loaded: LoadedModel):
-    """A function giving training batches, loading the training split on first use only."""
+    """A function giving training batches, loading the training split on first use only.
+
+    With ``--train-samples`` the split is read now: a count above its number of images takes them
+    all (``load_data`` warns once) and ``args.train_samples`` becomes the count used, so the run's
+    config.toml records what ran (and the same command again, capped the same, resumes it)."""
 
     check_normalized(loaded)
 
@@ -148,6 +152,9 @@ def training_batches(args, loaded: LoadedModel):
                        resize=args.resize, crop=args.crop)
         check_fits(loaded, ds, f"{args.data} train")
         return ds
+
+    if args.train_samples is not None:
+        args.train_samples = min(args.train_samples, len(dataset()))
 
     # CIFAR models are trained on randomly cropped and flipped images, so their BatchNorm
     # statistics are those of augmented data: recalibrating on plain images costs ResNet-20-B

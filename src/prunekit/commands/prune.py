@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from .. import distributed, recipes, report, runs, user_models
+from .. import distributed, recipes, report, run_lock, runs, user_models
 from ..api_checks import check_out
 from ..errors import PrunekitError
 from ..executor import execute
@@ -105,8 +106,13 @@ def run_config(args) -> str:
 def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None = None) -> dict:
     """Prune as ``plan`` says, into run folder ``args.out`` when given (resuming it with
     ``--resume``, clearing it first with ``--force``), then write its report."""
-    folder = None
     main = distributed.is_main_process()           # under torchrun, rank 0 alone writes
+    with run_lock.held(args.out) if args.out and main else nullcontext():     # one process at a time in it
+        return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
+
+
+def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None, main: bool) -> dict:
+    folder = None
     if args.out and not main:
         distributed.current().barrier()            # rank 0 claims the folder
         folder = runs.RunFolder(args.out).follower()

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
-from .. import report, runs
+from .. import distributed, report, run_lock, runs
 from ..errors import PrunekitError
 from ..methods import lookup
 from ..options import OptionError
@@ -71,6 +72,17 @@ def cmd_sweep(args) -> int:
     train_batches = training_batches(args, dense_model)
     for method, budget in plan:           # a run folder of another sweep is refused before the first run
         check_run_folder(run_args_of(args, method, budget))
+    main = distributed.is_main_process()  # under torchrun, rank 0 alone holds the folders
+    with run_lock.held(args.out) if main else nullcontext():    # one sweep at a time in it (each run locks its own)
+        table = run_sweep(args, plan, dense_model, eval_loader, train_batches)
+    emit(args, {"runs": table, "report": str(Path(args.out) / "report.md")},
+          report.table_lines(table) + [f"report: {Path(args.out) / 'report.md'}"])
+    return 0
+
+
+def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, train_batches) -> list[dict]:
+    """Run every method and budget of ``plan`` into its folder, then write the sweep's report;
+    returns the report's table."""
     folders, dense = [], None
     for i, (method, budget) in enumerate(plan, start=1):
         run_args = run_args_of(args, method, budget)
@@ -83,9 +95,7 @@ def cmd_sweep(args) -> int:
         folders.append(Path(run_args.out))
     table = report.collect(folders)
     write_report(lambda: report.write_comparison_report(args.out, table, title=f"Sweep: {args.model}"), args.json)
-    emit(args, {"runs": table, "report": str(Path(args.out) / "report.md")},
-          report.table_lines(table) + [f"report: {Path(args.out) / 'report.md'}"])
-    return 0
+    return table
 
 
 def cmd_compare(args) -> int:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from prunekit.data.cifar import load_cifar10
 from prunekit.data.dataset import ImageDataset
 from prunekit.data.imagefolder import load_image_folder
 from prunekit.data.mnist import load_mnist_like
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, PrunekitWarning
 
 DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "imagefolder")
 SPLITS = ("train", "test")
@@ -26,7 +27,8 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
       pixels, bring images of any size to one (image folders only).
 
     ``limit``: at most that many images, ``ImageDataset.subset(limit, seed)`` of the split when it
-    holds more (an image folder decodes only those).
+    holds more (an image folder decodes only those); a ``limit`` above the split's number of images
+    takes them all and says so (one ``PrunekitWarning`` naming the count used).
 
     Returns uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``. Every problem raises
     :class:`PrunekitError` with a message that names the fix.
@@ -42,11 +44,14 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     if not path.exists():
         raise PrunekitError(f"data path {path} does not exist; pass the folder that holds the {name} files")
     if name == "imagefolder" and path.is_dir():
-        return load_image_folder(path, split, resize, crop, limit, seed)
-    if name == "cifar10":
+        ds = load_image_folder(path, split, resize, crop, limit, seed)
+    elif name == "cifar10":
         ds = load_cifar10(path, split)
     elif not path.is_dir():
         raise PrunekitError(f"{path} is a file; pass the folder that holds the {name} files")
     else:
         ds = load_mnist_like(name, path, split)
+    if limit is not None and limit > len(ds):
+        warnings.warn(PrunekitWarning(f"the {name} {split} split holds {len(ds)} images, fewer than the {limit} "
+                                      f"asked for: using all {len(ds)}"), stacklevel=2)
     return ds if limit is None or limit >= len(ds) else ds.subset(limit, seed)

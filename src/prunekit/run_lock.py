@@ -1,0 +1,78 @@
+"""One prunekit process at a time in a run folder: an advisory lock on ``DIR/.prunekit.lock``.
+
+``held(DIR)`` takes ``fcntl.flock`` on that file without waiting, writes this process's pid into
+it, and holds it until the block ends, then removes the file. A second process refuses the
+folder in one line (``PrunekitError``) naming the holder's pid. A killed holder's lock is released
+by the operating system, so its leftover file never stops a resume. Without ``fcntl`` (Windows)
+no lock is taken.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import PrunekitError
+
+try:
+    import fcntl
+except ImportError:          # Windows: no flock; runs are not guarded there
+    fcntl = None
+
+LOCK_NAME = ".prunekit.lock"
+
+
+@contextmanager
+def held(folder: str | Path, flag: str = "--out") -> Iterator[None]:
+    """Hold ``folder``'s lock for the block (creating ``folder`` if needed); ``flag``: the option
+    that named the folder, for the refusal (``--out`` on the command line, ``out=`` in Python)."""
+    if fcntl is None:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = _acquire(path, folder, flag)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)      # while still held: a waiting process re-checks the file
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _acquire(path: Path, folder: Path, flag: str) -> int:
+    """An open descriptor of ``path`` holding its flock; refuses when another process holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _holder(fd)
+            os.close(fd)
+            raise PrunekitError(f"{folder} is in use by another prunekit process"
+                                + (f" (pid {pid})" if pid else "")
+                                + f": wait for it to finish or choose another {flag}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:                                # the holder before may have removed the file meanwhile
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _holder(fd: int) -> int | None:
+    """The pid written in the lock file, None when there is none (yet)."""
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None

@@ -1,0 +1,116 @@
+"""One process at a time in a run folder: a second prunekit process is refused in one line while
+the first holds the folder; a killed holder's lock goes with it, so the folder is usable again."""
+
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit import run_lock
+from prunekit.cli import main
+from prunekit.errors import PrunekitError
+
+pytest.importorskip("fcntl")
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+SRC = Path(prunekit.__file__).parent.parent
+PRUNE = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+         "--data-dir", str(ASSETS / "mnist"), "--sparsity", "0.5", "--train-samples", "64", "--json"]
+HOLD = ("import sys, time\nfrom prunekit.run_lock import held\n"
+        "with held(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
+
+
+class Holder:
+    """A child process holding the lock of ``folder`` until ``kill()``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.child = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE,
+                                      env={**os.environ, "PYTHONPATH": str(SRC)})
+        assert self.child.stdout.readline() == b"held\n"
+        self.pid = self.child.pid
+
+    def kill(self) -> None:
+        if self.child.poll() is None:
+            self.child.send_signal(signal.SIGKILL)
+        self.child.wait()
+        self.child.stdout.close()
+
+
+@pytest.fixture
+def holders():
+    made = []
+    yield lambda folder: made.append(Holder(folder)) or made[-1]
+    for holder in made:
+        holder.kill()
+
+
+def _run(argv, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code = main(argv)
+    return code, capsys.readouterr()
+
+
+def test_second_process_is_refused_then_the_folder_is_usable_after_a_kill(holders, tmp_path, capsys):
+    folder = tmp_path / "run"
+    holder = holders(folder)
+    code, out = _run([*PRUNE, "--out", str(folder)], capsys)
+    assert code == 2 and out.out == ""
+    assert out.err == (f"prunekit: error: {folder} is in use by another prunekit process (pid {holder.pid}): "
+                       "wait for it to finish or choose another --out\n")
+    assert sorted(os.listdir(folder)) == [run_lock.LOCK_NAME]       # nothing of a run was written
+    holder.kill()                                                   # the OS releases a killed holder's lock
+    assert (folder / run_lock.LOCK_NAME).exists()                   # its stale file is left behind ...
+    code, out = _run([*PRUNE, "--out", str(folder)], capsys)
+    assert code == 0, out.err                                       # ... and does not stop the run
+    assert (folder / "model.safetensors").exists() and not (folder / run_lock.LOCK_NAME).exists()
+
+
+def test_resume_and_sweep_are_refused_too(holders, tmp_path, capsys):
+    folder = tmp_path / "run"
+    assert _run([*PRUNE, "--out", str(folder)], capsys)[0] == 0
+    holder = holders(folder)
+    code, out = _run(["prune", "--resume", str(folder)], capsys)
+    assert code == 2 and out.err.count("\n") == 1, out.err
+    assert f"in use by another prunekit process (pid {holder.pid})" in out.err
+    sweep_folder = tmp_path / "sweep"
+    holder = holders(sweep_folder)
+    code, out = _run(["sweep", *PRUNE[1:], "--out", str(sweep_folder)], capsys)
+    assert code == 2 and out.err.count("\n") == 1, out.err
+    assert f"{sweep_folder} is in use by another prunekit process (pid {holder.pid})" in out.err
+    assert sorted(os.listdir(sweep_folder)) == [run_lock.LOCK_NAME]
+
+
+def test_python_prune_is_refused(holders, tmp_path):
+    holder = holders(tmp_path / "run")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.randn(8, 1, 4, 4), torch.arange(8) % 3
+    with pytest.raises(PrunekitError, match=rf"in use by another prunekit process \(pid {holder.pid}\): .* out="):
+        prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5, out=str(tmp_path / "run"))
+
+
+def test_lock_is_released_and_removed_after_the_block(tmp_path):
+    with run_lock.held(tmp_path / "a"):
+        assert (tmp_path / "a" / run_lock.LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(PrunekitError, match=rf"pid {os.getpid()}"):      # a second open file description
+            with run_lock.held(tmp_path / "a"):
+                pass
+    assert os.listdir(tmp_path / "a") == []
+    with run_lock.held(tmp_path / "a"):
+        pass
+
+
+def test_without_fcntl_no_lock_is_taken(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "fcntl", None)
+    with run_lock.held(tmp_path / "a"), run_lock.held(tmp_path / "a"):
+        pass
+    assert not (tmp_path / "a").exists()
