@@ -246,3 +246,30 @@ def test_masked_attention_projection_costs_nothing():
     counts = costs.count(mha)
     assert counts.macs == costs.macs - 8 * 8 * 4
     assert counts.params == costs.params - 64
+
+
+def test_repeated_parameters_bias_kv_and_max_norm_embedding_are_counted():
+    E, heads, T, B = 8, 2, 5, 2
+    mha = nn.MultiheadAttention(E, heads, batch_first=True, add_bias_kv=True, add_zero_attn=True)
+    x = torch.zeros(B, T, E)
+    costs = CostModel(mha, (x, x, x))                   # bias_k/bias_v go through aten.repeat
+    keys = T + 2                                        # + bias_k row + the zero-attention row
+    assert costs.macs == 4 * E * E * T + 2 * T * keys * E
+    assert costs.activation_macs == 2 * T * keys * E
+    assert costs.params == sum(p.numel() for p in mha.parameters())
+
+    class Tiled(nn.Module):                            # a repeated weight is still the weight
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(E, 3))
+
+        def forward(self, x):
+            return x @ self.w.repeat(2, 1)             # (B, T, 2E) @ (2E, 3): each element twice per token
+
+    costs = CostModel(Tiled(), torch.zeros(B, T, 2 * E))
+    assert costs.layer("w").is_weight_layer and costs.layer("w").macs == 2 * E * 3 * T
+    assert costs.macs == 2 * E * 3 * T
+
+    emb = nn.Embedding(50, E, max_norm=1.0)            # renormalises rows in place: no MACs
+    costs = CostModel(emb, torch.randint(0, 50, (B, T)))
+    assert costs.macs == 0 and costs.layer("").is_weight_layer

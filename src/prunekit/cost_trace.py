@@ -41,6 +41,7 @@ _NO_MAC_OPS = {
     "cat", "stack", "clone", "_to_copy", "copy_", "copy", "detach", "alias", "lift_fresh", "_unsafe_view",
     "expand", "unsafe_split", "split", "split_with_sizes", "unbind", "chunk", "contiguous",
     "_prelu_kernel", "_fused_rms_norm", "embedding", "_embedding_bag", "_embedding_bag_forward_only",
+    "embedding_renorm_",                              # Embedding(max_norm=...) rescales rows in place
 }
 _EMBEDDING_OPS = {"embedding", "_embedding_bag", "_embedding_bag_forward_only"}
 _RNN_OPS = {"mkldnn_rnn_layer", "lstm", "gru", "rnn_tanh", "rnn_relu", "_cudnn_rnn", "miopen_rnn",
@@ -163,13 +164,21 @@ class _ParamIndex:
         which, idx = owner[positions], flat[positions]
         return [(names[i], idx[which == i]) for i in which.unique().tolist() if i >= 0]
 
-    def add_alias(self, out: torch.Tensor, src: torch.Tensor) -> None:
-        """``out`` is an element-wise copy of ``src`` (a parameter view): charge ``out``'s uses to it."""
+    def add_alias(self, out: torch.Tensor, src: torch.Tensor, repeats=None) -> bool:
+        """``out`` is an element-wise copy of ``src`` (a parameter view), tiled by ``repeats`` if
+        given (``Tensor.repeat``): charge ``out``'s uses to it. False if that cannot be done."""
         found = self.owners(src)
-        if len(found) != 1 or out.shape != src.shape:
-            return
+        if len(found) != 1:
+            return False
         name, idx = found[0]
         idx = torch.arange(src.numel()) if idx is None else idx
+        if idx.numel() != src.numel():
+            return False
+        idx = idx.view(src.shape)
+        if repeats is not None:
+            idx = idx.repeat(*repeats)
+        if idx.shape != out.shape:
+            return False
         size = out.untyped_storage().nbytes() // out.element_size()
         flat = torch.full((size,), -1, dtype=torch.int64)
         flat.as_strided(out.size(), out.stride(), out.storage_offset()).copy_(idx.view(out.shape))
@@ -178,6 +187,7 @@ class _ParamIndex:
         self.by_storage[key] = [(name, None)]
         self._maps[key] = (flat, owner, [name])
         self.keep_alive.append(out)
+        return True
 
     @staticmethod
     def _build_map(key, entries):
@@ -290,6 +300,9 @@ class _OpCounter(TorchDispatchMode):
                 self._param(args[0], 0)
         elif name in _RNN_OPS:
             self._rnn(args)
+        elif name == "repeat" and self.index.is_param(args[0]) and isinstance(out, torch.Tensor):
+            if not self.index.add_alias(out, args[0], repeats=args[1]):
+                self._refuse(func, args[0])
         elif name in _COPY_OPS and tensors and self.index.is_param(tensors[0]) and isinstance(out, torch.Tensor):
             self.index.add_alias(out, tensors[0])
         elif func.is_view or torch.Tag.pointwise in func.tags or name in _NO_MAC_OPS:
