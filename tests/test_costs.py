@@ -273,3 +273,51 @@ def test_repeated_parameters_bias_kv_and_max_norm_embedding_are_counted():
     emb = nn.Embedding(50, E, max_norm=1.0)            # renormalises rows in place: no MACs
     costs = CostModel(emb, torch.randint(0, 50, (B, T)))
     assert costs.macs == 0 and costs.layer("").is_weight_layer
+
+
+def test_learned_queries_through_a_layer_price_the_layers_weight():
+    E, N, T, B = 8, 3, 5, 2
+
+    class Latents(nn.Module):                           # Perceiver/DETR-style learned queries
+        def __init__(self):
+            super().__init__()
+            self.latents = nn.Parameter(torch.randn(N, E))
+            self.to_q = nn.Linear(E, E)
+
+        def forward(self, x):
+            q = self.to_q(self.latents.expand(x.shape[0], -1, -1))      # (B, N, E)
+            return q @ x.transpose(1, 2)
+
+    model = Latents()
+    costs = CostModel(model, torch.zeros(B, T, E))
+    assert costs.layer("to_q").is_weight_layer and costs.layer("to_q").macs == N * E * E
+    assert not costs.layer("").is_weight_layer and costs.layer("").params == N * E
+    assert costs.macs == N * E * E + N * E * T
+    assert costs.params == sum(p.numel() for p in model.parameters())
+
+    class Detr(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.queries = nn.Embedding(N, E)
+            self.attn = nn.MultiheadAttention(E, 2)
+
+        def forward(self, x):                              # x (B, T, E); attention is sequence-first
+            memory = x.transpose(0, 1)
+            q = self.queries.weight.unsqueeze(1).repeat(1, x.shape[0], 1)
+            return self.attn(q, memory, memory)[0]
+
+    costs = CostModel(Detr(), torch.zeros(B, T, E))
+    assert costs.layer("attn.in_proj_weight").macs == E * E * (N + 2 * T)
+    assert costs.macs == E * E * (N + 2 * T) + E * E * N + 2 * N * T * E
+
+    class Merged(nn.Module):                           # a product of two of the module's own weights
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.randn(2, E)), nn.Parameter(torch.randn(E, 2))
+            self.weight = nn.Parameter(torch.randn(E, E))
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight + self.b @ self.a)
+
+    with pytest.raises(PrunekitError, match="no cost rule"):
+        CostModel(Merged(), torch.zeros(B, T, E))

@@ -258,6 +258,11 @@ class _OpCounter(TorchDispatchMode):
                 extra = self.uses.partial.setdefault(name, torch.zeros(numel, dtype=torch.int64))
                 extra.index_add_(0, idx, torch.full_like(idx, int(uses)))
 
+    def _owned(self, t: torch.Tensor) -> bool:
+        """True if every parameter ``t`` holds belongs directly to the running module."""
+        where = self._where()
+        return all(name.rpartition(".")[0] == where for name, _ in self.index.owners(t))
+
     def _refuse(self, func, t: torch.Tensor) -> None:
         for name, _ in self.index.owners(t):
             self.unpriced.append(Unpriced(name, str(func.overloadpacket.__name__), self._where()))
@@ -266,8 +271,14 @@ class _OpCounter(TorchDispatchMode):
         """(…, n, k) @ (…, k, m): a's elements are used m times each, b's n times each."""
         a_param, b_param = self.index.is_param(a), self.index.is_param(b)
         if a_param and b_param:
-            self._refuse(func, a)
-            return
+            # Learned queries/latents fed to a layer: the running module's own parameter is the
+            # weight, the other operand is its input. A product of two parameters of the same
+            # standing (a merged low-rank update) has no rule.
+            a_own, b_own = self._owned(a), self._owned(b)
+            if a_own == b_own:
+                self._refuse(func, a)
+                return
+            a_param, b_param = a_own, b_own
         if b_param:
             self._param(b, n)
         elif a_param:
