@@ -321,3 +321,14 @@ def test_learned_queries_through_a_layer_price_the_layers_weight():
 
     with pytest.raises(PrunekitError, match="no cost rule"):
         CostModel(Merged(), torch.zeros(B, T, E))
+
+
+def test_bilinear_weight_costs_one_mac_per_token():
+    bil = nn.Bilinear(4, 5, 3)
+    costs = CostModel(bil, (torch.zeros(2, 7, 4), torch.zeros(2, 7, 5)))
+    assert costs.layer("").is_weight_layer and costs.layer("").macs_per_weight == 7
+    assert costs.macs == 3 * 4 * 5 * 7
+    assert costs.params == 3 * 4 * 5 + 3
+    with torch.no_grad():
+        bil.weight[0] = 0
+    assert costs.count(bil).macs == 2 * 4 * 5 * 7

@@ -300,6 +300,8 @@ class _OpCounter(TorchDispatchMode):
             self._product(func, args[0].unsqueeze(0), args[1].unsqueeze(1), 1, args[0].numel(), 1)
         elif name in ("convolution", "_convolution"):
             self._convolution(func, args, out)
+        elif name == "_trilinear":
+            self._trilinear(func, args)
         elif "scaled_dot_product" in name:
             q, k, v = args[:3]
             for t in (q, k, v):
@@ -333,6 +335,24 @@ class _OpCounter(TorchDispatchMode):
             self._param(weight, uses)
         else:
             self._activation(uses * weight.numel())
+
+    def _trilinear(self, func, args) -> None:
+        """``nn.Bilinear``: three operands unsqueezed at ``expand1..3``, multiplied, summed. A
+        weight element is used once per element of the broadcast product it does not span."""
+        shapes = []
+        for t, dims in zip(args[:3], args[3:6]):
+            shape = list(t.shape)
+            for d in sorted(dims):
+                shape.insert(d, 1)
+            shapes.append(shape)
+        total = math.prod(torch.broadcast_shapes(*shapes))
+        params = [t for t in args[:3] if self.index.is_param(t)]
+        if len(params) > 1:
+            self._refuse(func, params[0])
+        elif params:
+            self._param(params[0], total // params[0].numel())
+        else:
+            self._activation(total)
 
     def _rnn(self, args) -> None:
         x = args[0]
