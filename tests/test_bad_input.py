@@ -404,6 +404,7 @@ PY_CASES = [
     ({"out": ""}, "empty path"),
     ({"data": None}, "example_input"),
     ({"example_input": torch.zeros(1, 3)}, "example input"),
+    ({"example_input": X[0]}, "without its batch dimension"),     # counted per "example" of C channels
     ({"example_input": "x"}, "example_input"),
     # the meta device: shapes without data
     ({"model": tiny_net().to("meta")}, "the model's parameter 1.weight is on the meta device (no data)"),

@@ -246,3 +246,213 @@ def test_masked_attention_projection_costs_nothing():
     counts = costs.count(mha)
     assert counts.macs == costs.macs - 8 * 8 * 4
     assert counts.params == costs.params - 64
+
+
+def test_repeated_parameters_bias_kv_and_max_norm_embedding_are_counted():
+    E, heads, T, B = 8, 2, 5, 2
+    mha = nn.MultiheadAttention(E, heads, batch_first=True, add_bias_kv=True, add_zero_attn=True)
+    x = torch.zeros(B, T, E)
+    costs = CostModel(mha, (x, x, x))                   # bias_k/bias_v go through aten.repeat
+    keys = T + 2                                        # + bias_k row + the zero-attention row
+    assert costs.macs == 4 * E * E * T + 2 * T * keys * E
+    assert costs.activation_macs == 2 * T * keys * E
+    assert costs.params == sum(p.numel() for p in mha.parameters())
+
+    class Tiled(nn.Module):                            # a repeated weight is still the weight
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(E, 3))
+
+        def forward(self, x):
+            return x @ self.w.repeat(2, 1)             # (B, T, 2E) @ (2E, 3): each element twice per token
+
+    costs = CostModel(Tiled(), torch.zeros(B, T, 2 * E))
+    assert costs.layer("w").is_weight_layer and costs.layer("w").macs == 2 * E * 3 * T
+    assert costs.macs == 2 * E * 3 * T
+
+    emb = nn.Embedding(50, E, max_norm=1.0)            # renormalises rows in place: no MACs
+    costs = CostModel(emb, torch.randint(0, 50, (B, T)))
+    assert costs.macs == 0 and costs.layer("").is_weight_layer
+
+
+def test_learned_queries_through_a_layer_price_the_layers_weight():
+    E, N, T, B = 8, 3, 5, 2
+
+    class Latents(nn.Module):                           # Perceiver/DETR-style learned queries
+        def __init__(self):
+            super().__init__()
+            self.latents = nn.Parameter(torch.randn(N, E))
+            self.to_q = nn.Linear(E, E)
+
+        def forward(self, x):
+            q = self.to_q(self.latents.expand(x.shape[0], -1, -1))      # (B, N, E)
+            return q @ x.transpose(1, 2)
+
+    model = Latents()
+    costs = CostModel(model, torch.zeros(B, T, E))
+    assert costs.layer("to_q").is_weight_layer and costs.layer("to_q").macs == N * E * E
+    assert not costs.layer("").is_weight_layer and costs.layer("").params == N * E
+    assert costs.macs == N * E * E + N * E * T
+    assert costs.params == sum(p.numel() for p in model.parameters())
+
+    class Detr(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.queries = nn.Embedding(N, E)
+            self.attn = nn.MultiheadAttention(E, 2)
+
+        def forward(self, x):                              # x (B, T, E); attention is sequence-first
+            memory = x.transpose(0, 1)
+            q = self.queries.weight.unsqueeze(1).repeat(1, x.shape[0], 1)
+            return self.attn(q, memory, memory)[0]
+
+    costs = CostModel(Detr(), torch.zeros(B, T, E))
+    assert costs.layer("attn.in_proj_weight").macs == E * E * (N + 2 * T)
+    assert costs.macs == E * E * (N + 2 * T) + E * E * N + 2 * N * T * E
+
+    class Merged(nn.Module):                           # a product of two of the module's own weights
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.randn(2, E)), nn.Parameter(torch.randn(E, 2))
+            self.weight = nn.Parameter(torch.randn(E, E))
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight + self.b @ self.a)
+
+    with pytest.raises(PrunekitError, match="no cost rule"):
+        CostModel(Merged(), torch.zeros(B, T, E))
+
+
+def test_bilinear_weight_costs_one_mac_per_token():
+    bil = nn.Bilinear(4, 5, 3)
+    costs = CostModel(bil, (torch.zeros(2, 7, 4), torch.zeros(2, 7, 5)))
+    assert costs.layer("").is_weight_layer and costs.layer("").macs_per_weight == 7
+    assert costs.macs == 3 * 4 * 5 * 7
+    assert costs.params == 3 * 4 * 5 + 3
+    with torch.no_grad():
+        bil.weight[0] = 0
+    assert costs.count(bil).macs == 2 * 4 * 5 * 7
+
+
+class _Einsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 8, 3))
+
+    def forward(self, x):                              # (B, T, 8) -> (B, 4, T, 3): a weight per head
+        return torch.einsum("btf,hfo->bhto", x, self.w)
+
+
+class _BmmExpanded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(1, 8, 3))
+
+    def forward(self, x):
+        return torch.bmm(x, self.w.expand(x.shape[0], -1, -1))
+
+
+class _LeftMatmul(nn.Module):                          # a weight mixing tokens: (3, T) @ (B, T, 8)
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 5))
+
+    def forward(self, x):
+        return self.w @ x
+
+
+class _SharedFunctional(nn.Module):                    # one weight, two products
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return nn.functional.linear(nn.functional.linear(x, self.w), self.w.t())
+
+
+class _Sdpa(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(x.shape))
+
+
+class _ShapeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.long, self.short = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.long(x) if x.shape[1] > 3 else self.short(x)
+
+
+# (model, input, MACs per example by the textbook formula); B = 2, T = 5 tokens of 8 features
+_X = torch.zeros(2, 5, 8)
+FORMULA_CASES = {
+    "conv3d": (nn.Conv3d(3, 5, (2, 3, 3), stride=(1, 2, 2), padding=1), torch.zeros(2, 3, 6, 8, 8),
+               5 * 3 * 18 * (7 * 4 * 4)),
+    "conv_transpose2d": (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), torch.zeros(2, 4, 5, 5),
+                         4 * 6 * 9 * 25),                       # once per input position
+    "conv_transpose2d_grouped_dilated": (nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, groups=2, dilation=2),
+                                         torch.zeros(2, 4, 5, 7), 4 * 3 * 9 * 35),
+    "conv_transpose1d": (nn.ConvTranspose1d(4, 6, 3, stride=3), torch.zeros(2, 4, 7), 4 * 6 * 3 * 7),
+    "depthwise_multiplier": (nn.Conv2d(4, 8, 3, groups=4), torch.zeros(2, 4, 6, 6), 8 * 9 * 16),
+    "conv1d_dilated_strided": (nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2), torch.zeros(2, 4, 21),
+                               6 * 4 * 3 * 11),
+    "conv_same_padding": (nn.Conv2d(3, 4, 3, padding="same", dilation=2), torch.zeros(2, 3, 9, 9), 4 * 27 * 81),
+    "linear_4d": (nn.Linear(8, 7), torch.zeros(2, 3, 5, 8), 15 * 56),
+    "einsum_heads": (_Einsum(), _X, 4 * 5 * 8 * 3),
+    "bmm_expanded_weight": (_BmmExpanded(), _X, 5 * 8 * 3),
+    "left_matmul": (_LeftMatmul(), _X, 3 * 5 * 8),
+    "shared_functional": (_SharedFunctional(), _X, 2 * 5 * 64),
+    "sdpa_causal": (_Sdpa(), _X, 5 * 8 * 24 + 5 * 64 + 2 * 5 * 5 * 8),
+    "branch_long": (_ShapeBranch(), _X, 5 * 64),
+    "branch_short": (_ShapeBranch(), torch.zeros(2, 2, 8), 2 * 16),
+    "embedding": (nn.Embedding(50, 8), torch.zeros(2, 5, dtype=torch.long), 0),
+}
+
+
+@pytest.mark.parametrize("case", list(FORMULA_CASES))
+def test_macs_match_the_textbook_formula(case):
+    model, x, expected = FORMULA_CASES[case]
+    costs = CostModel(model, x)
+    assert costs.macs == expected
+    assert costs.params == sum(p.numel() for p in model.parameters())
+
+
+def test_flops_budget_recounts_by_hand_from_the_saved_nonzeros():
+    import prunekit
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.dw = nn.Conv2d(8, 8, 3, groups=8, padding=1, stride=2)
+            self.up = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True, add_bias_kv=True)
+            self.shared = nn.Linear(4, 4)
+            self.bil = nn.Bilinear(4, 4, 10)
+
+        def forward(self, x):
+            y = self.up(self.dw(torch.relu(self.conv(x))))           # (B, 4, 8, 8)
+            t = nn.functional.avg_pool2d(y, 2).flatten(2).transpose(1, 2)     # 16 tokens of 4
+            t = self.shared(self.shared(self.attn(t, t, t, need_weights=False)[0]))
+            return self.bil(t.mean(1), t.amax(1))
+
+    def by_hand(m):
+        nz = lambda p: int(torch.count_nonzero(p))  # noqa: E731
+        return (nz(m.conv.weight) * 64 + nz(m.dw.weight) * 16 + nz(m.up.weight) * 16
+                + nz(m.attn.in_proj_weight) * 16 + nz(m.attn.out_proj.weight) * 16 + 2 * 16 * 17 * 4
+                + 2 * nz(m.shared.weight) * 16 + nz(m.bil.weight))
+
+    torch.manual_seed(0)
+    X, Y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    model = Net()
+    dense = by_hand(model)
+    result = prunekit.prune(model, (X, Y), method="magnitude-flops", flops=0.5, example_input=X[:1])
+    assert result.dense_macs == dense
+    assert result.macs == by_hand(result.model) <= dense // 2

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from . import recipes, run_lock
-from .api_checks import (check_arguments, check_data, check_labels, check_loss, check_not_meta, check_runs_on,
-                         first_batch)
+from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
+                         check_runs_on, first_batch)
 from .data.loaders import BatchLoader
 from .errors import PrunekitError
 from .executor import execute
@@ -88,6 +88,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         if source is None:
             raise PrunekitError("pass example_input (one input batch) when there is no data to take it from")
         example_input = first_batch(source, what)[0][:1]
+    else:
+        check_example_batched(example_input, train_batches or eval_batches, "data" if train_batches else "eval_data")
     if isinstance(example_input, torch.Tensor):                 # the data may stay on the CPU
         example_input = example_input.to(_model_device(model))
     if loss is None:                          # the user's loss decides what its targets are

@@ -169,6 +169,19 @@ def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: C
                             "pass the labels as indices of the model's outputs")
 
 
+def check_example_batched(example_input, batches: Callable[[], Iterable] | None, what: str) -> None:
+    """``example_input`` must be a batch: one example of the data without its batch dimension
+    would be counted as a batch of its first dimension's size (MACs divided by the channels)."""
+    if batches is None or not isinstance(example_input, torch.Tensor):
+        return
+    x = first_batch(batches, what)[0]
+    if (isinstance(x, torch.Tensor) and x.dim() == example_input.dim() + 1
+            and tuple(x.shape[1:]) == tuple(example_input.shape)):
+        raise PrunekitError(f"example_input has shape {tuple(example_input.shape)}: one example of {what} without "
+                            f"its batch dimension; pass example_input.unsqueeze(0), shape {(1, *example_input.shape)} "
+                            "(MACs are counted per example of a batch)")
+
+
 def check_runs_on(model: nn.Module, batches: Callable[[], Iterable], what: str, device: torch.device) -> None:
     """The model must run on the first input of ``batches`` (eval_data of another shape than data
     would fail only after pruning)."""

@@ -41,6 +41,7 @@ _NO_MAC_OPS = {
     "cat", "stack", "clone", "_to_copy", "copy_", "copy", "detach", "alias", "lift_fresh", "_unsafe_view",
     "expand", "unsafe_split", "split", "split_with_sizes", "unbind", "chunk", "contiguous",
     "_prelu_kernel", "_fused_rms_norm", "embedding", "_embedding_bag", "_embedding_bag_forward_only",
+    "embedding_renorm_",                              # Embedding(max_norm=...) rescales rows in place
 }
 _EMBEDDING_OPS = {"embedding", "_embedding_bag", "_embedding_bag_forward_only"}
 _RNN_OPS = {"mkldnn_rnn_layer", "lstm", "gru", "rnn_tanh", "rnn_relu", "_cudnn_rnn", "miopen_rnn",
@@ -163,13 +164,21 @@ class _ParamIndex:
         which, idx = owner[positions], flat[positions]
         return [(names[i], idx[which == i]) for i in which.unique().tolist() if i >= 0]
 
-    def add_alias(self, out: torch.Tensor, src: torch.Tensor) -> None:
-        """``out`` is an element-wise copy of ``src`` (a parameter view): charge ``out``'s uses to it."""
+    def add_alias(self, out: torch.Tensor, src: torch.Tensor, repeats=None) -> bool:
+        """``out`` is an element-wise copy of ``src`` (a parameter view), tiled by ``repeats`` if
+        given (``Tensor.repeat``): charge ``out``'s uses to it. False if that cannot be done."""
         found = self.owners(src)
-        if len(found) != 1 or out.shape != src.shape:
-            return
+        if len(found) != 1:
+            return False
         name, idx = found[0]
         idx = torch.arange(src.numel()) if idx is None else idx
+        if idx.numel() != src.numel():
+            return False
+        idx = idx.view(src.shape)
+        if repeats is not None:
+            idx = idx.repeat(*repeats)
+        if idx.shape != out.shape:
+            return False
         size = out.untyped_storage().nbytes() // out.element_size()
         flat = torch.full((size,), -1, dtype=torch.int64)
         flat.as_strided(out.size(), out.stride(), out.storage_offset()).copy_(idx.view(out.shape))
@@ -178,6 +187,7 @@ class _ParamIndex:
         self.by_storage[key] = [(name, None)]
         self._maps[key] = (flat, owner, [name])
         self.keep_alive.append(out)
+        return True
 
     @staticmethod
     def _build_map(key, entries):
@@ -248,6 +258,11 @@ class _OpCounter(TorchDispatchMode):
                 extra = self.uses.partial.setdefault(name, torch.zeros(numel, dtype=torch.int64))
                 extra.index_add_(0, idx, torch.full_like(idx, int(uses)))
 
+    def _owned(self, t: torch.Tensor) -> bool:
+        """True if every parameter ``t`` holds belongs directly to the running module."""
+        where = self._where()
+        return all(name.rpartition(".")[0] == where for name, _ in self.index.owners(t))
+
     def _refuse(self, func, t: torch.Tensor) -> None:
         for name, _ in self.index.owners(t):
             self.unpriced.append(Unpriced(name, str(func.overloadpacket.__name__), self._where()))
@@ -256,8 +271,14 @@ class _OpCounter(TorchDispatchMode):
         """(…, n, k) @ (…, k, m): a's elements are used m times each, b's n times each."""
         a_param, b_param = self.index.is_param(a), self.index.is_param(b)
         if a_param and b_param:
-            self._refuse(func, a)
-            return
+            # Learned queries/latents fed to a layer: the running module's own parameter is the
+            # weight, the other operand is its input. A product of two parameters of the same
+            # standing (a merged low-rank update) has no rule.
+            a_own, b_own = self._owned(a), self._owned(b)
+            if a_own == b_own:
+                self._refuse(func, a)
+                return
+            a_param, b_param = a_own, b_own
         if b_param:
             self._param(b, n)
         elif a_param:
@@ -279,6 +300,8 @@ class _OpCounter(TorchDispatchMode):
             self._product(func, args[0].unsqueeze(0), args[1].unsqueeze(1), 1, args[0].numel(), 1)
         elif name in ("convolution", "_convolution"):
             self._convolution(func, args, out)
+        elif name == "_trilinear":
+            self._trilinear(func, args)
         elif "scaled_dot_product" in name:
             q, k, v = args[:3]
             for t in (q, k, v):
@@ -290,6 +313,9 @@ class _OpCounter(TorchDispatchMode):
                 self._param(args[0], 0)
         elif name in _RNN_OPS:
             self._rnn(args)
+        elif name == "repeat" and self.index.is_param(args[0]) and isinstance(out, torch.Tensor):
+            if not self.index.add_alias(out, args[0], repeats=args[1]):
+                self._refuse(func, args[0])
         elif name in _COPY_OPS and tensors and self.index.is_param(tensors[0]) and isinstance(out, torch.Tensor):
             self.index.add_alias(out, tensors[0])
         elif func.is_view or torch.Tag.pointwise in func.tags or name in _NO_MAC_OPS:
@@ -309,6 +335,24 @@ class _OpCounter(TorchDispatchMode):
             self._param(weight, uses)
         else:
             self._activation(uses * weight.numel())
+
+    def _trilinear(self, func, args) -> None:
+        """``nn.Bilinear``: three operands unsqueezed at ``expand1..3``, multiplied, summed. A
+        weight element is used once per element of the broadcast product it does not span."""
+        shapes = []
+        for t, dims in zip(args[:3], args[3:6]):
+            shape = list(t.shape)
+            for d in sorted(dims):
+                shape.insert(d, 1)
+            shapes.append(shape)
+        total = math.prod(torch.broadcast_shapes(*shapes))
+        params = [t for t in args[:3] if self.index.is_param(t)]
+        if len(params) > 1:
+            self._refuse(func, params[0])
+        elif params:
+            self._param(params[0], total // params[0].numel())
+        else:
+            self._activation(total)
 
     def _rnn(self, args) -> None:
         x = args[0]

@@ -11,8 +11,10 @@ Conventions (the ones the papers use, so our figures compare with theirs):
   **one example**. A weight element costs the number of times it is multiplied: a conv weight
   once per output position (any stride, padding, dilation, groups), a linear weight (also a
   functional ``F.linear``/``x @ W``, the packed ``in_proj_weight`` and ``out_proj`` of
-  ``nn.MultiheadAttention``, a recurrent layer's ``weight_ih``/``weight_hh``) once per token.
-  An embedding table's weights are prunable and cost 0 MACs. Biases are not counted.
+  ``nn.MultiheadAttention``, a recurrent layer's ``weight_ih``/``weight_hh``, an ``nn.Bilinear``
+  weight) once per token; a weight tiled by ``repeat`` once per copy. Learned queries or latents
+  fed to a layer are its input: the layer's own weight is priced. An embedding table's weights
+  are prunable and cost 0 MACs. Biases are not counted.
 * Products of two activations (attention's QKᵀ and AV) are real MACs but tied to no weight:
   a layer's ``activation_macs``, part of ``macs``, never prunable.
 * Everything else (BatchNorm: one op per element; pooling: one per window element; residual
