@@ -256,3 +256,22 @@ def test_a_run_folder_belongs_to_one_loss(tmp_path):
     assert again.record == first.record
     with pytest.raises(prunekit.PrunekitError, match="holds another run"):
         prunekit.prune(copy.deepcopy(net), (x, y), loss=nn.L1Loss(), **run)
+
+
+def test_an_example_batch_counts_per_example_work_that_does_not_grow_with_the_batch():
+    # learned latents through a layer cost the same whatever the batch: traced at batch 4 and
+    # divided by 4 they were rounded down (256 MACs counted as 64), and the budget with them
+    class Latents(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.latents = torch.nn.Parameter(torch.randn(4, 8))
+            self.proj = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):                                   # x (B, 8)
+            return self.head(x + self.proj(self.latents).mean(0))
+
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    result = prunekit.prune(Latents(), (X, Y), method="magnitude-flops", flops=0.5, example_input=X[:4])
+    assert result.record["dense_macs"] == 4 * 8 * 8 + 8 * 3

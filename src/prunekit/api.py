@@ -51,8 +51,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             taper ...) or a ``prunekit.methods.Method`` of your own.
         sparsity, flops, params: the budget, as on the command line (0.9, "90%", "50k"; flops =
             share of dense MACs kept, or MACs kept as "20M").
-        example_input: one input batch for counting MACs; default: the first training (or
-            evaluation) batch's first example.
+        example_input: one input batch for counting MACs (its first example is the one traced);
+            default: the first training (or evaluation) batch's first example.
         eval_data: evaluation data; gives accuracy and loss before, per stage and after.
         stage_eval: False: accuracy and loss before and after only, not after every stage, event
             or phase (each reads all of ``eval_data``; pruning seconds never include them).
@@ -90,6 +90,10 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         example_input = first_batch(source, what)[0][:1]
     else:
         check_example_batched(example_input, train_batches or eval_batches, "data" if train_batches else "eval_data")
+        if isinstance(example_input, torch.Tensor) and example_input.ndim > 0:
+            # MACs are per example; traced at batch 1, work that does not grow with the batch
+            # (learned latents through a layer) is not divided among the examples and rounded down
+            example_input = example_input[:1]
     if isinstance(example_input, torch.Tensor):                 # the data may stay on the CPU
         example_input = example_input.to(_model_device(model))
     if loss is None:                          # the user's loss decides what its targets are
