@@ -26,6 +26,7 @@ import time
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..costs import CostModel
 from ..errors import PrunekitError
@@ -88,7 +89,16 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
     optimizer = schedule = optimizer_state = None
     if state is None:
         start = time.perf_counter()
-        cut = _depth_then(ctx, run, opts)
+        bar, told = None, ctx.progress
+        if progress and told is None:       # the CLI's progress: one step per gate batch (or depth round)
+            bar = tqdm(desc="gate training", unit="step", leave=False, dynamic_ncols=True)
+            ctx.progress = lambda record: bar.update(1)
+        try:
+            cut = _depth_then(ctx, run, opts)
+        finally:
+            if bar is not None:
+                bar.close()
+                ctx.progress = told
         seconds = time.perf_counter() - start
         models, info = cut.models, {**cut.info, "gate_seconds": seconds,
                                     "kept_channels": {f"{s:g}": [int(m.sum()) for m in cut.masks[s]] for s in cut.models}}
