@@ -86,3 +86,18 @@ def test_structured_errors(capsys, extra, message):
 def test_bench_latency_needs_a_pruned_model(capsys, tmp_path):
     assert main(["bench-latency", "--model", "mlpnet", "--pruned", str(tmp_path)]) == 2
     assert "no pruned model" in capsys.readouterr().err
+
+
+def test_the_result_asked_for_is_printed_last_and_snapshots_are_labelled():
+    from prunekit.commands.prune import prune_lines
+
+    def record(kept):
+        return {"model": "m", "method": "taper", "mode": "one-shot", "dense_accuracy": 90.0, "accuracy": 80.0,
+                "sparsity": None, "flops_kept": kept, "macs": int(kept * 100), "dense_macs": 100,
+                "params_kept": kept, "params": 10}
+
+    lines = prune_lines({**record(0.3), "snapshots": [record(0.5)], "seconds": 1.0, "peak_rss_mb": 1.0})
+    headers = [line for line in lines if "pruned with" in line]
+    assert headers == ["m pruned with taper (snapshot at 50% MACs, one-shot):", "m pruned with taper (one-shot):"]
+    assert lines.index(headers[1]) > lines.index(headers[0])
+    assert "MACs kept  30.00%" in "\n".join(lines[lines.index(headers[1]):])

@@ -143,9 +143,12 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
 
 
 def prune_lines(r: dict) -> list[str]:
+    """The summary a run prints: a taper's snapshots first, labelled, so that the result asked for
+    is the block right above the time."""
     lines = []
-    for one in [r, *r.get("snapshots", [])]:
-        lines += [f"{one['model']} pruned with {one['method']} ({one['mode']}):",
+    for one in [*r.get("snapshots", []), r]:
+        label = f"snapshot at {100 * one['flops_kept']:.0f}% MACs, " if one is not r else ""
+        lines += [f"{one['model']} pruned with {one['method']} ({label}{one['mode']}):",
                   f"  accuracy   {one['dense_accuracy']:.2f}% -> {one['accuracy']:.2f}%"]
         if one["sparsity"] is not None:
             lines.append(f"  sparsity   {100 * one['sparsity']:.2f}% ({one['nonzeros']:,} prunable weights kept)")
