@@ -91,7 +91,8 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
         start = time.perf_counter()
         bar, told = None, ctx.progress
         if progress and told is None:       # the CLI's progress: one step per gate batch (or depth round)
-            bar = tqdm(desc="gate training", unit="step", leave=False, dynamic_ncols=True)
+            total = getattr(opts, "gate_batches", None) if opts.depth_flops is None else None   # AutoBot's is known
+            bar = tqdm(desc="gate training", total=total, unit="step", leave=False, dynamic_ncols=True)
             ctx.progress = lambda record: bar.update(1)
         try:
             cut = _depth_then(ctx, run, opts)
