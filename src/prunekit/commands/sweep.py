@@ -93,6 +93,8 @@ def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, trai
                    dense)
         dense = dense or runs.RunFolder(run_args.out).read_metrics().get("dense")
         folders.append(Path(run_args.out))
+    if not distributed.is_main_process():     # under torchrun, rank 0 alone reads the runs back and reports
+        return []
     table = report.collect(folders)
     write_report(lambda: report.write_comparison_report(args.out, table, title=f"Sweep: {args.model}"), args.json)
     return table

@@ -1,0 +1,71 @@
+"""Under torchrun, rank 0 alone writes: ``prunekit sweep`` as 2 ranks, rank
+1 watched by an audit hook that reports every file it opens for writing, creates, renames or
+removes under the run folder (nothing may be reported), and prints nothing."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from distributed_spawn import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "src" / "prunekit" / "assets"
+DATA = ["--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+        "--data-dir", str(ASSETS / "mnist"), "--train-samples", "128", "--batch-size", "2000"]
+
+# `python -m prunekit ARGS` that prints "WROTE path" on stderr for each write under WATCHED
+_WATCHED = """
+import os, sys
+watched = os.path.realpath(os.environ["WATCHED"])
+def under(path):
+    try:
+        return os.path.realpath(os.fsdecode(path)).startswith(watched)
+    except (TypeError, ValueError):
+        return False
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path, mode, flags = args
+        if under(path) and ((mode is not None and any(c in mode for c in "wax+")) or (flags or 0) & WRITE):
+            sys.__stderr__.write(f"WROTE {path}\\n")
+    elif event in ("os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree"):
+        if under(args[0]):
+            sys.__stderr__.write(f"WROTE {event} {args[0]}\\n")
+sys.addaudithook(hook)
+from prunekit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _two_ranks(args: list[str], watched: Path) -> list[tuple[int, str, str]]:
+    port, ranks = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src"), "WATCHED": str(watched),
+               "MPLBACKEND": "Agg"}
+        ranks.append(subprocess.Popen([sys.executable, "-c", _WATCHED, *args], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for process in ranks:
+        try:
+            out, err = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for p in ranks:
+                p.kill()
+            raise
+        results.append((process.returncode, out, err))
+    return results
+
+
+def test_a_two_rank_sweep_writes_its_report_on_rank_0_alone(tmp_path):
+    out = tmp_path / "sweep"
+    (zero, zero_out, zero_err), (one, one_out, one_err) = _two_ranks(
+        ["sweep", *DATA, "--method", "magnitude", "chita", "--sparsity", "0.8", "--include", "fc2", "fc3",
+         "--fisher-samples", "16", "--out", str(out), "--json"], out)
+    assert (zero, one) == (0, 0), zero_err[-2000:] + one_err[-2000:]
+    assert (one_out, one_err) == ("", ""), one_err[-3000:]
+    assert (out / "report.md").exists() and (out / "runs.json").exists()
+    assert {p.name for p in out.iterdir()} >= {"magnitude_sparsity-0.8", "chita_sparsity-0.8"}
+
