@@ -1,4 +1,5 @@
-"""Under torchrun, rank 0 alone writes: ``prunekit sweep`` as 2 ranks, rank
+"""Under torchrun, rank 0 alone writes: ``prunekit sweep``, ``prunekit export`` and ``prunekit
+compare --out`` as 2 ranks, rank
 1 watched by an audit hook that reports every file it opens for writing, creates, renames or
 removes under the run folder (nothing may be reported), and prints nothing."""
 
@@ -69,3 +70,20 @@ def test_a_two_rank_sweep_writes_its_report_on_rank_0_alone(tmp_path):
     assert (out / "report.md").exists() and (out / "runs.json").exists()
     assert {p.name for p in out.iterdir()} >= {"magnitude_sparsity-0.8", "chita_sparsity-0.8"}
 
+
+def test_a_two_rank_export_and_compare_write_on_rank_0_alone(tmp_path):
+    from prunekit.cli import main
+    run = tmp_path / "run"
+    assert main(["prune", *DATA, "--method", "magnitude", "--sparsity", "0.8", "--out", str(run), "--json"]) == 0
+    (zero, zero_out, zero_err), (one, one_out, one_err) = _two_ranks(
+        ["export", str(run), "--dense", "--sparse", "--json"], run)
+    assert (zero, one) == (0, 0), zero_err[-2000:] + one_err[-2000:]
+    assert (one_out, one_err) == ("", ""), one_err[-3000:]
+    assert '"format": "sparse"' in zero_out
+    assert {p.name for p in (run / "export").iterdir()} == {"exported.json", "model-dense.safetensors",
+                                                              "model-sparse.safetensors"}
+    (zero, zero_out, zero_err), (one, one_out, one_err) = _two_ranks(
+        ["compare", str(run), "--out", str(tmp_path / "compared"), "--json"], tmp_path / "compared")
+    assert (zero, one) == (0, 0), zero_err[-2000:] + one_err[-2000:]
+    assert (one_out, one_err) == ("", ""), one_err[-3000:]
+    assert (tmp_path / "compared" / "report.md").exists()

@@ -101,6 +101,8 @@ def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, trai
 
 
 def cmd_compare(args) -> int:
+    if not distributed.is_main_process():   # under torchrun, rank 0 alone reads the runs and reports
+        return 0
     if args.out is not None:
         report.check_report_folder(args.out)
     table = report.collect(report.find_runs(args.runs))
