@@ -87,3 +87,13 @@ def test_a_two_rank_export_and_compare_write_on_rank_0_alone(tmp_path):
     assert (zero, one) == (0, 0), zero_err[-2000:] + one_err[-2000:]
     assert (one_out, one_err) == ("", ""), one_err[-3000:]
     assert (tmp_path / "compared" / "report.md").exists()
+
+
+def test_woodfisher_under_two_ranks_is_refused_before_the_run_folder_is_written(tmp_path):
+    out = tmp_path / "run"
+    results = _two_ranks(["prune", *DATA, "--method", "woodfisher", "--sparsity", "0.8", "--include", "fc2", "fc3",
+                          "--fisher-samples", "16", "--out", str(out), "--json"], out)
+    for code, stdout, stderr in results:
+        assert code == 2, stderr[-2000:]
+        assert stdout == "" and stderr.count("\n") == 1 and "run them without torchrun" in stderr, stderr
+    assert not out.exists()          # no half-made run folder (status "running") for --resume to trip on
