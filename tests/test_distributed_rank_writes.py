@@ -97,3 +97,17 @@ def test_woodfisher_under_two_ranks_is_refused_before_the_run_folder_is_written(
         assert code == 2, stderr[-2000:]
         assert stdout == "" and stderr.count("\n") == 1 and "run them without torchrun" in stderr, stderr
     assert not out.exists()          # no half-made run folder (status "running") for --resume to trip on
+
+
+def test_two_ranks_show_one_gradient_bar_per_stage_over_rank_0s_rows(tmp_path):
+    """Rank 0 computes its rows in pieces (to bound the exchange's memory); its progress bar
+    counts them all, 8 of 16, not one bar of 1 row per piece."""
+    out = tmp_path / "run"
+    (zero, _, zero_err), (one, one_out, one_err) = _two_ranks(
+        ["prune", *DATA, "--method", "chita", "--sparsity", "0.8", "--include", "fc2", "fc3",
+         "--fisher-samples", "16", "--out", str(out)], out)
+    assert (zero, one) == (0, 0), zero_err[-2000:] + one_err[-2000:]
+    assert (one_out, one_err) == ("", ""), one_err[-3000:]
+    bars = {line.split("|")[-1].split("[")[0].strip() for line in zero_err.replace("\r", "\n").splitlines()
+            if line.startswith("gradients:")}
+    assert bars and all(bar.endswith("/8") for bar in bars), bars
