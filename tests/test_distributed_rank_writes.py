@@ -1,12 +1,16 @@
-"""Under torchrun, rank 0 alone writes: ``prunekit sweep``, ``prunekit export`` and ``prunekit
-compare --out`` as 2 ranks, rank
-1 watched by an audit hook that reports every file it opens for writing, creates, renames or
-removes under the run folder (nothing may be reported), and prints nothing."""
+"""prunekit as 2 ranks (the environment torchrun gives), rank 1 watched by an audit hook that
+reports every file it opens for writing, creates, renames or removes under the watched folder:
+``prunekit sweep``, ``export`` and ``compare --out`` write on rank 0 alone and rank 1 prints
+nothing; woodfisher is refused before a run folder is written; rank 0 shows one gradient bar per
+stage; the hybrid's FALCON phase reads one process's rows."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from distributed_spawn import free_port
 
@@ -111,3 +115,19 @@ def test_two_ranks_show_one_gradient_bar_per_stage_over_rank_0s_rows(tmp_path):
     bars = {line.split("|")[-1].split("[")[0].strip() for line in zero_err.replace("\r", "\n").splitlines()
             if line.startswith("gradients:")}
     assert bars and all(bar.endswith("/8") for bar in bars), bars
+
+
+def test_the_hybrids_falcon_phase_reads_one_processs_rows_on_two_ranks(tmp_path):
+    """The channel pipeline's loader starts a new epoch (a new order) at every pass; FALCON on two
+    ranks reads its rows piece by piece, one pass each, so it must see one epoch throughout: the
+    rows, hence the ridge (relative to the mean Fisher diagonal) and the objective, are one process's."""
+    from prunekit.cli import main
+    flags = ["prune", *DATA, "--method", "hybrid", "--flops", "0.3", "--structured-flops", "0.6", "--gate-batches",
+             "4", "--fisher-samples", "16", "--finetune-epochs", "1", "--json"]
+    assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    (zero, _, zero_err), (one, _, one_err) = _two_ranks([*flags, "--out", str(tmp_path / "two")], tmp_path / "two")
+    assert (zero, one) == (0, 0), zero_err[-2000:] + one_err[-2000:]
+    falcon = [next(s for s in json.loads((tmp_path / run / "metrics.json").read_text())["stages"]
+                   if s["phase"] == "sparsify")["falcon"][0] for run in ("one", "two")]
+    assert falcon[1]["ridge"] == pytest.approx(falcon[0]["ridge"], rel=1e-4)
+    assert falcon[1]["objective"] == pytest.approx(falcon[0]["objective"], rel=1e-2)
