@@ -131,3 +131,20 @@ def test_the_hybrids_falcon_phase_reads_one_processs_rows_on_two_ranks(tmp_path)
                    if s["phase"] == "sparsify")["falcon"][0] for run in ("one", "two")]
     assert falcon[1]["ridge"] == pytest.approx(falcon[0]["ridge"], rel=1e-4)
     assert falcon[1]["objective"] == pytest.approx(falcon[0]["objective"], rel=1e-2)
+
+
+def test_resuming_a_finished_two_rank_run_keeps_its_per_rank_peaks(tmp_path):
+    """--resume of a finished run has nothing to do: its result.json keeps every rank's peak (it
+    was rewritten with rank 0's saved peak given for every rank)."""
+    out = tmp_path / "run"
+    flags = ["prune", *DATA, "--method", "magnitude", "--sparsity", "0.8", "--include", "fc2", "fc3", "--json"]
+    for args in ([*flags, "--out", str(out)], ["prune", "--resume", str(out), "--json"]):
+        (zero, zero_out, zero_err), (one, one_out, one_err) = _two_ranks(args, tmp_path / "nothing")
+        assert (zero, one) == (0, 0), zero_err[-2000:] + one_err[-2000:]
+        assert (one_out, one_err) == ("", "")
+        if args[1] != "--resume":
+            first = json.loads((out / "result.json").read_text())
+            first["peak_rss_mb_per_rank"][1] += 1000.0     # as if rank 1 had peaked higher than rank 0
+            (out / "result.json").write_text(json.dumps(first))
+    assert json.loads((out / "result.json").read_text()) == first
+    assert json.loads(zero_out)["peak_rss_mb_per_rank"] == first["peak_rss_mb_per_rank"]
