@@ -275,6 +275,11 @@ class _LayerHooks:
             handle.remove()
 
 
+def gradient_bar(n: int, progress: bool) -> tqdm:
+    """The "gradients" progress bar over ``n`` rows (pass it as ``progress`` to count several calls)."""
+    return tqdm(total=n, desc="gradients", leave=False, disable=not progress, dynamic_ncols=True)
+
+
 def _collect_with_hooks(model, space, batches, rows, batch, chunk, progress, loss_fn=None,
                         on_checked=lambda: None) -> None:
     n = rows.shape[0]
@@ -285,7 +290,7 @@ def _collect_with_hooks(model, space, batches, rows, batch, chunk, progress, los
     device = rows.device
     accumulator = torch.zeros(1, space.numel, dtype=torch.float32, device=device) if batch > 1 else None
     filled = 0
-    bar = tqdm(total=n, desc="gradients", leave=False, disable=not progress, dynamic_ncols=True)
+    bar = progress if isinstance(progress, tqdm) else gradient_bar(n, progress)
     try:
         for x, y in _regroup(batches, batch if batch > 1 else chunk):
             x, y = x.to(device), y.to(device)
@@ -310,7 +315,8 @@ def _collect_with_hooks(model, space, batches, rows, batch, chunk, progress, los
             if filled >= n:
                 break
     finally:
-        bar.close()
+        if bar is not progress:             # a bar of the caller's (pieces of a rank's rows) stays open
+            bar.close()
         hooks.remove()
         for p, requires_grad in frozen:
             p.requires_grad_(requires_grad)
@@ -361,7 +367,7 @@ def _collect_with_vmap(model, space, batches, rows, batch, chunk, progress, loss
     per_sample_grads = _vmap_or_loop(grad(one_sample_loss))
     batch_grad = grad(loss)
     filled = 0
-    bar = tqdm(total=n, desc="gradients", leave=False, disable=not progress, dynamic_ncols=True)
+    bar = progress if isinstance(progress, tqdm) else gradient_bar(n, progress)
     try:
         for x, y in _regroup(batches, batch if batch > 1 else chunk):
             x, y = x.to(device), y.to(device)
@@ -380,7 +386,8 @@ def _collect_with_vmap(model, space, batches, rows, batch, chunk, progress, loss
             if filled >= n:
                 break
     finally:
-        bar.close()
+        if bar is not progress:             # a bar of the caller's (pieces of a rank's rows) stays open
+            bar.close()
     _check_filled(filled, n, batch)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from . import distributed
 from .budget import Budget, ResolvedBudget
 from .costs import CostModel
 from .errors import PrunekitError
@@ -21,6 +22,7 @@ from .losses import LossFn
 from .methods import Method, lookup
 from .options import OptionError, Options
 from .params import ParamSpace
+from .pipelines.fisher_methods import check_shardable
 from .pipelines.gradual import GradualOptions
 from .structured.family import ChannelContext
 from .structured.pipeline import channel_context
@@ -97,6 +99,8 @@ class PruneRequest:
             shares = []
         if method.check is not None:
             method.check(resolved, options)
+        if distributed.current().distributed:      # under torchrun: refused before a run folder is written
+            check_shardable(method.name == "woodfisher", options)
         if method.plan_memory is not None:
             method.plan_memory(self.model, space, self.example_input, resolved, options)
         mode = ("structured" if method.family == "channels" else "gradual" if gradual is not None

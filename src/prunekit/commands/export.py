@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import user_models, zoo
+from .. import distributed, user_models, zoo
 from .. import export
 from ..errors import PrunekitError
 from ..loading import load_model
@@ -13,6 +13,8 @@ from .common import emit
 
 
 def cmd_export(args) -> int:
+    if not distributed.is_main_process():   # under torchrun, rank 0 alone exports (nothing here is sharded)
+        return 0
     formats = [f for f in ("onnx", "torchscript", "dense", "sparse") if getattr(args, f)]
     if not formats:
         raise PrunekitError("say what to export: --onnx, --torchscript, --dense and/or --sparse")

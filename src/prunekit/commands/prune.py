@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -112,7 +113,7 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
 
 
 def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None, main: bool) -> dict:
-    folder = None
+    folder, finished = None, False
     if args.out and not main:
         distributed.current().barrier()            # rank 0 claims the folder
         folder = runs.RunFolder(args.out).follower()
@@ -122,6 +123,7 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
         folder = runs.RunFolder(args.out)
         resume = bool(getattr(args, "resume", None))       # a folder of an older version may say force = true
         runs.claim(folder, run_config(args), resume=resume, force=bool(getattr(args, "force", False)) and not resume)
+        finished = folder.read_metrics().get("status") == "done"     # a --resume with nothing left to do
         distributed.current().barrier()
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
                             dense=dense, progress=not args.json, on_step=step_printer(args),
@@ -132,7 +134,9 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
         peaks = collective.all_gather(torch.tensor([record["peak_rss_mb"]], dtype=torch.float64, device=device))
         record = {**record, "ranks": collective.size,
                   "peak_rss_mb_per_rank": [round(float(v), 1) for v in peaks]}
-        if folder is not None and main:  # the executor wrote rank 0's record; add the others' peaks
+        if finished and (folder.path / "result.json").exists():   # the run's own peaks, not the saved one R times
+            record = json.loads((folder.path / "result.json").read_text())
+        elif folder is not None and main:  # the executor wrote rank 0's record; add the others' peaks
             atomic_write_json(folder.path / "result.json", record)
     if folder is not None and main:
         if args.onnx:

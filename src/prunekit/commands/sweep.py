@@ -93,12 +93,16 @@ def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, trai
                    dense)
         dense = dense or runs.RunFolder(run_args.out).read_metrics().get("dense")
         folders.append(Path(run_args.out))
+    if not distributed.is_main_process():     # under torchrun, rank 0 alone reads the runs back and reports
+        return []
     table = report.collect(folders)
     write_report(lambda: report.write_comparison_report(args.out, table, title=f"Sweep: {args.model}"), args.json)
     return table
 
 
 def cmd_compare(args) -> int:
+    if not distributed.is_main_process():   # under torchrun, rank 0 alone reads the runs and reports
+        return 0
     if args.out is not None:
         report.check_report_folder(args.out)
     table = report.collect(report.find_runs(args.runs))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from ..fisher import collect_gradients, keep_columns, passes, skip_samples
+from ..fisher import collect_gradients, gradient_bar, keep_columns, passes, skip_samples
 from ..options import OptionError
 from ..params import ParamSpace
 from ..solvers.collective import Collective, shard_bounds
@@ -61,23 +61,24 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
     piece = -(-per // pieces)                 # rows per piece
     slot = piece * pieces                     # rows reserved per source rank (≥ per)
     received = torch.empty(slot * size, hi - lo, dtype=dtype, device=device)
-    for j in range(pieces):
-        first, last = min(stop, start + j * piece), min(stop, start + (j + 1) * piece)
-        rows = torch.empty(0, width, dtype=dtype, device=device)
-        short = None
-        if last > first:
-            stream = passes(batches()) if repeat else batches()
-            try:
-                rows = collect_gradients(model, space, skip_samples(stream, skip + first * batch), last - first,
-                                         batch=batch, chunk=chunk, dtype=dtype, progress=progress and rank == 0,
-                                         bn=bn, loss_fn=loss_fn)
-            except OptionError as error:      # this rank's rows ran past the end of the data
-                short = error
-            if columns is not None and short is None:
-                rows = keep_columns(rows, columns)
-        _raise_together(short, collective, device, n, batch)
-        _send_piece(rows, piece, bounds, received, [s * slot + j * piece for s in range(size)], collective)
-        del rows
+    with gradient_bar(stop - start, progress and rank == 0) as bar:     # one bar over this rank's pieces
+        for j in range(pieces):
+            first, last = min(stop, start + j * piece), min(stop, start + (j + 1) * piece)
+            rows = torch.empty(0, width, dtype=dtype, device=device)
+            short = None
+            if last > first:
+                stream = passes(batches()) if repeat else batches()
+                try:
+                    rows = collect_gradients(model, space, skip_samples(stream, skip + first * batch), last - first,
+                                             batch=batch, chunk=chunk, dtype=dtype, progress=bar,
+                                             bn=bn, loss_fn=loss_fn)
+                except OptionError as error:      # this rank's rows ran past the end of the data
+                    short = error
+                if columns is not None and short is None:
+                    rows = keep_columns(rows, columns)
+            _raise_together(short, collective, device, n, batch)
+            _send_piece(rows, piece, bounds, received, [s * slot + j * piece for s in range(size)], collective)
+            del rows
     return _close_gaps(received, n, per, slot, size), lo
 
 

@@ -340,7 +340,13 @@ def _sum_of_squares(rows: torch.Tensor) -> float:
 # --- several processes (torchrun): the gradient matrix sharded by columns ------------------------
 
 def _check_shardable(solve_stage, opts) -> None:
-    if solve_stage is _solve_stage_woodfisher or getattr(opts, "block_size", None) is not None:
+    check_shardable(solve_stage is _solve_stage_woodfisher, opts)
+
+
+def check_shardable(woodfisher: bool, opts) -> None:
+    """Refuse what needs every column of X in one process (also when a run is planned under
+    torchrun, before its run folder is written)."""
+    if woodfisher or getattr(opts, "block_size", None) is not None:
         raise OptionError("woodfisher and block_size need every column of the gradient matrix on one process: "
                           "run them without torchrun (one process)", ("method", "block_size"))
 

@@ -11,6 +11,7 @@ recalibrates BatchNorm and fine-tunes with the zeros held, each phase checkpoint
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..budget import Amount, Budget
 from ..costs import CostModel
+from ..data.loaders import BatchLoader
 from ..options import OptionError, Real
 from ..params import ParamSpace
 from ..pipelines.fisher_methods import run_falcon
@@ -80,8 +82,32 @@ def sparsify_shrunk(ctx: ChannelContext, small: nn.Module, share: float, opts: H
         return {"nonzeros": nonzeros, "prunable_weights": space.numel, "sparsity_of_shrunk": 1 - nonzeros / space.numel,
                 "macs": costs.macs, "falcon": [], "skipped": "the channel cut already meets the budget"}
     budget = Budget(flops=Amount(float(int(share * ctx.costs.macs)), absolute=True)).resolve(costs, space)
-    pctx = PruneContext(small, space, costs, budget, ctx.batches, recalibrate_bn=recalibrate_bn, loss_fn=ctx.loss_fn)
+    batches, moved_on = _one_epoch(ctx.batches)
+    pctx = PruneContext(small, space, costs, budget, batches, recalibrate_bn=recalibrate_bn, loss_fn=ctx.loss_fn)
     outcome = prune_weights(pctx, run_falcon, opts.falcon_options())
+    moved_on()
     return {"nonzeros": outcome.nonzeros, "prunable_weights": space.numel, "sparsity_of_shrunk": outcome.sparsity,
             "macs": outcome.counts.macs, "falcon": outcome.history, **{k: v for k, v in outcome.info.items()
                                                                          if isinstance(v, (int, float, str, bool))}}
+
+
+def _one_epoch(batches):
+    """(a function giving the same stream at every call, what to call when FALCON is done).
+
+    FALCON takes ``batches()`` to be the same stream at every call (on several ranks each reads
+    its rows piece by piece, one call each, and every rank must read one process's rows); the
+    channel pipeline's loader starts a new epoch, a new order, at every pass. Hold it at its
+    epoch for the phase, then move it on by one epoch, as one pass would have."""
+    loader = batches()
+    if not isinstance(loader, BatchLoader):
+        return batches, lambda: None
+    epoch = loader.epoch
+
+    def at_epoch() -> BatchLoader:
+        held = copy.copy(loader)
+        held.epoch = epoch
+        return held
+
+    def moved_on() -> None:
+        loader.epoch = epoch + 1
+    return at_epoch, moved_on
