@@ -157,9 +157,12 @@ def test_per_weight_costs_give_the_same_problem(inst):
     by_weight = solve_flops_ilp(inst.scores[perm], inst.costs[perm], max_count=inst.k, max_cost=inst.F)
     assert by_weight.count <= inst.k and by_weight.cost <= inst.F
     assert by_weight.cost == float(inst.costs[perm][by_weight.keep].sum())
-    assert by_weight.dual_bound == pytest.approx(by_layer.dual_bound, rel=1e-9, abs=1e-9)
+    # Both bounds must certify the same optimum; they need not be equal: merging equal-cost layers
+    # into one group changes which prefix of scores the budget lets the solver see, hence its
+    # Lagrangian (two layers of cost 16 under F = 10: bounds 2.68 and 2.10 of an optimum of 0).
     optimum = inst.solve(solve_flops_ilp_exact).primal
     assert by_weight.primal <= optimum + bound_tol(optimum) <= by_weight.dual_bound + 2 * bound_tol(optimum)
+    assert optimum <= by_layer.dual_bound + bound_tol(optimum)
 
 
 # --------------------------------------------------------------------------- typical instances
