@@ -331,3 +331,12 @@ def test_channel_gate_training_shows_progress(tiny, capsys):
     assert "gate" in shown and "/3" in shown          # AutoBot's step count is known: the bar has its total
     prune_structured(copy.deepcopy(model), "autobot", 0.5, x, data, gate_batches=3)
     assert "gate" not in capsys.readouterr().err
+
+
+def test_the_taper_gate_bar_has_its_planned_steps_as_total(tiny, capsys):
+    """The taper's step count is known once it has seen the loader: its bar shows the plan
+    (taper_epochs x batches per epoch) as the total, not a bare count."""
+    model, x, data = tiny
+    batches = len(data)
+    prune_structured(copy.deepcopy(model), "taper", 0.5, x, data, taper_epochs=2, progress=True)
+    assert f"/{2 * batches}" in capsys.readouterr().err

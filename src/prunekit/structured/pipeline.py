@@ -93,7 +93,7 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
         if progress and told is None:       # the CLI's progress: one step per gate batch (or depth round)
             total = getattr(opts, "gate_batches", None) if opts.depth_flops is None else None   # AutoBot's is known
             bar = tqdm(desc="gate training", total=total, unit="step", leave=False, dynamic_ncols=True)
-            ctx.progress = lambda record: bar.update(1)
+            ctx.progress = lambda record: _advance(bar, record)
         try:
             cut = _depth_then(ctx, run, opts)
         finally:
@@ -168,6 +168,18 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
     main = outcomes.pop(ctx.shares[0])
     main.snapshots = outcomes
     return main
+
+
+def _advance(bar: tqdm, record: dict) -> None:
+    """One gate step on ``bar``. The taper knows its planned steps only once it has seen the
+    loader (``record["planned_steps"]``): the bar takes them as its total then, after any depth
+    rounds already shown; a taper that runs past its plan to meet a budget lifts the total."""
+    planned = record.get("planned_steps")
+    if planned is not None:
+        total = bar.n - record["step"] + 1 + planned     # depth rounds before the taper, then its plan
+        if bar.total is None or bar.total < max(total, bar.n + 1):
+            bar.total = max(total, bar.n + 1)
+    bar.update(1)
 
 
 def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> Cut:

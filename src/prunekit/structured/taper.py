@@ -215,7 +215,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                           "settled_share": settled}
                 history.append(record)
                 if progress is not None:
-                    progress(record)
+                    progress({**record, "planned_steps": planned})
                 if budget <= target:
                     held += 1
                     cooled = cooled + 1 if c.item() <= options.settle_tol else max(0, cooled - 2)
