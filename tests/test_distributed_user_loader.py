@@ -38,8 +38,10 @@ def _prune(rank=0, world=1):
                 torch.manual_seed(123)
                 if generator:
                     loader.generator.manual_seed(456)
-            prunekit.prune(net, loader, **case)
+            stage = prunekit.prune(net, loader, **case).history[-1]
             out[f"{name}, generator={generator}"] = torch.cat([p.detach().flatten() for p in net.parameters()])
+            out[f"{name}, generator={generator}: ridge, objective"] = torch.tensor([stage["ridge"],
+                                                                                   stage["objective"]])
     return out
 
 
@@ -49,8 +51,10 @@ def two_ranks(tmp_path_factory):
 
 
 def test_two_ranks_prune_a_shuffling_loader_as_one_process(two_ranks):
-    """The same mask, the weights to 1e-5 of their scale (each rank's own order: 40-86 weights of
-    the masks differed)."""
+    """The rows are one process's: the ridge (relative to the mean Fisher diagonal) to 1e-5;
+    FALCON's mask is one process's, its weights to 1e-5 of their scale; CHITA's swap search may
+    end in another local optimum from rounding alone, so its objective to 1%. (Each rank's own
+    order: 40-86 weights of the masks differed.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -58,6 +62,12 @@ def test_two_ranks_prune_a_shuffling_loader_as_one_process(two_ranks):
     finally:
         torch.set_num_threads(threads)
     for got in two_ranks:
-        for key, weights in expected.items():
-            assert torch.equal(got[key] != 0, weights != 0), key
-            assert_close_to_scale(got[key], weights, 1e-5)
+        for name in CASES:
+            for generator in (False, True):
+                key = f"{name}, generator={generator}"
+                (ridge, objective), want = got[f"{key}: ridge, objective"], expected[f"{key}: ridge, objective"]
+                assert float(ridge) == pytest.approx(float(want[0]), rel=1e-5), key
+                assert float(objective) == pytest.approx(float(want[1]), rel=1e-2), key
+                if name == "falcon":
+                    assert torch.equal(got[key] != 0, expected[key] != 0), key
+                    assert_close_to_scale(got[key], expected[key], 1e-5)

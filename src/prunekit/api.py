@@ -31,7 +31,7 @@ from . import recipes, run_lock
 from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
                          check_runs_on, first_batch)
 from .data.loaders import BatchLoader
-from .data.replay import ReplayedLoader, loader_generators, rng_states
+from .data.replay import ReplayedLoader, loader_generators, rng_states, set_rng_states
 from .distributed import current
 from .errors import PrunekitError
 from .executor import execute
@@ -159,6 +159,11 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str) -> Call
         return again
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         data = torch.utils.data.TensorDataset(*data)
+    # a shuffling loader draws a new order at every pass; replayed from these states, every call
+    # is the same stream, under torchrun rank 0's (each rank reads its gradient rows in pieces, a
+    # pass per piece)
+    generators = loader_generators(data)
+    states = rng_states(generators)
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         dataset = data
         make = lambda: torch.utils.data.DataLoader(      # noqa: E731
@@ -167,15 +172,14 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str) -> Call
     elif callable(data):
         make = data
     elif isinstance(data, Iterable):
-        if iter(data) is data:
+        one_pass = iter(data) is data
+        set_rng_states(generators, states)        # iter() of a DataLoader drew its workers' seed from them
+        if one_pass:
             raise PrunekitError(f"{what} is a one-pass iterator: pass a DataLoader, a Dataset, (X, Y) tensors "
                                 "or a function returning batches, so every stage can read it again")
         make = lambda: data      # noqa: E731
     else:
         raise PrunekitError(f"{what} must be a DataLoader, a Dataset, (X, Y) tensors or a function returning "
                             f"batches, got {type(data).__name__}")
-    # a shuffling loader draws a new order at every pass; replayed, every call is the same stream,
-    # and under torchrun rank 0's (each rank reads its gradient rows in pieces, a pass per piece)
-    generators = loader_generators(data)
-    states = current().broadcast_object(rng_states(generators))
+    states = current().broadcast_object(states)
     return lambda: ReplayedLoader(make, generators, states)

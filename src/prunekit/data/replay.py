@@ -53,14 +53,14 @@ class ReplayedLoader:
         stream = None
         while True:
             theirs = rng_states(self.generators)
-            _set_states(self.generators, own)
+            set_rng_states(self.generators, own)
             try:
                 if stream is None:      # a DataLoader draws its workers' seed at iter(), its order at the first next()
                     stream = iter(self.make())
                 batch = next(stream, _END)
                 own = rng_states(self.generators)
             finally:
-                _set_states(self.generators, theirs)
+                set_rng_states(self.generators, theirs)
             if batch is _END:
                 return
             yield batch
@@ -85,7 +85,8 @@ def rng_states(generators: list[torch.Generator]) -> list[torch.Tensor]:
     return [torch.get_rng_state(), *(g.get_state() for g in generators)]
 
 
-def _set_states(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
+def set_rng_states(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
+    """Set torch's global CPU RNG and each generator to ``states`` (as :func:`rng_states` gives)."""
     torch.set_rng_state(states[0])
     for generator, state in zip(generators, states[1:]):
         generator.set_state(state)
