@@ -2,7 +2,8 @@
 reports every file it opens for writing, creates, renames or removes under the watched folder:
 ``prunekit sweep``, ``export`` and ``compare --out`` write on rank 0 alone and rank 1 prints
 nothing; woodfisher is refused before a run folder is written; rank 0 shows one gradient bar per
-stage; the hybrid's FALCON phase reads one process's rows."""
+stage; the hybrid's FALCON phase reads one process's rows; a refusal every rank meets is printed
+once, one rank's own refusal by that rank; a locked run folder refuses every rank."""
 
 import json
 import os
@@ -44,14 +45,17 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _two_ranks(args: list[str], watched: Path) -> list[tuple[int, str, str]]:
+def _two_ranks(args: list[str], watched: Path, rank_args: dict[int, list[str]] | None = None
+               ) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each rank; ``rank_args``: more arguments for some ranks."""
     port, ranks = free_port(), []
     for rank in range(2):
+        more = (rank_args or {}).get(rank, [])
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src"), "WATCHED": str(watched),
                "MPLBACKEND": "Agg"}
-        ranks.append(subprocess.Popen([sys.executable, "-c", _WATCHED, *args], env=env, cwd=ROOT,
+        ranks.append(subprocess.Popen([sys.executable, "-c", _WATCHED, *args, *more], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for process in ranks:
@@ -98,9 +102,10 @@ def test_woodfisher_under_two_ranks_is_refused_before_the_run_folder_is_written(
     out = tmp_path / "run"
     results = _two_ranks(["prune", *DATA, "--method", "woodfisher", "--sparsity", "0.8", "--include", "fc2", "fc3",
                           "--fisher-samples", "16", "--out", str(out), "--json"], out)
-    for code, stdout, stderr in results:
-        assert code == 2, stderr[-2000:]
-        assert stdout == "" and stderr.count("\n") == 1 and "run them without torchrun" in stderr, stderr
+    assert [code for code, _, _ in results] == [2, 2], results
+    assert [stdout for _, stdout, _ in results] == ["", ""]
+    zero_err, one_err = results[0][2], results[1][2]
+    assert zero_err.count("\n") == 1 and "run them without torchrun" in zero_err and one_err == "", results
     assert not out.exists()          # no half-made run folder (status "running") for --resume to trip on
 
 
@@ -155,3 +160,41 @@ def test_resuming_a_finished_two_rank_run_keeps_its_per_rank_peaks(tmp_path):
             (out / "result.json").write_text(json.dumps(first))
     assert json.loads((out / "result.json").read_text()) == first
     assert json.loads(zero_out)["peak_rss_mb_per_rank"] == first["peak_rss_mb_per_rank"]
+
+
+def test_a_refusal_on_every_rank_is_printed_once(tmp_path):
+    """Every rank refuses the same request; rank 0 alone prints the line (each rank printed it)."""
+    results = _two_ranks(["prune", *DATA, "--method", "magnitude", "--sparsity", "1.5", "--json"], tmp_path)
+    assert [code for code, _, _ in results] == [2, 2], results
+    said = results[0][2] + results[1][2]
+    assert said.count("prunekit: error:") == 1 and "--sparsity" in results[0][2], said
+
+
+def test_a_refusal_of_one_rank_alone_is_printed_by_it(tmp_path):
+    """Rank 1 alone cannot read its checkpoint (as if missing on its machine): it prints its own
+    line and exits 2; rank 0 then stops on the lost rank."""
+    missing = tmp_path / "missing.safetensors"
+    results = _two_ranks(["prune", *DATA, "--method", "magnitude", "--sparsity", "0.8", "--json"], tmp_path,
+                         rank_args={1: ["--checkpoint", str(missing)]})
+    (zero, _, zero_err), (one, _, one_err) = results
+    assert one == 2 and one_err.count("prunekit: error:") == 1 and str(missing) in one_err, one_err
+    assert zero == 1 and "a rank stopped" in zero_err and str(missing) not in zero_err, zero_err
+
+
+def test_a_folder_another_process_holds_is_refused_on_both_ranks(tmp_path):
+    """Rank 0 holds the run folder's lock for the ranks; refused, every rank stops with exit 2 and
+    the line is printed once (prune: rank 1 went on alone and stopped on the lost rank, exit 1;
+    train took no lock)."""
+    from test_run_lock import Holder
+    out = tmp_path / "run"
+    holder = Holder(out)
+    try:
+        for command in (["prune", *DATA, "--method", "magnitude", "--sparsity", "0.8"],
+                        ["train", *DATA[:8], "--epochs", "1", "--eval-split", "train", "--batch-size", "500"]):
+            results = _two_ranks([*command, "--out", str(out), "--json"], tmp_path / "nothing")
+            assert [code for code, _, _ in results] == [2, 2], results
+            said = results[0][2] + results[1][2]
+            assert said.count("\n") == 1 and f"in use by another prunekit process (pid {holder.pid})" in said, said
+            assert sorted(os.listdir(out)) == [".prunekit.lock"]
+    finally:
+        holder.kill()

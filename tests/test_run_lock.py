@@ -114,3 +114,24 @@ def test_without_fcntl_no_lock_is_taken(tmp_path, monkeypatch):
     with run_lock.held(tmp_path / "a"), run_lock.held(tmp_path / "a"):
         pass
     assert not (tmp_path / "a").exists()
+
+
+def test_train_and_export_are_refused_too(holders, tmp_path, capsys):
+    """`prunekit train --out` and `prunekit export` of a folder another process holds are refused
+    in one line naming the holder, and write nothing there (they took no lock)."""
+    folder = tmp_path / "trained"
+    holder = holders(folder)
+    train = ["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--epochs", "1",
+             "--eval-split", "train", "--batch-size", "500", "--json"]
+    code, out = _run([*train, "--out", str(folder)], capsys)
+    assert code == 2 and out.out == ""
+    assert out.err == (f"prunekit: error: {folder} is in use by another prunekit process (pid {holder.pid}): "
+                       "wait for it to finish or choose another --out\n")
+    assert sorted(os.listdir(folder)) == [run_lock.LOCK_NAME]
+    run = tmp_path / "run"
+    assert _run([*PRUNE, "--out", str(run)], capsys)[0] == 0
+    holder = holders(run)
+    code, out = _run(["export", str(run), "--dense", "--json"], capsys)
+    assert code == 2 and out.out == "" and out.err.count("\n") == 1, out.err
+    assert f"{run} is in use by another prunekit process (pid {holder.pid})" in out.err
+    assert not (run / "export").exists()

@@ -81,3 +81,28 @@ def test_a_prunekit_loader_gives_every_stage_the_same_batches():
     assert [y.tolist() for _, y in again()] == first         # stage 2 sees stage 1's batches
     assert loader.epoch == 1                                 # and the user's loader is untouched
     assert first == [y.tolist() for _, y in list(loader)]    # epoch 1's order, as the user left it
+
+
+def test_a_users_shuffling_dataloader_gives_every_stage_the_same_batches():
+    """A torch DataLoader reshuffles at every pass (from torch's RNG or its own generator); read
+    through ``_batches`` every call is the pass the loader would have given next, and neither
+    RNG is moved (each call drew a new order from them)."""
+    labels = torch.arange(40)
+    for generator in (None, torch.Generator().manual_seed(3)):
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(40, 2), labels),
+                                             batch_size=8, shuffle=True, generator=generator)
+        torch.manual_seed(5)
+        again = _batches(loader, 8, shuffle=True, seed=0, what="data")
+        first = [y.tolist() for _, y in again()]
+        torch.rand(3)                                        # what a stage draws does not change the next
+        assert [y.tolist() for _, y in again()] == first
+        batches = again()                                    # one loader: every pass is a new epoch
+        assert [y.tolist() for _, y in batches] == first and [y.tolist() for _, y in batches] != first
+        torch.rand(3)
+        expected_rng = torch.get_rng_state()
+        torch.manual_seed(5)
+        assert first == [y.tolist() for _, y in loader]      # the order the loader would have given
+        torch.manual_seed(5)
+        torch.rand(3)
+        torch.rand(3)
+        assert torch.equal(torch.get_rng_state(), expected_rng)    # only the test's own draws moved it

@@ -12,8 +12,10 @@ recalibration) and ``eval_data`` may be a ``torch.utils.data.DataLoader`` or any
 ``(x, y)`` batches, a map-style ``Dataset`` of ``(x, y)`` pairs, a pair of tensors ``(X, Y)``, or
 a function returning an iterable of batches. Every stage of a multi-stage method reads the
 training data from the start again (a prunekit loader at the epoch it was at when ``prune`` was
-called), so stages see the same batches however many ran before, and a resumed run (``out=``)
-matches an uninterrupted one.
+called; any other data with the random draws of its shuffling and transforms replayed from torch's
+RNG states at the call, ``prunekit.data.replay``), so stages see the same batches however many ran
+before, a resumed run (``out=``) matches an uninterrupted one, and several torchrun ranks read
+rank 0's batches.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from . import recipes, run_lock
 from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
                          check_runs_on, first_batch)
 from .data.loaders import BatchLoader
+from .data.replay import ReplayedLoader, loader_generators, rng_states, set_rng_states
+from .distributed import current
 from .errors import PrunekitError
 from .executor import execute
 from .losses import loss_name
@@ -155,17 +159,27 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str) -> Call
         return again
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         data = torch.utils.data.TensorDataset(*data)
+    # a shuffling loader draws a new order at every pass; replayed from these states, every call
+    # is the same stream, under torchrun rank 0's (each rank reads its gradient rows in pieces, a
+    # pass per piece)
+    generators = loader_generators(data)
+    states = rng_states(generators)
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         dataset = data
-        return lambda: torch.utils.data.DataLoader(
+        make = lambda: torch.utils.data.DataLoader(      # noqa: E731
             dataset, batch_size=batch_size, shuffle=shuffle,
             generator=torch.Generator().manual_seed(seed) if shuffle else None)
-    if callable(data):
-        return data
-    if isinstance(data, Iterable):
-        if iter(data) is data:
+    elif callable(data):
+        make = data
+    elif isinstance(data, Iterable):
+        one_pass = iter(data) is data
+        set_rng_states(generators, states)        # iter() of a DataLoader drew its workers' seed from them
+        if one_pass:
             raise PrunekitError(f"{what} is a one-pass iterator: pass a DataLoader, a Dataset, (X, Y) tensors "
                                 "or a function returning batches, so every stage can read it again")
-        return lambda: data
-    raise PrunekitError(f"{what} must be a DataLoader, a Dataset, (X, Y) tensors or a function returning "
-                        f"batches, got {type(data).__name__}")
+        make = lambda: data      # noqa: E731
+    else:
+        raise PrunekitError(f"{what} must be a DataLoader, a Dataset, (X, Y) tensors or a function returning "
+                            f"batches, got {type(data).__name__}")
+    states = current().broadcast_object(states)
+    return lambda: ReplayedLoader(make, generators, states)

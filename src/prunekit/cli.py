@@ -172,7 +172,9 @@ def _main(argv: list[str] | None) -> int:
             sys.stdout = open(os.devnull, "w")
         return args.func(args)
     except PrunekitError as err:
-        print(f"prunekit: error: {cli_message(err, _flags(parser))}", file=sys.stderr)
+        line = f"prunekit: error: {cli_message(err, _flags(parser))}"
+        if distributed.prints_refusal(line):      # under torchrun: once, not once per rank
+            print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"prunekit: interrupted; {_how_to_resume(args)}", file=sys.stderr)

@@ -4,14 +4,14 @@
 it, and holds it until the block ends, then removes the file. A second process refuses the
 folder in one line (``PrunekitError``) naming the holder's pid. A killed holder's lock is released
 by the operating system, so its leftover file never stops a resume. Without ``fcntl`` (Windows)
-no lock is taken.
+no lock is taken. Under torchrun the commands take ``held_by_rank_0``: rank 0 holds it for all.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from .errors import PrunekitError
@@ -43,6 +43,30 @@ def held(folder: str | Path, flag: str = "--out") -> Iterator[None]:
         path.unlink(missing_ok=True)      # while still held: a waiting process re-checks the file
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+@contextmanager
+def held_by_rank_0(folder: str | Path, flag: str = "--out") -> Iterator[None]:
+    """``held`` under torchrun: rank 0, the rank that writes, holds the lock; a refusal is told to
+    every rank (a collective: every rank must enter), so all of them stop with its one line rather
+    than the others waiting for rank 0 until the timeout. One process: ``held``."""
+    from .distributed import current        # prunekit.distributed imports the solvers; only the CLI needs it here
+    collective = current()
+    if not collective.distributed:
+        with held(folder, flag):
+            yield
+        return
+    with ExitStack() as lock:
+        refusal = None
+        if collective.rank == 0:
+            try:
+                lock.enter_context(held(folder, flag))
+            except PrunekitError as err:
+                refusal = str(err)
+        refusal = collective.broadcast_object(refusal)
+        if refusal is not None:
+            raise PrunekitError(refusal)
+        yield
 
 
 def _acquire(path: Path, folder: Path, flag: str) -> int:

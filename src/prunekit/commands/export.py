@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import distributed, user_models, zoo
+from .. import distributed, run_lock, user_models, zoo
 from .. import export
 from ..errors import PrunekitError
 from ..loading import load_model
@@ -28,7 +28,8 @@ def cmd_export(args) -> int:
         raise PrunekitError(f"{args.run} holds a model built by {saved}: name its file again, --model "
                             f"path/to/{Path(user_models.parse(saved)[0]).name}:{user_models.function_name(saved)}")
     loaded = load_model(args.model or saved, path)
-    written = export.export_all(loaded.model, loaded.example_input(), Path(args.run) / "export", formats)
+    with run_lock.held(args.run, "DIR"):    # not while a prune or train writes the folder, nor another export
+        written = export.export_all(loaded.model, loaded.example_input(), Path(args.run) / "export", formats)
     emit(args, {"files": written}, [f"{f['format']:<12} {f['path']}  {f['bytes']:,} bytes"
                                      + (f"  ({f['note']})" if f.get("note") else "") for f in written])
     return 0

@@ -108,7 +108,7 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     """Prune as ``plan`` says, into run folder ``args.out`` when given (resuming it with
     ``--resume``, clearing it first with ``--force``), then write its report."""
     main = distributed.is_main_process()           # under torchrun, rank 0 alone writes
-    with run_lock.held(args.out) if args.out and main else nullcontext():     # one process at a time in it
+    with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 from .. import distributed, report, run_lock, runs
@@ -72,8 +71,7 @@ def cmd_sweep(args) -> int:
     train_batches = training_batches(args, dense_model)
     for method, budget in plan:           # a run folder of another sweep is refused before the first run
         check_run_folder(run_args_of(args, method, budget))
-    main = distributed.is_main_process()  # under torchrun, rank 0 alone holds the folders
-    with run_lock.held(args.out) if main else nullcontext():    # one sweep at a time in it (each run locks its own)
+    with run_lock.held_by_rank_0(args.out):    # one sweep at a time in it (each run locks its own)
         table = run_sweep(args, plan, dense_model, eval_loader, train_batches)
     emit(args, {"runs": table, "report": str(Path(args.out) / "report.md")},
           report.table_lines(table) + [f"report: {Path(args.out) / 'report.md'}"])

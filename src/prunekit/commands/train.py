@@ -8,11 +8,12 @@ import shutil
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from .. import distributed, recipes, user_models
+from .. import distributed, recipes, run_lock, user_models
 from ..api_checks import check_out
 from ..costs import CostModel
 from ..distributed import is_main_process
@@ -52,6 +53,13 @@ def cmd_train(args) -> int:
         raise PrunekitError(f"--batch-size {args.batch_size} is more than the {len(train_ds):,} {args.data} training "
                             "images: lower --batch-size")
     test_loader = make_loader(test_ds, loaded.normalization, batch_size=512)
+    with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
+        return train_into(args, loaded, loader, test_loader)
+
+
+def train_into(args, loaded, loader, test_loader) -> int:
+    """Train ``loaded`` on ``loader`` (into run folder ``args.out`` when given, carrying on from
+    its last epoch), evaluate on ``test_loader``, print the result."""
     folder = training_folder(args)
     finished = finished_record(folder)
     if finished is not None:            # the same command after the run ended: its result again

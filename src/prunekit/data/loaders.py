@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.data.dataset import ImageDataset
+from prunekit.data.replay import ReplayedLoader
 from prunekit.errors import PrunekitError
 
 
@@ -163,6 +164,8 @@ def samples_per_pass(batches) -> int | None:
     """How many samples one pass over ``batches`` yields, where that is known without reading
     it: a :class:`BatchLoader`, or a ``torch.utils.data.DataLoader`` with a batch size and a
     sampler of known length; None for anything else (a generator, a custom batch sampler)."""
+    if isinstance(batches, ReplayedLoader):
+        batches = batches.make()
     if isinstance(batches, BatchLoader):
         size, count = batches.batch_size, len(batches.dataset)
         drop_last = batches.drop_last

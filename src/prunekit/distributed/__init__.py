@@ -2,7 +2,7 @@
 use, gradient matrices sharded by columns, and the helpers that keep files and printing on rank 0."""
 
 from .collective import (TorchCollective, current, init_from_env, is_main_process, launched_by_torchrun,
-                         ranks_on_this_machine, shutdown)
+                         prints_refusal, ranks_on_this_machine, shutdown)
 
 __all__ = ["TorchCollective", "current", "init_from_env", "is_main_process", "launched_by_torchrun",
-           "ranks_on_this_machine", "shutdown"]
+           "prints_refusal", "ranks_on_this_machine", "shutdown"]

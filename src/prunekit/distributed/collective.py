@@ -8,6 +8,7 @@ timeout, so a rank that dies ends the others' collectives with an error instead 
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -154,3 +155,38 @@ def shutdown(wait: bool = True) -> None:
 def is_main_process() -> bool:
     """Rank 0, or the only process: the one that writes files and prints."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+REFUSAL_WAIT_S = 10.0      # how long another rank waits for rank 0's refusal (and rank 0 for their replies)
+
+
+def prints_refusal(line: str) -> bool:
+    """Whether this rank prints its refusal ``line`` (a collective refusal once, not once per rank).
+
+    Rank 0 always does; it posts the line in the group's key-value store (no collective: the
+    other ranks may be anywhere), then waits up to ``REFUSAL_WAIT_S`` for each of them to read it
+    (the store may live in rank 0's process). Another rank prints only when rank 0 has not posted
+    this same line within ``REFUSAL_WAIT_S``: a refusal every rank meets (the same arguments, the
+    same files) is printed once, one met by this rank alone (its data missing on its machine) is
+    still printed. Without a process group, or a store that answers, every rank prints.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")      # a restarted run's keys are its own
+    key, seen = f"prunekit/refusal/{attempt}", f"prunekit/refusal_seen/{attempt}"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if dist.get_rank() == 0:
+            store.set(key, line)
+            deadline = time.monotonic() + REFUSAL_WAIT_S
+            while store.add(seen, 0) < dist.get_world_size() - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return True
+        try:
+            store.wait([key], timedelta(seconds=REFUSAL_WAIT_S))
+            said = store.get(key).decode()
+        finally:
+            store.add(seen, 1)
+    except Exception:        # noqa: BLE001 - no store, or none that answers: say it here
+        return True
+    return said != line

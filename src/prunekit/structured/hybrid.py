@@ -20,6 +20,7 @@ from torch import nn
 from ..budget import Amount, Budget
 from ..costs import CostModel
 from ..data.loaders import BatchLoader
+from ..data.replay import ReplayedLoader
 from ..options import OptionError, Real
 from ..params import ParamSpace
 from ..pipelines.fisher_methods import run_falcon
@@ -99,7 +100,7 @@ def _one_epoch(batches):
     channel pipeline's loader starts a new epoch, a new order, at every pass. Hold it at its
     epoch for the phase, then move it on by one epoch, as one pass would have."""
     loader = batches()
-    if not isinstance(loader, BatchLoader):
+    if not isinstance(loader, (BatchLoader, ReplayedLoader)):
         return batches, lambda: None
     epoch = loader.epoch
 

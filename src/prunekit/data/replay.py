@@ -1,0 +1,92 @@
+"""A user's own loader read as a replayable stream: every pass depends on the pass's number alone.
+
+A shuffling ``torch.utils.data.DataLoader`` draws a new order at every ``iter()`` (from its
+generator, or from torch's global RNG), and its transforms may draw from the global RNG too. Under
+torchrun each rank reads its gradient rows piece by piece, one pass per piece, so without a replay
+every piece, and every rank, would read another order than one process reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+_END = object()
+
+
+class ReplayedLoader:
+    """The batches of ``make()`` with the randomness they draw replayed.
+
+    ``generators``: the loader's own ``torch.Generator`` objects (see :func:`loader_generators`).
+    ``states``: the RNG states [torch's global CPU RNG, *generators] to start from, each a uint8
+    tensor (under torchrun rank 0's, so every rank reads rank 0's stream).
+
+    Every ``iter()`` starts a new epoch, as a prunekit ``BatchLoader`` does (``epoch`` counts
+    them, from 0; set it to replay an epoch again): epoch 0 from ``states`` (the order the loader
+    would have given next), epoch k from states seeded by (a seed drawn from ``states``, k). While
+    a batch is drawn those states are swapped in, and the caller's swapped back after, so the
+    caller's RNGs are left as they were and what the caller draws between batches does not
+    change the stream.
+    """
+
+    def __init__(self, make: Callable[[], Iterable], generators: list[torch.Generator],
+                 states: list[torch.Tensor]):
+        self.make, self.generators, self.states = make, generators, states
+        self.epoch = 0
+        draw = torch.Generator()
+        draw.set_state(states[0])
+        self._seed = int(torch.randint(0, 2**62, (1,), generator=draw))
+
+    def __len__(self) -> int:
+        """Batches per pass, as the loader says (TypeError when it has no length)."""
+        return len(self.make())
+
+    def __iter__(self) -> Iterator:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if epoch == 0:
+            return self._replay(list(self.states))
+        seeds = [self._seed + epoch * len(self.states) + i for i in range(len(self.states))]
+        return self._replay([torch.Generator().manual_seed(s).get_state() for s in seeds])
+
+    def _replay(self, own: list[torch.Tensor]) -> Iterator:
+        stream = None
+        while True:
+            theirs = rng_states(self.generators)
+            set_rng_states(self.generators, own)
+            try:
+                if stream is None:      # a DataLoader draws its workers' seed at iter(), its order at the first next()
+                    stream = iter(self.make())
+                batch = next(stream, _END)
+                own = rng_states(self.generators)
+            finally:
+                set_rng_states(self.generators, theirs)
+            if batch is _END:
+                return
+            yield batch
+
+
+def loader_generators(data) -> list[torch.Generator]:
+    """The distinct generators a DataLoader draws from (its own, its sampler's, its batch
+    sampler's sampler's); none for anything else."""
+    if not isinstance(data, torch.utils.data.DataLoader):
+        return []
+    sampler = getattr(data.batch_sampler, "sampler", None)
+    found = [data.generator, getattr(data.sampler, "generator", None), getattr(sampler, "generator", None)]
+    distinct = []
+    for generator in found:
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in distinct):
+            distinct.append(generator)
+    return distinct
+
+
+def rng_states(generators: list[torch.Generator]) -> list[torch.Tensor]:
+    """[torch's global CPU RNG state, *each generator's state] (uint8 tensors)."""
+    return [torch.get_rng_state(), *(g.get_state() for g in generators)]
+
+
+def set_rng_states(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
+    """Set torch's global CPU RNG and each generator to ``states`` (as :func:`rng_states` gives)."""
+    torch.set_rng_state(states[0])
+    for generator, state in zip(generators, states[1:]):
+        generator.set_state(state)
