@@ -286,3 +286,8 @@ def layer_density(costs: CostModel, model: nn.Module) -> list[dict]:
                      "params_kept": params / weights if weights else 1.0,
                      "macs_kept": macs / layer.macs if layer.macs else 1.0})
     return rows
+
+
+def stage_checkpoints(folder: RunFolder) -> list[str]:
+    """The names of the stage, event or phase checkpoints in ``folder`` (sorted; [] when none)."""
+    return sorted(p.name for p in folder.checkpoints.glob("stage-*.safetensors"))
