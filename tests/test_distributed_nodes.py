@@ -145,7 +145,7 @@ def test_a_run_folder_the_machines_do_not_share_is_refused_on_every_rank(tmp_pat
     for code, _, err in results:
         lines = _errors(err)
         assert code != 0 and len(lines) == 1, err[-3000:]
-        assert "the ranks see different run folders at run (stage checkpoints: rank 0 finds 1, rank 1 finds none)" \
+        assert "the ranks see different run folders at run (rank 0 finds 1 checkpoint(s), rank 1 finds nothing)" \
             in lines[0] and "file system they all share" in lines[0], lines
     assert json.loads((run / "metrics.json").read_text())["status"] == "running"
     assert not (node1 / "run").exists()
@@ -177,3 +177,25 @@ def test_a_resume_folder_missing_on_one_machine_names_the_shared_file_system(tmp
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr == ("prunekit: error: --resume runs/x does not exist on the machine of rank 1: on several "
                            "machines the run folder must be on a file system they all share, at the same path\n")
+
+
+def test_a_training_folder_the_machines_do_not_share_is_refused_on_every_rank(tmp_path):
+    """`train --out run` again after it ended, node 1 in another directory: before, rank 0 gave the
+    finished run's result while rank 1 trained again from scratch (its DDP collectives unanswered)."""
+    from prunekit.cli import main
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir()
+    args = ["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--epochs", "1",
+            "--batch-size", "64", "--json", "--out", "run"]
+    cwd = os.getcwd()
+    os.chdir(node0)
+    try:
+        assert main(args) == 0
+    finally:
+        os.chdir(cwd)
+    for code, _, err in _two_machines(args, [node0, node1]):
+        lines = _errors(err)
+        assert code != 0 and len(lines) == 1, err[-3000:]
+        assert "the ranks see different run folders at run (rank 0 finds a finished run, rank 1 finds nothing)" \
+            in lines[0], lines
+    assert not (node1 / "run").exists()

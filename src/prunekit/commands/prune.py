@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import sys
 from contextlib import nullcontext
@@ -125,23 +124,6 @@ def _first_batch(batches):
     return next(iter(loader), None)
 
 
-def _check_shared_folder(folder: runs.RunFolder, device) -> None:
-    """Refuse (on every rank, one line) a torchrun run whose ranks see different things in the run
-    folder: on several machines it must be one folder they share. Otherwise the ranks would resume
-    from different stages (a collective mismatch, or another run)."""
-    names = runs.stage_checkpoints(folder)
-    done = folder.read_metrics().get("status") == "done"
-    listed = int.from_bytes(hashlib.sha256(",".join(names).encode()).digest()[:8], "little") >> 1
-    differ = distributed.disagreeing({"done": int(done), "checkpoints": len(names), "names": listed}, device)
-    if differ:
-        seen = differ.get("checkpoints") or [len(names)] * distributed.current().size
-        others = [r for r in range(len(seen)) if any(v[r] != v[0] for v in differ.values())]
-        views = ", ".join(f"rank {r} finds {seen[r] or 'none'}" for r in [0, *others])
-        raise PrunekitError(f"the ranks see different run folders at {folder.path} (stage checkpoints: {views}): "
-                            "on several machines the run folder must be on a file system they all share, at the "
-                            "same path (rank 0 writes it, every rank reads it to resume)")
-
-
 def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None, main: bool) -> dict:
     folder, finished = None, False
     if args.out and not main:
@@ -156,7 +138,7 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
         finished = folder.read_metrics().get("status") == "done"     # a --resume with nothing left to do
         distributed.current().barrier()
     if folder is not None and distributed.current().distributed:
-        _check_shared_folder(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
+        runs.check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
                             dense=dense, progress=not args.json, on_step=step_printer(args),
                             stage_eval=not getattr(args, "no_stage_eval", False))
