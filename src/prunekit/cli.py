@@ -73,6 +73,10 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
                                 f"leave out {', '.join(others)}")
         config = Path(known.resume) / "config.toml"
         if not Path(known.resume).exists():
+            if distributed.launched_by_torchrun():    # on another machine it may be there: a folder not shared
+                raise PrunekitError(f"--resume {known.resume} does not exist on the machine of rank "
+                                    f"{os.environ.get('RANK')}: on several machines the run folder must be on a "
+                                    "file system they all share, at the same path")
             raise PrunekitError(f"--resume {known.resume} does not exist (check the path)")
         if not config.exists():
             raise PrunekitError(f"{known.resume} is not a prunekit run folder (no config.toml): "

@@ -18,6 +18,7 @@ A folder belongs to one run: ``claim`` refuses another request onto it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -286,3 +287,24 @@ def layer_density(costs: CostModel, model: nn.Module) -> list[dict]:
                      "params_kept": params / weights if weights else 1.0,
                      "macs_kept": macs / layer.macs if layer.macs else 1.0})
     return rows
+
+
+def check_ranks_share(folder: RunFolder, device="cpu") -> None:
+    """Under torchrun, refuse (on every rank, one line) ranks that see different things in the run
+    folder: on several machines it must be one folder they share. Otherwise the ranks would carry
+    on from different stages or epochs (a collective mismatch, or another run). A collective."""
+    from . import distributed
+    names = sorted(p.name for p in folder.checkpoints.glob("stage-*.safetensors"))
+    done = folder.read_metrics().get("status") == "done" or (
+        (folder.path / "result.json").exists() and folder.model_path.exists())     # a prune or a training run
+    listed = int.from_bytes(hashlib.sha256(",".join(names).encode()).digest()[:8], "little") >> 1
+    differ = distributed.disagreeing({"done": int(done), "checkpoints": len(names), "names": listed}, device)
+    if differ:
+        size = distributed.current().size
+        dones, counts = differ.get("done", [int(done)] * size), differ.get("checkpoints", [len(names)] * size)
+        others = [r for r in range(size) if any(v[r] != v[0] for v in differ.values())]
+        views = ", ".join(f"rank {r} finds " + ("a finished run" if dones[r] else f"{counts[r]} checkpoint(s)"
+                                                if counts[r] else "nothing") for r in [0, *others])
+        raise PrunekitError(f"the ranks see different run folders at {folder.path} ({views}): on "
+                            "several machines the run folder must be on a file system they all share, at the same "
+                            "path (rank 0 writes it, every rank reads it to resume)")

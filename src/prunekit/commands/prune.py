@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from contextlib import nullcontext
@@ -108,8 +109,19 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     """Prune as ``plan`` says, into run folder ``args.out`` when given (resuming it with
     ``--resume``, clearing it first with ``--force``), then write its report."""
     main = distributed.is_main_process()           # under torchrun, rank 0 alone writes
+    if distributed.current().distributed:          # every machine must read the same weights and data
+        distributed.check_same_start(loaded.model, **{"evaluation data (--data-dir)": _first_batch(eval_loader),
+                                                      "training data (--data-dir)": _first_batch(train_batches)})
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
+
+
+def _first_batch(batches):
+    """The first batch of a loader (a copy of it: its epoch count stays) or of ``batches()``; None without data."""
+    if batches is None:
+        return None
+    loader = batches() if callable(batches) else copy.copy(batches)
+    return next(iter(loader), None)
 
 
 def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None, main: bool) -> dict:
@@ -125,6 +137,8 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
         runs.claim(folder, run_config(args), resume=resume, force=bool(getattr(args, "force", False)) and not resume)
         finished = folder.read_metrics().get("status") == "done"     # a --resume with nothing left to do
         distributed.current().barrier()
+    if folder is not None and distributed.current().distributed:
+        runs.check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
                             dense=dense, progress=not args.json, on_step=step_printer(args),
                             stage_eval=not getattr(args, "no_stage_eval", False))

@@ -23,7 +23,7 @@ from ..loading import check_fits, check_normalized, load_model
 from ..options import OptionError
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
-from ..runs import RunCheckpointer, RunFolder, claim
+from ..runs import RunCheckpointer, RunFolder, check_ranks_share, claim
 from ..train import cosine, evaluate, sgd, train_epoch
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, describe, emit,
                      resolve_model)
@@ -61,6 +61,8 @@ def train_into(args, loaded, loader, test_loader) -> int:
     """Train ``loaded`` on ``loader`` (into run folder ``args.out`` when given, carrying on from
     its last epoch), evaluate on ``test_loader``, print the result."""
     folder = training_folder(args)
+    if folder is not None and distributed.current().distributed:   # on several machines: one shared folder
+        check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     finished = finished_record(folder)
     if finished is not None:            # the same command after the run ended: its result again
         emit(args, finished, result_lines(args, finished))

@@ -7,7 +7,9 @@ timeout, so a rank that dies ends the others' collectives with an error instead 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 import time
 from datetime import timedelta
 
@@ -102,6 +104,8 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
     timeout_s = timeout_s or float(os.environ.get("PRUNEKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     cuda = device is not None and str(device).startswith("cuda")
     backend = chosen_backend(cuda)
+    if backend == "gloo":
+        check_socket_ifname()
     if cuda:
         torch.cuda.set_device(rank_gpu(backend))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
@@ -109,6 +113,21 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
 
 
 BACKENDS = ("gloo", "nccl")
+
+
+def check_socket_ifname() -> None:
+    """Refuse a ``GLOO_SOCKET_IFNAME`` naming no network interface of this machine in one line
+    naming those it has (gloo's own error reads as a lost rank, and running again cannot help)."""
+    names = [n.strip() for n in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if n.strip()]
+    try:
+        present = [name for _, name in socket.if_nameindex()]
+    except OSError:                          # no interface list on this system: let gloo judge
+        return
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise PrunekitError(f"GLOO_SOCKET_IFNAME={os.environ['GLOO_SOCKET_IFNAME']}: this machine has no network "
+                            f"interface {', '.join(missing)} (it has {', '.join(present)}); name one of them, "
+                            "or unset GLOO_SOCKET_IFNAME")
 
 
 def chosen_backend(cuda: bool) -> str:
@@ -190,3 +209,43 @@ def prints_refusal(line: str) -> bool:
     except Exception:        # noqa: BLE001 - no store, or none that answers: say it here
         return True
     return said != line
+
+
+def digest(*tensors: torch.Tensor) -> int:
+    """A 63-bit fingerprint of tensors' shapes, dtypes and bytes (the same on every machine)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)} {t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def disagreeing(values: dict[str, int], device: torch.device | str = "cpu") -> dict[str, list[int]]:
+    """Each named value as every rank has it (rank order), for the names where some rank's value
+    differs from rank 0's; {} with one process or when all agree. A collective: every rank calls it."""
+    collective = current()
+    if not collective.distributed or not values:
+        return {}
+    names = sorted(values)
+    mine = torch.tensor([values[n] for n in names], dtype=torch.int64, device=device)
+    every = collective.all_gather(mine).reshape(collective.size, len(names)).cpu()
+    return {n: every[:, i].tolist() for i, n in enumerate(names) if bool((every[:, i] != every[0, i]).any())}
+
+
+def check_same_start(model: torch.nn.Module, **batches) -> None:
+    """Refuse (on every rank, one line) a run whose ranks would start from different weights or
+    data: a machine with another checkpoint or data set at the same path would silently make
+    another run's rows. ``batches``: name -> a first batch (tensors) or None."""
+    values = {"model weights (--checkpoint)": digest(*model.state_dict().values())}
+    for name, batch in batches.items():
+        if batch is not None:
+            values[name] = digest(*[t for t in batch if isinstance(t, torch.Tensor)])
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    differ = disagreeing(values, device)
+    if differ:
+        name, ranks = next(iter(differ.items()))
+        others = [r for r, v in enumerate(ranks) if v != ranks[0]]
+        raise PrunekitError(f"rank {', '.join(map(str, others))} read other {name} than rank 0: every machine "
+                            "must have the same checkpoint and data at the same paths (copy them from rank 0's "
+                            "machine or put them on a shared file system)")

@@ -1,0 +1,201 @@
+"""prunekit on two machines, simulated on this one: two ``torchrun --nnodes 2 --nproc_per_node 1``
+(node ranks 0 and 1, each started from its own working directory), so LOCAL_RANK is 0 on both
+while RANK is 0 and 1. The result is one process's; only rank 0 writes the run folder; a machine
+that reads another checkpoint, or that does not see the run folder rank 0 writes, is refused on
+every rank in one line instead of making another run or a collective mismatch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distributed_spawn import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "src" / "prunekit" / "assets"
+CHECKPOINT = str(ASSETS / "mlpnet.safetensors")
+DATA = ["--model", "mlpnet", "--checkpoint", CHECKPOINT, "--data", "mnist", "--data-dir", str(ASSETS / "mnist"),
+        "--train-samples", "256", "--fisher-samples", "32", "--json"]
+CHITA = ["prune", *DATA, "--method", "chita++", "--stages", "2", "--sparsity", "0.9"]
+
+# rank 1 reports every file it opens for writing, creates, renames or removes (anywhere but /dev)
+_WATCHED = """
+import os, sys
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path, mode, flags = args
+        if (mode is not None and any(c in mode for c in "wax+")) or (flags or 0) & WRITE:
+            sys.__stderr__.write(f"WROTE {os.fsdecode(path)}\\n")
+    elif event in ("os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree"):
+        sys.__stderr__.write(f"WROTE {event} {os.fsdecode(args[0])}\\n")
+if os.environ["RANK"] != "0":
+    sys.addaudithook(hook)
+from prunekit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_DIST_TIMEOUT": "40", "PYTHONPATH": str(ROOT / "src"),
+            **extra}
+
+
+def _finish(processes: list[subprocess.Popen], timeout: float = 120) -> list[tuple[int, str, str]]:
+    """Each process's (exit code, stdout, stderr); on a timeout every one (and its children) is killed."""
+    results = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=timeout)
+            results.append((process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+    return results
+
+
+def _two_machines(args: list[str], cwds: list[Path], node1_args: list[str] | None = None) -> list[tuple]:
+    """``torchrun --nnodes 2 --nproc_per_node 1 --node-rank N ... -c <watched prunekit> ARGS`` for N = 0, 1."""
+    script = cwds[0].parent / "watched_prunekit.py"
+    script.write_text(_WATCHED)
+    port, nodes = free_port(), []
+    for node, cwd in enumerate(cwds):
+        cwd.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   str(script), *(node1_args if node == 1 and node1_args else args)]
+        nodes.append(subprocess.Popen(command, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    return _finish(nodes)
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("prunekit: error")]
+
+
+def test_two_machines_prune_as_one_process_and_only_rank_0_writes(tmp_path):
+    from prunekit.cli import main
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*CHITA, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (zero, zero_out, zero_err), (one, one_out, one_err) = _two_machines(
+        [*CHITA, "--out", str(tmp_path / "two")], [tmp_path / "node0", tmp_path / "node1"])
+    assert (zero, one) == (0, 0), zero_err[-3000:] + one_err[-3000:]
+    assert one_out == ""
+    wrote = [line for line in one_err.splitlines() if line.startswith("WROTE")]
+    assert not [line for line in wrote if str(tmp_path) in line or not line.split()[-1].startswith(("/tmp", "/dev"))], \
+        wrote                                       # rank 1 (LOCAL_RANK 0 on its machine) writes no file of ours
+    single, double = (json.loads((tmp_path / run / "result.json").read_text()) for run in ("one", "two"))
+    assert double["ranks"] == 2 and double["accuracy"] == pytest.approx(single["accuracy"], abs=0.02)
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
+    for name in a:
+        assert torch.equal(a[name] != 0, b[name] != 0), name
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_a_machine_with_another_checkpoint_is_refused_on_every_rank(tmp_path):
+    """Same shapes, other weights: before, both ranks ran to the end (exit 0), rank 1's gradient
+    rows from other weights than rank 0's model."""
+    other = tmp_path / "other.safetensors"
+    save_file({k: v * 1.01 if v.is_floating_point() else v for k, v in load_file(CHECKPOINT).items()}, other)
+    args = [*CHITA, "--out", str(tmp_path / "run")]
+    results = _two_machines(args, [tmp_path / "node0", tmp_path / "node1"],
+                            node1_args=[str(other) if a == CHECKPOINT else a for a in args])
+    for code, _, err in results:
+        lines = _errors(err)
+        assert code != 0 and len(lines) == 1, err[-3000:]
+        assert "rank 1 read other model weights (--checkpoint) than rank 0" in lines[0], lines
+        assert "PrunekitError" not in err           # one line, not a traceback of ours
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_folder_the_machines_do_not_share_is_refused_on_every_rank(tmp_path):
+    """The same command again after a kill, ``--out run`` relative: node 0's folder holds stage 1,
+    node 1 (another working directory, as on a machine without the shared file system) sees none.
+    Before, rank 0 resumed after stage 1 and rank 1 started over: a collective mismatch (gloo
+    aborted rank 0, SIGABRT) or, where the sizes happened to match, another run."""
+    from prunekit.cli import main
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir()
+    args = [*CHITA, "--out", "run"]
+    cwd = os.getcwd()
+    os.chdir(node0)
+    try:
+        assert main(args) == 0
+    finally:
+        os.chdir(cwd)
+    run = node0 / "run"                                  # as if killed after stage 1
+    (run / "checkpoints" / "stage-002.safetensors").unlink()
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "status": "running", "stages": metrics["stages"][:1]}))
+    for name in ("model.safetensors", "model.json", "result.json"):
+        (run / name).unlink()
+    results = _two_machines(args, [node0, node1])
+    for code, _, err in results:
+        lines = _errors(err)
+        assert code != 0 and len(lines) == 1, err[-3000:]
+        assert "the ranks see different run folders at run (rank 0 finds 1 checkpoint(s), rank 1 finds nothing)" \
+            in lines[0] and "file system they all share" in lines[0], lines
+    assert json.loads((run / "metrics.json").read_text())["status"] == "running"
+    assert not (node1 / "run").exists()
+
+
+def test_a_gloo_socket_ifname_naming_no_interface_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Before, gloo's "Unable to find address for: nosuch0" read as a lost rank (exit 1, "run the
+    same command again")."""
+    import socket
+
+    present = [name for _, name in socket.if_nameindex()]
+    env = _env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               PRUNEKIT_DIST_TIMEOUT="10",
+               GLOO_SOCKET_IFNAME=f"{present[0]},nosuch0")
+    done = subprocess.run([sys.executable, "-m", "prunekit", *CHITA, "--out", str(tmp_path / "run")], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "no network interface nosuch0" in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()
+    from prunekit.distributed.collective import check_socket_ifname
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", ",".join(present[:2]))
+    check_socket_ifname()                                  # interfaces this machine has: accepted
+
+
+def test_a_resume_folder_missing_on_one_machine_names_the_shared_file_system(tmp_path):
+    env = _env(RANK="1", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "-m", "prunekit", "prune", "--resume", "runs/x"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == ("prunekit: error: --resume runs/x does not exist on the machine of rank 1: on several "
+                           "machines the run folder must be on a file system they all share, at the same path\n")
+
+
+def test_a_training_folder_the_machines_do_not_share_is_refused_on_every_rank(tmp_path):
+    """`train --out run` again after it ended, node 1 in another directory: before, rank 0 gave the
+    finished run's result while rank 1 trained again from scratch (its DDP collectives unanswered)."""
+    from prunekit.cli import main
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir()
+    args = ["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--epochs", "1",
+            "--batch-size", "64", "--json", "--out", "run"]
+    cwd = os.getcwd()
+    os.chdir(node0)
+    try:
+        assert main(args) == 0
+    finally:
+        os.chdir(cwd)
+    for code, _, err in _two_machines(args, [node0, node1]):
+        lines = _errors(err)
+        assert code != 0 and len(lines) == 1, err[-3000:]
+        assert "the ranks see different run folders at run (rank 0 finds a finished run, rank 1 finds nothing)" \
+            in lines[0], lines
+    assert not (node1 / "run").exists()
