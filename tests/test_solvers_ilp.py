@@ -387,3 +387,43 @@ def test_a_problem_with_device_scores_solves_as_on_the_cpu(monkeypatch):
     on_device = solve_flops_ilp(scores, costs, max_count=1500, max_cost=3000.0)
     assert torch.equal(plain.keep, on_device.keep)
     assert on_device.cost <= 3000.0 and on_device.count <= 1500
+
+
+def test_cost_groups_built_once_select_as_a_fresh_grouping_at_every_call():
+    """FALCON groups its costs once per solve and reuses them at every projection: for scores
+    that change from call to call (ties included), the cached groups (layer form, per-weight
+    form) select exactly what a fresh grouping of the same costs does, with the same figures;
+    contiguous layers need no per-weight group array, and layers out of order keep one."""
+    from prunekit.solvers.ilp_groups import CostGroups, SortedGroups, groups_from_layers
+
+    inst = convnet_instance(20_000, 12, 0.3, 0.2, seed=5)
+    p = inst.scores.numel()
+    layers = CostGroups.from_layers(inst.slices, inst.layer_costs, p)
+    assert layers.bounds is not None and layers.ids is None
+    per_weight_ids = CostGroups.from_ids(*groups_from_layers(inst.slices, np.array(inst.layer_costs), p))
+    by_cost = CostGroups.from_costs(inst.costs)
+    assert CostGroups.from_layers(inst.slices[::-1], inst.layer_costs[::-1], p).ids is not None
+    rng = np.random.default_rng(0)
+    budgets = {"max_count": inst.k, "max_cost": inst.F}
+    for trial in range(4):
+        scores = inst.scores.numpy() * rng.standard_normal(p) ** 2
+        if trial % 2:
+            scores = np.round(scores / scores.max(), 3)          # many ties
+        scores = torch.from_numpy(scores)
+        fresh = solve_flops_ilp(scores, layer_slices=inst.slices, layer_costs=inst.layer_costs, **budgets)
+        for groups in (layers, per_weight_ids, layers):
+            cached = solve_flops_ilp(scores, cost_groups=groups, **budgets)
+            assert torch.equal(cached.keep, fresh.keep)
+            assert (cached.primal, cached.dual_bound, cached.count, cached.cost) == \
+                (fresh.primal, fresh.dual_bound, fresh.count, fresh.cost)
+        fresh = solve_flops_ilp(scores, inst.costs, **budgets)
+        cached = solve_flops_ilp(scores, cost_groups=by_cost, **budgets)
+        assert torch.equal(cached.keep, fresh.keep) and cached.dual_bound == fresh.dual_bound
+    for groups in (layers, per_weight_ids):                       # the sort writes the sorted scores
+        sorted_groups = SortedGroups(scores.numpy(), groups, groups.group_costs)
+        assert sorted_groups.perm.dtype == np.int32
+        assert np.array_equal(sorted_groups.s_desc, scores.numpy()[sorted_groups.perm])
+    with pytest.raises(PrunekitError, match="cost_groups"):
+        solve_flops_ilp(inst.scores, inst.costs, cost_groups=by_cost, **budgets)
+    with pytest.raises(PrunekitError, match="cost_groups"):
+        solve_flops_ilp(inst.scores[:-1], cost_groups=by_cost, **budgets)

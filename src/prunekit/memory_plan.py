@@ -23,9 +23,13 @@ The peak of a request is estimated from its parts, each counted from the model i
                          peak exceeded an estimate without it by 3.6 GB).
     solver work arrays   SOLVER_VECTORS vectors of p float64 (weights, gradients, supports, the
                          ILP's scores, costs and orders; p/R each with R ranks, plus
-                         REPLICATED_VECTORS whole float32 ones), the stage loop's own vectors
-                         (PIPELINE_BYTES_PER_WEIGHT), a few n × n float64 factors, two column blocks; CHITA's active set holds 1.5k columns of X, WoodFisher p × B
-                         inverses.
+                         REPLICATED_VECTORS whole float32 ones; FALCON_SOLVER_VECTORS for FALCON
+                         in one process), the stage loop's own vectors (PIPELINE_BYTES_PER_WEIGHT),
+                         a few n × n float64 factors, two column blocks; CHITA's active set holds
+                         1.5k columns of X, WoodFisher p × B inverses. Measured for one-process
+                         FALCON on ResNet-50 (n = 8, float32 X, random weights, 2 threads): 4.9 GB
+                         peak RSS (144 B/weight beside X) before the solver's arrays were cut,
+                         3.5 GB (87 B/weight) after; the plan counts 88 and SOLVER_OVERHEAD.
     judge                (layer search, FALCON++'s final pick) beside the solver: the training
                          batches it holds (JUDGE_BATCHES of judge_batch samples, the inputs'
                          bytes) and one forward pass without autograd of a batch, counted as
@@ -41,8 +45,10 @@ under ACTIVATION_BUDGET (at most 64).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +62,21 @@ ACTIVATION_FACTOR = 1.0          # saved tensors are freed as the backward pass 
 BACKWARD_OVERHEAD = 50 * 2**20   # the backward pass's own buffers (calibrated)
 ACTIVATION_BUDGET = 2 * 2**30    # bytes of activations a chunk may take
 MAX_CHUNK = 64
-SOLVER_VECTORS = 12              # p-long float64 vectors alive at once in FALCON/CHITA (counted)
-PIPELINE_BYTES_PER_WEIGHT = 48  # what the stage loop holds beside the solver, whole on every rank: the
-                                # MAC cost per weight, its copy for the stage's free weights and their
-                                # index (float64/int64), and six float32 weight vectors (the weights,
-                                # the stage's w̄ and its compute-dtype copy, the solution, the new
-                                # weights). Measured: ResNet-50 FALCON peaks 1.5 GB above the solver alone
+SOLVER_VECTORS = 12              # p-long float64 vectors alive at once in CHITA, WoodFisher and the
+                                # sliced (torchrun) solvers (counted; not re-measured)
+FALCON_SOLVER_VECTORS = 8       # the same for one-process FALCON, measured: on ResNet-50 (p = 25.5M,
+                                # n = 8) it peaks 71 B/weight above the RSS it starts at inside the
+                                # stage loop (46 B/weight of live arrays: the float64 scores, the ILP's
+                                # sorted scores, prefix sums and int32 order, the float32 point, step
+                                # and gradient; the rest is blocks glibc keeps after free)
+PIPELINE_BYTES_PER_WEIGHT = 24  # what the stage loop holds beside the solver, whole on every rank: the
+                                # MAC cost per weight (int32), the free-weight mask and index (int64),
+                                # the weights (float32; stage 1 passes them and the MACs to the solver
+                                # without copies). Measured: ResNet-50 enters FALCON 16 B/weight above
+                                # the resident set and X (after malloc_trim of the gradient phase's heap)
+SOLVER_OVERHEAD = 80 * 2**20   # the solver phase's part that does not grow with p (measured: with the
+                                # per-weight terms above, ResNet-50 and MobileNetV1 at n = 8 both peak
+                                # about 80 MB above them: sort buffers, malloc's kept blocks)
 REPLICATED_VECTORS = 4          # p-long float32 vectors every rank holds whole under torchrun (w̄, the
                                 # solution and the all-gather's buffers for it)
 JUDGE_BATCHES = 12               # RecalibratedLoss: 4 batches to re-estimate BatchNorm, 8 to judge by
@@ -180,10 +195,10 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
     per_row = sizes.p if sizes.whole_model_rows else sizes.largest_layer
     layer_gradients = (per_row * rows_at_once * 4 + 2 * sizes.p * 4 + BACKWARD_OVERHEAD
                        + (sizes.p * 4 if fisher_batch > 1 else 0))
-    vectors = SOLVER_VECTORS * sizes.p * 8
+    vectors = (FALCON_SOLVER_VECTORS if family == "falcon" else SOLVER_VECTORS) * sizes.p * 8
     if ranks > 1:      # sliced, p/R each; w̄, the solution and its all-gather buffers whole
         vectors = SOLVER_VECTORS * -(-sizes.p // ranks) * 8 + REPLICATED_VECTORS * sizes.p * 4
-    solver = vectors + PIPELINE_BYTES_PER_WEIGHT * sizes.p + 4 * n * n * 8 + 2 * 8 * MiB
+    solver = vectors + PIPELINE_BYTES_PER_WEIGHT * sizes.p + 4 * n * n * 8 + 2 * 8 * MiB + SOLVER_OVERHEAD
     if family == "chita":
         solver += int(min(1.0, 1.5 * keep_share) * n * sizes.p * item / ranks)   # the active set's columns of X
     elif family == "woodfisher":
@@ -268,6 +283,28 @@ def current_usage(device: torch.device) -> int:
         return torch.cuda.memory_allocated(device)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_freed_memory() -> None:
+    """Hand the pages malloc keeps after ``free`` back to the system (glibc's ``malloc_trim``).
+
+    The gradient phase allocates and frees many blocks under glibc's mmap threshold (which it
+    raises up to 32 MB as large blocks are freed); their pages stay in the process, resident,
+    while the solver's p-long arrays (above the threshold) are mapped anew beside them: ResNet-50
+    (n = 8) entered FALCON holding 0.9 GB of such pages. A no-op where there is no glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                pass
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _meminfo_available() -> int | None:

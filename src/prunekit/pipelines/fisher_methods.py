@@ -157,7 +157,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     p = ctx.space.numel
     # The plan of the first stage (the largest: later stages have fewer free weights).
     plan = memory(ctx.model, ctx.space, ctx.costs.example_input, ctx.budget, opts, _judge_batch(ctx, opts))
-    macs = ctx.space.macs_per_weight(ctx.costs)           # solvers work where the model is
+    macs = _compact_macs(ctx.space.macs_per_weight(ctx.costs))    # solvers work where the model is
     dense_macs = int(macs.sum())
     target = ctx.budget.max_nonzeros
     target_macs = ctx.budget.max_macs
@@ -198,16 +198,17 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             rows = grads if index.numel() == p else keep_columns(grads, index)
             del grads
             ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
-            q = QuadraticModel(rows, w[index], ridge)
+            q = QuadraticModel(rows, _free(w, index), ridge)
             if opts.first_order:                           # g = the mean of the rows
-                q = QuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
+                q = QuadraticModel(rows, _free(w, index), ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
+        memory_plan.release_freed_memory()      # the gradient phase's freed heap, before the solver's arrays
         seconds_gradients = time.perf_counter() - start
         exchanged = collective.bytes_sent
         searched, score_weights = {}, None
         trials, judged_at_final = _search_plan(opts, stage, last)
         if trials:      # each stage starts from the previous stage's scales
             judge_k, judge_macs = (target, target_macs) if judged_at_final else (min(k, index.numel()), max_macs)
-            score_weights, layer_scales = _searched_score_weights(ctx, q, index, judge_k, judge_macs, macs[index],
+            score_weights, layer_scales = _searched_score_weights(ctx, q, index, judge_k, judge_macs, _free(macs, index),
                                                                   opts, trials, searched, layer_scales)
         if pick and not last and trials and judged_at_final:    # the search judged its candidate already
             _keep_if_best(kept, stage, searched["layer_search_loss"], lambda: _final_candidate(
@@ -223,7 +224,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         elif layer_scales is not None:     # "first": the stage prunes with the multipliers searched before
             score_weights = layer_scales[layer_index(ctx.space.layer_slices(), p)[index.cpu()]].to(index.device)
             searched["layer_scales"] = [float(s) for s in layer_scales]
-        solution = solve_stage(q, min(k, index.numel()), max_macs, macs[index], opts, score_weights)
+        solution = solve_stage(q, min(k, index.numel()), max_macs, _free(macs, index), opts, score_weights)
         was_pruned = w == 0
         w = torch.zeros(p, dtype=w.dtype, device=w.device)
         w[index] = solution.w.to(w.dtype)
@@ -274,7 +275,7 @@ def _final_candidate(solve_stage, q, index: torch.Tensor, p: int, k: int, max_ma
     """(p,) this stage's solution at the final budget (k, max_macs) over its free weights ``index``;
     macs: (p,) per weight. FALCON's candidates are ILP + backsolve (``variant``), as the layer
     search judges them."""
-    free_macs = macs[index]
+    free_macs = _free(macs, index)
     if solve_stage is _solve_stage_falcon:
         solution = _solve_stage_falcon(q, min(k, index.numel()), max_macs, free_macs, opts, score_weights,
                                        variant=variant)
@@ -324,6 +325,20 @@ def _resumed_layer_scales(history: list[dict]) -> torch.Tensor | None:
     return torch.tensor(found[-1], dtype=torch.float64) if found else None
 
 
+def _free(v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """v[index], or v itself when ``index`` is every weight (stage 1, ``revive``): no p-long copy.
+    The solvers read such a vector (the free weights' w̄ and MACs) and never write it."""
+    return v if index.numel() == v.numel() else v[index]
+
+
+def _compact_macs(macs: torch.Tensor) -> torch.Tensor:
+    """The MACs per weight (p,) in int32 when every value fits (half of int64's bytes, held
+    through every stage; sums of an int32 tensor are int64 in torch, so totals do not overflow)."""
+    if macs.numel() and macs.dtype == torch.int64 and 0 <= int(macs.min()) and int(macs.max()) < 2**31:
+        return macs.to(torch.int32)
+    return macs
+
+
 def _mean_fisher_diagonal(rows: torch.Tensor) -> float:
     """mean_j (XᵀX/n)_jj for X = rows (n, p)."""
     return _sum_of_squares(rows) / rows.numel() or 1.0
@@ -366,8 +381,8 @@ def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Ten
         local = _sum_of_squares(rows)
         total = float(collective.all_reduce(torch.tensor([local], dtype=torch.float64, device=rows.device)))
         ridge = opts.relative_ridge * (total / (rows.shape[0] * index.numel()) or 1.0)
-    q = ShardedQuadraticModel(rows, w[index], ridge, None, collective, offset)
+    q = ShardedQuadraticModel(rows, _free(w, index), ridge, None, collective, offset)
     if opts.first_order:
-        q = ShardedQuadraticModel(rows, w[index], ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)),
+        q = ShardedQuadraticModel(rows, _free(w, index), ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)),
                                   collective, offset)
     return q, ridge

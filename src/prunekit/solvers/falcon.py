@@ -36,6 +36,7 @@ import torch
 from ..errors import PrunekitError
 from .backsolve import GramCache, backsolve_blockwise, backsolve_with_parts, updated_gram
 from .ilp import solve_flops_ilp
+from .ilp_groups import CostGroups
 from .quadratic import QuadraticModel, check_k
 from .sliced_ilp import sliced_cost_groups, solve_sliced_flops_ilp
 from .result import Solution
@@ -83,7 +84,7 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     if score not in SCORES:
         raise PrunekitError(f"unknown FALCON support score {score!r}; choose one of {', '.join(SCORES)}")
     k = check_k(k)
-    costs = macs_per_weight.to(torch.float64)
+    costs = macs_per_weight                 # in its own dtype: grouped once below, never copied whole
     if costs.shape != (q.p,):
         raise PrunekitError(f"macs_per_weight must have shape ({q.p},), got {tuple(costs.shape)}")
     if score_weights is not None:
@@ -97,13 +98,20 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
 
     gaps: list[float] = []
     solve_ilp = _projection_ilp(q, costs, k, float(max_macs))
+    del costs
     metric = fisher_diagonal(q) if score == "saliency" else None
 
     def project(v: torch.Tensor) -> torch.Tensor:
-        value = v.double() ** 2 if metric is None else metric * v.double() ** 2
+        value = v.double()                  # a fresh float64 copy (v is float32 or float64: see below)
+        if value.data_ptr() == v.data_ptr():
+            value = value.clone()
+        value.square_()                     # in place: the same values as v.double() ** 2
+        if metric is not None:
+            value.mul_(metric)
         if score_weights is not None:
-            value = value * score_weights
+            value.mul_(score_weights)
         result = solve_ilp(value)
+        del value
         gaps.append(result.gap)
         return result.keep
 
@@ -162,28 +170,30 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
 
 
 def _projection_ilp(q: QuadraticModel, costs: torch.Tensor, k: int, max_macs: float):
-    """scores (this slice's) -> ILPResult: the FLOP + count ILP over every slice's scores."""
+    """scores (this slice's) -> ILPResult: the FLOP + count ILP over every slice's scores. The
+    costs are put in cost-group form once here, not at every projection."""
     if q.sliced_vectors:
-        group, group_costs = sliced_cost_groups(costs, q.collective)
+        group, group_costs = sliced_cost_groups(costs.to(torch.float64), q.collective)
         return lambda value: solve_sliced_flops_ilp(value, group, group_costs, max_count=k, max_cost=max_macs,
                                                     collective=q.collective)
     cost_layers = _cost_runs(costs)
     if cost_layers is None:
-        return lambda value: solve_flops_ilp(value, costs, max_count=k, max_cost=max_macs)
-    return lambda value: solve_flops_ilp(value, layer_slices=cost_layers[0], layer_costs=cost_layers[1],
-                                         max_count=k, max_cost=max_macs)
+        groups = CostGroups.from_costs(costs.to(torch.float64))
+    else:
+        groups = CostGroups.from_layers(cost_layers[0], cost_layers[1], costs.numel())
+    return lambda value: solve_flops_ilp(value, cost_groups=groups, max_count=k, max_cost=max_macs)
 
 
 def _cost_runs(costs: torch.Tensor, max_runs: int = 1024):
-    """The runs of consecutive weights of equal cost (a network's layers) as (slices, costs),
-    or None if there are more than ``max_runs``. Given to the ILP, they spare it grouping p
-    costs by sorting them on every call."""
+    """The runs of consecutive weights of equal cost (a network's layers) as (slices, costs
+    (float64)), or None if there are more than ``max_runs``. Given to the ILP, they spare it
+    grouping p costs by sorting them."""
     change = ((costs[1:] != costs[:-1]).nonzero().squeeze(1) + 1).tolist()
     if len(change) >= max_runs:
         return None
     bounds = [0, *change, costs.numel()]
     return ([slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])],
-            costs[torch.tensor(bounds[:-1], device=costs.device)].cpu())
+            costs[torch.tensor(bounds[:-1], device=costs.device)].cpu().to(torch.float64))
 
 
 def _support_changing_step(q, project, solve_on, w, f, support, grad, log_eta, max_changes,

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .ilp_groups import TINY, Problem, SortedGroups, parse_problem, prefix_limits
+from .ilp_groups import TINY, CostGroups, Problem, SortedGroups, parse_problem, prefix_limits
 from .ilp_rounding import drop_to_budget, local_search
 
 __all__ = ["ILPResult", "solve_flops_ilp"]
@@ -80,6 +80,7 @@ def solve_flops_ilp(
     *,
     layer_slices: Sequence[slice] | None = None,
     layer_costs: Sequence[float] | torch.Tensor | None = None,
+    cost_groups: CostGroups | None = None,
     max_count: int,
     max_cost: float,
     tol: float = 1e-12,
@@ -90,7 +91,10 @@ def solve_flops_ilp(
         scores: (p,) non-negative importance of each weight (e.g. squared magnitudes).
         costs_per_weight: (p,) non-negative MACs of each weight; or instead
         layer_slices: L slices partitioning range(p), with
-        layer_costs: (L,) the MACs of every weight in each layer.
+        layer_costs: (L,) the MACs of every weight in each layer; or instead
+        cost_groups: either of them already in cost-group form
+            (:meth:`~prunekit.solvers.ilp_groups.CostGroups.from_costs` / ``from_layers``): for
+            many solves on the same costs (FALCON's projections), which then skip grouping them.
         max_count: k, the most weights to keep.
         max_cost: F, the most MACs the kept weights may cost (``inf`` for no FLOP budget).
         tol: the μ-bisection stops once its bracket is narrower than ``tol * μ``.
@@ -107,7 +111,7 @@ def solve_flops_ilp(
             slices that do not partition the scores, or negative budgets.
     """
     start = time.perf_counter()
-    prob = parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost)
+    prob = parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost, cost_groups)
     return package(prob, solve_lagrangian(prob, tol), device_of(scores), start)
 
 
@@ -126,9 +130,8 @@ def solve_lagrangian(prob: Problem, tol: float) -> Solution:
     if prob.max_count == 0 or not (prob.scores > 0).any():
         return Solution(np.zeros(prob.scores.size, dtype=bool), 0.0, 0.0, {"method": "trivial"})
     start = time.perf_counter()
-    limits = prefix_limits(np.bincount(prob.group, minlength=prob.group_costs.size), prob.group_costs,
-                           prob.max_count, prob.max_cost)
-    groups = SortedGroups(prob.scores, prob.group, prob.group_costs, limits, prob.device_scores)
+    limits = prefix_limits(prob.cost_groups.sizes, prob.group_costs, prob.max_count, prob.max_cost)
+    groups = SortedGroups(prob.scores, prob.cost_groups, prob.group_costs, limits, prob.device_scores)
     setup_seconds = time.perf_counter() - start
     m, dual, info = round_lagrangian(groups, prob.max_count, prob.max_cost, tol)
     info["setup_seconds"] = setup_seconds

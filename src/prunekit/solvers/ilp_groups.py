@@ -22,21 +22,99 @@ TINY = 1e-300
 
 
 @dataclass(frozen=True)
+class CostGroups:
+    """The costs in cost-group form, independent of the scores: built once and reused by every
+    solve on the same costs (FALCON projects onto the same budgets at every first-order step).
+
+    group_costs: (G,) float64.  sizes: (G,) int64, weights per group.  p: number of weights.
+    total_cost: Σ of every weight's cost.  bounds: (G + 1,) when group g is the contiguous
+    weights ``bounds[g]:bounds[g+1]`` (a network's layers in order): no per-weight array is then
+    held or sorted.  ids: (p,) the group of each weight otherwise, in the smallest unsigned dtype
+    that holds G (uint16 for up to 65,536 groups).
+    """
+
+    group_costs: np.ndarray
+    sizes: np.ndarray
+    p: int
+    total_cost: float
+    bounds: np.ndarray | None = None
+    ids: np.ndarray | None = None
+
+    @staticmethod
+    def from_ids(group: np.ndarray, group_costs: np.ndarray) -> "CostGroups":
+        sizes = np.bincount(group, minlength=group_costs.size)
+        return CostGroups(group_costs, sizes, int(group.size), float(sizes @ group_costs),
+                          ids=group.astype(_id_dtype(group_costs.size), copy=False))
+
+    @staticmethod
+    def from_costs(costs) -> "CostGroups":
+        """Weights grouped by equal cost (``costs`` (p,) non-negative and finite)."""
+        return CostGroups.from_ids(*groups_from_costs(finite_vector(costs, "costs_per_weight")))
+
+    @staticmethod
+    def from_layers(layer_slices: Sequence[slice], layer_costs, p: int) -> "CostGroups":
+        """One group per layer (the slices must partition range(p), see ``groups_from_layers``)."""
+        costs = finite_vector(layer_costs, "layer_costs")
+        bounds = _contiguous_bounds(layer_slices, p)
+        if bounds is None or len(layer_slices) != costs.size or costs.size > _LOOP_SORT_MAX_GROUPS:
+            return CostGroups.from_ids(*groups_from_layers(layer_slices, costs, p))
+        sizes = np.diff(bounds)
+        return CostGroups(costs, sizes, p, float(sizes @ costs), bounds=bounds)
+
+    def group(self) -> np.ndarray:
+        """(p,) the group of each weight (materialised for the layer form)."""
+        if self.ids is not None:
+            return self.ids
+        return np.repeat(np.arange(self.group_costs.size, dtype=_id_dtype(self.group_costs.size)), self.sizes)
+
+    def counts(self, keep: np.ndarray) -> np.ndarray:
+        """(G,) kept weights per group for ``keep`` (p,) bool."""
+        if self.ids is not None:
+            return np.bincount(self.ids[keep], minlength=self.group_costs.size)
+        return np.array([np.count_nonzero(keep[a:b]) for a, b in zip(self.bounds[:-1], self.bounds[1:])],
+                        dtype=np.int64)
+
+
+def _id_dtype(n_groups: int):
+    return np.uint16 if n_groups <= 1 << 16 else np.uint32 if n_groups <= 1 << 32 else np.int64
+
+
+def _contiguous_bounds(layer_slices: Sequence[slice], p: int) -> np.ndarray | None:
+    """(L + 1,) bounds when the slices are consecutive ranges covering range(p) in order, else None."""
+    bounds = [0]
+    for sl in layer_slices:
+        if (not isinstance(sl, slice) or sl.step not in (None, 1) or not isinstance(sl.start, int)
+                or not isinstance(sl.stop, int) or sl.start != bounds[-1] or sl.stop < sl.start):
+            return None
+        bounds.append(sl.stop)
+    return np.array(bounds, dtype=np.int64) if bounds[-1] == p and len(bounds) > 1 else None
+
+
+@dataclass(frozen=True)
 class Problem:
     """The ILP in cost-group form.
 
-    scores: (p,) float64, >= 0.  group: (p,) int64 in [0, G).  group_costs: (G,) float64.
+    scores: (p,) float64, >= 0.  cost_groups: :class:`CostGroups` of the weights.
     max_count / max_cost are clipped to p / total cost (equivalent constraints).
     device_scores: the same scores (float64) on the accelerator they came from, or None on
     the CPU: the sort, the solve's one O(p log p) step, then runs there.
     """
 
     scores: np.ndarray
-    group: np.ndarray
-    group_costs: np.ndarray
+    cost_groups: CostGroups
     max_count: int
     max_cost: float
     device_scores: torch.Tensor | None = None
+
+    @property
+    def group(self) -> np.ndarray:
+        """(p,) the group of each weight."""
+        return self.cost_groups.group()
+
+    @property
+    def group_costs(self) -> np.ndarray:
+        """(G,) float64."""
+        return self.cost_groups.group_costs
 
     def costs(self) -> np.ndarray:
         """Per-weight costs (p,) float64."""
@@ -44,7 +122,7 @@ class Problem:
 
     def count_and_cost(self, keep: np.ndarray) -> tuple[int, float]:
         """Count and total cost of the selection ``keep`` (p,) bool."""
-        per_group = np.bincount(self.group[keep], minlength=self.group_costs.size)
+        per_group = self.cost_groups.counts(keep)
         return int(per_group.sum()), float(per_group @ self.group_costs)
 
     def is_feasible(self, keep: np.ndarray) -> bool:
@@ -106,27 +184,35 @@ def groups_from_layers(layer_slices: Sequence[slice], layer_costs, p: int) -> tu
     return group, costs
 
 
-def parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost) -> Problem:
-    """Validate the user's input and put it in cost-group form."""
+def parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost,
+                  cost_groups: CostGroups | None = None) -> Problem:
+    """Validate the user's input and put it in cost-group form (``cost_groups``: the costs'
+    groups built already, e.g. by an earlier solve on the same costs)."""
     s = finite_vector(scores, "scores")
     p = s.size
-    if costs_per_weight is not None and (layer_slices is not None or layer_costs is not None):
-        raise PrunekitError("pass either costs_per_weight or layer_slices + layer_costs, not both.")
-    if costs_per_weight is not None:
+    given = sum(x is not None for x in (costs_per_weight, cost_groups)) + (layer_slices is not None
+                                                                           or layer_costs is not None)
+    if given > 1:
+        raise PrunekitError("pass either costs_per_weight or layer_slices + layer_costs, not both."
+                            if cost_groups is None else "pass cost_groups alone, without other costs.")
+    if cost_groups is not None:
+        if cost_groups.p != p:
+            raise PrunekitError(f"cost_groups has {cost_groups.p} weights but scores has {p}; they must match.")
+        groups = cost_groups
+    elif costs_per_weight is not None:
         c = finite_vector(costs_per_weight, "costs_per_weight")
         if c.size != p:
             raise PrunekitError(f"costs_per_weight has {c.size} entries but scores has {p}; they must match.")
-        group, group_costs = groups_from_costs(c)
+        groups = CostGroups.from_ids(*groups_from_costs(c))
     elif layer_slices is not None and layer_costs is not None:
-        group, group_costs = groups_from_layers(layer_slices, layer_costs, p)
+        groups = CostGroups.from_layers(layer_slices, layer_costs, p)
     else:
         raise PrunekitError("give the costs: costs_per_weight (p,), or both layer_slices and layer_costs.")
     if isinstance(max_count, bool) or not float(max_count).is_integer() or max_count < 0:
         raise PrunekitError(f"max_count must be a non-negative integer, got {max_count!r}.")
     if math.isnan(max_cost) or max_cost < 0:
         raise PrunekitError(f"max_cost must be a non-negative number of MACs, got {max_cost!r}.")
-    total_cost = float(np.bincount(group, minlength=group_costs.size) @ group_costs)
-    return Problem(s, group, group_costs, min(int(max_count), p), min(float(max_cost), total_cost),
+    return Problem(s, groups, min(int(max_count), p), min(float(max_cost), groups.total_cost),
                    accelerator_copy(scores))
 
 
@@ -144,23 +230,27 @@ def prefix_limits(group_sizes: np.ndarray, group_costs: np.ndarray, max_count: i
     return np.where(priced, np.minimum(limits, np.minimum(by_cost, group_sizes)), limits).astype(np.int64)
 
 
-def _descending(scores: np.ndarray, keep: int) -> np.ndarray:
+def _descending(scores: np.ndarray, keep: int, values_out: np.ndarray | None = None) -> np.ndarray:
     """Positions of the ``keep`` largest of ``scores`` (q,) float64, largest first, ties by position.
+    ``values_out``: (keep,) float64 to receive those scores in that order (the sort writes them
+    there: no copy of them is made and gathered again).
 
     torch's selection and sort run several times faster than NumPy's argsort on 10^7 values."""
     values = torch.from_numpy(scores)
     if keep <= 0:
         return np.zeros(0, dtype=np.int64)
+    candidates = None                   # every score (a whole group): sorted in place of a copy
     if keep < values.numel():
         kth = torch.kthvalue(values, values.numel() - keep + 1).values      # the keep-th largest
         chosen = values > kth
         tied = torch.nonzero(values == kth).flatten()
         chosen[tied[: keep - int(chosen.sum())]] = True
         candidates = torch.nonzero(chosen).flatten()
-    else:
-        candidates = torch.arange(values.numel())
-    order = torch.sort(values[candidates], descending=True, stable=True).indices
-    return candidates[order].numpy()
+        del chosen, tied
+        values = values[candidates]
+    out = None if values_out is None else (torch.from_numpy(values_out), torch.empty(keep, dtype=torch.int64))
+    order = torch.sort(values, descending=True, stable=True, out=out).indices
+    return (order if candidates is None else candidates[order]).numpy()
 
 
 def _grouped_order_on_device(scores: torch.Tensor, group: np.ndarray, limits: np.ndarray) -> np.ndarray:
@@ -178,31 +268,59 @@ def _grouped_order_on_device(scores: torch.Tensor, group: np.ndarray, limits: np
     return order[rank_in_group < torch.repeat_interleave(torch.from_numpy(limits).to(device), sizes)].cpu().numpy()
 
 
-def _grouped_order(scores: np.ndarray, group: np.ndarray, limits: np.ndarray) -> np.ndarray:
+def _grouped_order(scores: np.ndarray, group, limits: np.ndarray, values_out: np.ndarray | None = None) -> np.ndarray:
     """(Σ limits,) weight indices: group 0's ``limits[0]`` best by descending score (ties by
-    index), then group 1's, ...
+    index), then group 1's, ... ``group``: (p,) group ids, or :class:`CostGroups` (whose layer
+    form needs no per-weight sort at all: each group is a range of the weights). ``values_out``:
+    (Σ limits,) float64 to receive the scores in that order (``scores[order]``).
 
     Sorting each group on its own is several times faster than one global sort at
     p ~ 1e7 (the blocks fit in cache); with very many groups one global sort is used.
+    Indices are int32 when p allows (half the memory of int64).
     """
+    if isinstance(group, CostGroups):
+        if group.bounds is not None:
+            out = np.empty(int(limits.sum()), dtype=_index_dtype(scores.size))
+            at = 0
+            for a, b, keep in zip(group.bounds[:-1], group.bounds[1:], limits):
+                part = out[at:at + keep]
+                part[...] = _descending(scores[a:b], int(keep),
+                                        None if values_out is None else values_out[at:at + keep])
+                part += int(a)
+                at += keep
+            return out
+        group = group.ids
     n_groups = limits.size
-    small = group.astype(np.uint16) if n_groups <= 1 << 16 else group  # 16-bit: radix sort
+    small = group.astype(np.uint16, copy=False) if n_groups <= 1 << 16 else group  # 16-bit: radix sort
     sizes = np.bincount(group, minlength=n_groups)
     starts = np.r_[0, np.cumsum(sizes)[:-1]]
     if n_groups > _LOOP_SORT_MAX_GROUPS:
         desc = torch.sort(torch.from_numpy(scores), descending=True, stable=True).indices.numpy()
         order = desc[np.argsort(small[desc], kind="stable")]
         rank_in_group = np.arange(order.size) - np.repeat(starts, sizes)
-        return order[rank_in_group < np.repeat(limits, sizes)]
+        order = order[rank_in_group < np.repeat(limits, sizes)]
+        if values_out is not None:
+            values_out[...] = scores[order]
+        return order
     by_group = np.argsort(small, kind="stable")             # each group's weights in index order
-    return np.concatenate([np.zeros(0, dtype=np.int64)] + [
-        by_group[a:a + n][_descending(scores[by_group[a:a + n]], int(keep))]
-        for a, n, keep in zip(starts, sizes, limits)])
+    out = np.empty(int(limits.sum()), dtype=_index_dtype(scores.size))
+    at = 0
+    for a, n, keep in zip(starts, sizes, limits):
+        members = by_group[a:a + n]
+        out[at:at + keep] = members[_descending(scores[members], int(keep),
+                                                None if values_out is None else values_out[at:at + keep])]
+        at += keep
+    return out
+
+
+def _index_dtype(p: int):
+    return np.int32 if p < 2**31 else np.int64
 
 
 class SortedGroups:
     """Scores sorted in descending order within each cost group, with vectorised counting.
 
+    ``group``: (p,) group ids, or the :class:`CostGroups` of the weights.
     A selection that keeps a prefix of every group is described by ``m`` (G,) int64, the
     number kept per group. The layout is group-major: group g occupies positions
     ``start[g] : start[g] + size[g]`` of ``s_desc``, and ``prefix`` holds the running sums of
@@ -214,15 +332,19 @@ class SortedGroups:
     def __init__(self, scores: np.ndarray, group: np.ndarray, group_costs: np.ndarray,
                  limits: np.ndarray | None = None, device_scores: torch.Tensor | None = None):
         n_groups = group_costs.size
-        full_size = np.bincount(group, minlength=n_groups)
+        full_size = group.sizes if isinstance(group, CostGroups) else np.bincount(group, minlength=n_groups)
         self.size = full_size if limits is None else np.minimum(full_size, limits)
         self.p = scores.size
-        if device_scores is None:
-            self.perm = _grouped_order(scores, group, self.size)  # layout position -> weight index
+        if device_scores is None:       # layout position -> weight index, and the scores in that order
+            self.s_desc = np.empty(int(self.size.sum()))
+            self.perm = _grouped_order(scores, group, self.size, values_out=self.s_desc)
         else:
-            self.perm = _grouped_order_on_device(device_scores, group, self.size)
-        self.s_desc = scores[self.perm]
-        self.prefix = np.concatenate([[0.0], np.cumsum(self.s_desc)])
+            ids = group.group() if isinstance(group, CostGroups) else group
+            self.perm = _grouped_order_on_device(device_scores, ids, self.size)
+            self.s_desc = scores[self.perm]
+        self.prefix = np.empty(self.s_desc.size + 1)                 # [0, running sums of s_desc]
+        self.prefix[0] = 0.0
+        np.cumsum(self.s_desc, out=self.prefix[1:])
         self.start = np.concatenate([[0], np.cumsum(self.size)[:-1]])
         self.costs = group_costs
         self.by_cost = np.argsort(group_costs, kind="stable")
@@ -278,9 +400,14 @@ class SortedGroups:
         return take
 
     def keep_mask(self, m: np.ndarray) -> np.ndarray:
-        """(p,) bool in the original weight order for the prefix selection m."""
+        """(p,) bool in the original weight order for the prefix selection m (group by group
+        when there are few: no index array of the kept weights' size)."""
+        keep = np.zeros(self.p, dtype=bool)
+        if m.size <= _LOOP_SORT_MAX_GROUPS:
+            for a, n in zip(self.start, m):
+                keep[self.perm[a:a + n]] = True
+            return keep
         offsets = np.repeat(self.start, m)
         within = np.arange(offsets.size) - np.repeat(np.cumsum(m) - m, m)
-        keep = np.zeros(self.p, dtype=bool)
         keep[self.perm[offsets + within]] = True
         return keep
