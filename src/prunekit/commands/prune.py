@@ -126,19 +126,12 @@ def _first_batch(batches):
 
 def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None, main: bool) -> dict:
     folder, finished = None, False
-    if args.out and not main:
-        distributed.current().barrier()            # rank 0 claims the folder
-        folder = runs.RunFolder(args.out).follower()
-        distributed.current().barrier()
-    elif args.out:
-        distributed.current().barrier()
-        folder = runs.RunFolder(args.out)
+    if args.out:                # rank 0 claims the folder and writes it; the others read it
         resume = bool(getattr(args, "resume", None))       # a folder of an older version may say force = true
-        runs.claim(folder, run_config(args), resume=resume, force=bool(getattr(args, "force", False)) and not resume)
+        folder = runs.claim_on_rank_0(args.out, run_config(args), resume=resume,
+                                      force=bool(getattr(args, "force", False)) and not resume,
+                                      device=next(iter(loaded.model.parameters()), torch.empty(0)).device)
         finished = folder.read_metrics().get("status") == "done"     # a --resume with nothing left to do
-        distributed.current().barrier()
-    if folder is not None and distributed.current().distributed:
-        runs.check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
                             dense=dense, progress=not args.json, on_step=step_printer(args),
                             stage_eval=not getattr(args, "no_stage_eval", False))
