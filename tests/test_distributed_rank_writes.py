@@ -186,6 +186,24 @@ def test_a_refusal_every_rank_meets_before_joining_is_printed_once(tmp_path, arg
     assert said.count("\n") == 1 and says in results[0][2], said
 
 
+def test_two_ranks_of_a_method_that_reads_no_training_data_never_load_it(tmp_path):
+    """magnitude without BatchNorm recalibration reads no training data: with a --data-dir holding
+    the test split alone, two ranks prune as one process does. Before, each rank loaded the whole
+    training split up front for the ranks' first-batch check (refused here: no training split)."""
+    data_dir = tmp_path / "mnist"
+    data_dir.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (data_dir / name).symlink_to(ASSETS / "mnist" / name)
+    args = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(data_dir), "--method", "magnitude", "--sparsity", "0.8", "--no-bn-recalibration",
+            "--json"]
+    from prunekit.cli import main
+    assert main(args) == 0
+    results = _two_ranks(args, tmp_path / "nothing")
+    assert [code for code, _, _ in results] == [0, 0], results
+    assert json.loads(results[0][1])["ranks"] == 2
+
+
 def test_a_refusal_of_one_rank_alone_is_printed_by_it(tmp_path):
     """Rank 1 alone cannot read its checkpoint (as if missing on its machine): it prints its own
     line and exits 2; rank 0 then stops on the lost rank."""

@@ -110,10 +110,22 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     ``--resume``, clearing it first with ``--force``), then write its report."""
     main = distributed.is_main_process()           # under torchrun, rank 0 alone writes
     if distributed.current().distributed:          # every machine must read the same weights and data
+        first_train = _first_batch(train_batches) if reads_training_data(plan) else None     # else never loaded
         distributed.check_same_start(loaded.model, **{"evaluation data (--data-dir)": _first_batch(eval_loader),
-                                                      "training data (--data-dir)": _first_batch(train_batches)})
+                                                      "training data (--data-dir)": first_train})
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
+
+
+DATA_FREE_METHODS = ("magnitude", "magnitude-uniform", "magnitude-flops")
+
+
+def reads_training_data(plan) -> bool:
+    """Whether ``plan`` loads the training split: False only for a magnitude method run at once
+    (not gradual) without BatchNorm recalibration or a layer search; any other method or mode
+    reads it (gradients, gates, fine-tuning, recalibration)."""
+    return not (plan.method.name in DATA_FREE_METHODS and plan.mode != "gradual" and not plan.request.recalibrate_bn
+                and not getattr(plan.options, "layer_search", 0))
 
 
 def _first_batch(batches):
