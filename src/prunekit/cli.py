@@ -222,11 +222,11 @@ def _refuse_before_joining(line: str, argv: list[str]) -> int:
         peek.add_argument("--device")          # the run's backend (a recipe's device is unknown here)
         try:
             distributed.init_from_env(peek.parse_known_args(argv[1:])[0].device)
-            lines = distributed.early_refusals(line)
+            said_by_rank_0 = distributed.early_refusals(line)[0] == line and not distributed.is_main_process()
         except (PrunekitError, RuntimeError):   # no group to tell: say it here
-            lines = [line]
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0 and lines[0] == line:
-            return 2                          # rank 0 says it
+            said_by_rank_0 = False
+        if said_by_rank_0:
+            return 2
     print(line, file=sys.stderr)
     return 2
 
