@@ -130,3 +130,33 @@ def test_prune_out_under_two_ranks_writes_on_rank_0_alone_and_resumes(tmp_path):
     assert (run / "report.md").exists() and (run / "model.safetensors").exists()
     assert "resume" in (run / "run.log").read_text()
     assert not (run / ".prunekit.lock").exists()
+
+
+def _prune_into_another_run(rank, world, out):
+    """prunekit.prune into ``out``, which holds another run: each rank's refusal message."""
+    import prunekit
+    from prunekit.errors import PrunekitError
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    data = (torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    try:
+        prunekit.prune(net, data, method="magnitude", sparsity=0.5, recalibrate_bn=False, out=out)
+    except PrunekitError as err:
+        return str(err)
+    return "not refused"
+
+
+def test_a_folder_holding_another_run_is_refused_on_both_ranks_in_the_same_words(tmp_path):
+    """Rank 0 claims the folder for the ranks and tells rank 1 its refusal (rank 1 reads nothing
+    of the folder itself): both stop with the same words and the folder is left as it was."""
+    import prunekit
+    from distributed_spawn import run_ranks
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    prunekit.prune(net, (torch.randn(32, 8), torch.randint(0, 3, (32,))), method="magnitude", sparsity=0.3,
+                   recalibrate_bn=False, out=str(out))
+    before = sorted(p.name for p in out.iterdir())
+    said = run_ranks(_prune_into_another_run, 2, tmp_path, str(out))
+    assert said[0] == said[1] and "holds another run" in said[0], said
+    assert sorted(p.name for p in out.iterdir()) == before
