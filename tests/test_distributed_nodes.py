@@ -174,13 +174,29 @@ def test_a_gloo_socket_ifname_naming_no_interface_is_refused_in_one_line(tmp_pat
     check_socket_ifname()                                  # interfaces this machine has: accepted
 
 
-def test_a_resume_folder_missing_on_one_machine_names_the_shared_file_system(tmp_path):
-    env = _env(RANK="1", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    done = subprocess.run([sys.executable, "-m", "prunekit", "prune", "--resume", "runs/x"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr == ("prunekit: error: --resume runs/x does not exist on the machine of rank 1: on several "
-                           "machines the run folder must be on a file system they all share, at the same path\n")
+def test_a_resume_folder_missing_on_one_machine_is_refused_by_it_and_the_other_stops_at_once(tmp_path):
+    """`prune --resume runs/x`, the folder on machine 0 alone: machine 1 names the shared file system
+    in one line, machine 0 stops (exit not 0) without a line of its own. Before, machine 1 refused
+    before joining the group, so machine 0 waited for it the whole PRUNEKIT_DIST_TIMEOUT (40 s)."""
+    import socket
+    import time
+
+    from prunekit.cli import main
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir()
+    cwd = os.getcwd()
+    os.chdir(node0)
+    try:
+        assert main([*CHITA, "--out", "runs/x"]) == 0
+    finally:
+        os.chdir(cwd)
+    start = time.monotonic()
+    (zero, _, zero_err), (one, _, one_err) = _two_machines(["prune", "--resume", "runs/x", "--json"], [node0, node1])
+    assert time.monotonic() - start < 25, (zero_err[-2000:], one_err[-2000:])
+    assert zero != 0 and one != 0 and _errors(zero_err) == [], zero_err[-3000:]
+    assert _errors(one_err) == [f"prunekit: error: --resume runs/x does not exist on machine {socket.gethostname()}: "
+                                "on several machines the run folder must be on a file system they all share, at "
+                                "the same path"], one_err[-3000:]
 
 
 def test_a_training_folder_the_machines_do_not_share_is_refused_on_every_rank(tmp_path):

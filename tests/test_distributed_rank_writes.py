@@ -45,16 +45,17 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _two_ranks(args: list[str], watched: Path, rank_args: dict[int, list[str]] | None = None
-               ) -> list[tuple[int, str, str]]:
-    """(exit code, stdout, stderr) of each rank; ``rank_args``: more arguments for some ranks."""
+def _two_ranks(args: list[str], watched: Path, rank_args: dict[int, list[str]] | None = None,
+               more_env: dict[str, str] | None = None) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each rank; ``rank_args``: more arguments for some ranks;
+    ``more_env``: more environment variables for both."""
     port, ranks = free_port(), []
     for rank in range(2):
         more = (rank_args or {}).get(rank, [])
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src"), "WATCHED": str(watched),
-               "MPLBACKEND": "Agg"}
+               "MPLBACKEND": "Agg", **(more_env or {})}
         ranks.append(subprocess.Popen([sys.executable, "-c", _WATCHED, *args, *more], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
@@ -168,6 +169,39 @@ def test_a_refusal_on_every_rank_is_printed_once(tmp_path):
     assert [code for code, _, _ in results] == [2, 2], results
     said = results[0][2] + results[1][2]
     assert said.count("prunekit: error:") == 1 and "--sparsity" in results[0][2], said
+
+
+@pytest.mark.parametrize("args, env, says", [
+    (["prune", *DATA, "--nosuch"], {}, "unrecognized arguments: --nosuch"),
+    (["prune", "--recipe", "missing.toml"], {}, "missing.toml"),
+    (["prune", "--resume", "missing"], {}, "--resume missing does not exist"),
+    (["prune", *DATA, "--sparsity", "0.5"], {"PRUNEKIT_DIST_BACKEND": "bogus"}, "PRUNEKIT_DIST_BACKEND='bogus'"),
+], ids=["argument", "recipe", "resume", "backend"])
+def test_a_refusal_every_rank_meets_before_joining_is_printed_once(tmp_path, args, env, says):
+    """Met before the group is joined (the command line, a --recipe or --resume missing on every
+    machine, the backend): both ranks stop with exit 2, rank 0 alone prints the line (each rank did)."""
+    results = _two_ranks(args, tmp_path, more_env=env)
+    assert [code for code, _, _ in results] == [2, 2], results
+    said = results[0][2] + results[1][2]
+    assert said.count("\n") == 1 and says in results[0][2], said
+
+
+def test_two_ranks_of_a_method_that_reads_no_training_data_never_load_it(tmp_path):
+    """magnitude without BatchNorm recalibration reads no training data: with a --data-dir holding
+    the test split alone, two ranks prune as one process does. Before, each rank loaded the whole
+    training split up front for the ranks' first-batch check (refused here: no training split)."""
+    data_dir = tmp_path / "mnist"
+    data_dir.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (data_dir / name).symlink_to(ASSETS / "mnist" / name)
+    args = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(data_dir), "--method", "magnitude", "--sparsity", "0.8", "--no-bn-recalibration",
+            "--json"]
+    from prunekit.cli import main
+    assert main(args) == 0
+    results = _two_ranks(args, tmp_path / "nothing")
+    assert [code for code, _, _ in results] == [0, 0], results
+    assert json.loads(results[0][1])["ranks"] == 2
 
 
 def test_a_refusal_of_one_rank_alone_is_printed_by_it(tmp_path):

@@ -39,7 +39,7 @@ from .losses import loss_name
 from .methods import Method
 from .record import Result
 from .request import PruneRequest
-from .runs import RunFolder, claim
+from .runs import RunFolder, claim_on_rank_0
 
 
 def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sparsity=None, flops=None,
@@ -114,17 +114,16 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         check_loss(model, loss, train_batches, _model_device(model))
     folder = None
     with ExitStack() as lock:
-        if out is not None:
-            folder = RunFolder(out)
-            lock.enter_context(run_lock.held(out, "out="))        # one process at a time in the folder
+        if out is not None:       # under torchrun rank 0 alone holds the lock and writes; every rank computes
+            lock.enter_context(run_lock.held_by_rank_0(out, "out="))        # one process at a time in the folder
             config = {"model_class": type(model).__name__, "method": plan.method.name, **budget, "include": include,
                       "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
                       **({"loss": loss_name(loss)} if loss is not None else {}),
                       **{k: v for k, v in options.items() if not callable(v)}}
-            claim(folder, recipes.dump_recipe(config), force=force)
+            folder = claim_on_rank_0(out, recipes.dump_recipe(config), force=force, device=_model_device(model))
         record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress,
                                             stage_eval=stage_eval)
-        if folder is not None:
+        if folder is not None and folder.writable:
             _write_report(folder)
     result = Result.from_record(record, pruned, out)
     result.snapshots = {share: Result.from_record(snap, snapshots[share]) for share, snap in

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import sys
 import tomllib
 import warnings
@@ -29,7 +30,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2), naming the command's --help."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        # every rank parses the same command line: under torchrun rank 0 alone says what is wrong
+        quiet = distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
+        self.exit(2, None if quiet else f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +77,9 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         config = Path(known.resume) / "config.toml"
         if not Path(known.resume).exists():
             if distributed.launched_by_torchrun():    # on another machine it may be there: a folder not shared
-                raise PrunekitError(f"--resume {known.resume} does not exist on the machine of rank "
-                                    f"{os.environ.get('RANK')}: on several machines the run folder must be on a "
-                                    "file system they all share, at the same path")
+                raise PrunekitError(f"--resume {known.resume} does not exist on machine {socket.gethostname()}: "
+                                    "on several machines the run folder must be on a file system they all share, "
+                                    "at the same path")
             raise PrunekitError(f"--resume {known.resume} does not exist (check the path)")
         if not config.exists():
             raise PrunekitError(f"{known.resume} is not a prunekit run folder (no config.toml): "
@@ -165,19 +168,25 @@ def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:
-        _apply_recipe(parser, argv)
+        _apply_recipe(parser, argv)          # reads --resume DIR or --recipe FILE: one machine may lack them
     except PrunekitError as err:
-        print(f"prunekit: error: {cli_message(err, _flags(parser))}", file=sys.stderr)
-        return 2
+        return _refuse_before_joining(f"prunekit: error: {cli_message(err, _flags(parser))}", argv)
     args = parser.parse_args(argv)
     try:
-        if distributed.init_from_env(getattr(args, "device", None)) and not distributed.is_main_process():
-            args.json = True                      # ranks other than 0 print nothing, draw no bars
-            sys.stdout = open(os.devnull, "w")
+        if distributed.init_from_env(getattr(args, "device", None)):
+            if any(distributed.early_refusals(None)):      # another rank refused: it said why
+                return 2
+            if not distributed.is_main_process():
+                args.json = True                      # ranks other than 0 print nothing, draw no bars
+                sys.stdout = open(os.devnull, "w")
         return args.func(args)
     except PrunekitError as err:
         line = f"prunekit: error: {cli_message(err, _flags(parser))}"
-        if distributed.prints_refusal(line):      # under torchrun: once, not once per rank
+        if isinstance(err, distributed.MachineRefusal):   # met before joining by every rank on this machine
+            printed = os.environ.get("LOCAL_RANK", "0") == "0"
+        else:
+            printed = distributed.prints_refusal(line)     # under torchrun: once, not once per rank
+        if printed:
             print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -198,6 +207,28 @@ def _main(argv: list[str] | None) -> int:
         print(f"prunekit: error: {err.strerror or err}: {err.filename or ''} "
               "(check the path and its permissions)", file=sys.stderr)
         return 2
+
+
+def _refuse_before_joining(line: str, argv: list[str]) -> int:
+    """Print refusal ``line``, met before the process group was joined, and return exit code 2.
+
+    Under torchrun the rank joins the group all the same and every rank tells the others whether
+    it refused (``early_refusals``): a refusal every rank meets is printed once, by rank 0; one
+    this rank meets alone (a ``--resume`` folder missing on its machine) by this rank, while the
+    others stop at once instead of waiting for it until ``PRUNEKIT_DIST_TIMEOUT``.
+    """
+    if distributed.launched_by_torchrun():
+        peek = argparse.ArgumentParser(add_help=False)
+        peek.add_argument("--device")          # the run's backend (a recipe's device is unknown here)
+        try:
+            distributed.init_from_env(peek.parse_known_args(argv[1:])[0].device)
+            said_by_rank_0 = distributed.early_refusals(line)[0] == line and not distributed.is_main_process()
+        except (PrunekitError, RuntimeError):   # no group to tell: say it here
+            said_by_rank_0 = False
+        if said_by_rank_0:
+            return 2
+    print(line, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

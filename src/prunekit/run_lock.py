@@ -4,7 +4,8 @@
 it, and holds it until the block ends, then removes the file. A second process refuses the
 folder in one line (``PrunekitError``) naming the holder's pid. A killed holder's lock is released
 by the operating system, so its leftover file never stops a resume. Without ``fcntl`` (Windows)
-no lock is taken. Under torchrun the commands take ``held_by_rank_0``: rank 0 holds it for all.
+no lock is taken. Under torchrun the commands and ``prunekit.prune(out=)`` take ``held_by_rank_0``:
+rank 0 holds it for all.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def held_by_rank_0(folder: str | Path, flag: str = "--out") -> Iterator[None]:
     """``held`` under torchrun: rank 0, the rank that writes, holds the lock; a refusal is told to
     every rank (a collective: every rank must enter), so all of them stop with its one line rather
     than the others waiting for rank 0 until the timeout. One process: ``held``."""
-    from .distributed import current        # prunekit.distributed imports the solvers; only the CLI needs it here
+    from .distributed import current        # prunekit.distributed imports the solvers: imported when used
     collective = current()
     if not collective.distributed:
         with held(folder, flag):

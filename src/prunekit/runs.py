@@ -137,6 +137,35 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
         atomic_write_bytes(folder.config, config_text.encode())
 
 
+def claim_on_rank_0(path: str | Path, config_text: str, *, resume: bool = False, force: bool = False,
+                    device="cpu") -> RunFolder:
+    """``claim`` under torchrun: rank 0, the rank that writes, claims the folder and works in it;
+    every other rank gets it read-only (``RunFolder.follower``) once rank 0 has claimed it, and
+    then every rank must see the same folder (``check_ranks_share``). A refusal of rank 0's is
+    raised on every rank, so all of them stop with its one line rather than wait for rank 0 until
+    the timeout. A collective: every rank calls it. One process: ``claim``; returns the folder."""
+    from . import distributed
+    collective = distributed.current()
+    folder = RunFolder(path)
+    if not collective.distributed:
+        claim(folder, config_text, resume=resume, force=force)
+        return folder
+    collective.barrier()                 # every rank has checked the folder before rank 0 writes in it
+    refusal = None
+    if collective.rank == 0:
+        try:
+            claim(folder, config_text, resume=resume, force=force)
+        except PrunekitError as err:
+            refusal = err
+    refusal = collective.broadcast_object(refusal)
+    if refusal is not None:
+        raise refusal
+    if collective.rank != 0:
+        folder = folder.follower()
+    check_ranks_share(folder, device)
+    return folder
+
+
 def _remove_own_files(folder: Path) -> None:
     """Remove the files a run wrote in its subfolder ``folder`` (checkpoints, plots, export,
     snapshot-*), then the folder if nothing else is left in it: a user's own file there stays."""

@@ -110,10 +110,22 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     ``--resume``, clearing it first with ``--force``), then write its report."""
     main = distributed.is_main_process()           # under torchrun, rank 0 alone writes
     if distributed.current().distributed:          # every machine must read the same weights and data
+        first_train = _first_batch(train_batches) if reads_training_data(plan) else None     # else never loaded
         distributed.check_same_start(loaded.model, **{"evaluation data (--data-dir)": _first_batch(eval_loader),
-                                                      "training data (--data-dir)": _first_batch(train_batches)})
+                                                      "training data (--data-dir)": first_train})
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
+
+
+DATA_FREE_METHODS = ("magnitude", "magnitude-uniform", "magnitude-flops")
+
+
+def reads_training_data(plan) -> bool:
+    """Whether ``plan`` loads the training split: False only for a magnitude method run at once
+    (not gradual) without BatchNorm recalibration or a layer search; any other method or mode
+    reads it (gradients, gates, fine-tuning, recalibration)."""
+    return not (plan.method.name in DATA_FREE_METHODS and plan.mode != "gradual" and not plan.request.recalibrate_bn
+                and not getattr(plan.options, "layer_search", 0))
 
 
 def _first_batch(batches):
@@ -126,19 +138,12 @@ def _first_batch(batches):
 
 def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None, main: bool) -> dict:
     folder, finished = None, False
-    if args.out and not main:
-        distributed.current().barrier()            # rank 0 claims the folder
-        folder = runs.RunFolder(args.out).follower()
-        distributed.current().barrier()
-    elif args.out:
-        distributed.current().barrier()
-        folder = runs.RunFolder(args.out)
+    if args.out:                # rank 0 claims the folder and writes it; the others read it
         resume = bool(getattr(args, "resume", None))       # a folder of an older version may say force = true
-        runs.claim(folder, run_config(args), resume=resume, force=bool(getattr(args, "force", False)) and not resume)
+        folder = runs.claim_on_rank_0(args.out, run_config(args), resume=resume,
+                                      force=bool(getattr(args, "force", False)) and not resume,
+                                      device=next(iter(loaded.model.parameters()), torch.empty(0)).device)
         finished = folder.read_metrics().get("status") == "done"     # a --resume with nothing left to do
-        distributed.current().barrier()
-    if folder is not None and distributed.current().distributed:
-        runs.check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
                             dense=dense, progress=not args.json, on_step=step_printer(args),
                             stage_eval=not getattr(args, "no_stage_eval", False))

@@ -99,7 +99,7 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
         return True
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise PrunekitError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start prunekit with torchrun "
+        raise MachineRefusal(f"WORLD_SIZE is set but {', '.join(missing)} is not: start prunekit with torchrun "
                             "(torchrun --nproc_per_node 2 -m prunekit prune ...)")
     timeout_s = timeout_s or float(os.environ.get("PRUNEKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     cuda = device is not None and str(device).startswith("cuda")
@@ -115,6 +115,11 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
 BACKENDS = ("gloo", "nccl")
 
 
+class MachineRefusal(PrunekitError):
+    """A refusal met before joining the group that every rank on this machine meets (its
+    environment, its network interfaces): printed by local rank 0 alone, not once per rank."""
+
+
 def check_socket_ifname() -> None:
     """Refuse a ``GLOO_SOCKET_IFNAME`` naming no network interface of this machine in one line
     naming those it has (gloo's own error reads as a lost rank, and running again cannot help)."""
@@ -125,7 +130,7 @@ def check_socket_ifname() -> None:
         return
     missing = [n for n in names if n not in present]
     if missing:
-        raise PrunekitError(f"GLOO_SOCKET_IFNAME={os.environ['GLOO_SOCKET_IFNAME']}: this machine has no network "
+        raise MachineRefusal(f"GLOO_SOCKET_IFNAME={os.environ['GLOO_SOCKET_IFNAME']}: this machine has no network "
                             f"interface {', '.join(missing)} (it has {', '.join(present)}); name one of them, "
                             "or unset GLOO_SOCKET_IFNAME")
 
@@ -136,10 +141,10 @@ def chosen_backend(cuda: bool) -> str:
     stand in where NCCL is broken."""
     backend = os.environ.get("PRUNEKIT_DIST_BACKEND", "").strip().lower() or ("nccl" if cuda else "gloo")
     if backend not in BACKENDS:
-        raise PrunekitError(f"PRUNEKIT_DIST_BACKEND={backend!r} is not a backend prunekit supports; "
+        raise MachineRefusal(f"PRUNEKIT_DIST_BACKEND={backend!r} is not a backend prunekit supports; "
                             f"set it to {' or '.join(BACKENDS)}, or unset it")
     if backend == "nccl" and not cuda:
-        raise PrunekitError("PRUNEKIT_DIST_BACKEND=nccl needs the model on a GPU: add --device cuda, "
+        raise MachineRefusal("PRUNEKIT_DIST_BACKEND=nccl needs the model on a GPU: add --device cuda, "
                             "or unset PRUNEKIT_DIST_BACKEND for gloo on the CPU")
     return backend
 
@@ -209,6 +214,18 @@ def prints_refusal(line: str) -> bool:
     except Exception:        # noqa: BLE001 - no store, or none that answers: say it here
         return True
     return said != line
+
+
+def early_refusals(line: str | None) -> list[str | None]:
+    """Every rank's refusal met before the run began (None: none), in rank order. A collective
+    every rank calls right after joining the group, so a refusal one machine meets alone (a
+    ``--resume`` folder it lacks) stops every rank at once rather than leave the others waiting
+    for it until the timeout. One process: ``[line]``."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [line]
+    lines = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, line)
+    return lines
 
 
 def digest(*tensors: torch.Tensor) -> int:

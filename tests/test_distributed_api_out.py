@@ -1,0 +1,162 @@
+"""``prunekit.prune(..., out=DIR)`` in a script under torchrun (2 gloo ranks) works as the CLI
+does: rank 0 alone holds the run folder's lock and writes the folder (rank 1, watched by an audit
+hook, writes nothing there), every rank computes and returns one process's result, and calling
+again with the same ``out=`` after a kill resumes on both ranks. Before, each rank took the lock
+and one of them was refused by the other's."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_spawn import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "src" / "prunekit" / "assets"
+
+# prune MLPNet into OUT, then (rank 0, as if killed after stage 1) cut the folder back and call
+# again: each call's masks and accuracy go to RESULTS/rank<R>-<call>.pt; rank 1's writes under OUT
+# are reported as "WROTE path" on stderr
+_SCRIPT = """
+import os, sys
+import torch
+OUT, RESULTS, ASSETS = (os.path.realpath(os.environ[k]) for k in ("OUT", "RESULTS", "ASSETS"))
+RANK = int(os.environ.get("RANK", "0"))
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+def under(path):
+    try:
+        return os.path.realpath(os.fsdecode(path)).startswith(OUT)
+    except (TypeError, ValueError):
+        return False
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path, mode, flags = args
+        if under(path) and ((mode is not None and any(c in mode for c in "wax+")) or (flags or 0) & WRITE):
+            sys.__stderr__.write(f"WROTE {path}\\n")
+    elif event in ("os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree"):
+        if under(args[0]):
+            sys.__stderr__.write(f"WROTE {event} {args[0]}\\n")
+if RANK != 0:
+    sys.addaudithook(hook)
+
+import json
+from pathlib import Path
+import torch.distributed as dist
+from safetensors.torch import load_file
+import prunekit
+from prunekit import zoo
+from prunekit.data import Normalization, load_dataset, make_loader
+
+torch.set_num_threads(1)
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    dist.init_process_group("gloo")
+norm = Normalization((0.1307,), (0.3081,))
+train = load_dataset("mnist", Path(ASSETS) / "mnist", "train")
+test = load_dataset("mnist", Path(ASSETS) / "mnist", "test")
+
+def call(name):
+    net = zoo.build("mlpnet")
+    net.load_state_dict(load_file(Path(ASSETS) / "mlpnet.safetensors"))
+    result = prunekit.prune(net, make_loader(train, norm, batch_size=500, shuffle=True),
+                            eval_data=make_loader(test, norm, batch_size=2500), method="chita++", sparsity=0.9,
+                            stages=2, fisher_samples=32, stage_eval=False, out=OUT)
+    masks = {k: (v != 0) for k, v in result.model.state_dict().items()}
+    torch.save({"masks": masks, "accuracy": result.accuracy, "sparsity": result.sparsity},
+               os.path.join(RESULTS, f"rank{RANK}-{name}.pt"))
+
+call("first")
+if os.environ["RESUME"] == "0":
+    sys.exit(0)
+if dist.is_initialized():
+    dist.barrier()
+if RANK == 0:                          # as if killed after stage 1
+    run = Path(OUT)
+    (run / "checkpoints" / "stage-002.safetensors").unlink()
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "status": "running", "stages": metrics["stages"][:1]}))
+    for name in ("model.safetensors", "model.json", "result.json", "report.md"):
+        (run / name).unlink()
+if dist.is_initialized():
+    dist.barrier()
+call("resumed")
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def _run(script: Path, out: Path, results: Path, ranks: int) -> tuple[int, str]:
+    """The script under torchrun with ``ranks`` processes (1: plain python, no resume): (exit code,
+    stderr of the launcher and its ranks); every process is killed on a timeout."""
+    results.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "MPLBACKEND": "Agg",
+           "OUT": str(out), "RESULTS": str(results), "ASSETS": str(ASSETS), "PRUNEKIT_DIST_TIMEOUT": "60", "RESUME": str(int(ranks > 1))}
+    command = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master-addr",
+                "127.0.0.1", "--master-port", str(free_port())] if ranks > 1 else [sys.executable])
+    process = subprocess.Popen([*command, str(script)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    return process.returncode, err
+
+
+def test_prune_out_under_two_ranks_writes_on_rank_0_alone_and_resumes(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT)
+    code, err = _run(script, tmp_path / "one", tmp_path / "results-one", 1)
+    assert code == 0, err[-3000:]
+    code, err = _run(script, tmp_path / "two", tmp_path / "results-two", 2)
+    assert code == 0, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("WROTE")] == []       # rank 1 wrote nothing there
+    single = torch.load(tmp_path / "results-one" / "rank0-first.pt", weights_only=True)
+    for rank in (0, 1):
+        for call in ("first", "resumed"):
+            got = torch.load(tmp_path / "results-two" / f"rank{rank}-{call}.pt", weights_only=True)
+            assert got["accuracy"] == pytest.approx(single["accuracy"], abs=0.02), (rank, call)
+            assert got["sparsity"] == single["sparsity"], (rank, call)
+            for name, mask in single["masks"].items():
+                assert torch.equal(got["masks"][name], mask), (rank, call, name)
+    run = tmp_path / "two"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "done" and len(metrics["stages"]) == 2
+    assert (run / "report.md").exists() and (run / "model.safetensors").exists()
+    assert "resume" in (run / "run.log").read_text()
+    assert not (run / ".prunekit.lock").exists()
+
+
+def _prune_into_another_run(rank, world, out):
+    """prunekit.prune into ``out``, which holds another run: each rank's refusal message."""
+    import prunekit
+    from prunekit.errors import PrunekitError
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    data = (torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    try:
+        prunekit.prune(net, data, method="magnitude", sparsity=0.5, recalibrate_bn=False, out=out)
+    except PrunekitError as err:
+        return str(err)
+    return "not refused"
+
+
+def test_a_folder_holding_another_run_is_refused_on_both_ranks_in_the_same_words(tmp_path):
+    """Rank 0 claims the folder for the ranks and tells rank 1 its refusal (rank 1 reads nothing
+    of the folder itself): both stop with the same words and the folder is left as it was."""
+    import prunekit
+    from distributed_spawn import run_ranks
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    prunekit.prune(net, (torch.randn(32, 8), torch.randint(0, 3, (32,))), method="magnitude", sparsity=0.3,
+                   recalibrate_bn=False, out=str(out))
+    before = sorted(p.name for p in out.iterdir())
+    said = run_ranks(_prune_into_another_run, 2, tmp_path, str(out))
+    assert said[0] == said[1] and "holds another run" in said[0], said
+    assert sorted(p.name for p in out.iterdir()) == before
