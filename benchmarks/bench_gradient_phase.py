@@ -26,15 +26,21 @@ from common import print_table, write_json
 MB = 2**20
 
 
+ZOO = {"resnet20-b": 32, "mobilenetv1": 224, "resnet50": 224}
+
+
 def build(name: str):
     """(model, input shape, classes)."""
+    from prunekit import zoo
     from prunekit.zoo.vit import VisionTransformer
+    if name in ZOO:
+        return zoo.build(name), (3, ZOO[name], ZOO[name]), zoo.spec(name).num_classes
     if name == "vit-b16":
         return VisionTransformer(1000, 3, image=224, patch=16, dim=768, depth=12, heads=12, mlp_dim=3072), (3, 224, 224), 1000
     return VisionTransformer(100, 3, image=64, patch=8, dim=384, depth=6, heads=6, mlp_dim=1536), (3, 64, 64), 100
 
 
-def run_row(name: str, n: int, chunk: str, threads: int) -> dict:
+def run_row(name: str, n: int, chunk: str, threads: int, dtype: str = "bfloat16", batch: int = 16) -> dict:
     import torch
 
     from prunekit.fisher import collect_gradients
@@ -45,28 +51,43 @@ def run_row(name: str, n: int, chunk: str, threads: int) -> dict:
     torch.manual_seed(0)
     model, shape, classes = build(name)
     space = ParamSpace(model)
-    planned = plan(model, space, torch.randn(1, *shape), n=n, dtype="bfloat16", max_memory="1000G")
+    storage = getattr(torch, dtype)
+    planned = plan(model, space, torch.randn(1, *shape), n=n, dtype=dtype, max_memory="1000G")
     used_chunk = planned.chunk if chunk == "plan" else int(chunk)
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(16, *shape, generator=gen), torch.randint(0, classes, (16,), generator=gen))
-               for _ in range(-(-n // 16))]
+
+    def batches():          # generated one at a time, as a data loader gives them (not held at once)
+        for _ in range(-(-n // batch)):
+            yield torch.randn(batch, *shape, generator=gen), torch.randint(0, classes, (batch,), generator=gen)
+
     before = current_usage(torch.device("cpu"))
     start = time.perf_counter()
-    collect_gradients(model, space, batches, n=n, chunk=used_chunk, dtype=torch.bfloat16, progress=False)
+    collect_gradients(model, space, batches(), n=n, chunk=used_chunk, dtype=storage, progress=False)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    x_bytes = n * space.numel * 2
+    x_bytes = n * space.numel * storage.itemsize
     estimate = planned.activations + planned.layer_gradients
     measured = peak - before - x_bytes
-    return {"model": name, "p": space.numel, "n": n, "chunk": used_chunk, "plan_chunk": planned.chunk,
+    return {"model": name, "p": space.numel, "n": n, "dtype": dtype, "batch": batch, "chunk": used_chunk,
+            "plan_chunk": planned.chunk, "input_batch_mb": batch * planned_input_bytes(shape) / MB,
             "threads": threads, "seconds": seconds, "plan_activations_mb": planned.activations / MB,
             "plan_layer_gradients_mb": planned.layer_gradients / MB, "phase_estimate_mb": estimate / MB,
             "phase_measured_mb": measured / MB, "estimate_error": estimate / measured - 1}
 
 
+def planned_input_bytes(shape) -> int:
+    """One sample's float32 input."""
+    size = 4
+    for d in shape:
+        size *= d
+    return size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("vit-b16", "vit-mid"), default="vit-b16")
+    parser.add_argument("--model", choices=("vit-b16", "vit-mid", *ZOO), default="vit-b16")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--batch", type=int, default=16, help="samples per data batch (generated one at a time)")
     parser.add_argument("--n", type=int, default=24)
     parser.add_argument("--chunks", nargs="+", default=["plan", "19"])
     parser.add_argument("--threads", type=int, default=2)
@@ -75,11 +96,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.row:
         spec = json.loads(args.row)
-        print(json.dumps(run_row(spec["model"], spec["n"], spec["chunk"], spec["threads"])))
+        print(json.dumps(run_row(spec["model"], spec["n"], spec["chunk"], spec["threads"], spec.get("dtype", "bfloat16"),
+                                 spec.get("batch", 16))))
         return
     rows = []
     for chunk in args.chunks:
-        spec = json.dumps({"model": args.model, "n": args.n, "chunk": chunk, "threads": args.threads})
+        spec = json.dumps({"model": args.model, "n": args.n, "chunk": chunk, "threads": args.threads,
+                           "dtype": args.dtype, "batch": args.batch})
         out = subprocess.run([sys.executable, __file__, "--row", spec], capture_output=True, text=True)
         if out.returncode != 0:
             rows.append({"chunk": chunk, "error": (out.stderr.strip().splitlines() or ["?"])[-1]})

@@ -5,6 +5,7 @@
     python benchmarks/bench_scale.py --models resnet50 --n 256 --dtypes bfloat16   # needs ~16 GB free
     python benchmarks/bench_scale.py --models mobilenetv1 --n 1000 --dtypes bfloat16  # ~11 GB
     python benchmarks/bench_scale.py --models resnet50 --n 1000 --dtypes bfloat16 --device cuda
+    python benchmarks/bench_scale.py --models mobilenetv1 resnet50 --n 8 --dtypes float32 --method chita
 
 ResNet-20-B -> ResNet-56 (CIFAR layout, 32x32) -> MobileNetV1 -> ResNet-50 -> ViT-B/16 (224x224), one-shot
 FALCON (default solver, DFO) to 30% of the MACs, for n gradient rows stored in float32 or
@@ -14,7 +15,10 @@ measures cost (time, memory), not accuracy. Per row: seconds for the gradients a
 the memory plan's estimate and the measured peak RSS of the process (ru_maxrss); with `--device
 cuda` the model, X and the solver live on the GPU and the estimate is compared with the GPU's
 peak allocation (torch.cuda.max_memory_allocated). A row whose plan does not fit the device's
-available memory is reported as refused (that is the plan at work).
+available memory is reported as refused (that is the plan at work). ``--method chita`` or
+``woodfisher`` prunes to ``--sparsity`` instead (their budget is a count of weights). Each row also
+records the peak RSS at the end of the gradient phase and the plan's parts, to see which phase
+decides the peak and which term misses.
 """
 
 from __future__ import annotations
@@ -44,12 +48,23 @@ def build(model_name: str):
     return zoo.build(model_name), zoo.spec(model_name).num_classes
 
 
-def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int, device: str = "cpu") -> dict:
-    """One measurement, in this process."""
+def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int, device: str = "cpu",
+            method: str = "falcon", sparsity: float = 0.7) -> dict:
+    """One measurement, in this process. FALCON to ``flops`` of the MACs; CHITA and WoodFisher
+    (weight budgets) to ``sparsity``. Besides the whole peak, the peak RSS at the end of the
+    gradient phase (when the stage loop hands the freed heap back, before the solver) and the
+    plan's parts are recorded."""
     import torch
 
     import prunekit
+    from prunekit import memory_plan
     from prunekit.errors import PrunekitError
+
+    plans, gradient_peaks = [], []
+    real_plan, real_release = memory_plan.plan, memory_plan.release_freed_memory
+    memory_plan.plan = lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1]
+    memory_plan.release_freed_memory = lambda: (gradient_peaks.append(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), real_release())[1]
 
     torch.set_num_threads(threads)
     size = MODELS[model_name]
@@ -64,11 +79,13 @@ def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int, dev
             yield torch.randn(batch, 3, size, size, generator=gen), torch.randint(0, classes, (batch,), generator=gen)
 
     start = time.perf_counter()
-    row = {"model": model_name, "n": n, "dtype": dtype, "flops": flops, "threads": threads, "device": device,
+    row = {"model": model_name, "method": method, "n": n, "dtype": dtype, "threads": threads, "device": device,
+           **({"flops": flops} if method == "falcon" else {"sparsity": sparsity}),
            "p": sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
            + sum(m.in_proj_weight.numel() for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention))}
     try:
-        result = prunekit.prune(model, batches, method="falcon", flops=flops, fisher_samples=n, fisher_dtype=dtype,
+        budget = {"flops": flops} if method == "falcon" else {"sparsity": sparsity}
+        result = prunekit.prune(model, batches, method=method, **budget, fisher_samples=n, fisher_dtype=dtype,
                                 example_input=torch.randn(1, 3, size, size, device=device), recalibrate_bn=False)
     except PrunekitError as error:
         return {**row, "refused": str(error), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -79,6 +96,10 @@ def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int, dev
             "memory_estimate_mb": stage["memory_estimate_mb"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "dfo_accepted": info.get("accepted"), "dfo_trials": info.get("trials"),
+            "gradient_peak_rss_mb": gradient_peaks[0] if gradient_peaks else None,
+            **({f"plan_{part}_mb": getattr(plans[-1], part, 0) / 2**20 for part in
+                ("resident", "gradients", "stage_vectors", "activations", "layer_gradients", "solver", "judge")}
+               if plans else {}),
             **({"peak_device_mb": torch.cuda.max_memory_allocated() / 2**20} if device.startswith("cuda") else {})}
 
 
@@ -88,7 +109,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[64, 128, 256, 512, 1000])
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"),
                         default=["float32", "bfloat16"])
-    parser.add_argument("--flops", type=float, default=0.3)
+    parser.add_argument("--method", choices=("falcon", "chita", "woodfisher"), default="falcon")
+    parser.add_argument("--flops", type=float, default=0.3, help="FALCON's budget (share of the MACs kept)")
+    parser.add_argument("--sparsity", type=float, default=0.7, help="CHITA's and WoodFisher's budget")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the model, X and the solver on that device)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a row is abandoned")
@@ -99,16 +122,18 @@ def main() -> None:
     if args.row:
         spec = json.loads(args.row)
         print(json.dumps(run_row(spec["model"], spec["n"], spec["dtype"], spec["flops"], spec["threads"],
-                                 spec.get("device", "cpu"))))
+                                 spec.get("device", "cpu"), spec.get("method", "falcon"),
+                                 spec.get("sparsity", 0.7))))
         return
     rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).exists() else []
-    done = {(r["model"], r["n"], r["dtype"]) for r in rows}
+    done = {(r["model"], r.get("method", "falcon"), r["n"], r["dtype"]) for r in rows}
     for model_name in args.models:
         for n in args.n:
             for dtype in args.dtypes:
-                if (model_name, n, dtype) in done:
+                if (model_name, args.method, n, dtype) in done:
                     continue
                 spec = json.dumps({"model": model_name, "n": n, "dtype": dtype, "flops": args.flops,
+                                   "method": args.method, "sparsity": args.sparsity,
                                    "threads": args.threads, "device": args.device})
                 try:
                     out = subprocess.run([sys.executable, __file__, "--row", spec], capture_output=True, text=True,
@@ -128,11 +153,11 @@ def main() -> None:
                 write_json(args.out, {"benchmark": "scale", "rows": rows}, extends=args.resume)
     print("\nrandom weights and inputs: cost only; one process per row")
     print_table([r for r in rows if "gradient_seconds" in r],
-                [("model", "model", ">12"), ("p", "p", ",d"), ("n", "n", "d"), ("dtype", "X dtype", ">9"),
+                [("model", "model", ">12"), ("method", "method", ">10"), ("p", "p", ",d"), ("n", "n", "d"), ("dtype", "X dtype", ">9"),
                  ("gradient_seconds", "grad s", ".0f"), ("solver_seconds", "solver s", ".0f"),
                  ("memory_estimate_mb", "est. MB", ".0f"), ("peak_rss_mb", "peak MB", ".0f"),
                  ("peak_device_mb", "GPU peak MB", ".0f"),
-                 ("estimate_error", "est/peak-1", "+.2f"), ("flops_kept", "MACs kept", ".3f")])
+                 ("gradient_peak_rss_mb", "grad peak MB", ".0f"), ("estimate_error", "est/peak-1", "+.2f"), ("flops_kept", "MACs kept", ".3f")])
     for r in rows:
         if "refused" in r or "error" in r:
             print(f"{r['model']} n={r['n']} {r['dtype']}: {r.get('refused') or r.get('error')}")

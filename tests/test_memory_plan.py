@@ -57,8 +57,10 @@ def test_estimate_parts_and_largest_n_per_dtype(steady_usage):
     example = torch.zeros(1, 1, 8, 8)
     roomy = memory_plan.plan(model, space, example, n=100, max_memory="100G")
     assert roomy.gradients == 100 * space.numel * 4
-    assert roomy.total == roomy.resident + roomy.gradients + max(roomy.activations + roomy.layer_gradients,
-                                                                 roomy.solver)
+    # the stage loop's p-long vectors (MACs, weights, free mask and index) are held through the gradients too
+    assert roomy.stage_vectors == memory_plan.STAGE_VECTOR_BYTES * space.numel
+    assert roomy.total == roomy.resident + roomy.gradients + max(
+        roomy.stage_vectors + roomy.activations + roomy.layer_gradients, roomy.solver)
     compact = memory_plan.plan(model, space, example, n=100, dtype="bfloat16", max_memory="100G")
     assert compact.gradients == roomy.gradients // 2
     limit = roomy.resident + 1500 * MB
@@ -119,7 +121,7 @@ def test_the_judge_counts_its_held_batches_and_one_forward_pass(steady_usage):
     assert plain.judge == 0
     assert judged.judge == 10 * (memory_plan.JUDGE_BATCHES * 64 * 4 + memory_plan.INFERENCE_FACTOR * 1000 * 4)
     assert judged.total == judged.resident + judged.gradients + max(
-        judged.activations + judged.layer_gradients, judged.solver + judged.judge)
+        judged.stage_vectors + judged.activations + judged.layer_gradients, judged.solver + judged.judge)
 
 
 @pytest.mark.parametrize("options, judged", [({"method": "falcon"}, False),

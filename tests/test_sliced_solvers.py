@@ -14,7 +14,7 @@ from prunekit.solvers.ilp_groups import groups_from_costs, groups_from_layers
 from prunekit.solvers.magnitude import top_k_mask
 from prunekit.solvers.selection import sliced_top_k_mask
 from prunekit.solvers.sharded_quadratic import ShardedQuadraticModel
-from prunekit.solvers.sliced_ilp import sliced_cost_groups, solve_sliced_flops_ilp
+from prunekit.solvers.sliced_ilp import slice_cost_groups, sliced_cost_groups, solve_sliced_flops_ilp
 
 
 def _slices(p, size):
@@ -98,6 +98,35 @@ def test_sliced_ilp_same_objective_as_one_process(ranks, seed):
     assert abs(float(scores[keep].sum()) - one.primal) <= 1e-12 * one.primal
     assert int(keep.sum()) <= k and float(costs[keep].sum()) <= budget
     assert all(r.primal == got[0].primal and r.count == got[0].count for r in got)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("max_runs", [1024, 2])
+def test_sliced_ilp_on_cost_groups_built_once_equals_regrouping(ranks, max_runs):
+    """FALCON builds a slice's cost groups once for all its projections: the layer form (a range
+    per group, no per-weight ids) for runs of equal cost, ids for groups by distinct cost unless
+    the slice's ids never decrease; the solves are the same as on the group ids."""
+    g = torch.Generator().manual_seed(3)
+    p = 300
+    costs = _costs(p)
+    cut = _slices(p, ranks)
+    trials = [torch.round(torch.randn(p, generator=g, dtype=torch.float64) ** 2 * 8) / 8 for _ in range(3)]
+
+    def solve(c):
+        group, group_costs = sliced_cost_groups(costs[cut[c.rank]], c, max_runs)
+        groups = slice_cost_groups(group, group_costs)
+        assert groups.p == group.size and (groups.bounds is not None or max_runs == 2)     # runs: ranges
+        out = []
+        for scores in trials:
+            for grouped in (group, groups):
+                out.append(solve_sliced_flops_ilp(scores[cut[c.rank]], grouped, group_costs, max_count=90,
+                                                  max_cost=float(costs.sum()) * 0.3, collective=c))
+        return out
+
+    got = run_threads(solve, ranks)
+    for r in got:
+        for regrouped, once in zip(r[::2], r[1::2]):
+            assert torch.equal(regrouped.keep, once.keep) and regrouped.primal == once.primal
 
 
 def test_falcon_sends_no_p_vector_per_dfo_trial():

@@ -4,7 +4,15 @@ The peak of a request is estimated from its parts, each counted from the model i
 
     resident now         what the process already holds (model, data, the Python runtime)
   + X                    n × p in the storage dtype (the gradient matrix; usually dominant)
-  + the larger of the gradient phase (activations + layer gradients) and the solver phase:
+  + the larger of the gradient phase (stage vectors + activations + layer gradients) and the
+    solver phase:
+    stage vectors        the stage loop's p-long vectors, made before the gradients and held
+                         through them (STAGE_VECTOR_BYTES: MACs, weights, free mask and index).
+                         Measured on random weights, 2 threads, n = 8 (the solver's terms cut,
+                         so that the gradient phase decides small models): ResNet-50's gradient
+                         phase peaked 0.37 GB above the plan without them; MobileNetV1's whole
+                         peak was 9-12 % above the plan without them and 50 more MB of
+                         BACKWARD_OVERHEAD, 1-7 % above with them only (three runs each).
     activations          one chunk of samples through the model with autograd: the bytes autograd
                          saves for the backward pass plus the prunable layers' inputs, measured
                          on one sample (saved-tensor hooks), times the chunk, times
@@ -59,16 +67,26 @@ from .errors import PrunekitError
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATION_FACTOR = 1.0          # saved tensors are freed as the backward pass goes (calibrated)
-BACKWARD_OVERHEAD = 50 * 2**20   # the backward pass's own buffers (calibrated)
+BACKWARD_OVERHEAD = 100 * 2**20  # the backward pass's own buffers and the data batch being read (calibrated:
+                                 # MobileNetV1's gradient phase alone, chunk 8, measured 518 MB against
+                                 # 427 MB planned with 50 MB here, 37 MB of it the batch of 64 inputs;
+                                 # ResNet-50's, chunk 8, 968 MB against 972; both random, 2 threads)
 ACTIVATION_BUDGET = 2 * 2**30    # bytes of activations a chunk may take
 MAX_CHUNK = 64
 SOLVER_VECTORS = 12              # p-long float64 vectors alive at once in CHITA, WoodFisher and the
-                                # sliced (torchrun) solvers (counted; not re-measured)
+                                # sliced (torchrun) solvers (counted). Re-measured for CHITA after the
+                                # stage loop's term went 48 -> 24 B/weight (n = 8, sparsity 0.7, random
+                                # weights, 2 threads): the whole peak is 4 % under the plan on
+                                # MobileNetV1, 21 % under on ResNet-50 (3.9 GB against 4.8)
 FALCON_SOLVER_VECTORS = 8       # the same for one-process FALCON, measured: on ResNet-50 (p = 25.5M,
                                 # n = 8) it peaks 71 B/weight above the RSS it starts at inside the
                                 # stage loop (46 B/weight of live arrays: the float64 scores, the ILP's
                                 # sorted scores, prefix sums and int32 order, the float32 point, step
                                 # and gradient; the rest is blocks glibc keeps after free)
+STAGE_VECTOR_BYTES = 17         # the stage loop's vectors made before the gradients and held through
+                                # them: the MACs per weight (int32), the weights (float32), the free-weight
+                                # mask (bool) and index (int64). Missing from the gradient phase until
+                                # measured: ResNet-50 (n = 8) peaked 0.37 GB (15 B/weight) above it there
 PIPELINE_BYTES_PER_WEIGHT = 24  # what the stage loop holds beside the solver, whole on every rank: the
                                 # MAC cost per weight (int32), the free-weight mask and index (int64),
                                 # the weights (float32; stage 1 passes them and the MACs to the solver
@@ -100,12 +118,13 @@ class MemoryPlan:
     solver: int
     limit: int
     judge: int = 0          # the judge's held batches and forward pass, beside the solver
+    stage_vectors: int = 0  # the stage loop's p-long vectors, held through the gradient phase too
 
     @property
     def total(self) -> int:
         """Gradients are collected, then the solver runs (and the judge with it): the two phases
         do not overlap."""
-        return self.resident + self.gradients + max(self.activations + self.layer_gradients,
+        return self.resident + self.gradients + max(self.stage_vectors + self.activations + self.layer_gradients,
                                                     self.solver + self.judge)
 
     @property
@@ -205,7 +224,7 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
         solver += sizes.p * obs_block_size * 4 * 2                 # block inverses (+ a float64 block)
     return MemoryPlan(n=n, p=sizes.p, dtype=storage, chunk=chunk, resident=resident, gradients=gradients,
                       activations=activations, layer_gradients=layer_gradients, solver=solver, limit=limit,
-                      judge=judge)
+                      judge=judge, stage_vectors=STAGE_VECTOR_BYTES * sizes.p)
 
 
 def largest_n(estimate, upper: int) -> int:

@@ -38,7 +38,7 @@ from .backsolve import GramCache, backsolve_blockwise, backsolve_with_parts, upd
 from .ilp import solve_flops_ilp
 from .ilp_groups import CostGroups
 from .quadratic import QuadraticModel, check_k
-from .sliced_ilp import sliced_cost_groups, solve_sliced_flops_ilp
+from .sliced_ilp import slice_cost_groups, sliced_cost_groups, solve_sliced_flops_ilp
 from .result import Solution
 
 VARIANTS = ("dfo", "magnitude")
@@ -174,7 +174,9 @@ def _projection_ilp(q: QuadraticModel, costs: torch.Tensor, k: int, max_macs: fl
     costs are put in cost-group form once here, not at every projection."""
     if q.sliced_vectors:
         group, group_costs = sliced_cost_groups(costs.to(torch.float64), q.collective)
-        return lambda value: solve_sliced_flops_ilp(value, group, group_costs, max_count=k, max_cost=max_macs,
+        groups = slice_cost_groups(group, group_costs)
+        del group
+        return lambda value: solve_sliced_flops_ilp(value, groups, group_costs, max_count=k, max_cost=max_macs,
                                                     collective=q.collective)
     cost_layers = _cost_runs(costs)
     if cost_layers is None:

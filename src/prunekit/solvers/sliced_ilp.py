@@ -31,26 +31,27 @@ import torch
 
 from .collective import Collective
 from .ilp import ILPResult, round_lagrangian
-from .ilp_groups import TINY, SortedGroups, accelerator_copy, finite_vector, prefix_limits
+from .ilp_groups import TINY, CostGroups, SortedGroups, accelerator_copy, finite_vector, prefix_limits
 from .selection import exclusive_prefix
 
 
 class _SlicedGroups(SortedGroups):
     """The scores of every slice, sorted within each global cost group, seen through counts.
 
-    scores: this slice's (p_r,) float64; group: (p_r,) int64 global group ids; group_costs (G,)
-    the same on every rank. Selections m (G,) are global counts (the same on every rank).
+    scores: this slice's (p_r,) float64; groups: this slice's :class:`CostGroups` over the global
+    groups (:func:`slice_cost_groups`); group_costs (G,) the same on every rank. Selections m (G,)
+    are global counts (the same on every rank).
     """
 
-    def __init__(self, scores: np.ndarray, group: np.ndarray, group_costs: np.ndarray,
+    def __init__(self, scores: np.ndarray, groups: CostGroups, group_costs: np.ndarray,
                  collective: Collective, device: torch.device, max_count: int, max_cost: float,
                  device_scores: torch.Tensor | None = None):
         self.collective, self.device = collective, device
         # a slice's share of a feasible selection's group prefix is at most that prefix: only the
         # slice's best prefix_limits(...) of each group are sorted and seen (as in one process)
-        local_size = np.bincount(group, minlength=group_costs.size)
+        local_size = groups.sizes
         limits = prefix_limits(local_size, group_costs, max_count, max_cost)
-        self.local = SortedGroups(scores, group, group_costs, limits, device_scores) if scores.size else None
+        self.local = SortedGroups(scores, groups, group_costs, limits, device_scores) if scores.size else None
         self.costs = group_costs
         self.by_cost = np.argsort(group_costs, kind="stable")
         self.size = self._sum(np.minimum(local_size, limits))
@@ -230,18 +231,39 @@ def sliced_cost_groups(costs: torch.Tensor, collective: Collective, max_runs: in
     return group, group_costs
 
 
-def solve_sliced_flops_ilp(scores: torch.Tensor, group: np.ndarray, group_costs: np.ndarray, *,
+def slice_cost_groups(group: np.ndarray, group_costs: np.ndarray) -> CostGroups:
+    """This slice's weights in cost-group form over the global groups (G of them, those the slice
+    lacks empty), for :func:`solve_sliced_flops_ilp`: built once, it spares every solve on the
+    same costs grouping the slice again (FALCON projects at every first-order step). ``group``
+    (p_r,), ``group_costs`` (G,): from :func:`sliced_cost_groups`. Groups that are runs of
+    consecutive weights (a network's layers: ids that never decrease) take the layer form, a
+    range per group, with no per-weight array held or sorted; others (one group per distinct
+    cost) keep their ids."""
+    group = np.asarray(group)
+    if group.size == 0 or bool((group[1:] >= group[:-1]).all()):
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=group_costs.size))]).tolist()
+        return CostGroups.from_layers([slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])], group_costs,
+                                      int(group.size))
+    return CostGroups.from_ids(group, group_costs)
+
+
+def solve_sliced_flops_ilp(scores: torch.Tensor, group: np.ndarray | CostGroups, group_costs: np.ndarray, *,
                            max_count: int, max_cost: float, collective: Collective,
                            tol: float = 1e-12) -> ILPResult:
     """:func:`~prunekit.solvers.ilp.solve_flops_ilp` over the slices of every rank.
 
     scores: this rank's (p_r,) non-negative scores; group, group_costs: from
-    :func:`sliced_cost_groups`. Returns this rank's ``keep`` (p_r,) and global figures (primal,
-    bound, count, cost: the same on every rank).
+    :func:`sliced_cost_groups` (``group`` may be :func:`slice_cost_groups` of it, built once for
+    many solves). Returns this rank's ``keep`` (p_r,) and global figures (primal, bound, count,
+    cost: the same on every rank).
     """
     start = time.perf_counter()
     device = scores.device
     s = finite_vector(scores, "scores") + 0.0            # -0.0 + 0.0 = 0.0: the bits order as the values
+    if not isinstance(group, CostGroups):
+        group = slice_cost_groups(group, group_costs)
+    if group.p != s.size:
+        raise ValueError(f"the cost groups cover {group.p} weights but this slice has {s.size} scores")
     groups = _SlicedGroups(s, group, group_costs, collective, device, int(max_count), float(max_cost),
                            accelerator_copy(scores))
     p = int(groups.size.sum())
