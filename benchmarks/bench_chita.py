@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from pathlib import Path
 
 from common import DEFAULT_DATA, print_table, prunekit, write_json
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import DEFAULT_DATA, machine, print_table, refuse, unused_path, write_json
+from common import DEFAULT_DATA, print_table, refuse, unused_path, write_json
 from prunekit.costs import CostModel
 from prunekit.data import make_loader
 from prunekit.loading import load_data, load_model
