@@ -456,3 +456,56 @@ def test_flops_budget_recounts_by_hand_from_the_saved_nonzeros():
     result = prunekit.prune(model, (X, Y), method="magnitude-flops", flops=0.5, example_input=X[:1])
     assert result.dense_macs == dense
     assert result.macs == by_hand(result.model) <= dense // 2
+
+
+# --- batch-independent work and element-wise weights -------------------------------------
+
+class _PositionsThroughLinear(nn.Module):     # a learned table through a Linear: no batch in it
+    def __init__(self, T=5, E=8):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(T, E))
+        self.fc = nn.Linear(E, E)
+
+    def forward(self, x):                     # fc sees the T positions once and the B*T tokens
+        return self.fc(x) + self.fc(self.pos)
+
+
+class _QueriesProjectedThenExpanded(nn.Module):
+    def __init__(self, N=3, E=8):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(N, E))
+        self.to_q = nn.Linear(E, E)
+
+    def forward(self, x):
+        q = self.to_q(self.queries).expand(x.shape[0], -1, -1)         # projected once per batch
+        return q @ x.transpose(1, 2)
+
+
+class _MaskedTokens(nn.Module):               # a tuple input: a per-example mask and a shared table
+    def __init__(self, E=8):
+        super().__init__()
+        self.fc = nn.Linear(E, E)
+
+    def forward(self, x, mask, table):
+        return self.fc(x * mask.unsqueeze(-1)).sum(1) + self.fc(table).sum(0)
+
+
+@pytest.mark.parametrize("B", [1, 2, 4, 7])
+def test_batch_independent_work_is_charged_once_at_any_batch(B):
+    E, T, N = 8, 5, 3
+    model = _PositionsThroughLinear(T, E)
+    costs = CostModel(model, torch.zeros(B, T, E))
+    assert costs.layer("fc").macs_per_weight == 2 * T                  # T tokens + T positions
+    assert costs.macs == 2 * T * E * E
+    with torch.no_grad():
+        model.fc.weight[:3] = 0
+    assert costs.count(model).macs == 2 * T * int(torch.count_nonzero(model.fc.weight))
+
+    costs = CostModel(_QueriesProjectedThenExpanded(N, E), torch.zeros(B, T, E))
+    assert costs.layer("to_q").macs == N * E * E
+    assert costs.activation_macs == N * E * T and costs.macs == N * E * E + N * E * T
+
+    # the mask (B, T) is cut with x; the table (6, E), whose first dimension is not B, is not
+    costs = CostModel(_MaskedTokens(E), (torch.zeros(B, T, E), torch.ones(B, T), torch.zeros(6, E)))
+    assert costs.macs == (T + 6) * E * E
+

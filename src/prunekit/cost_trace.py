@@ -54,10 +54,11 @@ class ModuleCost:
     """What a registered cost function returns for one call of its module.
 
     uses: the module's parameter names (as in ``module.named_parameters()``) -> how many times
-        each element of that parameter is multiplied in this call, **for the whole batch**
-        (a Linear on (B, T, F) inputs: B*T). Those parameters become prunable weights costing
-        ``uses / B`` MACs each per example. Parameters left out cost no MACs.
-    activation_macs: MACs of the call not tied to a parameter, for the whole batch.
+        each element of that parameter is multiplied in this call, for the call's whole input
+        (a Linear on (B, T, F) inputs: B*T; the trace runs on one example, B = 1). Those
+        parameters become prunable weights costing ``uses`` MACs each. Parameters left out cost
+        no MACs.
+    activation_macs: MACs of the call not tied to a parameter, for the call's whole input.
     """
 
     uses: dict[str, int] = field(default_factory=dict)
@@ -71,7 +72,7 @@ _REGISTRY: dict[type, CostFunction] = {}
 def register_cost(module_type: type, fn: CostFunction) -> None:
     """Price every module of ``module_type`` (and its subclasses) with ``fn(module, inputs, output)``.
 
-    ``fn`` returns a ``ModuleCost`` or a plain dict ``{parameter name: uses for the batch}``; the
+    ``fn`` returns a ``ModuleCost`` or a plain dict ``{parameter name: uses in the call}``; the
     operations inside the module are then not traced. Use it for a layer whose operations
     prunekit cannot price (it refuses such a model and names the layer). Example: a layer whose
     ``weight`` (out, in) multiplies every token of a (B, T, in) input::
@@ -106,7 +107,7 @@ class Unpriced:
 
 
 class ParamUses:
-    """Per parameter: how many times each element is multiplied (whole batch), accumulated.
+    """Per parameter: how many times each element is multiplied in the traced pass, accumulated.
 
     ``uniform[name]`` is added to every element; ``partial[name]`` (numel,) holds extra uses of
     some elements only (a chunk of a packed projection). ``weights`` are the parameters used as
@@ -123,14 +124,14 @@ class ParamUses:
             self.weights.append(name)
             self.uniform.setdefault(name, 0)
 
-    def per_element(self, name: str, numel: int, batch: int) -> tuple[int | None, torch.Tensor | None]:
-        """(uses per element per example, None) if every element costs the same, else (None, (numel,))."""
+    def per_element(self, name: str, numel: int) -> tuple[int | None, torch.Tensor | None]:
+        """(uses per element, None) if every element costs the same, else (None, (numel,))."""
         base = self.uniform.get(name, 0)
         extra = self.partial.get(name)
         if extra is None or bool((extra == extra[0]).all()):
             total = base + (0 if extra is None else int(extra[0]))
-            return total // batch, None
-        return None, (extra + base) // batch
+            return total, None
+        return None, extra + base
 
 
 class _ParamIndex:
@@ -388,9 +389,9 @@ def _flatten(items):
 class _AddCounter(TorchFunctionMode):
     """Counts elementwise tensor additions made outside leaf modules (residual adds)."""
 
-    def __init__(self, scope: list[str], leaf_depth: list[int], batch: int):
+    def __init__(self, scope: list[str], leaf_depth: list[int]):
         super().__init__()
-        self.scope, self.leaf_depth, self.batch = scope, leaf_depth, batch
+        self.scope, self.leaf_depth = scope, leaf_depth
         self.ops_by_scope: dict[str, int] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -399,5 +400,5 @@ class _AddCounter(TorchFunctionMode):
                 and all(isinstance(a, torch.Tensor) for a in args[:2])
                 and isinstance(result, torch.Tensor)):
             key = self.scope[-1] if self.scope else ""
-            self.ops_by_scope[key] = self.ops_by_scope.get(key, 0) + result.numel() // self.batch
+            self.ops_by_scope[key] = self.ops_by_scope.get(key, 0) + result.numel()
         return result

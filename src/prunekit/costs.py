@@ -8,9 +8,15 @@ and the element-wise ops of norms and pools, a ``TorchDispatchMode`` sees every 
 Conventions (the ones the papers use, so our figures compare with theirs):
 
 * ``macs`` of a model = multiply-accumulates of its matrix products and convolutions for
-  **one example**. A weight element costs the number of times it is multiplied: a conv weight
-  once per output position (any stride, padding, dilation, groups), a linear weight (also a
-  functional ``F.linear``/``x @ W``, the packed ``in_proj_weight`` and ``out_proj`` of
+  **one example**: the forward pass is traced on the first example of ``example_input`` alone
+  (each tensor input whose first dimension is the batch B keeps row 0), so work that does not
+  depend on the batch (a learned positional table through a Linear, learned queries projected
+  before they are expanded over the batch) is charged in full, once, not divided by B. For a
+  model whose work is B-independent plus proportional to B this is the per-example slope plus
+  the intercept; a model that mixes the examples of a batch is counted on one example.
+  A weight element costs the number of times it is multiplied: a conv weight once per output
+  position (any stride, padding, dilation, groups), a linear weight (also a functional
+  ``F.linear``/``x @ W``, the packed ``in_proj_weight`` and ``out_proj`` of
   ``nn.MultiheadAttention``, a recurrent layer's ``weight_ih``/``weight_hh``, an ``nn.Bilinear``
   weight) once per token; a weight tiled by ``repeat`` once per copy. Learned queries or latents
   fed to a layer are its input: the layer's own weight is priced. An embedding table's weights
@@ -127,8 +133,9 @@ class CostModel:
 
     Args:
         model: any ``nn.Module``; put in eval mode for the trace, then restored.
-        example_input: one batch, (B, ...) with B >= 1 (or a tuple of inputs); counts are
-            divided by B so they are per example.
+        example_input: one batch, (B, ...) with B >= 1 (or a tuple of inputs); the model is
+            traced on its first example (tensor inputs whose first dimension is B keep row 0),
+            so counts are per example and batch-independent work is charged once.
 
     Attributes:
         layers: ``LayerCost`` entries in order of first use (leaf modules, weight tensors,
@@ -208,23 +215,29 @@ class CostModel:
 
 # --- tracing ---------------------------------------------------------------------------------
 
-def _batch_size(example_input) -> int:
-    first = example_input[0] if isinstance(example_input, (tuple, list)) else example_input
-    if not isinstance(first, torch.Tensor) or first.dim() == 0:
-        raise PrunekitError("example_input must be a batched tensor (B, ...) or a tuple of them")
-    return first.shape[0]
+def _one_example(example_input) -> tuple:
+    """The model's inputs cut to their first example: each tensor input whose first dimension is
+    the first input's batch size B keeps row 0 (others, and everything when B = 1, unchanged)."""
+    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    first = inputs[0] if inputs else None
+    if not isinstance(first, torch.Tensor) or first.dim() == 0 or first.shape[0] == 0:
+        raise PrunekitError("example_input must be a batched tensor (B, ...) with B >= 1, or a tuple of inputs "
+                            "whose first is one")
+    batch = first.shape[0]
+    return tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch else t
+                 for t in inputs)
 
 
-def _elementwise_ops(module: nn.Module, inputs: tuple, out, batch: int) -> int | None:
-    """Element-wise ops of a leaf module per example; None if its type has no rule."""
+def _elementwise_ops(module: nn.Module, inputs: tuple, out) -> int | None:
+    """Element-wise ops of a leaf module (in a trace of one example); None if its type has no rule."""
     if isinstance(module, _NORM_LAYERS):
-        return out.numel() // batch
+        return out.numel()
     if isinstance(module, _POOL_WINDOW):
         kernel = module.kernel_size
         window = math.prod(kernel) if isinstance(kernel, tuple) else kernel ** (out.dim() - 2)
-        return out.numel() // batch * window
+        return out.numel() * window
     if isinstance(module, _POOL_ADAPTIVE):
-        return inputs[0].numel() // batch
+        return inputs[0].numel()
     if isinstance(module, (*_FREE, *_PRICED_BY_OPS)) or getattr(module, "zero_macs", False):
         return 0
     return None
@@ -242,7 +255,7 @@ def _registered_uses(module: nn.Module, fn, inputs, output, name: str) -> Module
 
 
 def _trace(model: nn.Module, example_input) -> tuple[list[LayerCost], list[str]]:
-    batch = _batch_size(example_input)
+    inputs = _one_example(example_input)
     modules = dict(model.named_modules())
     index = _ParamIndex(model)
     scope: list[str] = []
@@ -276,7 +289,7 @@ def _trace(model: nn.Module, example_input) -> tuple[list[LayerCost], list[str]]
                                              "output_shape": tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ()})
             if name not in ops.order:
                 ops.order.append(name)
-            other = 0 if fn is not None else _elementwise_ops(module, inputs, out, batch)
+            other = 0 if fn is not None else _elementwise_ops(module, inputs, out)
             if other is None:
                 if name not in unknown:
                     unknown.append(name)
@@ -308,8 +321,7 @@ def _trace(model: nn.Module, example_input) -> tuple[list[LayerCost], list[str]]
     was_training = model.training
     fastpath = get_mha_fastpath()
     model.eval()
-    adds = _AddCounter(scope, leaf_depth, batch)
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    adds = _AddCounter(scope, leaf_depth)
     try:
         # The fused fast path of nn.MultiheadAttention / TransformerEncoderLayer is one opaque
         # op; the ordinary path is the same arithmetic, op by op.
@@ -319,8 +331,8 @@ def _trace(model: nn.Module, example_input) -> tuple[list[LayerCost], list[str]]
     except PrunekitError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the user's model on this input
-        raise PrunekitError(f"the model failed on an example input of shape "
-                            f"{tuple(inputs[0].shape)}: {str(err).splitlines()[0]}; "
+        raise PrunekitError(f"the model failed on one example of the example input (shape "
+                            f"{tuple(inputs[0].shape)}): {str(err).splitlines()[0]}; "
                             "pass an example input the model accepts") from None
     finally:
         set_mha_fastpath(fastpath)
@@ -328,7 +340,7 @@ def _trace(model: nn.Module, example_input) -> tuple[list[LayerCost], list[str]]
             handle.remove()
         model.train(was_training)
     _refuse_unpriced(ops.unpriced, modules)
-    return _build_layers(model, modules, ops, leaves, adds, batch, ran), unknown
+    return _build_layers(model, modules, ops, leaves, adds, ran), unknown
 
 
 def _refuse_unpriced(unpriced, modules) -> None:
@@ -357,7 +369,7 @@ def _key_of(name: str, weights: set[str]) -> tuple[str, str]:
     return owner, owner
 
 
-def _build_layers(model, modules, ops: _OpCounter, leaves, adds, batch, ran: set[str]) -> list[LayerCost]:
+def _build_layers(model, modules, ops: _OpCounter, leaves, adds, ran: set[str]) -> list[LayerCost]:
     weights = set(ops.uses.weights)
     params = dict(model.named_parameters())
     weight_keys = {_key_of(name, weights)[0] for name in weights}
@@ -387,14 +399,14 @@ def _build_layers(model, modules, ops: _OpCounter, leaves, adds, batch, ran: set
         layer = entry(key, owner)
         layer.params += p.numel()
         if name in weights:
-            per_weight, per_element = ops.uses.per_element(name, p.numel(), batch)
+            per_weight, per_element = ops.uses.per_element(name, p.numel())
             layer.param_name, layer.weight_shape = name, tuple(p.shape)
             layer.macs_per_weight, layer.element_macs = per_weight, per_element
             layer.macs += per_weight * p.numel() if per_element is None else int(per_element.sum())
     for scope_name, macs in ops.activation_macs.items():
         layer = entry(scope_name, scope_name)
-        layer.activation_macs += macs // batch
-        layer.macs += macs // batch
+        layer.activation_macs += macs
+        layer.macs += macs
     ordered = [e for e in entries.values() if e.params or e.macs or e.other_ops or e.name in leaves]
     for scope_name, n in adds.ops_by_scope.items():
         name = f"{scope_name}.(add)" if scope_name else "(add)"
