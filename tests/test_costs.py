@@ -509,3 +509,56 @@ def test_batch_independent_work_is_charged_once_at_any_batch(B):
     costs = CostModel(_MaskedTokens(E), (torch.zeros(B, T, E), torch.ones(B, T), torch.zeros(6, E)))
     assert costs.macs == (T + 6) * E * E
 
+
+class _ElementwiseLinear(nn.Module):          # y = x W^T written as a broadcast product and a sum
+    def __init__(self, E=8, O=6):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(O, E))
+
+    def forward(self, x):
+        return (x.unsqueeze(-2) * self.w).sum(-1)
+
+
+class _Scales(nn.Module):                     # parameters that scale an activation: no MACs
+    def __init__(self, C=4):
+        super().__init__()
+        self.norm_weight = nn.Parameter(torch.ones(C))                  # channels-first LayerNorm affine
+        self.gate = nn.Parameter(torch.ones(C, 1, 1))
+        self.layer_scale = nn.Parameter(torch.full((C, 1, 1), 1e-6))
+        self.conv = nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        x = self.norm_weight[:, None, None] * x
+        return x + self.layer_scale * self.conv(x * self.gate)
+
+
+def test_a_weight_multiplied_element_wise_into_a_broadcast_activation_costs_its_products():
+    E, O, T, B = 8, 6, 5, 3
+    model, x = _ElementwiseLinear(E, O), torch.randn(B, T, E)
+    linear = nn.Linear(E, O, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(model.w)
+    assert torch.allclose(model(x), linear(x), atol=1e-5)
+    costs = CostModel(model, x)
+    assert costs.layer("w").is_weight_layer and costs.layer("w").macs_per_weight == T
+    assert costs.macs == CostModel(linear, x).macs == T * O * E          # the Linear's count
+    with torch.no_grad():
+        model.w[:2] = 0
+    assert costs.count(model).macs == T * 4 * E
+
+    class Outer(nn.Module):                   # (B, C, 1) * (C, K): each weight once per example
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 7))
+
+        def forward(self, x):
+            return x.unsqueeze(-1) * self.w
+
+    assert CostModel(Outer(), torch.zeros(B, 4)).macs == 4 * 7
+
+    C = 4
+    model = _Scales(C)
+    costs = CostModel(model, torch.zeros(B, C, 6, 6))
+    assert costs.macs == C * C * 36                                     # the 1x1 conv only
+    assert [layer.name for layer in costs.weight_layers()] == ["conv"]
+    assert costs.params == sum(p.numel() for p in model.parameters())

@@ -319,6 +319,8 @@ class _OpCounter(TorchDispatchMode):
                 self._refuse(func, args[0])
         elif name in _COPY_OPS and tensors and self.index.is_param(tensors[0]) and isinstance(out, torch.Tensor):
             self.index.add_alias(out, tensors[0])
+        elif name in ("mul", "mul_") and isinstance(out, torch.Tensor):
+            self._broadcast_product(args, out)
         elif func.is_view or torch.Tag.pointwise in func.tags or name in _NO_MAC_OPS:
             pass
         else:
@@ -336,6 +338,21 @@ class _OpCounter(TorchDispatchMode):
             self._param(weight, uses)
         else:
             self._activation(uses * weight.numel())
+
+    def _broadcast_product(self, args, out) -> None:
+        """``x * w``, ``w`` a parameter. If the product has the activation's shape, ``w`` is a scale
+        (a norm's affine, LayerScale, a per-channel gate): element-wise, no MACs. If the activation
+        is broadcast too (``(x.unsqueeze(-2) * w).sum(-1)``: a linear layer written element-wise),
+        every output element is one multiplication by one weight element: MACs of ``w``."""
+        a, b = args[0], args[1]
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return
+        a_param, b_param = self.index.is_param(a), self.index.is_param(b)
+        if a_param == b_param:              # two activations, or a product of parameters alone
+            return
+        w, x = (a, b) if a_param else (b, a)
+        if out.numel() > x.numel():
+            self._param(w, out.numel() // w.numel())
 
     def _trilinear(self, func, args) -> None:
         """``nn.Bilinear``: three operands unsqueezed at ``expand1..3``, multiplied, summed. A

@@ -18,8 +18,14 @@ Conventions (the ones the papers use, so our figures compare with theirs):
   position (any stride, padding, dilation, groups), a linear weight (also a functional
   ``F.linear``/``x @ W``, the packed ``in_proj_weight`` and ``out_proj`` of
   ``nn.MultiheadAttention``, a recurrent layer's ``weight_ih``/``weight_hh``, an ``nn.Bilinear``
-  weight) once per token; a weight tiled by ``repeat`` once per copy. Learned queries or latents
-  fed to a layer are its input: the layer's own weight is priced. An embedding table's weights
+  weight) once per token; a weight tiled by ``repeat`` once per copy. A parameter multiplied
+  element-wise into an activation that is broadcast against it (``(x.unsqueeze(-2) * w).sum(-1)``,
+  a linear layer written element-wise) costs one MAC per element of the product, i.e. each
+  weight element once per broadcast copy. A parameter whose element-wise product has the
+  activation's own shape is a scale (a norm's affine, LayerScale, a per-channel gate): an
+  element-wise op, not MACs, even if a sum follows (so ``(x * w).sum(-1)``, w (F,), a dot
+  product with one output, costs 0). Learned queries or latents fed to a layer are its input:
+  the layer's own weight is priced. An embedding table's weights
   are prunable and cost 0 MACs. Biases are not counted.
 * Products of two activations (attention's QKᵀ and AV) are real MACs but tied to no weight:
   a layer's ``activation_macs``, part of ``macs``, never prunable.
