@@ -562,3 +562,30 @@ def test_a_weight_multiplied_element_wise_into_a_broadcast_activation_costs_its_
     assert costs.macs == C * C * 36                                     # the 1x1 conv only
     assert [layer.name for layer in costs.weight_layers()] == ["conv"]
     assert costs.params == sum(p.numel() for p in model.parameters())
+
+
+class _DotProducts(nn.Module):                # a scale summed along its own dimension: dot products
+    def __init__(self, T=5, E=8):
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(E))                           # additive attention's vector
+        self.per_token = nn.Parameter(torch.randn(T, E))                # a weight per token
+        self.gamma = nn.Parameter(torch.randn(E))                       # a scale, then a pool over tokens
+
+    def forward(self, x):                     # x (B, T, E)
+        scores = (torch.tanh(x) * self.v).sum(-1)
+        mixed = torch.mean(x * self.per_token, dim=(1, 2), keepdim=True)
+        pooled = (self.gamma.expand_as(x) * x).mean(1)
+        return scores.sum() + mixed.sum() + pooled.sum()
+
+
+def test_a_scale_summed_along_the_weights_dimension_is_a_dot_product():
+    T, E, B = 5, 8, 3
+    model = _DotProducts(T, E)
+    costs = CostModel(model, torch.randn(B, T, E))
+    assert costs.layer("v").macs_per_weight == T                        # once per token
+    assert costs.layer("per_token").macs_per_weight == 1
+    assert not costs.has_layer("gamma") and costs.layer("").params == E     # stays a scale
+    assert costs.macs == T * E + T * E
+    with torch.no_grad():
+        model.v[:3] = 0
+    assert costs.count(model).macs == T * (E - 3) + T * E

@@ -20,6 +20,7 @@ cost function (``register_cost``) is priced by that function alone (its inner op
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -229,6 +230,7 @@ class _OpCounter(TorchDispatchMode):
         self.activation_macs: dict[str, int] = {}
         self.unpriced: list[Unpriced] = []
         self.order: list[str] = []          # parameter names and scopes in order of first charge
+        self.scaled: dict[int, tuple] = {}  # id(x * w) -> (weak ref to it, w): w a scale, so far
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -321,6 +323,8 @@ class _OpCounter(TorchDispatchMode):
             self.index.add_alias(out, tensors[0])
         elif name in ("mul", "mul_") and isinstance(out, torch.Tensor):
             self._broadcast_product(args, out)
+        elif name in ("sum", "mean") and tensors and id(tensors[0]) in self.scaled:
+            self._reduced_scale(args)
         elif func.is_view or torch.Tag.pointwise in func.tags or name in _NO_MAC_OPS:
             pass
         else:
@@ -353,6 +357,22 @@ class _OpCounter(TorchDispatchMode):
         w, x = (a, b) if a_param else (b, a)
         if out.numel() > x.numel():
             self._param(w, out.numel() // w.numel())
+        else:
+            self.scaled[id(out)] = (weakref.ref(out), w)
+
+    def _reduced_scale(self, args) -> None:
+        """``(x * w).sum(d)``: if ``d`` runs along ``w`` (it is not broadcast there), the scale was
+        a dot product (``(h * self.v).sum(-1)``, a learned query): each product is a MAC of ``w``."""
+        t = args[0]
+        ref, w = self.scaled.pop(id(t))
+        if ref() is not t:
+            return
+        dims = args[1] if len(args) > 1 and args[1] is not None else []
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = [d % t.dim() for d in dims] if dims else list(range(t.dim()))     # none: all
+        spread = w.broadcast_to(t.shape)
+        if any(t.shape[d] > 1 and spread.stride(d) != 0 for d in dims):
+            self._param(w, t.numel() // w.numel())
 
     def _trilinear(self, func, args) -> None:
         """``nn.Bilinear``: three operands unsqueezed at ``expand1..3``, multiplied, summed. A

@@ -23,9 +23,10 @@ Conventions (the ones the papers use, so our figures compare with theirs):
   a linear layer written element-wise) costs one MAC per element of the product, i.e. each
   weight element once per broadcast copy. A parameter whose element-wise product has the
   activation's own shape is a scale (a norm's affine, LayerScale, a per-channel gate): an
-  element-wise op, not MACs, even if a sum follows (so ``(x * w).sum(-1)``, w (F,), a dot
-  product with one output, costs 0). Learned queries or latents fed to a layer are its input:
-  the layer's own weight is priced. An embedding table's weights
+  element-wise op, not MACs, unless that product is then summed or averaged along a dimension
+  of the weight (``(h * self.v).sum(-1)``, additive attention's learned vector: a dot product,
+  one MAC per product). Learned queries or latents fed to a layer are its input: the layer's
+  own weight is priced. An embedding table's weights
   are prunable and cost 0 MACs. Biases are not counted.
 * Products of two activations (attention's QKᵀ and AV) are real MACs but tied to no weight:
   a layer's ``activation_macs``, part of ``macs``, never prunable.
