@@ -232,3 +232,18 @@ def test_a_folder_another_process_holds_is_refused_on_both_ranks(tmp_path):
             assert sorted(os.listdir(out)) == [".prunekit.lock"]
     finally:
         holder.kill()
+
+
+def test_an_out_folder_rank_0_cannot_write_stops_every_rank_at_once(tmp_path):
+    """--out under a regular file (so unwritable for root too): rank 0 cannot take its lock; every
+    rank stops with exit 2 and the line is printed once. Before, rank 0 alone stopped (exit 2) and
+    rank 1 waited in the lock's collective until rank 0 was gone, then stopped on the lost rank
+    (exit 1, a second line)."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"
+    results = _two_ranks(["prune", *DATA, "--method", "magnitude", "--sparsity", "0.8", "--out", str(out), "--json"],
+                         tmp_path / "nothing")
+    assert [code for code, _, _ in results] == [2, 2], results
+    said = results[0][2] + results[1][2]
+    assert said.count("\n") == 1 and results[0][2].startswith("prunekit: error: Not a directory"), said
+    assert str(out) in said and "check the path and its permissions" in said, said

@@ -22,7 +22,7 @@ import torch.distributed
 
 from . import __version__, distributed, recipes
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
-from .errors import PrunekitError, PrunekitWarning
+from .errors import PrunekitError, PrunekitWarning, refusal_of
 from .options import cli_message
 
 
@@ -204,8 +204,7 @@ def _main(argv: list[str] | None) -> int:
               file=sys.stderr)
         raise _RankLost from None
     except OSError as err:   # unwritable --out, full disk, unreadable data
-        print(f"prunekit: error: {err.strerror or err}: {err.filename or ''} "
-              "(check the path and its permissions)", file=sys.stderr)
+        print(f"prunekit: error: {refusal_of(err)}", file=sys.stderr)
         return 2
 
 
