@@ -49,8 +49,9 @@ def held(folder: str | Path, flag: str = "--out") -> Iterator[None]:
 @contextmanager
 def held_by_rank_0(folder: str | Path, flag: str = "--out") -> Iterator[None]:
     """``held`` under torchrun: rank 0, the rank that writes, holds the lock; a refusal (an
-    ``OSError`` too: a folder rank 0 cannot make) is told to every rank (a collective: every rank must enter), so all of them stop with its one line rather
-    than the others waiting for rank 0 until the timeout. One process: ``held``."""
+    ``OSError`` too: a folder rank 0 cannot make) is told to every rank (a collective: every rank
+    must enter), so all of them stop with its one line rather than the others waiting for rank 0
+    until the timeout. One process: ``held``."""
     from .distributed import current        # prunekit.distributed imports the solvers: imported when used
     collective = current()
     if not collective.distributed:

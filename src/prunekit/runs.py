@@ -142,8 +142,9 @@ def claim_on_rank_0(path: str | Path, config_text: str, *, resume: bool = False,
     """``claim`` under torchrun: rank 0, the rank that writes, claims the folder and works in it;
     every other rank gets it read-only (``RunFolder.follower``) once rank 0 has claimed it, and
     then every rank must see the same folder (``check_ranks_share``). A refusal of rank 0's (an
-    ``OSError`` too, as a ``PrunekitError``) is raised on every rank, so all of them stop with its one line rather than wait for rank 0 until
-    the timeout. A collective: every rank calls it. One process: ``claim``; returns the folder."""
+    ``OSError`` too, as a ``PrunekitError``) is raised on every rank, so all of them stop with its
+    one line rather than wait for rank 0 until the timeout. A collective: every rank calls it. One
+    process: ``claim``; returns the folder."""
     from . import distributed
     collective = distributed.current()
     folder = RunFolder(path)
