@@ -160,3 +160,45 @@ def test_a_folder_holding_another_run_is_refused_on_both_ranks_in_the_same_words
     said = run_ranks(_prune_into_another_run, 2, tmp_path, str(out))
     assert said[0] == said[1] and "holds another run" in said[0], said
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def _prune_into(rank, world, out):
+    """prunekit.prune into ``out``: each rank's exception, as type and message."""
+    import prunekit
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    try:
+        prunekit.prune(net, (torch.randn(32, 8), torch.randint(0, 3, (32,))), method="magnitude", sparsity=0.5,
+                       recalibrate_bn=False, out=out)
+    except Exception as err:     # noqa: BLE001 - what each rank met
+        return f"{type(err).__name__}: {err}"
+    return "not refused"
+
+
+def _claim_denied_on_rank_0(rank, world, out):
+    """claim_on_rank_0 where rank 0's write of config.toml is denied: each rank's exception."""
+    from prunekit import runs
+
+    def denied(folder, *_, **__):
+        raise PermissionError(13, "Permission denied", str(folder.config))
+    if rank == 0:
+        runs.claim = denied
+    try:
+        runs.claim_on_rank_0(out, "method = 'magnitude'\n")
+    except Exception as err:     # noqa: BLE001 - what each rank met
+        return f"{type(err).__name__}: {err}"
+    return "not refused"
+
+
+def test_an_out_rank_0_cannot_write_is_refused_on_both_ranks_in_the_same_words(tmp_path):
+    """out= under a regular file (the lock's folder cannot be made; so for root too), and a
+    config.toml rank 0 may not write (its claim): every rank gets one PrunekitError naming the path.
+    Before, rank 0 alone met the OSError and rank 1 waited in the collective until rank 0 was gone."""
+    from distributed_spawn import run_ranks
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"
+    said = run_ranks(_prune_into, 2, tmp_path, str(out))
+    assert said[0] == said[1] and said[0].startswith("PrunekitError: Not a directory") and str(out) in said[0], said
+    said = run_ranks(_claim_denied_on_rank_0, 2, tmp_path, str(tmp_path / "run"))
+    assert said[0] == said[1] and "Permission denied" in said[0] and "config.toml" in said[0], said
+    assert "PrunekitError" in said[0] and "check the path and its permissions" in said[0], said

@@ -101,3 +101,40 @@ def test_an_unknown_backend_is_refused_in_one_line_before_joining(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.count("\n") == 1 and "PRUNEKIT_DIST_BACKEND='mpi'" in done.stderr, done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_refusing_a_recipe_joins_with_the_backend_its_device_gives(tmp_path, monkeypatch):
+    """Rank 1 refuses its recipe (another copy on its machine) and joins the group all the same to
+    tell the others: with the backend of the recipe's device, NCCL as the ranks that parse it. Before,
+    it joined with gloo while they used NCCL: a hang until PRUNEKIT_DIST_TIMEOUT."""
+    import pytest
+    import torch
+    import torch.distributed as dist
+
+    from prunekit.cli import main
+
+    class Joined(Exception):
+        pass
+
+    backends = []
+
+    def join(backend, **_):
+        backends.append(backend)
+        raise Joined
+
+    monkeypatch.delenv("PRUNEKIT_DIST_BACKEND", raising=False)
+    for key, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # two GPUs, as on the ranks' machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(dist, "init_process_group", join)
+    recipe = (f'model = "mlpnet"\ncheckpoint = "{ASSETS / "mlpnet.safetensors"}"\ndata = "mnist"\n'
+              f'data-dir = "{ASSETS / "mnist"}"\nmethod = "magnitude"\nsparsity = 0.5\ndevice = "cuda"\n')
+    (tmp_path / "run.toml").write_text(recipe)                              # the ranks that parse it
+    (tmp_path / "refused.toml").write_text(recipe + "nosuch = 1\n")         # the rank that refuses it
+    for name in ("run.toml", "refused.toml"):
+        with pytest.raises(Joined):
+            main(["prune", "--recipe", str(tmp_path / name)])
+    assert backends == ["nccl", "nccl"]

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,9 @@ def hook(event, args):
         if under(args[0]):
             sys.__stderr__.write(f"WROTE {event} {args[0]}\\n")
 sys.addaudithook(hook)
+if "REFUSAL_WAIT_S" in os.environ:
+    import prunekit.distributed.collective
+    prunekit.distributed.collective.REFUSAL_WAIT_S = float(os.environ["REFUSAL_WAIT_S"])
 from prunekit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -204,15 +208,22 @@ def test_two_ranks_of_a_method_that_reads_no_training_data_never_load_it(tmp_pat
     assert json.loads(results[0][1])["ranks"] == 2
 
 
-def test_a_refusal_of_one_rank_alone_is_printed_by_it(tmp_path):
-    """Rank 1 alone cannot read its checkpoint (as if missing on its machine): it prints its own
-    line and exits 2; rank 0 then stops on the lost rank."""
+@pytest.mark.parametrize("alone", [1, 0])
+def test_a_refusal_of_one_rank_alone_is_printed_by_it_at_once(tmp_path, alone):
+    """One rank alone cannot read its checkpoint (as if missing on its machine): it prints its own
+    line (alone) and exits 2; the other then stops on the lost rank (exit 1). Neither waits out
+    REFUSAL_WAIT_S (90 s here): the other rank says in the store that it got past loading. Before,
+    the refused rank waited for a line from rank 0 (or rank 0 for rank 1 to read its line) that never
+    came, all REFUSAL_WAIT_S, and rank 1's wait added two c10d warning lines."""
     missing = tmp_path / "missing.safetensors"
+    start = time.monotonic()
     results = _two_ranks(["prune", *DATA, "--method", "magnitude", "--sparsity", "0.8", "--json"], tmp_path,
-                         rank_args={1: ["--checkpoint", str(missing)]})
-    (zero, _, zero_err), (one, _, one_err) = results
-    assert one == 2 and one_err.count("prunekit: error:") == 1 and str(missing) in one_err, one_err
-    assert zero == 1 and "a rank stopped" in zero_err and str(missing) not in zero_err, zero_err
+                         rank_args={alone: ["--checkpoint", str(missing)]}, more_env={"REFUSAL_WAIT_S": "90"})
+    took = time.monotonic() - start
+    (code, _, err), (other_code, _, other_err) = results[alone], results[1 - alone]
+    assert code == 2 and err.count("\n") == 1 and str(missing) in err, err
+    assert other_code == 1 and "a rank stopped" in other_err and str(missing) not in other_err, other_err
+    assert took < 45, took
 
 
 def test_a_folder_another_process_holds_is_refused_on_both_ranks(tmp_path):
@@ -232,3 +243,18 @@ def test_a_folder_another_process_holds_is_refused_on_both_ranks(tmp_path):
             assert sorted(os.listdir(out)) == [".prunekit.lock"]
     finally:
         holder.kill()
+
+
+def test_an_out_folder_rank_0_cannot_write_stops_every_rank_at_once(tmp_path):
+    """--out under a regular file (so unwritable for root too): rank 0 cannot take its lock; every
+    rank stops with exit 2 and the line is printed once. Before, rank 0 alone stopped (exit 2) and
+    rank 1 waited in the lock's collective until rank 0 was gone, then stopped on the lost rank
+    (exit 1, a second line)."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"
+    results = _two_ranks(["prune", *DATA, "--method", "magnitude", "--sparsity", "0.8", "--out", str(out), "--json"],
+                         tmp_path / "nothing")
+    assert [code for code, _, _ in results] == [2, 2], results
+    said = results[0][2] + results[1][2]
+    assert said.count("\n") == 1 and results[0][2].startswith("prunekit: error: Not a directory"), said
+    assert str(out) in said and "check the path and its permissions" in said, said

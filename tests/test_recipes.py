@@ -84,3 +84,20 @@ def test_dump_reads_back_to_the_same_values():
               "exclude": [], "include": ["fc*", 'we"ird'], "out": None}
     back = recipes.validate(tomllib.loads(recipes.dump_recipe(values)), parser)
     assert back == {k: v for k, v in values.items() if v is not None}
+
+
+def test_a_device_in_a_recipe_or_a_run_folder_is_read_as_the_flag_is(tmp_path, capsys):
+    """``device`` is an option like the others: a recipe may name it, and the config.toml of a run
+    made with --device resumes. Before, both were refused ("key 'device' has a type recipes do
+    not handle"), so no --device run could be resumed."""
+    parser = build_parser_for("prune")
+    assert recipes.load_recipe(write(tmp_path, 'device = "cpu"\n'), parser) == {"device": "cpu"}
+    with pytest.raises(prunekit.PrunekitError, match=r"key 'device' in .*run.toml: 'tpu!' is not a torch device"):
+        recipes.load_recipe(write(tmp_path, 'device = "tpu!"\n'), parser)
+    out = tmp_path / "run"
+    flags = ["--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+             "--data-dir", str(ASSETS / "mnist"), "--method", "magnitude", "--sparsity", "0.5"]
+    assert main(["prune", *flags, "--device", "cpu", "--out", str(out), "--json"]) == 0
+    assert 'device = "cpu"' in (out / "config.toml").read_text()
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(out), "--json"]) == 0, capsys.readouterr().err

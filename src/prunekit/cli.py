@@ -22,7 +22,7 @@ import torch.distributed
 
 from . import __version__, distributed, recipes
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
-from .errors import PrunekitError, PrunekitWarning
+from .errors import PrunekitError, PrunekitWarning, refusal_of
 from .options import cli_message
 
 
@@ -204,8 +204,7 @@ def _main(argv: list[str] | None) -> int:
               file=sys.stderr)
         raise _RankLost from None
     except OSError as err:   # unwritable --out, full disk, unreadable data
-        print(f"prunekit: error: {err.strerror or err}: {err.filename or ''} "
-              "(check the path and its permissions)", file=sys.stderr)
+        print(f"prunekit: error: {refusal_of(err)}", file=sys.stderr)
         return 2
 
 
@@ -218,10 +217,8 @@ def _refuse_before_joining(line: str, argv: list[str]) -> int:
     others stop at once instead of waiting for it until ``PRUNEKIT_DIST_TIMEOUT``.
     """
     if distributed.launched_by_torchrun():
-        peek = argparse.ArgumentParser(add_help=False)
-        peek.add_argument("--device")          # the run's backend (a recipe's device is unknown here)
         try:
-            distributed.init_from_env(peek.parse_known_args(argv[1:])[0].device)
+            distributed.init_from_env(_device_before_parsing(argv))
             said_by_rank_0 = distributed.early_refusals(line)[0] == line and not distributed.is_main_process()
         except (PrunekitError, RuntimeError):   # no group to tell: say it here
             said_by_rank_0 = False
@@ -229,6 +226,24 @@ def _refuse_before_joining(line: str, argv: list[str]) -> int:
             return 2
     print(line, file=sys.stderr)
     return 2
+
+
+def _device_before_parsing(argv: list[str]) -> str | None:
+    """The run's ``--device`` (so its backend, NCCL or gloo) when the command line cannot be parsed:
+    the flag, else the ``device`` of the ``--recipe`` file (``--resume`` folder's config.toml) when
+    it reads as TOML; None (gloo) when neither says. The ranks that parse it join with that backend."""
+    peek = argparse.ArgumentParser(add_help=False)
+    for flag in ("--device", "--recipe", "--resume"):
+        peek.add_argument(flag)
+    known = peek.parse_known_args(argv[1:])[0]
+    if known.device or not (known.recipe or known.resume):
+        return known.device
+    file = Path(known.resume) / "config.toml" if known.resume else Path(known.recipe)
+    try:
+        device = tomllib.loads(file.read_text()).get("device")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return device if isinstance(device, str) else None
 
 
 if __name__ == "__main__":

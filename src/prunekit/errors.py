@@ -10,6 +10,11 @@ class PrunekitError(ValueError):
     """Bad input from the user: the message names the fix."""
 
 
+def refusal_of(err: OSError) -> PrunekitError:
+    """An ``OSError`` (an unwritable --out, a full disk, unreadable data) as our one line."""
+    return PrunekitError(f"{err.strerror or err}: {err.filename or ''} (check the path and its permissions)")
+
+
 class PrunekitWarning(UserWarning):
     """Something the user should know that does not stop the run (one line, our words; the
     CLI prints it as ``prunekit: warning: ...``)."""

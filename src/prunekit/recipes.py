@@ -108,8 +108,12 @@ def _scalar(action: argparse.Action, key: str, value, where: str):
     elif kind is str:
         ok = ok and isinstance(value, (str, int, float))   # budgets read well as numbers: flops = 0.3
         value = str(value) if ok else value
-    else:
-        raise PrunekitError(f"key {key!r} has a type recipes do not handle")  # no such option yet
+    else:               # an option type of its own (--device): it reads the string as on the command line
+        ok = ok and isinstance(value, str)
+        try:
+            value = kind(value) if ok else value
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise PrunekitError(f"key {key!r} in {where}: {err}") from None
     if not ok:
         raise PrunekitError(f"key {key!r} in {where} must be {_type_name(kind)}, got {value!r}")
     if action.choices is not None and value not in action.choices:
@@ -119,7 +123,7 @@ def _scalar(action: argparse.Action, key: str, value, where: str):
 
 
 def _type_name(kind) -> str:
-    return {int: "an integer", float: "a number", str: "a string", int_or_auto: "an integer or auto"}[kind]
+    return {int: "an integer", float: "a number", int_or_auto: "an integer or auto"}.get(kind, "a string")
 
 
 def dump_recipe(values: dict) -> str:

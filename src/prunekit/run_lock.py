@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from .errors import PrunekitError
+from .errors import PrunekitError, refusal_of
 
 try:
     import fcntl
@@ -48,9 +48,10 @@ def held(folder: str | Path, flag: str = "--out") -> Iterator[None]:
 
 @contextmanager
 def held_by_rank_0(folder: str | Path, flag: str = "--out") -> Iterator[None]:
-    """``held`` under torchrun: rank 0, the rank that writes, holds the lock; a refusal is told to
-    every rank (a collective: every rank must enter), so all of them stop with its one line rather
-    than the others waiting for rank 0 until the timeout. One process: ``held``."""
+    """``held`` under torchrun: rank 0, the rank that writes, holds the lock; a refusal (an
+    ``OSError`` too: a folder rank 0 cannot make) is told to every rank (a collective: every rank
+    must enter), so all of them stop with its one line rather than the others waiting for rank 0
+    until the timeout. One process: ``held``."""
     from .distributed import current        # prunekit.distributed imports the solvers: imported when used
     collective = current()
     if not collective.distributed:
@@ -64,6 +65,8 @@ def held_by_rank_0(folder: str | Path, flag: str = "--out") -> Iterator[None]:
                 lock.enter_context(held(folder, flag))
             except PrunekitError as err:
                 refusal = str(err)
+            except OSError as err:          # DIR cannot be made or written: every rank says so
+                refusal = str(refusal_of(err))
         refusal = collective.broadcast_object(refusal)
         if refusal is not None:
             raise PrunekitError(refusal)

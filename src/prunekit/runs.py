@@ -32,7 +32,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from .costs import CostModel
-from .errors import PrunekitError
+from .errors import PrunekitError, refusal_of
 from .options import OptionError
 from .pipelines.stages import StageState
 from .record import finite as _finite
@@ -141,9 +141,10 @@ def claim_on_rank_0(path: str | Path, config_text: str, *, resume: bool = False,
                     device="cpu") -> RunFolder:
     """``claim`` under torchrun: rank 0, the rank that writes, claims the folder and works in it;
     every other rank gets it read-only (``RunFolder.follower``) once rank 0 has claimed it, and
-    then every rank must see the same folder (``check_ranks_share``). A refusal of rank 0's is
-    raised on every rank, so all of them stop with its one line rather than wait for rank 0 until
-    the timeout. A collective: every rank calls it. One process: ``claim``; returns the folder."""
+    then every rank must see the same folder (``check_ranks_share``). A refusal of rank 0's (an
+    ``OSError`` too, as a ``PrunekitError``) is raised on every rank, so all of them stop with its
+    one line rather than wait for rank 0 until the timeout. A collective: every rank calls it. One
+    process: ``claim``; returns the folder."""
     from . import distributed
     collective = distributed.current()
     folder = RunFolder(path)
@@ -157,6 +158,8 @@ def claim_on_rank_0(path: str | Path, config_text: str, *, resume: bool = False,
             claim(folder, config_text, resume=resume, force=force)
         except PrunekitError as err:
             refusal = err
+        except OSError as err:              # a folder rank 0 cannot write: every rank says so
+            refusal = refusal_of(err)
     refusal = collective.broadcast_object(refusal)
     if refusal is not None:
         raise refusal

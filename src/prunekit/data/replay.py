@@ -1,15 +1,18 @@
 """A user's own loader read as a replayable stream: every pass depends on the pass's number alone.
 
 A shuffling ``torch.utils.data.DataLoader`` draws a new order at every ``iter()`` (from its
-generator, or from torch's global RNG), and its transforms may draw from the global RNG too. Under
+generator, or from torch's global RNG), and its transforms may draw from the global RNGs too
+(torch's, Python's ``random``, NumPy's). Under
 torchrun each rank reads its gradient rows piece by piece, one pass per piece, so without a replay
 every piece, and every rank, would read another order than one process reads.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 _END = object()
@@ -19,8 +22,8 @@ class ReplayedLoader:
     """The batches of ``make()`` with the randomness they draw replayed.
 
     ``generators``: the loader's own ``torch.Generator`` objects (see :func:`loader_generators`).
-    ``states``: the RNG states [torch's global CPU RNG, *generators] to start from, each a uint8
-    tensor (under torchrun rank 0's, so every rank reads rank 0's stream).
+    ``states``: the RNG states to start from, as :func:`rng_states` gives them (under torchrun
+    rank 0's, so every rank reads rank 0's stream).
 
     Every ``iter()`` starts a new epoch, as a prunekit ``BatchLoader`` does (``epoch`` counts
     them, from 0; set it to replay an epoch again): epoch 0 from ``states`` (the order the loader
@@ -47,7 +50,9 @@ class ReplayedLoader:
         if epoch == 0:
             return self._replay(list(self.states))
         seeds = [self._seed + epoch * len(self.states) + i for i in range(len(self.states))]
-        return self._replay([torch.Generator().manual_seed(s).get_state() for s in seeds])
+        return self._replay([torch.Generator().manual_seed(seeds[0]).get_state(), random.Random(seeds[1]).getstate(),
+                             np.random.RandomState(seeds[2] % 2**32).get_state(),
+                             *(torch.Generator().manual_seed(s).get_state() for s in seeds[3:])])
 
     def _replay(self, own: list[torch.Tensor]) -> Iterator:
         stream = None
@@ -80,13 +85,16 @@ def loader_generators(data) -> list[torch.Generator]:
     return distinct
 
 
-def rng_states(generators: list[torch.Generator]) -> list[torch.Tensor]:
-    """[torch's global CPU RNG state, *each generator's state] (uint8 tensors)."""
-    return [torch.get_rng_state(), *(g.get_state() for g in generators)]
+def rng_states(generators: list[torch.Generator]) -> list:
+    """[torch's global CPU RNG state, Python's ``random`` state, NumPy's global state, *each
+    generator's state] (torch's: uint8 tensors)."""
+    return [torch.get_rng_state(), random.getstate(), np.random.get_state(), *(g.get_state() for g in generators)]
 
 
-def set_rng_states(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
-    """Set torch's global CPU RNG and each generator to ``states`` (as :func:`rng_states` gives)."""
+def set_rng_states(generators: list[torch.Generator], states: list) -> None:
+    """Set the global RNGs and each generator to ``states`` (as :func:`rng_states` gives)."""
     torch.set_rng_state(states[0])
-    for generator, state in zip(generators, states[1:]):
+    random.setstate(states[1])
+    np.random.set_state(states[2])
+    for generator, state in zip(generators, states[3:]):
         generator.set_state(state)

@@ -182,35 +182,68 @@ def is_main_process() -> bool:
 
 
 REFUSAL_WAIT_S = 10.0      # how long another rank waits for rank 0's refusal (and rank 0 for their replies)
+_passed = 0                # how many times this process has called ``passed_checks``
+
+
+def _keys() -> tuple:
+    """The store, and the prefix of this run's keys (a restarted run's keys are its own)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.distributed_c10d._get_default_store(), f"prunekit/{attempt}"
+
+
+def passed_checks() -> None:
+    """Say (in the group's store) that this rank got through the stretch where a rank may be refused
+    on its own (its checkpoint, its data): every rank calls it at the same point, before the
+    collective that follows. A rank refused there stops waiting for the others at once
+    (``prints_refusal``): a rank that passed this point will never post the same refusal."""
+    global _passed
+    _passed += 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            store, prefix = _keys()
+            store.set(f"{prefix}/passed/{dist.get_rank()}", str(_passed))
+        except Exception:    # noqa: BLE001 - no store that answers: the refused rank waits REFUSAL_WAIT_S
+            pass
 
 
 def prints_refusal(line: str) -> bool:
     """Whether this rank prints its refusal ``line`` (a collective refusal once, not once per rank).
 
     Rank 0 always does; it posts the line in the group's key-value store (no collective: the
-    other ranks may be anywhere), then waits up to ``REFUSAL_WAIT_S`` for each of them to read it
-    (the store may live in rank 0's process). Another rank prints only when rank 0 has not posted
-    this same line within ``REFUSAL_WAIT_S``: a refusal every rank meets (the same arguments, the
-    same files) is printed once, one met by this rank alone (its data missing on its machine) is
-    still printed. Without a process group, or a store that answers, every rank prints.
+    other ranks may be anywhere), then waits for each of them to read it (the store may live in
+    rank 0's process) or to have passed further (``passed_checks``: it is in a collective and will
+    never read it), at most ``REFUSAL_WAIT_S``. Another rank prints unless rank 0 posts this same
+    line: it waits for rank 0's line until rank 0 has passed further than this rank (it will not
+    post one), at most ``REFUSAL_WAIT_S``. So a refusal every rank meets (the same arguments, the
+    same files) is printed once, and one met by this rank alone (its data missing on its machine)
+    is still printed, at once where rank 0 says it passed. Without a process group, or a store that
+    answers, every rank prints.
     """
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return True
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")      # a restarted run's keys are its own
-    key, seen = f"prunekit/refusal/{attempt}", f"prunekit/refusal_seen/{attempt}"
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    deadline = time.monotonic() + REFUSAL_WAIT_S
     try:
-        store = dist.distributed_c10d._get_default_store()
-        if dist.get_rank() == 0:
+        store, prefix = _keys()
+        key = f"{prefix}/refusal"
+
+        def further(other: int) -> bool:        # rank ``other`` passed a point this rank did not
+            passed = f"{prefix}/passed/{other}"
+            return store.check([passed]) and int(store.get(passed)) > _passed
+
+        if rank == 0:
             store.set(key, line)
-            deadline = time.monotonic() + REFUSAL_WAIT_S
-            while store.add(seen, 0) < dist.get_world_size() - 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            waiting = set(range(1, ranks))
+            while waiting and time.monotonic() < deadline:
+                waiting = {r for r in waiting if not (store.check([f"{prefix}/seen/{r}"]) or further(r))}
+                time.sleep(0.05 if waiting else 0)
             return True
         try:
-            store.wait([key], timedelta(seconds=REFUSAL_WAIT_S))
-            said = store.get(key).decode()
+            while not store.check([key]) and not further(0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            said = store.get(key).decode() if store.check([key]) else None
         finally:
-            store.add(seen, 1)
+            store.set(f"{prefix}/seen/{rank}", "1")
     except Exception:        # noqa: BLE001 - no store, or none that answers: say it here
         return True
     return said != line
@@ -254,6 +287,7 @@ def check_same_start(model: torch.nn.Module, **batches) -> None:
     """Refuse (on every rank, one line) a run whose ranks would start from different weights or
     data: a machine with another checkpoint or data set at the same path would silently make
     another run's rows. ``batches``: name -> a first batch (tensors) or None."""
+    passed_checks()            # a rank refused while loading them need not wait for this one
     values = {"model weights (--checkpoint)": digest(*model.state_dict().values())}
     for name, batch in batches.items():
         if batch is not None:

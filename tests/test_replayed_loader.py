@@ -1,0 +1,68 @@
+"""A user's loader read by prunekit.prune is replayed: every read of a pass gives the same batches,
+whatever the caller draws in between, and the caller's RNGs are left as they were. Its randomness
+includes what user transforms draw from Python's ``random`` and NumPy's global RNG."""
+
+import random
+
+import numpy as np
+import torch
+
+from prunekit.api import _batches
+
+
+class Noisy(torch.utils.data.Dataset):
+    """Samples with noise drawn in the transform from ``random``, ``numpy.random`` and torch."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        x = torch.full((2,), float(i)) + random.random() + float(np.random.rand()) + torch.rand(1)
+        return x, i % 3
+
+
+def _passes(make, between: bool) -> list:
+    """Two passes (epochs 0 and 1) of a fresh replayed loader, flattened; ``between``: the caller
+    draws from every global RNG between batches."""
+    loader, seen = make(), []
+    for _ in range(2):
+        for x, y in loader:
+            seen.append(torch.cat([x.flatten(), y.float()]))
+            if between:
+                random.random(), np.random.rand(), torch.rand(1)
+    return seen
+
+
+def test_every_read_of_a_pass_gives_the_same_batches_whatever_the_transforms_draw():
+    """Before, Python's and NumPy's global RNGs were not replayed: each read of a pass drew other
+    noise (the ranks' rows of one pass differed, so did a stage's from the next)."""
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(Noisy(), batch_size=4, shuffle=True)
+    make = _batches(data, 4, False, 0, "data")
+    first = _passes(make, between=False)
+    caller = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    again = _passes(make, between=True)
+    assert len(first) == len(again) == 6
+    for a, b in zip(first, again):
+        assert torch.equal(a, b), (a, b)
+    assert not torch.equal(first[0], first[3])          # epoch 1 is a new epoch: another order, other noise
+    random.setstate(caller[0]), np.random.set_state(caller[1]), torch.set_rng_state(caller[2])
+    expected = random.random(), float(np.random.rand()), torch.rand(1).item()
+    random.setstate(caller[0]), np.random.set_state(caller[1]), torch.set_rng_state(caller[2])
+    for x, y in make():          # reading leaves the caller's RNGs as they were
+        pass
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
+
+
+def _first_pass(rank, world):
+    random.seed(rank), np.random.seed(rank), torch.manual_seed(rank)        # the ranks' RNGs need not agree
+    make = _batches(torch.utils.data.DataLoader(Noisy(), batch_size=4, shuffle=True), 4, False, 0, "data")
+    return torch.stack(_passes(make, between=rank == 1))
+
+
+def test_two_ranks_read_rank_0s_stream_whatever_the_transforms_draw(tmp_path):
+    """Under torchrun the states are rank 0's (broadcast when prune reads the data): both ranks read
+    the same batches, noise included. Before, each rank's transforms drew its own noise."""
+    from distributed_spawn import run_ranks
+    zero, one = run_ranks(_first_pass, 2, tmp_path)
+    assert torch.equal(zero, one), (zero, one)
