@@ -160,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(1)
         finally:
+            if not joined_before and code == 2 and torch.distributed.is_initialized():
+                # A refusal under torchrun: the ranks stop at different moments, and a gloo group
+                # torn down after rank 0 (the store's host) is gone aborts the process ("terminate
+                # called without an active exception", exit -6; 1 run in 4 of a lock refusal). A
+                # refusal wrote nothing: end at once, with our exit code.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             if not joined_before:         # under torchrun: leave the group this call joined
                 distributed.shutdown(wait=code == 0)
 
