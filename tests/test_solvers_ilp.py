@@ -427,3 +427,80 @@ def test_cost_groups_built_once_select_as_a_fresh_grouping_at_every_call():
         solve_flops_ilp(inst.scores, inst.costs, cost_groups=by_cost, **budgets)
     with pytest.raises(PrunekitError, match="cost_groups"):
         solve_flops_ilp(inst.scores[:-1], cost_groups=by_cost, **budgets)
+
+
+def _iterates(rng, p, steps):
+    """Scores like FALCON's successive projections: small moves, rescaled parts, new ties
+    (rounding), an entry set to zero, and once a complete reshuffle."""
+    s = rng.integers(0, 400, p).astype(np.float64)
+    yield s
+    for step in range(steps):
+        if step == steps // 2:
+            s = rng.permutation(s)
+        else:
+            s = s * np.where(rng.random(p) < 0.3, 1.7, 1.0) + rng.normal(0, 2.0, p) * (rng.random(p) < 0.05)
+            s = np.round(np.abs(s), 0 if step % 2 else 1)          # coarse: many new ties
+            s[rng.integers(0, p, 20)] = 0.0
+        yield s
+
+
+@pytest.mark.parametrize("form", ["bounds", "ids"])
+@pytest.mark.parametrize("cut", [False, True])
+def test_a_sort_started_from_the_previous_order_equals_a_cold_sort(form, cut, monkeypatch):
+    # bit-identical order and sorted scores at every step, ties by index, the warm path forced
+    # (no disorder fallback) and with the default threshold
+    import prunekit.solvers.ilp_groups as ilp_groups
+    from prunekit.solvers.ilp_groups import CostGroups, PreviousOrder, SortedGroups
+
+    rng = np.random.default_rng(7 + cut)
+    p, n_groups = 30_000, 37
+    bounds = np.r_[0, np.sort(rng.choice(np.arange(1, p), n_groups - 1, replace=False)), p]
+    costs = rng.uniform(1, 5, n_groups)
+    if form == "bounds":
+        groups = CostGroups.from_layers([slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])], costs, p)
+        assert groups.bounds is not None
+    else:
+        groups = CostGroups.from_ids(rng.integers(0, n_groups, p), costs)
+    for max_disorder in (1.0, ilp_groups.WARM_MAX_DISORDER):
+        monkeypatch.setattr(ilp_groups, "WARM_MAX_DISORDER", max_disorder)
+        previous = PreviousOrder()
+        for s in _iterates(rng, p, 8):
+            limits = np.minimum(groups.sizes, rng.integers(0, 2000, n_groups)) if cut else None
+            cold = SortedGroups(s, groups, costs, limits)
+            warm = SortedGroups(s, groups, costs, limits, previous=previous)
+            np.testing.assert_array_equal(warm.perm, cold.perm)
+            np.testing.assert_array_equal(warm.s_desc, cold.s_desc)
+            assert previous.perm is warm.perm
+
+
+@pytest.mark.parametrize("keep", [0, 1, 500, 999, 1000])
+def test_the_warm_descending_sort_is_exact_from_any_previous_order(keep, monkeypatch):
+    import prunekit.solvers.ilp_groups as ilp_groups
+    from prunekit.solvers.ilp_groups import _descending, _descending_from
+
+    monkeypatch.setattr(ilp_groups, "WARM_MAX_DISORDER", 1.0)       # never fall back to the cold sort
+    rng = np.random.default_rng(keep)
+    scores = rng.integers(0, 30, 1000).astype(np.float64)            # about 33 equal values each
+    for previous in (rng.permutation(1000), np.argsort(-scores, kind="stable"), rng.permutation(1000)[:300],
+                     np.arange(1000)[::-1].copy()):
+        got = _descending_from(scores, keep, previous)
+        values = np.empty(keep)
+        _descending_from(scores, keep, previous, values_out=values)
+        np.testing.assert_array_equal(got, _descending(scores, keep))
+        np.testing.assert_array_equal(values, scores[got])
+
+
+def test_falcon_projections_select_as_without_the_previous_order(monkeypatch):
+    # the ILP with and without the warm start gives the same keep mask on successive iterates
+    from prunekit.solvers.ilp_groups import CostGroups, PreviousOrder
+
+    rng = np.random.default_rng(3)
+    p = 20_000
+    slices = [slice(0, 5000), slice(5000, 12000), slice(12000, p)]
+    groups = CostGroups.from_layers(slices, [4.0, 2.0, 1.0], p)
+    previous = PreviousOrder()
+    for s in _iterates(rng, p, 6):
+        kwargs = dict(cost_groups=groups, max_count=6000, max_cost=15000.0)
+        cold = solve_flops_ilp(torch.from_numpy(s), **kwargs)
+        warm = solve_flops_ilp(torch.from_numpy(s), previous_order=previous, **kwargs)
+        assert torch.equal(cold.keep, warm.keep) and cold.primal == warm.primal and cold.dual_bound == warm.dual_bound

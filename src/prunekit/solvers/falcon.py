@@ -36,7 +36,7 @@ import torch
 from ..errors import PrunekitError
 from .backsolve import GramCache, backsolve_blockwise, backsolve_with_parts, updated_gram
 from .ilp import solve_flops_ilp
-from .ilp_groups import CostGroups
+from .ilp_groups import CostGroups, PreviousOrder
 from .quadratic import QuadraticModel, check_k
 from .sliced_ilp import slice_cost_groups, sliced_cost_groups, solve_sliced_flops_ilp
 from .result import Solution
@@ -183,7 +183,9 @@ def _projection_ilp(q: QuadraticModel, costs: torch.Tensor, k: int, max_macs: fl
         groups = CostGroups.from_costs(costs.to(torch.float64))
     else:
         groups = CostGroups.from_layers(cost_layers[0], cost_layers[1], costs.numel())
-    return lambda value: solve_flops_ilp(value, cost_groups=groups, max_count=k, max_cost=max_macs)
+    order = PreviousOrder()                 # each projection's sort starts from the last one's order
+    return lambda value: solve_flops_ilp(value, cost_groups=groups, max_count=k, max_cost=max_macs,
+                                         previous_order=order)
 
 
 def _cost_runs(costs: torch.Tensor, max_runs: int = 1024):

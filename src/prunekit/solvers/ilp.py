@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .ilp_groups import TINY, CostGroups, Problem, SortedGroups, parse_problem, prefix_limits
+from .ilp_groups import TINY, CostGroups, PreviousOrder, Problem, SortedGroups, parse_problem, prefix_limits
 from .ilp_rounding import drop_to_budget, local_search
 
 __all__ = ["ILPResult", "solve_flops_ilp"]
@@ -84,6 +84,7 @@ def solve_flops_ilp(
     max_count: int,
     max_cost: float,
     tol: float = 1e-12,
+    previous_order: PreviousOrder | None = None,
 ) -> ILPResult:
     """Solve the FLOP + count budgeted selection ILP by Lagrangian duality (fast, certified).
 
@@ -98,6 +99,9 @@ def solve_flops_ilp(
         max_count: k, the most weights to keep.
         max_cost: F, the most MACs the kept weights may cost (``inf`` for no FLOP budget).
         tol: the μ-bisection stops once its bracket is narrower than ``tol * μ``.
+        previous_order: a :class:`~prunekit.solvers.ilp_groups.PreviousOrder` shared by successive
+            solves on the same costs: each sorts its scores starting from the last one's order
+            (the same result; faster when the scores changed little) and leaves its own there.
 
     Returns:
         :class:`ILPResult`; ``dual_bound`` is the least g(μ) evaluated, so the ILP (and LP)
@@ -112,7 +116,7 @@ def solve_flops_ilp(
     """
     start = time.perf_counter()
     prob = parse_problem(scores, costs_per_weight, layer_slices, layer_costs, max_count, max_cost, cost_groups)
-    return package(prob, solve_lagrangian(prob, tol), device_of(scores), start)
+    return package(prob, solve_lagrangian(prob, tol, previous_order), device_of(scores), start)
 
 
 @dataclass(frozen=True)
@@ -125,13 +129,14 @@ class Solution:
     info: dict
 
 
-def solve_lagrangian(prob: Problem, tol: float) -> Solution:
+def solve_lagrangian(prob: Problem, tol: float, previous_order: PreviousOrder | None = None) -> Solution:
     """The fast solver on a validated problem (see :func:`solve_flops_ilp`)."""
     if prob.max_count == 0 or not (prob.scores > 0).any():
         return Solution(np.zeros(prob.scores.size, dtype=bool), 0.0, 0.0, {"method": "trivial"})
     start = time.perf_counter()
     limits = prefix_limits(prob.cost_groups.sizes, prob.group_costs, prob.max_count, prob.max_cost)
-    groups = SortedGroups(prob.scores, prob.cost_groups, prob.group_costs, limits, prob.device_scores)
+    groups = SortedGroups(prob.scores, prob.cost_groups, prob.group_costs, limits, prob.device_scores,
+                          previous_order)
     setup_seconds = time.perf_counter() - start
     m, dual, info = round_lagrangian(groups, prob.max_count, prob.max_cost, tol)
     info["setup_seconds"] = setup_seconds

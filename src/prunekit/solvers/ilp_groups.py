@@ -230,6 +230,15 @@ def prefix_limits(group_sizes: np.ndarray, group_costs: np.ndarray, max_count: i
     return np.where(priced, np.minimum(limits, np.minimum(by_cost, group_sizes)), limits).astype(np.int64)
 
 
+def _top_mask(values: torch.Tensor, keep: int) -> torch.Tensor:
+    """(q,) bool: the ``keep`` (< q) largest of ``values``, ties at the k-th value by position."""
+    kth = torch.kthvalue(values, values.numel() - keep + 1).values      # the keep-th largest
+    chosen = values > kth
+    tied = torch.nonzero(values == kth).flatten()
+    chosen[tied[: keep - int(chosen.sum())]] = True
+    return chosen
+
+
 def _descending(scores: np.ndarray, keep: int, values_out: np.ndarray | None = None) -> np.ndarray:
     """Positions of the ``keep`` largest of ``scores`` (q,) float64, largest first, ties by position.
     ``values_out``: (keep,) float64 to receive those scores in that order (the sort writes them
@@ -241,16 +250,74 @@ def _descending(scores: np.ndarray, keep: int, values_out: np.ndarray | None = N
         return np.zeros(0, dtype=np.int64)
     candidates = None                   # every score (a whole group): sorted in place of a copy
     if keep < values.numel():
-        kth = torch.kthvalue(values, values.numel() - keep + 1).values      # the keep-th largest
-        chosen = values > kth
-        tied = torch.nonzero(values == kth).flatten()
-        chosen[tied[: keep - int(chosen.sum())]] = True
-        candidates = torch.nonzero(chosen).flatten()
-        del chosen, tied
+        candidates = torch.nonzero(_top_mask(values, keep)).flatten()
         values = values[candidates]
     out = None if values_out is None else (torch.from_numpy(values_out), torch.empty(keep, dtype=torch.int64))
     order = torch.sort(values, descending=True, stable=True, out=out).indices
     return (order if candidates is None else candidates[order]).numpy()
+
+
+WARM_MAX_DISORDER = 0.15
+_DISORDER_SAMPLE = 1 << 16
+
+
+def _descending_from(scores: np.ndarray, keep: int, previous: np.ndarray,
+                     values_out: np.ndarray | None = None) -> np.ndarray | None:
+    """:func:`_descending` (the same positions in the same order) started from ``previous``:
+    distinct positions that an earlier sort of nearby scores put in descending order (FALCON's
+    successive projections). The kept positions are laid out in that order, those it lacks
+    appended, and sorted by NumPy's stable sort, a timsort that takes nearly linear time on
+    nearly sorted input; equal scores are then put back in position order. None (sort cold)
+    when, on a sample, more than ``WARM_MAX_DISORDER`` of neighbours in ``previous`` are out of
+    order for the new scores: the runs are then too short for the warm start to pay."""
+    if keep <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if previous.size < 2:
+        return None
+    pairs = np.linspace(0, previous.size - 2, min(previous.size - 1, _DISORDER_SAMPLE)).astype(np.int64)
+    if np.count_nonzero(scores[previous[pairs + 1]] > scores[previous[pairs]]) > WARM_MAX_DISORDER * pairs.size:
+        return None
+    laid_out = previous
+    if keep < scores.size or previous.size < scores.size:   # lay out the kept positions only, all of them
+        chosen = np.ones(scores.size, dtype=bool) if keep >= scores.size else _top_mask(torch.from_numpy(scores), keep).numpy()
+        laid_out = previous[chosen[previous]]
+        chosen[previous] = False
+        if chosen.any():
+            laid_out = np.concatenate([laid_out, np.flatnonzero(chosen).astype(laid_out.dtype, copy=False)])
+        del chosen
+    values = np.empty(keep) if values_out is None else values_out   # the scores laid out, then sorted
+    np.take(scores, laid_out, out=values)
+    np.negative(values, out=values)                         # ascending: largest score first
+    by_value = np.argsort(values, kind="stable")
+    order = laid_out[by_value]
+    del laid_out
+    values[...] = values[by_value]
+    del by_value
+    np.negative(values, out=values)
+    _ties_by_position(order, values)
+    return order
+
+
+def _ties_by_position(order: np.ndarray, values: np.ndarray) -> None:
+    """Sort ``order`` ascending (in place) within each run of equal ``values`` (sorted); only the
+    runs found out of order are touched."""
+    new_run = np.empty(values.size, dtype=bool)
+    new_run[0] = True
+    np.not_equal(values[1:], values[:-1], out=new_run[1:])
+    wrong = ~new_run[1:] & (order[1:] < order[:-1])
+    if not wrong.any():
+        return
+    small = order.size < 2**31
+    run = torch.cumsum(torch.from_numpy(new_run), 0, dtype=torch.int32 if small else torch.int64).numpy()
+    in_wrong_run = np.zeros(int(run[-1]) + 1, dtype=bool)
+    in_wrong_run[run[1:][wrong]] = True
+    at = np.flatnonzero(in_wrong_run[run])
+    if small:                           # (run, position) in one int64 key: a plain sort
+        key = (run[at].astype(np.int64) << 32) | order[at]
+        key.sort()
+        order[at] = key & 0xFFFFFFFF
+    else:
+        order[at] = order[at][np.lexsort((order[at], run[at]))]
 
 
 def _grouped_order_on_device(scores: torch.Tensor, group: np.ndarray, limits: np.ndarray) -> np.ndarray:
@@ -268,11 +335,13 @@ def _grouped_order_on_device(scores: torch.Tensor, group: np.ndarray, limits: np
     return order[rank_in_group < torch.repeat_interleave(torch.from_numpy(limits).to(device), sizes)].cpu().numpy()
 
 
-def _grouped_order(scores: np.ndarray, group, limits: np.ndarray, values_out: np.ndarray | None = None) -> np.ndarray:
+def _grouped_order(scores: np.ndarray, group, limits: np.ndarray, values_out: np.ndarray | None = None,
+                   previous: "PreviousOrder | None" = None) -> np.ndarray:
     """(Σ limits,) weight indices: group 0's ``limits[0]`` best by descending score (ties by
     index), then group 1's, ... ``group``: (p,) group ids, or :class:`CostGroups` (whose layer
     form needs no per-weight sort at all: each group is a range of the weights). ``values_out``:
-    (Σ limits,) float64 to receive the scores in that order (``scores[order]``).
+    (Σ limits,) float64 to receive the scores in that order (``scores[order]``). ``previous``: an
+    earlier call's order on the same groups, to start each group's sort from (the same result).
 
     Sorting each group on its own is several times faster than one global sort at
     p ~ 1e7 (the blocks fit in cache); with very many groups one global sort is used.
@@ -280,12 +349,12 @@ def _grouped_order(scores: np.ndarray, group, limits: np.ndarray, values_out: np
     """
     if isinstance(group, CostGroups):
         if group.bounds is not None:
-            out = np.empty(int(limits.sum()), dtype=_index_dtype(scores.size))
+            out = _order_array(limits, scores.size, previous)
             at = 0
-            for a, b, keep in zip(group.bounds[:-1], group.bounds[1:], limits):
+            for g, (a, b, keep) in enumerate(zip(group.bounds[:-1], group.bounds[1:], limits)):
                 part = out[at:at + keep]
-                part[...] = _descending(scores[a:b], int(keep),
-                                        None if values_out is None else values_out[at:at + keep])
+                part[...] = _sort_group(scores[a:b], int(keep), None if values_out is None else values_out[at:at + keep],
+                                        None if previous is None else previous.of_group(g) - int(a))
                 part += int(a)
                 at += keep
             return out
@@ -303,14 +372,50 @@ def _grouped_order(scores: np.ndarray, group, limits: np.ndarray, values_out: np
             values_out[...] = scores[order]
         return order
     by_group = np.argsort(small, kind="stable")             # each group's weights in index order
-    out = np.empty(int(limits.sum()), dtype=_index_dtype(scores.size))
+    if previous is not None:                                 # weight -> its position among its group's
+        position = np.empty(scores.size, dtype=_index_dtype(scores.size))
+        position[by_group] = np.arange(scores.size) - np.repeat(starts, sizes)
+    out = _order_array(limits, scores.size, previous)
     at = 0
-    for a, n, keep in zip(starts, sizes, limits):
+    for g, (a, n, keep) in enumerate(zip(starts, sizes, limits)):
         members = by_group[a:a + n]
-        out[at:at + keep] = members[_descending(scores[members], int(keep),
-                                                None if values_out is None else values_out[at:at + keep])]
+        out[at:at + keep] = members[_sort_group(scores[members], int(keep),
+                                                None if values_out is None else values_out[at:at + keep],
+                                                None if previous is None else position[previous.of_group(g)])]
         at += keep
     return out
+
+
+def _order_array(limits: np.ndarray, p: int, previous: "PreviousOrder | None") -> np.ndarray:
+    """The array the order is written to: the previous order's own when the layout is the same
+    (each group's old order is read before its new one overwrites it: no second p-long array)."""
+    if previous is not None and np.array_equal(previous.size, limits) and previous.perm.dtype == _index_dtype(p):
+        return previous.perm
+    return np.empty(int(limits.sum()), dtype=_index_dtype(p))
+
+
+def _sort_group(scores: np.ndarray, keep: int, values_out: np.ndarray | None, previous: np.ndarray | None) -> np.ndarray:
+    """:func:`_descending`, from the ``previous`` order of the group's positions when given."""
+    order = None if previous is None else _descending_from(scores, keep, previous, values_out)
+    return _descending(scores, keep, values_out) if order is None else order
+
+
+@dataclass
+class PreviousOrder:
+    """The per-group order of the last solve on the same :class:`CostGroups`, for the next
+    solve's sort to start from (FALCON's successive iterates change little): ``perm`` and
+    ``size`` as in :class:`SortedGroups`, ``groups`` the grouping they are of (used only by a
+    solve on that same object). Starts empty; each CPU solve given it writes its order there,
+    over the previous one's array when the layout is the same (the last solve's
+    :class:`SortedGroups` must no longer be in use then)."""
+
+    perm: np.ndarray | None = None
+    size: np.ndarray | None = None
+    groups: object = None
+
+    def of_group(self, g: int) -> np.ndarray:
+        start = int(self.size[:g].sum())
+        return self.perm[start:start + int(self.size[g])]
 
 
 def _index_dtype(p: int):
@@ -327,17 +432,24 @@ class SortedGroups:
     ``s_desc``. ``limits`` (G,), optional (see ``prefix_limits``): only the best ``limits[g]`` of
     group g are sorted and seen (``size[g]``), which spares sorting what no feasible selection keeps.
     ``device_scores``: the scores on an accelerator (see :class:`Problem`); the sort then runs there.
+    ``previous``: a :class:`PreviousOrder` to start the (CPU) sort from (the same result), left
+    holding this one's order; only the layer form and up to 1,024 groups use it.
     """
 
     def __init__(self, scores: np.ndarray, group: np.ndarray, group_costs: np.ndarray,
-                 limits: np.ndarray | None = None, device_scores: torch.Tensor | None = None):
+                 limits: np.ndarray | None = None, device_scores: torch.Tensor | None = None,
+                 previous: PreviousOrder | None = None):
         n_groups = group_costs.size
         full_size = group.sizes if isinstance(group, CostGroups) else np.bincount(group, minlength=n_groups)
         self.size = full_size if limits is None else np.minimum(full_size, limits)
         self.p = scores.size
         if device_scores is None:       # layout position -> weight index, and the scores in that order
             self.s_desc = np.empty(int(self.size.sum()))
-            self.perm = _grouped_order(scores, group, self.size, values_out=self.s_desc)
+            warm = previous is not None and previous.perm is not None and previous.groups is group
+            self.perm = _grouped_order(scores, group, self.size, values_out=self.s_desc,
+                                       previous=previous if warm else None)
+            if previous is not None:
+                previous.perm, previous.size, previous.groups = self.perm, self.size, group
         else:
             ids = group.group() if isinstance(group, CostGroups) else group
             self.perm = _grouped_order_on_device(device_scores, ids, self.size)

@@ -1,0 +1,98 @@
+"""FALCON's ILP projections cold and started from the previous order (session 26).
+
+    python benchmarks/bench_ilp_warm.py save DIR [--model resnet50]   # run bench_scale's row, keep the iterates
+    python benchmarks/bench_ilp_warm.py replay DIR [--repeats 5] [--p 1e7]
+
+``save`` runs `bench_scale.py`'s one-shot FALCON row (n = 8, float32, 30% of the MACs, 2 threads,
+random weights) with every ILP projection timed, and writes each projection's scores (p float64)
+and the cost groups to DIR (about 200 MB per projection for ResNet-50). ``replay`` solves each saved
+projection with ``solve_flops_ilp`` cold and with a ``PreviousOrder`` carried along, checks that the
+keep masks, primal and bound are identical, and prints the median seconds of each (``--p``: only the
+first p weights, 30% of their MACs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def save(out: Path, model: str) -> None:
+    import bench_scale
+
+    import prunekit.solvers.falcon as falcon_module
+
+    out.mkdir(parents=True, exist_ok=True)
+    real, calls = falcon_module.solve_flops_ilp, []
+
+    def timed(value, **kwargs):
+        result = real(value, **kwargs)
+        np.save(out / f"score{len(calls)}.npy", value.detach().cpu().numpy())
+        if not calls:
+            groups = kwargs["cost_groups"]
+            np.savez(out / "groups.npz", bounds=groups.bounds, costs=groups.group_costs,
+                     k=kwargs["max_count"], F=kwargs["max_cost"])
+        calls.append(result.seconds)
+        return result
+
+    falcon_module.solve_flops_ilp = timed
+    row = bench_scale.run_row(model, 8, "float32", 0.3, 2)
+    print(f"p {row['p']}, solver {row['solver_seconds']:.1f} s, {len(calls)} ILP projections "
+          f"{sum(calls):.1f} s: {[round(c, 2) for c in calls]}")
+
+
+def replay(folder: Path, repeats: int, p: int | None) -> None:
+    from prunekit.solvers.ilp import solve_flops_ilp
+    from prunekit.solvers.ilp_groups import CostGroups, PreviousOrder
+
+    torch.set_num_threads(2)
+    saved = np.load(folder / "groups.npz")
+    bounds, costs = saved["bounds"], saved["costs"]
+    budget = {"max_count": int(saved["k"]), "max_cost": float(saved["F"])}
+    if p is not None:                                  # the first p weights, 30% of their MACs
+        bounds = np.minimum(bounds, p)
+        kept = bounds[1:] > bounds[:-1]
+        bounds, costs = np.r_[0, bounds[1:][kept]], costs[kept]
+    groups = CostGroups.from_layers([slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])],
+                                    costs, int(bounds[-1]))
+    if p is not None:
+        budget = {"max_count": groups.p, "max_cost": 0.3 * groups.total_cost}
+    files = sorted(folder.glob("score*.npy"), key=lambda f: int(f.stem[5:]))
+    scores = [torch.from_numpy(np.load(f)[:groups.p].copy()) for f in files]
+    cold, warm = np.zeros((repeats, len(scores))), np.zeros((repeats, len(scores)))
+    for r in range(repeats):
+        previous = PreviousOrder()
+        for i, s in enumerate(scores):
+            a = solve_flops_ilp(s, cost_groups=groups, **budget)
+            b = solve_flops_ilp(s, cost_groups=groups, previous_order=previous, **budget)
+            assert torch.equal(a.keep, b.keep) and a.primal == b.primal and a.dual_bound == b.dual_bound
+            cold[r, i], warm[r, i] = a.seconds, b.seconds
+    print(f"p {groups.p}, {costs.size} cost groups, sizes {groups.sizes.tolist()}")
+    for i in range(len(scores)):
+        c, w = np.median(cold[:, i]), np.median(warm[:, i])
+        print(f"projection {i}: cold {c:.2f} s  warm {w:.2f} s  x{c / w:.2f}")
+    c, w = np.median(cold.sum(1)), np.median(warm.sum(1))
+    print(f"all {len(scores)}: cold {c:.2f} s  warm {w:.2f} s  x{c / w:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=("save", "replay"))
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--p", type=float, default=None)
+    args = parser.parse_args()
+    if args.action == "save":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        save(args.folder, args.model)
+    else:
+        replay(args.folder, args.repeats, None if args.p is None else int(args.p))
+
+
+if __name__ == "__main__":
+    main()
