@@ -37,7 +37,8 @@ The peak of a request is estimated from its parts, each counted from the model i
                          1.5k columns of X, WoodFisher p × B inverses. Measured for one-process
                          FALCON on ResNet-50 (n = 8, float32 X, random weights, 2 threads): 4.9 GB
                          peak RSS (144 B/weight beside X) before the solver's arrays were cut,
-                         3.5 GB (87 B/weight) after; the plan counts 88 and SOLVER_OVERHEAD.
+                         3.5 GB (87 B/weight) after, 3.6 GB once the ILP kept its last order; the plan counts 96
+                         and SOLVER_OVERHEAD.
     judge                (layer search, FALCON++'s final pick) beside the solver: the training
                          batches it holds (JUDGE_BATCHES of judge_batch samples, the inputs'
                          bytes) and one forward pass without autograd of a batch, counted as
@@ -78,11 +79,12 @@ SOLVER_VECTORS = 12              # p-long float64 vectors alive at once in CHITA
                                 # stage loop's term went 48 -> 24 B/weight (n = 8, sparsity 0.7, random
                                 # weights, 2 threads): the whole peak is 4 % under the plan on
                                 # MobileNetV1, 21 % under on ResNet-50 (3.9 GB against 4.8)
-FALCON_SOLVER_VECTORS = 8       # the same for one-process FALCON, measured: on ResNet-50 (p = 25.5M,
+FALCON_SOLVER_VECTORS = 9       # the same for one-process FALCON, measured: on ResNet-50 (p = 25.5M,
                                 # n = 8) it peaks 71 B/weight above the RSS it starts at inside the
                                 # stage loop (46 B/weight of live arrays: the float64 scores, the ILP's
                                 # sorted scores, prefix sums and int32 order, the float32 point, step
-                                # and gradient; the rest is blocks glibc keeps after free)
+                                # and gradient; the rest is blocks glibc keeps after free), 7 more
+                                # since the ILP keeps the last projection's order (PreviousOrder)
 STAGE_VECTOR_BYTES = 17         # the stage loop's vectors made before the gradients and held through
                                 # them: the MACs per weight (int32), the weights (float32), the free-weight
                                 # mask (bool) and index (int64). Missing from the gradient phase until
