@@ -179,3 +179,42 @@ def test_chita_sends_no_p_vector_per_swap_round():
     assert one.info["swap_rounds"] >= 1
     p_sized = 3 * 8 * p                 # IHT's result, its mask and the solution, once each
     assert (sent - p_sized) / (rounds + 1) < p, (sent, rounds)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("max_runs", [1024, 2])
+@pytest.mark.parametrize("max_disorder", [0.15, 1.0])
+def test_sliced_ilp_started_from_the_previous_order_equals_cold(ranks, max_runs, max_disorder, monkeypatch):
+    """FALCON's sliced projections carry each slice's last order (PreviousOrder) like one
+    process's: on successive nearby iterates with ties the keep masks, primal and bound equal the
+    cold solves' (layer and id forms; max_disorder 1.0 forces the warm sort on every group)."""
+    import prunekit.solvers.ilp_groups as ilp_groups
+    from prunekit.solvers.ilp_groups import PreviousOrder
+
+    monkeypatch.setattr(ilp_groups, "WARM_MAX_DISORDER", max_disorder)
+    g = torch.Generator().manual_seed(11)
+    p = 3000
+    costs = _costs(p)
+    cut = _slices(p, ranks)
+    w = torch.randn(p, generator=g, dtype=torch.float64)
+    trials = []
+    for _ in range(5):
+        w = w + 0.05 * torch.randn(p, generator=g, dtype=torch.float64)
+        trials.append(torch.round(w ** 2 * 64) / 64)                 # nearby iterates, many ties
+
+    def solve(c):
+        group, group_costs = sliced_cost_groups(costs[cut[c.rank]], c, max_runs)
+        groups = slice_cost_groups(group, group_costs)
+        previous, out = PreviousOrder(), []
+        for scores in trials:
+            for order in (None, previous):
+                out.append(solve_sliced_flops_ilp(scores[cut[c.rank]], groups, group_costs, max_count=p // 3,
+                                                  max_cost=float(costs.sum()) * 0.3, collective=c,
+                                                  previous_order=order))
+        return out, previous.perm is not None
+
+    for r, warmed in run_threads(solve, ranks):
+        assert warmed
+        for cold, warm in zip(r[::2], r[1::2]):
+            assert torch.equal(cold.keep, warm.keep) and cold.primal == warm.primal
+            assert cold.dual_bound == warm.dual_bound

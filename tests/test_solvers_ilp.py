@@ -490,6 +490,52 @@ def test_the_warm_descending_sort_is_exact_from_any_previous_order(keep, monkeyp
         np.testing.assert_array_equal(values, scores[got])
 
 
+def _near_ties(rng, n):
+    """Scores that share their leading bits in runs but differ in the last ones, exact ties,
+    zeros and -0.0: the cases a key of leading bits must not get wrong."""
+    base = rng.choice([0.0, 1.0, 0.3, 2.0**-1000, 1e300, 5e-324], n)
+    scores = np.nextafter(base, np.inf) if rng.random() < 0.5 else base.copy()
+    bump = rng.integers(0, 4, n)                                       # up to 3 ulps above
+    for _ in range(3):
+        scores = np.where(bump > 0, np.nextafter(scores, np.inf), scores)
+        bump -= 1
+    scores[rng.random(n) < 0.1] = -0.0
+    return scores
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_key_sort_gives_the_reference_sorts_order(seed):
+    # _descending (a sort of leading bits + position, then a repair) against torch's stable sort:
+    # the same positions in the same order, also when the cut at `keep` falls inside a run of equal
+    # leading bits; fails if the repair or the run extension at the cut is removed
+    from prunekit.solvers.ilp_groups import _descending, _descending_torch
+
+    rng = np.random.default_rng(seed)
+    for n in (1, 2, 7, 1000, 70_000):
+        cases = [_near_ties(rng, n), rng.random(n) ** 3, rng.integers(0, 5, n).astype(np.float64),
+                 np.float32(rng.standard_normal(n)).astype(np.float64) ** 2]
+        for scores in cases:
+            for keep in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+                want = _descending_torch(scores, keep)
+                values = np.empty(keep)
+                got = _descending(scores, keep, values_out=values)
+                np.testing.assert_array_equal(got, want)
+                np.testing.assert_array_equal(values, scores[want])
+
+
+def test_the_key_sort_repairs_runs_that_share_leading_bits():
+    # 2^20 positions leave 44 value bits in the key: scores 1 ulp apart share them, so the key sort
+    # alone puts them in position order; the result must still be by value
+    from prunekit.solvers.ilp_groups import _descending
+
+    n = 1 << 20
+    scores = np.full(n, 1.0)
+    scores[::2] = np.nextafter(1.0, 2.0)                              # the larger ones at even positions
+    scores[1] = 2.0
+    got = _descending(scores, n // 2)
+    assert got[0] == 1 and np.all(got[1:] % 2 == 0) and np.all(np.diff(got[1:]) > 0)
+
+
 def test_falcon_projections_select_as_without_the_previous_order(monkeypatch):
     # the ILP with and without the warm start gives the same keep mask on successive iterates
     from prunekit.solvers.ilp_groups import CostGroups, PreviousOrder

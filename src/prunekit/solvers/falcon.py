@@ -165,7 +165,7 @@ def falcon(q: QuadraticModel, macs_per_weight: torch.Tensor, k: int, max_macs: f
     delta = w - q.w_bar
     info["ridge_share"] = q.ridge / 2 * q.total(float(delta.double().square().sum())) / f if f > 0 else 0.0
     w = q.to_global(w)                         # the one exchange of p values, at the end
-    return Solution(w=w, objective=f, support_size=int((w != 0).sum()), iterations=iterations,
+    return Solution(w=w, objective=f, support_size=int(torch.count_nonzero(w)), iterations=iterations,
                     seconds=time.perf_counter() - start, info=info)
 
 
@@ -176,8 +176,9 @@ def _projection_ilp(q: QuadraticModel, costs: torch.Tensor, k: int, max_macs: fl
         group, group_costs = sliced_cost_groups(costs.to(torch.float64), q.collective)
         groups = slice_cost_groups(group, group_costs)
         del group
+        order = PreviousOrder()             # as below: each slice's sort starts from its last order
         return lambda value: solve_sliced_flops_ilp(value, groups, group_costs, max_count=k, max_cost=max_macs,
-                                                    collective=q.collective)
+                                                    collective=q.collective, previous_order=order)
     cost_layers = _cost_runs(costs)
     if cost_layers is None:
         groups = CostGroups.from_costs(costs.to(torch.float64))

@@ -182,7 +182,7 @@ class SlicedQuadraticModel(QuadraticModel):
         return self.collective.all_gather(v)
 
     def count(self, mask: torch.Tensor) -> int:
-        t = torch.tensor([int(mask.sum())], dtype=torch.int64, device=self.X.device)
+        t = torch.tensor([int(torch.count_nonzero(mask))], dtype=torch.int64, device=self.X.device)
         return int(self.collective.all_reduce(t))
 
     def total(self, value: float) -> float:

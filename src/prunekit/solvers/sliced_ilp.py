@@ -31,7 +31,7 @@ import torch
 
 from .collective import Collective
 from .ilp import ILPResult, round_lagrangian
-from .ilp_groups import TINY, CostGroups, SortedGroups, accelerator_copy, finite_vector, prefix_limits
+from .ilp_groups import TINY, CostGroups, PreviousOrder, SortedGroups, accelerator_copy, finite_vector, prefix_limits
 from .selection import exclusive_prefix
 
 
@@ -45,13 +45,14 @@ class _SlicedGroups(SortedGroups):
 
     def __init__(self, scores: np.ndarray, groups: CostGroups, group_costs: np.ndarray,
                  collective: Collective, device: torch.device, max_count: int, max_cost: float,
-                 device_scores: torch.Tensor | None = None):
+                 device_scores: torch.Tensor | None = None, previous: PreviousOrder | None = None):
         self.collective, self.device = collective, device
         # a slice's share of a feasible selection's group prefix is at most that prefix: only the
         # slice's best prefix_limits(...) of each group are sorted and seen (as in one process)
         local_size = groups.sizes
         limits = prefix_limits(local_size, group_costs, max_count, max_cost)
-        self.local = SortedGroups(scores, groups, group_costs, limits, device_scores) if scores.size else None
+        self.local = (SortedGroups(scores, groups, group_costs, limits, device_scores, previous)
+                      if scores.size else None)
         self.costs = group_costs
         self.by_cost = np.argsort(group_costs, kind="stable")
         self.size = self._sum(np.minimum(local_size, limits))
@@ -249,13 +250,14 @@ def slice_cost_groups(group: np.ndarray, group_costs: np.ndarray) -> CostGroups:
 
 def solve_sliced_flops_ilp(scores: torch.Tensor, group: np.ndarray | CostGroups, group_costs: np.ndarray, *,
                            max_count: int, max_cost: float, collective: Collective,
-                           tol: float = 1e-12) -> ILPResult:
+                           tol: float = 1e-12, previous_order: PreviousOrder | None = None) -> ILPResult:
     """:func:`~prunekit.solvers.ilp.solve_flops_ilp` over the slices of every rank.
 
     scores: this rank's (p_r,) non-negative scores; group, group_costs: from
     :func:`sliced_cost_groups` (``group`` may be :func:`slice_cost_groups` of it, built once for
     many solves). Returns this rank's ``keep`` (p_r,) and global figures (primal, bound, count,
-    cost: the same on every rank).
+    cost: the same on every rank). ``previous_order``: as in ``solve_flops_ilp``, this slice's sort
+    starts from the last solve's order on the same ``group`` (a :class:`CostGroups`; the same result).
     """
     start = time.perf_counter()
     device = scores.device
@@ -265,7 +267,7 @@ def solve_sliced_flops_ilp(scores: torch.Tensor, group: np.ndarray | CostGroups,
     if group.p != s.size:
         raise ValueError(f"the cost groups cover {group.p} weights but this slice has {s.size} scores")
     groups = _SlicedGroups(s, group, group_costs, collective, device, int(max_count), float(max_cost),
-                           accelerator_copy(scores))
+                           accelerator_copy(scores), previous_order)
     p = int(groups.size.sum())
     max_count = min(int(max_count), p)
     max_cost = min(float(max_cost), float(groups.size @ group_costs))
