@@ -550,3 +550,12 @@ def test_falcon_projections_select_as_without_the_previous_order(monkeypatch):
         cold = solve_flops_ilp(torch.from_numpy(s), **kwargs)
         warm = solve_flops_ilp(torch.from_numpy(s), previous_order=previous, **kwargs)
         assert torch.equal(cold.keep, warm.keep) and cold.primal == warm.primal and cold.dual_bound == warm.dual_bound
+
+
+def test_negative_scores_are_refused_not_sorted_by_magnitude():
+    """The per-group sort orders scores by their bits, which holds for scores >= 0 only: a negative
+    score (an importance the caller did not square) is refused in one line rather than kept as if
+    it were large."""
+    scores = np.array([3.0, -5.0, 1.0, 2.0])
+    with pytest.raises(PrunekitError, match="non-negative"):
+        solve_flops_ilp(scores, costs_per_weight=np.ones(4), max_count=2, max_cost=10.0)
