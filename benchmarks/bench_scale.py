@@ -139,10 +139,11 @@ def main() -> None:
                     out = subprocess.run([sys.executable, __file__, "--row", spec], capture_output=True, text=True,
                                          timeout=args.timeout)
                 except subprocess.TimeoutExpired:
-                    rows.append({"model": model_name, "n": n, "dtype": dtype, "error": f"over {args.timeout:.0f} s"})
+                    rows.append({"model": model_name, "method": args.method, "n": n, "dtype": dtype,
+                                 "error": f"over {args.timeout:.0f} s"})
                 else:
                     if out.returncode != 0:
-                        rows.append({"model": model_name, "n": n, "dtype": dtype,
+                        rows.append({"model": model_name, "method": args.method, "n": n, "dtype": dtype,
                                      "error": (out.stderr.strip().splitlines() or ["?"])[-1]})
                     else:
                         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

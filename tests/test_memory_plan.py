@@ -192,3 +192,56 @@ def test_fisher_samples_neither_integer_nor_auto_is_an_argument_error(capsys):
         main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", "--fisher-samples", "many"])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and "integer or auto" in err and "\n" not in err
+
+
+def test_woodfisher_inverses_are_one_allocation_of_the_bytes_the_plan_counts(steady_usage):
+    """The plan counts p·B float32 numbers for WoodFisher's block inverses (once; it counted them
+    twice) and one block's float64 work: the full blocks share one storage of exactly those bytes."""
+    from prunekit.solvers.woodfisher import _block_inverses
+    n, block = 4, 64
+    for p in (640, 700):                                 # B divides p; a short last block of 60
+        X = torch.randn(n, p, generator=torch.Generator().manual_seed(p))
+        inverses = _block_inverses(X, block, 1e-3)
+        storages = {inv.untyped_storage().data_ptr(): inv.untyped_storage().nbytes() for inv in inverses}
+        held = sum(storages.values())
+        assert len(storages) == (1 if p % block == 0 else 2)
+        assert held == (p // block) * block * block * 4 + (p % block) ** 2 * 4
+        assert held <= p * block * 4 < 1.1 * held
+    model = wide_model()
+    space = ParamSpace(model)
+    example = torch.zeros(1, 1, 8, 8)
+    chita = memory_plan.plan(model, space, example, n=8, family="chita", max_memory="100G", keep_share=0.3)
+    wf = memory_plan.plan(model, space, example, n=8, family="woodfisher", max_memory="100G", obs_block_size=block)
+    p = space.numel
+    per_weight = memory_plan.solver_bytes_per_weight
+    assert wf.solver - chita.solver == (
+        (per_weight("woodfisher", p) - per_weight("chita", p)) * p + p * block * 4
+        + (block + 2 * 8) * block * 8 - int(min(1.0, 1.5 * 0.3) * 8 * p * 4))
+
+
+def test_solver_bytes_per_weight_follow_glibc_heap_and_leave_falcon_alone():
+    """Below glibc's largest mmap threshold a float32 p-long vector comes from the heap, whose
+    freed blocks stay resident: CHITA and WoodFisher count HEAP_RETAINED_BYTES more per weight
+    there. FALCON keeps its measured 9 float64 vectors either way."""
+    small, large = memory_plan.MMAP_THRESHOLD_MAX // 4 - 1, memory_plan.MMAP_THRESHOLD_MAX // 4
+    for family, live in (("chita", memory_plan.CHITA_BYTES_PER_WEIGHT),
+                         ("woodfisher", memory_plan.WOODFISHER_BYTES_PER_WEIGHT)):
+        assert memory_plan.solver_bytes_per_weight(family, large) == live
+        assert memory_plan.solver_bytes_per_weight(family, small) == live + memory_plan.HEAP_RETAINED_BYTES
+    for p in (small, large):
+        assert memory_plan.solver_bytes_per_weight("falcon", p) == memory_plan.FALCON_SOLVER_VECTORS * 8 == 72
+
+
+def test_a_large_column_selection_is_one_copy_of_the_columns():
+    """CHITA's active set (X_A, 1.5k columns) is gathered row by row into one (n, m) matrix: the
+    same values as X[:, index], from a contiguous X and from a column slice of a wider one."""
+    from prunekit.solvers.quadratic import BLOCK_BYTES, select_columns
+    n = 4
+    p = BLOCK_BYTES // (4 * n) * 3
+    wide = torch.randn(n, p + 7, generator=torch.Generator().manual_seed(0))
+    index = torch.randperm(p, generator=torch.Generator().manual_seed(1))[: 2 * p // 3].sort().values
+    for X in (wide[:, :p].contiguous(), wide[:, :p]):
+        picked = select_columns(X, index)
+        assert picked.is_contiguous() and torch.equal(picked, X[:, index])
+    few = index[:5]
+    assert torch.equal(select_columns(wide[:, :p], few), wide[:, few])

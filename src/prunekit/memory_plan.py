@@ -29,12 +29,21 @@ The peak of a request is estimated from its parts, each counted from the model i
                          float32): counted, and the chunk capped so that it stays under
                          ACTIVATION_BUDGET (on a GPU, where X is allocated at once, ResNet-50's
                          peak exceeded an estimate without it by 3.6 GB).
-    solver work arrays   SOLVER_VECTORS vectors of p float64 (weights, gradients, supports, the
-                         ILP's scores, costs and orders; p/R each with R ranks, plus
-                         REPLICATED_VECTORS whole float32 ones; FALCON_SOLVER_VECTORS for FALCON
-                         in one process), the stage loop's own vectors (PIPELINE_BYTES_PER_WEIGHT),
-                         a few n × n float64 factors, two column blocks; CHITA's active set holds
-                         1.5k columns of X, WoodFisher p × B inverses. Measured for one-process
+    solver work arrays   per weight, what the solver holds at its peak (solver_bytes_per_weight):
+                         one-process CHITA its live arrays, CHITA_BYTES_PER_WEIGHT (84, measured
+                         at the swap search's peak), WoodFisher WOODFISHER_BYTES_PER_WEIGHT (48)
+                         beside its block inverses (p × B float32, one allocation), FALCON
+                         FALCON_SOLVER_VECTORS float64 (below); the sliced (torchrun) solvers
+                         SOLVER_VECTORS float64 of p/R each with R ranks, plus REPLICATED_VECTORS
+                         whole float32 ones. CHITA and WoodFisher add HEAP_RETAINED_BYTES (40)
+                         when a float32 p-long vector is under glibc's largest mmap threshold
+                         (32 MB, p < 8.4M): such blocks come from the heap, and the freed ones stay
+                         resident (this, not a different solver, is why one constant could not
+                         fit MobileNetV1, p = 4.2M, 123 B/weight above its solver entry, and
+                         ResNet-50, p = 25.5M, 81). Then the stage loop's own vectors
+                         (PIPELINE_BYTES_PER_WEIGHT), a few n × n float64 factors, two column
+                         blocks; CHITA's IHT active set holds 1.5k columns of X (one copy:
+                         quadratic.select_columns gathers them row by row). Measured for one-process
                          FALCON on ResNet-50 (n = 8, float32 X, random weights, 2 threads): 4.9 GB
                          peak RSS (144 B/weight beside X) before the solver's arrays were cut,
                          3.5 GB (87 B/weight) after, 3.6 GB once the ILP kept its last order; the plan counts 96
@@ -74,11 +83,29 @@ BACKWARD_OVERHEAD = 100 * 2**20  # the backward pass's own buffers and the data 
                                  # ResNet-50's, chunk 8, 968 MB against 972; both random, 2 threads)
 ACTIVATION_BUDGET = 2 * 2**30    # bytes of activations a chunk may take
 MAX_CHUNK = 64
-SOLVER_VECTORS = 12              # p-long float64 vectors alive at once in CHITA, WoodFisher and the
-                                # sliced (torchrun) solvers (counted). Re-measured for CHITA after the
-                                # stage loop's term went 48 -> 24 B/weight (n = 8, sparsity 0.7, random
-                                # weights, 2 threads): the whole peak is 4 % under the plan on
-                                # MobileNetV1, 21 % under on ResNet-50 (3.9 GB against 4.8)
+SOLVER_VECTORS = 12              # p-long float64 vectors alive at once in the sliced (torchrun) solvers
+                                # (counted; not re-measured) and any other one-process solver. CHITA and
+                                # WoodFisher in one process count their measured bytes instead (below):
+                                # with these 96 B/weight the plan was 21 % over ResNet-50's CHITA peak
+                                # and 4 % over MobileNetV1's (glibc's heap, HEAP_RETAINED_BYTES)
+CHITA_BYTES_PER_WEIGHT = 84      # one-process CHITA's live p-long arrays at its peak (the swap search: the
+                                # supports and their backsolved points and gradients, H's diagonal, the
+                                # IHT and magnitude solutions, the scores' temporaries and top-k sort),
+                                # float32 products, n = 8, keep 0.3; measured above X: 83 B/weight on a
+                                # p = 10M problem (random X), 81 on ResNet-50 (p = 25.5M) above the RSS
+                                # it enters the solver at. The IHT active set's columns are counted apart
+WOODFISHER_BYTES_PER_WEIGHT = 48  # WoodFisher's p-long arrays beside its block inverses (w, the diagonal
+                                # of the inverses, saliencies and their temporaries, the pruned mask,
+                                # the top-k removals); measured with HEAP_RETAINED_BYTES: 80 on
+                                # p = 65k-262k (random X, n = 8 and 64)
+HEAP_RETAINED_BYTES = 40        # bytes per weight of freed p-long blocks that stay resident when those
+                                # blocks are under glibc's mmap threshold (it rises to at most
+                                # MMAP_THRESHOLD_MAX as large blocks are freed) and so come from the heap:
+                                # CHITA measured 117-122 B/weight above X at p = 1-4M, 83 at p = 10M
+                                # (random X, n = 8); MobileNetV1 (p = 4.2M) 123 above its solver entry,
+                                # ResNet-50 (25.5M) 81
+MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: blocks at least this
+                                # large are always mapped, and unmapped when freed
 FALCON_SOLVER_VECTORS = 9       # the same for one-process FALCON, measured: on ResNet-50 (p = 25.5M,
                                 # n = 8) it peaks 71 B/weight above the RSS it starts at inside the
                                 # stage loop (46 B/weight of live arrays: the float64 scores, the ILP's
@@ -216,17 +243,31 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
     per_row = sizes.p if sizes.whole_model_rows else sizes.largest_layer
     layer_gradients = (per_row * rows_at_once * 4 + 2 * sizes.p * 4 + BACKWARD_OVERHEAD
                        + (sizes.p * 4 if fisher_batch > 1 else 0))
-    vectors = (FALCON_SOLVER_VECTORS if family == "falcon" else SOLVER_VECTORS) * sizes.p * 8
     if ranks > 1:      # sliced, p/R each; w̄, the solution and its all-gather buffers whole
         vectors = SOLVER_VECTORS * -(-sizes.p // ranks) * 8 + REPLICATED_VECTORS * sizes.p * 4
+    else:
+        vectors = solver_bytes_per_weight(family, sizes.p) * sizes.p
     solver = vectors + PIPELINE_BYTES_PER_WEIGHT * sizes.p + 4 * n * n * 8 + 2 * 8 * MiB + SOLVER_OVERHEAD
     if family == "chita":
         solver += int(min(1.0, 1.5 * keep_share) * n * sizes.p * item / ranks)   # the active set's columns of X
-    elif family == "woodfisher":
-        solver += sizes.p * obs_block_size * 4 * 2                 # block inverses (+ a float64 block)
+    elif family == "woodfisher":      # the block inverses, float32, in one allocation; one block's float64 work
+        solver += sizes.p * obs_block_size * 4 + (obs_block_size + 2 * n) * obs_block_size * 8
     return MemoryPlan(n=n, p=sizes.p, dtype=storage, chunk=chunk, resident=resident, gradients=gradients,
                       activations=activations, layer_gradients=layer_gradients, solver=solver, limit=limit,
                       judge=judge, stage_vectors=STAGE_VECTOR_BYTES * sizes.p)
+
+
+def solver_bytes_per_weight(family: str, p: int) -> int:
+    """Bytes per weight the one-process solver of ``family`` holds at its peak beside X (and the
+    stage loop's vectors), for float32 products: its live p-long arrays, plus, when a float32
+    p-long vector is under glibc's largest mmap threshold (MMAP_THRESHOLD_MAX), the freed blocks
+    the heap keeps resident between them (HEAP_RETAINED_BYTES)."""
+    if family == "falcon":
+        return FALCON_SOLVER_VECTORS * 8      # measured whole on ResNet-50 (session 25); left as is
+    live = {"chita": CHITA_BYTES_PER_WEIGHT, "woodfisher": WOODFISHER_BYTES_PER_WEIGHT}.get(family)
+    if live is None:
+        return SOLVER_VECTORS * 8
+    return live + (HEAP_RETAINED_BYTES if 4 * p < MMAP_THRESHOLD_MAX else 0)
 
 
 def largest_n(estimate, upper: int) -> int:

@@ -290,8 +290,16 @@ def select_columns(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     ``X.index_select(1, index)`` first copies a non-contiguous X whole (a column slice of a wider
     matrix, as the stages' X is): 0.13 s to take 3 columns of a (500, 116133) slice. Taking the rows
-    of Xᵀ reads only the columns asked for."""
-    return X.t().index_select(0, index).t().contiguous()
+    of Xᵀ reads only the columns asked for. A large selection (CHITA's active set: 1.5k columns)
+    is gathered row by row into its (n, m) result instead: through Xᵀ it was made twice, (m, n)
+    then its contiguous transpose, both alive at once (the memory plan counts one copy)."""
+    n, m = X.shape[0], index.numel()
+    if n * m * X.element_size() <= BLOCK_BYTES or X.stride(1) != 1:
+        return X.t().index_select(0, index).t().contiguous()
+    out = torch.empty(n, m, dtype=X.dtype, device=X.device)
+    for row, target in zip(X, out):
+        torch.index_select(row, 0, index, out=target)
+    return out
 
 
 def compute_dtype(storage: torch.dtype) -> torch.dtype:

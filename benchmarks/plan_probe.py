@@ -1,0 +1,53 @@
+"""Where the memory plan misses (session 26): one bench_scale row in this process with an RSS
+sampler (every 3 ms): the peak and the main thread's stack at it, per phase (gradients / solver),
+the RSS entering the solver and the plan's parts. From the repository root, PYTHONPATH=src:
+
+    python benchmarks/plan_probe.py MODEL N METHOD [grad-only]   # grad-only: stop after the gradients
+
+Prints one line, PROBE {json}."""
+import json, os, sys, threading, time, traceback, resource
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_scale
+from prunekit import memory_plan
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+main_id = threading.get_ident()
+state = {"phase": "gradients", "peak": {}, "stack": {}, "enter_solver": None, "plan": None}
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE / 2**20
+def sampler():
+    while True:
+        r = rss(); ph = state["phase"]
+        if r > state["peak"].get(ph, 0) + 2:
+            state["peak"][ph] = r
+            fr = sys._current_frames().get(main_id)
+            st = traceback.extract_stack(fr)
+            state["stack"][ph] = [f"{os.path.basename(s.filename)}:{s.lineno} {s.name}" for s in st if "prunekit" in s.filename or "torch" not in s.filename][-8:]
+        time.sleep(0.003)
+threading.Thread(target=sampler, daemon=True).start()
+grad_only = len(sys.argv) > 4 and sys.argv[4] == "grad-only"
+real_release = memory_plan.release_freed_memory
+def release():
+    real_release()
+    state["enter_solver"] = rss()
+    state["phase"] = "solver"
+    if grad_only:
+        raise SystemExit(0)
+memory_plan.release_freed_memory = release
+real_plan = memory_plan.plan
+def plan(*a, **k):
+    p = real_plan(*a, **k); state["plan"] = p; return p
+memory_plan.plan = plan
+try:
+    row = bench_scale.run_row(sys.argv[1], int(sys.argv[2]), "float32", 0.3, 2, "cpu", sys.argv[3], 0.7)
+except SystemExit:
+    row = {}
+time.sleep(0.05)
+p = state["plan"]
+out = {"model": sys.argv[1], "n": int(sys.argv[2]), "method": sys.argv[3], "chunk": p.chunk if p else None,
+       "peak": state["peak"], "enter_solver_mb": state["enter_solver"], "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024,
+       "plan": {k: getattr(p, k) / 2**20 for k in ("resident", "gradients", "stage_vectors", "activations", "layer_gradients", "solver")} if p else None,
+       "plan_total_mb": p.total_mb if p else None, "p": p.p if p else None, "stack": state["stack"],
+       **{k: row.get(k) for k in ("solver_seconds", "gradient_seconds", "memory_estimate_mb", "peak_rss_mb")}}
+print("PROBE " + json.dumps(out))
