@@ -242,3 +242,29 @@ def test_the_memory_plan_takes_the_hook_path_for_the_vit():
     sizes = memory_plan._Sizes(model, space, torch.zeros(1, 1, 28, 28))
     assert not sizes.whole_model_rows
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+class _SharedAttention(nn.Module):
+    """One attention module called twice: as cross-attention (q and kv apart), then as
+    self-attention (one product for all of in_proj), the two writing overlapping columns."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = x.reshape(x.shape[0], 4, 4).repeat(1, 1, 2)
+        memory = torch.tanh(tokens)
+        mixed = self.attn(tokens, memory, memory, need_weights=False)[0]
+        return self.head(self.attn(mixed, mixed, mixed, need_weights=False)[0].mean(1))
+
+
+def test_an_attention_called_twice_adds_both_calls():
+    model = _seeded(_SharedAttention)
+    space = ParamSpace(model)
+    batches = _data((1, 4, 4), 3, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrunekitWarning)
+        rows = collect_gradients(model, space, batches, n=9, chunk=4, progress=False)
+    assert_close_to_scale(rows, _per_sample(model, space, batches, 9), rel=1e-4)

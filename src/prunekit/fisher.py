@@ -301,14 +301,19 @@ class _LayerHooks:
         width = weight.shape[1]
         columns = entry.slice if rows is None else slice(entry.slice.start + rows[0] * width,
                                                           entry.slice.start + rows[1] * width)
+        # always added: an attention's columns are zeroed before each forward (``backward``), as
+        # its calls may write overlapping parts (self-attention all of in_proj, cross-attention q, kv)
         return self._capture(entry, columns, a, output,
                              lambda a, g, dest, accumulate: layer_grads.write_linear_grads(
-                                 a, g, dest, accumulate, self.summed))
+                                 a, g, dest, True, self.summed))
 
     def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
                  loss_scale: float, entries: list[Entry], loss_fn: LossFn | None = None) -> None:
         """Forward x, backpropagate Σ loss / loss_scale, writing into ``target``."""
         self.target, self.written, self.samples = target, set(), x.shape[0]
+        if not self.summed:                        # (a mini-batch's accumulator is zeroed by the caller)
+            for entry in self.projections.values():
+                target[:, entry.slice] = 0
         try:
             loss = summed_loss(loss_fn, model(x), y) / loss_scale
         except layer_grads.AttentionUnsupported as error:
