@@ -268,3 +268,29 @@ def test_an_attention_called_twice_adds_both_calls():
         warnings.simplefilter("error", PrunekitWarning)
         rows = collect_gradients(model, space, batches, n=9, chunk=4, progress=False)
     assert_close_to_scale(rows, _per_sample(model, space, batches, 9), rel=1e-4)
+
+
+class _Unbatched(nn.Module):
+    """Attention called on one sample at a time (unbatched (T, E) input): not reproduced by the
+    explicit forward, so the rows come from the vmap path, and the plan counts that path."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = x.reshape(x.shape[0], 4, 4).repeat(1, 1, 2)
+        return self.head(torch.stack([self.attn(t, t, t)[0].mean(0) for t in tokens]))
+
+
+def test_unbatched_attention_falls_back_to_vmap():
+    model = _seeded(_Unbatched)
+    space = ParamSpace(model)
+    assert memory_plan._Sizes(model, space, torch.zeros(1, 1, 4, 4)).whole_model_rows
+    assert "forward" not in vars(model.attn)
+    batches = _data((1, 4, 4), 3, 10)
+    with pytest.warns(PrunekitWarning, match="disagree.*unbatched"):
+        rows = collect_gradients(model, space, batches, n=6, chunk=3, progress=False)
+    assert_close_to_scale(rows, _per_sample(model, space, batches, 6), rel=1e-4)
+    assert "forward" not in vars(model.attn)

@@ -1,4 +1,6 @@
-"""Per-sample weight gradients of one Linear or Conv2d layer from its input and output gradient.
+"""Per-sample weight gradients of one Linear or Conv2d layer from its input and output gradient,
+and of nn.MultiheadAttention's projections (an explicit forward whose projections are Linear
+layers: :func:`explicit_attention`, at the end).
 
 For a layer y = W a (Linear: a (B, *, in), y (B, *, out); Conv2d: a (B, C_in, H, W)), the
 gradient of sample b's loss with respect to W is a sum over the sample's positions t of

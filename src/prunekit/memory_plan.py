@@ -149,9 +149,13 @@ class _Sizes:
         self.batch_statistics = batch_statistics
         attention = [] if self.whole_model_rows else [
             m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and layer_grads.attention_supported(m)]
-        self.activation_per_sample = _activation_bytes(model, example_input,
-                                                       [modules[e.module] for e in space.entries],
-                                                       batch_statistics, attention)
+        prunable = [modules[e.module] for e in space.entries]
+        try:
+            self.activation_per_sample = _activation_bytes(model, example_input, prunable, batch_statistics,
+                                                           attention)
+        except layer_grads.AttentionUnsupported:    # e.g. unbatched attention: the collector falls back
+            self.whole_model_rows = True
+            self.activation_per_sample = _activation_bytes(model, example_input, prunable, batch_statistics)
         self.input_per_sample, self.largest_output_per_sample = _inference_bytes(model, example_input)
         self.device = space.weights()[0].device
 
