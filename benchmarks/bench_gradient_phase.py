@@ -1,11 +1,11 @@
-"""The gradient phase's memory against the plan, on a model whose rows take the whole-model vmap path.
+"""The gradient phase's memory and time against the plan, on a vision transformer.
 
     python benchmarks/bench_gradient_phase.py                         # ViT-B/16, n = 24, chunks: the plan's, 19
     python benchmarks/bench_gradient_phase.py --model vit-mid --n 64 --chunks plan 8 32
 
-ViT-B/16 (224x224; its attention's packed projection is not a per-layer-hook layer, so its rows
-are per-sample gradients of the whole model through torch.func.vmap) or a mid-size ViT (64x64,
-width 384, 6 blocks), RANDOM weights and inputs: cost, not accuracy. Each row, in its own process:
+ViT-B/16 (224x224; until the attention's packed projection got per-layer rows, its rows were
+per-sample gradients of the whole model through torch.func.vmap), a mid-size ViT (64x64, width
+384, 6 blocks) or the zoo's vit-tiny, RANDOM weights and inputs: cost, not accuracy. Each row, in its own process:
 the memory plan for n bfloat16 rows, then ``fisher.collect_gradients`` with the chunk given ("plan":
 the plan's). Reported: seconds, the plan's activations and layer-gradient terms, and the measured
 gradient phase: peak RSS less what the process held before, less X (n x p x 2 bytes). 19 is the
@@ -35,6 +35,8 @@ def build(name: str):
     from prunekit.zoo.vit import VisionTransformer
     if name in ZOO:
         return zoo.build(name), (3, ZOO[name], ZOO[name]), zoo.spec(name).num_classes
+    if name == "vit-tiny":
+        return zoo.build(name), zoo.spec(name).input_shape, zoo.spec(name).num_classes
     if name == "vit-b16":
         return VisionTransformer(1000, 3, image=224, patch=16, dim=768, depth=12, heads=12, mlp_dim=3072), (3, 224, 224), 1000
     return VisionTransformer(100, 3, image=64, patch=8, dim=384, depth=6, heads=6, mlp_dim=1536), (3, 64, 64), 100
@@ -61,16 +63,16 @@ def run_row(name: str, n: int, chunk: str, threads: int, dtype: str = "bfloat16"
             yield torch.randn(batch, *shape, generator=gen), torch.randint(0, classes, (batch,), generator=gen)
 
     before = current_usage(torch.device("cpu"))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     collect_gradients(model, space, batches(), n=n, chunk=used_chunk, dtype=storage, progress=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     x_bytes = n * space.numel * storage.itemsize
     estimate = planned.activations + planned.layer_gradients
     measured = peak - before - x_bytes
     return {"model": name, "p": space.numel, "n": n, "dtype": dtype, "batch": batch, "chunk": used_chunk,
             "plan_chunk": planned.chunk, "input_batch_mb": batch * planned_input_bytes(shape) / MB,
-            "threads": threads, "seconds": seconds, "plan_activations_mb": planned.activations / MB,
+            "threads": threads, "seconds": seconds, "cpu_seconds": cpu_seconds, "plan_activations_mb": planned.activations / MB,
             "plan_layer_gradients_mb": planned.layer_gradients / MB, "phase_estimate_mb": estimate / MB,
             "phase_measured_mb": measured / MB, "estimate_error": estimate / measured - 1}
 
@@ -85,7 +87,7 @@ def planned_input_bytes(shape) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("vit-b16", "vit-mid", *ZOO), default="vit-b16")
+    parser.add_argument("--model", choices=("vit-b16", "vit-mid", "vit-tiny", *ZOO), default="vit-b16")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--batch", type=int, default=16, help="samples per data batch (generated one at a time)")
     parser.add_argument("--n", type=int, default=24)

@@ -80,12 +80,13 @@ def test_estimate_parts_and_largest_n_per_dtype(steady_usage):
 
 
 class _Attend(nn.Module):
-    """An attention layer (its packed projection is not a per-layer-hook layer) and a head."""
+    """An attention layer (with add_bias_kv its packed projection is not a per-layer-hook layer)
+    and a head (wide: 8 samples' gradients, the budget below, outweigh 8 samples' activations)."""
 
     def __init__(self):
         super().__init__()
-        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
-        self.head = nn.Linear(64, 10)
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True, add_bias_kv=True)
+        self.head = nn.Linear(64, 256)
 
     def forward(self, x):
         tokens = x.flatten(2).transpose(1, 2).expand(-1, -1, 64)      # (B, 64, 64)

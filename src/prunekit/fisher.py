@@ -17,10 +17,16 @@ gradients are written straight into its columns as backpropagation reaches the l
 the model + one chunk's activations + one layer's per-sample gradients for the chunk: there is
 no chunk × p temporary and no concatenation.
 
-Layers that path cannot handle (anything but torch's own Linear and Conv2d), and any model
-whose first hooked row disagrees with plain autograd (a weight used outside its layer's
-forward, say), fall back to ``torch.func.vmap`` per-sample gradients, which build one
-chunk × p block per chunk; a warning names the reason.
+nn.MultiheadAttention (packed in-projection, no bias_k/bias_v or zero attention) uses its
+weights functionally, so while rows are collected it runs an explicit equivalent forward whose
+projections are hooked (:func:`layer_grads.explicit_attention`): ``in_proj_weight`` (its q, k,
+v thirds from their own inputs) and ``out_proj.weight`` get the Linear formula. The module's own
+forward is restored afterwards, and the first-row check runs on it.
+
+Layers that path cannot handle (anything else: :func:`layer_grads.unsupported_layers`), and any
+model whose first hooked row disagrees with plain autograd of the modules' own forwards (a weight
+used outside its layer's forward, say), fall back to ``torch.func.vmap`` per-sample gradients,
+which build one chunk × p block per chunk; a warning names the reason.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import warnings
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
@@ -78,8 +85,7 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
         chunk = max(chunk, batch)                # a row's statistics are its whole mini-batch's
     device = space.weights()[0].device
     rows = torch.empty(n, space.numel, dtype=dtype, device=device)
-    modules = dict(model.named_modules())
-    unsupported = [e.module_name for e in space.entries if not layer_grads.supported(modules[e.module])]
+    unsupported = layer_grads.unsupported_layers(model, space)
     was_training = model.training
     model.eval()
     unbatched: set[str] = set()
@@ -181,7 +187,7 @@ def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupport
     autograd) torch.func over the whole model."""
     if unsupported:
         warnings.warn(PrunekitWarning(
-            f"per-layer gradients handle Linear and Conv2d only; {', '.join(unsupported[:3])}"
+            f"per-layer gradients handle Linear, MultiheadAttention and Conv2d only; {', '.join(unsupported[:3])}"
             f"{' ...' if len(unsupported) > 3 else ''} use the slower vmap path (chunk x p extra memory)"),
             stacklevel=3)
     else:
@@ -229,44 +235,95 @@ class _HooksDisagree(Exception):
 
 class _LayerHooks:
     """Forward hooks on the prunable layers that, during the backward pass, write each layer's
-    weight gradients into its columns of ``self.target`` (rows × p)."""
+    weight gradients into its columns of ``self.target`` (rows × p). An nn.MultiheadAttention's
+    weights (``in_proj_weight``, ``out_proj.weight``) are written by ``project``, which its
+    explicit forward calls for each projection (``layer_grads.explicit_attention``)."""
 
     def __init__(self, model: nn.Module, space: ParamSpace, summed: bool):
         modules = dict(model.named_modules())
+        parents = layer_grads.attention_parent(model)
+        dims = layer_grads.sample_dims(model)
         self.summed = summed
         self.target: torch.Tensor | None = None
-        self.written: set[str] = set()
-        self.handles = [modules[e.module].register_forward_hook(self._forward_hook(e))
-                        for e in space.entries]
+        self.samples = 0
+        self.written: set[tuple[str, int]] = set()
+        self.projections: dict[tuple[int, str], Entry] = {}     # (id(attention), "in"/"out") -> entry
+        attention: dict[str, nn.Module] = {}
+        self.handles = []
+        for e in space.entries:
+            module = modules[e.module]
+            if e.module in parents or isinstance(module, nn.MultiheadAttention):
+                name = parents.get(e.module, e.module)
+                attention[name] = modules[name]
+                self.projections[(id(modules[name]), "out" if e.module in parents else "in")] = e
+            else:
+                self.handles.append(module.register_forward_hook(self._forward_hook(e, dims.get(e.module, 0))))
+        self.attention_modules = list(attention.values())
 
-    def _forward_hook(self, entry: Entry):
+    def _forward_hook(self, entry: Entry, sample_dim: int):
         def hook(module, inputs, output):
             if self.target is None:               # not collecting (e.g. the autograd check)
                 return None
-            saved = [inputs[0].detach()]          # dropped as soon as the gradient is written
-            if not output.requires_grad:          # nothing upstream needs a gradient: start here
-                output = output + torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-            output.register_hook(lambda g: self._write(module, entry, saved.pop(), g))
-            return output
+            if not self.summed and isinstance(module, nn.Linear) and (
+                    inputs[0].dim() <= sample_dim or inputs[0].shape[sample_dim] != self.samples):
+                raise _HooksDisagree(f"layer {entry.module_name!r}: dimension {sample_dim} of its input "
+                                     f"{tuple(inputs[0].shape)} is not the {self.samples} samples")
+            return self._capture(entry, entry.slice, inputs[0], output,
+                                 lambda a, g, dest, accumulate: layer_grads.write_weight_grads(
+                                     module, a, g, dest, accumulate=accumulate, summed=self.summed,
+                                     sample_dim=sample_dim))
         return hook
 
-    def _write(self, module: nn.Module, entry: Entry, inputs: torch.Tensor, grad_output: torch.Tensor):
-        dest = self.target[:, entry.slice]
-        layer_grads.write_weight_grads(module, inputs, grad_output, dest,
-                                       accumulate=self.summed or entry.module_name in self.written,
-                                       summed=self.summed)
-        self.written.add(entry.module_name)
+    def _capture(self, entry: Entry, columns: slice, inputs: torch.Tensor, output: torch.Tensor, write):
+        """Hook ``output`` so that its gradient writes ``entry``'s ``columns`` by ``write``."""
+        saved = [inputs.detach()]                 # dropped as soon as the gradient is written
+        if not output.requires_grad:              # nothing upstream needs a gradient: start here
+            output = output + torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+
+        def on_gradient(g):
+            key = (entry.module_name, columns.start)
+            write(saved.pop(), g, self.target[:, columns], self.summed or key in self.written)
+            self.written.add(key)
+        output.register_hook(on_gradient)
+        return output
+
+    def project(self, module: nn.Module, which: str, a: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, rows: tuple[int, int] | None) -> torch.Tensor:
+        """One projection of an attention's explicit forward: F.linear, its gradient written into
+        the weight's columns (``rows`` of ``in_proj_weight``, or all of ``out_proj.weight``)."""
+        output = F.linear(a, weight, bias)
+        entry = self.projections.get((id(module), which))
+        if self.target is None or entry is None:
+            return output
+        if not self.summed and a.shape[0] != self.samples:
+            raise _HooksDisagree(f"layer {entry.module_name!r}: its batch of {a.shape[0]} is not the "
+                                 f"{self.samples} samples")
+        width = weight.shape[1]
+        columns = entry.slice if rows is None else slice(entry.slice.start + rows[0] * width,
+                                                          entry.slice.start + rows[1] * width)
+        # always added: an attention's columns are zeroed before each forward (``backward``), as
+        # its calls may write overlapping parts (self-attention all of in_proj, cross-attention q, kv)
+        return self._capture(entry, columns, a, output,
+                             lambda a, g, dest, accumulate: layer_grads.write_linear_grads(
+                                 a, g, dest, True, self.summed))
 
     def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
                  loss_scale: float, entries: list[Entry], loss_fn: LossFn | None = None) -> None:
         """Forward x, backpropagate Σ loss / loss_scale, writing into ``target``."""
-        self.target, self.written = target, set()
-        loss = summed_loss(loss_fn, model(x), y) / loss_scale
+        self.target, self.written, self.samples = target, set(), x.shape[0]
+        if not self.summed:                        # (a mini-batch's accumulator is zeroed by the caller)
+            for entry in self.projections.values():
+                target[:, entry.slice] = 0
+        try:
+            loss = summed_loss(loss_fn, model(x), y) / loss_scale
+        except layer_grads.AttentionUnsupported as error:
+            raise _HooksDisagree(str(error)) from error
         if loss.requires_grad:
             loss.backward()
         if not self.summed:                        # layers the forward never reached: zero gradient
+            starts = {name for name, _ in self.written}
             for entry in entries:
-                if entry.module_name not in self.written:
+                if entry.module_name not in starts:
                     target[:, entry.slice] = 0
         self.target = None
 
@@ -291,7 +348,9 @@ def _collect_with_hooks(model, space, batches, rows, batch, chunk, progress, los
     accumulator = torch.zeros(1, space.numel, dtype=torch.float32, device=device) if batch > 1 else None
     filled = 0
     bar = progress if isinstance(progress, tqdm) else gradient_bar(n, progress)
+    restore = contextlib.ExitStack()
     try:
+        patch = restore.enter_context(layer_grads.explicit_attention(hooks.attention_modules, hooks.project))
         for x, y in _regroup(batches, batch if batch > 1 else chunk):
             x, y = x.to(device), y.to(device)
             if batch == 1:
@@ -306,9 +365,10 @@ def _collect_with_hooks(model, space, batches, rows, batch, chunk, progress, los
                 for xs, ys in zip(x.split(chunk), y.split(chunk)):
                     hooks.backward(model, xs, ys, accumulator, float(batch), space.entries, loss_fn)
                 rows[filled] = accumulator[0]
-            if filled == 0:
-                _check_first_row(model, space, x[:1] if batch == 1 else x, y[:1] if batch == 1 else y,
-                                 rows[0], chunk, loss_fn)
+            if filled == 0:                     # against autograd of the modules' own forwards
+                with patch.suspended():
+                    _check_first_row(model, space, x[:1] if batch == 1 else x, y[:1] if batch == 1 else y,
+                                     rows[0], chunk, loss_fn)
                 on_checked()
             filled += take
             bar.update(take)
@@ -318,6 +378,7 @@ def _collect_with_hooks(model, space, batches, rows, batch, chunk, progress, los
         if bar is not progress:             # a bar of the caller's (pieces of a rank's rows) stays open
             bar.close()
         hooks.remove()
+        restore.close()                     # the attention modules' own forwards
         for p, requires_grad in frozen:
             p.requires_grad_(requires_grad)
     _check_filled(filled, n, batch)

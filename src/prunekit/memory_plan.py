@@ -70,6 +70,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import layer_grads
@@ -171,11 +172,17 @@ class _Sizes:
         self.p = space.numel
         self.largest_layer = max(e.numel for e in space.entries)
         modules = dict(model.named_modules())
-        self.whole_model_rows = not all(layer_grads.supported(modules[e.module]) for e in space.entries)
+        self.whole_model_rows = bool(layer_grads.unsupported_layers(model, space))
         self.batch_statistics = batch_statistics
-        self.activation_per_sample = _activation_bytes(model, example_input,
-                                                       [modules[e.module] for e in space.entries],
-                                                       batch_statistics)
+        attention = [] if self.whole_model_rows else [
+            m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and layer_grads.attention_supported(m)]
+        prunable = [modules[e.module] for e in space.entries]
+        try:
+            self.activation_per_sample = _activation_bytes(model, example_input, prunable, batch_statistics,
+                                                           attention)
+        except layer_grads.AttentionUnsupported:    # e.g. unbatched attention: the collector falls back
+            self.whole_model_rows = True
+            self.activation_per_sample = _activation_bytes(model, example_input, prunable, batch_statistics)
         self.input_per_sample, self.largest_output_per_sample = _inference_bytes(model, example_input)
         self.device = space.weights()[0].device
 
@@ -389,13 +396,15 @@ def _read_int(path: str) -> int | None:
 
 
 def _activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: list[nn.Module],
-                      batch_statistics: bool = False) -> int:
+                      batch_statistics: bool = False, attention: list[nn.Module] = ()) -> int:
     """Bytes kept for the backward pass per sample: every tensor autograd saves, and the inputs
     of the prunable layers (which the gradient hooks keep), each storage counted once. Measured
     on a forward of the first sample of ``example`` (a batch or a tuple of batched inputs) in
     eval mode with the weights frozen, as the collector runs it. ``batch_statistics``: BatchNorm on
     batch statistics (fisher_bn="batch"), measured on two copies of the sample (one sample has no
-    spread) and halved."""
+    spread) and halved. ``attention``: nn.MultiheadAttention modules that run their explicit
+    forward (``layer_grads.explicit_attention``) as the collector runs them, their projections'
+    inputs kept."""
     from .fisher import batchnorm_on_batch_statistics      # the collector's own mode, not a copy
     device = next(model.parameters()).device
     copies = 2 if batch_statistics else 1
@@ -421,7 +430,11 @@ def _activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable:
         for p, _ in frozen:
             p.requires_grad_(False)
         mode = batchnorm_on_batch_statistics(model) if batch_statistics else contextlib.nullcontext()
-        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        def project(module, which, a, weight, bias, rows):
+            keep(a)
+            return F.linear(a, weight, bias)
+        with mode, layer_grads.explicit_attention(attention, project), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             model(*inputs)
     finally:
         model.train(was_training)
