@@ -1,7 +1,7 @@
 """FALCON's ILP projections cold and started from the previous order (session 26).
 
     python benchmarks/bench_ilp_warm.py save DIR [--model resnet50]   # run bench_scale's row, keep the iterates
-    python benchmarks/bench_ilp_warm.py replay DIR [--repeats 5] [--p 1e7]
+    python benchmarks/bench_ilp_warm.py replay DIR [--repeats 5] [--p 1e7] [--out FILE.json]
 
 ``save`` runs `bench_scale.py`'s one-shot FALCON row (n = 8, float32, 30% of the MACs, 2 threads,
 random weights) with every ILP projection timed, and writes each projection's scores (p float64)
@@ -14,6 +14,7 @@ first p weights, 30% of their MACs).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def save(out: Path, model: str) -> None:
           f"{sum(calls):.1f} s: {[round(c, 2) for c in calls]}")
 
 
-def replay(folder: Path, repeats: int, p: int | None) -> None:
+def replay(folder: Path, repeats: int, p: int | None, out: Path | None = None) -> None:
     from prunekit.solvers.ilp import solve_flops_ilp
     from prunekit.solvers.ilp_groups import CostGroups, PreviousOrder
 
@@ -77,6 +78,11 @@ def replay(folder: Path, repeats: int, p: int | None) -> None:
         print(f"projection {i}: cold {c:.2f} s  warm {w:.2f} s  x{c / w:.2f}")
     c, w = np.median(cold.sum(1)), np.median(warm.sum(1))
     print(f"all {len(scores)}: cold {c:.2f} s  warm {w:.2f} s  x{c / w:.2f}")
+    if out is not None:
+        out.write_text(json.dumps({"p": groups.p, "cost_groups": int(costs.size), "threads": 2, "repeats": repeats,
+                                   "cold_seconds": cold.tolist(), "warm_seconds": warm.tolist(),
+                                   "median_total_cold": c, "median_total_warm": w}, indent=1))
+        print(f"wrote {out}")
 
 
 def main() -> None:
@@ -86,12 +92,13 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--p", type=float, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="replay: write the seconds as JSON here")
     args = parser.parse_args()
     if args.action == "save":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         save(args.folder, args.model)
     else:
-        replay(args.folder, args.repeats, None if args.p is None else int(args.p))
+        replay(args.folder, args.repeats, None if args.p is None else int(args.p), args.out)
 
 
 if __name__ == "__main__":
