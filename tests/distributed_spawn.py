@@ -26,8 +26,13 @@ def _entry(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Every rank is done: leave without tearing gloo down, which can abort a rank whose peer (rank 0
+    # hosts the store) has gone already ("terminate called without an active exception", -6).
+    dist.barrier()
+    os._exit(0)
 
 
 def run_ranks(fn, world: int, out_dir, *args, timeout: float = 120.0) -> list:

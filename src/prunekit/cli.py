@@ -148,28 +148,31 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():      # restores the warning display when main returns
         warnings.showwarning = _ours_on_one_line(warnings.showwarning)
         joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
-        code = 1
+        code, returned = 1, False
         try:
             code = _main(argv)
+            returned = True
             return code
         except _RankLost:
-            # Tearing a gloo group down (here or at interpreter exit) while a peer is dead can
-            # abort the process ("terminate called without an active exception", exit -6), which
-            # would hide our exit code: end at once. The run folder is already on disk.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+            _end_now(1)      # the run folder is already on disk
         finally:
-            if not joined_before and code == 2 and torch.distributed.is_initialized():
-                # A refusal under torchrun: the ranks stop at different moments, and a gloo group
-                # torn down after rank 0 (the store's host) is gone aborts the process ("terminate
-                # called without an active exception", exit -6; 1 run in 4 of a lock refusal). A
-                # refusal wrote nothing: end at once, with our exit code.
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(2)
-            if not joined_before:         # under torchrun: leave the group this call joined
-                distributed.shutdown(wait=code == 0)
+            if not joined_before and returned and torch.distributed.is_initialized():
+                if code == 0:                 # no rank leaves while another has a collective in flight
+                    distributed.barrier_if_alive()
+                _end_now(code)
+            if not joined_before:         # an unexpected error: leave the group, show the traceback
+                distributed.shutdown(wait=False)
+
+
+def _end_now(code: int) -> None:
+    """End the process under torchrun without tearing the gloo group down. Rank 0 hosts the
+    group's store, and a rank that tears its group down (here or at interpreter exit) after rank 0
+    or a peer has gone can abort ("terminate called without an active exception", exit -6), which
+    hides our exit code: 1 run in 4 of a two-rank lock refusal, and now and then a run that
+    succeeded. Everything prunekit writes is already closed on disk (written whole, then renamed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _main(argv: list[str] | None) -> int:

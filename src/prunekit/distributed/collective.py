@@ -162,17 +162,21 @@ def rank_gpu(backend: str) -> int:
     return local_rank % max(gpus, 1)
 
 
+def barrier_if_alive() -> None:
+    """A barrier, so that no rank leaves while another still has a collective in flight; a rank
+    that has left already (a failed barrier) leaves nothing to wait for."""
+    try:
+        dist.barrier()
+    except RuntimeError:
+        pass
+
+
 def shutdown(wait: bool = True) -> None:
-    """Leave the process group. ``wait`` (after a run that succeeded): first a barrier, so no rank
-    tears its connections down while another still has a collective in flight (gloo then aborts
-    that process: "terminate called without an active exception"). After a failure no barrier:
-    the others may be gone or stuck."""
+    """Leave the process group. ``wait`` (after a run that succeeded): first a barrier
+    (:func:`barrier_if_alive`). After a failure no barrier: the others may be gone or stuck."""
     if dist.is_available() and dist.is_initialized():
         if wait:
-            try:
-                dist.barrier()
-            except RuntimeError:             # a rank left early: nothing left to wait for
-                pass
+            barrier_if_alive()
         dist.destroy_process_group()
 
 
