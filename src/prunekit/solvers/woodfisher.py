@@ -24,7 +24,6 @@ round prunes the globally least salient weights and the saliencies are recompute
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -58,25 +57,18 @@ def woodfisher(grads: torch.Tensor, w_bar: torch.Tensor, k: int, *, block_size: 
 
     w = q.w_bar.clone()
     inverses = _block_inverses(q.X, block_size, damp)
-    with _one_thread():
-        w = _prune_in_rounds(w, inverses, q.p, k, block_size, steps)
-    return Solution(w=w, objective=q.objective(w), support_size=int((w != 0).sum()),
-                    iterations=steps, seconds=time.perf_counter() - start,
-                    info={"block_size": block_size, "damp": damp, "steps": steps})
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """torch's CPU ops on one thread for the block: WoodFisher's rounds make tens of thousands of
-    OBS updates of B x B inverses, too small to split, and threads that wait for each other on a
-    busy machine made them several times slower (ResNet-20-B's solver, n = 8: 2.5 s on one
-    thread, 11.7 s on two beside one other job)."""
+    # One thread for the rounds: tens of thousands of OBS updates of B x B inverses, too small to
+    # split; threads that wait for each other on a busy machine made them several times slower
+    # (ResNet-20-B's solver, n = 8: 2.5 s on one thread, 11.7 s on two beside one other job).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        w = _prune_in_rounds(w, inverses, q.p, k, block_size, steps)
     finally:
         torch.set_num_threads(threads)
+    return Solution(w=w, objective=q.objective(w), support_size=int((w != 0).sum()),
+                    iterations=steps, seconds=time.perf_counter() - start,
+                    info={"block_size": block_size, "damp": damp, "steps": steps})
 
 
 def _prune_in_rounds(w: torch.Tensor, inverses: list[torch.Tensor], p: int, k: int, block_size: int,
