@@ -76,3 +76,19 @@ def test_bad_arguments():
     for kwargs in (dict(k=-1), dict(k=3, block_size=0), dict(k=3, steps=0)):
         with pytest.raises(PrunekitError):
             woodfisher(X, w_bar, **kwargs)
+
+
+def test_a_ridge_near_float32s_smallest_prunes_exactly_and_finitely():
+    """Gradients of a network with random weights can be so small that the relative ridge is
+    denormal in float32 (MobileNetV1: 8e-39): F⁻¹ ~ 1/damp then overflowed float32, NaN spread
+    through the OBS updates into pruned weights, and 250 more nonzeros than k came back. The
+    blocks' inverses are kept scaled by damp (OBS's choices and updates do not change with a
+    common scale of F⁻¹): exactly k nonzeros, all finite, the same weights as at a normal scale."""
+    torch.manual_seed(0)
+    n, p, k = 8, 512, 150
+    X, w = torch.randn(n, p), torch.randn(p)
+    damp, tiny_damp = 0.1, 1e-39                     # the same problem scaled: F_tiny = c² F
+    tiny = woodfisher(X * (tiny_damp / damp) ** 0.5, w, k, block_size=128, damp=tiny_damp)
+    normal = woodfisher(X, w, k, block_size=128, damp=damp)
+    assert torch.isfinite(tiny.w).all() and int((tiny.w != 0).sum()) == k
+    assert torch.equal(tiny.w != 0, normal.w != 0)

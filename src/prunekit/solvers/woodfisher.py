@@ -92,23 +92,28 @@ def _prune_in_rounds(w: torch.Tensor, inverses: list[torch.Tensor], p: int, k: i
 
 
 def _block_inverses(X: torch.Tensor, block_size: int, damp: float) -> list[torch.Tensor]:
-    """Every block's F_b⁻¹ (B, B), as views of one (p // B, B, B) tensor (and the short last
-    block's own), filled block by block. One allocation of p·B numbers: kept one by one, the
-    blocks interleaved with each block's float64 temporaries on the heap, and the process held
-    1.2-2.6x their bytes above X, vectors included (measured, n = 8-64, p = 65k-262k)."""
+    """Every block's damp·F_b⁻¹ (B, B), as views of one (p // B, B, B) tensor (and the short last
+    block's own), filled block by block. Scaled by damp because OBS's choices (saliency ratios)
+    and updates (F⁻¹[:, Q] (F⁻¹[Q, Q])⁻¹) do not change with a common scale of F⁻¹, while F⁻¹
+    itself, about 1/damp, overflowed float32 when the relative ridge was denormal (gradients of a
+    network with random weights: NaN reached pruned weights). One allocation of p·B numbers:
+    kept one by one, the blocks interleaved with each block's float64 temporaries on the heap,
+    and the process held 1.2-2.6x their bytes above X, vectors included (measured, n = 8-64,
+    p = 65k-262k)."""
     n, p = X.shape
     full = p // block_size
     stacked = torch.empty(full, block_size, block_size, dtype=compute_dtype(X.dtype), device=X.device)
     for b in range(full):
-        stacked[b] = _inverse_fisher(X[:, b * block_size:(b + 1) * block_size], damp)
+        stacked[b] = _inverse_fisher(X[:, b * block_size:(b + 1) * block_size], damp, scaled=True)
     inverses = list(stacked.unbind(0))
     if full * block_size < p:
-        inverses.append(_inverse_fisher(X[:, full * block_size:], damp))
+        inverses.append(_inverse_fisher(X[:, full * block_size:], damp, scaled=True))
     return inverses
 
 
-def _inverse_fisher(X_b: torch.Tensor, damp: float) -> torch.Tensor:
-    """F_b⁻¹ = (damp·I + X_bᵀX_b/n)⁻¹, (B, B), for X_b (n, B); in X_b's dtype.
+def _inverse_fisher(X_b: torch.Tensor, damp: float, scaled: bool = False) -> torch.Tensor:
+    """F_b⁻¹ = (damp·I + X_bᵀX_b/n)⁻¹, (B, B), for X_b (n, B); in X_b's dtype. ``scaled``: damp·F_b⁻¹
+    instead, = (I + X_bᵀX_b/(n·damp))⁻¹, whose entries lie in [-1, 1] whatever damp is.
 
     B ≤ n: invert the B×B matrix. B > n: Woodbury, factoring only n×n:
         (damp·I + X_bᵀX_b/n)⁻¹ = (1/damp)[I − X_bᵀ (n·damp·I + X_bX_bᵀ)⁻¹ X_b].
@@ -120,12 +125,15 @@ def _inverse_fisher(X_b: torch.Tensor, damp: float) -> torch.Tensor:
         F = X.t() @ X / n
         F.diagonal().add_(damp)
         inverse = torch.cholesky_inverse(spd_cholesky(F))
+        if scaled:
+            inverse *= damp
     else:
         M = X @ X.t()
         M.diagonal().add_(n * damp)
         inverse = -X.t() @ torch.cholesky_solve(X, spd_cholesky(M))
         inverse.diagonal().add_(1.0)
-        inverse /= damp
+        if not scaled:
+            inverse /= damp
     return inverse.to(compute_dtype(X_b.dtype))
 
 
