@@ -48,7 +48,8 @@ def save(out: Path, model: str) -> None:
 
 def replay(folder: Path, repeats: int, p: int | None, out: Path | None = None) -> None:
     from prunekit.solvers.ilp import solve_flops_ilp
-    from prunekit.solvers.ilp_groups import CostGroups, PreviousOrder
+    from prunekit.solvers.cost_groups import CostGroups
+    from prunekit.solvers.grouped_order import PreviousOrder
 
     torch.set_num_threads(2)
     saved = np.load(folder / "groups.npz")

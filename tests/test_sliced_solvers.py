@@ -10,7 +10,7 @@ from threaded_ranks import run_threads
 from prunekit.solvers.collective import shard_bounds
 from prunekit.solvers.falcon import _cost_runs, falcon
 from prunekit.solvers.ilp import solve_flops_ilp
-from prunekit.solvers.ilp_groups import groups_from_costs, groups_from_layers
+from prunekit.solvers.cost_groups import groups_from_costs, groups_from_layers
 from prunekit.solvers.magnitude import top_k_mask
 from prunekit.solvers.selection import sliced_top_k_mask
 from prunekit.solvers.sharded_quadratic import ShardedQuadraticModel
@@ -188,10 +188,10 @@ def test_sliced_ilp_started_from_the_previous_order_equals_cold(ranks, max_runs,
     """FALCON's sliced projections carry each slice's last order (PreviousOrder) like one
     process's: on successive nearby iterates with ties the keep masks, primal and bound equal the
     cold solves' (layer and id forms; max_disorder 1.0 forces the warm sort on every group)."""
-    import prunekit.solvers.ilp_groups as ilp_groups
-    from prunekit.solvers.ilp_groups import PreviousOrder
+    import prunekit.solvers.descending as descending_module
+    from prunekit.solvers.grouped_order import PreviousOrder
 
-    monkeypatch.setattr(ilp_groups, "WARM_MAX_DISORDER", max_disorder)
+    monkeypatch.setattr(descending_module, "WARM_MAX_DISORDER", max_disorder)
     g = torch.Generator().manual_seed(11)
     p = 3000
     costs = _costs(p)

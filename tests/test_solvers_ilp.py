@@ -361,7 +361,7 @@ def test_solver_imports_only_math_and_prunekit_errors():
 @pytest.mark.parametrize("n_groups", [1, 5, 2000])        # 2000: past the per-group loop
 def test_the_device_sort_orders_exactly_as_the_cpu_sort(n_groups):
     # ties (many equal scores) must go by index on both paths, and the limits cut each group
-    from prunekit.solvers.ilp_groups import _grouped_order, _grouped_order_on_device
+    from prunekit.solvers.grouped_order import grouped_order, grouped_order_on_device
 
     rng = np.random.default_rng(n_groups)
     p = 20_000
@@ -369,8 +369,8 @@ def test_the_device_sort_orders_exactly_as_the_cpu_sort(n_groups):
     group = rng.integers(0, n_groups, p)
     sizes = np.bincount(group, minlength=n_groups)
     limits = np.minimum(sizes, rng.integers(0, 40, n_groups))
-    expected = _grouped_order(scores, group, limits)
-    got = _grouped_order_on_device(torch.from_numpy(scores), group, limits)
+    expected = grouped_order(scores, group, limits)
+    got = grouped_order_on_device(torch.from_numpy(scores), group, limits)
     assert got.shape == (int(limits.sum()),)
     np.testing.assert_array_equal(got, expected)
 
@@ -394,7 +394,8 @@ def test_cost_groups_built_once_select_as_a_fresh_grouping_at_every_call():
     that change from call to call (ties included), the cached groups (layer form, per-weight
     form) select exactly what a fresh grouping of the same costs does, with the same figures;
     contiguous layers need no per-weight group array, and layers out of order keep one."""
-    from prunekit.solvers.ilp_groups import CostGroups, SortedGroups, groups_from_layers
+    from prunekit.solvers.cost_groups import CostGroups, groups_from_layers
+    from prunekit.solvers.ilp_groups import SortedGroups
 
     inst = convnet_instance(20_000, 12, 0.3, 0.2, seed=5)
     p = inst.scores.numel()
@@ -449,8 +450,10 @@ def _iterates(rng, p, steps):
 def test_a_sort_started_from_the_previous_order_equals_a_cold_sort(form, cut, monkeypatch):
     # bit-identical order and sorted scores at every step, ties by index, the warm path forced
     # (no disorder fallback) and with the default threshold
-    import prunekit.solvers.ilp_groups as ilp_groups
-    from prunekit.solvers.ilp_groups import CostGroups, PreviousOrder, SortedGroups
+    import prunekit.solvers.descending as descending_module
+    from prunekit.solvers.cost_groups import CostGroups
+    from prunekit.solvers.grouped_order import PreviousOrder
+    from prunekit.solvers.ilp_groups import SortedGroups
 
     rng = np.random.default_rng(7 + cut)
     p, n_groups = 30_000, 37
@@ -461,8 +464,8 @@ def test_a_sort_started_from_the_previous_order_equals_a_cold_sort(form, cut, mo
         assert groups.bounds is not None
     else:
         groups = CostGroups.from_ids(rng.integers(0, n_groups, p), costs)
-    for max_disorder in (1.0, ilp_groups.WARM_MAX_DISORDER):
-        monkeypatch.setattr(ilp_groups, "WARM_MAX_DISORDER", max_disorder)
+    for max_disorder in (1.0, descending_module.WARM_MAX_DISORDER):
+        monkeypatch.setattr(descending_module, "WARM_MAX_DISORDER", max_disorder)
         previous = PreviousOrder()
         for s in _iterates(rng, p, 8):
             limits = np.minimum(groups.sizes, rng.integers(0, 2000, n_groups)) if cut else None
@@ -475,18 +478,18 @@ def test_a_sort_started_from_the_previous_order_equals_a_cold_sort(form, cut, mo
 
 @pytest.mark.parametrize("keep", [0, 1, 500, 999, 1000])
 def test_the_warm_descending_sort_is_exact_from_any_previous_order(keep, monkeypatch):
-    import prunekit.solvers.ilp_groups as ilp_groups
-    from prunekit.solvers.ilp_groups import _descending, _descending_from
+    import prunekit.solvers.descending as descending_module
+    from prunekit.solvers.descending import descending, descending_from
 
-    monkeypatch.setattr(ilp_groups, "WARM_MAX_DISORDER", 1.0)       # never fall back to the cold sort
+    monkeypatch.setattr(descending_module, "WARM_MAX_DISORDER", 1.0)       # never fall back to the cold sort
     rng = np.random.default_rng(keep)
     scores = rng.integers(0, 30, 1000).astype(np.float64)            # about 33 equal values each
     for previous in (rng.permutation(1000), np.argsort(-scores, kind="stable"), rng.permutation(1000)[:300],
                      np.arange(1000)[::-1].copy()):
-        got = _descending_from(scores, keep, previous)
+        got = descending_from(scores, keep, previous)
         values = np.empty(keep)
-        _descending_from(scores, keep, previous, values_out=values)
-        np.testing.assert_array_equal(got, _descending(scores, keep))
+        descending_from(scores, keep, previous, values_out=values)
+        np.testing.assert_array_equal(got, descending(scores, keep))
         np.testing.assert_array_equal(values, scores[got])
 
 
@@ -505,10 +508,10 @@ def _near_ties(rng, n):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_the_key_sort_gives_the_reference_sorts_order(seed):
-    # _descending (a sort of leading bits + position, then a repair) against torch's stable sort:
+    # descending (a sort of leading bits + position, then a repair) against torch's stable sort:
     # the same positions in the same order, also when the cut at `keep` falls inside a run of equal
     # leading bits; fails if the repair or the run extension at the cut is removed
-    from prunekit.solvers.ilp_groups import _descending, _descending_torch
+    from prunekit.solvers.descending import descending, descending_torch
 
     rng = np.random.default_rng(seed)
     for n in (1, 2, 7, 1000, 70_000):
@@ -516,9 +519,9 @@ def test_the_key_sort_gives_the_reference_sorts_order(seed):
                  np.float32(rng.standard_normal(n)).astype(np.float64) ** 2]
         for scores in cases:
             for keep in sorted({0, 1, n // 3, n // 2, n - 1, n}):
-                want = _descending_torch(scores, keep)
+                want = descending_torch(scores, keep)
                 values = np.empty(keep)
-                got = _descending(scores, keep, values_out=values)
+                got = descending(scores, keep, values_out=values)
                 np.testing.assert_array_equal(got, want)
                 np.testing.assert_array_equal(values, scores[want])
 
@@ -526,19 +529,20 @@ def test_the_key_sort_gives_the_reference_sorts_order(seed):
 def test_the_key_sort_repairs_runs_that_share_leading_bits():
     # 2^20 positions leave 44 value bits in the key: scores 1 ulp apart share them, so the key sort
     # alone puts them in position order; the result must still be by value
-    from prunekit.solvers.ilp_groups import _descending
+    from prunekit.solvers.descending import descending
 
     n = 1 << 20
     scores = np.full(n, 1.0)
     scores[::2] = np.nextafter(1.0, 2.0)                              # the larger ones at even positions
     scores[1] = 2.0
-    got = _descending(scores, n // 2)
+    got = descending(scores, n // 2)
     assert got[0] == 1 and np.all(got[1:] % 2 == 0) and np.all(np.diff(got[1:]) > 0)
 
 
 def test_falcon_projections_select_as_without_the_previous_order(monkeypatch):
     # the ILP with and without the warm start gives the same keep mask on successive iterates
-    from prunekit.solvers.ilp_groups import CostGroups, PreviousOrder
+    from prunekit.solvers.cost_groups import CostGroups
+    from prunekit.solvers.grouped_order import PreviousOrder
 
     rng = np.random.default_rng(3)
     p = 20_000

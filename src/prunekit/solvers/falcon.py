@@ -36,7 +36,8 @@ import torch
 from ..errors import PrunekitError
 from .backsolve import GramCache, backsolve_blockwise, backsolve_with_parts, updated_gram
 from .ilp import solve_flops_ilp
-from .ilp_groups import CostGroups, PreviousOrder
+from .cost_groups import CostGroups
+from .grouped_order import PreviousOrder
 from .quadratic import QuadraticModel, check_k
 from .sliced_ilp import slice_cost_groups, sliced_cost_groups, solve_sliced_flops_ilp
 from .result import Solution

@@ -29,7 +29,9 @@ two fractional weights, so rounding loses about two weights' score at most; the 
 carries the certified gap.
 
 This module holds the entry point and the multiplier search; the input in cost-group form and
-its sorted prefix view are in ``solvers.ilp_groups``, the rounding in ``solvers.ilp_rounding``.
+its sorted prefix view are in ``solvers.ilp_groups`` (the costs' groups in ``solvers.cost_groups``,
+the per-group sorts in ``solvers.grouped_order`` and ``solvers.descending``), the rounding in
+``solvers.ilp_rounding``.
 Exact reference: ``solvers.ilp_exact.solve_flops_ilp_exact`` (HiGHS), for tests and benchmarks.
 """
 
@@ -42,7 +44,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .ilp_groups import TINY, CostGroups, PreviousOrder, Problem, SortedGroups, parse_problem, prefix_limits
+from .cost_groups import CostGroups
+from .grouped_order import PreviousOrder
+from .ilp_groups import TINY, Problem, SortedGroups, parse_problem, prefix_limits
 from .ilp_rounding import drop_to_budget, local_search
 
 __all__ = ["ILPResult", "solve_flops_ilp"]
@@ -94,12 +98,12 @@ def solve_flops_ilp(
         layer_slices: L slices partitioning range(p), with
         layer_costs: (L,) the MACs of every weight in each layer; or instead
         cost_groups: either of them already in cost-group form
-            (:meth:`~prunekit.solvers.ilp_groups.CostGroups.from_costs` / ``from_layers``): for
+            (:meth:`~prunekit.solvers.cost_groups.CostGroups.from_costs` / ``from_layers``): for
             many solves on the same costs (FALCON's projections), which then skip grouping them.
         max_count: k, the most weights to keep.
         max_cost: F, the most MACs the kept weights may cost (``inf`` for no FLOP budget).
         tol: the μ-bisection stops once its bracket is narrower than ``tol * μ``.
-        previous_order: a :class:`~prunekit.solvers.ilp_groups.PreviousOrder` shared by successive
+        previous_order: a :class:`~prunekit.solvers.grouped_order.PreviousOrder` shared by successive
             solves on the same costs: each sorts its scores starting from the last one's order
             (the same result; faster when the scores changed little) and leaves its own there.
 

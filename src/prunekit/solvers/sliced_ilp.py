@@ -31,7 +31,9 @@ import torch
 
 from .collective import Collective
 from .ilp import ILPResult, round_lagrangian
-from .ilp_groups import TINY, CostGroups, PreviousOrder, SortedGroups, accelerator_copy, finite_vector, prefix_limits
+from .cost_groups import CostGroups, accelerator_copy, finite_vector
+from .grouped_order import PreviousOrder
+from .ilp_groups import TINY, SortedGroups, prefix_limits
 from .selection import exclusive_prefix
 
 
