@@ -505,9 +505,40 @@ def test_batch_independent_work_is_charged_once_at_any_batch(B):
     assert costs.layer("to_q").macs == N * E * E
     assert costs.activation_macs == N * E * T and costs.macs == N * E * E + N * E * T
 
-    # the mask (B, T) is cut with x; the table (6, E), whose first dimension is not B, is not
-    costs = CostModel(_MaskedTokens(E), (torch.zeros(B, T, E), torch.ones(B, T), torch.zeros(6, E)))
-    assert costs.macs == (T + 6) * E * E
+    # the mask (B, T) is cut with x (said by batched=: the model also runs with it whole); the
+    # table (6, E), whose first dimension is not B, is not
+    inputs = (torch.zeros(B, T, E), torch.ones(B, T), torch.zeros(6, E))
+    costs = CostModel(_MaskedTokens(E), inputs, batched=(0, 1))
+    assert costs.macs == (T + 6) * E * E and costs.batched == (0, 1)
+    if B > 1:
+        with pytest.raises(PrunekitError, match=r"input 1 .*batched=\(0, 1\).*batched=\(0,\)"):
+            CostModel(_MaskedTokens(E), inputs)
+
+
+class _SharedTable(nn.Module):                # x (B, T, E) per example; table (N, E) shared by the batch
+    def __init__(self, E=8, O=8):
+        super().__init__()
+        self.fc = nn.Linear(E, O, bias=False)
+
+    def forward(self, x, table):
+        return self.fc(x).sum(1) + self.fc(table).sum(0)
+
+
+def test_a_shared_input_as_long_as_the_batch_is_not_cut_to_one_row():
+    E, T, B = 8, 5, 4
+    by_hand = (T + B) * E * E                 # T tokens and the table's B rows through fc
+    x, table = torch.zeros(B, T, E), torch.zeros(B, E)
+    with pytest.raises(PrunekitError, match=r"input 1 \(shape \(4, 8\)\).*batched=\(0,\)"):
+        CostModel(_SharedTable(E), (x, table))               # was cut to one row: (T + 1) E^2
+    costs = CostModel(_SharedTable(E), (x, table), batched=(0,))
+    assert costs.macs == by_hand and costs.batched == (0,)
+    assert costs.count(_SharedTable(E, 5)).macs == (T + B) * E * 5      # a shrunk model's re-trace too
+    assert CostModel(_SharedTable(E), (x[:1], table)).macs == by_hand   # B = 1: nothing is cut
+    bil = nn.Bilinear(4, 5, 3)                 # a second input the model cannot take whole: it is cut
+    assert CostModel(bil, (torch.zeros(B, 7, 4), torch.zeros(B, 7, 5))).batched == (0, 1)
+    for bad in ((0, 2), (0, 1), ("0",)):                    # no input 2; 4 and 3 rows; not a position
+        with pytest.raises(PrunekitError, match="batched="):
+            CostModel(_SharedTable(E), (x, torch.zeros(3, E)), batched=bad)
 
 
 class _ElementwiseLinear(nn.Module):          # y = x W^T written as a broadcast product and a sum
