@@ -310,18 +310,6 @@ def test_learned_queries_through_a_layer_price_the_layers_weight():
     assert costs.layer("attn.in_proj_weight").macs == E * E * (N + 2 * T)
     assert costs.macs == E * E * (N + 2 * T) + E * E * N + 2 * N * T * E
 
-    class Merged(nn.Module):                           # a product of two of the module's own weights
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Parameter(torch.randn(2, E)), nn.Parameter(torch.randn(E, 2))
-            self.weight = nn.Parameter(torch.randn(E, E))
-
-        def forward(self, x):
-            return nn.functional.linear(x, self.weight + self.b @ self.a)
-
-    with pytest.raises(PrunekitError, match="no cost rule"):
-        CostModel(Merged(), torch.zeros(B, T, E))
-
 
 def test_bilinear_weight_costs_one_mac_per_token():
     bil = nn.Bilinear(4, 5, 3)
@@ -620,3 +608,100 @@ def test_a_scale_summed_along_the_weights_dimension_is_a_dot_product():
     with torch.no_grad():
         model.v[:3] = 0
     assert costs.count(model).macs == T * (E - 3) + T * E
+
+
+# --- a weight made in forward from two parameters ------------------------------------------
+
+class _LowRank(nn.Module):                    # W = U @ V (O, E), made in forward, then x W^T
+    def __init__(self, E=6, O=5, r=3):
+        super().__init__()
+        self.U = nn.Parameter(torch.randn(O, r))
+        self.V = nn.Parameter(torch.randn(r, E))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.U @ self.V)
+
+
+class _MergedLora(nn.Module):                 # W0 + B A: a merged low-rank update
+    def __init__(self, E=6, r=2):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, E))
+        self.lora_b, self.lora_a = nn.Parameter(torch.randn(E, r)), nn.Parameter(torch.randn(r, E))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight + self.lora_b @ self.lora_a)
+
+
+def _factor_costs_by_hand(U, V):
+    """Each MAC U[i, l] V[l, j] of U @ V charged to U if i + j is even, else to V: per-element
+    costs and the MACs a sparse product does (both factors nonzero)."""
+    cost_u, cost_v, sparse = torch.zeros_like(U, dtype=torch.int64), torch.zeros_like(V, dtype=torch.int64), 0
+    for i in range(U.shape[0]):
+        for l in range(U.shape[1]):
+            for j in range(V.shape[1]):
+                if (i + j) % 2 == 0:
+                    cost_u[i, l] += 1
+                else:
+                    cost_v[l, j] += 1
+                sparse += int(U[i, l] != 0 and V[l, j] != 0)
+    return cost_u, cost_v, sparse
+
+
+def test_a_product_of_two_parameters_charges_each_mac_to_one_factor():
+    E, O, r, T, B = 6, 5, 3, 4, 2
+    model = _LowRank(E, O, r)
+    costs = CostModel(model, torch.randn(B, T, E))              # was refused: "no cost rule"
+    made, applied = O * r * E, T * O * E                        # W once per forward; x W^T per token
+    assert costs.macs == made + applied and costs.activation_macs == applied
+    cost_u, cost_v, _ = _factor_costs_by_hand(model.U, model.V)
+    assert torch.equal(costs.layer("U").weight_costs(), cost_u.reshape(-1))
+    assert torch.equal(costs.layer("V").weight_costs(), cost_v.reshape(-1))
+    from prunekit.params import ParamSpace
+    assert ParamSpace(model, costs=costs).names() == ["U", "V"]
+    with torch.no_grad():                                        # prune a column of U, a row of V, one more
+        model.U[:, 0] = 0
+        model.V[1] = 0
+        model.V[2, 3] = 0
+    cost_u, cost_v, sparse = _factor_costs_by_hand(model.U, model.V)
+    counted = costs.count(model).macs
+    assert counted == applied + int(cost_u[model.U != 0].sum() + cost_v[model.V != 0].sum())
+    assert applied + sparse <= counted < made + applied          # never below the sparse product
+    assert sparse == O * (E - 1)                      # rank 2 alone survives, less one column of V
+
+    lora = _MergedLora(E, 2)
+    costs = CostModel(lora, torch.randn(B, T, E))
+    assert costs.layer("lora_b").macs + costs.layer("lora_a").macs == E * 2 * E
+    assert not costs.layer("").is_weight_layer and costs.layer("").params == E * E     # W0 only added
+    assert costs.macs == E * 2 * E + T * E * E and costs.activation_macs == T * E * E
+
+
+class _DotProductsThroughViews(nn.Module):    # scales summed along w through a view or copy of the product
+    def __init__(self, E=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.v = nn.Parameter(torch.randn(E))                           # per-head scores, H x (E / H)
+        self.u = nn.Parameter(torch.randn(E))                           # transposed, reshaped (a copy)
+        self.q = nn.Parameter(torch.randn(1, E))                        # nansum of a viewed parameter
+        self.gamma = nn.Parameter(torch.randn(E))                       # a scale, pooled over tokens
+
+    def forward(self, x):                     # x (B, T, E)
+        B, T, E = x.shape
+        heads = (x * self.v).view(B, T, self.heads, E // self.heads).sum(-1)
+        flat = (x * self.u).transpose(1, 2).reshape(B, -1).sum(-1)
+        scores = torch.nansum(x * self.q.view(-1), -1)
+        pooled = (x * self.gamma).view(B, T, self.heads, -1).sum(1)
+        return heads.sum() + flat.sum() + scores.sum() + pooled.sum()
+
+
+def test_a_scale_summed_through_a_view_of_the_product_is_a_dot_product():
+    T, E, B = 5, 8, 3
+    model = _DotProductsThroughViews(E)
+    costs = CostModel(model, torch.randn(B, T, E))              # was 0 MACs: the views hid the sums
+    for name in ("v", "u", "q"):
+        assert costs.layer(name).macs_per_weight == T, name     # once per token
+    assert not costs.has_layer("gamma")                        # stays a scale
+    assert costs.macs == 3 * T * E
+    with torch.no_grad():
+        model.v[:3] = 0
+        model.q[0, 5:] = 0
+    assert costs.count(model).macs == T * (E - 3) + T * E + T * 5

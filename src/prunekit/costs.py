@@ -24,9 +24,13 @@ Conventions (the ones the papers use, so our figures compare with theirs):
   weight element once per broadcast copy. A parameter whose element-wise product has the
   activation's own shape is a scale (a norm's affine, LayerScale, a per-channel gate): an
   element-wise op, not MACs, unless that product is then summed or averaged along a dimension
-  of the weight (``(h * self.v).sum(-1)``, additive attention's learned vector: a dot product,
-  one MAC per product). Learned queries or latents fed to a layer are its input: the layer's
-  own weight is priced. An embedding table's weights
+  of the weight (``(h * self.v).sum(-1)``, additive attention's learned vector, also through a
+  view or copy of the product: a dot product, one MAC per summed product). A product of two
+  parameters (a weight made in forward, ``U @ V``) is batch-independent work, charged in full;
+  each of its MACs ``U[i, l] V[l, j]`` is charged to ``U`` if i + j is even, else to ``V``: both
+  prunable, and a pruned count is never below the sparse product's MACs. The product of an
+  activation with the made weight is activation MACs. Learned queries or latents fed to a layer
+  are its input: the layer's own weight is priced. An embedding table's weights
   are prunable and cost 0 MACs. Biases are not counted.
 * Products of two activations (attention's QKᵀ and AV) are real MACs but tied to no weight:
   a layer's ``activation_macs``, part of ``macs``, never prunable.
