@@ -493,10 +493,10 @@ class _ScaledProducts:
         if storage.expired():               # freed: its memory may now hold something else
             self.products.pop(_storage_key(t))
             return None
-        flat = torch.full((t.untyped_storage().nbytes() // element_size,), -1, dtype=torch.int64)
-        flat.as_strided(size, stride, offset).copy_(positions)
         if t.element_size() != element_size:
             return None                     # the product's bytes read as another dtype
+        flat = torch.full((t.untyped_storage().nbytes() // element_size,), -1, dtype=torch.int64)
+        flat.as_strided(size, stride, offset).copy_(positions)
         mine = flat.as_strided(t.size(), t.stride(), t.storage_offset())
         if bool((mine < 0).any()):
             return None                     # reaches outside the product
