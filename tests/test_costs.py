@@ -310,18 +310,6 @@ def test_learned_queries_through_a_layer_price_the_layers_weight():
     assert costs.layer("attn.in_proj_weight").macs == E * E * (N + 2 * T)
     assert costs.macs == E * E * (N + 2 * T) + E * E * N + 2 * N * T * E
 
-    class Merged(nn.Module):                           # a product of two of the module's own weights
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Parameter(torch.randn(2, E)), nn.Parameter(torch.randn(E, 2))
-            self.weight = nn.Parameter(torch.randn(E, E))
-
-        def forward(self, x):
-            return nn.functional.linear(x, self.weight + self.b @ self.a)
-
-    with pytest.raises(PrunekitError, match="no cost rule"):
-        CostModel(Merged(), torch.zeros(B, T, E))
-
 
 def test_bilinear_weight_costs_one_mac_per_token():
     bil = nn.Bilinear(4, 5, 3)
@@ -505,9 +493,40 @@ def test_batch_independent_work_is_charged_once_at_any_batch(B):
     assert costs.layer("to_q").macs == N * E * E
     assert costs.activation_macs == N * E * T and costs.macs == N * E * E + N * E * T
 
-    # the mask (B, T) is cut with x; the table (6, E), whose first dimension is not B, is not
-    costs = CostModel(_MaskedTokens(E), (torch.zeros(B, T, E), torch.ones(B, T), torch.zeros(6, E)))
-    assert costs.macs == (T + 6) * E * E
+    # the mask (B, T) is cut with x (said by batched=: the model also runs with it whole); the
+    # table (6, E), whose first dimension is not B, is not
+    inputs = (torch.zeros(B, T, E), torch.ones(B, T), torch.zeros(6, E))
+    costs = CostModel(_MaskedTokens(E), inputs, batched=(0, 1))
+    assert costs.macs == (T + 6) * E * E and costs.batched == (0, 1)
+    if B > 1:
+        with pytest.raises(PrunekitError, match=r"input 1 .*batched=\(0, 1\).*batched=\(0,\)"):
+            CostModel(_MaskedTokens(E), inputs)
+
+
+class _SharedTable(nn.Module):                # x (B, T, E) per example; table (N, E) shared by the batch
+    def __init__(self, E=8, O=8):
+        super().__init__()
+        self.fc = nn.Linear(E, O, bias=False)
+
+    def forward(self, x, table):
+        return self.fc(x).sum(1) + self.fc(table).sum(0)
+
+
+def test_a_shared_input_as_long_as_the_batch_is_not_cut_to_one_row():
+    E, T, B = 8, 5, 4
+    by_hand = (T + B) * E * E                 # T tokens and the table's B rows through fc
+    x, table = torch.zeros(B, T, E), torch.zeros(B, E)
+    with pytest.raises(PrunekitError, match=r"input 1 \(shape \(4, 8\)\).*batched=\(0,\)"):
+        CostModel(_SharedTable(E), (x, table))               # was cut to one row: (T + 1) E^2
+    costs = CostModel(_SharedTable(E), (x, table), batched=(0,))
+    assert costs.macs == by_hand and costs.batched == (0,)
+    assert costs.count(_SharedTable(E, 5)).macs == (T + B) * E * 5      # a shrunk model's re-trace too
+    assert CostModel(_SharedTable(E), (x[:1], table)).macs == by_hand   # B = 1: nothing is cut
+    bil = nn.Bilinear(4, 5, 3)                 # a second input the model cannot take whole: it is cut
+    assert CostModel(bil, (torch.zeros(B, 7, 4), torch.zeros(B, 7, 5))).batched == (0, 1)
+    for bad in ((0, 2), (0, 1), ("0",)):                    # no input 2; 4 and 3 rows; not a position
+        with pytest.raises(PrunekitError, match="batched="):
+            CostModel(_SharedTable(E), (x, torch.zeros(3, E)), batched=bad)
 
 
 class _ElementwiseLinear(nn.Module):          # y = x W^T written as a broadcast product and a sum
@@ -589,3 +608,100 @@ def test_a_scale_summed_along_the_weights_dimension_is_a_dot_product():
     with torch.no_grad():
         model.v[:3] = 0
     assert costs.count(model).macs == T * (E - 3) + T * E
+
+
+# --- a weight made in forward from two parameters ------------------------------------------
+
+class _LowRank(nn.Module):                    # W = U @ V (O, E), made in forward, then x W^T
+    def __init__(self, E=6, O=5, r=3):
+        super().__init__()
+        self.U = nn.Parameter(torch.randn(O, r))
+        self.V = nn.Parameter(torch.randn(r, E))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.U @ self.V)
+
+
+class _MergedLora(nn.Module):                 # W0 + B A: a merged low-rank update
+    def __init__(self, E=6, r=2):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, E))
+        self.lora_b, self.lora_a = nn.Parameter(torch.randn(E, r)), nn.Parameter(torch.randn(r, E))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight + self.lora_b @ self.lora_a)
+
+
+def _factor_costs_by_hand(U, V):
+    """Each MAC U[i, l] V[l, j] of U @ V charged to U if i + j is even, else to V: per-element
+    costs and the MACs a sparse product does (both factors nonzero)."""
+    cost_u, cost_v, sparse = torch.zeros_like(U, dtype=torch.int64), torch.zeros_like(V, dtype=torch.int64), 0
+    for i in range(U.shape[0]):
+        for l in range(U.shape[1]):
+            for j in range(V.shape[1]):
+                if (i + j) % 2 == 0:
+                    cost_u[i, l] += 1
+                else:
+                    cost_v[l, j] += 1
+                sparse += int(U[i, l] != 0 and V[l, j] != 0)
+    return cost_u, cost_v, sparse
+
+
+def test_a_product_of_two_parameters_charges_each_mac_to_one_factor():
+    E, O, r, T, B = 6, 5, 3, 4, 2
+    model = _LowRank(E, O, r)
+    costs = CostModel(model, torch.randn(B, T, E))              # was refused: "no cost rule"
+    made, applied = O * r * E, T * O * E                        # W once per forward; x W^T per token
+    assert costs.macs == made + applied and costs.activation_macs == applied
+    cost_u, cost_v, _ = _factor_costs_by_hand(model.U, model.V)
+    assert torch.equal(costs.layer("U").weight_costs(), cost_u.reshape(-1))
+    assert torch.equal(costs.layer("V").weight_costs(), cost_v.reshape(-1))
+    from prunekit.params import ParamSpace
+    assert ParamSpace(model, costs=costs).names() == ["U", "V"]
+    with torch.no_grad():                                        # prune a column of U, a row of V, one more
+        model.U[:, 0] = 0
+        model.V[1] = 0
+        model.V[2, 3] = 0
+    cost_u, cost_v, sparse = _factor_costs_by_hand(model.U, model.V)
+    counted = costs.count(model).macs
+    assert counted == applied + int(cost_u[model.U != 0].sum() + cost_v[model.V != 0].sum())
+    assert applied + sparse <= counted < made + applied          # never below the sparse product
+    assert sparse == O * (E - 1)                      # rank 2 alone survives, less one column of V
+
+    lora = _MergedLora(E, 2)
+    costs = CostModel(lora, torch.randn(B, T, E))
+    assert costs.layer("lora_b").macs + costs.layer("lora_a").macs == E * 2 * E
+    assert not costs.layer("").is_weight_layer and costs.layer("").params == E * E     # W0 only added
+    assert costs.macs == E * 2 * E + T * E * E and costs.activation_macs == T * E * E
+
+
+class _DotProductsThroughViews(nn.Module):    # scales summed along w through a view or copy of the product
+    def __init__(self, E=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.v = nn.Parameter(torch.randn(E))                           # per-head scores, H x (E / H)
+        self.u = nn.Parameter(torch.randn(E))                           # transposed, reshaped (a copy)
+        self.q = nn.Parameter(torch.randn(1, E))                        # nansum of a viewed parameter
+        self.gamma = nn.Parameter(torch.randn(E))                       # a scale, pooled over tokens
+
+    def forward(self, x):                     # x (B, T, E)
+        B, T, E = x.shape
+        heads = (x * self.v).view(B, T, self.heads, E // self.heads).sum(-1)
+        flat = (x * self.u).transpose(1, 2).reshape(B, -1).sum(-1)
+        scores = torch.nansum(x * self.q.view(-1), -1)
+        pooled = (x * self.gamma).view(B, T, self.heads, -1).sum(1)
+        return heads.sum() + flat.sum() + scores.sum() + pooled.sum()
+
+
+def test_a_scale_summed_through_a_view_of_the_product_is_a_dot_product():
+    T, E, B = 5, 8, 3
+    model = _DotProductsThroughViews(E)
+    costs = CostModel(model, torch.randn(B, T, E))              # was 0 MACs: the views hid the sums
+    for name in ("v", "u", "q"):
+        assert costs.layer(name).macs_per_weight == T, name     # once per token
+    assert not costs.has_layer("gamma")                        # stays a scale
+    assert costs.macs == 3 * T * E
+    with torch.no_grad():
+        model.v[:3] = 0
+        model.q[0, 5:] = 0
+    assert costs.count(model).macs == T * (E - 3) + T * E + T * 5

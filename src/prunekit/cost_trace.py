@@ -9,7 +9,9 @@ Three views of the same forward pass:
   ``F.multi_head_attention_forward``. An operand that is a parameter, or a view of one (a
   transpose, a chunk of a packed ``in_proj_weight``), is found by its storage; each element is
   charged the number of times it is multiplied. A product of two activations (attention's
-  QKᵀ and AV) is charged to the running module as *activation MACs*: real, never prunable;
+  QKᵀ and AV) is charged to the running module as *activation MACs*: real, never prunable. A
+  product of two parameters (a weight made in forward from factors, ``U @ V``) is charged to
+  both factors, each MAC to one of them (``_OpCounter._parameter_product``);
 * a **``TorchFunctionMode``** sees tensor additions written in ``forward`` code (residual adds).
 
 A parameter used by an operation without a cost rule is *unpriced*: ``CostModel`` refuses the
@@ -20,12 +22,12 @@ cost function (``register_cost``) is priced by that function alone (its inner op
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -48,6 +50,7 @@ _EMBEDDING_OPS = {"embedding", "_embedding_bag", "_embedding_bag_forward_only"}
 _RNN_OPS = {"mkldnn_rnn_layer", "lstm", "gru", "rnn_tanh", "rnn_relu", "_cudnn_rnn", "miopen_rnn",
             "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell"}
 _COPY_OPS = {"clone", "_to_copy", "contiguous"}
+_REDUCTIONS = {"sum", "mean", "nansum"}
 
 
 @dataclass
@@ -158,13 +161,30 @@ class _ParamIndex:
         entries = self.by_storage.get(_storage_key(t), [])
         if len(entries) == 1 and entries[0][1] is not None and _same_elements(t, entries[0][1]):
             return [(entries[0][0], None)]
-        key = _storage_key(t)
+        return [(name, idx) for name, idx, _ in self.locate(_storage_key(t), self.positions(t).reshape(-1))]
+
+    def _map(self, key: int):
         if key not in self._maps:
-            self._maps[key] = self._build_map(key, entries)
-        flat, owner, names = self._maps[key]
-        positions = torch.arange(flat.numel()).as_strided(t.size(), t.stride(), t.storage_offset()).reshape(-1)
+            self._maps[key] = self._build_map(key, self.by_storage[key])
+        return self._maps[key]
+
+    def positions(self, t: torch.Tensor) -> torch.Tensor:
+        """Storage position of each element of parameter view ``t`` (t's shape; repeats where
+        ``t`` is expanded)."""
+        flat = self._map(_storage_key(t))[0]
+        return torch.arange(flat.numel()).as_strided(t.size(), t.stride(), t.storage_offset())
+
+    def locate(self, key: int, positions: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """[(parameter name, flat indices (m,) of its elements, where they are in ``positions``
+        (m,))] for storage positions (N,) of the parameter storage ``key``."""
+        flat, owner, names = self._map(key)
         which, idx = owner[positions], flat[positions]
-        return [(names[i], idx[which == i]) for i in which.unique().tolist() if i >= 0]
+        found = []
+        for i in which.unique().tolist():
+            if i >= 0:
+                where = (which == i).nonzero().squeeze(1)
+                found.append((names[i], idx[where], where))
+        return found
 
     def add_alias(self, out: torch.Tensor, src: torch.Tensor, repeats=None) -> bool:
         """``out`` is an element-wise copy of ``src`` (a parameter view), tiled by ``repeats`` if
@@ -230,7 +250,7 @@ class _OpCounter(TorchDispatchMode):
         self.activation_macs: dict[str, int] = {}
         self.unpriced: list[Unpriced] = []
         self.order: list[str] = []          # parameter names and scopes in order of first charge
-        self.scaled: dict[int, tuple] = {}  # id(x * w) -> (weak ref to it, w): w a scale, so far
+        self.scaled = _ScaledProducts(index)  # x * w, w a scale so far, and the views of it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -261,6 +281,21 @@ class _OpCounter(TorchDispatchMode):
                 extra = self.uses.partial.setdefault(name, torch.zeros(numel, dtype=torch.int64))
                 extra.index_add_(0, idx, torch.full_like(idx, int(uses)))
 
+    def _param_at(self, key: int, positions: torch.Tensor, uses: torch.Tensor) -> None:
+        """Charge ``uses`` (N,) to the parameter elements at storage ``positions`` (N,) of ``key``."""
+        for name, idx, where in self.index.locate(key, positions):
+            self.uses.mark(name)
+            if name not in self.order:
+                self.order.append(name)
+            extra = self.uses.partial.setdefault(name, torch.zeros(self.index.numels[name], dtype=torch.int64))
+            extra.index_add_(0, idx, uses[where])
+
+    def _param_each(self, t: torch.Tensor, uses: torch.Tensor) -> None:
+        """Charge each element of parameter view ``t`` its own ``uses`` (broadcastable to t's shape)."""
+        positions = self.index.positions(t)
+        self._param_at(_storage_key(t), positions.reshape(-1),
+                       uses.to(torch.int64).broadcast_to(positions.shape).reshape(-1))
+
     def _owned(self, t: torch.Tensor) -> bool:
         """True if every parameter ``t`` holds belongs directly to the running module."""
         where = self._where()
@@ -275,11 +310,11 @@ class _OpCounter(TorchDispatchMode):
         a_param, b_param = self.index.is_param(a), self.index.is_param(b)
         if a_param and b_param:
             # Learned queries/latents fed to a layer: the running module's own parameter is the
-            # weight, the other operand is its input. A product of two parameters of the same
-            # standing (a merged low-rank update) has no rule.
+            # weight, the other operand is its input. Two parameters of the same standing (a
+            # weight made in forward from low-rank factors, a merged LoRA update): both pay.
             a_own, b_own = self._owned(a), self._owned(b)
             if a_own == b_own:
-                self._refuse(func, a)
+                self._parameter_product(a, b, n, m)
                 return
             a_param, b_param = a_own, b_own
         if b_param:
@@ -288,6 +323,16 @@ class _OpCounter(TorchDispatchMode):
             self._param(a, m)
         else:
             self._activation(batch * n * k * m)
+
+    def _parameter_product(self, a, b, n: int, m: int) -> None:
+        """(…, n, k) @ (…, k, m), both parameters: n k m MACs per batch entry, each charged to one
+        of its two factors, alternately: a[i, l] b[l, j] to a if i + j is even, else to b. So
+        a[i, l] costs about m / 2 and b[l, j] about n / 2, the dense sum is exact, and with zeros
+        in either factor the count never falls below the MACs of the sparse product (a MAC of two
+        nonzero factors is always charged to a nonzero)."""
+        parity = lambda size: torch.arange(size) % 2  # noqa: E731
+        self._param_each(a, torch.where(parity(n) == 0, (m + 1) // 2, m // 2).unsqueeze(1))
+        self._param_each(b, torch.where(parity(m) == 0, n // 2, (n + 1) // 2))
 
     def _charge(self, func, args, out) -> None:
         name = func.overloadpacket.__name__
@@ -321,9 +366,11 @@ class _OpCounter(TorchDispatchMode):
                 self._refuse(func, args[0])
         elif name in _COPY_OPS and tensors and self.index.is_param(tensors[0]) and isinstance(out, torch.Tensor):
             self.index.add_alias(out, tensors[0])
+        elif name in _COPY_OPS and tensors and isinstance(out, torch.Tensor) and self.scaled.holds(tensors[0]):
+            self.scaled.copy(tensors[0], out)
         elif name in ("mul", "mul_") and isinstance(out, torch.Tensor):
             self._broadcast_product(args, out)
-        elif name in ("sum", "mean") and tensors and id(tensors[0]) in self.scaled:
+        elif name in _REDUCTIONS and tensors and self.scaled.holds(tensors[0]):
             self._reduced_scale(args)
         elif func.is_view or torch.Tag.pointwise in func.tags or name in _NO_MAC_OPS:
             pass
@@ -358,21 +405,24 @@ class _OpCounter(TorchDispatchMode):
         if out.numel() > x.numel():
             self._param(w, out.numel() // w.numel())
         else:
-            self.scaled[id(out)] = (weakref.ref(out), w)
+            self.scaled.add(out, w)
 
     def _reduced_scale(self, args) -> None:
-        """``(x * w).sum(d)``: if ``d`` runs along ``w`` (it is not broadcast there), the scale was
-        a dot product (``(h * self.v).sum(-1)``, a learned query): each product is a MAC of ``w``."""
+        """``(x * w).sum(d)``, also through views or copies of the product (``.view(B, T, H,
+        D).sum(-1)``): if the reduction adds products of different elements of ``w`` (``d`` runs
+        along ``w``: ``(h * self.v).sum(-1)``, a learned query), the scale was a dot product and
+        each summed product is a MAC of ``w``; summed along a broadcast dimension of ``w`` (a
+        pool after a scale) it stays a scale."""
         t = args[0]
-        ref, w = self.scaled.pop(id(t))
-        if ref() is not t:
+        found = self.scaled.take(t)
+        if found is None:
             return
+        key, positions = found                      # storage positions in w of t's elements (t.shape)
         dims = args[1] if len(args) > 1 and args[1] is not None else []
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = [d % t.dim() for d in dims] if dims else list(range(t.dim()))     # none: all
-        spread = w.broadcast_to(t.shape)
-        if any(t.shape[d] > 1 and spread.stride(d) != 0 for d in dims):
-            self._param(w, t.numel() // w.numel())
+        if any(bool((positions != positions.narrow(d, 0, 1)).any()) for d in dims if t.shape[d] > 1):
+            self._param_at(key, positions.reshape(-1), torch.ones(positions.numel(), dtype=torch.int64))
 
     def _trilinear(self, func, args) -> None:
         """``nn.Bilinear``: three operands unsqueezed at ``expand1..3``, multiplied, summed. A
@@ -398,6 +448,59 @@ class _OpCounter(TorchDispatchMode):
         for t in _flatten(args[1:]):
             if isinstance(t, torch.Tensor) and t.dim() == 2 and self.index.is_param(t):
                 self._param(t, tokens)
+
+
+class _ScaledProducts:
+    """Products ``x * w`` of an activation and a parameter scale ``w``, until a reduction decides
+    whether they were dot products. Found by storage, so a view of a product (``.view``,
+    ``.transpose``, ``.unsqueeze``) is found too; a copy (``.reshape`` of a transposed product,
+    a dtype cast) is recorded with the positions of the tensor it copies."""
+
+    def __init__(self, index: _ParamIndex):
+        self.index = index
+        # storage of a product -> (weak ref to that storage, the product's size, stride and
+        # offset in it, storage of w, positions in w's storage of the product's elements)
+        self.products: dict[int, tuple] = {}
+
+    def add(self, out: torch.Tensor, w: torch.Tensor) -> None:
+        positions = self.index.positions(w).broadcast_to(out.shape)
+        self._record(out, _storage_key(w), positions)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        return self._lookup(t) is not None
+
+    def copy(self, src: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` is an element-wise copy of ``src`` (a product or a view of one)."""
+        key, positions = self._lookup(src)
+        self._record(out, key, positions.clone().view(out.shape))
+
+    def take(self, t: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """(storage of w, positions in it of ``t``'s elements (t.shape)), forgetting the product
+        (its products are charged once); None if ``t`` is not within a product."""
+        found = self._lookup(t)
+        self.products.pop(_storage_key(t), None)
+        return found
+
+    def _record(self, out: torch.Tensor, key: int, positions: torch.Tensor) -> None:
+        layout = (out.size(), out.stride(), out.storage_offset(), out.element_size())
+        self.products[_storage_key(out)] = (StorageWeakRef(out.untyped_storage()), layout, key, positions)
+
+    def _lookup(self, t: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        entry = self.products.get(_storage_key(t))
+        if entry is None:
+            return None
+        storage, (size, stride, offset, element_size), key, positions = entry
+        if storage.expired():               # freed: its memory may now hold something else
+            self.products.pop(_storage_key(t))
+            return None
+        if t.element_size() != element_size:
+            return None                     # the product's bytes read as another dtype
+        flat = torch.full((t.untyped_storage().nbytes() // element_size,), -1, dtype=torch.int64)
+        flat.as_strided(size, stride, offset).copy_(positions)
+        mine = flat.as_strided(t.size(), t.stride(), t.storage_offset())
+        if bool((mine < 0).any()):
+            return None                     # reaches outside the product
+        return key, mine
 
 
 def get_mha_fastpath() -> bool:

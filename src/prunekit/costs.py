@@ -9,7 +9,7 @@ Conventions (the ones the papers use, so our figures compare with theirs):
 
 * ``macs`` of a model = multiply-accumulates of its matrix products and convolutions for
   **one example**: the forward pass is traced on the first example of ``example_input`` alone
-  (each tensor input whose first dimension is the batch B keeps row 0), so work that does not
+  (the inputs that carry the batch keep row 0: see ``batched_inputs``), so work that does not
   depend on the batch (a learned positional table through a Linear, learned queries projected
   before they are expanded over the batch) is charged in full, once, not divided by B. For a
   model whose work is B-independent plus proportional to B this is the per-example slope plus
@@ -24,9 +24,13 @@ Conventions (the ones the papers use, so our figures compare with theirs):
   weight element once per broadcast copy. A parameter whose element-wise product has the
   activation's own shape is a scale (a norm's affine, LayerScale, a per-channel gate): an
   element-wise op, not MACs, unless that product is then summed or averaged along a dimension
-  of the weight (``(h * self.v).sum(-1)``, additive attention's learned vector: a dot product,
-  one MAC per product). Learned queries or latents fed to a layer are its input: the layer's
-  own weight is priced. An embedding table's weights
+  of the weight (``(h * self.v).sum(-1)``, additive attention's learned vector, also through a
+  view or copy of the product: a dot product, one MAC per summed product). A product of two
+  parameters (a weight made in forward, ``U @ V``) is batch-independent work, charged in full;
+  each of its MACs ``U[i, l] V[l, j]`` is charged to ``U`` if i + j is even, else to ``V``: both
+  prunable, and a pruned count is never below the sparse product's MACs. The product of an
+  activation with the made weight is activation MACs. Learned queries or latents fed to a layer
+  are its input: the layer's own weight is priced. An embedding table's weights
   are prunable and cost 0 MACs. Biases are not counted.
 * Products of two activations (attention's QKᵀ and AV) are real MACs but tied to no weight:
   a layer's ``activation_macs``, part of ``macs``, never prunable.
@@ -141,8 +145,12 @@ class CostModel:
     Args:
         model: any ``nn.Module``; put in eval mode for the trace, then restored.
         example_input: one batch, (B, ...) with B >= 1 (or a tuple of inputs); the model is
-            traced on its first example (tensor inputs whose first dimension is B keep row 0),
-            so counts are per example and batch-independent work is charged once.
+            traced on its first example (the inputs that carry the batch keep row 0), so counts
+            are per example and batch-independent work is charged once.
+        batched: positions in ``example_input`` of the inputs that carry the batch; by default
+            input 0 and each other input with first dimension B that the model cannot take whole
+            beside one example (an input it takes either way, at B > 1, is refused as ambiguous).
+            Attribute ``batched`` holds the positions used.
 
     Attributes:
         layers: ``LayerCost`` entries in order of first use (leaf modules, weight tensors,
@@ -152,9 +160,10 @@ class CostModel:
     Raises PrunekitError if a parameter is used by an operation with no cost rule.
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple):
+    def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple, *, batched=None):
         self.example_input = example_input
-        self.layers, self.unknown = _trace(model, example_input)
+        self.batched = batched_inputs(model, example_input, batched)
+        self.layers, self.unknown = _trace(model, example_input, self.batched)
         self._by_name = {layer.name: layer for layer in self.layers}
 
     # --- dense totals -------------------------------------------------------------------
@@ -202,7 +211,7 @@ class CostModel:
         same_shapes = all(layer.param_name in params_of
                           and tuple(params_of[layer.param_name].shape) == layer.weight_shape
                           for layer in self.weight_layers())
-        layers = self.layers if same_shapes else _trace(model, self.example_input)[0]
+        layers = self.layers if same_shapes else _trace(model, self.example_input, self.batched)[0]
         macs, params = 0, 0
         nonzeros_by_layer, macs_by_layer = {}, {}
         for layer in layers:
@@ -222,17 +231,70 @@ class CostModel:
 
 # --- tracing ---------------------------------------------------------------------------------
 
-def _one_example(example_input) -> tuple:
-    """The model's inputs cut to their first example: each tensor input whose first dimension is
-    the first input's batch size B keeps row 0 (others, and everything when B = 1, unchanged)."""
-    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+def _inputs_of(example_input) -> tuple:
+    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+
+
+def batched_inputs(model: nn.Module, example_input, batched=None) -> tuple[int, ...]:
+    """Positions of the inputs that carry the batch (the ones cut to their first row for the trace).
+
+    ``batched`` given: checked (tensors, one first dimension B >= 1) and returned. Otherwise
+    input 0 carries the batch B; another tensor input does if its first dimension is B and the
+    model cannot run with it kept whole beside one example of the others. An input the model
+    runs with either way, at B > 1, is ambiguous (a per-example mask, or a shared table of B rows):
+    refused, naming ``batched=``. At B = 1 nothing is cut, so nothing is ambiguous.
+    """
+    inputs = _inputs_of(example_input)
+    if batched is not None:
+        return _checked_batched(inputs, batched)
     first = inputs[0] if inputs else None
     if not isinstance(first, torch.Tensor) or first.dim() == 0 or first.shape[0] == 0:
         raise PrunekitError("example_input must be a batched tensor (B, ...) with B >= 1, or a tuple of inputs "
                             "whose first is one")
     batch = first.shape[0]
-    return tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch else t
-                 for t in inputs)
+    candidates = [i for i, t in enumerate(inputs[1:], 1)
+                  if batch > 1 and isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch]
+    for i in candidates:
+        others = (0, *(j for j in candidates if j != i))
+        if _runs(model, _cut(inputs, others)):
+            raise PrunekitError(
+                f"example_input's input {i} (shape {tuple(inputs[i].shape)}) has the batch size {batch} of input 0 "
+                f"as its first dimension, and the model runs with it cut to one example or kept whole: pass "
+                f"batched=(0, {i}) if it holds one row per example, batched=(0,) if it is shared by the batch, "
+                "or an example input of batch 1")
+    return (0, *candidates)
+
+
+def _checked_batched(inputs: tuple, batched) -> tuple[int, ...]:
+    positions = tuple(batched)
+    if not all(isinstance(i, int) and 0 <= i < len(inputs) and isinstance(inputs[i], torch.Tensor)
+               and inputs[i].dim() > 0 for i in positions):
+        raise PrunekitError(f"batched={batched!r} must name positions of tensor inputs of example_input "
+                            f"(0 to {len(inputs) - 1}) that have a batch dimension first")
+    sizes = {inputs[i].shape[0] for i in positions}
+    if len(sizes) > 1 or 0 in sizes:
+        raise PrunekitError(f"the inputs batched={batched!r} names have first dimensions {sorted(sizes)}: "
+                            "they must share one batch size B >= 1")
+    return positions
+
+
+def _cut(inputs: tuple, positions) -> tuple:
+    """``inputs`` with those at ``positions`` cut to their first row (B, ...) -> (1, ...)."""
+    return tuple(t[:1] if i in positions else t for i, t in enumerate(inputs))
+
+
+def _runs(model: nn.Module, inputs: tuple) -> bool:
+    """Whether ``model`` (in eval mode, without gradients) accepts ``inputs``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means these inputs do not fit together
+        return False
+    finally:
+        model.train(was_training)
 
 
 def _elementwise_ops(module: nn.Module, inputs: tuple, out) -> int | None:
@@ -261,8 +323,8 @@ def _registered_uses(module: nn.Module, fn, inputs, output, name: str) -> Module
     return cost
 
 
-def _trace(model: nn.Module, example_input) -> tuple[list[LayerCost], list[str]]:
-    inputs = _one_example(example_input)
+def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[list[LayerCost], list[str]]:
+    inputs = _cut(_inputs_of(example_input), batched)
     modules = dict(model.named_modules())
     index = _ParamIndex(model)
     scope: list[str] = []
