@@ -1,0 +1,76 @@
+"""Which inputs of an example batch carry the batch: the trace of ``CostModel`` cuts those to
+their first example, so counts are per example and batch-independent work is charged once."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import PrunekitError
+
+
+def inputs_of(example_input) -> tuple:
+    """``example_input`` as a tuple of the model's positional inputs."""
+    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+
+
+def batched_inputs(model: nn.Module, example_input, batched=None) -> tuple[int, ...]:
+    """Positions of the inputs that carry the batch (the ones cut to their first row for the trace).
+
+    ``batched`` given: checked (tensors, one first dimension B >= 1) and returned. Otherwise
+    input 0 carries the batch B; another tensor input does if its first dimension is B and the
+    model cannot run with it kept whole beside one example of the others. An input the model
+    runs with either way, at B > 1, is ambiguous (a per-example mask, or a shared table of B rows):
+    refused, naming ``batched=``. At B = 1 nothing is cut, so nothing is ambiguous.
+    """
+    inputs = inputs_of(example_input)
+    if batched is not None:
+        return _checked_batched(inputs, batched)
+    first = inputs[0] if inputs else None
+    if not isinstance(first, torch.Tensor) or first.dim() == 0 or first.shape[0] == 0:
+        raise PrunekitError("example_input must be a batched tensor (B, ...) with B >= 1, or a tuple of inputs "
+                            "whose first is one")
+    batch = first.shape[0]
+    candidates = [i for i, t in enumerate(inputs[1:], 1)
+                  if batch > 1 and isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch]
+    for i in candidates:
+        others = (0, *(j for j in candidates if j != i))
+        if _runs(model, cut_to_one_example(inputs, others)):
+            raise PrunekitError(
+                f"example_input's input {i} (shape {tuple(inputs[i].shape)}) has the batch size {batch} of input 0 "
+                f"as its first dimension, and the model runs with it cut to one example or kept whole: pass "
+                f"batched=(0, {i}) if it holds one row per example, batched=(0,) if it is shared by the batch, "
+                "or an example input of batch 1")
+    return (0, *candidates)
+
+
+def _checked_batched(inputs: tuple, batched) -> tuple[int, ...]:
+    positions = tuple(batched)
+    if not all(isinstance(i, int) and 0 <= i < len(inputs) and isinstance(inputs[i], torch.Tensor)
+               and inputs[i].dim() > 0 for i in positions):
+        raise PrunekitError(f"batched={batched!r} must name positions of tensor inputs of example_input "
+                            f"(0 to {len(inputs) - 1}) that have a batch dimension first")
+    sizes = {inputs[i].shape[0] for i in positions}
+    if len(sizes) > 1 or 0 in sizes:
+        raise PrunekitError(f"the inputs batched={batched!r} names have first dimensions {sorted(sizes)}: "
+                            "they must share one batch size B >= 1")
+    return positions
+
+
+def cut_to_one_example(inputs: tuple, positions) -> tuple:
+    """``inputs`` with those at ``positions`` cut to their first row (B, ...) -> (1, ...)."""
+    return tuple(t[:1] if i in positions else t for i, t in enumerate(inputs))
+
+
+def _runs(model: nn.Module, inputs: tuple) -> bool:
+    """Whether ``model`` (in eval mode, without gradients) accepts ``inputs``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means these inputs do not fit together
+        return False
+    finally:
+        model.train(was_training)
