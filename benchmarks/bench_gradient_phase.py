@@ -2,10 +2,15 @@
 
     python benchmarks/bench_gradient_phase.py                         # ViT-B/16, n = 24, chunks: the plan's, 19
     python benchmarks/bench_gradient_phase.py --model vit-mid --n 64 --chunks plan 8 32
+    python benchmarks/bench_gradient_phase.py --model vit-mid-slim --n 64 --chunks plan   # heads removed
 
 ViT-B/16 (224x224; until the attention's packed projection got per-layer rows, its rows were
 per-sample gradients of the whole model through torch.func.vmap), a mid-size ViT (64x64, width
-384, 6 blocks) or the zoo's vit-tiny, RANDOM weights and inputs: cost, not accuracy. Each row, in its own process:
+384, 6 blocks) or the zoo's vit-tiny, either of the two ViTs with every other head removed as
+structured pruning removes heads ("-slim": prunekit's SlimAttention, its in_proj_weight prunable
+through the cost trace), an M5-like audio net of Conv1d layers on 8,000 samples ("conv1d-audio"),
+or cross-attention whose keys/values have their own width ("xattn": nn.MultiheadAttention's
+separate q/k/v weights), RANDOM weights and inputs: cost, not accuracy. Each row, in its own process:
 the memory plan for n bfloat16 rows, then ``fisher.collect_gradients`` with the chunk given ("plan":
 the plan's). Reported: seconds, the plan's activations and layer-gradient terms, and the measured
 gradient phase: peak RSS less what the process held before, less X (n x p x 2 bytes). 19 is the
@@ -33,6 +38,13 @@ def build(name: str):
     """(model, input shape, classes)."""
     from prunekit import zoo
     from prunekit.zoo.vit import VisionTransformer
+    if name.endswith("-slim"):
+        model, shape, classes = build(name[:-len("-slim")])
+        return slim_heads(model), shape, classes
+    if name == "conv1d-audio":
+        return audio_net(), (1, 8000), 35
+    if name == "xattn":
+        return cross_attention(), (64, 128), 10
     if name in ZOO:
         return zoo.build(name), (3, ZOO[name], ZOO[name]), zoo.spec(name).num_classes
     if name == "vit-tiny":
@@ -42,9 +54,51 @@ def build(name: str):
     return VisionTransformer(100, 3, image=64, patch=8, dim=384, depth=6, heads=6, mlp_dim=1536), (3, 64, 64), 100
 
 
+def slim_heads(model):
+    """``model`` with every nn.MultiheadAttention replaced by a SlimAttention of its even heads."""
+    import torch
+    from torch import nn
+
+    from prunekit.structured.attention import slim_copy
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.MultiheadAttention):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, slim_copy(m, torch.arange(m.num_heads) % 2 == 0))
+    return model
+
+
+def audio_net():
+    """M5-like keyword spotting on 8,000 raw samples: four Conv1d blocks, a Linear head."""
+    from torch import nn
+
+    def block(cin, cout, kernel, stride=1):
+        return [nn.Conv1d(cin, cout, kernel, stride=stride, padding=kernel // 2), nn.BatchNorm1d(cout), nn.ReLU(),
+                nn.MaxPool1d(4)]
+    return nn.Sequential(*block(1, 64, 80, 4), *block(64, 64, 3), *block(64, 128, 3), *block(128, 256, 3),
+                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(256, 35))
+
+
+def cross_attention():
+    """64 query tokens of 128 attending to 32 memory tokens of 96 (separate q/k/v weights)."""
+    from torch import nn
+
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.memory = nn.Linear(128, 96)
+            self.attn = nn.MultiheadAttention(128, 4, kdim=96, vdim=96, batch_first=True)
+            self.head = nn.Linear(128, 10)
+
+        def forward(self, x):                                  # (B, 64, 128)
+            memory = self.memory(x[:, ::2])
+            return self.head(self.attn(x, memory, memory, need_weights=False)[0].mean(1))
+    return CrossAttention()
+
+
 def run_row(name: str, n: int, chunk: str, threads: int, dtype: str = "bfloat16", batch: int = 16) -> dict:
     import torch
 
+    from prunekit.costs import CostModel
     from prunekit.fisher import collect_gradients
     from prunekit.memory_plan import current_usage, plan
     from prunekit.params import ParamSpace
@@ -52,7 +106,9 @@ def run_row(name: str, n: int, chunk: str, threads: int, dtype: str = "bfloat16"
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, shape, classes = build(name)
-    space = ParamSpace(model)
+    # a SlimAttention's in_proj_weight is prunable through the trace (as in the hybrid method)
+    space = ParamSpace(model, costs=CostModel(model, torch.zeros(1, *shape))) if name.endswith("-slim") \
+        else ParamSpace(model)
     storage = getattr(torch, dtype)
     planned = plan(model, space, torch.randn(1, *shape), n=n, dtype=dtype, max_memory="1000G")
     used_chunk = planned.chunk if chunk == "plan" else int(chunk)
@@ -87,7 +143,8 @@ def planned_input_bytes(shape) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("vit-b16", "vit-mid", "vit-tiny", *ZOO), default="vit-b16")
+    parser.add_argument("--model", choices=("vit-b16", "vit-mid", "vit-tiny", "vit-b16-slim", "vit-mid-slim",
+                                                  "vit-tiny-slim", "conv1d-audio", "xattn", *ZOO), default="vit-b16")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--batch", type=int, default=16, help="samples per data batch (generated one at a time)")
     parser.add_argument("--n", type=int, default=24)

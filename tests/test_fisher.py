@@ -133,12 +133,25 @@ def test_compact_storage_is_the_float32_rows_rounded(dtype):
     torch.testing.assert_close(compact, full.to(dtype), rtol=0, atol=0)
 
 
+class _Bilinear(nn.Module):
+    """A layer type the per-layer path has no formula for (nn.Bilinear), before a Linear one."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Bilinear(8, 8, 5)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], 16)
+        return self.head(torch.tanh(self.mix(x[:, :8], x[:, 8:])))
+
+
 def test_unsupported_layer_falls_back_to_vmap_with_a_warning():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 14, 4))
+    model = _Bilinear()
     space = ParamSpace(model)
-    batches = [(x.reshape(x.shape[0], 1, 16), y) for x, y in data(10)]
-    with pytest.warns(UserWarning, match="Conv2d only.*vmap"):
+    batches = data(10)
+    with pytest.warns(UserWarning, match="attention only; mix use the slower vmap"):
         rows = collect_gradients(model, space, batches, n=6, progress=False)
     torch.testing.assert_close(rows, _vmap_rows(model, space, batches, 6))
 
@@ -162,7 +175,7 @@ def test_recurrent_layer_vmap_cannot_run_gets_rows_one_sample_at_a_time(cell):
     torch.manual_seed(0)
     model = _RowRNN(cell)
     space = ParamSpace(model)
-    with pytest.warns(UserWarning, match="Conv2d only"), pytest.warns(UserWarning, match="one sample at a time"):
+    with pytest.warns(UserWarning, match="attention only"), pytest.warns(UserWarning, match="one sample at a time"):
         rows = collect_gradients(model, space, data(10), n=7, chunk=4, progress=False)
     x = torch.cat([b[0] for b in data(10)])
     y = torch.cat([b[1] for b in data(10)])

@@ -79,13 +79,20 @@ def test_estimate_parts_and_largest_n_per_dtype(steady_usage):
     assert fitting["float16"] == fitting["bfloat16"]
 
 
+class _OwnAttention(nn.MultiheadAttention):
+    """An attention with a forward of its own: not a per-layer-hook layer."""
+
+    def forward(self, query, key, value, **kwargs):
+        return super().forward(query, key, value, **kwargs)
+
+
 class _Attend(nn.Module):
-    """An attention layer (with add_bias_kv its packed projection is not a per-layer-hook layer)
-    and a head (wide: 8 samples' gradients, the budget below, outweigh 8 samples' activations)."""
+    """An attention layer (its own forward: its projections are not per-layer-hook layers) and a
+    head (wide: 8 samples' gradients, the budget below, outweigh 8 samples' activations)."""
 
     def __init__(self):
         super().__init__()
-        self.attn = nn.MultiheadAttention(64, 4, batch_first=True, add_bias_kv=True)
+        self.attn = _OwnAttention(64, 4, batch_first=True)
         self.head = nn.Linear(64, 256)
 
     def forward(self, x):

@@ -17,11 +17,12 @@ gradients are written straight into its columns as backpropagation reaches the l
 the model + one chunk's activations + one layer's per-sample gradients for the chunk: there is
 no chunk × p temporary and no concatenation.
 
-nn.MultiheadAttention (packed in-projection, no bias_k/bias_v or zero attention) uses its
-weights functionally, so while rows are collected it runs an explicit equivalent forward whose
-projections are hooked (:func:`layer_grads.explicit_attention`): ``in_proj_weight`` (its q, k,
-v thirds from their own inputs) and ``out_proj.weight`` get the Linear formula. The module's own
-forward is restored afterwards, and the first-row check runs on it.
+nn.MultiheadAttention (packed or separate q/k/v weights, bias_k/bias_v, zero attention) and
+prunekit's SlimAttention use their weights functionally, so while rows are collected they run
+an explicit equivalent forward whose projections are hooked (:func:`layer_grads.explicit_attention`):
+``in_proj_weight`` (its q, k, v thirds from their own inputs) or ``q/k/v_proj_weight``, and
+``out_proj.weight``, get the Linear formula. The module's own forward is restored afterwards,
+and the first-row check runs on it.
 
 Layers that path cannot handle (anything else: :func:`layer_grads.unsupported_layers`), and any
 model whose first hooked row disagrees with plain autograd of the modules' own forwards (a weight
@@ -187,7 +188,7 @@ def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupport
     autograd) torch.func over the whole model."""
     if unsupported:
         warnings.warn(PrunekitWarning(
-            f"per-layer gradients handle Linear, MultiheadAttention and Conv2d only; {', '.join(unsupported[:3])}"
+            f"per-layer gradients handle Linear, convolutions and attention only; {', '.join(unsupported[:3])}"
             f"{' ...' if len(unsupported) > 3 else ''} use the slower vmap path (chunk x p extra memory)"),
             stacklevel=3)
     else:
@@ -235,9 +236,10 @@ class _HooksDisagree(Exception):
 
 class _LayerHooks:
     """Forward hooks on the prunable layers that, during the backward pass, write each layer's
-    weight gradients into its columns of ``self.target`` (rows × p). An nn.MultiheadAttention's
-    weights (``in_proj_weight``, ``out_proj.weight``) are written by ``project``, which its
-    explicit forward calls for each projection (``layer_grads.explicit_attention``)."""
+    weight gradients into its columns of ``self.target`` (rows × p). An attention module's
+    projection weights (``in_proj_weight`` or ``q/k/v_proj_weight``, and nn.MultiheadAttention's
+    ``out_proj.weight``) are written by ``project``, which its explicit forward calls for each
+    projection (``layer_grads.explicit_attention``)."""
 
     def __init__(self, model: nn.Module, space: ParamSpace, summed: bool):
         modules = dict(model.named_modules())
@@ -247,15 +249,16 @@ class _LayerHooks:
         self.target: torch.Tensor | None = None
         self.samples = 0
         self.written: set[tuple[str, int]] = set()
-        self.projections: dict[tuple[int, str], Entry] = {}     # (id(attention), "in"/"out") -> entry
+        self.projections: dict[tuple[int, str], Entry] = {}     # (id(attention), weight name/"out") -> entry
         attention: dict[str, nn.Module] = {}
         self.handles = []
         for e in space.entries:
             module = modules[e.module]
-            if e.module in parents or isinstance(module, nn.MultiheadAttention):
+            if e.module in parents or isinstance(module, layer_grads.ATTENTION):
                 name = parents.get(e.module, e.module)
                 attention[name] = modules[name]
-                self.projections[(id(modules[name]), "out" if e.module in parents else "in")] = e
+                which = "out" if e.module in parents else e.param_name.rsplit(".", 1)[-1]
+                self.projections[(id(modules[name]), which)] = e
             else:
                 self.handles.append(module.register_forward_hook(self._forward_hook(e, dims.get(e.module, 0))))
         self.attention_modules = list(attention.values())
@@ -268,6 +271,10 @@ class _LayerHooks:
                     inputs[0].dim() <= sample_dim or inputs[0].shape[sample_dim] != self.samples):
                 raise _HooksDisagree(f"layer {entry.module_name!r}: dimension {sample_dim} of its input "
                                      f"{tuple(inputs[0].shape)} is not the {self.samples} samples")
+            if isinstance(module, layer_grads.CONVOLUTIONS) and not _batch_of_samples(
+                    module, inputs[0], None if self.summed else self.samples):
+                raise _HooksDisagree(f"layer {entry.module_name!r}: its input {tuple(inputs[0].shape)} is "
+                                     f"not a batch of the {self.samples} samples")
             return self._capture(entry, entry.slice, inputs[0], output,
                                  lambda a, g, dest, accumulate: layer_grads.write_weight_grads(
                                      module, a, g, dest, accumulate=accumulate, summed=self.summed,
@@ -290,7 +297,7 @@ class _LayerHooks:
     def project(self, module: nn.Module, which: str, a: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, rows: tuple[int, int] | None) -> torch.Tensor:
         """One projection of an attention's explicit forward: F.linear, its gradient written into
-        the weight's columns (``rows`` of ``in_proj_weight``, or all of ``out_proj.weight``)."""
+        the columns of weight ``which`` (``rows`` of ``in_proj_weight``, or all of the weight)."""
         output = F.linear(a, weight, bias)
         entry = self.projections.get((id(module), which))
         if self.target is None or entry is None:
@@ -330,6 +337,13 @@ class _LayerHooks:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _batch_of_samples(conv: nn.Module, a: torch.Tensor, samples: int | None) -> bool:
+    """Whether a convolution's input ``a`` is batched (an unbatched call lacks the batch dimension)
+    and, unless ``samples`` is None (mini-batch rows), its batch is the ``samples`` samples (not,
+    say, a sample's frames folded into the batch)."""
+    return a.dim() == len(conv.kernel_size) + 2 and (samples is None or a.shape[0] == samples)
 
 
 def gradient_bar(n: int, progress: bool) -> tqdm:

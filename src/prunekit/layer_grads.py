@@ -1,6 +1,7 @@
-"""Per-sample weight gradients of one Linear or Conv2d layer from its input and output gradient,
-and of nn.MultiheadAttention's projections (an explicit forward whose projections are Linear
-layers: :func:`explicit_attention`, at the end).
+"""Per-sample weight gradients of one Linear or convolution layer (Conv1d/2d/3d and their
+transposes) from its input and output gradient, and of the projections of nn.MultiheadAttention
+and prunekit's SlimAttention (an explicit forward whose projections are Linear layers:
+:func:`explicit_attention`, at the end).
 
 For a layer y = W a (Linear: a (B, *, in), y (B, *, out); Conv2d: a (B, C_in, H, W)), the
 gradient of sample b's loss with respect to W is a sum over the sample's positions t of
@@ -11,9 +12,10 @@ outer products of the output gradient g_bt and the input a_bt:
 
 where patch_b (C_in·kh·kw, L) holds every kh×kw window of every input channel at each of the
 L output positions and group(o) the input channels of o's group (G = ``groups``; depthwise:
-G = C_in). These are the formulas autograd uses for the summed gradient, kept per sample
-(Conv2d: torch's own convolution backward, vmapped over the samples). ``summed=True`` gives
-Σ_b instead (a mini-batch row).
+G = C_in); Conv1d and Conv3d alike with windows over one or three dimensions, a transposed
+convolution with input and output gradient in each other's places. These are the formulas
+autograd uses for the summed gradient, kept per sample (convolutions: torch's own convolution
+backward, vmapped over the samples). ``summed=True`` gives Σ_b instead (a mini-batch row).
 
 The functions write into a caller's (rows, layer_p) destination, so no chunk × p tensor is
 ever formed: the peak is one layer's per-sample gradients for the chunk.
@@ -29,18 +31,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import SlimAttention, attention_forward
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+ATTENTION = (nn.MultiheadAttention, SlimAttention)
+# an attention module's weights its explicit forward projects with (its out_proj is a Linear child)
+PROJECTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
 def supported(module: nn.Module) -> bool:
-    """Whether the per-layer path handles this layer: a Linear or Conv2d whose forward is torch's
-    own (a subclass that changes the forward may use its weight otherwise), written by
-    :func:`write_weight_grads`, or an nn.MultiheadAttention that :func:`attention_supported`
-    (its ``in_proj_weight``; its ``out_proj`` depends on it: :func:`unsupported_layers`)."""
+    """Whether the per-layer path handles this layer: a Linear or convolution whose forward is
+    torch's own (a subclass that changes the forward may use its weight otherwise), written by
+    :func:`write_weight_grads`, or an attention module that :func:`attention_supported` (its
+    projection weights; an nn.MultiheadAttention's ``out_proj`` depends on it:
+    :func:`unsupported_layers`)."""
     kind = type(module)
-    if isinstance(module, nn.MultiheadAttention):
+    if isinstance(module, ATTENTION):
         return attention_supported(module)
     if isinstance(module, nn.Linear):
         return kind.forward is nn.Linear.forward
-    if isinstance(module, nn.Conv2d):
-        return kind.forward is nn.Conv2d.forward and kind._conv_forward is nn.Conv2d._conv_forward
+    for base in CONVOLUTIONS:
+        if isinstance(module, base):
+            return kind.forward is base.forward and getattr(kind, "_conv_forward", None) is getattr(
+                base, "_conv_forward", None)
     return False
 
 
@@ -60,7 +73,7 @@ def write_weight_grads(module: nn.Module, inputs: torch.Tensor, grad_output: tor
         write_linear_grads(inputs.movedim(sample_dim, 0), grad_output.movedim(sample_dim, 0), dest,
                            accumulate, summed)
     else:
-        _conv2d(module, inputs, grad_output, dest, accumulate, summed)
+        _conv(module, inputs, grad_output, dest, accumulate, summed)
 
 
 def _store(dest: torch.Tensor, values: torch.Tensor, accumulate: bool) -> None:
@@ -84,25 +97,29 @@ def write_linear_grads(a: torch.Tensor, g: torch.Tensor, dest: torch.Tensor, acc
     _store(dest, grads, accumulate)
 
 
-def _conv2d(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, dest: torch.Tensor, accumulate: bool,
-            summed: bool) -> None:
-    """Conv2d weight gradients by torch's own convolution backward (weight part only), vmapped
-    over the samples for per-sample gradients: torch turns that into one grouped convolution,
-    4-8x faster on CPU than unfolding the input and multiplying (measured, 2 threads)."""
+def _conv(conv: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor, dest: torch.Tensor,
+          accumulate: bool, summed: bool) -> None:
+    """Convolution weight gradients (a (B, C_in, *spatial), g (B, C_out, *spatial'), 1-3 spatial
+    dimensions) by torch's own convolution backward (weight part only), vmapped over the samples
+    for per-sample gradients: torch turns that into one grouped convolution, 4-8x faster on CPU
+    than unfolding the input and multiplying (measured on Conv2d, 2 threads)."""
+    dims = a.dim() - 2
     padding = conv.padding
     if isinstance(padding, str) or conv.padding_mode != "zeros":     # "same"/"valid", reflect, ...
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         a = F.pad(a, conv._reversed_padding_repeated_twice, mode=mode)
-        padding = (0, 0)
-    if conv.kernel_size == (1, 1) and conv.groups == 1 and tuple(padding) == (0, 0):
+        padding = (0,) * dims
+    if (not conv.transposed and conv.kernel_size == (1,) * dims and conv.groups == 1
+            and tuple(padding) == (0,) * dims):
         _pointwise(conv, a, g, dest, accumulate, summed)        # a matrix product: ~3x faster
         return
     weight = conv.weight.detach()
+    output_padding = _output_padding(conv, a, g) if conv.transposed else (0,) * dims
 
     def weight_grad(inputs: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten.convolution_backward(
-            grad_output, inputs, weight, None, conv.stride, padding, conv.dilation, False, (0, 0),
-            conv.groups, (False, True, False))[1]
+            grad_output, inputs, weight, None, conv.stride, padding, conv.dilation, conv.transposed,
+            output_padding, conv.groups, (False, True, False))[1]
 
     if summed:
         _store(dest, weight_grad(a, g).reshape(1, -1), accumulate)
@@ -111,34 +128,53 @@ def _conv2d(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, dest: torch.Tenso
         _store(dest, per_sample.reshape(a.shape[0], -1), accumulate)
 
 
-def _pointwise(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, dest: torch.Tensor, accumulate: bool,
-               summed: bool) -> None:
-    """A 1×1 convolution (groups 1, no padding) is a Linear layer over the positions it visits:
-    ∂L_b/∂W = g_b a_bᵀ with a_b (C_in, L) the input at those positions."""
-    height, width = g.shape[-2:]
-    a = a[:, :, ::conv.stride[0], ::conv.stride[1]][:, :, :height, :width]
+def _output_padding(conv: nn.modules.conv._ConvTransposeNd, a: torch.Tensor, g: torch.Tensor) -> tuple:
+    """The output padding of this call of a transposed convolution (its ``output_size`` argument
+    may have chosen one other than ``conv.output_padding``), from its input and output sizes."""
+    return tuple(int(out - ((size - 1) * stride - 2 * pad + dilation * (kernel - 1) + 1))
+                 for out, size, stride, pad, dilation, kernel in zip(
+                     g.shape[2:], a.shape[2:], conv.stride, conv.padding, conv.dilation, conv.kernel_size))
+
+
+def _pointwise(conv: nn.modules.conv._ConvNd, a: torch.Tensor, g: torch.Tensor, dest: torch.Tensor,
+               accumulate: bool, summed: bool) -> None:
+    """A 1×1 convolution (groups 1, no padding; any number of spatial dimensions) is a Linear
+    layer over the positions it visits: ∂L_b/∂W = g_b a_bᵀ with a_b (C_in, L) the input there."""
+    visited = (slice(None), slice(None)) + tuple(slice(None, size * stride, stride)
+                                                 for size, stride in zip(g.shape[2:], conv.stride))
+    a = a[visited]
     write_linear_grads(a.flatten(2).transpose(1, 2), g.flatten(2).transpose(1, 2), dest, accumulate, summed)
 
 
-# --- nn.MultiheadAttention: its projections' weights are used functionally -----------------------
+# --- attention: its projections' weights are used functionally ------------------------------------
 #
-# nn.MultiheadAttention applies its packed ``in_proj_weight`` and ``out_proj.weight`` inside
-# F.multi_head_attention_forward, so no module hook sees them. While rows are collected, each
-# such module (the common case, ``attention_supported``) runs ``explicit_attention_forward``
-# instead: the same computation with each projection a call of ``project``, which the collector
-# turns into F.linear plus a hook on its output. The q, k and v thirds of ``in_proj_weight`` are
-# then Linear layers of their own inputs (one (B, T, 3E) product for self-attention), and
-# ``out_proj.weight`` a Linear layer on the heads' concatenated outputs: the Linear formula.
+# nn.MultiheadAttention applies its ``in_proj_weight`` (or ``q/k/v_proj_weight``) and
+# ``out_proj.weight`` inside F.multi_head_attention_forward, and SlimAttention its
+# ``in_proj_weight`` inside ``layers.attention_forward``, so no module hook sees them. While rows
+# are collected, each such module (``attention_supported``) runs an explicit forward instead:
+# the same computation with each projection a call of ``project``, which the collector turns
+# into F.linear plus a hook on its output. The q, k and v parts of the in-projection are then
+# Linear layers of their own inputs (one (B, T, 3E) product for nn.MultiheadAttention's packed
+# self-attention), and nn.MultiheadAttention's ``out_proj.weight`` a Linear layer on the heads'
+# concatenated outputs: the Linear formula. (SlimAttention calls its ``out_proj`` as a module:
+# an ordinary hooked Linear.)
 
 def attention_supported(module: nn.Module) -> bool:
-    """Whether ``explicit_attention_forward`` reproduces this module: torch's own
-    nn.MultiheadAttention forward with a packed in-projection (q, k, v of the embedding
-    width), no bias_k/bias_v and no zero attention."""
-    return (isinstance(module, nn.MultiheadAttention)
-            and type(module).forward is nn.MultiheadAttention.forward
-            and module._qkv_same_embed_dim and module.in_proj_weight is not None
-            and module.bias_k is None and module.bias_v is None and not module.add_zero_attn
-            and isinstance(module.out_proj, nn.Linear))
+    """Whether :func:`explicit_forward` reproduces this module: torch's own nn.MultiheadAttention
+    forward (packed or separate q/k/v weights, bias_k/bias_v, zero attention), or prunekit's own
+    SlimAttention forward."""
+    if not isinstance(module, ATTENTION) or not isinstance(module.out_proj, nn.Linear):
+        return False
+    if isinstance(module, SlimAttention):
+        return type(module).forward is SlimAttention.forward
+    packed = module._qkv_same_embed_dim and module.in_proj_weight is not None
+    separate = not module._qkv_same_embed_dim and module.q_proj_weight is not None
+    return type(module).forward is nn.MultiheadAttention.forward and (packed or separate)
+
+
+def explicit_forward(module: nn.Module):
+    """The explicit forward of an ``attention_supported`` module (looked up when called)."""
+    return explicit_slim_forward if isinstance(module, SlimAttention) else explicit_attention_forward
 
 
 def attention_parent(model: nn.Module) -> dict[str, str]:
@@ -149,9 +185,9 @@ def attention_parent(model: nn.Module) -> dict[str, str]:
 
 def unsupported_layers(model: nn.Module, space) -> list[str]:
     """The layer names of ``space`` whose per-sample rows the per-layer path cannot write: a
-    weight of a module other than a plain Linear/Conv2d or a supported nn.MultiheadAttention
-    (its ``in_proj_weight``), and an attention's ``out_proj.weight`` when the attention is not
-    supported (its forward uses the weight functionally)."""
+    weight of a module other than a plain Linear/convolution or a supported attention module
+    (its projection weights), and an nn.MultiheadAttention's ``out_proj.weight`` when the
+    attention is not supported (its forward uses the weight functionally)."""
     modules = dict(model.named_modules())
     parents = attention_parent(model)
     names = []
@@ -159,8 +195,8 @@ def unsupported_layers(model: nn.Module, space) -> list[str]:
         module = modules[entry.module]
         if entry.module in parents:
             ok = attention_supported(modules[parents[entry.module]])
-        elif isinstance(module, nn.MultiheadAttention):
-            ok = entry.param_name.rsplit(".", 1)[-1] == "in_proj_weight" and attention_supported(module)
+        elif isinstance(module, ATTENTION):
+            ok = entry.param_name.rsplit(".", 1)[-1] in PROJECTION_WEIGHTS and attention_supported(module)
         else:
             ok = supported(module)
         if not ok:
@@ -182,8 +218,8 @@ def sample_dims(model: nn.Module) -> dict[str, int]:
 
 @contextlib.contextmanager
 def explicit_attention(modules: list[nn.Module], project):
-    """Within the block each module of ``modules`` (nn.MultiheadAttention, ``attention_supported``)
-    runs ``explicit_attention_forward`` with ``project``, and torch's fused attention fast paths
+    """Within the block each module of ``modules`` (``attention_supported``) runs its
+    :func:`explicit_forward` with ``project``, and torch's fused attention fast paths
     are off (a TransformerEncoderLayer must call its attention module); the block's object
     ``.suspended()`` gives the modules their own forward back for a while (the autograd check).
     Every module and the fast-path switch are restored on exit, on error too."""
@@ -211,7 +247,7 @@ class _AttentionPatch:
         for m in self.modules:
             own = "forward" in m.__dict__                    # an instance attribute of the user's
             self.saved.append((m, own, m.__dict__.get("forward")))
-            m.forward = functools.partial(explicit_attention_forward, m, self.project)
+            m.forward = functools.partial(explicit_forward(m), m, self.project)
 
     def restore(self) -> None:
         while self.saved:
@@ -231,7 +267,57 @@ class _AttentionPatch:
 
 
 class AttentionUnsupported(Exception):
-    """An nn.MultiheadAttention call the explicit forward does not reproduce (unbatched input)."""
+    """An attention call the explicit forward does not reproduce (unbatched input)."""
+
+
+def explicit_slim_forward(module: SlimAttention, project, query, key, value, key_padding_mask=None,
+                          need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
+                          is_causal: bool = False):
+    """SlimAttention's forward with each of q, k and v ``project(module, "in_proj_weight", a,
+    weight, bias, rows)`` (``rows`` = (first, last) rows of ``in_proj_weight``; ``a`` (B, T, E)
+    batch first); it returns F.linear(a, weight, bias)."""
+    if query.dim() != 3:
+        raise AttentionUnsupported(f"unbatched input of {query.dim()} dimensions")
+    linear = lambda a, weight, bias, rows: project(module, "in_proj_weight", a, weight, bias, rows)
+    out = attention_forward(module, query, key, value, heads=module.num_heads, head_dim=module.head_dim,
+                            key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
+                            in_projection=linear)
+    return out, None
+
+
+def _in_projections(module: nn.MultiheadAttention, project, query, key, value):
+    """q, k and v, each (B, T, E), from the batch-first inputs by ``project``: the thirds of a
+    packed ``in_proj_weight`` (one product for self-attention, one for a shared key/value) or the
+    separate ``q/k/v_proj_weight``."""
+    E = module.embed_dim
+    b = module.in_proj_bias
+    bias = lambda i: None if b is None else b[i * E:(i + 1) * E]
+    if not module._qkv_same_embed_dim:
+        return tuple(project(module, f"{name}_proj_weight", a, getattr(module, f"{name}_proj_weight"), bias(i), None)
+                     for i, (name, a) in enumerate(zip("qkv", (query, key, value))))
+    w = module.in_proj_weight
+    part = lambda i, j: (w[i * E:j * E], None if b is None else b[i * E:j * E])
+    if key is value and query is key:                                    # self-attention: one product
+        return project(module, "in_proj_weight", query, w, b, (0, 3 * E)).split(E, dim=-1)
+    q = project(module, "in_proj_weight", query, *part(0, 1), (0, E))
+    if key is value:
+        return (q, *project(module, "in_proj_weight", key, *part(1, 3), (E, 3 * E)).split(E, dim=-1))
+    return (q, project(module, "in_proj_weight", key, *part(1, 2), (E, 2 * E)),
+            project(module, "in_proj_weight", value, *part(2, 3), (2 * E, 3 * E)))
+
+
+def _extra_keys(module: nn.MultiheadAttention, k: torch.Tensor, v: torch.Tensor):
+    """k and v (B, S, E) with bias_k/bias_v, then a zero key and value, appended as torch does
+    (``add_bias_kv``, ``add_zero_attn``); the number of keys appended."""
+    extra = 0
+    if module.bias_k is not None:
+        k = torch.cat([k, module.bias_k.expand(k.shape[0], 1, -1)], dim=1)
+        v = torch.cat([v, module.bias_v.expand(v.shape[0], 1, -1)], dim=1)
+        extra += 1
+    if module.add_zero_attn:
+        k, v = (torch.cat([t, t.new_zeros(t.shape[0], 1, t.shape[2])], dim=1) for t in (k, v))
+        extra += 1
+    return k, v, extra
 
 
 def explicit_attention_forward(module: nn.MultiheadAttention, project, query, key, value,
@@ -239,25 +325,20 @@ def explicit_attention_forward(module: nn.MultiheadAttention, project, query, ke
                                average_attn_weights: bool = True, is_causal: bool = False):
     """nn.MultiheadAttention's forward (its non-fused path, F.multi_head_attention_forward),
     written out with each projection ``project(module, which, a, weight, bias, rows)``:
-    ``which`` "in" (``rows`` = (first, last) rows of ``in_proj_weight``) or "out" (``rows``
-    None), ``a`` (B, T, in) batch first whatever the module's layout; it returns
+    ``which`` the in-projection's weight name ("in_proj_weight", ``rows`` = (first, last) of
+    its rows; "q_proj_weight", "k_proj_weight", "v_proj_weight", ``rows`` None) or "out"
+    (``rows`` None), ``a`` (B, T, in) batch first whatever the module's layout; it returns
     F.linear(a, weight, bias)."""
     if query.dim() != 3:
         raise AttentionUnsupported(f"unbatched input of {query.dim()} dimensions")
     E, heads = module.embed_dim, module.num_heads
     d = E // heads
-    w, b = module.in_proj_weight, module.in_proj_bias
-    part = lambda i, j: (w[i * E:j * E], None if b is None else b[i * E:j * E])
     first = (lambda t: t) if module.batch_first else (lambda t: t.transpose(0, 1))
-    if key is value and query is key:                                    # self-attention: one product
-        q, k, v = project(module, "in", first(query), w, b, (0, 3 * E)).split(E, dim=-1)
-    elif key is value:
-        q = project(module, "in", first(query), *part(0, 1), (0, E))
-        k, v = project(module, "in", first(key), *part(1, 3), (E, 3 * E)).split(E, dim=-1)
-    else:
-        q = project(module, "in", first(query), *part(0, 1), (0, E))
-        k = project(module, "in", first(key), *part(1, 2), (E, 2 * E))
-        v = project(module, "in", first(value), *part(2, 3), (2 * E, 3 * E))
+    q_in = first(query)
+    k_in = q_in if key is query else first(key)                # the same tensor stays the same one
+    v_in = k_in if value is key else (q_in if value is query else first(value))
+    q, k, v = _in_projections(module, project, q_in, k_in, v_in)
+    k, v, extra = _extra_keys(module, k, v)
     batch, lq, ls = q.shape[0], q.shape[1], k.shape[1]
     q, k, v = (t.reshape(batch, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))   # (B, h, T, d)
     kpm = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
@@ -272,6 +353,9 @@ def explicit_attention_forward(module: nn.MultiheadAttention, project, query, ke
                                  target_type=q.dtype, check_other=False)
         if kpm is not None:
             is_causal = False
+        if extra:                                      # the appended keys are never masked
+            mask = None if mask is None else F.pad(mask, (0, extra))
+            kpm = None if kpm is None else F.pad(kpm, (0, extra))
         if mask is not None:
             mask = mask.view(1, 1, lq, ls) if mask.dim() == 2 else mask.view(batch, heads, lq, ls)
         if kpm is not None:

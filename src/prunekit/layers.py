@@ -19,10 +19,13 @@ from torch import nn
 
 def attention_forward(module: nn.Module, query, key, value, *, heads: int, head_dim: int,
                       key_padding_mask=None, attn_mask=None, is_causal: bool = False,
-                      head_gates: torch.Tensor | None = None) -> torch.Tensor:
+                      head_gates: torch.Tensor | None = None, in_projection=None) -> torch.Tensor:
     """Multi-head attention with ``module``'s ``in_proj_weight`` ((3·heads·head_dim, E)),
     ``in_proj_bias`` and ``out_proj``; ``head_gates`` (heads,) scales each head's output.
-    query (B, Lq, E) if ``module.batch_first`` else (Lq, B, E); returns the same layout."""
+    query (B, Lq, E) if ``module.batch_first`` else (Lq, B, E); returns the same layout.
+    ``in_projection(a, weight, bias, rows)``, if given, computes each of q, k and v in place of
+    F.linear (a (B, L, E); ``rows`` = (first, last) rows of ``in_proj_weight``): the gradient
+    collector hooks them there (``layer_grads.explicit_attention``)."""
     batch_first = getattr(module, "batch_first", False)
     if not batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -30,10 +33,11 @@ def attention_forward(module: nn.Module, query, key, value, *, heads: int, head_
     w, b = module.in_proj_weight, module.in_proj_bias
     bq, bk, bv = (None, None, None) if b is None else b.split(inner)
     wq, wk, wv = w.split(inner)
+    linear = in_projection or (lambda a, weight, bias, rows: F.linear(a, weight, bias))
     batch, lq, lk = query.shape[0], query.shape[1], key.shape[1]
-    q = F.linear(query, wq, bq).view(batch, lq, heads, head_dim).transpose(1, 2)
-    k = F.linear(key, wk, bk).view(batch, lk, heads, head_dim).transpose(1, 2)
-    v = F.linear(value, wv, bv).view(batch, lk, heads, head_dim).transpose(1, 2)
+    q = linear(query, wq, bq, (0, inner)).view(batch, lq, heads, head_dim).transpose(1, 2)
+    k = linear(key, wk, bk, (inner, 2 * inner)).view(batch, lk, heads, head_dim).transpose(1, 2)
+    v = linear(value, wv, bv, (2 * inner, 3 * inner)).view(batch, lk, heads, head_dim).transpose(1, 2)
     mask = _merge_masks(attn_mask, key_padding_mask, batch, heads, lq, lk, q.dtype)
     dropout = module.dropout if module.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,

@@ -175,7 +175,7 @@ class _Sizes:
         self.whole_model_rows = bool(layer_grads.unsupported_layers(model, space))
         self.batch_statistics = batch_statistics
         attention = [] if self.whole_model_rows else [
-            m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and layer_grads.attention_supported(m)]
+            m for m in model.modules() if layer_grads.attention_supported(m)]
         prunable = [modules[e.module] for e in space.entries]
         try:
             self.activation_per_sample = _activation_bytes(model, example_input, prunable, batch_statistics,
@@ -402,7 +402,7 @@ def _activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable:
     on a forward of the first sample of ``example`` (a batch or a tuple of batched inputs) in
     eval mode with the weights frozen, as the collector runs it. ``batch_statistics``: BatchNorm on
     batch statistics (fisher_bn="batch"), measured on two copies of the sample (one sample has no
-    spread) and halved. ``attention``: nn.MultiheadAttention modules that run their explicit
+    spread) and halved. ``attention``: attention modules that run their explicit
     forward (``layer_grads.explicit_attention``) as the collector runs them, their projections'
     inputs kept."""
     from .fisher import batchnorm_on_batch_statistics      # the collector's own mode, not a copy
