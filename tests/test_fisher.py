@@ -67,7 +67,7 @@ def test_too_little_data_is_a_clear_error():
 def _vmap_rows(model, space, batches, n, batch=1, chunk=4, dtype=torch.float32):
     rows = torch.empty(n, space.numel, dtype=dtype)
     model.eval()
-    fisher._collect_with_vmap(model, space, batches, rows, batch, chunk, progress=False)
+    fisher.collect_with_vmap(model, space, batches, rows, batch, chunk, progress=False)
     return rows
 
 

@@ -24,7 +24,7 @@ def _no_vmap(monkeypatch):
     """Fail the test if the collector takes the whole-model vmap path."""
     def refuse(*args, **kwargs):
         raise AssertionError("the vmap path was taken")
-    monkeypatch.setattr(fisher, "_collect_with_vmap", refuse)
+    monkeypatch.setattr(fisher, "collect_with_vmap", refuse)
 
 
 def _hook_rows(model, space, batches, n, **kwargs):

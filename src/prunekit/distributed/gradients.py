@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from ..fisher import collect_gradients, gradient_bar, keep_columns, passes, skip_samples
+from ..fisher import collect_gradients, keep_columns, passes, skip_samples
+from ..fisher_batches import gradient_bar
 from ..options import OptionError
 from ..params import ParamSpace
 from ..solvers.collective import Collective, shard_bounds

@@ -21,7 +21,8 @@ from ..budget import ResolvedBudget
 from .. import memory_plan
 from ..options import OptionError
 from .. import distributed
-from ..fisher import check_enough_samples, collect_gradients, keep_columns, passes, skip_samples
+from ..fisher import collect_gradients, keep_columns, passes, skip_samples
+from ..fisher_batches import check_enough_samples
 from ..distributed.gradients import collect_sharded_gradients
 from ..solvers.backsolve import GramCache
 from ..solvers.chita import chita

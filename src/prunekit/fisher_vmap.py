@@ -1,0 +1,80 @@
+"""Gradient rows by torch.func over the whole model: per-sample gradients vmapped over the
+samples (or one sample at a time where vmap cannot run the model), mini-batch gradients by
+``grad``. The fallback of ``fisher_hooks``: slower, chunk × p extra memory, any model."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from .errors import PrunekitWarning
+from .fisher_batches import check_filled, gradient_bar, regroup
+from .losses import mean_loss
+
+
+def collect_with_vmap(model, space, batches, rows, batch, chunk, progress, loss_fn=None) -> None:
+    n = rows.shape[0]
+    names = space.param_names()
+    device = rows.device
+    fixed = {k: v.detach() for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
+             if k not in names}
+    weights = {k: w.detach() for k, w in zip(names, space.weights())}
+
+    def loss(w: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, {**fixed, **w}, (x,))
+        return mean_loss(loss_fn, out, y)
+
+    def one_sample_loss(w, x, y):
+        return loss(w, x.unsqueeze(0), y.unsqueeze(0))
+
+    per_sample_grads = _vmap_or_loop(grad(one_sample_loss))
+    batch_grad = grad(loss)
+    filled = 0
+    bar = progress if isinstance(progress, tqdm) else gradient_bar(n, progress)
+    try:
+        for x, y in regroup(batches, batch if batch > 1 else chunk):
+            x, y = x.to(device), y.to(device)
+            if batch == 1:
+                take = min(x.shape[0], n - filled)
+                g = per_sample_grads(weights, x[:take], y[:take])
+            elif x.shape[0] < batch:
+                break
+            else:
+                take = 1
+                g = {k: v.unsqueeze(0) for k, v in batch_grad(weights, x, y).items()}
+            for entry, name in zip(space.entries, names):
+                rows[filled:filled + take, entry.slice] = g.pop(name).reshape(take, -1)
+            filled += take
+            bar.update(take)
+            if filled >= n:
+                break
+    finally:
+        if bar is not progress:             # a bar of the caller's (pieces of a rank's rows) stays open
+            bar.close()
+    check_filled(filled, n, batch)
+
+
+def _vmap_or_loop(sample_grad):
+    """Per-sample gradients ``(weights, x (k, ...), y (k, ...)) -> {name: (k, ...)}``: ``sample_grad``
+    vmapped over the samples, or, where vmap cannot run the model (torch's GRU and RNN kernels
+    write their unbatched hidden state in place), ``sample_grad`` one sample at a time from then
+    on: the same rows, slower; said once."""
+    vmapped = vmap(sample_grad, in_dims=(None, 0, 0))
+    looped = []
+
+    def run(weights, x, y):
+        if not looped:
+            try:
+                return vmapped(weights, x, y)
+            except RuntimeError as err:
+                looped.append(True)
+                warnings.warn(PrunekitWarning(
+                    f"torch.func.vmap cannot run the model ({str(err).splitlines()[0]}): per-sample gradients "
+                    "one sample at a time, exact but slower; mini-batch rows (fisher_batch=8) avoid it"),
+                    stacklevel=2)
+        grads = [sample_grad(weights, xi, yi) for xi, yi in zip(x, y)]
+        return {name: torch.stack([g[name] for g in grads]) for name in grads[0]}
+    return run
