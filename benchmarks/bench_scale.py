@@ -59,13 +59,13 @@ def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int, dev
     import torch
 
     import prunekit
-    from prunekit import memory_plan
+    from prunekit import memory_plan, process_memory
     from prunekit.errors import PrunekitError
 
     plans, gradient_peaks = [], []
-    real_plan, real_release = memory_plan.plan, memory_plan.release_freed_memory
+    real_plan, real_release = memory_plan.plan, process_memory.release_freed_memory
     memory_plan.plan = lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1]
-    memory_plan.release_freed_memory = lambda: (gradient_peaks.append(
+    process_memory.release_freed_memory = lambda: (gradient_peaks.append(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), real_release())[1]
 
     torch.set_num_threads(threads)

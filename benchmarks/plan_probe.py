@@ -8,7 +8,7 @@ Prints one line, PROBE {json}."""
 import json, os, sys, threading, time, traceback, resource
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_scale
-from prunekit import memory_plan
+from prunekit import memory_plan, process_memory
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 main_id = threading.get_ident()
@@ -27,14 +27,14 @@ def sampler():
         time.sleep(0.003)
 threading.Thread(target=sampler, daemon=True).start()
 grad_only = len(sys.argv) > 4 and sys.argv[4] == "grad-only"
-real_release = memory_plan.release_freed_memory
+real_release = process_memory.release_freed_memory
 def release():
     real_release()
     state["enter_solver"] = rss()
     state["phase"] = "solver"
     if grad_only:
         raise SystemExit(0)
-memory_plan.release_freed_memory = release
+process_memory.release_freed_memory = release
 real_plan = memory_plan.plan
 def plan(*a, **k):
     p = real_plan(*a, **k); state["plan"] = p; return p

@@ -9,7 +9,7 @@ torch.set_num_threads(1)
 from prunekit.solvers.quadratic import QuadraticModel
 from prunekit.solvers.chita import chita
 from prunekit.solvers.woodfisher import woodfisher
-from prunekit import memory_plan
+from prunekit import process_memory
 PAGE = os.sysconf("SC_PAGE_SIZE"); main_id = threading.get_ident()
 def rss():
     with open("/proc/self/statm") as f: return int(f.read().split()[1]) * PAGE / 2**20
@@ -25,7 +25,7 @@ method, p, n = sys.argv[1], int(float(sys.argv[2])), int(sys.argv[3])
 g = torch.Generator().manual_seed(0)
 X = torch.randn(n, p, generator=g); w = torch.randn(p, generator=g)
 k = int(0.3 * p)
-memory_plan.release_freed_memory()
+process_memory.release_freed_memory()
 base = rss(); st["peak"] = base
 threading.Thread(target=sampler, daemon=True).start()
 t = time.time()

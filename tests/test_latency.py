@@ -89,10 +89,10 @@ def test_a_batch_size_past_the_memory_is_refused_naming_the_largest_that_fits():
 
 
 def test_the_memory_check_defaults_to_the_memory_available(monkeypatch):
-    from prunekit import latency, memory_plan
+    from prunekit import latency, process_memory
     from prunekit.errors import PrunekitError
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
-    monkeypatch.setattr(memory_plan, "available_memory", lambda device: 2 * 2**30)
+    monkeypatch.setattr(process_memory, "available_memory", lambda device: 2 * 2**30)
     latency.check_batch_sizes(net, (1, 28, 28), [10_000])                     # 125 MB of 1.5 GB
     with pytest.raises(PrunekitError, match="lower --batch-sizes"):
         latency.check_batch_sizes(net, (1, 28, 28), [1_000_000])              # 12.5 GB

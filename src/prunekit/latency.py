@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import memory_plan
+from . import memory_plan, memory_probe, process_memory
 from .errors import PrunekitError
 
 MIN_REPEATS = 5
@@ -100,11 +100,11 @@ def check_batch_sizes(model: torch.nn.Module, input_shape, batch_sizes, availabl
     available to this process, less ``memory_plan``'s margin of 5 % and at least 512 MB).
     """
     example = torch.zeros(1, *input_shape)
-    input_bytes, largest_output = memory_plan._inference_bytes(model, example)
+    input_bytes, largest_output = memory_probe.inference_bytes(model, example)
     per_sample = input_bytes + memory_plan.INFERENCE_FACTOR * largest_output
     if available is None:
-        free = memory_plan.available_memory(torch.device("cpu"))
-        available = free - max(512 * memory_plan.MiB, free // 20)
+        free = process_memory.available_memory(torch.device("cpu"))
+        available = free - max(512 * process_memory.MiB, free // 20)
     fits = max(0, available) // per_sample
     for batch in batch_sizes:
         if batch > fits:

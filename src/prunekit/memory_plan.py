@@ -62,19 +62,15 @@ under ACTIVATION_BUDGET (at most 64).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
-import re
-import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import layer_grads
 from .errors import PrunekitError
+from .memory_probe import activation_bytes, inference_bytes
+from .process_memory import current_usage, default_limit, parse_memory
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATION_FACTOR = 1.0          # saved tensors are freed as the backward pass goes (calibrated)
@@ -178,12 +174,12 @@ class _Sizes:
             m for m in model.modules() if layer_grads.attention_supported(m)]
         prunable = [modules[e.module] for e in space.entries]
         try:
-            self.activation_per_sample = _activation_bytes(model, example_input, prunable, batch_statistics,
+            self.activation_per_sample = activation_bytes(model, example_input, prunable, batch_statistics,
                                                            attention)
         except layer_grads.AttentionUnsupported:    # e.g. unbatched attention: the collector falls back
             self.whole_model_rows = True
-            self.activation_per_sample = _activation_bytes(model, example_input, prunable, batch_statistics)
-        self.input_per_sample, self.largest_output_per_sample = _inference_bytes(model, example_input)
+            self.activation_per_sample = activation_bytes(model, example_input, prunable, batch_statistics)
+        self.input_per_sample, self.largest_output_per_sample = inference_bytes(model, example_input)
         self.device = space.weights()[0].device
 
 
@@ -311,162 +307,3 @@ def storage_dtype(name) -> torch.dtype:
     if name not in STORAGE_DTYPES:
         raise PrunekitError(f"fisher_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {name!r}")
     return STORAGE_DTYPES[name]
-
-
-def parse_memory(value) -> int:
-    """Bytes from an int or a string like "16G", "500M", "1.5GB", "2048K" (powers of 1024)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(value), re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise PrunekitError(f"max_memory must be a size like 16G or 500M, got {value!r}")
-    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2).upper()]
-    return int(float(match.group(1)) * scale)
-
-
-def default_limit(device: torch.device) -> int:
-    """What this process may still grow to: what it holds now plus the memory available to it,
-    less a margin of 5 % of the available memory and at least 512 MB."""
-    available = available_memory(device)
-    return current_usage(device) + available - max(512 * MiB, available // 20)
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes still available: on a GPU its free memory; on the CPU MemAvailable of
-    /proc/meminfo, or less if a cgroup (v2 or v1) limits this process."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    candidates = [_meminfo_available()]
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, usage = _read_int(limit_file), _read_int(usage_file)
-        if limit is not None and usage is not None and limit < 2**60:
-            candidates.append(max(0, limit - usage))
-    return min(c for c in candidates if c is not None)
-
-
-def current_usage(device: torch.device) -> int:
-    """Bytes this process holds now: its resident set (CPU) or allocated tensors (GPU)."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_freed_memory() -> None:
-    """Hand the pages malloc keeps after ``free`` back to the system (glibc's ``malloc_trim``).
-
-    The gradient phase allocates and frees many blocks under glibc's mmap threshold (which it
-    raises up to 32 MB as large blocks are freed); their pages stay in the process, resident,
-    while the solver's p-long arrays (above the threshold) are mapped anew beside them: ResNet-50
-    (n = 8) entered FALCON holding 0.9 GB of such pages. A no-op where there is no glibc."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        _malloc_trim = False
-        if sys.platform.startswith("linux"):
-            try:
-                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-            except (OSError, AttributeError):
-                pass
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-
-def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None                  # absent, or "max" (no limit)
-
-
-def _activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: list[nn.Module],
-                      batch_statistics: bool = False, attention: list[nn.Module] = ()) -> int:
-    """Bytes kept for the backward pass per sample: every tensor autograd saves, and the inputs
-    of the prunable layers (which the gradient hooks keep), each storage counted once. Measured
-    on a forward of the first sample of ``example`` (a batch or a tuple of batched inputs) in
-    eval mode with the weights frozen, as the collector runs it. ``batch_statistics``: BatchNorm on
-    batch statistics (fisher_bn="batch"), measured on two copies of the sample (one sample has no
-    spread) and halved. ``attention``: attention modules that run their explicit
-    forward (``layer_grads.explicit_attention``) as the collector runs them, their projections'
-    inputs kept."""
-    from .fisher import batchnorm_on_batch_statistics      # the collector's own mode, not a copy
-    device = next(model.parameters()).device
-    copies = 2 if batch_statistics else 1
-    inputs = tuple(torch.cat([x[:1]] * copies).to(device)
-                   for x in (example if isinstance(example, (tuple, list)) else (example,)))
-    inputs = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in inputs)
-    storages: dict[int, int] = {}
-
-    def keep(tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if not isinstance(tensor, nn.Parameter) and tensor.requires_grad is not None:
-            keep(tensor)
-        return tensor
-
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    handles = [m.register_forward_hook(lambda m, args, out: keep(args[0])) for m in prunable]
-    was_training = model.training
-    model.eval()
-    try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        mode = batchnorm_on_batch_statistics(model) if batch_statistics else contextlib.nullcontext()
-        def project(module, which, a, weight, bias, rows):
-            keep(a)
-            return F.linear(a, weight, bias)
-        with mode, layer_grads.explicit_attention(attention, project), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model(*inputs)
-    finally:
-        model.train(was_training)
-        for p, requires_grad in frozen:
-            p.requires_grad_(requires_grad)
-        for handle in handles:
-            handle.remove()
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    parameters |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    return sum(size for ptr, size in storages.items() if ptr not in parameters) // copies
-
-
-@torch.no_grad()
-def _inference_bytes(model: nn.Module, example: torch.Tensor | tuple) -> tuple[int, int]:
-    """(bytes of one sample's inputs, bytes of the largest module output for one sample), from a
-    forward pass of the first sample of ``example`` in eval mode without autograd."""
-    device = next(model.parameters()).device
-    inputs = tuple(x[:1].to(device) for x in (example if isinstance(example, (tuple, list)) else (example,)))
-    largest = [0]
-
-    def measure(module, args, out) -> None:
-        for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(tensor, torch.Tensor):
-                largest[0] = max(largest[0], tensor.nbytes)
-
-    handles = [m.register_forward_hook(measure) for m in model.modules()]
-    was_training = model.training
-    model.eval()
-    try:
-        model(*inputs)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return sum(x.nbytes for x in inputs), largest[0]

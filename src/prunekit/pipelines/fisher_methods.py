@@ -18,7 +18,7 @@ import torch
 
 from ..api_checks import first_batch
 from ..budget import ResolvedBudget
-from .. import memory_plan
+from .. import memory_plan, process_memory
 from ..options import OptionError
 from .. import distributed
 from ..fisher import collect_gradients, keep_columns, passes, skip_samples
@@ -202,7 +202,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             q = QuadraticModel(rows, _free(w, index), ridge)
             if opts.first_order:                           # g = the mean of the rows
                 q = QuadraticModel(rows, _free(w, index), ridge, q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)))
-        memory_plan.release_freed_memory()      # the gradient phase's freed heap, before the solver's arrays
+        process_memory.release_freed_memory()      # the gradient phase's freed heap, before the solver's arrays
         seconds_gradients = time.perf_counter() - start
         exchanged = collective.bytes_sent
         searched, score_weights = {}, None
