@@ -9,8 +9,10 @@ per-sample gradients of the whole model through torch.func.vmap), a mid-size ViT
 384, 6 blocks) or the zoo's vit-tiny, either of the two ViTs with every other head removed as
 structured pruning removes heads ("-slim": prunekit's SlimAttention, its in_proj_weight prunable
 through the cost trace), an M5-like audio net of Conv1d layers on 8,000 samples ("conv1d-audio"),
-or cross-attention whose keys/values have their own width ("xattn": nn.MultiheadAttention's
-separate q/k/v weights), RANDOM weights and inputs: cost, not accuracy. Each row, in its own process:
+cross-attention whose keys/values have their own width ("xattn": nn.MultiheadAttention's
+separate q/k/v weights), or a clip net whose Conv2d sees 4 frames folded into the batch
+("clip-frames": the per-layer hooks fall back to vmap at run time), RANDOM weights and inputs:
+cost, not accuracy. Each row, in its own process:
 the memory plan for n bfloat16 rows, then ``fisher.collect_gradients`` with the chunk given ("plan":
 the plan's). Reported: seconds, the plan's activations and layer-gradient terms, and the measured
 gradient phase: peak RSS less what the process held before, less X (n x p x 2 bytes). 19 is the
@@ -45,6 +47,8 @@ def build(name: str):
         return audio_net(), (1, 8000), 35
     if name == "xattn":
         return cross_attention(), (64, 128), 10
+    if name == "clip-frames":
+        return clip_frames(), (4, 3, 32, 32), 10
     if name in ZOO:
         return zoo.build(name), (3, ZOO[name], ZOO[name]), zoo.spec(name).num_classes
     if name == "vit-tiny":
@@ -76,6 +80,25 @@ def audio_net():
                 nn.MaxPool1d(4)]
     return nn.Sequential(*block(1, 64, 80, 4), *block(64, 64, 3), *block(64, 128, 3), *block(128, 256, 3),
                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(256, 35))
+
+
+def clip_frames():
+    """A clip of 4 frames of 3x32x32: a Conv2d on the frames folded into the batch (B·4 inputs, so
+    the per-layer hooks fall back to vmap at run time), then 8 Linear layers of 512 x 512."""
+    from torch import nn
+
+    class ClipFrames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)       # (B·4, 8, 8, 8)
+            self.pool = nn.AdaptiveAvgPool2d(4)                         # (B·4, 8, 4, 4): 128 per frame
+            self.body = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(512, 512), nn.ReLU())])
+            self.head = nn.Linear(512, 10)
+
+        def forward(self, x):                                            # (B, 4, 3, 32, 32)
+            frames = self.pool(self.conv(x.flatten(0, 1)).relu())
+            return self.head(self.body(frames.reshape(x.shape[0], 512)))
+    return ClipFrames()
 
 
 def cross_attention():
@@ -144,7 +167,7 @@ def planned_input_bytes(shape) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("vit-b16", "vit-mid", "vit-tiny", "vit-b16-slim", "vit-mid-slim",
-                                                  "vit-tiny-slim", "conv1d-audio", "xattn", *ZOO), default="vit-b16")
+                                                  "vit-tiny-slim", "conv1d-audio", "xattn", "clip-frames", *ZOO), default="vit-b16")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--batch", type=int, default=16, help="samples per data batch (generated one at a time)")
     parser.add_argument("--n", type=int, default=24)

@@ -42,28 +42,24 @@ class _LayerHooks:
         attention: dict[str, nn.Module] = {}
         self.handles = []
         for e in space.entries:
-            module = modules[e.module]
-            if e.module in parents or isinstance(module, layer_grads.ATTENTION):
+            if _is_projection(e, modules, parents):
                 name = parents.get(e.module, e.module)
                 attention[name] = modules[name]
                 which = "out" if e.module in parents else e.param_name.rsplit(".", 1)[-1]
                 self.projections[(id(modules[name]), which)] = e
             else:
-                self.handles.append(module.register_forward_hook(self._forward_hook(e, dims.get(e.module, 0))))
+                self.handles.append(modules[e.module].register_forward_hook(
+                    self._forward_hook(e, dims.get(e.module, 0))))
         self.attention_modules = list(attention.values())
 
     def _forward_hook(self, entry: Entry, sample_dim: int):
         def hook(module, inputs, output):
             if self.target is None:               # not collecting (e.g. the autograd check)
                 return None
-            if not self.summed and isinstance(module, nn.Linear) and (
-                    inputs[0].dim() <= sample_dim or inputs[0].shape[sample_dim] != self.samples):
-                raise HooksDisagree(f"layer {entry.module_name!r}: dimension {sample_dim} of its input "
-                                     f"{tuple(inputs[0].shape)} is not the {self.samples} samples")
-            if isinstance(module, layer_grads.CONVOLUTIONS) and not _batch_of_samples(
-                    module, inputs[0], None if self.summed else self.samples):
-                raise HooksDisagree(f"layer {entry.module_name!r}: its input {tuple(inputs[0].shape)} is "
-                                     f"not a batch of the {self.samples} samples")
+            reason = layer_grads.call_mismatch(module, inputs[0], None if self.summed else self.samples,
+                                               sample_dim)
+            if reason is not None:
+                raise HooksDisagree(f"layer {entry.module_name!r}: {reason}")
             return self._capture(entry, entry.slice, inputs[0], output,
                                  lambda a, g, dest, accumulate: layer_grads.write_weight_grads(
                                      module, a, g, dest, accumulate=accumulate, summed=self.summed,
@@ -91,9 +87,9 @@ class _LayerHooks:
         entry = self.projections.get((id(module), which))
         if self.target is None or entry is None:
             return output
-        if not self.summed and a.shape[0] != self.samples:
-            raise HooksDisagree(f"layer {entry.module_name!r}: its batch of {a.shape[0]} is not the "
-                                 f"{self.samples} samples")
+        reason = layer_grads.projection_mismatch(a, None if self.summed else self.samples)
+        if reason is not None:
+            raise HooksDisagree(f"layer {entry.module_name!r}: {reason}")
         width = weight.shape[1]
         columns = entry.slice if rows is None else slice(entry.slice.start + rows[0] * width,
                                                           entry.slice.start + rows[1] * width)
@@ -128,11 +124,21 @@ class _LayerHooks:
             handle.remove()
 
 
-def _batch_of_samples(conv: nn.Module, a: torch.Tensor, samples: int | None) -> bool:
-    """Whether a convolution's input ``a`` is batched (an unbatched call lacks the batch dimension)
-    and, unless ``samples`` is None (mini-batch rows), its batch is the ``samples`` samples (not,
-    say, a sample's frames folded into the batch)."""
-    return a.dim() == len(conv.kernel_size) + 2 and (samples is None or a.shape[0] == samples)
+def _is_projection(entry: Entry, modules: dict[str, nn.Module], parents: dict[str, str]) -> bool:
+    """Whether ``entry`` is an attention's projection weight (written by ``project``), not the
+    weight of a layer whose own forward hook writes it."""
+    return entry.module in parents or isinstance(modules[entry.module], layer_grads.ATTENTION)
+
+
+def hooked_layers(model: nn.Module, space: ParamSpace) -> dict[nn.Module, int]:
+    """{module: the dimension of its input that indexes the samples} for the layers whose own
+    forward hook writes their rows (every prunable layer but the attention projections): those
+    whose calls :func:`layer_grads.call_mismatch` tests."""
+    modules = dict(model.named_modules())
+    parents = layer_grads.attention_parent(model)
+    dims = layer_grads.sample_dims(model)
+    return {modules[e.module]: dims.get(e.module, 0) for e in space.entries
+            if not _is_projection(e, modules, parents)}
 
 
 def collect_with_hooks(model, space, batches, rows, batch, chunk, progress, loss_fn=None,

@@ -204,6 +204,40 @@ def unsupported_layers(model: nn.Module, space) -> list[str]:
     return names
 
 
+class CallUnsupported(Exception):
+    """A call of a hooked layer whose per-sample rows the per-layer formulas cannot write
+    (:func:`call_mismatch`)."""
+
+
+def call_mismatch(module: nn.Module, a: torch.Tensor, samples: int | None, sample_dim: int = 0) -> str | None:
+    """Why the per-layer formula cannot write the rows of this call of a hooked Linear or
+    convolution, or None when it can: the test the collector applies to every call, and the
+    memory plan to the calls of its one probing forward (so that both see the same path).
+
+    a:          the layer's input, e.g. (B, C_in, L) for a Conv1d, (B, ..., in) for a Linear.
+    samples:    the samples forwarded at once (B); None for mini-batch rows (summed over the batch).
+    sample_dim: the dimension of a Linear's input that indexes the samples (:func:`sample_dims`).
+    A Linear's input must have the samples along ``sample_dim``; a convolution's must be batched
+    (an unbatched call lacks the batch dimension) and, for per-sample rows, its batch must be the
+    samples (not, say, a sample's frames folded into the batch)."""
+    if samples is not None and isinstance(module, nn.Linear) and (
+            a.dim() <= sample_dim or a.shape[sample_dim] != samples):
+        return f"dimension {sample_dim} of its input {tuple(a.shape)} is not the {samples} samples"
+    if isinstance(module, CONVOLUTIONS) and (
+            a.dim() != len(module.kernel_size) + 2 or (samples is not None and a.shape[0] != samples)):
+        return (f"its input {tuple(a.shape)} is not a batch of the {samples} samples" if samples is not None
+                else f"its input {tuple(a.shape)} is not batched")
+    return None
+
+
+def projection_mismatch(a: torch.Tensor, samples: int | None) -> str | None:
+    """Why an attention projection's rows cannot be written for batch-first input ``a`` (B, T, in)
+    of ``samples`` samples (None: mini-batch rows), or None when they can."""
+    if samples is not None and a.shape[0] != samples:
+        return f"its batch of {a.shape[0]} is not the {samples} samples"
+    return None
+
+
 def sample_dims(model: nn.Module) -> dict[str, int]:
     """{module name: the dimension of its input that indexes the samples} where it is not 0: the
     Linear layers of torch's Transformer layers built with ``batch_first=False`` see (T, B, E)."""

@@ -28,7 +28,17 @@ The peak of a request is estimated from its parts, each counted from the model i
                          which holds every weight's per-sample gradient for the chunk (chunk × p
                          float32): counted, and the chunk capped so that it stays under
                          ACTIVATION_BUDGET (on a GPU, where X is allocated at once, ResNet-50's
-                         peak exceeded an estimate without it by 3.6 GB).
+                         peak exceeded an estimate without it by 3.6 GB). So does a model whose
+                         layers the hooks handle but whose calls they cannot write rows for (the
+                         collector's run-time fallback: a convolution on an unbatched input or on a
+                         sample's frames folded into the batch, a Linear whose sample dimension is
+                         not the samples): the probing forward applies the collector's own test
+                         (layer_grads.call_mismatch) to each such call, for one sample (mini-batch
+                         rows: the test for summed rows). A clip net with a folded Conv2d (p = 2.1M,
+                         chunk 64, bfloat16 X) was planned at 185 MB of gradient phase against
+                         389-396 measured; it is planned at 634 now. (On a CPU the phase measured
+                         beside X is lower than chunk × p float32 by the last chunk's rows of X,
+                         whose pages are not yet touched at the peak.)
     solver work arrays   per weight, what the solver holds at its peak (solver_bytes_per_weight):
                          one-process CHITA its live arrays, CHITA_BYTES_PER_WEIGHT (84, measured
                          at the swap search's peak), WoodFisher WOODFISHER_BYTES_PER_WEIGHT (48)
@@ -69,6 +79,7 @@ from torch import nn
 
 from . import layer_grads
 from .errors import PrunekitError
+from .fisher_hooks import hooked_layers      # the collector's own layers (and test): not a copy
 from .memory_probe import activation_bytes, inference_bytes
 from .process_memory import current_usage, default_limit, parse_memory
 
@@ -164,7 +175,9 @@ class MemoryPlan:
 class _Sizes:
     """What the estimate needs from the model, measured once."""
 
-    def __init__(self, model: nn.Module, space, example_input: torch.Tensor, batch_statistics: bool = False):
+    def __init__(self, model: nn.Module, space, example_input: torch.Tensor, batch_statistics: bool = False,
+                 summed: bool = False):
+        """``summed``: mini-batch rows (fisher_batch > 1), whose calls the collector tests less."""
         self.p = space.numel
         self.largest_layer = max(e.numel for e in space.entries)
         modules = dict(model.named_modules())
@@ -172,11 +185,13 @@ class _Sizes:
         self.batch_statistics = batch_statistics
         attention = [] if self.whole_model_rows else [
             m for m in model.modules() if layer_grads.attention_supported(m)]
+        hooked = None if self.whole_model_rows else hooked_layers(model, space)
         prunable = [modules[e.module] for e in space.entries]
         try:
             self.activation_per_sample = activation_bytes(model, example_input, prunable, batch_statistics,
-                                                           attention)
-        except layer_grads.AttentionUnsupported:    # e.g. unbatched attention: the collector falls back
+                                                           attention, hooked, summed)
+        except (layer_grads.AttentionUnsupported, layer_grads.CallUnsupported):
+            # e.g. unbatched attention, a convolution on a sample's frames: the collector falls back
             self.whole_model_rows = True
             self.activation_per_sample = activation_bytes(model, example_input, prunable, batch_statistics)
         self.input_per_sample, self.largest_output_per_sample = inference_bytes(model, example_input)
@@ -203,7 +218,7 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     Raises PrunekitError when the request does not fit.
     """
     storage = storage_dtype(dtype)
-    sizes = _Sizes(model, space, example_input, batch_statistics=fisher_bn == "batch")
+    sizes = _Sizes(model, space, example_input, batch_statistics=fisher_bn == "batch", summed=fisher_batch > 1)
     limit = parse_memory(max_memory) if max_memory is not None else default_limit(sizes.device) // ranks_here
     resident = current_usage(sizes.device)
     judge = judge_batch * (JUDGE_BATCHES * sizes.input_per_sample

@@ -14,7 +14,8 @@ from . import layer_grads
 
 
 def activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: list[nn.Module],
-                      batch_statistics: bool = False, attention: list[nn.Module] = ()) -> int:
+                      batch_statistics: bool = False, attention: list[nn.Module] = (),
+                      hooked: dict[nn.Module, int] | None = None, summed: bool = False) -> int:
     """Bytes kept for the backward pass per sample: every tensor autograd saves, and the inputs
     of the prunable layers (which the gradient hooks keep), each storage counted once. Measured
     on a forward of the first sample of ``example`` (a batch or a tuple of batched inputs) in
@@ -22,7 +23,11 @@ def activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: 
     batch statistics (fisher_bn="batch"), measured on two copies of the sample (one sample has no
     spread) and halved. ``attention``: attention modules that run their explicit
     forward (``layer_grads.explicit_attention``) as the collector runs them, their projections'
-    inputs kept."""
+    inputs kept. ``hooked``: {layer: sample dimension} of the layers whose calls the per-layer
+    collector tests (``fisher_hooks.hooked_layers``); each of their calls, and each attention
+    projection, gets the collector's own test (``layer_grads.call_mismatch``, for one sample, or
+    for mini-batch rows with ``summed``) and a call that fails it raises
+    ``layer_grads.CallUnsupported``: the collector would fall back to the vmap path."""
     from .fisher import batchnorm_on_batch_statistics      # the collector's own mode, not a copy
     device = next(model.parameters()).device
     copies = 2 if batch_statistics else 1
@@ -41,7 +46,19 @@ def activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: 
         return tensor
 
     frozen = [(p, p.requires_grad) for p in model.parameters()]
-    handles = [m.register_forward_hook(lambda m, args, out: keep(args[0])) for m in prunable]
+    samples = None if summed else copies
+    checked = hooked or {}
+
+    def test(reason: str | None) -> None:
+        if reason is not None:
+            raise layer_grads.CallUnsupported(reason)
+
+    def probe(module, args, out) -> None:
+        if module in checked:
+            test(layer_grads.call_mismatch(module, args[0], samples, checked[module]))
+        keep(args[0])
+
+    handles = [m.register_forward_hook(probe) for m in prunable]
     was_training = model.training
     model.eval()
     try:
@@ -49,6 +66,8 @@ def activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: 
             p.requires_grad_(False)
         mode = batchnorm_on_batch_statistics(model) if batch_statistics else contextlib.nullcontext()
         def project(module, which, a, weight, bias, rows):
+            if hooked is not None:
+                test(layer_grads.projection_mismatch(a, samples))
             keep(a)
             return F.linear(a, weight, bias)
         with mode, layer_grads.explicit_attention(attention, project), \
