@@ -18,6 +18,10 @@ The peak of a request is estimated from its parts, each counted from the model i
                          on one sample (saved-tensor hooks), times the chunk, times
                          ACTIVATION_FACTOR. Calibrated on ResNet-20-B, MobileNetV1 and
                          ResNet-50 (chunks of 8-64): within about 10 % of the measured phase.
+                         Not counted: freed blocks glibc keeps on its heap. An M5-like Conv1d net
+                         (per-chunk tensors of 31 MB, just under the largest mmap threshold)
+                         peaked at 293-427 MB in identical runs against 250 planned, 178-180 MB
+                         with every block over 1 MiB returned on free (docs/benchmarks.md).
                          Rows with BatchNorm on batch statistics (fisher_bn="batch") forward a
                          whole mini-batch of fisher_batch samples at once, measured in that mode
                          (BatchNorm then saves its input and statistics too).
