@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import prunekit
 from prunekit import layer_grads, memory_plan
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
+from prunekit.fisher import collect_gradients
 from prunekit.params import ParamSpace
 from prunekit.pipelines import fisher_methods
 from peak_memory import fixed_mmap_threshold
@@ -155,19 +157,40 @@ class _UnbatchedConv1d(nn.Module):
         return self.head(torch.stack([self.conv(s).mean(-1) for s in x]))
 
 
+class _TimeFirstLinear(nn.Module):
+    """A Linear on (T, B, E) (the sequence turned time-first): dimension 0 is not the samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):                                   # (B, 4, 4)
+        return self.fc(x.transpose(0, 1)).mean(0)
+
+
 @pytest.mark.parametrize("model, example", [(_Clip(fold=True), torch.zeros(1, 4, 3, 8, 8)),
                                             (_Clip(fold=False), torch.zeros(1, 4, 3, 8, 8)),
-                                            (_UnbatchedConv1d(), torch.zeros(1, 4, 4))],
-                         ids=["folded-conv2d", "per-frame-conv2d", "unbatched-conv1d"])
+                                            (_UnbatchedConv1d(), torch.zeros(1, 4, 4)),
+                                            (_TimeFirstLinear(), torch.zeros(1, 4, 4))],
+                         ids=["folded-conv2d", "per-frame-conv2d", "unbatched-conv1d", "time-first-linear"])
 def test_the_plan_takes_the_path_the_collector_takes(model, example):
     # Every layer is one the hooks handle, yet the collector falls back to vmap at run time (the
-    # convolution's input is not a batch of the samples): the plan's probe applies the same test.
+    # layer's input is not a batch of the samples): the plan's probe applies the same test.
     space = ParamSpace(model)
     assert not layer_grads.unsupported_layers(model, space)
-    assert memory_plan._Sizes(model, space, example).whole_model_rows
-    # mini-batch rows sum over the batch: folded frames are fine there, an unbatched call is not
-    summed = memory_plan._Sizes(model, space, example, summed=True).whole_model_rows
-    assert summed == (not getattr(model, "fold", False))
+    x, y = torch.randn(4, *example.shape[1:]), torch.randint(0, 3, (4,))
+    for batch in (1, 2):                          # per-sample rows; mini-batch rows (summed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            collect_gradients(model, space, [(x, y)], n=2 if batch == 1 else 1, batch=batch, chunk=2,
+                              progress=False)
+        fell_back = any("vmap path" in str(w.message) for w in caught)
+        sizes = (memory_plan._Sizes(model, space, example) if batch == 1
+                 else memory_plan._Sizes(model, space, example, summed=True))
+        planned = sizes.whole_model_rows
+        assert planned == fell_back
+        assert fell_back == (batch == 1 or isinstance(model, _UnbatchedConv1d)
+                             or (isinstance(model, _Clip) and not model.fold))
     assert not memory_plan._Sizes(wide_model(), ParamSpace(wide_model()), torch.zeros(1, 1, 8, 8)).whole_model_rows
 
 
