@@ -103,15 +103,18 @@ def test_an_unknown_backend_is_refused_in_one_line_before_joining(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_rank_refusing_a_recipe_joins_with_the_backend_its_device_gives(tmp_path, monkeypatch):
-    """Rank 1 refuses its recipe (another copy on its machine) and joins the group all the same to
-    tell the others: with the backend of the recipe's device, NCCL as the ranks that parse it. Before,
-    it joined with gloo while they used NCCL: a hang until PRUNEKIT_DIST_TIMEOUT."""
+def test_every_rank_joins_with_one_backend_whatever_recipe_it_read(tmp_path, monkeypatch):
+    """On a machine with CUDA, a rank that parses a recipe with ``device = "cuda"``, one that refuses
+    that recipe (another copy on its machine) and one that cannot read it at all (missing on its
+    machine) join with the same backend, gloo for objects and CPU tensors, NCCL for CUDA tensors, so
+    their refusals meet in seconds. Before, the rank without a readable recipe joined with gloo while
+    the others used NCCL: they waited for it until PRUNEKIT_DIST_TIMEOUT."""
     import pytest
     import torch
     import torch.distributed as dist
 
     from prunekit.cli import main
+    from prunekit.distributed.collective import group_backend
 
     class Joined(Exception):
         pass
@@ -133,8 +136,38 @@ def test_a_rank_refusing_a_recipe_joins_with_the_backend_its_device_gives(tmp_pa
     recipe = (f'model = "mlpnet"\ncheckpoint = "{ASSETS / "mlpnet.safetensors"}"\ndata = "mnist"\n'
               f'data-dir = "{ASSETS / "mnist"}"\nmethod = "magnitude"\nsparsity = 0.5\ndevice = "cuda"\n')
     (tmp_path / "run.toml").write_text(recipe)                              # the ranks that parse it
-    (tmp_path / "refused.toml").write_text(recipe + "nosuch = 1\n")         # the rank that refuses it
-    for name in ("run.toml", "refused.toml"):
+    (tmp_path / "refused.toml").write_text(recipe + "nosuch = 1\n")         # a rank that refuses it
+    for name in ("run.toml", "refused.toml", "missing.toml"):               # missing: a rank that cannot read it
         with pytest.raises(Joined):
             main(["prune", "--recipe", str(tmp_path / name)])
-    assert backends == ["nccl", "nccl"]
+    assert backends == ["cpu:gloo,cuda:nccl"] * 3
+    monkeypatch.setenv("PRUNEKIT_DIST_BACKEND", "gloo")                      # several ranks sharing a GPU
+    assert group_backend() == "gloo"
+    monkeypatch.delenv("PRUNEKIT_DIST_BACKEND")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert group_backend() == "gloo"                                         # CPU machines: as before
+
+
+def test_a_rank_with_a_cuda_recipe_and_one_without_its_recipe_both_refuse_at_once(tmp_path):
+    """On this CPU machine: rank 0's recipe names ``device = "cuda"`` (refused: no CUDA device here),
+    rank 1's recipe is missing on its machine. Both join with gloo, each prints its own line and
+    exits 2 within seconds. Before, rank 0 tried to join with NCCL (and refused on its own) while
+    rank 1 joined with gloo and waited for it until PRUNEKIT_DIST_TIMEOUT (40 s here)."""
+    recipe = tmp_path / "cuda.toml"
+    recipe.write_text(f'model = "mlpnet"\ncheckpoint = "{ASSETS / "mlpnet.safetensors"}"\ndata = "mnist"\n'
+                      f'data-dir = "{ASSETS / "mnist"}"\nmethod = "magnitude"\nsparsity = 0.5\ndevice = "cuda"\n')
+    port, ranks = free_port(), []
+    start = time.monotonic()
+    for rank, path in enumerate((recipe, tmp_path / "missing.toml")):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PRUNEKIT_DIST_TIMEOUT": "40", "PYTHONPATH": str(ROOT / "src")}
+        env.pop("PRUNEKIT_DIST_BACKEND", None)
+        ranks.append(subprocess.Popen([sys.executable, "-m", "prunekit", "prune", "--recipe", str(path), "--json"],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    (code0, _, err0), (code1, _, err1) = (_finish(rank, timeout=120) for rank in ranks)
+    took = time.monotonic() - start
+    assert (code0, code1) == (2, 2), (err0, err1)
+    assert err0.count("\n") == 1 and "sees no CUDA device" in err0, err0
+    assert err1.count("\n") == 1 and "missing.toml does not exist" in err1, err1
+    assert took < 25, took

@@ -44,6 +44,12 @@ sys.addaudithook(hook)
 if "REFUSAL_WAIT_S" in os.environ:
     import prunekit.distributed.collective
     prunekit.distributed.collective.REFUSAL_WAIT_S = float(os.environ["REFUSAL_WAIT_S"])
+if os.environ.get("REFUSE_ALONE") == os.environ["RANK"]:      # a refusal this rank meets alone after loading
+    import prunekit.commands.prune
+    from prunekit.errors import PrunekitError
+    def refused(*args, **kwargs):
+        raise PrunekitError("refused on this rank alone")
+    prunekit.commands.prune.execute = refused
 from prunekit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -223,6 +229,23 @@ def test_a_refusal_of_one_rank_alone_is_printed_by_it_at_once(tmp_path, alone):
     (code, _, err), (other_code, _, other_err) = results[alone], results[1 - alone]
     assert code == 2 and err.count("\n") == 1 and str(missing) in err, err
     assert other_code == 1 and "a rank stopped" in other_err and str(missing) not in other_err, other_err
+    assert took < 45, took
+
+
+@pytest.mark.parametrize("alone", [1, 0])
+def test_a_refusal_one_rank_meets_alone_after_loading_is_printed_at_once(tmp_path, alone):
+    """One rank alone is refused after loading and checking (where the pruning starts): it prints its
+    line and exits 2, the other stops on the lost rank (exit 1), neither waiting out REFUSAL_WAIT_S
+    (90 s here): the other rank says in the store that it went into a later collective. Before, it
+    said so only after loading (``passed_checks``), so a refusal after that waited all REFUSAL_WAIT_S
+    for a line from rank 0 (or rank 0 for rank 1 to read its line) that never came."""
+    start = time.monotonic()
+    results = _two_ranks(["prune", *DATA, "--method", "chita", "--sparsity", "0.8", "--fisher-samples", "16",
+                          "--json"], tmp_path, more_env={"REFUSAL_WAIT_S": "90", "REFUSE_ALONE": str(alone)})
+    took = time.monotonic() - start
+    (code, _, err), (other_code, _, other_err) = results[alone], results[1 - alone]
+    assert code == 2 and err == "prunekit: error: refused on this rank alone\n", err
+    assert other_code == 1 and "a rank stopped" in other_err and "alone" not in other_err, other_err
     assert took < 45, took
 
 

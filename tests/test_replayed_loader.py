@@ -66,3 +66,38 @@ def test_two_ranks_read_rank_0s_stream_whatever_the_transforms_draw(tmp_path):
     from distributed_spawn import run_ranks
     zero, one = run_ranks(_first_pass, 2, tmp_path)
     assert torch.equal(zero, one), (zero, one)
+
+
+class NumpyNoise(torch.utils.data.Dataset):
+    """Samples drawn from NumPy's global RNG alone, as a worker's transform draws them."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.tensor([float(np.random.rand())]), i % 2
+
+
+def _third_pass(persistent: bool, resumed: bool) -> torch.Tensor:
+    """Pass 2 of a replayed DataLoader with two workers: read after passes 0 and 1 (an uninterrupted
+    run) or first, as a resumed run's fresh process reads it (its ``epoch`` set to 2)."""
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(NumpyNoise(), batch_size=4, shuffle=True, num_workers=2,
+                                       persistent_workers=persistent)
+    loader = _batches(data, 4, True, 0, "data")()
+    if resumed:
+        loader.epoch = 2
+    else:
+        for _ in range(2):
+            list(loader)
+    return torch.cat([x for x, _ in loader])
+
+
+def test_a_resumed_runs_workers_draw_what_an_uninterrupted_runs_draw():
+    """NumPy's draws in DataLoader workers are replayed: torch seeds each worker's NumPy from the
+    worker's seed, drawn from the replayed RNGs at each pass. With ``persistent_workers`` the workers
+    lived on from pass to pass, their RNGs never seeded again: a resumed run's pass 2 (and each
+    stage's pass 0 after the first) drew other numbers. Now every pass starts fresh workers."""
+    for persistent in (False, True):
+        uninterrupted, resumed = _third_pass(persistent, False), _third_pass(persistent, True)
+        assert torch.equal(uninterrupted, resumed), (persistent, uninterrupted, resumed)

@@ -144,6 +144,16 @@ def _write_report(folder: RunFolder) -> None:
         pass
 
 
+def _with_fresh_workers(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
+    """``loader`` with its persistent workers let go, so that its next pass starts new ones. Torch
+    seeds a worker's RNGs (torch, ``random``, NumPy) when it starts, from a seed drawn at ``iter()``
+    from the replayed RNGs; a persistent worker's RNGs run on from pass to pass instead, so a resumed
+    run (or a later stage) would draw other numbers in the dataset's ``__getitem__``. A pass still
+    being read keeps its workers until it is dropped."""
+    loader._iterator = None
+    return loader
+
+
 def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str) -> Callable[[], Iterable] | None:
     """A function returning a fresh iterable of (x, y) batches over ``data``, the same each call."""
     if data is None:
@@ -176,7 +186,7 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str) -> Call
         if one_pass:
             raise PrunekitError(f"{what} is a one-pass iterator: pass a DataLoader, a Dataset, (X, Y) tensors "
                                 "or a function returning batches, so every stage can read it again")
-        make = lambda: data      # noqa: E731
+        make = (lambda: _with_fresh_workers(data)) if getattr(data, "persistent_workers", False) else lambda: data
     else:
         raise PrunekitError(f"{what} must be a DataLoader, a Dataset, (X, Y) tensors or a function returning "
                             f"batches, got {type(data).__name__}")

@@ -181,7 +181,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         _apply_recipe(parser, argv)          # reads --resume DIR or --recipe FILE: one machine may lack them
     except PrunekitError as err:
-        return _refuse_before_joining(f"prunekit: error: {cli_message(err, _flags(parser))}", argv)
+        return _refuse_before_joining(f"prunekit: error: {cli_message(err, _flags(parser))}")
     args = parser.parse_args(argv)
     try:
         if distributed.init_from_env(getattr(args, "device", None)):
@@ -219,7 +219,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
 
 
-def _refuse_before_joining(line: str, argv: list[str]) -> int:
+def _refuse_before_joining(line: str) -> int:
     """Print refusal ``line``, met before the process group was joined, and return exit code 2.
 
     Under torchrun the rank joins the group all the same and every rank tells the others whether
@@ -229,7 +229,7 @@ def _refuse_before_joining(line: str, argv: list[str]) -> int:
     """
     if distributed.launched_by_torchrun():
         try:
-            distributed.init_from_env(_device_before_parsing(argv))
+            distributed.init_from_env()      # the backend the others join with, whatever their --device
             said_by_rank_0 = distributed.early_refusals(line)[0] == line and not distributed.is_main_process()
         except (PrunekitError, RuntimeError):   # no group to tell: say it here
             said_by_rank_0 = False
@@ -237,24 +237,6 @@ def _refuse_before_joining(line: str, argv: list[str]) -> int:
             return 2
     print(line, file=sys.stderr)
     return 2
-
-
-def _device_before_parsing(argv: list[str]) -> str | None:
-    """The run's ``--device`` (so its backend, NCCL or gloo) when the command line cannot be parsed:
-    the flag, else the ``device`` of the ``--recipe`` file (``--resume`` folder's config.toml) when
-    it reads as TOML; None (gloo) when neither says. The ranks that parse it join with that backend."""
-    peek = argparse.ArgumentParser(add_help=False)
-    for flag in ("--device", "--recipe", "--resume"):
-        peek.add_argument(flag)
-    known = peek.parse_known_args(argv[1:])[0]
-    if known.device or not (known.recipe or known.resume):
-        return known.device
-    file = Path(known.resume) / "config.toml" if known.resume else Path(known.recipe)
-    try:
-        device = tomllib.loads(file.read_text()).get("device")
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return None
-    return device if isinstance(device, str) else None
 
 
 if __name__ == "__main__":

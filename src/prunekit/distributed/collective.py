@@ -1,15 +1,17 @@
 """``torch.distributed`` behind the solvers' :class:`~prunekit.solvers.collective.Collective`.
 
 ``torchrun`` starts the processes and sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
-:func:`init_from_env` joins the group (gloo on CPU, NCCL when the model is on CUDA) with a
+:func:`init_from_env` joins the group (gloo for CPU tensors, NCCL for CUDA tensors) with a
 timeout, so a rank that dies ends the others' collectives with an error instead of a hang.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import socket
+import sys
 import time
 from datetime import timedelta
 
@@ -23,7 +25,9 @@ DEFAULT_TIMEOUT_S = 300.0
 
 
 class TorchCollective(Collective):
-    """The default process group as a Collective; counts the bytes it sends."""
+    """The default process group as a Collective; counts the bytes it sends. Before each collective
+    it says so in the store (``passed_checks``): a rank refused on its own meanwhile stops waiting for
+    this one at once (one small store write per collective, beside a collective's own round trips)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -31,18 +35,21 @@ class TorchCollective(Collective):
         self.size = dist.get_world_size()
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        passed_checks()
         tensor = tensor.contiguous()
         self._count(tensor.numel() * tensor.element_size())
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        passed_checks()
         tensor = tensor.contiguous()
         self._count(tensor.numel() * tensor.element_size())
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        passed_checks()
         tensor = tensor.contiguous()
         lengths = torch.zeros(self.size, dtype=torch.int64, device=tensor.device)
         lengths[self.rank] = tensor.numel()
@@ -56,11 +63,13 @@ class TorchCollective(Collective):
         return torch.cat([part[:int(length)] for part, length in zip(parts, lengths.tolist())])
 
     def broadcast_object(self, obj):
+        passed_checks()
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:
+        passed_checks()
         dist.barrier()
 
     def _count(self, nbytes: int) -> None:
@@ -88,7 +97,8 @@ def launched_by_torchrun() -> bool:
 
 def init_from_env(device: str | None = None, timeout_s: float | None = None) -> bool:
     """Join the process group torchrun describes in the environment (no-op when WORLD_SIZE is 1 or
-    unset, or when already joined). Returns whether this process is one of several.
+    unset, or when already joined). Returns whether this process is one of several. A group joined
+    here is left at interpreter exit (a barrier, then destroyed), so a script need not leave it.
 
     The timeout (``PRUNEKIT_DIST_TIMEOUT`` seconds, default 300) bounds every collective, so a
     dead or stuck rank ends the run with an error rather than a hang.
@@ -104,12 +114,36 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
     timeout_s = timeout_s or float(os.environ.get("PRUNEKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     cuda = device is not None and str(device).startswith("cuda")
     backend = chosen_backend(cuda)
-    if backend == "gloo":
-        check_socket_ifname()
+    check_socket_ifname()             # every group has gloo (``group_backend``)
     if cuda:
         torch.cuda.set_device(rank_gpu(backend))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(group_backend(), timeout=timedelta(seconds=timeout_s))
+    atexit.register(_leave_at_exit, dist.GroupMember.WORLD)
     return True
+
+
+def _leave_at_exit(group) -> None:
+    """At interpreter exit, leave the group :func:`init_from_env` made (a user's script that joined
+    through it and just returns), unless it was left or replaced already: a barrier, then destroy it.
+    A gloo group left to the interpreter's teardown aborts now and then ("terminate called without an
+    active exception", exit -6). No barrier after an uncaught exception: the others may be inside
+    another collective."""
+    if dist.is_available() and dist.is_initialized() and dist.GroupMember.WORLD is group:
+        shutdown(wait=not hasattr(sys, "last_value"))
+
+
+def group_backend() -> str:
+    """The backend string every rank joins with. It depends only on this machine (CUDA or not) and
+    ``PRUNEKIT_DIST_BACKEND``, never on the ``--device`` a rank read: a rank that could not read its
+    recipe joins as the others do, so the refusals exchanged right after joining (``early_refusals``,
+    objects on the CPU) go through gloo in seconds instead of waiting ``PRUNEKIT_DIST_TIMEOUT`` for a
+    rank that joined with another backend. With CUDA: ``cpu:gloo,cuda:nccl`` (CUDA tensors go through
+    NCCL, CPU tensors, objects and barriers through gloo; NCCL connects at its first CUDA
+    collective, so a CPU run never uses it); ``PRUNEKIT_DIST_BACKEND=gloo`` or no CUDA: gloo alone."""
+    override = os.environ.get("PRUNEKIT_DIST_BACKEND", "").strip().lower()
+    if override == "gloo" or not torch.cuda.is_available():
+        return "gloo"
+    return "cpu:gloo,cuda:nccl"
 
 
 BACKENDS = ("gloo", "nccl")
@@ -198,8 +232,9 @@ def _keys() -> tuple:
 def passed_checks() -> None:
     """Say (in the group's store) that this rank got through the stretch where a rank may be refused
     on its own (its checkpoint, its data): every rank calls it at the same point, before the
-    collective that follows. A rank refused there stops waiting for the others at once
-    (``prints_refusal``): a rank that passed this point will never post the same refusal."""
+    collective that follows (``check_same_start``, and each ``TorchCollective`` collective). A rank
+    refused there stops waiting for the others at once (``prints_refusal``): a rank that passed this
+    point will never post the same refusal."""
     global _passed
     _passed += 1
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
