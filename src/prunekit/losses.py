@@ -47,6 +47,6 @@ def class_scores(outputs) -> torch.Tensor:
     if isinstance(outputs, torch.Tensor):
         return outputs
     logits = " (e.g. its .logits)" if hasattr(outputs, "logits") else ""
-    raise PrunekitError(f"the model returns a {type(outputs).__name__}, not a tensor of class scores: pass "
+    raise PrunekitError(f"the model returns {type(outputs).__name__} outputs, not a tensor of class scores: pass "
                         f"loss=f with f(outputs, targets) reading the scores{logits}, or wrap the model in a "
                         "module whose forward returns them")
