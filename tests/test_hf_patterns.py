@@ -166,9 +166,15 @@ def test_a_layer_that_only_looks_like_a_transposed_linear_is_not_one():
     class Squared(TransposedLinear):
         def forward(self, x):
             return super().forward(x) ** 2
+    class Counting(TransposedLinear):               # state: the probe call would change it
+        def __init__(self, *sizes):
+            super().__init__(*sizes)
+            self.register_buffer("calls", torch.zeros(()))
+
     torch.manual_seed(0)
     assert layer_grads.supported(TransposedLinear(4, 3))
     assert not layer_grads.supported(Squared(4, 3))
+    assert not layer_grads.supported(Counting(4, 3))
 
 
 class SummedPositions(TinyLM):

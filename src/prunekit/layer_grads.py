@@ -62,9 +62,11 @@ def supported(module: nn.Module) -> bool:
 
 def transposed_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a Linear layer that stores its weight as (in, out) (GPT-2's Conv1D):
-    no children, parameters ``weight`` (in, out) and an optional ``bias`` (out,), and its forward
-    gives x W + b on a probe input x (2, 3, in) of fixed random values."""
-    if isinstance(module, (nn.Linear, nn.Embedding, *CONVOLUTIONS, *ATTENTION)) or next(module.children(), None):
+    no children, no buffers (a layer with state may change it when called), parameters ``weight``
+    (in, out) and an optional ``bias`` (out,), and its forward gives x W + b on a probe input x
+    (2, 3, in) of fixed random values."""
+    if (isinstance(module, (nn.Linear, nn.Embedding, *CONVOLUTIONS, *ATTENTION)) or next(module.children(), None)
+            or next(module.buffers(recurse=False), None) is not None):
         return False
     params = dict(module.named_parameters(recurse=False))
     weight, bias = params.get("weight"), params.get("bias")
