@@ -24,6 +24,12 @@ an explicit equivalent forward whose projections are hooked (:func:`layer_grads.
 ``out_proj.weight``, get the Linear formula. The module's own forward is restored afterwards,
 and the first-row check runs on it.
 
+nn.Embedding tables get their rows by scattering the output gradient into the rows looked up
+(a lookup shared by the batch, position ids (1, T), is expanded to the samples, once checked to
+leave the loss unchanged); a leaf layer that stores its weight as (in, out) and computes x W + b
+(GPT-2's Conv1D, :func:`layer_grads.transposed_linear`) gets the Linear formula transposed; a
+weight tied to several layers (an output layer sharing the token embedding) sums their parts.
+
 Layers that path cannot handle (anything else: :func:`layer_grads.unsupported_layers`), and any
 model whose first hooked row disagrees with plain autograd of the modules' own forwards (a weight
 used outside its layer's forward, say), fall back to ``torch.func.vmap`` per-sample gradients,
@@ -186,7 +192,7 @@ def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupport
     autograd) torch.func over the whole model."""
     if unsupported:
         warnings.warn(PrunekitWarning(
-            f"per-layer gradients handle Linear, convolutions and attention only; {', '.join(unsupported[:3])}"
+            f"per-layer gradients handle Linear, embeddings, convolutions and attention only; {', '.join(unsupported[:3])}"
             f"{' ...' if len(unsupported) > 3 else ''} use the slower vmap path (chunk x p extra memory)"),
             stacklevel=3)
     else:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from . import layer_grads
 from .fisher_batches import check_filled, gradient_bar, regroup
+from .errors import PrunekitError
 from .losses import LossFn, summed_loss
 from .params import Entry, ParamSpace
 
@@ -34,9 +35,12 @@ class _LayerHooks:
         modules = dict(model.named_modules())
         parents = layer_grads.attention_parent(model)
         dims = layer_grads.sample_dims(model)
+        users = layer_grads.weight_users(model)
         self.summed = summed
         self.target: torch.Tensor | None = None
         self.samples = 0
+        self.expanded = False                     # an embedding's batch-shared output was expanded
+        self.expansion_checked = False
         self.written: set[tuple[str, int]] = set()
         self.projections: dict[tuple[int, str], Entry] = {}     # (id(attention), weight name/"out") -> entry
         attention: dict[str, nn.Module] = {}
@@ -47,24 +51,34 @@ class _LayerHooks:
                 attention[name] = modules[name]
                 which = "out" if e.module in parents else e.param_name.rsplit(".", 1)[-1]
                 self.projections[(id(modules[name]), which)] = e
-            else:
-                self.handles.append(modules[e.module].register_forward_hook(
-                    self._forward_hook(e, dims.get(e.module, 0))))
+            else:                                  # every module holding the weight (tied) adds its part
+                for name, user in _holders(e, model, modules, users):
+                    self.handles.append(user.register_forward_hook(self._forward_hook(e, dims.get(name, 0))))
         self.attention_modules = list(attention.values())
 
     def _forward_hook(self, entry: Entry, sample_dim: int):
         def hook(module, inputs, output):
             if self.target is None:               # not collecting (e.g. the autograd check)
                 return None
-            reason = layer_grads.call_mismatch(module, inputs[0], None if self.summed else self.samples,
-                                               sample_dim)
+            a = inputs[0]
+            if isinstance(module, nn.Embedding) and not self.summed and a.shape[0] == 1 < self.samples:
+                a, output = self._expand(a, output)
+            reason = layer_grads.call_mismatch(module, a, None if self.summed else self.samples, sample_dim)
             if reason is not None:
                 raise HooksDisagree(f"layer {entry.module_name!r}: {reason}")
-            return self._capture(entry, entry.slice, inputs[0], output,
+            return self._capture(entry, entry.slice, a, output,
                                  lambda a, g, dest, accumulate: layer_grads.write_weight_grads(
                                      module, a, g, dest, accumulate=accumulate, summed=self.summed,
                                      sample_dim=sample_dim))
         return hook
+
+    def _expand(self, ids: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An embedding looked up once for the whole batch (position ids (1, T)) and broadcast
+        over it: its output is expanded to the samples so that its gradient is per sample (the
+        forward's values are unchanged where the batch broadcasts; ``backward`` checks that)."""
+        self.expanded = True
+        return (ids.expand(self.samples, *ids.shape[1:]),
+                output.expand(self.samples, *output.shape[1:]))
 
     def _capture(self, entry: Entry, columns: slice, inputs: torch.Tensor, output: torch.Tensor, write):
         """Hook ``output`` so that its gradient writes ``entry``'s ``columns`` by ``write``."""
@@ -106,10 +120,20 @@ class _LayerHooks:
         if not self.summed:                        # (a mini-batch's accumulator is zeroed by the caller)
             for entry in self.projections.values():
                 target[:, entry.slice] = 0
+        self.expanded = False
         try:
             loss = summed_loss(loss_fn, model(x), y) / loss_scale
         except layer_grads.AttentionUnsupported as error:
             raise HooksDisagree(str(error)) from error
+        except PrunekitError:
+            raise
+        except Exception as error:  # noqa: BLE001 - only where an expanded embedding output may be the cause
+            if not self.expanded:
+                raise
+            raise HooksDisagree(f"the forward fails with an embedding's batch-shared output expanded ({error})") \
+                from error
+        if self.expanded and not self.expansion_checked:
+            self._check_expansion(model, x, y, float(loss.detach()) * loss_scale, loss_fn)
         if loss.requires_grad:
             loss.backward()
         if not self.summed:                        # layers the forward never reached: zero gradient
@@ -118,6 +142,20 @@ class _LayerHooks:
                 if entry.module_name not in starts:
                     target[:, entry.slice] = 0
         self.target = None
+
+    def _check_expansion(self, model, x, y, loss: float, loss_fn) -> None:
+        """The loss with embeddings' batch-shared outputs expanded must be the model's own (a
+        forward that sums over the batch dimension of such an output would not be)."""
+        target, self.target = self.target, None           # the hooks stand aside
+        try:
+            with torch.no_grad():
+                plain = float(summed_loss(loss_fn, model(x), y))
+        finally:
+            self.target = target
+        if abs(loss - plain) > 1e-4 * max(abs(plain), 1e-30):
+            raise HooksDisagree(f"expanding an embedding's batch-shared output changes the loss ({plain:.6g} -> "
+                                f"{loss:.6g})")
+        self.expansion_checked = True
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -137,8 +175,16 @@ def hooked_layers(model: nn.Module, space: ParamSpace) -> dict[nn.Module, int]:
     modules = dict(model.named_modules())
     parents = layer_grads.attention_parent(model)
     dims = layer_grads.sample_dims(model)
-    return {modules[e.module]: dims.get(e.module, 0) for e in space.entries
-            if not _is_projection(e, modules, parents)}
+    users = layer_grads.weight_users(model)
+    return {user: dims.get(name, 0) for e in space.entries if not _is_projection(e, modules, parents)
+            for name, user in _holders(e, model, modules, users)}
+
+
+def _holders(entry: Entry, model: nn.Module, modules: dict[str, nn.Module],
+             users: dict[int, list[tuple[str, nn.Module]]]) -> list[tuple[str, nn.Module]]:
+    """[(name, module)] of every module that holds ``entry``'s weight (several when it is tied,
+    ``layer_grads.weight_users``), each of which the collector hooks."""
+    return users.get(id(model.get_parameter(entry.param_name)), [(entry.module, modules[entry.module])])
 
 
 def collect_with_hooks(model, space, batches, rows, batch, chunk, progress, loss_fn=None,

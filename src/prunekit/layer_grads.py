@@ -1,5 +1,6 @@
-"""Per-sample weight gradients of one Linear or convolution layer (Conv1d/2d/3d and their
-transposes) from its input and output gradient, and of the projections of nn.MultiheadAttention
+"""Per-sample weight gradients of one Linear, embedding or convolution layer (Conv1d/2d/3d and
+their transposes; also a Linear that stores its weight as (in, out), :func:`transposed_linear`)
+from its input and output gradient, and of the projections of nn.MultiheadAttention
 and prunekit's SlimAttention (an explicit forward whose projections are Linear layers:
 :func:`explicit_attention`, at the end).
 
@@ -40,21 +41,49 @@ PROJECTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_pro
 
 
 def supported(module: nn.Module) -> bool:
-    """Whether the per-layer path handles this layer: a Linear or convolution whose forward is
-    torch's own (a subclass that changes the forward may use its weight otherwise), written by
-    :func:`write_weight_grads`, or an attention module that :func:`attention_supported` (its
-    projection weights; an nn.MultiheadAttention's ``out_proj`` depends on it:
-    :func:`unsupported_layers`)."""
+    """Whether the per-layer path handles this layer: a Linear, nn.Embedding or convolution whose
+    forward is torch's own (a subclass that changes the forward may use its weight otherwise), or
+    a :func:`transposed_linear` layer, written by :func:`write_weight_grads`, or an attention module
+    that :func:`attention_supported` (its projection weights; an nn.MultiheadAttention's
+    ``out_proj`` depends on it: :func:`unsupported_layers`)."""
     kind = type(module)
     if isinstance(module, ATTENTION):
         return attention_supported(module)
     if isinstance(module, nn.Linear):
         return kind.forward is nn.Linear.forward
+    if isinstance(module, nn.Embedding):     # max_norm rescales rows in place; by-frequency scaling
+        return kind.forward is nn.Embedding.forward and module.max_norm is None and not module.scale_grad_by_freq
     for base in CONVOLUTIONS:
         if isinstance(module, base):
             return kind.forward is base.forward and getattr(kind, "_conv_forward", None) is getattr(
                 base, "_conv_forward", None)
-    return False
+    return transposed_linear(module)
+
+
+def transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear layer that stores its weight as (in, out) (GPT-2's Conv1D):
+    no children, no buffers (a layer with state may change it when called), parameters ``weight``
+    (in, out) and an optional ``bias`` (out,), and its forward gives x W + b on a probe input x
+    (2, 3, in) of fixed random values."""
+    if (isinstance(module, (nn.Linear, nn.Embedding, *CONVOLUTIONS, *ATTENTION)) or next(module.children(), None)
+            or next(module.buffers(recurse=False), None) is not None):
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    weight, bias = params.get("weight"), params.get("bias")
+    if (weight is None or weight.dim() != 2 or not weight.is_floating_point() or set(params) - {"weight", "bias"}
+            or (bias is not None and tuple(bias.shape) != (weight.shape[1],))):
+        return False
+    x = torch.randn(2, 3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight)
+    with torch.no_grad():
+        try:
+            y = module.forward(x)
+        except Exception:  # noqa: BLE001 - a layer that does not take such an input is not one
+            return False
+        expected = x @ weight + (bias if bias is not None else 0)
+    if not isinstance(y, torch.Tensor) or y.shape != expected.shape:
+        return False
+    tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+    return float((y - expected).abs().max()) <= tol * float(expected.abs().max())
 
 
 def write_weight_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor,
@@ -72,8 +101,13 @@ def write_weight_grads(module: nn.Module, inputs: torch.Tensor, grad_output: tor
     if isinstance(module, nn.Linear):
         write_linear_grads(inputs.movedim(sample_dim, 0), grad_output.movedim(sample_dim, 0), dest,
                            accumulate, summed)
-    else:
+    elif isinstance(module, nn.Embedding):
+        write_embedding_grads(module, inputs, grad_output, dest, accumulate, summed)
+    elif isinstance(module, CONVOLUTIONS):
         _conv(module, inputs, grad_output, dest, accumulate, summed)
+    else:                                   # a transposed_linear layer: ∂L_b/∂W = Σ_t a_bt g_btᵀ, (in, out)
+        write_linear_grads(grad_output.movedim(sample_dim, 0), inputs.movedim(sample_dim, 0), dest,
+                           accumulate, summed)
 
 
 def _store(dest: torch.Tensor, values: torch.Tensor, accumulate: bool) -> None:
@@ -94,6 +128,24 @@ def write_linear_grads(a: torch.Tensor, g: torch.Tensor, dest: torch.Tensor, acc
         grads = (g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])).reshape(1, -1)
     else:
         grads = torch.bmm(g.transpose(1, 2), a).reshape(batch, -1)
+    _store(dest, grads, accumulate)
+
+
+def write_embedding_grads(embedding: nn.Embedding, ids: torch.Tensor, g: torch.Tensor, dest: torch.Tensor,
+                          accumulate: bool, summed: bool = False) -> None:
+    """An embedding's rows: ids (B, ...) indices, g (B, ..., D) output gradients, into ``dest``
+    ((B, V·D), or (1, V·D) with ``summed``). Sample b's gradient adds g_bt to row ids_bt of a
+    (V, D) zero matrix for each position t; the ``padding_idx`` row gets none (as in torch)."""
+    batch, width = ids.shape[0], g.shape[-1]
+    ids, g = ids.reshape(batch, -1), g.reshape(batch, -1, width)
+    if embedding.padding_idx is not None:
+        g = g * (ids != embedding.padding_idx).unsqueeze(-1)
+    if summed:
+        grads = g.new_zeros(embedding.num_embeddings, width).index_add_(0, ids.reshape(-1), g.reshape(-1, width))
+        grads = grads.reshape(1, -1)
+    else:
+        grads = g.new_zeros(batch, embedding.num_embeddings, width).scatter_add_(
+            1, ids.unsqueeze(-1).expand(-1, -1, width), g).reshape(batch, -1)
     _store(dest, grads, accumulate)
 
 
@@ -185,11 +237,13 @@ def attention_parent(model: nn.Module) -> dict[str, str]:
 
 def unsupported_layers(model: nn.Module, space) -> list[str]:
     """The layer names of ``space`` whose per-sample rows the per-layer path cannot write: a
-    weight of a module other than a plain Linear/convolution or a supported attention module
-    (its projection weights), and an nn.MultiheadAttention's ``out_proj.weight`` when the
-    attention is not supported (its forward uses the weight functionally)."""
+    weight of a module other than a plain Linear/embedding/convolution or a supported attention
+    module (its projection weights), a weight also held by another module (tied) that is not
+    such a layer, and an nn.MultiheadAttention's ``out_proj.weight`` when the attention is not
+    supported (its forward uses the weight functionally)."""
     modules = dict(model.named_modules())
     parents = attention_parent(model)
+    users = weight_users(model)
     names = []
     for entry in space.entries:
         module = modules[entry.module]
@@ -198,7 +252,8 @@ def unsupported_layers(model: nn.Module, space) -> list[str]:
         elif isinstance(module, ATTENTION):
             ok = entry.param_name.rsplit(".", 1)[-1] in PROJECTION_WEIGHTS and attention_supported(module)
         else:
-            ok = supported(module)
+            sharing = users.get(id(model.get_parameter(entry.param_name)), [])
+            ok = supported(module) and all(supported(m) and name not in parents for name, m in sharing)
         if not ok:
             names.append(entry.module_name)
     return names
@@ -210,23 +265,27 @@ class CallUnsupported(Exception):
 
 
 def call_mismatch(module: nn.Module, a: torch.Tensor, samples: int | None, sample_dim: int = 0) -> str | None:
-    """Why the per-layer formula cannot write the rows of this call of a hooked Linear or
-    convolution, or None when it can: the test the collector applies to every call, and the
-    memory plan to the calls of its one probing forward (so that both see the same path).
+    """Why the per-layer formula cannot write the rows of this call of a hooked layer (Linear,
+    embedding, convolution, :func:`transposed_linear`), or None when it can: the test the collector
+    applies to every call, and the memory plan to the calls of its one probing forward (so that
+    both see the same path).
 
     a:          the layer's input, e.g. (B, C_in, L) for a Conv1d, (B, ..., in) for a Linear.
     samples:    the samples forwarded at once (B); None for mini-batch rows (summed over the batch).
-    sample_dim: the dimension of a Linear's input that indexes the samples (:func:`sample_dims`).
-    A Linear's input must have the samples along ``sample_dim``; a convolution's must be batched
-    (an unbatched call lacks the batch dimension) and, for per-sample rows, its batch must be the
-    samples (not, say, a sample's frames folded into the batch)."""
-    if samples is not None and isinstance(module, nn.Linear) and (
-            a.dim() <= sample_dim or a.shape[sample_dim] != samples):
+    sample_dim: the dimension of the input that indexes the samples (:func:`sample_dims`).
+    A convolution's input must be batched (an unbatched call lacks the batch dimension) and, for
+    per-sample rows, its batch must be the samples (not, say, a sample's frames folded into the
+    batch); any other layer's input must have the samples along ``sample_dim``, but for an
+    embedding's lookup shared by the batch, (1, ...), which the collector expands to the samples."""
+    if isinstance(module, CONVOLUTIONS):
+        if a.dim() != len(module.kernel_size) + 2 or (samples is not None and a.shape[0] != samples):
+            return (f"its input {tuple(a.shape)} is not a batch of the {samples} samples" if samples is not None
+                    else f"its input {tuple(a.shape)} is not batched")
+        return None
+    if isinstance(module, nn.Embedding) and a.dim() > 0 and a.shape[0] == 1:
+        return None
+    if samples is not None and (a.dim() <= sample_dim or a.shape[sample_dim] != samples):
         return f"dimension {sample_dim} of its input {tuple(a.shape)} is not the {samples} samples"
-    if isinstance(module, CONVOLUTIONS) and (
-            a.dim() != len(module.kernel_size) + 2 or (samples is not None and a.shape[0] != samples)):
-        return (f"its input {tuple(a.shape)} is not a batch of the {samples} samples" if samples is not None
-                else f"its input {tuple(a.shape)} is not batched")
     return None
 
 
@@ -236,6 +295,17 @@ def projection_mismatch(a: torch.Tensor, samples: int | None) -> str | None:
     if samples is not None and a.shape[0] != samples:
         return f"its batch of {a.shape[0]} is not the {samples} samples"
     return None
+
+
+def weight_users(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id(parameter) -> [(name, module)] of every module that holds it as its ``weight``; a tied
+    weight (an output layer sharing the token embedding's table) has several."""
+    users: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None and all(m is not module for _, m in users.get(id(weight), [])):
+            users.setdefault(id(weight), []).append((name, module))
+    return users
 
 
 def sample_dims(model: nn.Module) -> dict[str, int]:

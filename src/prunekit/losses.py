@@ -16,13 +16,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .errors import PrunekitError
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def summed_loss(loss_fn: LossFn | None, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Σ over the batch of the per-sample losses (a scalar tensor); ``loss_fn`` None: cross-entropy."""
     if loss_fn is None:
-        return nn.functional.cross_entropy(outputs, targets, reduction="sum")
+        return nn.functional.cross_entropy(class_scores(outputs), targets, reduction="sum")
     return loss_fn(outputs, targets) * targets.shape[0]
 
 
@@ -34,5 +36,17 @@ def loss_name(loss_fn: LossFn) -> str:
 def mean_loss(loss_fn: LossFn | None, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The mean over the batch of the per-sample losses; ``loss_fn`` None: cross-entropy."""
     if loss_fn is None:
-        return nn.functional.cross_entropy(outputs, targets)
+        return nn.functional.cross_entropy(class_scores(outputs), targets)
     return loss_fn(outputs, targets)
+
+
+def class_scores(outputs) -> torch.Tensor:
+    """``outputs`` if it is a tensor (a classifier's (B, classes) scores); anything else (a dict,
+    a HuggingFace ``ModelOutput``, a tuple) is refused in one line: the default loss cannot know
+    which part holds the scores."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = " (e.g. its .logits)" if hasattr(outputs, "logits") else ""
+    raise PrunekitError(f"the model returns {type(outputs).__name__} outputs, not a tensor of class scores: pass "
+                        f"loss=f with f(outputs, targets) reading the scores{logits}, or wrap the model in a "
+                        "module whose forward returns them")
