@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from prunekit import layer_grads, memory_plan
+from prunekit import attention_explicit, layer_grads, memory_plan
 from prunekit.errors import PrunekitWarning
 from prunekit.fisher import collect_gradients
 from prunekit.params import ParamSpace
@@ -169,7 +169,7 @@ def test_the_explicit_forward_is_the_modules_forward():
                               "need_weights": False})]
         for args, kwargs in cases:
             expected = m(*args, **kwargs)
-            got = layer_grads.explicit_attention_forward(m, plain, *args, **kwargs)
+            got = attention_explicit.explicit_attention_forward(m, plain, *args, **kwargs)
             assert_close_to_scale(got[0], expected[0], rel=1e-5)
             assert (got[1] is None) == (expected[1] is None)
             if expected[1] is not None:
@@ -190,7 +190,7 @@ def test_the_module_is_restored_after_an_error():
     assert all("forward" not in vars(m) for m in attention)
     assert torch.backends.mha.get_fastpath_enabled()
     with pytest.raises(RuntimeError, match="boom"):
-        with layer_grads.explicit_attention(attention, None):
+        with attention_explicit.explicit_attention(attention, None):
             assert all("forward" in vars(m) for m in attention)
             raise RuntimeError("boom")
     assert all("forward" not in vars(m) for m in attention)
@@ -202,12 +202,12 @@ def test_the_check_compares_with_the_modules_own_forward(monkeypatch):
     # first-row check and fall back to vmap, whose rows are the module's own.
     model = _seeded(_Encoder, True)
     space = ParamSpace(model)
-    original = layer_grads.explicit_attention_forward
+    original = attention_explicit.explicit_attention_forward
 
     def off(*args, **kwargs):
         out, weights = original(*args, **kwargs)
         return out * 1.5, weights
-    monkeypatch.setattr(layer_grads, "explicit_attention_forward", off)
+    monkeypatch.setattr(attention_explicit, "explicit_attention_forward", off)
     batches = _data((1, 4, 4), 3, 10)
     with pytest.warns(PrunekitWarning, match="disagree with autograd"):
         rows = collect_gradients(model, space, batches, n=6, chunk=3, progress=False)

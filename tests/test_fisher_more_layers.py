@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit import fisher, layer_grads, memory_plan
+from prunekit import attention_explicit, fisher, layer_grads, memory_plan
 from prunekit.costs import CostModel
 from prunekit.errors import PrunekitWarning
 from prunekit.fisher import collect_gradients
@@ -94,12 +94,12 @@ def test_slim_attention_mini_batch_rows_are_mean_gradients(monkeypatch):
 def test_a_wrong_slim_forward_fails_the_check_and_falls_back(monkeypatch):
     model = _slim(_seeded(_Encoder, True))
     space = _slim_space(model, (1, 4, 4))
-    original = layer_grads.explicit_slim_forward
+    original = attention_explicit.explicit_slim_forward
 
     def off(*args, **kwargs):
         out, weights = original(*args, **kwargs)
         return out * 1.5, weights
-    monkeypatch.setattr(layer_grads, "explicit_slim_forward", off)
+    monkeypatch.setattr(attention_explicit, "explicit_slim_forward", off)
     batches = _data((1, 4, 4), 3, 10)
     with pytest.warns(PrunekitWarning, match="disagree with autograd"):
         rows = collect_gradients(model, space, batches, n=6, chunk=3, progress=False)
@@ -206,7 +206,7 @@ def test_the_explicit_forward_reproduces_the_variants():
                  {"attn_mask": torch.randn(6, 5, 7), "average_attn_weights": False}]
         for kwargs in cases:
             expected = m(q, *kv, **kwargs)
-            got = layer_grads.explicit_attention_forward(m, plain, q, *kv, **kwargs)
+            got = attention_explicit.explicit_attention_forward(m, plain, q, *kv, **kwargs)
             assert_close_to_scale(got[0], expected[0], rel=1e-5)
             if expected[1] is not None:
                 assert_close_to_scale(got[1], expected[1], rel=1e-5)

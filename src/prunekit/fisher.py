@@ -19,7 +19,7 @@ no chunk × p temporary and no concatenation.
 
 nn.MultiheadAttention (packed or separate q/k/v weights, bias_k/bias_v, zero attention) and
 prunekit's SlimAttention use their weights functionally, so while rows are collected they run
-an explicit equivalent forward whose projections are hooked (:func:`layer_grads.explicit_attention`):
+an explicit equivalent forward whose projections are hooked (:func:`attention_explicit.explicit_attention`):
 ``in_proj_weight`` (its q, k, v thirds from their own inputs) or ``q/k/v_proj_weight``, and
 ``out_proj.weight``, get the Linear formula. The module's own forward is restored afterwards,
 and the first-row check runs on it.

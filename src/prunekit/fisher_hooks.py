@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import layer_grads
+from . import attention_explicit, layer_grads
 from .fisher_batches import check_filled, gradient_bar, regroup
 from .errors import PrunekitError
 from .losses import LossFn, summed_loss
@@ -29,7 +29,7 @@ class _LayerHooks:
     weight gradients into its columns of ``self.target`` (rows × p). An attention module's
     projection weights (``in_proj_weight`` or ``q/k/v_proj_weight``, and nn.MultiheadAttention's
     ``out_proj.weight``) are written by ``project``, which its explicit forward calls for each
-    projection (``layer_grads.explicit_attention``)."""
+    projection (``attention_explicit.explicit_attention``)."""
 
     def __init__(self, model: nn.Module, space: ParamSpace, summed: bool):
         modules = dict(model.named_modules())
@@ -123,7 +123,7 @@ class _LayerHooks:
         self.expanded = False
         try:
             loss = summed_loss(loss_fn, model(x), y) / loss_scale
-        except layer_grads.AttentionUnsupported as error:
+        except attention_explicit.AttentionUnsupported as error:
             raise HooksDisagree(str(error)) from error
         except PrunekitError:
             raise
@@ -200,7 +200,7 @@ def collect_with_hooks(model, space, batches, rows, batch, chunk, progress, loss
     bar = progress if isinstance(progress, tqdm) else gradient_bar(n, progress)
     restore = contextlib.ExitStack()
     try:
-        patch = restore.enter_context(layer_grads.explicit_attention(hooks.attention_modules, hooks.project))
+        patch = restore.enter_context(attention_explicit.explicit_attention(hooks.attention_modules, hooks.project))
         for x, y in regroup(batches, batch if batch > 1 else chunk):
             x, y = x.to(device), y.to(device)
             if batch == 1:

@@ -25,7 +25,7 @@ def attention_forward(module: nn.Module, query, key, value, *, heads: int, head_
     query (B, Lq, E) if ``module.batch_first`` else (Lq, B, E); returns the same layout.
     ``in_projection(a, weight, bias, rows)``, if given, computes each of q, k and v in place of
     F.linear (a (B, L, E); ``rows`` = (first, last) rows of ``in_proj_weight``): the gradient
-    collector hooks them there (``layer_grads.explicit_attention``)."""
+    collector hooks them there (``attention_explicit.explicit_attention``)."""
     batch_first = getattr(module, "batch_first", False)
     if not batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))

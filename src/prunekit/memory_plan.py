@@ -81,7 +81,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import layer_grads
+from . import attention_explicit, layer_grads
 from .errors import PrunekitError
 from .fisher_hooks import hooked_layers      # the collector's own layers (and test): not a copy
 from .memory_probe import activation_bytes, inference_bytes
@@ -194,7 +194,7 @@ class _Sizes:
         try:
             self.activation_per_sample = activation_bytes(model, example_input, prunable, batch_statistics,
                                                            attention, hooked, summed)
-        except (layer_grads.AttentionUnsupported, layer_grads.CallUnsupported):
+        except (attention_explicit.AttentionUnsupported, layer_grads.CallUnsupported):
             # e.g. unbatched attention, a convolution on a sample's frames: the collector falls back
             self.whole_model_rows = True
             self.activation_per_sample = activation_bytes(model, example_input, prunable, batch_statistics)

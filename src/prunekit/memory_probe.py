@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import layer_grads
+from . import attention_explicit, layer_grads
 
 
 def activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: list[nn.Module],
@@ -22,7 +22,7 @@ def activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: 
     eval mode with the weights frozen, as the collector runs it. ``batch_statistics``: BatchNorm on
     batch statistics (fisher_bn="batch"), measured on two copies of the sample (one sample has no
     spread) and halved. ``attention``: attention modules that run their explicit
-    forward (``layer_grads.explicit_attention``) as the collector runs them, their projections'
+    forward (``attention_explicit.explicit_attention``) as the collector runs them, their projections'
     inputs kept. ``hooked``: {layer: sample dimension} of the layers whose calls the per-layer
     collector tests (``fisher_hooks.hooked_layers``); each of their calls, and each attention
     projection, gets the collector's own test (``layer_grads.call_mismatch``, for one sample, or
@@ -70,7 +70,7 @@ def activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: 
                 test(layer_grads.projection_mismatch(a, samples))
             keep(a)
             return F.linear(a, weight, bias)
-        with mode, layer_grads.explicit_attention(attention, project), \
+        with mode, attention_explicit.explicit_attention(attention, project), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             model(*inputs)
     finally:
