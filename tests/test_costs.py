@@ -740,6 +740,25 @@ def test_a_summed_element_wise_product_of_two_parameters_charges_each_mac_to_one
     assert applied + sparse <= counted < costs.macs               # never below the sparse product
 
 
+class _OwnQueryOnChildVector(nn.Module):    # the module's own query dotted with a child's vector
+    def __init__(self, k=4):
+        super().__init__()
+        self.child = nn.Module()
+        self.child.w = nn.Parameter(torch.randn(k))
+        self.q = nn.Parameter(torch.randn(k))
+
+    def forward(self, x):                     # x (B, n)
+        return x * (self.q * self.child.w).sum(-1)
+
+
+def test_a_summed_product_of_parameters_of_different_standing_charges_the_running_modules_own():
+    # As with q @ W: the running module's own parameter is the weight, the other its input.
+    k = 4
+    costs = CostModel(_OwnQueryOnChildVector(k), torch.randn(2, 3))    # was 0 MACs
+    assert costs.macs == k and costs.layer("q").macs_per_weight == 1
+    assert not costs.has_layer("child.w")
+
+
 class _DotProductsThroughViews(nn.Module):    # scales summed along w through a view or copy of the product
     def __init__(self, E=8, heads=2):
         super().__init__()
