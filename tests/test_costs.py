@@ -1,6 +1,8 @@
 """CostModel: MAC counts of single layers against their textbook formulas, residual adds,
 unknown modules, masked and shrunk counts."""
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -673,6 +675,88 @@ def test_a_product_of_two_parameters_charges_each_mac_to_one_factor():
     assert costs.layer("lora_b").macs + costs.layer("lora_a").macs == E * 2 * E
     assert not costs.layer("").is_weight_layer and costs.layer("").params == E * E     # W0 only added
     assert costs.macs == E * 2 * E + T * E * E and costs.activation_macs == T * E * E
+
+
+class _SummedParameterProducts(nn.Module):   # element-wise products of two parameters, summed
+    def __init__(self, n=3, k=4, m=2, c=5):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(n, k)), nn.Parameter(torch.randn(n, k))    # row dots
+        self.c, self.d = nn.Parameter(torch.randn(c)), nn.Parameter(torch.randn(c))          # one dot
+        self.p, self.q = nn.Parameter(torch.randn(n, k)), nn.Parameter(torch.randn(m, k))    # p q^T
+
+    def forward(self, x):                     # x (B, n)
+        rows = (self.a * self.b).sum(-1)                              # (n,)
+        total = (self.c * self.d).sum()                               # ()
+        table = (self.p.unsqueeze(1) * self.q).sum(-1)                # (n, m)
+        return (x * rows) @ table + total
+
+
+def _checkerboard_costs_by_hand(a, b, shape, index_a, index_b):
+    """Each product at (i0, i1, ...) of ``shape`` (a's element index_a(i), b's index_b(i)) charged to
+    a if i0 + i1 + ... is even, else to b: per-element costs and the MACs a sparse product does."""
+    cost_a, cost_b, sparse = torch.zeros_like(a, dtype=torch.int64), torch.zeros_like(b, dtype=torch.int64), 0
+    for i in itertools.product(*[range(n) for n in shape]):
+        if sum(i) % 2 == 0:
+            cost_a[index_a(i)] += 1
+        else:
+            cost_b[index_b(i)] += 1
+        sparse += int(a[index_a(i)] != 0 and b[index_b(i)] != 0)
+    return cost_a, cost_b, sparse
+
+
+def _summed_products_by_hand(model, n=3, k=4, m=2, c=5):
+    same = lambda i: i  # noqa: E731
+    return [_checkerboard_costs_by_hand(model.a, model.b, (n, k), same, same),
+            _checkerboard_costs_by_hand(model.c, model.d, (c,), same, same),
+            _checkerboard_costs_by_hand(model.p, model.q, (n, m, k), lambda i: (i[0], i[2]),
+                                        lambda i: (i[1], i[2]))]
+
+
+def test_a_summed_element_wise_product_of_two_parameters_charges_each_mac_to_one_factor():
+    n, k, m, c, B = 3, 4, 2, 5, 2
+    model = _SummedParameterProducts(n, k, m, c)
+    costs = CostModel(model, torch.randn(B, n))                   # was 0 MACs, no refusal
+    applied = n * m                                               # (x * rows) @ table, per sample
+    assert costs.activation_macs == applied
+    assert costs.macs == n * k + c + n * m * k + applied          # 12 + 5 + 24 + 6 = 47
+    for (cost_a, cost_b, _), (name_a, name_b) in zip(_summed_products_by_hand(model),
+                                                      [("a", "b"), ("c", "d"), ("p", "q")]):
+        assert torch.equal(costs.layer(name_a).weight_costs(), cost_a.reshape(-1)), name_a
+        assert torch.equal(costs.layer(name_b).weight_costs(), cost_b.reshape(-1)), name_b
+    with torch.no_grad():                                         # prune in both factors of each
+        model.a[0] = 0
+        model.b[:, 1] = 0
+        model.c[1:3] = 0
+        model.d[4] = 0
+        model.p[2] = 0
+        model.q[0, 0] = 0
+    by_hand = _summed_products_by_hand(model)
+    counted = costs.count(model).macs
+    factors = [(model.a, model.b), (model.c, model.d), (model.p, model.q)]
+    assert counted == applied + sum(int(ca[a != 0].sum() + cb[b != 0].sum())
+                                    for (ca, cb, _), (a, b) in zip(by_hand, factors))
+    sparse = sum(s for _, _, s in by_hand)
+    assert sparse == (n - 1) * (k - 1) + (c - 3) + (n - 1) * (m * k - 1)         # 6 + 2 + 14 = 22
+    assert applied + sparse <= counted < costs.macs               # never below the sparse product
+
+
+class _OwnQueryOnChildVector(nn.Module):    # the module's own query dotted with a child's vector
+    def __init__(self, k=4):
+        super().__init__()
+        self.child = nn.Module()
+        self.child.w = nn.Parameter(torch.randn(k))
+        self.q = nn.Parameter(torch.randn(k))
+
+    def forward(self, x):                     # x (B, n)
+        return x * (self.q * self.child.w).sum(-1)
+
+
+def test_a_summed_product_of_parameters_of_different_standing_charges_the_running_modules_own():
+    # As with q @ W: the running module's own parameter is the weight, the other its input.
+    k = 4
+    costs = CostModel(_OwnQueryOnChildVector(k), torch.randn(2, 3))    # was 0 MACs
+    assert costs.macs == k and costs.layer("q").macs_per_weight == 1
+    assert not costs.has_layer("child.w")
 
 
 class _DotProductsThroughViews(nn.Module):    # scales summed along w through a view or copy of the product

@@ -168,11 +168,27 @@ class _TimeFirstLinear(nn.Module):
         return self.fc(x.transpose(0, 1)).mean(0)
 
 
+class _SharedTable(nn.Module):
+    """A Linear on a learned table (1, 4, 4) added to every sample: its input's first dimension is
+    1 whatever the batch, which one probing sample cannot tell from a batch of the samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, 4, 4))
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):                                   # (B, 4, 4)
+        return self.head(x + self.proj(self.table)).mean(1)
+
+
 @pytest.mark.parametrize("model, example", [(_Clip(fold=True), torch.zeros(1, 4, 3, 8, 8)),
                                             (_Clip(fold=False), torch.zeros(1, 4, 3, 8, 8)),
                                             (_UnbatchedConv1d(), torch.zeros(1, 4, 4)),
-                                            (_TimeFirstLinear(), torch.zeros(1, 4, 4))],
-                         ids=["folded-conv2d", "per-frame-conv2d", "unbatched-conv1d", "time-first-linear"])
+                                            (_TimeFirstLinear(), torch.zeros(1, 4, 4)),
+                                            (_SharedTable(), torch.zeros(1, 4, 4))],
+                         ids=["folded-conv2d", "per-frame-conv2d", "unbatched-conv1d", "time-first-linear",
+                              "shared-table-linear"])
 def test_the_plan_takes_the_path_the_collector_takes(model, example):
     # Every layer is one the hooks handle, yet the collector falls back to vmap at run time (the
     # layer's input is not a batch of the samples): the plan's probe applies the same test.

@@ -141,53 +141,57 @@ def _same_elements(t: torch.Tensor, p: torch.Tensor) -> bool:
 
 
 class ScaledProducts:
-    """Products ``x * w`` of an activation and a parameter scale ``w``, until a reduction decides
-    whether they were dot products. Found by storage, so a view of a product (``.view``,
-    ``.transpose``, ``.unsqueeze``) is found too; a copy (``.reshape`` of a transposed product,
-    a dtype cast) is recorded with the positions of the tensor it copies."""
+    """Products ``x * w`` of an activation and a parameter scale ``w``, or ``a * b`` of two
+    parameters, until a reduction decides whether they were dot products. Found by storage, so a
+    view of a product (``.view``, ``.transpose``, ``.unsqueeze``) is found too; a copy (``.reshape``
+    of a transposed product, a dtype cast) is recorded with the positions of the tensor it copies."""
 
     def __init__(self, index: ParamIndex):
         self.index = index
         # storage of a product -> (weak ref to that storage, the product's size, stride and
-        # offset in it, storage of w, positions in w's storage of the product's elements)
+        # offset in it, [(storage of a factor, positions in it of the product's elements)])
         self.products: dict[int, tuple] = {}
 
-    def add(self, out: torch.Tensor, w: torch.Tensor) -> None:
-        positions = self.index.positions(w).broadcast_to(out.shape)
-        self._record(out, storage_key(w), positions)
+    def add(self, out: torch.Tensor, *factors: torch.Tensor) -> None:
+        """``out`` = the element-wise product of parameter views ``factors`` (one: a scale of an
+        activation; two: a product of parameters), broadcast to out's shape."""
+        self._record(out, [(storage_key(w), self.index.positions(w).broadcast_to(out.shape)) for w in factors])
 
     def holds(self, t: torch.Tensor) -> bool:
         return self._lookup(t) is not None
 
     def copy(self, src: torch.Tensor, out: torch.Tensor) -> None:
         """``out`` is an element-wise copy of ``src`` (a product or a view of one)."""
-        key, positions = self._lookup(src)
-        self._record(out, key, positions.clone().view(out.shape))
+        self._record(out, [(key, positions.clone().view(out.shape)) for key, positions in self._lookup(src)])
 
-    def take(self, t: torch.Tensor) -> tuple[int, torch.Tensor] | None:
-        """(storage of w, positions in it of ``t``'s elements (t.shape)), forgetting the product
-        (its products are charged once); None if ``t`` is not within a product."""
+    def take(self, t: torch.Tensor) -> list[tuple[int, torch.Tensor]] | None:
+        """[(storage of a factor, positions in it of ``t``'s elements (t.shape))], one per factor,
+        forgetting the product (its products are charged once); None if ``t`` is not within a
+        product."""
         found = self._lookup(t)
         self.products.pop(storage_key(t), None)
         return found
 
-    def _record(self, out: torch.Tensor, key: int, positions: torch.Tensor) -> None:
+    def _record(self, out: torch.Tensor, factors: list[tuple[int, torch.Tensor]]) -> None:
         layout = (out.size(), out.stride(), out.storage_offset(), out.element_size())
-        self.products[storage_key(out)] = (StorageWeakRef(out.untyped_storage()), layout, key, positions)
+        self.products[storage_key(out)] = (StorageWeakRef(out.untyped_storage()), layout, factors)
 
-    def _lookup(self, t: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    def _lookup(self, t: torch.Tensor) -> list[tuple[int, torch.Tensor]] | None:
         entry = self.products.get(storage_key(t))
         if entry is None:
             return None
-        storage, (size, stride, offset, element_size), key, positions = entry
+        storage, (size, stride, offset, element_size), factors = entry
         if storage.expired():               # freed: its memory may now hold something else
             self.products.pop(storage_key(t))
             return None
         if t.element_size() != element_size:
             return None                     # the product's bytes read as another dtype
-        flat = torch.full((t.untyped_storage().nbytes() // element_size,), -1, dtype=torch.int64)
-        flat.as_strided(size, stride, offset).copy_(positions)
-        mine = flat.as_strided(t.size(), t.stride(), t.storage_offset())
-        if bool((mine < 0).any()):
-            return None                     # reaches outside the product
-        return key, mine
+        found = []
+        for key, positions in factors:
+            flat = torch.full((t.untyped_storage().nbytes() // element_size,), -1, dtype=torch.int64)
+            flat.as_strided(size, stride, offset).copy_(positions)
+            mine = flat.as_strided(t.size(), t.stride(), t.storage_offset())
+            if bool((mine < 0).any()):
+                return None                 # reaches outside the product
+            found.append((key, mine))
+        return found

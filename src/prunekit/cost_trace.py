@@ -10,8 +10,9 @@ Three views of the same forward pass:
   transpose, a chunk of a packed ``in_proj_weight``), is found by its storage; each element is
   charged the number of times it is multiplied. A product of two activations (attention's
   QKᵀ and AV) is charged to the running module as *activation MACs*: real, never prunable. A
-  product of two parameters (a weight made in forward from factors, ``U @ V``) is charged to
-  both factors, each MAC to one of them (``_OpCounter._parameter_product``);
+  product of two parameters (a weight made in forward from factors, ``U @ V``; an element-wise
+  ``(a * b).sum(-1)``) is charged to both factors, each MAC to one of them
+  (``_OpCounter._parameter_product``, ``_OpCounter._summed_parameter_products``);
 * a **``TorchFunctionMode``** sees tensor additions written in ``forward`` code (residual adds).
 
 A parameter used by an operation without a cost rule is *unpriced*: ``CostModel`` refuses the
@@ -264,13 +265,22 @@ class _OpCounter(TorchDispatchMode):
         """``x * w``, ``w`` a parameter. If the product has the activation's shape, ``w`` is a scale
         (a norm's affine, LayerScale, a per-channel gate): element-wise, no MACs. If the activation
         is broadcast too (``(x.unsqueeze(-2) * w).sum(-1)``: a linear layer written element-wise),
-        every output element is one multiplication by one weight element: MACs of ``w``."""
+        every output element is one multiplication by one weight element: MACs of ``w``. A
+        product of two parameters ``a * b`` waits for a reduction (``_reduced_scale``)."""
         a, b = args[0], args[1]
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return
         a_param, b_param = self.index.is_param(a), self.index.is_param(b)
-        if a_param == b_param:              # two activations, or a product of parameters alone
+        if not (a_param or b_param):
             return
+        if a_param and b_param:
+            # As in _product: the running module's own parameter is the weight, the other its
+            # input; two of the same standing are a product of parameters, MACs if it is summed.
+            a_own, b_own = self._owned(a), self._owned(b)
+            if a_own == b_own:
+                self.scaled.add(out, a, b)
+                return
+            a_param = a_own
         w, x = (a, b) if a_param else (b, a)
         if out.numel() > x.numel():
             self._param(w, out.numel() // w.numel())
@@ -284,15 +294,33 @@ class _OpCounter(TorchDispatchMode):
         each summed product is a MAC of ``w``; summed along a broadcast dimension of ``w`` (a
         pool after a scale) it stays a scale."""
         t = args[0]
-        found = self.scaled.take(t)
+        found = self.scaled.take(t)         # [(storage of a factor, positions in it of t's elements)]
         if found is None:
             return
-        key, positions = found                      # storage positions in w of t's elements (t.shape)
         dims = args[1] if len(args) > 1 and args[1] is not None else []
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = [d % t.dim() for d in dims] if dims else list(range(t.dim()))     # none: all
-        if any(bool((positions != positions.narrow(d, 0, 1)).any()) for d in dims if t.shape[d] > 1):
+        if not any(bool((positions != positions.narrow(d, 0, 1)).any())
+                   for d in dims if t.shape[d] > 1 for _, positions in found):
+            return
+        if len(found) == 1:
+            key, positions = found[0]
             self._param_at(key, positions.reshape(-1), torch.ones(positions.numel(), dtype=torch.int64))
+        else:
+            self._summed_parameter_products(t, found)
+
+    def _summed_parameter_products(self, t: torch.Tensor, factors) -> None:
+        """``(a * b).sum(d)``, ``a`` and ``b`` parameters: each summed product (an element of
+        ``t``) is one MAC, charged to one of its two factors on a checkerboard, the element at
+        (i0, i1, ...) of ``t`` to ``a`` if i0 + i1 + ... is even, else to ``b``. As in
+        ``_parameter_product``: the dense sum is exact, and with zeros in either factor the count
+        never falls below the MACs of the sparse product (a MAC of two nonzero factors is always
+        charged to a nonzero)."""
+        coords = torch.meshgrid(*[torch.arange(n) for n in t.shape], indexing="ij")
+        to_a = (sum(coords, torch.zeros((), dtype=torch.int64)) % 2 == 0).reshape(-1)
+        for (key, positions), mine in zip(factors, (to_a, ~to_a)):
+            flat = positions.reshape(-1)[mine]
+            self._param_at(key, flat, torch.ones(flat.numel(), dtype=torch.int64))
 
     def _trilinear(self, func, args) -> None:
         """``nn.Bilinear``: three operands unsqueezed at ``expand1..3``, multiplied, summed. A

@@ -19,18 +19,20 @@ def activation_bytes(model: nn.Module, example: torch.Tensor | tuple, prunable: 
     """Bytes kept for the backward pass per sample: every tensor autograd saves, and the inputs
     of the prunable layers (which the gradient hooks keep), each storage counted once. Measured
     on a forward of the first sample of ``example`` (a batch or a tuple of batched inputs) in
-    eval mode with the weights frozen, as the collector runs it. ``batch_statistics``: BatchNorm on
-    batch statistics (fisher_bn="batch"), measured on two copies of the sample (one sample has no
-    spread) and halved. ``attention``: attention modules that run their explicit
+    eval mode with the weights frozen, as the collector runs it; on two copies of that sample,
+    halved, with ``batch_statistics`` (BatchNorm on batch statistics, fisher_bn="batch": one
+    sample has no spread) or ``hooked`` (a layer whose input's first dimension is 1 whatever the
+    batch, e.g. a Linear on a learned (1, T, E) table, passes the collector's test for one sample
+    but not for its chunk of several). ``attention``: attention modules that run their explicit
     forward (``attention_explicit.explicit_attention``) as the collector runs them, their projections'
     inputs kept. ``hooked``: {layer: sample dimension} of the layers whose calls the per-layer
     collector tests (``fisher_hooks.hooked_layers``); each of their calls, and each attention
-    projection, gets the collector's own test (``layer_grads.call_mismatch``, for one sample, or
-    for mini-batch rows with ``summed``) and a call that fails it raises
+    projection, gets the collector's own test (``layer_grads.call_mismatch``, for the two samples,
+    or for mini-batch rows with ``summed``) and a call that fails it raises
     ``layer_grads.CallUnsupported``: the collector would fall back to the vmap path."""
     from .fisher import batchnorm_on_batch_statistics      # the collector's own mode, not a copy
     device = next(model.parameters()).device
-    copies = 2 if batch_statistics else 1
+    copies = 2 if batch_statistics or hooked is not None else 1
     inputs = tuple(torch.cat([x[:1]] * copies).to(device)
                    for x in (example if isinstance(example, (tuple, list)) else (example,)))
     inputs = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in inputs)
