@@ -107,9 +107,40 @@ def test_a_dict_output_without_loss_is_refused_in_one_line():
     model = _model(outputs="dict")
     ids = _ids(16)
     labels = torch.zeros(16, dtype=torch.long)
-    with pytest.raises(PrunekitError, match=r"returns Output outputs, not a tensor.*loss=.*\.logits") as error:
+    with pytest.raises(PrunekitError, match=r"returns Output outputs, not a tensor of class scores \(its \.logits "
+                                            r"are \(\d+, 5, 11\), not \(batch, classes\)\).*loss=") as error:
         prunekit.prune(model, (ids, labels), method="falcon", flops=0.5, fisher_samples=8)
     assert "\n" not in str(error.value)
+
+
+class _Classifier(nn.Module):
+    """A sequence classifier whose output is (B, classes) scores, as a tensor or as Output(logits=...)."""
+
+    def __init__(self, outputs: str):
+        super().__init__()
+        self.embed, self.hidden, self.head = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, 3)
+        self.outputs = outputs
+
+    def forward(self, ids):
+        logits = self.head(F.relu(self.hidden(self.embed(ids).mean(1))))
+        return Output(logits=logits) if self.outputs == "dict" else logits
+
+
+def test_a_classifiers_dict_output_is_scored_by_its_logits_under_the_default_loss():
+    # A HuggingFace-style classifier output (logits (B, classes)) needs no loss=: the same pruning,
+    # loss and accuracy as the model returning the tensor itself
+    ids, labels = _ids(48), torch.randint(3, (48,), generator=torch.Generator().manual_seed(2))
+    results = []
+    for outputs in ("tensor", "dict"):
+        torch.manual_seed(0)
+        model = _Classifier(outputs)
+        result = prunekit.prune(model, (ids, labels), method="falcon", flops=0.5, fisher_samples=16,
+                                eval_data=(ids, labels), batch_size=16)
+        results.append((result, [p.detach().clone() for p in model.parameters()]))
+    (tensor, tensor_weights), (scored, scored_weights) = results
+    assert scored.accuracy is not None and scored.accuracy == tensor.accuracy and scored.loss == tensor.loss
+    for a, b in zip(tensor_weights, scored_weights):
+        assert torch.equal(a, b)
 
 
 def test_a_dict_output_prunes_with_a_loss_reading_its_logits():

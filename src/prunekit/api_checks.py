@@ -19,6 +19,7 @@ from torch import nn
 
 from .data.loaders import BatchLoader
 from .errors import PrunekitError
+from .losses import class_scores
 from .run_lock import LOCK_NAME
 
 
@@ -279,4 +280,8 @@ def _outputs(model: nn.Module, example_input: torch.Tensor) -> int | None:
         return None
     finally:
         model.train(was_training)
-    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+    try:
+        scores = class_scores(out)
+    except PrunekitError:           # not a classifier's scores: the loss's check says so, in its words
+        return None
+    return int(scores.shape[1])

@@ -41,12 +41,17 @@ def mean_loss(loss_fn: LossFn | None, outputs: torch.Tensor, targets: torch.Tens
 
 
 def class_scores(outputs) -> torch.Tensor:
-    """``outputs`` if it is a tensor (a classifier's (B, classes) scores); anything else (a dict,
-    a HuggingFace ``ModelOutput``, a tuple) is refused in one line: the default loss cannot know
-    which part holds the scores."""
+    """A classifier's (B, classes) scores: ``outputs`` itself if it is a tensor, or its ``logits``
+    when that is a (B, classes) tensor (a HuggingFace ``...ForSequenceClassification`` or
+    ``...ForImageClassification`` output, a dict with "logits"). Anything else (a language model's
+    (B, T, vocab) logits, a tuple) is refused in one line: the default loss cannot know which part
+    holds the scores, or how they meet the targets."""
     if isinstance(outputs, torch.Tensor):
         return outputs
-    logits = " (e.g. its .logits)" if hasattr(outputs, "logits") else ""
-    raise PrunekitError(f"the model returns {type(outputs).__name__} outputs, not a tensor of class scores: pass "
-                        f"loss=f with f(outputs, targets) reading the scores{logits}, or wrap the model in a "
-                        "module whose forward returns them")
+    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+        return logits
+    hint = f" (its .logits are {tuple(logits.shape)}, not (batch, classes))" if isinstance(logits, torch.Tensor) else ""
+    raise PrunekitError(f"the model returns {type(outputs).__name__} outputs, not a tensor of class scores{hint}: "
+                        "pass loss=f with f(outputs, targets) giving the mean loss, or wrap the model in a "
+                        "module whose forward returns (batch, classes) scores")

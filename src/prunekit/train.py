@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .layout import model_input
-from .losses import LossFn, mean_loss, summed_loss
+from .losses import LossFn, class_scores, mean_loss, summed_loss
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -41,7 +41,7 @@ def evaluate_loss_accuracy(model: nn.Module, loader: Iterable, progress: bool = 
         y = y.to(device)
         loss += float(summed_loss(loss_fn, out, y))
         if loss_fn is None:
-            correct += int((out.argmax(1) == y).sum())
+            correct += int((class_scores(out).argmax(1) == y).sum())
         total += y.shape[0]
     model.train(was_training)
     accuracy = 100.0 * correct / max(total, 1) if loss_fn is None else None
@@ -111,8 +111,10 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     """(1 - weight) * cross-entropy + weight * T² * KL(teacher || student) at temperature T
     (Hinton et al. 2015; T² keeps the soft term's gradient scale independent of T).
 
-    logits, teacher_logits: (batch, classes); labels: (batch,). weight 0 is plain cross-entropy.
+    logits, teacher_logits: (batch, classes), or outputs holding them (``losses.class_scores``);
+    labels: (batch,). weight 0 is plain cross-entropy.
     """
+    logits, teacher_logits = class_scores(logits), class_scores(teacher_logits)
     hard = nn.functional.cross_entropy(logits, labels)
     if weight == 0:
         return hard
