@@ -50,6 +50,14 @@ SETUPS = {
     "resnet20-b": {"model": "resnet20-b", "checkpoint": "{data}/checkpoints/resnet20_cifar10.pth.tar",
                    "data": "cifar10", "dir": "{data}/cifar10", "budgets": [0.6, 0.4, 0.3, 0.2], "train_eval": None,
                    "sparsity_too": False, "jpeg_test": True},
+    # option-A (zero-pad shortcut) ResNets on the same CIFAR-10 images: networks the one-shot
+    # defaults were not chosen on (session 28)
+    "resnet20-a": {"model": "resnet20", "checkpoint": "{data}/checkpoints/resnet20-12fca82f.th",
+                   "data": "cifar10", "dir": "{data}/cifar10", "budgets": [0.6, 0.4, 0.3, 0.2], "train_eval": None,
+                   "sparsity_too": False, "jpeg_test": True},
+    "resnet56": {"model": "resnet56", "checkpoint": "{data}/checkpoints/resnet56-4bfd9763.th",
+                 "data": "cifar10", "dir": "{data}/cifar10", "budgets": [0.6, 0.4, 0.3, 0.2], "train_eval": None,
+                 "sparsity_too": False, "jpeg_test": True},
     "mlpnet": {"model": "mlpnet", "checkpoint": "{data}/checkpoints/mnist_25_epoch_93.97.ckpt", "data": "mnist",
                "dir": "{data}/mnist", "budgets": [0.1, 0.05, 0.02], "train_eval": 10000, "sparsity_too": True},
     "fmnist-resnet20": {"model": "resnet20", "checkpoint": "runs/fmnist-resnet20/model.safetensors",
@@ -58,12 +66,15 @@ SETUPS = {
 }
 
 # name -> `prunekit prune` options. "falcon" / "falcon++" are the methods' defaults (per-sample rows,
-# BatchNorm frozen at the dense statistics); the "-bn" rows see BatchNorm's re-normalisation: rows of
+# BatchNorm frozen at the dense statistics; since session 28 draws of the model's Fisher); the "-bn" rows see BatchNorm's re-normalisation: rows of
 # 16-image mini-batch gradients with BatchNorm on each mini-batch's statistics.
 ROWS = {
     "magnitude-flops": {"method": "magnitude-flops"},
     "falcon": {"method": "falcon"},
     "falcon++": {"method": "falcon++"},
+    # the defaults before session 28: per-sample rows of the empirical Fisher (gradients at the labels)
+    "falcon-empirical": {"method": "falcon", "fisher-kind": "empirical"},
+    "falcon++-empirical": {"method": "falcon++", "fisher-kind": "empirical"},
     "falcon-bn": {"method": "falcon", "fisher-samples": 500, "fisher-batch": 16, "fisher-bn": "batch"},
     "falcon++-bn": {"method": "falcon++", "fisher-samples": 250, "fisher-batch": 16, "fisher-bn": "batch"},
     # the per-layer allocation search judged by the recalibrated loss (pipelines.allocation)

@@ -17,6 +17,8 @@ CASES = {
     "chita": dict(method="chita", sparsity=0.7, fisher_samples=48, relative_ridge=0.5),
     "falcon": dict(method="falcon", sparsity=0.7, flops=0.4, fisher_samples=48),
     "falcon++": dict(method="falcon++", sparsity=0.8, flops=0.35, fisher_samples=48, stages=3),
+    # draws of the model's Fisher: a sample's draw follows it to whichever rank computes its row
+    "falcon model-Fisher rows": dict(method="falcon", sparsity=0.7, flops=0.4, fisher_samples=48, fisher_kind="model"),
     "gradual": dict(method="magnitude", sparsity=0.8, gradual=True, events=2, epochs_per_event=1, final_epochs=1),
     # BatchNorm on each 8-image row's statistics, every stage's rows from images the earlier ones did
     # not use: 3 stages of 24 rows read the 256 images more than twice

@@ -1,7 +1,9 @@
-"""Gradients for the empirical Fisher: the n x p matrix X whose rows are loss gradients at w̄.
+"""Gradients for the Fisher: the n x p matrix X whose rows are loss gradients at w̄.
 
 Row i is either the gradient of the loss of one sample (``batch=1``) or the gradient of the
-mean loss over a mini-batch of ``batch`` samples. Only the prunable weights (a ``ParamSpace``)
+mean loss over a mini-batch of ``batch`` samples: at the data's labels (``kind="empirical"``, the
+empirical Fisher) or at random output directions that make XᵀX/n an unbiased estimate of the
+model's own Fisher (``kind="model"``, :mod:`prunekit.model_fisher`). Only the prunable weights (a ``ParamSpace``)
 are differentiated. The model is evaluated in eval mode.
 
 BatchNorm (``bn``): "frozen" (the default) normalises with the running statistics, so that
@@ -47,7 +49,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import layer_grads
+from . import layer_grads, model_fisher
 from .errors import PrunekitError, PrunekitWarning
 from .fisher_hooks import HooksDisagree, collect_with_hooks
 from .fisher_vmap import collect_with_vmap
@@ -64,7 +66,8 @@ BN_MODES = ("frozen", "batch")
 
 def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n: int, batch: int = 1,
                       chunk: int = 64, dtype: torch.dtype = torch.float32,
-                      progress: bool = True, bn: str = "frozen", loss_fn: LossFn | None = None) -> torch.Tensor:
+                      progress: bool = True, bn: str = "frozen", loss_fn: LossFn | None = None,
+                      kind: str = "empirical", seed: int = 0) -> torch.Tensor:
     """The (n, p) gradient matrix at the model's current weights, in ``dtype``, on the model's device.
 
     Args:
@@ -77,6 +80,9 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
         bn: "frozen" (BatchNorm on its running statistics) or "batch" (each row on its
             mini-batch's statistics, running statistics untouched; needs ``batch`` >= 2).
         loss_fn: the loss differentiated (``prunekit.losses``; None: cross-entropy).
+        kind: "empirical" (gradients of the loss at the data's labels) or "model" (draws of the
+            model's Fisher, :mod:`prunekit.model_fisher`; default cross-entropy only, ``seed``
+            seeds the draws).
     """
     if n < 1 or batch < 1 or chunk < 1:
         raise PrunekitError(f"need n >= 1 gradient rows of batch >= 1 samples (chunk >= 1), "
@@ -88,6 +94,14 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
             raise OptionError("fisher_bn='batch' needs mini-batch rows: set fisher_batch to 2 or more (16 "
                               "measured well), or fisher_bn='frozen'", ("fisher_bn", "fisher_batch"))
         chunk = max(chunk, batch)                # a row's statistics are its whole mini-batch's
+    if kind not in model_fisher.FISHER_KINDS:
+        raise OptionError(f"fisher_kind must be one of {', '.join(model_fisher.FISHER_KINDS)}, got {kind!r}",
+                          ("fisher_kind",))
+    if kind == "model":
+        if loss_fn is not None:
+            raise OptionError("fisher_kind model draws the Fisher of the default cross-entropy: drop loss= or "
+                              "use fisher_kind empirical", ("fisher_kind", "loss"))
+        batches, loss_fn = model_fisher.with_sample_seeds(batches, seed), model_fisher.output_direction_loss
     device = space.weights()[0].device
     rows = torch.empty(n, space.numel, dtype=dtype, device=device)
     unsupported = layer_grads.unsupported_layers(model, space)

@@ -59,7 +59,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("magnitude-uniform", "weights", MagnitudeOptions, run_magnitude_uniform, "largest |w|, same share per layer"),
     Method("magnitude-flops", "weights", MagnitudeFlopsOptions, run_magnitude_flops,
            "most w² under the count and the MAC budget (ILP)"),
-    Method("chita", "weights", ChitaOptions, run_chita, "L0-constrained least squares on the empirical Fisher",
+    Method("chita", "weights", ChitaOptions, run_chita, "L0-constrained least squares on a low-rank Fisher",
            plan_memory=plan_memory("chita")),
     Method("chita++", "weights", ChitaOptions, run_chita, "CHITA over a schedule of stages", {"stages": 15},
            plan_memory=plan_memory("chita")),

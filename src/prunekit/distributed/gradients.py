@@ -35,7 +35,7 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
                               collective: Collective, columns: torch.Tensor | None = None, *, batch: int = 1,
                               chunk: int = 64, dtype: torch.dtype = torch.float32, progress: bool = False,
                               bn: str = "frozen", skip: int = 0, repeat: bool = False,
-                              loss_fn=None) -> tuple[torch.Tensor, int]:
+                              loss_fn=None, kind: str = "empirical", seed: int = 0) -> tuple[torch.Tensor, int]:
     """(X_r, offset): this rank's columns of the (n, p') gradient matrix and where they start.
 
     batches: a function returning the stream of (x, y) training batches, the same at every call.
@@ -72,7 +72,7 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
                 try:
                     rows = collect_gradients(model, space, skip_samples(stream, skip + first * batch), last - first,
                                              batch=batch, chunk=chunk, dtype=dtype, progress=bar,
-                                             bn=bn, loss_fn=loss_fn)
+                                             bn=bn, loss_fn=loss_fn, kind=kind, seed=seed)
                 except OptionError as error:      # this rank's rows ran past the end of the data
                     short = error
                 if columns is not None and short is None:

@@ -172,6 +172,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     if not (opts.fisher_batch > 1 or opts.fresh_samples):     # one pass of per-sample rows
         check_enough_samples(ctx.train_batches(), plan.n)     # every rank reads the one stream
     pick = opts.final_pick == "judge"
+    kind = opts.rows_kind(ctx.loss_fn is None)
     kept: dict[str, torch.Tensor] = {}    # the best final-budget candidate so far (see below)
     done = resume_stages(ctx, kept)  # stages completed by an earlier, interrupted run (0: none)
     layer_scales = _resumed_layer_scales(history)
@@ -195,7 +196,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             batches = skip_samples(batches, skip) if skip else batches
             grads = collect_gradients(ctx.model, ctx.space, batches, plan.n, batch=opts.fisher_batch,
                                       chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn,
-                                      loss_fn=ctx.loss_fn)
+                                      loss_fn=ctx.loss_fn, kind=kind, seed=ctx.seed)
             rows = grads if index.numel() == p else keep_columns(grads, index)
             del grads
             ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
@@ -256,7 +257,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             collective.bytes_sent, collective.calls = 0, 0
         stage_completed(ctx, stage, kept)
     return Pruned(w, {"memory_estimate_mb": round(plan.total_mb, 1), "fisher_samples": plan.n,
-                      "fisher_dtype": opts.fisher_dtype},
+                      "fisher_dtype": opts.fisher_dtype, "fisher_kind": kind},
                   bn_recalibrated=bool(history and history[-1]["bn_recalibrated"]))
 
 
@@ -376,7 +377,8 @@ def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Ten
     rows, offset = collect_sharded_gradients(ctx.model, ctx.space, ctx.train_batches, plan.n, collective,
                                              columns, batch=opts.fisher_batch, chunk=plan.chunk,
                                              dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn,
-                                             skip=skip, repeat=repeat, loss_fn=ctx.loss_fn)
+                                             skip=skip, repeat=repeat, loss_fn=ctx.loss_fn,
+                                             kind=opts.rows_kind(ctx.loss_fn is None), seed=ctx.seed)
     ridge = opts.ridge
     if ridge is None:
         local = _sum_of_squares(rows)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .. import memory_plan
 from ..fisher import BN_MODES
+from ..model_fisher import FISHER_KINDS
 from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, OptionError, Options, Real
 from ..solvers.falcon import SCORES
 from .schedule import KINDS
@@ -30,6 +31,13 @@ class QuadraticOptions(Options):
     fisher_bn:      BatchNorm in the rows: "frozen" (running statistics) or "batch" (each mini-batch
                     row on its own statistics, as the model is after BatchNorm recalibration;
                     needs fisher_batch >= 2). See ``prunekit.fisher``.
+    fisher_kind:    "model": row = one draw of the model's own Fisher (softmax cross-entropy's
+                    Gauss-Newton matrix: every image weighed by its predictive uncertainty, not
+                    only the misclassified ones; default loss only, no first_order);
+                    "empirical": row = gradient of the loss at the sample's label; "auto"
+                    (default): "model" for per-sample rows (fisher_batch 1) under the default
+                    loss without first_order, else "empirical" (measured: docs/benchmarks.md,
+                    session 28). See ``prunekit.model_fisher``.
     ridge:          λ of the quadratic model (also WoodFisher's damping), absolute, as in the papers.
     relative_ridge: when ``ridge`` is None, λ = relative_ridge × the mean diagonal of the empirical
                     Fisher XᵀX/n of the stage: scale-free, so one default fits every model and
@@ -59,6 +67,7 @@ class QuadraticOptions(Options):
     max_memory: int | str | None = None
     fisher_batch: int = 1
     fisher_bn: str = "frozen"
+    fisher_kind: str = "auto"
     ridge: float | None = None
     relative_ridge: float = 0.1
     stages: int = 1
@@ -70,12 +79,23 @@ class QuadraticOptions(Options):
     constraints = {"final_pick": OneOf(FINAL_PICKS), "fisher_samples": IntegerOrAuto(1), "fisher_dtype": OneOf(tuple(memory_plan.STORAGE_DTYPES)),
                    "max_memory": Memory(), "fisher_batch": Integer(1), "ridge": Real(0, open_low=True),
                    "relative_ridge": Real(0, open_low=True), "stages": Integer(1), "schedule": OneOf(KINDS),
-                   "revive": Flag(), "fresh_samples": Flag(), "first_order": Flag(), "fisher_bn": OneOf(BN_MODES)}
+                   "revive": Flag(), "fresh_samples": Flag(), "first_order": Flag(), "fisher_bn": OneOf(BN_MODES),
+                   "fisher_kind": OneOf(("auto", *FISHER_KINDS))}
 
     def __post_init__(self):
         if self.fisher_bn == "batch" and self.fisher_batch < 2:
             raise OptionError("fisher_bn batch needs mini-batch rows: set fisher_batch to 2 or more "
                               "(16 measured well), or fisher_bn frozen", ("fisher_bn", "fisher_batch"))
+        if self.fisher_kind == "model" and self.first_order:
+            raise OptionError("first_order needs the loss gradient, which rows of the model's Fisher do not average "
+                              "to: drop first_order or use fisher_kind empirical", ("first_order", "fisher_kind"))
+
+    def rows_kind(self, default_loss: bool) -> str:
+        """The kind of gradient rows this run takes ("model" or "empirical"), ``fisher_kind``
+        with "auto" resolved; ``default_loss``: no user loss (cross-entropy on class indices)."""
+        if self.fisher_kind != "auto":
+            return self.fisher_kind
+        return "model" if default_loss and self.fisher_batch == 1 and not self.first_order else "empirical"
 
 
 @dataclass
