@@ -140,3 +140,13 @@ def test_the_flag_reaches_the_method_and_a_bad_value_exits_2(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--fisher-kind" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, kind", [({}, "model"), ({"fisher_batch": 4}, "empirical"),
+                                         ({"first_order": True}, "empirical"),
+                                         ({"loss": nn.functional.cross_entropy}, "empirical"),
+                                         ({"fisher_kind": "empirical"}, "empirical")])
+def test_auto_takes_model_rows_for_per_sample_rows_under_the_default_loss_and_says_so(extra, kind):
+    result = prunekit.prune(small_net(), data(40), method="falcon", flops=0.5, fisher_samples=8, progress=False,
+                            **extra)
+    assert result.record["fisher_kind"] == kind
