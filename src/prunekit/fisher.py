@@ -3,8 +3,8 @@
 Row i is either the gradient of the loss of one sample (``batch=1``) or the gradient of the
 mean loss over a mini-batch of ``batch`` samples: at the data's labels (``kind="empirical"``, the
 empirical Fisher) or at random output directions that make XᵀX/n an unbiased estimate of the
-model's own Fisher (``kind="model"``, :mod:`prunekit.model_fisher`). Only the prunable weights (a ``ParamSpace``)
-are differentiated. The model is evaluated in eval mode.
+model's own Fisher (``kind="model"``, :mod:`prunekit.model_fisher`). Only the prunable weights
+(a ``ParamSpace``) are differentiated. The model is evaluated in eval mode.
 
 BatchNorm (``bn``): "frozen" (the default) normalises with the running statistics, so that
 per-sample gradients are well defined. "batch" normalises each mini-batch row with that
