@@ -4,7 +4,8 @@
 
 An MLP autoencoder (784-256-32-256-784, ReLU) is trained here, seeded, on the MNIST training
 images (mean squared error of the normalized pixels; 8 epochs of Adam), then pruned one shot at
-each sparsity by magnitude (global, per-layer uniform) and by CHITA / CHITA++ (n = 500, 5 stages),
+each sparsity by magnitude (global, per-layer uniform) and by CHITA / CHITA++ (n = 500, 5 stages;
+rows of the empirical Fisher, and "-model" rows: draws of the Gauss-Newton matrix of the MSE),
 all with ``loss=nn.MSELoss()``, every row in its own process with one thread. Reported: the reconstruction error on the 10,000 test images and on the
 first 10,000 training images, seconds. BatchNorm plays no part (there is none): what differs is
 the quadratic model of the loss the user gave.
@@ -26,8 +27,12 @@ from torch import nn
 from common import DEFAULT_DATA, print_table, refuse, write_json
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
-ROWS = {"magnitude": {}, "magnitude-uniform": {},
-        "chita": {"fisher_samples": 500}, "chita++": {"fisher_samples": 500, "stages": 5}}
+# row name -> (method, options); "-model" rows take draws of the Gauss-Newton matrix (session 29)
+ROWS = {"magnitude": ("magnitude", {}), "magnitude-uniform": ("magnitude-uniform", {}),
+        "chita": ("chita", {"fisher_samples": 500, "fisher_kind": "empirical"}),
+        "chita++": ("chita++", {"fisher_samples": 500, "stages": 5, "fisher_kind": "empirical"}),
+        "chita-model": ("chita", {"fisher_samples": 500, "fisher_kind": "model"}),
+        "chita++-model": ("chita++", {"fisher_samples": 500, "stages": 5, "fisher_kind": "model"})}
 
 
 def autoencoder() -> nn.Module:
@@ -64,7 +69,7 @@ def mse(model: nn.Module, x: torch.Tensor) -> float:
         return float(nn.functional.mse_loss(model(x), x.flatten(1)))
 
 
-def row(data: str, path: Path, method: str, sparsity: float, seed: int) -> dict:
+def row(data: str, path: Path, name: str, sparsity: float, seed: int) -> dict:
     """One row, in this process: prune the trained autoencoder and measure it."""
     import prunekit
     from safetensors.torch import load_file
@@ -72,10 +77,11 @@ def row(data: str, path: Path, method: str, sparsity: float, seed: int) -> dict:
     model = autoencoder()
     model.load_state_dict(load_file(str(path)))
     train_x, test_x = images(data, "train"), images(data, "test")
+    method, options = ROWS[name]
     start = time.perf_counter()
     result = prunekit.prune(model, (train_x, train_x.flatten(1)), method=method, sparsity=sparsity,
-                            loss=nn.MSELoss(), seed=seed, batch_size=128, **ROWS[method])
-    return {"method": method, "sparsity": sparsity, "test_mse": mse(model, test_x),
+                            loss=nn.MSELoss(), seed=seed, batch_size=128, **options)
+    return {"method": name, "sparsity": sparsity, "test_mse": mse(model, test_x),
             "train_mse": mse(model, train_x[:10000]), "seconds": time.perf_counter() - start,
             "nonzeros": result.nonzeros}
 
@@ -86,6 +92,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="/tmp/prunekit-bench-own-loss", help="folder for the trained model")
     parser.add_argument("--out", default="benchmarks/results/own_loss_autoencoder.json")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     parser.add_argument("--row", nargs=2, metavar=("METHOD", "SPARSITY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not Path(args.data, "mnist").is_dir():
@@ -103,8 +111,8 @@ def main() -> None:
     dense = {"test_mse": mse(model, images(args.data, "test")), "train_mse": mse(model, images(args.data, "train", 10000))}
     print(f"dense autoencoder: test MSE {dense['test_mse']:.4f}, train MSE {dense['train_mse']:.4f}")
     rows = []
-    for sparsity in SPARSITIES:
-        for method in ROWS:
+    for sparsity in args.sparsities:
+        for method in args.rows:
             done = subprocess.run([sys.executable, __file__, "--data", args.data, "--seed", str(args.seed),
                                    "--work", args.work, "--row", method, str(sparsity)],
                                   capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -112,9 +112,10 @@ def test_options_that_cannot_hold_are_refused_in_one_line():
     model = small_net()
     with pytest.raises(OptionError, match="fisher_kind"):
         collect_gradients(model, ParamSpace(model), data(4), n=2, progress=False, kind="true")
-    with pytest.raises(OptionError, match="drop loss="):
-        collect_gradients(model, ParamSpace(model), data(4), n=2, progress=False, kind="model",
-                          loss_fn=nn.functional.cross_entropy)
+    for loss in (nn.functional.cross_entropy, nn.L1Loss(), nn.MSELoss(reduction="sum"),
+                 nn.BCEWithLogitsLoss(pos_weight=torch.ones(4))):
+        with pytest.raises(OptionError, match="use fisher_kind empirical"):
+            collect_gradients(model, ParamSpace(model), data(4), n=2, progress=False, kind="model", loss_fn=loss)
     with pytest.raises(OptionError, match="fisher_kind empirical") as caught:       # before any work
         prunekit.prune(small_net(), data(20), method="falcon", flops=0.5, fisher_kind="model",
                        loss=nn.functional.cross_entropy, progress=False)
@@ -141,6 +142,42 @@ def test_the_flag_reaches_the_method_and_a_bad_value_exits_2(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--fisher-kind" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def gauss_newton_estimate(loss, targets, copies=6000):
+    """(XᵀX/n over ``copies`` draws per sample, the exact Gauss-Newton matrix) of a linear model
+    with 3 outputs under ``loss`` (nn.MSELoss or nn.BCEWithLogitsLoss)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3, bias=False)).eval()
+    x = torch.randn(4, 3)
+    rows = torch.cat([collect_gradients(model, ParamSpace(model), [(x, targets)], n=4, progress=False,
+                                        kind="model", seed=s, loss_fn=loss) for s in range(copies)])
+    exact = torch.zeros(9, 9)
+    with torch.no_grad():
+        for xi in x:
+            jacobian = torch.kron(torch.eye(3), xi[None])           # d outputs / d W (row-major W)
+            if isinstance(loss, nn.MSELoss):
+                curvature = 2 / 3 * torch.eye(3)
+            else:
+                prob = torch.sigmoid(model(xi))
+                curvature = torch.diag(prob * (1 - prob)) / 3
+            exact += jacobian.T @ curvature @ jacobian / len(x)
+    return rows.T @ rows / rows.shape[0], exact
+
+
+@pytest.mark.parametrize("loss", [nn.MSELoss(), nn.BCEWithLogitsLoss()])
+def test_the_rows_of_a_users_loss_estimate_its_gauss_newton_matrix(loss):
+    estimate, exact = gauss_newton_estimate(loss, torch.rand(4, 3))
+    assert_close_to_scale(estimate, exact, rel=0.08)
+
+
+def test_a_users_mse_gets_model_rows_and_the_record_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 16))
+    x = torch.randn(40, 1, 4, 4)
+    result = prunekit.prune(model, (x, x.flatten(1)), method="chita", sparsity=0.5, loss=nn.MSELoss(),
+                            fisher_kind="model", fisher_samples=20, progress=False)
+    assert result.record["fisher_kind"] == "model" and result.sparsity >= 0.5
 
 
 @pytest.mark.parametrize("extra, kind", [({}, "model"), ({"fisher_batch": 4}, "empirical"),

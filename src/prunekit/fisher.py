@@ -81,8 +81,8 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
             mini-batch's statistics, running statistics untouched; needs ``batch`` >= 2).
         loss_fn: the loss differentiated (``prunekit.losses``; None: cross-entropy).
         kind: "empirical" (gradients of the loss at the data's labels) or "model" (draws of the
-            model's Fisher, :mod:`prunekit.model_fisher`; default cross-entropy only, ``seed``
-            seeds the draws).
+            model's Fisher, :mod:`prunekit.model_fisher`: the default cross-entropy, nn.MSELoss()
+            or nn.BCEWithLogitsLoss(); ``seed`` seeds the draws).
     """
     if n < 1 or batch < 1 or chunk < 1:
         raise PrunekitError(f"need n >= 1 gradient rows of batch >= 1 samples (chunk >= 1), "
@@ -98,10 +98,9 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
         raise OptionError(f"fisher_kind must be one of {', '.join(model_fisher.FISHER_KINDS)}, got {kind!r}",
                           ("fisher_kind",))
     if kind == "model":
-        if loss_fn is not None:
-            raise OptionError("fisher_kind model draws the Fisher of the default cross-entropy: drop loss= or "
-                              "use fisher_kind empirical", ("fisher_kind", "loss"))
-        batches, loss_fn = model_fisher.with_sample_seeds(batches, seed), model_fisher.output_direction_loss
+        if not model_fisher.supports(loss_fn):
+            raise OptionError(model_fisher.refusal(loss_fn), ("fisher_kind", "loss"))
+        batches, loss_fn = model_fisher.with_sample_seeds(batches, seed), model_fisher.draw_loss(loss_fn)
     device = space.weights()[0].device
     rows = torch.empty(n, space.numel, dtype=dtype, device=device)
     unsupported = layer_grads.unsupported_layers(model, space)

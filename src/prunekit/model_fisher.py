@@ -15,13 +15,20 @@ collectors (per-layer hooks and torch.func) compute these rows unchanged.
 z is a function of a seed made from the sample's own bytes (and the run's seed), so a sample gets
 the same z however the stream is chunked, re-read for the first-row check, or split between
 ranks; it is computed with tensor operations only, so that torch.func.vmap runs the loss too.
+
+A user's loss (``loss=``) has model rows when its curvature in the outputs is known in closed form
+(``draw_loss``): ``nn.MSELoss()`` (per sample (1/d)·Σ(o − y)² over its d outputs, Hessian (2/d)·I:
+v = √(2/d)·z) and ``nn.BCEWithLogitsLoss()`` (Hessian diag σ(o)(1 − σ(o))/d: v = √(σ(1 − σ)/d)·z),
+both with their default mean reduction and no weights. Rows are then draws of the Gauss-Newton
+matrix Jᵀ H J, which, unlike the gradient at the targets, does not vanish where the model fits.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
+from torch import nn
 
 from .errors import PrunekitError
 from .losses import class_scores
@@ -33,6 +40,36 @@ _MODULUS = 2 ** 40        # digests stay below it, so every sum and product fits
 _MERSENNE = 2 ** 31 - 1
 _SLICE = 2 ** 16          # bytes hashed at a time: byte · weight < 2^28, a slice's sum < 2^44
 _coefficients: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def draw_loss(loss_fn) -> Callable:
+    """The surrogate loss whose per-sample gradients are draws of the model's Fisher (Gauss-Newton
+    matrix) under ``loss_fn`` (None: the default cross-entropy); refused in one line for a loss
+    whose output curvature is not known here (``supports``)."""
+    if not supports(loss_fn):
+        raise PrunekitError(refusal(loss_fn))
+    if loss_fn is None:
+        return output_direction_loss
+    return squared_error_direction_loss if type(loss_fn) is nn.MSELoss else logistic_direction_loss
+
+
+def supports(loss_fn) -> bool:
+    """Whether ``draw_loss`` has model rows for ``loss_fn`` (None: the default cross-entropy).
+    Exact types only: a subclass may compute something else."""
+    if loss_fn is None:
+        return True
+    if type(loss_fn) is nn.MSELoss:
+        return loss_fn.reduction == "mean"
+    if type(loss_fn) is nn.BCEWithLogitsLoss:
+        return loss_fn.reduction == "mean" and loss_fn.weight is None and loss_fn.pos_weight is None
+    return False
+
+
+def refusal(loss_fn) -> str:
+    """The one-line refusal of fisher_kind model for a loss ``supports`` rejects."""
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    return (f"fisher_kind model knows the output curvature of the default cross-entropy, nn.MSELoss() and "
+            f"nn.BCEWithLogitsLoss() (mean reduction, no weights), not of {name}: use fisher_kind empirical")
 
 
 def with_sample_seeds(batches: Iterable, seed: int):
@@ -93,3 +130,21 @@ def standard_normal(seeds: torch.Tensor, count: int) -> torch.Tensor:
     uniform = (state.to(torch.float64) + 0.5) / (_MERSENNE + 1)          # in (0, 1)
     first, second = uniform[..., :count], uniform[..., count:]
     return (torch.sqrt(-2 * torch.log(first)) * torch.cos(2 * torch.pi * second)).float()
+
+
+def squared_error_direction_loss(outputs: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """``nn.MSELoss()``'s draw: mean over the batch of ⟨o_i, √(2/d)·z_i⟩ (v held constant; o_i the
+    sample's d outputs, any shape (B, ...)), whose per-sample gradient is a draw of (2/d)·JᵀJ."""
+    flat = outputs.reshape(outputs.shape[0], -1)
+    scale = (2.0 / flat.shape[1]) ** 0.5
+    direction = scale * standard_normal(seeds, flat.shape[1])
+    return (flat * direction.to(flat.dtype)).sum(dim=-1).mean()
+
+
+def logistic_direction_loss(outputs: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """``nn.BCEWithLogitsLoss()``'s draw: mean over the batch of ⟨o_i, v_i⟩, v_i = √(σ(o)(1 − σ(o))/d)·z_i
+    (held constant; o_i the sample's d logits, any shape (B, ...)): a draw of Jᵀ diag(σ(1 − σ))/d J."""
+    flat = outputs.reshape(outputs.shape[0], -1)
+    prob = torch.sigmoid(flat.detach().float())
+    direction = (prob * (1 - prob) / flat.shape[1]).sqrt() * standard_normal(seeds, flat.shape[1])
+    return (flat * direction.to(flat.dtype)).sum(dim=-1).mean()

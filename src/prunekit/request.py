@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, model_fisher
 from .budget import Budget, ResolvedBudget
 from .costs import CostModel
 from .errors import PrunekitError
@@ -67,9 +67,8 @@ class PruneRequest:
                                       (name, "loss"))
                 if getattr(options, name, 0):          # the method's default (autobot's 0.9): off
                     options = replace(options, **{name: 0.0})
-            if method_options.get("fisher_kind") == "model":
-                raise OptionError("fisher_kind model draws the Fisher of the default cross-entropy: with loss= use "
-                                  "fisher_kind empirical", ("fisher_kind", "loss"))
+            if method_options.get("fisher_kind") == "model" and not model_fisher.supports(self.loss):
+                raise OptionError(model_fisher.refusal(self.loss), ("fisher_kind", "loss"))
         budget = Budget.parse(**asked)
         if not 0 <= self.seed < 2**63:                # torch.manual_seed's range
             raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}", ("seed",))

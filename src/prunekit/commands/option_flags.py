@@ -27,7 +27,7 @@ HELP = {
     "fisher_bn": "BatchNorm in the gradient rows: frozen (running statistics, default) or batch (each "
                  "mini-batch row on its own statistics, as after recalibration; needs --fisher-batch >= 2)",
     "fisher_kind": "model (draws of the model's own Fisher: gradients at random output directions of the "
-                   "predictive covariance; default loss only), empirical (gradients at the data's labels), or "
+                   "predictive covariance; the default loss), empirical (gradients at the data's labels), or "
                    "auto (default: model for per-sample rows under the default loss, else empirical)",
     "support_score": "falcon: what the ILP keeps most of: magnitude (w², default) or saliency "
                      "(diag(XᵀX/n + λ)·w², the quadratic model's cost of removing each weight alone)",

@@ -33,7 +33,8 @@ class QuadraticOptions(Options):
                     needs fisher_batch >= 2). See ``prunekit.fisher``.
     fisher_kind:    "model": row = one draw of the model's own Fisher (softmax cross-entropy's
                     Gauss-Newton matrix: every image weighed by its predictive uncertainty, not
-                    only the misclassified ones; default loss only, no first_order);
+                    only the misclassified ones; the default loss, or a user's nn.MSELoss() or
+                    nn.BCEWithLogitsLoss(): draws of its Gauss-Newton matrix; no first_order);
                     "empirical": row = gradient of the loss at the sample's label; "auto"
                     (default): "model" for per-sample rows (fisher_batch 1) under the default
                     loss without first_order, else "empirical" (measured: docs/benchmarks.md,
