@@ -80,6 +80,7 @@ def accuracy_part(args) -> dict:
                "test_images": len(test), "settings": vars(args), "rows": []}
 
     recon = "+recon" if args.reconstruct_batches else ""
+    recon += f"{args.reconstruct_ridge:g}" if recon and args.reconstruct_ridge != 1e-3 else ""
 
     def finish(method, budget, small, seconds, info, shrunk=True, record=None):
         method += recon if method not in ("dense", "falcon") and not method.startswith("tp-") else ""
@@ -126,7 +127,8 @@ def accuracy_part(args) -> dict:
                                         max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
                                         taper_distill=args.taper_distill,
                                         residual_channels=args.residual_channels,
-                                        reconstruct_batches=args.reconstruct_batches, depth_flops=depth_of[budget],
+                                        reconstruct_batches=args.reconstruct_batches,
+                                        reconstruct_ridge=args.reconstruct_ridge, depth_flops=depth_of[budget],
                                         depth_batches=args.depth_batches, depth_per=args.depth_per)
                 info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps",
                                                       "snapshot_cuts", "on_schedule", "final_lambda", "history")}
@@ -143,7 +145,8 @@ def accuracy_part(args) -> dict:
                                     max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
                                     taper_distill=args.taper_distill,
                                     residual_channels=args.residual_channels,
-                                    reconstruct_batches=args.reconstruct_batches, snapshots=others or None)
+                                    reconstruct_batches=args.reconstruct_batches,
+                                    reconstruct_ridge=args.reconstruct_ridge, snapshots=others or None)
             seconds = time.perf_counter() - start
             shots = {min(args.budgets): result, **result.snapshots}
             info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps", "snapshot_cuts",
@@ -160,7 +163,8 @@ def accuracy_part(args) -> dict:
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="hybrid", flops=budget,
                                         structured_flops=args.structured_flops, example_input=example,
                                         recalibrate_bn=False, gate_batches=args.gate_batches,
-                                        fisher_samples=args.fisher_samples, reconstruct_batches=args.reconstruct_batches)
+                                        fisher_samples=args.fisher_samples, reconstruct_batches=args.reconstruct_batches,
+                                        reconstruct_ridge=args.reconstruct_ridge)
                 small = result.model
                 info = {k: result.record.get(k) for k in ("structured_macs", "sparsify", "nonzeros", "sparsity")}
                 info["structured_flops"] = args.structured_flops
@@ -177,6 +181,7 @@ def accuracy_part(args) -> dict:
                                         gate_bn=args.gate_bn, channel_multiple=args.channel_multiple,
                                         residual_channels=args.residual_channels,
                                         reconstruct_batches=args.reconstruct_batches,
+                                        reconstruct_ridge=args.reconstruct_ridge,
                                         depth_flops=depth_of.get(budget),
                                         depth_batches=args.depth_batches, depth_per=args.depth_per)
                 small = result.model
@@ -253,6 +258,9 @@ def main() -> None:
     parser.add_argument("--reconstruct-batches", type=int, default=0,
                         help="autobot, taper, hybrid: after the cut, re-fit each layer that reads cut channels to the "
                              "dense model's outputs on this many training batches (rows named ...+recon; 0: off)")
+    parser.add_argument("--reconstruct-ridge", type=float, default=1e-3,
+                        help="ridge of the re-fit, a multiple of the mean diagonal of XᵀX (rows named ...+recon<r> "
+                             "unless 0.001)")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--finetune-distill", type=float, default=0.0,

@@ -126,10 +126,11 @@ def test_the_option_reaches_the_pipeline_and_the_record():
     plain = prunekit.prune(model, lambda: data, method="autobot", flops=0.5, example_input=x, gate_batches=3,
                            recalibrate_bn=False)
     refit = prunekit.prune(model, lambda: data, method="autobot", flops=0.5, example_input=x, gate_batches=3,
-                           recalibrate_bn=False, reconstruct_batches=2)
+                           recalibrate_bn=False, reconstruct_batches=2, reconstruct_ridge=0.01)
     assert "reconstruct" not in plain.record
     rec = refit.record["reconstruct"]["0.5"]
     assert rec["refit"] >= 1 and rec["batches"] == 2 and rec["images"] == 16 and rec["seconds"] >= 0
+    assert rec["ridge"] == 0.01
     assert rec["mean_error_after"] < rec["mean_error_before"]
     a, b = plain.model.state_dict(), refit.model.state_dict()
     assert a.keys() == b.keys() and plain.record["kept_channels"] == refit.record["kept_channels"]   # same cut
@@ -149,21 +150,24 @@ def test_the_flag_reaches_the_record(capsys):
 
 
 @pytest.mark.parametrize("value, message", [(-1, "reconstruct_batches must be at least 0"),
-                                            (1.5, "reconstruct_batches must be a whole number")])
+                                            (1.5, "reconstruct_batches must be a whole number"),
+                                            ({"reconstruct_ridge": 0.0}, "reconstruct_ridge must be above 0")])
 def test_bad_values_are_refused_in_python(value, message):
     model = zoo.build("resnet20-b").eval()
     data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))]
     with pytest.raises(PrunekitError, match=message):
+        options = value if isinstance(value, dict) else {"reconstruct_batches": value}
         prunekit.prune(model, lambda: data, method="autobot", flops=0.5, example_input=torch.randn(1, 3, 8, 8),
-                       reconstruct_batches=value)
+                       **options)
 
 
-@pytest.mark.parametrize("value, message", [("-2", "--reconstruct-batches must be at least 0"),
-                                            ("two", "invalid int value")])
-def test_bad_values_are_refused_on_the_command_line(capsys, value, message):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--reconstruct-batches", "-2", "--reconstruct-batches must be at least 0"),
+    ("--reconstruct-ridge", "-0.5", "--reconstruct-ridge must be above 0"),
+    ("--reconstruct-batches", "two", "invalid int value")])
+def test_bad_values_are_refused_on_the_command_line(capsys, flag, value, message):
     argv = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
-            "--data-dir", str(ASSETS / "mnist"), "--method", "autobot", "--flops", "0.5",
-            "--reconstruct-batches", value]
+            "--data-dir", str(ASSETS / "mnist"), "--method", "autobot", "--flops", "0.5", flag, value]
     if value == "two":              # argparse refuses a non-integer itself (its usage line, exit 2)
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -36,7 +36,7 @@ class ChannelOptions(Options):
     zero-pad shortcuts, "keep" leaves them at full width and prunes inside the blocks only;
     reconstruct_batches: after the cut, re-fit every Conv2d/Linear that reads removed channels
     to the dense model's outputs of that layer on this many training batches by ridge least
-    squares (``reconstruct``; 0: off)."""
+    squares (``reconstruct``; 0: off), with ridge λ = reconstruct_ridge x the mean diagonal of XᵀX."""
 
     gate_batch_size: int = 64
     channel_multiple: int = 1
@@ -49,7 +49,9 @@ class ChannelOptions(Options):
     depth_per: str = "macs"
     residual_channels: str = "prune"
     reconstruct_batches: int = 0
-    constraints = {"reconstruct_batches": Integer(0), "residual_channels": OneOf(("prune", "keep")), "gate_batch_size": Integer(1), "channel_multiple": Integer(1), "finetune_epochs": Integer(0),
+    reconstruct_ridge: float = 1e-3
+    constraints = {"reconstruct_batches": Integer(0), "reconstruct_ridge": Real(0, open_low=True),
+                   "residual_channels": OneOf(("prune", "keep")), "gate_batch_size": Integer(1), "channel_multiple": Integer(1), "finetune_epochs": Integer(0),
                    "finetune_lr": Real(0, open_low=True), "finetune_distill": Real(0, 1),
                    "finetune_temperature": Real(0, open_low=True), "depth_flops": Real(0, 1, open_low=True),
                    "depth_batches": Integer(1), "depth_per": OneOf(("macs", "time"))}

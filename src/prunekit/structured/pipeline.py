@@ -104,7 +104,8 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
                 bar.close()
                 ctx.progress = told
         if opts.reconstruct_batches:         # part of the cut's phase: a killed run redoes both
-            cut.info["reconstruct"] = _reconstruct(cut, groups, dense, ctx.batches, opts.reconstruct_batches)
+            cut.info["reconstruct"] = _reconstruct(cut, groups, dense, ctx.batches, opts.reconstruct_batches,
+                                                   opts.reconstruct_ridge)
         seconds = time.perf_counter() - start
         models, info = cut.models, {**cut.info, "gate_seconds": seconds,
                                     "kept_channels": {f"{s:g}": [int(m.sum()) for m in cut.masks[s]] for s in cut.models}}
@@ -187,9 +188,10 @@ def _advance(bar: tqdm, record: dict) -> None:
     bar.update(1)
 
 
-def _reconstruct(cut: Cut, groups, dense: nn.Module, batches, count: int) -> dict:
+def _reconstruct(cut: Cut, groups, dense: nn.Module, batches, count: int, ridge: float) -> dict:
     """Re-fit the consumers of the cut channels of every shrunk model of ``cut`` (in place) to
-    ``dense``'s layer outputs on the inputs of the next ``count`` training batches (``reconstruct``);
+    ``dense``'s layer outputs on the inputs of the next ``count`` training batches (``reconstruct``,
+    relative ridge ``ridge``);
     the record per share, keyed like kept_channels. A prunekit loader's epoch is set back after:
     the batches are read again by the next phase, whose data order is the one it has without
     reconstruction (so the two runs differ in the re-fit weights alone)."""
@@ -199,7 +201,7 @@ def _reconstruct(cut: Cut, groups, dense: nn.Module, batches, count: int) -> dic
     inputs = [x.to(device) for x, _ in itertools.islice(loader, count)]
     if epoch is not None:
         loader.epoch = epoch
-    return {f"{share:g}": reconstruct(small, dense, groups, cut.masks[share], inputs)
+    return {f"{share:g}": reconstruct(small, dense, groups, cut.masks[share], inputs, ridge)
             for share, small in cut.models.items()}
 
 
