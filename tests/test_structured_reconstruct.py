@@ -147,6 +147,9 @@ def test_the_flag_reaches_the_record(capsys):
     rec = out["reconstruct"][f"{out['flops']:g}"]
     cut = sum(k < n for k, n in zip(out["kept_channels"], out["group_sizes"]))   # MLPNet: fc1's and fc2's outputs
     assert cut >= 1 and rec["refit"] == cut and rec["batches"] == 2 and rec["skipped"] == 0   # each read by one layer
+    from prunekit.commands.prune import prune_lines
+    shown = [line for line in prune_lines(out) if "re-fit" in line]
+    assert shown and f"{cut} layers reading cut channels (0 skipped)" in shown[0]
 
 
 @pytest.mark.parametrize("value, message", [(-1, "reconstruct_batches must be at least 0"),
