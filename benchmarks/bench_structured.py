@@ -79,7 +79,13 @@ def accuracy_part(args) -> dict:
                "dense_macs": costs.macs, "dense_params": costs.params, "train_images": len(train),
                "test_images": len(test), "settings": vars(args), "rows": []}
 
-    def finish(method, budget, small, seconds, info, shrunk=True):
+    recon = "+recon" if args.reconstruct_batches else ""
+    recon += f"{args.reconstruct_ridge:g}" if recon and args.reconstruct_ridge != 1e-3 else ""
+
+    def finish(method, budget, small, seconds, info, shrunk=True, record=None):
+        method += recon if method not in ("dense", "falcon") and not method.startswith("tp-") else ""
+        if record is not None and "reconstruct" in record:       # this budget's consumers re-fit
+            info = {**info, "reconstruct": record["reconstruct"].get(f"{budget:g}")}
         counts = costs.count(small)
         assert counts.macs <= budget * costs.macs, (method, budget, counts.macs)
         recalibrate_batchnorm(small, batches())
@@ -120,12 +126,15 @@ def accuracy_part(args) -> dict:
                                         example_input=example, recalibrate_bn=False, taper_epochs=args.taper_epochs,
                                         max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
                                         taper_distill=args.taper_distill,
-                                        residual_channels=args.residual_channels, depth_flops=depth_of[budget],
+                                        residual_channels=args.residual_channels,
+                                        reconstruct_batches=args.reconstruct_batches,
+                                        reconstruct_ridge=args.reconstruct_ridge, depth_flops=depth_of[budget],
                                         depth_batches=args.depth_batches, depth_per=args.depth_per)
                 info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps",
                                                       "snapshot_cuts", "on_schedule", "final_lambda", "history")}
                 name = ("taper-inner+depth" if args.residual_channels == "keep" else "taper+depth") + distilled
-                finish(name, budget, result.model, time.perf_counter() - start, {**info, "depth": result.record["depth"]})
+                finish(name, budget, result.model, time.perf_counter() - start, {**info, "depth": result.record["depth"]},
+                       record=result.record)
             continue
         if method == "taper":
             model = copy.deepcopy(dense)
@@ -135,7 +144,9 @@ def accuracy_part(args) -> dict:
                                     recalibrate_bn=False, taper_epochs=args.taper_epochs,
                                     max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
                                     taper_distill=args.taper_distill,
-                                    residual_channels=args.residual_channels, snapshots=others or None)
+                                    residual_channels=args.residual_channels,
+                                    reconstruct_batches=args.reconstruct_batches,
+                                    reconstruct_ridge=args.reconstruct_ridge, snapshots=others or None)
             seconds = time.perf_counter() - start
             shots = {min(args.budgets): result, **result.snapshots}
             info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps", "snapshot_cuts",
@@ -144,7 +155,7 @@ def accuracy_part(args) -> dict:
             info["seconds_note"] = "one taper run gives every budget; seconds are the whole run"
             for budget in sorted(args.budgets, reverse=True):
                 name = ("taper-inner" if args.residual_channels == "keep" else "taper") + distilled
-                finish(name, budget, shots[budget].model, seconds, info)
+                finish(name, budget, shots[budget].model, seconds, info, record=result.record)
             continue
         for budget in sorted(args.budgets, reverse=True):
             start = time.perf_counter()
@@ -152,7 +163,8 @@ def accuracy_part(args) -> dict:
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="hybrid", flops=budget,
                                         structured_flops=args.structured_flops, example_input=example,
                                         recalibrate_bn=False, gate_batches=args.gate_batches,
-                                        fisher_samples=args.fisher_samples)
+                                        fisher_samples=args.fisher_samples, reconstruct_batches=args.reconstruct_batches,
+                                        reconstruct_ridge=args.reconstruct_ridge)
                 small = result.model
                 info = {k: result.record.get(k) for k in ("structured_macs", "sparsify", "nonzeros", "sparsity")}
                 info["structured_flops"] = args.structured_flops
@@ -168,6 +180,8 @@ def accuracy_part(args) -> dict:
                                         example_input=example, recalibrate_bn=False, gate_batches=args.gate_batches,
                                         gate_bn=args.gate_bn, channel_multiple=args.channel_multiple,
                                         residual_channels=args.residual_channels,
+                                        reconstruct_batches=args.reconstruct_batches,
+                                        reconstruct_ridge=args.reconstruct_ridge,
                                         depth_flops=depth_of.get(budget),
                                         depth_batches=args.depth_batches, depth_per=args.depth_per)
                 small = result.model
@@ -183,7 +197,7 @@ def accuracy_part(args) -> dict:
             name = f"{method}+bn-batch" if method == "autobot" and args.gate_bn == "batch" else method
             name += "-inner" if method == "autobot" and args.residual_channels == "keep" else ""
             finish(f"{name}+depth" if depth_of and method == "autobot" else name, budget, small,
-                   time.perf_counter() - start, info)
+                   time.perf_counter() - start, info, record=result.record if method in ("autobot", "hybrid") else None)
     return payload
 
 
@@ -241,6 +255,12 @@ def main() -> None:
     parser.add_argument("--residual-channels", choices=["prune", "keep"], default="prune",
                         help="autobot, taper: prune option-A block outputs as one group per stage, or keep them "
                              "(inner channels only, as tp-*-inner)")
+    parser.add_argument("--reconstruct-batches", type=int, default=0,
+                        help="autobot, taper, hybrid: after the cut, re-fit each layer that reads cut channels to the "
+                             "dense model's outputs on this many training batches (rows named ...+recon; 0: off)")
+    parser.add_argument("--reconstruct-ridge", type=float, default=1e-3,
+                        help="ridge of the re-fit, a multiple of the mean diagonal of XᵀX (rows named ...+recon<r> "
+                             "unless 0.001)")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--finetune-distill", type=float, default=0.0,

@@ -89,6 +89,10 @@ HELP = {
     "finetune_temperature": "temperature of those softened outputs (default 4)",
     "residual_channels": "option-A ResNets: prune the block outputs as one group per stage through the zero-pad "
                          "shortcuts (prune, default) or keep them at full width, pruning inside blocks only (keep)",
+    "reconstruct_batches": "after the channel cut, re-fit each Conv/Linear that reads removed channels to the dense "
+                           "model's outputs of that layer on this many training batches (ridge least squares; "
+                           "default 0: off)",
+    "reconstruct_ridge": "ridge of that least squares as a multiple of the mean diagonal of XᵀX (default 0.001)",
     "channel_multiple": "keep a multiple of this many channels in every group (default 1: exact counts; "
                         "8 measured no faster on ResNet-56, see docs/benchmarks.md)",
 }

@@ -33,7 +33,10 @@ class ChannelOptions(Options):
     None: no depth cut), scored on depth_batches training batches by the loss rise per MAC
     (depth_per "macs") or per second of measured block time ("time"); residual_channels: in an
     option-A ResNet, "prune" (default) makes each stage's block outputs one group through the
-    zero-pad shortcuts, "keep" leaves them at full width and prunes inside the blocks only."""
+    zero-pad shortcuts, "keep" leaves them at full width and prunes inside the blocks only;
+    reconstruct_batches: after the cut, re-fit every Conv2d/Linear that reads removed channels
+    to the dense model's outputs of that layer on this many training batches by ridge least
+    squares (``reconstruct``; 0: off), with ridge λ = reconstruct_ridge x the mean diagonal of XᵀX."""
 
     gate_batch_size: int = 64
     channel_multiple: int = 1
@@ -45,7 +48,10 @@ class ChannelOptions(Options):
     depth_batches: int = 4
     depth_per: str = "macs"
     residual_channels: str = "prune"
-    constraints = {"residual_channels": OneOf(("prune", "keep")), "gate_batch_size": Integer(1), "channel_multiple": Integer(1), "finetune_epochs": Integer(0),
+    reconstruct_batches: int = 0
+    reconstruct_ridge: float = 1e-3
+    constraints = {"reconstruct_batches": Integer(0), "reconstruct_ridge": Real(0, open_low=True),
+                   "residual_channels": OneOf(("prune", "keep")), "gate_batch_size": Integer(1), "channel_multiple": Integer(1), "finetune_epochs": Integer(0),
                    "finetune_lr": Real(0, open_low=True), "finetune_distill": Real(0, 1),
                    "finetune_temperature": Real(0, open_low=True), "depth_flops": Real(0, 1, open_low=True),
                    "depth_batches": Integer(1), "depth_per": OneOf(("macs", "time"))}

@@ -5,7 +5,9 @@ Phases (stage numbers of the ``pipelines.stages`` protocol), each handed to the 
 when done, so a run killed at any moment resumes from the last finished phase to the same
 weights as one never interrupted:
 
-    1             gates: the method trains its gates and cuts; the shrunk model(s) exist
+    1             gates: the method trains its gates and cuts; the shrunk model(s) exist (with
+                  ``reconstruct_batches``, their layers that read cut channels re-fit to the dense
+                  model's outputs by least squares, ``reconstruct``)
     2             sparsify (only with ``sparsify``, the hybrid's): single weights of the shrunk
                   model pruned to the final budget; its zeros are then held through the fine-tune
     then, for each shrunk model (largest share first):
@@ -41,7 +43,8 @@ from ..zoo.layout import apply_layout, channel_layout
 from .depth import depth_cut
 from .family import ChannelContext, ChannelOptions, Cut
 from .gates import GatedMacs
-from .groups import find_groups
+from .groups import GroupSet, find_groups
+from .reconstruct import reconstruct
 from .rounding import minimum_rounded_macs
 from .shrink import checked_groups
 
@@ -95,11 +98,14 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
             bar = tqdm(desc="gate training", total=total, unit="step", leave=False, dynamic_ncols=True)
             ctx.progress = lambda record: _advance(bar, record)
         try:
-            cut = _depth_then(ctx, run, opts)
+            cut, groups = _depth_then(ctx, run, opts)
         finally:
             if bar is not None:
                 bar.close()
                 ctx.progress = told
+        if opts.reconstruct_batches:         # part of the cut's phase: a killed run redoes both
+            cut.info["reconstruct"] = _reconstruct(cut, groups, dense, ctx.batches, opts.reconstruct_batches,
+                                                   opts.reconstruct_ridge)
         seconds = time.perf_counter() - start
         models, info = cut.models, {**cut.info, "gate_seconds": seconds,
                                     "kept_channels": {f"{s:g}": [int(m.sum()) for m in cut.masks[s]] for s in cut.models}}
@@ -182,12 +188,29 @@ def _advance(bar: tqdm, record: dict) -> None:
     bar.update(1)
 
 
-def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> Cut:
+def _reconstruct(cut: Cut, groups, dense: nn.Module, batches, count: int, ridge: float) -> dict:
+    """Re-fit the consumers of the cut channels of every shrunk model of ``cut`` (in place) to
+    ``dense``'s layer outputs on the inputs of the next ``count`` training batches (``reconstruct``,
+    relative ridge ``ridge``);
+    the record per share, keyed like kept_channels. A prunekit loader's epoch is set back after:
+    the batches are read again by the next phase, whose data order is the one it has without
+    reconstruction (so the two runs differ in the re-fit weights alone)."""
+    device = next(dense.parameters()).device
+    loader = batches()
+    epoch = getattr(loader, "epoch", None)
+    inputs = [x.to(device) for x, _ in itertools.islice(loader, count)]
+    if epoch is not None:
+        loader.epoch = epoch
+    return {f"{share:g}": reconstruct(small, dense, groups, cut.masks[share], inputs, ridge)
+            for share, small in cut.models.items()}
+
+
+def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> tuple[Cut, GroupSet]:
     """``run(ctx, opts)``, after a depth cut to ``opts.depth_flops`` when that is set (above every
     share: ``request.plan`` checked it): the method then works on the cut model, its shares
-    rescaled to that model's MACs (and keyed back)."""
+    rescaled to that model's MACs (and keyed back). Also returns the groups the cut's masks index."""
     if opts.depth_flops is None:
-        return run(ctx, opts)
+        return run(ctx, opts), ctx.groups
     batches = list(itertools.islice(ctx.batches(), opts.depth_batches))
     model, info = depth_cut(ctx.model, ctx.costs, opts.depth_flops * ctx.costs.macs, batches, opts.depth_per,
                             ctx.progress, ctx.loss_fn)
@@ -201,7 +224,7 @@ def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> Cut:
     inner.teacher, inner.loss_fn = ctx.teacher, ctx.loss_fn
     cut = run(inner, opts)
     return Cut({shares[s]: m for s, m in cut.models.items()}, {shares[s]: m for s, m in cut.masks.items()},
-               {**cut.info, "depth": info})
+               {**cut.info, "depth": info}), inner.groups
 
 
 def _hold_zeros(model: nn.Module, costs: CostModel, optimizer) -> MaskHold:
