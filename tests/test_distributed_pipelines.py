@@ -1,6 +1,6 @@
 """prunekit.prune on 2 gloo processes (the gradient matrix sharded by columns) gives what one
-process gives, also with batch-statistic rows from fresh samples, with the layer search and with a
-channel method whose cut is re-fit by least squares: the
+process gives, also with batch-statistic rows from fresh samples, with the layer search, with the
+kept weights re-fit by least squares and with a channel method whose cut is re-fit: the
 same mask, weights within 1e-5 of their scale; a 2-rank training step is a one-rank step on the
 whole batch; a 2-rank gradual run matches one rank."""
 
@@ -33,10 +33,13 @@ CASES = {
     "magnitude-flops layer search": dict(method="magnitude-flops", flops=0.4, layer_search=6, batch_size=16),
     # channels: replicated gate training, then the layers reading cut channels re-fit by least squares on
     # batches every rank reads alike, then the fine-tune under DistributedDataParallel
+    # the kept weights re-fit by least squares (rank 0 fits, every rank takes its layers)
+    "falcon re-fit": dict(method="falcon", sparsity=0.7, flops=0.4, fisher_samples=48, refit_batches=2, batch_size=32),
     "autobot reconstructed": dict(method="autobot", flops=0.5, gate_batches=4, reconstruct_batches=2,
                                   finetune_epochs=1, batch_size=32),
 }
-NETS_WITH_BATCHNORM = {"falcon++ batch-statistic rows", "falcon layer search", "magnitude-flops layer search"}
+NETS_WITH_BATCHNORM = {"falcon++ batch-statistic rows", "falcon layer search", "magnitude-flops layer search",
+                       "falcon re-fit"}
 
 
 def _net():
@@ -62,6 +65,8 @@ def _prune_cases(names):
         net = _bn_net() if name in NETS_WITH_BATCHNORM else _net()
         result = prunekit.prune(net, _data(), **CASES[name])
         out[name] = torch.cat([p.detach().flatten() for p in result.model.parameters()])   # shrunk by a channel method
+        if "refit" in result.record:
+            out[f"{name}: re-fit"] = torch.tensor([result.record["refit"]["layers"], result.record["refit"]["centred"]])
         if "reconstruct" in result.record:
             out[f"{name}: re-fit"] = torch.tensor([next(iter(result.record["reconstruct"].values()))["refit"]])
         if result.history and "final_choice" in result.history[-1]:     # multi-stage: the judge's losses
@@ -135,8 +140,10 @@ def test_distributed_prune_matches_one_process(two_ranks):
     searched = [key for key in expected if key.endswith(": search losses")]
     assert len(searched) == 3 and all(bool((expected[key][:, 1] < expected[key][:, 0]).any()) for key in searched)
     assert int(expected["autobot reconstructed: re-fit"]) >= 1
+    assert expected["falcon re-fit: re-fit"].tolist() == [3, 2]      # two layers before a BatchNorm, the head
     for got in (result["prune"] for result in two_ranks):
-        assert torch.equal(got["autobot reconstructed: re-fit"], expected["autobot reconstructed: re-fit"])
+        for key in ("autobot reconstructed: re-fit", "falcon re-fit: re-fit"):
+            assert torch.equal(got[key], expected[key])
         for key in ["falcon++ final choice", *searched]:
             assert_close_to_scale(got[key], expected[key], 1e-5)
         for name in names:

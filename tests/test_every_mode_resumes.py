@@ -55,6 +55,9 @@ CASES.update({f"{m} gradual": ([*BUDGET[m], *GRADUAL], 1) for m in BUDGET})
 CASES.update({f"{m} structured": (STRUCTURED[m], 3) for m in STRUCTURED})   # gates, bn, fine-tune epoch 1
 # the hybrid's checkpoints: gates (the channel cut), sparsify (FALCON), bn, fine-tune epochs; also cut after the first
 CASES["hybrid structured (stopped after the channel cut)"] = (STRUCTURED["hybrid"], 1)
+# the kept weights re-fit by least squares after the last stage (a kill before the model is saved redoes it)
+CASES["falcon++ multi-stage with re-fit"] = ([*BUDGET["falcon++"], "--refit-batches", "2"], 1)
+CASES["falcon one-shot with re-fit"] = ([*BUDGET["falcon"], "--refit-batches", "2"], 0)
 # the consumers re-fit by least squares after the cut (part of the cut's phase), stopped right after it
 CASES["autobot structured (reconstructed, stopped after the cut)"] = (
     [*STRUCTURED["autobot"], "--reconstruct-batches", "2"], 1)

@@ -122,10 +122,10 @@ DATA_FREE_METHODS = ("magnitude", "magnitude-uniform", "magnitude-flops")
 
 def reads_training_data(plan) -> bool:
     """Whether ``plan`` loads the training split: False only for a magnitude method run at once
-    (not gradual) without BatchNorm recalibration or a layer search; any other method or mode
+    (not gradual) without BatchNorm recalibration, a layer search or a re-fit; any other method or mode
     reads it (gradients, gates, fine-tuning, recalibration)."""
     return not (plan.method.name in DATA_FREE_METHODS and plan.mode != "gradual" and not plan.request.recalibrate_bn
-                and not getattr(plan.options, "layer_search", 0))
+                and not getattr(plan.options, "layer_search", 0) and not getattr(plan.options, "refit_batches", 0))
 
 
 def _first_batch(batches):
@@ -186,6 +186,12 @@ def prune_lines(r: dict) -> list[str]:
                       if refit["refit"] else "")
             lines.append(f"  re-fit     {refit['refit']} layers reading cut channels ({refit['skipped']} skipped)"
                          f"{errors}, {refit['seconds']:.1f} s")
+        refit = one.get("refit")
+        if refit:                        # --refit-batches: the pruned layers re-fit to the dense ones
+            errors = (f", output error {refit['mean_error_before']:.3f} -> {refit['mean_error_after']:.3f}"
+                      if refit["layers"] else "")
+            lines.append(f"  re-fit     {refit['layers']} layers ({refit['centred']} centred for BatchNorm, "
+                         f"{refit['skipped']} skipped){errors}, {refit['seconds']:.1f} s")
     spent = f"{r['seconds']:.2f} s pruning"
     if "gate_seconds" in r:          # a structured run: every phase, the gates apart
         tuned = (r.get("options") or {}).get("finetune_epochs")

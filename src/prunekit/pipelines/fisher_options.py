@@ -8,17 +8,18 @@ from dataclasses import dataclass
 from .. import memory_plan
 from ..fisher import BN_MODES
 from ..model_fisher import FISHER_KINDS
-from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, OptionError, Options, Real
+from ..options import Flag, Integer, IntegerOrAuto, Memory, OneOf, OptionError, Real
 from ..solvers.falcon import SCORES
 from .schedule import KINDS
+from .weights import RefitOptions
 
 SEARCH_MODES = ("stage", "ahead", "first")
 FINAL_PICKS = ("judge", "last")
 
 
 @dataclass
-class QuadraticOptions(Options):
-    """Options shared by the quadratic-model methods.
+class QuadraticOptions(RefitOptions):
+    """Options shared by the quadratic-model methods (and ``RefitOptions``'s).
 
     fisher_samples: n, rows of the gradient matrix, or "auto": the largest n ≤ 1000 that fits max_memory.
     fisher_dtype:   storage of the gradient matrix: float32, bfloat16 or float16 (half the memory;
@@ -77,7 +78,7 @@ class QuadraticOptions(Options):
     fresh_samples: bool = False
     first_order: bool = False
     final_pick: str = "judge"
-    constraints = {"final_pick": OneOf(FINAL_PICKS), "fisher_samples": IntegerOrAuto(1), "fisher_dtype": OneOf(tuple(memory_plan.STORAGE_DTYPES)),
+    constraints = {**RefitOptions.constraints, "final_pick": OneOf(FINAL_PICKS), "fisher_samples": IntegerOrAuto(1), "fisher_dtype": OneOf(tuple(memory_plan.STORAGE_DTYPES)),
                    "max_memory": Memory(), "fisher_batch": Integer(1), "ridge": Real(0, open_low=True),
                    "relative_ridge": Real(0, open_low=True), "stages": Integer(1), "schedule": OneOf(KINDS),
                    "revive": Flag(), "fresh_samples": Flag(), "first_order": Flag(), "fisher_bn": OneOf(BN_MODES),

@@ -15,18 +15,19 @@ from typing import Callable
 import torch
 
 from ..errors import PrunekitError
-from ..options import Callable_, Integer, OptionError, Options
+from ..options import Callable_, Integer, OptionError
 from ..solvers.magnitude import fit_k_to_macs, magnitude_flops, magnitude_global, magnitude_uniform
 from .allocation import search_allocation
-from .weights import PruneContext, Pruned
+from .weights import PruneContext, Pruned, RefitOptions
 
 
 @dataclass
-class MagnitudeOptions(Options):
-    """importance: a function (module name, weight) -> scores of the same shape (None: |w|)."""
+class MagnitudeOptions(RefitOptions):
+    """importance: a function (module name, weight) -> scores of the same shape (None: |w|);
+    and ``RefitOptions``'s."""
 
     importance: Callable | None = None
-    constraints = {"importance": Callable_()}
+    constraints = {**RefitOptions.constraints, "importance": Callable_()}
 
 
 @dataclass

@@ -11,6 +11,8 @@ record per stage to ``ctx.history`` and hand each finished stage to ``ctx.checkp
 
 from __future__ import annotations
 
+import copy
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -18,12 +20,33 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .. import distributed
 from ..budget import ResolvedBudget
 from ..costs import CostModel, Counts
+from ..errors import PrunekitError
 from ..losses import LossFn
+from ..options import Integer, OptionError, Options, Real
 from ..params import ParamSpace
+from ..refit import RIDGE, refit
 from ..train import recalibrate_batchnorm
 from .stages import StageCheckpointer, measure_seconds
+
+
+@dataclass
+class RefitOptions(Options):
+    """Options of every weights method (their options classes derive from this one).
+
+    refit_batches: after the method, re-fit every pruned Conv2d / Linear's kept weights, in forward
+        order, to the dense layer's outputs on this many training batches, by least squares (the
+        zeros stay; layers feeding a BatchNorm fit on centred moments, as the recalibration will
+        restore each channel's mean and scale; ``prunekit.refit``); 0: off. One-shot and
+        multi-stage runs only (gradual pruning fine-tunes instead).
+    refit_ridge:   λ of that least squares as a share of the mean diagonal of XᵀX/rows.
+    """
+
+    refit_batches: int = 0
+    refit_ridge: float = RIDGE
+    constraints = {"refit_batches": Integer(0), "refit_ridge": Real(0, open_low=True)}
 
 
 @dataclass
@@ -99,12 +122,52 @@ def prune_weights(ctx: PruneContext, run, options) -> Outcome:
     BatchNorm (``ctx.recalibrate_bn``) and check the budget."""
     torch.manual_seed(ctx.seed)
     start, measured = time.perf_counter(), measure_seconds(ctx.checkpointer)
+    refit_batches = getattr(options, "refit_batches", 0)
+    if refit_batches and ctx.train_batches is None:
+        raise OptionError("refit_batches re-fits the layers on training data: pass data, or set refit_batches 0",
+                          ("refit_batches", "data"))
+    dense = copy.deepcopy(ctx.model) if refit_batches else None     # the targets of the re-fit
     pruned = run(ctx, options)
     ctx.space.assign(pruned.weights)
-    recalibrated = pruned.bn_recalibrated or bool(ctx.recalibrate_bn and ctx.train_batches is not None
-                                                  and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
+    info, recalibrated = dict(pruned.info), pruned.bn_recalibrated
+    if dense is not None:
+        info["refit"] = refit_pruned(ctx, dense, refit_batches, options.refit_ridge)
+        recalibrated = False                   # the statistics are the re-fit layers' to re-estimate
+        del dense
+    recalibrated = recalibrated or bool(ctx.recalibrate_bn and ctx.train_batches is not None
+                                        and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
     # per-stage evaluations are the record's, not pruning
     seconds = time.perf_counter() - start - (measure_seconds(ctx.checkpointer) - measured)
     counts, nonzeros = check_budget(ctx.space, ctx.costs, ctx.budget)
     return Outcome(ctx.model, counts, nonzeros, 1 - nonzeros / ctx.space.numel, seconds, list(ctx.history),
-                   {"bn_recalibrated": recalibrated, **pruned.info})
+                   {"bn_recalibrated": recalibrated, **info})
+
+
+def refit_pruned(ctx: PruneContext, dense: nn.Module, batches: int, ridge: float) -> dict:
+    """Re-fit the pruned layers of ``ctx.model`` (the prunable weights of its Conv2d / Linear
+    modules) to ``dense``'s on the inputs of the first ``batches`` training batches; returns the
+    re-fit's record. Under torchrun rank 0 re-fits and every rank takes its layers, so all ranks
+    hold the same weights whatever their hardware's rounding."""
+    modules = dict(ctx.model.named_modules())
+    names = [e.module for e in ctx.space.entries
+             if e.param_name == f"{e.module}.weight" and isinstance(modules.get(e.module), (nn.Conv2d, nn.Linear))]
+    others = [e.name for e in ctx.space.entries if e.module not in names]
+    collective = distributed.current()
+    record = None
+    if collective.rank == 0:
+        inputs = [x for x, _ in itertools.islice(ctx.train_batches(), batches)]
+        if not inputs:
+            raise PrunekitError("the training data gave no batch to re-fit the layers on: pass data with samples, "
+                                "or set refit_batches 0")
+        record = refit(ctx.model, dense, names, inputs, ridge=ridge, recalibrated=ctx.recalibrate_bn,
+                       progress=ctx.progress)
+        record["skipped_why"] += [f"{name}: not the weight of a Conv2d or Linear" for name in others]
+        record["skipped"] += len(others)
+    if collective.distributed:
+        layers = {n: {k: v.detach().cpu() for k, v in modules[n].named_parameters(recurse=False)} for n in names}
+        record, layers = collective.broadcast_object((record, layers) if collective.rank == 0 else None)
+        with torch.no_grad():
+            for name, params in layers.items():
+                for key, value in params.items():
+                    getattr(modules[name], key).copy_(value)
+    return record

@@ -28,13 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layer_capture import capture, forward_order
 from .groups import GroupSet
 
 RIDGE = 1e-3          # λ as a share of the mean diagonal of XᵀX
-
-
-class _Stop(Exception):
-    """Raised by a hook once the layer of interest has run: the rest of the forward is not needed."""
 
 
 def closed_channels(groups: GroupSet, masks: list[torch.Tensor], name: str, role: str) -> set[int]:
@@ -124,50 +121,6 @@ def set_weights(module: nn.Module, solution: torch.Tensor) -> None:
         module.weight.copy_(solution.t().reshape(module.weight.shape).to(module.weight.dtype))
 
 
-def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
-    """``module``'s input (``what`` = "input") or output ("output") when ``model`` runs on ``x``;
-    the forward stops right after ``module``."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_, args, out):
-        seen.append(args[0] if what == "input" else out)
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise LookupError("the layer was not called")
-    return seen[0].detach()
-
-
-def forward_order(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[list[str], dict[str, str]]:
-    """``names`` in the order ``model`` first calls them on ``x``, and those skipped: not called,
-    or called more than once (shared weights)."""
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    order: list[str] = []
-    handles = []
-    for name in names:
-        def hook(_module, _args, _out, name=name):
-            calls[name] = calls.get(name, 0) + 1
-            if calls[name] == 1:
-                order.append(name)
-        handles.append(modules[name].register_forward_hook(hook))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    skipped = {n: "not called on the calibration batches" for n in names if n not in calls}
-    skipped.update({n: "called more than once per forward (shared weights)" for n, c in calls.items() if c > 1})
-    return [n for n in order if n not in skipped], skipped
-
-
 def refit_layer(small: nn.Module, dense: nn.Module, name: str, keep: torch.Tensor, batches: list[torch.Tensor],
                 ridge: float = RIDGE) -> dict:
     """Re-fit ``small``'s layer ``name`` on ``batches`` (inputs x) to the dense layer's outputs at
@@ -177,8 +130,8 @@ def refit_layer(small: nn.Module, dense: nn.Module, name: str, keep: torch.Tenso
     xtx = xty = None
     yty = 0.0
     for x in batches:
-        rows = design_rows(layer, _capture(small, layer, x, "input"))
-        y = target_rows(layer, _capture(dense, target_layer, x, "output"), keep)
+        rows = design_rows(layer, capture(small, layer, x, "input"))
+        y = target_rows(layer, capture(dense, target_layer, x, "output"), keep)
         xtx = rows.t() @ rows if xtx is None else xtx + rows.t() @ rows
         xty = rows.t() @ y if xty is None else xty + rows.t() @ y
         yty += float((y * y).sum())

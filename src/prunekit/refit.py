@@ -1,0 +1,315 @@
+"""Re-fit the kept weights of a pruned network, layer by layer, by least squares (after one shot).
+
+A one-shot method chooses which weights stay and their values from a model of the loss around
+the dense weights. ``refit`` then takes every pruned Conv2d / Linear in forward order and solves,
+on a few training batches, for the kept weights that make the layer's outputs in the pruned network
+closest to the dense layer's outputs (the zeros stay zeros: the budget does not move):
+
+    for each output channel c:  w_c = argmin_{w : w_j = 0 off S_c} ||X w - y_c||² + λ||w||²
+
+X (rows, D): the layer's inputs in the pruned network, whose earlier layers are already re-fit
+(a conv's unfolded patches, D = C_in/groups·kh·kw, rows = images·positions); y_c: the dense layer's
+output channel c on the same images; S_c: the channel's kept weights; λ = ``ridge`` × the mean
+diagonal of XᵀX/rows. Both sides are accumulated over the batches in float64 (XᵀX (D, D) per
+group of a grouped conv, XᵀY (D, C_out/groups)), so memory does not grow with the batches.
+
+**What BatchNorm recalibration will do is built in.** A layer whose output goes straight into a
+BatchNorm loses each output channel's mean and scale when the pruned network's statistics are
+re-estimated, so only the direction of w_c matters there: such layers are fit on the centred
+moments (Cov(X), Cov(X, Y)), which gives the direction most correlated with the dense output and
+spends nothing on a mean the recalibration restores anyway. While the inputs are collected, every
+BatchNorm of the pruned network normalises with its batch's statistics (what the recalibrated
+network will see; its running statistics are not touched). Other layers (the classifier, a Linear
+before a LayerNorm) are fit on the raw moments, with their bias when they have one. Measured on
+ResNet-20-B (docs/benchmarks.md, session 30): one-shot FALCON at 40% MACs 89.18 -> 90.66% on
+the 1,017 test images, training loss 0.136 -> 0.065.
+
+The masked least squares is solved for all output channels of a group at once by conjugate
+gradients preconditioned by the diagonal (one (C, D) x (D, D) product per iteration), started at
+the pruned weights, to a relative residual of ``TOLERANCE`` (far below the sampling error of a
+few batches), without a D x D factorisation per channel.
+
+Skipped (left as pruned, named in the record): Conv2d with a padding mode other than zeros or
+string padding, layers called more than once per forward (shared weights), layers the batches never
+reach, and layers whose fit would raise their own reconstruction error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer_capture import capture, forward_order
+from .layout import model_input
+
+RIDGE = 1e-3           # λ as a share of the mean diagonal of XᵀX/rows
+TOLERANCE = 1e-6       # conjugate gradients stop at this residual, relative to the right-hand side
+MAX_ITERATIONS = 1000
+
+
+def why_skipped(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be re-fit, or None if it can."""
+    if isinstance(module, nn.Linear):
+        return None
+    if not isinstance(module, nn.Conv2d):
+        return f"a {type(module).__name__}, not a Conv2d or Linear"
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return "padding other than explicit zeros"
+    return None
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s input ``x`` as least-squares rows (rows, groups, D): a conv's unfolded
+    patches per group (D = C_in/groups·kh·kw, in the order of its weight's last three axes), a
+    Linear's inputs (groups 1, D = in_features)."""
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                        stride=module.stride)                         # (N, C_in·kh·kw, L)
+        n, d, positions = cols.shape
+        return cols.view(n, module.groups, d // module.groups, positions).permute(0, 3, 1, 2).reshape(
+            n * positions, module.groups, d // module.groups)
+    return x.reshape(-1, 1, x.shape[-1])
+
+
+def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The layer's output ``y`` as rows (rows, groups, C_out/groups) matching :func:`input_rows`."""
+    if isinstance(module, nn.Conv2d):
+        n, c = y.shape[:2]
+        return y.reshape(n, module.groups, c // module.groups, -1).permute(0, 3, 1, 2).reshape(
+            -1, module.groups, c // module.groups)
+    return y.reshape(-1, 1, y.shape[-1])
+
+
+@dataclass
+class Moments:
+    """Sums over the rows of one layer, per group g: XᵀX (G, D, D), XᵀY (G, D, K), ΣX (G, D),
+    ΣY (G, K), ΣY² (G, K), and the number of rows."""
+
+    xx: torch.Tensor
+    xy: torch.Tensor
+    sx: torch.Tensor
+    sy: torch.Tensor
+    yy: torch.Tensor
+    rows: int = 0
+
+    @classmethod
+    def zeros(cls, groups: int, d: int, k: int, device) -> "Moments":
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)   # noqa: E731
+        return cls(z(groups, d, d), z(groups, d, k), z(groups, d), z(groups, k), z(groups, k))
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """x (rows, G, D), y (rows, G, K): products over blocks of about 16 MB of rows in float32,
+        summed in float64 (float64 products of a conv's unfolded patches cost twice the time)."""
+        step = max(1, (16 << 20) // (4 * x.shape[1] * (x.shape[2] + y.shape[2])))
+        for xs, ys in zip(x.float().split(step), y.float().split(step)):
+            self.xx += torch.einsum("rgd,rge->gde", xs, xs).double()
+            self.xy += torch.einsum("rgd,rgk->gdk", xs, ys).double()
+            self.sx += xs.sum(0, dtype=torch.float64)
+            self.sy += ys.sum(0, dtype=torch.float64)
+            self.yy += (ys * ys).sum(0, dtype=torch.float64)
+        self.rows += x.shape[0]
+
+    def normal_equations(self, centred: bool, bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A (G, D', D'), B (G, D', K), Σy² per output (G, K)), all divided by the rows: the
+        centred moments when ``centred``; with ``bias`` a last column of ones (D' = D + 1)."""
+        n = max(self.rows, 1)
+        xx, xy, yy = self.xx / n, self.xy / n, self.yy / n
+        mx, my = self.sx / n, self.sy / n
+        if centred:
+            return (xx - mx.unsqueeze(2) * mx.unsqueeze(1), xy - mx.unsqueeze(2) * my.unsqueeze(1),
+                    yy - my * my)
+        if bias:
+            g, d = mx.shape
+            a = torch.zeros(g, d + 1, d + 1, dtype=xx.dtype, device=xx.device)
+            a[:, :d, :d], a[:, :d, d], a[:, d, :d], a[:, d, d] = xx, mx, mx, 1.0
+            return a, torch.cat([xy, my.unsqueeze(1)], 1), yy
+        return xx, xy, yy
+
+
+def masked_least_squares(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, start: torch.Tensor,
+                         penalty: torch.Tensor, tolerance: float = TOLERANCE) -> tuple[torch.Tensor, int]:
+    """Minimise wᵀ(A + diag(penalty))w − 2bᵀw for each row w of (K, D) over the entries ``mask``
+    (K, D) allows (others 0); A (D, D) symmetric positive semi-definite, b: (D, K), penalty (D,)
+    ≥ 0 with A + diag(penalty) positive definite on every row's support. Conjugate gradients on
+    all rows at once, preconditioned by the diagonal, from ``start`` (K, D), until every row's
+    residual is below ``tolerance`` x its right-hand side. Returns the rows (K, D) and the
+    iterations run."""
+    system = a + torch.diag(penalty)
+    m = mask.to(system.dtype)
+    diagonal = system.diagonal().clamp_min(torch.finfo(system.dtype).tiny)
+    w = start.to(system.dtype) * m
+    residual = (b.t() - w @ system) * m                   # the negative half-gradient, on the support
+    scale = (b.t() * m).norm(dim=1).clamp_min(torch.finfo(system.dtype).tiny)
+    z = residual / diagonal
+    direction = z.clone()
+    rz = (residual * z).sum(1)
+    iterations = 0
+    for iterations in range(1, MAX_ITERATIONS + 1):
+        if bool((residual.norm(dim=1) <= tolerance * scale).all()):
+            iterations -= 1
+            break
+        product = (direction @ system) * m
+        curvature = (direction * product).sum(1)
+        step = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(system.dtype).tiny),
+                           torch.zeros_like(rz))
+        w += step.unsqueeze(1) * direction
+        residual -= step.unsqueeze(1) * product
+        z = residual / diagonal
+        rz_next = (residual * z).sum(1)
+        direction = z + (rz_next / rz.clamp_min(torch.finfo(system.dtype).tiny)).unsqueeze(1) * direction
+        rz = rz_next
+    return w, iterations
+
+
+def _objective(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+    """Mean squared output error per row of w (K, D): wᵀAw − 2bᵀw + Σy²/rows."""
+    return ((w @ a) * w).sum(1) - 2 * (w * b.t()).sum(1) + yy
+
+
+def normalised_layers(model: nn.Module, names: list[str], x: torch.Tensor) -> set[str]:
+    """Those of ``names`` whose output is the input of a BatchNorm (checked on one forward of ``x``)."""
+    modules = dict(model.named_modules())
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}     # the tensors are held: no id is reused
+    found: set[str] = set()
+
+    def is_input(_module, args):
+        name, output = outputs.get(id(args[0]), ("", None))
+        if output is args[0]:
+            found.add(name)
+
+    handles = [modules[n].register_forward_hook(lambda _m, _a, out, n=n: outputs.__setitem__(id(out), (n, out)))
+               for n in names]
+    handles += [m.register_forward_pre_hook(is_input)
+                for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+class _BatchStatistics:
+    """Within the block: every BatchNorm of ``model`` normalises with its batch's statistics and
+    leaves its running statistics as they were (momentum 0); other modules stay in eval mode."""
+
+    def __init__(self, model: nn.Module):
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [(m.training, m.momentum) for m in self.norms]
+        for m in self.norms:
+            m.train()
+            m.momentum = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        for m, (training, momentum) in zip(self.norms, self.saved):
+            m.train(training)
+            m.momentum = momentum
+
+
+def refit_layer(model: nn.Module, dense: nn.Module, name: str, batches: list[torch.Tensor], centred: bool,
+                ridge: float = RIDGE, batch_statistics: bool = True) -> dict:
+    """Re-fit the kept weights of ``model``'s layer ``name`` (see the module doc), on centred
+    moments when ``centred``, its inputs collected with BatchNorm on batch statistics when
+    ``batch_statistics`` (else on running statistics); returns its figures: relative output error
+    before and after, conjugate-gradient iterations, whether it was kept (a fit that would
+    raise the error is not)."""
+    layer, target = model.get_submodule(name), dense.get_submodule(name)
+    weight = layer.weight.detach()
+    groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
+    bias = layer.bias is not None and not centred
+    moments = None
+    device = weight.device
+    for x in batches:
+        with _BatchStatistics(model) if batch_statistics else contextlib.nullcontext():
+            inputs = input_rows(layer, capture(model, layer, model_input(model, x, device), "input"))
+        outputs = output_rows(layer, capture(dense, target, model_input(dense, x, device), "output"))
+        if moments is None:
+            moments = Moments.zeros(groups, inputs.shape[2], outputs.shape[2], device)
+        moments.add(inputs, outputs)
+    a, b, yy = moments.normal_equations(centred, bias)
+    per_group = weight.shape[0] // groups
+    flat = weight.reshape(groups, per_group, -1).double()                   # (G, K, D)
+    if bias:
+        flat = torch.cat([flat, layer.bias.detach().double().view(groups, per_group, 1)], 2)
+    mask = flat != 0
+    if bias:
+        mask[..., -1] = True
+    fitted, before, after, iterations = flat.clone(), [], [], 0
+    for g in range(groups):
+        d = a.shape[1] - (1 if bias else 0)
+        scale = float(a[g].diagonal()[:d].mean()) if d else 0.0
+        penalty = torch.full((a.shape[1],), ridge * max(scale, 1e-300), dtype=a.dtype, device=device)
+        if bias:
+            penalty[-1] = 0.0
+        fitted[g], used = masked_least_squares(a[g], b[g], mask[g], flat[g], penalty)
+        iterations = max(iterations, used)
+        before.append(_objective(flat[g], a[g], b[g], yy[g]))
+        after.append(_objective(fitted[g], a[g], b[g], yy[g]))
+    total = float(yy.sum()) or 1.0
+    error_before, error_after = float(torch.cat(before).sum()) / total, float(torch.cat(after).sum()) / total
+    kept = error_after <= error_before
+    if kept:
+        with torch.no_grad():
+            if bias:
+                layer.bias.copy_(fitted[..., -1].reshape(-1).to(layer.bias.dtype))
+                fitted = fitted[..., :-1]
+            layer.weight.copy_((fitted * (flat[..., :weight[0].numel()] != 0)).reshape(weight.shape).to(weight.dtype))
+    return {"error_before": error_before, "error_after": error_after, "iterations": iterations, "kept": kept}
+
+
+@torch.no_grad()
+def refit(model: nn.Module, dense: nn.Module, names: list[str], batches: list[torch.Tensor], *,
+          ridge: float = RIDGE, recalibrated: bool = True, progress: bool = False) -> dict:
+    """Re-fit, in forward order, the layers ``names`` (Conv2d / Linear of ``model``, pruned from
+    ``dense``, which has the same structure) on the input batches ``batches`` (each (N, ...)).
+    ``recalibrated``: ``model``'s BatchNorm statistics will be re-estimated after, so its inputs are
+    collected on batch statistics and the layers that feed a BatchNorm fit on centred moments;
+    False: on its running statistics, every layer on raw moments. The models' modes are restored
+    after.
+
+    Returns the record: layers re-fit (centred among them) and skipped (with why), the mean relative
+    output error before and after, the calibration images, seconds.
+    """
+    start = time.perf_counter()
+    modes = [(m, m.training) for m in (*model.modules(), *dense.modules())]
+    model.eval()
+    dense.eval()
+    try:
+        modules = dict(model.named_modules())
+        skipped = {n: why for n in names if (why := why_skipped(modules[n])) is not None}
+        first = batches[0].to(next(model.parameters()).device)
+        order, unseen = forward_order(model, [n for n in names if n not in skipped], first)
+        skipped.update(unseen)
+        centred = normalised_layers(model, order, first) if recalibrated else set()
+        errors = {}
+        for name in _progress(order, progress):
+            errors[name] = refit_layer(model, dense, name, batches, name in centred, ridge, recalibrated)
+            if not errors[name]["kept"]:
+                skipped[name] = "the fit would raise its output error"
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    done = [e for n, e in errors.items() if e["kept"]]
+    mean = lambda key: sum(e[key] for e in done) / len(done) if done else None  # noqa: E731
+    return {"layers": len(done), "centred": len(centred & {n for n, e in errors.items() if e["kept"]}),
+            "skipped": len(skipped), "skipped_why": [f"{n}: {why}" for n, why in skipped.items()],
+            "batches": len(batches), "images": sum(int(x.shape[0]) for x in batches), "ridge": ridge,
+            "mean_error_before": mean("error_before"), "mean_error_after": mean("error_after"),
+            "max_iterations": max((e["iterations"] for e in errors.values()), default=0),
+            "seconds": time.perf_counter() - start}
+
+
+def _progress(names: list[str], enabled: bool):
+    if not enabled:
+        return names
+    from tqdm import tqdm
+    return tqdm(names, desc="re-fit layers", unit="layer")

@@ -1,0 +1,239 @@
+"""The least-squares re-fit of kept weights after one-shot pruning (prunekit/refit.py): the masked
+solver against exact per-row solves, each layer's fit against a brute-force least squares (raw,
+centred before BatchNorm, grouped convs), the dense model as its own fixed point, zeros and budget
+kept, and the option through Python and the command line with its refusals."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from closeness import assert_close_to_scale
+from prunekit.cli import main
+from prunekit.errors import PrunekitError
+from prunekit.refit import masked_least_squares, normalised_layers, refit
+
+torch.set_num_threads(1)   # the machine is shared; tiny models gain nothing from threads
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+
+
+def _net(groups: int = 1):
+    """conv (4 -> 6, grouped when asked) -> BN -> ReLU -> conv (6 -> 6) -> BN -> ReLU -> pool -> Linear(6, 3)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+
+
+def _batches(count=3, size=16, shape=(4, 6, 6)):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(size, *shape, generator=g) for _ in range(count)]
+
+
+def _prune_randomly(model, share=0.5, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_((torch.rand(m.weight.shape, generator=g) > share).float())
+    return model
+
+
+def _rows(model, name, batches, what, batch_statistics=False):
+    """The layer's inputs (unfolded, per group) or outputs over all batches, as brute force sees them."""
+    layer = model.get_submodule(name)
+    seen = []
+    handle = layer.register_forward_hook(lambda _m, args, out: seen.append((args[0] if what == "input" else out).detach()))
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    model.eval()
+    for m in norms:
+        m.train(batch_statistics)
+        m.momentum = 0.0
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    handle.remove()
+    model.eval()
+    out = torch.cat(seen)
+    if isinstance(layer, nn.Conv2d) and what == "input":
+        cols = nn.functional.unfold(out, layer.kernel_size, padding=layer.padding)       # (N, C_in·9, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+    if out.dim() == 4:
+        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).double()
+    return out.double()
+
+
+def _brute_force(x, y, weight, groups=1, centred=False, bias=False):
+    """Per output channel: ordinary least squares on its kept inputs (x (rows, D), y (rows, C_out))."""
+    if centred:
+        x, y = x - x.mean(0), y - y.mean(0)
+    per_group, d = weight.shape[0] // groups, x.shape[1] // groups
+    flat = weight.reshape(weight.shape[0], -1).double()
+    out, biases = torch.zeros_like(flat), torch.zeros(weight.shape[0], dtype=torch.float64)
+    for c in range(weight.shape[0]):
+        g = c // per_group
+        keep = torch.nonzero(flat[c] != 0).flatten()
+        design = x[:, g * d:(g + 1) * d][:, keep]
+        if bias:
+            design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype)], 1)
+        solution = torch.linalg.lstsq(design, y[:, c:c + 1]).solution.flatten()
+        if bias:
+            biases[c], solution = solution[-1], solution[:-1]
+        out[c, keep] = solution
+    return out.reshape(weight.shape), biases
+
+
+def test_masked_solver_matches_exact_solves_of_each_row():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    a, b = x.T @ x / 200, torch.randn(12, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(5, 12, generator=g) > 0.4
+    penalty = torch.full((12,), 0.05, dtype=torch.float64)
+    got, iterations = masked_least_squares(a, b, mask, torch.randn(5, 12, generator=g, dtype=torch.float64), penalty,
+                                           tolerance=1e-12)
+    assert 0 < iterations <= 12 + 5                       # conjugate gradients: at most about D steps
+    for k in range(5):
+        keep = torch.nonzero(mask[k]).flatten()
+        exact = torch.linalg.solve(a[keep][:, keep] + 0.05 * torch.eye(len(keep), dtype=a.dtype), b[keep, k])
+        assert_close_to_scale(got[k, keep], exact, 1e-8)
+        assert bool((got[k, ~mask[k]] == 0).all())
+
+
+def test_an_unpruned_network_is_its_own_fixed_point():
+    dense = _net()
+    model = copy.deepcopy(dense)
+    record = refit(model, dense, ["0", "3", "8"], _batches(), ridge=1e-12, recalibrated=False)
+    assert record["layers"] == 3 and record["mean_error_after"] < 1e-6      # products in float32
+    for a, b in zip(model.parameters(), dense.parameters()):
+        assert_close_to_scale(a.detach(), b.detach(), 1e-4)     # products in float32
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_each_layer_is_the_least_squares_fit_on_its_kept_weights(groups):
+    """Layers before a BatchNorm: centred least squares on the pruned network's inputs (BatchNorm on
+    batch statistics) against the dense outputs; the head: raw, with its bias. In forward order, so
+    each layer sees the earlier layers' fits."""
+    dense = _net(groups)
+    dense.train()
+    with torch.no_grad():               # BatchNorm statistics of the dense model, away from 0 / 1
+        for x in _batches():
+            dense(x)
+    dense.eval()
+    model = _prune_randomly(copy.deepcopy(dense))
+    batches = _batches()
+    kept = {n: model.get_submodule(n).weight.detach() != 0 for n in ("0", "3", "8")}
+    expected = copy.deepcopy(model)
+    for name, centred in (("0", True), ("3", True), ("8", False)):
+        layer = expected.get_submodule(name)
+        weight, bias = _brute_force(_rows(expected, name, batches, "input", batch_statistics=True),
+                                    _rows(dense, name, batches, "output"), layer.weight.detach(),
+                                    groups if name == "0" else 1, centred, bias=not centred)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if not centred:
+                layer.bias.copy_(bias)
+    running = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    record = refit(model, dense, ["0", "3", "8"], batches, ridge=1e-10)
+    assert record["layers"] == 3 and record["centred"] == 2 and record["mean_error_after"] < record["mean_error_before"]
+    for name in ("0", "3", "8"):
+        got, want = model.get_submodule(name), expected.get_submodule(name)
+        assert torch.equal(got.weight != 0, kept[name]), "the zeros stay"
+        # the moments' products are float32 (summed in float64): 1e-4 of the scale
+        assert_close_to_scale(got.weight.detach(), want.weight.detach(), 1e-4)
+    assert_close_to_scale(model.get_submodule("8").bias.detach(), expected.get_submodule("8").bias.detach(), 1e-4)
+    for before, m in zip(running, [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]):
+        assert torch.equal(before, m.running_mean), "running statistics untouched"
+
+
+def test_only_layers_feeding_a_batchnorm_are_centred():
+    net = _net()
+    assert normalised_layers(net, ["0", "3", "8"], _batches()[0]) == {"0", "3"}
+    plain = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 2))
+    assert normalised_layers(plain, ["0", "4"], _batches()[0]) == set()      # a ReLU stands between
+
+
+def test_without_recalibration_every_layer_fits_raw_moments():
+    dense = _net()
+    record = refit(_prune_randomly(copy.deepcopy(dense)), dense, ["0", "3", "8"], _batches(), recalibrated=False)
+    assert record["centred"] == 0 and record["layers"] == 3
+
+
+def test_unreachable_and_shared_layers_are_skipped_with_why():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.unused = nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(self.a(x)))
+    dense = Shared()
+    record = refit(_prune_randomly(copy.deepcopy(dense)), dense, ["a", "b", "unused"], [torch.randn(8, 4)])
+    assert record["layers"] == 1 and record["skipped"] == 2
+    assert any(w.startswith("a: called more than once") for w in record["skipped_why"])
+    assert any(w.startswith("unused: not called") for w in record["skipped_why"])
+
+
+def _data():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(128, 4, 6, 6, generator=g)
+    return x, (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
+
+
+@pytest.mark.parametrize("method, budget", [("magnitude-flops", {"flops": 0.4}),
+                                            ("falcon", {"flops": 0.4, "fisher_samples": 32})])
+def test_prune_with_refit_keeps_the_mask_and_lowers_the_layer_errors(method, budget):
+    plain = prunekit.prune(_net(), _data(), method=method, batch_size=32, **budget)
+    fitted = prunekit.prune(_net(), _data(), method=method, batch_size=32, refit_batches=2, **budget)
+    refit_record = fitted.record["refit"]
+    assert refit_record["layers"] >= 2 and refit_record["centred"] >= 1 and refit_record["images"] == 64
+    assert refit_record["mean_error_after"] < refit_record["mean_error_before"]
+    assert fitted.record["bn_recalibrated"] and "refit" not in plain.record
+    for a, b in zip(plain.model.parameters(), fitted.model.parameters()):
+        if a.dim() > 1:
+            assert torch.equal(a != 0, b != 0)
+    assert fitted.record["macs"] == plain.record["macs"] and fitted.record["nonzeros"] == plain.record["nonzeros"]
+
+
+def test_refit_refusals():
+    with pytest.raises(PrunekitError, match="refit_batches must be at least 0"):
+        prunekit.prune(_net(), _data(), method="magnitude", sparsity=0.5, refit_batches=-1)
+    with pytest.raises(PrunekitError, match="refit_ridge must be"):
+        prunekit.prune(_net(), _data(), method="falcon", flops=0.5, refit_batches=2, refit_ridge=0)
+    with pytest.raises(PrunekitError, match="gradual pruning fine-tunes instead: drop refit_batches or gradual"):
+        prunekit.prune(_net(), _data(), method="magnitude", sparsity=0.5, refit_batches=2, gradual=True)
+    with pytest.raises(PrunekitError, match="refit_batches re-fits the layers on training data: pass data"):
+        prunekit.prune(_net(), example_input=torch.randn(2, 4, 6, 6), method="magnitude", sparsity=0.5,
+                       refit_batches=2)
+    with pytest.raises(PrunekitError, match="method autobot takes no option refit_batches"):
+        prunekit.prune(_net(), _data(), method="autobot", flops=0.5, refit_batches=2)
+
+
+def _cli(tmp_path, *flags):
+    return ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(ASSETS / "mnist"), "--train-samples", "128", "--batch-size", "64",
+            "--include", "fc2", "fc3", *flags]
+
+
+def test_command_line_refit_and_its_summary(tmp_path, capsys):
+    assert main(_cli(tmp_path, "--method", "chita", "--sparsity", "0.8", "--fisher-samples", "16",
+                     "--refit-batches", "2", "--json")) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["refit"]["layers"] == 2 and record["refit"]["centred"] == 0   # MLPNet: no BatchNorm
+    assert main(_cli(tmp_path, "--method", "magnitude", "--sparsity", "0.8", "--refit-batches", "1",
+                     "--no-bn-recalibration")) == 0
+    assert "re-fit     2 layers (0 centred for BatchNorm, 0 skipped), output error" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--refit-batches", "-2"], "--refit-batches must be at least 0"),
+    (["--refit-batches", "2", "--refit-ridge", "0"], "--refit-ridge must be"),
+    (["--refit-batches", "2", "--gradual", "--events", "2"], "gradual pruning fine-tunes instead")])
+def test_command_line_refusals_are_one_line(tmp_path, capsys, flags, message):
+    assert main(_cli(tmp_path, "--method", "magnitude", "--sparsity", "0.8", *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
