@@ -70,10 +70,8 @@ class PruneRequest:
             if method_options.get("fisher_kind") == "model" and not model_fisher.supports(self.loss):
                 raise OptionError(model_fisher.refusal(self.loss), ("fisher_kind", "loss"))
         if gradual is not None and getattr(options, "refit_batches", 0):
-            if method_options.get("refit_batches"):
-                raise OptionError("refit_batches re-fits a one-shot or multi-stage result; gradual pruning fine-tunes "
-                                  "instead: drop refit_batches or gradual", ("refit_batches", "gradual"))
-            options = replace(options, refit_batches=0)      # a method's default re-fit: off when fine-tuned
+            raise OptionError("refit_batches re-fits a one-shot or multi-stage result; gradual pruning fine-tunes "
+                              "instead: drop refit_batches or gradual", ("refit_batches", "gradual"))
         budget = Budget.parse(**asked)
         if not 0 <= self.seed < 2**63:                # torch.manual_seed's range
             raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}", ("seed",))
