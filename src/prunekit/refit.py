@@ -10,8 +10,9 @@ closest to the dense layer's outputs (the zeros stay zeros: the budget does not 
 X (rows, D): the layer's inputs in the pruned network, whose earlier layers are already re-fit
 (a conv's unfolded patches, D = C_in/groups·kh·kw, rows = images·positions); y_c: the dense layer's
 output channel c on the same images; S_c: the channel's kept weights; λ = ``ridge`` × the mean
-diagonal of XᵀX/rows. Both sides are accumulated over the batches in float64 (XᵀX (D, D) per
-group of a grouped conv, XᵀY (D, C_out/groups)), so memory does not grow with the batches.
+diagonal of XᵀX/rows. Both sides are accumulated over the batches, float32 products summed in
+float64 (XᵀX (D, D) per group of a grouped conv, XᵀY (D, C_out/groups)), so memory does not grow
+with the batches.
 
 **What BatchNorm recalibration will do is built in.** A layer whose output goes straight into a
 BatchNorm loses each output channel's mean and scale when the pruned network's statistics are
@@ -20,7 +21,8 @@ moments (Cov(X), Cov(X, Y)), which gives the direction most correlated with the 
 spends nothing on a mean the recalibration restores anyway. While the inputs are collected, every
 BatchNorm of the pruned network normalises with its batch's statistics (what the recalibrated
 network will see; its running statistics are not touched). Other layers (the classifier, a Linear
-before a LayerNorm) are fit on the raw moments, with their bias when they have one. Measured on
+before a LayerNorm; every layer when the statistics will not be re-estimated) are fit on the raw
+moments, with their bias when they have one. Measured on
 ResNet-20-B (docs/benchmarks.md, session 30): one-shot FALCON at 40% MACs 89.18 -> 90.66% on
 the 1,017 test images, training loss 0.136 -> 0.065.
 
