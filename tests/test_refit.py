@@ -15,6 +15,8 @@ import prunekit
 from closeness import assert_close_to_scale
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
+from prunekit import refit as refit_module
+from prunekit.lockstep import Lockstep
 from prunekit.refit import masked_least_squares, normalised_layers, refit
 
 torch.set_num_threads(1)   # the machine is shared; tiny models gain nothing from threads
@@ -113,11 +115,15 @@ def test_an_unpruned_network_is_its_own_fixed_point():
         assert_close_to_scale(a.detach(), b.detach(), 1e-4)     # products in float32
 
 
+@pytest.mark.parametrize("forwards", ["traced", "truncated"])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_each_layer_is_the_least_squares_fit_on_its_kept_weights(groups):
+def test_each_layer_is_the_least_squares_fit_on_its_kept_weights(groups, forwards, monkeypatch):
     """Layers before a BatchNorm: centred least squares on the pruned network's inputs (BatchNorm on
     batch statistics) against the dense outputs; the head: raw, with its bias. In forward order, so
-    each layer sees the earlier layers' fits."""
+    each layer sees the earlier layers' fits; the same through the traced graph and through one
+    truncated forward per layer."""
+    if forwards == "truncated":
+        monkeypatch.setattr(refit_module, "_lockstep", lambda *args: (None, "forced by the test"))
     dense = _net(groups)
     dense.train()
     with torch.no_grad():               # BatchNorm statistics of the dense model, away from 0 / 1
@@ -140,6 +146,7 @@ def test_each_layer_is_the_least_squares_fit_on_its_kept_weights(groups):
     running = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     record = refit(model, dense, ["0", "3", "8"], batches, ridge=1e-10)
     assert record["layers"] == 3 and record["centred"] == 2 and record["mean_error_after"] < record["mean_error_before"]
+    assert record["forwards"].startswith("one per network" if forwards == "traced" else "one truncated forward")
     for name in ("0", "3", "8"):
         got, want = model.get_submodule(name), expected.get_submodule(name)
         assert torch.equal(got.weight != 0, kept[name]), "the zeros stay"
@@ -148,6 +155,51 @@ def test_each_layer_is_the_least_squares_fit_on_its_kept_weights(groups):
     assert_close_to_scale(model.get_submodule("8").bias.detach(), expected.get_submodule("8").bias.detach(), 1e-4)
     for before, m in zip(running, [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]):
         assert torch.equal(before, m.running_mean), "running statistics untouched"
+
+
+class _Branching(nn.Module):
+    """``_net()`` behind a branch on the data's values, which torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x):
+        return self.net(x) if float(x.abs().sum()) >= 0 else -self.net(x)
+
+
+class _Counting(nn.Module):
+    """A forward whose Python state changes its output: tracing freezes it, so the graph differs."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.calls = nn.Linear(4, 2), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.layer(x) * self.calls
+
+
+def test_an_untraceable_network_is_re_fit_by_truncated_forwards_to_the_same_weights():
+    dense = _Branching()
+    model = _prune_randomly(copy.deepcopy(dense))
+    traceable_dense, traceable = copy.deepcopy(dense.net), copy.deepcopy(model.net)
+    names = ["0", "3", "8"]
+    record = refit(model, dense, [f"net.{n}" for n in names], _batches())
+    reference = refit(traceable, traceable_dense, names, _batches())
+    assert record["forwards"].startswith("one truncated forward per layer: not traceable by torch.fx")
+    assert reference["forwards"].startswith("one per network")
+    for a, b in zip(model.net.parameters(), traceable.parameters()):
+        assert_close_to_scale(a.detach(), b.detach(), 1e-6)
+
+
+def test_a_traced_graph_that_computes_otherwise_is_refused():
+    counting = _Counting()
+    lockstep = Lockstep(counting)
+    with pytest.raises(ValueError, match="other values"):
+        lockstep.check(counting, torch.randn(3, 4))
+    plain = _net().eval()
+    assert Lockstep(plain).check(plain, _batches()[0]) > 0          # the bytes held at once
 
 
 def test_only_layers_feeding_a_batchnorm_are_centred():

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer_capture import capture, forward_order
+from .lockstep import Lockstep
+from .process_memory import available_memory
 from .layout import model_input
 
 RIDGE = 1e-3           # λ as a share of the mean diagonal of XᵀX/rows
@@ -63,28 +65,6 @@ def why_skipped(module: nn.Module) -> str | None:
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         return "padding other than explicit zeros"
     return None
-
-
-def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module``'s input ``x`` as least-squares rows (rows, groups, D): a conv's unfolded
-    patches per group (D = C_in/groups·kh·kw, in the order of its weight's last three axes), a
-    Linear's inputs (groups 1, D = in_features)."""
-    if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                        stride=module.stride)                         # (N, C_in·kh·kw, L)
-        n, d, positions = cols.shape
-        return cols.view(n, module.groups, d // module.groups, positions).permute(0, 3, 1, 2).reshape(
-            n * positions, module.groups, d // module.groups)
-    return x.reshape(-1, 1, x.shape[-1])
-
-
-def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """The layer's output ``y`` as rows (rows, groups, C_out/groups) matching :func:`input_rows`."""
-    if isinstance(module, nn.Conv2d):
-        n, c = y.shape[:2]
-        return y.reshape(n, module.groups, c // module.groups, -1).permute(0, 3, 1, 2).reshape(
-            -1, module.groups, c // module.groups)
-    return y.reshape(-1, 1, y.shape[-1])
 
 
 @dataclass
@@ -104,17 +84,52 @@ class Moments:
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)   # noqa: E731
         return cls(z(groups, d, d), z(groups, d, k), z(groups, d), z(groups, k), z(groups, k))
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """x (rows, G, D), y (rows, G, K): products over blocks of about 16 MB of rows in float32,
-        summed in float64 (float64 products of a conv's unfolded patches cost twice the time)."""
-        step = max(1, (16 << 20) // (4 * x.shape[1] * (x.shape[2] + y.shape[2])))
-        for xs, ys in zip(x.float().split(step), y.float().split(step)):
-            self.xx += torch.einsum("rgd,rge->gde", xs, xs).double()
-            self.xy += torch.einsum("rgd,rgk->gdk", xs, ys).double()
-            self.sx += xs.sum(0, dtype=torch.float64)
-            self.sy += ys.sum(0, dtype=torch.float64)
-            self.yy += (ys * ys).sum(0, dtype=torch.float64)
-        self.rows += x.shape[0]
+    @classmethod
+    def of_layer(cls, layer: nn.Module) -> "Moments":
+        """Zero sums shaped for ``layer`` (a Conv2d or Linear)."""
+        groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
+        weight = layer.weight
+        return cls.zeros(groups, weight[0].numel(), weight.shape[0] // groups, weight.device)
+
+    def add(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add the rows of one batch: ``x`` the layer's input, ``y`` the target of its output
+        ((N, C, H, W) for a Conv2d, (..., features) for a Linear). A conv's rows are its unfolded
+        patches, one per image and output position (D = C_in/groups·kh·kw, in the order of its
+        weight's last three axes). Products are taken in float32 over blocks of about 32 MB and
+        summed in float64 (float64 products of unfolded patches cost twice the time)."""
+        wide = torch.float64
+        if isinstance(layer, nn.Conv2d):
+            groups = layer.groups
+            cols = F.unfold(x.float(), layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                            stride=layer.stride)                             # (N, C_in·kh·kw, L)
+            n, d, positions = cols.shape
+            cols = cols.view(n, groups, d // groups, positions)              # (N, G, D, L)
+            out = y.float().reshape(n, groups, y.shape[1] // groups, positions)   # (N, G, K, L)
+            step = max(1, (32 << 20) // (4 * (cols[0].numel() + out[0].numel()
+                                              + groups * (d // groups) * (d // groups + out.shape[2]))))
+            for xs, ys in zip(cols.split(step), out.split(step)):
+                if positions >= xs.shape[2]:          # one product per image beats a copy into one GEMM
+                    self.xx += (xs @ xs.transpose(2, 3)).sum(0).double()
+                    self.xy += (xs @ ys.transpose(2, 3)).sum(0).double()
+                else:                                 # few positions: (G, D, images·L) in one GEMM
+                    xg = xs.permute(1, 2, 0, 3).reshape(groups, xs.shape[2], -1)
+                    yg = ys.permute(1, 2, 0, 3).reshape(groups, ys.shape[2], -1)
+                    self.xx += (xg @ xg.transpose(1, 2)).double()
+                    self.xy += (xg @ yg.transpose(1, 2)).double()
+                self.sx += xs.sum(3).sum(0).double()         # the last axis first: contiguous, fast
+                self.sy += ys.sum(3).sum(0).double()
+                self.yy += ys.square().sum(3).sum(0).double()
+            self.rows += n * positions
+            return
+        rows_x, rows_y = x.float().reshape(-1, x.shape[-1]), y.float().reshape(-1, y.shape[-1])
+        step = max(1, (32 << 20) // (4 * (rows_x.shape[1] + rows_y.shape[1])))
+        for xs, ys in zip(rows_x.split(step), rows_y.split(step)):
+            self.xx[0] += (xs.t() @ xs).double()
+            self.xy[0] += (xs.t() @ ys).double()
+            self.sx[0] += xs.sum(0, dtype=wide)
+            self.sy[0] += ys.sum(0, dtype=wide)
+            self.yy[0] += (ys * ys).sum(0, dtype=wide)
+        self.rows += rows_x.shape[0]
 
     def normal_equations(self, centred: bool, bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A (G, D', D'), B (G, D', K), Σy² per output (G, K)), all divided by the rows: the
@@ -217,26 +232,29 @@ class _BatchStatistics:
             m.momentum = momentum
 
 
-def refit_layer(model: nn.Module, dense: nn.Module, name: str, batches: list[torch.Tensor], centred: bool,
-                ridge: float = RIDGE, batch_statistics: bool = True) -> dict:
-    """Re-fit the kept weights of ``model``'s layer ``name`` (see the module doc), on centred
-    moments when ``centred``, its inputs collected with BatchNorm on batch statistics when
-    ``batch_statistics`` (else on running statistics); returns its figures: relative output error
-    before and after, conjugate-gradient iterations, whether it was kept (a fit that would
-    raise the error is not)."""
+def truncated_moments(model: nn.Module, dense: nn.Module, name: str, batches: list[torch.Tensor],
+                      batch_statistics: bool = True) -> Moments:
+    """The moments of layer ``name``: its inputs in ``model`` (BatchNorm on batch statistics when
+    ``batch_statistics``) against the dense layer's outputs, from one forward of each network per
+    batch that stops at the layer (for networks :class:`Lockstep` cannot run)."""
     layer, target = model.get_submodule(name), dense.get_submodule(name)
-    weight = layer.weight.detach()
-    groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
-    bias = layer.bias is not None and not centred
-    moments = None
-    device = weight.device
+    moments = Moments.of_layer(layer)
+    device = layer.weight.device
     for x in batches:
+        x_model = model_input(model, x, device)        # before the block: its layout probe sets eval mode
         with _BatchStatistics(model) if batch_statistics else contextlib.nullcontext():
-            inputs = input_rows(layer, capture(model, layer, model_input(model, x, device), "input"))
-        outputs = output_rows(layer, capture(dense, target, model_input(dense, x, device), "output"))
-        if moments is None:
-            moments = Moments.zeros(groups, inputs.shape[2], outputs.shape[2], device)
-        moments.add(inputs, outputs)
+            inputs = capture(model, layer, x_model, "input")
+        moments.add(layer, inputs, capture(dense, target, model_input(dense, x, device), "output"))
+    return moments
+
+
+def fit_layer(layer: nn.Module, moments: Moments, centred: bool, ridge: float = RIDGE) -> dict:
+    """Re-fit the kept weights of ``layer`` from its ``moments`` (see the module doc), on the centred
+    moments when ``centred``; returns its figures: relative output error before and after,
+    conjugate-gradient iterations, whether it was kept (a fit that would raise the error is not)."""
+    weight = layer.weight.detach()
+    groups = moments.xx.shape[0]
+    bias = layer.bias is not None and not centred
     a, b, yy = moments.normal_equations(centred, bias)
     per_group = weight.shape[0] // groups
     flat = weight.reshape(groups, per_group, -1).double()                   # (G, K, D)
@@ -249,7 +267,7 @@ def refit_layer(model: nn.Module, dense: nn.Module, name: str, batches: list[tor
     for g in range(groups):
         d = a.shape[1] - (1 if bias else 0)
         scale = float(a[g].diagonal()[:d].mean()) if d else 0.0
-        penalty = torch.full((a.shape[1],), ridge * max(scale, 1e-300), dtype=a.dtype, device=device)
+        penalty = torch.full((a.shape[1],), ridge * max(scale, 1e-300), dtype=a.dtype, device=a.device)
         if bias:
             penalty[-1] = 0.0
         fitted[g], used = masked_least_squares(a[g], b[g], mask[g], flat[g], penalty)
@@ -268,6 +286,21 @@ def refit_layer(model: nn.Module, dense: nn.Module, name: str, batches: list[tor
     return {"error_before": error_before, "error_after": error_after, "iterations": iterations, "kept": kept}
 
 
+def _lockstep(model: nn.Module, dense: nn.Module, x: torch.Tensor, batches: int) -> tuple[Lockstep | None, str]:
+    """A :class:`Lockstep` of ``model`` when it can be traced, reproduces the eager forward on ``x``
+    and holds both networks' activations of all ``batches`` within half the available memory;
+    else None and why."""
+    try:
+        lockstep = Lockstep(model)
+        peak = lockstep.check(dense, x)
+    except Exception as error:                  # tracing fails in many ways on user models
+        return None, f"not traceable by torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
+    need, have = 2 * peak * batches, available_memory(x.device) // 2
+    if need > have:
+        return None, f"the batches' activations need {need / 2**30:.1f} GiB at once, {have / 2**30:.1f} GiB allowed"
+    return lockstep, ""
+
+
 @torch.no_grad()
 def refit(model: nn.Module, dense: nn.Module, names: list[str], batches: list[torch.Tensor], *,
           ridge: float = RIDGE, recalibrated: bool = True, progress: bool = False) -> dict:
@@ -275,11 +308,13 @@ def refit(model: nn.Module, dense: nn.Module, names: list[str], batches: list[to
     ``dense``, which has the same structure) on the input batches ``batches`` (each (N, ...)).
     ``recalibrated``: ``model``'s BatchNorm statistics will be re-estimated after, so its inputs are
     collected on batch statistics and the layers that feed a BatchNorm fit on centred moments;
-    False: on its running statistics, every layer on raw moments. The models' modes are restored
-    after.
+    False: on its running statistics, every layer on raw moments. Both networks run once over all
+    batches, node by node (:class:`prunekit.lockstep.Lockstep`), where ``torch.fx`` can trace them
+    and memory allows; else one truncated forward per layer and batch. The models' modes are
+    restored after.
 
     Returns the record: layers re-fit (centred among them) and skipped (with why), the mean relative
-    output error before and after, the calibration images, seconds.
+    output error before and after, how the inputs were collected, the calibration images, seconds.
     """
     start = time.perf_counter()
     modes = [(m, m.training) for m in (*model.modules(), *dense.modules())]
@@ -287,15 +322,38 @@ def refit(model: nn.Module, dense: nn.Module, names: list[str], batches: list[to
     dense.eval()
     try:
         modules = dict(model.named_modules())
+        device = next(model.parameters()).device
         skipped = {n: why for n in names if (why := why_skipped(modules[n])) is not None}
-        first = batches[0].to(next(model.parameters()).device)
+        first = batches[0].to(device)
         order, unseen = forward_order(model, [n for n in names if n not in skipped], first)
         skipped.update(unseen)
         centred = normalised_layers(model, order, first) if recalibrated else set()
-        errors = {}
-        for name in _progress(order, progress):
-            errors[name] = refit_layer(model, dense, name, batches, name in centred, ridge, recalibrated)
-            if not errors[name]["kept"]:
+        lockstep, why_not = _lockstep(model, dense, model_input(dense, first, device), len(batches))
+        errors: dict[str, dict] = {}
+        if lockstep is not None and set(order) <= lockstep.called_once:
+            bar = _progress(len(order), progress)
+
+            def at_layer(name, inputs, outputs):
+                moments = Moments.of_layer(modules[name])
+                for x, y in zip(inputs, outputs):
+                    moments.add(modules[name], x, y)
+                errors[name] = fit_layer(modules[name], moments, name in centred, ridge)
+                bar.update()
+
+            inputs = [model_input(model, x, device) for x in batches]     # (its layout probe sets eval mode)
+            dense_inputs = [model_input(dense, x, device) for x in batches]
+            with _BatchStatistics(model) if recalibrated else contextlib.nullcontext():
+                lockstep.run(model, dense, inputs, dense_inputs, set(order), at_layer)
+            bar.close()
+            forwards = "one per network (torch.fx graph)"
+        else:
+            why_not = why_not or "the traced graph calls a layer more than once"
+            for name in _progress_names(order, progress):
+                moments = truncated_moments(model, dense, name, batches, recalibrated)
+                errors[name] = fit_layer(modules[name], moments, name in centred, ridge)
+            forwards = f"one truncated forward per layer: {why_not}"
+        for name, figures in errors.items():
+            if not figures["kept"]:
                 skipped[name] = "the fit would raise its output error"
     finally:
         for module, mode in modes:
@@ -305,13 +363,30 @@ def refit(model: nn.Module, dense: nn.Module, names: list[str], batches: list[to
     return {"layers": len(done), "centred": len(centred & {n for n, e in errors.items() if e["kept"]}),
             "skipped": len(skipped), "skipped_why": [f"{n}: {why}" for n, why in skipped.items()],
             "batches": len(batches), "images": sum(int(x.shape[0]) for x in batches), "ridge": ridge,
+            "forwards": forwards,
             "mean_error_before": mean("error_before"), "mean_error_after": mean("error_after"),
             "max_iterations": max((e["iterations"] for e in errors.values()), default=0),
             "seconds": time.perf_counter() - start}
 
 
-def _progress(names: list[str], enabled: bool):
+class _NoBar:
+    def update(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
     if not enabled:
-        return names
+        return _NoBar()
     from tqdm import tqdm
-    return tqdm(names, desc="re-fit layers", unit="layer")
+    return tqdm(total=total, desc="re-fit layers", unit="layer")
+
+
+def _progress_names(names: list[str], enabled: bool):
+    bar = _progress(len(names), enabled)
+    for name in names:
+        yield name
+        bar.update()
+    bar.close()
