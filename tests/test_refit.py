@@ -251,6 +251,19 @@ def test_prune_with_refit_keeps_the_mask_and_lowers_the_layer_errors(method, bud
     assert fitted.record["macs"] == plain.record["macs"] and fitted.record["nonzeros"] == plain.record["nonzeros"]
 
 
+def test_a_multi_stage_run_re_fits_after_every_stage():
+    """Each stage's gradients are taken at the re-fit weights: stages but the last record their
+    re-fit, the last one is the pipeline's (``record["refit"]``)."""
+    result = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, stages=3,
+                            batch_size=32, refit_batches=2)
+    stages = result.record["stages"]
+    assert len(stages) == 3 and "refit" not in stages[-1]
+    for stage in stages[:-1]:
+        assert stage["refit"]["layers"] >= 2
+        assert stage["refit"]["mean_error_after"] < stage["refit"]["mean_error_before"]
+    assert result.record["refit"]["layers"] >= 2
+
+
 def test_refit_refusals():
     with pytest.raises(PrunekitError, match="refit_batches must be at least 0"):
         prunekit.prune(_net(), _data(), method="magnitude", sparsity=0.5, refit_batches=-1)

@@ -235,6 +235,10 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         if last and kept:
             w = _best_of_last_and_kept(ctx, w, kept, searched)
         ctx.space.assign(w)
+        refitted = None
+        if ctx.refit is not None and not last:      # the next stage's gradients at the re-fit weights
+            refitted = ctx.refit()
+            w = ctx.space.vector()
         x_mb = q.X.numel() * q.X.element_size() / 2**20
         q = rows = None      # this stage's X goes before the next stage allocates its own
         # After the last stage the final model's full recalibration (the default 20 batches), so
@@ -247,6 +251,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
                         "ridge": ridge, "objective": solution.objective, "solver_seconds": solution.seconds,
                         "gradient_seconds": seconds_gradients, "bn_recalibrated": recalibrated,
                         "seconds": time.perf_counter() - start, **searched,
+                        **({"refit": {key: refitted[key] for key in ("layers", "mean_error_before", "mean_error_after",
+                                                                     "seconds")}} if refitted else {}),
                         "solver_info": {key: value for key, value in solution.info.items()
                                         if isinstance(value, (bool, int, float, str))}})
         if collective.distributed:      # per rank: its share of X and what it sent

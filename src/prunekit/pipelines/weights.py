@@ -40,7 +40,8 @@ class RefitOptions(Options):
         order, to the dense layer's outputs on this many training batches, by least squares (the
         zeros stay; layers feeding a BatchNorm fit on centred moments, as the recalibration will
         restore each channel's mean and scale; ``prunekit.refit``); 0: off. One-shot and
-        multi-stage runs only (gradual pruning fine-tunes instead).
+        multi-stage runs only (gradual pruning fine-tunes instead); a multi-stage run re-fits
+        after every stage, so that the next stage's gradients are taken at the re-fit weights.
     refit_ridge:   λ of that least squares as a share of the mean diagonal of XᵀX/rows.
     """
 
@@ -57,6 +58,9 @@ class PruneContext:
         when no training data was given). history: the per-stage records of a multi-stage
         method (restored on resume). checkpointer: saves and restores completed stages.
         loss_fn: the loss gradients and judges use (``prunekit.losses``; None: cross-entropy).
+        refit(): when the run asked for ``refit_batches``, re-fits the model's kept weights to the
+        dense model's layers and returns the re-fit's record; multi-stage methods call it after
+        each stage but the last (the pipeline re-fits after the method).
     """
 
     model: nn.Module
@@ -70,6 +74,8 @@ class PruneContext:
     checkpointer: StageCheckpointer | None = None
     history: list[dict] = field(default_factory=list)
     loss_fn: LossFn | None = None
+    refit: Callable[[], dict] | None = None
+
 
     def layer_macs(self) -> list[int]:
         """MACs per weight of each slice of ``space.cost_slices`` (one per layer, or finer)."""
@@ -126,14 +132,16 @@ def prune_weights(ctx: PruneContext, run, options) -> Outcome:
     if refit_batches and ctx.train_batches is None:
         raise OptionError("refit_batches re-fits the layers on training data: pass data, or set refit_batches 0",
                           ("refit_batches", "data"))
-    dense = copy.deepcopy(ctx.model) if refit_batches else None     # the targets of the re-fit
+    if refit_batches:
+        dense = copy.deepcopy(ctx.model)                              # the targets of the re-fit
+        ctx.refit = lambda: refit_pruned(ctx, dense, refit_batches, options.refit_ridge)
     pruned = run(ctx, options)
     ctx.space.assign(pruned.weights)
     info, recalibrated = dict(pruned.info), pruned.bn_recalibrated
-    if dense is not None:
-        info["refit"] = refit_pruned(ctx, dense, refit_batches, options.refit_ridge)
+    if ctx.refit is not None:
+        info["refit"] = ctx.refit()
         recalibrated = False                   # the statistics are the re-fit layers' to re-estimate
-        del dense
+        ctx.refit = None                       # and the dense copy goes
     recalibrated = recalibrated or bool(ctx.recalibrate_bn and ctx.train_batches is not None
                                         and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
     # per-stage evaluations are the record's, not pruning
