@@ -35,11 +35,14 @@ CASES = {
     # batches every rank reads alike, then the fine-tune under DistributedDataParallel
     # the kept weights re-fit by least squares (rank 0 fits, every rank takes its layers)
     "falcon re-fit": dict(method="falcon", sparsity=0.7, flops=0.4, fisher_samples=48, refit_batches=2, batch_size=32),
+    # and after every stage: every rank calls the re-fit at the same points
+    "falcon++ re-fit every stage": dict(method="falcon++", sparsity=0.7, flops=0.4, fisher_samples=48, stages=2,
+                                        refit_batches=2, batch_size=32),
     "autobot reconstructed": dict(method="autobot", flops=0.5, gate_batches=4, reconstruct_batches=2,
                                   finetune_epochs=1, batch_size=32),
 }
 NETS_WITH_BATCHNORM = {"falcon++ batch-statistic rows", "falcon layer search", "magnitude-flops layer search",
-                       "falcon re-fit"}
+                       "falcon re-fit", "falcon++ re-fit every stage"}
 
 
 def _net():
@@ -148,7 +151,9 @@ def test_distributed_prune_matches_one_process(two_ranks):
             assert_close_to_scale(got[key], expected[key], 1e-5)
         for name in names:
             assert torch.equal(got[name] != 0, expected[name] != 0), name
-            assert_close_to_scale(got[name], expected[name], 1e-5)
+            # the re-fit's conjugate gradients stop at a relative residual of 1e-3 (prunekit.refit.TOLERANCE),
+            # so float rounding in the weights they start from shows at about that scale
+            assert_close_to_scale(got[name], expected[name], 1e-3 if "re-fit" in name else 1e-5)
 
 
 def _train_steps(rank=0, world=1):
