@@ -9,8 +9,9 @@ dense outputs on all batches and may change the pruned layer's weights before th
 goes on. Values are dropped after their last use, so memory is about that of one forward on all
 the batches together, per network.
 
-Networks that ``torch.fx`` cannot trace, or whose traced graph does not reproduce the eager
-forward, are refused by :meth:`Lockstep.check` (the caller falls back to truncated forwards).
+A network that ``torch.fx`` cannot trace makes :class:`Lockstep` raise; one whose traced graph
+does not reproduce its eager forward is refused by :meth:`Lockstep.check`. The caller then falls
+back to truncated forwards.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ class Lockstep:
         if not placeholders or any(not n.args for n in placeholders[1:]):
             raise ValueError("the forward takes more than one input without a default")
         self.input = placeholders[0]
-        self.modules = {n.target for n in self.nodes if n.op == "call_module"}
         calls: dict[str, int] = {}
         for node in self.nodes:
             if node.op == "call_module":

@@ -76,7 +76,6 @@ class PruneContext:
     loss_fn: LossFn | None = None
     refit: Callable[[], dict] | None = None
 
-
     def layer_macs(self) -> list[int]:
         """MACs per weight of each slice of ``space.cost_slices`` (one per layer, or finer)."""
         return self.space.cost_slices(self.costs)[1]
