@@ -17,7 +17,7 @@ from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit import refit as refit_module
 from prunekit.lockstep import Lockstep
-from prunekit.refit import masked_least_squares, normalised_layers, refit
+from prunekit.refit import Moments, fit_layer, masked_least_squares, normalised_layers, refit
 
 torch.set_num_threads(1)   # the machine is shared; tiny models gain nothing from threads
 
@@ -106,6 +106,58 @@ def test_masked_solver_matches_exact_solves_of_each_row(block):
         exact = torch.linalg.solve(a[keep][:, keep] + 0.05 * torch.eye(len(keep), dtype=a.dtype), b[keep, k])
         assert_close_to_scale(got[k, keep], exact, 1e-8)
         assert bool((got[k, ~mask[k]] == 0).all())
+
+
+def test_a_conv_samples_its_rows_down_to_the_cap(monkeypatch):
+    """About ROWS_PER_INPUT x D rows over all images: here 2 x 27 over 10 images, 6 of each image's
+    64 positions, drawn per image from the seeded generator; the sums are those of exactly these rows."""
+    monkeypatch.setattr(refit_module, "ROWS_PER_INPUT", 2)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    batches = [torch.randn(5, 3, 8, 8) for _ in range(2)]
+    moments, everything = Moments.of_layer(conv, images=10), Moments.of_layer(conv)
+    draw = torch.Generator().manual_seed(0)
+    xx, xy = torch.zeros(27, 27, dtype=torch.float64), torch.zeros(27, 4, dtype=torch.float64)
+    with torch.no_grad():
+        for x in batches:
+            y = conv(x)
+            moments.add(conv, x, y)
+            everything.add(conv, x, y)
+            chosen = torch.rand(5, 64, generator=draw).argsort(1)[:, :6]
+            rows = nn.functional.unfold(x, 3, padding=1).gather(2, chosen[:, None].expand(5, 27, 6))
+            outs = y.reshape(5, 4, 64).gather(2, chosen[:, None].expand(5, 4, 6))
+            rows, outs = rows.transpose(1, 2).reshape(-1, 27).double(), outs.transpose(1, 2).reshape(-1, 4).double()
+            xx, xy = xx + rows.T @ rows, xy + rows.T @ outs
+    assert moments.rows == 10 * 6 and everything.rows == 10 * 64
+    assert_close_to_scale(moments.xx[0], xx, 1e-5)
+    assert_close_to_scale(moments.xy[0], xy, 1e-5)
+
+
+def test_sampled_rows_fit_almost_as_well_as_all_rows(monkeypatch):
+    """A layer fit on a sample of 64 rows per input, judged on all rows: within 10% of the fit on
+    all rows, far below the pruned weights' error (rows and targets drawn at the same positions)."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    pruned = _prune_randomly(copy.deepcopy(dense), share=0.6)
+    # correlated neighbours and channels, as images are: the kept weights can stand in for the cut ones
+    batches = [nn.functional.avg_pool2d(torch.randn(16, 4, 14, 14), 3, stride=1) for _ in range(4)]
+    for x in batches:
+        x[:, 1] += x[:, 0]
+    errors = {}
+    for cap in (None, 64):
+        layer = copy.deepcopy(pruned)
+        if cap:
+            monkeypatch.setattr(refit_module, "ROWS_PER_INPUT", cap)
+        moments, judge = Moments.of_layer(layer, images=64 if cap else None), Moments.of_layer(layer)
+        with torch.no_grad():
+            for x in batches:
+                moments.add(layer, x, dense(x) + 0.3 * torch.randn(16, 6, 12, 12))
+                judge.add(layer, x, dense(x))
+        assert moments.rows == (64 * 36 if cap else 64 * 144)
+        fit_layer(layer, moments, centred=False)
+        errors[cap] = fit_layer(copy.deepcopy(layer), judge, centred=False)["error_before"]
+        errors["pruned"] = fit_layer(copy.deepcopy(pruned), judge, centred=False)["error_before"]
+    assert errors[64] <= 1.1 * errors[None] + 1e-3 and errors[64] < 0.5 * errors["pruned"]
 
 
 def test_an_unpruned_network_is_its_own_fixed_point(monkeypatch):

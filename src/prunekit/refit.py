@@ -57,6 +57,7 @@ from .process_memory import available_memory
 from .layout import model_input
 
 RIDGE = 1e-3           # λ as a share of the mean diagonal of XᵀX/rows
+ROWS_PER_INPUT = 256   # a conv's rows are sampled down to about this many per input D (see Moments)
 TOLERANCE = 1e-3       # conjugate gradients stop at this residual, relative to the right-hand side
 MAX_ITERATIONS = 1000
 
@@ -75,7 +76,12 @@ def why_skipped(module: nn.Module) -> str | None:
 @dataclass
 class Moments:
     """Sums over the rows of one layer, per group g: XᵀX (G, D, D), XᵀY (G, D, K), ΣX (G, D),
-    ΣY (G, K), ΣY² (G, K), and the number of rows."""
+    ΣY (G, K), ΣY² (G, K), and the number of rows.
+
+    ``positions``: a conv adds at most this many output positions per image (None: all), drawn at
+    random without replacement, per image, from ``generator`` (a fixed seed: the same rows on every
+    run and rank). Early layers of a CNN have far more rows than a fit of D inputs needs (ResNet-20's
+    first stage: 1,024 positions x 1,024 images for D = 144), and the products cost rows x D²."""
 
     xx: torch.Tensor
     xy: torch.Tensor
@@ -83,6 +89,8 @@ class Moments:
     sy: torch.Tensor
     yy: torch.Tensor
     rows: int = 0
+    positions: int | None = None
+    generator: torch.Generator | None = None
 
     @classmethod
     def zeros(cls, groups: int, d: int, k: int, device) -> "Moments":
@@ -90,11 +98,17 @@ class Moments:
         return cls(z(groups, d, d), z(groups, d, k), z(groups, d), z(groups, k), z(groups, k))
 
     @classmethod
-    def of_layer(cls, layer: nn.Module) -> "Moments":
-        """Zero sums shaped for ``layer`` (a Conv2d or Linear)."""
+    def of_layer(cls, layer: nn.Module, images: int | None = None) -> "Moments":
+        """Zero sums shaped for ``layer`` (a Conv2d or Linear). ``images``: how many images will be
+        added in all; a conv then keeps about ``ROWS_PER_INPUT`` x D rows of them, spread evenly
+        over the images (None: every row)."""
         groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
         weight = layer.weight
-        return cls.zeros(groups, weight[0].numel(), weight.shape[0] // groups, weight.device)
+        moments = cls.zeros(groups, weight[0].numel(), weight.shape[0] // groups, weight.device)
+        if images and isinstance(layer, nn.Conv2d):
+            moments.positions = max(1, -(-ROWS_PER_INPUT * weight[0].numel() // images))
+            moments.generator = torch.Generator().manual_seed(0)
+        return moments
 
     def add(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add the rows of one batch: ``x`` the layer's input, ``y`` the target of its output
@@ -110,6 +124,9 @@ class Moments:
             n, d, positions = cols.shape
             cols = cols.view(n, groups, d // groups, positions)              # (N, G, D, L)
             out = y.float().reshape(n, groups, y.shape[1] // groups, positions)   # (N, G, K, L)
+            if self.positions is not None and positions > self.positions:
+                cols, out = self._sample_positions(cols, out)
+                positions = self.positions
             step = max(1, (32 << 20) // (4 * (cols[0].numel() + out[0].numel()
                                               + groups * (d // groups) * (d // groups + out.shape[2]))))
             for xs, ys in zip(cols.split(step), out.split(step)):
@@ -135,6 +152,14 @@ class Moments:
             self.sy[0] += ys.sum(0, dtype=wide)
             self.yy[0] += (ys * ys).sum(0, dtype=wide)
         self.rows += rows_x.shape[0]
+
+    def _sample_positions(self, cols: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self.positions`` of the L positions of each image: cols (N, G, D, L), out (N, G, K, L)
+        -> (N, G, D, P), (N, G, K, P)."""
+        n, groups, _, length = cols.shape
+        chosen = torch.rand(n, length, generator=self.generator).argsort(1)[:, :self.positions].to(cols.device)
+        pick = lambda t: t.gather(3, chosen.view(n, 1, 1, -1).expand(n, groups, t.shape[2], -1))   # noqa: E731
+        return pick(cols), pick(out)
 
     def normal_equations(self, centred: bool, bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A (G, D', D'), B (G, D', K), Σy² per output (G, K)), all divided by the rows: the
@@ -270,7 +295,7 @@ def truncated_moments(model: nn.Module, dense: nn.Module, name: str, batches: li
     ``batch_statistics``) against the dense layer's outputs, from one forward of each network per
     batch that stops at the layer (for networks :class:`Lockstep` cannot run)."""
     layer, target = model.get_submodule(name), dense.get_submodule(name)
-    moments = Moments.of_layer(layer)
+    moments = Moments.of_layer(layer, sum(int(x.shape[0]) for x in batches))
     device = layer.weight.device
     for x in batches:
         x_model = model_input(model, x, device)        # before the block: its layout probe sets eval mode
@@ -367,12 +392,13 @@ def refit(model: nn.Module, dense: nn.Module, names: list[str], batches: list[to
             bar = _progress(len(order), progress)
 
             def at_layer(name, inputs, outputs):
-                moments = Moments.of_layer(modules[name])
+                moments = Moments.of_layer(modules[name], images)
                 for x, y in zip(inputs, outputs):
                     moments.add(modules[name], x, y)
                 errors[name] = fit_layer(modules[name], moments, name in centred, ridge)
                 bar.update()
 
+            images = sum(int(x.shape[0]) for x in batches)
             inputs = [model_input(model, x, device) for x in batches]     # (its layout probe sets eval mode)
             dense_inputs = [model_input(dense, x, device) for x in batches]
             with _BatchStatistics(model) if recalibrated else contextlib.nullcontext():
