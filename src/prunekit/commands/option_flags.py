@@ -89,9 +89,9 @@ HELP = {
     "finetune_temperature": "temperature of those softened outputs (default 4)",
     "residual_channels": "option-A ResNets: prune the block outputs as one group per stage through the zero-pad "
                          "shortcuts (prune, default) or keep them at full width, pruning inside blocks only (keep)",
-    "reconstruct_batches": "after the channel cut, re-fit each Conv/Linear that reads removed channels to the dense "
-                           "model's outputs of that layer on this many training batches (ridge least squares; "
-                           "default 0: off)",
+    "reconstruct_batches": "after the channel cut, re-fit each Conv/Linear of the shrunk model, in forward order, to "
+                           "the dense model's outputs of that layer on this many training batches (ridge least "
+                           "squares that see BatchNorm re-estimation; default 0: off)",
     "reconstruct_ridge": "ridge of that least squares as a multiple of the mean diagonal of XᵀX (default 0.001)",
     "refit_batches": "weights methods, one shot or multi-stage: after pruning, re-fit each pruned Conv/Linear's kept "
                      "weights to the dense layer's outputs on this many training batches, in forward order (least "

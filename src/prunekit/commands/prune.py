@@ -180,18 +180,13 @@ def prune_lines(r: dict) -> list[str]:
         if "kept_channels" in one:
             lines.append(f"  channels   {sum(one['kept_channels']):,} of {sum(one['group_sizes']):,} "
                          f"in {one['groups']} groups")
-        refit = (one.get("reconstruct") or {}).get(f"{one.get('flops', 0):g}")
-        if refit:                        # --reconstruct-batches: the layers re-fit after the cut
-            errors = (f", output error {refit['mean_error_before']:.3f} -> {refit['mean_error_after']:.3f}"
-                      if refit["refit"] else "")
-            lines.append(f"  re-fit     {refit['refit']} layers reading cut channels ({refit['skipped']} skipped)"
-                         f"{errors}, {refit['seconds']:.1f} s")
-        refit = one.get("refit")
-        if refit:                        # --refit-batches: the pruned layers re-fit to the dense ones
-            errors = (f", output error {refit['mean_error_before']:.3f} -> {refit['mean_error_after']:.3f}"
-                      if refit["layers"] else "")
-            lines.append(f"  re-fit     {refit['layers']} layers ({refit['centred']} centred for BatchNorm, "
-                         f"{refit['skipped']} skipped){errors}, {refit['seconds']:.1f} s")
+        # --reconstruct-batches (the shrunk model's layers after the cut), --refit-batches (the pruned ones)
+        for refit in ((one.get("reconstruct") or {}).get(f"{one.get('flops', 0):g}"), one.get("refit")):
+            if refit:
+                errors = (f", output error {refit['mean_error_before']:.3f} -> {refit['mean_error_after']:.3f}"
+                          if refit["layers"] else "")
+                lines.append(f"  re-fit     {refit['layers']} layers ({refit['centred']} centred for BatchNorm, "
+                             f"{refit['skipped']} skipped){errors}, {refit['seconds']:.1f} s")
     spent = f"{r['seconds']:.2f} s pruning"
     if "gate_seconds" in r:          # a structured run: every phase, the gates apart
         tuned = (r.get("options") or {}).get("finetune_epochs")

@@ -34,9 +34,10 @@ class ChannelOptions(Options):
     (depth_per "macs") or per second of measured block time ("time"); residual_channels: in an
     option-A ResNet, "prune" (default) makes each stage's block outputs one group through the
     zero-pad shortcuts, "keep" leaves them at full width and prunes inside the blocks only;
-    reconstruct_batches: after the cut, re-fit every Conv2d/Linear that reads removed channels
-    to the dense model's outputs of that layer on this many training batches by ridge least
-    squares (``reconstruct``; 0: off), with ridge λ = reconstruct_ridge x the mean diagonal of XᵀX."""
+    reconstruct_batches: after the cut, re-fit every Conv2d/Linear of the shrunk model, in forward
+    order, to the dense model's outputs of that layer at its kept channels on this many training
+    batches by ridge least squares, seeing BatchNorm re-estimation (``reconstruct``; 0: off), with
+    ridge λ = reconstruct_ridge x the mean diagonal of XᵀX."""
 
     gate_batch_size: int = 64
     channel_multiple: int = 1

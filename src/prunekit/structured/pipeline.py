@@ -6,8 +6,8 @@ when done, so a run killed at any moment resumes from the last finished phase to
 weights as one never interrupted:
 
     1             gates: the method trains its gates and cuts; the shrunk model(s) exist (with
-                  ``reconstruct_batches``, their layers that read cut channels re-fit to the dense
-                  model's outputs by least squares, ``reconstruct``)
+                  ``reconstruct_batches``, their layers re-fit to the dense model's outputs by
+                  least squares, ``reconstruct``)
     2             sparsify (only with ``sparsify``, the hybrid's): single weights of the shrunk
                   model pruned to the final budget; its zeros are then held through the fine-tune
     then, for each shrunk model (largest share first):
@@ -105,7 +105,7 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
                 ctx.progress = told
         if opts.reconstruct_batches:         # part of the cut's phase: a killed run redoes both
             cut.info["reconstruct"] = _reconstruct(cut, groups, dense, ctx.batches, opts.reconstruct_batches,
-                                                   opts.reconstruct_ridge)
+                                                   opts.reconstruct_ridge, recalibrate_bn)
         seconds = time.perf_counter() - start
         models, info = cut.models, {**cut.info, "gate_seconds": seconds,
                                     "kept_channels": {f"{s:g}": [int(m.sum()) for m in cut.masks[s]] for s in cut.models}}
@@ -188,10 +188,11 @@ def _advance(bar: tqdm, record: dict) -> None:
     bar.update(1)
 
 
-def _reconstruct(cut: Cut, groups, dense: nn.Module, batches, count: int, ridge: float) -> dict:
-    """Re-fit the consumers of the cut channels of every shrunk model of ``cut`` (in place) to
-    ``dense``'s layer outputs on the inputs of the next ``count`` training batches (``reconstruct``,
-    relative ridge ``ridge``);
+def _reconstruct(cut: Cut, groups, dense: nn.Module, batches, count: int, ridge: float,
+                 recalibrated: bool) -> dict:
+    """Re-fit the layers of every shrunk model of ``cut`` (in place) to ``dense``'s layer outputs
+    on the inputs of the next ``count`` training batches (``reconstruct``, relative ridge ``ridge``;
+    ``recalibrated``: BatchNorm will be re-estimated after);
     the record per share, keyed like kept_channels. A prunekit loader's epoch is set back after:
     the batches are read again by the next phase, whose data order is the one it has without
     reconstruction (so the two runs differ in the re-fit weights alone)."""
@@ -201,7 +202,7 @@ def _reconstruct(cut: Cut, groups, dense: nn.Module, batches, count: int, ridge:
     inputs = [x.to(device) for x, _ in itertools.islice(loader, count)]
     if epoch is not None:
         loader.epoch = epoch
-    return {f"{share:g}": reconstruct(small, dense, groups, cut.masks[share], inputs, ridge)
+    return {f"{share:g}": reconstruct(small, dense, groups, cut.masks[share], inputs, ridge, recalibrated)
             for share, small in cut.models.items()}
 
 
