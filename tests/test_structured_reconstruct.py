@@ -185,3 +185,28 @@ def test_bad_values_are_refused_on_the_command_line(capsys, flag, value, message
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_depthwise_layers_of_a_cut_mobilenet_are_re_fit_too():
+    """A small MobileNetV1 (its blocks) cut by random channel masks: the depthwise convolutions (one
+    group per kept channel) are re-fit like the others, and the layers' errors fall."""
+    from prunekit.zoo.mobilenet import ConvBNReLU, DepthwiseSeparable
+    torch.manual_seed(0)
+    dense = nn.Sequential(ConvBNReLU(3, 16, 3, 1), DepthwiseSeparable(16, 24, 2), DepthwiseSeparable(24, 24, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    groups = find_groups(dense, x)
+    gen = torch.Generator().manual_seed(0)
+    masks = []
+    for g in groups:
+        mask = torch.rand(g.size, generator=gen) < 0.6
+        mask[0] = True
+        masks.append(mask)
+    small = shrink(dense, groups, masks, x)
+    depthwise = [n for n, m in small.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
+    assert depthwise and any(m.groups < dense.get_submodule(n).groups for n, m in small.named_modules() if n in depthwise)
+    before = {n: small.get_submodule(n).weight.detach().clone() for n in depthwise}
+    record = reconstruct(small, dense, groups, masks, [torch.randn(8, 3, 16, 16) for _ in range(2)])
+    # at most the first conv is left (its inputs are the images: a fixed point)
+    assert record["skipped"] <= 1 and record["mean_error_after"] < record["mean_error_before"]
+    assert all(not torch.equal(before[n], small.get_submodule(n).weight) for n in depthwise)
