@@ -80,6 +80,10 @@ def accuracy_part(args) -> dict:
                "test_images": len(test), "settings": vars(args), "rows": []}
 
     recon = "+recon" if args.reconstruct_batches else ""
+    # BatchNorm is re-estimated below for every row; a channel method's reconstruction must be told
+    # (it then fits for re-estimated statistics), so those rows let prunekit re-estimate it too, and
+    # the re-estimation below replaces that one
+    refits = bool(args.reconstruct_batches)
     recon += f"{args.reconstruct_ridge:g}" if recon and args.reconstruct_ridge != 1e-3 else ""
 
     def finish(method, budget, small, seconds, info, shrunk=True, record=None):
@@ -123,7 +127,7 @@ def accuracy_part(args) -> dict:
             for budget in sorted(args.budgets, reverse=True):
                 start = time.perf_counter()
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="taper", flops=budget,
-                                        example_input=example, recalibrate_bn=False, taper_epochs=args.taper_epochs,
+                                        example_input=example, recalibrate_bn=refits, taper_epochs=args.taper_epochs,
                                         max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
                                         taper_distill=args.taper_distill,
                                         residual_channels=args.residual_channels,
@@ -141,7 +145,7 @@ def accuracy_part(args) -> dict:
             start = time.perf_counter()
             others = sorted(set(args.budgets) - {min(args.budgets)}, reverse=True)
             result = prunekit.prune(model, batches, method="taper", flops=min(args.budgets), example_input=example,
-                                    recalibrate_bn=False, taper_epochs=args.taper_epochs,
+                                    recalibrate_bn=refits, taper_epochs=args.taper_epochs,
                                     max_taper_rate=args.max_taper_rate, channel_multiple=args.channel_multiple,
                                     taper_distill=args.taper_distill,
                                     residual_channels=args.residual_channels,
@@ -162,7 +166,7 @@ def accuracy_part(args) -> dict:
             if method == "hybrid":
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="hybrid", flops=budget,
                                         structured_flops=args.structured_flops, example_input=example,
-                                        recalibrate_bn=False, gate_batches=args.gate_batches,
+                                        recalibrate_bn=refits, gate_batches=args.gate_batches,
                                         fisher_samples=args.fisher_samples, reconstruct_batches=args.reconstruct_batches,
                                         reconstruct_ridge=args.reconstruct_ridge)
                 small = result.model
@@ -177,7 +181,7 @@ def accuracy_part(args) -> dict:
                 continue
             elif method == "autobot":
                 result = prunekit.prune(copy.deepcopy(dense), batches, method="autobot", flops=budget,
-                                        example_input=example, recalibrate_bn=False, gate_batches=args.gate_batches,
+                                        example_input=example, recalibrate_bn=refits, gate_batches=args.gate_batches,
                                         gate_bn=args.gate_bn, channel_multiple=args.channel_multiple,
                                         residual_channels=args.residual_channels,
                                         reconstruct_batches=args.reconstruct_batches,
