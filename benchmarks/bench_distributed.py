@@ -63,7 +63,8 @@ def resnet20b_row(ranks: int, n: int, data: Path, max_memory: str, timeout: floa
             "-m", "prunekit", "prune", "--model", "resnet20-b", "--checkpoint",
             str(data / "checkpoints" / "resnet20_cifar10.pth.tar"), "--data", "cifar10", "--data-dir",
             str(data / "cifar10"), "--method", method, *budget, "--fisher-samples", str(n),
-            "--max-memory", max_memory, "--json", "--out", str(out / "run"), *extra], timeout)
+            "--max-memory", max_memory, "--refit-batches", "0",      # the method's own phases only
+            "--json", "--out", str(out / "run"), *extra], timeout)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {**_row("resnet20-b", ranks, n, record, wall), "method": method, "prune_args": " ".join(extra)}
@@ -122,7 +123,7 @@ def worker_random(model_name: str, n: int, dtype: str, max_memory: str, method: 
             yield torch.randn(8, 3, size, size, generator=gen), torch.randint(0, classes, (8,), generator=gen)
 
     result = prunekit.prune(model, batches, method=method, **BUDGETS[method], fisher_samples=n, fisher_dtype=dtype,
-                            max_memory=max_memory,
+                            max_memory=max_memory, refit_batches=0,     # the method's own phases only
                             example_input=torch.randn(1, 3, size, size), recalibrate_bn=False)
     record = {"history": result.history, "flops_kept": result.flops_kept, "nonzeros": result.record.get("nonzeros"),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

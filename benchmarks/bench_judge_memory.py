@@ -36,7 +36,7 @@ def worker(n: int, images: int, batch: int, trials: int) -> dict:
     x, y = torch.randn(images, 3, 224, 224), torch.randint(0, 1000, (images,))
     start = time.perf_counter()
     result = prunekit.prune(model, (x, y), method="falcon", flops=0.5, fisher_samples=n, batch_size=batch,
-                            layer_search=trials, recalibrate_bn=False)
+                            layer_search=trials, recalibrate_bn=False, refit_batches=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     estimate = result.record.get("memory_estimate_mb")
     return {"n": n, "batch": batch, "images": images, "trials": trials, "estimate_mb": estimate,

@@ -88,7 +88,8 @@ def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int, dev
     try:
         budget = {"flops": flops} if method == "falcon" else {"sparsity": sparsity}
         result = prunekit.prune(model, batches, method=method, **budget, fisher_samples=n, fisher_dtype=dtype,
-                                example_input=torch.randn(1, channels, size, size, device=device), recalibrate_bn=False)
+                                example_input=torch.randn(1, channels, size, size, device=device), recalibrate_bn=False,
+                                refit_batches=0)       # the method's own cost (bench_refit_cost.py: the re-fit's)
     except PrunekitError as error:
         return {**row, "refused": str(error), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     stage = result.history[0]

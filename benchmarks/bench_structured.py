@@ -175,7 +175,8 @@ def accuracy_part(args) -> dict:
             elif method == "falcon":              # pure unstructured: a masked dense-shaped model
                 small = copy.deepcopy(dense)
                 result = prunekit.prune(small, batches, method="falcon", flops=budget, example_input=example,
-                                        recalibrate_bn=False, fisher_samples=args.fisher_samples)
+                                        recalibrate_bn=False, fisher_samples=args.fisher_samples,
+                                        refit_batches=0)       # as the hybrid's FALCON phase: the fine-tune follows
                 info = {k: result.record.get(k) for k in ("nonzeros", "sparsity")}
                 finish(method, budget, result.model, time.perf_counter() - start, info, shrunk=False)
                 continue

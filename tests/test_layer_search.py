@@ -203,10 +203,15 @@ def test_look_ahead_judges_every_stage_at_the_final_budget_and_is_the_default(mo
     final_k = ahead.history[-1]["max_nonzeros"]
     assert [h["layer_search_judged_at"] for h in ahead.history] == [final_k] * 3
     assert [h["layer_search_judged_at_macs"] for h in ahead.history] == [ahead.history[-1]["max_macs"]] * 3
-    assert [k for k, _ in solved] == [h["max_nonzeros"] for h in ahead.history]   # each stage prunes to its own
+    # each stage prunes to its own budget, within the support the previous stage left (no revival)
+    left = [None] + [h["nonzeros"] for h in ahead.history[:-1]]
+    assert [k for k, _ in solved] == [h["max_nonzeros"] if n is None else min(h["max_nonzeros"], n)
+                                      for h, n in zip(ahead.history, left)]
     stage, _ = _falcon_pp_with_spy(monkeypatch, layer_search=4, layer_search_mode="stage")
+    left = [None] + [h["nonzeros"] for h in stage.history[:-1]]
     assert [(h["layer_search_judged_at"], h["layer_search_judged_at_macs"]) for h in stage.history] == \
-        [(h["max_nonzeros"], h["max_macs"]) for h in stage.history]
+        [(h["max_nonzeros"] if n is None else min(h["max_nonzeros"], n), h["max_macs"])
+         for h, n in zip(stage.history, left)]
 
 
 def test_a_run_judged_at_the_final_budget_ends_with_the_best_candidate_the_judge_saw(monkeypatch):
@@ -297,7 +302,8 @@ def test_allocation_first_offers_the_one_shot_search_result_as_a_final_candidate
     monkeypatch.setattr(fisher_methods, "_keep_if_best", spy)
     net = bn_net()
     x, y = torch.randn(200, 1, 6, 6), torch.randint(0, 3, (200,))
-    options = dict(flops=0.4, sparsity=0.7, batch_size=10, fisher_samples=8, layer_search=6)
+    # refit_batches 0: the candidates are weighed before any re-fit, so one shot's must be unfitted too
+    options = dict(flops=0.4, sparsity=0.7, batch_size=10, fisher_samples=8, layer_search=6, refit_batches=0)
     one_shot = prunekit.prune(copy.deepcopy(net), (x, y), method="falcon", **options)
     assert offered == []                                   # one stage: nothing to weigh
     staged = prunekit.prune(copy.deepcopy(net), (x, y), method="falcon++", stages=3, layer_search_mode="first",

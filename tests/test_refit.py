@@ -17,7 +17,8 @@ from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit import refit as refit_module
 from prunekit.lockstep import Lockstep
-from prunekit.refit import Moments, fit_layer, masked_least_squares, normalised_layers, refit
+from prunekit.pipelines import weights as weights_pipeline
+from prunekit.refit import Moments, fit_layer, masked_least_squares, normalised_layers, patches_at, refit
 
 torch.set_num_threads(1)   # the machine is shared; tiny models gain nothing from threads
 
@@ -131,6 +132,21 @@ def test_a_conv_samples_its_rows_down_to_the_cap(monkeypatch):
     assert moments.rows == 10 * 6 and everything.rows == 10 * 64
     assert_close_to_scale(moments.xx[0], xx, 1e-5)
     assert_close_to_scale(moments.xy[0], xy, 1e-5)
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, padding, groups",
+                         [(3, 1, 1, 1, 1), ((3, 2), (2, 1), 1, (1, 0), 1), (3, 2, 2, 2, 2), (1, 2, 1, 0, 1)])
+def test_patches_at_some_positions_equal_the_unfolded_ones(kernel, stride, dilation, padding, groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, dilation=dilation, padding=padding, groups=groups)
+    x = torch.randn(3, 4, 9, 11)
+    y = conv(x)
+    length = y.shape[2] * y.shape[3]
+    chosen = torch.rand(3, length).argsort(1)[:, :5]
+    unfolded = nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                                    stride=conv.stride)
+    expected = unfolded.gather(2, chosen[:, None].expand(3, unfolded.shape[1], 5))
+    assert torch.equal(patches_at(conv, x, chosen, y.shape[3]), expected)
 
 
 def test_sampled_rows_fit_almost_as_well_as_all_rows(monkeypatch):
@@ -295,7 +311,7 @@ def _data():
 @pytest.mark.parametrize("method, budget", [("magnitude-flops", {"flops": 0.4}),
                                             ("falcon", {"flops": 0.4, "fisher_samples": 32})])
 def test_prune_with_refit_keeps_the_mask_and_lowers_the_layer_errors(method, budget):
-    plain = prunekit.prune(_net(), _data(), method=method, batch_size=32, **budget)
+    plain = prunekit.prune(_net(), _data(), method=method, batch_size=32, refit_batches=0, **budget)
     fitted = prunekit.prune(_net(), _data(), method=method, batch_size=32, refit_batches=2, **budget)
     refit_record = fitted.record["refit"]
     assert refit_record["layers"] >= 2 and refit_record["centred"] >= 1 and refit_record["images"] == 64
@@ -307,21 +323,36 @@ def test_prune_with_refit_keeps_the_mask_and_lowers_the_layer_errors(method, bud
     assert fitted.record["macs"] == plain.record["macs"] and fitted.record["nonzeros"] == plain.record["nonzeros"]
 
 
+def test_the_quadratic_methods_re_fit_by_default_on_the_first_1024_samples(monkeypatch):
+    """refit_batches "auto" (their default): the first batches holding AUTO_REFIT_SAMPLES samples;
+    the magnitude baselines stay plain, and gradual runs (which fine-tune) do not re-fit."""
+    monkeypatch.setattr(weights_pipeline, "AUTO_REFIT_SAMPLES", 70)
+    falcon = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, batch_size=32)
+    assert falcon.record["refit"]["images"] == 96 and falcon.record["options"]["refit_batches"] == "auto"
+    magnitude = prunekit.prune(_net(), _data(), method="magnitude-flops", flops=0.4, batch_size=32)
+    assert "refit" not in magnitude.record
+    gradual = prunekit.prune(_net(), _data(), method="chita", sparsity=0.5, fisher_samples=32, batch_size=32,
+                             gradual=True, events=2, epochs_per_event=0, final_epochs=0)
+    assert "refit" not in gradual.record and all("refit" not in s for s in gradual.record.get("stages", []))
+
+
 def test_a_multi_stage_run_re_fits_after_every_stage():
-    """Each stage's gradients are taken at the re-fit weights: stages but the last record their
-    re-fit, the last one is the pipeline's (``record["refit"]``)."""
+    """Each stage's gradients are taken at the re-fit weights, and the last stage's record measures
+    the re-fit final model: every stage records its re-fit, ``record["refit"]`` is the last one's,
+    and the re-fit never moves the support (the stages' nonzeros are what each solve kept)."""
     result = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, stages=3,
-                            batch_size=32, refit_batches=2)
+                            batch_size=32, refit_batches=2, eval_data=_data())
     stages = result.record["stages"]
-    assert len(stages) == 3 and "refit" not in stages[-1]
-    for stage in stages[:-1]:
+    assert len(stages) == 3
+    for stage in stages:
         assert stage["refit"]["layers"] >= 2
         assert stage["refit"]["mean_error_after"] < stage["refit"]["mean_error_before"]
-    assert result.record["refit"]["layers"] >= 2
+    assert result.record["refit"]["mean_error_after"] == stages[-1]["refit"]["mean_error_after"]
+    assert stages[-1]["loss"] == result.record["loss"] and stages[-1]["nonzeros"] == result.record["nonzeros"]
 
 
 def test_refit_refusals():
-    with pytest.raises(PrunekitError, match="refit_batches must be at least 0"):
+    with pytest.raises(PrunekitError, match="refit_batches must be 'auto' or at least 0"):
         prunekit.prune(_net(), _data(), method="magnitude", sparsity=0.5, refit_batches=-1)
     with pytest.raises(PrunekitError, match="refit_ridge must be"):
         prunekit.prune(_net(), _data(), method="falcon", flops=0.5, refit_batches=2, refit_ridge=0)
@@ -351,7 +382,7 @@ def test_command_line_refit_and_its_summary(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--refit-batches", "-2"], "--refit-batches must be at least 0"),
+    (["--refit-batches", "-2"], "--refit-batches must be 'auto' or at least 0"),
     (["--refit-batches", "2", "--refit-ridge", "0"], "--refit-ridge must be"),
     (["--refit-batches", "2", "--gradual", "--events", "2"], "gradual pruning fine-tunes instead")])
 def test_command_line_refusals_are_one_line(tmp_path, capsys, flags, message):

@@ -31,12 +31,16 @@ ResNet-20-B (docs/benchmarks.md, session 30): one-shot FALCON at 40% MACs 89.18 
 the 1,017 test images, training loss 0.136 -> 0.065.
 
 The masked least squares is solved for all output channels of a group at once by conjugate
-gradients (one (C, D) x (D, D) product per iteration), started at the pruned weights and
-preconditioned per input channel: the inverse of each output channel's kh x kw block of its kept
+gradients (one (C, D) x (D, D) product per iteration), started at zero and preconditioned per
+input channel: the inverse of each output channel's kh x kw block of its kept
 taps, which carries the strong correlation of neighbouring pixels that a diagonal misses. They stop
 at a relative residual of ``TOLERANCE``: on ResNet-20-B (30% MACs) 1e-3 takes at most 18 iterations
 per layer where 1e-6 took up to 57, and the layers' output errors agree to four digits, far
-below the sampling error of a few batches. The products stay float64: in float32 they are twice
+below the sampling error of a few batches. At that tolerance a start at the pruned weights left
+its trace in the weakly determined directions (MLPNet's near-constant border pixels: a start
+moved by 2e-7, as a sharded solve moves it, moved the fit by 0.09), so two ranks and one process
+re-fit differently; from zero the fit depends only on the support and the data, and takes about
+as many iterations (session 33). The products stay float64: in float32 they are twice
 as fast, but on badly conditioned layers (ResNet-50's last 3 x 3 convolutions with random weights)
 CG then needed 56% more iterations. No D x D factorisation per channel is needed.
 
@@ -75,6 +79,21 @@ def why_skipped(module: nn.Module) -> str | None:
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         return "padding other than explicit zeros"
     return None
+
+
+def patches_at(conv: nn.Conv2d, x: torch.Tensor, chosen: torch.Tensor, out_width: int) -> torch.Tensor:
+    """The unfolded input patches of ``conv`` at some output positions only: x (N, C, H, W),
+    ``chosen`` (N, P) indices into the N images' L = out_height x ``out_width`` output positions
+    -> (N, C·kh·kw, P), equal to ``F.unfold(x, ...)`` gathered at ``chosen`` but without unfolding
+    all L positions (9x the input's size for a 3 x 3 conv, most of it discarded when few are kept)."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    padded = F.pad(x, (pw, pw, ph, ph))                                     # (N, C, Hp, Wp)
+    n, c, _, width = padded.shape
+    corner = (chosen // out_width) * (sh * width) + (chosen % out_width) * sw   # (N, P): the patch's top left
+    taps = (torch.arange(kh, device=x.device) * (dh * width)).view(kh, 1) + torch.arange(kw, device=x.device) * dw
+    index = (taps.view(1, -1, 1) + corner.unsqueeze(1)).view(n, 1, -1)       # (N, 1, kh·kw·P)
+    taken = padded.flatten(2).gather(2, index.expand(n, c, -1))             # (N, C, kh·kw·P)
+    return taken.view(n, c * kh * kw, chosen.shape[1])
 
 
 @dataclass
@@ -123,14 +142,19 @@ class Moments:
         wide = torch.float64
         if isinstance(layer, nn.Conv2d):
             groups = layer.groups
-            cols = F.unfold(x.float(), layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
-                            stride=layer.stride)                             # (N, C_in·kh·kw, L)
-            n, d, positions = cols.shape
-            cols = cols.view(n, groups, d // groups, positions)              # (N, G, D, L)
+            n, positions = y.shape[0], y.shape[2] * y.shape[3]
             out = y.float().reshape(n, groups, y.shape[1] // groups, positions)   # (N, G, K, L)
             if self.positions is not None and positions > self.positions:
-                cols, out = self._sample_positions(cols, out)
+                chosen = torch.rand(n, positions, generator=self.generator).argsort(1)[:, :self.positions]
+                chosen = chosen.to(out.device)                               # (N, P) of the L positions
+                cols = patches_at(layer, x.float(), chosen, y.shape[3])        # (N, C_in·kh·kw, P)
+                out = out.gather(3, chosen.view(n, 1, 1, -1).expand(n, groups, out.shape[2], -1))
                 positions = self.positions
+            else:
+                cols = F.unfold(x.float(), layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                                stride=layer.stride)                         # (N, C_in·kh·kw, L)
+            d = cols.shape[1]
+            cols = cols.view(n, groups, d // groups, positions)              # (N, G, D, L or P)
             step = max(1, (32 << 20) // (4 * (cols[0].numel() + out[0].numel()
                                               + groups * (d // groups) * (d // groups + out.shape[2]))))
             for xs, ys in zip(cols.split(step), out.split(step)):
@@ -156,14 +180,6 @@ class Moments:
             self.sy[0] += ys.sum(0, dtype=wide)
             self.yy[0] += (ys * ys).sum(0, dtype=wide)
         self.rows += rows_x.shape[0]
-
-    def _sample_positions(self, cols: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``self.positions`` of the L positions of each image: cols (N, G, D, L), out (N, G, K, L)
-        -> (N, G, D, P), (N, G, K, P)."""
-        n, groups, _, length = cols.shape
-        chosen = torch.rand(n, length, generator=self.generator).argsort(1)[:, :self.positions].to(cols.device)
-        pick = lambda t: t.gather(3, chosen.view(n, 1, 1, -1).expand(n, groups, t.shape[2], -1))   # noqa: E731
-        return pick(cols), pick(out)
 
     def normal_equations(self, centred: bool, bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A (G, D', D'), B (G, D', K), Σy² per output (G, K)), all divided by the rows: the
@@ -339,7 +355,11 @@ def fit_layer(layer: nn.Module, moments: Moments, centred: bool, ridge: float = 
         penalty = torch.full((a.shape[1],), ridge * max(scale, 1e-300), dtype=a.dtype, device=a.device)
         if bias:
             penalty[-1] = 0.0
-        fitted[g], used = masked_least_squares(a[g], b[g], mask[g], flat[g], penalty, TOLERANCE, taps)
+        fitted[g], used = masked_least_squares(a[g], b[g], mask[g], torch.zeros_like(flat[g]), penalty, TOLERANCE,
+                                               taps)
+        # A weight on an input that never varies (a channel cut away upstream, centred away) solves
+        # to exactly 0; it keeps its value instead, so the re-fit never moves the method's support.
+        fitted[g] = torch.where(mask[g] & (fitted[g] == 0), flat[g], fitted[g])
         iterations = max(iterations, used)
         before.append(_objective(flat[g], a[g], b[g], yy[g]))
         after.append(_objective(fitted[g], a[g], b[g], yy[g]))

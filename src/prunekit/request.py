@@ -69,7 +69,7 @@ class PruneRequest:
                     options = replace(options, **{name: 0.0})
             if method_options.get("fisher_kind") == "model" and not model_fisher.supports(self.loss):
                 raise OptionError(model_fisher.refusal(self.loss), ("fisher_kind", "loss"))
-        if gradual is not None and getattr(options, "refit_batches", 0):
+        if gradual is not None and getattr(options, "refit_batches", 0) not in (0, "auto"):
             raise OptionError("refit_batches re-fits a one-shot or multi-stage result; gradual pruning fine-tunes "
                               "instead: drop refit_batches or gradual", ("refit_batches", "gradual"))
         budget = Budget.parse(**asked)

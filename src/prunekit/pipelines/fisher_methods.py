@@ -236,7 +236,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             w = _best_of_last_and_kept(ctx, w, kept, searched)
         ctx.space.assign(w)
         refitted = None
-        if ctx.refit is not None and not last:      # the next stage's gradients at the re-fit weights
+        if ctx.refit is not None:      # the next stage's gradients (the last: its record) at the re-fit weights
             refitted = ctx.refit()
             w = ctx.space.vector()
         x_mb = q.X.numel() * q.X.element_size() / 2**20
@@ -263,7 +263,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             collective.bytes_sent, collective.calls = 0, 0
         stage_completed(ctx, stage, kept)
     return Pruned(w, {"memory_estimate_mb": round(plan.total_mb, 1), "fisher_samples": plan.n,
-                      "fisher_dtype": opts.fisher_dtype, "fisher_kind": kind},
+                      "fisher_dtype": opts.fisher_dtype, "fisher_kind": kind,
+                      **({"refit": refitted} if refitted else {})},
                   bn_recalibrated=bool(history and history[-1]["bn_recalibrated"]))
 
 

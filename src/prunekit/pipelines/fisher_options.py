@@ -19,7 +19,9 @@ FINAL_PICKS = ("judge", "last")
 
 @dataclass
 class QuadraticOptions(RefitOptions):
-    """Options shared by the quadratic-model methods (and ``RefitOptions``'s).
+    """Options shared by the quadratic-model methods (and ``RefitOptions``'s, with refit_batches
+    "auto" by default: measured on ResNet-20-B, ResNet-20-A, ResNet-56 and MLPNet, docs/benchmarks.md
+    sessions 30-33).
 
     fisher_samples: n, rows of the gradient matrix, or "auto": the largest n ≤ 1000 that fits max_memory.
     fisher_dtype:   storage of the gradient matrix: float32, bfloat16 or float16 (half the memory;
@@ -64,6 +66,7 @@ class QuadraticOptions(RefitOptions):
                     judged losses, so every rank makes the same choice.
     """
 
+    refit_batches: int | str = "auto"
     fisher_samples: int | str = 1000
     fisher_dtype: str = "float32"
     max_memory: int | str | None = None

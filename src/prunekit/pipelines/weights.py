@@ -25,11 +25,14 @@ from ..budget import ResolvedBudget
 from ..costs import CostModel, Counts
 from ..errors import PrunekitError
 from ..losses import LossFn
-from ..options import Integer, OptionError, Options, Real
+from ..options import IntegerOrAuto, OptionError, Options, Real
 from ..params import ParamSpace
 from ..refit import RIDGE, refit
 from ..train import recalibrate_batchnorm
 from .stages import StageCheckpointer, measure_seconds
+
+
+AUTO_REFIT_SAMPLES = 1024   # refit_batches "auto": the first training batches holding this many samples
 
 
 @dataclass
@@ -39,15 +42,18 @@ class RefitOptions(Options):
     refit_batches: after the method, re-fit every pruned Conv2d / Linear's kept weights, in forward
         order, to the dense layer's outputs on this many training batches, by least squares (the
         zeros stay; layers feeding a BatchNorm fit on centred moments, as the recalibration will
-        restore each channel's mean and scale; ``prunekit.refit``); 0: off. One-shot and
-        multi-stage runs only (gradual pruning fine-tunes instead); a multi-stage run re-fits
-        after every stage, so that the next stage's gradients are taken at the re-fit weights.
+        restore each channel's mean and scale; ``prunekit.refit``); 0: off; "auto": the first
+        batches that hold ``AUTO_REFIT_SAMPLES`` = 1,024 samples when training data is given, else
+        off. One-shot and multi-stage runs only (gradual pruning fine-tunes instead; "auto" is off
+        there); a multi-stage run re-fits after every stage, so that the next stage's gradients
+        are taken at the re-fit weights. Default 0 here (the magnitude baselines); the
+        quadratic-model methods default to "auto" (``QuadraticOptions``).
     refit_ridge:   λ of that least squares as a share of the mean diagonal of XᵀX/rows.
     """
 
-    refit_batches: int = 0
+    refit_batches: int | str = 0
     refit_ridge: float = RIDGE
-    constraints = {"refit_batches": Integer(0), "refit_ridge": Real(0, open_low=True)}
+    constraints = {"refit_batches": IntegerOrAuto(0), "refit_ridge": Real(0, open_low=True)}
 
 
 @dataclass
@@ -60,7 +66,8 @@ class PruneContext:
         loss_fn: the loss gradients and judges use (``prunekit.losses``; None: cross-entropy).
         refit(): when the run asked for ``refit_batches``, re-fits the model's kept weights to the
         dense model's layers and returns the re-fit's record; multi-stage methods call it after
-        each stage but the last (the pipeline re-fits after the method).
+        every stage, before its BatchNorm re-estimation and record, and return the last one's
+        record as ``info["refit"]``; otherwise the pipeline re-fits after the method.
     """
 
     model: nn.Module
@@ -128,19 +135,21 @@ def prune_weights(ctx: PruneContext, run, options) -> Outcome:
     torch.manual_seed(ctx.seed)
     start, measured = time.perf_counter(), measure_seconds(ctx.checkpointer)
     refit_batches = getattr(options, "refit_batches", 0)
-    if refit_batches and ctx.train_batches is None:
+    if refit_batches == "auto":
+        refit_batches = None if ctx.train_batches is not None else 0       # None: by samples
+    elif refit_batches and ctx.train_batches is None:
         raise OptionError("refit_batches re-fits the layers on training data: pass data, or set refit_batches 0",
                           ("refit_batches", "data"))
-    if refit_batches:
+    if refit_batches != 0:
         dense = copy.deepcopy(ctx.model)                              # the targets of the re-fit
         ctx.refit = lambda: refit_pruned(ctx, dense, refit_batches, options.refit_ridge)
     pruned = run(ctx, options)
     ctx.space.assign(pruned.weights)
     info, recalibrated = dict(pruned.info), pruned.bn_recalibrated
-    if ctx.refit is not None:
+    if ctx.refit is not None and "refit" not in info:     # (a multi-stage method re-fits its every stage)
         info["refit"] = ctx.refit()
         recalibrated = False                   # the statistics are the re-fit layers' to re-estimate
-        ctx.refit = None                       # and the dense copy goes
+    ctx.refit = None                           # and the dense copy goes
     recalibrated = recalibrated or bool(ctx.recalibrate_bn and ctx.train_batches is not None
                                         and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
     # per-stage evaluations are the record's, not pruning
@@ -150,10 +159,10 @@ def prune_weights(ctx: PruneContext, run, options) -> Outcome:
                    {"bn_recalibrated": recalibrated, **info})
 
 
-def refit_pruned(ctx: PruneContext, dense: nn.Module, batches: int, ridge: float) -> dict:
+def refit_pruned(ctx: PruneContext, dense: nn.Module, batches: int | None, ridge: float) -> dict:
     """Re-fit the pruned layers of ``ctx.model`` (the prunable weights of its Conv2d / Linear
-    modules) to ``dense``'s on the inputs of the first ``batches`` training batches; returns the
-    re-fit's record. Under torchrun rank 0 re-fits and every rank takes its layers, so all ranks
+    modules) to ``dense``'s on the inputs of the first ``batches`` training batches (None: those
+    that hold ``AUTO_REFIT_SAMPLES`` samples); returns the re-fit's record. Under torchrun rank 0 re-fits and every rank takes its layers, so all ranks
     hold the same weights whatever their hardware's rounding."""
     modules = dict(ctx.model.named_modules())
     names = [e.module for e in ctx.space.entries
@@ -162,7 +171,7 @@ def refit_pruned(ctx: PruneContext, dense: nn.Module, batches: int, ridge: float
     collective = distributed.current()
     record = None
     if collective.rank == 0:
-        inputs = [x for x, _ in itertools.islice(ctx.train_batches(), batches)]
+        inputs = _first_inputs(ctx.train_batches(), batches)
         if not inputs:
             raise PrunekitError("the training data gave no batch to re-fit the layers on: pass data with samples, "
                                 "or set refit_batches 0")
@@ -178,3 +187,17 @@ def refit_pruned(ctx: PruneContext, dense: nn.Module, batches: int, ridge: float
                 for key, value in params.items():
                     getattr(modules[name], key).copy_(value)
     return record
+
+
+def _first_inputs(batches: Iterable, count: int | None) -> list[torch.Tensor]:
+    """The inputs of the first ``count`` batches, or (None) of the first ones that hold at least
+    ``AUTO_REFIT_SAMPLES`` samples."""
+    if count is not None:
+        return [x for x, _ in itertools.islice(batches, count)]
+    inputs, samples = [], 0
+    for x, _ in batches:
+        inputs.append(x)
+        samples += int(x.shape[0])
+        if samples >= AUTO_REFIT_SAMPLES:
+            break
+    return inputs
