@@ -177,6 +177,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     done = resume_stages(ctx, kept)  # stages completed by an earlier, interrupted run (0: none)
     layer_scales = _resumed_layer_scales(history)
     w = ctx.space.vector()
+    # a run resumed after its last stage: that stage's re-fit is in its record (and its weights)
+    refitted = history[-1].get("refit") if done == len(shares) and history else None
     for stage, (share, mac_share) in enumerate(zip(shares, mac_shares), start=1):
         if stage <= done:
             continue
@@ -251,8 +253,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
                         "ridge": ridge, "objective": solution.objective, "solver_seconds": solution.seconds,
                         "gradient_seconds": seconds_gradients, "bn_recalibrated": recalibrated,
                         "seconds": time.perf_counter() - start, **searched,
-                        **({"refit": {key: refitted[key] for key in ("layers", "mean_error_before", "mean_error_after",
-                                                                     "seconds")}} if refitted else {}),
+                        **({"refit": {key: refitted[key] for key in ("layers", "centred", "skipped", "mean_error_before",
+                                                                     "mean_error_after", "seconds")}} if refitted else {}),
                         "solver_info": {key: value for key, value in solution.info.items()
                                         if isinstance(value, (bool, int, float, str))}})
         if collective.distributed:      # per rank: its share of X and what it sent
