@@ -316,6 +316,7 @@ def test_prune_with_refit_keeps_the_mask_and_lowers_the_layer_errors(method, bud
     refit_record = fitted.record["refit"]
     assert refit_record["layers"] >= 2 and refit_record["centred"] >= 1 and refit_record["images"] == 64
     assert refit_record["mean_error_after"] < refit_record["mean_error_before"]
+    assert refit_record["kept"] and refit_record["judged_loss_after"] < refit_record["judged_loss_before"]
     assert fitted.record["bn_recalibrated"] and "refit" not in plain.record
     for a, b in zip(plain.model.parameters(), fitted.model.parameters()):
         if a.dim() > 1:
@@ -334,6 +335,29 @@ def test_the_quadratic_methods_re_fit_by_default_on_the_first_1024_samples(monke
     gradual = prunekit.prune(_net(), _data(), method="chita", sparsity=0.5, fisher_samples=32, batch_size=32,
                              gradual=True, events=2, epochs_per_event=0, final_epochs=0)
     assert "refit" not in gradual.record and all("refit" not in s for s in gradual.record.get("stages", []))
+
+
+def test_a_re_fit_that_raises_the_loss_on_held_batches_is_not_kept(monkeypatch):
+    """The re-fit matches layer outputs, not the loss: the pipeline judges both weights on the
+    training batches after the re-fit's and keeps the lower loss (here a re-fit that triples
+    every kept weight: the pruned weights go back, biases included)."""
+    def damaging_refit(model, dense, names, inputs, **_):
+        with torch.no_grad():
+            for name in names:
+                for param in model.get_submodule(name).parameters():
+                    param.mul_(3.0)
+        return {"layers": len(names), "centred": 0, "skipped": 0, "skipped_why": [], "batches": len(inputs),
+                "images": sum(len(x) for x in inputs), "mean_error_before": 1.0, "mean_error_after": 0.5,
+                "seconds": 0.0}
+    plain = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, batch_size=32,
+                           refit_batches=0)
+    monkeypatch.setattr(weights_pipeline, "refit", damaging_refit)
+    judged = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, batch_size=32,
+                            refit_batches=2)
+    record = judged.record["refit"]
+    assert not record["kept"] and record["judged_loss_after"] > record["judged_loss_before"]
+    for a, b in zip(plain.model.parameters(), judged.model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_a_multi_stage_run_re_fits_after_every_stage():

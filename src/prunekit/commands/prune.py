@@ -185,8 +185,9 @@ def prune_lines(r: dict) -> list[str]:
             if refit:
                 errors = (f", output error {refit['mean_error_before']:.3f} -> {refit['mean_error_after']:.3f}"
                           if refit["layers"] else "")
+                dropped = "" if refit.get("kept", True) else "; not kept: it raised the loss on held batches"
                 lines.append(f"  re-fit     {refit['layers']} layers ({refit['centred']} centred for BatchNorm, "
-                             f"{refit['skipped']} skipped){errors}, {refit['seconds']:.1f} s")
+                             f"{refit['skipped']} skipped){errors}, {refit['seconds']:.1f} s{dropped}")
     spent = f"{r['seconds']:.2f} s pruning"
     if "gate_seconds" in r:          # a structured run: every phase, the gates apart
         tuned = (r.get("options") or {}).get("finetune_epochs")

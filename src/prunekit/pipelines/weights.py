@@ -29,10 +29,12 @@ from ..options import IntegerOrAuto, OptionError, Options, Real
 from ..params import ParamSpace
 from ..refit import RIDGE, refit
 from ..train import recalibrate_batchnorm
+from .allocation import RecalibratedLoss
 from .stages import StageCheckpointer, measure_seconds
 
 
 AUTO_REFIT_SAMPLES = 1024   # refit_batches "auto": the first training batches holding this many samples
+JUDGE_BATCHES = 12          # the re-fit is judged on this many batches after its own (4 for BatchNorm, 8 judge)
 
 
 @dataclass
@@ -162,13 +164,16 @@ def prune_weights(ctx: PruneContext, run, options) -> Outcome:
 def refit_pruned(ctx: PruneContext, dense: nn.Module, batches: int | None, ridge: float) -> dict:
     """Re-fit the pruned layers of ``ctx.model`` (the prunable weights of its Conv2d / Linear
     modules) to ``dense``'s on the inputs of the first ``batches`` training batches (None: those
-    that hold ``AUTO_REFIT_SAMPLES`` samples); returns the re-fit's record. Under torchrun rank 0 re-fits and every rank takes its layers, so all ranks
-    hold the same weights whatever their hardware's rounding."""
+    that hold ``AUTO_REFIT_SAMPLES`` samples), and keep the re-fit only if it lowers the loss
+    (after BatchNorm re-estimation) on the training batches that follow them; returns the
+    re-fit's record. Under torchrun rank 0 re-fits and every rank takes its layers, so all ranks
+    hold the same weights whatever their hardware's rounding; all ranks judge together."""
     modules = dict(ctx.model.named_modules())
     names = [e.module for e in ctx.space.entries
              if e.param_name == f"{e.module}.weight" and isinstance(modules.get(e.module), (nn.Conv2d, nn.Linear))]
     others = [e.name for e in ctx.space.entries if e.module not in names]
     collective = distributed.current()
+    unfitted = _layer_parameters(modules, names)
     record = None
     if collective.rank == 0:
         inputs = _first_inputs(ctx.train_batches(), batches)
@@ -180,13 +185,43 @@ def refit_pruned(ctx: PruneContext, dense: nn.Module, batches: int | None, ridge
         record["skipped_why"] += [f"{name}: not the weight of a Conv2d or Linear" for name in others]
         record["skipped"] += len(others)
     if collective.distributed:
-        layers = {n: {k: v.detach().cpu() for k, v in modules[n].named_parameters(recurse=False)} for n in names}
+        layers = _layer_parameters(modules, names)
         record, layers = collective.broadcast_object((record, layers) if collective.rank == 0 else None)
-        with torch.no_grad():
-            for name, params in layers.items():
-                for key, value in params.items():
-                    getattr(modules[name], key).copy_(value)
+        _load_layer_parameters(modules, layers)
+    record.update(_judge_refit(ctx, modules, unfitted, record["batches"]))
     return record
+
+
+def _judge_refit(ctx: PruneContext, modules: dict, unfitted: dict, fitted_batches: int) -> dict:
+    """Keep the re-fit layers (in the model now) only if they lower the loss on held training
+    batches: the layer outputs the re-fit matches are not the loss, and on MLPNet at sparsity 0.98
+    (1,024 samples for 784 inputs) matching them raised it (session 33). The judge's batches follow
+    the re-fit's (its own when the data has no more). Else ``unfitted`` goes back."""
+    held = (list(itertools.islice(ctx.train_batches(), fitted_batches, fitted_batches + JUDGE_BATCHES))
+            or list(itertools.islice(ctx.train_batches(), JUDGE_BATCHES)))
+    calibrate = max(1, min(4, len(held) // 3)) if ctx.recalibrate_bn else 0    # BatchNorm always re-estimated
+    judge = RecalibratedLoss(ctx.model, ctx.space, held[:calibrate], held[calibrate:] or held, ctx.loss_fn)
+    fitted = _layer_parameters(modules, list(unfitted))
+    try:
+        loss_fitted = judge(ctx.space.vector())
+        _load_layer_parameters(modules, unfitted)
+        loss_unfitted = judge(ctx.space.vector())
+    finally:
+        judge.restore()                       # BatchNorm statistics as they were
+    kept = loss_fitted < loss_unfitted
+    _load_layer_parameters(modules, fitted if kept else unfitted)
+    return {"kept": kept, "judged_loss_before": loss_unfitted, "judged_loss_after": loss_fitted}
+
+
+def _layer_parameters(modules: dict, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: {k: v.detach().cpu().clone() for k, v in modules[n].named_parameters(recurse=False)} for n in names}
+
+
+@torch.no_grad()
+def _load_layer_parameters(modules: dict, layers: dict[str, dict[str, torch.Tensor]]) -> None:
+    for name, params in layers.items():
+        for key, value in params.items():
+            getattr(modules[name], key).copy_(value)
 
 
 def _first_inputs(batches: Iterable, count: int | None) -> list[torch.Tensor]:
