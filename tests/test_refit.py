@@ -337,6 +337,15 @@ def test_the_quadratic_methods_re_fit_by_default_on_the_first_1024_samples(monke
     assert "refit" not in gradual.record and all("refit" not in s for s in gradual.record.get("stages", []))
 
 
+def test_auto_re_fits_a_network_without_batchnorm_after_its_last_stage_only():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(144, 24), nn.ReLU(), nn.Linear(24, 3))
+    staged = prunekit.prune(mlp, _data(), method="chita++", sparsity=0.7, stages=3, fisher_samples=32,
+                            batch_size=32)
+    assert ["refit" in stage for stage in staged.record["stages"]] == [False, False, True]
+    assert staged.record["refit"]["layers"] == 2
+
+
 def test_a_re_fit_that_raises_the_loss_on_held_batches_is_not_kept(monkeypatch):
     """The re-fit matches layer outputs, not the loss: the pipeline judges both weights on the
     training batches after the re-fit's and keeps the lower loss (here a re-fit that triples

@@ -238,7 +238,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             w = _best_of_last_and_kept(ctx, w, kept, searched)
         ctx.space.assign(w)
         refitted = None
-        if ctx.refit is not None:      # the next stage's gradients (the last: its record) at the re-fit weights
+        if ctx.refit is not None and (last or ctx.refit_every_stage):   # the next stage's gradients at the re-fit
             refitted = ctx.refit()
             w = ctx.space.vector()
         x_mb = q.X.numel() * q.X.element_size() / 2**20

@@ -48,8 +48,10 @@ class RefitOptions(Options):
         batches that hold ``AUTO_REFIT_SAMPLES`` = 1,024 samples when training data is given, else
         off. One-shot and multi-stage runs only (gradual pruning fine-tunes instead; "auto" is off
         there); a multi-stage run re-fits after every stage, so that the next stage's gradients
-        are taken at the re-fit weights. Default 0 here (the magnitude baselines); the
-        quadratic-model methods default to "auto" (``QuadraticOptions``).
+        are taken at the re-fit weights ("auto" on a network without BatchNorm: after the last
+        stage only). The re-fit is kept only if it lowers the loss on the training batches that
+        follow its own. Default 0 here (the magnitude baselines); the quadratic-model methods
+        default to "auto" (``QuadraticOptions``).
     refit_ridge:   λ of that least squares as a share of the mean diagonal of XᵀX/rows.
     """
 
@@ -68,8 +70,11 @@ class PruneContext:
         loss_fn: the loss gradients and judges use (``prunekit.losses``; None: cross-entropy).
         refit(): when the run asked for ``refit_batches``, re-fits the model's kept weights to the
         dense model's layers and returns the re-fit's record; multi-stage methods call it after
-        every stage, before its BatchNorm re-estimation and record, and return the last one's
-        record as ``info["refit"]``; otherwise the pipeline re-fits after the method.
+        every stage (after the last only when not ``refit_every_stage``), before its BatchNorm
+        re-estimation and record, and return the last one's record as ``info["refit"]``;
+        otherwise the pipeline re-fits after the method. ``refit_every_stage`` is False for
+        refit_batches "auto" on a network without BatchNorm: on MLPNet the per-stage re-fits
+        lowered 15-stage FALCON++ at sparsity 0.98 from 88.7-89.6% to 84.7-85.7% (session 33).
     """
 
     model: nn.Module
@@ -84,6 +89,7 @@ class PruneContext:
     history: list[dict] = field(default_factory=list)
     loss_fn: LossFn | None = None
     refit: Callable[[], dict] | None = None
+    refit_every_stage: bool = True
 
     def layer_macs(self) -> list[int]:
         """MACs per weight of each slice of ``space.cost_slices`` (one per layer, or finer)."""
@@ -139,6 +145,7 @@ def prune_weights(ctx: PruneContext, run, options) -> Outcome:
     refit_batches = getattr(options, "refit_batches", 0)
     if refit_batches == "auto":
         refit_batches = None if ctx.train_batches is not None else 0       # None: by samples
+        ctx.refit_every_stage = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ctx.model.modules())
     elif refit_batches and ctx.train_batches is None:
         raise OptionError("refit_batches re-fits the layers on training data: pass data, or set refit_batches 0",
                           ("refit_batches", "data"))
