@@ -204,6 +204,7 @@ def _judge_refit(ctx: PruneContext, modules: dict, unfitted: dict, fitted_batche
     batches: the layer outputs the re-fit matches are not the loss, and on MLPNet at sparsity 0.98
     (1,024 samples for 784 inputs) matching them raised it (session 33). The judge's batches follow
     the re-fit's (its own when the data has no more). Else ``unfitted`` goes back."""
+    start = time.perf_counter()
     held = (list(itertools.islice(ctx.train_batches(), fitted_batches, fitted_batches + JUDGE_BATCHES))
             or list(itertools.islice(ctx.train_batches(), JUDGE_BATCHES)))
     calibrate = max(1, min(4, len(held) // 3)) if ctx.recalibrate_bn else 0    # BatchNorm always re-estimated
@@ -217,7 +218,8 @@ def _judge_refit(ctx: PruneContext, modules: dict, unfitted: dict, fitted_batche
         judge.restore()                       # BatchNorm statistics as they were
     kept = loss_fitted < loss_unfitted
     _load_layer_parameters(modules, fitted if kept else unfitted)
-    return {"kept": kept, "judged_loss_before": loss_unfitted, "judged_loss_after": loss_fitted}
+    return {"kept": kept, "judged_loss_before": loss_unfitted, "judged_loss_after": loss_fitted,
+            "judge_seconds": time.perf_counter() - start}
 
 
 def _layer_parameters(modules: dict, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
