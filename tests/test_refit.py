@@ -371,8 +371,7 @@ def test_a_re_fit_that_raises_the_loss_on_held_batches_is_not_kept(monkeypatch):
 
 def test_a_multi_stage_run_re_fits_after_every_stage():
     """Each stage's gradients are taken at the re-fit weights, and the last stage's record measures
-    the re-fit final model: every stage records its re-fit, ``record["refit"]`` is the last one's,
-    and the re-fit never moves the support (the stages' nonzeros are what each solve kept)."""
+    the re-fit final model: every stage records its re-fit, ``record["refit"]`` is the last one's."""
     result = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, stages=3,
                             batch_size=32, refit_batches=2, eval_data=_data())
     stages = result.record["stages"]
