@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import shutil
 import socket
@@ -29,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, print_table, write_json
+from common import DEFAULT_DATA, peak_rss_mb, print_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +125,7 @@ def worker_random(model_name: str, n: int, dtype: str, max_memory: str, method: 
                             max_memory=max_memory, refit_batches=0,     # the method's own phases only
                             example_input=torch.randn(1, 3, size, size), recalibrate_bn=False)
     record = {"history": result.history, "flops_kept": result.flops_kept, "nonzeros": result.record.get("nonzeros"),
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mb": peak_rss_mb()}
     collective = distributed.current()
     if collective.distributed:
         peaks = collective.all_gather(torch.tensor([record["peak_rss_mb"]], dtype=torch.float64))

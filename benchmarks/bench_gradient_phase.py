@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
-from common import print_table, write_json
+from common import peak_rss_mb, print_table, write_json
 
 MB = 2**20
 
@@ -145,7 +144,7 @@ def run_row(name: str, n: int, chunk: str, threads: int, dtype: str = "bfloat16"
     start, cpu_start = time.perf_counter(), time.process_time()
     collect_gradients(model, space, batches(), n=n, chunk=used_chunk, dtype=storage, progress=False)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_mb() * 2**20
     x_bytes = n * space.numel * storage.itemsize
     estimate = planned.activations + planned.layer_gradients
     measured = peak - before - x_bytes

@@ -16,13 +16,12 @@ Prints a table and writes the rows as JSON (default benchmarks/results/ilp.json)
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import print_table, write_json
+from common import peak_rss_mb, print_table, write_json
 
 from prunekit.solvers.ilp import solve_flops_ilp
 from prunekit.solvers.ilp_exact import solve_flops_ilp_exact
@@ -58,7 +57,7 @@ def layers_for(p: int) -> int:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return peak_rss_mb() / 1024
 
 
 def bench_one(p: int, budget: tuple[float, float], highs_max_p: int, full_highs_max_p: int,

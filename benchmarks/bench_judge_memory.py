@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import print_table, write_json
+from common import peak_rss_mb, print_table, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,7 +36,7 @@ def worker(n: int, images: int, batch: int, trials: int) -> dict:
     start = time.perf_counter()
     result = prunekit.prune(model, (x, y), method="falcon", flops=0.5, fisher_samples=n, batch_size=batch,
                             layer_search=trials, recalibrate_bn=False, refit_batches=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     estimate = result.record.get("memory_estimate_mb")
     return {"n": n, "batch": batch, "images": images, "trials": trials, "estimate_mb": estimate,
             "peak_rss_mb": round(peak, 1), "estimate_over_peak": estimate / peak,

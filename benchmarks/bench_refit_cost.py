@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import time
 
 import torch
 from torch import nn
 
 import prunekit.refit as refit_module
+from prunekit.process_memory import peak_usage
 from prunekit.zoo import MODEL_NAMES, load_model
 
 
@@ -73,7 +73,7 @@ def main() -> None:
               "size": args.size, "batch": args.batch, "batches": args.batches, "threads": 1,
               "seconds": time.perf_counter() - start, **totals, "forwards": record["forwards"],
               "layers_refit": record["layers"], "max_iterations": record["max_iterations"],
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "layers": layers}
+              "peak_rss_mb": peak_usage() / 2**20, "layers": layers}
     print("{model}: {seconds:.1f} s in all, {solve_seconds:.1f} s solving, {moments_seconds:.1f} s of moments, "
           "peak RSS {peak_rss_mb:.0f} MB; {forwards}".format(**result))
     if args.out:

@@ -13,7 +13,7 @@ not in the default list), for n gradient rows stored in float32 or
 bfloat16. Every row runs `prunekit.prune` in its own process, with RANDOM weights and RANDOM
 inputs and labels (generated batch by batch, never held at once), recalibrate_bn=False: this
 measures cost (time, memory), not accuracy. Per row: seconds for the gradients and for the solver,
-the memory plan's estimate and the measured peak RSS of the process (ru_maxrss); with `--device
+the memory plan's estimate and the measured peak RSS of the process (VmHWM); with `--device
 cuda` the model, X and the solver live on the GPU and the estimate is compared with the GPU's
 peak allocation (torch.cuda.max_memory_allocated). A row whose plan does not fit the device's
 available memory is reported as refused (that is the plan at work). ``--method chita`` or
@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import print_table, write_json
+from common import peak_rss_mb, print_table, write_json
 
 MODELS = {"resnet20-b": 32, "resnet56": 32, "mobilenetv1": 224, "resnet50": 224, "vit-b16": 224, "vit-tiny": 28}
 CHANNELS = {"vit-tiny": 1}              # input channels where not 3
@@ -66,7 +65,7 @@ def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int, dev
     real_plan, real_release = memory_plan.plan, process_memory.release_freed_memory
     memory_plan.plan = lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1]
     process_memory.release_freed_memory = lambda: (gradient_peaks.append(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), real_release())[1]
+        peak_rss_mb()), real_release())[1]
 
     torch.set_num_threads(threads)
     size, channels = MODELS[model_name], CHANNELS.get(model_name, 3)
@@ -91,13 +90,13 @@ def run_row(model_name: str, n: int, dtype: str, flops: float, threads: int, dev
                                 example_input=torch.randn(1, channels, size, size, device=device), recalibrate_bn=False,
                                 refit_batches=0)       # the method's own cost (bench_refit_cost.py: the re-fit's)
     except PrunekitError as error:
-        return {**row, "refused": str(error), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return {**row, "refused": str(error), "peak_rss_mb": peak_rss_mb()}
     stage = result.history[0]
     info = stage.get("solver_info", {})
     return {**row, "flops_kept": result.flops_kept, "gradient_seconds": stage["gradient_seconds"],
             "solver_seconds": stage["solver_seconds"], "seconds": time.perf_counter() - start,
             "memory_estimate_mb": stage["memory_estimate_mb"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "dfo_accepted": info.get("accepted"), "dfo_trials": info.get("trials"),
             "gradient_peak_rss_mb": gradient_peaks[0] if gradient_peaks else None,
             **({f"plan_{part}_mb": getattr(plans[-1], part, 0) / 2**20 for part in

@@ -63,6 +63,13 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MB: VmHWM (``prunekit.process_memory.peak_usage``), not
+    ru_maxrss, which a row's process inherits from the script that launched it."""
+    from prunekit.process_memory import peak_usage
+    return peak_usage() / 2**20
+
+
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """Print rows as a fixed-width table; columns are (key, header, format spec)."""
     widths = [max(len(header), 10) for _, header, _ in columns]

@@ -5,7 +5,7 @@ the RSS entering the solver and the plan's parts. From the repository root, PYTH
     python benchmarks/plan_probe.py MODEL N METHOD [grad-only]   # grad-only: stop after the gradients
 
 Prints one line, PROBE {json}."""
-import json, os, sys, threading, time, traceback, resource
+import json, os, sys, threading, time, traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_scale
 from prunekit import memory_plan, process_memory
@@ -46,7 +46,7 @@ except SystemExit:
 time.sleep(0.05)
 p = state["plan"]
 out = {"model": sys.argv[1], "n": int(sys.argv[2]), "method": sys.argv[3], "chunk": p.chunk if p else None,
-       "peak": state["peak"], "enter_solver_mb": state["enter_solver"], "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024,
+       "peak": state["peak"], "enter_solver_mb": state["enter_solver"], "peak_rss_mb": process_memory.peak_usage() / 2**20,
        "plan": {k: getattr(p, k) / 2**20 for k in ("resident", "gradients", "stage_vectors", "activations", "layer_gradients", "solver")} if p else None,
        "plan_total_mb": p.total_mb if p else None, "p": p.p if p else None, "stack": state["stack"],
        **{k: row.get(k) for k in ("solver_seconds", "gradient_seconds", "memory_estimate_mb", "peak_rss_mb")}}

@@ -1,4 +1,5 @@
-"""For tests that read a child process's peak resident memory (``ru_maxrss``)."""
+"""For tests that read a child process's peak resident memory (``process_memory.peak_usage``:
+VmHWM, not ``ru_maxrss``, which a child inherits from the test process across exec)."""
 
 import os
 

@@ -78,7 +78,8 @@ def test_backsolve_on_compact_x_makes_no_float32_copy_of_x_nor_of_x_s():
     """n = 64, p = 1,000,000 in bfloat16 (128 MB): a full float32 copy would be 256 MB and
     X_S for |S| = 800,000 in float32 205 MB; products and the backsolve stay under 64 MB extra."""
     script = textwrap.dedent("""
-        import resource, torch
+        import torch
+        from prunekit.process_memory import peak_usage
         from prunekit.solvers.backsolve import backsolve
         from prunekit.solvers.quadratic import QuadraticModel
         n, p = 64, 1_000_000
@@ -89,10 +90,10 @@ def test_backsolve_on_compact_x_makes_no_float32_copy_of_x_nor_of_x_s():
         w_bar = torch.randn(p, generator=gen)
         support = torch.rand(p, generator=gen) < 0.8
         q = QuadraticModel(X, w_bar, 1e-3)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = peak_usage()
         w = backsolve(q, support)
         q.lipschitz(); q.hessian_diagonal(); q.objective(w)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        print((peak_usage() - before) / 2**20)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env=fixed_mmap_threshold())

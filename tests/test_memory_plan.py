@@ -217,7 +217,8 @@ def test_the_plan_of_a_folded_convolution_covers_its_measured_gradient_phase():
     376 measured. (Lower than chunk x p float32 because X's pages are touched only as its rows
     are written: at the last chunk's peak 64 of its rows, chunk x p bfloat16, are not yet.)"""
     script = textwrap.dedent(f"""
-        import json, resource, sys, warnings, torch
+        import json, sys, warnings, torch
+        from prunekit.process_memory import peak_usage
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_memory_plan import _Clip
         from prunekit import memory_plan
@@ -237,7 +238,7 @@ def test_the_plan_of_a_folded_convolution_covers_its_measured_gradient_phase():
             warnings.simplefilter("ignore")
             collect_gradients(model, space, batches, n=n, chunk=planned.chunk, dtype=torch.bfloat16,
                               progress=False)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_usage()
         print(json.dumps({{"estimate": planned.activations + planned.layer_gradients,
                           "measured": peak - before - n * space.numel * 2, "chunk": planned.chunk}}))
     """)
@@ -271,6 +272,19 @@ def test_runs_that_judge_plan_for_the_judge_at_their_batch_size(monkeypatch, opt
     monkeypatch.setattr(memory_plan, "plan", lambda *a, **k: planned.append(k["judge_batch"]) or real(*a, **k))
     prunekit.prune(wide_model(), data(), flops=0.5, fisher_samples=8, batch_size=16, **options)
     assert planned[-1] == (16 if judged else 0)
+
+
+@pytest.mark.parametrize("options, images", [({}, (1024, 16)), ({"refit_batches": 3}, (48, 16)),
+                                            ({"refit_batches": 0}, (0, 0)),
+                                            ({"gradual": True, "events": 2, "epochs_per_event": 0,
+                                              "final_epochs": 0}, (0, 0))])
+def test_runs_that_re_fit_plan_for_the_re_fit_images(monkeypatch, options, images):
+    planned = []
+    real = memory_plan.plan
+    monkeypatch.setattr(memory_plan, "plan", lambda *a, **k: planned.append(
+        (k.get("refit_samples", 0), k.get("refit_batch", 0))) or real(*a, **k))
+    prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=8, batch_size=16, **options)
+    assert planned[-1] == images
 
 
 def test_auto_takes_the_largest_n_up_to_1000_that_fits(steady_usage):
@@ -382,3 +396,77 @@ def test_a_large_column_selection_is_one_copy_of_the_columns():
         assert picked.is_contiguous() and torch.equal(picked, X[:, index])
     few = index[:5]
     assert torch.equal(select_columns(wide[:, :p], few), wide[:, few])
+
+
+def test_the_refit_phase_is_planned_after_x_is_freed(steady_usage):
+    """The re-fit runs once X is freed: the plan's total is the larger of the two, and the re-fit's
+    part grows with its images (the lockstep holds both networks' activations of all of them)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 16 * 16, 10))
+    space, example = ParamSpace(model), torch.zeros(1, 3, 16, 16)
+    plain = memory_plan.plan(model, space, example, n=100, max_memory="100G")
+    small = memory_plan.plan(model, space, example, n=100, max_memory="100G", refit_samples=128, refit_batch=64)
+    large = memory_plan.plan(model, space, example, n=100, max_memory="100G", refit_samples=1024, refit_batch=64)
+    assert plain.refit == 0 and 0 < small.refit < large.refit
+    x_phase = plain.total - plain.resident
+    for planned in (small, large):
+        assert planned.total == planned.resident + max(x_phase, planned.refit)
+    # an 8 x 16 x 16 output per image, held by both networks for every image
+    assert large.refit > 2 * 1024 * 8 * 16 * 16 * 4
+
+
+def test_a_refit_over_max_memory_is_refused_naming_refit_batches(steady_usage):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))
+    with pytest.raises(PrunekitError, match="set refit_batches to fewer batches, or 0"):
+        memory_plan.plan(model, ParamSpace(model), torch.zeros(1, 3, 16, 16), n=4,
+                         max_memory=steady_usage + 400 * MB, refit_samples=10**6, refit_batch=10**6)
+
+
+def test_the_plan_covers_a_measured_run_whose_refit_decides_its_peak():
+    """One-shot FALCON with the re-fit on 512 images of a conv net with large activations and few
+    weights, in a child process: the re-fit's phase is the plan's larger one, the run's peak RSS is
+    above what the plan's other phase allows (so a plan without the re-fit, as before session 34,
+    was under it) and within the plan."""
+    script = textwrap.dedent("""
+        import json, torch
+        from prunekit.process_memory import peak_usage
+        from torch import nn
+        import prunekit
+        from prunekit import memory_plan
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        block = lambda c_in: [nn.Conv2d(c_in, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()]
+        model = nn.Sequential(*block(3), *block(32), *block(32), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(32, 10))
+        g = torch.Generator().manual_seed(0)
+        data = (torch.randn(1536, 3, 32, 32, generator=g), torch.randint(0, 10, (1536,), generator=g))
+        plans = []
+        real = memory_plan.plan
+        memory_plan.plan = lambda *a, **k: plans.append(real(*a, **k)) or plans[-1]
+        prunekit.prune(model, data, method="falcon", flops=0.5, fisher_samples=8, batch_size=64,
+                       refit_batches=8)
+        peak = peak_usage()
+        plan = plans[-1]
+        print(json.dumps({"peak": peak, "total": plan.total, "refit": plan.refit,
+                          "other_phase": plan.resident + plan.gradients + max(
+                              plan.stage_vectors + plan.activations + plan.layer_gradients,
+                              plan.solver + plan.judge)}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env=fixed_mmap_threshold())
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["refit"] > 0 and result["total"] > result["other_phase"]
+    assert result["other_phase"] < result["peak"] <= result["total"]
+
+
+def test_peak_usage_is_the_process_own_not_its_launchers():
+    """ru_maxrss keeps the launching process's resident size across exec; the recorded peak
+    (record.peak_rss_mb, the benchmarks' rows) must be the child's own."""
+    held = bytearray(1536 * MB)
+    held[::4096] = b"\x01" * (len(held) // 4096)          # resident, not only reserved
+    script = ("import resource; from prunekit.process_memory import peak_usage; "
+              "print(peak_usage(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    del held
+    own, inherited = map(int, out.stdout.split())
+    assert own < 1024 * MB <= 1536 * MB <= inherited

@@ -383,6 +383,25 @@ def test_a_multi_stage_run_re_fits_after_every_stage():
     assert stages[-1]["loss"] == result.record["loss"] and stages[-1]["nonzeros"] == result.record["nonzeros"]
 
 
+def test_the_gradient_matrix_is_freed_before_the_re_fit(monkeypatch):
+    """The re-fit needs the model and the data, not X (n x p): no tensor of X's shape is alive
+    while it runs (before session 34 it ran beside X, 1,978 MB against 1,554 on ResNet-20-B)."""
+    import gc
+    p = sum(m.weight.numel() for m in _net().modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    seen = []
+    real = weights_pipeline.refit
+
+    def refit_and_look(*args, **kwargs):
+        gc.collect()
+        seen.append([tuple(t.shape) for t in gc.get_objects()
+                     if type(t) is torch.Tensor and t.dim() == 2 and t.shape[0] == 32 and t.shape[1] >= p // 2])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(weights_pipeline, "refit", refit_and_look)
+    prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, stages=2, batch_size=32,
+                   refit_batches=2)
+    assert seen == [[], []]
+
+
 def test_refit_refusals():
     with pytest.raises(PrunekitError, match="refit_batches must be 'auto' or at least 0"):
         prunekit.prune(_net(), _data(), method="magnitude", sparsity=0.5, refit_batches=-1)

@@ -345,7 +345,8 @@ def test_memory_stays_linear_in_p():
     """p = 2,000,000 (p² would be 16 TB): a few IHT steps, a backsolve and a few swap rounds
     stay under 1 GB beyond the 128 MB of X. Peak resident memory is read in a fresh process."""
     script = textwrap.dedent("""
-        import resource, torch
+        import torch
+        from prunekit.process_memory import peak_usage
         from prunekit.solvers.backsolve import backsolve
         from prunekit.solvers.iht import iht
         from prunekit.solvers.swap_search import swap_search
@@ -353,12 +354,12 @@ def test_memory_stays_linear_in_p():
         gen = torch.Generator().manual_seed(0)
         q = QuadraticModel(torch.randn(16, 2_000_000, generator=gen),
                            torch.randn(2_000_000, generator=gen), 1e-3)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = peak_usage()
         s = iht(q, 100_000, max_iter=3)
         w = backsolve(q, s.mask)
         assert int((w != 0).sum()) <= 100_000
         assert swap_search(q, s.mask, rounds=3).support_size <= 100_000
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        print((peak_usage() - before) / 2**20)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env=fixed_mmap_threshold())

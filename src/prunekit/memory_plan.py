@@ -66,6 +66,26 @@ The peak of a request is estimated from its parts, each counted from the model i
                          batches it holds (JUDGE_BATCHES of judge_batch samples, the inputs'
                          bytes) and one forward pass without autograd of a batch, counted as
                          INFERENCE_FACTOR times the largest module output per sample.
+  or, instead of X and the phases above (the stage loop frees X before it), the re-fit of the
+  kept weights (``prunekit.refit``, on by default since session 33; refit_samples images):
+    activations          both networks' activations on all the images at once (the lockstep:
+                         INFERENCE_FACTOR x the largest output per sample, which is what
+                         Lockstep.check measures on ResNet-20-B), or one batch of them when that
+                         exceeds the re-fit's own allowance (refit.lockstep_allowance), and the
+                         images' inputs (twice: each network's layout);
+    solve                the largest layer's float64 moments and normal equations (4 D x D per
+                         group) and its block preconditioner (K x D x kh·kw);
+    copies               the re-fit layers' parameters before and after (two float32 copies,
+                         the loss check's), the stage loop's vectors and the kept candidate;
+    judge                the loss check after it: JUDGE_BATCHES batches and a forward pass, as
+                         the judge above (not beside the activations: they are freed by then).
+                         Measured on ResNet-20-B at 60 % MACs, the re-fit's default 1,024
+                         images: one-shot FALCON (n = 1000) ran the re-fit beside X before
+                         session 34, 1,978 MB peak against 1,664 planned; now 1,574 against
+                         1,657. Default FALCON++ (n = 500, five re-fits) 1,481 against 1,141
+                         before, 1,153-1,183 against 1,137-1,140 now: its peak is a later
+                         stage's gradient phase (entered about 50 MB above the first's), no
+                         longer the re-fit, which peaks about 60 MB under its plan there.
 
 The plan refuses a request whose estimate exceeds the limit (``max_memory``; default: the memory
 available to this process, from /proc/meminfo and the cgroup limit, less a margin) in one line
@@ -76,7 +96,7 @@ under ACTIVATION_BUDGET (at most 64).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -86,6 +106,7 @@ from .errors import PrunekitError
 from .fisher_hooks import hooked_layers      # the collector's own layers (and test): not a copy
 from .memory_probe import activation_bytes, inference_bytes
 from .process_memory import current_usage, default_limit, parse_memory
+from .refit import ROWS_PER_INPUT as REFIT_ROWS_PER_INPUT, lockstep_allowance, lockstep_bytes
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATION_FACTOR = 1.0          # saved tensors are freed as the backward pass goes (calibrated)
@@ -141,6 +162,11 @@ REPLICATED_VECTORS = 4          # p-long float32 vectors every rank holds whole 
 JUDGE_BATCHES = 12               # RecalibratedLoss: 4 batches to re-estimate BatchNorm, 8 to judge by
 INFERENCE_FACTOR = 3            # a forward pass without autograd holds a module's input and output and a
                                 # residual branch's input at most: 3x the largest output (an upper bound)
+REFIT_ACTIVATION_FACTOR = 1.3   # the re-fit's activations in RSS against what Lockstep.check counts
+                                # (freed per-batch blocks under glibc's mmap threshold stay on the heap
+                                # while the next node's are made): measured 1.12 on ResNet-20-B (2,048
+                                # images), 1.10 on MobileNetV1, 1.15 and 1.28 in two identical ResNet-56
+                                # runs (1,024 images; random weights, the 2 cores)
 GiB, MiB = 2**30, 2**20
 
 
@@ -160,13 +186,15 @@ class MemoryPlan:
     limit: int
     judge: int = 0          # the judge's held batches and forward pass, beside the solver
     stage_vectors: int = 0  # the stage loop's p-long vectors, held through the gradient phase too
+    refit: int = 0          # the re-fit of the kept weights after a stage, once X is freed (0: none)
 
     @property
     def total(self) -> int:
-        """Gradients are collected, then the solver runs (and the judge with it): the two phases
-        do not overlap."""
-        return self.resident + self.gradients + max(self.stage_vectors + self.activations + self.layer_gradients,
-                                                    self.solver + self.judge)
+        """Gradients are collected, then the solver runs (and the judge with it), then X is freed
+        and the re-fit runs: the phases do not overlap."""
+        return self.resident + max(self.gradients + max(self.stage_vectors + self.activations + self.layer_gradients,
+                                                        self.solver + self.judge),
+                                   self.refit)
 
     @property
     def total_mb(self) -> float:
@@ -200,12 +228,64 @@ class _Sizes:
             self.activation_per_sample = activation_bytes(model, example_input, prunable, batch_statistics)
         self.input_per_sample, self.largest_output_per_sample = inference_bytes(model, example_input)
         self.device = space.weights()[0].device
+        layers = [modules[e.module] for e in space.entries if isinstance(modules.get(e.module), (nn.Conv2d, nn.Linear))]
+        self.refit_layers = _output_positions(model, example_input, layers)
+
+
+def _output_positions(model: nn.Module, example_input, layers: list[nn.Module]) -> list[tuple[nn.Module, int]]:
+    """Each of ``layers`` with its output positions per sample (a conv's H x W; 1 for a Linear),
+    from one forward of the first sample; layers the forward does not reach are left out."""
+    found: dict[int, tuple[nn.Module, int]] = {}
+
+    def hook(module, _args, out):
+        found[id(module)] = (module, out[0, 0].numel() if isinstance(module, nn.Conv2d) and out.dim() == 4 else 1)
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*(x[:1] for x in (example_input if isinstance(example_input, (tuple, list)) else (example_input,))))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return list(found.values())
+
+
+def _refit_solve_bytes(layer: nn.Module, positions: int, samples: int, batch: int) -> int:
+    """One layer's re-fit at its peak: a batch's sampled conv patches (float32, ``positions`` per
+    image at most, ROWS_PER_INPUT x D rows in all) and its float64 moments and normal equations
+    (about 4 D x D per group: XᵀX, its centred copy, the system with its ridge, CG's products) and
+    block preconditioner (K x D x kh·kw); D = C_in/groups·kh·kw inputs, K = C_out/groups."""
+    groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
+    d, taps = layer.weight[0].numel(), layer.weight[0, 0].numel() if isinstance(layer, nn.Conv2d) else 1
+    k = layer.weight.shape[0] // groups
+    patches = 4 * batch * groups * d * min(positions, -(-REFIT_ROWS_PER_INPUT * d // samples)) if taps > 1 else 0
+    return patches + 8 * groups * (4 * d * d + k * d * (taps + 3))
+
+
+def refit_bytes(sizes: _Sizes, model: nn.Module, example_input, samples: int, batch: int) -> int:
+    """Bytes the re-fit of the kept weights holds at its peak on ``samples`` images in batches of
+    ``batch`` (see the module doc)."""
+    first = example_input[:1] if isinstance(example_input, torch.Tensor) else None
+    per_sample = lockstep_bytes(model, first) if first is not None else None
+    activations = 2 * per_sample * samples if per_sample is not None else None
+    if activations is None or activations > lockstep_allowance(sizes.device):   # the re-fit's own rule:
+        activations = 2 * INFERENCE_FACTOR * sizes.largest_output_per_sample * batch   # truncated forwards
+    activations = int(REFIT_ACTIVATION_FACTOR * activations)
+    solve = max((_refit_solve_bytes(layer, positions, samples, batch) for layer, positions in sizes.refit_layers),
+                default=0)
+    fitting = activations + 2 * samples * sizes.input_per_sample + solve
+    judge = batch * (JUDGE_BATCHES * sizes.input_per_sample + INFERENCE_FACTOR * sizes.largest_output_per_sample)
+    copies = (2 * 4 + PIPELINE_BYTES_PER_WEIGHT + 4) * sizes.p
+    return copies + max(fitting, judge)
 
 
 def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, dtype: str = "float32",
          family: str = "falcon", max_memory=None, fisher_batch: int = 1, obs_block_size: int = 128,
          keep_share: float = 1.0, fisher_bn: str = "frozen", ranks: int = 1,
-         ranks_here: int = 1, judge_batch: int = 0) -> MemoryPlan:
+         ranks_here: int = 1, judge_batch: int = 0, refit_samples: int = 0, refit_batch: int = 0) -> MemoryPlan:
     """The memory plan of gradients + solve for ``space``'s weights, refusing what does not fit.
 
     n:          fisher_samples, an int or "auto" (the largest n ≤ 1000 that fits).
@@ -219,6 +299,8 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     ranks_here: those of them on this machine; without max_memory each gets this share of it.
     judge_batch: samples per training batch when the run judges candidates by their loss (the
                 layer search, the final pick); 0: no judge.
+    refit_samples, refit_batch: the images the kept weights are re-fit on after a stage, and their
+                batch size (0: no re-fit).
     Raises PrunekitError when the request does not fit.
     """
     storage = storage_dtype(dtype)
@@ -227,24 +309,25 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     resident = current_usage(sizes.device)
     judge = judge_batch * (JUDGE_BATCHES * sizes.input_per_sample
                            + INFERENCE_FACTOR * sizes.largest_output_per_sample)
+    refit = refit_bytes(sizes, model, example_input, refit_samples, refit_batch or refit_samples) if refit_samples else 0
     estimate = lambda rows, kind: _estimate(sizes, rows, kind, family, fisher_batch, obs_block_size,
-                                            keep_share, resident, limit, ranks, judge)
+                                            keep_share, resident, limit, ranks, judge, refit)
     if n == "auto":
         rows = largest_n(lambda rows: estimate(rows, storage), 1000)
         if rows == 0:
-            raise PrunekitError(_refusal(estimate(1, storage), estimate, limit))
+            raise PrunekitError(_refusal(estimate(1, storage), estimate, limit, refit_samples))
         return estimate(rows, storage)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise PrunekitError(f"fisher_samples must be a positive integer or 'auto', got {n!r}")
     result = estimate(n, storage)
     if not result.fits():
-        raise PrunekitError(_refusal(result, estimate, limit))
+        raise PrunekitError(_refusal(result, estimate, limit, refit_samples))
     return result
 
 
 def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_batch: int,
               obs_block_size: int, keep_share: float, resident: int, limit: int, ranks: int = 1,
-              judge: int = 0) -> MemoryPlan:
+              judge: int = 0, refit: int = 0) -> MemoryPlan:
     item = torch.tensor([], dtype=storage).element_size()
     chunk = max(1, min(MAX_CHUNK, ACTIVATION_BUDGET // max(1, int(ACTIVATION_FACTOR * sizes.activation_per_sample))))
     if fisher_batch == 1:
@@ -276,7 +359,7 @@ def _estimate(sizes: _Sizes, n: int, storage: torch.dtype, family: str, fisher_b
         solver += sizes.p * obs_block_size * 4 + (obs_block_size + 2 * n) * obs_block_size * 8
     return MemoryPlan(n=n, p=sizes.p, dtype=storage, chunk=chunk, resident=resident, gradients=gradients,
                       activations=activations, layer_gradients=layer_gradients, solver=solver, limit=limit,
-                      judge=judge, stage_vectors=STAGE_VECTOR_BYTES * sizes.p)
+                      judge=judge, stage_vectors=STAGE_VECTOR_BYTES * sizes.p, refit=refit)
 
 
 def solver_bytes_per_weight(family: str, p: int) -> int:
@@ -305,7 +388,11 @@ def largest_n(estimate, upper: int) -> int:
     return lo
 
 
-def _refusal(result: MemoryPlan, estimate, limit: int) -> str:
+def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0) -> str:
+    if result.resident + result.refit > limit and replace(result, refit=0).fits():   # the re-fit alone
+        return (f"the re-fit after pruning needs about {_human(result.resident + result.refit)} "
+                f"({refit_samples:,} images through the pruned and the dense network) but max_memory is "
+                f"{_human(limit)}: set refit_batches to fewer batches, or 0 (or raise max_memory)")
     fitting = ", ".join(f"{largest_n(lambda rows: estimate(rows, storage), 10**7):,} in {name}"
                         for name, storage in STORAGE_DTYPES.items())
     return (f"this request needs about {_human(result.total)} (gradients {result.n:,} x {result.p:,} in "

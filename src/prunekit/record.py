@@ -18,8 +18,6 @@ its history: ``stages`` (weights), ``events`` (gradual), ``phases`` (structured)
 from __future__ import annotations
 
 import math
-import resource
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from torch import nn
 
 from .losses import loss_name
 from .pipelines.weights import Outcome
+from .process_memory import peak_usage
 from .saving import atomic_write_json, save_model
 from .zoo.layout import channel_layout
 
@@ -45,9 +44,8 @@ def finite(obj):
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    """Peak resident memory of this process so far, MB (``process_memory.peak_usage``)."""
+    return peak_usage() / 2**20
 
 
 def build_record(plan, outcome: Outcome, dense: dict, final: dict, seconds: float) -> dict:

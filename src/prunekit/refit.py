@@ -375,16 +375,37 @@ def fit_layer(layer: nn.Module, moments: Moments, centred: bool, ridge: float = 
     return {"error_before": error_before, "error_after": error_after, "iterations": iterations, "kept": kept}
 
 
+def lockstep_allowance(device: torch.device) -> int:
+    """Bytes the two networks' activations of all batches may take at once for the re-fit to run
+    them in lockstep (half the memory available now); above it, truncated forwards per layer."""
+    return available_memory(device) // 2
+
+
+@torch.no_grad()
+def lockstep_bytes(model: nn.Module, x: torch.Tensor) -> int | None:
+    """Bytes of activations :class:`Lockstep` holds at once running ``model`` on ``x`` (as the model
+    takes it; the re-fit holds twice that: both networks), or None when it cannot run ``model``
+    (the re-fit then forwards each layer's batches truncated). The model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return Lockstep(model).check(model, x)
+    except Exception:                           # tracing fails in many ways on user models
+        return None
+    finally:
+        model.train(was_training)
+
+
 def _lockstep(model: nn.Module, dense: nn.Module, x: torch.Tensor, batches: int) -> tuple[Lockstep | None, str]:
     """A :class:`Lockstep` of ``model`` when it can be traced, reproduces the eager forward on ``x``
-    and holds both networks' activations of all ``batches`` within half the available memory;
+    and holds both networks' activations of all ``batches`` within :func:`lockstep_allowance`;
     else None and why."""
     try:
         lockstep = Lockstep(model)
         peak = lockstep.check(dense, x)
     except Exception as error:                  # tracing fails in many ways on user models
         return None, f"not traceable by torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
-    need, have = 2 * peak * batches, available_memory(x.device) // 2
+    need, have = 2 * peak * batches, lockstep_allowance(x.device)
     if need > have:
         return None, f"the batches' activations need {need / 2**30:.1f} GiB at once, {have / 2**30:.1f} GiB allowed"
     return lockstep, ""

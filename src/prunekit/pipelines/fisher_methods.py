@@ -120,13 +120,15 @@ def needs_flops(budget: ResolvedBudget, opts) -> None:
 def plan_memory(family: str):
     """The memory check of a family ("chita", "falcon", "woodfisher": their solvers' work arrays
     differ), for the method table: refuses a request that does not fit before any work."""
-    def check(model, space, example_input, budget: ResolvedBudget, opts: QuadraticOptions, judge_batch: int = 0):
+    def check(model, space, example_input, budget: ResolvedBudget, opts: QuadraticOptions, judge_batch: int = 0,
+              refit_samples: int = 0, refit_batch: int = 0):
         return memory_plan.plan(model, space, example_input, n=opts.fisher_samples, dtype=opts.fisher_dtype,
                                 family=family, max_memory=opts.max_memory, fisher_batch=opts.fisher_batch,
                                 fisher_bn=opts.fisher_bn,
                                 obs_block_size=getattr(opts, "obs_block_size", 128),
                                 keep_share=budget.max_nonzeros / space.numel, ranks=distributed.current().size,
-                                ranks_here=distributed.ranks_on_this_machine(), judge_batch=judge_batch)
+                                ranks_here=distributed.ranks_on_this_machine(), judge_batch=judge_batch,
+                                refit_samples=refit_samples, refit_batch=refit_batch)
     return check
 
 
@@ -157,7 +159,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
                           "split is used)", ("data",))
     p = ctx.space.numel
     # The plan of the first stage (the largest: later stages have fewer free weights).
-    plan = memory(ctx.model, ctx.space, ctx.costs.example_input, ctx.budget, opts, _judge_batch(ctx, opts))
+    plan = memory(ctx.model, ctx.space, ctx.costs.example_input, ctx.budget, opts, _judge_batch(ctx, opts),
+                  *ctx.refit_images)
     macs = _compact_macs(ctx.space.macs_per_weight(ctx.costs))    # solvers work where the model is
     dense_macs = int(macs.sum())
     target = ctx.budget.max_nonzeros
@@ -185,6 +188,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         last = stage == len(shares)
         k = target if last else max(target, round(share * p))
         max_macs = None if mac_share is None else (target_macs if last else max(target_macs, int(mac_share * dense_macs)))
+        process_memory.release_freed_memory()    # the last stage's re-estimation and evaluation: freed heap
         start = time.perf_counter()
         free = torch.ones(p, dtype=torch.bool, device=w.device) if opts.revive or stage == 1 else w != 0
         index = free.nonzero().squeeze(1)
@@ -237,12 +241,12 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         if last and kept:
             w = _best_of_last_and_kept(ctx, w, kept, searched)
         ctx.space.assign(w)
+        x_mb = q.X.numel() * q.X.element_size() / 2**20
+        q = rows = None      # this stage's X goes before the re-fit and the next stage's X
         refitted = None
         if ctx.refit is not None and (last or ctx.refit_every_stage):   # the next stage's gradients at the re-fit
             refitted = ctx.refit()
             w = ctx.space.vector()
-        x_mb = q.X.numel() * q.X.element_size() / 2**20
-        q = rows = None      # this stage's X goes before the next stage allocates its own
         # After the last stage the final model's full recalibration (the default 20 batches), so
         # that its record measures the final model; between stages it matters for the next
         # stage's gradients only.
