@@ -137,3 +137,15 @@ def test_train_samples_above_the_data_set_is_said_and_recorded(tmp_path, capsys)
     assert len(warned) == 1 and "2000" in warned[0] and "5000" in warned[0], err
     assert "train-samples = 2000" in (tmp_path / "run" / "config.toml").read_text()
     assert main(argv) == 0          # the same command again carries the run on, not "holds another run"
+
+
+@pytest.mark.parametrize("command", [["prune", "--sparsity", "0.5"], ["eval"]])
+def test_a_zoo_model_without_checkpoint_is_said_to_have_random_weights(capsys, command):
+    """Forgetting --checkpoint must not silently prune or score a random network; with one, no word."""
+    ckpt = str(__import__("pathlib").Path(MNIST_ASSETS).parent / "mlpnet.safetensors")
+    data = ["--data", "mnist", "--data-dir", MNIST_ASSETS, "--json"]
+    assert main([command[0], "--model", "mlpnet", *data, *command[1:]]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: warning:")]
+    assert len(warned) == 1 and "no --checkpoint: mlpnet has random weights" in warned[0]
+    assert main([command[0], "--model", "mlpnet", "--checkpoint", ckpt, *data, *command[1:]]) == 0
+    assert "random weights" not in capsys.readouterr().err

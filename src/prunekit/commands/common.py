@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from .. import user_models, zoo
 from ..data import DATASET_NAMES, make_loader
 from .. import report
-from ..errors import PrunekitError
+from ..errors import PrunekitError, PrunekitWarning
 from ..saving import read_meta
 from ..zoo.checkpoints import check_checkpoint_path
 from ..loading import LoadedModel, check_fits, check_normalized, load_data, load_model
@@ -105,6 +106,15 @@ def loaded_model(args) -> LoadedModel:
     if getattr(args, "device", None):           # every tensor follows the model (solvers included)
         loaded.model.to(args.device)
     return loaded
+
+
+def warn_if_random_weights(args) -> None:
+    """Say so when a zoo model runs without --checkpoint (after the input checks: no noise on top
+    of a refusal). A model file is left alone: its function may load weights itself."""
+    if args.checkpoint is None and not user_models.is_model_file(args.model):
+        warnings.warn(PrunekitWarning(f"no --checkpoint: {args.model} has random weights, so its accuracy means "
+                                      "nothing (fine for measuring cost and speed); pass --checkpoint FILE for a "
+                                      "trained one"))
 
 
 def image_transform(args) -> dict | None:

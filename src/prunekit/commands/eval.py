@@ -7,12 +7,14 @@ import time
 from ..costs import CostModel
 from ..train import evaluate_loss_accuracy
 from ..record import peak_rss_mb
-from .common import add_data_args, add_device_arg, add_model_args, emit, eval_data, loaded_model
+from .common import (add_data_args, add_device_arg, add_model_args, emit, eval_data, loaded_model,
+                     warn_if_random_weights)
 
 
 def cmd_eval(args) -> int:
     loaded = loaded_model(args)
     loader = eval_data(args, loaded)
+    warn_if_random_weights(args)
     start = time.perf_counter()
     measured = evaluate_loss_accuracy(loaded.model, loader, progress=not args.json)
     seconds = time.perf_counter() - start

@@ -24,7 +24,7 @@ from ..request import PruneRequest
 from ..saving import atomic_write_json
 from . import option_flags
 from .common import (add_data_args, add_device_arg, add_model_args, describe, emit, eval_data, loaded_model,
-                     training_batches, write_report)
+                     training_batches, warn_if_random_weights, write_report)
 from .option_flags import add_option_flags
 
 RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
@@ -75,6 +75,7 @@ def cmd_prune(args) -> int:
         check_onnx(loaded)
     eval_loader = eval_data(args, loaded)
     plan = request_of(args, loaded).plan()
+    warn_if_random_weights(args)
     record = prune_into(args, plan, loaded, eval_loader, training_batches(args, loaded))
     emit(args, record, prune_lines(record) + ([f"  saved to   {args.out}"] if args.out else []))
     return 0

@@ -12,7 +12,7 @@ from .. import distributed, report, run_lock, runs
 from ..errors import PrunekitError
 from ..methods import lookup
 from ..options import OptionError
-from .common import emit, eval_data, loaded_model, training_batches, write_report
+from .common import emit, eval_data, loaded_model, training_batches, warn_if_random_weights, write_report
 from .prune import add_prune_args, method_options, prune_into, request_of, run_config
 
 
@@ -71,6 +71,7 @@ def cmd_sweep(args) -> int:
     train_batches = training_batches(args, dense_model)
     for method, budget in plan:           # a run folder of another sweep is refused before the first run
         check_run_folder(run_args_of(args, method, budget))
+    warn_if_random_weights(args)
     with run_lock.held_by_rank_0(args.out):    # one sweep at a time in it (each run locks its own)
         table = run_sweep(args, plan, dense_model, eval_loader, train_batches)
     emit(args, {"runs": table, "report": str(Path(args.out) / "report.md")},
