@@ -48,6 +48,15 @@ def test_prune_meets_budget_and_saves(capsys, tmp_path, method):
     assert info["macs"] == out["macs"]
 
 
+def test_random_weights_without_a_checkpoint_come_from_the_seed(capsys):
+    """A zoo model without --checkpoint is drawn from --seed (default 0): the same command twice
+    measures the same network, another seed another one."""
+    def pruned(*seed):
+        assert main(["prune", "--model", "mlpnet", *MNIST, "--sparsity", "0.5", "--json", *seed]) == 0
+        return json.loads(capsys.readouterr().out)["dense_loss"]
+    assert pruned() == pruned() == pruned("--seed", "0") != pruned("--seed", "1")
+
+
 def test_info_table(capsys):
     assert main(["info", "resnet20-b"]) == 0
     text = capsys.readouterr().out

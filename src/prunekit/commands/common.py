@@ -99,8 +99,12 @@ def loaded_model(args) -> LoadedModel:
     if user_models.is_model_file(args.model) and getattr(args, "data", None) and args.data_dir:
         input_shape = tuple(evaluation_split(args.data, args.data_dir, args.eval_split, args.resize,
                                              args.crop).image_shape)
-    loaded = load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None), input_shape=input_shape,
-                        normalization=getattr(args, "normalize", None))
+    seed = getattr(args, "seed", 0)
+    with torch.random.fork_rng(devices=[]):     # weights a checkpoint does not give are drawn from --seed
+        if 0 <= seed < 2**63:                   # (one out of torch's range is refused with the request)
+            torch.manual_seed(seed)
+        loaded = load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None),
+                            input_shape=input_shape, normalization=getattr(args, "normalize", None))
     if getattr(args, "data", None):
         check_image_transform(loaded, args)
     if getattr(args, "device", None):           # every tensor follows the model (solvers included)
