@@ -337,6 +337,19 @@ def test_the_quadratic_methods_re_fit_by_default_on_the_first_1024_samples(monke
     assert "refit" not in gradual.record and all("refit" not in s for s in gradual.record.get("stages", []))
 
 
+def test_auto_takes_fewer_images_where_1024_would_not_run_in_lockstep(monkeypatch):
+    """refit_batches "auto" keeps the re-fit in lockstep (one forward per network): where both
+    networks' activations of 1,024 images exceed the allowance it takes the batches that fit;
+    an explicit refit_batches is taken as asked (then by truncated forwards)."""
+    per_image = refit_module.lockstep_bytes(_net(), _data()[0][:1])
+    monkeypatch.setattr(refit_module, "lockstep_allowance", lambda device: 2 * per_image * 70)
+    auto = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, batch_size=32)
+    assert auto.record["refit"]["images"] == 64 and auto.record["refit"]["forwards"].startswith("one per network")
+    asked = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, batch_size=32,
+                           refit_batches=3)
+    assert asked.record["refit"]["images"] == 96 and asked.record["refit"]["forwards"].startswith("one truncated")
+
+
 def test_auto_re_fits_a_network_without_batchnorm_after_its_last_stage_only():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(144, 24), nn.ReLU(), nn.Linear(24, 3))

@@ -396,6 +396,14 @@ def lockstep_bytes(model: nn.Module, x: torch.Tensor) -> int | None:
         model.train(was_training)
 
 
+def lockstep_images(model: nn.Module, x: torch.Tensor) -> int | None:
+    """How many images like ``x`` (one, as the model takes it) the re-fit can run in lockstep:
+    both networks' activations of all of them within :func:`lockstep_allowance`; None when the
+    model cannot run in lockstep."""
+    per_image = lockstep_bytes(model, x)
+    return None if per_image is None else lockstep_allowance(x.device) // (2 * max(per_image, 1))
+
+
 def _lockstep(model: nn.Module, dense: nn.Module, x: torch.Tensor, batches: int) -> tuple[Lockstep | None, str]:
     """A :class:`Lockstep` of ``model`` when it can be traced, reproduces the eager forward on ``x``
     and holds both networks' activations of all ``batches`` within :func:`lockstep_allowance`;

@@ -28,7 +28,7 @@ from ..errors import PrunekitError
 from ..losses import LossFn
 from ..options import IntegerOrAuto, OptionError, Options, Real
 from ..params import ParamSpace
-from ..refit import RIDGE, refit
+from ..refit import RIDGE, lockstep_images, refit
 from ..train import recalibrate_batchnorm
 from .allocation import RecalibratedLoss
 from .stages import StageCheckpointer, measure_seconds
@@ -46,8 +46,9 @@ class RefitOptions(Options):
         order, to the dense layer's outputs on this many training batches, by least squares (the
         zeros stay; layers feeding a BatchNorm fit on centred moments, as the recalibration will
         restore each channel's mean and scale; ``prunekit.refit``); 0: off; "auto": the first
-        batches that hold ``AUTO_REFIT_SAMPLES`` = 1,024 samples when training data is given, else
-        off. One-shot and multi-stage runs only (gradual pruning fine-tunes instead; "auto" is off
+        batches that hold ``AUTO_REFIT_SAMPLES`` = 1,024 samples when training data is given (fewer
+        where both networks' activations of them would not fit in memory at once: see
+        ``_auto_refit_batches``), else off. One-shot and multi-stage runs only (gradual pruning fine-tunes instead; "auto" is off
         there); a multi-stage run re-fits after every stage, so that the next stage's gradients
         are taken at the re-fit weights ("auto" on a network without BatchNorm: after the last
         stage only). The re-fit is kept only if it lowers the loss on the training batches that
@@ -155,10 +156,11 @@ def prune_weights(ctx: PruneContext, run, options) -> Outcome:
                           ("refit_batches", "data"))
     if refit_batches != 0:
         dense = copy.deepcopy(ctx.model)                              # the targets of the re-fit
-        ctx.refit = lambda: refit_pruned(ctx, dense, refit_batches, options.refit_ridge)
         batch = int(first_batch(ctx.train_batches, "data")[1].shape[0])
-        count = -(-AUTO_REFIT_SAMPLES // batch) if refit_batches is None else refit_batches
-        ctx.refit_images = (count * batch, batch)
+        if refit_batches is None:
+            refit_batches = _auto_refit_batches(ctx, batch)
+        ctx.refit = lambda: refit_pruned(ctx, dense, refit_batches, options.refit_ridge)
+        ctx.refit_images = ((refit_batches or -(-AUTO_REFIT_SAMPLES // batch)) * batch, batch)
     pruned = run(ctx, options)
     ctx.space.assign(pruned.weights)
     info, recalibrated = dict(pruned.info), pruned.bn_recalibrated
@@ -173,6 +175,20 @@ def prune_weights(ctx: PruneContext, run, options) -> Outcome:
     counts, nonzeros = check_budget(ctx.space, ctx.costs, ctx.budget)
     return Outcome(ctx.model, counts, nonzeros, 1 - nonzeros / ctx.space.numel, seconds, list(ctx.history),
                    {"bn_recalibrated": recalibrated, **info})
+
+
+def _auto_refit_batches(ctx: PruneContext, batch: int) -> int | None:
+    """refit_batches "auto": None (the first batches holding AUTO_REFIT_SAMPLES samples) where the
+    re-fit can run them in lockstep, else as many batches of ``batch`` as it can (at least one): the
+    truncated forwards it would fall back to cost depth² forwards (ResNet-50 at 224 x 224 on a 24 GB
+    machine holds 615 images in lockstep, not 1,024: without this cap, 54 layers x 8 batches of
+    truncated forwards per re-fit)."""
+    example = ctx.costs.example_input
+    room = lockstep_images(ctx.model, example[:1]) if isinstance(example, torch.Tensor) else None
+    wanted = -(-AUTO_REFIT_SAMPLES // batch)
+    if room is None or wanted * batch <= room:
+        return None
+    return max(1, room // batch)
 
 
 def refit_pruned(ctx: PruneContext, dense: nn.Module, batches: int | None, ridge: float) -> dict:
