@@ -68,11 +68,12 @@ The peak of a request is estimated from its parts, each counted from the model i
                          INFERENCE_FACTOR times the largest module output per sample.
   or, instead of X and the phases above (the stage loop frees X before it), the re-fit of the
   kept weights (``prunekit.refit``, on by default since session 33; refit_samples images):
-    activations          both networks' activations on all the images at once (the lockstep:
-                         INFERENCE_FACTOR x the largest output per sample, which is what
-                         Lockstep.check measures on ResNet-20-B), or one batch of them when that
-                         exceeds the re-fit's own allowance (refit.lockstep_allowance), and the
-                         images' inputs (twice: each network's layout);
+    activations          both networks' activations on all the images at once: the lockstep's
+                         own count for one sample (refit.lockstep_bytes, what Lockstep.check
+                         measures) times the images, times REFIT_ACTIVATION_FACTOR; or one batch
+                         of INFERENCE_FACTOR x the largest output per sample where that exceeds
+                         the re-fit's allowance (refit.lockstep_allowance: it then runs truncated
+                         forwards); and the images' inputs (twice: each network's layout);
     solve                the largest layer's float64 moments and normal equations (4 D x D per
                          group) and its block preconditioner (K x D x kh·kw);
     copies               the re-fit layers' parameters before and after (two float32 copies,

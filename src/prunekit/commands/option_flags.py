@@ -96,7 +96,8 @@ HELP = {
     "refit_batches": "weights methods, one shot or multi-stage: after pruning, re-fit each pruned Conv/Linear's kept "
                      "weights to the dense layer's outputs on this many training batches, in forward order (least "
                      "squares, centred before a BatchNorm), 0: off, or auto: the first batches holding 1,024 "
-                     "samples, fewer where memory cannot hold both networks' activations of them at once (default: auto for chita, falcon, woodfisher and their ++ forms; 0 for the magnitude "
+                     "samples, fewer where memory cannot hold both networks' activations of them at once "
+                     "(default: auto for chita, falcon, woodfisher and their ++ forms; 0 for the magnitude "
                      "methods and the hybrid)",
     "refit_ridge": "ridge of that least squares as a multiple of the mean diagonal of XᵀX (default 0.001)",
     "channel_multiple": "keep a multiple of this many channels in every group (default 1: exact counts; "

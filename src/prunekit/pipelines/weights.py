@@ -48,10 +48,10 @@ class RefitOptions(Options):
         restore each channel's mean and scale; ``prunekit.refit``); 0: off; "auto": the first
         batches that hold ``AUTO_REFIT_SAMPLES`` = 1,024 samples when training data is given (fewer
         where both networks' activations of them would not fit in memory at once: see
-        ``_auto_refit_batches``), else off. One-shot and multi-stage runs only (gradual pruning fine-tunes instead; "auto" is off
-        there); a multi-stage run re-fits after every stage, so that the next stage's gradients
-        are taken at the re-fit weights ("auto" on a network without BatchNorm: after the last
-        stage only). The re-fit is kept only if it lowers the loss on the training batches that
+        ``_auto_refit_batches``), else off. One-shot and multi-stage runs only (gradual pruning
+        fine-tunes instead; "auto" is off there); a multi-stage run re-fits after every stage, so
+        that the next stage's gradients are taken at the re-fit weights ("auto" on a network
+        without BatchNorm: after the last stage only). The re-fit is kept only if it lowers the loss on the training batches that
         follow its own. Default 0 here (the magnitude baselines); the quadratic-model methods
         default to "auto" (``QuadraticOptions``).
     refit_ridge:   λ of that least squares as a share of the mean diagonal of XᵀX/rows.
