@@ -188,7 +188,8 @@ def prune_lines(r: dict) -> list[str]:
                           if refit["layers"] else "")
                 dropped = "" if refit.get("kept", True) else "; not kept: it raised the loss on held batches"
                 lines.append(f"  re-fit     {refit['layers']} layers ({refit['centred']} centred for BatchNorm, "
-                             f"{refit['skipped']} skipped){errors}, {refit['seconds']:.1f} s{dropped}")
+                             f"{refit['skipped']} skipped){errors}, {refit['seconds']:.1f} s"
+                             f"{f' on {images:,} images' if (images := refit.get('images')) else ''}{dropped}")
     spent = f"{r['seconds']:.2f} s pruning"
     if "gate_seconds" in r:          # a structured run: every phase, the gates apart
         tuned = (r.get("options") or {}).get("finetune_epochs")
