@@ -110,6 +110,25 @@ def test_masked_solver_matches_exact_solves_of_each_row(block):
         assert bool((got[k, ~mask[k]] == 0).all())
 
 
+def test_every_row_meets_the_tolerance_when_rows_converge_at_different_iterations():
+    """Rows leave the product as they converge: one with a single kept entry is done after one
+    step, dense rows of an ill-conditioned system take many; each returned row is within the
+    tolerance of its own right-hand side, and off its support exactly 0."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 40, generator=g, dtype=torch.float64) @ torch.randn(40, 40, generator=g, dtype=torch.float64)
+    a, b = x.T @ x / 400, torch.randn(40, 16, generator=g, dtype=torch.float64)
+    mask = torch.rand(16, 40, generator=g) > 0.3
+    mask[0] = False
+    mask[0, 7] = True
+    penalty = torch.full((40,), 1e-4 * float(a.diagonal().mean()), dtype=torch.float64)
+    got, iterations = masked_least_squares(a, b, mask, torch.zeros(16, 40, dtype=torch.float64), penalty, 1e-3)
+    assert iterations > 5
+    residual = ((b.t() - got @ (a + torch.diag(penalty))) * mask).norm(dim=1)
+    assert bool((residual <= 1e-3 * (b.t() * mask).norm(dim=1)).all())
+    assert bool((got[~mask] == 0).all())
+    assert_close_to_scale(got[0, 7], b[7, 0] / (a[7, 7] + penalty[7]), 1e-12)
+
+
 def test_a_conv_samples_its_rows_down_to_the_cap(monkeypatch):
     """About ROWS_PER_INPUT x D rows over all images: here 2 x 27 over 10 images, 6 of each image's
     64 positions, drawn per image from the seeded generator; the sums are those of exactly these rows."""
