@@ -111,9 +111,9 @@ def test_masked_solver_matches_exact_solves_of_each_row(block):
 
 
 def test_every_row_meets_the_tolerance_when_rows_converge_at_different_iterations():
-    """Rows leave the product as they converge: one with a single kept entry is done after one
-    step, dense rows of an ill-conditioned system take many; each returned row is within the
-    tolerance of its own right-hand side, and off its support exactly 0."""
+    """A row with a single kept entry is solved in one step, dense rows of an ill-conditioned
+    system take many; every returned row is within the tolerance of its own right-hand side, off
+    its support exactly 0, and the one-entry row exact."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(400, 40, generator=g, dtype=torch.float64) @ torch.randn(40, 40, generator=g, dtype=torch.float64)
     a, b = x.T @ x / 400, torch.randn(40, 16, generator=g, dtype=torch.float64)

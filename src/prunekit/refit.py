@@ -221,56 +221,43 @@ def masked_least_squares(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, s
     right-hand side, preconditioned by the inverse of each row's diagonal blocks of ``block``
     consecutive entries (1: the diagonal; a conv's kh·kw taps of one input channel); when D is not
     a multiple of ``block`` the last D mod block entries (a bias) get their diagonal. Returns the
-    rows (K, D) and the iterations run.
-
-    Rows converge at different iterations (ResNet-50's 3 x 3 convolutions: from a few dozen to
-    about 300), so converged rows leave the product once they are an eighth of those still running:
-    each row is a CG of its own, and one that stays a little longer only solves more exactly."""
+    rows (K, D) and the iterations run."""
     system = a + torch.diag(penalty)
     m = mask.to(system.dtype)
     d = system.shape[0]
     blocked = (d // block) * block if block > 1 else 0
     diagonal = system.diagonal().clamp_min(torch.finfo(system.dtype).tiny)
     inverse = _block_preconditioner(system[:blocked, :blocked], mask[:, :blocked], block) if blocked else None
-    tiny = torch.finfo(system.dtype).tiny
 
-    def precondition(r, m, inverse):
+    def precondition(r):
         if inverse is None:
             return r / diagonal
         z = r / diagonal
         z[:, :blocked] = (inverse @ r[:, :blocked].reshape(r.shape[0], -1, block, 1)).reshape(r.shape[0], blocked)
         return z * m
 
-    solution = start.to(system.dtype) * m
-    rows = torch.arange(m.shape[0], device=m.device)        # the rows still running, into solution
-    w = solution.clone()
+    w = start.to(system.dtype) * m
     residual = (b.t() - w @ system) * m                   # the negative half-gradient, on the support
-    scale = (b.t() * m).norm(dim=1).clamp_min(tiny)
-    z = precondition(residual, m, inverse)
+    scale = (b.t() * m).norm(dim=1).clamp_min(torch.finfo(system.dtype).tiny)
+    z = precondition(residual)
     direction = z.clone()
     rz = (residual * z).sum(1)
     iterations = 0
     for iterations in range(1, MAX_ITERATIONS + 1):
-        done = residual.norm(dim=1) <= tolerance * scale
-        if bool(done.all()):
+        if bool((residual.norm(dim=1) <= tolerance * scale).all()):
             iterations -= 1
             break
-        if int(done.sum()) * 8 >= len(rows):
-            solution[rows[done]] = w[done]
-            keep = ~done
-            rows, w, residual, direction, rz, scale, m = (t[keep] for t in (rows, w, residual, direction, rz, scale, m))
-            inverse = inverse[keep] if inverse is not None else None
         product = (direction @ system) * m
         curvature = (direction * product).sum(1)
-        step = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), torch.zeros_like(rz))
+        step = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(system.dtype).tiny),
+                           torch.zeros_like(rz))
         w += step.unsqueeze(1) * direction
         residual -= step.unsqueeze(1) * product
-        z = precondition(residual, m, inverse)
+        z = precondition(residual)
         rz_next = (residual * z).sum(1)
-        direction = z + (rz_next / rz.clamp_min(tiny)).unsqueeze(1) * direction
+        direction = z + (rz_next / rz.clamp_min(torch.finfo(system.dtype).tiny)).unsqueeze(1) * direction
         rz = rz_next
-    solution[rows] = w
-    return solution, iterations
+    return w, iterations
 
 
 def _objective(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
