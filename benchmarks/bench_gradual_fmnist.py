@@ -1,6 +1,7 @@
 """Gradual FALCON against gradual FLOP-aware magnitude at the same MACs, ResNet-20 on Fashion-MNIST.
 
-The reference model is our own, trained on the complete Fashion-MNIST training set:
+The reference model is our own, trained on the complete Fashion-MNIST training set and shipped in
+benchmarks/checkpoints/fmnist-resnet20 (its README has the recipe):
 
     prunekit train --model resnet20 --data fashion-mnist --data-dir ../shared/data/fashion-mnist \\
         --epochs 8 --lr 0.1 --batch-size 128 --out runs/fmnist-resnet20
@@ -8,7 +9,7 @@ The reference model is our own, trained on the complete Fashion-MNIST training s
 then, for each method, `prunekit prune --gradual` to the FLOP budget (default 20% of MACs kept)
 with the same events, fine-tuning epochs and seed; accuracy on the 10,000 test images.
 
-    python benchmarks/bench_gradual_fmnist.py --checkpoint runs/fmnist-resnet20/model.safetensors
+    python benchmarks/bench_gradual_fmnist.py            # or --checkpoint runs/fmnist-resnet20/model.safetensors
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import DEFAULT_DATA, print_table, prunekit, write_json
+from common import DEFAULT_DATA, FMNIST_CHECKPOINT, print_table, prunekit, write_json
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder")
-    parser.add_argument("--checkpoint", required=True, help="the trained ResNet-20 (prunekit .safetensors)")
+    parser.add_argument("--checkpoint", default=str(FMNIST_CHECKPOINT),
+                        help="the trained ResNet-20 (prunekit .safetensors; default: the shipped one)")
     parser.add_argument("--flops", default="0.2")
     parser.add_argument("--methods", nargs="+", default=["falcon", "magnitude-flops"])
     parser.add_argument("--events", type=int, default=3)

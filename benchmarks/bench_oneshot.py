@@ -5,7 +5,7 @@
     python benchmarks/bench_oneshot.py --model resnet20-b --budgets 0.3 \\
         --custom '{"name": "bn-n1000", "method": "falcon", "fisher-samples": 1000, "fisher-batch": 16, "fisher-bn": "batch"}'
     python benchmarks/bench_oneshot.py --show benchmarks/results/oneshot.json   # the table only
-    python benchmarks/bench_oneshot.py --model fmnist-resnet20 --checkpoint runs/fmnist-resnet20/model.safetensors
+    python benchmarks/bench_oneshot.py --model fmnist-resnet20      # benchmarks/checkpoints/fmnist-resnet20
     python benchmarks/bench_oneshot.py --model resnet20-b --rows magnitude-flops falcon-bn-search magnitude-flops-search
 
 Every row is one `prunekit prune --json` process (OMP_NUM_THREADS=1, so its seconds and peak RSS
@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, jpeg_copies_of, print_table, unpacked_jpeg_test, write_json
+from common import DEFAULT_DATA, FMNIST_CHECKPOINT, jpeg_copies_of, print_table, unpacked_jpeg_test, write_json
 
 SETUPS = {
     "resnet20-b": {"model": "resnet20-b", "checkpoint": "{data}/checkpoints/resnet20_cifar10.pth.tar",
@@ -60,7 +60,7 @@ SETUPS = {
                  "sparsity_too": False, "jpeg_test": True},
     "mlpnet": {"model": "mlpnet", "checkpoint": "{data}/checkpoints/mnist_25_epoch_93.97.ckpt", "data": "mnist",
                "dir": "{data}/mnist", "budgets": [0.1, 0.05, 0.02], "train_eval": 10000, "sparsity_too": True},
-    "fmnist-resnet20": {"model": "resnet20", "checkpoint": "runs/fmnist-resnet20/model.safetensors",
+    "fmnist-resnet20": {"model": "resnet20", "checkpoint": str(FMNIST_CHECKPOINT),
                         "data": "fashion-mnist", "dir": "{data}/fashion-mnist", "budgets": [0.4, 0.3, 0.2, 0.1],
                         "train_eval": 10000, "sparsity_too": False},
 }
@@ -172,7 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=SETUPS, nargs="+", default=["resnet20-b", "mlpnet"])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder")
-    parser.add_argument("--checkpoint", help="fmnist-resnet20's checkpoint (default: runs/fmnist-resnet20/model.safetensors, as the recipe in docs/benchmarks.md writes it)")
+    parser.add_argument("--checkpoint", help="fmnist-resnet20's checkpoint (default: the shipped benchmarks/checkpoints/fmnist-resnet20, "
+                        "made by the recipe in its README)")
     parser.add_argument("--budgets", type=float, nargs="+", help="shares of MACs kept (default: the model's)")
     parser.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS))
     parser.add_argument("--custom", action="append", default=[],
