@@ -1,4 +1,4 @@
-"""Benchmark scripts never overwrite a result file that was there before they ran."""
+"""Benchmark scripts never overwrite a result file that was there before they ran; the checkpoint they ship is intact."""
 
 import json
 import sys
@@ -31,3 +31,23 @@ def test_bad_input_exits_with_code_2(capsys):
     with pytest.raises(SystemExit) as stop:
         common.refuse("pass --data the shared data folder")
     assert stop.value.code == 2 and "pass --data" in capsys.readouterr().err
+
+
+def test_the_shipped_fashion_mnist_checkpoint_matches_its_readme_and_loads():
+    """benchmarks/checkpoints/fmnist-resnet20: the md5 its README states, and a 1-channel 28 x 28
+    ResNet-20 with the Fashion-MNIST normalisation once loaded (weights only: safetensors)."""
+    import hashlib
+    import re
+
+    import torch
+
+    from prunekit.loading import load_model
+
+    path = common.FMNIST_CHECKPOINT
+    stated = re.search(r"\| `fmnist-resnet20/` \|.*\| ([0-9a-f]{32}) \|", (path.parents[1] / "README.md").read_text())
+    assert stated and hashlib.md5(path.read_bytes()).hexdigest() == stated.group(1)
+    loaded = load_model("resnet20", path)
+    assert loaded.normalization is not None
+    with torch.no_grad():
+        logits = loaded.model.eval()(torch.rand(2, 1, 28, 28))
+    assert logits.shape == (2, 10) and bool(torch.isfinite(logits).all())
