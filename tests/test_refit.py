@@ -93,7 +93,9 @@ def _brute_force(x, y, weight, groups=1, centred=False, bias=False):
 
 
 @pytest.mark.parametrize("block", [1, 3, 5])     # 5: two blocks and a last entry (a bias) on its own
-def test_masked_solver_matches_exact_solves_of_each_row(block):
+@pytest.mark.parametrize("switch", [0, 3, 10**6])  # the restricted inverse from the start, after 3, never
+def test_masked_solver_matches_exact_solves_of_each_row(block, switch, monkeypatch):
+    monkeypatch.setattr(refit_module, "SWITCH_ITERATIONS", switch)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 12, generator=g, dtype=torch.float64)
     x[:, 1::3] += 2 * x[:, 0::3]                          # correlated neighbours, as a conv's taps are
@@ -102,7 +104,7 @@ def test_masked_solver_matches_exact_solves_of_each_row(block):
     penalty = torch.full((12,), 0.05, dtype=torch.float64)
     got, iterations = masked_least_squares(a, b, mask, torch.randn(5, 12, generator=g, dtype=torch.float64), penalty,
                                            tolerance=1e-12, block=block)
-    assert 0 < iterations <= 12 + 5                       # conjugate gradients: at most about D steps
+    assert 0 < iterations <= 12 + 5 + min(switch, 12)     # conjugate gradients: about D steps, and a restart
     for k in range(5):
         keep = torch.nonzero(mask[k]).flatten()
         exact = torch.linalg.solve(a[keep][:, keep] + 0.05 * torch.eye(len(keep), dtype=a.dtype), b[keep, k])
@@ -129,22 +131,42 @@ def test_every_row_meets_the_tolerance_when_rows_converge_at_different_iteration
     assert_close_to_scale(got[0, 7], b[7, 0] / (a[7, 7] + penalty[7]), 1e-12)
 
 
+def test_a_slow_solve_switches_to_the_restricted_inverse_and_ends_sooner(monkeypatch):
+    """After SWITCH_ITERATIONS the solve restarts preconditioned by (A + λI)⁻¹ restricted to each
+    row's support; on a badly conditioned system it meets the same tolerance in fewer iterations."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(600, 60, generator=g, dtype=torch.float64) @ torch.randn(60, 60, generator=g, dtype=torch.float64)
+    a, b = x.T @ x / 600, torch.randn(60, 8, generator=g, dtype=torch.float64)
+    mask = torch.rand(8, 60, generator=g) > 0.3
+    penalty = torch.full((60,), 1e-5 * float(a.diagonal().mean()), dtype=torch.float64)
+    solved = {}
+    for switch in (10, 10**6):
+        monkeypatch.setattr(refit_module, "SWITCH_ITERATIONS", switch)
+        solved[switch] = masked_least_squares(a, b, mask, torch.zeros(8, 60, dtype=torch.float64), penalty, 1e-8)
+    (switched, switched_iterations), (block, block_iterations) = solved[10], solved[10**6]
+    assert switched_iterations < block_iterations
+    for got in (switched, block):
+        residual = ((b.t() - got @ (a + torch.diag(penalty))) * mask).norm(dim=1)
+        assert bool((residual <= 1e-8 * (b.t() * mask).norm(dim=1)).all())
+        assert bool((got[~mask] == 0).all())
+
+
 def test_a_conv_samples_its_rows_down_to_the_cap(monkeypatch):
     """About ROWS_PER_INPUT x D rows over all images: here 2 x 27 over 10 images, 6 of each image's
-    64 positions, drawn per image from the seeded generator; the sums are those of exactly these rows."""
+    64 positions, drawn per image from a generator seeded by the batch's index (so any rank that adds
+    a batch draws its rows alike); the sums are those of exactly these rows."""
     monkeypatch.setattr(refit_module, "ROWS_PER_INPUT", 2)
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
     batches = [torch.randn(5, 3, 8, 8) for _ in range(2)]
     moments, everything = Moments.of_layer(conv, images=10), Moments.of_layer(conv)
-    draw = torch.Generator().manual_seed(0)
     xx, xy = torch.zeros(27, 27, dtype=torch.float64), torch.zeros(27, 4, dtype=torch.float64)
     with torch.no_grad():
-        for x in batches:
+        for index, x in zip((3, 7), batches):
             y = conv(x)
-            moments.add(conv, x, y)
-            everything.add(conv, x, y)
-            chosen = torch.rand(5, 64, generator=draw).argsort(1)[:, :6]
+            moments.add(conv, x, y, index)
+            everything.add(conv, x, y, index)
+            chosen = torch.rand(5, 64, generator=torch.Generator().manual_seed(index)).argsort(1)[:, :6]
             rows = nn.functional.unfold(x, 3, padding=1).gather(2, chosen[:, None].expand(5, 27, 6))
             outs = y.reshape(5, 4, 64).gather(2, chosen[:, None].expand(5, 4, 6))
             rows, outs = rows.transpose(1, 2).reshape(-1, 27).double(), outs.transpose(1, 2).reshape(-1, 4).double()

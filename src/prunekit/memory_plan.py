@@ -68,14 +68,16 @@ The peak of a request is estimated from its parts, each counted from the model i
                          INFERENCE_FACTOR times the largest module output per sample.
   or, instead of X and the phases above (the stage loop frees X before it), the re-fit of the
   kept weights (``prunekit.refit``, on by default since session 33; refit_samples images):
-    activations          both networks' activations on all the images at once: the lockstep's
+    activations          both networks' activations on all the images at once (under torchrun
+                         a rank's share of the batches): the lockstep's
                          own count for one sample (refit.lockstep_bytes, what Lockstep.check
                          measures) times the images, times REFIT_ACTIVATION_FACTOR; or one batch
                          of INFERENCE_FACTOR x the largest output per sample where that exceeds
                          the re-fit's allowance (refit.lockstep_allowance: it then runs truncated
                          forwards); and the images' inputs (twice: each network's layout);
-    solve                the largest layer's float64 moments and normal equations (4 D x D per
-                         group) and its block preconditioner (K x D x kh·kw);
+    solve                the largest layer's float64 moments and normal equations (6 D x D per
+                         group, a slow solve's inverse among them) and its block preconditioner
+                         (K x D x kh·kw);
     copies               the re-fit layers' parameters before and after (two float32 copies,
                          the loss check's), the stage loop's vectors and the kept candidate;
     judge                the loss check after it: JUDGE_BATCHES batches and a forward pass, as
@@ -257,22 +259,26 @@ def _output_positions(model: nn.Module, example_input, layers: list[nn.Module]) 
 def _refit_solve_bytes(layer: nn.Module, positions: int, samples: int, batch: int) -> int:
     """One layer's re-fit at its peak: a batch's sampled conv patches (float32, ``positions`` per
     image at most, ROWS_PER_INPUT x D rows in all) and its float64 moments and normal equations
-    (about 4 D x D per group: XᵀX, its centred copy, the system with its ridge, CG's products) and
-    block preconditioner (K x D x kh·kw); D = C_in/groups·kh·kw inputs, K = C_out/groups."""
+    (about 6 D x D per group: XᵀX, its centred copy, the system with its ridge, CG's products, and
+    a slow solve's Cholesky factor and inverse) and block preconditioner (K x D x kh·kw);
+    D = C_in/groups·kh·kw inputs, K = C_out/groups."""
     groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
     d, taps = layer.weight[0].numel(), layer.weight[0, 0].numel() if isinstance(layer, nn.Conv2d) else 1
     k = layer.weight.shape[0] // groups
     patches = 4 * batch * groups * d * min(positions, -(-REFIT_ROWS_PER_INPUT * d // samples)) if taps > 1 else 0
-    return patches + 8 * groups * (4 * d * d + k * d * (taps + 3))
+    return patches + 8 * groups * (6 * d * d + k * d * (taps + 3))
 
 
-def refit_bytes(sizes: _Sizes, model: nn.Module, example_input, samples: int, batch: int) -> int:
+def refit_bytes(sizes: _Sizes, model: nn.Module, example_input, samples: int, batch: int, ranks: int = 1,
+                ranks_here: int = 1) -> int:
     """Bytes the re-fit of the kept weights holds at its peak on ``samples`` images in batches of
-    ``batch`` (see the module doc)."""
+    ``batch`` (see the module doc), on one of ``ranks`` processes (``ranks_here`` of them on this
+    machine), which runs every ranks-th batch."""
     first = example_input[:1] if isinstance(example_input, torch.Tensor) else None
     per_sample = lockstep_bytes(model, first) if first is not None else None
-    activations = 2 * per_sample * samples if per_sample is not None else None
-    if activations is None or activations > lockstep_allowance(sizes.device):   # the re-fit's own rule:
+    own_samples = -(-max(1, -(-samples // batch)) // ranks) * batch           # this rank's batches
+    activations = 2 * per_sample * own_samples if per_sample is not None else None
+    if activations is None or activations > lockstep_allowance(sizes.device) // ranks_here:   # the re-fit's rule:
         activations = 2 * INFERENCE_FACTOR * sizes.largest_output_per_sample * batch   # truncated forwards
     activations = int(REFIT_ACTIVATION_FACTOR * activations)
     solve = max((_refit_solve_bytes(layer, positions, samples, batch) for layer, positions in sizes.refit_layers),
@@ -310,7 +316,8 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     resident = current_usage(sizes.device)
     judge = judge_batch * (JUDGE_BATCHES * sizes.input_per_sample
                            + INFERENCE_FACTOR * sizes.largest_output_per_sample)
-    refit = refit_bytes(sizes, model, example_input, refit_samples, refit_batch or refit_samples) if refit_samples else 0
+    refit = (refit_bytes(sizes, model, example_input, refit_samples, refit_batch or refit_samples, ranks, ranks_here)
+             if refit_samples else 0)
     estimate = lambda rows, kind: _estimate(sizes, rows, kind, family, fisher_batch, obs_block_size,
                                             keep_share, resident, limit, ranks, judge, refit)
     if n == "auto":

@@ -196,28 +196,22 @@ def refit_pruned(ctx: PruneContext, dense: nn.Module, batches: int | None, ridge
     modules) to ``dense``'s on the inputs of the first ``batches`` training batches (None: those
     that hold ``AUTO_REFIT_SAMPLES`` samples), and keep the re-fit only if it lowers the loss
     (after BatchNorm re-estimation) on the training batches that follow them; returns the
-    re-fit's record. Under torchrun rank 0 re-fits and every rank takes its layers, so all ranks
-    hold the same weights whatever their hardware's rounding; all ranks judge together."""
+    re-fit's record. Under torchrun the ranks share the batches and the output channels (each
+    layer's moments summed, its solved channels gathered), so all ranks hold the same weights
+    whatever their hardware's rounding; all ranks judge together."""
     modules = dict(ctx.model.named_modules())
     names = [e.module for e in ctx.space.entries
              if e.param_name == f"{e.module}.weight" and isinstance(modules.get(e.module), (nn.Conv2d, nn.Linear))]
     others = [e.name for e in ctx.space.entries if e.module not in names]
-    collective = distributed.current()
     unfitted = _layer_parameters(modules, names)
-    record = None
-    if collective.rank == 0:
-        inputs = _first_inputs(ctx.train_batches(), batches)
-        if not inputs:
-            raise PrunekitError("the training data gave no batch to re-fit the layers on: pass data with samples, "
-                                "or set refit_batches 0")
-        record = refit(ctx.model, dense, names, inputs, ridge=ridge, recalibrated=ctx.recalibrate_bn,
-                       progress=ctx.progress)
-        record["skipped_why"] += [f"{name}: not the weight of a Conv2d or Linear" for name in others]
-        record["skipped"] += len(others)
-    if collective.distributed:
-        layers = _layer_parameters(modules, names)
-        record, layers = collective.broadcast_object((record, layers) if collective.rank == 0 else None)
-        _load_layer_parameters(modules, layers)
+    inputs = _first_inputs(ctx.train_batches(), batches)          # every rank reads the one stream
+    if not inputs:
+        raise PrunekitError("the training data gave no batch to re-fit the layers on: pass data with samples, "
+                            "or set refit_batches 0")
+    record = refit(ctx.model, dense, names, inputs, ridge=ridge, recalibrated=ctx.recalibrate_bn,
+                   progress=ctx.progress, collective=distributed.current())
+    record["skipped_why"] += [f"{name}: not the weight of a Conv2d or Linear" for name in others]
+    record["skipped"] += len(others)
     record.update(_judge_refit(ctx, modules, unfitted, record["batches"]))
     process_memory.release_freed_memory()       # the activations' freed heap, before the next stage's X
     return record
