@@ -415,6 +415,19 @@ def test_the_refit_phase_is_planned_after_x_is_freed(steady_usage):
     assert large.refit > 2 * 1024 * 8 * 16 * 16 * 4
 
 
+def test_a_rank_plans_its_share_of_the_refit_activations(steady_usage):
+    """Under torchrun each rank runs every R-th of the re-fit's batches: 16 batches of 64 on 2 ranks
+    hold a rank's 8 batches' activations, on 3 ranks 6; the rest of the re-fit's plan is the same."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 16 * 16, 10))
+    space, example = ParamSpace(model), torch.zeros(1, 3, 16, 16)
+    refit = {ranks: memory_plan.plan(model, space, example, n=100, max_memory="100G", refit_samples=1024,
+                                     refit_batch=64, ranks=ranks).refit for ranks in (1, 2, 3)}
+    per_batch = (refit[1] - refit[2]) / 8           # what one more batch's activations cost
+    assert per_batch > 2 * 64 * 8 * 16 * 16 * 4     # both networks' conv outputs at least
+    assert refit[2] - refit[3] == pytest.approx(2 * per_batch, rel=1e-6)
+
+
 def test_a_refit_over_max_memory_is_refused_naming_refit_batches(steady_usage):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))
     with pytest.raises(PrunekitError, match="set refit_batches to fewer batches, or 0"):

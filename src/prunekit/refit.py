@@ -36,9 +36,9 @@ input channel: the inverse of each output channel's kh x kw block of its kept
 taps, which carries the strong correlation of neighbouring pixels that a diagonal misses. A solve
 still running after ``SWITCH_ITERATIONS`` restarts from where it is, preconditioned by the inverse
 of the whole system restricted to each row's support, (A + λI)⁻¹_SS: two products per iteration
-instead of one, and 2-4x fewer iterations where the block one is slow (ResNet-50's D = 2,304 and
-4,608 layers, random weights, session 36: 140 -> 56 and 291 -> 116 iterations in all, 2.4x and
-1.4x faster; a solve the block preconditioner ends within 30 iterations, as most do, never pays
+instead of one, and 2-3x fewer iterations where the block one is slow (ResNet-50's D = 2,304 and
+4,608 layers, random weights, session 36: 140 -> 56 and 291 -> 116 iterations in all, 2.1x and
+2.0x faster; a solve the block preconditioner ends within 30 iterations, as most do, never pays
 for the inverse's D³). They stop
 at a relative residual of ``TOLERANCE``: on ResNet-20-B (30% MACs) 1e-3 takes at most 18 iterations
 per layer where 1e-6 took up to 57, and the layers' output errors agree to four digits, far
@@ -278,7 +278,7 @@ def masked_least_squares(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, s
         if bool(done):
             iterations -= 1
             break
-        if iterations == SWITCH_ITERATIONS + 1 and (inverse := _inverse(system)) is not None:
+        if iterations == SWITCH_ITERATIONS + 1 and w.shape[0] and (inverse := _inverse(system)) is not None:
             # a slow solve restarts, preconditioned by the whole system's inverse restricted to each
             # row's support: an iteration costs two products instead of one, but a badly
             # conditioned layer needs 2-4x fewer
