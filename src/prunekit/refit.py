@@ -33,13 +33,7 @@ the 1,017 test images, training loss 0.136 -> 0.065.
 The masked least squares is solved for all output channels of a group at once by conjugate
 gradients (one (C, D) x (D, D) product per iteration), started at zero and preconditioned per
 input channel: the inverse of each output channel's kh x kw block of its kept
-taps, which carries the strong correlation of neighbouring pixels that a diagonal misses. A solve
-still running after ``SWITCH_ITERATIONS`` restarts from where it is, preconditioned by the inverse
-of the whole system restricted to each row's support, (A + λI)⁻¹_SS: two products per iteration
-instead of one, and 2-3x fewer iterations where the block one is slow (ResNet-50's D = 2,304 and
-4,608 layers, random weights, session 36: 140 -> 56 and 291 -> 116 iterations in all, 2.1x and
-2.0x faster; a solve the block preconditioner ends within 30 iterations, as most do, never pays
-for the inverse's D³). They stop
+taps, which carries the strong correlation of neighbouring pixels that a diagonal misses. They stop
 at a relative residual of ``TOLERANCE``: on ResNet-20-B (30% MACs) 1e-3 takes at most 18 iterations
 per layer where 1e-6 took up to 57, and the layers' output errors agree to four digits, far
 below the sampling error of a few batches. At that tolerance a start at the pruned weights left
@@ -76,7 +70,6 @@ RIDGE = 1e-3           # λ as a share of the mean diagonal of XᵀX/rows
 ROWS_PER_INPUT = 256   # a conv's rows are sampled down to about this many per input D (see Moments)
 TOLERANCE = 1e-3       # conjugate gradients stop at this residual, relative to the right-hand side
 MAX_ITERATIONS = 1000
-SWITCH_ITERATIONS = 30  # CG iterations with the block preconditioner before a solve switches preconditioner
 # Under torchrun the ranks share a layer's solve when its CG product, K·D² multiply-adds per
 # iteration, is at least this (tens of milliseconds of one thread); a smaller one costs less than
 # the collective each shared iteration takes, and rank 0 solves it alone.
@@ -278,14 +271,6 @@ def masked_least_squares(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, s
         if bool(done):
             iterations -= 1
             break
-        if iterations == SWITCH_ITERATIONS + 1 and w.shape[0] and (inverse := _inverse(system)) is not None:
-            # a slow solve restarts, preconditioned by the whole system's inverse restricted to each
-            # row's support: an iteration costs two products instead of one, but a badly
-            # conditioned layer needs 2-4x fewer
-            precondition = lambda r, inverse=inverse: (r @ inverse) * m      # noqa: E731
-            z = precondition(residual)
-            direction = z.clone()
-            rz = (residual * z).sum(1)
         product = (direction @ system) * m
         curvature = (direction * product).sum(1)
         step = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(system.dtype).tiny),
@@ -297,13 +282,6 @@ def masked_least_squares(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, s
         direction = z + (rz_next / rz.clamp_min(torch.finfo(system.dtype).tiny)).unsqueeze(1) * direction
         rz = rz_next
     return w, iterations
-
-
-def _inverse(system: torch.Tensor) -> torch.Tensor | None:
-    """The inverse of the symmetric positive definite ``system`` (D, D), or None where its Cholesky
-    factorisation fails (numerically not positive definite)."""
-    factor, info = torch.linalg.cholesky_ex(system)
-    return torch.cholesky_inverse(factor) if int(info) == 0 else None
 
 
 def _objective(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
