@@ -1,5 +1,6 @@
 """The least-squares re-fit (``prunekit.refit.refit``) on 2 gloo ranks re-fits as one process does:
-the ranks split the batches (each layer's moments summed over them) and the output channels (each
+the ranks split the batches (each layer's moments summed over them, the same images held out of the
+fit whichever rank adds them, one held-out step per layer) and the output channels (each
 rank solves its share, or rank 0 all of a small layer; all gather), so both end with the very same
 weights, equal to one process's to rounding; with more ranks than batches, odd batch counts, a grouped
 conv whose groups straddle the ranks' shares, sampled conv positions, and the truncated forwards
@@ -60,7 +61,8 @@ def _refits(collective=None) -> dict:
             refit_module._lockstep, refit_module.SHARED_SOLVE_WORK = original
         out[case] = torch.cat([p.detach().flatten() for n in LAYERS for p in model.get_submodule(n).parameters()])
         out[f"{case}: record"] = torch.tensor([record["layers"], record["centred"], record["max_iterations"],
-                                               record["mean_error_before"], record["mean_error_after"]],
+                                               record["mean_error_before"], record["mean_error_after"],
+                                               record["mean_step"]],
                                               dtype=torch.float64)
     return out
 
@@ -90,7 +92,9 @@ def test_two_ranks_refit_alike_and_as_one_process(two_ranks, monkeypatch):
     pruned, _ = _networks()
     before = torch.cat([p.detach().flatten() for n in LAYERS for p in pruned.get_submodule(n).parameters()])
     for case, *_ in CASES:
-        assert int(expected[f"{case}: record"][0]) == 4, case          # every layer re-fit
+        # every layer re-fit but at most one that the 2 held-out images reject (none held with 1 batch)
+        assert int(expected[f"{case}: record"][0]) >= 3, case
+        assert torch.equal(two_ranks[0][f"{case}: record"][:2], expected[f"{case}: record"][:2]), case
         assert not torch.equal(expected[case], before)
         assert torch.equal(two_ranks[0][case], two_ranks[1][case]), case     # the ranks hold the same weights
         # float32 weights re-fit from sums taken in another order: rounding, grown along the layers

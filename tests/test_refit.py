@@ -19,7 +19,8 @@ from prunekit.errors import PrunekitError
 from prunekit import refit as refit_module
 from prunekit.lockstep import Lockstep
 from prunekit.pipelines import weights as weights_pipeline
-from prunekit.refit import Moments, fit_layer, masked_least_squares, normalised_layers, patches_at, refit
+from prunekit.refit import (Moments, SplitMoments, fit_layer, held_out_images, masked_least_squares,
+                            normalised_layers, patches_at, refit)
 
 torch.set_num_threads(1)   # the machine is shared; tiny models gain nothing from threads
 
@@ -196,11 +197,69 @@ def test_sampled_rows_fit_almost_as_well_as_all_rows(monkeypatch):
     assert errors[64] <= 1.1 * errors[None] + 1e-3 and errors[64] < 0.5 * errors["pruned"]
 
 
+def test_every_eighth_image_is_held_out_whichever_batch_holds_it():
+    held = [held_out_images(16, batch) for batch in range(3)]
+    assert [torch.nonzero(h).flatten().tolist() for h in held] == [[7, 15]] * 3
+    assert not held_out_images(16, 0, every=0).any()
+    assert torch.nonzero(held_out_images(4, 1)).flatten().tolist() == [3]       # images 4-7 of the re-fit
+
+
+def _held_out_case(noise: float, images: int):
+    """A Linear (40 -> 5) with half its weights cut, one batch of ``images`` inputs correlated as
+    features are (so the kept weights can stand in for the cut ones; with independent inputs the
+    kept weights as they are would already be the best fit off the sample) and targets the dense
+    outputs plus ``noise``; the held-out images are every 4th."""
+    torch.manual_seed(3)
+    dense = nn.Linear(40, 5, bias=False)
+    layer = _prune_randomly(copy.deepcopy(dense))
+    x = torch.randn(images, 8) @ torch.randn(8, 40) + 0.3 * torch.randn(images, 40)
+    with torch.no_grad():
+        y = dense(x) + noise * torch.randn(images, 5)
+    return layer, x.double(), y.double(), held_out_images(images, 0, every=4)
+
+
+def _split(layer, x, y):
+    moments = SplitMoments.of_layer(layer, every=4)
+    moments.add(layer, x.float(), y.float())
+    return moments
+
+
+@pytest.mark.parametrize("noise, images, low, high", [(2.0, 64, 0.05, 0.9), (0.0, 400, 0.9, 1.0)])
+def test_the_layer_steps_towards_its_fit_as_far_as_the_held_out_images_say(noise, images, low, high, monkeypatch):
+    """The least squares on the fit images (brute force), then the step t in [0, 1] along it that
+    minimises the output error on the held-out images (a fine grid): a short step with 48 noisy
+    rows for 17-25 kept weights per channel, nearly all of it with 300 exact rows."""
+    monkeypatch.setattr(refit_module, "TOLERANCE", 1e-12)
+    layer, x, y, held = _held_out_case(noise, images)
+    start = layer.weight.detach().double().clone()
+    fitted, _ = _brute_force(x[~held], y[~held], start)
+    steps = torch.linspace(0, 1, 2001, dtype=torch.float64)
+    errors = torch.stack([((x[held] @ (start + t * (fitted - start)).t() - y[held]) ** 2).sum() for t in steps])
+    best = float(steps[errors.argmin()])
+    figures = fit_layer(layer, _split(layer, x, y), centred=False, ridge=1e-12)
+    assert abs(figures["step"] - best) <= 1e-3
+    assert low <= figures["step"] <= high
+    assert_close_to_scale(layer.weight.detach().double(), start + figures["step"] * (fitted - start), 1e-4)
+    assert figures["held_out"] and figures["error_after"] <= figures["error_before"]
+    assert float(errors.min()) / float(errors[0]) == pytest.approx(figures["error_after"] / figures["error_before"],
+                                                                   rel=1e-3)
+
+
+def test_a_fit_that_would_raise_the_held_out_error_leaves_the_layer_as_it_was(monkeypatch):
+    """Targets of the held-out images unrelated to the fit images' (their signs flipped): any step
+    towards the fit raises their error, so the step is 0 and the weights stay."""
+    layer, x, y, held = _held_out_case(0.0, 64)
+    start = layer.weight.detach().clone()
+    y[held] = -y[held]
+    figures = fit_layer(layer, _split(layer, x, y), centred=False)
+    assert figures["step"] == 0.0 and not figures["kept"] and torch.equal(layer.weight.detach(), start)
+
+
 def test_an_unpruned_network_is_its_own_fixed_point(monkeypatch):
     monkeypatch.setattr(refit_module, "TOLERANCE", 1e-10)
     dense = _net()
     model = copy.deepcopy(dense)
-    record = refit(model, dense, ["0", "3", "8"], _batches(), ridge=1e-12, recalibrated=False)
+    record = refit(model, dense, ["0", "3", "8"], _batches(), ridge=1e-12, recalibrated=False, held_out=0)
     assert record["layers"] == 3 and record["mean_error_after"] < 1e-6      # products in float32
     for a, b in zip(model.parameters(), dense.parameters()):
         assert_close_to_scale(a.detach(), b.detach(), 1e-4)     # products in float32
@@ -236,7 +295,7 @@ def test_each_layer_is_the_least_squares_fit_on_its_kept_weights(groups, forward
             if not centred:
                 layer.bias.copy_(bias)
     running = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    record = refit(model, dense, ["0", "3", "8"], batches, ridge=1e-10)
+    record = refit(model, dense, ["0", "3", "8"], batches, ridge=1e-10, held_out=0)   # fit on every image
     assert record["layers"] == 3 and record["centred"] == 2 and record["mean_error_after"] < record["mean_error_before"]
     assert record["forwards"].startswith("one per network" if forwards == "traced" else "one truncated forward")
     for name in ("0", "3", "8"):
@@ -303,7 +362,8 @@ def test_only_layers_feeding_a_batchnorm_are_centred():
 
 def test_without_recalibration_every_layer_fits_raw_moments():
     dense = _net()
-    record = refit(_prune_randomly(copy.deepcopy(dense)), dense, ["0", "3", "8"], _batches(), recalibrated=False)
+    record = refit(_prune_randomly(copy.deepcopy(dense)), dense, ["0", "3", "8"], _batches(), recalibrated=False,
+                   held_out=0)
     assert record["centred"] == 0 and record["layers"] == 3
 
 
@@ -376,7 +436,7 @@ def test_auto_re_fits_a_network_without_batchnorm_after_its_last_stage_only():
     staged = prunekit.prune(mlp, _data(), method="chita++", sparsity=0.7, stages=3, fisher_samples=32,
                             batch_size=32)
     assert ["refit" in stage for stage in staged.record["stages"]] == [False, False, True]
-    assert staged.record["refit"]["layers"] == 2
+    assert staged.record["refit"]["layers"] + staged.record["refit"]["skipped"] == 2
 
 
 def test_a_re_fit_that_raises_the_loss_on_held_batches_is_not_kept(monkeypatch):

@@ -75,8 +75,8 @@ The peak of a request is estimated from its parts, each counted from the model i
                          of INFERENCE_FACTOR x the largest output per sample where that exceeds
                          the re-fit's allowance (refit.lockstep_allowance: it then runs truncated
                          forwards); and the images' inputs (twice: each network's layout);
-    solve                the largest layer's float64 moments and normal equations (4 D x D per
-                         group) and its block preconditioner (K x D x kh·kw);
+    solve                the largest layer's float64 moments and normal equations (6 D x D per
+                         group: fit and held-out images) and its block preconditioner (K x D x kh·kw);
     copies               the re-fit layers' parameters before and after (two float32 copies,
                          the loss check's), the stage loop's vectors and the kept candidate;
     judge                the loss check after it: JUDGE_BATCHES batches and a forward pass, as
@@ -258,13 +258,14 @@ def _output_positions(model: nn.Module, example_input, layers: list[nn.Module]) 
 def _refit_solve_bytes(layer: nn.Module, positions: int, samples: int, batch: int) -> int:
     """One layer's re-fit at its peak: a batch's sampled conv patches (float32, ``positions`` per
     image at most, ROWS_PER_INPUT x D rows in all) and its float64 moments and normal equations
-    (about 4 D x D per group: XᵀX, its centred copy, the system with its ridge, CG's products) and
-    block preconditioner (K x D x kh·kw); D = C_in/groups·kh·kw inputs, K = C_out/groups."""
+    (about 6 D x D per group: XᵀX of the fit and of the held-out images, their centred copies, the
+    system with its ridge, CG's products) and block preconditioner (K x D x kh·kw); D =
+    C_in/groups·kh·kw inputs, K = C_out/groups."""
     groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
     d, taps = layer.weight[0].numel(), layer.weight[0, 0].numel() if isinstance(layer, nn.Conv2d) else 1
     k = layer.weight.shape[0] // groups
     patches = 4 * batch * groups * d * min(positions, -(-REFIT_ROWS_PER_INPUT * d // samples)) if taps > 1 else 0
-    return patches + 8 * groups * (4 * d * d + k * d * (taps + 3))
+    return patches + 8 * groups * (6 * d * d + k * d * (taps + 3))
 
 
 def refit_bytes(sizes: _Sizes, model: nn.Module, example_input, samples: int, batch: int, ranks: int = 1,
