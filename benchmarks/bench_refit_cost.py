@@ -67,12 +67,15 @@ def worker(model_name: str, size: int, batch: int, batches: int, weights_out: st
         figures = fit(layer, moments, centred, ridge, collective)
         seconds = time.perf_counter() - start
         totals["solve_seconds"] += seconds
-        layers.append({"d": moments.xx.shape[1], "k": moments.xy.shape[2], "rows": moments.rows,
+        fitted_on = moments.fit if isinstance(moments, refit_module.SplitMoments) else moments
+        layers.append({"d": fitted_on.xx.shape[1], "k": fitted_on.xy.shape[2], "rows": fitted_on.rows,
                        "iterations": figures["iterations"], "seconds": seconds,
-                       "error_before": figures["error_before"], "error_after": figures["error_after"]})
+                       "error_before": figures["error_before"], "error_after": figures["error_after"],
+                       "step": figures.get("step")})
         if collective is None or collective.rank == 0:
             print("  D {d:5d}  K {k:5d}  rows {rows:8d}  iterations {iterations:4d}  {seconds:7.1f} s  "
-                  "error {error_before:.3f} -> {error_after:.3f}".format(**layers[-1]), file=sys.stderr, flush=True)
+                  "held-out error {error_before:.3f} -> {error_after:.3f}  step {step:.3f}".format(**layers[-1]),
+                  file=sys.stderr, flush=True)
         return figures
 
     def timed_add(self, layer, x, y, index=0):

@@ -523,7 +523,7 @@ def test_command_line_refit_and_its_summary(tmp_path, capsys):
     assert main(_cli(tmp_path, "--method", "magnitude", "--sparsity", "0.8", "--refit-batches", "1",
                      "--no-bn-recalibration")) == 0
     shown = capsys.readouterr().out
-    assert "re-fit     2 layers (0 centred for BatchNorm, 0 skipped), output error" in shown
+    assert "re-fit     2 layers (0 centred for BatchNorm, 0 skipped), held-out output error" in shown
     assert re.search(r"re-fit .* s on [\d,]+ images\n", shown)       # how many, as auto may take fewer
 
 

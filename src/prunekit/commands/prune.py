@@ -184,7 +184,8 @@ def prune_lines(r: dict) -> list[str]:
         # --reconstruct-batches (the shrunk model's layers after the cut), --refit-batches (the pruned ones)
         for refit in ((one.get("reconstruct") or {}).get(f"{one.get('flops', 0):g}"), one.get("refit")):
             if refit:
-                errors = (f", output error {refit['mean_error_before']:.3f} -> {refit['mean_error_after']:.3f}"
+                errors = (f", {'held-out ' if refit.get('held_out_images') else ''}output error "
+                          f"{refit['mean_error_before']:.3f} -> {refit['mean_error_after']:.3f}"
                           if refit["layers"] else "")
                 dropped = "" if refit.get("kept", True) else "; not kept: it raised the loss on held batches"
                 lines.append(f"  re-fit     {refit['layers']} layers ({refit['centred']} centred for BatchNorm, "
