@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from closeness import assert_close_to_scale
 from distributed_spawn import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +112,12 @@ def test_two_machines_prune_as_one_process_and_only_rank_0_writes(tmp_path):
     a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
     for name in a:
         assert torch.equal(a[name] != 0, b[name] != 0), name
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
+        # chita++ re-fits the kept weights after its last stage (on by default): each layer's moments
+        # are summed over the ranks, and its conjugate gradients stop at a relative residual of 1e-3
+        # (prunekit.refit.TOLERANCE), where rounding in the sums can end them an iteration apart:
+        # measured 3.5e-3 and 5.4e-3 of scale on fc2 and fc3; run to 1e-10, within 5e-6 on every layer
+        # (tests/test_distributed_refit.py holds the ranks to that)
+        assert_close_to_scale(b[name], a[name], 1e-2)
 
 
 def test_a_machine_with_another_checkpoint_is_refused_on_every_rank(tmp_path):
