@@ -611,7 +611,8 @@ def refit(model: nn.Module, dense: nn.Module, names: list[str], batches: list[to
             forwards = f"one truncated forward per layer: {why_not}"
         for name, figures in errors.items():
             if not figures["kept"]:
-                skipped[name] = "the fit would raise its output error on the held-out images"
+                skipped[name] = "the fit would raise its output error" + (" on the held-out images"
+                                                                         if figures["held_out"] else "")
     finally:
         for module, mode in modes:
             module.training = mode
