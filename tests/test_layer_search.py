@@ -13,7 +13,7 @@ from prunekit.cli import main
 from prunekit.costs import CostModel
 from prunekit.errors import PrunekitError
 from prunekit.params import ParamSpace
-from prunekit.pipelines.allocation import RecalibratedLoss
+from prunekit.pipelines.allocation import LoaderWindow, RecalibratedLoss
 from prunekit.solvers.falcon import falcon
 from prunekit.solvers.layer_search import layer_index, search_layer_scales
 from prunekit.solvers.quadratic import QuadraticModel
@@ -154,6 +154,24 @@ def test_the_judge_splits_few_batches_between_calibration_and_judging():
     assert len(one.calibration) == len(one.judge) == 1
     with pytest.raises(PrunekitError, match="training batches"):
         RecalibratedLoss.from_batches(model, space, [])
+
+
+def test_a_judge_over_loader_windows_reads_the_loader_afresh_and_equals_one_over_held_batches():
+    """``LoaderWindow``: the same batches as held lists give the same loss, each pass a new read."""
+    data = batches(7)
+    calls = []
+
+    def loader():
+        calls.append(1)
+        return iter(data)
+    model = bn_net()
+    space = ParamSpace(model)
+    w = space.vector() * (torch.rand(space.numel, generator=torch.Generator().manual_seed(4)) > 0.4)
+    held = RecalibratedLoss(model, space, data[1:3], data[3:7])(w)
+    windowed = RecalibratedLoss(model, space, LoaderWindow(loader, 1, 3), LoaderWindow(loader, 3, 7))
+    assert (len(windowed.calibration), len(windowed.judge)) == (2, 4)
+    assert windowed(w) == pytest.approx(held, rel=1e-6) and len(calls) == 2
+    assert windowed(w) == pytest.approx(held, rel=1e-6) and len(calls) == 4
 
 
 def _falcon_pp_with_spy(monkeypatch, stages=3, **options):

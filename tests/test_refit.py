@@ -462,6 +462,16 @@ def test_a_re_fit_that_raises_the_loss_on_held_batches_is_not_kept(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("batch_size, judged", [(4, 16), (8, 10), (64, 1)])
+def test_the_judge_takes_the_batches_after_the_re_fits_own(batch_size, judged):
+    """BatchNorm re-estimated on JUDGE_CALIBRATION_BATCHES (8) after the re-fit's batches, the loss
+    on the next JUDGE_LOSS_BATCHES (16); fewer batches: a third (at least one) for BatchNorm, the rest
+    to judge by (128 samples in 32, 16 or 2 batches; with none after the re-fit's two, the first)."""
+    result = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, batch_size=batch_size,
+                            refit_batches=2)
+    assert result.record["refit"]["judge_batches"] == judged
+
+
 def test_a_multi_stage_run_re_fits_after_every_stage():
     """Each stage's gradients are taken at the re-fit weights, and the last stage's record measures
     the re-fit final model: every stage records its re-fit, ``record["refit"]`` is the last one's."""

@@ -26,10 +26,25 @@ from ..solvers.layer_search import LayerSearch, layer_index, search_layer_scales
 from ..train import recalibrate_batchnorm
 
 
+class LoaderWindow:
+    """Batches ``start`` to ``stop`` (exclusive) of ``loader()``, read afresh at every pass instead
+    of held in memory: a judge of many batches costs one batch of memory. ``loader`` must give the
+    same batches at every call (``PruneContext.train_batches`` does) and hold at least ``stop``."""
+
+    def __init__(self, loader: Callable[[], Iterable], start: int, stop: int):
+        self.loader, self.start, self.stop = loader, start, stop
+
+    def __iter__(self):       # a generator: the loader is called at the first batch taken, not before
+        yield from itertools.islice(self.loader(), self.start, self.stop)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
 class RecalibratedLoss:
     """loss(w): the mean loss (cross-entropy, or the user's) of ``model`` with prunable weights
     w (p,), after BatchNorm re-estimation on ``calibration`` batches, on ``judge`` batches (both
-    lists of (x, y))."""
+    lists of (x, y), or ``LoaderWindow``s)."""
 
     def __init__(self, model: nn.Module, space: ParamSpace, calibration: list, judge: list,
                  loss_fn: LossFn | None = None):
@@ -69,7 +84,7 @@ class RecalibratedLoss:
         device = w.device
         collective = distributed.current()
         total, count = 0.0, 0
-        for x, y in self.judge[collective.rank::collective.size]:
+        for x, y in itertools.islice(self.judge, collective.rank, None, collective.size):
             outputs = self.model(model_input(self.model, x, device))
             total += float(summed_loss(self.loss_fn, outputs, y.to(device)))
             count += y.shape[0]

@@ -258,7 +258,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
                         "gradient_seconds": seconds_gradients, "bn_recalibrated": recalibrated,
                         "seconds": time.perf_counter() - start, **searched,
                         **({"refit": {key: refitted[key] for key in ("layers", "centred", "skipped", "mean_error_before",
-                                                                     "mean_error_after", "mean_step", "shrunk", "kept", "seconds")
+                                                                     "mean_error_after", "mean_step", "shrunk", "kept",
+                                                                     "judged_loss_before", "judged_loss_after", "judge_seconds", "seconds")
                                        if key in refitted}} if refitted else {}),
                         "solver_info": {key: value for key, value in solution.info.items()
                                         if isinstance(value, (bool, int, float, str))}})
