@@ -79,8 +79,9 @@ The peak of a request is estimated from its parts, each counted from the model i
                          group: fit and held-out images) and its block preconditioner (K x D x kh·kw);
     copies               the re-fit layers' parameters before and after (two float32 copies,
                          the loss check's), the stage loop's vectors and the kept candidate;
-    judge                the loss check after it: JUDGE_BATCHES batches and a forward pass, as
-                         the judge above (not beside the activations: they are freed by then).
+    judge                the loss check after it: one batch (it reads its batches afresh from
+                         the loader rather than holding them) and a forward pass (not beside the
+                         activations: they are freed by then).
                          Measured on ResNet-20-B at 60 % MACs, the re-fit's default 1,024
                          images: one-shot FALCON (n = 1000) ran the re-fit beside X before
                          session 34, 1,978 MB peak against 1,664 planned; now 1,574 against
@@ -283,7 +284,7 @@ def refit_bytes(sizes: _Sizes, model: nn.Module, example_input, samples: int, ba
     solve = max((_refit_solve_bytes(layer, positions, samples, batch) for layer, positions in sizes.refit_layers),
                 default=0)
     fitting = activations + 2 * samples * sizes.input_per_sample + solve
-    judge = batch * (JUDGE_BATCHES * sizes.input_per_sample + INFERENCE_FACTOR * sizes.largest_output_per_sample)
+    judge = batch * (sizes.input_per_sample + INFERENCE_FACTOR * sizes.largest_output_per_sample)
     copies = (2 * 4 + PIPELINE_BYTES_PER_WEIGHT + 4) * sizes.p
     return copies + max(fitting, judge)
 
