@@ -484,6 +484,14 @@ def test_a_multi_stage_run_re_fits_after_every_stage():
         assert stage["refit"]["mean_error_after"] < stage["refit"]["mean_error_before"]
     assert result.record["refit"]["mean_error_after"] == stages[-1]["refit"]["mean_error_after"]
     assert stages[-1]["loss"] == result.record["loss"] and stages[-1]["nonzeros"] == result.record["nonzeros"]
+    verdicts = [stage["refit"]["kept"] for stage in stages]
+    for stage in stages:                  # each stage's verdict is its judged losses' order
+        refit_record = stage["refit"]
+        assert refit_record["kept"] == (refit_record["judged_loss_after"] < refit_record["judged_loss_before"])
+    from prunekit.commands.prune import prune_lines
+    shown = "\n".join(prune_lines({**result.record, "model": "net", "method": "falcon++", "mode": "multi-stage",
+                                    "dense_accuracy": 0.0, "accuracy": 0.0, "peak_rss_mb": 0.0}))
+    assert f"re-fits    kept after {sum(verdicts)} of 3 stages" in shown
 
 
 def test_the_gradient_matrix_is_freed_before_the_re_fit(monkeypatch):
