@@ -7,6 +7,7 @@
     python benchmarks/bench_oneshot.py --show benchmarks/results/oneshot.json   # the table only
     python benchmarks/bench_oneshot.py --model fmnist-resnet20      # benchmarks/checkpoints/fmnist-resnet20
     python benchmarks/bench_oneshot.py --model resnet20-b --rows magnitude-flops falcon-bn-search magnitude-flops-search
+    python benchmarks/bench_oneshot.py --model resnet20-b --rows magnitude-flops falcon falcon++ --seeds 0 1 2
 
 Every row is one `prunekit prune --json` process (OMP_NUM_THREADS=1, so its seconds and peak RSS
 are its own), as a user runs it: BatchNorm recalibrated after pruning on 20 training batches
@@ -38,6 +39,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,7 +96,7 @@ def prune_command(spec: dict, setup: dict, data: str, out: str) -> list[str]:
     if setup["sparsity_too"]:
         args += ["--sparsity", str(round(1 - budget, 6))]
     for key, value in spec.items():
-        if key in ("name", "budget", "model"):
+        if key in ("name", "row", "budget", "model"):
             continue
         if value is True:
             args.append(f"--{key}")
@@ -178,6 +180,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS))
     parser.add_argument("--custom", action="append", default=[],
                         help="an extra row as JSON: name, method and `prunekit prune` options (flag names)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[],
+                        help="run every row once per seed (`--seed S`, named ROW-sS) and add a table of the "
+                             "means, each gain taken against magnitude-flops of the same seed")
     parser.add_argument("--out", default="benchmarks/results/oneshot.json")
     parser.add_argument("--show", nargs="+", metavar="JSON", help="print the table of these result files, run nothing")
     parser.add_argument("--markdown", action="store_true", help="with --show: also a markdown table per model")
@@ -196,7 +201,7 @@ def main() -> None:
         return
     rows = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).exists() else []
     done = {(r["model"], r["name"], r["budget"]) for r in rows}
-    specs = [{"name": n, **ROWS[n]} for n in args.rows] + [json.loads(c) for c in args.custom]
+    specs = with_seeds([{"name": n, **ROWS[n]} for n in args.rows] + [json.loads(c) for c in args.custom], args.seeds)
     for model in args.model:
         for budget in args.budgets or SETUPS[model]["budgets"]:
             for spec in specs:
@@ -212,10 +217,50 @@ def main() -> None:
     show(rows)
 
 
-def show(rows: list[dict]) -> None:
-    base = {(r["model"], r["budget"]): r for r in rows if r["name"] == "magnitude-flops"}
+def with_seeds(specs: list[dict], seeds: list[int]) -> list[dict]:
+    """Each row once per seed (named ROW-sS, its row name kept under "row"); no seeds: as given."""
+    if not seeds:
+        return specs
+    return [{**spec, "seed": seed, "name": f"{spec['name']}-s{seed}", "row": spec["name"]}
+            for spec in specs for seed in seeds]
+
+
+def _row_name(r: dict) -> str:
+    return r.get("spec", {}).get("row", r["name"])
+
+
+def _baseline(rows: list[dict]) -> dict:
+    """(model, budget, seed) -> the magnitude-flops row it is compared with (seed None: not given)."""
+    return {(r["model"], r["budget"], r.get("spec", {}).get("seed")): r
+            for r in rows if _row_name(r) == "magnitude-flops"}
+
+
+def seed_means(rows: list[dict]) -> list[dict]:
+    """Per (model, row, budget) run with more than one seed: the seeds and the mean test accuracy,
+    gain over magnitude-flops of the same seed (where it ran), training loss and JPEG accuracy."""
+    base, groups = _baseline(rows), {}
     for r in rows:
-        b = base.get((r["model"], r["budget"]))
+        if "seed" in r.get("spec", {}):
+            groups.setdefault((r["model"], _row_name(r), r["budget"]), []).append(r)
+    means = []
+    for (model, name, budget), mine in groups.items():
+        if len(mine) < 2:
+            continue
+        gains = [r["test_accuracy"] - b["test_accuracy"] for r in mine
+                 if (b := base.get((model, budget, r["spec"]["seed"]))) is not None]
+        jpeg = [r["test_jpeg_accuracy"] for r in mine if "test_jpeg_accuracy" in r]
+        means.append({"model": model, "name": name, "budget": budget, "seeds": len(mine),
+                      "test_accuracy": statistics.mean(r["test_accuracy"] for r in mine),
+                      "gain": statistics.mean(gains) if len(gains) == len(mine) else None,
+                      "train_loss": statistics.mean(r["train_loss"] for r in mine),
+                      "test_jpeg_accuracy": statistics.mean(jpeg) if len(jpeg) == len(mine) else None})
+    return sorted(means, key=lambda m: (m["model"], -m["budget"]))
+
+
+def show(rows: list[dict]) -> None:
+    base = _baseline(rows)
+    for r in rows:
+        b = base.get((r["model"], r["budget"], r.get("spec", {}).get("seed")))
         r["gain"] = None if b is None else r["test_accuracy"] - b["test_accuracy"]
         r["train_gain"] = None if b is None else r["train_accuracy"] - b["train_accuracy"]
         r["jpeg_gain"] = (None if b is None or "test_jpeg_accuracy" not in r or "test_jpeg_accuracy" not in b
@@ -230,6 +275,12 @@ def show(rows: list[dict]) -> None:
                        ("jpeg_gain", "JPEG vs mag", "+.2f"), ("seconds", "seconds", ".0f"),
                        ("cpu_seconds", "CPU s", ".0f"),
                        ("peak_rss_mb", "peak RSS MB", ".0f")])
+    means = seed_means(rows)
+    if means:
+        print("\nmeans over seeds (gain: against magnitude-flops of the same seed)")
+        print_table(means, [("model", "model", ">10"), ("name", "row", ">16"), ("budget", "MACs asked", ".2f"),
+                            ("seeds", "seeds", "d"), ("test_accuracy", "test acc %", ".2f"), ("gain", "vs mag", "+.2f"),
+                            ("train_loss", "train loss", ".4f"), ("test_jpeg_accuracy", "JPEG 10k %", ".2f")])
 
 
 def markdown(rows: list[dict]) -> None:

@@ -51,3 +51,24 @@ def test_the_shipped_fashion_mnist_checkpoint_matches_its_readme_and_loads():
     with torch.no_grad():
         logits = loaded.model.eval()(torch.rand(2, 1, 28, 28))
     assert logits.shape == (2, 10) and bool(torch.isfinite(logits).all())
+
+
+def test_the_one_shot_benchmark_runs_rows_per_seed_and_compares_each_with_its_seeds_magnitude():
+    import bench_oneshot
+    specs = bench_oneshot.with_seeds([{"name": "falcon", "method": "falcon"}], [0, 2])
+    assert specs == [{"name": "falcon-s0", "method": "falcon", "seed": 0, "row": "falcon"},
+                     {"name": "falcon-s2", "method": "falcon", "seed": 2, "row": "falcon"}]
+    assert "--row" not in bench_oneshot.prune_command(
+        {**specs[0], "budget": 0.5}, {"model": "m", "checkpoint": "c", "data": "d", "dir": "x", "sparsity_too": False},
+        "data", "out")
+
+    def row(name, seed, accuracy, loss):
+        return {"model": "m", "name": f"{name}-s{seed}", "budget": 0.5, "test_accuracy": accuracy,
+                "train_loss": loss, "spec": {"row": name, "seed": seed}}
+    rows = [row("magnitude-flops", 0, 80.0, 0.5), row("magnitude-flops", 1, 82.0, 0.4),
+            row("falcon", 0, 85.0, 0.2), row("falcon", 1, 84.0, 0.3)]
+    falcon = next(m for m in bench_oneshot.seed_means(rows) if m["name"] == "falcon")
+    assert falcon["seeds"] == 2 and falcon["test_accuracy"] == pytest.approx(84.5, rel=1e-12)
+    assert falcon["gain"] == pytest.approx(3.5, rel=1e-12)        # +5 and +2: each against its own seed
+    assert falcon["train_loss"] == pytest.approx(0.25, rel=1e-12)
+    assert bench_oneshot.seed_means(rows[:1] + rows[2:3]) == []           # one seed: no mean
