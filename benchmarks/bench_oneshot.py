@@ -299,7 +299,7 @@ def markdown(rows: list[dict]) -> None:
                 if r is None:
                     cells.append("not run")
                     continue
-                gain = "" if r.get("gain") is None or name == "magnitude-flops" else f" ({r['gain']:+.1f})"
+                gain = "" if r.get("gain") is None or _row_name(r) == "magnitude-flops" else f" ({r['gain']:+.1f})"
                 cells.append(f"{r['test_accuracy']:.2f}{gain} / {r['train_accuracy']:.2f} / {r['train_loss']:.3f}")
             print(f"| {name} | " + " | ".join(cells) + " |")
 
