@@ -332,3 +332,55 @@ def test_allocation_first_offers_the_one_shot_search_result_as_a_final_candidate
     assert any(torch.equal(candidate, one_shot_weights) for candidate in stage_one)
     choice = staged.history[-1]["final_choice"]
     assert choice["kept_candidate_loss"] == min(loss for _, loss, _ in offered)
+
+
+@pytest.mark.parametrize("method, stages", [("falcon", 1), ("falcon++", 3)])
+def test_auto_searches_where_its_forward_passes_are_cheap_and_not_elsewhere(monkeypatch, method, stages):
+    from prunekit.pipelines import fisher_methods
+    net = bn_net()
+    x, y = torch.randn(200, 1, 6, 6), torch.randint(0, 3, (200,))
+    options = dict(flops=0.4, sparsity=0.7, batch_size=10, fisher_samples=8, stages=stages, refit_batches=0)
+    on = prunekit.prune(copy.deepcopy(net), (x, y), method=method, **options)
+    auto = on.record["layer_search_auto"]
+    # every stage searches (the default mode, ahead), 100 trials each; a trial re-estimates
+    # BatchNorm on 4 batches and judges on 8, each of 10 examples
+    assert auto["trials"] == fisher_methods.AUTO_LAYER_SEARCH_TRIALS == 100
+    assert auto["forward_macs"] == stages * 100 * 12 * 10 * CostModel(net, x[:1]).macs
+    assert all(h["layer_search_loss"] <= h["layer_search_start_loss"] for h in on.history)
+    monkeypatch.setattr(fisher_methods, "AUTO_LAYER_SEARCH_MACS", auto["forward_macs"] - 1)
+    off = prunekit.prune(copy.deepcopy(net), (x, y), method=method, **options)
+    assert off.record["layer_search_auto"]["trials"] == 0
+    assert not any("layer_search_loss" in h for h in off.history)
+    given = prunekit.prune(copy.deepcopy(net), (x, y), method=method, layer_search=0, **options)
+    assert "layer_search_auto" not in given.record
+    assert torch.equal(ParamSpace(given.model).vector(), ParamSpace(off.model).vector())
+    for result in (on, off):
+        recount = CostModel(result.model, torch.zeros(1, 1, 6, 6)).count(result.model)
+        assert recount.flops_kept <= 0.4 + 1e-12
+
+
+def test_the_summary_says_what_the_search_ran_or_why_auto_left_it_off():
+    from prunekit.commands.prune import _layer_search_lines
+    stages = [{"layer_search_loss": 0.5, "layer_search_seconds": 1.5}, {"layer_search_loss": 0.4,
+                                                                         "layer_search_seconds": 2.0}]
+    on = _layer_search_lines({"stages": stages, "options": {"layer_search": "auto"},
+                              "layer_search_auto": {"trials": 100, "forward_macs": 2.5e10, "limit_macs": 1e11}})
+    assert on == ["  search     2 layer searches of 100 trials, 3.5 s (auto: forward passes of 25.0 GMACs, "
+                  "within 100)"]
+    off = _layer_search_lines({"stages": [{}], "options": {"layer_search": "auto"},
+                               "layer_search_auto": {"trials": 0, "forward_macs": 3.1e13, "limit_macs": 1e11}})
+    assert off == ["  search     off (auto: forward passes of 31,000.0 GMACs, over 100); --layer-search 100 runs it"]
+    given = _layer_search_lines({"stages": stages[:1], "options": {"layer_search": 30}})
+    assert given == ["  search     1 layer search of 30 trials, 1.5 s"]
+    assert _layer_search_lines({"stages": [{}], "options": {"layer_search": 0}}) == []
+
+
+def test_auto_is_falcons_word_not_magnitudes(capsys):
+    net = bn_net()
+    x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 3, (40,))
+    with pytest.raises(PrunekitError, match="layer_search must be a whole number"):
+        prunekit.prune(net, (x, y), method="magnitude-flops", flops=0.5, layer_search="auto")
+    assert main(["prune", "--model", "mlpnet", "--method", "magnitude-flops", "--flops", "0.5",
+                 "--layer-search", "auto", "--data", "mnist", "--data-dir", "src/prunekit/assets/mnist"]) == 2
+    err = capsys.readouterr().err
+    assert "layer-search" in err and len(err.strip().splitlines()) == 1

@@ -262,10 +262,12 @@ def test_the_judge_counts_its_held_batches_and_one_forward_pass(steady_usage):
         judged.stage_vectors + judged.activations + judged.layer_gradients, judged.solver + judged.judge)
 
 
-@pytest.mark.parametrize("options, judged", [({"method": "falcon"}, False),
+@pytest.mark.parametrize("options, judged", [({"method": "falcon", "layer_search": 0}, False),
                                              ({"method": "falcon", "layer_search": 1}, True),
+                                             ({"method": "falcon"}, True),        # "auto": a small net is searched
                                              ({"method": "falcon++", "stages": 2}, True),
-                                             ({"method": "falcon++", "stages": 2, "final_pick": "last"}, False)])
+                                             ({"method": "falcon++", "stages": 2, "final_pick": "last",
+                                               "layer_search": 0}, False)])
 def test_runs_that_judge_plan_for_the_judge_at_their_batch_size(monkeypatch, options, judged):
     planned = []
     real = memory_plan.plan

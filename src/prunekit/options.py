@@ -147,7 +147,8 @@ class Options:
     """Base of every method's options: the fields and ``constraints`` say it all."""
 
     constraints: ClassVar[dict[str, Any]] = {}
-    # option -> (the option it needs, an example of that option): one given without the other is refused
+    # option -> (the option it needs, an example of that option): one given without the other is
+    # refused ("auto" does not count as given: it may turn the needed option off)
     requires: ClassVar[dict[str, tuple[str, str]]] = {}
 
     @classmethod
@@ -172,7 +173,8 @@ class Options:
                 raise OptionError(f"{key} must be {problem}", (key,))
         values = {**defaults, **given}
         for key, (needed, example) in cls.requires.items():
-            if key in given and not values.get(needed, defaults_of(cls).get(needed)):
+            needed_value = values.get(needed, defaults_of(cls).get(needed))
+            if key in given and (not needed_value or needed_value == "auto"):
                 raise OptionError(f"{key} {given[key]} needs {needed} ({example})", (key, needed))
         return cls(**values)
 

@@ -32,7 +32,9 @@ HELP = {
     "support_score": "falcon: what the ILP keeps most of: magnitude (w², default) or saliency "
                      "(diag(XᵀX/n + λ)·w², the quadratic model's cost of removing each weight alone)",
     "layer_search": "magnitude-flops, falcon, falcon++: trials of the per-layer allocation search judged by the "
-                    "loss after BatchNorm recalibration on held training batches (default 0: off; 200 measured)",
+                    "loss after BatchNorm recalibration on held training batches (0: off), or auto: 100 trials "
+                    "where the searches' forward passes total at most 1e11 MACs (a network of MLPNet's size), "
+                    "else off (default: auto for falcon and falcon++, 0 for magnitude-flops)",
     "layer_search_mode": "falcon++: where the layer search runs: ahead (every stage, judged at the final budget; "
                          "default), stage (every stage, judged at its own budget) or first (once, on the dense "
                          "model at the final budget; later stages keep its multipliers)",
@@ -157,7 +159,8 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
                     continue
                 added.add(name)
                 rules = [c.constraints[name] for cs in _option_classes().values() for c in cs if name in c.constraints]
-                spec = _argument(rules[0])
+                # a whole number for one method and "auto" allowed by another: the request checks which
+                spec = _argument(next((rule for rule in rules if isinstance(rule, IntegerOrAuto)), rules[0]))
                 if "choices" in spec:        # e.g. solver: chita's and falcon's, the request checks which
                     spec["choices"] = tuple(dict.fromkeys(c for rule in rules for c in rule.choices))
                 group.add_argument("--" + name.replace("_", "-"), dest=name, help=HELP[name], **spec)

@@ -181,6 +181,7 @@ def prune_lines(r: dict) -> list[str]:
         if "kept_channels" in one:
             lines.append(f"  channels   {sum(one['kept_channels']):,} of {sum(one['group_sizes']):,} "
                          f"in {one['groups']} groups")
+        lines += _layer_search_lines(one)
         # --reconstruct-batches (the shrunk model's layers after the cut), --refit-batches (the pruned ones)
         for refit in ((one.get("reconstruct") or {}).get(f"{one.get('flops', 0):g}"), one.get("refit")):
             if refit:
@@ -201,6 +202,23 @@ def prune_lines(r: dict) -> list[str]:
         tuned = (r.get("options") or {}).get("finetune_epochs")
         spent += f"{' and fine-tuning' if tuned else ''} (gates {r['gate_seconds']:.2f} s)"
     return lines + [f"  time       {spent}, peak RSS {r['peak_rss_mb']:.0f} MB"]
+
+
+def _layer_search_lines(r: dict) -> list[str]:
+    """The layer search's line of the summary: what it ran, or why "auto" left it off."""
+    searched = [stage for stage in r.get("stages") or [] if "layer_search_loss" in stage]
+    auto = r.get("layer_search_auto")
+    why = (f" (auto: forward passes of {auto['forward_macs'] / 1e9:,.1f} GMACs, "
+           f"{'within' if auto['trials'] else 'over'} {auto['limit_macs'] / 1e9:,.0f})" if auto else "")
+    if auto and not auto["trials"]:
+        return [f"  search     off{why}; --layer-search 100 runs it"]
+    if not searched:
+        return []
+    seconds = sum(stage["layer_search_seconds"] for stage in searched)
+    trials = (r.get("options") or {}).get("layer_search")
+    trials = auto["trials"] if auto else trials
+    return [f"  search     {len(searched)} layer search{'es' if len(searched) > 1 else ''} of {trials} trials, "
+            f"{seconds:.1f} s{why}"]
 
 
 def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:

@@ -25,6 +25,11 @@ from ..params import ParamSpace
 from ..solvers.layer_search import LayerSearch, layer_index, search_layer_scales
 from ..train import recalibrate_batchnorm
 
+# What the search holds: BatchNorm is re-estimated on the first 4 training batches and the loss
+# taken on the next 8 (1,536 images at the usual 128), the same images at every trial.
+SEARCH_CALIBRATION_BATCHES = 4
+SEARCH_JUDGE_BATCHES = 8
+
 
 class LoaderWindow:
     """Batches ``start`` to ``stop`` (exclusive) of ``loader()``, read afresh at every pass instead
@@ -59,7 +64,8 @@ class RecalibratedLoss:
 
     @classmethod
     def from_batches(cls, model: nn.Module, space: ParamSpace, batches: Iterable,
-                     calibration: int = 4, judge: int = 8, loss_fn: LossFn | None = None) -> "RecalibratedLoss":
+                     calibration: int = SEARCH_CALIBRATION_BATCHES, judge: int = SEARCH_JUDGE_BATCHES,
+                     loss_fn: LossFn | None = None) -> "RecalibratedLoss":
         """Take the first ``calibration`` batches for BatchNorm and the next ``judge`` to judge by;
         with fewer batches, a third of them for BatchNorm and the rest to judge by (one batch:
         the same batch for both). ``calibration=0``: BatchNorm is not re-estimated. ``loss_fn``:

@@ -122,7 +122,9 @@ class FalconOptions(QuadraticOptions):
     the quadratic model's cost of removing each weight alone; see ``solvers.falcon``);
     layer_search: trials of the per-layer allocation search (0 = off): each trial is an ILP +
     backsolve with per-layer score multipliers, judged by the loss after BatchNorm recalibration
-    on held training batches (see ``pipelines.allocation``);
+    on held training batches (see ``pipelines.allocation``); "auto" (default): 100 trials where
+    the searches' forward passes are cheap (``fisher_methods.resolve_layer_search``: MLPNet, not
+    a CIFAR ResNet), else off;
     layer_search_mode: where the search runs in a multi-stage run (one stage: all the same):
         "ahead" (default): at every stage, each trial judged by the candidate at the *final* budget
                  solved from this stage's quadratic model; the multipliers found prune to this
@@ -138,11 +140,12 @@ class FalconOptions(QuadraticOptions):
     solver: str = "dfo"
     block_size: int | None = None
     support_score: str = "magnitude"
-    layer_search: int = 0
+    layer_search: int | str = "auto"
     layer_search_mode: str = "ahead"
     layer_search_refine: int = 0
     constraints = {**QuadraticOptions.constraints, "solver": OneOf(("dfo", "magnitude")),
-                   "block_size": Integer(1), "support_score": OneOf(SCORES), "layer_search": Integer(0),
+                   "block_size": Integer(1), "support_score": OneOf(SCORES),
+                   "layer_search": IntegerOrAuto(0),
                    "layer_search_mode": OneOf(SEARCH_MODES), "layer_search_refine": Integer(0)}
     requires = {"layer_search_mode": ("layer_search", "trials, e.g. 100")}
 
