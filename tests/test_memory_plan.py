@@ -285,7 +285,8 @@ def test_runs_that_re_fit_plan_for_the_re_fit_images(monkeypatch, options, image
     real = memory_plan.plan
     monkeypatch.setattr(memory_plan, "plan", lambda *a, **k: planned.append(
         (k.get("refit_samples", 0), k.get("refit_batch", 0))) or real(*a, **k))
-    prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=8, batch_size=16, **options)
+    prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=8, batch_size=16, layer_search=0,
+                   **options)
     assert planned[-1] == images
 
 
