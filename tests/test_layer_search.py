@@ -347,10 +347,13 @@ def test_auto_searches_where_its_forward_passes_are_cheap_and_not_elsewhere(monk
     assert auto["trials"] == fisher_methods.AUTO_LAYER_SEARCH_TRIALS == 100
     assert auto["forward_macs"] == stages * 100 * 12 * 10 * CostModel(net, x[:1]).macs
     assert all(h["layer_search_loss"] <= h["layer_search_start_loss"] for h in on.history)
-    monkeypatch.setattr(fisher_methods, "AUTO_LAYER_SEARCH_MACS", auto["forward_macs"] - 1)
-    off = prunekit.prune(copy.deepcopy(net), (x, y), method=method, **options)
-    assert off.record["layer_search_auto"]["trials"] == 0
-    assert not any("layer_search_loss" in h for h in off.history)
+    assert auto["weight_trials"] == stages * 100 * ParamSpace(net).numel
+    for limit, over in (("AUTO_LAYER_SEARCH_MACS", "forward_macs"), ("AUTO_LAYER_SEARCH_WEIGHTS", "weight_trials")):
+        with monkeypatch.context() as patch:
+            patch.setattr(fisher_methods, limit, auto[over] - 1)
+            off = prunekit.prune(copy.deepcopy(net), (x, y), method=method, **options)
+        assert off.record["layer_search_auto"]["trials"] == 0
+        assert not any("layer_search_loss" in h for h in off.history)
     given = prunekit.prune(copy.deepcopy(net), (x, y), method=method, layer_search=0, **options)
     assert "layer_search_auto" not in given.record
     assert torch.equal(ParamSpace(given.model).vector(), ParamSpace(off.model).vector())
@@ -363,13 +366,17 @@ def test_the_summary_says_what_the_search_ran_or_why_auto_left_it_off():
     from prunekit.commands.prune import _layer_search_lines
     stages = [{"layer_search_loss": 0.5, "layer_search_seconds": 1.5}, {"layer_search_loss": 0.4,
                                                                          "layer_search_seconds": 2.0}]
-    on = _layer_search_lines({"stages": stages, "options": {"layer_search": "auto"},
-                              "layer_search_auto": {"trials": 100, "forward_macs": 2.5e10, "limit_macs": 1e11}})
+    limits = {"limit_macs": 1e11, "limit_weight_trials": 5e7}
+    on = _layer_search_lines({"stages": stages, "options": {"layer_search": "auto"}, "layer_search_auto": {
+        "trials": 100, "forward_macs": 2.5e10, "weight_trials": 1.6e7, **limits}})
     assert on == ["  search     2 layer searches of 100 trials, 3.5 s (auto: forward passes of 25.0 GMACs, "
                   "within 100)"]
-    off = _layer_search_lines({"stages": [{}], "options": {"layer_search": "auto"},
-                               "layer_search_auto": {"trials": 0, "forward_macs": 3.1e13, "limit_macs": 1e11}})
+    off = _layer_search_lines({"stages": [{}], "options": {"layer_search": "auto"}, "layer_search_auto": {
+        "trials": 0, "forward_macs": 3.1e13, "weight_trials": 1.3e8, **limits}})
     assert off == ["  search     off (auto: forward passes of 31,000.0 GMACs, over 100); --layer-search 100 runs it"]
+    many_weights = _layer_search_lines({"stages": [{}], "options": {"layer_search": "auto"}, "layer_search_auto": {
+        "trials": 0, "forward_macs": 9.8e7, "weight_trials": 1.92e8, **limits}})
+    assert many_weights == ["  search     off (auto: trials x weights 192.0M, over 50M); --layer-search 100 runs it"]
     given = _layer_search_lines({"stages": stages[:1], "options": {"layer_search": 30}})
     assert given == ["  search     1 layer search of 30 trials, 1.5 s"]
     assert _layer_search_lines({"stages": [{}], "options": {"layer_search": 0}}) == []

@@ -33,8 +33,9 @@ HELP = {
                      "(diag(XᵀX/n + λ)·w², the quadratic model's cost of removing each weight alone)",
     "layer_search": "magnitude-flops, falcon, falcon++: trials of the per-layer allocation search judged by the "
                     "loss after BatchNorm recalibration on held training batches (0: off), or auto: 100 trials "
-                    "where the searches' forward passes total at most 1e11 MACs (a network of MLPNet's size), "
-                    "else off (default: auto for falcon and falcon++, 0 for magnitude-flops)",
+                    "where the searches' forward passes total at most 1e11 MACs and their solves 5e7 trials x "
+                    "weights (a network of MLPNet's size), else off (default: auto for falcon and falcon++, 0 "
+                    "for magnitude-flops)",
     "layer_search_mode": "falcon++: where the layer search runs: ahead (every stage, judged at the final budget; "
                          "default), stage (every stage, judged at its own budget) or first (once, on the dense "
                          "model at the final budget; later stages keep its multipliers)",

@@ -208,8 +208,12 @@ def _layer_search_lines(r: dict) -> list[str]:
     """The layer search's line of the summary: what it ran, or why "auto" left it off."""
     searched = [stage for stage in r.get("stages") or [] if "layer_search_loss" in stage]
     auto = r.get("layer_search_auto")
-    why = (f" (auto: forward passes of {auto['forward_macs'] / 1e9:,.1f} GMACs, "
-           f"{'within' if auto['trials'] else 'over'} {auto['limit_macs'] / 1e9:,.0f})" if auto else "")
+    why = ""
+    if auto:
+        over = auto["weight_trials"] > auto["limit_weight_trials"] and auto["forward_macs"] <= auto["limit_macs"]
+        why = (f" (auto: trials x weights {auto['weight_trials'] / 1e6:,.1f}M, over "
+               f"{auto['limit_weight_trials'] / 1e6:,.0f}M)" if over else f" (auto: forward passes of {auto['forward_macs'] / 1e9:,.1f} GMACs, "
+                            f"{'within' if auto['trials'] else 'over'} {auto['limit_macs'] / 1e9:,.0f})")
     if auto and not auto["trials"]:
         return [f"  search     off{why}; --layer-search 100 runs it"]
     if not searched:

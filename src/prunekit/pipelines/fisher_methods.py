@@ -103,15 +103,19 @@ def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.T
     return weights.to(index.device), layer_scales
 
 
-# layer_search "auto": the search is worth its trials wherever it is cheap (MLPNet at sparsity
-# 0.98, three seeds: FALCON++ 79.69 -> 83.49%, one-shot FALCON 63.17 -> 80.64%, ties at 0.9 and
-# 0.95, for 4-5 s more), and its forward passes are its cost on a network of real size (100
-# trials on ResNet-20-B: minutes per search). So it runs its trials where all of its searches'
-# forward passes (BatchNorm re-estimation and judge batches, every trial) stay under this many
-# MACs: about as many as 100 trials over a network of 650k MACs per example at batches of 128,
-# a few seconds of one core; a MLPNet FALCON++ run needs 2.5e10.
+# layer_search "auto": the search is worth its trials wherever it is cheap (MLPNet, three seeds:
+# at sparsity 0.98 FALCON++ 79.69 -> 83.49%, one-shot FALCON 63.17 -> 80.64%; +0.1 / +0.7 at 0.95,
+# a tie at 0.9; 2-8 s more per run), and costly on a network of real size (100 trials on
+# ResNet-20-B: minutes per search). A trial costs forward passes (BatchNorm re-estimation and
+# judge batches) and a solve (ILP + backsolve over the free weights); "auto" runs the search
+# where, over all of a run's trials, both stay small: the forward passes under
+# AUTO_LAYER_SEARCH_MACS (as many as 100 trials over 650k MACs per example at batches of 128;
+# MLPNet's FALCON++ needs 2.5e10) and trials x prunable weights under AUTO_LAYER_SEARCH_WEIGHTS
+# (MLPNet's FALCON++: 1.6e7, its whole search about 4.5 s of one core; an embedding of 1.9M
+# weights read by 640 MACs per example took 0.48 s a trial: 48 s one shot, so off).
 AUTO_LAYER_SEARCH_TRIALS = 100
 AUTO_LAYER_SEARCH_MACS = 1e11
+AUTO_LAYER_SEARCH_WEIGHTS = 5e7
 
 
 def resolve_layer_search(ctx: PruneContext, opts: FalconOptions) -> tuple[FalconOptions, dict]:
@@ -123,9 +127,12 @@ def resolve_layer_search(ctx: PruneContext, opts: FalconOptions) -> tuple[Falcon
     searched = replace(opts, layer_search=AUTO_LAYER_SEARCH_TRIALS)
     all_trials = sum(_search_plan(searched, stage, stage == opts.stages)[0] for stage in range(1, opts.stages + 1))
     macs = all_trials * (SEARCH_CALIBRATION_BATCHES + SEARCH_JUDGE_BATCHES) * batch * ctx.costs.macs
-    trials = AUTO_LAYER_SEARCH_TRIALS if macs <= AUTO_LAYER_SEARCH_MACS else 0
+    weights = all_trials * ctx.space.numel
+    cheap = macs <= AUTO_LAYER_SEARCH_MACS and weights <= AUTO_LAYER_SEARCH_WEIGHTS
+    trials = AUTO_LAYER_SEARCH_TRIALS if cheap else 0
     return replace(opts, layer_search=trials), {"trials": trials, "forward_macs": macs,
-                                                 "limit_macs": AUTO_LAYER_SEARCH_MACS}
+                                                 "limit_macs": AUTO_LAYER_SEARCH_MACS, "weight_trials": weights,
+                                                 "limit_weight_trials": AUTO_LAYER_SEARCH_WEIGHTS}
 
 
 def _search_plan(opts, stage: int, last: bool) -> tuple[int, bool]:

@@ -123,8 +123,8 @@ class FalconOptions(QuadraticOptions):
     layer_search: trials of the per-layer allocation search (0 = off): each trial is an ILP +
     backsolve with per-layer score multipliers, judged by the loss after BatchNorm recalibration
     on held training batches (see ``pipelines.allocation``); "auto" (default): 100 trials where
-    the searches' forward passes are cheap (``fisher_methods.resolve_layer_search``: MLPNet, not
-    a CIFAR ResNet), else off;
+    the searches' forward passes and solves are cheap (``fisher_methods.resolve_layer_search``:
+    MLPNet, not a CIFAR ResNet), else off;
     layer_search_mode: where the search runs in a multi-stage run (one stage: all the same):
         "ahead" (default): at every stage, each trial judged by the candidate at the *final* budget
                  solved from this stage's quadratic model; the multipliers found prune to this
