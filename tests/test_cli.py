@@ -136,3 +136,12 @@ def test_bad_request_fails_before_any_evaluation(capsys, monkeypatch):
     monkeypatch.setattr(executor, "measure", lambda *a, **k: pytest.fail("evaluated before checking"))
     assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--sparsity", "0.5"]) == 2
     assert main(["prune", *MLP, *MNIST, "--method", "chita", "--sparsity", "0.5", "--solver", "dfo"]) == 2
+
+
+def test_falcon_on_mlpnet_searches_by_default_and_says_so(capsys):
+    assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.1", "--fisher-samples", "64",
+                 "--no-stage-eval"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    search = [line for line in lines if line.startswith("  search ")]
+    assert search and search[0].startswith("  search     1 layer search of 100 trials, ")
+    assert "(auto: forward passes of " in search[0] and ", within 100)" in search[0]
