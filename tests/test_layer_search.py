@@ -360,6 +360,10 @@ def test_auto_searches_where_its_forward_passes_are_cheap_and_not_elsewhere(monk
     for result in (on, off):
         recount = CostModel(result.model, torch.zeros(1, 1, 6, 6)).count(result.model)
         assert recount.flops_kept <= 0.4 + 1e-12
+    if method == "falcon":            # gradual: every event's search (and why) is in its record
+        gradual = prunekit.prune(copy.deepcopy(net), (x, y), method=method, gradual=True, events=2,
+                                 epochs_per_event=0, final_epochs=0, **options)
+        assert [event["layer_search_auto"]["trials"] for event in gradual.history] == [100, 100]
 
 
 def test_the_summary_says_what_the_search_ran_or_why_auto_left_it_off():

@@ -95,7 +95,8 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
             continue
         event_start = time.perf_counter()
         event_ctx = replace(ctx, budget=event_budget, checkpointer=None, history=[])
-        space.assign(run(event_ctx, options).weights)
+        pruned = run(event_ctx, options)
+        space.assign(pruned.weights)
         counts, nonzeros = check_budget(space, costs, event_budget)
         epochs = opts.final_epochs if event == len(schedule) else opts.epochs_per_event
         losses: list[float] = []
@@ -114,7 +115,9 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
                   "loss": losses[-1] if losses else None,
                   "accuracy": (evaluate_loss_accuracy(model, eval_loader, loss_fn=ctx.loss_fn)["accuracy"]
                                if eval_loader is not None else None),
-                  "seconds": time.perf_counter() - event_start}
+                  "seconds": time.perf_counter() - event_start,
+                  **({"layer_search_auto": pruned.info["layer_search_auto"]} if "layer_search_auto" in pruned.info
+                     else {})}
         ctx.history.append(record)
         stage_completed(ctx, event)
         if on_event is not None:
