@@ -264,7 +264,8 @@ def test_the_judge_counts_its_held_batches_and_one_forward_pass(steady_usage):
 
 @pytest.mark.parametrize("options, judged", [({"method": "falcon", "layer_search": 0}, False),
                                              ({"method": "falcon", "layer_search": 1}, True),
-                                             ({"method": "falcon"}, True),        # "auto": a small net is searched
+                                             # "auto": 100 trials x 1,074,000 weights are over its limit
+                                             ({"method": "falcon"}, False),
                                              ({"method": "falcon++", "stages": 2}, True),
                                              ({"method": "falcon++", "stages": 2, "final_pick": "last",
                                                "layer_search": 0}, False)])
