@@ -70,6 +70,8 @@ SETUPS = {
 # name -> `prunekit prune` options. "falcon" / "falcon++" are the methods' defaults (per-sample rows,
 # BatchNorm frozen at the dense statistics; since session 28 draws of the model's Fisher); the "-bn" rows see BatchNorm's re-normalisation: rows of
 # 16-image mini-batch gradients with BatchNorm on each mini-batch's statistics.
+# Since session 39 the falcon / falcon++ rows run the layer search on MLPNet (layer_search "auto":
+# 100 trials where they are cheap; off on the CIFAR ResNets): add "layer-search": 0 for the rows of before.
 ROWS = {
     "magnitude-flops": {"method": "magnitude-flops"},
     "falcon": {"method": "falcon"},

@@ -208,21 +208,24 @@ def _layer_search_lines(r: dict) -> list[str]:
     """The layer search's line of the summary: what it ran, or why "auto" left it off."""
     searched = [stage for stage in r.get("stages") or [] if "layer_search_loss" in stage]
     auto = r.get("layer_search_auto")
-    why = ""
-    if auto:
-        over = auto["weight_trials"] > auto["limit_weight_trials"] and auto["forward_macs"] <= auto["limit_macs"]
-        why = (f" (auto: trials x weights {auto['weight_trials'] / 1e6:,.1f}M, over "
-               f"{auto['limit_weight_trials'] / 1e6:,.0f}M)" if over else f" (auto: forward passes of {auto['forward_macs'] / 1e9:,.1f} GMACs, "
-                            f"{'within' if auto['trials'] else 'over'} {auto['limit_macs'] / 1e9:,.0f})")
+    why = f" (auto: {_auto_reason(auto)})" if auto else ""
     if auto and not auto["trials"]:
         return [f"  search     off{why}; --layer-search 100 runs it"]
     if not searched:
         return []
     seconds = sum(stage["layer_search_seconds"] for stage in searched)
-    trials = (r.get("options") or {}).get("layer_search")
-    trials = auto["trials"] if auto else trials
+    trials = auto["trials"] if auto else (r.get("options") or {}).get("layer_search")
     return [f"  search     {len(searched)} layer search{'es' if len(searched) > 1 else ''} of {trials} trials, "
             f"{seconds:.1f} s{why}"]
+
+
+def _auto_reason(auto: dict) -> str:
+    """The count that decided layer_search "auto": the solves' when they alone were over their
+    limit, else the forward passes'."""
+    if auto["weight_trials"] > auto["limit_weight_trials"] and auto["forward_macs"] <= auto["limit_macs"]:
+        return f"trials x weights {auto['weight_trials'] / 1e6:,.1f}M, over {auto['limit_weight_trials'] / 1e6:,.0f}M"
+    verdict = "within" if auto["trials"] else "over"
+    return f"forward passes of {auto['forward_macs'] / 1e9:,.1f} GMACs, {verdict} {auto['limit_macs'] / 1e9:,.0f}"
 
 
 def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
