@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, FMNIST_CHECKPOINT, jpeg_copies_of, print_table, unpacked_jpeg_test, write_json
+from common import DEFAULT_DATA, FMNIST_CHECKPOINT, FMNIST_MLPNET_CHECKPOINT, jpeg_copies_of, print_table, unpacked_jpeg_test, write_json
 
 SETUPS = {
     "resnet20-b": {"model": "resnet20-b", "checkpoint": "{data}/checkpoints/resnet20_cifar10.pth.tar",
@@ -65,6 +65,11 @@ SETUPS = {
     "fmnist-resnet20": {"model": "resnet20", "checkpoint": str(FMNIST_CHECKPOINT),
                         "data": "fashion-mnist", "dir": "{data}/fashion-mnist", "budgets": [0.4, 0.3, 0.2, 0.1],
                         "train_eval": 10000, "sparsity_too": False},
+    # a second network without BatchNorm, cheap enough for the layer search (session 40): a check
+    # on what the MNIST MLPNet's rows chose, with 10,000 test images
+    "fmnist-mlpnet": {"model": "mlpnet", "checkpoint": str(FMNIST_MLPNET_CHECKPOINT), "data": "fashion-mnist",
+                      "dir": "{data}/fashion-mnist", "budgets": [0.1, 0.05, 0.02], "train_eval": 10000,
+                      "sparsity_too": True},
 }
 
 # name -> `prunekit prune` options. "falcon" / "falcon++" are the methods' defaults (per-sample rows,

@@ -19,6 +19,7 @@ import torch
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # ResNet-20 on Fashion-MNIST, trained by prunekit and shipped (checkpoints/README.md has its recipe)
 FMNIST_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "fmnist-resnet20" / "model.safetensors"
+FMNIST_MLPNET_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "fmnist-mlpnet" / "model.safetensors"
 JPEG_TAR_MD5 = "43ad1cc9156043cc575cc07791220478"      # cifar10/test-jpeg.tar, from the data README
 JPEG_CACHE = "/tmp/prunekit-cifar10-jpeg"
 
