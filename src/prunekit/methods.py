@@ -68,7 +68,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("falcon", "weights", FalconOptions, run_falcon, "CHITA's model under a count and a MAC budget",
            check=needs_flops, plan_memory=plan_memory("falcon")),
     Method("falcon++", "weights", FalconOptions, run_falcon, "FALCON over a schedule of stages",
-           {"stages": 5, "fisher_samples": 500}, check=needs_flops, plan_memory=plan_memory("falcon")),
+           {"stages": "auto", "fisher_samples": 500}, check=needs_flops, plan_memory=plan_memory("falcon")),
     # AutoBot's weights stay frozen while its gates train: its fine-tune (and the hybrid's, whose
     # channel phase is AutoBot) gains most from the dense model's outputs (ResNet-56: +1.2 points at
     # 50% MACs, +2.7 at 30%, +3.8 at 20% over three seeds; hybrid +1.9 / +3.2 at 20 / 10%; docs/benchmarks.md)

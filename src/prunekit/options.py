@@ -144,12 +144,17 @@ def _range(value, low, high) -> str | None:
 
 @dataclass
 class Options:
-    """Base of every method's options: the fields and ``constraints`` say it all."""
+    """Base of every method's options: the fields and ``constraints`` say it all.
+
+    ``given``: the names of the options the user set (``from_user`` records them; empty for
+    options built directly), for the "auto" choices that keep what the user asked for."""
 
     constraints: ClassVar[dict[str, Any]] = {}
     # option -> (the option it needs, an example of that option): one given without the other is
     # refused ("auto" does not count as given: it may turn the needed option off)
     requires: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    given: ClassVar[frozenset] = frozenset()
 
     @classmethod
     def names(cls) -> list[str]:
@@ -176,7 +181,9 @@ class Options:
             needed_value = values.get(needed, defaults_of(cls).get(needed))
             if key in given and (not needed_value or needed_value == "auto"):
                 raise OptionError(f"{key} {given[key]} needs {needed} ({example})", (key, needed))
-        return cls(**values)
+        options = cls(**values)
+        options.given = frozenset(given)
+        return options
 
     def to_dict(self) -> dict:
         """The options as plain values (functions by their name), for records and config files."""

@@ -108,8 +108,9 @@ class PruneRequest:
             check_shardable(method.name == "woodfisher", options)
         if method.plan_memory is not None:
             method.plan_memory(self.model, space, self.example_input, resolved, options)
+        stages = getattr(options, "stages", 1)          # "auto": 5 or 15 (falcon++)
         mode = ("structured" if method.family == "channels" else "gradual" if gradual is not None
-                else "multi-stage" if getattr(options, "stages", 1) > 1 else "one-shot")
+                else "multi-stage" if stages == "auto" or stages > 1 else "one-shot")
         return Plan(self, method, options, gradual, mode, costs, space, resolved, shares, channels,
                     self.name or type(self.model).__name__)
 

@@ -43,7 +43,8 @@ HELP = {
                            "from the first stage's multipliers (default 0)",
     "ridge": "absolute ridge λ of the quadratic model (the papers' setting)",
     "relative_ridge": "λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)",
-    "stages": "pruning stages (default: chita/falcon 1, chita++ 15, falcon++ 5)",
+    "stages": "pruning stages (default: chita/falcon 1, chita++ 15, falcon++ auto: 15 stages of 1,000 "
+              "rows on fresh images where the layer search over them is cheap, else 5)",
     "schedule": "kept share per stage (default poly)",
     "revive": "let weights pruned in earlier stages come back",
     "fresh_samples": "each stage's gradient rows from training images the earlier stages did not use "

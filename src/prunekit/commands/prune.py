@@ -181,7 +181,7 @@ def prune_lines(r: dict) -> list[str]:
         if "kept_channels" in one:
             lines.append(f"  channels   {sum(one['kept_channels']):,} of {sum(one['group_sizes']):,} "
                          f"in {one['groups']} groups")
-        lines += _layer_search_lines(one)
+        lines += _stages_lines(one) + _layer_search_lines(one)
         # --reconstruct-batches (the shrunk model's layers after the cut), --refit-batches (the pruned ones)
         for refit in ((one.get("reconstruct") or {}).get(f"{one.get('flops', 0):g}"), one.get("refit")):
             if refit:
@@ -204,11 +204,28 @@ def prune_lines(r: dict) -> list[str]:
     return lines + [f"  time       {spent}, peak RSS {r['peak_rss_mb']:.0f} MB"]
 
 
+def _stages_lines(r: dict) -> list[str]:
+    """The schedule's line of the summary when stages was "auto": which one, and why."""
+    auto = r.get("stages_auto")
+    if not auto:
+        return []
+    rows = f"{auto['fisher_samples']:,} rows" if isinstance(auto["fisher_samples"], int) else "rows"
+    rows += f" of {auto['fisher_batch']}-image gradients" if auto["fisher_batch"] > 1 else " of per-sample gradients"
+    fresh = ", each stage on fresh images" if auto["fresh_samples"] else ""
+    if auto["thorough"]:
+        why = f"the layer search over them cheap: {_auto_reason(auto, cheap=True)}"
+    elif not auto["search_trials"]:
+        why = "no layer search, which the 15-stage schedule needs"
+    else:
+        why = f"the layer search over 15 stages not cheap: {_auto_reason(auto, cheap=False)}"
+    return [f"  stages     {auto['stages']} stages of {rows}{fresh} (auto: {why})"]
+
+
 def _layer_search_lines(r: dict) -> list[str]:
     """The layer search's line of the summary: what it ran, or why "auto" left it off."""
     searched = [stage for stage in r.get("stages") or [] if "layer_search_loss" in stage]
     auto = r.get("layer_search_auto")
-    why = f" (auto: {_auto_reason(auto)})" if auto else ""
+    why = f" (auto: {_auto_reason(auto, cheap=bool(auto['trials']))})" if auto else ""
     if auto and not auto["trials"]:
         return [f"  search     off{why}; --layer-search 100 runs it"]
     if not searched:
@@ -219,12 +236,12 @@ def _layer_search_lines(r: dict) -> list[str]:
             f"{seconds:.1f} s{why}"]
 
 
-def _auto_reason(auto: dict) -> str:
-    """The count that decided layer_search "auto": the solves' when they alone were over their
-    limit, else the forward passes'."""
+def _auto_reason(auto: dict, cheap: bool) -> str:
+    """The count that decided an "auto" by the layer search's cost (``cheap``: within both
+    limits): the solves' when they alone were over their limit, else the forward passes'."""
     if auto["weight_trials"] > auto["limit_weight_trials"] and auto["forward_macs"] <= auto["limit_macs"]:
         return f"trials x weights {auto['weight_trials'] / 1e6:,.1f}M, over {auto['limit_weight_trials'] / 1e6:,.0f}M"
-    verdict = "within" if auto["trials"] else "over"
+    verdict = "within" if cheap else "over"
     return f"forward passes of {auto['forward_macs'] / 1e9:,.1f} GMACs, {verdict} {auto['limit_macs'] / 1e9:,.0f}"
 
 

@@ -135,7 +135,11 @@ class FalconOptions(QuadraticOptions):
         "first": once, at stage 1 (the dense model), judged at the final budget, as one shot
                  searches; every later stage prunes with those multipliers ("allocation first");
     layer_search_refine: with "first", trials of a second search at the last stage, starting from
-        the first stage's multipliers (0 = none)."""
+        the first stage's multipliers (0 = none);
+    stages: as for every quadratic method, or "auto" (falcon++'s default): the thorough schedule
+        (15 stages of 1,000 rows, each stage on fresh images) where the layer search over it is
+        cheap by the search's own limits, else 5 stages; fisher_samples or fresh_samples given by
+        the user are kept (``fisher_methods.resolve_stages``)."""
 
     solver: str = "dfo"
     block_size: int | None = None
@@ -143,7 +147,7 @@ class FalconOptions(QuadraticOptions):
     layer_search: int | str = "auto"
     layer_search_mode: str = "ahead"
     layer_search_refine: int = 0
-    constraints = {**QuadraticOptions.constraints, "solver": OneOf(("dfo", "magnitude")),
+    constraints = {**QuadraticOptions.constraints, "stages": IntegerOrAuto(1), "solver": OneOf(("dfo", "magnitude")),
                    "block_size": Integer(1), "support_score": OneOf(SCORES),
                    "layer_search": IntegerOrAuto(0),
                    "layer_search_mode": OneOf(SEARCH_MODES), "layer_search_refine": Integer(0)}

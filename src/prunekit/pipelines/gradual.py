@@ -116,8 +116,7 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
                   "accuracy": (evaluate_loss_accuracy(model, eval_loader, loss_fn=ctx.loss_fn)["accuracy"]
                                if eval_loader is not None else None),
                   "seconds": time.perf_counter() - event_start,
-                  **({"layer_search_auto": pruned.info["layer_search_auto"]} if "layer_search_auto" in pruned.info
-                     else {})}
+                  **{key: pruned.info[key] for key in ("stages_auto", "layer_search_auto") if key in pruned.info}}
         ctx.history.append(record)
         stage_completed(ctx, event)
         if on_event is not None:
