@@ -77,6 +77,8 @@ SETUPS = {
 # 16-image mini-batch gradients with BatchNorm on each mini-batch's statistics.
 # Since session 39 the falcon / falcon++ rows run the layer search on MLPNet (layer_search "auto":
 # 100 trials where they are cheap; off on the CIFAR ResNets): add "layer-search": 0 for the rows of before.
+# Since session 40 the falcon++ row runs 15 stages of 1,000 rows on fresh images there (stages
+# "auto"); "stages": 5 gives session 39's row.
 ROWS = {
     "magnitude-flops": {"method": "magnitude-flops"},
     "falcon": {"method": "falcon"},

@@ -33,9 +33,11 @@ def test_bad_input_exits_with_code_2(capsys):
     assert stop.value.code == 2 and "pass --data" in capsys.readouterr().err
 
 
-def test_the_shipped_fashion_mnist_checkpoint_matches_its_readme_and_loads():
-    """benchmarks/checkpoints/fmnist-resnet20: the md5 its README states, and a 1-channel 28 x 28
-    ResNet-20 with the Fashion-MNIST normalisation once loaded (weights only: safetensors)."""
+@pytest.mark.parametrize("model, path", [("resnet20", common.FMNIST_CHECKPOINT),
+                                         ("mlpnet", common.FMNIST_MLPNET_CHECKPOINT)])
+def test_the_shipped_fashion_mnist_checkpoints_match_their_readme_and_load(model, path):
+    """benchmarks/checkpoints/fmnist-*: the md5 their README states, and a model for 1-channel
+    28 x 28 images with the Fashion-MNIST normalisation once loaded (weights only: safetensors)."""
     import hashlib
     import re
 
@@ -43,10 +45,9 @@ def test_the_shipped_fashion_mnist_checkpoint_matches_its_readme_and_loads():
 
     from prunekit.loading import load_model
 
-    path = common.FMNIST_CHECKPOINT
-    stated = re.search(r"\| `fmnist-resnet20/` \|.*\| ([0-9a-f]{32}) \|", (path.parents[1] / "README.md").read_text())
+    stated = re.search(rf"\| `{path.parent.name}/` \|.*\| ([0-9a-f]{{32}}) \|", (path.parents[1] / "README.md").read_text())
     assert stated and hashlib.md5(path.read_bytes()).hexdigest() == stated.group(1)
-    loaded = load_model("resnet20", path)
+    loaded = load_model(model, path)
     assert loaded.normalization is not None
     with torch.no_grad():
         logits = loaded.model.eval()(torch.rand(2, 1, 28, 28))
