@@ -100,8 +100,8 @@ def test_the_summary_says_which_schedule_and_why():
     unsearched = {"stages": 5, "thorough": False, "fisher_samples": 500, "fisher_batch": 1, "fresh_samples": False,
                   "search_trials": 0}
     assert _stages_lines({"stages_auto": unsearched}) == [
-        "  stages     5 stages of 500 rows of per-sample gradients (auto: no layer search, which the 15-stage "
-        "schedule needs)"]
+        "  stages     5 stages of 500 rows of per-sample gradients (auto: no layer search; the 15-stage "
+        "schedule is chosen only with it)"]
     assert _stages_lines({"options": {"stages": 5}}) == []
 
 

@@ -215,7 +215,7 @@ def _stages_lines(r: dict) -> list[str]:
     if auto["thorough"]:
         why = f"the layer search over them cheap: {_auto_reason(auto, cheap=True)}"
     elif not auto["search_trials"]:
-        why = "no layer search, which the 15-stage schedule needs"
+        why = "no layer search; the 15-stage schedule is chosen only with it"
     else:
         why = f"the layer search over 15 stages not cheap: {_auto_reason(auto, cheap=False)}"
     return [f"  stages     {auto['stages']} stages of {rows}{fresh} (auto: {why})"]

@@ -148,8 +148,8 @@ def _without_verdict(cost: dict) -> dict:
 # stages "auto" (falcon++'s default). Where the layer search is cheap, FALCON++ is worth a longer
 # schedule: 15 stages of 1,000 rows, each stage on images the earlier stages did not read. Test
 # accuracy at sparsity 0.9 / 0.95 / 0.98, three seeds each, against the 5-stage default: MNIST
-# MLPNet 93.xx / 91.64 / 88.36 against 92.97 / 91.08 / 83.49, and an MLPNet trained on
-# Fashion-MNIST 8x.xx / 83.27 / 77.41 against 85.60 / 80.58 / 69.44 (docs/benchmarks.md, session
+# MLPNet 93.10 / 91.64 / 88.36 against 92.97 / 91.08 / 83.49, and an MLPNet trained on
+# Fashion-MNIST 85.81 / 83.27 / 77.41 against 85.60 / 80.58 / 69.44 (docs/benchmarks.md, session
 # 40, with the forms weighed against it: 8-image rows, session 8's form). The schedule is
 # thorough only where the search over all its stages runs (it is the search that pays at these
 # sparsities, and its cost outweighs the rows'), within the search's own limits; elsewhere 5
