@@ -176,6 +176,8 @@ def run_row(spec: dict, setup: dict, data: str) -> dict:
             "cpu_seconds": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
             "peak_rss_mb": record["peak_rss_mb"], "memory_estimate_mb": record.get("memory_estimate_mb"),
             "dense_accuracy": record.get("dense_accuracy"), "options": record.get("options"),
+            # what "auto" chose (falcon++'s stages, the layer search) and the figures it chose by
+            **{key: record[key] for key in ("stages_auto", "layer_search_auto") if key in record},
             "stages": [{k: v for k, v in s.items()} for s in stages]}
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import prunekit
 from prunekit.cli import main
-from prunekit.commands.prune import _stages_lines
+from prunekit.commands.prune import _event_choice_lines, _stages_lines
 from prunekit.costs import CostModel
 from prunekit.errors import PrunekitError
 from prunekit.params import ParamSpace
@@ -103,6 +103,23 @@ def test_the_summary_says_which_schedule_and_why():
         "  stages     5 stages of 500 rows of per-sample gradients (auto: no layer search; the 15-stage "
         "schedule is chosen only with it)"]
     assert _stages_lines({"options": {"stages": 5}}) == []
+
+
+def test_a_gradual_runs_summary_says_what_its_events_chose():
+    limits = {"limit_macs": 1e11, "limit_weight_trials": 5e7}
+    thorough = {"stages": 15, "thorough": True, "fisher_samples": 1000, "fisher_batch": 1, "fresh_samples": True,
+                "search_trials": 100, "forward_macs": 7.46e10, "weight_trials": 4.85e7, **limits}
+    search = {"trials": 100, "forward_macs": 4.97e9, "weight_trials": 3.2e6, **limits}
+    alike = {"events": [{"event": e, "stages_auto": thorough, "layer_search_auto": search} for e in (1, 2)]}
+    assert _event_choice_lines(alike) == [
+        "  stages     (every event) 15 stages of 1,000 rows of per-sample gradients, each stage on fresh images "
+        "(auto: the layer search over them cheap: forward passes of 74.6 GMACs, within 100)",
+        "  search     (every event) on, 100 trials per layer search (auto: forward passes of 5.0 GMACs, within 100)"]
+    unlike = {"events": [{"event": 1, "stages_auto": thorough}, {"event": 2, "stages_auto": {**thorough, "stages": 5}}]}
+    lines = _event_choice_lines(unlike)
+    assert [line[:23] for line in lines] == ["  stages     (event 1) ", "  stages     (event 2) "]
+    assert "15 stages" in lines[0] and "5 stages" in lines[1]
+    assert _event_choice_lines({"events": [{"event": 1}]}) == [] and _event_choice_lines({}) == []
 
 
 def test_auto_stages_is_falcons_word(capsys):

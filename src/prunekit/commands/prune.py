@@ -181,7 +181,7 @@ def prune_lines(r: dict) -> list[str]:
         if "kept_channels" in one:
             lines.append(f"  channels   {sum(one['kept_channels']):,} of {sum(one['group_sizes']):,} "
                          f"in {one['groups']} groups")
-        lines += _stages_lines(one) + _layer_search_lines(one)
+        lines += _stages_lines(one) + _layer_search_lines(one) + _event_choice_lines(one)
         # --reconstruct-batches (the shrunk model's layers after the cut), --refit-batches (the pruned ones)
         for refit in ((one.get("reconstruct") or {}).get(f"{one.get('flops', 0):g}"), one.get("refit")):
             if refit:
@@ -228,12 +228,29 @@ def _layer_search_lines(r: dict) -> list[str]:
     why = f" (auto: {_auto_reason(auto, cheap=bool(auto['trials']))})" if auto else ""
     if auto and not auto["trials"]:
         return [f"  search     off{why}; --layer-search 100 runs it"]
-    if not searched:
-        return []
+    if not searched:           # a gradual event's record holds the choice, not its stages
+        return [f"  search     on, {auto['trials']} trials per layer search{why}"] if auto else []
     seconds = sum(stage["layer_search_seconds"] for stage in searched)
     trials = auto["trials"] if auto else (r.get("options") or {}).get("layer_search")
     return [f"  search     {len(searched)} layer search{'es' if len(searched) > 1 else ''} of {trials} trials, "
             f"{seconds:.1f} s{why}"]
+
+
+def _event_choice_lines(r: dict) -> list[str]:
+    """A gradual run's stages and search lines: what "auto" chose at its events (each event's
+    record holds its own), once when every event chose alike, else per event."""
+    per_event = [(event["event"], _stages_lines(event) + _layer_search_lines(event)) for event in r.get("events") or []]
+    chosen = [(number, lines) for number, lines in per_event if lines]
+    if not chosen:
+        return []
+    if all(lines == chosen[0][1] for _, lines in chosen) and len(chosen) == len(per_event):
+        return _with_label(chosen[0][1], "every event")
+    return [line for number, lines in chosen for line in _with_label(lines, f"event {number}")]
+
+
+def _with_label(lines: list[str], label: str) -> list[str]:
+    """Summary lines ("  stages     ...") with ``label`` after the name: "  stages     (event 2) ..."."""
+    return [f"{line[:13]}({label}) {line[13:]}" for line in lines]
 
 
 def _auto_reason(auto: dict, cheap: bool) -> str:
