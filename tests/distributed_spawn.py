@@ -10,6 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from filelock import FileLock
 
 
 def free_port() -> int:
@@ -47,3 +48,19 @@ def run_ranks(fn, world: int, out_dir, *args, timeout: float = 120.0) -> list:
                 process.kill()
             raise TimeoutError(f"ranks did not finish within {timeout} s")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def run_ranks_once(name: str, fn, world: int, tmp_path_factory, *args, timeout: float = 120.0) -> list:
+    """``run_ranks`` for a module fixture, run once per test session. Under pytest-xdist the tests
+    of one module can go to both workers, and each would spawn the ranks again (the spawn of
+    test_distributed_pipelines took 80 s on each worker): the first worker to get here runs them
+    and the other waits for its files, in the session's shared temporary folder."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return run_ranks(fn, world, tmp_path_factory.mktemp(name), *args, timeout=timeout)
+    shared = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "done").exists():
+            shared.mkdir(exist_ok=True)
+            run_ranks(fn, world, shared, *args, timeout=timeout)
+            (shared / "done").touch()
+    return [torch.load(shared / f"rank{r}.pt", weights_only=True) for r in range(world)]

@@ -10,7 +10,7 @@ from torch import nn
 
 import prunekit
 from closeness import assert_close_to_scale
-from distributed_spawn import run_ranks
+from distributed_spawn import run_ranks_once
 from prunekit.train import sgd, cosine, train_epoch
 
 CASES = {
@@ -138,7 +138,7 @@ def _worker(rank, world):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Every case, and the training steps, on each of 2 ranks (one spawn for the module)."""
-    return run_ranks(_worker, 2, tmp_path_factory.mktemp("ranks"), timeout=300)
+    return run_ranks_once("distributed_pipelines", _worker, 2, tmp_path_factory, timeout=300)
 
 
 def test_distributed_prune_matches_one_process(two_ranks):

@@ -14,7 +14,7 @@ from torch import nn
 
 import prunekit.refit as refit_module
 from closeness import assert_close_to_scale
-from distributed_spawn import run_ranks
+from distributed_spawn import run_ranks_once
 
 LAYERS = ["0", "3", "6", "10"]
 # (case, batches, whether the networks run in lockstep, whether the ranks share each layer's solve)
@@ -83,7 +83,7 @@ def _settings(set_):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return run_ranks(_worker, 2, tmp_path_factory.mktemp("ranks"), timeout=120)
+    return run_ranks_once("distributed_refit", _worker, 2, tmp_path_factory, timeout=120)
 
 
 def test_two_ranks_refit_alike_and_as_one_process(two_ranks, monkeypatch):

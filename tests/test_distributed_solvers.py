@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from closeness import assert_close_to_scale
-from distributed_spawn import run_ranks
+from distributed_spawn import run_ranks_once
 from prunekit.distributed import TorchCollective
 from prunekit.solvers.chita import chita
 from prunekit.solvers.collective import Collective, shard_bounds
@@ -79,7 +79,7 @@ def _sharded_worker(rank, world):
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory):
     """Both storage dtypes' solutions from each of 2 ranks (one spawn for the module)."""
-    return run_ranks(_sharded_worker, 2, tmp_path_factory.mktemp("ranks"))
+    return run_ranks_once("distributed_solvers", _sharded_worker, 2, tmp_path_factory)
 
 
 def _check_against_one_process(sharded_results, dtype):

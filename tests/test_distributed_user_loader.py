@@ -9,7 +9,7 @@ from torch import nn
 
 import prunekit
 from closeness import assert_close_to_scale
-from distributed_spawn import run_ranks
+from distributed_spawn import run_ranks_once
 
 CASES = {"chita": dict(method="chita", sparsity=0.7, fisher_samples=48, relative_ridge=0.5),
          "falcon": dict(method="falcon", sparsity=0.7, flops=0.4, fisher_samples=48)}
@@ -47,7 +47,7 @@ def _prune(rank=0, world=1):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return run_ranks(_prune, 2, tmp_path_factory.mktemp("ranks"), timeout=300)
+    return run_ranks_once("distributed_user_loader", _prune, 2, tmp_path_factory, timeout=300)
 
 
 def test_two_ranks_prune_a_shuffling_loader_as_one_process(two_ranks):
