@@ -53,7 +53,7 @@ def run_ranks(fn, world: int, out_dir, *args, timeout: float = 120.0) -> list:
 def run_ranks_once(name: str, fn, world: int, tmp_path_factory, *args, timeout: float = 120.0) -> list:
     """``run_ranks`` for a module fixture, run once per test session. Under pytest-xdist the tests
     of one module can go to both workers, and each would spawn the ranks again (the spawn of
-    test_distributed_pipelines took 80 s on each worker): the first worker to get here runs them
+    test_distributed_pipelines took 75-82 s on each worker): the first worker to get here runs them
     and the other waits for its files, in the session's shared temporary folder."""
     if "PYTEST_XDIST_WORKER" not in os.environ:
         return run_ranks(fn, world, tmp_path_factory.mktemp(name), *args, timeout=timeout)

@@ -103,8 +103,8 @@ def sampled_positions(batch: int, images: int, positions: int, kept: int) -> tor
     """(images, kept) int64: which of each image's ``positions`` output positions a conv's re-fit
     rows take, drawn without replacement from a generator seeded by ``batch`` (the batch's index
     among the re-fit's batches). Every layer of the same shape and every stage's re-fit draws the
-    same positions, so they are drawn once (the sort of images x positions random keys took 2 of a
-    default FALCON++ run's 91 s on ResNet-20-B). The tensor is shared: do not modify it."""
+    same positions, so they are drawn once (the sort of images x positions random keys took 2.0 s
+    of a profiled 101 s default FALCON++ run on ResNet-20-B). The tensor is shared: do not modify it."""
     generator = torch.Generator().manual_seed(batch)
     return torch.rand(images, positions, generator=generator).argsort(1)[:, :kept]
 
