@@ -137,6 +137,7 @@ CLI_CASES = [
     (["prune", "--sparsity", "0.5"], "required"),
     (["prune", "--model"], "expected one argument"),
     ([*PRUNE, "--sparsity", "0.5", "--bogus"], "unrecognized arguments"),
+    ([*PRUNE, "--sparsty", "0.5"], "prunekit prune: error: unrecognized arguments: --sparsty 0.5 (did you mean --sparsity?)"),
     (["eval", "--model", "mlpnet", "--data", "svhn", "--data-dir", MNIST_DIR], "invalid choice"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "abc"], "integer or auto"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--schedule", "cubic"], "invalid choice"),
@@ -152,7 +153,7 @@ CLI_CASES = [
     (["compare"], "required"),
     # models and checkpoints
     (["prune", "--model", "nope", *MNIST, "--sparsity", "0.5"], "unknown model"),
-    (["info", "resnet21"], "did you mean"),
+    (["info", "resnet21"], "did you mean 'resnet20'?"),
     ([*PRUNE, "--method", "nope", "--sparsity", "0.5"], "unknown method"),
     ([*PRUNE, "--method", "falcn", "--flops", "0.5"], "unknown method 'falcn' (did you mean 'falcon'?)"),
     (["eval", "--model", "mlpnet", "--checkpoint", "/no/such/file.pth", *MNIST], "not found"),

@@ -217,6 +217,59 @@ def test_fallback_after_the_check_reads_a_one_pass_iterator_from_its_start():
     torch.testing.assert_close(rows, _vmap_rows(model, space, data(10), 10))
 
 
+def _disagree_first(monkeypatch, times: int) -> tuple[list, list]:
+    """Make the check against autograd disagree on its first ``times`` calls (as float32 rounding
+    at a ReLU's kink can once); returns (the samples each check was given, the vmap fallback's calls)."""
+    from prunekit import fisher_hooks
+    checked, fallbacks = [], []
+    original_check, original_vmap = fisher_hooks._check_row, fisher.collect_with_vmap
+
+    def check(model, space, x, y, row, chunk, loss_fn=None):
+        checked.append(x.shape[0])
+        if len(checked) <= times:
+            raise fisher_hooks.HooksDisagree(f"layer '0': made up {len(checked)}")
+        original_check(model, space, x, y, row, chunk, loss_fn)
+
+    def vmap(*args, **kwargs):
+        fallbacks.append(1)
+        return original_vmap(*args, **kwargs)
+    monkeypatch.setattr(fisher_hooks, "_check_row", check)
+    monkeypatch.setattr(fisher, "collect_with_vmap", vmap)
+    return checked, fallbacks
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_one_disagreement_is_checked_again_on_the_next_row_and_the_hooks_kept(monkeypatch, batch):
+    # per-sample rows: the next sample of the chunk; mini-batch rows: the next mini-batch
+    model = tiny_model()
+    space = ParamSpace(model)
+    checked, fallbacks = _disagree_first(monkeypatch, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = collect_gradients(model, space, data(20), n=3, batch=batch, chunk=4, progress=False)
+    assert checked == [batch, batch] and not fallbacks
+    x = torch.cat([b[0] for b in data(20)])
+    y = torch.cat([b[1] for b in data(20)])
+    for i in range(3):
+        part = slice(i, i + 1) if batch == 1 else slice(6 * i, 6 * i + 6)
+        assert_close_to_scale(rows[i], autograd_row(model, space, x[part], y[part]), rel=1e-5)
+
+
+def test_two_disagreements_or_no_row_left_to_check_fall_back(monkeypatch):
+    model = tiny_model()
+    space = ParamSpace(model)
+    checked, fallbacks = _disagree_first(monkeypatch, 2)
+    with pytest.warns(UserWarning, match="made up 1; again on another sample: .*made up 2"):
+        rows = collect_gradients(model, space, data(10), n=6, chunk=5, progress=False)
+    assert checked == [1, 1] and len(fallbacks) == 1
+    torch.testing.assert_close(rows, _vmap_rows(model, space, data(10), 6))
+
+    checked, fallbacks = _disagree_first(monkeypatch, 1)
+    with pytest.warns(UserWarning, match="made up 1"):       # one row in all: none to check again
+        collect_gradients(model, space, data(10), n=1, progress=False)
+    assert checked == [1] and len(fallbacks) == 1
+
+
 class _RecordsPrecision(nn.Module):
     """Records, at each forward, whether convolutions may use TF32 and the matmul precision."""
 

@@ -24,6 +24,7 @@ from . import __version__, distributed, recipes
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
 from .errors import PrunekitError, PrunekitWarning, refusal_of
 from .options import cli_message
+from .suggest import closest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +34,24 @@ class _Parser(argparse.ArgumentParser):
         # every rank parses the same command line: under torchrun rank 0 alone says what is wrong
         quiet = distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
         self.exit(2, None if quiet else f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, with options no command takes reported by the command's own parser and
+        a mistyped flag's likely spelling ("--sparsty" -> "did you mean --sparsity?")."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._command(getattr(parsed, "command", None))
+            flags = [flag for action in command._actions for flag in action.option_strings]
+            close = next((closest(extra.split("=", 1)[0], flags) for extra in extras if extra.startswith("--")), None)
+            command.error(f"unrecognized arguments: {' '.join(extras)}"
+                          + (f" (did you mean {close}?)" if close else ""))
+        return parsed
+
+    def _command(self, name: str | None) -> argparse.ArgumentParser:
+        """The subcommand's parser (this parser itself where there is none)."""
+        if self._subparsers is None or name is None:
+            return self
+        return self._subparsers._group_actions[0].choices.get(name, self)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ prunekit's SlimAttention use their weights functionally, so while rows are colle
 an explicit equivalent forward whose projections are hooked (:func:`attention_explicit.explicit_attention`):
 ``in_proj_weight`` (its q, k, v thirds from their own inputs) or ``q/k/v_proj_weight``, and
 ``out_proj.weight``, get the Linear formula. The module's own forward is restored afterwards,
-and the first-row check runs on it.
+and the check against autograd runs on it.
 
 nn.Embedding tables get their rows by scattering the output gradient into the rows looked up
 (a lookup shared by the batch, position ids (1, T), is expanded to the samples, once checked to
@@ -224,7 +224,7 @@ def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupport
 class _Replay:
     """One pass over ``batches`` that remembers the batches read until ``forget()``;
     ``again()`` yields those, then the batches not read yet (so a one-pass iterator can be
-    started over once, for the samples the first row was checked on)."""
+    started over once, for the samples the rows were checked on)."""
 
     def __init__(self, batches: Iterable):
         self.rest = iter(batches)

@@ -22,11 +22,11 @@ method (see ``pipelines.magnitude_methods``).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import PrunekitError
+from .suggest import closest
 from .pipelines.fisher_methods import needs_flops, plan_memory, run_chita, run_falcon, run_woodfisher
 from .pipelines.fisher_options import ChitaOptions, FalconOptions, WoodFisherOptions
 from .pipelines.magnitude_methods import (MagnitudeFlopsOptions, MagnitudeOptions, run_magnitude, run_magnitude_flops,
@@ -90,8 +90,8 @@ def lookup(method: str | Method) -> Method:
     if isinstance(method, Method):
         return method
     if method not in METHODS:
-        close = difflib.get_close_matches(str(method), METHODS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = closest(str(method), METHODS)
+        hint = f" (did you mean {close!r}?)" if close else ""
         raise PrunekitError(f"unknown method {method!r}{hint}: choose one of {', '.join(METHODS)}")
     return METHODS[method]
 

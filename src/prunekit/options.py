@@ -18,13 +18,13 @@ parameter as its command-line flag (``--fisher-samples``), so Python and the CLI
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
 from .errors import PrunekitError
+from .suggest import closest
 
 
 class OptionError(PrunekitError):
@@ -195,8 +195,8 @@ class Options:
 
 
 def unknown_option(key: str, method: str, names: list[str]) -> OptionError:
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
+    close = closest(key, names)
+    hint = f" (did you mean {close}?)" if close else ""
     takes = ", ".join(names) if names else "none"
     return OptionError(f"method {method} takes no option {key}{hint}; its options: {takes}",
                        (key, *([close[0]] if close else []), *names))

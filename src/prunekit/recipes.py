@@ -14,12 +14,12 @@ are relative to the working directory, as on the command line.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import tomllib
 from pathlib import Path
 
 from .errors import PrunekitError
+from .suggest import closest
 
 # Options that are about *this* invocation, not the run: never in a recipe.
 NOT_IN_RECIPES = {"help", "recipe", "resume", "json", "func", "command"}
@@ -65,8 +65,8 @@ def validate(raw: dict, parser: argparse.ArgumentParser, where: str = "recipe") 
     for key, value in raw.items():
         dest = key.replace("-", "_")
         if dest not in actions:
-            close = difflib.get_close_matches(dest, actions, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = closest(dest, actions)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise PrunekitError(f"unknown key {key!r} in {where}: not an option of `{parser.prog}`{hint}")
         values[dest] = _convert(actions[dest], key, value, where)
     return values

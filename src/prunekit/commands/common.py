@@ -60,7 +60,8 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 def add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bool = True,
                   batch_size: int = 256, batch_help: str = "evaluation batch size") -> None:
     p.add_argument("--data", required=required, choices=DATASET_NAMES, help="data set")
-    p.add_argument("--data-dir", required=required, help="folder with the data files (IDX, CIFAR batches or .npz)")
+    p.add_argument("--data-dir", required=required, help="folder with the data files (IDX, CIFAR batches or .npz; imagefolder: one subfolder "
+                   "of images per class)")
     p.add_argument("--resize", type=int, metavar="PIXELS", help="imagefolder: scale every image so that its "
                    "shorter side has PIXELS (e.g. 256)")
     p.add_argument("--crop", type=int, metavar="PIXELS", help="imagefolder: keep the central PIXELS x PIXELS "
@@ -208,4 +209,4 @@ def write_report(write, quiet: bool) -> None:
         write()
     except report.MissingPlotting as err:      # the report is written, without its plots
         if not quiet:
-            print(f"prunekit: warning: {err}", file=sys.stderr)
+            print(f"prunekit: note: {err}", file=sys.stderr)

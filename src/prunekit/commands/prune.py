@@ -280,7 +280,7 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                    help="training images used for gradients and BN recalibration (default: all)")
     p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: all Conv/Linear)")
     p.add_argument("--exclude", nargs="*", help="module-name patterns to leave dense (default: the "
-                   "model's paper convention, e.g. resnet20-b's 1x1 projections; pass none to prune all)")
+                   "model's paper convention, e.g. resnet20-b's 1x1 projections; --exclude with no pattern prunes all)")
     p.add_argument("--no-bn-recalibration", action="store_true",
                    help="keep the BatchNorm statistics of the dense model")
     p.add_argument("--no-train-augment", action="store_true",

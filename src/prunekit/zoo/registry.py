@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.suggest import closest
 from prunekit.zoo.cifar_resnet import cifar_resnet
 from prunekit.zoo.imagenet_resnet import ResNet50
 from prunekit.zoo.mlp import MLPNet
@@ -85,8 +85,8 @@ MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 def _lookup(name: str) -> tuple[ModelSpec, Builder]:
     if name in _REGISTRY:
         return _REGISTRY[name]
-    close = difflib.get_close_matches(name, MODEL_NAMES, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    close = closest(name, MODEL_NAMES)
+    hint = f"did you mean '{close}'? " if close else ""
     raise PrunekitError(f"unknown model '{name}': {hint}pick one of {', '.join(MODEL_NAMES)}")
 
 
