@@ -42,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
         if extras:
             command = self._command(getattr(parsed, "command", None))
             flags = [flag for action in command._actions for flag in action.option_strings]
-            close = next((closest(extra.split("=", 1)[0], flags) for extra in extras if extra.startswith("--")), None)
+            guesses = (closest(extra.split("=", 1)[0], flags) for extra in extras if extra.startswith("--"))
+            close = next((guess for guess in guesses if guess), None)
             command.error(f"unrecognized arguments: {' '.join(extras)}"
                           + (f" (did you mean {close}?)" if close else ""))
         return parsed
