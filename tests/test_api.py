@@ -30,6 +30,7 @@ def test_readme_autobot_block_runs_through_prunekit_prune(monkeypatch, capsys):
     assert CostModel(loaded.model, loaded.example_input()).count(result.model).flops_kept == result.flops_kept
     assert result.accuracy > 50 and result.dense_accuracy > 90          # chance is 10%
     assert sum(result.record["kept_channels"]) < sum(result.record["group_sizes"])
+    assert sorted(result.record["group_roots"]) == ["fc1", "fc2"]       # MLPNet's hidden layers, by name
     assert "MACs kept" in capsys.readouterr().out
 
 

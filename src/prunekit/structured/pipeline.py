@@ -170,6 +170,7 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
                                   {**{k: v for k, v in info.items() if k != "kept_channels"},
                                    "groups": len(ctx.groups), "kept_channels": info["kept_channels"][f"{share:g}"],
                                    "group_sizes": [g.size for g in ctx.groups],
+                                   "group_roots": [g.root for g in ctx.groups],      # the layer each group is named by
                                    "skipped_groups": [f"{root}: {why}" for root, why in ctx.groups.skipped]})
     main = outcomes.pop(ctx.shares[0])
     main.snapshots = outcomes
