@@ -121,6 +121,12 @@ def test_info_reports_the_papers_prunable_set_for_resnet20_b(capsys):
     assert info["prunable_weights"] == 268_336           # the FALCON/CHITA count
     assert info["prunable_macs"] == pytest.approx(40.6e6, rel=0.002)
     assert info["macs"] == info["dense_macs"] and info["params"] == 272_474
+    dense = [row["name"] for row in info["layers"] if row["shape"] and not row["prunable"]]
+    assert dense == ["layer2.0.downsample.0", "layer3.0.downsample.0"]      # the 1x1 projections
+    assert sum(row["params"] for row in info["layers"] if row["prunable"]) - 10 == info["prunable_weights"]  # fc's bias
+    assert main(["info", "resnet20-b"]) == 0
+    marked = [line.split()[0] for line in capsys.readouterr().out.splitlines() if ", dense" in line]
+    assert marked == dense
 
 
 def test_unwritable_out_is_one_line(capsys, tmp_path):

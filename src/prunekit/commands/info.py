@@ -26,6 +26,8 @@ def cmd_info(args) -> int:
                             "leave --input-shape out")
     costs = CostModel(loaded.model, loaded.example_input())
     counts = costs.count(loaded.model)
+    space = ParamSpace(loaded.model, exclude=loaded.prune_exclude, costs=costs)
+    pruned_layers = {e.module for e in space.entries} | {e.name for e in space.entries}
     rows = []
     for layer in costs.layers:
         macs = counts.macs_by_layer.get(layer.name, layer.macs)
@@ -33,8 +35,8 @@ def cmd_info(args) -> int:
                      "shape": list(layer.weight_shape) if layer.weight_shape else None,
                      "params": layer.params, "nonzeros": counts.nonzeros_by_layer.get(layer.name),
                      "macs": macs, "other_ops": layer.other_ops,
-                     "share": macs / counts.macs if counts.macs else 0.0})
-    space = ParamSpace(loaded.model, exclude=loaded.prune_exclude, costs=costs)
+                     "share": macs / counts.macs if counts.macs else 0.0,
+                     "prunable": layer.name in pruned_layers})
     prunable_macs = int(space.macs_per_weight(costs).sum())
     totals = {"params": counts.params, "dense_params": costs.params, "macs": counts.macs,
               "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,
@@ -55,16 +57,17 @@ def cmd_info(args) -> int:
         if not r["params"] and not r["macs"] and not r["other_ops"]:
             continue
         shape = "x".join(map(str, r["shape"])) if r["shape"] else ""
+        kind = f"{r['type']}, dense" if r["shape"] and not r["prunable"] else r["type"]
         counted = r["shape"] or r["macs"]        # weight layers, attention products
         macs = f"{r['macs']:,}" if counted else (f"({r['other_ops']:,} ops)" if r["other_ops"] else "")
         share = f"{100 * r['share']:.1f}%" if counted else ""
-        print(f"{r['name'][:28]:<28} {r['type'][:18]:<18} {shape:<20} {r['params']:>10,} {macs:>13} {share:>7}")
+        print(f"{r['name'][:28]:<28} {kind[:18]:<18} {shape:<20} {r['params']:>10,} {macs:>13} {share:>7}")
     print("-" * len(header))
     print(f"total: {counts.params:,} params, {counts.macs:,} MACs ({counts.macs / 1e6:.2f}M"
           + (f", of which {costs.activation_macs:,} in attention products" if costs.activation_macs else "")
           + f"), {costs.other_ops:,} other ops (BN, pooling, adds)")
     print(f"prunable: {space.numel:,} weights, {prunable_macs:,} MACs ({prunable_macs / 1e6:.2f}M)"
-          + (f", leaving dense {', '.join(loaded.prune_exclude)}" if loaded.prune_exclude else ""))
+          + (f", leaving dense {', '.join(loaded.prune_exclude)} (marked dense above)" if loaded.prune_exclude else ""))
     if counts.macs != costs.macs:
         print(f"nonzero-aware: {100 * counts.flops_kept:.2f}% of dense MACs, "
               f"{100 * counts.params_kept:.2f}% of dense params")
