@@ -103,6 +103,37 @@ def test_run_folder_holds_config_log_metrics_checkpoints_model_report(tmp_path, 
     assert "--resume" in capsys.readouterr().err
 
 
+def test_a_run_refused_before_its_first_stage_leaves_the_folder_free(tmp_path, capsys):
+    # Found by a user: 256 training samples cannot give 1,000 gradient rows, which only the run
+    # finds; its config, metrics and log stayed, and the corrected command was "another run".
+    out = tmp_path / "run"
+    too_many = [*MLP[:MLP.index("--fisher-samples")], "--solver", "backsolve", "--fisher-samples", "1000"]
+    assert main(["prune", *too_many, "--method", "chita", "--sparsity", "0.8", "--out", str(out)]) == 2
+    assert "--fisher-samples" in capsys.readouterr().err
+    assert not any(p.name in ("config.toml", "metrics.json", "run.log") for p in out.glob("*"))
+    assert main(["prune", *MLP, "--method", "chita", "--sparsity", "0.8", "--out", str(out), "--json"]) == 0
+    assert (out / "model.safetensors").is_file()
+    capsys.readouterr()
+    # a folder with a finished run keeps it when a resume is refused
+    assert main(["prune", "--resume", str(out), "--stages", "3"]) == 2
+    assert (out / "config.toml").is_file() and (out / "metrics.json").is_file()
+
+
+def test_a_refusal_inside_a_run_of_prunekit_prune_frees_its_out(tmp_path):
+    from prunekit.data import load_dataset, make_loader
+    from prunekit.errors import PrunekitError
+    from prunekit.loading import load_model
+    loaded = load_model("mlpnet", str(ASSETS / "mlpnet.safetensors"))
+    data = load_dataset("mnist", str(ASSETS / "mnist"), "train")
+    train = make_loader(data, loaded.normalization, batch_size=64, shuffle=False)
+    out = tmp_path / "run"
+    with pytest.raises(PrunekitError, match="fisher_samples"):
+        prunekit.prune(loaded.model, train, method="chita", sparsity=0.8, fisher_samples=5000, out=out)
+    assert not (out / "config.toml").exists() and not (out / "metrics.json").exists()
+    result = prunekit.prune(loaded.model, train, method="chita", sparsity=0.8, fisher_samples=64, out=out)
+    assert (out / "model.safetensors").is_file() and result.sparsity == pytest.approx(0.8, abs=1e-3)
+
+
 def test_resume_refuses_other_options_and_non_run_folders(tmp_path, capsys):
     assert main(["prune", "--resume", str(tmp_path)]) == 2
     assert "config.toml" in capsys.readouterr().err

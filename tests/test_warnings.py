@@ -149,3 +149,20 @@ def test_a_zoo_model_without_checkpoint_is_said_to_have_random_weights(capsys, c
     assert len(warned) == 1 and "no --checkpoint: mlpnet has random weights" in warned[0]
     assert main([command[0], "--model", "mlpnet", "--checkpoint", ckpt, *data, *command[1:]]) == 0
     assert "random weights" not in capsys.readouterr().err
+
+
+def test_every_warning_of_ours_is_a_prunekit_warning():
+    # a plain warnings.warn("...") prints as Python's two lines with our source path, not as the CLI's
+    # one "prunekit: warning: ..." line (three did, found by a user's walk-through in session 43)
+    import ast
+    from pathlib import Path
+    import prunekit
+    plain = []
+    for path in Path(prunekit.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "warn"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "warnings"):
+                first = node.args[0] if node.args else None
+                if not (isinstance(first, ast.Call) and getattr(first.func, "id", None) == "PrunekitWarning"):
+                    plain.append(f"{path.name}:{node.lineno}")
+    assert plain == []

@@ -39,7 +39,7 @@ from .losses import loss_name
 from .methods import Method
 from .record import Result
 from .request import PruneRequest
-from .runs import RunFolder, claim_on_rank_0
+from .runs import RunFolder, claim_on_rank_0, release_refused
 
 
 def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sparsity=None, flops=None,
@@ -121,8 +121,12 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                       **({"loss": loss_name(loss)} if loss is not None else {}),
                       **{k: v for k, v in options.items() if not callable(v)}}
             folder = claim_on_rank_0(out, recipes.dump_recipe(config), force=force, device=_model_device(model))
-        record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress,
-                                            stage_eval=stage_eval)
+        try:
+            record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress,
+                                                stage_eval=stage_eval)
+        except PrunekitError:
+            release_refused(folder)
+            raise
         if folder is not None and folder.writable:
             _write_report(folder)
     result = Result.from_record(record, pruned, out)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .data.loaders import BatchLoader
+from .errors import PrunekitWarning
 from .pipelines.gradual import prune_gradual
 from .pipelines.weights import Outcome, PruneContext, prune_weights
 from .options import OptionError
@@ -142,7 +143,7 @@ def _tell_changed_code(folder: RunFolder, metrics: dict, describe: dict) -> None
     if before is not None and now is not None and before != now:
         message = f"the model file changed since this run started ({describe['model']}): the stages left use the new code"
         folder.log(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(PrunekitWarning(message), stacklevel=3)
 
 
 def _load_final(plan: Plan, folder: RunFolder) -> nn.Module:

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import user_models, zoo
 from .data import ImageDataset, Normalization, load_dataset
-from .errors import PrunekitError
+from .errors import PrunekitError, PrunekitWarning
 from .saving import read_meta
 from .zoo.layout import apply_layout
 
@@ -101,8 +101,8 @@ def _load_model_file(name: str, checkpoint, input_shape, normalization) -> Loade
         raise PrunekitError(f"{checkpoint} holds a {saved!r} model, not {name!r}: load it as --model {saved}")
     model = user_models.build_model(name)
     if meta.get("model_file_sha256") not in (None, user_models.file_digest(name)):
-        warnings.warn(f"{user_models.parse(name)[0]} changed since {checkpoint} was saved: if the model's "
-                      "forward changed, so do its outputs", stacklevel=2)
+        warnings.warn(PrunekitWarning(f"{user_models.parse(name)[0]} changed since {checkpoint} was saved: if "
+                                      "the model's forward changed, so do its outputs"), stacklevel=2)
     _load_weights(model, checkpoint, meta)
     if "input_shape" in meta:
         input_shape = tuple(meta["input_shape"])

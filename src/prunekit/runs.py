@@ -45,6 +45,7 @@ class RunFolder:
     """Paths and small I/O helpers of one run folder."""
 
     writable = True     # False for the ranks of a distributed run other than 0: they only read
+    claimed_afresh = False   # this process's ``claim`` wrote its config.toml (no run of this request was there)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -135,6 +136,20 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
         check_claim(folder, config_text)
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())
+        folder.claimed_afresh = True
+
+
+def release_refused(folder: RunFolder | None) -> None:
+    """Undo the claim of a run refused before its first checkpoint (bad input that only the run
+    itself finds, e.g. fewer training samples than gradient rows): the config, metrics and log it
+    wrote go, so that the corrected command may use the same folder. A folder this process did not
+    claim afresh (a resume, the same request again) or that holds a checkpoint keeps everything."""
+    if folder is None or not (folder.claimed_afresh and folder.writable):
+        return
+    if any(folder.checkpoints.glob("stage-*.safetensors")):
+        return
+    for name in ("config.toml", METRICS, "run.log"):
+        (folder.path / name).unlink(missing_ok=True)
 
 
 def claim_on_rank_0(path: str | Path, config_text: str, *, resume: bool = False, force: bool = False,

@@ -145,9 +145,13 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
                                       force=bool(getattr(args, "force", False)) and not resume,
                                       device=next(iter(loaded.model.parameters()), torch.empty(0)).device)
         finished = folder.read_metrics().get("status") == "done"     # a --resume with nothing left to do
-    record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
-                            dense=dense, progress=not args.json, on_step=step_printer(args),
-                            stage_eval=not getattr(args, "no_stage_eval", False))
+    try:
+        record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
+                                   dense=dense, progress=not args.json, on_step=step_printer(args),
+                                   stage_eval=not getattr(args, "no_stage_eval", False))
+    except PrunekitError:
+        runs.release_refused(folder)
+        raise
     collective = distributed.current()
     if collective.distributed:          # under torchrun: every rank's peak, rank order
         device = next(model.parameters()).device          # NCCL exchanges CUDA tensors only

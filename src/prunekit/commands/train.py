@@ -17,7 +17,7 @@ from .. import distributed, recipes, run_lock, user_models
 from ..api_checks import check_out
 from ..costs import CostModel
 from ..distributed import is_main_process
-from ..errors import PrunekitError
+from ..errors import PrunekitError, PrunekitWarning
 from ..data import load_dataset, make_loader
 from ..loading import check_fits, check_normalized, load_model
 from ..options import OptionError
@@ -151,8 +151,8 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
     if state is None:
         return []
     if state.extra.get("model_file_sha256") not in (None, digest):
-        warnings.warn("the model file changed since this training started: the epochs left use the new code",
-                      stacklevel=2)
+        warnings.warn(PrunekitWarning("the model file changed since this training started: the epochs left use "
+                                      "the new code"), stacklevel=2)
     model.load_state_dict({k[len("model/"):]: v for k, v in state.model_state.items() if k.startswith("model/")})
     load_optimizer(optimizer, schedule, state.model_state, state.extra["optimizer"])
     restore_rng(state.rng)
