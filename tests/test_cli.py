@@ -150,4 +150,4 @@ def test_falcon_on_mlpnet_searches_by_default_and_says_so(capsys):
     lines = capsys.readouterr().out.splitlines()
     search = [line for line in lines if line.startswith("  search ")]
     assert search and search[0].startswith("  search     1 layer search of 100 trials, ")
-    assert "(auto: forward passes of " in search[0] and ", within 100)" in search[0]
+    assert "(auto: forward passes of " in search[0] and ", within 100 GMACs)" in search[0]

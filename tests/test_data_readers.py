@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,16 @@ def test_image_folder_picks_split_folder(tmp_path):
     write_png_tree(tmp_path / "test", {"a": 1, "b": 1})
     assert len(load_dataset("imagefolder", tmp_path, "train")) == 4
     assert len(load_dataset("imagefolder", tmp_path, "test")) == 2
+
+
+def test_a_folder_without_splits_is_both_and_says_so_when_trained_on(tmp_path):
+    write_png_tree(tmp_path, {"a": 2, "b": 1})
+    with pytest.warns(PrunekitWarning, match="no train/ and test/ folders.*not held out"):
+        train = load_dataset("imagefolder", tmp_path, "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # the test split alone (eval) is no cause to warn
+        test = load_dataset("imagefolder", tmp_path, "test")
+    assert torch.equal(train.images, test.images)
 
 
 def test_image_folder_missing_split_is_an_error(tmp_path):

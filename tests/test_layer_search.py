@@ -374,10 +374,10 @@ def test_the_summary_says_what_the_search_ran_or_why_auto_left_it_off():
     on = _layer_search_lines({"stages": stages, "options": {"layer_search": "auto"}, "layer_search_auto": {
         "trials": 100, "forward_macs": 2.5e10, "weight_trials": 1.6e7, **limits}})
     assert on == ["  search     2 layer searches of 100 trials, 3.5 s (auto: forward passes of 25.0 GMACs, "
-                  "within 100)"]
+                  "within 100 GMACs)"]
     off = _layer_search_lines({"stages": [{}], "options": {"layer_search": "auto"}, "layer_search_auto": {
         "trials": 0, "forward_macs": 3.1e13, "weight_trials": 1.3e8, **limits}})
-    assert off == ["  search     off (auto: forward passes of 31,000.0 GMACs, over 100); --layer-search 100 runs it"]
+    assert off == ["  search     off (auto: forward passes of 31,000.0 GMACs, over 100 GMACs); --layer-search 100 runs it"]
     many_weights = _layer_search_lines({"stages": [{}], "options": {"layer_search": "auto"}, "layer_search_auto": {
         "trials": 0, "forward_macs": 9.8e7, "weight_trials": 1.92e8, **limits}})
     assert many_weights == ["  search     off (auto: trials x weights 192.0M, over 50M); --layer-search 100 runs it"]

@@ -91,12 +91,12 @@ def test_the_summary_says_which_schedule_and_why():
                 "search_trials": 100, "forward_macs": 7.46e10, "weight_trials": 4.85e7, **limits}
     assert _stages_lines({"stages_auto": thorough}) == [
         "  stages     15 stages of 1,000 rows of per-sample gradients, each stage on fresh images (auto: the layer "
-        "search over them cheap: forward passes of 74.6 GMACs, within 100)"]
+        "search over them cheap: forward passes of 74.6 GMACs, within 100 GMACs)"]
     costly = {**thorough, "stages": 5, "thorough": False, "fisher_samples": 500, "fisher_batch": 8,
               "fresh_samples": False, "forward_macs": 1.9e13, "weight_trials": 4.0e8}
     assert _stages_lines({"stages_auto": costly}) == [
         "  stages     5 stages of 500 rows of 8-image gradients (auto: the layer search over 15 stages not "
-        "cheap: forward passes of 19,000.0 GMACs, over 100)"]
+        "cheap: forward passes of 19,000.0 GMACs, over 100 GMACs)"]
     unsearched = {"stages": 5, "thorough": False, "fisher_samples": 500, "fisher_batch": 1, "fresh_samples": False,
                   "search_trials": 0}
     assert _stages_lines({"stages_auto": unsearched}) == [
@@ -113,8 +113,8 @@ def test_a_gradual_runs_summary_says_what_its_events_chose():
     alike = {"events": [{"event": e, "stages_auto": thorough, "layer_search_auto": search} for e in (1, 2)]}
     assert _event_choice_lines(alike) == [
         "  stages     (every event) 15 stages of 1,000 rows of per-sample gradients, each stage on fresh images "
-        "(auto: the layer search over them cheap: forward passes of 74.6 GMACs, within 100)",
-        "  search     (every event) on, 100 trials per layer search (auto: forward passes of 5.0 GMACs, within 100)"]
+        "(auto: the layer search over them cheap: forward passes of 74.6 GMACs, within 100 GMACs)",
+        "  search     (every event) on, 100 trials per layer search (auto: forward passes of 5.0 GMACs, within 100 GMACs)"]
     unlike = {"events": [{"event": 1, "stages_auto": thorough}, {"event": 2, "stages_auto": {**thorough, "stages": 5}}]}
     lines = _event_choice_lines(unlike)
     assert [line[:23] for line in lines] == ["  stages     (event 1) ", "  stages     (event 2) "]

@@ -208,6 +208,9 @@ def test_layout_rebuilds_the_architecture():
     assert torch.equal(rebuilt(x), small(x))
     with pytest.raises(PrunekitError, match="another architecture"):
         apply_layout(zoo.build("mlpnet"), channel_layout(small))
+    # the same architecture built for 3 classes, not 10: its classifier would silently grow to 10
+    with pytest.raises(PrunekitError, match=r"'fc' is wider in the saved model .*out 10 > 3.*constructor"):
+        apply_layout(zoo.build("mobilenetv1-cifar", num_classes=3), channel_layout(small))
 
 
 def test_option_a_shortcut_copies_kept_channels_and_keeps_zeros():

@@ -263,7 +263,7 @@ def _auto_reason(auto: dict, cheap: bool) -> str:
     if auto["weight_trials"] > auto["limit_weight_trials"] and auto["forward_macs"] <= auto["limit_macs"]:
         return f"trials x weights {auto['weight_trials'] / 1e6:,.1f}M, over {auto['limit_weight_trials'] / 1e6:,.0f}M"
     verdict = "within" if cheap else "over"
-    return f"forward passes of {auto['forward_macs'] / 1e9:,.1f} GMACs, {verdict} {auto['limit_macs'] / 1e9:,.0f}"
+    return f"forward passes of {auto['forward_macs'] / 1e9:,.1f} GMACs, {verdict} {auto['limit_macs'] / 1e9:,.0f} GMACs"
 
 
 def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:

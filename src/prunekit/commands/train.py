@@ -97,7 +97,7 @@ def train_into(args, loaded, loader, test_loader) -> int:
 
 def result_lines(args, record: dict) -> list[str]:
     return ([f"{args.model} trained on {args.data}: {record['accuracy']:.2f}% {args.eval_split} accuracy "
-             f"({record['seconds']:.0f} s)"] + ([f"saved to {args.out}"] if args.out else []))
+             f"({record['seconds']:.1f} s of training)"] + ([f"saved to {args.out}"] if args.out else []))
 
 
 def finished_record(folder: RunFolder | None) -> dict | None:

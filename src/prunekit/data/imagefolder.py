@@ -9,6 +9,7 @@ central ``crop`` x ``crop`` pixels (the usual evaluation transform of ImageNet m
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from prunekit.data.dataset import ImageDataset, subset_indices
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, PrunekitWarning
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _GRAYSCALE_MODES = ("1", "L", "LA")
@@ -36,6 +37,10 @@ def _split_root(data_dir: Path, split: str) -> Path:
     if others:
         found = ", ".join(f"{name}/" for name in others)
         raise PrunekitError(f"{data_dir} has no {split}/ folder (found {found}); choose split={others[0]!r}")
+    if split == "train":       # the test split of a folder without splits is the same images
+        warnings.warn(PrunekitWarning(f"{data_dir} has no train/ and test/ folders: its images are the training "
+                                      "data and the test set alike, so accuracy on them is not held out; put them "
+                                      f"in {data_dir}/train/<class>/ and {data_dir}/test/<class>/"), stacklevel=4)
     return data_dir
 
 

@@ -63,6 +63,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             if getattr(module, "pads_channels", False) and "source" in spec:
                 module.set_source(int(spec["in"]), [int(v) for v in spec["source"]])
                 continue
+            _check_no_wider(name, module, spec)
             if isinstance(module, _CONV):
                 cin, cout, groups = int(spec["in"]), int(spec["out"]), int(spec["groups"])
                 module.in_channels, module.out_channels, module.groups = cin, cout, groups
@@ -90,3 +91,24 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             raise PrunekitError(f"bad channel layout entry for {name!r}: {spec!r} ({err}); "
                                 "the sidecar JSON is damaged") from None
     return model
+
+
+def _check_no_wider(name: str, module: nn.Module, spec: dict) -> None:
+    """Channel pruning only removes channels: a saved layer wider than ``module`` (the fresh
+    model's) means the model passed is not the architecture the file was pruned from (e.g. built
+    for 3 classes where the file has 10). A fresh model wider than the saved one cannot be told
+    from a pruned layer here."""
+    if isinstance(module, _CONV):
+        fresh = {"in": module.in_channels, "out": module.out_channels}
+    elif isinstance(module, nn.Linear):
+        fresh = {"in": module.in_features, "out": module.out_features}
+    elif isinstance(module, _BN):
+        fresh = {"features": module.num_features}
+    else:
+        return
+    wider = [f"{key} {int(spec[key])} > {value}" for key, value in fresh.items()
+             if key in spec and int(spec[key]) > value]
+    if wider:
+        raise PrunekitError(f"layer {name!r} is wider in the saved model than in the model passed ({', '.join(wider)}): "
+                            "pass a fresh instance of the architecture it was pruned from (the same constructor "
+                            "arguments)")
