@@ -143,10 +143,11 @@ def release_refused(folder: RunFolder | None) -> None:
     """Undo the claim of a run refused before its first checkpoint (bad input that only the run
     itself finds, e.g. fewer training samples than gradient rows): the config, metrics and log it
     wrote go, so that the corrected command may use the same folder. A folder this process did not
-    claim afresh (a resume, the same request again) or that holds a checkpoint keeps everything."""
+    claim afresh (a resume, the same request again) or that holds a checkpoint or a saved model keeps
+    everything."""
     if folder is None or not (folder.claimed_afresh and folder.writable):
         return
-    if any(folder.checkpoints.glob("stage-*.safetensors")):
+    if folder.model_path.exists() or any(folder.checkpoints.glob("stage-*.safetensors")):
         return
     for name in ("config.toml", METRICS, "run.log"):
         (folder.path / name).unlink(missing_ok=True)
