@@ -474,7 +474,8 @@ def test_the_judge_takes_the_batches_after_the_re_fits_own(batch_size, judged):
 
 def test_a_multi_stage_run_re_fits_after_every_stage():
     """Each stage's gradients are taken at the re-fit weights, and the last stage's record measures
-    the re-fit final model: every stage records its re-fit, ``record["refit"]`` is the last one's."""
+    the re-fit final model: every stage records its re-fit, ``record["refit"]`` is the last one's.
+    Only the last re-fit is judged (kept if it lowers the loss on held batches); the others stay."""
     result = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, stages=3,
                             batch_size=32, refit_batches=2, eval_data=_data())
     stages = result.record["stages"]
@@ -484,14 +485,10 @@ def test_a_multi_stage_run_re_fits_after_every_stage():
         assert stage["refit"]["mean_error_after"] < stage["refit"]["mean_error_before"]
     assert result.record["refit"]["mean_error_after"] == stages[-1]["refit"]["mean_error_after"]
     assert stages[-1]["loss"] == result.record["loss"] and stages[-1]["nonzeros"] == result.record["nonzeros"]
-    verdicts = [stage["refit"]["kept"] for stage in stages]
-    for stage in stages:                  # each stage's verdict is its judged losses' order
-        refit_record = stage["refit"]
-        assert refit_record["kept"] == (refit_record["judged_loss_after"] < refit_record["judged_loss_before"])
-    from prunekit.commands.prune import prune_lines
-    shown = "\n".join(prune_lines({**result.record, "model": "net", "method": "falcon++", "mode": "multi-stage",
-                                    "dense_accuracy": 0.0, "accuracy": 0.0, "peak_rss_mb": 0.0}))
-    assert f"re-fits    kept after {sum(verdicts)} of 3 stages" in shown
+    assert all("kept" not in stage["refit"] and "judged_loss_after" not in stage["refit"] for stage in stages[:-1])
+    last = stages[-1]["refit"]
+    assert last["kept"] == (last["judged_loss_after"] < last["judged_loss_before"])
+    assert result.record["refit"]["judge_batches"] >= 1
 
 
 def test_the_gradient_matrix_is_freed_before_the_re_fit(monkeypatch):

@@ -196,11 +196,6 @@ def prune_lines(r: dict) -> list[str]:
                 lines.append(f"  re-fit     {refit['layers']} layers ({refit['centred']} centred for BatchNorm, "
                              f"{refit['skipped']} skipped){errors}, {refit['seconds']:.1f} s"
                              f"{f' on {images:,} images' if (images := refit.get('images')) else ''}{dropped}")
-        verdicts = [stage["refit"]["kept"] for stage in one.get("stages") or []
-                    if "kept" in (stage.get("refit") or {})]
-        if len(verdicts) > 1:            # a multi-stage run re-fit after every stage, each judged alone
-            lines.append(f"  re-fits    kept after {sum(verdicts)} of {len(verdicts)} stages "
-                         f"(the others raised the loss on held batches)")
     spent = f"{r['seconds']:.2f} s pruning"
     if "gate_seconds" in r:          # a structured run: every phase, the gates apart
         tuned = (r.get("options") or {}).get("finetune_epochs")

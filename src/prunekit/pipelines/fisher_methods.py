@@ -327,7 +327,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         q = rows = None      # this stage's X goes before the re-fit and the next stage's X
         refitted = None
         if ctx.refit is not None and (last or ctx.refit_every_stage):   # the next stage's gradients at the re-fit
-            refitted = ctx.refit()
+            refitted = ctx.refit(judged=last)     # only the result's re-fit is judged (refit_pruned)
             w = ctx.space.vector()
         # After the last stage the final model's full recalibration (the default 20 batches), so
         # that its record measures the final model; between stages it matters for the next
