@@ -216,3 +216,30 @@ def test_a_model_onnx_cannot_express_is_refused_in_one_line_before_any_work(capf
     done = subprocess.run([sys.executable, "-m", "prunekit", "export", str(tmp_path / "run"), "--model", spec,
                            "--onnx", "--json"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(prunekit.__file__).parent.parent)})
     assert done.returncode == 2 and done.stdout == "", done.stdout[:300]
+
+
+def test_a_run_saved_from_python_is_read_on_the_command_line_with_its_file(capsys, tmp_path, trained):
+    """``prunekit.prune(model, ..., out=)`` records the model's class and input shape only: the
+    command line reads the folder once the file that builds it is named (info, export, latency),
+    says so in one line when it is not, and refuses a file that builds another class."""
+    spec, checkpoint = trained
+    model = load_model(spec, checkpoint).model
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+    result = prunekit.prune(model, (x, y), method="magnitude-flops", flops=0.5, out=str(tmp_path / "run"))
+    saved = str(tmp_path / "run" / "model.safetensors")
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["input_shape"] == [1, 28, 28]
+    assert run_json(capsys, ["info", spec, "--checkpoint", saved, "--json"])["macs"] == result.record["macs"]
+    written = run_json(capsys, ["export", str(tmp_path / "run"), "--model", spec, "--onnx", "--json"])["files"]
+    assert Path(written[0]["path"]).stat().st_size > 0
+    latency = run_json(capsys, ["bench-latency", "--model", spec, "--checkpoint", str(checkpoint), "--pruned",
+                                str(tmp_path / "run"), "--threads", "1", "--batch-sizes", "2", "--warmup", "1",
+                                "--repeats", "5", "--json"])
+    assert latency["flops_kept"] == pytest.approx(result.flops_kept)
+    for argv in (["export", str(tmp_path / "run"), "--onnx"], ["info", "--checkpoint", saved]):
+        assert main(argv) == 2
+        assert "saved from Python: name the file and function that build it" in capsys.readouterr().err
+    other = tmp_path / "other.py"
+    other.write_text("from torch import nn\n\n\ndef build():\n    return nn.Linear(784, 10)\n")
+    assert main(["info", f"{other}:build", "--checkpoint", saved]) == 2
+    assert "builds a Linear: name the function that builds a Sequential" in capsys.readouterr().err

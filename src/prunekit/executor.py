@@ -49,6 +49,15 @@ def measure(plan: Plan, model: nn.Module, eval_loader) -> dict:
     return out
 
 
+def _python_model_description(plan: Plan) -> dict:
+    """The sidecar of a model passed from Python: its class name (the code that builds it is the
+    user's, named again when the command line loads it: ``--model net.py:FUNCTION``) and, for a
+    single-tensor input, the shape of one example (C, H, W), which export and latency need."""
+    example = plan.request.example_input
+    shape = {"input_shape": list(example.shape[1:])} if isinstance(example, torch.Tensor) and example.dim() > 1 else {}
+    return {"model": plan.name, "custom": True, **shape}
+
+
 def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loader: Iterable | None, *,
             folder: RunFolder | None = None, describe: dict | None = None, dense: dict | None = None,
             progress: bool = False, on_step: Callable[[dict], None] | None = None, stage_eval: bool = True
@@ -62,7 +71,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     stage_eval: measure accuracy and loss on ``eval_loader`` after each stage, event or phase too
         (not only before and after); their seconds are not the pruning's (``eval_seconds``).
     """
-    describe = describe or {"model": plan.name, "custom": True}
+    describe = describe or _python_model_description(plan)
     metrics = folder.read_metrics() if folder is not None else {}
     if folder is not None and metrics.get("status") == "done":
         folder.log("already complete; nothing to do")

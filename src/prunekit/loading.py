@@ -72,8 +72,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
     spec = zoo.spec(name)   # refuses an unknown name, suggesting the closest
     meta = read_meta(checkpoint) if checkpoint is not None else {}
     if meta.get("model") not in (None, name):
-        raise PrunekitError(f"{checkpoint} holds a {meta['model']!r} model, not {name!r}: "
-                            f"load it as --model {meta['model']}")
+        raise PrunekitError(python_saved_refusal(checkpoint, meta) if meta.get("custom") else
+                            f"{checkpoint} holds a {meta['model']!r} model, not {name!r}: load it as --model {meta['model']}")
     build_kwargs = meta.get("build_kwargs") or {k: v for k, v in
                                                 (("num_classes", num_classes), ("in_channels", in_channels))
                                                 if v is not None}
@@ -93,13 +93,23 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
                        meta.get("image_transform"))
 
 
+def python_saved_refusal(path, meta: dict) -> str:
+    """The line for a model saved from Python (``prunekit.prune(model, ..., out=)``), whose sidecar
+    names its class only: the command line needs the file that builds it."""
+    return (f"{path} holds a {meta['model']} model saved from Python: name the file and function that build "
+            f"it, --model path/to/file.py:FUNCTION")
+
+
 def _load_model_file(name: str, checkpoint, input_shape, normalization) -> LoadedModel:
     meta = read_meta(checkpoint) if checkpoint is not None else {}
     saved = meta.get("model")
-    if saved is not None and not (user_models.is_model_file(saved)
-                                  and user_models.function_name(saved) == user_models.function_name(name)):
+    if saved is not None and not meta.get("custom") and not (
+            user_models.is_model_file(saved) and user_models.function_name(saved) == user_models.function_name(name)):
         raise PrunekitError(f"{checkpoint} holds a {saved!r} model, not {name!r}: load it as --model {saved}")
     model = user_models.build_model(name)
+    if meta.get("custom") and type(model).__name__ != saved:     # saved from Python: its class name only
+        raise PrunekitError(f"{checkpoint} holds a {saved} model saved from Python, but {name} builds a "
+                            f"{type(model).__name__}: name the function that builds a {saved}")
     if meta.get("model_file_sha256") not in (None, user_models.file_digest(name)):
         warnings.warn(PrunekitWarning(f"{user_models.parse(name)[0]} changed since {checkpoint} was saved: if "
                                       "the model's forward changed, so do its outputs"), stacklevel=2)

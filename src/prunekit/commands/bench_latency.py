@@ -14,6 +14,7 @@ from ..errors import PrunekitError
 from ..latency import MIN_REPEATS, check_batch_sizes, latency_table
 from ..loading import load_model
 from .common import model_file, resolve_model
+from .info import input_shape
 
 
 def add_bench_latency_parser(sub) -> None:
@@ -29,6 +30,8 @@ def add_bench_latency_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed calls of each model first (default 5)")
     p.add_argument("--repeats", type=int, default=30,
                    help=f"timed (dense, pruned) pairs, alternated; medians are reported (default 30, at least {MIN_REPEATS})")
+    p.add_argument("--input-shape", type=input_shape, metavar="C,H,W",
+                   help="one example's shape, for a model of your own whose folder does not record it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_latency)
 
@@ -57,7 +60,8 @@ def cmd_bench_latency(args) -> int:
     if not pruned_file.exists():
         raise PrunekitError(f"no pruned model at {pruned_file}: pass the --out folder of `prunekit prune`")
     resolve_model(args, pruned_file)
-    pruned = load_model(args.model, pruned_file)
+    pruned = load_model(args.model, pruned_file, input_shape=args.input_shape)
+    pruned.example_input()         # refuses an input shape that neither the folder nor --input-shape gives
     dense = load_model(args.model, args.checkpoint, input_shape=pruned.input_shape)
     check_batch_sizes(dense.model, dense.input_shape, args.batch_sizes)     # the dense model is the larger
     rows = latency_table(dense.model, pruned.model, dense.input_shape, args.batch_sizes, args.threads,

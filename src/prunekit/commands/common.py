@@ -17,7 +17,7 @@ from .. import report
 from ..errors import PrunekitError, PrunekitWarning
 from ..saving import read_meta
 from ..zoo.checkpoints import check_checkpoint_path
-from ..loading import LoadedModel, check_fits, check_normalized, load_data, load_model
+from ..loading import LoadedModel, check_fits, check_normalized, load_data, load_model, python_saved_refusal
 
 
 MODEL_HELP = (f"zoo model ({', '.join(zoo.MODEL_NAMES)}) or your own: net.py:FUNCTION, a function of that "
@@ -82,9 +82,12 @@ def resolve_model(args, saved_file=None) -> None:
     saved_file = saved_file or args.checkpoint
     if saved_file:
         check_checkpoint_path(saved_file)
-    saved = read_meta(saved_file).get("model") if saved_file else None
+    meta = read_meta(saved_file) if saved_file else {}
+    saved = meta.get("model")
     if saved in zoo.MODEL_NAMES:
         args.model = saved
+    elif saved is not None and meta.get("custom"):
+        raise PrunekitError(python_saved_refusal(saved_file, meta))
     elif saved is not None and user_models.is_model_file(saved):
         path, function = user_models.parse(saved)
         raise PrunekitError(f"{saved_file} holds a model built by {saved}: name its file again, "

@@ -7,7 +7,7 @@ from pathlib import Path
 from .. import distributed, run_lock, user_models, zoo
 from .. import export
 from ..errors import PrunekitError
-from ..loading import load_model
+from ..loading import load_model, python_saved_refusal
 from ..saving import read_meta
 from .common import emit
 
@@ -21,9 +21,11 @@ def cmd_export(args) -> int:
     path = Path(args.run) / "model.safetensors"
     meta = read_meta(path) if path.exists() else {}
     saved = meta.get("model")
-    if saved is None or (saved not in zoo.MODEL_NAMES and not user_models.is_model_file(saved)):
+    if saved is None or (saved not in zoo.MODEL_NAMES and not user_models.is_model_file(saved) and not meta.get("custom")):
         raise PrunekitError(f"{args.run} holds no prunekit model (model.safetensors + model.json): pass a run "
-                            "folder of `prunekit prune --out` (a model of your own in Python: prunekit.export)")
+                            "folder of `prunekit prune --out` or of `prunekit.prune(..., out=)`")
+    if meta.get("custom") and args.model is None:
+        raise PrunekitError(python_saved_refusal(args.run, meta))
     if user_models.is_model_file(saved) and args.model is None:
         raise PrunekitError(f"{args.run} holds a model built by {saved}: name its file again, --model "
                             f"path/to/{Path(user_models.parse(saved)[0]).name}:{user_models.function_name(saved)}")
