@@ -317,6 +317,16 @@ def test_auto_and_compact_storage_through_prunekit_prune():
     assert result.flops_kept <= 0.5 and stage["memory_estimate_mb"] > 0
 
 
+def test_auto_takes_no_more_rows_than_the_training_data_holds():
+    """fisher_samples "auto" with per-sample rows: at most the samples of one pass (here 64 of
+    the 1,000 memory allows); an explicit n over them is refused naming the fix."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    result = prunekit.prune(model, data(), method="falcon", flops=0.5, fisher_samples="auto", batch_size=16)
+    assert result.record["fisher_samples"] == 64 and result.flops_kept <= 0.5
+    with pytest.raises(PrunekitError, match="holds 64 samples, 65 gradient rows .* lower fisher_samples"):
+        prunekit.prune(model, data(), method="falcon", flops=0.5, fisher_samples=65, batch_size=16)
+
+
 def test_cli_refuses_in_one_line_with_exit_2(capsys):
     assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", "--max-memory", "1M"]) == 2
     err = capsys.readouterr().err.strip()

@@ -292,10 +292,12 @@ def refit_bytes(sizes: _Sizes, model: nn.Module, example_input, samples: int, ba
 def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, dtype: str = "float32",
          family: str = "falcon", max_memory=None, fisher_batch: int = 1, obs_block_size: int = 128,
          keep_share: float = 1.0, fisher_bn: str = "frozen", ranks: int = 1,
-         ranks_here: int = 1, judge_batch: int = 0, refit_samples: int = 0, refit_batch: int = 0) -> MemoryPlan:
+         ranks_here: int = 1, judge_batch: int = 0, refit_samples: int = 0, refit_batch: int = 0,
+         most_rows: int = 1000) -> MemoryPlan:
     """The memory plan of gradients + solve for ``space``'s weights, refusing what does not fit.
 
-    n:          fisher_samples, an int or "auto" (the largest n ≤ 1000 that fits).
+    n:          fisher_samples, an int or "auto" (the largest n ≤ ``most_rows`` that fits; the
+                pipeline lowers most_rows from 1000 to the samples its training data holds).
     dtype:      storage dtype of X, a key of STORAGE_DTYPES.
     family:     "chita", "falcon" or "woodfisher" (their solvers' work arrays differ).
     max_memory: the limit, bytes or "16G"/"500M" (None: available memory less a margin).
@@ -321,7 +323,7 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     estimate = lambda rows, kind: _estimate(sizes, rows, kind, family, fisher_batch, obs_block_size,
                                             keep_share, resident, limit, ranks, judge, refit)
     if n == "auto":
-        rows = largest_n(lambda rows: estimate(rows, storage), 1000)
+        rows = largest_n(lambda rows: estimate(rows, storage), most_rows)
         if rows == 0:
             raise PrunekitError(_refusal(estimate(1, storage), estimate, limit, refit_samples))
         return estimate(rows, storage)

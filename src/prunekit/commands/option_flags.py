@@ -19,7 +19,7 @@ from ..pipelines.gradual import GradualOptions
 HELP = {
     "importance": None,      # a Python function: not on the command line
     "fisher_samples": "gradient rows n (default 1000; falcon++ 500 per stage, or 1000 where --stages auto picks "
-                      "its thorough schedule), or auto: the largest n <= 1000 that fits --max-memory",
+                      "its thorough schedule), or auto: the largest n <= 1000 that fits --max-memory and the training data",
     "fisher_dtype": "storage of the gradient matrix (default float32); products accumulate in float32",
     "max_memory": "refuse a request whose estimated peak exceeds this, e.g. 16G or 500M "
                   "(default: the memory available less a margin)",

@@ -23,6 +23,7 @@ from .. import memory_plan, process_memory
 from ..options import OptionError
 from .. import distributed
 from ..fisher import collect_gradients, keep_columns, passes, skip_samples
+from ..data.loaders import samples_per_pass
 from ..fisher_batches import check_enough_samples
 from ..distributed.gradients import collect_sharded_gradients
 from ..solvers.backsolve import GramCache
@@ -195,14 +196,14 @@ def plan_memory(family: str):
     """The memory check of a family ("chita", "falcon", "woodfisher": their solvers' work arrays
     differ), for the method table: refuses a request that does not fit before any work."""
     def check(model, space, example_input, budget: ResolvedBudget, opts: QuadraticOptions, judge_batch: int = 0,
-              refit_samples: int = 0, refit_batch: int = 0):
+              refit_samples: int = 0, refit_batch: int = 0, most_rows: int = 1000):
         return memory_plan.plan(model, space, example_input, n=opts.fisher_samples, dtype=opts.fisher_dtype,
                                 family=family, max_memory=opts.max_memory, fisher_batch=opts.fisher_batch,
                                 fisher_bn=opts.fisher_bn,
                                 obs_block_size=getattr(opts, "obs_block_size", 128),
                                 keep_share=budget.max_nonzeros / space.numel, ranks=distributed.current().size,
                                 ranks_here=distributed.ranks_on_this_machine(), judge_batch=judge_batch,
-                                refit_samples=refit_samples, refit_batch=refit_batch)
+                                refit_samples=refit_samples, refit_batch=refit_batch, most_rows=most_rows)
     return check
 
 
@@ -240,9 +241,12 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         raise OptionError("this method needs training data for its gradients: pass data (the training "
                           "split is used)", ("data",))
     p = ctx.space.numel
+    one_pass = not (opts.fisher_batch > 1 or opts.fresh_samples)     # per-sample rows from one pass of the data
+    # fisher_samples "auto": at most the samples one pass holds (where its loader knows them)
+    most_rows = min(1000, samples_per_pass(ctx.train_batches()) or 1000) if one_pass else 1000
     # The plan of the first stage (the largest: later stages have fewer free weights).
     plan = memory(ctx.model, ctx.space, ctx.costs.example_input, ctx.budget, opts, _judge_batch(ctx, opts),
-                  *ctx.refit_images)
+                  *ctx.refit_images, most_rows=most_rows)
     macs = _compact_macs(ctx.space.macs_per_weight(ctx.costs))    # solvers work where the model is
     dense_macs = int(macs.sum())
     target = ctx.budget.max_nonzeros
@@ -254,7 +258,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     collective = distributed.current()     # one process: a no-op communicator, the code path of old
     if collective.distributed:
         _check_shardable(solve_stage, opts)
-    if not (opts.fisher_batch > 1 or opts.fresh_samples):     # one pass of per-sample rows
+    if one_pass:
         check_enough_samples(ctx.train_batches(), plan.n)     # every rank reads the one stream
     pick = opts.final_pick == "judge"
     kind = opts.rows_kind(ctx.loss_fn is None)

@@ -23,7 +23,8 @@ class QuadraticOptions(RefitOptions):
     "auto" by default: measured on ResNet-20-B, ResNet-20-A, ResNet-56 and MLPNet, docs/benchmarks.md
     sessions 30-33).
 
-    fisher_samples: n, rows of the gradient matrix, or "auto": the largest n ≤ 1000 that fits max_memory.
+    fisher_samples: n, rows of the gradient matrix, or "auto": the largest n ≤ 1000 that fits max_memory
+                    (and, rows of one sample each, the samples of the training data).
     fisher_dtype:   storage of the gradient matrix: float32, bfloat16 or float16 (half the memory;
                     products still accumulate in float32).
     max_memory:     refuse a request whose estimated peak exceeds this (bytes, or "16G", "500M");
