@@ -138,6 +138,7 @@ CLI_CASES = [
     (["prune", "--model"], "expected one argument"),
     ([*PRUNE, "--sparsity", "0.5", "--bogus"], "unrecognized arguments"),
     ([*PRUNE, "--sparsty", "0.5"], "prunekit prune: error: unrecognized arguments: --sparsty 0.5 (did you mean --sparsity?)"),
+    ([*PRUNE, "--flop", "0.5"], "unrecognized arguments: --flop 0.5 (did you mean --flops?)"),   # no abbreviations
     (["eval", "--model", "mlpnet", "--data", "svhn", "--data-dir", MNIST_DIR], "invalid choice"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "abc"], "integer or auto"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--schedule", "cubic"], "invalid choice"),

@@ -243,3 +243,21 @@ def test_a_run_saved_from_python_is_read_on_the_command_line_with_its_file(capsy
     other.write_text("from torch import nn\n\n\ndef build():\n    return nn.Linear(784, 10)\n")
     assert main(["info", f"{other}:build", "--checkpoint", saved]) == 2
     assert "builds a Linear: name the function that builds a Sequential" in capsys.readouterr().err
+
+
+def test_a_model_file_on_cifar10_data_is_told_that_its_training_images_are_augmented(capsys, tmp_path):
+    """``--data cifar10`` crops and flips the training images (as the zoo's CIFAR models were
+    trained); a model of the user's own may not have been trained so, hence a one-line note."""
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential("
+                                     "nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), "
+                                     "nn.Flatten(), nn.Linear(4, 10))\n")
+    rng = np.random.default_rng(0)
+    images = lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)   # noqa: E731
+    labels = lambda n: rng.integers(0, 10, (n, 1))                           # noqa: E731
+    np.savez(tmp_path / "data.npz", x_train=images(64), y_train=labels(64), x_test=images(16), y_test=labels(16))
+    common = ["prune", "--model", f"{tmp_path}/net.py:build", "--normalize", "none", "--data", "cifar10",
+              "--data-dir", str(tmp_path / "data.npz"), "--method", "magnitude-flops", "--flops", "0.9", "--json"]
+    assert main(common) == 0
+    assert "prunekit: note: the training images for gradients and BatchNorm are randomly cropped" in capsys.readouterr().err
+    assert main([*common, "--no-train-augment"]) == 0
+    assert "note" not in capsys.readouterr().err

@@ -28,7 +28,13 @@ from .suggest import closest
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2), naming the command's --help."""
+    """argparse with one-line errors (exit code 2), naming the command's --help, and no
+    abbreviated flags (``--flop`` is a typo to point out, not ``--flops``: an abbreviation would
+    also change meaning the day a second flag shares its prefix)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         # every rank parses the same command line: under torchrun rank 0 alone says what is wrong
@@ -81,7 +87,7 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     subcommand's defaults before the real parse, so command-line flags override a recipe."""
     if not argv or argv[0] not in ("prune", "sweep"):
         return
-    peek = argparse.ArgumentParser(add_help=False)
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     peek.add_argument("--recipe")
     peek.add_argument("--resume")
     known, _ = peek.parse_known_args(argv[1:])

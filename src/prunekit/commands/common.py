@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import user_models, zoo
+from .. import distributed, user_models, zoo
 from ..data import DATASET_NAMES, make_loader
 from .. import report
 from ..errors import PrunekitError, PrunekitWarning
@@ -178,6 +178,10 @@ def training_batches(args, loaded: LoadedModel):
     # statistics are those of augmented data: recalibrating on plain images costs ResNet-20-B
     # 3 points dense (90.86% -> 87.81%), on augmented ones it keeps 91.15%.
     augment = args.data == "cifar10" and not args.no_train_augment
+    if augment and user_models.is_model_file(loaded.name) and distributed.is_main_process():
+        # a model of the user's own may not have been trained so (synthetic images, other crops)
+        print("prunekit: note: the training images for gradients and BatchNorm are randomly cropped and "
+              "flipped, as CIFAR-10 models are trained; --no-train-augment gives plain images", file=sys.stderr)
     return lambda: make_loader(dataset(), loaded.normalization, batch_size=128, shuffle=True,
                                augment=augment, seed=args.seed)
 
