@@ -194,12 +194,15 @@ class Options:
         return out
 
 
+BUDGET_KEYS = ("sparsity", "flops", "params")     # given beside a method's options, not among them
+
+
 def unknown_option(key: str, method: str, names: list[str]) -> OptionError:
-    close = closest(key, names)
+    close = closest(key, [*names, *BUDGET_KEYS])      # "flop" is most likely the budget's "flops"
     hint = f" (did you mean {close}?)" if close else ""
     takes = ", ".join(names) if names else "none"
     return OptionError(f"method {method} takes no option {key}{hint}; its options: {takes}",
-                       (key, *([close[0]] if close else []), *names))
+                       (key, *([close] if close else []), *names))
 
 
 def defaults_of(cls) -> dict:
