@@ -336,9 +336,9 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
     except PrunekitError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the user's model on this input
-        raise PrunekitError(f"the model failed on one example of the example input (shape "
+        raise PrunekitError(f"the model failed on one example of its input (shape "
                             f"{tuple(inputs[0].shape)}): {str(err).splitlines()[0]}; "
-                            "pass an example input the model accepts") from None
+                            "pass data (or an example input) shaped as the model takes it") from None
     finally:
         set_mha_fastpath(fastpath)
         for handle in handles:
