@@ -106,6 +106,31 @@ def test_interrupted_run_says_how_to_resume_and_the_hint_works(tmp_path, capsys,
     assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.8, abs=1e-4)
 
 
+def test_a_ctrl_c_that_a_cleanup_swallowed_stops_a_sweep_before_its_next_run(tmp_path, capsys, monkeypatch):
+    """A SIGINT whose KeyboardInterrupt is raised, and swallowed, inside code the interpreter runs
+    for itself (a weakref callback: "Exception ignored in ...") is remembered: the sweep stops
+    before its next run instead of going on."""
+    import os
+    import signal
+    from prunekit.commands import sweep
+    prune_into = sweep.prune_into
+
+    def swallowing(*args, **kwargs):
+        prune_into(*args, **kwargs)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:        # what "Exception ignored in: <WeakSet ...>" amounts to
+            pass
+
+    monkeypatch.setattr(sweep, "prune_into", swallowing)
+    out = tmp_path / "sweep"
+    assert main(["sweep", *MLP, *MNIST, "--method", "magnitude", "--sparsity", "0.5", "0.8", "--train-samples", "256",
+                 "--eval-split", "train", "--out", str(out), "--json"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 1         # the second run never started
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # put back as it was
+
+
 def test_interrupt_without_a_run_folder_says_nothing_was_saved(capsys, monkeypatch):
     def interrupt(args):
         raise KeyboardInterrupt

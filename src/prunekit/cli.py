@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.distributed
 
-from . import __version__, distributed, recipes
+from . import __version__, distributed, interrupts, recipes
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
 from .errors import PrunekitError, PrunekitWarning, refusal_of
 from .options import cli_message
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
         code, returned = 1, False
         try:
-            code = _main(argv)
+            with interrupts.caught():
+                code = _main(argv)
             returned = True
             return code
         except _RankLost:

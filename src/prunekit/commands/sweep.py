@@ -8,7 +8,7 @@ import copy
 import sys
 from pathlib import Path
 
-from .. import distributed, report, run_lock, runs
+from .. import distributed, interrupts, report, run_lock, runs
 from ..errors import PrunekitError
 from ..methods import lookup
 from ..options import OptionError
@@ -84,6 +84,7 @@ def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, trai
     returns the report's table."""
     folders, dense = [], None
     for i, (method, budget) in enumerate(plan, start=1):
+        interrupts.check()               # a Ctrl-C the last run's cleanup swallowed stops the sweep here
         run_args = run_args_of(args, method, budget)
         if not args.json:
             print(f"[{i}/{len(plan)}] {method} {budget} -> {run_args.out}", file=sys.stderr)

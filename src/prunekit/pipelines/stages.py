@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import interrupts
+
 
 @dataclass
 class StageState:
@@ -134,6 +136,7 @@ def stage_completed(ctx, stage: int, tensors: dict | None = None) -> None:
     kept = {k: v.detach().cpu().clone() for k, v in (tensors or {}).items()}
     checkpointer.save(StageState(stage, model_state, ctx.history, rng, tensors=kept), ctx.model)
     restore_rng(rng)     # whatever the checkpointer ran (an evaluation) must not shift the run
+    interrupts.check()   # a Ctrl-C swallowed during the stage stops the run at its checkpoint
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, schedule) -> tuple[dict, dict]:
