@@ -372,6 +372,7 @@ PY_CASES = [
     ({"method": "chita", "block_size": 0}, "block_size"),
     ({"method": "chita", "fisher_sample": 10}, "takes no option fisher_sample"),
     ({"method": "chita", "flop": 0.5}, "takes no option flop (did you mean flops?)"),
+    ({"method": "chita", "max_memory": "500"}, "a size with its unit, like 500M or 16G, got '500' (a bare number is bytes)"),
     ({"method": "chita", "fisher_samples": 100}, "holds 48 samples, 100 gradient rows"),    # before any gradient
     # the user's loss
     ({"loss": "mse"}, "loss must be None or a function"),

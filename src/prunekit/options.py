@@ -77,9 +77,11 @@ class Memory:
     def check(self, value) -> str | None:
         from .memory_plan import parse_memory
         try:
-            parse_memory(value)
+            size = parse_memory(value)
         except PrunekitError:
             return f"a size like 16G or 500M, got {value!r}"
+        if size < 2**20 and str(value).strip().isdigit():    # "500" meant as 500 MB, read as bytes
+            return f"a size with its unit, like 500M or 16G, got {value!r} (a bare number is bytes)"
         return None
 
 
