@@ -24,7 +24,7 @@ def cmd_eval(args) -> int:
                "images": len(loader.dataset) if hasattr(loader, "dataset") else None,
                "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     emit(args, payload, [f"{args.model} on {args.data} {args.eval_split}: {measured['accuracy']:.2f}% top-1, "
-                         f"loss {measured['loss']:.4f} ({counts.macs / 1e6:.2f}M MACs per example, "
+                         f"loss {measured['loss']:.4f} ({counts.macs:,} MACs per example, "
                          f"{counts.params:,} nonzero params)"])
     return 0
 

@@ -63,10 +63,10 @@ def cmd_info(args) -> int:
         share = f"{100 * r['share']:.1f}%" if counted else ""
         print(f"{r['name'][:28]:<28} {kind[:18]:<18} {shape:<20} {r['params']:>10,} {macs:>13} {share:>7}")
     print("-" * len(header))
-    print(f"total: {counts.params:,} params, {counts.macs:,} MACs ({counts.macs / 1e6:.2f}M"
+    print(f"total: {counts.params:,} params, {counts.macs:,} MACs{_millions(counts.macs)}"
           + (f", of which {costs.activation_macs:,} in attention products" if costs.activation_macs else "")
-          + f"), {costs.other_ops:,} other ops (BN, pooling, adds)")
-    print(f"prunable: {space.numel:,} weights, {prunable_macs:,} MACs ({prunable_macs / 1e6:.2f}M)"
+          + f", {costs.other_ops:,} other ops (BN, pooling, adds)")
+    print(f"prunable: {space.numel:,} weights, {prunable_macs:,} MACs{_millions(prunable_macs)}"
           + (f", leaving dense {', '.join(loaded.prune_exclude)} (marked dense above)" if loaded.prune_exclude else ""))
     if counts.macs != costs.macs:
         print(f"nonzero-aware: {100 * counts.flops_kept:.2f}% of dense MACs, "
@@ -77,6 +77,11 @@ def cmd_info(args) -> int:
         print(f"note: no element-wise rule for {len(costs.unknown)} module(s) (their MACs are counted, "
               f"their other ops not): {', '.join(costs.unknown[:5])}")
     return 0
+
+
+def _millions(count: int) -> str:
+    """" (4.09M)" beside a count of a million or more, else nothing (a small model's 0.00M said nothing)."""
+    return f" ({count / 1e6:.2f}M)" if count >= 10**6 else ""
 
 
 def shrunk_summary(name: str, checkpoint, counts: Counts, input_shape) -> dict | None:
