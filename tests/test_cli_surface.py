@@ -131,6 +131,18 @@ def test_a_ctrl_c_that_a_cleanup_swallowed_stops_a_sweep_before_its_next_run(tmp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # put back as it was
 
 
+def test_the_same_command_on_a_finished_run_says_nothing_was_run(tmp_path, capsys):
+    argv = ["prune", *MLP, *MNIST, "--method", "magnitude", "--train-samples", "256", "--eval-split", "train",
+            "--sparsity", "0.8", "--out", str(tmp_path / "run"), "--json"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert "nothing was run" not in first.err
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    assert json.loads(again.out) == json.loads(first.out)
+    assert f"prunekit: note: {tmp_path / 'run'} holds this run, finished: its result again, nothing was run" in again.err
+
+
 def test_interrupt_without_a_run_folder_says_nothing_was_saved(capsys, monkeypatch):
     def interrupt(args):
         raise KeyboardInterrupt

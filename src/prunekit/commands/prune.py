@@ -76,7 +76,11 @@ def cmd_prune(args) -> int:
     eval_loader = eval_data(args, loaded)
     plan = request_of(args, loaded).plan()
     warn_if_random_weights(args)
+    finished = bool(args.out) and not args.force and runs.RunFolder(args.out).read_metrics().get("status") == "done"
     record = prune_into(args, plan, loaded, eval_loader, training_batches(args, loaded))
+    if finished and distributed.is_main_process():     # (a different request was refused inside prune_into)
+        print(f"prunekit: note: {args.out} holds this run, finished: its result again, nothing was run "
+              "(--force runs it anew)", file=sys.stderr)
     emit(args, record, prune_lines(record) + ([f"  saved to   {args.out}"] if args.out else []))
     return 0
 
