@@ -202,3 +202,13 @@ def test_an_export_killed_right_after_writing_a_file_is_run_again(tmp_path, caps
     monkeypatch.setattr(export, "export_dense", dense)
     capsys.readouterr()
     assert main(["export", str(run), "--dense"]) == 0, capsys.readouterr().err
+
+
+def test_the_sweep_table_cuts_no_name_or_budget():
+    from prunekit.report import table_lines
+    row = {"name": "magnitude-flops_sparsity-0.8_flops-0.3", "method": "magnitude-flops", "status": "done",
+           "request": {"sparsity": "0.8", "flops": "0.3", "params": None}, "sparsity": 0.8, "flops_kept": 0.3,
+           "dense_accuracy": 96.8, "accuracy": 90.1, "seconds": 3.0}
+    head, rule, line = table_lines([row])
+    assert "magnitude-flops_sparsity-0.8_flops-0.3 " in line and "sparsity 0.8, flops 0.3 " in line
+    assert len(head) == len(rule) and line.index("sparsity 0.8") == head.index("asked")

@@ -241,10 +241,15 @@ def _asked(row: dict) -> str:
 
 def table_lines(rows: list[dict]) -> list[str]:
     """A plain-text table of ``collect``'s rows."""
-    head = f"{'run':<34} {'method':<16} {'asked':<22} {'sparsity':>9} {'MACs kept':>9} {'dense':>7} {'acc':>7} {'s':>7}"
+    # the text columns as wide as their longest entry: a cut name or budget ("flops 0.") says nothing
+    run = max([3, *(len(r["name"]) for r in rows)])
+    method = max([6, *(len(r["method"]) for r in rows)])
+    asked = max([5, *(len(_asked(r)) for r in rows)])
+    head = (f"{'run':<{run}} {'method':<{method}} {'asked':<{asked}} {'sparsity':>9} {'MACs kept':>9} {'dense':>7} "
+            f"{'acc':>7} {'s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['name'][:34]:<34} {r['method'][:16]:<16} {_asked(r)[:22]:<22} {_pct(r['sparsity']):>9} "
+        lines.append(f"{r['name']:<{run}} {r['method']:<{method}} {_asked(r):<{asked}} {_pct(r['sparsity']):>9} "
                      f"{_pct(r['flops_kept']):>9} {_acc(r['dense_accuracy']):>7} {_acc(r['accuracy']):>7} "
                      f"{_num(r['seconds'], '.0f'):>7}"
                      + ("" if r["status"] == "done" else f"  ({r['status']})"))
