@@ -34,6 +34,11 @@ SHARE_MEANING = {"sparsity": "the share of prunable weights removed", "flops": "
 COUNT_MEANING = {"sparsity": "prunable weights kept", "flops": "MACs kept", "params": "parameters kept"}
 
 
+def budget_text(budget: dict) -> str:
+    """A request's budget as words, e.g. ``{"sparsity": "0.9", "flops": None}`` -> "sparsity 0.9"."""
+    return ", ".join(f"{key} {value}" for key, value in budget.items() if value is not None) or "none"
+
+
 def _range_hint(what: str) -> str:
     """'as a share (0.9 or 90%), the share of ... must be in [0, 1); as a count (50k), the number
     of ... must be a positive whole number'."""

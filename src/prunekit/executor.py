@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .budget import budget_text
 from .data.loaders import BatchLoader
 from .errors import PrunekitWarning
 from .pipelines.gradual import prune_gradual
@@ -78,7 +79,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         return metrics["final"], _load_final(plan, folder), {}
     if folder is not None:
         folder.log(f"{'resume' if metrics else 'start'}: {plan.name}, method {plan.method.name}, "
-                   f"budget {plan.request.budget}")
+                   f"budget {budget_text(plan.request.budget)}")
         _tell_changed_code(folder, metrics, describe)
     dense = dense or metrics.get("dense") or measure(plan, plan.request.model, eval_loader)
     measure_now = lambda model: measure(plan, model, eval_loader)   # noqa: E731

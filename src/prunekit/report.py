@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from .budget import budget_text
 from .errors import PrunekitError
 from .runs import METRICS, RUN_PLOTS, RunFolder, is_run
 from .saving import atomic_write_bytes
@@ -236,7 +237,7 @@ def collect(folders) -> list[dict]:
 
 
 def _asked(row: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in row["request"].items() if v is not None)
+    return budget_text(row["request"])
 
 
 def table_lines(rows: list[dict]) -> list[str]:

@@ -81,7 +81,8 @@ def cmd_prune(args) -> int:
     if finished and distributed.is_main_process():     # (a different request was refused inside prune_into)
         print(f"prunekit: note: {args.out} holds this run, finished: its result again, nothing was run "
               "(--force runs it anew)", file=sys.stderr)
-    emit(args, record, prune_lines(record) + ([f"  saved to   {args.out}"] if args.out else []))
+    saved = [f"  saved to   {args.out}" + (f" (ONNX: {record['onnx']})" if record.get("onnx") else "")]
+    emit(args, record, prune_lines(record) + (saved if args.out else []))
     return 0
 
 

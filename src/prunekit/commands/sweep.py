@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .. import distributed, interrupts, report, run_lock, runs
+from ..budget import budget_text
 from ..errors import PrunekitError
 from ..methods import lookup
 from ..options import OptionError
@@ -87,7 +88,7 @@ def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, trai
         interrupts.check()               # a Ctrl-C the last run's cleanup swallowed stops the sweep here
         run_args = run_args_of(args, method, budget)
         if not args.json:
-            print(f"[{i}/{len(plan)}] {method} {budget} -> {run_args.out}", file=sys.stderr)
+            print(f"[{i}/{len(plan)}] {method}, {budget_text(budget)} -> {run_args.out}", file=sys.stderr)
         loaded = copy.deepcopy(dense_model)
         prune_into(run_args, request_of(run_args, loaded, method, budget).plan(), loaded, eval_loader, train_batches,
                    dense)
