@@ -76,6 +76,7 @@ def home(tmp_path_factory):
     (d / "binary.toml").write_bytes(bytes(range(256)) * 4)
     (d / "bad.toml").write_text("method = [unclosed\n")
     (d / "unknown-key.toml").write_text('mehtod = "chita"\n')
+    (d / "unknown-hyphen-key.toml").write_text("fisher-sample = 500\n")
     (d / "wrong-type.toml").write_text('fisher-samples = "many"\n')
     (d / "noise.pth").write_bytes(os.urandom(512))
     with open(d / "plain.pkl", "wb") as f:
@@ -211,6 +212,7 @@ CLI_CASES = [
     (["prune", "--recipe", f"{H}/binary.toml"], "not a text file"),
     (["prune", "--recipe", f"{H}/bad.toml"], "not valid TOML"),
     (["prune", "--recipe", f"{H}/unknown-key.toml"], "did you mean"),
+    (["prune", "--recipe", f"{H}/unknown-hyphen-key.toml"], "did you mean 'fisher-samples'?"),
     (["prune", "--recipe", f"{H}/wrong-type.toml"], "integer"),
     (["prune", "--resume", f"{H}/adir"], "not a prunekit run folder"),
     (["prune", "--resume", f"{H}/no-such-run"], "no-such-run does not exist"),

@@ -66,6 +66,8 @@ def validate(raw: dict, parser: argparse.ArgumentParser, where: str = "recipe") 
         dest = key.replace("-", "_")
         if dest not in actions:
             close = closest(dest, actions)
+            if close and "-" in key:           # in the spelling the recipe uses
+                close = close.replace("_", "-")
             hint = f" (did you mean {close!r}?)" if close else ""
             raise PrunekitError(f"unknown key {key!r} in {where}: not an option of `{parser.prog}`{hint}")
         values[dest] = _convert(actions[dest], key, value, where)
