@@ -101,6 +101,7 @@ def test_interrupted_run_says_how_to_resume_and_the_hint_works(tmp_path, capsys,
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"prunekit: interrupted; resume with `prunekit prune --resume {out}`"
+    assert (out / "run.log").read_text().splitlines()[-1].endswith("interrupted (Ctrl-C)")
     monkeypatch.setattr(executor, "prune_weights", prune)
     assert main(["prune", "--resume", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.8, abs=1e-4)

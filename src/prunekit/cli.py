@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.distributed
 
-from . import __version__, distributed, interrupts, recipes
+from . import __version__, distributed, interrupts, recipes, runs
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
 from .errors import PrunekitError, PrunekitWarning, refusal_of
 from .options import cli_message
@@ -228,6 +228,9 @@ def _main(argv: list[str] | None) -> int:
             print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        if args.command == "prune" and out and (Path(out) / "run.log").exists() and distributed.is_main_process():
+            runs.RunFolder(out).log("interrupted (Ctrl-C)")       # the log says why it ends there
         print(f"prunekit: interrupted; {_how_to_resume(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `prunekit info resnet50 | head`
