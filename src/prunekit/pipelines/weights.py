@@ -55,10 +55,10 @@ class RefitOptions(Options):
         ``_auto_refit_batches``), else off. One-shot and multi-stage runs only (gradual pruning
         fine-tunes instead; "auto" is off there); a multi-stage run re-fits after every stage, so
         that the next stage's gradients are taken at the re-fit weights ("auto" on a network
-        without BatchNorm: after the last stage only). The re-fit of the result (one shot's, a multi-stage
-        run's last) is kept only if it lowers the loss on the training batches that follow its own;
-        between stages every re-fit is kept (``refit_pruned``). Default 0 here (the magnitude baselines); the quadratic-model methods
-        default to "auto" (``QuadraticOptions``).
+        without BatchNorm: after the last stage only). The re-fit of the result (one shot's, a
+        multi-stage run's last) is kept only if it lowers the loss on the training batches that
+        follow its own; between stages every re-fit is kept (``refit_pruned``). Default 0 here (the
+        magnitude baselines); the quadratic-model methods default to "auto" (``QuadraticOptions``).
     refit_ridge:   λ of that least squares as a share of the mean diagonal of XᵀX/rows.
     """
 
@@ -203,8 +203,8 @@ def refit_pruned(ctx: PruneContext, dense: nn.Module, batches: int | None, ridge
     that hold ``AUTO_REFIT_SAMPLES`` samples), and, when ``judged``, keep the re-fit only if it
     lowers the loss (after BatchNorm re-estimation) on the training batches that follow them;
     returns the re-fit's record. A multi-stage run judges its last re-fit only: between stages the
-    judge's verdicts at 60% MACs were within its sampling noise (paired t below 2 on ResNet-20-B)
-    and cost a quarter of the run (session 44). Under torchrun the ranks share the batches and the output channels (each
+    judge's verdicts at 60% MACs were within its sampling noise (paired t below 2 on ResNet-20-B),
+    and leaving them out made default FALCON++ 0.87x the time (session 44). Under torchrun the ranks share the batches and the output channels (each
     layer's moments summed, its solved channels gathered), so all ranks hold the same weights
     whatever their hardware's rounding; all ranks judge together."""
     modules = dict(ctx.model.named_modules())
