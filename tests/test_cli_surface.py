@@ -142,6 +142,11 @@ def test_the_same_command_on_a_finished_run_says_nothing_was_run(tmp_path, capsy
     again = capsys.readouterr()
     assert json.loads(again.out) == json.loads(first.out)
     assert f"prunekit: note: {tmp_path / 'run'} holds this run, finished: its result again, nothing was run" in again.err
+    # a run folder stands for its model.safetensors wherever a checkpoint is read
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), *MNIST, "--eval-split", "train", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(json.loads(first.out)["accuracy"])
+    assert main(["info", "--checkpoint", str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs"] == json.loads(first.out)["macs"]
 
 
 def test_interrupt_without_a_run_folder_says_nothing_was_saved(capsys, monkeypatch):

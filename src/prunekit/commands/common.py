@@ -75,8 +75,11 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bo
 
 
 def resolve_model(args, saved_file=None) -> None:
-    """``--model`` left out: the zoo model a prunekit checkpoint (``saved_file``, default
-    ``--checkpoint``) was saved from, else a refusal."""
+    """``--checkpoint`` a run folder: its model.safetensors. ``--model`` left out: the zoo model a
+    prunekit checkpoint (``saved_file``, default ``--checkpoint``) was saved from, else a refusal."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint and Path(checkpoint).is_dir() and (Path(checkpoint) / "model.safetensors").is_file():
+        args.checkpoint = str(Path(checkpoint) / "model.safetensors")
     if args.model is not None:
         return
     saved_file = saved_file or args.checkpoint
