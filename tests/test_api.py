@@ -257,8 +257,9 @@ def test_a_run_folder_belongs_to_one_loss(tmp_path):
     first = prunekit.prune(copy.deepcopy(net), (x, y), loss=nn.MSELoss(), **run)
     again = prunekit.prune(copy.deepcopy(net), (x, y), loss=nn.MSELoss(), **run)
     assert again.record == first.record
-    with pytest.raises(prunekit.PrunekitError, match="holds another run"):
+    with pytest.raises(prunekit.PrunekitError, match="holds another run") as refused:
         prunekit.prune(copy.deepcopy(net), (x, y), loss=nn.L1Loss(), **run)
+    assert "force=True" in str(refused.value) and "resume" not in str(refused.value)    # the API's words
 
 
 def test_an_example_batch_counts_per_example_work_that_does_not_grow_with_the_batch():

@@ -147,6 +147,28 @@ def test_the_same_command_on_a_finished_run_says_nothing_was_run(tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(json.loads(first.out)["accuracy"])
     assert main(["info", "--checkpoint", str(tmp_path / "run"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["macs"] == json.loads(first.out)["macs"]
+    # ... and where a model is named: `info runs/x`, `eval --model runs/x`
+    assert main(["info", str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs"] == json.loads(first.out)["macs"]
+    assert main(["eval", "--model", str(tmp_path / "run"), *MNIST, "--eval-split", "train", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(json.loads(first.out)["accuracy"])
+    assert main(["info", str(tmp_path)]) == 2
+    assert "folder without a model.safetensors" in capsys.readouterr().err
+
+
+def test_info_table_counts_the_nonzero_params_of_each_layer(tmp_path, capsys):
+    """The per-layer params of a pruned model are its nonzero ones and sum to the total line."""
+    out = tmp_path / "run"
+    assert main(["prune", *MLP, *MNIST, "--method", "magnitude", "--train-samples", "256", "--eval-split", "train",
+                 "--sparsity", "0.8", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    counted = json.loads(capsys.readouterr().out)
+    assert sum(r["params_kept"] for r in counted["layers"]) == counted["params"] < counted["dense_params"]
+    assert main(["info", str(out)]) == 0
+    table = capsys.readouterr().out
+    fc1 = next(r for r in counted["layers"] if r["shape"])
+    assert f"{fc1['params_kept']:,}" in next(line for line in table.splitlines() if line.startswith(fc1["name"] + " "))
 
 
 def test_interrupt_without_a_run_folder_says_nothing_was_saved(capsys, monkeypatch):
@@ -156,3 +178,13 @@ def test_interrupt_without_a_run_folder_says_nothing_was_saved(capsys, monkeypat
     monkeypatch.setattr(eval_command, "cmd_eval", interrupt)
     assert main(["eval", *MLP, *MNIST]) == 130
     assert "nothing was saved" in capsys.readouterr().err
+
+
+def test_a_torchrun_summary_says_how_many_ranks_ran_and_each_ones_peak():
+    from prunekit.commands.prune import prune_lines
+    record = {"model": "m", "method": "falcon", "mode": "one-shot", "dense_accuracy": 90.0, "accuracy": 80.0,
+              "sparsity": None, "flops_kept": 0.5, "macs": 50, "dense_macs": 100, "params_kept": 0.5, "params": 10,
+              "seconds": 1.0, "peak_rss_mb": 410.2}
+    assert prune_lines(record)[-1] == "  time       1.00 s pruning, peak RSS 410 MB"
+    ranked = {**record, "ranks": 2, "peak_rss_mb_per_rank": [410.2, 398.7]}
+    assert prune_lines(ranked)[-1] == "  time       1.00 s pruning, 2 ranks, peak RSS 410 / 399 MB"

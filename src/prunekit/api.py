@@ -120,7 +120,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                       "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
                       **({"loss": loss_name(loss)} if loss is not None else {}),
                       **{k: v for k, v in options.items() if not callable(v)}}
-            folder = claim_on_rank_0(out, recipes.dump_recipe(config), force=force, device=_model_device(model))
+            folder = claim_on_rank_0(out, recipes.dump_recipe(config), force=force, device=_model_device(model),
+                                     python=True)
         try:
             record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress,
                                                 stage_eval=stage_eval)

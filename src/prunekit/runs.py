@@ -111,18 +111,24 @@ def _present(path: Path) -> list[str]:
             + [p.name for p in path.glob("snapshot-*") if p.is_dir()])      # taper's; a file of that name is not
 
 
-def check_claim(folder: RunFolder, config_text: str) -> None:
-    """Refuse ``folder`` when it holds another run or files a run would overwrite (writes nothing)."""
+def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> None:
+    """Refuse ``folder`` when it holds another run or files a run would overwrite (writes nothing);
+    ``python``: the refusal in the API's words (``prunekit.prune`` has no resume, only the same
+    call again)."""
     present = _present(folder.path)
     if present:
         old = folder.config.read_text() if folder.config.exists() else None
         if old != config_text:
             what = "another run" if old is not None else f"files a run would overwrite ({', '.join(present[:3])})"
+            if python:
+                raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (the same call "
+                                  "as its config.toml records) or clear it first (force=True)", ("out", "force"))
             raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (resume) or clear "
                               "it first (force)", ("out", "resume", "force"))
 
 
-def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: bool = False) -> None:
+def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: bool = False,
+          python: bool = False) -> None:
     """Make ``folder`` this run's: refuse it when it holds another run or files a run would
     overwrite (unless ``force``, which first removes the other run's files); the same request
     again (or ``resume``) carries on where it stopped."""
@@ -133,7 +139,7 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
             target = path / name
             _remove_own_files(target) if target.is_dir() else target.unlink()
     elif not resume:
-        check_claim(folder, config_text)
+        check_claim(folder, config_text, python)
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())
         folder.claimed_afresh = True
@@ -154,7 +160,7 @@ def release_refused(folder: RunFolder | None) -> None:
 
 
 def claim_on_rank_0(path: str | Path, config_text: str, *, resume: bool = False, force: bool = False,
-                    device="cpu") -> RunFolder:
+                    device="cpu", python: bool = False) -> RunFolder:
     """``claim`` under torchrun: rank 0, the rank that writes, claims the folder and works in it;
     every other rank gets it read-only (``RunFolder.follower``) once rank 0 has claimed it, and
     then every rank must see the same folder (``check_ranks_share``). A refusal of rank 0's (an
@@ -165,13 +171,13 @@ def claim_on_rank_0(path: str | Path, config_text: str, *, resume: bool = False,
     collective = distributed.current()
     folder = RunFolder(path)
     if not collective.distributed:
-        claim(folder, config_text, resume=resume, force=force)
+        claim(folder, config_text, resume=resume, force=force, python=python)
         return folder
     collective.barrier()                 # every rank has checked the folder before rank 0 writes in it
     refusal = None
     if collective.rank == 0:
         try:
-            claim(folder, config_text, resume=resume, force=force)
+            claim(folder, config_text, resume=resume, force=force, python=python)
         except PrunekitError as err:
             refusal = err
         except OSError as err:              # a folder rank 0 cannot write: every rank says so

@@ -25,7 +25,8 @@ MODEL_HELP = (f"zoo model ({', '.join(zoo.MODEL_NAMES)}) or your own: net.py:FUN
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=MODEL_HELP + "; may be left out with a prunekit checkpoint of a zoo model")
+    p.add_argument("--model", help=MODEL_HELP + "; may be left out with a prunekit checkpoint of a zoo model; "
+                   "a run folder names its model and model.safetensors")
     p.add_argument("--checkpoint", help="weights to load (.pth/.th/.ckpt/.pth.tar or a prunekit .safetensors)")
     p.add_argument("--normalize", metavar="MEANS/STDS", help="for a model file: the per-channel input "
                    "normalization it was trained with, pixels in [0, 1] (e.g. 0.5,0.5,0.5/0.25,0.25,0.25), "
@@ -78,6 +79,13 @@ def resolve_model(args, saved_file=None) -> None:
     """``--checkpoint`` a run folder: its model.safetensors. ``--model`` left out: the zoo model a
     prunekit checkpoint (``saved_file``, default ``--checkpoint``) was saved from, else a refusal."""
     checkpoint = getattr(args, "checkpoint", None)
+    if _names_run_folder(args.model):
+        saved = Path(args.model) / "model.safetensors"
+        if checkpoint and Path(checkpoint).resolve() not in (saved.resolve(), Path(args.model).resolve()):
+            raise PrunekitError(f"{args.model} is a run folder and --checkpoint {checkpoint} another model file: "
+                                "give one of them")
+        args.checkpoint, args.model = str(saved), None
+        checkpoint = args.checkpoint
     if checkpoint and Path(checkpoint).is_dir() and (Path(checkpoint) / "model.safetensors").is_file():
         args.checkpoint = str(Path(checkpoint) / "model.safetensors")
     if args.model is not None:
@@ -98,6 +106,17 @@ def resolve_model(args, saved_file=None) -> None:
     else:
         raise PrunekitError("say which model: --model NAME (a zoo model) or --model net.py:FUNCTION (yours)"
                             + (f"; {saved_file} does not record it" if saved_file else ""))
+
+
+def _names_run_folder(model) -> bool:
+    """``info runs/x`` as well as ``info --checkpoint runs/x``: a folder holding model.safetensors
+    (a zoo name or a model file is never read as a folder)."""
+    if model is None or model in zoo.MODEL_NAMES or user_models.is_model_file(model) or not Path(model).is_dir():
+        return False
+    if not (Path(model) / "model.safetensors").is_file():
+        raise PrunekitError(f"{model} is a folder without a model.safetensors: name a run folder whose run "
+                            "finished, or a model (--model NAME or net.py:FUNCTION)")
+    return True
 
 
 def loaded_model(args) -> LoadedModel:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from ..costs import CostModel, Counts
 from ..loading import load_model
@@ -31,9 +32,12 @@ def cmd_info(args) -> int:
     rows = []
     for layer in costs.layers:
         macs = counts.macs_by_layer.get(layer.name, layer.macs)
+        nonzeros = counts.nonzeros_by_layer.get(layer.name)
         rows.append({"name": layer.name, "type": layer.kind,
                      "shape": list(layer.weight_shape) if layer.weight_shape else None,
-                     "params": layer.params, "nonzeros": counts.nonzeros_by_layer.get(layer.name),
+                     "params": layer.params, "nonzeros": nonzeros,
+                     "params_kept": layer.params if nonzeros is None
+                     else layer.params - math.prod(layer.weight_shape) + nonzeros,
                      "macs": macs, "other_ops": layer.other_ops,
                      "share": macs / counts.macs if counts.macs else 0.0,
                      "prunable": layer.name in pruned_layers})
@@ -49,7 +53,8 @@ def cmd_info(args) -> int:
         print(json.dumps({"model": args.model, "input_shape": list(loaded.input_shape),
                           "layers": rows, **totals}))
         return 0
-    print(f"{args.model}: input {tuple(loaded.input_shape)}, MACs per example")
+    print(f"{args.model}: input {tuple(loaded.input_shape)}, MACs per example"
+          + (", params and MACs of the nonzero weights" if counts.macs != costs.macs else ""))
     header = f"{'layer':<28} {'type':<18} {'shape':<20} {'params':>10} {'MACs':>13} {'share':>7}"
     print(header)
     print("-" * len(header))
@@ -61,7 +66,7 @@ def cmd_info(args) -> int:
         counted = r["shape"] or r["macs"]        # weight layers, attention products
         macs = f"{r['macs']:,}" if counted else (f"({r['other_ops']:,} ops)" if r["other_ops"] else "")
         share = f"{100 * r['share']:.1f}%" if counted else ""
-        print(f"{r['name'][:28]:<28} {kind[:18]:<18} {shape:<20} {r['params']:>10,} {macs:>13} {share:>7}")
+        print(f"{r['name'][:28]:<28} {kind[:18]:<18} {shape:<20} {r['params_kept']:>10,} {macs:>13} {share:>7}")
     print("-" * len(header))
     print(f"total: {counts.params:,} params, {counts.macs:,} MACs{_millions(counts.macs)}"
           + (f", of which {costs.activation_macs:,} in attention products" if costs.activation_macs else "")
@@ -104,7 +109,7 @@ def shrunk_line(s: dict) -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="per-layer parameters and MACs of a model")
     p.add_argument("model", nargs="?", help=MODEL_HELP + " (or --model; may be left out with a prunekit "
-                   "checkpoint of a zoo model)")
+                   "checkpoint of a zoo model), or a run folder (its model.safetensors)")
     p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as the positional MODEL")
     p.add_argument("--checkpoint", help="count this checkpoint (nonzero-aware for pruned models)")
     p.add_argument("--input-shape", type=input_shape, metavar="C,H,W",

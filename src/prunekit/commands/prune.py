@@ -205,7 +205,10 @@ def prune_lines(r: dict) -> list[str]:
     if "gate_seconds" in r:          # a structured run: every phase, the gates apart
         tuned = (r.get("options") or {}).get("finetune_epochs")
         spent += f"{' and fine-tuning' if tuned else ''} (gates {r['gate_seconds']:.2f} s)"
-    return lines + [f"  time       {spent}, peak RSS {r['peak_rss_mb']:.0f} MB"]
+    peaks = r.get("peak_rss_mb_per_rank")
+    memory = (f"peak RSS {r['peak_rss_mb']:.0f} MB" if not peaks
+              else f"{r['ranks']} ranks, peak RSS {' / '.join(f'{v:.0f}' for v in peaks)} MB")
+    return lines + [f"  time       {spent}, {memory}"]
 
 
 def _stages_lines(r: dict) -> list[str]:
