@@ -154,6 +154,12 @@ def test_the_same_command_on_a_finished_run_says_nothing_was_run(tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(json.loads(first.out)["accuracy"])
     assert main(["info", str(tmp_path)]) == 2
     assert "folder without a model.safetensors" in capsys.readouterr().err
+    # the finished run's command with --onnx added: export writes the file, nothing is pruned again
+    assert main([*argv, "--onnx"]) == 2
+    assert f"`prunekit export {tmp_path / 'run'} --onnx`" in capsys.readouterr().err
+    # another budget: the refusal names what differs
+    assert main([*[a if a != "0.8" else "0.7" for a in argv]]) == 2
+    assert "holds another run (other sparsity)" in capsys.readouterr().err
 
 
 def test_info_table_counts_the_nonzero_params_of_each_layer(tmp_path, capsys):
@@ -188,3 +194,22 @@ def test_a_torchrun_summary_says_how_many_ranks_ran_and_each_ones_peak():
     assert prune_lines(record)[-1] == "  time       1.00 s pruning, peak RSS 410 MB"
     ranked = {**record, "ranks": 2, "peak_rss_mb_per_rank": [410.2, 398.7]}
     assert prune_lines(ranked)[-1] == "  time       1.00 s pruning, 2 ranks, peak RSS 410 / 399 MB"
+
+
+def test_a_zoo_model_pruned_from_python_is_read_as_that_zoo_model(tmp_path, capsys):
+    """Its sidecar names the class only (MLPNet); --model mlpnet names it again (was refused as a
+    model saved from Python, asking for a model file)."""
+    import torch
+
+    import prunekit
+    from prunekit import zoo
+    torch.manual_seed(0)
+    out = tmp_path / "py"
+    result = prunekit.prune(zoo.build("mlpnet"), (torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))),
+                            method="magnitude", sparsity=0.7, out=str(out))
+    assert main(["info", "mlpnet", "--checkpoint", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs"] == result.record["macs"]
+    assert main(["info", "--checkpoint", str(out)]) == 2                 # unnamed: which code builds it?
+    assert "saved from Python" in capsys.readouterr().err
+    assert main(["info", "resnet20", "--checkpoint", str(out)]) == 2     # another zoo model
+    assert "holds a MLPNet model saved from Python" in capsys.readouterr().err

@@ -202,3 +202,29 @@ def test_an_out_rank_0_cannot_write_is_refused_on_both_ranks_in_the_same_words(t
     said = run_ranks(_claim_denied_on_rank_0, 2, tmp_path, str(tmp_path / "run"))
     assert said[0] == said[1] and "Permission denied" in said[0] and "config.toml" in said[0], said
     assert "PrunekitError" in said[0] and "check the path and its permissions" in said[0], said
+
+
+def _prune_apart(rank, world, what):
+    """prunekit.prune where each rank has its own model weights or its own part of the data (a
+    script's usual DistributedSampler habit): each rank's exception, as type and message."""
+    import prunekit
+    torch.manual_seed(rank if what == "weights" else 0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    if what == "data":
+        x, y = x[rank::world], y[rank::world]
+    try:
+        prunekit.prune(net, (x, y), method="chita", sparsity=0.5, fisher_samples=16, recalibrate_bn=False)
+    except Exception as err:     # noqa: BLE001 - what each rank met
+        return f"{type(err).__name__}: {err}"
+    return "not refused"
+
+
+@pytest.mark.parametrize("what", ["weights", "data"])
+def test_ranks_of_a_script_with_other_weights_or_data_are_refused(tmp_path, what):
+    """Each rank went on with its own start and returned its own pruned model (the CLI refused it)."""
+    from distributed_spawn import run_ranks
+    said = run_ranks(_prune_apart, 2, tmp_path, what)
+    assert said[0] == said[1] and f"rank 1 has other {'model weights' if what == 'weights' else 'data'}" in said[0]
+    assert "DistributedSampler" in said[0]

@@ -27,6 +27,28 @@ def test_option_a_resnet_inner_only_mode_prunes_only_block_internal_channels():
     assert any("zero-pad" in why for _, why in groups.skipped)
 
 
+def test_inner_only_mode_keeps_every_add_joined_stream_of_an_option_b_resnet_and_a_model_of_ones_own():
+    """residual_channels "keep" pruned option-B block outputs all the same (the flag was silently
+    ignored off option-A ResNets)."""
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a, self.b = (torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                         torch.nn.Conv2d(8, 8, 3, padding=1))
+            self.head = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            return self.head(x + self.b(torch.relu(self.a(x)))).mean((2, 3))
+
+    for model in (zoo.build("resnet20-b").eval(), Residual()):
+        pruned, kept = (find_groups(model, torch.zeros(1, 3, 16, 16), pads_residual=mode) for mode in (True, False))
+        inner = [g for g in pruned if len(g.layers("out")) == 1]
+        assert len(kept) == len(inner) < len(pruned)
+        assert all(len(g.layers("out")) == 1 for g in kept)
+        assert any("joined by an add" in why for _, why in kept.skipped)
+
+
 def test_option_a_resnet_stage_outputs_are_one_group_each_across_the_zero_pad_shortcut():
     model, groups = _groups("resnet20")
     assert len(groups) == 12                                 # 3 stage groups + 9 block-internal

@@ -21,6 +21,8 @@ rank 0's batches.
 from __future__ import annotations
 
 import copy
+import os
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 
@@ -30,10 +32,11 @@ from torch import nn
 from . import recipes, run_lock
 from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
                          check_runs_on, first_batch)
-from .data.loaders import BatchLoader
+from .data.dataset import ImageDataset
+from .data.loaders import BatchLoader, leaves_one_over
 from .data.replay import ReplayedLoader, loader_generators, rng_states, set_rng_states
-from .distributed import current
-from .errors import PrunekitError
+from .distributed import check_same_start, current, launched_by_torchrun
+from .errors import PrunekitError, PrunekitWarning, single_sample_batchnorm
 from .executor import execute
 from .losses import loss_name
 from .methods import Method
@@ -85,6 +88,10 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     check_data(data, "data", class_labels=loss is None)
     check_data(eval_data, "eval_data", class_labels=loss is None)
     check_not_meta(example_input, "example_input")
+    if launched_by_torchrun() and not current().distributed:
+        warnings.warn(PrunekitWarning(
+            f"this script runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) but joined no process group: "
+            "every process prunes alone; call prunekit.distributed.init_from_env() first to share the work"))
     train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data")
     eval_batches = _batches(eval_data, batch_size, shuffle=False, seed=seed, what="eval_data")
     if example_input is None:
@@ -112,6 +119,10 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         check_runs_on(model, eval_batches, "eval_data", _model_device(model))
     if loss is not None and train_batches is not None:
         check_loss(model, loss, train_batches, _model_device(model))
+    if current().distributed:       # every rank must start from the same weights and read the same data
+        check_same_start(model, python=True, **{what: first_batch(batches, what) if batches is not None else None
+                                                for what, batches in (("data", train_batches),
+                                                                      ("eval_data", eval_batches))})
     folder = None
     with ExitStack() as lock:
         if out is not None:       # under torchrun rank 0 alone holds the lock and writes; every rank computes
@@ -128,6 +139,11 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         except PrunekitError:
             release_refused(folder)
             raise
+        except ValueError as err:
+            if (refusal := single_sample_batchnorm(err)) is None:
+                raise
+            release_refused(folder)
+            raise refusal from None
         if folder is not None and folder.writable:
             _write_report(folder)
     result = Result.from_record(record, pruned, out)
@@ -182,7 +198,8 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str) -> Call
         dataset = data
         make = lambda: torch.utils.data.DataLoader(      # noqa: E731
             dataset, batch_size=batch_size, shuffle=shuffle,
-            generator=torch.Generator().manual_seed(seed) if shuffle else None)
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+            drop_last=shuffle and leaves_one_over(len(dataset), batch_size))
     elif callable(data):
         make = data
     elif isinstance(data, Iterable):
@@ -192,6 +209,9 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str) -> Call
             raise PrunekitError(f"{what} is a one-pass iterator: pass a DataLoader, a Dataset, (X, Y) tensors "
                                 "or a function returning batches, so every stage can read it again")
         make = (lambda: _with_fresh_workers(data)) if getattr(data, "persistent_workers", False) else lambda: data
+    elif isinstance(data, ImageDataset):
+        raise PrunekitError(f"{what} is an ImageDataset of raw uint8 pixels: pass make_loader({what}, normalization) "
+                            "(prunekit.data), which scales and normalizes them as the model was trained")
     else:
         raise PrunekitError(f"{what} must be a DataLoader, a Dataset, (X, Y) tensors or a function returning "
                             f"batches, got {type(data).__name__}")

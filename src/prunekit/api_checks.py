@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .data.loaders import BatchLoader
-from .errors import PrunekitError
+from .errors import PrunekitError, input_fix
 from .losses import class_scores
 from .run_lock import LOCK_NAME
 
@@ -194,7 +194,8 @@ def check_runs_on(model: nn.Module, batches: Callable[[], Iterable], what: str, 
             model(x)
     except Exception as err:  # noqa: BLE001 - any failure of the user's model on this input
         raise PrunekitError(f"the model failed on {what}'s first input, shape {tuple(x.shape)}: "
-                            f"{str(err).splitlines()[0]}; pass {what} of the inputs the model takes") from None
+                            f"{str(err).splitlines()[0]}; "
+                            + input_fix(x, model, f"pass {what} of the inputs the model takes")) from None
     finally:
         model.train(was_training)
 
@@ -244,7 +245,9 @@ def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tenso
         raise PrunekitError(f"{what} is empty: it gave no batch")
     if not (isinstance(first, (tuple, list)) and len(first) == 2
             and all(isinstance(t, torch.Tensor) for t in first)):
-        raise PrunekitError(f"{what} must give (x, y) batches of tensors; its first batch is {_shown(first)}")
+        numpy = any(type(t).__module__ == "numpy" for t in (first, *(first if isinstance(first, (tuple, list)) else ())))
+        raise PrunekitError(f"{what} must give (x, y) batches of tensors; its first batch is {_shown(first)}"
+                            + (": convert NumPy arrays with torch.from_numpy" if numpy else ""))
     if first[0].ndim == 0 or first[1].ndim == 0 or first[0].shape[0] != first[1].shape[0]:
         raise PrunekitError(f"{what}'s first batch has inputs of shape {tuple(first[0].shape)} and targets of shape "
                             f"{tuple(first[1].shape)}: each batch needs one target per input (the same first size)")
@@ -284,4 +287,4 @@ def _outputs(model: nn.Module, example_input: torch.Tensor) -> int | None:
         scores = class_scores(out)
     except PrunekitError:           # not a classifier's scores: the loss's check says so, in its words
         return None
-    return int(scores.shape[1])
+    return int(scores.shape[1]) if scores.ndim >= 2 else None

@@ -134,7 +134,8 @@ def _how_to_resume(args) -> str:
         return "run the same command again to finish the sweep (finished runs are kept)"
     if args.command == "prune" and out:
         if (Path(out) / "config.toml").exists():
-            return f"resume with `prunekit prune --resume {out}`"
+            launcher = "torchrun ... -m prunekit" if distributed.launched_by_torchrun() else "prunekit"
+            return f"resume with `{launcher} prune --resume {out}`"
         return f"stopped before {out} held a run: run the same command again"
     if args.command == "train" and out:
         return "run the same command again to carry on after the last completed epoch"
@@ -221,17 +222,17 @@ def _main(argv: list[str] | None) -> int:
     except PrunekitError as err:
         line = f"prunekit: error: {cli_message(err, _flags(parser))}"
         if isinstance(err, distributed.MachineRefusal):   # met before joining by every rank on this machine
-            printed = os.environ.get("LOCAL_RANK", "0") == "0"
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(line, file=sys.stderr)
         else:
-            printed = distributed.prints_refusal(line)     # under torchrun: once, not once per rank
-        if printed:
-            print(line, file=sys.stderr)
+            distributed.print_refusal(line)     # under torchrun: once, not once per rank
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         if args.command == "prune" and out and (Path(out) / "run.log").exists() and distributed.is_main_process():
             runs.RunFolder(out).log("interrupted (Ctrl-C)")       # the log says why it ends there
-        print(f"prunekit: interrupted; {_how_to_resume(args)}", file=sys.stderr)
+        if distributed.is_main_process():          # under torchrun: once, by rank 0
+            print(f"prunekit: interrupted; {_how_to_resume(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `prunekit info resnet50 | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -241,7 +242,7 @@ def _main(argv: list[str] | None) -> int:
             raise
         first = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
         print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached "
-              f"({first[:160]}); {_how_to_resume(args).replace('prunekit prune', 'torchrun ... -m prunekit prune')}",
+              f"({first[:160]}); {_how_to_resume(args)}",
               file=sys.stderr)
         raise _RankLost from None
     except OSError as err:   # unwritable --out, full disk, unreadable data

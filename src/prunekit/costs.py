@@ -59,7 +59,7 @@ from .cost_inputs import batched_inputs, cut_to_one_example, inputs_of
 from .cost_params import ParamIndex
 from .cost_trace import (_AddCounter, _OpCounter, ModuleCost, get_mha_fastpath,  # noqa: F401
                          register_cost, registered_cost, set_mha_fastpath, unregister_cost)
-from .errors import PrunekitError
+from .errors import PrunekitError, input_fix
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
@@ -338,7 +338,8 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
     except Exception as err:  # noqa: BLE001 - any failure of the user's model on this input
         raise PrunekitError(f"the model failed on one example of its input (shape "
                             f"{tuple(inputs[0].shape)}): {str(err).splitlines()[0]}; "
-                            "pass data (or an example input) shaped as the model takes it") from None
+                            + input_fix(inputs[0], model, "pass data (or an example input) shaped as the model takes it")
+                            ) from None
     finally:
         set_mha_fastpath(fastpath)
         for handle in handles:

@@ -15,6 +15,30 @@ def refusal_of(err: OSError) -> PrunekitError:
     return PrunekitError(f"{err.strerror or err}: {err.filename or ''} (check the path and its permissions)")
 
 
+def single_sample_batchnorm(err: ValueError) -> PrunekitError | None:
+    """torch's refusal of a batch of one sample in a BatchNorm layer that takes its statistics
+    from the batch (training, re-estimation) as our one line; None for any other error."""
+    if "Expected more than 1 value per channel when training" not in str(err):
+        return None
+    return PrunekitError("a training batch of one sample reached a BatchNorm layer, which takes its statistics from "
+                         "the batch: give the training data no batch of one sample (a DataLoader with drop_last=True, "
+                         "or another batch size)")
+
+
+def input_fix(x, model, otherwise: str) -> str:
+    """What to change when ``model`` failed on input ``x``: its dtype where that is not the
+    weights' (float64 inputs, uint8 pixels), else ``otherwise``."""
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    dtype = getattr(x, "dtype", None)
+    if weights is None or dtype is None or dtype == weights:
+        return otherwise
+    name = lambda d: str(d).removeprefix("torch.")      # noqa: E731
+    if dtype.is_floating_point:
+        return f"its inputs are {name(dtype)} and the model's weights {name(weights)}: convert them (x.to({weights}))"
+    return (f"its inputs are {name(dtype)} and the model's weights {name(weights)}: convert them to {name(weights)}, "
+            "scaled and normalized as the model was trained")
+
+
 class PrunekitWarning(UserWarning):
     """Something the user should know that does not stop the run (one line, our words; the
     CLI prints it as ``prunekit: warning: ...``)."""

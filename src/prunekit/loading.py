@@ -71,6 +71,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
                             "uses the normalization its checkpoint was trained with")
     spec = zoo.spec(name)   # refuses an unknown name, suggesting the closest
     meta = read_meta(checkpoint) if checkpoint is not None else {}
+    if meta.get("custom") and meta.get("model") == type(zoo.build(name)).__name__:
+        meta = {k: v for k, v in meta.items() if k != "model"}     # a zoo model pruned from Python, named again
     if meta.get("model") not in (None, name):
         raise PrunekitError(python_saved_refusal(checkpoint, meta) if meta.get("custom") else
                             f"{checkpoint} holds a {meta['model']!r} model, not {name!r}: load it as --model {meta['model']}")

@@ -47,6 +47,10 @@ def class_scores(outputs) -> torch.Tensor:
     (B, T, vocab) logits, a tuple) is refused in one line: the default loss cannot know which part
     holds the scores, or how they meet the targets."""
     if isinstance(outputs, torch.Tensor):
+        if outputs.dim() < 2:
+            raise PrunekitError(f"the model returns scores of shape {tuple(outputs.shape)}, one value per example, not "
+                                "(batch, classes) class scores: pass loss=f with f(outputs, targets) giving the mean "
+                                "loss (e.g. nn.BCEWithLogitsLoss() for one logit, nn.MSELoss() for a regression)")
         return outputs
     logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
     if isinstance(logits, torch.Tensor) and logits.dim() == 2:

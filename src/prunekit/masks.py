@@ -45,8 +45,9 @@ class MaskHold:
         apply_masks(space, masks)
         self._handles = [optimizer.register_step_post_hook(lambda *_: apply_masks(space, masks))]
         for entry, weight in zip(space.entries, space.weights()):
-            mask = masks[entry.module_name]
-            self._handles.append(weight.register_hook(lambda grad, m=mask: grad * m.to(grad)))
+            if weight.requires_grad:          # a frozen weight never moves: the step hook holds it
+                mask = masks[entry.module_name]
+                self._handles.append(weight.register_hook(lambda grad, m=mask: grad * m.to(grad)))
 
     def remove(self) -> None:
         for handle in self._handles:

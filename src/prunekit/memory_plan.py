@@ -331,7 +331,7 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
         raise PrunekitError(f"fisher_samples must be a positive integer or 'auto', got {n!r}")
     result = estimate(n, storage)
     if not result.fits():
-        raise PrunekitError(_refusal(result, estimate, limit, refit_samples))
+        raise PrunekitError(_refusal(result, estimate, limit, refit_samples, ranks))
     return result
 
 
@@ -398,15 +398,17 @@ def largest_n(estimate, upper: int) -> int:
     return lo
 
 
-def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0) -> str:
+def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, ranks: int = 1) -> str:
     if result.resident + result.refit > limit and replace(result, refit=0).fits():   # the re-fit alone
         return (f"the re-fit after pruning needs about {_human(result.resident + result.refit)} "
                 f"({refit_samples:,} images through the pruned and the dense network) but max_memory is "
                 f"{_human(limit)}: set refit_batches to fewer batches, or 0 (or raise max_memory)")
     fitting = ", ".join(f"{largest_n(lambda rows: estimate(rows, storage), 10**7):,} in {name}"
                         for name, storage in STORAGE_DTYPES.items())
-    return (f"this request needs about {_human(result.total)} (gradients {result.n:,} x {result.p:,} in "
-            f"{str(result.dtype).removeprefix('torch.')} = {_human(result.gradients)}) but max_memory is "
+    share = f"; each of {ranks} ranks holds a share of its columns, " if ranks > 1 else " = "
+    return (f"this request needs about {_human(result.total)}{' per rank' if ranks > 1 else ''} (gradients "
+            f"{result.n:,} x {result.p:,} in {str(result.dtype).removeprefix('torch.')}{share}"
+            f"{_human(result.gradients)}) but max_memory is "
             f"{_human(limit)}: the largest fisher_samples that fits is {fitting} "
             "(or raise max_memory)")
 

@@ -111,6 +111,15 @@ def _present(path: Path) -> list[str]:
             + [p.name for p in path.glob("snapshot-*") if p.is_dir()])      # taper's; a file of that name is not
 
 
+def _differing(old: str, new: str) -> list[str]:
+    """The settings where run configs ``old`` and ``new`` differ."""
+    try:
+        before, after = tomllib.loads(old), tomllib.loads(new)
+    except tomllib.TOMLDecodeError:
+        return []
+    return [k for k in {**before, **after} if before.get(k) != after.get(k)]
+
+
 def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> None:
     """Refuse ``folder`` when it holds another run or files a run would overwrite (writes nothing);
     ``python``: the refusal in the API's words (``prunekit.prune`` has no resume, only the same
@@ -119,7 +128,12 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
     if present:
         old = folder.config.read_text() if folder.config.exists() else None
         if old != config_text:
-            what = "another run" if old is not None else f"files a run would overwrite ({', '.join(present[:3])})"
+            keys = _differing(old, config_text) if old is not None else []
+            if keys == ["onnx"] and not python and folder.model_path.exists():
+                raise OptionError(f"{folder.path} holds this run, made without --onnx: `prunekit export "
+                                  f"{folder.path} --onnx` writes its model as ONNX ({folder.path / 'export' / 'model.onnx'})")
+            other = f" (other {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
+            what = f"another run{other}" if old is not None else f"files a run would overwrite ({', '.join(present[:3])})"
             if python:
                 raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (the same call "
                                   "as its config.toml records) or clear it first (force=True)", ("out", "force"))

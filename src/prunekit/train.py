@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import PrunekitError
 from .layout import model_input
 from .losses import LossFn, class_scores, mean_loss, summed_loss
 
@@ -85,6 +86,10 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, max_batches: int =
 
 def sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
     """The SGD optimizer of every fine-tune (Nesterov when there is momentum)."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise PrunekitError("every parameter of the model is frozen (requires_grad=False) and this run trains it "
+                            "(gradual pruning, a fine-tune): unfreeze what should train (requires_grad_(True)) or "
+                            "prune without training")
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
                            nesterov=momentum > 0)
 

@@ -13,6 +13,7 @@ import torch
 
 from .. import distributed, user_models, zoo
 from ..data import DATASET_NAMES, make_loader
+from ..data.loaders import leaves_one_over
 from .. import report
 from ..errors import PrunekitError, PrunekitWarning
 from ..saving import read_meta
@@ -205,7 +206,7 @@ def training_batches(args, loaded: LoadedModel):
         print("prunekit: note: the training images for gradients and BatchNorm are randomly cropped and "
               "flipped, as CIFAR-10 models are trained; --no-train-augment gives plain images", file=sys.stderr)
     return lambda: make_loader(dataset(), loaded.normalization, batch_size=128, shuffle=True,
-                               augment=augment, seed=args.seed)
+                               augment=augment, seed=args.seed, drop_last=leaves_one_over(len(dataset()), 128))
 
 
 def describe(loaded: LoadedModel) -> dict:

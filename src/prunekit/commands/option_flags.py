@@ -91,8 +91,9 @@ HELP = {
     "finetune_distill": "weight of the dense model's softened outputs in the fine-tune's loss, 0-1 (autobot and hybrid 0.9; "
                         "taper and --gradual 0: labels only)",
     "finetune_temperature": "temperature of those softened outputs (default 4)",
-    "residual_channels": "option-A ResNets: prune the block outputs as one group per stage through the zero-pad "
-                         "shortcuts (prune, default) or keep them at full width, pruning inside blocks only (keep)",
+    "residual_channels": "residual streams (block outputs joined by an add; an option-A ResNet's through its "
+                         "zero-pad shortcuts): prune them as one group each (prune, default) or keep them at full "
+                         "width, pruning inside blocks only (keep)",
     "reconstruct_batches": "after the channel cut, re-fit each Conv/Linear of the shrunk model, in forward order, to "
                            "the dense model's outputs of that layer on this many training batches (ridge least "
                            "squares that see BatchNorm re-estimation; default 0: off)",

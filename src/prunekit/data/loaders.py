@@ -160,6 +160,12 @@ def make_loader(
     return BatchLoader(ds, norm, batch_size, shuffle, augment, seed, drop_last)
 
 
+def leaves_one_over(count: int, batch_size: int) -> bool:
+    """Whether ``count`` samples in batches of ``batch_size`` end with a batch of one: a BatchNorm
+    layer that takes its statistics from the batch cannot (so training loaders drop it)."""
+    return count > batch_size and count % batch_size == 1
+
+
 def samples_per_pass(batches) -> int | None:
     """How many samples one pass over ``batches`` yields, where that is known without reading
     it: a :class:`BatchLoader`, or a ``torch.utils.data.DataLoader`` with a batch size and a

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import re
 import socket
 import sys
 import time
@@ -233,7 +234,7 @@ def passed_checks() -> None:
     """Say (in the group's store) that this rank got through the stretch where a rank may be refused
     on its own (its checkpoint, its data): every rank calls it at the same point, before the
     collective that follows (``check_same_start``, and each ``TorchCollective`` collective). A rank
-    refused there stops waiting for the others at once (``prints_refusal``): a rank that passed this
+    refused there stops waiting for the others at once (``print_refusal``): a rank that passed this
     point will never post the same refusal."""
     global _passed
     _passed += 1
@@ -245,22 +246,27 @@ def passed_checks() -> None:
             pass
 
 
-def prints_refusal(line: str) -> bool:
-    """Whether this rank prints its refusal ``line`` (a collective refusal once, not once per rank).
+def print_refusal(line: str) -> None:
+    """Print this rank's refusal ``line`` to stderr where it should be printed: a collective
+    refusal once, not once per rank.
 
-    Rank 0 always does; it posts the line in the group's key-value store (no collective: the
+    Rank 0 always prints it, first (a rank that reads it and exits makes torchrun stop rank 0,
+    which must have said it by then), then posts the line in the group's key-value store (no collective: the
     other ranks may be anywhere), then waits for each of them to read it (the store may live in
     rank 0's process) or to have passed further (``passed_checks``: it is in a collective and will
     never read it), at most ``REFUSAL_WAIT_S``. Another rank prints unless rank 0 posts this same
-    line: it waits for rank 0's line until rank 0 has passed further than this rank (it will not
+    line (or the same with other figures: each rank's memory differs): it waits for rank 0's line until rank 0 has passed further than this rank (it will not
     post one), at most ``REFUSAL_WAIT_S``. So a refusal every rank meets (the same arguments, the
     same files) is printed once, and one met by this rank alone (its data missing on its machine)
     is still printed, at once where rank 0 says it passed. Without a process group, or a store that
     answers, every rank prints.
     """
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return True
+        print(line, file=sys.stderr, flush=True)
+        return
     rank, ranks = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        print(line, file=sys.stderr, flush=True)
     deadline = time.monotonic() + REFUSAL_WAIT_S
     try:
         store, prefix = _keys()
@@ -276,7 +282,7 @@ def prints_refusal(line: str) -> bool:
             while waiting and time.monotonic() < deadline:
                 waiting = {r for r in waiting if not (store.check([f"{prefix}/seen/{r}"]) or further(r))}
                 time.sleep(0.05 if waiting else 0)
-            return True
+            return
         try:
             while not store.check([key]) and not further(0) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -284,8 +290,15 @@ def prints_refusal(line: str) -> bool:
         finally:
             store.set(f"{prefix}/seen/{rank}", "1")
     except Exception:        # noqa: BLE001 - no store, or none that answers: say it here
-        return True
-    return said != line
+        said = None
+    if rank != 0 and (said is None or _figures_apart(said) != _figures_apart(line)):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _figures_apart(line: str) -> str:
+    """A refusal without its figures: two ranks' memory refusals differ in the memory each
+    process holds, not in what they say."""
+    return re.sub(r"\d[\d.,]*", "#", line)
 
 
 def early_refusals(line: str | None) -> list[str | None]:
@@ -322,12 +335,13 @@ def disagreeing(values: dict[str, int], device: torch.device | str = "cpu") -> d
     return {n: every[:, i].tolist() for i, n in enumerate(names) if bool((every[:, i] != every[0, i]).any())}
 
 
-def check_same_start(model: torch.nn.Module, **batches) -> None:
+def check_same_start(model: torch.nn.Module, python: bool = False, **batches) -> None:
     """Refuse (on every rank, one line) a run whose ranks would start from different weights or
     data: a machine with another checkpoint or data set at the same path would silently make
-    another run's rows. ``batches``: name -> a first batch (tensors) or None."""
+    another run's rows, and so would a script (``python``) that seeds each rank's model apart or
+    hands each rank its own part of the data. ``batches``: name -> a first batch (tensors) or None."""
     passed_checks()            # a rank refused while loading them need not wait for this one
-    values = {"model weights (--checkpoint)": digest(*model.state_dict().values())}
+    values = {"model weights" if python else "model weights (--checkpoint)": digest(*model.state_dict().values())}
     for name, batch in batches.items():
         if batch is not None:
             values[name] = digest(*[t for t in batch if isinstance(t, torch.Tensor)])
@@ -336,6 +350,11 @@ def check_same_start(model: torch.nn.Module, **batches) -> None:
     if differ:
         name, ranks = next(iter(differ.items()))
         others = [r for r, v in enumerate(ranks) if v != ranks[0]]
+        if python:
+            raise PrunekitError(f"rank {', '.join(map(str, others))} has other {name} than rank 0: every rank must "
+                                "pass the same model weights and the whole data (prunekit divides the work among the "
+                                "ranks itself: no DistributedSampler; build the model from the same seed or "
+                                "checkpoint on every rank)")
         raise PrunekitError(f"rank {', '.join(map(str, others))} read other {name} than rank 0: every machine "
                             "must have the same checkpoint and data at the same paths (copy them from rank 0's "
                             "machine or put them on a shared file system)")

@@ -22,7 +22,7 @@ import torch
 from ..budget import ResolvedBudget
 from ..masks import MaskHold, masks_from_weights
 from ..options import Integer, OneOf, OptionError, Options, Real
-from ..train import evaluate_loss_accuracy, train_epochs
+from ..train import evaluate_loss_accuracy, sgd, train_epochs
 from .schedule import KINDS, keep_schedule
 from .stages import measure_seconds, resume_stages, stage_completed
 from .weights import Outcome, PruneContext, check_budget
@@ -101,8 +101,7 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
         epochs = opts.final_epochs if event == len(schedule) else opts.epochs_per_event
         losses: list[float] = []
         if epochs:
-            optimizer = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=opts.momentum,
-                                        weight_decay=opts.weight_decay, nesterov=opts.momentum > 0)
+            optimizer = sgd(model, opts.lr, opts.momentum, opts.weight_decay)
             with MaskHold(space, masks_from_weights(space), optimizer):
                 train_epochs(model, ctx.train_batches(), epochs, optimizer=optimizer,
                              on_epoch_end=lambda _, loss: losses.append(loss), progress=ctx.progress,

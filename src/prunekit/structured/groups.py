@@ -156,8 +156,9 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
 
 def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bool = True) -> GroupSet:
     """The channel groups of ``model`` (Conv/Linear/BatchNorm channels and attention heads),
-    traced on ``example_input``. ``pads_residual=False``: groups through a zero-pad shortcut are
-    left dense (only channels inside residual blocks are pruned)."""
+    traced on ``example_input``. ``pads_residual=False``: every residual stream is left dense
+    (groups through a zero-pad shortcut, and groups whose outputs an elementwise add joins: an
+    option-B projection's, a model of your own), so only channels inside blocks are pruned."""
     names = {module: name for name, module in model.named_modules()}
     names.update({param: name for name, param in model.named_parameters()})
     groups: list[ChannelGroup] = []
@@ -173,6 +174,8 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
         if key in seen:
             continue
         seen.add(key)
+        if reason is None and not pads_residual and _joined_by_add(tp_group):
+            reason = "a residual stream (outputs joined by an add): kept at full width (residual_channels keep)"
         if reason is not None:
             skipped.append((root, reason))
             continue
@@ -227,6 +230,12 @@ def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual:
         raise PrunekitError(f"the channel dependency analysis (torch-pruning) failed on this model "
                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else '?'}){suspect}: "
                             "prune its weights instead (falcon, chita, magnitude)") from None
+
+
+def _joined_by_add(tp_group) -> bool:
+    """Whether an elementwise add joins the group's channels (a residual connection)."""
+    return any(type(getattr(item.dep.target, "grad_fn", None)).__name__.startswith("AddBackward")
+               for item in tp_group.items)
 
 
 def no_group_error(skipped: list[tuple[str, str]]) -> PrunekitError:

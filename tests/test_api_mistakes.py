@@ -1,0 +1,79 @@
+"""prunekit.prune on the mistakes a script makes (found by a user's walk-through): each is one
+PrunekitError naming the fix, never an error from inside torch, and never a silent run."""
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+
+
+def _data(n=64, classes=4):
+    torch.manual_seed(0)
+    return torch.randn(n, 1, 8, 8), torch.randint(0, classes, (n,))
+
+
+def _net(*head):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), *head, nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_a_model_with_one_value_per_example_is_told_to_pass_its_loss():
+    x, y = _data()
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 1), nn.Flatten(0))
+    with pytest.raises(prunekit.PrunekitError, match=r"one value per example.*pass loss="):
+        prunekit.prune(net, (x, y), method="chita", sparsity=0.5, fisher_samples=16)
+    result = prunekit.prune(net, (x, y.float()), method="chita", sparsity=0.5, fisher_samples=16, loss=nn.MSELoss())
+    assert result.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_training_batch_of_one_sample_in_batchnorm():
+    x, y = _data(257)        # 257 = 4 x 64 + 1
+    # tensors: prunekit makes the batches and leaves no batch of one
+    result = prunekit.prune(_net(nn.BatchNorm1d(16)), (x, y), method="magnitude", sparsity=0.5, batch_size=64,
+                            gradual=True, events=1, final_epochs=1)
+    assert result.sparsity == pytest.approx(0.5, abs=0.01)
+    # the user's DataLoader: the fix named (torch said "Expected more than 1 value per channel")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    with pytest.raises(prunekit.PrunekitError, match="batch of one sample.*drop_last=True"):
+        prunekit.prune(_net(nn.BatchNorm1d(16)), loader, method="magnitude", sparsity=0.5)
+
+
+def test_gradual_pruning_of_a_frozen_model_names_the_frozen_parameters():
+    x, y = _data()
+    net = _net()
+    net.requires_grad_(False)
+    with pytest.raises(prunekit.PrunekitError, match="frozen"):
+        prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5, gradual=True, events=1, final_epochs=1)
+    half = _net()
+    half[1].requires_grad_(False)            # partly frozen: trains the rest, holds the zeros of both
+    result = prunekit.prune(half, (x, y), method="magnitude", sparsity=0.5, gradual=True, events=1, final_epochs=1)
+    assert result.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("dtype, fix", [(torch.float64, r"x.to\(torch.float32\)"),
+                                        (torch.uint8, "convert them to float32, scaled and normalized")])
+def test_inputs_of_another_dtype_than_the_weights_are_named(dtype, fix):
+    x, y = _data()
+    with pytest.raises(prunekit.PrunekitError, match=f"inputs are {str(dtype)[6:]}.*{fix}"):
+        prunekit.prune(_net(), (x.to(dtype), y), method="magnitude", sparsity=0.5)
+    with pytest.raises(prunekit.PrunekitError, match=f"eval_data.*inputs are {str(dtype)[6:]}"):
+        prunekit.prune(_net(), (x, y), method="magnitude", sparsity=0.5, eval_data=(x.to(dtype), y))
+
+
+def test_numpy_arrays_and_raw_image_sets_are_told_their_conversion(tmp_path):
+    from prunekit.data import ImageDataset
+    x, y = _data()
+    with pytest.raises(prunekit.PrunekitError, match="torch.from_numpy"):
+        prunekit.prune(_net(), (x.numpy(), y.numpy()), method="magnitude", sparsity=0.5)
+    pixels = ImageDataset(torch.zeros(8, 1, 8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64), ["a"])
+    with pytest.raises(prunekit.PrunekitError, match=r"make_loader\(data, normalization\)"):
+        prunekit.prune(_net(), pixels, method="magnitude", sparsity=0.5)
+
+
+def test_a_run_folder_refusal_names_the_settings_that_differ(tmp_path):
+    x, y = _data()
+    out = str(tmp_path / "run")
+    prunekit.prune(_net(), (x, y), method="magnitude", sparsity=0.5, out=out)
+    with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other sparsity, seed\)"):
+        prunekit.prune(_net(), (x, y), method="magnitude", sparsity=0.6, seed=1, out=out)
