@@ -103,6 +103,12 @@ def test_autobot_after_a_depth_cut_meets_the_budget(tiny):
                        gate_batches=2)
     assert r.record["depth"]["removed"]
     assert CostModel(model, x).count(r.model).macs == r.macs <= 0.4 * CostModel(model, x).macs
+    from prunekit.commands.prune import prune_lines         # the summary says which blocks went
+    record = {**r.record, "dense_accuracy": 0.0, "accuracy": 0.0}          # (no eval_data here)
+    said = next(line for line in prune_lines(record) if line.startswith("  depth"))
+    assert said.startswith(f"  depth      {len(r.record['depth']['removed'])} block") and r.record["depth"]["removed"][0] in said
+    nothing = {**record, "depth": {**record["depth"], "removed": []}}
+    assert any("no block removed" in line for line in prune_lines(nothing))
 
 
 def test_per_time_takes_the_block_that_is_slow_for_its_macs():

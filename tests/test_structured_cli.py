@@ -101,3 +101,16 @@ def test_the_result_asked_for_is_printed_last_and_snapshots_are_labelled():
     assert headers == ["m pruned with taper (snapshot at 50% MACs, one-shot):", "m pruned with taper (one-shot):"]
     assert lines.index(headers[1]) > lines.index(headers[0])
     assert "MACs kept  30.00%" in "\n".join(lines[lines.index(headers[1]):])
+
+
+def test_the_summary_counts_a_grouped_convs_blocks_and_says_when_the_taper_ran_late():
+    from prunekit.commands.prune import prune_lines
+    record = {"model": "m", "method": "autobot", "mode": "structured", "dense_accuracy": 90.0, "accuracy": 80.0,
+              "sparsity": None, "flops_kept": 0.5, "macs": 50, "dense_macs": 100, "params_kept": 0.5, "params": 10,
+              "seconds": 1.0, "peak_rss_mb": 1.0, "groups": 2, "kept_channels": [2, 3], "group_sizes": [4, 4],
+              "group_segments": [3, 1]}      # the first group: a conv of 3 groups, 4 channels each
+    assert "  channels   9 of 16 in 2 groups" in prune_lines(record)
+    late = {**record, "taper_steps": 318, "planned_steps": 16}
+    assert "  taper      318 steps where 16 were planned (--taper-epochs): the gates reached the budget late" \
+        in prune_lines(late)
+    assert not any(line.startswith("  taper") for line in prune_lines({**late, "taper_steps": 16}))

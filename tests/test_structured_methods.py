@@ -103,6 +103,8 @@ def test_taper_reaches_every_snapshot_under_its_budget(tiny):
     assert sorted(shots) == [0.4, 0.6, 0.8]
     for budget, res in shots.items():
         assert costs.count(res.model).macs <= budget * costs.macs
+        assert res.record["request"]["flops"] == budget          # each record its own budget, not the last one's
+        assert res.record["budget_max_macs"] == int(budget * costs.macs)
     steps = r.record["snapshot_steps"]
     assert steps["0.8"] < steps["0.6"] < steps["0.4"]           # one run passes every budget on the way down
     assert len({p.data_ptr() for s in shots.values() for p in s.model.parameters()}) == \

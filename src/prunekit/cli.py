@@ -143,9 +143,11 @@ def _how_to_resume(args) -> str:
         " (with --out DIR, a prune run can be resumed)" if args.command == "prune" and not out else "")
 
 
-def _flags(parser: argparse.ArgumentParser) -> set[str]:
-    """Every option of every command, by its Python name (the dest of its flag)."""
-    commands = parser._subparsers._group_actions[0].choices.values()
+def _flags(parser: argparse.ArgumentParser, command: str | None = None) -> set[str]:
+    """The options of ``command`` (default: of every command), by their Python names (the dests
+    of their flags)."""
+    choices = parser._subparsers._group_actions[0].choices
+    commands = [choices[command]] if command in choices else choices.values()
     return {a.dest for p in commands for a in p._actions if a.option_strings} | {"data"}
 
 
@@ -220,7 +222,7 @@ def _main(argv: list[str] | None) -> int:
                 sys.stdout = open(os.devnull, "w")
         return args.func(args)
     except PrunekitError as err:
-        line = f"prunekit: error: {cli_message(err, _flags(parser))}"
+        line = f"prunekit: error: {cli_message(err, _flags(parser, args.command))}"
         if isinstance(err, distributed.MachineRefusal):   # met before joining by every rank on this machine
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 print(line, file=sys.stderr)

@@ -13,6 +13,7 @@ accuracy is still measured when there is evaluation data.
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -57,6 +58,13 @@ def _python_model_description(plan: Plan) -> dict:
     example = plan.request.example_input
     shape = {"input_shape": list(example.shape[1:])} if isinstance(example, torch.Tensor) and example.dim() > 1 else {}
     return {"model": plan.name, "custom": True, **shape}
+
+
+def _snapshot_record(record: dict, share: float) -> dict:
+    """A taper snapshot's record with its own budget (built from the request, it had the final one's)."""
+    asked = f"{share:g}" if isinstance(record["request"].get("flops"), str) else share     # as the request spells it
+    return {**record, "request": {**record["request"], "flops": asked},
+            "budget_max_macs": math.floor(share * record["dense_macs"])}
 
 
 def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loader: Iterable | None, *,
@@ -109,8 +117,9 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     restored = getattr(checkpointer, "restored_seconds", 0.0)
     final = measure_now(outcome.model)
     record = build_record(plan, outcome, dense, final, outcome.seconds + restored)
-    snapshots = {share: build_record(replace(plan, shares=[share]), snap, dense, measure_now(snap.model),
-                                     snap.seconds + restored) for share, snap in outcome.snapshots.items()}
+    snapshots = {share: _snapshot_record(build_record(replace(plan, shares=[share]), snap, dense,
+                                                      measure_now(snap.model), snap.seconds + restored), share)
+                 for share, snap in outcome.snapshots.items()}
     if snapshots:
         record["snapshots"] = list(snapshots.values())
     if folder is not None and folder.writable:

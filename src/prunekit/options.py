@@ -30,15 +30,19 @@ from .suggest import closest
 class OptionError(PrunekitError):
     """A refused option; ``params`` are the parameter names the message mentions."""
 
-    def __init__(self, message: str, params: tuple[str, ...] = ()):
+    def __init__(self, message: str, params: tuple[str, ...] = (), listed: tuple[str, ...] = ()):
         super().__init__(message)
         self.params = tuple(params)
+        self.listed = tuple(listed)     # a list of options the message gives, comma-separated
 
 
 def cli_message(err: PrunekitError, flags: set[str] | None = None) -> str:
     """The message of ``err`` with every parameter it names written as its flag (``--flops``);
     ``flags``: the parameters that have a flag (default: all)."""
     text = str(err)
+    listed = getattr(err, "listed", ())
+    if listed and flags is not None:     # options without a flag of this command are Python's alone
+        text = text.replace(", ".join(listed), ", ".join(n for n in listed if n in flags) or "none")
     for name in sorted(getattr(err, "params", ()), key=len, reverse=True):
         if flags is not None and name not in flags:
             continue
@@ -204,7 +208,7 @@ def unknown_option(key: str, method: str, names: list[str]) -> OptionError:
     hint = f" (did you mean {close}?)" if close else ""
     takes = ", ".join(names) if names else "none"
     return OptionError(f"method {method} takes no option {key}{hint}; its options: {takes}",
-                       (key, *([close] if close else []), *names))
+                       (key, *([close] if close else []), *names), listed=tuple(names))
 
 
 def defaults_of(cls) -> dict:

@@ -60,6 +60,10 @@ class PruneRequest:
         asked = {k: self.budget.get(k) for k in ("sparsity", "flops", "params")}
         if method.family == "channels":
             _check_channel_request(method, asked, self.include, self.exclude)
+            idle = [k for k in ("depth_batches", "depth_per") if k in method_options]
+            if idle and method_options.get("depth_flops") is None:
+                raise OptionError(f"{' and '.join(idle)} shape{'s' if len(idle) == 1 else ''} the depth cut, which depth_flops asks for: add "
+                                  f"depth_flops or leave {' and '.join(idle)} out", (*idle, "depth_flops"))
         if self.loss is not None:         # distillation softens a classifier's logits: not with the user's loss
             for name in ("finetune_distill", "taper_distill"):
                 if getattr(gradual, name, 0) or method_options.get(name):
@@ -95,9 +99,10 @@ class PruneRequest:
                                        batches=None, residual_channels=options.residual_channels, targets=targets,
                                        target_name="flops" if targets == shares else "structured_flops")
             if options.depth_flops is not None and not options.depth_flops > max(shares):
-                raise OptionError(f"depth_flops {options.depth_flops:g} must be above flops {max(shares):g}: the depth "
+                above = f"flops {max(shares):g}" if max(shares) == shares[0] else f"the largest of snapshots {max(shares):g}"
+                raise OptionError(f"depth_flops {options.depth_flops:g} must be above {above}: the depth "
                                   "cut keeps more MACs than the budget, the channel method removes the rest",
-                                  ("depth_flops", "flops"))
+                                  ("depth_flops", "flops", "snapshots"))
         else:
             space = ParamSpace(self.model, include=self.include, exclude=self.exclude, costs=costs)
             resolved = budget.resolve(costs, space)

@@ -74,8 +74,8 @@ def cmd_info(args) -> int:
     print(f"prunable: {space.numel:,} weights, {prunable_macs:,} MACs{_millions(prunable_macs)}"
           + (f", leaving dense {', '.join(loaded.prune_exclude)} (marked dense above)" if loaded.prune_exclude else ""))
     if counts.macs != costs.macs:
-        print(f"nonzero-aware: {100 * counts.flops_kept:.2f}% of dense MACs, "
-              f"{100 * counts.params_kept:.2f}% of dense params")
+        of = "of the shrunk model's" if shrunk else "of dense"
+        print(f"nonzero-aware: {100 * counts.flops_kept:.2f}% {of} MACs, {100 * counts.params_kept:.2f}% {of} params")
     if shrunk:
         print(shrunk_line(shrunk))
     if costs.unknown:

@@ -136,8 +136,16 @@ def _argument(rule) -> dict:
     if isinstance(rule, Real):
         return {"type": float}
     if isinstance(rule, Shares):
-        return {"type": float, "nargs": "+"}
+        return {"type": share, "nargs": "+"}
     raise TypeError(f"no flag for {rule!r}")
+
+
+def share(text: str) -> float:
+    """A share as 0.7 or 70% (as --flops takes it)."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share (0.7 or 70%)") from None
 
 
 def option_names() -> list[str]:

@@ -188,8 +188,18 @@ def prune_lines(r: dict) -> list[str]:
         lines += [f"  MACs kept  {100 * one['flops_kept']:.2f}% ({one['macs']:,} of {one['dense_macs']:,})",
                   f"  params     {100 * one['params_kept']:.2f}% kept ({one['params']:,})"]
         if "kept_channels" in one:
-            lines.append(f"  channels   {sum(one['kept_channels']):,} of {sum(one['group_sizes']):,} "
-                         f"in {one['groups']} groups")
+            segments = one.get("group_segments") or [1] * len(one["kept_channels"])
+            lines.append(f"  channels   {sum(k * s for k, s in zip(one['kept_channels'], segments)):,} of "
+                         f"{sum(n * s for n, s in zip(one['group_sizes'], segments)):,} in {one['groups']} groups")
+        if one.get("taper_steps", 0) > one.get("planned_steps", float("inf")):    # the schedule ran over
+            lines.append(f"  taper      {one['taper_steps']:,} steps where {one['planned_steps']:,} were planned "
+                         "(--taper-epochs): the gates reached the budget late")
+        if one.get("depth"):          # --depth-flops: the blocks removed before the channel method
+            removed = one["depth"]["removed"]
+            lines.append(f"  depth      {len(removed)} block{'s' if len(removed) != 1 else ''} removed first "
+                         f"({', '.join(removed[:5])}{', ...' if len(removed) > 5 else ''}), "
+                         f"{100 * one['depth']['flops_kept']:.2f}% of the MACs left" if removed else
+                         "  depth      no block removed: each would have left fewer MACs than --depth-flops")
         lines += _stages_lines(one) + _layer_search_lines(one) + _event_choice_lines(one)
         # --reconstruct-batches (the shrunk model's layers after the cut), --refit-batches (the pruned ones)
         for refit in ((one.get("reconstruct") or {}).get(f"{one.get('flops', 0):g}"), one.get("refit")):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 
 import torch
@@ -49,6 +50,12 @@ from .rounding import minimum_rounded_macs
 from .shrink import checked_groups
 
 
+def _rounded_up(share: float) -> str:
+    """``share`` as a percent of three significant digits, rounded up (a figure to ask for)."""
+    digits = max(0, 2 - math.floor(math.log10(100 * share)))
+    return f"{math.ceil(100 * share * 10**digits) / 10**digits:.{digits}f}%"
+
+
 def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Tensor, shares: list[float],
                     channel_multiple: int, batches, progress=None,
                     residual_channels: str = "prune", targets: list[float] | None = None,
@@ -66,7 +73,7 @@ def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Ten
         if floor > share * costs.macs:
             raise OptionError(f"{target_name} {share:g} asks for {share * costs.macs:,.0f} MACs but {per_group} per "
                               f"group and the unprunable layers already cost {floor:,.0f} "
-                              f"({floor / costs.macs:.1%}): ask for at least that share"
+                              f"({floor / costs.macs:.4%}): ask for at least {_rounded_up(floor / costs.macs)}"
                               + ("" if channel_multiple == 1 else " or a smaller channel_multiple"),
                               (target_name, "channel_multiple"))
     return ChannelContext(model, costs, groups, counter, list(shares), batches, example_input, progress)
@@ -78,7 +85,7 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
     """Run channel method ``run`` in ``ctx`` and finish its shrunk models (BN, fine-tune).
 
     Returns the Outcome of ``ctx.shares[0]`` (its ``snapshots``: the others, taper's); its seconds
-    are every phase this process ran (``info["gate_seconds"]``: the gates' phase).
+    are every phase this process ran (``info["gate_seconds"]``: the gates' phase, a reconstruction apart).
     ``on_phase(record)`` is told after each phase is saved. ``sparsify(ctx, model, share, opts,
     recalibrate_bn) -> dict`` (a method row's second phase, the hybrid's FALCON): prunes single
     weights of each shrunk model in place; the fine-tune then holds its zeros.
@@ -103,11 +110,12 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
             if bar is not None:
                 bar.close()
                 ctx.progress = told
+        gate_seconds = time.perf_counter() - start      # the gates (and a depth cut before them)
         if opts.reconstruct_batches:         # part of the cut's phase: a killed run redoes both
             cut.info["reconstruct"] = _reconstruct(cut, groups, dense, ctx.batches, opts.reconstruct_batches,
                                                    opts.reconstruct_ridge, recalibrate_bn)
         seconds = time.perf_counter() - start
-        models, info = cut.models, {**cut.info, "gate_seconds": seconds,
+        models, info = cut.models, {**cut.info, "gate_seconds": gate_seconds,
                                     "kept_channels": {f"{s:g}": [int(m.sum()) for m in cut.masks[s]] for s in cut.models}}
         history.append({"phase": "gates", "seconds": seconds})
         done = 1
@@ -170,6 +178,8 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
                                   {**{k: v for k, v in info.items() if k != "kept_channels"},
                                    "groups": len(ctx.groups), "kept_channels": info["kept_channels"][f"{share:g}"],
                                    "group_sizes": [g.size for g in ctx.groups],
+                                   # a grouped conv's G blocks keep the same positions: counts above are per block
+                                   "group_segments": [g.segments for g in ctx.groups],
                                    "group_roots": [g.root for g in ctx.groups],      # the layer each group is named by
                                    "skipped_groups": [f"{root}: {why}" for root, why in ctx.groups.skipped]})
     main = outcomes.pop(ctx.shares[0])
