@@ -294,7 +294,8 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
             else:
                 segments = module.groups
         if len(idxs) == 0 or len(idxs) % size:
-            return [], 1, f"index map of {name} has {len(idxs)} entries for {size} channels"
+            return [], 1, (f"its {size} channels reach {name} as {len(idxs)} (an operation between them splits, "
+                           "halves or merges channels, e.g. chunk or GLU): kept dense")
         repeat = len(idxs) // size
         offset = idxs[0]
         if idxs != list(range(offset, offset + len(idxs))) or offset + len(idxs) > extent:

@@ -71,7 +71,8 @@ def shrink(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], exampl
 
 
 MISMATCH = ("removing its channels does not compute what closing them computes (an operation between its "
-            "layers moves or mixes channels, e.g. a channel shuffle): kept dense")
+            "layers moves or mixes channels, e.g. a channel shuffle, or places them where the dependency analysis "
+            "did not map them, e.g. a concatenation after the network's own input): kept dense")
 
 
 def checked_groups(model: nn.Module, groups: GroupSet, example_input: torch.Tensor) -> GroupSet:
