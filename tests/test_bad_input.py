@@ -248,6 +248,7 @@ CLI_CASES = [
     (["sweep", *MLP, *MNIST, "--sparsity", "0.3", "0.5", "--train-samples", "64", "--out", f"{H}/oldsweep"],
      "magnitude_sparsity-0.5 holds a run made with other options"),
     (["export", f"{H}/adir", "--onnx"], "no prunekit model"),
+    (["export", f"{H}/nowhere", "--onnx"], "is not a folder"),
     (["export", f"{H}/own", "--onnx"], "name its file again, --model"),
     # a model of the user's own: --model net.py:FUNCTION
     (["prune", "--model", f"{H}/net.py", *MNIST, "--sparsity", "0.5"], "names a file but no function"),

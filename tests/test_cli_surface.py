@@ -213,3 +213,11 @@ def test_a_zoo_model_pruned_from_python_is_read_as_that_zoo_model(tmp_path, caps
     assert "saved from Python" in capsys.readouterr().err
     assert main(["info", "resnet20", "--checkpoint", str(out)]) == 2     # another zoo model
     assert "holds a MLPNet model saved from Python" in capsys.readouterr().err
+
+
+def test_export_of_a_run_that_has_not_finished_says_to_carry_it_on(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('method = "falcon"\n')       # what a killed run leaves, before its model
+    assert main(["export", str(run), "--onnx"]) == 2
+    assert f"has not finished: carry it on first (`prunekit prune --resume {run}`" in capsys.readouterr().err

@@ -59,7 +59,8 @@ def test_every_prune_option_is_a_recipe_key_and_nothing_else():
     ("stages = \"3\"", "key 'stages'.*integer"),
     ("ridge = \"big\"", "key 'ridge'.*number"),
     ("revive = 1", "key 'revive'.*true or false"),
-    ("exclude = \"fc3\"", "key 'exclude'.*list"),
+    ("fisher-samples = 10\nfisher_samples = 20", "key 'fisher_samples'.*given twice"),
+    ("flops = [0.3, 0.2]", "key 'flops'.*one value here: a sweep takes lists"),
     ("schedule = \"cubic\"", "key 'schedule'.*one of poly"),
     ("model = true", "key 'model'.*string"),
     ("json = true", "unknown key 'json'"),
@@ -101,3 +102,9 @@ def test_a_device_in_a_recipe_or_a_run_folder_is_read_as_the_flag_is(tmp_path, c
     assert 'device = "cpu"' in (out / "config.toml").read_text()
     capsys.readouterr()
     assert main(["prune", "--resume", str(out), "--json"]) == 0, capsys.readouterr().err
+
+
+def test_one_value_where_a_list_is_taken_is_a_list_of_one():
+    """exclude = "fc3" in a prune recipe, method = "falcon" in a sweep's (both were refused as not a list)."""
+    assert recipes.validate({"exclude": "fc3"}, build_parser_for("prune"))["exclude"] == ["fc3"]
+    assert recipes.validate({"method": "falcon"}, build_parser_for("sweep"))["method"] == ["falcon"]

@@ -42,6 +42,48 @@ def test_sweep_then_compare(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "falcon_flops-0.2" in text and "magnitude-flops_flops-0.5" in text
     assert (tmp_path / "cmp" / "plots" / "accuracy_vs_macs.png").exists()
+    # a sweep's folder keeps the report of its own runs: another comparison goes elsewhere
+    other = tmp_path / "other"
+    assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(other)]) == 0
+    capsys.readouterr()
+    before = (out / "report.md").read_bytes()
+    assert main(["compare", str(other), "--out", str(out)]) == 2
+    assert "is a sweep's folder" in capsys.readouterr().err and (out / "report.md").read_bytes() == before
+    assert main(["compare", str(out), "--out", str(out)]) == 0      # its own runs: written again
+
+
+def test_compare_keeps_apart_runs_of_other_starting_models(monkeypatch):
+    """Runs of one model from two checkpoints (another dense accuracy) were one curve through both;
+    the terminal table names the model where several are compared."""
+    from prunekit import report
+    rows = [{"name": f"r{i}", "run": f"r{i}", "model": model, "method": "falcon", "request": {"flops": "0.5"},
+             "status": "done", "sparsity": 0.5, "flops_kept": kept, "params_kept": 0.5, "dense_accuracy": dense,
+             "accuracy": 90.0, "loss": 0.1, "seconds": 1.0, "stages": 1}
+            for i, (model, dense, kept) in enumerate([("mlpnet", 96.81, 0.5), ("mlpnet", 93.97, 0.4),
+                                                      ("mlpnet", 96.81, 0.3), ("net.py:build", 90.0, 0.5)])]
+    curves = []
+
+    class Axes:
+        def plot(self, xs, ys, *args, label, **kwargs):
+            curves.append((label, len(xs)))
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: (0, 1)
+
+    class Plt:
+        def subplots(self, **kwargs):
+            return None, Axes()
+
+        def close(self, fig):
+            pass
+
+    monkeypatch.setattr(report, "_save", lambda fig, path: None)
+    report._plot_curves(Plt(), rows, "flops_kept", "MACs kept", Path("unused.png"))
+    assert sorted(curves) == [("mlpnet falcon (dense 93.97%)", 1), ("mlpnet falcon (dense 96.81%)", 2),
+                              ("net.py:build falcon (dense 90.00%)", 1)]
+    table = report.table_lines(rows)
+    assert table[0].split()[:3] == ["run", "model", "method"] and "net.py:build" in table[-1]
+    assert "model" not in report.table_lines(rows[:1])[0]
 
 
 def test_sweep_and_compare_refuse_bad_input(tmp_path, capsys):
@@ -53,6 +95,8 @@ def test_sweep_and_compare_refuse_bad_input(tmp_path, capsys):
     assert main(["sweep", *MLP, "--method", "falcon", "--sparsity", "0.5", "--out", str(tmp_path / "s")]) == 2
     assert "--flops" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()                    # refused before any run started
+    assert main(["sweep", *MLP, "--method", "falcon", "--flops", "0.3", "30%", "--out", str(tmp_path / "s")]) == 2
+    assert "would run falcon_flops-0.3 twice" in capsys.readouterr().err       # one budget written two ways
     assert main(["compare", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "typo")]) == 2

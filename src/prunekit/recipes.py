@@ -70,6 +70,8 @@ def validate(raw: dict, parser: argparse.ArgumentParser, where: str = "recipe") 
                 close = close.replace("_", "-")
             hint = f" (did you mean {close!r}?)" if close else ""
             raise PrunekitError(f"unknown key {key!r} in {where}: not an option of `{parser.prog}`{hint}")
+        if dest in values:          # fisher-samples and fisher_samples: the last would win unseen
+            raise PrunekitError(f"key {key!r} in {where} is given twice (with - and with _): keep one")
         values[dest] = _convert(actions[dest], key, value, where)
     return values
 
@@ -90,7 +92,7 @@ def _convert(action: argparse.Action, key: str, value, where: str):
         return value
     if action.nargs in ("+", "*"):
         if not isinstance(value, list):
-            raise PrunekitError(f"key {key!r} in {where} takes a list, e.g. {key} = [...]; got {value!r}")
+            value = [value]                 # one value where a list is taken: method = "falcon" in a sweep
         if action.nargs == "+" and not value:
             raise PrunekitError(f"key {key!r} in {where} needs at least one value")
         return [_scalar(action, key, v, where) for v in value]
@@ -117,7 +119,8 @@ def _scalar(action: argparse.Action, key: str, value, where: str):
         except (argparse.ArgumentTypeError, ValueError) as err:
             raise PrunekitError(f"key {key!r} in {where}: {err}") from None
     if not ok:
-        raise PrunekitError(f"key {key!r} in {where} must be {_type_name(kind)}, got {value!r}")
+        several = " (one value here: a sweep takes lists)" if isinstance(value, list) else ""
+        raise PrunekitError(f"key {key!r} in {where} must be {_type_name(kind)}{several}, got {value!r}")
     if action.choices is not None and value not in action.choices:
         raise PrunekitError(f"key {key!r} in {where} must be one of {', '.join(map(str, action.choices))}, "
                             f"got {value!r}")
@@ -125,7 +128,7 @@ def _scalar(action: argparse.Action, key: str, value, where: str):
 
 
 def _type_name(kind) -> str:
-    return {int: "an integer", float: "a number", int_or_auto: "an integer or auto"}.get(kind, "a string")
+    return {int: "an integer", float: "a number", int_or_auto: "an integer or auto"}.get(kind, "a string or a number")
 
 
 def dump_recipe(values: dict) -> str:

@@ -246,24 +246,31 @@ def table_lines(rows: list[dict]) -> list[str]:
     run = max([3, *(len(r["name"]) for r in rows)])
     method = max([6, *(len(r["method"]) for r in rows)])
     asked = max([5, *(len(_asked(r)) for r in rows)])
-    head = (f"{'run':<{run}} {'method':<{method}} {'asked':<{asked}} {'sparsity':>9} {'MACs kept':>9} {'dense':>7} "
-            f"{'acc':>7} {'s':>7}")
+    # runs of several models: a model column
+    shown = (len({str(r["model"]) for r in rows}) > 1) * max([5, *(len(str(r["model"])) for r in rows)])
+    model = lambda r: f"{str(r['model']):<{shown}} " if shown else ""     # noqa: E731
+    head = (f"{'run':<{run}} {model({'model': 'model'})}{'method':<{method}} {'asked':<{asked}} {'sparsity':>9} "
+            f"{'MACs kept':>9} {'dense':>7} {'acc':>7} {'s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['name']:<{run}} {r['method']:<{method}} {_asked(r):<{asked}} {_pct(r['sparsity']):>9} "
+        lines.append(f"{r['name']:<{run}} {model(r)}{r['method']:<{method}} {_asked(r):<{asked}} "
+                     f"{_pct(r['sparsity']):>9} "
                      f"{_pct(r['flops_kept']):>9} {_acc(r['dense_accuracy']):>7} {_acc(r['accuracy']):>7} "
                      f"{_num(r['seconds'], '.0f'):>7}"
-                     + ("" if r["status"] == "done" else f"  ({r['status']})"))
+                     # "running" is also what a killed run left: whether it still runs, the folder cannot say
+                     + ("" if r["status"] == "done" else
+                        "  (not finished)" if r["status"] == "running" else f"  ({r['status']})"))
     return lines
 
 
 COMPARISON_FILES = ("report.md", "runs.json", "plots/accuracy_vs_sparsity.png", "plots/accuracy_vs_macs.png")
 
 
-def check_report_folder(out: str | Path) -> None:
+def check_report_folder(out: str | Path, runs: list | None = None) -> None:
     """Refuse (``PrunekitError``) an ``--out`` for ``write_comparison_report`` where it would
     overwrite what it did not write: a file, a run folder of ``prunekit prune``, or a folder with
-    a report.md, runs.json or plot of its own. An earlier sweep's or comparison's folder is fine."""
+    a report.md, runs.json or plot of its own. An earlier comparison's folder is fine, and a
+    sweep's when the runs compared (``runs``: their folders) are all its own."""
     if not str(out).strip():
         raise PrunekitError("--out is an empty path: name a folder for the report")
     out = Path(out)
@@ -271,6 +278,11 @@ def check_report_folder(out: str | Path) -> None:
         raise PrunekitError(f"--out {out} is a file: pass a folder for the report")
     if (out / METRICS).exists():
         raise PrunekitError(f"--out {out} is the run folder of a `prunekit prune`: pass another folder for the report")
+    if runs is not None and out.is_dir():
+        own = {p.resolve() for p in out.iterdir() if (p / METRICS).exists()}
+        if own and not {Path(r).resolve() for r in runs} <= own:
+            raise PrunekitError(f"--out {out} is a sweep's folder, whose report is of its own runs: pass another "
+                                "folder for this comparison")
     present = [name for name in COMPARISON_FILES if (out / name).exists()]
     if present and not _is_comparison_rows(out / "runs.json"):
         raise PrunekitError(f"--out {out} holds a {present[0]} that prunekit did not write: pass a new folder "
@@ -312,23 +324,34 @@ def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Com
     return out / "report.md"
 
 
+def _dense_key(row: dict) -> float | None:
+    """The dense model's accuracy to two decimals: runs that share it started from one model."""
+    return None if row["dense_accuracy"] is None else round(row["dense_accuracy"], 2)
+
+
 def _plot_curves(plt, rows: list[dict], key: str, label: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # one curve per method and starting point: runs of one model from other checkpoints (another
+    # dense accuracy) are other curves, not one line through both
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r[key] is not None and r["accuracy"] is not None:
-            groups.setdefault((r["model"], r["method"]), []).append(r)
+            groups.setdefault((r["model"], _dense_key(r), r["method"]), []).append(r)
+    starts = {(model, start) for model, start, _ in groups}
+    models = {model for model, _ in starts}
     dense = {}
-    for i, ((model, method), runs) in enumerate(sorted(groups.items())):
+    for i, ((model, start, method), runs) in enumerate(sorted(groups.items(), key=lambda g: str(g[0]))):
         runs.sort(key=lambda r: r[key])
-        ax.plot([100 * r[key] for r in runs], [r["accuracy"] for r in runs], "o-", color=f"C{i}",
-                label=f"{model} {method}" if len({g[0] for g in groups}) > 1 else method)
-        if runs[0]["dense_accuracy"] is not None:
-            dense[model] = runs[0]["dense_accuracy"]
+        name = f"{model} {method}" if len(models) > 1 else method
+        if len(starts) > len(models) and start is not None:
+            name += f" (dense {start:.2f}%)"
+        ax.plot([100 * r[key] for r in runs], [r["accuracy"] for r in runs], "o-", color=f"C{i}", label=name)
+        if start is not None:
+            dense[(model, start)] = start
     if dense:                    # room above the dense line for its label
         low, high = ax.get_ylim()
         ax.set_ylim(low, max(high, max(dense.values()) + 0.08 * (high - low)))
-    for model, acc in dense.items():
+    for (model, _), acc in dense.items():
         ax.axhline(acc, color="grey", ls="--", lw=1)
         ax.annotate(f"dense {model} {acc:.2f}%", (0.01, acc), xycoords=("axes fraction", "data"),
                     textcoords="offset points", xytext=(0, 3), fontsize=8, color="grey")

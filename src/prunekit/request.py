@@ -62,8 +62,9 @@ class PruneRequest:
             _check_channel_request(method, asked, self.include, self.exclude)
             idle = [k for k in ("depth_batches", "depth_per") if k in method_options]
             if idle and method_options.get("depth_flops") is None:
-                raise OptionError(f"{' and '.join(idle)} shape{'s' if len(idle) == 1 else ''} the depth cut, which depth_flops asks for: add "
-                                  f"depth_flops or leave {' and '.join(idle)} out", (*idle, "depth_flops"))
+                named = " and ".join(idle)
+                raise OptionError(f"{named} shape{'s' if len(idle) == 1 else ''} the depth cut, which depth_flops "
+                                  f"asks for: add depth_flops or leave {named} out", (*idle, "depth_flops"))
         if self.loss is not None:         # distillation softens a classifier's logits: not with the user's loss
             for name in ("finetune_distill", "taper_distill"):
                 if getattr(gradual, name, 0) or method_options.get(name):
@@ -99,7 +100,8 @@ class PruneRequest:
                                        batches=None, residual_channels=options.residual_channels, targets=targets,
                                        target_name="flops" if targets == shares else "structured_flops")
             if options.depth_flops is not None and not options.depth_flops > max(shares):
-                above = f"flops {max(shares):g}" if max(shares) == shares[0] else f"the largest of snapshots {max(shares):g}"
+                above = (f"flops {max(shares):g}" if max(shares) == shares[0]
+                         else f"the largest of snapshots {max(shares):g}")
                 raise OptionError(f"depth_flops {options.depth_flops:g} must be above {above}: the depth "
                                   "cut keeps more MACs than the budget, the channel method removes the rest",
                                   ("depth_flops", "flops", "snapshots"))

@@ -120,6 +120,13 @@ def _differing(old: str, new: str) -> list[str]:
     return [k for k in {**before, **after} if before.get(k) != after.get(k)]
 
 
+def _asks_onnx(config_text: str) -> bool:
+    try:
+        return bool(tomllib.loads(config_text).get("onnx"))
+    except tomllib.TOMLDecodeError:
+        return False
+
+
 def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> None:
     """Refuse ``folder`` when it holds another run or files a run would overwrite (writes nothing);
     ``python``: the refusal in the API's words (``prunekit.prune`` has no resume, only the same
@@ -129,11 +136,13 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
         old = folder.config.read_text() if folder.config.exists() else None
         if old != config_text:
             keys = _differing(old, config_text) if old is not None else []
-            if keys == ["onnx"] and not python and folder.model_path.exists():
+            if keys == ["onnx"] and _asks_onnx(config_text) and not python and folder.model_path.exists():
+                onnx = folder.path / "export" / "model.onnx"
                 raise OptionError(f"{folder.path} holds this run, made without --onnx: `prunekit export "
-                                  f"{folder.path} --onnx` writes its model as ONNX ({folder.path / 'export' / 'model.onnx'})")
+                                  f"{folder.path} --onnx` writes its model as ONNX ({onnx})")
             other = f" (other {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
-            what = f"another run{other}" if old is not None else f"files a run would overwrite ({', '.join(present[:3])})"
+            what = (f"another run{other}" if old is not None
+                    else f"files a run would overwrite ({', '.join(present[:3])})")
             if python:
                 raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (the same call "
                                   "as its config.toml records) or clear it first (force=True)", ("out", "force"))
@@ -237,8 +246,9 @@ class RunCheckpointer:
     """
 
     def __init__(self, folder: RunFolder, measure: Callable[[nn.Module], dict] | None = None,
-                 on_saved: Callable[[list[dict]], None] | None = None):
+                 on_saved: Callable[[list[dict]], None] | None = None, unit: str = "stage"):
         self.folder, self.measure, self.on_saved = folder, measure, on_saved
+        self.unit = unit                # what a checkpoint is in run.log: a stage, a training run's epoch
         self.restored_seconds = 0.0     # time the stages restored by ``last`` took in earlier runs
         self.measure_seconds = 0.0
 
@@ -262,7 +272,7 @@ class RunCheckpointer:
         if self.folder.config.exists():       # the options the stage ran with: a resume under others is refused
             meta["config"] = self.folder.config.read_text()
         atomic_write_bytes(self.path(state.stage), save_tensors(tensors, metadata=meta))
-        self.folder.log(f"stage {state.stage} saved to {self.path(state.stage).name}")
+        self.folder.log(f"{self.unit} {state.stage} saved to {self.path(state.stage).name}")
         if self.on_saved is not None:
             self.on_saved(state.history)
 

@@ -19,6 +19,11 @@ def cmd_export(args) -> int:
     if not formats:
         raise PrunekitError("say what to export: --onnx, --torchscript, --dense and/or --sparse")
     path = Path(args.run) / "model.safetensors"
+    if not Path(args.run).is_dir():
+        raise PrunekitError(f"{args.run} is not a folder: pass a run folder of `prunekit prune --out`")
+    if not path.exists() and (Path(args.run) / "config.toml").exists():
+        raise PrunekitError(f"{args.run} holds a run that has not finished: carry it on first "
+                            f"(`prunekit prune --resume {args.run}`, or a train run's command again)")
     meta = read_meta(path) if path.exists() else {}
     saved = meta.get("model")
     if saved is None or (saved not in zoo.MODEL_NAMES and not user_models.is_model_file(saved) and not meta.get("custom")):

@@ -191,8 +191,8 @@ def prune_lines(r: dict) -> list[str]:
             segments = one.get("group_segments") or [1] * len(one["kept_channels"])
             lines.append(f"  channels   {sum(k * s for k, s in zip(one['kept_channels'], segments)):,} of "
                          f"{sum(n * s for n, s in zip(one['group_sizes'], segments)):,} in {one['groups']} groups")
-        if one.get("taper_steps", 0) > one.get("planned_steps", float("inf")):    # the schedule ran over
-            lines.append(f"  taper      {one['taper_steps']:,} steps where {one['planned_steps']:,} were planned "
+        if one is r and r.get("taper_steps", 0) > r.get("planned_steps", float("inf")):    # the schedule ran over
+            lines.append(f"  taper      {r['taper_steps']:,} steps where {r['planned_steps']:,} were planned "
                          "(--taper-epochs): the gates reached the budget late")
         if one.get("depth"):          # --depth-flops: the blocks removed before the channel method
             removed = one["depth"]["removed"]

@@ -29,11 +29,20 @@ def sweep_plan(args) -> list[tuple[str, dict]]:
                             + ", ".join(f"--{k} has {len(v)}" for k, v in lists.items()))
     budgets = [{k: v[i] if len(v) > 1 else v[0] for k, v in lists.items()} for i in range(n)]
     plan = [(method, budget) for method in args.method for budget in budgets]
-    names = [run_name(method, budget) for method, budget in plan]
-    twice = next((name for name in names if names.count(name) > 1), None)
+    asked = [(method, {k: _as_share(v) for k, v in budget.items()}) for method, budget in plan]    # 30% = 0.3
+    twice = next((run_name(*one) for one, key in zip(plan, asked) if asked.count(key) > 1), None)
     if twice is not None:
         raise PrunekitError(f"this sweep would run {twice} twice: give each method and budget once")
     return plan
+
+
+def _as_share(value):
+    """A budget value as a share where it is one (0.3 and 30% alike), else as given (50k)."""
+    text = str(value).strip()
+    try:
+        return round(float(text[:-1]) / 100 if text.endswith("%") else float(text), 12)
+    except ValueError:
+        return text
 
 
 def run_name(method: str, budget: dict) -> str:
@@ -87,8 +96,10 @@ def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, trai
     for i, (method, budget) in enumerate(plan, start=1):
         interrupts.check()               # a Ctrl-C the last run's cleanup swallowed stops the sweep here
         run_args = run_args_of(args, method, budget)
+        finished = runs.RunFolder(run_args.out).read_metrics().get("status") == "done"
         if not args.json:
-            print(f"[{i}/{len(plan)}] {method}, {budget_text(budget)} -> {run_args.out}", file=sys.stderr)
+            print(f"[{i}/{len(plan)}] {method}, {budget_text(budget)} -> {run_args.out}"
+                  + (" (finished before: its result again)" if finished else ""), file=sys.stderr)
         loaded = copy.deepcopy(dense_model)
         prune_into(run_args, request_of(run_args, loaded, method, budget).plan(), loaded, eval_loader, train_batches,
                    dense)
@@ -104,9 +115,10 @@ def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, trai
 def cmd_compare(args) -> int:
     if not distributed.is_main_process():   # under torchrun, rank 0 alone reads the runs and reports
         return 0
+    runs = report.find_runs(args.runs)
     if args.out is not None:
-        report.check_report_folder(args.out)
-    table = report.collect(report.find_runs(args.runs))
+        report.check_report_folder(args.out, runs)
+    table = report.collect(runs)
     if args.out:
         write_report(lambda: report.write_comparison_report(args.out, table, title="Comparison"), args.json)
     emit(args, {"runs": table, **({"report": str(Path(args.out) / "report.md")} if args.out else {})},

@@ -67,7 +67,7 @@ def train_into(args, loaded, loader, test_loader) -> int:
     if finished is not None:            # the same command after the run ended: its result again
         emit(args, finished, result_lines(args, finished))
         return 0
-    checkpointer = RunCheckpointer(folder) if folder is not None else None
+    checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
     optimizer = sgd(loaded.model, args.lr, weight_decay=args.weight_decay)
     schedule = cosine(optimizer, args.epochs * len(loader))
     digest = user_models.file_digest(args.model) if user_models.is_model_file(args.model) else None

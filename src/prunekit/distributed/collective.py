@@ -251,12 +251,13 @@ def print_refusal(line: str) -> None:
     refusal once, not once per rank.
 
     Rank 0 always prints it, first (a rank that reads it and exits makes torchrun stop rank 0,
-    which must have said it by then), then posts the line in the group's key-value store (no collective: the
-    other ranks may be anywhere), then waits for each of them to read it (the store may live in
-    rank 0's process) or to have passed further (``passed_checks``: it is in a collective and will
-    never read it), at most ``REFUSAL_WAIT_S``. Another rank prints unless rank 0 posts this same
-    line (or the same with other figures: each rank's memory differs): it waits for rank 0's line until rank 0 has passed further than this rank (it will not
-    post one), at most ``REFUSAL_WAIT_S``. So a refusal every rank meets (the same arguments, the
+    which must have said it by then), then posts the line in the group's key-value store (no
+    collective: the other ranks may be anywhere), then waits for each of them to read it (the
+    store may live in rank 0's process) or to have passed further (``passed_checks``: it is in a
+    collective and will never read it), at most ``REFUSAL_WAIT_S``. Another rank prints unless
+    rank 0 posts this same line (or the same with other figures: each rank's memory differs): it
+    waits for rank 0's line until rank 0 has passed further than this rank (it will not post one),
+    at most ``REFUSAL_WAIT_S``. So a refusal every rank meets (the same arguments, the
     same files) is printed once, and one met by this rank alone (its data missing on its machine)
     is still printed, at once where rank 0 says it passed. Without a process group, or a store that
     answers, every rank prints.

@@ -188,8 +188,9 @@ def _search_plan(opts, stage: int, last: bool) -> tuple[int, bool]:
 def needs_flops(budget: ResolvedBudget, opts) -> None:
     """FALCON's check: it solves under a FLOP budget."""
     if budget.max_macs is None:
-        raise OptionError("falcon needs a flops budget (e.g. flops=0.3); for a sparsity budget alone use chita",
-                          ("flops",))
+        plus = "++" if getattr(opts, "stages", 1) != 1 else ""      # falcon++'s defaults: stages "auto"
+        raise OptionError(f"falcon{plus} needs a flops budget (e.g. flops=0.3); for a sparsity budget alone use "
+                          f"chita{plus}", ("flops",))
 
 
 def plan_memory(family: str):
