@@ -112,10 +112,10 @@ def _scalar(action: argparse.Action, key: str, value, where: str):
     elif kind is str:
         ok = ok and isinstance(value, (str, int, float))   # budgets read well as numbers: flops = 0.3
         value = str(value) if ok else value
-    else:               # an option type of its own (--device): it reads the string as on the command line
-        ok = ok and isinstance(value, str)
+    else:               # an option type of its own (--device, a share): it reads the text as on the command line
+        ok = ok and isinstance(value, (str, int, float))
         try:
-            value = kind(value) if ok else value
+            value = kind(str(value)) if ok else value
         except (argparse.ArgumentTypeError, ValueError) as err:
             raise PrunekitError(f"key {key!r} in {where}: {err}") from None
     if not ok:

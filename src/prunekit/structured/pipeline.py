@@ -110,11 +110,11 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
             if bar is not None:
                 bar.close()
                 ctx.progress = told
-        gate_seconds = time.perf_counter() - start      # the gates (and a depth cut before them)
+        seconds = gate_seconds = time.perf_counter() - start      # the gates (and a depth cut before them)
         if opts.reconstruct_batches:         # part of the cut's phase: a killed run redoes both
             cut.info["reconstruct"] = _reconstruct(cut, groups, dense, ctx.batches, opts.reconstruct_batches,
                                                    opts.reconstruct_ridge, recalibrate_bn)
-        seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start
         models, info = cut.models, {**cut.info, "gate_seconds": gate_seconds,
                                     "kept_channels": {f"{s:g}": [int(m.sum()) for m in cut.masks[s]] for s in cut.models}}
         history.append({"phase": "gates", "seconds": seconds})
