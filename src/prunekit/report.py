@@ -247,8 +247,8 @@ def table_lines(rows: list[dict]) -> list[str]:
     method = max([6, *(len(r["method"]) for r in rows)])
     asked = max([5, *(len(_asked(r)) for r in rows)])
     # runs of several models: a model column
-    shown = (len({str(r["model"]) for r in rows}) > 1) * max([5, *(len(str(r["model"])) for r in rows)])
-    model = lambda r: f"{str(r['model']):<{shown}} " if shown else ""     # noqa: E731
+    shown = (len({str(r.get("model")) for r in rows}) > 1) * max([5, *(len(str(r.get("model"))) for r in rows)])
+    model = lambda r: f"{str(r.get('model')):<{shown}} " if shown else ""     # noqa: E731
     head = (f"{'run':<{run}} {model({'model': 'model'})}{'method':<{method}} {'asked':<{asked}} {'sparsity':>9} "
             f"{'MACs kept':>9} {'dense':>7} {'acc':>7} {'s':>7}")
     lines = [head, "-" * len(head)]
