@@ -330,7 +330,7 @@ def test_auto_takes_no_more_rows_than_the_training_data_holds():
 def test_cli_refuses_in_one_line_with_exit_2(capsys):
     assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", "--max-memory", "1M"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "largest fisher_samples that fits" in err and "bfloat16" in err and "\n" not in err
+    assert "largest --fisher-samples that fits" in err and "bfloat16" in err and "\n" not in err   # in its flags
 
 
 def test_cli_json_has_the_estimate_next_to_the_measured_peak(capsys):
@@ -344,7 +344,7 @@ def test_cli_json_has_the_estimate_next_to_the_measured_peak(capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["--fisher-samples", "0"], "--fisher-samples must be 'auto' or at least 1, got 0"),
     (["--max-memory", "lots"], "--max-memory"),
-    (["--max-memory", "1K"], "but max_memory is 1 KB"),          # sizes under a megabyte are not "0 MB"
+    (["--max-memory", "1K"], "but --max-memory is 1 KB"),          # sizes under a megabyte are not "0 MB"
 ])
 def test_bad_memory_options_are_one_line(capsys, argv, needle):
     assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", *argv]) == 2

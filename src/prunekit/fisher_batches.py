@@ -21,7 +21,11 @@ def gradient_bar(n: int, progress: bool) -> tqdm:
 def check_enough_samples(batches: Iterable, n: int) -> None:
     """Refuse, before any gradient, n per-sample rows from one pass over ``batches`` that holds
     fewer samples (where its size is known: ``data.loaders.samples_per_pass``)."""
-    available = samples_per_pass(batches)
+    check_sample_count(samples_per_pass(batches), n)
+
+
+def check_sample_count(available: int | None, n: int) -> None:
+    """Refuse n per-sample rows from one pass of ``available`` samples (None: not known)."""
     if available is not None and available < n:
         raise OptionError(f"the training data holds {available} samples, {n} gradient rows of one sample asked: "
                           "lower fisher_samples or give more training images (mini-batch rows, fisher_batch > 1, "

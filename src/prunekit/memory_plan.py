@@ -108,6 +108,7 @@ from . import attention_explicit, layer_grads
 from .errors import PrunekitError
 from .fisher_hooks import hooked_layers      # the collector's own layers (and test): not a copy
 from .memory_probe import activation_bytes, inference_bytes
+from .options import OptionError
 from .process_memory import current_usage, default_limit, parse_memory
 from .refit import ROWS_PER_INPUT as REFIT_ROWS_PER_INPUT, lockstep_allowance, lockstep_bytes
 
@@ -325,13 +326,13 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     if n == "auto":
         rows = largest_n(lambda rows: estimate(rows, storage), most_rows)
         if rows == 0:
-            raise PrunekitError(_refusal(estimate(1, storage), estimate, limit, refit_samples))
+            raise OptionError(_refusal(estimate(1, storage), estimate, limit, refit_samples), REFUSAL_OPTIONS)
         return estimate(rows, storage)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise PrunekitError(f"fisher_samples must be a positive integer or 'auto', got {n!r}")
     result = estimate(n, storage)
     if not result.fits():
-        raise PrunekitError(_refusal(result, estimate, limit, refit_samples, ranks))
+        raise OptionError(_refusal(result, estimate, limit, refit_samples, ranks), REFUSAL_OPTIONS)
     return result
 
 
@@ -396,6 +397,9 @@ def largest_n(estimate, upper: int) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if estimate(mid).fits() else (lo, mid)
     return lo
+
+
+REFUSAL_OPTIONS = ("fisher_samples", "max_memory", "refit_batches")      # the options a refusal names
 
 
 def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, ranks: int = 1) -> str:

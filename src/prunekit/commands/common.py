@@ -13,7 +13,7 @@ import torch
 
 from .. import distributed, user_models, zoo
 from ..data import DATASET_NAMES, make_loader
-from ..data.loaders import leaves_one_over
+from ..data.loaders import leaves_one_over, samples_per_pass
 from .. import report
 from ..errors import PrunekitError, PrunekitWarning
 from ..saving import read_meta
@@ -201,12 +201,23 @@ def training_batches(args, loaded: LoadedModel):
     # statistics are those of augmented data: recalibrating on plain images costs ResNet-20-B
     # 3 points dense (90.86% -> 87.81%), on augmented ones it keeps 91.15%.
     augment = args.data == "cifar10" and not args.no_train_augment
-    if augment and user_models.is_model_file(loaded.name) and distributed.is_main_process():
-        # a model of the user's own may not have been trained so (synthetic images, other crops)
-        print("prunekit: note: the training images for gradients and BatchNorm are randomly cropped and "
-              "flipped, as CIFAR-10 models are trained; --no-train-augment gives plain images", file=sys.stderr)
-    return lambda: make_loader(dataset(), loaded.normalization, batch_size=128, shuffle=True,
-                               augment=augment, seed=args.seed, drop_last=leaves_one_over(len(dataset()), 128))
+    # a model of the user's own may not have been trained so (synthetic images, other crops): said
+    # once, when the batches are first used (not before a refusal, which is one line)
+    note_due = augment and user_models.is_model_file(loaded.name) and distributed.is_main_process()
+
+    def make():
+        return make_loader(dataset(), loaded.normalization, batch_size=128, shuffle=True,
+                           augment=augment, seed=args.seed, drop_last=leaves_one_over(len(dataset()), 128))
+
+    def batches():
+        nonlocal note_due
+        if note_due:
+            note_due = False
+            print("prunekit: note: the training images for gradients and BatchNorm are randomly cropped and "
+                  "flipped, as CIFAR-10 models are trained; --no-train-augment gives plain images", file=sys.stderr)
+        return make()
+    batches.samples_per_pass = lambda: samples_per_pass(make())     # read without the note
+    return batches
 
 
 def describe(loaded: LoadedModel) -> dict:

@@ -18,6 +18,7 @@ from .. import distributed, recipes, report, run_lock, runs, user_models
 from ..api_checks import check_out
 from ..errors import PrunekitError
 from ..executor import execute
+from ..fisher_batches import check_sample_count
 from ..loading import LoadedModel
 from ..methods import METHODS, lookup
 from ..request import PruneRequest
@@ -74,16 +75,27 @@ def cmd_prune(args) -> int:
     if args.onnx:
         check_onnx(loaded)
     eval_loader = eval_data(args, loaded)
+    train_batches = training_batches(args, loaded)
+    _check_rows_fit_the_data(args, train_batches)
     plan = request_of(args, loaded).plan()
     warn_if_random_weights(args)
     finished = bool(args.out) and not args.force and runs.RunFolder(args.out).read_metrics().get("status") == "done"
-    record = prune_into(args, plan, loaded, eval_loader, training_batches(args, loaded))
+    record = prune_into(args, plan, loaded, eval_loader, train_batches)
     if finished and distributed.is_main_process():     # (a different request was refused inside prune_into)
         print(f"prunekit: note: {args.out} holds this run, finished: its result again, nothing was run "
               "(--force runs it anew)", file=sys.stderr)
     saved = [f"  saved to   {args.out}" + (f" (ONNX: {record['onnx']})" if record.get("onnx") else "")]
     emit(args, record, prune_lines(record) + (saved if args.out else []))
     return 0
+
+
+def _check_rows_fit_the_data(args, train_batches) -> None:
+    """--fisher-samples above the training images is refused before the request's memory check,
+    which would otherwise suggest an n the data cannot give (per-sample rows from one pass)."""
+    rows = getattr(args, "fisher_samples", None)
+    if (isinstance(rows, int) and "fisher_samples" in lookup(args.method).options.names()
+            and (args.fisher_batch or 1) == 1 and not args.fresh_samples):
+        check_sample_count(train_batches.samples_per_pass(), rows)
 
 
 def check_onnx(loaded: LoadedModel) -> None:
