@@ -221,3 +221,11 @@ def test_export_of_a_run_that_has_not_finished_says_to_carry_it_on(tmp_path, cap
     (run / "config.toml").write_text('method = "falcon"\n')       # what a killed run leaves, before its model
     assert main(["export", str(run), "--onnx"]) == 2
     assert f"has not finished: carry it on first (`prunekit prune --resume {run}`" in capsys.readouterr().err
+
+
+def test_more_gradient_rows_than_training_images_is_said_before_the_memory_check(capsys):
+    """The memory refusal came first and suggested an n above the 256 images (then refused again)."""
+    assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.5", "--train-samples", "256",
+                 "--fisher-samples", "10000000", "--eval-split", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "the training data holds 256 samples" in err and "--fisher-samples" in err and err.count("\n") == 1
