@@ -151,3 +151,16 @@ def test_falcon_on_mlpnet_searches_by_default_and_says_so(capsys):
     search = [line for line in lines if line.startswith("  search ")]
     assert search and search[0].startswith("  search     1 layer search of 100 trials, ")
     assert "(auto: forward passes of " in search[0] and ", within 100 GMACs)" in search[0]
+
+
+def test_progress_bars_only_on_a_terminal(capsys, monkeypatch):
+    """Bars are drawn on a terminal's stderr; a log file or pipe gets none (a long run's log filled
+    with bar redraws). The printed result is the same either way."""
+    assert main(["eval", *MLP, *MNIST]) == 0
+    piped = capsys.readouterr()
+    assert "%|" not in piped.err and "top-1" in piped.out
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["eval", *MLP, *MNIST]) == 0
+    shown = capsys.readouterr()
+    assert "%|" in shown.err and shown.out == piped.out

@@ -220,6 +220,12 @@ def training_batches(args, loaded: LoadedModel):
     return batches
 
 
+def show_progress(args) -> bool:
+    """Progress bars on stderr: not with --json, and not into a file or pipe (a log of a long run
+    would otherwise fill with bar redraws; the stage lines still go there)."""
+    return not args.json and sys.stderr.isatty()
+
+
 def describe(loaded: LoadedModel) -> dict:
     """How to rebuild the model: what its saved sidecar holds besides the result (for a model
     file, the SHA-256 of the code it was built with, to tell later whether it changed)."""

@@ -8,7 +8,7 @@ from ..data import load_dataset, make_loader
 from ..executor import execute
 from ..loading import load_model
 from ..request import PruneRequest
-from .common import emit
+from .common import emit, show_progress
 from .prune import prune_lines
 
 ASSETS = Path(__file__).parent.parent / "assets"
@@ -29,7 +29,7 @@ def cmd_demo(args) -> int:
               f"sparsity {DEMO_SPARSITY}")
     plan = PruneRequest(loaded.model, loaded.example_input(), DEMO_METHOD, {"sparsity": DEMO_SPARSITY},
                         exclude=loaded.prune_exclude, options=DEMO_OPTIONS, name=loaded.name).plan()
-    record, _, _ = execute(plan, train_batches, eval_loader, progress=not args.json)
+    record, _, _ = execute(plan, train_batches, eval_loader, progress=show_progress(args))
     emit(args, record, prune_lines(record))
     return 0
 

@@ -8,7 +8,7 @@ from ..costs import CostModel
 from ..train import evaluate_loss_accuracy
 from ..record import peak_rss_mb
 from .common import (add_data_args, add_device_arg, add_model_args, emit, eval_data, loaded_model,
-                     warn_if_random_weights)
+                     show_progress, warn_if_random_weights)
 
 
 def cmd_eval(args) -> int:
@@ -16,7 +16,7 @@ def cmd_eval(args) -> int:
     loader = eval_data(args, loaded)
     warn_if_random_weights(args)
     start = time.perf_counter()
-    measured = evaluate_loss_accuracy(loaded.model, loader, progress=not args.json)
+    measured = evaluate_loss_accuracy(loaded.model, loader, progress=show_progress(args))
     seconds = time.perf_counter() - start
     counts = CostModel(loaded.model, loaded.example_input()).count(loaded.model)    # nonzero-aware
     payload = {"model": args.model, "data": args.data, "split": args.eval_split, "accuracy": measured["accuracy"],

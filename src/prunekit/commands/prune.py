@@ -25,7 +25,7 @@ from ..request import PruneRequest
 from ..saving import atomic_write_json
 from . import option_flags
 from .common import (add_data_args, add_device_arg, add_model_args, describe, emit, eval_data, loaded_model,
-                     training_batches, warn_if_random_weights, write_report)
+                     show_progress, training_batches, warn_if_random_weights, write_report)
 from .option_flags import add_option_flags
 
 RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
@@ -164,7 +164,7 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
         finished = folder.read_metrics().get("status") == "done"     # a --resume with nothing left to do
     try:
         record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
-                                   dense=dense, progress=not args.json, on_step=step_printer(args),
+                                   dense=dense, progress=show_progress(args), on_step=step_printer(args),
                                    stage_eval=not getattr(args, "no_stage_eval", False))
     except PrunekitError:
         runs.release_refused(folder)

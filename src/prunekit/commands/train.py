@@ -26,7 +26,7 @@ from ..record import peak_rss_mb, save_pruned
 from ..runs import RunCheckpointer, RunFolder, check_ranks_share, claim
 from ..train import cosine, evaluate, sgd, train_epoch
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, describe, emit,
-                     resolve_model)
+                     resolve_model, show_progress)
 
 
 def cmd_train(args) -> int:
@@ -77,7 +77,7 @@ def train_into(args, loaded, loader, test_loader) -> int:
     for epoch in range(len(history), args.epochs):
         start = time.perf_counter()
         loss = train_epoch(loaded.model, loader, optimizer, schedule, f"epoch {epoch + 1}/{args.epochs}",
-                           progress=not args.json)
+                           progress=show_progress(args))
         history.append({"epoch": epoch + 1, "loss": loss, "seconds": time.perf_counter() - start})
         if not args.json:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}", file=sys.stderr)
