@@ -175,6 +175,7 @@ CLI_CASES = [
     ([*PRUNE, "--sparsity", "0.5", "--device", "gpu0"], "is not a torch device"),
     ([*PRUNE, "--sparsity", "0.5", "--seed", str(2**64), "--out", f"{H}/seeded"], "--seed must be a whole number"),
     ([*TRAIN, "--seed", str(2**64)], "--seed must be a whole number"),
+    ([*TRAIN, "--train-samples", "0"], "--train-samples must be at least 1"),
     (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "--seed", str(2**64), "--out", f"{H}/sweep"], "--seed must be"),
     (["eval", *MLP, *MNIST, "--device", "tpu"], "is not a torch device"),
     ([*TRAIN, "--device", "meta"], "runs on cpu, cuda or mps"),

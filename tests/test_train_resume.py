@@ -99,3 +99,18 @@ def test_train_onto_a_prune_run_folder_says_it_is_one(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "`prunekit prune` run" in err and "training run" not in err and err.count("\n") == 1, err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_train_on_a_seeded_subset_of_the_training_images(capsys, tmp_path):
+    """--train-samples N trains on N training images drawn with --seed (as prune's does), and the
+    record says how many; a run folder records it, so the same command again is the same run."""
+    out = str(tmp_path / "run")
+    assert main([*TRAIN, "--epochs", "1", "--train-samples", "300", "--out", out]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["train_images"] == 300
+    assert main([*TRAIN, "--epochs", "1", "--train-samples", "300", "--out", out]) == 0
+    assert json.loads(capsys.readouterr().out) == first
+    assert main([*TRAIN, "--epochs", "1", "--train-samples", "200", "--out", out]) == 2
+    assert "holds another training run" in capsys.readouterr().err
+    assert main([*TRAIN, "--epochs", "1", "--train-samples", "300", "--seed", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["history"][0]["loss"] != first["history"][0]["loss"]

@@ -33,7 +33,8 @@ def cmd_train(args) -> int:
     check_train_args(args)
     resolve_model(args)
     check_out(args.out, "--out")
-    train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop)
+    train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop,
+                            limit=args.train_samples, seed=args.seed)
     test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test",
                                                                         resize=args.resize, crop=args.crop)
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
@@ -86,7 +87,7 @@ def train_into(args, loaded, loader, test_loader) -> int:
     loaded.model.eval()
     accuracy = evaluate(loaded.model, test_loader)
     record = {"model": args.model, "data": args.data, "split": args.eval_split, "epochs": args.epochs, "lr": args.lr,
-              "batch_size": args.batch_size, "seed": args.seed, "accuracy": accuracy,
+              "batch_size": args.batch_size, "seed": args.seed, "train_images": len(loader.dataset), "accuracy": accuracy,
               "seconds": sum(h["seconds"] for h in history), "history": history, "peak_rss_mb": peak_rss_mb()}
     if args.out and is_main_process():     # under torchrun, rank 0 alone writes
         save_pruned(args.out, loaded.model, describe(loaded), record, shrunk=False)
@@ -185,6 +186,8 @@ def check_train_args(args) -> None:
         raise PrunekitError(f"--weight-decay must be 0 or more (e.g. 5e-4), got {args.weight_decay}")
     if args.batch_size < 1:
         raise PrunekitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.train_samples is not None and args.train_samples < 1:
+        raise PrunekitError("--train-samples must be at least 1 (leave it out to train on every training image)")
     if not 0 <= args.seed < 2**63:                     # torch.manual_seed's range
         raise PrunekitError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
 
@@ -197,6 +200,8 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=10, help="passes over the training split (default 10)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine schedule (default 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default 5e-4)")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="train on this many training images, a random subset drawn with --seed (default: all)")
     p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR-style)")
     p.add_argument("--out", help="run folder for the trained model (safetensors + JSON), with a checkpoint "
                    "after every epoch: the same command again carries on after a kill")
