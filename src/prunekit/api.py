@@ -64,7 +64,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         stage_eval: False: accuracy and loss before and after only, not after every stage, event
             or phase (each reads all of ``eval_data``; pruning seconds never include them).
         include, exclude: module-name patterns of the layers to prune (weights methods; default:
-            every Conv/Linear).
+            every weight the traced example multiplies: Conv/Linear, attention projections,
+            embedding tables, recurrent weights, parameters in functional products).
         gradual: prune in events with fine-tuning in between (weights methods; options
             ``events``, ``epochs_per_event``, ``final_epochs``, ``lr``).
         batch_size: batch size used when ``data``/``eval_data`` are a Dataset or tensors.

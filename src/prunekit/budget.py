@@ -162,9 +162,10 @@ class Budget:
             raise OptionError(f"params {amount.value} is out of range: {SHARE_MEANING['params']} "
                                 f"must be in {SHARE_RANGE['params']}, e.g. 0.1 keeps 10%", ("params",))
         if limit < other + 1 or limit > total:
-            raise OptionError(f"params {limit:.0f} is infeasible: the parameters that are "
-                                f"never pruned (biases, norms, excluded layers) already take {other}; "
-                                f"ask for {other + 1} to {total} ({(other + 1) / total:.4f} to 1)", ("params",))
+            asked = f"{limit:.0f}" if amount.absolute else f"{amount.value:g} ({limit:.0f} parameters)"
+            raise OptionError(f"params {asked} is infeasible: the parameters that are never pruned (biases, "
+                              f"norms, layers excluded or not run) already take {other}; ask for {other + 1} to "
+                              f"{total} ({(other + 1) / total:.4f} to 1)", ("params",))
         return int(limit - other)
 
     @staticmethod
@@ -176,8 +177,10 @@ class Budget:
                                 f"must be in {SHARE_RANGE['flops']}, e.g. 0.3 keeps 30%", ("flops",))
         limit = amount.value if amount.absolute else amount.value * dense
         if limit > dense or limit <= fixed:
-            raise OptionError(f"flops {limit:.0f} MACs is infeasible: the dense model has "
-                                f"{dense} MACs and layers that are not pruned take {fixed}; ask for "
+            asked = f"{limit:.0f} MACs" if amount.absolute else f"{amount.value:g} ({limit:.0f} MACs)"
+            raise OptionError(f"flops {asked} is infeasible: the dense model has {dense} MACs and {fixed} of "
+                              "them no pruning removes (layers left dense, products of two activations such "
+                              "as attention's); ask for "
                                 f"more than {fixed / dense:.4f} and at most 1 (or {fixed + 1} to {dense} MACs)", ("flops",))
         if cheapest is not None and int(math.floor(limit)) - fixed < cheapest:
             raise OptionError(f"flops {amount.value:g}{' MACs' if amount.absolute else ''} keeps no prunable weight: "

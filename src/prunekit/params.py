@@ -82,7 +82,10 @@ class ParamSpace:
         include: name patterns of layers to prune (default: every prunable weight).
         exclude: name patterns of layers to leave dense (applied after ``include``).
         costs: the model's ``CostModel``; with it, parameters the trace saw multiplied in
-            functional code are prunable too (without it, only the module types above).
+            functional code are prunable too, and a layer the trace never ran (a branch the
+            example input did not take, a module forward never calls) is left dense and named
+            in ``not_run`` (its cost is unknown, so no budget can count it); without it, only
+            the module types above.
     """
 
     def __init__(self, model: nn.Module, include: list[str] | None = None,
@@ -91,8 +94,11 @@ class ParamSpace:
         self.entries: list[Entry] = []
         params = dict(model.named_parameters())
         chosen = set(default_prunable(model))
+        seen = chosen
         if costs is not None:
-            chosen |= {layer.param_name for layer in costs.weight_layers() if layer.param_name in params}
+            seen = {layer.param_name for layer in costs.weight_layers() if layer.param_name in params}
+            chosen = chosen | seen
+        self.not_run: list[str] = []
         start = 0
         for param_name, p in params.items():
             if param_name not in chosen:
@@ -103,16 +109,21 @@ class ParamSpace:
                 continue
             if exclude is not None and _matches(exclude, name, owner):
                 continue
+            if param_name not in seen:
+                self.not_run.append(name)
+                continue
             self.entries.append(Entry(name, param_name, owner, tuple(p.shape), slice(start, start + p.numel())))
             start += p.numel()
         if not self.entries and not chosen:
             raise PrunekitError("the model has no prunable weights: prunekit prunes the weights of "
                                 "Conv/Linear layers and of parameters multiplied in functional code")
+        if not self.entries and self.not_run:
+            raise PrunekitError(f"none of the layers to prune ran on the example input ({_listed(self.not_run)}): "
+                                "give an example input (or data) that runs them")
         if not self.entries:
             candidates = sorted({e.rpartition(".")[0] or e for e in chosen})
-            shown = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
             raise PrunekitError(f"no prunable weights matched: check the include/exclude patterns "
-                                f"{include!r}/{exclude!r} against the layer names ({shown})")
+                                f"{include!r}/{exclude!r} against the layer names ({_listed(candidates)})")
         self._params = {e.name: params[e.param_name] for e in self.entries}
         self.numel = start
 
@@ -176,6 +187,10 @@ class ParamSpace:
 
     def layer_slices(self) -> list[slice]:
         return [e.slice for e in self.entries]
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def _matches(patterns: list[str], name: str, owner: str) -> bool:

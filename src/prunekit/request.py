@@ -9,6 +9,7 @@ the parameter, raised before any expensive work.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from . import distributed, model_fisher
 from .budget import Budget, ResolvedBudget
 from .costs import CostModel
-from .errors import PrunekitError
+from .errors import PrunekitError, PrunekitWarning
 from .losses import LossFn
 from .methods import Method, lookup
 from .options import OptionError, Options
@@ -109,6 +110,8 @@ class PruneRequest:
             space = ParamSpace(self.model, include=self.include, exclude=self.exclude, costs=costs)
             resolved = budget.resolve(costs, space)
             shares = []
+        if space.not_run:
+            warnings.warn(PrunekitWarning(not_run_warning(space.not_run)), stacklevel=3)
         if method.check is not None:
             method.check(resolved, options)
         if distributed.current().distributed:      # under torchrun: refused before a run folder is written
@@ -120,6 +123,15 @@ class PruneRequest:
                 else "multi-stage" if stages == "auto" or stages > 1 else "one-shot")
         return Plan(self, method, options, gradual, mode, costs, space, resolved, shares, channels,
                     self.name or type(self.model).__name__)
+
+
+def not_run_warning(layers: list[str]) -> str:
+    """What a user is told of prunable layers the cost model's trace never saw multiplied."""
+    shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+    return (f"{shown} did not run on the example input (or {'its' if len(layers) == 1 else 'their'} weights were "
+            "made into other tensors before the product): left dense, MACs not counted in the budget; give an "
+            "example input that runs every layer to prune (a branch only some inputs take cannot be counted "
+            "from one example), or exclude them")
 
 
 @dataclass

@@ -307,7 +307,8 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--params", **many, help="share of all parameters kept (0.1) or count kept (200k)")
     p.add_argument("--train-samples", type=int, default=None,
                    help="training images used for gradients and BN recalibration (default: all)")
-    p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: all Conv/Linear)")
+    p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: every multiplied weight: Conv/Linear, attention, "
+                   "embeddings, recurrent)")
     p.add_argument("--exclude", nargs="*", help="module-name patterns to leave dense (default: the "
                    "model's paper convention, e.g. resnet20-b's 1x1 projections; --exclude with no pattern prunes all)")
     p.add_argument("--no-bn-recalibration", action="store_true",
