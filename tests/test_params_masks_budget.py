@@ -27,8 +27,12 @@ def test_param_space_round_trip_and_patterns():
     space.assign(w * 2)
     assert torch.equal(model[4].weight.flatten(), 2 * w[36:])
     assert ParamSpace(model, exclude=["4"]).names() == ["0"]
-    with pytest.raises(PrunekitError, match=r"no prunable weights matched.*layer names \(0, 4\)"):
+    with pytest.raises(PrunekitError, match=r"include pattern 'nothing\*' matches no prunable layer.*names \(0, 4\)"):
         ParamSpace(model, include=["nothing*"])
+    with pytest.raises(PrunekitError, match=r"exclude pattern 'fc' matches no prunable layer"):
+        ParamSpace(model, exclude=["4", "fc"])        # a typo among good patterns: it would silently prune fc
+    with pytest.raises(PrunekitError, match=r"no prunable weights matched"):
+        ParamSpace(model, include=["0"], exclude=["0"])
     with pytest.raises(PrunekitError, match="the model has no prunable weights"):
         ParamSpace(nn.Sequential(nn.Flatten(), nn.ReLU()))
     with pytest.raises(PrunekitError, match="flat vector"):
@@ -161,3 +165,23 @@ def test_layers_the_trace_never_ran_are_left_dense_and_named():
     assert result.record["params"] <= 0.6 * result.record["dense_params"]
     with pytest.raises(PrunekitError, match=r"none of the layers to prune ran on the example input \(never\)"):
         ParamSpace(_Branchy(), include=["never"], costs=CostModel(_Branchy(), x[:1]))
+
+
+def test_a_tied_weight_is_named_by_any_module_holding_it():
+    """GPT-2's head shares the token embedding's tensor; torch lists it once, under the embedding.
+    exclude=["lm_head"] was silently ignored (the head pruned anyway) and include=["lm_head"] refused."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.mid, self.lm_head = nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 30, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+        def forward(self, ids):
+            return self.lm_head(torch.relu(self.mid(self.wte(ids))))
+
+    model, ids = Tied(), torch.randint(0, 30, (1, 5))
+    costs = CostModel(model, ids)
+    assert ParamSpace(model, costs=costs).names() == ["wte", "mid"]
+    assert ParamSpace(model, exclude=["lm_head"], costs=costs).names() == ["mid"]
+    assert ParamSpace(model, include=["lm_head"], costs=costs).names() == ["wte"]

@@ -99,20 +99,25 @@ class ParamSpace:
             seen = {layer.param_name for layer in costs.weight_layers() if layer.param_name in params}
             chosen = chosen | seen
         self.not_run: list[str] = []
+        places = _places(model)
+        candidates = []                       # (param name, entry name, every module holding it)
+        for param_name in params:
+            if param_name in chosen:
+                owner, _, local = param_name.rpartition(".")
+                candidates.append((param_name, owner if local == "weight" else param_name, places[param_name]))
+        _check_patterns_match(include, "include", candidates)
+        _check_patterns_match(exclude, "exclude", candidates)
         start = 0
-        for param_name, p in params.items():
-            if param_name not in chosen:
+        for param_name, name, owners in candidates:
+            if include is not None and not _matches(include, name, owners):
                 continue
-            owner, _, local = param_name.rpartition(".")
-            name = owner if local == "weight" else param_name
-            if include is not None and not _matches(include, name, owner):
-                continue
-            if exclude is not None and _matches(exclude, name, owner):
+            if exclude is not None and _matches(exclude, name, owners):
                 continue
             if param_name not in seen:
                 self.not_run.append(name)
                 continue
-            self.entries.append(Entry(name, param_name, owner, tuple(p.shape), slice(start, start + p.numel())))
+            p = params[param_name]
+            self.entries.append(Entry(name, param_name, owners[0], tuple(p.shape), slice(start, start + p.numel())))
             start += p.numel()
         if not self.entries and not chosen:
             raise PrunekitError("the model has no prunable weights: prunekit prunes the weights of "
@@ -193,8 +198,29 @@ def _listed(names: list[str], most: int = 6) -> str:
     return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
-def _matches(patterns: list[str], name: str, owner: str) -> bool:
-    """True if a pattern matches the entry's name or its module or any module above it."""
-    parts = owner.split(".") if owner else []
-    candidates = [name] + [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+def _places(model: nn.Module) -> dict[str, list[str]]:
+    """Per parameter name (as ``named_parameters`` gives it), the names of every module holding
+    that tensor, its own first: a tied weight (GPT-2's ``lm_head`` shares ``transformer.wte``'s)
+    is listed once by torch, under its first holder, but may be named by any of them."""
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name.rpartition(".")[0])
+    return {name: holders[id(p)] for name, p in model.named_parameters()}
+
+
+def _check_patterns_match(patterns: list[str] | None, what: str, candidates) -> None:
+    """Refuse a pattern that names no prunable layer (a typo would silently prune or keep all)."""
+    for pattern in patterns or ():
+        if not any(_matches([pattern], name, owners) for _, name, owners in candidates):
+            names = sorted({owners[0] or name for _, name, owners in candidates})
+            raise PrunekitError(f"{what} pattern {pattern!r} matches no prunable layer: check it against the "
+                                f"layer names ({_listed(names)})")
+
+
+def _matches(patterns: list[str], name: str, owners: list[str]) -> bool:
+    """True if a pattern matches the entry's name, a module holding it or any module above one."""
+    candidates = [name]
+    for owner in owners:
+        parts = owner.split(".") if owner else []
+        candidates += [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
     return any(fnmatch.fnmatchcase(c, pat) for c in candidates for pat in patterns)
