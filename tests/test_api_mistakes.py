@@ -77,3 +77,40 @@ def test_a_run_folder_refusal_names_the_settings_that_differ(tmp_path):
     prunekit.prune(_net(), (x, y), method="magnitude", sparsity=0.5, out=out)
     with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other sparsity, seed\)"):
         prunekit.prune(_net(), (x, y), method="magnitude", sparsity=0.6, seed=1, out=out)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x, z):
+        return self.out(torch.relu(self.a(x) + self.b(z)))
+
+
+def test_a_model_of_several_inputs_is_told_to_be_wrapped():
+    """Batches ((x, z), y), dict batches and (inputs, Y) gave 'must give (x, y) batches' with no fix,
+    or (for ((x, z), y) passed whole) a wrong complaint about the labels' dtype."""
+    torch.manual_seed(0)
+    x, z, y = torch.randn(32, 8), torch.randn(32, 6), torch.randint(0, 3, (32,))
+    for data in ([((x, z), y)], ((x, z), y), [{"x": x, "z": z, "labels": y}]):
+        with pytest.raises(prunekit.PrunekitError, match="wrap it in a module whose forward takes one tensor"):
+            prunekit.prune(_TwoInputs(), data, method="magnitude", sparsity=0.5)
+
+
+def test_an_ambiguous_example_input_is_told_what_prune_takes():
+    """CostModel's refusal named its own batched= argument, which prune refuses as an unknown option."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.o = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x, mask):
+            return self.o((self.l(x) * mask.unsqueeze(-1)).sum(1))
+
+    x, mask = torch.randn(4, 6, 8), torch.ones(4, 6)
+    with pytest.raises(prunekit.PrunekitError, match="pass an example input of batch 1") as refused:
+        prunekit.prune(Masked(), method="magnitude", flops=0.5, example_input=(x, mask))
+    assert "batched=" not in str(refused.value)
+    result = prunekit.prune(Masked(), method="magnitude", flops=0.5, example_input=(x[:1], mask[:1]))
+    assert result.flops_kept <= 0.5

@@ -126,6 +126,9 @@ def check_data(data, what: str, class_labels: bool = True) -> None:
                             f"prunekit.data.load_dataset('mnist', DIR, 'test'), or pass (X, Y) tensors")
     if isinstance(data, torch.Tensor):
         raise PrunekitError(f"{what} is one tensor: pass inputs and labels together as (X, Y)")
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor) \
+            and isinstance(data[0], (tuple, list, dict)):
+        raise PrunekitError(f"{what} is (inputs, Y) with several inputs: {SEVERAL_INPUTS}")
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         if len(data) != 2:
             raise PrunekitError(f"{what} holds {len(data)} tensors: pass inputs and labels as (X, Y)")
@@ -144,6 +147,17 @@ def check_data(data, what: str, class_labels: bool = True) -> None:
             raise PrunekitError(f"{what}'s X holds nan or inf values: pass finite inputs")
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") and len(data) == 0:
         raise PrunekitError(f"{what} is empty: the dataset holds no samples")
+
+
+SEVERAL_INPUTS = ("prunekit calls model(x) with one tensor x per batch; for a model of several inputs (ids and an "
+                  "attention mask, a dict) wrap it in a module whose forward takes one tensor (e.g. the inputs "
+                  "stacked) and give (x, y) batches of that")
+
+
+def _several_inputs(batch) -> bool:
+    """A dict batch, or (inputs, y) whose inputs are a tuple, list or dict."""
+    return isinstance(batch, dict) or (isinstance(batch, (tuple, list)) and len(batch) == 2
+                                       and isinstance(batch[0], (tuple, list, dict)))
 
 
 def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: Callable[[], Iterable] | None,
@@ -247,7 +261,8 @@ def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tenso
             and all(isinstance(t, torch.Tensor) for t in first)):
         numpy = any(type(t).__module__ == "numpy" for t in (first, *(first if isinstance(first, (tuple, list)) else ())))
         raise PrunekitError(f"{what} must give (x, y) batches of tensors; its first batch is {_shown(first)}"
-                            + (": convert NumPy arrays with torch.from_numpy" if numpy else ""))
+                            + (": convert NumPy arrays with torch.from_numpy" if numpy else
+                               f": {SEVERAL_INPUTS}" if _several_inputs(first) else ""))
     if first[0].ndim == 0 or first[1].ndim == 0 or first[0].shape[0] != first[1].shape[0]:
         raise PrunekitError(f"{what}'s first batch has inputs of shape {tuple(first[0].shape)} and targets of shape "
                             f"{tuple(first[1].shape)}: each batch needs one target per input (the same first size)")

@@ -36,12 +36,26 @@ def batched_inputs(model: nn.Module, example_input, batched=None) -> tuple[int, 
     for i in candidates:
         others = (0, *(j for j in candidates if j != i))
         if _runs(model, cut_to_one_example(inputs, others)):
-            raise PrunekitError(
-                f"example_input's input {i} (shape {tuple(inputs[i].shape)}) has the batch size {batch} of input 0 "
-                f"as its first dimension, and the model runs with it cut to one example or kept whole: pass "
-                f"batched=(0, {i}) if it holds one row per example, batched=(0,) if it is shared by the batch, "
-                "or an example input of batch 1")
+            raise AmbiguousBatchError(i, tuple(inputs[i].shape), batch)
     return (0, *candidates)
+
+
+class AmbiguousBatchError(PrunekitError):
+    """An input of an example batch that may or may not carry the batch: ``CostModel`` names its
+    ``batched=``; ``prunekit.prune``, which has no such argument, asks for batch 1 (:meth:`for_prune`)."""
+
+    def __init__(self, position: int, shape: tuple[int, ...], batch: int):
+        self.position, self.shape, self.batch = position, shape, batch
+        super().__init__(self._what() + f"pass batched=(0, {position}) if it holds one row per example, "
+                         "batched=(0,) if it is shared by the batch, or an example input of batch 1")
+
+    def _what(self) -> str:
+        return (f"example_input's input {self.position} (shape {self.shape}) has the batch size {self.batch} of "
+                "input 0 as its first dimension, and the model runs with it cut to one example or kept whole: ")
+
+    def for_prune(self) -> PrunekitError:
+        return PrunekitError(self._what() + "pass an example input of batch 1 (the first example of each input) "
+                             "so that nothing needs cutting")
 
 
 def _checked_batched(inputs: tuple, batched) -> tuple[int, ...]:

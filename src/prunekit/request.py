@@ -17,6 +17,7 @@ from torch import nn
 
 from . import distributed, model_fisher
 from .budget import Budget, ResolvedBudget
+from .cost_inputs import AmbiguousBatchError
 from .costs import CostModel
 from .errors import PrunekitError, PrunekitWarning
 from .losses import LossFn
@@ -86,7 +87,10 @@ class PruneRequest:
         if broken is not None:
             raise PrunekitError(f"the model's {broken} holds nan or inf values: load finite weights (did its training "
                                 "diverge?)")
-        costs = CostModel(self.model, self.example_input)
+        try:
+            costs = CostModel(self.model, self.example_input)
+        except AmbiguousBatchError as error:        # prune has no batched= to pass
+            raise error.for_prune() from None
         channels = None
         if method.family == "channels":
             space = ParamSpace(self.model, costs=costs)
