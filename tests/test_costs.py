@@ -789,3 +789,14 @@ def test_a_scale_summed_through_a_view_of_the_product_is_a_dot_product():
         model.v[:3] = 0
         model.q[0, 5:] = 0
     assert costs.count(model).macs == T * (E - 3) + T * E + T * 5
+
+
+def test_weight_normalization_is_told_to_be_folded_first():
+    """register_cost(Linear, fn), which the generic refusal suggested, cannot see a weight made from
+    g and v before the call: the refusal names the fold, and the folded model counts as a Linear."""
+    layer = torch.nn.utils.parametrizations.weight_norm(nn.Linear(10, 20))
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(20, 3))
+    with pytest.raises(PrunekitError, match=r"module '0' has weight normalization.*remove_parametrizations"):
+        CostModel(model, torch.randn(2, 10))
+    torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
+    assert CostModel(model, torch.randn(2, 10)).macs == 10 * 20 + 20 * 3

@@ -357,6 +357,13 @@ def _refuse_unpriced(unpriced, modules) -> None:
     module = modules.get(owner)
     kind = type(module).__name__ if module is not None else "module"
     names = sorted({u.param for u in unpriced})
+    if "weight_norm" in first.op:          # the weight is made from g and v in a hook: no cost rule can see it
+        layer = owner.removesuffix(".parametrizations.weight") or "(root)"
+        raise PrunekitError(
+            f"module {layer!r} has weight normalization (its weight is made from {', '.join(names[:2])} before "
+            "each call), which prunekit cannot count or prune: fold it into a plain weight first with "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') (or "
+            "torch.nn.utils.remove_weight_norm(module) for the old form), then prune")
     raise PrunekitError(
         f"cannot count the MACs of parameter {first.param!r} (module {owner or '(root)'!r}, {kind}): "
         f"it is used by the operation aten.{first.op}, which has no cost rule"
