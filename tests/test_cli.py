@@ -164,3 +164,12 @@ def test_progress_bars_only_on_a_terminal(capsys, monkeypatch):
     assert main(["eval", *MLP, *MNIST]) == 0
     shown = capsys.readouterr()
     assert "%|" in shown.err and shown.out == piped.out
+
+
+def test_info_prints_whole_names_and_says_what_activation_products_are(capsys):
+    """The type column cut names ('NonDynamicallyQuan'), and products of two activations were called
+    attention products in models with no attention."""
+    assert main(["info", "vit-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "NonDynamicallyQuantizableLinear" in out and "VisionTransformer (parameters)" in out
+    assert "in products of two activations" in out

@@ -55,21 +55,24 @@ def cmd_info(args) -> int:
         return 0
     print(f"{args.model}: input {tuple(loaded.input_shape)}, MACs per example"
           + (", params and MACs of the nonzero weights" if counts.macs != costs.macs else ""))
-    header = f"{'layer':<28} {'type':<18} {'shape':<20} {'params':>10} {'MACs':>13} {'share':>7}"
+    shown = [r for r in rows if r["params"] or r["macs"] or r["other_ops"]]
+    name_width = max([28, *(len(r["name"] or "(model)") for r in shown)])
+    kind_width = max([18, *(len(r["type"]) + (7 if r["shape"] and not r["prunable"] else 0) for r in shown)])
+    header = f"{'layer':<{name_width}} {'type':<{kind_width}} {'shape':<20} {'params':>10} {'MACs':>13} {'share':>7}"
     print(header)
     print("-" * len(header))
-    for r in rows:
-        if not r["params"] and not r["macs"] and not r["other_ops"]:
-            continue
+    for r in shown:
         shape = "x".join(map(str, r["shape"])) if r["shape"] else ""
         kind = f"{r['type']}, dense" if r["shape"] and not r["prunable"] else r["type"]
-        counted = r["shape"] or r["macs"]        # weight layers, attention products
+        counted = r["shape"] or r["macs"]        # weight layers, products of two activations
         macs = f"{r['macs']:,}" if counted else (f"({r['other_ops']:,} ops)" if r["other_ops"] else "")
         share = f"{100 * r['share']:.1f}%" if counted else ""
-        print(f"{r['name'][:28]:<28} {kind[:18]:<18} {shape:<20} {r['params_kept']:>10,} {macs:>13} {share:>7}")
+        print(f"{r['name'] or '(model)':<{name_width}} {kind:<{kind_width}} {shape:<20} {r['params_kept']:>10,} "
+              f"{macs:>13} {share:>7}")
     print("-" * len(header))
     print(f"total: {counts.params:,} params, {counts.macs:,} MACs{_millions(counts.macs)}"
-          + (f", of which {costs.activation_macs:,} in attention products" if costs.activation_macs else "")
+          + (f", of which {costs.activation_macs:,} in products of two activations (attention's QKᵀ and AV, say: "
+             "no weight to prune)" if costs.activation_macs else "")
           + f", {costs.other_ops:,} other ops (BN, pooling, adds)")
     print(f"prunable: {space.numel:,} weights, {prunable_macs:,} MACs{_millions(prunable_macs)}"
           + (f", leaving dense {', '.join(loaded.prune_exclude)} (marked dense above)" if loaded.prune_exclude else ""))
