@@ -230,6 +230,8 @@ def test_a_run_saved_from_python_is_read_on_the_command_line_with_its_file(capsy
     saved = str(tmp_path / "run" / "model.safetensors")
     assert json.loads((tmp_path / "run" / "model.json").read_text())["input_shape"] == [1, 28, 28]
     assert run_json(capsys, ["info", spec, "--checkpoint", saved, "--json"])["macs"] == result.record["macs"]
+    # the refusal's fix, given beside the folder: the folder is the weights (it was "two models named")
+    assert run_json(capsys, ["info", str(tmp_path / "run"), "--model", spec, "--json"])["macs"] == result.record["macs"]
     written = run_json(capsys, ["export", str(tmp_path / "run"), "--model", spec, "--onnx", "--json"])["files"]
     assert Path(written[0]["path"]).stat().st_size > 0
     latency = run_json(capsys, ["bench-latency", "--model", spec, "--checkpoint", str(checkpoint), "--pruned",

@@ -80,7 +80,7 @@ def resolve_model(args, saved_file=None) -> None:
     """``--checkpoint`` a run folder: its model.safetensors. ``--model`` left out: the zoo model a
     prunekit checkpoint (``saved_file``, default ``--checkpoint``) was saved from, else a refusal."""
     checkpoint = getattr(args, "checkpoint", None)
-    if _names_run_folder(args.model):
+    if names_run_folder(args.model):
         saved = Path(args.model) / "model.safetensors"
         if checkpoint and Path(checkpoint).resolve() not in (saved.resolve(), Path(args.model).resolve()):
             raise PrunekitError(f"{args.model} is a run folder and --checkpoint {checkpoint} another model file: "
@@ -109,7 +109,7 @@ def resolve_model(args, saved_file=None) -> None:
                             + (f"; {saved_file} does not record it" if saved_file else ""))
 
 
-def _names_run_folder(model) -> bool:
+def names_run_folder(model) -> bool:
     """``info runs/x`` as well as ``info --checkpoint runs/x``: a folder holding model.safetensors
     (a zoo name or a model file is never read as a folder)."""
     if model is None or model in zoo.MODEL_NAMES or user_models.is_model_file(model) or not Path(model).is_dir():

@@ -12,12 +12,15 @@ from ..loading import load_model
 from ..params import ParamSpace
 from ..saving import read_meta
 from ..errors import PrunekitError
-from .common import MODEL_HELP, model_file, resolve_model
+from .common import MODEL_HELP, names_run_folder, model_file, resolve_model
 
 
 def cmd_info(args) -> int:
     if args.model is not None and args.model_flag not in (None, args.model):
-        raise PrunekitError(f"two models named: {args.model} and --model {args.model_flag}; name one")
+        if not (names_run_folder(args.model) and args.checkpoint is None):
+            raise PrunekitError(f"two models named: {args.model} and --model {args.model_flag}; name one")
+        # `info RUNDIR --model net.py:build`: the folder is the weights, the flag the code that builds them
+        args.checkpoint, args.model = args.model, None
     args.model = args.model or args.model_flag      # `info MODEL`, or `--model MODEL` as other commands take it
     resolve_model(args)
     loaded = load_model(args.model, args.checkpoint, input_shape=args.input_shape)
