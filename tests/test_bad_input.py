@@ -271,7 +271,7 @@ CLI_CASES = [
      "fails on one of the mnist test images, shape (1, 28, 28)"),
     (["eval", "--model", f"{H}/net.py:pair", *MNIST, "--normalize", "none"], "returns a tuple for one image"),
     (["info", f"{H}/net.py:build"], "--input-shape"),
-    (["info", f"{H}/net.py:build", "--input-shape", "1,28"], "not C,H,W"),
+    (["info", f"{H}/net.py:build", "--input-shape", "1,0"], "is not a shape"),
     (["info", "resnet20", "--input-shape", "3,64,64"], "is not the input of resnet20, 3,32,32"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "net.py:build' model"),
     (["eval", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "name its file again, --model path/to/net.py:build"),

@@ -16,6 +16,7 @@ from PIL import Image
 import prunekit
 from prunekit.cli import main
 from prunekit.costs import CostModel
+from prunekit import user_models
 from prunekit.loading import load_model
 
 MNIST = ["--data", "mnist", "--data-dir", str(Path(prunekit.__file__).parent / "assets" / "mnist")]
@@ -263,3 +264,26 @@ def test_a_model_file_on_cifar10_data_is_told_that_its_training_images_are_augme
     assert "prunekit: note: the training images for gradients and BatchNorm are randomly cropped" in capsys.readouterr().err
     assert main([*common, "--no-train-augment"]) == 0
     assert "note" not in capsys.readouterr().err
+
+
+def test_a_token_model_saved_from_python_is_read_by_info_and_bench_latency(capsys, tmp_path):
+    """A model of token ids saved from Python: its sidecar records the input's dtype (info traced
+    it on float zeros: 'Expected Long'), and --input-shape takes shapes other than C,H,W."""
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Tokens(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 3)\n\n"
+        "    def forward(self, ids):\n        return self.fc(self.emb(ids).mean(1))\n\n\n"
+        "def build():\n    torch.manual_seed(0)\n    return Tokens()\n\n\n"
+        "def audio():\n    return nn.Sequential(nn.Conv1d(2, 4, 5), nn.Flatten(), nn.Linear(4 * 96, 3))\n")
+    spec = f"{tmp_path}/net.py:build"
+    model = user_models.build_model(spec)
+    ids, y = torch.randint(0, 50, (32, 16)), torch.randint(0, 3, (32,))
+    result = prunekit.prune(model, (ids, y), method="magnitude-uniform", sparsity=0.5, out=str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["input_dtype"] == "int64"
+    info = run_json(capsys, ["info", str(tmp_path / "run"), "--model", spec, "--json"])
+    assert (info["macs"], info["input_shape"]) == (result.record["macs"], [16])
+    latency = run_json(capsys, ["bench-latency", "--model", spec, "--pruned", str(tmp_path / "run"), "--threads",
+                                "1", "--batch-sizes", "2", "--warmup", "1", "--repeats", "5", "--json"])
+    assert latency["flops_kept"] == pytest.approx(result.flops_kept)
+    audio = run_json(capsys, ["info", f"{tmp_path}/net.py:audio", "--input-shape", "2,100", "--json"])
+    assert audio["macs"] == 2 * 4 * 5 * 96 + 4 * 96 * 3

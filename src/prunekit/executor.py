@@ -54,9 +54,12 @@ def measure(plan: Plan, model: nn.Module, eval_loader) -> dict:
 def _python_model_description(plan: Plan) -> dict:
     """The sidecar of a model passed from Python: its class name (the code that builds it is the
     user's, named again when the command line loads it: ``--model net.py:FUNCTION``) and, for a
-    single-tensor input, the shape of one example (C, H, W), which export and latency need."""
+    single-tensor input, the shape of one example ((C, H, W) for images), which info, export and
+    latency need, and its dtype where it is not floating point (token ids: "int64")."""
     example = plan.request.example_input
     shape = {"input_shape": list(example.shape[1:])} if isinstance(example, torch.Tensor) and example.dim() > 1 else {}
+    if shape and not example.is_floating_point():
+        shape["input_dtype"] = str(example.dtype).removeprefix("torch.")
     return {"model": plan.name, "custom": True, **shape}
 
 

@@ -71,9 +71,11 @@ def paired_latency(dense: Callable, pruned: Callable, example, *, warmup: int = 
 
 
 def latency_table(dense: torch.nn.Module, pruned: torch.nn.Module, input_shape, batch_sizes=(1, 64),
-                  threads=(1, 2), warmup: int = 5, repeats: int = 30, seed: int = 0) -> list[dict]:
+                  threads=(1, 2), warmup: int = 5, repeats: int = 30, seed: int = 0,
+                  dtype: torch.dtype = torch.float32) -> list[dict]:
     """One row per (threads, batch): ``{"threads", "batch", **PairedLatency}``; restores torch's
-    thread count afterwards. ``input_shape``: one example's shape, e.g. (3, 32, 32)."""
+    thread count afterwards. ``input_shape``: one example's shape, e.g. (3, 32, 32); inputs are
+    random normal, or zeros for an integer ``dtype`` (token ids)."""
     before = torch.get_num_threads()
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -81,7 +83,8 @@ def latency_table(dense: torch.nn.Module, pruned: torch.nn.Module, input_shape, 
         for n in threads:
             torch.set_num_threads(n)
             for batch in batch_sizes:
-                x = torch.randn(batch, *input_shape, generator=gen)
+                x = (torch.randn(batch, *input_shape, generator=gen, dtype=dtype) if dtype.is_floating_point
+                     else torch.zeros(batch, *input_shape, dtype=dtype))
                 row = paired_latency(dense, pruned, x, warmup=warmup, repeats=repeats)
                 rows.append({"threads": n, "batch": batch, **row.as_dict()})
     finally:
@@ -89,17 +92,18 @@ def latency_table(dense: torch.nn.Module, pruned: torch.nn.Module, input_shape, 
     return rows
 
 
-def check_batch_sizes(model: torch.nn.Module, input_shape, batch_sizes, available: int | None = None) -> None:
+def check_batch_sizes(model: torch.nn.Module, input_shape, batch_sizes, available: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> None:
     """Refuse (``PrunekitError``, one line) a batch size whose timing would not fit in memory,
     naming the largest that would.
 
     The estimate, in bytes, is ``memory_plan``'s for a forward pass without autograd: per sample,
-    the float32 input (``input_shape``, one example's shape) plus ``INFERENCE_FACTOR`` times the
+    the input (``input_shape``, one example's shape, of ``dtype``) plus ``INFERENCE_FACTOR`` times the
     largest module output of ``model`` (measured on one sample), times the batch size. Give the
     larger of the two models. ``available``: bytes the timing may take (default: the memory
     available to this process, less ``memory_plan``'s margin of 5 % and at least 512 MB).
     """
-    example = torch.zeros(1, *input_shape)
+    example = torch.zeros(1, *input_shape, dtype=dtype)
     input_bytes, largest_output = memory_probe.inference_bytes(model, example)
     per_sample = input_bytes + memory_plan.INFERENCE_FACTOR * largest_output
     if available is None:

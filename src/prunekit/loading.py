@@ -38,14 +38,17 @@ class LoadedModel:
     name: str
     build_kwargs: dict
     normalization: Normalization | None    # None: a model file whose normalization was not given
-    input_shape: tuple[int, int, int] | None   # None: a model file whose input shape is not known yet
+    input_shape: tuple[int, ...] | None    # one example's, (C, H, W) for images; None: a model file's, not known yet
     prune_exclude: list[str]
     image_transform: dict | None = None    # {"resize": R, "crop": C} a saved model's image folder went through
+    input_dtype: str = "float32"           # a model saved from Python with integer inputs (token ids): "int64"
 
     def example_input(self) -> torch.Tensor:
+        """One example of zeros, (1, *input_shape), of the model's input dtype."""
         if self.input_shape is None:
-            raise PrunekitError(f"the input shape of {self.name} is unknown: give --input-shape C,H,W")
-        return torch.zeros(1, *self.input_shape, device=next(self.model.parameters()).device)
+            raise PrunekitError(f"the input shape of {self.name} is unknown: give --input-shape (C,H,W for images)")
+        return torch.zeros(1, *self.input_shape, dtype=getattr(torch, self.input_dtype),
+                           device=next(self.model.parameters()).device)
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: int | None = None,
@@ -95,6 +98,15 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
                        meta.get("image_transform"))
 
 
+def _input_dtype(meta: dict) -> str:
+    """The input dtype a sidecar records (integer inputs only), refusing one torch does not have."""
+    dtype = meta.get("input_dtype", "float32")
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise PrunekitError(f"the checkpoint's sidecar names input dtype {dtype!r}, which torch does not have: "
+                            "save the model again")
+    return dtype
+
+
 def python_saved_refusal(path, meta: dict) -> str:
     """The line for a model saved from Python (``prunekit.prune(model, ..., out=)``), whose sidecar
     names its class only: the command line needs the file that builds it."""
@@ -126,7 +138,8 @@ def _load_model_file(name: str, checkpoint, input_shape, normalization) -> Loade
             raise PrunekitError(f"--normalize differs from the normalization {checkpoint} was saved with "
                                 f"({normalization_text(saved_norm)}): leave --normalize out")
         normalization = saved_norm
-    return LoadedModel(model, name, {}, normalization, input_shape, [], meta.get("image_transform"))
+    return LoadedModel(model, name, {}, normalization, input_shape, [], meta.get("image_transform"),
+                       _input_dtype(meta))
 
 
 def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:

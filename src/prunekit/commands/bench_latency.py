@@ -30,7 +30,7 @@ def add_bench_latency_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed calls of each model first (default 5)")
     p.add_argument("--repeats", type=int, default=30,
                    help=f"timed (dense, pruned) pairs, alternated; medians are reported (default 30, at least {MIN_REPEATS})")
-    p.add_argument("--input-shape", type=input_shape, metavar="C,H,W",
+    p.add_argument("--input-shape", type=input_shape, metavar="SHAPE",
                    help="one example's shape, for a model of your own whose folder does not record it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_latency)
@@ -63,13 +63,15 @@ def cmd_bench_latency(args) -> int:
     pruned = load_model(args.model, pruned_file, input_shape=args.input_shape)
     pruned.example_input()         # refuses an input shape that neither the folder nor --input-shape gives
     dense = load_model(args.model, args.checkpoint, input_shape=pruned.input_shape)
-    check_batch_sizes(dense.model, dense.input_shape, args.batch_sizes)     # the dense model is the larger
+    dense.input_dtype = pruned.input_dtype      # the dense checkpoint may have no sidecar to say it
+    dtype = getattr(torch, pruned.input_dtype)
+    check_batch_sizes(dense.model, dense.input_shape, args.batch_sizes, dtype=dtype)  # the dense model is the larger
     rows = latency_table(dense.model, pruned.model, dense.input_shape, args.batch_sizes, args.threads,
-                         args.warmup, args.repeats)
+                         args.warmup, args.repeats, dtype=dtype)
     costs = CostModel(dense.model, dense.example_input())
     kept = costs.count(pruned.model).flops_kept
     for r in rows:
-        r["ratio_to_macs_kept"] = r["ratio"] / kept
+        r["ratio_to_macs_kept"] = r["ratio"] / kept if kept else None     # a model that keeps no MAC
     if args.json:
         print(json.dumps({"model": args.model, "pruned": str(pruned_file), "threads": args.threads,
                           "warmup": args.warmup, "repeats": args.repeats, "flops_kept": kept, "rows": rows}))
@@ -79,5 +81,6 @@ def cmd_bench_latency(args) -> int:
     for r in rows:
         print(f"  {r['threads']} thread(s) batch {r['batch']:>4}: dense {r['dense_ms']:9.2f} ms   "
               f"pruned {r['pruned_ms']:9.2f} ms   ratio {r['ratio']:.2f}x (quartiles {r['ratio_q1']:.2f}-"
-              f"{r['ratio_q3']:.2f}; {r['ratio_to_macs_kept']:.2f}x the MAC share kept)")
+              f"{r['ratio_q3']:.2f}" + (f"; {r['ratio_to_macs_kept']:.2f}x the MAC share kept)"
+                                         if r["ratio_to_macs_kept"] is not None else ")"))
     return 0

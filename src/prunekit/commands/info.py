@@ -118,17 +118,20 @@ def add_parser(sub) -> None:
                    "checkpoint of a zoo model), or a run folder (its model.safetensors)")
     p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as the positional MODEL")
     p.add_argument("--checkpoint", help="count this checkpoint (nonzero-aware for pruned models)")
-    p.add_argument("--input-shape", type=input_shape, metavar="C,H,W",
-                   help="for a model file without a prunekit checkpoint: the shape of one input example")
+    p.add_argument("--input-shape", type=input_shape, metavar="SHAPE",
+                   help="for a model file without a prunekit checkpoint: the shape of one input example "
+                   "(C,H,W for images, e.g. 3,32,32; 2,100 for two channels of 100 samples)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
 
-def input_shape(text: str) -> tuple[int, int, int]:
+def input_shape(text: str) -> tuple[int, ...]:
+    """One example's shape, without the batch: positive integers, e.g. 3,32,32 (C,H,W)."""
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
         shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not C,H,W (three positive integers, e.g. 3,32,32)")
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape: positive integers separated by commas "
+                                         "(C,H,W for images, e.g. 3,32,32)")
     return shape
