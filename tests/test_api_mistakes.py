@@ -114,3 +114,18 @@ def test_an_ambiguous_example_input_is_told_what_prune_takes():
     assert "batched=" not in str(refused.value)
     result = prunekit.prune(Masked(), method="magnitude", flops=0.5, example_input=(x[:1], mask[:1]))
     assert result.flops_kept <= 0.5
+
+
+def test_a_layer_left_with_no_weight_is_named():
+    """Global magnitude on a layer of much smaller weights pruned all of it without a word: the model's
+    output no longer depended on its input."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 3))
+    with torch.no_grad():
+        net[0].weight.mul_(100)
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    from prunekit.errors import PrunekitWarning
+    with pytest.warns(PrunekitWarning, match=r"^2 kept no weight"):
+        result = prunekit.prune(net, (x, y), method="magnitude", sparsity=0.8)
+    assert result.record["empty_layers"] == ["2"] and not net[2].weight.any()
+    assert "empty_layers" not in prunekit.prune(_net(), _data(), method="magnitude-uniform", sparsity=0.8).record

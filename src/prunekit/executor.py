@@ -120,6 +120,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     restored = getattr(checkpointer, "restored_seconds", 0.0)
     final = measure_now(outcome.model)
     record = build_record(plan, outcome, dense, final, outcome.seconds + restored)
+    if record.get("empty_layers"):
+        warnings.warn(PrunekitWarning(empty_layers_warning(record["empty_layers"])), stacklevel=3)
     snapshots = {share: _snapshot_record(build_record(replace(plan, shares=[share]), snap, dense,
                                                       measure_now(snap.model), snap.seconds + restored), share)
                  for share, snap in outcome.snapshots.items()}
@@ -135,6 +137,15 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         folder.write_metrics(metrics)
         folder.log(f"done: MACs kept {record['flops_kept']:.4f}, accuracy {record['accuracy']}")
     return record, outcome.model, {share: snap.model for share, snap in outcome.snapshots.items()}
+
+
+def empty_layers_warning(layers: list[str]) -> str:
+    """What a user is told of layers whose every weight was pruned."""
+    shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+    return (f"{shown} kept no weight: what {'it computes' if len(layers) == 1 else 'they compute'} no longer "
+            "depends on its input (without a residual path around it the model's output is the same for every "
+            "input); if that is not meant, lower the budget, exclude the layer, or use a method that keeps "
+            "every layer (magnitude-uniform)")
 
 
 def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -> Outcome:

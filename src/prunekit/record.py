@@ -65,6 +65,10 @@ def build_record(plan, outcome: Outcome, dense: dict, final: dict, seconds: floa
               "dense_loss": dense.get("loss"), "loss": final.get("loss"),
               "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "options": plan.options.to_dict(), **outcome.info,
               HISTORY_KEY[plan.mode]: outcome.history}
+    if plan.method.family == "weights":
+        empty = [e.name for e in plan.space.entries if c.nonzeros_by_layer.get(e.name, 1) == 0]
+        if empty:
+            record["empty_layers"] = empty
     if plan.request.loss is not None:
         record["loss_function"] = loss_name(plan.request.loss)
     if plan.mode == "gradual":
