@@ -61,3 +61,17 @@ def test_skip_samples_slices_the_batch_that_straddles_the_cut():
     assert list(skip_samples(batches, 12)) == []
     with pytest.raises(StopIteration):
         next(iter(skip_samples(iter(batches), 100)))
+
+
+def test_fresh_samples_beyond_the_data_are_said_and_recorded():
+    """Three stages of 40 images from 96 cannot all be fresh: the third reads images again, which the
+    summary had hidden ("each stage on fresh images")."""
+    from prunekit.errors import PrunekitWarning
+    net, x, y = _tiny()
+    with pytest.warns(PrunekitWarning, match=r"take 120 images and the training data holds 96: stages after 2"):
+        result = prunekit.prune(net, (x, y), method="chita++", sparsity=0.5, stages=3, fisher_samples=20,
+                                fisher_batch=2, batch_size=10, recalibrate_bn=False, fresh_samples=True)
+    assert result.record["fresh_stages"] == 2
+    net, x, y = _tiny()
+    assert prunekit.prune(net, (x, y), method="chita++", sparsity=0.5, stages=3, fisher_samples=12, fisher_batch=2,
+                          batch_size=10, recalibrate_bn=False, fresh_samples=True).record["fresh_stages"] == 3

@@ -92,6 +92,9 @@ def test_the_summary_says_which_schedule_and_why():
     assert _stages_lines({"stages_auto": thorough}) == [
         "  stages     15 stages of 1,000 rows of per-sample gradients, each stage on fresh images (auto: the layer "
         "search over them cheap: forward passes of 74.6 GMACs, within 100 GMACs)"]
+    assert _stages_lines({"stages_auto": thorough, "fresh_stages": 5})[0].startswith(
+        "  stages     15 stages of 1,000 rows of per-sample gradients, fresh images for 5 stages (the data holds "
+        "no more), then reused (auto:")
     costly = {**thorough, "stages": 5, "thorough": False, "fisher_samples": 500, "fisher_batch": 8,
               "fresh_samples": False, "forward_macs": 1.9e13, "weight_trials": 4.0e8}
     assert _stages_lines({"stages_auto": costly}) == [

@@ -240,7 +240,11 @@ def _stages_lines(r: dict) -> list[str]:
         return []
     rows = f"{auto['fisher_samples']:,} rows" if isinstance(auto["fisher_samples"], int) else "rows"
     rows += f" of {auto['fisher_batch']}-image gradients" if auto["fisher_batch"] > 1 else " of per-sample gradients"
-    fresh = ", each stage on fresh images" if auto["fresh_samples"] else ""
+    fresh = ""
+    if auto["fresh_samples"]:
+        reused = auto["stages"] - r.get("fresh_stages", auto["stages"])
+        fresh = (", each stage on fresh images" if not reused else
+                 f", fresh images for {auto['stages'] - reused} stages (the data holds no more), then reused")
     if auto["thorough"]:
         why = f"the layer search over them cheap: {_auto_reason(auto, cheap=True)}"
     elif not auto["search_trials"]:

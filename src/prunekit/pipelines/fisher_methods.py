@@ -13,12 +13,14 @@ may come back if the quadratic model wants it). Their options: ``pipelines.fishe
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 
 import torch
 
 from ..api_checks import first_batch
 from ..budget import ResolvedBudget
+from ..errors import PrunekitWarning
 from .. import memory_plan, process_memory
 from ..options import OptionError
 from .. import distributed
@@ -176,6 +178,24 @@ def resolve_stages(ctx: PruneContext, opts: FalconOptions) -> tuple[FalconOption
                     "search_trials": trials, **(_without_verdict(cost) if cost else {})}
 
 
+def _fresh_stages(ctx: PruneContext, opts: QuadraticOptions, rows: int, stages: int) -> int | None:
+    """With fresh_samples, how many stages read images no earlier stage read (the rest read the
+    data again from its start), where the data's size is known; a warning when not all of them and
+    the user asked for fresh_samples (the auto schedule's choice is said in the record's summary)."""
+    if not opts.fresh_samples or stages == 1:
+        return None
+    available = samples_per_pass(ctx.train_batches())
+    if available is None:
+        return None
+    fresh = min(stages, max(1, available // (rows * opts.fisher_batch)))
+    if fresh < stages and "fresh_samples" in opts.given:
+        warnings.warn(PrunekitWarning(
+            f"fresh_samples: {stages} stages of {rows:,} rows take {stages * rows * opts.fisher_batch:,} images and "
+            f"the training data holds {available:,}: stages after {fresh} read images an earlier stage read "
+            "(more training images, or fewer fisher_samples, keep them all fresh)"), stacklevel=4)
+    return fresh
+
+
 def _search_plan(opts, stage: int, last: bool) -> tuple[int, bool]:
     """(trials of this stage's allocation search (0: none), whether its trials are judged at the
     final budget rather than the stage's own)."""
@@ -261,6 +281,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         _check_shardable(solve_stage, opts)
     if one_pass:
         check_enough_samples(ctx.train_batches(), plan.n)     # every rank reads the one stream
+    fresh_stages = _fresh_stages(ctx, opts, plan.n, len(shares))
     pick = opts.final_pick == "judge"
     kind = opts.rows_kind(ctx.loss_fn is None)
     kept: dict[str, torch.Tensor] = {}    # the best final-budget candidate so far (see below)
@@ -358,6 +379,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             collective.bytes_sent, collective.calls = 0, 0
         stage_completed(ctx, stage, kept)
     return Pruned(w, {"memory_estimate_mb": round(plan.total_mb, 1), "fisher_samples": plan.n,
+                      **({"fresh_stages": fresh_stages} if fresh_stages is not None else {}),
                       "fisher_dtype": opts.fisher_dtype, "fisher_kind": kind,
                       **({"refit": refitted} if refitted else {})},
                   bn_recalibrated=bool(history and history[-1]["bn_recalibrated"]))

@@ -115,7 +115,8 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
                   "accuracy": (evaluate_loss_accuracy(model, eval_loader, loss_fn=ctx.loss_fn)["accuracy"]
                                if eval_loader is not None else None),
                   "seconds": time.perf_counter() - event_start,
-                  **{key: pruned.info[key] for key in ("stages_auto", "layer_search_auto") if key in pruned.info}}
+                  **{key: pruned.info[key] for key in ("stages_auto", "layer_search_auto", "fresh_stages")
+                     if key in pruned.info}}
         ctx.history.append(record)
         stage_completed(ctx, event)
         if on_event is not None:
