@@ -143,6 +143,8 @@ CLI_CASES = [
     (["eval", "--model", "mlpnet", "--data", "svhn", "--data-dir", MNIST_DIR], "invalid choice"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "abc"], "integer or auto"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--schedule", "cubic"], "invalid choice"),
+    ([*PRUNE, "--method", "falcon", "--flops", "0.5", "--gradual", "--schedule", "const"],
+     "--schedule shapes the --stages of a multi-stage run, and --stages is 1"),
     ([*PRUNE, "--sparsity", "0.5", "--eval-split", "val"], "invalid choice"),
     (["eval", *MLP, *MNIST, "--batch-size", "1.5"], "invalid int"),
     (["eval", *MLP, *MNIST, "--seed", "3"], "unrecognized arguments"),

@@ -189,7 +189,11 @@ class Options:
                 raise OptionError(f"{key} {given[key]} needs {needed} ({example})", (key, needed))
         options = cls(**values)
         options.given = frozenset(given)
+        options.check_given()
         return options
+
+    def check_given(self) -> None:
+        """Refuse options the user set that the other settings leave idle (``given`` is known)."""
 
     def to_dict(self) -> dict:
         """The options as plain values (functions by their name), for records and config files."""

@@ -96,6 +96,14 @@ class QuadraticOptions(RefitOptions):
             raise OptionError("first_order needs the loss gradient, which rows of the model's Fisher do not average "
                               "to: drop first_order or use fisher_kind empirical", ("first_order", "fisher_kind"))
 
+    def check_given(self) -> None:
+        idle = [name for name in ("schedule", "revive", "fresh_samples") if name in self.given]
+        if idle and self.stages == 1:
+            named = ", ".join(idle)
+            raise OptionError(f"{named} shape{'s' if len(idle) == 1 else ''} the stages of a multi-stage run, and "
+                              f"stages is 1: give stages (e.g. 5) or leave {named} out (a gradual run's events "
+                              "follow event_schedule)", (*idle, "stages"))
+
     def rows_kind(self, default_loss: bool) -> str:
         """The kind of gradient rows this run takes ("model" or "empirical"), ``fisher_kind``
         with "auto" resolved; ``default_loss``: no user loss (cross-entropy on class indices)."""
