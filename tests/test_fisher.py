@@ -224,11 +224,11 @@ def _disagree_first(monkeypatch, times: int) -> tuple[list, list]:
     checked, fallbacks = [], []
     original_check, original_vmap = fisher_hooks._check_row, fisher.collect_with_vmap
 
-    def check(model, space, x, y, row, chunk, loss_fn=None):
-        checked.append(x.shape[0])
+    def check(model, space, pieces, row, chunk, loss_fn=None):
+        checked.append(sum(x.shape[0] for x, _ in pieces))
         if len(checked) <= times:
             raise fisher_hooks.HooksDisagree(f"layer '0': made up {len(checked)}")
-        original_check(model, space, x, y, row, chunk, loss_fn)
+        original_check(model, space, pieces, row, chunk, loss_fn)
 
     def vmap(*args, **kwargs):
         fallbacks.append(1)
@@ -350,3 +350,105 @@ def test_rows_of_the_users_loss_are_its_per_sample_gradients(case, batch):
         loss_fn(model(x[i * batch:(i + 1) * batch]), y[i * batch:(i + 1) * batch]).backward()
         expected.append(torch.cat([w.grad.reshape(-1) for w in space.weights()]))
     assert_close_to_scale(rows, torch.stack(expected), rel=1e-5)
+
+
+# --- batches of different shapes (sequences of several lengths) -----------------------------
+
+def _varlen_batches():
+    """Batches of 4 token sequences of lengths 5, 3, 5: a chunk or a mini-batch of 6 spans two shapes."""
+    g = torch.Generator().manual_seed(4)
+    out = []
+    for length in (5, 3, 5):
+        tokens = torch.randint(0, 7, (4, length), generator=g)
+        out.append((tokens, torch.roll(tokens, -1, dims=1)))
+    return out
+
+
+def _mean_gradient(model, space, pieces):
+    """The gradient of the mean over the pieces' samples of their per-sample token losses."""
+    model.zero_grad()
+    total = sum(x.shape[0] for x, _ in pieces)
+    sum(_token_loss(model(x), y) * x.shape[0] for x, y in pieces).div(total).backward()
+    return torch.cat([w.grad.reshape(-1) for w in space.weights()])
+
+
+@pytest.mark.parametrize("path", ["hooks", "vmap"])
+def test_per_sample_rows_of_batches_of_different_lengths(path):
+    model = _TokenModel()
+    space = ParamSpace(model)
+    if path == "hooks":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                 # the hooks' rows, not a fallback
+            rows = collect_gradients(model, space, _varlen_batches(), n=12, chunk=5, progress=False,
+                                     loss_fn=_token_loss)
+    else:
+        rows = torch.empty(12, space.numel)
+        fisher.collect_with_vmap(model, space, _varlen_batches(), rows, 1, 5, progress=False, loss_fn=_token_loss)
+    samples = [(x[i:i + 1], y[i:i + 1]) for x, y in _varlen_batches() for i in range(x.shape[0])]
+    expected = torch.stack([_mean_gradient(model, space, [s]) for s in samples])
+    assert_close_to_scale(rows, expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("path", ["hooks", "vmap"])
+def test_mini_batch_rows_spanning_two_lengths_are_their_samples_mean_gradient(path):
+    model = _TokenModel()
+    space = ParamSpace(model)
+    if path == "hooks":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            rows = collect_gradients(model, space, _varlen_batches(), n=2, batch=6, chunk=4, progress=False,
+                                     loss_fn=_token_loss)
+    else:
+        rows = torch.empty(2, space.numel)
+        fisher.collect_with_vmap(model, space, _varlen_batches(), rows, 6, 4, progress=False, loss_fn=_token_loss)
+    (x1, y1), (x2, y2), (x3, y3) = _varlen_batches()
+    expected = [_mean_gradient(model, space, [(x1, y1), (x2[:2], y2[:2])]),
+                _mean_gradient(model, space, [(x2[2:], y2[2:]), (x3, y3)])]
+    assert_close_to_scale(rows, torch.stack(expected), rel=1e-5)
+
+
+def test_batch_statistics_rows_refuse_batches_of_different_shapes_in_one_line():
+    model = nn.Sequential(nn.Embedding(7, 6), nn.BatchNorm1d(5), nn.Flatten(), nn.Linear(30, 7))
+    with pytest.raises(PrunekitError, match=r"^fisher_bn='batch' .*pad them to one shape[^\n]*$"):
+        collect_gradients(model, ParamSpace(model), _varlen_batches(), n=2, batch=4, bn="batch", progress=False,
+                          loss_fn=lambda out, y: out.sum())
+
+
+def test_regroup_of_one_shape_recuts_the_tensors_as_one_stream():
+    from prunekit.fisher_batches import regroup
+    batches = [(torch.arange(i, i + k).view(k, 1).float(), torch.arange(i, i + k)) for i, k in ((0, 3), (3, 5), (8, 2))]
+    groups = list(regroup(batches, 4))
+    assert [len(g) for g in groups] == [1, 1, 1]
+    assert [g[0][1].tolist() for g in groups] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# --- half precision: the check against autograd allows the dtype's rounding, not a wrong term ----
+
+class _TokenTypes(nn.Module):
+    """Tokens plus a token-type embedding looked up at type 0 for every position (as BERT's):
+    autograd's half-precision backward sums the 64 positions of that one row in its dtype (off by several roundings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.words = nn.Embedding(50, 16)
+        self.types = nn.Embedding(2, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        h = self.words(tokens) + self.types(torch.zeros_like(tokens))
+        return self.head(nn.functional.layer_norm(h, (16,))).mean(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rows_pass_the_autograd_check_and_a_wrong_term_is_still_caught(dtype):
+    torch.manual_seed(0)
+    model = _TokenTypes().to(dtype)
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randint(0, 50, (8, 64), generator=g), torch.randint(0, 3, (8,), generator=g))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # no "disagree with autograd" fallback
+        collect_gradients(model, ParamSpace(model), batches, n=4, chunk=4, progress=False)
+    torch.manual_seed(0)
+    tied = _Tied().to(dtype)                            # a use of a weight the hooks miss: 0.7 off
+    with pytest.warns(UserWarning, match="disagree with autograd"):
+        collect_gradients(tied, ParamSpace(tied), [(x.to(dtype), y) for x, y in data(10)], n=6, progress=False)

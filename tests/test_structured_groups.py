@@ -1,5 +1,6 @@
 """Channel groups from torch-pruning's dependency graph, through our adapter."""
 
+import pytest
 import torch
 import torch_pruning as tp
 
@@ -99,3 +100,52 @@ def test_logits_are_never_a_group():
         model, groups = _groups(name, 32)
         head = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
         assert all(m.module != head or m.role == "in" for g in groups for m in g.members)
+
+
+class _RotaryGQA(torch.nn.Module):
+    """Llama's attention in small: rotary position embedding (x cos + rotate_half(x) sin, with
+    rotate_half = cat(-x[..., D/2:], x[..., :D/2])) on q and k, and grouped-query attention
+    (2 query heads share 1 key/value head, expanded). torch-pruning's group trace never ends here."""
+
+    def __init__(self, width=16, heads=2):
+        super().__init__()
+        self.heads, self.dim = heads, width // heads
+        self.embed = torch.nn.Embedding(20, width)
+        self.q, self.o = torch.nn.Linear(width, width, bias=False), torch.nn.Linear(width, width, bias=False)
+        self.k, self.v = torch.nn.Linear(width, self.dim, bias=False), torch.nn.Linear(width, self.dim, bias=False)
+        self.head = torch.nn.Linear(width, 20, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        angle = torch.arange(t, dtype=torch.float32)[:, None] * torch.arange(self.dim // 2)[None]
+        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        split = lambda z, h: z.view(b, t, h, self.dim).transpose(1, 2)                      # noqa: E731
+        half = lambda z: torch.cat((-z[..., self.dim // 2:], z[..., :self.dim // 2]), -1)   # noqa: E731
+        q, k, v = split(self.q(x), self.heads), split(self.k(x), 1), split(self.v(x), 1)
+        q, k = q * cos + half(q) * sin, k * cos + half(k) * sin
+        k, v = (z.expand(b, self.heads, t, self.dim) for z in (k, v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_a_channel_trace_without_end_is_refused_in_one_line_within_seconds():
+    import signal
+    import time
+
+    from prunekit.errors import PrunekitError
+
+    def hang(*_):
+        raise AssertionError("the channel analysis did not finish in 30 s")
+    before = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(30)
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        with pytest.raises(PrunekitError, match=r"^the channel dependency analysis .* does not finish on this model: "
+                                                r"the channels of '[a-z]' .*\(falcon, chita, magnitude\)$"):
+            find_groups(_RotaryGQA(), torch.randint(20, (2, 6)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    assert time.perf_counter() - start < 5

@@ -49,7 +49,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import layer_grads, model_fisher
+from . import fisher_batches, layer_grads, model_fisher
 from .errors import PrunekitError, PrunekitWarning
 from .fisher_hooks import HooksDisagree, collect_with_hooks
 from .fisher_vmap import collect_with_vmap
@@ -94,6 +94,7 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
             raise OptionError("fisher_bn='batch' needs mini-batch rows: set fisher_batch to 2 or more (16 "
                               "measured well), or fisher_bn='frozen'", ("fisher_bn", "fisher_batch"))
         chunk = max(chunk, batch)                # a row's statistics are its whole mini-batch's
+        batches = fisher_batches.one_shape(batches)
     if kind not in model_fisher.FISHER_KINDS:
         raise OptionError(f"fisher_kind must be one of {', '.join(model_fisher.FISHER_KINDS)}, got {kind!r}",
                           ("fisher_kind",))

@@ -40,15 +40,64 @@ def check_filled(filled: int, n: int, batch: int) -> None:
 
 
 def regroup(batches: Iterable, size: int):
-    """Re-cut a stream of (x, y) batches into batches of exactly ``size`` (the last may be short)."""
-    xs, ys, have = [], [], 0
+    """Re-cut a stream of (x, y) batches into groups of exactly ``size`` samples (the last may be
+    short). Each group is a list of (x, y) pieces, x (k, ...) and y (k, ...) with the pieces' k
+    summing to the group's size: samples are concatenated across batches while their shapes past
+    the first dimension agree, and a batch of another shape (e.g. sequences of another length)
+    starts a new piece. Batches of one shape give one piece per group, the tensors re-cut as ever."""
+    group: list[tuple[torch.Tensor, torch.Tensor]] = []     # finished pieces of the group being cut
+    xs, ys, have = [], [], 0                                # the current run of one shape; samples in all
     for x, y in batches:
+        if xs and (x.shape[1:] != xs[0].shape[1:] or y.shape[1:] != ys[0].shape[1:]):
+            group += _run(xs, ys)
+            xs, ys = [], []
         xs.append(x)
         ys.append(y)
         have += x.shape[0]
         while have >= size:
+            need = size - sum(piece.shape[0] for piece, _ in group)
             x_all, y_all = torch.cat(xs), torch.cat(ys)
-            yield x_all[:size], y_all[:size]
-            xs, ys, have = [x_all[size:]], [y_all[size:]], have - size
+            yield group + [(x_all[:need], y_all[:need])]
+            group, xs, ys, have = [], [x_all[need:]], [y_all[need:]], have - size
     if have:
-        yield torch.cat(xs), torch.cat(ys)
+        yield group + _run(xs, ys)
+
+
+def _run(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(x, y)] of a run of same-shaped batches concatenated, or [] when it holds no sample."""
+    return [(torch.cat(xs), torch.cat(ys))] if sum(x.shape[0] for x in xs) else []
+
+
+def row_groups(batches: Iterable, batch: int, chunk: int):
+    """The samples of each step of a collector, as ``regroup``'s lists of same-shaped (x, y)
+    pieces: per-sample rows (``batch`` 1) one piece of at most ``chunk`` samples at a time,
+    mini-batch rows ``batch`` samples at a time (the last group may be short)."""
+    if batch > 1:
+        yield from regroup(batches, batch)
+        return
+    for group in regroup(batches, chunk):
+        for piece in group:
+            yield [piece]
+
+
+def group_size(group: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """The samples in a group of (x (k, ...), y (k, ...)) pieces."""
+    return sum(x.shape[0] for x, _ in group)
+
+
+def one_shape(batches: Iterable):
+    """The (x, y) batches of ``batches``, refused in one line at the first whose shapes past the
+    first dimension differ from the first batch's: a row that normalises over its mini-batch
+    (``fisher_bn='batch'``) needs its samples in one forward."""
+    first = None
+    for x, y in batches:
+        shapes = (tuple(x.shape[1:]), tuple(y.shape[1:]))
+        if first is None:
+            first = shapes
+        elif shapes != first:
+            raise OptionError(f"fisher_bn='batch' forwards each mini-batch row's samples together, and the training "
+                              f"batches differ in shape (x {list(first[0])}, y {list(first[1])} per sample, then x "
+                              f"{list(shapes[0])}, y {list(shapes[1])}): pad "
+                              "them to one shape (sequences to one length) or use fisher_bn='frozen'",
+                              ("fisher_bn",))
+        yield x, y

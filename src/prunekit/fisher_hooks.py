@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import attention_explicit, layer_grads
-from .fisher_batches import check_filled, gradient_bar, regroup
+from .fisher_batches import check_filled, gradient_bar, group_size, row_groups
 from .errors import PrunekitError
 from .losses import LossFn, summed_loss
 from .params import Entry, ParamSpace
@@ -202,23 +202,25 @@ def collect_with_hooks(model, space, batches, rows, batch, chunk, progress, loss
     restore = contextlib.ExitStack()
     try:
         patch = restore.enter_context(attention_explicit.explicit_attention(hooks.attention_modules, hooks.project))
-        for x, y in regroup(batches, batch if batch > 1 else chunk):
-            x, y = x.to(device), y.to(device)
+        for group in row_groups(batches, batch, chunk):
+            group = [(x.to(device), y.to(device)) for x, y in group]
             if batch == 1:
+                (x, y), = group
                 take = min(x.shape[0], n - filled)
-                x, y = x[:take], y[:take]
-                hooks.backward(model, x, y, rows[filled:filled + take], 1.0, space.entries, loss_fn)
-            elif x.shape[0] < batch:
+                group = [(x[:take], y[:take])]
+                hooks.backward(model, x[:take], y[:take], rows[filled:filled + take], 1.0, space.entries, loss_fn)
+            elif group_size(group) < batch:
                 break                               # a short last mini-batch would weigh rows unequally
             else:
                 take = 1
                 accumulator.zero_()
-                for xs, ys in zip(x.split(chunk), y.split(chunk)):
-                    hooks.backward(model, xs, ys, accumulator, float(batch), space.entries, loss_fn)
+                for x, y in group:                  # pieces of one shape each (``regroup``)
+                    for xs, ys in zip(x.split(chunk), y.split(chunk)):
+                        hooks.backward(model, xs, ys, accumulator, float(batch), space.entries, loss_fn)
                 rows[filled] = accumulator[0]
             if not checked:                     # against autograd of the modules' own forwards
                 with patch.suspended():
-                    checked = _check_rows(model, space, x, y, rows[filled:filled + take], batch, chunk, loss_fn,
+                    checked = _check_rows(model, space, group, rows[filled:filled + take], batch, chunk, loss_fn,
                                           disagreements)
                 if checked:
                     on_checked()
@@ -247,14 +249,15 @@ def collect_with_hooks(model, space, batches, rows, batch, chunk, progress, loss
 CHECK_ATTEMPTS = 2
 
 
-def _check_rows(model, space, x, y, rows, batch, chunk, loss_fn, disagreements: list[str]) -> bool:
+def _check_rows(model, space, group, rows, batch, chunk, loss_fn, disagreements: list[str]) -> bool:
     """Check this step's rows (take, p) against autograd: the samples of a chunk one by one
-    (``batch`` 1: x (take, ...)), or the one mini-batch row of x. True at the first agreement;
-    each disagreement is appended to ``disagreements``, and the CHECK_ATTEMPTS-th raises HooksDisagree."""
+    (``batch`` 1: ``group`` [(x (take, ...), y)]), or the one mini-batch row of ``group``'s pieces
+    [(x, y)]. True at the first agreement; each disagreement is appended to ``disagreements``, and
+    the CHECK_ATTEMPTS-th raises HooksDisagree."""
     for i in range(rows.shape[0]):
-        sample = slice(i, i + 1) if batch == 1 else slice(None)
+        pieces = [(x[i:i + 1], y[i:i + 1]) for x, y in group] if batch == 1 else group
         try:
-            _check_row(model, space, x[sample], y[sample], rows[i], chunk, loss_fn)
+            _check_row(model, space, pieces, rows[i], chunk, loss_fn)
             return True
         except HooksDisagree as error:
             disagreements.append(str(error) if not disagreements else f"again on another sample: {error}")
@@ -263,25 +266,39 @@ def _check_rows(model, space, x, y, rows, batch, chunk, loss_fn, disagreements: 
     return False
 
 
-def _check_row(model, space, x, y, row, chunk, loss_fn=None) -> None:
-    """Compare one row with plain autograd of x, y, layer by layer; raise HooksDisagree if off.
-    A bfloat16/float16 row is off by its rounding (~0.4 %), hence the looser tolerance."""
+def _check_row(model, space, pieces, row, chunk, loss_fn=None) -> None:
+    """Compare one row with plain autograd of the mean loss over ``pieces`` [(x, y)] (the samples
+    of one row), layer by layer; raise HooksDisagree if off by more than :func:`tolerance` of the
+    layer's weight and the row's dtype. Autograd's gradient is rounded to the row's dtype first:
+    storing a row in bfloat16/float16 is no disagreement."""
     weights = space.weights()
     for w in weights:
         w.requires_grad_(True)
     reference = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    for xs, ys in zip(x.split(chunk), y.split(chunk)):
-        loss = summed_loss(loss_fn, model(xs), ys) / x.shape[0]
+    samples = group_size(pieces)
+    for xs, ys in ((xs, ys) for x, y in pieces for xs, ys in zip(x.split(chunk), y.split(chunk))):
+        loss = summed_loss(loss_fn, model(xs), ys) / samples
         for total, g in zip(reference, torch.autograd.grad(loss, weights, allow_unused=True)):
             if g is not None:
                 total += g
     for w in weights:
         w.requires_grad_(False)
-    tol = 1e-3 if row.dtype in (torch.float32, torch.float64) else 2e-2
-    for entry, ref in zip(space.entries, reference):
+    for entry, w, ref in zip(space.entries, weights, reference):
+        tol = tolerance(w.dtype, row.dtype)
         got = row[entry.slice].float()
-        ref = ref.reshape(-1)
+        ref = ref.reshape(-1).to(row.dtype).float()
         off, scale = float((got - ref).norm()), float(ref.norm())
         if off > tol * scale + 1e-12:
             raise HooksDisagree(f"layer {entry.module_name!r}: |difference| / |autograd| = "
-                                 f"{off / max(scale, 1e-30):.2e}, tolerance {tol:.0e}")
+                                 f"{off / max(scale, 1e-30):.2e}, tolerance {tol:.1e}")
+
+
+def tolerance(*dtypes: torch.dtype) -> float:
+    """The largest |difference| / |autograd| (norms over one layer's gradient) a row may show
+    against autograd when computed or stored in ``dtypes``: 1e-3, or 16 machine epsilons of the
+    least precise of them where that is larger (bfloat16 0.125, float16 0.0156). Autograd's own
+    half-precision gradient drifts: its embedding backward sums a row's positions in the weight's
+    dtype on CPU, 4 epsilons off on a BERT's token-type embedding over 64 positions in bfloat16,
+    10 in float16 (the hooks' sum is nearer the exact one), while a missed or wrong term is off
+    by far more (a weight also used outside its layer: 0.7 in every dtype)."""
+    return max(1e-3, 16 * max(torch.finfo(d).eps for d in dtypes))

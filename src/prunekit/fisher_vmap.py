@@ -11,7 +11,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from .errors import PrunekitWarning
-from .fisher_batches import check_filled, gradient_bar, regroup
+from .fisher_batches import check_filled, gradient_bar, group_size, row_groups
 from .losses import mean_loss
 
 
@@ -35,16 +35,17 @@ def collect_with_vmap(model, space, batches, rows, batch, chunk, progress, loss_
     filled = 0
     bar = progress if isinstance(progress, tqdm) else gradient_bar(n, progress)
     try:
-        for x, y in regroup(batches, batch if batch > 1 else chunk):
-            x, y = x.to(device), y.to(device)
+        for group in row_groups(batches, batch, chunk):
+            group = [(x.to(device), y.to(device)) for x, y in group]
             if batch == 1:
+                (x, y), = group
                 take = min(x.shape[0], n - filled)
                 g = per_sample_grads(weights, x[:take], y[:take])
-            elif x.shape[0] < batch:
+            elif group_size(group) < batch:
                 break
             else:
                 take = 1
-                g = {k: v.unsqueeze(0) for k, v in batch_grad(weights, x, y).items()}
+                g = {k: v.unsqueeze(0) for k, v in _mini_batch_grad(batch_grad, weights, group).items()}
             for entry, name in zip(space.entries, names):
                 rows[filled:filled + take, entry.slice] = g.pop(name).reshape(take, -1)
             filled += take
@@ -55,6 +56,21 @@ def collect_with_vmap(model, space, batches, rows, batch, chunk, progress, loss_
         if bar is not progress:             # a bar of the caller's (pieces of a rank's rows) stays open
             bar.close()
     check_filled(filled, n, batch)
+
+
+def _mini_batch_grad(batch_grad, weights: dict, group: list) -> dict:
+    """The gradient of the mean loss over the samples of ``group``'s (x, y) pieces: ``batch_grad``
+    of the one piece, or the pieces' gradients (of their own mean loss) weighed by their share of
+    the samples (pieces of different shapes, ``fisher_batches.regroup``)."""
+    if len(group) == 1:
+        return batch_grad(weights, *group[0])
+    total = group_size(group)
+    out: dict = {}
+    for x, y in group:
+        for name, g in batch_grad(weights, x, y).items():
+            part = g * (x.shape[0] / total)
+            out[name] = out[name] + part if name in out else part
+    return out
 
 
 def _vmap_or_loop(sample_grad):

@@ -43,11 +43,13 @@ read by torch-pruning as elementwise) are caught numerically by ``shrink.checked
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
+from torch_pruning.dependency import graph as tp_graph
 from torch import nn
 
 from ..errors import PrunekitError
@@ -220,9 +222,17 @@ def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual:
     recurrent models it fails with an IndexError) refused in one line."""
     try:
         graph = build_graph(model, example_input, pads_residual)
-        return list(graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)))
+        with _bounded_groups(len(graph.module2node)):
+            return list(graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)))
     except PrunekitError:
         raise
+    except _EndlessGroup as err:
+        names = {module: name for name, module in model.named_modules()}
+        root = names.get(err.root, type(err.root).__name__)
+        raise PrunekitError(f"the channel dependency analysis (torch-pruning) does not finish on this model: the "
+                            f"channels of '{root}' lead it round a cycle without end (seen on a rotary position "
+                            "embedding with grouped-query attention, as Llama's); no channel group can be shrunk: "
+                            "prune its weights instead (falcon, chita, magnitude)") from None
     except Exception as err:  # noqa: BLE001 - any failure inside torch-pruning's trace of the user's model
         recurrent = [f"'{name}' ({type(m).__name__})" for name, m in model.named_modules()
                      if isinstance(m, nn.RNNBase)]
@@ -230,6 +240,41 @@ def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual:
         raise PrunekitError(f"the channel dependency analysis (torch-pruning) failed on this model "
                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else '?'}){suspect}: "
                             "prune its weights instead (falcon, chita, magnitude)") from None
+
+
+class _EndlessGroup(Exception):
+    def __init__(self, root):
+        super().__init__()
+        self.root = root                     # the module whose group was being traced
+
+
+# A group holds each (layer, pruning function, indices) at most once; over the zoo's models and
+# HuggingFace BERT/ViT the largest traced group has at most one item per node of the graph.
+# torch-pruning 1.6 never ends on some cycles of index mappings (a rotary embedding's slice-negate-
+# concat feeding grouped-query attention's expand-reshape): each round maps the indices anew and
+# adds them again. Past GROUP_ITEMS_PER_NODE items per node (+ GROUP_ITEMS_MIN) the trace stops.
+GROUP_ITEMS_PER_NODE, GROUP_ITEMS_MIN = 8, 64
+
+
+@contextlib.contextmanager
+def _bounded_groups(nodes: int):
+    """Within the block, torch-pruning's group tracing (``get_pruning_group``) raises
+    :class:`_EndlessGroup` once one group holds more than GROUP_ITEMS_PER_NODE * ``nodes`` +
+    GROUP_ITEMS_MIN items (``nodes``: the graph's node count), instead of running without end."""
+    limit = GROUP_ITEMS_PER_NODE * nodes + GROUP_ITEMS_MIN
+    plain = tp_graph.Group
+
+    class Bounded(plain):
+        def add_dep(self, dep, idxs):
+            if len(self.items) >= limit:
+                raise _EndlessGroup(self.items[0].dep.target.module)
+            super().add_dep(dep, idxs)
+
+    tp_graph.Group = Bounded
+    try:
+        yield
+    finally:
+        tp_graph.Group = plain
 
 
 def _joined_by_add(tp_group) -> bool:
