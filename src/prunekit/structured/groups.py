@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
-from torch_pruning.dependency import graph as tp_graph
 from torch import nn
 
 from ..errors import PrunekitError
@@ -262,7 +261,12 @@ def _bounded_groups(nodes: int):
     :class:`_EndlessGroup` once one group holds more than GROUP_ITEMS_PER_NODE * ``nodes`` +
     GROUP_ITEMS_MIN items (``nodes``: the graph's node count), instead of running without end."""
     limit = GROUP_ITEMS_PER_NODE * nodes + GROUP_ITEMS_MIN
-    plain = tp_graph.Group
+    try:                                     # torch-pruning's internals: a later version may move them
+        from torch_pruning.dependency import graph as tp_graph
+        plain = tp_graph.Group
+    except (ImportError, AttributeError):
+        yield
+        return
 
     class Bounded(plain):
         def add_dep(self, dep, idxs):
