@@ -162,3 +162,23 @@ def test_resume_of_a_training_run_folder_says_how_to_carry_that_run_on(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "prunekit train" in err and "unknown key" not in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_names_its_folder_and_data_plainly(tmp_path, capsys):
+    """--resume '' asked for --data; the folder's config.toml named instead of the folder was 'not a run
+    folder'; data moved since the run began pointed to --data-dir, which --resume refuses."""
+    import shutil
+    assert main(["prune", "--resume", ""]) == 2
+    assert "--resume needs the run folder" in capsys.readouterr().err
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(ASSETS / "mnist", data)
+    argv = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(data), "--train-samples", "256", "--method", "magnitude", "--sparsity", "0.5",
+            "--out", str(out), "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["prune", "--resume", str(out / "config.toml"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == first["accuracy"]
+    data.rename(tmp_path / "moved")
+    assert main(["prune", "--resume", str(out)]) == 2
+    assert "put the data back there" in capsys.readouterr().err

@@ -95,6 +95,10 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     if known.resume and argv[0] == "sweep":
         raise PrunekitError("sweep takes no --resume: run the same sweep command again to finish it "
                             "(finished runs are kept)")
+    if known.resume is not None and not known.resume.strip():
+        raise PrunekitError("--resume needs the run folder to carry on, e.g. --resume runs/mine")
+    if known.resume and Path(known.resume).name == "config.toml" and Path(known.resume).is_file():
+        known.resume = str(Path(known.resume).parent)        # the folder's config named: the folder
     if known.resume:
         others = [a for a in argv[1:] if a.startswith("-") and a.split("=")[0] not in ("--resume", "--json")]
         if others:
@@ -113,7 +117,13 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         if _is_training_config(config):
             raise PrunekitError(f"{known.resume} is the folder of a `prunekit train` run: run that train command "
                                 "again to carry it on (--resume is for `prunekit prune` runs)")
-        recipes.apply_recipe(sub, {**recipes.load_recipe(config, sub), "out": known.resume})
+        options = recipes.load_recipe(config, sub)
+        data_dir = options.get("data_dir")
+        if data_dir and not Path(data_dir).exists():
+            raise PrunekitError(f"the run reads its data from {data_dir} (its config.toml), which does not exist: "
+                                "put the data back there (a resumed run reads the data it started on), or start "
+                                "a new run with --out and --data-dir")
+        recipes.apply_recipe(sub, {**options, "out": known.resume})
     elif known.recipe:
         recipes.apply_recipe(sub, recipes.load_recipe(known.recipe, sub))
 
