@@ -229,3 +229,29 @@ def test_more_gradient_rows_than_training_images_is_said_before_the_memory_check
                  "--fisher-samples", "10000000", "--eval-split", "train"]) == 2
     err = capsys.readouterr().err
     assert "the training data holds 256 samples" in err and "--fisher-samples" in err and err.count("\n") == 1
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    """`kill` / `timeout` (SIGTERM) ended a run silently with 143, its log and metrics still "running";
+    now it is said like Ctrl-C, with the resume command, and the same command finishes the run."""
+    import os
+    import signal
+    from prunekit import executor
+    real_run, before = executor._run, signal.getsignal(signal.SIGTERM)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "_run", terminated)
+    out = tmp_path / "run"
+    argv = ["prune", *MLP, *MNIST, "--method", "magnitude", "--sparsity", "0.8", "--train-samples", "256",
+            "--eval-split", "train", "--out", str(out), "--json"]
+    assert main(argv) == 143
+    assert "prunekit: interrupted (SIGTERM); " in capsys.readouterr().err
+    assert "interrupted (SIGTERM)" in (out / "run.log").read_text()
+    assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is before          # put back as it was
+    monkeypatch.setattr(executor, "_run", real_run)
+    assert main(argv) == 0
+    assert json.loads((out / "metrics.json").read_text())["status"] == "done"

@@ -240,12 +240,18 @@ def _main(argv: list[str] | None) -> int:
             distributed.print_refusal(line)     # under torchrun: once, not once per rank
         return 2
     except KeyboardInterrupt:
+        how, code = interrupts.stopped_by()
         out = getattr(args, "out", None)
         if args.command == "prune" and out and (Path(out) / "run.log").exists() and distributed.is_main_process():
-            runs.RunFolder(out).log("interrupted (Ctrl-C)")       # the log says why it ends there
+            folder = runs.RunFolder(out)
+            folder.log(f"interrupted ({how})")       # the log says why it ends there
+            metrics = folder.read_metrics()
+            if metrics.get("status") == "running":
+                folder.write_metrics({**metrics, "status": "interrupted"})
         if distributed.is_main_process():          # under torchrun: once, by rank 0
-            print(f"prunekit: interrupted; {_how_to_resume(args)}", file=sys.stderr)
-        return 130
+            print(f"prunekit: interrupted{'' if how == 'Ctrl-C' else f' ({how})'}; {_how_to_resume(args)}",
+                  file=sys.stderr)
+        return code
     except BrokenPipeError:  # e.g. `prunekit info resnet50 | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

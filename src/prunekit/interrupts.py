@@ -1,4 +1,4 @@
-"""Ctrl-C that is never lost.
+"""Ctrl-C (and SIGTERM) that is never lost.
 
 Python turns SIGINT into a KeyboardInterrupt raised wherever the main thread is; raised inside a
 callback that the interpreter runs for itself (a weakref's or ``__del__``'s: a DataLoader's
@@ -10,32 +10,46 @@ next safe point (between a sweep's runs, after a stage's checkpoint), so the run
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
 _pending = False
+_received = signal.SIGINT          # the last signal that stopped the run
 
 
-def _on_sigint(signum, frame):
-    global _pending
-    _pending = True
+def _on_signal(signum, frame):
+    global _pending, _received
+    _pending, _received = True, signum
     raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def caught():
-    """Within the block (on the main thread), SIGINT raises KeyboardInterrupt and is remembered."""
-    global _pending
+    """Within the block (on the main thread), SIGINT and, outside torchrun, SIGTERM (``kill``,
+    ``timeout``, a batch scheduler's stop) raise KeyboardInterrupt and are remembered, so both stop
+    a run the same way: its log says so and the resume command is printed."""
+    global _pending, _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _pending = False
-    previous = signal.signal(signal.SIGINT, _on_sigint)
+    _pending, _received = False, signal.SIGINT
+    # under torchrun SIGTERM is how the launcher stops every rank when one fails: it must act at
+    # once, also inside a blocking collective, where a Python handler would wait for the call
+    ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handled = (signal.SIGINT,) if ranks else (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, _on_signal) for signum in handled}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         _pending = False
+
+
+def stopped_by() -> tuple[str, int]:
+    """(how the last stop is named, the exit code for it): Ctrl-C 130, SIGTERM 143 (128 + signal)."""
+    return ("Ctrl-C", 130) if _received == signal.SIGINT else (signal.Signals(_received).name, 128 + _received)
 
 
 def check() -> None:
