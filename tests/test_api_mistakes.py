@@ -129,3 +129,14 @@ def test_a_layer_left_with_no_weight_is_named():
         result = prunekit.prune(net, (x, y), method="magnitude", sparsity=0.8)
     assert result.record["empty_layers"] == ["2"] and not net[2].weight.any()
     assert "empty_layers" not in prunekit.prune(_net(), _data(), method="magnitude-uniform", sparsity=0.8).record
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_pruned_model_comes_back_in_the_mode_it_was_given(mode):
+    """One-shot kept the model's mode; gradual and channel methods returned it in eval mode."""
+    x, y = _data()
+    for method, extra in (("magnitude", {}), ("magnitude", {"gradual": True, "events": 1, "final_epochs": 0}),
+                          ("autobot", {"gate_batches": 2, "finetune_epochs": 0})):
+        net = _net().train(mode == "train")
+        budget = {"flops": 0.7} if method == "autobot" else {"sparsity": 0.5}
+        assert prunekit.prune(net, (x, y), method=method, **budget, **extra).model.training == (mode == "train")

@@ -134,6 +134,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                       **{k: v for k, v in options.items() if not callable(v)}}
             folder = claim_on_rank_0(out, recipes.dump_recipe(config), force=force, device=_model_device(model),
                                      python=True)
+        was_training = model.training
         try:
             record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress,
                                                 stage_eval=stage_eval)
@@ -147,6 +148,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             raise refusal from None
         if folder is not None and folder.writable:
             _write_report(folder)
+    for returned in (pruned, *snapshots.values()):     # in the mode the model came in (gradual and channel
+        returned.train(was_training)                   # methods ended in eval mode)
     result = Result.from_record(record, pruned, out)
     result.snapshots = {share: Result.from_record(snap, snapshots[share]) for share, snap in
                         zip(snapshots, record.get("snapshots", []))}
