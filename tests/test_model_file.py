@@ -287,3 +287,20 @@ def test_a_token_model_saved_from_python_is_read_by_info_and_bench_latency(capsy
     assert latency["flops_kept"] == pytest.approx(result.flops_kept)
     audio = run_json(capsys, ["info", f"{tmp_path}/net.py:audio", "--input-shape", "2,100", "--json"])
     assert audio["macs"] == 2 * 4 * 5 * 96 + 4 * 96 * 3
+
+
+def test_a_model_file_returning_an_output_with_logits_runs_on_the_command_line(capsys, tmp_path):
+    """A HuggingFace classifier returns a ModelOutput (a dict with "logits"): Python read its logits,
+    the command line refused it ("returns a ImageClassifierOutput ... wrap it")."""
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Output(dict):\n    pass\n\n\n"
+        "class Classifier(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))\n\n"
+        "    def forward(self, x):\n        return Output(logits=self.body(x))\n\n\n"
+        "def build():\n    torch.manual_seed(0)\n    return Classifier()\n")
+    spec = f"{tmp_path}/net.py:build"
+    pruned = run_json(capsys, ["prune", "--model", spec, *NORMALIZE, *MNIST, "--method", "magnitude", "--sparsity",
+                               "0.5", "--train-samples", "256", "--out", str(tmp_path / "run"), "--json"])
+    assert pruned["sparsity"] == pytest.approx(0.5, abs=1e-3) and pruned["accuracy"] is not None
+    evaluated = run_json(capsys, ["eval", "--model", spec, "--checkpoint", str(tmp_path / "run"), *MNIST, "--json"])
+    assert evaluated["accuracy"] == pruned["accuracy"]

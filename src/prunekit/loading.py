@@ -234,8 +234,13 @@ def _check_forward(loaded: LoadedModel, what: str) -> None:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PrunekitError(f"{loaded.name} fails on one of the {what} images, shape "
                             f"{tuple(loaded.input_shape)} (C,H,W): {first}; pick data the model takes") from None
+    if not isinstance(out, torch.Tensor):         # a HuggingFace classifier's output: its .logits, as in Python
+        logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+        out = logits if isinstance(logits, torch.Tensor) else out
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
-        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        name = type(out).__name__
+        got = (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+               else f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}")
         raise PrunekitError(f"{loaded.name} returns {got} for one image; the command line needs class scores of "
                             "shape (batch, classes): return them from the function's model (e.g. wrap it)")
 
