@@ -140,3 +140,23 @@ def test_the_pruned_model_comes_back_in_the_mode_it_was_given(mode):
         net = _net().train(mode == "train")
         budget = {"flops": 0.7} if method == "autobot" else {"sparsity": 0.5}
         assert prunekit.prune(net, (x, y), method=method, **budget, **extra).model.training == (mode == "train")
+
+
+def test_a_loss_that_indexes_an_output_with_logits_is_told_to_read_them():
+    class Output(dict):
+        @property
+        def logits(self):
+            return self["logits"]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _net()
+
+        def forward(self, x):
+            return Output(logits=self.body(x))
+
+    x, y = _data()
+    with pytest.raises(prunekit.PrunekitError, match=r"returns Output outputs, not a tensor: read outputs.logits"):
+        prunekit.prune(Net(), (x, y), method="magnitude", sparsity=0.5,
+                       loss=lambda out, t: nn.functional.cross_entropy(out[:, :4], t))

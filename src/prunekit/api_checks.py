@@ -231,8 +231,11 @@ def check_loss(model: nn.Module, loss, batches: Callable[[], Iterable], device: 
     try:
         value = loss(outputs, y)
     except Exception as err:  # noqa: BLE001 - any failure of the user's loss
+        logits = getattr(outputs, "logits", None) if not isinstance(outputs, torch.Tensor) else None
+        hint = (f" (the model returns {type(outputs).__name__} outputs, not a tensor: read outputs.logits in the loss)"
+                if isinstance(logits, torch.Tensor) else "")
         raise PrunekitError(f"loss(outputs, targets) failed on data's first batch: {type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+                            f"{str(err).splitlines()[0] if str(err) else ''}{hint}") from None
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
         raise PrunekitError(f"loss(outputs, targets) must return the mean loss, a tensor of one number; got {got}")

@@ -28,14 +28,14 @@ def check_sample_count(available: int | None, n: int) -> None:
     """Refuse n per-sample rows from one pass of ``available`` samples (None: not known)."""
     if available is not None and available < n:
         raise OptionError(f"the training data holds {available} samples, {n} gradient rows of one sample asked: "
-                          "lower fisher_samples or give more training images (mini-batch rows, fisher_batch > 1, "
+                          "lower fisher_samples or give more training samples (mini-batch rows, fisher_batch > 1, "
                           "read the data pass after pass)", ("fisher_samples", "fisher_batch"))
 
 
 def check_filled(filled: int, n: int, batch: int) -> None:
     if filled < n:
         raise OptionError(f"the training data gave only {filled} gradient rows of {batch} sample(s), "
-                          f"{n} asked: lower fisher_samples or fisher_batch, or give more training images",
+                          f"{n} asked: lower fisher_samples or fisher_batch, or give more training samples",
                           ("fisher_samples", "fisher_batch"))
 
 

@@ -91,7 +91,7 @@ def _raise_together(short: OptionError | None, collective: Collective, device, n
         raise short
     if anyone:
         raise OptionError(f"the training data ran out before the {n} gradient rows of {batch} sample(s) on another "
-                          "rank: lower fisher_samples or fisher_batch, or give more training images",
+                          "rank: lower fisher_samples or fisher_batch, or give more training samples",
                           ("fisher_samples", "fisher_batch"))
 
 

@@ -192,7 +192,7 @@ def _fresh_stages(ctx: PruneContext, opts: QuadraticOptions, rows: int, stages: 
         warnings.warn(PrunekitWarning(
             f"fresh_samples: {stages} stages of {rows:,} rows take {stages * rows * opts.fisher_batch:,} images and "
             f"the training data holds {available:,}: stages after {fresh} read images an earlier stage read "
-            "(more training images, or fewer fisher_samples, keep them all fresh)"), stacklevel=4)
+            "(more training samples, or fewer fisher_samples, keep them all fresh)"), stacklevel=4)
     return fresh
 
 
