@@ -254,3 +254,28 @@ def test_a_saved_shrunk_model_reloads_into_a_fresh_instance(name, tmp_path):
         torch.testing.assert_close(fresh(x), result.model.eval()(x))
     with pytest.raises(PrunekitError, match="no saved model"):
         prunekit.load_pruned(MAKERS[name](), tmp_path / "elsewhere")
+
+
+def test_layers_the_channel_methods_do_not_shrink_are_named_as_such():
+    """A ConvTranspose2d was 'a weight held outside a known layer (used by einsum or matmul, say)',
+    and an LSTM was not named at all."""
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.fc = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1), nn.Linear(200, 3)
+
+        def forward(self, x):
+            return self.fc(self.up(x).flatten(1))
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    with pytest.raises(PrunekitError, match=r"up: ConvTranspose2d: the channel methods do not shrink this layer type"):
+        find_groups(Up(), torch.zeros(1, 4, 5, 5))
+    with pytest.raises(PrunekitError, match=r"lstm: LSTM: the channel methods"):
+        find_groups(Recurrent(), torch.zeros(1, 6, 8))

@@ -148,6 +148,9 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             # A bare nn.Parameter used in forward: torch-pruning warns that it would prune its
             # last axis. We never do; its groups are left dense and listed in GroupSet.skipped.
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            # Its concat-size inference gives up on deep recurrent graphs (a bidirectional LSTM):
+            # those channels are then unknown, and such groups are skipped or caught by shrink's check.
+            warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_input,
                 customized_pruners=pad_pruners(model) if pads_residual else None)
@@ -201,11 +204,20 @@ _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._NormBase,
                 nn.Embedding, nn.MultiheadAttention, nn.RNNBase, nn.PReLU)
 
 
+# layers whose channels the channel methods leave whole (their groups are rooted at Conv1d/2d and Linear)
+_NOT_SHRUNK = (nn.modules.conv._ConvTransposeNd, nn.Conv3d, nn.EmbeddingBag, nn.Bilinear, nn.RNNBase)
+
+
 def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
-    """Parameters of at least two dimensions held by a module that is not a known layer (used by
-    einsum / matmul in a forward): the dependency analysis cannot follow channels through them."""
+    """Layers of a type the channel methods do not shrink, and parameters of at least two
+    dimensions held by a module that is not a known layer (used by einsum / matmul in a
+    forward): the dependency analysis cannot follow channels through them."""
     loose = []
     for module_name, module in model.named_modules():
+        if isinstance(module, _NOT_SHRUNK):
+            loose.append((module_name, f"{type(module).__name__}: the channel methods do not shrink this layer "
+                                       "type's channels"))
+            continue
         if isinstance(module, _LAYER_TYPES):
             continue
         for name, param in module.named_parameters(recurse=False):
