@@ -182,3 +182,52 @@ def test_resume_names_its_folder_and_data_plainly(tmp_path, capsys):
     data.rename(tmp_path / "moved")
     assert main(["prune", "--resume", str(out)]) == 2
     assert "put the data back there" in capsys.readouterr().err
+
+
+def test_resume_refuses_an_edited_config_before_importing_what_it_names(tmp_path, capsys):
+    """An edited config.toml was noticed only after the model file it named had been imported (its
+    code run), and a finished run's result came back for options it was not run with."""
+    out = tmp_path / "run"
+    argv = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(ASSETS / "mnist"), "--train-samples", "256", "--method", "magnitude", "--sparsity",
+            "0.5", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    config = (out / "config.toml").read_text()
+    (out / "config.toml").write_text(config.replace('sparsity = "0.5"', 'sparsity = "0.8"'))
+    assert main(["prune", "--resume", str(out), "--json"]) == 2
+    assert "config.toml was changed (sparsity)" in capsys.readouterr().err
+    marker = tmp_path / "marker"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n\n\ndef build():\n    return None\n")
+    (out / "config.toml").write_text(config.replace('model = "mlpnet"', f'model = "{tmp_path}/evil.py:build"'))
+    assert main(["prune", "--resume", str(out), "--json"]) == 2
+    assert "config.toml was changed (model)" in capsys.readouterr().err and not marker.exists()
+
+
+def test_resume_refuses_a_checkpoint_changed_since_the_run_began(tmp_path, capsys, monkeypatch):
+    """The starting checkpoint overwritten between a kill and the resume: the run went on from the new
+    weights without a word (and reported the old dense accuracy)."""
+    import shutil
+    from prunekit import executor
+    checkpoint, out = tmp_path / "start.safetensors", tmp_path / "run"
+    shutil.copy(ASSETS / "mlpnet.safetensors", checkpoint)
+    shutil.copy(ASSETS / "mlpnet.json", tmp_path / "start.json")
+    argv = ["prune", "--model", "mlpnet", "--checkpoint", str(checkpoint), "--data", "mnist", "--data-dir",
+            str(ASSETS / "mnist"), "--train-samples", "256", "--method", "magnitude", "--sparsity", "0.5",
+            "--out", str(out), "--json"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(executor, "_run", killed)
+    assert main(argv) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    import torch
+    from prunekit.loading import load_model
+    from prunekit.saving import save_model
+    model = load_model("mlpnet", str(checkpoint)).model
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.01)
+    save_model(model, checkpoint, {"model": "mlpnet"})
+    assert main(argv) == 2
+    assert "the checkpoint this run" in capsys.readouterr().err

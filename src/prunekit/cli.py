@@ -117,6 +117,7 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         if _is_training_config(config):
             raise PrunekitError(f"{known.resume} is the folder of a `prunekit train` run: run that train command "
                                 "again to carry it on (--resume is for `prunekit prune` runs)")
+        runs.check_config_unchanged(known.resume)     # before the config names code to import
         options = recipes.load_recipe(config, sub)
         data_dir = options.get("data_dir")
         if data_dir and not Path(data_dir).exists():

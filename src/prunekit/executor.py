@@ -25,7 +25,7 @@ from torch import nn
 
 from .budget import budget_text
 from .data.loaders import BatchLoader
-from .errors import PrunekitWarning
+from .errors import PrunekitError, PrunekitWarning
 from .pipelines.gradual import prune_gradual
 from .pipelines.weights import Outcome, PruneContext, prune_weights
 from .options import OptionError
@@ -92,6 +92,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         folder.log(f"{'resume' if metrics else 'start'}: {plan.name}, method {plan.method.name}, "
                    f"budget {budget_text(plan.request.budget)}")
         _tell_changed_code(folder, metrics, describe)
+        _refuse_changed_weights(folder, metrics, describe)
     dense = dense or metrics.get("dense") or measure(plan, plan.request.model, eval_loader)
     measure_now = lambda model: measure(plan, model, eval_loader)   # noqa: E731
     measure_stage = lambda model: measure(plan, model, eval_loader if stage_eval else None)   # noqa: E731
@@ -102,9 +103,11 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
                               "max_macs": None if plan.budget.max_macs is None
                               else plan.budget.max_macs + plan.budget.fixed_macs},
                    "prunable_weights": plan.space.numel, "dense_macs": plan.costs.macs,
-                   "fixed_macs": plan.budget.fixed_macs, "dense": dense, "stages": metrics.get("stages", [])}
-        if "model_file_sha256" in describe:
-            metrics["model_file_sha256"] = describe["model_file_sha256"]
+                   "fixed_macs": plan.budget.fixed_macs, "dense": dense, "stages": metrics.get("stages", []),
+                   "config": metrics.get("config") or _read_text(folder.config)}     # as the run began
+        for key in ("model_file_sha256", "checkpoint_sha256"):
+            if key in describe:
+                metrics[key] = describe[key]
         folder.write_metrics(metrics)
 
         def on_saved(history: list[dict]) -> None:
@@ -177,6 +180,20 @@ def _tell_changed_code(folder: RunFolder, metrics: dict, describe: dict) -> None
         message = f"the model file changed since this run started ({describe['model']}): the stages left use the new code"
         folder.log(message)
         warnings.warn(PrunekitWarning(message), stacklevel=3)
+
+
+def _refuse_changed_weights(folder: RunFolder, metrics: dict, describe: dict) -> None:
+    """A run resumed after its starting checkpoint changed would finish from other weights than it
+    began with (and report the old dense accuracy): refused."""
+    before, now = metrics.get("checkpoint_sha256"), describe.get("checkpoint_sha256")
+    if before is not None and now is not None and before != now:
+        raise PrunekitError(f"the checkpoint this run in {folder.path} started from has changed since (its SHA-256 "
+                            "differs): put the original back to carry the run on, or start a new run in another "
+                            "folder")
+
+
+def _read_text(path) -> str | None:
+    return path.read_text() if path.exists() else None
 
 
 def _load_final(plan: Plan, folder: RunFolder) -> nn.Module:

@@ -96,6 +96,16 @@ class _FollowerRunFolder(RunFolder):
         pass
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB pieces (a checkpoint a run starts from, recorded to tell
+    later whether it changed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def is_run(path: str | Path) -> bool:
     return (Path(path) / METRICS).exists()
 
@@ -306,6 +316,17 @@ class RunCheckpointer:
             raise PrunekitError(f"no checkpoint in {self.folder.checkpoints} can be read ({unreadable[0]}): restore "
                                 "it, or delete that checkpoints folder to start the run over")
         return None
+
+
+def check_config_unchanged(path: str | Path) -> None:
+    """Refuse, before anything is imported or run, a run folder whose config.toml is no longer the
+    one its run began with (kept in metrics.json): ``--resume`` would otherwise import the model
+    file an edited config names, or hand back a finished run's result for options it was not run
+    with. Folders written before metrics.json kept the config are checked at their checkpoints."""
+    folder = RunFolder(path)
+    saved = folder.read_metrics().get("config")
+    if isinstance(saved, str):
+        _check_same_config(folder, saved, METRICS)
 
 
 def _check_same_config(folder: RunFolder, saved: str | None, name: str) -> None:

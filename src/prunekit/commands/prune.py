@@ -154,6 +154,15 @@ def _first_batch(batches):
     return next(iter(loader), None)
 
 
+def _described(loaded: LoadedModel, checkpoint: str | None) -> dict:
+    """``describe(loaded)`` and, for a run folder, the SHA-256 of the checkpoint it starts from
+    (a resume after that file changed is refused: ``executor``)."""
+    described = describe(loaded)
+    if checkpoint is not None and Path(checkpoint).is_file():
+        described["checkpoint_sha256"] = runs.file_sha256(checkpoint)
+    return described
+
+
 def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None, main: bool) -> dict:
     folder, finished = None, False
     if args.out:                # rank 0 claims the folder and writes it; the others read it
@@ -169,7 +178,8 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
             print(f"resuming {args.out} after {unit} {len(done)}" if done else f"resuming {args.out} from its start",
                   file=sys.stderr)
     try:
-        record, model, _ = execute(plan, train_batches, eval_loader, folder=folder, describe=describe(loaded),
+        record, model, _ = execute(plan, train_batches, eval_loader, folder=folder,
+                                   describe=_described(loaded, args.checkpoint if folder is not None else None),
                                    dense=dense, progress=show_progress(args), on_step=step_printer(args),
                                    stage_eval=not getattr(args, "no_stage_eval", False))
     except PrunekitError:
