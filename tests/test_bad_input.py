@@ -143,6 +143,8 @@ CLI_CASES = [
     (["eval", "--model", "mlpnet", "--data", "svhn", "--data-dir", MNIST_DIR], "invalid choice"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "abc"], "integer or auto"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--schedule", "cubic"], "invalid choice"),
+    (["prune", "--model", "mlpnet", "--checkpoint", f"{H}/run/model.safetensors", *MNIST, "--sparsity", "0.5",
+      "--out", f"{H}/run", "--force"], "whose run files --force removes"),
     ([*PRUNE, "--method", "falcon", "--flops", "0.5", "--gradual", "--schedule", "const"],
      "--schedule shapes the --stages of a multi-stage run, and --stages is 1"),
     ([*PRUNE, "--sparsity", "0.5", "--eval-split", "val"], "invalid choice"),

@@ -53,6 +53,11 @@ def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dic
                         bool(args.gradual), not args.no_bn_recalibration, options, loaded.name)
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` (a file, or a run folder standing for its model) lies inside ``folder``."""
+    return Path(folder).resolve() in Path(path).resolve().parents or Path(path).resolve() == Path(folder).resolve()
+
+
 def step_printer(args):
     if args.json:
         return None
@@ -71,6 +76,9 @@ def cmd_prune(args) -> int:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to use every training image)")
     if args.onnx and not args.out:
         raise PrunekitError("--onnx writes into the run folder: add --out DIR")
+    if getattr(args, "force", False) and args.out and args.checkpoint and _inside(args.checkpoint, args.out):
+        raise PrunekitError(f"--checkpoint {args.checkpoint} is inside --out {args.out}, whose run files --force "
+                            "removes: copy the checkpoint out of that folder first, or pick another --out")
     loaded = loaded_model(args)
     if args.onnx:
         check_onnx(loaded)
