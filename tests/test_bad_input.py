@@ -284,6 +284,7 @@ CLI_CASES = [
     (["export", f"{H}/adir"], "--onnx"),
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir", "--threads", "0"], "positive"),
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir"], "no pruned model"),
+    (["bench-latency", "--pruned", CKPT, "--checkpoint", CKPT], "--checkpoint must be the dense weights"),
     (["bench-latency", "--model", "mlpnet", "--pruned", CKPT, "--batch-sizes", "1", "10000000000"],
      "the largest batch size that fits is"),
     (["compare", f"{H}/nothing-here"], "nothing-here"),

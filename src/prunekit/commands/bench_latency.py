@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -60,6 +61,9 @@ def cmd_bench_latency(args) -> int:
     if not pruned_file.exists():
         raise PrunekitError(f"no pruned model at {pruned_file}: pass the --out folder of `prunekit prune`")
     resolve_model(args, pruned_file)
+    if args.checkpoint is not None and Path(args.checkpoint).is_file() and Path(args.checkpoint).samefile(pruned_file):
+        raise PrunekitError(f"--checkpoint {args.checkpoint} is the pruned model itself: --checkpoint must be the "
+                            "dense weights it was pruned from (or leave it out: fresh weights time the same)")
     pruned = load_model(args.model, pruned_file, input_shape=args.input_shape)
     pruned.example_input()         # refuses an input shape that neither the folder nor --input-shape gives
     dense = load_model(args.model, args.checkpoint, input_shape=pruned.input_shape)
