@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import tomllib
 from pathlib import Path
 
 import torch
@@ -52,6 +53,22 @@ def median_latency_ms(model, example: torch.Tensor, warmup: int, repeats: int) -
     return 1000 * statistics.median(times)
 
 
+def unfinished(folder) -> None:
+    """Refuse a run folder whose run has not finished (no model.safetensors yet), saying how to finish it."""
+    folder = Path(folder)
+    if not (folder / "config.toml").is_file():
+        return
+    try:
+        method = "method" in tomllib.loads((folder / "config.toml").read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
+        method = False
+    if method or (folder / "metrics.json").is_file():      # only prune runs have a method and write metrics
+        raise PrunekitError(f"{folder} holds a prune run that has not finished (no model.safetensors yet): resume it "
+                            f"with `prunekit prune --resume {folder}`, then time it")
+    raise PrunekitError(f"{folder} holds a training run that has not finished (no model.safetensors yet): run its "
+                        "`prunekit train` command again to carry it on, then time it")
+
+
 def cmd_bench_latency(args) -> int:
     if min(args.threads) < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
         raise PrunekitError("--threads and --batch-sizes must be positive, --warmup 0 or more")
@@ -59,6 +76,7 @@ def cmd_bench_latency(args) -> int:
         raise PrunekitError(f"--repeats must be at least {MIN_REPEATS} (a median of fewer runs is not trustworthy)")
     pruned_file = model_file(args.pruned)
     if not pruned_file.exists():
+        unfinished(args.pruned)
         raise PrunekitError(f"no pruned model at {pruned_file}: pass the --out folder of `prunekit prune`")
     resolve_model(args, pruned_file)
     if args.checkpoint is not None and Path(args.checkpoint).is_file() and Path(args.checkpoint).samefile(pruned_file):

@@ -1,0 +1,28 @@
+"""prunekit bench-latency on the command line: what it refuses and what it says beside the table
+(tiny models, a handful of repeats: the logic, never the machine's speed)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.cli import main
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+CKPT = str(ASSETS / "mlpnet.safetensors")
+QUICK = ["--repeats", "5", "--warmup", "0", "--batch-sizes", "1", "--threads", "1"]
+
+
+def refusal(capsys, argv) -> str:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_an_unfinished_training_run_says_to_run_its_command_again(capsys, tmp_path):
+    (tmp_path / "config.toml").write_text('model = "mlpnet"\nepochs = 3\n')
+    err = refusal(capsys, ["bench-latency", "--pruned", str(tmp_path)])
+    assert "training run that has not finished" in err and "`prunekit train` command again" in err
