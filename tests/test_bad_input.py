@@ -285,6 +285,7 @@ CLI_CASES = [
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir", "--threads", "0"], "positive"),
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir"], "no pruned model"),
     (["bench-latency", "--pruned", CKPT, "--checkpoint", CKPT], "--checkpoint must be the dense weights"),
+    (["bench-latency", "--pruned", CKPT, "--input-shape", "3,32,32"], "is not the input of mlpnet, 1,28,28"),
     (["bench-latency", "--pruned", f"{H}/run"], "has not finished (no model.safetensors yet): resume it with `prunekit prune --resume"),
     (["bench-latency", "--model", "mlpnet", "--pruned", CKPT, "--batch-sizes", "1", "10000000000"],
      "the largest batch size that fits is"),

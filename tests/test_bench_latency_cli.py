@@ -26,3 +26,8 @@ def test_an_unfinished_training_run_says_to_run_its_command_again(capsys, tmp_pa
     (tmp_path / "config.toml").write_text('model = "mlpnet"\nepochs = 3\n')
     err = refusal(capsys, ["bench-latency", "--pruned", str(tmp_path)])
     assert "training run that has not finished" in err and "`prunekit train` command again" in err
+
+
+def test_an_input_shape_equal_to_the_recorded_one_is_accepted(capsys):
+    assert main(["bench-latency", "--pruned", CKPT, "--input-shape", "1,28,28", *QUICK, "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["rows"]) == 1

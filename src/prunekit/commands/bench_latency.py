@@ -84,6 +84,10 @@ def cmd_bench_latency(args) -> int:
                             "dense weights it was pruned from (or leave it out: fresh weights time the same)")
     pruned = load_model(args.model, pruned_file, input_shape=args.input_shape)
     pruned.example_input()         # refuses an input shape that neither the folder nor --input-shape gives
+    if args.input_shape is not None and tuple(args.input_shape) != tuple(pruned.input_shape):
+        raise PrunekitError(f"--input-shape {','.join(map(str, args.input_shape))} is not the input of {args.model}, "
+                            f"{','.join(map(str, pruned.input_shape))} ({pruned_file}'s sidecar or the zoo entry "
+                            "records it): leave --input-shape out")
     dense = load_model(args.model, args.checkpoint, input_shape=pruned.input_shape)
     dense.input_dtype = pruned.input_dtype      # the dense checkpoint may have no sidecar to say it
     dtype = getattr(torch, pruned.input_dtype)
