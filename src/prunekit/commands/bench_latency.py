@@ -15,6 +15,7 @@ from ..costs import CostModel
 from ..errors import PrunekitError
 from ..latency import MIN_REPEATS, check_batch_sizes, latency_table
 from ..loading import load_model
+from ..zoo.checkpoints import check_checkpoint_path
 from .common import model_file, resolve_model
 from .info import input_shape
 
@@ -78,6 +79,7 @@ def cmd_bench_latency(args) -> int:
     if not pruned_file.exists():
         unfinished(args.pruned)
         raise PrunekitError(f"no pruned model at {pruned_file}: pass the --out folder of `prunekit prune`")
+    check_checkpoint_path(pruned_file, hint="pass a run folder of `prunekit prune` or its model.safetensors")
     resolve_model(args, pruned_file)
     if args.checkpoint is not None and Path(args.checkpoint).is_file() and Path(args.checkpoint).samefile(pruned_file):
         raise PrunekitError(f"--checkpoint {args.checkpoint} is the pruned model itself: --checkpoint must be the "
