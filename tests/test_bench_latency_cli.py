@@ -31,3 +31,12 @@ def test_an_unfinished_training_run_says_to_run_its_command_again(capsys, tmp_pa
 def test_an_input_shape_equal_to_the_recorded_one_is_accepted(capsys):
     assert main(["bench-latency", "--pruned", CKPT, "--input-shape", "1,28,28", *QUICK, "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["rows"]) == 1
+
+
+def test_threads_past_the_cores_are_warned_about_not_refused(capsys, monkeypatch):
+    from prunekit.commands import bench_latency
+    monkeypatch.setattr(bench_latency, "available_cpus", lambda: 1)
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK[:-2], "--threads", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["threads"] for r in json.loads(out)["rows"]] == [2]
+    assert "prunekit: warning: --threads 2 is more than the 1 CPU core(s)" in err and err.count("\n") == 1

@@ -4,15 +4,17 @@ pruned calls alternated in one process (``prunekit.latency``), at each batch siz
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 import tomllib
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..costs import CostModel
-from ..errors import PrunekitError
+from ..errors import PrunekitError, PrunekitWarning
 from ..latency import MIN_REPEATS, check_batch_sizes, latency_table
 from ..loading import load_model
 from ..zoo.checkpoints import check_checkpoint_path
@@ -54,6 +56,14 @@ def median_latency_ms(model, example: torch.Tensor, warmup: int, repeats: int) -
     return 1000 * statistics.median(times)
 
 
+def available_cpus() -> int:
+    """The CPU cores this process may run on (its affinity where the OS says, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def unfinished(folder) -> None:
     """Refuse a run folder whose run has not finished (no model.safetensors yet), saying how to finish it."""
     folder = Path(folder)
@@ -71,10 +81,14 @@ def unfinished(folder) -> None:
 
 
 def cmd_bench_latency(args) -> int:
-    if min(args.threads) < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
-        raise PrunekitError("--threads and --batch-sizes must be positive, --warmup 0 or more")
+    for flag, values in (("--batch-sizes", args.batch_sizes), ("--threads", args.threads)):
+        bad = [v for v in values if v < 1]
+        if bad:
+            raise PrunekitError(f"{flag} {bad[0]}: {flag} must be positive (1 or more)")
+    if args.warmup < 0:
+        raise PrunekitError(f"--warmup {args.warmup}: --warmup must be 0 or more (untimed calls of each model)")
     if args.repeats < MIN_REPEATS:
-        raise PrunekitError(f"--repeats must be at least {MIN_REPEATS} (a median of fewer runs is not trustworthy)")
+        raise PrunekitError(f"--repeats {args.repeats}: --repeats must be at least {MIN_REPEATS} (a median of fewer runs is not trustworthy)")
     pruned_file = model_file(args.pruned)
     if not pruned_file.exists():
         unfinished(args.pruned)
@@ -94,6 +108,10 @@ def cmd_bench_latency(args) -> int:
     dense.input_dtype = pruned.input_dtype      # the dense checkpoint may have no sidecar to say it
     dtype = getattr(torch, pruned.input_dtype)
     check_batch_sizes(dense.model, dense.input_shape, args.batch_sizes, dtype=dtype)  # the dense model is the larger
+    cpus = available_cpus()
+    if max(args.threads) > cpus:
+        warnings.warn(PrunekitWarning(f"--threads {max(args.threads)} is more than the {cpus} CPU core(s) this "
+                                      "process may use: threads past that share cores and time the contention"))
     rows = latency_table(dense.model, pruned.model, dense.input_shape, args.batch_sizes, args.threads,
                          args.warmup, args.repeats, dtype=dtype)
     costs = CostModel(dense.model, dense.example_input())
