@@ -40,3 +40,20 @@ def test_threads_past_the_cores_are_warned_about_not_refused(capsys, monkeypatch
     out, err = capsys.readouterr()
     assert [r["threads"] for r in json.loads(out)["rows"]] == [2]
     assert "prunekit: warning: --threads 2 is more than the 1 CPU core(s)" in err and err.count("\n") == 1
+
+
+def fake_rows(monkeypatch, **row):
+    """bench-latency with one made-up timing row (the table's wording, not the machine's speed)."""
+    from prunekit.commands import bench_latency
+    base = {"threads": 1, "batch": 1, "dense_ms": 0.0412, "pruned_ms": 0.0405, "ratio": 0.98, "ratio_q1": 0.97,
+            "ratio_q3": 0.99, "repeats": 5, "warmup": 0}
+    monkeypatch.setattr(bench_latency, "latency_table", lambda *a, **k: [{**base, **row}])
+
+
+def test_times_have_three_significant_digits_in_microseconds_below_a_millisecond(capsys, monkeypatch):
+    from prunekit.commands.bench_latency import duration
+    assert [duration(ms) for ms in (0.0412, 0.04, 0.9996, 2, 2.345, 12.34, 123.4)] == \
+        ["41.2 µs", "40.0 µs", "1.00 ms", "2.00 ms", "2.35 ms", "12.3 ms", "123 ms"]
+    fake_rows(monkeypatch)
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK]) == 0
+    assert "dense   41.2 µs   pruned   40.5 µs   ratio 0.98x" in capsys.readouterr().out
