@@ -57,3 +57,30 @@ def test_times_have_three_significant_digits_in_microseconds_below_a_millisecond
     fake_rows(monkeypatch)
     assert main(["bench-latency", "--pruned", CKPT, *QUICK]) == 0
     assert "dense   41.2 µs   pruned   40.5 µs   ratio 0.98x" in capsys.readouterr().out
+
+
+def test_a_masked_model_is_said_to_be_masked_not_shrunk(capsys, monkeypatch, tmp_path):
+    from prunekit import saving
+    from prunekit.loading import load_model
+    loaded = load_model("mlpnet", CKPT)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.dim() == 2:
+                p[: p.shape[0] // 2] = 0                # half of each layer's rows zeroed: same shapes
+    saving.save_model(loaded.model, tmp_path / "model.safetensors", saving.read_meta(CKPT))
+    fake_rows(monkeypatch)
+    bench = ["bench-latency", "--pruned", str(tmp_path), *QUICK]
+    assert main(bench) == 0
+    line = "note: the pruned model is masked, not shrunk"
+    assert line in capsys.readouterr().out
+    assert main([*bench, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["masked"] is True
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK, "--json"]) == 0       # nothing pruned: not masked
+    assert json.loads(capsys.readouterr().out)["masked"] is False
+
+
+def test_a_shrunk_model_is_not_masked():
+    from prunekit.commands.bench_latency import same_shapes
+    dense = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    assert same_shapes(dense, torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)))
+    assert not same_shapes(dense, torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2)))
