@@ -46,7 +46,7 @@ def fake_rows(monkeypatch, **row):
     """bench-latency with one made-up timing row (the table's wording, not the machine's speed)."""
     from prunekit.commands import bench_latency
     base = {"threads": 1, "batch": 1, "dense_ms": 0.0412, "pruned_ms": 0.0405, "ratio": 0.98, "ratio_q1": 0.97,
-            "ratio_q3": 0.99, "repeats": 5, "warmup": 0}
+            "ratio_q3": 0.99, "repeats": 5, "warmup": 0, "noisy": False}
     monkeypatch.setattr(bench_latency, "latency_table", lambda *a, **k: [{**base, **row}])
 
 
@@ -84,3 +84,22 @@ def test_a_shrunk_model_is_not_masked():
     dense = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     assert same_shapes(dense, torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)))
     assert not same_shapes(dense, torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2)))
+
+
+def test_noisy_rows_are_marked_with_one_warning_line_under_the_table(capsys, monkeypatch):
+    fake_rows(monkeypatch, noisy=True)
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("noisy")
+    assert [line for line in lines if "warning" in line] == [lines[2]]
+    assert lines[2].startswith("warning: 1 of 1 row(s) noisy") and "quiet machine" in lines[2] and "--repeats" in lines[2]
+    fake_rows(monkeypatch, noisy=False)
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK]) == 0
+    assert "noisy" not in capsys.readouterr().out
+
+
+def test_the_json_rows_say_whether_noisy_and_on_what_figures(capsys):
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert isinstance(row["noisy"], bool) and row["noise"]["limit"] == 0.25
+    assert {"dense_spread", "pruned_spread", "ratio_spread", "fastest_ratio", "fastest_gap"} <= set(row["noise"])

@@ -15,7 +15,7 @@ import torch
 
 from ..costs import CostModel
 from ..errors import PrunekitError, PrunekitWarning
-from ..latency import MIN_REPEATS, check_batch_sizes, latency_table
+from ..latency import MIN_REPEATS, NOISE_LIMIT, check_batch_sizes, latency_table
 from ..loading import load_model
 from ..zoo.checkpoints import check_checkpoint_path
 from .common import model_file, resolve_model
@@ -143,7 +143,14 @@ def cmd_bench_latency(args) -> int:
         print(f"  {r['threads']} thread(s) batch {r['batch']:>4}: dense {duration(r['dense_ms']):>9}   "
               f"pruned {duration(r['pruned_ms']):>9}   ratio {r['ratio']:.2f}x (quartiles {r['ratio_q1']:.2f}-"
               f"{r['ratio_q3']:.2f}" + (f"; {r['ratio_to_macs_kept']:.2f}x the MAC share kept)"
-                                         if r["ratio_to_macs_kept"] is not None else ")"))
+                                         if r["ratio_to_macs_kept"] is not None else ")")
+              + ("   noisy" if r["noisy"] else ""))
+    noisy = sum(r["noisy"] for r in rows)
+    if noisy:
+        print(f"warning: {noisy} of {len(rows)} row(s) noisy (a model's call times or the per-pair ratios spread "
+              f"past {NOISE_LIMIT:.0%} of their median, or the fastest calls' ratio is {NOISE_LIMIT:.0%} off the "
+              "median ratio): the machine's load changed while timing, so those ratios cannot be trusted; time on "
+              "a quiet machine, or with more --repeats")
     if masked:
         print("note: the pruned model is masked, not shrunk (its zeroed weights stay in tensors of the dense shapes), "
               "so dense kernels take about the same time: channel methods (--method autobot, taper, hybrid), "
