@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import random
 import warnings
 from pathlib import Path
 
@@ -74,11 +75,12 @@ def home(tmp_path_factory):
     (d / "adir" / "keep.txt").write_text("mine\n")
     (d / "empty").write_bytes(b"")
     (d / "binary.toml").write_bytes(bytes(range(256)) * 4)
+    (d / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     (d / "bad.toml").write_text("method = [unclosed\n")
     (d / "unknown-key.toml").write_text('mehtod = "chita"\n')
     (d / "unknown-hyphen-key.toml").write_text("fisher-sample = 500\n")
     (d / "wrong-type.toml").write_text('fisher-samples = "many"\n')
-    (d / "noise.pth").write_bytes(os.urandom(512))
+    (d / "noise.pth").write_bytes(random.Random(0).randbytes(512))     # fixed: a first byte 0x80 reads as a pickle
     with open(d / "plain.pkl", "wb") as f:
         pickle.dump({"fc1.weight": [[1.0]]}, f, protocol=4)
     torch.save({"state_dict": zoo.build("resnet20").state_dict()}, d / "resnet20.pth")
@@ -166,9 +168,9 @@ CLI_CASES = [
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/adir", *MNIST], "is a folder"),
     (["info", "mlpnet", "--checkpoint", f"{H}/plain.pkl"], "plain pickle"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/resnet20.pth", *MNIST], "trained for ('resnet20'?)"),
-    (["info", "mlpnet", "--checkpoint", f"{H}/noise.pth"], "cannot read checkpoint"),
-    (["info", "mlpnet", "--checkpoint", f"{H}/empty"], "cannot read checkpoint"),
-    (["info", "mlpnet", "--checkpoint", f"{H}/notes.txt"], "cannot read checkpoint"),
+    (["info", "mlpnet", "--checkpoint", f"{H}/noise.pth"], "is not a model checkpoint (neither a torch.save file nor safetensors)"),
+    (["info", "mlpnet", "--checkpoint", f"{H}/empty"], "is not a model checkpoint (an empty file)"),
+    (["info", "mlpnet", "--checkpoint", f"{H}/notes.txt"], "is not a model checkpoint (a text file)"),
     # data
     (["eval", *MLP, "--data", "mnist", "--data-dir", "/no/such/dir"], "does not exist"),
     (["eval", "--model", "resnet20", *MNIST], "(C,H,W)"),
@@ -286,8 +288,17 @@ CLI_CASES = [
     (["eval", "--model", f"{H}/net.py:needs_args", "--checkpoint", f"{H}/own/model.safetensors", *MNIST],
      "load it as --model"),
     (["export", f"{H}/adir"], "--onnx"),
-    (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir", "--threads", "0"], "positive"),
+    (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir", "--threads", "0"], "--threads 0: --threads must be positive"),
+    (["bench-latency", "--pruned", CKPT, "--threads", "1", "-1"], "--threads -1: --threads must be positive"),
+    (["bench-latency", "--pruned", CKPT, "--batch-sizes", "0"], "--batch-sizes 0: --batch-sizes must be positive"),
+    (["bench-latency", "--pruned", CKPT, "--warmup", "-1"], "--warmup -1: --warmup must be 0 or more"),
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir"], "no pruned model"),
+    (["bench-latency", "--pruned", CKPT, "--checkpoint", CKPT], "--checkpoint must be the dense weights"),
+    (["bench-latency", "--pruned", f"{H}/notes.txt"], "notes.txt is not a model checkpoint (a text file): pass a run folder"),
+    (["bench-latency", "--pruned", f"{H}/plot.png"], "plot.png is not a model checkpoint (a PNG image): pass a run folder"),
+    (["eval", "--checkpoint", f"{H}/plot.png", *MNIST], "plot.png is not a model checkpoint (a PNG image): pass a torch.save"),
+    (["bench-latency", "--pruned", CKPT, "--input-shape", "3,32,32"], "is not the input of mlpnet, 1,28,28"),
+    (["bench-latency", "--pruned", f"{H}/run"], "has not finished (no model.safetensors yet): resume it with `prunekit prune --resume"),
     (["bench-latency", "--model", "mlpnet", "--pruned", CKPT, "--batch-sizes", "1", "10000000000"],
      "the largest batch size that fits is"),
     (["compare", f"{H}/nothing-here"], "nothing-here"),

@@ -11,9 +11,9 @@ class FakeMachine:
     """A clock and two 'models' whose calls take ``cost x load`` seconds; the load drifts by
     ``drift`` per call (a machine getting busier), so timing all of one model first would bias it."""
 
-    def __init__(self, dense_cost, pruned_cost, drift=0.0, spikes=()):
+    def __init__(self, dense_cost, pruned_cost, drift=0.0, spikes=(), phase=lambda call: 1.0):
         self.now, self.load, self.drift, self.calls = 0.0, 1.0, drift, []
-        self.spikes = set(spikes)
+        self.spikes, self.phase = set(spikes), phase       # phase: the load's factor for the n-th call
         self.dense = lambda x: self._run("dense", dense_cost)
         self.pruned = lambda x: self._run("pruned", pruned_cost)
 
@@ -21,7 +21,7 @@ class FakeMachine:
         return self.now
 
     def _run(self, name, cost):
-        factor = 50.0 if len(self.calls) in self.spikes else 1.0   # a one-off stall
+        factor = (50.0 if len(self.calls) in self.spikes else 1.0) * self.phase(len(self.calls))  # a one-off stall
         self.calls.append(name)
         self.now += cost * self.load * factor
         self.load += self.drift
@@ -56,6 +56,32 @@ def test_medians_ignore_stalls_and_quartiles_bracket_the_ratio():
     assert r.ratio == pytest.approx(0.25) and r.ratio_q1 <= r.ratio <= r.ratio_q3
 
 
+def test_steady_timings_are_not_noisy():
+    m = FakeMachine(2e-3, 1e-3, drift=1 / 600)
+    r = paired_latency(m.dense, m.pruned, None, warmup=0, repeats=30, clock=m.clock)
+    noise = r.noise()
+    assert noise["noisy"] is False and r.as_dict()["noisy"] is False
+    assert noise["noise"]["fastest_ratio"] == pytest.approx(0.5, rel=0.01) and noise["noise"]["ratio_spread"] < 0.01
+
+
+def test_a_machine_switching_between_slow_and_fast_phases_is_noisy():
+    # 2 ms or 6 ms by turns of 6 calls: the calls of each model spread by far more than a quarter
+    m = FakeMachine(2e-3, 1e-3, phase=lambda call: 3.0 if call // 6 % 2 else 1.0)
+    r = paired_latency(m.dense, m.pruned, None, warmup=0, repeats=30, clock=m.clock)
+    assert r.noise()["noisy"] is True and r.noise()["noise"]["dense_spread"] > 0.25
+
+
+def test_a_ratio_with_tight_quartiles_but_off_by_the_load_is_noisy():
+    # the same model twice; the dense calls land in a slow phase all but twice: every pair reads 0.33x
+    # (quartiles tight), while the fastest calls of each, 1 ms both, say 1x
+    m = FakeMachine(1e-3, 1e-3, phase=lambda call: 3.0 if call % 2 == 0 and call > 2 else 1.0)
+    r = paired_latency(m.dense, m.pruned, None, warmup=0, repeats=9, clock=m.clock)
+    assert r.ratio == pytest.approx(1 / 3) and r.ratio_q3 - r.ratio_q1 < 0.01
+    noise = r.noise()
+    assert noise["noisy"] is True and noise["noise"]["fastest_ratio"] == pytest.approx(1.0)
+    assert noise["noise"]["fastest_gap"] == pytest.approx(2.0)
+
+
 def test_fewer_than_five_repeats_are_refused():
     m = FakeMachine(1e-3, 1e-3)
     with pytest.raises(ValueError, match="at least 5"):
@@ -68,6 +94,7 @@ def test_table_has_a_row_per_thread_count_and_batch_and_restores_threads():
     rows = latency_table(dense, pruned, (8,), batch_sizes=(1, 3), threads=(1, 2), warmup=1, repeats=5)
     assert [(r["threads"], r["batch"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
     assert all(r["dense_ms"] > 0 and r["pruned_ms"] > 0 and r["repeats"] == 5 for r in rows)
+    assert all(isinstance(r["noisy"], bool) and r["noise"]["limit"] == 0.25 for r in rows)
     assert torch.get_num_threads() == before
 
 

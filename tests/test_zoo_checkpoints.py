@@ -116,11 +116,14 @@ def test_unreadable_files_raise_prunekit_error(tmp_path):
     with pytest.raises(PrunekitError, match="not found"):
         zoo.read_state_dict(tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(PrunekitError, match="cannot read checkpoint"):
+    with pytest.raises(PrunekitError, match=r"junk.pt is not a model checkpoint \(a text file\): pass a torch.save"):
         zoo.read_state_dict(tmp_path / "junk.pt")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(PrunekitError, match="cannot read checkpoint .* as safetensors"):
+    with pytest.raises(PrunekitError, match="junk.safetensors is not a model checkpoint"):
         zoo.read_state_dict(tmp_path / "junk.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x20" + b"\x00" * 7 + b'{"a": ')     # a header cut short
+    with pytest.raises(PrunekitError, match="cannot read checkpoint .* as safetensors"):
+        zoo.read_state_dict(tmp_path / "cut.safetensors")
     torch.save({"epoch": 3, "best": 0.9}, tmp_path / "nostate.pt")
     with pytest.raises(PrunekitError, match="holds no state dict .*'epoch'"):
         zoo.read_state_dict(tmp_path / "nostate.pt")

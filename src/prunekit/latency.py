@@ -6,6 +6,13 @@ run by as much as the pruning gains. ``paired_latency`` instead alternates singl
 process (dense, pruned, dense, pruned, ...) after a warm-up of both, so each pruned run has a
 dense run next to it under the same load; the ratio is the median of the per-pair ratios, with
 its quartiles as the spread. Times are wall-clock milliseconds per call (per batch).
+
+Alternation evens out a load that drifts, not one that switches: on a busy machine a model's calls
+can take 2 ms or 6 ms by turns, and the ratio then depends on which calls landed in which phase
+(the same weights timed against themselves have read 0.33x, quartiles tight). ``PairedLatency.noise``
+says when the figures show it: each model's call times spread widely, or the per-pair ratios do,
+or the ratio of the two models' fastest calls (the nearest to an unloaded machine) disagrees with
+the median ratio.
 """
 
 from __future__ import annotations
@@ -22,11 +29,20 @@ from .errors import PrunekitError
 
 MIN_REPEATS = 5
 
+# A row is noisy past a quarter: a spread (interquartile range over the median) of a model's call
+# times or of the per-pair ratios above 0.25, or a fastest-call ratio 25% away from the median
+# ratio. Steady timings of one input spread by a few percent (under 10% for the tiny MLPNet as for
+# ResNet-20 on this project's shared 2-core machine when its load held still), while a machine that
+# switches between slow and fast phases spreads them by 50% to 200%; and a ratio that may be a
+# quarter off is no measure of a pruning that gains 20-50%.
+NOISE_LIMIT = 0.25
+
 
 @dataclass
 class PairedLatency:
     """dense_ms / pruned_ms: medians of the timed calls (ms per call); ratio: median of the
-    per-pair ratios pruned/dense; ratio_q1 / ratio_q3: their quartiles; repeats: pairs timed."""
+    per-pair ratios pruned/dense; ratio_q1 / ratio_q3: their quartiles; repeats: pairs timed;
+    dense_q1_ms ... pruned_min_ms: quartiles and fastest of each model's calls (for ``noise``)."""
 
     dense_ms: float
     pruned_ms: float
@@ -35,9 +51,36 @@ class PairedLatency:
     ratio_q3: float
     repeats: int
     warmup: int
+    dense_q1_ms: float
+    dense_q3_ms: float
+    dense_min_ms: float
+    pruned_q1_ms: float
+    pruned_q3_ms: float
+    pruned_min_ms: float
+
+    def noise(self) -> dict:
+        """The figures the timing's noise is judged on, each against ``NOISE_LIMIT`` ("noisy": any past
+        it): ``dense_spread`` / ``pruned_spread``, the interquartile range of a model's call times over
+        their median; ``ratio_spread``, that of the per-pair ratios over the ratio; ``fastest_ratio``,
+        the ratio of the two models' fastest calls, and ``fastest_gap``, how far it is from the median
+        ratio (0.25: 25% either way)."""
+        fastest = self.pruned_min_ms / self.dense_min_ms if self.dense_min_ms > 0 else None
+        figures = {"dense_spread": _spread(self.dense_q1_ms, self.dense_q3_ms, self.dense_ms),
+                   "pruned_spread": _spread(self.pruned_q1_ms, self.pruned_q3_ms, self.pruned_ms),
+                   "ratio_spread": _spread(self.ratio_q1, self.ratio_q3, self.ratio),
+                   "fastest_ratio": fastest,
+                   "fastest_gap": (max(fastest / self.ratio, self.ratio / fastest) - 1
+                                   if fastest and self.ratio > 0 else None)}
+        judged = [figures[k] for k in ("dense_spread", "pruned_spread", "ratio_spread", "fastest_gap")]
+        noisy = any(f is None or f > NOISE_LIMIT for f in judged)      # None: a call the clock did not see take time
+        return {"noisy": noisy, "noise": {**figures, "limit": NOISE_LIMIT}}
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), **self.noise()}
+
+
+def _spread(q1: float, q3: float, median: float) -> float | None:
+    return (q3 - q1) / median if median > 0 else None
 
 
 def paired_latency(dense: Callable, pruned: Callable, example, *, warmup: int = 5, repeats: int = 30,
@@ -66,14 +109,17 @@ def paired_latency(dense: Callable, pruned: Callable, example, *, warmup: int = 
                 times.append(clock() - start)
     ratios = [p / d for p, d in zip(pruned_s, dense_s)]
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    (d1, _, d3), (p1, _, p3) = (statistics.quantiles(t, n=4, method="inclusive") for t in (dense_s, pruned_s))
     return PairedLatency(1000 * statistics.median(dense_s), 1000 * statistics.median(pruned_s),
-                         statistics.median(ratios), q1, q3, repeats, warmup)
+                         statistics.median(ratios), q1, q3, repeats, warmup,
+                         1000 * d1, 1000 * d3, 1000 * min(dense_s), 1000 * p1, 1000 * p3, 1000 * min(pruned_s))
 
 
 def latency_table(dense: torch.nn.Module, pruned: torch.nn.Module, input_shape, batch_sizes=(1, 64),
                   threads=(1, 2), warmup: int = 5, repeats: int = 30, seed: int = 0,
                   dtype: torch.dtype = torch.float32) -> list[dict]:
-    """One row per (threads, batch): ``{"threads", "batch", **PairedLatency}``; restores torch's
+    """One row per (threads, batch): ``{"threads", "batch", **PairedLatency, "noisy", "noise"}``
+    (``PairedLatency.noise``); restores torch's
     thread count afterwards. ``input_shape``: one example's shape, e.g. (3, 32, 32); inputs are
     random normal, or zeros for an integer ``dtype`` (token ids)."""
     before = torch.get_num_threads()

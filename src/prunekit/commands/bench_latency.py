@@ -4,15 +4,20 @@ pruned calls alternated in one process (``prunekit.latency``), at each batch siz
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
+import tomllib
+import warnings
+from pathlib import Path
 
 import torch
 
 from ..costs import CostModel
-from ..errors import PrunekitError
-from ..latency import MIN_REPEATS, check_batch_sizes, latency_table
+from ..errors import PrunekitError, PrunekitWarning
+from ..latency import MIN_REPEATS, NOISE_LIMIT, check_batch_sizes, latency_table
 from ..loading import load_model
+from ..zoo.checkpoints import check_checkpoint_path
 from .common import model_file, resolve_model
 from .info import input_shape
 
@@ -51,36 +56,103 @@ def median_latency_ms(model, example: torch.Tensor, warmup: int, repeats: int) -
     return 1000 * statistics.median(times)
 
 
+def duration(ms: float) -> str:
+    """A time to 3 significant digits, in µs below a millisecond: "41.2 µs", "2.00 ms", "1234 ms"
+    (two decimals of a millisecond left a small model's 0.04 ms and 0.03 ms beside a ratio of 0.98x)."""
+    value, unit = (1000 * ms, "µs") if 1000 * ms < 999.5 else (ms, "ms")     # 999.7 µs reads 1.00 ms
+    return f"{value:.0f} {unit}" if value >= 99.95 else f"{value:#.3g} {unit}"
+
+
+def same_shapes(dense: torch.nn.Module, pruned: torch.nn.Module) -> bool:
+    """Whether every tensor of ``pruned`` has its dense shape (pruned weights zeroed in place, no channel removed)."""
+    ours, theirs = dense.state_dict(), pruned.state_dict()
+    return ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+def available_cpus() -> int:
+    """The CPU cores this process may run on (its affinity where the OS says, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def unfinished(folder) -> None:
+    """Refuse a run folder whose run has not finished (no model.safetensors yet), saying how to finish it."""
+    folder = Path(folder)
+    if not (folder / "config.toml").is_file():
+        return
+    try:
+        method = "method" in tomllib.loads((folder / "config.toml").read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
+        method = False
+    if method or (folder / "metrics.json").is_file():      # only prune runs have a method and write metrics
+        raise PrunekitError(f"{folder} holds a prune run that has not finished (no model.safetensors yet): resume it "
+                            f"with `prunekit prune --resume {folder}`, then time it")
+    raise PrunekitError(f"{folder} holds a training run that has not finished (no model.safetensors yet): run its "
+                        "`prunekit train` command again to carry it on, then time it")
+
+
 def cmd_bench_latency(args) -> int:
-    if min(args.threads) < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
-        raise PrunekitError("--threads and --batch-sizes must be positive, --warmup 0 or more")
+    for flag, values in (("--batch-sizes", args.batch_sizes), ("--threads", args.threads)):
+        bad = [v for v in values if v < 1]
+        if bad:
+            raise PrunekitError(f"{flag} {bad[0]}: {flag} must be positive (1 or more)")
+    if args.warmup < 0:
+        raise PrunekitError(f"--warmup {args.warmup}: --warmup must be 0 or more (untimed calls of each model)")
     if args.repeats < MIN_REPEATS:
-        raise PrunekitError(f"--repeats must be at least {MIN_REPEATS} (a median of fewer runs is not trustworthy)")
+        raise PrunekitError(f"--repeats {args.repeats}: --repeats must be at least {MIN_REPEATS} (a median of fewer runs is not trustworthy)")
     pruned_file = model_file(args.pruned)
     if not pruned_file.exists():
+        unfinished(args.pruned)
         raise PrunekitError(f"no pruned model at {pruned_file}: pass the --out folder of `prunekit prune`")
+    check_checkpoint_path(pruned_file, hint="pass a run folder of `prunekit prune` or its model.safetensors")
     resolve_model(args, pruned_file)
+    if args.checkpoint is not None and Path(args.checkpoint).is_file() and Path(args.checkpoint).samefile(pruned_file):
+        raise PrunekitError(f"--checkpoint {args.checkpoint} is the pruned model itself: --checkpoint must be the "
+                            "dense weights it was pruned from (or leave it out: fresh weights time the same)")
     pruned = load_model(args.model, pruned_file, input_shape=args.input_shape)
     pruned.example_input()         # refuses an input shape that neither the folder nor --input-shape gives
+    if args.input_shape is not None and tuple(args.input_shape) != tuple(pruned.input_shape):
+        raise PrunekitError(f"--input-shape {','.join(map(str, args.input_shape))} is not the input of {args.model}, "
+                            f"{','.join(map(str, pruned.input_shape))} ({pruned_file}'s sidecar or the zoo entry "
+                            "records it): leave --input-shape out")
     dense = load_model(args.model, args.checkpoint, input_shape=pruned.input_shape)
     dense.input_dtype = pruned.input_dtype      # the dense checkpoint may have no sidecar to say it
     dtype = getattr(torch, pruned.input_dtype)
     check_batch_sizes(dense.model, dense.input_shape, args.batch_sizes, dtype=dtype)  # the dense model is the larger
+    cpus = available_cpus()
+    if max(args.threads) > cpus:
+        warnings.warn(PrunekitWarning(f"--threads {max(args.threads)} is more than the {cpus} CPU core(s) this "
+                                      "process may use: threads past that share cores and time the contention"))
     rows = latency_table(dense.model, pruned.model, dense.input_shape, args.batch_sizes, args.threads,
                          args.warmup, args.repeats, dtype=dtype)
     costs = CostModel(dense.model, dense.example_input())
     kept = costs.count(pruned.model).flops_kept
     for r in rows:
         r["ratio_to_macs_kept"] = r["ratio"] / kept if kept else None     # a model that keeps no MAC
+    masked = kept < 1 and same_shapes(dense.model, pruned.model)
     if args.json:
         print(json.dumps({"model": args.model, "pruned": str(pruned_file), "threads": args.threads,
-                          "warmup": args.warmup, "repeats": args.repeats, "flops_kept": kept, "rows": rows}))
+                          "warmup": args.warmup, "repeats": args.repeats, "flops_kept": kept, "masked": masked,
+                          "rows": rows}))
         return 0
     print(f"{args.model}: dense vs {pruned_file} ({100 * kept:.1f}% of MACs); dense and pruned alternated, "
           f"median of {args.repeats} pairs after {args.warmup} warm-up")
     for r in rows:
-        print(f"  {r['threads']} thread(s) batch {r['batch']:>4}: dense {r['dense_ms']:9.2f} ms   "
-              f"pruned {r['pruned_ms']:9.2f} ms   ratio {r['ratio']:.2f}x (quartiles {r['ratio_q1']:.2f}-"
+        print(f"  {r['threads']} thread(s) batch {r['batch']:>4}: dense {duration(r['dense_ms']):>9}   "
+              f"pruned {duration(r['pruned_ms']):>9}   ratio {r['ratio']:.2f}x (quartiles {r['ratio_q1']:.2f}-"
               f"{r['ratio_q3']:.2f}" + (f"; {r['ratio_to_macs_kept']:.2f}x the MAC share kept)"
-                                         if r["ratio_to_macs_kept"] is not None else ")"))
+                                         if r["ratio_to_macs_kept"] is not None else ")")
+              + ("   noisy" if r["noisy"] else ""))
+    noisy = sum(r["noisy"] for r in rows)
+    if noisy:
+        print(f"warning: {noisy} of {len(rows)} row(s) noisy (a model's call times or the per-pair ratios spread "
+              f"past {NOISE_LIMIT:.0%} of their median, or the fastest calls' ratio is {NOISE_LIMIT:.0%} off the "
+              "median ratio): the machine's load changed while timing, so those ratios cannot be trusted; time on "
+              "a quiet machine, or with more --repeats")
+    if masked:
+        print("note: the pruned model is masked, not shrunk (its zeroed weights stay in tensors of the dense shapes), "
+              "so dense kernels take about the same time: channel methods (--method autobot, taper, hybrid), "
+              "which remove channels, make it faster")
     return 0

@@ -38,8 +38,12 @@ _MASK_KEY = re.compile(r"^(?P<owner>.*)\._(?P<param>[A-Za-z0-9]+)_mask$")  # "fc
 _TOLERATED_MISSING = "num_batches_tracked"  # absent from checkpoints saved by PyTorch < 0.4.1
 
 
-def check_checkpoint_path(path: str | Path) -> None:
-    """Refuse a checkpoint path that is a folder or no file at all."""
+CHECKPOINT_HINT = "pass a torch.save file (.pth, .pt, .ckpt) or a prunekit .safetensors"
+
+
+def check_checkpoint_path(path: str | Path, hint: str = CHECKPOINT_HINT) -> None:
+    """Refuse a checkpoint path that is a folder, no file at all, or a file of another kind (text,
+    an image ...: ``hint`` says what to pass instead)."""
     path = Path(path)
     if path.is_dir():
         inside = path / "model.safetensors"
@@ -47,6 +51,42 @@ def check_checkpoint_path(path: str | Path) -> None:
         raise PrunekitError(f"checkpoint {path} is a folder, not a file: pass the checkpoint file{hint}")
     if not path.is_file():
         raise PrunekitError(f"checkpoint {path} not found: check the path")
+    other = _other_kind(path)
+    if other:
+        raise PrunekitError(f"{path} is not a model checkpoint ({other}): {hint}")
+
+
+def _other_kind(path: Path) -> str | None:
+    """What ``path`` holds when its first bytes show that it is none of the files a checkpoint can be
+    (torch.save's zip or legacy pickle, an old torch tar, safetensors), else None. Only the first
+    bytes are read; a file that passes may still fail to load, with the reader's own message."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if head.startswith(_ZIP_START) or head[:1] == b"\x80" or head[257:262] == b"ustar":
+        return None          # torch.save's zip, a pickle (torch's legacy format or a plain one), a tar
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 2**32:
+        return None          # safetensors: the length of its JSON header, then the header
+    if not head:
+        return "an empty file"
+    for magic, kind in _OTHER_MAGIC:
+        if head.startswith(magic):
+            return kind
+    if b"\0" not in head and _is_utf8(head):
+        return "a text file"
+    return "neither a torch.save file nor safetensors"
+
+
+def _is_utf8(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start >= len(head) - 3        # only a character cut off by the end of the bytes read
+    return True
+
+
+_OTHER_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                (b"%PDF", "a PDF file"), (b"\x93NUMPY", "a NumPy .npy array"), (b"\x1f\x8b", "a gzip file"),
+                (b"\x7fELF", "a program"))
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,105 @@
+"""prunekit bench-latency on the command line: what it refuses and what it says beside the table
+(tiny models, a handful of repeats: the logic, never the machine's speed)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.cli import main
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+CKPT = str(ASSETS / "mlpnet.safetensors")
+QUICK = ["--repeats", "5", "--warmup", "0", "--batch-sizes", "1", "--threads", "1"]
+
+
+def refusal(capsys, argv) -> str:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_an_unfinished_training_run_says_to_run_its_command_again(capsys, tmp_path):
+    (tmp_path / "config.toml").write_text('model = "mlpnet"\nepochs = 3\n')
+    err = refusal(capsys, ["bench-latency", "--pruned", str(tmp_path)])
+    assert "training run that has not finished" in err and "`prunekit train` command again" in err
+
+
+def test_an_input_shape_equal_to_the_recorded_one_is_accepted(capsys):
+    assert main(["bench-latency", "--pruned", CKPT, "--input-shape", "1,28,28", *QUICK, "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["rows"]) == 1
+
+
+def test_threads_past_the_cores_are_warned_about_not_refused(capsys, monkeypatch):
+    from prunekit.commands import bench_latency
+    monkeypatch.setattr(bench_latency, "available_cpus", lambda: 1)
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK[:-2], "--threads", "2", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["threads"] for r in json.loads(out)["rows"]] == [2]
+    assert "prunekit: warning: --threads 2 is more than the 1 CPU core(s)" in err and err.count("\n") == 1
+
+
+def fake_rows(monkeypatch, **row):
+    """bench-latency with one made-up timing row (the table's wording, not the machine's speed)."""
+    from prunekit.commands import bench_latency
+    base = {"threads": 1, "batch": 1, "dense_ms": 0.0412, "pruned_ms": 0.0405, "ratio": 0.98, "ratio_q1": 0.97,
+            "ratio_q3": 0.99, "repeats": 5, "warmup": 0, "noisy": False}
+    monkeypatch.setattr(bench_latency, "latency_table", lambda *a, **k: [{**base, **row}])
+
+
+def test_times_have_three_significant_digits_in_microseconds_below_a_millisecond(capsys, monkeypatch):
+    from prunekit.commands.bench_latency import duration
+    assert [duration(ms) for ms in (0.0412, 0.04, 0.9996, 2, 2.345, 12.34, 123.4)] == \
+        ["41.2 µs", "40.0 µs", "1.00 ms", "2.00 ms", "2.35 ms", "12.3 ms", "123 ms"]
+    fake_rows(monkeypatch)
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK]) == 0
+    assert "dense   41.2 µs   pruned   40.5 µs   ratio 0.98x" in capsys.readouterr().out
+
+
+def test_a_masked_model_is_said_to_be_masked_not_shrunk(capsys, monkeypatch, tmp_path):
+    from prunekit import saving
+    from prunekit.loading import load_model
+    loaded = load_model("mlpnet", CKPT)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.dim() == 2:
+                p[: p.shape[0] // 2] = 0                # half of each layer's rows zeroed: same shapes
+    saving.save_model(loaded.model, tmp_path / "model.safetensors", saving.read_meta(CKPT))
+    fake_rows(monkeypatch)
+    bench = ["bench-latency", "--pruned", str(tmp_path), *QUICK]
+    assert main(bench) == 0
+    line = "note: the pruned model is masked, not shrunk"
+    assert line in capsys.readouterr().out
+    assert main([*bench, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["masked"] is True
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK, "--json"]) == 0       # nothing pruned: not masked
+    assert json.loads(capsys.readouterr().out)["masked"] is False
+
+
+def test_a_shrunk_model_is_not_masked():
+    from prunekit.commands.bench_latency import same_shapes
+    dense = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    assert same_shapes(dense, torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)))
+    assert not same_shapes(dense, torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2)))
+
+
+def test_noisy_rows_are_marked_with_one_warning_line_under_the_table(capsys, monkeypatch):
+    fake_rows(monkeypatch, noisy=True)
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("noisy")
+    assert [line for line in lines if "warning" in line] == [lines[2]]
+    assert lines[2].startswith("warning: 1 of 1 row(s) noisy") and "quiet machine" in lines[2] and "--repeats" in lines[2]
+    fake_rows(monkeypatch, noisy=False)
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK]) == 0
+    assert "noisy" not in capsys.readouterr().out
+
+
+def test_the_json_rows_say_whether_noisy_and_on_what_figures(capsys):
+    assert main(["bench-latency", "--pruned", CKPT, *QUICK, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert isinstance(row["noisy"], bool) and row["noise"]["limit"] == 0.25
+    assert {"dense_spread", "pruned_spread", "ratio_spread", "fastest_ratio", "fastest_gap"} <= set(row["noise"])
