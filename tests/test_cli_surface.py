@@ -256,3 +256,22 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
     assert main(argv[:-1]) == 0               # without --json: the console says it resumes, as run.log does
     assert f"resuming {out} from its start" in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["status"] == "done"
+
+
+def test_a_sweep_killed_between_its_report_files_is_finished_by_the_same_command(tmp_path, capsys):
+    """report.md was written before runs.json: a kill between them (or a damaged runs.json) left a
+    report.md that read as a user's file, and the sweep could never be finished."""
+    out = tmp_path / "my sweep"
+    argv = ["sweep", *MLP, *MNIST, "--method", "magnitude", "--sparsity", "0.5", "0.8", "--train-samples", "256",
+            "--eval-split", "train", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    (out / "runs.json").write_text("[{")                 # damaged, as a kill mid-write of a non-atomic copy leaves it
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == first["runs"]
+    (out / "runs.json").unlink()
+    assert main(argv) == 0
+    assert json.loads((out / "runs.json").read_text())
+    capsys.readouterr()
+    assert main(["compare", str(out), "--out", str(tmp_path / "compared"), "--json"]) == 0
+    assert "](../my%20sweep/magnitude_" in (tmp_path / "compared" / "report.md").read_text()   # a link with a space

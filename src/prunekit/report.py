@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from pathlib import Path
 
 from .budget import budget_text
@@ -266,11 +267,13 @@ def table_lines(rows: list[dict]) -> list[str]:
 COMPARISON_FILES = ("report.md", "runs.json", "plots/accuracy_vs_sparsity.png", "plots/accuracy_vs_macs.png")
 
 
-def check_report_folder(out: str | Path, runs: list | None = None) -> None:
+def check_report_folder(out: str | Path, runs: list | None = None, planned: list | None = None) -> None:
     """Refuse (``PrunekitError``) an ``--out`` for ``write_comparison_report`` where it would
     overwrite what it did not write: a file, a run folder of ``prunekit prune``, or a folder with
     a report.md, runs.json or plot of its own. An earlier comparison's folder is fine, and a
-    sweep's when the runs compared (``runs``: their folders) are all its own."""
+    sweep's when the runs compared (``runs``: their folders) are all its own. ``planned``: the run
+    folders of the sweep writing its report there; once one of them exists the folder is that
+    sweep's, and its report files (a report.md whose runs.json a kill left unwritten) are its own."""
     if not str(out).strip():
         raise PrunekitError("--out is an empty path: name a folder for the report")
     out = Path(out)
@@ -278,13 +281,18 @@ def check_report_folder(out: str | Path, runs: list | None = None) -> None:
         raise PrunekitError(f"--out {out} is a file: pass a folder for the report")
     if (out / METRICS).exists():
         raise PrunekitError(f"--out {out} is the run folder of a `prunekit prune`: pass another folder for the report")
+    sweeps_own = False         # a sweep's report of its own runs: its files are the sweep's to write again
     if runs is not None and out.is_dir():
         own = {p.resolve() for p in out.iterdir() if (p / METRICS).exists()}
         if own and not {Path(r).resolve() for r in runs} <= own:
             raise PrunekitError(f"--out {out} is a sweep's folder, whose report is of its own runs: pass another "
                                 "folder for this comparison")
+        sweeps_own = bool(own)
+    if planned is not None and out.is_dir():
+        own = {p.resolve() for p in out.iterdir() if (p / METRICS).exists()}
+        sweeps_own = bool(own) and own <= {Path(r).resolve() for r in planned}
     present = [name for name in COMPARISON_FILES if (out / name).exists()]
-    if present and not _is_comparison_rows(out / "runs.json"):
+    if present and not sweeps_own and not _is_comparison_rows(out / "runs.json"):
         raise PrunekitError(f"--out {out} holds a {present[0]} that prunekit did not write: pass a new folder "
                             "(nothing in it was changed)")
 
@@ -299,23 +307,27 @@ def _is_comparison_rows(path: Path) -> bool:
             and all(isinstance(r, dict) and {"run", "method", "accuracy"} <= r.keys() for r in rows))
 
 
-def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Comparison") -> Path:
+def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Comparison",
+                            planned: list | None = None) -> Path:
     """``out/report.md`` with the runs' table and accuracy-vs-sparsity / -vs-MACs plots (and
-    ``runs.json``: the rows); refuses an ``out`` that ``check_report_folder`` refuses."""
-    check_report_folder(out)
+    ``runs.json``: the rows); refuses an ``out`` that ``check_report_folder`` refuses (``planned``:
+    a sweep's run folders)."""
+    check_report_folder(out, planned=planned)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", "| run | model | method | asked | sparsity | MACs kept | dense acc. | accuracy | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        link = os.path.relpath(Path(r["run"]) / "report.md", out)
+        link = urllib.parse.quote(os.path.relpath(Path(r["run"]) / "report.md", out))   # spaces break a link
         lines.append(f"| [{r['name']}]({link}) | {r['model']} | {r['method']} | {_asked(r)} | {_pct(r['sparsity'])} | "
                      f"{_pct(r['flops_kept'])} | {_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | "
                      f"{_num(r['seconds'], '.0f')} |")
     lines += ["", "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)",
               "![accuracy vs MACs](plots/accuracy_vs_macs.png)", ""]
-    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+    # runs.json first: it marks the folder as ours, so a kill between the two leaves one the same
+    # command may finish (a report.md alone reads as a user's file, which is never written over)
     atomic_write_bytes(out / "runs.json", (json.dumps(rows, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
     plt = _pyplot()
     (out / "plots").mkdir(exist_ok=True)
     for key, label, name in (("sparsity", "sparsity (% of prunable weights removed)", "accuracy_vs_sparsity.png"),

@@ -76,7 +76,8 @@ def cmd_sweep(args) -> int:
         raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
     for method, budget in plan:           # refuse a bad method, option or budget before the first run
         request_of(args, dense_model, method, budget).plan()
-    report.check_report_folder(args.out)  # and a folder whose own files the report would overwrite
+    planned = [run_args_of(args, method, budget).out for method, budget in plan]
+    report.check_report_folder(args.out, planned=planned)  # and a folder whose own files the report would overwrite
     eval_loader = eval_data(args, dense_model)
     train_batches = training_batches(args, dense_model)
     for method, budget in plan:           # a run folder of another sweep is refused before the first run
@@ -108,7 +109,8 @@ def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, trai
     if not distributed.is_main_process():     # under torchrun, rank 0 alone reads the runs back and reports
         return []
     table = report.collect(folders)
-    write_report(lambda: report.write_comparison_report(args.out, table, title=f"Sweep: {args.model}"), args.json)
+    write_report(lambda: report.write_comparison_report(args.out, table, title=f"Sweep: {args.model}",
+                                                        planned=[str(f) for f in folders]), args.json)
     return table
 
 
