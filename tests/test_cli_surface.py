@@ -275,3 +275,16 @@ def test_a_sweep_killed_between_its_report_files_is_finished_by_the_same_command
     capsys.readouterr()
     assert main(["compare", str(out), "--out", str(tmp_path / "compared"), "--json"]) == 0
     assert "](../my%20sweep/magnitude_" in (tmp_path / "compared" / "report.md").read_text()   # a link with a space
+
+def test_a_quoted_tilde_in_a_path_option_is_the_home_folder(tmp_path, capsys, monkeypatch):
+    """--out '~/pkrun' made a folder named '~' in the working directory; --checkpoint '~/...' was not found."""
+    import shutil
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    shutil.copy(MLP[3], home / "m.safetensors")
+    shutil.copy(str(MLP[3]).replace(".safetensors", ".json"), home / "m.json")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(["prune", "--model", "mlpnet", "--checkpoint", "~/m.safetensors", *MNIST, "--method", "magnitude",
+                 "--sparsity", "0.5", "--train-samples", "256", "--out", "~/pkrun", "--json"]) == 0
+    assert (home / "pkrun" / "model.safetensors").exists() and not (work / "~").exists()

@@ -91,6 +91,7 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     peek.add_argument("--recipe")
     peek.add_argument("--resume")
     known, _ = peek.parse_known_args(argv[1:])
+    _expand_home(known)
     sub = parser._subparsers._group_actions[0].choices[argv[0]]
     if known.resume and argv[0] == "sweep":
         raise PrunekitError("sweep takes no --resume: run the same sweep command again to finish it "
@@ -127,6 +128,21 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         recipes.apply_recipe(sub, {**options, "out": known.resume})
     elif known.recipe:
         recipes.apply_recipe(sub, recipes.load_recipe(known.recipe, sub))
+
+
+PATH_OPTIONS = ("checkpoint", "data_dir", "out", "pruned", "model", "model_flag", "recipe", "resume", "runs")
+
+
+def _expand_home(args) -> None:
+    """``~/x`` in a path option, quoted so that the shell left it (``--out '~/runs'`` made a folder
+    named ``~`` here), is the user's home, as the shell would have made it."""
+    for dest in PATH_OPTIONS:
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, dest, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, dest, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+                                 for v in value])
 
 
 def _is_training_config(config: Path) -> bool:
@@ -224,6 +240,7 @@ def _main(argv: list[str] | None) -> int:
     except PrunekitError as err:
         return _refuse_before_joining(f"prunekit: error: {cli_message(err, _flags(parser))}")
     args = parser.parse_args(argv)
+    _expand_home(args)
     try:
         if distributed.init_from_env(getattr(args, "device", None)):
             if any(distributed.early_refusals(None)):      # another rank refused: it said why
