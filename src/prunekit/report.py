@@ -68,13 +68,14 @@ def stage_rows(metrics: dict) -> list[dict]:
              "flops_kept": dense.get("flops_kept"), "loss": dense.get("loss"),
              "accuracy": dense.get("accuracy"), "seconds": None}]
     for s in metrics.get("stages", []):
-        # a stage of a multi-stage method, an event of a gradual run (its max_macs counts the
-        # fixed layers already) or a phase of a channel method
+        # a stage of a multi-stage method, an event of a gradual run or a phase of a channel method;
+        # max_macs counts the whole model's MACs, the fixed ones included
         label = (str(s["stage"]) if "stage" in s else f"event {s['event']}" if "event" in s
                  else " ".join(str(s[k]) for k in ("phase", "flops", "epoch") if s.get(k)))
         macs = s.get("max_macs")
-        if macs is not None and "stage" in s:
-            macs += fixed
+        if macs is not None and "stage" in s and fixed and s.get("macs") is not None \
+                and s.get("model_macs") == s["macs"] + fixed:
+            macs += fixed        # recorded by an older prunekit: the prunable weights' MACs only
         rows.append({"label": label, "asked_sparsity": _asked_sparsity(s.get("max_nonzeros"), p),
                      "asked_flops": macs / dense_macs if macs is not None and dense_macs else None,
                      "sparsity": s.get("sparsity"), "flops_kept": s.get("flops_kept"), "loss": s.get("loss"),

@@ -1,0 +1,41 @@
+"""The record and report.md of a run say one thing per key: per-stage MACs as the top level
+counts them, the fine-tune's loss apart from the evaluation's, the loss where there is no
+accuracy, a gradual run's settings, no plot links without plots."""
+
+import torch
+
+import prunekit
+from prunekit.zoo import build
+
+
+def _vit_data():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 32, 16)]
+    return x[:1], (lambda: batches)
+
+
+def test_stage_and_event_macs_count_the_attention_products_as_the_top_level_does():
+    """vit-tiny's attention products (costs.activation_macs) are in the record's macs and
+    budget_max_macs: every stage's and event's macs / max_macs count them too."""
+    example, loader = _vit_data()
+    runs = [prunekit.prune(build("vit-tiny"), loader, example_input=example, flops=0.5, method="falcon", stages=2,
+                           fisher_samples=8, batch_size=16, layer_search=0, eval_data=loader()),
+            prunekit.prune(build("vit-tiny"), loader, example_input=example, flops=0.5, method="magnitude",
+                           gradual=True, events=2, epochs_per_event=0, final_epochs=0, eval_data=loader())]
+    for result in runs:
+        record, history = result.record, result.history
+        assert len(history) == 2
+        assert history[-1]["max_macs"] == record["budget_max_macs"] and history[-1]["macs"] == record["macs"]
+        for entry in history:
+            assert entry["macs"] == entry["model_macs"] <= entry["max_macs"]     # model_macs: counted afresh
+        assert history[0]["max_macs"] > history[1]["max_macs"]
+
+
+def test_report_asks_the_stage_its_whole_model_macs_also_of_a_folder_written_before():
+    from prunekit.report import stage_rows
+    new = {"stage": 1, "max_macs": 1_075_200, "macs": 1_075_200, "model_macs": 1_075_200}
+    old = {"stage": 1, "max_macs": 1_009_664, "macs": 1_009_664, "model_macs": 1_075_200}   # walk46d/runs/gpt2
+    for stage in (new, old):
+        rows = stage_rows({"dense_macs": 2_150_400, "fixed_macs": 65_536, "stages": [stage]})
+        assert rows[1]["asked_flops"] == 0.5
