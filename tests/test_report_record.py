@@ -2,6 +2,10 @@
 counts them, the fine-tune's loss apart from the evaluation's, the loss where there is no
 accuracy, a gradual run's settings, no plot links without plots."""
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 
 import prunekit
@@ -39,3 +43,36 @@ def test_report_asks_the_stage_its_whole_model_macs_also_of_a_folder_written_bef
     for stage in (new, old):
         rows = stage_rows({"dense_macs": 2_150_400, "fixed_macs": 65_536, "stages": [stage]})
         assert rows[1]["asked_flops"] == 0.5
+
+
+def _tiny_setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    x = torch.randn(128, 1, 4, 4)
+    y = x.flatten(1)[:, :4].argmax(1)
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    return model, x[:1], (lambda: batches)
+
+
+GRADUAL = dict(sparsity=0.8, gradual=True, events=2, epochs_per_event=1, final_epochs=1, lr=0.05)
+
+
+def _metrics(out):
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("stage_eval", [True, False])
+def test_an_events_loss_is_the_evaluations_and_its_fine_tune_loss_has_its_own_key(tmp_path, stage_eval):
+    model, example, loader = _tiny_setup()
+    out = tmp_path / "run"
+    result = prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, eval_data=loader(),
+                            out=str(out), stage_eval=stage_eval, **GRADUAL)
+    for history in (result.history, result.record["events"], _metrics(out)["stages"],
+                    json.loads((out / "result.json").read_text())["events"]):
+        assert all(e["finetune_loss"] is not None for e in history)      # every event fine-tunes here
+        assert all((e["loss"] is not None) == stage_eval for e in history)
+    last = result.history[-1]
+    if stage_eval:         # the last event's evaluation is the final model's
+        assert last["loss"] == result.loss != last["finetune_loss"]
+    report = (out / "report.md").read_text()
+    assert "| fine-tune loss |" in report and f"{last['finetune_loss']:.4f}" in report

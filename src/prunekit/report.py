@@ -79,7 +79,8 @@ def stage_rows(metrics: dict) -> list[dict]:
         rows.append({"label": label, "asked_sparsity": _asked_sparsity(s.get("max_nonzeros"), p),
                      "asked_flops": macs / dense_macs if macs is not None and dense_macs else None,
                      "sparsity": s.get("sparsity"), "flops_kept": s.get("flops_kept"), "loss": s.get("loss"),
-                     "accuracy": s.get("accuracy"), "seconds": s.get("seconds")})
+                     "accuracy": s.get("accuracy"), "seconds": s.get("seconds"),
+                     **({"finetune_loss": s["finetune_loss"]} if "finetune_loss" in s else {})})
     final = metrics.get("final")
     if final:
         budget = metrics.get("budget", {})
@@ -111,15 +112,20 @@ def write_run_report(path: str | Path) -> Path:
                   f"sparsity {_pct(final.get('sparsity'))}, MACs kept {_pct(final.get('flops_kept'))} "
                   f"({final.get('macs', 0):,} of {final.get('dense_macs', 0):,} per example), "
                   f"parameters kept {_pct(final.get('params_kept'))}.", ""]
-    lines += ["| stage | sparsity asked | sparsity | MACs kept asked | MACs kept | loss | accuracy | seconds |",
-              "|---|---|---|---|---|---|---|---|"]
+    finetuned = any("finetune_loss" in r for r in rows)     # a gradual run's events: their training loss apart
+    lines += ["| stage | sparsity asked | sparsity | MACs kept asked | MACs kept | loss | accuracy | "
+              + ("fine-tune loss | " if finetuned else "") + "seconds |",
+              "|---|---|---|---|---|---|---|---|" + ("---|" if finetuned else "")]
     for r in rows:
         label = r["label"].replace("\n", " ")
         lines.append(f"| {label} | {_pct(r['asked_sparsity'])} | {_pct(r['sparsity'])} | "
                      f"{_pct(r['asked_flops'])} | {_pct(r['flops_kept'])} | "
-                     f"{_num(r['loss'], '.4f')} | {_acc(r['accuracy'])} | {_num(r['seconds'], '.1f')} |")
+                     f"{_num(r['loss'], '.4f')} | {_acc(r['accuracy'])} | "
+                     + (f"{_num(r.get('finetune_loss'), '.4f')} | " if finetuned else "")
+                     + f"{_num(r['seconds'], '.1f')} |")
     lines += ["", "Loss and accuracy are on the evaluation split; a stage's row is measured right after "
-              "the stage (before the final BatchNorm recalibration).", ""]
+              "the stage (before the final BatchNorm recalibration)."
+              + (" Fine-tune loss: the mean training loss of the event's last fine-tune epoch." if finetuned else ""), ""]
     plots = RUN_PLOTS
     lines += [f"![{name[:-4].replace('_', ' ')}](plots/{name})" for name in plots] + [""]
     layers = m.get("layers", [])
