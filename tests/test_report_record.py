@@ -3,6 +3,7 @@ counts them, the fine-tune's loss apart from the evaluation's, the loss where th
 accuracy, a gradual run's settings, no plot links without plots."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,21 @@ def test_an_events_loss_is_the_evaluations_and_its_fine_tune_loss_has_its_own_ke
         assert last["loss"] == result.loss != last["finetune_loss"]
     report = (out / "report.md").read_text()
     assert "| fine-tune loss |" in report and f"{last['finetune_loss']:.4f}" in report
+
+
+def test_without_matplotlib_report_md_links_no_plot(tmp_path, monkeypatch):
+    from prunekit import report
+    model, example, loader = _tiny_setup()
+    out = tmp_path / "run"
+    prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, eval_data=loader(),
+                   out=str(out), sparsity=0.5)
+    (out / "report.md").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)         # import matplotlib raises ImportError
+    with pytest.raises(report.MissingPlotting):
+        report.write_run_report(out)
+    text = (out / "report.md").read_text()
+    assert "plots/" not in text and "need matplotlib" in text
+    with pytest.raises(report.MissingPlotting):
+        report.write_comparison_report(tmp_path / "compare", report.collect([out]))
+    text = (tmp_path / "compare" / "report.md").read_text()
+    assert "plots/" not in text and "need matplotlib" in text

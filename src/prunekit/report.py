@@ -38,6 +38,17 @@ def _pyplot():
     return plt
 
 
+NO_PLOTS = "No plots: they need matplotlib (`pip install 'prunekit[report]'`)."
+
+
+def _pyplot_or_none() -> tuple:
+    """(pyplot, None), or (None, the ``MissingPlotting`` to raise once the markdown is written)."""
+    try:
+        return _pyplot(), None
+    except MissingPlotting as err:
+        return None, err
+
+
 def _save(fig, path: Path) -> None:
     import io
     buffer = io.BytesIO()
@@ -127,14 +138,17 @@ def write_run_report(path: str | Path) -> Path:
               "the stage (before the final BatchNorm recalibration)."
               + (" Fine-tune loss: the mean training loss of the event's last fine-tune epoch." if finetuned else ""), ""]
     plots = RUN_PLOTS
-    lines += [f"![{name[:-4].replace('_', ' ')}](plots/{name})" for name in plots] + [""]
+    plt, missing = _pyplot_or_none()
+    lines += ([f"![{name[:-4].replace('_', ' ')}](plots/{name})" for name in plots] if plt is not None
+              else [NO_PLOTS]) + [""]
     layers = m.get("layers", [])
     if layers:
         lines += ["| layer | weights kept | MACs kept |", "|---|---|---|"]
         lines += [f"| {r['name']} | {r['params']:,} / {r['dense_params']:,} ({_pct(r['params_kept'])}) | "
                   f"{r['macs']:,} / {r['dense_macs']:,} ({_pct(r['macs_kept'])}) |" for r in layers]
     atomic_write_bytes(folder.report_path, ("\n".join(lines) + "\n").encode())
-    plt = _pyplot()
+    if missing is not None:
+        raise missing
     (folder.path / "plots").mkdir(exist_ok=True)
     _plot_run_budget(plt, rows, folder.path / "plots" / plots[0])
     _plot_run_stages(plt, rows, folder.path / "plots" / plots[1])
@@ -319,11 +333,13 @@ def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Com
         lines.append(f"| [{r['name']}]({link}) | {r['model']} | {r['method']} | {_asked(r)} | {_pct(r['sparsity'])} | "
                      f"{_pct(r['flops_kept'])} | {_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | "
                      f"{_num(r['seconds'], '.0f')} |")
-    lines += ["", "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)",
-              "![accuracy vs MACs](plots/accuracy_vs_macs.png)", ""]
+    plt, missing = _pyplot_or_none()
+    lines += (["", "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)",
+               "![accuracy vs MACs](plots/accuracy_vs_macs.png)", ""] if plt is not None else ["", NO_PLOTS, ""])
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
     atomic_write_bytes(out / "runs.json", (json.dumps(rows, indent=2) + "\n").encode())
-    plt = _pyplot()
+    if missing is not None:
+        raise missing
     (out / "plots").mkdir(exist_ok=True)
     for key, label, name in (("sparsity", "sparsity (% of prunable weights removed)", "accuracy_vs_sparsity.png"),
                              ("flops_kept", "MACs kept (% of dense)", "accuracy_vs_macs.png")):
