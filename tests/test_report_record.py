@@ -95,3 +95,18 @@ def test_without_matplotlib_report_md_links_no_plot(tmp_path, monkeypatch):
         report.write_comparison_report(tmp_path / "compare", report.collect([out]))
     text = (tmp_path / "compare" / "report.md").read_text()
     assert "plots/" not in text and "need matplotlib" in text
+
+
+def test_a_run_with_a_users_loss_shows_the_loss_in_report_md_and_run_log(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    x = torch.randn(64, 8)
+    batches = [(x[i:i + 16], x[i:i + 16, :2] * 2) for i in range(0, 64, 16)]       # a regression
+    out = tmp_path / "run"
+    result = prunekit.prune(model, lambda: batches, method="magnitude-uniform", sparsity=0.5, example_input=x[:1],
+                            eval_data=batches, loss=torch.nn.MSELoss(), out=str(out))
+    assert result.accuracy is None and result.loss is not None
+    headline = f"Loss (MSELoss) {result.dense_loss:.4g} → **{result.loss:.4g}**"
+    assert headline in (out / "report.md").read_text() and "Accuracy" not in (out / "report.md").read_text()
+    done = (out / "run.log").read_text().splitlines()[-1]
+    assert done.endswith(f"done: MACs kept {result.flops_kept:.4f}, loss {result.dense_loss:.4g} -> {result.loss:.4g}")

@@ -109,6 +109,17 @@ def _asked_sparsity(max_nonzeros, p) -> float | None:
     return 1 - max_nonzeros / p if p and max_nonzeros is not None and max_nonzeros < p else None
 
 
+def _quality(record: dict) -> str:
+    """The headline's measure of the model before → after: accuracy, else (a user's loss: no
+    accuracy) the evaluation loss, else that there was no evaluation."""
+    if record.get("accuracy") is not None or record.get("dense_accuracy") is not None:
+        return f"Accuracy {_acc(record.get('dense_accuracy'))} → **{_acc(record.get('accuracy'))}**"
+    if record.get("loss") is not None or record.get("dense_loss") is not None:
+        name = f" ({record['loss_function']})" if record.get("loss_function") else ""
+        return f"Loss{name} {_num(record.get('dense_loss'), '.4g')} → **{_num(record.get('loss'), '.4g')}**"
+    return "No evaluation (no evaluation data)"
+
+
 def write_run_report(path: str | Path) -> Path:
     """Write ``report.md`` (and ``plots/*.png``) of the run folder at ``path``."""
     folder = RunFolder(path)
@@ -119,8 +130,7 @@ def write_run_report(path: str | Path) -> Path:
              f"Status: **{m.get('status')}**. Budget asked: "
              + ", ".join(f"{k} {v}" for k, v in m.get("request", {}).items() if v is not None) + ".", ""]
     if final:
-        lines += [f"Accuracy {_acc(m['dense'].get('accuracy'))} → **{_acc(final.get('accuracy'))}**, "
-                  f"sparsity {_pct(final.get('sparsity'))}, MACs kept {_pct(final.get('flops_kept'))} "
+        lines += [f"{_quality(final)}, sparsity {_pct(final.get('sparsity'))}, MACs kept {_pct(final.get('flops_kept'))} "
                   f"({final.get('macs', 0):,} of {final.get('dense_macs', 0):,} per example), "
                   f"parameters kept {_pct(final.get('params_kept'))}.", ""]
     finetuned = any("finetune_loss" in r for r in rows)     # a gradual run's events: their training loss apart
