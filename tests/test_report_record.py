@@ -110,3 +110,19 @@ def test_a_run_with_a_users_loss_shows_the_loss_in_report_md_and_run_log(tmp_pat
     assert headline in (out / "report.md").read_text() and "Accuracy" not in (out / "report.md").read_text()
     done = (out / "run.log").read_text().splitlines()[-1]
     assert done.endswith(f"done: MACs kept {result.flops_kept:.4f}, loss {result.dense_loss:.4g} -> {result.loss:.4g}")
+
+
+def test_a_gradual_runs_settings_are_in_its_record_and_report_header(tmp_path):
+    model, example, loader = _tiny_setup()
+    out = tmp_path / "run"
+    result = prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, eval_data=loader(),
+                            out=str(out), finetune_distill=0.5, **GRADUAL)
+    for record in (result.record, json.loads((out / "result.json").read_text())):
+        assert record["gradual"] is True
+        options = record["gradual_options"]
+        assert (options["events"], options["epochs_per_event"], options["final_epochs"], options["lr"]) == (2, 1, 1, 0.05)
+        assert (options["finetune_distill"], options["finetune_temperature"]) == (0.5, 4.0)
+    report = (out / "report.md").read_text().splitlines()
+    assert report[0] == "# Sequential pruned with magnitude-uniform (gradual)"
+    assert ("Gradual pruning: 2 events (poly schedule), fine-tuned 1 epoch after each but the last, 1 epoch after "
+            "the last, lr 0.05 (a cosine cycle per event), distillation 0.5 at temperature 4.") in report

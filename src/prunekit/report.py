@@ -109,6 +109,17 @@ def _asked_sparsity(max_nonzeros, p) -> float | None:
     return 1 - max_nonzeros / p if p and max_nonzeros is not None and max_nonzeros < p else None
 
 
+def _gradual_text(g: dict) -> str:
+    """A gradual run's settings, in one line of the report's header."""
+    distill = (f", distillation {g['finetune_distill']:g} at temperature {g['finetune_temperature']:g}"
+               if g.get("finetune_distill") else ", no distillation")
+    epochs = lambda n: f"{n} epoch{'' if n == 1 else 's'}"      # noqa: E731
+    events = (f"{g['events']} events ({g['event_schedule']} schedule), fine-tuned {epochs(g['epochs_per_event'])} "
+              f"after each but the last, {epochs(g['final_epochs'])} after the last" if g["events"] > 1
+              else f"1 event, fine-tuned {epochs(g['final_epochs'])} after it")
+    return f"Gradual pruning: {events}, lr {g['lr']:g} (a cosine cycle per event){distill}."
+
+
 def _quality(record: dict) -> str:
     """The headline's measure of the model before → after: accuracy, else (a user's loss: no
     accuracy) the evaluation loss, else that there was no evaluation."""
@@ -126,9 +137,13 @@ def write_run_report(path: str | Path) -> Path:
     m = folder.read_metrics()
     rows = stage_rows(m)
     final = m.get("final", {})
-    lines = [f"# {m.get('model')} pruned with {m.get('method')}", "",
+    lines = [f"# {m.get('model')} pruned with {m.get('method')}" + (" (gradual)" if m.get("mode") == "gradual" else ""),
+             "",
              f"Status: **{m.get('status')}**. Budget asked: "
              + ", ".join(f"{k} {v}" for k, v in m.get("request", {}).items() if v is not None) + ".", ""]
+    gradual = final.get("gradual_options")
+    if gradual:
+        lines += [_gradual_text(gradual), ""]
     if final:
         lines += [f"{_quality(final)}, sparsity {_pct(final.get('sparsity'))}, MACs kept {_pct(final.get('flops_kept'))} "
                   f"({final.get('macs', 0):,} of {final.get('dense_macs', 0):,} per example), "

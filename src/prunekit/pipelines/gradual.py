@@ -126,4 +126,5 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
             on_event(record)
     counts, nonzeros = check_budget(space, costs, ctx.budget)
     seconds = time.perf_counter() - start - (measure_seconds(ctx.checkpointer) - measured)
-    return Outcome(model, counts, nonzeros, 1 - nonzeros / space.numel, seconds, list(ctx.history), {"gradual": opts.to_dict()})
+    return Outcome(model, counts, nonzeros, 1 - nonzeros / space.numel, seconds, list(ctx.history),
+                   {"gradual_options": opts.to_dict()})
