@@ -126,3 +126,16 @@ def test_a_gradual_runs_settings_are_in_its_record_and_report_header(tmp_path):
     assert report[0] == "# Sequential pruned with magnitude-uniform (gradual)"
     assert ("Gradual pruning: 2 events (poly schedule), fine-tuned 1 epoch after each but the last, 1 epoch after "
             "the last, lr 0.05 (a cosine cycle per event), distillation 0.5 at temperature 4.") in report
+
+
+def test_the_batchnorm_note_is_only_in_the_report_of_a_model_recalibrated(tmp_path):
+    def bn_net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32),
+                                   torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    _, example, loader = _tiny_setup()
+    for name, model, noted in (("plain", _tiny_setup()[0], False), ("bn", bn_net(), True)):
+        result = prunekit.prune(model, loader, method="magnitude-uniform", sparsity=0.5, example_input=example,
+                                eval_data=loader(), out=str(tmp_path / name))
+        assert result.record["bn_recalibrated"] is noted
+        assert ("BatchNorm" in (tmp_path / name / "report.md").read_text()) is noted

@@ -160,7 +160,7 @@ def write_run_report(path: str | Path) -> Path:
                      + (f"{_num(r.get('finetune_loss'), '.4f')} | " if finetuned else "")
                      + f"{_num(r['seconds'], '.1f')} |")
     lines += ["", "Loss and accuracy are on the evaluation split; a stage's row is measured right after "
-              "the stage (before the final BatchNorm recalibration)."
+              "the stage" + (" (before the final BatchNorm recalibration)." if final.get("bn_recalibrated") else ".")
               + (" Fine-tune loss: the mean training loss of the event's last fine-tune epoch." if finetuned else ""), ""]
     plots = RUN_PLOTS
     plt, missing = _pyplot_or_none()
