@@ -139,3 +139,27 @@ def test_the_batchnorm_note_is_only_in_the_report_of_a_model_recalibrated(tmp_pa
                                 eval_data=loader(), out=str(tmp_path / name))
         assert result.record["bn_recalibrated"] is noted
         assert ("BatchNorm" in (tmp_path / name / "report.md").read_text()) is noted
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_run_log_names_a_gradual_runs_checkpoints_events(tmp_path, monkeypatch):
+    from prunekit.runs import RunCheckpointer
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise _Stop
+    out = tmp_path / "run"
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    with pytest.raises(_Stop):
+        model, example, loader = _tiny_setup()
+        prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, out=str(out), **GRADUAL)
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    model, example, loader = _tiny_setup()
+    prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, out=str(out), **GRADUAL)
+    log = (out / "run.log").read_text()
+    assert "event 1 saved to stage-001.safetensors" in log and "event 2 saved to stage-002.safetensors" in log
+    assert "resuming after event 1 from stage-001.safetensors" in log and "stage 1" not in log

@@ -112,7 +112,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
             folder.write_metrics(metrics)
             if on_step is not None:
                 on_step(history[-1])
-        checkpointer = RunCheckpointer(folder, measure_stage, on_saved)
+        checkpointer = RunCheckpointer(folder, measure_stage, on_saved,
+                                       unit="event" if plan.mode == "gradual" else "stage")
     else:
         checkpointer = StageMeter(measure_stage, on_step) if eval_loader is not None or on_step else None
     torch.manual_seed(plan.request.seed)
