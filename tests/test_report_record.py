@@ -163,3 +163,27 @@ def test_run_log_names_a_gradual_runs_checkpoints_events(tmp_path, monkeypatch):
     log = (out / "run.log").read_text()
     assert "event 1 saved to stage-001.safetensors" in log and "event 2 saved to stage-002.safetensors" in log
     assert "resuming after event 1 from stage-001.safetensors" in log and "stage 1" not in log
+
+
+def test_labels_of_one_point_in_the_budget_plot_are_merged_not_printed_over_each_other():
+    from prunekit.report import point_labels
+    pts = [(0.0, 94.0, "dense"), (50.0, 93.0, "event 1"), (90.0, 91.0, "event 2"), (90.0, 91.0, "final\n(BN recal.)"),
+           (99.0, 80.0, "a"), (99.01, 80.01, "b")]
+    assert point_labels(pts) == [(0.0, 94.0, "dense"), (50.0, 93.0, "event 1"), (90.0, 91.0, "event 2 = final (BN recal.)"),
+                                 (99.0, 80.0, "a / b")]
+
+
+def test_the_budget_plot_of_a_gradual_run_labels_its_last_event_and_final_once(tmp_path, monkeypatch):
+    """The last event's fine-tune is the final one: the same point, whose two labels overlapped."""
+    from matplotlib.axes import Axes
+    from prunekit import report
+    model, example, loader = _tiny_setup()
+    out = tmp_path / "run"
+    prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, eval_data=loader(),
+                   out=str(out), **GRADUAL)
+    labels, annotate = [], Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda ax, text, *a, **k: labels.append(text) or annotate(ax, text, *a, **k))
+    monkeypatch.setattr(report, "_plot_run_stages", lambda *a: None)     # the budget plot's labels only
+    monkeypatch.setattr(report, "_plot_layers", lambda *a: None)
+    report.write_run_report(out)
+    assert labels == ["dense", "event 1", "event 2 = final"] * 2         # sparsity and MACs panels

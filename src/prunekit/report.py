@@ -181,6 +181,23 @@ def write_run_report(path: str | Path) -> Path:
     return folder.report_path
 
 
+def point_labels(pts: list[tuple], close: float = 0.02) -> list[tuple]:
+    """(x, y, label) per labelled place: points within ``close`` of the plot's span of each other in
+    both x and y share one label, their labels joined ("event 3 = final" where they are the same
+    point, "/" where only near), instead of labels printed over each other."""
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    dx, dy = close * ((max(xs) - min(xs)) or 1.0), close * ((max(ys) - min(ys)) or 1.0)
+    groups: list[list[tuple]] = []
+    for point in pts:
+        group = next((g for g in groups if abs(g[0][0] - point[0]) <= dx and abs(g[0][1] - point[1]) <= dy), None)
+        if group is None:
+            groups.append([point])
+        else:
+            group.append(point)
+    return [(g[0][0], g[0][1], (" = " if all(p[:2] == g[0][:2] for p in g) else " / ").join(
+        p[2].replace("\n", " ") for p in g)) for g in groups]
+
+
 def _plot_run_budget(plt, rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, label in ((axes[0], "sparsity", "sparsity reached (%)"),
@@ -189,8 +206,8 @@ def _plot_run_budget(plt, rows: list[dict], path: Path) -> None:
                if r[key] is not None and r["accuracy"] is not None]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-            for x, y, label_ in pts:
-                ax.annotate(label_.replace("\n", " "), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for x, y, label_ in point_labels(pts):
+                ax.annotate(label_, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[1].invert_xaxis()       # left to right: more pruning
