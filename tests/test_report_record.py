@@ -120,7 +120,7 @@ def test_a_gradual_runs_settings_are_in_its_record_and_report_header(tmp_path):
     for record in (result.record, json.loads((out / "result.json").read_text())):
         assert record["gradual"] is True
         options = record["gradual_options"]
-        assert (options["events"], options["epochs_per_event"], options["final_epochs"], options["lr"]) == (2, 1, 1, 0.05)
+        assert [options[k] for k in ("events", "epochs_per_event", "final_epochs", "lr")] == [2, 1, 1, 0.05]
         assert (options["finetune_distill"], options["finetune_temperature"]) == (0.5, 4.0)
     report = (out / "report.md").read_text().splitlines()
     assert report[0] == "# Sequential pruned with magnitude-uniform (gradual)"
@@ -169,8 +169,8 @@ def test_labels_of_one_point_in_the_budget_plot_are_merged_not_printed_over_each
     from prunekit.report import point_labels
     pts = [(0.0, 94.0, "dense"), (50.0, 93.0, "event 1"), (90.0, 91.0, "event 2"), (90.0, 91.0, "final\n(BN recal.)"),
            (99.0, 80.0, "a"), (99.01, 80.01, "b")]
-    assert point_labels(pts) == [(0.0, 94.0, "dense"), (50.0, 93.0, "event 1"), (90.0, 91.0, "event 2 = final (BN recal.)"),
-                                 (99.0, 80.0, "a / b")]
+    assert point_labels(pts) == [(0.0, 94.0, "dense"), (50.0, 93.0, "event 1"),
+                                 (90.0, 91.0, "event 2 = final (BN recal.)"), (99.0, 80.0, "a / b")]
 
 
 def test_the_budget_plot_of_a_gradual_run_labels_its_last_event_and_final_once(tmp_path, monkeypatch):
@@ -187,3 +187,15 @@ def test_the_budget_plot_of_a_gradual_run_labels_its_last_event_and_final_once(t
     monkeypatch.setattr(report, "_plot_layers", lambda *a: None)
     report.write_run_report(out)
     assert labels == ["dense", "event 1", "event 2 = final"] * 2         # sparsity and MACs panels
+
+
+def test_a_fine_tune_phases_loss_is_the_evaluations_and_its_training_loss_has_its_own_key(tmp_path):
+    torch.manual_seed(0)
+    model, x = build("resnet20-b").eval(), torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    out = tmp_path / "run"
+    result = prunekit.prune(model, data, method="autobot", flops=0.6, example_input=x, finetune_epochs=1,
+                            gate_batches=2, eval_data=data, out=str(out), stage_eval=False)
+    epochs = [p for p in _metrics(out)["stages"] if p.get("epoch")]
+    assert epochs and all(p["finetune_loss"] is not None and p.get("loss") is None for p in epochs)
+    assert result.history == _metrics(out)["stages"]

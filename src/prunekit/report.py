@@ -145,10 +145,11 @@ def write_run_report(path: str | Path) -> Path:
     if gradual:
         lines += [_gradual_text(gradual), ""]
     if final:
-        lines += [f"{_quality(final)}, sparsity {_pct(final.get('sparsity'))}, MACs kept {_pct(final.get('flops_kept'))} "
+        lines += [f"{_quality(final)}, sparsity {_pct(final.get('sparsity'))}, "
+                  f"MACs kept {_pct(final.get('flops_kept'))} "
                   f"({final.get('macs', 0):,} of {final.get('dense_macs', 0):,} per example), "
                   f"parameters kept {_pct(final.get('params_kept'))}.", ""]
-    finetuned = any("finetune_loss" in r for r in rows)     # a gradual run's events: their training loss apart
+    finetuned = any("finetune_loss" in r for r in rows)     # events, fine-tune phases: their training loss apart
     lines += ["| stage | sparsity asked | sparsity | MACs kept asked | MACs kept | loss | accuracy | "
               + ("fine-tune loss | " if finetuned else "") + "seconds |",
               "|---|---|---|---|---|---|---|---|" + ("---|" if finetuned else "")]
@@ -161,7 +162,8 @@ def write_run_report(path: str | Path) -> Path:
                      + f"{_num(r['seconds'], '.1f')} |")
     lines += ["", "Loss and accuracy are on the evaluation split; a stage's row is measured right after "
               "the stage" + (" (before the final BatchNorm recalibration)." if final.get("bn_recalibrated") else ".")
-              + (" Fine-tune loss: the mean training loss of the event's last fine-tune epoch." if finetuned else ""), ""]
+              + (" Fine-tune loss: the mean training loss of the event's last fine-tune epoch (a phase's: of "
+                 "its epoch)." if finetuned else ""), ""]
     plots = RUN_PLOTS
     plt, missing = _pyplot_or_none()
     lines += ([f"![{name[:-4].replace('_', ' ')}](plots/{name})" for name in plots] if plt is not None
