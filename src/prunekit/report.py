@@ -128,7 +128,7 @@ def _quality(record: dict) -> str:
     if record.get("loss") is not None or record.get("dense_loss") is not None:
         name = f" ({record['loss_function']})" if record.get("loss_function") else ""
         return f"Loss{name} {_num(record.get('dense_loss'), '.4g')} → **{_num(record.get('loss'), '.4g')}**"
-    return "No evaluation (no evaluation data)"
+    return "No evaluation data (no loss or accuracy)"
 
 
 def write_run_report(path: str | Path) -> Path:
