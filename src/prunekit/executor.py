@@ -115,7 +115,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
             folder.write_metrics(metrics)
             if on_step is not None:
                 on_step(history[-1])
-        checkpointer = RunCheckpointer(folder, measure_stage, on_saved)
+        checkpointer = RunCheckpointer(folder, measure_stage, on_saved,
+                                       unit="event" if plan.mode == "gradual" else "stage")
     else:
         checkpointer = StageMeter(measure_stage, on_step) if eval_loader is not None or on_step else None
     torch.manual_seed(plan.request.seed)
@@ -138,8 +139,18 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         metrics.update(status="done", final=record, stages=outcome.history,
                        layers=layer_density(plan.costs, outcome.model))
         folder.write_metrics(metrics)
-        folder.log(f"done: MACs kept {record['flops_kept']:.4f}, accuracy {record['accuracy']}")
+        folder.log(f"done: MACs kept {record['flops_kept']:.4f}, {_quality(record)}")
     return record, outcome.model, {share: snap.model for share, snap in outcome.snapshots.items()}
+
+
+def _quality(record: dict) -> str:
+    """run.log's measure of the pruned model: its accuracy, else (a user's loss) its loss."""
+    shown = lambda x, spec: "?" if x is None else format(x, spec)     # noqa: E731
+    if record.get("accuracy") is not None:
+        return f"accuracy {shown(record.get('dense_accuracy'), '.2f')}% -> {record['accuracy']:.2f}%"
+    if record.get("loss") is not None:
+        return f"loss {shown(record.get('dense_loss'), '.4g')} -> {record['loss']:.4g}"
+    return "no evaluation data"
 
 
 def empty_layers_warning(layers: list[str]) -> str:

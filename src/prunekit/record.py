@@ -12,7 +12,13 @@ accuracy, dense_loss, loss (None without evaluation data; accuracy None with the
 named in loss_function), seconds (pruning, BatchNorm included; the evaluations of each stage's
 record are not: their time is the stage's ``eval_seconds``), peak_rss_mb (this process's peak
 resident memory when the record was made), options (the method's, resolved), then the method's own facts (``ilp_gap``, ``kept_channels`` ...) and
-its history: ``stages`` (weights), ``events`` (gradual), ``phases`` (structured).
+its history: ``stages`` (weights), ``events`` (gradual), ``phases`` (structured). A history
+entry's ``macs`` / ``max_macs`` count the whole model's MACs as ``macs`` / ``budget_max_macs``
+do (fixed ones such as attention products included); its ``loss`` / ``accuracy`` are the
+evaluation's (None without stage evaluation), an event's or fine-tune phase's ``finetune_loss`` the
+mean training loss of its last fine-tune epoch. A gradual run has ``gradual`` (True) and
+``gradual_options`` (events, epochs_per_event, final_epochs, lr, momentum, weight_decay,
+event_schedule, start_keep, finetune_distill, finetune_temperature).
 """
 
 from __future__ import annotations

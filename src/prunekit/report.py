@@ -39,6 +39,17 @@ def _pyplot():
     return plt
 
 
+NO_PLOTS = "No plots: they need matplotlib (`pip install 'prunekit[report]'`)."
+
+
+def _pyplot_or_none() -> tuple:
+    """(pyplot, None), or (None, the ``MissingPlotting`` to raise once the markdown is written)."""
+    try:
+        return _pyplot(), None
+    except MissingPlotting as err:
+        return None, err
+
+
 def _save(fig, path: Path) -> None:
     import io
     buffer = io.BytesIO()
@@ -69,17 +80,19 @@ def stage_rows(metrics: dict) -> list[dict]:
              "flops_kept": dense.get("flops_kept"), "loss": dense.get("loss"),
              "accuracy": dense.get("accuracy"), "seconds": None}]
     for s in metrics.get("stages", []):
-        # a stage of a multi-stage method, an event of a gradual run (its max_macs counts the
-        # fixed layers already) or a phase of a channel method
+        # a stage of a multi-stage method, an event of a gradual run or a phase of a channel method;
+        # max_macs counts the whole model's MACs, the fixed ones included
         label = (str(s["stage"]) if "stage" in s else f"event {s['event']}" if "event" in s
                  else " ".join(str(s[k]) for k in ("phase", "flops", "epoch") if s.get(k)))
         macs = s.get("max_macs")
-        if macs is not None and "stage" in s:
-            macs += fixed
+        if macs is not None and "stage" in s and fixed and s.get("macs") is not None \
+                and s.get("model_macs") == s["macs"] + fixed:
+            macs += fixed        # recorded by an older prunekit: the prunable weights' MACs only
         rows.append({"label": label, "asked_sparsity": _asked_sparsity(s.get("max_nonzeros"), p),
                      "asked_flops": macs / dense_macs if macs is not None and dense_macs else None,
                      "sparsity": s.get("sparsity"), "flops_kept": s.get("flops_kept"), "loss": s.get("loss"),
-                     "accuracy": s.get("accuracy"), "seconds": s.get("seconds")})
+                     "accuracy": s.get("accuracy"), "seconds": s.get("seconds"),
+                     **({"finetune_loss": s["finetune_loss"]} if "finetune_loss" in s else {})})
     final = metrics.get("final")
     if final:
         budget = metrics.get("budget", {})
@@ -97,43 +110,95 @@ def _asked_sparsity(max_nonzeros, p) -> float | None:
     return 1 - max_nonzeros / p if p and max_nonzeros is not None and max_nonzeros < p else None
 
 
+def _gradual_text(g: dict) -> str:
+    """A gradual run's settings, in one line of the report's header."""
+    distill = (f", distillation {g['finetune_distill']:g} at temperature {g['finetune_temperature']:g}"
+               if g.get("finetune_distill") else ", no distillation")
+    epochs = lambda n: f"{n} epoch{'' if n == 1 else 's'}"      # noqa: E731
+    events = (f"{g['events']} events ({g['event_schedule']} schedule), fine-tuned {epochs(g['epochs_per_event'])} "
+              f"after each but the last, {epochs(g['final_epochs'])} after the last" if g["events"] > 1
+              else f"1 event, fine-tuned {epochs(g['final_epochs'])} after it")
+    return f"Gradual pruning: {events}, lr {g['lr']:g} (a cosine cycle per event){distill}."
+
+
+def _quality(record: dict) -> str:
+    """The headline's measure of the model before → after: accuracy, else (a user's loss: no
+    accuracy) the evaluation loss, else that there was no evaluation."""
+    if record.get("accuracy") is not None or record.get("dense_accuracy") is not None:
+        return f"Accuracy {_acc(record.get('dense_accuracy'))} → **{_acc(record.get('accuracy'))}**"
+    if record.get("loss") is not None or record.get("dense_loss") is not None:
+        name = f" ({record['loss_function']})" if record.get("loss_function") else ""
+        return f"Loss{name} {_num(record.get('dense_loss'), '.4g')} → **{_num(record.get('loss'), '.4g')}**"
+    return "No evaluation data (no loss or accuracy)"
+
+
 def write_run_report(path: str | Path) -> Path:
     """Write ``report.md`` (and ``plots/*.png``) of the run folder at ``path``."""
     folder = RunFolder(path)
     m = folder.read_metrics()
     rows = stage_rows(m)
     final = m.get("final", {})
-    lines = [f"# {m.get('model')} pruned with {m.get('method')}", "",
+    lines = [f"# {m.get('model')} pruned with {m.get('method')}" + (" (gradual)" if m.get("mode") == "gradual" else ""),
+             "",
              f"Status: **{m.get('status')}**. Budget asked: "
              + ", ".join(f"{k} {v}" for k, v in m.get("request", {}).items() if v is not None) + ".", ""]
+    gradual = final.get("gradual_options")
+    if gradual:
+        lines += [_gradual_text(gradual), ""]
     if final:
-        lines += [f"Accuracy {_acc(m['dense'].get('accuracy'))} → **{_acc(final.get('accuracy'))}**, "
-                  f"sparsity {_pct(final.get('sparsity'))}, MACs kept {_pct(final.get('flops_kept'))} "
+        lines += [f"{_quality(final)}, sparsity {_pct(final.get('sparsity'))}, "
+                  f"MACs kept {_pct(final.get('flops_kept'))} "
                   f"({final.get('macs', 0):,} of {final.get('dense_macs', 0):,} per example), "
                   f"parameters kept {_pct(final.get('params_kept'))}.", ""]
-    lines += ["| stage | sparsity asked | sparsity | MACs kept asked | MACs kept | loss | accuracy | seconds |",
-              "|---|---|---|---|---|---|---|---|"]
+    finetuned = any("finetune_loss" in r for r in rows)     # events, fine-tune phases: their training loss apart
+    lines += ["| stage | sparsity asked | sparsity | MACs kept asked | MACs kept | loss | accuracy | "
+              + ("fine-tune loss | " if finetuned else "") + "seconds |",
+              "|---|---|---|---|---|---|---|---|" + ("---|" if finetuned else "")]
     for r in rows:
         label = r["label"].replace("\n", " ")
         lines.append(f"| {label} | {_pct(r['asked_sparsity'])} | {_pct(r['sparsity'])} | "
                      f"{_pct(r['asked_flops'])} | {_pct(r['flops_kept'])} | "
-                     f"{_num(r['loss'], '.4f')} | {_acc(r['accuracy'])} | {_num(r['seconds'], '.1f')} |")
+                     f"{_num(r['loss'], '.4f')} | {_acc(r['accuracy'])} | "
+                     + (f"{_num(r.get('finetune_loss'), '.4f')} | " if finetuned else "")
+                     + f"{_num(r['seconds'], '.1f')} |")
     lines += ["", "Loss and accuracy are on the evaluation split; a stage's row is measured right after "
-              "the stage (before the final BatchNorm recalibration).", ""]
+              "the stage" + (" (before the final BatchNorm recalibration)." if final.get("bn_recalibrated") else ".")
+              + (" Fine-tune loss: the mean training loss of the event's last fine-tune epoch (a phase's: of "
+                 "its epoch)." if finetuned else ""), ""]
     plots = RUN_PLOTS
-    lines += [f"![{name[:-4].replace('_', ' ')}](plots/{name})" for name in plots] + [""]
+    plt, missing = _pyplot_or_none()
+    lines += ([f"![{name[:-4].replace('_', ' ')}](plots/{name})" for name in plots] if plt is not None
+              else [NO_PLOTS]) + [""]
     layers = m.get("layers", [])
     if layers:
         lines += ["| layer | weights kept | MACs kept |", "|---|---|---|"]
         lines += [f"| {r['name']} | {r['params']:,} / {r['dense_params']:,} ({_pct(r['params_kept'])}) | "
                   f"{r['macs']:,} / {r['dense_macs']:,} ({_pct(r['macs_kept'])}) |" for r in layers]
     atomic_write_bytes(folder.report_path, ("\n".join(lines) + "\n").encode())
-    plt = _pyplot()
+    if missing is not None:
+        raise missing
     (folder.path / "plots").mkdir(exist_ok=True)
     _plot_run_budget(plt, rows, folder.path / "plots" / plots[0])
     _plot_run_stages(plt, rows, folder.path / "plots" / plots[1])
     _plot_layers(plt, layers, folder.path / "plots" / plots[2])
     return folder.report_path
+
+
+def point_labels(pts: list[tuple], close: float = 0.02) -> list[tuple]:
+    """(x, y, label) per labelled place: points within ``close`` of the plot's span of each other in
+    both x and y share one label, their labels joined ("event 3 = final" where they are the same
+    point, "/" where only near), instead of labels printed over each other."""
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    dx, dy = close * ((max(xs) - min(xs)) or 1.0), close * ((max(ys) - min(ys)) or 1.0)
+    groups: list[list[tuple]] = []
+    for point in pts:
+        group = next((g for g in groups if abs(g[0][0] - point[0]) <= dx and abs(g[0][1] - point[1]) <= dy), None)
+        if group is None:
+            groups.append([point])
+        else:
+            group.append(point)
+    return [(g[0][0], g[0][1], (" = " if all(p[:2] == g[0][:2] for p in g) else " / ").join(
+        p[2].replace("\n", " ") for p in g)) for g in groups]
 
 
 def _plot_run_budget(plt, rows: list[dict], path: Path) -> None:
@@ -144,8 +209,8 @@ def _plot_run_budget(plt, rows: list[dict], path: Path) -> None:
                if r[key] is not None and r["accuracy"] is not None]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-            for x, y, label_ in pts:
-                ax.annotate(label_.replace("\n", " "), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for x, y, label_ in point_labels(pts):
+                ax.annotate(label_, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[1].invert_xaxis()       # left to right: more pruning
@@ -322,13 +387,15 @@ def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Com
         lines.append(f"| [{r['name']}]({link}) | {r['model']} | {r['method']} | {_asked(r)} | {_pct(r['sparsity'])} | "
                      f"{_pct(r['flops_kept'])} | {_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | "
                      f"{_num(r['seconds'], '.0f')} |")
-    lines += ["", "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)",
-              "![accuracy vs MACs](plots/accuracy_vs_macs.png)", ""]
+    plt, missing = _pyplot_or_none()
+    lines += (["", "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)",
+               "![accuracy vs MACs](plots/accuracy_vs_macs.png)", ""] if plt is not None else ["", NO_PLOTS, ""])
     # runs.json first: it marks the folder as ours, so a kill between the two leaves one the same
     # command may finish (a report.md alone reads as a user's file, which is never written over)
     atomic_write_bytes(out / "runs.json", (json.dumps(rows, indent=2) + "\n").encode())
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
-    plt = _pyplot()
+    if missing is not None:
+        raise missing
     (out / "plots").mkdir(exist_ok=True)
     for key, label, name in (("sparsity", "sparsity (% of prunable weights removed)", "accuracy_vs_sparsity.png"),
                              ("flops_kept", "MACs kept (% of dense)", "accuracy_vs_macs.png")):

@@ -258,7 +258,7 @@ class RunCheckpointer:
     def __init__(self, folder: RunFolder, measure: Callable[[nn.Module], dict] | None = None,
                  on_saved: Callable[[list[dict]], None] | None = None, unit: str = "stage"):
         self.folder, self.measure, self.on_saved = folder, measure, on_saved
-        self.unit = unit                # what a checkpoint is in run.log: a stage, a training run's epoch
+        self.unit = unit                # what a checkpoint is in run.log: a stage, a gradual run's event, a training run's epoch
         self.restored_seconds = 0.0     # time the stages restored by ``last`` took in earlier runs
         self.measure_seconds = 0.0
 
@@ -309,7 +309,7 @@ class RunCheckpointer:
                 unreadable.append(f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
                 continue
             _check_same_config(self.folder, meta.get("config"), path.name)
-            self.folder.log(f"resuming after stage {state.stage} from {path.name}")
+            self.folder.log(f"resuming after {self.unit} {state.stage} from {path.name}")
             self.restored_seconds = sum(h.get("seconds") or 0.0 for h in state.history)
             return state
         if unreadable:

@@ -80,6 +80,11 @@ def _solve_stage_falcon(q: QuadraticModel, k: int, max_macs, macs, opts: FalconO
                   score=opts.support_score, score_weights=score_weights, gram_cache=gram_cache)
 
 
+def _whole(max_macs, ctx: PruneContext) -> int | None:
+    """A MAC budget of the prunable weights as the whole model's MACs (what a record shows)."""
+    return None if max_macs is None else int(max_macs) + ctx.budget.fixed_macs
+
+
 def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.Tensor, k: int, max_macs,
                             macs: torch.Tensor, opts: FalconOptions, trials: int, record: dict,
                             layer_scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +106,7 @@ def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.T
                                                      start=layer_scales, loss_fn=ctx.loss_fn)
     record.update(layer_search_start_loss=found.start_loss, layer_search_loss=found.loss,
                   layer_search_accepted=found.accepted, layer_search_seconds=found.seconds,
-                  layer_search_judged_at=k, layer_search_judged_at_macs=max_macs,
+                  layer_search_judged_at=k, layer_search_judged_at_macs=_whole(max_macs, ctx),
                   layer_scales=[float(s) for s in layer_scales])
     return weights.to(index.device), layer_scales
 
@@ -361,7 +366,10 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         recalibrated = ctx.recalibrate_bn and recalibrate_batchnorm(
             ctx.model, ctx.train_batches(), **({} if last else {"max_batches": BETWEEN_STAGES_BATCHES}))
         history.append({"stage": stage, "memory_estimate_mb": round(plan.total_mb, 1), "max_nonzeros": k, "nonzeros": int((w != 0).sum()),
-                        "max_macs": max_macs, "macs": int(macs[w != 0].sum()), "revived": revived,
+                        # the whole model's MACs, as the record's top level counts them: the fixed
+                        # ones (attention products, layers outside the space) included
+                        "max_macs": _whole(max_macs, ctx), "macs": int(macs[w != 0].sum()) + ctx.budget.fixed_macs,
+                        "revived": revived,
                         "ridge": ridge, "objective": solution.objective, "solver_seconds": solution.seconds,
                         "gradient_seconds": seconds_gradients, "bn_recalibrated": recalibrated,
                         "seconds": time.perf_counter() - start, **searched,

@@ -74,8 +74,10 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
 
     ctx.train_batches(): one epoch of (x, y) training batches, for the method and the fine-tuning.
     options:      the method's options (as for one-shot pruning).
-    eval_loader:  when given, accuracy (%) is measured after every event's fine-tune.
-    on_event:     called with each event's record once its fine-tune is done.
+    eval_loader:  when given, loss and accuracy (%) are measured after every event's fine-tune.
+    on_event:     called with each event's record once its fine-tune is done; ``finetune_loss``
+        is the mean training loss of the fine-tune's last epoch (with ``finetune_distill``, the
+        mix it trained on), ``loss`` / ``accuracy`` the evaluation's (None without one).
     ctx.checkpointer: saves the model, event records and RNG after every event (the protocol of
         ``pipelines.stages``); a run resumed with the same checkpointer skips completed events
         and ends with the same weights as one never interrupted.
@@ -107,13 +109,15 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
                              on_epoch_end=lambda _, loss: losses.append(loss), progress=ctx.progress,
                              teacher=teacher, distill=opts.finetune_distill, temperature=opts.finetune_temperature,
                              loss_fn=ctx.loss_fn)
+        evaluated = evaluate_loss_accuracy(model, eval_loader, loss_fn=ctx.loss_fn) if eval_loader is not None else {}
         record = {"event": event, "max_nonzeros": event_budget.max_nonzeros, "nonzeros": nonzeros,
                   "max_macs": None if event_budget.max_macs is None
                   else event_budget.max_macs + event_budget.fixed_macs,
                   "macs": counts.macs, "flops_kept": counts.flops_kept, "epochs": epochs,
-                  "loss": losses[-1] if losses else None,
-                  "accuracy": (evaluate_loss_accuracy(model, eval_loader, loss_fn=ctx.loss_fn)["accuracy"]
-                               if eval_loader is not None else None),
+                  # the training loss (mean of the fine-tune's last epoch); loss and accuracy are the
+                  # evaluation's, None without one (a run folder's checkpointer measures them)
+                  "finetune_loss": losses[-1] if losses else None,
+                  **{key: evaluated.get(key) for key in ("loss", "accuracy")},
                   "seconds": time.perf_counter() - event_start,
                   **{key: pruned.info[key] for key in ("stages_auto", "layer_search_auto", "fresh_stages")
                      if key in pruned.info}}
@@ -123,4 +127,5 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
             on_event(record)
     counts, nonzeros = check_budget(space, costs, ctx.budget)
     seconds = time.perf_counter() - start - (measure_seconds(ctx.checkpointer) - measured)
-    return Outcome(model, counts, nonzeros, 1 - nonzeros / space.numel, seconds, list(ctx.history), {"gradual": opts.to_dict()})
+    return Outcome(model, counts, nonzeros, 1 - nonzeros / space.numel, seconds, list(ctx.history),
+                   {"gradual_options": opts.to_dict()})

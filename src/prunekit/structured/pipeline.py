@@ -148,7 +148,8 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
             record["epoch"] = epoch
             hold = _hold_zeros(small, ctx.costs, optimizer) if sparsify is not None else None
             try:
-                record["loss"] = train_epoch(small, ctx.batches(), optimizer, schedule,
+                # the epoch's mean training loss; "loss" is the evaluation's (the checkpointer's measure)
+                record["finetune_loss"] = train_epoch(small, ctx.batches(), optimizer, schedule,
                                              f"fine-tune {epoch}/{opts.finetune_epochs}", progress,
                                              teacher=dense if opts.finetune_distill else None,
                                              distill=opts.finetune_distill, temperature=opts.finetune_temperature,

@@ -1,0 +1,201 @@
+"""The record and report.md of a run say one thing per key: per-stage MACs as the top level
+counts them, the fine-tune's loss apart from the evaluation's, the loss where there is no
+accuracy, a gradual run's settings, no plot links without plots."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.zoo import build
+
+
+def _vit_data():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 32, 16)]
+    return x[:1], (lambda: batches)
+
+
+def test_stage_and_event_macs_count_the_attention_products_as_the_top_level_does():
+    """vit-tiny's attention products (costs.activation_macs) are in the record's macs and
+    budget_max_macs: every stage's and event's macs / max_macs count them too."""
+    example, loader = _vit_data()
+    runs = [prunekit.prune(build("vit-tiny"), loader, example_input=example, flops=0.5, method="falcon", stages=2,
+                           fisher_samples=8, batch_size=16, layer_search=0, eval_data=loader()),
+            prunekit.prune(build("vit-tiny"), loader, example_input=example, flops=0.5, method="magnitude",
+                           gradual=True, events=2, epochs_per_event=0, final_epochs=0, eval_data=loader())]
+    for result in runs:
+        record, history = result.record, result.history
+        assert len(history) == 2
+        assert history[-1]["max_macs"] == record["budget_max_macs"] and history[-1]["macs"] == record["macs"]
+        for entry in history:
+            assert entry["macs"] == entry["model_macs"] <= entry["max_macs"]     # model_macs: counted afresh
+        assert history[0]["max_macs"] > history[1]["max_macs"]
+
+
+def test_report_asks_the_stage_its_whole_model_macs_also_of_a_folder_written_before():
+    from prunekit.report import stage_rows
+    new = {"stage": 1, "max_macs": 1_075_200, "macs": 1_075_200, "model_macs": 1_075_200}
+    old = {"stage": 1, "max_macs": 1_009_664, "macs": 1_009_664, "model_macs": 1_075_200}   # walk46d/runs/gpt2
+    for stage in (new, old):
+        rows = stage_rows({"dense_macs": 2_150_400, "fixed_macs": 65_536, "stages": [stage]})
+        assert rows[1]["asked_flops"] == 0.5
+
+
+def _tiny_setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    x = torch.randn(128, 1, 4, 4)
+    y = x.flatten(1)[:, :4].argmax(1)
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    return model, x[:1], (lambda: batches)
+
+
+GRADUAL = dict(sparsity=0.8, gradual=True, events=2, epochs_per_event=1, final_epochs=1, lr=0.05)
+
+
+def _metrics(out):
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("stage_eval", [True, False])
+def test_an_events_loss_is_the_evaluations_and_its_fine_tune_loss_has_its_own_key(tmp_path, stage_eval):
+    model, example, loader = _tiny_setup()
+    out = tmp_path / "run"
+    result = prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, eval_data=loader(),
+                            out=str(out), stage_eval=stage_eval, **GRADUAL)
+    for history in (result.history, result.record["events"], _metrics(out)["stages"],
+                    json.loads((out / "result.json").read_text())["events"]):
+        assert all(e["finetune_loss"] is not None for e in history)      # every event fine-tunes here
+        assert all((e["loss"] is not None) == stage_eval for e in history)
+    last = result.history[-1]
+    if stage_eval:         # the last event's evaluation is the final model's
+        assert last["loss"] == result.loss != last["finetune_loss"]
+    report = (out / "report.md").read_text()
+    assert "| fine-tune loss |" in report and f"{last['finetune_loss']:.4f}" in report
+
+
+def test_without_matplotlib_report_md_links_no_plot(tmp_path, monkeypatch):
+    from prunekit import report
+    model, example, loader = _tiny_setup()
+    out = tmp_path / "run"
+    prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, eval_data=loader(),
+                   out=str(out), sparsity=0.5)
+    (out / "report.md").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)         # import matplotlib raises ImportError
+    with pytest.raises(report.MissingPlotting):
+        report.write_run_report(out)
+    text = (out / "report.md").read_text()
+    assert "plots/" not in text and "need matplotlib" in text
+    with pytest.raises(report.MissingPlotting):
+        report.write_comparison_report(tmp_path / "compare", report.collect([out]))
+    text = (tmp_path / "compare" / "report.md").read_text()
+    assert "plots/" not in text and "need matplotlib" in text
+
+
+def test_a_run_with_a_users_loss_shows_the_loss_in_report_md_and_run_log(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    x = torch.randn(64, 8)
+    batches = [(x[i:i + 16], x[i:i + 16, :2] * 2) for i in range(0, 64, 16)]       # a regression
+    out = tmp_path / "run"
+    result = prunekit.prune(model, lambda: batches, method="magnitude-uniform", sparsity=0.5, example_input=x[:1],
+                            eval_data=batches, loss=torch.nn.MSELoss(), out=str(out))
+    assert result.accuracy is None and result.loss is not None
+    headline = f"Loss (MSELoss) {result.dense_loss:.4g} → **{result.loss:.4g}**"
+    assert headline in (out / "report.md").read_text() and "Accuracy" not in (out / "report.md").read_text()
+    done = (out / "run.log").read_text().splitlines()[-1]
+    assert done.endswith(f"done: MACs kept {result.flops_kept:.4f}, loss {result.dense_loss:.4g} -> {result.loss:.4g}")
+
+
+def test_a_gradual_runs_settings_are_in_its_record_and_report_header(tmp_path):
+    model, example, loader = _tiny_setup()
+    out = tmp_path / "run"
+    result = prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, eval_data=loader(),
+                            out=str(out), finetune_distill=0.5, **GRADUAL)
+    for record in (result.record, json.loads((out / "result.json").read_text())):
+        assert record["gradual"] is True
+        options = record["gradual_options"]
+        assert [options[k] for k in ("events", "epochs_per_event", "final_epochs", "lr")] == [2, 1, 1, 0.05]
+        assert (options["finetune_distill"], options["finetune_temperature"]) == (0.5, 4.0)
+    report = (out / "report.md").read_text().splitlines()
+    assert report[0] == "# Sequential pruned with magnitude-uniform (gradual)"
+    assert ("Gradual pruning: 2 events (poly schedule), fine-tuned 1 epoch after each but the last, 1 epoch after "
+            "the last, lr 0.05 (a cosine cycle per event), distillation 0.5 at temperature 4.") in report
+
+
+def test_the_batchnorm_note_is_only_in_the_report_of_a_model_recalibrated(tmp_path):
+    def bn_net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32),
+                                   torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    _, example, loader = _tiny_setup()
+    for name, model, noted in (("plain", _tiny_setup()[0], False), ("bn", bn_net(), True)):
+        result = prunekit.prune(model, loader, method="magnitude-uniform", sparsity=0.5, example_input=example,
+                                eval_data=loader(), out=str(tmp_path / name))
+        assert result.record["bn_recalibrated"] is noted
+        assert ("BatchNorm" in (tmp_path / name / "report.md").read_text()) is noted
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_run_log_names_a_gradual_runs_checkpoints_events(tmp_path, monkeypatch):
+    from prunekit.runs import RunCheckpointer
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise _Stop
+    out = tmp_path / "run"
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    with pytest.raises(_Stop):
+        model, example, loader = _tiny_setup()
+        prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, out=str(out), **GRADUAL)
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    model, example, loader = _tiny_setup()
+    prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, out=str(out), **GRADUAL)
+    log = (out / "run.log").read_text()
+    assert "event 1 saved to stage-001.safetensors" in log and "event 2 saved to stage-002.safetensors" in log
+    assert "resuming after event 1 from stage-001.safetensors" in log and "stage 1" not in log
+
+
+def test_labels_of_one_point_in_the_budget_plot_are_merged_not_printed_over_each_other():
+    from prunekit.report import point_labels
+    pts = [(0.0, 94.0, "dense"), (50.0, 93.0, "event 1"), (90.0, 91.0, "event 2"), (90.0, 91.0, "final\n(BN recal.)"),
+           (99.0, 80.0, "a"), (99.01, 80.01, "b")]
+    assert point_labels(pts) == [(0.0, 94.0, "dense"), (50.0, 93.0, "event 1"),
+                                 (90.0, 91.0, "event 2 = final (BN recal.)"), (99.0, 80.0, "a / b")]
+
+
+def test_the_budget_plot_of_a_gradual_run_labels_its_last_event_and_final_once(tmp_path, monkeypatch):
+    """The last event's fine-tune is the final one: the same point, whose two labels overlapped."""
+    from matplotlib.axes import Axes
+    from prunekit import report
+    model, example, loader = _tiny_setup()
+    out = tmp_path / "run"
+    prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, eval_data=loader(),
+                   out=str(out), **GRADUAL)
+    labels, annotate = [], Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda ax, text, *a, **k: labels.append(text) or annotate(ax, text, *a, **k))
+    monkeypatch.setattr(report, "_plot_run_stages", lambda *a: None)     # the budget plot's labels only
+    monkeypatch.setattr(report, "_plot_layers", lambda *a: None)
+    report.write_run_report(out)
+    assert labels == ["dense", "event 1", "event 2 = final"] * 2         # sparsity and MACs panels
+
+
+def test_a_fine_tune_phases_loss_is_the_evaluations_and_its_training_loss_has_its_own_key(tmp_path):
+    torch.manual_seed(0)
+    model, x = build("resnet20-b").eval(), torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    out = tmp_path / "run"
+    result = prunekit.prune(model, data, method="autobot", flops=0.6, example_input=x, finetune_epochs=1,
+                            gate_batches=2, eval_data=data, out=str(out), stage_eval=False)
+    epochs = [p for p in _metrics(out)["stages"] if p.get("epoch")]
+    assert epochs and all(p["finetune_loss"] is not None and p.get("loss") is None for p in epochs)
+    assert result.history == _metrics(out)["stages"]
