@@ -197,3 +197,20 @@ def test_shared_reference_checkpoints_fit_their_models(name):
     model = zoo.load_model(name, path)
     with torch.no_grad():
         assert model(torch.zeros(1, *zoo.spec(name).input_shape)).shape == (1, 10)
+
+
+def test_integer_weights_and_misshapen_masks_are_refused(tmp_path):
+    """An int8 state dict loaded silently (9.80%, '1 MACs'); a (3,) mask failed inside torch and a
+    (rows, 1) mask was broadcast over whole rows."""
+    from torch import nn
+    from prunekit.errors import PrunekitError
+    from prunekit.zoo.checkpoints import load_checkpoint
+    model = nn.Linear(4, 3)
+    torch.save({k: v.to(torch.int8) for k, v in model.state_dict().items()}, tmp_path / "int8.pt")
+    with pytest.raises(PrunekitError, match=r"holds 'weight' as torch.int8.*quantized or integer checkpoint"):
+        load_checkpoint(nn.Linear(4, 3), tmp_path / "int8.pt")
+    net = nn.Sequential(nn.Linear(4, 3))
+    for shape in ((3,), (3, 1)):
+        torch.save({**net.state_dict(), "0._weight_mask": torch.ones(shape)}, tmp_path / "masked.pt")
+        with pytest.raises(PrunekitError, match=r"a mask for '0.weight' of shape .* but the tensor is \(3, 4\)"):
+            load_checkpoint(nn.Sequential(nn.Linear(4, 3)), tmp_path / "masked.pt")

@@ -115,6 +115,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
         raise PrunekitError(_misfit_message(model, state, path, missing, unexpected, mismatched))
+    lossy = next((k for k in state if k in own and own[k].is_floating_point()
+                  and not (state[k].is_floating_point() or state[k].is_complex())), None)
+    if lossy is not None:           # int8 weights copied into a float model: a silently wrong model
+        raise PrunekitError(f"checkpoint {path} holds '{lossy}' as {state[lossy].dtype}, where the model has "
+                            f"{own[lossy].dtype} weights: a quantized or integer checkpoint; load the float one")
     kept = {k: v for k, v in own.items() if k not in state}  # tolerated num_batches_tracked
     model.load_state_dict({**state, **kept}, strict=True)
 
@@ -223,6 +228,9 @@ def _normalize(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch
     for key, mask in masks.items():
         if key not in out:
             raise PrunekitError(f"checkpoint {path} holds a mask for '{key}' but no such tensor")
+        if mask.shape != out[key].shape:      # a broadcast would mask whole rows silently, or fail in torch
+            raise PrunekitError(f"checkpoint {path} holds a mask for '{key}' of shape {tuple(mask.shape)}, but the "
+                                f"tensor is {tuple(out[key].shape)}: the checkpoint is damaged, or not of this model")
         if not bool((mask == 1).all()):
             out[key] = out[key] * mask.to(out[key].dtype)
     return out
