@@ -214,3 +214,21 @@ def test_integer_weights_and_misshapen_masks_are_refused(tmp_path):
         torch.save({**net.state_dict(), "0._weight_mask": torch.ones(shape)}, tmp_path / "masked.pt")
         with pytest.raises(PrunekitError, match=r"a mask for '0.weight' of shape .* but the tensor is \(3, 4\)"):
             load_checkpoint(nn.Sequential(nn.Linear(4, 3)), tmp_path / "masked.pt")
+
+
+@pytest.mark.parametrize("edit", [{"build_kwargs": {"num_classes": 10, "foo": 1}}, {"build_kwargs": [10]},
+                                  {"build_kwargs": {"num_classes": 10**12}}, {"input_shape": "x"},
+                                  {"input_shape": [1, 28, -28]}, {"normalization": {"mean": [0.1]}}])
+def test_a_hand_edited_sidecar_is_refused_in_one_line(tmp_path, edit):
+    """Each of these edits of model.json gave a TypeError, KeyError or allocation failure from inside torch."""
+    import json
+    from torch import nn
+    from prunekit.loading import load_model
+    from prunekit.saving import save_model
+    path = tmp_path / "model.safetensors"
+    save_model(nn.Linear(2, 2), path, {"model": "mlpnet"})
+    meta = {"model": "mlpnet", "build_kwargs": {"num_classes": 10}, "input_shape": [1, 28, 28],
+            "normalization": {"mean": [0.1307], "std": [0.3081]}, **edit}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(PrunekitError, match=r"model.json is damaged \(.*\): restore it"):
+        load_model("mlpnet", path)

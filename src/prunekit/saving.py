@@ -57,4 +57,34 @@ def read_meta(path: str | Path) -> dict:
         raise PrunekitError(f"{side} is not valid JSON ({err}); restore or delete it") from None
     if not isinstance(meta, dict) or "model" not in meta:
         raise PrunekitError(f"{side} is not a prunekit sidecar (no 'model' key); move it away from {Path(path).name}")
+    problem = _sidecar_problem(meta)
+    if problem is not None:
+        raise PrunekitError(f"{side} is damaged ({problem}): restore it from the run that wrote it")
     return meta
+
+
+MOST_CLASSES = 1_000_000         # a build argument past this is an edit, not a model: refused before allocating
+
+
+def _sidecar_problem(meta: dict) -> str | None:
+    """What is wrong with the fields a model is rebuilt from (a hand-edited sidecar), or None."""
+    kwargs = meta.get("build_kwargs", {})
+    if not isinstance(kwargs, dict):
+        return "build_kwargs is not a mapping"
+    if set(kwargs) - {"num_classes", "in_channels"}:
+        return f"build_kwargs holds {sorted(set(kwargs) - {'num_classes', 'in_channels'})[0]!r}, which no model takes"
+    if any(not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MOST_CLASSES
+           for k, v in kwargs.items() if k in ("num_classes", "in_channels")):
+        return "build_kwargs num_classes / in_channels are not counts"
+    shape = meta.get("input_shape", [1])
+    if not (isinstance(shape, list) and shape and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                      for v in shape)):
+        return "input_shape is not a list of positive integers"
+    norm = meta.get("normalization")
+    if norm is not None:
+        ok = (isinstance(norm, dict) and all(isinstance(norm.get(k), list) and norm[k]
+                                             and all(isinstance(v, (int, float)) for v in norm[k]) for k in ("mean", "std"))
+              and len(norm["mean"]) == len(norm["std"]) and all(v > 0 for v in norm["std"]))
+        if not ok:
+            return "normalization needs lists 'mean' and 'std' of one positive std per channel"
+    return None
