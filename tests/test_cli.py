@@ -173,3 +173,14 @@ def test_info_prints_whole_names_and_says_what_activation_products_are(capsys):
     out = capsys.readouterr().out
     assert "NonDynamicallyQuantizableLinear" in out and "VisionTransformer (parameters)" in out
     assert "in products of two activations" in out
+
+
+def test_progress_bars_follow_prunekit_progress_in_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_PROGRESS", "1")
+    assert main(["eval", *MLP, *MNIST]) == 0
+    assert "%|" in capsys.readouterr().err                       # into a pipe, as asked
+    import sys
+    monkeypatch.setenv("PRUNEKIT_PROGRESS", "0")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["eval", *MLP, *MNIST]) == 0
+    assert "%|" not in capsys.readouterr().err                   # on a terminal, as asked

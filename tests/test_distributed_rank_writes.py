@@ -126,7 +126,7 @@ def test_two_ranks_show_one_gradient_bar_per_stage_over_rank_0s_rows(tmp_path):
     out = tmp_path / "run"
     (zero, _, zero_err), (one, one_out, one_err) = _two_ranks(
         ["prune", *DATA, "--method", "chita", "--sparsity", "0.8", "--include", "fc2", "fc3",
-         "--fisher-samples", "16", "--out", str(out)], out)
+         "--fisher-samples", "16", "--out", str(out)], out, more_env={"PRUNEKIT_PROGRESS": "1"})   # stderr is a pipe
     assert (zero, one) == (0, 0), zero_err[-2000:] + one_err[-2000:]
     assert (one_out, one_err) == ("", ""), one_err[-3000:]
     bars = {line.split("|")[-1].split("[")[0].strip() for line in zero_err.replace("\r", "\n").splitlines()

@@ -323,3 +323,20 @@ def test_the_same_forced_command_again_carries_its_own_run_on(tmp_path, monkeypa
     assert main([*BASE, *flags, "--out", str(out)]) == 0
     log = (out / "run.log").read_text()
     assert "resuming after stage 1" in log and log.count("start:") == 1
+
+
+def test_a_resumed_run_says_on_the_console_where_it_carries_on(tmp_path, monkeypatch, capsys):
+    """Only run.log said "resuming after stage 1"; the console showed the stages left without a word.
+    Said once a checkpoint is read, so a refusal (an unreadable checkpoint) stays one line."""
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    cut = tmp_path / "cut"
+    assert main([*BASE, *_flags_for("chita++ multi-stage"), "--out", str(cut)]) == 130
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(cut)]) == 0
+    assert f"resuming {cut} after stage 1\n" in capsys.readouterr().err

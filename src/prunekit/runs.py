@@ -46,6 +46,7 @@ class RunFolder:
 
     writable = True     # False for the ranks of a distributed run other than 0: they only read
     claimed_afresh = False   # this process's ``claim`` wrote its config.toml (no run of this request was there)
+    echo = None         # the command line's console (a function of one line): told where a run resumes
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -310,6 +311,8 @@ class RunCheckpointer:
                 continue
             _check_same_config(self.folder, meta.get("config"), path.name)
             self.folder.log(f"resuming after {self.unit} {state.stage} from {path.name}")
+            if self.folder.echo is not None:        # the console says what run.log says
+                self.folder.echo(f"resuming {self.folder.path} after {self.unit} {state.stage}")
             self.restored_seconds = sum(h.get("seconds") or 0.0 for h in state.history)
             return state
         if unreadable:

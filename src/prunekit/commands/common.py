@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from functools import lru_cache
@@ -222,7 +223,11 @@ def training_batches(args, loaded: LoadedModel):
 
 def show_progress(args) -> bool:
     """Progress bars on stderr: not with --json, and not into a file or pipe (a log of a long run
-    would otherwise fill with bar redraws; the stage lines still go there)."""
+    would otherwise fill with bar redraws; the stage lines still go there) unless the environment
+    says PRUNEKIT_PROGRESS=1 (0: never)."""
+    forced = os.environ.get("PRUNEKIT_PROGRESS")
+    if forced in ("0", "1"):
+        return forced == "1" and not args.json
     return not args.json and sys.stderr.isatty()
 
 

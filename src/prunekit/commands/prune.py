@@ -178,13 +178,9 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
         folder = runs.claim_on_rank_0(args.out, run_config(args), resume=resume,
                                       force=bool(getattr(args, "force", False)) and not resume,
                                       device=next(iter(loaded.model.parameters()), torch.empty(0)).device)
-        metrics = folder.read_metrics()
-        finished = metrics.get("status") == "done"     # a --resume with nothing left to do
-        if metrics and not finished and main and not args.json:    # the console says what run.log says
-            done = metrics.get("stages") or []
-            unit = "event" if plan.mode == "gradual" else "phase" if plan.mode == "structured" else "stage"
-            print(f"resuming {args.out} after {unit} {len(done)}" if done else f"resuming {args.out} from its start",
-                  file=sys.stderr)
+        finished = folder.read_metrics().get("status") == "done"     # a --resume with nothing left to do
+        if main and not args.json:
+            folder.echo = lambda line: print(line, file=sys.stderr)
     try:
         record, model, _ = execute(plan, train_batches, eval_loader, folder=folder,
                                    describe=_described(loaded, args.checkpoint if folder is not None else None),
