@@ -231,3 +231,30 @@ def test_resume_refuses_a_checkpoint_changed_since_the_run_began(tmp_path, capsy
     save_model(model, checkpoint, {"model": "mlpnet"})
     assert main(argv) == 2
     assert "the checkpoint this run" in capsys.readouterr().err
+
+
+def test_an_unfinished_or_damaged_run_folder_says_what_to_do(tmp_path, capsys, monkeypatch):
+    """eval on an unfinished run said 'is a folder, not a file'; --resume of a finished run whose
+    model.safetensors was cut short gave a SafetensorError traceback."""
+    from prunekit import executor
+    out = tmp_path / "run"
+    argv = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(ASSETS / "mnist"), "--train-samples", "256", "--method", "magnitude", "--sparsity",
+            "0.5", "--out", str(out), "--json"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(executor, "save_pruned", killed)
+    assert main(argv) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--data", "mnist", "--data-dir", str(ASSETS / "mnist")]) == 2
+    assert f"holds a prune run that has not finished (no model.safetensors yet): resume it with `prunekit prune " \
+           f"--resume {out}`" in capsys.readouterr().err
+    assert main(argv) == 0
+    capsys.readouterr()
+    with open(out / "model.safetensors", "r+b") as f:
+        f.truncate(500)
+    assert main(["prune", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "this finished run's model, cannot be read" in err and err.count("\n") == 1

@@ -232,3 +232,16 @@ def test_a_hand_edited_sidecar_is_refused_in_one_line(tmp_path, edit):
     (tmp_path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(PrunekitError, match=r"model.json is damaged \(.*\): restore it"):
         load_model("mlpnet", path)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "model.", "module._orig_mod."])
+def test_a_compiled_or_wrapped_models_state_dict_loads(tmp_path, prefix):
+    """torch.compile's ``_orig_mod.`` and a training wrapper's ``model.`` prefix: 'pick the model it was
+    trained for', although it was the right model."""
+    from torch import nn
+    from prunekit.zoo.checkpoints import load_checkpoint
+    source = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    torch.save({prefix + k: v for k, v in source.state_dict().items()}, tmp_path / "wrapped.pt")
+    target = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    load_checkpoint(target, tmp_path / "wrapped.pt")
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))

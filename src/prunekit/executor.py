@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -215,5 +216,11 @@ def _load_final(plan: Plan, folder: RunFolder) -> nn.Module:
     layout = read_meta(folder.model_path).get("channel_layout")
     if layout is not None:
         model = apply_layout(copy.deepcopy(model), layout)
-    model.load_state_dict(load_file(folder.model_path))
+    try:
+        state = load_file(folder.model_path)
+    except (SafetensorError, OSError) as err:
+        raise PrunekitError(f"{folder.model_path}, this finished run's model, cannot be read "
+                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): restore it, or run "
+                            "the command again with --force to redo the run") from None
+    model.load_state_dict(state)
     return model.eval()

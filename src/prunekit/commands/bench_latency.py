@@ -7,7 +7,6 @@ import json
 import os
 import statistics
 import time
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ..errors import PrunekitError, PrunekitWarning
 from ..latency import MIN_REPEATS, NOISE_LIMIT, check_batch_sizes, latency_table
 from ..loading import load_model
 from ..zoo.checkpoints import check_checkpoint_path
-from .common import model_file, resolve_model
+from .common import model_file, refuse_unfinished, resolve_model
 from .info import input_shape
 
 
@@ -77,22 +76,6 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def unfinished(folder) -> None:
-    """Refuse a run folder whose run has not finished (no model.safetensors yet), saying how to finish it."""
-    folder = Path(folder)
-    if not (folder / "config.toml").is_file():
-        return
-    try:
-        method = "method" in tomllib.loads((folder / "config.toml").read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
-        method = False
-    if method or (folder / "metrics.json").is_file():      # only prune runs have a method and write metrics
-        raise PrunekitError(f"{folder} holds a prune run that has not finished (no model.safetensors yet): resume it "
-                            f"with `prunekit prune --resume {folder}`, then time it")
-    raise PrunekitError(f"{folder} holds a training run that has not finished (no model.safetensors yet): run its "
-                        "`prunekit train` command again to carry it on, then time it")
-
-
 def cmd_bench_latency(args) -> int:
     for flag, values in (("--batch-sizes", args.batch_sizes), ("--threads", args.threads)):
         bad = [v for v in values if v < 1]
@@ -104,7 +87,7 @@ def cmd_bench_latency(args) -> int:
         raise PrunekitError(f"--repeats {args.repeats}: --repeats must be at least {MIN_REPEATS} (a median of fewer runs is not trustworthy)")
     pruned_file = model_file(args.pruned)
     if not pruned_file.exists():
-        unfinished(args.pruned)
+        refuse_unfinished(args.pruned)
         raise PrunekitError(f"no pruned model at {pruned_file}: pass the --out folder of `prunekit prune`")
     check_checkpoint_path(pruned_file, hint="pass a run folder of `prunekit prune` or its model.safetensors")
     resolve_model(args, pruned_file)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tomllib
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -90,6 +91,8 @@ def resolve_model(args, saved_file=None) -> None:
         checkpoint = args.checkpoint
     if checkpoint and Path(checkpoint).is_dir() and (Path(checkpoint) / "model.safetensors").is_file():
         args.checkpoint = str(Path(checkpoint) / "model.safetensors")
+    elif checkpoint and Path(checkpoint).is_dir():
+        refuse_unfinished(checkpoint)        # a run folder whose run has not finished: how to finish it
     if args.model is not None:
         return
     saved_file = saved_file or args.checkpoint
@@ -241,6 +244,22 @@ def describe(loaded: LoadedModel) -> dict:
     if loaded.image_transform is not None:
         described["image_transform"] = loaded.image_transform
     return described
+
+
+def refuse_unfinished(folder) -> None:
+    """Refuse a run folder whose run has not finished (no model.safetensors yet), saying how to finish it."""
+    folder = Path(folder)
+    if not (folder / "config.toml").is_file():
+        return
+    try:
+        method = "method" in tomllib.loads((folder / "config.toml").read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
+        method = False
+    if method or (folder / "metrics.json").is_file():      # only prune runs have a method and write metrics
+        raise PrunekitError(f"{folder} holds a prune run that has not finished (no model.safetensors yet): resume it "
+                            f"with `prunekit prune --resume {folder}`, then use it")
+    raise PrunekitError(f"{folder} holds a training run that has not finished (no model.safetensors yet): run its "
+                        "`prunekit train` command again to carry it on, then use it")
 
 
 def model_file(path) -> Path:

@@ -9,9 +9,11 @@ Three file kinds are read:
   which rebuilds tensors only and replaces every other object by an inert placeholder.
 
 The state dict is then found inside the file (top level, ``state_dict``, ``model_state_dict``
-or ``model``) and its keys normalized to the zoo's names: ``module.`` prefixes stripped
-(DataParallel), ``X._layer.weight`` renamed ``X.weight`` and ``X._weight_mask`` entries applied
-to ``X.weight`` and dropped (the WoodFisher / CHITA masked-layer wrappers).
+or ``model``) and its keys normalized to the zoo's names: ``module.`` and ``_orig_mod.``
+prefixes stripped (DataParallel, torch.compile), ``X._layer.weight`` renamed ``X.weight`` and
+``X._weight_mask`` entries applied to ``X.weight`` and dropped (the WoodFisher / CHITA
+masked-layer wrappers); a prefix every key shares (a training wrapper's attribute, such as
+Lightning's ``model.``) is dropped where the keys then are the model's.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     hold nothing else; otherwise :class:`PrunekitError` says what differs and, when one fits,
     which zoo model the checkpoint was made for. The model is left unchanged on error.
     """
-    state = read_state_dict(path)
+    state = _without_wrapper_prefix(read_state_dict(path), model.state_dict())
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith(_TOLERATED_MISSING)]
     unexpected = [k for k in state if k not in own]
@@ -122,6 +124,19 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
                             f"{own[lossy].dtype} weights: a quantized or integer checkpoint; load the float one")
     kept = {k: v for k, v in own.items() if k not in state}  # tolerated num_batches_tracked
     model.load_state_dict({**state, **kept}, strict=True)
+
+
+def _without_wrapper_prefix(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict:
+    """``state`` with a prefix every key shares removed when that makes its keys the model's (a
+    training wrapper's attribute, e.g. Lightning's ``model.``); else ``state`` as it is."""
+    if not state or set(state) <= set(own):
+        return state
+    prefix = next(iter(state)).partition(".")[0] + "."
+    if all(k.startswith(prefix) for k in state):
+        stripped = {k[len(prefix):]: v for k, v in state.items()}
+        if set(stripped) <= set(own):
+            return stripped
+    return state
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -211,8 +226,8 @@ def _normalize(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch
     """Strip ``module.`` prefixes, rename ``._layer.`` and fold ``_<param>_mask`` entries in."""
     renamed: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        while key.startswith("module."):
-            key = key[len("module.") :]
+        while key.startswith(("module.", "_orig_mod.")):       # DataParallel, torch.compile
+            key = key.partition(".")[2]
         key = key.replace("._layer.", ".")
         if key in renamed:
             raise PrunekitError(f"checkpoint {path} holds '{key}' twice once prefixes are stripped")
