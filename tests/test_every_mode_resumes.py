@@ -297,7 +297,8 @@ def test_force_clears_the_run_s_own_files_in_its_subfolders_only(tmp_path, capsy
     assert main([*BASE, "--method", "magnitude", "--sparsity", "0.8", "--out", str(out)]) == 0
     assert main(["export", str(out), "--dense"]) == 0
     mine = {out / "export" / "notes.txt": b"my notes", out / "plots" / "my-figure.png": b"my figure",
-            out / "checkpoints" / "README": b"mine", out / "snapshot-notes.txt": b"my notes on taper"}
+            out / "checkpoints" / "README": b"mine", out / "snapshot-notes.txt": b"my notes on taper",
+            out / "model.onnx": b"my own export (the run had no --onnx)"}
     for path, content in mine.items():
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(content)

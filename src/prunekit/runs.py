@@ -122,6 +122,14 @@ def _present(path: Path) -> list[str]:
             + [p.name for p in path.glob("snapshot-*") if p.is_dir()])      # taper's; a file of that name is not
 
 
+def _asked_onnx(config_text: str) -> bool:
+    """Whether the run of ``config_text`` wrote model.onnx (``--onnx``)."""
+    try:
+        return bool(tomllib.loads(config_text).get("onnx"))
+    except tomllib.TOMLDecodeError:
+        return False
+
+
 def _differing(old: str, new: str) -> list[str]:
     """The settings where run configs ``old`` and ``new`` differ."""
     try:
@@ -169,7 +177,10 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
     path = folder.path
     old = folder.config.read_text() if folder.config.exists() else None
     if force and old != config_text:        # another run's files; this run's own are carried on
+        wrote_onnx = old is not None and _asked_onnx(old)
         for name in _present(path):
+            if name == "model.onnx" and not wrote_onnx:       # the user's own file of that name
+                continue
             target = path / name
             _remove_own_files(target) if target.is_dir() else target.unlink()
     elif not resume:
