@@ -258,3 +258,21 @@ def test_an_unfinished_or_damaged_run_folder_says_what_to_do(tmp_path, capsys, m
     assert main(["prune", "--resume", str(out)]) == 2
     err = capsys.readouterr().err
     assert "this finished run's model, cannot be read" in err and err.count("\n") == 1
+
+
+def test_a_finished_run_missing_its_sidecar_or_result_gets_them_back(tmp_path, capsys):
+    """--resume of a finished run reported success while its model.json was gone (info and eval then
+    failed) or its result.json damaged; they are written again from the run's record."""
+    out = tmp_path / "run"
+    argv = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(ASSETS / "mnist"), "--train-samples", "256", "--method", "magnitude", "--sparsity",
+            "0.5", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    (out / "model.json").unlink()
+    (out / "result.json").write_text("{")
+    assert main(["prune", "--resume", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == first["accuracy"]
+    assert json.loads((out / "result.json").read_text())["accuracy"] == first["accuracy"]
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs"] == first["macs"]

@@ -13,6 +13,7 @@ accuracy is still measured when there is evaluation data.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 import warnings
@@ -87,8 +88,13 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     describe = describe or _python_model_description(plan)
     metrics = folder.read_metrics() if folder is not None else {}
     if folder is not None and metrics.get("status") == "done":
-        folder.log("already complete; nothing to do")
-        return metrics["final"], _load_final(plan, folder), {}
+        model = _load_final(plan, folder)
+        if folder.writable and not _readable_json(folder.path / "model.json", folder.path / "result.json"):
+            save_pruned(folder.path, model, describe, metrics["final"], shrunk=plan.method.family == "channels")
+            folder.log("already complete; model.json / result.json written again (one was missing or damaged)")
+        else:
+            folder.log("already complete; nothing to do")
+        return metrics["final"], model, {}
     if folder is not None:
         folder.log(f"{'resume' if metrics else 'start'}: {plan.name}, method {plan.method.name}, "
                    f"budget {budget_text(plan.request.budget)}")
@@ -204,6 +210,17 @@ def _refuse_changed_weights(folder: RunFolder, metrics: dict, describe: dict) ->
                             "folder")
 
 
+def _readable_json(*paths) -> bool:
+    """Whether every one of ``paths`` holds a JSON object."""
+    for path in paths:
+        try:
+            if not isinstance(json.loads(path.read_text()), dict):
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
 def _read_text(path) -> str | None:
     return path.read_text() if path.exists() else None
 
@@ -222,5 +239,10 @@ def _load_final(plan: Plan, folder: RunFolder) -> nn.Module:
         raise PrunekitError(f"{folder.model_path}, this finished run's model, cannot be read "
                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): restore it, or run "
                             "the command again with --force to redo the run") from None
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:                 # a shrunk model without the layout its model.json kept
+        raise PrunekitError(f"{folder.model_path} does not fit the model (a channel method's model.json, which "
+                            "holds its layer sizes, is missing or damaged?): restore it, or run the command again "
+                            "with --force to redo the run") from None
     return model.eval()
