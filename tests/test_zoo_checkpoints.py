@@ -245,3 +245,12 @@ def test_a_compiled_or_wrapped_models_state_dict_loads(tmp_path, prefix):
     target = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     load_checkpoint(target, tmp_path / "wrapped.pt")
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+
+
+def test_a_whole_pickled_model_is_named_by_its_class(tmp_path):
+    """'holds a Inert_Linear': the placeholder's name (and grammar) reached the user."""
+    from torch import nn
+    from prunekit.zoo.checkpoints import load_checkpoint
+    torch.save(nn.Linear(4, 3), tmp_path / "whole.pt")
+    with pytest.raises(PrunekitError, match=r"holds an object \(torch.nn.modules.linear.Linear\), not a state dict"):
+        load_checkpoint(nn.Linear(4, 3), tmp_path / "whole.pt")

@@ -216,8 +216,9 @@ def _find_state_dict(raw: object, path: Path) -> Mapping[str, torch.Tensor]:
             f"checkpoint {path} holds no state dict (top-level keys: {found}): "
             f"save the weights as a dict of tensors, alone or under {' / '.join(_STATE_DICT_KEYS)}"
         )
+    kind = getattr(type(raw), "source", None) or type(raw).__name__     # a pickled object: the class it names
     raise PrunekitError(
-        f"checkpoint {path} holds a {type(raw).__name__}, not a state dict: "
+        f"checkpoint {path} holds an object ({kind}), not a state dict: "
         "save model.state_dict() rather than the model object"
     )
 
