@@ -184,3 +184,19 @@ def test_progress_bars_follow_prunekit_progress_in_the_environment(capsys, monke
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(["eval", *MLP, *MNIST]) == 0
     assert "%|" not in capsys.readouterr().err                   # on a terminal, as asked
+
+
+@pytest.mark.parametrize("env,said", [({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment is not a number"),
+                                      ({"WORLD_SIZE": "2", "RANK": "3"}, "RANK=3 is not one of 0 to 1"),
+                                      ({"WORLD_SIZE": "2", "PRUNEKIT_DIST_TIMEOUT": "abc"}, "give it in seconds"),
+                                      ({"WORLD_SIZE": "2", "PRUNEKIT_DIST_TIMEOUT": "-1"}, "must be a positive number")])
+def test_a_bad_launch_environment_is_refused_in_one_line(env, said, capsys, monkeypatch):
+    """These gave a ValueError traceback, or C++ frames after a 20 s wait."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29599")
+    monkeypatch.setenv("RANK", "0")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["eval", *MLP, *MNIST, "--json"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1, err

@@ -214,8 +214,9 @@ def _prune_apart(rank, world, what):
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
     if what == "data":
         x, y = x[rank::world], y[rank::world]
+    sparsity = 0.5 + 0.1 * rank if what == "options" else 0.5
     try:
-        prunekit.prune(net, (x, y), method="chita", sparsity=0.5, fisher_samples=16, recalibrate_bn=False)
+        prunekit.prune(net, (x, y), method="chita", sparsity=sparsity, fisher_samples=16, recalibrate_bn=False)
     except Exception as err:     # noqa: BLE001 - what each rank met
         return f"{type(err).__name__}: {err}"
     return "not refused"
@@ -228,3 +229,12 @@ def test_ranks_of_a_script_with_other_weights_or_data_are_refused(tmp_path, what
     said = run_ranks(_prune_apart, 2, tmp_path, what)
     assert said[0] == said[1] and f"rank 1 has other {'model weights' if what == 'weights' else 'data'}" in said[0]
     assert "DistributedSampler" in said[0]
+
+
+def test_ranks_of_a_script_given_other_options_are_refused(tmp_path):
+    """Rank 0 with sparsity 0.5 and rank 1 with 0.6: they waited on each other's collectives until the
+    timeout (a script's own process group: without end)."""
+    from distributed_spawn import run_ranks
+    said = run_ranks(_prune_apart, 2, tmp_path, "options")
+    assert said[0] == said[1] and "rank 1 was given other options than rank 0: every rank must run the same call" \
+        in said[0], said

@@ -281,3 +281,15 @@ def test_an_out_folder_rank_0_cannot_write_stops_every_rank_at_once(tmp_path):
     said = results[0][2] + results[1][2]
     assert said.count("\n") == 1 and results[0][2].startswith("prunekit: error: Not a directory"), said
     assert str(out) in said and "check the path and its permissions" in said, said
+
+
+def test_ranks_started_with_other_options_are_refused_naming_the_options(tmp_path):
+    """Rank 1 with another --seed was told it read other training data (--data-dir); with another
+    budget the ranks waited on each other until the timeout."""
+    out = tmp_path / "run"
+    for extra in (["--seed", "1"], ["--sparsity", "0.7"]):
+        results = _two_ranks(["prune", *DATA, "--method", "chita", "--sparsity", "0.8", "--include", "fc2", "fc3",
+                              "--fisher-samples", "16", "--out", str(out), "--json"], out, rank_args={1: extra})
+        assert [code for code, _, _ in results] == [2, 2], results
+        assert "rank 1 was given other options than rank 0: every rank must run the same command" in results[0][2], \
+            results

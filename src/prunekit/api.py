@@ -121,9 +121,10 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     if loss is not None and train_batches is not None:
         check_loss(model, loss, train_batches, _model_device(model))
     if current().distributed:       # every rank must start from the same weights and read the same data
-        check_same_start(model, python=True, **{what: first_batch(batches, what) if batches is not None else None
-                                                for what, batches in (("data", train_batches),
-                                                                      ("eval_data", eval_batches))})
+        settings = _settings_text(method, budget, include, exclude, seed, gradual, recalibrate_bn, options=options)
+        check_same_start(model, python=True, options=settings,
+                         **{what: first_batch(batches, what) if batches is not None else None
+                            for what, batches in (("data", train_batches), ("eval_data", eval_batches))})
     folder = None
     with ExitStack() as lock:
         if out is not None:       # under torchrun rank 0 alone holds the lock and writes; every rank computes
@@ -154,6 +155,21 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     result.snapshots = {share: Result.from_record(snap, snapshots[share]) for share, snap in
                         zip(snapshots, record.get("snapshots", []))}
     return result
+
+
+def _settings_text(method, *settings, options: dict | None = None) -> str:
+    """A call's settings as text the ranks compare: plain values by value, anything else (a
+    function, an object) by its type only (its repr may hold a per-process address)."""
+    def plain(value):
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return repr(value)
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(plain(v) for v in value) + "]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k!r}: {plain(v)}" for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))) + "}"
+        return type(value).__name__
+    name = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
+    return plain([name, *settings, options or {}])
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -36,7 +36,7 @@ def caught():
     _pending, _received = False, signal.SIGINT
     # under torchrun SIGTERM is how the launcher stops every rank when one fails: it must act at
     # once, also inside a blocking collective, where a Python handler would wait for the call
-    ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ranks = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")   # a bad value is refused later
     handled = (signal.SIGINT,) if ranks else (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.signal(signum, _on_signal) for signum in handled}
     try:

@@ -131,13 +131,21 @@ def run_config(args) -> str:
     return recipes.dump_recipe(config)
 
 
+def _settings(args) -> str:
+    """The run's options without its paths, which the ranks compare (the weights and data the paths
+    lead to, and the run folder, are compared apart, with messages of their own)."""
+    paths = {"checkpoint", "data_dir", "out", "force"}
+    return recipes.dump_recipe({k: v for k, v in vars(args).items() if k not in RUN_ONLY and k not in paths})
+
+
 def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None = None) -> dict:
     """Prune as ``plan`` says, into run folder ``args.out`` when given (resuming it with
     ``--resume``, clearing it first with ``--force``), then write its report."""
     main = distributed.is_main_process()           # under torchrun, rank 0 alone writes
     if distributed.current().distributed:          # every machine must read the same weights and data
         first_train = _first_batch(train_batches) if reads_training_data(plan) else None     # else never loaded
-        distributed.check_same_start(loaded.model, **{"evaluation data (--data-dir)": _first_batch(eval_loader),
+        distributed.check_same_start(loaded.model, options=_settings(args),
+                                     **{"evaluation data (--data-dir)": _first_batch(eval_loader),
                                                       "training data (--data-dir)": first_train})
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)

@@ -93,7 +93,18 @@ def ranks_on_this_machine() -> int:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return _environment_number("WORLD_SIZE", "1", int) > 1
+
+
+def _environment_number(name: str, default: str, kind=int):
+    """Environment variable ``name`` as a number of ``kind`` (a launcher's or the user's setting),
+    refused in one line when it is not one."""
+    text = os.environ.get(name, default)
+    try:
+        return kind(text)
+    except ValueError:
+        fix = "give it in seconds, or unset it" if name.startswith("PRUNEKIT_") else "unset it, or let torchrun set it"
+        raise MachineRefusal(f"{name}={text!r} in the environment is not a number: {fix}") from None
 
 
 def init_from_env(device: str | None = None, timeout_s: float | None = None) -> bool:
@@ -112,7 +123,14 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
     if missing:
         raise MachineRefusal(f"WORLD_SIZE is set but {', '.join(missing)} is not: start prunekit with torchrun "
                             "(torchrun --nproc_per_node 2 -m prunekit prune ...)")
-    timeout_s = timeout_s or float(os.environ.get("PRUNEKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    rank, world = _environment_number("RANK", "0"), _environment_number("WORLD_SIZE", "1")
+    if not 0 <= rank < world:
+        raise MachineRefusal(f"RANK={rank} is not one of 0 to {world - 1} (WORLD_SIZE={world}): start prunekit with "
+                             "torchrun, which numbers the ranks")
+    timeout_s = timeout_s or _environment_number("PRUNEKIT_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S), float)
+    if not 0 < timeout_s < float("inf"):
+        raise MachineRefusal(f"PRUNEKIT_DIST_TIMEOUT={timeout_s:g} must be a positive number of seconds (default "
+                             f"{DEFAULT_TIMEOUT_S:g})")
     cuda = device is not None and str(device).startswith("cuda")
     backend = chosen_backend(cuda)
     check_socket_ifname()             # every group has gloo (``group_backend``)
@@ -336,18 +354,27 @@ def disagreeing(values: dict[str, int], device: torch.device | str = "cpu") -> d
     return {n: every[:, i].tolist() for i, n in enumerate(names) if bool((every[:, i] != every[0, i]).any())}
 
 
-def check_same_start(model: torch.nn.Module, python: bool = False, **batches) -> None:
-    """Refuse (on every rank, one line) a run whose ranks would start from different weights or
-    data: a machine with another checkpoint or data set at the same path would silently make
-    another run's rows, and so would a script (``python``) that seeds each rank's model apart or
-    hands each rank its own part of the data. ``batches``: name -> a first batch (tensors) or None."""
+def check_same_start(model: torch.nn.Module, python: bool = False, options: str | None = None, **batches) -> None:
+    """Refuse (on every rank, one line) a run whose ranks would start from different weights,
+    data or options: a machine with another checkpoint or data set at the same path would silently
+    make another run's rows, and so would a script (``python``) that seeds each rank's model apart or
+    hands each rank its own part of the data; ranks given other options (a budget, n, a seed) wait on
+    each other's collectives until the timeout, or abort. ``options``: the run's settings as text;
+    ``batches``: name -> a first batch (tensors) or None."""
     passed_checks()            # a rank refused while loading them need not wait for this one
     values = {"model weights" if python else "model weights (--checkpoint)": digest(*model.state_dict().values())}
+    if options is not None:
+        values["options"] = digest(torch.frombuffer(bytearray(options.encode()), dtype=torch.uint8))
     for name, batch in batches.items():
         if batch is not None:
             values[name] = digest(*[t for t in batch if isinstance(t, torch.Tensor)])
     device = next(iter(model.parameters()), torch.empty(0)).device
     differ = disagreeing(values, device)
+    if "options" in differ:           # named first: other options also draw other data (a seed) or weights
+        others = [r for r, v in enumerate(differ["options"]) if v != differ["options"][0]]
+        raise PrunekitError(f"rank {', '.join(map(str, others))} was given other options than rank 0: every rank "
+                            "must run the same " + ("call (the same method, budget, options and seed)" if python
+                                                    else "command (torchrun starts them all with it)"))
     if differ:
         name, ranks = next(iter(differ.items()))
         others = [r for r, v in enumerate(ranks) if v != ranks[0]]
