@@ -238,3 +238,36 @@ def test_ranks_of_a_script_given_other_options_are_refused(tmp_path):
     said = run_ranks(_prune_apart, 2, tmp_path, "options")
     assert said[0] == said[1] and "rank 1 was given other options than rank 0: every rank must run the same call" \
         in said[0], said
+
+
+def _prune_with_rank_memory(rank, world):
+    """falcon whose "auto" n comes out larger on rank 0 than on rank 1 (free memory differs per
+    machine): each rank's number of gradient rows, or its exception."""
+    from dataclasses import replace
+    import prunekit
+    import prunekit.pipelines.fisher_methods as fisher_methods
+    real = fisher_methods.plan_memory
+
+    def per_rank(family):
+        check = real(family)
+
+        def smaller_on_rank_1(*args, **kwargs):
+            plan = check(*args, **kwargs)
+            return replace(plan, n=plan.n - 8 * rank)
+        return smaller_on_rank_1
+    fisher_methods.plan_memory = per_rank
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    try:
+        result = prunekit.prune(net, (x, y), method="falcon", flops=0.5, fisher_samples=32, recalibrate_bn=False)
+    except Exception as err:     # noqa: BLE001 - what each rank met
+        return f"{type(err).__name__}: {err}"
+    return result.record["fisher_samples"]
+
+
+def test_ranks_whose_memory_allows_other_row_counts_take_the_least(tmp_path):
+    """--fisher-samples auto under a tight --max-memory: each rank chose its own n, and gloo aborted
+    on the first exchange of rows ('Received data size doesn't match expected size')."""
+    from distributed_spawn import run_ranks
+    assert run_ranks(_prune_with_rank_memory, 2, tmp_path) == [24, 24]

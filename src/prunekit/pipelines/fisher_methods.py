@@ -273,6 +273,9 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     # The plan of the first stage (the largest: later stages have fewer free weights).
     plan = memory(ctx.model, ctx.space, ctx.costs.example_input, ctx.budget, opts, _judge_batch(ctx, opts),
                   *ctx.refit_images, most_rows=most_rows)
+    if distributed.current().distributed:    # "auto" n fits each rank's own free memory: all take the least
+        least = distributed.current().all_reduce_max(torch.tensor([-plan.n], device=ctx.space.weights()[0].device))
+        plan = replace(plan, n=-int(least.item()))
     macs = _compact_macs(ctx.space.macs_per_weight(ctx.costs))    # solvers work where the model is
     dense_macs = int(macs.sum())
     target = ctx.budget.max_nonzeros
