@@ -305,8 +305,12 @@ def test_auto_takes_the_largest_n_up_to_1000_that_fits(steady_usage):
 
 def test_a_request_over_max_memory_is_refused_before_any_gradient(monkeypatch):
     monkeypatch.setattr(fisher_methods, "collect_gradients", lambda *a, **k: pytest.fail("gradients computed"))
-    with pytest.raises(PrunekitError, match="largest fisher_samples that fits"):
+    # 1 MB holds not even the model: said as such (it was "the largest fisher_samples that fits is 0")
+    with pytest.raises(PrunekitError, match="whatever fisher_samples .* raise max_memory to more than"):
         prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=1000, max_memory="1M")
+    limit = memory_plan.current_usage(torch.device("cpu")) + 400 * MB
+    with pytest.raises(PrunekitError, match="largest fisher_samples that fits is [1-9]"):
+        prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=10**4, max_memory=limit)
 
 
 def test_auto_and_compact_storage_through_prunekit_prune():
@@ -330,7 +334,7 @@ def test_auto_takes_no_more_rows_than_the_training_data_holds():
 def test_cli_refuses_in_one_line_with_exit_2(capsys):
     assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", "--max-memory", "1M"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "largest --fisher-samples that fits" in err and "bfloat16" in err and "\n" not in err   # in its flags
+    assert "whatever --fisher-samples" in err and "raise --max-memory" in err and "\n" not in err   # in its flags
 
 
 def test_cli_json_has_the_estimate_next_to_the_measured_peak(capsys):

@@ -407,9 +407,14 @@ def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, r
         return (f"the re-fit after pruning needs about {_human(result.resident + result.refit)} "
                 f"({refit_samples:,} images through the pruned and the dense network) but max_memory is "
                 f"{_human(limit)}: set refit_batches to fewer batches, or 0 (or raise max_memory)")
-    fitting = ", ".join(f"{largest_n(lambda rows: estimate(rows, storage), 10**7):,} in {name}"
-                        for name, storage in STORAGE_DTYPES.items())
+    largest = {name: largest_n(lambda rows: estimate(rows, storage), 10**7) for name, storage in STORAGE_DTYPES.items()}
     share = f"; each of {ranks} ranks holds a share of its columns, " if ranks > 1 else " = "
+    if not any(largest.values()):        # not one row fits: what the rest of the run takes is the limit
+        least = estimate(1, STORAGE_DTYPES["bfloat16"]).total
+        return (f"this request needs about {_human(least)}{' per rank' if ranks > 1 else ''} whatever fisher_samples "
+                f"(the model, its data and the method's work besides the gradients) but max_memory is "
+                f"{_human(limit)}: raise max_memory to more than {_human(least)}")
+    fitting = ", ".join(f"{n:,} in {name}" for name, n in largest.items())
     return (f"this request needs about {_human(result.total)}{' per rank' if ranks > 1 else ''} (gradients "
             f"{result.n:,} x {result.p:,} in {str(result.dtype).removeprefix('torch.')}{share}"
             f"{_human(result.gradients)}) but max_memory is "
