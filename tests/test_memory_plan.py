@@ -331,6 +331,19 @@ def test_auto_takes_no_more_rows_than_the_training_data_holds():
         prunekit.prune(model, data(), method="falcon", flops=0.5, fisher_samples=65, batch_size=16)
 
 
+def test_the_refit_is_planned_on_no_more_images_than_the_data_holds(monkeypatch):
+    """The re-fit reads at most one pass: 64 samples, not the 1,024 of refit_batches "auto" (the
+    plan was 4x the measured peak of MobileNetV1 on 128 training images and refused a run that fit)."""
+    planned = []
+    real = memory_plan.refit_bytes
+    monkeypatch.setattr(memory_plan, "refit_bytes",
+                        lambda sizes, model, example, samples, batch, *a, **k:
+                        planned.append((samples, batch)) or real(sizes, model, example, samples, batch, *a, **k))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    prunekit.prune(model, data(), method="falcon", flops=0.5, fisher_samples=32, batch_size=16)
+    assert planned == [(64, 16)]
+
+
 def test_cli_refuses_in_one_line_with_exit_2(capsys):
     assert main(["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.3", "--max-memory", "1M"]) == 2
     err = capsys.readouterr().err.strip()

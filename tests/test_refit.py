@@ -16,7 +16,7 @@ import prunekit
 from closeness import assert_close_to_scale
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
-from prunekit import refit as refit_module
+from prunekit import process_memory, refit as refit_module
 from prunekit.lockstep import Lockstep
 from prunekit.pipelines import weights as weights_pipeline
 from prunekit.refit import (Moments, SplitMoments, fit_layer, held_out_images, masked_least_squares,
@@ -428,6 +428,21 @@ def test_auto_takes_fewer_images_where_1024_would_not_run_in_lockstep(monkeypatc
     asked = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, batch_size=32,
                            refit_batches=3)
     assert asked.record["refit"]["images"] == 96 and asked.record["refit"]["forwards"].startswith("one truncated")
+
+
+def test_auto_keeps_the_lockstep_under_max_memory(monkeypatch):
+    """With max_memory, the re-fit's lockstep allowance is half of what the limit leaves, not of
+    the machine's memory (the plan refused MobileNetV1 under --max-memory 3G: auto took 896 images
+    where fewer would have fit)."""
+    per_image = refit_module.lockstep_bytes(_net(), _data()[0][:1])
+    limit = process_memory.current_usage(torch.device("cpu")) + 2**30
+    monkeypatch.setattr(refit_module, "current_usage", lambda device: limit - 4 * per_image * 70, raising=False)
+    capped = prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32, batch_size=32,
+                            max_memory=limit)
+    assert capped.record["refit"]["images"] == 64
+    assert prunekit.prune(_net(), _data(), method="falcon", flops=0.4, fisher_samples=32,
+                          batch_size=32).record["refit"]["images"] == 128
+    assert refit_module.lockstep_allowance(torch.device("cpu")) > 2 * per_image * 70      # the cap is gone
 
 
 def test_auto_re_fits_a_network_without_batchnorm_after_its_last_stage_only():

@@ -61,6 +61,7 @@ reach, and layers whose fit would raise their output error on the held-out image
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import time
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ from torch import nn
 from .distributed import ranks_on_this_machine
 from .layer_capture import capture, forward_order
 from .lockstep import Lockstep
-from .process_memory import available_memory
+from .process_memory import available_memory, current_usage, parse_memory
 from .layout import model_input
 from .solvers.collective import Collective, shard_bounds
 
@@ -504,10 +505,28 @@ def fit_layer(layer: nn.Module, moments: Moments | SplitMoments, centred: bool, 
             "kept": kept, "held_out": held_moments is not None}
 
 
+_MEMORY_CAP: contextvars.ContextVar[int | None] = contextvars.ContextVar("refit_memory_cap", default=None)
+
+
+@contextlib.contextmanager
+def memory_cap(max_memory):
+    """Within it, :func:`lockstep_allowance` keeps under the user's ``max_memory`` (bytes or a size
+    like "6G", per process; None: the machine's memory alone), as the memory plan does."""
+    token = _MEMORY_CAP.set(None if max_memory is None else parse_memory(max_memory))
+    try:
+        yield
+    finally:
+        _MEMORY_CAP.reset(token)
+
+
 def lockstep_allowance(device: torch.device) -> int:
     """Bytes the two networks' activations of all batches may take at once for the re-fit to run
-    them in lockstep (half the memory available now); above it, truncated forwards per layer."""
-    return available_memory(device) // 2
+    them in lockstep (half the memory available now, on this machine: its ranks share it); above
+    it, truncated forwards per layer."""
+    available, cap = available_memory(device), _MEMORY_CAP.get()
+    if cap is not None:
+        available = min(available, max(0, cap - current_usage(device)) * ranks_on_this_machine())
+    return available // 2
 
 
 @torch.no_grad()

@@ -24,11 +24,12 @@ from .. import distributed, process_memory
 from ..budget import ResolvedBudget
 from ..api_checks import first_batch
 from ..costs import CostModel, Counts
+from ..data.loaders import samples_per_pass
 from ..errors import PrunekitError
 from ..losses import LossFn
 from ..options import IntegerOrAuto, OptionError, Options, Real
 from ..params import ParamSpace
-from ..refit import RIDGE, lockstep_images, refit
+from ..refit import RIDGE, lockstep_images, memory_cap, refit
 from ..train import recalibrate_batchnorm
 from .allocation import LoaderWindow, RecalibratedLoss
 from .stages import StageCheckpointer, measure_seconds
@@ -150,7 +151,13 @@ def check_budget(space: ParamSpace, costs: CostModel, budget: ResolvedBudget) ->
 
 def prune_weights(ctx: PruneContext, run, options) -> Outcome:
     """Prune ``ctx.model`` in place with weights method ``run`` and its ``options``; recalibrate
-    BatchNorm (``ctx.recalibrate_bn``) and check the budget."""
+    BatchNorm (``ctx.recalibrate_bn``) and check the budget. The re-fit's choice between holding
+    all its images' activations and truncated forwards keeps under ``options.max_memory``."""
+    with memory_cap(getattr(options, "max_memory", None)):
+        return _prune_weights(ctx, run, options)
+
+
+def _prune_weights(ctx: PruneContext, run, options) -> Outcome:
     torch.manual_seed(ctx.seed)
     start, measured = time.perf_counter(), measure_seconds(ctx.checkpointer)
     refit_batches = getattr(options, "refit_batches", 0)
@@ -166,7 +173,9 @@ def prune_weights(ctx: PruneContext, run, options) -> Outcome:
         if refit_batches is None:
             refit_batches = _auto_refit_batches(ctx, batch)
         ctx.refit = lambda judged=True: refit_pruned(ctx, dense, refit_batches, options.refit_ridge, judged)
-        ctx.refit_images = ((refit_batches or -(-AUTO_REFIT_SAMPLES // batch)) * batch, batch)
+        wanted = (refit_batches or -(-AUTO_REFIT_SAMPLES // batch)) * batch
+        available = samples_per_pass(ctx.train_batches())          # the re-fit reads no more than one pass
+        ctx.refit_images = (min(wanted, available) if available else wanted, batch)
     pruned = run(ctx, options)
     ctx.space.assign(pruned.weights)
     info, recalibrated = dict(pruned.info), pruned.bn_recalibrated
