@@ -63,6 +63,23 @@ def test_info_table(capsys):
     assert "layer1.0.conv1" in text and "total:" in text
 
 
+def test_info_without_a_checkpoint_counts_the_architecture(capsys, monkeypatch):
+    """Random weights: an exact zero the initialisation drew is no pruning (resnet50's counts
+    moved by a few params and MACs from run to run)."""
+    real_build = zoo.build
+
+    def build_with_zeros(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        with torch.no_grad():
+            model.fc1.weight[0, :3] = 0
+        return model
+    monkeypatch.setattr(zoo, "build", build_with_zeros)
+    assert main(["info", "mlpnet", "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["params"] == counts["dense_params"] and counts["macs"] == counts["dense_macs"]
+    assert counts["layers"][0]["params_kept"] == counts["layers"][0]["params"]
+
+
 def test_info_takes_the_model_as_other_commands_do(capsys):
     """`info --model NAME` as `prune --model NAME`; the positional form stays; a prunekit
     checkpoint of a zoo model names it."""

@@ -11,6 +11,7 @@ from ..costs import CostModel, Counts
 from ..loading import load_model
 from ..params import ParamSpace
 from ..saving import read_meta
+from ..zoo import MODEL_NAMES
 from ..errors import PrunekitError
 from .common import MODEL_HELP, names_run_folder, model_file, resolve_model
 
@@ -29,7 +30,11 @@ def cmd_info(args) -> int:
                             f"{','.join(map(str, loaded.input_shape))} (its zoo entry or checkpoint records it): "
                             "leave --input-shape out")
     costs = CostModel(loaded.model, loaded.example_input())
-    counts = costs.count(loaded.model)
+    if args.checkpoint is None and args.model in MODEL_NAMES:
+        # fresh random weights: an exact zero the initialisation happens to draw is no pruning
+        counts = Counts(costs.macs, costs.macs, costs.params, costs.params)
+    else:
+        counts = costs.count(loaded.model)
     space = ParamSpace(loaded.model, exclude=loaded.prune_exclude, costs=costs)
     pruned_layers = {e.module for e in space.entries} | {e.name for e in space.entries}
     rows = []
