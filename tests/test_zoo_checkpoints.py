@@ -286,3 +286,14 @@ def test_a_whole_pickled_model_is_named_by_its_class(tmp_path):
     torch.save(nn.Linear(4, 3), tmp_path / "whole.pt")
     with pytest.raises(PrunekitError, match=r"holds an object \(torch.nn.modules.linear.Linear\), not a state dict"):
         load_checkpoint(nn.Linear(4, 3), tmp_path / "whole.pt")
+
+
+def test_load_pruned_names_a_device_or_numpy_checkpoint(tmp_path):
+    """load_pruned("/dev/null") said 'no saved model at /dev/null'; a NumPy state dict 'holds no state dict'."""
+    import prunekit
+    with pytest.raises(PrunekitError, match=r"^checkpoint /dev/null is a device, not a file: pass a run folder"):
+        prunekit.load_pruned(zoo.build("mlpnet"), "/dev/null")
+    torch.save({k: v.numpy() for k, v in zoo.build("mlpnet").state_dict().items()}, tmp_path / "np.pth")
+    with pytest.raises(PrunekitError, match=r"holds NumPy arrays \('fc1.weight' ...\), not torch tensors.*"
+                                            r"torch.from_numpy"):
+        prunekit.load_pruned(zoo.build("mlpnet"), tmp_path / "np.pth")
