@@ -165,6 +165,31 @@ def test_run_log_names_a_gradual_runs_checkpoints_events(tmp_path, monkeypatch):
     assert "resuming after event 1 from stage-001.safetensors" in log and "stage 1" not in log
 
 
+def test_run_log_names_a_structured_runs_checkpoints_phases(tmp_path, monkeypatch):
+    """A structured run's run.log said 'stage 1 saved', 'resuming after stage 1' of its gates,
+    BatchNorm and fine-tune phases."""
+    from prunekit.runs import RunCheckpointer
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise _Stop
+    out = tmp_path / "run"
+    options = dict(method="autobot", flops=0.6, finetune_epochs=1, out=str(out))
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    with pytest.raises(_Stop):
+        model, example, loader = _tiny_setup()
+        prunekit.prune(model, loader, example_input=example, **options)
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    model, example, loader = _tiny_setup()
+    prunekit.prune(model, loader, example_input=example, **options)
+    log = (out / "run.log").read_text()
+    assert "phase 1 (gates) saved to stage-001.safetensors" in log
+    assert "resuming after phase 1 (gates) from stage-001.safetensors" in log
+    assert "phase 2 (bn, flops 0.6) saved" in log and "phase 3 (finetune, flops 0.6, epoch 1) saved" in log
+    assert "stage 1" not in log and "stage 2" not in log
+
+
 def test_labels_of_one_point_in_the_budget_plot_are_merged_not_printed_over_each_other():
     from prunekit.report import point_labels
     pts = [(0.0, 94.0, "dense"), (50.0, 93.0, "event 1"), (90.0, 91.0, "event 2"), (90.0, 91.0, "final\n(BN recal.)"),
