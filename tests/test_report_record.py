@@ -198,6 +198,29 @@ def test_labels_of_one_point_in_the_budget_plot_are_merged_not_printed_over_each
                                  (90.0, 91.0, "event 2 = final (BN recal.)"), (99.0, 80.0, "a / b")]
 
 
+def test_long_merged_labels_stay_inside_the_budget_plot(tmp_path, monkeypatch):
+    """Merged labels ('event 1 = event 2 = ... = final (BN recal.)') ran past the axes' edge, over the
+    other plot, and the figure grew to hold them."""
+    pytest.importorskip("matplotlib")
+    from prunekit import report
+    plt, boxes = report._pyplot(), []
+
+    def measure(fig, path):                   # as saved: the text boxes and their axes', in pixels
+        renderer = fig.canvas.get_renderer()
+        boxes.extend((t.get_text(), t.get_window_extent(renderer), ax.get_window_extent(renderer))
+                     for ax in fig.axes for t in ax.texts)
+    monkeypatch.setattr(report, "_save", measure)
+    long = " = ".join([f"event {i}" for i in range(1, 9)] + ["final (BN recal.)"])
+    rows = [{"label": "dense", "sparsity": 0.0, "flops_kept": 1.0, "accuracy": 94.0},
+            {"label": "stage 1", "sparsity": 0.5, "flops_kept": 0.6, "accuracy": 93.5},
+            *({"label": label, "sparsity": 0.9, "flops_kept": 0.1, "accuracy": 91.0} for label in long.split(" = "))]
+    report._plot_run_budget(plt, rows, tmp_path / "budget.png")
+    assert len(boxes) == 6 and any("event 8" in text for text, _, _ in boxes)
+    for text, box, inside in boxes:
+        assert (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1), \
+            (text, box, inside)
+
+
 def test_the_budget_plot_of_a_gradual_run_labels_its_last_event_and_final_once(tmp_path, monkeypatch):
     """The last event's fine-tune is the final one: the same point, whose two labels overlapped."""
     from matplotlib.axes import Axes
