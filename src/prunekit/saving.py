@@ -49,8 +49,10 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def save_model(model: nn.Module, path: str | Path, meta: dict) -> Path:
-    """Save ``model``'s state dict to ``path`` (.safetensors) and ``meta`` to the sidecar."""
+def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sidecar: bool = False) -> Path:
+    """Save ``model``'s state dict to ``path`` (.safetensors) and ``meta`` to the sidecar.
+    A JSON of that name that is not prunekit's sidecar is refused, not replaced, unless
+    ``replace_sidecar`` (a run folder's model.json, which only prunekit writes)."""
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"save_model(model, path, meta): model must be a torch.nn.Module, "
                             f"got {type(model).__name__}")
@@ -59,7 +61,7 @@ def save_model(model: nn.Module, path: str | Path, meta: dict) -> Path:
         raise PrunekitError(f"model files end in .safetensors, got {path.name!r}: "
                             f"name it e.g. {path.stem}.safetensors")
     side = sidecar_path(path)
-    if side.exists() and not _holds_sidecar(side):
+    if side.exists() and not replace_sidecar and not _holds_sidecar(side):
         raise PrunekitError(f"{side} is not a prunekit sidecar and saving {path.name} would replace it: "
                             f"move it away, or save under another name")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
