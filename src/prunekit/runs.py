@@ -270,8 +270,7 @@ class RunCheckpointer:
     def __init__(self, folder: RunFolder, measure: Callable[[nn.Module], dict] | None = None,
                  on_saved: Callable[[list[dict]], None] | None = None, unit: str = "stage"):
         self.folder, self.measure, self.on_saved = folder, measure, on_saved
-        self.unit = unit                # what a checkpoint is in run.log: a stage, a gradual run's event, a training run's
-        #                                 epoch, a structured run's phase (named by its record: gates, sparsify, bn, finetune)
+        self.unit = unit                # a checkpoint in run.log: stage, event (gradual), epoch (train), phase (structured)
         self.restored_seconds = 0.0     # time the stages restored by ``last`` took in earlier runs
         self.measure_seconds = 0.0
 
