@@ -84,6 +84,9 @@ def home(tmp_path_factory):
     with open(d / "plain.pkl", "wb") as f:
         pickle.dump({"fc1.weight": [[1.0]]}, f, protocol=4)
     torch.save({"state_dict": zoo.build("resnet20").state_dict()}, d / "resnet20.pth")
+    numpy_state = {k: v.numpy() for k, v in zoo.build("mlpnet").state_dict().items()}
+    torch.save(numpy_state, d / "numpy.pth")
+    torch.save({"state_dict": numpy_state, "epoch": 3}, d / "numpy-nested.pth")
     (d / "net.py").write_text(MODEL_FILE)
     (d / "broken.py").write_text("import torch\nSCALE = 1 / 0\n")
     (d / "own").mkdir()
@@ -171,6 +174,10 @@ CLI_CASES = [
     (["info", "mlpnet", "--checkpoint", f"{H}/noise.pth"], "is not a model checkpoint (neither a torch.save file nor safetensors)"),
     (["info", "mlpnet", "--checkpoint", f"{H}/empty"], "is not a model checkpoint (an empty file)"),
     (["info", "mlpnet", "--checkpoint", f"{H}/notes.txt"], "is not a model checkpoint (a text file)"),
+    (["info", "mlpnet", "--checkpoint", "/dev/null"], "checkpoint /dev/null is a device, not a file: pass a torch.save"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/numpy.pth", *MNIST],
+     "holds NumPy arrays ('fc1.weight' ...), not torch tensors"),
+    (["info", "mlpnet", "--checkpoint", f"{H}/numpy-nested.pth"], "holds NumPy arrays ('fc1.weight' ...)"),
     # data
     (["eval", *MLP, "--data", "mnist", "--data-dir", "/no/such/dir"], "does not exist"),
     (["eval", "--model", "resnet20", *MNIST], "(C,H,W)"),

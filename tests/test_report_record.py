@@ -165,12 +165,60 @@ def test_run_log_names_a_gradual_runs_checkpoints_events(tmp_path, monkeypatch):
     assert "resuming after event 1 from stage-001.safetensors" in log and "stage 1" not in log
 
 
+def test_run_log_names_a_structured_runs_checkpoints_phases(tmp_path, monkeypatch):
+    """A structured run's run.log said 'stage 1 saved', 'resuming after stage 1' of its gates,
+    BatchNorm and fine-tune phases."""
+    from prunekit.runs import RunCheckpointer
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise _Stop
+    out = tmp_path / "run"
+    options = dict(method="autobot", flops=0.6, finetune_epochs=1, out=str(out))
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    with pytest.raises(_Stop):
+        model, example, loader = _tiny_setup()
+        prunekit.prune(model, loader, example_input=example, **options)
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    model, example, loader = _tiny_setup()
+    prunekit.prune(model, loader, example_input=example, **options)
+    log = (out / "run.log").read_text()
+    assert "phase 1 (gates) saved to stage-001.safetensors" in log
+    assert "resuming after phase 1 (gates) from stage-001.safetensors" in log
+    assert "phase 2 (bn, flops 0.6) saved" in log and "phase 3 (finetune, flops 0.6, epoch 1) saved" in log
+    assert "stage 1" not in log and "stage 2" not in log
+
+
 def test_labels_of_one_point_in_the_budget_plot_are_merged_not_printed_over_each_other():
     from prunekit.report import point_labels
     pts = [(0.0, 94.0, "dense"), (50.0, 93.0, "event 1"), (90.0, 91.0, "event 2"), (90.0, 91.0, "final\n(BN recal.)"),
            (99.0, 80.0, "a"), (99.01, 80.01, "b")]
     assert point_labels(pts) == [(0.0, 94.0, "dense"), (50.0, 93.0, "event 1"),
                                  (90.0, 91.0, "event 2 = final (BN recal.)"), (99.0, 80.0, "a / b")]
+
+
+def test_long_merged_labels_stay_inside_the_budget_plot(tmp_path, monkeypatch):
+    """Merged labels ('event 1 = event 2 = ... = final (BN recal.)') ran past the axes' edge, over the
+    other plot, and the figure grew to hold them."""
+    pytest.importorskip("matplotlib")
+    from prunekit import report
+    plt, boxes = report._pyplot(), []
+
+    def measure(fig, path):                   # as saved: the text boxes and their axes', in pixels
+        renderer = fig.canvas.get_renderer()
+        boxes.extend((t.get_text(), t.get_window_extent(renderer), ax.get_window_extent(renderer))
+                     for ax in fig.axes for t in ax.texts)
+    monkeypatch.setattr(report, "_save", measure)
+    long = " = ".join([f"event {i}" for i in range(1, 9)] + ["final (BN recal.)"])
+    rows = [{"label": "dense", "sparsity": 0.0, "flops_kept": 1.0, "accuracy": 94.0},
+            {"label": "stage 1", "sparsity": 0.5, "flops_kept": 0.6, "accuracy": 93.5},
+            *({"label": label, "sparsity": 0.9, "flops_kept": 0.1, "accuracy": 91.0} for label in long.split(" = "))]
+    report._plot_run_budget(plt, rows, tmp_path / "budget.png")
+    assert len(boxes) == 6 and any("event 8" in text for text, _, _ in boxes)
+    for text, box, inside in boxes:
+        assert (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1), \
+            (text, box, inside)
 
 
 def test_the_budget_plot_of_a_gradual_run_labels_its_last_event_and_final_once(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 the first holds the folder; a killed holder's lock goes with it, so the folder is usable again."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,3 +136,33 @@ def test_train_and_export_are_refused_too(holders, tmp_path, capsys):
     assert code == 2 and out.out == "" and out.err.count("\n") == 1, out.err
     assert f"{run} is in use by another prunekit process (pid {holder.pid})" in out.err
     assert not (run / "export").exists()
+
+
+def _without_root_powers() -> list[str]:
+    """The prefix that makes a command honour file permissions (root ignores them)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root, and no setpriv to drop its power over permissions")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+@pytest.mark.parametrize("out,needle", [("ro", "ro is not writable (permission denied): make it writable "
+                                               "(chmod u+w {ro}) or choose another --out"),
+                                        ("ro/new", "cannot make {ro}/new: {ro} is not writable")])
+def test_a_read_only_out_folder_is_named_not_its_lock_file(tmp_path, out, needle):
+    """chmod -w on --out (or on the folder it is to be made in) was refused as 'Permission denied:
+    DIR/.prunekit.lock (check the path and its permissions)'."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        done = subprocess.run([*_without_root_powers(), sys.executable, "-m", "prunekit", *PRUNE, "--out",
+                               str(tmp_path / out)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(SRC)})
+    finally:
+        ro.chmod(0o755)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert needle.format(ro=ro) in done.stderr and run_lock.LOCK_NAME not in done.stderr
+    assert list(ro.iterdir()) == []

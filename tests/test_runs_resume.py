@@ -276,3 +276,6 @@ def test_a_finished_run_missing_its_sidecar_or_result_gets_them_back(tmp_path, c
     assert json.loads((out / "result.json").read_text())["accuracy"] == first["accuracy"]
     assert main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["macs"] == first["macs"]
+    (out / "model.json").write_text("[]")            # JSON, not prunekit's: a run folder's own file, written again
+    assert main(["prune", "--resume", str(out), "--json"]) == 0
+    assert json.loads((out / "model.json").read_text())["prunekit_sidecar"] == 1

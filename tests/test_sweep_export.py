@@ -107,6 +107,9 @@ def test_sweep_and_compare_never_overwrite_what_they_did_not_write(tmp_path, cap
     mine = tmp_path / "mine"
     (mine / "plots").mkdir(parents=True)
     (mine / "plots" / "accuracy_vs_macs.png").write_bytes(b"my plot")
+    (mine / "notes.md").write_text("my notes\n")
+    (mine / "reports").mkdir()
+    (mine / "reports" / "report.md").write_text("my report\n")
     run = tmp_path / "run"
     assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(run)]) == 0
     capsys.readouterr()
@@ -114,6 +117,10 @@ def test_sweep_and_compare_never_overwrite_what_they_did_not_write(tmp_path, cap
     sweep = ["sweep", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out"]
     for argv, needle in (([*sweep, str(mine)], "holds a plots/accuracy_vs_macs.png that prunekit did not write"),
                          (["compare", str(run), "--out", str(mine)], "that prunekit did not write"),
+                         (["compare", str(run), "--out", str(mine / "notes.md")],
+                          f"--out {mine / 'notes.md'} is a file: pass a folder for the report"),
+                         (["compare", str(run), "--out", str(mine / "reports")],
+                          "holds a report.md that prunekit did not write: pass a new folder"),
                          ([*sweep, str(run)], "is the run folder of a `prunekit prune`"),
                          ([*sweep, str(run / "model.json")], "is a file")):
         assert main(argv) == 2

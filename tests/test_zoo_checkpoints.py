@@ -234,6 +234,38 @@ def test_a_hand_edited_sidecar_is_refused_in_one_line(tmp_path, edit):
         load_model("mlpnet", path)
 
 
+def test_a_marked_sidecar_hand_edited_is_refused(tmp_path):
+    import json
+    from prunekit.loading import load_model
+    from prunekit.saving import save_model
+    path = tmp_path / "model.safetensors"
+    save_model(zoo.build("mlpnet"), path, {"model": "mlpnet"})
+    meta = json.loads((tmp_path / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "note": "mine", "input_shape": "x"}))
+    with pytest.raises(PrunekitError, match=r"model.json is damaged \(input_shape"):
+        load_model("mlpnet", path)
+
+
+@pytest.mark.parametrize("theirs", [{"architectures": ["MLP"], "model_type": "mlp"},
+                                    {"model": "my-mlp", "notes": "trained on tuesday"}, ["a", "list"]])
+def test_a_users_json_beside_a_safetensors_is_no_sidecar(tmp_path, theirs):
+    """X.json of the user's beside X.safetensors was read as prunekit's sidecar: refused (no 'model'
+    key) or misread (its 'model' named as the checkpoint's); prunekit's save_model replaced it."""
+    import json
+    from prunekit.loading import load_model
+    from prunekit.saving import read_meta, save_model
+    path, side = tmp_path / "mine.safetensors", tmp_path / "mine.json"
+    save_file(dict(zoo.build("mlpnet").state_dict()), path)
+    side.write_text(json.dumps(theirs))
+    assert read_meta(path) == {}
+    assert load_model("mlpnet", path).name == "mlpnet"
+    before = path.read_bytes()
+    with pytest.raises(PrunekitError, match=r"^\S*mine.json is not a prunekit sidecar and saving mine.safetensors "
+                                            r"would replace it: move it away, or save under another name$"):
+        save_model(zoo.build("mlpnet"), path, {"model": "mlpnet"})
+    assert json.loads(side.read_text()) == theirs and path.read_bytes() == before
+
+
 @pytest.mark.parametrize("prefix", ["_orig_mod.", "model.", "module._orig_mod."])
 def test_a_compiled_or_wrapped_models_state_dict_loads(tmp_path, prefix):
     """torch.compile's ``_orig_mod.`` and a training wrapper's ``model.`` prefix: 'pick the model it was
@@ -254,3 +286,14 @@ def test_a_whole_pickled_model_is_named_by_its_class(tmp_path):
     torch.save(nn.Linear(4, 3), tmp_path / "whole.pt")
     with pytest.raises(PrunekitError, match=r"holds an object \(torch.nn.modules.linear.Linear\), not a state dict"):
         load_checkpoint(nn.Linear(4, 3), tmp_path / "whole.pt")
+
+
+def test_load_pruned_names_a_device_or_numpy_checkpoint(tmp_path):
+    """load_pruned("/dev/null") said 'no saved model at /dev/null'; a NumPy state dict 'holds no state dict'."""
+    import prunekit
+    with pytest.raises(PrunekitError, match=r"^checkpoint /dev/null is a device, not a file: pass a run folder"):
+        prunekit.load_pruned(zoo.build("mlpnet"), "/dev/null")
+    torch.save({k: v.numpy() for k, v in zoo.build("mlpnet").state_dict().items()}, tmp_path / "np.pth")
+    with pytest.raises(PrunekitError, match=r"holds NumPy arrays \('fc1.weight' ...\), not torch tensors.*"
+                                            r"torch.from_numpy"):
+        prunekit.load_pruned(zoo.build("mlpnet"), tmp_path / "np.pth")

@@ -123,7 +123,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
             if on_step is not None:
                 on_step(history[-1])
         checkpointer = RunCheckpointer(folder, measure_stage, on_saved,
-                                       unit="event" if plan.mode == "gradual" else "stage")
+                                       unit=_UNIT.get(plan.mode, "stage"))
     else:
         checkpointer = StageMeter(measure_stage, on_step) if eval_loader is not None or on_step else None
     torch.manual_seed(plan.request.seed)
@@ -191,11 +191,15 @@ def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -
     return prune_weights(ctx, plan.method.run, plan.options)
 
 
+_UNIT = {"gradual": "event", "structured": "phase"}     # what a run's checkpoint is (else a stage)
+
+
 def _tell_changed_code(folder: RunFolder, metrics: dict, describe: dict) -> None:
     """A run of a model file resumed after its file changed: say so (the stages left run the new code)."""
     before, now = metrics.get("model_file_sha256"), describe.get("model_file_sha256")
     if before is not None and now is not None and before != now:
-        message = f"the model file changed since this run started ({describe['model']}): the stages left use the new code"
+        message = (f"the model file changed since this run started ({describe['model']}): the "
+                   f"{_UNIT.get(metrics.get('mode'), 'stage')}s left use the new code")
         folder.log(message)
         warnings.warn(PrunekitWarning(message), stacklevel=3)
 

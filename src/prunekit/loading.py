@@ -18,6 +18,7 @@ from . import user_models, zoo
 from .data import ImageDataset, Normalization, load_dataset
 from .errors import PrunekitError, PrunekitWarning
 from .saving import read_meta
+from .zoo.checkpoints import check_checkpoint_path
 from .zoo.layout import apply_layout
 
 # Input normalization of models trained from scratch, per data set (mean, std in [0,1] units);
@@ -154,6 +155,8 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
                             f"it was pruned from, got {type(model).__name__}")
     path = Path(path)
     path = path / "model.safetensors" if path.is_dir() else path
+    if path.exists():
+        check_checkpoint_path(path, "pass a run folder (out=...) or its model.safetensors")
     if not path.is_file():
         raise PrunekitError(f"no saved model at {path}: pass a run folder (out=...) or its model.safetensors")
     _load_weights(model, path, read_meta(path))

@@ -90,7 +90,7 @@ def save_pruned(folder: str | Path, model: nn.Module, describe: dict, record: di
     and ``folder/result.json``."""
     folder = Path(folder)
     meta = {**describe, "result": record, **({"channel_layout": channel_layout(model)} if shrunk else {})}
-    save_model(model, folder / "model.safetensors", meta)
+    save_model(model, folder / "model.safetensors", meta, replace_sidecar=True)
     atomic_write_json(folder / "result.json", record)
     return folder / "model.safetensors"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import urllib.parse
 from pathlib import Path
 
@@ -201,19 +202,32 @@ def point_labels(pts: list[tuple], close: float = 0.02) -> list[tuple]:
         p[2].replace("\n", " ") for p in g)) for g in groups]
 
 
+def _label_point(ax, x: float, y: float, text: str) -> None:
+    """Write ``text`` by point (x, y) (data units) inside ``ax``: wrapped to lines of at most 22
+    characters (8 lines at most), set left of a point in the axes' right half and below one in its top half."""
+    ax.get_xlim(), ax.get_ylim()             # the limits the points gave, before placing by them
+    fx, fy = ax.transAxes.inverted().transform(ax.transData.transform((x, y)))
+    right, top = fx > 0.5, fy > 0.5
+    ax.annotate(textwrap.fill(text, 22, max_lines=8, placeholder=" ..."), (x, y), textcoords="offset points",
+                xytext=(-4 if right else 4, -4 if top else 4), ha="right" if right else "left",
+                va="top" if top else "bottom", fontsize=8)
+
+
 def _plot_run_budget(plt, rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    placed = []
     for ax, key, label in ((axes[0], "sparsity", "sparsity reached (%)"),
                            (axes[1], "flops_kept", "MACs kept (% of dense)")):
         pts = [(100 * r[key], r["accuracy"], r["label"]) for r in rows
                if r[key] is not None and r["accuracy"] is not None]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-            for x, y, label_ in point_labels(pts):
-                ax.annotate(label_, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            placed += [(ax, *point) for point in point_labels(pts)]
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[1].invert_xaxis()       # left to right: more pruning
+    for ax, x, y, text in placed:            # once both plots set the shared y limits
+        _label_point(ax, x, y, text)
     axes[0].set_ylabel("accuracy (%)")
     fig.suptitle("accuracy against the budget reached (dense, each stage, final)")
     _save(fig, path)

@@ -10,6 +10,7 @@ rank 0 holds it for all.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -33,9 +34,14 @@ def held(folder: str | Path, flag: str = "--out") -> Iterator[None]:
         yield
         return
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd = _acquire(path, folder, flag)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, folder, flag)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise PrunekitError(_unwritable(folder, flag, err.errno == errno.EROFS)) from None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -71,6 +77,15 @@ def held_by_rank_0(folder: str | Path, flag: str = "--out") -> Iterator[None]:
         if refusal is not None:
             raise PrunekitError(refusal)
         yield
+
+
+def _unwritable(folder: Path, flag: str, read_only_system: bool) -> str:
+    """The refusal of a run folder this process may not write (or make: its parent's then)."""
+    there = next(p for p in (folder, *folder.parents) if p.exists())
+    what = f"{folder} is not writable" if there == folder else f"cannot make {folder}: {there} is not writable"
+    if read_only_system:
+        return f"{what} (a read-only file system): choose another {flag}"
+    return f"{what} (permission denied): make it writable (chmod u+w {there}) or choose another {flag}"
 
 
 def _acquire(path: Path, folder: Path, flag: str) -> int:

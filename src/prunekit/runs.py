@@ -270,9 +270,18 @@ class RunCheckpointer:
     def __init__(self, folder: RunFolder, measure: Callable[[nn.Module], dict] | None = None,
                  on_saved: Callable[[list[dict]], None] | None = None, unit: str = "stage"):
         self.folder, self.measure, self.on_saved = folder, measure, on_saved
-        self.unit = unit                # what a checkpoint is in run.log: a stage, a gradual run's event, a training run's epoch
+        self.unit = unit                # a checkpoint in run.log: stage, event (gradual), epoch (train), phase (structured)
         self.restored_seconds = 0.0     # time the stages restored by ``last`` took in earlier runs
         self.measure_seconds = 0.0
+
+    def _named(self, state: StageState) -> str:
+        """'stage 2'; a phase with what it was: 'phase 3 (finetune, flops 0.5, epoch 1)'."""
+        last = state.history[-1] if self.unit == "phase" and state.history else {}
+        if "phase" not in last:
+            return f"{self.unit} {state.stage}"
+        what = [str(last["phase"])] + [f"{k} {last[k]:g}" for k in ("flops", "epoch")
+                                       if isinstance(last.get(k), (int, float))]
+        return f"{self.unit} {state.stage} ({', '.join(what)})"
 
     def path(self, stage: int) -> Path:
         return self.folder.checkpoints / f"stage-{stage:03d}.safetensors"
@@ -294,7 +303,7 @@ class RunCheckpointer:
         if self.folder.config.exists():       # the options the stage ran with: a resume under others is refused
             meta["config"] = self.folder.config.read_text()
         atomic_write_bytes(self.path(state.stage), save_tensors(tensors, metadata=meta))
-        self.folder.log(f"{self.unit} {state.stage} saved to {self.path(state.stage).name}")
+        self.folder.log(f"{self._named(state)} saved to {self.path(state.stage).name}")
         if self.on_saved is not None:
             self.on_saved(state.history)
 
@@ -321,9 +330,9 @@ class RunCheckpointer:
                 unreadable.append(f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
                 continue
             _check_same_config(self.folder, meta.get("config"), path.name)
-            self.folder.log(f"resuming after {self.unit} {state.stage} from {path.name}")
+            self.folder.log(f"resuming after {self._named(state)} from {path.name}")
             if self.folder.echo is not None:        # the console says what run.log says
-                self.folder.echo(f"resuming {self.folder.path} after {self.unit} {state.stage}")
+                self.folder.echo(f"resuming {self.folder.path} after {self._named(state)}")
             self.restored_seconds = sum(h.get("seconds") or 0.0 for h in state.history)
             return state
         if unreadable:

@@ -4,6 +4,10 @@
 never executes code) and ``out/model.json`` with ``meta``: the zoo architecture and its build
 arguments, the input normalization, the budget and the counts. Files are written to a
 temporary name in the same folder and renamed, so a crash never leaves a half-written file.
+
+A sidecar carries ``SIDECAR_MARK``; one written before the mark existed is known by its keys, all
+of them prunekit's, ``model`` among them. Any other JSON beside a model (a HuggingFace config, the
+user's notes) is not a sidecar: reading ignores it and saving refuses to replace it.
 """
 
 from __future__ import annotations
@@ -18,8 +22,22 @@ from .atomic import atomic_output
 from .errors import PrunekitError
 
 
+SIDECAR_MARK = "prunekit_sidecar"     # key of the sidecar format's version
+SIDECAR_VERSION = 1
+_UNMARKED_KEYS = {"model", "build_kwargs", "input_shape", "input_dtype", "normalization", "image_transform", "custom",
+                  "model_file_sha256", "checkpoint_sha256", "result", "channel_layout"}
+
+
 def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
+
+
+def is_sidecar(obj) -> bool:
+    """Whether parsed JSON ``obj`` is a prunekit sidecar: marked, or (written before the mark) an
+    object of prunekit's keys only, ``model`` a string among them."""
+    if not isinstance(obj, dict):
+        return False
+    return SIDECAR_MARK in obj or (isinstance(obj.get("model"), str) and set(obj) <= _UNMARKED_KEYS)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -31,8 +49,10 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def save_model(model: nn.Module, path: str | Path, meta: dict) -> Path:
-    """Save ``model``'s state dict to ``path`` (.safetensors) and ``meta`` to the sidecar."""
+def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sidecar: bool = False) -> Path:
+    """Save ``model``'s state dict to ``path`` (.safetensors) and ``meta`` to the sidecar.
+    A JSON of that name that is not prunekit's sidecar is refused, not replaced, unless
+    ``replace_sidecar`` (a run folder's model.json, which only prunekit writes)."""
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"save_model(model, path, meta): model must be a torch.nn.Module, "
                             f"got {type(model).__name__}")
@@ -40,23 +60,36 @@ def save_model(model: nn.Module, path: str | Path, meta: dict) -> Path:
     if path.suffix != ".safetensors":
         raise PrunekitError(f"model files end in .safetensors, got {path.name!r}: "
                             f"name it e.g. {path.stem}.safetensors")
+    side = sidecar_path(path)
+    if side.exists() and not replace_sidecar and not _holds_sidecar(side):
+        raise PrunekitError(f"{side} is not a prunekit sidecar and saving {path.name} would replace it: "
+                            f"move it away, or save under another name")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
-    atomic_write_json(sidecar_path(path), meta)
+    atomic_write_json(side, {SIDECAR_MARK: SIDECAR_VERSION, **meta})
     return path
 
 
+def _holds_sidecar(side: Path) -> bool:
+    try:
+        return is_sidecar(json.loads(side.read_text()))
+    except (OSError, ValueError):
+        return False
+
+
 def read_meta(path: str | Path) -> dict:
-    """The JSON sidecar of a model saved by prunekit (.safetensors), or {} if it has none."""
+    """The JSON sidecar of a model saved by prunekit (.safetensors), or {} if it has none (a JSON
+    beside it that is not prunekit's is no sidecar)."""
     side = sidecar_path(path)
     if Path(path).suffix != ".safetensors" or not side.exists():
         return {}
     try:
         meta = json.loads(side.read_text())
     except json.JSONDecodeError as err:
-        raise PrunekitError(f"{side} is not valid JSON ({err}); restore or delete it") from None
-    if not isinstance(meta, dict) or "model" not in meta:
-        raise PrunekitError(f"{side} is not a prunekit sidecar (no 'model' key); move it away from {Path(path).name}")
+        raise PrunekitError(f"{side} is not valid JSON ({err}): restore it if prunekit wrote it, "
+                            f"else move it away from {Path(path).name}") from None
+    if not is_sidecar(meta):
+        return {}
     problem = _sidecar_problem(meta)
     if problem is not None:
         raise PrunekitError(f"{side} is damaged ({problem}): restore it from the run that wrote it")

@@ -23,6 +23,7 @@ import functools
 import pickle
 import warnings
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -51,11 +52,21 @@ def check_checkpoint_path(path: str | Path, hint: str = CHECKPOINT_HINT) -> None
         inside = path / "model.safetensors"
         hint = f" (this one holds {inside})" if inside.is_file() else ""
         raise PrunekitError(f"checkpoint {path} is a folder, not a file: pass the checkpoint file{hint}")
+    if path.exists() and not path.is_file():
+        raise PrunekitError(f"checkpoint {path} is {_special_kind(path)}, not a file: {hint}")
     if not path.is_file():
         raise PrunekitError(f"checkpoint {path} not found: check the path")
     other = _other_kind(path)
     if other:
         raise PrunekitError(f"{path} is not a model checkpoint ({other}): {hint}")
+
+
+def _special_kind(path: Path) -> str:
+    """What a path that exists but is neither a file nor a folder is (``/dev/null``: a device)."""
+    mode = path.stat().st_mode
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
 
 
 def _other_kind(path: Path) -> str | None:
@@ -211,6 +222,12 @@ def _find_state_dict(raw: object, path: Path) -> Mapping[str, torch.Tensor]:
         for key in _STATE_DICT_KEYS:
             if _is_state_dict(raw.get(key)):
                 return raw[key]
+        for state in (raw, *(raw.get(k) for k in _STATE_DICT_KEYS)):
+            array = _numpy_entry(state)
+            if array is not None:
+                raise PrunekitError(
+                    f"checkpoint {path} holds NumPy arrays ('{array}' ...), not torch tensors, and prunekit never "
+                    "unpickles NumPy objects: save {name: torch.from_numpy(array)} with torch.save, or as .safetensors")
         found = ", ".join(repr(k) for k in list(raw)[:8])
         raise PrunekitError(
             f"checkpoint {path} holds no state dict (top-level keys: {found}): "
@@ -221,6 +238,15 @@ def _find_state_dict(raw: object, path: Path) -> Mapping[str, torch.Tensor]:
         f"checkpoint {path} holds an object ({kind}), not a state dict: "
         "save model.state_dict() rather than the model object"
     )
+
+
+def _numpy_entry(state: object) -> str | None:
+    """The first key of mapping ``state`` whose value is a pickled NumPy object (read as an inert
+    placeholder), or None."""
+    if not isinstance(state, Mapping):
+        return None
+    return next((str(k) for k, v in state.items()
+                 if isinstance(v, restricted_pickle.InertObject) and v.source.startswith("numpy")), None)
 
 
 def _normalize(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
