@@ -38,12 +38,15 @@ def data():
 
 
 @pytest.mark.parametrize("text,expected", [("16G", 16 * 2**30), ("500M", 500 * MB), ("1.5GB", int(1.5 * 2**30)),
-                                           ("2048k", 2 * MB), (123456, 123456), ("7", 7)])
+                                           ("2048k", 2 * MB), ("2GiB", 2 * 2**30), ("500mb", 500 * MB),
+                                           (" 1.5 tib ", int(1.5 * 2**40)), (".5g", 2**29), (2 * MB, 2 * MB),
+                                           ("3000000", 3000000)])
 def test_parse_memory(text, expected):
     assert memory_plan.parse_memory(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "lots", "-1G", "0", 0, -5, True, "1X"])
+@pytest.mark.parametrize("bad", ["", "lots", "-1G", "-5", "0", "0G", "0.0000001K", 0, -5, True, "1X", "1.5", "7",
+                                 123456, 1.5e9, "1e9", "500B", "2GiBB"])
 def test_parse_memory_refuses_nonsense(bad):
     with pytest.raises(PrunekitError, match="max_memory"):
         memory_plan.parse_memory(bad)

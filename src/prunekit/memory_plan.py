@@ -301,7 +301,7 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
                 pipeline lowers most_rows from 1000 to the samples its training data holds).
     dtype:      storage dtype of X, a key of STORAGE_DTYPES.
     family:     "chita", "falcon" or "woodfisher" (their solvers' work arrays differ).
-    max_memory: the limit, bytes or "16G"/"500M" (None: available memory less a margin).
+    max_memory: the limit, bytes or "16G"/"1.5GiB"/"500MB" (None: available memory less a margin).
     keep_share: k/p, the share of weights kept (CHITA's active set is 1.5k columns).
     fisher_bn:  "frozen" or "batch" (BatchNorm on each mini-batch's statistics: the whole mini-batch
                 is one forward pass, so the chunk is fisher_batch).
