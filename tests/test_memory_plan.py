@@ -77,13 +77,15 @@ def test_estimate_parts_and_largest_n_per_dtype(steady_usage):
         memory_plan.plan(model, space, example, n=1000, max_memory=limit)
     message = str(refused.value)
     assert "\n" not in message and "max_memory" in message
+    spare = memory_plan.SUGGESTION_SPARE
+    assert "(32 MB to spare; or raise max_memory)" in message
     fitting = {}
     for name in ("float32", "bfloat16", "float16"):
         count = int(message.split("fits is ")[1].split(f" in {name}")[0].split()[-1].replace(",", ""))
         fitting[name] = count
-        assert memory_plan.plan(model, space, example, n=count, dtype=name, max_memory=limit).fits()
+        assert memory_plan.plan(model, space, example, n=count, dtype=name, max_memory=limit - spare).fits()
         with pytest.raises(PrunekitError):
-            memory_plan.plan(model, space, example, n=count + 1, dtype=name, max_memory=limit)
+            memory_plan.plan(model, space, example, n=count + 1, dtype=name, max_memory=limit - spare)
     assert 100 < fitting["float32"] < 300 and fitting["bfloat16"] > 1.8 * fitting["float32"]
     assert fitting["float16"] == fitting["bfloat16"]
 
@@ -292,6 +294,22 @@ def test_runs_that_re_fit_plan_for_the_re_fit_images(monkeypatch, options, image
     prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=8, batch_size=16, layer_search=0,
                    **options)
     assert planned[-1] == images
+
+
+@pytest.mark.parametrize("more", [0, 10 * MB, 30 * MB])
+def test_the_suggested_n_is_accepted_when_the_process_holds_a_little_more(monkeypatch, more):
+    """Following a refusal's advice works: the process's resident set, part of the estimate, moves
+    by some 10 MB between runs; the n suggested leaves SUGGESTION_SPARE free (it left none)."""
+    model, usage = wide_model(), memory_plan.current_usage(torch.device("cpu"))
+    space, example = ParamSpace(model), torch.zeros(1, 1, 8, 8)
+    monkeypatch.setattr(memory_plan, "current_usage", lambda device: usage)
+    for limit in (usage + 500 * MB, usage + 1500 * MB):
+        with pytest.raises(PrunekitError, match="fits is") as refused:
+            memory_plan.plan(model, space, example, n=1000, max_memory=limit)
+        suggested = int(str(refused.value).split("fits is ")[1].split(" in float32")[0].replace(",", ""))
+        monkeypatch.setattr(memory_plan, "current_usage", lambda device: usage + more)
+        assert memory_plan.plan(model, space, example, n=suggested, max_memory=limit).n == suggested
+        monkeypatch.setattr(memory_plan, "current_usage", lambda device: usage)
 
 
 def test_auto_takes_the_largest_n_up_to_1000_that_fits(steady_usage):

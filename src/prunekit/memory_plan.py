@@ -92,7 +92,8 @@ The peak of a request is estimated from its parts, each counted from the model i
 
 The plan refuses a request whose estimate exceeds the limit (``max_memory``; default: the memory
 available to this process, from /proc/meminfo and the cgroup limit, less a margin) in one line
-naming the largest n that fits in each storage dtype, and resolves ``fisher_samples="auto"`` to
+naming the largest n that fits in each storage dtype with SUGGESTION_SPARE to spare (what the process
+holds moves by some 10 MB between runs: the n suggested is still accepted then), and resolves ``fisher_samples="auto"`` to
 the largest n ≤ 1000 that fits. It also picks the chunk: as many samples as keep the activations
 under ACTIVATION_BUDGET (at most 64).
 """
@@ -400,6 +401,7 @@ def largest_n(estimate, upper: int) -> int:
 
 
 REFUSAL_OPTIONS = ("fisher_samples", "max_memory", "refit_batches")      # the options a refusal names
+SUGGESTION_SPARE = 32 * MiB     # bytes a suggested fisher_samples leaves free, at least (or 1 % of the limit)
 
 
 def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, ranks: int = 1) -> str:
@@ -407,19 +409,22 @@ def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, r
         return (f"the re-fit after pruning needs about {_human(result.resident + result.refit)} "
                 f"({refit_samples:,} images through the pruned and the dense network) but max_memory is "
                 f"{_human(limit)}: set refit_batches to fewer batches, or 0 (or raise max_memory)")
-    largest = {name: largest_n(lambda rows: estimate(rows, storage), 10**7) for name, storage in STORAGE_DTYPES.items()}
+    # the n suggested fits with room to spare: what the process holds moves by some 10 MB from run to run
+    spare = max(SUGGESTION_SPARE, limit // 100)
+    largest = {name: largest_n(lambda rows: replace(estimate(rows, storage), limit=limit - spare), 10**7)
+               for name, storage in STORAGE_DTYPES.items()}
     share = f"; each of {ranks} ranks holds a share of its columns, " if ranks > 1 else " = "
     if not any(largest.values()):        # not one row fits: what the rest of the run takes is the limit
         least = estimate(1, STORAGE_DTYPES["bfloat16"]).total
         return (f"this request needs about {_human(least)}{' per rank' if ranks > 1 else ''} whatever fisher_samples "
                 f"(the model, its data and the method's work besides the gradients) but max_memory is "
-                f"{_human(limit)}: raise max_memory to more than {_human(least)}")
+                f"{_human(limit)}: raise max_memory to more than {_human(least + spare)}")
     fitting = ", ".join(f"{n:,} in {name}" for name, n in largest.items())
     return (f"this request needs about {_human(result.total)}{' per rank' if ranks > 1 else ''} (gradients "
             f"{result.n:,} x {result.p:,} in {str(result.dtype).removeprefix('torch.')}{share}"
             f"{_human(result.gradients)}) but max_memory is "
             f"{_human(limit)}: the largest fisher_samples that fits is {fitting} "
-            "(or raise max_memory)")
+            f"({_human(spare)} to spare; or raise max_memory)")
 
 
 def _human(count: int) -> str:
