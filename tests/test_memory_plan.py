@@ -312,6 +312,20 @@ def test_the_suggested_n_is_accepted_when_the_process_holds_a_little_more(monkey
         monkeypatch.setattr(memory_plan, "current_usage", lambda device: usage)
 
 
+def test_without_max_memory_the_refusal_names_the_memory_available_not_max_memory(monkeypatch, steady_usage):
+    """No max_memory given: the limit is the memory available, and the refusal says so (it said
+    "but max_memory is 410 MB: raise max_memory", an option the user never gave)."""
+    model, example = wide_model(), torch.zeros(1, 1, 8, 8)
+    space = ParamSpace(model)
+    for room, advice in ((1500 * MB, "(32 MB to spare; or free more memory)"), (10 * MB, "free memory until more than")):
+        monkeypatch.setattr(memory_plan, "default_limit", lambda device: steady_usage + room)
+        with pytest.raises(PrunekitError) as refused:
+            memory_plan.plan(model, space, example, n=1000)
+        message = str(refused.value)
+        assert "but this process may grow to" in message and "max_memory not given" in message, message
+        assert advice in message and "max_memory is" not in message and "raise max_memory" not in message
+
+
 def test_auto_takes_the_largest_n_up_to_1000_that_fits(steady_usage):
     model = wide_model()
     space = ParamSpace(model)

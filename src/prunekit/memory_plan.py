@@ -327,13 +327,15 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     if n == "auto":
         rows = largest_n(lambda rows: estimate(rows, storage), most_rows)
         if rows == 0:
-            raise OptionError(_refusal(estimate(1, storage), estimate, limit, refit_samples), REFUSAL_OPTIONS)
+            raise OptionError(_refusal(estimate(1, storage), estimate, limit, refit_samples, ranks,
+                                       max_memory is not None), REFUSAL_OPTIONS)
         return estimate(rows, storage)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise PrunekitError(f"fisher_samples must be a positive integer or 'auto', got {n!r}")
     result = estimate(n, storage)
     if not result.fits():
-        raise OptionError(_refusal(result, estimate, limit, refit_samples, ranks), REFUSAL_OPTIONS)
+        raise OptionError(_refusal(result, estimate, limit, refit_samples, ranks, max_memory is not None),
+                          REFUSAL_OPTIONS)
     return result
 
 
@@ -404,11 +406,17 @@ REFUSAL_OPTIONS = ("fisher_samples", "max_memory", "refit_batches")      # the o
 SUGGESTION_SPARE = 32 * MiB     # bytes a suggested fisher_samples leaves free, at least (or 1 % of the limit)
 
 
-def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, ranks: int = 1) -> str:
+def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, ranks: int = 1,
+             given: bool = True) -> str:
+    """The refusal's one line; ``given``: the limit is max_memory (else the memory available)."""
+    cap = (f"max_memory is {_human(limit)}" if given else
+           f"this {'rank' if ranks > 1 else 'process'} may grow to {_human(limit)} ({'its share of ' if ranks > 1 else ''}"
+           "the memory available less a margin; max_memory not given)")
+    more = "raise max_memory" if given else "free more memory"
     if result.resident + result.refit > limit and replace(result, refit=0).fits():   # the re-fit alone
         return (f"the re-fit after pruning needs about {_human(result.resident + result.refit)} "
-                f"({refit_samples:,} images through the pruned and the dense network) but max_memory is "
-                f"{_human(limit)}: set refit_batches to fewer batches, or 0 (or raise max_memory)")
+                f"({refit_samples:,} images through the pruned and the dense network) but {cap}: "
+                f"set refit_batches to fewer batches, or 0 (or {more})")
     # the n suggested fits with room to spare: what the process holds moves by some 10 MB from run to run
     spare = max(SUGGESTION_SPARE, limit // 100)
     largest = {name: largest_n(lambda rows: replace(estimate(rows, storage), limit=limit - spare), 10**7)
@@ -417,14 +425,14 @@ def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, r
     if not any(largest.values()):        # not one row fits: what the rest of the run takes is the limit
         least = estimate(1, STORAGE_DTYPES["bfloat16"]).total
         return (f"this request needs about {_human(least)}{' per rank' if ranks > 1 else ''} whatever fisher_samples "
-                f"(the model, its data and the method's work besides the gradients) but max_memory is "
-                f"{_human(limit)}: raise max_memory to more than {_human(least + spare)}")
+                f"(the model, its data and the method's work besides the gradients) but {cap}: "
+                + (f"raise max_memory to more than {_human(least + spare)}" if given else
+                   f"free memory until more than {_human(least + spare)} is available"))
     fitting = ", ".join(f"{n:,} in {name}" for name, n in largest.items())
     return (f"this request needs about {_human(result.total)}{' per rank' if ranks > 1 else ''} (gradients "
             f"{result.n:,} x {result.p:,} in {str(result.dtype).removeprefix('torch.')}{share}"
-            f"{_human(result.gradients)}) but max_memory is "
-            f"{_human(limit)}: the largest fisher_samples that fits is {fitting} "
-            f"({_human(spare)} to spare; or raise max_memory)")
+            f"{_human(result.gradients)}) but {cap}: the largest fisher_samples that fits is {fitting} "
+            f"({_human(spare)} to spare; or {more})")
 
 
 def _human(count: int) -> str:
