@@ -208,6 +208,9 @@ CLI_CASES = [
     # method options
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "0"], "at least 1"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--stages", "0"], "at least 1"),
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--max-memory", "1.5"], "got '1.5' (a number without a unit"),
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--max-memory", "-5G"], "--max-memory must be a size like 16G"),
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--max-memory", "0G"], "above zero, got '0G'"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--solver", "dfo"], "--solver"),
     ([*PRUNE, "--method", "autobot", "--sparsity", "0.5"], "--flops"),
     ([*PRUNE, "--method", "autobot"], "needs --flops"),
@@ -398,7 +401,9 @@ PY_CASES = [
     ({"method": "chita", "block_size": 0}, "block_size"),
     ({"method": "chita", "fisher_sample": 10}, "takes no option fisher_sample"),
     ({"method": "chita", "flop": 0.5}, "takes no option flop (did you mean flops?)"),
-    ({"method": "chita", "max_memory": "500"}, "a size with its unit, like 500M or 16G, got '500' (a bare number is bytes)"),
+    ({"method": "chita", "max_memory": "500"}, "a size like 16G, 1.5GiB or 500MB (K, M, G, T: powers of 1024; B or iB "
+                                               "optional), got '500' (a number without a unit is bytes, 1M at least)"),
+    ({"method": "chita", "max_memory": 1.5e9}, "max_memory must be a size like 16G"),
     ({"method": "chita", "fisher_samples": 100}, "holds 48 samples, 100 gradient rows"),    # before any gradient
     # the user's loss
     ({"loss": "mse"}, "loss must be None or a function"),

@@ -171,3 +171,33 @@ def test_a_rank_with_a_cuda_recipe_and_one_without_its_recipe_both_refuse_at_onc
     assert err0.count("\n") == 1 and "sees no CUDA device" in err0, err0
     assert err1.count("\n") == 1 and "missing.toml does not exist" in err1, err1
     assert took < 25, took
+
+
+_SHORT_OF_MEMORY = """
+import os, sys
+from prunekit import process_memory
+if os.environ["RANK"] == "1":         # this rank's machine has little memory left
+    process_memory.available_memory = lambda device: 600 * 2**20
+from prunekit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_short_of_memory_is_refused_on_every_rank_rank_0_saying_why(tmp_path):
+    """The memory plan's verdict is agreed: one rank short of memory (no --max-memory: each rank's
+    limit is its machine's) stops every rank, exit 2, and rank 0 prints that rank's refusal, once
+    (rank 0 went on into the run and ended on "a rank stopped", saying nothing of memory)."""
+    port, ranks = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
+        ranks.append(subprocess.Popen([sys.executable, "-c", _SHORT_OF_MEMORY, *PRUNE, "--out", str(tmp_path / "run")],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    (code0, _, err0), (code1, _, err1) = [_finish(process, timeout=120) for process in ranks]
+    assert (code0, code1) == (2, 2), err0[-2000:] + err1[-2000:]
+    lines = [line for line in err0.splitlines() if line.startswith("prunekit: error")]
+    assert len(lines) == 1 and lines[0].startswith("prunekit: error: rank 1: this request needs about"), err0[-2000:]
+    assert "but this rank may grow to" in lines[0] and "Traceback" not in err0 + err1
+    assert not [line for line in err1.splitlines() if line.startswith("prunekit: error")], err1[-2000:]
+    print(lines[0])

@@ -5,6 +5,7 @@ that reads another checkpoint, or that does not see the run folder rank 0 writes
 every rank in one line instead of making another run or a collective mismatch."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -223,3 +224,23 @@ def test_a_training_folder_the_machines_do_not_share_is_refused_on_every_rank(tm
     assert "the ranks see different run folders at run (rank 0 finds a finished run, rank 1 finds nothing)" \
         in lines[0], lines
     assert not (node1 / "run").exists()
+
+
+@pytest.mark.parametrize("launch", [["--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port"],
+                                    ["--rdzv-backend", "c10d", "--rdzv-id", "x", "--rdzv-endpoint"]],
+                         ids=["static", "c10d"])
+def test_the_readme_option_for_the_rendezvous_wait_is_the_one_torchrun_honours(launch):
+    """The README names, for each launch, the ``--rdzv-conf`` key that bounds how long torchrun
+    waits for a machine that never starts (it named ``timeout``, which c10d ignores: 600 s)."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    static, c10d = re.search(r"with `--master-addr` \(the static rendezvous\) `--rdzv-conf (\w+)=60`.*?"
+                             r"with `--rdzv-backend c10d` `--rdzv-conf (\w+)=60`", readme).groups()
+    key = static if "--master-port" in launch else c10d
+    port = str(free_port())
+    endpoint = port if "--master-port" in launch else f"127.0.0.1:{port}"
+    lone = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                             *launch, endpoint, "--rdzv-conf", f"{key}=2", "--no-python", "true"],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    [(code, _, err)] = _finish([lone], timeout=40)
+    assert code != 0 and ("Timed out after" in err or "RendezvousTimeoutError" in err), err[-500:]

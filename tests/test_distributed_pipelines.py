@@ -168,15 +168,24 @@ def _train_steps(rank=0, world=1):
     x, y = _data()
     optimizer = sgd(net, 0.05)
     batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
-    train_epoch(net, batches, optimizer, cosine(optimizer, len(batches)), progress=False)
-    return torch.cat([p.detach().flatten() for p in net.parameters()])
+    loss = train_epoch(net, batches, optimizer, cosine(optimizer, len(batches)), progress=False)
+    return {"weights": torch.cat([p.detach().flatten() for p in net.parameters()]), "loss": torch.tensor(loss)}
 
 
 def test_two_rank_training_steps_match_one_rank(two_ranks):
     expected = _train_steps()
     for got in (result["train"] for result in two_ranks):
-        assert_close_to_scale(got, expected, 1e-5)
-    assert not torch.equal(expected, torch.cat([p.detach().flatten() for p in _net().parameters()]))
+        assert_close_to_scale(got["weights"], expected["weights"], 1e-5)
+    assert not torch.equal(expected["weights"], torch.cat([p.detach().flatten() for p in _net().parameters()]))
+
+
+def test_two_ranks_report_the_mean_training_loss_over_every_rank(two_ranks):
+    """The epoch's loss train_epoch returns (printed by `prunekit train`, recorded by gradual
+    pruning and fine-tunes) is the mean over all the samples of every rank: the one-process figure
+    on the same batches, on every rank (it was each rank's own half)."""
+    expected = _train_steps()["loss"]
+    for got in (result["train"]["loss"] for result in two_ranks):
+        assert abs(float(got) - float(expected)) <= 1e-5 * abs(float(expected)), (float(got), float(expected))
 
 
 def test_sharded_gradients_are_the_columns_of_one_process(two_ranks):

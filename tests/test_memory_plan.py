@@ -38,12 +38,15 @@ def data():
 
 
 @pytest.mark.parametrize("text,expected", [("16G", 16 * 2**30), ("500M", 500 * MB), ("1.5GB", int(1.5 * 2**30)),
-                                           ("2048k", 2 * MB), (123456, 123456), ("7", 7)])
+                                           ("2048k", 2 * MB), ("2GiB", 2 * 2**30), ("500mb", 500 * MB),
+                                           (" 1.5 tib ", int(1.5 * 2**40)), (".5g", 2**29), (2 * MB, 2 * MB),
+                                           ("3000000", 3000000)])
 def test_parse_memory(text, expected):
     assert memory_plan.parse_memory(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "lots", "-1G", "0", 0, -5, True, "1X"])
+@pytest.mark.parametrize("bad", ["", "lots", "-1G", "-5", "0", "0G", "0.0000001K", 0, -5, True, "1X", "1.5", "7",
+                                 123456, 1.5e9, "1e9", "500B", "2GiBB"])
 def test_parse_memory_refuses_nonsense(bad):
     with pytest.raises(PrunekitError, match="max_memory"):
         memory_plan.parse_memory(bad)
@@ -74,13 +77,15 @@ def test_estimate_parts_and_largest_n_per_dtype(steady_usage):
         memory_plan.plan(model, space, example, n=1000, max_memory=limit)
     message = str(refused.value)
     assert "\n" not in message and "max_memory" in message
+    spare = memory_plan.SUGGESTION_SPARE
+    assert "(32 MB to spare; or raise max_memory)" in message
     fitting = {}
     for name in ("float32", "bfloat16", "float16"):
         count = int(message.split("fits is ")[1].split(f" in {name}")[0].split()[-1].replace(",", ""))
         fitting[name] = count
-        assert memory_plan.plan(model, space, example, n=count, dtype=name, max_memory=limit).fits()
+        assert memory_plan.plan(model, space, example, n=count, dtype=name, max_memory=limit - spare).fits()
         with pytest.raises(PrunekitError):
-            memory_plan.plan(model, space, example, n=count + 1, dtype=name, max_memory=limit)
+            memory_plan.plan(model, space, example, n=count + 1, dtype=name, max_memory=limit - spare)
     assert 100 < fitting["float32"] < 300 and fitting["bfloat16"] > 1.8 * fitting["float32"]
     assert fitting["float16"] == fitting["bfloat16"]
 
@@ -289,6 +294,36 @@ def test_runs_that_re_fit_plan_for_the_re_fit_images(monkeypatch, options, image
     prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=8, batch_size=16, layer_search=0,
                    **options)
     assert planned[-1] == images
+
+
+@pytest.mark.parametrize("more", [0, 10 * MB, 30 * MB])
+def test_the_suggested_n_is_accepted_when_the_process_holds_a_little_more(monkeypatch, more):
+    """Following a refusal's advice works: the process's resident set, part of the estimate, moves
+    by some 10 MB between runs; the n suggested leaves SUGGESTION_SPARE free (it left none)."""
+    model, usage = wide_model(), memory_plan.current_usage(torch.device("cpu"))
+    space, example = ParamSpace(model), torch.zeros(1, 1, 8, 8)
+    monkeypatch.setattr(memory_plan, "current_usage", lambda device: usage)
+    for limit in (usage + 500 * MB, usage + 1500 * MB):
+        with pytest.raises(PrunekitError, match="fits is") as refused:
+            memory_plan.plan(model, space, example, n=1000, max_memory=limit)
+        suggested = int(str(refused.value).split("fits is ")[1].split(" in float32")[0].replace(",", ""))
+        monkeypatch.setattr(memory_plan, "current_usage", lambda device: usage + more)
+        assert memory_plan.plan(model, space, example, n=suggested, max_memory=limit).n == suggested
+        monkeypatch.setattr(memory_plan, "current_usage", lambda device: usage)
+
+
+def test_without_max_memory_the_refusal_names_the_memory_available_not_max_memory(monkeypatch, steady_usage):
+    """No max_memory given: the limit is the memory available, and the refusal says so (it said
+    "but max_memory is 410 MB: raise max_memory", an option the user never gave)."""
+    model, example = wide_model(), torch.zeros(1, 1, 8, 8)
+    space = ParamSpace(model)
+    for room, advice in ((1500 * MB, "(32 MB to spare; or free more memory)"), (10 * MB, "free memory until more than")):
+        monkeypatch.setattr(memory_plan, "default_limit", lambda device: steady_usage + room)
+        with pytest.raises(PrunekitError) as refused:
+            memory_plan.plan(model, space, example, n=1000)
+        message = str(refused.value)
+        assert "but this process may grow to" in message and "max_memory not given" in message, message
+        assert advice in message and "max_memory is" not in message and "raise max_memory" not in message
 
 
 def test_auto_takes_the_largest_n_up_to_1000_that_fits(steady_usage):

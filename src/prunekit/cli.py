@@ -233,7 +233,7 @@ def _end_now(code: int) -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _glue_negative_sizes(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     try:
         _apply_recipe(parser, argv)          # reads --resume DIR or --recipe FILE: one machine may lack them
@@ -284,6 +284,19 @@ def _main(argv: list[str] | None) -> int:
     except OSError as err:   # unwritable --out, full disk, unreadable data
         print(f"prunekit: error: {refusal_of(err)}", file=sys.stderr)
         return 2
+
+
+def _glue_negative_sizes(argv: list[str]) -> list[str]:
+    """``--max-memory -5G`` as ``--max-memory=-5G``, refused then by the option's own check:
+    argparse reads a word that starts with "-" and is not a plain number as a flag ("expected one
+    argument")."""
+    glued: list[str] = []
+    for word in argv:
+        if glued and glued[-1] == "--max-memory" and re.fullmatch(r"-[\d.]+\w*", word):
+            glued[-1] += "=" + word
+        else:
+            glued.append(word)
+    return glued
 
 
 def _refuse_before_joining(line: str) -> int:

@@ -92,7 +92,8 @@ The peak of a request is estimated from its parts, each counted from the model i
 
 The plan refuses a request whose estimate exceeds the limit (``max_memory``; default: the memory
 available to this process, from /proc/meminfo and the cgroup limit, less a margin) in one line
-naming the largest n that fits in each storage dtype, and resolves ``fisher_samples="auto"`` to
+naming the largest n that fits in each storage dtype with SUGGESTION_SPARE to spare (what the process
+holds moves by some 10 MB between runs: the n suggested is still accepted then), and resolves ``fisher_samples="auto"`` to
 the largest n ≤ 1000 that fits. It also picks the chunk: as many samples as keep the activations
 under ACTIVATION_BUDGET (at most 64).
 """
@@ -301,7 +302,7 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
                 pipeline lowers most_rows from 1000 to the samples its training data holds).
     dtype:      storage dtype of X, a key of STORAGE_DTYPES.
     family:     "chita", "falcon" or "woodfisher" (their solvers' work arrays differ).
-    max_memory: the limit, bytes or "16G"/"500M" (None: available memory less a margin).
+    max_memory: the limit, bytes or "16G"/"1.5GiB"/"500MB" (None: available memory less a margin).
     keep_share: k/p, the share of weights kept (CHITA's active set is 1.5k columns).
     fisher_bn:  "frozen" or "batch" (BatchNorm on each mini-batch's statistics: the whole mini-batch
                 is one forward pass, so the chunk is fisher_batch).
@@ -326,13 +327,15 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     if n == "auto":
         rows = largest_n(lambda rows: estimate(rows, storage), most_rows)
         if rows == 0:
-            raise OptionError(_refusal(estimate(1, storage), estimate, limit, refit_samples), REFUSAL_OPTIONS)
+            raise OptionError(_refusal(estimate(1, storage), estimate, limit, refit_samples, ranks,
+                                       max_memory is not None), REFUSAL_OPTIONS)
         return estimate(rows, storage)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise PrunekitError(f"fisher_samples must be a positive integer or 'auto', got {n!r}")
     result = estimate(n, storage)
     if not result.fits():
-        raise OptionError(_refusal(result, estimate, limit, refit_samples, ranks), REFUSAL_OPTIONS)
+        raise OptionError(_refusal(result, estimate, limit, refit_samples, ranks, max_memory is not None),
+                          REFUSAL_OPTIONS)
     return result
 
 
@@ -400,26 +403,36 @@ def largest_n(estimate, upper: int) -> int:
 
 
 REFUSAL_OPTIONS = ("fisher_samples", "max_memory", "refit_batches")      # the options a refusal names
+SUGGESTION_SPARE = 32 * MiB     # bytes a suggested fisher_samples leaves free, at least (or 1 % of the limit)
 
 
-def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, ranks: int = 1) -> str:
+def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, ranks: int = 1,
+             given: bool = True) -> str:
+    """The refusal's one line; ``given``: the limit is max_memory (else the memory available)."""
+    cap = (f"max_memory is {_human(limit)}" if given else
+           f"this {'rank' if ranks > 1 else 'process'} may grow to {_human(limit)} ({'its share of ' if ranks > 1 else ''}"
+           "the memory available less a margin; max_memory not given)")
+    more = "raise max_memory" if given else "free more memory"
     if result.resident + result.refit > limit and replace(result, refit=0).fits():   # the re-fit alone
         return (f"the re-fit after pruning needs about {_human(result.resident + result.refit)} "
-                f"({refit_samples:,} images through the pruned and the dense network) but max_memory is "
-                f"{_human(limit)}: set refit_batches to fewer batches, or 0 (or raise max_memory)")
-    largest = {name: largest_n(lambda rows: estimate(rows, storage), 10**7) for name, storage in STORAGE_DTYPES.items()}
+                f"({refit_samples:,} images through the pruned and the dense network) but {cap}: "
+                f"set refit_batches to fewer batches, or 0 (or {more})")
+    # the n suggested fits with room to spare: what the process holds moves by some 10 MB from run to run
+    spare = max(SUGGESTION_SPARE, limit // 100)
+    largest = {name: largest_n(lambda rows: replace(estimate(rows, storage), limit=limit - spare), 10**7)
+               for name, storage in STORAGE_DTYPES.items()}
     share = f"; each of {ranks} ranks holds a share of its columns, " if ranks > 1 else " = "
     if not any(largest.values()):        # not one row fits: what the rest of the run takes is the limit
         least = estimate(1, STORAGE_DTYPES["bfloat16"]).total
         return (f"this request needs about {_human(least)}{' per rank' if ranks > 1 else ''} whatever fisher_samples "
-                f"(the model, its data and the method's work besides the gradients) but max_memory is "
-                f"{_human(limit)}: raise max_memory to more than {_human(least)}")
+                f"(the model, its data and the method's work besides the gradients) but {cap}: "
+                + (f"raise max_memory to more than {_human(least + spare)}" if given else
+                   f"free memory until more than {_human(least + spare)} is available"))
     fitting = ", ".join(f"{n:,} in {name}" for name, n in largest.items())
     return (f"this request needs about {_human(result.total)}{' per rank' if ranks > 1 else ''} (gradients "
             f"{result.n:,} x {result.p:,} in {str(result.dtype).removeprefix('torch.')}{share}"
-            f"{_human(result.gradients)}) but max_memory is "
-            f"{_human(limit)}: the largest fisher_samples that fits is {fitting} "
-            "(or raise max_memory)")
+            f"{_human(result.gradients)}) but {cap}: the largest fisher_samples that fits is {fitting} "
+            f"({_human(spare)} to spare; or {more})")
 
 
 def _human(count: int) -> str:

@@ -76,16 +76,14 @@ class IntegerOrAuto(Integer):
 
 @dataclass(frozen=True)
 class Memory:
-    """A size in bytes: an integer, or a string like "16G", "500M"."""
+    """A size in bytes: an integer of at least 1 MiB, or a string like "16G", "1.5GiB", "500MB"."""
 
     def check(self, value) -> str | None:
         from .memory_plan import parse_memory
         try:
-            size = parse_memory(value)
-        except PrunekitError:
-            return f"a size like 16G or 500M, got {value!r}"
-        if size < 2**20 and str(value).strip().isdigit():    # "500" meant as 500 MB, read as bytes
-            return f"a size with its unit, like 500M or 16G, got {value!r} (a bare number is bytes)"
+            parse_memory(value)
+        except PrunekitError as err:
+            return str(err).removeprefix("max_memory must be ")
         return None
 
 

@@ -15,15 +15,27 @@ from .errors import PrunekitError
 MiB = 2**20
 
 
+SIZE_FORMS = "a size like 16G, 1.5GiB or 500MB (K, M, G, T: powers of 1024; B or iB optional)"
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])(?:i?B)?)?\s*", re.IGNORECASE)
+
+
 def parse_memory(value) -> int:
-    """Bytes from an int or a string like "16G", "500M", "1.5GB", "2048K" (powers of 1024)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(value), re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise PrunekitError(f"max_memory must be a size like 16G or 500M, got {value!r}")
-    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2).upper()]
-    return int(float(match.group(1)) * scale)
+    """Bytes from a size with its unit: a number, decimals allowed, then K, M, G or T (powers of
+    1024), B or iB after it optional, any case ("16G", "1.5GB", "2GiB", "500mb"); or a number of
+    bytes, an int or a string of digits, of at least 1 MiB ("500" meant as 500 MB is refused).
+    Raises PrunekitError naming the accepted forms otherwise (zero, negative, "1.5")."""
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool) or match and not match[2]:     # bytes
+        if str(value).strip().isdigit() and int(value) >= MiB:
+            return int(value)
+        raise PrunekitError(f"max_memory must be {SIZE_FORMS}, got {value!r} (a number without a unit is "
+                            "bytes, 1M at least)")
+    if not match:
+        raise PrunekitError(f"max_memory must be {SIZE_FORMS}, got {value!r}")
+    size = int(float(match[1]) * 1024 ** ("KMGT".index(match[2].upper()) + 1))
+    if size < 1:
+        raise PrunekitError(f"max_memory must be {SIZE_FORMS}, above zero, got {value!r}")
+    return size
 
 
 def default_limit(device: torch.device) -> int:

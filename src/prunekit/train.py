@@ -142,7 +142,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
     Under torch.distributed every rank iterates the same batches (same seed) and trains on its
     share of each (``tensor_split``: what a DistributedSampler gives, batch by batch) through
     DistributedDataParallel, so with a batch size divisible by the ranks a step is one rank's
-    step on the whole batch. The mean loss returned is this rank's."""
+    step on the whole batch. The mean loss returned is over every rank's samples (one all-reduce at
+    the end of the pass); the progress bar's running figure is rank 0's own."""
     if distill and teacher is None:
         raise ValueError("distill > 0 needs a teacher model")
     if distill and loss_fn is not None:
@@ -171,6 +172,11 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
         total += loss.item() * y.shape[0]
         count += y.shape[0]
         bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+    if ranks > 1:
+        import torch.distributed as dist
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1)
 
 

@@ -21,7 +21,7 @@ HELP = {
     "fisher_samples": "gradient rows n (default 1000; falcon++ 500 per stage, or 1000 where --stages auto picks "
                       "its thorough schedule), or auto: the largest n <= 1000 that fits --max-memory and the training data",
     "fisher_dtype": "storage of the gradient matrix (default float32); products accumulate in float32",
-    "max_memory": "refuse a request whose estimated peak exceeds this, e.g. 16G or 500M "
+    "max_memory": "refuse a request whose estimated peak exceeds this, e.g. 16G, 1.5GiB or 500MB "
                   "(default: the memory available less a margin)",
     "fisher_batch": "samples averaged per row m (default 1: per-sample)",
     "fisher_bn": "BatchNorm in the gradient rows: frozen (running statistics, default) or batch (each "

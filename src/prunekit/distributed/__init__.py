@@ -1,10 +1,10 @@
 """Scale out with ``torch.distributed`` (launched by ``torchrun``): the communicator the solvers
 use, gradient matrices sharded by columns, and the helpers that keep files and printing on rank 0."""
 
-from .collective import (MachineRefusal, TorchCollective, barrier_if_alive, check_same_start, current, digest,
+from .collective import (MachineRefusal, TorchCollective, agree_refusal, barrier_if_alive, check_same_start, current, digest,
                          disagreeing, early_refusals, init_from_env, is_main_process, launched_by_torchrun,
                          print_refusal, ranks_on_this_machine, shutdown)
 
-__all__ = ["MachineRefusal", "TorchCollective", "barrier_if_alive", "check_same_start", "current", "digest",
+__all__ = ["MachineRefusal", "TorchCollective", "agree_refusal", "barrier_if_alive", "check_same_start", "current", "digest",
            "disagreeing", "early_refusals", "init_from_env", "is_main_process", "launched_by_torchrun", "print_refusal",
            "ranks_on_this_machine", "shutdown"]

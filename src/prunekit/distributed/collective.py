@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PrunekitError
+from ..options import OptionError
 from ..solvers.collective import Collective
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -330,6 +331,29 @@ def early_refusals(line: str | None) -> list[str | None]:
     lines = [None] * dist.get_world_size()
     dist.all_gather_object(lines, line)
     return lines
+
+
+def agree_refusal(refusal: PrunekitError | None) -> None:
+    """Raise on every rank the refusal of the first rank (in rank order) that met one, if any did:
+    for a check whose verdict can differ between ranks (the memory plan: each machine's free
+    memory), where a rank refused alone let the others go on, to end on "a rank stopped". The
+    refusal names its rank ("rank 1: ...") where not every rank refused. A collective: every rank
+    calls it. One process: raises ``refusal``, if any."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if refusal is not None:
+            raise refusal
+        return
+    passed_checks()
+    verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, refusal and (str(refusal), getattr(refusal, "params", ()),
+                                                  getattr(refusal, "listed", ())))
+    refused = [rank for rank, verdict in enumerate(verdicts) if verdict is not None]
+    if not refused:
+        return
+    text, params, listed = verdicts[refused[0]]
+    if len(refused) < len(verdicts):
+        text = f"rank {refused[0]}: {text}"
+    raise OptionError(text, params, listed)
 
 
 def digest(*tensors: torch.Tensor) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from ..api_checks import first_batch
 from ..budget import ResolvedBudget
-from ..errors import PrunekitWarning
+from ..errors import PrunekitError, PrunekitWarning
 from .. import memory_plan, process_memory
 from ..options import OptionError
 from .. import distributed
@@ -220,16 +220,23 @@ def needs_flops(budget: ResolvedBudget, opts) -> None:
 
 def plan_memory(family: str):
     """The memory check of a family ("chita", "falcon", "woodfisher": their solvers' work arrays
-    differ), for the method table: refuses a request that does not fit before any work."""
+    differ), for the method table: refuses a request that does not fit before any work. Under
+    torchrun every rank takes the first refusing rank's verdict (each rank's memory differs)."""
     def check(model, space, example_input, budget: ResolvedBudget, opts: QuadraticOptions, judge_batch: int = 0,
               refit_samples: int = 0, refit_batch: int = 0, most_rows: int = 1000):
-        return memory_plan.plan(model, space, example_input, n=opts.fisher_samples, dtype=opts.fisher_dtype,
-                                family=family, max_memory=opts.max_memory, fisher_batch=opts.fisher_batch,
-                                fisher_bn=opts.fisher_bn,
-                                obs_block_size=getattr(opts, "obs_block_size", 128),
-                                keep_share=budget.max_nonzeros / space.numel, ranks=distributed.current().size,
-                                ranks_here=distributed.ranks_on_this_machine(), judge_batch=judge_batch,
-                                refit_samples=refit_samples, refit_batch=refit_batch, most_rows=most_rows)
+        plan, refusal = None, None
+        try:
+            plan = memory_plan.plan(model, space, example_input, n=opts.fisher_samples, dtype=opts.fisher_dtype,
+                                    family=family, max_memory=opts.max_memory, fisher_batch=opts.fisher_batch,
+                                    fisher_bn=opts.fisher_bn,
+                                    obs_block_size=getattr(opts, "obs_block_size", 128),
+                                    keep_share=budget.max_nonzeros / space.numel, ranks=distributed.current().size,
+                                    ranks_here=distributed.ranks_on_this_machine(), judge_batch=judge_batch,
+                                    refit_samples=refit_samples, refit_batch=refit_batch, most_rows=most_rows)
+        except PrunekitError as err:
+            refusal = err
+        distributed.agree_refusal(refusal)
+        return plan
     return check
 
 

@@ -27,7 +27,7 @@ class QuadraticOptions(RefitOptions):
                     (and, rows of one sample each, the samples of the training data).
     fisher_dtype:   storage of the gradient matrix: float32, bfloat16 or float16 (half the memory;
                     products still accumulate in float32).
-    max_memory:     refuse a request whose estimated peak exceeds this (bytes, or "16G", "500M");
+    max_memory:     refuse a request whose estimated peak exceeds this (bytes, or "16G", "1.5GiB", "500MB");
                     None: the memory available less a margin. See ``prunekit.memory_plan``.
     fisher_batch:   samples averaged per row (1 = per-sample gradients). Mini-batch rows read the
                     training data pass after pass (reshuffled, re-augmented) until n·fisher_batch
