@@ -228,11 +228,13 @@ def test_a_regression_model_prunes_with_its_own_loss():
                                              ("hybrid", {"gate_batches": 6, "structured_flops": 0.7,
                                                          "fisher_samples": 32})])
 def test_channel_methods_train_on_the_users_loss(method, options):
-    """The gates, the fine-tune (and the hybrid's FALCON) use loss=: every training step calls it."""
+    """The gates, the fine-tune (and the hybrid's FALCON) use loss=: every training step calls it.
+    The model passed in is left untouched (the taper trains a copy)."""
     torch.manual_seed(0)
     x = torch.randn(128, 8)
     y = x @ torch.randn(8, 3)
     net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+    before = copy.deepcopy(net.state_dict())
     calls = []
 
     def mse(outputs, targets):
@@ -245,6 +247,7 @@ def test_channel_methods_train_on_the_users_loss(method, options):
     trained = sum(calls)                              # calls with autograd on: training steps
     assert trained >= 4 + 4 * options.get("finetune_epochs", 0)
     assert CostModel(net, x[:1]).count(result.model).flops_kept == pytest.approx(result.flops_kept)
+    assert all(before[k].equal(v) for k, v in net.state_dict().items())
 
 
 def test_a_run_folder_belongs_to_one_loss(tmp_path):
