@@ -105,6 +105,21 @@ def test_same_data_forms_give_the_same_result():
     assert a.nonzeros == b.nonzeros and a.accuracy is None
 
 
+@pytest.mark.parametrize("method, options", [("chita", {"fisher_samples": 32}), ("taper", {"taper_epochs": 1})])
+def test_integer_labels_of_any_dtype_are_class_indices(method, options):
+    """int32 / int16 labels (cross-entropy takes only long and uint8) give the long labels' result."""
+    budget = {"sparsity": 0.5} if method == "chita" else {"flops": 0.5}
+    results = []
+    for dtype in (torch.long, torch.int32):
+        net, x, y = _tiny()
+        torch.manual_seed(0)
+        r = prunekit.prune(net, (x, y.to(dtype)), method=method, eval_data=(x, y.to(torch.int16)), batch_size=16,
+                           **budget, **options)
+        results.append((r.accuracy, r.loss, [p.clone() for p in r.model.state_dict().values()]))
+    assert results[0][:2] == results[1][:2]
+    assert all(p.equal(q) for p, q in zip(results[0][2], results[1][2]))
+
+
 def test_bad_calls_name_the_fix():
     net, x, y = _tiny()
     with pytest.raises(prunekit.PrunekitError, match="fisher_sample"):
