@@ -429,6 +429,9 @@ PY_CASES = [
     ({"eval_data": [(X, Y[:, None])]}, "eval_data needs X of shape (N, ...) and Y of shape (N,)"),
     ({"out": ""}, "empty path"),
     ({"data": None}, "example_input"),
+    ({"data": None, "method": "chita"}, "pass data: method chita takes its gradients on the training data"),
+    ({"data": None, "method": "autobot", "sparsity": None, "flops": 0.5}, "pass data: method autobot trains gates"),
+    ({"data": None, "gradual": True}, "pass data: gradual pruning fine-tunes between events"),
     ({"example_input": torch.zeros(1, 3)}, "example input"),
     ({"example_input": X[0]}, "without its batch dimension"),     # counted per "example" of C channels
     ({"example_input": "x"}, "example_input"),
