@@ -256,3 +256,25 @@ def test_the_sweep_table_cuts_no_name_or_budget():
     head, rule, line = table_lines([row])
     assert "magnitude-flops_sparsity-0.8_flops-0.3 " in line and "sparsity 0.8, flops 0.3 " in line
     assert len(head) == len(rule) and line.index("sparsity 0.8") == head.index("asked")
+
+
+def test_export_all_takes_one_format_as_a_string_and_refuses_unknown_ones(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    files = export_all(model, torch.zeros(1, 4), tmp_path, "dense")
+    assert [f["format"] for f in files] == ["dense"]
+    with pytest.raises(prunekit.PrunekitError, match="unknown export format 'tflite'; choose from onnx, torchscript"):
+        export_all(model, torch.zeros(1, 4), tmp_path / "other", ["tflite"])
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_failed_export_lists_no_file_it_did_not_write(tmp_path):
+    """The manifest lists a file once it is written: a user's file put in place of a failed
+    export is not taken for prunekit's and replaced by the next export."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(prunekit.PrunekitError, match="ONNX export failed"):
+        export_all(model, torch.zeros(1, 1, 8, 8), tmp_path, ["onnx"])        # one channel, not three
+    (tmp_path / "model.onnx").write_bytes(b"my own model")
+    with pytest.raises(prunekit.PrunekitError, match="model.onnx was not written by prunekit export"):
+        export_all(model, torch.zeros(1, 3, 8, 8), tmp_path, ["onnx"])
+    assert (tmp_path / "model.onnx").read_bytes() == b"my own model"

@@ -169,9 +169,13 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
 
 
 def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, formats) -> list[dict]:
-    """Write each of ``formats`` (keys of FORMATS) into folder ``out``; returns path, size per file.
-    Refuses (``PrunekitError``, before writing anything) to replace a file in ``out`` that an
-    earlier ``export_all`` did not write."""
+    """Write each of ``formats`` (keys of FORMATS, or one of them as a string) into folder ``out``;
+    returns path, size per file. Refuses (``PrunekitError``, before writing anything) an unknown
+    format, and to replace a file in ``out`` that an earlier ``export_all`` did not write."""
+    formats = [formats] if isinstance(formats, str) else list(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise PrunekitError(f"formats: unknown export format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"{out} is a file: exports go into a folder")
@@ -183,8 +187,6 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
     written = []
     for fmt in formats:
         path = out / FORMATS[fmt]
-        ours.add(path.name)       # listed before it is written: a kill in between leaves no file taken for the user's
-        atomic_write_bytes(out / MANIFEST, json.dumps({"files": sorted(ours - {MANIFEST})}).encode())
         if fmt == "onnx":
             export_onnx(model, example_input, path)
         elif fmt == "torchscript":
@@ -193,6 +195,10 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
             export_dense(model, path)
         else:
             export_sparse(model, path)
+        # listed once written: a failed export lists no file it did not write, which a user's file
+        # put there later would be taken for (a kill just after the write leaves one refused, not replaced)
+        ours.add(path.name)
+        atomic_write_bytes(out / MANIFEST, json.dumps({"files": sorted(ours - {MANIFEST})}).encode())
         written.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
     sizes = {f["format"]: f["bytes"] for f in written}
     if "sparse" in sizes:
