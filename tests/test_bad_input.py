@@ -63,6 +63,17 @@ class Pair(nn.Module):
 
 def pair():
     return Pair()
+
+
+def one_batch():
+    class OneBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(784, 10)
+
+        def forward(self, x):
+            return self.fc(x.view(len(x), -1))
+    return OneBatch()
 """
 
 
@@ -267,6 +278,8 @@ CLI_CASES = [
     (["prune", "--model", f"{H}/broken.py:build", *MNIST, "--sparsity", "0.5"],
      "ZeroDivisionError: division by zero (broken.py line 2)"),
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5"], "--normalize none"),
+    (["prune", "--model", f"{H}/net.py:one_batch", *MNIST, "--normalize", "none", "--sparsity", "0.5", "--onnx",
+      "--out", f"{H}/newrun"], "turns the batch size into a constant (len(x)"),
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5"], "MEANS/STDS"),
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5,0.5/1,1"],
      "gives 2 channel(s) but the images have 1"),

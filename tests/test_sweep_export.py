@@ -278,3 +278,20 @@ def test_a_failed_export_lists_no_file_it_did_not_write(tmp_path):
     with pytest.raises(prunekit.PrunekitError, match="model.onnx was not written by prunekit export"):
         export_all(model, torch.zeros(1, 3, 8, 8), tmp_path, ["onnx"])
     assert (tmp_path / "model.onnx").read_bytes() == b"my own model"
+
+
+class _OneBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc(x.view(len(x), -1))        # len(x) is traced as the example's batch size
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_export_fixed_to_the_examples_batch_size_is_refused(tmp_path, fmt):
+    """The file says its batch is dynamic: a graph that is wrong at any other batch is refused."""
+    with pytest.raises(prunekit.PrunekitError, match=r"turns the batch size into a constant .* x.flatten\(1\)"):
+        export_all(_OneBatch(), torch.zeros(1, 3, 2, 2), tmp_path, [fmt])
+    assert list(tmp_path.iterdir()) == []

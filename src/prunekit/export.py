@@ -102,6 +102,14 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
         except Exception as err:  # noqa: BLE001 - report any exporter failure as one line
             first = str(err).splitlines()[0].split("  [Caused by")[0] if str(err) else type(err).__name__
             raise PrunekitError(f"ONNX export failed: {first}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            traced = torch.jit.trace(model, example_input, strict=False, check_trace=False)
+        except Exception:  # noqa: BLE001 - the exporter traced it: a check that cannot trace again checks nothing
+            traced = None
+    if traced is not None:
+        check_any_batch(traced, model, example_input, "ONNX")
     try:
         import onnx
     except ImportError:
@@ -159,13 +167,40 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
         warnings.simplefilter("ignore")
         try:
             set_mha_fastpath(False)
-            torch.jit.save(torch.jit.trace(model.eval(), example_input), buffer)
+            traced = torch.jit.trace(model.eval(), example_input)
+            torch.jit.save(traced, buffer)
         except Exception as err:  # noqa: BLE001 - report any tracer failure as one line
             raise PrunekitError(f"TorchScript export failed: {str(err).splitlines()[0]}") from None
         finally:
             set_mha_fastpath(fastpath)
+    check_any_batch(traced, model, example_input, "TorchScript")
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
+
+
+def check_any_batch(traced, model: nn.Module, example_input, what: str) -> None:
+    """Refuse a traced graph that holds the example's batch size as a constant (``len(x)``,
+    ``x.view(1, ...)``): its file would claim a dynamic batch and be wrong at any other. The
+    graph and the model are run on a batch one larger than the example."""
+    if not isinstance(example_input, torch.Tensor) or example_input.ndim == 0:
+        return
+    x = torch.cat([example_input, example_input[:1]])
+    with torch.no_grad():
+        expected = torch.utils._pytree.tree_leaves(model(x))
+        try:
+            got = torch.utils._pytree.tree_leaves(traced(x))
+            what_it_gives = f"gives outputs of shape {[tuple(t.shape) for t in got]}"
+        except Exception as err:  # noqa: BLE001 - a graph that fails at another batch is the same fault
+            got, what_it_gives = None, f"fails ({str(err).splitlines()[0][:120]})"
+    if got is not None and len(got) == len(expected) and all(
+            not isinstance(a, torch.Tensor) or (isinstance(b, torch.Tensor) and a.shape == b.shape
+                                                and torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5))
+            for a, b in zip(expected, got)):
+        return
+    raise PrunekitError(f"{what} export refused: the model's forward turns the batch size into a constant "
+                        f"(len(x), or x.view(N, ...) with N a number): at batch {len(x)} the exported graph "
+                        f"{what_it_gives}, the model {[tuple(t.shape) for t in expected]}; write x.flatten(1) or "
+                        "x.view(x.size(0), ...) (nothing was written)")
 
 
 def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, formats) -> list[dict]:
