@@ -254,3 +254,23 @@ def test_a_whole_pickled_model_is_named_by_its_class(tmp_path):
     torch.save(nn.Linear(4, 3), tmp_path / "whole.pt")
     with pytest.raises(PrunekitError, match=r"holds an object \(torch.nn.modules.linear.Linear\), not a state dict"):
         load_checkpoint(nn.Linear(4, 3), tmp_path / "whole.pt")
+
+
+def test_prunekit_exports_read_as_checkpoints(tmp_path):
+    """A sparse export is read as the state dict it holds; a dense or sparse export of a shrunk
+    model says so and points to its run folder (it said: pick another model / num_classes)."""
+    from prunekit.export import export_dense, export_sparse
+    source = zoo.build("mlpnet")
+    with torch.no_grad():
+        source.fc2.weight[:, ::2] = 0
+    (tmp_path / "export").mkdir()
+    export_sparse(source, tmp_path / "export" / "model-sparse.safetensors")
+    assert states_equal(source, zoo.load_model("mlpnet", tmp_path / "export" / "model-sparse.safetensors"))
+    shrunk = zoo.build("mlpnet")
+    shrunk.fc1, shrunk.fc2 = torch.nn.Linear(784, 19, bias=False), torch.nn.Linear(19, 20, bias=False)
+    for export in (export_dense, export_sparse):
+        export(shrunk, tmp_path / "export" / "model.safetensors")
+        with pytest.raises(PrunekitError) as err:
+            zoo.load_model("mlpnet", tmp_path / "export" / "model.safetensors")
+        assert "export of a shrunk model (channels removed), whose channel layout is in its run folder: " \
+               f"load {tmp_path} instead" in str(err.value)

@@ -3,7 +3,8 @@
 The sparse form is a safetensors file: a tensor with at least half its entries zero is stored
 as ``<name>.indices`` (int32 flat positions of the nonzeros) and ``<name>.values``, its shape in
 the file's metadata; every other tensor is stored as is. ``load_sparse`` rebuilds the dense
-state dict exactly. Loading either safetensors file never executes code.
+state dict exactly (and a checkpoint reader reads it as that state dict). Loading either
+safetensors file never executes code.
 
 ``export_all`` keeps a list of the files it wrote in the folder (``exported.json``) and never
 replaces a file it did not write there: exporting again refreshes its own files only.
@@ -38,8 +39,9 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_dense(model: nn.Module, path: str | Path) -> Path:
-    """The state dict, pruned weights as zeros (safetensors)."""
-    atomic_write_bytes(path, save(_state(model), metadata={"format": "pt"}))
+    """The state dict, pruned weights as zeros (safetensors; metadata ``prunekit-export: dense``,
+    which a checkpoint reader names when the file holds a shrunk model)."""
+    atomic_write_bytes(path, save(_state(model), metadata={"format": "pt", "prunekit-export": "dense"}))
     return Path(path)
 
 
