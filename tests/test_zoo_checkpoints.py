@@ -274,3 +274,14 @@ def test_prunekit_exports_read_as_checkpoints(tmp_path):
             zoo.load_model("mlpnet", tmp_path / "export" / "model.safetensors")
         assert "export of a shrunk model (channels removed), whose channel layout is in its run folder: " \
                f"load {tmp_path} instead" in str(err.value)
+
+
+def test_an_unmarked_dense_export_is_known_by_its_folders_manifest(tmp_path):
+    """Dense exports written before they carried metadata are named by exported.json."""
+    shrunk = zoo.build("mlpnet")
+    shrunk.fc1, shrunk.fc2 = torch.nn.Linear(784, 19, bias=False), torch.nn.Linear(19, 20, bias=False)
+    (tmp_path / "export").mkdir()
+    save_file(shrunk.state_dict(), tmp_path / "export" / "model-dense.safetensors", metadata={"format": "pt"})
+    (tmp_path / "export" / "exported.json").write_text('{"files": ["model-dense.safetensors"]}')
+    with pytest.raises(PrunekitError, match="dense export of a shrunk model"):
+        zoo.load_model("mlpnet", tmp_path / "export" / "model-dense.safetensors")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import pickle
 import warnings
 import re
@@ -143,15 +144,23 @@ def _without_wrapper_prefix(state: dict[str, torch.Tensor], own: Mapping[str, to
 
 
 def _export_kind(path: Path) -> str | None:
-    """"dense" or "sparse" for a file ``prunekit export`` wrote (by its safetensors metadata), else None."""
-    if Path(path).suffix != ".safetensors":
+    """"dense" or "sparse" for a file ``prunekit export`` wrote (by its safetensors metadata, or,
+    for a dense export of a version that did not mark it, its folder's exported.json), else None."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
         return None
     try:
         with safe_open(str(path), "pt") as handle:
             meta = handle.metadata() or {}
-    except (SafetensorError, OSError):
+        listed = json.loads((path.parent / "exported.json").read_text())["files"] \
+            if (path.parent / "exported.json").is_file() else []
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
         return None
-    return "sparse" if meta.get("format") == "prunekit-sparse" else meta.get("prunekit-export")
+    if meta.get("format") == "prunekit-sparse":
+        return "sparse"
+    if path.name == "model-dense.safetensors" and isinstance(listed, list) and path.name in listed:
+        return "dense"
+    return meta.get("prunekit-export")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
