@@ -295,3 +295,21 @@ def test_an_export_fixed_to_the_examples_batch_size_is_refused(tmp_path, fmt):
     with pytest.raises(prunekit.PrunekitError, match=r"turns the batch size into a constant .* x.flatten\(1\)"):
         export_all(_OneBatch(), torch.zeros(1, 3, 2, 2), tmp_path, [fmt])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_zoo_model_pruned_from_python_is_named_by_its_zoo_name(tmp_path, capsys):
+    """The sidecar of a model saved from Python names its class only: for a zoo class the
+    refusal names the zoo model (it asked for a model file), and --model NAME exports it."""
+    from prunekit import zoo
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    prunekit.prune(zoo.build("mlpnet"), (x, y), method="magnitude", sparsity=0.5, out=str(tmp_path / "run"))
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--dense"]) == 2
+    assert "if prunekit's zoo built it, name the zoo model, --model mlpnet;" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--dense", "--model", "mlpnet"]) == 0
+    assert main(["info", str(tmp_path / "run")]) == 2
+    assert "--model mlpnet;" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "a zoo model (e.g. mlpnet)" in " ".join(capsys.readouterr().out.split())
