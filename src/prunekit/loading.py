@@ -112,7 +112,7 @@ def python_saved_refusal(path, meta: dict) -> str:
     """The line for a model saved from Python (``prunekit.prune(model, ..., out=)``), whose sidecar
     names its class only: the command line needs the file that builds it, or, for a class of the
     zoo, the zoo model's name (the one whose state-dict keys the file's are named first)."""
-    own = f"name the file and function that build it, --model path/to/file.py:FUNCTION"
+    own = "name the file and function that build it, --model path/to/file.py:FUNCTION"
     names = _zoo_names_of_class(meta["model"])
     if not names:
         return f"{path} holds a {meta['model']} model saved from Python: {own}"
