@@ -268,8 +268,8 @@ def test_export_all_takes_one_format_as_a_string_and_refuses_unknown_ones(tmp_pa
 
 
 def test_a_failed_export_lists_no_file_it_did_not_write(tmp_path):
-    """The manifest lists a file once it is written: a user's file put in place of a failed
-    export is not taken for prunekit's and replaced by the next export."""
+    """A failed export takes its file off the manifest: a user's file put in its place is not
+    taken for prunekit's and replaced by the next export."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     model(torch.zeros(1, 3, 8, 8))
     with pytest.raises(prunekit.PrunekitError, match="ONNX export failed"):

@@ -221,27 +221,38 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
         if path.exists() and path.name not in ours:
             raise PrunekitError(f"{path} was not written by prunekit export: move it away or export "
                                 "elsewhere (nothing was changed)")
-    written = []
+    written, had_manifest = [], (out / MANIFEST).exists()
     for fmt in formats:
         path = out / FORMATS[fmt]
-        if fmt == "onnx":
-            export_onnx(model, example_input, path)
-        elif fmt == "torchscript":
-            export_torchscript(model, example_input, path)
-        elif fmt == "dense":
-            export_dense(model, path)
-        else:
-            export_sparse(model, path)
-        # listed once written: a failed export lists no file it did not write, which a user's file
-        # put there later would be taken for (a kill just after the write leaves one refused, not replaced)
-        ours.add(path.name)
-        atomic_write_bytes(out / MANIFEST, json.dumps({"files": sorted(ours - {MANIFEST})}).encode())
+        ours.add(path.name)       # listed before it is written: a kill right after the write leaves it ours
+        _write_manifest(out, ours)
+        try:
+            if fmt == "onnx":
+                export_onnx(model, example_input, path)
+            elif fmt == "torchscript":
+                export_torchscript(model, example_input, path)
+            elif fmt == "dense":
+                export_dense(model, path)
+            else:
+                export_sparse(model, path)
+        except BaseException:
+            if not path.exists():   # not written: a file put there later is the user's, not to be replaced
+                ours.discard(path.name)
+                if had_manifest or ours - {MANIFEST}:
+                    _write_manifest(out, ours)
+                else:
+                    (out / MANIFEST).unlink()
+            raise
         written.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
     sizes = {f["format"]: f["bytes"] for f in written}
     if "sparse" in sizes:
         dense_bytes = sizes.get("dense") or len(save(_state(model)))
         written[list(sizes).index("sparse")]["note"] = f"{sizes['sparse'] / dense_bytes:.1%} of the dense file's size"
     return written
+
+
+def _write_manifest(out: Path, ours: set[str]) -> None:
+    atomic_write_bytes(out / MANIFEST, json.dumps({"files": sorted(ours - {MANIFEST})}).encode())
 
 
 def _written_before(out: Path) -> set[str]:
