@@ -293,7 +293,7 @@ class _OneBatch(torch.nn.Module):
 def test_an_export_fixed_to_the_examples_batch_size_is_refused(tmp_path, fmt):
     """The file says its batch is dynamic: a graph that is wrong at any other batch is refused."""
     with pytest.raises(prunekit.PrunekitError, match=r"turns the batch size into a constant .* x.flatten\(1\)"):
-        export_all(_OneBatch(), torch.zeros(1, 3, 2, 2), tmp_path, [fmt])
+        export_all(_OneBatch(), torch.zeros(1, 3, 2, 2), tmp_path / "export", [fmt])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -221,7 +221,7 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
         if path.exists() and path.name not in ours:
             raise PrunekitError(f"{path} was not written by prunekit export: move it away or export "
                                 "elsewhere (nothing was changed)")
-    written, had_manifest = [], (out / MANIFEST).exists()
+    written, had_manifest, had_folder = [], (out / MANIFEST).exists(), out.exists()
     for fmt in formats:
         path = out / FORMATS[fmt]
         ours.add(path.name)       # listed before it is written: a kill right after the write leaves it ours
@@ -242,6 +242,8 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
                     _write_manifest(out, ours)
                 else:
                     (out / MANIFEST).unlink()
+                    if not had_folder and not any(out.iterdir()):
+                        out.rmdir()
             raise
         written.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
     sizes = {f["format"]: f["bytes"] for f in written}
