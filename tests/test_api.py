@@ -105,6 +105,21 @@ def test_same_data_forms_give_the_same_result():
     assert a.nonzeros == b.nonzeros and a.accuracy is None
 
 
+@pytest.mark.parametrize("method, options", [("chita", {"fisher_samples": 32}), ("taper", {"taper_epochs": 1})])
+def test_integer_labels_of_any_dtype_are_class_indices(method, options):
+    """int32 / int16 labels (cross-entropy takes only long and uint8) give the long labels' result."""
+    budget = {"sparsity": 0.5} if method == "chita" else {"flops": 0.5}
+    results = []
+    for dtype in (torch.long, torch.int32):
+        net, x, y = _tiny()
+        torch.manual_seed(0)
+        r = prunekit.prune(net, (x, y.to(dtype)), method=method, eval_data=(x, y.to(torch.int16)), batch_size=16,
+                           **budget, **options)
+        results.append((r.accuracy, r.loss, [p.clone() for p in r.model.state_dict().values()]))
+    assert results[0][:2] == results[1][:2]
+    assert all(p.equal(q) for p, q in zip(results[0][2], results[1][2]))
+
+
 def test_bad_calls_name_the_fix():
     net, x, y = _tiny()
     with pytest.raises(prunekit.PrunekitError, match="fisher_sample"):
@@ -228,11 +243,13 @@ def test_a_regression_model_prunes_with_its_own_loss():
                                              ("hybrid", {"gate_batches": 6, "structured_flops": 0.7,
                                                          "fisher_samples": 32})])
 def test_channel_methods_train_on_the_users_loss(method, options):
-    """The gates, the fine-tune (and the hybrid's FALCON) use loss=: every training step calls it."""
+    """The gates, the fine-tune (and the hybrid's FALCON) use loss=: every training step calls it.
+    The model passed in is left untouched (the taper trains a copy)."""
     torch.manual_seed(0)
     x = torch.randn(128, 8)
     y = x @ torch.randn(8, 3)
     net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+    before = copy.deepcopy(net.state_dict())
     calls = []
 
     def mse(outputs, targets):
@@ -245,6 +262,7 @@ def test_channel_methods_train_on_the_users_loss(method, options):
     trained = sum(calls)                              # calls with autograd on: training steps
     assert trained >= 4 + 4 * options.get("finetune_epochs", 0)
     assert CostModel(net, x[:1]).count(result.model).flops_kept == pytest.approx(result.flops_kept)
+    assert all(before[k].equal(v) for k, v in net.state_dict().items())
 
 
 def test_a_run_folder_belongs_to_one_loss(tmp_path):

@@ -63,6 +63,17 @@ class Pair(nn.Module):
 
 def pair():
     return Pair()
+
+
+def one_batch():
+    class OneBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(784, 10)
+
+        def forward(self, x):
+            return self.fc(x.view(len(x), -1))
+    return OneBatch()
 """
 
 
@@ -277,6 +288,8 @@ CLI_CASES = [
     (["prune", "--model", f"{H}/broken.py:build", *MNIST, "--sparsity", "0.5"],
      "ZeroDivisionError: division by zero (broken.py line 2)"),
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5"], "--normalize none"),
+    (["prune", "--model", f"{H}/net.py:one_batch", *MNIST, "--normalize", "none", "--sparsity", "0.5", "--onnx",
+      "--out", f"{H}/newrun"], "turns the batch size into a constant (len(x)"),
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5"], "MEANS/STDS"),
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5,0.5/1,1"],
      "gives 2 channel(s) but the images have 1"),
@@ -436,8 +449,14 @@ PY_CASES = [
     ({"eval_data": (X[:, :, :2], Y)}, "the model failed on eval_data's first input, shape (1, 1, 2, 4)"),
     ({"data": [(X, Y, Y)]}, "(x, y) batches"),
     ({"data": [(X[:8], Y[:4])]}, "one target per input"),
+    ({"data": [(X, Y[:, None])]}, "Y of shape (N,) with the same N; got X (48, 1, 4, 4), Y (48, 1) in its first"),
+    ({"data": torch.utils.data.TensorDataset(X, Y[:, None])}, "Y of shape (N,) with the same N; got Y (48, 1)"),
+    ({"eval_data": [(X, Y[:, None])]}, "eval_data needs X of shape (N, ...) and Y of shape (N,)"),
     ({"out": ""}, "empty path"),
     ({"data": None}, "example_input"),
+    ({"data": None, "method": "chita"}, "pass data: method chita takes its gradients on the training data"),
+    ({"data": None, "method": "autobot", "sparsity": None, "flops": 0.5}, "pass data: method autobot trains gates"),
+    ({"data": None, "gradual": True}, "pass data: gradual pruning fine-tunes between events"),
     ({"example_input": torch.zeros(1, 3)}, "example input"),
     ({"example_input": X[0]}, "without its batch dimension"),     # counted per "example" of C channels
     ({"example_input": "x"}, "example_input"),

@@ -189,6 +189,26 @@ def test_hybrid_cuts_channels_then_sparsifies_to_one_budget_and_holds_the_zeros(
 
 
 
+def test_hybrid_weights_phase_keeps_excluded_layers_dense_and_counts_as_info_does(tiny):
+    """resnet20-b's 1x1 projections stay dense in the FALCON phase (the command line passes the
+    model's default exclude, as to a weights method); the sparsity counts the same weights."""
+    from prunekit.cli import build_parser
+    from prunekit.commands.prune import request_of
+    from prunekit.params import ParamSpace
+    model, x, data = tiny
+    exclude = ["*.downsample.*"]
+    r = prune_structured(copy.deepcopy(model), "hybrid", 0.25, x, lambda: data, structured_flops=0.6, gate_batches=2,
+                         fisher_samples=16, exclude=exclude)
+    projections = {n: m.weight for n, m in r.model.named_modules() if n.endswith("downsample.0")}
+    assert len(projections) == 2 and all(bool((w != 0).all()) for w in projections.values())
+    dense_prunable = ParamSpace(model, exclude=exclude, costs=CostModel(model, x)).numel
+    assert r.sparsity == pytest.approx(1 - r.nonzeros / dense_prunable)
+    assert r.nonzeros == r.record["sparsify"]["0.25"]["nonzeros"]
+    args = build_parser().parse_args(["prune", "--model", "resnet20-b", "--data", "cifar10", "--data-dir", "none",
+                                      "--method", "hybrid", "--flops", "0.3"])
+    assert request_of(args, load_model("resnet20-b")).exclude == exclude
+
+
 def test_hybrid_whose_channel_cut_lands_under_the_final_budget_keeps_it_without_falcon(tiny, monkeypatch):
     # The channel phase keeps the largest cut <= structured_flops, which may already be under
     # flops (a channel's worth apart: DenseBlockCNN, flops 0.3 and structured_flops 0.33 cut to

@@ -1,5 +1,6 @@
 """Gated model == shrunk model, and gated MACs == CostModel.count of the shrunk model."""
 
+import copy
 import pytest
 import torch
 
@@ -211,6 +212,10 @@ def test_layout_rebuilds_the_architecture():
     # the same architecture built for 3 classes, not 10: its classifier would silently grow to 10
     with pytest.raises(PrunekitError, match=r"'fc' is wider in the saved model .*out 10 > 3.*constructor"):
         apply_layout(zoo.build("mobilenetv1-cifar", num_classes=3), channel_layout(small))
+    # an instance already shrunk, narrower than the saved layout: not a damaged sidecar
+    with pytest.raises(PrunekitError, match="pass a fresh, dense instance") as err:
+        apply_layout(copy.deepcopy(small), channel_layout(model))
+    assert "damaged" not in str(err.value)
 
 
 def test_option_a_shortcut_copies_kept_channels_and_keeps_zeros():

@@ -263,3 +263,60 @@ def test_the_sweep_table_cuts_no_name_or_budget():
     head, rule, line = table_lines([row])
     assert "magnitude-flops_sparsity-0.8_flops-0.3 " in line and "sparsity 0.8, flops 0.3 " in line
     assert len(head) == len(rule) and line.index("sparsity 0.8") == head.index("asked")
+
+
+def test_export_all_takes_one_format_as_a_string_and_refuses_unknown_ones(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    files = export_all(model, torch.zeros(1, 4), tmp_path, "dense")
+    assert [f["format"] for f in files] == ["dense"]
+    with pytest.raises(prunekit.PrunekitError, match="unknown export format 'tflite'; choose from onnx, torchscript"):
+        export_all(model, torch.zeros(1, 4), tmp_path / "other", ["tflite"])
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_failed_export_lists_no_file_it_did_not_write(tmp_path):
+    """A failed export takes its file off the manifest: a user's file put in its place is not
+    taken for prunekit's and replaced by the next export."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(prunekit.PrunekitError, match="ONNX export failed"):
+        export_all(model, torch.zeros(1, 1, 8, 8), tmp_path, ["onnx"])        # one channel, not three
+    (tmp_path / "model.onnx").write_bytes(b"my own model")
+    with pytest.raises(prunekit.PrunekitError, match="model.onnx was not written by prunekit export"):
+        export_all(model, torch.zeros(1, 3, 8, 8), tmp_path, ["onnx"])
+    assert (tmp_path / "model.onnx").read_bytes() == b"my own model"
+
+
+class _OneBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc(x.view(len(x), -1))        # len(x) is traced as the example's batch size
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_export_fixed_to_the_examples_batch_size_is_refused(tmp_path, fmt):
+    """The file says its batch is dynamic: a graph that is wrong at any other batch is refused."""
+    with pytest.raises(prunekit.PrunekitError, match=r"turns the batch size into a constant .* x.flatten\(1\)"):
+        export_all(_OneBatch(), torch.zeros(1, 3, 2, 2), tmp_path / "export", [fmt])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_zoo_model_pruned_from_python_is_named_by_its_zoo_name(tmp_path, capsys):
+    """The sidecar of a model saved from Python names its class only: for a zoo class the
+    refusal names the zoo model (it asked for a model file), and --model NAME exports it."""
+    from prunekit import zoo
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    prunekit.prune(zoo.build("mlpnet"), (x, y), method="magnitude", sparsity=0.5, out=str(tmp_path / "run"))
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--dense"]) == 2
+    assert "if prunekit's zoo built it, name the zoo model, --model mlpnet;" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--dense", "--model", "mlpnet"]) == 0
+    assert main(["info", str(tmp_path / "run")]) == 2
+    assert "--model mlpnet;" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "a zoo model (e.g. mlpnet)" in " ".join(capsys.readouterr().out.split())

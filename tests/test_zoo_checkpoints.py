@@ -297,3 +297,34 @@ def test_load_pruned_names_a_device_or_numpy_checkpoint(tmp_path):
     with pytest.raises(PrunekitError, match=r"holds NumPy arrays \('fc1.weight' ...\), not torch tensors.*"
                                             r"torch.from_numpy"):
         prunekit.load_pruned(zoo.build("mlpnet"), tmp_path / "np.pth")
+
+
+def test_prunekit_exports_read_as_checkpoints(tmp_path):
+    """A sparse export is read as the state dict it holds; a dense or sparse export of a shrunk
+    model says so and points to its run folder (it said: pick another model / num_classes)."""
+    from prunekit.export import export_dense, export_sparse
+    source = zoo.build("mlpnet")
+    with torch.no_grad():
+        source.fc2.weight[:, ::2] = 0
+    (tmp_path / "export").mkdir()
+    export_sparse(source, tmp_path / "export" / "model-sparse.safetensors")
+    assert states_equal(source, zoo.load_model("mlpnet", tmp_path / "export" / "model-sparse.safetensors"))
+    shrunk = zoo.build("mlpnet")
+    shrunk.fc1, shrunk.fc2 = torch.nn.Linear(784, 19, bias=False), torch.nn.Linear(19, 20, bias=False)
+    for export in (export_dense, export_sparse):
+        export(shrunk, tmp_path / "export" / "model.safetensors")
+        with pytest.raises(PrunekitError) as err:
+            zoo.load_model("mlpnet", tmp_path / "export" / "model.safetensors")
+        assert "export of a shrunk model (channels removed), whose channel layout is in its run folder: " \
+               f"load {tmp_path} instead" in str(err.value)
+
+
+def test_an_unmarked_dense_export_is_known_by_its_folders_manifest(tmp_path):
+    """Dense exports written before they carried metadata are named by exported.json."""
+    shrunk = zoo.build("mlpnet")
+    shrunk.fc1, shrunk.fc2 = torch.nn.Linear(784, 19, bias=False), torch.nn.Linear(19, 20, bias=False)
+    (tmp_path / "export").mkdir()
+    save_file(shrunk.state_dict(), tmp_path / "export" / "model-dense.safetensors", metadata={"format": "pt"})
+    (tmp_path / "export" / "exported.json").write_text('{"files": ["model-dense.safetensors"]}')
+    with pytest.raises(PrunekitError, match="dense export of a shrunk model"):
+        zoo.load_model("mlpnet", tmp_path / "export" / "model-dense.safetensors")

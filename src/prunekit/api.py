@@ -39,7 +39,7 @@ from .distributed import check_same_start, current, launched_by_torchrun
 from .errors import PrunekitError, PrunekitWarning, single_sample_batchnorm
 from .executor import execute
 from .losses import loss_name
-from .methods import Method
+from .methods import Method, lookup
 from .record import Result
 from .request import PruneRequest
 from .runs import RunFolder, claim_on_rank_0, release_refused
@@ -98,7 +98,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     if example_input is None:
         source, what = (train_batches, "data") if train_batches is not None else (eval_batches, "eval_data")
         if source is None:
-            raise PrunekitError("pass example_input (one input batch) when there is no data to take it from")
+            raise PrunekitError(_without_data(method, gradual))
         example_input = first_batch(source, what)[0][:1]
     else:
         check_example_batched(example_input, train_batches or eval_batches, "data" if train_batches else "eval_data")
@@ -193,6 +193,18 @@ def _with_fresh_workers(loader: torch.utils.data.DataLoader) -> torch.utils.data
     being read keeps its workers until it is dropped."""
     loader._iterator = None
     return loader
+
+
+def _without_data(method: str | Method, gradual: bool) -> str:
+    """The refusal of a call with neither data nor example_input: a method that trains or takes
+    gradients says it needs data first (example_input alone would be refused next)."""
+    row = lookup(method)
+    why = ("gradual pruning fine-tunes between events" if gradual else
+           f"method {row.name} trains gates on it" if row.family == "channels" else
+           f"method {row.name} takes its gradients" if row.plan_memory is not None else None)
+    if why is None:
+        return "pass example_input (one input batch) when there is no data to take it from"
+    return f"pass data: {why} on the training data"
 
 
 def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str) -> Callable[[], Iterable] | None:

@@ -137,8 +137,7 @@ def check_data(data, what: str, class_labels: bool = True) -> None:
         check_not_meta(y, f"{what}'s Y")
         if x.ndim == 0 or y.ndim == 0 or (class_labels and y.ndim != 1) or x.shape[0] != y.shape[0]:
             wanted = "(N,)" if class_labels else "(N, ...)"
-            hint = "" if not class_labels or y.ndim < 2 else \
-                " (targets that are not class indices need loss=, a function of (outputs, targets))"
+            hint = "" if not class_labels or y.ndim < 2 else NOT_INDICES
             raise PrunekitError(f"{what}=(X, Y) needs X of shape (N, ...) and Y of shape {wanted} with the same N; "
                                 f"got X {tuple(x.shape)}, Y {tuple(y.shape)}{hint}")
         if x.shape[0] == 0:
@@ -148,6 +147,8 @@ def check_data(data, what: str, class_labels: bool = True) -> None:
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") and len(data) == 0:
         raise PrunekitError(f"{what} is empty: the dataset holds no samples")
 
+
+NOT_INDICES = " (targets that are not class indices need loss=, a function of (outputs, targets))"
 
 SEVERAL_INPUTS = ("prunekit calls model(x) with one tensor x per batch; for a model of several inputs (ids and an "
                   "attention mask, a dict) wrap it in a module whose forward takes one tensor (e.g. the inputs "
@@ -169,9 +170,13 @@ def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: C
     """
     if batches is None:
         return
-    labels = _all_labels(data)
+    labels, inputs = _all_labels(data), None
     if labels is None:
-        labels = first_batch(batches, what)[1]
+        inputs, labels = first_batch(batches, what)
+    if labels.ndim != 1:
+        got = f"Y {tuple(labels.shape)}" if inputs is None else \
+            f"X {tuple(inputs.shape)}, Y {tuple(labels.shape)} in its first batch"
+        raise PrunekitError(f"{what} needs X of shape (N, ...) and Y of shape (N,) with the same N; got {got}{NOT_INDICES}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise PrunekitError(f"{what} labels must be integer class indices (torch.long), got {labels.dtype}")
     if labels.numel() == 0:

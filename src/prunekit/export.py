@@ -3,7 +3,8 @@
 The sparse form is a safetensors file: a tensor with at least half its entries zero is stored
 as ``<name>.indices`` (int32 flat positions of the nonzeros) and ``<name>.values``, its shape in
 the file's metadata; every other tensor is stored as is. ``load_sparse`` rebuilds the dense
-state dict exactly. Loading either safetensors file never executes code.
+state dict exactly (and a checkpoint reader reads it as that state dict). Loading either
+safetensors file never executes code.
 
 ``export_all`` keeps a list of the files it wrote in the folder (``exported.json``) and never
 replaces a file it did not write there: exporting again refreshes its own files only.
@@ -38,8 +39,9 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_dense(model: nn.Module, path: str | Path) -> Path:
-    """The state dict, pruned weights as zeros (safetensors)."""
-    atomic_write_bytes(path, save(_state(model), metadata={"format": "pt"}))
+    """The state dict, pruned weights as zeros (safetensors; metadata ``prunekit-export: dense``,
+    which a checkpoint reader names when the file holds a shrunk model)."""
+    atomic_write_bytes(path, save(_state(model), metadata={"format": "pt", "prunekit-export": "dense"}))
     return Path(path)
 
 
@@ -102,6 +104,14 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
         except Exception as err:  # noqa: BLE001 - report any exporter failure as one line
             first = str(err).splitlines()[0].split("  [Caused by")[0] if str(err) else type(err).__name__
             raise PrunekitError(f"ONNX export failed: {first}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            traced = torch.jit.trace(model, example_input, strict=False, check_trace=False)
+        except Exception:  # noqa: BLE001 - the exporter traced it: a check that cannot trace again checks nothing
+            traced = None
+    if traced is not None:
+        check_any_batch(traced, model, example_input, "ONNX")
     try:
         import onnx
     except ImportError:
@@ -159,19 +169,50 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
         warnings.simplefilter("ignore")
         try:
             set_mha_fastpath(False)
-            torch.jit.save(torch.jit.trace(model.eval(), example_input), buffer)
+            traced = torch.jit.trace(model.eval(), example_input)
+            torch.jit.save(traced, buffer)
         except Exception as err:  # noqa: BLE001 - report any tracer failure as one line
             raise PrunekitError(f"TorchScript export failed: {str(err).splitlines()[0]}") from None
         finally:
             set_mha_fastpath(fastpath)
+    check_any_batch(traced, model, example_input, "TorchScript")
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 
 
+def check_any_batch(traced, model: nn.Module, example_input, what: str) -> None:
+    """Refuse a traced graph that holds the example's batch size as a constant (``len(x)``,
+    ``x.view(1, ...)``): its file would claim a dynamic batch and be wrong at any other. The
+    graph and the model are run on a batch one larger than the example."""
+    if not isinstance(example_input, torch.Tensor) or example_input.ndim == 0:
+        return
+    x = torch.cat([example_input, example_input[:1]])
+    with torch.no_grad():
+        expected = torch.utils._pytree.tree_leaves(model(x))
+        try:
+            got = torch.utils._pytree.tree_leaves(traced(x))
+            what_it_gives = f"gives outputs of shape {[tuple(t.shape) for t in got]}"
+        except Exception as err:  # noqa: BLE001 - a graph that fails at another batch is the same fault
+            got, what_it_gives = None, f"fails ({str(err).splitlines()[0][:120]})"
+    if got is not None and len(got) == len(expected) and all(
+            not isinstance(a, torch.Tensor) or (isinstance(b, torch.Tensor) and a.shape == b.shape
+                                                and torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5))
+            for a, b in zip(expected, got)):
+        return
+    raise PrunekitError(f"{what} export refused: the model's forward turns the batch size into a constant "
+                        f"(len(x), or x.view(N, ...) with N a number): at batch {len(x)} the exported graph "
+                        f"{what_it_gives}, the model {[tuple(t.shape) for t in expected]}; write x.flatten(1) or "
+                        "x.view(x.size(0), ...) (nothing was written)")
+
+
 def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, formats) -> list[dict]:
-    """Write each of ``formats`` (keys of FORMATS) into folder ``out``; returns path, size per file.
-    Refuses (``PrunekitError``, before writing anything) to replace a file in ``out`` that an
-    earlier ``export_all`` did not write."""
+    """Write each of ``formats`` (keys of FORMATS, or one of them as a string) into folder ``out``;
+    returns path, size per file. Refuses (``PrunekitError``, before writing anything) an unknown
+    format, and to replace a file in ``out`` that an earlier ``export_all`` did not write."""
+    formats = [formats] if isinstance(formats, str) else list(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise PrunekitError(f"formats: unknown export format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"{out} is a file: exports go into a folder")
@@ -180,25 +221,40 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
         if path.exists() and path.name not in ours:
             raise PrunekitError(f"{path} was not written by prunekit export: move it away or export "
                                 "elsewhere (nothing was changed)")
-    written = []
+    written, had_manifest, had_folder = [], (out / MANIFEST).exists(), out.exists()
     for fmt in formats:
         path = out / FORMATS[fmt]
-        ours.add(path.name)       # listed before it is written: a kill in between leaves no file taken for the user's
-        atomic_write_bytes(out / MANIFEST, json.dumps({"files": sorted(ours - {MANIFEST})}).encode())
-        if fmt == "onnx":
-            export_onnx(model, example_input, path)
-        elif fmt == "torchscript":
-            export_torchscript(model, example_input, path)
-        elif fmt == "dense":
-            export_dense(model, path)
-        else:
-            export_sparse(model, path)
+        ours.add(path.name)       # listed before it is written: a kill right after the write leaves it ours
+        _write_manifest(out, ours)
+        try:
+            if fmt == "onnx":
+                export_onnx(model, example_input, path)
+            elif fmt == "torchscript":
+                export_torchscript(model, example_input, path)
+            elif fmt == "dense":
+                export_dense(model, path)
+            else:
+                export_sparse(model, path)
+        except BaseException:
+            if not path.exists():   # not written: a file put there later is the user's, not to be replaced
+                ours.discard(path.name)
+                if had_manifest or ours - {MANIFEST}:
+                    _write_manifest(out, ours)
+                else:
+                    (out / MANIFEST).unlink()
+                    if not had_folder and not any(out.iterdir()):
+                        out.rmdir()
+            raise
         written.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
     sizes = {f["format"]: f["bytes"] for f in written}
     if "sparse" in sizes:
         dense_bytes = sizes.get("dense") or len(save(_state(model)))
         written[list(sizes).index("sparse")]["note"] = f"{sizes['sparse'] / dense_bytes:.1%} of the dense file's size"
     return written
+
+
+def _write_manifest(out: Path, ours: set[str]) -> None:
+    atomic_write_bytes(out / MANIFEST, json.dumps({"files": sorted(ours - {MANIFEST})}).encode())
 
 
 def _written_before(out: Path) -> set[str]:

@@ -7,6 +7,7 @@ shape or class count does not fit the model.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +111,28 @@ def _input_dtype(meta: dict) -> str:
 
 def python_saved_refusal(path, meta: dict) -> str:
     """The line for a model saved from Python (``prunekit.prune(model, ..., out=)``), whose sidecar
-    names its class only: the command line needs the file that builds it."""
-    return (f"{path} holds a {meta['model']} model saved from Python: name the file and function that build "
-            f"it, --model path/to/file.py:FUNCTION")
+    names its class only: the command line needs the file that builds it, or, for a class of the
+    zoo, the zoo model's name (the one whose state-dict keys the file's are named first)."""
+    own = "name the file and function that build it, --model path/to/file.py:FUNCTION"
+    names = _zoo_names_of_class(meta["model"])
+    if not names:
+        return f"{path} holds a {meta['model']} model saved from Python: {own}"
+    file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    try:
+        fits = zoo.checkpoints._zoo_name(zoo.read_state_dict(file))
+    except PrunekitError:
+        fits = None
+    names = sorted(names, key=lambda n: n != fits)
+    others = f" (or {', '.join(names[1:])}, the one it was built as)" if len(names) > 1 else ""
+    return (f"{path} holds a {meta['model']} model saved from Python: if prunekit's zoo built it, name the zoo "
+            f"model, --model {names[0]}{others}; if it is a class of your own, {own.replace('name the', 'the')}")
+
+
+@functools.cache
+def _zoo_names_of_class(class_name: str) -> tuple[str, ...]:
+    """The zoo models whose class is named ``class_name`` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return tuple(n for n in zoo.MODEL_NAMES if type(zoo.build(n)).__name__ == class_name)
 
 
 def _load_model_file(name: str, checkpoint, input_shape, normalization) -> LoadedModel:

@@ -6,7 +6,8 @@ per-sample losses, as ``nn.MSELoss()`` or a language model's token-averaged cros
 sequences of one length. The gradient rows are per-sample gradients of it, so a loss that
 couples the samples of a batch (contrastive, batch-normalised) is not one to pass. Every method
 trains and judges on it: the weights methods' gradients, judges and gradual fine-tunes, the channel
-methods' gates, depth cut and fine-tune.
+methods' gates, depth cut and fine-tune. Cross-entropy reads integer labels of any dtype (int32
+from NumPy, int16, int8) as torch.long (:func:`class_indices`); a user's loss gets the labels as given.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def summed_loss(loss_fn: LossFn | None, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Σ over the batch of the per-sample losses (a scalar tensor); ``loss_fn`` None: cross-entropy."""
     if loss_fn is None:
-        return nn.functional.cross_entropy(class_scores(outputs), targets, reduction="sum")
+        return nn.functional.cross_entropy(class_scores(outputs), class_indices(targets), reduction="sum")
     return loss_fn(outputs, targets) * targets.shape[0]
 
 
@@ -36,8 +37,13 @@ def loss_name(loss_fn: LossFn) -> str:
 def mean_loss(loss_fn: LossFn | None, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The mean over the batch of the per-sample losses; ``loss_fn`` None: cross-entropy."""
     if loss_fn is None:
-        return nn.functional.cross_entropy(class_scores(outputs), targets)
+        return nn.functional.cross_entropy(class_scores(outputs), class_indices(targets))
     return loss_fn(outputs, targets)
+
+
+def class_indices(labels: torch.Tensor) -> torch.Tensor:
+    """Integer class labels as the torch.long cross-entropy takes (it refuses int32 and int16)."""
+    return labels.long() if labels.dtype in (torch.int8, torch.int16, torch.int32) else labels
 
 
 def class_scores(outputs) -> torch.Tensor:

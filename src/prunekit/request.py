@@ -61,7 +61,8 @@ class PruneRequest:
         options = method.options.from_user(method_options, method.name, **method.defaults)
         asked = {k: self.budget.get(k) for k in ("sparsity", "flops", "params")}
         if method.family == "channels":
-            _check_channel_request(method, asked, self.include, self.exclude)
+            _check_channel_request(method, asked, self.include if method.sparsify is None else None,
+                                   self.exclude if method.sparsify is None else None)
             idle = [k for k in ("depth_batches", "depth_per") if k in method_options]
             if idle and method_options.get("depth_flops") is None:
                 named = " and ".join(idle)
@@ -93,7 +94,7 @@ class PruneRequest:
             raise error.for_prune() from None
         channels = None
         if method.family == "channels":
-            space = ParamSpace(self.model, costs=costs)
+            space = ParamSpace(self.model, include=self.include, exclude=self.exclude, costs=costs)
             resolved = budget.resolve(costs, space)
             shares = [_share(budget, resolved, costs), *(getattr(options, "snapshots", None) or [])]
             if any(not share > shares[0] for share in shares[1:]) or len(set(shares)) != len(shares):
@@ -104,6 +105,7 @@ class PruneRequest:
             channels = channel_context(self.model, costs, self.example_input, shares, options.channel_multiple,
                                        batches=None, residual_channels=options.residual_channels, targets=targets,
                                        target_name="flops" if targets == shares else "structured_flops")
+            channels.include, channels.exclude = self.include, self.exclude
             if options.depth_flops is not None and not options.depth_flops > max(shares):
                 above = (f"flops {max(shares):g}" if max(shares) == shares[0]
                          else f"the largest of snapshots {max(shares):g}")
@@ -182,7 +184,8 @@ def _check_channel_request(method: Method, budget: dict, include, exclude) -> No
                           ("flops",))
     if include is not None or exclude is not None:
         raise OptionError(f"method {method.name} cuts channels wherever the model allows; include and exclude "
-                          "choose layers for the weights methods", ("include", "exclude"))
+                          "choose layers for the weights methods (and the hybrid's weights phase)",
+                          ("include", "exclude"))
 
 
 def _share(budget: Budget, resolved: ResolvedBudget, costs: CostModel) -> float:

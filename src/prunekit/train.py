@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .errors import PrunekitError
 from .layout import model_input
-from .losses import LossFn, class_scores, mean_loss, summed_loss
+from .losses import LossFn, class_indices, class_scores, mean_loss, summed_loss
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -120,7 +120,7 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     labels: (batch,). weight 0 is plain cross-entropy.
     """
     logits, teacher_logits = class_scores(logits), class_scores(teacher_logits)
-    hard = nn.functional.cross_entropy(logits, labels)
+    hard = nn.functional.cross_entropy(logits, class_indices(labels))
     if weight == 0:
         return hard
     soft = nn.functional.kl_div(nn.functional.log_softmax(logits / temperature, dim=1),

@@ -45,8 +45,8 @@ def cmd_export(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a run folder's model: ONNX, TorchScript, dense or sparse weights")
     p.add_argument("run", metavar="DIR", help="run folder (or a folder with model.safetensors + model.json)")
-    p.add_argument("--model", metavar="FILE.py:FUNCTION", help="the model file a model of your own was built "
-                   "by (never imported from the run folder's record)")
+    p.add_argument("--model", metavar="NAME|FILE.py:FUNCTION", help="a zoo model (e.g. mlpnet) pruned from Python, "
+                   "or the model file a model of your own was built by (never imported from the run folder's record)")
     p.add_argument("--onnx", action="store_true", help="write DIR/export/model.onnx")
     p.add_argument("--torchscript", action="store_true", help="write DIR/export/model.torchscript.pt (traced)")
     p.add_argument("--dense", action="store_true", help="write DIR/export/model-dense.safetensors (zeros kept)")

@@ -44,7 +44,8 @@ def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dic
     """The request of ``args`` (with ``method`` and ``budget``: one run of a sweep, which gives
     each method only the options it takes)."""
     row = lookup(method or args.method)
-    exclude = loaded.prune_exclude if args.exclude is None and row.family == "weights" else args.exclude
+    weights = row.family == "weights" or row.sparsify is not None       # the hybrid's FALCON phase too
+    exclude = loaded.prune_exclude if args.exclude is None and weights else args.exclude
     budget = budget or {k: getattr(args, k) for k in ("sparsity", "flops", "params")}
     options = method_options(args)
     if method is not None:

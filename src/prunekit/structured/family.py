@@ -74,13 +74,14 @@ class ChannelOptions(Options):
 
 @dataclass
 class ChannelContext:
-    """model: the dense model (autobot leaves it as it is, taper trains its weights);
+    """model: the dense model (left as it is: taper trains a copy);
     shares: the budgets as shares of the dense MACs, the asked one first (then taper's
     snapshots); batches(): the next epoch of (x, y) training batches; progress: called with
     each gate-training step's record, or None; teacher: a copy of the dense model, untouched (set by
     ``pipeline.prune_channels``), for methods that train weights and may learn its outputs;
     loss_fn: the loss the gates, the depth cut and the fine-tune train on (``prunekit.losses``;
-    None: cross-entropy)."""
+    None: cross-entropy); include, exclude: the layers whose single weights a second phase (the
+    hybrid's FALCON) prunes and counts, as a weights method's."""
 
     model: nn.Module
     costs: CostModel
@@ -92,6 +93,8 @@ class ChannelContext:
     progress: Callable[[dict], None] | None = None
     teacher: nn.Module | None = None
     loss_fn: LossFn | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
 
 
 @dataclass

@@ -78,7 +78,7 @@ def sparsify_shrunk(ctx: ChannelContext, small: nn.Module, share: float, opts: H
     if costs.macs != ctx.costs.count(small).macs:
         raise AssertionError(f"the shrunk model costs {costs.macs} MACs by its own trace and "
                              f"{ctx.costs.count(small).macs} by the dense model's: one counting rule broken")
-    space = ParamSpace(small, costs=costs)
+    space = ParamSpace(small, include=ctx.include, exclude=ctx.exclude, costs=costs)
     if costs.macs <= int(share * ctx.costs.macs):   # the channel cut (the largest <= structured_flops)
         nonzeros = int(torch.count_nonzero(space.vector()))      # already fits: nothing for FALCON
         return {"nonzeros": nonzeros, "prunable_weights": space.numel, "sparsity_of_shrunk": 1 - nonzeros / space.numel,

@@ -173,8 +173,9 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
             raise AssertionError(f"shrunk model has {counts.macs} MACs above the budget {share * ctx.costs.macs}")
         nonzeros = sparsity = None
         if sparsify is not None:          # weights zeroed too: count them against the dense model's prunable weights
-            nonzeros = int(sum(int((w != 0).sum()) for w in ParamSpace(small, costs=ctx.costs).weights()))
-            sparsity = 1 - nonzeros / ParamSpace(dense, costs=ctx.costs).numel
+            prunable = dict(include=ctx.include, exclude=ctx.exclude, costs=ctx.costs)
+            nonzeros = int(sum(int((w != 0).sum()) for w in ParamSpace(small, **prunable).weights()))
+            sparsity = 1 - nonzeros / ParamSpace(dense, **prunable).numel
         outcomes[share] = Outcome(small, counts, nonzeros, sparsity, seconds_here, history,
                                   {**{k: v for k, v in info.items() if k != "kept_channels"},
                                    "groups": len(ctx.groups), "kept_channels": info["kept_channels"][f"{share:g}"],

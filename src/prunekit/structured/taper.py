@@ -286,8 +286,9 @@ def _snapshot(model, groups, counter, logits, temperature, budget, step, example
 
 
 def run_taper(ctx: ChannelContext, opts: TaperOptions) -> Cut:
-    """The tapering Lagrangian as a channel method: one run, a shrunk model at every share."""
-    shots, info = taper_snapshots(ctx.model, ctx.groups, ctx.counter, ctx.shares, ctx.batches, ctx.example_input,
+    """The tapering Lagrangian as a channel method: one run, a shrunk model at every share. It
+    trains a copy of ``ctx.model``: the caller's model is left untouched, as AutoBot leaves it."""
+    shots, info = taper_snapshots(copy.deepcopy(ctx.model), ctx.groups, ctx.counter, ctx.shares, ctx.batches, ctx.example_input,
                                   opts, ctx.progress, ctx.teacher, ctx.loss_fn)
     info["on_schedule"] = {f"{s.budget:g}": s.reached_by_schedule for s in shots}
     return Cut({s.budget: s.model for s in shots}, {s.budget: s.masks for s in shots}, info)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import pickle
 import warnings
 import re
@@ -28,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -110,6 +111,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     check_checkpoint_path(path)
     raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    if _export_kind(path) == "sparse":
+        from prunekit.export import load_sparse      # export imports the cost model: not at zoo import
+        raw = load_sparse(path)
     return _normalize(_find_state_dict(raw, path), path)
 
 
@@ -148,6 +152,26 @@ def _without_wrapper_prefix(state: dict[str, torch.Tensor], own: Mapping[str, to
         if set(stripped) <= set(own):
             return stripped
     return state
+
+
+def _export_kind(path: Path) -> str | None:
+    """"dense" or "sparse" for a file ``prunekit export`` wrote (by its safetensors metadata, or,
+    for a dense export of a version that did not mark it, its folder's exported.json), else None."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+        listed = json.loads((path.parent / "exported.json").read_text())["files"] \
+            if (path.parent / "exported.json").is_file() else []
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if meta.get("format") == "prunekit-sparse":
+        return "sparse"
+    if path.name == "model-dense.safetensors" and isinstance(listed, list) and path.name in listed:
+        return "dense"
+    return meta.get("prunekit-export")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -315,7 +339,14 @@ def _misfit_message(
     model_name = _zoo_name(own)
     fits = _zoo_name(state)
     label = f"model '{model_name}'" if model_name else f"model {type(model).__name__}"
-    if fits and fits == model_name:
+    kind = _export_kind(path)
+    if kind is not None and mismatched and not missing and not unexpected:
+        folder = Path(path).parent
+        run = folder.parent if folder.name == "export" else "RUNDIR"
+        hint = (f"it is prunekit's {kind} export of a shrunk model (channels removed), whose channel layout is in "
+                f"its run folder: load {run} instead (the command line's --checkpoint {run}, Python's "
+                f"prunekit.load_pruned(model, {str(run)!r}))")
+    elif fits and fits == model_name:
         hint = "build the model with the checkpoint's num_classes / in_channels"
     elif fits:
         hint = f"pick the model it was trained for ({fits!r}?)"

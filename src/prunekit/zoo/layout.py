@@ -87,6 +87,8 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                     module.running_var = torch.ones(n)
             else:
                 raise PrunekitError(f"layer {name!r} is a {type(module).__name__}, not a Conv/Linear/BatchNorm")
+        except PrunekitError:
+            raise
         except (KeyError, TypeError, ValueError) as err:
             raise PrunekitError(f"bad channel layout entry for {name!r}: {spec!r} ({err}); "
                                 "the sidecar JSON is damaged") from None
@@ -110,5 +112,5 @@ def _check_no_wider(name: str, module: nn.Module, spec: dict) -> None:
              if key in spec and int(spec[key]) > value]
     if wider:
         raise PrunekitError(f"layer {name!r} is wider in the saved model than in the model passed ({', '.join(wider)}): "
-                            "pass a fresh instance of the architecture it was pruned from (the same constructor "
-                            "arguments)")
+                            "pass a fresh, dense instance of the architecture it was pruned from (the same "
+                            "constructor arguments; not one already pruned)")
