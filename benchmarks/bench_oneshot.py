@@ -237,7 +237,16 @@ def with_seeds(specs: list[dict], seeds: list[int]) -> list[dict]:
 
 
 def _row_name(r: dict) -> str:
-    return r.get("spec", {}).get("row", r["name"])
+    """The row a result belongs to: its spec's ``row`` (``--seeds``), else its name less a ``-sS``
+    suffix naming its own seed (``--custom`` rows named like ``magnitude-flops-s0`` with ``"seed": 0``,
+    as session 38 ran them), else its name."""
+    spec = r.get("spec", {})
+    if "row" in spec:
+        return spec["row"]
+    suffix = f"-s{spec['seed']}" if "seed" in spec else None
+    if suffix and r["name"].endswith(suffix) and len(r["name"]) > len(suffix):
+        return r["name"][:-len(suffix)]
+    return r["name"]
 
 
 def _baseline(rows: list[dict]) -> dict:

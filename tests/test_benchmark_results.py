@@ -73,3 +73,21 @@ def test_the_one_shot_benchmark_runs_rows_per_seed_and_compares_each_with_its_se
     assert falcon["gain"] == pytest.approx(3.5, rel=1e-12)        # +5 and +2: each against its own seed
     assert falcon["train_loss"] == pytest.approx(0.25, rel=1e-12)
     assert bench_oneshot.seed_means(rows[:1] + rows[2:3]) == []           # one seed: no mean
+
+
+def test_the_one_shot_show_groups_custom_rows_named_with_their_seed():
+    """`--custom '{"name": "falcon-s0", "seed": 0, ...}'` rows (session 38's files) carry no "row":
+    --show groups them by the name less its own seed's suffix, so gains and means come back."""
+    import bench_oneshot
+
+    def row(name, seed, accuracy):
+        return {"model": "m", "name": f"{name}-s{seed}", "budget": 0.3, "test_accuracy": accuracy,
+                "train_accuracy": accuracy, "train_loss": 0.1,
+                "spec": {"name": f"{name}-s{seed}", "method": name, "seed": seed}}
+    rows = [row("magnitude-flops", 0, 80.0), row("magnitude-flops", 1, 82.0),
+            row("falcon", 0, 85.0), row("falcon", 1, 84.0)]
+    assert bench_oneshot._row_name(rows[2]) == "falcon"
+    assert bench_oneshot._row_name({"name": "falcon-s1", "spec": {"seed": 0}}) == "falcon-s1"   # not its seed
+    assert bench_oneshot._row_name({"name": "falcon-s1"}) == "falcon-s1"                        # no seed
+    falcon = next(m for m in bench_oneshot.seed_means(rows) if m["name"] == "falcon")
+    assert falcon["gain"] == pytest.approx(3.5, rel=1e-12)
