@@ -91,3 +91,11 @@ def test_the_one_shot_show_groups_custom_rows_named_with_their_seed():
     assert bench_oneshot._row_name({"name": "falcon-s1"}) == "falcon-s1"                        # no seed
     falcon = next(m for m in bench_oneshot.seed_means(rows) if m["name"] == "falcon")
     assert falcon["gain"] == pytest.approx(3.5, rel=1e-12)
+
+
+@pytest.mark.parametrize("script", ["plan_probe.py", "plan_probe_solver.py"])
+def test_the_plan_probes_print_their_usage_on_help(script):
+    import subprocess
+    done = subprocess.run([sys.executable, str(Path(common.__file__).parent / script), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-500:]
