@@ -99,3 +99,67 @@ def test_the_plan_probes_print_their_usage_on_help(script):
     done = subprocess.run([sys.executable, str(Path(common.__file__).parent / script), "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-500:]
+
+
+def test_a_row_process_gets_one_thread_whatever_the_shell_set(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = common.one_thread_env()
+    assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "1"
+    assert "quiet at start" in common.quiet_note(0.0, 1) and "NOT quiet" in common.quiet_note(1e6, 1)
+
+
+def _fake_prunekit(calls):
+    def run(*args, threads=None):
+        calls.append((args, threads))
+        return {"accuracy": 50.0, "nonzeros": 10, "seconds": 1.0, "peak_rss_mb": 1.0, "dense_accuracy": 90.0,
+                "flops_kept": 0.3, "macs": 1, "budget_max_macs": 1, "sparsity": 0.5}
+    return run
+
+
+@pytest.mark.parametrize("script, argv, key", [
+    ("bench_chita", ["--sparsities", "0.9", "0.98", "--methods", "magnitude"], "sparsity"),
+    ("bench_falcon", ["--flops", "0.3", "0.2", "--methods", "magnitude-flops"], "flops")])
+def test_chita_and_falcon_rows_run_on_one_thread_record_the_load_and_resume(script, argv, key, tmp_path, monkeypatch):
+    """Every row's process is told one thread (recorded with the load); the JSON is written after
+    each row, and --resume runs only the rows missing from it."""
+    import importlib
+    module = importlib.import_module(script)
+    calls = []
+    monkeypatch.setattr(module, "prunekit", _fake_prunekit(calls))
+    monkeypatch.setattr(common, "_TARGETS", {})
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", [script, *argv[:2], *argv[3:], "--out", str(out)])   # the first budget only
+    module.main()
+    first = json.loads(out.read_text())
+    assert len(first["rows"]) == 1 and first["threads_per_row"] == 1
+    assert first["rows"][0]["threads"] == 1 and "load_average" in first["rows"][0]
+    assert calls and all(threads == 1 for _, threads in calls)
+    calls.clear()
+    monkeypatch.setattr(common, "_TARGETS", {})
+    monkeypatch.setattr(sys, "argv", [script, *argv, "--out", str(out), "--resume"])
+    module.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [row[key] for row in rows] == [float(argv[1]), float(argv[2])]
+    assert calls and all(argv[1] not in args for args, _ in calls)    # the row already there was not run again
+
+
+def test_the_structured_benchmark_saves_its_models_beside_out_and_makes_no_folder_at_start(tmp_path, monkeypatch):
+    import bench_structured
+    seen = {}
+
+    def accuracy_part(args):
+        seen["models_dir"] = args.models_dir
+        seen["data_dir"] = args.data_dir
+        return {"model": "m", "dense_accuracy": 90.0, "dense_macs": 1, "rows": []}
+    monkeypatch.setattr(bench_structured, "accuracy_part", accuracy_part)
+    monkeypatch.setattr(common, "_TARGETS", {})
+    checkout_models = bench_structured.RESULTS / "structured_models"
+    existed = checkout_models.exists()
+    out = tmp_path / "elsewhere" / "structured.json"
+    monkeypatch.setattr(sys, "argv", ["bench_structured", "--data", "/some/data", "--out", str(out), "--no-latency"])
+    bench_structured.main()
+    assert Path(seen["models_dir"]) == out.parent.resolve() / "structured_models"
+    assert seen["data_dir"] == "/some/data"                          # --data: the alias of --data-dir
+    assert not Path(seen["models_dir"]).exists()                     # made only when a model is saved
+    assert checkout_models.exists() == existed                       # nothing made in the checkout
+    assert out.exists()
