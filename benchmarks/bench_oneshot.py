@@ -285,7 +285,11 @@ def show(rows: list[dict]) -> None:
         r["jpeg_gain"] = (None if b is None or "test_jpeg_accuracy" not in r or "test_jpeg_accuracy" not in b
                           else r["test_jpeg_accuracy"] - b["test_jpeg_accuracy"])
     rows = sorted(rows, key=lambda r: (r["model"], -r["budget"]))
-    print("\none thread per row (OMP_NUM_THREADS=1); the machine was shared with other jobs unless said otherwise")
+    loads = [r["load_average"] for r in rows if r.get("load_average") is not None]
+    print("\none thread per row (OMP_NUM_THREADS=1); " + (
+        f"1-minute load as the rows started {min(loads):.2f} to {max(loads):.2f} on the machine's cores (about 1: "
+        "this run's previous row; clearly above: other jobs ran beside it)" if loads
+        else "the machine was shared with other jobs unless said otherwise"))
     print_table(rows, [("model", "model", ">10"), ("name", "row", ">16"), ("budget", "MACs asked", ".2f"),
                        ("flops_kept", "MACs kept", ".4f"), ("test_accuracy", "test acc %", ".2f"),
                        ("gain", "vs mag", "+.2f"), ("test_loss", "test loss", ".4f"),
