@@ -5,8 +5,9 @@
 
 Gradients and BatchNorm recalibration use the 5,085 exact CIFAR-10 training images (augmented,
 as the model was trained); accuracy on the 1,017 exact test images and on the 5,085 training
-images. Every row is a separate `prunekit prune --json` process (its seconds and peak RSS are
-its own). Only a FLOP budget is given, so the count budget is free. CHITA knows only a count
+images. Every row is a separate `prunekit prune --json` process on one thread (OMP_NUM_THREADS=1
+whatever the shell set; its seconds and peak RSS are its own; ``threads`` and the machine's
+1-minute ``load_average`` as it started are recorded per row). Only a FLOP budget is given, so the count budget is free. CHITA knows only a count
 budget: it runs at the largest k whose solution fits the MACs (found to within 0.2% of k).
 
 The published FALCON release, run on this machine on the same checkpoint and data with its
@@ -20,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from pathlib import Path
 
-from common import DEFAULT_DATA, print_table, prunekit, write_json
+from common import DEFAULT_DATA, load_average, print_table, prunekit, quiet_note, read_rows, write_json
+
+THREADS = 1          # per row: the figures in docs/benchmarks.md are one-thread rows
 
 PUBLISHED = {"falcon (published, 1 stage)": {0.6: 91.15, 0.4: 87.32, 0.3: 78.07},
              "magnitude-flops (published)": {0.6: 89.28, 0.4: 81.81, 0.3: 70.70}}
@@ -50,8 +52,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --out and run only the missing ones")
     args = parser.parse_args()
+    started = load_average()
     data = ["--data", "cifar10", "--data-dir", f"{args.data}/cifar10"]
-    rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).exists() else []
+    rows = read_rows(args.out, args.resume)
     done = {(row["method"], row["flops"]) for row in rows}
     for flops in args.flops:
         for name in args.methods:
@@ -59,23 +62,26 @@ def main() -> None:
                 continue
             plus = (["--stages", str(args.plus_stages), "--fisher-samples", str(args.plus_fisher_samples),
                      "--solver", args.plus_solver] if name == "falcon++" else [])
+            load = load_average()
             with tempfile.TemporaryDirectory() as tmp:
                 r = prunekit("prune", "--model", "resnet20-b", "--checkpoint",
                              f"{args.data}/checkpoints/resnet20_cifar10.pth.tar", *data, *METHODS[name],
-                             "--flops", str(flops), "--out", tmp, *plus, *args.extra)
+                             "--flops", str(flops), "--out", tmp, *plus, *args.extra, threads=THREADS)
                 train = prunekit("eval", "--model", "resnet20-b", "--checkpoint", f"{tmp}/model.safetensors",
-                                 *data, "--eval-split", "train")
+                                 *data, "--eval-split", "train", threads=THREADS)
             stages = r.get("stages", [])
             rows.append({"method": name, "flops": flops, "accuracy": r["accuracy"],
                          "train_accuracy": train["accuracy"], "flops_kept": r["flops_kept"], "macs": r["macs"],
                          "budget_max_macs": r["budget_max_macs"], "sparsity": r["sparsity"],
                          "seconds": r["seconds"], "seconds_per_stage": r["seconds"] / max(1, len(stages)),
                          "peak_rss_mb": r["peak_rss_mb"], "stages": len(stages) or None,
-                         "dense_accuracy": r["dense_accuracy"], "stage_records": stages})
+                         "dense_accuracy": r["dense_accuracy"], "threads": THREADS, "load_average": load,
+                         "stage_records": stages})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "stage_records"}), flush=True)
             save(args, rows)                 # after every row: an interrupted run loses at most one
     rows.sort(key=lambda row: (-row["flops"], list(METHODS).index(row["method"])))
-    print(f"\nresnet20-b, dense accuracy {rows[0]['dense_accuracy']:.2f}% (1,017 test images)")
+    print(f"\nresnet20-b, dense accuracy {rows[0]['dense_accuracy']:.2f}% (1,017 test images); "
+          + quiet_note(started, THREADS))
     print_table(rows, [("method", "method", ">15"), ("flops", "MACs asked", ".2f"),
                        ("flops_kept", "MACs kept", ".4f"), ("sparsity", "sparsity", ".3f"),
                        ("accuracy", "test acc %", ".2f"), ("train_accuracy", "train acc %", ".2f"),
@@ -89,7 +95,8 @@ def main() -> None:
 def save(args, rows: list[dict]) -> None:
     write_json(args.out, {"benchmark": "falcon_resnet20-b", "extra_args": args.extra,
                           "plus_stages": args.plus_stages, "plus_fisher_samples": args.plus_fisher_samples,
-                          "plus_solver": args.plus_solver, "published": PUBLISHED, "rows": rows},
+                          "plus_solver": args.plus_solver, "published": PUBLISHED, "threads_per_row": THREADS,
+                          "rows": rows},
                extends=args.resume)
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_magnitude_mlpnet.py --data ../shared/data
 
-Global and per-layer-uniform magnitude, one shot, at the CHITA paper's sparsities.
+Global and per-layer-uniform magnitude, one shot, at the CHITA paper's sparsities, all rows in
+this process (torch's threads: ``threads`` per row, with the machine's 1-minute ``load_average``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import argparse
 import copy
 import time
 
-from common import DEFAULT_DATA, print_table, write_json
+import torch
+
+from common import DEFAULT_DATA, load_average, print_table, quiet_note, write_json
 
 import prunekit
 from prunekit.data import make_loader
@@ -27,6 +30,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder")
     parser.add_argument("--out", default="benchmarks/results/magnitude_mlpnet.json")
     args = parser.parse_args()
+    started = load_average()
 
     dense = load_model("mlpnet", f"{args.data}/checkpoints/mnist_25_epoch_93.97.ckpt")
     test = make_loader(load_data("mnist", f"{args.data}/mnist", "test"), dense.normalization, batch_size=1000)
@@ -34,13 +38,16 @@ def main() -> None:
     rows = []
     for sparsity in SPARSITIES:
         for method in METHODS:
+            load = load_average()
             model = copy.deepcopy(dense.model)
             start = time.perf_counter()
             result = prunekit.prune(model, method=method, sparsity=sparsity, example_input=dense.example_input())
             rows.append({"method": method, "sparsity": sparsity, "accuracy": evaluate(model, test),
                          "nonzeros": result.nonzeros, "flops_kept": result.flops_kept,
-                         "seconds": time.perf_counter() - start})
-    print(f"MLPNet reference checkpoint, dense accuracy {dense_accuracy:.2f}% on {len(test.dataset)} MNIST test images")
+                         "seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),
+                         "load_average": load})
+    print(f"MLPNet reference checkpoint, dense accuracy {dense_accuracy:.2f}% on {len(test.dataset)} MNIST test images; "
+          + quiet_note(started, torch.get_num_threads()))
     print_table(rows, [("method", "method", ">18"), ("sparsity", "sparsity", ".2f"),
                        ("accuracy", "accuracy %", ".2f"), ("nonzeros", "nonzeros", "d"),
                        ("flops_kept", "MACs kept", ".4f"), ("seconds", "seconds", ".3f")])

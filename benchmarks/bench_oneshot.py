@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -46,7 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, FMNIST_CHECKPOINT, FMNIST_MLPNET_CHECKPOINT, jpeg_copies_of, print_table, unpacked_jpeg_test, write_json
+from common import (DEFAULT_DATA, FMNIST_CHECKPOINT, FMNIST_MLPNET_CHECKPOINT, jpeg_copies_of, load_average,
+                    one_thread_env, print_table, unpacked_jpeg_test, write_json)
 
 SETUPS = {
     "resnet20-b": {"model": "resnet20-b", "checkpoint": "{data}/checkpoints/resnet20_cifar10.pth.tar",
@@ -151,9 +151,8 @@ def measure(spec: dict) -> dict:
 
 
 def run_row(spec: dict, setup: dict, data: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    load_average = os.getloadavg()[0]
+    env = {**one_thread_env(1), "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    load = load_average()
     with tempfile.TemporaryDirectory() as folder:
         cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run(prune_command(spec, setup, data, folder), capture_output=True, text=True, env=env)
@@ -170,7 +169,7 @@ def run_row(spec: dict, setup: dict, data: str) -> dict:
     return {"name": spec["name"], "model": spec["model"], "budget": spec["budget"], "spec": spec,
             **json.loads(measured.stdout.strip().splitlines()[-1]),
             "flops_kept": record["flops_kept"], "sparsity": record["sparsity"], "seconds": record["seconds"],
-            "stage_eval_seconds": sum(s.get("eval_seconds") or 0.0 for s in stages), "load_average": load_average,
+            "stage_eval_seconds": sum(s.get("eval_seconds") or 0.0 for s in stages), "load_average": load,
             # CPU seconds of the whole prune process (one thread: close to a quiet machine's wall time;
             # includes loading the model and data and the dense evaluation)
             "cpu_seconds": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
@@ -237,7 +236,16 @@ def with_seeds(specs: list[dict], seeds: list[int]) -> list[dict]:
 
 
 def _row_name(r: dict) -> str:
-    return r.get("spec", {}).get("row", r["name"])
+    """The row a result belongs to: its spec's ``row`` (``--seeds``), else its name less a ``-sS``
+    suffix naming its own seed (``--custom`` rows named like ``magnitude-flops-s0`` with ``"seed": 0``,
+    as session 38 ran them), else its name."""
+    spec = r.get("spec", {})
+    if "row" in spec:
+        return spec["row"]
+    suffix = f"-s{spec['seed']}" if "seed" in spec else None
+    if suffix and r["name"].endswith(suffix) and len(r["name"]) > len(suffix):
+        return r["name"][:-len(suffix)]
+    return r["name"]
 
 
 def _baseline(rows: list[dict]) -> dict:
@@ -277,7 +285,11 @@ def show(rows: list[dict]) -> None:
         r["jpeg_gain"] = (None if b is None or "test_jpeg_accuracy" not in r or "test_jpeg_accuracy" not in b
                           else r["test_jpeg_accuracy"] - b["test_jpeg_accuracy"])
     rows = sorted(rows, key=lambda r: (r["model"], -r["budget"]))
-    print("\none thread per row (OMP_NUM_THREADS=1); the machine was shared with other jobs unless said otherwise")
+    loads = [r["load_average"] for r in rows if r.get("load_average") is not None]
+    print("\none thread per row (OMP_NUM_THREADS=1); " + (
+        f"1-minute load as the rows started {min(loads):.2f} to {max(loads):.2f} on the machine's cores (about 1: "
+        "this run's previous row; clearly above: other jobs ran beside it)" if loads
+        else "the machine was shared with other jobs unless said otherwise"))
     print_table(rows, [("model", "model", ">10"), ("name", "row", ">16"), ("budget", "MACs asked", ".2f"),
                        ("flops_kept", "MACs kept", ".4f"), ("test_accuracy", "test acc %", ".2f"),
                        ("gain", "vs mag", "+.2f"), ("test_loss", "test loss", ".4f"),

@@ -29,9 +29,8 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from common import peak_rss_mb, print_table, write_json
+from common import load_average, peak_rss_mb, print_table, quiet_note, read_rows, write_json
 
 MODELS = {"resnet20-b": 32, "resnet56": 32, "mobilenetv1": 224, "resnet50": 224, "vit-b16": 224, "vit-tiny": 28}
 CHANNELS = {"vit-tiny": 1}              # input channels where not 3
@@ -127,7 +126,8 @@ def main() -> None:
                                  spec.get("device", "cpu"), spec.get("method", "falcon"),
                                  spec.get("sparsity", 0.7))))
         return
-    rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).exists() else []
+    started = load_average()
+    rows = read_rows(args.out, args.resume)
     done = {(r["model"], r.get("method", "falcon"), r["n"], r["dtype"]) for r in rows}
     for model_name in args.models:
         for n in args.n:
@@ -137,6 +137,7 @@ def main() -> None:
                 spec = json.dumps({"model": model_name, "n": n, "dtype": dtype, "flops": args.flops,
                                    "method": args.method, "sparsity": args.sparsity,
                                    "threads": args.threads, "device": args.device})
+                load = load_average()
                 try:
                     out = subprocess.run([sys.executable, __file__, "--row", spec], capture_output=True, text=True,
                                          timeout=args.timeout)
@@ -150,11 +151,12 @@ def main() -> None:
                     else:
                         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 row = rows[-1]
+                row.update(threads=args.threads, load_average=load)
                 if "memory_estimate_mb" in row:
                     row["estimate_error"] = row["memory_estimate_mb"] / row.get("peak_device_mb", row["peak_rss_mb"]) - 1
                 print(json.dumps(row), flush=True)
                 write_json(args.out, {"benchmark": "scale", "rows": rows}, extends=args.resume)
-    print("\nrandom weights and inputs: cost only; one process per row")
+    print("\nrandom weights and inputs: cost only; one process per row; " + quiet_note(started, args.threads))
     print_table([r for r in rows if "gradient_seconds" in r],
                 [("model", "model", ">12"), ("method", "method", ">10"), ("p", "p", ",d"), ("n", "n", "d"), ("dtype", "X dtype", ">9"),
                  ("gradient_seconds", "grad s", ".0f"), ("solver_seconds", "solver s", ".0f"),

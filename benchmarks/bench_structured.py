@@ -11,7 +11,8 @@ Lagrangian against torch-pruning's GroupMagnitude/GroupTaylor pruners at the sam
 Gradients, gate training, BN recalibration and the fine-tune use the 5,085 exact CIFAR-10 training
 images (random crop + flip); accuracy is on the 1,017 exact test images (about +-0.8 points, one
 standard error). The accuracy part runs on one thread. Every pruned model is counted by our
-CostModel and saved (safetensors + channel layout) under --models-dir, which the latency part reads:
+CostModel and saved (safetensors + channel layout) under --models-dir (default: structured_models/
+beside --out, made when the first model is saved), which the latency part reads:
 median of --repeats timed forward passes after --warmup, at --batch-sizes (1 64) on --threads (1 2)
 (dense and pruned alternated in one process, prunekit.latency). --channel-multiple M rounds every group's
 kept channels to a multiple of M (structured/rounding.py; torch-pruning's round_to for tp-*).
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import DEFAULT_DATA, print_table, refuse, unused_path, write_json
+from common import DEFAULT_DATA, load_average, print_table, quiet_note, refuse, unused_path, write_json
 from prunekit.costs import CostModel
 from prunekit.data import make_loader
 from prunekit.loading import load_data, load_model
@@ -71,8 +72,7 @@ def accuracy_part(args) -> dict:
     dense_acc = evaluate(dense, test_loader)
     log(f"{args.model} dense: {dense_acc:.2f}% on {len(test)} test images, {costs.macs:,} MACs, "
         f"{costs.params:,} params; {len(train)} training images")
-    models_dir = Path(args.models_dir)
-    models_dir.mkdir(parents=True, exist_ok=True)
+    models_dir = Path(args.models_dir)      # made when the first model is saved, not before
     meta_base = {"model": args.model, "build_kwargs": loaded.build_kwargs, "input_shape": list(loaded.input_shape),
                  "normalization": {"mean": list(loaded.normalization.mean), "std": list(loaded.normalization.std)}}
     payload = {"model": args.model, "checkpoint": Path(checkpoint).name, "dense_accuracy": dense_acc,
@@ -87,6 +87,7 @@ def accuracy_part(args) -> dict:
     recon += f"{args.reconstruct_ridge:g}" if recon and args.reconstruct_ridge != 1e-3 else ""
 
     def finish(method, budget, small, seconds, info, shrunk=True, record=None):
+        load = load_average()
         method += recon if method not in ("dense", "falcon") and not method.startswith("tp-") else ""
         if record is not None and "reconstruct" in record:       # this budget's consumers re-fit
             info = {**info, "reconstruct": record["reconstruct"].get(f"{budget:g}")}
@@ -104,6 +105,7 @@ def accuracy_part(args) -> dict:
         assert costs.count(small).macs == counts.macs
         ft_seconds = time.perf_counter() - start
         ft_acc = evaluate(small, test_loader)
+        models_dir.mkdir(parents=True, exist_ok=True)
         path = save_pruned(unused_path(models_dir / f"{method}-{budget:g}"), small, {**meta_base, "method": method, "flops": budget},
                            {}, shrunk=shrunk)
         row = {"method": method, "budget": budget, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept,
@@ -111,7 +113,7 @@ def accuracy_part(args) -> dict:
                "accuracy_finetuned": ft_acc, "prune_seconds": seconds, "finetune_seconds": ft_seconds,
                "finetune_distill": args.finetune_distill, "channel_multiple": args.channel_multiple,
                "kept_channels": shrunk_widths(small),
-               "saved": str(path), "info": info}
+               "saved": str(path), "info": info, "threads": torch.get_num_threads(), "load_average": load}
         payload["rows"].append(row)
         log(f"{method} @ {budget:g}: MACs {counts.flops_kept:.4f}, params {counts.params_kept:.4f}, "
             f"pruned+BN {pruned_acc:.2f}%, fine-tuned {ft_acc:.2f}%, prune {seconds:.0f} s, fine-tune {ft_seconds:.0f} s")
@@ -230,7 +232,8 @@ def latency_part(args, payload: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="the shared data folder")
+    parser.add_argument("--data-dir", "--data", dest="data_dir", default=str(DEFAULT_DATA),
+                        help="the shared data folder (--data: the same, as the other scripts name it)")
     parser.add_argument("--model", default="resnet56")
     parser.add_argument("--checkpoint", help="default: DATA_DIR/checkpoints/MODEL-*.th")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3], help="shares of MACs kept")
@@ -282,9 +285,13 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes for the latency part")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30, help="timed (dense, pruned) pairs per row (>= 5)")
-    parser.add_argument("--models-dir", default=str(RESULTS / "structured_models"))
+    parser.add_argument("--models-dir", help="where the pruned models are saved (default: structured_models/ "
+                        "in --out's folder; made only when a model is saved)")
     parser.add_argument("--out", default=str(RESULTS / "structured_resnet56.json"))
     args = parser.parse_args()
+    started = load_average()
+    if args.models_dir is None:
+        args.models_dir = str(Path(args.out).resolve().parent / "structured_models")
     if args.depth_flops and len(args.depth_flops) != len(args.budgets):
         parser.error("--depth-flops needs one share per --budgets entry")
     read = (args.inputs or [args.out]) if args.latency_only else []
@@ -306,7 +313,8 @@ def main() -> None:
         lat = {(t["threads"], t["batch"]): t["ratio"] for t in r.get("latency", [])}
         rows.append({**r, "m": r.get("channel_multiple", 1),
                      **{f"r{n}_{b}": lat.get((n, b)) for n in (1, 2) for b in (1, 64)}})
-    print(f"\n{payload['model']} dense {payload['dense_accuracy']:.2f}% ({payload['dense_macs']:,} MACs)")
+    print(f"\n{payload['model']} dense {payload['dense_accuracy']:.2f}% ({payload['dense_macs']:,} MACs); "
+          + quiet_note(started, "1 (accuracy part) / " + ", ".join(map(str, args.threads)) + " (latency)"))
     print_table(rows, [("method", "method", ">12"), ("m", "multiple", "d"), ("budget", "budget", ".2f"), ("flops_kept", "MACs kept", ".4f"),
                        ("params_kept", "params kept", ".4f"), ("accuracy_pruned_bn", "pruned+BN %", ".2f"),
                        ("accuracy_finetuned", "fine-tuned %", ".2f"), ("prune_seconds", "prune s", ".0f"),

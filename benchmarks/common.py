@@ -66,6 +66,41 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def load_average() -> float | None:
+    """The machine's 1-minute load average now (``os.getloadavg``; None where the system has none).
+    Recorded per row (``load_average``, as the row starts): about 1 on a row of its own is the
+    previous row's process; clearly above that, other jobs shared the cores and seconds are inflated."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def quiet_note(load_at_start: float | None, threads: int | str) -> str:
+    """One line for a table's header: threads per row and whether the machine was quiet when the
+    script started (1-minute load under half a core, or a tenth of the cores on a big machine)."""
+    cores = os.cpu_count() or 1
+    if load_at_start is None:
+        state = "load unknown"
+    elif load_at_start < max(0.5, 0.1 * cores):
+        state = f"quiet at start (1-minute load {load_at_start:.2f} on {cores} cores)"
+    else:
+        state = (f"NOT quiet at start (1-minute load {load_at_start:.2f} on {cores} cores: other jobs ran, "
+                 "seconds are inflated; each row's load_average is in the JSON)")
+    return f"{threads} thread(s) per row; machine {state}"
+
+
+def one_thread_env(threads: int = 1) -> dict:
+    """The environment for a row's own process: ``threads`` OpenMP / MKL threads (torch's intra-op
+    threads follow OMP_NUM_THREADS), whatever this process was started with."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def read_rows(path: str | Path, resume: bool) -> list[dict]:
+    """The rows already in ``path`` when resuming (a killed run goes on where it stopped), else none."""
+    return json.loads(Path(path).read_text())["rows"] if resume and Path(path).exists() else []
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory, MB: VmHWM (``prunekit.process_memory.peak_usage``), not
     ru_maxrss, which a row's process inherits from the script that launched it."""
@@ -127,9 +162,12 @@ def write_json(path: str | Path, payload: dict, *, extends: bool = False) -> Pat
     return path
 
 
-def prunekit(*args: str) -> dict:
-    """Run one `prunekit ... --json` command in its own process (its seconds and peak RSS are its own)."""
-    done = subprocess.run([sys.executable, "-m", "prunekit.cli", *args, "--json"], capture_output=True, text=True)
+def prunekit(*args: str, threads: int | None = None) -> dict:
+    """Run one `prunekit ... --json` command in its own process (its seconds and peak RSS are its own),
+    on ``threads`` threads (``one_thread_env``) if given, else with this process's environment."""
+    env = one_thread_env(threads) if threads else None
+    done = subprocess.run([sys.executable, "-m", "prunekit.cli", *args, "--json"], capture_output=True, text=True,
+                          env=env)
     if done.returncode != 0:
         raise SystemExit(f"prunekit {' '.join(args)} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout)

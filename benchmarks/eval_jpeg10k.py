@@ -41,7 +41,8 @@ def correct(model: torch.nn.Module, data, normalization) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="the shared data folder")
+    parser.add_argument("--data-dir", "--data", dest="data_dir", default=str(DEFAULT_DATA),
+                        help="the shared data folder (--data: the same, as the other scripts name it)")
     parser.add_argument("--inputs", nargs="+", required=True, help="bench_structured.py result files")
     parser.add_argument("--cache-dir", default=JPEG_CACHE, help="where the tar is unpacked")
     parser.add_argument("--threads", type=int, default=1)

@@ -5,7 +5,14 @@ the RSS entering the solver and the plan's parts. From the repository root, PYTH
     python benchmarks/plan_probe.py MODEL N METHOD [grad-only]   # grad-only: stop after the gradients
 
 Prints one line, PROBE {json}."""
-import json, os, sys, threading, time, traceback
+import argparse, json, os, sys, threading, time, traceback
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("model", help="a bench_scale model name")
+parser.add_argument("n", type=int, help="gradient rows")
+parser.add_argument("method", help="the pruning method of the row")
+parser.add_argument("grad_only", nargs="?", choices=["grad-only"], help="stop after the gradients")
+args = parser.parse_args()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_scale
 from prunekit import memory_plan, process_memory
@@ -26,7 +33,7 @@ def sampler():
             state["stack"][ph] = [f"{os.path.basename(s.filename)}:{s.lineno} {s.name}" for s in st if "prunekit" in s.filename or "torch" not in s.filename][-8:]
         time.sleep(0.003)
 threading.Thread(target=sampler, daemon=True).start()
-grad_only = len(sys.argv) > 4 and sys.argv[4] == "grad-only"
+grad_only = args.grad_only == "grad-only"
 real_release = process_memory.release_freed_memory
 def release():
     real_release()
@@ -40,12 +47,12 @@ def plan(*a, **k):
     p = real_plan(*a, **k); state["plan"] = p; return p
 memory_plan.plan = plan
 try:
-    row = bench_scale.run_row(sys.argv[1], int(sys.argv[2]), "float32", 0.3, 2, "cpu", sys.argv[3], 0.7)
+    row = bench_scale.run_row(args.model, args.n, "float32", 0.3, 2, "cpu", args.method, 0.7)
 except SystemExit:
     row = {}
 time.sleep(0.05)
 p = state["plan"]
-out = {"model": sys.argv[1], "n": int(sys.argv[2]), "method": sys.argv[3], "chunk": p.chunk if p else None,
+out = {"model": args.model, "n": args.n, "method": args.method, "chunk": p.chunk if p else None,
        "peak": state["peak"], "enter_solver_mb": state["enter_solver"], "peak_rss_mb": process_memory.peak_usage() / 2**20,
        "plan": {k: getattr(p, k) / 2**20 for k in ("resident", "gradients", "stage_vectors", "activations", "layer_gradients", "solver")} if p else None,
        "plan_total_mb": p.total_mb if p else None, "p": p.p if p else None, "stack": state["stack"],

@@ -3,7 +3,14 @@
     python benchmarks/plan_probe_solver.py chita|woodfisher P N [B]      # PYTHONPATH=src
 
 Prints SYNTH {json}: the peak above the RSS once X is made, per weight, and the stack at the peak."""
-import os, sys, threading, time, traceback, json
+import argparse, os, sys, threading, time, traceback, json
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("method", choices=["chita", "woodfisher"])
+parser.add_argument("p", type=float, help="weights (columns of X; 1e6 is read)")
+parser.add_argument("n", type=int, help="gradient rows (rows of X)")
+parser.add_argument("block", type=int, nargs="?", default=128, help="woodfisher's block size (default 128)")
+args = parser.parse_args()
 import torch
 torch.set_num_threads(1)
 from prunekit.solvers.quadratic import QuadraticModel
@@ -21,7 +28,7 @@ def sampler():
             st["peak"] = r
             st["stack"] = [f"{os.path.basename(s.filename)}:{s.lineno} {s.name}" for s in traceback.extract_stack(sys._current_frames()[main_id])][-5:]
         time.sleep(0.002)
-method, p, n = sys.argv[1], int(float(sys.argv[2])), int(sys.argv[3])
+method, p, n = args.method, int(args.p), args.n
 g = torch.Generator().manual_seed(0)
 X = torch.randn(n, p, generator=g); w = torch.randn(p, generator=g)
 k = int(0.3 * p)
@@ -33,7 +40,7 @@ if method == "chita":
     q = QuadraticModel(X, w, 1e-4 * float((X * X).sum() / n / p))
     s = chita(q, k)
 else:
-    s = woodfisher(X, w, k, block_size=int(sys.argv[4]) if len(sys.argv) > 4 else 128)
+    s = woodfisher(X, w, k, block_size=args.block)
 time.sleep(0.02)
 print("SYNTH", json.dumps({"method": method, "p": p, "n": n, "base": base, "peak": st["peak"], "above_mb": st["peak"] - base,
       "B_per_w": (st["peak"] - base) * 2**20 / p, "s": time.time() - t, "stack": st["stack"]}))
