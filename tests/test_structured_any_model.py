@@ -166,6 +166,33 @@ def test_a_model_with_nothing_to_group_is_refused_with_the_reasons():
         find_groups(model, torch.zeros(1, 1, 28, 28))
 
 
+class _GroupNorms(nn.Module):
+    """Five convs, each followed by a GroupNorm: every group touches a norm that cannot be resized."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(1 if i == 0 else 8, 8, 3, padding=1) for i in range(5))
+        self.norms = nn.ModuleList(nn.GroupNorm(2, 8) for _ in range(5))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        for conv, norm in zip(self.convs, self.norms):
+            x = torch.relu(norm(conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_refusal_of_a_model_without_a_group_says_why_counts_the_rest_and_names_the_fix():
+    from prunekit.options import cli_message
+    with pytest.raises(PrunekitError) as caught:
+        find_groups(_GroupNorms(), torch.zeros(1, 1, 8, 8))
+    text = str(caught.value)
+    assert "channel surgery cannot resize" in text and "cannot map" not in text
+    assert "convs.4: touches norms.4 (GroupNorm)" in text and "and 2 more" in text
+    assert "fc: reaches" not in text           # said once as a cause, not listed among the reasons
+    assert text.endswith("prune its weights instead, e.g. method falcon")
+    assert cli_message(caught.value).endswith("e.g. --method falcon")
+
+
 class _LastStepGRU(nn.Module):
     def __init__(self):
         super().__init__()
