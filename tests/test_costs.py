@@ -74,6 +74,23 @@ def test_zero_macs_attribute_marks_free_modules():
     assert CostModel(nn.Sequential(nn.Linear(3, 3), Shortcut()), torch.zeros(1, 3)).unknown == []
 
 
+def test_empty_sequential_is_free_and_a_full_one_counted_as_today():
+    class Block(nn.Module):
+        def __init__(self, short):
+            super().__init__()
+            self.conv, self.short = nn.Conv2d(2, 2, 3, padding=1), short
+
+        def forward(self, x):
+            return self.conv(x) + self.short(x)
+
+    x = torch.zeros(1, 2, 4, 4)
+    assert CostModel(Block(nn.Sequential()), x).unknown == []
+    full = CostModel(Block(nn.Sequential(nn.BatchNorm2d(2))), x)
+    assert full.unknown == [] and full.layer("short.0").other_ops == 2 * 16
+    mystery = type("Mystery", (nn.Module,), {"forward": lambda self, x: x * 2})
+    assert CostModel(Block(nn.Sequential(mystery())), x).unknown == ["short.0"]
+
+
 def test_shared_module_counted_once_for_params_twice_for_macs():
     lin = nn.Linear(4, 4, bias=False)
     costs = CostModel(nn.Sequential(lin, nn.ReLU(), lin), torch.zeros(1, 4))

@@ -8,7 +8,7 @@ from torch import nn
 
 from gallery import BranchyCNN, DenseBlockCNN, RowEncoder, independent_count, small_vit
 from prunekit.costs import CostModel
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, PrunekitWarning
 from prunekit.layers import SlimAttention
 from prunekit.structured.gates import GatedMacs, GateHooks
 from prunekit.structured.groups import find_groups
@@ -155,7 +155,8 @@ def test_a_channel_shuffle_group_is_left_dense_and_named():
     with torch.no_grad():
         assert (shrink(model, groups, masks, x)(x) - gated).abs().max() <= 1e-5 * gated.abs().max()
     data = [(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))) for _ in range(3)]
-    result = prunekit.prune(model, lambda: data, method="autobot", flops=0.7, example_input=x, gate_batches=4)
+    with pytest.warns(PrunekitWarning, match="group left dense.*dw: removing its channels"):
+        result = prunekit.prune(model, lambda: data, method="autobot", flops=0.7, example_input=x, gate_batches=4)
     assert result.macs == independent_count(result.model, x)["macs"] <= 0.7 * result.dense_macs
     assert any(entry.startswith("dw: removing its channels") for entry in result.record["skipped_groups"])
 
@@ -164,6 +165,74 @@ def test_a_model_with_nothing_to_group_is_refused_with_the_reasons():
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.LayerNorm(32), nn.Linear(32, 10))
     with pytest.raises(PrunekitError, match=r"no prunable channel group.*LayerNorm"):
         find_groups(model, torch.zeros(1, 1, 28, 28))
+
+
+class _GroupNorms(nn.Module):
+    """Five convs, each followed by a GroupNorm: every group touches a norm that cannot be resized."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(1 if i == 0 else 8, 8, 3, padding=1) for i in range(5))
+        self.norms = nn.ModuleList(nn.GroupNorm(2, 8) for _ in range(5))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        for conv, norm in zip(self.convs, self.norms):
+            x = torch.relu(norm(conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_refusal_of_a_model_without_a_group_says_why_counts_the_rest_and_names_the_fix():
+    from prunekit.options import cli_message
+    with pytest.raises(PrunekitError) as caught:
+        find_groups(_GroupNorms(), torch.zeros(1, 1, 8, 8))
+    text = str(caught.value)
+    assert "channel surgery cannot resize" in text and "cannot map" not in text
+    assert "convs.4: touches norms.4 (GroupNorm)" in text and "and 2 more" in text
+    assert "fc: reaches" not in text           # said once as a cause, not listed among the reasons
+    assert text.endswith("prune its weights instead, e.g. method falcon")
+    assert cli_message(caught.value).endswith("e.g. --method falcon")
+
+
+class _ScaledStem(nn.Module):
+    """A learned per-channel scale on c1's output (a bare parameter): c1's group is left dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, 2, 1), nn.BatchNorm2d(8)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.c2, self.b2 = nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x))) * self.scale.view(1, -1, 1, 1)
+        return self.fc(torch.relu(self.b2(self.c2(x))).mean((2, 3)))
+
+
+def test_a_group_left_dense_by_a_parameter_is_named_in_a_warning_the_log_and_the_summary(tmp_path):
+    from prunekit.commands.prune import prune_lines
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with pytest.warns(PrunekitWarning, match=r"1 channel group left dense.*c1: touches parameter scale"):
+        result = prunekit.prune(_ScaledStem(), lambda: data, method="autobot", flops=0.7, gate_batches=2, eval_data=data,
+                                out=str(tmp_path / "run"))
+    assert "c1: touches parameter scale" in (tmp_path / "run" / "run.log").read_text()
+    said = [line for line in prune_lines(result.record) if line.startswith("  left dense")]
+    assert said == ["  left dense c1: touches parameter scale outside a Conv/Linear/BatchNorm layer"]
+    assert any(entry.startswith("fc: reaches the network output") for entry in result.record["skipped_groups"])
+
+
+def test_groups_left_dense_by_design_get_no_warning():
+    import warnings
+    from prunekit.commands.prune import prune_lines
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    data = [(torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = prunekit.prune(model, lambda: data, method="autobot", flops=0.7, gate_batches=2, eval_data=data)
+    assert result.record["skipped_groups"] == ["3: reaches the network output (no consuming layer)"]
+    assert not any(line.startswith("  left dense") for line in prune_lines(result.record))
 
 
 class _LastStepGRU(nn.Module):

@@ -243,9 +243,15 @@ def _elementwise_ops(module: nn.Module, inputs: tuple, out) -> int | None:
         return out.numel() * window
     if isinstance(module, _POOL_ADAPTIVE):
         return inputs[0].numel()
-    if isinstance(module, (*_FREE, *_PRICED_BY_OPS)) or getattr(module, "zero_macs", False):
+    if isinstance(module, (*_FREE, *_PRICED_BY_OPS)) or getattr(module, "zero_macs", False) or _empty(module):
         return 0
     return None
+
+
+def _empty(module: nn.Module) -> bool:
+    """An empty ``nn.Sequential()`` (an identity shortcut): it computes nothing."""
+    return isinstance(module, nn.Sequential) and not any(True for _ in module.children()) \
+        and not any(True for _ in module.parameters())
 
 
 def _registered_uses(module: nn.Module, fn, inputs, output, name: str) -> ModuleCost:

@@ -29,6 +29,7 @@ from .budget import budget_text
 from .data.loaders import BatchLoader
 from .errors import PrunekitError, PrunekitWarning
 from .pipelines.gradual import prune_gradual
+from .structured.groups import dense_groups_warning
 from .pipelines.weights import Outcome, PruneContext, prune_weights
 from .options import OptionError
 from .record import build_record, save_pruned
@@ -98,6 +99,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     if folder is not None:
         folder.log(f"{'resume' if metrics else 'start'}: {plan.name}, method {plan.method.name}, "
                    f"budget {budget_text(plan.request.budget)}")
+        if plan.channels is not None and (left := dense_groups_warning(plan.channels.groups.skipped)):
+            folder.log(left)
         _tell_changed_code(folder, metrics, describe)
         _refuse_changed_weights(folder, metrics, describe)
     dense = dense or metrics.get("dense") or measure(plan, plan.request.model, eval_loader)

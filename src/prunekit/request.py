@@ -27,6 +27,7 @@ from .params import ParamSpace
 from .pipelines.fisher_methods import check_shardable
 from .pipelines.gradual import GradualOptions
 from .structured.family import ChannelContext
+from .structured.groups import dense_groups_warning
 from .structured.pipeline import channel_context
 
 MODES = ("one-shot", "multi-stage", "gradual", "structured")
@@ -118,6 +119,8 @@ class PruneRequest:
             shares = []
         if space.not_run:
             warnings.warn(PrunekitWarning(not_run_warning(space.not_run)), stacklevel=3)
+        if channels is not None and (left := dense_groups_warning(channels.groups.skipped)):
+            warnings.warn(PrunekitWarning(left), stacklevel=3)
         if method.check is not None:
             method.check(resolved, options)
         if distributed.current().distributed:      # under torchrun: refused before a run folder is written

@@ -23,6 +23,7 @@ from ..loading import LoadedModel
 from ..methods import METHODS, lookup
 from ..request import PruneRequest
 from ..saving import atomic_write_json
+from ..structured.groups import listed_skips, unexpected_skips
 from . import option_flags
 from .common import (add_data_args, add_device_arg, add_model_args, describe, emit, eval_data, loaded_model,
                      show_progress, training_batches, warn_if_random_weights, write_report)
@@ -232,6 +233,9 @@ def prune_lines(r: dict) -> list[str]:
             segments = one.get("group_segments") or [1] * len(one["kept_channels"])
             lines.append(f"  channels   {sum(k * s for k, s in zip(one['kept_channels'], segments)):,} of "
                          f"{sum(n * s for n, s in zip(one['group_sizes'], segments)):,} in {one['groups']} groups")
+            dense = unexpected_skips([tuple(entry.split(": ", 1)) for entry in one.get("skipped_groups", [])])
+            if dense:
+                lines.append(f"  left dense {listed_skips(dense)}")
         if one is r and r.get("taper_steps", 0) > r.get("planned_steps", float("inf")):    # the schedule ran over
             lines.append(f"  taper      {r['taper_steps']:,} steps where {r['planned_steps']:,} were planned "
                          "(--taper-epochs): the gates reached the budget late")

@@ -52,6 +52,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import PrunekitError
+from ..options import OptionError
 from .attention import head_prunable
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -299,12 +300,51 @@ def _joined_by_add(tp_group) -> bool:
                for item in tp_group.items)
 
 
+# What left a group dense, from its reason in GroupSet.skipped: the first cause whose words it holds.
+_CAUSES = (("output", "reaches the network's output", ("reaches the network output",)),
+           ("residual", "is a residual stream kept at full width",
+            ("residual stream", "zero-pad (option-A) shortcut", "a single head")),
+           ("resize", "touches a layer or parameter that channel surgery cannot resize",
+            ("cannot resize", "touches parameter", "outside a known layer", "do not shrink", "attention heads kept")),
+           ("map", "passes an operation the dependency analysis cannot map", ("",)))
+_EXPECTED = ("output", "residual")       # left dense by design: no reason to warn
+
+
+def _cause(why: str) -> tuple[str, str]:
+    return next((kind, text) for kind, text, words in _CAUSES if any(w in why for w in words))
+
+
+def listed_skips(skipped: list[tuple[str, str]], shown: int = 3) -> str:
+    """The first ``shown`` of ``skipped`` as "root: why", then how many more."""
+    more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return "; ".join(f"{root}: {why}" for root, why in skipped[:shown]) + more
+
+
+def unexpected_skips(skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The groups of ``skipped`` left dense for a reason a user may not expect (a layer or parameter
+    channel surgery cannot resize, an operation the analysis cannot map), not by design (the
+    network output, a residual stream kept at full width)."""
+    return [(root, why) for root, why in skipped if _cause(why)[0] not in _EXPECTED]
+
+
+def dense_groups_warning(skipped: list[tuple[str, str]]) -> str | None:
+    """What a user is told of the groups left dense that they may expect pruned; None if none."""
+    unexpected = unexpected_skips(skipped)
+    if not unexpected:
+        return None
+    return (f"{len(unexpected)} channel group{'s' if len(unexpected) > 1 else ''} left dense (the budget is met "
+            f"from the others): {listed_skips(unexpected)} (skipped_groups in the record lists every group left dense)")
+
+
 def no_group_error(skipped: list[tuple[str, str]]) -> PrunekitError:
-    """The refusal of a model without a prunable group, naming the first reasons in ``skipped``."""
-    return PrunekitError("the model has no prunable channel group (every coupled channel set reaches "
-                         "the output or an operation the dependency analysis cannot map); "
-                         "structured pruning needs Conv/Linear layers with channels feeding other layers"
-                         + "".join(f"; {root}: {why}" for root, why in skipped[:3]))
+    """The refusal of a model without a prunable group: the causes that apply, the first reasons in
+    ``skipped`` (those of groups reaching the output only if nothing else applies), and the fix."""
+    causes = list(dict.fromkeys(_cause(why)[1] for _, why in skipped))
+    listed = [(root, why) for root, why in skipped if _cause(why)[0] != "output"] or skipped
+    why = (f"every coupled channel set {' or '.join(causes)} ({listed_skips(listed)})" if causes else
+           "structured pruning needs Conv/Linear layers with channels feeding other layers")
+    return OptionError(f"the model has no prunable channel group: {why}; prune its weights instead, e.g. "
+                       "method falcon", ("method",))
 
 
 def _size_of(module: nn.Module) -> int:
