@@ -328,3 +328,23 @@ def test_an_unmarked_dense_export_is_known_by_its_folders_manifest(tmp_path):
     (tmp_path / "export" / "exported.json").write_text('{"files": ["model-dense.safetensors"]}')
     with pytest.raises(PrunekitError, match="dense export of a shrunk model"):
         zoo.load_model("mlpnet", tmp_path / "export" / "model-dense.safetensors")
+
+
+def test_an_old_sidecar_with_the_users_extra_key_is_read_and_replaceable(tmp_path):
+    """Old save_model wrote meta as given and users added keys ("note"): such a model.json was
+    ignored silently (its normalization lost: 96.81% -> 85.40%) and save_model refused to replace it."""
+    import json
+    from prunekit.loading import load_model
+    from prunekit.saving import SIDECAR_MARK, is_sidecar, read_meta, save_model
+    path, side = tmp_path / "base.safetensors", tmp_path / "base.json"
+    save_file(dict(zoo.build("mlpnet").state_dict()), path)
+    old = {"model": "mlpnet", "build_kwargs": {"num_classes": 10, "in_channels": 1}, "input_shape": [1, 28, 28],
+           "normalization": {"mean": [0.5], "std": [0.5]}, "note": "my baseline, 96.8%"}
+    side.write_text(json.dumps(old))
+    assert read_meta(path) == old
+    loaded = load_model("mlpnet", path)
+    assert loaded.normalization is not None and list(loaded.normalization.mean) == [0.5]
+    save_model(zoo.build("mlpnet"), path, {"model": "mlpnet"})
+    assert json.loads(side.read_text()) == {SIDECAR_MARK: 1, "model": "mlpnet"}
+    assert not is_sidecar({"model": "x", "hidden_size": 3})
+    assert not is_sidecar({"model": 3, "normalization": {"mean": [0.5], "std": [0.5]}})

@@ -5,9 +5,11 @@ never executes code) and ``out/model.json`` with ``meta``: the zoo architecture 
 arguments, the input normalization, the budget and the counts. Files are written to a
 temporary name in the same folder and renamed, so a crash never leaves a half-written file.
 
-A sidecar carries ``SIDECAR_MARK``; one written before the mark existed is known by its keys, all
-of them prunekit's, ``model`` among them. Any other JSON beside a model (a HuggingFace config, the
-user's notes) is not a sidecar: reading ignores it and saving refuses to replace it.
+A sidecar carries ``SIDECAR_MARK``; one written before the mark existed is known by its keys: a
+string ``model`` and either prunekit's keys only or at least one key only prunekit writes
+(``build_kwargs``, ``normalization``, ...), since old versions saved ``meta`` as given and users
+added their own keys (a "note"). Any other JSON beside a model (a HuggingFace config, the user's
+notes) is not a sidecar: reading ignores it and saving refuses to replace it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SIDECAR_MARK = "prunekit_sidecar"     # key of the sidecar format's version
 SIDECAR_VERSION = 1
 _UNMARKED_KEYS = {"model", "build_kwargs", "input_shape", "input_dtype", "normalization", "image_transform", "custom",
                   "model_file_sha256", "checkpoint_sha256", "result", "channel_layout"}
+_DISTINCTIVE_KEYS = _UNMARKED_KEYS - {"model"}     # one of these marks an unmarked sidecar with the user's extra keys
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -34,10 +37,14 @@ def sidecar_path(path: str | Path) -> Path:
 
 def is_sidecar(obj) -> bool:
     """Whether parsed JSON ``obj`` is a prunekit sidecar: marked, or (written before the mark) an
-    object of prunekit's keys only, ``model`` a string among them."""
+    object with a string ``model`` whose keys are prunekit's only or include one only prunekit
+    writes (old ``save_model`` kept a user's extra keys, e.g. a "note")."""
     if not isinstance(obj, dict):
         return False
-    return SIDECAR_MARK in obj or (isinstance(obj.get("model"), str) and set(obj) <= _UNMARKED_KEYS)
+    if SIDECAR_MARK in obj:
+        return True
+    keys = set(obj)
+    return isinstance(obj.get("model"), str) and (keys <= _UNMARKED_KEYS or bool(keys & _DISTINCTIVE_KEYS))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
