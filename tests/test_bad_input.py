@@ -415,8 +415,9 @@ PY_CASES = [
     ({"method": "chita", "fisher_sample": 10}, "takes no option fisher_sample"),
     ({"method": "chita", "flop": 0.5}, "takes no option flop (did you mean flops?)"),
     ({"method": "chita", "max_memory": "500"}, "a size like 16G, 1.5GiB or 500MB (K, M, G, T: powers of 1024; B or iB "
-                                               "optional), got '500' (a number without a unit is bytes, 1M at least)"),
-    ({"method": "chita", "max_memory": 1.5e9}, "max_memory must be a size like 16G"),
+                                               "optional), got '500' (a number without a unit is a whole number of "
+                                               "bytes, 1M at least)"),
+    ({"method": "chita", "max_memory": 0.5e3}, "max_memory must be a size like 16G"),
     ({"method": "chita", "fisher_samples": 100}, "holds 48 samples, 100 gradient rows"),    # before any gradient
     # the user's loss
     ({"loss": "mse"}, "loss must be None or a function"),

@@ -40,13 +40,15 @@ def data():
 @pytest.mark.parametrize("text,expected", [("16G", 16 * 2**30), ("500M", 500 * MB), ("1.5GB", int(1.5 * 2**30)),
                                            ("2048k", 2 * MB), ("2GiB", 2 * 2**30), ("500mb", 500 * MB),
                                            (" 1.5 tib ", int(1.5 * 2**40)), (".5g", 2**29), (2 * MB, 2 * MB),
-                                           ("3000000", 3000000)])
+                                           ("3000000", 3000000), ("3000000000.0", 3 * 10**9), (3e9, 3 * 10**9),
+                                           ("1.5e9", 15 * 10**8), ("1e9", 10**9), (" 2e6 ", 2 * 10**6)])
 def test_parse_memory(text, expected):
     assert memory_plan.parse_memory(text) == expected
 
 
 @pytest.mark.parametrize("bad", ["", "lots", "-1G", "-5", "0", "0G", "0.0000001K", 0, -5, True, "1X", "1.5", "7",
-                                 123456, 1.5e9, "1e9", "500B", "2GiBB"])
+                                 123456, 1.5, "0.5e3", "3000000000.5", 2e5, float("nan"), float("inf"), "inf",
+                                 "-3e9", "500B", "2GiBB"])
 def test_parse_memory_refuses_nonsense(bad):
     with pytest.raises(PrunekitError, match="max_memory"):
         memory_plan.parse_memory(bad)

@@ -279,3 +279,25 @@ def test_a_finished_run_missing_its_sidecar_or_result_gets_them_back(tmp_path, c
     (out / "model.json").write_text("[]")            # JSON, not prunekit's: a run folder's own file, written again
     assert main(["prune", "--resume", str(out), "--json"]) == 0
     assert json.loads((out / "model.json").read_text())["prunekit_sidecar"] == 1
+
+
+def _old_config(folder: Path, max_memory: str) -> None:
+    """The config.toml an older prunekit wrote for ``--max-memory``, recorded as the text given."""
+    folder.mkdir()
+    (folder / "config.toml").write_text(
+        f'model = "mlpnet"\ncheckpoint = "{ASSETS / "mlpnet.safetensors"}"\ndata = "mnist"\n'
+        f'data-dir = "{ASSETS / "mnist"}"\ntrain-samples = 256\nfisher-samples = 64\nmethod = "chita"\n'
+        f'sparsity = "0.5"\nmax-memory = "{max_memory}"\nout = "{folder}"\n')
+
+
+def test_resume_takes_an_old_runs_max_memory_written_as_a_float(tmp_path, capsys):
+    """Old versions recorded a TOML float 3e9 as max-memory = "3000000000.0": the run could no
+    longer be resumed ('--max-memory must be a size like 16G ...'), and no workaround was taken."""
+    _old_config(tmp_path / "old", "3000000000.0")
+    assert main(["prune", "--resume", str(tmp_path / "old"), "--json"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "old" / "model.safetensors").exists()
+    _old_config(tmp_path / "bad", "1.5")
+    assert main(["prune", "--resume", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunekit: error: --max-memory must be a size like 16G") and err.count("\n") == 1
+    assert f"(in {tmp_path / 'bad' / 'config.toml'})" in err

@@ -145,6 +145,20 @@ def _expand_home(args) -> None:
                                  for v in value])
 
 
+def _from_config(err: PrunekitError, args) -> str:
+    """" (in DIR/config.toml)" when ``err`` refuses an option a resumed run read from its
+    config.toml (--resume takes no other flag), else ""."""
+    resume, params = getattr(args, "resume", None), getattr(err, "params", ())
+    if args.command != "prune" or not resume or not params:
+        return ""
+    config = Path(resume) / "config.toml"
+    try:
+        keys = {k.replace("-", "_") for k in tomllib.loads(config.read_text())}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ""
+    return f" (in {config})" if any(p in keys for p in params) else ""
+
+
 def _is_training_config(config: Path) -> bool:
     """Whether ``config`` is the config.toml of a `prunekit train` run (it has epochs, no method)."""
     try:
@@ -250,7 +264,7 @@ def _main(argv: list[str] | None) -> int:
                 sys.stdout = open(os.devnull, "w")
         return args.func(args)
     except PrunekitError as err:
-        line = f"prunekit: error: {cli_message(err, _flags(parser, args.command))}"
+        line = f"prunekit: error: {cli_message(err, _flags(parser, args.command))}{_from_config(err, args)}"
         if isinstance(err, distributed.MachineRefusal):   # met before joining by every rank on this machine
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 print(line, file=sys.stderr)

@@ -4,6 +4,7 @@ allocator), sizes written by users, and handing freed heap pages back to the sys
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import sys
@@ -22,20 +23,50 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])(?:i?B)?)?\s*", re.IG
 def parse_memory(value) -> int:
     """Bytes from a size with its unit: a number, decimals allowed, then K, M, G or T (powers of
     1024), B or iB after it optional, any case ("16G", "1.5GB", "2GiB", "500mb"); or a number of
-    bytes, an int or a string of digits, of at least 1 MiB ("500" meant as 500 MB is refused).
-    Raises PrunekitError naming the accepted forms otherwise (zero, negative, "1.5")."""
+    bytes of at least 1 MiB: an int, or a float or string whose value is a whole number ("3000000000",
+    "3000000000.0" as old versions recorded it, 3e9, "1.5e9"); "500" meant as 500 MB is refused.
+    Raises PrunekitError naming the accepted forms otherwise (zero, negative, "1.5", NaN)."""
     match = _SIZE.fullmatch(value) if isinstance(value, str) else None
-    if isinstance(value, int) and not isinstance(value, bool) or match and not match[2]:     # bytes
-        if str(value).strip().isdigit() and int(value) >= MiB:
-            return int(value)
+    if match and match[2]:
+        size = int(float(match[1]) * 1024 ** ("KMGT".index(match[2].upper()) + 1))
+        if size < 1:
+            raise PrunekitError(f"max_memory must be {SIZE_FORMS}, above zero, got {value!r}")
+        return size
+    size = _whole_bytes(value)
+    if size is not None and size >= MiB:
+        return size
+    if size is not None or isinstance(value, float) or match or _is_number(value):
         raise PrunekitError(f"max_memory must be {SIZE_FORMS}, got {value!r} (a number without a unit is "
-                            "bytes, 1M at least)")
-    if not match:
-        raise PrunekitError(f"max_memory must be {SIZE_FORMS}, got {value!r}")
-    size = int(float(match[1]) * 1024 ** ("KMGT".index(match[2].upper()) + 1))
-    if size < 1:
-        raise PrunekitError(f"max_memory must be {SIZE_FORMS}, above zero, got {value!r}")
-    return size
+                            "a whole number of bytes, 1M at least)")
+    raise PrunekitError(f"max_memory must be {SIZE_FORMS}, got {value!r}")
+
+
+def _whole_bytes(value) -> int | None:
+    """``value`` as a whole number of bytes (an int; a float or a string of one, "3e9", with no
+    fraction), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    number = value if isinstance(value, float) else _as_float(value)
+    if number is None or not math.isfinite(number) or not number.is_integer():
+        return None
+    return int(number)
+
+
+def _as_float(value) -> float | None:
+    if not isinstance(value, str) or "_" in value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _is_number(value) -> bool:
+    return _as_float(value) is not None
 
 
 def default_limit(device: torch.device) -> int:
