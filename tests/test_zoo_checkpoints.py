@@ -110,6 +110,24 @@ def test_shape_mismatch_suggests_num_classes(tmp_path):
     )
     with pytest.raises(PrunekitError, match=expected):
         zoo.load_model("resnet20", tmp_path / "a.th", num_classes=100)
+    torch.save(zoo.build("resnet20", in_channels=1).state_dict(), tmp_path / "gray.th")
+    with pytest.raises(PrunekitError, match=r"build the model with the checkpoint's num_classes / in_channels$"):
+        zoo.load_model("resnet20", tmp_path / "gray.th")
+
+
+def test_a_shrunk_models_loose_dense_file_is_not_called_another_class_count(tmp_path):
+    """A dense export of a shrunk model moved away from its run folder (no metadata in old versions)
+    was told to 'build the model with the checkpoint's num_classes / in_channels'."""
+    shrunk = zoo.build("mlpnet")
+    shrunk.fc1, shrunk.fc2 = torch.nn.Linear(784, 19, bias=False), torch.nn.Linear(19, 20, bias=False)
+    save_file(dict(shrunk.state_dict()), tmp_path / "loose.safetensors")
+    with pytest.raises(PrunekitError) as err:
+        zoo.load_model("mlpnet", tmp_path / "loose.safetensors")
+    message = str(err.value)
+    assert "num_classes" not in message and "\n" not in message
+    assert message.endswith("the file's layer widths differ from the model's, e.g. a model with channels removed: "
+                            "load its run folder, which records the channel layout (the command line's --checkpoint "
+                            "RUNDIR, Python's prunekit.load_pruned(model, RUNDIR))")
 
 
 def test_unreadable_files_raise_prunekit_error(tmp_path):

@@ -346,13 +346,38 @@ def _misfit_message(
         hint = (f"it is prunekit's {kind} export of a shrunk model (channels removed), whose channel layout is in "
                 f"its run folder: load {run} instead (the command line's --checkpoint {run}, Python's "
                 f"prunekit.load_pruned(model, {str(run)!r}))")
-    elif fits and fits == model_name:
+    elif fits and fits == model_name and _ends_only(own, state, mismatched):
         hint = "build the model with the checkpoint's num_classes / in_channels"
+    elif fits and fits == model_name:
+        hint = ("the file's layer widths differ from the model's, e.g. a model with channels removed: load its run "
+                "folder, which records the channel layout (the command line's --checkpoint RUNDIR, Python's "
+                "prunekit.load_pruned(model, RUNDIR))")
     elif fits:
         hint = f"pick the model it was trained for ({fits!r}?)"
     else:
         hint = "pick the model it was trained for"
     return f"checkpoint {path} does not fit {label} ({', '.join(problems)}): {hint}"
+
+
+def _ends_only(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], mismatched: list[str]) -> bool:
+    """Whether the shape mismatches are confined to the first layer's input channels and the last
+    layer's outputs (what another num_classes / in_channels changes), not to inner widths."""
+    layers = [k for k, v in own.items() if k.endswith(".weight") and v.dim() >= 2]
+    if not layers:
+        return False
+    first, last = layers[0], layers[-1].removesuffix(".weight")
+
+    def differ(k: str) -> set[int]:
+        a, b = tuple(state[k].shape), tuple(own[k].shape)
+        return {i for i in range(max(len(a), len(b))) if i >= min(len(a), len(b)) or a[i] != b[i]}
+
+    for k in mismatched:
+        if k.removesuffix(".weight").removesuffix(".bias") == last and differ(k) <= {0}:
+            continue
+        if k == first and differ(k) <= {1}:
+            continue
+        return False
+    return True
 
 
 def _counted(n: int, noun: str) -> str:
