@@ -146,6 +146,26 @@ def test_info_reports_the_papers_prunable_set_for_resnet20_b(capsys):
     assert marked == dense
 
 
+def test_info_does_not_call_an_excluded_layer_with_zeros_dense(capsys, tmp_path):
+    """An older hybrid pruned the 1x1 projections it now keeps dense: info labelled
+    layer2.0.downsample.0 "Conv2d, dense" though 105 of its 480 weights were zero."""
+    import torch
+    from prunekit import zoo
+    from prunekit.saving import save_model
+    model = zoo.build("resnet20-b")
+    with torch.no_grad():
+        model.layer2[0].downsample[0].weight.view(-1)[:105] = 0
+    save_model(model, tmp_path / "model.safetensors", {"model": "resnet20-b"})
+    assert main(["info", "resnet20-b", "--checkpoint", str(tmp_path / "model.safetensors")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    row = next(line for line in out if line.startswith("layer2.0.downsample.0 "))
+    assert "Conv2d, excluded, 105 zeros" in row and "dense" not in row
+    assert "Conv2d, dense" in next(line for line in out if line.startswith("layer3.0.downsample.0 "))
+    prunable = next(line for line in out if line.startswith("prunable:"))
+    assert "dense" not in prunable and prunable.endswith(
+        "leaving out *.downsample.* (marked excluded above; some hold zeros, e.g. an older version's pruning)")
+
+
 def test_unwritable_out_is_one_line(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

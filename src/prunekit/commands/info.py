@@ -65,13 +65,13 @@ def cmd_info(args) -> int:
           + (", params and MACs of the nonzero weights" if counts.macs != costs.macs else ""))
     shown = [r for r in rows if r["params"] or r["macs"] or r["other_ops"]]
     name_width = max([28, *(len(r["name"] or "(model)") for r in shown)])
-    kind_width = max([18, *(len(r["type"]) + (7 if r["shape"] and not r["prunable"] else 0) for r in shown)])
+    kind_width = max([18, *(len(_kind(r)) for r in shown)])
     header = f"{'layer':<{name_width}} {'type':<{kind_width}} {'shape':<20} {'params':>10} {'MACs':>13} {'share':>7}"
     print(header)
     print("-" * len(header))
     for r in shown:
         shape = "x".join(map(str, r["shape"])) if r["shape"] else ""
-        kind = f"{r['type']}, dense" if r["shape"] and not r["prunable"] else r["type"]
+        kind = _kind(r)
         counted = r["shape"] or r["macs"]        # weight layers, products of two activations
         macs = f"{r['macs']:,}" if counted else (f"({r['other_ops']:,} ops)" if r["other_ops"] else "")
         share = f"{100 * r['share']:.1f}%" if counted else ""
@@ -83,7 +83,7 @@ def cmd_info(args) -> int:
              "no weight to prune)" if costs.activation_macs else "")
           + f", {costs.other_ops:,} other ops (BN, pooling, adds)")
     print(f"prunable: {space.numel:,} weights, {prunable_macs:,} MACs{_millions(prunable_macs)}"
-          + (f", leaving dense {', '.join(loaded.prune_exclude)} (marked dense above)" if loaded.prune_exclude else ""))
+          + _excluded_text(loaded.prune_exclude, shown))
     if counts.macs != costs.macs:
         of = "of the shrunk model's" if shrunk else "of dense"
         print(f"nonzero-aware: {100 * counts.flops_kept:.2f}% {of} MACs, {100 * counts.params_kept:.2f}% {of} params")
@@ -93,6 +93,32 @@ def cmd_info(args) -> int:
         print(f"note: no element-wise rule for {len(costs.unknown)} module(s) (their MACs are counted, "
               f"their other ops not): {', '.join(costs.unknown[:5])}")
     return 0
+
+
+def _zeros(row: dict) -> int:
+    """Zero weights of a layer the pruning leaves out (an older version pruned some of them)."""
+    if not row["shape"] or row["prunable"] or row["nonzeros"] is None:
+        return 0
+    return math.prod(row["shape"]) - row["nonzeros"]
+
+
+def _kind(row: dict) -> str:
+    """The type column: a layer left out of pruning is "dense", or "excluded, N zeros" if it holds zeros."""
+    if not row["shape"] or row["prunable"]:
+        return row["type"]
+    zeros = _zeros(row)
+    return f"{row['type']}, excluded, {zeros:,} zeros" if zeros else f"{row['type']}, dense"
+
+
+def _excluded_text(exclude: list[str], rows: list[dict]) -> str:
+    """The end of the "prunable:" line: the layers pruning leaves out, and how they are marked."""
+    if not exclude:
+        return ""
+    zeroed = [r for r in rows if _zeros(r)]
+    if not zeroed:
+        return f", leaving dense {', '.join(exclude)} (marked dense above)"
+    which = "they hold" if len(zeroed) == sum(1 for r in rows if r["shape"] and not r["prunable"]) else "some hold"
+    return f", leaving out {', '.join(exclude)} (marked excluded above; {which} zeros, e.g. an older version's pruning)"
 
 
 def _millions(count: int) -> str:
