@@ -301,3 +301,21 @@ def test_resume_takes_an_old_runs_max_memory_written_as_a_float(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("prunekit: error: --max-memory must be a size like 16G") and err.count("\n") == 1
     assert f"(in {tmp_path / 'bad' / 'config.toml'})" in err
+
+
+def test_resume_of_a_run_made_from_python_says_to_call_prunekit_prune_again(tmp_path, capsys):
+    """`prune --resume` of prunekit.prune(..., out=RUN)'s folder said "unknown key 'model-class' in
+    .../config.toml: not an option of `prunekit prune` (did you mean 'model'?)"."""
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    run = tmp_path / "py"
+    prunekit.prune(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), (x, y), method="magnitude",
+                   sparsity=0.5, out=str(run))
+    assert "model-class" in (run / "config.toml").read_text()
+    assert main(["prune", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"prunekit: error: {run} is a run started from Python (prunekit.prune(..., out=)): resume it by "
+                   f"calling prunekit.prune again with the same arguments and out={str(run)!r}; `prunekit prune "
+                   "--resume` carries on runs of the command line\n")

@@ -118,6 +118,10 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         if _is_training_config(config):
             raise PrunekitError(f"{known.resume} is the folder of a `prunekit train` run: run that train command "
                                 "again to carry it on (--resume is for `prunekit prune` runs)")
+        if _is_python_config(config):
+            raise PrunekitError(f"{known.resume} is a run started from Python (prunekit.prune(..., out=)): resume it "
+                                f"by calling prunekit.prune again with the same arguments and out={known.resume!r}; "
+                                "`prunekit prune --resume` carries on runs of the command line")
         runs.check_config_unchanged(known.resume)     # before the config names code to import
         options = recipes.load_recipe(config, sub)
         data_dir = options.get("data_dir")
@@ -157,6 +161,16 @@ def _from_config(err: PrunekitError, args) -> str:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return ""
     return f" (in {config})" if any(p in keys for p in params) else ""
+
+
+def _is_python_config(config: Path) -> bool:
+    """Whether ``config`` is the config.toml of ``prunekit.prune(..., out=)`` (it records the
+    model's class, not a model the command line names)."""
+    try:
+        keys = {k.replace("-", "_") for k in tomllib.loads(config.read_text())}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False        # load_recipe says what is wrong with it
+    return "model_class" in keys and "model" not in keys
 
 
 def _is_training_config(config: Path) -> bool:
