@@ -237,3 +237,24 @@ def test_a_bad_launch_environment_is_refused_in_one_line(env, said, capsys, monk
     assert main(["eval", *MLP, *MNIST, "--json"]) == 2
     err = capsys.readouterr().err
     assert said in err and err.count("\n") == 1, err
+
+
+def test_info_takes_a_checkpoint_file_given_positionally(capsys, tmp_path):
+    """`prunekit info PATH/model.safetensors` said "unknown model '...safetensors': pick one of mlpnet, ..."."""
+    import torch
+    from prunekit import zoo
+    from prunekit.saving import save_model
+    model = zoo.build("mlpnet")
+    with torch.no_grad():
+        model.fc1.weight[:, ::2] = 0
+    save_model(model, tmp_path / "model.safetensors", {"model": "mlpnet"})
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    expected = run_json(capsys, ["info", "--checkpoint", str(tmp_path / "model.safetensors"), "--json"])
+    assert expected["macs"] < expected["dense_macs"]
+    assert run_json(capsys, ["info", str(tmp_path / "model.safetensors"), "--json"]) == expected
+    assert run_json(capsys, ["info", str(tmp_path / "plain.pth"), "--model", "mlpnet", "--json"]) == expected
+    assert main(["info", str(tmp_path / "missing.pth")]) == 2
+    missing = tmp_path / "missing.pth"
+    assert capsys.readouterr().err == f"prunekit: error: checkpoint {missing} not found: check the path\n"
+    assert main(["info", str(tmp_path / "model.safetensors"), "--checkpoint", str(tmp_path / "plain.pth")]) == 2
+    assert "give one of them" in capsys.readouterr().err

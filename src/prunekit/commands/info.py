@@ -6,17 +6,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from ..costs import CostModel, Counts
 from ..loading import load_model
 from ..params import ParamSpace
 from ..saving import read_meta
+from ..user_models import is_model_file
 from ..zoo import MODEL_NAMES
 from ..errors import PrunekitError
 from .common import MODEL_HELP, names_run_folder, model_file, resolve_model
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".tar", ".th", ".ckpt")
+
+
 def cmd_info(args) -> int:
+    if _names_checkpoint_file(args.model):      # `info runs/x/model.safetensors`: the file is the checkpoint
+        if args.checkpoint is not None and Path(args.checkpoint).resolve() != Path(args.model).resolve():
+            raise PrunekitError(f"{args.model} is a checkpoint and --checkpoint {args.checkpoint} another: "
+                                "give one of them")
+        args.checkpoint, args.model = args.model, args.model_flag
     if args.model is not None and args.model_flag not in (None, args.model):
         if not (names_run_folder(args.model) and args.checkpoint is None):
             raise PrunekitError(f"two models named: {args.model} and --model {args.model_flag}; name one")
@@ -121,6 +131,12 @@ def _excluded_text(exclude: list[str], rows: list[dict]) -> str:
     return f", leaving out {', '.join(exclude)} (marked excluded above; {which} zeros, e.g. an older version's pruning)"
 
 
+def _names_checkpoint_file(model) -> bool:
+    """Whether the positional MODEL is a checkpoint file (by its name: a zoo name or net.py:FUNCTION never is)."""
+    return (model is not None and model not in MODEL_NAMES and not is_model_file(model)
+            and Path(model).name.lower().endswith(CHECKPOINT_SUFFIXES))
+
+
 def _millions(count: int) -> str:
     """" (4.09M)" beside a count of a million or more, else nothing (a small model's 0.00M said nothing)."""
     return f" ({count / 1e6:.2f}M)" if count >= 10**6 else ""
@@ -146,7 +162,8 @@ def shrunk_line(s: dict) -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="per-layer parameters and MACs of a model")
     p.add_argument("model", nargs="?", help=MODEL_HELP + " (or --model; may be left out with a prunekit "
-                   "checkpoint of a zoo model), or a run folder (its model.safetensors)")
+                   "checkpoint of a zoo model), or a run folder (its model.safetensors), or a checkpoint file "
+                   "(the same as --checkpoint FILE)")
     p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as the positional MODEL")
     p.add_argument("--checkpoint", help="count this checkpoint (nonzero-aware for pruned models)")
     p.add_argument("--input-shape", type=input_shape, metavar="SHAPE",
