@@ -217,3 +217,17 @@ def test_a_bad_launch_environment_is_refused_in_one_line(env, said, capsys, monk
     assert main(["eval", *MLP, *MNIST, "--json"]) == 2
     err = capsys.readouterr().err
     assert said in err and err.count("\n") == 1, err
+
+
+def test_a_lost_ranks_torch_error_is_cut_at_a_sentence_or_word_never_mid_word():
+    """Before, torch's text was cut at 160 characters: "... Check the logs of the re); resume with ..."."""
+    from prunekit.cli import shortened
+    torch_said = ("Read error [127.0.0.1]:54703: Connection reset by peer. This is typically caused by a remote "
+                  "worker hanging or bugs in the application. Check the logs of the remote worker.")
+    assert shortened(torch_said) == ("Read error [127.0.0.1]:54703: Connection reset by peer. This is typically "
+                                     "caused by a remote worker hanging or bugs in the application.")
+    assert shortened("short, as is") == "short, as is"
+    one_sentence = "Connection closed by peer " + "while waiting on the collective " * 8
+    cut = shortened(one_sentence)
+    assert len(cut) <= 160 and cut.endswith("collective...") and one_sentence.startswith(cut[:-3]), cut
+    assert shortened("x" * 300) == "x" * 157 + "..."
