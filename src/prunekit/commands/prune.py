@@ -137,10 +137,10 @@ def run_config(args) -> str:
 def _settings(args) -> dict[str, str]:
     """The run's options without its paths, which the ranks compare (the weights and data the paths
     lead to, and the run folder, are compared apart, with messages of their own): option -> its
-    value as a recipe writes it; options not given are left out."""
+    value as given (a string) or as a recipe writes it; options not given are left out."""
     paths = {"checkpoint", "data_dir", "out", "force"}
-    return {k: recipes.dump_recipe({k: v}).partition(" = ")[2].strip() for k, v in vars(args).items()
-            if k not in RUN_ONLY and k not in paths and v is not None}
+    return {k: v if isinstance(v, str) else recipes.dump_recipe({k: v}).partition(" = ")[2].strip()
+            for k, v in vars(args).items() if k not in RUN_ONLY and k not in paths and v is not None}
 
 
 def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None = None) -> dict:
