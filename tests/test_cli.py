@@ -258,3 +258,17 @@ def test_info_takes_a_checkpoint_file_given_positionally(capsys, tmp_path):
     assert capsys.readouterr().err == f"prunekit: error: checkpoint {missing} not found: check the path\n"
     assert main(["info", str(tmp_path / "model.safetensors"), "--checkpoint", str(tmp_path / "plain.pth")]) == 2
     assert "give one of them" in capsys.readouterr().err
+
+
+def test_a_lost_ranks_torch_error_is_cut_at_a_sentence_or_word_never_mid_word():
+    """Before, torch's text was cut at 160 characters: "... Check the logs of the re); resume with ..."."""
+    from prunekit.cli import shortened
+    torch_said = ("Read error [127.0.0.1]:54703: Connection reset by peer. This is typically caused by a remote "
+                  "worker hanging or bugs in the application. Check the logs of the remote worker.")
+    assert shortened(torch_said) == ("Read error [127.0.0.1]:54703: Connection reset by peer. This is typically "
+                                     "caused by a remote worker hanging or bugs in the application.")
+    assert shortened("short, as is") == "short, as is"
+    one_sentence = "Connection closed by peer " + "while waiting on the collective " * 8
+    cut = shortened(one_sentence)
+    assert len(cut) <= 160 and cut.endswith("collective...") and one_sentence.startswith(cut[:-3]), cut
+    assert shortened("x" * 300) == "x" * 157 + "..."

@@ -214,9 +214,16 @@ def _prune_apart(rank, world, what):
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
     if what == "data":
         x, y = x[rank::world], y[rank::world]
+    data = (x, y)
+    if what == "samples":     # the same first batches; rank 1 has 8 images more at the end
+        extra = torch.randn(8 * rank, 8), torch.randint(0, 3, (8 * rank,))
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat([x, extra[0]]),
+                                                                          torch.cat([y, extra[1]])), batch_size=16)
     sparsity = 0.5 + 0.1 * rank if what == "options" else 0.5
+    fisher_samples = 16 + 16 * rank if what == "options" else 16
     try:
-        prunekit.prune(net, (x, y), method="chita", sparsity=sparsity, fisher_samples=16, recalibrate_bn=False)
+        prunekit.prune(net, data, method="chita", sparsity=sparsity, fisher_samples=fisher_samples,
+                       recalibrate_bn=False)
     except Exception as err:     # noqa: BLE001 - what each rank met
         return f"{type(err).__name__}: {err}"
     return "not refused"
@@ -236,8 +243,19 @@ def test_ranks_of_a_script_given_other_options_are_refused(tmp_path):
     timeout (a script's own process group: without end)."""
     from distributed_spawn import run_ranks
     said = run_ranks(_prune_apart, 2, tmp_path, "options")
-    assert said[0] == said[1] and "rank 1 was given other options than rank 0: every rank must run the same call" \
-        in said[0], said
+    assert said[0] == said[1] and said[0].startswith("OptionError: rank 1 was given other options than rank 0 "
+                                                     "(fisher_samples 32 against 16, sparsity 0.6 against 0.5): "
+                                                     "every rank must run the same call"), said
+
+
+def test_ranks_of_a_script_whose_data_run_longer_on_one_rank_are_refused(tmp_path):
+    """Rank 1's data set had 8 images more at the end, its first batch rank 0's: only the first
+    batches were compared, and rank 1 waited for ever on its extra batch's collectives."""
+    from distributed_spawn import run_ranks
+    said = run_ranks(_prune_apart, 2, tmp_path, "samples")
+    assert said[0] == said[1] and said[0].startswith(
+        "PrunekitError: rank 1 has other data than rank 0 (72 samples a pass against 64): "
+        "every rank must pass the same model weights and the whole data"), said
 
 
 def _prune_with_rank_memory(rank, world):

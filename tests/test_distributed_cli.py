@@ -56,6 +56,9 @@ def test_two_ranks_write_one_folder_and_a_killed_rank_resumes(tmp_path):
     assert len(lines) == 1 and "rank 0" in lines[0] and f"--resume {out}" in lines[0], err[-2000:]
     assert "Traceback" not in err
     assert metrics["status"] == "running"
+    assert "rank 0: a rank stopped or could not be reached (" in lines[0], lines[0]
+    logged = (out / "run.log").read_text().splitlines()[-1]       # as Ctrl-C's "interrupted (Ctrl-C)"
+    assert "a rank stopped or could not be reached (" in logged, logged
     print(lines[0])
 
     resumed = _launch(["prune", "--resume", str(out), "--json"], free_port())

@@ -134,6 +134,16 @@ def test_a_machine_with_another_checkpoint_is_refused_on_every_rank(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_machine_given_other_options_is_refused_on_every_rank_naming_them(tmp_path):
+    """Before, the refusal said "rank 1 was given other options than rank 0" and not which."""
+    args = [*CHITA, "--out", str(tmp_path / "run")]
+    other = [*args, "--seed", "1"]
+    other[other.index("--fisher-samples") + 1] = "64"
+    lines = _refused_once(_two_machines(args, [tmp_path / "node0", tmp_path / "node1"], node1_args=other))
+    assert lines[0].startswith("prunekit: error: rank 1 was given other options than rank 0 (--fisher-samples 64 "
+                               "against 32, --seed 1 against 0): every rank must run the same command"), lines
+
+
 def test_a_run_folder_the_machines_do_not_share_is_refused_on_every_rank(tmp_path):
     """The same command again after a kill, ``--out run`` relative: node 0's folder holds stage 1,
     node 1 (another working directory, as on a machine without the shared file system) sees none.

@@ -287,9 +287,9 @@ def test_ranks_started_with_other_options_are_refused_naming_the_options(tmp_pat
     """Rank 1 with another --seed was told it read other training data (--data-dir); with another
     budget the ranks waited on each other until the timeout."""
     out = tmp_path / "run"
-    for extra in (["--seed", "1"], ["--sparsity", "0.7"]):
+    for extra, named in ((["--seed", "1"], "--seed 1 against 0"), (["--sparsity", "0.7"], "--sparsity 0.7 against 0.8")):
         results = _two_ranks(["prune", *DATA, "--method", "chita", "--sparsity", "0.8", "--include", "fc2", "fc3",
                               "--fisher-samples", "16", "--out", str(out), "--json"], out, rank_args={1: extra})
         assert [code for code, _, _ in results] == [2, 2], results
-        assert "rank 1 was given other options than rank 0: every rank must run the same command" in results[0][2], \
-            results
+        assert (f"rank 1 was given other options than rank 0 ({named}): every rank must run the same command"
+                in results[0][2]), results

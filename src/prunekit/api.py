@@ -33,7 +33,7 @@ from . import recipes, run_lock
 from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
                          check_runs_on, first_batch)
 from .data.dataset import ImageDataset
-from .data.loaders import BatchLoader, leaves_one_over
+from .data.loaders import BatchLoader, leaves_one_over, samples_per_pass
 from .data.replay import ReplayedLoader, loader_generators, rng_states, set_rng_states
 from .distributed import check_same_start, current, launched_by_torchrun
 from .errors import PrunekitError, PrunekitWarning, single_sample_batchnorm
@@ -122,9 +122,12 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         check_loss(model, loss, train_batches, _model_device(model))
     if current().distributed:       # every rank must start from the same weights and read the same data
         settings = _settings_text(method, budget, include, exclude, seed, gradual, recalibrate_bn, options=options)
+        given = {"data": train_batches, "eval_data": eval_batches}
         check_same_start(model, python=True, options=settings,
+                         samples={what: samples_per_pass(batches()) for what, batches in given.items()
+                                  if batches is not None},
                          **{what: first_batch(batches, what) if batches is not None else None
-                            for what, batches in (("data", train_batches), ("eval_data", eval_batches))})
+                            for what, batches in given.items()})
     folder = None
     with ExitStack() as lock:
         if out is not None:       # under torchrun rank 0 alone holds the lock and writes; every rank computes
@@ -157,9 +160,11 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     return result
 
 
-def _settings_text(method, *settings, options: dict | None = None) -> str:
-    """A call's settings as text the ranks compare: plain values by value, anything else (a
-    function, an object) by its type only (its repr may hold a per-process address)."""
+def _settings_text(method, budget: dict, include, exclude, seed, gradual, recalibrate_bn,
+                   options: dict | None = None) -> dict[str, str]:
+    """A call's settings as text the ranks compare, parameter name -> value: plain values by
+    value, anything else (a function, an object) by its type only (its repr may hold a per-process
+    address)."""
     def plain(value):
         if value is None or isinstance(value, (bool, int, float, str)):
             return repr(value)
@@ -169,7 +174,9 @@ def _settings_text(method, *settings, options: dict | None = None) -> str:
             return "{" + ", ".join(f"{k!r}: {plain(v)}" for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))) + "}"
         return type(value).__name__
     name = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
-    return plain([name, *settings, options or {}])
+    settings = {"method": name, **budget, "include": include, "exclude": exclude, "seed": seed, "gradual": gradual,
+                "recalibrate_bn": recalibrate_bn, **(options or {})}
+    return {str(key): plain(value) for key, value in settings.items()}
 
 
 def _model_device(model: nn.Module) -> torch.device:

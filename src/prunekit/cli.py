@@ -224,6 +224,33 @@ def _lost_rank(err: RuntimeError) -> bool:
         word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
+def shortened(text: str, limit: int = 160) -> str:
+    """``text`` (torch's error) cut to at most ``limit`` characters at the end of a sentence, else
+    of a word (with "..."): never mid-word ("Check the logs of the re")."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit + 1]
+    sentence = max(head.rfind(". ", 0, limit), head.rfind("! ", 0, limit), head.rfind("? ", 0, limit),
+                   head.rfind("; ", 0, limit))
+    if sentence >= limit // 4:
+        return text[:sentence + 1].rstrip(";")
+    word = text.rfind(" ", 0, limit - 2)
+    return (text[:word] if word > 0 else text[:limit - 3]).rstrip(" ,:;") + "..."
+
+
+def _log_stop(args, line: str, interrupted: bool = True) -> None:
+    """Under ``prune --out``, write why the run ends here to its run.log (rank 0 alone) and, if
+    ``interrupted``, mark a running run so: ``--resume`` carries on from the last completed stage."""
+    out = getattr(args, "out", None)
+    if not (args.command == "prune" and out and (Path(out) / "run.log").exists() and distributed.is_main_process()):
+        return
+    folder = runs.RunFolder(out)
+    folder.log(line)       # the log says why it ends there
+    metrics = folder.read_metrics()
+    if interrupted and metrics.get("status") == "running":
+        folder.write_metrics({**metrics, "status": "interrupted"})
+
+
 class _RankLost(Exception):
     """A collective failed because another rank died; its one-line message is already printed."""
 
@@ -287,13 +314,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except KeyboardInterrupt:
         how, code = interrupts.stopped_by()
-        out = getattr(args, "out", None)
-        if args.command == "prune" and out and (Path(out) / "run.log").exists() and distributed.is_main_process():
-            folder = runs.RunFolder(out)
-            folder.log(f"interrupted ({how})")       # the log says why it ends there
-            metrics = folder.read_metrics()
-            if metrics.get("status") == "running":
-                folder.write_metrics({**metrics, "status": "interrupted"})
+        _log_stop(args, f"interrupted ({how})")
         if distributed.is_main_process():          # under torchrun: once, by rank 0
             print(f"prunekit: interrupted{'' if how == 'Ctrl-C' else f' ({how})'}; {_how_to_resume(args)}",
                   file=sys.stderr)
@@ -305,8 +326,10 @@ def _main(argv: list[str] | None) -> int:
         if not (distributed.launched_by_torchrun() and _lost_rank(err)):
             raise
         first = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
+        first = shortened(first)
+        _log_stop(args, f"a rank stopped or could not be reached ({first})", interrupted=False)
         print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached "
-              f"({first[:160]}); {_how_to_resume(args)}",
+              f"({first}); {_how_to_resume(args)}",
               file=sys.stderr)
         raise _RankLost from None
     except OSError as err:   # unwritable --out, full disk, unreadable data

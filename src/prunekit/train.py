@@ -142,8 +142,10 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
     Under torch.distributed every rank iterates the same batches (same seed) and trains on its
     share of each (``tensor_split``: what a DistributedSampler gives, batch by batch) through
     DistributedDataParallel, so with a batch size divisible by the ranks a step is one rank's
-    step on the whole batch. The mean loss returned is over every rank's samples (one all-reduce at
-    the end of the pass); the progress bar's running figure is rank 0's own."""
+    step on the whole batch. The mean loss returned is over every rank's samples, and the BatchNorm
+    running statistics, each rank's from its own share, are averaged over the ranks (one all-reduce
+    at the end of the pass): every rank ends the pass with the same model. The progress bar's
+    running figure is rank 0's own."""
     if distill and teacher is None:
         raise ValueError("distill > 0 needs a teacher model")
     if distill and loss_fn is not None:
@@ -173,11 +175,39 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
         count += y.shape[0]
         bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
     if ranks > 1:
-        import torch.distributed as dist
-        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
-        dist.all_reduce(sums)
-        total, count = float(sums[0]), int(sums[1])
+        total, count = _reduce_epoch_end(model, total, count, ranks, device)
     return total / max(count, 1)
+
+
+def _batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """The floating running_mean / running_var buffers of every BatchNorm of ``model`` that tracks
+    running statistics, in module order."""
+    return [buffer for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for buffer in (m.running_mean, m.running_var)
+            if buffer is not None and buffer.is_floating_point()]
+
+
+@torch.no_grad()
+def _reduce_epoch_end(model: nn.Module, total: float, count: int, ranks: int,
+                      device: torch.device) -> tuple[float, int]:
+    """At the end of a data-parallel pass, in one all-reduce: the loss sum and sample count over
+    every rank, and the BatchNorm running statistics averaged over the ranks. Each rank normalised
+    its own share of the batches, so its running_mean / running_var drifted from the others'; the
+    average (what one process on the whole batches estimates, to first order) makes every rank hold
+    the same model. num_batches_tracked needs nothing: every rank takes the same steps."""
+    import torch.distributed as dist
+    statistics = _batchnorm_statistics(model)
+    # On the model's device: NCCL reduces CUDA tensors only (and float64 is one of its types).
+    flat = torch.cat([torch.tensor([total, count], dtype=torch.float64, device=device)]
+                     + [b.detach().reshape(-1).to(device=device, dtype=torch.float64) for b in statistics])
+    dist.all_reduce(flat)
+    offset = 2
+    for buffer in statistics:
+        n = buffer.numel()
+        buffer.copy_((flat[offset:offset + n] / ranks).view_as(buffer))
+        offset += n
+    return float(flat[0]), int(flat[1])
 
 
 def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentum: float = 0.9,

@@ -16,6 +16,7 @@ import torch
 
 from .. import distributed, recipes, report, run_lock, runs, user_models
 from ..api_checks import check_out
+from ..data.loaders import samples_per_pass
 from ..errors import PrunekitError
 from ..executor import execute
 from ..fisher_batches import check_sample_count
@@ -133,11 +134,13 @@ def run_config(args) -> str:
     return recipes.dump_recipe(config)
 
 
-def _settings(args) -> str:
+def _settings(args) -> dict[str, str]:
     """The run's options without its paths, which the ranks compare (the weights and data the paths
-    lead to, and the run folder, are compared apart, with messages of their own)."""
+    lead to, and the run folder, are compared apart, with messages of their own): option -> its
+    value as given (a string) or as a recipe writes it; options not given are left out."""
     paths = {"checkpoint", "data_dir", "out", "force"}
-    return recipes.dump_recipe({k: v for k, v in vars(args).items() if k not in RUN_ONLY and k not in paths})
+    return {k: v if isinstance(v, str) else recipes.dump_recipe({k: v}).partition(" = ")[2].strip()
+            for k, v in vars(args).items() if k not in RUN_ONLY and k not in paths and v is not None}
 
 
 def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None = None) -> dict:
@@ -146,9 +149,10 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     main = distributed.is_main_process()           # under torchrun, rank 0 alone writes
     if distributed.current().distributed:          # every machine must read the same weights and data
         first_train = _first_batch(train_batches) if reads_training_data(plan) else None     # else never loaded
+        evaluation, training = "evaluation data (--data-dir)", "training data (--data-dir)"
         distributed.check_same_start(loaded.model, options=_settings(args),
-                                     **{"evaluation data (--data-dir)": _first_batch(eval_loader),
-                                                      "training data (--data-dir)": first_train})
+                                     samples={evaluation: _samples(eval_loader), training: _samples(train_batches)},
+                                     **{evaluation: _first_batch(eval_loader), training: first_train})
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
 
@@ -170,6 +174,13 @@ def _first_batch(batches):
         return None
     loader = batches() if callable(batches) else copy.copy(batches)
     return next(iter(loader), None)
+
+
+def _samples(batches) -> int | None:
+    """The samples one pass over a loader (or ``batches()``) yields, where known without reading it."""
+    if batches is None:
+        return None
+    return samples_per_pass(batches() if callable(batches) else batches)
 
 
 def _described(loaded: LoadedModel, checkpoint: str | None) -> dict:

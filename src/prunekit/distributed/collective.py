@@ -8,6 +8,7 @@ timeout, so a rank that dies ends the others' collectives with an error instead 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import re
@@ -378,35 +379,82 @@ def disagreeing(values: dict[str, int], device: torch.device | str = "cpu") -> d
     return {n: every[:, i].tolist() for i, n in enumerate(names) if bool((every[:, i] != every[0, i]).any())}
 
 
-def check_same_start(model: torch.nn.Module, python: bool = False, options: str | None = None, **batches) -> None:
+def check_same_start(model: torch.nn.Module, python: bool = False, options: dict[str, str] | None = None,
+                     samples: dict[str, int | None] | None = None, **batches) -> None:
     """Refuse (on every rank, one line) a run whose ranks would start from different weights,
     data or options: a machine with another checkpoint or data set at the same path would silently
     make another run's rows, and so would a script (``python``) that seeds each rank's model apart or
     hands each rank its own part of the data; ranks given other options (a budget, n, a seed) wait on
-    each other's collectives until the timeout, or abort. ``options``: the run's settings as text;
-    ``batches``: name -> a first batch (tensors) or None."""
+    each other's collectives until the timeout, or abort. ``options``: the run's settings, option name
+    -> its value as text (the refusal names those that differ: as flags in the CLI, ``OptionError``
+    params); ``batches``: name -> a first batch (tensors) or None; ``samples``: name -> the samples
+    one pass over those data yields, where known cheaply (``data.loaders.samples_per_pass``), else
+    None: data whose first batches agree but that run longer on one rank (images appended) would
+    leave the others waiting on its extra batches' collectives."""
     passed_checks()            # a rank refused while loading them need not wait for this one
     values = {"model weights" if python else "model weights (--checkpoint)": digest(*model.state_dict().values())}
     if options is not None:
-        values["options"] = digest(torch.frombuffer(bytearray(options.encode()), dtype=torch.uint8))
+        values["options"] = digest(torch.frombuffer(bytearray(_options_text(options).encode()), dtype=torch.uint8))
+    counts = {name: n for name, n in (samples or {}).items() if batches.get(name) is not None and n is not None}
     for name, batch in batches.items():
         if batch is not None:
-            values[name] = digest(*[t for t in batch if isinstance(t, torch.Tensor)])
+            values[name] = digest(*[t for t in batch if isinstance(t, torch.Tensor)],
+                                  torch.tensor([counts.get(name, -1)], dtype=torch.int64))
     device = next(iter(model.parameters()), torch.empty(0)).device
     differ = disagreeing(values, device)
     if "options" in differ:           # named first: other options also draw other data (a seed) or weights
         others = [r for r, v in enumerate(differ["options"]) if v != differ["options"][0]]
-        raise PrunekitError(f"rank {', '.join(map(str, others))} was given other options than rank 0: every rank "
-                            "must run the same " + ("call (the same method, budget, options and seed)" if python
-                                                    else "command (torchrun starts them all with it)"))
+        named, params = _options_apart(options, others, device)
+        raise OptionError(f"rank {', '.join(map(str, others))} was given other options than rank 0{named}: every "
+                          "rank must run the same " + ("call (the same method, budget, options and seed)" if python
+                                                       else "command (torchrun starts them all with it)"), params)
     if differ:
         name, ranks = next(iter(differ.items()))
         others = [r for r, v in enumerate(ranks) if v != ranks[0]]
+        apart = disagreeing({"samples": counts.get(name, -1)}, device).get("samples")
+        counted = ""
+        if apart is not None and -1 not in apart:       # the same first batch, another length
+            counted = f" ({', '.join(str(apart[r]) for r in others)} samples a pass against {apart[0]})"
         if python:
-            raise PrunekitError(f"rank {', '.join(map(str, others))} has other {name} than rank 0: every rank must "
-                                "pass the same model weights and the whole data (prunekit divides the work among the "
-                                "ranks itself: no DistributedSampler; build the model from the same seed or "
+            raise PrunekitError(f"rank {', '.join(map(str, others))} has other {name} than rank 0{counted}: every "
+                                "rank must pass the same model weights and the whole data (prunekit divides the work "
+                                "among the ranks itself: no DistributedSampler; build the model from the same seed or "
                                 "checkpoint on every rank)")
-        raise PrunekitError(f"rank {', '.join(map(str, others))} read other {name} than rank 0: every machine "
-                            "must have the same checkpoint and data at the same paths (copy them from rank 0's "
+        raise PrunekitError(f"rank {', '.join(map(str, others))} read other {name} than rank 0{counted}: every "
+                            "machine must have the same checkpoint and data at the same paths (copy them from rank 0's "
                             "machine or put them on a shared file system)")
+
+
+def _options_text(options: dict[str, str]) -> str:
+    return "\n".join(f"{name} = {value}" for name, value in sorted(options.items()))
+
+
+_MOST_NAMED = 6
+
+
+def _options_apart(options: dict[str, str], others: list[int], device: torch.device) -> tuple[str, tuple[str, ...]]:
+    """Which options ranks ``others`` were given apart from rank 0's, as " (seed 1 against 0, ...)"
+    (several ranks that differ alike: once; else rank by rank), and the option names it gives. A
+    collective (every rank's options, gathered: a few hundred bytes each); on NCCL the objects
+    travel on ``device``, this rank's GPU, whatever the current CUDA device of the script is."""
+    every = [None] * dist.get_world_size()
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        dist.all_gather_object(every, options)
+    unset = "not given"
+
+    def apart(mine: dict[str, str]) -> list[str]:
+        names = sorted(set(mine) | set(every[0]))
+        return [n for n in names if mine.get(n) != every[0].get(n)]
+
+    def said(mine: dict[str, str], names: list[str]) -> str:
+        text = ", ".join(f"{n} {mine.get(n, unset)} against {every[0].get(n, unset)}" for n in names[:_MOST_NAMED])
+        return text + (f" and {len(names) - _MOST_NAMED} more" if len(names) > _MOST_NAMED else "")
+
+    per_rank = {r: apart(every[r]) for r in others}
+    params = tuple(sorted({n for names in per_rank.values() for n in names}))
+    if not params:
+        return "", ()
+    texts = {r: said(every[r], names) for r, names in per_rank.items()}
+    if len(set(texts.values())) == 1:
+        return f" ({texts[others[0]]})", params
+    return " (" + "; ".join(f"rank {r}: {text}" for r, text in texts.items()) + ")", params
