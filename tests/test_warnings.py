@@ -200,3 +200,27 @@ def test_an_unwritable_home_gives_no_matplotlib_notice(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "matplotlib" not in done.stderr.lower() and "mkdir" not in done.stderr, done.stderr
     assert list((tmp_path / "run" / "plots").glob("*.png"))
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-3", ""])
+def test_a_bad_omp_num_threads_is_refused_before_torch_loads(value):
+    """libgomp answers OMP_NUM_THREADS it cannot use with a blank line and a notice of its own as
+    torch loads; the command line refuses the value in one line first (exit 2), under
+    ``python -m prunekit`` and the ``prunekit`` script alike. A library import is left alone."""
+    import subprocess
+    import sys
+
+    env = _subprocess_env(OMP_NUM_THREADS=value)
+    script = "import sys; sys.argv[0] = '/usr/local/bin/prunekit'; from prunekit.cli import main; sys.exit(main())"
+    for argv in ([sys.executable, "-m", "prunekit", "info", "mlpnet"], [sys.executable, "-c", script, "info", "mlpnet"]):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == (f"prunekit: error: OMP_NUM_THREADS must be a whole number of threads >= 1, "
+                               f"got {value!r}: unset it or set e.g. 1\n")
+        assert done.stdout == ""
+
+
+def test_omp_num_threads_that_libgomp_takes_passes():
+    from prunekit.threads_env import omp_threads_problem
+    assert [omp_threads_problem(v) for v in (None, "1", " 2", "4,2", "16")] == [None] * 5
+    assert all(omp_threads_problem(v) for v in ("0", "-1", "1.5", "abc", "", "2,0"))
