@@ -332,6 +332,8 @@ CLI_CASES = [
     (["bench-latency", "--pruned", CKPT, "--threads", "1", "-1"], "--threads -1: --threads must be positive"),
     (["bench-latency", "--pruned", CKPT, "--batch-sizes", "0"], "--batch-sizes 0: --batch-sizes must be positive"),
     (["bench-latency", "--pruned", CKPT, "--warmup", "-1"], "--warmup -1: --warmup must be 0 or more"),
+    (["bench-latency", "--pruned", CKPT, "--batch-sizes", "1", "1"], "--batch-sizes gives 1 twice: give each once"),
+    (["bench-latency", "--pruned", CKPT, "--threads", "2", "1", "2"], "--threads gives 2 twice: give each once"),
     (["bench-latency", "--model", "mlpnet", "--pruned", f"{H}/adir"], "no pruned model"),
     (["bench-latency", "--pruned", CKPT, "--checkpoint", CKPT], "--checkpoint must be the dense weights"),
     (["bench-latency", "--pruned", f"{H}/notes.txt"], "notes.txt is not a model checkpoint (a text file): pass a run folder"),

@@ -81,6 +81,9 @@ def cmd_bench_latency(args) -> int:
         bad = [v for v in values if v < 1]
         if bad:
             raise PrunekitError(f"{flag} {bad[0]}: {flag} must be positive (1 or more)")
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise PrunekitError(f"{flag} gives {twice} twice: give each once (each is its own row)")
     if args.warmup < 0:
         raise PrunekitError(f"--warmup {args.warmup}: --warmup must be 0 or more (untimed calls of each model)")
     if args.repeats < MIN_REPEATS:
