@@ -318,6 +318,8 @@ CLI_CASES = [
     (["eval", "--model", f"{H}/net.py:pair", *MNIST, "--normalize", "none"], "returns a tuple for one image"),
     (["info", f"{H}/net.py:build"], "--input-shape"),
     (["info", f"{H}/net.py:build", "--input-shape", "1,0"], "is not a shape"),
+    (["info", "mlpnet", "--input-shape", "-1,28,28"], "--input-shape: '-1,28,28' is not a shape"),
+    ([*PRUNE, "--sparsity", "0.5", "--device", "-cpu"], "'-cpu' is not a torch device"),
     (["info", "resnet20", "--input-shape", "3,64,64"], "is not the input of resnet20, 3,32,32"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "net.py:build' model"),
     (["eval", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "name its file again, --model path/to/net.py:build"),

@@ -217,3 +217,18 @@ def test_a_bad_launch_environment_is_refused_in_one_line(env, said, capsys, monk
     assert main(["eval", *MLP, *MNIST, "--json"]) == 2
     err = capsys.readouterr().err
     assert said in err and err.count("\n") == 1, err
+
+
+def test_a_value_starting_with_a_dash_reaches_the_options_own_check():
+    """argparse reads ``-weird`` after ``--out`` as a flag ("expected one argument"); glued to its
+    option it is the option's value, checked (or taken) as any other. Flags after flags stay."""
+    from prunekit.cli import _glue_dash_values, build_parser
+    parser = build_parser()
+    argv = ["prune", "--model", "mlpnet", "--out", "-weird", "--max-memory", "-5G",
+            "--sparsity", "-0.1", "--out", "-h", "--device", "--bogus", "--json", "--exclude", "-x"]
+    assert _glue_dash_values(argv, parser) == [
+        "prune", "--model", "mlpnet", "--out=-weird", "--max-memory=-5G",
+        "--sparsity=-0.1", "--out", "-h", "--device", "--bogus", "--json", "--exclude", "-x"]
+    assert _glue_dash_values(["info", "mlpnet", "--input-shape", "-1,28,28"], parser) == [
+        "info", "mlpnet", "--input-shape=-1,28,28"]
+    assert _glue_dash_values(["-h"], parser) == ["-h"]
