@@ -232,3 +232,20 @@ def test_a_value_starting_with_a_dash_reaches_the_options_own_check():
     assert _glue_dash_values(["info", "mlpnet", "--input-shape", "-1,28,28"], parser) == [
         "info", "mlpnet", "--input-shape=-1,28,28"]
     assert _glue_dash_values(["-h"], parser) == ["-h"]
+
+
+def test_help_gives_the_range_of_each_number():
+    from prunekit.cli import build_parser_for
+
+    def helps(command):
+        return {a.option_strings[0]: a.help for a in build_parser_for(command)._actions if a.option_strings}
+
+    prune, train, bench = helps("prune"), helps("train"), helps("bench-latency")
+    assert "[0, 1)" in prune["--sparsity"] and "(0, 1]" in prune["--flops"] and "(0, 1]" in prune["--params"]
+    for flag in ("--train-samples", "--batch-size", "--stages", "--events"):
+        assert ">= 1" in prune[flag], flag
+    for flag in ("--lr", "--ridge", "--refit-ridge", "--relative-ridge"):
+        assert "> 0" in prune[flag], flag
+    assert "2**63-1" in prune["--seed"] and "2**63-1" in train["--seed"]
+    assert ">= 1" in train["--epochs"] and "> 0" in train["--lr"] and ">= 1" in train["--train-samples"]
+    assert ">= 1" in bench["--threads"] and ">= 1" in bench["--batch-sizes"]

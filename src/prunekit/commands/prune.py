@@ -336,14 +336,14 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--method", default=["magnitude"] if sweep else "magnitude", **many,
                    help=(f"one or more of {', '.join(METHODS)} (default magnitude)" if sweep else
                          f"one of {', '.join(METHODS)} (default magnitude)"))
-    p.add_argument("--sparsity", **many, help="as a share, the prunable weights REMOVED (0.9 or 90%% removes "
+    p.add_argument("--sparsity", **many, help="as a share in [0, 1), the prunable weights REMOVED (0.9 or 90%% removes "
                    "90%%); as a count, the weights KEPT (50k keeps 50,000)")
-    p.add_argument("--flops", **many, help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M); alone, it "
+    p.add_argument("--flops", **many, help="share of dense MACs kept, in (0, 1] (0.3, 30%%), or MACs kept (20M); alone, it "
                    "leaves the count of weights free (falcon chooses it; count-budget methods prune to the "
                    "largest count that fits)")
-    p.add_argument("--params", **many, help="share of all parameters kept (0.1) or count kept (200k)")
+    p.add_argument("--params", **many, help="share of all parameters kept, in (0, 1] (0.1), or count kept (200k)")
     p.add_argument("--train-samples", type=int, default=None,
-                   help="training images used for gradients and BN recalibration (default: all)")
+                   help="training images used for gradients and BN recalibration (>= 1; default: all)")
     p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: every multiplied weight: Conv/Linear, attention, "
                    "embeddings, recurrent)")
     p.add_argument("--exclude", nargs="*", help="module-name patterns to leave dense (default: the "
