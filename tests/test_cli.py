@@ -249,3 +249,16 @@ def test_help_gives_the_range_of_each_number():
     assert "2**63-1" in prune["--seed"] and "2**63-1" in train["--seed"]
     assert ">= 1" in train["--epochs"] and "> 0" in train["--lr"] and ">= 1" in train["--train-samples"]
     assert ">= 1" in bench["--threads"] and ">= 1" in bench["--batch-sizes"]
+
+
+def test_the_summary_says_when_the_flops_budget_bound_a_count_budget(capsys):
+    """--sparsity 0.1 --flops 0.3 prunes 70% with magnitude: the summary says the MACs budget bound."""
+    assets = Path(prunekit.__file__).parent / "assets"
+    base = ["prune", "--model", "mlpnet", "--checkpoint", str(assets / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(assets / "mnist"), "--train-samples", "64"]
+    assert main([*base, "--sparsity", "0.1", "--flops", "0.3"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  sparsity"))
+    assert line.startswith("  sparsity   70.00%") and line.endswith(
+        "; the flops budget bound: the weight budget allowed 10.00%"), line
+    assert main([*base, "--sparsity", "0.8", "--flops", "0.3"]) == 0       # the sparsity bound: said as before
+    assert "bound" not in capsys.readouterr().out

@@ -217,6 +217,18 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
     return record
 
 
+def _flops_bound(one: dict) -> str:
+    """"; the flops budget bound it ..." where a count budget (--sparsity, --params) was also given
+    and the MACs budget made the run keep fewer weights than it allows, else ""."""
+    k, nonzeros, sparsity = one.get("budget_max_nonzeros"), one.get("nonzeros"), one.get("sparsity")
+    if one.get("budget_max_macs") is None or k is None or nonzeros is None or not sparsity or sparsity >= 1:
+        return ""
+    prunable = round(nonzeros / (1 - sparsity))
+    if not nonzeros < k < prunable:
+        return ""
+    return f"; the flops budget bound: the weight budget allowed {100 * (1 - k / prunable):.2f}%"
+
+
 def prune_lines(r: dict) -> list[str]:
     """The summary a run prints: a taper's snapshots first, labelled, so that the result asked for
     is the block right above the time."""
@@ -226,7 +238,8 @@ def prune_lines(r: dict) -> list[str]:
         lines += [f"{one['model']} pruned with {one['method']} ({label}{one['mode']}):",
                   f"  accuracy   {one['dense_accuracy']:.2f}% -> {one['accuracy']:.2f}%"]
         if one["sparsity"] is not None:
-            lines.append(f"  sparsity   {100 * one['sparsity']:.2f}% ({one['nonzeros']:,} prunable weights kept)")
+            lines.append(f"  sparsity   {100 * one['sparsity']:.2f}% ({one['nonzeros']:,} prunable weights kept)"
+                         f"{_flops_bound(one)}")
         lines += [f"  MACs kept  {100 * one['flops_kept']:.2f}% ({one['macs']:,} of {one['dense_macs']:,})",
                   f"  params     {100 * one['params_kept']:.2f}% kept ({one['params']:,})"]
         if "kept_channels" in one:
