@@ -272,3 +272,48 @@ def test_a_lost_ranks_torch_error_is_cut_at_a_sentence_or_word_never_mid_word():
     cut = shortened(one_sentence)
     assert len(cut) <= 160 and cut.endswith("collective...") and one_sentence.startswith(cut[:-3]), cut
     assert shortened("x" * 300) == "x" * 157 + "..."
+
+
+def test_a_value_starting_with_a_dash_reaches_the_options_own_check():
+    """argparse reads ``-weird`` after ``--out`` as a flag ("expected one argument"); glued to its
+    option it is the option's value, checked (or taken) as any other. Flags after flags stay."""
+    from prunekit.cli import _glue_dash_values, build_parser
+    parser = build_parser()
+    argv = ["prune", "--model", "mlpnet", "--out", "-weird", "--max-memory", "-5G",
+            "--sparsity", "-0.1", "--out", "-h", "--device", "--bogus", "--json", "--exclude", "-x"]
+    assert _glue_dash_values(argv, parser) == [
+        "prune", "--model", "mlpnet", "--out=-weird", "--max-memory=-5G",
+        "--sparsity=-0.1", "--out", "-h", "--device", "--bogus", "--json", "--exclude", "-x"]
+    assert _glue_dash_values(["info", "mlpnet", "--input-shape", "-1,28,28"], parser) == [
+        "info", "mlpnet", "--input-shape=-1,28,28"]
+    assert _glue_dash_values(["-h"], parser) == ["-h"]
+
+
+def test_help_gives_the_range_of_each_number():
+    from prunekit.cli import build_parser_for
+
+    def helps(command):
+        return {a.option_strings[0]: a.help for a in build_parser_for(command)._actions if a.option_strings}
+
+    prune, train, bench = helps("prune"), helps("train"), helps("bench-latency")
+    assert "[0, 1)" in prune["--sparsity"] and "(0, 1]" in prune["--flops"] and "(0, 1]" in prune["--params"]
+    for flag in ("--train-samples", "--batch-size", "--stages", "--events"):
+        assert ">= 1" in prune[flag], flag
+    for flag in ("--lr", "--ridge", "--refit-ridge", "--relative-ridge"):
+        assert "> 0" in prune[flag], flag
+    assert "2**63-1" in prune["--seed"] and "2**63-1" in train["--seed"]
+    assert ">= 1" in train["--epochs"] and "> 0" in train["--lr"] and ">= 1" in train["--train-samples"]
+    assert ">= 1" in bench["--threads"] and ">= 1" in bench["--batch-sizes"]
+
+
+def test_the_summary_says_when_the_flops_budget_bound_a_count_budget(capsys):
+    """--sparsity 0.1 --flops 0.3 prunes 70% with magnitude: the summary says the MACs budget bound."""
+    assets = Path(prunekit.__file__).parent / "assets"
+    base = ["prune", "--model", "mlpnet", "--checkpoint", str(assets / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(assets / "mnist"), "--train-samples", "64"]
+    assert main([*base, "--sparsity", "0.1", "--flops", "0.3"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  sparsity"))
+    assert line.startswith("  sparsity   70.00%") and line.endswith(
+        "; the flops budget bound: the weight budget allowed 10.00%"), line
+    assert main([*base, "--sparsity", "0.8", "--flops", "0.3"]) == 0       # the sparsity bound: said as before
+    assert "bound" not in capsys.readouterr().out

@@ -55,6 +55,9 @@ def test_every_prune_option_is_a_recipe_key_and_nothing_else():
 
 @pytest.mark.parametrize("line,message", [
     ("fisher_sample = 10", "unknown key 'fisher_sample'.*did you mean 'fisher_samples'"),
+    ("sparsity = 0.5\nepochs = 3", "unknown key 'epochs'.*did you mean 'final-epochs'"),   # hyphens: as saved
+    ("data-dir = \"x\"\nepochs = 3", "did you mean 'final-epochs'"),
+    ("fisher_samples = 5\nepochs = 3", "did you mean 'final_epochs'"),     # the recipe's own underscores
     ("stages = 2.5", "key 'stages'.*integer"),
     ("stages = \"3\"", "key 'stages'.*integer"),
     ("ridge = \"big\"", "key 'ridge'.*number"),

@@ -166,3 +166,61 @@ def test_every_warning_of_ours_is_a_prunekit_warning():
                 if not (isinstance(first, ast.Call) and getattr(first.func, "id", None) == "PrunekitWarning"):
                     plain.append(f"{path.name}:{node.lineno}")
     assert plain == []
+
+
+def _subprocess_env(**changes) -> dict:
+    import os
+    from pathlib import Path
+
+    import prunekit
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(prunekit.__file__).parent.parent), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(changes)
+    return env
+
+
+def test_an_unwritable_home_gives_no_matplotlib_notice(tmp_path):
+    """HOME that cannot be written (a path under a regular file: not even root can) leaves
+    matplotlib without its config folder; the report's plots are still drawn, and matplotlib's two
+    lines about it ("mkdir -p failed", "created a temporary cache directory") do not reach stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import prunekit
+    pytest.importorskip("matplotlib")
+    (tmp_path / "afile").write_text("")
+    assets = Path(prunekit.__file__).parent / "assets"
+    done = subprocess.run([sys.executable, "-m", "prunekit", "prune", "--model", "mlpnet", "--checkpoint",
+                           str(assets / "mlpnet.safetensors"), "--data", "mnist", "--data-dir", str(assets / "mnist"),
+                           "--train-samples", "64", "--sparsity", "0.5", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300,
+                          env=_subprocess_env(HOME=str(tmp_path / "afile" / "home")))
+    assert done.returncode == 0, done.stderr
+    assert "matplotlib" not in done.stderr.lower() and "mkdir" not in done.stderr, done.stderr
+    assert list((tmp_path / "run" / "plots").glob("*.png"))
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-3", ""])
+def test_a_bad_omp_num_threads_is_refused_before_torch_loads(value):
+    """libgomp answers OMP_NUM_THREADS it cannot use with a blank line and a notice of its own as
+    torch loads; the command line refuses the value in one line first (exit 2), under
+    ``python -m prunekit`` and the ``prunekit`` script alike. A library import is left alone."""
+    import subprocess
+    import sys
+
+    env = _subprocess_env(OMP_NUM_THREADS=value)
+    script = "import sys; sys.argv[0] = '/usr/local/bin/prunekit'; from prunekit.cli import main; sys.exit(main())"
+    for argv in ([sys.executable, "-m", "prunekit", "info", "mlpnet"], [sys.executable, "-c", script, "info", "mlpnet"]):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == (f"prunekit: error: OMP_NUM_THREADS must be a whole number of threads >= 1, "
+                               f"got {value!r}: unset it or set e.g. 1\n")
+        assert done.stdout == ""
+
+
+def test_omp_num_threads_that_libgomp_takes_passes():
+    from prunekit.threads_env import omp_threads_problem
+    assert [omp_threads_problem(v) for v in (None, "1", " 2", "4,2", "16")] == [None] * 5
+    assert all(omp_threads_problem(v) for v in ("0", "-1", "1.5", "abc", "", "2,0"))

@@ -14,6 +14,11 @@ and the building blocks ``Budget``, ``CostModel``, ``ParamSpace``, ``MaskHold``,
 
 __version__ = "0.1.0"     # the package version (pyproject.toml reads it from here)
 
+from . import threads_env
+
+if threads_env.run_as_program():      # before torch loads: libgomp reads OMP_NUM_THREADS then
+    threads_env.refuse_bad_omp_threads()
+
 from . import methods
 from .api import prune
 from .budget import Budget, ResolvedBudget

@@ -288,8 +288,8 @@ def _end_now(code: int) -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    argv = _glue_negative_sizes(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
+    argv = _glue_dash_values(sys.argv[1:] if argv is None else list(argv), parser)
     try:
         _apply_recipe(parser, argv)          # reads --resume DIR or --recipe FILE: one machine may lack them
     except PrunekitError as err:
@@ -337,13 +337,25 @@ def _main(argv: list[str] | None) -> int:
         return 2
 
 
-def _glue_negative_sizes(argv: list[str]) -> list[str]:
-    """``--max-memory -5G`` as ``--max-memory=-5G``, refused then by the option's own check:
-    argparse reads a word that starts with "-" and is not a plain number as a flag ("expected one
-    argument")."""
+def _glue_dash_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``--out -weird``, ``--input-shape -1,28,28``, ``--max-memory -5G`` as ``--out=-weird`` ...,
+    refused then (or taken) by the option's own check: argparse reads a word that starts with "-"
+    and is not a plain number as a flag, and says only "expected one argument". Glued: a word
+    after an option of the command that takes one value, starting with a single "-" and not
+    itself a flag of the command (``--out -h`` still asks for help; ``--out --bogus`` stays a
+    missing value, a long word being most likely a flag)."""
+    command = next((word for word in argv if not word.startswith("-")), None)
+    commands = parser._subparsers._group_actions[0].choices
+    if command not in commands:
+        return argv
+    actions = [*parser._actions, *commands[command]._actions]
+    flags = {flag for action in actions for flag in action.option_strings}
+    one_value = {flag for action in actions if action.option_strings and action.nargs is None
+                 for flag in action.option_strings}
     glued: list[str] = []
     for word in argv:
-        if glued and glued[-1] == "--max-memory" and re.fullmatch(r"-[\d.]+\w*", word):
+        if (glued and glued[-1] in one_value and word.startswith("-") and not word.startswith("--")
+                and len(word) > 1 and word not in flags):
             glued[-1] += "=" + word
         else:
             glued.append(word)

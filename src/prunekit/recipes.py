@@ -66,7 +66,7 @@ def validate(raw: dict, parser: argparse.ArgumentParser, where: str = "recipe") 
         dest = key.replace("-", "_")
         if dest not in actions:
             close = closest(dest, actions)
-            if close and "-" in key:           # in the spelling the recipe uses
+            if close and not _underscored(key, raw):     # in the spelling the recipe uses
                 close = close.replace("_", "-")
             hint = f" (did you mean {close!r}?)" if close else ""
             raise PrunekitError(f"unknown key {key!r} in {where}: not an option of `{parser.prog}`{hint}")
@@ -74,6 +74,14 @@ def validate(raw: dict, parser: argparse.ArgumentParser, where: str = "recipe") 
             raise PrunekitError(f"key {key!r} in {where} is given twice (with - and with _): keep one")
         values[dest] = _convert(actions[dest], key, value, where)
     return values
+
+
+def _underscored(key: str, raw: dict) -> bool:
+    """The recipe spells keys with underscores (fisher_samples), judged by ``key`` itself, else by
+    its other keys; hyphens (fisher-samples, as saved run configs and the flags spell them) otherwise."""
+    if "-" in key or "_" in key:
+        return "_" in key
+    return any("_" in other for other in raw) and not any("-" in other for other in raw)
 
 
 def apply_recipe(parser: argparse.ArgumentParser, values: dict) -> None:

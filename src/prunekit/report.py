@@ -13,8 +13,12 @@ it has no plots.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import sys
+import tempfile
 import textwrap
 import urllib.parse
 from pathlib import Path
@@ -29,7 +33,34 @@ class MissingPlotting(PrunekitError):
     """matplotlib is not installed: reports are written without plots."""
 
 
+def _writable_config_dir() -> None:
+    """Point MPLCONFIGDIR at a temporary folder (removed at exit) when it is unset and the folders
+    matplotlib would use by default cannot be written (HOME read-only or missing): matplotlib would
+    do the same, but say so on stderr in two lines of its own."""
+    if "matplotlib" in sys.modules or os.environ.get("MPLCONFIGDIR"):
+        return
+    home = os.path.expanduser("~")
+    if sys.platform.startswith(("linux", "freebsd")):
+        folders = [os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"), "matplotlib"),
+                   os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache"), "matplotlib")]
+    else:
+        folders = [os.path.join(home, ".matplotlib")]
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError:
+            break
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            break
+    else:
+        return
+    temporary = tempfile.mkdtemp(prefix="prunekit-matplotlib-")
+    atexit.register(shutil.rmtree, temporary, True)
+    os.environ["MPLCONFIGDIR"] = temporary
+
+
 def _pyplot():
+    _writable_config_dir()
     try:
         import matplotlib
     except ImportError:

@@ -28,9 +28,9 @@ def add_bench_latency_parser(sub) -> None:
     p.add_argument("--checkpoint", help="weights of the dense model (default: fresh weights; timing does not care)")
     p.add_argument("--pruned", required=True, help="the pruned model: a run folder or its model.safetensors")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64],
-                   help="batch sizes to time, each its own row (default 1 64)")
+                   help="batch sizes to time, each >= 1 and its own row (default 1 64)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                   help="torch CPU thread counts, each its own rows (default 1 2)")
+                   help="torch CPU thread counts, each >= 1 and its own rows (default 1 2)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls of each model first (default 5)")
     p.add_argument("--repeats", type=int, default=30,
                    help=f"timed (dense, pruned) pairs, alternated; medians are reported (default 30, at least {MIN_REPEATS})")
@@ -81,6 +81,9 @@ def cmd_bench_latency(args) -> int:
         bad = [v for v in values if v < 1]
         if bad:
             raise PrunekitError(f"{flag} {bad[0]}: {flag} must be positive (1 or more)")
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise PrunekitError(f"{flag} gives {twice} twice: give each once (each is its own row)")
     if args.warmup < 0:
         raise PrunekitError(f"--warmup {args.warmup}: --warmup must be 0 or more (untimed calls of each model)")
     if args.repeats < MIN_REPEATS:

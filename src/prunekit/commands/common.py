@@ -72,9 +72,9 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True, *, seed: bo
                    "(e.g. 224, after --resize 256)")
     p.add_argument("--eval-split", default="test", choices=("test", "train"),
                    help="split the accuracy is measured on (default test)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default {batch_size})")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (>= 1; default {batch_size})")
     if seed:
-        p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+        p.add_argument("--seed", type=int, default=0, help="seed for every random choice, 0 to 2**63-1 (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 

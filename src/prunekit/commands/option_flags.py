@@ -41,9 +41,9 @@ HELP = {
                          "model at the final budget; later stages keep its multipliers)",
     "layer_search_refine": "falcon++ with --layer-search-mode first: trials of a second search at the last stage, "
                            "from the first stage's multipliers (default 0)",
-    "ridge": "absolute ridge λ of the quadratic model (the papers' setting)",
-    "relative_ridge": "λ as a multiple of the mean Fisher diagonal, used without --ridge (default 0.1)",
-    "stages": "pruning stages (default: chita/falcon 1, chita++ 15, falcon++ auto: 15 stages of 1,000 "
+    "ridge": "absolute ridge λ > 0 of the quadratic model (the papers' setting; default: see --relative-ridge)",
+    "relative_ridge": "λ as a multiple (> 0) of the mean Fisher diagonal, used without --ridge (default 0.1)",
+    "stages": "pruning stages, >= 1 (default: chita/falcon 1, chita++ 15, falcon++ auto: 15 stages of 1,000 "
               "rows on fresh images where the layer search over them is cheap, else 5)",
     "schedule": "kept share per stage (default poly)",
     "revive": "let weights pruned in earlier stages come back",
@@ -57,12 +57,12 @@ HELP = {
                   "re-estimation) or last (the last stage's result)",
     "block_size": "backsolve in blocks of this many weights (large models)",
     "obs_block_size": "woodfisher: size of the inverse Fisher's diagonal blocks (default 128)",
-    "events": "gradual: prune events (default 4)",
+    "events": "gradual: prune events, >= 1 (default 4)",
     "event_schedule": "gradual: kept share per event, poly | exp | linear | const (default poly)",
     "start_keep": "gradual: share kept before the first event's schedule point, 0-1 (default 0.9)",
     "epochs_per_event": "gradual: fine-tuning epochs after each event but the last (default 1)",
     "final_epochs": "gradual: fine-tuning epochs after the last event (default 2)",
-    "lr": "gradual: peak learning rate of each cosine cycle (default 0.01); taper: SGD rate of the weights",
+    "lr": "gradual: peak learning rate (> 0) of each cosine cycle (default 0.01); taper: SGD rate of the weights",
     "gate_batches": "autobot: gate-training batches (default 200)",
     "gate_bn": "autobot: BatchNorm while the gates train: frozen (running statistics, the paper's frozen "
                "network; default) or batch (each batch's own statistics, as after recalibration: better at "
@@ -106,7 +106,7 @@ HELP = {
                      "samples, fewer where memory cannot hold both networks' activations of them at once "
                      "(default: auto for chita, falcon, woodfisher and their ++ forms; 0 for the magnitude "
                      "methods and the hybrid)",
-    "refit_ridge": "ridge of that least squares as a multiple of the mean diagonal of XᵀX (default 0.001)",
+    "refit_ridge": "ridge of that least squares as a multiple (> 0) of the mean diagonal of XᵀX (default 0.001)",
     "channel_multiple": "keep a multiple of this many channels in every group (default 1: exact counts; "
                         "8 measured no faster on ResNet-56, see docs/benchmarks.md)",
 }

@@ -228,6 +228,18 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
     return record
 
 
+def _flops_bound(one: dict) -> str:
+    """"; the flops budget bound it ..." where a count budget (--sparsity, --params) was also given
+    and the MACs budget made the run keep fewer weights than it allows, else ""."""
+    k, nonzeros, sparsity = one.get("budget_max_nonzeros"), one.get("nonzeros"), one.get("sparsity")
+    if one.get("budget_max_macs") is None or k is None or nonzeros is None or not sparsity or sparsity >= 1:
+        return ""
+    prunable = round(nonzeros / (1 - sparsity))
+    if not nonzeros < k < prunable:
+        return ""
+    return f"; the flops budget bound: the weight budget allowed {100 * (1 - k / prunable):.2f}%"
+
+
 def prune_lines(r: dict) -> list[str]:
     """The summary a run prints: a taper's snapshots first, labelled, so that the result asked for
     is the block right above the time."""
@@ -237,7 +249,8 @@ def prune_lines(r: dict) -> list[str]:
         lines += [f"{one['model']} pruned with {one['method']} ({label}{one['mode']}):",
                   f"  accuracy   {one['dense_accuracy']:.2f}% -> {one['accuracy']:.2f}%"]
         if one["sparsity"] is not None:
-            lines.append(f"  sparsity   {100 * one['sparsity']:.2f}% ({one['nonzeros']:,} prunable weights kept)")
+            lines.append(f"  sparsity   {100 * one['sparsity']:.2f}% ({one['nonzeros']:,} prunable weights kept)"
+                         f"{_flops_bound(one)}")
         lines += [f"  MACs kept  {100 * one['flops_kept']:.2f}% ({one['macs']:,} of {one['dense_macs']:,})",
                   f"  params     {100 * one['params_kept']:.2f}% kept ({one['params']:,})"]
         if "kept_channels" in one:
@@ -347,14 +360,14 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--method", default=["magnitude"] if sweep else "magnitude", **many,
                    help=(f"one or more of {', '.join(METHODS)} (default magnitude)" if sweep else
                          f"one of {', '.join(METHODS)} (default magnitude)"))
-    p.add_argument("--sparsity", **many, help="as a share, the prunable weights REMOVED (0.9 or 90%% removes "
+    p.add_argument("--sparsity", **many, help="as a share in [0, 1), the prunable weights REMOVED (0.9 or 90%% removes "
                    "90%%); as a count, the weights KEPT (50k keeps 50,000)")
-    p.add_argument("--flops", **many, help="share of dense MACs kept (0.3, 30%%) or MACs kept (20M); alone, it "
+    p.add_argument("--flops", **many, help="share of dense MACs kept, in (0, 1] (0.3, 30%%), or MACs kept (20M); alone, it "
                    "leaves the count of weights free (falcon chooses it; count-budget methods prune to the "
                    "largest count that fits)")
-    p.add_argument("--params", **many, help="share of all parameters kept (0.1) or count kept (200k)")
+    p.add_argument("--params", **many, help="share of all parameters kept, in (0, 1] (0.1), or count kept (200k)")
     p.add_argument("--train-samples", type=int, default=None,
-                   help="training images used for gradients and BN recalibration (default: all)")
+                   help="training images used for gradients and BN recalibration (>= 1; default: all)")
     p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: every multiplied weight: Conv/Linear, attention, "
                    "embeddings, recurrent)")
     p.add_argument("--exclude", nargs="*", help="module-name patterns to leave dense (default: the "

@@ -197,11 +197,11 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_data_args(p, batch_size=128, batch_help="training batch size (evaluation uses 512)")
     add_device_arg(p)
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training split (default 10)")
-    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine schedule (default 0.1)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training split (>= 1; default 10)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine schedule (> 0; default 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default 5e-4)")
     p.add_argument("--train-samples", type=int, default=None,
-                   help="train on this many training images, a random subset drawn with --seed (default: all)")
+                   help="train on this many training images (>= 1), a random subset drawn with --seed (default: all)")
     p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR-style)")
     p.add_argument("--out", help="run folder for the trained model (safetensors + JSON), with a checkpoint "
                    "after every epoch: the same command again carries on after a kill")

@@ -97,7 +97,11 @@ class QuadraticOptions(RefitOptions):
                               "to: drop first_order or use fisher_kind empirical", ("first_order", "fisher_kind"))
 
     def check_given(self) -> None:
-        idle = [name for name in ("schedule", "revive", "fresh_samples") if name in self.given]
+        super().check_given()
+        if "relative_ridge" in self.given and self.ridge is not None:
+            raise OptionError(f"relative_ridge sets λ when ridge is not given, and ridge is {self.ridge:g}: "
+                              "give one of them, not both", ("relative_ridge", "ridge"))
+        idle = [name for name in ("schedule", "revive", "fresh_samples", "final_pick") if name in self.given]
         if idle and self.stages == 1:
             named = ", ".join(idle)
             raise OptionError(f"{named} shape{'s' if len(idle) == 1 else ''} the stages of a multi-stage run, and "

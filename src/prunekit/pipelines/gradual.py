@@ -52,6 +52,13 @@ class GradualOptions(Options):
                    "lr": Real(0, open_low=True), "momentum": Real(0, 1), "weight_decay": Real(0),
                    "event_schedule": OneOf(KINDS), "start_keep": Real(0, 1, open_low=True)}
 
+    def check_given(self) -> None:
+        super().check_given()
+        if "finetune_temperature" in self.given and not self.finetune_distill:
+            raise OptionError("finetune_temperature softens the dense model's outputs for finetune_distill, and "
+                              "finetune_distill is 0: give finetune_distill (e.g. 0.9) or leave "
+                              "finetune_temperature out", ("finetune_temperature", "finetune_distill"))
+
 
 def event_budgets(budget: ResolvedBudget, dense_macs: int, opts: GradualOptions) -> list[ResolvedBudget]:
     """The budget of each prune event: both the count and the MACs follow the schedule and end

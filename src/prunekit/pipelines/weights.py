@@ -67,6 +67,12 @@ class RefitOptions(Options):
     refit_ridge: float = RIDGE
     constraints = {"refit_batches": IntegerOrAuto(0), "refit_ridge": Real(0, open_low=True)}
 
+    def check_given(self) -> None:
+        super().check_given()
+        if "refit_ridge" in self.given and self.refit_batches == 0:
+            raise OptionError("refit_ridge shapes the re-fit, and refit_batches is 0: give refit_batches "
+                              "(e.g. 8 or auto) or leave refit_ridge out", ("refit_ridge", "refit_batches"))
+
 
 @dataclass
 class PruneContext:

@@ -57,6 +57,18 @@ class ChannelOptions(Options):
                    "finetune_temperature": Real(0, open_low=True), "depth_flops": Real(0, 1, open_low=True),
                    "depth_batches": Integer(1), "depth_per": OneOf(("macs", "time"))}
 
+    def check_given(self) -> None:
+        super().check_given()
+        idle = [name for name in ("finetune_lr", "finetune_temperature") if name in self.given]
+        if idle and not self.finetune_epochs:
+            named = " and ".join(idle)
+            raise OptionError(f"{named} shape{'s' if len(idle) == 1 else ''} the fine-tune, and finetune_epochs is 0: "
+                              f"give finetune_epochs (e.g. 3) or leave {named} out", (*idle, "finetune_epochs"))
+        if "finetune_temperature" in self.given and not self.finetune_distill:
+            raise OptionError("finetune_temperature softens the dense model's outputs for finetune_distill, and "
+                              "finetune_distill is 0: give finetune_distill (e.g. 0.9) or leave "
+                              "finetune_temperature out", ("finetune_temperature", "finetune_distill"))
+
     def channel_targets(self, shares: list[float]) -> list[float]:
         """The shares of the dense MACs the channel cut itself must reach for budget ``shares``
         (the hybrid's cut stops at structured_flops, its weights phase does the rest)."""

@@ -56,7 +56,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..losses import LossFn, mean_loss
-from ..options import Integer, Real, Shares
+from ..options import Integer, OptionError, Real, Shares
 from ..train import distillation_loss
 from .gates import GatedMacs, GateHooks, fold_gates
 from .groups import GroupSet
@@ -106,6 +106,13 @@ class TaperOptions(ChannelOptions):
                    "check_every": Integer(1), "slow_down": Real(0, 1, open_low=True),
                    "speed_up": Real(1), "taper_distill": Real(0, 1),
                    "taper_temperature": Real(0, open_low=True), "rise_tol": Real(0), "flat_tol": Real(0), "loss_average": Real(0, 1)}
+
+    def check_given(self) -> None:
+        super().check_given()
+        if "taper_temperature" in self.given and not self.taper_distill:
+            raise OptionError("taper_temperature softens the dense model's outputs for taper_distill, and "
+                              "taper_distill is 0: give taper_distill (e.g. 0.5) or leave taper_temperature out",
+                              ("taper_temperature", "taper_distill"))
 
 
 @dataclass
