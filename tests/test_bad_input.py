@@ -227,6 +227,12 @@ CLI_CASES = [
     ([*PRUNE, "--method", "autobot"], "needs --flops"),
     ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--channel-multiple", "0"], "--channel-multiple must be at least 1"),
     ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--events", "0"], "events"),
+    # more gradient rows (the method's default 1000) than training images: refused before --out is made,
+    # and before a sweep's first run (its magnitude run would otherwise finish and leave the chita folder empty)
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--train-samples", "64", "--out", f"{H}/pc"],
+     "the training data holds 64 samples, 1000 gradient rows"),
+    (["sweep", *MLP, *MNIST, "--train-samples", "64", "--method", "magnitude", "chita", "--sparsity", "0.5",
+      "--out", f"{H}/sw"], "the training data holds 64 samples, 1000 gradient rows"),
     ([*PRUNE, "--method", "taper", "--flops", "0.5", "--snapshots", "0.3"], "--snapshots must be distinct shares above"),
     ([*PRUNE, "--method", "taper", "--flops", "0.5", "--snapshots", "0.7", "0.7"], "--snapshots must be distinct"),
     ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--lr", "inf"], "--lr must be a finite number"),

@@ -99,12 +99,23 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _check_rows_fit_the_data(args, train_batches) -> None:
-    """--fisher-samples above the training images is refused before the request's memory check,
-    which would otherwise suggest an n the data cannot give (per-sample rows from one pass)."""
-    rows = getattr(args, "fisher_samples", None)
-    if (isinstance(rows, int) and "fisher_samples" in lookup(args.method).options.names()
-            and (args.fisher_batch or 1) == 1 and not args.fresh_samples):
+def _check_rows_fit_the_data(args, train_batches, method: str | None = None) -> None:
+    """More gradient rows than training images (--fisher-samples, given or the method's default)
+    are refused before the request's memory check, which would otherwise suggest an n the data cannot
+    give (per-sample rows from one pass), and before a run folder is made. ``method``: one run of a
+    sweep. A stages "auto" schedule picks its own rows: checked only when --fisher-samples is given."""
+    row = lookup(method or args.method)
+    names = row.options.names()
+    if "fisher_samples" not in names or train_batches is None:
+        return
+    given = {k: v for k, v in method_options(args).items() if k in names}
+
+    def setting(name, default=None):
+        return given.get(name, row.defaults.get(name, getattr(row.options, name, default)))
+    rows = setting("fisher_samples")
+    if setting("stages", 1) == "auto" and "fisher_samples" not in given:
+        return
+    if isinstance(rows, int) and (setting("fisher_batch", 1) or 1) == 1 and not setting("fresh_samples", False):
         check_sample_count(train_batches.samples_per_pass(), rows)
 
 
