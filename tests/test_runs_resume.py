@@ -279,3 +279,27 @@ def test_a_finished_run_missing_its_sidecar_or_result_gets_them_back(tmp_path, c
     (out / "model.json").write_text("[]")            # JSON, not prunekit's: a run folder's own file, written again
     assert main(["prune", "--resume", str(out), "--json"]) == 0
     assert json.loads((out / "model.json").read_text())["prunekit_sidecar"] == 1
+
+
+def test_resume_of_a_finished_run_says_a_command_that_runs_it_anew(tmp_path, capsys, monkeypatch):
+    """--resume of a finished run says how to run it anew; --resume takes no --force, so its note
+    names a command that does (found by a user: "--force runs it anew", then "leave out --force")."""
+    import re
+    import shlex
+    monkeypatch.chdir(tmp_path)
+    args = ["prune", *MLP[:MLP.index("--fisher-samples")], "--sparsity", "0.5", "--out", "run", "--json"]
+    assert main(args) == 0
+    os.utime(tmp_path / "run" / "model.safetensors", ns=(0, 0))     # shows whether it ran anew
+    capsys.readouterr()
+    assert main(["prune", "--resume", "run", "--json"]) == 0
+    assert os.stat(tmp_path / "run" / "model.safetensors").st_mtime_ns == 0
+    note = capsys.readouterr().err
+    command = re.search(r"as does `(prunekit prune [^`]*)`", note)
+    assert command and "--force" in command.group(1) and "the original command with --force runs it anew" in note, note
+    assert main(shlex.split(command.group(1))[1:] + ["--json"]) == 0, capsys.readouterr().err
+    assert os.stat(tmp_path / "run" / "model.safetensors").st_mtime_ns != 0
+    assert "holds this run, finished" not in capsys.readouterr().err
+    os.utime(tmp_path / "run" / "model.safetensors", ns=(0, 0))     # and the original command with --force
+    assert main([*args, "--force"]) == 0
+    assert os.stat(tmp_path / "run" / "model.safetensors").st_mtime_ns != 0
+    assert "holds this run, finished" not in capsys.readouterr().err

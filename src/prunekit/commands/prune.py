@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -92,8 +93,11 @@ def cmd_prune(args) -> int:
     finished = bool(args.out) and not args.force and runs.RunFolder(args.out).read_metrics().get("status") == "done"
     record = prune_into(args, plan, loaded, eval_loader, train_batches)
     if finished and distributed.is_main_process():     # (a different request was refused inside prune_into)
-        print(f"prunekit: note: {args.out} holds this run, finished: its result again, nothing was run "
-              "(--force runs it anew)", file=sys.stderr)
+        anew = ("--force runs it anew" if not getattr(args, "resume", None) else    # --resume takes no --force
+                f"the original command with --force runs it anew, as does `prunekit prune --recipe "
+                f"{shlex.quote(str(Path(args.out) / 'config.toml'))} --force`; or give another --out")
+        print(f"prunekit: note: {args.out} holds this run, finished: its result again, nothing was run ({anew})",
+              file=sys.stderr)
     saved = [f"  saved to   {args.out}" + (f" (ONNX: {record['onnx']})" if record.get("onnx") else "")]
     emit(args, record, prune_lines(record) + (saved if args.out else []))
     return 0
