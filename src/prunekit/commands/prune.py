@@ -89,6 +89,7 @@ def cmd_prune(args) -> int:
     train_batches = training_batches(args, loaded)
     _check_rows_fit_the_data(args, train_batches)
     plan = request_of(args, loaded).plan()
+    _check_rows_fit_the_data(args, train_batches, options=plan.options)     # the method's default rows too
     warn_if_random_weights(args)
     finished = bool(args.out) and not args.force and runs.RunFolder(args.out).read_metrics().get("status") == "done"
     record = prune_into(args, plan, loaded, eval_loader, train_batches)
@@ -103,23 +104,23 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _check_rows_fit_the_data(args, train_batches, method: str | None = None) -> None:
-    """More gradient rows than training images (--fisher-samples, given or the method's default)
-    are refused before the request's memory check, which would otherwise suggest an n the data cannot
-    give (per-sample rows from one pass), and before a run folder is made. ``method``: one run of a
-    sweep. A stages "auto" schedule picks its own rows: checked only when --fisher-samples is given."""
+def _check_rows_fit_the_data(args, train_batches, method: str | None = None, options=None) -> None:
+    """More per-sample gradient rows (from one pass) than training images are refused before any work
+    and before a run folder is made. Without ``options``: --fisher-samples as given, checked before the
+    request's memory check, which would otherwise suggest an n the data cannot give. ``options``: the
+    planned run's (the method's default fisher_samples too), checked once its options are. ``method``:
+    one run of a sweep. A stages "auto" schedule picks its own rows: checked only when they are given."""
     row = lookup(method or args.method)
-    names = row.options.names()
-    if "fisher_samples" not in names or train_batches is None:
+    if "fisher_samples" not in row.options.names() or train_batches is None:
         return
-    given = {k: v for k, v in method_options(args).items() if k in names}
-
-    def setting(name, default=None):
-        return given.get(name, row.defaults.get(name, getattr(row.options, name, default)))
-    rows = setting("fisher_samples")
-    if setting("stages", 1) == "auto" and "fisher_samples" not in given:
-        return
-    if isinstance(rows, int) and (setting("fisher_batch", 1) or 1) == 1 and not setting("fresh_samples", False):
+    if options is None:
+        given = {k: v for k, v in method_options(args).items() if k in row.options.names()}
+        rows, batch, fresh = given.get("fisher_samples"), given.get("fisher_batch") or 1, given.get("fresh_samples")
+    else:
+        if getattr(options, "stages", 1) == "auto" and "fisher_samples" not in options.given:
+            return
+        rows, batch, fresh = options.fisher_samples, options.fisher_batch, options.fresh_samples
+    if isinstance(rows, int) and batch == 1 and not fresh:
         check_sample_count(train_batches.samples_per_pass(), rows)
 
 

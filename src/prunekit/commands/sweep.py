@@ -79,8 +79,9 @@ def cmd_sweep(args) -> int:
     eval_loader = eval_data(args, dense_model)
     train_batches = training_batches(args, dense_model)
     for method, budget in plan:           # refuse a bad method, option, budget or data size before the first run:
-        _check_rows_fit_the_data(args, train_batches, method)    # prune's own checks, for every run
-        request_of(args, dense_model, method, budget).plan()
+        _check_rows_fit_the_data(args, train_batches, method)    # prune's own checks, in its order, for every run
+        planned_run = request_of(args, dense_model, method, budget).plan()
+        _check_rows_fit_the_data(args, train_batches, method, planned_run.options)
     for method, budget in plan:           # a run folder of another sweep is refused before the first run
         check_run_folder(run_args_of(args, method, budget))
     warn_if_random_weights(args)
