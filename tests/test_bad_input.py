@@ -227,6 +227,18 @@ CLI_CASES = [
     ([*PRUNE, "--method", "autobot"], "needs --flops"),
     ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--channel-multiple", "0"], "--channel-multiple must be at least 1"),
     ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--events", "0"], "events"),
+    # runaway schedules: refused above a documented cap (each would otherwise run practically forever)
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--stages", "101", "--fisher-samples", "8",
+      "--train-samples", "64", "--no-stage-eval"], "--stages must be at most 100, got 101"),
+    ([*PRUNE, "--method", "falcon++", "--flops", "0.5", "--stages", "101"], "--stages must be 'auto' or at most 100"),
+    ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--events", "101", "--epochs-per-event", "0",
+      "--final-epochs", "0", "--no-stage-eval"], "--events must be at most 100, got 101"),
+    # more gradient rows (the method's default 1000) than training images: refused before --out is made,
+    # and before a sweep's first run (its magnitude run would otherwise finish and leave the chita folder empty)
+    ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--train-samples", "64", "--out", f"{H}/pc"],
+     "the training data holds 64 samples, 1000 gradient rows"),
+    (["sweep", *MLP, *MNIST, "--train-samples", "64", "--method", "magnitude", "chita", "--sparsity", "0.5",
+      "--out", f"{H}/sw"], "the training data holds 64 samples, 1000 gradient rows"),
     ([*PRUNE, "--method", "taper", "--flops", "0.5", "--snapshots", "0.3"], "--snapshots must be distinct shares above"),
     ([*PRUNE, "--method", "taper", "--flops", "0.5", "--snapshots", "0.7", "0.7"], "--snapshots must be distinct"),
     ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--lr", "inf"], "--lr must be a finite number"),

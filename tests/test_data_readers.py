@@ -417,3 +417,64 @@ def test_image_folder_limit_reads_only_the_subset(tmp_path, monkeypatch):
         assert len(set(opened)) == 4                  # the 8 other files were never opened
     with pytest.warns(PrunekitWarning, match="holds 12 images, fewer than the 100 asked for: using all 12"):
         assert len(load_dataset("imagefolder", tmp_path, limit=100)) == 12     # at most: all 12, in order
+
+
+# ---------------------------------------------------------------- MNIST and Fashion-MNIST told apart
+
+
+def _fingerprint(raw: bytes) -> tuple[int, str]:
+    import hashlib
+    return len(raw), hashlib.md5(raw).hexdigest()
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_the_other_data_sets_official_files_are_refused(tmp_path, monkeypatch, split, compress):
+    """MNIST and Fashion-MNIST share file names and sizes: a folder holding the other one's official files
+    is refused in one line naming the fix (the official fingerprints are stood in for by tiny files' own)."""
+    from prunekit.data import mnist
+    images, labels = write_mnist(tmp_path / "fm", split, 5, compress)
+    prefix = "train" if split == "train" else "t10k"
+    table = {name: dict(files) for name, files in mnist.OFFICIAL_IDX.items()}
+    table["fashion-mnist"][f"{prefix}-labels-idx1-ubyte"] = _fingerprint(idx_bytes(labels))
+    monkeypatch.setattr(mnist, "OFFICIAL_IDX", table)
+    with pytest.raises(PrunekitError, match=r"fm holds Fashion-MNIST's files, not MNIST's .*: --data fashion-mnist, "
+                                            r"or point --data-dir at MNIST's files"):
+        load_dataset("mnist", tmp_path / "fm", split)
+    assert len(load_dataset("fashion-mnist", tmp_path / "fm", split)) == 5     # its own: read as ever
+    write_mnist(tmp_path / "neither", split, 5, compress)                      # a subset, or other files
+    assert len(load_dataset("mnist", tmp_path / "neither", split)) == 5
+    assert len(load_dataset("fashion-mnist", tmp_path / "neither", split)) == 5
+
+
+def test_the_other_data_sets_published_gz_is_refused(tmp_path, monkeypatch):
+    """A .gz that is byte for byte the other data set's download (its published MD5) is refused too, when
+    its content has the official size."""
+    import importlib
+    from prunekit.data import mnist
+    download = importlib.import_module("prunekit.data.download")      # prunekit.data.download is the function
+    images, labels = write_mnist(tmp_path, "test", 5)
+    table = {name: dict(files) for name, files in mnist.OFFICIAL_IDX.items()}
+    table["mnist"]["t10k-images-idx3-ubyte"] = (len(idx_bytes(images)), "0" * 32)      # the size alone matches
+    monkeypatch.setattr(mnist, "OFFICIAL_IDX", table)
+    mnist_files = tuple(download.RemoteFile(f.name, download._md5(tmp_path / f.name)
+                                            if f.name == "t10k-images-idx3-ubyte.gz" else f.md5)
+                        for f in download.SOURCES["mnist"].files)
+    monkeypatch.setitem(download.SOURCES, "mnist", download.Source(download.SOURCES["mnist"].mirrors, mnist_files))
+    with pytest.raises(PrunekitError, match=r"holds MNIST's files, not Fashion-MNIST's \(t10k-images-idx3-ubyte.gz"):
+        load_dataset("fashion-mnist", tmp_path, "test")
+    assert len(load_dataset("mnist", tmp_path, "test")) == 5
+
+
+def test_eval_refuses_the_other_data_set_in_one_line(tmp_path, monkeypatch, capsys):
+    import prunekit
+    from prunekit.cli import main
+    from prunekit.data import mnist
+    images, labels = write_mnist(tmp_path, "test", 4)
+    table = {name: dict(files) for name, files in mnist.OFFICIAL_IDX.items()}
+    table["mnist"]["t10k-images-idx3-ubyte"] = _fingerprint(idx_bytes(images))
+    monkeypatch.setattr(mnist, "OFFICIAL_IDX", table)
+    ckpt = str(Path(prunekit.__file__).parent / "assets" / "mlpnet.safetensors")
+    code = main(["eval", "--model", "mlpnet", "--checkpoint", ckpt, "--data", "fashion-mnist", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "holds MNIST's files, not Fashion-MNIST's" in err, err

@@ -105,9 +105,40 @@ def test_lock_is_released_and_removed_after_the_block(tmp_path):
         with pytest.raises(PrunekitError, match=rf"pid {os.getpid()}"):      # a second open file description
             with run_lock.held(tmp_path / "a"):
                 pass
-    assert os.listdir(tmp_path / "a") == []
+    assert os.listdir(tmp_path) == []            # the lock file went, and the folder it made, left empty
     with run_lock.held(tmp_path / "a"):
         pass
+
+
+def test_a_refused_block_leaves_no_folder_it_made(tmp_path):
+    """The folders ``held`` made (parents too) go again when the block leaves them empty; a folder that
+    was there before, or that the block wrote in, stays."""
+    with pytest.raises(PrunekitError):
+        with run_lock.held(tmp_path / "new" / "run"):
+            raise PrunekitError("refused")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "mine").mkdir()
+    with run_lock.held(tmp_path / "mine" / "run"):
+        pass
+    assert os.listdir(tmp_path / "mine") == []           # run went, the user's folder stays
+    with run_lock.held(tmp_path / "mine"):
+        pass
+    assert (tmp_path / "mine").is_dir()
+    with run_lock.held(tmp_path / "kept"):
+        (tmp_path / "kept" / "config.toml").write_text("x")
+    assert os.listdir(tmp_path / "kept") == ["config.toml"]
+
+
+def test_prune_refused_inside_the_run_leaves_no_out_folder(tmp_path, monkeypatch, capsys):
+    """A refusal that only the run finds (after the folder was claimed) leaves no --out folder behind."""
+    from prunekit.commands import prune as prune_command
+
+    def refuse(*args, **kwargs):
+        raise PrunekitError("refused by the run")
+    monkeypatch.setattr(prune_command, "execute", refuse)
+    assert main([*PRUNE, "--out", str(tmp_path / "a" / "out")]) == 2
+    assert "refused by the run" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
 
 
 def test_without_fcntl_no_lock_is_taken(tmp_path, monkeypatch):

@@ -319,3 +319,27 @@ def test_resume_of_a_run_made_from_python_says_to_call_prunekit_prune_again(tmp_
     assert err == (f"prunekit: error: {run} is a run started from Python (prunekit.prune(..., out=)): resume it by "
                    f"calling prunekit.prune again with the same arguments and out={str(run)!r}; `prunekit prune "
                    "--resume` carries on runs of the command line\n")
+
+
+def test_resume_of_a_finished_run_says_a_command_that_runs_it_anew(tmp_path, capsys, monkeypatch):
+    """--resume of a finished run says how to run it anew; --resume takes no --force, so its note
+    names a command that does (found by a user: "--force runs it anew", then "leave out --force")."""
+    import re
+    import shlex
+    monkeypatch.chdir(tmp_path)
+    args = ["prune", *MLP[:MLP.index("--fisher-samples")], "--sparsity", "0.5", "--out", "run", "--json"]
+    assert main(args) == 0
+    os.utime(tmp_path / "run" / "model.safetensors", ns=(0, 0))     # shows whether it ran anew
+    capsys.readouterr()
+    assert main(["prune", "--resume", "run", "--json"]) == 0
+    assert os.stat(tmp_path / "run" / "model.safetensors").st_mtime_ns == 0
+    note = capsys.readouterr().err
+    command = re.search(r"as does `(prunekit prune [^`]*)`", note)
+    assert command and "--force" in command.group(1) and "the original command with --force runs it anew" in note, note
+    assert main(shlex.split(command.group(1))[1:] + ["--json"]) == 0, capsys.readouterr().err
+    assert os.stat(tmp_path / "run" / "model.safetensors").st_mtime_ns != 0
+    assert "holds this run, finished" not in capsys.readouterr().err
+    os.utime(tmp_path / "run" / "model.safetensors", ns=(0, 0))     # and the original command with --force
+    assert main([*args, "--force"]) == 0
+    assert os.stat(tmp_path / "run" / "model.safetensors").st_mtime_ns != 0
+    assert "holds this run, finished" not in capsys.readouterr().err

@@ -35,21 +35,46 @@ def held(folder: str | Path, flag: str = "--out") -> Iterator[None]:
         return
     folder = Path(folder)
     path = folder / LOCK_NAME
+    made = _missing(folder)        # the folders this process makes: removed again if left empty
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = _acquire(path, folder, flag)
     except OSError as err:
+        _remove_empty(made)
         if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         raise PrunekitError(_unwritable(folder, flag, err.errno == errno.EROFS)) from None
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         path.unlink(missing_ok=True)      # while still held: a waiting process re-checks the file
+        _remove_empty(made)               # a run refused before writing anything leaves no folder behind
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _missing(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for one in (folder, *folder.parents):
+        if one.exists() or one.is_symlink():
+            break
+        missing.append(one)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; stop at the first that is not."""
+    for one in folders:
+        try:
+            one.rmdir()
+        except OSError:           # not empty (the run wrote in it), or already gone: kept
+            return
 
 
 @contextmanager

@@ -172,11 +172,12 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
 def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: bool = False,
           python: bool = False) -> None:
     """Make ``folder`` this run's: refuse it when it holds another run or files a run would
-    overwrite (unless ``force``, which first removes the other run's files); the same request
-    again (or ``resume``) carries on where it stopped."""
+    overwrite (unless ``force``, which first removes the other run's files, or this run's own once it
+    finished: it runs anew); the same request again (or ``resume``) carries on where it stopped."""
     path = folder.path
     old = folder.config.read_text() if folder.config.exists() else None
-    if force and old != config_text:        # another run's files; this run's own are carried on
+    # another run's files; this run's own are carried on unless it finished (force redoes it)
+    if force and (old != config_text or _finished_or_damaged(folder)):
         wrote_onnx = old is not None and _asked_onnx(old)
         for name in _present(path):
             if name == "model.onnx" and not wrote_onnx:       # the user's own file of that name
@@ -188,6 +189,14 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())
         folder.claimed_afresh = True
+
+
+def _finished_or_damaged(folder: RunFolder) -> bool:
+    """Whether ``folder``'s run finished (or its metrics.json cannot be read): ``force`` runs it anew."""
+    try:
+        return folder.read_metrics().get("status") == "done"
+    except PrunekitError:
+        return True
 
 
 def release_refused(folder: RunFolder | None) -> None:

@@ -43,8 +43,8 @@ HELP = {
                            "from the first stage's multipliers (default 0)",
     "ridge": "absolute ridge λ > 0 of the quadratic model (the papers' setting; default: see --relative-ridge)",
     "relative_ridge": "λ as a multiple (> 0) of the mean Fisher diagonal, used without --ridge (default 0.1)",
-    "stages": "pruning stages, >= 1 (default: chita/falcon 1, chita++ 15, falcon++ auto: 15 stages of 1,000 "
-              "rows on fresh images where the layer search over them is cheap, else 5)",
+    "stages": "pruning stages, >= 1 and at most 100 (default: chita/falcon 1, chita++ 15, falcon++ auto: 15 stages "
+              "of 1,000 rows on fresh images where the layer search over them is cheap, else 5)",
     "schedule": "kept share per stage (default poly)",
     "revive": "let weights pruned in earlier stages come back",
     "fresh_samples": "each stage's gradient rows from training images the earlier stages did not use "
@@ -57,7 +57,7 @@ HELP = {
                   "re-estimation) or last (the last stage's result)",
     "block_size": "backsolve in blocks of this many weights (large models)",
     "obs_block_size": "woodfisher: size of the inverse Fisher's diagonal blocks (default 128)",
-    "events": "gradual: prune events, >= 1 (default 4)",
+    "events": "gradual: prune events, >= 1 and at most 100 (default 4)",
     "event_schedule": "gradual: kept share per event, poly | exp | linear | const (default poly)",
     "start_keep": "gradual: share kept before the first event's schedule point, 0-1 (default 0.9)",
     "epochs_per_event": "gradual: fine-tuning epochs after each event but the last (default 1)",

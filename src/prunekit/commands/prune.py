@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -89,23 +90,38 @@ def cmd_prune(args) -> int:
     train_batches = training_batches(args, loaded)
     _check_rows_fit_the_data(args, train_batches)
     plan = request_of(args, loaded).plan()
+    _check_rows_fit_the_data(args, train_batches, options=plan.options)     # the method's default rows too
     warn_if_random_weights(args)
     finished = bool(args.out) and not args.force and runs.RunFolder(args.out).read_metrics().get("status") == "done"
     record = prune_into(args, plan, loaded, eval_loader, train_batches)
     if finished and distributed.is_main_process():     # (a different request was refused inside prune_into)
-        print(f"prunekit: note: {args.out} holds this run, finished: its result again, nothing was run "
-              "(--force runs it anew)", file=sys.stderr)
+        anew = ("--force runs it anew" if not getattr(args, "resume", None) else    # --resume takes no --force
+                f"the original command with --force runs it anew, as does `prunekit prune --recipe "
+                f"{shlex.quote(str(Path(args.out) / 'config.toml'))} --force`; or give another --out")
+        print(f"prunekit: note: {args.out} holds this run, finished: its result again, nothing was run ({anew})",
+              file=sys.stderr)
     saved = [f"  saved to   {args.out}" + (f" (ONNX: {record['onnx']})" if record.get("onnx") else "")]
     emit(args, record, prune_lines(record) + (saved if args.out else []))
     return 0
 
 
-def _check_rows_fit_the_data(args, train_batches) -> None:
-    """--fisher-samples above the training images is refused before the request's memory check,
-    which would otherwise suggest an n the data cannot give (per-sample rows from one pass)."""
-    rows = getattr(args, "fisher_samples", None)
-    if (isinstance(rows, int) and "fisher_samples" in lookup(args.method).options.names()
-            and (args.fisher_batch or 1) == 1 and not args.fresh_samples):
+def _check_rows_fit_the_data(args, train_batches, method: str | None = None, options=None) -> None:
+    """More per-sample gradient rows (from one pass) than training images are refused before any work
+    and before a run folder is made. Without ``options``: --fisher-samples as given, checked before the
+    request's memory check, which would otherwise suggest an n the data cannot give. ``options``: the
+    planned run's (the method's default fisher_samples too), checked once its options are. ``method``:
+    one run of a sweep. A stages "auto" schedule picks its own rows: checked only when they are given."""
+    row = lookup(method or args.method)
+    if "fisher_samples" not in row.options.names() or train_batches is None:
+        return
+    if options is None:
+        given = {k: v for k, v in method_options(args).items() if k in row.options.names()}
+        rows, batch, fresh = given.get("fisher_samples"), given.get("fisher_batch") or 1, given.get("fresh_samples")
+    else:
+        if getattr(options, "stages", 1) == "auto" and "fisher_samples" not in options.given:
+            return
+        rows, batch, fresh = options.fisher_samples, options.fisher_batch, options.fresh_samples
+    if isinstance(rows, int) and batch == 1 and not fresh:
         check_sample_count(train_batches.samples_per_pass(), rows)
 
 

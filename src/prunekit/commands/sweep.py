@@ -14,7 +14,7 @@ from ..errors import PrunekitError
 from ..methods import lookup
 from ..options import OptionError
 from .common import emit, eval_data, loaded_model, training_batches, warn_if_random_weights, write_report
-from .prune import add_prune_args, method_options, prune_into, request_of, run_config
+from .prune import _check_rows_fit_the_data, add_prune_args, method_options, prune_into, request_of, run_config
 
 
 def sweep_plan(args) -> list[tuple[str, dict]]:
@@ -74,12 +74,14 @@ def cmd_sweep(args) -> int:
     unused = [k for k in method_options(args) if k not in taken and not args.gradual]
     if unused:
         raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
-    for method, budget in plan:           # refuse a bad method, option or budget before the first run
-        request_of(args, dense_model, method, budget).plan()
     planned = [run_args_of(args, method, budget).out for method, budget in plan]
     report.check_report_folder(args.out, planned=planned)  # and a folder whose own files the report would overwrite
     eval_loader = eval_data(args, dense_model)
     train_batches = training_batches(args, dense_model)
+    for method, budget in plan:           # refuse a bad method, option, budget or data size before the first run:
+        _check_rows_fit_the_data(args, train_batches, method)    # prune's own checks, in its order, for every run
+        planned_run = request_of(args, dense_model, method, budget).plan()
+        _check_rows_fit_the_data(args, train_batches, method, planned_run.options)
     for method, budget in plan:           # a run folder of another sweep is refused before the first run
         check_run_folder(run_args_of(args, method, budget))
     warn_if_random_weights(args)

@@ -7,6 +7,7 @@ of dimensions ``d``, then ``d`` 32-bit sizes, then the values in row-major order
 from __future__ import annotations
 
 import gzip
+import hashlib
 import zlib
 from pathlib import Path
 
@@ -24,6 +25,27 @@ FASHION_MNIST_CLASSES = [
 
 _UBYTE = 0x08
 _FILE_PREFIX = {"train": "train", "test": "t10k"}
+_TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+
+# The official files' content, as (bytes, MD5) of each IDX file decompressed: MNIST and Fashion-MNIST use
+# the same file names and sizes, so a folder of the other data set would load without a word. A file that
+# is exactly the other data set's official one is refused (``_check_not_the_other``); a subset or any other
+# file matches neither and is read as ever. The MD5 of a .gz as downloaded is checked too (``download.SOURCES``).
+# MNIST's test files and all of Fashion-MNIST's were checked against copies of the official distributions.
+OFFICIAL_IDX: dict[str, dict[str, tuple[int, str]]] = {
+    "mnist": {
+        "train-images-idx3-ubyte": (47040016, "6bbc9ace898e44ae57da46a324031adb"),
+        "train-labels-idx1-ubyte": (60008, "a25bea736e30d166cdddb491f175f624"),
+        "t10k-images-idx3-ubyte": (7840016, "2646ac647ad5339dbf082846283269ea"),
+        "t10k-labels-idx1-ubyte": (10008, "27ae3e4e09519cfbb04c329615203637"),
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": (47040016, "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+        "train-labels-idx1-ubyte": (60008, "9018921c3c673c538a1fc5bad174d6f9"),
+        "t10k-images-idx3-ubyte": (7840016, "8181f5470baa50b63fa0f6fddb340f0a"),
+        "t10k-labels-idx1-ubyte": (10008, "15d484375f8d13e6eb1aabb0c3f46965"),
+    },
+}
 
 
 def parse_idx(raw: bytes, ndim: int, source: str) -> np.ndarray:
@@ -61,6 +83,24 @@ def _read_bytes(path: Path) -> bytes:
         raise PrunekitError(f"cannot decompress {path} ({error}); download it again") from error
 
 
+def _check_not_the_other(name: str, data_dir: Path, stem: str, path: Path, raw: bytes) -> None:
+    """Refuse ``path`` (``raw``: its decompressed bytes) when it is the other data set's official
+    file of that name. Hashes only a file of the official size (the files are small: milliseconds)."""
+    from prunekit.data.download import SOURCES
+    for other, table in OFFICIAL_IDX.items():
+        official = table.get(stem)
+        if other == name or official is None or len(raw) != official[0]:
+            continue
+        same = hashlib.md5(raw, usedforsecurity=False).hexdigest() == official[1]
+        published = {f.name: f.md5 for f in SOURCES[other].files}.get(path.name) if other in SOURCES else None
+        if not same and published is not None:
+            same = hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest() == published
+        if same:
+            raise PrunekitError(f"{data_dir} holds {_TITLES[other]}'s files, not {_TITLES[name]}'s ({path.name} is "
+                                f"{_TITLES[other]}'s official file): --data {other}, or point --data-dir at "
+                                f"{_TITLES[name]}'s files")
+
+
 def _find(data_dir: Path, stem: str) -> Path | None:
     """``data_dir/stem.gz`` or ``data_dir/stem``, whichever exists first."""
     for candidate in (data_dir / f"{stem}.gz", data_dir / stem):
@@ -84,8 +124,11 @@ def load_mnist_like(name: str, data_dir: Path, split: str) -> ImageDataset:
             f"(or uncompressed); download them with "
             f"`prunekit.data.download('{name}', '{data_dir}')`"
         )
-    images = parse_idx(_read_bytes(image_path), ndim=3, source=str(image_path))
-    labels = parse_idx(_read_bytes(label_path), ndim=1, source=str(label_path))
+    raw_images, raw_labels = _read_bytes(image_path), _read_bytes(label_path)
+    _check_not_the_other(name, data_dir, label_stem, label_path, raw_labels)
+    _check_not_the_other(name, data_dir, image_stem, image_path, raw_images)
+    images = parse_idx(raw_images, ndim=3, source=str(image_path))
+    labels = parse_idx(raw_labels, ndim=1, source=str(label_path))
     if len(images) != len(labels):
         raise PrunekitError(
             f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels; "

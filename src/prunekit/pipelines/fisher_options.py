@@ -15,6 +15,9 @@ from .weights import RefitOptions
 
 SEARCH_MODES = ("stage", "ahead", "first")
 FINAL_PICKS = ("judge", "last")
+# a multi-stage run solves once per stage: more stages than this run practically forever for nothing (the
+# benchmarks use at most 15; docs/benchmarks.md)
+MAX_STAGES = 100
 
 
 @dataclass
@@ -84,7 +87,7 @@ class QuadraticOptions(RefitOptions):
     final_pick: str = "judge"
     constraints = {**RefitOptions.constraints, "final_pick": OneOf(FINAL_PICKS), "fisher_samples": IntegerOrAuto(1), "fisher_dtype": OneOf(tuple(memory_plan.STORAGE_DTYPES)),
                    "max_memory": Memory(), "fisher_batch": Integer(1), "ridge": Real(0, open_low=True),
-                   "relative_ridge": Real(0, open_low=True), "stages": Integer(1), "schedule": OneOf(KINDS),
+                   "relative_ridge": Real(0, open_low=True), "stages": Integer(1, MAX_STAGES), "schedule": OneOf(KINDS),
                    "revive": Flag(), "fresh_samples": Flag(), "first_order": Flag(), "fisher_bn": OneOf(BN_MODES),
                    "fisher_kind": OneOf(("auto", *FISHER_KINDS))}
 
@@ -160,7 +163,7 @@ class FalconOptions(QuadraticOptions):
     layer_search: int | str = "auto"
     layer_search_mode: str = "ahead"
     layer_search_refine: int = 0
-    constraints = {**QuadraticOptions.constraints, "stages": IntegerOrAuto(1), "solver": OneOf(("dfo", "magnitude")),
+    constraints = {**QuadraticOptions.constraints, "stages": IntegerOrAuto(1, MAX_STAGES), "solver": OneOf(("dfo", "magnitude")),
                    "block_size": Integer(1), "support_score": OneOf(SCORES),
                    "layer_search": IntegerOrAuto(0),
                    "layer_search_mode": OneOf(SEARCH_MODES), "layer_search_refine": Integer(0)}

@@ -27,6 +27,10 @@ from .schedule import KINDS, keep_schedule
 from .stages import measure_seconds, resume_stages, stage_completed
 from .weights import Outcome, PruneContext, check_budget
 
+# every event runs the method once more and fine-tunes epochs_per_event epochs: more events than this run
+# practically forever (the default is 4, the benchmarks use 3 and 4; docs/benchmarks.md)
+MAX_EVENTS = 100
+
 
 @dataclass
 class GradualOptions(Options):
@@ -48,7 +52,7 @@ class GradualOptions(Options):
     finetune_distill: float = 0.0
     finetune_temperature: float = 4.0
     constraints = {"finetune_distill": Real(0, 1), "finetune_temperature": Real(0, open_low=True),
-                   "events": Integer(1), "epochs_per_event": Integer(0), "final_epochs": Integer(0),
+                   "events": Integer(1, MAX_EVENTS), "epochs_per_event": Integer(0), "final_epochs": Integer(0),
                    "lr": Real(0, open_low=True), "momentum": Real(0, 1), "weight_decay": Real(0),
                    "event_schedule": OneOf(KINDS), "start_keep": Real(0, 1, open_low=True)}
 
