@@ -164,10 +164,12 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
     ``--resume``, clearing it first with ``--force``), then write its report."""
     main = distributed.is_main_process()           # under torchrun, rank 0 alone writes
     if distributed.current().distributed:          # every machine must read the same weights and data
-        first_train = _first_batch(train_batches) if reads_training_data(plan) else None     # else never loaded
+        reads_training = reads_training_data(plan)                # else the training split is never loaded
+        first_train = _first_batch(train_batches) if reads_training else None
         evaluation, training = "evaluation data (--data-dir)", "training data (--data-dir)"
         distributed.check_same_start(loaded.model, options=_settings(args),
-                                     samples={evaluation: _samples(eval_loader), training: _samples(train_batches)},
+                                     samples={evaluation: _samples(eval_loader),
+                                              training: _samples(train_batches) if reads_training else None},
                                      **{evaluation: _first_batch(eval_loader), training: first_train})
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
