@@ -332,6 +332,14 @@ CLI_CASES = [
     (["info", f"{H}/net.py:build", "--input-shape", "1,0"], "is not a shape"),
     (["info", "mlpnet", "--input-shape", "-1,28,28"], "--input-shape: '-1,28,28' is not a shape"),
     ([*PRUNE, "--sparsity", "0.5", "--device", "-cpu"], "'-cpu' is not a torch device"),
+    # a path starting with "-" is a mistyped option (it was taken: prune made a folder "-weird")
+    ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--out", "-weird"], "--out -weird: a path starting "
+     "with '-' is most likely a mistyped option; give the path (for a file or folder of that name, write ./-weird)"),
+    (["sweep", *MLP, *MNIST, "--method", "magnitude", "--sparsity", "0.5", "--out=-weird"], "write ./-weird"),
+    ([*TRAIN, "--epochs", "1", "--out", "-weird"], "--out -weird: a path starting with '-'"),
+    (["compare", f"{H}/run", "--out", "-weird"], "--out -weird: a path starting with '-'"),
+    (["eval", "--model", "mlpnet", "--checkpoint", "-weird.pth", *MNIST], "write ./-weird.pth"),
+    (["prune", "--recipe", "-weird.toml"], "--recipe -weird.toml: a path starting with '-'"),
     (["info", "resnet20", "--input-shape", "3,64,64"], "is not the input of resnet20, 3,32,32"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "net.py:build' model"),
     (["eval", "--checkpoint", f"{H}/own/model.safetensors", *MNIST], "name its file again, --model path/to/net.py:build"),

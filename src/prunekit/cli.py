@@ -92,6 +92,7 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     peek.add_argument("--resume")
     known, _ = peek.parse_known_args(argv[1:])
     _expand_home(known)
+    _refuse_dash_paths(known, peek)
     sub = parser._subparsers._group_actions[0].choices[argv[0]]
     if known.resume and argv[0] == "sweep":
         raise PrunekitError("sweep takes no --resume: run the same sweep command again to finish it "
@@ -147,6 +148,19 @@ def _expand_home(args) -> None:
         elif isinstance(value, list):
             setattr(args, dest, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
                                  for v in value])
+
+
+def _refuse_dash_paths(args, parser: argparse.ArgumentParser) -> None:
+    """Refuse a path option whose value starts with "-" (``--out -weird``, glued to its option by
+    ``_glue_dash_values``): almost always a mistyped or misplaced option, and a folder so named
+    is read as an option by every tool after. ``./-weird`` names such a folder on purpose.
+    Before any file is read or written, so the same for every command."""
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    for dest in (d for d in PATH_OPTIONS if d not in ("model", "model_flag")):   # "unknown model" lists them
+        value = getattr(args, dest, None)
+        if dest in flags and isinstance(value, str) and value.startswith("-"):
+            raise PrunekitError(f"{flags[dest]} {value}: a path starting with '-' is most likely a mistyped "
+                                f"option; give the path (for a file or folder of that name, write ./{value})")
 
 
 def _from_config(err: PrunekitError, args) -> str:
@@ -296,6 +310,10 @@ def _main(argv: list[str] | None) -> int:
         return _refuse_before_joining(f"prunekit: error: {cli_message(err, _flags(parser))}")
     args = parser.parse_args(argv)
     _expand_home(args)
+    try:
+        _refuse_dash_paths(args, parser._command(args.command))
+    except PrunekitError as err:
+        return _refuse_before_joining(f"prunekit: error: {err}")
     try:
         if distributed.init_from_env(getattr(args, "device", None)):
             if any(distributed.early_refusals(None)):      # another rank refused: it said why
