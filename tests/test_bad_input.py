@@ -237,6 +237,9 @@ CLI_CASES = [
     # and before a sweep's first run (its magnitude run would otherwise finish and leave the chita folder empty)
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--train-samples", "64", "--out", f"{H}/pc"],
      "the training data holds 64 samples, 1000 gradient rows"),
+    ([*PRUNE, "--method", "hybrid", "--flops", "0.3", "--train-samples", "64"], "the training data holds 64 "
+     "samples, 1000 gradient rows of one sample asked (the method's default --fisher-samples): lower "
+     "--fisher-samples to 64 or fewer (or auto"),
     (["sweep", *MLP, *MNIST, "--train-samples", "64", "--method", "magnitude", "chita", "--sparsity", "0.5",
       "--out", f"{H}/sw"], "the training data holds 64 samples, 1000 gradient rows"),
     ([*PRUNE, "--method", "taper", "--flops", "0.5", "--snapshots", "0.3"], "--snapshots must be distinct shares above"),

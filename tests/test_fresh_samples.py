@@ -75,3 +75,13 @@ def test_fresh_samples_beyond_the_data_are_said_and_recorded():
     net, x, y = _tiny()
     assert prunekit.prune(net, (x, y), method="chita++", sparsity=0.5, stages=3, fisher_samples=12, fisher_batch=2,
                           batch_size=10, recalibrate_bn=False, fresh_samples=True).record["fresh_stages"] == 3
+
+
+def test_falcon_says_so_too_when_its_layer_search_is_auto():
+    """FALCON's layer_search "auto" is resolved into new options: what the user set (here
+    fresh_samples) must survive it, or the warning above was never given for falcon."""
+    from prunekit.errors import PrunekitWarning
+    net, x, y = _tiny()
+    with pytest.warns(PrunekitWarning, match=r"take 120 images and the training data holds 96: stages after 2"):
+        prunekit.prune(net, (x, y), method="falcon", flops=0.5, stages=3, fisher_samples=20, fisher_batch=2,
+                       batch_size=10, recalibrate_bn=False, fresh_samples=True)

@@ -366,8 +366,12 @@ def test_auto_takes_no_more_rows_than_the_training_data_holds():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
     result = prunekit.prune(model, data(), method="falcon", flops=0.5, fisher_samples="auto", batch_size=16)
     assert result.record["fisher_samples"] == 64 and result.flops_kept <= 0.5
-    with pytest.raises(PrunekitError, match="holds 64 samples, 65 gradient rows .* lower fisher_samples"):
+    with pytest.raises(PrunekitError, match="holds 64 samples, 65 gradient rows of one sample asked: lower "
+                                            "fisher_samples to 64 or fewer"):
         prunekit.prune(model, data(), method="falcon", flops=0.5, fisher_samples=65, batch_size=16)
+    with pytest.raises(PrunekitError, match=r"holds 64 samples, 1000 gradient rows of one sample asked \(the method's "
+                                            r"default fisher_samples\): lower fisher_samples to 64 or fewer \(or auto"):
+        prunekit.prune(model, data(), method="falcon", flops=0.5, batch_size=16)
 
 
 def test_cli_refuses_in_one_line_with_exit_2(capsys):

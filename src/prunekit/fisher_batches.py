@@ -18,18 +18,21 @@ def gradient_bar(n: int, progress: bool) -> tqdm:
     return tqdm(total=n, desc="gradients", leave=False, disable=not progress, dynamic_ncols=True)
 
 
-def check_enough_samples(batches: Iterable, n: int) -> None:
+def check_enough_samples(batches: Iterable, n: int, default: bool = False) -> None:
     """Refuse, before any gradient, n per-sample rows from one pass over ``batches`` that holds
     fewer samples (where its size is known: ``data.loaders.samples_per_pass``)."""
-    check_sample_count(samples_per_pass(batches), n)
+    check_sample_count(samples_per_pass(batches), n, default)
 
 
-def check_sample_count(available: int | None, n: int) -> None:
-    """Refuse n per-sample rows from one pass of ``available`` samples (None: not known)."""
+def check_sample_count(available: int | None, n: int, default: bool = False) -> None:
+    """Refuse n per-sample rows from one pass of ``available`` samples (None: not known), naming
+    the n that fits. ``default``: n is the method's default fisher_samples, not the user's."""
     if available is not None and available < n:
-        raise OptionError(f"the training data holds {available} samples, {n} gradient rows of one sample asked: "
-                          "lower fisher_samples or give more training samples (mini-batch rows, fisher_batch > 1, "
-                          "read the data pass after pass)", ("fisher_samples", "fisher_batch"))
+        asked = f"{n} gradient rows of one sample asked" + (" (the method's default fisher_samples)" if default else "")
+        raise OptionError(f"the training data holds {available} samples, {asked}: lower fisher_samples to "
+                          f"{available} or fewer (or auto: the most that fit), or give more training samples "
+                          "(or rows of several samples, fisher_batch > 1, read pass after pass)",
+                          ("fisher_samples", "fisher_batch"))
 
 
 def check_filled(filled: int, n: int, batch: int) -> None:

@@ -122,7 +122,8 @@ def _check_rows_fit_the_data(args, train_batches, method: str | None = None, opt
             return
         rows, batch, fresh = options.fisher_samples, options.fisher_batch, options.fresh_samples
     if isinstance(rows, int) and batch == 1 and not fresh:
-        check_sample_count(train_batches.samples_per_pass(), rows)
+        default = options is not None and "fisher_samples" not in options.given
+        check_sample_count(train_batches.samples_per_pass(), rows, default)
 
 
 def check_onnx(loaded: LoadedModel) -> None:

@@ -133,7 +133,9 @@ def resolve_layer_search(ctx: PruneContext, opts: FalconOptions) -> tuple[Falcon
         return opts, {}
     cost = _search_cost(ctx, replace(opts, layer_search=AUTO_LAYER_SEARCH_TRIALS))
     trials = AUTO_LAYER_SEARCH_TRIALS if cost["cheap"] else 0
-    return replace(opts, layer_search=trials), {"trials": trials, **_without_verdict(cost)}
+    chosen = replace(opts, layer_search=trials)
+    chosen.given = opts.given         # (replace builds anew: what the user set is kept, as resolve_stages does)
+    return chosen, {"trials": trials, **_without_verdict(cost)}
 
 
 def _search_cost(ctx: PruneContext, opts: FalconOptions) -> dict:
@@ -295,7 +297,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     if collective.distributed:
         _check_shardable(solve_stage, opts)
     if one_pass:
-        check_enough_samples(ctx.train_batches(), plan.n)     # every rank reads the one stream
+        check_enough_samples(ctx.train_batches(), plan.n,     # every rank reads the one stream
+                             opts.fisher_samples != "auto" and "fisher_samples" not in opts.given)
     fresh_stages = _fresh_stages(ctx, opts, plan.n, len(shares))
     pick = opts.final_pick == "judge"
     kind = opts.rows_kind(ctx.loss_fn is None)
