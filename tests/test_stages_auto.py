@@ -133,3 +133,39 @@ def test_auto_stages_is_falcons_word(capsys):
                  "--data", "mnist", "--data-dir", "src/prunekit/assets/mnist"]) == 2
     err = capsys.readouterr().err
     assert "--stages" in err and len(err.strip().splitlines()) == 1
+
+
+def _no_run(*args, **kwargs):
+    raise AssertionError("the run started (the dense model measured, a run folder made) before the refusal")
+
+
+def test_the_five_stage_schedules_rows_are_checked_before_any_work(monkeypatch, tmp_path, capsys):
+    """stages "auto" without a layer search (or where it is costly) is 5 stages of falcon++'s 500
+    rows from one pass: more than the training data holds is refused before the run starts, on
+    the command line (a sweep's earlier runs included) and in Python; the thorough schedule,
+    which reads the data pass after pass, is not refused."""
+    import prunekit.api
+    import prunekit.commands.prune
+    net, (x, y) = mlp(), data(100)
+    monkeypatch.setattr(prunekit.api, "execute", _no_run)
+    with pytest.raises(PrunekitError, match="holds 100 samples, 500 gradient rows of one sample asked "
+                                            r"\(the method's default fisher_samples\): lower fisher_samples to 100"):
+        prunekit.prune(net, (x, y), method="falcon++", flops=0.5, layer_search=0, batch_size=10,
+                       out=tmp_path / "py")
+    assert not (tmp_path / "py").exists()
+    monkeypatch.setattr(prunekit.commands.prune, "execute", _no_run)
+    mnist = ["--model", "mlpnet", "--data", "mnist", "--data-dir", "src/prunekit/assets/mnist", "--train-samples", "64"]
+    for argv in (["prune", *mnist, "--method", "falcon++", "--flops", "0.5", "--layer-search", "0",
+                  "--out", str(tmp_path / "cli")],
+                 ["sweep", *mnist, "--method", "magnitude", "falcon++", "--flops", "0.5", "--layer-search", "0",
+                  "--out", str(tmp_path / "sweep")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds 64 samples, 500 gradient rows" in err and "--fisher-samples to 64" in err
+    assert not (tmp_path / "cli").exists() and not (tmp_path / "sweep").exists()
+    # the thorough schedule (the search cheap on this MLP) reads its rows pass after pass: not refused
+    request = prunekit.request.PruneRequest(net, x[:1], "falcon++", {"flops": 0.5, "sparsity": None, "params": None},
+                                            None, None, 0, False, True, {})
+    fisher_methods.check_planned_rows(request.plan(), 100, lambda: 10)
+    with pytest.raises(PrunekitError, match="holds 100 samples, 500 gradient rows"):
+        fisher_methods.check_planned_rows(request.plan(), 100, lambda: 10 ** 9)    # a costly search: 5 stages

@@ -40,6 +40,7 @@ from .errors import PrunekitError, PrunekitWarning, single_sample_batchnorm
 from .executor import execute
 from .losses import loss_name
 from .methods import Method, lookup
+from .pipelines.fisher_methods import check_planned_rows
 from .record import Result
 from .request import PruneRequest
 from .runs import RunFolder, claim_on_rank_0, release_refused
@@ -116,6 +117,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     request = PruneRequest(model, example_input, method, budget, include, exclude, seed, gradual, recalibrate_bn,
                            options, loss=loss)
     plan = request.plan()
+    if train_batches is not None:     # gradient rows past the data: refused before the dense model is measured
+        check_planned_rows(plan, samples_per_pass(train_batches()),
+                           lambda: int(first_batch(train_batches, "data")[1].shape[0]))
     if eval_batches is not None and train_batches is not None:     # the plan ran the model on data's first input
         check_runs_on(model, eval_batches, "eval_data", _model_device(model))
     if loss is not None and train_batches is not None:

@@ -20,6 +20,7 @@ from .. import report
 from ..errors import PrunekitError, PrunekitWarning
 from ..saving import read_meta
 from ..zoo.checkpoints import check_checkpoint_path
+from ..api_checks import first_batch
 from ..loading import LoadedModel, check_fits, check_normalized, load_data, load_model, python_saved_refusal
 
 
@@ -221,6 +222,7 @@ def training_batches(args, loaded: LoadedModel):
                   "flipped, as CIFAR-10 models are trained; --no-train-augment gives plain images", file=sys.stderr)
         return make()
     batches.samples_per_pass = lambda: samples_per_pass(make())     # read without the note
+    batches.first_batch_size = lambda: int(first_batch(make, "data")[1].shape[0])
     return batches
 
 

@@ -21,6 +21,7 @@ from ..data.loaders import samples_per_pass
 from ..errors import PrunekitError
 from ..executor import execute
 from ..fisher_batches import check_sample_count
+from ..pipelines.fisher_methods import check_planned_rows
 from ..loading import LoadedModel
 from ..methods import METHODS, lookup
 from ..request import PruneRequest
@@ -90,7 +91,7 @@ def cmd_prune(args) -> int:
     train_batches = training_batches(args, loaded)
     _check_rows_fit_the_data(args, train_batches)
     plan = request_of(args, loaded).plan()
-    _check_rows_fit_the_data(args, train_batches, options=plan.options)     # the method's default rows too
+    _check_rows_fit_the_data(args, train_batches, plan=plan)     # the method's default rows too
     warn_if_random_weights(args)
     finished = bool(args.out) and not args.force and runs.RunFolder(args.out).read_metrics().get("status") == "done"
     record = prune_into(args, plan, loaded, eval_loader, train_batches)
@@ -105,25 +106,22 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _check_rows_fit_the_data(args, train_batches, method: str | None = None, options=None) -> None:
+def _check_rows_fit_the_data(args, train_batches, method: str | None = None, plan=None) -> None:
     """More per-sample gradient rows (from one pass) than training images are refused before any work
-    and before a run folder is made. Without ``options``: --fisher-samples as given, checked before the
-    request's memory check, which would otherwise suggest an n the data cannot give. ``options``: the
-    planned run's (the method's default fisher_samples too), checked once its options are. ``method``:
-    one run of a sweep. A stages "auto" schedule picks its own rows: checked only when they are given."""
+    and before a run folder is made. Without ``plan``: --fisher-samples as given, checked before the
+    request's memory check, which would otherwise suggest an n the data cannot give. ``plan``: the planned run's
+    rows (the method's default fisher_samples too, and the schedule --stages auto will choose), checked
+    once its options are. ``method``: one run of a sweep."""
     row = lookup(method or args.method)
     if "fisher_samples" not in row.options.names() or train_batches is None:
         return
-    if options is None:
-        given = {k: v for k, v in method_options(args).items() if k in row.options.names()}
-        rows, batch, fresh = given.get("fisher_samples"), given.get("fisher_batch") or 1, given.get("fresh_samples")
-    else:
-        if getattr(options, "stages", 1) == "auto" and "fisher_samples" not in options.given:
-            return
-        rows, batch, fresh = options.fisher_samples, options.fisher_batch, options.fresh_samples
+    if plan is not None:
+        check_planned_rows(plan, train_batches.samples_per_pass(), train_batches.first_batch_size)
+        return
+    given = {k: v for k, v in method_options(args).items() if k in row.options.names()}
+    rows, batch, fresh = given.get("fisher_samples"), given.get("fisher_batch") or 1, given.get("fresh_samples")
     if isinstance(rows, int) and batch == 1 and not fresh:
-        default = options is not None and "fisher_samples" not in options.given
-        check_sample_count(train_batches.samples_per_pass(), rows, default)
+        check_sample_count(train_batches.samples_per_pass(), rows)
 
 
 def check_onnx(loaded: LoadedModel) -> None:

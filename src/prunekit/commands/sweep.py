@@ -81,7 +81,7 @@ def cmd_sweep(args) -> int:
     for method, budget in plan:           # refuse a bad method, option, budget or data size before the first run:
         _check_rows_fit_the_data(args, train_batches, method)    # prune's own checks, in its order, for every run
         planned_run = request_of(args, dense_model, method, budget).plan()
-        _check_rows_fit_the_data(args, train_batches, method, planned_run.options)
+        _check_rows_fit_the_data(args, train_batches, method, plan=planned_run)
     for method, budget in plan:           # a run folder of another sweep is refused before the first run
         check_run_folder(run_args_of(args, method, budget))
     warn_if_random_weights(args)

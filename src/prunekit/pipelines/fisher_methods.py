@@ -26,7 +26,7 @@ from ..options import OptionError
 from .. import distributed
 from ..fisher import collect_gradients, keep_columns, passes, skip_samples
 from ..data.loaders import samples_per_pass
-from ..fisher_batches import check_enough_samples
+from ..fisher_batches import check_enough_samples, check_sample_count
 from ..distributed.gradients import collect_sharded_gradients
 from ..solvers.backsolve import GramCache
 from ..solvers.chita import chita
@@ -131,21 +131,27 @@ def resolve_layer_search(ctx: PruneContext, opts: FalconOptions) -> tuple[Falcon
     figures of that choice for the record ({} when layer_search was given)."""
     if opts.layer_search != "auto":
         return opts, {}
-    cost = _search_cost(ctx, replace(opts, layer_search=AUTO_LAYER_SEARCH_TRIALS))
+    cost = _search_cost(_sizes(ctx), replace(opts, layer_search=AUTO_LAYER_SEARCH_TRIALS))
     trials = AUTO_LAYER_SEARCH_TRIALS if cost["cheap"] else 0
     chosen = replace(opts, layer_search=trials)
     chosen.given = opts.given         # (replace builds anew: what the user set is kept, as resolve_stages does)
     return chosen, {"trials": trials, **_without_verdict(cost)}
 
 
-def _search_cost(ctx: PruneContext, opts: FalconOptions) -> dict:
+def _sizes(ctx: PruneContext) -> tuple[int, int, int]:
+    """(samples of the first training batch, dense MACs per example, prunable weights): what the
+    "auto" choices weigh."""
+    return int(first_batch(ctx.train_batches, "data")[1].shape[0]), ctx.costs.macs, ctx.space.numel
+
+
+def _search_cost(sizes: tuple[int, int, int], opts: FalconOptions) -> dict:
     """What all of a run's layer searches cost under ``opts`` (an integer layer_search and
     stages): their forward MACs and trials x prunable weights, the limits of "auto", and whether
-    both are within them ("cheap")."""
-    batch = int(first_batch(ctx.train_batches, "data")[1].shape[0])
+    both are within them ("cheap"). ``sizes``: ``_sizes``."""
+    batch, model_macs, numel = sizes
     all_trials = sum(_search_plan(opts, stage, stage == opts.stages)[0] for stage in range(1, opts.stages + 1))
-    macs = all_trials * (SEARCH_CALIBRATION_BATCHES + SEARCH_JUDGE_BATCHES) * batch * ctx.costs.macs
-    weights = all_trials * ctx.space.numel
+    macs = all_trials * (SEARCH_CALIBRATION_BATCHES + SEARCH_JUDGE_BATCHES) * batch * model_macs
+    weights = all_trials * numel
     return {"forward_macs": macs, "limit_macs": AUTO_LAYER_SEARCH_MACS, "weight_trials": weights,
             "limit_weight_trials": AUTO_LAYER_SEARCH_WEIGHTS,
             "cheap": macs <= AUTO_LAYER_SEARCH_MACS and weights <= AUTO_LAYER_SEARCH_WEIGHTS}
@@ -174,15 +180,41 @@ def resolve_stages(ctx: PruneContext, opts: FalconOptions) -> tuple[FalconOption
     for the record ({} when stages was given)."""
     if opts.stages != "auto":
         return opts, {}
+    return auto_stages(opts, _sizes(ctx))
+
+
+def auto_stages(opts: FalconOptions, sizes: tuple[int, int, int]) -> tuple[FalconOptions, dict]:
+    """``resolve_stages`` for stages "auto", from ``sizes`` (``_sizes``): also before the run, to
+    check the rows the chosen schedule takes against the training data."""
     thorough = replace(opts, **{key: value for key, value in THOROUGH_SCHEDULE.items()
                                 if key == "stages" or key not in opts.given})
     trials = AUTO_LAYER_SEARCH_TRIALS if opts.layer_search == "auto" else opts.layer_search
-    cost = _search_cost(ctx, replace(thorough, layer_search=trials)) if trials else None
+    cost = _search_cost(sizes, replace(thorough, layer_search=trials)) if trials else None
     chosen = thorough if cost and cost["cheap"] else replace(opts, stages=AUTO_STAGES_OTHERWISE)
     chosen.given = opts.given
     return chosen, {"stages": chosen.stages, "thorough": chosen is thorough,
                     **{key: getattr(chosen, key) for key in ("fisher_samples", "fisher_batch", "fresh_samples")},
                     "search_trials": trials, **(_without_verdict(cost) if cost else {})}
+
+
+def check_planned_rows(plan, available: int | None, first_batch_size) -> None:
+    """Refuse, before any work and before a run folder is made, a ``plan`` (``request.Plan``)
+    whose per-sample gradient rows from one pass of the training data outnumber its ``available``
+    samples (None: not known; checked again before the first gradient). Stages "auto" is resolved
+    as the run will resolve it (``first_batch_size()``: the samples of the first training batch),
+    so the 5-stage schedule's rows are checked and the thorough one's, read pass after pass, are
+    not; the hybrid's FALCON phase chooses on the shrunk model, so there only given rows are."""
+    opts = plan.options
+    if available is None or "fisher_samples" not in opts.names():
+        return
+    if getattr(opts, "stages", 1) == "auto":
+        if plan.method.family != "weights":
+            if "fisher_samples" not in opts.given:
+                return
+        else:
+            opts, _ = auto_stages(opts, (first_batch_size(), plan.costs.macs, plan.space.numel))
+    if isinstance(opts.fisher_samples, int) and opts.fisher_batch == 1 and not opts.fresh_samples:
+        check_sample_count(available, opts.fisher_samples, "fisher_samples" not in opts.given)
 
 
 def _fresh_stages(ctx: PruneContext, opts: QuadraticOptions, rows: int, stages: int) -> int | None:
