@@ -320,3 +320,49 @@ def test_a_zoo_model_pruned_from_python_is_named_by_its_zoo_name(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "a zoo model (e.g. mlpnet)" in " ".join(capsys.readouterr().out.split())
+
+
+_KILLED_EXPORT = """
+import os, signal, sys
+import torch
+from torch import nn
+import prunekit.atomic
+import prunekit.export as export
+where = sys.argv[2]
+if where == "before the file":
+    export.export_dense = lambda model, path: os.kill(os.getpid(), signal.SIGKILL)
+else:                          # the file's bytes in its temporary file, not yet renamed
+    real = prunekit.atomic.os.replace
+    def replace(source, target):
+        if str(target).endswith("model-dense.safetensors"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(source, target)
+    prunekit.atomic.os.replace = replace
+export.export_all(nn.Linear(4, 2), torch.zeros(1, 4), sys.argv[1], ["sparse", "dense"])
+"""
+
+
+@pytest.mark.parametrize("where", ["before the file", "before the rename"])
+def test_an_export_killed_before_its_file_is_there_lists_no_missing_file(tmp_path, where):
+    """SIGKILL after the manifest says an export is being written and before its file is there:
+    exported.json's "files" name only files that are there, whole (the one being written is
+    "pending", still ours to replace); the same export again writes it, and leaves no temporary file."""
+    import os
+    import subprocess
+    import sys
+    from torch import nn
+    from prunekit import export
+    out = tmp_path / "export"
+    env = {**os.environ, "PYTHONPATH": str(Path(export.__file__).parents[1])}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(out), where], env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()
+    manifest = json.loads((out / "exported.json").read_text())
+    assert manifest["files"] == ["model-sparse.safetensors"] and manifest["pending"] == ["model-dense.safetensors"]
+    assert not (out / "model-dense.safetensors").exists()
+    assert export.load_sparse(out / "model-sparse.safetensors").keys() == {"weight", "bias"}
+    written = export.export_all(nn.Linear(4, 2), torch.zeros(1, 4), out, ["dense"])
+    assert [f["format"] for f in written] == ["dense"]
+    assert json.loads((out / "exported.json").read_text()) == {"files": ["model-dense.safetensors",
+                                                                         "model-sparse.safetensors"]}
+    assert sorted(p.name for p in out.iterdir()) == ["exported.json", "model-dense.safetensors",
+                                                     "model-sparse.safetensors"]

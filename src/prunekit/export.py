@@ -222,10 +222,11 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
             raise PrunekitError(f"{path} was not written by prunekit export: move it away or export "
                                 "elsewhere (nothing was changed)")
     written, had_manifest, had_folder = [], (out / MANIFEST).exists(), out.exists()
+    _remove_stray_temps(out, ours)
     for fmt in formats:
         path = out / FORMATS[fmt]
-        ours.add(path.name)       # listed before it is written: a kill right after the write leaves it ours
-        _write_manifest(out, ours)
+        ours.add(path.name)       # listed as pending before it is written: a kill right after the write
+        _write_manifest(out, ours, pending=path.name)      # leaves it ours, and "files" names no missing file
         try:
             if fmt == "onnx":
                 export_onnx(model, example_input, path)
@@ -245,6 +246,7 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
                     if not had_folder and not any(out.iterdir()):
                         out.rmdir()
             raise
+        _write_manifest(out, ours)      # written (each file is written whole, then renamed): now listed
         written.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size})
     sizes = {f["format"]: f["bytes"] for f in written}
     if "sparse" in sizes:
@@ -253,17 +255,32 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
     return written
 
 
-def _write_manifest(out: Path, ours: set[str]) -> None:
-    atomic_write_bytes(out / MANIFEST, json.dumps({"files": sorted(ours - {MANIFEST})}).encode())
+def _write_manifest(out: Path, ours: set[str], pending: str | None = None) -> None:
+    """The manifest: "files", the exported files that are there (each was written whole, then
+    renamed); "pending", the one being written now, which a kill may leave missing (it stays ours:
+    the next export may replace it)."""
+    files = sorted(name for name in ours - {MANIFEST, pending} if (out / name).is_file())
+    atomic_write_bytes(out / MANIFEST, json.dumps({"files": files, **({"pending": [pending]} if pending else {})}
+                                                  ).encode())
 
 
 def _written_before(out: Path) -> set[str]:
-    """Names of the files an earlier export_all wrote in ``out``, its manifest included (empty
-    when ``out`` has no manifest of ours)."""
+    """Names of the files an earlier export_all wrote (or was writing) in ``out``, its manifest
+    included (empty when ``out`` has no manifest of ours)."""
     try:
-        files = json.loads((out / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads((out / MANIFEST).read_text())
+        files, pending = manifest["files"], manifest.get("pending", [])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
-    if not isinstance(files, list) or not all(f in FORMATS.values() for f in files):
+    if not all(isinstance(names, list) and all(f in FORMATS.values() for f in names) for names in (files, pending)):
         return set()
-    return {*files, MANIFEST}
+    return {*files, *pending, MANIFEST}
+
+
+def _remove_stray_temps(out: Path, ours: set[str]) -> None:
+    """The temporary files (``.NAME.*.tmp``) a killed export left beside the files it was writing."""
+    if not out.is_dir():
+        return
+    for name in ours:
+        for stray in out.glob(f".{name}.*.tmp"):
+            stray.unlink(missing_ok=True)
