@@ -311,9 +311,11 @@ def test_image_folder_missing_split_is_an_error(tmp_path):
 def test_image_folder_sizes_must_match(tmp_path):
     write_png_tree(tmp_path, {"a": 1})
     write_png_tree(tmp_path, {"b": 1}, size=(4, 4))
-    with pytest.raises(PrunekitError, match="--resize N --crop N"):
-        load_dataset("imagefolder", tmp_path)
-    with pytest.raises(PrunekitError, match="--crop N"):      # 6x5 -> 5x4 after resize 4: still two sizes
+    from prunekit.options import cli_message
+    with pytest.raises(PrunekitError, match=r"bring them to one size \(resize=N, crop=N\)") as refused:
+        load_dataset("imagefolder", tmp_path)                 # Python's words; the command line's flags
+    assert cli_message(refused.value).endswith("bring them to one size (--resize N --crop N)")
+    with pytest.raises(PrunekitError, match=r"crop them to one size \(crop=N\)"):   # 6x5 -> 5x4 after resize 4
         load_dataset("imagefolder", tmp_path, resize=4)
 
 
@@ -438,9 +440,12 @@ def test_the_other_data_sets_official_files_are_refused(tmp_path, monkeypatch, s
     table = {name: dict(files) for name, files in mnist.OFFICIAL_IDX.items()}
     table["fashion-mnist"][f"{prefix}-labels-idx1-ubyte"] = _fingerprint(idx_bytes(labels))
     monkeypatch.setattr(mnist, "OFFICIAL_IDX", table)
-    with pytest.raises(PrunekitError, match=r"fm holds Fashion-MNIST's files, not MNIST's .*: --data fashion-mnist, "
-                                            r"or point --data-dir at MNIST's files"):
+    from prunekit.options import cli_message
+    with pytest.raises(PrunekitError, match=r"fm holds Fashion-MNIST's files, not MNIST's .*: load them as "
+                                            r"load_dataset\('fashion-mnist', \.\.\.\), or give the folder of "
+                                            r"MNIST's files$") as refused:     # Python's words, not flags
         load_dataset("mnist", tmp_path / "fm", split)
+    assert cli_message(refused.value).endswith(": --data fashion-mnist, or point --data-dir at MNIST's files")
     assert len(load_dataset("fashion-mnist", tmp_path / "fm", split)) == 5     # its own: read as ever
     write_mnist(tmp_path / "neither", split, 5, compress)                      # a subset, or other files
     assert len(load_dataset("mnist", tmp_path / "neither", split)) == 5
@@ -478,3 +483,4 @@ def test_eval_refuses_the_other_data_set_in_one_line(tmp_path, monkeypatch, caps
     code = main(["eval", "--model", "mlpnet", "--checkpoint", ckpt, "--data", "fashion-mnist", "--data-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "holds MNIST's files, not Fashion-MNIST's" in err, err
+    assert err.endswith(": --data mnist, or point --data-dir at Fashion-MNIST's files\n"), err     # the flags, not Python

@@ -10,6 +10,15 @@ class PrunekitError(ValueError):
     """Bad input from the user: the message names the fix."""
 
 
+def worded(python: str, command_line: str) -> PrunekitError:
+    """A refusal whose fix is spelt one way in Python (``load_dataset('mnist', ...)``, ``crop=``)
+    and another on the command line (``--data mnist``, ``--crop``): ``str()`` gives the first,
+    the CLI prints the second (``options.cli_message``)."""
+    err = PrunekitError(python)
+    err.cli_text = command_line
+    return err
+
+
 def refusal_of(err: OSError) -> PrunekitError:
     """An ``OSError`` (an unwritable --out, a full disk, unreadable data) as our one line."""
     return PrunekitError(f"{err.strerror or err}: {err.filename or ''} (check the path and its permissions)")

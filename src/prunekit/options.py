@@ -39,7 +39,7 @@ class OptionError(PrunekitError):
 def cli_message(err: PrunekitError, flags: set[str] | None = None) -> str:
     """The message of ``err`` with every parameter it names written as its flag (``--flops``);
     ``flags``: the parameters that have a flag (default: all)."""
-    text = str(err)
+    text = getattr(err, "cli_text", None) or str(err)     # errors.worded: the command line's words
     listed = getattr(err, "listed", ())
     if listed and flags is not None:     # options without a flag of this command are Python's alone
         text = text.replace(", ".join(listed), ", ".join(n for n in listed if n in flags) or "none")

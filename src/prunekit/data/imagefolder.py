@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from prunekit.data.dataset import ImageDataset, subset_indices
-from prunekit.errors import PrunekitError, PrunekitWarning
+from prunekit.errors import PrunekitError, PrunekitWarning, worded
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _GRAYSCALE_MODES = ("1", "L", "LA")
@@ -96,8 +96,11 @@ def load_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
             modes.add(image.mode)
     if len(sizes) > 1:
         shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
-        how = "crop them to one size (--crop N)" if resize else "bring them to one size (--resize N --crop N)"
-        raise PrunekitError(f"images in {root} have different sizes ({shown}); {how}")
+        said = f"images in {root} have different sizes ({shown})"
+        if resize:
+            raise worded(f"{said}; crop them to one size (crop=N)", f"{said}; crop them to one size (--crop N)")
+        raise worded(f"{said}; bring them to one size (resize=N, crop=N)",
+                     f"{said}; bring them to one size (--resize N --crop N)")
     mode = "L" if modes <= set(_GRAYSCALE_MODES) else "RGB"
 
     pixels = []

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from prunekit.data.dataset import ImageDataset
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, worded
 
 MNIST_CLASSES = [str(digit) for digit in range(10)]
 FASHION_MNIST_CLASSES = [
@@ -95,9 +95,9 @@ def _check_not_the_other(name: str, data_dir: Path, stem: str, path: Path, raw: 
         if not same and published is not None:
             same = hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest() == published
         if same:
-            raise PrunekitError(f"{data_dir} holds {_TITLES[other]}'s files, not {_TITLES[name]}'s ({path.name} is "
-                                f"{_TITLES[other]}'s official file): --data {other}, or point --data-dir at "
-                                f"{_TITLES[name]}'s files")
+            said = f"{data_dir} holds {_TITLES[other]}'s files, not {_TITLES[name]}'s ({path.name} is {_TITLES[other]}'s official file)"
+            raise worded(f"{said}: load them as load_dataset({other!r}, ...), or give the folder of {_TITLES[name]}'s "
+                         "files", f"{said}: --data {other}, or point --data-dir at {_TITLES[name]}'s files")
 
 
 def _find(data_dir: Path, stem: str) -> Path | None:

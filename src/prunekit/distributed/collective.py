@@ -415,11 +415,15 @@ def check_same_start(model: torch.nn.Module, python: bool = False, options: dict
         counted = ""
         if apart is not None and -1 not in apart:       # the same first batch, another length
             counted = f" ({', '.join(str(apart[r]) for r in others)} samples a pass against {apart[0]})"
-        if python:
+        if python and name == "model weights":      # what to change for what differs: not the other's advice
+            raise PrunekitError(f"rank {', '.join(map(str, others))} has other model weights than rank 0: every rank "
+                                "must pass the same model weights (build the model from the same seed, or load the "
+                                "same checkpoint, on every rank)")
+        if python:          # another data set at the same path, or each rank's share: either may be so
             raise PrunekitError(f"rank {', '.join(map(str, others))} has other {name} than rank 0{counted}: every "
-                                "rank must pass the same model weights and the whole data (prunekit divides the work "
-                                "among the ranks itself: no DistributedSampler; build the model from the same seed or "
-                                "checkpoint on every rank)")
+                                f"rank must pass the same {name}, whole: read from the same files on every machine, "
+                                "and not split among the ranks (prunekit divides the work among them itself: no "
+                                "DistributedSampler)")
         raise PrunekitError(f"rank {', '.join(map(str, others))} read other {name} than rank 0{counted}: every "
                             "machine must have the same checkpoint and data at the same paths (copy them from rank 0's "
                             "machine or put them on a shared file system)")
