@@ -348,3 +348,25 @@ def test_layers_the_channel_methods_do_not_shrink_are_named_as_such():
         find_groups(Up(), torch.zeros(1, 4, 5, 5))
     with pytest.raises(PrunekitError, match=r"lstm: LSTM: the channel methods"):
         find_groups(Recurrent(), torch.zeros(1, 6, 8))
+
+
+def test_a_transformers_residual_stream_is_kept_whole_without_a_warning_and_a_surprise_still_warns():
+    """A ViT's residual stream runs through LayerNorms (and attention's embedding width): kept at full
+    width by design, said in the record as expected, with no warning (every channel run warned). A
+    LayerNorm outside a residual stream leaves its group dense unexpectedly: still warned."""
+    import warnings
+    from prunekit.commands.prune import prune_lines
+    model, x = _model("vit")
+    torch.manual_seed(0)
+    data = [(torch.randn(8, *x.shape[1:]), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrunekitWarning)
+        result = prunekit.prune(model, lambda: data, method="autobot", flops=0.7, gate_batches=2, eval_data=data)
+    stream = [e for e in result.record["skipped_groups"] if "residual stream" in e]
+    assert len(stream) == 1 and "(LayerNorm)" in stream[0] and "kept at full width, as expected" in stream[0], stream
+    assert not any(line.startswith("  left dense") for line in prune_lines(result.record))
+    surprise = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 256),
+                             nn.ReLU(), nn.Linear(256, 10))
+    flat = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with pytest.warns(PrunekitWarning, match=r"1 channel group left dense.*1: touches 2 \(LayerNorm\)"):
+        prunekit.prune(surprise, lambda: flat, method="autobot", flops=0.7, gate_batches=2, eval_data=flat)

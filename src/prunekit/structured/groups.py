@@ -181,6 +181,9 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
         seen.add(key)
         if reason is None and not pads_residual and _joined_by_add(tp_group):
             reason = "a residual stream (outputs joined by an add): kept at full width (residual_channels keep)"
+        elif reason is not None and (norms := _transformer_stream(tp_group, names)):
+            reason = (f"a transformer's residual stream (outputs joined by adds, through norm layers channel surgery "
+                      f"cannot resize: {norms}): kept at full width, as expected; channels inside the blocks are pruned")
         if reason is not None:
             skipped.append((root, reason))
             continue
@@ -292,6 +295,34 @@ def _bounded_groups(nodes: int):
         yield
     finally:
         tp_graph.Group = plain
+
+
+_NORMS = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None)
+
+
+def _transformer_stream(tp_group, names: dict) -> str | None:
+    """The norm layers a transformer's residual stream runs through, named ("norm", "blocks.0.norm1
+    and 4 more"), when ``tp_group`` is one: joined by an add, through at least one norm layer
+    (LayerNorm, GroupNorm, RMSNorm), and what channel surgery cannot resize in it only such norms,
+    attention's embedding width (nn.MultiheadAttention), token embeddings and bare parameters (a
+    class token, a positional embedding). None otherwise: another layer of that kind (a layer of
+    your own, a recurrent one) is a surprise worth a warning."""
+    if not _joined_by_add(tp_group):
+        return None
+    norms, others = [], False
+    for item in tp_group.items:
+        module = item.dep.target.module
+        if isinstance(module, _NORMS):
+            norms.append(f"{names.get(module, '?')} ({type(module).__name__})")
+        elif isinstance(module, (nn.Parameter, nn.MultiheadAttention, nn.Embedding)):
+            continue
+        elif not isinstance(module, (*_CONV, nn.Linear, _BN)) and isinstance(module, nn.Module) and \
+                any(True for _ in module.parameters(recurse=False)):
+            others = True
+    norms = list(dict.fromkeys(norms))
+    if others or not norms:
+        return None
+    return norms[0] + (f" and {len(norms) - 1} more" if len(norms) > 1 else "")
 
 
 def _joined_by_add(tp_group) -> bool:
