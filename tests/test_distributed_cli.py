@@ -55,11 +55,15 @@ def test_two_ranks_write_one_folder_and_a_killed_rank_resumes(tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("prunekit: error")]
     assert len(lines) == 1 and "rank 0" in lines[0] and f"--resume {out}" in lines[0], err[-2000:]
     assert "Traceback" not in err
-    assert metrics["status"] == "running"
+    # interrupted, as Ctrl-C leaves a run (it stayed "running" and `compare` said "not finished")
+    assert metrics["status"] == "interrupted"
     assert "rank 0: a rank stopped or could not be reached (" in lines[0], lines[0]
     logged = (out / "run.log").read_text().splitlines()[-1]       # as Ctrl-C's "interrupted (Ctrl-C)"
-    assert "a rank stopped or could not be reached (" in logged, logged
-    print(lines[0])
+    assert "interrupted: a rank stopped or could not be reached (" in logged, logged
+    compared = subprocess.run([sys.executable, "-m", "prunekit", "compare", str(out)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=120)
+    assert compared.stdout.splitlines()[-1].endswith("  (interrupted)"), compared.stdout + compared.stderr
+    print(lines[0], logged, sep="\n")
 
     resumed = _launch(["prune", "--resume", str(out), "--json"], free_port())
     results = [_finish(process) for process in resumed]

@@ -1,11 +1,15 @@
 """One process at a time in a run folder: a second prunekit process is refused in one line while
 the first holds the folder; a killed holder's lock goes with it, so the folder is usable again."""
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -101,7 +105,7 @@ def test_python_prune_is_refused(holders, tmp_path):
 
 def test_lock_is_released_and_removed_after_the_block(tmp_path):
     with run_lock.held(tmp_path / "a"):
-        assert (tmp_path / "a" / run_lock.LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        assert (tmp_path / "a" / run_lock.LOCK_NAME).read_text() == f"{os.getpid()} {socket.gethostname()}\n"
         with pytest.raises(PrunekitError, match=rf"pid {os.getpid()}"):      # a second open file description
             with run_lock.held(tmp_path / "a"):
                 pass
@@ -197,3 +201,121 @@ def test_a_read_only_out_folder_is_named_not_its_lock_file(tmp_path, out, needle
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert needle.format(ro=ro) in done.stderr and run_lock.LOCK_NAME not in done.stderr
     assert list(ro.iterdir()) == []
+
+
+# `prunekit ARGS` that SIGKILLs itself once its first stage's checkpoint is saved (in the middle of a
+# 3-stage run: nothing can write its status)
+_KILLED_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+from prunekit.runs import RunCheckpointer
+from prunekit.cli import main
+save = RunCheckpointer.save
+def save_then_die(self, state, model):
+    save(self, state, model)
+    os.kill(os.getpid(), signal.SIGKILL)
+RunCheckpointer.save = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+# fc2 and fc3 only, 16 gradient rows: the solves take milliseconds
+STAGED = [*PRUNE, "--method", "chita++", "--stages", "3", "--include", "fc2", "fc3", "--fisher-samples", "16",
+          "--batch-size", "2000"]
+
+
+def _compared(folder: Path, capsys) -> tuple[str, str]:
+    """(the status `compare --json` gives the run at ``folder``, the end of its line in the table)."""
+    code, out = _run(["compare", str(folder), "--json"], capsys)
+    assert code == 0, out.err
+    status = json.loads(out.out)["runs"][0]["status"]
+    code, out = _run(["compare", str(folder)], capsys)
+    assert code == 0, out.err
+    return status, out.out.splitlines()[-1]
+
+
+def test_a_sigkilled_run_is_shown_interrupted_and_one_a_live_process_holds_running(holders, tmp_path, capsys):
+    """A SIGKILL leaves metrics.json "running" (nothing can write it) and `compare` said "(not
+    finished)" whether the run was still at work or long dead. Now a run no process holds is shown as
+    a Ctrl-C'd or SIGTERM'd one is, "interrupted", and resumes; one whose lock a live process holds
+    stays "running". The reader writes nothing in the folder."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_FIRST_CHECKPOINT, *STAGED, "--out", str(run)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    metrics = (run / "metrics.json").read_text()
+    assert json.loads(metrics)["status"] == "running"                # what the kill left
+    files = sorted(os.listdir(run))
+    assert run_lock.LOCK_NAME in files                               # the killed holder's stale lock file
+    status, line = _compared(run, capsys)
+    assert status == "interrupted" and line.endswith("  (interrupted)"), line
+    assert run_lock.in_use(run) is False
+
+    holder = holders(run)                                            # a live process in the folder
+    status, line = _compared(run, capsys)
+    assert status == "running" and line.endswith("  (not finished)"), line
+    assert run_lock.in_use(run) is True
+    holder.kill()
+    assert _compared(run, capsys)[0] == "interrupted"
+    assert (run / "metrics.json").read_text() == metrics and sorted(os.listdir(run)) == files   # only read
+
+    code, out = _run(["prune", "--resume", str(run), "--json"], capsys)
+    assert code == 0, out.err
+    assert json.loads((run / "metrics.json").read_text())["status"] == "done"
+    assert _compared(run, capsys)[0] == "done"
+
+
+def test_the_probe_makes_no_lock_file_and_never_stops_a_run_taking_the_lock(tmp_path):
+    """``in_use`` opens an existing lock file read-only and holds a shared lock for an instant: in
+    a folder without one it makes none, and a run taking the lock meanwhile waits the probe out
+    (taken for a holder, the probe would have the run refused: 'in use by another prunekit process')."""
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / run_lock.LOCK_NAME
+    lock.write_text(f"{os.getpid() + 1} {socket.gethostname()}\n")    # a killed run's
+    probe = os.open(lock, os.O_RDONLY)
+    run_lock.fcntl.flock(probe, run_lock.fcntl.LOCK_SH | run_lock.fcntl.LOCK_NB)     # a reader mid-probe
+    releaser = threading.Timer(0.3, os.close, (probe,))
+    releaser.start()
+    try:
+        started = time.monotonic()
+        with run_lock.held(tmp_path / "run"):
+            assert time.monotonic() - started >= 0.2
+            assert run_lock.in_use(tmp_path / "run") is True
+    finally:
+        releaser.join()
+    assert run_lock.in_use(tmp_path / "run") is False and os.listdir(tmp_path / "run") == []
+    assert run_lock.in_use(tmp_path / "missing") is False and not (tmp_path / "missing").exists()
+
+
+def test_a_lock_file_of_another_machine_nobody_holds_here_cannot_tell(tmp_path):
+    """On a shared file system whose locks do not reach every machine (NFS mounted nolock), a run
+    working on another machine holds nothing seen from here: its folder keeps the status it
+    wrote, never shown interrupted on the strength of that."""
+    from prunekit.runs import RunFolder, shown_status
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"status": "running", "method": "chita"}))
+    (run / run_lock.LOCK_NAME).write_text("4242 another-machine.example\n")
+    assert run_lock.in_use(run) is None
+    assert shown_status(RunFolder(run)) == "running"
+    (run / run_lock.LOCK_NAME).write_text("4242\n")                   # an older prunekit's, no host: this one's
+    assert shown_status(RunFolder(run)) == "interrupted"
+
+
+def test_a_stop_before_the_lock_leaves_the_run_another_process_holds_alone(holders, tmp_path):
+    """Ctrl-C (or a lost rank) ends a prune after its lock was let go, or before it was taken: the
+    'interrupted' line and status are written only where no other process works in the folder."""
+    import argparse
+
+    from prunekit.cli import _log_stop
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.log").write_text("start\n")
+    (run / "metrics.json").write_text(json.dumps({"status": "running"}))
+    args = argparse.Namespace(command="prune", out=str(run))
+    holder = holders(run)
+    _log_stop(args, "interrupted (Ctrl-C)")
+    assert (run / "run.log").read_text() == "start\n"
+    assert json.loads((run / "metrics.json").read_text())["status"] == "running"
+    holder.kill()
+    _log_stop(args, "interrupted (Ctrl-C)")
+    assert (run / "run.log").read_text().endswith(" interrupted (Ctrl-C)\n")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"

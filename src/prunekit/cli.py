@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.distributed
 
-from . import __version__, distributed, interrupts, recipes, runs
+from . import __version__, distributed, interrupts, recipes, run_lock, runs
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
 from .errors import PrunekitError, PrunekitWarning, refusal_of
 from .options import cli_message
@@ -252,16 +252,20 @@ def shortened(text: str, limit: int = 160) -> str:
     return (text[:word] if word > 0 else text[:limit - 3]).rstrip(" ,:;") + "..."
 
 
-def _log_stop(args, line: str, interrupted: bool = True) -> None:
-    """Under ``prune --out``, write why the run ends here to its run.log (rank 0 alone) and, if
-    ``interrupted``, mark a running run so: ``--resume`` carries on from the last completed stage."""
+def _log_stop(args, line: str) -> None:
+    """Under ``prune --out``, write why the run ends here to its run.log (rank 0 alone) and mark a
+    running run interrupted: ``--resume`` carries on from the last completed stage. Not in a folder
+    another process holds by now (this one let its lock go as the error left the run; or it
+    stopped before taking it, while another run works there): that run's log and status are its own."""
     out = getattr(args, "out", None)
     if not (args.command == "prune" and out and (Path(out) / "run.log").exists() and distributed.is_main_process()):
+        return
+    if run_lock.in_use(out):
         return
     folder = runs.RunFolder(out)
     folder.log(line)       # the log says why it ends there
     metrics = folder.read_metrics()
-    if interrupted and metrics.get("status") == "running":
+    if metrics.get("status") == "running":
         folder.write_metrics({**metrics, "status": "interrupted"})
 
 
@@ -345,7 +349,7 @@ def _main(argv: list[str] | None) -> int:
             raise
         first = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
         first = shortened(first)
-        _log_stop(args, f"a rank stopped or could not be reached ({first})", interrupted=False)
+        _log_stop(args, f"interrupted: a rank stopped or could not be reached ({first})")
         print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached "
               f"({first}); {_how_to_resume(args)}",
               file=sys.stderr)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .budget import budget_text
 from .errors import PrunekitError
-from .runs import METRICS, RUN_PLOTS, RunFolder, is_run
+from .runs import METRICS, RUN_PLOTS, RunFolder, is_run, shown_status
 from .saving import atomic_write_bytes
 
 
@@ -172,7 +172,7 @@ def write_run_report(path: str | Path) -> Path:
     final = m.get("final", {})
     lines = [f"# {m.get('model')} pruned with {m.get('method')}" + (" (gradual)" if m.get("mode") == "gradual" else ""),
              "",
-             f"Status: **{m.get('status')}**. Budget asked: "
+             f"Status: **{shown_status(folder, m)}**. Budget asked: "
              + ", ".join(f"{k} {v}" for k, v in m.get("request", {}).items() if v is not None) + ".", ""]
     gradual = final.get("gradual_options")
     if gradual:
@@ -338,7 +338,7 @@ def collect(folders) -> list[dict]:
                                 "only folders written by `prunekit prune --out` or `prunekit sweep`")
         final = m.get("final") or {}
         rows.append({"run": str(folder.path), "name": folder.path.name, "model": m.get("model"),
-                     "method": m.get("method"), "request": m.get("request", {}), "status": m.get("status"),
+                     "method": m.get("method"), "request": m.get("request", {}), "status": shown_status(folder, m),
                      "sparsity": final.get("sparsity"), "flops_kept": final.get("flops_kept"),
                      "params_kept": final.get("params_kept"),
                      "dense_accuracy": m.get("dense", {}).get("accuracy"), "accuracy": final.get("accuracy"),
@@ -368,7 +368,8 @@ def table_lines(rows: list[dict]) -> list[str]:
                      f"{_pct(r['sparsity']):>9} "
                      f"{_pct(r['flops_kept']):>9} {_acc(r['dense_accuracy']):>7} {_acc(r['accuracy']):>7} "
                      f"{_num(r['seconds'], '.0f'):>7}"
-                     # "running" is also what a killed run left: whether it still runs, the folder cannot say
+                     # "running": a process holds the folder, or (no lock to tell by, another machine's
+                     # lock file) a kill left it so; a killed run nobody holds is "interrupted" (shown_status)
                      + ("" if r["status"] == "done" else
                         "  (not finished)" if r["status"] == "running" else f"  ({r['status']})"))
     return lines

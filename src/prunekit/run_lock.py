@@ -1,17 +1,26 @@
 """One prunekit process at a time in a run folder: an advisory lock on ``DIR/.prunekit.lock``.
 
-``held(DIR)`` takes ``fcntl.flock`` on that file without waiting, writes this process's pid into
-it, and holds it until the block ends, then removes the file. A second process refuses the
-folder in one line (``PrunekitError``) naming the holder's pid. A killed holder's lock is released
-by the operating system, so its leftover file never stops a resume. Without ``fcntl`` (Windows)
-no lock is taken. Under torchrun the commands and ``prunekit.prune(out=)`` take ``held_by_rank_0``:
-rank 0 holds it for all.
+``held(DIR)`` takes ``fcntl.flock`` on that file without waiting, writes this process's pid and
+host name into it, and holds it until the block ends, then removes the file. A second process
+refuses the folder in one line (``PrunekitError``) naming the holder's pid. A killed holder's lock
+is released by the operating system, so its leftover file never stops a resume. Without ``fcntl``
+(Windows) no lock is taken. Under torchrun the commands and ``prunekit.prune(out=)`` take
+``held_by_rank_0``: rank 0 holds it for all.
+
+``in_use(DIR)`` tells a reader (``compare``, a run's report) whether a live process holds the lock,
+so that a metrics.json left "running" by a kill is told from a run still at work. It only probes:
+a shared lock tried without waiting and let go at once, on the file opened read-only (it never
+makes one); ``held`` waits out such a probe rather than refusing the folder. On a shared file
+system whose locks are not seen from every machine (NFS mounted ``nolock`` or ``local_lock``), a
+lock file another machine wrote that nobody holds here is "cannot tell" (None), never "free".
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -49,7 +58,7 @@ def held(folder: str | Path, flag: str = "--out") -> Iterator[None]:
         raise
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         yield
     finally:
         path.unlink(missing_ok=True)      # while still held: a waiting process re-checks the file
@@ -118,7 +127,7 @@ def _acquire(path: Path, folder: Path, flag: str) -> int:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_past_probes(fd)
         except BlockingIOError:
             pid = _holder(fd)
             os.close(fd)
@@ -137,10 +146,66 @@ def _acquire(path: Path, folder: Path, flag: str) -> int:
         os.close(fd)
 
 
+def _lock_past_probes(fd: int, wait: float = 2.0) -> None:
+    """``flock(fd, LOCK_EX)`` without waiting for a holder (``BlockingIOError`` when there is one);
+    a reader's ``in_use`` probe (a shared lock held for an instant) is waited out for up to
+    ``wait`` seconds instead of being taken for a holder."""
+    until = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)    # refused too: a holder (BlockingIOError)
+            fcntl.flock(fd, fcntl.LOCK_UN)                    # granted: only readers probing
+            if time.monotonic() > until:
+                raise
+            time.sleep(0.005)
+
+
+def in_use(folder: str | Path) -> bool | None:
+    """Whether a live process holds ``folder``'s lock now: True, False, or None when this cannot be
+    told (no ``fcntl``, an unreadable lock file, a file system that refuses locks, or a lock file
+    written on another machine that nobody holds as seen from here: a file system whose locks
+    do not reach every machine would show a live run there as free). Never blocks, takes the lock
+    only as a shared probe let go at once, and makes no file."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:     # a holder keeps its file until it lets go (a killed one leaves it)
+        return False
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:           # e.g. ENOLCK: NFS without its lock service
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        host = _holder_host(fd)
+        return False if host is None or host == socket.gethostname() else None
+    finally:
+        os.close(fd)
+
+
+def _holder_words(fd: int) -> list[str]:
+    """The words written in the lock file: [pid, host] (a file of an older prunekit: [pid])."""
+    try:
+        return os.pread(fd, 512, 0).decode().split()
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
 def _holder(fd: int) -> int | None:
     """The pid written in the lock file, None when there is none (yet)."""
-    try:
-        text = os.pread(fd, 32, 0).decode().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return int(text) if text.isdigit() else None
+    words = _holder_words(fd)
+    return int(words[0]) if words and words[0].isdigit() else None
+
+
+def _holder_host(fd: int) -> str | None:
+    """The host name written in the lock file, None when there is none (yet, or an older file)."""
+    words = _holder_words(fd)
+    return words[1] if len(words) > 1 else None

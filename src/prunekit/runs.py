@@ -11,6 +11,10 @@ Layout of ``DIR`` (every file but the log is written atomically)::
     report.md, plots/*.png              written by ``report.write_run_report``
     .prunekit.lock              while a process works in the folder (``run_lock``; left by a kill)
 
+metrics.json's ``status``: "running" from the run's start, "done" at its end, "interrupted" when
+Ctrl-C or SIGTERM stopped it or a torchrun rank was lost. A SIGKILL (or a crash) leaves "running":
+``shown_status`` tells such a folder from a run still at work by its lock.
+
 ``executor.execute`` runs a prune of any mode into a folder, resuming from the newest stage,
 event or phase checkpoint if there is one (see ``pipelines.stages`` for the protocol).
 A folder belongs to one run: ``claim`` refuses another request onto it.
@@ -36,6 +40,7 @@ from .errors import PrunekitError, refusal_of
 from .options import OptionError
 from .pipelines.stages import StageState
 from .record import finite as _finite
+from .run_lock import in_use
 from .saving import atomic_write_bytes, atomic_write_json
 
 METRICS = "metrics.json"
@@ -85,6 +90,19 @@ class RunFolder:
 
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_json(self.metrics_path, _finite(metrics))
+
+
+def shown_status(folder: RunFolder, metrics: dict | None = None) -> str | None:
+    """The status of ``folder``'s run as readers show it (``compare``, a run's report):
+    metrics.json's, except that a run it says is "running" which no live process holds
+    (``run_lock.in_use``: SIGKILLed, a torchrun rank 0 lost, a crash) is "interrupted", as a
+    run stopped by Ctrl-C or SIGTERM is: ``--resume`` carries it on. Where the lock cannot tell
+    (no ``fcntl``; a lock file another machine wrote), "running" stays. ``metrics``: the folder's,
+    if already read. Reads only: the folder is not written."""
+    status = (folder.read_metrics() if metrics is None else metrics).get("status")
+    if status == "running" and in_use(folder.path) is False:
+        return "interrupted"
+    return status
 
 
 class _FollowerRunFolder(RunFolder):
