@@ -78,6 +78,30 @@ def _tiny():
     return net, x, y
 
 
+@pytest.mark.parametrize("method, budget", [("magnitude", {"sparsity": 0.5}),
+                                            ("magnitude-uniform", {"sparsity": 0.5}),
+                                            ("magnitude-flops", {"sparsity": 0.5, "flops": 0.6})])
+def test_batchnorm_left_unrecalibrated_for_want_of_data_is_said(method, budget):
+    """The magnitude methods run without data; BatchNorm recalibration (on by default) then cannot
+    run: one warning naming both ways out, not a silent ``bn_recalibrated: False``."""
+    import warnings
+
+    from prunekit.errors import PrunekitWarning
+    net, x, _ = _tiny()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = prunekit.prune(net, None, method=method, example_input=x[:1], **budget)
+    said = [str(w.message) for w in caught if issubclass(w.category, PrunekitWarning)
+            and "BatchNorm" in str(w.message)]
+    assert result.record["bn_recalibrated"] is False
+    assert len(said) == 1 and "data=" in said[0] and "recalibrate_bn=False" in said[0], said
+    # an explicit recalibrate_bn=False, or a model without BatchNorm: nothing to say
+    for model, recalibrate in ((_tiny()[0], False), (nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)), True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PrunekitWarning)
+            prunekit.prune(model, None, method=method, example_input=x[:1], recalibrate_bn=recalibrate, **budget)
+
+
 def test_tensor_data_and_run_folder_resume(tmp_path):
     net, x, y = _tiny()
     kwargs = dict(method="chita++", sparsity=0.8, eval_data=(x, y), stages=3, fisher_samples=32,

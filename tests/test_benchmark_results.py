@@ -163,3 +163,85 @@ def test_the_structured_benchmark_saves_its_models_beside_out_and_makes_no_folde
     assert not Path(seen["models_dir"]).exists()                     # made only when a model is saved
     assert checkout_models.exists() == existed                       # nothing made in the checkout
     assert out.exists()
+
+
+def _readme() -> str:
+    return " ".join((Path(common.__file__).parents[1] / "README.md").read_text().split())   # lines rejoined
+
+
+def _accuracies(*names: str) -> dict:
+    """(row name less its seed, seed, budget) -> test accuracy, from result files of bench_oneshot.py."""
+    import re
+    found = {}
+    for name in names:
+        for row in json.loads((Path(common.__file__).parent / "results" / name).read_text())["rows"]:
+            named = re.fullmatch(r"(.*)-s(\d+)", row["name"])
+            found[(named.group(1), int(named.group(2)), row["budget"])] = row["test_accuracy"]
+    return found
+
+
+def test_the_readme_gives_todays_fashion_mnist_gains_as_their_result_files_do():
+    """Session 38's rows (FALCON++'s the same to the digit on session 44's code): the table's cells
+    and the Status line say the same gains."""
+    readme = _readme()
+    rows = _accuracies(*(f"oneshot_s38_defaults_fmnist_seed{s}.json" for s in range(3)))
+    rerun = _accuracies("oneshot_s44_last_judge_fmnist_40_30.json", "oneshot_s44_last_judge_fmnist_20_10.json")
+    assert rerun and all(rows[key] == accuracy for key, accuracy in rerun.items())
+    for method in ("falcon", "falcon++"):
+        gains = []
+        for budget in (0.4, 0.3, 0.2, 0.1):
+            gain = sum(rows[(method, s, budget)] - rows[("magnitude-flops", s, budget)] for s in range(3)) / 3
+            gains.append(f"{gain:+.2f}")
+            assert f"{rows[(method, 0, budget)]:.2f} (" in readme and f"**{gains[-1]}** over 3 seeds) ⁵" in readme
+        if method == "falcon++":
+            assert f"(FALCON++ {' / '.join(gains)}, 10,000 test images)" in readme
+
+
+def test_the_readme_gives_todays_mlpnet_figures_at_0_98_as_their_result_files_do():
+    readme = _readme()
+    falcon = _accuracies("oneshot_s39_mlpnet_auto.json")
+    one_shot = [falcon[("falcon", s, 0.02)] for s in range(3)]
+    assert f"one-shot FALCON {one_shot[0]:.2f}% for seed 0, {sum(one_shot) / 3:.2f}% over three seeds" in readme
+    thorough = _accuracies("oneshot_s40_mlpnet_parts.json")
+    plus = sum(thorough[("falcon++-15-n1000-fresh", s, 0.02)] for s in range(3)) / 3
+    assert f"FALCON++ **{plus:.2f}%** over three seeds" in readme and f"0.98 {plus:.2f}% (falcon++" in readme
+    results = Path(common.__file__).parent / "results"
+    chita = json.loads((results / "chita_mlpnet_s47.json").read_text())["rows"]
+    chita = next(r["accuracy"] for r in chita if r["method"] == "chita-iht" and r["sparsity"] == 0.98)
+    chita_pp = json.loads((results / "oneshot_s33_mlpnet_chita_defaults.json").read_text())["rows"]
+    chita_pp = next(r["test_accuracy"] for r in chita_pp if r["name"] == "chita++" and r["budget"] == 0.02)
+    assert f"CHITA {chita:.2f}% (session 47" in readme and f"CHITA++ {chita_pp:.2f}% (seed 0" in readme
+
+
+def test_the_readme_gives_the_layer_search_cost_of_mlpnet_as_auto_counts_it():
+    """`--layer-search auto`'s figures for MLPNet (one shot; falcon++ with `--stages auto`'s 15 stages),
+    counted as ``fisher_methods._search_cost`` counts them at the command line's training batch of 128;
+    each figure as stated to its last digit."""
+    import re
+
+    import torch
+
+    from prunekit import zoo
+    from prunekit.costs import CostModel
+    from prunekit.params import ParamSpace
+    from prunekit.pipelines import fisher_methods as fm
+    from prunekit.pipelines.allocation import SEARCH_CALIBRATION_BATCHES, SEARCH_JUDGE_BATCHES
+    model = zoo.build("mlpnet")
+    macs, weights = CostModel(model, torch.zeros(1, 1, 28, 28)).macs, ParamSpace(model).numel
+    trials = [fm.AUTO_LAYER_SEARCH_TRIALS, fm.THOROUGH_SCHEDULE["stages"] * fm.AUTO_LAYER_SEARCH_TRIALS]
+    forward = [t * (SEARCH_CALIBRATION_BATCHES + SEARCH_JUDGE_BATCHES) * 128 * macs for t in trials]
+    solves = [t * weights for t in trials]
+    assert max(forward) <= fm.AUTO_LAYER_SEARCH_MACS and max(solves) <= fm.AUTO_LAYER_SEARCH_WEIGHTS
+    number = r"([\d.]+)·10([⁰¹²³⁴⁵⁶⁷⁸⁹]+)"
+    readme = _readme()
+    said_forward = re.search(rf"\(MLPNet: {number} one shot, {number} in FALCON\+\+'s 15 searches", readme)
+    said_solves = re.search(rf"\(MLPNet: {number} one shot, {number} in FALCON\+\+, (\d+)% of the limit", readme)
+    assert said_forward and said_solves
+
+    def agrees(mantissa: str, exponent: str, value: float) -> bool:
+        power = int(exponent.translate(str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")))
+        digits = len(mantissa.partition(".")[2])
+        return round(value / 10 ** power, digits) == float(mantissa)
+    for said, values in ((said_forward, forward), (said_solves, solves)):
+        assert agrees(*said.group(1, 2), values[0]) and agrees(*said.group(3, 4), values[1]), (said.group(0), values)
+    assert int(said_solves.group(5)) == round(100 * solves[1] / fm.AUTO_LAYER_SEARCH_WEIGHTS)

@@ -317,3 +317,25 @@ def test_the_summary_says_when_the_flops_budget_bound_a_count_budget(capsys):
         "; the flops budget bound: the weight budget allowed 10.00%"), line
     assert main([*base, "--sparsity", "0.8", "--flops", "0.3"]) == 0       # the sparsity bound: said as before
     assert "bound" not in capsys.readouterr().out
+
+
+def test_magnitude_on_a_folder_without_training_images_needs_them_only_for_batchnorm(capsys, tmp_path):
+    """`prune --method magnitude` reads the training split only to re-estimate BatchNorm: a model
+    without BatchNorm prunes from a test-only folder; one with BatchNorm is refused before any work,
+    naming --no-bn-recalibration too (Python's data=None warns instead, as it has no folder to fix)."""
+    import shutil
+    test_only = tmp_path / "mnist"
+    test_only.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(ASSETS / "mnist" / name, test_only / name)
+    (tmp_path / "bn.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential("
+                                    "nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), "
+                                    "nn.Linear(4 * 26 * 26, 10))\n")
+    data = ["--data", "mnist", "--data-dir", str(test_only), "--method", "magnitude", "--sparsity", "0.5"]
+    assert run_json(capsys, ["prune", *MLP, *data, "--json"])["bn_recalibrated"] is False
+    bn = ["prune", "--model", f"{tmp_path / 'bn.py'}:build", "--normalize", "0.1307/0.3081", *data]
+    assert main([*bn, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no mnist train files" in err and "--no-bn-recalibration" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+    assert run_json(capsys, [*bn, "--no-bn-recalibration", "--json"])["bn_recalibrated"] is False

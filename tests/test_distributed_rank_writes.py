@@ -196,17 +196,18 @@ def test_a_refusal_every_rank_meets_before_joining_is_printed_once(tmp_path, arg
     assert said.count("\n") == 1 and says in results[0][2], said
 
 
-def test_two_ranks_of_a_method_that_reads_no_training_data_never_load_it(tmp_path):
-    """magnitude without BatchNorm recalibration reads no training data: with a --data-dir holding
-    the test split alone, two ranks prune as one process does. Before, each rank loaded the whole
-    training split up front for the ranks' first-batch check (refused here: no training split)."""
+@pytest.mark.parametrize("recalibration", [["--no-bn-recalibration"], []])
+def test_two_ranks_of_a_method_that_reads_no_training_data_never_load_it(tmp_path, recalibration):
+    """magnitude without BatchNorm recalibration, or on a model without BatchNorm (MLPNet), reads no
+    training data: with a --data-dir holding the test split alone, two ranks prune as one process
+    does. Before, each rank loaded the whole training split up front for the ranks' first-batch check
+    (refused here: no training split), and without --no-bn-recalibration one process did too."""
     data_dir = tmp_path / "mnist"
     data_dir.mkdir()
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         (data_dir / name).symlink_to(ASSETS / "mnist" / name)
     args = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
-            "--data-dir", str(data_dir), "--method", "magnitude", "--sparsity", "0.8", "--no-bn-recalibration",
-            "--json"]
+            "--data-dir", str(data_dir), "--method", "magnitude", "--sparsity", "0.8", *recalibration, "--json"]
     from prunekit.cli import main
     assert main(args) == 0
     results = _two_ranks(args, tmp_path / "nothing")

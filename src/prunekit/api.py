@@ -54,7 +54,10 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     """Prune ``model`` with ``method`` to the budget and return a ``Result``.
 
     Args:
-        data: training data (see the module docstring); needed by every method but magnitude.
+        data: training data (see the module docstring). Every method and mode needs it except
+            magnitude, magnitude-uniform and magnitude-flops run at once (not gradual, without
+            ``layer_search`` or ``refit_batches``), which also prune with ``data=None``; BatchNorm
+            recalibration needs it too (see ``recalibrate_bn``).
         method: a name from ``prunekit.methods.METHODS`` (magnitude, chita, falcon, autobot,
             taper ...) or a ``prunekit.methods.Method`` of your own.
         sparsity, flops, params: the budget, as on the command line (0.9, "90%", "50k"; flops =
@@ -69,6 +72,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             embedding tables, recurrent weights, parameters in functional products).
         gradual: prune in events with fine-tuning in between (weights methods; options
             ``events``, ``epochs_per_event``, ``final_epochs``, ``lr``).
+        recalibrate_bn: re-estimate the BatchNorm statistics on ``data`` after pruning (default
+            True). With ``data=None`` it cannot run: a model with BatchNorm then keeps its old
+            statistics, with a warning (``recalibrate_bn=False`` prunes without and says nothing).
         batch_size: batch size used when ``data``/``eval_data`` are a Dataset or tensors.
         loss: for a model that is not a classifier over class indices, ``loss(outputs, targets)``
             -> the mean over the batch of the per-sample losses (e.g. ``nn.MSELoss()``): the
@@ -80,8 +86,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         options: the method's options, e.g. ``fisher_samples=500, stages=5`` (see
             ``prunekit.methods``); an option the method does not take is refused.
             Magnitude methods take ``importance=f`` with ``f(module_name, weight) -> scores``.
-    Weights methods prune ``model`` in place; channel methods (autobot, taper) return a new,
-    smaller model in ``result.model``.
+    Weights methods prune ``model`` in place; channel methods (autobot, taper, hybrid) return a
+    new, smaller model in ``result.model`` and leave ``model`` untouched.
     """
     check_arguments(model, {"method": method.name if isinstance(method, Method) else method, "seed": seed,
                             "batch_size": batch_size, "recalibrate_bn": recalibrate_bn, "progress": progress,

@@ -85,8 +85,9 @@ class ResolvedBudget:
 
     Attributes:
         max_nonzeros: k, the most prunable weights that may stay nonzero.
-        max_macs: F, the most MACs per example the prunable weights may cost (the MACs of
-            MACs the ParamSpace does not pay for are subtracted already); None = no limit.
+        max_macs: F, the most MACs per example the prunable weights may cost: the MACs the
+            flops budget allows (its share of the dense MACs, or the count given), rounded down,
+            less ``fixed_macs``; None = no limit.
         total_prunable: p, the number of prunable weights.
         fixed_macs: MACs not paid by prunable weights (layers outside the ParamSpace,
             activation products such as attention's QKᵀ and AV): always kept.

@@ -104,8 +104,11 @@ class Result:
     flops_kept / params_kept: shares of the dense MACs / parameters kept (all in [0, 1]);
     macs: MACs per example; accuracy / dense_accuracy: top-1 % on ``eval_data`` (None without
     it, or with the user's ``loss``); loss / dense_loss: the mean loss on ``eval_data``; history:
-    one record per stage, event or phase; record: everything, as the CLI's ``--json`` prints it;
-    snapshots: taper's other budgets (share -> Result).
+    the record's ``stages``, ``events`` or ``phases`` list: one entry per stage of chita,
+    woodfisher or falcon (one in a one-shot run, one per stage in their multi-stage forms), per
+    event of a gradual run, per phase of a channel method (gates, BatchNorm, sparsify, each
+    fine-tune epoch); empty for a magnitude method run at once; record: everything, as the CLI's
+    ``--json`` prints it; snapshots: taper's other budgets (share -> Result).
     """
 
     model: nn.Module

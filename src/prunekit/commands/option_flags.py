@@ -104,16 +104,22 @@ HELP = {
                      "weights to the dense layer's outputs on this many training batches, in forward order (least "
                      "squares, centred before a BatchNorm), 0: off, or auto: the first batches holding 1,024 "
                      "samples, fewer where memory cannot hold both networks' activations of them at once "
-                     "(default: auto for chita, falcon, woodfisher and their ++ forms; 0 for the magnitude "
+                     "(default: auto for chita, chita++, woodfisher, falcon and falcon++; 0 for the magnitude "
                      "methods and the hybrid)",
     "refit_ridge": "ridge of that least squares as a multiple (> 0) of the mean diagonal of XᵀX (default 0.001)",
     "channel_multiple": "keep a multiple of this many channels in every group (default 1: exact counts; "
                         "8 measured no faster on ResNet-56, see docs/benchmarks.md)",
 }
 
-GROUPS = {"weights": "options of the weights methods (chita, chita++, falcon, falcon++, woodfisher)",
-          "gradual": "gradual pruning (--gradual: prune events on the schedule, fine-tuning in between)",
-          "channels": "options of the channel methods (autobot, taper): remove whole channels to a --flops budget"}
+GROUPS = {"weights": ("options of the weights methods",
+                      "--refit-batches and --refit-ridge: every weights method (magnitude, magnitude-uniform, "
+                      "magnitude-flops, chita, chita++, woodfisher, falcon, falcon++); --layer-search: "
+                      "magnitude-flops, falcon, falcon++; the others: the quadratic-model methods (chita, "
+                      "chita++, woodfisher, falcon, falcon++), each the ones it takes (a method refuses an option "
+                      "it does not take, naming those it does). The hybrid's FALCON phase takes falcon's."),
+          "gradual": ("gradual pruning (--gradual: prune events on the schedule, fine-tuning in between)", None),
+          "channels": ("options of the channel methods (autobot, taper, hybrid): remove whole channels to a "
+                       "--flops budget", None)}
 
 
 def _option_classes() -> dict[str, list[type]]:
@@ -163,7 +169,7 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
     """One argument group per family, a flag per option (shared options appear once)."""
     added: set[str] = set()
     for family, classes in _option_classes().items():
-        group = parser.add_argument_group(GROUPS[family])
+        group = parser.add_argument_group(*GROUPS[family])
         if family == "gradual":
             group.add_argument("--gradual", action="store_true", help="prune gradually with the method at each event")
         for cls in classes:

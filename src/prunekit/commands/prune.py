@@ -92,6 +92,7 @@ def cmd_prune(args) -> int:
     _check_rows_fit_the_data(args, train_batches)
     plan = request_of(args, loaded).plan()
     _check_rows_fit_the_data(args, train_batches, plan=plan)     # the method's default rows too
+    _check_training_split_for_batchnorm(plan, loaded, train_batches)
     warn_if_random_weights(args)
     finished = bool(args.out) and not args.force and runs.RunFolder(args.out).read_metrics().get("status") == "done"
     record = prune_into(args, plan, loaded, eval_loader, train_batches)
@@ -179,10 +180,33 @@ DATA_FREE_METHODS = ("magnitude", "magnitude-uniform", "magnitude-flops")
 
 def reads_training_data(plan) -> bool:
     """Whether ``plan`` loads the training split: False only for a magnitude method run at once
-    (not gradual) without BatchNorm recalibration, a layer search or a re-fit; any other method or mode
-    reads it (gradients, gates, fine-tuning, recalibration)."""
-    return not (plan.method.name in DATA_FREE_METHODS and plan.mode != "gradual" and not plan.request.recalibrate_bn
+    (not gradual) without a layer search or a re-fit, and without BatchNorm recalibration or
+    BatchNorm to recalibrate; any other method or mode reads it (gradients, gates, fine-tuning,
+    recalibration)."""
+    return not (plan.method.name in DATA_FREE_METHODS and plan.mode != "gradual"
+                and not (plan.request.recalibrate_bn and _has_batchnorm(plan.request.model))
                 and not getattr(plan.options, "layer_search", 0) and not getattr(plan.options, "refit_batches", 0))
+
+
+def _has_batchnorm(model) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _check_training_split_for_batchnorm(plan, loaded: LoadedModel, train_batches) -> None:
+    """A magnitude method run at once reads the training split only to re-estimate the model's
+    BatchNorm statistics (a model without BatchNorm does not read it): one that cannot be loaded is
+    refused before any work, naming --no-bn-recalibration as the other way out (in Python, data=None
+    warns and prunes without the recalibration)."""
+    only_for_batchnorm = (plan.method.name in DATA_FREE_METHODS and plan.mode != "gradual"
+                          and plan.request.recalibrate_bn and not getattr(plan.options, "layer_search", 0)
+                          and not getattr(plan.options, "refit_batches", 0))
+    if not only_for_batchnorm or not _has_batchnorm(loaded.model):
+        return
+    try:
+        train_batches.samples_per_pass()                 # loads the split (kept for the run)
+    except PrunekitError as err:
+        raise PrunekitError(f"{err} (method {plan.method.name} reads the training split only to re-estimate "
+                            "BatchNorm after pruning: --no-bn-recalibration prunes without it)") from None
 
 
 def _first_batch(batches):

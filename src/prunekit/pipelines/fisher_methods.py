@@ -118,8 +118,9 @@ def _searched_score_weights(ctx: PruneContext, q: QuadraticModel, index: torch.T
 # judge batches) and a solve (ILP + backsolve over the free weights); "auto" runs the search
 # where, over all of a run's trials, both stay small: the forward passes under
 # AUTO_LAYER_SEARCH_MACS (as many as 100 trials over 650k MACs per example at batches of 128;
-# MLPNet's FALCON++ needs 2.5e10) and trials x prunable weights under AUTO_LAYER_SEARCH_WEIGHTS
-# (MLPNet's FALCON++: 1.6e7, its whole search about 4.5 s of one core; an embedding of 1.9M
+# MLPNet's FALCON++ needs 2.5e10 in 5 stages, 7.5e10 in the 15 of stages "auto") and trials x
+# prunable weights under AUTO_LAYER_SEARCH_WEIGHTS (MLPNet's FALCON++: 1.6e7 in 5 stages, its whole
+# search about 4.5 s of one core; 4.85e7 in 15, 97% of the limit; an embedding of 1.9M
 # weights read by 640 MACs per example took 0.48 s a trial: 48 s one shot, so off).
 AUTO_LAYER_SEARCH_TRIALS = 100
 AUTO_LAYER_SEARCH_MACS = 1e11

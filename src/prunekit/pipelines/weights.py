@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -25,7 +26,7 @@ from ..budget import ResolvedBudget
 from ..api_checks import first_batch
 from ..costs import CostModel, Counts
 from ..data.loaders import samples_per_pass
-from ..errors import PrunekitError
+from ..errors import PrunekitError, PrunekitWarning
 from ..losses import LossFn
 from ..options import IntegerOrAuto, OptionError, Options, Real
 from ..params import ParamSpace
@@ -189,8 +190,14 @@ def _prune_weights(ctx: PruneContext, run, options) -> Outcome:
         info["refit"] = ctx.refit()
         recalibrated = False                   # the statistics are the re-fit layers' to re-estimate
     ctx.refit = None                           # and the dense copy goes
-    recalibrated = recalibrated or bool(ctx.recalibrate_bn and ctx.train_batches is not None
-                                        and recalibrate_batchnorm(ctx.model, ctx.train_batches()))
+    if not recalibrated and ctx.recalibrate_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                       for m in ctx.model.modules()):
+        if ctx.train_batches is None:         # only the magnitude methods, run at once, get this far without data
+            warnings.warn(PrunekitWarning(
+                "the model's BatchNorm statistics were not re-estimated after pruning: no training data was "
+                "given; pass data= to recalibrate them, or recalibrate_bn=False to prune without (and silence this)"))
+        else:
+            recalibrated = recalibrate_batchnorm(ctx.model, ctx.train_batches())
     # per-stage evaluations are the record's, not pruning
     seconds = time.perf_counter() - start - (measure_seconds(ctx.checkpointer) - measured)
     counts, nonzeros = check_budget(ctx.space, ctx.costs, ctx.budget)

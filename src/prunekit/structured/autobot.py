@@ -14,8 +14,9 @@ or "batch" (each batch's own statistics, running ones neither read nor updated, 
 cross-entropy is the one the pruned model has once its statistics are re-estimated). On ResNet-56
 over three seeds "batch" scored 1.7 points more after the fine-tune at 30% of the MACs and 0.7
 less at 50% (docs/benchmarks.md, session 13). The gates are then
-cut by one global threshold found by bisection so that the kept MACs meet the target exactly
-(the gate-loss estimate alone can miss it by a wide margin).
+cut by one global threshold found by bisection, the kept MACs the most it reaches at or below the
+target, then every closed channel that still fits added (``threshold``): at or below the target,
+short of it by what whole channels leave (the gate-loss estimate alone can miss it by a wide margin).
 """
 
 from __future__ import annotations

@@ -39,10 +39,10 @@ MAC budget tapers from the dense count down, enforced as an equality constraint.
   gates differ from the cut at the budget by at most one channel) *and* the gates have settled (a share
   ``settled_share`` of them within ``settle_margin`` of 0 or 1), at least ``settle_steps``
   steps and at most ``max_hold_steps``; then a snapshot is taken: the gates are folded into
-  their consumer weights, cut to 0/1 by a global threshold meeting the budget exactly
-  (bisection), and the closed channels are removed. Whether it settled, and how far the gates
-  were from 0/1, is recorded (``snapshot_cuts``). One run thus yields a shrunk model at each
-  budget (e.g. 70%, 50%, 30% of MACs).
+  their consumer weights, cut to 0/1 by a global threshold at or below the budget (bisection,
+  then every closed channel that still fits; ``threshold``), and the closed channels are removed.
+  Whether it settled, and how far the gates were from 0/1, is recorded (``snapshot_cuts``). One
+  run thus yields a shrunk model at each budget (e.g. 70%, 50%, 30% of MACs).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Turn per-channel scores into keep-masks that meet a MAC budget exactly.
+"""Turn per-channel scores into keep-masks whose MACs are at or below a budget, short of it by
+what whole channels leave.
 
 One global threshold over all groups' scores, found by bisection over the sorted scores, so
 that the kept MACs (counted by ``GatedMacs``, which equals ``CostModel.count`` of the shrunk
