@@ -222,6 +222,7 @@ def refit_pruned(ctx: PruneContext, dense: nn.Module, batches: int | None, ridge
     and leaving them out made default FALCON++ 0.87x the time (session 44). Under torchrun the ranks share the batches and the output channels (each
     layer's moments summed, its solved channels gathered), so all ranks hold the same weights
     whatever their hardware's rounding; all ranks judge together."""
+    process_memory.release_freed_memory()       # the solver's freed heap, before the batches and activations
     modules = dict(ctx.model.named_modules())
     names = [e.module for e in ctx.space.entries
              if e.param_name == f"{e.module}.weight" and isinstance(modules.get(e.module), (nn.Conv2d, nn.Linear))]
