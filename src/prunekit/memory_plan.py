@@ -69,7 +69,8 @@ The peak of a request is estimated from its parts, each counted from the model i
   or, instead of X and the phases above (the stage loop frees X before it), the re-fit of the
   kept weights (``prunekit.refit``, on by default since session 33; refit_samples images):
     activations          both networks' activations on all the images at once (under torchrun
-                         a rank's share of the batches): the lockstep's
+                         the images of a rank's share of the batches, the last batch holding
+                         the rest: refit_rank_images, not whole batches): the lockstep's
                          own count for one sample (refit.lockstep_bytes, what Lockstep.check
                          measures) times the images, times REFIT_ACTIVATION_FACTOR; or one batch
                          of INFERENCE_FACTOR x the largest output per sample where that exceeds
@@ -271,6 +272,17 @@ def _refit_solve_bytes(layer: nn.Module, positions: int, samples: int, batch: in
     return patches + 8 * groups * (6 * d * d + k * d * (taps + 3))
 
 
+def refit_rank_images(samples: int, batch: int, ranks: int = 1) -> int:
+    """The most images one of ``ranks`` processes runs in the re-fit of ``samples`` images read in
+    batches of ``batch`` (the last one holds the rest): rank r runs batches r, r + ranks, ...,
+    and the re-fit holds the activations of its images, not of its batches rounded up (192 images
+    in batches of 128 are 128 + 64, not 256: session 48)."""
+    samples, batch, ranks = max(1, samples), max(1, batch), max(1, ranks)
+    count = -(-samples // batch)
+    sizes = [batch] * (count - 1) + [samples - (count - 1) * batch]
+    return max(sum(sizes[rank::ranks]) for rank in range(min(ranks, count)))
+
+
 def refit_bytes(sizes: _Sizes, model: nn.Module, example_input, samples: int, batch: int, ranks: int = 1,
                 ranks_here: int = 1) -> int:
     """Bytes the re-fit of the kept weights holds at its peak on ``samples`` images in batches of
@@ -278,7 +290,7 @@ def refit_bytes(sizes: _Sizes, model: nn.Module, example_input, samples: int, ba
     machine), which runs every ranks-th batch."""
     first = example_input[:1] if isinstance(example_input, torch.Tensor) else None
     per_sample = lockstep_bytes(model, first) if first is not None else None
-    own_samples = -(-max(1, -(-samples // batch)) // ranks) * batch           # this rank's batches
+    own_samples = refit_rank_images(samples, batch, ranks)
     activations = 2 * per_sample * own_samples if per_sample is not None else None
     if activations is None or activations > lockstep_allowance(sizes.device) // ranks_here:   # the re-fit's rule:
         activations = 2 * INFERENCE_FACTOR * sizes.largest_output_per_sample * batch   # truncated forwards

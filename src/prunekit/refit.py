@@ -80,6 +80,7 @@ from .solvers.collective import Collective, shard_bounds
 RIDGE = 1e-3           # λ as a share of the mean diagonal of XᵀX/rows
 HELD_OUT = 8           # every HELD_OUT-th image is held out of a layer's fit to judge it (SplitMoments)
 ROWS_PER_INPUT = 256   # a conv's rows are sampled down to about this many per input D (see Moments)
+GATHER_BYTES = 32 << 20  # a conv's patches are gathered from at most about this many bytes of its input and output at once
 TOLERANCE = 1e-3       # conjugate gradients stop at this residual, relative to the right-hand side
 MAX_ITERATIONS = 1000
 # Under torchrun the ranks share a layer's solve when its CG product, K·D² multiply-adds per
@@ -161,32 +162,64 @@ class Moments:
             moments.positions = max(1, -(-ROWS_PER_INPUT * weight[0].numel() // images))
         return moments
 
-    def add(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 0) -> None:
+    def add(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 0,
+            images: torch.Tensor | None = None) -> None:
         """Add the rows of one batch: ``x`` the layer's input, ``y`` the target of its output
         ((N, C, H, W) for a Conv2d, (..., features) for a Linear); ``batch``: its index among the
-        re-fit's batches, the seed of a conv's sampled positions. A conv's rows are its unfolded
-        patches, one per image and output position (D = C_in/groups·kh·kw, in the order of its
-        weight's last three axes). Products are taken in float32 over blocks of about 32 MB and
-        summed in float64 (float64 products of unfolded patches cost twice the time)."""
+        re-fit's batches, the seed of a conv's sampled positions; ``images``: the indices of the
+        batch's images to add (None: all), as if ``x[images]`` and ``y[images]`` were passed, but
+        without copying them whole. A conv's rows are its unfolded patches, one per image and
+        output position (D = C_in/groups·kh·kw, in the order of its weight's last three axes).
+        Products are taken in float32 over blocks of about 32 MB and summed in float64 (float64
+        products of unfolded patches cost twice the time); each block's patches are gathered from
+        at most about ``GATHER_BYTES`` of the layer's input and output at a time, so the batch's
+        activations are never copied whole (a copy of the batch's fit images and a padded copy of
+        the input took 0.5 GB beside the 128 images' activations on MobileNetV1 at 224 x 224)."""
         wide = torch.float64
         if isinstance(layer, nn.Conv2d):
+            if images is None:
+                images = torch.arange(int(y.shape[0]), device=y.device)
             groups = layer.groups
-            n, positions = y.shape[0], y.shape[2] * y.shape[3]
-            out = y.float().reshape(n, groups, y.shape[1] // groups, positions)   # (N, G, K, L)
+            n, positions = int(images.numel()), y.shape[2] * y.shape[3]
+            k = y.shape[1] // groups
+            d = x.shape[1] * layer.weight[0, 0].numel()                     # C_in·kh·kw
+            chosen = None
             if self.positions is not None and positions > self.positions:
-                chosen = sampled_positions(batch, n, positions, self.positions).to(out.device)   # (N, P)
-                cols = patches_at(layer, x.float(), chosen, y.shape[3])        # (N, C_in·kh·kw, P)
-                out = out.gather(3, chosen.view(n, 1, 1, -1).expand(n, groups, out.shape[2], -1))
-                positions = self.positions
+                chosen = sampled_positions(batch, n, positions, self.positions).to(y.device)   # (N, P)
+                kept = self.positions
             else:
-                cols = F.unfold(x.float(), layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
-                                stride=layer.stride)                         # (N, C_in·kh·kw, L)
-            d = cols.shape[1]
-            cols = cols.view(n, groups, d // groups, positions)              # (N, G, D, L or P)
-            step = max(1, (32 << 20) // (4 * (cols[0].numel() + out[0].numel()
-                                              + groups * (d // groups) * (d // groups + out.shape[2]))))
-            for xs, ys in zip(cols.split(step), out.split(step)):
-                if positions >= xs.shape[2]:          # one product per image beats a copy into one GEMM
+                kept = positions
+            step = max(1, (32 << 20) // (4 * (d * kept + groups * k * kept
+                                              + groups * (d // groups) * (d // groups + k))))
+            # sampled positions: a block of images may span the whole batch, so its patches are gathered from
+            # a few images at a time; all positions: the block's patches and outputs are within the block's
+            # 32 MB already (its input too, but for a strided conv), and taken at once (as one tensor their
+            # sums add in the order they always did)
+            gather = max(1, GATHER_BYTES // (4 * (x[0].numel() + y[0].numel()))) if chosen is not None else step
+
+            def rows(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+                """The patches (N', G, D, P) and outputs (N', G, K, P) of images[first:last]."""
+                parts_x, parts_y = [], []
+                for low in range(first, last, gather):
+                    high = min(last, low + gather)
+                    which = images[low:high]
+                    xs, ys = x[which].float(), y[which].float()     # (indexing keeps their memory format)
+                    ys = ys.reshape(high - low, groups, k, positions)
+                    if chosen is not None:
+                        picked = chosen[low:high]
+                        cols = patches_at(layer, xs, picked, y.shape[3])
+                        ys = ys.gather(3, picked.view(high - low, 1, 1, -1).expand(-1, groups, k, -1))
+                    else:
+                        cols = F.unfold(xs, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                                        stride=layer.stride)
+                    parts_x.append(cols.view(high - low, groups, d // groups, kept))
+                    parts_y.append(ys)
+                return (torch.cat(parts_x) if len(parts_x) > 1 else parts_x[0],
+                        torch.cat(parts_y) if len(parts_y) > 1 else parts_y[0])
+
+            for first in range(0, n, step):
+                xs, ys = rows(first, min(n, first + step))
+                if kept >= xs.shape[2]:               # one product per image beats a copy into one GEMM
                     self.xx += (xs @ xs.transpose(2, 3)).sum(0).double()
                     self.xy += (xs @ ys.transpose(2, 3)).sum(0).double()
                 else:                                 # few positions: (G, D, images·L) in one GEMM
@@ -197,17 +230,27 @@ class Moments:
                 self.sx += xs.sum(3).sum(0).double()         # the last axis first: contiguous, fast
                 self.sy += ys.sum(3).sum(0).double()
                 self.yy += ys.square().sum(3).sum(0).double()
-            self.rows += n * positions
+            self.rows += n * kept
             return
-        rows_x, rows_y = x.float().reshape(-1, x.shape[-1]), y.float().reshape(-1, y.shape[-1])
-        step = max(1, (32 << 20) // (4 * (rows_x.shape[1] + rows_y.shape[1])))
-        for xs, ys in zip(rows_x.split(step), rows_y.split(step)):
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        selected = None
+        if images is not None:                      # the rows of the chosen images (each holds r rows)
+            r = flat_x.shape[0] // int(x.shape[0])
+            selected = (images.view(-1, 1) * r + torch.arange(r, device=images.device)).flatten()
+        count = flat_x.shape[0] if selected is None else int(selected.numel())
+        step = max(1, (32 << 20) // (4 * (flat_x.shape[1] + flat_y.shape[1])))
+        for first in range(0, count, step):
+            if selected is None:
+                xs, ys = flat_x[first:first + step].float(), flat_y[first:first + step].float()
+            else:
+                which = selected[first:first + step]
+                xs, ys = flat_x.index_select(0, which).float(), flat_y.index_select(0, which).float()
             self.xx[0] += (xs.t() @ xs).double()
             self.xy[0] += (xs.t() @ ys).double()
             self.sx[0] += xs.sum(0, dtype=wide)
             self.sy[0] += ys.sum(0, dtype=wide)
             self.yy[0] += (ys * ys).sum(0, dtype=wide)
-        self.rows += rows_x.shape[0]
+        self.rows += count
 
     def all_reduce(self, collective: Collective) -> None:
         """Sum the moments over the ranks of ``collective`` (each added its share of the batches),
@@ -269,10 +312,11 @@ class SplitMoments:
             self.fit.add(layer, x, y, batch)
             return
         held = held_out_images(x.shape[0], batch, self.every).to(x.device)
-        if not held.all():
-            self.fit.add(layer, x[~held], y[~held], batch)
-        if held.any():
-            self.held.add(layer, x[held], y[held], batch)
+        fit, judged = (~held).nonzero().flatten(), held.nonzero().flatten()     # indices: no copies of x, y
+        if fit.numel():
+            self.fit.add(layer, x, y, batch, fit)
+        if judged.numel():
+            self.held.add(layer, x, y, batch, judged)
 
     def all_reduce(self, collective: Collective) -> None:
         self.fit.all_reduce(collective)
@@ -552,18 +596,19 @@ def lockstep_images(model: nn.Module, x: torch.Tensor) -> int | None:
     return None if per_image is None else lockstep_allowance(x.device) // (2 * max(per_image, 1))
 
 
-def _lockstep(model: nn.Module, dense: nn.Module, x: torch.Tensor, batches: int,
+def _lockstep(model: nn.Module, dense: nn.Module, x: torch.Tensor, images: int,
               collective: Collective) -> tuple[Lockstep | None, str]:
     """A :class:`Lockstep` of ``model`` when it can be traced, reproduces the eager forward on ``x``
-    and holds both networks' activations of this rank's ``batches`` within :func:`lockstep_allowance`
-    (shared by the ranks on this machine), on every rank; else None and why."""
+    (one image, as the model takes it) and holds both networks' activations of this rank's
+    ``images`` within :func:`lockstep_allowance` (shared by the ranks on this machine), on every
+    rank; else None and why."""
     try:
         lockstep = Lockstep(model)
         peak = lockstep.check(dense, x)
     except Exception as error:                  # tracing fails in many ways on user models
         lockstep, why = None, f"not traceable by torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
     else:
-        need, have = 2 * peak * batches, lockstep_allowance(x.device) // ranks_on_this_machine()
+        need, have = 2 * peak * images, lockstep_allowance(x.device) // ranks_on_this_machine()
         why = "" if need <= have else f"the batches' activations need {need / 2**30:.1f} GiB at once, {have / 2**30:.1f} GiB allowed"
     if collective.distributed and bool(collective.all_reduce_max(torch.tensor([float(bool(why))], device=x.device))):
         return None, why or "another rank cannot run the networks in lockstep"
@@ -607,11 +652,15 @@ def refit(model: nn.Module, dense: nn.Module, names: list[str], batches: list[to
         modules = dict(model.named_modules())
         device = next(model.parameters()).device
         skipped = {n: why for n in names if (why := why_skipped(modules[n])) is not None}
-        first = batches[0].to(device)
+        # the order, the layers that feed a BatchNorm and the lockstep's check from the first image alone:
+        # on the whole first batch they held every layer's output of it at once (MobileNetV1 at 224 x 224,
+        # 128 images: 2.4 GB above the re-fit's start, more than the re-fit itself)
+        first = batches[0][:1].to(device)
         order, unseen = forward_order(model, [n for n in names if n not in skipped], first)
         skipped.update(unseen)
         centred = normalised_layers(model, order, first) if recalibrated else set()
-        lockstep, why_not = _lockstep(model, dense, model_input(dense, first, device), len(mine), collective)
+        mine_images = sum(int(batches[i].shape[0]) for i in mine)
+        lockstep, why_not = _lockstep(model, dense, model_input(dense, first, device), mine_images, collective)
         errors: dict[str, dict] = {}
         if lockstep is not None and set(order) <= lockstep.called_once:
             bar = _progress(len(order), progress)
