@@ -292,6 +292,22 @@ def test_image_folder_picks_split_folder(tmp_path):
     assert len(load_dataset("imagefolder", tmp_path, "test")) == 2
 
 
+def test_image_folder_test_split_of_fewer_classes_keeps_the_training_labels(tmp_path):
+    write_png_tree(tmp_path / "train", {"a": 1, "b": 1, "c": 1})
+    write_png_tree(tmp_path / "test", {"a": 1, "c": 2})          # no b: c is still label 2, not 1
+    test = load_dataset("imagefolder", tmp_path, "test")
+    assert test.classes == ["a", "b", "c"]
+    assert test.labels.tolist() == [0, 2, 2]
+
+
+def test_image_folder_test_class_the_training_split_lacks_is_refused(tmp_path):
+    write_png_tree(tmp_path / "train", {"a": 1, "c": 1})
+    write_png_tree(tmp_path / "test", {"a": 1, "b": 1, "c": 1})
+    assert load_dataset("imagefolder", tmp_path, "train").labels.tolist() == [0, 1]
+    with pytest.raises(PrunekitError, match=r"class folders that .*train lacks \(b\).*same class folders"):
+        load_dataset("imagefolder", tmp_path, "test")
+
+
 def test_a_folder_without_splits_is_both_and_says_so_when_trained_on(tmp_path):
     write_png_tree(tmp_path, {"a": 2, "b": 1})
     with pytest.warns(PrunekitWarning, match="no train/ and test/ folders.*not held out"):

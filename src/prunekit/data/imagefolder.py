@@ -62,11 +62,13 @@ def _open(path: Path) -> Image.Image:
 
 def load_image_folder(data_dir: Path, split: str, resize: int | None = None, crop: int | None = None,
                       limit: int | None = None, seed: int | None = None) -> ImageDataset:
-    """Load an image-folder tree; classes are the sorted subfolder names.
+    """Load an image-folder tree; classes are the sorted subfolder names (of train/, if there is one).
 
     Returns images ``(N, C, H, W)`` uint8 with ``C=3`` (RGB) or ``C=1`` (all grayscale),
     ``H, W`` the images' own size or, with ``resize`` / ``crop`` (pixels), the size they are
-    brought to; labels ``(N,)`` int64 indexing the sorted class names; within a class, files
+    brought to; labels ``(N,)`` int64 indexing the sorted class names (with a train/ split, its
+    class names for either split: a test/ split of fewer classes keeps the training labels, and one
+    with a class train/ lacks is refused); within a class, files
     are in name order. With ``limit`` below the number of images, only those
     ``ImageDataset.subset(limit, seed)`` would keep are read, in its order: a few thousand images
     of a folder of a million without decoding the rest.
@@ -80,7 +82,8 @@ def load_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
     class_dirs = _subfolders(root)
     if not class_dirs:
         raise PrunekitError(f"no class folders in {root}: expected {root}/<class>/*.jpg or *.png")
-    files = [(label, path) for label, class_dir in enumerate(class_dirs) for path in _image_files(class_dir)]
+    names = _class_names(data_dir, root, class_dirs)
+    files = [(names.index(class_dir.name), path) for class_dir in class_dirs for path in _image_files(class_dir)]
     if limit is not None and limit < len(files):
         files = [files[i] for i in subset_indices(len(files), limit, seed)]
 
@@ -113,7 +116,25 @@ def load_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
     array = np.stack(pixels)  # (N, H, W) for "L", (N, H, W, 3) for "RGB"
     array = array[:, None] if mode == "L" else array.transpose(0, 3, 1, 2)
     labels = torch.tensor([label for label, _ in files], dtype=torch.int64)
-    return ImageDataset(torch.from_numpy(np.ascontiguousarray(array)), labels, [d.name for d in class_dirs])
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(array)), labels, names)
+
+
+def _class_names(data_dir: Path, root: Path, class_dirs: list[Path]) -> list[str]:
+    """The class names labels index: the training split's sorted class folders whenever the folder
+    has a train/ split (a test/ split holding fewer classes is labelled by name, as the model was
+    trained), else ``root``'s own. A test/ class that train/ lacks is refused: the model never
+    learnt it, and its images would take some other class's label."""
+    names = [d.name for d in class_dirs]
+    train = data_dir / "train"
+    if root == train or root == data_dir or not train.is_dir():
+        return names
+    trained = [d.name for d in _subfolders(train)]
+    unknown = [name for name in names if name not in trained]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise PrunekitError(f"{root} has class folders that {train} lacks ({shown}): a model trained on train/ "
+                            f"has no output for them; give both splits the same class folders")
+    return trained
 
 
 def _resized(size: tuple[int, int], resize: int | None) -> tuple[int, int]:
