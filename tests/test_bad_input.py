@@ -52,6 +52,10 @@ def wrong_input():
     return nn.Sequential(nn.Flatten(), nn.Linear(100, 10))
 
 
+def no_params():
+    return nn.Sequential(nn.Flatten(), nn.Identity())
+
+
 class Pair(nn.Module):
     def __init__(self):
         super().__init__()
@@ -331,6 +335,12 @@ CLI_CASES = [
     (["eval", "--model", f"{H}/net.py:wrong_input", *MNIST, "--normalize", "none"],
      "fails on one of the mnist test images, shape (1, 28, 28)"),
     (["eval", "--model", f"{H}/net.py:pair", *MNIST, "--normalize", "none"], "returns a tuple for one image"),
+    (["info", f"{H}/net.py:no_params", "--input-shape", "1,28,28"], "the model has no parameters"),
+    (["eval", "--model", f"{H}/net.py:no_params", *MNIST, "--normalize", "none"], "the model has no parameters"),
+    (["prune", "--model", f"{H}/net.py:no_params", *MNIST, "--normalize", "none", "--sparsity", "0.5"],
+     "the model has no parameters"),
+    (["train", "--model", f"{H}/net.py:no_params", *MNIST, "--normalize", "none", "--epochs", "1"],
+     "the model has no parameters"),
     (["info", f"{H}/net.py:build"], "--input-shape"),
     (["info", f"{H}/net.py:build", "--input-shape", "1,0"], "is not a shape"),
     (["info", "mlpnet", "--input-shape", "-1,28,28"], "--input-shape: '-1,28,28' is not a shape"),

@@ -50,7 +50,7 @@ class LoadedModel:
         if self.input_shape is None:
             raise PrunekitError(f"the input shape of {self.name} is unknown: give --input-shape (C,H,W for images)")
         return torch.zeros(1, *self.input_shape, dtype=getattr(torch, self.input_dtype),
-                           device=next(self.model.parameters()).device)
+                           device=next(self.model.parameters(), torch.empty(0)).device)
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: int | None = None,

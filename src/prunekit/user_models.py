@@ -80,6 +80,9 @@ def build_model(name: str) -> nn.Module:
         sys.path.remove(folder)
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"{name}() returned a {type(model).__name__}, not a torch nn.Module: return the model")
+    if next(model.parameters(), None) is None:
+        raise PrunekitError(f"the model has no parameters: {name}() returned a {type(model).__name__} without "
+                            "weights, nothing to prune, train or evaluate; return the network with its layers")
     return model.eval()
 
 
