@@ -111,6 +111,9 @@ def home(tmp_path_factory):
     run = d / "run"                       # a run folder made with other options
     run.mkdir()
     (run / "config.toml").write_text('model = "mlpnet"\nmethod = "chita"\nsparsity = "0.5"\n')
+    (d / "mlprun").mkdir()                # a finished run folder: its model is some command's input
+    (d / "mlprun" / "config.toml").write_text('model = "mlpnet"\nmethod = "magnitude"\nsparsity = "0.5"\n')
+    saving.save_model(zoo.build("mlpnet"), d / "mlprun" / "model.safetensors", {"model": "mlpnet"})
     (d / "oldsweep" / "magnitude_sparsity-0.5").mkdir(parents=True)    # a sweep made with other options
     (d / "oldsweep" / "magnitude_sparsity-0.5" / "config.toml").write_text('model = "mlpnet"\n')
     (d / "other-tool").mkdir()            # a metrics.json another tool wrote
@@ -164,7 +167,15 @@ CLI_CASES = [
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "abc"], "integer or auto"),
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--schedule", "cubic"], "invalid choice"),
     (["prune", "--model", "mlpnet", "--checkpoint", f"{H}/run/model.safetensors", *MNIST, "--sparsity", "0.5",
-      "--out", f"{H}/run", "--force"], "whose run files --force removes"),
+      "--out", f"{H}/run", "--force"], "/run holds the model this command reads"),
+    (["prune", "--model", f"{H}/mlprun", *MNIST, "--sparsity", "0.9", "--out", f"{H}/mlprun", "--force"],
+     "mlprun/model.safetensors), which the run would write over"),
+    (["prune", "--checkpoint", f"{H}/mlprun", *MNIST, "--sparsity", "0.9", "--out", f"{H}/mlprun"],
+     "pick another --out"),
+    (["train", "--checkpoint", f"{H}/mlprun/model.safetensors", *MNIST, "--epochs", "1", "--out", f"{H}/mlprun"],
+     "holds the model this command reads"),
+    (["sweep", "--checkpoint", f"{H}/mlprun", *MNIST, "--method", "magnitude", "--sparsity", "0.5", "--out", H],
+     "holds the model this command reads"),
     ([*PRUNE, "--method", "falcon", "--flops", "0.5", "--gradual", "--schedule", "const"],
      "--schedule shapes the --stages of a multi-stage run, and --stages is 1"),
     ([*PRUNE, "--sparsity", "0.5", "--eval-split", "val"], "invalid choice"),

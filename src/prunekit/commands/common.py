@@ -114,6 +114,22 @@ def resolve_model(args, saved_file=None) -> None:
                             + (f"; {saved_file} does not record it" if saved_file else ""))
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` (a file, or a run folder standing for its model) lies inside ``folder``."""
+    return Path(folder).resolve() in Path(path).resolve().parents or Path(path).resolve() == Path(folder).resolve()
+
+
+def check_out_not_input(args) -> None:
+    """Refuse an ``--out`` that is (or holds) the folder of the model the command reads (after
+    ``resolve_model``: ``--model DIR`` and ``--checkpoint DIR`` name DIR/model.safetensors): the
+    run would write its model over its input (``--force`` would first remove it), and its
+    config.toml would then name its own output as the model it started from."""
+    out, checkpoint = getattr(args, "out", None), getattr(args, "checkpoint", None)
+    if out and checkpoint and _inside(checkpoint, out):
+        raise PrunekitError(f"--out {out} holds the model this command reads ({checkpoint}), which the run would "
+                            "write over; pick another --out (or copy the model out of that folder first)")
+
+
 def names_run_folder(model) -> bool:
     """``info runs/x`` as well as ``info --checkpoint runs/x``: a folder holding model.safetensors
     (a zoo name or a model file is never read as a folder)."""

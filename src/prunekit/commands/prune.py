@@ -28,8 +28,9 @@ from ..request import PruneRequest
 from ..saving import atomic_write_json
 from ..structured.groups import listed_skips, unexpected_skips
 from . import option_flags
-from .common import (add_data_args, add_device_arg, add_model_args, describe, emit, eval_data, loaded_model,
-                     show_progress, training_batches, warn_if_random_weights, write_report)
+from .common import (add_data_args, add_device_arg, add_model_args, check_out_not_input, describe, emit, eval_data,
+                     loaded_model, resolve_model, show_progress, training_batches, warn_if_random_weights,
+                     write_report)
 from .option_flags import add_option_flags
 
 RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
@@ -58,11 +59,6 @@ def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dic
                         bool(args.gradual), not args.no_bn_recalibration, options, loaded.name)
 
 
-def _inside(path: str, folder: str) -> bool:
-    """Whether ``path`` (a file, or a run folder standing for its model) lies inside ``folder``."""
-    return Path(folder).resolve() in Path(path).resolve().parents or Path(path).resolve() == Path(folder).resolve()
-
-
 def step_printer(args):
     if args.json:
         return None
@@ -81,9 +77,8 @@ def cmd_prune(args) -> int:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to use every training image)")
     if args.onnx and not args.out:
         raise PrunekitError("--onnx writes into the run folder: add --out DIR")
-    if getattr(args, "force", False) and args.out and args.checkpoint and _inside(args.checkpoint, args.out):
-        raise PrunekitError(f"--checkpoint {args.checkpoint} is inside --out {args.out}, whose run files --force "
-                            "removes: copy the checkpoint out of that folder first, or pick another --out")
+    resolve_model(args)                 # --model DIR: the checkpoint it names
+    check_out_not_input(args)
     loaded = loaded_model(args)
     if args.onnx:
         check_onnx(loaded)

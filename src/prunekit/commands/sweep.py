@@ -13,7 +13,8 @@ from ..budget import budget_text
 from ..errors import PrunekitError
 from ..methods import lookup
 from ..options import OptionError
-from .common import emit, eval_data, loaded_model, training_batches, warn_if_random_weights, write_report
+from .common import (check_out_not_input, emit, eval_data, loaded_model, training_batches, warn_if_random_weights,
+                     write_report)
 from .prune import _check_rows_fit_the_data, add_prune_args, method_options, prune_into, request_of, run_config
 
 
@@ -70,6 +71,7 @@ def check_run_folder(run_args: argparse.Namespace) -> None:
 def cmd_sweep(args) -> int:
     plan = sweep_plan(args)
     dense_model = loaded_model(args)
+    check_out_not_input(args)           # its runs' folders are inside --out
     taken = {n for m in args.method for n in lookup(m).options.names()}
     unused = [k for k in method_options(args) if k not in taken and not args.gradual]
     if unused:

@@ -25,14 +25,15 @@ from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimize
 from ..record import peak_rss_mb, save_pruned
 from ..runs import RunCheckpointer, RunFolder, check_ranks_share, claim
 from ..train import cosine, evaluate, sgd, train_epoch
-from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, describe, emit,
-                     resolve_model, show_progress)
+from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
+                     describe, emit, resolve_model, show_progress)
 
 
 def cmd_train(args) -> int:
     check_train_args(args)
     resolve_model(args)
     check_out(args.out, "--out")
+    check_out_not_input(args)
     train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop,
                             limit=args.train_samples, seed=args.seed)
     test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test",
