@@ -46,6 +46,19 @@ def test_normalization_validation(mean, std):
         Normalization(mean, std)
 
 
+@pytest.mark.parametrize(("mean", "std", "message"), [
+    ((33.33,), (78.57,), "33.33/78.57 looks like the 0-255 scale.*divide by 255, 0.1307/0.3081"),
+    ((125.3, 123.0, 113.9), (0.25, 0.24, 0.26), "divide by 255, 0.4914,0.4824,0.4467/0.001,0.0009,0.001"),
+    ((0.5,), (63.75,), "divide by 255, 0.002/0.25"),
+    ((-0.5,), (0.5,), r"means are the pixels' means, in \[0, 1\].*got -0.5"),
+])
+def test_normalization_on_the_0_255_scale_is_refused(mean, std, message):
+    with pytest.raises(PrunekitError, match=message):
+        Normalization(mean, std)
+    Normalization((0.0,), (1.0,))            # "none", and the edges of the range, are fine
+    Normalization((1.0,), (0.01,))
+
+
 # ---------------------------------------------------------------- augment_cifar
 
 

@@ -24,7 +24,8 @@ from prunekit.errors import PrunekitError
 class Normalization:
     """Per-channel affine normalization ``(x/255 - mean) / std``.
 
-    ``mean`` and ``std`` are in pixel units scaled to [0, 1], one value per channel.
+    ``mean`` and ``std`` are in pixel units scaled to [0, 1], one value per channel: a mean
+    outside [0, 1] or a std above 1 (the 0-255 convention) is refused, naming the values / 255.
     """
 
     mean: tuple[float, ...]
@@ -40,6 +41,16 @@ class Normalization:
             raise PrunekitError(f"normalization std must be positive, got {self.std}")
         if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
             raise PrunekitError(f"normalization means and stds must be finite numbers, got {self.mean}/{self.std}")
+        # pixels are scaled to [0, 1] first: a mean above 1, or a std above 1, is the 0-255 convention
+        text = lambda values: ",".join(f"{v:g}" for v in values)                           # noqa: E731
+        if any(m < 0 for m in self.mean):
+            raise PrunekitError(f"normalization means are the pixels' means, in [0, 1] (pixels are scaled to [0, 1]), "
+                                f"got {text(self.mean)}: give the mean of each channel")
+        if any(m > 1 for m in self.mean) or any(s > 1 for s in self.std):
+            scaled = lambda values: ",".join(f"{round(v / 255, 4):g}" for v in values)     # noqa: E731
+            raise PrunekitError(f"normalization {text(self.mean)}/{text(self.std)} looks like the 0-255 scale, but "
+                                "pixels are scaled to [0, 1] before it (means in [0, 1], stds at most 1): divide by "
+                                f"255, {scaled(self.mean)}/{scaled(self.std)}")
 
 
 def to_float(images_uint8: torch.Tensor, norm: Normalization) -> torch.Tensor:
