@@ -111,6 +111,9 @@ def home(tmp_path_factory):
     run = d / "run"                       # a run folder made with other options
     run.mkdir()
     (run / "config.toml").write_text('model = "mlpnet"\nmethod = "chita"\nsparsity = "0.5"\n')
+    nan_state = zoo.build("mlpnet").state_dict()
+    nan_state["fc1.weight"][0, 0] = float("nan")
+    torch.save(nan_state, d / "nan-weights.pth")     # a diverged training's
     (d / "mlprun").mkdir()                # a finished run folder: its model is some command's input
     (d / "mlprun" / "config.toml").write_text('model = "mlpnet"\nmethod = "magnitude"\nsparsity = "0.5"\n')
     saving.save_model(zoo.build("mlpnet"), d / "mlprun" / "model.safetensors", {"model": "mlpnet"})
@@ -350,6 +353,12 @@ CLI_CASES = [
     (["eval", "--model", f"{H}/net.py:wrong_input", *MNIST, "--normalize", "none"],
      "fails on one of the mnist test images, shape (1, 28, 28)"),
     (["eval", "--model", f"{H}/net.py:pair", *MNIST, "--normalize", "none"], "returns a tuple for one image"),
+    (["prune", "--model", "mlpnet", "--checkpoint", f"{H}/nan-weights.pth", *MNIST, "--sparsity", "0.5"],
+     "the model's fc1.weight holds nan or inf values: load finite weights (did its training diverge?)"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/nan-weights.pth", *MNIST],
+     "the model's fc1.weight holds nan or inf values: load finite weights (did its training diverge?)"),
+    ([*TRAIN, "--checkpoint", f"{H}/nan-weights.pth", "--epochs", "1", "--out", f"{H}/trained"],
+     "the model's fc1.weight holds nan or inf values: load finite weights (did its training diverge?)"),
     (["info", f"{H}/net.py:no_params", "--input-shape", "1,28,28"], "the model has no parameters"),
     (["eval", "--model", f"{H}/net.py:no_params", *MNIST, "--normalize", "none"], "the model has no parameters"),
     (["prune", "--model", f"{H}/net.py:no_params", *MNIST, "--normalize", "none", "--sparsity", "0.5"],

@@ -114,3 +114,38 @@ def test_train_on_a_seeded_subset_of_the_training_images(capsys, tmp_path):
     assert "holds another training run" in capsys.readouterr().err
     assert main([*TRAIN, "--epochs", "1", "--train-samples", "300", "--seed", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["history"][0]["loss"] != first["history"][0]["loss"]
+
+
+def test_a_diverging_training_stops_in_one_line_and_saves_nothing_diverged(capsys, tmp_path):
+    out = str(tmp_path / "run")
+    argv = ["train", "--model", "mlpnet", *MNIST, "--train-samples", "256", "--epochs", "1", "--out", out]
+    assert main([*argv, "--lr", "1e20"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training diverged in epoch 1/1 (its loss became nan): lower --lr (it is 1e+20)" in err
+    assert not Path(out).exists() or not any(Path(out).iterdir())     # released: no model, no config
+    assert main([*argv, "--lr", "0.05"]) == 0                           # the lower --lr takes the same folder
+    assert prunekit.train.nonfinite_weight(prunekit.load_pruned(prunekit.zoo.build("mlpnet"), out)) is None
+
+
+def test_a_training_diverging_after_an_epoch_keeps_that_epoch_resumable(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_epoch = train_command.train_epoch
+    calls = []
+
+    def diverging_in_second_epoch(model, *args, **kwargs):
+        calls.append(1)
+        loss = real_epoch(model, *args, **kwargs)
+        if len(calls) == 2:
+            next(model.parameters()).data.fill_(float("inf"))
+        return loss
+
+    monkeypatch.setattr(train_command, "train_epoch", diverging_in_second_epoch)
+    assert main([*TRAIN, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training diverged in epoch 2/3 (its fc1.weight became nan or inf)" in err
+    assert f"{out} keeps the run up to epoch 1 with this --lr: give the lower --lr another --out" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage-001.safetensors"]
+    assert not (out / "model.safetensors").exists()
+    monkeypatch.setattr(train_command, "train_epoch", real_epoch)
+    assert main([*TRAIN, "--out", str(out)]) == 0                     # the same command carries on from epoch 1
+    assert len(json.loads(capsys.readouterr().out)["history"]) == 3

@@ -19,7 +19,7 @@ from . import distributed, model_fisher
 from .budget import Budget, ResolvedBudget
 from .cost_inputs import AmbiguousBatchError
 from .costs import CostModel
-from .errors import PrunekitError, PrunekitWarning
+from .errors import PrunekitWarning
 from .losses import LossFn
 from .methods import Method, lookup
 from .options import OptionError, Options
@@ -29,6 +29,7 @@ from .pipelines.gradual import GradualOptions
 from .structured.family import ChannelContext
 from .structured.groups import dense_groups_warning
 from .structured.pipeline import channel_context
+from .train import check_finite_weights
 
 MODES = ("one-shot", "multi-stage", "gradual", "structured")
 
@@ -84,11 +85,7 @@ class PruneRequest:
         budget = Budget.parse(**asked)
         if not 0 <= self.seed < 2**63:                # torch.manual_seed's range
             raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}", ("seed",))
-        broken = next((name for name, t in self.model.named_parameters()     # buffers may hold -inf masks
-                       if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())), None)
-        if broken is not None:
-            raise PrunekitError(f"the model's {broken} holds nan or inf values: load finite weights (did its training "
-                                "diverge?)")
+        check_finite_weights(self.model)
         try:
             costs = CostModel(self.model, self.example_input)
         except AmbiguousBatchError as error:        # prune has no batched= to pass

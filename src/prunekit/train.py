@@ -18,6 +18,22 @@ def _device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def nonfinite_weight(model: nn.Module) -> str | None:
+    """The name of the first floating parameter of ``model`` holding nan or inf; None if all are
+    finite (buffers are not looked at: they may hold -inf masks)."""
+    return next((name for name, t in model.named_parameters()
+                 if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())), None)
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model whose weights hold nan or inf (a diverged training's): every measurement of
+    it would be nan, and training or pruning it only spreads them."""
+    broken = nonfinite_weight(model)
+    if broken is not None:
+        raise PrunekitError(f"the model's {broken} holds nan or inf values: load finite weights (did its training "
+                            "diverge?)")
+
+
 def _progress(iterable, desc: str, enabled: bool):
     return tqdm(iterable, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..costs import CostModel
-from ..train import evaluate_loss_accuracy
+from ..train import check_finite_weights, evaluate_loss_accuracy
 from ..record import peak_rss_mb
 from .common import (add_data_args, add_device_arg, add_model_args, emit, eval_data, loaded_model,
                      show_progress, warn_if_random_weights)
@@ -13,6 +13,7 @@ from .common import (add_data_args, add_device_arg, add_model_args, emit, eval_d
 
 def cmd_eval(args) -> int:
     loaded = loaded_model(args)
+    check_finite_weights(loaded.model)      # as prune does: not an accuracy of nan outputs
     loader = eval_data(args, loaded)
     warn_if_random_weights(args)
     start = time.perf_counter()

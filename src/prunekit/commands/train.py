@@ -23,8 +23,8 @@ from ..loading import check_fits, check_normalized, load_model
 from ..options import OptionError
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
-from ..runs import RunCheckpointer, RunFolder, check_ranks_share, claim
-from ..train import cosine, evaluate, sgd, train_epoch
+from ..runs import RunCheckpointer, RunFolder, check_ranks_share, claim, release_refused
+from ..train import check_finite_weights, cosine, evaluate, nonfinite_weight, sgd, train_epoch
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
                      describe, emit, resolve_model, show_progress)
 
@@ -43,6 +43,7 @@ def cmd_train(args) -> int:
                         in_channels=train_ds.image_shape[0], dataset=args.data,
                         input_shape=tuple(train_ds.image_shape), normalization=args.normalize)
     loaded.input_shape = tuple(train_ds.image_shape)
+    check_finite_weights(loaded.model)      # as prune does: training would only spread them
     check_normalized(loaded)
     check_image_transform(loaded, args)
     if args.device:
@@ -80,6 +81,7 @@ def train_into(args, loaded, loader, test_loader) -> int:
         start = time.perf_counter()
         loss = train_epoch(loaded.model, loader, optimizer, schedule, f"epoch {epoch + 1}/{args.epochs}",
                            progress=show_progress(args))
+        check_converging(args, loss, loaded.model, epoch, history, folder)
         history.append({"epoch": epoch + 1, "loss": loss, "seconds": time.perf_counter() - start})
         if not args.json:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}", file=sys.stderr)
@@ -95,6 +97,25 @@ def train_into(args, loaded, loader, test_loader) -> int:
         shutil.rmtree(folder.checkpoints, ignore_errors=True)     # the model and result.json are written
     emit(args, record, result_lines(args, record))
     return 0
+
+
+def check_converging(args, loss: float, model, epoch: int, history: list[dict], folder: RunFolder | None) -> None:
+    """Stop a training whose loss (or weights) became nan or inf in epoch ``epoch`` (0-based), before
+    its checkpoint: nothing diverged is saved. A run folder claimed by this command and holding no
+    epoch yet is released (the command with a lower --lr may use it); one that holds earlier epochs
+    keeps them, consistent with its config.toml (this --lr), and the lower --lr needs another --out."""
+    broken = None if not math.isfinite(loss) else nonfinite_weight(model)
+    if math.isfinite(loss) and broken is None:
+        return
+    what = f"its loss became {loss}" if broken is None else f"its {broken} became nan or inf"
+    message = (f"training diverged in epoch {epoch + 1}/{args.epochs} ({what}): lower --lr (it is {args.lr:g}); "
+               "nothing diverged was saved")
+    if folder is not None:
+        release_refused(folder)
+        if folder.config.exists():
+            message += (f"; {args.out} keeps the run up to epoch {len(history)} with this --lr: give the lower --lr "
+                        "another --out")
+    raise PrunekitError(message)
 
 
 def result_lines(args, record: dict) -> list[str]:
