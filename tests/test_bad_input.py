@@ -56,6 +56,19 @@ def no_params():
     return nn.Sequential(nn.Flatten(), nn.Identity())
 
 
+class NanOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * float("nan")
+
+
+def nan_out():
+    return NanOut()
+
+
 class Pair(nn.Module):
     def __init__(self):
         super().__init__()
@@ -332,7 +345,7 @@ CLI_CASES = [
     (["prune", "--model", f"{H}/net.py", *MNIST, "--sparsity", "0.5"], "names a file but no function"),
     (["prune", "--model", f"{H}/net.py:2x", *MNIST, "--sparsity", "0.5"], "not a Python function name"),
     (["prune", "--model", f"{H}/nope.py:build", *MNIST, "--sparsity", "0.5"], "does not exist"),
-    (["prune", "--model", f"{H}/net.py:missing", *MNIST, "--sparsity", "0.5"], "it defines Pair, build, needs_args"),
+    (["prune", "--model", f"{H}/net.py:missing", *MNIST, "--sparsity", "0.5"], "it defines NanOut, Pair, build, nan_out, needs_args"),
     (["prune", "--model", f"{H}/net.py:needs_args", *MNIST, "--sparsity", "0.5"], "needs arguments (width)"),
     (["prune", "--model", f"{H}/net.py:not_a_model", *MNIST, "--sparsity", "0.5"], "returned a int"),
     (["prune", "--model", f"{H}/broken.py:build", *MNIST, "--sparsity", "0.5"],
@@ -359,6 +372,8 @@ CLI_CASES = [
      "the model's fc1.weight holds nan or inf values: load finite weights (did its training diverge?)"),
     ([*TRAIN, "--checkpoint", f"{H}/nan-weights.pth", "--epochs", "1", "--out", f"{H}/trained"],
      "the model's fc1.weight holds nan or inf values: load finite weights (did its training diverge?)"),
+    (["prune", "--model", f"{H}/net.py:nan_out", *MNIST, "--normalize", "none", "--method", "chita", "--sparsity",
+      "0.5", "--fisher-samples", "32"], "the model's loss on the evaluation data is nan: its outputs are not finite"),
     (["info", f"{H}/net.py:no_params", "--input-shape", "1,28,28"], "the model has no parameters"),
     (["eval", "--model", f"{H}/net.py:no_params", *MNIST, "--normalize", "none"], "the model has no parameters"),
     (["prune", "--model", f"{H}/net.py:no_params", *MNIST, "--normalize", "none", "--sparsity", "0.5"],
@@ -446,6 +461,17 @@ def one_pass():
     return iter([(X, Y)])
 
 
+class NanOut(nn.Module):
+    """Finite weights, nan outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * float("nan")
+
+
 PY_CASES = [
     # the five of the issue
     ({"method": "chita", "fisher_samples": "10"}, "fisher_samples"),
@@ -457,6 +483,9 @@ PY_CASES = [
     ({"model": "mlpnet"}, "torch.nn.Module"),
     ({"model": nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).requires_grad_(False).apply(
         lambda m: m.weight.fill_(float("inf")) if isinstance(m, nn.Linear) else None)}, "1.weight holds nan or inf"),
+    ({"model": NanOut(), "method": "chita", "fisher_samples": 16},
+     "the model's gradients on the training data hold nan or inf: its outputs (or loss) on them are not finite"),
+    ({"model": NanOut(), "eval_data": (X, Y)}, "the model's loss on the evaluation data is nan"),
     ({"method": "nope"}, "unknown method"),
     ({"method": 3}, "method"),
     ({"seed": -1}, "seed"),

@@ -103,7 +103,12 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
             folder.log(left)
         _tell_changed_code(folder, metrics, describe)
         _refuse_changed_weights(folder, metrics, describe)
-    dense = dense or metrics.get("dense") or measure(plan, plan.request.model, eval_loader)
+    if not dense and not metrics.get("dense"):
+        dense = measure(plan, plan.request.model, eval_loader)
+        if "loss" in dense and not math.isfinite(dense["loss"]):   # before any work: name the real cause
+            raise PrunekitError(f"the model's loss on the evaluation data is {dense['loss']}: its outputs are not "
+                                "finite numbers; check its forward, weights and input normalization")
+    dense = dense or metrics.get("dense")
     measure_now = lambda model: measure(plan, model, eval_loader)   # noqa: E731
     measure_stage = lambda model: measure(plan, model, eval_loader if stage_eval else None)   # noqa: E731
     if folder is not None:

@@ -12,6 +12,7 @@ may come back if the quadratic model wants it). Their options: ``pipelines.fishe
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import replace
@@ -362,6 +363,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             grads = collect_gradients(ctx.model, ctx.space, batches, plan.n, batch=opts.fisher_batch,
                                       chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn,
                                       loss_fn=ctx.loss_fn, kind=kind, seed=ctx.seed)
+            check_finite_gradients(grads)
             rows = grads if index.numel() == p else keep_columns(grads, index)
             del grads
             ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * _mean_fisher_diagonal(rows)
@@ -519,6 +521,22 @@ def _compact_macs(macs: torch.Tensor) -> torch.Tensor:
     return macs
 
 
+def gradients_finite(rows: torch.Tensor) -> bool:
+    """Whether every entry of ``rows`` is finite: their float64 sum, over blocks of columns (a sum of
+    float32 values cannot overflow float64, so it is non-finite exactly when an entry is)."""
+    width = max(1, (8 << 20) // (4 * max(rows.shape[0], 1)))
+    return math.isfinite(sum(float(block.sum(dtype=torch.float64)) for block in rows.split(width, dim=1)))
+
+
+def check_finite_gradients(rows: torch.Tensor | None) -> None:
+    """Refuse gradient rows holding nan or inf (``None``: known to hold them), naming the cause:
+    the model's outputs or loss on the training data are not finite numbers (else the ridge,
+    a multiple of their mean square, would be nan and be blamed)."""
+    if rows is None or not gradients_finite(rows):
+        raise PrunekitError("the model's gradients on the training data hold nan or inf: its outputs (or loss) on "
+                            "them are not finite numbers; check its forward, weights and input normalization")
+
+
 def _mean_fisher_diagonal(rows: torch.Tensor) -> float:
     """mean_j (XᵀX/n)_jj for X = rows (n, p)."""
     return _sum_of_squares(rows) / rows.numel() or 1.0
@@ -557,6 +575,9 @@ def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Ten
                                              dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn,
                                              skip=skip, repeat=repeat, loss_fn=ctx.loss_fn,
                                              kind=opts.rows_kind(ctx.loss_fn is None), seed=ctx.seed)
+    broken = torch.tensor([0.0 if gradients_finite(rows) else 1.0], dtype=torch.float64, device=rows.device)
+    if float(collective.all_reduce(broken)):            # every rank refuses, none waits on the others
+        check_finite_gradients(None)
     ridge = opts.ridge
     if ridge is None:
         local = _sum_of_squares(rows)
