@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -23,7 +24,7 @@ from ..loading import check_fits, check_normalized, load_model
 from ..options import OptionError
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
-from ..runs import RunCheckpointer, RunFolder, check_ranks_share, claim
+from ..runs import RunCheckpointer, RunFolder, _remove_own_files, check_ranks_share, claim
 from ..train import cosine, evaluate, sgd, train_epoch
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, describe, emit,
                      resolve_model, show_progress)
@@ -66,6 +67,9 @@ def train_into(args, loaded, loader, test_loader) -> int:
         check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     finished = finished_record(folder)
     if finished is not None:            # the same command after the run ended: its result again
+        if folder.writable and folder.checkpoints.is_dir():    # a kill came between result.json and its removal
+            with contextlib.suppress(OSError):                 # (the result is printed all the same)
+                _remove_own_files(folder.checkpoints)
         emit(args, finished, result_lines(args, finished))
         return 0
     checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
