@@ -275,6 +275,8 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
 
 def _finished_or_damaged(folder: RunFolder) -> bool:
     """Whether ``folder``'s run finished (or its metrics.json cannot be read): ``force`` runs it anew."""
+    if not folder.metrics_path.exists():      # a training run writes none: finished once its result is written
+        return (folder.path / "result.json").exists() and folder.model_path.exists()
     try:
         return folder.read_metrics().get("status") == "done"
     except PrunekitError:
