@@ -338,7 +338,7 @@ def collect(folders) -> list[dict]:
                                 "only folders written by `prunekit prune --out` or `prunekit sweep`")
         final = m.get("final") or {}
         rows.append({"run": str(folder.path), "name": folder.path.name, "model": m.get("model"),
-                     "method": m.get("method"), "request": m.get("request", {}), "status": shown_status(folder, m),
+                     "method": m.get("method"), "mode": m.get("mode"), "request": m.get("request", {}), "status": shown_status(folder, m),
                      "sparsity": final.get("sparsity"), "flops_kept": final.get("flops_kept"),
                      "params_kept": final.get("params_kept"),
                      "dense_accuracy": m.get("dense", {}).get("accuracy"), "accuracy": final.get("accuracy"),
@@ -351,11 +351,17 @@ def _asked(row: dict) -> str:
     return budget_text(row["request"])
 
 
+def method_label(row: dict) -> str:
+    """The method of a row as tables and plots show it: a gradual run's is "magnitude (gradual)",
+    another series than the method's one-shot (or multi-stage) runs, which prune at once."""
+    return f"{row['method']} (gradual)" if row.get("mode") == "gradual" else row["method"]
+
+
 def table_lines(rows: list[dict]) -> list[str]:
     """A plain-text table of ``collect``'s rows."""
     # the text columns as wide as their longest entry: a cut name or budget ("flops 0.") says nothing
     run = max([3, *(len(r["name"]) for r in rows)])
-    method = max([6, *(len(r["method"]) for r in rows)])
+    method = max([6, *(len(method_label(r)) for r in rows)])
     asked = max([5, *(len(_asked(r)) for r in rows)])
     # runs of several models: a model column
     shown = (len({str(r.get("model")) for r in rows}) > 1) * max([5, *(len(str(r.get("model"))) for r in rows)])
@@ -364,7 +370,7 @@ def table_lines(rows: list[dict]) -> list[str]:
             f"{'MACs kept':>9} {'dense':>7} {'acc':>7} {'s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['name']:<{run}} {model(r)}{r['method']:<{method}} {_asked(r):<{asked}} "
+        lines.append(f"{r['name']:<{run}} {model(r)}{method_label(r):<{method}} {_asked(r):<{asked}} "
                      f"{_pct(r['sparsity']):>9} "
                      f"{_pct(r['flops_kept']):>9} {_acc(r['dense_accuracy']):>7} {_acc(r['accuracy']):>7} "
                      f"{_num(r['seconds'], '.0f'):>7}"
@@ -430,7 +436,7 @@ def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Com
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         link = urllib.parse.quote(os.path.relpath(Path(r["run"]) / "report.md", out))   # spaces break a link
-        lines.append(f"| [{r['name']}]({link}) | {r['model']} | {r['method']} | {_asked(r)} | {_pct(r['sparsity'])} | "
+        lines.append(f"| [{r['name']}]({link}) | {r['model']} | {method_label(r)} | {_asked(r)} | {_pct(r['sparsity'])} | "
                      f"{_pct(r['flops_kept'])} | {_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | "
                      f"{_num(r['seconds'], '.0f')} |")
     plt, missing = _pyplot_or_none()
@@ -456,12 +462,12 @@ def _dense_key(row: dict) -> float | None:
 
 def _plot_curves(plt, rows: list[dict], key: str, label: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    # one curve per method and starting point: runs of one model from other checkpoints (another
-    # dense accuracy) are other curves, not one line through both
+    # one curve per method (its gradual runs apart) and starting point: runs of one model from other
+    # checkpoints (another dense accuracy) are other curves, not one line through both
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r[key] is not None and r["accuracy"] is not None:
-            groups.setdefault((r["model"], _dense_key(r), r["method"]), []).append(r)
+            groups.setdefault((r["model"], _dense_key(r), method_label(r)), []).append(r)
     starts = {(model, start) for model, start, _ in groups}
     models = {model for model, _ in starts}
     dense = {}
