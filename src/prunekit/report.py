@@ -14,6 +14,7 @@ it has no plots.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import shutil
@@ -424,13 +425,59 @@ def _is_comparison_rows(path: Path) -> bool:
             and all(isinstance(r, dict) and {"run", "method", "accuracy"} <= r.keys() for r in rows))
 
 
+# The hashes of the report files prunekit last wrote in a sweep's or comparison's folder: a
+# report.md that is none of them was edited by its user, and is never written over.
+REPORT_STATE = ".prunekit-report.json"
+EDITED_REPORT = "report.new.md"       # the report, where the user edited report.md
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _report_hashes(out: Path) -> dict | None:
+    """{report file name: [hashes of what prunekit wrote]}; None when no state was kept (a folder
+    written before prunekit kept it: its report.md is taken as prunekit's, as it was then)."""
+    try:
+        state = json.loads((out / REPORT_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _as_written(path: Path, hashes: dict | None) -> bool:
+    """Whether report file ``path`` is absent or as prunekit last wrote it."""
+    if not path.exists():
+        return True
+    if hashes is None:
+        return path.name == "report.md"
+    known = hashes.get(path.name)
+    try:
+        return isinstance(known, list) and _sha256(path.read_bytes()) in known
+    except OSError:
+        return False
+
+
+def comparison_report_path(out: str | Path) -> Path:
+    """Where ``write_comparison_report`` writes (wrote) the report of folder ``out``: report.md,
+    or report.new.md when the user edited the report.md prunekit wrote there (kept as it is)."""
+    out = Path(out)
+    return out / "report.md" if _as_written(out / "report.md", _report_hashes(out)) else out / EDITED_REPORT
+
+
 def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Comparison",
                             planned: list | None = None) -> Path:
     """``out/report.md`` with the runs' table and accuracy-vs-sparsity / -vs-MACs plots (and
     ``runs.json``: the rows); refuses an ``out`` that ``check_report_folder`` refuses (``planned``:
-    a sweep's run folders)."""
+    a sweep's run folders). A report.md the user edited since prunekit wrote it (its hash is kept in
+    ``REPORT_STATE``) stays as it is: the report goes to report.new.md (``comparison_report_path``)."""
     check_report_folder(out, planned=planned)
     out = Path(out)
+    hashes = _report_hashes(out)
+    target = comparison_report_path(out)
+    if not _as_written(target, hashes):
+        raise PrunekitError(f"{out / 'report.md'} was edited since prunekit wrote it, and {target} is not prunekit's "
+                            f"either: move one of them out of {out} and run again (nothing was written)")
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", "| run | model | method | asked | sparsity | MACs kept | dense acc. | accuracy | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -445,14 +492,24 @@ def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Com
     # runs.json first: it marks the folder as ours, so a kill between the two leaves one the same
     # command may finish (a report.md alone reads as a user's file, which is never written over)
     atomic_write_bytes(out / "runs.json", (json.dumps(rows, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+    text = ("\n".join(lines) + "\n").encode()
+    before = [h for h in ((hashes or {}).get(target.name) or []) if isinstance(h, str)][-1:]
+    # the new hash is kept before the file is written, the old one until after: a kill between them
+    # leaves a report.md the state knows, never one taken for the user's
+    kept = {k: v for k, v in (hashes or {}).items() if k in ("report.md", EDITED_REPORT)}
+    atomic_write_bytes(out / REPORT_STATE, json.dumps({**kept, target.name: before + [_sha256(text)]}).encode())
+    atomic_write_bytes(target, text)
+    if target.name == "report.md" and (out / EDITED_REPORT).exists() and _as_written(out / EDITED_REPORT, hashes):
+        (out / EDITED_REPORT).unlink()           # the user's report.md went: the report is report.md again
+        kept.pop(EDITED_REPORT, None)
+    atomic_write_bytes(out / REPORT_STATE, json.dumps({**kept, target.name: [_sha256(text)]}).encode())
     if missing is not None:
         raise missing
     (out / "plots").mkdir(exist_ok=True)
     for key, label, name in (("sparsity", "sparsity (% of prunable weights removed)", "accuracy_vs_sparsity.png"),
                              ("flops_kept", "MACs kept (% of dense)", "accuracy_vs_macs.png")):
         _plot_curves(plt, rows, key, label, out / "plots" / name)
-    return out / "report.md"
+    return target
 
 
 def _dense_key(row: dict) -> float | None:
