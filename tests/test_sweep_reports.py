@@ -5,7 +5,6 @@ report.md the user edited."""
 import json
 from pathlib import Path
 
-import pytest
 
 import prunekit
 from prunekit import report
