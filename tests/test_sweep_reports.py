@@ -5,7 +5,6 @@ report.md the user edited."""
 import json
 from pathlib import Path
 
-
 import prunekit
 from prunekit import report
 from prunekit.cli import main
