@@ -2,6 +2,7 @@
 same weights as a run that was never interrupted."""
 
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,56 @@ def test_a_training_diverging_after_an_epoch_keeps_that_epoch_resumable(capsys, 
     monkeypatch.setattr(train_command, "train_epoch", real_epoch)
     assert main([*TRAIN, "--out", str(out)]) == 0                     # the same command carries on from epoch 1
     assert len(json.loads(capsys.readouterr().out)["history"]) == 3
+
+
+def test_train_onto_another_run_names_the_options_and_whether_it_finished(capsys, tmp_path, monkeypatch):
+    """A finished folder with other options was answered "give that run's own options to carry it
+    on" (nothing is left to carry on), naming no option that differs."""
+    assert main([*TRAIN, "--epochs", "1", "--out", str(tmp_path / "done")]) == 0
+    capsys.readouterr()
+    assert main([*TRAIN, "--epochs", "2", "--out", str(tmp_path / "done")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another training run, finished (other epochs)" in err, err
+    assert "carry it on" not in err and "--force" in err
+    real_epoch, calls = train_command.train_epoch, []
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+    monkeypatch.setattr(train_command, "train_epoch", killed_in_second_epoch)
+    assert main([*TRAIN, "--out", str(tmp_path / "cut")]) == 130
+    capsys.readouterr()
+    assert main([*TRAIN, "--lr", "0.01", "--augment", "--out", str(tmp_path / "cut")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "an unfinished training run (other lr, augment)" in err, err
+    assert "give that run's own options to carry it on" in err
+
+
+def test_train_force_replaces_a_training_run_only(capsys, tmp_path, monkeypatch):
+    """`train` had no --force while prune has one: it clears the training run's own files (another
+    run's, or this one's once finished: trained anew), never a user's file or a prune run."""
+    run = tmp_path / "run"
+    assert main([*TRAIN, "--epochs", "1", "--out", str(run)]) == 0
+    (run / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main([*TRAIN, "--epochs", "2", "--out", str(run), "--force"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["history"]) == 2
+    assert "force" not in tomllib.loads((run / "config.toml").read_text()) and (run / "notes.txt").read_text() == "mine"
+    calls = []
+    real_epoch = train_command.train_epoch
+    monkeypatch.setattr(train_command, "train_epoch", lambda *a, **k: calls.append(1) or real_epoch(*a, **k))
+    assert main([*TRAIN, "--epochs", "2", "--out", str(run), "--force"]) == 0      # finished: trained anew
+    assert len(calls) == 2 and not (run / "checkpoints").exists()
+    capsys.readouterr()
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", "mlpnet", "--checkpoint", str(Path(prunekit.__file__).parent / "assets" /
+                 "mlpnet.safetensors"), *MNIST, "--sparsity", "0.5", "--json", "--out", str(pruned)]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in pruned.rglob("*") if p.is_file()}
+    assert main([*TRAIN, "--epochs", "1", "--out", str(pruned), "--force"]) == 2
+    assert "`prunekit prune` run" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in pruned.rglob("*") if p.is_file()} == before
+    assert main([*TRAIN, "--epochs", "1", "--force"]) == 2
+    assert "add --out DIR" in capsys.readouterr().err

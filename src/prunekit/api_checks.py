@@ -20,7 +20,6 @@ from torch import nn
 from .data.loaders import BatchLoader
 from .errors import PrunekitError, input_fix
 from .losses import class_scores
-from .run_lock import LOCK_NAME
 
 
 def _whole(v) -> bool:
@@ -99,7 +98,8 @@ def check_out(out, flag: str | None = None) -> None:
     named = f"{flag} {out}" if flag else f"out={str(out)!r}"
     if path.exists() and not path.is_dir():
         raise PrunekitError(f"{named} is a file: pass a new folder for the run (or a run folder to resume)")
-    others = path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())    # a killed run's lock file is ours
+    from .runs import only_leftovers
+    others = path.is_dir() and not only_leftovers(path)    # a killed run's lock file and temporaries are ours
     if others and not (_is_run_config(path / "config.toml") or (path / "metrics.json").exists()):
         raise PrunekitError(f"{named} is a folder holding other files, not a run folder: pass a new "
                             "folder so that nothing there is written over")

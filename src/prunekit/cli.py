@@ -114,8 +114,14 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
                                     "at the same path")
             raise PrunekitError(f"--resume {known.resume} does not exist (check the path)")
         if not config.exists():
-            raise PrunekitError(f"{known.resume} is not a prunekit run folder (no config.toml): "
-                                "pass the --out folder of a `prunekit prune` run")
+            pending = runs.pending_config(known.resume)     # a run killed while it took the folder
+            if pending is None and runs.only_leftovers(known.resume) and any(Path(known.resume).iterdir()):
+                raise PrunekitError(f"{known.resume} holds no run yet (it was stopped before it wrote its "
+                                    f"config.toml): run the original command again with --out {known.resume}")
+            if pending is None:
+                raise PrunekitError(f"{known.resume} is not a prunekit run folder (no config.toml): "
+                                    "pass the --out folder of a `prunekit prune` run")
+            config = pending        # read here; the run writes config.toml and removes the temporary
         if _is_training_config(config):
             raise PrunekitError(f"{known.resume} is the folder of a `prunekit train` run: run that train command "
                                 "again to carry it on (--resume is for `prunekit prune` runs)")

@@ -14,6 +14,7 @@ it has no plots.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import shutil
@@ -338,7 +339,7 @@ def collect(folders) -> list[dict]:
                                 "only folders written by `prunekit prune --out` or `prunekit sweep`")
         final = m.get("final") or {}
         rows.append({"run": str(folder.path), "name": folder.path.name, "model": m.get("model"),
-                     "method": m.get("method"), "request": m.get("request", {}), "status": shown_status(folder, m),
+                     "method": m.get("method"), "mode": m.get("mode"), "request": m.get("request", {}), "status": shown_status(folder, m),
                      "sparsity": final.get("sparsity"), "flops_kept": final.get("flops_kept"),
                      "params_kept": final.get("params_kept"),
                      "dense_accuracy": m.get("dense", {}).get("accuracy"), "accuracy": final.get("accuracy"),
@@ -351,11 +352,17 @@ def _asked(row: dict) -> str:
     return budget_text(row["request"])
 
 
+def method_label(row: dict) -> str:
+    """The method of a row as tables and plots show it: a gradual run's is "magnitude (gradual)",
+    another series than the method's one-shot (or multi-stage) runs, which prune at once."""
+    return f"{row['method']} (gradual)" if row.get("mode") == "gradual" else row["method"]
+
+
 def table_lines(rows: list[dict]) -> list[str]:
     """A plain-text table of ``collect``'s rows."""
     # the text columns as wide as their longest entry: a cut name or budget ("flops 0.") says nothing
     run = max([3, *(len(r["name"]) for r in rows)])
-    method = max([6, *(len(r["method"]) for r in rows)])
+    method = max([6, *(len(method_label(r)) for r in rows)])
     asked = max([5, *(len(_asked(r)) for r in rows)])
     # runs of several models: a model column
     shown = (len({str(r.get("model")) for r in rows}) > 1) * max([5, *(len(str(r.get("model"))) for r in rows)])
@@ -364,7 +371,7 @@ def table_lines(rows: list[dict]) -> list[str]:
             f"{'MACs kept':>9} {'dense':>7} {'acc':>7} {'s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['name']:<{run}} {model(r)}{r['method']:<{method}} {_asked(r):<{asked}} "
+        lines.append(f"{r['name']:<{run}} {model(r)}{method_label(r):<{method}} {_asked(r):<{asked}} "
                      f"{_pct(r['sparsity']):>9} "
                      f"{_pct(r['flops_kept']):>9} {_acc(r['dense_accuracy']):>7} {_acc(r['accuracy']):>7} "
                      f"{_num(r['seconds'], '.0f'):>7}"
@@ -418,19 +425,65 @@ def _is_comparison_rows(path: Path) -> bool:
             and all(isinstance(r, dict) and {"run", "method", "accuracy"} <= r.keys() for r in rows))
 
 
+# The hashes of the report files prunekit last wrote in a sweep's or comparison's folder: a
+# report.md that is none of them was edited by its user, and is never written over.
+REPORT_STATE = ".prunekit-report.json"
+EDITED_REPORT = "report.new.md"       # the report, where the user edited report.md
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _report_hashes(out: Path) -> dict | None:
+    """{report file name: [hashes of what prunekit wrote]}; None when no state was kept (a folder
+    written before prunekit kept it: its report.md is taken as prunekit's, as it was then)."""
+    try:
+        state = json.loads((out / REPORT_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _as_written(path: Path, hashes: dict | None) -> bool:
+    """Whether report file ``path`` is absent or as prunekit last wrote it."""
+    if not path.exists():
+        return True
+    if hashes is None:
+        return path.name == "report.md"
+    known = hashes.get(path.name)
+    try:
+        return isinstance(known, list) and _sha256(path.read_bytes()) in known
+    except OSError:
+        return False
+
+
+def comparison_report_path(out: str | Path) -> Path:
+    """Where ``write_comparison_report`` writes (wrote) the report of folder ``out``: report.md,
+    or report.new.md when the user edited the report.md prunekit wrote there (kept as it is)."""
+    out = Path(out)
+    return out / "report.md" if _as_written(out / "report.md", _report_hashes(out)) else out / EDITED_REPORT
+
+
 def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Comparison",
                             planned: list | None = None) -> Path:
     """``out/report.md`` with the runs' table and accuracy-vs-sparsity / -vs-MACs plots (and
     ``runs.json``: the rows); refuses an ``out`` that ``check_report_folder`` refuses (``planned``:
-    a sweep's run folders)."""
+    a sweep's run folders). A report.md the user edited since prunekit wrote it (its hash is kept in
+    ``REPORT_STATE``) stays as it is: the report goes to report.new.md (``comparison_report_path``)."""
     check_report_folder(out, planned=planned)
     out = Path(out)
+    hashes = _report_hashes(out)
+    target = comparison_report_path(out)
+    if not _as_written(target, hashes):
+        raise PrunekitError(f"{out / 'report.md'} was edited since prunekit wrote it, and {target} is not prunekit's "
+                            f"either: move one of them out of {out} and run again (nothing was written)")
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", "| run | model | method | asked | sparsity | MACs kept | dense acc. | accuracy | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         link = urllib.parse.quote(os.path.relpath(Path(r["run"]) / "report.md", out))   # spaces break a link
-        lines.append(f"| [{r['name']}]({link}) | {r['model']} | {r['method']} | {_asked(r)} | {_pct(r['sparsity'])} | "
+        lines.append(f"| [{r['name']}]({link}) | {r['model']} | {method_label(r)} | {_asked(r)} | {_pct(r['sparsity'])} | "
                      f"{_pct(r['flops_kept'])} | {_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | "
                      f"{_num(r['seconds'], '.0f')} |")
     plt, missing = _pyplot_or_none()
@@ -439,14 +492,24 @@ def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Com
     # runs.json first: it marks the folder as ours, so a kill between the two leaves one the same
     # command may finish (a report.md alone reads as a user's file, which is never written over)
     atomic_write_bytes(out / "runs.json", (json.dumps(rows, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+    text = ("\n".join(lines) + "\n").encode()
+    before = [h for h in ((hashes or {}).get(target.name) or []) if isinstance(h, str)][-1:]
+    # the new hash is kept before the file is written, the old one until after: a kill between them
+    # leaves a report.md the state knows, never one taken for the user's
+    kept = {k: v for k, v in (hashes or {}).items() if k in ("report.md", EDITED_REPORT)}
+    atomic_write_bytes(out / REPORT_STATE, json.dumps({**kept, target.name: before + [_sha256(text)]}).encode())
+    atomic_write_bytes(target, text)
+    if target.name == "report.md" and (out / EDITED_REPORT).exists() and _as_written(out / EDITED_REPORT, hashes):
+        (out / EDITED_REPORT).unlink()           # the user's report.md went: the report is report.md again
+        kept.pop(EDITED_REPORT, None)
+    atomic_write_bytes(out / REPORT_STATE, json.dumps({**kept, target.name: [_sha256(text)]}).encode())
     if missing is not None:
         raise missing
     (out / "plots").mkdir(exist_ok=True)
     for key, label, name in (("sparsity", "sparsity (% of prunable weights removed)", "accuracy_vs_sparsity.png"),
                              ("flops_kept", "MACs kept (% of dense)", "accuracy_vs_macs.png")):
         _plot_curves(plt, rows, key, label, out / "plots" / name)
-    return out / "report.md"
+    return target
 
 
 def _dense_key(row: dict) -> float | None:
@@ -456,12 +519,12 @@ def _dense_key(row: dict) -> float | None:
 
 def _plot_curves(plt, rows: list[dict], key: str, label: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    # one curve per method and starting point: runs of one model from other checkpoints (another
-    # dense accuracy) are other curves, not one line through both
+    # one curve per method (its gradual runs apart) and starting point: runs of one model from other
+    # checkpoints (another dense accuracy) are other curves, not one line through both
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r[key] is not None and r["accuracy"] is not None:
-            groups.setdefault((r["model"], _dense_key(r), r["method"]), []).append(r)
+            groups.setdefault((r["model"], _dense_key(r), method_label(r)), []).append(r)
     starts = {(model, start) for model, start, _ in groups}
     models = {model for model, _ in starts}
     dense = {}

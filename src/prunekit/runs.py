@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 import tomllib
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from .errors import PrunekitError, refusal_of
 from .options import OptionError
 from .pipelines.stages import StageState
 from .record import finite as _finite
-from .run_lock import in_use
+from .run_lock import LOCK_NAME, in_use
 from .saving import atomic_write_bytes, atomic_write_json
 
 METRICS = "metrics.json"
@@ -135,6 +136,68 @@ RUN_FILES = ("config.toml", "run.log", METRICS, "checkpoints", "model.safetensor
 RUN_PLOTS = ("accuracy_vs_budget.png", "accuracy_per_stage.png", "layer_density.png")   # report.md's, in plots/
 
 
+# The files of a run folder prunekit writes atomically (``atomic_output``: a temporary
+# ``.NAME.XXXXXXXX.tmp`` beside it, renamed into place): a kill before the rename leaves the temporary.
+ATOMIC_FILES = ("config.toml", METRICS, "model.safetensors", "model.json", "result.json", "report.md", "model.onnx")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")        # mkstemp's name: 8 of [a-z0-9_]
+
+
+def _temporaries(folder: Path, own: Callable[[str], object]) -> list[Path]:
+    """The temporary files in ``folder`` of killed atomic writes of files named so that ``own(name)``."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir()
+            if (match := _TEMPORARY.fullmatch(p.name)) and own(match["name"]) and p.is_file() and not p.is_symlink()]
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """The temporaries that killed atomic writes of prunekit's own run files left in run folder
+    ``path``: of config.toml, metrics.json, the model and its sidecar, result.json, report.md,
+    model.onnx; ``checkpoints/.stage-NNN.safetensors.*.tmp``; ``plots/`` temporaries of the
+    report's plots. A file of the user's (another name) is none of them."""
+    path = Path(path)
+    return (_temporaries(path, ATOMIC_FILES.__contains__)
+            + _temporaries(path / "checkpoints", lambda name: re.fullmatch(r"stage-\d+\.safetensors", name))
+            + _temporaries(path / "plots", RUN_PLOTS.__contains__))
+
+
+def only_leftovers(path: str | Path) -> bool:
+    """Whether folder ``path`` holds nothing but what a prunekit process killed before its run took
+    the folder leaves there (its lock file, the temporary of its config.toml or of another file of
+    its own): the folder is as good as empty, a run may take it."""
+    path = Path(path)
+    stale = set(stale_temporaries(path))
+    return path.is_dir() and all(p.name == LOCK_NAME or p in stale for p in path.iterdir())
+
+
+def remove_stale_temporaries(folder: RunFolder) -> None:
+    """Remove the temporaries killed writes left in ``folder`` (``stale_temporaries``): called once
+    a run holds the folder's lock and has taken it, so no other process is writing them."""
+    if not folder.writable:
+        return
+    for temp in stale_temporaries(folder.path):
+        temp.unlink(missing_ok=True)
+
+
+def pending_config(path: str | Path) -> Path | None:
+    """The config.toml of a run killed while it took folder ``path``, between writing the file's
+    temporary (written whole and fsynced before its rename) and renaming it: in a folder holding
+    nothing else (``only_leftovers``), the newest temporary of a config.toml that is valid TOML and
+    names this folder as its ``out``. None when there is none."""
+    path = Path(path)
+    if (path / "config.toml").exists() or not only_leftovers(path):
+        return None
+    found = []
+    for temp in _temporaries(path, "config.toml".__eq__):
+        try:
+            out = tomllib.loads(temp.read_text(encoding="utf-8")).get("out")
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+        if isinstance(out, str) and Path(out).resolve() == path.resolve():
+            found.append(temp)
+    return max(found, key=lambda temp: temp.stat().st_mtime, default=None)
+
+
 def _present(path: Path) -> list[str]:
     return ([name for name in RUN_FILES if (path / name).exists()]
             + [p.name for p in path.glob("snapshot-*") if p.is_dir()])      # taper's; a file of that name is not
@@ -204,6 +267,7 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
             _remove_own_files(target) if target.is_dir() else target.unlink()
     elif not resume:
         check_claim(folder, config_text, python)
+    remove_stale_temporaries(folder)      # this process holds the folder's lock: no one else writes them
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())
         folder.claimed_afresh = True
@@ -211,6 +275,8 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
 
 def _finished_or_damaged(folder: RunFolder) -> bool:
     """Whether ``folder``'s run finished (or its metrics.json cannot be read): ``force`` runs it anew."""
+    if not folder.metrics_path.exists():      # a training run writes none: finished once its result is written
+        return (folder.path / "result.json").exists() and folder.model_path.exists()
     try:
         return folder.read_metrics().get("status") == "done"
     except PrunekitError:

@@ -89,9 +89,33 @@ def cmd_sweep(args) -> int:
     warn_if_random_weights(args)
     with run_lock.held_by_rank_0(args.out):    # one sweep at a time in it (each run locks its own)
         table = run_sweep(args, plan, dense_model, eval_loader, train_batches)
-    emit(args, {"runs": table, "report": str(Path(args.out) / "report.md")},
-          report.table_lines(table) + [f"report: {Path(args.out) / 'report.md'}"])
+    written = report.comparison_report_path(args.out)
+    emit(args, {"runs": table, "report": str(written)}, report.table_lines(table) + [_report_line(written)])
     return 0
+
+
+def _report_line(written: Path) -> str:
+    """The summary's last line: where the report went (report.new.md: the user's report.md is kept)."""
+    if written.name == "report.md":
+        return f"report: {written}"
+    return f"report: {written} ({written.parent / 'report.md'} was edited since prunekit wrote it: kept as it is)"
+
+
+def _other_finished_runs(out: Path, folders: list[Path]) -> list[Path]:
+    """The finished run folders in sweep folder ``out`` other than ``folders`` (this sweep's runs):
+    an earlier sweep's into the same folder, which its report keeps listing. In name order."""
+    mine = {folder.resolve() for folder in folders}
+    found = []
+    for path in sorted(out.iterdir()) if out.is_dir() else []:
+        if path.resolve() in mine or not runs.is_run(path):
+            continue
+        try:
+            metrics = runs.RunFolder(path).read_metrics()
+        except PrunekitError:
+            continue
+        if metrics.get("status") == "done" and isinstance(metrics.get("method"), str):
+            found.append(path)
+    return found
 
 
 def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, train_batches) -> list[dict]:
@@ -112,6 +136,7 @@ def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, trai
         folders.append(Path(run_args.out))
     if not distributed.is_main_process():     # under torchrun, rank 0 alone reads the runs back and reports
         return []
+    folders += _other_finished_runs(Path(args.out), folders)    # a rerun of fewer runs keeps reporting them all
     table = report.collect(folders)
     write_report(lambda: report.write_comparison_report(args.out, table, title=f"Sweep: {args.model}",
                                                         planned=[str(f) for f in folders]), args.json)
@@ -127,8 +152,9 @@ def cmd_compare(args) -> int:
     table = report.collect(runs)
     if args.out:
         write_report(lambda: report.write_comparison_report(args.out, table, title="Comparison"), args.json)
-    emit(args, {"runs": table, **({"report": str(Path(args.out) / "report.md")} if args.out else {})},
-          report.table_lines(table) + ([f"report: {Path(args.out) / 'report.md'}"] if args.out else []))
+    written = report.comparison_report_path(args.out) if args.out else None
+    emit(args, {"runs": table, **({"report": str(written)} if written else {})},
+          report.table_lines(table) + ([_report_line(written)] if written else []))
     return 0
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import sys
 import time
+import tomllib
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,7 +25,8 @@ from ..loading import check_fits, check_normalized, load_model
 from ..options import OptionError
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
-from ..runs import RunCheckpointer, RunFolder, check_ranks_share, claim, release_refused
+from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, check_ranks_share, claim,
+                    release_refused)
 from ..train import check_finite_weights, cosine, evaluate, nonfinite_weight, sgd, train_epoch
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
                      describe, emit, resolve_model, show_progress)
@@ -33,6 +36,8 @@ def cmd_train(args) -> int:
     check_train_args(args)
     resolve_model(args)
     check_out(args.out, "--out")
+    if getattr(args, "force", False) and not args.out:
+        raise PrunekitError("--force clears the training run in --out: add --out DIR, or leave out --force")
     check_out_not_input(args)
     train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop,
                             limit=args.train_samples, seed=args.seed)
@@ -68,6 +73,9 @@ def train_into(args, loaded, loader, test_loader) -> int:
         check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     finished = finished_record(folder)
     if finished is not None:            # the same command after the run ended: its result again
+        if folder.writable and folder.checkpoints.is_dir():    # a kill came between result.json and its removal
+            with contextlib.suppress(OSError):                 # (the result is printed all the same)
+                _remove_own_files(folder.checkpoints)
         emit(args, finished, result_lines(args, finished))
         return 0
     checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
@@ -145,24 +153,46 @@ def training_folder(args) -> RunFolder | None:
     if not is_main_process():
         collective.barrier()                 # rank 0 claims the folder
         return RunFolder(args.out).follower()
-    config = {k: v for k, v in vars(args).items() if k not in recipes.NOT_IN_RECIPES}
+    # force is about this invocation: kept in the config, the same command without it would be another run
+    config = {k: v for k, v in vars(args).items() if k not in recipes.NOT_IN_RECIPES and k != "force"}
     for key in ("checkpoint", "data_dir", "out"):       # the same command from any directory
         if config.get(key) is not None:
             config[key] = str(Path(config[key]).resolve())
     if user_models.is_model_file(config["model"]):
         config["model"] = user_models.resolved(config["model"])
     folder = RunFolder(args.out)
+    config_text = recipes.dump_recipe(config)
     try:
-        claim(folder, recipes.dump_recipe(config))
-    except OptionError:
-        if (folder.path / "metrics.json").exists():       # only prune runs write one
+        if _holds_a_prune_run(folder):          # never cleared by --force, which replaces training runs only
             raise PrunekitError(f"--out {args.out} holds a `prunekit prune` run: pick another --out for the "
-                                "training") from None
-        raise PrunekitError(f"--out {args.out} holds another training run (its config.toml has other options): "
-                            "pick another --out, or give that run's own options to carry it on") from None
+                                "training")
+        claim(folder, config_text, force=bool(getattr(args, "force", False)))
+    except OptionError:
+        old = folder.config.read_text() if folder.config.exists() else None
+        keys = _differing(old, config_text) if old is not None else []
+        other = f" (other {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
+        if old is None:
+            raise PrunekitError(f"--out {args.out} holds files a training run would overwrite: pick another "
+                                "--out, or --force to replace them") from None
+        if finished_record(folder) is not None:
+            raise PrunekitError(f"--out {args.out} holds another training run, finished{other}: pick another "
+                                "--out, or --force to replace it with this one") from None
+        raise PrunekitError(f"--out {args.out} holds an unfinished training run{other}: give that run's own options "
+                            "to carry it on, pick another --out, or --force to replace it with this one") from None
     finally:
         collective.barrier()
     return folder
+
+
+def _holds_a_prune_run(folder: RunFolder) -> bool:
+    """Whether ``folder`` holds a `prunekit prune` run (its metrics.json, or a config.toml naming a
+    method: a prune killed before it wrote its metrics), not a training run."""
+    if folder.metrics_path.exists():            # only prune runs write one
+        return True
+    try:
+        return "method" in tomllib.loads(folder.config.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
 
 
 def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loader,
@@ -227,4 +257,6 @@ def add_parser(sub) -> None:
     p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR-style)")
     p.add_argument("--out", help="run folder for the trained model (safetensors + JSON), with a checkpoint "
                    "after every epoch: the same command again carries on after a kill")
+    p.add_argument("--force", action="store_true", help="--out holds another training run (or this one, "
+                   "finished): clear that run's files first")
     p.set_defaults(func=cmd_train)

@@ -1,0 +1,150 @@
+"""What a SIGKILL leaves in a run folder is prunekit's own and never stops the run: a folder a kill
+left holding only the lock and the temporary of its config.toml is taken by the same command (and
+by `prune --resume`); the temporaries of killed atomic writes are removed when a run takes the
+folder again; a training run killed after its result was written loses its checkpoint on the rerun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import prunekit
+from prunekit import run_lock
+from prunekit.cli import main
+from prunekit.commands import train as train_command
+
+pytest.importorskip("fcntl")
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+SRC = Path(prunekit.__file__).parent.parent
+MNIST = ["--data", "mnist", "--data-dir", str(ASSETS / "mnist")]
+PRUNE = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), *MNIST,
+         "--sparsity", "0.5", "--train-samples", "64", "--json"]
+TRAIN = ["train", "--model", "mlpnet", *MNIST, "--epochs", "2", "--train-samples", "256", "--batch-size", "64",
+         "--json"]
+# `prunekit ARGS` SIGKILLed just before its config.toml's temporary (written and fsynced) is renamed
+# into place: the moment the run takes its folder
+_KILLED_AT_THE_CLAIM = """
+import os, signal, sys
+from prunekit.cli import main
+replace = os.replace
+def replace_or_die(src, dst, *args, **kwargs):
+    if str(dst).endswith("config.toml"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst, *args, **kwargs)
+os.replace = replace_or_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _killed_at_the_claim(argv: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AT_THE_CLAIM, *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+
+def _left(folder: Path) -> list[str]:
+    return sorted(p.name if p.name == run_lock.LOCK_NAME else p.name.split(".")[1] for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("again", ["same command", "resume"])
+def test_a_prune_killed_while_taking_its_folder_is_carried_on(tmp_path, capsys, again):
+    """The folder held only .config.toml.XXXX.tmp and .prunekit.lock: the same command was refused as
+    "a folder holding other files, not a run folder", --resume as "not a prunekit run folder"."""
+    run = tmp_path / "run"
+    _killed_at_the_claim([*PRUNE, "--out", str(run)])
+    assert _left(run) == [run_lock.LOCK_NAME, "config"]          # the lock and config.toml's temporary
+    argv = [*PRUNE, "--out", str(run)] if again == "same command" else ["prune", "--resume", str(run), "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert not list(run.glob(".*.tmp"))                          # the temporary is gone
+    assert (run / "config.toml").exists() and json.loads((run / "metrics.json").read_text())["status"] == "done"
+    assert main([*PRUNE, "--out", str(run)]) == 0                # the same command: the same run, finished
+    assert "holds this run, finished" in capsys.readouterr().err
+
+
+def test_a_train_killed_while_taking_its_folder_is_run_again(tmp_path, capsys):
+    run = tmp_path / "run"
+    _killed_at_the_claim([*TRAIN, "--out", str(run)])
+    assert _left(run) == [run_lock.LOCK_NAME, "config"]
+    assert main([*TRAIN, "--out", str(run)]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["epochs"] == 2
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "model.json", "model.safetensors", "result.json",
+                                                     "run.log"]
+
+
+def test_resume_of_a_folder_of_leftovers_without_a_whole_config_says_to_run_the_command_again(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / run_lock.LOCK_NAME).write_text("")
+    (run / ".config.toml.abcd1234.tmp").write_text("")           # killed before its bytes were written
+    assert main(["prune", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no run yet" in err and f"again with --out {run}" in err, err
+    assert main([*PRUNE, "--out", str(run)]) == 0, capsys.readouterr().err      # the command again takes it
+    assert not (run / ".config.toml.abcd1234.tmp").exists()
+
+
+def test_a_folder_with_a_users_file_beside_leftovers_is_still_refused(tmp_path, capsys):
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / run_lock.LOCK_NAME).write_text("")
+    (run / ".config.toml.abcd1234.tmp").write_text("")
+    (run / "notes.txt").write_text("mine")
+    assert main([*PRUNE, "--out", str(run)]) == 2
+    assert "holding other files" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == [".config.toml.abcd1234.tmp", run_lock.LOCK_NAME, "notes.txt"]
+
+
+# (file, of a killed atomic write) planted as a SIGKILL between a temporary's write and its rename leaves it
+PRUNE_TEMPORARIES = [".model.safetensors.k86o55u_.tmp", ".metrics.json.abcdefgh.tmp", ".report.md.x1y2z3w4.tmp",
+                     ".result.json.zzzzzzzz.tmp", "checkpoints/.stage-002.safetensors.q1w2e3r4.tmp",
+                     "plots/.layer_density.png.a_b_c_d_.tmp"]
+USERS = ["notes.txt", ".mine.abcdefgh.tmp", "plots/.mine.png.abcdefgh.tmp"]
+
+
+def test_a_resumed_prune_removes_the_temporaries_of_killed_writes(tmp_path, capsys, monkeypatch):
+    """`.model.safetensors.XXXX.tmp` (a whole model), `.stage-NNN...`, metrics, report and plot
+    temporaries stayed in the folder for good after the resume; a user's files stay."""
+    from prunekit import executor
+    run = tmp_path / "run"
+    argv = [*PRUNE, "--method", "chita++", "--stages", "2", "--include", "fc2", "fc3", "--fisher-samples", "16",
+            "--batch-size", "2000", "--out", str(run)]
+    real = executor.save_pruned
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(executor, "save_pruned", interrupted)
+    assert main(argv) == 130
+    monkeypatch.setattr(executor, "save_pruned", real)
+    (run / "plots").mkdir(exist_ok=True)
+    for name in PRUNE_TEMPORARIES + USERS:
+        (run / name).write_bytes(b"x" * 10)
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(run), "--json"]) == 0, capsys.readouterr().err
+    assert [name for name in PRUNE_TEMPORARIES if (run / name).exists()] == []
+    assert [name for name in USERS if not (run / name).exists()] == []
+
+
+def test_a_train_run_again_removes_temporaries_and_a_finished_runs_checkpoint(tmp_path, capsys, monkeypatch):
+    """A train killed after result.json, before its checkpoint went, kept checkpoints/ for good
+    (the README says the checkpoint is removed once the model is written)."""
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_command.shutil, "rmtree", lambda *args, **kwargs: None)   # killed before it
+    assert main([*TRAIN, "--out", str(run)]) == 0
+    monkeypatch.undo()
+    assert (run / "checkpoints" / "stage-002.safetensors").exists()
+    for name in (".model.safetensors.abcdefgh.tmp", "checkpoints/.stage-003.safetensors.abcdefgh.tmp"):
+        (run / name).write_bytes(b"x")
+    (run / "notes.txt").write_text("mine")
+    first = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr(train_command, "train_epoch", None)      # nothing is trained again
+    assert main([*TRAIN, "--out", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == first["accuracy"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "model.json", "model.safetensors", "notes.txt",
+                                                     "result.json", "run.log"]
