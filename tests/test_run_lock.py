@@ -319,3 +319,22 @@ def test_a_stop_before_the_lock_leaves_the_run_another_process_holds_alone(holde
     _log_stop(args, "interrupted (Ctrl-C)")
     assert (run / "run.log").read_text().endswith(" interrupted (Ctrl-C)\n")
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def test_using_a_run_still_at_work_says_to_wait_not_to_resume(holders, tmp_path, capsys):
+    """`export` and `bench-latency --pruned` of an unfinished run advised `prunekit prune --resume`,
+    which the folder's lock refuses while a live process holds it; they say to wait for it now, and
+    still advise the resume once nobody holds the folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('method = "magnitude"\nsparsity = 0.5\n')
+    (run / "metrics.json").write_text('{"status": "running"}')
+    holder = holders(run)
+    for argv in (["export", str(run), "--dense"], ["bench-latency", "--pruned", str(run)]):
+        code, out = _run(argv, capsys)
+        assert code == 2 and out.err.count("\n") == 1, out.err
+        assert f"holds a run that is still at work (prunekit process {holder.pid} holds it): wait for it" in out.err
+    holder.kill()
+    for argv in (["export", str(run), "--dense"], ["bench-latency", "--pruned", str(run)]):
+        code, out = _run(argv, capsys)
+        assert code == 2 and f"prunekit prune --resume {run}" in out.err, out.err

@@ -199,6 +199,19 @@ def _holder_words(fd: int) -> list[str]:
         return []
 
 
+def holder_pid(folder: str | Path) -> int | None:
+    """The pid written in ``folder``'s lock file (its holder's, or a killed holder's), None when
+    there is no such file or no pid in it."""
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+
+
 def _holder(fd: int) -> int | None:
     """The pid written in the lock file, None when there is none (yet)."""
     words = _holder_words(fd)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed, user_models, zoo
+from .. import distributed, run_lock, user_models, zoo
 from ..data import DATASET_NAMES, make_loader
 from ..data.loaders import leaves_one_over, samples_per_pass
 from .. import report
@@ -269,6 +269,7 @@ def refuse_unfinished(folder) -> None:
     folder = Path(folder)
     if not (folder / "config.toml").is_file():
         return
+    refuse_running(folder)
     try:
         method = "method" in tomllib.loads((folder / "config.toml").read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
@@ -278,6 +279,15 @@ def refuse_unfinished(folder) -> None:
                             f"with `prunekit prune --resume {folder}`, then use it")
     raise PrunekitError(f"{folder} holds a training run that has not finished (no model.safetensors yet): run its "
                         "`prunekit train` command again to carry it on, then use it")
+
+
+def refuse_running(folder: Path) -> None:
+    """Refuse a run folder a live prunekit process holds (its run is still at work), naming its pid:
+    a resume would be refused by the folder's lock, so waiting is the advice."""
+    if run_lock.in_use(folder):
+        pid = run_lock.holder_pid(folder)
+        raise PrunekitError(f"{folder} holds a run that is still at work (prunekit process"
+                            f"{f' {pid}' if pid else ''} holds it): wait for it to finish, then use it")
 
 
 def model_file(path) -> Path:

@@ -9,7 +9,7 @@ from .. import export
 from ..errors import PrunekitError
 from ..loading import load_model, python_saved_refusal
 from ..saving import read_meta
-from .common import emit
+from .common import emit, refuse_running
 
 
 def cmd_export(args) -> int:
@@ -22,6 +22,7 @@ def cmd_export(args) -> int:
     if not Path(args.run).is_dir():
         raise PrunekitError(f"{args.run} is not a folder: pass a run folder of `prunekit prune --out`")
     if not path.exists() and (Path(args.run) / "config.toml").exists():
+        refuse_running(Path(args.run))
         raise PrunekitError(f"{args.run} holds a run that has not finished: carry it on first "
                             f"(`prunekit prune --resume {args.run}`, or a train run's command again)")
     meta = read_meta(path) if path.exists() else {}
