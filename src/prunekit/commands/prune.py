@@ -89,6 +89,9 @@ def cmd_prune(args) -> int:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to use every training image)")
     if args.onnx and not args.out:
         raise PrunekitError("--onnx writes into the run folder: add --out DIR")
+    if getattr(args, "force", False) and not args.out:      # a recipe's force = true too
+        raise PrunekitError("--force clears the run folder --out names, and there is no --out: add --out DIR, "
+                            "or leave --force out")
     if getattr(args, "force", False) and args.out and args.checkpoint and _inside(args.checkpoint, args.out):
         raise PrunekitError(f"--checkpoint {args.checkpoint} is inside --out {args.out}, whose run files --force "
                             "removes: copy the checkpoint out of that folder first, or pick another --out")
