@@ -77,19 +77,19 @@ def check_run_folder(run_args: argparse.Namespace) -> None:
     overwrite, or files of the user's in a folder that is no run's, as ``prune --out`` refuses)
     in a sweep's words: prune's refusal names --resume and --force, a sweep has neither."""
     try:
-        check_out(run_args.out)
-    except PrunekitError:
-        path = Path(run_args.out)
-        what = "is a file" if path.is_file() else "is a folder holding other files, not a run folder"
-        raise PrunekitError(f"{run_args.out} (this sweep's run folder for {run_args.method}) {what}: pick another "
-                            "--out for this sweep, or move it away, so that nothing there is written over") from None
-    try:
         runs.check_claim(runs.RunFolder(run_args.out), run_config(run_args))
     except OptionError:
         what = ("a run made with other options" if (Path(run_args.out) / "config.toml").exists()
                 else "files a run would overwrite")
         raise PrunekitError(f"{run_args.out} holds {what}: pick another --out for this sweep, or give it that "
                             "sweep's own options to finish it") from None
+    try:
+        check_out(run_args.out)
+    except PrunekitError:
+        path = Path(run_args.out)
+        what = "is a file" if path.is_file() else "is a folder holding other files, not a run folder"
+        raise PrunekitError(f"{run_args.out} (this sweep's run folder for {run_args.method}) {what}: pick another "
+                            "--out for this sweep, or move it away, so that nothing there is written over") from None
 
 
 def cmd_sweep(args) -> int:
