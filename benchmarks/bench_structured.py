@@ -134,7 +134,7 @@ def accuracy_part(args) -> dict:
                                         taper_distill=args.taper_distill,
                                         residual_channels=args.residual_channels,
                                         reconstruct_batches=args.reconstruct_batches,
-                                        reconstruct_ridge=args.reconstruct_ridge, depth_flops=depth_of[budget],
+                                        reconstruct_ridge=args.reconstruct_ridge if args.reconstruct_batches else None, depth_flops=depth_of[budget],
                                         depth_batches=args.depth_batches, depth_per=args.depth_per)
                 info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps",
                                                       "snapshot_cuts", "on_schedule", "final_lambda", "history")}
@@ -152,7 +152,7 @@ def accuracy_part(args) -> dict:
                                     taper_distill=args.taper_distill,
                                     residual_channels=args.residual_channels,
                                     reconstruct_batches=args.reconstruct_batches,
-                                    reconstruct_ridge=args.reconstruct_ridge, snapshots=others or None)
+                                    reconstruct_ridge=args.reconstruct_ridge if args.reconstruct_batches else None, snapshots=others or None)
             seconds = time.perf_counter() - start
             shots = {min(args.budgets): result, **result.snapshots}
             info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps", "snapshot_cuts",
@@ -170,7 +170,7 @@ def accuracy_part(args) -> dict:
                                         structured_flops=args.structured_flops, example_input=example,
                                         recalibrate_bn=refits, gate_batches=args.gate_batches,
                                         fisher_samples=args.fisher_samples, reconstruct_batches=args.reconstruct_batches,
-                                        reconstruct_ridge=args.reconstruct_ridge)
+                                        reconstruct_ridge=args.reconstruct_ridge if args.reconstruct_batches else None)
                 small = result.model
                 info = {k: result.record.get(k) for k in ("structured_macs", "sparsify", "nonzeros", "sparsity")}
                 info["structured_flops"] = args.structured_flops
@@ -188,7 +188,7 @@ def accuracy_part(args) -> dict:
                                         gate_bn=args.gate_bn, channel_multiple=args.channel_multiple,
                                         residual_channels=args.residual_channels,
                                         reconstruct_batches=args.reconstruct_batches,
-                                        reconstruct_ridge=args.reconstruct_ridge,
+                                        reconstruct_ridge=args.reconstruct_ridge if args.reconstruct_batches else None,
                                         depth_flops=depth_of.get(budget),
                                         depth_batches=args.depth_batches, depth_per=args.depth_per)
                 small = result.model

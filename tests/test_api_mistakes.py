@@ -6,6 +6,12 @@ import torch
 from torch import nn
 
 import prunekit
+import prunekit.loading
+from prunekit import PrunekitError
+from prunekit.data import load_dataset
+from prunekit.export import load_sparse
+from prunekit.pipelines.magnitude_methods import MagnitudeOptions
+from prunekit.pipelines.weights import Pruned
 
 
 def _data(n=64, classes=4):
@@ -160,3 +166,47 @@ def test_a_loss_that_indexes_an_output_with_logits_is_told_to_read_them():
     with pytest.raises(prunekit.PrunekitError, match=r"returns Output outputs, not a tensor: read outputs.logits"):
         prunekit.prune(Net(), (x, y), method="magnitude", sparsity=0.5,
                        loss=lambda out, t: nn.functional.cross_entropy(out[:, :4], t))
+
+
+def _tiny():
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda tmp: prunekit.loading.load_model(None), "name must be a zoo model name"),
+    (lambda tmp: prunekit.load_pruned(_tiny(), 5), "path must be a run folder or its model.safetensors, got int"),
+    (lambda tmp: load_dataset("mnist", None, "test"), "data_dir must be the folder"),
+    (lambda tmp: prunekit.save_model(_tiny(), tmp / "a.safetensors", None), "meta must be a dict"),
+    (lambda tmp: prunekit.save_model(_tiny(), tmp / "b.safetensors", {"x": object()}), "meta must hold JSON values"),
+    (lambda tmp: load_sparse(tmp / "missing.safetensors"), "missing.safetensors does not exist"),
+    (lambda tmp: load_sparse(tmp / "text.safetensors"), "text.safetensors is not a safetensors file"),
+    (lambda tmp: prunekit.CostModel(5, torch.randn(1, 16)), "model must be a torch.nn.Module, got int"),
+    (lambda tmp: prunekit.add_method("x"), "add_method takes a prunekit.Method"),
+    (lambda tmp: prunekit.Method("bad-family", "bogus", MagnitudeOptions, lambda ctx, o: None),
+     "family must be one of weights, channels, got 'bogus'"),
+], ids=["load_model", "load_pruned", "load_dataset", "save_model-None", "save_model-object", "load_sparse-missing",
+        "load_sparse-text", "CostModel", "add_method", "Method-family"])
+def test_api_calls_with_wrong_arguments_raise_one_prunekit_error_and_write_nothing(tmp_path, call, needle):
+    """These raised a raw TypeError / AttributeError / SafetensorError / FileNotFoundError, and
+    save_model with a bad meta left a .safetensors without its sidecar."""
+    (tmp_path / "text.safetensors").write_text("hello\n")
+    with pytest.raises(PrunekitError) as err:
+        call(tmp_path)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.safetensors"]
+
+
+@pytest.mark.parametrize("run,needle", [
+    (lambda ctx, o: None, "returned NoneType: its run(ctx, options) must return"),
+    (lambda ctx, o: Pruned(ctx.space.vector().clone()), "returned 160 nonzero weights, over the budget's 80"),
+    (lambda ctx, o: Pruned(ctx.space.vector() * float("nan")), "returned weights holding nan or inf"),
+    (lambda ctx, o: Pruned(ctx.space.vector()[:3]), "returned weights of shape (3,)"),
+], ids=["None", "over-budget", "nan", "shape"])
+def test_a_method_of_ones_own_that_returns_a_wrong_result_is_named(run, needle):
+    """A user method returning None raised AttributeError; one over its budget or NaN was reported
+    as prunekit's "internal error ... please report this"."""
+    own = prunekit.Method("mine", "weights", MagnitudeOptions, run)
+    x, y = torch.randn(32, 1, 4, 4), torch.randint(0, 4, (32,))
+    with pytest.raises(PrunekitError) as err:
+        prunekit.prune(_tiny(), (x, y), method=own, sparsity=0.5)
+    assert "method 'mine' (your own)" in str(err.value) and needle in str(err.value), str(err.value)

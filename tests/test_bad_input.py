@@ -418,6 +418,17 @@ CLI_CASES = [
     (["bench-latency", "--model", "mlpnet", "--pruned", CKPT, "--batch-sizes", "1", "10000000000"],
      "the largest batch size that fits is"),
     (["compare", f"{H}/nothing-here"], "nothing-here"),
+    # gradual options the schedule leaves idle
+    ([*PRUNE, "--sparsity", "0.5", "--gradual", "--events", "3", "--start-keep", "0.1"],
+     "--start-keep 0.1 is the share kept before the first event, and the budget keeps 0.5: every event would "
+     "prune straight to the budget"),
+    ([*PRUNE, "--sparsity", "0.5", "--gradual", "--events", "1", "--start-keep", "0.7", "--event-schedule", "exp"],
+     "--start-keep and --event-schedule shape the schedule from dense down to the budget, and --events is 1"),
+    ([*PRUNE, "--sparsity", "0.5", "--gradual", "--events", "2", "--epochs-per-event", "0", "--final-epochs", "0",
+      "--lr", "5"], "--lr shapes the fine-tuning, and --final-epochs is 0 and --epochs-per-event is 0"),
+    ([*PRUNE, "--sparsity", "0.5", "--force"], "--force clears the run folder --out names, and there is no --out"),
+    ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--reconstruct-ridge", "0.1"],
+     "--reconstruct-ridge shapes the re-fit after the cut, and --reconstruct-batches is 0"),
 ]
 if not torch.cuda.is_available():         # on a machine with a GPU this is no error
     CLI_CASES.append(([*PRUNE, "--sparsity", "0.5", "--device", "cuda"], "sees no CUDA device"))
@@ -580,6 +591,14 @@ PY_CASES = [
     ({"data": [(X.to("meta"), Y)]}, "data's first batch is on the meta device (no data)"),
     ({"eval_data": (X.to("meta"), Y)}, "eval_data's X is on the meta device (no data)"),
     ({"example_input": X[:1].to("meta")}, "example_input is on the meta device (no data)"),
+    # options left idle
+    ({"gradual": True, "events": 3, "start_keep": 0.1}, "start_keep 0.1 is the share kept before the first event"),
+    ({"gradual": True, "events": 1, "epochs_per_event": 2}, "epochs_per_event shapes the schedule from dense"),
+    ({"gradual": True, "final_epochs": 0, "epochs_per_event": 0, "momentum": 0.5},
+     "momentum shapes the fine-tuning, and final_epochs is 0"),
+    ({"force": True}, "force=True clears the run folder out= names, and out is None"),
+    ({"method": "autobot", "sparsity": None, "flops": 0.5, "reconstruct_ridge": 0.1},
+     "reconstruct_ridge shapes the re-fit after the cut, and reconstruct_batches is 0"),
 ]
 
 

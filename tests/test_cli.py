@@ -339,3 +339,31 @@ def test_magnitude_on_a_folder_without_training_images_needs_them_only_for_batch
     assert "no mnist train files" in err and "--no-bn-recalibration" in err and "\n" not in err
     assert not (tmp_path / "run").exists()
     assert run_json(capsys, [*bn, "--no-bn-recalibration", "--json"])["bn_recalibrated"] is False
+
+
+def test_progress_takes_the_usual_switch_words_and_refuses_others(capsys, monkeypatch):
+    """PRUNEKIT_PROGRESS=yes was silently ignored (only 0 and 1 were read)."""
+    monkeypatch.setenv("PRUNEKIT_PROGRESS", "yes")
+    assert main(["eval", *MLP, *MNIST]) == 0
+    assert "%|" in capsys.readouterr().err
+    monkeypatch.setenv("PRUNEKIT_PROGRESS", "sometimes")
+    assert main(["eval", *MLP, *MNIST]) == 2
+    err = capsys.readouterr().err
+    assert "PRUNEKIT_PROGRESS=sometimes is not a switch" in err and err.count("\n") == 1, err
+
+
+def test_messages_name_the_fix(capsys, tmp_path):
+    """A model function calling sys.exit(3) ended prunekit with exit code 3 and no word; a truncated
+    checkpoint printed only the library's text; infeasible budgets printed their bounds as 0.0000."""
+    (tmp_path / "exits.py").write_text("import sys\n\n\ndef build():\n    sys.exit(3)\n")
+    assert main(["info", f"{tmp_path / 'exits.py'}:build", "--input-shape", "1,28,28"]) == 2
+    err = capsys.readouterr().err
+    assert "build() exited (sys.exit(3), exits.py line 5) instead of returning a model" in err, err
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes((ASSETS / "mlpnet.safetensors").read_bytes()[:1000])
+    assert main(["info", "mlpnet", "--checkpoint", str(truncated)]) == 2
+    assert "the file is truncated or damaged; download or save it again" in capsys.readouterr().err
+    assert main(["prune", *MLP, *MNIST, "--params", "1e-9"]) == 2
+    assert "(3.09e-05 to 1)" in capsys.readouterr().err
+    assert main(["prune", *MLP, *MNIST, "--flops", "32361"]) == 2
+    assert "ask for more than 0 and at most 1" in capsys.readouterr().err

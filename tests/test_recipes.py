@@ -66,7 +66,7 @@ def test_every_prune_option_is_a_recipe_key_and_nothing_else():
     ("flops = [0.3, 0.2]", "key 'flops'.*one value here: a sweep takes lists"),
     ("schedule = \"cubic\"", "key 'schedule'.*one of poly"),
     ("model = true", "key 'model'.*string"),
-    ("json = true", "unknown key 'json'"),
+    ("json = true", "key 'json' can't be in a recipe"),
 ])
 def test_bad_keys_and_types_are_refused_by_name(tmp_path, capsys, line, message):
     assert main(["prune", "--recipe", write(tmp_path, line + "\n")]) == 2
@@ -111,3 +111,16 @@ def test_one_value_where_a_list_is_taken_is_a_list_of_one():
     """exclude = "fc3" in a prune recipe, method = "falcon" in a sweep's (both were refused as not a list)."""
     assert recipes.validate({"exclude": "fc3"}, build_parser_for("prune"))["exclude"] == ["fc3"]
     assert recipes.validate({"method": "falcon"}, build_parser_for("sweep"))["method"] == ["falcon"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('resume = "runs/a"\n', "key 'resume' can't be in a recipe"),
+    ('recipe = "other.toml"\n', "key 'recipe' can't be in a recipe"),
+    ("[extra]\na = 1\n", "has a table [extra]: a recipe holds flat keys"),
+])
+def test_recipe_keys_that_cannot_be_in_one_are_said_so(tmp_path, capsys, text, needle):
+    """resume and recipe were met with "did you mean 'resize'?", a table [extra] with 'beta'."""
+    recipe = write(tmp_path, f'model = "mlpnet"\nsparsity = 0.5\n{text}')
+    assert main(["prune", "--recipe", recipe]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "did you mean" not in err and err.count("\n") == 1, err

@@ -366,3 +366,45 @@ def test_an_export_killed_before_its_file_is_there_lists_no_missing_file(tmp_pat
                                                                          "model-sparse.safetensors"]}
     assert sorted(p.name for p in out.iterdir()) == ["exported.json", "model-dense.safetensors",
                                                      "model-sparse.safetensors"]
+
+
+def test_a_sweeps_run_config_holds_only_its_methods_options_and_resumes(tmp_path, capsys, monkeypatch):
+    """--stages and --fisher-samples (chita's) went into the magnitude run's config.toml too: that
+    run could be neither resumed nor used as a recipe ("method magnitude takes no option ...")."""
+    from prunekit.commands import option_flags, sweep as sweep_command
+    out = tmp_path / "sweep"
+    sweep = ["sweep", *MLP, "--method", "magnitude", "chita", "--sparsity", "0.5", "--stages", "2", "--json"]
+    assert main([*sweep, "--out", str(out)]) == 0
+    capsys.readouterr()
+    magnitude, chita = out / "magnitude_sparsity-0.5", out / "chita_sparsity-0.5"
+    assert "stages" not in (magnitude / "config.toml").read_text()
+    assert "fisher-samples" not in (magnitude / "config.toml").read_text()
+    assert "stages = 2" in (chita / "config.toml").read_text()
+    assert main(["prune", "--resume", str(magnitude), "--json"]) == 0
+    assert main(["prune", "--recipe", str(magnitude / "config.toml"), "--out", str(tmp_path / "again"),
+                 "--json"]) == 0
+    capsys.readouterr()
+    # a folder an older sweep wrote (every option of the sweep in each run's config) resumes, and the
+    # same sweep again carries it on rather than refusing it as a run of other options
+    old = tmp_path / "old"
+    with monkeypatch.context() as older:
+        older.setattr(sweep_command, "taken_options", lambda method, gradual: set(option_flags.OPTION_NAMES))
+        assert main([*sweep, "--out", str(old)]) == 0
+    capsys.readouterr()
+    assert "stages = 2" in (old / "magnitude_sparsity-0.5" / "config.toml").read_text()
+    assert main(["prune", "--resume", str(old / "magnitude_sparsity-0.5"), "--json"]) == 0
+    capsys.readouterr()
+    assert main([*sweep, "--out", str(old)]) == 0
+    assert [r["status"] for r in json.loads(capsys.readouterr().out)["runs"]] == ["done", "done"]
+
+
+def test_a_sweep_refuses_a_run_folder_of_the_users_own(tmp_path, capsys):
+    """prune --out refuses a folder holding other files; a sweep wrote its run into OUT/<run>/ that the
+    user made, beside the user's notes.txt."""
+    out = tmp_path / "sweep"
+    (out / "magnitude_sparsity-0.5").mkdir(parents=True)
+    (out / "magnitude_sparsity-0.5" / "notes.txt").write_text("my notes\n")
+    assert main(["sweep", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holding other files" in err and "pick another --out" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in out.rglob("*")) == ["magnitude_sparsity-0.5", "notes.txt"]

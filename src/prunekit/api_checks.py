@@ -82,6 +82,9 @@ def check_arguments(model, arguments: dict) -> None:
             if isinstance(value, str) and name in ("include", "exclude"):
                 expected += f" (a bare string would be read letter by letter: write [{value!r}])"
             raise PrunekitError(f"{name} must be {expected}; got {_shown(value)}")
+    if arguments.get("force") and arguments.get("out") is None:
+        raise PrunekitError("force=True clears the run folder out= names, and out is None: pass out=, or leave "
+                            "force out")
     check_out(arguments.get("out"))
 
 

@@ -166,7 +166,7 @@ class Budget:
             asked = f"{limit:.0f}" if amount.absolute else f"{amount.value:g} ({limit:.0f} parameters)"
             raise OptionError(f"params {asked} is infeasible: the parameters that are never pruned (biases, "
                               f"norms, layers excluded or not run) already take {other}; ask for {other + 1} to "
-                              f"{total} ({(other + 1) / total:.4f} to 1)", ("params",))
+                              f"{total} ({_share_text((other + 1) / total)} to 1)", ("params",))
         return int(limit - other)
 
     @staticmethod
@@ -182,10 +182,15 @@ class Budget:
             raise OptionError(f"flops {asked} is infeasible: the dense model has {dense} MACs and {fixed} of "
                               "them no pruning removes (layers left dense, products of two activations such "
                               "as attention's); ask for "
-                                f"more than {fixed / dense:.4f} and at most 1 (or {fixed + 1} to {dense} MACs)", ("flops",))
+                                f"more than {_share_text(fixed / dense)} and at most 1 (or {fixed + 1} to {dense} MACs)", ("flops",))
         if cheapest is not None and int(math.floor(limit)) - fixed < cheapest:
             raise OptionError(f"flops {amount.value:g}{' MACs' if amount.absolute else ''} keeps no prunable weight: "
                               f"the cheapest costs {cheapest} MACs; ask for at least "
                               f"{(fixed + cheapest) / dense:.6f} (or {fixed + cheapest} MACs)", ("flops",))
         return int(math.floor(limit)) - fixed
 
+
+def _share_text(share: float) -> str:
+    """A share for a message with the digits that tell it from its neighbours: 0.25, 3.09e-05
+    (never "0.0000" for a share above 0)."""
+    return "0" if share == 0 else f"{share:.4f}" if share >= 0.01 else f"{share:.3g}"

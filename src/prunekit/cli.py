@@ -130,7 +130,7 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
                                 f"by calling prunekit.prune again with the same arguments and out={known.resume!r}; "
                                 "`prunekit prune --resume` carries on runs of the command line")
         runs.check_config_unchanged(known.resume)     # before the config names code to import
-        options = recipes.load_recipe(config, sub)
+        options = _taken_only(recipes.load_recipe(config, sub))
         data_dir = options.get("data_dir")
         if data_dir and not Path(data_dir).exists():
             raise PrunekitError(f"the run reads its data from {data_dir} (its config.toml), which does not exist: "
@@ -139,6 +139,18 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         recipes.apply_recipe(sub, {**options, "out": known.resume})
     elif known.recipe:
         recipes.apply_recipe(sub, recipes.load_recipe(known.recipe, sub))
+
+
+def _taken_only(options: dict) -> dict:
+    """A run folder's options less the method options its method does not take: a sweep of an
+    older version wrote every option of the sweep into each run's config.toml (``--stages`` of
+    chita into magnitude's), which the run never used; prune itself refuses them."""
+    from .commands.option_flags import OPTION_NAMES
+    try:
+        taken = prune.taken_options(options.get("method", "magnitude"), bool(options.get("gradual")))
+    except PrunekitError:          # an unknown method: the run's own checks say so
+        return options
+    return {k: v for k, v in options.items() if k not in OPTION_NAMES or k in taken}
 
 
 PATH_OPTIONS = ("checkpoint", "data_dir", "out", "pruned", "model", "model_flag", "recipe", "resume", "runs")

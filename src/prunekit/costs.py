@@ -163,6 +163,9 @@ class CostModel:
     """
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple, *, batched=None):
+        if not isinstance(model, nn.Module):
+            raise PrunekitError(f"CostModel(model, example_input): model must be a torch.nn.Module, "
+                                f"got {type(model).__name__}")
         self.example_input = example_input
         self.batched = batched_inputs(model, example_input, batched)
         self.layers, self.unknown = _trace(model, example_input, self.batched)

@@ -30,7 +30,8 @@ from .data.loaders import BatchLoader
 from .errors import PrunekitError, PrunekitWarning
 from .pipelines.gradual import prune_gradual
 from .structured.groups import dense_groups_warning
-from .pipelines.weights import Outcome, PruneContext, prune_weights
+from .methods import BUILT_IN, METHODS, Method
+from .pipelines.weights import Outcome, PruneContext, Pruned, prune_weights
 from .options import OptionError
 from .record import build_record, save_pruned
 from .request import Plan
@@ -192,11 +193,46 @@ def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -
                               checkpointer=checkpointer, progress=progress, sparsify=plan.method.sparsify)
     ctx = PruneContext(request.model, plan.space, plan.costs, plan.budget, train_batches, request.seed,
                        request.recalibrate_bn, progress, checkpointer, loss_fn=request.loss)
+    run = plan.method.run if _built_in(plan.method) else _checked_run(plan.method)
     if plan.mode == "gradual":
         # the checkpointer measures each event when there is evaluation data
-        return prune_gradual(ctx, plan.method.run, plan.options, plan.gradual,
+        return prune_gradual(ctx, run, plan.options, plan.gradual,
                              eval_loader=None if checkpointer is not None else eval_loader)
-    return prune_weights(ctx, plan.method.run, plan.options)
+    return prune_weights(ctx, run, plan.options)
+
+
+def _built_in(method: Method) -> bool:
+    return method.name in BUILT_IN and METHODS.get(method.name) is method
+
+
+def _checked_run(method: Method):
+    """``method.run`` (a weights method of the user's own) with what it returns checked: a wrong
+    result is refused naming that method and what is wrong, not blamed on prunekit."""
+    def run(ctx: PruneContext, options) -> Pruned:
+        pruned = method.run(ctx, options)
+        fix = f"method {method.name!r} (your own) returned"
+        if not isinstance(pruned, Pruned):
+            raise PrunekitError(f"{fix} {type(pruned).__name__}: its run(ctx, options) must return "
+                                "prunekit.pipelines.weights.Pruned(weights), the new flat weight vector")
+        weights, numel = pruned.weights, ctx.space.numel
+        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (numel,):
+            shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+            raise PrunekitError(f"{fix} weights of shape {shape}: Pruned.weights must be a flat vector of the "
+                                f"{numel:,} prunable weights (the order of ctx.space.vector())")
+        if weights.is_floating_point() and not bool(torch.isfinite(weights).all()):
+            raise PrunekitError(f"{fix} weights holding nan or inf: fix its run function")
+        budget, nonzeros = ctx.budget, int(torch.count_nonzero(weights))
+        if nonzeros > budget.max_nonzeros:
+            raise PrunekitError(f"{fix} {nonzeros:,} nonzero weights, over the budget's {budget.max_nonzeros:,} "
+                                "(ctx.budget.max_nonzeros): its run function must keep at most that many")
+        if budget.max_macs is not None:
+            ctx.space.assign(weights)
+            macs = ctx.costs.count(ctx.space.model).macs - budget.fixed_macs
+            if macs > budget.max_macs:
+                raise PrunekitError(f"{fix} weights costing {macs:,} MACs, over the budget's {budget.max_macs:,} "
+                                    "(ctx.budget.max_macs): its run function must keep within it")
+        return pruned
+    return run
 
 
 _UNIT = {"gradual": "event", "structured": "phase"}     # what a run's checkpoint is (else a stage)

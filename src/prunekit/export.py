@@ -65,7 +65,19 @@ def export_sparse(model: nn.Module, path: str | Path) -> Path:
 
 def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
     """The dense state dict of a file written by ``export_sparse``."""
-    with safe_open(str(path), "pt") as handle:
+    if not isinstance(path, (str, os.PathLike)):
+        raise PrunekitError(f"load_sparse(path): path must be a file path, got {type(path).__name__}")
+    if not Path(path).is_file():
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise PrunekitError(f"{path} {what}: pass the .safetensors file export_sparse wrote (a run folder's "
+                            "export/model-sparse.safetensors)")
+    try:
+        handle = safe_open(str(path), "pt")
+    except Exception as err:         # SafetensorError, and an OSError of the file's
+        raise PrunekitError(f"{path} is not a safetensors file (it is truncated, damaged or another format: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}): pass the file "
+                            "export_sparse wrote, or export it again") from None
+    with handle:
         meta = handle.metadata() or {}
         if meta.get("format") != "prunekit-sparse":
             raise PrunekitError(f"{path} is not a prunekit sparse export")

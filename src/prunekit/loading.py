@@ -8,6 +8,7 @@ shape or class count does not fit the model.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,12 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
     (a :class:`Normalization`, or ``"none"`` for pixels in [0, 1]); without one it is None and
     the commands that feed it images refuse (``check_normalized``).
     """
+    if not isinstance(name, str):
+        raise PrunekitError(f"load_model(name, checkpoint): name must be a zoo model name (e.g. 'mlpnet') or a "
+                            f"model file 'net.py:function', got {type(name).__name__}")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise PrunekitError(f"load_model(name, checkpoint): checkpoint must be a file path or None, "
+                            f"got {type(checkpoint).__name__}")
     if user_models.is_model_file(name):
         return _load_model_file(name, checkpoint, input_shape, normalization)
     if normalization is not None:
@@ -173,6 +180,9 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"load_pruned(model, path): model must be a fresh torch.nn.Module of the architecture "
                             f"it was pruned from, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise PrunekitError(f"load_pruned(model, path): path must be a run folder or its model.safetensors, "
+                            f"got {type(path).__name__}")
     path = Path(path)
     path = path / "model.safetensors" if path.is_dir() else path
     if path.exists():

@@ -53,6 +53,21 @@ class Method:
     plan_memory: Callable | None = None
     sparsify: Callable | None = None     # channels family: a second phase pruning single weights
 
+    def __post_init__(self) -> None:
+        """Refuse a row that cannot run, naming the field (a method of your own is built here)."""
+        from .options import Options
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise PrunekitError(f"Method name must be a non-empty string, got {self.name!r}")
+        if self.family not in FAMILIES:
+            raise PrunekitError(f"Method {self.name!r}: family must be one of {', '.join(FAMILIES)}, "
+                                f"got {self.family!r}")
+        if not (isinstance(self.options, type) and issubclass(self.options, Options)):
+            raise PrunekitError(f"Method {self.name!r}: options must be an Options dataclass (a class deriving "
+                                f"from prunekit.options.Options), got {self.options!r}")
+        if not callable(self.run):
+            raise PrunekitError(f"Method {self.name!r}: run must be a function run(ctx, options), "
+                                f"got {type(self.run).__name__}")
+
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("magnitude", "weights", MagnitudeOptions, run_magnitude, "largest |w| over all layers"),
@@ -81,6 +96,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 ]}
 
 
+BUILT_IN = frozenset(METHODS)      # the table as shipped; add_method's rows are the user's own
+
+
 def method_names(family: str | None = None) -> list[str]:
     return [name for name, m in METHODS.items() if family is None or m.family == family]
 
@@ -99,6 +117,9 @@ def lookup(method: str | Method) -> Method:
 def add_method(method: Method) -> Method:
     """Add your own method to the table (then ``prunekit.prune(..., method=name)`` and the CLI's
     ``--method`` know it). Refuses a name already taken or an unknown family."""
+    if not isinstance(method, Method):
+        raise PrunekitError(f"add_method takes a prunekit.Method (Method(name, family, options, run)), "
+                            f"got {type(method).__name__}")
     if method.family not in FAMILIES:
         raise PrunekitError(f"method family must be one of {', '.join(FAMILIES)}, got {method.family!r}")
     if method.name in METHODS:

@@ -64,6 +64,12 @@ def validate(raw: dict, parser: argparse.ArgumentParser, where: str = "recipe") 
     values = {}
     for key, value in raw.items():
         dest = key.replace("-", "_")
+        if isinstance(value, dict):
+            raise PrunekitError(f"{where} has a table [{key}]: a recipe holds flat keys (option = value) "
+                                "and no tables; move its keys to the top, or remove it")
+        if dest in ("recipe", "resume", "json"):         # flags of one invocation, not options of the run
+            raise PrunekitError(f"key {key!r} can't be in a recipe ({where}): it is about one command, not the run; "
+                                f"give --{dest.replace('_', '-')} on the command line and remove the key")
         if dest not in actions:
             close = closest(dest, actions)
             if close and not _underscored(key, raw):     # in the spelling the recipe uses

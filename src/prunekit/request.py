@@ -25,7 +25,7 @@ from .methods import Method, lookup
 from .options import OptionError, Options
 from .params import ParamSpace
 from .pipelines.fisher_methods import check_shardable
-from .pipelines.gradual import GradualOptions
+from .pipelines.gradual import GradualOptions, check_start_keep
 from .structured.family import ChannelContext
 from .structured.groups import dense_groups_warning
 from .structured.pipeline import channel_context
@@ -118,6 +118,8 @@ class PruneRequest:
             warnings.warn(PrunekitWarning(not_run_warning(space.not_run)), stacklevel=3)
         if channels is not None and (left := dense_groups_warning(channels.groups.skipped)):
             warnings.warn(PrunekitWarning(left), stacklevel=3)
+        if gradual is not None:
+            check_start_keep(resolved, int(space.macs_per_weight(costs).sum()), gradual)
         if method.check is not None:
             method.check(resolved, options)
         if distributed.current().distributed:      # under torchrun: refused before a run folder is written

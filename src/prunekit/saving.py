@@ -67,13 +67,21 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
     if path.suffix != ".safetensors":
         raise PrunekitError(f"model files end in .safetensors, got {path.name!r}: "
                             f"name it e.g. {path.stem}.safetensors")
+    if not isinstance(meta, dict):
+        raise PrunekitError(f"save_model(model, path, meta): meta must be a dict of JSON values (the sidecar's "
+                            f"fields; {{}} for none), got {type(meta).__name__}")
+    try:                 # checked before anything is written: never a model file without its sidecar
+        sidecar = (json.dumps({SIDECAR_MARK: SIDECAR_VERSION, **meta}, indent=2, sort_keys=False) + "\n").encode()
+    except (TypeError, ValueError) as err:
+        raise PrunekitError(f"save_model(model, path, meta): meta must hold JSON values only (numbers, strings, "
+                            f"lists, dicts): {err}") from None
     side = sidecar_path(path)
     if side.exists() and not replace_sidecar and not _holds_sidecar(side):
         raise PrunekitError(f"{side} is not a prunekit sidecar and saving {path.name} would replace it: "
                             f"move it away, or save under another name")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
-    atomic_write_json(side, {SIDECAR_MARK: SIDECAR_VERSION, **meta})
+    atomic_write_bytes(side, sidecar)
     return path
 
 

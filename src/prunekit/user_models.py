@@ -76,6 +76,9 @@ def build_model(name: str) -> nn.Module:
             model = factory()
         except Exception as error:  # the user's code: one line that says where, not a traceback
             raise PrunekitError(f"{name}() failed: {_where(error, path)}") from error
+        except SystemExit as error:     # sys.exit() in the user's code: say so, not exit with its code unexplained
+            raise PrunekitError(f"{name}() exited (sys.exit({error.code!r}){_line(error, path)}) instead of "
+                                "returning a model: remove the exit from the function") from None
     finally:
         sys.path.remove(folder)
     if not isinstance(model, nn.Module):
@@ -99,6 +102,10 @@ def _import(path: Path):
     except Exception as error:
         del sys.modules[module_name]
         raise PrunekitError(f"importing {path} failed: {_where(error, path)}") from error
+    except SystemExit as error:      # a script's sys.exit() run on import
+        del sys.modules[module_name]
+        raise PrunekitError(f"importing {path} exited (sys.exit({error.code!r}){_line(error, path)}): a model file "
+                            "must not exit when imported; put script code under `if __name__ == \"__main__\":`") from None
     finally:
         sys.dont_write_bytecode = writes_bytecode
     return module
@@ -116,9 +123,14 @@ def _check_takes_no_arguments(factory, name: str) -> None:
                             "them defaults, or add a function that calls it with yours")
 
 
-def _where(error: Exception, path: Path) -> str:
+def _where(error: BaseException, path: Path) -> str:
     """``ValueError: message (net.py line 12)``: the innermost line of the user's file."""
+    place = _line(error, path)
+    return f"{type(error).__name__}: {error}{f' ({place[2:]})' if place else ''}"
+
+
+def _line(error: BaseException, path: Path) -> str:
+    """``, net.py line 12``: the innermost line of the user's file that ``error`` passed, or ""."""
     lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
              if Path(frame.filename).resolve() == path.resolve()]
-    place = f" ({path.name} line {lines[-1]})" if lines else ""
-    return f"{type(error).__name__}: {error}{place}"
+    return f", {path.name} line {lines[-1]}" if lines else ""

@@ -247,8 +247,12 @@ def show_progress(args) -> bool:
     would otherwise fill with bar redraws; the stage lines still go there) unless the environment
     says PRUNEKIT_PROGRESS=1 (0: never)."""
     forced = os.environ.get("PRUNEKIT_PROGRESS")
-    if forced in ("0", "1"):
-        return forced == "1" and not args.json
+    if forced is not None and forced.strip():
+        word = forced.strip().lower()
+        if word not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+            raise PrunekitError(f"PRUNEKIT_PROGRESS={forced} is not a switch: set 1 (or true, yes, on) to draw "
+                                "progress bars, 0 (or false, no, off) never to, or unset it")
+        return word in ("1", "true", "yes", "on") and not args.json
     return not args.json and sys.stderr.isatty()
 
 

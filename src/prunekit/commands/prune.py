@@ -24,6 +24,7 @@ from ..fisher_batches import check_sample_count
 from ..pipelines.fisher_methods import check_planned_rows
 from ..loading import LoadedModel
 from ..methods import METHODS, lookup
+from ..pipelines.gradual import GradualOptions
 from ..request import PruneRequest
 from ..saving import atomic_write_json
 from ..structured.groups import listed_skips, unexpected_skips
@@ -45,6 +46,12 @@ def method_options(args) -> dict:
     return {name: getattr(args, name) for name in option_flags.OPTION_NAMES if getattr(args, name, None) is not None}
 
 
+def taken_options(method: str, gradual: bool) -> set[str]:
+    """The option names a run of ``method`` takes (with ``gradual``, the gradual mode's too): a
+    sweep gives each run only these, and a run's config.toml holds no other."""
+    return set(lookup(method).options.names()) | (set(GradualOptions.names()) if gradual else set())
+
+
 def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dict | None = None) -> PruneRequest:
     """The request of ``args`` (with ``method`` and ``budget``: one run of a sweep, which gives
     each method only the options it takes)."""
@@ -54,7 +61,8 @@ def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dic
     budget = budget or {k: getattr(args, k) for k in ("sparsity", "flops", "params")}
     options = method_options(args)
     if method is not None:
-        options = {k: v for k, v in options.items() if k in row.options.names() or args.gradual}
+        taken = taken_options(row.name, bool(args.gradual))
+        options = {k: v for k, v in options.items() if k in taken}
     return PruneRequest(loaded.model, loaded.example_input(), row.name, budget, args.include, exclude, args.seed,
                         bool(args.gradual), not args.no_bn_recalibration, options, loaded.name)
 
@@ -77,6 +85,9 @@ def cmd_prune(args) -> int:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to use every training image)")
     if args.onnx and not args.out:
         raise PrunekitError("--onnx writes into the run folder: add --out DIR")
+    if getattr(args, "force", False) and not args.out:      # a recipe's force = true too
+        raise PrunekitError("--force clears the run folder --out names, and there is no --out: add --out DIR, "
+                            "or leave --force out")
     resolve_model(args)                 # --model DIR: the checkpoint it names
     check_out_not_input(args)
     loaded = loaded_model(args)

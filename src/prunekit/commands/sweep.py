@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 
 from .. import distributed, interrupts, report, run_lock, runs
+from ..api_checks import check_out
 from ..budget import budget_text
 from ..errors import PrunekitError
-from ..methods import lookup
 from ..options import OptionError
 from .common import (check_out_not_input, emit, eval_data, loaded_model, training_batches, warn_if_random_weights,
                      write_report)
-from .prune import _check_rows_fit_the_data, add_prune_args, method_options, prune_into, request_of, run_config
+from . import option_flags
+from .prune import (_check_rows_fit_the_data, add_prune_args, method_options, prune_into, request_of, run_config,
+                    taken_options)
 
 
 def sweep_plan(args) -> list[tuple[str, dict]]:
@@ -51,14 +53,30 @@ def run_name(method: str, budget: dict) -> str:
 
 
 def run_args_of(args, method: str, budget: dict) -> argparse.Namespace:
-    """The arguments of one run of a sweep: its method, budget and run folder."""
-    return argparse.Namespace(**{**vars(args), "method": method, "sparsity": None, "flops": None, "params": None,
-                                 **budget, "out": str(Path(args.out) / run_name(method, budget))})
+    """The arguments of one run of a sweep: its method, budget and run folder, and of the sweep's
+    method options only those ``method`` takes (its config.toml is a recipe of that run, which
+    ``prune --resume`` and ``--recipe`` read again)."""
+    taken = taken_options(method, bool(args.gradual))
+    run = {**vars(args), "method": method, "sparsity": None, "flops": None, "params": None, **budget,
+           "out": str(Path(args.out) / run_name(method, budget))}
+    own = argparse.Namespace(**{**run, **{k: None for k in option_flags.OPTION_NAMES if k not in taken}})
+    # a run folder of an older version's sweep holds every option of the sweep in its config.toml:
+    # the same sweep again carries that run on under the config it was made with
+    config = Path(own.out) / "config.toml"
+    if config.is_file() and run != vars(own):
+        every = argparse.Namespace(**run)
+        try:
+            if config.read_text(encoding="utf-8") == run_config(every):
+                return every
+        except (OSError, UnicodeDecodeError):
+            pass            # check_run_folder says what is wrong with the folder
+    return own
 
 
 def check_run_folder(run_args: argparse.Namespace) -> None:
     """Refuse a run folder of the sweep that holds a run of other options (or files a run would
-    overwrite) in a sweep's words: prune's refusal names --resume and --force, a sweep has neither."""
+    overwrite, or files of the user's in a folder that is no run's, as ``prune --out`` refuses)
+    in a sweep's words: prune's refusal names --resume and --force, a sweep has neither."""
     try:
         runs.check_claim(runs.RunFolder(run_args.out), run_config(run_args))
     except OptionError:
@@ -66,14 +84,21 @@ def check_run_folder(run_args: argparse.Namespace) -> None:
                 else "files a run would overwrite")
         raise PrunekitError(f"{run_args.out} holds {what}: pick another --out for this sweep, or give it that "
                             "sweep's own options to finish it") from None
+    try:
+        check_out(run_args.out)
+    except PrunekitError:
+        path = Path(run_args.out)
+        what = "is a file" if path.is_file() else "is a folder holding other files, not a run folder"
+        raise PrunekitError(f"{run_args.out} (this sweep's run folder for {run_args.method}) {what}: pick another "
+                            "--out for this sweep, or move it away, so that nothing there is written over") from None
 
 
 def cmd_sweep(args) -> int:
     plan = sweep_plan(args)
     dense_model = loaded_model(args)
     check_out_not_input(args)           # its runs' folders are inside --out
-    taken = {n for m in args.method for n in lookup(m).options.names()}
-    unused = [k for k in method_options(args) if k not in taken and not args.gradual]
+    taken = {n for m in args.method for n in taken_options(m, bool(args.gradual))}
+    unused = [k for k in method_options(args) if k not in taken]
     if unused:
         raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
     planned = [run_args_of(args, method, budget).out for method, budget in plan]

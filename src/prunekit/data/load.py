@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     Returns uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``. Every problem raises
     :class:`PrunekitError` with a message that names the fix.
     """
+    if not isinstance(data_dir, (str, os.PathLike)):
+        raise PrunekitError(f"load_dataset(name, data_dir, split): data_dir must be the folder holding the data "
+                            f"set's files, got {type(data_dir).__name__}")
     if name not in DATASET_NAMES:
         raise PrunekitError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if name != "imagefolder" and (resize is not None or crop is not None):

@@ -58,10 +58,45 @@ class GradualOptions(Options):
 
     def check_given(self) -> None:
         super().check_given()
+        idle = [name for name in ("start_keep", "event_schedule", "epochs_per_event") if name in self.given]
+        if idle and self.events == 1:
+            named = _listed(idle)
+            raise OptionError(f"{named} shape{'s' if len(idle) == 1 else ''} the schedule from dense down to the budget, "
+                              f"and events is 1 (a single step prunes straight to the budget): give events 2 or more, "
+                              f"or leave {named} out",
+                              (*idle, "events"))
+        tuned = ("lr", "momentum", "weight_decay", "finetune_distill", "finetune_temperature")
+        idle = [name for name in tuned if name in self.given]
+        if idle and not self.final_epochs + (self.events - 1) * self.epochs_per_event:
+            named = _listed(idle)
+            between = " and epochs_per_event is 0" if self.events > 1 else ""
+            raise OptionError(f"{named} shape{'s' if len(idle) == 1 else ''} the fine-tuning, and final_epochs is 0"
+                              f"{between} (no fine-tuning at all): give final_epochs (e.g. 2) or leave {named} out",
+                              (*idle, "final_epochs", "epochs_per_event"))
         if "finetune_temperature" in self.given and not self.finetune_distill:
             raise OptionError("finetune_temperature softens the dense model's outputs for finetune_distill, and "
                               "finetune_distill is 0: give finetune_distill (e.g. 0.9) or leave "
                               "finetune_temperature out", ("finetune_temperature", "finetune_distill"))
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def check_start_keep(budget: ResolvedBudget, dense_macs: int, opts: GradualOptions) -> None:
+    """Refuse a ``start_keep`` the user gave at or below the share every budget keeps: each
+    schedule would start at its target (``keep_schedule`` clips it) and every event prune
+    straight to the budget."""
+    if "start_keep" not in opts.given or opts.events == 1:
+        return
+    shares = [budget.max_nonzeros / budget.total_prunable] if budget.max_nonzeros < budget.total_prunable else []
+    if budget.max_macs is not None and dense_macs:
+        shares.append(budget.max_macs / dense_macs)
+    if shares and opts.start_keep <= min(shares):
+        kept = min(shares)
+        raise OptionError(f"start_keep {opts.start_keep:g} is the share kept before the first event, and the budget "
+                          f"keeps {kept:.4g}: every event would prune straight to the budget; give start_keep above "
+                          f"{kept:.4g} (default 0.9), or leave it out", ("start_keep",))
 
 
 def event_budgets(budget: ResolvedBudget, dense_macs: int, opts: GradualOptions) -> list[ResolvedBudget]:

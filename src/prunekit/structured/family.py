@@ -68,6 +68,10 @@ class ChannelOptions(Options):
             raise OptionError("finetune_temperature softens the dense model's outputs for finetune_distill, and "
                               "finetune_distill is 0: give finetune_distill (e.g. 0.9) or leave "
                               "finetune_temperature out", ("finetune_temperature", "finetune_distill"))
+        if "reconstruct_ridge" in self.given and not self.reconstruct_batches:
+            raise OptionError("reconstruct_ridge shapes the re-fit after the cut, and reconstruct_batches is 0: give "
+                              "reconstruct_batches (e.g. 8) or leave reconstruct_ridge out",
+                              ("reconstruct_ridge", "reconstruct_batches"))
 
     def channel_targets(self, shares: list[float]) -> list[float]:
         """The shares of the dense MACs the channel cut itself must reach for budget ``shares``

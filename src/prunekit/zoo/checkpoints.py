@@ -178,7 +178,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError) as err:
-        raise PrunekitError(f"cannot read checkpoint {path} as safetensors: {err}") from None
+        raise PrunekitError(f"cannot read checkpoint {path} as safetensors ({err}): the file is truncated or "
+                            "damaged; download or save it again") from None
 
 
 def _read_torch(path: Path) -> object:
