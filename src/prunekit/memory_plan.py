@@ -80,9 +80,13 @@ The peak of a request is estimated from its parts, each counted from the model i
                          group: fit and held-out images) and its block preconditioner (K x D x kh·kw);
     copies               the re-fit layers' parameters before and after (two float32 copies,
                          the loss check's), the stage loop's vectors and the kept candidate;
-    judge                the loss check after it: one batch (it reads its batches afresh from
-                         the loader rather than holding them) and a forward pass (not beside the
-                         activations: they are freed by then).
+    judge                the loss check after it, its own phase (MemoryPlan.phases): the copies,
+                         REFIT_JUDGE_VECTORS p-long vectors, one batch (it reads its batches afresh
+                         from the loader rather than holding them) as JUDGE_INPUT_COPIES of its
+                         inputs, and a forward pass (not beside the activations: they are freed by
+                         then). The re-fit and the judge hand freed heap back around each layer's
+                         fit and each read (session 48: on MobileNetV1 at 224 x 224 that heap was
+                         the 450-500 MB neither phase's term held).
                          Measured on ResNet-20-B at 60 % MACs, the re-fit's default 1,024
                          images: one-shot FALCON (n = 1000) ran the re-fit beside X before
                          session 34, 1,978 MB peak against 1,664 planned; now 1,574 against
