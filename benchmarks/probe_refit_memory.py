@@ -24,21 +24,22 @@ orig_plan = mp.plan
 def plan(*a, **k):
     r = orig_plan(*a, **k)
     mark("plan", resident=r.resident >> 20, refit=r.refit >> 20, total=r.total >> 20, gradients=r.gradients >> 20,
-         solver=r.solver >> 20, act=r.activations >> 20, lg=r.layer_gradients >> 20)
+         solver=r.solver >> 20, act=r.activations >> 20, lg=r.layer_gradients >> 20,
+         phases={k: v >> 20 for k, v in r.phases().items()})
     return r
 mp.plan = plan
 for mod in list(sys.modules.values()):
     if getattr(mod, "__name__", "").startswith("prunekit") and getattr(mod, "plan", None) is orig_plan:
         mod.plan = plan
-orig_refit_bytes = mp.refit_bytes
-def refit_bytes(sizes, model, example_input, samples, batch, ranks=1, ranks_here=1):
-    r = orig_refit_bytes(sizes, model, example_input, samples, batch, ranks, ranks_here)
+orig_refit_parts = mp.refit_parts
+def refit_parts(sizes, model, example_input, samples, batch, ranks=1, ranks_here=1):
+    r = orig_refit_parts(sizes, model, example_input, samples, batch, ranks, ranks_here)
     first = example_input[:1]
     print(f"[plan] refit samples {samples} batch {batch} per_sample_lockstep {rf.lockstep_bytes(model, first)/2**20:.2f} MB "
           f"input/sample {sizes.input_per_sample/2**20:.2f} largest_out {sizes.largest_output_per_sample/2**20:.2f} p {sizes.p} "
-          f"refit {r>>20} MB", file=sys.stderr, flush=True)
+          f"refit fitting / judge {r[0]>>20} / {r[1]>>20} MB", file=sys.stderr, flush=True)
     return r
-mp.refit_bytes = refit_bytes
+mp.refit_parts = refit_parts
 orig_refit_pruned = w.refit_pruned
 def refit_pruned(*a, **k):
     mark("refit_pruned start")

@@ -80,9 +80,13 @@ The peak of a request is estimated from its parts, each counted from the model i
                          group: fit and held-out images) and its block preconditioner (K x D x kh·kw);
     copies               the re-fit layers' parameters before and after (two float32 copies,
                          the loss check's), the stage loop's vectors and the kept candidate;
-    judge                the loss check after it: one batch (it reads its batches afresh from
-                         the loader rather than holding them) and a forward pass (not beside the
-                         activations: they are freed by then).
+    judge                the loss check after it, its own phase (MemoryPlan.phases): the copies,
+                         REFIT_JUDGE_VECTORS p-long vectors, one batch (it reads its batches afresh
+                         from the loader rather than holding them) as JUDGE_INPUT_COPIES of its
+                         inputs, and a forward pass (not beside the activations: they are freed by
+                         then). The re-fit and the judge hand freed heap back around each layer's
+                         fit and each read (session 48: on MobileNetV1 at 224 x 224 that heap was
+                         the 450-500 MB neither phase's term held).
                          Measured on ResNet-20-B at 60 % MACs, the re-fit's default 1,024
                          images: one-shot FALCON (n = 1000) ran the re-fit beside X before
                          session 34, 1,978 MB peak against 1,664 planned; now 1,574 against
@@ -173,6 +177,17 @@ REFIT_ACTIVATION_FACTOR = 1.3   # the re-fit's activations in RSS against what L
                                 # while the next node's are made): measured 1.12 on ResNet-20-B (2,048
                                 # images), 1.10 on MobileNetV1, 1.15 and 1.28 in two identical ResNet-56
                                 # runs (1,024 images; random weights, the 2 cores)
+REFIT_JUDGE_VECTORS = 3         # p-long float32 vectors the judge after the re-fit holds beside the stage
+                                # loop's: RecalibratedLoss's copy of the weights, the vector it is given,
+                                # the re-fit layers' fitted parameters (the unfitted ones are in copies)
+JUDGE_INPUT_COPIES = 4          # a batch's inputs in float32 while the judge after the re-fit reads it: the
+                                # batch, the normalisation's temporaries (x/255, then - mean, then / std:
+                                # two alive at once) and the batch the count of its batches read before
+                                # (session 48, MobileNetV1 at 224 x 224, 32 images: 1,093-1,157 MB peak)
+DATA_BATCH_COPIES = 2           # the training batch being read in the gradient phase, in float32 inputs:
+                                # the batch and its normalisation's temporary (session 48, MobileNetV1
+                                # at 224 x 224, fisher_samples 32: the phase peaked 2,610 MB with batches
+                                # of 32 images, 2,710-2,785 with batches of 128)
 GiB, MiB = 2**30, 2**20
 
 
@@ -193,14 +208,26 @@ class MemoryPlan:
     judge: int = 0          # the judge's held batches and forward pass, beside the solver
     stage_vectors: int = 0  # the stage loop's p-long vectors, held through the gradient phase too
     refit: int = 0          # the re-fit of the kept weights after a stage, once X is freed (0: none)
+    refit_fitting: int = 0  # its two parts: the fitting and the judge after it (refit is the larger;
+    refit_judge: int = 0    # 0: not told apart)
+    data_batch: int = 0     # the training batch being read in the gradient phase
 
     @property
     def total(self) -> int:
         """Gradients are collected, then the solver runs (and the judge with it), then X is freed
         and the re-fit runs: the phases do not overlap."""
-        return self.resident + max(self.gradients + max(self.stage_vectors + self.activations + self.layer_gradients,
-                                                        self.solver + self.judge),
-                                   self.refit)
+        return max(self.phases().values())
+
+    def phases(self) -> dict[str, int]:
+        """The estimated peak RSS of each phase (resident set included); ``total`` is the largest.
+        "refit" is the re-fit's fitting and "refit_judge" the judge after it, where planned."""
+        phases = {"gradients": self.resident + self.gradients + self.stage_vectors + self.activations
+                  + self.layer_gradients + self.data_batch,
+                  "solver": self.resident + self.gradients + self.solver + self.judge}
+        if self.refit:
+            phases["refit"] = self.resident + (self.refit_fitting or self.refit)
+            phases["refit_judge"] = self.resident + (self.refit_judge or self.refit)
+        return phases
 
     @property
     def total_mb(self) -> float:
@@ -287,7 +314,14 @@ def refit_bytes(sizes: _Sizes, model: nn.Module, example_input, samples: int, ba
                 ranks_here: int = 1) -> int:
     """Bytes the re-fit of the kept weights holds at its peak on ``samples`` images in batches of
     ``batch`` (see the module doc), on one of ``ranks`` processes (``ranks_here`` of them on this
-    machine), which runs every ranks-th batch."""
+    machine), which runs every ranks-th batch: the larger of its two parts (:func:`refit_parts`)."""
+    return max(refit_parts(sizes, model, example_input, samples, batch, ranks, ranks_here))
+
+
+def refit_parts(sizes: _Sizes, model: nn.Module, example_input, samples: int, batch: int, ranks: int = 1,
+                ranks_here: int = 1) -> tuple[int, int]:
+    """(the fitting, the judge after it): the bytes each holds above the resident set at its peak,
+    the copies the stage loop keeps through both included."""
     first = example_input[:1] if isinstance(example_input, torch.Tensor) else None
     per_sample = lockstep_bytes(model, first) if first is not None else None
     own_samples = refit_rank_images(samples, batch, ranks)
@@ -298,16 +332,17 @@ def refit_bytes(sizes: _Sizes, model: nn.Module, example_input, samples: int, ba
     solve = max((_refit_solve_bytes(layer, positions, samples, batch) for layer, positions in sizes.refit_layers),
                 default=0)
     fitting = activations + 2 * samples * sizes.input_per_sample + solve
-    judge = batch * (sizes.input_per_sample + INFERENCE_FACTOR * sizes.largest_output_per_sample)
+    judge = (REFIT_JUDGE_VECTORS * 4 * sizes.p
+             + batch * (JUDGE_INPUT_COPIES * sizes.input_per_sample + INFERENCE_FACTOR * sizes.largest_output_per_sample))
     copies = (2 * 4 + PIPELINE_BYTES_PER_WEIGHT + 4) * sizes.p
-    return copies + max(fitting, judge)
+    return copies + fitting, copies + judge
 
 
 def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, dtype: str = "float32",
          family: str = "falcon", max_memory=None, fisher_batch: int = 1, obs_block_size: int = 128,
          keep_share: float = 1.0, fisher_bn: str = "frozen", ranks: int = 1,
          ranks_here: int = 1, judge_batch: int = 0, refit_samples: int = 0, refit_batch: int = 0,
-         most_rows: int = 1000) -> MemoryPlan:
+         most_rows: int = 1000, data_batch: int = 0) -> MemoryPlan:
     """The memory plan of gradients + solve for ``space``'s weights, refusing what does not fit.
 
     n:          fisher_samples, an int or "auto" (the largest n ≤ ``most_rows`` that fits; the
@@ -324,6 +359,7 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
                 layer search, the final pick); 0: no judge.
     refit_samples, refit_batch: the images the kept weights are re-fit on after a stage, and their
                 batch size (0: no re-fit).
+    data_batch: samples per training batch the gradients read (0: not counted).
     Raises PrunekitError when the request does not fit.
     """
     storage = storage_dtype(dtype)
@@ -332,10 +368,14 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     resident = current_usage(sizes.device)
     judge = judge_batch * (JUDGE_BATCHES * sizes.input_per_sample
                            + INFERENCE_FACTOR * sizes.largest_output_per_sample)
-    refit = (refit_bytes(sizes, model, example_input, refit_samples, refit_batch or refit_samples, ranks, ranks_here)
-             if refit_samples else 0)
-    estimate = lambda rows, kind: _estimate(sizes, rows, kind, family, fisher_batch, obs_block_size,
-                                            keep_share, resident, limit, ranks, judge, refit)
+    refit_fitting, refit_judge = (refit_parts(sizes, model, example_input, refit_samples,
+                                              refit_batch or refit_samples, ranks, ranks_here)
+                                  if refit_samples else (0, 0))
+    batch_bytes = DATA_BATCH_COPIES * data_batch * sizes.input_per_sample
+    estimate = lambda rows, kind: replace(
+        _estimate(sizes, rows, kind, family, fisher_batch, obs_block_size, keep_share, resident, limit, ranks, judge,
+                  max(refit_fitting, refit_judge)),
+        refit_fitting=refit_fitting, refit_judge=refit_judge, data_batch=batch_bytes)
     if n == "auto":
         rows = largest_n(lambda rows: estimate(rows, storage), most_rows)
         if rows == 0:

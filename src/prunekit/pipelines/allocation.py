@@ -22,6 +22,7 @@ from ..layout import model_input
 from ..losses import LossFn, summed_loss
 from ..options import OptionError
 from ..params import ParamSpace
+from ..process_memory import release_freed_memory
 from ..solvers.layer_search import LayerSearch, layer_index, search_layer_scales
 from ..train import recalibrate_batchnorm
 
@@ -52,13 +53,17 @@ class RecalibratedLoss:
     lists of (x, y), or ``LoaderWindow``s)."""
 
     def __init__(self, model: nn.Module, space: ParamSpace, calibration: list, judge: list,
-                 loss_fn: LossFn | None = None):
+                 loss_fn: LossFn | None = None, release_freed: bool = False):
+        """``release_freed``: hand the heap's freed blocks back (malloc_trim) after BatchNorm's
+        re-estimation, before the judged forwards (the re-fit's judge: its two calls would otherwise
+        run their loss forwards beside the recalibration forward's freed blocks)."""
         if not judge:
             raise OptionError("the layer search needs training batches to judge by: pass more training data",
                               ("layer_search",))
         self.model, self.space = model, space
         self.calibration, self.judge = calibration, judge
         self.loss_fn = loss_fn
+        self.release_freed = release_freed
         self._weights = space.vector().clone()
         self._buffers = {name: b.clone() for name, b in model.named_buffers()}
 
@@ -85,6 +90,8 @@ class RecalibratedLoss:
         self.space.assign(w)
         if self.calibration:
             recalibrate_batchnorm(self.model, self.calibration, max_batches=len(self.calibration))
+            if self.release_freed:
+                release_freed_memory()
         was_training = self.model.training
         self.model.eval()
         device = w.device

@@ -259,7 +259,7 @@ def plan_memory(family: str):
     differ), for the method table: refuses a request that does not fit before any work. Under
     torchrun every rank takes the first refusing rank's verdict (each rank's memory differs)."""
     def check(model, space, example_input, budget: ResolvedBudget, opts: QuadraticOptions, judge_batch: int = 0,
-              refit_samples: int = 0, refit_batch: int = 0, most_rows: int = 1000):
+              refit_samples: int = 0, refit_batch: int = 0, most_rows: int = 1000, data_batch: int = 0):
         plan, refusal = None, None
         try:
             plan = memory_plan.plan(model, space, example_input, n=opts.fisher_samples, dtype=opts.fisher_dtype,
@@ -268,7 +268,8 @@ def plan_memory(family: str):
                                     obs_block_size=getattr(opts, "obs_block_size", 128),
                                     keep_share=budget.max_nonzeros / space.numel, ranks=distributed.current().size,
                                     ranks_here=distributed.ranks_on_this_machine(), judge_batch=judge_batch,
-                                    refit_samples=refit_samples, refit_batch=refit_batch, most_rows=most_rows)
+                                    refit_samples=refit_samples, refit_batch=refit_batch, most_rows=most_rows,
+                                    data_batch=data_batch)
         except PrunekitError as err:
             refusal = err
         distributed.agree_refusal(refusal)
@@ -315,7 +316,8 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
     most_rows = min(1000, samples_per_pass(ctx.train_batches()) or 1000) if one_pass else 1000
     # The plan of the first stage (the largest: later stages have fewer free weights).
     plan = memory(ctx.model, ctx.space, ctx.costs.example_input, ctx.budget, opts, _judge_batch(ctx, opts),
-                  *ctx.refit_images, most_rows=most_rows)
+                  *ctx.refit_images, most_rows=most_rows,
+                  data_batch=int(first_batch(ctx.train_batches, "data")[1].shape[0]))
     if distributed.current().distributed:    # "auto" n fits each rank's own free memory: all take the least
         least = distributed.current().all_reduce_max(torch.tensor([-plan.n], device=ctx.space.weights()[0].device))
         plan = replace(plan, n=-int(least.item()))
