@@ -319,6 +319,37 @@ def test_the_summary_says_when_the_flops_budget_bound_a_count_budget(capsys):
     assert "bound" not in capsys.readouterr().out
 
 
+def test_the_summary_says_when_the_params_budget_bound_the_sparsity_budget(capsys):
+    """--sparsity 0.1 --params 0.05 prunes 95% (MLPNet has no biases): the summary says the params budget bound."""
+    assets = Path(prunekit.__file__).parent / "assets"
+    base = ["prune", "--model", "mlpnet", "--checkpoint", str(assets / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(assets / "mnist"), "--train-samples", "64"]
+    assert main([*base, "--sparsity", "0.1", "--params", "0.05"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  sparsity"))
+    assert line.startswith("  sparsity   95.00%") and line.endswith(
+        "; the params budget bound: the sparsity budget allowed 10.00%"), line
+    assert main([*base, "--sparsity", "0.9", "--params", "0.5"]) == 0       # the sparsity bound: nothing said
+    assert "bound" not in capsys.readouterr().out
+
+
+def test_the_summary_says_when_the_checkpoint_was_already_sparser_than_asked(capsys, tmp_path):
+    """--sparsity 0.3 on a 50%-sparse checkpoint gives 50%: the summary says the zeros were there before
+    (the record's dense_sparsity); a dense checkpoint says nothing of it."""
+    assets = Path(prunekit.__file__).parent / "assets"
+    base = ["prune", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(assets / "mnist"),
+            "--train-samples", "64"]
+    assert main([*base, "--checkpoint", str(assets / "mlpnet.safetensors"), "--sparsity", "0.5",
+                 "--out", str(tmp_path / "half")]) == 0
+    assert "already had" not in capsys.readouterr().out
+    assert main([*base, "--checkpoint", str(tmp_path / "half" / "model.safetensors"), "--sparsity", "0.3"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  sparsity"))
+    assert line == ("  sparsity   50.00% (16,180 prunable weights kept); the model loaded already had 50.00% of its "
+                    "prunable weights at zero, more than the 30.00% asked"), line
+    assert main([*base, "--checkpoint", str(tmp_path / "half" / "model.safetensors"), "--sparsity", "0.3",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dense_sparsity"] == 0.5
+
+
 def test_magnitude_on_a_folder_without_training_images_needs_them_only_for_batchnorm(capsys, tmp_path):
     """`prune --method magnitude` reads the training split only to re-estimate BatchNorm: a model
     without BatchNorm prunes from a test-only folder; one with BatchNorm is refused before any work,

@@ -7,7 +7,8 @@ sidecar (and, for a shrunk model, its channel layout) plus ``result.json``.
 
 Record keys: model, method, family, mode (one-shot | multi-stage | gradual | structured),
 request (the budget as asked), sparsity, nonzeros (weights methods), flops_kept, params_kept,
-macs, dense_macs, params, dense_params, budget_max_nonzeros, budget_max_macs, dense_accuracy,
+macs, dense_macs, params, dense_params, budget_max_nonzeros, budget_max_macs, dense_sparsity (the share of
+prunable weights already zero in the model given: weights methods), dense_accuracy,
 accuracy, dense_loss, loss (None without evaluation data; accuracy None with the user's ``loss``,
 named in loss_function), seconds (pruning, BatchNorm included; the evaluations of each stage's
 record are not: their time is the stage's ``eval_seconds``), peak_rss_mb (this process's peak
@@ -67,6 +68,7 @@ def build_record(plan, outcome: Outcome, dense: dict, final: dict, seconds: floa
               "dense_macs": c.dense_macs, "params": c.params, "dense_params": c.dense_params,
               "budget_max_nonzeros": budget.max_nonzeros if plan.method.family == "weights" else None,
               "budget_max_macs": None if budget.max_macs is None else budget.max_macs + budget.fixed_macs,
+              "dense_sparsity": dense.get("sparsity") if plan.method.family == "weights" else None,
               "dense_accuracy": dense.get("accuracy"), "accuracy": final.get("accuracy"),
               "dense_loss": dense.get("loss"), "loss": final.get("loss"),
               "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "options": plan.options.to_dict(), **outcome.info,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import shlex
 import sys
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ import torch
 
 from .. import distributed, recipes, report, run_lock, runs, user_models
 from ..api_checks import check_out
+from ..budget import Amount
 from ..data.loaders import samples_per_pass
 from ..errors import PrunekitError
 from ..executor import execute
@@ -287,6 +289,38 @@ def _flops_bound(one: dict) -> str:
     return f"; the flops budget bound: the weight budget allowed {100 * (1 - k / prunable):.2f}%"
 
 
+def _already_sparse(one: dict) -> str:
+    """"; the model loaded already had X% ..." where more of its prunable weights were zero before
+    pruning than the weight budget asked to remove, so the result is sparser than asked, else ""."""
+    k, nonzeros, sparsity, before = (one.get(key) for key in ("budget_max_nonzeros", "nonzeros", "sparsity",
+                                                               "dense_sparsity"))
+    if None in (k, nonzeros, sparsity, before) or sparsity >= 1:
+        return ""
+    prunable = round(nonzeros / (1 - sparsity))
+    allowed = 1 - k / prunable
+    if not (before > allowed and sparsity > allowed) or round(before * prunable) <= prunable - k:
+        return ""
+    return (f"; the model loaded already had {100 * before:.2f}% of its prunable weights at zero, "
+            f"more than the {100 * allowed:.2f}% asked")
+
+
+def _params_bound(one: dict) -> str:
+    """"; the params budget bound ..." where --sparsity was also given and the params budget made the
+    run keep fewer weights than the sparsity budget allows (and the run kept as many as the params
+    budget allows: where the flops budget bound below that, ``_flops_bound`` says so), else ""."""
+    asked = (one.get("request") or {}).get("sparsity")
+    k, nonzeros, sparsity = one.get("budget_max_nonzeros"), one.get("nonzeros"), one.get("sparsity")
+    if (asked is None or (one.get("request") or {}).get("params") is None or k is None or nonzeros is None
+            or sparsity is None or sparsity >= 1 or nonzeros < k):
+        return ""
+    prunable = round(nonzeros / (1 - sparsity))
+    amount = Amount.parse(asked, "sparsity")
+    allowed = int(amount.value) if amount.absolute else math.floor(round((1 - amount.value) * prunable, 6))
+    if not k < allowed:
+        return ""
+    return f"; the params budget bound: the sparsity budget allowed {100 * (1 - allowed / prunable):.2f}%"
+
+
 def prune_lines(r: dict) -> list[str]:
     """The summary a run prints: a taper's snapshots first, labelled, so that the result asked for
     is the block right above the time."""
@@ -297,7 +331,7 @@ def prune_lines(r: dict) -> list[str]:
                   f"  accuracy   {one['dense_accuracy']:.2f}% -> {one['accuracy']:.2f}%"]
         if one["sparsity"] is not None:
             lines.append(f"  sparsity   {100 * one['sparsity']:.2f}% ({one['nonzeros']:,} prunable weights kept)"
-                         f"{_flops_bound(one)}")
+                         f"{_already_sparse(one) or _params_bound(one) + _flops_bound(one)}")
         lines += [f"  MACs kept  {100 * one['flops_kept']:.2f}% ({one['macs']:,} of {one['dense_macs']:,})",
                   f"  params     {100 * one['params_kept']:.2f}% kept ({one['params']:,})"]
         if "kept_channels" in one:
