@@ -203,6 +203,34 @@ def test_a_read_only_out_folder_is_named_not_its_lock_file(tmp_path, out, needle
     assert list(ro.iterdir()) == []
 
 
+def _chmod_tree(folder: Path, writable: bool) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+
+def test_resume_of_a_finished_run_in_a_read_only_folder_gives_its_result_and_writes_nothing(tmp_path, capsys):
+    """`prune --resume DIR` of a finished run whose folder is chmod -R a-w was refused ('DIR is not
+    writable'): taking the lock makes DIR/.prunekit.lock. A finished run needs neither the lock nor
+    any write: its stored result, exit 0."""
+    run = tmp_path / "run"
+    code, out = _run([*PRUNE, "--out", str(run)], capsys)
+    assert code == 0, out.err
+    stored = json.loads(out.out)
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")}
+    _chmod_tree(run, writable=False)
+    try:
+        done = subprocess.run([*_without_root_powers(), sys.executable, "-m", "prunekit", "prune", "--resume",
+                               str(run), "--json"], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(SRC)})
+    finally:
+        _chmod_tree(run, writable=True)
+    assert done.returncode == 0, done.stderr
+    again = json.loads(done.stdout)
+    assert (again["accuracy"], again["nonzeros"]) == (stored["accuracy"], stored["nonzeros"])
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")} == before   # nothing written
+
+
 # `prunekit ARGS` that SIGKILLs itself once its first stage's checkpoint is saved (in the middle of a
 # 3-stage run: nothing can write its status)
 _KILLED_AFTER_FIRST_CHECKPOINT = """

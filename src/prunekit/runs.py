@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import time
 import tomllib
@@ -114,6 +115,18 @@ class _FollowerRunFolder(RunFolder):
 
     def write_metrics(self, metrics: dict) -> None:
         pass
+
+
+def finished_read_only(path: str | Path) -> bool:
+    """Whether run folder ``path`` holds a finished run (metrics.json says "done") that this
+    process may not write (permissions, a read-only file system): the run's result can be handed
+    back from it as it is, without its lock (which would make a file there) or any other write."""
+    path = Path(path)
+    try:
+        done = RunFolder(path).read_metrics().get("status") == "done"
+    except PrunekitError:
+        return False
+    return done and not os.access(path, os.W_OK)
 
 
 def file_sha256(path: str | Path) -> str:

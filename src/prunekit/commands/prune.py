@@ -179,6 +179,11 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
                                      samples={evaluation: _samples(eval_loader),
                                               training: _samples(train_batches) if reads_training else None},
                                      **{evaluation: _first_batch(eval_loader), training: first_train})
+    if (args.out and not getattr(args, "force", False) and not distributed.current().distributed
+            and runs.finished_read_only(args.out)):
+        # a finished run in a folder this process may not write: its result again, with no lock
+        # (its file could not be made) and nothing written (no claim, log or report)
+        return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main, read_only=True)
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
 
@@ -241,9 +246,17 @@ def _described(loaded: LoadedModel, checkpoint: str | None) -> dict:
     return described
 
 
-def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None, main: bool) -> dict:
+def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dense: dict | None, main: bool,
+                read_only: bool = False) -> dict:
+    """``prune_into`` once the folder is held; ``read_only``: a finished run in a folder this
+    process may not write, read as it is (``RunFolder.follower``: nothing is written)."""
     folder, finished = None, False
-    if args.out:                # rank 0 claims the folder and writes it; the others read it
+    if read_only:
+        folder = runs.RunFolder(args.out).follower()
+        if not getattr(args, "resume", None):        # the same request again, or another run's folder
+            runs.check_claim(folder, run_config(args))
+        finished = True
+    elif args.out:              # rank 0 claims the folder and writes it; the others read it
         resume = bool(getattr(args, "resume", None))       # a folder of an older version may say force = true
         folder = runs.claim_on_rank_0(args.out, run_config(args), resume=resume,
                                       force=bool(getattr(args, "force", False)) and not resume,
@@ -269,7 +282,10 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
             record = json.loads((folder.path / "result.json").read_text())
         elif folder is not None and main:  # the executor wrote rank 0's record; add the others' peaks
             atomic_write_json(folder.path / "result.json", record)
-    if folder is not None and main:
+    if folder is not None and main and not folder.writable:     # read-only: model.onnx as the run wrote it
+        if args.onnx and (folder.path / "model.onnx").is_file():
+            record["onnx"] = str(folder.path / "model.onnx")
+    elif folder is not None and main:
         if args.onnx:
             from ..export import export_onnx
             record["onnx"] = str(export_onnx(model, loaded.example_input(), folder.path / "model.onnx"))
