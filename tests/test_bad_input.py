@@ -130,6 +130,9 @@ def home(tmp_path_factory):
     (d / "mlprun").mkdir()                # a finished run folder: its model is some command's input
     (d / "mlprun" / "config.toml").write_text('model = "mlpnet"\nmethod = "magnitude"\nsparsity = "0.5"\n')
     saving.save_model(zoo.build("mlpnet"), d / "mlprun" / "model.safetensors", {"model": "mlpnet"})
+    (d / "mlpsweep" / "magnitude_sparsity-0.5").mkdir(parents=True)   # a sweep's run: its model is an input
+    saving.save_model(zoo.build("mlpnet"), d / "mlpsweep" / "magnitude_sparsity-0.5" / "model.safetensors",
+                      {"model": "mlpnet"})
     (d / "oldsweep" / "magnitude_sparsity-0.5").mkdir(parents=True)    # a sweep made with other options
     (d / "oldsweep" / "magnitude_sparsity-0.5" / "config.toml").write_text('model = "mlpnet"\n')
     (d / "other-tool").mkdir()            # a metrics.json another tool wrote
@@ -190,8 +193,8 @@ CLI_CASES = [
      "pick another --out"),
     (["train", "--checkpoint", f"{H}/mlprun/model.safetensors", *MNIST, "--epochs", "1", "--out", f"{H}/mlprun"],
      "holds the model this command reads"),
-    (["sweep", "--checkpoint", f"{H}/mlprun", *MNIST, "--method", "magnitude", "--sparsity", "0.5", "--out", H],
-     "holds the model this command reads"),
+    (["sweep", "--checkpoint", f"{H}/mlpsweep/magnitude_sparsity-0.5", *MNIST, "--method", "magnitude",
+      "--sparsity", "0.5", "--out", f"{H}/mlpsweep"], "holds the model this command reads"),    # its run's model
     ([*PRUNE, "--method", "falcon", "--flops", "0.5", "--gradual", "--schedule", "const"],
      "--schedule shapes the --stages of a multi-stage run, and --stages is 1"),
     ([*PRUNE, "--sparsity", "0.5", "--eval-split", "val"], "invalid choice"),

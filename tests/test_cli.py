@@ -398,3 +398,27 @@ def test_messages_name_the_fix(capsys, tmp_path):
     assert "(3.09e-05 to 1)" in capsys.readouterr().err
     assert main(["prune", *MLP, *MNIST, "--flops", "32361"]) == 2
     assert "ask for more than 0 and at most 1" in capsys.readouterr().err
+
+
+def test_a_sweep_out_that_only_holds_the_input_in_a_folder_of_its_own_is_taken(capsys, tmp_path, monkeypatch):
+    """`sweep --out .` reading ./r5's model was refused ('--out . holds the model this command
+    reads'), though the sweep writes nothing in r5 (its runs go to ./METHOD_BUDGET, its report to
+    ./report.md): only an input at one of the paths a run or the report writes is refused."""
+    code, out, err = _cli(capsys, ["prune", *MLP, *MNIST, "--sparsity", "0.5", "--train-samples", "64",
+                                   "--out", str(tmp_path / "r5"), "--json"])
+    assert code == 0, err
+    files = lambda: {p: p.read_bytes() for p in (tmp_path / "r5").rglob("*") if p.is_file()}    # noqa: E731
+    before = files()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(capsys, ["sweep", "--checkpoint", "r5", *MNIST, "--method", "magnitude", "--sparsity",
+                                   "0.7", "--train-samples", "64", "--out", ".", "--json"])
+    assert code == 0, err
+    assert [r["sparsity"] for r in json.loads(out)["runs"] if r["name"] == "magnitude_sparsity-0.7"] == [0.7]
+    assert (tmp_path / "magnitude_sparsity-0.7" / "model.safetensors").is_file()
+    assert files() == before      # the input untouched
+
+
+def _cli(capsys, argv):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -115,17 +115,37 @@ def resolve_model(args, saved_file=None) -> None:
 
 
 def _inside(path: str, folder: str) -> bool:
-    """Whether ``path`` (a file, or a run folder standing for its model) lies inside ``folder``."""
+    """Whether ``path`` (a file, or a run folder standing for its model) is ``folder`` or lies inside it."""
     return Path(folder).resolve() in Path(path).resolve().parents or Path(path).resolve() == Path(folder).resolve()
 
 
-def check_out_not_input(args) -> None:
-    """Refuse an ``--out`` that is (or holds) the folder of the model the command reads (after
-    ``resolve_model``: ``--model DIR`` and ``--checkpoint DIR`` name DIR/model.safetensors): the
-    run would write its model over its input (``--force`` would first remove it), and its
-    config.toml would then name its own output as the model it started from."""
+def _run_writes(path: str, folder: str | Path) -> bool:
+    """Whether a run in run folder ``folder`` may write (or ``--force`` remove) ``path``: it is,
+    or lies inside, one of the run's own files or subfolders there (``runs.RUN_FILES``, taper's
+    ``snapshot-*``). Anything else in ``folder`` (a subfolder of the user's, another run's
+    folder) is never written or cleared by the run."""
+    from ..runs import RUN_FILES
+    folder = Path(folder).resolve()
+    resolved = Path(path).resolve()
+    if folder not in resolved.parents:
+        return resolved == folder
+    name = resolved.relative_to(folder).parts[0]
+    return name in RUN_FILES or name.startswith("snapshot-")
+
+
+def check_out_not_input(args, run_folders: list[str] | None = None, report_files: tuple[str, ...] = ()) -> None:
+    """Refuse an ``--out`` where the command would write over (or ``--force`` clear) the model it
+    reads (after ``resolve_model``: ``--model DIR`` and ``--checkpoint DIR`` name
+    DIR/model.safetensors): the input lies at one of the run's own paths in its folder
+    (``_run_writes``), and its config.toml would then name its own output as the model it started
+    from. An input elsewhere inside ``--out`` (``sweep --out .`` reading ``./r5``) is left alone.
+    ``run_folders``: a sweep's run folders (default: ``--out`` itself); ``report_files``: the
+    files (or subfolders) of ``--out`` the command writes besides (a sweep's report)."""
     out, checkpoint = getattr(args, "out", None), getattr(args, "checkpoint", None)
-    if out and checkpoint and _inside(checkpoint, out):
+    if not (out and checkpoint):
+        return
+    report = any(_inside(checkpoint, Path(out) / name) for name in report_files)
+    if report or any(_run_writes(checkpoint, folder) for folder in (run_folders or [out])):
         raise PrunekitError(f"--out {out} holds the model this command reads ({checkpoint}), which the run would "
                             "write over; pick another --out (or copy the model out of that folder first)")
 

@@ -96,12 +96,14 @@ def check_run_folder(run_args: argparse.Namespace) -> None:
 def cmd_sweep(args) -> int:
     plan = sweep_plan(args)
     dense_model = loaded_model(args)
-    check_out_not_input(args)           # its runs' folders are inside --out
+    planned = [run_args_of(args, method, budget).out for method, budget in plan]
+    # its runs' folders and its report are inside --out: refused where they would write over the input
+    check_out_not_input(args, run_folders=planned,
+                        report_files=(*report.COMPARISON_FILES, report.EDITED_REPORT, report.REPORT_STATE))
     taken = {n for m in args.method for n in taken_options(m, bool(args.gradual))}
     unused = [k for k in method_options(args) if k not in taken]
     if unused:
         raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
-    planned = [run_args_of(args, method, budget).out for method, budget in plan]
     report.check_report_folder(args.out, planned=planned)  # and a folder whose own files the report would overwrite
     eval_loader = eval_data(args, dense_model)
     train_batches = training_batches(args, dense_model)
