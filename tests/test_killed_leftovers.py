@@ -148,3 +148,34 @@ def test_a_train_run_again_removes_temporaries_and_a_finished_runs_checkpoint(tm
     assert json.loads(capsys.readouterr().out)["accuracy"] == first["accuracy"]
     assert sorted(p.name for p in run.iterdir()) == ["config.toml", "model.json", "model.safetensors", "notes.txt",
                                                      "result.json", "run.log"]
+
+
+# `prunekit ARGS` SIGKILLed just before the sweep report's runs.json (written and fsynced) is renamed
+# into place: every run finished, the report half written
+_KILLED_AT_THE_REPORT = _KILLED_AT_THE_CLAIM.replace('endswith("config.toml")', 'endswith("runs.json")')
+SWEEP = ["sweep", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), *MNIST, "--method",
+         "magnitude", "--sparsity", "0.5", "--train-samples", "64", "--json"]
+SWEEP_TEMPORARIES = [".report.md.x1y2z3w4.tmp", ".report.new.md.abcdefgh.tmp", ".runs.json.zzzzzzzz.tmp",
+                     "..prunekit-report.json.q1w2e3r4.tmp", "plots/.accuracy_vs_macs.png.a_b_c_d_.tmp",
+                     "plots/.accuracy_vs_sparsity.png.k86o55u_.tmp"]
+
+
+def test_a_sweep_run_again_removes_the_temporaries_of_its_killed_report(tmp_path, capsys):
+    """A sweep killed while it wrote its report left `.runs.json.XXXX.tmp` (and, killed elsewhere,
+    the report's and plots' temporaries) in the sweep folder for good; the same sweep again removes
+    them; a user's files there stay."""
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AT_THE_REPORT, *SWEEP, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    left = [p.name for p in out.iterdir() if p.name.startswith(".runs.json.") and p.name.endswith(".tmp")]
+    assert len(left) == 1 and not (out / "runs.json").exists()       # what the kill left
+    (out / "plots").mkdir(exist_ok=True)
+    for name in SWEEP_TEMPORARIES + USERS:
+        (out / name).write_bytes(b"x" * 10)
+    capsys.readouterr()
+    assert main([*SWEEP, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "runs.json").read_text())[0]["sparsity"] == 0.5
+    assert [p.name for p in out.rglob("*.tmp") if p.relative_to(out).as_posix() not in USERS] == []
+    assert [name for name in USERS if (out / name).read_bytes() != b"x" * 10] == []

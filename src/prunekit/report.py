@@ -458,6 +458,24 @@ def _as_written(path: Path, hashes: dict | None) -> bool:
         return False
 
 
+def report_temporaries(out: str | Path) -> list[Path]:
+    """The temporaries (``.NAME.XXXXXXXX.tmp``) that killed atomic writes of a sweep's or
+    comparison's own report files left in folder ``out``: of report.md, report.new.md, runs.json,
+    its hash state, and its plots in ``plots/``. A file of the user's (another name) is none of them."""
+    from .runs import _temporaries
+    out = Path(out)
+    own = {"report.md", EDITED_REPORT, "runs.json", REPORT_STATE}
+    plots = {Path(name).name for name in COMPARISON_FILES if name.startswith("plots/")}
+    return _temporaries(out, own.__contains__) + _temporaries(out / "plots", plots.__contains__)
+
+
+def remove_report_temporaries(out: str | Path) -> None:
+    """Remove ``report_temporaries(out)``: called by a process holding ``out``'s lock (a sweep,
+    ``compare --out``), so no other process is writing them."""
+    for temp in report_temporaries(out):
+        temp.unlink(missing_ok=True)
+
+
 def comparison_report_path(out: str | Path) -> Path:
     """Where ``write_comparison_report`` writes (wrote) the report of folder ``out``: report.md,
     or report.new.md when the user edited the report.md prunekit wrote there (kept as it is)."""
@@ -473,6 +491,7 @@ def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Com
     ``REPORT_STATE``) stays as it is: the report goes to report.new.md (``comparison_report_path``)."""
     check_report_folder(out, planned=planned)
     out = Path(out)
+    remove_report_temporaries(out)       # a killed report's: the caller holds the folder's lock
     hashes = _report_hashes(out)
     target = comparison_report_path(out)
     if not _as_written(target, hashes):
