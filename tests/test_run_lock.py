@@ -94,6 +94,23 @@ def test_resume_and_sweep_are_refused_too(holders, tmp_path, capsys):
     assert sorted(os.listdir(sweep_folder)) == [run_lock.LOCK_NAME]
 
 
+def test_compare_out_is_refused_while_another_process_writes_there(holders, tmp_path, capsys):
+    """`compare --out X` took no lock: two compares into X, or a compare into the folder a sweep
+    is writing, could interleave their report files. It is refused in one line, as the others are,
+    and works once the holder is gone."""
+    run, report = tmp_path / "run", tmp_path / "report"
+    assert _run([*PRUNE, "--out", str(run)], capsys)[0] == 0
+    holder = holders(report)
+    code, out = _run(["compare", str(run), "--out", str(report)], capsys)
+    assert code == 2 and out.out == "" and out.err.count("\n") == 1, out.err
+    assert f"{report} is in use by another prunekit process (pid {holder.pid})" in out.err
+    assert sorted(os.listdir(report)) == [run_lock.LOCK_NAME]       # nothing of the report was written
+    holder.kill()
+    code, out = _run(["compare", str(run), "--out", str(report), "--json"], capsys)
+    assert code == 0, out.err
+    assert (report / "runs.json").exists() and not (report / run_lock.LOCK_NAME).exists()
+
+
 def test_python_prune_is_refused(holders, tmp_path):
     holder = holders(tmp_path / "run")
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from .. import distributed, interrupts, report, run_lock, runs
@@ -176,10 +177,12 @@ def cmd_compare(args) -> int:
     runs = report.find_runs(args.runs)
     if args.out is not None:
         report.check_report_folder(args.out, runs)
-    table = report.collect(runs)
-    if args.out:
-        write_report(lambda: report.write_comparison_report(args.out, table, title="Comparison"), args.json)
-    written = report.comparison_report_path(args.out) if args.out else None
+    # one process at a time writes in --out (another compare, a sweep writing its report there)
+    with run_lock.held(args.out) if args.out else nullcontext():
+        table = report.collect(runs)
+        if args.out:
+            write_report(lambda: report.write_comparison_report(args.out, table, title="Comparison"), args.json)
+        written = report.comparison_report_path(args.out) if args.out else None
     emit(args, {"runs": table, **({"report": str(written)} if written else {})},
           report.table_lines(table) + ([_report_line(written)] if written else []))
     return 0
