@@ -383,3 +383,32 @@ def test_using_a_run_still_at_work_says_to_wait_not_to_resume(holders, tmp_path,
     for argv in (["export", str(run), "--dense"], ["bench-latency", "--pruned", str(run)]):
         code, out = _run(argv, capsys)
         assert code == 2 and f"prunekit prune --resume {run}" in out.err, out.err
+
+
+def test_a_stopped_runs_status_is_written_before_its_lock_is_let_go(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in a run wrote "interrupted" (and its run.log line) only after the run's lock was let
+    go: in between, a process taking the lock saw "running", and one that had started a run there by
+    then could have its status written over. Both are written while the lock is held, once."""
+    from contextlib import contextmanager
+
+    from prunekit import executor
+    run = tmp_path / "run"
+    real, seen = run_lock.held, []
+
+    @contextmanager
+    def held_and_seen(folder, flag="--out"):
+        with real(folder, flag):
+            try:
+                yield
+            finally:        # the moment before the lock is let go
+                if (Path(folder) / "metrics.json").exists():
+                    seen.append(json.loads((Path(folder) / "metrics.json").read_text())["status"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_lock, "held", held_and_seen)
+    monkeypatch.setattr(executor, "save_pruned", interrupted)
+    assert main([*PRUNE, "--out", str(run)]) == 130
+    assert seen[:1] == ["interrupted"], seen
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+    assert (run / "run.log").read_text().count("interrupted (Ctrl-C)") == 1

@@ -270,21 +270,38 @@ def shortened(text: str, limit: int = 160) -> str:
     return (text[:word] if word > 0 else text[:limit - 3]).rstrip(" ,:;") + "..."
 
 
-def _log_stop(args, line: str) -> None:
+def stop_line(err: BaseException) -> str | None:
+    """What run.log says when ``err`` stops a run: a Ctrl-C or SIGTERM, a lost torchrun rank; None
+    for any other error (a bug's traceback: the run is shown interrupted by its lock)."""
+    if isinstance(err, KeyboardInterrupt):
+        return f"interrupted ({interrupts.stopped_by()[0]})"
+    if isinstance(err, RuntimeError) and distributed.launched_by_torchrun() and _lost_rank(err):
+        return f"interrupted: a rank stopped or could not be reached ({_first_line(err)})"
+    return None
+
+
+def _first_line(err: RuntimeError) -> str:
+    """A lost rank's torch error, one line, cut short."""
+    first = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
+    return shortened(first)
+
+
+def _log_stop(args, line: str, err: BaseException | None = None) -> None:
     """Under ``prune --out``, write why the run ends here to its run.log (rank 0 alone) and mark a
-    running run interrupted: ``--resume`` carries on from the last completed stage. Not in a folder
-    another process holds by now (this one let its lock go as the error left the run; or it
-    stopped before taking it, while another run works there): that run's log and status are its own."""
+    running run interrupted: ``--resume`` carries on from the last completed stage. A run stopped
+    while it held its folder has written both before letting its lock go (``prune_into``; ``err``
+    says so); one stopped before it took the lock writes them now, holding the lock while it does,
+    and not in a folder another process holds by now: that run's log and status are its own."""
     out = getattr(args, "out", None)
+    if getattr(err, "prunekit_stop_written", False):
+        return
     if not (args.command == "prune" and out and (Path(out) / "run.log").exists() and distributed.is_main_process()):
         return
-    if run_lock.in_use(out):
+    try:
+        with run_lock.held(out):
+            runs.mark_stopped(runs.RunFolder(out), line)
+    except (PrunekitError, OSError):      # held by another process (or not writable): not this run's to mark
         return
-    folder = runs.RunFolder(out)
-    folder.log(line)       # the log says why it ends there
-    metrics = folder.read_metrics()
-    if metrics.get("status") == "running":
-        folder.write_metrics({**metrics, "status": "interrupted"})
 
 
 class _RankLost(Exception):
@@ -352,9 +369,9 @@ def _main(argv: list[str] | None) -> int:
         else:
             distributed.print_refusal(line)     # under torchrun: once, not once per rank
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         how, code = interrupts.stopped_by()
-        _log_stop(args, f"interrupted ({how})")
+        _log_stop(args, f"interrupted ({how})", err)
         if distributed.is_main_process():          # under torchrun: once, by rank 0
             print(f"prunekit: interrupted{'' if how == 'Ctrl-C' else f' ({how})'}; {_how_to_resume(args)}",
                   file=sys.stderr)
@@ -365,9 +382,8 @@ def _main(argv: list[str] | None) -> int:
     except RuntimeError as err:
         if not (distributed.launched_by_torchrun() and _lost_rank(err)):
             raise
-        first = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
-        first = shortened(first)
-        _log_stop(args, f"interrupted: a rank stopped or could not be reached ({first})")
+        first = _first_line(err)
+        _log_stop(args, f"interrupted: a rank stopped or could not be reached ({first})", err)
         print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached "
               f"({first}); {_how_to_resume(args)}",
               file=sys.stderr)

@@ -129,6 +129,23 @@ def finished_read_only(path: str | Path) -> bool:
     return done and not os.access(path, os.W_OK)
 
 
+def mark_stopped(folder: RunFolder, line: str) -> None:
+    """Write why the run in ``folder`` ends here (``line``) to its run.log and mark a running run
+    "interrupted" (``--resume`` carries it on). Called by the process holding the folder's lock,
+    before it lets go: a process taking the lock next never sees a status this one writes later (or
+    has its own run's status written over). A folder whose run has not begun (no run.log) is left
+    alone; a damaged metrics.json keeps what it holds."""
+    if not folder.writable or not (folder.path / "run.log").exists():
+        return
+    folder.log(line)
+    try:
+        metrics = folder.read_metrics()
+    except PrunekitError:
+        return
+    if metrics.get("status") == "running":
+        folder.write_metrics({**metrics, "status": "interrupted"})
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file, read in 1 MiB pieces (a checkpoint a run starts from, recorded to tell
     later whether it changed)."""

@@ -185,7 +185,16 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
         # (its file could not be made) and nothing written (no claim, log or report)
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main, read_only=True)
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
-        return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
+        try:
+            return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
+        except (KeyboardInterrupt, RuntimeError) as err:
+            if args.out and main:      # why the run stops, and its status, written while the lock is held
+                from ..cli import stop_line
+                line = stop_line(err)
+                if line is not None:
+                    runs.mark_stopped(runs.RunFolder(args.out), line)
+                    err.prunekit_stop_written = True        # the command line writes it no more
+            raise
 
 
 DATA_FREE_METHODS = ("magnitude", "magnitude-uniform", "magnitude-flops")
