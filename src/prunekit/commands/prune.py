@@ -192,7 +192,10 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
                 from ..cli import stop_line
                 line = stop_line(err)
                 if line is not None:
-                    runs.mark_stopped(runs.RunFolder(args.out), line)
+                    try:
+                        runs.mark_stopped(runs.RunFolder(args.out), line)
+                    except OSError:        # a full disk: the stop itself is what the user is told
+                        pass
                     err.prunekit_stop_written = True        # the command line writes it no more
             raise
 
