@@ -321,3 +321,15 @@ def test_an_example_batch_counts_per_example_work_that_does_not_grow_with_the_ba
     X, Y = torch.randn(64, 8), torch.randint(0, 3, (64,))
     result = prunekit.prune(Latents(), (X, Y), method="magnitude-flops", flops=0.5, example_input=X[:4])
     assert result.record["dense_macs"] == 4 * 8 * 8 + 8 * 3
+
+
+def test_readme_own_fine_tune_block_holds_each_events_zeros():
+    """The README's gradual pruning with the user's own fine-tune loop: after every event's
+    training under MaskHold the weights pruned stay zero, and the last event meets its budget."""
+    scope = {}
+    exec(compile(readme_api_example("<!-- python block: own fine-tune"), "README.md", "exec"), scope)
+    net, space = scope["net"], scope["space"]
+    weights = torch.cat([w.detach().flatten() for w in space.weights()])
+    assert [e.module_name for e in space.entries] == ["1", "3"]
+    assert float((weights == 0).float().mean()) == pytest.approx(0.9, abs=0.002)
+    assert net[1].weight.grad is not None                   # the loop trained the pruned net

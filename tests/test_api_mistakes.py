@@ -210,3 +210,129 @@ def test_a_method_of_ones_own_that_returns_a_wrong_result_is_named(run, needle):
     with pytest.raises(PrunekitError) as err:
         prunekit.prune(_tiny(), (x, y), method=own, sparsity=0.5)
     assert "method 'mine' (your own)" in str(err.value) and needle in str(err.value), str(err.value)
+
+
+# --- the walk-through of session 49 --------------------------------------------------------------
+
+class _BnNet(nn.Module):
+    """A tiny CNN with BatchNorm (its modes matter) whose channels a channel method can remove."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.bn(self.c1(x))))).flatten(1))
+
+
+@pytest.mark.parametrize("method,extra", [("magnitude", {}), ("chita", {"fisher_samples": 16})])
+def test_a_compiled_model_is_pruned_through_the_module_it_wraps(method, extra):
+    """torch.compile'd: CHITA failed inside Dynamo (a symbolic shape in the memory probe); now both
+    prune the wrapped module, in place, so the compiled model runs pruned too."""
+    x, y = _data()
+    net = _net()
+    compiled = torch.compile(net)
+    result = prunekit.prune(compiled, (x, y), method=method, sparsity=0.7, **extra)
+    assert result.model is net and result.sparsity == pytest.approx(0.7, abs=0.01)
+    zeros = float((torch.cat([net[1].weight.flatten(), net[3].weight.flatten()]) == 0).float().mean())
+    assert zeros == pytest.approx(0.7, abs=0.01)
+    assert compiled._orig_mod[1].weight is net[1].weight
+
+
+def test_train_epochs_and_evaluate_take_the_data_forms_prune_takes():
+    """(X, Y) tensors and a TensorDataset crashed train_epochs (unpacking a sample) and evaluate;
+    they are batched as prune batches them; data prune refuses is refused in prune's words."""
+    from prunekit.train import evaluate, train_epochs
+    x, y = _data(96)
+    for data in ((x, y), torch.utils.data.TensorDataset(x, y), lambda: [(x[:48], y[:48]), (x[48:], y[48:])]):
+        net = _net()
+        before = net[1].weight.detach().clone()
+        train_epochs(net, data, epochs=1, lr=0.05, progress=False, batch_size=32)
+        assert not torch.equal(before, net[1].weight)
+        accuracy = evaluate(net, data)
+        assert accuracy == pytest.approx(evaluate(net, torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, y), batch_size=32)), rel=1e-6)
+    for bad, needle in ((x, "one tensor"), ([(x, y, y)], "3 items"), (iter([(x, y)]), "one-pass")):
+        with pytest.raises(PrunekitError, match=needle):
+            train_epochs(_net(), bad, epochs=1, progress=False)
+    with pytest.raises(PrunekitError, match="data must be data"):
+        evaluate(_net(), "test")
+
+
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(label_smoothing=0.1),
+                                  nn.CrossEntropyLoss(weight=torch.arange(1., 5.)), "mse", "dict"], ids=["label-smoothing", "class-weights", "mse", "dict-output"])
+def test_losses_that_are_means_over_the_batch_pass_the_mean_check(loss):
+    x, y = _data()
+    net = _net()
+    if loss == "mse":
+        y = torch.randn(len(x), 4)
+        loss = nn.MSELoss()
+    elif loss == "dict":
+        class Dict(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = _net()
+
+            def forward(self, x):
+                return {"logits": self.inner(x)}
+        net = Dict()
+        loss = lambda out, y: nn.functional.cross_entropy(out["logits"], y)    # noqa: E731
+    result = prunekit.prune(net, (x, y), method="chita", sparsity=0.5, fisher_samples=16, loss=loss)
+    assert result.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_numpy_integers_are_whole_numbers():
+    """seed=np.int64(3) was refused as 'not a whole number'; NumPy integers (a seed grid) and floats
+    stand for the Python numbers, and give what they give."""
+    np = pytest.importorskip("numpy")
+    x, y = _data()
+    runs = []
+    for seed, batch, samples in ((np.int64(3), np.int32(16), np.int64(16)), (3, 16, 16)):
+        net = _net()
+        result = prunekit.prune(net, (x, y), method="chita", sparsity=np.float32(0.5), seed=seed, batch_size=batch,
+                                fisher_samples=samples)
+        runs.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+        assert result.sparsity == pytest.approx(0.5, abs=0.01)
+    assert torch.equal(*runs)
+    for bad in (np.bool_(True), np.float64(1.0), np.int64(-1)):
+        with pytest.raises(PrunekitError, match="seed must be a whole number"):
+            prunekit.prune(_net(), (x, y), sparsity=0.5, seed=bad)
+
+
+def test_a_shrunk_model_saved_with_save_model_loads_with_load_pruned(tmp_path):
+    """save_model wrote a channel method's smaller model without its channel layout, and
+    load_pruned then said 'pick the model it was trained for' (the class was right)."""
+    x, y = _data()
+    result = prunekit.prune(_BnNet(), (x, y), method="autobot", flops=0.5, gate_batches=2, finetune_epochs=0)
+    assert result.model.c2.out_channels < 8                      # shrunk
+    prunekit.save_model(result.model, tmp_path / "small.safetensors", {})
+    loaded = prunekit.load_pruned(_BnNet(), tmp_path / "small.safetensors")
+    assert loaded.c2.out_channels == result.model.c2.out_channels
+    with torch.no_grad():
+        got, want = loaded(x), result.model.eval()(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    # a file without the layout (saved by an older prunekit) is named for what it is
+    prunekit.save_model(result.model, tmp_path / "bare.safetensors", {"channel_layout": {}})
+    with pytest.raises(PrunekitError, match="narrower than the model's: a model with channels removed"):
+        prunekit.load_pruned(_BnNet(), tmp_path / "bare.safetensors")
+
+
+def test_prune_documents_seed_and_progress():
+    import inspect
+    doc = inspect.getdoc(prunekit.prune)
+    args = doc.split("Args:")[1]
+    assert "\n    seed:" in args and "\n    progress:" in args
+    assert "torch.manual_seed" in args.split("\n    seed:")[1].split("\n    progress:")[0]
+
+
+@pytest.mark.parametrize("formats", [["torchscript", "sparse"], ["onnx"]])
+def test_export_all_gives_the_model_back_in_its_modes(tmp_path, formats):
+    """export_all left a train()-mode model in eval mode; a module frozen in eval stays so."""
+    if formats == ["onnx"]:
+        pytest.importorskip("onnx")
+    from prunekit.export import export_all
+    net = _BnNet().train()
+    net.bn.eval()
+    export_all(net, torch.randn(2, 1, 8, 8), tmp_path / "export", formats)
+    assert net.training and net.c1.training and not net.bn.training

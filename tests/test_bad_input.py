@@ -475,6 +475,16 @@ def one_pass():
     return iter([(X, Y)])
 
 
+class Triples(torch.utils.data.Dataset):
+    """(x, y, index) samples, as a dataset kept for per-sample bookkeeping gives."""
+
+    def __len__(self):
+        return len(X)
+
+    def __getitem__(self, i):
+        return X[i], Y[i], i
+
+
 class NanOut(nn.Module):
     """Finite weights, nan outputs."""
 
@@ -555,6 +565,8 @@ PY_CASES = [
     ({"data": (X, torch.randn(48, 3))}, "need loss="),
     ({"loss": lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")}, "a tensor of shape (2,)"),
     ({"loss": lambda o, y: 1.0}, "a tensor of one number; got float"),
+    ({"loss": nn.CrossEntropyLoss(reduction="sum"), "method": "chita", "fisher_samples": 16},
+     "loss must be the mean over the batch (reduction='mean')"),
     ({"loss": lambda o: o.sum()}, "loss(outputs, targets) failed on data's first batch: TypeError"),
     ({"importance": lambda w: w.abs()}, "importance('1', weight) failed: TypeError"),
     # data
@@ -575,6 +587,8 @@ PY_CASES = [
     ({"eval_data": (X.clone().index_fill_(0, torch.tensor([3]), float("inf")), Y)}, "eval_data's X holds nan or inf"),
     ({"eval_data": (X[:, :, :2], Y)}, "the model failed on eval_data's first input, shape (1, 1, 2, 4)"),
     ({"data": [(X, Y, Y)]}, "(x, y) batches"),
+    ({"data": Triples()}, "its first batch is a list of 3 items, not 2: wrap the dataset in one whose __getitem__ "
+                          "returns (x, y)"),
     ({"data": [(X[:8], Y[:4])]}, "one target per input"),
     ({"data": [(X, Y[:, None])]}, "Y of shape (N,) with the same N; got X (48, 1, 4, 4), Y (48, 1) in its first"),
     ({"data": torch.utils.data.TensorDataset(X, Y[:, None])}, "Y of shape (N,) with the same N; got Y (48, 1)"),

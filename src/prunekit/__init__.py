@@ -9,7 +9,8 @@ The public API::
 
     net = prunekit.load_pruned(MyNet(), "runs/x")                        # a saved result, reloaded
 
-and the building blocks ``Budget``, ``CostModel``, ``ParamSpace``, ``MaskHold``, ``save_model``.
+and the building blocks ``Budget``, ``CostModel``, ``ParamSpace``, ``MaskHold``, ``masks_from_weights``,
+``save_model``.
 """
 
 __version__ = "0.1.0"     # the package version (pyproject.toml reads it from here)
@@ -25,11 +26,12 @@ from .budget import Budget, ResolvedBudget
 from .costs import CostModel, Counts, ModuleCost, register_cost
 from .errors import PrunekitError
 from .loading import load_pruned
-from .masks import MaskHold
+from .masks import MaskHold, masks_from_weights
 from .methods import Method, add_method, method_names
 from .params import ParamSpace
 from .record import Result
 from .saving import save_model
 
 __all__ = ["prune", "Result", "Method", "add_method", "method_names", "methods", "Budget", "ResolvedBudget",
-           "CostModel", "Counts", "ModuleCost", "register_cost", "PrunekitError", "MaskHold", "ParamSpace", "save_model", "load_pruned"]
+           "CostModel", "Counts", "ModuleCost", "register_cost", "PrunekitError", "MaskHold",
+           "masks_from_weights", "ParamSpace", "save_model", "load_pruned"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -31,7 +32,7 @@ from torch import nn
 
 from . import recipes, run_lock
 from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
-                         check_runs_on, first_batch)
+                         check_runs_on, first_batch, plain_numbers)
 from .data.dataset import ImageDataset
 from .data.loaders import BatchLoader, leaves_one_over, samples_per_pass
 from .data.replay import ReplayedLoader, loader_generators, rng_states, set_rng_states
@@ -76,6 +77,18 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             True). With ``data=None`` it cannot run: a model with BatchNorm then keeps its old
             statistics, with a warning (``recalibrate_bn=False`` prunes without and says nothing).
         batch_size: batch size used when ``data``/``eval_data`` are a Dataset or tensors.
+        seed: a whole number >= 0 (a NumPy integer too) for the run's own random draws: the
+            shuffled order of ``data`` given as a Dataset or ``(X, Y)`` tensors (its loader's
+            generator is seeded with it), and everything the method draws (gradient sample rows,
+            gate initialisation, fine-tuning), as ``prune`` calls ``torch.manual_seed(seed)``
+            before pruning (torch's global RNG is left so seeded afterwards). Same model, data and
+            seed give the same result. A DataLoader of your own that shuffles (or random
+            transforms) draws its order from its own generator or from torch's global RNG as it
+            stands when ``prune`` is called (replayed at every pass, see the module docstring),
+            not from ``seed``: to repeat such a run, call ``torch.manual_seed`` before ``prune``
+            or give the loader ``generator=torch.Generator().manual_seed(k)``.
+        progress: True shows progress bars (tqdm, on stderr) while gradients are collected and
+            while training and evaluating; default False: quiet.
         loss: for a model that is not a classifier over class indices, ``loss(outputs, targets)``
             -> the mean over the batch of the per-sample losses (e.g. ``nn.MSELoss()``): the
             gradients, the judge of a search and the evaluation's loss use it, and accuracy is
@@ -87,8 +100,15 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             ``prunekit.methods``); an option the method does not take is refused.
             Magnitude methods take ``importance=f`` with ``f(module_name, weight) -> scores``.
     Weights methods prune ``model`` in place; channel methods (autobot, taper, hybrid) return a
-    new, smaller model in ``result.model`` and leave ``model`` untouched.
+    new, smaller model in ``result.model`` and leave ``model`` untouched. A ``torch.compile``'d
+    model is pruned through the module it wraps (``compiled._orig_mod``, which shares its
+    parameters): weights methods prune both in place, and ``result.model`` is the uncompiled
+    module (compile it again to run it compiled).
     """
+    model = _uncompiled(model)
+    seed, batch_size = plain_numbers(seed), plain_numbers(batch_size)      # np.int64(3) from a NumPy grid: 3
+    sparsity, flops, params = plain_numbers(sparsity), plain_numbers(flops), plain_numbers(params)
+    options = {name: plain_numbers(value) for name, value in options.items()}
     check_arguments(model, {"method": method.name if isinstance(method, Method) else method, "seed": seed,
                             "batch_size": batch_size, "recalibrate_bn": recalibrate_bn, "progress": progress,
                             "stage_eval": stage_eval, "gradual": gradual, "force": force,
@@ -164,10 +184,25 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             _write_report(folder)
     for returned in (pruned, *snapshots.values()):     # in the mode the model came in (gradual and channel
         returned.train(was_training)                   # methods ended in eval mode)
+        if plan.method.family == "channels":           # save_model records its channel layout
+            returned._prunekit_shrunk = True
     result = Result.from_record(record, pruned, out)
     result.snapshots = {share: Result.from_record(snap, snapshots[share]) for share, snap in
                         zip(snapshots, record.get("snapshots", []))}
     return result
+
+
+def _uncompiled(model):
+    """The module a ``torch.compile``'d model wraps (``compiled._orig_mod``), else ``model``. They
+    share their parameters and buffers, so pruning in place reaches the compiled model too; the
+    compiled wrapper itself is not traced or measured (Dynamo would recompile at every probe, and
+    fails on the symbolic shapes of prunekit's memory probes)."""
+    if "torch._dynamo" not in sys.modules:        # nothing was compiled in this process
+        return model
+    from torch._dynamo.eval_frame import OptimizedModule
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 def _settings_text(method, budget: dict, include, exclude, seed, gradual, recalibrate_bn,

@@ -9,6 +9,9 @@ options are checked by their declared constraints (``prunekit.options``, in
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import os
 import tomllib
 from collections.abc import Callable, Iterable
@@ -23,11 +26,31 @@ from .losses import class_scores
 
 
 def _whole(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An int or a NumPy (or other) integer that ``operator.index`` takes, never a bool."""
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
+        return False
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return not isinstance(v, torch.Tensor)
 
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def plain_numbers(value):
+    """``value`` with a NumPy integer or floating scalar (``np.int64(3)``, ``np.float32(0.5)``, e.g.
+    from a NumPy seed grid) as the Python ``int`` or ``float`` it stands for; anything else as is.
+    Checks and records (config files, JSON) then see plain numbers."""
+    if type(value).__module__ != "numpy" or isinstance(value, bool):
+        return value
+    if _whole(value):
+        return operator.index(value)
+    if isinstance(value, numbers.Real) and getattr(value, "ndim", 0) == 0:
+        return float(value)
+    return value
 
 
 def _positive_whole(v) -> bool:
@@ -158,6 +181,10 @@ SEVERAL_INPUTS = ("prunekit calls model(x) with one tensor x per batch; for a mo
                   "stacked) and give (x, y) batches of that")
 
 
+WRONG_ARITY = ("wrap the dataset in one whose __getitem__ returns (x, y) (e.g. dropping a sample index), or pass a "
+               "DataLoader whose collate_fn returns (x, y) batches")
+
+
 def _several_inputs(batch) -> bool:
     """A dict batch, or (inputs, y) whose inputs are a tuple, list or dict."""
     return isinstance(batch, dict) or (isinstance(batch, (tuple, list)) and len(batch) == 2
@@ -224,7 +251,8 @@ def check_runs_on(model: nn.Module, batches: Callable[[], Iterable], what: str, 
 
 def check_loss(model: nn.Module, loss, batches: Callable[[], Iterable], device: torch.device) -> None:
     """The user's ``loss(outputs, targets)`` must run on the first batch of ``data`` and return the
-    mean loss: a tensor of one number (a per-sample loss fails only deep in the gradients)."""
+    mean loss: a tensor of one number (a per-sample loss fails only deep in the gradients), a mean
+    over the batch and not a sum (``_check_loss_is_a_mean``)."""
     x, y = first_batch(batches, "data")
     x, y = x[:2].to(device), y[:2].to(device)
     was_training = model.training
@@ -247,6 +275,38 @@ def check_loss(model: nn.Module, loss, batches: Callable[[], Iterable], device: 
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
         raise PrunekitError(f"loss(outputs, targets) must return the mean loss, a tensor of one number; got {got}")
+    _check_loss_is_a_mean(model, loss, *first_batch(batches, "data"), device)
+
+
+def _check_loss_is_a_mean(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+    """Refuse a loss that sums over the batch (``reduction='sum'``): on up to 16 samples of the
+    first batch, split in two halves, the loss of the whole equals the sum of the halves' losses
+    and not their mean (relative tolerance 1e-3). A mean of any kind (label smoothing, MSE over
+    elements, class weights, a dict-output loss) is a weighted average of the halves' losses, which
+    never equals their sum while both are positive, so it passes; with too few samples or losses
+    near zero nothing is judged."""
+    n = min(int(x.shape[0]), 16) // 2 * 2
+    if n < 2:
+        return
+    x, y = x[:n].to(device), y[:n].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            whole, first, second = (float(loss(model(x[part]), y[part]))
+                                    for part in (slice(0, n), slice(0, n // 2), slice(n // 2, n)))
+    except Exception:  # noqa: BLE001 - a loss that runs on the two samples above but not here: not ours to judge
+        return
+    finally:
+        model.train(was_training)
+    total, mean = first + second, (first + second) / 2
+    scale = max(abs(first), abs(second), 1e-12)
+    if not all(map(math.isfinite, (whole, first, second))) or min(first, second) <= 1e-6 * scale:
+        return
+    if abs(whole - total) <= 1e-3 * abs(total) and abs(whole - mean) > 1e-3 * abs(mean):
+        raise PrunekitError(f"loss must be the mean over the batch (reduction='mean'): on {n} samples of data's first "
+                            f"batch it gives {whole:.4g}, the sum of its halves' losses ({first:.4g} + {second:.4g}), "
+                            "not their mean; e.g. nn.CrossEntropyLoss() rather than reduction='sum'")
 
 
 def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,6 +331,10 @@ def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tenso
     if not (isinstance(first, (tuple, list)) and len(first) == 2
             and all(isinstance(t, torch.Tensor) for t in first)):
         numpy = any(type(t).__module__ == "numpy" for t in (first, *(first if isinstance(first, (tuple, list)) else ())))
+        if not numpy and isinstance(first, (tuple, list)) and len(first) != 2 and not _several_inputs(first):
+            raise PrunekitError(f"{what} must give (x, y) batches of tensors; its first batch is a "
+                                f"{type(first).__name__} of {len(first)} item{'s' if len(first) != 1 else ''}, "
+                                f"not 2: {WRONG_ARITY}")
         raise PrunekitError(f"{what} must give (x, y) batches of tensors; its first batch is {_shown(first)}"
                             + (": convert NumPy arrays with torch.from_numpy" if numpy else
                                f": {SEVERAL_INPUTS}" if _several_inputs(first) else ""))

@@ -13,6 +13,7 @@ replaces a file it did not write there: exporting again refreshes its own files 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -95,6 +96,23 @@ def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
 ONNX_OPSET = 17
 
 
+def _traced_in_eval(export):
+    """``export(model, ...)`` run with ``model`` in eval mode (a graph holds inference: BatchNorm's
+    running statistics, no dropout), then every module put back in the mode it had (a model given
+    in train mode, or with some modules frozen in eval, comes back as it was)."""
+    @functools.wraps(export)
+    def run(model: nn.Module, *args, **kwargs):
+        modes = [(module, module.training) for module in model.modules()] if isinstance(model, nn.Module) else []
+        if modes:
+            model.eval()
+        try:
+            return export(model, *args, **kwargs)
+        finally:
+            for module, training in modes:
+                module.training = training
+    return run
+
+
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
     """ONNX graph at opset 17 with a dynamic batch dimension (TorchScript-based exporter: fast, no
     onnxscript), for masked and shrunk models alike; checked by ``onnx.checker`` when onnx is
@@ -103,14 +121,16 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path)
     return Path(path)
 
 
+@_traced_in_eval
 def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
-    """``export_onnx``'s file in memory (``model`` is put in eval mode); an exporter failure is a
+    """``export_onnx``'s file in memory (``model`` is traced in eval mode, and each module is left
+    in the mode it was given, ``_traced_in_eval``); an exporter failure is a
     one-line ``PrunekitError``, and the graph dump the exporter prints on stdout then is dropped."""
     buffer = io.BytesIO()
     with warnings.catch_warnings(), _no_exporter_log():
         warnings.simplefilter("ignore")     # the exporter's deprecation notes are not for our users
         try:
-            torch.onnx.export(model.eval(), (example_input,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+            torch.onnx.export(model, (example_input,), buffer, dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["input"], output_names=["output"],
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
         except Exception as err:  # noqa: BLE001 - report any exporter failure as one line
@@ -167,8 +187,10 @@ def _flush_c_stdout() -> None:
         pass
 
 
+@_traced_in_eval
 def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
-    """A traced TorchScript module (``torch.jit.load`` runs it without prunekit).
+    """A traced TorchScript module (``torch.jit.load`` runs it without prunekit), traced in eval
+    mode; each module is left in the mode it was given (``_traced_in_eval``).
 
     The fused fast path of ``nn.MultiheadAttention`` / ``TransformerEncoderLayer`` is off while
     tracing: torch takes it only without autograd, so the trace (with autograd) and its check
@@ -181,7 +203,7 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
         warnings.simplefilter("ignore")
         try:
             set_mha_fastpath(False)
-            traced = torch.jit.trace(model.eval(), example_input)
+            traced = torch.jit.trace(model, example_input)
             torch.jit.save(traced, buffer)
         except Exception as err:  # noqa: BLE001 - report any tracer failure as one line
             raise PrunekitError(f"TorchScript export failed: {str(err).splitlines()[0]}") from None
@@ -220,7 +242,8 @@ def check_any_batch(traced, model: nn.Module, example_input, what: str) -> None:
 def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, formats) -> list[dict]:
     """Write each of ``formats`` (keys of FORMATS, or one of them as a string) into folder ``out``;
     returns path, size per file. Refuses (``PrunekitError``, before writing anything) an unknown
-    format, and to replace a file in ``out`` that an earlier ``export_all`` did not write."""
+    format, and to replace a file in ``out`` that an earlier ``export_all`` did not write. The
+    graphs are traced in eval mode; ``model`` comes back in the mode it was given (each module's)."""
     formats = [formats] if isinstance(formats, str) else list(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:

@@ -57,7 +57,9 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 
 def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sidecar: bool = False) -> Path:
-    """Save ``model``'s state dict to ``path`` (.safetensors) and ``meta`` to the sidecar.
+    """Save ``model``'s state dict to ``path`` (.safetensors) and ``meta`` to the sidecar. The
+    smaller model a channel method returned (``prunekit.prune(..., method="autobot")``'s
+    ``result.model``) gets its channel layout in the sidecar too, which ``load_pruned`` reads.
     A JSON of that name that is not prunekit's sidecar is refused, not replaced, unless
     ``replace_sidecar`` (a run folder's model.json, which only prunekit writes)."""
     if not isinstance(model, nn.Module):
@@ -70,6 +72,7 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
     if not isinstance(meta, dict):
         raise PrunekitError(f"save_model(model, path, meta): meta must be a dict of JSON values (the sidecar's "
                             f"fields; {{}} for none), got {type(meta).__name__}")
+    meta = _with_channel_layout(model, meta)
     try:                 # checked before anything is written: never a model file without its sidecar
         sidecar = (json.dumps({SIDECAR_MARK: SIDECAR_VERSION, **meta}, indent=2, sort_keys=False) + "\n").encode()
     except (TypeError, ValueError) as err:
@@ -83,6 +86,16 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
     atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
     atomic_write_bytes(side, sidecar)
     return path
+
+
+def _with_channel_layout(model: nn.Module, meta: dict) -> dict:
+    """``meta`` with the channel layout of a shrunk model ``prunekit.prune`` returned (a channel
+    method's smaller model, marked ``_prunekit_shrunk``), so that ``load_pruned`` can resize a
+    fresh model to it before loading; ``meta`` as it is otherwise, or when it names a layout."""
+    if not getattr(model, "_prunekit_shrunk", False) or "channel_layout" in meta:
+        return meta
+    from .zoo.layout import channel_layout
+    return {**meta, "channel_layout": channel_layout(model)}
 
 
 def _holds_sidecar(side: Path) -> bool:

@@ -38,9 +38,63 @@ def _progress(iterable, desc: str, enabled: bool):
     return tqdm(iterable, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
-def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> float:
-    """Top-1 accuracy of ``model`` on ``loader`` in percent (eval mode, restored after)."""
-    return evaluate_loss_accuracy(model, loader, progress)["accuracy"]
+class _EachPass:
+    """A function returning batches, as an iterable: each pass calls it again."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+    def __len__(self):
+        return len(self.make())
+
+
+def batches_of(data, what: str = "data", batch_size: int = 128, shuffle: bool = False,
+               class_labels: bool = True) -> Iterable:
+    """``data`` in any form ``prunekit.prune`` takes, as a re-iterable of ``(x, y)`` batches: a
+    DataLoader or other re-iterable of batches as it is; ``(X, Y)`` tensors (X: (N, ...), Y: (N,))
+    or a map-style ``Dataset`` of ``(x, y)`` pairs in a DataLoader of ``batch_size`` samples
+    (shuffled from torch's global RNG when ``shuffle``); a function of no arguments returning
+    batches, called again at every pass. Anything else (a path, one tensor, a one-pass iterator, a
+    Dataset of triples ...) is refused in one line naming the fix, as ``prune`` refuses it."""
+    from .api_checks import check_data, first_batch
+    from .data.dataset import ImageDataset
+    from .data.loaders import BatchLoader
+    from .data.replay import ReplayedLoader
+    check_data(data, what, class_labels=class_labels)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        data = torch.utils.data.TensorDataset(*data)
+    if isinstance(data, torch.utils.data.DataLoader):
+        return data
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") \
+            and not isinstance(data, torch.utils.data.IterableDataset):
+        batches = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle)
+    elif isinstance(data, ImageDataset):
+        raise PrunekitError(f"{what} is an ImageDataset of raw uint8 pixels: pass make_loader({what}, normalization) "
+                            "(prunekit.data), which scales and normalizes them as the model was trained")
+    elif callable(data):
+        batches = _EachPass(data)
+    elif isinstance(data, Iterable):
+        if iter(data) is data:
+            raise PrunekitError(f"{what} is a one-pass iterator: pass a DataLoader, a Dataset, (X, Y) tensors "
+                                "or a function returning batches, so that every epoch can read it again")
+        if isinstance(data, (BatchLoader, ReplayedLoader)):       # prunekit's own: (x, y) batches
+            return data
+        batches = data
+    else:
+        raise PrunekitError(f"{what} must be a DataLoader, a Dataset, (X, Y) tensors or a function returning "
+                            f"batches, got {type(data).__name__}")
+    first_batch(lambda: batches, what)          # (x, y) batches, or one line saying what they are
+    return batches
+
+
+def evaluate(model: nn.Module, loader, progress: bool = False, batch_size: int = 128) -> float:
+    """Top-1 accuracy of ``model`` on ``loader`` in percent (eval mode, restored after).
+    ``loader``: any data form ``prunekit.prune`` takes (``batches_of``); ``batch_size`` is used
+    for a Dataset or ``(X, Y)`` tensors."""
+    return evaluate_loss_accuracy(model, batches_of(loader, "data", batch_size), progress)["accuracy"]
 
 
 @torch.no_grad()
@@ -48,7 +102,9 @@ def evaluate_loss_accuracy(model: nn.Module, loader: Iterable, progress: bool = 
                            loss_fn: LossFn | None = None) -> dict:
     """Mean cross-entropy loss and top-1 accuracy (%) of ``model`` on ``loader`` (eval mode,
     restored after). With the user's ``loss_fn`` (``prunekit.losses``): its mean over the samples,
-    and accuracy None (what the outputs mean is the user's)."""
+    and accuracy None (what the outputs mean is the user's). ``loader``: any data form
+    ``prunekit.prune`` takes (``batches_of``; a Dataset or tensors in batches of 128)."""
+    loader = batches_of(loader, "data", class_labels=loss_fn is None)
     was_training = model.training
     model.eval()
     device = _device(model)
@@ -230,13 +286,18 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
                  weight_decay: float = 5e-4, optimizer: torch.optim.Optimizer | None = None,
                  on_epoch_end=None, progress: bool = True, teacher: nn.Module | None = None,
                  distill: float = 0.0, temperature: float = 4.0,
-                 loss_fn: LossFn | None = None) -> torch.optim.Optimizer:
+                 loss_fn: LossFn | None = None, batch_size: int = 128) -> torch.optim.Optimizer:
     """SGD with a cosine learning rate over ``epochs`` on cross-entropy (with ``teacher`` and
     ``distill``, on ``distillation_loss``; with ``loss_fn``, on it).
+
+    ``loader``: any data form ``prunekit.prune`` takes (``batches_of``): a DataLoader, a map-style
+    Dataset or ``(X, Y)`` tensors (in shuffled batches of ``batch_size``, drawn from torch's global
+    RNG), or a function returning batches.
 
     ``on_epoch_end(epoch, mean_loss)`` is called after each epoch. Returns the optimizer
     (pass your own to hold masks on it, see ``MaskHold``).
     """
+    loader = batches_of(loader, "data", batch_size, shuffle=True, class_labels=loss_fn is None)
     if optimizer is None:
         optimizer = sgd(model, lr, momentum, weight_decay)
     schedule = cosine(optimizer, epochs * len(loader))

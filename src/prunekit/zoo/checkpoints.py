@@ -353,11 +353,23 @@ def _misfit_message(
         hint = ("the file's layer widths differ from the model's, e.g. a model with channels removed: load its run "
                 "folder, which records the channel layout (the command line's --checkpoint RUNDIR, Python's "
                 "prunekit.load_pruned(model, RUNDIR))")
+    elif not fits and mismatched and not missing and not unexpected and _narrower_only(own, state, mismatched):
+        hint = ("the file's layers are narrower than the model's: a model with channels removed, saved without its "
+                "channel layout; load its run folder (prunekit.prune(..., out=RUNDIR), then "
+                "prunekit.load_pruned(model, RUNDIR)), or save prunekit.prune's result.model with "
+                "prunekit.save_model, which records the layout")
     elif fits:
         hint = f"pick the model it was trained for ({fits!r}?)"
     else:
         hint = "pick the model it was trained for"
     return f"checkpoint {path} does not fit {label} ({', '.join(problems)}): {hint}"
+
+
+def _narrower_only(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], mismatched: list[str]) -> bool:
+    """Whether every mismatched tensor of the file is the model's, narrower (no dimension larger,
+    the same number of dimensions): what removing channels does."""
+    return all(state[k].dim() == own[k].dim() and all(a <= b for a, b in zip(state[k].shape, own[k].shape))
+               for k in mismatched)
 
 
 def _ends_only(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], mismatched: list[str]) -> bool:
