@@ -127,6 +127,8 @@ def home(tmp_path_factory):
     nan_state = zoo.build("mlpnet").state_dict()
     nan_state["fc1.weight"][0, 0] = float("nan")
     torch.save(nan_state, d / "nan-weights.pth")     # a diverged training's
+    huge_state = {k: v * 1e30 for k, v in zoo.build("mlpnet").state_dict().items()}
+    torch.save(huge_state, d / "huge-weights.pth")   # finite weights whose outputs overflow to inf, loss nan
     (d / "mlprun").mkdir()                # a finished run folder: its model is some command's input
     (d / "mlprun" / "config.toml").write_text('model = "mlpnet"\nmethod = "magnitude"\nsparsity = "0.5"\n')
     saving.save_model(zoo.build("mlpnet"), d / "mlprun" / "model.safetensors", {"model": "mlpnet"})
@@ -377,6 +379,10 @@ CLI_CASES = [
      "the model's fc1.weight holds nan or inf values: load finite weights (did its training diverge?)"),
     (["prune", "--model", f"{H}/net.py:nan_out", *MNIST, "--normalize", "none", "--method", "chita", "--sparsity",
       "0.5", "--fisher-samples", "32"], "the model's loss on the evaluation data is nan: its outputs are not finite"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/huge-weights.pth", *MNIST],
+     "the model's loss on the evaluation data is nan: its outputs are not finite numbers"),
+    (["eval", "--model", f"{H}/net.py:nan_out", *MNIST, "--normalize", "none"],
+     "the model's loss on the evaluation data is nan: its outputs are not finite numbers"),
     (["info", f"{H}/net.py:no_params", "--input-shape", "1,28,28"], "the model has no parameters"),
     (["eval", "--model", f"{H}/net.py:no_params", *MNIST, "--normalize", "none"], "the model has no parameters"),
     (["prune", "--model", f"{H}/net.py:no_params", *MNIST, "--normalize", "none", "--sparsity", "0.5"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -32,6 +33,15 @@ def check_finite_weights(model: nn.Module) -> None:
     if broken is not None:
         raise PrunekitError(f"the model's {broken} holds nan or inf values: load finite weights (did its training "
                             "diverge?)")
+
+
+def check_finite_loss(loss: float) -> None:
+    """Refuse a model whose mean loss on the evaluation data is nan or inf: its weights may be finite
+    (``check_finite_weights``) while its outputs overflow or are nan (huge weights, a forward that
+    divides by zero, inputs on the wrong scale); every accuracy or loss reported of it would mean nothing."""
+    if not math.isfinite(loss):
+        raise PrunekitError(f"the model's loss on the evaluation data is {loss}: its outputs are not finite numbers; "
+                            "check its forward, weights and input normalization")
 
 
 def _progress(iterable, desc: str, enabled: bool):
