@@ -365,7 +365,9 @@ CLI_CASES = [
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "33.33/78.57"],
      "looks like the 0-255 scale, but pixels are scaled to [0, 1] before it (means in [0, 1], stds at most 1): "
      "divide by 255, 0.1307/0.3081"),
-    (["eval", "--model", f"{H}/net.py:build", *MNIST, "--normalize", "0.1307/78.57"], "divide by 255"),
+    (["eval", "--model", f"{H}/net.py:build", *MNIST, "--normalize", "0.1307/78.57"],
+     "looks like a 0-1 mean with a 0-255 std, but pixels are scaled to [0, 1] before it (means in [0, 1], stds at "
+     "most 1): divide the std by 255, 0.1307/0.3081"),
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5/inf"], "finite"),
     ([*PRUNE, "--sparsity", "0.5", "--normalize", "none"], "is for a model file"),
     (["eval", "--model", f"{H}/net.py:wrong_input", *MNIST, "--normalize", "none"],
