@@ -127,6 +127,8 @@ def home(tmp_path_factory):
     nan_state = zoo.build("mlpnet").state_dict()
     nan_state["fc1.weight"][0, 0] = float("nan")
     torch.save(nan_state, d / "nan-weights.pth")     # a diverged training's
+    huge_state = {k: v * 1e30 for k, v in zoo.build("mlpnet").state_dict().items()}
+    torch.save(huge_state, d / "huge-weights.pth")   # finite weights whose outputs overflow to inf, loss nan
     (d / "mlprun").mkdir()                # a finished run folder: its model is some command's input
     (d / "mlprun" / "config.toml").write_text('model = "mlpnet"\nmethod = "magnitude"\nsparsity = "0.5"\n')
     saving.save_model(zoo.build("mlpnet"), d / "mlprun" / "model.safetensors", {"model": "mlpnet"})
@@ -363,7 +365,9 @@ CLI_CASES = [
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "33.33/78.57"],
      "looks like the 0-255 scale, but pixels are scaled to [0, 1] before it (means in [0, 1], stds at most 1): "
      "divide by 255, 0.1307/0.3081"),
-    (["eval", "--model", f"{H}/net.py:build", *MNIST, "--normalize", "0.1307/78.57"], "divide by 255"),
+    (["eval", "--model", f"{H}/net.py:build", *MNIST, "--normalize", "0.1307/78.57"],
+     "looks like a 0-1 mean with a 0-255 std, but pixels are scaled to [0, 1] before it (means in [0, 1], stds at "
+     "most 1): divide the std by 255, 0.1307/0.3081"),
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5/inf"], "finite"),
     ([*PRUNE, "--sparsity", "0.5", "--normalize", "none"], "is for a model file"),
     (["eval", "--model", f"{H}/net.py:wrong_input", *MNIST, "--normalize", "none"],
@@ -377,6 +381,10 @@ CLI_CASES = [
      "the model's fc1.weight holds nan or inf values: load finite weights (did its training diverge?)"),
     (["prune", "--model", f"{H}/net.py:nan_out", *MNIST, "--normalize", "none", "--method", "chita", "--sparsity",
       "0.5", "--fisher-samples", "32"], "the model's loss on the evaluation data is nan: its outputs are not finite"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/huge-weights.pth", *MNIST],
+     "the model's loss on the evaluation data is nan: its outputs are not finite numbers"),
+    (["eval", "--model", f"{H}/net.py:nan_out", *MNIST, "--normalize", "none"],
+     "the model's loss on the evaluation data is nan: its outputs are not finite numbers"),
     (["info", f"{H}/net.py:no_params", "--input-shape", "1,28,28"], "the model has no parameters"),
     (["eval", "--model", f"{H}/net.py:no_params", *MNIST, "--normalize", "none"], "the model has no parameters"),
     (["prune", "--model", f"{H}/net.py:no_params", *MNIST, "--normalize", "none", "--sparsity", "0.5"],

@@ -422,3 +422,29 @@ def _cli(capsys, argv):
     code = main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def test_fisher_samples_above_the_training_images_follow_the_api_with_stages_auto(capsys, monkeypatch):
+    """falcon++'s --stages auto picks (on this model) the thorough schedule, which reads fresh images pass
+    after pass: more rows than the 2,000 training images are allowed, as prunekit.prune allows them; a
+    one-pass schedule (--stages 5) is still refused before any work."""
+    from prunekit.commands import prune as prune_command
+    from prunekit.pipelines import fisher_methods
+
+    def reached(*args, **kwargs):
+        raise prunekit.PrunekitError("reached the run")
+    monkeypatch.setattr(prune_command, "_check_training_split_for_batchnorm", reached)
+    argv = ["prune", *MLP, *MNIST, "--method", "falcon++", "--flops", "0.5", "--fisher-samples", "2500"]
+    for extra in ([], ["--stages", "auto"]):
+        assert main([*argv, *extra]) == 2
+        assert capsys.readouterr().err.strip() == "prunekit: error: reached the run"
+    assert main([*argv, "--stages", "5"]) == 2
+    assert "the training data holds 2000 samples, 2500 gradient rows of one sample asked" in capsys.readouterr().err
+    # the API's own check agrees: it lets the auto schedule's 2,500 rows through and refuses 5 stages'
+    model = zoo.build("mlpnet")
+    data = (torch.randn(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(2000) % 10)
+    monkeypatch.setattr(fisher_methods, "run_stages", lambda *a, **k: (_ for _ in ()).throw(
+        prunekit.PrunekitError("reached the run")))
+    for stages, needle in (("auto", "reached the run"), (5, "the training data holds 2000 samples")):
+        with pytest.raises(prunekit.PrunekitError, match=needle):
+            prunekit.prune(model, data, method="falcon++", flops=0.5, fisher_samples=2500, stages=stages)

@@ -48,8 +48,12 @@ def test_normalization_validation(mean, std):
 
 @pytest.mark.parametrize(("mean", "std", "message"), [
     ((33.33,), (78.57,), "33.33/78.57 looks like the 0-255 scale.*divide by 255, 0.1307/0.3081"),
-    ((125.3, 123.0, 113.9), (0.25, 0.24, 0.26), "divide by 255, 0.4914,0.4824,0.4467/0.001,0.0009,0.001"),
-    ((0.5,), (63.75,), "divide by 255, 0.002/0.25"),
+    # only the values above 1 are divided: a std already in [0, 1] is kept (a 0-255 mean with a 0-1 std)
+    ((125.3, 123.0, 113.9), (0.25, 0.24, 0.26), r"125.3,123,113.9/0.25,0.24,0.26 looks like a 0-255 mean with a "
+     r"0-1 std, .*: divide the mean by 255, 0.4914,0.4824,0.4467/0.25,0.24,0.26$"),
+    ((0.5,), (63.75,), r"looks like a 0-1 mean with a 0-255 std, .*: divide the std by 255, 0.5/0.25$"),
+    ((125.3, 0.48, 0.45), (0.25, 61.2, 0.26), r"mixes the 0-255 and 0-1 scales, .*: divide the values above 1 by 255, "
+     r"0.4914,0.48,0.45/0.25,0.24,0.26$"),
     ((-0.5,), (0.5,), r"means are the pixels' means, in \[0, 1\].*got -0.5"),
 ])
 def test_normalization_on_the_0_255_scale_is_refused(mean, std, message):

@@ -203,3 +203,67 @@ def test_train_force_replaces_a_training_run_only(capsys, tmp_path, monkeypatch)
     assert {p: p.read_bytes() for p in pruned.rglob("*") if p.is_file()} == before
     assert main([*TRAIN, "--epochs", "1", "--force"]) == 2
     assert "add --out DIR" in capsys.readouterr().err
+
+
+def _tiny_data(n=64):
+    g = prunekit.train.torch.Generator().manual_seed(0)
+    torch = prunekit.train.torch
+    x, y = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return [(x[i:i + 16], y[i:i + 16]) for i in range(0, n, 16)]
+
+
+def test_train_epochs_stops_at_the_first_diverging_epoch_naming_the_learning_rate():
+    torch = prunekit.train.torch
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    seen = []
+    with pytest.raises(prunekit.PrunekitError, match=r"training diverged in epoch 1/3 \(its loss became nan\): "
+                                                     r"lower lr \(it is 1e\+20\)") as caught:
+        prunekit.train.train_epochs(model, _tiny_data(), 3, lr=1e20, progress=False,
+                                    on_epoch_end=lambda epoch, loss: seen.append(epoch))
+    assert isinstance(caught.value, ValueError) and seen == []     # the diverged epoch is not reported as done
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    prunekit.train.train_epochs(model, _tiny_data(), 2, lr=0.01, progress=False,
+                                on_epoch_end=lambda epoch, loss: seen.append(epoch))
+    assert seen == [0, 1]                                           # a sane rate trains as before
+
+
+def test_a_diverging_gradual_fine_tune_stops_in_one_line_and_saves_nothing_diverged(capsys, tmp_path):
+    ckpt = str(Path(prunekit.__file__).parent / "assets" / "mlpnet.safetensors")
+    out = tmp_path / "run"
+    argv = ["prune", "--model", "mlpnet", "--checkpoint", ckpt, *MNIST, "--method", "magnitude", "--sparsity", "0.5",
+            "--gradual", "--events", "2", "--epochs-per-event", "1", "--final-epochs", "1", "--out", str(out)]
+    assert main([*argv, "--lr", "1e20"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("training diverged in epoch 1/1 of the fine-tune after prune event 1/2 "
+                                     "(its loss became nan): lower --lr (it is 1e+20)") in err
+    assert not (out / "model.safetensors").exists()
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def test_a_diverging_channel_fine_tune_stops_in_one_line_naming_finetune_lr(capsys, tmp_path):
+    ckpt = str(Path(prunekit.__file__).parent / "assets" / "mlpnet.safetensors")
+    out = tmp_path / "run"
+    argv = ["prune", "--model", "mlpnet", "--checkpoint", ckpt, *MNIST, "--method", "autobot", "--flops", "0.5",
+            "--gate-batches", "2", "--finetune-epochs", "1", "--finetune-lr", "1e20", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("prunekit: error:") == 1 and err.endswith(
+        "prunekit: error: training diverged in fine-tune epoch 1/1 of the 0.5 FLOPs model (its loss became nan): "
+        "lower --finetune-lr (it is 1e+20); nothing diverged was saved\n")
+    assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("method, options, needle", [
+    ("magnitude", {"sparsity": 0.5, "gradual": True, "events": 2, "epochs_per_event": 1, "final_epochs": 1,
+                   "lr": 1e20}, "of the fine-tune after prune event 2/2 (its loss became nan): lower lr (it is 1e+20)"),
+    ("autobot", {"flops": 0.5, "gate_batches": 2, "finetune_epochs": 3, "finetune_lr": 1e30},
+     "of the 0.5 FLOPs model (its loss became nan): lower finetune_lr (it is 1e+30)")])
+def test_a_diverging_fine_tune_in_python_raises_a_prunekit_error_naming_the_option(method, options, needle, tmp_path):
+    torch = prunekit.train.torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x = torch.randn(48, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(prunekit.PrunekitError) as caught:
+        prunekit.prune(model, (x, torch.arange(48) % 3), method=method, out=str(tmp_path / "run"), **options)
+    assert "\n" not in str(caught.value) and needle in str(caught.value), str(caught.value)
+    assert not (tmp_path / "run" / "model.safetensors").exists()

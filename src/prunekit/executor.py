@@ -37,7 +37,7 @@ from .record import build_record, save_pruned
 from .request import Plan
 from .runs import RunCheckpointer, RunFolder, StageMeter, layer_density
 from .structured.pipeline import prune_channels
-from .train import evaluate_loss_accuracy
+from .train import check_finite_loss, evaluate_loss_accuracy
 from .zoo.layout import apply_layout
 
 
@@ -106,9 +106,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         _refuse_changed_weights(folder, metrics, describe)
     if not dense and not metrics.get("dense"):
         dense = measure(plan, plan.request.model, eval_loader)
-        if "loss" in dense and not math.isfinite(dense["loss"]):   # before any work: name the real cause
-            raise PrunekitError(f"the model's loss on the evaluation data is {dense['loss']}: its outputs are not "
-                                "finite numbers; check its forward, weights and input normalization")
+        if "loss" in dense:           # before any work: name the real cause
+            check_finite_loss(dense["loss"])
     dense = dense or metrics.get("dense")
     measure_now = lambda model: measure(plan, model, eval_loader)   # noqa: E731
     measure_stage = lambda model: measure(plan, model, eval_loader if stage_eval else None)   # noqa: E731

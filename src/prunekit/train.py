@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import PrunekitError
+from .options import OptionError
 from .layout import model_input
 from .losses import LossFn, class_indices, class_scores, mean_loss, summed_loss
 
@@ -32,6 +34,48 @@ def check_finite_weights(model: nn.Module) -> None:
     if broken is not None:
         raise PrunekitError(f"the model's {broken} holds nan or inf values: load finite weights (did its training "
                             "diverge?)")
+
+
+def check_finite_loss(loss: float) -> None:
+    """Refuse a model whose mean loss on the evaluation data is nan or inf: its weights may be finite
+    (``check_finite_weights``) while its outputs overflow or are nan (huge weights, a forward that
+    divides by zero, inputs on the wrong scale); every accuracy or loss reported of it would mean nothing."""
+    if not math.isfinite(loss):
+        raise PrunekitError(f"the model's loss on the evaluation data is {loss}: its outputs are not finite numbers; "
+                            "check its forward, weights and input normalization")
+
+
+class TrainingDiverged(OptionError):
+    """A training (a fine-tune) whose loss or weights became nan or inf: its learning rate is too
+    high. A ``PrunekitError`` (a ``ValueError``); ``params`` holds the learning rate's option name,
+    which the command line writes as its flag (``lr`` as ``--lr``).
+
+    where: the pass that diverged ("epoch 2/3"); cause: what became non-finite ("its loss became
+    nan"); lr: the peak learning rate it trained with, the option ``lr_name``."""
+
+    def __init__(self, where: str, cause: str, lr: float, lr_name: str = "lr"):
+        super().__init__(f"training diverged in {where} ({cause}): lower {lr_name} (it is {lr:g}); "
+                         "nothing diverged was saved", (lr_name,))
+        self.where, self.cause, self.lr, self.lr_name = where, cause, lr, lr_name
+
+
+def check_converging(loss: float, model: nn.Module, lr: float, where: str, lr_name: str = "lr") -> None:
+    """Raise ``TrainingDiverged`` if the mean training loss ``loss`` of a pass, or a weight of
+    ``model`` after it, is nan or inf (what the ``train`` command checks after every epoch).
+    ``lr``: the peak learning rate the pass trained with, named ``lr_name`` (an option name);
+    ``where``: the pass, e.g. "epoch 2/3". Called before anything saves the model."""
+    broken = None if not math.isfinite(loss) else nonfinite_weight(model)
+    if math.isfinite(loss) and broken is None:
+        return
+    what = f"its loss became {loss}" if broken is None else f"its {broken} became nan or inf"
+    raise TrainingDiverged(where, what, lr, lr_name)
+
+
+def _peak_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate ``optimizer`` started from (its first group's; a scheduler keeps it as
+    ``initial_lr``)."""
+    group = optimizer.param_groups[0]
+    return float(group.get("initial_lr", group["lr"]))
 
 
 def _progress(iterable, desc: str, enabled: bool):
@@ -296,6 +340,10 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
 
     ``on_epoch_end(epoch, mean_loss)`` is called after each epoch. Returns the optimizer
     (pass your own to hold masks on it, see ``MaskHold``).
+
+    Raises ``TrainingDiverged`` (a ``PrunekitError``) naming the learning rate as soon as an
+    epoch's mean loss or a weight is nan or inf, before ``on_epoch_end`` sees that epoch: ``model``
+    is left holding the diverged weights (it trains in place); reload it to train again.
     """
     loader = batches_of(loader, "data", batch_size, shuffle=True, class_labels=loss_fn is None)
     if optimizer is None:
@@ -304,6 +352,7 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
     for epoch in range(epochs):
         loss = train_epoch(model, loader, optimizer, schedule, f"epoch {epoch + 1}/{epochs}", progress,
                            teacher, distill, temperature, loss_fn)
+        check_converging(loss, model, _peak_lr(optimizer), f"epoch {epoch + 1}/{epochs}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, loss)
     model.eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..costs import CostModel
-from ..train import check_finite_weights, evaluate_loss_accuracy
+from ..train import check_finite_loss, check_finite_weights, evaluate_loss_accuracy
 from ..record import peak_rss_mb
 from .common import (add_data_args, add_device_arg, add_model_args, emit, eval_data, loaded_model,
                      show_progress, warn_if_random_weights)
@@ -19,6 +19,7 @@ def cmd_eval(args) -> int:
     start = time.perf_counter()
     measured = evaluate_loss_accuracy(loaded.model, loader, progress=show_progress(args))
     seconds = time.perf_counter() - start
+    check_finite_loss(measured["loss"])     # finite weights, nan or inf outputs: as prune refuses them
     counts = CostModel(loaded.model, loaded.example_input()).count(loaded.model)    # nonzero-aware
     payload = {"model": args.model, "data": args.data, "split": args.eval_split, "accuracy": measured["accuracy"],
                "loss": measured["loss"], "macs": counts.macs, "params": counts.params,

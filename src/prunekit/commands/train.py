@@ -22,12 +22,13 @@ from ..distributed import is_main_process
 from ..errors import PrunekitError, PrunekitWarning
 from ..data import load_dataset, make_loader
 from ..loading import check_fits, check_normalized, load_model
-from ..options import OptionError
+from ..options import OptionError, cli_message
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
 from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, check_ranks_share, claim,
                     release_refused)
-from ..train import check_finite_weights, cosine, evaluate, nonfinite_weight, sgd, train_epoch
+from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
+from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
                      describe, emit, resolve_model, show_progress)
 
@@ -112,12 +113,11 @@ def check_converging(args, loss: float, model, epoch: int, history: list[dict], 
     its checkpoint: nothing diverged is saved. A run folder claimed by this command and holding no
     epoch yet is released (the command with a lower --lr may use it); one that holds earlier epochs
     keeps them, consistent with its config.toml (this --lr), and the lower --lr needs another --out."""
-    broken = None if not math.isfinite(loss) else nonfinite_weight(model)
-    if math.isfinite(loss) and broken is None:
+    try:
+        diverged(loss, model, args.lr, f"epoch {epoch + 1}/{args.epochs}")
         return
-    what = f"its loss became {loss}" if broken is None else f"its {broken} became nan or inf"
-    message = (f"training diverged in epoch {epoch + 1}/{args.epochs} ({what}): lower --lr (it is {args.lr:g}); "
-               "nothing diverged was saved")
+    except TrainingDiverged as err:
+        message = cli_message(err)
     if folder is not None:
         release_refused(folder)
         if folder.config.exists():

@@ -25,7 +25,8 @@ class Normalization:
     """Per-channel affine normalization ``(x/255 - mean) / std``.
 
     ``mean`` and ``std`` are in pixel units scaled to [0, 1], one value per channel: a mean
-    outside [0, 1] or a std above 1 (the 0-255 convention) is refused, naming the values / 255.
+    outside [0, 1] or a std above 1 (the 0-255 convention) is refused, naming what to divide
+    by 255 (the values above 1 only: a 0-255 mean with a 0-1 std keeps its std) and the result.
     """
 
     mean: tuple[float, ...]
@@ -46,11 +47,27 @@ class Normalization:
         if any(m < 0 for m in self.mean):
             raise PrunekitError(f"normalization means are the pixels' means, in [0, 1] (pixels are scaled to [0, 1]), "
                                 f"got {text(self.mean)}: give the mean of each channel")
-        if any(m > 1 for m in self.mean) or any(s > 1 for s in self.std):
-            scaled = lambda values: ",".join(f"{round(v / 255, 4):g}" for v in values)     # noqa: E731
-            raise PrunekitError(f"normalization {text(self.mean)}/{text(self.std)} looks like the 0-255 scale, but "
-                                "pixels are scaled to [0, 1] before it (means in [0, 1], stds at most 1): divide by "
-                                f"255, {scaled(self.mean)}/{scaled(self.std)}")
+        high_mean, high_std = [v > 1 for v in self.mean], [v > 1 for v in self.std]
+        if any(high_mean) or any(high_std):
+            raise PrunekitError(_scale_refusal(self.mean, self.std, high_mean, high_std))
+
+
+def _scale_refusal(mean: tuple[float, ...], std: tuple[float, ...], high_mean: list[bool],
+                   high_std: list[bool]) -> str:
+    """The one line refusing a normalization with values above 1 (``high_mean`` / ``high_std``:
+    which ones), naming what to divide by 255 (those values only) and the result."""
+    text = lambda values: ",".join(f"{v:g}" for v in values)                               # noqa: E731
+    scaled = lambda values: ",".join(f"{round(v / 255, 4):g}" if v > 1 else f"{v:g}" for v in values)  # noqa: E731
+    fixed = f"{scaled(mean)}/{scaled(std)}"
+    given = f"normalization {text(mean)}/{text(std)}"
+    why = "but pixels are scaled to [0, 1] before it (means in [0, 1], stds at most 1)"
+    if all(high_mean) and all(high_std):
+        return f"{given} looks like the 0-255 scale, {why}: divide by 255, {fixed}"
+    if all(high_mean) and not any(high_std):
+        return f"{given} looks like a 0-255 mean with a 0-1 std, {why}: divide the mean by 255, {fixed}"
+    if all(high_std) and not any(high_mean):
+        return f"{given} looks like a 0-1 mean with a 0-255 std, {why}: divide the std by 255, {fixed}"
+    return f"{given} mixes the 0-255 and 0-1 scales, {why}: divide the values above 1 by 255, {fixed}"
 
 
 def to_float(images_uint8: torch.Tensor, norm: Normalization) -> torch.Tensor:

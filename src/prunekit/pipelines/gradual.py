@@ -22,7 +22,7 @@ import torch
 from ..budget import ResolvedBudget
 from ..masks import MaskHold, masks_from_weights
 from ..options import Integer, OneOf, OptionError, Options, Real
-from ..train import evaluate_loss_accuracy, sgd, train_epochs
+from ..train import TrainingDiverged, evaluate_loss_accuracy, sgd, train_epochs
 from .schedule import KINDS, keep_schedule
 from .stages import measure_seconds, resume_stages, stage_completed
 from .weights import Outcome, PruneContext, check_budget
@@ -150,11 +150,15 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
         losses: list[float] = []
         if epochs:
             optimizer = sgd(model, opts.lr, opts.momentum, opts.weight_decay)
-            with MaskHold(space, masks_from_weights(space), optimizer):
-                train_epochs(model, ctx.train_batches(), epochs, optimizer=optimizer,
-                             on_epoch_end=lambda _, loss: losses.append(loss), progress=ctx.progress,
-                             teacher=teacher, distill=opts.finetune_distill, temperature=opts.finetune_temperature,
-                             loss_fn=ctx.loss_fn)
+            try:
+                with MaskHold(space, masks_from_weights(space), optimizer):
+                    train_epochs(model, ctx.train_batches(), epochs, optimizer=optimizer,
+                                 on_epoch_end=lambda _, loss: losses.append(loss), progress=ctx.progress,
+                                 teacher=teacher, distill=opts.finetune_distill,
+                                 temperature=opts.finetune_temperature, loss_fn=ctx.loss_fn)
+            except TrainingDiverged as err:     # before this event's checkpoint: nothing diverged is saved
+                raise TrainingDiverged(f"{err.where} of the fine-tune after prune event {event}/{len(schedule)}",
+                                       err.cause, opts.lr, "lr") from None
         evaluated = evaluate_loss_accuracy(model, eval_loader, loss_fn=ctx.loss_fn) if eval_loader is not None else {}
         record = {"event": event, "max_nonzeros": event_budget.max_nonzeros, "nonzeros": nonzeros,
                   "max_macs": None if event_budget.max_macs is None

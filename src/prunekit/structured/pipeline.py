@@ -39,7 +39,7 @@ from ..params import ParamSpace
 from ..pipelines.stages import (StageCheckpointer, StageState, capture_rng, load_optimizer, optimizer_tensors,
                                restore_rng)
 from ..pipelines.weights import Outcome
-from ..train import cosine, recalibrate_batchnorm, sgd, train_epoch
+from ..train import check_converging, cosine, recalibrate_batchnorm, sgd, train_epoch
 from ..zoo.layout import apply_layout, channel_layout
 from .depth import depth_cut
 from .family import ChannelContext, ChannelOptions, Cut
@@ -154,6 +154,9 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
                                              teacher=dense if opts.finetune_distill else None,
                                              distill=opts.finetune_distill, temperature=opts.finetune_temperature,
                                              loss_fn=ctx.loss_fn)
+                check_converging(record["finetune_loss"], small, opts.finetune_lr,    # before its checkpoint
+                                 f"fine-tune epoch {epoch}/{opts.finetune_epochs} of the {share:g} FLOPs model",
+                                 "finetune_lr")
             finally:
                 if hold is not None:
                     hold.remove()
