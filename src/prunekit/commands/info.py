@@ -100,8 +100,10 @@ def cmd_info(args) -> int:
     if shrunk:
         print(shrunk_line(shrunk))
     if costs.unknown:
-        print(f"note: no element-wise rule for {len(costs.unknown)} module(s) (their MACs are counted, "
-              f"their other ops not): {', '.join(costs.unknown[:5])}")
+        names = [name or "(model)" for name in costs.unknown]       # the root module's name is ""
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        print(f"note: no element-wise rule for {len(names)} module(s) (their MACs are counted, "
+              f"their other ops not): {', '.join(names[:5])}{more}")
     return 0
 
 
