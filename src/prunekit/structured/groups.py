@@ -37,7 +37,9 @@ its copied channels follow the kept channels of the previous stage) and "out" (i
 channels stay zero); it has no weight, costs no MACs, and ``shrink`` rewrites its channel map.
 With ``pads_residual=False`` the adapter falls back to the older choice: the groups through a
 shortcut are left dense (block outputs at full width) and only channels inside blocks are pruned.
-* groups touching grouped convs of different G, or a grouped conv through a flatten.
+* groups touching grouped convs of different G, or a grouped conv through a flatten;
+* groups of one channel per block of a grouped conv (the input of a depthwise conv with a channel
+  multiplier, Conv2d(16, 32, groups=16)): no channel can go without removing a whole conv group.
 
 Groups whose index maps look right but are not (a channel shuffle: view, transpose, reshape,
 read by torch-pruning as elementwise) are caught numerically by ``shrink.checked_groups``.
@@ -196,6 +198,9 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             skipped.append((root, reason))
             continue
         size = _size_of(root_module) // segments
+        if size == 1 and segments > 1:     # one channel per block: no block can lose one
+            skipped.append((root, _multiplier_reason(members, segments, model)))
+            continue
         groups.append(ChannelGroup(index=len(groups), root=root, size=size, members=members, segments=segments))
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -240,6 +245,17 @@ def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
                 loose.append((full, "a weight held outside a known layer (used by einsum or matmul, say), "
                                     "which the channel analysis cannot follow"))
     return loose
+
+
+def _multiplier_reason(members: list, segments: int, model: nn.Module) -> str:
+    """Why a group whose channels are each a whole block of a grouped conv (a depthwise conv with
+    a channel multiplier: Conv2d(16, 32, groups=16)) is kept: removing one would remove a block."""
+    modules = dict(model.named_modules())
+    conv = next((m.module for m in members if m.role == "in" and isinstance(modules.get(m.module), _CONV)
+                 and modules[m.module].groups == segments), "a grouped conv")
+    return (f"its {segments} channels are the {segments} input groups of {conv} (groups={segments}: a depthwise "
+            "conv with a channel multiplier), one channel each, and the channel methods do not remove whole "
+            "conv groups: kept dense")
 
 
 def _unshrunk_root_reason(tp_group, root: str, root_module: nn.Module) -> str:
@@ -362,6 +378,8 @@ _CAUSES = (("output", "reaches the network's output", ("reaches the network outp
             ("residual stream", "zero-pad (option-A) shortcut", "a single head")),
            ("resize", "touches a layer or parameter that channel surgery cannot resize",
             ("cannot resize", "touches parameter", "outside a known layer", "do not shrink", "attention heads kept")),
+           ("multiplier", "feeds a depthwise conv with a channel multiplier one channel per group",
+            ("channel multiplier",)),
            ("map", "passes an operation the dependency analysis cannot map", ("",)))
 _EXPECTED = ("output", "residual")       # left dense by design: no reason to warn
 
