@@ -378,7 +378,7 @@ _CAUSES = (("output", "reaches the network's output", ("reaches the network outp
             ("residual stream", "zero-pad (option-A) shortcut", "a single head")),
            ("resize", "touches a layer or parameter that channel surgery cannot resize",
             ("cannot resize", "touches parameter", "outside a known layer", "do not shrink", "attention heads kept")),
-           ("multiplier", "feeds a depthwise conv with a channel multiplier one channel per group",
+           ("multiplier", "feeds a depthwise conv with a channel multiplier (one channel per conv group)",
             ("channel multiplier",)),
            ("map", "passes an operation the dependency analysis cannot map", ("",)))
 _EXPECTED = ("output", "residual")       # left dense by design: no reason to warn
