@@ -256,6 +256,35 @@ def test_register_cost_prices_a_layer_the_trace_cannot(monkeypatch):
         CostModel(nn.Sequential(nn.Linear(10, 10), Odd()), torch.zeros(3, 10))
 
 
+def test_register_cost_counts_the_child_layers_of_a_registered_module():
+    """A registered cost prices the module's own parameters; a child layer inside it is traced and
+    counted as everywhere else (it was dropped: 408 of 664 MACs, and "did not run" warnings)."""
+    from prunekit import register_cost
+    from prunekit.costs import unregister_cost
+
+    class RBF(nn.Module):                              # x (B, 16) -> (B, 8)
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)              # 256 MACs per example
+            self.centres = nn.Parameter(torch.randn(8, 16))   # cdist: priced by the cost function
+
+        def forward(self, x):
+            return torch.exp(-torch.cdist(self.proj(x), self.centres) ** 2)
+
+    register_cost(RBF, lambda m, inputs, out: {"centres": inputs[0].shape[0]})
+    try:
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), RBF(), nn.Linear(8, 3))
+        costs = CostModel(model, torch.zeros(4, 16))
+        assert costs.layer("2.proj").macs == 256 and costs.layer("2.proj").is_weight_layer
+        assert costs.layer("2.centres").macs == 128
+        assert costs.macs == 256 + 256 + 128 + 24
+        register_cost(RBF, lambda m, i, o: {"centres": 1, "proj.weight": 1})   # would count proj twice
+        with pytest.raises(PrunekitError, match=r"'proj\.weight'.*child layers.*own parameters"):
+            CostModel(model, torch.zeros(4, 16))
+    finally:
+        unregister_cost(RBF)
+
+
 def test_masked_attention_projection_costs_nothing():
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
     x = torch.zeros(1, 4, 8)

@@ -289,6 +289,44 @@ def test_a_token_model_saved_from_python_is_read_by_info_and_bench_latency(capsy
     assert audio["macs"] == 2 * 4 * 5 * 96 + 4 * 96 * 3
 
 
+def test_info_counts_a_channel_pruned_token_model_against_its_dense_model(capsys, tmp_path):
+    """info's "shrunk" line rebuilt the dense model with float32 inputs, ignoring the sidecar's
+    input_dtype int64: an embedding model failed ('got torch.FloatTensor')."""
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Tokens(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.emb = nn.Embedding(50, 8)\n"
+        "        self.mlp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))\n\n"
+        "    def forward(self, ids):\n        return self.mlp(self.emb(ids).mean(1))\n\n\n"
+        "def build():\n    torch.manual_seed(0)\n    return Tokens()\n")
+    spec = f"{tmp_path}/net.py:build"
+    ids, y = torch.randint(0, 50, (32, 16)), torch.randint(0, 3, (32,))
+    result = prunekit.prune(user_models.build_model(spec), (ids, y), method="autobot", flops=0.5, gate_batches=2,
+                            out=str(tmp_path / "run"))
+    assert "channel_layout" in json.loads((tmp_path / "run" / "model.json").read_text())
+    info = run_json(capsys, ["info", "--model", spec, "--checkpoint", str(tmp_path / "run" / "model.safetensors"),
+                             "--json"])
+    dense_macs = 8 * 32 + 32 * 3
+    assert info["shrunk"]["dense_macs"] == dense_macs == result.record["dense_macs"]
+    assert info["shrunk"]["flops_kept"] == pytest.approx(result.flops_kept, rel=1e-9)
+
+
+def test_info_names_the_model_itself_in_its_note_on_modules_without_an_element_wise_rule(capsys, tmp_path):
+    """A model whose own forward calls F.conv2d / F.linear: info's note ended with an empty name (the
+    root module's is ""); it is "(model)" as in the table, and "" in the JSON, as named_modules() says."""
+    (tmp_path / "net.py").write_text(
+        "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n\n\n"
+        "class Functional(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.w = nn.Parameter(torch.randn(16, 3, 3, 3))\n        self.w2 = nn.Parameter(torch.randn(10, 16))\n\n"
+        "    def forward(self, x):\n        return F.linear(F.conv2d(x, self.w, stride=2, padding=1).mean((2, 3)), self.w2)\n"
+        "\n\ndef build():\n    return Functional()\n")
+    spec = f"{tmp_path}/net.py:build"
+    assert main(["info", spec, "--input-shape", "3,8,8"]) == 0
+    note = capsys.readouterr().out.strip().splitlines()[-1]
+    assert note.startswith("note: no element-wise rule for 1 module(s)") and note.endswith(": (model)")
+    info = run_json(capsys, ["info", spec, "--input-shape", "3,8,8", "--json"])
+    assert info["unknown_modules"] == [""] and "" in {row["name"] for row in info["layers"]}
+
+
 def test_a_model_file_returning_an_output_with_logits_runs_on_the_command_line(capsys, tmp_path):
     """A HuggingFace classifier returns a ModelOutput (a dict with "logits"): Python read its logits,
     the command line refused it ("returns a ImageClassifierOutput ... wrap it")."""

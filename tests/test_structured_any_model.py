@@ -350,6 +350,63 @@ def test_layers_the_channel_methods_do_not_shrink_are_named_as_such():
         find_groups(Recurrent(), torch.zeros(1, 6, 8))
 
 
+def test_the_output_channels_of_a_conv_transpose_are_a_group_left_dense_by_name():
+    """The 16 output channels of a ConvTranspose1d feeding a Conv1d were whole but in no group and not in
+    skipped_groups (only the group feeding it was named): every group left dense must be listed."""
+    import torch.nn.functional as F
+
+    class Net(nn.Module):                         # x (B, 4, 64) -> logits (B, 5)
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv1d(4, 32, 3, padding=1)
+            self.t1 = nn.ConvTranspose1d(32, 16, 4, stride=2, padding=1)
+            self.c2 = nn.Conv1d(16, 24, 3, padding=1)
+            self.head = nn.Linear(24, 5)
+
+        def forward(self, x):
+            x = F.relu(self.t1(F.relu(self.c1(x))))
+            return self.head(F.relu(self.c2(x)).mean(-1))
+
+    torch.manual_seed(0)
+    groups = find_groups(Net(), torch.randn(1, 4, 64))
+    assert [g.root for g in groups] == ["c2"]
+    skipped = dict(groups.skipped)
+    assert set(skipped) == {"c1", "t1", "head"}
+    assert "ConvTranspose1d" in skipped["t1"] and "do not shrink" in skipped["t1"]
+    with pytest.warns(PrunekitWarning, match=r"2 channel groups left dense.*c1: .*t1: output channels"):
+        result = prunekit.prune(Net(), (torch.randn(32, 4, 64), torch.randint(0, 5, (32,))), method="autobot",
+                                flops=0.8, gate_batches=2)
+    assert result.record["group_roots"] == ["c2"]
+    assert sorted(s.split(":")[0] for s in result.record["skipped_groups"]) == ["c1", "head", "t1"]
+
+
+def test_the_input_of_a_depthwise_conv_with_a_channel_multiplier_is_named_as_left_dense():
+    """Conv2d(16, 32, groups=16) after a stem conv: the stem's 16 channels can never lose one (each is
+    a whole conv group) but were recorded as a pruned group '1 of 1 kept', with no warning."""
+    class DWM(nn.Module):                          # x (B, 3, 8, 8) -> (B, 10)
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.dwm = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=16), nn.BatchNorm2d(32), nn.ReLU())
+            self.pw = nn.Sequential(nn.Conv2d(32, 24, 1), nn.BatchNorm2d(24), nn.ReLU())
+            self.head = nn.Linear(24, 10)
+
+        def forward(self, x):
+            return self.head(self.pw(self.dwm(self.stem(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    groups = find_groups(DWM(), torch.randn(1, 3, 8, 8))
+    assert sorted(g.root for g in groups) == ["dwm.0", "pw.0"]
+    why = dict(groups.skipped)["stem.0"]
+    assert "dwm.0" in why and "channel multiplier" in why
+    with pytest.warns(PrunekitWarning, match=r"1 channel group left dense.*stem\.0: .*channel multiplier"):
+        result = prunekit.prune(DWM(), (torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))), method="autobot",
+                                flops=0.5, gate_batches=2)
+    assert "stem.0" not in result.record["group_roots"]
+    assert any(s.startswith("stem.0: ") for s in result.record["skipped_groups"])
+    assert result.model.stem[0].out_channels == 16
+
+
 def test_a_transformers_residual_stream_is_kept_whole_without_a_warning_and_a_surprise_still_warns():
     """A ViT's residual stream runs through LayerNorms (and attention's embedding width): kept at full
     width by design, said in the record as expected, with no warning (every channel run warned). A

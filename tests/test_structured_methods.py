@@ -2,6 +2,7 @@
 reloading and ONNX export of shrunk models."""
 
 import copy
+import re
 
 import onnx
 import pytest
@@ -282,13 +283,40 @@ def test_hybrid_checks_its_channel_floor_against_structured_flops_not_the_final_
     costs = CostModel(model, x)
     with pytest.raises(PrunekitError, match=r"flops 0.3 asks for .* already cost .*\(([0-9.]+)%\)") as refused:
         prune_structured(model, "autobot", 0.3, x, lambda: data, gate_batches=2)
-    floor = float(refused.value.args[0].rsplit("(", 1)[1].split("%")[0]) / 100
+    floor = float(re.search(r"already cost [0-9,]+ \(([0-9.]+)%\)", refused.value.args[0]).group(1)) / 100
     assert 0.3 < floor < 0.95
     r = prune_structured(model, "hybrid", 0.3, x, lambda: data, structured_flops=0.95, gate_batches=2,
                          fisher_samples=8)          # refused before: the channel floor was checked against 0.3
     assert costs.count(r.model).macs <= 0.3 * costs.macs
     with pytest.raises(PrunekitError, match=r"^structured_flops 0.35 asks for"):
         prune_structured(model, "hybrid", 0.3, x, lambda: data, structured_flops=0.35, gate_batches=2)
+
+
+def test_an_unreachable_channel_budget_names_the_groups_left_dense_and_why():
+    """The refusal said only 'the unprunable layers already cost 88.99%': not which groups are left
+    dense (here both GroupNorm-fed ones), so a user could not tell what to change."""
+    class GNNet(torch.nn.Module):              # x (B, 3, 16, 16) -> (B, 10)
+        def __init__(self):
+            super().__init__()
+            self.c1, self.g1 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.GroupNorm(4, 16)
+            self.c2, self.g2 = torch.nn.Conv2d(16, 16, 3, stride=2, padding=1), torch.nn.GroupNorm(4, 16)
+            self.fc, self.head = torch.nn.Linear(16 * 8 * 8, 32), torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.g2(self.c2(torch.relu(self.g1(self.c1(x))))))
+            return self.head(torch.relu(self.fc(x.flatten(1))))
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with pytest.raises(PrunekitError) as refused:
+        prune_structured(GNNet(), "autobot", 0.5, x, lambda: data, gate_batches=2)
+    line = refused.value.args[0]
+    assert "\n" not in line and line.endswith("ask for at least 89.0%")
+    listed = line.split("3 channel groups left dense among them (", 1)[1]
+    assert listed.startswith(("c2: touches g2 (GroupNorm)", "c1: touches g1 (GroupNorm)"))
+    assert "c1: touches g1 (GroupNorm)" in listed and "c2: touches g2 (GroupNorm)" in listed
+    assert "head: reaches the network output" in listed
 
 
 def test_taper_temperature_anneals_from_one_to_the_final_value_and_cools_only_while_held():

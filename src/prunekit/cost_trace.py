@@ -17,7 +17,9 @@ Three views of the same forward pass:
 
 A parameter used by an operation without a cost rule is *unpriced*: ``CostModel`` refuses the
 model, naming the parameter, its module and the operation. A module type with a registered
-cost function (``register_cost``) is priced by that function alone (its inner ops are not).
+cost function (``register_cost``) is priced by that function for its own code: its direct
+parameters and its own activation products; its child modules (and a child's parameter used in
+its code) are traced as everywhere else.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ _REDUCTIONS = {"sum", "mean", "nansum"}
 class ModuleCost:
     """What a registered cost function returns for one call of its module.
 
-    uses: the module's parameter names (as in ``module.named_parameters()``) -> how many times
+    uses: the module's own parameter names (as in ``module.named_parameters(recurse=False)``;
+        a child layer is counted by its own operations) -> how many times
         each element of that parameter is multiplied in this call, for the call's whole input
         (a Linear on (B, T, F) inputs: B*T; the trace runs on one example, B = 1). Those
         parameters become prunable weights costing ``uses`` MACs each. Parameters left out cost
@@ -78,8 +81,10 @@ _REGISTRY: dict[type, CostFunction] = {}
 def register_cost(module_type: type, fn: CostFunction) -> None:
     """Price every module of ``module_type`` (and its subclasses) with ``fn(module, inputs, output)``.
 
-    ``fn`` returns a ``ModuleCost`` or a plain dict ``{parameter name: uses in the call}``; the
-    operations inside the module are then not traced. Use it for a layer whose operations
+    ``fn`` returns a ``ModuleCost`` or a plain dict ``{parameter name: uses in the call}``, naming
+    only the module's own direct parameters (``module.named_parameters(recurse=False)``); the
+    module's own operations on them (and its activation products) are then not traced. Its child
+    modules are traced and counted as everywhere else, so ``fn`` must not price them. Use it for a layer whose operations
     prunekit cannot price (it refuses such a model and names the layer). Example: a layer whose
     ``weight`` (out, in) multiplies every token of a (B, T, in) input::
 
@@ -114,9 +119,12 @@ class Unpriced:
 class _OpCounter(TorchDispatchMode):
     """Charges parameter uses and activation MACs of every aten op (see the module docstring)."""
 
-    def __init__(self, index: ParamIndex, scope: list[str], opaque_depth: list[int]):
+    def __init__(self, index: ParamIndex, scope: list[str], opaque: list):
         super().__init__()
-        self.index, self.scope, self.opaque_depth = index, scope, opaque_depth
+        # opaque[-1]: None, or the direct parameter names of the registered-cost module whose own
+        # code is running (not one of its children): its cost function prices those parameters
+        # and the module's own activation products, so such ops are not traced here.
+        self.index, self.scope, self.opaque = index, scope, opaque
         self.uses = ParamUses()
         self.activation_macs: dict[str, int] = {}
         self.unpriced: list[Unpriced] = []
@@ -126,9 +134,16 @@ class _OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.opaque_depth[0] == 0:
+        own = self.opaque[-1] if self.opaque else None
+        if own is None or self._foreign_params_only(args, own):
             self._charge(func, args, out)
         return out
+
+    def _foreign_params_only(self, args, own: frozenset) -> bool:
+        """True if the op uses parameters and none of them is in ``own``: a child layer's weight
+        used in a registered module's own code is traced as usual."""
+        names = {name for t in _flatten(args) if self.index.is_param(t) for name, _ in self.index.owners(t)}
+        return bool(names) and not names & own
 
     # --- charging ----------------------------------------------------------------------------
     def _where(self) -> str:

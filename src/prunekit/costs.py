@@ -260,9 +260,15 @@ def _empty(module: nn.Module) -> bool:
 def _registered_uses(module: nn.Module, fn, inputs, output, name: str) -> ModuleCost:
     cost = fn(module, inputs, output)
     cost = ModuleCost(uses=dict(cost)) if isinstance(cost, dict) else cost
-    own = dict(module.named_parameters())
+    own = dict(module.named_parameters(recurse=False))
     unknown = set(cost.uses) - set(own)
     if unknown:
+        children = sorted(unknown & {n for n, _ in module.named_parameters()})
+        if children:
+            raise PrunekitError(
+                f"the cost function registered for {type(module).__name__} names {children}, parameters of "
+                f"its child layers: those are counted by their own operations; name only the module's own "
+                f"parameters ({sorted(own) or 'it has none'}) in the cost function")
         raise PrunekitError(f"the cost function registered for {type(module).__name__} names parameters "
                             f"{sorted(unknown)} that module {name!r} does not have; it has {sorted(own)}")
     return cost
@@ -273,29 +279,29 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
     modules = dict(model.named_modules())
     index = ParamIndex(model)
     scope: list[str] = []
-    leaf_depth, opaque_depth = [0], [0]
-    ops = _OpCounter(index, scope, opaque_depth)
+    leaf_depth = [0]
+    opaque: list = []                  # per running module: its own parameter names if it has a cost function
+    ops = _OpCounter(index, scope, opaque)
     leaves: dict[str, dict] = {}       # leaf module name -> {"other_ops", "output_shape", "kind"}
     unknown: list[str] = []
     ran: set[str] = set()
     handles = []
 
-    def pre_hook(name, is_leaf, opaque):
+    def pre_hook(name, is_leaf, own):
         def hook(module, inputs):
             ran.add(name)
             scope.append(name)
             leaf_depth[0] += is_leaf
-            opaque_depth[0] += opaque
+            opaque.append(own)
         return hook
 
     def post_hook(name, is_leaf, fn):
         def hook(module, inputs, output):
             scope.pop()
             leaf_depth[0] -= is_leaf
+            opaque.pop()
             if fn is not None:
-                opaque_depth[0] -= 1
-                if opaque_depth[0] == 0:
-                    _charge_registered(module, fn, inputs, output, name)
+                _charge_registered(module, fn, inputs, output, name)
             if not is_leaf:
                 return
             out = output[0] if isinstance(output, (tuple, list)) else output
@@ -329,7 +335,9 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
     for name, module in model.named_modules():
         fn = registered_cost(module)
         is_leaf = fn is not None or next(module.children(), None) is None
-        handles.append(module.register_forward_pre_hook(pre_hook(name, is_leaf, fn is not None)))
+        prefix = f"{name}." if name else ""
+        own = None if fn is None else frozenset(prefix + n for n, _ in module.named_parameters(recurse=False))
+        handles.append(module.register_forward_pre_hook(pre_hook(name, is_leaf, own)))
         handles.append(module.register_forward_hook(post_hook(name, is_leaf, fn)))
 
     was_training = model.training

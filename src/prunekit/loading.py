@@ -107,6 +107,15 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
                        meta.get("image_transform"))
 
 
+def load_dense_of(name: str, pruned: LoadedModel, checkpoint: str | Path | None = None) -> LoadedModel:
+    """The dense ``name`` model a pruned one came from (``checkpoint``'s weights, or fresh ones),
+    taking ``pruned``'s input shape and dtype: a dense checkpoint (or none) may have no sidecar to
+    say them, and a token-id model (int64 inputs) fails on the float32 default."""
+    dense = load_model(name, checkpoint, input_shape=pruned.input_shape)
+    dense.input_dtype = pruned.input_dtype
+    return dense
+
+
 def _input_dtype(meta: dict) -> str:
     """The input dtype a sidecar records (integer inputs only), refusing one torch does not have."""
     dtype = meta.get("input_dtype", "float32")

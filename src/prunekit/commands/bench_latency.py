@@ -15,7 +15,7 @@ import torch
 from ..costs import CostModel
 from ..errors import PrunekitError, PrunekitWarning
 from ..latency import MIN_REPEATS, NOISE_LIMIT, check_batch_sizes, latency_table
-from ..loading import load_model
+from ..loading import load_dense_of, load_model
 from ..zoo.checkpoints import check_checkpoint_path
 from .common import model_file, refuse_unfinished, resolve_model
 from .info import input_shape
@@ -103,8 +103,7 @@ def cmd_bench_latency(args) -> int:
         raise PrunekitError(f"--input-shape {','.join(map(str, args.input_shape))} is not the input of {args.model}, "
                             f"{','.join(map(str, pruned.input_shape))} ({pruned_file}'s sidecar or the zoo entry "
                             "records it): leave --input-shape out")
-    dense = load_model(args.model, args.checkpoint, input_shape=pruned.input_shape)
-    dense.input_dtype = pruned.input_dtype      # the dense checkpoint may have no sidecar to say it
+    dense = load_dense_of(args.model, pruned, args.checkpoint)
     dtype = getattr(torch, pruned.input_dtype)
     check_batch_sizes(dense.model, dense.input_shape, args.batch_sizes, dtype=dtype)  # the dense model is the larger
     cpus = available_cpus()

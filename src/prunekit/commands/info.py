@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from ..costs import CostModel, Counts
-from ..loading import load_model
+from ..loading import LoadedModel, load_dense_of, load_model
 from ..params import ParamSpace
 from ..saving import read_meta
 from ..user_models import is_model_file
@@ -64,7 +64,7 @@ def cmd_info(args) -> int:
               "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,
               "prunable_macs": prunable_macs, "prunable_excluded": loaded.prune_exclude,
               "unknown_modules": costs.unknown}
-    shrunk = shrunk_summary(args.model, args.checkpoint, counts, loaded.input_shape)
+    shrunk = shrunk_summary(args.model, args.checkpoint, counts, loaded)
     if shrunk:
         totals["shrunk"] = shrunk
     if args.json:
@@ -100,8 +100,10 @@ def cmd_info(args) -> int:
     if shrunk:
         print(shrunk_line(shrunk))
     if costs.unknown:
-        print(f"note: no element-wise rule for {len(costs.unknown)} module(s) (their MACs are counted, "
-              f"their other ops not): {', '.join(costs.unknown[:5])}")
+        names = [name or "(model)" for name in costs.unknown]       # the root module's name is ""
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        print(f"note: no element-wise rule for {len(names)} module(s) (their MACs are counted, "
+              f"their other ops not): {', '.join(names[:5])}{more}")
     return 0
 
 
@@ -142,11 +144,12 @@ def _millions(count: int) -> str:
     return f" ({count / 1e6:.2f}M)" if count >= 10**6 else ""
 
 
-def shrunk_summary(name: str, checkpoint, counts: Counts, input_shape) -> dict | None:
-    """For a shrunk model: its MACs and params against the model it came from; else None."""
+def shrunk_summary(name: str, checkpoint, counts: Counts, loaded: LoadedModel) -> dict | None:
+    """For a shrunk model (``loaded``): its MACs and params against the dense model it came from
+    (same input shape and dtype); else None."""
     if checkpoint is None or "channel_layout" not in read_meta(model_file(checkpoint)):
         return None
-    dense = load_model(name, input_shape=input_shape)
+    dense = load_dense_of(name, loaded)
     costs = CostModel(dense.model, dense.example_input())
     return {"macs": counts.macs, "dense_macs": costs.macs, "flops_kept": counts.macs / costs.macs,
             "params": counts.params, "dense_params": costs.params, "params_kept": counts.params / costs.params}

@@ -20,6 +20,8 @@ What the adapter refuses (the group is left dense and listed in ``GroupSet.skipp
 * groups touching a module with parameters that channel surgery cannot resize (LayerNorm,
   nn.MultiheadAttention's embedding width, an embedding, a recurrent layer, your own layer):
   in a transformer this is the residual stream, kept at full width;
+* the output channels of a layer the channel methods do not shrink (ConvTranspose, Conv3d), where
+  no Conv/Linear-rooted group holds them: traced with that layer as root, only to be named;
 * groups whose index maps are not one of the shapes we understand (identity, a concat offset,
   a flatten repeat): anything else would be pruned wrongly, so it is not pruned;
 * groups passing through a bare channel pad (``F.pad`` on the channel axis outside a module that
@@ -35,7 +37,9 @@ its copied channels follow the kept channels of the previous stage) and "out" (i
 channels stay zero); it has no weight, costs no MACs, and ``shrink`` rewrites its channel map.
 With ``pads_residual=False`` the adapter falls back to the older choice: the groups through a
 shortcut are left dense (block outputs at full width) and only channels inside blocks are pruned.
-* groups touching grouped convs of different G, or a grouped conv through a flatten.
+* groups touching grouped convs of different G, or a grouped conv through a flatten;
+* groups of one channel per block of a grouped conv (the input of a depthwise conv with a channel
+  multiplier, Conv2d(16, 32, groups=16)): no channel can go without removing a whole conv group.
 
 Groups whose index maps look right but are not (a channel shuffle: view, transpose, reshape,
 read by torch-pruning as elementwise) are caught numerically by ``shrink.checked_groups``.
@@ -174,6 +178,12 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
         root = names.get(root_module, str(root_module))
         if isinstance(root_module, nn.modules.linear.NonDynamicallyQuantizableLinear):
             continue               # an attention's out_proj: its heads are a group of their own
+        if isinstance(root_module, _UNSHRUNK_ROOTS):
+            key = frozenset([root])
+            if key not in seen:
+                seen.add(key)
+                skipped.append((root, _unshrunk_root_reason(tp_group, root, root_module)))
+            continue
         members, segments, reason = _members(tp_group, names)
         key = frozenset((m.module, m.role) for m in members) if members else frozenset([root])
         if key in seen:
@@ -188,6 +198,9 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             skipped.append((root, reason))
             continue
         size = _size_of(root_module) // segments
+        if size == 1 and segments > 1:     # one channel per block: no block can lose one
+            skipped.append((root, _multiplier_reason(members, segments, model)))
+            continue
         groups.append(ChannelGroup(index=len(groups), root=root, size=size, members=members, segments=segments))
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -210,6 +223,8 @@ _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._NormBase,
 
 # layers whose channels the channel methods leave whole (their groups are rooted at Conv1d/2d and Linear)
 _NOT_SHRUNK = (nn.modules.conv._ConvTransposeNd, nn.Conv3d, nn.EmbeddingBag, nn.Bilinear, nn.RNNBase)
+# of those, the ones whose output channels torch-pruning can trace: such a group is left dense, by name
+_UNSHRUNK_ROOTS = (nn.modules.conv._ConvTransposeNd, nn.Conv3d)
 
 
 def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
@@ -232,13 +247,39 @@ def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
     return loose
 
 
+def _multiplier_reason(members: list, segments: int, model: nn.Module) -> str:
+    """Why a group whose channels are each a whole block of a grouped conv (a depthwise conv with
+    a channel multiplier: Conv2d(16, 32, groups=16)) is kept: removing one would remove a block."""
+    modules = dict(model.named_modules())
+    conv = next((m.module for m in members if m.role == "in" and isinstance(modules.get(m.module), _CONV)
+                 and modules[m.module].groups == segments), "a grouped conv")
+    return (f"its {segments} channels are the {segments} input groups of {conv} (groups={segments}: a depthwise "
+            "conv with a channel multiplier), one channel each, and the channel methods do not remove whole "
+            "conv groups: kept dense")
+
+
+def _unshrunk_root_reason(tp_group, root: str, root_module: nn.Module) -> str:
+    """Why the output channels of a layer the channel methods do not shrink (a ConvTranspose, a
+    Conv3d) are kept: the network's output, or that layer type."""
+    if not any(not _prunes_out_channels(item.dep) for item in tp_group.items):
+        return "reaches the network output (no consuming layer)"
+    return (f"output channels of a {type(root_module).__name__}, a layer type whose channels the channel methods "
+            "do not shrink: kept dense")
+
+
 def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bool) -> list:
     """torch-pruning's dependency groups rooted at Conv/Linear layers; its failure (on some
     recurrent models it fails with an IndexError) refused in one line."""
     try:
         graph = build_graph(model, example_input, pads_residual)
         with _bounded_groups(len(graph.module2node)):
-            return list(graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)))
+            groups = list(graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)))
+            # the output channels of layers the channel methods do not shrink, where no group above
+            # holds them: listed too, so that every group left dense is named
+            covered = {item.dep.target.module for group in groups for item in group.items
+                       if _prunes_out_channels(item.dep)}
+            return groups + [group for group in graph.get_all_groups(root_module_types=_UNSHRUNK_ROOTS)
+                             if group[0].dep.target.module not in covered]
     except PrunekitError:
         raise
     except _EndlessGroup as err:
@@ -337,6 +378,8 @@ _CAUSES = (("output", "reaches the network's output", ("reaches the network outp
             ("residual stream", "zero-pad (option-A) shortcut", "a single head")),
            ("resize", "touches a layer or parameter that channel surgery cannot resize",
             ("cannot resize", "touches parameter", "outside a known layer", "do not shrink", "attention heads kept")),
+           ("multiplier", "feeds a depthwise conv with a channel multiplier (one channel per conv group)",
+            ("channel multiplier",)),
            ("map", "passes an operation the dependency analysis cannot map", ("",)))
 _EXPECTED = ("output", "residual")       # left dense by design: no reason to warn
 
