@@ -183,6 +183,15 @@ def test_data_checks_leave_the_users_data_stream_untouched():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_prune_gives_torchs_global_rng_back_as_it_was():
+    """``seed=`` seeds the run's own draws inside ``fork_rng``: the caller's global RNG is not reseeded."""
+    net, x, y = _tiny()
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    prunekit.prune(net, (x, y), method="chita", sparsity=0.5, fisher_samples=16, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 class _SlowEvaluation:
     """Evaluation batches that take ``pause`` seconds to start, every pass."""
 

@@ -134,8 +134,9 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
                                        unit=_UNIT.get(plan.mode, "stage"))
     else:
         checkpointer = StageMeter(measure_stage, on_step) if eval_loader is not None or on_step else None
-    torch.manual_seed(plan.request.seed)
-    outcome = _run(plan, train_batches, eval_loader, checkpointer, progress)
+    with torch.random.fork_rng(devices=_initialised_cuda_devices()):   # the caller's RNGs as they were
+        torch.manual_seed(plan.request.seed)
+        outcome = _run(plan, train_batches, eval_loader, checkpointer, progress)
     restored = getattr(checkpointer, "restored_seconds", 0.0)
     final = measure_now(outcome.model)
     record = build_record(plan, outcome, dense, final, outcome.seconds + restored)
@@ -175,6 +176,12 @@ def empty_layers_warning(layers: list[str]) -> str:
             "depends on its input (without a residual path around it the model's output is the same for every "
             "input); if that is not meant, lower the budget, exclude the layer, or use a method that keeps "
             "every layer (magnitude-uniform)")
+
+
+def _initialised_cuda_devices() -> list[int]:
+    """The CUDA devices whose RNG ``torch.manual_seed`` would change and the caller may have drawn
+    from: every device once CUDA is initialised, none before (nothing to keep)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
 def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -> Outcome:
