@@ -392,3 +392,18 @@ def test_an_old_sidecar_with_the_users_extra_key_is_read_and_replaceable(tmp_pat
     assert json.loads(side.read_text()) == {SIDECAR_MARK: 1, "model": "mlpnet"}
     assert not is_sidecar({"model": "x", "hidden_size": 3})
     assert not is_sidecar({"model": 3, "normalization": {"mean": [0.5], "std": [0.5]}})
+
+
+def test_a_state_dict_of_a_layer_pruned_with_torch_prune_names_prune_remove(tmp_path, capsys):
+    """weight_orig + weight_mask in place of weight (torch.nn.utils.prune's state dict) was refused
+    as a checkpoint of another model ('pick the model it was trained for')."""
+    import torch.nn.utils.prune as torch_prune
+    from prunekit.cli import main
+    model = zoo.build("mlpnet")
+    torch_prune.l1_unstructured(model.fc1, "weight", 0.5)
+    torch.save(model.state_dict(), tmp_path / "masked.pth")
+    assert main(["info", "--model", "mlpnet", "--checkpoint", str(tmp_path / "masked.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prunekit: error: checkpoint") and "\n" not in err
+    assert "holds 'fc1.weight_orig' and 'fc1.weight_mask' in place of 'fc1.weight'" in err
+    assert "torch.nn.utils.prune.remove(model.fc1, 'weight')" in err
