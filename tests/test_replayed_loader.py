@@ -3,6 +3,8 @@ whatever the caller draws in between, and the caller's RNGs are left as they wer
 includes what user transforms draw from Python's ``random`` and NumPy's global RNG."""
 
 import random
+import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -140,6 +142,12 @@ def test_a_run_resumed_from_other_global_rngs_reads_the_batches_an_uninterrupted
     monkeypatch.setattr(RunCheckpointer, "save", save)
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["stage-001.safetensors"]
     assert (tmp_path / "killed" / "data-rng.json").is_file()
+    shutil.copytree(tmp_path / "killed", tmp_path / "old")
+    (tmp_path / "old" / "data-rng.json").unlink()           # as an older prunekit left it: its resume says so
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        call(str(tmp_path / "old"), 2)
+    assert any("keeps no RNG states of its data" in str(w.message) for w in said), [str(w.message) for w in said]
     resumed = call(str(tmp_path / "killed"), 2)
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     # the control: a whole run from the other global RNG state does end elsewhere (the test can fail)
