@@ -298,7 +298,10 @@ def _keep_streams(folder: RunFolder, streams: dict) -> None:
     from the call's and keeps them, before its first checkpoint."""
     replayed = {what: b for what, b in streams.items() if b is not None and hasattr(b, "states")}
     path = folder.path / runs.DATA_RNG
-    if path.exists():
+    # rank 0's view, before it writes the file (a collective: under torchrun every rank decides alike)
+    kept, done, old_run = current().broadcast_object((path.exists(), folder.read_metrics().get("status") == "done",
+                                                      any(folder.checkpoints.glob("stage-*.safetensors"))))
+    if kept:
         unfit = [what for what, b in replayed.items() if b.states is b.call_states]
         if unfit:
             warnings.warn(PrunekitWarning(
@@ -308,9 +311,9 @@ def _keep_streams(folder: RunFolder, streams: dict) -> None:
         return
     for batches in replayed.values():
         batches.states = batches.call_states
-    if not replayed or folder.read_metrics().get("status") == "done":
+    if not replayed or done:
         return
-    if any(folder.checkpoints.glob("stage-*.safetensors")):       # a run of a version that kept no states
+    if old_run:       # a run of a version that kept no states
         warnings.warn(PrunekitWarning(
             f"{folder.path} keeps no RNG states of its data ({runs.DATA_RNG}; written by an older prunekit): the "
             "stages left read a shuffled or randomly transformed loader as drawn from this call's RNGs, so the "

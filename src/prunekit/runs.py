@@ -157,14 +157,15 @@ def is_run(path: str | Path) -> bool:
 DATA_RNG = "data-rng.json"      # a Python run's: the RNG states its data is replayed from (``api._keep_streams``)
 
 # What a run writes into its folder; ``force`` removes exactly these, nothing a user put there.
-RUN_FILES = ("config.toml", "run.log", METRICS, DATA_RNG, "checkpoints", "model.safetensors", "model.json", "result.json",
-             "report.md", "plots", "export", "model.onnx")
+RUN_FILES = ("config.toml", "run.log", METRICS, DATA_RNG, "checkpoints", "model.safetensors", "model.json",
+             "result.json", "report.md", "plots", "export", "model.onnx")
 RUN_PLOTS = ("accuracy_vs_budget.png", "accuracy_per_stage.png", "layer_density.png")   # report.md's, in plots/
 
 
 # The files of a run folder prunekit writes atomically (``atomic_output``: a temporary
 # ``.NAME.XXXXXXXX.tmp`` beside it, renamed into place): a kill before the rename leaves the temporary.
-ATOMIC_FILES = ("config.toml", METRICS, DATA_RNG, "model.safetensors", "model.json", "result.json", "report.md", "model.onnx")
+ATOMIC_FILES = ("config.toml", METRICS, DATA_RNG, "model.safetensors", "model.json", "result.json", "report.md",
+                "model.onnx")
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")        # mkstemp's name: 8 of [a-z0-9_]
 
 
