@@ -281,11 +281,13 @@ def _saved_streams(out: str | None) -> dict[str, list]:
         return {}
     path = RunFolder(out).path / runs.DATA_RNG
     try:
-        saved = json.loads(path.read_text())
-        return {what: states_from_json(states) for what, states in saved.items()}
-    except FileNotFoundError:
+        text = path.read_text()
+    except OSError:          # none there (or out= cannot be a folder: the claim says what is wrong)
         return {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+    try:
+        saved = json.loads(text)
+        return {what: states_from_json(states) for what, states in saved.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise PrunekitError(f"{path} cannot be read ({type(err).__name__}): restore it to carry that run on, or "
                             "clear the run first (force=True)") from None
 
