@@ -133,7 +133,7 @@ def test_a_run_folder_refuses_another_model_or_other_data_of_the_same_call(tmp_p
     other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(prunekit.PrunekitError, match=r"holds a run that started from other weights than this "
-                                                     r"model's \(weights-sha256 differ\): .*force=True\)$"):
+                                                     r"model's \(weights-sha256 differs\): .*force=True\)$"):
         prunekit.prune(other, (x, y), **kwargs)
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())      # left as it was
     with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other data-sha256\)"):
