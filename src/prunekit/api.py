@@ -305,7 +305,7 @@ def _keep_streams(folder: RunFolder, streams: dict) -> None:
                                                       any(folder.checkpoints.glob("stage-*.safetensors"))))
     if kept:
         unfit = [what for what, b in replayed.items() if b.states is b.call_states]
-        if unfit:
+        if unfit and not done:
             warnings.warn(PrunekitWarning(
                 f"{path} holds no RNG states that fit this call's {' and '.join(unfit)} (another loader?): the "
                 "stages left read it as drawn from this call's RNGs, which an uninterrupted run may not have"),

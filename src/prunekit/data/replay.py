@@ -115,6 +115,14 @@ def states_from_json(saved: dict) -> list:
     """Undo :func:`states_to_json` (``KeyError``, ``TypeError`` or ``ValueError`` on anything else)."""
     as_tensor = lambda values: torch.tensor(values, dtype=torch.uint8)      # noqa: E731
     r, n = saved["random"], saved["numpy"]
-    return [as_tensor(saved["torch"]), (r["version"], tuple(r["internal"]), r["gauss_next"]),
-            (n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]),
-            *(as_tensor(g) for g in saved["generators"])]
+    states = [as_tensor(saved["torch"]), (r["version"], tuple(r["internal"]), r["gauss_next"]),
+              (n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]),
+              *(as_tensor(g) for g in saved["generators"])]
+    try:                    # each is a state its generator takes (checked on scratch generators)
+        for state in (states[0], *states[3:]):
+            torch.Generator().set_state(state)
+        random.Random().setstate(states[1])
+        np.random.RandomState().set_state(states[2])
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+    return states
