@@ -258,3 +258,23 @@ def test_a_layer_pruned_with_torch_prune_is_refused_naming_prune_remove(method, 
     torch_prune.remove(net[3], "weight")                  # the fix named: the run's count is the model's
     result = prunekit.prune(net, (x, y), method="magnitude", sparsity=0.8)
     assert result.sparsity == pytest.approx(_independent_sparsity(net), rel=1e-6)
+
+
+@pytest.mark.parametrize("wrap, needle", [
+    (lambda m: nn.utils.spectral_norm(m), r"^module '1' has spectral normalization .*"
+                                          r"torch.nn.utils.remove_spectral_norm\(module, 'weight'\), then prune$"),
+    (lambda m: nn.utils.parametrizations.orthogonal(m), r"^1.weight is under a torch parametrization, .*"
+                                                        r"remove_parametrizations\(module, 'weight'\), then prune$")],
+    ids=["old spectral_norm", "orthogonal"])
+def test_other_weights_made_before_each_call_are_refused_naming_their_fold(wrap, needle):
+    """The old spectral_norm (weight_orig divided in a pre-hook) was left out silently like a
+    torch.nn.utils.prune layer (sparsity 0.50 reported, 0.14 real); an orthogonal parametrization
+    was refused asking for a cost rule of the parametrization's op."""
+    import warnings
+    x, y = _data()
+    net = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # torch's deprecation of the old form
+        net[1] = wrap(net[1])
+    with pytest.raises(PrunekitError, match=needle):
+        prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5)

@@ -210,9 +210,17 @@ class ParamSpace:
 def _refuse_torch_pruned(model: nn.Module) -> None:
     """Refuse a layer pruned with ``torch.nn.utils.prune``: its ``weight`` is ``weight_orig *
     weight_mask``, made in a forward pre-hook, so prunekit would see neither a prunable weight nor
-    the zeros its mask makes (the layer left out, its MACs counted dense)."""
+    the zeros its mask makes (the layer left out, its MACs counted dense); and one under the old
+    form of ``spectral_norm`` (``weight_orig`` divided in a pre-hook: left out too)."""
     from torch.nn.utils import prune as torch_prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
     for module_name, module in model.named_modules():
+        normed = [hook.name for hook in module._forward_pre_hooks.values() if isinstance(hook, SpectralNorm)]
+        if normed:            # the old form of spectral_norm: weight = weight_orig / sigma, in a pre-hook
+            raise PrunekitError(
+                f"module {module_name or '(root)'!r} has spectral normalization (its {normed[0]} is made from "
+                f"{normed[0]}_orig before each call), which prunekit cannot prune: fold it into a plain weight first "
+                f"with torch.nn.utils.remove_spectral_norm(module, {normed[0]!r}), then prune")
         names = [hook._tensor_name for hook in module._forward_pre_hooks.values()
                  if isinstance(hook, torch_prune.BasePruningMethod)]
         names += [local[:-len("_orig")] for local, _ in module.named_parameters(recurse=False)
