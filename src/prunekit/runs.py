@@ -273,8 +273,9 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
             what = (f"another run{other}" if old is not None
                     else f"files a run would overwrite ({', '.join(present[:3])})")
             if python and "weights-sha256" in keys:
+                shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
                 raise OptionError(f"{folder.path} holds a run that started from other weights than this model's "
-                                  f"({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''} differ{'s' if len(keys) == 1 else ''}): pass the "
+                                  f"({shown} differ{'s' if len(keys) == 1 else ''}): pass the "
                                   "model it started from (as it was before that call, which prunes in place), pick "
                                   "another out, or clear that run first (force=True)", ("out", "force"))
             if python:
