@@ -119,6 +119,52 @@ def test_tensor_data_and_run_folder_resume(tmp_path):
         prunekit.prune(_tiny()[0], (x, y), **{**kwargs, "sparsity": 0.5})
 
 
+def test_a_run_folder_refuses_another_model_or_other_data_of_the_same_call(tmp_path):
+    """The same call with another model of the same class (other weights) was taken as a resume of
+    the finished run: that model's weights were replaced by the first model's pruned ones and the
+    first run's record came back. The starting weights (and the data) are fingerprinted in the
+    config: another model or other data is refused, the model it pruned in place is not."""
+    import json
+    import warnings
+    net, x, y = _tiny()
+    kwargs = dict(method="magnitude", sparsity=0.8, eval_data=(x, y), out=str(tmp_path / "run"))
+    first = prunekit.prune(net, (x, y), **kwargs)
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(prunekit.PrunekitError, match=r"holds a run that started from other weights than this "
+                                                     r"model's \(weights-sha256 differs\): .*force=True\)$"):
+        prunekit.prune(other, (x, y), **kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())      # left as it was
+    with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other data-sha256\)"):
+        prunekit.prune(_tiny()[0], (x, y.flip(0)), **kwargs)
+    # the model the run pruned in place (a notebook cell run twice), and a fresh dense copy: the run's result
+    for same in (net, _tiny()[0]):
+        again = prunekit.prune(same, (x, y), **kwargs)
+        assert again.record == first.record
+        assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), first.model.state_dict().values()))
+    # force clears that run and prunes the other model
+    forced = prunekit.prune(other, (x, y), **kwargs, force=True)
+    assert forced.dense_accuracy != first.dense_accuracy or forced.record != first.record
+    kept = {k: other.state_dict()[k] for k in ("0.weight", "4.weight")}     # its own weights, pruned
+    assert all(torch.equal(v[v != 0], before[k][v != 0]) and bool((v == 0).any()) for k, v in kept.items())
+    # a folder written before the fingerprint: carried on, with a warning that says it is not checked
+    config = tmp_path / "run" / "config.toml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.startswith(("weights-sha256", "data-sha256", "data-samples"))))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        old = prunekit.prune(_tiny()[0], (x, y), **kwargs)
+    assert old.record == forced.record
+    told = [str(w.message) for w in said if "recorded no fingerprint" in str(w.message)]
+    assert len(told) == 1 and "force=True" in told[0], [str(w.message) for w in said]
+    assert "final_weights_sha256" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+    (tmp_path / "run" / "data-rng.json").write_text("{not json")      # a damaged file of the run's: named
+    with pytest.raises(prunekit.PrunekitError, match=r"data-rng.json cannot be read \(JSONDecodeError\): restore "
+                                                     r"it to carry that run on, or clear the run first \(force=True\)$"):
+        prunekit.prune(_tiny()[0], (x, y), **kwargs)
+
+
 def test_same_data_forms_give_the_same_result():
     net, x, y = _tiny()
     dataset = torch.utils.data.TensorDataset(x, y)

@@ -336,3 +336,71 @@ def test_export_all_gives_the_model_back_in_its_modes(tmp_path, formats):
     net.bn.eval()
     export_all(net, torch.randn(2, 1, 8, 8), tmp_path / "export", formats)
     assert net.training and net.c1.training and not net.bn.training
+
+
+class _NonNegative(nn.Module):
+    def forward(self, w):
+        return w.abs()
+
+
+def _independent_sparsity(net):
+    """Share of zeros among every Linear's weight as the forward uses it (its own count)."""
+    weights = [m.weight for m in net.modules() if isinstance(m, nn.Linear)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def test_a_weight_under_a_parametrization_is_refused_or_excluded_not_left_dense_silently():
+    """A weight under torch.nn.utils.parametrize (not weight norm) was left dense, no warning, while
+    the reported sparsity (0.70) read as the model's (really 0.49): refused naming the fix; with
+    that layer excluded the run goes on and the layer stays as it was."""
+    from torch.nn.utils import parametrize
+    x, y = _data()
+    net = _net()
+    parametrize.register_parametrization(net[3], "weight", _NonNegative())
+    before = net[3].weight.detach().clone()
+    with pytest.raises(PrunekitError, match=r"^3\.weight is under a torch parametrization \(_NonNegative\).*"
+                                            r"remove_parametrizations\(module, 'weight'\), or exclude '3'$"):
+        prunekit.prune(net, (x, y), method="chita", sparsity=0.7, fisher_samples=16)
+    assert torch.equal(net[3].weight, before)
+    result = prunekit.prune(net, (x, y), method="magnitude", sparsity=0.7, exclude=["3"])
+    assert torch.equal(net[3].weight, before) and result.sparsity == pytest.approx(0.7, abs=0.01)
+    assert (net[1].weight == 0).float().mean().item() == pytest.approx(result.sparsity, rel=1e-6)
+
+
+@pytest.mark.parametrize("method,budget", [("magnitude", {"sparsity": 0.8}),
+                                           ("falcon", {"flops": 0.3, "fisher_samples": 16})])
+def test_a_layer_pruned_with_torch_prune_is_refused_naming_prune_remove(method, budget):
+    """A layer pruned with torch.nn.utils.prune (weight = weight_orig * weight_mask in a pre-hook)
+    was silently left out: sparsity reported 0.80, really 0.60; flops_kept over-reported."""
+    import torch.nn.utils.prune as torch_prune
+    x, y = _data()
+    net = _net()
+    torch_prune.l1_unstructured(net[3], "weight", 0.5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(PrunekitError, match=r"^module '3' was pruned with torch.nn.utils.prune .* "
+                                            r"torch.nn.utils.prune.remove\(module, 'weight'\)"):
+        prunekit.prune(net, (x, y), method=method, **budget)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    torch_prune.remove(net[3], "weight")                  # the fix named: the run's count is the model's
+    result = prunekit.prune(net, (x, y), method="magnitude", sparsity=0.8)
+    assert result.sparsity == pytest.approx(_independent_sparsity(net), rel=1e-6)
+
+
+@pytest.mark.parametrize("wrap, needle", [
+    (lambda m: nn.utils.spectral_norm(m), r"^module '1' has spectral normalization .*"
+                                          r"torch.nn.utils.remove_spectral_norm\(module, 'weight'\), then prune$"),
+    (lambda m: nn.utils.parametrizations.orthogonal(m), r"^1.weight is under a torch parametrization, .*"
+                                                        r"remove_parametrizations\(module, 'weight'\), then prune$")],
+    ids=["old spectral_norm", "orthogonal"])
+def test_other_weights_made_before_each_call_are_refused_naming_their_fold(wrap, needle):
+    """The old spectral_norm (weight_orig divided in a pre-hook) was left out silently like a
+    torch.nn.utils.prune layer (sparsity 0.50 reported, 0.14 real); an orthogonal parametrization
+    was refused asking for a cost rule of the parametrization's op."""
+    import warnings
+    x, y = _data()
+    net = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # torch's deprecation of the old form
+        net[1] = wrap(net[1])
+    with pytest.raises(PrunekitError, match=needle):
+        prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5)

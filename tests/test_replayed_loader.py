@@ -3,6 +3,8 @@ whatever the caller draws in between, and the caller's RNGs are left as they wer
 includes what user transforms draw from Python's ``random`` and NumPy's global RNG."""
 
 import random
+import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -101,3 +103,53 @@ def test_a_resumed_runs_workers_draw_what_an_uninterrupted_runs_draw():
     for persistent in (False, True):
         uninterrupted, resumed = _third_pass(persistent, False), _third_pass(persistent, True)
         assert torch.equal(uninterrupted, resumed), (persistent, uninterrupted, resumed)
+
+
+def test_a_run_resumed_from_other_global_rngs_reads_the_batches_an_uninterrupted_run_reads(tmp_path, monkeypatch):
+    """A user's DataLoader(shuffle=True) draws its order from torch's global RNG; prune replayed it
+    from the states at the call, so a run killed after stage 1 and resumed by a call whose global
+    RNG was elsewhere read other batches in the stages left and ended with other weights (with the
+    same global RNG it matched). The run folder keeps the states it started with (data-rng.json)."""
+    import prunekit
+    from prunekit.runs import RunCheckpointer
+
+    class Stop(Exception):
+        pass
+
+    x = torch.randn(256, 12, generator=torch.Generator().manual_seed(0))
+    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 0).long()
+    dataset = torch.utils.data.TensorDataset(x, y)
+
+    def call(out, global_seed):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        torch.manual_seed(global_seed)              # the user's global RNG at the call
+        loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True)
+        prunekit.prune(net, loader, method="chita", sparsity=0.8, stages=3, fisher_samples=32, seed=0, out=out)
+        return net.state_dict()
+
+    whole = call(str(tmp_path / "whole"), 1)
+    save = RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise Stop
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    try:
+        call(str(tmp_path / "killed"), 1)
+    except Stop:
+        pass
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["stage-001.safetensors"]
+    assert (tmp_path / "killed" / "data-rng.json").is_file()
+    shutil.copytree(tmp_path / "killed", tmp_path / "old")
+    (tmp_path / "old" / "data-rng.json").unlink()           # as an older prunekit left it: its resume says so
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        call(str(tmp_path / "old"), 2)
+    assert any("keeps no RNG states of its data" in str(w.message) for w in said), [str(w.message) for w in said]
+    resumed = call(str(tmp_path / "killed"), 2)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    # the control: a whole run from the other global RNG state does end elsewhere (the test can fail)
+    other = call(str(tmp_path / "other"), 2)
+    assert not all(torch.equal(whole[k], other[k]) for k in whole)

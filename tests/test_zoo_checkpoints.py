@@ -284,6 +284,32 @@ def test_a_users_json_beside_a_safetensors_is_no_sidecar(tmp_path, theirs):
     assert json.loads(side.read_text()) == theirs and path.read_bytes() == before
 
 
+def test_save_model_refuses_to_replace_a_users_own_safetensors(tmp_path):
+    """save_model replaced a .safetensors the user made (their own tensors, no sidecar) without a
+    word; it replaces only a model it wrote itself (marked in its metadata, or, from before the
+    mark, with its prunekit sidecar beside it)."""
+    import json
+    from safetensors.torch import load_file
+    from prunekit.saving import save_model
+    from torch import nn
+    mine = tmp_path / "features.safetensors"
+    save_file({"my_embedding": torch.randn(100, 16)}, mine)
+    before = mine.read_bytes()
+    with pytest.raises(PrunekitError, match=r"^\S*features.safetensors was not written by prunekit.save_model and "
+                                            r"saving would replace it: move it away, or save under another name"):
+        save_model(nn.Linear(2, 2), mine, {})
+    assert mine.read_bytes() == before and not (tmp_path / "features.json").exists()
+    # its own model file is replaced: marked, and (an older one, unmarked) known by its sidecar
+    own = tmp_path / "own.safetensors"
+    save_model(nn.Linear(2, 2), own, {})
+    save_model(nn.Linear(2, 3), own, {})
+    assert load_file(own)["weight"].shape == (3, 2)
+    save_file({"weight": torch.zeros(2, 2)}, own)           # as old versions wrote it: no mark
+    save_model(nn.Linear(2, 4), own, {})
+    assert load_file(own)["weight"].shape == (4, 2) and "prunekit_sidecar" in json.loads(
+        (tmp_path / "own.json").read_text())
+
+
 @pytest.mark.parametrize("prefix", ["_orig_mod.", "model.", "module._orig_mod."])
 def test_a_compiled_or_wrapped_models_state_dict_loads(tmp_path, prefix):
     """torch.compile's ``_orig_mod.`` and a training wrapper's ``model.`` prefix: 'pick the model it was
@@ -366,3 +392,18 @@ def test_an_old_sidecar_with_the_users_extra_key_is_read_and_replaceable(tmp_pat
     assert json.loads(side.read_text()) == {SIDECAR_MARK: 1, "model": "mlpnet"}
     assert not is_sidecar({"model": "x", "hidden_size": 3})
     assert not is_sidecar({"model": 3, "normalization": {"mean": [0.5], "std": [0.5]}})
+
+
+def test_a_state_dict_of_a_layer_pruned_with_torch_prune_names_prune_remove(tmp_path, capsys):
+    """weight_orig + weight_mask in place of weight (torch.nn.utils.prune's state dict) was refused
+    as a checkpoint of another model ('pick the model it was trained for')."""
+    import torch.nn.utils.prune as torch_prune
+    from prunekit.cli import main
+    model = zoo.build("mlpnet")
+    torch_prune.l1_unstructured(model.fc1, "weight", 0.5)
+    torch.save(model.state_dict(), tmp_path / "masked.pth")
+    assert main(["info", "--model", "mlpnet", "--checkpoint", str(tmp_path / "masked.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prunekit: error: checkpoint") and "\n" not in err
+    assert "holds 'fc1.weight_orig' and 'fc1.weight_mask' in place of 'fc1.weight'" in err
+    assert "torch.nn.utils.prune.remove(model.fc1, 'weight')" in err

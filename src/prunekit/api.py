@@ -13,16 +13,20 @@ recalibration) and ``eval_data`` may be a ``torch.utils.data.DataLoader`` or any
 a function returning an iterable of batches. Every stage of a multi-stage method reads the
 training data from the start again (a prunekit loader at the epoch it was at when ``prune`` was
 called; any other data with the random draws of its shuffling and transforms replayed from torch's
-RNG states at the call, ``prunekit.data.replay``), so stages see the same batches however many ran
-before, a resumed run (``out=``) matches an uninterrupted one, and several torchrun ranks read
-rank 0's batches.
+RNG states at the call, ``prunekit.data.replay``; in a run folder, at the call that started the run,
+kept in its ``data-rng.json``), so stages see the same batches however many ran before, a resumed
+run (``out=``) matches an uninterrupted one whatever the resuming process's RNGs, and several
+torchrun ranks read rank 0's batches. A run folder also records a fingerprint of the starting
+weights (and data), so the same call with another model is refused, not resumed.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
+import tomllib
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -30,12 +34,13 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from . import recipes, run_lock
+from . import recipes, run_lock, runs
 from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
                          check_runs_on, first_batch, plain_numbers)
 from .data.dataset import ImageDataset
 from .data.loaders import BatchLoader, leaves_one_over, samples_per_pass
-from .data.replay import ReplayedLoader, loader_generators, rng_states, set_rng_states
+from .data.replay import (ReplayedLoader, loader_generators, rng_states, set_rng_states, states_from_json,
+                          states_to_json)
 from .distributed import check_same_start, current, launched_by_torchrun
 from .errors import PrunekitError, PrunekitWarning, single_sample_batchnorm
 from .executor import execute
@@ -45,6 +50,7 @@ from .pipelines.fisher_methods import check_planned_rows
 from .record import Result
 from .request import PruneRequest
 from .runs import RunFolder, claim_on_rank_0, release_refused
+from .saving import atomic_write_json
 
 
 def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sparsity=None, flops=None,
@@ -96,7 +102,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             None. Every method and mode; distillation (for classifiers) is then off (``prunekit.losses``).
         out: a run folder (config, log, metrics, checkpoints, model, report); calling again with
             the same arguments and folder resumes an interrupted run; a folder holding another
-            run is refused unless ``force`` (which clears that run first).
+            run (other settings, or another model or data: the config records a SHA-256 of the
+            starting weights) is refused unless ``force`` (which clears that run first).
         options: the method's options, e.g. ``fisher_samples=500, stages=5`` (see
             ``prunekit.methods``); an option the method does not take is refused.
             Magnitude methods take ``importance=f`` with ``f(module_name, weight) -> scores``.
@@ -121,8 +128,10 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         warnings.warn(PrunekitWarning(
             f"this script runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) but joined no process group: "
             "every process prunes alone; call prunekit.distributed.init_from_env() first to share the work"))
-    train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data")
-    eval_batches = _batches(eval_data, batch_size, shuffle=False, seed=seed, what="eval_data")
+    saved = _saved_streams(out)         # a run in out= replays its data from the states it started with
+    train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data", saved=saved.get("data"))
+    eval_batches = _batches(eval_data, batch_size, shuffle=False, seed=seed, what="eval_data",
+                            saved=saved.get("eval_data"))
     if example_input is None:
         source, what = (train_batches, "data") if train_batches is not None else (eval_batches, "eval_data")
         if source is None:
@@ -166,9 +175,11 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             config = {"model_class": type(model).__name__, "method": plan.method.name, **budget, "include": include,
                       "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
                       **({"loss": loss_name(loss)} if loss is not None else {}),
-                      **{k: v for k, v in options.items() if not callable(v)}}
+                      **{k: v for k, v in options.items() if not callable(v)},
+                      **_fingerprint(model, data, train_batches, None if force else out)}
             folder = claim_on_rank_0(out, recipes.dump_recipe(config), force=force, device=_model_device(model),
                                      python=True)
+            _keep_streams(folder, {"data": train_batches, "eval_data": eval_batches})
         was_training = model.training
         try:
             record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress,
@@ -182,6 +193,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             release_refused(folder)
             raise refusal from None
         if folder is not None and folder.writable:
+            _note_final_weights(folder, pruned)
             _write_report(folder)
     for returned in (pruned, *snapshots.values()):     # in the mode the model came in (gradual and channel
         returned.train(was_training)                   # methods ended in eval mode)
@@ -225,6 +237,44 @@ def _settings_text(method, budget: dict, include, exclude, seed, gradual, recali
     return {str(key): plain(value) for key, value in settings.items()}
 
 
+def _fingerprint(model: nn.Module, data, train_batches, out: str | None) -> dict:
+    """What a run folder records of what the run starts from, so that the same call with another
+    model (other weights) or other data is refused rather than handed this run's result:
+    ``weights_sha256`` of the model's state dict (weights and buffers, as given); of the data,
+    where cheap and the same however it is shuffled, ``data_sha256`` of ``(X, Y)`` tensors and
+    ``data_samples``, the samples one pass reads (where known without reading it). A model that
+    holds the finished run in ``out``'s result (the same call again on the model it pruned in
+    place, e.g. a notebook cell run twice) counts as the model that run started from."""
+    weights = runs.tensors_sha256(model.state_dict().items())
+    if out is not None:
+        folder = RunFolder(out)
+        try:
+            metrics = folder.read_metrics()
+            started = tomllib.loads(folder.config.read_text()).get("weights-sha256") \
+                if folder.config.is_file() else None
+        except (PrunekitError, OSError, UnicodeDecodeError, ValueError):
+            metrics, started = {}, None
+        if (metrics.get("status") == "done" and metrics.get("final_weights_sha256") == weights
+                and isinstance(started, str)):
+            weights = started
+    found = {"weights_sha256": weights}
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        found["data_sha256"] = runs.tensors_sha256(zip("XY", data))
+    if train_batches is not None:
+        found["data_samples"] = samples_per_pass(train_batches())
+    return found
+
+
+def _note_final_weights(folder: RunFolder, pruned: nn.Module) -> None:
+    """Record in metrics.json the fingerprint of the finished run's model (``final_weights_sha256``),
+    by which the same call on the model it pruned in place is known (``_fingerprint``)."""
+    metrics = folder.read_metrics()
+    if metrics.get("status") != "done" or "final_weights_sha256" in metrics:
+        return
+    metrics["final_weights_sha256"] = runs.tensors_sha256(pruned.state_dict().items())
+    folder.write_metrics(metrics)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
@@ -260,8 +310,62 @@ def _without_data(method: str | Method, gradual: bool) -> str:
     return f"pass data: {why} on the training data"
 
 
-def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str) -> Callable[[], Iterable] | None:
-    """A function returning a fresh iterable of (x, y) batches over ``data``, the same each call."""
+def _saved_streams(out: str | None) -> dict[str, list]:
+    """The RNG states the run in folder ``out`` replays its data and eval_data from (its
+    ``runs.DATA_RNG``, written when it started), by what: {} without such a run."""
+    if out is None:
+        return {}
+    path = RunFolder(out).path / runs.DATA_RNG
+    try:
+        text = path.read_text()
+    except OSError:          # none there (or out= cannot be a folder: the claim says what is wrong)
+        return {}
+    try:
+        saved = json.loads(text)
+        return {what: states_from_json(states) for what, states in saved.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise PrunekitError(f"{path} cannot be read ({type(err).__name__}): restore it to carry that run on, or "
+                            "clear the run first (force=True)") from None
+
+
+def _keep_streams(folder: RunFolder, streams: dict) -> None:
+    """Make the replayed data streams of a run in ``folder`` the same on every call: a run that
+    has kept its RNG states (``runs.DATA_RNG``) reads its data from those (``_batches`` took them
+    from the folder), so a resumed call reads the batches an uninterrupted one would, whatever
+    its own RNGs; a new run (``force`` may have cleared the one whose states were read) reads
+    from the call's and keeps them, before its first checkpoint."""
+    replayed = {what: b for what, b in streams.items() if b is not None and hasattr(b, "states")}
+    path = folder.path / runs.DATA_RNG
+    # rank 0's view, before it writes the file (a collective: under torchrun every rank decides alike)
+    kept, done, old_run = current().broadcast_object((path.exists(), folder.read_metrics().get("status") == "done",
+                                                      any(folder.checkpoints.glob("stage-*.safetensors"))))
+    if kept:
+        unfit = [what for what, b in replayed.items() if b.states is b.call_states]
+        if unfit and not done:
+            warnings.warn(PrunekitWarning(
+                f"{path} holds no RNG states that fit this call's {' and '.join(unfit)} (another loader?): the "
+                "stages left read it as drawn from this call's RNGs, which an uninterrupted run may not have"),
+                stacklevel=3)
+        return
+    for batches in replayed.values():
+        batches.states = batches.call_states
+    if not replayed or done:
+        return
+    if old_run:       # a run of a version that kept no states
+        warnings.warn(PrunekitWarning(
+            f"{folder.path} keeps no RNG states of its data ({runs.DATA_RNG}; written by an older prunekit): the "
+            "stages left read a shuffled or randomly transformed loader as drawn from this call's RNGs, so the "
+            "result may differ from an uninterrupted run's (clear it with force=True to run anew)"), stacklevel=3)
+        return
+    if folder.writable:
+        atomic_write_json(path, {what: states_to_json(b.states) for what, b in replayed.items()})
+
+
+def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str,
+             saved: list | None = None) -> Callable[[], Iterable] | None:
+    """A function returning a fresh iterable of (x, y) batches over ``data``, the same each call.
+    Replayed from the RNG states at the call (``.call_states``), or from ``saved`` (a run folder's)
+    where they fit the loader; ``.states``: those in use (``_keep_streams`` may set them)."""
     if data is None:
         return None
     if isinstance(data, BatchLoader):        # restart at the epoch it is at now, every time
@@ -300,5 +404,10 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str) -> Call
     else:
         raise PrunekitError(f"{what} must be a DataLoader, a Dataset, (X, Y) tensors or a function returning "
                             f"batches, got {type(data).__name__}")
-    states = current().broadcast_object(states)
-    return lambda: ReplayedLoader(make, generators, states)
+    chosen = saved if saved is not None and len(saved) == len(states) else states
+    states, chosen = current().broadcast_object((states, chosen))
+
+    def replayed():
+        return ReplayedLoader(make, generators, replayed.states)
+    replayed.call_states, replayed.states = states, chosen
+    return replayed

@@ -381,6 +381,13 @@ def _refuse_unpriced(unpriced, modules) -> None:
             "each call), which prunekit cannot count or prune: fold it into a plain weight first with "
             "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') (or "
             "torch.nn.utils.remove_weight_norm(module) for the old form), then prune")
+    if ".parametrizations." in f".{first.param}":     # a torch parametrization's original, e.g. orthogonal's
+        layer, _, rest = f".{first.param}".partition(".parametrizations.")
+        local = rest.partition(".")[0]
+        raise PrunekitError(
+            f"{(layer[1:] + '.') if layer else ''}{local} is under a torch parametrization, made anew before each "
+            f"call from {first.param} by aten.{first.op}, which prunekit cannot count or prune: fold it into a plain "
+            f"weight first with torch.nn.utils.parametrize.remove_parametrizations(module, {local!r}), then prune")
     raise PrunekitError(
         f"cannot count the MACs of parameter {first.param!r} (module {owner or '(root)'!r}, {kind}): "
         f"it is used by the operation aten.{first.op}, which has no cost rule"

@@ -105,8 +105,21 @@ class ParamSpace:
             if param_name in chosen:
                 owner, _, local = param_name.rpartition(".")
                 candidates.append((param_name, owner if local == "weight" else param_name, places[param_name]))
-        _check_patterns_match(include, "include", candidates)
-        _check_patterns_match(exclude, "exclude", candidates)
+        _refuse_torch_pruned(model)
+        parametrized = _parametrized(model)      # (weight name, entry name, its module): prunable by type
+        _check_patterns_match(include, "include", candidates + parametrized)
+        _check_patterns_match(exclude, "exclude", candidates + parametrized)
+        for param_name, name, owners in parametrized:    # made before each call: no pruning can stick to it
+            if (include is None or _matches(include, name, owners)) and not (
+                    exclude is not None and _matches(exclude, name, owners)):
+                module = model.get_submodule(owners[0])
+                local = param_name.rpartition(".")[2]
+                kinds = ", ".join(type(p).__name__ for p in module.parametrizations[local])
+                raise PrunekitError(
+                    f"{param_name} is under a torch parametrization ({kinds}), made anew before each call from "
+                    f"{owners[0] + '.' if owners[0] else ''}parametrizations.{local}.original: prunekit cannot "
+                    f"prune it (it would stay dense); fold it into a plain weight first with "
+                    f"torch.nn.utils.parametrize.remove_parametrizations(module, {local!r}), or exclude {name!r}")
         start = 0
         for param_name, name, owners in candidates:
             if include is not None and not _matches(include, name, owners):
@@ -192,6 +205,48 @@ class ParamSpace:
 
     def layer_slices(self) -> list[slice]:
         return [e.slice for e in self.entries]
+
+
+def _refuse_torch_pruned(model: nn.Module) -> None:
+    """Refuse a layer pruned with ``torch.nn.utils.prune``: its ``weight`` is ``weight_orig *
+    weight_mask``, made in a forward pre-hook, so prunekit would see neither a prunable weight nor
+    the zeros its mask makes (the layer left out, its MACs counted dense); and one under the old
+    form of ``spectral_norm`` (``weight_orig`` divided in a pre-hook: left out too)."""
+    from torch.nn.utils import prune as torch_prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    for module_name, module in model.named_modules():
+        normed = [hook.name for hook in module._forward_pre_hooks.values() if isinstance(hook, SpectralNorm)]
+        if normed:            # the old form of spectral_norm: weight = weight_orig / sigma, in a pre-hook
+            raise PrunekitError(
+                f"module {module_name or '(root)'!r} has spectral normalization (its {normed[0]} is made from "
+                f"{normed[0]}_orig before each call), which prunekit cannot prune: fold it into a plain weight first "
+                f"with torch.nn.utils.remove_spectral_norm(module, {normed[0]!r}), then prune")
+        names = [hook._tensor_name for hook in module._forward_pre_hooks.values()
+                 if isinstance(hook, torch_prune.BasePruningMethod)]
+        names += [local[:-len("_orig")] for local, _ in module.named_parameters(recurse=False)
+                  if local.endswith("_orig") and hasattr(module, local[:-len("_orig")] + "_mask")]
+        if names:
+            where = module_name or "(root)"
+            raise PrunekitError(
+                f"module {where!r} was pruned with torch.nn.utils.prune (its {names[0]} is {names[0]}_orig * "
+                f"{names[0]}_mask, made before each call), which prunekit cannot count or prune: make that "
+                f"pruning permanent first with torch.nn.utils.prune.remove(module, {names[0]!r}) (its zeros stay), "
+                "then prune")
+
+
+def _parametrized(model: nn.Module) -> list[tuple[str, str, list[str]]]:
+    """The weights prunable by type (a Conv/Linear ``weight`` ...) that are under a
+    ``torch.nn.utils.parametrize`` parametrization: (name as ``module.weight``, entry name, [module])."""
+    from torch.nn.utils import parametrize
+    found = []
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for local in module.parametrizations:
+            if _prunable_by_type(module, local, None):
+                name = f"{module_name}.{local}" if module_name else local
+                found.append((name, module_name if local == "weight" and module_name else name, [module_name]))
+    return found
 
 
 def _listed(names: list[str], most: int = 6) -> str:

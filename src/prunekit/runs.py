@@ -6,6 +6,7 @@ Layout of ``DIR`` (every file but the log is written atomically)::
     run.log                     what happened, one timestamped line per event (append-only)
     metrics.json                status, dense model, per stage (budget asked, sparsity and MACs
                                 reached, loss, accuracy, seconds), final result, per-layer density
+    data-rng.json               a Python run's: the RNG states its data is replayed from (resume reads them)
     checkpoints/stage-NNN.safetensors   model state + RNG states + stage history after stage NNN
     model.safetensors, model.json       the final model and its sidecar
     report.md, plots/*.png              written by ``report.write_run_report``
@@ -29,6 +30,7 @@ import os
 import re
 import time
 import tomllib
+import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +40,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from .costs import CostModel
-from .errors import PrunekitError, refusal_of
+from .errors import PrunekitError, PrunekitWarning, refusal_of
 from .options import OptionError
 from .pipelines.stages import StageState
 from .record import finite as _finite
@@ -156,19 +158,44 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def tensors_sha256(named) -> str:
+    """SHA-256 of (name, tensor) pairs: each name, dtype, shape and the bytes of its values, in
+    the order given (a model's ``state_dict().items()``: the weights a Python run starts from, as
+    ``checkpoint_sha256`` is for the command line's file). Read one tensor at a time, on the CPU."""
+    import torch
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        t = tensor.detach()
+        if t.is_sparse:
+            t = t.to_dense()
+        if t.is_quantized:
+            t = t.int_repr()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# The keys of a Python run's config.toml that fingerprint what it started from (recipe spelling).
+# A folder written before prunekit recorded them has none: it is carried on, with a warning.
+FINGERPRINT_KEYS = ("weights-sha256", "data-sha256", "data-samples")
+
+
 def is_run(path: str | Path) -> bool:
     return (Path(path) / METRICS).exists()
 
 
+DATA_RNG = "data-rng.json"      # a Python run's: the RNG states its data is replayed from (``api._keep_streams``)
+
 # What a run writes into its folder; ``force`` removes exactly these, nothing a user put there.
-RUN_FILES = ("config.toml", "run.log", METRICS, "checkpoints", "model.safetensors", "model.json", "result.json",
-             "report.md", "plots", "export", "model.onnx")
+RUN_FILES = ("config.toml", "run.log", METRICS, DATA_RNG, "checkpoints", "model.safetensors", "model.json",
+             "result.json", "report.md", "plots", "export", "model.onnx")
 RUN_PLOTS = ("accuracy_vs_budget.png", "accuracy_per_stage.png", "layer_density.png")   # report.md's, in plots/
 
 
 # The files of a run folder prunekit writes atomically (``atomic_output``: a temporary
 # ``.NAME.XXXXXXXX.tmp`` beside it, renamed into place): a kill before the rename leaves the temporary.
-ATOMIC_FILES = ("config.toml", METRICS, "model.safetensors", "model.json", "result.json", "report.md", "model.onnx")
+ATOMIC_FILES = ("config.toml", METRICS, DATA_RNG, "model.safetensors", "model.json", "result.json", "report.md",
+                "model.onnx")
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")        # mkstemp's name: 8 of [a-z0-9_]
 
 
@@ -266,6 +293,8 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
         old = folder.config.read_text() if folder.config.exists() else None
         if old != config_text:
             keys = _differing(old, config_text) if old is not None else []
+            if python and keys and _unfingerprinted(old, keys):
+                return
             if keys == ["onnx"] and _asks_onnx(config_text) and not python and folder.model_path.exists():
                 onnx = folder.path / "export" / "model.onnx"
                 raise OptionError(f"{folder.path} holds this run, made without --onnx: `prunekit export "
@@ -273,11 +302,27 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
             other = f" (other {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
             what = (f"another run{other}" if old is not None
                     else f"files a run would overwrite ({', '.join(present[:3])})")
+            if python and "weights-sha256" in keys:
+                shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+                raise OptionError(f"{folder.path} holds a run that started from other weights than this model's "
+                                  f"({shown} differ{'s' if len(keys) == 1 else ''}): pass the "
+                                  "model it started from (as it was before that call, which prunes in place), pick "
+                                  "another out, or clear that run first (force=True)", ("out", "force"))
             if python:
                 raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (the same call "
                                   "as its config.toml records) or clear it first (force=True)", ("out", "force"))
             raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (resume) or clear "
                               "it first (force)", ("out", "resume", "force"))
+
+
+def _unfingerprinted(old: str, keys: list[str]) -> bool:
+    """Whether config ``old`` is a Python run's of a version that recorded no fingerprint of what it
+    started from, and differs from the new one in the fingerprint alone (``FINGERPRINT_KEYS``)."""
+    try:
+        before = tomllib.loads(old)
+    except tomllib.TOMLDecodeError:
+        return False
+    return set(keys) <= set(FINGERPRINT_KEYS) and not set(FINGERPRINT_KEYS) & before.keys()
 
 
 def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: bool = False,
@@ -297,6 +342,12 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
             _remove_own_files(target) if target.is_dir() else target.unlink()
     elif not resume:
         check_claim(folder, config_text, python)
+        if python and old is not None and old != config_text and folder.writable:     # accepted: an old folder
+            message = (f"{path} was written by a prunekit that recorded no fingerprint of the weights (and data) a "
+                       "run starts from: it is carried on without checking that this model is the one it "
+                       "started from (clear it with force=True to run anew)")
+            folder.log(message)
+            warnings.warn(PrunekitWarning(message), stacklevel=4)
     remove_stale_temporaries(folder)      # this process holds the folder's lock: no one else writes them
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())
@@ -323,7 +374,7 @@ def release_refused(folder: RunFolder | None) -> None:
         return
     if folder.model_path.exists() or any(folder.checkpoints.glob("stage-*.safetensors")):
         return
-    for name in ("config.toml", METRICS, "run.log"):
+    for name in ("config.toml", METRICS, DATA_RNG, "run.log"):
         (folder.path / name).unlink(missing_ok=True)
 
 

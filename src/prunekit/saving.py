@@ -10,6 +10,10 @@ string ``model`` and either prunekit's keys only or at least one key only prunek
 (``build_kwargs``, ``normalization``, ...), since old versions saved ``meta`` as given and users
 added their own keys (a "note"). Any other JSON beside a model (a HuggingFace config, the user's
 notes) is not a sidecar: reading ignores it and saving refuses to replace it.
+
+A model file ``save_model`` wrote carries ``MODEL_MARK`` in its safetensors metadata; one written
+before the mark existed is known by the prunekit sidecar beside it. Any other file at the path (the
+user's own safetensors) is refused, not replaced.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
@@ -26,6 +31,7 @@ from .errors import PrunekitError
 
 SIDECAR_MARK = "prunekit_sidecar"     # key of the sidecar format's version
 SIDECAR_VERSION = 1
+MODEL_MARK = "prunekit-model"         # safetensors metadata key of a model file save_model wrote
 _UNMARKED_KEYS = {"model", "build_kwargs", "input_shape", "input_dtype", "normalization", "image_transform", "custom",
                   "model_file_sha256", "checkpoint_sha256", "result", "channel_layout"}
 _DISTINCTIVE_KEYS = _UNMARKED_KEYS - {"model"}     # one of these marks an unmarked sidecar with the user's extra keys
@@ -60,8 +66,10 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
     """Save ``model``'s state dict to ``path`` (.safetensors) and ``meta`` to the sidecar. The
     smaller model a channel method returned (``prunekit.prune(..., method="autobot")``'s
     ``result.model``) gets its channel layout in the sidecar too, which ``load_pruned`` reads.
-    A JSON of that name that is not prunekit's sidecar is refused, not replaced, unless
-    ``replace_sidecar`` (a run folder's model.json, which only prunekit writes)."""
+    A JSON of that name that is not prunekit's sidecar, or a file at ``path`` that prunekit did not
+    write (no ``MODEL_MARK`` in its metadata, no prunekit sidecar beside it), is refused, not
+    replaced, unless ``replace_sidecar`` (a run folder's model.json and model.safetensors, which
+    only prunekit writes)."""
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"save_model(model, path, meta): model must be a torch.nn.Module, "
                             f"got {type(model).__name__}")
@@ -82,8 +90,11 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
     if side.exists() and not replace_sidecar and not _holds_sidecar(side):
         raise PrunekitError(f"{side} is not a prunekit sidecar and saving {path.name} would replace it: "
                             f"move it away, or save under another name")
+    if path.exists() and not replace_sidecar and not _written_by_save_model(path, side):
+        raise PrunekitError(f"{path} was not written by prunekit.save_model and saving would replace it: move it "
+                            "away, or save under another name (nothing was changed)")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
+    atomic_write_bytes(path, save(state, metadata={"format": "pt", MODEL_MARK: "1"}))
     atomic_write_bytes(side, sidecar)
     return path
 
@@ -96,6 +107,18 @@ def _with_channel_layout(model: nn.Module, meta: dict) -> dict:
         return meta
     from .zoo.layout import channel_layout
     return {**meta, "channel_layout": channel_layout(model)}
+
+
+def _written_by_save_model(path: Path, side: Path) -> bool:
+    """Whether the file at ``path`` is a model ``save_model`` wrote: its safetensors metadata has
+    ``MODEL_MARK``, or (written before the mark) a prunekit sidecar lies beside it."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            if MODEL_MARK in (handle.metadata() or {}):
+                return True
+    except (SafetensorError, OSError, ValueError):
+        pass
+    return side.exists() and _holds_sidecar(side)
 
 
 def _holds_sidecar(side: Path) -> bool:

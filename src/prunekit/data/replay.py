@@ -98,3 +98,31 @@ def set_rng_states(generators: list[torch.Generator], states: list) -> None:
     np.random.set_state(states[2])
     for generator, state in zip(generators, states[3:]):
         generator.set_state(state)
+
+
+def states_to_json(states: list) -> dict:
+    """``states`` (as :func:`rng_states` gives them) as JSON-able data (a run folder keeps them)."""
+    kind, keys, pos, has_gauss, gauss = states[2]
+    version, internal, gauss_next = states[1]
+    return {"torch": [int(v) for v in states[0].tolist()],
+            "random": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+            "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "generators": [[int(v) for v in g.tolist()] for g in states[3:]]}
+
+
+def states_from_json(saved: dict) -> list:
+    """Undo :func:`states_to_json` (``KeyError``, ``TypeError`` or ``ValueError`` on anything else)."""
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.uint8)      # noqa: E731
+    r, n = saved["random"], saved["numpy"]
+    states = [as_tensor(saved["torch"]), (r["version"], tuple(r["internal"]), r["gauss_next"]),
+              (n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]),
+              *(as_tensor(g) for g in saved["generators"])]
+    try:                    # each is a state its generator takes (checked on scratch generators)
+        for state in (states[0], *states[3:]):
+            torch.Generator().set_state(state)
+        random.Random().setstate(states[1])
+        np.random.RandomState().set_state(states[2])
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+    return states

@@ -130,6 +130,14 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     missing = [k for k in own if k not in state and not k.endswith(_TOLERATED_MISSING)]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    masked = [k[:-len("_orig")] for k in unexpected
+              if k.endswith("_orig") and k[:-len("_orig")] + "_mask" in state and k[:-len("_orig")] in missing]
+    if masked:              # torch.nn.utils.prune's state dict: weight_orig and weight_mask, no weight
+        module, _, local = masked[0].rpartition(".")
+        raise PrunekitError(f"checkpoint {path} holds '{masked[0]}_orig' and '{masked[0]}_mask' in place of "
+                            f"'{masked[0]}' (a layer pruned with torch.nn.utils.prune): call "
+                            f"torch.nn.utils.prune.remove(model.{module or '<module>'}, {local!r}) on each such "
+                            "layer before saving its state_dict, then load that file")
     if missing or unexpected or mismatched:
         raise PrunekitError(_misfit_message(model, state, path, missing, unexpected, mismatched))
     lossy = next((k for k in state if k in own and own[k].is_floating_point()
