@@ -228,6 +228,19 @@ def test_reports_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):
     assert (run / "report.md").exists() and not (run / "plots").exists()
 
 
+def test_a_sweep_without_matplotlib_says_so_once(tmp_path, capsys, monkeypatch):
+    """Each run of a sweep and its report used to print the note: five times for four runs. Once per
+    command; the next command says it again."""
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)     # import fails
+    out = tmp_path / "sweep"
+    assert main(["sweep", *MLP[:-2], "--method", "magnitude", "magnitude-flops", "--flops", "0.5", "0.3",
+                 "--out", str(out)]) == 0
+    assert capsys.readouterr().err.count("plots need matplotlib") == 1
+    assert len(list(out.glob("*/report.md"))) == 4 and (out / "report.md").exists()
+    assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().err.count("plots need matplotlib") == 1
+
+
 def test_sweep_and_compare_take_structured_and_gradual_runs(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", *MLP[:-2], "--method", "magnitude-flops", "autobot", "--flops", "0.5",

@@ -345,9 +345,25 @@ def emit(args, payload: dict, lines: list[str]) -> None:
         print("\n".join(lines))
 
 
+_NOTES_SAID: set[str] = set()     # the notes this command printed already (cleared as each command starts)
+
+
+def forget_notes() -> None:
+    """A new command (``cli.main``) prints its notes again."""
+    _NOTES_SAID.clear()
+
+
+def note_once(text: str) -> None:
+    """``prunekit: note: text`` on stderr, once per command: a sweep's runs and its report would
+    otherwise each say the same (a note on missing matplotlib five times for four runs)."""
+    if text not in _NOTES_SAID:
+        _NOTES_SAID.add(text)
+        print(f"prunekit: note: {text}", file=sys.stderr)
+
+
 def write_report(write, quiet: bool) -> None:
     try:
         write()
     except report.MissingPlotting as err:      # the report is written, without its plots
         if not quiet:
-            print(f"prunekit: note: {err}", file=sys.stderr)
+            note_once(str(err))
