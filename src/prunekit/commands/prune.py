@@ -37,8 +37,8 @@ from .common import (add_data_args, add_device_arg, add_model_args, check_out_no
 from .option_flags import add_option_flags
 
 RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
-PRUNE_USAGE = ("prunekit prune --model MODEL --data DATA --data-dir DIR [--method METHOD] [--sparsity S] "
-               "[--flops F] [--params P] [options]\n"
+PRUNE_USAGE = ("prunekit prune [--model MODEL] [--checkpoint FILE] --data DATA --data-dir DIR [--method METHOD] "
+               "[--sparsity S] [--flops F] [--params P] [options]\n"
                "       prunekit prune --recipe FILE [options]\n"
                "       prunekit prune --resume DIR [--json]")
 
