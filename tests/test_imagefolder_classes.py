@@ -76,3 +76,14 @@ def test_a_trained_model_labels_later_folders_by_its_recorded_class_names(capsys
     assert main(["eval", *model, *data, str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not trained on (d;" in err and "Traceback" not in err
+
+
+def test_a_sidecar_with_damaged_class_names_is_refused_in_one_line(capsys, tmp_path):
+    import prunekit
+    from prunekit import zoo
+    from prunekit.saving import save_model
+    saved = save_model(zoo.build("mlpnet"), tmp_path / "m.safetensors", {"model": "mlpnet", "class_names": "abc"})
+    assert main(["eval", "--checkpoint", str(saved), "--data", "mnist", "--data-dir",
+                 str(Path(prunekit.__file__).parent / "assets" / "mnist")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "class_names is not a list of class names" in err
