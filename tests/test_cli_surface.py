@@ -64,6 +64,17 @@ def test_help_words(capsys):
     assert "prunekit prune --resume DIR" in usage and "prunekit prune --recipe FILE" in usage
 
 
+def test_usage_lines_show_an_optional_model_as_optional():
+    """--model may be left out with a prunekit checkpoint or run folder: no usage line may show it
+    as required (prune's own usage line did, "prunekit prune --model MODEL --data ...")."""
+    for name, sub in _subparsers().items():
+        model = next((a for a in sub._actions if "--model" in a.option_strings), None)
+        if model is None or model.required:
+            continue
+        usage = " ".join(sub.format_usage().split())
+        assert usage.count("--model") == usage.count("[--model"), (name, usage)
+
+
 def test_eval_refuses_seed(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["eval", *MLP, *MNIST, "--seed", "3"])

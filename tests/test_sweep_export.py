@@ -198,12 +198,47 @@ def test_export_refuses_a_folder_without_a_prunekit_model(tmp_path, capsys):
     assert "--onnx" in capsys.readouterr().err
 
 
+def test_onnx_export_without_onnx_names_the_extra_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """Without the onnx package (the README's plain install), `export --onnx` with other formats is
+    refused up front (it used to write nothing, failing at the first format, in words of torch's:
+    "Module onnx is not installed!"), and `prune --onnx` before any work; both name the extra."""
+    run = tmp_path / "run"
+    assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(run), "--json"]) == 0
+    capsys.readouterr()
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)          # import fails
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["export", str(run), "--onnx", "--torchscript", "--dense", "--sparse"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'prunekit[export]'" in err and "nothing was written" in err
+    assert sorted(p.name for p in run.iterdir()) == before                # no export/ folder at all
+    assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--onnx",
+                 "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'prunekit[export]'" in err and "--onnx" in err
+    assert not (tmp_path / "other").exists()
+    assert main(["export", str(run), "--torchscript"]) == 0              # the other formats need no onnx
+    assert (run / "export" / "model.torchscript.pt").is_file()
+
+
 def test_reports_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)     # import fails
     run = tmp_path / "run"
     assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(run)]) == 0
     assert "pip install 'prunekit[report]'" in capsys.readouterr().err
     assert (run / "report.md").exists() and not (run / "plots").exists()
+
+
+def test_a_sweep_without_matplotlib_says_so_once(tmp_path, capsys, monkeypatch):
+    """Each run of a sweep and its report used to print the note: five times for four runs. Once per
+    command; the next command says it again."""
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)     # import fails
+    out = tmp_path / "sweep"
+    assert main(["sweep", *MLP[:-2], "--method", "magnitude", "magnitude-flops", "--flops", "0.5", "0.3",
+                 "--out", str(out)]) == 0
+    assert capsys.readouterr().err.count("plots need matplotlib") == 1
+    assert len(list(out.glob("*/report.md"))) == 4 and (out / "report.md").exists()
+    assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().err.count("plots need matplotlib") == 1
 
 
 def test_sweep_and_compare_take_structured_and_gradual_runs(tmp_path, capsys):

@@ -341,6 +341,8 @@ def _end_now(code: int) -> None:
 
 
 def _main(argv: list[str] | None) -> int:
+    from .commands.common import forget_notes
+    forget_notes()                           # each command says its notes once (a sweep's runs share them)
     parser = build_parser()
     argv = _glue_dash_values(sys.argv[1:] if argv is None else list(argv), parser)
     try:

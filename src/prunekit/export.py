@@ -113,10 +113,23 @@ def _traced_in_eval(export):
     return run
 
 
+ONNX_INSTALL = "pip install 'prunekit[export]'"     # the extra that brings the onnx package (pyproject.toml)
+
+
+def require_onnx() -> None:
+    """Refuse ONNX export, before anything is written, when the onnx package torch's exporter needs
+    is not installed, naming the install command."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise PrunekitError(f"ONNX export needs the onnx package, which is not installed: {ONNX_INSTALL} "
+                            "(or pip install onnx); nothing was written") from None
+
+
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
     """ONNX graph at opset 17 with a dynamic batch dimension (TorchScript-based exporter: fast, no
-    onnxscript), for masked and shrunk models alike; checked by ``onnx.checker`` when onnx is
-    installed (``pip install 'prunekit[export]'``)."""
+    onnxscript), for masked and shrunk models alike; checked by ``onnx.checker``. Needs the onnx
+    package (``pip install 'prunekit[export]'``): without it, a one-line ``PrunekitError`` saying so."""
     atomic_write_bytes(path, onnx_bytes(model, example_input))
     return Path(path)
 
@@ -126,6 +139,7 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
     """``export_onnx``'s file in memory (``model`` is traced in eval mode, and each module is left
     in the mode it was given, ``_traced_in_eval``); an exporter failure is a
     one-line ``PrunekitError``, and the graph dump the exporter prints on stdout then is dropped."""
+    require_onnx()
     buffer = io.BytesIO()
     with warnings.catch_warnings(), _no_exporter_log():
         warnings.simplefilter("ignore")     # the exporter's deprecation notes are not for our users
@@ -144,12 +158,8 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
             traced = None
     if traced is not None:
         check_any_batch(traced, model, example_input, "ONNX")
-    try:
-        import onnx
-    except ImportError:
-        onnx = None
-    if onnx is not None:
-        onnx.checker.check_model(onnx.load_from_string(buffer.getvalue()))
+    import onnx
+    onnx.checker.check_model(onnx.load_from_string(buffer.getvalue()))
     return buffer.getvalue()
 
 
@@ -242,12 +252,15 @@ def check_any_batch(traced, model: nn.Module, example_input, what: str) -> None:
 def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, formats) -> list[dict]:
     """Write each of ``formats`` (keys of FORMATS, or one of them as a string) into folder ``out``;
     returns path, size per file. Refuses (``PrunekitError``, before writing anything) an unknown
-    format, and to replace a file in ``out`` that an earlier ``export_all`` did not write. The
+    format, "onnx" without the onnx package installed, and to replace a file in ``out`` that an
+    earlier ``export_all`` did not write. The
     graphs are traced in eval mode; ``model`` comes back in the mode it was given (each module's)."""
     formats = [formats] if isinstance(formats, str) else list(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise PrunekitError(f"formats: unknown export format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+    if "onnx" in formats:
+        require_onnx()          # before any format is written: not the others, then a failure
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"{out} is a file: exports go into a folder")

@@ -45,6 +45,7 @@ class LoadedModel:
     prune_exclude: list[str]
     image_transform: dict | None = None    # {"resize": R, "crop": C} a saved model's image folder went through
     input_dtype: str = "float32"           # a model saved from Python with integer inputs (token ids): "int64"
+    class_names: list[str] | None = None   # its outputs' class names, in order, if trained / pruned on an image folder
 
     def example_input(self) -> torch.Tensor:
         """One example of zeros, (1, *input_shape), of the model's input dtype."""
@@ -104,7 +105,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
     if "input_shape" in meta:
         input_shape = tuple(meta["input_shape"])
     return LoadedModel(model.eval(), name, build_kwargs, norm, input_shape, list(spec.prune_exclude),
-                       meta.get("image_transform"))
+                       meta.get("image_transform"), class_names=meta.get("class_names"))
 
 
 def load_dense_of(name: str, pruned: LoadedModel, checkpoint: str | Path | None = None) -> LoadedModel:
@@ -176,7 +177,7 @@ def _load_model_file(name: str, checkpoint, input_shape, normalization) -> Loade
                                 f"({normalization_text(saved_norm)}): leave --normalize out")
         normalization = saved_norm
     return LoadedModel(model, name, {}, normalization, input_shape, [], meta.get("image_transform"),
-                       _input_dtype(meta))
+                       _input_dtype(meta), meta.get("class_names"))
 
 
 def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
@@ -247,10 +248,21 @@ def check_normalized(loaded: LoadedModel) -> None:
 
 
 def load_data(name: str, data_dir: str | Path, split: str, limit: int | None = None,
-              seed: int | None = None, resize: int | None = None, crop: int | None = None) -> ImageDataset:
+              seed: int | None = None, resize: int | None = None, crop: int | None = None,
+              classes: tuple[str, ...] | None = None) -> ImageDataset:
     """Load a split; ``limit`` keeps the first ``limit`` images (or a seeded random subset);
-    ``resize`` / ``crop``: an image folder's images brought to one size (``load_dataset``)."""
-    return load_dataset(name, data_dir, split, resize=resize, crop=crop, limit=limit, seed=seed)
+    ``resize`` / ``crop``: an image folder's images brought to one size; ``classes``: the class
+    names a model records, which label an image folder (``load_dataset``)."""
+    return load_dataset(name, data_dir, split, resize=resize, crop=crop, limit=limit, seed=seed, classes=classes)
+
+
+def recorded_classes(checkpoint: str | Path | None) -> tuple[str, ...] | None:
+    """The class names (in the order of the model's outputs) a prunekit checkpoint's sidecar
+    records, or None: a checkpoint without them (the zoo's, an older file, none)."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return None
+    names = read_meta(checkpoint).get("class_names")
+    return tuple(names) if names is not None else None
 
 
 def check_fits(loaded: LoadedModel, ds: ImageDataset, what: str) -> None:

@@ -164,6 +164,9 @@ def _sidecar_problem(meta: dict) -> str | None:
     if not (isinstance(shape, list) and shape and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                       for v in shape)):
         return "input_shape is not a list of positive integers"
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        return "class_names is not a list of class names"
     norm = meta.get("normalization")
     if norm is not None:
         ok = (isinstance(norm, dict) and all(isinstance(norm.get(k), list) and norm[k]

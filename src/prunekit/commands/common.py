@@ -21,7 +21,8 @@ from ..errors import PrunekitError, PrunekitWarning
 from ..saving import read_meta
 from ..zoo.checkpoints import check_checkpoint_path
 from ..api_checks import first_batch
-from ..loading import LoadedModel, check_fits, check_normalized, load_data, load_model, python_saved_refusal
+from ..loading import (LoadedModel, check_fits, check_normalized, load_data, load_model, python_saved_refusal,
+                       recorded_classes)
 
 
 MODEL_HELP = (f"zoo model ({', '.join(zoo.MODEL_NAMES)}) or your own: net.py:FUNCTION, a function of that "
@@ -166,7 +167,7 @@ def loaded_model(args) -> LoadedModel:
     input_shape = None
     if user_models.is_model_file(args.model) and getattr(args, "data", None) and args.data_dir:
         input_shape = tuple(evaluation_split(args.data, args.data_dir, args.eval_split, args.resize,
-                                             args.crop).image_shape)
+                                             args.crop, recorded_classes(args.checkpoint)).image_shape)
     seed = getattr(args, "seed", 0)
     with torch.random.fork_rng(devices=[]):     # weights a checkpoint does not give are drawn from --seed
         if 0 <= seed < 2**63:                   # (one out of torch's range is refused with the request)
@@ -207,13 +208,28 @@ def check_image_transform(loaded: LoadedModel, args) -> None:
 
 
 @lru_cache(maxsize=1)
-def evaluation_split(name: str, data_dir: str, split: str, resize: int | None, crop: int | None):
-    """The evaluation images, read once (a model file's input shape is theirs)."""
-    return load_data(name, data_dir, split, resize=resize, crop=crop)
+def evaluation_split(name: str, data_dir: str, split: str, resize: int | None, crop: int | None,
+                     classes: tuple[str, ...] | None = None):
+    """The evaluation images, read once (a model file's input shape is theirs); ``classes``: the
+    class names the model records, which label an image folder."""
+    return load_data(name, data_dir, split, resize=resize, crop=crop, classes=classes)
+
+
+def model_classes(loaded: LoadedModel) -> tuple[str, ...] | None:
+    """The class names ``loaded`` records (its sidecar's ``class_names``), to label image folders by."""
+    return tuple(loaded.class_names) if loaded.class_names is not None else None
+
+
+def note_classes(args, loaded: LoadedModel, ds) -> None:
+    """A model that meets an image folder keeps its class names (in label order), so that the
+    model saved from it labels any later folder (one lacking a class, say) the same way."""
+    if args.data == "imagefolder" and loaded.class_names is None:
+        loaded.class_names = list(ds.classes)
 
 
 def eval_data(args, loaded: LoadedModel):
-    ds = evaluation_split(args.data, args.data_dir, args.eval_split, args.resize, args.crop)
+    ds = evaluation_split(args.data, args.data_dir, args.eval_split, args.resize, args.crop, model_classes(loaded))
+    note_classes(args, loaded, ds)
     check_fits(loaded, ds, f"{args.data} {args.eval_split}")
     check_normalized(loaded)
     return make_loader(ds, loaded.normalization, batch_size=args.batch_size)
@@ -231,7 +247,7 @@ def training_batches(args, loaded: LoadedModel):
     @lru_cache(maxsize=1)
     def dataset():
         ds = load_data(args.data, args.data_dir, "train", limit=args.train_samples, seed=args.seed,
-                       resize=args.resize, crop=args.crop)
+                       resize=args.resize, crop=args.crop, classes=model_classes(loaded))
         check_fits(loaded, ds, f"{args.data} train")
         return ds
 
@@ -285,6 +301,8 @@ def describe(loaded: LoadedModel) -> dict:
         described["model_file_sha256"] = user_models.file_digest(loaded.name)
     if loaded.image_transform is not None:
         described["image_transform"] = loaded.image_transform
+    if loaded.class_names is not None:
+        described["class_names"] = list(loaded.class_names)
     return described
 
 
@@ -327,9 +345,25 @@ def emit(args, payload: dict, lines: list[str]) -> None:
         print("\n".join(lines))
 
 
+_NOTES_SAID: set[str] = set()     # the notes this command printed already (cleared as each command starts)
+
+
+def forget_notes() -> None:
+    """A new command (``cli.main``) prints its notes again."""
+    _NOTES_SAID.clear()
+
+
+def note_once(text: str) -> None:
+    """``prunekit: note: text`` on stderr, once per command: a sweep's runs and its report would
+    otherwise each say the same (a note on missing matplotlib five times for four runs)."""
+    if text not in _NOTES_SAID:
+        _NOTES_SAID.add(text)
+        print(f"prunekit: note: {text}", file=sys.stderr)
+
+
 def write_report(write, quiet: bool) -> None:
     try:
         write()
     except report.MissingPlotting as err:      # the report is written, without its plots
         if not quiet:
-            print(f"prunekit: note: {err}", file=sys.stderr)
+            note_once(str(err))

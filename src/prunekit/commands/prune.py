@@ -37,8 +37,8 @@ from .common import (add_data_args, add_device_arg, add_model_args, check_out_no
 from .option_flags import add_option_flags
 
 RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
-PRUNE_USAGE = ("prunekit prune --model MODEL --data DATA --data-dir DIR [--method METHOD] [--sparsity S] "
-               "[--flops F] [--params P] [options]\n"
+PRUNE_USAGE = ("prunekit prune [--model MODEL] [--checkpoint FILE] --data DATA --data-dir DIR [--method METHOD] "
+               "[--sparsity S] [--flops F] [--params P] [options]\n"
                "       prunekit prune --recipe FILE [options]\n"
                "       prunekit prune --resume DIR [--json]")
 
@@ -139,7 +139,12 @@ def _check_rows_fit_the_data(args, train_batches, method: str | None = None, pla
 def check_onnx(loaded: LoadedModel) -> None:
     """Refuse ``--onnx`` before any work when the dense model cannot be exported (its pruned form
     runs the same operations), naming the exporter's reason."""
-    from ..export import onnx_bytes
+    from ..export import ONNX_INSTALL, onnx_bytes, require_onnx
+    try:
+        require_onnx()
+    except PrunekitError:
+        raise PrunekitError(f"--onnx needs the onnx package, which is not installed: {ONNX_INSTALL} "
+                            "(or pip install onnx), or leave out --onnx") from None
     was_training = loaded.model.training
     try:
         onnx_bytes(loaded.model, loaded.example_input())

@@ -21,7 +21,7 @@ from ..costs import CostModel
 from ..distributed import is_main_process
 from ..errors import PrunekitError, PrunekitWarning
 from ..data import load_dataset, make_loader
-from ..loading import check_fits, check_normalized, load_model
+from ..loading import check_fits, check_normalized, load_model, recorded_classes
 from ..options import OptionError, cli_message
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
@@ -30,7 +30,7 @@ from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, c
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
-                     describe, emit, resolve_model, show_progress)
+                     describe, emit, note_classes, resolve_model, show_progress)
 
 
 def cmd_train(args) -> int:
@@ -40,15 +40,18 @@ def cmd_train(args) -> int:
     if getattr(args, "force", False) and not args.out:
         raise PrunekitError("--force clears the training run in --out: add --out DIR, or leave out --force")
     check_out_not_input(args)
+    classes = recorded_classes(args.checkpoint)     # a prunekit model's own: an image folder is labelled by them
     train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop,
-                            limit=args.train_samples, seed=args.seed)
+                            limit=args.train_samples, seed=args.seed, classes=classes)
     test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test",
-                                                                        resize=args.resize, crop=args.crop)
+                                                                        resize=args.resize, crop=args.crop,
+                                                                        classes=classes)
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
                         in_channels=train_ds.image_shape[0], dataset=args.data,
                         input_shape=tuple(train_ds.image_shape), normalization=args.normalize)
     loaded.input_shape = tuple(train_ds.image_shape)
+    note_classes(args, loaded, train_ds)    # recorded in the sidecar: later folders are labelled the same
     check_finite_weights(loaded.model)      # as prune does: training would only spread them
     check_normalized(loaded)
     check_image_transform(loaded, args)

@@ -61,7 +61,8 @@ def _open(path: Path) -> Image.Image:
 
 
 def load_image_folder(data_dir: Path, split: str, resize: int | None = None, crop: int | None = None,
-                      limit: int | None = None, seed: int | None = None) -> ImageDataset:
+                      limit: int | None = None, seed: int | None = None,
+                      classes: list[str] | tuple[str, ...] | None = None) -> ImageDataset:
     """Load an image-folder tree; classes are the sorted subfolder names (of train/, if there is one).
 
     Returns images ``(N, C, H, W)`` uint8 with ``C=3`` (RGB) or ``C=1`` (all grayscale),
@@ -72,6 +73,11 @@ def load_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
     are in name order. With ``limit`` below the number of images, only those
     ``ImageDataset.subset(limit, seed)`` would keep are read, in its order: a few thousand images
     of a folder of a million without decoding the rest.
+
+    ``classes``: the class names a model was trained on, ``classes[k]`` its output ``k`` (the
+    ``class_names`` its sidecar records). Then they, not the folder, name the labels: a folder lacking
+    some of them is fine (its images keep the model's indices), one holding a class not in the list
+    is refused, naming it.
     """
     for name, value in (("resize", resize), ("crop", crop)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -82,7 +88,7 @@ def load_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
     class_dirs = _subfolders(root)
     if not class_dirs:
         raise PrunekitError(f"no class folders in {root}: expected {root}/<class>/*.jpg or *.png")
-    names = _class_names(data_dir, root, class_dirs)
+    names = _class_names(data_dir, root, class_dirs) if classes is None else _known_names(root, class_dirs, classes)
     files = [(names.index(class_dir.name), path) for class_dir in class_dirs for path in _image_files(class_dir)]
     if limit is not None and limit < len(files):
         files = [files[i] for i in subset_indices(len(files), limit, seed)]
@@ -135,6 +141,19 @@ def _class_names(data_dir: Path, root: Path, class_dirs: list[Path]) -> list[str
         raise PrunekitError(f"{root} has class folders that {train} lacks ({shown}): a model trained on train/ "
                             f"has no output for them; give both splits the same class folders")
     return trained
+
+
+def _known_names(root: Path, class_dirs: list[Path], classes) -> list[str]:
+    """``classes`` (a model's recorded class names, in label order), refusing a class folder of
+    ``root`` that is not among them: the model has no output for it."""
+    names = [str(c) for c in classes]
+    unknown = [d.name for d in class_dirs if d.name not in names]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        known = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise PrunekitError(f"{root} has class folder(s) the model was not trained on ({shown}; it knows {known}): "
+                            "remove or rename them, or train a model on these classes")
+    return names
 
 
 def _resized(size: tuple[int, int], resize: int | None) -> tuple[int, int]:

@@ -17,7 +17,8 @@ SPLITS = ("train", "test")
 
 
 def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize: int | None = None,
-                 crop: int | None = None, limit: int | None = None, seed: int | None = None) -> ImageDataset:
+                 crop: int | None = None, limit: int | None = None, seed: int | None = None,
+                 classes: list[str] | tuple[str, ...] | None = None) -> ImageDataset:
     """Read the ``split`` ("train" or "test") of data set ``name`` from ``data_dir``.
 
     - "mnist", "fashion-mnist": the four IDX files (``.gz`` or raw) in ``data_dir``.
@@ -25,7 +26,11 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
       else a Keras-style ``.npz`` in ``data_dir``; ``data_dir`` may also be the ``.npz``.
     - "imagefolder": ``data_dir/<split>/<class>/*`` if that folder exists, else
       ``data_dir/<class>/*``; ``resize`` (shorter side) and ``crop`` (centre square), in
-      pixels, bring images of any size to one (image folders only).
+      pixels, bring images of any size to one (image folders only). ``classes``: the class
+      names a model was trained on, in the order of its outputs (its sidecar's ``class_names``):
+      labels index them, not the folder's own sorted names, so a folder lacking some classes keeps
+      the model's labels; a class folder not among them is refused. ``None``: the folder's names
+      (those of train/, when there is one). Ignored for the other data sets, whose labels are fixed.
 
     ``limit``: at most that many images, ``ImageDataset.subset(limit, seed)`` of the split when it
     holds more (an image folder decodes only those); a ``limit`` above the split's number of images
@@ -42,13 +47,16 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     if name != "imagefolder" and (resize is not None or crop is not None):
         raise PrunekitError(f"resizing and cropping are for image folders: {name} images all have one size already; "
                             "leave out resize and crop")
+    if classes is not None and (isinstance(classes, str) or not all(isinstance(c, str) for c in classes)):
+        raise PrunekitError("classes must be a list of class names (strings) in the order of the model's outputs, "
+                            f"got {classes!r}")
     if split not in SPLITS:
         raise PrunekitError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     path = Path(data_dir).expanduser()
     if not path.exists():
         raise PrunekitError(f"data path {path} does not exist; pass the folder that holds the {name} files")
     if name == "imagefolder" and path.is_dir():
-        ds = load_image_folder(path, split, resize, crop, limit, seed)
+        ds = load_image_folder(path, split, resize, crop, limit, seed, classes)
     elif name == "cifar10":
         ds = load_cifar10(path, split)
     elif not path.is_dir():

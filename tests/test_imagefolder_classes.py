@@ -1,0 +1,89 @@
+"""A model made from an image folder records its class names, and later folders are labelled by
+them: a folder lacking one of the classes keeps the model's label indices (it used to label by its
+own sorted names, shifting every label: 0% top-1 with exit 0), and a class the model does not know
+is refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prunekit.cli import main
+from prunekit.data import load_dataset
+from prunekit.errors import PrunekitError
+
+COLOURS = {"a": (220, 30, 30), "b": (30, 220, 30), "c": (30, 30, 220)}     # one colour per class: easy to learn
+NET = ("from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), "
+       "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n")
+
+
+def write_colours(folder: Path, classes, count: int, seed: int = 0) -> None:
+    """``folder/<class>/<k>.png``: 8x8 RGB images of the class's colour plus noise."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (folder / name).mkdir(parents=True)
+        for k in range(count):
+            pixels = np.clip(np.array(COLOURS.get(name, (128, 128, 128)))
+                             + rng.integers(-20, 21, (8, 8, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "RGB").save(folder / name / f"{k}.png")
+
+
+def test_load_dataset_labels_a_folder_by_the_given_class_names(tmp_path):
+    write_colours(tmp_path, ["c", "b"], 2)                  # no "a": b and c keep labels 1 and 2
+    ds = load_dataset("imagefolder", tmp_path, "test", classes=["a", "b", "c"])
+    assert ds.classes == ["a", "b", "c"] and ds.labels.tolist() == [1, 1, 2, 2]
+    assert load_dataset("imagefolder", tmp_path, "test").labels.tolist() == [0, 0, 1, 1]   # none given: its own
+    with pytest.raises(PrunekitError, match=r"class folder\(s\) the model was not trained on \(c; it knows a, b\)"):
+        load_dataset("imagefolder", tmp_path, "test", classes=["a", "b"])
+
+
+def _accuracy(capsys, argv) -> float:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["accuracy"]
+
+
+def test_a_trained_model_labels_later_folders_by_its_recorded_class_names(capsys, tmp_path):
+    write_colours(tmp_path / "photos" / "train", COLOURS, 8, seed=0)
+    write_colours(tmp_path / "photos" / "test", COLOURS, 4, seed=1)
+    (tmp_path / "net.py").write_text(NET)
+    spec, trained = f"{tmp_path}/net.py:build", tmp_path / "trained"
+    data = ["--data", "imagefolder", "--data-dir"]
+    assert main(["train", "--model", spec, *data, str(tmp_path / "photos"), "--normalize", "0.5,0.5,0.5/0.25,0.25,0.25",
+                 "--epochs", "30", "--lr", "0.2", "--batch-size", "4", "--out", str(trained), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 100.0        # the colours are learnt
+    assert json.loads((trained / "model.json").read_text())["class_names"] == ["a", "b", "c"]
+    model = ["--model", spec, "--checkpoint", str(trained)]
+
+    write_colours(tmp_path / "flat", ["b", "c"], 3, seed=2)                      # DIR/<class>/, no "a"
+    write_colours(tmp_path / "testonly" / "test", ["b", "c"], 3, seed=3)        # DIR/test/<class>/, no "a"
+    assert _accuracy(capsys, ["eval", *model, *data, str(tmp_path / "flat")]) == 100.0      # was 0.00%
+    assert _accuracy(capsys, ["eval", *model, *data, str(tmp_path / "testonly")]) == 100.0
+
+    # prune on a folder whose splits both lack "a": judged against the model's labels, and recorded
+    write_colours(tmp_path / "two" / "train", ["b", "c"], 8, seed=4)
+    write_colours(tmp_path / "two" / "test", ["b", "c"], 3, seed=5)
+    assert main(["prune", *model, *data, str(tmp_path / "two"), "--method", "magnitude", "--sparsity", "0.25",
+                 "--out", str(tmp_path / "pruned"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dense_accuracy"] == 100.0
+    assert json.loads((tmp_path / "pruned" / "model.json").read_text())["class_names"] == ["a", "b", "c"]
+
+    # a class the model never learnt: one line naming it, exit 2
+    write_colours(tmp_path / "other", ["b", "d"], 2, seed=6)
+    assert main(["eval", *model, *data, str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not trained on (d;" in err and "Traceback" not in err
+
+
+def test_a_sidecar_with_damaged_class_names_is_refused_in_one_line(capsys, tmp_path):
+    import prunekit
+    from prunekit import zoo
+    from prunekit.saving import save_model
+    saved = save_model(zoo.build("mlpnet"), tmp_path / "m.safetensors", {"model": "mlpnet", "class_names": "abc"})
+    assert main(["eval", "--checkpoint", str(saved), "--data", "mnist", "--data-dir",
+                 str(Path(prunekit.__file__).parent / "assets" / "mnist")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "class_names is not a list of class names" in err
