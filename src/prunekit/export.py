@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import io
 import json
 import os
@@ -120,7 +121,7 @@ def require_onnx() -> None:
     """Refuse ONNX export, before anything is written, when the onnx package torch's exporter needs
     is not installed, naming the install command."""
     try:
-        import onnx  # noqa: F401
+        importlib.import_module("onnx")
     except ImportError:
         raise PrunekitError(f"ONNX export needs the onnx package, which is not installed: {ONNX_INSTALL} "
                             "(or pip install onnx); nothing was written") from None
