@@ -56,10 +56,17 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _two_ranks(args: list[str], watched: Path, rank_args: dict[int, list[str]] | None = None,
-               more_env: dict[str, str] | None = None) -> list[tuple[int, str, str]]:
+               more_env: dict[str, str] | None = None, agent_store: bool = False) -> list[tuple[int, str, str]]:
     """(exit code, stdout, stderr) of each rank; ``rank_args``: more arguments for some ranks;
-    ``more_env``: more environment variables for both."""
+    ``more_env``: more environment variables for both; ``agent_store``: the group's store lives in
+    this process, as torchrun's lives in its launcher (else in rank 0)."""
     port, ranks = free_port(), []
+    store = None
+    if agent_store:
+        from datetime import timedelta
+        store = torch.distributed.TCPStore("127.0.0.1", port, 2, True, timeout=timedelta(seconds=60),
+                                           wait_for_workers=False)
+        more_env = {**(more_env or {}), "TORCHELASTIC_USE_AGENT_STORE": "True"}
     for rank in range(2):
         more = (rank_args or {}).get(rank, [])
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
@@ -77,6 +84,7 @@ def _two_ranks(args: list[str], watched: Path, rank_args: dict[int, list[str]] |
                 p.kill()
             raise
         results.append((process.returncode, out, err))
+    del store
     return results
 
 
@@ -218,35 +226,41 @@ def test_two_ranks_of_a_method_that_reads_no_training_data_never_load_it(tmp_pat
 @pytest.mark.parametrize("alone", [1, 0])
 def test_a_refusal_of_one_rank_alone_is_printed_by_it_at_once(tmp_path, alone):
     """One rank alone cannot read its checkpoint (as if missing on its machine): it prints its own
-    line (alone) and exits 2; the other then stops on the lost rank (exit 1). Neither waits out
-    REFUSAL_WAIT_S (90 s here): the other rank says in the store that it got past loading. Before,
-    the refused rank waited for a line from rank 0 (or rank 0 for rank 1 to read its line) that never
-    came, all REFUSAL_WAIT_S, and rank 1's wait added two c10d warning lines."""
+    line (alone) and exits 2; the other, whose collective fails as that rank leaves, learns from
+    the group's store (torchrun's, in its launcher) that it refused and exits 2 without a line.
+    Neither waits out REFUSAL_WAIT_S (90 s here): the other rank says in the store that it got past
+    loading. Before, the other rank added "a rank stopped or could not be reached ...: run the same
+    command again" (which fails the same way) and exited 1."""
     missing = tmp_path / "missing.safetensors"
     start = time.monotonic()
     results = _two_ranks(["prune", *DATA, "--method", "magnitude", "--sparsity", "0.8", "--json"], tmp_path,
-                         rank_args={alone: ["--checkpoint", str(missing)]}, more_env={"REFUSAL_WAIT_S": "90"})
+                         rank_args={alone: ["--checkpoint", str(missing)]}, more_env={"REFUSAL_WAIT_S": "90"},
+                         agent_store=True)
     took = time.monotonic() - start
     (code, _, err), (other_code, _, other_err) = results[alone], results[1 - alone]
     assert code == 2 and err.count("\n") == 1 and str(missing) in err, err
-    assert other_code == 1 and "a rank stopped" in other_err and str(missing) not in other_err, other_err
+    assert other_code == 2 and "prunekit:" not in other_err and "Traceback" not in other_err, other_err
     assert took < 45, took
 
 
 @pytest.mark.parametrize("alone", [1, 0])
 def test_a_refusal_one_rank_meets_alone_after_loading_is_printed_at_once(tmp_path, alone):
     """One rank alone is refused after loading and checking (where the pruning starts): it prints its
-    line and exits 2, the other stops on the lost rank (exit 1), neither waiting out REFUSAL_WAIT_S
-    (90 s here): the other rank says in the store that it went into a later collective. Before, it
-    said so only after loading (``passed_checks``), so a refusal after that waited all REFUSAL_WAIT_S
-    for a line from rank 0 (or rank 0 for rank 1 to read its line) that never came."""
+    line and exits 2, the other stops on the lost rank, quietly, exit 2 (that rank refused: the
+    store says so), neither waiting out REFUSAL_WAIT_S (90 s here): the other rank says in the store
+    that it went into a later collective. Before, it said so only after loading (``passed_checks``),
+    so a refusal after that waited all REFUSAL_WAIT_S for a line from rank 0 (or rank 0 for rank 1 to
+    read its line) that never came; and the other rank said "a rank stopped ... run the same command
+    again", exit 1. With the store in rank 0 (no torchrun) a refused rank 0 takes the store with it:
+    rank 1 says "a rank stopped", exit 1."""
     start = time.monotonic()
     results = _two_ranks(["prune", *DATA, "--method", "chita", "--sparsity", "0.8", "--fisher-samples", "16",
-                          "--json"], tmp_path, more_env={"REFUSAL_WAIT_S": "90", "REFUSE_ALONE": str(alone)})
+                          "--json"], tmp_path, more_env={"REFUSAL_WAIT_S": "90", "REFUSE_ALONE": str(alone)},
+                         agent_store=True)
     took = time.monotonic() - start
     (code, _, err), (other_code, _, other_err) = results[alone], results[1 - alone]
     assert code == 2 and err == "prunekit: error: refused on this rank alone\n", err
-    assert other_code == 1 and "a rank stopped" in other_err and "alone" not in other_err, other_err
+    assert other_code == 2 and "prunekit:" not in other_err and "Traceback" not in other_err, other_err
     assert took < 45, took
 
 

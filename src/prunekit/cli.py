@@ -276,6 +276,8 @@ def stop_line(err: BaseException) -> str | None:
     if isinstance(err, KeyboardInterrupt):
         return f"interrupted ({interrupts.stopped_by()[0]})"
     if isinstance(err, RuntimeError) and distributed.launched_by_torchrun() and _lost_rank(err):
+        if distributed.launcher_lost() or _first_line(err).startswith(distributed.LAUNCHER_GONE):
+            return f"interrupted ({distributed.LAUNCHER_GONE})"
         return f"interrupted: a rank stopped or could not be reached ({_first_line(err)})"
     return None
 
@@ -318,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                 code = _main(argv)
             returned = True
             return code
-        except _RankLost:
-            _end_now(1)      # the run folder is already on disk
+        except _RankLost as lost:
+            _end_now(lost.args[0] if lost.args else 1)      # the run folder is already on disk
         finally:
             if not joined_before and returned and torch.distributed.is_initialized():
                 if code == 0:                 # no rank leaves while another has a collective in flight
@@ -383,7 +385,14 @@ def _main(argv: list[str] | None) -> int:
         if not (distributed.launched_by_torchrun() and _lost_rank(err)):
             raise
         first = _first_line(err)
+        if distributed.launcher_lost() or first.startswith(distributed.LAUNCHER_GONE):   # no one waits for it
+            _log_stop(args, f"interrupted ({distributed.LAUNCHER_GONE})", err)
+            if distributed.is_main_process():
+                print(f"prunekit: interrupted ({distributed.LAUNCHER_GONE}); {_how_to_resume(args)}", file=sys.stderr)
+            raise _RankLost from None
         _log_stop(args, f"interrupted: a rank stopped or could not be reached ({first})", err)
+        if distributed.peer_refused():      # that rank printed its refusal: the one line of this run
+            raise _RankLost(2) from None
         print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached "
               f"({first}); {_how_to_resume(args)}",
               file=sys.stderr)
