@@ -181,6 +181,22 @@ def test_resuming_a_finished_two_rank_run_keeps_its_per_rank_peaks(tmp_path):
     assert json.loads(zero_out)["peak_rss_mb_per_rank"] == first["peak_rss_mb_per_rank"]
 
 
+def test_a_two_rank_training_records_its_ranks_and_each_ranks_peak_as_prune_does(tmp_path):
+    """``train --out`` under two ranks: result.json and --json name the world size (``ranks``) and
+    every rank's peak resident memory (``peak_rss_mb_per_rank``, rank order), as prune's do. Before,
+    neither was recorded and ``peak_rss_mb`` was rank 0's alone."""
+    out = tmp_path / "trained"
+    args = ["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--epochs", "1",
+            "--train-samples", "256", "--batch-size", "64", "--out", str(out), "--json"]
+    (zero, zero_out, zero_err), (one, one_out, one_err) = _two_ranks(args, tmp_path / "nothing")
+    assert (zero, one) == (0, 0), zero_err[-2000:] + one_err[-2000:]
+    for record in (json.loads((out / "result.json").read_text()), json.loads(zero_out)):
+        assert record["ranks"] == 2, record
+        peaks = record["peak_rss_mb_per_rank"]
+        assert len(peaks) == 2 and all(100 < peak < 100_000 for peak in peaks), peaks
+        assert abs(peaks[0] - record["peak_rss_mb"]) <= 0.001 * record["peak_rss_mb"] + 0.1, record
+
+
 def test_a_refusal_on_every_rank_is_printed_once(tmp_path):
     """Every rank refuses the same request; rank 0 alone prints the line (each rank printed it)."""
     results = _two_ranks(["prune", *DATA, "--method", "magnitude", "--sparsity", "1.5", "--json"], tmp_path)

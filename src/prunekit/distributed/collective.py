@@ -431,6 +431,19 @@ def agree_refusal(refusal: PrunekitError | None) -> None:
     raise OptionError(text, params, listed)
 
 
+def with_rank_peaks(record: dict, device: torch.device | str = "cpu") -> dict:
+    """``record`` (a run's result, its ``peak_rss_mb`` this process's peak resident memory in MB)
+    with, under torchrun, ``ranks`` (the world size) and ``peak_rss_mb_per_rank`` (every rank's
+    ``peak_rss_mb``, rank order, MB to 0.1) added; ``record`` itself with one process. A collective:
+    every rank calls it (``device``: where the tensor travels, the rank's GPU under NCCL, which
+    exchanges CUDA tensors only). ``prune`` and ``train`` record the same fields through it."""
+    collective = current()
+    if not collective.distributed:
+        return record
+    peaks = collective.all_gather(torch.tensor([float(record["peak_rss_mb"])], dtype=torch.float64, device=device))
+    return {**record, "ranks": collective.size, "peak_rss_mb_per_rank": [round(float(v), 1) for v in peaks]}
+
+
 def digest(*tensors: torch.Tensor) -> int:
     """A 63-bit fingerprint of tensors' shapes, dtypes and bytes (the same on every machine)."""
     h = hashlib.sha256()
