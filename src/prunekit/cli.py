@@ -386,6 +386,7 @@ def _main(argv: list[str] | None) -> int:
             raise
         first = _first_line(err)
         if distributed.launcher_lost() or first.startswith(distributed.LAUNCHER_GONE):   # no one waits for it
+            interrupts.taken()          # the watcher's SIGINT, if on its way, raises nothing in here
             _log_stop(args, f"interrupted ({distributed.LAUNCHER_GONE})", err)
             if distributed.is_main_process():
                 print(f"prunekit: interrupted ({distributed.LAUNCHER_GONE}); {_how_to_resume(args)}", file=sys.stderr)

@@ -163,7 +163,11 @@ def _first_to_see_launcher_lost() -> bool:
 
 
 def launcher_lost() -> bool:
-    """Whether this rank's torchrun launcher died (``watch_launcher``)."""
+    """Whether this rank's torchrun launcher died (``watch_launcher``; looked at now, so a collective
+    that failed because a peer stopped for it is told apart from a lost rank before the watcher's
+    next look)."""
+    if _launcher is not None and not _launcher_lost and os.getppid() != _launcher:
+        _first_to_see_launcher_lost()        # the watcher then stops nothing: the caller handles it
     return _launcher_lost
 
 
