@@ -197,6 +197,17 @@ def test_a_two_rank_training_records_its_ranks_and_each_ranks_peak_as_prune_does
         assert abs(peaks[0] - record["peak_rss_mb"]) <= 0.001 * record["peak_rss_mb"] + 0.1, record
 
 
+def test_a_mistyped_resume_folder_on_one_machine_says_check_the_path_alone(tmp_path):
+    """``torchrun --nproc_per_node 2 ... prune --resume nowhere`` on one machine (LOCAL_WORLD_SIZE is
+    the world size): the one-process line, once, every rank exit 2. Before, it named a machine and
+    file systems shared by several machines, and had no "check the path"."""
+    missing = tmp_path / "nowhere"
+    results = _two_ranks(["prune", "--resume", str(missing)], tmp_path, more_env={"LOCAL_WORLD_SIZE": "2"})
+    assert [code for code, _, _ in results] == [2, 2], results
+    assert results[0][2] == f"prunekit: error: --resume {missing} does not exist (check the path)\n", results[0][2]
+    assert results[1][2] == "", results[1][2]
+
+
 def test_a_refusal_on_every_rank_is_printed_once(tmp_path):
     """Every rank refuses the same request; rank 0 alone prints the line (each rank printed it)."""
     results = _two_ranks(["prune", *DATA, "--method", "magnitude", "--sparsity", "1.5", "--json"], tmp_path)

@@ -108,10 +108,10 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
                                 f"leave out {', '.join(others)}")
         config = Path(known.resume) / "config.toml"
         if not Path(known.resume).exists():
-            if distributed.launched_by_torchrun():    # on another machine it may be there: a folder not shared
-                raise PrunekitError(f"--resume {known.resume} does not exist on machine {socket.gethostname()}: "
-                                    "on several machines the run folder must be on a file system they all share, "
-                                    "at the same path")
+            if distributed.launched_by_torchrun() and distributed.on_several_machines():   # there it may be: not shared
+                raise PrunekitError(f"--resume {known.resume} does not exist on machine {socket.gethostname()} (check "
+                                    "the path; on several machines the run folder must be on a file system they all "
+                                    "share, at the same path)")
             raise PrunekitError(f"--resume {known.resume} does not exist (check the path)")
         if not config.exists():
             pending = runs.pending_config(known.resume)     # a run killed while it took the folder

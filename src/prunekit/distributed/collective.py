@@ -96,6 +96,23 @@ def ranks_on_this_machine() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def on_several_machines() -> bool:
+    """Whether this torchrun run may span several machines (before joining: from the environment).
+    torchrun sets GROUP_WORLD_SIZE (its nodes, one launcher each) and LOCAL_WORLD_SIZE (the ranks
+    of this node): one node, or all WORLD_SIZE ranks local, is one machine. Where neither says (a
+    launcher of another kind, a value that is no number), it may be several."""
+    try:
+        groups = os.environ.get("GROUP_WORLD_SIZE", "").strip()
+        if groups:
+            return int(groups) > 1
+        local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+        if local:
+            return int(local) < int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        pass
+    return True
+
+
 def launched_by_torchrun() -> bool:
     return _environment_number("WORLD_SIZE", "1", int) > 1
 
