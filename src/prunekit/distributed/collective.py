@@ -196,9 +196,10 @@ def watch_launcher(poll_s: float = LAUNCHER_POLL_S) -> None:
     seconds; when it changes, the rank stops as a Ctrl-C stops it (``interrupts.stop``): the run is
     marked interrupted and rank 0 prints how to resume. Each process watches its own launcher, so on
     several machines a dead launcher stops its own ranks, and the others lose them (a lost rank).
-    Only under torchrun (``init_from_env``); once per process."""
+    Only under torchrun's launcher (``init_from_env``; it sets TORCHELASTIC_RUN_ID: ranks a script
+    or scheduler started by hand may outlive the shell that started them); once per process."""
     global _launcher
-    if _launcher is not None:
+    if _launcher is not None or not ({"TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE"} & set(os.environ)):
         return
     _launcher = os.getppid()
 
