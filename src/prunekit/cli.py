@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import tomllib
 import warnings
 from pathlib import Path
@@ -364,6 +366,7 @@ def _main(argv: list[str] | None) -> int:
                 sys.stdout = open(os.devnull, "w")
         return args.func(args)
     except PrunekitError as err:
+        _ending_on_our_own()
         line = f"prunekit: error: {cli_message(err, _flags(parser, args.command))}{_from_config(err, args)}"
         if isinstance(err, distributed.MachineRefusal):   # met before joining by every rank on this machine
             if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -384,6 +387,7 @@ def _main(argv: list[str] | None) -> int:
     except RuntimeError as err:
         if not (distributed.launched_by_torchrun() and _lost_rank(err)):
             raise
+        _ending_on_our_own()
         first = _first_line(err)
         if distributed.launcher_lost() or first.startswith(distributed.LAUNCHER_GONE):   # no one waits for it
             interrupts.taken()          # the watcher's SIGINT, if on its way, raises nothing in here
@@ -401,6 +405,17 @@ def _main(argv: list[str] | None) -> int:
     except OSError as err:   # unwritable --out, full disk, unreadable data
         print(f"prunekit: error: {refusal_of(err)}", file=sys.stderr)
         return 2
+
+
+def _ending_on_our_own() -> None:
+    """Under torchrun, ignore SIGTERM from here on: this rank is ending, with its own exit code and
+    its run folder's status, within seconds (a refusal, a lost rank). torchrun sends SIGTERM to the
+    ranks left once one has exited, and without this a rank told by the store that its peer refused
+    its input (exit 2) was now and then ended by it in between (exit -15), or mid-write of the
+    'interrupted' status; torchrun waits 30 s before a SIGKILL."""
+    ranks = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")     # (a bad value: refused as it is)
+    if ranks and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _glue_dash_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
