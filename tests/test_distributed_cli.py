@@ -208,3 +208,70 @@ def test_a_rank_short_of_memory_is_refused_on_every_rank_rank_0_saying_why(tmp_p
     assert "but this rank may grow to" in lines[0] and "Traceback" not in err0 + err1
     assert not [line for line in err1.splitlines() if line.startswith("prunekit: error")], err1[-2000:]
     print(lines[0])
+
+
+_LAUNCHER = """
+import os, subprocess, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+port, out, logs = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=timedelta(seconds=60), wait_for_workers=False)
+pids = []
+for rank in range(2):          # as torchrun starts them: the store is this launcher's, their output is its own
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    with open(f"{logs}/rank{rank}.err", "w") as err:
+        pids.append(subprocess.Popen([sys.executable, "-m", "prunekit", *sys.argv[4:], "--out", out], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=err).pid)
+open(f"{logs}/pids", "w").write(" ".join(map(str, pids)))
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ranks_whose_launcher_is_killed_stop_mark_the_run_interrupted_and_say_how_to_resume(tmp_path):
+    """``kill -9`` of the torchrun launcher (it hosts the group's store and is the ranks' parent):
+    the ranks stop within seconds, rank 0 marks the run interrupted and prints one line saying how to
+    resume, and the folder's lock is free for that ``--resume``. Before, the ranks ran on as
+    orphans, each collective paying for the store that was gone (a stage took minutes instead of
+    seconds), holding the lock: ``--resume`` was refused "in use by another prunekit process"."""
+    from prunekit import run_lock, runs
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
+    args = [a for a in PRUNE if a != "--json"]
+    args[args.index("--stages") + 1] = "60"
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(free_port()), str(out), str(logs), *args],
+                                env=env, cwd=ROOT)
+    pids = []
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / "stage-001.safetensors").exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, "stage 1 never came"
+            time.sleep(0.2)
+        pids = [int(p) for p in (logs / "pids").read_text().split()]
+        launcher.kill()
+        launcher.wait()
+        killed = time.monotonic()
+        while any(_alive(pid) for pid in pids) and time.monotonic() - killed < 30:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in pids), "the ranks ran on without their launcher"
+        err0, err1 = ((logs / f"rank{r}.err").read_text() for r in range(2))
+        assert runs.RunFolder(out).read_metrics()["status"] == "interrupted"
+        lines = [line for line in err0.splitlines() if line.startswith("prunekit:")]
+        assert lines == [f"prunekit: interrupted (the torchrun launcher stopped); resume with "
+                         f"`torchrun ... -m prunekit prune --resume {out}`"], err0[-3000:]
+        assert not [line for line in err1.splitlines() if line.startswith("prunekit:")], err1[-3000:]
+        assert "interrupted (the torchrun launcher stopped)" in (out / "run.log").read_text()
+        assert run_lock.in_use(out) is False
+    finally:
+        launcher.kill()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

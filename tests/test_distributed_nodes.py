@@ -211,9 +211,9 @@ def test_a_resume_folder_missing_on_one_machine_is_refused_by_it_and_the_other_s
     (zero, _, zero_err), (one, _, one_err) = _two_machines(["prune", "--resume", "runs/x", "--json"], [node0, node1])
     assert time.monotonic() - start < 25, (zero_err[-2000:], one_err[-2000:])
     assert zero != 0 and one != 0 and _errors(zero_err) == [], zero_err[-3000:]
-    assert _errors(one_err) == [f"prunekit: error: --resume runs/x does not exist on machine {socket.gethostname()}: "
-                                "on several machines the run folder must be on a file system they all share, at "
-                                "the same path"], one_err[-3000:]
+    assert _errors(one_err) == [f"prunekit: error: --resume runs/x does not exist on machine {socket.gethostname()} "
+                                "(check the path; on several machines the run folder must be on a file system they "
+                                "all share, at the same path)"], one_err[-3000:]
 
 
 def test_a_training_folder_the_machines_do_not_share_is_refused_on_every_rank(tmp_path):

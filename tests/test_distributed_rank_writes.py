@@ -56,10 +56,17 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _two_ranks(args: list[str], watched: Path, rank_args: dict[int, list[str]] | None = None,
-               more_env: dict[str, str] | None = None) -> list[tuple[int, str, str]]:
+               more_env: dict[str, str] | None = None, agent_store: bool = False) -> list[tuple[int, str, str]]:
     """(exit code, stdout, stderr) of each rank; ``rank_args``: more arguments for some ranks;
-    ``more_env``: more environment variables for both."""
+    ``more_env``: more environment variables for both; ``agent_store``: the group's store lives in
+    this process, as torchrun's lives in its launcher (else in rank 0)."""
     port, ranks = free_port(), []
+    store = None
+    if agent_store:
+        from datetime import timedelta
+        store = torch.distributed.TCPStore("127.0.0.1", port, 2, True, timeout=timedelta(seconds=60),
+                                           wait_for_workers=False)
+        more_env = {**(more_env or {}), "TORCHELASTIC_USE_AGENT_STORE": "True"}
     for rank in range(2):
         more = (rank_args or {}).get(rank, [])
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
@@ -77,6 +84,7 @@ def _two_ranks(args: list[str], watched: Path, rank_args: dict[int, list[str]] |
                 p.kill()
             raise
         results.append((process.returncode, out, err))
+    del store
     return results
 
 
@@ -173,6 +181,33 @@ def test_resuming_a_finished_two_rank_run_keeps_its_per_rank_peaks(tmp_path):
     assert json.loads(zero_out)["peak_rss_mb_per_rank"] == first["peak_rss_mb_per_rank"]
 
 
+def test_a_two_rank_training_records_its_ranks_and_each_ranks_peak_as_prune_does(tmp_path):
+    """``train --out`` under two ranks: result.json and --json name the world size (``ranks``) and
+    every rank's peak resident memory (``peak_rss_mb_per_rank``, rank order), as prune's do. Before,
+    neither was recorded and ``peak_rss_mb`` was rank 0's alone."""
+    out = tmp_path / "trained"
+    args = ["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--epochs", "1",
+            "--train-samples", "256", "--batch-size", "64", "--out", str(out), "--json"]
+    (zero, zero_out, zero_err), (one, one_out, one_err) = _two_ranks(args, tmp_path / "nothing")
+    assert (zero, one) == (0, 0), zero_err[-2000:] + one_err[-2000:]
+    for record in (json.loads((out / "result.json").read_text()), json.loads(zero_out)):
+        assert record["ranks"] == 2, record
+        peaks = record["peak_rss_mb_per_rank"]
+        assert len(peaks) == 2 and all(100 < peak < 100_000 for peak in peaks), peaks
+        assert abs(peaks[0] - record["peak_rss_mb"]) <= 0.001 * record["peak_rss_mb"] + 0.1, record
+
+
+def test_a_mistyped_resume_folder_on_one_machine_says_check_the_path_alone(tmp_path):
+    """``torchrun --nproc_per_node 2 ... prune --resume nowhere`` on one machine (LOCAL_WORLD_SIZE is
+    the world size): the one-process line, once, every rank exit 2. Before, it named a machine and
+    file systems shared by several machines, and had no "check the path"."""
+    missing = tmp_path / "nowhere"
+    results = _two_ranks(["prune", "--resume", str(missing)], tmp_path, more_env={"LOCAL_WORLD_SIZE": "2"})
+    assert [code for code, _, _ in results] == [2, 2], results
+    assert results[0][2] == f"prunekit: error: --resume {missing} does not exist (check the path)\n", results[0][2]
+    assert results[1][2] == "", results[1][2]
+
+
 def test_a_refusal_on_every_rank_is_printed_once(tmp_path):
     """Every rank refuses the same request; rank 0 alone prints the line (each rank printed it)."""
     results = _two_ranks(["prune", *DATA, "--method", "magnitude", "--sparsity", "1.5", "--json"], tmp_path)
@@ -218,35 +253,41 @@ def test_two_ranks_of_a_method_that_reads_no_training_data_never_load_it(tmp_pat
 @pytest.mark.parametrize("alone", [1, 0])
 def test_a_refusal_of_one_rank_alone_is_printed_by_it_at_once(tmp_path, alone):
     """One rank alone cannot read its checkpoint (as if missing on its machine): it prints its own
-    line (alone) and exits 2; the other then stops on the lost rank (exit 1). Neither waits out
-    REFUSAL_WAIT_S (90 s here): the other rank says in the store that it got past loading. Before,
-    the refused rank waited for a line from rank 0 (or rank 0 for rank 1 to read its line) that never
-    came, all REFUSAL_WAIT_S, and rank 1's wait added two c10d warning lines."""
+    line (alone) and exits 2; the other, whose collective fails as that rank leaves, learns from
+    the group's store (torchrun's, in its launcher) that it refused and exits 2 without a line.
+    Neither waits out REFUSAL_WAIT_S (90 s here): the other rank says in the store that it got past
+    loading. Before, the other rank added "a rank stopped or could not be reached ...: run the same
+    command again" (which fails the same way) and exited 1."""
     missing = tmp_path / "missing.safetensors"
     start = time.monotonic()
     results = _two_ranks(["prune", *DATA, "--method", "magnitude", "--sparsity", "0.8", "--json"], tmp_path,
-                         rank_args={alone: ["--checkpoint", str(missing)]}, more_env={"REFUSAL_WAIT_S": "90"})
+                         rank_args={alone: ["--checkpoint", str(missing)]}, more_env={"REFUSAL_WAIT_S": "90"},
+                         agent_store=True)
     took = time.monotonic() - start
     (code, _, err), (other_code, _, other_err) = results[alone], results[1 - alone]
     assert code == 2 and err.count("\n") == 1 and str(missing) in err, err
-    assert other_code == 1 and "a rank stopped" in other_err and str(missing) not in other_err, other_err
+    assert other_code == 2 and "prunekit:" not in other_err and "Traceback" not in other_err, other_err
     assert took < 45, took
 
 
 @pytest.mark.parametrize("alone", [1, 0])
 def test_a_refusal_one_rank_meets_alone_after_loading_is_printed_at_once(tmp_path, alone):
     """One rank alone is refused after loading and checking (where the pruning starts): it prints its
-    line and exits 2, the other stops on the lost rank (exit 1), neither waiting out REFUSAL_WAIT_S
-    (90 s here): the other rank says in the store that it went into a later collective. Before, it
-    said so only after loading (``passed_checks``), so a refusal after that waited all REFUSAL_WAIT_S
-    for a line from rank 0 (or rank 0 for rank 1 to read its line) that never came."""
+    line and exits 2, the other stops on the lost rank, quietly, exit 2 (that rank refused: the
+    store says so), neither waiting out REFUSAL_WAIT_S (90 s here): the other rank says in the store
+    that it went into a later collective. Before, it said so only after loading (``passed_checks``),
+    so a refusal after that waited all REFUSAL_WAIT_S for a line from rank 0 (or rank 0 for rank 1 to
+    read its line) that never came; and the other rank said "a rank stopped ... run the same command
+    again", exit 1. With the store in rank 0 (no torchrun) a refused rank 0 takes the store with it:
+    rank 1 says "a rank stopped", exit 1."""
     start = time.monotonic()
     results = _two_ranks(["prune", *DATA, "--method", "chita", "--sparsity", "0.8", "--fisher-samples", "16",
-                          "--json"], tmp_path, more_env={"REFUSAL_WAIT_S": "90", "REFUSE_ALONE": str(alone)})
+                          "--json"], tmp_path, more_env={"REFUSAL_WAIT_S": "90", "REFUSE_ALONE": str(alone)},
+                         agent_store=True)
     took = time.monotonic() - start
     (code, _, err), (other_code, _, other_err) = results[alone], results[1 - alone]
     assert code == 2 and err == "prunekit: error: refused on this rank alone\n", err
-    assert other_code == 1 and "a rank stopped" in other_err and "alone" not in other_err, other_err
+    assert other_code == 2 and "prunekit:" not in other_err and "Traceback" not in other_err, other_err
     assert took < 45, took
 
 

@@ -343,3 +343,34 @@ def test_resume_of_a_finished_run_says_a_command_that_runs_it_anew(tmp_path, cap
     assert main([*args, "--force"]) == 0
     assert os.stat(tmp_path / "run" / "model.safetensors").st_mtime_ns != 0
     assert "holds this run, finished" not in capsys.readouterr().err
+
+
+def test_a_resume_with_another_world_size_says_so_and_records_each_sessions(tmp_path, capsys, monkeypatch):
+    """A run whose stage 1 was written by 2 torchrun ranks (``runs._world_size`` stands in for the
+    group), resumed by one process: run.log and stderr say the world size changed and that the result
+    matches an uninterrupted run only within the rounding; result.json's ``world_sizes`` is [2, 1].
+    Before, nothing was said and the record described the last session alone (no ``ranks`` at all)."""
+    from prunekit import runs
+    out = tmp_path / "run"
+    argv = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(ASSETS / "mnist"), "--train-samples", "256", "--fisher-samples", "32", "--method",
+            "chita", "--stages", "2", "--sparsity", "0.8", "--out", str(out), "--json"]
+    save = runs.RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs, "_world_size", lambda: 2, raising=False)
+    monkeypatch.setattr(runs.RunCheckpointer, "save", save_then_stop)
+    assert main(argv) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(out), "--json"]) == 0
+    said = ("resumed with 1 rank; stage-001.safetensors was written with 2: the result matches an uninterrupted "
+            "run only within the documented rounding (resume with 2 ranks for the same bits)")
+    err = capsys.readouterr().err
+    assert said in err and err.count(said) == 1, err
+    assert said in (out / "run.log").read_text()
+    assert json.loads((out / "result.json").read_text())["world_sizes"] == [2, 1]
+    assert main(["prune", "--resume", str(out), "--json"]) == 0      # finished: nothing run, nothing said
+    assert said not in capsys.readouterr().err

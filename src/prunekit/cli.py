@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import tomllib
 import warnings
 from pathlib import Path
@@ -108,10 +110,10 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
                                 f"leave out {', '.join(others)}")
         config = Path(known.resume) / "config.toml"
         if not Path(known.resume).exists():
-            if distributed.launched_by_torchrun():    # on another machine it may be there: a folder not shared
-                raise PrunekitError(f"--resume {known.resume} does not exist on machine {socket.gethostname()}: "
-                                    "on several machines the run folder must be on a file system they all share, "
-                                    "at the same path")
+            if distributed.launched_by_torchrun() and distributed.on_several_machines():   # there it may be: not shared
+                raise PrunekitError(f"--resume {known.resume} does not exist on machine {socket.gethostname()} (check "
+                                    "the path; on several machines the run folder must be on a file system they all "
+                                    "share, at the same path)")
             raise PrunekitError(f"--resume {known.resume} does not exist (check the path)")
         if not config.exists():
             pending = runs.pending_config(known.resume)     # a run killed while it took the folder
@@ -276,6 +278,8 @@ def stop_line(err: BaseException) -> str | None:
     if isinstance(err, KeyboardInterrupt):
         return f"interrupted ({interrupts.stopped_by()[0]})"
     if isinstance(err, RuntimeError) and distributed.launched_by_torchrun() and _lost_rank(err):
+        if distributed.launcher_lost() or _first_line(err).startswith(distributed.LAUNCHER_GONE):
+            return f"interrupted ({distributed.LAUNCHER_GONE})"
         return f"interrupted: a rank stopped or could not be reached ({_first_line(err)})"
     return None
 
@@ -318,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                 code = _main(argv)
             returned = True
             return code
-        except _RankLost:
-            _end_now(1)      # the run folder is already on disk
+        except _RankLost as lost:
+            _end_now(lost.args[0] if lost.args else 1)      # the run folder is already on disk
         finally:
             if not joined_before and returned and torch.distributed.is_initialized():
                 if code == 0:                 # no rank leaves while another has a collective in flight
@@ -364,6 +368,7 @@ def _main(argv: list[str] | None) -> int:
                 sys.stdout = open(os.devnull, "w")
         return args.func(args)
     except PrunekitError as err:
+        _ending_on_our_own()
         line = f"prunekit: error: {cli_message(err, _flags(parser, args.command))}{_from_config(err, args)}"
         if isinstance(err, distributed.MachineRefusal):   # met before joining by every rank on this machine
             if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -384,8 +389,17 @@ def _main(argv: list[str] | None) -> int:
     except RuntimeError as err:
         if not (distributed.launched_by_torchrun() and _lost_rank(err)):
             raise
+        _ending_on_our_own()
         first = _first_line(err)
+        if distributed.launcher_lost() or first.startswith(distributed.LAUNCHER_GONE):   # no one waits for it
+            interrupts.taken()          # the watcher's SIGINT, if on its way, raises nothing in here
+            _log_stop(args, f"interrupted ({distributed.LAUNCHER_GONE})", err)
+            if distributed.is_main_process():
+                print(f"prunekit: interrupted ({distributed.LAUNCHER_GONE}); {_how_to_resume(args)}", file=sys.stderr)
+            raise _RankLost from None
         _log_stop(args, f"interrupted: a rank stopped or could not be reached ({first})", err)
+        if distributed.peer_refused():      # that rank printed its refusal: the one line of this run
+            raise _RankLost(2) from None
         print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached "
               f"({first}); {_how_to_resume(args)}",
               file=sys.stderr)
@@ -393,6 +407,17 @@ def _main(argv: list[str] | None) -> int:
     except OSError as err:   # unwritable --out, full disk, unreadable data
         print(f"prunekit: error: {refusal_of(err)}", file=sys.stderr)
         return 2
+
+
+def _ending_on_our_own() -> None:
+    """Under torchrun, ignore SIGTERM from here on: this rank is ending, with its own exit code and
+    its run folder's status, within seconds (a refusal, a lost rank). torchrun sends SIGTERM to the
+    ranks left once one has exited, and without this a rank told by the store that its peer refused
+    its input (exit 2) was now and then ended by it in between (exit -15), or mid-write of the
+    'interrupted' status; torchrun waits 30 s before a SIGKILL."""
+    ranks = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")     # (a bad value: refused as it is)
+    if ranks and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _glue_dash_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:

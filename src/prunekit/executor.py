@@ -140,6 +140,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     restored = getattr(checkpointer, "restored_seconds", 0.0)
     final = measure_now(outcome.model)
     record = build_record(plan, outcome, dense, final, outcome.seconds + restored)
+    if len(getattr(checkpointer, "world_sizes", ())) > 1:     # resumed with another world size: each session's
+        record["world_sizes"] = list(checkpointer.world_sizes)
     if record.get("empty_layers"):
         warnings.warn(PrunekitWarning(empty_layers_warning(record["empty_layers"])), stacklevel=3)
     snapshots = {share: _snapshot_record(build_record(replace(plan, shares=[share]), snap, dense,

@@ -16,10 +16,16 @@ import threading
 
 _pending = False
 _received = signal.SIGINT          # the last signal that stopped the run
+_reason: tuple[str, int] | None = None   # a stop prunekit asked for itself (``stop``): its name, exit code
+_taken = False                     # that stop is being handled already: its SIGINT raises nothing more
 
 
 def _on_signal(signum, frame):
-    global _pending, _received
+    global _pending, _received, _taken
+    if _reason is not None:           # ``stop``'s SIGINT: one KeyboardInterrupt, never one inside its handling
+        if _taken:
+            return
+        _taken = True
     _pending, _received = True, signum
     raise KeyboardInterrupt
 
@@ -29,11 +35,11 @@ def caught():
     """Within the block (on the main thread), SIGINT and, outside torchrun, SIGTERM (``kill``,
     ``timeout``, a batch scheduler's stop) raise KeyboardInterrupt and are remembered, so both stop
     a run the same way: its log says so and the resume command is printed."""
-    global _pending, _received
+    global _pending, _received, _reason
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _pending, _received = False, signal.SIGINT
+    _pending, _received, _reason, _taken = False, signal.SIGINT, None, False
     # under torchrun SIGTERM is how the launcher stops every rank when one fails: it must act at
     # once, also inside a blocking collective, where a Python handler would wait for the call
     ranks = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")   # a bad value is refused later
@@ -47,8 +53,31 @@ def caught():
         _pending = False
 
 
+def stop(reason: str, code: int = 1) -> None:
+    """Stop the run as a Ctrl-C does (on the main thread: a KeyboardInterrupt raised here; from
+    another: a SIGINT to the main thread, its KeyboardInterrupt at the next bytecode), named ``reason`` and ending
+    with exit code ``code`` (``stopped_by``). Used when the torchrun launcher dies
+    (``distributed.collective``)."""
+    global _reason, _pending, _received, _taken
+    _reason = (reason, code)
+    if threading.current_thread() is threading.main_thread():      # here and now
+        _pending, _received, _taken = True, signal.SIGINT, True
+        raise KeyboardInterrupt
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def taken() -> None:
+    """The stop ``stop`` asked for is being handled (the main thread met its cause first, as an
+    error): a SIGINT ``stop`` sent meanwhile raises nothing in the middle of that handling."""
+    global _taken
+    _taken = True
+
+
 def stopped_by() -> tuple[str, int]:
-    """(how the last stop is named, the exit code for it): Ctrl-C 130, SIGTERM 143 (128 + signal)."""
+    """(how the last stop is named, the exit code for it): Ctrl-C 130, SIGTERM 143 (128 + signal);
+    a stop asked for by ``stop``: its reason and code."""
+    if _reason is not None:
+        return _reason
     return ("Ctrl-C", 130) if _received == signal.SIGINT else (signal.Signals(_received).name, 128 + _received)
 
 

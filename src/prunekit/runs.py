@@ -447,6 +447,9 @@ class RunCheckpointer:
         self.unit = unit                # a checkpoint in run.log: stage, event (gradual), epoch (train), phase (structured)
         self.restored_seconds = 0.0     # time the stages restored by ``last`` took in earlier runs
         self.measure_seconds = 0.0
+        # the world size (torchrun's ranks; 1 alone) of each session whose stages the newest checkpoint
+        # carries, this one last, once each time it changed: [2, 1] for a 2-rank run resumed with 1
+        self.world_sizes = [_world_size()]
 
     def _named(self, state: StageState) -> str:
         """'stage 2'; a phase with what it was: 'phase 3 (finetune, flops 0.5, epoch 1)'."""
@@ -476,6 +479,7 @@ class RunCheckpointer:
                 "extra": json.dumps(_finite(state.extra))}
         if self.folder.config.exists():       # the options the stage ran with: a resume under others is refused
             meta["config"] = self.folder.config.read_text()
+        meta["world_sizes"] = json.dumps(self.world_sizes)
         atomic_write_bytes(self.path(state.stage), save_tensors(tensors, metadata=meta))
         self.folder.log(f"{self._named(state)} saved to {self.path(state.stage).name}")
         if self.on_saved is not None:
@@ -507,12 +511,50 @@ class RunCheckpointer:
             self.folder.log(f"resuming after {self._named(state)} from {path.name}")
             if self.folder.echo is not None:        # the console says what run.log says
                 self.folder.echo(f"resuming {self.folder.path} after {self._named(state)}")
+            self._tell_other_world_size(_world_sizes(meta), path.name)
             self.restored_seconds = sum(h.get("seconds") or 0.0 for h in state.history)
             return state
         if unreadable:
             raise PrunekitError(f"no checkpoint in {self.folder.checkpoints} can be read ({unreadable[0]}): restore "
                                 "it, or delete that checkpoints folder to start the run over")
         return None
+
+
+    def _tell_other_world_size(self, before: list[int] | None, name: str) -> None:
+        """Carry on ``world_sizes`` from the checkpoint (``before``; None: written before they were
+        kept) and, where this session runs with another world size than the one that wrote it, say
+        so in run.log and on stderr (a warning; rank 0 alone, the one that writes the folder): the
+        ranks split the rows and sums otherwise, so the result is not the bits an uninterrupted run
+        gives, only within the rounding the README documents."""
+        if not before:
+            return
+        now = self.world_sizes[-1]
+        self.world_sizes = before + ([now] if before[-1] != now else [])
+        if before[-1] == now:
+            return
+        line = (f"resumed with {now} rank{'s' if now != 1 else ''}; {name} was written with {before[-1]}: the result "
+                f"matches an uninterrupted run only within the documented rounding (resume with {before[-1]} "
+                f"rank{'s' if before[-1] != 1 else ''} for the same bits)")
+        self.folder.log(line)
+        if self.folder.writable:
+            warnings.warn(PrunekitWarning(line), stacklevel=2)
+
+
+def _world_size() -> int:
+    """This process's world size: the ranks of its torchrun group, 1 alone."""
+    from . import distributed          # (distributed imports the solvers, which import this module's users)
+    return distributed.current().size
+
+
+def _world_sizes(meta: dict) -> list[int] | None:
+    """A checkpoint's ``world_sizes`` (its metadata), None where it has none or they are damaged."""
+    try:
+        sizes = json.loads(meta.get("world_sizes") or "null")
+    except ValueError:
+        return None
+    if not (isinstance(sizes, list) and sizes and all(isinstance(n, int) and n >= 1 for n in sizes)):
+        return None
+    return sizes
 
 
 def check_config_unchanged(path: str | Path) -> None:

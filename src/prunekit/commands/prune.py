@@ -294,10 +294,7 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
         raise
     collective = distributed.current()
     if collective.distributed:          # under torchrun: every rank's peak, rank order
-        device = next(model.parameters()).device          # NCCL exchanges CUDA tensors only
-        peaks = collective.all_gather(torch.tensor([record["peak_rss_mb"]], dtype=torch.float64, device=device))
-        record = {**record, "ranks": collective.size,
-                  "peak_rss_mb_per_rank": [round(float(v), 1) for v in peaks]}
+        record = distributed.with_rank_peaks(record, next(model.parameters()).device)
         if finished and (folder.path / "result.json").exists():   # the run's own peaks, not the saved one R times
             record = json.loads((folder.path / "result.json").read_text())
         elif folder is not None and main:  # the executor wrote rank 0's record; add the others' peaks

@@ -104,6 +104,10 @@ def train_into(args, loaded, loader, test_loader) -> int:
     record = {"model": args.model, "data": args.data, "split": args.eval_split, "epochs": args.epochs, "lr": args.lr,
               "batch_size": args.batch_size, "seed": args.seed, "train_images": len(loader.dataset), "accuracy": accuracy,
               "seconds": sum(h["seconds"] for h in history), "history": history, "peak_rss_mb": peak_rss_mb()}
+    if checkpointer is not None and len(checkpointer.world_sizes) > 1:    # resumed with another world size
+        record["world_sizes"] = list(checkpointer.world_sizes)
+    # under torchrun: the world size and every rank's peak, as prune records them
+    record = distributed.with_rank_peaks(record, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     if args.out and is_main_process():     # under torchrun, rank 0 alone writes
         save_pruned(args.out, loaded.model, describe(loaded), record, shrunk=False)
         shutil.rmtree(folder.checkpoints, ignore_errors=True)     # the model and result.json are written

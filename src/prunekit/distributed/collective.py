@@ -14,12 +14,14 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from .. import interrupts
 from ..errors import PrunekitError
 from ..options import OptionError
 from ..solvers.collective import Collective
@@ -94,6 +96,23 @@ def ranks_on_this_machine() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def on_several_machines() -> bool:
+    """Whether this torchrun run may span several machines (before joining: from the environment).
+    torchrun sets GROUP_WORLD_SIZE (its nodes, one launcher each) and LOCAL_WORLD_SIZE (the ranks
+    of this node): one node, or all WORLD_SIZE ranks local, is one machine. Where neither says (a
+    launcher of another kind, a value that is no number), it may be several."""
+    try:
+        groups = os.environ.get("GROUP_WORLD_SIZE", "").strip()
+        if groups:
+            return int(groups) > 1
+        local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+        if local:
+            return int(local) < int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        pass
+    return True
+
+
 def launched_by_torchrun() -> bool:
     return _environment_number("WORLD_SIZE", "1", int) > 1
 
@@ -140,7 +159,57 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
         torch.cuda.set_device(rank_gpu(backend))
     dist.init_process_group(group_backend(), timeout=timedelta(seconds=timeout_s))
     atexit.register(_leave_at_exit, dist.GroupMember.WORLD)
+    watch_launcher()
     return True
+
+
+LAUNCHER_POLL_S = 1.0      # how often a rank looks whether its torchrun launcher is still there
+LAUNCHER_GONE = "the torchrun launcher stopped"
+_launcher_lost = False
+_launcher: int | None = None       # the launcher's pid (this process's parent when it joined), once watched
+_lost_lock = threading.Lock()
+
+
+def _first_to_see_launcher_lost() -> bool:
+    """Mark the launcher lost; True for the first caller alone (the watcher or the main thread's
+    ``passed_checks``), which stops the run: one KeyboardInterrupt, not a second one in its cleanup."""
+    global _launcher_lost
+    with _lost_lock:
+        first, _launcher_lost = not _launcher_lost, True
+    return first
+
+
+def launcher_lost() -> bool:
+    """Whether this rank's torchrun launcher died (``watch_launcher``; looked at now, so a collective
+    that failed because a peer stopped for it is told apart from a lost rank before the watcher's
+    next look)."""
+    if _launcher is not None and not _launcher_lost and os.getppid() != _launcher:
+        _first_to_see_launcher_lost()        # the watcher then stops nothing: the caller handles it
+    return _launcher_lost
+
+
+def watch_launcher(poll_s: float = LAUNCHER_POLL_S) -> None:
+    """Stop this rank soon after the torchrun launcher that started it dies (its parent process: a
+    ``kill -9`` of torchrun, a batch scheduler that kills the launcher alone). The ranks would go on
+    as orphans otherwise, holding the run folder's lock, with the group's store (it lives in the
+    launcher of node 0) gone under them. A daemon thread polls ``os.getppid()`` every ``poll_s``
+    seconds; when it changes, the rank stops as a Ctrl-C stops it (``interrupts.stop``): the run is
+    marked interrupted and rank 0 prints how to resume. Each process watches its own launcher, so on
+    several machines a dead launcher stops its own ranks, and the others lose them (a lost rank).
+    Only under torchrun's launcher (``init_from_env``; it sets TORCHELASTIC_RUN_ID: ranks a script
+    or scheduler started by hand may outlive the shell that started them); once per process."""
+    global _launcher
+    if _launcher is not None or not ({"TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE"} & set(os.environ)):
+        return
+    _launcher = os.getppid()
+
+    def watch() -> None:
+        while not _launcher_lost and os.getppid() == _launcher:
+            time.sleep(poll_s)
+        if _first_to_see_launcher_lost():
+            interrupts.stop(LAUNCHER_GONE, 1)
+
+    threading.Thread(target=watch, name="prunekit-launcher-watch", daemon=True).start()
 
 
 def _leave_at_exit(group) -> None:
@@ -258,12 +327,23 @@ def passed_checks() -> None:
     point will never post the same refusal."""
     global _passed
     _passed += 1
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _launcher is not None and os.getppid() != _launcher and _first_to_see_launcher_lost():
+        interrupts.stop(LAUNCHER_GONE, 1)   # before the store (it may have lived in the launcher) and its warnings
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and not _launcher_lost:
         try:
             store, prefix = _keys()
             store.set(f"{prefix}/passed/{dist.get_rank()}", str(_passed))
-        except Exception:    # noqa: BLE001 - no store that answers: the refused rank waits REFUSAL_WAIT_S
-            pass
+        except Exception as err:    # noqa: BLE001 - its host is gone: no collective can end well
+            # under torchrun the store lives in node 0's launcher (TORCHELASTIC_USE_AGENT_STORE), else in
+            # rank 0: fail now rather than pay a reconnect before every collective of a run that is over
+            host = LAUNCHER_GONE if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0 stopped"
+            raise dist.DistError(f"{host}: the group's store could not be reached ({_first_words(err)})") from None
+
+
+def _first_words(err: BaseException) -> str:
+    """The first line of a torch error, without its "[W... file.cpp:N]" prefix."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return re.sub(r"^\[[^\]]*\]\s*", "", text)[:120]
 
 
 def print_refusal(line: str) -> None:
@@ -291,6 +371,7 @@ def print_refusal(line: str) -> None:
     deadline = time.monotonic() + REFUSAL_WAIT_S
     try:
         store, prefix = _keys()
+        store.set(f"{prefix}/refused/{rank}", "1")      # before this rank leaves: see ``peer_refused``
         key = f"{prefix}/refusal"
 
         def further(other: int) -> bool:        # rank ``other`` passed a point this rank did not
@@ -314,6 +395,21 @@ def print_refusal(line: str) -> None:
         said = None
     if rank != 0 and (said is None or _figures_apart(said) != _figures_apart(line)):
         print(line, file=sys.stderr, flush=True)
+
+
+def peer_refused() -> bool:
+    """Whether another rank of this run stopped on a refusal it printed (``print_refusal``): a
+    rank whose collective failed because that rank left then exits 2 without a line of its own (the
+    refusal is the problem; "run the same command again" would fail the same way). Asks the group's
+    store (no collective); False without a group or a store that answers."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or _launcher_lost:
+        return False
+    try:
+        store, prefix = _keys()
+        return any(store.check([f"{prefix}/refused/{r}"]) for r in range(dist.get_world_size())
+                   if r != dist.get_rank())
+    except Exception:        # noqa: BLE001 - no store that answers: a lost rank, as it looks
+        return False
 
 
 def _figures_apart(line: str) -> str:
@@ -355,6 +451,19 @@ def agree_refusal(refusal: PrunekitError | None) -> None:
     if len(refused) < len(verdicts):
         text = f"rank {refused[0]}: {text}"
     raise OptionError(text, params, listed)
+
+
+def with_rank_peaks(record: dict, device: torch.device | str = "cpu") -> dict:
+    """``record`` (a run's result, its ``peak_rss_mb`` this process's peak resident memory in MB)
+    with, under torchrun, ``ranks`` (the world size) and ``peak_rss_mb_per_rank`` (every rank's
+    ``peak_rss_mb``, rank order, MB to 0.1) added; ``record`` itself with one process. A collective:
+    every rank calls it (``device``: where the tensor travels, the rank's GPU under NCCL, which
+    exchanges CUDA tensors only). ``prune`` and ``train`` record the same fields through it."""
+    collective = current()
+    if not collective.distributed:
+        return record
+    peaks = collective.all_gather(torch.tensor([float(record["peak_rss_mb"])], dtype=torch.float64, device=device))
+    return {**record, "ranks": collective.size, "peak_rss_mb_per_rank": [round(float(v), 1) for v in peaks]}
 
 
 def digest(*tensors: torch.Tensor) -> int:
