@@ -35,7 +35,7 @@ def caught():
     """Within the block (on the main thread), SIGINT and, outside torchrun, SIGTERM (``kill``,
     ``timeout``, a batch scheduler's stop) raise KeyboardInterrupt and are remembered, so both stop
     a run the same way: its log says so and the resume command is printed."""
-    global _pending, _received, _reason
+    global _pending, _received, _reason, _taken
     if threading.current_thread() is not threading.main_thread():
         yield
         return
