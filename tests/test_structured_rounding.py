@@ -103,3 +103,22 @@ def test_request_below_the_rounded_floor_is_refused_before_work():
     for bad in (0, -8, 2.5):
         with pytest.raises(PrunekitError, match="channel_multiple"):
             prunekit.prune(model, None, method="autobot", flops=0.5, example_input=x, channel_multiple=bad)
+
+
+def test_rounding_below_its_floor_names_the_groups_left_dense():
+    """Through ``prunekit.prune`` this refusal cannot be reached (``channel_context`` checks every
+    target against the same floor first); direct callers of the cut (``autobot_masks``,
+    ``taper_snapshots``, ``cut_to_budget``) got only 'below the N MACs left with m channels per
+    group', without the groups left dense that ``channel_context``'s refusal names."""
+    model, x, costs, groups, counter = _setup("resnet20")
+    assert groups.skipped                     # at least the group reaching the network output
+    floor = minimum_rounded_macs(counter, 16)
+    logits = [torch.randn(g.size) for g in groups]
+    with pytest.raises(PrunekitError) as refused:
+        cut_to_budget(logits, counter, floor - 1, 16)
+    line = refused.value.args[0]
+    assert "\n" not in line and line.endswith("smaller channel_multiple")
+    n = len(groups.skipped)
+    listed = line.split(f"{n} channel group{'s' if n > 1 else ''} left dense among them (", 1)[1]
+    assert all(f"{root}: {why}" in listed for root, why in groups.skipped[:3])
+    assert f"({floor / costs.macs:.4%})" in line

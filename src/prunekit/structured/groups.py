@@ -401,6 +401,18 @@ def unexpected_skips(skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(root, why) for root, why in skipped if _cause(why)[0] not in _EXPECTED]
 
 
+def dense_groups_text(skipped: list[tuple[str, str]]) -> str:
+    """", N channel groups left dense among them (root: why; ... and N more)" for a refusal of a budget
+    below the channel floor ("" if none): those a user may not expect first (a GroupNorm, a layer
+    channel surgery cannot resize), then those dense by design."""
+    if not skipped:
+        return ""
+    unexpected = unexpected_skips(skipped)
+    ordered = unexpected + [s for s in skipped if s not in unexpected]
+    n = len(ordered)
+    return f", {n} channel group{'s' if n > 1 else ''} left dense among them ({listed_skips(ordered)})"
+
+
 def dense_groups_warning(skipped: list[tuple[str, str]]) -> str | None:
     """What a user is told of the groups left dense that they may expect pruned; None if none."""
     unexpected = unexpected_skips(skipped)

@@ -44,7 +44,7 @@ from ..zoo.layout import apply_layout, channel_layout
 from .depth import depth_cut
 from .family import ChannelContext, ChannelOptions, Cut
 from .gates import GatedMacs
-from .groups import GroupSet, find_groups, listed_skips, unexpected_skips
+from .groups import GroupSet, dense_groups_text, find_groups
 from .reconstruct import reconstruct
 from .rounding import minimum_rounded_macs
 from .shrink import checked_groups
@@ -54,17 +54,6 @@ def _rounded_up(share: float) -> str:
     """``share`` as a percent of three significant digits, rounded up (a figure to ask for)."""
     digits = max(0, 2 - math.floor(math.log10(100 * share)))
     return f"{math.ceil(100 * share * 10**digits) / 10**digits:.{digits}f}%"
-
-
-def _dense_groups_text(groups: GroupSet) -> str:
-    """", N channel groups left dense among them (root: why; ... and N more)": those a user may not
-    expect first (a GroupNorm, a layer channel surgery cannot resize), then those dense by design."""
-    if not groups.skipped:
-        return ""
-    unexpected = unexpected_skips(groups.skipped)
-    ordered = unexpected + [s for s in groups.skipped if s not in unexpected]
-    n = len(ordered)
-    return f", {n} channel group{'s' if n > 1 else ''} left dense among them ({listed_skips(ordered)})"
 
 
 def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Tensor, shares: list[float],
@@ -84,7 +73,7 @@ def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Ten
         if floor > share * costs.macs:
             raise OptionError(f"{target_name} {share:g} asks for {share * costs.macs:,.0f} MACs but {per_group} per "
                               f"group and the unprunable layers already cost {floor:,.0f} "
-                              f"({floor / costs.macs:.4%}){_dense_groups_text(groups)}: ask for at least "
+                              f"({floor / costs.macs:.4%}){dense_groups_text(groups.skipped)}: ask for at least "
                               f"{_rounded_up(floor / costs.macs)}"
                               + ("" if channel_multiple == 1 else " or a smaller channel_multiple"),
                               (target_name, "channel_multiple"))

@@ -23,6 +23,7 @@ import torch
 
 from ..options import OptionError
 from .gates import GatedMacs
+from .groups import dense_groups_text
 from .threshold import threshold_to_budget
 
 
@@ -66,9 +67,11 @@ def round_to_budget(scores: list[torch.Tensor], masks: list[torch.Tensor], count
         raise ValueError("round_to_budget needs non-negative importances (e.g. gate values)")
     floor = minimum_rounded_macs(counter, multiple)
     if floor > max_macs:
-        raise OptionError(f"the budget of {max_macs:,.0f} MACs is below the {floor:,.0f} MACs left with "
-                          f"{multiple} channels per group (channel_multiple {multiple}): ask for a larger "
-                          "flops or a smaller channel_multiple", ("flops", "channel_multiple"))
+        raise OptionError(f"the budget of {max_macs:,.0f} MACs is below the {floor:,.0f} MACs "
+                          f"({floor / counter.dense:.4%}) left with {multiple} channels (or all, if fewer) per group "
+                          f"(channel_multiple {multiple}) and the unprunable layers"
+                          f"{dense_groups_text(counter.groups.skipped)}: ask for a larger flops or a smaller "
+                          "channel_multiple", ("flops", "channel_multiple"))
     orders = [torch.argsort(s.detach().double(), descending=True, stable=True) for s in scores]
     # cumulative importance of the top-k channels: prefix[i][k]
     prefix = [torch.cat([torch.zeros(1, dtype=torch.float64), s.detach().double()[o].cumsum(0)])
