@@ -248,6 +248,32 @@ def test_resume_of_a_finished_run_in_a_read_only_folder_gives_its_result_and_wri
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run.rglob("*")} == before   # nothing written
 
 
+def test_train_again_of_a_finished_run_in_a_read_only_folder_gives_its_result_and_writes_nothing(tmp_path, capsys):
+    """`prunekit train --out DIR` again (train has no --resume: the same command carries a run on) of a
+    finished run whose folder is chmod -R a-w was refused ('DIR is not writable'), as `prune --resume`
+    was: taking the lock makes DIR/.prunekit.lock. Its stored result, exit 0, nothing written; another
+    training's options there are still refused in one line, as in a writable folder."""
+    folder = tmp_path / "trained"
+    train = ["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--epochs", "1",
+             "--eval-split", "train", "--batch-size", "500", "--json", "--out", str(folder)]
+    code, out = _run(train, capsys)
+    assert code == 0, out.err
+    stored = json.loads(out.out)
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+    _chmod_tree(folder, writable=False)
+    try:
+        again, other = (subprocess.run([*_without_root_powers(), sys.executable, "-m", "prunekit", *argv],
+                                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+                        for argv in (train, [*train[:-2], "--lr", "0.05", *train[-2:]]))
+    finally:
+        _chmod_tree(folder, writable=True)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == stored
+    assert other.returncode == 2 and other.stdout == "" and other.stderr.count("\n") == 1, other.stderr
+    assert f"--out {folder} holds another training run, finished (other lr)" in other.stderr
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")} == before   # nothing written
+
+
 # `prunekit ARGS` that SIGKILLs itself once its first stage's checkpoint is saved (in the middle of a
 # 3-stage run: nothing can write its status)
 _KILLED_AFTER_FIRST_CHECKPOINT = """

@@ -119,13 +119,23 @@ class _FollowerRunFolder(RunFolder):
         pass
 
 
+def finished_run(folder: RunFolder) -> bool:
+    """Whether ``folder`` holds a finished run: a prune run's metrics.json says "done"; a training
+    run writes none, and is finished once its model and result.json are written. Raises
+    ``PrunekitError`` when metrics.json cannot be read."""
+    if not folder.metrics_path.exists():
+        return (folder.path / "result.json").exists() and folder.model_path.exists()
+    return folder.read_metrics().get("status") == "done"
+
+
 def finished_read_only(path: str | Path) -> bool:
-    """Whether run folder ``path`` holds a finished run (metrics.json says "done") that this
-    process may not write (permissions, a read-only file system): the run's result can be handed
-    back from it as it is, without its lock (which would make a file there) or any other write."""
+    """Whether run folder ``path`` holds a finished run (``finished_run``: prune's or train's) that
+    this process may not write (permissions, a read-only file system): the run's result can be
+    handed back from it as it is, without its lock (which would make a file there) or any other
+    write (the caller still checks that it is the run asked for)."""
     path = Path(path)
     try:
-        done = RunFolder(path).read_metrics().get("status") == "done"
+        done = path.is_dir() and finished_run(RunFolder(path))
     except PrunekitError:
         return False
     return done and not os.access(path, os.W_OK)
@@ -356,10 +366,8 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
 
 def _finished_or_damaged(folder: RunFolder) -> bool:
     """Whether ``folder``'s run finished (or its metrics.json cannot be read): ``force`` runs it anew."""
-    if not folder.metrics_path.exists():      # a training run writes none: finished once its result is written
-        return (folder.path / "result.json").exists() and folder.model_path.exists()
     try:
-        return folder.read_metrics().get("status") == "done"
+        return finished_run(folder)
     except PrunekitError:
         return True
 

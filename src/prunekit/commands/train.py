@@ -25,8 +25,8 @@ from ..loading import check_fits, check_normalized, load_model, recorded_classes
 from ..options import OptionError, cli_message
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
-from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, check_ranks_share, claim,
-                    release_refused)
+from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim, check_ranks_share,
+                    claim, finished_read_only, release_refused)
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
@@ -65,14 +65,20 @@ def cmd_train(args) -> int:
         raise PrunekitError(f"--batch-size {args.batch_size} is more than the {len(train_ds):,} {args.data} training "
                             "images: lower --batch-size")
     test_loader = make_loader(test_ds, loaded.normalization, batch_size=512)
+    if (args.out and not getattr(args, "force", False) and not distributed.current().distributed
+            and finished_read_only(args.out)):
+        # a finished run in a folder this process may not write: its result again (when it is this
+        # command's run), with no lock (its file could not be made) and nothing written
+        return train_into(args, loaded, loader, test_loader, read_only=True)
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
         return train_into(args, loaded, loader, test_loader)
 
 
-def train_into(args, loaded, loader, test_loader) -> int:
+def train_into(args, loaded, loader, test_loader, read_only: bool = False) -> int:
     """Train ``loaded`` on ``loader`` (into run folder ``args.out`` when given, carrying on from
-    its last epoch), evaluate on ``test_loader``, print the result."""
-    folder = training_folder(args)
+    its last epoch), evaluate on ``test_loader``, print the result. ``read_only``: ``args.out``
+    holds a finished run this process may not write: checked and read, nothing written."""
+    folder = training_folder(args, read_only=read_only)
     if folder is not None and distributed.current().distributed:   # on several machines: one shared folder
         check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     finished = finished_record(folder)
@@ -149,10 +155,11 @@ def finished_record(folder: RunFolder | None) -> dict | None:
     return json.loads(result.read_text())
 
 
-def training_folder(args) -> RunFolder | None:
+def training_folder(args, read_only: bool = False) -> RunFolder | None:
     """``--out`` as a run folder: its config.toml is this command's options, so that the same
     command again carries on from the last completed epoch (under torchrun rank 0 writes, every
-    rank reads)."""
+    rank reads). ``read_only``: a folder this process may not write (``runs.finished_read_only``),
+    checked like a claim but left as it is (``RunFolder.follower``)."""
     if not args.out:
         return None
     collective = distributed.current()
@@ -167,13 +174,16 @@ def training_folder(args) -> RunFolder | None:
             config[key] = str(Path(config[key]).resolve())
     if user_models.is_model_file(config["model"]):
         config["model"] = user_models.resolved(config["model"])
-    folder = RunFolder(args.out)
+    folder = RunFolder(args.out).follower() if read_only else RunFolder(args.out)
     config_text = recipes.dump_recipe(config)
     try:
         if _holds_a_prune_run(folder):          # never cleared by --force, which replaces training runs only
             raise PrunekitError(f"--out {args.out} holds a `prunekit prune` run: pick another --out for the "
                                 "training")
-        claim(folder, config_text, force=bool(getattr(args, "force", False)))
+        if read_only:                           # the same refusals as claim's, nothing written
+            check_claim(folder, config_text)
+        else:
+            claim(folder, config_text, force=bool(getattr(args, "force", False)))
     except OptionError:
         old = folder.config.read_text() if folder.config.exists() else None
         keys = _differing(old, config_text) if old is not None else []
