@@ -112,17 +112,22 @@ def load_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
                      f"{said}; bring them to one size (--resize N --crop N)")
     mode = "L" if modes <= set(_GRAYSCALE_MODES) else "RGB"
 
-    pixels = []
-    for _, path in files:
+    # Decoded straight into the (N, C, H, W) array: a list of images stacked, then transposed into a
+    # contiguous copy, held three copies at once and took as long as the decoding (224x224 images).
+    (width, height), = sizes
+    array = np.empty((len(files), 1 if mode == "L" else 3, height, width), dtype=np.uint8)
+    for i, (_, path) in enumerate(files):
         with _open(path) as image:
             try:
-                pixels.append(np.asarray(_fitted(image.convert(mode), resize, crop)))
+                pixels = np.asarray(_fitted(image.convert(mode), resize, crop))
             except OSError as error:
                 raise PrunekitError(f"cannot decode {path} ({error}); remove or re-save the file") from error
-    array = np.stack(pixels)  # (N, H, W) for "L", (N, H, W, 3) for "RGB"
-    array = array[:, None] if mode == "L" else array.transpose(0, 3, 1, 2)
+        if pixels.shape[:2] != (height, width) or pixels.dtype != np.uint8:
+            raise PrunekitError(f"{path} decodes to {pixels.shape[1]}x{pixels.shape[0]} pixels ({pixels.dtype}), "
+                                f"not the {width}x{height} its header says; remove or re-save the file")
+        array[i] = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
     labels = torch.tensor([label for label, _ in files], dtype=torch.int64)
-    return ImageDataset(torch.from_numpy(np.ascontiguousarray(array)), labels, names)
+    return ImageDataset(torch.from_numpy(array), labels, names)
 
 
 def _class_names(data_dir: Path, root: Path, class_dirs: list[Path]) -> list[str]:
