@@ -128,7 +128,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         warnings.warn(PrunekitWarning(
             f"this script runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) but joined no process group: "
             "every process prunes alone; call prunekit.distributed.init_from_env() first to share the work"))
-    saved = _saved_streams(out)         # a run in out= replays its data from the states it started with
+    saved = _saved_streams(out, force)  # a run in out= replays its data from the states it started with
     train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data", saved=saved.get("data"))
     eval_batches = _batches(eval_data, batch_size, shuffle=False, seed=seed, what="eval_data",
                             saved=saved.get("eval_data"))
@@ -310,10 +310,11 @@ def _without_data(method: str | Method, gradual: bool) -> str:
     return f"pass data: {why} on the training data"
 
 
-def _saved_streams(out: str | None) -> dict[str, list]:
+def _saved_streams(out: str | None, force: bool = False) -> dict[str, list]:
     """The RNG states the run in folder ``out`` replays its data and eval_data from (its
-    ``runs.DATA_RNG``, written when it started), by what: {} without such a run."""
-    if out is None:
+    ``runs.DATA_RNG``, written when it started), by what: {} without such a run, or with ``force``
+    (which clears it: ``_keep_streams`` then keeps the call's own states)."""
+    if out is None or force:
         return {}
     path = RunFolder(out).path / runs.DATA_RNG
     try:
