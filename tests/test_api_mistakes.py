@@ -260,6 +260,43 @@ def test_train_epochs_and_evaluate_take_the_data_forms_prune_takes():
         evaluate(_net(), "test")
 
 
+
+def test_train_epochs_takes_batches_without_a_length_and_anneals_over_all_of_them():
+    """A function returning a generator, or a re-iterable without __len__ (forms the docstring
+    accepts), failed with "object of type 'generator' has no len()" building the cosine schedule:
+    one pass is counted, and the learning rate reaches 0 at the last batch of the last epoch."""
+    from prunekit.train import train_epochs
+    x, y = _data(96)
+
+    def generator():
+        for start in range(0, 96, 32):
+            yield x[start:start + 32], y[start:start + 32]
+
+    class Reiterable:
+        def __iter__(self):
+            return generator()
+    for data in (generator, Reiterable()):
+        net = _net()
+        optimizer = train_epochs(net, data, epochs=2, lr=0.05, progress=False)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+        assert optimizer.state[net[1].weight]["momentum_buffer"] is not None
+
+
+def test_train_epochs_drops_a_last_batch_of_one_sample_and_shuffles_from_the_global_rng():
+    """(X, Y) tensors of 129 samples in batches of 128 ended each epoch with a batch of one, which a
+    BatchNorm layer cannot train on ("Expected more than 1 value per channel"); prune drops it, and
+    train_epochs now builds its loader with the same function. Its order is still torch's global
+    RNG's, a new one each epoch."""
+    from prunekit.train import train_epochs
+    x, y = _data(129)
+    weights = []
+    for seed in (1, 1, 2):
+        net = _net(nn.BatchNorm1d(16))
+        torch.manual_seed(seed)
+        train_epochs(net, (x, y), epochs=2, lr=0.05, progress=False, batch_size=128)
+        weights.append(net[1].weight.detach().clone())
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
 @pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(label_smoothing=0.1),
                                   nn.CrossEntropyLoss(weight=torch.arange(1., 5.)), "mse", "dict"], ids=["label-smoothing", "class-weights", "mse", "dict-output"])
 def test_losses_that_are_means_over_the_batch_pass_the_mean_check(loss):

@@ -38,7 +38,7 @@ from . import recipes, run_lock, runs
 from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
                          check_runs_on, first_batch, plain_numbers)
 from .data.dataset import ImageDataset
-from .data.loaders import BatchLoader, leaves_one_over, samples_per_pass
+from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pass
 from .data.replay import (ReplayedLoader, loader_generators, rng_states, set_rng_states, states_from_json,
                           states_to_json)
 from .distributed import check_same_start, current, launched_by_torchrun
@@ -377,19 +377,16 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str,
             loader.epoch = epoch
             return loader
         return again
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        data = torch.utils.data.TensorDataset(*data)
+    dataset = map_style(data)             # (X, Y) tensors as a TensorDataset
+    data = data if dataset is None else dataset
     # a shuffling loader draws a new order at every pass; replayed from these states, every call
     # is the same stream, under torchrun rank 0's (each rank reads its gradient rows in pieces, a
     # pass per piece)
     generators = loader_generators(data)
     states = rng_states(generators)
-    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
-        dataset = data
-        make = lambda: torch.utils.data.DataLoader(      # noqa: E731
-            dataset, batch_size=batch_size, shuffle=shuffle,
-            generator=torch.Generator().manual_seed(seed) if shuffle else None,
-            drop_last=shuffle and leaves_one_over(len(dataset), batch_size))
+    if dataset is not None:
+        make = lambda: dataset_loader(dataset, batch_size, shuffle,      # noqa: E731
+                                      torch.Generator().manual_seed(seed) if shuffle else None)
     elif callable(data):
         make = data
     elif isinstance(data, Iterable):
