@@ -159,6 +159,9 @@ def test_a_run_folder_refuses_another_model_or_other_data_of_the_same_call(tmp_p
     told = [str(w.message) for w in said if "recorded no fingerprint" in str(w.message)]
     assert len(told) == 1 and "force=True" in told[0], [str(w.message) for w in said]
     assert "final_weights_sha256" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # another call on that folder is another run, not other weights (it recorded none to compare)
+    with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other sparsity\): pick another out"):
+        prunekit.prune(_tiny()[0], (x, y), **{**kwargs, "sparsity": 0.5})
     (tmp_path / "run" / "data-rng.json").write_text("{not json")      # a damaged file of the run's: named
     with pytest.raises(prunekit.PrunekitError, match=r"data-rng.json cannot be read \(JSONDecodeError\): restore "
                                                      r"it to carry that run on, or clear the run first \(force=True\)$"):
