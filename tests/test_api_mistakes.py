@@ -417,6 +417,10 @@ def test_a_layer_pruned_with_torch_prune_is_refused_naming_prune_remove(method, 
     with pytest.raises(PrunekitError, match=r"^module '3' was pruned with torch.nn.utils.prune .* "
                                             r"torch.nn.utils.prune.remove\(module, 'weight'\)"):
         prunekit.prune(net, (x, y), method=method, **budget)
+    # excluding it does not help, and the refusal says so: its weight is no parameter, so the cost
+    # model would count it dense (MACs kept over-reported, as for the permanent zeros below they are not)
+    with pytest.raises(PrunekitError, match=r"^module '3' was pruned .* cannot count or prune, excluded or not: "):
+        prunekit.prune(net, (x, y), method=method, exclude=["3"], **budget)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     torch_prune.remove(net[3], "weight")                  # the fix named: the run's count is the model's
     result = prunekit.prune(net, (x, y), method="magnitude", sparsity=0.8)
