@@ -297,6 +297,29 @@ def test_train_epochs_drops_a_last_batch_of_one_sample_and_shuffles_from_the_glo
         weights.append(net[1].weight.detach().clone())
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
+
+def test_a_model_with_non_tensor_extra_state_is_refused_by_out_and_save_model_in_one_line(tmp_path):
+    """A module's get_extra_state (any object) puts a non-tensor in the state dict: prune(out=) and
+    save_model died on it ('dict' object has no attribute 'detach'). A .safetensors file holds
+    tensors only: both refuse in one line before writing anything; prune without out= prunes it."""
+    class Scaled(nn.Linear):
+        def get_extra_state(self):
+            return {"scale": 1.0}
+
+        def set_extra_state(self, state):
+            pass
+    x, y = _data()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), Scaled(64, 16), nn.ReLU(), nn.Linear(16, 4))
+    needle = r"the model's state dict holds 1._extra_state, a dict \(a module's get_extra_state\), and a .safetensors"
+    with pytest.raises(PrunekitError, match=rf"^out=: {needle} .*: prune without out= and save the result with "
+                                            r"torch.save$"):
+        prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5, out=str(tmp_path / "run"))
+    with pytest.raises(PrunekitError, match=rf"^save_model: {needle}"):
+        prunekit.save_model(net, tmp_path / "m.safetensors", {})
+    assert not any(tmp_path.rglob("*.safetensors")) and not (tmp_path / "run").exists()
+    assert prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5).sparsity == pytest.approx(0.5, abs=0.01)
+
 @pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(label_smoothing=0.1),
                                   nn.CrossEntropyLoss(weight=torch.arange(1., 5.)), "mse", "dict"], ids=["label-smoothing", "class-weights", "mse", "dict-output"])
 def test_losses_that_are_means_over_the_batch_pass_the_mean_check(loss):

@@ -50,7 +50,7 @@ from .pipelines.fisher_methods import check_planned_rows
 from .record import Result
 from .request import PruneRequest
 from .runs import RunFolder, claim_on_rank_0, release_refused
-from .saving import atomic_write_json
+from .saving import atomic_write_json, refuse_non_tensors
 
 
 def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sparsity=None, flops=None,
@@ -128,6 +128,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         warnings.warn(PrunekitWarning(
             f"this script runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) but joined no process group: "
             "every process prunes alone; call prunekit.distributed.init_from_env() first to share the work"))
+    if out is not None:     # the run folder keeps the model (and its checkpoints) as .safetensors
+        refuse_non_tensors(model, "out=", "prune without out= and save the result with torch.save")
     saved = _saved_streams(out, force)  # a run in out= replays its data from the states it started with
     train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data", saved=saved.get("data"))
     eval_batches = _batches(eval_data, batch_size, shuffle=False, seed=seed, what="eval_data",

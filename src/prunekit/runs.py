@@ -171,7 +171,7 @@ def tensors_sha256(named) -> str:
         if t.is_quantized:
             t = t.int_repr()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
-        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))     # no copy
     return digest.hexdigest()
 
 
