@@ -159,11 +159,41 @@ def test_a_run_folder_refuses_another_model_or_other_data_of_the_same_call(tmp_p
     told = [str(w.message) for w in said if "recorded no fingerprint" in str(w.message)]
     assert len(told) == 1 and "force=True" in told[0], [str(w.message) for w in said]
     assert "final_weights_sha256" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # another call on that folder is another run, not other weights (it recorded none to compare)
+    with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other sparsity\): pick another out"):
+        prunekit.prune(_tiny()[0], (x, y), **{**kwargs, "sparsity": 0.5})
     (tmp_path / "run" / "data-rng.json").write_text("{not json")      # a damaged file of the run's: named
     with pytest.raises(prunekit.PrunekitError, match=r"data-rng.json cannot be read \(JSONDecodeError\): restore "
                                                      r"it to carry that run on, or clear the run first \(force=True\)$"):
         prunekit.prune(_tiny()[0], (x, y), **kwargs)
 
+
+
+@pytest.mark.parametrize("damage", ["{not json", "torch byte 300", "numpy key -1", "torch byte 1.5"])
+def test_a_damaged_data_rng_json_is_refused_in_one_line_and_force_clears_it(tmp_path, damage):
+    """A data-rng.json with a byte over 255 or a negative key escaped as a RuntimeError or
+    OverflowError traceback (a float byte was truncated), and force=True, the fix the refusal
+    names, was refused too: it read the file it clears."""
+    import json
+    net, x, y = _tiny()
+    kwargs = dict(method="magnitude", sparsity=0.5, out=str(tmp_path / "run"))
+    prunekit.prune(net, (x, y), **kwargs)
+    path = tmp_path / "run" / "data-rng.json"
+    good = path.read_text()
+    if damage == "{not json":
+        path.write_text(damage)
+    else:
+        saved = json.loads(good)
+        where, at = {"torch byte 300": (saved["data"]["torch"], 300), "torch byte 1.5": (saved["data"]["torch"], 1.5),
+                     "numpy key -1": (saved["data"]["numpy"]["keys"], -1)}[damage]
+        where[0] = at
+        path.write_text(json.dumps(saved))
+    with pytest.raises(prunekit.PrunekitError, match=r"data-rng.json cannot be read \(\w+\): restore it to carry "
+                                                     r"that run on, or clear the run first \(force=True\)$"):
+        prunekit.prune(_tiny()[0], (x, y), **kwargs)
+    prunekit.prune(_tiny()[0], (x, y), **kwargs, force=True)
+    json.loads(path.read_text())                     # the forced run kept states of its own
+    prunekit.prune(_tiny()[0], (x, y), **kwargs)     # and carries on from them
 
 def test_same_data_forms_give_the_same_result():
     net, x, y = _tiny()

@@ -260,6 +260,66 @@ def test_train_epochs_and_evaluate_take_the_data_forms_prune_takes():
         evaluate(_net(), "test")
 
 
+
+def test_train_epochs_takes_batches_without_a_length_and_anneals_over_all_of_them():
+    """A function returning a generator, or a re-iterable without __len__ (forms the docstring
+    accepts), failed with "object of type 'generator' has no len()" building the cosine schedule:
+    one pass is counted, and the learning rate reaches 0 at the last batch of the last epoch."""
+    from prunekit.train import train_epochs
+    x, y = _data(96)
+
+    def generator():
+        for start in range(0, 96, 32):
+            yield x[start:start + 32], y[start:start + 32]
+
+    class Reiterable:
+        def __iter__(self):
+            return generator()
+    for data in (generator, Reiterable()):
+        net = _net()
+        optimizer = train_epochs(net, data, epochs=2, lr=0.05, progress=False)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+        assert optimizer.state[net[1].weight]["momentum_buffer"] is not None
+
+
+def test_train_epochs_drops_a_last_batch_of_one_sample_and_shuffles_from_the_global_rng():
+    """(X, Y) tensors of 129 samples in batches of 128 ended each epoch with a batch of one, which a
+    BatchNorm layer cannot train on ("Expected more than 1 value per channel"); prune drops it, and
+    train_epochs now builds its loader with the same function. Its order is still torch's global
+    RNG's, a new one each epoch."""
+    from prunekit.train import train_epochs
+    x, y = _data(129)
+    weights = []
+    for seed in (1, 1, 2):
+        net = _net(nn.BatchNorm1d(16))
+        torch.manual_seed(seed)
+        train_epochs(net, (x, y), epochs=2, lr=0.05, progress=False, batch_size=128)
+        weights.append(net[1].weight.detach().clone())
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
+def test_a_model_with_non_tensor_extra_state_is_refused_by_out_and_save_model_in_one_line(tmp_path):
+    """A module's get_extra_state (any object) puts a non-tensor in the state dict: prune(out=) and
+    save_model died on it ('dict' object has no attribute 'detach'). A .safetensors file holds
+    tensors only: both refuse in one line before writing anything; prune without out= prunes it."""
+    class Scaled(nn.Linear):
+        def get_extra_state(self):
+            return {"scale": 1.0}
+
+        def set_extra_state(self, state):
+            pass
+    x, y = _data()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), Scaled(64, 16), nn.ReLU(), nn.Linear(16, 4))
+    needle = r"the model's state dict holds 1._extra_state, a dict \(a module's get_extra_state\), and a .safetensors"
+    with pytest.raises(PrunekitError, match=rf"^out=: {needle} .*: prune without out= and save the result with "
+                                            r"torch.save$"):
+        prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5, out=str(tmp_path / "run"))
+    with pytest.raises(PrunekitError, match=rf"^save_model: {needle}"):
+        prunekit.save_model(net, tmp_path / "m.safetensors", {})
+    assert not any(tmp_path.rglob("*.safetensors")) and not (tmp_path / "run").exists()
+    assert prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5).sparsity == pytest.approx(0.5, abs=0.01)
+
 @pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(label_smoothing=0.1),
                                   nn.CrossEntropyLoss(weight=torch.arange(1., 5.)), "mse", "dict"], ids=["label-smoothing", "class-weights", "mse", "dict-output"])
 def test_losses_that_are_means_over_the_batch_pass_the_mean_check(loss):
@@ -380,6 +440,10 @@ def test_a_layer_pruned_with_torch_prune_is_refused_naming_prune_remove(method, 
     with pytest.raises(PrunekitError, match=r"^module '3' was pruned with torch.nn.utils.prune .* "
                                             r"torch.nn.utils.prune.remove\(module, 'weight'\)"):
         prunekit.prune(net, (x, y), method=method, **budget)
+    # excluding it does not help, and the refusal says so: its weight is no parameter, so the cost
+    # model would count it dense (MACs kept over-reported, as for the permanent zeros below they are not)
+    with pytest.raises(PrunekitError, match=r"^module '3' was pruned .* cannot count or prune, excluded or not: "):
+        prunekit.prune(net, (x, y), method=method, exclude=["3"], **budget)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     torch_prune.remove(net[3], "weight")                  # the fix named: the run's count is the model's
     result = prunekit.prune(net, (x, y), method="magnitude", sparsity=0.8)

@@ -38,7 +38,7 @@ from . import recipes, run_lock, runs
 from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
                          check_runs_on, first_batch, plain_numbers)
 from .data.dataset import ImageDataset
-from .data.loaders import BatchLoader, leaves_one_over, samples_per_pass
+from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pass
 from .data.replay import (ReplayedLoader, loader_generators, rng_states, set_rng_states, states_from_json,
                           states_to_json)
 from .distributed import check_same_start, current, launched_by_torchrun
@@ -50,7 +50,7 @@ from .pipelines.fisher_methods import check_planned_rows
 from .record import Result
 from .request import PruneRequest
 from .runs import RunFolder, claim_on_rank_0, release_refused
-from .saving import atomic_write_json
+from .saving import atomic_write_json, refuse_non_tensors
 
 
 def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sparsity=None, flops=None,
@@ -128,7 +128,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         warnings.warn(PrunekitWarning(
             f"this script runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) but joined no process group: "
             "every process prunes alone; call prunekit.distributed.init_from_env() first to share the work"))
-    saved = _saved_streams(out)         # a run in out= replays its data from the states it started with
+    if out is not None:     # the run folder keeps the model (and its checkpoints) as .safetensors
+        refuse_non_tensors(model, "out=", "prune without out= and save the result with torch.save")
+    saved = _saved_streams(out, force)  # a run in out= replays its data from the states it started with
     train_batches = _batches(data, batch_size, shuffle=True, seed=seed, what="data", saved=saved.get("data"))
     eval_batches = _batches(eval_data, batch_size, shuffle=False, seed=seed, what="eval_data",
                             saved=saved.get("eval_data"))
@@ -310,10 +312,11 @@ def _without_data(method: str | Method, gradual: bool) -> str:
     return f"pass data: {why} on the training data"
 
 
-def _saved_streams(out: str | None) -> dict[str, list]:
+def _saved_streams(out: str | None, force: bool = False) -> dict[str, list]:
     """The RNG states the run in folder ``out`` replays its data and eval_data from (its
-    ``runs.DATA_RNG``, written when it started), by what: {} without such a run."""
-    if out is None:
+    ``runs.DATA_RNG``, written when it started), by what: {} without such a run, or with ``force``
+    (which clears it: ``_keep_streams`` then keeps the call's own states)."""
+    if out is None or force:
         return {}
     path = RunFolder(out).path / runs.DATA_RNG
     try:
@@ -376,19 +379,16 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str,
             loader.epoch = epoch
             return loader
         return again
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        data = torch.utils.data.TensorDataset(*data)
+    dataset = map_style(data)             # (X, Y) tensors as a TensorDataset
+    data = data if dataset is None else dataset
     # a shuffling loader draws a new order at every pass; replayed from these states, every call
     # is the same stream, under torchrun rank 0's (each rank reads its gradient rows in pieces, a
     # pass per piece)
     generators = loader_generators(data)
     states = rng_states(generators)
-    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
-        dataset = data
-        make = lambda: torch.utils.data.DataLoader(      # noqa: E731
-            dataset, batch_size=batch_size, shuffle=shuffle,
-            generator=torch.Generator().manual_seed(seed) if shuffle else None,
-            drop_last=shuffle and leaves_one_over(len(dataset), batch_size))
+    if dataset is not None:
+        make = lambda: dataset_loader(dataset, batch_size, shuffle,      # noqa: E731
+                                      torch.Generator().manual_seed(seed) if shuffle else None)
     elif callable(data):
         make = data
     elif isinstance(data, Iterable):

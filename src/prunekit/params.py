@@ -225,13 +225,16 @@ def _refuse_torch_pruned(model: nn.Module) -> None:
                  if isinstance(hook, torch_prune.BasePruningMethod)]
         names += [local[:-len("_orig")] for local, _ in module.named_parameters(recurse=False)
                   if local.endswith("_orig") and hasattr(module, local[:-len("_orig")] + "_mask")]
+        # refused even where exclude= names it (unlike a parametrized weight): its weight is no
+        # parameter, so the cost model counts the layer's MACs and parameters dense, the zeros of its
+        # mask unseen (the budget and the reported sparsity and MACs kept would be wrong)
         if names:
             where = module_name or "(root)"
             raise PrunekitError(
                 f"module {where!r} was pruned with torch.nn.utils.prune (its {names[0]} is {names[0]}_orig * "
-                f"{names[0]}_mask, made before each call), which prunekit cannot count or prune: make that "
-                f"pruning permanent first with torch.nn.utils.prune.remove(module, {names[0]!r}) (its zeros stay), "
-                "then prune")
+                f"{names[0]}_mask, made before each call), which prunekit cannot count or prune, excluded or not: "
+                f"make that pruning permanent first with torch.nn.utils.prune.remove(module, {names[0]!r}) (its "
+                "zeros stay), then prune")
 
 
 def _parametrized(model: nn.Module) -> list[tuple[str, str, list[str]]]:

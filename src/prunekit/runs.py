@@ -181,7 +181,7 @@ def tensors_sha256(named) -> str:
         if t.is_quantized:
             t = t.int_repr()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
-        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))     # no copy
     return digest.hexdigest()
 
 
@@ -303,8 +303,10 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
         old = folder.config.read_text() if folder.config.exists() else None
         if old != config_text:
             keys = _differing(old, config_text) if old is not None else []
-            if python and keys and _unfingerprinted(old, keys):
-                return
+            if python and keys and not _fingerprinted(old):     # a version that recorded none:
+                keys = [k for k in keys if k not in FINGERPRINT_KEYS]     # what differs is the rest
+                if not keys:
+                    return
             if keys == ["onnx"] and _asks_onnx(config_text) and not python and folder.model_path.exists():
                 onnx = folder.path / "export" / "model.onnx"
                 raise OptionError(f"{folder.path} holds this run, made without --onnx: `prunekit export "
@@ -325,14 +327,13 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
                               "it first (force)", ("out", "resume", "force"))
 
 
-def _unfingerprinted(old: str, keys: list[str]) -> bool:
-    """Whether config ``old`` is a Python run's of a version that recorded no fingerprint of what it
-    started from, and differs from the new one in the fingerprint alone (``FINGERPRINT_KEYS``)."""
+def _fingerprinted(old: str) -> bool:
+    """Whether config ``old`` records a fingerprint of what its run started from (any of
+    ``FINGERPRINT_KEYS``; a Python run's of an older version records none)."""
     try:
-        before = tomllib.loads(old)
+        return bool(set(FINGERPRINT_KEYS) & tomllib.loads(old).keys())
     except tomllib.TOMLDecodeError:
-        return False
-    return set(keys) <= set(FINGERPRINT_KEYS) and not set(FINGERPRINT_KEYS) & before.keys()
+        return True
 
 
 def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: bool = False,

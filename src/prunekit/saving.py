@@ -23,6 +23,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
+import torch
 from torch import nn
 
 from .atomic import atomic_output
@@ -80,6 +81,7 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
     if not isinstance(meta, dict):
         raise PrunekitError(f"save_model(model, path, meta): meta must be a dict of JSON values (the sidecar's "
                             f"fields; {{}} for none), got {type(meta).__name__}")
+    refuse_non_tensors(model, "save_model", "save that model with torch.save(model.state_dict(), ...) instead")
     meta = _with_channel_layout(model, meta)
     try:                 # checked before anything is written: never a model file without its sidecar
         sidecar = (json.dumps({SIDECAR_MARK: SIDECAR_VERSION, **meta}, indent=2, sort_keys=False) + "\n").encode()
@@ -97,6 +99,15 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
     atomic_write_bytes(path, save(state, metadata={"format": "pt", MODEL_MARK: "1"}))
     atomic_write_bytes(side, sidecar)
     return path
+
+
+def refuse_non_tensors(model: nn.Module, what: str, fix: str) -> None:
+    """Refuse, in one line ending in ``fix``, a model whose state dict holds an entry that is not a
+    tensor (the object a module's ``get_extra_state`` returns): a .safetensors file holds tensors only."""
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise PrunekitError(f"{what}: the model's state dict holds {name}, a {type(value).__name__} (a module's "
+                                f"get_extra_state), and a .safetensors file holds tensors only: {fix}")
 
 
 def _with_channel_layout(model: nn.Module, meta: dict) -> dict:

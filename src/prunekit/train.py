@@ -92,7 +92,16 @@ class _EachPass:
         return iter(self.make())
 
     def __len__(self):
-        return len(self.make())
+        return len(self.make())     # a TypeError where what it returns has none (a generator)
+
+
+def batches_per_pass(loader: Iterable) -> int:
+    """How many batches one pass over ``loader`` holds: its ``len()``, or where it has none (a
+    generator, a re-iterable without ``__len__``) counted by reading one pass."""
+    try:
+        return len(loader)
+    except TypeError:
+        return sum(1 for _ in loader)
 
 
 def batches_of(data, what: str = "data", batch_size: int = 128, shuffle: bool = False,
@@ -105,16 +114,14 @@ def batches_of(data, what: str = "data", batch_size: int = 128, shuffle: bool = 
     Dataset of triples ...) is refused in one line naming the fix, as ``prune`` refuses it."""
     from .api_checks import check_data, first_batch
     from .data.dataset import ImageDataset
-    from .data.loaders import BatchLoader
+    from .data.loaders import BatchLoader, dataset_loader, map_style
     from .data.replay import ReplayedLoader
     check_data(data, what, class_labels=class_labels)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        data = torch.utils.data.TensorDataset(*data)
+    dataset = map_style(data)
     if isinstance(data, torch.utils.data.DataLoader):
         return data
-    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") \
-            and not isinstance(data, torch.utils.data.IterableDataset):
-        batches = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle)
+    if dataset is not None:         # a fresh order at every pass, from torch's global RNG
+        batches = dataset_loader(dataset, batch_size, shuffle)
     elif isinstance(data, ImageDataset):
         raise PrunekitError(f"{what} is an ImageDataset of raw uint8 pixels: pass make_loader({what}, normalization) "
                             "(prunekit.data), which scales and normalizes them as the model was trained")
@@ -348,7 +355,7 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
     loader = batches_of(loader, "data", batch_size, shuffle=True, class_labels=loss_fn is None)
     if optimizer is None:
         optimizer = sgd(model, lr, momentum, weight_decay)
-    schedule = cosine(optimizer, epochs * len(loader))
+    schedule = cosine(optimizer, epochs * batches_per_pass(loader))
     for epoch in range(epochs):
         loss = train_epoch(model, loader, optimizer, schedule, f"epoch {epoch + 1}/{epochs}", progress,
                            teacher, distill, temperature, loss_fn)

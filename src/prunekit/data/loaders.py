@@ -194,6 +194,26 @@ def leaves_one_over(count: int, batch_size: int) -> bool:
     return count > batch_size and count % batch_size == 1
 
 
+def map_style(data) -> torch.utils.data.Dataset | None:
+    """``data`` as a map-style Dataset of ``(x, y)`` samples where it is one or ``(X, Y)`` tensors
+    (a TensorDataset of them); None for any other form (a loader, a function, an IterableDataset)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return torch.utils.data.TensorDataset(*data)
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") \
+            and not isinstance(data, torch.utils.data.IterableDataset):
+        return data
+    return None
+
+
+def dataset_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool,
+                   generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader of ``dataset`` (map-style) in batches of ``batch_size``; with ``shuffle``, in a
+    new order at each pass (drawn from ``generator``, or from torch's global RNG without one) and
+    without a last batch of one sample (``leaves_one_over``: BatchNorm cannot train on it)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                                       drop_last=shuffle and leaves_one_over(len(dataset), batch_size))
+
+
 def samples_per_pass(batches) -> int | None:
     """How many samples one pass over ``batches`` yields, where that is known without reading
     it: a :class:`BatchLoader`, or a ``torch.utils.data.DataLoader`` with a batch size and a

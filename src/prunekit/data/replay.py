@@ -112,17 +112,23 @@ def states_to_json(states: list) -> dict:
 
 
 def states_from_json(saved: dict) -> list:
-    """Undo :func:`states_to_json` (``KeyError``, ``TypeError`` or ``ValueError`` on anything else)."""
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.uint8)      # noqa: E731
-    r, n = saved["random"], saved["numpy"]
-    states = [as_tensor(saved["torch"]), (r["version"], tuple(r["internal"]), r["gauss_next"]),
-              (n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]),
-              *(as_tensor(g) for g in saved["generators"])]
+    """Undo :func:`states_to_json` (``KeyError``, ``TypeError`` or ``ValueError`` on anything else:
+    a value that is not an int in its range included, none truncated or wrapped)."""
+    def ints(values, top: int) -> list:
+        if not isinstance(values, list) or not all(type(v) is int and 0 <= v < top for v in values):
+            raise ValueError(f"expected a list of ints in [0, {top})")
+        return values
+    as_tensor = lambda values: torch.tensor(ints(values, 256), dtype=torch.uint8)      # noqa: E731
     try:                    # each is a state its generator takes (checked on scratch generators)
+        r, n = saved["random"], saved["numpy"]
+        states = [as_tensor(saved["torch"]), (r["version"], tuple(ints(r["internal"], 2 ** 32)), r["gauss_next"]),
+                  (n["kind"], np.array(ints(n["keys"], 2 ** 32), dtype=np.uint32), n["pos"], n["has_gauss"],
+                   n["gauss"]),
+                  *(as_tensor(g) for g in saved["generators"])]
         for state in (states[0], *states[3:]):
             torch.Generator().set_state(state)
         random.Random().setstate(states[1])
         np.random.RandomState().set_state(states[2])
-    except RuntimeError as err:
+    except (RuntimeError, OverflowError) as err:
         raise ValueError(str(err)) from None
     return states
