@@ -298,6 +298,20 @@ def test_train_epochs_drops_a_last_batch_of_one_sample_and_shuffles_from_the_glo
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
 
+def test_the_data_form_check_of_train_epochs_starts_no_pass_of_a_prunekit_loader():
+    """A prunekit loader's shuffle follows its pass count (``epoch``); the data-form check started a
+    pass of its own (``iter(data) is data``), so every fine-tune read other batches than before and
+    a gradual run killed under the previous version resumed to other weights."""
+    from prunekit.data.dataset import ImageDataset
+    from prunekit.data.loaders import Normalization, make_loader
+    from prunekit.train import batches_of
+    gen = torch.Generator().manual_seed(0)
+    data = ImageDataset(torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=gen),
+                        torch.randint(0, 4, (40,), generator=gen), [str(k) for k in range(4)])
+    loader = make_loader(data, Normalization((0.5,), (0.25,)), batch_size=8, shuffle=True, seed=3)
+    assert batches_of(loader, shuffle=True) is loader and loader.epoch == 0
+
+
 def test_a_model_with_non_tensor_extra_state_is_refused_by_out_and_save_model_in_one_line(tmp_path):
     """A module's get_extra_state (any object) puts a non-tensor in the state dict: prune(out=) and
     save_model died on it ('dict' object has no attribute 'detach'). A .safetensors file holds

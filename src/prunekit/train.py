@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -127,12 +127,13 @@ def batches_of(data, what: str = "data", batch_size: int = 128, shuffle: bool = 
                             "(prunekit.data), which scales and normalizes them as the model was trained")
     elif callable(data):
         batches = _EachPass(data)
+    elif isinstance(data, (BatchLoader, ReplayedLoader)):       # prunekit's own: (x, y) batches
+        return data
     elif isinstance(data, Iterable):
-        if iter(data) is data:
+        # by its type, not iter(data) is data: an iter() would start a pass (a loader's epoch, its shuffle)
+        if isinstance(data, Iterator):
             raise PrunekitError(f"{what} is a one-pass iterator: pass a DataLoader, a Dataset, (X, Y) tensors "
                                 "or a function returning batches, so that every epoch can read it again")
-        if isinstance(data, (BatchLoader, ReplayedLoader)):       # prunekit's own: (x, y) batches
-            return data
         batches = data
     else:
         raise PrunekitError(f"{what} must be a DataLoader, a Dataset, (X, Y) tensors or a function returning "
