@@ -77,6 +77,15 @@ def test_a_trained_model_labels_later_folders_by_its_recorded_class_names(capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not trained on (d;" in err and "Traceback" not in err
 
+    # a model that records no names (an older prunekit's): a folder of fewer classes is labelled by
+    # its own names, which a missing class shifts; said, and those partial names are not recorded
+    sidecar = trained / "model.json"
+    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "class_names"}))
+    assert main(["eval", *model, *data, str(tmp_path / "flat")]) == 0
+    assert "has 2 class folders but the model has 3 outputs and records no class names" in capsys.readouterr().err
+    assert main(["eval", *model, *data, str(tmp_path / "photos")]) == 0
+    assert "class folders" not in capsys.readouterr().err
+
 
 def test_a_sidecar_with_damaged_class_names_is_refused_in_one_line(capsys, tmp_path):
     import prunekit

@@ -273,7 +273,7 @@ def check_fits(loaded: LoadedModel, ds: ImageDataset, what: str) -> None:
                             f"the model was made for, or another model")
     if user_models.is_model_file(loaded.name):
         _check_forward(loaded, what)
-    num_classes = _num_classes(loaded.model)
+    num_classes = model_outputs(loaded.model)
     if num_classes is not None and len(ds) and int(ds.labels.max()) >= num_classes:
         raise PrunekitError(f"the {what} labels go up to {int(ds.labels.max())} but model "
                             f"{loaded.name!r} has {num_classes} outputs: pick a matching model or data set")
@@ -299,7 +299,8 @@ def _check_forward(loaded: LoadedModel, what: str) -> None:
                             "shape (batch, classes): return them from the function's model (e.g. wrap it)")
 
 
-def _num_classes(model: nn.Module) -> int | None:
+def model_outputs(model: nn.Module) -> int | None:
+    """The class scores ``model`` gives, as its last Linear layer's width (None without one)."""
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return last[-1].out_features if last else None
 

@@ -21,8 +21,8 @@ from ..errors import PrunekitError, PrunekitWarning
 from ..saving import read_meta
 from ..zoo.checkpoints import check_checkpoint_path
 from ..api_checks import first_batch
-from ..loading import (LoadedModel, check_fits, check_normalized, load_data, load_model, python_saved_refusal,
-                       recorded_classes)
+from ..loading import (LoadedModel, check_fits, check_normalized, load_data, load_model, model_outputs,
+                       python_saved_refusal, recorded_classes)
 
 
 MODEL_HELP = (f"zoo model ({', '.join(zoo.MODEL_NAMES)}) or your own: net.py:FUNCTION, a function of that "
@@ -224,6 +224,15 @@ def note_classes(args, loaded: LoadedModel, ds) -> None:
     """A model that meets an image folder keeps its class names (in label order), so that the
     model saved from it labels any later folder (one lacking a class, say) the same way."""
     if args.data == "imagefolder" and loaded.class_names is None:
+        outputs = model_outputs(loaded.model)
+        if outputs is not None and len(ds.classes) < outputs:
+            # without the model's own names a missing class shifts the labels of every class after it
+            warnings.warn(PrunekitWarning(
+                f"{args.data_dir} has {len(ds.classes)} class folders but the model has {outputs} outputs and "
+                f"records no class names (a zoo checkpoint, or saved by an older prunekit): its images "
+                f"are labelled 0-{len(ds.classes) - 1} by their sorted folder names, right only if the missing "
+                f"classes sort after them; add an (empty) folder for each missing class"))
+            return           # names of some of its outputs only: not recorded
         loaded.class_names = list(ds.classes)
 
 
