@@ -308,6 +308,17 @@ def test_save_model_refuses_to_replace_a_users_own_safetensors(tmp_path):
     save_model(nn.Linear(2, 4), own, {})
     assert load_file(own)["weight"].shape == (4, 2) and "prunekit_sidecar" in json.loads(
         (tmp_path / "own.json").read_text())
+    # a run folder's model is its run's, though prunekit wrote it: refused, a file of another name taken
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model(nn.Linear(2, 2), run / "model.safetensors", {})
+    (run / "config.toml").write_text('method = "magnitude"\n')
+    (run / "metrics.json").write_text('{"status": "done"}\n')
+    before = (run / "model.safetensors").read_bytes()
+    with pytest.raises(PrunekitError, match="is the model of the prunekit run in"):
+        save_model(nn.Linear(2, 5), run / "model.safetensors", {})
+    assert (run / "model.safetensors").read_bytes() == before
+    save_model(nn.Linear(2, 5), run / "mine.safetensors", {})
 
 
 @pytest.mark.parametrize("prefix", ["_orig_mod.", "model.", "module._orig_mod."])
