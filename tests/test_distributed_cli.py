@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 from pathlib import Path
 
 from distributed_spawn import free_port
@@ -275,3 +277,40 @@ def test_ranks_whose_launcher_is_killed_stop_mark_the_run_interrupted_and_say_ho
         for pid in pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_lost_launcher_stops_prunekit_work_but_not_the_callers_own_code_after_it(monkeypatch):
+    """The launcher watcher stops a rank (a SIGINT to its main thread) while prunekit works; once
+    ``prunekit.prune`` has returned, a user's script going on was interrupted by it too, with a
+    bare KeyboardInterrupt. Now it only marks the launcher lost there (the next prunekit collective
+    fails on it). The launcher's death is played by the parent pid the watcher reads."""
+    from prunekit import interrupts
+    from prunekit.distributed import collective
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    for name, value in (("_launcher", None), ("_launcher_lost", False)):
+        monkeypatch.setattr(collective, name, value)
+    for name, value in (("_reason", None), ("_taken", False), ("_runs", 0)):
+        monkeypatch.setattr(interrupts, name, value)
+    parent = [os.getppid()]
+    monkeypatch.setattr(collective.os, "getppid", lambda: parent[0])
+
+    collective.watch_launcher(poll_s=0.01)
+    parent[0] = -1                                   # the launcher is gone while the caller's own code runs
+    interrupted = False
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and not collective._launcher_lost:
+            time.sleep(0.01)
+        time.sleep(0.2)
+    except KeyboardInterrupt:
+        interrupted = True
+    assert collective._launcher_lost and not interrupted
+
+    monkeypatch.setattr(collective, "_launcher", None)
+    monkeypatch.setattr(collective, "_launcher_lost", False)
+    parent[0] = os.getpid()                         # a new launcher, lost while prunekit works
+    collective.watch_launcher(poll_s=0.01)
+    parent[0] = -1
+    with pytest.raises(KeyboardInterrupt), interrupts.running():
+        time.sleep(2.0)
+    assert interrupts.stopped_by() == (collective.LAUNCHER_GONE, 1)

@@ -438,3 +438,25 @@ def test_a_stopped_runs_status_is_written_before_its_lock_is_let_go(tmp_path, ca
     assert seen[:1] == ["interrupted"], seen
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
     assert (run / "run.log").read_text().count("interrupted (Ctrl-C)") == 1
+
+
+def test_a_python_run_stopped_by_ctrl_c_is_marked_interrupted_before_its_lock_is_let_go(tmp_path, monkeypatch):
+    """Only the command line marked a stopped run: prunekit.prune(out=) stopped by Ctrl-C (or a lost
+    torchrun launcher) left metrics.json 'running' and run.log silent."""
+    import prunekit
+    import torch
+    from torch import nn
+    from prunekit import executor
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    run = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(executor, "_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), (x, y), method="magnitude",
+                       sparsity=0.5, out=str(run))
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+    assert "interrupted (Ctrl-C)" in (run / "run.log").read_text()
+    assert not run_lock.in_use(str(run))

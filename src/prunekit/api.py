@@ -34,7 +34,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from . import recipes, run_lock, runs
+from . import interrupts, recipes, run_lock, runs
 from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
                          check_runs_on, first_batch, plain_numbers)
 from .data.dataset import ImageDataset
@@ -172,6 +172,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                             for what, batches in given.items()})
     folder = None
     with ExitStack() as lock:
+        lock.enter_context(interrupts.running())      # a lost torchrun launcher stops this call, not the caller after it
         if out is not None:       # under torchrun rank 0 alone holds the lock and writes; every rank computes
             lock.enter_context(run_lock.held_by_rank_0(out, "out="))        # one process at a time in the folder
             config = {"model_class": type(model).__name__, "method": plan.method.name, **budget, "include": include,
@@ -188,6 +189,13 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                                                 stage_eval=stage_eval)
         except PrunekitError:
             release_refused(folder)
+            raise
+        except KeyboardInterrupt:       # Ctrl-C, or a lost torchrun launcher: said while the lock is held
+            if folder is not None:
+                try:
+                    runs.mark_stopped(folder, f"interrupted ({interrupts.stopped_by()[0]})")
+                except OSError:         # a full disk: the stop itself is what the caller is told
+                    pass
             raise
         except ValueError as err:
             if (refusal := single_sample_batchnorm(err)) is None:

@@ -18,6 +18,7 @@ _pending = False
 _received = signal.SIGINT          # the last signal that stopped the run
 _reason: tuple[str, int] | None = None   # a stop prunekit asked for itself (``stop``): its name, exit code
 _taken = False                     # that stop is being handled already: its SIGINT raises nothing more
+_runs = 0                          # prunekit work under way on the main thread (``caught``, ``running``)
 
 
 def _on_signal(signum, frame):
@@ -46,11 +47,30 @@ def caught():
     handled = (signal.SIGINT,) if ranks else (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.signal(signum, _on_signal) for signum in handled}
     try:
-        yield
+        with running():
+            yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _pending = False
+
+
+@contextlib.contextmanager
+def running():
+    """Within the block prunekit's own work is under way (a command, a ``prunekit.prune`` call): a
+    ``stop`` from another thread may interrupt it; outside, the caller's own code runs and is not
+    interrupted by prunekit."""
+    global _runs
+    _runs += 1
+    try:
+        yield
+    finally:
+        _runs -= 1
+
+
+def under_way() -> bool:
+    """Whether prunekit's own work is under way (``running``)."""
+    return _runs > 0
 
 
 def stop(reason: str, code: int = 1) -> None:

@@ -206,7 +206,9 @@ def watch_launcher(poll_s: float = LAUNCHER_POLL_S) -> None:
     def watch() -> None:
         while not _launcher_lost and os.getppid() == _launcher:
             time.sleep(poll_s)
-        if _first_to_see_launcher_lost():
+        # a run under way stops; after it (a user's script going on past prunekit.prune), only the
+        # next prunekit collective fails (``passed_checks``): the caller's own code is not interrupted
+        if _first_to_see_launcher_lost() and interrupts.under_way():
             interrupts.stop(LAUNCHER_GONE, 1)
 
     threading.Thread(target=watch, name="prunekit-launcher-watch", daemon=True).start()
