@@ -158,6 +158,7 @@ def test_a_run_folder_refuses_another_model_or_other_data_of_the_same_call(tmp_p
     assert old.record == forced.record
     told = [str(w.message) for w in said if "recorded no fingerprint" in str(w.message)]
     assert len(told) == 1 and "force=True" in told[0], [str(w.message) for w in said]
+    assert "its stored result is given back without checking" in told[0]      # finished: nothing carried on
     assert "final_weights_sha256" in json.loads((tmp_path / "run" / "metrics.json").read_text())
     # another call on that folder is another run, not other weights (it recorded none to compare)
     with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other sparsity\): pick another out"):

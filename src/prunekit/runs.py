@@ -354,8 +354,9 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
     elif not resume:
         check_claim(folder, config_text, python)
         if python and old is not None and old != config_text and folder.writable:     # accepted: an old folder
+            done = "its stored result is given back" if finished_run(folder) else "it is carried on"
             message = (f"{path} was written by a prunekit that recorded no fingerprint of the weights (and data) a "
-                       "run starts from: it is carried on without checking that this model is the one it "
+                       f"run starts from: {done} without checking that this model is the one it "
                        "started from (clear it with force=True to run anew)")
             folder.log(message)
             warnings.warn(PrunekitWarning(message), stacklevel=4)
