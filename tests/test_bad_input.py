@@ -314,6 +314,9 @@ CLI_CASES = [
     (["prune", "--resume", f"{H}/no-such-run"], "no-such-run does not exist"),
     (["prune", "--resume", f"{H}/run", "--sparsity", "0.9"], "leave out --sparsity"),
     (["sweep", "--resume", f"{H}/run"], "sweep takes no --resume"),
+    (["train", "--resume", f"{H}/mlprun"], "train takes no --resume: a train run carries on when you run the same "
+     "train command again with the same --out"),
+    ([*TRAIN, "--epochs", "1", "--resume=" + f"{H}/mlprun"], "run the same train command again with the same --out"),
     ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/notes.txt"], "is a file"),
     ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/adir"], "holding other files"),
     ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/run"], "holds another run"),

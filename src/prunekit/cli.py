@@ -87,6 +87,8 @@ def build_parser_for(command: str) -> argparse.ArgumentParser:
 def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """``--recipe FILE`` (prune, sweep) or ``--resume DIR`` (prune): their options become the
     subcommand's defaults before the real parse, so command-line flags override a recipe."""
+    if argv and argv[0] == "train":
+        _refuse_train_resume(argv)
     if not argv or argv[0] not in ("prune", "sweep"):
         return
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -141,6 +143,18 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         recipes.apply_recipe(sub, {**options, "out": known.resume})
     elif known.recipe:
         recipes.apply_recipe(sub, recipes.load_recipe(known.recipe, sub))
+
+
+def _refuse_train_resume(argv: list[str]) -> None:
+    """``prunekit train ... --resume DIR``: train has no --resume (argparse would say only that
+    --data and --data-dir are required, or that --resume is unknown). A train run carries on when
+    the same train command runs again with the same --out."""
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--resume" or arg.startswith("--resume="):
+            folder = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            out = f"--out {folder}" if folder.strip() and not folder.startswith("-") else "--out"
+            raise PrunekitError("train takes no --resume: a train run carries on when you run the same train "
+                                f"command again with the same {out} (from its last completed epoch)")
 
 
 def _taken_only(options: dict) -> dict:
