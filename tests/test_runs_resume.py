@@ -374,3 +374,43 @@ def test_a_resume_with_another_world_size_says_so_and_records_each_sessions(tmp_
     assert json.loads((out / "result.json").read_text())["world_sizes"] == [2, 1]
     assert main(["prune", "--resume", str(out), "--json"]) == 0      # finished: nothing run, nothing said
     assert said not in capsys.readouterr().err
+
+
+def test_a_moved_run_folder_is_carried_on_by_the_same_command_and_by_resume(tmp_path, capsys, monkeypatch):
+    """A run folder renamed between a kill and its resume: the folder is the run (its config.toml
+    records the resolved --out it was made at). The same command with the new --out carries it on
+    (it said "holds another run (other --out)"), run.log says where it was made, config.toml is left
+    as it was, other options are still refused (naming them, not --out), and a finished moved run's
+    --resume note names a --recipe command with the folder's own --out (the config's would write to
+    the old place)."""
+    import re
+    import shlex
+    from prunekit import runs
+    monkeypatch.chdir(tmp_path)
+    args = ["prune", *MLP, "--method", "chita", "--stages", "2", "--sparsity", "0.8", "--json"]
+    save = runs.RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs.RunCheckpointer, "save", save_then_stop)
+    assert main([*args, "--out", "made"]) == 130
+    monkeypatch.setattr(runs.RunCheckpointer, "save", save)
+    (tmp_path / "made").rename(tmp_path / "moved")
+    config = (tmp_path / "moved" / "config.toml").read_text()
+    capsys.readouterr()
+    assert main([*args, "--sparsity", "0.7", "--out", "moved"]) == 2
+    err = capsys.readouterr().err
+    assert "(other sparsity)" in err and "out" not in err.split("(other")[1].split(")")[0], err
+    assert main([*args, "--out", "moved"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert (tmp_path / "moved" / "model.safetensors").exists() and not (tmp_path / "made").exists()
+    assert (tmp_path / "moved" / "config.toml").read_text() == config
+    log = (tmp_path / "moved" / "run.log").read_text()
+    assert f"this run folder was made at {tmp_path / 'made'} and has moved to {tmp_path / 'moved'}" in log
+    assert "resuming after stage 1" in log, log          # carried on from its checkpoint, not run anew
+    assert main(["prune", "--resume", "moved", "--json"]) == 0
+    command = re.search(r"as does `(prunekit prune [^`]*)`", capsys.readouterr().err)
+    assert command and "--out moved" in command.group(1), command
+    assert main(shlex.split(command.group(1))[1:] + ["--json"]) == 0, capsys.readouterr().err
+    assert not (tmp_path / "made").exists()          # run anew in the moved folder, not at the old place

@@ -267,3 +267,32 @@ def test_a_diverging_fine_tune_in_python_raises_a_prunekit_error_naming_the_opti
         prunekit.prune(model, (x, torch.arange(48) % 3), method=method, out=str(tmp_path / "run"), **options)
     assert "\n" not in str(caught.value) and needle in str(caught.value), str(caught.value)
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_moved_training_folder_is_carried_on_by_the_same_command(capsys, tmp_path, monkeypatch):
+    """A training folder renamed after a kill: the same command with the new --out carries it on
+    (it said "holds an unfinished training run (other out)"); its config.toml is left as it was and
+    another option is still refused, naming that option only."""
+    real_epoch = train_command.train_epoch
+    calls = []
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+    argv = [*TRAIN[:TRAIN.index("--epochs")], "--epochs", "2", "--lr", "0.05", "--json"]
+    monkeypatch.setattr(train_command, "train_epoch", killed_in_second_epoch)
+    assert main([*argv, "--out", str(tmp_path / "made")]) == 130
+    monkeypatch.setattr(train_command, "train_epoch", real_epoch)
+    (tmp_path / "made").rename(tmp_path / "moved")
+    config = (tmp_path / "moved" / "config.toml").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--lr", "0.1", "--out", str(tmp_path / "moved")]) == 2
+    err = capsys.readouterr().err
+    assert "holds an unfinished training run (other lr)" in err and err.count("\n") == 1, err
+    assert main([*argv, "--out", str(tmp_path / "moved")]) == 0, capsys.readouterr().err
+    assert len(json.loads(capsys.readouterr().out)["history"]) == 2
+    assert (tmp_path / "moved" / "config.toml").read_text() == config
+    assert "has moved to" in (tmp_path / "moved" / "run.log").read_text()
+    assert not (tmp_path / "made").exists()

@@ -278,13 +278,44 @@ def _asked_onnx(config_text: str) -> bool:
         return False
 
 
-def _differing(old: str, new: str) -> list[str]:
-    """The settings where run configs ``old`` and ``new`` differ."""
+def _differing(old: str, new: str, here: str | Path | None = None) -> list[str]:
+    """The settings where run configs ``old`` and ``new`` differ. With ``here``, the folder that
+    holds ``old``: an ``out`` that names another place than ``here`` while ``new``'s names
+    ``here`` is no difference (the folder was moved or copied since its run began; the folder is
+    the run, ``moved_from``)."""
     try:
         before, after = tomllib.loads(old), tomllib.loads(new)
     except tomllib.TOMLDecodeError:
         return []
-    return [k for k in {**before, **after} if before.get(k) != after.get(k)]
+    keys = [k for k in {**before, **after} if before.get(k) != after.get(k)]
+    if here is not None and "out" in keys and moved_from(old, here) is not None and _names(after.get("out"), here):
+        keys.remove("out")
+    return keys
+
+
+def _names(out, here: str | Path) -> bool:
+    """Whether a config's ``out`` value names folder ``here``."""
+    try:
+        return isinstance(out, str) and Path(out).resolve() == Path(here).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def moved_from(config_text: str, here: str | Path) -> str | None:
+    """Where the run of ``config_text``, found in folder ``here``, was made (its ``out``, a
+    resolved path) when that is another place: the folder was moved (renamed) or copied since.
+    None when it is ``here``, or the config records no ``out`` (``prunekit.prune``'s)."""
+    try:
+        out = tomllib.loads(config_text).get("out")
+    except tomllib.TOMLDecodeError:
+        return None
+    return out if isinstance(out, str) and not _names(out, here) else None
+
+
+def same_run(old: str | None, new: str, here: str | Path) -> bool:
+    """Whether config ``old`` in folder ``here`` is the run ``new`` asks for: the same text, or
+    one that differs only in an ``out`` naming where the folder was before it moved."""
+    return old is not None and (old == new or not _differing(old, new, here) and bool(moved_from(old, here)))
 
 
 def _asks_onnx(config_text: str) -> bool:
@@ -301,8 +332,8 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
     present = _present(folder.path)
     if present:
         old = folder.config.read_text() if folder.config.exists() else None
-        if old != config_text:
-            keys = _differing(old, config_text) if old is not None else []
+        if not same_run(old, config_text, folder.path):
+            keys = _differing(old, config_text, folder.path) if old is not None else []
             if python and keys and not _fingerprinted(old):     # a version that recorded none:
                 keys = [k for k in keys if k not in FINGERPRINT_KEYS]     # what differs is the rest
                 if not keys:
@@ -344,7 +375,7 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
     path = folder.path
     old = folder.config.read_text() if folder.config.exists() else None
     # another run's files; this run's own are carried on unless it finished (force redoes it)
-    if force and (old != config_text or _finished_or_damaged(folder)):
+    if force and (not same_run(old, config_text, path) or _finished_or_damaged(folder)):
         wrote_onnx = old is not None and _asked_onnx(old)
         for name in _present(path):
             if name == "model.onnx" and not wrote_onnx:       # the user's own file of that name
@@ -360,6 +391,9 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
                        "started from (clear it with force=True to run anew)")
             folder.log(message)
             warnings.warn(PrunekitWarning(message), stacklevel=4)
+    if folder.config.exists() and folder.writable and (made_at := moved_from(folder.config.read_text(), path)):
+        folder.log(f"this run folder was made at {made_at} and has moved to {Path(path).resolve()}: carried on "
+                   "here (its config.toml keeps the out it was made with)")
     remove_stale_temporaries(folder)      # this process holds the folder's lock: no one else writes them
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())

@@ -107,12 +107,24 @@ def cmd_prune(args) -> int:
     if finished and distributed.is_main_process():     # (a different request was refused inside prune_into)
         anew = ("--force runs it anew" if not getattr(args, "resume", None) else    # --resume takes no --force
                 f"the original command with --force runs it anew, as does `prunekit prune --recipe "
-                f"{shlex.quote(str(Path(args.out) / 'config.toml'))} --force`; or give another --out")
+                f"{shlex.quote(str(Path(args.out) / 'config.toml'))}{_out_if_moved(args.out)} --force`; "
+                "or give another --out")
         print(f"prunekit: note: {args.out} holds this run, finished: its result again, nothing was run ({anew})",
               file=sys.stderr)
     saved = [f"  saved to   {args.out}" + (f" (ONNX: {record['onnx']})" if record.get("onnx") else "")]
     emit(args, record, prune_lines(record) + (saved if args.out else []))
     return 0
+
+
+def _out_if_moved(out: str) -> str:
+    """" --out OUT" when run folder ``out`` was moved since its run began: its config.toml's ``out``
+    names the old place, where a ``--recipe`` of it would write."""
+    config = runs.RunFolder(out).config
+    try:
+        moved = runs.moved_from(config.read_text(), out)
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" --out {shlex.quote(str(out))}" if moved else ""
 
 
 def _check_rows_fit_the_data(args, train_batches, method: str | None = None, plan=None) -> None:

@@ -186,7 +186,7 @@ def training_folder(args, read_only: bool = False) -> RunFolder | None:
             claim(folder, config_text, force=bool(getattr(args, "force", False)))
     except OptionError:
         old = folder.config.read_text() if folder.config.exists() else None
-        keys = _differing(old, config_text) if old is not None else []
+        keys = _differing(old, config_text, folder.path) if old is not None else []
         other = f" (other {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
         if old is None:
             raise PrunekitError(f"--out {args.out} holds files a training run would overwrite: pick another "
