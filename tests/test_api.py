@@ -419,3 +419,49 @@ def test_readme_own_fine_tune_block_holds_each_events_zeros():
     assert [e.module_name for e in space.entries] == ["1", "3"]
     assert float((weights == 0).float().mean()) == pytest.approx(0.9, abs=0.002)
     assert net[1].weight.grad is not None                   # the loop trained the pruned net
+
+
+def test_a_python_run_folder_records_the_class_names_its_data_carries(tmp_path):
+    """prunekit.prune(..., out=) records the data's class names in model.json, as the command line
+    does for an image folder (a later folder is then labelled by the model's own names): a loader of
+    prunekit's ImageDataset, a torch DataLoader of a Subset of an ImageFolder-like dataset (its
+    ``.classes``). Names of some outputs only, and (X, Y) tensors, record none."""
+    import json
+    from torch.utils.data import DataLoader, Dataset, Subset
+
+    from prunekit.data import Normalization, make_loader
+    from prunekit.data.dataset import ImageDataset
+
+    names = ["cat", "dog", "eel"]
+
+    def net(outputs=3):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, outputs))
+
+    def recorded(out):
+        return json.loads((out / "model.json").read_text()).get("class_names")
+
+    images = torch.randint(0, 256, (24, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    own = make_loader(ImageDataset(images, torch.arange(24) % 3, names), Normalization((0.5,), (0.5,)), batch_size=8)
+    prunekit.prune(net(), own, method="magnitude", sparsity=0.5, out=tmp_path / "own")
+    assert recorded(tmp_path / "own") == names
+
+    class Folder(Dataset):          # what torchvision's ImageFolder offers: .classes, (image, label) items
+        classes = names
+
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            return images[i].float() / 255, i % 3
+    loader = DataLoader(Subset(Folder(), range(20)), batch_size=8)
+    prunekit.prune(net(), loader, method="magnitude", sparsity=0.5, out=tmp_path / "torch")
+    assert recorded(tmp_path / "torch") == names
+    prunekit.prune(net(), (images.float(), torch.arange(24) % 3), method="magnitude", sparsity=0.5,
+                   eval_data=loader, out=tmp_path / "eval")            # eval_data's, when data has none
+    assert recorded(tmp_path / "eval") == names
+    prunekit.prune(net(4), loader, method="magnitude", sparsity=0.5, out=tmp_path / "some")
+    assert recorded(tmp_path / "some") is None                         # 3 names for 4 outputs
+    prunekit.prune(net(), (images.float(), torch.arange(24) % 3), method="magnitude", sparsity=0.5,
+                   out=tmp_path / "tensors")
+    assert recorded(tmp_path / "tensors") is None

@@ -43,7 +43,7 @@ from .data.replay import (ReplayedLoader, loader_generators, rng_states, set_rng
                           states_to_json)
 from .distributed import check_same_start, current, launched_by_torchrun
 from .errors import PrunekitError, PrunekitWarning, single_sample_batchnorm
-from .executor import execute
+from .executor import execute, python_model_description
 from .losses import loss_name
 from .methods import Method, lookup
 from .pipelines.fisher_methods import check_planned_rows
@@ -103,7 +103,10 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         out: a run folder (config, log, metrics, checkpoints, model, report); calling again with
             the same arguments and folder resumes an interrupted run; a folder holding another
             run (other settings, or another model or data: the config records a SHA-256 of the
-            starting weights) is refused unless ``force`` (which clears that run first).
+            starting weights) is refused unless ``force`` (which clears that run first). Its
+            model.json records the class names the data (else eval_data) carries as ``classes``
+            (an ImageFolder's, prunekit's ImageDataset's), so that the CLI labels later image
+            folders by them.
         options: the method's options, e.g. ``fisher_samples=500, stages=5`` (see
             ``prunekit.methods``); an option the method does not take is refused.
             Magnitude methods take ``importance=f`` with ``f(module_name, weight) -> scores``.
@@ -185,8 +188,10 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             _keep_streams(folder, {"data": train_batches, "eval_data": eval_batches})
         was_training = model.training
         try:
-            record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, progress=progress,
-                                                stage_eval=stage_eval)
+            describe = None if folder is None else {**python_model_description(plan),
+                                                    **_class_names(model, data, eval_data)}
+            record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, describe=describe,
+                                                progress=progress, stage_eval=stage_eval)
         except PrunekitError:
             release_refused(folder)
             raise
@@ -213,6 +218,34 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     result.snapshots = {share: Result.from_record(snap, snapshots[share]) for share, snap in
                         zip(snapshots, record.get("snapshots", []))}
     return result
+
+
+def _class_names(model: nn.Module, *datas) -> dict:
+    """``{"class_names": [...]}`` for the run folder's model.json when the data names its classes,
+    as the command line records an image folder's: a ``classes`` list of strings (label ``k`` is
+    ``classes[k]``) on the data itself or on what it wraps, through ``.dataset`` (a DataLoader of a
+    torchvision-style ``ImageFolder``, a ``Subset`` of one, prunekit's ``make_loader`` of an
+    ``ImageDataset``). ``data``'s names first, else ``eval_data``'s. Recorded only when they name
+    every output (as many names as the last Linear layer's outputs, or no Linear layer): names of
+    some outputs only would label a later folder wrongly. ``{}`` when none."""
+    from .loading import model_outputs
+    for data in datas:
+        seen = 0
+        while data is not None and seen < 4:        # a loader of a subset of a dataset: a few levels
+            try:
+                names = getattr(data, "classes", None)
+            except Exception:       # noqa: BLE001 - a property of the user's that fails: no names
+                names = None
+            if (isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names)
+                    and len(set(names)) == len(names)):
+                outputs = model_outputs(model)
+                return {"class_names": list(names)} if outputs in (None, len(names)) else {}
+            try:
+                data = getattr(data, "dataset", None)
+            except Exception:       # noqa: BLE001
+                data = None
+            seen += 1
+    return {}
 
 
 def _uncompiled(model):

@@ -55,7 +55,7 @@ def measure(plan: Plan, model: nn.Module, eval_loader) -> dict:
     return out
 
 
-def _python_model_description(plan: Plan) -> dict:
+def python_model_description(plan: Plan) -> dict:
     """The sidecar of a model passed from Python: its class name (the code that builds it is the
     user's, named again when the command line loads it: ``--model net.py:FUNCTION``) and, for a
     single-tensor input, the shape of one example ((C, H, W) for images), which info, export and
@@ -87,7 +87,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     stage_eval: measure accuracy and loss on ``eval_loader`` after each stage, event or phase too
         (not only before and after); their seconds are not the pruning's (``eval_seconds``).
     """
-    describe = describe or _python_model_description(plan)
+    describe = describe or python_model_description(plan)
     metrics = folder.read_metrics() if folder is not None else {}
     if folder is not None and metrics.get("status") == "done":
         model = _load_final(plan, folder)
