@@ -487,13 +487,17 @@ def one_pass():
 
 
 class Triples(torch.utils.data.Dataset):
-    """(x, y, index) samples, as a dataset kept for per-sample bookkeeping gives."""
+    """(x, y, index) samples, as a dataset kept for per-sample bookkeeping gives; ``mask``: (x, y,
+    mask) samples, a mask of x's shape (which pixels are valid)."""
+
+    def __init__(self, mask: bool = False):
+        self.mask = mask
 
     def __len__(self):
         return len(X)
 
     def __getitem__(self, i):
-        return X[i], Y[i], i
+        return X[i], Y[i], (X[i] > 0 if self.mask else i)
 
 
 class NanOut(nn.Module):
@@ -598,8 +602,11 @@ PY_CASES = [
     ({"eval_data": (X.clone().index_fill_(0, torch.tensor([3]), float("inf")), Y)}, "eval_data's X holds nan or inf"),
     ({"eval_data": (X[:, :, :2], Y)}, "the model failed on eval_data's first input, shape (1, 1, 2, 4)"),
     ({"data": [(X, Y, Y)]}, "(x, y) batches"),
-    ({"data": Triples()}, "its first batch is a list of 3 items, not 2: wrap the dataset in one whose __getitem__ "
-                          "returns (x, y)"),
+    ({"data": Triples()}, "its first batch is a list of 3 items, not 2: prunekit reads (x, y) only"),
+    ({"data": [(X, Y, X > 0)]}, "a third element (a sample index, a weight, a mask) is refused, not ignored: give "
+                                "(x, y) batches"),
+    ({"data": Triples(mask=True)}, "a mask the model needs is one of its inputs: wrap the model in a module whose "
+                                   "forward takes one tensor, x and the mask stacked"),
     ({"data": [(X[:8], Y[:4])]}, "one target per input"),
     ({"data": [(X, Y[:, None])]}, "Y of shape (N,) with the same N; got X (48, 1, 4, 4), Y (48, 1) in its first"),
     ({"data": torch.utils.data.TensorDataset(X, Y[:, None])}, "Y of shape (N,) with the same N; got Y (48, 1)"),

@@ -10,7 +10,10 @@
 ``data`` (training batches, for gradients, gate training, fine-tuning and BatchNorm
 recalibration) and ``eval_data`` may be a ``torch.utils.data.DataLoader`` or any re-iterable of
 ``(x, y)`` batches, a map-style ``Dataset`` of ``(x, y)`` pairs, a pair of tensors ``(X, Y)``, or
-a function returning an iterable of batches. Every stage of a multi-stage method reads the
+a function returning an iterable of batches. Only ``x`` (the model's one input) and ``y`` are read:
+a batch with a third element (a sample index, a weight, a mask) is refused in one line, never
+silently dropped; an index or weight goes, and a mask the model needs is one of its inputs (wrap
+the model so that its forward takes one tensor). Every stage of a multi-stage method reads the
 training data from the start again (a prunekit loader at the epoch it was at when ``prune`` was
 called; any other data with the random draws of its shuffling and transforms replayed from torch's
 RNG states at the call, ``prunekit.data.replay``; in a run folder, at the call that started the run,

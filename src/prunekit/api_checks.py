@@ -181,8 +181,12 @@ SEVERAL_INPUTS = ("prunekit calls model(x) with one tensor x per batch; for a mo
                   "stacked) and give (x, y) batches of that")
 
 
-WRONG_ARITY = ("wrap the dataset in one whose __getitem__ returns (x, y) (e.g. dropping a sample index), or pass a "
-               "DataLoader whose collate_fn returns (x, y) batches")
+WRONG_ARITY = ("prunekit reads (x, y) only (it calls model(x) and compares the output with y) and drops nothing "
+               "itself, so a third element (a sample index, a weight, a mask) is refused, not ignored: give (x, y) "
+               "batches, from a dataset whose __getitem__ returns (x, y) or a DataLoader whose collate_fn does "
+               "(leave out an index or weight kept for bookkeeping; a mask the model needs is one of its inputs: "
+               "wrap the model in a module whose forward takes one tensor, x and the mask stacked, and give "
+               "(x, y) batches of that)")
 
 
 def _several_inputs(batch) -> bool:
