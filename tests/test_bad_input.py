@@ -582,6 +582,11 @@ PY_CASES = [
     ({"loss": lambda o, y: 1.0}, "a tensor of one number; got float"),
     ({"loss": nn.CrossEntropyLoss(reduction="sum"), "method": "chita", "fisher_samples": 16},
      "loss must be the mean over the batch (reduction='mean')"),
+    ({"loss": lambda o, y: nn.functional.cross_entropy(o, y, reduction="sum") / 48, "method": "chita",
+      "fisher_samples": 16}, "a sum divided by a fixed number (a mean only on batches of that size: prunekit also calls "
+                             "the loss on single samples for gradient rows"),
+    ({"loss": lambda o, y: nn.functional.cross_entropy(o, y, reduction="sum") / 128},
+     "or divide by the batch's own size: F.cross_entropy(outputs, targets, reduction='sum') / targets.shape[0]"),
     ({"loss": lambda o: o.sum()}, "loss(outputs, targets) failed on data's first batch: TypeError"),
     ({"importance": lambda w: w.abs()}, "importance('1', weight) failed: TypeError"),
     # data

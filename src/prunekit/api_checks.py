@@ -288,7 +288,10 @@ def _check_loss_is_a_mean(model: nn.Module, loss, x: torch.Tensor, y: torch.Tens
     and not their mean (relative tolerance 1e-3). A mean of any kind (label smoothing, MSE over
     elements, class weights, a dict-output loss) is a weighted average of the halves' losses, which
     never equals their sum while both are positive, so it passes; with too few samples or losses
-    near zero nothing is judged."""
+    near zero nothing is judged. A sum divided by a constant (``reduction='sum'`` / 128) adds up
+    over the halves like a sum and is refused too: it is a mean only on batches of that size, and
+    prunekit also calls the loss on single samples (the per-sample gradient rows would be
+    1/constant of a mean's), a smaller last batch and evaluation batches."""
     n = min(int(x.shape[0]), 16) // 2 * 2
     if n < 2:
         return
@@ -310,7 +313,11 @@ def _check_loss_is_a_mean(model: nn.Module, loss, x: torch.Tensor, y: torch.Tens
     if abs(whole - total) <= 1e-3 * abs(total) and abs(whole - mean) > 1e-3 * abs(mean):
         raise PrunekitError(f"loss must be the mean over the batch (reduction='mean'): on {n} samples of data's first "
                             f"batch it gives {whole:.4g}, the sum of its halves' losses ({first:.4g} + {second:.4g}), "
-                            "not their mean; e.g. nn.CrossEntropyLoss() rather than reduction='sum'")
+                            "not their mean: a sum over the batch, or a sum divided by a fixed number (a "
+                            "mean only on batches of that size: prunekit also calls the loss on single samples for "
+                            "gradient rows, on a smaller last batch and on evaluation batches); use e.g. "
+                            "nn.CrossEntropyLoss() rather than reduction='sum', or divide by the batch's own size: "
+                            "F.cross_entropy(outputs, targets, reduction='sum') / targets.shape[0]")
 
 
 def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tensor, torch.Tensor]:
