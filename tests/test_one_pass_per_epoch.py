@@ -166,3 +166,49 @@ def test_every_training_epoch_of_the_command_line_starts_one_pass(command, monke
     assert main([*COMMANDS[command], "--out", str(tmp_path / "run")]) == 0
     json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(per_epoch) >= 2 and per_epoch == [1] * len(per_epoch)
+
+
+@pytest.mark.parametrize("command,kill_after,recorded,expected", [
+    # prunekit train --epochs 2: stopped after epoch 1, whose checkpoint the old code wrote at loader epoch 2
+    ("train", 1, 2, [2]),
+    # channel fine-tune, 2 epochs: stopped after gates, BatchNorm and fine-tune epoch 1 (old code: loader epoch 3)
+    ("structured fine-tune", 3, 3, [3]),
+])
+def test_a_run_folder_of_the_two_passes_code_resumes_at_its_recorded_loader_epoch(
+        command, kill_after, recorded, expected, monkeypatch, tmp_path, capsys):
+    """A folder written before the fix recorded a loader epoch moved by two per pass: the resume
+    takes it as it is (no order already seen is read again) and moves it by one per epoch on."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from prunekit.commands import train as train_command
+    from prunekit.runs import RunCheckpointer
+    from prunekit.structured import pipeline
+    save, saved = RunCheckpointer.save, []
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        saved.append(self.path(state.stage))
+        if len(saved) == kill_after:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_stop)
+    argv = [*COMMANDS[command], "--out", str(tmp_path / "run")]
+    assert main(argv) == 130
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    with safe_open(str(saved[-1]), "pt") as handle:             # as the old code wrote it
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    extra = json.loads(meta["extra"])
+    assert extra["loader_epoch"] == recorded - 1                # this code's: one per pass
+    meta["extra"] = json.dumps({**extra, "loader_epoch": recorded})
+    save_file(tensors, str(saved[-1]), metadata=meta)
+
+    starts, per_epoch = [], _passes_per_training_epoch(monkeypatch)
+    for module in (train_command, pipeline):
+        counted = module.train_epoch
+
+        def recording(model, loader, *args, counted=counted, **kwargs):
+            starts.append(loader.epoch)
+            return counted(model, loader, *args, **kwargs)
+        monkeypatch.setattr(module, "train_epoch", recording)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert starts == expected and per_epoch == [1] * len(expected)
