@@ -78,8 +78,39 @@ def _peak_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(group.get("initial_lr", group["lr"]))
 
 
-def _progress(iterable, desc: str, enabled: bool):
-    return tqdm(iterable, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+class _Progress:
+    """One pass over ``loader`` (a single ``iter()`` of it) behind a progress bar (tqdm.auto: a
+    widget in a notebook, else text on stderr; nothing when not ``enabled``), ticked once per batch.
+
+    The bar is not handed the loader: tqdm.auto's bar (tqdm.asyncio's) calls ``iter()`` on an
+    iterable when it is made, even disabled, and the loop calls it again, so every epoch would
+    start two passes (a prunekit loader's epoch moving by 2, a DataLoader's workers started twice).
+    ``len(loader)`` is asked only for a shown bar's total (None where it has none)."""
+
+    def __init__(self, loader: Iterable, desc: str, enabled: bool):
+        self.loader = loader
+        total = None
+        if enabled:
+            try:
+                total = len(loader)
+            except TypeError:           # a generator's, an iterable without __len__
+                pass
+        self.bar = tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+    def __iter__(self) -> Iterator:
+        try:
+            for batch in self.loader:
+                yield batch
+                self.bar.update(1)
+        finally:                        # also when the loop stops early (a break, an exception)
+            self.bar.close()
+
+    def set_postfix(self, **values) -> None:
+        self.bar.set_postfix(**values)
+
+
+def _progress(loader: Iterable, desc: str, enabled: bool) -> _Progress:
+    return _Progress(loader, desc, enabled)
 
 
 class _EachPass:
