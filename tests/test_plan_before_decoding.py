@@ -52,7 +52,8 @@ def test_the_scan_plans_the_bytes_the_decoding_takes(tmp_path, mode, sizes, resi
 
 
 def test_a_deferred_folder_decodes_on_first_use_only_and_once(tmp_path, monkeypatch):
-    from prunekit.data.dataset import DeferredImageDataset
+    from prunekit.data import Normalization, make_loader
+    from prunekit.data.dataset import DeferredImageDataset, pending_bytes
     write_tree(tmp_path, {"a": 2, "b": 3})
     decodes = []
     real = imagefolder._fitted
@@ -61,6 +62,12 @@ def test_a_deferred_folder_decodes_on_first_use_only_and_once(tmp_path, monkeypa
     assert isinstance(ds, DeferredImageDataset) and decodes == []
     assert (len(ds), ds.image_shape, ds.classes, ds.labels.tolist()) == (5, (3, 32, 32), ["a", "b"], [0, 0, 1, 1, 1])
     assert ds.pending_bytes == 5 * 3 * 32 * 32 and decodes == []
+    loader = make_loader(ds, Normalization((0.5,) * 3, (0.5,) * 3))
+    other = load_dataset("imagefolder", tmp_path, defer=True)
+    # one array however often it is given, directly or through its loader; a decoded data set adds nothing
+    assert pending_bytes(ds, loader) == ds.pending_bytes and pending_bytes(ds, other) == 2 * ds.pending_bytes
+    assert pending_bytes(load_dataset("imagefolder", tmp_path), (torch.zeros(2), torch.zeros(2))) == 0
+    decodes.clear()
     images = ds.images
     assert len(decodes) == 5 and ds.pending_bytes == 0 and images.shape == (5, 3, 32, 32)
     assert ds.images is images and len(decodes) == 5                    # once
@@ -127,3 +134,4 @@ def test_a_plan_that_passes_decodes_and_runs_as_before(tmp_path, capsys, counted
     assert told[0] == 2 * 8 * 3 * 32 * 32 and told[1:] and all(t == 0 for t in told[1:])   # decoded by then
     assert len(decoded) == 16                        # each split decoded once, after the first plan
     assert record["sparsity"] == pytest.approx(0.5, rel=1e-3)
+

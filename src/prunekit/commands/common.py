@@ -286,7 +286,7 @@ def training_batches(args, loaded: LoadedModel):
         return make()
     batches.samples_per_pass = lambda: samples_per_pass(make())     # read without the note
     batches.first_batch_size = lambda: int(first_batch(make, "data")[1].shape[0])
-    batches.pending_bytes = lambda: pending_bytes(dataset())     # scanned, not decoded: no decoding
+    batches.split = dataset         # the split, scanned (an image folder is decoded on first use)
     return batches
 
 
@@ -295,8 +295,7 @@ def bytes_to_load(eval_loader, train_batches) -> int:
     decoded yet (each split is scanned first and decoded on first use): the evaluation split and the
     training split (``train_batches``: a ``training_batches`` function, or None). The memory plan is
     made before they are decoded and counts them as held, so a request too large is refused in seconds."""
-    train = train_batches.pending_bytes() if train_batches is not None else 0
-    return pending_bytes(eval_loader) + train
+    return pending_bytes(eval_loader, *([train_batches.split()] if train_batches is not None else []))
 
 
 def show_progress(args) -> bool:

@@ -127,8 +127,13 @@ class DeferredImageDataset:
         return self.dataset.subset(n, seed)
 
 
-def pending_bytes(data) -> int:
-    """Bytes a data set (or a loader of one, ``.dataset``) will add to memory when its pixels are
-    decoded: a :class:`DeferredImageDataset` not yet decoded; 0 for anything else (held already)."""
-    data = getattr(data, "dataset", data) if not isinstance(data, DeferredImageDataset) else data
-    return data.pending_bytes if isinstance(data, DeferredImageDataset) else 0
+def pending_bytes(*data) -> int:
+    """Bytes the data sets given (or loaders of them, ``.dataset``) will add to memory when their
+    pixels are decoded: each distinct :class:`DeferredImageDataset` not yet decoded, once (the same
+    one given twice is one array); 0 for anything else (held already)."""
+    deferred = {}
+    for one in data:
+        one = one if isinstance(one, DeferredImageDataset) else getattr(one, "dataset", one)
+        if isinstance(one, DeferredImageDataset):
+            deferred[id(one)] = one
+    return sum(one.pending_bytes for one in deferred.values())
