@@ -2,7 +2,10 @@
 
 The peak of a request is estimated from its parts, each counted from the model itself:
 
-    resident now         what the process already holds (model, data, the Python runtime)
+    resident now         what the process already holds (model, data, the Python runtime), plus the
+                         data it will still decode (``data_to_load``: the commands scan an image
+                         folder, plan, and decode only if the plan passes; the bytes it counts are
+                         the decoded array's, and a CPU run only: on a GPU resident is its tensors)
   + X                    n × p in the storage dtype (the gradient matrix; usually dominant)
   + the larger of the gradient phase (stage vectors + activations + layer gradients) and the
     solver phase:
@@ -199,7 +202,7 @@ class MemoryPlan:
     p: int
     dtype: torch.dtype
     chunk: int
-    resident: int
+    resident: int           # what the process holds, plus the data it will still decode (CPU)
     gradients: int          # X
     activations: int
     layer_gradients: int
@@ -342,7 +345,7 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
          family: str = "falcon", max_memory=None, fisher_batch: int = 1, obs_block_size: int = 128,
          keep_share: float = 1.0, fisher_bn: str = "frozen", ranks: int = 1,
          ranks_here: int = 1, judge_batch: int = 0, refit_samples: int = 0, refit_batch: int = 0,
-         most_rows: int = 1000, data_batch: int = 0) -> MemoryPlan:
+         most_rows: int = 1000, data_batch: int = 0, data_to_load: int = 0) -> MemoryPlan:
     """The memory plan of gradients + solve for ``space``'s weights, refusing what does not fit.
 
     n:          fisher_samples, an int or "auto" (the largest n ≤ ``most_rows`` that fits; the
@@ -360,12 +363,14 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     refit_samples, refit_batch: the images the kept weights are re-fit on after a stage, and their
                 batch size (0: no re-fit).
     data_batch: samples per training batch the gradients read (0: not counted).
+    data_to_load: bytes of data this process will decode and hold during the run but does not hold
+                yet (an image folder scanned, not decoded), counted in ``resident`` on a CPU.
     Raises PrunekitError when the request does not fit.
     """
     storage = storage_dtype(dtype)
     sizes = _Sizes(model, space, example_input, batch_statistics=fisher_bn == "batch", summed=fisher_batch > 1)
     limit = parse_memory(max_memory) if max_memory is not None else default_limit(sizes.device) // ranks_here
-    resident = current_usage(sizes.device)
+    resident = current_usage(sizes.device) + (max(0, int(data_to_load)) if sizes.device.type == "cpu" else 0)
     judge = judge_batch * (JUDGE_BATCHES * sizes.input_per_sample
                            + INFERENCE_FACTOR * sizes.largest_output_per_sample)
     refit_fitting, refit_judge = (refit_parts(sizes, model, example_input, refit_samples,

@@ -11,7 +11,7 @@ A channel method may have a second phase, ``sparsify(ctx, model, share, options,
 (the hybrid's FALCON on the shrunk model; see ``structured.pipeline``).
 
 ``check(resolved_budget, options)`` (optional) refuses a request the method cannot serve before
-any work; ``plan_memory(model, space, example_input, resolved_budget, options)`` (optional)
+any work; ``plan_memory(model, space, example_input, resolved_budget, options, data_to_load=0)`` (optional)
 refuses one whose estimated peak memory does not fit and returns its ``memory_plan.MemoryPlan``;
 ``defaults`` are the method's own defaults over its options class's.
 

@@ -42,6 +42,9 @@ class PruneRequest:
     options: the method's options, and with ``gradual`` the gradual mode's (``events`` ...).
     name: the model's name in records (a zoo name, or the class name of your own model).
     loss: the user's loss (``prunekit.losses``); None: cross-entropy on class indices.
+    data_to_load: bytes of data the run will decode and hold after the plan (the commands' image
+        folders, scanned but not yet decoded): the memory plan counts them as held. 0: the data
+        is in memory already (what the process holds counts it).
     """
 
     model: nn.Module
@@ -56,6 +59,7 @@ class PruneRequest:
     options: dict = field(default_factory=dict)
     name: str | None = None
     loss: LossFn | None = None
+    data_to_load: int = 0
 
     def plan(self) -> "Plan":
         method = lookup(self.method)
@@ -125,7 +129,8 @@ class PruneRequest:
         if distributed.current().distributed:      # under torchrun: refused before a run folder is written
             check_shardable(method.name == "woodfisher", options)
         if method.plan_memory is not None:
-            method.plan_memory(self.model, space, self.example_input, resolved, options)
+            method.plan_memory(self.model, space, self.example_input, resolved, options,
+                               data_to_load=self.data_to_load)
         stages = getattr(options, "stages", 1)          # "auto": 5 or 15 (falcon++)
         mode = ("structured" if method.family == "channels" else "gradual" if gradual is not None
                 else "multi-stage" if stages == "auto" or stages > 1 else "one-shot")

@@ -15,6 +15,7 @@ import torch
 
 from .. import distributed, run_lock, user_models, zoo
 from ..data import DATASET_NAMES, make_loader
+from ..data.dataset import pending_bytes
 from ..data.loaders import leaves_one_over, samples_per_pass
 from .. import report
 from ..errors import PrunekitError, PrunekitWarning
@@ -211,8 +212,9 @@ def check_image_transform(loaded: LoadedModel, args) -> None:
 def evaluation_split(name: str, data_dir: str, split: str, resize: int | None, crop: int | None,
                      classes: tuple[str, ...] | None = None):
     """The evaluation images, read once (a model file's input shape is theirs); ``classes``: the
-    class names the model records, which label an image folder."""
-    return load_data(name, data_dir, split, resize=resize, crop=crop, classes=classes)
+    class names the model records, which label an image folder. An image folder is scanned only,
+    its pixels decoded on first use (``DeferredImageDataset``): after the memory plan."""
+    return load_data(name, data_dir, split, resize=resize, crop=crop, classes=classes, defer=True)
 
 
 def model_classes(loaded: LoadedModel) -> tuple[str, ...] | None:
@@ -256,7 +258,7 @@ def training_batches(args, loaded: LoadedModel):
     @lru_cache(maxsize=1)
     def dataset():
         ds = load_data(args.data, args.data_dir, "train", limit=args.train_samples, seed=args.seed,
-                       resize=args.resize, crop=args.crop, classes=model_classes(loaded))
+                       resize=args.resize, crop=args.crop, classes=model_classes(loaded), defer=True)
         check_fits(loaded, ds, f"{args.data} train")
         return ds
 
@@ -284,7 +286,16 @@ def training_batches(args, loaded: LoadedModel):
         return make()
     batches.samples_per_pass = lambda: samples_per_pass(make())     # read without the note
     batches.first_batch_size = lambda: int(first_batch(make, "data")[1].shape[0])
+    batches.split = dataset         # the split, scanned (an image folder is decoded on first use)
     return batches
+
+
+def bytes_to_load(eval_loader, train_batches) -> int:
+    """Bytes of image-folder pixels a run of these loaders will decode and hold that are not
+    decoded yet (each split is scanned first and decoded on first use): the evaluation split and the
+    training split (``train_batches``: a ``training_batches`` function, or None). The memory plan is
+    made before they are decoded and counts them as held, so a request too large is refused in seconds."""
+    return pending_bytes(eval_loader, *([train_batches.split()] if train_batches is not None else []))
 
 
 def show_progress(args) -> bool:

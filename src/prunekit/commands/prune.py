@@ -31,9 +31,9 @@ from ..request import PruneRequest
 from ..saving import atomic_write_json
 from ..structured.groups import listed_skips, unexpected_skips
 from . import option_flags
-from .common import (add_data_args, add_device_arg, add_model_args, check_out_not_input, describe, emit, eval_data,
-                     loaded_model, resolve_model, show_progress, training_batches, warn_if_random_weights,
-                     write_report)
+from .common import (add_data_args, add_device_arg, add_model_args, bytes_to_load, check_out_not_input, describe,
+                     emit, eval_data, loaded_model, resolve_model, show_progress, training_batches,
+                     warn_if_random_weights, write_report)
 from .option_flags import add_option_flags
 
 RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
@@ -54,9 +54,11 @@ def taken_options(method: str, gradual: bool) -> set[str]:
     return set(lookup(method).options.names()) | (set(GradualOptions.names()) if gradual else set())
 
 
-def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dict | None = None) -> PruneRequest:
+def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dict | None = None,
+               data_to_load: int = 0) -> PruneRequest:
     """The request of ``args`` (with ``method`` and ``budget``: one run of a sweep, which gives
-    each method only the options it takes)."""
+    each method only the options it takes); ``data_to_load``: bytes of data scanned but not yet
+    decoded that the run will hold (``common.bytes_to_load``), which its memory plan counts."""
     row = lookup(method or args.method)
     weights = row.family == "weights" or row.sparsify is not None       # the hybrid's FALCON phase too
     exclude = loaded.prune_exclude if args.exclude is None and weights else args.exclude
@@ -66,7 +68,8 @@ def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dic
         taken = taken_options(row.name, bool(args.gradual))
         options = {k: v for k, v in options.items() if k in taken}
     return PruneRequest(loaded.model, loaded.example_input(), row.name, budget, args.include, exclude, args.seed,
-                        bool(args.gradual), not args.no_bn_recalibration, options, loaded.name)
+                        bool(args.gradual), not args.no_bn_recalibration, options, loaded.name,
+                        data_to_load=data_to_load)
 
 
 def step_printer(args):
@@ -98,7 +101,8 @@ def cmd_prune(args) -> int:
     eval_loader = eval_data(args, loaded)
     train_batches = training_batches(args, loaded)
     _check_rows_fit_the_data(args, train_batches)
-    plan = request_of(args, loaded).plan()
+    # the memory plan before any image is decoded: it counts the images still to decode
+    plan = request_of(args, loaded, data_to_load=bytes_to_load(eval_loader, train_batches)).plan()
     _check_rows_fit_the_data(args, train_batches, plan=plan)     # the method's default rows too
     _check_training_split_for_batchnorm(plan, loaded, train_batches)
     warn_if_random_weights(args)

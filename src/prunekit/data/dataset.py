@@ -73,3 +73,67 @@ def subset_indices(total: int, n: int | None, seed: int | None) -> torch.Tensor:
     if seed is None:
         return torch.arange(n)
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+class DeferredImageDataset:
+    """An :class:`ImageDataset` known from a scan (count, image shape, labels, classes) whose
+    pixels are decoded on first use of ``images`` (or ``subset``, ``dataset``), once.
+
+    The commands read image folders so: the memory plan is made between the scan and the decoding,
+    and counts ``pending_bytes`` as memory the process will hold, so a request too large for it is
+    refused in seconds rather than after every image is decoded. ``scan``: an object with
+    ``__len__``, ``image_shape``, ``labels``, ``classes``, ``planned_bytes`` and
+    ``decode() -> ImageDataset`` (``imagefolder.ImageFolderScan``).
+    """
+
+    def __init__(self, scan) -> None:
+        self._scan = scan
+        self._decoded: ImageDataset | None = None
+        self.labels: torch.Tensor = scan.labels          # int64 (N,)
+        self.classes: list[str] = list(scan.classes)
+
+    @property
+    def dataset(self) -> ImageDataset:
+        """The decoded :class:`ImageDataset` (decoding it on first use)."""
+        if self._decoded is None:
+            self._decoded = self._scan.decode()
+            self.labels = self._decoded.labels
+        return self._decoded
+
+    @property
+    def images(self) -> torch.Tensor:
+        """uint8 ``(N, C, H, W)``, decoded on first use."""
+        return self.dataset.images
+
+    @property
+    def decoded(self) -> bool:
+        return self._decoded is not None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes decoding will still add (the uint8 images' ``nbytes``); 0 once decoded."""
+        return 0 if self._decoded is not None else int(self._scan.planned_bytes)
+
+    def __len__(self) -> int:
+        return len(self._scan)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image (from the scan: no decoding)."""
+        return tuple(int(v) for v in self._scan.image_shape)
+
+    def subset(self, n: int | None = None, seed: int | None = None) -> ImageDataset:
+        """:meth:`ImageDataset.subset` of the decoded images."""
+        return self.dataset.subset(n, seed)
+
+
+def pending_bytes(*data) -> int:
+    """Bytes the data sets given (or loaders of them, ``.dataset``) will add to memory when their
+    pixels are decoded: each distinct :class:`DeferredImageDataset` not yet decoded, once (the same
+    one given twice is one array); 0 for anything else (held already)."""
+    deferred = {}
+    for one in data:
+        one = one if isinstance(one, DeferredImageDataset) else getattr(one, "dataset", one)
+        if isinstance(one, DeferredImageDataset):
+            deferred[id(one)] = one
+    return sum(one.pending_bytes for one in deferred.values())

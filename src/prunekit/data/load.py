@@ -7,8 +7,8 @@ import warnings
 from pathlib import Path
 
 from prunekit.data.cifar import load_cifar10
-from prunekit.data.dataset import ImageDataset
-from prunekit.data.imagefolder import load_image_folder
+from prunekit.data.dataset import DeferredImageDataset, ImageDataset
+from prunekit.data.imagefolder import scan_image_folder
 from prunekit.data.mnist import load_mnist_like
 from prunekit.errors import PrunekitError, PrunekitWarning
 
@@ -18,7 +18,8 @@ SPLITS = ("train", "test")
 
 def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize: int | None = None,
                  crop: int | None = None, limit: int | None = None, seed: int | None = None,
-                 classes: list[str] | tuple[str, ...] | None = None) -> ImageDataset:
+                 classes: list[str] | tuple[str, ...] | None = None,
+                 defer: bool = False) -> ImageDataset | DeferredImageDataset:
     """Read the ``split`` ("train" or "test") of data set ``name`` from ``data_dir``.
 
     - "mnist", "fashion-mnist": the four IDX files (``.gz`` or raw) in ``data_dir``.
@@ -35,6 +36,11 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     ``limit``: at most that many images, ``ImageDataset.subset(limit, seed)`` of the split when it
     holds more (an image folder decodes only those); a ``limit`` above the split's number of images
     takes them all and says so (one ``PrunekitWarning`` naming the count used).
+
+    ``defer``: an image folder is scanned only (file list, labels, every file's header: its
+    refusals all come now) and returned as a :class:`DeferredImageDataset` whose pixels are decoded
+    on first use, its ``pending_bytes`` the uint8 array's size until then (what a memory plan made
+    before decoding counts). Other data sets are read at once either way.
 
     Returns uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``. Every problem raises
     :class:`PrunekitError` with a message that names the fix.
@@ -56,7 +62,8 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     if not path.exists():
         raise PrunekitError(f"data path {path} does not exist; pass the folder that holds the {name} files")
     if name == "imagefolder" and path.is_dir():
-        ds = load_image_folder(path, split, resize, crop, limit, seed, classes)
+        scan = scan_image_folder(path, split, resize, crop, limit, seed, classes)
+        ds = DeferredImageDataset(scan) if defer else scan.decode()
     elif name == "cifar10":
         ds = load_cifar10(path, split)
     elif not path.is_dir():

@@ -256,10 +256,12 @@ def needs_flops(budget: ResolvedBudget, opts) -> None:
 
 def plan_memory(family: str):
     """The memory check of a family ("chita", "falcon", "woodfisher": their solvers' work arrays
-    differ), for the method table: refuses a request that does not fit before any work. Under
+    differ), for the method table: refuses a request that does not fit before any work (``data_to_load``:
+    bytes of data not yet decoded that the run will hold, counted as held). Under
     torchrun every rank takes the first refusing rank's verdict (each rank's memory differs)."""
     def check(model, space, example_input, budget: ResolvedBudget, opts: QuadraticOptions, judge_batch: int = 0,
-              refit_samples: int = 0, refit_batch: int = 0, most_rows: int = 1000, data_batch: int = 0):
+              refit_samples: int = 0, refit_batch: int = 0, most_rows: int = 1000, data_batch: int = 0,
+              data_to_load: int = 0):
         plan, refusal = None, None
         try:
             plan = memory_plan.plan(model, space, example_input, n=opts.fisher_samples, dtype=opts.fisher_dtype,
@@ -269,7 +271,7 @@ def plan_memory(family: str):
                                     keep_share=budget.max_nonzeros / space.numel, ranks=distributed.current().size,
                                     ranks_here=distributed.ranks_on_this_machine(), judge_batch=judge_batch,
                                     refit_samples=refit_samples, refit_batch=refit_batch, most_rows=most_rows,
-                                    data_batch=data_batch)
+                                    data_batch=data_batch, data_to_load=data_to_load)
         except PrunekitError as err:
             refusal = err
         distributed.agree_refusal(refusal)

@@ -1,0 +1,137 @@
+"""An image folder is scanned (files, classes, count, shape after --resize / --crop), the memory
+plan made counting the images still to decode, and the images decoded only if the plan passes.
+
+Session 50: the README's refusal (MobileNetV1, 10,000 CIFAR-10 JPEGs at 224, --max-memory 16G)
+took 42-62 s, nearly all of it decoding both splits (3.0 GB) before the plan refused; now the
+plan counts those 3.0 GB as held and refuses in seconds with the same figures."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prunekit import memory_plan
+from prunekit.cli import main
+from prunekit.data import imagefolder, load_dataset
+from prunekit.data.dataset import ImageDataset
+from prunekit.params import ParamSpace
+
+RNG = np.random.default_rng(0)
+
+
+def write_tree(root: Path, classes: dict[str, int], sizes=((32, 32),), mode="RGB", suffix=".png") -> None:
+    """``classes[name]`` images per class folder, sizes (width, height) taken in turn."""
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(count):
+            width, height = sizes[k % len(sizes)]
+            pixels = RNG.integers(0, 256, (height, width, 3 if mode == "RGB" else 1), dtype=np.uint8)
+            Image.fromarray(pixels if mode == "RGB" else pixels[..., 0], mode).save(root / name / f"{k}{suffix}")
+
+
+@pytest.mark.parametrize("mode,sizes,resize,crop,suffix", [
+    ("RGB", ((32, 32),), None, None, ".png"),
+    ("RGB", ((48, 40), (40, 48)), 36, 32, ".jpg"),     # different sizes brought to one
+    ("L", ((30, 20),), 24, None, ".png"),              # grayscale, resized: 36 x 24
+])
+def test_the_scan_plans_the_bytes_the_decoding_takes(tmp_path, mode, sizes, resize, crop, suffix):
+    write_tree(tmp_path, {"b": 3, "a": 2}, sizes, mode, suffix)
+    scan = imagefolder.scan_image_folder(tmp_path, "test", resize, crop)
+    decoded = scan.decode()
+    assert scan.planned_bytes == decoded.images.numpy().nbytes == decoded.images.numel()
+    assert (len(scan), scan.image_shape) == (5, decoded.image_shape)
+    assert torch.equal(scan.labels, decoded.labels) and scan.classes == decoded.classes == ["a", "b"]
+    whole = load_dataset("imagefolder", tmp_path, resize=resize, crop=crop)     # decoded at once, as before
+    assert isinstance(whole, ImageDataset) and torch.equal(whole.images, decoded.images)
+
+
+def test_a_deferred_folder_decodes_on_first_use_only_and_once(tmp_path, monkeypatch):
+    from prunekit.data import Normalization, make_loader
+    from prunekit.data.dataset import DeferredImageDataset, pending_bytes
+    write_tree(tmp_path, {"a": 2, "b": 3})
+    decodes = []
+    real = imagefolder._fitted
+    monkeypatch.setattr(imagefolder, "_fitted", lambda *a: decodes.append(1) or real(*a))
+    ds = load_dataset("imagefolder", tmp_path, defer=True)
+    assert isinstance(ds, DeferredImageDataset) and decodes == []
+    assert (len(ds), ds.image_shape, ds.classes, ds.labels.tolist()) == (5, (3, 32, 32), ["a", "b"], [0, 0, 1, 1, 1])
+    assert ds.pending_bytes == 5 * 3 * 32 * 32 and decodes == []
+    loader = make_loader(ds, Normalization((0.5,) * 3, (0.5,) * 3))
+    other = load_dataset("imagefolder", tmp_path, defer=True)
+    # one array however often it is given, directly or through its loader; a decoded data set adds nothing
+    assert pending_bytes(ds, loader) == ds.pending_bytes and pending_bytes(ds, other) == 2 * ds.pending_bytes
+    assert pending_bytes(load_dataset("imagefolder", tmp_path), (torch.zeros(2), torch.zeros(2))) == 0
+    decodes.clear()
+    images = ds.images
+    assert len(decodes) == 5 and ds.pending_bytes == 0 and images.shape == (5, 3, 32, 32)
+    assert ds.images is images and len(decodes) == 5                    # once
+    assert torch.equal(images, load_dataset("imagefolder", tmp_path).images)
+    assert torch.equal(ds.subset(2, seed=1).images, load_dataset("imagefolder", tmp_path).subset(2, seed=1).images)
+
+
+def test_the_plan_counts_data_still_to_load_as_held(monkeypatch):
+    monkeypatch.setattr(memory_plan, "current_usage", lambda device: 300 * 2**20)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 20), torch.nn.ReLU(), torch.nn.Linear(20, 4))
+    space, example = ParamSpace(model), torch.zeros(1, 3, 4, 4)
+    held = memory_plan.plan(model, space, example, n=8, max_memory="100G")
+    later = memory_plan.plan(model, space, example, n=8, max_memory="100G", data_to_load=700 * 2**20)
+    assert held.resident == 300 * 2**20 and later.resident == held.resident + 700 * 2**20
+    assert later.total == held.total + 700 * 2**20
+    limit = held.total + 350 * 2**20       # fits with the data held, not with the data still to load counted too
+    assert memory_plan.plan(model, space, example, n=8, max_memory=limit).fits()
+    with pytest.raises(memory_plan.PrunekitError, match="max_memory"):
+        memory_plan.plan(model, space, example, n=8, max_memory=limit, data_to_load=700 * 2**20)
+
+
+@pytest.fixture
+def counted_decoding(monkeypatch):
+    """The images decoded (each through imagefolder._fitted) and the bytes each memory plan was
+    told are still to load."""
+    decoded, told = [], []
+    real_fitted, real_plan = imagefolder._fitted, memory_plan.plan
+    monkeypatch.setattr(imagefolder, "_fitted", lambda *a: decoded.append(1) or real_fitted(*a))
+
+    def plan(*args, **kwargs):
+        told.append(kwargs.get("data_to_load", 0))
+        return real_plan(*args, **kwargs)
+    monkeypatch.setattr(memory_plan, "plan", plan)
+    return decoded, told
+
+
+def test_a_folder_too_big_for_the_plan_is_refused_before_any_image_is_decoded(tmp_path, capsys, counted_decoding):
+    decoded, told = counted_decoding
+    write_tree(tmp_path / "imgs", {"a": 4, "b": 4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["prune", "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / "imgs"),
+                     "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "8", "--max-memory", "1M",
+                     "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "prunekit: error: this request needs about" in err and "Traceback" not in err, err
+    assert decoded == [], f"{len(decoded)} images decoded before the refusal"
+    # both splits (a folder without train/ and test/ is both), 8 images of 3 x 32 x 32 each, counted as held
+    assert told == [2 * 8 * 3 * 32 * 32]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plan_that_passes_decodes_and_runs_as_before(tmp_path, capsys, counted_decoding):
+    decoded, told = counted_decoding
+    write_tree(tmp_path / "imgs", {"a": 4, "b": 4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["prune", "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / "imgs"),
+                     "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "8", "--max-memory", "64G",
+                     "--refit-batches", "0", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    record = json.loads(out)
+    assert told[0] == 2 * 8 * 3 * 32 * 32 and told[1:] and all(t == 0 for t in told[1:])   # decoded by then
+    assert len(decoded) == 16                        # each split decoded once, after the first plan
+    assert record["sparsity"] == pytest.approx(0.5, rel=1e-3)
+
