@@ -279,6 +279,54 @@ def test_ranks_whose_launcher_is_killed_stop_mark_the_run_interrupted_and_say_ho
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_a_store_write_failing_as_the_launcher_dies_says_the_launcher_stopped_without_a_cpp_stack(monkeypatch, capfd):
+    """The race of a ``kill -9`` of torchrun: the launcher's sockets (the group's store, which it
+    hosts) close in its exit before its ranks get a new parent, so a rank's store write could fail
+    while ``os.getppid()`` still named the launcher. c10d then printed "[c10d] sendBytes failed"
+    with a page of C++ stack (3 of 7 kills) and the write was reported as a store error. Now the
+    write is made with c10d's warnings held back, and its failure is checked against the launcher
+    (gone, or exiting, in /proc): the rank stops as the watcher would stop it. Played here by a
+    store host process killed while the parent pid the rank reads stays its pid."""
+    from datetime import timedelta
+    import torch.distributed as dist
+    from prunekit import interrupts
+    from prunekit.distributed import collective
+    port = free_port()
+    host = subprocess.Popen([sys.executable, "-c", "import sys, time, torch.distributed as d; from datetime import "
+                             "timedelta; s = d.TCPStore('127.0.0.1', int(sys.argv[1]), 2, True, timeout=timedelta("
+                             "seconds=30), wait_for_workers=False); print('up', flush=True); time.sleep(60)", str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline().strip() == "up"
+        store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timedelta(seconds=10))
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+        monkeypatch.setattr(collective, "_launcher", host.pid)
+        monkeypatch.setattr(collective, "_launcher_lost", False)
+        monkeypatch.setattr(collective.os, "getppid", lambda: host.pid)      # not handed to a new parent yet
+        monkeypatch.setattr(collective, "_keys", lambda: (store, "prunekit/0"))
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "get_rank", lambda: 1)
+        for name, value in (("_reason", None), ("_taken", False), ("_runs", 0)):
+            monkeypatch.setattr(interrupts, name, value)
+        collective.passed_checks()                      # the store answers
+        host.kill()
+        host.wait()
+        capfd.readouterr()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(3):                          # a write into a reset socket may be taken once
+                collective.passed_checks()
+                time.sleep(0.2)
+        assert interrupts.stopped_by() == (collective.LAUNCHER_GONE, 1) and collective._launcher_lost
+        err = capfd.readouterr().err
+        assert "sendBytes" not in err and "frame #" not in err and "c10d" not in err, err[:2000]
+        level = collective._c10_log_level()
+        assert level is None or level.value < 2         # c10d's warnings are held back for the write alone
+    finally:
+        host.kill()
+        host.wait()
+
+
 def test_a_lost_launcher_stops_prunekit_work_but_not_the_callers_own_code_after_it(monkeypatch):
     """The launcher watcher stops a rank (a SIGINT to its main thread) while prunekit works; once
     ``prunekit.prune`` has returned, a user's script going on was interrupted by it too, with a
