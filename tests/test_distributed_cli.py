@@ -212,6 +212,58 @@ def test_a_rank_short_of_memory_is_refused_on_every_rank_rank_0_saying_why(tmp_p
     print(lines[0])
 
 
+def _without_root_powers() -> list[str]:
+    """The prefix that makes a command honour file permissions (root ignores them)."""
+    import shutil
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root, and no setpriv to drop its power over permissions")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def _writable_tree(folder: Path, writable: bool) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+
+@pytest.mark.parametrize("command", ["prune", "train"])
+def test_two_ranks_again_on_a_finished_run_in_a_read_only_folder_give_its_result_and_write_nothing(tmp_path, command):
+    """The same command again under torchrun on a finished run whose folder is chmod -R a-w was
+    refused ('DIR is not writable': rank 0 took the folder's lock, which makes a file), while one
+    process printed the stored result without writing. Rank 0 now looks whether the folder holds a
+    finished run it may not write and tells every rank: all of them read it back, rank 0 prints it."""
+    out = tmp_path / "run"
+    if command == "prune":
+        args = [*PRUNE, "--out", str(out)]
+        args[args.index("--stages") + 1] = "1"
+    else:
+        args = ["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--epochs", "1",
+                "--eval-split", "train", "--batch-size", "500", "--json", "--out", str(out)]
+    first = [_finish(rank) for rank in _launch(args, free_port())]
+    assert [code for code, _, _ in first] == [0, 0], first[0][2][-2000:] + first[1][2][-2000:]
+    stored = json.loads(first[0][1])
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    port, ranks = free_port(), []
+    _writable_tree(out, writable=False)
+    try:
+        for rank in range(2):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                   "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
+            ranks.append(subprocess.Popen([*_without_root_powers(), sys.executable, "-m", "prunekit", *args],
+                                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        (code0, out0, err0), (code1, out1, err1) = [_finish(rank, timeout=120) for rank in ranks]
+    finally:
+        _writable_tree(out, writable=True)
+    assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
+    assert json.loads(out0) == stored and out1 == "", out1[-2000:]
+    assert "prunekit: error" not in err0 + err1 and "Traceback" not in err0 + err1
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before   # nothing written
+
+
 _LAUNCHER = """
 import os, subprocess, sys, time
 from datetime import timedelta
