@@ -332,6 +332,21 @@ def test_register_cost_prices_a_parameter_tied_to_another_modules_once_whichever
     finally:
         unregister_cost(Head)
 
+    class Twice(nn.Module):                            # one parameter under two names of the module itself
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(4, 6))
+            self.b = self.a
+
+        def forward(self, x):                          # x (B, 6) -> (B, 4)
+            return x @ torch.cumsum(self.a, 0).t() + x @ torch.cumsum(self.b, 1).t()
+
+    register_cost(Twice, lambda m, inputs, out: {"a": 1, "b": 2})   # was refused: "does not have ['b']"
+    try:
+        assert CostModel(nn.Sequential(Twice()), torch.zeros(1, 6)).macs == (1 + 2) * 4 * 6
+    finally:
+        unregister_cost(Twice)
+
 
 def test_masked_attention_projection_costs_nothing():
     mha = nn.MultiheadAttention(8, 2, batch_first=True)

@@ -260,7 +260,7 @@ def _empty(module: nn.Module) -> bool:
 def _registered_uses(module: nn.Module, fn, inputs, output, name: str) -> ModuleCost:
     cost = fn(module, inputs, output)
     cost = ModuleCost(uses=dict(cost)) if isinstance(cost, dict) else cost
-    own = dict(module.named_parameters(recurse=False))
+    own = dict(module.named_parameters(recurse=False, remove_duplicate=False))   # both names of one tied twice
     unknown = set(cost.uses) - set(own)
     if unknown:
         children = sorted(unknown & {n for n, _ in module.named_parameters()})
@@ -320,7 +320,7 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
 
     def _charge_registered(module, fn, inputs, output, name):
         cost = _registered_uses(module, fn, inputs, output, name)
-        own = dict(module.named_parameters(recurse=False))
+        own = dict(module.named_parameters(recurse=False, remove_duplicate=False))
         for local, uses in cost.uses.items():
             full = canonical[id(own[local])]
             ops.uses.mark(full)
