@@ -285,6 +285,69 @@ def test_register_cost_counts_the_child_layers_of_a_registered_module():
         unregister_cost(RBF)
 
 
+def test_register_cost_prices_a_parameter_tied_to_another_modules_once_whichever_module_comes_first():
+    """An output head with a registered cost whose weight is the embedding's table (tied): the
+    model names the shared parameter once, after the module that holds it first. With the
+    embedding first, the head's registration was passed over: its own code was traced (a weight
+    op without a cost rule refused the model, naming Embedding; a traceable one was counted by the
+    trace, not by the cost function) and the function's figure was dropped. Now both orders count
+    the function's uses (3 per element here, not the 5 tokens the trace would see), and pruning the
+    table lowers them."""
+    from prunekit import register_cost
+    from prunekit.costs import unregister_cost
+    V, E, T = 50, 8, 5
+
+    class Head(nn.Module):                             # x (B, T, E) -> (B, T, V)
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(V, E))
+
+        def forward(self, x):
+            return x @ torch.cumsum(self.weight, 1).t()      # cumsum: no cost rule of prunekit's
+
+    class LM(nn.Module):
+        def __init__(self, head_first: bool):
+            super().__init__()
+            if head_first:
+                self.head, self.emb = Head(), nn.Embedding(V, E)
+            else:
+                self.emb, self.head = nn.Embedding(V, E), Head()
+            self.head.weight = self.emb.weight         # tied
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    ids = torch.zeros(1, T, dtype=torch.long)
+    register_cost(Head, lambda m, inputs, out: {"weight": 3})
+    try:
+        for head_first in (True, False):
+            model = LM(head_first)
+            costs = CostModel(model, ids)
+            holder = "head" if head_first else "emb"
+            assert costs.macs == 3 * V * E, head_first
+            assert costs.layer(holder).macs == 3 * V * E and costs.layer(holder).params == V * E
+            with torch.no_grad():
+                model.emb.weight[:10] = 0                  # 10 of V rows pruned, in both modules
+            assert costs.count(model).macs == 3 * (V - 10) * E, head_first
+    finally:
+        unregister_cost(Head)
+
+    class Twice(nn.Module):                            # one parameter under two names of the module itself
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(4, 6))
+            self.b = self.a
+
+        def forward(self, x):                          # x (B, 6) -> (B, 4)
+            return x @ torch.cumsum(self.a, 0).t() + x @ torch.cumsum(self.b, 1).t()
+
+    register_cost(Twice, lambda m, inputs, out: {"a": 1, "b": 2})   # was refused: "does not have ['b']"
+    try:
+        assert CostModel(nn.Sequential(Twice()), torch.zeros(1, 6)).macs == (1 + 2) * 4 * 6
+    finally:
+        unregister_cost(Twice)
+
+
 def test_masked_attention_projection_costs_nothing():
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
     x = torch.zeros(1, 4, 8)

@@ -260,7 +260,7 @@ def _empty(module: nn.Module) -> bool:
 def _registered_uses(module: nn.Module, fn, inputs, output, name: str) -> ModuleCost:
     cost = fn(module, inputs, output)
     cost = ModuleCost(uses=dict(cost)) if isinstance(cost, dict) else cost
-    own = dict(module.named_parameters(recurse=False))
+    own = dict(module.named_parameters(recurse=False, remove_duplicate=False))   # both names of one tied twice
     unknown = set(cost.uses) - set(own)
     if unknown:
         children = sorted(unknown & {n for n, _ in module.named_parameters()})
@@ -320,9 +320,9 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
 
     def _charge_registered(module, fn, inputs, output, name):
         cost = _registered_uses(module, fn, inputs, output, name)
-        prefix = f"{name}." if name else ""
+        own = dict(module.named_parameters(recurse=False, remove_duplicate=False))
         for local, uses in cost.uses.items():
-            full = prefix + local
+            full = canonical[id(own[local])]
             ops.uses.mark(full)
             ops.uses.uniform[full] += int(uses)
             if full not in ops.order:
@@ -332,11 +332,14 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
             ops._activation(cost.activation_macs)
             scope.pop()
 
+    # a parameter tied to another module's (an output head sharing the embedding's table) is named
+    # once, where model.named_parameters() first meets it: the trace (``ParamIndex``) knows it by that
+    # name, so a registered module's own parameter is named so too, whichever module holds it first
+    canonical = {id(p): n for n, p in model.named_parameters()}
     for name, module in model.named_modules():
         fn = registered_cost(module)
         is_leaf = fn is not None or next(module.children(), None) is None
-        prefix = f"{name}." if name else ""
-        own = None if fn is None else frozenset(prefix + n for n, _ in module.named_parameters(recurse=False))
+        own = None if fn is None else frozenset(canonical[id(p)] for _, p in module.named_parameters(recurse=False))
         handles.append(module.register_forward_pre_hook(pre_hook(name, is_leaf, own)))
         handles.append(module.register_forward_hook(post_hook(name, is_leaf, fn)))
 

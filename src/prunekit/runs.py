@@ -141,6 +141,39 @@ def finished_read_only(path: str | Path) -> bool:
     return done and not os.access(path, os.W_OK)
 
 
+def finished_read_only_on_rank_0(path: str | Path) -> bool:
+    """``finished_read_only`` as rank 0, the rank that writes, finds ``path``, told to every rank of a
+    torchrun run (a collective: every rank calls it), so that all of them read the finished run
+    back or none does: a rank going on alone to take the folder's lock would wait for the others.
+    One process: ``finished_read_only``."""
+    from . import distributed
+    collective = distributed.current()
+    if not collective.distributed:
+        return finished_read_only(path)
+    return bool(collective.broadcast_object(finished_read_only(path) if collective.rank == 0 else None))
+
+
+def check_claim_on_rank_0(folder: RunFolder, config_text: str, device="cpu") -> None:
+    """``check_claim`` (writes nothing) under torchrun: rank 0 checks the folder and its refusal is
+    raised on every rank; then every rank must see the same folder (``check_ranks_share``). A
+    collective: every rank calls it. One process: ``check_claim``."""
+    from . import distributed
+    collective = distributed.current()
+    if not collective.distributed:
+        check_claim(folder, config_text)
+        return
+    refusal = None
+    if collective.rank == 0:
+        try:
+            check_claim(folder, config_text)
+        except PrunekitError as err:
+            refusal = err
+    refusal = collective.broadcast_object(refusal)
+    if refusal is not None:
+        raise refusal
+    check_ranks_share(folder, device)
+
+
 def mark_stopped(folder: RunFolder, line: str) -> None:
     """Write why the run in ``folder`` ends here (``line``) to its run.log and mark a running run
     "interrupted" (``--resume`` carries it on). Called by the process holding the folder's lock,

@@ -203,10 +203,10 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
                                      samples={evaluation: _samples(eval_loader),
                                               training: _samples(train_batches) if reads_training else None},
                                      **{evaluation: _first_batch(eval_loader), training: first_train})
-    if (args.out and not getattr(args, "force", False) and not distributed.current().distributed
-            and runs.finished_read_only(args.out)):
+    if args.out and not getattr(args, "force", False) and runs.finished_read_only_on_rank_0(args.out):
         # a finished run in a folder this process may not write: its result again, with no lock
-        # (its file could not be made) and nothing written (no claim, log or report)
+        # (its file could not be made) and nothing written (no claim, log or report); under
+        # torchrun as rank 0 finds the folder, on every rank
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main, read_only=True)
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
         try:
@@ -289,8 +289,11 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
     folder, finished = None, False
     if read_only:
         folder = runs.RunFolder(args.out).follower()
+        device = next(iter(loaded.model.parameters()), torch.empty(0)).device
         if not getattr(args, "resume", None):        # the same request again, or another run's folder
-            runs.check_claim(folder, run_config(args))
+            runs.check_claim_on_rank_0(folder, run_config(args), device=device)
+        elif distributed.current().distributed:
+            runs.check_ranks_share(folder, device)
         finished = True
     elif args.out:              # rank 0 claims the folder and writes it; the others read it
         resume = bool(getattr(args, "resume", None))       # a folder of an older version may say force = true

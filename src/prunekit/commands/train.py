@@ -26,7 +26,7 @@ from ..options import OptionError, cli_message
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
 from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim, check_ranks_share,
-                    claim, finished_read_only, release_refused)
+                    claim, finished_read_only_on_rank_0, release_refused)
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
@@ -65,8 +65,7 @@ def cmd_train(args) -> int:
         raise PrunekitError(f"--batch-size {args.batch_size} is more than the {len(train_ds):,} {args.data} training "
                             "images: lower --batch-size")
     test_loader = make_loader(test_ds, loaded.normalization, batch_size=512)
-    if (args.out and not getattr(args, "force", False) and not distributed.current().distributed
-            and finished_read_only(args.out)):
+    if args.out and not getattr(args, "force", False) and finished_read_only_on_rank_0(args.out):
         # a finished run in a folder this process may not write: its result again (when it is this
         # command's run), with no lock (its file could not be made) and nothing written
         return train_into(args, loaded, loader, test_loader, read_only=True)
