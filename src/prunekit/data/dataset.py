@@ -106,6 +106,11 @@ class DeferredImageDataset:
         return self.dataset.images
 
     @property
+    def scan(self):
+        """The scan the images are decoded from (``imagefolder.ImageFolderScan``)."""
+        return self._scan
+
+    @property
     def decoded(self) -> bool:
         return self._decoded is not None
 
