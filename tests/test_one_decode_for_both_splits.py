@@ -71,7 +71,26 @@ def test_a_folder_without_splits_is_one_data_set_for_both(tmp_path, counted):
     assert torch.equal(eager.images, load_dataset("imagefolder", tmp_path, "test").images)
 
 
-@pytest.mark.parametrize("case", ["resize", "crop", "limit", "classes", "split folders", "eager"])
+def test_a_limit_takes_its_rows_of_the_shared_images_decoding_none_again(tmp_path, counted):
+    scans, decoded, _ = counted
+    write_tree(tmp_path, {"b": 4, "a": 3, "c": 3})
+    test = load_dataset("imagefolder", tmp_path, "test", defer=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = load_dataset("imagefolder", tmp_path, "train", limit=4, seed=7, defer=True, same_as=test)
+        alone = load_dataset("imagefolder", tmp_path, "train", limit=4, seed=7)        # its own scan and decode
+    assert scans == ["test", "train"] and len(decoded) == 4
+    assert isinstance(train, DeferredImageDataset) and train is not test and len(train) == 4
+    assert torch.equal(train.labels, alone.labels) and train.classes == alone.classes == ["a", "b", "c"]
+    # planned: the one array and the 4 rows copied out of it; nothing decoded yet
+    assert pending_bytes(test, train) == (10 + 4) * 3 * 32 * 32 and len(decoded) == 4
+    assert torch.equal(train.images, alone.images) and len(decoded) == 4 + 10      # the test split's decode only
+    assert test.decoded and pending_bytes(test, train) == 0
+    train.images.zero_()                              # a copy: the shared array is not touched
+    assert torch.equal(test.images, load_dataset("imagefolder", tmp_path, "test").images)
+
+
+@pytest.mark.parametrize("case", ["resize", "crop", "classes", "split folders", "eager"])
 def test_other_images_are_scanned_on_their_own(tmp_path, counted, case):
     scans, _, _ = counted
     root = tmp_path / "imgs"
@@ -83,13 +102,12 @@ def test_other_images_are_scanned_on_their_own(tmp_path, counted, case):
     test = (load_dataset("imagefolder", root, "test") if case == "eager"      # a decoded set: no scan to share
             else load_dataset("imagefolder", root, "test", resize=36 if case == "resize" else None,
                               crop=32 if case == "crop" else None, defer=True))
-    kwargs = {"limit": 4, "seed": 0} if case == "limit" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train = load_dataset("imagefolder", root, "train", classes=["a", "b", "c"] if case == "classes" else None,
-                             defer=True, same_as=test, **kwargs)
+                             defer=True, same_as=test)
     assert train is not test and len(scans) == 2
-    assert len(train) == (4 if case == "limit" else 6 if case != "split folders" else 4)
+    assert len(train) == (4 if case == "split folders" else 6)
     if case == "classes":
         assert train.classes == ["a", "b", "c"]
 
@@ -104,18 +122,21 @@ def test_the_same_split_twice_is_shared_and_a_missing_one_still_refused(tmp_path
     assert scans == ["train", "test"]
 
 
-def test_prune_on_a_folder_without_splits_scans_plans_and_decodes_it_once(tmp_path, capsys, counted):
+@pytest.mark.parametrize("train_samples", [None, 6])
+def test_prune_on_a_folder_without_splits_scans_plans_and_decodes_it_once(tmp_path, capsys, counted, train_samples):
     scans, decoded, told = counted
     write_tree(tmp_path / "imgs", {"a": 4, "b": 4})
+    subset = ["--train-samples", str(train_samples)] if train_samples else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         code = main(["prune", "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / "imgs"),
-                     "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "8", "--max-memory", "64G",
-                     "--refit-batches", "0", "--json"])
+                     "--method", "chita", "--sparsity", "0.5", "--fisher-samples", "4", "--max-memory", "64G",
+                     "--refit-batches", "0", "--json", *subset])
     out = capsys.readouterr().out
     assert code == 0, out
     assert scans == ["test"], scans                   # the training split is the evaluation split's scan
-    assert told[0] == 8 * 3 * 32 * 32, told           # counted once: one array will be held
+    # counted once: one array will be held (and the rows of --train-samples, copied out of it)
+    assert told[0] == (8 + (train_samples or 0)) * 3 * 32 * 32, told
     assert len(decoded) == 8                          # one decode of 8 images, not two
     assert json.loads(out)["sparsity"] == pytest.approx(0.5, rel=1e-3)
 

@@ -250,8 +250,8 @@ def training_batches(args, loaded: LoadedModel, evaluation=None):
     """A function giving training batches, loading the training split on first use only.
 
     ``evaluation``: the evaluation loader (``eval_data``); where the training split is the same
-    images (an image folder without train/ and test/, or ``--eval-split train``, with every image:
-    no ``--train-samples`` below their count), its data set is shared: scanned and decoded once.
+    images (an image folder without train/ and test/, or ``--eval-split train``), its data set is
+    shared: scanned and decoded once (``--train-samples`` below its count: those rows, copied).
 
     With ``--train-samples`` the split is read now: a count above its number of images takes them
     all (``load_data`` warns once) and ``args.train_samples`` becomes the count used, so the run's
