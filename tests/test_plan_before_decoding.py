@@ -115,8 +115,8 @@ def test_a_folder_too_big_for_the_plan_is_refused_before_any_image_is_decoded(tm
     err = capsys.readouterr().err
     assert code == 2 and "prunekit: error: this request needs about" in err and "Traceback" not in err, err
     assert decoded == [], f"{len(decoded)} images decoded before the refusal"
-    # both splits (a folder without train/ and test/ is both), 8 images of 3 x 32 x 32 each, counted as held
-    assert told == [2 * 8 * 3 * 32 * 32]
+    # a folder without train/ and test/ is both splits, one array: 8 images of 3 x 32 x 32, counted once as held
+    assert told == [8 * 3 * 32 * 32]
     assert not (tmp_path / "run").exists()
 
 
@@ -131,7 +131,7 @@ def test_a_plan_that_passes_decodes_and_runs_as_before(tmp_path, capsys, counted
     out = capsys.readouterr().out
     assert code == 0, out
     record = json.loads(out)
-    assert told[0] == 2 * 8 * 3 * 32 * 32 and told[1:] and all(t == 0 for t in told[1:])   # decoded by then
-    assert len(decoded) == 16                        # each split decoded once, after the first plan
+    assert told[0] == 8 * 3 * 32 * 32 and told[1:] and all(t == 0 for t in told[1:])   # decoded by then
+    assert len(decoded) == 8                         # both splits one array, decoded once, after the first plan
     assert record["sparsity"] == pytest.approx(0.5, rel=1e-3)
 

@@ -249,13 +249,14 @@ def check_normalized(loaded: LoadedModel) -> None:
 
 def load_data(name: str, data_dir: str | Path, split: str, limit: int | None = None,
               seed: int | None = None, resize: int | None = None, crop: int | None = None,
-              classes: tuple[str, ...] | None = None, defer: bool = False) -> ImageDataset:
+              classes: tuple[str, ...] | None = None, defer: bool = False, same_as=None) -> ImageDataset:
     """Load a split; ``limit`` keeps the first ``limit`` images (or a seeded random subset);
     ``resize`` / ``crop``: an image folder's images brought to one size; ``classes``: the class
     names a model records, which label an image folder; ``defer``: an image folder scanned, its
-    pixels decoded on first use (``load_dataset``)."""
+    pixels decoded on first use; ``same_as``: a split loaded before, returned again when this one
+    is the same images (``load_dataset``)."""
     return load_dataset(name, data_dir, split, resize=resize, crop=crop, limit=limit, seed=seed, classes=classes,
-                        defer=defer)
+                        defer=defer, same_as=same_as)
 
 
 def recorded_classes(checkpoint: str | Path | None) -> tuple[str, ...] | None:

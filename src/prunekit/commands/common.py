@@ -246,8 +246,12 @@ def eval_data(args, loaded: LoadedModel):
     return make_loader(ds, loaded.normalization, batch_size=args.batch_size)
 
 
-def training_batches(args, loaded: LoadedModel):
+def training_batches(args, loaded: LoadedModel, evaluation=None):
     """A function giving training batches, loading the training split on first use only.
+
+    ``evaluation``: the evaluation loader (``eval_data``); where the training split is the same
+    images (an image folder without train/ and test/, or ``--eval-split train``), its data set is
+    shared: scanned and decoded once (``--train-samples`` below its count: those rows, copied).
 
     With ``--train-samples`` the split is read now: a count above its number of images takes them
     all (``load_data`` warns once) and ``args.train_samples`` becomes the count used, so the run's
@@ -258,7 +262,8 @@ def training_batches(args, loaded: LoadedModel):
     @lru_cache(maxsize=1)
     def dataset():
         ds = load_data(args.data, args.data_dir, "train", limit=args.train_samples, seed=args.seed,
-                       resize=args.resize, crop=args.crop, classes=model_classes(loaded), defer=True)
+                       resize=args.resize, crop=args.crop, classes=model_classes(loaded), defer=True,
+                       same_as=getattr(evaluation, "dataset", evaluation))
         check_fits(loaded, ds, f"{args.data} train")
         return ds
 

@@ -99,7 +99,7 @@ def cmd_prune(args) -> int:
     if args.onnx:
         check_onnx(loaded)
     eval_loader = eval_data(args, loaded)
-    train_batches = training_batches(args, loaded)
+    train_batches = training_batches(args, loaded, eval_loader)
     _check_rows_fit_the_data(args, train_batches)
     # the memory plan before any image is decoded: it counts the images still to decode
     plan = request_of(args, loaded, data_to_load=bytes_to_load(eval_loader, train_batches)).plan()

@@ -107,7 +107,7 @@ def cmd_sweep(args) -> int:
         raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
     report.check_report_folder(args.out, planned=planned)  # and a folder whose own files the report would overwrite
     eval_loader = eval_data(args, dense_model)
-    train_batches = training_batches(args, dense_model)
+    train_batches = training_batches(args, dense_model, eval_loader)
     for method, budget in plan:           # refuse a bad method, option, budget or data size before the first run:
         _check_rows_fit_the_data(args, train_batches, method)    # prune's own checks, in its order, for every run
         planned_run = request_of(args, dense_model, method, budget,

@@ -106,6 +106,11 @@ class DeferredImageDataset:
         return self.dataset.images
 
     @property
+    def scan(self):
+        """The scan the images are decoded from (``imagefolder.ImageFolderScan``)."""
+        return self._scan
+
+    @property
     def decoded(self) -> bool:
         return self._decoded is not None
 
@@ -125,6 +130,36 @@ class DeferredImageDataset:
     def subset(self, n: int | None = None, seed: int | None = None) -> ImageDataset:
         """:meth:`ImageDataset.subset` of the decoded images."""
         return self.dataset.subset(n, seed)
+
+
+class SubsetScan:
+    """The scan of ``parent.subset(n, seed)`` (``parent`` a :class:`DeferredImageDataset`): the
+    rows of its images ``subset`` keeps, copied out of them once they are decoded, so a subset of a
+    split that is decoded anyway is not decoded again. It is what a scan of the same folder with
+    ``limit=n, seed=seed`` finds (the same images, labels and order).
+    ``planned_bytes``: the copy's (a prefix, ``seed`` None, is a view: 0); the parent's own bytes
+    are the parent's to count."""
+
+    def __init__(self, parent: DeferredImageDataset, n: int, seed: int | None) -> None:
+        self.parent, self.n, self.seed = parent, n, seed
+        self.index = subset_indices(len(parent), n, seed)
+        self.labels = parent.labels[self.index]        # int64 (n,)
+        self.classes = list(parent.classes)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.parent.image_shape
+
+    @property
+    def planned_bytes(self) -> int:
+        channels, height, width = self.image_shape
+        return 0 if self.seed is None else len(self) * channels * height * width
+
+    def decode(self) -> ImageDataset:
+        return self.parent.subset(self.n, self.seed)
 
 
 def pending_bytes(*data) -> int:

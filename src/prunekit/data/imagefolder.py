@@ -29,16 +29,17 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _split_root(data_dir: Path, split: str) -> Path:
+def _split_root(data_dir: Path, split: str, warn: bool = True) -> Path:
     """``data_dir/split`` if it exists; else ``data_dir`` itself, unless that is split into
-    other splits (then asking for a missing split is an error, not a class list)."""
+    other splits (then asking for a missing split is an error, not a class list). ``warn``: say
+    that a folder without splits is the training data and the test set alike (for split "train")."""
     if (data_dir / split).is_dir():
         return data_dir / split
     others = [name for name in _SPLIT_NAMES if (data_dir / name).is_dir()]
     if others:
         found = ", ".join(f"{name}/" for name in others)
         raise PrunekitError(f"{data_dir} has no {split}/ folder (found {found}); choose split={others[0]!r}")
-    if split == "train":       # the test split of a folder without splits is the same images
+    if split == "train" and warn:       # the test split of a folder without splits is the same images
         warnings.warn(PrunekitWarning(f"{data_dir} has no train/ and test/ folders: its images are the training "
                                       "data and the test set alike, so accuracy on them is not held out; put them "
                                       f"in {data_dir}/train/<class>/ and {data_dir}/test/<class>/"), stacklevel=4)
@@ -105,6 +106,8 @@ class ImageFolderScan:
     height: int
     resize: int | None = None
     crop: int | None = None
+    root: Path | None = None       # the folder of class folders scanned (None: not known)
+    complete: bool = True          # every image of ``root`` (no ``limit`` left some out)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -154,9 +157,7 @@ def scan_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
     refused here), hence the decoded array's shape and bytes (``ImageFolderScan.planned_bytes``).
     Reading headers only, it takes a second or two for 10,000 JPEGs where decoding them at 224
     takes some 20 s."""
-    for name, value in (("resize", resize), ("crop", crop)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise PrunekitError(f"{name} must be a positive number of pixels, got {value!r}")
+    _check_sizes(resize, crop)
     if not data_dir.is_dir():
         raise PrunekitError(f"image folder {data_dir} does not exist; pass the folder that holds <class>/ subfolders")
     root = _split_root(data_dir, split)
@@ -165,7 +166,8 @@ def scan_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
         raise PrunekitError(f"no class folders in {root}: expected {root}/<class>/*.jpg or *.png")
     names = _class_names(data_dir, root, class_dirs) if classes is None else _known_names(root, class_dirs, classes)
     files = [(names.index(class_dir.name), path) for class_dir in class_dirs for path in _image_files(class_dir)]
-    if limit is not None and limit < len(files):
+    complete = limit is None or limit >= len(files)
+    if not complete:
         files = [files[i] for i in subset_indices(len(files), limit, seed)]
 
     # Headers only: check sizes and pick the mode before decoding pixels.
@@ -187,7 +189,41 @@ def scan_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
                      f"{said}; bring them to one size (--resize N --crop N)")
     mode = "L" if modes <= set(_GRAYSCALE_MODES) else "RGB"
     (width, height), = sizes
-    return ImageFolderScan(files, names, mode, width, height, resize, crop)
+    return ImageFolderScan(files, names, mode, width, height, resize, crop, root, complete)
+
+
+def _check_sizes(resize, crop) -> None:
+    for name, value in (("resize", resize), ("crop", crop)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PrunekitError(f"{name} must be a positive number of pixels, got {value!r}")
+
+
+def scans_again(scan, data_dir: Path, split: str, resize: int | None = None, crop: int | None = None,
+                classes: list[str] | tuple[str, ...] | None = None) -> bool:
+    """Whether ``scan_image_folder(data_dir, split, resize, crop, classes=classes)`` (no ``limit``)
+    would find ``scan`` again, so that its images can be shared rather than scanned and decoded a
+    second time: ``scan`` is a complete scan (no ``limit``) of the same folder (a folder without
+    train/ and test/ is both splits; or the same split asked for twice) with the same ``resize`` and
+    ``crop``, whose labels index the class names this call would use. Reads folder names only, no
+    file. When True, the warning that scan would give (a folder without splits read as "train") is
+    given; when False, nothing is said (the scan that follows says it, or refuses)."""
+    if not isinstance(scan, ImageFolderScan) or scan.root is None or not scan.complete:
+        return False
+    try:
+        _check_sizes(resize, crop)
+        if (scan.resize, scan.crop) != (resize, crop) or not data_dir.is_dir():
+            return False
+        root = _split_root(data_dir, split, warn=False)
+        if root.resolve() != scan.root.resolve():
+            return False
+        names = ([str(c) for c in classes] if classes is not None
+                 else _class_names(data_dir, root, _subfolders(root)))
+    except (PrunekitError, OSError):
+        return False            # the scan refuses it, in its own words
+    if names != list(scan.classes):
+        return False
+    _split_root(data_dir, split)        # its warning, as the scan would give it
+    return True
 
 
 def _class_names(data_dir: Path, root: Path, class_dirs: list[Path]) -> list[str]:
