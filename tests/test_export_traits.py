@@ -213,8 +213,10 @@ def test_normalize_in_graph_refuses_what_it_cannot_apply(tmp_path):
 
 def test_cli_export_says_what_inputs_the_graph_takes(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(run)]) == 0
+    assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(run), "--onnx"]) == 0
     capsys.readouterr()
+    meta = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}    # prune --onnx's file
+    assert meta["prunekit.normalize_mean"] == "0.1307" and meta["prunekit.normalize_std"] == "0.3081"
     assert main(["export", str(run), "--onnx"]) == 0
     out = capsys.readouterr().out
     assert "takes inputs normalized as in training" in out and "mean 0.1307, std 0.3081" in out
@@ -232,3 +234,14 @@ def test_cli_export_says_what_inputs_the_graph_takes(tmp_path, capsys):
     (got,) = ReferenceEvaluator(onnx.load(str(run / "export" / "model.onnx"))).run(None, {"input": pixels.numpy()})
     with torch.no_grad():
         assert_close_to_scale(torch.from_numpy(got), model((pixels - 0.1307) / 0.3081), rel=1e-5)
+
+
+def test_the_input_line_of_an_export_names_what_the_graphs_take():
+    from prunekit.commands.export import _input_line
+    assert _input_line(["onnx"], NORM, False).startswith("the onnx graph takes inputs normalized as in training")
+    assert "mean 0.5,0.4,0.3, std 0.2,0.25,0.3" in _input_line(["onnx"], NORM, False)
+    assert _input_line(["onnx", "torchscript"], NORM, True) == (
+        "the onnx and torchscript graphs take pixels scaled to [0, 1] ((x - mean) / std with mean 0.5,0.4,0.3, "
+        "std 0.2,0.25,0.3 is built in)")
+    assert _input_line(["torchscript"], Normalization((0.0,), (1.0,)), False) == (
+        "the torchscript graph takes pixels scaled to [0, 1] (model.json: no normalization)")
