@@ -324,7 +324,8 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
     elif folder is not None and main:
         if args.onnx:
             from ..export import export_onnx
-            record["onnx"] = str(export_onnx(model, loaded.example_input(), folder.path / "model.onnx"))
+            record["onnx"] = str(export_onnx(model, loaded.example_input(), folder.path / "model.onnx",
+                                                 normalization=loaded.normalization))
         write_report(lambda: report.write_run_report(folder.path), args.json)
     return record
 
