@@ -160,10 +160,30 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             # those channels are then unknown, and such groups are skipped or caught by shrink's check.
             warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input,
+                model, example_inputs=example_input, output_transform=_output_tensors,
                 customized_pruners=pad_pruners(model) if pads_residual else None)
     finally:
         model.train(was_training)
+
+
+def _output_tensors(out, where: str = "output") -> list[torch.Tensor]:
+    """The tensors of a model's output ``out`` (a tensor, or tuples, lists and dicts of them: a
+    HuggingFace ModelOutput is a dict), flattened for torch-pruning's trace; None, numbers and
+    strings are dropped (no graph behind them). Any other object (a KV cache such as
+    HuggingFace's DynamicCache, which holds tensors torch-pruning cannot see into) is refused
+    in one line naming its type, where it sits and the fix."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if out is None or isinstance(out, (bool, int, float, str)):
+        return []
+    if isinstance(out, dict):
+        return [t for key, value in out.items() for t in _output_tensors(value, f"{where}[{key!r}]")]
+    if isinstance(out, (list, tuple)):
+        return [t for i, value in enumerate(out) for t in _output_tensors(value, f"{where}[{i}]")]
+    raise PrunekitError(f"the model's {where} is a {type(out).__name__}, not a tensor (a key/value cache, say), "
+                        "which the channel dependency analysis cannot follow: build the model without it "
+                        "(HuggingFace: use_cache=False, or model.config.use_cache = False) or wrap it in a module "
+                        "whose forward returns only tensors (the logits)")
 
 
 def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bool = True) -> GroupSet:
@@ -242,12 +262,25 @@ def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
             continue
         if isinstance(module, _LAYER_TYPES):
             continue
+        if _is_conv1d_style(module):
+            loose.append((module_name, "a Conv1D-style layer (HuggingFace's GPT-2 Conv1D: a Linear whose weight is "
+                                       "stored (in, out), y = x @ W + b), which the channel methods do not shrink; "
+                                       "the weight methods (falcon, chita, magnitude) prune it"))
+            continue
         for name, param in module.named_parameters(recurse=False):
             if param.dim() >= 2:
                 full = f"{module_name}.{name}" if module_name else name
                 loose.append((full, "a weight held outside a known layer (used by einsum or matmul, say), "
                                     "which the channel analysis cannot follow"))
     return loose
+
+
+def _is_conv1d_style(module: nn.Module) -> bool:
+    """Whether ``module`` is a Conv1D-style layer as HuggingFace's (``transformers.pytorch_utils.
+    Conv1D``, GPT-2's projections): named Conv1D, a 2-D ``weight`` (in, out) and ``nf`` = out."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
 
 
 def _multiplier_reason(members: list, segments: int, model: nn.Module) -> str:
