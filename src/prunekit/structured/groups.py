@@ -58,6 +58,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..costs import is_conv1d_style
 from ..errors import PrunekitError
 from ..options import OptionError
 from .attention import head_prunable
@@ -262,7 +263,7 @@ def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
             continue
         if isinstance(module, _LAYER_TYPES):
             continue
-        if _is_conv1d_style(module):
+        if is_conv1d_style(module):
             loose.append((module_name, "a Conv1D-style layer (HuggingFace's GPT-2 Conv1D: a Linear whose weight is "
                                        "stored (in, out), y = x @ W + b), which the channel methods do not shrink; "
                                        "the weight methods (falcon, chita, magnitude) prune it"))
@@ -273,14 +274,6 @@ def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
                 loose.append((full, "a weight held outside a known layer (used by einsum or matmul, say), "
                                     "which the channel analysis cannot follow"))
     return loose
-
-
-def _is_conv1d_style(module: nn.Module) -> bool:
-    """Whether ``module`` is a Conv1D-style layer as HuggingFace's (``transformers.pytorch_utils.
-    Conv1D``, GPT-2's projections): named Conv1D, a 2-D ``weight`` (in, out) and ``nf`` = out."""
-    weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
-            and getattr(module, "nf", None) == weight.shape[1])
 
 
 def _multiplier_reason(members: list, segments: int, model: nn.Module) -> str:
