@@ -909,3 +909,43 @@ def test_weight_normalization_is_told_to_be_folded_first():
         CostModel(model, torch.randn(2, 10))
     torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
     assert CostModel(model, torch.randn(2, 10)).macs == 10 * 20 + 20 * 3
+
+
+class Conv1D(nn.Module):
+    """HuggingFace's GPT-2 Conv1D in small: a Linear whose weight is stored (in, out), y = x @ W + b."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class _TiedLM(nn.Module):
+    """GPT-2 in small: token embedding, Conv1D MLP, an lm_head whose weight is the embedding's."""
+
+    def __init__(self, vocab=50, width=8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.fc, self.proj = Conv1D(32, width), Conv1D(width, 32)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        x = self.wte(ids)
+        return self.lm_head(x + self.proj(torch.relu(self.fc(x))))
+
+
+def test_conv1d_style_layers_are_counted_as_linear_and_a_tied_weight_names_its_other_use():
+    costs = CostModel(_TiedLM(), torch.randint(50, (1, 6)))
+    rows = {layer.name: layer for layer in costs.layers}
+    assert rows["fc"].kind == "Conv1D" and rows["fc"].macs == 6 * 8 * 32       # tokens x in x out
+    assert rows["proj"].kind == "Conv1D" and rows["proj"].macs == 6 * 32 * 8
+    assert "unknown" not in rows["fc"].kind + rows["proj"].kind
+    assert rows["wte"].kind == "Embedding (+ tied use in lm_head, its MACs counted here)"
+    assert rows["wte"].macs == 6 * 8 * 50                                     # the vocabulary projection
+    assert rows["lm_head"].kind == "Linear (weight tied to wte: its MACs on that row)"
+    assert rows["lm_head"].macs == 0

@@ -236,6 +236,15 @@ class CostModel:
 
 # --- tracing ---------------------------------------------------------------------------------
 
+def is_conv1d_style(module: nn.Module) -> bool:
+    """Whether ``module`` is a Conv1D-style layer as HuggingFace's (``transformers.pytorch_utils.
+    Conv1D``, GPT-2's projections): named Conv1D, a 2-D ``weight`` (in, out) and ``nf`` = out,
+    computing y = x @ W + b (a Linear, its weight stored transposed)."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
 def _elementwise_ops(module: nn.Module, inputs: tuple, out) -> int | None:
     """Element-wise ops of a leaf module (in a trace of one example); None if its type has no rule."""
     if isinstance(module, _NORM_LAYERS):
@@ -246,7 +255,8 @@ def _elementwise_ops(module: nn.Module, inputs: tuple, out) -> int | None:
         return out.numel() * window
     if isinstance(module, _POOL_ADAPTIVE):
         return inputs[0].numel()
-    if isinstance(module, (*_FREE, *_PRICED_BY_OPS)) or getattr(module, "zero_macs", False) or _empty(module):
+    if isinstance(module, (*_FREE, *_PRICED_BY_OPS)) or getattr(module, "zero_macs", False) or _empty(module) \
+            or is_conv1d_style(module):     # a Linear: its product (addmm) is all it computes
         return 0
     return None
 
@@ -443,6 +453,12 @@ def _build_layers(model, modules, ops: _OpCounter, leaves, adds, ran: set[str]) 
             layer.param_name, layer.weight_shape = name, tuple(p.shape)
             layer.macs_per_weight, layer.element_macs = per_weight, per_element
             layer.macs += per_weight * p.numel() if per_element is None else int(per_element.sum())
+            if ops.elsewhere.get(name):         # a tied weight: its other uses' MACs are on this row
+                layer.kind += f" (+ tied use in {', '.join(ops.elsewhere[name])}, its MACs counted here)"
+    for name, users in ops.elsewhere.items():      # the tied weight's users: their rows say where its MACs are
+        for user in users:
+            if user in entries and name in weights:
+                entries[user].kind += f" (weight tied to {_key_of(name, weights)[0]}: its MACs on that row)"
     for scope_name, macs in ops.activation_macs.items():
         layer = entry(scope_name, scope_name)
         layer.activation_macs += macs
