@@ -155,13 +155,19 @@ def _shuffled_data(kind: str, seed: int = 0):
     if kind == "BatchLoader":
         return make_loader(ImageDataset(images, y, ["a", "b", "c", "d"]), Normalization((0.5,), (0.5,)),
                            batch_size=32, shuffle=True, seed=seed)
+    if kind == "tensors":
+        return x, y
+    if kind == "Dataset":
+        return torch.utils.data.TensorDataset(x, y)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
 
 
-@pytest.mark.parametrize("kind", ["DataLoader", "BatchLoader"])
+@pytest.mark.parametrize("kind", ["DataLoader", "BatchLoader", "tensors", "Dataset"])
 def test_every_fine_tune_epoch_of_a_gradual_run_reads_a_new_shuffle(kind, monkeypatch):
     """Event k's fine-tune carries on the run's epochs (a plain training loop's shuffles), where
-    each event's used to start again at the first: 3 events of 2 epochs read one order 3 times."""
+    each event's used to start again at the first: 3 events of 2 epochs read one order 3 times.
+    (X, Y) tensors and a Dataset are shuffled by prunekit's own loader, every epoch in the order
+    (seed, epoch) draws (every epoch read one order before)."""
     orders = _record_finetune_orders(monkeypatch)
     model, example, _ = _tiny_setup()
     prunekit.prune(model, _shuffled_data(kind), method="magnitude", example_input=example, batch_size=32,

@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -408,6 +409,13 @@ def _keep_streams(folder: RunFolder, streams: dict) -> None:
         atomic_write_json(path, {what: states_to_json(b.states) for what, b in replayed.items()})
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of a shuffling pass: ``seed`` itself for epoch 0, a mix of (seed, epoch) after."""
+    if epoch == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str,
              saved: list | None = None) -> Callable[[], Iterable] | None:
     """A function returning a fresh iterable of (x, y) batches over ``data``, the same each call.
@@ -431,8 +439,10 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str,
     generators = loader_generators(data)
     states = rng_states(generators)
     if dataset is not None:
-        make = lambda: dataset_loader(dataset, batch_size, shuffle,      # noqa: E731
-                                      torch.Generator().manual_seed(seed) if shuffle else None)
+        def make(epoch: int = 0):
+            """Epoch 0 in the order ``seed`` draws, epoch k in the order (seed, k) draws."""
+            return dataset_loader(dataset, batch_size, shuffle,
+                                  torch.Generator().manual_seed(_epoch_seed(seed, epoch)) if shuffle else None)
     elif callable(data):
         make = data
     elif isinstance(data, Iterable):
@@ -452,6 +462,6 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str,
     states, chosen = current().broadcast_object((states, chosen))
 
     def replayed():
-        return ReplayedLoader(make, generators, replayed.states)
+        return ReplayedLoader(make, generators, replayed.states, make_takes_epoch=dataset is not None)
     replayed.call_states, replayed.states = states, chosen
     return replayed
