@@ -135,3 +135,50 @@ def test_a_plan_that_passes_decodes_and_runs_as_before(tmp_path, capsys, counted
     assert len(decoded) == 8                         # both splits one array, decoded once, after the first plan
     assert record["sparsity"] == pytest.approx(0.5, rel=1e-3)
 
+
+
+@pytest.fixture
+def scanned_splits(monkeypatch):
+    """The splits of image folders scanned (each through load.scan_image_folder)."""
+    from prunekit.data import load
+    splits, real = [], load.scan_image_folder
+    monkeypatch.setattr(load, "scan_image_folder", lambda path, split, *a, **k: splits.append(split) or
+                        real(path, split, *a, **k))
+    return splits
+
+
+@pytest.mark.parametrize("command", ["prune", "sweep"])
+def test_a_run_that_reads_no_training_images_neither_loads_nor_needs_them(tmp_path, capsys, scanned_splits,
+                                                                           command):
+    """magnitude without BatchNorm recalibration reads no training image: the memory plan's bytes to
+    load counted the training split anyway (scanning it, and refusing a folder with only test/ for
+    "no train/ folder", which ran before) -- a folder with only test/ prunes, and with train/ too,
+    the training split is never scanned."""
+    write_tree(tmp_path / "only" / "test", {"a": 3, "b": 3})
+    write_tree(tmp_path / "both" / "test", {"a": 3, "b": 3})
+    write_tree(tmp_path / "both" / "train", {"a": 3, "b": 3})
+    budget = ["--sparsity", "0.5", "0.7"] if command == "sweep" else ["--sparsity", "0.5"]
+    for folder in ("only", "both"):
+        scanned_splits.clear()
+        code = main([command, "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / folder),
+                     "--method", "magnitude", *budget, "--no-bn-recalibration", "--out", str(tmp_path / f"r_{folder}"),
+                     "--json"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert scanned_splits == ["test"], scanned_splits
+    result = json.loads(out)
+    kept = [run["sparsity"] for run in result["runs"]] if command == "sweep" else [result["sparsity"]]
+    assert sorted(kept) == pytest.approx([0.5, 0.7] if command == "sweep" else [0.5], rel=1e-3)
+
+
+@pytest.mark.parametrize("command", ["prune", "sweep"])
+def test_a_training_split_read_only_for_batchnorm_is_refused_naming_no_bn_recalibration(tmp_path, capsys, command):
+    """magnitude with BatchNorm recalibration (resnet20 has BatchNorm) on a folder with only test/:
+    one line naming both fixes (the folder, --no-bn-recalibration), nothing written."""
+    write_tree(tmp_path / "only" / "test", {"a": 3, "b": 3})
+    code = main([command, "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / "only"),
+                 "--method", "magnitude", "--sparsity", "0.5", "--out", str(tmp_path / "run")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+    assert code == 2 and len(errors) == 1, errors
+    assert "no train/ folder" in errors[0] and "--no-bn-recalibration prunes without it" in errors[0], errors
+    assert not (tmp_path / "run").exists()

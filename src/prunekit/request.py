@@ -61,10 +61,17 @@ class PruneRequest:
     loss: LossFn | None = None
     data_to_load: int = 0
 
-    def plan(self) -> "Plan":
+    def resolved_options(self) -> tuple[Method, dict, "Options", GradualOptions | None]:
+        """The method's row, its options as given, its options checked with its defaults filled in,
+        and the gradual mode's options (None unless ``gradual``): what ``plan()`` starts from,
+        without tracing the model (a caller deciding what data the run reads asks this first)."""
         method = lookup(self.method)
         method_options, gradual = _split_options(method, self.options, self.gradual)
         options = method.options.from_user(method_options, method.name, **method.defaults)
+        return method, method_options, options, gradual
+
+    def plan(self) -> "Plan":
+        method, method_options, options, gradual = self.resolved_options()
         asked = {k: self.budget.get(k) for k in ("sparsity", "flops", "params")}
         if method.family == "channels":
             _check_channel_request(method, asked, self.include if method.sparsify is None else None,

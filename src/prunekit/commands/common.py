@@ -298,7 +298,8 @@ def training_batches(args, loaded: LoadedModel, evaluation=None):
 def bytes_to_load(eval_loader, train_batches) -> int:
     """Bytes of image-folder pixels a run of these loaders will decode and hold that are not
     decoded yet (each split is scanned first and decoded on first use): the evaluation split and the
-    training split (``train_batches``: a ``training_batches`` function, or None). The memory plan is
+    training split (``train_batches``: a ``training_batches`` function, or None where the run does
+    not read the training split: it is then neither loaded nor counted). The memory plan is
     made before they are decoded and counts them as held, so a request too large is refused in seconds."""
     return pending_bytes(eval_loader, *([train_batches.split()] if train_batches is not None else []))
 
