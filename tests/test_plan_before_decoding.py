@@ -182,3 +182,47 @@ def test_a_training_split_read_only_for_batchnorm_is_refused_naming_no_bn_recali
     assert code == 2 and len(errors) == 1, errors
     assert "no train/ folder" in errors[0] and "--no-bn-recalibration prunes without it" in errors[0], errors
     assert not (tmp_path / "run").exists()
+
+
+def test_a_plan_memory_of_the_earlier_five_argument_form_still_works_and_counts_the_data(monkeypatch):
+    """A user's Method(plan_memory=f) with f(model, space, example_input, budget, options), the form
+    documented before data_to_load, got TypeError "unexpected keyword argument 'data_to_load'" from
+    every prunekit.prune. It is called with its five arguments; data still to load is added to the
+    MemoryPlan it returns (refused when that no longer fits), or warned of when it returns none; a
+    plan_memory taking data_to_load is told it."""
+    import prunekit
+    from prunekit.errors import PrunekitWarning
+    from prunekit.methods import Method, lookup
+    from prunekit.request import PruneRequest
+    monkeypatch.setattr(memory_plan, "current_usage", lambda device: 300 * 2**20)
+    base = lookup("magnitude")
+    calls = []
+
+    def old_form(model, space, example_input, budget, options):
+        calls.append("old")
+        return memory_plan.plan(model, space, example_input, n=8, max_memory=limit)
+
+    def returns_nothing(model, space, example_input, budget, options):
+        calls.append("none")
+
+    def new_form(model, space, example_input, budget, options, data_to_load=0):
+        calls.append(data_to_load)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    example = torch.zeros(1, 12)
+    limit = memory_plan.plan(model, ParamSpace(model), example, n=8, max_memory="100G").total + 350 * 2**20
+    mine = {f.__name__: Method(f"mag-{f.__name__}", "weights", base.options, base.run, "", plan_memory=f)
+            for f in (old_form, returns_nothing, new_form)}
+    X, Y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    pruned = prunekit.prune(model, (X, Y), method=mine["old_form"], sparsity=0.5)       # was TypeError
+    assert calls == ["old"] and pruned.sparsity == pytest.approx(0.5, rel=0.05)
+    request = lambda method, data: PruneRequest(model, example, method, {"sparsity": 0.5},   # noqa: E731
+                                                data_to_load=data)
+    request(mine["old_form"], 300 * 2**20).plan()                   # fits with the data counted
+    with pytest.raises(prunekit.PrunekitError, match="700 MB of data still to decode"):
+        request(mine["old_form"], 700 * 2**20).plan()
+    with pytest.warns(PrunekitWarning, match="leaves out the 700 MB of data still to decode"):
+        request(mine["returns_nothing"], 700 * 2**20).plan()
+    calls.clear()
+    request(mine["new_form"], 700 * 2**20).plan()
+    assert calls == [700 * 2**20]
