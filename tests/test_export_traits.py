@@ -177,8 +177,46 @@ def test_graphs_record_the_normalization_they_expect(tmp_path):
     assert meta["prunekit.normalize_mean"] == "0.5,0.4,0.3" and meta["prunekit.normalize_std"] == "0.2,0.25,0.3"
     assert meta["prunekit.normalize_in_graph"] == "false" and "(x - mean) / std" in meta["prunekit.input_range"]
     manifest = json.loads((tmp_path / "exported.json").read_text())
-    assert manifest["normalization"]["mean"] == [0.5, 0.4, 0.3] and manifest["normalization"]["in_graph"] is False
+    assert manifest["graphs"]["model.onnx"]["mean"] == [0.5, 0.4, 0.3]
+    assert manifest["graphs"]["model.onnx"]["in_graph"] is False and list(manifest["graphs"]) == ["model.onnx"]
+    assert manifest["normalization"] == manifest["graphs"]["model.onnx"]        # one graph: its record
     assert sorted(manifest["files"]) == ["model-dense.safetensors", "model.onnx"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_each_graph_keeps_its_own_normalization_record_across_exports(tmp_path):
+    """exported.json held one "normalization", rewritten by each call while "files" kept listing the
+    graphs of earlier calls: --onnx then --torchscript --normalize-in-graph said in_graph true for
+    both, and a later --dense dropped the record. Now "graphs" holds each file's record, kept while
+    the file is; "normalization" is left out where the graphs differ."""
+    model, example = _conv(), torch.rand(1, 3, 8, 8)
+    manifest = lambda: json.loads((tmp_path / "exported.json").read_text())       # noqa: E731
+    export_all(model, example, tmp_path, ["onnx"], normalization=NORM)
+    export_all(model, example, tmp_path, ["torchscript"], normalization=NORM, normalize_in_graph=True)
+    graphs = manifest()["graphs"]
+    assert (graphs["model.onnx"]["in_graph"], graphs["model.torchscript.pt"]["in_graph"]) == (False, True)
+    assert "normalization" not in manifest()        # the two graphs take different inputs: no one record
+    onnx_meta = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert onnx_meta["prunekit.normalize_in_graph"] == "false"         # what its record says
+    export_all(model, example, tmp_path, ["dense"])
+    assert manifest()["graphs"] == graphs                              # kept by a call that writes no graph
+    export_all(model, example, tmp_path, ["onnx"], normalization=NORM, normalize_in_graph=True)
+    assert manifest()["graphs"]["model.onnx"]["in_graph"] is True and manifest()["normalization"]["in_graph"] is True
+    (tmp_path / "model.torchscript.pt").unlink()                       # a file gone: its record too
+    export_all(model, example, tmp_path, ["dense"])
+    assert list(manifest()["graphs"]) == ["model.onnx"]
+
+
+def test_a_manifest_before_graph_records_is_still_read(tmp_path):
+    """A manifest of the earlier form ("files" and one "normalization") is still ours to refresh; its
+    record, which may be another call's, is not attributed to a file."""
+    export_all(_conv(), torch.rand(1, 3, 8, 8), tmp_path, ["onnx"], normalization=NORM)
+    old = {"files": ["model.onnx"], "normalization": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
+                                                      "in_graph": True, "graph_input": "pixels"}}
+    (tmp_path / "exported.json").write_text(json.dumps(old))
+    export_all(_conv(), torch.rand(1, 3, 8, 8), tmp_path, ["dense"])
+    assert json.loads((tmp_path / "exported.json").read_text()) == {"files": ["model-dense.safetensors",
+                                                                              "model.onnx"]}
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
@@ -198,7 +236,8 @@ def test_normalize_in_graph_takes_pixels_in_0_1(tmp_path):
     assert (expected - unnormalized).abs().max() > 0.1 * expected.abs().max()      # the check can fail
     assert_close_to_scale(torch.jit.load(str(tmp_path / "model.torchscript.pt"))(pixels), expected, rel=1e-5)
     assert {p.key: p.value for p in graph.metadata_props}["prunekit.normalize_in_graph"] == "true"
-    assert json.loads((tmp_path / "exported.json").read_text())["normalization"]["in_graph"] is True
+    graphs = json.loads((tmp_path / "exported.json").read_text())["graphs"]
+    assert graphs["model.onnx"]["in_graph"] is True and graphs["model.torchscript.pt"]["in_graph"] is True
     assert model[0].weight.shape == (4, 3, 3, 3) and not any(n.startswith("model.") for n, _ in model.named_buffers())
 
 

@@ -462,7 +462,7 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
     ``normalization`` (a ``prunekit.data.Normalization``: per-channel mean / std of pixels scaled
     to [0, 1]) is the one the model was trained with: the graphs take inputs normalized so, and
     say so (ONNX metadata_props ``prunekit.normalize_mean`` / ``_std`` / ``input_range``; the
-    manifest's "normalization"). ``normalize_in_graph=True`` builds ``(x - mean) / std`` into the
+    manifest's "graphs" record per graph file). ``normalize_in_graph=True`` builds ``(x - mean) / std`` into the
     ONNX and TorchScript graphs instead, which then take pixels in [0, 1]."""
     formats = [formats] if isinstance(formats, str) else list(formats)
     unknown = [f for f in formats if f not in FORMATS]
@@ -471,15 +471,14 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
     graph_model = model
     if normalize_in_graph:
         graph_model = with_normalization(model, example_input, normalization)     # refused before any write
-    extra = {}
-    if normalization is not None and ({"onnx", "torchscript"} & set(formats)):
-        extra["normalization"] = normalization_record(normalization, normalize_in_graph)
+    record = normalization_record(normalization, normalize_in_graph)      # of the graphs written now
     if "onnx" in formats:
         require_onnx()          # before any format is written: not the others, then a failure
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"{out} is a file: exports go into a folder")
     ours = _written_before(out)
+    graphs = _graph_records(out) if ours else {}      # an earlier export's graphs' records, kept while they are
     for path in [out / FORMATS[fmt] for fmt in formats] + [out / MANIFEST]:
         if path.exists() and path.name not in ours:
             raise PrunekitError(f"{path} was not written by prunekit export: move it away or export "
@@ -489,7 +488,8 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
     for fmt in formats:
         path = out / FORMATS[fmt]
         ours.add(path.name)       # listed as pending before it is written: a kill right after the write
-        _write_manifest(out, ours, pending=path.name, extra=extra)  # leaves it ours, "files" names no missing file
+        graphs.pop(path.name, None)     # leaves it ours, "files" names no missing file (nor its old record)
+        _write_manifest(out, ours, pending=path.name, graphs=graphs)
         notes: list[str] = []
         try:
             if fmt == "onnx":
@@ -505,13 +505,15 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
             if not path.exists():   # not written: a file put there later is the user's, not to be replaced
                 ours.discard(path.name)
                 if had_manifest or ours - {MANIFEST}:
-                    _write_manifest(out, ours, extra=extra)
+                    _write_manifest(out, ours, graphs=graphs)
                 else:
                     (out / MANIFEST).unlink()
                     if not had_folder and not any(out.iterdir()):
                         out.rmdir()
             raise
-        _write_manifest(out, ours, extra=extra)     # written (each file is written whole, then renamed): now listed
+        if fmt in ("onnx", "torchscript") and record is not None:
+            graphs[path.name] = record
+        _write_manifest(out, ours, graphs=graphs)     # written (each file is written whole, then renamed): now listed
         written.append({"format": fmt, "path": str(path), "bytes": path.stat().st_size,
                         **({"note": "; ".join(notes)} if notes else {})})
     sizes = {f["format"]: f["bytes"] for f in written}
@@ -521,13 +523,34 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
     return written
 
 
-def _write_manifest(out: Path, ours: set[str], pending: str | None = None, extra: dict | None = None) -> None:
+def _write_manifest(out: Path, ours: set[str], pending: str | None = None, graphs: dict | None = None) -> None:
     """The manifest: "files", the exported files that are there (each was written whole, then
     renamed); "pending", the one being written now, which a kill may leave missing (it stays ours:
-    the next export may replace it); ``extra``'s entries ("normalization": what the graphs take)."""
+    the next export may replace it); "graphs", per graph file listed, what inputs it takes
+    (``normalization_record``: each export call may differ, so each file keeps its own, across
+    later calls that leave it); "normalization", that record once more where every graph listed
+    has the same one (what manifests before "graphs" held: left out where they differ)."""
     files = sorted(name for name in ours - {MANIFEST, pending} if (out / name).is_file())
+    records = {name: graphs[name] for name in files if name in (graphs or {})}
+    listed_graphs = [name for name in files if name in (FORMATS["onnx"], FORMATS["torchscript"])]
+    one = {json.dumps(records.get(name), sort_keys=True) for name in listed_graphs}
+    shared = ({"normalization": records[listed_graphs[0]]} if len(one) == 1 and listed_graphs
+              and listed_graphs[0] in records else {})
     atomic_write_bytes(out / MANIFEST, json.dumps({"files": files, **({"pending": [pending]} if pending else {}),
-                                                   **(extra or {})}).encode())
+                                                   **({"graphs": records} if records else {}), **shared}).encode())
+
+
+def _graph_records(out: Path) -> dict[str, dict]:
+    """The "graphs" records of ``out``'s manifest (empty for one without them: a manifest before
+    them held one "normalization" that may be another call's, so it is not attributed to a file)."""
+    try:
+        graphs = json.loads((out / MANIFEST).read_text()).get("graphs", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(graphs, dict):
+        return {}
+    return {name: record for name, record in graphs.items()
+            if name in (FORMATS["onnx"], FORMATS["torchscript"]) and isinstance(record, dict)}
 
 
 def _written_before(out: Path) -> set[str]:
