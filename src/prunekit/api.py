@@ -41,7 +41,7 @@ from torch import nn
 from . import interrupts, recipes, run_lock, runs
 from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
                          check_runs_on, first_batch, plain_numbers)
-from .data.dataset import ImageDataset
+from .data.dataset import DeferredImageDataset, ImageDataset, refuse_raw_pixels
 from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pass
 from .data.replay import (ReplayedLoader, loader_generators, rng_states, set_rng_states, states_from_json,
                           states_to_json)
@@ -452,9 +452,8 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str,
             raise PrunekitError(f"{what} is a one-pass iterator: pass a DataLoader, a Dataset, (X, Y) tensors "
                                 "or a function returning batches, so every stage can read it again")
         make = (lambda: _with_fresh_workers(data)) if getattr(data, "persistent_workers", False) else lambda: data
-    elif isinstance(data, ImageDataset):
-        raise PrunekitError(f"{what} is an ImageDataset of raw uint8 pixels: pass make_loader({what}, normalization) "
-                            "(prunekit.data), which scales and normalizes them as the model was trained")
+    elif isinstance(data, (ImageDataset, DeferredImageDataset)):       # load_dataset's, defer=True's too
+        refuse_raw_pixels(data, what)
     else:
         raise PrunekitError(f"{what} must be a DataLoader, a Dataset, (X, Y) tensors or a function returning "
                             f"batches, got {type(data).__name__}")

@@ -172,3 +172,14 @@ def pending_bytes(*data) -> int:
         if isinstance(one, DeferredImageDataset):
             deferred[id(one)] = one
     return sum(one.pending_bytes for one in deferred.values())
+
+
+def refuse_raw_pixels(data, what: str) -> None:
+    """Refuse an :class:`ImageDataset` or :class:`DeferredImageDataset` (``load_dataset``'s, with
+    ``defer=True`` too) passed where batches are read: its uint8 pixels are not yet scaled and
+    normalized. One line naming the fix; anything else passes."""
+    if isinstance(data, (ImageDataset, DeferredImageDataset)):
+        article = "an" if isinstance(data, ImageDataset) else "a"
+        raise PrunekitError(f"{what} is {article} {type(data).__name__} of raw uint8 pixels: pass make_loader({what}, "
+                            "normalization) (prunekit.data), which scales and normalizes them as the model was "
+                            "trained")
