@@ -183,6 +183,16 @@ def test_graphs_record_the_normalization_they_expect(tmp_path):
     assert sorted(manifest["files"]) == ["model-dense.safetensors", "model.onnx"]
 
 
+def test_onnx_metadata_keeps_every_digit_of_the_normalization(tmp_path):
+    """The metadata was written with %g (6 significant digits: CLIP's 0.48145466 read 0.481455)."""
+    from prunekit.data import Normalization
+    clip = Normalization((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    export_all(_conv(), torch.rand(1, 3, 8, 8), tmp_path, ["onnx"], normalization=clip)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert tuple(float(v) for v in meta["prunekit.normalize_mean"].split(",")) == clip.mean
+    assert tuple(float(v) for v in meta["prunekit.normalize_std"].split(",")) == clip.std
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_each_graph_keeps_its_own_normalization_record_across_exports(tmp_path):
     """exported.json held one "normalization", rewritten by each call while "files" kept listing the

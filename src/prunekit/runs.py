@@ -425,12 +425,22 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
             folder.log(message)
             warnings.warn(PrunekitWarning(message), stacklevel=4)
     if folder.config.exists() and folder.writable and (made_at := moved_from(folder.config.read_text(), path)):
-        folder.log(f"this run folder was made at {made_at} and has moved to {Path(path).resolve()}: carried on "
-                   "here (its config.toml keeps the out it was made with)")
+        moved = f"this run folder was made at {made_at} and has moved to {Path(path).resolve()}"
+        if not _logged(folder, moved):        # once per move, not at every rerun or resume there
+            folder.log(f"{moved}: carried on here (its config.toml keeps the out it was made with)")
     remove_stale_temporaries(folder)      # this process holds the folder's lock: no one else writes them
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())
         folder.claimed_afresh = True
+
+
+def _logged(folder: RunFolder, text: str) -> bool:
+    """Whether ``folder``'s run.log has a line holding ``text`` already."""
+    try:
+        with open(folder.path / "run.log", encoding="utf-8", errors="replace") as log:
+            return any(text in line for line in log)
+    except OSError:
+        return False
 
 
 def _finished_or_damaged(folder: RunFolder) -> bool:
