@@ -62,36 +62,10 @@ def _open(path: Path) -> Image.Image:
         raise PrunekitError(f"cannot decode {path} ({error}); remove or re-save the file") from error
 
 
-def load_image_folder(data_dir: Path, split: str, resize: int | None = None, crop: int | None = None,
-                      limit: int | None = None, seed: int | None = None,
-                      classes: list[str] | tuple[str, ...] | None = None) -> ImageDataset:
-    """Load an image-folder tree; classes are the sorted subfolder names (of train/, if there is one).
-
-    Returns images ``(N, C, H, W)`` uint8 with ``C=3`` (RGB) or ``C=1`` (all grayscale),
-    ``H, W`` the images' own size or, with ``resize`` / ``crop`` (pixels), the size they are
-    brought to; labels ``(N,)`` int64 indexing the sorted class names (with a train/ split, its
-    class names for either split: a test/ split of fewer classes keeps the training labels, and one
-    with a class train/ lacks is refused); within a class, files
-    are in name order. With ``limit`` below the number of images, only those
-    ``ImageDataset.subset(limit, seed)`` would keep are read, in its order: a few thousand images
-    of a folder of a million without decoding the rest.
-
-    ``classes``: the class names a model was trained on, ``classes[k]`` its output ``k`` (the
-    ``class_names`` its sidecar records). Then they, not the folder, name the labels: a folder lacking
-    some of them is fine (its images keep the model's indices), one holding a class not in the list
-    is refused, naming it.
-
-    The same as ``scan_image_folder(...).decode()``: the scan reads the file list and the files'
-    headers only, and knows the decoded array's size (``ImageFolderScan.planned_bytes``) before a
-    pixel is decoded.
-    """
-    return scan_image_folder(data_dir, split, resize, crop, limit, seed, classes).decode()
-
-
 @dataclass
 class ImageFolderScan:
     """An image folder's split read as far as its file list and its files' headers: what
-    ``load_image_folder`` returns, known before any pixel is decoded.
+    ``decode`` returns, known before any pixel is decoded.
 
     files:   ``(label, path)`` per image, in the order ``decode`` keeps them.
     classes: the class names labels index.
@@ -130,9 +104,11 @@ class ImageFolderScan:
         return len(self.files) * channels * height * width
 
     def decode(self) -> ImageDataset:
-        """Decode every image into one preallocated ``(N, C, H, W)`` uint8 array (a list of images
-        stacked, then transposed into a contiguous copy, held three copies at once and took as long
-        as the decoding at 224x224); a file whose pixels do not match its header is refused."""
+        """Decode the images: ``ImageDataset`` of images ``(N, C, H, W)`` uint8 (``image_shape``),
+        labels ``(N,)`` int64 and ``classes``. Each image is decoded and written in place into one
+        array of that shape allocated first (``planned_bytes``: the only copy of the pixels held;
+        its HWC pixels are transposed as they are written); a file whose pixels do not match its
+        header is refused."""
         (channels, height, width), mode = self.image_shape, self.mode
         array = np.empty((len(self.files), channels, height, width), dtype=np.uint8)
         for i, (_, path) in enumerate(self.files):
@@ -151,12 +127,25 @@ class ImageFolderScan:
 def scan_image_folder(data_dir: Path, split: str, resize: int | None = None, crop: int | None = None,
                       limit: int | None = None, seed: int | None = None,
                       classes: list[str] | tuple[str, ...] | None = None) -> ImageFolderScan:
-    """Everything ``load_image_folder`` (same arguments) checks and knows before decoding: the
-    class folders, the files (``limit`` / ``seed``: the subset it keeps), every file's header
-    (its size after ``resize`` / ``crop`` and its mode, so that images of different sizes are
-    refused here), hence the decoded array's shape and bytes (``ImageFolderScan.planned_bytes``).
-    Reading headers only, it takes a second or two for 10,000 JPEGs where decoding them at 224
-    takes some 20 s."""
+    """Scan split ``split`` of an image-folder tree: everything known before decoding (the class
+    folders, the files, every file's header: its size after ``resize`` / ``crop`` and its mode, so
+    that images of different sizes are refused here), hence the decoded array's shape and bytes
+    (``ImageFolderScan.planned_bytes``); ``.decode()`` reads the pixels. Reading headers only, it
+    takes a second or two for 10,000 JPEGs where decoding them at 224 takes some 20 s.
+
+    Classes are the sorted subfolder names (of train/, if there is one). Decoded, images are
+    ``(N, C, H, W)`` uint8 with ``C=3`` (RGB) or ``C=1`` (all grayscale), ``H, W`` the images' own
+    size or, with ``resize`` / ``crop`` (pixels), the size they are brought to; labels ``(N,)``
+    int64 index the sorted class names (with a train/ split, its class names for either split: a
+    test/ split of fewer classes keeps the training labels, and one with a class train/ lacks is
+    refused); within a class, files are in name order. With ``limit`` below the number of images,
+    only those ``ImageDataset.subset(limit, seed)`` would keep are kept, in its order: a few
+    thousand images of a folder of a million without reading the rest.
+
+    ``classes``: the class names a model was trained on, ``classes[k]`` its output ``k`` (the
+    ``class_names`` its sidecar records). Then they, not the folder, name the labels: a folder
+    lacking some of them is fine (its images keep the model's indices), one holding a class not in
+    the list is refused, naming it."""
     _check_sizes(resize, crop)
     if not data_dir.is_dir():
         raise PrunekitError(f"image folder {data_dir} does not exist; pass the folder that holds <class>/ subfolders")

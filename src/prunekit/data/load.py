@@ -20,7 +20,7 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
                  crop: int | None = None, limit: int | None = None, seed: int | None = None,
                  classes: list[str] | tuple[str, ...] | None = None,
                  defer: bool = False,
-                 same_as: ImageDataset | DeferredImageDataset | None = None) -> ImageDataset | DeferredImageDataset:
+                 same_as: DeferredImageDataset | None = None) -> ImageDataset | DeferredImageDataset:
     """Read the ``split`` ("train" or "test") of data set ``name`` from ``data_dir``.
 
     - "mnist", "fashion-mnist": the four IDX files (``.gz`` or raw) in ``data_dir``.
@@ -43,7 +43,9 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     on first use, its ``pending_bytes`` the uint8 array's size until then (what a memory plan made
     before decoding counts). Other data sets are read at once either way.
 
-    ``same_as``: a split loaded before with ``defer=True`` (say the test split). When this call
+    ``same_as``: an image folder's split loaded before with ``defer=True`` (say the test split; a
+    decoded ``ImageDataset`` is refused, as nothing tells which images it holds; the other data
+    sets, read at once, ignore it). When this call
     would read the very same images (an image folder without train/ and test/ folders is both
     splits; or the same split twice) with the same ``resize`` / ``crop``, labelled by the same class
     names, that data set is returned again (decoded, without ``defer``): the folder is scanned once
@@ -52,7 +54,8 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     limit would keep), copied from its decoded images rather than decoded again. Nothing changes the images in place
     (the loaders' augmentation makes new tensors), so training on it leaves evaluation unchanged.
 
-    Returns uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``. Every problem raises
+    Returns an :class:`ImageDataset` (with ``defer`` and an image folder, a
+    :class:`DeferredImageDataset`): uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``. Every problem raises
     :class:`PrunekitError` with a message that names the fix.
     """
     if not isinstance(data_dir, (str, os.PathLike)):
@@ -68,6 +71,10 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
                             f"got {classes!r}")
     if split not in SPLITS:
         raise PrunekitError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if name == "imagefolder" and same_as is not None and not isinstance(same_as, DeferredImageDataset):
+        raise PrunekitError(f"same_as must be a split as load_dataset(..., defer=True) returns it (a DeferredImageDataset, "
+                            f"whose scan tells whether it holds the same images), got {type(same_as).__name__}: load "
+                            "that split with defer=True, or leave same_as out")
     path = Path(data_dir).expanduser()
     if not path.exists():
         raise PrunekitError(f"data path {path} does not exist; pass the folder that holds the {name} files")
