@@ -467,6 +467,40 @@ def test_float16_autograd_drifting_over_many_positions_is_not_a_disagreement_but
                           progress=False)
 
 
+def test_the_float32_recheck_copy_casts_straight_and_is_skipped_where_memory_is_short(monkeypatch):
+    """The re-check's float32 copy deep-copied the whole half-precision model, then cast it (the
+    half copy and the float32 one at once: 3x the model, not in the memory plan). Now each half
+    tensor is cast straight into the copy (no half tensor is deep-copied; tied ones stay tied, the
+    model is untouched), and where the copy would take more than FLOAT32_COPY_SHARE of the memory
+    available the re-check is skipped (None: the half-precision verdict stands)."""
+    from prunekit import fisher_hooks, process_memory
+    torch.manual_seed(0)
+    model = _TokenTypes().to(torch.float16)
+    model.register_buffer("scale", torch.ones(4, dtype=torch.float16))
+    model.tied = nn.Linear(16, 3).half()
+    model.tied.weight = model.head.weight                   # one tensor in two places
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copied_half = []
+    real = nn.Parameter.__deepcopy__
+    monkeypatch.setattr(nn.Parameter, "__deepcopy__",
+                        lambda self, memo: copied_half.append(self.dtype) or real(self, memo))
+    wide = fisher_hooks._float32_copy(model)
+    assert [d for d in copied_half if d in (torch.float16, torch.bfloat16)] == [], copied_half
+    assert all(t.dtype == torch.float32 for t in (*wide.parameters(), *wide.buffers()))
+    assert wide.tied.weight is wide.head.weight and wide.head.weight is not model.head.weight
+    for name, value in wide.state_dict().items():
+        assert torch.equal(value, before[name].float()), name
+    assert all(torch.equal(v, before[k]) and v.dtype == torch.float16 for k, v in model.state_dict().items())
+    assert fisher_hooks.float32_copy_bytes(model) == 4 * sum(
+        t.numel() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+    space = ParamSpace(model)
+    pieces = [(torch.randint(0, 50, (1, 8)), torch.tensor([1]))]
+    assert fisher_hooks._float32_reference(model, space, pieces, 1, None) is not None
+    monkeypatch.setattr(process_memory, "available_memory",
+                        lambda device: int(fisher_hooks.float32_copy_bytes(model) / fisher_hooks.FLOAT32_COPY_SHARE) - 1)
+    assert fisher_hooks._float32_reference(model, space, pieces, 1, None) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_rows_pass_the_autograd_check_and_a_wrong_term_is_still_caught(dtype):
     torch.manual_seed(0)

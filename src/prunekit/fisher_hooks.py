@@ -310,11 +310,23 @@ def _reference(model, weights, pieces, chunk, loss_fn) -> list[torch.Tensor]:
     return reference
 
 
+# The float32 re-check's copy of a half-precision model (twice its half-precision tensors' bytes:
+# the memory plan does not count it) is made only where it takes at most this share of the memory
+# still available on the model's device; a larger model keeps the half-precision check's verdict
+# (its rows go to vmap after CHECK_ATTEMPTS disagreements: slower, not wrong).
+FLOAT32_COPY_SHARE = 0.5
+
+
 def _float32_reference(model, space, pieces, chunk, loss_fn) -> list[torch.Tensor] | None:
     """:func:`_reference` on a float32 copy of ``model`` (half-precision floating inputs cast to
     float32), for the weights of ``space`` by name; None where the copy cannot be made or run
-    (memory, a model that cannot be copied): the half-precision check's verdict then stands."""
+    (memory: more than FLOAT32_COPY_SHARE of what is available, or a failure; a model that cannot
+    be copied): the half-precision check's verdict then stands."""
+    from .process_memory import available_memory
     try:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        if float32_copy_bytes(model) > FLOAT32_COPY_SHARE * available_memory(device):
+            return None
         copy = _float32_copy(model)
         weights = [copy.get_parameter(e.param_name) for e in space.entries]
         wide = [(x.float() if x.dtype in _HALF else x, y) for x, y in pieces]
@@ -323,17 +335,27 @@ def _float32_reference(model, space, pieces, chunk, loss_fn) -> list[torch.Tenso
         return None
 
 
+def float32_copy_bytes(model: nn.Module) -> int:
+    """Bytes :func:`_float32_copy` of ``model`` allocates: its parameters and buffers (each tensor
+    once, tied ones too), the half-precision ones at 4 bytes an element."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+    return sum(t.numel() * (4 if t.dtype in _HALF else t.element_size()) for t in tensors)
+
+
 def _float32_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose half-precision parameters and buffers are float32 (tied ones
+    stay tied). Each half-precision tensor is cast straight into the copy (``deepcopy``'s memo
+    gives the float32 tensor for it), not deep-copied in half precision and then cast: the copy
+    holds ``float32_copy_bytes`` and no more."""
     import copy
-    clone = copy.deepcopy(model)
-    for p in clone.parameters():
-        if p.dtype in _HALF:
-            p.data = p.data.float()
-    for name, b in clone.named_buffers():
-        if b.dtype in _HALF:
-            owner, _, leaf = name.rpartition(".")
-            setattr(clone.get_submodule(owner) if owner else clone, leaf, b.float())
-    return clone
+    memo: dict = {}
+    for p in model.parameters():
+        if p.dtype in _HALF and id(p) not in memo:
+            memo[id(p)] = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        if b.dtype in _HALF and id(b) not in memo:
+            memo[id(b)] = b.detach().float()
+    return copy.deepcopy(model, memo)
 
 
 def _disagreements(space, row, weights, reference) -> dict[str, str]:
