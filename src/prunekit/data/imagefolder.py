@@ -38,7 +38,9 @@ def _split_root(data_dir: Path, split: str, warn: bool = True) -> Path:
     others = [name for name in _SPLIT_NAMES if (data_dir / name).is_dir()]
     if others:
         found = ", ".join(f"{name}/" for name in others)
-        raise PrunekitError(f"{data_dir} has no {split}/ folder (found {found}); choose split={others[0]!r}")
+        raise PrunekitError(f"{data_dir} has no {split}/ folder (found {found}): put the {split} images in "
+                            f"{data_dir}/{split}/<class>/ folders, or read the {others[0]} split instead (the "
+                            f"command line's --eval-split {others[0]}, Python's split={others[0]!r})")
     if split == "train" and warn:       # the test split of a folder without splits is the same images
         warnings.warn(PrunekitWarning(f"{data_dir} has no train/ and test/ folders: its images are the training "
                                       "data and the test set alike, so accuracy on them is not held out; put them "
