@@ -89,12 +89,11 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
         raise PrunekitError(f"save_model(model, path, meta): meta must hold JSON values only (numbers, strings, "
                             f"lists, dicts): {err}") from None
     side = sidecar_path(path)
+    if not replace_sidecar:
+        _refuse_a_prunekit_folders_own(path, side)
     if side.exists() and not replace_sidecar and not _holds_sidecar(side):
         raise PrunekitError(f"{side} is not a prunekit sidecar and saving {path.name} would replace it: "
                             f"move it away, or save under another name")
-    if not replace_sidecar and _a_run_folders_own(path):
-        raise PrunekitError(f"{path} is the model of the prunekit run in {path.parent} (its result): save under "
-                            "another name or folder (prunekit export DIR writes copies of it; nothing was changed)")
     if path.exists() and not replace_sidecar and not _written_by_save_model(path, side):
         raise PrunekitError(f"{path} was not written by prunekit.save_model and saving would replace it: move it "
                             "away, or save under another name (nothing was changed)")
@@ -123,12 +122,20 @@ def _with_channel_layout(model: nn.Module, meta: dict) -> dict:
     return {**meta, "channel_layout": channel_layout(model)}
 
 
-def _a_run_folders_own(path: Path) -> bool:
-    """Whether ``path`` (or its sidecar) is a file the prunekit run in its folder writes (a folder
-    holding the run's config.toml and metrics.json)."""
-    from .runs import METRICS, RUN_FILES
-    return ((path.parent / "config.toml").is_file() and (path.parent / METRICS).is_file()
-            and (path.name in RUN_FILES or sidecar_path(path).name in RUN_FILES))
+def _refuse_a_prunekit_folders_own(path: Path, side: Path) -> None:
+    """Refuse ``path`` (or its sidecar ``side``) where it is a file the prunekit folder it lies in
+    writes (``folders.own_file``: a prune or training run's model, a sweep's or comparison's
+    runs.json, an export's manifest, ...): only that command writes it."""
+    from .folders import own_file
+    for target in (path, side):
+        if (what := own_file(target)) is None:
+            continue
+        if target.name == "model.safetensors":
+            raise PrunekitError(f"{path} is the model of the prunekit {what} in {path.parent} (its result): save "
+                                "under another name or folder (prunekit export DIR writes copies of it; nothing was "
+                                "changed)")
+        raise PrunekitError(f"saving {path} would write {target.name}, a file of the prunekit {what} in "
+                            f"{path.parent}: save under another name or folder (nothing was changed)")
 
 
 def _written_by_save_model(path: Path, side: Path) -> bool:

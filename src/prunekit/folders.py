@@ -1,0 +1,67 @@
+"""What marks a folder prunekit wrote, and which of its files are prunekit's own.
+
+Every kind of folder a prunekit command writes, by what marks it:
+
+* ``prune --out`` (and each run of a sweep, ``prunekit.prune(out=...)``): ``metrics.json``;
+* ``train --out``: ``config.toml`` with ``result.json`` (finished), ``run.log`` or ``checkpoints/``
+  (under way), and no ``metrics.json``;
+* ``sweep --out`` / ``compare --out``: the comparison's report state (``.prunekit-report.json``)
+  or its ``runs.json`` rows; a sweep's also holds its runs' folders (each a prune folder);
+* ``export`` (``prunekit export RUN`` writes ``RUN/export``): the manifest ``exported.json``.
+
+``own_file(path)`` says whether ``path`` is one of the files the prunekit folder it lies in writes
+(so that nothing else, ``save_model`` say, writes over it); the imports are lazy because the
+modules that know each kind's files import ``saving``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def kind(folder: str | Path) -> str | None:
+    """What prunekit wrote ``folder`` as: "run" (of prune), "training run", "sweep", "comparison",
+    "export"; None for a folder that is none of them (or no folder)."""
+    from .export import _written_before
+    from .report import REPORT_STATE, _is_comparison_rows
+    from .runs import METRICS
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    if (folder / METRICS).is_file():
+        return "run"
+    if (folder / "config.toml").is_file() and any(
+            (folder / name).exists() for name in ("result.json", "run.log", "checkpoints")):
+        return "training run"
+    if (folder / REPORT_STATE).is_file() or _is_comparison_rows(folder / "runs.json"):
+        try:
+            runs = any((p / METRICS).is_file() for p in folder.iterdir() if p.is_dir())
+        except OSError:
+            runs = False
+        return "sweep" if runs else "comparison"
+    if _written_before(folder):
+        return "export"
+    return None
+
+
+def own_names(folder: str | Path) -> frozenset[str]:
+    """The names (in ``folder``) of the files and subfolders the prunekit folder ``folder`` writes
+    (``kind``); empty for a folder prunekit did not write."""
+    from .export import _written_before, FORMATS, MANIFEST
+    from .report import COMPARISON_FILES, EDITED_REPORT, REPORT_STATE
+    from .runs import RUN_FILES
+    what = kind(folder)
+    if what in ("run", "training run"):
+        return frozenset(RUN_FILES)
+    if what in ("sweep", "comparison"):
+        return frozenset({name.split("/")[0] for name in COMPARISON_FILES} | {EDITED_REPORT, REPORT_STATE})
+    if what == "export":
+        return frozenset({*FORMATS.values(), MANIFEST, *_written_before(Path(folder))})
+    return frozenset()
+
+
+def own_file(path: str | Path) -> str | None:
+    """The kind of prunekit folder (``kind``) whose own file ``path`` is (a name of
+    ``own_names`` in the folder ``path`` lies in), or None when it is no prunekit folder's."""
+    path = Path(path)
+    return kind(path.parent) if path.name in own_names(path.parent) else None
