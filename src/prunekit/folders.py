@@ -3,8 +3,8 @@
 Every kind of folder a prunekit command writes, by what marks it:
 
 * ``prune --out`` (and each run of a sweep, ``prunekit.prune(out=...)``): ``metrics.json``;
-* ``train --out``: ``config.toml`` with ``result.json`` (finished), ``run.log`` or ``checkpoints/``
-  (under way), and no ``metrics.json``;
+* ``train --out``: a run's ``config.toml`` (``api_checks._is_run_config``) naming no method, and
+  no ``metrics.json``;
 * ``sweep --out`` / ``compare --out``: the comparison's report state (``.prunekit-report.json``)
   or its ``runs.json`` rows; a sweep's also holds its runs' folders (each a prune folder);
 * ``export`` (``prunekit export RUN`` writes ``RUN/export``): the manifest ``exported.json``.
@@ -22,6 +22,7 @@ from pathlib import Path
 def kind(folder: str | Path) -> str | None:
     """What prunekit wrote ``folder`` as: "run" (of prune), "training run", "sweep", "comparison",
     "export"; None for a folder that is none of them (or no folder)."""
+    from .api_checks import _is_run_config
     from .export import _written_before
     from .report import REPORT_STATE, _is_comparison_rows
     from .runs import METRICS
@@ -30,9 +31,8 @@ def kind(folder: str | Path) -> str | None:
         return None
     if (folder / METRICS).is_file():
         return "run"
-    if (folder / "config.toml").is_file() and any(
-            (folder / name).exists() for name in ("result.json", "run.log", "checkpoints")):
-        return "training run"
+    if _is_run_config(folder / "config.toml"):       # a training run's, or a run killed before its metrics.json
+        return "training run" if not _names_a_method(folder / "config.toml") else "run"
     if (folder / REPORT_STATE).is_file() or _is_comparison_rows(folder / "runs.json"):
         try:
             runs = any((p / METRICS).is_file() for p in folder.iterdir() if p.is_dir())
@@ -65,3 +65,11 @@ def own_file(path: str | Path) -> str | None:
     ``own_names`` in the folder ``path`` lies in), or None when it is no prunekit folder's."""
     path = Path(path)
     return kind(path.parent) if path.name in own_names(path.parent) else None
+
+
+def _names_a_method(config: Path) -> bool:
+    import tomllib
+    try:
+        return "method" in tomllib.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
