@@ -379,6 +379,34 @@ def test_save_model_refuses_the_own_files_of_every_kind_of_prunekit_folder(tmp_p
         assert (folder / "mine.json").is_file()
 
 
+def test_save_model_where_it_cannot_write_is_one_line_naming_the_users_path(tmp_path, monkeypatch):
+    """save_model into a folder it could not write raised PermissionError naming its hidden temporary
+    (.m.safetensors.XXXXXXXX.tmp), and under a path whose folder is a file, FileExistsError: a
+    PrunekitError names the path asked for and the fix, and nothing is left behind."""
+    import tempfile
+    from torch import nn
+    from prunekit import atomic
+    from prunekit.saving import save_model
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    with pytest.raises(PrunekitError, match=rf"^cannot save {notes}/m.safetensors: {notes} is a file, not a folder: "
+                                            r"save into a folder \(nothing was changed\)$"):
+        save_model(nn.Linear(4, 3), notes / "m.safetensors", {})
+    assert notes.read_text() == "mine\n"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+
+    def refused(*args, dir=None, prefix="", suffix="", **kwargs):     # an unwritable folder, as mkstemp meets it
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}abcd1234{suffix}")
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(PrunekitError) as caught:
+        save_model(nn.Linear(4, 3), ro / "m.safetensors", {})
+    message = str(caught.value)
+    assert message == (f"cannot save {ro}/m.safetensors: Permission denied writing in {ro}: save into a folder you can "
+                       "write (or make this one writable)") and ".tmp" not in message
+    assert list(ro.iterdir()) == [] and atomic.tempfile.mkstemp is refused
+
+
 @pytest.mark.parametrize("prefix", ["_orig_mod.", "model.", "module._orig_mod."])
 def test_a_compiled_or_wrapped_models_state_dict_loads(tmp_path, prefix):
     """torch.compile's ``_orig_mod.`` and a training wrapper's ``model.`` prefix: 'pick the model it was

@@ -97,10 +97,28 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
     if path.exists() and not replace_sidecar and not _written_by_save_model(path, side):
         raise PrunekitError(f"{path} was not written by prunekit.save_model and saving would replace it: move it "
                             "away, or save under another name (nothing was changed)")
+    _refuse_a_file_as_folder(path)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state, metadata={"format": "pt", MODEL_MARK: "1"}))
-    atomic_write_bytes(side, sidecar)
+    written = None
+    try:
+        atomic_write_bytes(path, save(state, metadata={"format": "pt", MODEL_MARK: "1"}))
+        written = path
+        atomic_write_bytes(side, sidecar)
+    except OSError as err:      # an unwritable folder, a full disk: named by the user's path, not the temporary's
+        raise PrunekitError(f"cannot save {path}: {err.strerror or err} writing in {path.parent}"
+                            + (f" ({side.name} was not written beside it)" if written else "")
+                            + ": save into a folder you can write (or make this one writable)") from None
     return path
+
+
+def _refuse_a_file_as_folder(path: Path) -> None:
+    """Refuse ``path`` where one of the folders it lies in is a file (``notes.txt/m.safetensors``)."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise PrunekitError(f"cannot save {path}: {parent} is a file, not a folder: save into a folder "
+                                    "(nothing was changed)")
+            return
 
 
 def refuse_non_tensors(model: nn.Module, what: str, fix: str) -> None:
