@@ -407,6 +407,18 @@ def test_save_model_where_it_cannot_write_is_one_line_naming_the_users_path(tmp_
     assert list(ro.iterdir()) == [] and atomic.tempfile.mkstemp is refused
 
 
+@pytest.mark.parametrize("name,suggested", [(".safetensors", "model.safetensors"), ("net.pt", "net.safetensors"),
+                                            (".hidden", ".hidden.safetensors")])
+def test_save_model_names_a_model_file_it_would_take(tmp_path, name, suggested):
+    """A file named '.safetensors' (a hidden name, no suffix) was told to be named '.safetensors.safetensors'."""
+    from torch import nn
+    from prunekit.saving import save_model
+    with pytest.raises(PrunekitError, match=rf"got {name!r}: name it e.g. {suggested}$".replace(".", r"\.")):
+        save_model(nn.Linear(2, 2), tmp_path / name, {})
+    save_model(nn.Linear(2, 2), tmp_path / suggested, {})      # the name suggested is taken
+    assert (tmp_path / suggested).is_file() and (tmp_path / Path(suggested).with_suffix(".json").name).is_file()
+
+
 @pytest.mark.parametrize("prefix", ["_orig_mod.", "model.", "module._orig_mod."])
 def test_a_compiled_or_wrapped_models_state_dict_loads(tmp_path, prefix):
     """torch.compile's ``_orig_mod.`` and a training wrapper's ``model.`` prefix: 'pick the model it was

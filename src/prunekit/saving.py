@@ -75,9 +75,10 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
         raise PrunekitError(f"save_model(model, path, meta): model must be a torch.nn.Module, "
                             f"got {type(model).__name__}")
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix != ".safetensors":     # ".safetensors" alone is a hidden file's name with no suffix
+        stem = "model" if path.name.lower() == ".safetensors" else path.stem
         raise PrunekitError(f"model files end in .safetensors, got {path.name!r}: "
-                            f"name it e.g. {path.stem}.safetensors")
+                            f"name it e.g. {stem}.safetensors")
     if not isinstance(meta, dict):
         raise PrunekitError(f"save_model(model, path, meta): meta must be a dict of JSON values (the sidecar's "
                             f"fields; {{}} for none), got {type(meta).__name__}")
