@@ -347,6 +347,8 @@ def test_save_model_refuses_the_own_files_of_every_kind_of_prunekit_folder(tmp_p
     save_pruned(prune, nn.Linear(4, 3), {"model": "mlpnet"}, {"accuracy": 90.0}, shrunk=False)
     (prune / "config.toml").write_text('method = "magnitude"\n')
     (prune / "metrics.json").write_text('{"status": "done"}\n')
+    save_pruned(prune / "snapshot-0.5", nn.Linear(4, 3), {"model": "mlpnet"}, {"accuracy": 91.0}, shrunk=False)
+    (prune / "checkpoints").mkdir()
     row = {"run": str(prune), "method": "magnitude", "accuracy": 90.0}
     compare = tmp_path / "compare"  # `prunekit compare --out`: its rows and report state
     compare.mkdir()
@@ -364,6 +366,9 @@ def test_save_model_refuses_the_own_files_of_every_kind_of_prunekit_folder(tmp_p
                (train, "result.safetensors", "would write result.json, a file of the prunekit training run"),
                (prune, "model.safetensors", "is the model of the prunekit run in"),
                (prune, "metrics.safetensors", "would write metrics.json, a file of the prunekit run in"),
+               (prune / "snapshot-0.5", "model.safetensors", "is the model of the prunekit run in"),   # taper's
+               (prune / "checkpoints", "stage-002.safetensors", "would write stage-002.safetensors, a file of the "
+                                                               "prunekit run"),
                (compare, "runs.safetensors", "would write runs.json, a file of the prunekit comparison"),
                (sweep, "runs.safetensors", "would write runs.json, a file of the prunekit sweep"),
                (export, "model-dense.safetensors", "would write model-dense.safetensors, a file of the prunekit "

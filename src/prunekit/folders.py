@@ -16,6 +16,7 @@ modules that know each kind's files import ``saving``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -62,9 +63,18 @@ def own_names(folder: str | Path) -> frozenset[str]:
 
 def own_file(path: str | Path) -> str | None:
     """The kind of prunekit folder (``kind``) whose own file ``path`` is (a name of
-    ``own_names`` in the folder ``path`` lies in), or None when it is no prunekit folder's."""
+    ``own_names`` in the folder ``path`` lies in, or a run's stage checkpoint or taper snapshot
+    model in its subfolder), or None when it is no prunekit folder's."""
     path = Path(path)
-    return kind(path.parent) if path.name in own_names(path.parent) else None
+    if path.name in own_names(path.parent):
+        return kind(path.parent)
+    run = kind(path.parent.parent)      # a run's own subfolder: its stage checkpoints, a taper snapshot's model
+    if run in ("run", "training run") and (
+            (path.parent.name == "checkpoints" and re.fullmatch(r"stage-\d+\.safetensors", path.name))
+            or (path.parent.name.startswith("snapshot-")
+                and path.name in ("model.safetensors", "model.json", "result.json"))):
+        return run
+    return None
 
 
 def _names_a_method(config: Path) -> bool:
