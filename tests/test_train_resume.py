@@ -144,12 +144,25 @@ def test_a_training_diverging_after_an_epoch_keeps_that_epoch_resumable(capsys, 
     assert main([*TRAIN, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "training diverged in epoch 2/3 (its fc1.weight became nan or inf)" in err
-    assert f"{out} keeps the run up to epoch 1 with this --lr: give the lower --lr another --out" in err
+    # the advice works: --force starts over there with the lower --lr (another --out would too); run.log says why
+    assert err.endswith(f"{out} keeps the run up to epoch 1 with this --lr: to train with a lower one, add --force to "
+                        "start over there, or give it another --out\n")
+    assert (out / "run.log").read_text().splitlines()[-1].endswith(
+        "stopped: training diverged in epoch 2/3 (its fc1.weight became nan or inf): lower --lr (it is 0.05); "
+        "nothing diverged was saved")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage-001.safetensors"]
     assert not (out / "model.safetensors").exists()
     monkeypatch.setattr(train_command, "train_epoch", real_epoch)
     assert main([*TRAIN, "--out", str(out)]) == 0                     # the same command carries on from epoch 1
     assert len(json.loads(capsys.readouterr().out)["history"]) == 3
+    calls.clear()
+    monkeypatch.setattr(train_command, "train_epoch", diverging_in_second_epoch)
+    assert main([*TRAIN, "--out", str(tmp_path / "again")]) == 2
+    capsys.readouterr()
+    monkeypatch.setattr(train_command, "train_epoch", real_epoch)
+    assert main([*TRAIN, "--lr", "0.01", "--force", "--out", str(tmp_path / "again")]) == 0
+    assert len(json.loads(capsys.readouterr().out)["history"]) == 3
+    assert tomllib.loads((tmp_path / "again" / "config.toml").read_text())["lr"] == 0.01
 
 
 def test_train_onto_another_run_names_the_options_and_whether_it_finished(capsys, tmp_path, monkeypatch):
@@ -247,10 +260,21 @@ def test_a_diverging_channel_fine_tune_stops_in_one_line_naming_finetune_lr(caps
             "--gate-batches", "2", "--finetune-epochs", "1", "--finetune-lr", "1e20", "--out", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err
+    # phases 1 and 2 were saved: the folder keeps that run, whose config.toml names this --finetune-lr, so
+    # the advice says how to run with the lower one (the same --out refused it as "another run"), run.log
+    # says why the run stopped, and metrics.json says "stopped" (it said "running")
     assert err.count("prunekit: error:") == 1 and err.endswith(
         "prunekit: error: training diverged in fine-tune epoch 1/1 of the 0.5 FLOPs model (its loss became nan): "
-        "lower --finetune-lr (it is 1e+20); nothing diverged was saved\n")
+        f"lower --finetune-lr (it is 1e+20); nothing diverged was saved; {out} keeps the run up to its last "
+        "checkpoint, made with this --finetune-lr: to run with a lower one, add --force (it starts over there) or "
+        "give it another --out\n")
     assert not (out / "model.safetensors").exists()
+    assert (out / "run.log").read_text().splitlines()[-1].endswith(
+        "stopped: training diverged in fine-tune epoch 1/1 of the 0.5 FLOPs model (its loss became nan) with "
+        "finetune_lr 1e+20; nothing diverged was saved")
+    assert json.loads((out / "metrics.json").read_text())["status"] == "stopped"
+    assert main([*argv[:-4], "--finetune-lr", "0.01", "--force", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["status"] == "done" and (out / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("method, options, needle", [
@@ -267,6 +291,13 @@ def test_a_diverging_fine_tune_in_python_raises_a_prunekit_error_naming_the_opti
         prunekit.prune(model, (x, torch.arange(48) % 3), method=method, out=str(tmp_path / "run"), **options)
     assert "\n" not in str(caught.value) and needle in str(caught.value), str(caught.value)
     assert not (tmp_path / "run" / "model.safetensors").exists()
+    # a checkpoint was saved before the divergence (prune event 1; phases 1 and 2): the folder keeps that run
+    assert str(caught.value).endswith(f"{tmp_path / 'run'} keeps the run up to its last checkpoint, made with this "
+                                      f"{'finetune_lr' if method == 'autobot' else 'lr'}: to run with a lower one, "
+                                      "pass force=True (it starts over there) or another out=")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "stopped"
+    assert (tmp_path / "run" / "run.log").read_text().splitlines()[-1].split(" ", 2)[2].startswith(
+        "stopped: training diverged")
 
 
 def test_a_moved_training_folder_is_carried_on_by_the_same_command(capsys, tmp_path, monkeypatch):

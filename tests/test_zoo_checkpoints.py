@@ -321,6 +321,109 @@ def test_save_model_refuses_to_replace_a_users_own_safetensors(tmp_path):
     save_model(nn.Linear(2, 5), run / "mine.safetensors", {})
 
 
+def test_save_model_refuses_the_own_files_of_every_kind_of_prunekit_folder(tmp_path):
+    """save_model knew a prune folder (config.toml + metrics.json) as a run's, not a `prunekit train
+    --out` folder (config.toml + result.json, no metrics.json): it replaced the trained model and
+    wiped its sidecar to the bare mark, and the same train command then printed the old result. Every
+    kind of folder prunekit writes (train, prune, sweep, compare, export) keeps its own files."""
+    import hashlib
+    import json
+    from torch import nn
+    from prunekit.export import export_all
+    from prunekit.record import save_pruned
+    from prunekit.saving import save_model
+
+    def snapshot(folder):
+        return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    train = tmp_path / "train"      # as `prunekit train --out` leaves it
+    train.mkdir()
+    (train / "config.toml").write_text('model = "mlpnet"\nepochs = 2\nout = "train"\n')
+    (train / "run.log").write_text("epoch 2 saved to stage-002.safetensors\n")
+    save_pruned(train, nn.Linear(4, 3), {"model": "mlpnet", "normalization": [[0.5], [0.25]]},
+                {"accuracy": 97.0}, shrunk=False)
+    prune = tmp_path / "prune"      # `prunekit prune --out`
+    save_pruned(prune, nn.Linear(4, 3), {"model": "mlpnet"}, {"accuracy": 90.0}, shrunk=False)
+    (prune / "config.toml").write_text('method = "magnitude"\n')
+    (prune / "metrics.json").write_text('{"status": "done"}\n')
+    save_pruned(prune / "snapshot-0.5", nn.Linear(4, 3), {"model": "mlpnet"}, {"accuracy": 91.0}, shrunk=False)
+    (prune / "checkpoints").mkdir()
+    row = {"run": str(prune), "method": "magnitude", "accuracy": 90.0}
+    compare = tmp_path / "compare"  # `prunekit compare --out`: its rows and report state
+    compare.mkdir()
+    (compare / "runs.json").write_text(json.dumps([row]))
+    (compare / ".prunekit-report.json").write_text("{}")
+    (compare / "report.md").write_text("# Comparison\n")
+    sweep = tmp_path / "sweep"      # `prunekit sweep --out`: the same, around its runs' folders
+    save_pruned(sweep / "magnitude_sparsity-0.5", nn.Linear(4, 3), {"model": "mlpnet"}, {}, shrunk=False)
+    (sweep / "magnitude_sparsity-0.5" / "metrics.json").write_text('{"status": "done"}\n')
+    (sweep / "runs.json").write_text(json.dumps([row]))
+    export = tmp_path / "export"    # `prunekit export`
+    export_all(nn.Linear(4, 3), torch.zeros(1, 4), export, ["dense", "sparse"])
+    before = {folder: snapshot(folder) for folder in (train, prune, compare, sweep, export)}
+    refused = [(train, "model.safetensors", "is the model of the prunekit training run in"),
+               (train, "result.safetensors", "would write result.json, a file of the prunekit training run"),
+               (prune, "model.safetensors", "is the model of the prunekit run in"),
+               (prune, "metrics.safetensors", "would write metrics.json, a file of the prunekit run in"),
+               (prune / "snapshot-0.5", "model.safetensors", "is the model of the prunekit run in"),   # taper's
+               (prune / "checkpoints", "stage-002.safetensors", "would write stage-002.safetensors, a file of the "
+                                                               "prunekit run"),
+               (compare, "runs.safetensors", "would write runs.json, a file of the prunekit comparison"),
+               (sweep, "runs.safetensors", "would write runs.json, a file of the prunekit sweep"),
+               (export, "model-dense.safetensors", "would write model-dense.safetensors, a file of the prunekit "
+                                                   "export"),
+               (export, "exported.safetensors", "would write exported.json, a file of the prunekit export")]
+    for folder, name, words in refused:
+        with pytest.raises(PrunekitError, match=words + r".*nothing was changed\)$"):
+            save_model(nn.Linear(2, 5), folder / name, {})
+    assert {folder: snapshot(folder) for folder in before} == before
+    assert json.loads((train / "model.json").read_text())["normalization"] == [[0.5], [0.25]]
+    for folder in before:           # a file of another name in any of them is the user's to save
+        save_model(nn.Linear(2, 5), folder / "mine.safetensors", {})
+        assert (folder / "mine.json").is_file()
+
+
+def test_save_model_where_it_cannot_write_is_one_line_naming_the_users_path(tmp_path, monkeypatch):
+    """save_model into a folder it could not write raised PermissionError naming its hidden temporary
+    (.m.safetensors.XXXXXXXX.tmp), and under a path whose folder is a file, FileExistsError: a
+    PrunekitError names the path asked for and the fix, and nothing is left behind."""
+    import tempfile
+    from torch import nn
+    from prunekit import atomic
+    from prunekit.saving import save_model
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    with pytest.raises(PrunekitError, match=rf"^cannot save {notes}/m.safetensors: {notes} is a file, not a folder: "
+                                            r"save into a folder \(nothing was changed\)$"):
+        save_model(nn.Linear(4, 3), notes / "m.safetensors", {})
+    assert notes.read_text() == "mine\n"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+
+    def refused(*args, dir=None, prefix="", suffix="", **kwargs):     # an unwritable folder, as mkstemp meets it
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}abcd1234{suffix}")
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(PrunekitError) as caught:
+        save_model(nn.Linear(4, 3), ro / "m.safetensors", {})
+    message = str(caught.value)
+    assert message == (f"cannot save {ro}/m.safetensors: Permission denied writing in {ro}: save into a folder you can "
+                       "write (or make this one writable)") and ".tmp" not in message
+    assert list(ro.iterdir()) == [] and atomic.tempfile.mkstemp is refused
+
+
+@pytest.mark.parametrize("name,suggested", [(".safetensors", "model.safetensors"), ("net.pt", "net.safetensors"),
+                                            (".hidden", ".hidden.safetensors")])
+def test_save_model_names_a_model_file_it_would_take(tmp_path, name, suggested):
+    """A file named '.safetensors' (a hidden name, no suffix) was told to be named '.safetensors.safetensors'."""
+    from torch import nn
+    from prunekit.saving import save_model
+    with pytest.raises(PrunekitError, match=rf"got {name!r}: name it e.g. {suggested}$".replace(".", r"\.")):
+        save_model(nn.Linear(2, 2), tmp_path / name, {})
+    save_model(nn.Linear(2, 2), tmp_path / suggested, {})      # the name suggested is taken
+    assert (tmp_path / suggested).is_file() and (tmp_path / Path(suggested).with_suffix(".json").name).is_file()
+
+
 @pytest.mark.parametrize("prefix", ["_orig_mod.", "model.", "module._orig_mod."])
 def test_a_compiled_or_wrapped_models_state_dict_loads(tmp_path, prefix):
     """torch.compile's ``_orig_mod.`` and a training wrapper's ``model.`` prefix: 'pick the model it was

@@ -196,8 +196,11 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                                                     **_class_names(model, data, eval_data)}
             record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, describe=describe,
                                                 progress=progress, stage_eval=stage_eval)
-        except PrunekitError:
+        except PrunekitError as err:
             release_refused(folder)
+            stopped = runs.stopped_by_divergence(folder, err)
+            if stopped is not err:
+                raise stopped from None
             raise
         except KeyboardInterrupt:       # Ctrl-C, or a lost torchrun launcher: said while the lock is held
             if folder is not None:

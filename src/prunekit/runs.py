@@ -13,7 +13,8 @@ Layout of ``DIR`` (every file but the log is written atomically)::
     .prunekit.lock              while a process works in the folder (``run_lock``; left by a kill)
 
 metrics.json's ``status``: "running" from the run's start, "done" at its end, "interrupted" when
-Ctrl-C or SIGTERM stopped it or a torchrun rank was lost. A SIGKILL (or a crash) leaves "running":
+Ctrl-C or SIGTERM stopped it or a torchrun rank was lost, "stopped" when its fine-tune diverged after a
+checkpoint (``stopped_by_divergence``). A SIGKILL (or a crash) leaves "running":
 ``shown_status`` tells such a folder from a run still at work by its lock.
 
 ``executor.execute`` runs a prune of any mode into a folder, resuming from the newest stage,
@@ -174,9 +175,10 @@ def check_claim_on_rank_0(folder: RunFolder, config_text: str, device="cpu") -> 
     check_ranks_share(folder, device)
 
 
-def mark_stopped(folder: RunFolder, line: str) -> None:
+def mark_stopped(folder: RunFolder, line: str, status: str = "interrupted") -> None:
     """Write why the run in ``folder`` ends here (``line``) to its run.log and mark a running run
-    "interrupted" (``--resume`` carries it on). Called by the process holding the folder's lock,
+    ``status``: "interrupted" (``--resume`` carries it on), "stopped" (its training diverged:
+    ``stopped_by_divergence``). Called by the process holding the folder's lock,
     before it lets go: a process taking the lock next never sees a status this one writes later (or
     has its own run's status written over). A folder whose run has not begun (no run.log) is left
     alone; a damaged metrics.json keeps what it holds."""
@@ -188,7 +190,34 @@ def mark_stopped(folder: RunFolder, line: str) -> None:
     except PrunekitError:
         return
     if metrics.get("status") == "running":
-        folder.write_metrics({**metrics, "status": "interrupted"})
+        folder.write_metrics({**metrics, "status": status})
+
+
+def stopped_by_divergence(folder: RunFolder | None, err: PrunekitError,
+                          cli_fix: str = "add --force (it starts over there) or give it another --out"
+                          ) -> PrunekitError:
+    """``err`` as the run in ``folder`` ends with it: where a training (a fine-tune) diverged
+    (``train.TrainingDiverged``) after the run saved a checkpoint, so that its folder keeps the run
+    (``release_refused`` left it), run.log says why it stopped, metrics.json says "stopped", and
+    the message says how to run with the lower learning rate it advises: the folder's run was
+    made with this one (its config.toml names it; a gradual run's or a training's checkpoints
+    were trained with it), so the lower one is another run, which ``force`` starts over in it
+    (``cli_fix``: the command line's words; a sweep has no --force) or another folder takes. Any other error, or a folder the run left
+    (released, or none): ``err`` as it is. Called by the process holding the folder's lock."""
+    from .errors import worded
+    from .options import cli_message
+    from .train import TrainingDiverged
+    if not (isinstance(err, TrainingDiverged) and folder is not None and folder.writable and folder.config.exists()):
+        return err
+    try:
+        mark_stopped(folder, f"stopped: training diverged in {err.where} ({err.cause}) with {err.lr_name} {err.lr:g}; "
+                             "nothing diverged was saved", status="stopped")
+    except OSError:               # a full disk: the divergence itself is what the user is told
+        pass
+    kept = f"; {folder.path} keeps the run up to its last checkpoint, made with this"
+    return worded(f"{err}{kept} {err.lr_name}: to run with a lower one, pass force=True (it starts over there) "
+                  "or another out=",
+                  f"{cli_message(err)}{kept} --{err.lr_name.replace('_', '-')}: to run with a lower one, {cli_fix}")
 
 
 def file_sha256(path: str | Path) -> str:

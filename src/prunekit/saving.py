@@ -75,9 +75,10 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
         raise PrunekitError(f"save_model(model, path, meta): model must be a torch.nn.Module, "
                             f"got {type(model).__name__}")
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix != ".safetensors":     # ".safetensors" alone is a hidden file's name with no suffix
+        stem = "model" if path.name.lower() == ".safetensors" else path.stem
         raise PrunekitError(f"model files end in .safetensors, got {path.name!r}: "
-                            f"name it e.g. {path.stem}.safetensors")
+                            f"name it e.g. {stem}.safetensors")
     if not isinstance(meta, dict):
         raise PrunekitError(f"save_model(model, path, meta): meta must be a dict of JSON values (the sidecar's "
                             f"fields; {{}} for none), got {type(meta).__name__}")
@@ -89,19 +90,36 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
         raise PrunekitError(f"save_model(model, path, meta): meta must hold JSON values only (numbers, strings, "
                             f"lists, dicts): {err}") from None
     side = sidecar_path(path)
+    if not replace_sidecar:
+        _refuse_a_prunekit_folders_own(path, side)
     if side.exists() and not replace_sidecar and not _holds_sidecar(side):
         raise PrunekitError(f"{side} is not a prunekit sidecar and saving {path.name} would replace it: "
                             f"move it away, or save under another name")
-    if not replace_sidecar and _a_run_folders_own(path):
-        raise PrunekitError(f"{path} is the model of the prunekit run in {path.parent} (its result): save under "
-                            "another name or folder (prunekit export DIR writes copies of it; nothing was changed)")
     if path.exists() and not replace_sidecar and not _written_by_save_model(path, side):
         raise PrunekitError(f"{path} was not written by prunekit.save_model and saving would replace it: move it "
                             "away, or save under another name (nothing was changed)")
+    _refuse_a_file_as_folder(path)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state, metadata={"format": "pt", MODEL_MARK: "1"}))
-    atomic_write_bytes(side, sidecar)
+    written = None
+    try:
+        atomic_write_bytes(path, save(state, metadata={"format": "pt", MODEL_MARK: "1"}))
+        written = path
+        atomic_write_bytes(side, sidecar)
+    except OSError as err:      # an unwritable folder, a full disk: named by the user's path, not the temporary's
+        raise PrunekitError(f"cannot save {path}: {err.strerror or err} writing in {path.parent}"
+                            + (f" ({side.name} was not written beside it)" if written else "")
+                            + ": save into a folder you can write (or make this one writable)") from None
     return path
+
+
+def _refuse_a_file_as_folder(path: Path) -> None:
+    """Refuse ``path`` where one of the folders it lies in is a file (``notes.txt/m.safetensors``)."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise PrunekitError(f"cannot save {path}: {parent} is a file, not a folder: save into a folder "
+                                    "(nothing was changed)")
+            return
 
 
 def refuse_non_tensors(model: nn.Module, what: str, fix: str) -> None:
@@ -123,12 +141,20 @@ def _with_channel_layout(model: nn.Module, meta: dict) -> dict:
     return {**meta, "channel_layout": channel_layout(model)}
 
 
-def _a_run_folders_own(path: Path) -> bool:
-    """Whether ``path`` (or its sidecar) is a file the prunekit run in its folder writes (a folder
-    holding the run's config.toml and metrics.json)."""
-    from .runs import METRICS, RUN_FILES
-    return ((path.parent / "config.toml").is_file() and (path.parent / METRICS).is_file()
-            and (path.name in RUN_FILES or sidecar_path(path).name in RUN_FILES))
+def _refuse_a_prunekit_folders_own(path: Path, side: Path) -> None:
+    """Refuse ``path`` (or its sidecar ``side``) where it is a file the prunekit folder it lies in
+    writes (``folders.own_file``: a prune or training run's model, a sweep's or comparison's
+    runs.json, an export's manifest, ...): only that command writes it."""
+    from .folders import own_file
+    for target in (path, side):
+        if (what := own_file(target)) is None:
+            continue
+        if target.name == "model.safetensors":
+            raise PrunekitError(f"{path} is the model of the prunekit {what} in {path.parent} (its result): save "
+                                "under another name or folder (prunekit export DIR writes copies of it; nothing was "
+                                "changed)")
+        raise PrunekitError(f"saving {path} would write {target.name}, a file of the prunekit {what} in "
+                            f"{path.parent}: save under another name or folder (nothing was changed)")
 
 
 def _written_by_save_model(path: Path, side: Path) -> bool:

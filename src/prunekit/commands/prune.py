@@ -331,8 +331,13 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
                                    describe=_described(loaded, args.checkpoint if folder is not None else None),
                                    dense=dense, progress=show_progress(args), on_step=step_printer(args),
                                    stage_eval=not getattr(args, "no_stage_eval", False))
-    except PrunekitError:
+    except PrunekitError as err:
         runs.release_refused(folder)
+        stopped = runs.stopped_by_divergence(           # a sweep's run folder: no --force, its sweep another --out
+            folder if main else None, err, **({} if "force" in vars(args) else
+                                              {"cli_fix": "give the sweep another --out"}))
+        if stopped is not err:
+            raise stopped from None
         raise
     collective = distributed.current()
     if collective.distributed:          # under torchrun: every rank's peak, rank order

@@ -129,17 +129,21 @@ def check_converging(args, loss: float, model, epoch: int, history: list[dict], 
     """Stop a training whose loss (or weights) became nan or inf in epoch ``epoch`` (0-based), before
     its checkpoint: nothing diverged is saved. A run folder claimed by this command and holding no
     epoch yet is released (the command with a lower --lr may use it); one that holds earlier epochs
-    keeps them, consistent with its config.toml (this --lr), and the lower --lr needs another --out."""
+    keeps them, consistent with its config.toml (this --lr), and says why it stopped in its run.log:
+    the lower --lr is another run, which --force starts over there or another --out takes."""
     try:
         diverged(loss, model, args.lr, f"epoch {epoch + 1}/{args.epochs}")
         return
     except TrainingDiverged as err:
         message = cli_message(err)
-    if folder is not None:
-        release_refused(folder)
-        if folder.config.exists():
-            message += (f"; {args.out} keeps the run up to epoch {len(history)} with this --lr: give the lower --lr "
-                        "another --out")
+        if folder is not None:
+            release_refused(folder)
+            if folder.config.exists():
+                if folder.writable and (folder.path / "run.log").exists():
+                    with contextlib.suppress(OSError):      # a full disk: the divergence is what the user is told
+                        folder.log(f"stopped: {message}")
+                message += (f"; {args.out} keeps the run up to epoch {len(history)} with this --lr: to train with a "
+                            "lower one, add --force to start over there, or give it another --out")
     raise PrunekitError(message)
 
 
