@@ -327,3 +327,20 @@ def test_a_moved_training_folder_is_carried_on_by_the_same_command(capsys, tmp_p
     assert (tmp_path / "moved" / "config.toml").read_text() == config
     assert "has moved to" in (tmp_path / "moved" / "run.log").read_text()
     assert not (tmp_path / "made").exists()
+
+
+def test_compare_out_is_refused_in_a_training_run_folder(capsys, tmp_path):
+    """A comparison report written into a `train --out` folder would sit among its files (and a
+    later `train --force` there would delete it): refused like a prune run's folder."""
+    out = tmp_path / "trained"
+    assert main(["train", "--model", "mlpnet", *MNIST, "--train-samples", "256", "--epochs", "1", "--lr", "0.05",
+                 "--out", str(out)]) == 0
+    run = tmp_path / "run"
+    assert main(["prune", "--model", "mlpnet", *MNIST, "--method", "magnitude", "--sparsity", "0.5",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["compare", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is the folder of a prunekit training run" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -399,6 +399,10 @@ def check_report_folder(out: str | Path, runs: list | None = None, planned: list
         raise PrunekitError(f"--out {out} is a file: pass a folder for the report")
     if (out / METRICS).exists():
         raise PrunekitError(f"--out {out} is the run folder of a `prunekit prune`: pass another folder for the report")
+    from .folders import kind
+    written_as = kind(out)
+    if written_as in ("training run", "export"):
+        raise PrunekitError(f"--out {out} is the folder of a prunekit {written_as}: pass another folder for the report")
     sweeps_own = False         # a sweep's report of its own runs: its files are the sweep's to write again
     if runs is not None and out.is_dir():
         own = {p.resolve() for p in out.iterdir() if (p / METRICS).exists()}
