@@ -47,6 +47,7 @@ def _accuracy(capsys, argv) -> float:
 
 
 def test_a_trained_model_labels_later_folders_by_its_recorded_class_names(capsys, tmp_path):
+    from prunekit.commands import common
     write_colours(tmp_path / "photos" / "train", COLOURS, 8, seed=0)
     write_colours(tmp_path / "photos" / "test", COLOURS, 4, seed=1)
     (tmp_path / "net.py").write_text(NET)
@@ -83,6 +84,10 @@ def test_a_trained_model_labels_later_folders_by_its_recorded_class_names(capsys
     sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "class_names"}))
     assert main(["eval", *model, *data, str(tmp_path / "flat")]) == 0
     assert "has 2 class folders but the model has 3 outputs and records no class names" in capsys.readouterr().err
+    # following its advice: an empty folder for the missing class keeps the labels (it was refused: "has no images")
+    (tmp_path / "flat" / "a").mkdir()
+    common.evaluation_split.cache_clear()
+    assert _accuracy(capsys, ["eval", *model, *data, str(tmp_path / "flat")]) == 100.0
     assert main(["eval", *model, *data, str(tmp_path / "photos")]) == 0
     assert "class folders" not in capsys.readouterr().err
 
