@@ -326,8 +326,8 @@ def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> None:
     """Warn (once, and in run.log) when the run in ``folder`` is carried on or its result given back
     over data whose contents could not be fingerprinted (``data_identity``: an arbitrary Dataset or
     iterable): only its form and sample count were compared with the data it started with."""
-    if folder.claimed_afresh or "data_form" not in config or "data_sha256" in config:
-        return
+    if folder.claimed_afresh or "data_form" not in config or "data_sha256" in config or current().rank != 0:
+        return          # (under torchrun rank 0 claims the folder: the others' claimed_afresh says nothing)
     try:
         if folder.config.read_text() != config_text:       # an older folder: ``runs.claim`` said what it checked
             return
