@@ -77,6 +77,26 @@ def test_numpy_arrays_and_raw_image_sets_are_told_their_conversion(tmp_path):
         prunekit.prune(_net(), pixels, method="magnitude", sparsity=0.5)
 
 
+@pytest.mark.parametrize("defer", [False, True])
+def test_an_image_folder_loaded_deferred_is_told_its_conversion_too(tmp_path, defer):
+    """load_dataset(..., defer=True) gives a DeferredImageDataset, not an ImageDataset: prunekit.prune
+    (and batches_of, prunekit's other reader of batches) said only "data must be a DataLoader ...",
+    losing the make_loader hint the decoded form gets."""
+    import numpy as np
+    from PIL import Image
+    from prunekit.train import batches_of
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for k in range(2):
+            Image.fromarray(np.full((8, 8), 40 * k, dtype=np.uint8), "L").save(tmp_path / name / f"{k}.png")
+    pixels = load_dataset("imagefolder", tmp_path, defer=defer)
+    assert type(pixels).__name__ == ("DeferredImageDataset" if defer else "ImageDataset")
+    for run in (lambda: prunekit.prune(_net(), pixels, method="magnitude", sparsity=0.5),
+                lambda: batches_of(pixels)):
+        with pytest.raises(prunekit.PrunekitError, match=r"raw uint8 pixels: pass make_loader\(data, normalization\)"):
+            run()
+
+
 def test_a_run_folder_refusal_names_the_settings_that_differ(tmp_path):
     x, y = _data()
     out = str(tmp_path / "run")

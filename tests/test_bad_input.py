@@ -349,6 +349,7 @@ CLI_CASES = [
     (["export", f"{H}/adir", "--onnx"], "no prunekit model"),
     (["export", f"{H}/nowhere", "--onnx"], "is not a folder"),
     (["export", f"{H}/own", "--onnx"], "name its file again, --model"),
+    (["export", f"{H}/mlprun", "--dense", "--normalize-in-graph"], "--normalize-in-graph is for the graphs: add --onnx"),
     # a model of the user's own: --model net.py:FUNCTION
     (["prune", "--model", f"{H}/net.py", *MNIST, "--sparsity", "0.5"], "names a file but no function"),
     (["prune", "--model", f"{H}/net.py:2x", *MNIST, "--sparsity", "0.5"], "not a Python function name"),

@@ -433,7 +433,7 @@ def test_fisher_samples_above_the_training_images_follow_the_api_with_stages_aut
 
     def reached(*args, **kwargs):
         raise prunekit.PrunekitError("reached the run")
-    monkeypatch.setattr(prune_command, "_check_training_split_for_batchnorm", reached)
+    monkeypatch.setattr(prune_command, "warn_if_random_weights", reached)    # after the plan and its checks
     argv = ["prune", *MLP, *MNIST, "--method", "falcon++", "--flops", "0.5", "--fisher-samples", "2500"]
     for extra in ([], ["--stages", "auto"]):
         assert main([*argv, *extra]) == 2

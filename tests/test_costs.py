@@ -285,6 +285,69 @@ def test_register_cost_counts_the_child_layers_of_a_registered_module():
         unregister_cost(RBF)
 
 
+def test_register_cost_prices_a_parameter_tied_to_another_modules_once_whichever_module_comes_first():
+    """An output head with a registered cost whose weight is the embedding's table (tied): the
+    model names the shared parameter once, after the module that holds it first. With the
+    embedding first, the head's registration was passed over: its own code was traced (a weight
+    op without a cost rule refused the model, naming Embedding; a traceable one was counted by the
+    trace, not by the cost function) and the function's figure was dropped. Now both orders count
+    the function's uses (3 per element here, not the 5 tokens the trace would see), and pruning the
+    table lowers them."""
+    from prunekit import register_cost
+    from prunekit.costs import unregister_cost
+    V, E, T = 50, 8, 5
+
+    class Head(nn.Module):                             # x (B, T, E) -> (B, T, V)
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(V, E))
+
+        def forward(self, x):
+            return x @ torch.cumsum(self.weight, 1).t()      # cumsum: no cost rule of prunekit's
+
+    class LM(nn.Module):
+        def __init__(self, head_first: bool):
+            super().__init__()
+            if head_first:
+                self.head, self.emb = Head(), nn.Embedding(V, E)
+            else:
+                self.emb, self.head = nn.Embedding(V, E), Head()
+            self.head.weight = self.emb.weight         # tied
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    ids = torch.zeros(1, T, dtype=torch.long)
+    register_cost(Head, lambda m, inputs, out: {"weight": 3})
+    try:
+        for head_first in (True, False):
+            model = LM(head_first)
+            costs = CostModel(model, ids)
+            holder = "head" if head_first else "emb"
+            assert costs.macs == 3 * V * E, head_first
+            assert costs.layer(holder).macs == 3 * V * E and costs.layer(holder).params == V * E
+            with torch.no_grad():
+                model.emb.weight[:10] = 0                  # 10 of V rows pruned, in both modules
+            assert costs.count(model).macs == 3 * (V - 10) * E, head_first
+    finally:
+        unregister_cost(Head)
+
+    class Twice(nn.Module):                            # one parameter under two names of the module itself
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(4, 6))
+            self.b = self.a
+
+        def forward(self, x):                          # x (B, 6) -> (B, 4)
+            return x @ torch.cumsum(self.a, 0).t() + x @ torch.cumsum(self.b, 1).t()
+
+    register_cost(Twice, lambda m, inputs, out: {"a": 1, "b": 2})   # was refused: "does not have ['b']"
+    try:
+        assert CostModel(nn.Sequential(Twice()), torch.zeros(1, 6)).macs == (1 + 2) * 4 * 6
+    finally:
+        unregister_cost(Twice)
+
+
 def test_masked_attention_projection_costs_nothing():
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
     x = torch.zeros(1, 4, 8)
@@ -846,3 +909,43 @@ def test_weight_normalization_is_told_to_be_folded_first():
         CostModel(model, torch.randn(2, 10))
     torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
     assert CostModel(model, torch.randn(2, 10)).macs == 10 * 20 + 20 * 3
+
+
+class Conv1D(nn.Module):
+    """HuggingFace's GPT-2 Conv1D in small: a Linear whose weight is stored (in, out), y = x @ W + b."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class _TiedLM(nn.Module):
+    """GPT-2 in small: token embedding, Conv1D MLP, an lm_head whose weight is the embedding's."""
+
+    def __init__(self, vocab=50, width=8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.fc, self.proj = Conv1D(32, width), Conv1D(width, 32)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        x = self.wte(ids)
+        return self.lm_head(x + self.proj(torch.relu(self.fc(x))))
+
+
+def test_conv1d_style_layers_are_counted_as_linear_and_a_tied_weight_names_its_other_use():
+    costs = CostModel(_TiedLM(), torch.randint(50, (1, 6)))
+    rows = {layer.name: layer for layer in costs.layers}
+    assert rows["fc"].kind == "Conv1D" and rows["fc"].macs == 6 * 8 * 32       # tokens x in x out
+    assert rows["proj"].kind == "Conv1D" and rows["proj"].macs == 6 * 32 * 8
+    assert "unknown" not in rows["fc"].kind + rows["proj"].kind
+    assert rows["wte"].kind == "Embedding (+ tied use in lm_head, its MACs counted here)"
+    assert rows["wte"].macs == 6 * 8 * 50                                     # the vocabulary projection
+    assert rows["lm_head"].kind == "Linear (weight tied to wte: its MACs on that row)"
+    assert rows["lm_head"].macs == 0

@@ -212,6 +212,58 @@ def test_a_rank_short_of_memory_is_refused_on_every_rank_rank_0_saying_why(tmp_p
     print(lines[0])
 
 
+def _without_root_powers() -> list[str]:
+    """The prefix that makes a command honour file permissions (root ignores them)."""
+    import shutil
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root, and no setpriv to drop its power over permissions")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def _writable_tree(folder: Path, writable: bool) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+
+@pytest.mark.parametrize("command", ["prune", "train"])
+def test_two_ranks_again_on_a_finished_run_in_a_read_only_folder_give_its_result_and_write_nothing(tmp_path, command):
+    """The same command again under torchrun on a finished run whose folder is chmod -R a-w was
+    refused ('DIR is not writable': rank 0 took the folder's lock, which makes a file), while one
+    process printed the stored result without writing. Rank 0 now looks whether the folder holds a
+    finished run it may not write and tells every rank: all of them read it back, rank 0 prints it."""
+    out = tmp_path / "run"
+    if command == "prune":
+        args = [*PRUNE, "--out", str(out)]
+        args[args.index("--stages") + 1] = "1"
+    else:
+        args = ["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--epochs", "1",
+                "--eval-split", "train", "--batch-size", "500", "--json", "--out", str(out)]
+    first = [_finish(rank) for rank in _launch(args, free_port())]
+    assert [code for code, _, _ in first] == [0, 0], first[0][2][-2000:] + first[1][2][-2000:]
+    stored = json.loads(first[0][1])
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    port, ranks = free_port(), []
+    _writable_tree(out, writable=False)
+    try:
+        for rank in range(2):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                   "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
+            ranks.append(subprocess.Popen([*_without_root_powers(), sys.executable, "-m", "prunekit", *args],
+                                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        (code0, out0, err0), (code1, out1, err1) = [_finish(rank, timeout=120) for rank in ranks]
+    finally:
+        _writable_tree(out, writable=True)
+    assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
+    assert json.loads(out0) == stored and out1 == "", out1[-2000:]
+    assert "prunekit: error" not in err0 + err1 and "Traceback" not in err0 + err1
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before   # nothing written
+
+
 _LAUNCHER = """
 import os, subprocess, sys, time
 from datetime import timedelta
@@ -277,6 +329,54 @@ def test_ranks_whose_launcher_is_killed_stop_mark_the_run_interrupted_and_say_ho
         for pid in pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_store_write_failing_as_the_launcher_dies_says_the_launcher_stopped_without_a_cpp_stack(monkeypatch, capfd):
+    """The race of a ``kill -9`` of torchrun: the launcher's sockets (the group's store, which it
+    hosts) close in its exit before its ranks get a new parent, so a rank's store write could fail
+    while ``os.getppid()`` still named the launcher. c10d then printed "[c10d] sendBytes failed"
+    with a page of C++ stack (3 of 7 kills) and the write was reported as a store error. Now the
+    write is made with c10d's warnings held back, and its failure is checked against the launcher
+    (gone, or exiting, in /proc): the rank stops as the watcher would stop it. Played here by a
+    store host process killed while the parent pid the rank reads stays its pid."""
+    from datetime import timedelta
+    import torch.distributed as dist
+    from prunekit import interrupts
+    from prunekit.distributed import collective
+    port = free_port()
+    host = subprocess.Popen([sys.executable, "-c", "import sys, time, torch.distributed as d; from datetime import "
+                             "timedelta; s = d.TCPStore('127.0.0.1', int(sys.argv[1]), 2, True, timeout=timedelta("
+                             "seconds=30), wait_for_workers=False); print('up', flush=True); time.sleep(60)", str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline().strip() == "up"
+        store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timedelta(seconds=10))
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+        monkeypatch.setattr(collective, "_launcher", host.pid)
+        monkeypatch.setattr(collective, "_launcher_lost", False)
+        monkeypatch.setattr(collective.os, "getppid", lambda: host.pid)      # not handed to a new parent yet
+        monkeypatch.setattr(collective, "_keys", lambda: (store, "prunekit/0"))
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "get_rank", lambda: 1)
+        for name, value in (("_reason", None), ("_taken", False), ("_runs", 0)):
+            monkeypatch.setattr(interrupts, name, value)
+        collective.passed_checks()                      # the store answers
+        host.kill()
+        host.wait()
+        capfd.readouterr()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(3):                          # a write into a reset socket may be taken once
+                collective.passed_checks()
+                time.sleep(0.2)
+        assert interrupts.stopped_by() == (collective.LAUNCHER_GONE, 1) and collective._launcher_lost
+        err = capfd.readouterr().err
+        assert "sendBytes" not in err and "frame #" not in err and "c10d" not in err, err[:2000]
+        level = collective._c10_log_level()
+        assert level is None or level.value < 2         # c10d's warnings are held back for the write alone
+    finally:
+        host.kill()
+        host.wait()
 
 
 def test_a_lost_launcher_stops_prunekit_work_but_not_the_callers_own_code_after_it(monkeypatch):

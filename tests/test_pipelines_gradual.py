@@ -105,3 +105,146 @@ def test_an_interrupted_gradual_run_resumes_to_the_same_weights(tmp_path):
     assert len(calls) == 2                             # event 1 came from the checkpoint
     for key, value in resumed.model.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def _record_finetune_orders(monkeypatch) -> list[torch.Tensor]:
+    """Every fine-tune epoch's samples in the order it read them, one (N,) tensor an epoch (each
+    sample's input summed: which sample, as far as the order goes). The method's own reads are
+    not in it (``train_epoch`` is only the fine-tunes')."""
+    import prunekit.train as train_module
+    real, orders = train_module.train_epoch, []
+
+    def recording(model, loader, *args, **kwargs):
+        seen = []
+
+        class Tap:
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                for x, y in loader:
+                    seen.append(x.flatten(1).sum(1))
+                    yield x, y
+        out = real(model, Tap(), *args, **kwargs)
+        orders.append(torch.cat(seen))
+        return out
+    monkeypatch.setattr(train_module, "train_epoch", recording)
+    return orders
+
+
+def _every_epoch_reads_a_new_order(orders: list[torch.Tensor], epochs: int) -> None:
+    assert len(orders) == epochs
+    same_samples = orders[0].sort().values
+    for i, order in enumerate(orders):
+        assert torch.equal(order.sort().values, same_samples)          # one whole pass of the data each
+        for j in range(i):
+            assert not torch.equal(order, orders[j]), f"fine-tune epochs {j} and {i} read one order"
+
+
+# events 3 x 2 epochs, then 1: before the fix the events' epochs read orders 0 1 | 0 1 | 0
+SHUFFLED = dict(sparsity=0.8, gradual=True, events=3, epochs_per_event=2, final_epochs=1, lr=0.05)
+
+
+def _shuffled_data(kind: str, seed: int = 0):
+    from prunekit.data.dataset import ImageDataset
+    from prunekit.data.loaders import Normalization, make_loader
+    torch.manual_seed(seed)
+    images = torch.randint(0, 256, (256, 1, 4, 4), dtype=torch.uint8)
+    x = (images.float() / 255 - 0.5) / 0.5
+    y = x.flatten(1)[:, :4].argmax(1)
+    if kind == "BatchLoader":
+        return make_loader(ImageDataset(images, y, ["a", "b", "c", "d"]), Normalization((0.5,), (0.5,)),
+                           batch_size=32, shuffle=True, seed=seed)
+    if kind == "tensors":
+        return x, y
+    if kind == "Dataset":
+        return torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
+
+
+@pytest.mark.parametrize("kind", ["DataLoader", "BatchLoader", "tensors", "Dataset"])
+def test_every_fine_tune_epoch_of_a_gradual_run_reads_a_new_shuffle(kind, monkeypatch):
+    """Event k's fine-tune carries on the run's epochs (a plain training loop's shuffles), where
+    each event's used to start again at the first: 3 events of 2 epochs read one order 3 times.
+    (X, Y) tensors and a Dataset are shuffled by prunekit's own loader, every epoch in the order
+    (seed, epoch) draws (every epoch read one order before)."""
+    orders = _record_finetune_orders(monkeypatch)
+    model, example, _ = _tiny_setup()
+    prunekit.prune(model, _shuffled_data(kind), method="magnitude", example_input=example, batch_size=32,
+                   **SHUFFLED)
+    _every_epoch_reads_a_new_order(orders, 2 + 2 + 1)
+
+
+def test_every_fine_tune_epoch_of_a_gradual_cli_run_reads_a_new_shuffle(monkeypatch, capsys):
+    orders = _record_finetune_orders(monkeypatch)
+    assert main([*BASE, "--no-stage-eval", "--method", "magnitude", "--sparsity", "0.8", "--gradual", "--events", "3",
+                 "--epochs-per-event", "2", "--final-epochs", "1"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["events"]) == 3
+    _every_epoch_reads_a_new_order(orders, 2 + 2 + 1)
+
+
+def test_the_methods_own_data_stays_the_same_at_every_event(monkeypatch):
+    """Only the fine-tunes move on: the method reads the one stream it read at event 1."""
+    first_batches = []
+
+    def method(ctx, opts):
+        first_batches.append(next(iter(ctx.train_batches()))[0].clone())
+        return run_magnitude(ctx, opts)
+    model, example, _ = _tiny_setup()
+    prunekit.prune(model, _shuffled_data("DataLoader"), method=Method("firsts", "weights", MagnitudeOptions, method),
+                   example_input=example, **SHUFFLED)
+    assert len(first_batches) == 3 and all(torch.equal(b, first_batches[0]) for b in first_batches)
+
+
+@pytest.mark.parametrize("kind", ["DataLoader", "BatchLoader"])
+def test_a_resumed_gradual_run_reads_the_shuffles_of_an_uninterrupted_one(kind, tmp_path):
+    model, example, _ = _tiny_setup()
+    prunekit.prune(model, _shuffled_data(kind), method=_spy("spy", []), example_input=example, batch_size=32,
+                   **SHUFFLED)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    out = str(tmp_path / "run")
+    model, example, _ = _tiny_setup()
+    with pytest.raises(Killed):
+        prunekit.prune(model, _shuffled_data(kind), method=_spy("spy", [], kill_at=3), example_input=example,
+                       batch_size=32, out=out, **SHUFFLED)
+    torch.manual_seed(123)                           # another process: other global RNG states
+    model, example, _ = _tiny_setup()
+    calls = []
+    resumed = prunekit.prune(model, _shuffled_data(kind), method=_spy("spy", calls), example_input=example,
+                             batch_size=32, out=out, **SHUFFLED)
+    assert [e["event"] for e in resumed.history] == [1, 2, 3] and len(calls) == 1    # events 1, 2 from checkpoints
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_a_folder_of_the_version_that_restarted_every_fine_tune_is_carried_on_as_it_began(tmp_path, monkeypatch):
+    """A run killed under the version whose every event's fine-tune started at the loader's first
+    epoch (its event records have no first_epoch) resumes to the weights that version would have
+    ended with uninterrupted, not to a mix of the two numberings."""
+    from prunekit.pipelines import gradual
+    from prunekit.runs import RunCheckpointer
+    with monkeypatch.context() as old:                # the previous version: train_batches() as it comes
+        old.setattr(gradual, "finetune_batches", lambda train_batches, first_epoch: train_batches())
+        model, example, _ = _tiny_setup()
+        prunekit.prune(model, _shuffled_data("DataLoader"), method=_spy("spy", []), example_input=example,
+                       batch_size=32, **SHUFFLED)
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        save = RunCheckpointer.save
+
+        def save_as_old(self, state, model):
+            for record in state.history:
+                record.pop("first_epoch", None)
+            save(self, state, model)
+        old.setattr(RunCheckpointer, "save", save_as_old)
+        out = str(tmp_path / "run")
+        model, example, _ = _tiny_setup()
+        with pytest.raises(Killed):
+            prunekit.prune(model, _shuffled_data("DataLoader"), method=_spy("spy", [], kill_at=3),
+                           example_input=example, batch_size=32, out=out, **SHUFFLED)
+    model, example, _ = _tiny_setup()
+    calls = []
+    resumed = prunekit.prune(model, _shuffled_data("DataLoader"), method=_spy("spy", calls), example_input=example,
+                             batch_size=32, out=out, **SHUFFLED)
+    assert len(calls) == 1 and resumed.history[-1]["first_epoch"] == 0
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key

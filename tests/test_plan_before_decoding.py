@@ -115,8 +115,8 @@ def test_a_folder_too_big_for_the_plan_is_refused_before_any_image_is_decoded(tm
     err = capsys.readouterr().err
     assert code == 2 and "prunekit: error: this request needs about" in err and "Traceback" not in err, err
     assert decoded == [], f"{len(decoded)} images decoded before the refusal"
-    # both splits (a folder without train/ and test/ is both), 8 images of 3 x 32 x 32 each, counted as held
-    assert told == [2 * 8 * 3 * 32 * 32]
+    # a folder without train/ and test/ is both splits, one array: 8 images of 3 x 32 x 32, counted once as held
+    assert told == [8 * 3 * 32 * 32]
     assert not (tmp_path / "run").exists()
 
 
@@ -131,7 +131,98 @@ def test_a_plan_that_passes_decodes_and_runs_as_before(tmp_path, capsys, counted
     out = capsys.readouterr().out
     assert code == 0, out
     record = json.loads(out)
-    assert told[0] == 2 * 8 * 3 * 32 * 32 and told[1:] and all(t == 0 for t in told[1:])   # decoded by then
-    assert len(decoded) == 16                        # each split decoded once, after the first plan
+    assert told[0] == 8 * 3 * 32 * 32 and told[1:] and all(t == 0 for t in told[1:])   # decoded by then
+    assert len(decoded) == 8                         # both splits one array, decoded once, after the first plan
     assert record["sparsity"] == pytest.approx(0.5, rel=1e-3)
 
+
+
+@pytest.fixture
+def scanned_splits(monkeypatch):
+    """The splits of image folders scanned (each through load.scan_image_folder)."""
+    from prunekit.data import load
+    splits, real = [], load.scan_image_folder
+    monkeypatch.setattr(load, "scan_image_folder", lambda path, split, *a, **k: splits.append(split) or
+                        real(path, split, *a, **k))
+    return splits
+
+
+@pytest.mark.parametrize("command", ["prune", "sweep"])
+def test_a_run_that_reads_no_training_images_neither_loads_nor_needs_them(tmp_path, capsys, scanned_splits,
+                                                                           command):
+    """magnitude without BatchNorm recalibration reads no training image: the memory plan's bytes to
+    load counted the training split anyway (scanning it, and refusing a folder with only test/ for
+    "no train/ folder", which ran before) -- a folder with only test/ prunes, and with train/ too,
+    the training split is never scanned."""
+    write_tree(tmp_path / "only" / "test", {"a": 3, "b": 3})
+    write_tree(tmp_path / "both" / "test", {"a": 3, "b": 3})
+    write_tree(tmp_path / "both" / "train", {"a": 3, "b": 3})
+    budget = ["--sparsity", "0.5", "0.7"] if command == "sweep" else ["--sparsity", "0.5"]
+    for folder in ("only", "both"):
+        scanned_splits.clear()
+        code = main([command, "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / folder),
+                     "--method", "magnitude", *budget, "--no-bn-recalibration", "--out", str(tmp_path / f"r_{folder}"),
+                     "--json"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert scanned_splits == ["test"], scanned_splits
+    result = json.loads(out)
+    kept = [run["sparsity"] for run in result["runs"]] if command == "sweep" else [result["sparsity"]]
+    assert sorted(kept) == pytest.approx([0.5, 0.7] if command == "sweep" else [0.5], rel=1e-3)
+
+
+@pytest.mark.parametrize("command", ["prune", "sweep"])
+def test_a_training_split_read_only_for_batchnorm_is_refused_naming_no_bn_recalibration(tmp_path, capsys, command):
+    """magnitude with BatchNorm recalibration (resnet20 has BatchNorm) on a folder with only test/:
+    one line naming both fixes (the folder, --no-bn-recalibration), nothing written."""
+    write_tree(tmp_path / "only" / "test", {"a": 3, "b": 3})
+    code = main([command, "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / "only"),
+                 "--method", "magnitude", "--sparsity", "0.5", "--out", str(tmp_path / "run")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+    assert code == 2 and len(errors) == 1, errors
+    assert "no train/ folder" in errors[0] and "--no-bn-recalibration prunes without it" in errors[0], errors
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plan_memory_of_the_earlier_five_argument_form_still_works_and_counts_the_data(monkeypatch):
+    """A user's Method(plan_memory=f) with f(model, space, example_input, budget, options), the form
+    documented before data_to_load, got TypeError "unexpected keyword argument 'data_to_load'" from
+    every prunekit.prune. It is called with its five arguments; data still to load is added to the
+    MemoryPlan it returns (refused when that no longer fits), or warned of when it returns none; a
+    plan_memory taking data_to_load is told it."""
+    import prunekit
+    from prunekit.errors import PrunekitWarning
+    from prunekit.methods import Method, lookup
+    from prunekit.request import PruneRequest
+    monkeypatch.setattr(memory_plan, "current_usage", lambda device: 300 * 2**20)
+    base = lookup("magnitude")
+    calls = []
+
+    def old_form(model, space, example_input, budget, options):
+        calls.append("old")
+        return memory_plan.plan(model, space, example_input, n=8, max_memory=limit)
+
+    def returns_nothing(model, space, example_input, budget, options):
+        calls.append("none")
+
+    def new_form(model, space, example_input, budget, options, data_to_load=0):
+        calls.append(data_to_load)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    example = torch.zeros(1, 12)
+    limit = memory_plan.plan(model, ParamSpace(model), example, n=8, max_memory="100G").total + 350 * 2**20
+    mine = {f.__name__: Method(f"mag-{f.__name__}", "weights", base.options, base.run, "", plan_memory=f)
+            for f in (old_form, returns_nothing, new_form)}
+    X, Y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    pruned = prunekit.prune(model, (X, Y), method=mine["old_form"], sparsity=0.5)       # was TypeError
+    assert calls == ["old"] and pruned.sparsity == pytest.approx(0.5, rel=0.05)
+    request = lambda method, data: PruneRequest(model, example, method, {"sparsity": 0.5},   # noqa: E731
+                                                data_to_load=data)
+    request(mine["old_form"], 300 * 2**20).plan()                   # fits with the data counted
+    with pytest.raises(prunekit.PrunekitError, match="700 MB of data still to decode"):
+        request(mine["old_form"], 700 * 2**20).plan()
+    with pytest.warns(PrunekitWarning, match="leaves out the 700 MB of data still to decode"):
+        request(mine["returns_nothing"], 700 * 2**20).plan()
+    calls.clear()
+    request(mine["new_form"], 700 * 2**20).plan()
+    assert calls == [700 * 2**20]

@@ -411,6 +411,9 @@ def test_a_moved_run_folder_is_carried_on_by_the_same_command_and_by_resume(tmp_
     assert "resuming after stage 1" in log, log          # carried on from its checkpoint, not run anew
     assert main(["prune", "--resume", "moved", "--json"]) == 0
     command = re.search(r"as does `(prunekit prune [^`]*)`", capsys.readouterr().err)
+    assert main([*args, "--out", "moved"]) == 0                        # the same command again
+    log = (tmp_path / "moved" / "run.log").read_text()
+    assert log.count("has moved to") == 1, log        # once per move: it was logged at every rerun and resume
     assert command and "--out moved" in command.group(1), command
     assert main(shlex.split(command.group(1))[1:] + ["--json"]) == 0, capsys.readouterr().err
     assert not (tmp_path / "made").exists()          # run anew in the moved folder, not at the old place

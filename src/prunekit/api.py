@@ -35,13 +35,14 @@ import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import interrupts, recipes, run_lock, runs
 from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
                          check_runs_on, first_batch, plain_numbers)
-from .data.dataset import ImageDataset
+from .data.dataset import DeferredImageDataset, ImageDataset, refuse_raw_pixels
 from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pass
 from .data.replay import (ReplayedLoader, loader_generators, rng_states, set_rng_states, states_from_json,
                           states_to_json)
@@ -494,6 +495,13 @@ def _keep_streams(folder: RunFolder, streams: dict) -> None:
         atomic_write_json(path, {what: states_to_json(b.states) for what, b in replayed.items()})
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of a shuffling pass: ``seed`` itself for epoch 0, a mix of (seed, epoch) after."""
+    if epoch == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str,
              saved: list | None = None) -> Callable[[], Iterable] | None:
     """A function returning a fresh iterable of (x, y) batches over ``data``, the same each call.
@@ -517,8 +525,10 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str,
     generators = loader_generators(data)
     states = rng_states(generators)
     if dataset is not None:
-        make = lambda: dataset_loader(dataset, batch_size, shuffle,      # noqa: E731
-                                      torch.Generator().manual_seed(seed) if shuffle else None)
+        def make(epoch: int = 0):
+            """Epoch 0 in the order ``seed`` draws, epoch k in the order (seed, k) draws."""
+            return dataset_loader(dataset, batch_size, shuffle,
+                                  torch.Generator().manual_seed(_epoch_seed(seed, epoch)) if shuffle else None)
     elif callable(data):
         make = data
     elif isinstance(data, Iterable):
@@ -528,9 +538,8 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str,
             raise PrunekitError(f"{what} is a one-pass iterator: pass a DataLoader, a Dataset, (X, Y) tensors "
                                 "or a function returning batches, so every stage can read it again")
         make = (lambda: _with_fresh_workers(data)) if getattr(data, "persistent_workers", False) else lambda: data
-    elif isinstance(data, ImageDataset):
-        raise PrunekitError(f"{what} is an ImageDataset of raw uint8 pixels: pass make_loader({what}, normalization) "
-                            "(prunekit.data), which scales and normalizes them as the model was trained")
+    elif isinstance(data, (ImageDataset, DeferredImageDataset)):       # load_dataset's, defer=True's too
+        refuse_raw_pixels(data, what)
     else:
         raise PrunekitError(f"{what} must be a DataLoader, a Dataset, (X, Y) tensors or a function returning "
                             f"batches, got {type(data).__name__}")
@@ -538,6 +547,6 @@ def _batches(data, batch_size: int, shuffle: bool, seed: int, what: str,
     states, chosen = current().broadcast_object((states, chosen))
 
     def replayed():
-        return ReplayedLoader(make, generators, replayed.states)
+        return ReplayedLoader(make, generators, replayed.states, make_takes_epoch=dataset is not None)
     replayed.call_states, replayed.states = states, chosen
     return replayed

@@ -129,6 +129,7 @@ class _OpCounter(TorchDispatchMode):
         self.activation_macs: dict[str, int] = {}
         self.unpriced: list[Unpriced] = []
         self.order: list[str] = []          # parameter names and scopes in order of first charge
+        self.elsewhere: dict[str, list[str]] = {}   # parameter name -> modules outside its owner using it (tied)
         self.scaled = ScaledProducts(index)  # x * w, w a scale so far, and the views of it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -155,8 +156,22 @@ class _OpCounter(TorchDispatchMode):
         if where not in self.order:
             self.order.append(where)
 
+    def _used_elsewhere(self, name: str) -> None:
+        """Note the running module as a user of parameter ``name`` if it is not the parameter's owner
+        (nor inside it), nor an ancestor of it (an attention using its out_proj's weight in its own
+        forward): a tied weight's second use (GPT-2's lm_head, tied to the token embedding)."""
+        where, owner = self._where(), name.rpartition(".")[0]
+        if not where or not owner:
+            return
+        related = where == owner or where.startswith(owner + ".") or owner.startswith(where + ".")
+        if not related:
+            users = self.elsewhere.setdefault(name, [])
+            if where not in users:
+                users.append(where)
+
     def _param(self, t: torch.Tensor, uses: int) -> None:
         for name, idx in self.index.owners(t):
+            self._used_elsewhere(name)
             self.uses.mark(name)
             if name not in self.order:
                 self.order.append(name)
@@ -170,6 +185,7 @@ class _OpCounter(TorchDispatchMode):
     def _param_at(self, key: int, positions: torch.Tensor, uses: torch.Tensor) -> None:
         """Charge ``uses`` (N,) to the parameter elements at storage ``positions`` (N,) of ``key``."""
         for name, idx, where in self.index.locate(key, positions):
+            self._used_elsewhere(name)
             self.uses.mark(name)
             if name not in self.order:
                 self.order.append(name)

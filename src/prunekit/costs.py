@@ -236,6 +236,15 @@ class CostModel:
 
 # --- tracing ---------------------------------------------------------------------------------
 
+def is_conv1d_style(module: nn.Module) -> bool:
+    """Whether ``module`` is a Conv1D-style layer as HuggingFace's (``transformers.pytorch_utils.
+    Conv1D``, GPT-2's projections): named Conv1D, a 2-D ``weight`` (in, out) and ``nf`` = out,
+    computing y = x @ W + b (a Linear, its weight stored transposed)."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
 def _elementwise_ops(module: nn.Module, inputs: tuple, out) -> int | None:
     """Element-wise ops of a leaf module (in a trace of one example); None if its type has no rule."""
     if isinstance(module, _NORM_LAYERS):
@@ -246,7 +255,8 @@ def _elementwise_ops(module: nn.Module, inputs: tuple, out) -> int | None:
         return out.numel() * window
     if isinstance(module, _POOL_ADAPTIVE):
         return inputs[0].numel()
-    if isinstance(module, (*_FREE, *_PRICED_BY_OPS)) or getattr(module, "zero_macs", False) or _empty(module):
+    if isinstance(module, (*_FREE, *_PRICED_BY_OPS)) or getattr(module, "zero_macs", False) or _empty(module) \
+            or is_conv1d_style(module):     # a Linear: its product (addmm) is all it computes
         return 0
     return None
 
@@ -260,7 +270,7 @@ def _empty(module: nn.Module) -> bool:
 def _registered_uses(module: nn.Module, fn, inputs, output, name: str) -> ModuleCost:
     cost = fn(module, inputs, output)
     cost = ModuleCost(uses=dict(cost)) if isinstance(cost, dict) else cost
-    own = dict(module.named_parameters(recurse=False))
+    own = dict(module.named_parameters(recurse=False, remove_duplicate=False))   # both names of one tied twice
     unknown = set(cost.uses) - set(own)
     if unknown:
         children = sorted(unknown & {n for n, _ in module.named_parameters()})
@@ -320,9 +330,9 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
 
     def _charge_registered(module, fn, inputs, output, name):
         cost = _registered_uses(module, fn, inputs, output, name)
-        prefix = f"{name}." if name else ""
+        own = dict(module.named_parameters(recurse=False, remove_duplicate=False))
         for local, uses in cost.uses.items():
-            full = prefix + local
+            full = canonical[id(own[local])]
             ops.uses.mark(full)
             ops.uses.uniform[full] += int(uses)
             if full not in ops.order:
@@ -332,11 +342,14 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
             ops._activation(cost.activation_macs)
             scope.pop()
 
+    # a parameter tied to another module's (an output head sharing the embedding's table) is named
+    # once, where model.named_parameters() first meets it: the trace (``ParamIndex``) knows it by that
+    # name, so a registered module's own parameter is named so too, whichever module holds it first
+    canonical = {id(p): n for n, p in model.named_parameters()}
     for name, module in model.named_modules():
         fn = registered_cost(module)
         is_leaf = fn is not None or next(module.children(), None) is None
-        prefix = f"{name}." if name else ""
-        own = None if fn is None else frozenset(prefix + n for n, _ in module.named_parameters(recurse=False))
+        own = None if fn is None else frozenset(canonical[id(p)] for _, p in module.named_parameters(recurse=False))
         handles.append(module.register_forward_pre_hook(pre_hook(name, is_leaf, own)))
         handles.append(module.register_forward_hook(post_hook(name, is_leaf, fn)))
 
@@ -440,6 +453,12 @@ def _build_layers(model, modules, ops: _OpCounter, leaves, adds, ran: set[str]) 
             layer.param_name, layer.weight_shape = name, tuple(p.shape)
             layer.macs_per_weight, layer.element_macs = per_weight, per_element
             layer.macs += per_weight * p.numel() if per_element is None else int(per_element.sum())
+            if ops.elsewhere.get(name):         # a tied weight: its other uses' MACs are on this row
+                layer.kind += f" (+ tied use in {', '.join(ops.elsewhere[name])}, its MACs counted here)"
+    for name, users in ops.elsewhere.items():      # the tied weight's users: their rows say where its MACs are
+        for user in users:
+            if user in entries and name in weights:
+                entries[user].kind += f" (weight tied to {_key_of(name, weights)[0]}: its MACs on that row)"
     for scope_name, macs in ops.activation_macs.items():
         layer = entry(scope_name, scope_name)
         layer.activation_macs += macs

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import user_models, zoo
 from .data import ImageDataset, Normalization, load_dataset
+from .data.dataset import DeferredImageDataset
 from .errors import PrunekitError, PrunekitWarning
 from .saving import read_meta
 from .zoo.checkpoints import check_checkpoint_path
@@ -249,13 +250,15 @@ def check_normalized(loaded: LoadedModel) -> None:
 
 def load_data(name: str, data_dir: str | Path, split: str, limit: int | None = None,
               seed: int | None = None, resize: int | None = None, crop: int | None = None,
-              classes: tuple[str, ...] | None = None, defer: bool = False) -> ImageDataset:
+              classes: tuple[str, ...] | None = None, defer: bool = False,
+              same_as=None) -> ImageDataset | DeferredImageDataset:
     """Load a split; ``limit`` keeps the first ``limit`` images (or a seeded random subset);
     ``resize`` / ``crop``: an image folder's images brought to one size; ``classes``: the class
     names a model records, which label an image folder; ``defer``: an image folder scanned, its
-    pixels decoded on first use (``load_dataset``)."""
+    pixels decoded on first use (a ``DeferredImageDataset`` is returned); ``same_as``: a split
+    loaded before with ``defer``, returned again when this one is the same images (``load_dataset``)."""
     return load_dataset(name, data_dir, split, resize=resize, crop=crop, limit=limit, seed=seed, classes=classes,
-                        defer=defer)
+                        defer=defer, same_as=same_as)
 
 
 def recorded_classes(checkpoint: str | Path | None) -> tuple[str, ...] | None:

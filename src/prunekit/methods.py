@@ -12,7 +12,10 @@ A channel method may have a second phase, ``sparsify(ctx, model, share, options,
 
 ``check(resolved_budget, options)`` (optional) refuses a request the method cannot serve before
 any work; ``plan_memory(model, space, example_input, resolved_budget, options, data_to_load=0)`` (optional)
-refuses one whose estimated peak memory does not fit and returns its ``memory_plan.MemoryPlan``;
+refuses one whose estimated peak memory does not fit and returns its ``memory_plan.MemoryPlan``
+(``data_to_load``: bytes of data still to decode that the run will hold, counted as held; a
+plan_memory without that parameter, the earlier form, still works: prunekit adds those bytes to
+the resident set of the ``MemoryPlan`` it returns and refuses it when it no longer fits);
 ``defaults`` are the method's own defaults over its options class's.
 
 Add your own method with ``add_method(Method(...))`` (or pass a ``Method`` as ``method=`` to

@@ -17,8 +17,9 @@ its history: ``stages`` (weights), ``events`` (gradual), ``phases`` (structured)
 entry's ``macs`` / ``max_macs`` count the whole model's MACs as ``macs`` / ``budget_max_macs``
 do (fixed ones such as attention products included); its ``loss`` / ``accuracy`` are the
 evaluation's (None without stage evaluation), an event's or fine-tune phase's ``finetune_loss`` the
-mean training loss of its last fine-tune epoch. A gradual run has ``gradual`` (True) and
-``gradual_options`` (events, epochs_per_event, final_epochs, lr, momentum, weight_decay,
+mean training loss of its last fine-tune epoch; an event's ``first_epoch`` the run's training epoch (from 0,
+counted across events) its fine-tune started at: the loader's shuffle it read first. A gradual run has ``gradual``
+(True) and ``gradual_options`` (events, epochs_per_event, final_epochs, lr, momentum, weight_decay,
 event_schedule, start_keep, finetune_distill, finetune_temperature).
 """
 

@@ -9,6 +9,7 @@ the parameter, raised before any expensive work.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -61,10 +62,17 @@ class PruneRequest:
     loss: LossFn | None = None
     data_to_load: int = 0
 
-    def plan(self) -> "Plan":
+    def resolved_options(self) -> tuple[Method, dict, "Options", GradualOptions | None]:
+        """The method's row, its options as given, its options checked with its defaults filled in,
+        and the gradual mode's options (None unless ``gradual``): what ``plan()`` starts from,
+        without tracing the model (a caller deciding what data the run reads asks this first)."""
         method = lookup(self.method)
         method_options, gradual = _split_options(method, self.options, self.gradual)
         options = method.options.from_user(method_options, method.name, **method.defaults)
+        return method, method_options, options, gradual
+
+    def plan(self) -> "Plan":
+        method, method_options, options, gradual = self.resolved_options()
         asked = {k: self.budget.get(k) for k in ("sparsity", "flops", "params")}
         if method.family == "channels":
             _check_channel_request(method, asked, self.include if method.sparsify is None else None,
@@ -129,13 +137,54 @@ class PruneRequest:
         if distributed.current().distributed:      # under torchrun: refused before a run folder is written
             check_shardable(method.name == "woodfisher", options)
         if method.plan_memory is not None:
-            method.plan_memory(self.model, space, self.example_input, resolved, options,
-                               data_to_load=self.data_to_load)
+            _plan_memory(method, self.model, space, self.example_input, resolved, options, self.data_to_load)
         stages = getattr(options, "stages", 1)          # "auto": 5 or 15 (falcon++)
         mode = ("structured" if method.family == "channels" else "gradual" if gradual is not None
                 else "multi-stage" if stages == "auto" or stages > 1 else "one-shot")
         return Plan(self, method, options, gradual, mode, costs, space, resolved, shares, channels,
                     self.name or type(self.model).__name__)
+
+
+def takes_data_to_load(function) -> bool:
+    """Whether ``function`` (a method's ``plan_memory``) takes the keyword ``data_to_load`` (named, or
+    through ``**kwargs``): one written before it was added takes the five arguments only."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):            # no signature to read (a builtin): the five arguments
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "data_to_load" and p.kind is not p.POSITIONAL_ONLY)
+               for p in parameters)
+
+
+def _plan_memory(method: Method, model: nn.Module, space, example_input, resolved, options, data_to_load: int):
+    """Run ``method.plan_memory``, telling it ``data_to_load`` (bytes of data still to decode, held
+    during the run) where it takes it. A plan_memory of the earlier five-argument form is called
+    with those five; where data is still to load on a CPU (where the data is held too), a
+    ``memory_plan.MemoryPlan`` it returns has the data added to its resident set and is refused
+    as the method's own plan would be when it no longer fits; one returning anything else cannot
+    be corrected, and a warning says its estimate leaves the data out."""
+    if takes_data_to_load(method.plan_memory):
+        return method.plan_memory(model, space, example_input, resolved, options, data_to_load=data_to_load)
+    planned = method.plan_memory(model, space, example_input, resolved, options)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    if data_to_load <= 0 or device.type != "cpu":
+        return planned
+    from .memory_plan import MiB, MemoryPlan
+    if not isinstance(planned, MemoryPlan):
+        warnings.warn(PrunekitWarning(
+            f"method {method.name}'s plan_memory takes no data_to_load: its memory estimate leaves out the "
+            f"{data_to_load / MiB:,.0f} MB of data still to decode that the run will hold (add a data_to_load=0 "
+            "parameter to plan_memory to count it)"), stacklevel=4)
+        return planned
+    counted = replace(planned, resident=planned.resident + int(data_to_load))
+    refusal = None
+    if not counted.fits():
+        refusal = OptionError(
+            f"method {method.name}'s memory plan ({planned.total / MiB:,.0f} MB peak) plus the "
+            f"{data_to_load / MiB:,.0f} MB of data still to decode needs about {counted.total / MiB:,.0f} MB, over "
+            f"the limit of {counted.limit / MiB:,.0f} MB: use fewer images, or free memory")
+    distributed.agree_refusal(refusal)
+    return counted
 
 
 def not_run_warning(layers: list[str]) -> str:

@@ -141,6 +141,39 @@ def finished_read_only(path: str | Path) -> bool:
     return done and not os.access(path, os.W_OK)
 
 
+def finished_read_only_on_rank_0(path: str | Path) -> bool:
+    """``finished_read_only`` as rank 0, the rank that writes, finds ``path``, told to every rank of a
+    torchrun run (a collective: every rank calls it), so that all of them read the finished run
+    back or none does: a rank going on alone to take the folder's lock would wait for the others.
+    One process: ``finished_read_only``."""
+    from . import distributed
+    collective = distributed.current()
+    if not collective.distributed:
+        return finished_read_only(path)
+    return bool(collective.broadcast_object(finished_read_only(path) if collective.rank == 0 else None))
+
+
+def check_claim_on_rank_0(folder: RunFolder, config_text: str, device="cpu") -> None:
+    """``check_claim`` (writes nothing) under torchrun: rank 0 checks the folder and its refusal is
+    raised on every rank; then every rank must see the same folder (``check_ranks_share``). A
+    collective: every rank calls it. One process: ``check_claim``."""
+    from . import distributed
+    collective = distributed.current()
+    if not collective.distributed:
+        check_claim(folder, config_text)
+        return
+    refusal = None
+    if collective.rank == 0:
+        try:
+            check_claim(folder, config_text)
+        except PrunekitError as err:
+            refusal = err
+    refusal = collective.broadcast_object(refusal)
+    if refusal is not None:
+        raise refusal
+    check_ranks_share(folder, device)
+
+
 def mark_stopped(folder: RunFolder, line: str) -> None:
     """Write why the run in ``folder`` ends here (``line``) to its run.log and mark a running run
     "interrupted" (``--resume`` carries it on). Called by the process holding the folder's lock,
@@ -433,12 +466,22 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
             folder.log(message)
             warnings.warn(PrunekitWarning(message), stacklevel=4)
     if folder.config.exists() and folder.writable and (made_at := moved_from(folder.config.read_text(), path)):
-        folder.log(f"this run folder was made at {made_at} and has moved to {Path(path).resolve()}: carried on "
-                   "here (its config.toml keeps the out it was made with)")
+        moved = f"this run folder was made at {made_at} and has moved to {Path(path).resolve()}"
+        if not _logged(folder, moved):        # once per move, not at every rerun or resume there
+            folder.log(f"{moved}: carried on here (its config.toml keeps the out it was made with)")
     remove_stale_temporaries(folder)      # this process holds the folder's lock: no one else writes them
     if not folder.config.exists():
         atomic_write_bytes(folder.config, config_text.encode())
         folder.claimed_afresh = True
+
+
+def _logged(folder: RunFolder, text: str) -> bool:
+    """Whether ``folder``'s run.log has a line holding ``text`` already."""
+    try:
+        with open(folder.path / "run.log", encoding="utf-8", errors="replace") as log:
+            return any(text in line for line in log)
+    except OSError:
+        return False
 
 
 def _finished_or_damaged(folder: RunFolder) -> bool:

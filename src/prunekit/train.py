@@ -144,7 +144,7 @@ def batches_of(data, what: str = "data", batch_size: int = 128, shuffle: bool = 
     batches, called again at every pass. Anything else (a path, one tensor, a one-pass iterator, a
     Dataset of triples ...) is refused in one line naming the fix, as ``prune`` refuses it."""
     from .api_checks import check_data, first_batch
-    from .data.dataset import ImageDataset
+    from .data.dataset import DeferredImageDataset, ImageDataset, refuse_raw_pixels
     from .data.loaders import BatchLoader, dataset_loader, map_style
     from .data.replay import ReplayedLoader
     check_data(data, what, class_labels=class_labels)
@@ -153,9 +153,8 @@ def batches_of(data, what: str = "data", batch_size: int = 128, shuffle: bool = 
         return data
     if dataset is not None:         # a fresh order at every pass, from torch's global RNG
         batches = dataset_loader(dataset, batch_size, shuffle)
-    elif isinstance(data, ImageDataset):
-        raise PrunekitError(f"{what} is an ImageDataset of raw uint8 pixels: pass make_loader({what}, normalization) "
-                            "(prunekit.data), which scales and normalizes them as the model was trained")
+    elif isinstance(data, (ImageDataset, DeferredImageDataset)):       # load_dataset's, defer=True's too
+        refuse_raw_pixels(data, what)
     elif callable(data):
         batches = _EachPass(data)
     elif isinstance(data, (BatchLoader, ReplayedLoader)):       # prunekit's own: (x, y) batches

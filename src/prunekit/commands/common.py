@@ -246,8 +246,12 @@ def eval_data(args, loaded: LoadedModel):
     return make_loader(ds, loaded.normalization, batch_size=args.batch_size)
 
 
-def training_batches(args, loaded: LoadedModel):
+def training_batches(args, loaded: LoadedModel, evaluation=None):
     """A function giving training batches, loading the training split on first use only.
+
+    ``evaluation``: the evaluation loader (``eval_data``); where the training split is the same
+    images (an image folder without train/ and test/, or ``--eval-split train``), its data set is
+    shared: scanned and decoded once (``--train-samples`` below its count: those rows, copied).
 
     With ``--train-samples`` the split is read now: a count above its number of images takes them
     all (``load_data`` warns once) and ``args.train_samples`` becomes the count used, so the run's
@@ -258,7 +262,8 @@ def training_batches(args, loaded: LoadedModel):
     @lru_cache(maxsize=1)
     def dataset():
         ds = load_data(args.data, args.data_dir, "train", limit=args.train_samples, seed=args.seed,
-                       resize=args.resize, crop=args.crop, classes=model_classes(loaded), defer=True)
+                       resize=args.resize, crop=args.crop, classes=model_classes(loaded), defer=True,
+                       same_as=getattr(evaluation, "dataset", evaluation))
         check_fits(loaded, ds, f"{args.data} train")
         return ds
 
@@ -293,7 +298,8 @@ def training_batches(args, loaded: LoadedModel):
 def bytes_to_load(eval_loader, train_batches) -> int:
     """Bytes of image-folder pixels a run of these loaders will decode and hold that are not
     decoded yet (each split is scanned first and decoded on first use): the evaluation split and the
-    training split (``train_batches``: a ``training_batches`` function, or None). The memory plan is
+    training split (``train_batches``: a ``training_batches`` function, or None where the run does
+    not read the training split: it is then neither loaded nor counted). The memory plan is
     made before they are decoded and counts them as held, so a request too large is refused in seconds."""
     return pending_bytes(eval_loader, *([train_batches.split()] if train_batches is not None else []))
 

@@ -36,11 +36,37 @@ def cmd_export(args) -> int:
         raise PrunekitError(f"{args.run} holds a model built by {saved}: name its file again, --model "
                             f"path/to/{Path(user_models.parse(saved)[0]).name}:{user_models.function_name(saved)}")
     loaded = load_model(args.model or saved, path)
+    graphs = [f for f in formats if f in ("onnx", "torchscript")]
+    norm = loaded.normalization
+    if args.normalize_in_graph and not graphs:
+        raise PrunekitError("--normalize-in-graph is for the graphs: add --onnx and/or --torchscript, "
+                            "or leave it out")
+    if args.normalize_in_graph and norm is None:
+        raise PrunekitError(f"--normalize-in-graph: {args.run} records no input normalization (model.json), so "
+                            "there is none to build in: leave --normalize-in-graph out")
     with run_lock.held(args.run, "DIR"):    # not while a prune or train writes the folder, nor another export
-        written = export.export_all(loaded.model, loaded.example_input(), Path(args.run) / "export", formats)
-    emit(args, {"files": written}, [f"{f['format']:<12} {f['path']}  {f['bytes']:,} bytes"
-                                     + (f"  ({f['note']})" if f.get("note") else "") for f in written])
+        written = export.export_all(loaded.model, loaded.example_input(), Path(args.run) / "export", formats,
+                                    normalization=norm, normalize_in_graph=args.normalize_in_graph)
+    lines = [f"{f['format']:<12} {f['path']}  {f['bytes']:,} bytes"
+             + (f"  ({f['note']})" if f.get("note") else "") for f in written]
+    payload = {"files": written}
+    if graphs and norm is not None:
+        payload["normalization"] = export.normalization_record(norm, args.normalize_in_graph)
+        lines.append(_input_line(graphs, norm, args.normalize_in_graph))
+    emit(args, payload, lines)
     return 0
+
+
+def _input_line(graphs: list[str], norm, in_graph: bool) -> str:
+    """The line that says what inputs the exported graphs take (pixels in [0, 1], normalized or not)."""
+    subject = f"the {' and '.join(graphs)} graph{'s take' if len(graphs) > 1 else ' takes'}"
+    values = f"mean {','.join(f'{v:g}' for v in norm.mean)}, std {','.join(f'{v:g}' for v in norm.std)}"
+    if all(m == 0 for m in norm.mean) and all(s == 1 for s in norm.std):
+        return f"{subject} pixels scaled to [0, 1] (model.json: no normalization)"
+    if in_graph:
+        return f"{subject} pixels scaled to [0, 1] ((x - mean) / std with {values} is built in)"
+    return (f"{subject} inputs normalized as in training: pixels scaled to [0, 1], then (x - mean) / std with "
+            f"{values} (model.json; recorded in exported.json); --normalize-in-graph builds it in")
 
 
 def add_parser(sub) -> None:
@@ -53,5 +79,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dense", action="store_true", help="write DIR/export/model-dense.safetensors (zeros kept)")
     p.add_argument("--sparse", action="store_true",
                    help="write DIR/export/model-sparse.safetensors (indices + values of pruned tensors)")
+    p.add_argument("--normalize-in-graph", action="store_true",
+                   help="build the model's input normalization (model.json) into the ONNX / TorchScript graph: it "
+                   "then takes pixels scaled to [0, 1] instead of normalized inputs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_export)

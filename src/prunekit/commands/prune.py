@@ -99,12 +99,10 @@ def cmd_prune(args) -> int:
     if args.onnx:
         check_onnx(loaded)
     eval_loader = eval_data(args, loaded)
-    train_batches = training_batches(args, loaded)
+    train_batches = training_batches(args, loaded, eval_loader)
     _check_rows_fit_the_data(args, train_batches)
-    # the memory plan before any image is decoded: it counts the images still to decode
-    plan = request_of(args, loaded, data_to_load=bytes_to_load(eval_loader, train_batches)).plan()
+    plan = plan_of(args, loaded, eval_loader, train_batches)    # counts the images still to decode
     _check_rows_fit_the_data(args, train_batches, plan=plan)     # the method's default rows too
-    _check_training_split_for_batchnorm(plan, loaded, train_batches)
     warn_if_random_weights(args)
     finished = bool(args.out) and not args.force and runs.RunFolder(args.out).read_metrics().get("status") == "done"
     record = prune_into(args, plan, loaded, eval_loader, train_batches)
@@ -203,10 +201,10 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
                                      samples={evaluation: _samples(eval_loader),
                                               training: _samples(train_batches) if reads_training else None},
                                      **{evaluation: _first_batch(eval_loader), training: first_train})
-    if (args.out and not getattr(args, "force", False) and not distributed.current().distributed
-            and runs.finished_read_only(args.out)):
+    if args.out and not getattr(args, "force", False) and runs.finished_read_only_on_rank_0(args.out):
         # a finished run in a folder this process may not write: its result again, with no lock
-        # (its file could not be made) and nothing written (no claim, log or report)
+        # (its file could not be made) and nothing written (no claim, log or report); under
+        # torchrun as rank 0 finds the folder, on every rank
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main, read_only=True)
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
         try:
@@ -227,34 +225,59 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
 DATA_FREE_METHODS = ("magnitude", "magnitude-uniform", "magnitude-flops")
 
 
+def _training_use(method: str, options, gradual: bool, recalibrate_bn: bool, model) -> str | None:
+    """What a run reads the training split for: None (not at all: a magnitude method run at once,
+    not gradual, without a layer search or a re-fit, and without BatchNorm recalibration or
+    BatchNorm to recalibrate), "batchnorm" (such a run, only to re-estimate BatchNorm), or "data"
+    (any other method or mode: gradients, gates, fine-tuning)."""
+    if (method not in DATA_FREE_METHODS or gradual or getattr(options, "layer_search", 0)
+            or getattr(options, "refit_batches", 0)):
+        return "data"
+    return "batchnorm" if recalibrate_bn and _has_batchnorm(model) else None
+
+
 def reads_training_data(plan) -> bool:
-    """Whether ``plan`` loads the training split: False only for a magnitude method run at once
-    (not gradual) without a layer search or a re-fit, and without BatchNorm recalibration or
-    BatchNorm to recalibrate; any other method or mode reads it (gradients, gates, fine-tuning,
-    recalibration)."""
-    return not (plan.method.name in DATA_FREE_METHODS and plan.mode != "gradual"
-                and not (plan.request.recalibrate_bn and _has_batchnorm(plan.request.model))
-                and not getattr(plan.options, "layer_search", 0) and not getattr(plan.options, "refit_batches", 0))
+    """Whether ``plan`` loads the training split (``_training_use``)."""
+    return _training_use(plan.method.name, plan.options, plan.mode == "gradual", plan.request.recalibrate_bn,
+                         plan.request.model) is not None
+
+
+def training_use(request: PruneRequest) -> str | None:
+    """``_training_use`` of ``request`` before its plan (its options checked, the model not traced)."""
+    method, _, options, gradual = request.resolved_options()
+    return _training_use(method.name, options, gradual is not None, request.recalibrate_bn, request.model)
+
+
+def plan_of(args, loaded: LoadedModel, eval_loader, train_batches, method: str | None = None,
+            budget: dict | None = None):
+    """``request_of(args, loaded, method, budget).plan()``, its memory plan made before any image is
+    decoded and counting the image-folder pixels still to decode that the run will hold: the
+    evaluation split's, and the training split's only where the run reads it (``training_use``: a
+    split it never reads is neither loaded nor counted). A split read only to re-estimate BatchNorm
+    that cannot be loaded is refused naming --no-bn-recalibration."""
+    request = request_of(args, loaded, method, budget)
+    use = training_use(request)
+    if use == "batchnorm":
+        _check_training_split_for_batchnorm(request.method, train_batches)
+    request.data_to_load = bytes_to_load(eval_loader, train_batches if use else None)
+    return request.plan()
 
 
 def _has_batchnorm(model) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _check_training_split_for_batchnorm(plan, loaded: LoadedModel, train_batches) -> None:
-    """A magnitude method run at once reads the training split only to re-estimate the model's
-    BatchNorm statistics (a model without BatchNorm does not read it): one that cannot be loaded is
-    refused before any work, naming --no-bn-recalibration as the other way out (in Python, data=None
-    warns and prunes without the recalibration)."""
-    only_for_batchnorm = (plan.method.name in DATA_FREE_METHODS and plan.mode != "gradual"
-                          and plan.request.recalibrate_bn and not getattr(plan.options, "layer_search", 0)
-                          and not getattr(plan.options, "refit_batches", 0))
-    if not only_for_batchnorm or not _has_batchnorm(loaded.model):
+def _check_training_split_for_batchnorm(method: str, train_batches) -> None:
+    """For a run that reads the training split only to re-estimate the model's BatchNorm statistics
+    (``training_use``: "batchnorm"): a split that cannot be loaded is refused before any work,
+    naming --no-bn-recalibration as the other way out (in Python, data=None warns and prunes
+    without the recalibration)."""
+    if train_batches is None:
         return
     try:
         train_batches.samples_per_pass()                 # loads the split (kept for the run)
     except PrunekitError as err:
-        raise PrunekitError(f"{err} (method {plan.method.name} reads the training split only to re-estimate "
+        raise PrunekitError(f"{err} (method {method} reads the training split only to re-estimate "
                             "BatchNorm after pruning: --no-bn-recalibration prunes without it)") from None
 
 
@@ -289,8 +312,11 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
     folder, finished = None, False
     if read_only:
         folder = runs.RunFolder(args.out).follower()
+        device = next(iter(loaded.model.parameters()), torch.empty(0)).device
         if not getattr(args, "resume", None):        # the same request again, or another run's folder
-            runs.check_claim(folder, run_config(args))
+            runs.check_claim_on_rank_0(folder, run_config(args), device=device)
+        elif distributed.current().distributed:
+            runs.check_ranks_share(folder, device)
         finished = True
     elif args.out:              # rank 0 claims the folder and writes it; the others read it
         resume = bool(getattr(args, "resume", None))       # a folder of an older version may say force = true
@@ -321,7 +347,8 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
     elif folder is not None and main:
         if args.onnx:
             from ..export import export_onnx
-            record["onnx"] = str(export_onnx(model, loaded.example_input(), folder.path / "model.onnx"))
+            record["onnx"] = str(export_onnx(model, loaded.example_input(), folder.path / "model.onnx",
+                                                 normalization=loaded.normalization))
         write_report(lambda: report.write_run_report(folder.path), args.json)
     return record
 

@@ -14,10 +14,10 @@ from ..api_checks import check_out
 from ..budget import budget_text
 from ..errors import PrunekitError
 from ..options import OptionError
-from .common import (bytes_to_load, check_out_not_input, emit, eval_data, loaded_model, training_batches,
-                     warn_if_random_weights, write_report)
+from .common import (check_out_not_input, emit, eval_data, loaded_model, training_batches, warn_if_random_weights,
+                     write_report)
 from . import option_flags
-from .prune import (_check_rows_fit_the_data, add_prune_args, method_options, prune_into, request_of, run_config,
+from .prune import (_check_rows_fit_the_data, add_prune_args, method_options, plan_of, prune_into, run_config,
                     taken_options)
 
 
@@ -107,11 +107,10 @@ def cmd_sweep(args) -> int:
         raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
     report.check_report_folder(args.out, planned=planned)  # and a folder whose own files the report would overwrite
     eval_loader = eval_data(args, dense_model)
-    train_batches = training_batches(args, dense_model)
+    train_batches = training_batches(args, dense_model, eval_loader)
     for method, budget in plan:           # refuse a bad method, option, budget or data size before the first run:
         _check_rows_fit_the_data(args, train_batches, method)    # prune's own checks, in its order, for every run
-        planned_run = request_of(args, dense_model, method, budget,
-                                 data_to_load=bytes_to_load(eval_loader, train_batches)).plan()
+        planned_run = plan_of(args, dense_model, eval_loader, train_batches, method, budget)
         _check_rows_fit_the_data(args, train_batches, method, plan=planned_run)
     for method, budget in plan:           # a run folder of another sweep is refused before the first run
         check_run_folder(run_args_of(args, method, budget))
@@ -159,8 +158,8 @@ def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, trai
             print(f"[{i}/{len(plan)}] {method}, {budget_text(budget)} -> {run_args.out}"
                   + (" (finished before: its result again)" if finished else ""), file=sys.stderr)
         loaded = copy.deepcopy(dense_model)
-        request = request_of(run_args, loaded, method, budget, data_to_load=bytes_to_load(eval_loader, train_batches))
-        prune_into(run_args, request.plan(), loaded, eval_loader, train_batches, dense)
+        prune_into(run_args, plan_of(run_args, loaded, eval_loader, train_batches, method, budget), loaded,
+                   eval_loader, train_batches, dense)
         dense = dense or runs.RunFolder(run_args.out).read_metrics().get("dense")
         folders.append(Path(run_args.out))
     if not distributed.is_main_process():     # under torchrun, rank 0 alone reads the runs back and reports

@@ -21,12 +21,13 @@ from ..costs import CostModel
 from ..distributed import is_main_process
 from ..errors import PrunekitError, PrunekitWarning
 from ..data import load_dataset, make_loader
+from ..data.dataset import DeferredImageDataset
 from ..loading import check_fits, check_normalized, load_model, recorded_classes
 from ..options import OptionError, cli_message
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
 from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim, check_ranks_share,
-                    claim, finished_read_only, release_refused)
+                    claim, finished_read_only_on_rank_0, release_refused)
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
@@ -42,10 +43,14 @@ def cmd_train(args) -> int:
     check_out_not_input(args)
     classes = recorded_classes(args.checkpoint)     # a prunekit model's own: an image folder is labelled by them
     train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop,
-                            limit=args.train_samples, seed=args.seed, classes=classes)
+                            limit=args.train_samples, seed=args.seed, classes=classes, defer=True)
+    # an image folder without train/ and test/ is both: scanned and decoded once, shared (nothing
+    # changes images in place: augmentation makes new batches)
     test_ds = train_ds if args.eval_split == "train" else load_dataset(args.data, args.data_dir, "test",
                                                                         resize=args.resize, crop=args.crop,
-                                                                        classes=classes)
+                                                                        classes=classes, defer=True,
+                                                                        same_as=train_ds)
+    train_ds, test_ds = (ds.dataset if isinstance(ds, DeferredImageDataset) else ds for ds in (train_ds, test_ds))
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
                         in_channels=train_ds.image_shape[0], dataset=args.data,
@@ -65,8 +70,7 @@ def cmd_train(args) -> int:
         raise PrunekitError(f"--batch-size {args.batch_size} is more than the {len(train_ds):,} {args.data} training "
                             "images: lower --batch-size")
     test_loader = make_loader(test_ds, loaded.normalization, batch_size=512)
-    if (args.out and not getattr(args, "force", False) and not distributed.current().distributed
-            and finished_read_only(args.out)):
+    if args.out and not getattr(args, "force", False) and finished_read_only_on_rank_0(args.out):
         # a finished run in a folder this process may not write: its result again (when it is this
         # command's run), with no lock (its file could not be made) and nothing written
         return train_into(args, loaded, loader, test_loader, read_only=True)

@@ -106,6 +106,11 @@ class DeferredImageDataset:
         return self.dataset.images
 
     @property
+    def scan(self):
+        """The scan the images are decoded from (``imagefolder.ImageFolderScan``)."""
+        return self._scan
+
+    @property
     def decoded(self) -> bool:
         return self._decoded is not None
 
@@ -127,6 +132,36 @@ class DeferredImageDataset:
         return self.dataset.subset(n, seed)
 
 
+class SubsetScan:
+    """The scan of ``parent.subset(n, seed)`` (``parent`` a :class:`DeferredImageDataset`): the
+    rows of its images ``subset`` keeps, copied out of them once they are decoded, so a subset of a
+    split that is decoded anyway is not decoded again. It is what a scan of the same folder with
+    ``limit=n, seed=seed`` finds (the same images, labels and order).
+    ``planned_bytes``: the copy's (a prefix, ``seed`` None, is a view: 0); the parent's own bytes
+    are the parent's to count."""
+
+    def __init__(self, parent: DeferredImageDataset, n: int, seed: int | None) -> None:
+        self.parent, self.n, self.seed = parent, n, seed
+        self.index = subset_indices(len(parent), n, seed)
+        self.labels = parent.labels[self.index]        # int64 (n,)
+        self.classes = list(parent.classes)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.parent.image_shape
+
+    @property
+    def planned_bytes(self) -> int:
+        channels, height, width = self.image_shape
+        return 0 if self.seed is None else len(self) * channels * height * width
+
+    def decode(self) -> ImageDataset:
+        return self.parent.subset(self.n, self.seed)
+
+
 def pending_bytes(*data) -> int:
     """Bytes the data sets given (or loaders of them, ``.dataset``) will add to memory when their
     pixels are decoded: each distinct :class:`DeferredImageDataset` not yet decoded, once (the same
@@ -137,3 +172,14 @@ def pending_bytes(*data) -> int:
         if isinstance(one, DeferredImageDataset):
             deferred[id(one)] = one
     return sum(one.pending_bytes for one in deferred.values())
+
+
+def refuse_raw_pixels(data, what: str) -> None:
+    """Refuse an :class:`ImageDataset` or :class:`DeferredImageDataset` (``load_dataset``'s, with
+    ``defer=True`` too) passed where batches are read: its uint8 pixels are not yet scaled and
+    normalized. One line naming the fix; anything else passes."""
+    if isinstance(data, (ImageDataset, DeferredImageDataset)):
+        article = "an" if isinstance(data, ImageDataset) else "a"
+        raise PrunekitError(f"{what} is {article} {type(data).__name__} of raw uint8 pixels: pass make_loader({what}, "
+                            "normalization) (prunekit.data), which scales and normalizes them as the model was "
+                            "trained")

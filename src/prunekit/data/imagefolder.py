@@ -30,16 +30,19 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _split_root(data_dir: Path, split: str) -> Path:
+def _split_root(data_dir: Path, split: str, warn: bool = True) -> Path:
     """``data_dir/split`` if it exists; else ``data_dir`` itself, unless that is split into
-    other splits (then asking for a missing split is an error, not a class list)."""
+    other splits (then asking for a missing split is an error, not a class list). ``warn``: say
+    that a folder without splits is the training data and the test set alike (for split "train")."""
     if (data_dir / split).is_dir():
         return data_dir / split
     others = [name for name in _SPLIT_NAMES if (data_dir / name).is_dir()]
     if others:
         found = ", ".join(f"{name}/" for name in others)
-        raise PrunekitError(f"{data_dir} has no {split}/ folder (found {found}); choose split={others[0]!r}")
-    if split == "train":       # the test split of a folder without splits is the same images
+        raise PrunekitError(f"{data_dir} has no {split}/ folder (found {found}): put the {split} images in "
+                            f"{data_dir}/{split}/<class>/ folders, or read the {others[0]} split instead (the "
+                            f"command line's --eval-split {others[0]}, Python's split={others[0]!r})")
+    if split == "train" and warn:       # the test split of a folder without splits is the same images
         warnings.warn(PrunekitWarning(f"{data_dir} has no train/ and test/ folders: its images are the training "
                                       "data and the test set alike, so accuracy on them is not held out; put them "
                                       f"in {data_dir}/train/<class>/ and {data_dir}/test/<class>/"), stacklevel=4)
@@ -93,36 +96,10 @@ def _open(path: Path) -> Image.Image:
         raise PrunekitError(f"cannot decode {path} ({error}); remove or re-save the file") from error
 
 
-def load_image_folder(data_dir: Path, split: str, resize: int | None = None, crop: int | None = None,
-                      limit: int | None = None, seed: int | None = None,
-                      classes: list[str] | tuple[str, ...] | None = None) -> ImageDataset:
-    """Load an image-folder tree; classes are the sorted subfolder names (of train/, if there is one).
-
-    Returns images ``(N, C, H, W)`` uint8 with ``C=3`` (RGB) or ``C=1`` (all grayscale),
-    ``H, W`` the images' own size or, with ``resize`` / ``crop`` (pixels), the size they are
-    brought to; labels ``(N,)`` int64 indexing the sorted class names (with a train/ split, its
-    class names for either split: a test/ split of fewer classes keeps the training labels, and one
-    with a class train/ lacks is refused); within a class, files
-    are in name order. With ``limit`` below the number of images, only those
-    ``ImageDataset.subset(limit, seed)`` would keep are read, in its order: a few thousand images
-    of a folder of a million without decoding the rest.
-
-    ``classes``: the class names a model was trained on, ``classes[k]`` its output ``k`` (the
-    ``class_names`` its sidecar records). Then they, not the folder, name the labels: a folder lacking
-    some of them is fine (its images keep the model's indices), one holding a class not in the list
-    is refused, naming it.
-
-    The same as ``scan_image_folder(...).decode()``: the scan reads the file list and the files'
-    headers only, and knows the decoded array's size (``ImageFolderScan.planned_bytes``) before a
-    pixel is decoded.
-    """
-    return scan_image_folder(data_dir, split, resize, crop, limit, seed, classes).decode()
-
-
 @dataclass
 class ImageFolderScan:
     """An image folder's split read as far as its file list and its files' headers: what
-    ``load_image_folder`` returns, known before any pixel is decoded.
+    ``decode`` returns, known before any pixel is decoded.
 
     files:   ``(label, path)`` per image, in the order ``decode`` keeps them.
     classes: the class names labels index.
@@ -137,6 +114,8 @@ class ImageFolderScan:
     height: int
     resize: int | None = None
     crop: int | None = None
+    root: Path | None = None       # the folder of class folders scanned (None: not known)
+    complete: bool = True          # every image of ``root`` (no ``limit`` left some out)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -159,9 +138,11 @@ class ImageFolderScan:
         return len(self.files) * channels * height * width
 
     def decode(self) -> ImageDataset:
-        """Decode every image into one preallocated ``(N, C, H, W)`` uint8 array (a list of images
-        stacked, then transposed into a contiguous copy, held three copies at once and took as long
-        as the decoding at 224x224); a file whose pixels do not match its header is refused."""
+        """Decode the images: ``ImageDataset`` of images ``(N, C, H, W)`` uint8 (``image_shape``),
+        labels ``(N,)`` int64 and ``classes``. Each image is decoded and written in place into one
+        array of that shape allocated first (``planned_bytes``: the only copy of the pixels held;
+        its HWC pixels are transposed as they are written); a file whose pixels do not match its
+        header is refused."""
         (channels, height, width), mode = self.image_shape, self.mode
         array = np.empty((len(self.files), channels, height, width), dtype=np.uint8)
         for i, (_, path) in enumerate(self.files):
@@ -180,15 +161,26 @@ class ImageFolderScan:
 def scan_image_folder(data_dir: Path, split: str, resize: int | None = None, crop: int | None = None,
                       limit: int | None = None, seed: int | None = None,
                       classes: list[str] | tuple[str, ...] | None = None) -> ImageFolderScan:
-    """Everything ``load_image_folder`` (same arguments) checks and knows before decoding: the
-    class folders, the files (``limit`` / ``seed``: the subset it keeps), every file's header
-    (its size after ``resize`` / ``crop`` and its mode, so that images of different sizes are
-    refused here), hence the decoded array's shape and bytes (``ImageFolderScan.planned_bytes``).
-    Reading headers only, it takes a second or two for 10,000 JPEGs where decoding them at 224
-    takes some 20 s."""
-    for name, value in (("resize", resize), ("crop", crop)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise PrunekitError(f"{name} must be a positive number of pixels, got {value!r}")
+    """Scan split ``split`` of an image-folder tree: everything known before decoding (the class
+    folders, the files, every file's header: its size after ``resize`` / ``crop`` and its mode, so
+    that images of different sizes are refused here), hence the decoded array's shape and bytes
+    (``ImageFolderScan.planned_bytes``); ``.decode()`` reads the pixels. Reading headers only, it
+    takes a second or two for 10,000 JPEGs where decoding them at 224 takes some 20 s.
+
+    Classes are the sorted subfolder names (of train/, if there is one). Decoded, images are
+    ``(N, C, H, W)`` uint8 with ``C=3`` (RGB) or ``C=1`` (all grayscale), ``H, W`` the images' own
+    size or, with ``resize`` / ``crop`` (pixels), the size they are brought to; labels ``(N,)``
+    int64 index the sorted class names (with a train/ split, its class names for either split: a
+    test/ split of fewer classes keeps the training labels, and one with a class train/ lacks is
+    refused); within a class, files are in name order. With ``limit`` below the number of images,
+    only those ``ImageDataset.subset(limit, seed)`` would keep are kept, in its order: a few
+    thousand images of a folder of a million without reading the rest.
+
+    ``classes``: the class names a model was trained on, ``classes[k]`` its output ``k`` (the
+    ``class_names`` its sidecar records). Then they, not the folder, name the labels: a folder
+    lacking some of them is fine (its images keep the model's indices), one holding a class not in
+    the list is refused, naming it."""
+    _check_sizes(resize, crop)
     if not data_dir.is_dir():
         raise PrunekitError(f"image folder {data_dir} does not exist; pass the folder that holds <class>/ subfolders")
     root = _split_root(data_dir, split)
@@ -197,7 +189,8 @@ def scan_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
         raise PrunekitError(f"no class folders in {root}: expected {root}/<class>/*.jpg or *.png")
     names = _class_names(data_dir, root, class_dirs) if classes is None else _known_names(root, class_dirs, classes)
     files = [(names.index(class_dir.name), path) for class_dir in class_dirs for path in _image_files(class_dir)]
-    if limit is not None and limit < len(files):
+    complete = limit is None or limit >= len(files)
+    if not complete:
         files = [files[i] for i in subset_indices(len(files), limit, seed)]
 
     # Headers only: check sizes and pick the mode before decoding pixels.
@@ -219,7 +212,41 @@ def scan_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
                      f"{said}; bring them to one size (--resize N --crop N)")
     mode = "L" if modes <= set(_GRAYSCALE_MODES) else "RGB"
     (width, height), = sizes
-    return ImageFolderScan(files, names, mode, width, height, resize, crop)
+    return ImageFolderScan(files, names, mode, width, height, resize, crop, root, complete)
+
+
+def _check_sizes(resize, crop) -> None:
+    for name, value in (("resize", resize), ("crop", crop)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PrunekitError(f"{name} must be a positive number of pixels, got {value!r}")
+
+
+def scans_again(scan, data_dir: Path, split: str, resize: int | None = None, crop: int | None = None,
+                classes: list[str] | tuple[str, ...] | None = None) -> bool:
+    """Whether ``scan_image_folder(data_dir, split, resize, crop, classes=classes)`` (no ``limit``)
+    would find ``scan`` again, so that its images can be shared rather than scanned and decoded a
+    second time: ``scan`` is a complete scan (no ``limit``) of the same folder (a folder without
+    train/ and test/ is both splits; or the same split asked for twice) with the same ``resize`` and
+    ``crop``, whose labels index the class names this call would use. Reads folder names only, no
+    file. When True, the warning that scan would give (a folder without splits read as "train") is
+    given; when False, nothing is said (the scan that follows says it, or refuses)."""
+    if not isinstance(scan, ImageFolderScan) or scan.root is None or not scan.complete:
+        return False
+    try:
+        _check_sizes(resize, crop)
+        if (scan.resize, scan.crop) != (resize, crop) or not data_dir.is_dir():
+            return False
+        root = _split_root(data_dir, split, warn=False)
+        if root.resolve() != scan.root.resolve():
+            return False
+        names = ([str(c) for c in classes] if classes is not None
+                 else _class_names(data_dir, root, _subfolders(root)))
+    except (PrunekitError, OSError):
+        return False            # the scan refuses it, in its own words
+    if names != list(scan.classes):
+        return False
+    _split_root(data_dir, split)        # its warning, as the scan would give it
+    return True
 
 
 def _class_names(data_dir: Path, root: Path, class_dirs: list[Path]) -> list[str]:

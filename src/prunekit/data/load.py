@@ -7,8 +7,8 @@ import warnings
 from pathlib import Path
 
 from prunekit.data.cifar import load_cifar10
-from prunekit.data.dataset import DeferredImageDataset, ImageDataset
-from prunekit.data.imagefolder import scan_image_folder
+from prunekit.data.dataset import DeferredImageDataset, ImageDataset, SubsetScan
+from prunekit.data.imagefolder import scan_image_folder, scans_again
 from prunekit.data.mnist import load_mnist_like
 from prunekit.errors import PrunekitError, PrunekitWarning
 
@@ -19,7 +19,8 @@ SPLITS = ("train", "test")
 def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize: int | None = None,
                  crop: int | None = None, limit: int | None = None, seed: int | None = None,
                  classes: list[str] | tuple[str, ...] | None = None,
-                 defer: bool = False) -> ImageDataset | DeferredImageDataset:
+                 defer: bool = False,
+                 same_as: DeferredImageDataset | None = None) -> ImageDataset | DeferredImageDataset:
     """Read the ``split`` ("train" or "test") of data set ``name`` from ``data_dir``.
 
     - "mnist", "fashion-mnist": the four IDX files (``.gz`` or raw) in ``data_dir``.
@@ -42,7 +43,19 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     on first use, its ``pending_bytes`` the uint8 array's size until then (what a memory plan made
     before decoding counts). Other data sets are read at once either way.
 
-    Returns uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``. Every problem raises
+    ``same_as``: an image folder's split loaded before with ``defer=True`` (say the test split; a
+    decoded ``ImageDataset`` is refused, as nothing tells which images it holds; the other data
+    sets, read at once, ignore it). When this call
+    would read the very same images (an image folder without train/ and test/ folders is both
+    splits; or the same split twice) with the same ``resize`` / ``crop``, labelled by the same class
+    names, that data set is returned again (decoded, without ``defer``): the folder is scanned once
+    and its pixels decoded and held once (10,000 JPEGs at 224 x 224: 1.4 GB and some 20 s saved).
+    A ``limit`` below its count takes ``subset(limit, seed)`` of it (the images a scan with that
+    limit would keep), copied from its decoded images rather than decoded again. Nothing changes the images in place
+    (the loaders' augmentation makes new tensors), so training on it leaves evaluation unchanged.
+
+    Returns an :class:`ImageDataset` (with ``defer`` and an image folder, a
+    :class:`DeferredImageDataset`): uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``. Every problem raises
     :class:`PrunekitError` with a message that names the fix.
     """
     if not isinstance(data_dir, (str, os.PathLike)):
@@ -58,12 +71,23 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
                             f"got {classes!r}")
     if split not in SPLITS:
         raise PrunekitError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if name == "imagefolder" and same_as is not None and not isinstance(same_as, DeferredImageDataset):
+        raise PrunekitError(f"same_as must be a split as load_dataset(..., defer=True) returns it (a DeferredImageDataset, "
+                            f"whose scan tells whether it holds the same images), got {type(same_as).__name__}: load "
+                            "that split with defer=True, or leave same_as out")
     path = Path(data_dir).expanduser()
     if not path.exists():
         raise PrunekitError(f"data path {path} does not exist; pass the folder that holds the {name} files")
     if name == "imagefolder" and path.is_dir():
-        scan = scan_image_folder(path, split, resize, crop, limit, seed, classes)
-        ds = DeferredImageDataset(scan) if defer else scan.decode()
+        if isinstance(same_as, DeferredImageDataset) and scans_again(same_as.scan, path, split, resize, crop, classes):
+            if limit is None or limit >= len(same_as):
+                ds = same_as if defer else same_as.dataset
+            else:       # its rows, copied from its images (decoded for it anyway), not decoded again
+                ds = DeferredImageDataset(SubsetScan(same_as, limit, seed))
+                return ds if defer else ds.dataset
+        else:
+            scan = scan_image_folder(path, split, resize, crop, limit, seed, classes)
+            ds = DeferredImageDataset(scan) if defer else scan.decode()
     elif name == "cifar10":
         ds = load_cifar10(path, split)
     elif not path.is_dir():

@@ -30,12 +30,15 @@ class ReplayedLoader:
     would have given next), epoch k from states seeded by (a seed drawn from ``states``, k). While
     a batch is drawn those states are swapped in, and the caller's swapped back after, so the
     caller's RNGs are left as they were and what the caller draws between batches does not
-    change the stream.
+    change the stream. ``make_takes_epoch``: ``make(epoch)`` builds the loader of that epoch
+    (prunekit's own loader over a user's Dataset or tensors, whose order is drawn from ``seed``
+    and the epoch alone, not from the caller's RNGs).
     """
 
-    def __init__(self, make: Callable[[], Iterable], generators: list[torch.Generator],
-                 states: list[torch.Tensor]):
+    def __init__(self, make: Callable[..., Iterable], generators: list[torch.Generator],
+                 states: list[torch.Tensor], make_takes_epoch: bool = False):
         self.make, self.generators, self.states = make, generators, states
+        self.make_takes_epoch = make_takes_epoch
         self.epoch = 0
         draw = torch.Generator()
         draw.set_state(states[0])
@@ -48,20 +51,20 @@ class ReplayedLoader:
     def __iter__(self) -> Iterator:
         epoch, self.epoch = self.epoch, self.epoch + 1
         if epoch == 0:
-            return self._replay(list(self.states))
+            return self._replay(list(self.states), epoch)
         seeds = [self._seed + epoch * len(self.states) + i for i in range(len(self.states))]
         return self._replay([torch.Generator().manual_seed(seeds[0]).get_state(), random.Random(seeds[1]).getstate(),
                              np.random.RandomState(seeds[2] % 2**32).get_state(),
-                             *(torch.Generator().manual_seed(s).get_state() for s in seeds[3:])])
+                             *(torch.Generator().manual_seed(s).get_state() for s in seeds[3:])], epoch)
 
-    def _replay(self, own: list[torch.Tensor]) -> Iterator:
+    def _replay(self, own: list[torch.Tensor], epoch: int) -> Iterator:
         stream = None
         while True:
             theirs = rng_states(self.generators)
             set_rng_states(self.generators, own)
             try:
                 if stream is None:      # a DataLoader draws its workers' seed at iter(), its order at the first next()
-                    stream = iter(self.make())
+                    stream = iter(self.make(epoch) if self.make_takes_epoch else self.make())
                 batch = next(stream, _END)
                 own = rng_states(self.generators)
             finally:

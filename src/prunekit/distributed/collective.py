@@ -182,10 +182,69 @@ def _first_to_see_launcher_lost() -> bool:
 def launcher_lost() -> bool:
     """Whether this rank's torchrun launcher died (``watch_launcher``; looked at now, so a collective
     that failed because a peer stopped for it is told apart from a lost rank before the watcher's
-    next look)."""
-    if _launcher is not None and not _launcher_lost and os.getppid() != _launcher:
+    next look). A launcher still exiting counts (``_launcher_exiting``): its sockets close, so the
+    group's store fails, before this rank is handed to a new parent."""
+    if _launcher is not None and not _launcher_lost and (os.getppid() != _launcher or _launcher_exiting()):
         _first_to_see_launcher_lost()        # the watcher then stops nothing: the caller handles it
     return _launcher_lost
+
+
+_PF_EXITING = 0x4          # Linux's task flag "getting shut down" (include/linux/sched.h)
+
+
+def _launcher_exiting() -> bool:
+    """Whether the launcher process is dying or dead, as Linux's /proc tells (gone, a zombie, or
+    flagged exiting). A ``kill -9`` of the launcher closes its sockets (the group's store, which it
+    hosts) in its exit, before its children are handed to a new parent: until then ``os.getppid()``
+    still names it. False where there is no /proc (macOS: the parent pid alone says it)."""
+    if _launcher is None or not os.path.exists("/proc/self/stat"):
+        return False
+    try:
+        with open(f"/proc/{_launcher}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()     # after "pid (comm)": state, ppid, ..., flags
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        return False
+    try:
+        return fields[0] in ("Z", "X", "x") or bool(int(fields[6]) & _PF_EXITING)
+    except (IndexError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_c10d():
+    """Hold back c10d's C++ warnings while prunekit itself uses the group's store: a store whose host
+    died (the torchrun launcher, killed) makes TCPStore log "[c10d] sendBytes failed" with a page of
+    C++ stack (TCPStore.cpp, through c10's LOG(WARNING)) before the error reaches Python, where
+    prunekit reports it in one line. c10 reads TORCH_CPP_LOG_LEVEL once, when torch loads; its level
+    (FLAGS_caffe2_log_level in libc10) is raised to ERROR here for the call, then put back. Where
+    that symbol is not found (another build, another system), nothing changes."""
+    level = _c10_log_level()
+    if level is None or level.value >= 2:
+        yield
+        return
+    before, level.value = level.value, 2
+    try:
+        yield
+    finally:
+        level.value = before
+
+
+_c10_level = []            # [the ctypes int of c10's log level, or None], once looked up
+
+
+def _c10_log_level():
+    if not _c10_level:
+        try:
+            import ctypes
+            lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+            names = [n for n in ("libc10.so", "libc10.dylib") if os.path.exists(os.path.join(lib, n))]
+            _c10_level.append(ctypes.c_int.in_dll(ctypes.CDLL(os.path.join(lib, names[0])), "FLAGS_caffe2_log_level")
+                              if names else None)
+        except (OSError, ValueError, AttributeError):
+            _c10_level.append(None)
+    return _c10_level[0]
 
 
 def watch_launcher(poll_s: float = LAUNCHER_POLL_S) -> None:
@@ -334,8 +393,11 @@ def passed_checks() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and not _launcher_lost:
         try:
             store, prefix = _keys()
-            store.set(f"{prefix}/passed/{dist.get_rank()}", str(_passed))
+            with _quiet_c10d():
+                store.set(f"{prefix}/passed/{dist.get_rank()}", str(_passed))
         except Exception as err:    # noqa: BLE001 - its host is gone: no collective can end well
+            if launcher_lost():      # killed just now: its sockets closed before this rank saw a new parent
+                interrupts.stop(LAUNCHER_GONE, 1)
             # under torchrun the store lives in node 0's launcher (TORCHELASTIC_USE_AGENT_STORE), else in
             # rank 0: fail now rather than pay a reconnect before every collective of a run that is over
             host = LAUNCHER_GONE if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0 stopped"
@@ -372,27 +434,28 @@ def print_refusal(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
     deadline = time.monotonic() + REFUSAL_WAIT_S
     try:
-        store, prefix = _keys()
-        store.set(f"{prefix}/refused/{rank}", "1")      # before this rank leaves: see ``peer_refused``
-        key = f"{prefix}/refusal"
+        with _quiet_c10d():     # a store whose host is gone: prunekit says it, not c10d's stack
+            store, prefix = _keys()
+            store.set(f"{prefix}/refused/{rank}", "1")      # before this rank leaves: see ``peer_refused``
+            key = f"{prefix}/refusal"
 
-        def further(other: int) -> bool:        # rank ``other`` passed a point this rank did not
-            passed = f"{prefix}/passed/{other}"
-            return store.check([passed]) and int(store.get(passed)) > _passed
+            def further(other: int) -> bool:        # rank ``other`` passed a point this rank did not
+                passed = f"{prefix}/passed/{other}"
+                return store.check([passed]) and int(store.get(passed)) > _passed
 
-        if rank == 0:
-            store.set(key, line)
-            waiting = set(range(1, ranks))
-            while waiting and time.monotonic() < deadline:
-                waiting = {r for r in waiting if not (store.check([f"{prefix}/seen/{r}"]) or further(r))}
-                time.sleep(0.05 if waiting else 0)
-            return
-        try:
-            while not store.check([key]) and not further(0) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            said = store.get(key).decode() if store.check([key]) else None
-        finally:
-            store.set(f"{prefix}/seen/{rank}", "1")
+            if rank == 0:
+                store.set(key, line)
+                waiting = set(range(1, ranks))
+                while waiting and time.monotonic() < deadline:
+                    waiting = {r for r in waiting if not (store.check([f"{prefix}/seen/{r}"]) or further(r))}
+                    time.sleep(0.05 if waiting else 0)
+                return
+            try:
+                while not store.check([key]) and not further(0) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                said = store.get(key).decode() if store.check([key]) else None
+            finally:
+                store.set(f"{prefix}/seen/{rank}", "1")
     except Exception:        # noqa: BLE001 - no store, or none that answers: say it here
         said = None
     if rank != 0 and (said is None or _figures_apart(said) != _figures_apart(line)):
@@ -408,8 +471,9 @@ def peer_refused() -> bool:
         return False
     try:
         store, prefix = _keys()
-        return any(store.check([f"{prefix}/refused/{r}"]) for r in range(dist.get_world_size())
-                   if r != dist.get_rank())
+        with _quiet_c10d():
+            return any(store.check([f"{prefix}/refused/{r}"]) for r in range(dist.get_world_size())
+                       if r != dist.get_rank())
     except Exception:        # noqa: BLE001 - no store that answers: a lost rank, as it looks
         return False
 

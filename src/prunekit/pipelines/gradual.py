@@ -6,8 +6,11 @@ default) from near dense down to the target at t = T. At each event any weights 
 for ``epochs_per_event`` epochs with a fresh SGD optimizer (its momentum reset: the old state
 belongs to weights that may be gone) and a cosine learning-rate cycle that restarts at every
 event, while ``MaskHold`` keeps the pruned weights at zero. A final fine-tune of
-``final_epochs`` follows the last event. With ``finetune_distill`` every fine-tune also learns the
-dense model's outputs (``train.distillation_loss``; the model as passed in is the teacher).
+``final_epochs`` follows the last event. The fine-tunes' epochs are numbered across the run
+(event k's first follows the epochs of events 1..k-1), so each reads the loader's next shuffle,
+as a plain training loop would; the method reads the same batches at every event. With
+``finetune_distill`` every fine-tune also learns the dense model's outputs
+(``train.distillation_loss``; the model as passed in is the teacher).
 """
 
 from __future__ import annotations
@@ -114,11 +117,31 @@ def event_budgets(budget: ResolvedBudget, dense_macs: int, opts: GradualOptions)
     return budgets + [budget]
 
 
+def finetune_batches(train_batches: Callable[[], Iterable], first_epoch: int) -> Iterable:
+    """The training batches of a fine-tune whose first epoch is epoch ``first_epoch`` of the whole
+    run (counted from 0 across events: event k's fine-tune starts after the
+    ``(k - 1) * epochs_per_event`` epochs of the events before it), so that every epoch of the run
+    reads the loader's next shuffle (and random augmentation) as a plain training loop would,
+    where ``train_batches()`` alone would start every event's fine-tune at the same one.
+
+    The number comes from the event and the schedule only (no state kept), so a resumed run reads
+    what an uninterrupted one reads. ``train_batches()`` (the same each call, as the method needs
+    it) gives a prunekit ``BatchLoader`` or a ``ReplayedLoader`` (``api._batches``, the CLI's
+    ``training_batches``), each numbering its passes by ``epoch``: it is moved on by
+    ``first_epoch``. Batches without an ``epoch`` (a function's own list, passed to ``execute``)
+    are read as they come."""
+    batches = train_batches()
+    if first_epoch and isinstance(getattr(batches, "epoch", None), int):
+        batches.epoch += first_epoch
+    return batches
+
+
 def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval_loader: Iterable | None = None,
                   on_event: Callable[[dict], None] | None = None) -> Outcome:
     """Prune ``ctx.model`` in place gradually to ``ctx.budget`` with weights method ``run`` at each event.
 
-    ctx.train_batches(): one epoch of (x, y) training batches, for the method and the fine-tuning.
+    ctx.train_batches(): one epoch of (x, y) training batches, the same each call: for the method
+        as they come, for the fine-tunes moved on to the run's epoch (``finetune_batches``).
     options:      the method's options (as for one-shot pruning).
     eval_loader:  when given, loss and accuracy (%) are measured after every event's fine-tune.
     on_event:     called with each event's record once its fine-tune is done; ``finetune_loss``
@@ -137,6 +160,9 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
     # the teacher is the model as passed in (dense; a resumed run is handed the dense model again)
     teacher = copy.deepcopy(model).eval() if opts.finetune_distill else None
     done = resume_stages(ctx)
+    # a run folder of a version whose every fine-tune started at the loader's first epoch (its event
+    # records have no first_epoch): carried on so, it ends as it would have uninterrupted
+    restarting = done > 0 and "first_epoch" not in ctx.history[0]
     start, measured = time.perf_counter(), measure_seconds(ctx.checkpointer)
     for event, event_budget in enumerate(schedule, start=1):
         if event <= done:
@@ -147,12 +173,14 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
         space.assign(pruned.weights)
         counts, nonzeros = check_budget(space, costs, event_budget)
         epochs = opts.final_epochs if event == len(schedule) else opts.epochs_per_event
+        first_epoch = 0 if restarting else (event - 1) * opts.epochs_per_event     # the events before: theirs
         losses: list[float] = []
         if epochs:
             optimizer = sgd(model, opts.lr, opts.momentum, opts.weight_decay)
             try:
                 with MaskHold(space, masks_from_weights(space), optimizer):
-                    train_epochs(model, ctx.train_batches(), epochs, optimizer=optimizer,
+                    train_epochs(model, finetune_batches(ctx.train_batches, first_epoch),
+                                 epochs, optimizer=optimizer,
                                  on_epoch_end=lambda _, loss: losses.append(loss), progress=ctx.progress,
                                  teacher=teacher, distill=opts.finetune_distill,
                                  temperature=opts.finetune_temperature, loss_fn=ctx.loss_fn)
@@ -164,6 +192,7 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
                   "max_macs": None if event_budget.max_macs is None
                   else event_budget.max_macs + event_budget.fixed_macs,
                   "macs": counts.macs, "flops_kept": counts.flops_kept, "epochs": epochs,
+                  "first_epoch": first_epoch,     # of the run's training epochs (from 0): the fine-tune's first
                   # the training loss (mean of the fine-tune's last epoch); loss and accuracy are the
                   # evaluation's, None without one (a run folder's checkpointer measures them)
                   "finetune_loss": losses[-1] if losses else None,

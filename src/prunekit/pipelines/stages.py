@@ -19,7 +19,8 @@ Contract for the pipeline:
     A pipeline with other state (an optimizer's momentum, a mask not implied by zeros) must put
     it into the model, the history or those tensors before ``stage_completed``.
   * A stage's data must not depend on how many stages ran before *in this process*: take a fresh
-    loader per stage (``ctx.train_batches()`` does: each call starts at the same seeded epoch) or
+    loader per stage (``ctx.train_batches()`` does: each call starts at the same seeded epoch; a
+    fine-tune may move it on by a number derived from the stage, ``gradual.finetune_batches``) or
     one driven only by the restored RNG.
   * ``stage_completed`` may run code on the model (the run folder evaluates it); it leaves the
     model's state and the RNG states as it found them.

@@ -37,6 +37,9 @@ its copied channels follow the kept channels of the previous stage) and "out" (i
 channels stay zero); it has no weight, costs no MACs, and ``shrink`` rewrites its channel map.
 With ``pads_residual=False`` the adapter falls back to the older choice: the groups through a
 shortcut are left dense (block outputs at full width) and only channels inside blocks are pruned.
+* groups whose trace goes round a cycle of index maps without end (a rotary embedding feeding
+  grouped-query attention, as Llama's: torch-pruning 1.6 never ends there), stopped past
+  GROUP_ITEMS_PER_NODE items per graph node, and groups sharing an axis with such a group's reach;
 * groups touching grouped convs of different G, or a grouped conv through a flatten;
 * groups of one channel per block of a grouped conv (the input of a depthwise conv with a channel
   multiplier, Conv2d(16, 32, groups=16)): no channel can go without removing a whole conv group.
@@ -55,6 +58,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..costs import is_conv1d_style
 from ..errors import PrunekitError
 from ..options import OptionError
 from .attention import head_prunable
@@ -157,10 +161,30 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             # those channels are then unknown, and such groups are skipped or caught by shrink's check.
             warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input,
+                model, example_inputs=example_input, output_transform=_output_tensors,
                 customized_pruners=pad_pruners(model) if pads_residual else None)
     finally:
         model.train(was_training)
+
+
+def _output_tensors(out, where: str = "output") -> list[torch.Tensor]:
+    """The tensors of a model's output ``out`` (a tensor, or tuples, lists and dicts of them: a
+    HuggingFace ModelOutput is a dict), flattened for torch-pruning's trace; None, numbers and
+    strings are dropped (no graph behind them). Any other object (a KV cache such as
+    HuggingFace's DynamicCache, which holds tensors torch-pruning cannot see into) is refused
+    in one line naming its type, where it sits and the fix."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if out is None or isinstance(out, (bool, int, float, str)):
+        return []
+    if isinstance(out, dict):
+        return [t for key, value in out.items() for t in _output_tensors(value, f"{where}[{key!r}]")]
+    if isinstance(out, (list, tuple)):
+        return [t for i, value in enumerate(out) for t in _output_tensors(value, f"{where}[{i}]")]
+    raise PrunekitError(f"the model's {where} is a {type(out).__name__}, not a tensor (a key/value cache, say), "
+                        "which the channel dependency analysis cannot follow: build the model without it "
+                        "(HuggingFace: use_cache=False, or model.config.use_cache = False) or wrap it in a module "
+                        "whose forward returns only tensors (the logits)")
 
 
 def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bool = True) -> GroupSet:
@@ -171,9 +195,9 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
     names = {module: name for name, module in model.named_modules()}
     names.update({param: name for name, param in model.named_parameters()})
     groups: list[ChannelGroup] = []
-    skipped: list[tuple[str, str]] = []
     seen: set[frozenset] = set()
-    for tp_group in _traced_groups(model, example_input, pads_residual):
+    traced, skipped = _traced_groups(model, example_input, pads_residual)
+    for tp_group in traced:
         root_module = tp_group[0].dep.target.module
         root = names.get(root_module, str(root_module))
         if isinstance(root_module, nn.modules.linear.NonDynamicallyQuantizableLinear):
@@ -239,6 +263,11 @@ def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
             continue
         if isinstance(module, _LAYER_TYPES):
             continue
+        if is_conv1d_style(module):
+            loose.append((module_name, "a Conv1D-style layer (HuggingFace's GPT-2 Conv1D: a Linear whose weight is "
+                                       "stored (in, out), y = x @ W + b), which the channel methods do not shrink; "
+                                       "the weight methods (falcon, chita, magnitude) prune it"))
+            continue
         for name, param in module.named_parameters(recurse=False):
             if param.dim() >= 2:
                 full = f"{module_name}.{name}" if module_name else name
@@ -267,28 +296,25 @@ def _unshrunk_root_reason(tp_group, root: str, root_module: nn.Module) -> str:
             "do not shrink: kept dense")
 
 
-def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bool) -> list:
-    """torch-pruning's dependency groups rooted at Conv/Linear layers; its failure (on some
-    recurrent models it fails with an IndexError) refused in one line."""
+def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bool) -> tuple[list, list]:
+    """torch-pruning's dependency groups rooted at Conv/Linear layers, and the groups left dense
+    because their trace goes round a cycle of index maps without end (``(root, reason)``: a
+    rotary embedding feeding grouped-query attention, as Llama's) or shares channels with such a
+    group; its failure (on some recurrent models it fails with an IndexError) refused in one line."""
+    names = {module: name for name, module in model.named_modules()}
     try:
         graph = build_graph(model, example_input, pads_residual)
+        cycles: list = []
         with _bounded_groups(len(graph.module2node)):
-            groups = list(graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)))
+            groups = list(_all_groups(graph, (nn.Conv2d, nn.Conv1d, nn.Linear), cycles))
             # the output channels of layers the channel methods do not shrink, where no group above
             # holds them: listed too, so that every group left dense is named
             covered = {item.dep.target.module for group in groups for item in group.items
                        if _prunes_out_channels(item.dep)}
-            return groups + [group for group in graph.get_all_groups(root_module_types=_UNSHRUNK_ROOTS)
-                             if group[0].dep.target.module not in covered]
+            groups += [group for group in _all_groups(graph, _UNSHRUNK_ROOTS, cycles)
+                       if group[0].dep.target.module not in covered]
     except PrunekitError:
         raise
-    except _EndlessGroup as err:
-        names = {module: name for name, module in model.named_modules()}
-        root = names.get(err.root, type(err.root).__name__)
-        raise PrunekitError(f"the channel dependency analysis (torch-pruning) does not finish on this model: the "
-                            f"channels of '{root}' lead it round a cycle without end (seen on a rotary position "
-                            "embedding with grouped-query attention, as Llama's); no channel group can be shrunk: "
-                            "prune its weights instead (falcon, chita, magnitude)") from None
     except Exception as err:  # noqa: BLE001 - any failure inside torch-pruning's trace of the user's model
         recurrent = [f"'{name}' ({type(m).__name__})" for name, m in model.named_modules()
                      if isinstance(m, nn.RNNBase)]
@@ -296,6 +322,63 @@ def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual:
         raise PrunekitError(f"the channel dependency analysis (torch-pruning) failed on this model "
                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else '?'}){suspect}: "
                             "prune its weights instead (falcon, chita, magnitude)") from None
+    if not cycles:
+        return groups, []
+    cyclic = [names.get(root, type(root).__name__) for root in cycles]
+    why = "its channel trace (torch-pruning) goes round a cycle without end: kept dense"
+    skipped = [(root, why) for root in cyclic]
+    # a group sharing an axis with a cycling group's reach is as unknown: left dense too
+    reach = set().union(*(_reach(graph, root) for root in cycles))
+    kept = []
+    for group in groups:
+        if any((item.dep.target, graph.is_out_channel_pruning_fn(item.dep.handler)) in reach for item in group.items):
+            root = names.get(group[0].dep.target.module, str(group[0].dep.target.module))
+            skipped.append((root, f"shares channels with the group of '{cyclic[0]}', whose channel trace goes "
+                                  "round a cycle without end: kept dense"))
+        else:
+            kept.append(group)
+    return kept, skipped
+
+
+def _all_groups(graph, root_types: tuple, cycles: list):
+    """torch-pruning's ``DependencyGraph.get_all_groups`` (1.6), one group per root layer not yet
+    in a group, except that a root whose trace raises :class:`_EndlessGroup` is appended to
+    ``cycles`` (the module) and skipped, instead of ending the whole analysis."""
+    visited = set()
+    ignored = list(getattr(graph, "IGNORED_LAYERS_IN_TRACING", []))
+    for module in list(graph.module2node.keys()):
+        if any(module is m for m in ignored) or not isinstance(module, root_types) or module in visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                            list(range(pruner.get_out_channels(module))))
+        except _EndlessGroup:
+            if module not in cycles:
+                cycles.append(module)
+            visited.add(module)
+            continue
+        for dep, _ in group:
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                visited.add(dep.target.module)
+        yield group
+
+
+def _reach(graph, module: nn.Module) -> set:
+    """Every (graph node, output axis?) that pruning ``module``'s output channels touches, indices
+    ignored: a superset of its group's members, finite where the indexed trace is not."""
+    node = graph.module2node[module]
+    start = (node, graph.get_pruner_of_module(module).prune_out_channels)
+    seen, stack = {start}, [start]
+    while stack:
+        node, fn = stack.pop()
+        for dep in node.dependencies:
+            if dep.is_triggered_by(fn) and (dep.target, dep.handler) not in seen:
+                seen.add((dep.target, dep.handler))
+                stack.append((dep.target, dep.handler))
+    return {(node, graph.is_out_channel_pruning_fn(fn)) for node, fn in seen}
 
 
 class _EndlessGroup(Exception):
@@ -380,6 +463,8 @@ _CAUSES = (("output", "reaches the network's output", ("reaches the network outp
             ("cannot resize", "touches parameter", "outside a known layer", "do not shrink", "attention heads kept")),
            ("multiplier", "feeds a depthwise conv with a channel multiplier (one channel per conv group)",
             ("channel multiplier",)),
+           ("cycle", "has a channel trace that goes round a cycle without end (a rotary position embedding feeding "
+                     "grouped-query attention, as Llama's)", ("round a cycle",)),
            ("map", "passes an operation the dependency analysis cannot map", ("",)))
 _EXPECTED = ("output", "residual")       # left dense by design: no reason to warn
 
