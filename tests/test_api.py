@@ -375,6 +375,90 @@ def test_channel_methods_train_on_the_users_loss(method, options):
     assert all(before[k].equal(v) for k, v in net.state_dict().items())
 
 
+class _Computed(torch.utils.data.Dataset):
+    """A Dataset whose items are computed by code (prunekit cannot fingerprint its contents)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_a_run_folder_refuses_a_loader_of_other_data_of_the_same_size(tmp_path):
+    """A DataLoader's data were fingerprinted by their sample count only: the same call over other
+    data of the same size got the old run's result (and its pruned weights written into the
+    model). What a loader holds is hashed where that is exact (a TensorDataset, a Subset of one),
+    whatever order its batches come in; other Datasets are said to be unchecked."""
+    import warnings
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+    from prunekit.errors import PrunekitWarning
+    net, x, y = _tiny()
+    kwargs = dict(method="magnitude", sparsity=0.8, out=str(tmp_path / "run"))
+    loader = lambda x, y, **kw: DataLoader(TensorDataset(x, y), batch_size=32, **kw)     # noqa: E731
+    first = prunekit.prune(net, loader(x, y, shuffle=True), **kwargs)
+    assert 'data-form = "DataLoader"' in (tmp_path / "run" / "config.toml").read_text()
+    for other in (loader(x, y.flip(0), shuffle=True), loader(x + 1e-3, y),
+                  DataLoader(Subset(TensorDataset(torch.cat([x, x]), torch.cat([y, 1 - y])), range(256, 512)),
+                             batch_size=32)):
+        fresh = _tiny()[0]
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other data-sha256\)"):
+            prunekit.prune(fresh, other, **kwargs)
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())    # left as it was
+    # the same data in another order, or a Subset taking all of it in order: the same run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrunekitWarning)
+        again = prunekit.prune(_tiny()[0], loader(x, y, shuffle=False), **kwargs)
+    assert again.record == first.record
+    # a Subset's indices are part of its contents
+    sub = dict(kwargs, out=str(tmp_path / "sub"))
+    prunekit.prune(_tiny()[0], DataLoader(Subset(TensorDataset(x, y), range(128)), batch_size=32), **sub)
+    with pytest.raises(prunekit.PrunekitError, match=r"other data-sha256"):
+        prunekit.prune(_tiny()[0], DataLoader(Subset(TensorDataset(x, y), range(128, 256)), batch_size=32), **sub)
+    # a Dataset of the user's: its contents cannot be checked, and a finished run called again says so, once
+    computed = dict(kwargs, out=str(tmp_path / "computed"))
+    done = prunekit.prune(_tiny()[0], DataLoader(_Computed(x, y), batch_size=32), **computed)
+    assert "data-sha256" not in (tmp_path / "computed" / "config.toml").read_text()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        given = prunekit.prune(_tiny()[0], DataLoader(_Computed(x, y.flip(0)), batch_size=32), **computed)
+    assert given.record == done.record
+    told = [str(w.message) for w in said if "could not be checked" in str(w.message)]
+    assert len(told) == 1 and "its stored result is given back" in told[0] and "force=True" in told[0], told
+    # a folder of a prunekit that recorded a loader's data by sample count only: carried on, said so
+    config = tmp_path / "run" / "config.toml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.startswith(("data-sha256", "data-form"))))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        old = prunekit.prune(_tiny()[0], loader(x, y), **kwargs)
+    assert old.record == first.record
+    told = [str(w.message) for w in said if "sample count only" in str(w.message)]
+    assert len(told) == 1 and "without checking that this data" in told[0], [str(w.message) for w in said]
+
+
+def test_the_same_data_in_another_form_is_refused_naming_the_form(tmp_path):
+    """A finished (X, Y)-tensor run called with the same tensors in a DataLoader was refused as
+    "other data-sha256": the data are the same, the form changed (which reads other batches)."""
+    from torch.utils.data import DataLoader, TensorDataset
+    net, x, y = _tiny()
+    kwargs = dict(method="magnitude", sparsity=0.8, out=str(tmp_path / "run"))
+    prunekit.prune(net, (x, y), **kwargs)
+    with pytest.raises(prunekit.PrunekitError, match=r"holds a run over the same data in another form \(\(X, Y\) "
+                                                     r"tensors, now DataLoader\), which reads other batches: pass "
+                                                     r"the data as that run did.*force=True\)$"):
+        prunekit.prune(_tiny()[0], DataLoader(TensorDataset(x, y), batch_size=32), **kwargs)
+    with pytest.raises(prunekit.PrunekitError, match=r"other data-sha256"):       # other data in a loader
+        prunekit.prune(_tiny()[0], DataLoader(TensorDataset(x, y.flip(0)), batch_size=32), **kwargs)
+    with pytest.raises(prunekit.PrunekitError, match=r"in another form \(\(X, Y\) tensors, now DataLoader; "
+                                                     r"their contents could not be compared\)"):
+        prunekit.prune(_tiny()[0], DataLoader(_Computed(x, y), batch_size=32), **kwargs)
+
+
 def test_a_run_folder_belongs_to_one_loss(tmp_path):
     """The loss is part of the request a run folder holds: the same call resumes (a finished run
     is read back), another loss is refused."""
@@ -465,3 +549,17 @@ def test_a_python_run_folder_records_the_class_names_its_data_carries(tmp_path):
     prunekit.prune(net(), (images.float(), torch.arange(24) % 3), method="magnitude", sparsity=0.5,
                    out=tmp_path / "tensors")
     assert recorded(tmp_path / "tensors") is None
+
+
+def test_data_identity_of_prunekit_loaders_is_their_contents_not_their_order():
+    from prunekit.api import data_identity
+    from prunekit.data.dataset import ImageDataset
+    from prunekit.data.loaders import Normalization, make_loader
+    ds = ImageDataset(torch.randint(0, 255, (10, 1, 4, 4), dtype=torch.uint8), torch.arange(10) % 2, ["a", "b"])
+    norm = Normalization((0.5,), (0.5,))
+    first = data_identity(make_loader(ds, norm, shuffle=True))
+    assert first[1] == "prunekit loader" and len(first[0]) == 64
+    assert data_identity(make_loader(ds, norm, batch_size=3)) == first             # order and batching: the same
+    assert data_identity(make_loader(ImageDataset(ds.images, 1 - ds.labels, ["a", "b"]), norm)) != first
+    assert data_identity(make_loader(ds, Normalization((0.4,), (0.5,)))) != first     # other inputs
+    assert data_identity(iter([]))[0] is None                                          # an iterable: unchecked

@@ -397,7 +397,7 @@ def test_resize_is_for_image_folders_only(tmp_path):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda root: (root / "a").mkdir(), "has no"),
+        (lambda root: (root / "a").mkdir(), r"class folders of .* hold no .jpg/.jpeg/.png images; add images"),
         (lambda root: (root / "x.png").write_bytes(b""), "no class folders"),
         (lambda root: ((root / "a").mkdir(), (root / "a" / "0.png").write_bytes(b"junk")), "cannot decode"),
     ],
@@ -406,6 +406,40 @@ def test_image_folder_errors(tmp_path, make, message):
     make(tmp_path)
     with pytest.raises(PrunekitError, match=message):
         load_dataset("imagefolder", tmp_path)
+
+
+def test_image_folder_reads_the_images_in_subfolders_of_a_class_folder(tmp_path):
+    """Images in a subfolder of a class folder (DIR/test/red/more/*.png) were skipped without a
+    word (eval counted 55 of 60 images); torchvision's ImageFolder reads them, and so does prunekit:
+    a folder's own files first, then its subfolders' in sorted order; a hidden one is left out."""
+    write_png_tree(tmp_path / "test", {"a": 2, "b": 1, "a/more": 2, "a/more/deeper": 1, "b/.hidden": 3})
+    ds = load_dataset("imagefolder", tmp_path, "test")
+    assert ds.classes == ["a", "b"] and ds.labels.tolist() == [0, 0, 0, 0, 0, 1]
+    order = ["a/0.png", "a/1.png", "a/more/0.png", "a/more/1.png", "a/more/deeper/0.png", "b/0.png"]
+    for k, name in enumerate(order):
+        pixels = torch.from_numpy(np.array(Image.open(tmp_path / "test" / name))).permute(2, 0, 1)
+        assert torch.equal(ds.images[k], pixels), name
+
+
+def test_image_folder_one_level_too_high_is_refused_naming_the_subfolders(tmp_path):
+    """A folder whose class folders hold images only in subfolders (DIR/data/<class>/, or splits
+    named val/) would read as one class per subfolder tree: refused, naming them."""
+    write_png_tree(tmp_path / "val", {"cat": 1, "dog": 1})
+    with pytest.raises(PrunekitError, match=r"class folders of .* hold no .jpg/.jpeg/.png images of their own, "
+                                            r"only subfolders \(val/cat/, val/dog/\): pass the folder that holds "
+                                            r"the <class>/ folders"):
+        load_dataset("imagefolder", tmp_path, "test")
+
+
+def test_an_empty_class_folder_is_a_class_with_no_images(tmp_path):
+    """A model without class names meeting a folder of fewer classes is told to add an (empty)
+    folder for each missing class; such a folder was then refused ("has no images"). It is a class
+    with no images: its name keeps its place, so the labels after it do not shift."""
+    write_png_tree(tmp_path / "test", {"b": 1, "d": 2})
+    (tmp_path / "test" / "a").mkdir()
+    (tmp_path / "test" / "c").mkdir()
+    ds = load_dataset("imagefolder", tmp_path, "test")
+    assert ds.classes == ["a", "b", "c", "d"] and ds.labels.tolist() == [1, 3, 3]
 
 
 # ---------------------------------------------------------------- ImageDataset

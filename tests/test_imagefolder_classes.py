@@ -47,6 +47,7 @@ def _accuracy(capsys, argv) -> float:
 
 
 def test_a_trained_model_labels_later_folders_by_its_recorded_class_names(capsys, tmp_path):
+    from prunekit.commands import common
     write_colours(tmp_path / "photos" / "train", COLOURS, 8, seed=0)
     write_colours(tmp_path / "photos" / "test", COLOURS, 4, seed=1)
     (tmp_path / "net.py").write_text(NET)
@@ -83,6 +84,10 @@ def test_a_trained_model_labels_later_folders_by_its_recorded_class_names(capsys
     sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "class_names"}))
     assert main(["eval", *model, *data, str(tmp_path / "flat")]) == 0
     assert "has 2 class folders but the model has 3 outputs and records no class names" in capsys.readouterr().err
+    # following its advice: an empty folder for the missing class keeps the labels (it was refused: "has no images")
+    (tmp_path / "flat" / "a").mkdir()
+    common.evaluation_split.cache_clear()
+    assert _accuracy(capsys, ["eval", *model, *data, str(tmp_path / "flat")]) == 100.0
     assert main(["eval", *model, *data, str(tmp_path / "photos")]) == 0
     assert "class folders" not in capsys.readouterr().err
 
@@ -96,3 +101,77 @@ def test_a_sidecar_with_damaged_class_names_is_refused_in_one_line(capsys, tmp_p
                  str(Path(prunekit.__file__).parent / "assets" / "mnist")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "class_names is not a list of class names" in err
+
+
+def test_a_resumed_training_over_renamed_class_folders_is_refused(capsys, tmp_path, monkeypatch):
+    """`train --out` killed after an epoch, a class folder renamed (a -> z: it now sorts last, so
+    every label after it shifts), the same command again: it carried on with the shifted labels
+    and recorded the new names for weights half-trained on the old ones. The epoch checkpoint
+    records the class names its epochs learned; other names are refused in one line."""
+    from prunekit.commands import train as train_command
+    write_colours(tmp_path / "photos" / "train", COLOURS, 4, seed=0)
+    write_colours(tmp_path / "photos" / "test", COLOURS, 2, seed=1)
+    (tmp_path / "net.py").write_text(NET)
+    argv = ["train", "--model", f"{tmp_path}/net.py:build", "--data", "imagefolder", "--data-dir",
+            str(tmp_path / "photos"), "--normalize", "0.5,0.5,0.5/0.25,0.25,0.25", "--epochs", "2", "--lr", "0.2",
+            "--batch-size", "4", "--out", str(tmp_path / "run"), "--json"]
+    real_epoch, calls = train_command.train_epoch, []
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_command, "train_epoch", killed_in_second_epoch)
+    assert main(argv) == 130
+    monkeypatch.setattr(train_command, "train_epoch", real_epoch)
+    for split in ("train", "test"):
+        (tmp_path / "photos" / split / "a").rename(tmp_path / "photos" / split / "z")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "classes of the training data changed since the run" in err and "(a, b, c; now b, c, z)" in err, err
+    assert not (tmp_path / "run" / "model.json").exists()           # nothing trained on the shifted labels
+    for split in ("train", "test"):                                  # the folders as they were: carried on
+        (tmp_path / "photos" / split / "z").rename(tmp_path / "photos" / split / "a")
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["class_names"] == ["a", "b", "c"]
+
+
+def test_a_resumed_prune_over_renamed_class_folders_is_refused(capsys, tmp_path, monkeypatch):
+    """A model that records no class names labels a folder by its sorted folder names: a prune run
+    interrupted, a class folder renamed, then resumed went on with shifted labels. The run's
+    metrics.json records the names it began with; other names are refused in one line."""
+    from prunekit import executor
+    from prunekit.commands import common
+    write_colours(tmp_path / "photos" / "train", COLOURS, 4, seed=0)
+    write_colours(tmp_path / "photos" / "test", COLOURS, 2, seed=1)
+    (tmp_path / "net.py").write_text(NET)
+    out = tmp_path / "run"
+    argv = ["prune", "--model", f"{tmp_path}/net.py:build", "--data", "imagefolder", "--data-dir",
+            str(tmp_path / "photos"), "--normalize", "0.5,0.5,0.5/0.25,0.25,0.25", "--method", "magnitude",
+            "--sparsity", "0.5", "--out", str(out), "--json"]
+    prune = executor.prune_weights
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor, "prune_weights", interrupt)
+    assert main(argv) == 130
+    assert json.loads((out / "metrics.json").read_text())["class_names"] == ["a", "b", "c"]
+    monkeypatch.setattr(executor, "prune_weights", prune)
+    for split in ("train", "test"):
+        (tmp_path / "photos" / split / "a").rename(tmp_path / "photos" / split / "z")
+    common.evaluation_split.cache_clear()      # read once per process: a command line run is a new one
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(out), "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "classes of the data changed since the run" in err and "(a, b, c; now b, c, z)" in err, err
+    for split in ("train", "test"):
+        (tmp_path / "photos" / split / "z").rename(tmp_path / "photos" / split / "a")
+    common.evaluation_split.cache_clear()
+    assert main(["prune", "--resume", str(out), "--json"]) == 0
+    assert json.loads((out / "model.json").read_text())["class_names"] == ["a", "b", "c"]

@@ -26,6 +26,7 @@ weights (and data), so the same call with another model is refused, not resumed.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -107,7 +108,12 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         out: a run folder (config, log, metrics, checkpoints, model, report); calling again with
             the same arguments and folder resumes an interrupted run; a folder holding another
             run (other settings, or another model or data: the config records a SHA-256 of the
-            starting weights) is refused unless ``force`` (which clears that run first). Its
+            starting weights, and of the data's contents where that is exact: ``(X, Y)``
+            tensors, a ``TensorDataset`` or a ``Subset`` of one, alone or in a ``DataLoader``,
+            prunekit's loaders; the same data in another form is refused too) is refused unless
+            ``force`` (which clears that run first). Any other Dataset or iterable is compared by
+            its form and sample count only: carrying such a run on warns that its contents could
+            not be checked. Its
             model.json records the class names the data (else eval_data) carries as ``classes``
             (an ImageFolder's, prunekit's ImageDataset's), so that the CLI labels later image
             folders by them.
@@ -189,6 +195,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                       **_fingerprint(model, data, train_batches, None if force else out)}
             folder = claim_on_rank_0(out, recipes.dump_recipe(config), force=force, device=_model_device(model),
                                      python=True)
+            _say_unchecked(folder, config, recipes.dump_recipe(config))
             _keep_streams(folder, {"data": train_batches, "eval_data": eval_batches})
         was_training = model.training
         try:
@@ -308,11 +315,90 @@ def _fingerprint(model: nn.Module, data, train_batches, out: str | None) -> dict
                 and isinstance(started, str)):
             weights = started
     found = {"weights_sha256": weights}
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        found["data_sha256"] = runs.tensors_sha256(zip("XY", data))
+    if data is not None:
+        contents, form = data_identity(data)
+        if contents is not None:
+            found["data_sha256"] = contents
+        if form is not None:
+            found["data_form"] = form
     if train_batches is not None:
         found["data_samples"] = samples_per_pass(train_batches())
     return found
+
+
+def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> None:
+    """Warn (once, and in run.log) when the run in ``folder`` is carried on or its result given back
+    over data whose contents could not be fingerprinted (``data_identity``: an arbitrary Dataset or
+    iterable): only its form and sample count were compared with the data it started with."""
+    if folder.claimed_afresh or "data_form" not in config or "data_sha256" in config or current().rank != 0:
+        return          # (under torchrun rank 0 claims the folder: the others' claimed_afresh says nothing)
+    try:
+        if folder.config.read_text() != config_text:       # an older folder: ``runs.claim`` said what it checked
+            return
+    except OSError:
+        return
+    done = "its stored result is given back" if runs.finished_run(folder) else "it is carried on"
+    message = (f"{folder.path}: {done}, but the contents of this data ({config['data_form']}) could not be checked "
+               "against the data it started with, only its form and sample count (prunekit fingerprints (X, Y) "
+               "tensors, a TensorDataset or a Subset of one, and its own loaders); clear it with force=True if the "
+               "data changed")
+    if folder.writable:
+        folder.log(message)
+    warnings.warn(PrunekitWarning(message), stacklevel=3)
+
+
+def data_identity(data) -> tuple[str | None, str | None]:
+    """``(contents, form)``: what a run folder records of ``data`` to tell other data from it.
+    ``contents``: a SHA-256 of what the data holds, independent of the order its batches come in,
+    where that is cheap and exact: ``(X, Y)`` tensors; a map-style Dataset of tensors (a
+    ``TensorDataset``, a ``Subset`` of one: its indices and tensors), directly or behind a
+    ``torch.utils.data.DataLoader``; prunekit's own loader (``make_loader``: its ``ImageDataset``'s
+    uint8 images, labels and class names, the normalization and augmentation). None for anything
+    else (an arbitrary Dataset, an iterable, a function): its contents cannot be checked.
+    ``form``: None for ``(X, Y)`` tensors (what a run folder recorded before forms were), else
+    ``"DataLoader"``, ``"Dataset"``, ``"prunekit loader"`` or the type's name (the same data in
+    another form reads other batches). The same (X, Y) tensors give the same ``contents`` as a
+    ``TensorDataset`` of them."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return runs.tensors_sha256(zip("XY", data)), None
+    if isinstance(data, BatchLoader):
+        ds, norm = data.dataset, data.norm      # an ImageDataset, or a DeferredImageDataset (decoded now)
+        try:
+            inner = runs.tensors_sha256([("images", ds.images), ("labels", ds.labels)])
+        except (AttributeError, TypeError):
+            return None, "prunekit loader"
+        text = f"prunekit|{inner}|{list(ds.classes)}|{tuple(norm.mean)}|{tuple(norm.std)}|{data.augment}"
+        return hashlib.sha256(text.encode()).hexdigest(), "prunekit loader"
+    if isinstance(data, torch.utils.data.DataLoader):
+        try:
+            dataset = data.dataset
+        except Exception:       # noqa: BLE001 - a loader of the user's without one
+            return None, "DataLoader"
+        return _dataset_contents(dataset), "DataLoader"
+    if isinstance(data, torch.utils.data.Dataset):
+        return _dataset_contents(data), "Dataset"
+    return None, type(data).__name__
+
+
+def _dataset_contents(dataset, depth: int = 0) -> str | None:
+    """SHA-256 of a ``TensorDataset``'s tensors (two as ``X``, ``Y``: as ``(X, Y)`` tensors), or of
+    a ``Subset``'s indices and what it takes them from (a few levels); None for any other Dataset
+    (its items are computed by code prunekit cannot fingerprint exactly without reading them all)."""
+    from torch.utils.data import Subset, TensorDataset
+    if type(dataset) is TensorDataset:          # a subclass may change __getitem__
+        tensors = dataset.tensors
+        names = "XY" if len(tensors) == 2 else [str(i) for i in range(len(tensors))]
+        return runs.tensors_sha256(zip(names, tensors))
+    if type(dataset) is Subset and depth < 4:
+        inner = _dataset_contents(dataset.dataset, depth + 1)
+        if inner is None:
+            return None
+        try:
+            indices = torch.as_tensor(list(dataset.indices), dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        return hashlib.sha256(f"subset|{inner}|".encode() + indices.numpy().tobytes()).hexdigest()
+    return None
 
 
 def _note_final_weights(folder: RunFolder, pruned: nn.Module) -> None:

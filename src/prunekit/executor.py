@@ -104,6 +104,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
             folder.log(left)
         _tell_changed_code(folder, metrics, describe)
         _refuse_changed_weights(folder, metrics, describe)
+        _refuse_changed_classes(folder, metrics, describe)
     if not dense and not metrics.get("dense"):
         dense = measure(plan, plan.request.model, eval_loader)
         if "loss" in dense:           # before any work: name the real cause
@@ -120,7 +121,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
                    "prunable_weights": plan.space.numel, "dense_macs": plan.costs.macs,
                    "fixed_macs": plan.budget.fixed_macs, "dense": dense, "stages": metrics.get("stages", []),
                    "config": metrics.get("config") or _read_text(folder.config)}     # as the run began
-        for key in ("model_file_sha256", "checkpoint_sha256"):
+        for key in ("model_file_sha256", "checkpoint_sha256", "class_names"):
             if key in describe:
                 metrics[key] = describe[key]
         folder.write_metrics(metrics)
@@ -264,6 +265,19 @@ def _refuse_changed_weights(folder: RunFolder, metrics: dict, describe: dict) ->
         raise PrunekitError(f"the checkpoint this run in {folder.path} started from has changed since (its SHA-256 "
                             "differs): put the original back to carry the run on, or start a new run in another "
                             "folder")
+
+
+def _refuse_changed_classes(folder: RunFolder, metrics: dict, describe: dict) -> None:
+    """A run resumed over data whose class names changed since it began (an image folder's class
+    folder renamed, added or removed: the labels are the sorted folder names) would carry on with
+    other labels than its stages so far were judged and trained on: refused. The names the run
+    began with are in its metrics.json (``class_names``, from ``describe``)."""
+    before, now = metrics.get("class_names"), describe.get("class_names")
+    if isinstance(before, list) and isinstance(now, list) and before != now:
+        shown = lambda names: ", ".join(map(str, names[:6])) + (", ..." if len(names) > 6 else "")   # noqa: E731
+        raise PrunekitError(f"the classes of the data changed since the run in {folder.path} started "
+                            f"({shown(before)}; now {shown(now)}): carrying it on would shift its labels; restore "
+                            "the class folders to carry the run on, or start a new run in another folder")
 
 
 def _readable_json(*paths) -> bool:

@@ -249,7 +249,22 @@ def tensors_sha256(named) -> str:
 
 # The keys of a Python run's config.toml that fingerprint what it started from (recipe spelling).
 # A folder written before prunekit recorded them has none: it is carried on, with a warning.
-FINGERPRINT_KEYS = ("weights-sha256", "data-sha256", "data-samples")
+# ``data-sha256``: the data's contents where they can be hashed exactly (``api.data_identity``);
+# ``data-form``: what holds them, absent for (X, Y) tensors (a folder of an older prunekit recorded
+# ``data-sha256`` for those only, and for a loader ``data-samples`` alone).
+FINGERPRINT_KEYS = ("weights-sha256", "data-sha256", "data-samples", "data-form")
+
+
+def _data_form(config: dict) -> str:
+    """The form of the data a Python run's config records: its ``data-form``, else (X, Y) tensors
+    where it records ``data-sha256``, else a loader (an older prunekit recorded no form)."""
+    return config.get("data-form") or ("(X, Y) tensors" if "data-sha256" in config else "a loader")
+
+
+def _counted_only(config: dict) -> bool:
+    """Whether a Python run's config records its data by sample count only (an older prunekit's
+    loader run: ``data-samples``, no ``data-sha256`` or ``data-form``)."""
+    return "weights-sha256" in config and "data-sha256" not in config and "data-form" not in config
 
 
 def is_run(path: str | Path) -> bool:
@@ -400,6 +415,20 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
                 keys = [k for k in keys if k not in FINGERPRINT_KEYS]     # what differs is the rest
                 if not keys:
                     return
+            before, after = _parsed(old), _parsed(config_text)
+            if python and keys and _counted_only(before) and "data-form" in after:
+                # an older prunekit's loader run, recorded by its sample count: its contents cannot be compared
+                keys = [k for k in keys if k not in ("data-sha256", "data-form")]
+                if not keys:
+                    return
+            if python and keys and "data-form" in keys and not set(keys) - {"data-form", "data-sha256", "data-samples"} \
+                    and ("data-sha256" not in keys or "data-sha256" not in before or "data-sha256" not in after):
+                same = "the same data" if "data-sha256" not in keys else "data"
+                unchecked = "" if "data-sha256" not in keys else "; their contents could not be compared"
+                raise OptionError(f"{folder.path} holds a run over {same} in another form ({_data_form(before)}, "
+                                  f"now {_data_form(after)}{unchecked}), which reads other batches: pass the data "
+                                  "as that run did, pick another out, or clear that run first (force=True)",
+                                  ("out", "force"))
             if keys == ["onnx"] and _asks_onnx(config_text) and not python and folder.model_path.exists():
                 onnx = folder.path / "export" / "model.onnx"
                 raise OptionError(f"{folder.path} holds this run, made without --onnx: `prunekit export "
@@ -418,6 +447,13 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
                                   "as its config.toml records) or clear it first (force=True)", ("out", "force"))
             raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (resume) or clear "
                               "it first (force)", ("out", "resume", "force"))
+
+
+def _parsed(config_text: str | None) -> dict:
+    try:
+        return tomllib.loads(config_text) if config_text is not None else {}
+    except tomllib.TOMLDecodeError:
+        return {}
 
 
 def _fingerprinted(old: str) -> bool:
@@ -448,9 +484,14 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
         check_claim(folder, config_text, python)
         if python and old is not None and old != config_text and folder.writable:     # accepted: an old folder
             done = "its stored result is given back" if finished_run(folder) else "it is carried on"
-            message = (f"{path} was written by a prunekit that recorded no fingerprint of the weights (and data) a "
-                       f"run starts from: {done} without checking that this model is the one it "
-                       "started from (clear it with force=True to run anew)")
+            if _fingerprinted(old):         # the weights are checked; the loader's data by its sample count only
+                message = (f"{path} was written by a prunekit that recorded its data by sample count only: {done} "
+                           "without checking that this data is the data it started from (clear it with force=True "
+                           "to run anew)")
+            else:
+                message = (f"{path} was written by a prunekit that recorded no fingerprint of the weights (and data) a "
+                           f"run starts from: {done} without checking that this model is the one it "
+                           "started from (clear it with force=True to run anew)")
             folder.log(message)
             warnings.warn(PrunekitWarning(message), stacklevel=4)
     if folder.config.exists() and folder.writable and (made_at := moved_from(folder.config.read_text(), path)):

@@ -228,6 +228,14 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
     state = checkpointer.last() if checkpointer is not None else None
     if state is None:
         return []
+    started = state.extra.get("class_names")      # None: a checkpoint of a prunekit that recorded none
+    classes = list(getattr(loader.dataset, "classes", None) or [])
+    if isinstance(started, list) and classes and started != classes:
+        shown = lambda names: ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")     # noqa: E731
+        raise PrunekitError(f"the classes of the training data changed since the run in {checkpointer.folder.path} "
+                            f"started ({shown(started)}; now {shown(classes)}): its epochs so far learned the labels "
+                            "of the first, so carrying it on would shift them; restore the class folders, or "
+                            "--force to train anew on these")
     if state.extra.get("model_file_sha256") not in (None, digest):
         warnings.warn(PrunekitWarning("the model file changed since this training started: the epochs left use "
                                       "the new code"), stacklevel=2)
@@ -247,7 +255,9 @@ def save_epoch(checkpointer: RunCheckpointer, model, optimizer, schedule, loader
     epoch = len(history)
     checkpointer.save(StageState(epoch, tensors, history, capture_rng(),
                                  {"optimizer": optimizer_state, "loader_epoch": loader.epoch,
-                                  "model_file_sha256": digest}), model)
+                                  "model_file_sha256": digest,
+                                  # the labels these epochs learned: a resume over renamed class folders is refused
+                                  "class_names": list(getattr(loader.dataset, "classes", None) or [])}), model)
     if checkpointer.folder.writable and epoch > 1:
         checkpointer.path(epoch - 1).unlink(missing_ok=True)
 

@@ -9,6 +9,7 @@ central ``crop`` x ``crop`` pixels (the usual evaluation transform of ImageNet m
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +49,44 @@ def _split_root(data_dir: Path, split: str, warn: bool = True) -> Path:
     return data_dir
 
 
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
 def _image_files(class_dir: Path) -> list[Path]:
-    files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise PrunekitError(
-            f"class folder {class_dir} has no {'/'.join(IMAGE_SUFFIXES)} images; add images or remove the folder"
-        )
+    """The images of one class: its .jpg/.jpeg/.png files and those of its subfolders at any depth,
+    as torchvision's ``ImageFolder`` reads them (folders in sorted order, a folder's own files
+    first, each folder's files in name order; symbolic links followed, each folder once; hidden
+    subfolders, ``.name``, left out). None: a class with no images (an empty class folder keeps
+    its name, and so its label, for a folder that has none of that class)."""
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(class_dir, followlinks=True):     # top down: a folder, then
+        real = os.path.realpath(folder)                                          # its subfolders in order
+        if real in seen:                         # a link back up the tree: read once
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        files += [p for p in (Path(folder) / name for name in sorted(names)) if _is_image(p)]
     return files
+
+
+def _check_layout(root: Path, class_dirs: list[Path]) -> None:
+    """Refuse a folder of class folders none of which holds an image of its own: with images in
+    their subfolders only, ``root`` is one level above the class folders (``DIR/data/<class>/``, or
+    splits named other than train/ and test/), and reading on would make each subfolder tree one
+    class; with none at all, there is nothing to read. An empty class folder beside others that
+    hold images is a class with no images (its name keeps its label)."""
+    if any(any(_is_image(p) for p in d.iterdir()) for d in class_dirs):
+        return
+    nested = next((d for d in class_dirs if _image_files(d)), None)
+    kinds = "/".join(IMAGE_SUFFIXES)
+    if nested is None:
+        raise PrunekitError(f"the class folders of {root} hold no {kinds} images; add images to them")
+    inner = ", ".join(f"{nested.name}/{d.name}/" for d in _subfolders(nested)[:3])
+    raise PrunekitError(f"the class folders of {root} hold no {kinds} images of their own, only subfolders "
+                        f"({inner}): pass the folder that holds the <class>/ folders (DIR/<class>/ or "
+                        "DIR/train/<class>/ and DIR/test/<class>/)")
 
 
 def _open(path: Path) -> Image.Image:
@@ -222,6 +254,7 @@ def _class_names(data_dir: Path, root: Path, class_dirs: list[Path]) -> list[str
     has a train/ split (a test/ split holding fewer classes is labelled by name, as the model was
     trained), else ``root``'s own. A test/ class that train/ lacks is refused: the model never
     learnt it, and its images would take some other class's label."""
+    _check_layout(root, class_dirs)
     names = [d.name for d in class_dirs]
     train = data_dir / "train"
     if root == train or root == data_dir or not train.is_dir():
@@ -238,6 +271,7 @@ def _class_names(data_dir: Path, root: Path, class_dirs: list[Path]) -> list[str
 def _known_names(root: Path, class_dirs: list[Path], classes) -> list[str]:
     """``classes`` (a model's recorded class names, in label order), refusing a class folder of
     ``root`` that is not among them: the model has no output for it."""
+    _check_layout(root, class_dirs)
     names = [str(c) for c in classes]
     unknown = [d.name for d in class_dirs if d.name not in names]
     if unknown:
