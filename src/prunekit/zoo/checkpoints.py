@@ -25,6 +25,7 @@ import pickle
 import warnings
 import re
 import stat
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -57,9 +58,37 @@ def check_checkpoint_path(path: str | Path, hint: str = CHECKPOINT_HINT) -> None
         raise PrunekitError(f"checkpoint {path} is {_special_kind(path)}, not a file: {hint}")
     if not path.is_file():
         raise PrunekitError(f"checkpoint {path} not found: check the path")
+    export = _export_file_kind(path)
+    if export:
+        run = path.parent.parent if path.parent.name == "export" else None
+        run = run if run is not None and (run / "model.safetensors").is_file() else None
+        where = f" ({run}, or {run / 'model.safetensors'})" if run is not None else ""
+        article = "an" if export[0] in "AEIOU" else "a"
+        raise PrunekitError(f"{path} is {article} {export} export (as `prunekit export` writes), not a checkpoint: pass "
+                            f"the run folder it was exported from, or its model.safetensors{where}")
     other = _other_kind(path)
     if other:
         raise PrunekitError(f"{path} is not a model checkpoint ({other}): {hint}")
+
+
+def _export_file_kind(path: Path) -> str | None:
+    """"TorchScript" for a torch.jit.save archive (a zip holding code and constants.pkl), "ONNX"
+    for an ONNX model (named .onnx, or a protobuf that starts as ONNX's ModelProto does: its
+    ir_version, then its producer or graph), else None; only the file's head (and a zip's list of
+    names) is read."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(_ZIP_START):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        torchscript = any(n.endswith("/constants.pkl") or "/code/__torch__" in n for n in names)
+        return "TorchScript" if torchscript else None
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and len(head) > 2 and head[2:3] in (b"\x12", b"\x3a")):
+        return "ONNX"
+    return None
 
 
 def _special_kind(path: Path) -> str:
