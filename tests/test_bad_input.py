@@ -91,6 +91,10 @@ def one_batch():
         def forward(self, x):
             return self.fc(x.view(len(x), -1))
     return OneBatch()
+
+
+def rgb_conv():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
 """
 
 
@@ -407,6 +411,9 @@ CLI_CASES = [
      "the model has no parameters"),
     (["info", f"{H}/net.py:build"], "--input-shape"),
     (["info", f"{H}/net.py:build", "--input-shape", "1,0"], "is not a shape"),
+    (["info", f"{H}/net.py:rgb_conv", "--input-shape", "32,32"],     # H,W without C: the channels are named
+     "; give --input-shape 3,32,32 (channels first: its first convolution, 0, takes 3 channels)"),
+    (["info", f"{H}/net.py:rgb_conv", "--input-shape", "1,32,32"], "fails on an input of --input-shape 1,32,32: "),
     (["info", "mlpnet", "--input-shape", "-1,28,28"], "--input-shape: '-1,28,28' is not a shape"),
     ([*PRUNE, "--sparsity", "0.5", "--device", "-cpu"], "'-cpu' is not a torch device"),
     # a path starting with "-" is a mistyped option (it was taken: prune made a folder "-weird")
