@@ -4,6 +4,7 @@ folder back), and the record counts the MACs kept as the prune run did. A dense 
 every weight, as before."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,20 @@ def test_training_a_channel_pruned_run_saves_its_layout(capsys, runs, tmp_path):
     assert evaluated["accuracy"] == pytest.approx(trained["accuracy"], rel=1e-6)
     info = run_json(capsys, ["info", str(tmp_path / "ft"), "--model", spec, "--json"])
     assert info["shrunk"]["flops_kept"] == pytest.approx(pruned["flops_kept"], rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_training_an_export_of_a_weights_pruned_run_keeps_its_zeros(capsys, runs, tmp_path, kind):
+    """model-dense / model-sparse.safetensors (`prunekit export`) carry no record, but their zeros
+    are the prune run's: held as the run folder's are."""
+    spec, folder = runs
+    run = tmp_path / "weights"
+    shutil.copytree(folder / "weights", run)
+    assert main(["export", str(run), "--model", spec, f"--{kind}", "--json"]) == 0
+    capsys.readouterr()
+    pruned = json.loads((run / "result.json").read_text())
+    exported = run / "export" / f"model-{kind}.safetensors"
+    assert main(train(spec, exported, tmp_path / "ft", "--normalize", "0.1307/0.3081")) == 0
+    assert "held at zero" in capsys.readouterr().err
+    record = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert record["macs"] == pruned["macs"] and record["sparsity"] == pytest.approx(pruned["sparsity"], rel=1e-9)

@@ -31,6 +31,7 @@ from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimize
 from ..record import peak_rss_mb, save_pruned
 from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim, check_ranks_share,
                     claim, finished_read_only_on_rank_0, release_refused)
+from ..zoo.checkpoints import _export_kind
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
@@ -105,9 +106,10 @@ class PrunedCheckpoint:
         nonzeros = sum(int((w != 0).sum()) for w in self.space.weights())
         record = {"macs": counts.macs, "dense_macs": dense_macs, "flops_kept": counts.macs / dense_macs,
                   "params": counts.params, "dense_params": dense_params, "params_kept": counts.params / dense_params}
-        if self.source.get("sparsity") is not None:       # a weights method's: the prunable weights removed
+        if self.source.get("sparsity") is not None or not (self.source or self.shrunk):    # a weights method's
             record.update(sparsity=1 - nonzeros / self.space.numel, nonzeros=nonzeros)
-        origin = self.source.get("pruned") or {"method": self.source.get("method"), "family": self.source.get("family")}
+        origin = self.source.get("pruned") or ({"method": self.source.get("method"), "family": self.source.get("family")}
+                                               if self.source else {"method": None, "family": None, "export": True})
         record["pruned"] = {**origin, "held_zeros": self.zeros, "shrunk": self.shrunk}
         return record
 
@@ -120,12 +122,15 @@ def pruned_checkpoint(args, loaded, costs: CostModel) -> PrunedCheckpoint | None
     meta = read_meta(args.checkpoint) if args.checkpoint else {}
     source = meta.get("result") if isinstance(meta.get("result"), dict) else {}
     shrunk = "channel_layout" in meta
-    if not (shrunk or source.get("method") is not None or source.get("pruned")):
+    exported = args.checkpoint is not None and _export_kind(Path(args.checkpoint)) is not None
+    if not (shrunk or exported or source.get("method") is not None or source.get("pruned")):
         return None
     space = ParamSpace(loaded.model, costs=costs)     # every prunable weight, as the channel fine-tune holds them
     pruned = PrunedCheckpoint(space, masks_from_weights(space), shrunk, source, costs)
+    if not (pruned.zeros or shrunk):                  # nothing pruned to keep (a dense model's export)
+        return None
     if not args.json:
-        method = (source.get("pruned") or source).get("method") or "pruned"
+        method = (source.get("pruned") or source).get("method") or ("a prunekit export" if exported else "pruned")
         layout = "its channel layout (channels removed) is kept" if shrunk else ""
         zeros = (f"its {pruned.zeros:,} pruned weights ({100 * pruned.zeros / space.numel:.1f}% of the prunable) "
                  "are held at zero") if pruned.zeros else ""
