@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import prunekit
 from prunekit.cli import main
+from prunekit.commands import train as train_command
 
 MNIST = ["--data", "mnist", "--data-dir", str(Path(prunekit.__file__).parent / "assets" / "mnist")]
 
@@ -114,3 +115,37 @@ def test_training_an_export_of_a_weights_pruned_run_keeps_its_zeros(capsys, runs
     assert "held at zero" in capsys.readouterr().err
     record = json.loads((tmp_path / "ft" / "result.json").read_text())
     assert record["macs"] == pruned["macs"] and record["sparsity"] == pytest.approx(pruned["sparsity"], rel=1e-9)
+
+
+def test_a_killed_training_of_a_pruned_run_resumes_to_the_same_pruned_weights(capsys, runs, tmp_path, monkeypatch):
+    spec, folder = runs
+    argv = train(spec, folder / "weights", tmp_path / "whole", "--json")
+    argv[argv.index("--epochs") + 1] = "2"
+    assert main(argv) == 0
+    calls, real_epoch = [], train_command.train_epoch
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    cut = [a.replace(str(tmp_path / "whole"), str(tmp_path / "cut")) for a in argv]
+    monkeypatch.setattr(train_command, "train_epoch", killed_in_second_epoch)
+    assert main(cut) == 130
+    monkeypatch.setattr(train_command, "train_epoch", real_epoch)
+    assert main(cut) == 0
+    capsys.readouterr()
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+    zeros = load_file(folder / "weights" / "model.safetensors")["4.weight"] == 0
+    assert zeros.any() and (b["4.weight"][zeros] == 0).all()
+
+
+def test_a_refused_out_folder_stays_one_line(capsys, runs):
+    """The line about the pruned checkpoint comes once training starts: a refusal before it is alone."""
+    spec, folder = runs
+    capsys.readouterr()
+    assert main(train(spec, folder / "weights", folder / "channels")) == 2      # a prune run's folder
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a `prunekit prune` run" in err

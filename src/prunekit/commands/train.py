@@ -88,10 +88,12 @@ class PrunedCheckpoint:
     one): ``masks`` (its zero prunable weights, held at zero through every step), ``shrunk`` (it has
     channels removed: its channel layout is saved with the trained model), ``source`` (the record it
     was saved with, whose dense MACs / params the kept shares are counted against), ``costs`` (the
-    loaded model's cost model, for the nonzero-aware counts of the trained one)."""
+    loaded model's cost model, for the nonzero-aware counts of the trained one), ``note`` (the line
+    that says so, printed as training starts)."""
 
     def __init__(self, space: ParamSpace, masks: dict, shrunk: bool, source: dict, costs: CostModel):
         self.space, self.masks, self.shrunk, self.source, self.costs = space, masks, shrunk, source, costs
+        self.note = ""
 
     @property
     def zeros(self) -> int:
@@ -118,7 +120,7 @@ def pruned_checkpoint(args, loaded, costs: CostModel) -> PrunedCheckpoint | None
     """The pruning ``args.checkpoint`` carries, or None for a dense checkpoint (or none): a model
     whose sidecar records a `prunekit prune` run (its ``result`` names a method), a `train` of such a
     model (its ``result`` has ``pruned``), or a channel layout (channels removed). Its zero prunable
-    weights are held at zero while it trains, and one line says so (stderr; not with --json)."""
+    weights are held at zero while it trains, and ``note`` says so (printed by ``train_into``)."""
     meta = read_meta(args.checkpoint) if args.checkpoint else {}
     source = meta.get("result") if isinstance(meta.get("result"), dict) else {}
     shrunk = "channel_layout" in meta
@@ -129,13 +131,12 @@ def pruned_checkpoint(args, loaded, costs: CostModel) -> PrunedCheckpoint | None
     pruned = PrunedCheckpoint(space, masks_from_weights(space), shrunk, source, costs)
     if not (pruned.zeros or shrunk):                  # nothing pruned to keep (a dense model's export)
         return None
-    if not args.json:
-        method = (source.get("pruned") or source).get("method") or ("a prunekit export" if exported else "pruned")
-        layout = "its channel layout (channels removed) is kept" if shrunk else ""
-        zeros = (f"its {pruned.zeros:,} pruned weights ({100 * pruned.zeros / space.numel:.1f}% of the prunable) "
-                 "are held at zero") if pruned.zeros else ""
-        print(f"{args.checkpoint} is a pruned model ({method}): {' and '.join(filter(None, (zeros, layout)))}, "
-              "so the trained model stays pruned", file=sys.stderr)
+    method = (source.get("pruned") or source).get("method") or ("a prunekit export" if exported else "pruned")
+    layout = "its channel layout (channels removed) is kept" if shrunk else ""
+    zeros = (f"its {pruned.zeros:,} pruned weights ({100 * pruned.zeros / space.numel:.1f}% of the prunable) "
+             "are held at zero") if pruned.zeros else ""
+    pruned.note = (f"{args.checkpoint} is a pruned model ({method}): {' and '.join(filter(None, (zeros, layout)))}, "
+                   "so the trained model stays pruned")
     return pruned
 
 
@@ -155,6 +156,8 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
                 _remove_own_files(folder.checkpoints)
         emit(args, finished, result_lines(args, finished))
         return 0
+    if pruned is not None and not args.json:     # once the folder is claimed: a refusal stays one line
+        print(pruned.note, file=sys.stderr)
     checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
     optimizer = sgd(loaded.model, args.lr, weight_decay=args.weight_decay)
     schedule = cosine(optimizer, args.epochs * len(loader))
