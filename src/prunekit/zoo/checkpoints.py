@@ -86,6 +86,8 @@ def _export_file_kind(path: Path) -> str | None:
             return None
         torchscript = any(n.endswith("/constants.pkl") or "/code/__torch__" in n for n in names)
         return "TorchScript" if torchscript else None
+    if head[:1] == b"\x80" or (len(head) >= 9 and head[8:9] == b"{"):
+        return None          # a pickle, or safetensors (whose header length may start with 0x08)
     if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and len(head) > 2 and head[2:3] in (b"\x12", b"\x3a")):
         return "ONNX"
     return None
