@@ -119,8 +119,10 @@ class PrunedCheckpoint:
 def pruned_checkpoint(args, loaded, costs: CostModel) -> PrunedCheckpoint | None:
     """The pruning ``args.checkpoint`` carries, or None for a dense checkpoint (or none): a model
     whose sidecar records a `prunekit prune` run (its ``result`` names a method), a `train` of such a
-    model (its ``result`` has ``pruned``), or a channel layout (channels removed). Its zero prunable
-    weights are held at zero while it trains, and ``note`` says so (printed by ``train_into``)."""
+    model (its ``result`` has ``pruned``), a channel layout (channels removed), or a file `prunekit
+    export` wrote (model-dense / model-sparse.safetensors, no record) holding zero prunable weights.
+    Its zero prunable weights are held at zero while it trains, and ``note`` says so (printed by
+    ``train_into``); a checkpoint with nothing pruned to keep (no zeros, no layout) is None."""
     meta = read_meta(args.checkpoint) if args.checkpoint else {}
     source = meta.get("result") if isinstance(meta.get("result"), dict) else {}
     shrunk = "channel_layout" in meta
