@@ -91,6 +91,10 @@ def one_batch():
         def forward(self, x):
             return self.fc(x.view(len(x), -1))
     return OneBatch()
+
+
+def rgb_conv():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
 """
 
 
@@ -132,6 +136,12 @@ def home(tmp_path_factory):
     (d / "mlprun").mkdir()                # a finished run folder: its model is some command's input
     (d / "mlprun" / "config.toml").write_text('model = "mlpnet"\nmethod = "magnitude"\nsparsity = "0.5"\n')
     saving.save_model(zoo.build("mlpnet"), d / "mlprun" / "model.safetensors", {"model": "mlpnet"})
+    (d / "mlprun" / "export").mkdir()     # its exports: TorchScript and ONNX models, not checkpoints
+    with warnings.catch_warnings():       # torch.jit's deprecation notice: a fixture's, not prunekit's
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.trace(nn.Linear(2, 2), torch.zeros(1, 2)),
+                       d / "mlprun" / "export" / "model.torchscript.pt")
+    (d / "exported.onnx").write_bytes(b"\x08\x08\x12\x07pytorch\x1a\x062.13.0:" + bytes(64))
     (d / "mlpsweep" / "magnitude_sparsity-0.5").mkdir(parents=True)   # a sweep's run: its model is an input
     saving.save_model(zoo.build("mlpnet"), d / "mlpsweep" / "magnitude_sparsity-0.5" / "model.safetensors",
                       {"model": "mlpnet"})
@@ -221,6 +231,10 @@ CLI_CASES = [
     (["info", "mlpnet", "--checkpoint", f"{H}/noise.pth"], "is not a model checkpoint (neither a torch.save file nor safetensors)"),
     (["info", "mlpnet", "--checkpoint", f"{H}/empty"], "is not a model checkpoint (an empty file)"),
     (["info", "mlpnet", "--checkpoint", f"{H}/notes.txt"], "is not a model checkpoint (a text file)"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/mlprun/export/model.torchscript.pt", *MNIST],
+     "is a TorchScript export (as `prunekit export` writes), not a checkpoint: pass the run folder it was exported "
+     "from, or its model.safetensors ("),
+    (["info", "mlpnet", "--checkpoint", f"{H}/exported.onnx"], "is an ONNX export (as `prunekit export` writes), not a"),
     (["info", "mlpnet", "--checkpoint", "/dev/null"], "checkpoint /dev/null is a device, not a file: pass a torch.save"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/numpy.pth", *MNIST],
      "holds NumPy arrays ('fc1.weight' ...), not torch tensors"),
@@ -397,6 +411,9 @@ CLI_CASES = [
      "the model has no parameters"),
     (["info", f"{H}/net.py:build"], "--input-shape"),
     (["info", f"{H}/net.py:build", "--input-shape", "1,0"], "is not a shape"),
+    (["info", f"{H}/net.py:rgb_conv", "--input-shape", "32,32"],     # H,W without C: the channels are named
+     "; give --input-shape 3,32,32 (channels first: its first convolution, 0, takes 3 channels)"),
+    (["info", f"{H}/net.py:rgb_conv", "--input-shape", "1,32,32"], "fails on an input of --input-shape 1,32,32: "),
     (["info", "mlpnet", "--input-shape", "-1,28,28"], "--input-shape: '-1,28,28' is not a shape"),
     ([*PRUNE, "--sparsity", "0.5", "--device", "-cpu"], "'-cpu' is not a torch device"),
     # a path starting with "-" is a mistyped option (it was taken: prune made a folder "-weird")

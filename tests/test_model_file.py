@@ -120,6 +120,25 @@ def test_a_changed_model_file_is_told(tmp_path, trained):
         load_model(f"{changed}:build", checkpoint)
 
 
+@pytest.mark.parametrize("edit, first", [
+    (("nn.Linear(16, 10)", "nn.Linear(16, 11)"), "'9.weight' is (10, 16) in the file but (11, 16) in the model"),
+    (("nn.Conv2d(8, 16, 3", "nn.Conv2d(8, 24, 3"), "'4.weight' is (16, 8, 3, 3) in the file but (24, 8, 3, 3)"),
+    (("nn.Conv2d(8, 16, 3", "nn.Conv2d(8, 12, 3"), "'4.weight' is (16, 8, 3, 3) in the file but (12, 8, 3, 3)"),
+])
+def test_a_model_file_widened_or_narrowed_after_train_is_named_as_changed(capsys, tmp_path, trained, edit, first):
+    """A model file edited after `prunekit train` saved it (its head widened, a layer wider or
+    narrower): the file's tensors no longer fit, and the fix is the code, not a channel layout."""
+    spec, checkpoint = trained
+    (tmp_path / "net.py").write_text(NET.replace(*edit))
+    assert main(["eval", "--model", f"{tmp_path}/net.py:build", "--checkpoint", str(checkpoint.parent),
+                 *MNIST]) == 2
+    err = capsys.readouterr().err
+    error = [line for line in err.splitlines() if "error:" in line]
+    assert len(error) == 1 and "no longer fits the model file" in error[0] and first in error[0]
+    assert "restore that code, or train (or prune) again" in error[0]
+    assert "channels removed" not in err and "load_pruned" not in err
+
+
 def test_readme_model_file_block_runs(capsys, tmp_path, monkeypatch):
     """The README's net.py and its commands, run exactly (the bundled data path made absolute)."""
     root = Path(__file__).resolve().parents[1]

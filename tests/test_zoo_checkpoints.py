@@ -521,3 +521,15 @@ def test_a_state_dict_of_a_layer_pruned_with_torch_prune_names_prune_remove(tmp_
     assert err.startswith("prunekit: error: checkpoint") and "\n" not in err
     assert "holds 'fc1.weight_orig' and 'fc1.weight_mask' in place of 'fc1.weight'" in err
     assert "torch.nn.utils.prune.remove(model.fc1, 'weight')" in err
+
+
+def test_a_safetensors_whose_header_length_starts_like_onnx_is_not_taken_for_an_export(tmp_path):
+    """ONNX is known by its first bytes (0x08, ir_version, then 0x12 or 0x3a); a safetensors file's
+    header length can start with the same bytes (0x120008 = a 1.2 MB header), its 9th byte is '{'."""
+    from prunekit.zoo.checkpoints import _export_file_kind
+    look_alike = tmp_path / "big.safetensors"
+    look_alike.write_bytes((0x120008).to_bytes(8, "little") + b'{"__metadata__": {}}')
+    assert _export_file_kind(look_alike) is None
+    onnx_like = tmp_path / "model.bin"
+    onnx_like.write_bytes(b"\x08\x08\x12\x07pytorch\x1a\x062.13.0:" + bytes(16))
+    assert _export_file_kind(onnx_like) == "ONNX"

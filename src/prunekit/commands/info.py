@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+from torch import nn
+
 from ..costs import CostModel, Counts
 from ..loading import LoadedModel, load_dense_of, load_model
 from ..params import ParamSpace
@@ -39,7 +41,12 @@ def cmd_info(args) -> int:
         raise PrunekitError(f"--input-shape {','.join(map(str, args.input_shape))} is not the input of {args.model}, "
                             f"{','.join(map(str, loaded.input_shape))} (its zoo entry or checkpoint records it): "
                             "leave --input-shape out")
-    costs = CostModel(loaded.model, loaded.example_input())
+    try:
+        costs = CostModel(loaded.model, loaded.example_input())
+    except PrunekitError as err:
+        if args.input_shape is None or not str(err).startswith("the model failed on one example"):
+            raise
+        raise PrunekitError(input_shape_refusal(args.model, loaded.model, tuple(args.input_shape), str(err))) from None
     if args.checkpoint is None and args.model in MODEL_NAMES:
         # fresh random weights: an exact zero the initialisation happens to draw is no pruning
         counts = Counts(costs.macs, costs.macs, costs.params, costs.params)
@@ -105,6 +112,30 @@ def cmd_info(args) -> int:
         print(f"note: no element-wise rule for {len(names)} module(s) (their MACs are counted, "
               f"their other ops not): {', '.join(names[:5])}{more}")
     return 0
+
+
+def input_shape_refusal(name: str, model, shape: tuple[int, ...], message: str) -> str:
+    """The line for a model that failed on an example of ``--input-shape`` ``shape``: the model's
+    own words (from ``message``, CostModel's refusal), then the shape to give, channels first, from
+    the model's first convolution (its in_channels; the spatial sizes given, or 32 each) or first
+    Linear layer (its in_features)."""
+    reason = message.split("): ", 1)[-1].rsplit("; ", 1)[0]
+    given = ",".join(map(str, shape))
+    first = next(((n, m) for n, m in model.named_modules()
+                  if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))), None)
+    if first is None:
+        fix = "give --input-shape as one example's shape as the model takes it (C,H,W for images)"
+    elif isinstance(first[1], nn.Linear):
+        fix = (f"give --input-shape as one example's shape as the model takes it: its first layer, {first[0]}, "
+               f"takes {first[1].in_features} features")
+    else:
+        conv = first[1]
+        dims = len(conv.kernel_size)
+        spatial = shape[-dims:] if len(shape) in (dims, dims + 1) else (32,) * dims
+        wanted = ",".join(map(str, (conv.in_channels, *spatial)))
+        fix = (f"give --input-shape {wanted} (channels first: its first convolution, {first[0]}, takes "
+               f"{conv.in_channels} channel{'s' if conv.in_channels != 1 else ''})")
+    return f"{name} fails on an input of --input-shape {given}: {reason}; {fix}"
 
 
 def _zeros(row: dict) -> int:

@@ -23,11 +23,15 @@ from ..errors import PrunekitError, PrunekitWarning
 from ..data import load_dataset, make_loader
 from ..data.dataset import DeferredImageDataset
 from ..loading import check_fits, check_normalized, load_model, recorded_classes
+from ..masks import MaskHold, masks_from_weights
+from ..params import ParamSpace
+from ..saving import read_meta
 from ..options import OptionError, cli_message
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
 from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim, check_ranks_share,
                     claim, finished_read_only_on_rank_0, release_refused)
+from ..zoo.checkpoints import _export_kind
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
@@ -62,7 +66,8 @@ def cmd_train(args) -> int:
     check_image_transform(loaded, args)
     if args.device:
         loaded.model.to(args.device)
-    CostModel(loaded.model, loaded.example_input())   # refuses images the model cannot take
+    costs = CostModel(loaded.model, loaded.example_input())   # refuses images the model cannot take
+    pruned = pruned_checkpoint(args, loaded, costs)
     check_fits(loaded, train_ds, f"{args.data} train")
     loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
                          augment=args.augment, seed=args.seed, drop_last=True)
@@ -73,15 +78,76 @@ def cmd_train(args) -> int:
     if args.out and not getattr(args, "force", False) and finished_read_only_on_rank_0(args.out):
         # a finished run in a folder this process may not write: its result again (when it is this
         # command's run), with no lock (its file could not be made) and nothing written
-        return train_into(args, loaded, loader, test_loader, read_only=True)
+        return train_into(args, loaded, loader, test_loader, read_only=True, pruned=pruned)
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
-        return train_into(args, loaded, loader, test_loader)
+        return train_into(args, loaded, loader, test_loader, pruned=pruned)
 
 
-def train_into(args, loaded, loader, test_loader, read_only: bool = False) -> int:
+class PrunedCheckpoint:
+    """What training keeps of a pruned checkpoint (a `prunekit prune` run's model, or a `train` of
+    one): ``masks`` (its zero prunable weights, held at zero through every step), ``shrunk`` (it has
+    channels removed: its channel layout is saved with the trained model), ``source`` (the record it
+    was saved with, whose dense MACs / params the kept shares are counted against), ``costs`` (the
+    loaded model's cost model, for the nonzero-aware counts of the trained one), ``note`` (the line
+    that says so, printed as training starts)."""
+
+    def __init__(self, space: ParamSpace, masks: dict, shrunk: bool, source: dict, costs: CostModel):
+        self.space, self.masks, self.shrunk, self.source, self.costs = space, masks, shrunk, source, costs
+        self.note = ""
+
+    @property
+    def zeros(self) -> int:
+        return sum(int((~m).sum()) for m in self.masks.values())
+
+    def record(self, model) -> dict:
+        """The counts of trained ``model`` as a prune record has them (MACs and params nonzero-aware,
+        kept shares of the dense model's), and where it came from (``pruned``)."""
+        counts = self.costs.count(model)
+        dense_macs = self.source.get("dense_macs") or counts.dense_macs
+        dense_params = self.source.get("dense_params") or counts.dense_params
+        nonzeros = sum(int((w != 0).sum()) for w in self.space.weights())
+        record = {"macs": counts.macs, "dense_macs": dense_macs, "flops_kept": counts.macs / dense_macs,
+                  "params": counts.params, "dense_params": dense_params, "params_kept": counts.params / dense_params}
+        if self.source.get("sparsity") is not None or not (self.source or self.shrunk):    # a weights method's
+            record.update(sparsity=1 - nonzeros / self.space.numel, nonzeros=nonzeros)
+        origin = self.source.get("pruned") or ({"method": self.source.get("method"), "family": self.source.get("family")}
+                                               if self.source else {"method": None, "family": None, "export": True})
+        record["pruned"] = {**origin, "held_zeros": self.zeros, "shrunk": self.shrunk}
+        return record
+
+
+def pruned_checkpoint(args, loaded, costs: CostModel) -> PrunedCheckpoint | None:
+    """The pruning ``args.checkpoint`` carries, or None for a dense checkpoint (or none): a model
+    whose sidecar records a `prunekit prune` run (its ``result`` names a method), a `train` of such a
+    model (its ``result`` has ``pruned``), a channel layout (channels removed), or a file `prunekit
+    export` wrote (model-dense / model-sparse.safetensors, no record) holding zero prunable weights.
+    Its zero prunable weights are held at zero while it trains, and ``note`` says so (printed by
+    ``train_into``); a checkpoint with nothing pruned to keep (no zeros, no layout) is None."""
+    meta = read_meta(args.checkpoint) if args.checkpoint else {}
+    source = meta.get("result") if isinstance(meta.get("result"), dict) else {}
+    shrunk = "channel_layout" in meta
+    exported = args.checkpoint is not None and _export_kind(Path(args.checkpoint)) is not None
+    if not (shrunk or exported or source.get("method") is not None or source.get("pruned")):
+        return None
+    space = ParamSpace(loaded.model, costs=costs)     # every prunable weight, as the channel fine-tune holds them
+    pruned = PrunedCheckpoint(space, masks_from_weights(space), shrunk, source, costs)
+    if not (pruned.zeros or shrunk):                  # nothing pruned to keep (a dense model's export)
+        return None
+    method = (source.get("pruned") or source).get("method") or ("a prunekit export" if exported else "pruned")
+    layout = "its channel layout (channels removed) is kept" if shrunk else ""
+    zeros = (f"its {pruned.zeros:,} pruned weights ({100 * pruned.zeros / space.numel:.1f}% of the prunable) "
+             "are held at zero") if pruned.zeros else ""
+    pruned.note = (f"{args.checkpoint} is a pruned model ({method}): {' and '.join(filter(None, (zeros, layout)))}, "
+                   "so the trained model stays pruned")
+    return pruned
+
+
+def train_into(args, loaded, loader, test_loader, read_only: bool = False,
+               pruned: PrunedCheckpoint | None = None) -> int:
     """Train ``loaded`` on ``loader`` (into run folder ``args.out`` when given, carrying on from
     its last epoch), evaluate on ``test_loader``, print the result. ``read_only``: ``args.out``
-    holds a finished run this process may not write: checked and read, nothing written."""
+    holds a finished run this process may not write: checked and read, nothing written. ``pruned``:
+    a pruned checkpoint's zeros, held at zero, and its channel layout, saved with the model."""
     folder = training_folder(args, read_only=read_only)
     if folder is not None and distributed.current().distributed:   # on several machines: one shared folder
         check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
@@ -92,9 +158,18 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False) -> in
                 _remove_own_files(folder.checkpoints)
         emit(args, finished, result_lines(args, finished))
         return 0
+    if pruned is not None and not args.json:     # once the folder is claimed: a refusal stays one line
+        print(pruned.note, file=sys.stderr)
     checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
     optimizer = sgd(loaded.model, args.lr, weight_decay=args.weight_decay)
     schedule = cosine(optimizer, args.epochs * len(loader))
+    with MaskHold(pruned.space, pruned.masks, optimizer) if pruned is not None else nullcontext():
+        return _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule, pruned)
+
+
+def _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule,
+                pruned: PrunedCheckpoint | None) -> int:
+    """``train_into``'s epochs, evaluation and saving (a pruned checkpoint's masks held by the caller)."""
     digest = user_models.file_digest(args.model) if user_models.is_model_file(args.model) else None
     history = resume(checkpointer, loaded.model, optimizer, schedule, loader, digest)
     if history and not args.json:
@@ -114,12 +189,14 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False) -> in
     record = {"model": args.model, "data": args.data, "split": args.eval_split, "epochs": args.epochs, "lr": args.lr,
               "batch_size": args.batch_size, "seed": args.seed, "train_images": len(loader.dataset), "accuracy": accuracy,
               "seconds": sum(h["seconds"] for h in history), "history": history, "peak_rss_mb": peak_rss_mb()}
+    if pruned is not None:
+        record.update(pruned.record(loaded.model))
     if checkpointer is not None and len(checkpointer.world_sizes) > 1:    # resumed with another world size
         record["world_sizes"] = list(checkpointer.world_sizes)
     # under torchrun: the world size and every rank's peak, as prune records them
     record = distributed.with_rank_peaks(record, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     if args.out and is_main_process():     # under torchrun, rank 0 alone writes
-        save_pruned(args.out, loaded.model, describe(loaded), record, shrunk=False)
+        save_pruned(args.out, loaded.model, describe(loaded), record, shrunk=pruned is not None and pruned.shrunk)
         shutil.rmtree(folder.checkpoints, ignore_errors=True)     # the model and result.json are written
     emit(args, record, result_lines(args, record))
     return 0
@@ -149,7 +226,10 @@ def check_converging(args, loss: float, model, epoch: int, history: list[dict], 
 
 def result_lines(args, record: dict) -> list[str]:
     return ([f"{args.model} trained on {args.data}: {record['accuracy']:.2f}% {args.eval_split} accuracy "
-             f"({record['seconds']:.1f} s of training)"] + ([f"saved to {args.out}"] if args.out else []))
+             f"({record['seconds']:.1f} s of training"
+             + (f"; still pruned: {100 * record['flops_kept']:.2f}% of the dense MACs, {100 * record['params_kept']:.2f}% "
+                "of its params" if "pruned" in record else "") + ")"]
+            + ([f"saved to {args.out}"] if args.out else []))
 
 
 def finished_record(folder: RunFolder | None) -> dict | None:

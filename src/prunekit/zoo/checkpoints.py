@@ -25,6 +25,7 @@ import pickle
 import warnings
 import re
 import stat
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -57,9 +58,39 @@ def check_checkpoint_path(path: str | Path, hint: str = CHECKPOINT_HINT) -> None
         raise PrunekitError(f"checkpoint {path} is {_special_kind(path)}, not a file: {hint}")
     if not path.is_file():
         raise PrunekitError(f"checkpoint {path} not found: check the path")
+    export = _export_file_kind(path)
+    if export:
+        run = path.parent.parent if path.parent.name == "export" else None
+        run = run if run is not None and (run / "model.safetensors").is_file() else None
+        where = f" ({run}, or {run / 'model.safetensors'})" if run is not None else ""
+        article = "an" if export[0] in "AEIOU" else "a"
+        raise PrunekitError(f"{path} is {article} {export} export (as `prunekit export` writes), not a checkpoint: pass "
+                            f"the run folder it was exported from, or its model.safetensors{where}")
     other = _other_kind(path)
     if other:
         raise PrunekitError(f"{path} is not a model checkpoint ({other}): {hint}")
+
+
+def _export_file_kind(path: Path) -> str | None:
+    """"TorchScript" for a torch.jit.save archive (a zip holding code and constants.pkl), "ONNX"
+    for an ONNX model (named .onnx, or a protobuf that starts as ONNX's ModelProto does: its
+    ir_version, then its producer or graph), else None; only the file's head (and a zip's list of
+    names) is read."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(_ZIP_START):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        torchscript = any(n.endswith("/constants.pkl") or "/code/__torch__" in n for n in names)
+        return "TorchScript" if torchscript else None
+    if head[:1] == b"\x80" or (len(head) >= 9 and head[8:9] == b"{"):
+        return None          # a pickle, or safetensors (whose header length may start with 0x08)
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and len(head) > 2 and head[2:3] in (b"\x12", b"\x3a")):
+        return "ONNX"
+    return None
 
 
 def _special_kind(path: Path) -> str:
@@ -349,6 +380,9 @@ def _misfit_message(
     fits = _zoo_name(state)
     label = f"model '{model_name}'" if model_name else f"model {type(model).__name__}"
     kind = _export_kind(path)
+    changed = _changed_model(path, state, own, missing, unexpected, mismatched)
+    if changed is not None:
+        return changed
     if kind is not None and mismatched and not missing and not unexpected:
         folder = Path(path).parent
         run = folder.parent if folder.name == "export" else "RUNDIR"
@@ -371,6 +405,40 @@ def _misfit_message(
     else:
         hint = "pick the model it was trained for"
     return f"checkpoint {path} does not fit {label} ({', '.join(problems)}): {hint}"
+
+
+def _changed_model(path: Path, state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+                   missing: list[str], unexpected: list[str], mismatched: list[str]) -> str | None:
+    """The line for a checkpoint prunekit saved from the user's own model (a model file's, or a class
+    saved from Python) that the model no longer fits, naming the first differing tensor; None for
+    any other checkpoint. Its sidecar records the channel layout of a channel-pruned model (applied
+    before loading), so a misfit is the model's code having changed since, not channels removed
+    -- unless the sidecar records a channel run without its layout (an older prunekit's) and the
+    file's tensors are narrower only (the caller's hint for that)."""
+    from prunekit.saving import read_meta
+    from prunekit.user_models import is_model_file
+    try:
+        meta = read_meta(path)
+    except PrunekitError:
+        return None
+    saved = meta.get("model")
+    if not isinstance(saved, str) or not (is_model_file(saved) or meta.get("custom")):
+        return None
+    result = meta.get("result") if isinstance(meta.get("result"), dict) else {}
+    channel_run = result.get("family") == "channels" or (result.get("pruned") or {}).get("shrunk")
+    if ("channel_layout" not in meta and channel_run and not missing and not unexpected
+            and _narrower_only(own, state, mismatched)):
+        return None
+    k = next((k for k in own if k in mismatched or k in missing), None)     # the first, in the model's order
+    if k in mismatched:
+        first = f"'{k}' is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in the model"
+    elif k is not None:
+        first = f"the model has '{k}', which the file lacks"
+    else:
+        first = f"the file holds '{unexpected[0]}', which the model lacks"
+    what = f"the model file ({saved})" if is_model_file(saved) else f"your {saved} class"
+    return (f"checkpoint {path} no longer fits {what}: {first}; the model's code differs from the code prunekit "
+            "saved it with: restore that code, or train (or prune) again with this one")
 
 
 def _narrower_only(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], mismatched: list[str]) -> bool:
