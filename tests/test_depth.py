@@ -225,3 +225,9 @@ def test_a_residual_block_with_a_sequential_body_is_the_unit_never_a_conv_inside
               "dense_accuracy": 0.0, "accuracy": 0.0, "depth": info, "seconds": 1.0, "peak_rss_mb": 1.0}
     said = next(line for line in prune_lines(record) if line.startswith("  depth"))
     assert "residual blocks (each replaced by its identity shortcut)" in said
+    # a model whose only shape-keeping layers sit in a residual branch: nothing to remove, and said so
+    branchy = _BranchInParent()
+    _, none = depth_cut(branchy, CostModel(branchy, torch.randn(1, 3, 8, 8)), 1, batches)
+    assert none["removed"] == [] and none["candidates"] == 0
+    said = next(line for line in prune_lines({**record, "depth": none}) if line.startswith("  depth"))
+    assert "no residual block with an identity shortcut" in said

@@ -406,7 +406,10 @@ def prune_lines(r: dict) -> list[str]:
             lines.append(f"  depth      {len(removed)} block{'s' if len(removed) != 1 else ''} removed first "
                          f"({', '.join(removed[:5])}{', ...' if len(removed) > 5 else ''}{kind}), "
                          f"{100 * one['depth']['flops_kept']:.2f}% of the MACs left" if removed else
-                         "  depth      no block removed: each would have left fewer MACs than --depth-flops")
+                         ("  depth      no block removed: the model has no residual block with an identity shortcut "
+                          "(a module whose forward adds its own input) and no shape-keeping layer outside a residual "
+                          "branch" if one["depth"].get("candidates") == 0 else
+                          "  depth      no block removed: each would have left fewer MACs than --depth-flops"))
         lines += _stages_lines(one) + _layer_search_lines(one) + _event_choice_lines(one)
         # --reconstruct-batches (the shrunk model's layers after the cut), --refit-batches (the pruned ones)
         for refit in ((one.get("reconstruct") or {}).get(f"{one.get('flops', 0):g}"), one.get("refit")):

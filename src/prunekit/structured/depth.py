@@ -232,6 +232,10 @@ def depth_cut(model: nn.Module, costs: CostModel, target_macs: float, batches: l
             "rounds": rounds, "kinds": {name: kinds[name] for name in (r["removed"] for r in rounds)}}
     if seconds:
         info["block_seconds"] = seconds
-    if not rounds:
+    info["candidates"] = len(kinds)
+    if not kinds:
+        info["note"] = ("no block to remove: no residual block with an identity shortcut and no shape-keeping "
+                        "layer outside a residual branch")
+    elif not rounds:
         info["note"] = "no block could be removed within depth_flops"
     return cut, info
