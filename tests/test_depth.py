@@ -211,6 +211,9 @@ def test_a_residual_block_with_a_sequential_body_is_the_unit_never_a_conv_inside
     kinds = {}
     assert removable_blocks(net, torch.randn(1, 3, 8, 8), kinds) == ["1", "2"]
     assert kinds == {"1": "residual block", "2": "residual block"}
+    option_a = {}                         # an option-A ResNet's identity shortcut is an nn.Identity module
+    assert len(removable_blocks(zoo.build("resnet20").eval(), torch.randn(1, 3, 8, 8), option_a)) == 7
+    assert set(option_a.values()) == {"residual block"}
     # the add in the parent's forward: the convs of the branch are not blocks either
     assert removable_blocks(_BranchInParent(), torch.randn(1, 3, 8, 8)) == []
     # the depth cut records and the summary says what kind of unit went

@@ -33,6 +33,7 @@ import copy
 import operator
 import statistics
 import time
+import warnings
 
 import torch
 from torch import fx, nn
@@ -52,6 +53,15 @@ def _is_add(node: fx.Node) -> bool:
             or (node.op == "call_method" and node.target in ("add", "add_")))
 
 
+def _through_identity(node, module: nn.Module):
+    """``node``, or what it passes on unchanged where it is a call of an ``nn.Identity`` (an
+    option-A ResNet's identity shortcut is a module)."""
+    while isinstance(node, fx.Node) and node.op == "call_module" and node.args and \
+            isinstance(module.get_submodule(node.target), nn.Identity):
+        node = node.args[0]
+    return node
+
+
 def _residual_structure(model: nn.Module) -> tuple[set[str], set[str]]:
     """``(residual, in_branch)`` found by tracing each module of ``model`` with ``torch.fx``:
     ``residual`` names the modules with an identity shortcut (their forward adds its own input to
@@ -64,7 +74,9 @@ def _residual_structure(model: nn.Module) -> tuple[set[str], set[str]]:
         if not any(True for _ in module.children()):
             continue                                        # a layer: no forward of ours to read
         try:
-            graph = fx.symbolic_trace(module).graph
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                 # fx's own notes on what it cannot trace
+                graph = fx.symbolic_trace(module).graph
         except Exception:                                   # data-dependent control flow and the like
             continue
         ancestors: dict[fx.Node, set[fx.Node]] = {}
@@ -72,7 +84,7 @@ def _residual_structure(model: nn.Module) -> tuple[set[str], set[str]]:
             ancestors[node] = set().union(*[{a} | ancestors[a] for a in node.all_input_nodes])
             if not _is_add(node) or len(node.args) < 2:
                 continue
-            a, b = node.args[0], node.args[1]
+            a, b = (_through_identity(arg, module) for arg in node.args[:2])
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
                 continue
             for short, long in ((a, b), (b, a)):
