@@ -174,3 +174,63 @@ def test_a_run_with_a_depth_cut_resumes_to_the_same_weights(tiny, tmp_path, monk
     assert whole.record["depth"]["removed"] == resumed.record["depth"]["removed"] != []
     mine, theirs = whole.model.state_dict(), resumed.model.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+class _ResidualBody(nn.Module):
+    """relu(x + body(x)), the body an nn.Sequential: a residual block written the common way."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+class _BranchInParent(nn.Module):
+    """The residual add written in the parent's forward: self.res is a branch, not a block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.res = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.res(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_residual_block_with_a_sequential_body_is_the_unit_never_a_conv_inside_its_branch():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _ResidualBody(4), _ResidualBody(4),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    assert removable_blocks(net, torch.randn(1, 3, 8, 8)) == ["1", "2"]       # not 1.body.0, 1.body.3, ...
+    kinds = {}
+    assert removable_blocks(net, torch.randn(1, 3, 8, 8), kinds) == ["1", "2"]
+    assert kinds == {"1": "residual block", "2": "residual block"}
+    option_a = {}                         # an option-A ResNet's identity shortcut is an nn.Identity module
+    assert len(removable_blocks(zoo.build("resnet20").eval(), torch.randn(1, 3, 8, 8), option_a)) == 7
+    assert set(option_a.values()) == {"residual block"}
+    # the add in the parent's forward: the convs of the branch are not blocks either
+    assert removable_blocks(_BranchInParent(), torch.randn(1, 3, 8, 8)) == []
+    # the depth cut records and the summary says what kind of unit went
+    costs = CostModel(net, torch.randn(1, 3, 8, 8))
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,)))]
+    cut, info = depth_cut(net, costs, 0.45 * costs.macs, batches)   # room for one block of two
+    assert len(info["removed"]) == 1 and info["kinds"] == {info["removed"][0]: "residual block"}
+    assert isinstance(cut.get_submodule(info["removed"][0]), RemovedBlock)
+    from prunekit.commands.prune import prune_lines
+    record = {"model": "net", "method": "autobot", "mode": "one-shot", "sparsity": None, "flops": 0.5,
+              "flops_kept": 0.5, "macs": 1, "dense_macs": 2, "params_kept": 0.5, "params": 1,
+              "dense_accuracy": 0.0, "accuracy": 0.0, "depth": info, "seconds": 1.0, "peak_rss_mb": 1.0}
+    said = next(line for line in prune_lines(record) if line.startswith("  depth"))
+    assert "residual blocks (each replaced by its identity shortcut)" in said
+    # a model whose only shape-keeping layers sit in a residual branch: nothing to remove, and said so
+    branchy = _BranchInParent()
+    _, none = depth_cut(branchy, CostModel(branchy, torch.randn(1, 3, 8, 8)), 1, batches)
+    assert none["removed"] == [] and none["candidates"] == 0
+    said = next(line for line in prune_lines({**record, "depth": none}) if line.startswith("  depth"))
+    assert "no residual block with an identity shortcut" in said

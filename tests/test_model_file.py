@@ -361,3 +361,36 @@ def test_a_model_file_returning_an_output_with_logits_runs_on_the_command_line(c
     assert pruned["sparsity"] == pytest.approx(0.5, abs=1e-3) and pruned["accuracy"] is not None
     evaluated = run_json(capsys, ["eval", "--model", spec, "--checkpoint", str(tmp_path / "run"), *MNIST, "--json"])
     assert evaluated["accuracy"] == pruned["accuracy"]
+
+
+def test_a_model_with_class_names_on_an_npz_of_bare_labels_is_warned_and_the_file_is_named(capsys, tmp_path):
+    """A model pruned on an image folder records its class names; an .npz read as --data cifar10
+    carries bare integer labels whose order cannot be checked: one warning, and the record names
+    the file rather than only "cifar10"."""
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential("
+                                     "nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), "
+                                     "nn.Flatten(), nn.Linear(4, 3))\n")
+    rng = np.random.default_rng(0)
+    for name in ("circle", "cross", "square"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "folder" / name / f"{i}.png")
+    model = ["--model", f"{tmp_path}/net.py:build", "--normalize", "none"]
+    assert main(["prune", *model, "--data", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--method",
+                 "magnitude-flops", "--flops", "0.9", "--out", str(tmp_path / "run"), "--json"]) == 0
+    capsys.readouterr()
+    np.savez(tmp_path / "mine.npz", x_train=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             y_train=rng.integers(0, 3, (8, 1)), x_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             y_test=rng.integers(0, 3, (8, 1)))
+    evaluate = ["eval", *model, "--checkpoint", str(tmp_path / "run"), "--data", "cifar10", "--data-dir",
+                str(tmp_path / "mine.npz")]
+    assert main([*evaluate, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["data_file"] == str(tmp_path / "mine.npz")
+    assert err.count("warning:") == 1 and "0=circle, 1=cross, 2=square" in err and "bare integer labels" in err
+    assert main(evaluate) == 0
+    assert f"on {tmp_path / 'mine.npz'} (read as cifar10) test" in capsys.readouterr().out
+    # the image folder labelled by the model's own names: no such warning
+    assert main(["eval", *model, "--checkpoint", str(tmp_path / "run"), "--data", "imagefolder", "--data-dir",
+                 str(tmp_path / "folder")]) == 0
+    assert "bare integer labels" not in capsys.readouterr().err

@@ -114,3 +114,32 @@ def test_the_summary_counts_a_grouped_convs_blocks_and_says_when_the_taper_ran_l
     assert "  taper      318 steps where 16 were planned (--taper-epochs): the gates reached the budget late" \
         in prune_lines(late)
     assert not any(line.startswith("  taper") for line in prune_lines({**late, "taper_steps": 16}))
+
+
+def test_a_hybrid_result_reports_its_shrunk_share_and_its_nonzero_share_apart(capsys, tmp_path):
+    """Hybrid: channels removed to ~60%, then single weights zeroed to 30%. The kernels compute the
+    shrunk structure (its zeros at dense cost): info and bench-latency give both shares, and the
+    latency ratio is judged against the shrunk one."""
+    out = run_json(capsys, ["prune", *MLP, *MNIST, "--method", "hybrid", "--flops", "0.3",
+                            "--structured-flops", "0.6", "--gate-batches", "3", "--fisher-samples", "128", "--out", str(tmp_path / "run"),
+                            "--json"])
+    saved = str(tmp_path / "run" / "model.safetensors")
+    info = run_json(capsys, ["info", "mlpnet", "--checkpoint", saved, "--json"])["shrunk"]
+    assert info["flops_kept"] == pytest.approx(out["flops_kept"], rel=1e-9) and info["flops_kept"] <= 0.3
+    assert 0.3 < info["structure_flops_kept"] <= 0.6 and info["zeros_in_shrunk"] is True
+    assert main(["info", "mlpnet", "--checkpoint", saved]) == 0
+    text = capsys.readouterr().out
+    assert f"shrunk to {100 * info['structure_flops_kept']:.2f}% of the dense" in text
+    assert f"{100 * info['flops_kept']:.2f}% and" in text and "counting only nonzero weights" in text
+    assert "shrunk (channels removed)" not in text       # the nonzero share labelled as the channels' one
+    bench = run_json(capsys, ["bench-latency", "--pruned", str(tmp_path / "run"), "--repeats", "5", "--warmup",
+                              "1", "--threads", "1", "--batch-sizes", "1", "--json"])
+    assert bench["zeros_in_shrunk"] is True and bench["masked"] is False
+    assert bench["structure_flops_kept"] == pytest.approx(info["structure_flops_kept"], rel=1e-9)
+    assert bench["flops_kept"] == pytest.approx(info["flops_kept"], rel=1e-9)
+    row = bench["rows"][0]
+    assert row["ratio_to_macs_kept"] == pytest.approx(row["ratio"] / bench["structure_flops_kept"], rel=1e-9)
+    assert main(["bench-latency", "--pruned", str(tmp_path / "run"), "--repeats", "5", "--warmup", "1",
+                 "--threads", "1", "--batch-sizes", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "the zeros run at dense cost" in text and "shrunk MAC share kept" in text

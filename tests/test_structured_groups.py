@@ -247,3 +247,33 @@ def test_a_model_of_conv1d_style_layers_is_refused_naming_the_layer_kind_and_the
                                             r"y = x @ W \+ b\), which the channel methods do not shrink; the weight "
                                             r"methods \(falcon, chita, magnitude\) prune it; 3: a Conv1D-style"):
         find_groups(model, torch.randint(20, (2, 5)))
+
+
+class _SE(torch.nn.Module):
+    """Squeeze-excitation: x * sigmoid(fc2(relu(fc1(mean(x))))), a channel-wise product."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Conv2d(c, c // 2, 1), torch.nn.Conv2d(c // 2, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+def test_a_squeeze_excitation_gate_before_a_flatten_keeps_its_channel_group_prunable():
+    # torch-pruning hands the channels of a flatten read backwards over as a set (any order); read
+    # in root order they are the identity map, so the conv's group is pruned, not left dense
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), _SE(8), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    groups = find_groups(model, torch.zeros(1, 3, 8, 8))
+    assert [why for _, why in groups.skipped] == ["reaches the network output (no consuming layer)"]
+    group = next(g for g in groups if any(m.module == "0" for m in g.members))
+    assert {(m.module, m.role, m.offset, m.repeat) for m in group.members} >= {
+        ("0", "out", 0, 1), ("1", "bn", 0, 1), ("3.fc2", "out", 0, 1), ("3.fc1", "in", 0, 1), ("6", "in", 0, 16)}
+    import prunekit                                  # and the pruned, shrunk model runs at the budget
+    x, y = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
+    r = prunekit.prune(model, (x, y), method="autobot", flops=0.5, gate_batches=2)
+    assert r.record["skipped_groups"] == ["6: reaches the network output (no consuming layer)"]
+    assert r.model[0].out_channels < 8 and r.model(x).shape == (64, 4) and r.flops_kept <= 0.5

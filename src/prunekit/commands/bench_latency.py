@@ -114,20 +114,29 @@ def cmd_bench_latency(args) -> int:
                          args.warmup, args.repeats, dtype=dtype)
     costs = CostModel(dense.model, dense.example_input())
     kept = costs.count(pruned.model).flops_kept
-    for r in rows:
-        r["ratio_to_macs_kept"] = r["ratio"] / kept if kept else None     # a model that keeps no MAC
     masked = kept < 1 and same_shapes(dense.model, pruned.model)
+    # what the kernels compute: the pruned model's tensors whole (zeros included); for a shrunk
+    # model that also has zeros (hybrid: channels removed, then single weights) the time follows this
+    structure = 1.0 if masked else CostModel(pruned.model, pruned.example_input()).macs / costs.macs
+    zeros_in_shrunk = not masked and structure != kept
+    judged = structure if zeros_in_shrunk else kept
+    for r in rows:
+        r["ratio_to_macs_kept"] = r["ratio"] / judged if judged else None     # a model that keeps no MAC
     if args.json:
         print(json.dumps({"model": args.model, "pruned": str(pruned_file), "threads": args.threads,
                           "warmup": args.warmup, "repeats": args.repeats, "flops_kept": kept, "masked": masked,
+                          "structure_flops_kept": structure, "zeros_in_shrunk": zeros_in_shrunk,
+                          "ratio_to_macs_kept_of": "structure_flops_kept" if zeros_in_shrunk else "flops_kept",
                           "rows": rows}))
         return 0
-    print(f"{args.model}: dense vs {pruned_file} ({100 * kept:.1f}% of MACs); dense and pruned alternated, "
+    share = (f"{100 * structure:.1f}% of MACs as shrunk, {100 * kept:.1f}% counting only nonzero weights"
+             if zeros_in_shrunk else f"{100 * kept:.1f}% of MACs")
+    print(f"{args.model}: dense vs {pruned_file} ({share}); dense and pruned alternated, "
           f"median of {args.repeats} pairs after {args.warmup} warm-up")
     for r in rows:
         print(f"  {r['threads']} thread(s) batch {r['batch']:>4}: dense {duration(r['dense_ms']):>9}   "
               f"pruned {duration(r['pruned_ms']):>9}   ratio {r['ratio']:.2f}x (quartiles {r['ratio_q1']:.2f}-"
-              f"{r['ratio_q3']:.2f}" + (f"; {r['ratio_to_macs_kept']:.2f}x the MAC share kept)"
+              f"{r['ratio_q3']:.2f}" + (f"; {r['ratio_to_macs_kept']:.2f}x the {'shrunk ' if zeros_in_shrunk else ''}MAC share kept)"
                                          if r["ratio_to_macs_kept"] is not None else ")")
               + ("   noisy" if r["noisy"] else ""))
     noisy = sum(r["noisy"] for r in rows)
@@ -136,6 +145,10 @@ def cmd_bench_latency(args) -> int:
               f"past {NOISE_LIMIT:.0%} of their median, or the fastest calls' ratio is {NOISE_LIMIT:.0%} off the "
               "median ratio): the machine's load changed while timing, so those ratios cannot be trusted; time on "
               "a quiet machine, or with more --repeats")
+    if zeros_in_shrunk:
+        print(f"note: the pruned model is shrunk to {100 * structure:.1f}% of the dense MACs (channels removed) and "
+              f"its kept layers also hold zeroed weights ({100 * kept:.1f}% counting only nonzeros): the zeros run "
+              "at dense cost, so the ratios above are judged against the shrunk share")
     if masked:
         print("note: the pruned model is masked, not shrunk (its zeroed weights stay in tensors of the dense shapes), "
               "so dense kernels take about the same time: channel methods (--method autobot, taper, hybrid), "

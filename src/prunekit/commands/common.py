@@ -238,9 +238,31 @@ def note_classes(args, loaded: LoadedModel, ds) -> None:
         loaded.class_names = list(ds.classes)
 
 
+def note_label_order(args, loaded: LoadedModel, ds) -> None:
+    """One warning when a model records class names and the data's labels cannot be matched to them:
+    bare integer labels (a Keras-style ``.npz``: their order cannot be checked) or names of another
+    order. An image folder is labelled by the model's own names and needs none."""
+    names = loaded.class_names
+    if names is None or args.data == "imagefolder":
+        return
+    where = getattr(ds, "source", None) or "the data"
+    shown = ", ".join(f"{k}={name}" for k, name in enumerate(list(names)[:10])) + (", ..." if len(names) > 10 else "")
+    if not getattr(ds, "named_labels", True):
+        warnings.warn(PrunekitWarning(
+            f"the model records its class names ({shown}) but {where} has bare integer labels, whose order cannot "
+            "be checked: the accuracy is right only if each label means the class named here; relabel the data in "
+            "this order, or evaluate on an image folder (labelled by the model's names)"))
+    elif list(ds.classes[:len(names)]) != list(names):
+        warnings.warn(PrunekitWarning(
+            f"the model records its class names ({shown}) but {where} names its labels "
+            f"{', '.join(f'{k}={name}' for k, name in enumerate(list(ds.classes)[:10]))}: the accuracy counts "
+            "label k as the model's class k; relabel the data in the model's order"))
+
+
 def eval_data(args, loaded: LoadedModel):
     ds = evaluation_split(args.data, args.data_dir, args.eval_split, args.resize, args.crop, model_classes(loaded))
     note_classes(args, loaded, ds)
+    note_label_order(args, loaded, ds)
     check_fits(loaded, ds, f"{args.data} {args.eval_split}")
     check_normalized(loaded)
     return make_loader(ds, loaded.normalization, batch_size=args.batch_size)

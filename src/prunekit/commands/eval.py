@@ -21,11 +21,14 @@ def cmd_eval(args) -> int:
     seconds = time.perf_counter() - start
     check_finite_loss(measured["loss"])     # finite weights, nan or inf outputs: as prune refuses them
     counts = CostModel(loaded.model, loaded.example_input()).count(loaded.model)    # nonzero-aware
-    payload = {"model": args.model, "data": args.data, "split": args.eval_split, "accuracy": measured["accuracy"],
+    data_file = getattr(getattr(loader, "dataset", None), "source", None)    # an .npz read as cifar10: its name
+    payload = {"model": args.model, "data": args.data, "data_file": data_file, "split": args.eval_split,
+               "accuracy": measured["accuracy"],
                "loss": measured["loss"], "macs": counts.macs, "params": counts.params,
                "images": len(loader.dataset) if hasattr(loader, "dataset") else None,
                "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
-    emit(args, payload, [f"{args.model} on {args.data} {args.eval_split}: {measured['accuracy']:.2f}% top-1, "
+    data = f"{data_file} (read as {args.data})" if data_file else args.data
+    emit(args, payload, [f"{args.model} on {data} {args.eval_split}: {measured['accuracy']:.2f}% top-1, "
                          f"loss {measured['loss']:.4f} ({counts.macs:,} MACs per example, "
                          f"{counts.params:,} nonzero params)"])
     return 0

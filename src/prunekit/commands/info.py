@@ -71,7 +71,7 @@ def cmd_info(args) -> int:
               "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,
               "prunable_macs": prunable_macs, "prunable_excluded": loaded.prune_exclude,
               "unknown_modules": costs.unknown}
-    shrunk = shrunk_summary(args.model, args.checkpoint, counts, loaded)
+    shrunk = shrunk_summary(args.model, args.checkpoint, counts, loaded, costs)
     if shrunk:
         totals["shrunk"] = shrunk
     if args.json:
@@ -175,20 +175,34 @@ def _millions(count: int) -> str:
     return f" ({count / 1e6:.2f}M)" if count >= 10**6 else ""
 
 
-def shrunk_summary(name: str, checkpoint, counts: Counts, loaded: LoadedModel) -> dict | None:
+def shrunk_summary(name: str, checkpoint, counts: Counts, loaded: LoadedModel,
+                   structure: CostModel | None = None) -> dict | None:
     """For a shrunk model (``loaded``): its MACs and params against the dense model it came from
-    (same input shape and dtype); else None."""
+    (same input shape and dtype); else None. ``macs``/``flops_kept``/``params``/``params_kept``
+    count only nonzero weights (``counts``); ``structure_macs``/``structure_flops_kept``/
+    ``structure_params``/``structure_params_kept`` count the shrunk tensors whole (``structure``,
+    the shrunk model's own cost model: what dense kernels compute), and ``zeros_in_shrunk`` says
+    whether the two differ (a hybrid run: channels removed, then single weights zeroed)."""
     if checkpoint is None or "channel_layout" not in read_meta(model_file(checkpoint)):
         return None
     dense = load_dense_of(name, loaded)
     costs = CostModel(dense.model, dense.example_input())
+    structure = structure or CostModel(loaded.model, loaded.example_input())
     return {"macs": counts.macs, "dense_macs": costs.macs, "flops_kept": counts.macs / costs.macs,
-            "params": counts.params, "dense_params": costs.params, "params_kept": counts.params / costs.params}
+            "params": counts.params, "dense_params": costs.params, "params_kept": counts.params / costs.params,
+            "structure_macs": structure.macs, "structure_flops_kept": structure.macs / costs.macs,
+            "structure_params": structure.params, "structure_params_kept": structure.params / costs.params,
+            "zeros_in_shrunk": counts.macs != structure.macs}
 
 
 def shrunk_line(s: dict) -> str:
-    return (f"shrunk (channels removed): {100 * s['flops_kept']:.2f}% of the dense {s['dense_macs']:,} MACs, "
-            f"{100 * s['params_kept']:.2f}% of its {s['dense_params']:,} params")
+    if not s.get("zeros_in_shrunk"):
+        return (f"shrunk (channels removed): {100 * s['flops_kept']:.2f}% of the dense {s['dense_macs']:,} MACs, "
+                f"{100 * s['params_kept']:.2f}% of its {s['dense_params']:,} params")
+    return (f"shrunk to {100 * s['structure_flops_kept']:.2f}% of the dense {s['dense_macs']:,} MACs and "
+            f"{100 * s['structure_params_kept']:.2f}% of its {s['dense_params']:,} params (channels removed); "
+            f"{100 * s['flops_kept']:.2f}% and {100 * s['params_kept']:.2f}% counting only nonzero weights "
+            "(the zeros inside the shrunk layers run at dense cost)")
 
 
 

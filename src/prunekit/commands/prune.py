@@ -427,10 +427,17 @@ def prune_lines(r: dict) -> list[str]:
                          "(--taper-epochs): the gates reached the budget late")
         if one.get("depth"):          # --depth-flops: the blocks removed before the channel method
             removed = one["depth"]["removed"]
+            kinds = [one["depth"].get("kinds", {}).get(name) for name in removed]
+            kind = ("" if None in kinds else ": residual blocks (each replaced by its identity shortcut)"
+                    if set(kinds) == {"residual block"} else ": shape-keeping layers, no residual block"
+                    if set(kinds) == {"layer"} else ": residual blocks and shape-keeping layers")
             lines.append(f"  depth      {len(removed)} block{'s' if len(removed) != 1 else ''} removed first "
-                         f"({', '.join(removed[:5])}{', ...' if len(removed) > 5 else ''}), "
+                         f"({', '.join(removed[:5])}{', ...' if len(removed) > 5 else ''}{kind}), "
                          f"{100 * one['depth']['flops_kept']:.2f}% of the MACs left" if removed else
-                         "  depth      no block removed: each would have left fewer MACs than --depth-flops")
+                         ("  depth      no block removed: the model has no residual block with an identity shortcut "
+                          "(a module whose forward adds its own input) and no shape-keeping layer outside a residual "
+                          "branch" if one["depth"].get("candidates") == 0 else
+                          "  depth      no block removed: each would have left fewer MACs than --depth-flops"))
         lines += _stages_lines(one) + _layer_search_lines(one) + _event_choice_lines(one)
         # --reconstruct-batches (the shrunk model's layers after the cut), --refit-batches (the pruned ones)
         for refit in ((one.get("reconstruct") or {}).get(f"{one.get('flops', 0):g}"), one.get("refit")):

@@ -157,7 +157,8 @@ def _load_npz(path: Path, split: str) -> ImageDataset:
     if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
         raise PrunekitError(f"{path}: '{y_key}' must hold {len(x)} integer labels, got {y.dtype} {y.shape}")
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    return ImageDataset(images, torch.from_numpy(y.astype(np.int64)), _class_names(path.parent))
+    return ImageDataset(images, torch.from_numpy(y.astype(np.int64)), _class_names(path.parent),
+                        named_labels=(path.parent / META_FILE).is_file(), source=str(path))
 
 
 def load_cifar10(data_dir: Path, split: str) -> ImageDataset:

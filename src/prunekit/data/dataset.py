@@ -18,11 +18,17 @@ class ImageDataset:
             (MNIST: ``C=1``, 28x28; CIFAR-10: ``C=3``, 32x32).
         labels: ``int64`` tensor of shape ``(N,)``, values in ``[0, len(classes))``.
         classes: class names; ``classes[k]`` names label ``k``.
+        named_labels: whether ``classes`` came with the data (folder names, a ``batches.meta``);
+            False where the labels are bare integers and ``classes`` the data set's standard names
+            (a Keras-style ``.npz``), so their order against a model's class names cannot be checked.
+        source: the file the images were read from where it is one file (an ``.npz``), else None.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    named_labels: bool = True
+    source: str | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -59,8 +65,9 @@ class ImageDataset:
         """
         index = subset_indices(len(self), n, seed)
         if seed is None:                 # a prefix: views, no copy
-            return ImageDataset(self.images[:len(index)], self.labels[:len(index)], list(self.classes))
-        return ImageDataset(self.images[index], self.labels[index], list(self.classes))
+            return ImageDataset(self.images[:len(index)], self.labels[:len(index)], list(self.classes),
+                                self.named_labels, self.source)
+        return ImageDataset(self.images[index], self.labels[index], list(self.classes), self.named_labels, self.source)
 
 
 def subset_indices(total: int, n: int | None, seed: int | None) -> torch.Tensor:

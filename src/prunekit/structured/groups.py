@@ -531,6 +531,11 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
     has_consumer = False
     for item in tp_group.items:
         dep, idxs = item.dep, [int(i) for i in item.idxs]
+        roots = getattr(item, "root_idxs", None)
+        if roots is not None and len(roots) == len(idxs):
+            # torch-pruning's map is root channel -> member channel; a flatten read backwards hands
+            # the member's channels over as a set (any order), so they are put in root order here
+            idxs = [i for _, i in sorted(zip((int(r) for r in roots), idxs))]
         module = dep.target.module
         grad_name = type(dep.target.grad_fn).__name__ if getattr(dep.target, "grad_fn", None) else ""
         pads = getattr(module, "pads_channels", False) and _is_pad_layer(dep)
@@ -571,7 +576,10 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
         repeat = len(idxs) // size
         offset = idxs[0]
         if idxs != list(range(offset, offset + len(idxs))) or offset + len(idxs) > extent:
-            return [], 1, f"index map of {name} is not a contiguous block"
+            return [], 1, (f"its {size} channels reach {name} ({type(module).__name__}) reordered or only in part "
+                           "(an operation between them, e.g. a channel shuffle, index_select or a reshape across "
+                           "the channel axis, moves channels), so they cannot be followed: kept dense; to prune "
+                           "them make that operation keep each channel in place, or exclude the layer")
         if repeat > 1 and role != "in":
             return [], 1, f"{name} repeats channels on its {role} axis"
         if role == "out" and extent != size:        # BatchNorm may see the group at an offset (after a concat)
