@@ -202,7 +202,7 @@ def stopped_by_divergence(folder: RunFolder | None, err: PrunekitError,
     the message says how to run with the lower learning rate it advises: the folder's run was
     made with this one (its config.toml names it; a gradual run's or a training's checkpoints
     were trained with it), so the lower one is another run, which ``force`` starts over in it
-    (``cli_fix``: the command line's words; a sweep has no --force) or another folder takes. Any other error, or a folder the run left
+    (``cli_fix``: the command line's words; a sweep has no --force, and --resume takes none) or another folder takes. Any other error, or a folder the run left
     (released, or none): ``err`` as it is. Called by the process holding the folder's lock."""
     from .errors import worded
     from .options import cli_message

@@ -118,6 +118,18 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _lower_rate_after_resume(args, err: PrunekitError) -> str:
+    """How to run a ``--resume``d run that diverged with a lower learning rate (``runs.stopped_by_divergence``'s
+    ``cli_fix``): --resume takes no other flag (no --force, no rate), so the original command again
+    with the lower rate and --force, or a --recipe of the folder's config.toml with them."""
+    from ..train import TrainingDiverged
+    flag = "--" + (err.lr_name if isinstance(err, TrainingDiverged) else "lr").replace("_", "-")
+    recipe = shlex.quote(str(Path(args.out) / "config.toml"))
+    return (f"run the original command again with a lower {flag} and --force (it starts over there; --resume takes "
+            f"neither), e.g. `prunekit prune --recipe {recipe}{_out_if_moved(args.out)} {flag} LOWER --force`, or "
+            "give it another --out")
+
+
 def _out_if_moved(out: str) -> str:
     """" --out OUT" when run folder ``out`` was moved since its run began: its config.toml's ``out``
     names the old place, where a ``--recipe`` of it would write."""
@@ -334,7 +346,9 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
     except PrunekitError as err:
         runs.release_refused(folder)
         stopped = runs.stopped_by_divergence(           # a sweep's run folder: no --force, its sweep another --out
-            folder if main else None, err, **({} if "force" in vars(args) else
+            folder if main else None, err, **({"cli_fix": _lower_rate_after_resume(args, err)}
+                                              if getattr(args, "resume", None) else
+                                              {} if "force" in vars(args) else
                                               {"cli_fix": "give the sweep another --out"}))
         if stopped is not err:
             raise stopped from None
