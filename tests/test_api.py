@@ -449,14 +449,68 @@ def test_the_same_data_in_another_form_is_refused_naming_the_form(tmp_path):
     kwargs = dict(method="magnitude", sparsity=0.8, out=str(tmp_path / "run"))
     prunekit.prune(net, (x, y), **kwargs)
     with pytest.raises(prunekit.PrunekitError, match=r"holds a run over the same data in another form \(\(X, Y\) "
-                                                     r"tensors, now DataLoader\), which reads other batches: pass "
+                                                     r"tensors, now DataLoader; batch size 128, now 32\), which "
+                                                     r"reads other batches: pass "
                                                      r"the data as that run did.*force=True\)$"):
         prunekit.prune(_tiny()[0], DataLoader(TensorDataset(x, y), batch_size=32), **kwargs)
     with pytest.raises(prunekit.PrunekitError, match=r"other data-sha256"):       # other data in a loader
         prunekit.prune(_tiny()[0], DataLoader(TensorDataset(x, y.flip(0)), batch_size=32), **kwargs)
     with pytest.raises(prunekit.PrunekitError, match=r"in another form \(\(X, Y\) tensors, now DataLoader; "
-                                                     r"their contents could not be compared\)"):
+                                                     r"their contents could not be compared; batch size 128, now 32\)"):
         prunekit.prune(_tiny()[0], DataLoader(_Computed(x, y), batch_size=32), **kwargs)
+
+
+def test_a_run_folder_refuses_other_eval_data_or_another_batch_size(tmp_path):
+    """The same call with other eval_data, or another batch size (the argument for tensors, a
+    DataLoader's own), was handed the first run's result back: neither was recorded. eval_data is
+    fingerprinted as data is, the batch size recorded; a folder written before either carries on,
+    with one warning that says they are not checked."""
+    import warnings
+    from torch.utils.data import DataLoader, TensorDataset
+    net, x, y = _tiny()
+    kwargs = dict(method="magnitude", sparsity=0.8, out=str(tmp_path / "run"))
+    first = prunekit.prune(net, (x, y), eval_data=(x, y), **kwargs)
+    config = (tmp_path / "run" / "config.toml").read_text()
+    assert "eval-data-sha256 = " in config and "batch-size = 128" in config, config
+    with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other eval-data-sha256\): pick another "
+                                                     r"out.*force=True\)$"):
+        prunekit.prune(_tiny()[0], (x, y), eval_data=(x, 1 - y), **kwargs)
+    with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other eval-data-sha256, "
+                                                     r"eval-data-samples\)"):
+        prunekit.prune(_tiny()[0], (x, y), eval_data=(x[:64], y[:64]), **kwargs)
+    with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other eval-data-sha256, eval-data-samples\)"):
+        prunekit.prune(_tiny()[0], (x, y), **kwargs)            # no eval_data: no accuracy to give back
+    with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other batch-size\)"):
+        prunekit.prune(_tiny()[0], (x, y), eval_data=(x, y), batch_size=32, **kwargs)
+    again = prunekit.prune(_tiny()[0], (x, y), eval_data=(x, y), **kwargs)         # the same call: its result
+    assert again.record == first.record
+    # a DataLoader's own batch size is what its batches hold (the argument does not change them)
+    loaded = dict(kwargs, out=str(tmp_path / "loader"))
+    prunekit.prune(_tiny()[0], DataLoader(TensorDataset(x, y), batch_size=32), **loaded)
+    assert "batch-size = 32" in (tmp_path / "loader" / "config.toml").read_text()
+    with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other batch-size\)"):
+        prunekit.prune(_tiny()[0], DataLoader(TensorDataset(x, y), batch_size=64), **loaded)
+    prunekit.prune(_tiny()[0], DataLoader(TensorDataset(x, y), batch_size=32), batch_size=7, **loaded)
+    # eval_data whose contents cannot be hashed: compared by form and samples, and said so once
+    computed = dict(kwargs, out=str(tmp_path / "computed"))
+    prunekit.prune(_tiny()[0], (x, y), eval_data=_Computed(x, y), **computed)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        prunekit.prune(_tiny()[0], (x, y), eval_data=_Computed(x, y), **computed)
+    told = [str(w.message) for w in said if "could not be checked" in str(w.message)]
+    assert len(told) == 1 and "this eval_data (Dataset)" in told[0], [str(w.message) for w in said]
+    # a folder of a prunekit that recorded neither: carried on, with one warning
+    path = tmp_path / "run" / "config.toml"
+    path.write_text("".join(line for line in config.splitlines(keepends=True)
+                            if not line.startswith(("eval-data-", "batch-size"))))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        old = prunekit.prune(_tiny()[0], (x, y), eval_data=(x, y), **kwargs)
+    assert old.record == first.record
+    told = [str(w.message) for w in said if "neither the eval_data nor the batch size" in str(w.message)]
+    assert len(told) == 1 and "force=True" in told[0], [str(w.message) for w in said]
+    with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other sparsity\)"):     # the rest: compared
+        prunekit.prune(_tiny()[0], (x, y), eval_data=(x, y), **{**kwargs, "sparsity": 0.5})
 
 
 def test_a_run_folder_belongs_to_one_loss(tmp_path):

@@ -394,3 +394,31 @@ def test_a_model_with_class_names_on_an_npz_of_bare_labels_is_warned_and_the_fil
     assert main(["eval", *model, "--checkpoint", str(tmp_path / "run"), "--data", "imagefolder", "--data-dir",
                  str(tmp_path / "folder")]) == 0
     assert "bare integer labels" not in capsys.readouterr().err
+
+
+def test_prune_on_an_npz_names_the_file_in_its_record_and_summary(capsys, tmp_path):
+    """An .npz read as --data cifar10: prune's record (result.json, metrics.json, --json) gave
+    no word of the file (its config.toml says data = "cifar10"); eval named it (data_file). prune
+    records data_file the same way and names the file in its summary."""
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential("
+                                     "nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), "
+                                     "nn.Flatten(), nn.Linear(4, 10))\n")
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "mine.npz"
+    np.savez(npz, x_train=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y_train=rng.integers(0, 10, (16, 1)),
+             x_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 10, (8, 1)))
+    argv = ["prune", "--model", f"{tmp_path}/net.py:build", "--normalize", "none", "--data", "cifar10",
+            "--data-dir", str(npz), "--method", "magnitude", "--sparsity", "0.5", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data_file"] == str(npz)
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["data_file"] == str(npz)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]["data_file"] == str(npz)
+    assert main(argv) == 0           # the finished run again: its record, the file named in the summary
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("pruned with magnitude (one-shot):") and lines[1] == f"  data       {npz}", lines
+    # data read from a folder of the data set's own files: no data_file, no such line
+    argv = ["prune", "--model", "mlpnet", "--checkpoint", str(Path(prunekit.__file__).parent / "assets" /
+            "mlpnet.safetensors"), "--data", "mnist", "--data-dir", str(Path(prunekit.__file__).parent / "assets" /
+            "mnist"), "--method", "magnitude", "--sparsity", "0.5", "--json"]
+    assert main(argv) == 0
+    assert "data_file" not in json.loads(capsys.readouterr().out)

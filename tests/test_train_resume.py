@@ -277,6 +277,32 @@ def test_a_diverging_channel_fine_tune_stops_in_one_line_naming_finetune_lr(caps
     assert json.loads((out / "metrics.json").read_text())["status"] == "done" and (out / "model.safetensors").exists()
 
 
+def test_a_diverging_resumed_run_says_what_works_under_resume_and_it_does(capsys, tmp_path):
+    """A `prune --resume DIR` that diverged was told to "add --force", which --resume refuses (it
+    takes every option from the folder's config.toml): it is told to run the original command again
+    with a lower rate and --force, or the --recipe of that config.toml with them, which works."""
+    import shlex
+    ckpt = str(Path(prunekit.__file__).parent / "assets" / "mlpnet.safetensors")
+    out = tmp_path / "run"
+    argv = ["prune", "--model", "mlpnet", "--checkpoint", ckpt, *MNIST, "--method", "autobot", "--flops", "0.5",
+            "--gate-batches", "2", "--finetune-epochs", "1", "--finetune-lr", "1e20", "--out", str(out)]
+    assert main(argv) == 2
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("prunekit: error:") == 1 and "add --force" not in err, err
+    assert err.endswith(
+        f"{out} keeps the run up to its last checkpoint, made with this --finetune-lr: to run with a lower one, run "
+        "the original command again with a lower --finetune-lr and --force (it starts over there; --resume takes "
+        f"neither), e.g. `prunekit prune --recipe {shlex.quote(str(out / 'config.toml'))} --finetune-lr LOWER "
+        "--force`, or give it another --out\n"), err
+    command = shlex.split(err.split("`")[1].replace("LOWER", "0.01"))
+    assert command[:2] == ["prunekit", "prune"]
+    assert main(command[1:]) == 0
+    assert json.loads((out / "metrics.json").read_text())["status"] == "done" and (out / "model.safetensors").exists()
+    assert "finetune-lr = 0.01" in (out / "config.toml").read_text()
+
+
 @pytest.mark.parametrize("method, options, needle", [
     ("magnitude", {"sparsity": 0.5, "gradual": True, "events": 2, "epochs_per_event": 1, "final_epochs": 1,
                    "lr": 1e20}, "of the fine-tune after prune event 2/2 (its loss became nan): lower lr (it is 1e+20)"),

@@ -192,7 +192,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                       "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
                       **({"loss": loss_name(loss)} if loss is not None else {}),
                       **{k: v for k, v in options.items() if not callable(v)},
-                      **_fingerprint(model, data, train_batches, None if force else out)}
+                      **_fingerprint(model, data, train_batches, None if force else out),
+                      **_eval_fingerprint(eval_data, eval_batches), "batch_size": _batch_size_of(data, eval_data,
+                                                                                                 batch_size)}
             folder = claim_on_rank_0(out, recipes.dump_recipe(config), force=force, device=_model_device(model),
                                      python=True)
             _say_unchecked(folder, config, recipes.dump_recipe(config))
@@ -326,11 +328,51 @@ def _fingerprint(model: nn.Module, data, train_batches, out: str | None) -> dict
     return found
 
 
+def _eval_fingerprint(eval_data, eval_batches) -> dict:
+    """What a run folder records of ``eval_data``, as ``_fingerprint`` of ``data``, under its own
+    keys: ``eval_data_sha256`` (its contents, where ``data_identity`` hashes them exactly),
+    ``eval_data_form`` and ``eval_data_samples`` (one pass, where known without reading it); {}
+    without eval_data. Other eval_data gives another record (accuracy, loss): another run."""
+    if eval_data is None:
+        return {}
+    contents, form = data_identity(eval_data)
+    found = {"eval_data_sha256": contents, "eval_data_form": form}
+    if eval_batches is not None:
+        found["eval_data_samples"] = samples_per_pass(eval_batches())
+    return {key: value for key, value in found.items() if value is not None}
+
+
+def _batch_size_of(data, eval_data, batch_size: int) -> int | str:
+    """The batch size a run folder records (``batch-size``): how many samples one batch of the
+    training data holds (of ``eval_data`` without ``data``), which decides the gradient batches
+    and the fine-tuning steps: a DataLoader's own ``batch_size`` (or its batch sampler's), a
+    prunekit loader's, the ``batch_size`` argument for a Dataset or ``(X, Y)`` tensors (prunekit
+    batches them) or without data; ``"the data's own"`` for data that is batched already (an
+    iterable of batches, a function returning one, a DataLoader with a batch sampler of no
+    ``batch_size``), whose batches the argument does not change."""
+    given = data if data is not None else eval_data
+    if given is None:
+        return batch_size
+    if isinstance(given, BatchLoader):
+        return int(given.batch_size)
+    if isinstance(given, torch.utils.data.DataLoader):
+        size = given.batch_size
+        if size is None:
+            size = getattr(getattr(given, "batch_sampler", None), "batch_size", None)
+        return int(size) if isinstance(size, (int, np.integer)) and not isinstance(size, bool) else "the data's own"
+    if map_style(given) is not None:
+        return batch_size
+    return "the data's own"
+
+
 def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> None:
     """Warn (once, and in run.log) when the run in ``folder`` is carried on or its result given back
-    over data whose contents could not be fingerprinted (``data_identity``: an arbitrary Dataset or
-    iterable): only its form and sample count were compared with the data it started with."""
-    if folder.claimed_afresh or "data_form" not in config or "data_sha256" in config or current().rank != 0:
+    over data (or eval_data) whose contents could not be fingerprinted (``data_identity``: an
+    arbitrary Dataset or iterable): only its form and sample count were compared with what it
+    started with."""
+    unchecked = [f"{what} ({config[what + '_form']})"
+                 for what in ("data", "eval_data") if what + "_form" in config and what + "_sha256" not in config]
+    if folder.claimed_afresh or not unchecked or current().rank != 0:
         return          # (under torchrun rank 0 claims the folder: the others' claimed_afresh says nothing)
     try:
         if folder.config.read_text() != config_text:       # an older folder: ``runs.claim`` said what it checked
@@ -338,8 +380,8 @@ def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> None:
     except OSError:
         return
     done = "its stored result is given back" if runs.finished_run(folder) else "it is carried on"
-    message = (f"{folder.path}: {done}, but the contents of this data ({config['data_form']}) could not be checked "
-               "against the data it started with, only its form and sample count (prunekit fingerprints (X, Y) "
+    message = (f"{folder.path}: {done}, but the contents of this {' and this '.join(unchecked)} could not be "
+               "checked against what it started with, only form and sample count (prunekit fingerprints (X, Y) "
                "tensors, a TensorDataset or a Subset of one, and its own loaders); clear it with force=True if the "
                "data changed")
     if folder.writable:

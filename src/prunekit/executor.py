@@ -76,8 +76,8 @@ def _snapshot_record(record: dict, share: float) -> dict:
 
 def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loader: Iterable | None, *,
             folder: RunFolder | None = None, describe: dict | None = None, dense: dict | None = None,
-            progress: bool = False, on_step: Callable[[dict], None] | None = None, stage_eval: bool = True
-            ) -> tuple[dict, nn.Module, dict[float, nn.Module]]:
+            progress: bool = False, on_step: Callable[[dict], None] | None = None, stage_eval: bool = True,
+            about: dict | None = None) -> tuple[dict, nn.Module, dict[float, nn.Module]]:
     """Prune as ``plan`` says; returns (record, pruned model, taper's snapshot models by share).
 
     train_batches(): one epoch of (x, y) training batches, the same at every call.
@@ -86,6 +86,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     on_step(record): told after each stage, event or phase.
     stage_eval: measure accuracy and loss on ``eval_loader`` after each stage, event or phase too
         (not only before and after); their seconds are not the pruning's (``eval_seconds``).
+    about: keys the record holds besides the measurements, e.g. ``data_file`` (the ``.npz`` the
+        command line read its data from), kept in result.json and metrics.json with it.
     """
     describe = describe or python_model_description(plan)
     metrics = folder.read_metrics() if folder is not None else {}
@@ -141,6 +143,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     restored = getattr(checkpointer, "restored_seconds", 0.0)
     final = measure_now(outcome.model)
     record = build_record(plan, outcome, dense, final, outcome.seconds + restored)
+    record.update(about or {})
     if len(getattr(checkpointer, "world_sizes", ())) > 1:     # resumed with another world size: each session's
         record["world_sizes"] = list(checkpointer.world_sizes)
     if record.get("empty_layers"):

@@ -202,7 +202,7 @@ def stopped_by_divergence(folder: RunFolder | None, err: PrunekitError,
     the message says how to run with the lower learning rate it advises: the folder's run was
     made with this one (its config.toml names it; a gradual run's or a training's checkpoints
     were trained with it), so the lower one is another run, which ``force`` starts over in it
-    (``cli_fix``: the command line's words; a sweep has no --force) or another folder takes. Any other error, or a folder the run left
+    (``cli_fix``: the command line's words; a sweep has no --force, and --resume takes none) or another folder takes. Any other error, or a folder the run left
     (released, or none): ``err`` as it is. Called by the process holding the folder's lock."""
     from .errors import worded
     from .options import cli_message
@@ -253,6 +253,15 @@ def tensors_sha256(named) -> str:
 # ``data-form``: what holds them, absent for (X, Y) tensors (a folder of an older prunekit recorded
 # ``data-sha256`` for those only, and for a loader ``data-samples`` alone).
 FINGERPRINT_KEYS = ("weights-sha256", "data-sha256", "data-samples", "data-form")
+# Recorded since: ``eval_data`` as ``data`` is (``eval-data-sha256``, ``eval-data-form``,
+# ``eval-data-samples``) and the batch size the data is read in (``batch-size``, in every such
+# config): a config without ``batch-size`` is an older prunekit's, carried on with a warning.
+EVAL_BATCH_KEYS = ("eval-data-sha256", "eval-data-form", "eval-data-samples", "batch-size")
+
+
+def _before_eval_batch(config: dict) -> bool:
+    """Whether a Python run's config was written before prunekit recorded its eval_data and batch size."""
+    return "batch-size" not in config
 
 
 def _data_form(config: dict) -> str:
@@ -411,6 +420,10 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
         old = folder.config.read_text() if folder.config.exists() else None
         if not same_run(old, config_text, folder.path):
             keys = _differing(old, config_text, folder.path) if old is not None else []
+            if python and keys and _before_eval_batch(_parsed(old)):     # a version that recorded neither
+                keys = [k for k in keys if k not in EVAL_BATCH_KEYS]       # eval_data nor batch size
+                if not keys:
+                    return
             if python and keys and not _fingerprinted(old):     # a version that recorded none:
                 keys = [k for k in keys if k not in FINGERPRINT_KEYS]     # what differs is the rest
                 if not keys:
@@ -421,12 +434,15 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
                 keys = [k for k in keys if k not in ("data-sha256", "data-form")]
                 if not keys:
                     return
-            if python and keys and "data-form" in keys and not set(keys) - {"data-form", "data-sha256", "data-samples"} \
+            if python and keys and "data-form" in keys \
+                    and not set(keys) - {"data-form", "data-sha256", "data-samples", "batch-size"} \
                     and ("data-sha256" not in keys or "data-sha256" not in before or "data-sha256" not in after):
                 same = "the same data" if "data-sha256" not in keys else "data"
                 unchecked = "" if "data-sha256" not in keys else "; their contents could not be compared"
+                sizes = (f"; batch size {before.get('batch-size')}, now {after.get('batch-size')}"
+                         if "batch-size" in keys else "")
                 raise OptionError(f"{folder.path} holds a run over {same} in another form ({_data_form(before)}, "
-                                  f"now {_data_form(after)}{unchecked}), which reads other batches: pass the data "
+                                  f"now {_data_form(after)}{unchecked}{sizes}), which reads other batches: pass the data "
                                   "as that run did, pick another out, or clear that run first (force=True)",
                                   ("out", "force"))
             if keys == ["onnx"] and _asks_onnx(config_text) and not python and folder.model_path.exists():
@@ -484,10 +500,19 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
         check_claim(folder, config_text, python)
         if python and old is not None and old != config_text and folder.writable:     # accepted: an old folder
             done = "its stored result is given back" if finished_run(folder) else "it is carried on"
-            if _fingerprinted(old):         # the weights are checked; the loader's data by its sample count only
-                message = (f"{path} was written by a prunekit that recorded its data by sample count only: {done} "
-                           "without checking that this data is the data it started from (clear it with force=True "
-                           "to run anew)")
+            before = _parsed(old)
+            counted = _counted_only(before)
+            if _fingerprinted(old) and (counted or not _before_eval_batch(before)):
+                # the weights are checked; the loader's data by its sample count only
+                unrecorded = ", and neither its eval_data nor its batch size" if _before_eval_batch(before) else ""
+                unchecked = ", eval_data and batch size are" if unrecorded else " is the data"
+                message = (f"{path} was written by a prunekit that recorded its data by sample count only"
+                           f"{unrecorded}: {done} without checking that this data{unchecked} it started from "
+                           "(clear it with force=True to run anew)")
+            elif _fingerprinted(old):
+                message = (f"{path} was written by a prunekit that recorded neither the eval_data nor the batch size "
+                           f"a run reads: {done} without checking that this eval_data and batch size are the ones it "
+                           "started with (clear it with force=True to run anew)")
             else:
                 message = (f"{path} was written by a prunekit that recorded no fingerprint of the weights (and data) a "
                            f"run starts from: {done} without checking that this model is the one it "

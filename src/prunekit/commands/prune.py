@@ -118,6 +118,25 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _data_file(eval_loader) -> dict:
+    """``{"data_file": path}`` where the run's images were read from one file (an ``.npz`` read
+    as --data cifar10, both splits: ``ImageDataset.source``), as eval records it; {} otherwise."""
+    source = getattr(getattr(eval_loader, "dataset", None), "source", None)
+    return {"data_file": source} if isinstance(source, str) else {}
+
+
+def _lower_rate_after_resume(args, err: PrunekitError) -> str:
+    """How to run a ``--resume``d run that diverged with a lower learning rate (``runs.stopped_by_divergence``'s
+    ``cli_fix``): --resume takes no other flag (no --force, no rate), so the original command again
+    with the lower rate and --force, or a --recipe of the folder's config.toml with them."""
+    from ..train import TrainingDiverged
+    flag = "--" + (err.lr_name if isinstance(err, TrainingDiverged) else "lr").replace("_", "-")
+    recipe = shlex.quote(str(Path(args.out) / "config.toml"))
+    return (f"run the original command again with a lower {flag} and --force (it starts over there; --resume takes "
+            f"neither), e.g. `prunekit prune --recipe {recipe}{_out_if_moved(args.out)} {flag} LOWER --force`, or "
+            "give it another --out")
+
+
 def _out_if_moved(out: str) -> str:
     """" --out OUT" when run folder ``out`` was moved since its run began: its config.toml's ``out``
     names the old place, where a ``--recipe`` of it would write."""
@@ -330,11 +349,14 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
         record, model, _ = execute(plan, train_batches, eval_loader, folder=folder,
                                    describe=_described(loaded, args.checkpoint if folder is not None else None),
                                    dense=dense, progress=show_progress(args), on_step=step_printer(args),
-                                   stage_eval=not getattr(args, "no_stage_eval", False))
+                                   stage_eval=not getattr(args, "no_stage_eval", False),
+                                   about=_data_file(eval_loader))
     except PrunekitError as err:
         runs.release_refused(folder)
         stopped = runs.stopped_by_divergence(           # a sweep's run folder: no --force, its sweep another --out
-            folder if main else None, err, **({} if "force" in vars(args) else
+            folder if main else None, err, **({"cli_fix": _lower_rate_after_resume(args, err)}
+                                              if getattr(args, "resume", None) else
+                                              {} if "force" in vars(args) else
                                               {"cli_fix": "give the sweep another --out"}))
         if stopped is not err:
             raise stopped from None
@@ -408,8 +430,10 @@ def prune_lines(r: dict) -> list[str]:
     lines = []
     for one in [*r.get("snapshots", []), r]:
         label = f"snapshot at {100 * one['flops_kept']:.0f}% MACs, " if one is not r else ""
-        lines += [f"{one['model']} pruned with {one['method']} ({label}{one['mode']}):",
-                  f"  accuracy   {one['dense_accuracy']:.2f}% -> {one['accuracy']:.2f}%"]
+        lines += [f"{one['model']} pruned with {one['method']} ({label}{one['mode']}):"]
+        if one is r and r.get("data_file"):           # an .npz read as cifar10: the file, not only "cifar10"
+            lines.append(f"  data       {r['data_file']}")
+        lines.append(f"  accuracy   {one['dense_accuracy']:.2f}% -> {one['accuracy']:.2f}%")
         if one["sparsity"] is not None:
             lines.append(f"  sparsity   {100 * one['sparsity']:.2f}% ({one['nonzeros']:,} prunable weights kept)"
                          f"{_already_sparse(one) or _params_bound(one) + _flops_bound(one)}")
