@@ -235,6 +235,9 @@ CLI_CASES = [
      "is a TorchScript export (as `prunekit export` writes), not a checkpoint: pass the run folder it was exported "
      "from, or its model.safetensors ("),
     (["info", "mlpnet", "--checkpoint", f"{H}/exported.onnx"], "is an ONNX export (as `prunekit export` writes), not a"),
+    (["info", f"{H}/exported.onnx"], "is an ONNX export (as `prunekit export` writes), not a model `prunekit info` reads"),
+    (["info", "--model", f"{H}/exported.onnx"], "is an ONNX export (as `prunekit export` writes), not a model"),
+    (["eval", "--model", f"{H}/exported.onnx", *MNIST], "not a model `prunekit eval` reads: pass the run folder"),
     (["info", "mlpnet", "--checkpoint", "/dev/null"], "checkpoint /dev/null is a device, not a file: pass a torch.save"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/numpy.pth", *MNIST],
      "holds NumPy arrays ('fc1.weight' ...), not torch tensors"),
