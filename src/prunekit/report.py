@@ -358,6 +358,12 @@ def method_label(row: dict) -> str:
     return f"{row['method']} (gradual)" if row.get("mode") == "gradual" else row["method"]
 
 
+def shows_params(rows: list[dict]) -> bool:
+    """Whether a table of ``rows`` has a params-kept column: where a run asked a params budget
+    (``--params``), the share of parameters kept is what it is to be read by."""
+    return any((r.get("request") or {}).get("params") is not None for r in rows)
+
+
 def table_lines(rows: list[dict]) -> list[str]:
     """A plain-text table of ``collect``'s rows."""
     # the text columns as wide as their longest entry: a cut name or budget ("flops 0.") says nothing
@@ -367,13 +373,15 @@ def table_lines(rows: list[dict]) -> list[str]:
     # runs of several models: a model column
     shown = (len({str(r.get("model")) for r in rows}) > 1) * max([5, *(len(str(r.get("model"))) for r in rows)])
     model = lambda r: f"{str(r.get('model')):<{shown}} " if shown else ""     # noqa: E731
+    params = shows_params(rows)
+    kept = lambda r: f"{_pct(r.get('params_kept')):>11} " if params else ""     # noqa: E731
     head = (f"{'run':<{run}} {model({'model': 'model'})}{'method':<{method}} {'asked':<{asked}} {'sparsity':>9} "
-            f"{'MACs kept':>9} {'dense':>7} {'acc':>7} {'s':>7}")
+            f"{'MACs kept':>9} {'params kept ' if params else ''}{'dense':>7} {'acc':>7} {'s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['name']:<{run}} {model(r)}{method_label(r):<{method}} {_asked(r):<{asked}} "
                      f"{_pct(r['sparsity']):>9} "
-                     f"{_pct(r['flops_kept']):>9} {_acc(r['dense_accuracy']):>7} {_acc(r['accuracy']):>7} "
+                     f"{_pct(r['flops_kept']):>9} {kept(r)}{_acc(r['dense_accuracy']):>7} {_acc(r['accuracy']):>7} "
                      f"{_num(r['seconds'], '.0f'):>7}"
                      # "running": a process holds the folder, or (no lock to tell by, another machine's
                      # lock file) a kill left it so; a killed run nobody holds is "interrupted" (shown_status)
@@ -502,13 +510,15 @@ def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Com
         raise PrunekitError(f"{out / 'report.md'} was edited since prunekit wrote it, and {target} is not prunekit's "
                             f"either: move one of them out of {out} and run again (nothing was written)")
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", "| run | model | method | asked | sparsity | MACs kept | dense acc. | accuracy | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    params = shows_params(rows)          # a params budget asked: the params kept beside the MACs kept
+    lines = [f"# {title}", "", "| run | model | method | asked | sparsity | MACs kept | "
+             + ("params kept | " if params else "") + "dense acc. | accuracy | seconds |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if params else "")]
     for r in rows:
         link = urllib.parse.quote(os.path.relpath(Path(r["run"]) / "report.md", out))   # spaces break a link
         lines.append(f"| [{r['name']}]({link}) | {r['model']} | {method_label(r)} | {_asked(r)} | {_pct(r['sparsity'])} | "
-                     f"{_pct(r['flops_kept'])} | {_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | "
-                     f"{_num(r['seconds'], '.0f')} |")
+                     f"{_pct(r['flops_kept'])} | " + (f"{_pct(r.get('params_kept'))} | " if params else "")
+                     + f"{_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | {_num(r['seconds'], '.0f')} |")
     plt, missing = _pyplot_or_none()
     lines += (["", "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)",
                "![accuracy vs MACs](plots/accuracy_vs_macs.png)", ""] if plt is not None else ["", NO_PLOTS, ""])
