@@ -134,8 +134,8 @@ def home(tmp_path_factory):
     huge_state = {k: v * 1e30 for k, v in zoo.build("mlpnet").state_dict().items()}
     torch.save(huge_state, d / "huge-weights.pth")   # finite weights whose outputs overflow to inf, loss nan
     (d / "mlprun").mkdir()                # a finished run folder: its model is some command's input
-    (d / "mlprun" / "config.toml").write_text('model = "mlpnet"\nmethod = "magnitude"\nsparsity = "0.5"\n')
     saving.save_model(zoo.build("mlpnet"), d / "mlprun" / "model.safetensors", {"model": "mlpnet"})
+    (d / "mlprun" / "config.toml").write_text('model = "mlpnet"\nmethod = "magnitude"\nsparsity = "0.5"\n')
     (d / "mlprun" / "export").mkdir()     # its exports: TorchScript and ONNX models, not checkpoints
     with warnings.catch_warnings():       # torch.jit's deprecation notice: a fixture's, not prunekit's
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -235,6 +235,9 @@ CLI_CASES = [
      "is a TorchScript export (as `prunekit export` writes), not a checkpoint: pass the run folder it was exported "
      "from, or its model.safetensors ("),
     (["info", "mlpnet", "--checkpoint", f"{H}/exported.onnx"], "is an ONNX export (as `prunekit export` writes), not a"),
+    (["info", f"{H}/exported.onnx"], "is an ONNX export (as `prunekit export` writes), not a model `prunekit info` reads"),
+    (["info", "--model", f"{H}/exported.onnx"], "is an ONNX export (as `prunekit export` writes), not a model"),
+    (["eval", "--model", f"{H}/exported.onnx", *MNIST], "not a model `prunekit eval` reads: pass the run folder"),
     (["info", "mlpnet", "--checkpoint", "/dev/null"], "checkpoint /dev/null is a device, not a file: pass a torch.save"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/numpy.pth", *MNIST],
      "holds NumPy arrays ('fc1.weight' ...), not torch tensors"),
@@ -387,6 +390,10 @@ CLI_CASES = [
      "looks like a 0-1 mean with a 0-255 std, but pixels are scaled to [0, 1] before it (means in [0, 1], stds at "
      "most 1): divide the std by 255, 0.1307/0.3081"),
     (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.5/inf"], "finite"),
+    (["eval", "--model", f"{H}/net.py:build", *MNIST, "--normalize", "0.1307/0"],
+     "--normalize 0.1307/0: stds must be above 0"),
+    (["prune", "--model", f"{H}/net.py:build", *MNIST, "--sparsity", "0.5", "--normalize", "0.1307/-0.3"],
+     "--normalize 0.1307/-0.3: stds must be above 0"),
     ([*PRUNE, "--sparsity", "0.5", "--normalize", "none"], "is for a model file"),
     (["eval", "--model", f"{H}/net.py:wrong_input", *MNIST, "--normalize", "none"],
      "fails on one of the mnist test images, shape (1, 28, 28)"),

@@ -422,3 +422,36 @@ def test_prune_on_an_npz_names_the_file_in_its_record_and_summary(capsys, tmp_pa
             "mnist"), "--method", "magnitude", "--sparsity", "0.5", "--json"]
     assert main(argv) == 0
     assert "data_file" not in json.loads(capsys.readouterr().out)
+
+
+def test_a_layer_a_branch_skips_is_told_on_the_command_line_in_flags(capsys, tmp_path):
+    """A layer only large inputs run is left dense with a warning; on the command line it told the
+    user to "give an example input", which no flag does: it names --exclude (and --data) there,
+    and Python keeps example_input."""
+    (tmp_path / "net.py").write_text(
+        "import torch.nn.functional as F\nfrom torch import nn\n\n\nclass Branchy(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.down = nn.Conv2d(3, 3, 3, stride=2, padding=1)\n"
+        "        self.c1 = nn.Conv2d(3, 4, 3, padding=1)\n        self.fc = nn.Linear(4, 10)\n\n"
+        "    def forward(self, x):\n        if x.shape[-1] > 32:\n            x = self.down(x)\n"
+        "        return self.fc(F.adaptive_avg_pool2d(F.relu(self.c1(x)), 1).flatten(1))\n\n\n"
+        "def build():\n    return Branchy()\n")
+    rng = np.random.default_rng(0)
+    images = lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)   # noqa: E731
+    labels = lambda n: rng.integers(0, 10, (n, 1))                           # noqa: E731
+    np.savez(tmp_path / "data.npz", x_train=images(32), y_train=labels(32), x_test=images(8), y_test=labels(8))
+    common = ["prune", "--model", f"{tmp_path}/net.py:build", "--normalize", "none", "--data", "cifar10",
+              "--data-dir", str(tmp_path / "data.npz"), "--no-train-augment", "--method", "magnitude-flops",
+              "--flops", "0.9", "--json"]
+    assert main(common) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "did not run" in line]
+    assert len(warned) == 1 and "example input" not in warned[0] and "--exclude down" in warned[0], warned
+    assert main([*common, "--exclude", "down"]) == 0
+    assert "did not run" not in capsys.readouterr().err
+    assert main([*common, "--include", "down"]) == 2
+    err = capsys.readouterr().err
+    assert "example input" not in err and "--include layers that run" in err, err
+    from prunekit.errors import PrunekitWarning
+    x = torch.rand(8, 3, 32, 32)
+    with pytest.warns(PrunekitWarning, match=r"down did not run .* give an example_input that runs"):
+        prunekit.prune(user_models.build_model(f"{tmp_path}/net.py:build"), (x, torch.zeros(8, dtype=torch.long)),
+                       method="magnitude", params=0.9)

@@ -443,3 +443,25 @@ def test_a_sweep_refuses_a_run_folder_of_the_users_own(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holding other files" in err and "pick another --out" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in out.rglob("*")) == ["magnitude_sparsity-0.5", "notes.txt"]
+
+
+def test_runs_with_a_params_budget_show_the_params_kept_in_the_table_and_the_report(tmp_path):
+    """--params is a budget like --flops, but compare and sweep tables had no params-kept column:
+    a run asked "params 0.3" could not be read against it. The column is there where a run asked
+    a params budget, and absent otherwise (the other columns as they were)."""
+    from prunekit import report
+    row = {"name": "r", "run": str(tmp_path / "r"), "model": "mlpnet", "method": "magnitude", "status": "done",
+           "request": {"flops": "0.4", "params": "0.3"}, "sparsity": 0.7, "flops_kept": 0.4, "params_kept": 0.2999,
+           "dense_accuracy": 96.8, "accuracy": 90.1, "loss": 0.1, "seconds": 3.0, "stages": 1}
+    head, rule, line = report.table_lines([row])
+    assert "params kept" in head and line[head.index("params kept"):][:11].strip() == "29.99%"
+    assert len(head) == len(rule) == len(line) and line.index("90.10%") + 6 == head.index("acc") + 3
+    flops_only = {**row, "request": {"flops": "0.4", "params": None}}
+    assert "params kept" not in report.table_lines([flops_only])[0]
+    assert "params kept" in report.table_lines([flops_only, row])[0]      # any run with a params budget
+    written = report.write_comparison_report(tmp_path / "cmp", [row]).read_text().splitlines()
+    header = next(i for i, text in enumerate(written) if text.startswith("| run"))
+    cells = [c.strip() for c in written[header].strip("|").split("|")]
+    values = [c.strip() for c in written[header + 2].strip("|").split("|")]
+    assert cells[cells.index("MACs kept") + 1] == "params kept" and values[cells.index("params kept")] == "29.99%"
+    assert written[header + 1].count("---") == len(cells)

@@ -103,3 +103,34 @@ def test_an_edited_report_beside_a_report_new_of_the_users_is_refused_in_one_lin
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "was edited since prunekit wrote it" in err, err
     assert (out / "report.md").read_text() == "mine\n" and (out / "report.new.md").read_text() == "mine too\n"
+
+
+def test_compare_lists_each_snapshot_of_a_taper_run_as_a_row_of_its_budget(tmp_path, capsys):
+    """A taper run made with --snapshots saves a model per budget (snapshot-<budget>/ with its
+    result.json), but compare listed only the final model: each snapshot is now a row asked its
+    own budget; snapshot folders with no result.json are said not to be compared."""
+    run = _run_folder(tmp_path / "taper", "structured", 0.0, 90.0)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.update(method="taper", request={"flops": "0.3"}, final={**metrics["final"], "flops_kept": 0.3})
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    for share, accuracy in ((0.6, 94.5), (0.45, 92.25)):
+        (run / f"snapshot-{share:g}").mkdir()
+        (run / f"snapshot-{share:g}" / "result.json").write_text(json.dumps({
+            "model": "mlpnet", "method": "taper", "request": {"flops": str(share)}, "sparsity": None,
+            "flops_kept": share - 0.001, "params_kept": share, "accuracy": accuracy, "dense_accuracy": 96.81,
+            "loss": 0.2, "seconds": 5.0}))
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["runs"]
+    assert [(r["name"], r["request"], r["accuracy"]) for r in rows] == [
+        ("taper", {"flops": "0.3"}, 90.0), ("taper/snapshot-0.6", {"flops": "0.6"}, 94.5),
+        ("taper/snapshot-0.45", {"flops": "0.45"}, 92.25)]
+    written = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| flops 0.6 |" in written and "94.50%" in written and "snapshot-0.45/result.json" in written
+    assert main(["compare", str(run)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[3].split()[:3] == ["taper/snapshot-0.6", "taper", "flops"] and "59.90%" in table[3]
+    (run / "snapshot-0.45" / "result.json").unlink()        # a snapshot folder with no record
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp2")]) == 0
+    out = capsys.readouterr().out
+    assert "taper/snapshot-0.45" not in out and "note: taper's snapshot-0.45 has no result.json: snapshots not compared" in out
+    assert "snapshot-0.45 has no result.json" in (tmp_path / "cmp2" / "report.md").read_text()

@@ -258,8 +258,8 @@ def _ours_on_one_line(show_others):
     """A ``warnings.showwarning`` that prints our own warnings as one line in our words and
     passes any other to ``show_others``."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if issubclass(category, PrunekitWarning):
-            print(f"prunekit: warning: {message}", file=sys.stderr)
+        if issubclass(category, PrunekitWarning):      # errors.worded_warning: the command line's words
+            print(f"prunekit: warning: {getattr(message, 'cli_text', None) or message}", file=sys.stderr)
         else:
             show_others(message, category, filename, lineno, file, line)
     return show

@@ -51,3 +51,11 @@ def input_fix(x, model, otherwise: str) -> str:
 class PrunekitWarning(UserWarning):
     """Something the user should know that does not stop the run (one line, our words; the
     CLI prints it as ``prunekit: warning: ...``)."""
+
+
+def worded_warning(python: str, command_line: str) -> PrunekitWarning:
+    """A warning whose fix is spelt one way in Python (``example_input=``) and another on the
+    command line (``--exclude down``): ``str()`` gives the first, the CLI prints the second."""
+    warning = PrunekitWarning(python)
+    warning.cli_text = command_line
+    return warning

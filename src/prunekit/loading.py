@@ -229,7 +229,13 @@ def parse_normalization(text: str, input_shape: tuple[int, ...] | None) -> Norma
     except ValueError:
         raise PrunekitError(f"--normalize {text!r} is not MEANS/STDS: write e.g. 0.4914,0.4822,0.4465/"
                             "0.2470,0.2435,0.2616 (per channel, pixels scaled to [0, 1]) or none") from None
-    norm = Normalization(mean, std)
+    try:
+        norm = Normalization(mean, std)
+    except PrunekitError as err:       # its words are Python's ("normalization ..."): name the flag and the value
+        said = str(err).removeprefix("normalization ")
+        if not said[:1].isdigit() and not said.startswith("."):     # it does not quote the value itself
+            said = f"{text.strip()}: {said}"
+        raise PrunekitError(f"--normalize {said}") from None
     if input_shape is not None and len(norm.mean) != input_shape[0]:
         raise PrunekitError(f"--normalize gives {len(norm.mean)} channel(s) but the images have {input_shape[0]}: "
                             "give one mean and one std per channel")

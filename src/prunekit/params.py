@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .costs import WEIGHT_LAYERS, CostModel
-from .errors import PrunekitError
+from .errors import PrunekitError, worded
 
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
@@ -136,8 +136,11 @@ class ParamSpace:
             raise PrunekitError("the model has no prunable weights: prunekit prunes the weights of "
                                 "Conv/Linear layers and of parameters multiplied in functional code")
         if not self.entries and self.not_run:
-            raise PrunekitError(f"none of the layers to prune ran on the example input ({_listed(self.not_run)}): "
-                                "give an example input (or data) that runs them")
+            listed = _listed(self.not_run)
+            raise worded(f"none of the layers to prune ran on the example input ({listed}): give an example_input "
+                         "(or data) that runs them",
+                         f"none of the layers to prune ran on the data's first example ({listed}): give --data whose "
+                         "examples take the branch they are in, or --include layers that run")
         if not self.entries:
             candidates = sorted({e.rpartition(".")[0] or e for e in chosen})
             raise PrunekitError(f"no prunable weights matched: check the include/exclude patterns "

@@ -330,7 +330,10 @@ def find_runs(paths) -> list[Path]:
 
 
 def collect(folders) -> list[dict]:
-    """One summary row per run folder."""
+    """One summary row per run folder, and one per snapshot a taper run with ``--snapshots`` saved
+    (``snapshot-<budget>/result.json``), after its run's, named ``<run>/snapshot-<budget>`` and
+    asked its own budget; a run's snapshot folders without a result.json are named in its row's
+    ``snapshots_not_compared`` (``notes`` words them)."""
     rows = []
     for folder in map(RunFolder, folders):
         m = folder.read_metrics()
@@ -338,14 +341,54 @@ def collect(folders) -> list[dict]:
             raise PrunekitError(f"{folder.metrics_path} is not the metrics of a prunekit run (no method): pass "
                                 "only folders written by `prunekit prune --out` or `prunekit sweep`")
         final = m.get("final") or {}
-        rows.append({"run": str(folder.path), "name": folder.path.name, "model": m.get("model"),
-                     "method": m.get("method"), "mode": m.get("mode"), "request": m.get("request", {}), "status": shown_status(folder, m),
-                     "sparsity": final.get("sparsity"), "flops_kept": final.get("flops_kept"),
-                     "params_kept": final.get("params_kept"),
-                     "dense_accuracy": m.get("dense", {}).get("accuracy"), "accuracy": final.get("accuracy"),
-                     "loss": final.get("loss"), "seconds": final.get("seconds"),
-                     "stages": len(m.get("stages", []))})
+        row = {"run": str(folder.path), "name": folder.path.name, "model": m.get("model"),
+               "method": m.get("method"), "mode": m.get("mode"), "request": m.get("request", {}),
+               "status": shown_status(folder, m),
+               "sparsity": final.get("sparsity"), "flops_kept": final.get("flops_kept"),
+               "params_kept": final.get("params_kept"),
+               "dense_accuracy": m.get("dense", {}).get("accuracy"), "accuracy": final.get("accuracy"),
+               "loss": final.get("loss"), "seconds": final.get("seconds"),
+               "stages": len(m.get("stages", []))}
+        snapshots, missing = _snapshot_rows(folder.path, row)
+        if missing:
+            row["snapshots_not_compared"] = missing
+        rows += [row, *snapshots]
     return rows
+
+
+def _snapshot_share(path: Path) -> float:
+    """The budget in a snapshot folder's name (``snapshot-0.45``: 0.45; -1 where it names none)."""
+    try:
+        return float(path.name.removeprefix("snapshot-"))
+    except ValueError:
+        return -1.0
+
+
+def _snapshot_rows(run: Path, parent: dict) -> tuple[list[dict], list[str]]:
+    """The rows of the snapshots in ``run`` (largest budget first) and the names of its snapshot
+    folders that have no readable result.json (not compared)."""
+    rows, missing = [], []
+    for path in sorted((p for p in run.glob("snapshot-*") if p.is_dir()), key=_snapshot_share, reverse=True):
+        try:
+            result = json.loads((path / "result.json").read_text())
+        except (OSError, ValueError):
+            result = None
+        if not isinstance(result, dict) or not isinstance(result.get("method"), str):
+            missing.append(path.name)
+            continue
+        rows.append({**parent, "run": str(path), "name": f"{parent['name']}/{path.name}", "snapshot_of": parent["run"],
+                     "model": result.get("model", parent["model"]), "request": result.get("request") or {},
+                     **{key: result.get(key) for key in ("sparsity", "flops_kept", "params_kept", "accuracy", "loss",
+                                                         "seconds")},
+                     "dense_accuracy": result.get("dense_accuracy", parent["dense_accuracy"]), "stages": 0})
+    return rows, missing
+
+
+def notes(rows: list[dict]) -> list[str]:
+    """Lines under a table of ``rows``: the snapshots of a run that are not in it, and why."""
+    return [f"note: {r['name']}'s {', '.join(r['snapshots_not_compared'])} "
+            f"{'has' if len(r['snapshots_not_compared']) == 1 else 'have'} no result.json: snapshots not compared"
+            for r in rows if r.get("snapshots_not_compared")]
 
 
 def _asked(row: dict) -> str:
@@ -358,6 +401,12 @@ def method_label(row: dict) -> str:
     return f"{row['method']} (gradual)" if row.get("mode") == "gradual" else row["method"]
 
 
+def shows_params(rows: list[dict]) -> bool:
+    """Whether a table of ``rows`` has a params-kept column: where a run asked a params budget
+    (``--params``), the share of parameters kept is what it is to be read by."""
+    return any((r.get("request") or {}).get("params") is not None for r in rows)
+
+
 def table_lines(rows: list[dict]) -> list[str]:
     """A plain-text table of ``collect``'s rows."""
     # the text columns as wide as their longest entry: a cut name or budget ("flops 0.") says nothing
@@ -367,19 +416,21 @@ def table_lines(rows: list[dict]) -> list[str]:
     # runs of several models: a model column
     shown = (len({str(r.get("model")) for r in rows}) > 1) * max([5, *(len(str(r.get("model"))) for r in rows)])
     model = lambda r: f"{str(r.get('model')):<{shown}} " if shown else ""     # noqa: E731
+    params = shows_params(rows)
+    kept = lambda r: f"{_pct(r.get('params_kept')):>11} " if params else ""     # noqa: E731
     head = (f"{'run':<{run}} {model({'model': 'model'})}{'method':<{method}} {'asked':<{asked}} {'sparsity':>9} "
-            f"{'MACs kept':>9} {'dense':>7} {'acc':>7} {'s':>7}")
+            f"{'MACs kept':>9} {'params kept ' if params else ''}{'dense':>7} {'acc':>7} {'s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['name']:<{run}} {model(r)}{method_label(r):<{method}} {_asked(r):<{asked}} "
                      f"{_pct(r['sparsity']):>9} "
-                     f"{_pct(r['flops_kept']):>9} {_acc(r['dense_accuracy']):>7} {_acc(r['accuracy']):>7} "
+                     f"{_pct(r['flops_kept']):>9} {kept(r)}{_acc(r['dense_accuracy']):>7} {_acc(r['accuracy']):>7} "
                      f"{_num(r['seconds'], '.0f'):>7}"
                      # "running": a process holds the folder, or (no lock to tell by, another machine's
                      # lock file) a kill left it so; a killed run nobody holds is "interrupted" (shown_status)
                      + ("" if r["status"] == "done" else
                         "  (not finished)" if r["status"] == "running" else f"  ({r['status']})"))
-    return lines
+    return lines + notes(rows)
 
 
 COMPARISON_FILES = ("report.md", "runs.json", "plots/accuracy_vs_sparsity.png", "plots/accuracy_vs_macs.png")
@@ -502,13 +553,17 @@ def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Com
         raise PrunekitError(f"{out / 'report.md'} was edited since prunekit wrote it, and {target} is not prunekit's "
                             f"either: move one of them out of {out} and run again (nothing was written)")
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", "| run | model | method | asked | sparsity | MACs kept | dense acc. | accuracy | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    params = shows_params(rows)          # a params budget asked: the params kept beside the MACs kept
+    lines = [f"# {title}", "", "| run | model | method | asked | sparsity | MACs kept | "
+             + ("params kept | " if params else "") + "dense acc. | accuracy | seconds |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if params else "")]
     for r in rows:
-        link = urllib.parse.quote(os.path.relpath(Path(r["run"]) / "report.md", out))   # spaces break a link
+        page = Path(r["run"]) / ("result.json" if r.get("snapshot_of") else "report.md")   # a snapshot has no report
+        link = urllib.parse.quote(os.path.relpath(page, out))   # spaces break a link
         lines.append(f"| [{r['name']}]({link}) | {r['model']} | {method_label(r)} | {_asked(r)} | {_pct(r['sparsity'])} | "
-                     f"{_pct(r['flops_kept'])} | {_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | "
-                     f"{_num(r['seconds'], '.0f')} |")
+                     f"{_pct(r['flops_kept'])} | " + (f"{_pct(r.get('params_kept'))} | " if params else "")
+                     + f"{_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | {_num(r['seconds'], '.0f')} |")
+    lines += [""] + notes(rows) if notes(rows) else []
     plt, missing = _pyplot_or_none()
     lines += (["", "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)",
                "![accuracy vs MACs](plots/accuracy_vs_macs.png)", ""] if plt is not None else ["", NO_PLOTS, ""])

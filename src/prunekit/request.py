@@ -20,7 +20,7 @@ from . import distributed, model_fisher
 from .budget import Budget, ResolvedBudget
 from .cost_inputs import AmbiguousBatchError
 from .costs import CostModel
-from .errors import PrunekitWarning
+from .errors import PrunekitWarning, worded_warning
 from .losses import LossFn
 from .methods import Method, lookup
 from .options import OptionError, Options
@@ -127,7 +127,7 @@ class PruneRequest:
             resolved = budget.resolve(costs, space)
             shares = []
         if space.not_run:
-            warnings.warn(PrunekitWarning(not_run_warning(space.not_run)), stacklevel=3)
+            warnings.warn(not_run_warning(space.not_run), stacklevel=3)
         if channels is not None and (left := dense_groups_warning(channels.groups.skipped)):
             warnings.warn(PrunekitWarning(left), stacklevel=3)
         if gradual is not None:
@@ -187,13 +187,20 @@ def _plan_memory(method: Method, model: nn.Module, space, example_input, resolve
     return counted
 
 
-def not_run_warning(layers: list[str]) -> str:
-    """What a user is told of prunable layers the cost model's trace never saw multiplied."""
+def not_run_warning(layers: list[str]) -> PrunekitWarning:
+    """What a user is told of prunable layers the cost model's trace never saw multiplied: in
+    Python, give an ``example_input`` that runs them; on the command line (which takes its example
+    from the data, and has no example input to give), data whose images take that branch, or
+    ``--exclude`` them."""
     shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
-    return (f"{shown} did not run on the example input (or {'its' if len(layers) == 1 else 'their'} weights were "
-            "made into other tensors before the product): left dense, MACs not counted in the budget; give an "
-            "example input that runs every layer to prune (a branch only some inputs take cannot be counted "
-            "from one example), or exclude them")
+    what = (f"{shown} did not run on the example input (or {'its' if len(layers) == 1 else 'their'} weights were "
+            "made into other tensors before the product): left dense, MACs not counted in the budget; ")
+    return worded_warning(
+        what + "give an example_input that runs every layer to prune (a branch only some inputs take cannot be "
+        "counted from one example), or exclude them",
+        what.replace("the example input", "the data's first example") + f"leave them out with "
+        f"--exclude {' '.join(layers)} (dense as now, without this warning), or prune with --data whose examples take "
+        "the branch they are in")
 
 
 @dataclass

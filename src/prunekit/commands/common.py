@@ -20,7 +20,7 @@ from ..data.loaders import leaves_one_over, samples_per_pass
 from .. import report
 from ..errors import PrunekitError, PrunekitWarning
 from ..saving import read_meta
-from ..zoo.checkpoints import check_checkpoint_path
+from ..zoo.checkpoints import check_checkpoint_path, export_refusal
 from ..api_checks import first_batch
 from ..loading import (LoadedModel, check_fits, check_normalized, load_data, load_model, model_outputs,
                        python_saved_refusal, recorded_classes)
@@ -97,6 +97,11 @@ def resolve_model(args, saved_file=None) -> None:
     elif checkpoint and Path(checkpoint).is_dir():
         refuse_unfinished(checkpoint)        # a run folder whose run has not finished: how to finish it
     if args.model is not None:
+        command = getattr(args, "command", None)
+        exported = export_refusal(args.model, f"not a model `prunekit {command}` reads" if command
+                                  else "not a model prunekit reads")
+        if exported and args.model not in zoo.MODEL_NAMES and not user_models.is_model_file(args.model):
+            raise PrunekitError(exported)
         return
     saved_file = saved_file or args.checkpoint
     if saved_file:

@@ -38,8 +38,9 @@ class Normalization:
                 f"normalization needs one mean and one std per channel, got {len(self.mean)} means "
                 f"and {len(self.std)} stds; give both the same length"
             )
-        if any(s <= 0 for s in self.std):
-            raise PrunekitError(f"normalization std must be positive, got {self.std}")
+        if any(s <= 0 for s in self.std):    # (NaN passes here and is refused as not finite below)
+            raise PrunekitError(f"normalization stds must be above 0 (the inputs are divided by them), got "
+                                f"{','.join(f'{v:g}' for v in self.std)}: give each channel's standard deviation")
         if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
             raise PrunekitError(f"normalization means and stds must be finite numbers, got {self.mean}/{self.std}")
         # pixels are scaled to [0, 1] first: a mean above 1, or a std above 1, is the 0-255 convention

@@ -58,17 +58,31 @@ def check_checkpoint_path(path: str | Path, hint: str = CHECKPOINT_HINT) -> None
         raise PrunekitError(f"checkpoint {path} is {_special_kind(path)}, not a file: {hint}")
     if not path.is_file():
         raise PrunekitError(f"checkpoint {path} not found: check the path")
-    export = _export_file_kind(path)
-    if export:
-        run = path.parent.parent if path.parent.name == "export" else None
-        run = run if run is not None and (run / "model.safetensors").is_file() else None
-        where = f" ({run}, or {run / 'model.safetensors'})" if run is not None else ""
-        article = "an" if export[0] in "AEIOU" else "a"
-        raise PrunekitError(f"{path} is {article} {export} export (as `prunekit export` writes), not a checkpoint: pass "
-                            f"the run folder it was exported from, or its model.safetensors{where}")
+    refusal = export_refusal(path, "not a checkpoint")
+    if refusal:
+        raise PrunekitError(refusal)
     other = _other_kind(path)
     if other:
         raise PrunekitError(f"{path} is not a model checkpoint ({other}): {hint}")
+
+
+def export_refusal(path: str | Path, said: str) -> str | None:
+    """The line refusing ``path`` where it is a TorchScript or ONNX export (as ``prunekit export``
+    writes), which no command reads as a model: ``said`` what it is not ("not a checkpoint"),
+    and what to pass instead, the run folder it came from where it lies in one; None for any other
+    path (one that is no file included)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    export = _export_file_kind(path)
+    if not export:
+        return None
+    run = path.parent.parent if path.parent.name == "export" else None
+    run = run if run is not None and (run / "model.safetensors").is_file() else None
+    where = f" ({run}, or {run / 'model.safetensors'})" if run is not None else ""
+    article = "an" if export[0] in "AEIOU" else "a"
+    return (f"{path} is {article} {export} export (as `prunekit export` writes), {said}: pass "
+            f"the run folder it was exported from, or its model.safetensors{where}")
 
 
 def _export_file_kind(path: Path) -> str | None:
