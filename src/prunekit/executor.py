@@ -27,7 +27,7 @@ from torch import nn
 
 from .budget import budget_text
 from .data.loaders import BatchLoader
-from .errors import PrunekitError, PrunekitWarning
+from .errors import PrunekitError, PrunekitWarning, worded_warning
 from .pipelines.gradual import prune_gradual
 from .structured.groups import dense_groups_warning
 from .methods import BUILT_IN, METHODS, Method
@@ -276,6 +276,18 @@ def _refuse_changed_classes(folder: RunFolder, metrics: dict, describe: dict) ->
     other labels than its stages so far were judged and trained on: refused. The names the run
     began with are in its metrics.json (``class_names``, from ``describe``)."""
     before, now = metrics.get("class_names"), describe.get("class_names")
+    if before is None and isinstance(now, list) and metrics.get("stages"):
+        # a run of an older prunekit, which recorded none: the labels its stages so far learned are unknown
+        names = ", ".join(map(str, now[:6])) + (", ..." if len(now) > 6 else "")
+
+        def line(fix: str) -> str:
+            return (f"{folder.path} was written by an older prunekit that recorded no class names: carried on "
+                    f"without checking that the classes of the data ({names}) are the ones it started with (a "
+                    f"renamed, added or removed class folder shifts the labels); run it anew with {fix} if they "
+                    "changed")
+        folder.log(line("--force"))
+        if folder.writable:
+            warnings.warn(worded_warning(line("force=True"), line("--force")), stacklevel=2)
     if isinstance(before, list) and isinstance(now, list) and before != now:
         shown = lambda names: ", ".join(map(str, names[:6])) + (", ..." if len(names) > 6 else "")   # noqa: E731
         raise PrunekitError(f"the classes of the data changed since the run in {folder.path} started "

@@ -41,7 +41,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from .costs import CostModel
-from .errors import PrunekitError, PrunekitWarning, refusal_of
+from .errors import PrunekitError, PrunekitWarning, refusal_of, worded_warning
 from .options import OptionError
 from .pipelines.stages import StageState
 from .record import finite as _finite
@@ -611,6 +611,11 @@ def _remove_own_files(folder: Path) -> None:
         folder.rmdir()
 
 
+# passes over the loader per training epoch this version's checkpoints were written with (recorded
+# in each checkpoint's metadata); versions before it recorded none and read their loader twice
+EPOCH_PASSES = 1
+
+
 class RunCheckpointer:
     """A ``StageCheckpointer`` writing ``checkpoints/stage-NNN.safetensors`` in a run folder.
 
@@ -662,6 +667,7 @@ class RunCheckpointer:
         if self.folder.config.exists():       # the options the stage ran with: a resume under others is refused
             meta["config"] = self.folder.config.read_text()
         meta["world_sizes"] = json.dumps(self.world_sizes)
+        meta["epoch_passes"] = str(EPOCH_PASSES)      # a resume tells this version's checkpoints from older ones
         atomic_write_bytes(self.path(state.stage), save_tensors(tensors, metadata=meta))
         self.folder.log(f"{self._named(state)} saved to {self.path(state.stage).name}")
         if self.on_saved is not None:
@@ -694,6 +700,7 @@ class RunCheckpointer:
             if self.folder.echo is not None:        # the console says what run.log says
                 self.folder.echo(f"resuming {self.folder.path} after {self._named(state)}")
             self._tell_other_world_size(_world_sizes(meta), path.name)
+            self._tell_older_epoch_passes(meta)
             self.restored_seconds = sum(h.get("seconds") or 0.0 for h in state.history)
             return state
         if unreadable:
@@ -720,6 +727,23 @@ class RunCheckpointer:
         self.folder.log(line)
         if self.folder.writable:
             warnings.warn(PrunekitWarning(line), stacklevel=2)
+
+
+    def _tell_older_epoch_passes(self, meta: dict) -> None:
+        """Where the checkpoint carries loader state or event records (an event, epoch or phase:
+        gradual, train, structured) and was written by a prunekit older than ``EPOCH_PASSES`` (no
+        ``epoch_passes`` in its metadata: that version read its loader twice per training epoch),
+        say so once in run.log and on stderr: carried on, the run's data order is neither
+        version's, so its weights match no uninterrupted run. Exact continuation cannot be had."""
+        if self.unit not in ("event", "epoch", "phase") or "epoch_passes" in meta:
+            return
+        def said(fix: str) -> str:
+            return (f"{self.folder.path} was written by an older prunekit that read its loader twice per epoch: "
+                    "carried on, this run's weights match no uninterrupted run (of either version); run it anew "
+                    f"with {fix} for a reproducible result")
+        self.folder.log(said("--force"))
+        if self.folder.writable:
+            warnings.warn(worded_warning(said("force=True"), said("--force")), stacklevel=2)
 
 
 def _world_size() -> int:

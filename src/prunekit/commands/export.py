@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import distributed, run_lock, user_models, zoo
+from .. import distributed, folders, run_lock, user_models, zoo
 from .. import export
 from ..errors import PrunekitError
 from ..loading import load_model, python_saved_refusal
@@ -23,8 +23,15 @@ def cmd_export(args) -> int:
         raise PrunekitError(f"{args.run} is not a folder: pass a run folder of `prunekit prune --out`")
     if not path.exists() and (Path(args.run) / "config.toml").exists():
         refuse_running(Path(args.run))
+        if folders.kind(args.run) == "training run":     # `prune --resume` refuses these: name what carries it on
+            raise PrunekitError(f"{args.run} holds a training run that has not finished: carry it on first (run its "
+                                "`prunekit train ... --out` command again), then export it")
+        from ..cli import _is_python_config
+        if _is_python_config(Path(args.run) / "config.toml"):
+            raise PrunekitError(f"{args.run} holds a run started from Python that has not finished: carry it on "
+                                f"first (call prunekit.prune again with the same arguments and out={args.run!r})")
         raise PrunekitError(f"{args.run} holds a run that has not finished: carry it on first "
-                            f"(`prunekit prune --resume {args.run}`, or a train run's command again)")
+                            f"(`prunekit prune --resume {args.run}`)")
     meta = read_meta(path) if path.exists() else {}
     saved = meta.get("model")
     if saved is None or (saved not in zoo.MODEL_NAMES and not user_models.is_model_file(saved) and not meta.get("custom")):

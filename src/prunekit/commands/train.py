@@ -171,7 +171,8 @@ def _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimiz
                 pruned: PrunedCheckpoint | None) -> int:
     """``train_into``'s epochs, evaluation and saving (a pruned checkpoint's masks held by the caller)."""
     digest = user_models.file_digest(args.model) if user_models.is_model_file(args.model) else None
-    history = resume(checkpointer, loaded.model, optimizer, schedule, loader, digest)
+    history = resume(checkpointer, loaded.model, optimizer, schedule, loader, digest,
+                     folder_labels=args.data == "imagefolder")
     if history and not args.json:
         print(f"resuming {args.out} after epoch {len(history)}/{args.epochs}", file=sys.stderr)
     for epoch in range(len(history), args.epochs):
@@ -301,10 +302,12 @@ def _holds_a_prune_run(folder: RunFolder) -> bool:
 
 
 def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loader,
-           digest: str | None = None) -> list[dict]:
+           digest: str | None = None, folder_labels: bool = False) -> list[dict]:
     """Restore model, optimizer, schedule, RNG and data order from the last epoch checkpoint;
     its per-epoch history (empty when starting afresh). ``digest``: the model file's SHA-256,
-    compared with the one the checkpoint was written with."""
+    compared with the one the checkpoint was written with. ``folder_labels``: the data's labels are
+    its class folders' sorted names (an image folder): a checkpoint that recorded no class names
+    (an older prunekit's) is carried on with a warning that they could not be checked."""
     state = checkpointer.last() if checkpointer is not None else None
     if state is None:
         return []
@@ -316,6 +319,14 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
                             f"started ({shown(started)}; now {shown(classes)}): its epochs so far learned the labels "
                             "of the first, so carrying it on would shift them; restore the class folders, or "
                             "--force to train anew on these")
+    if started is None and classes and folder_labels:                # an older run's: which labels its epochs learned is unknown
+        line = (f"the epoch checkpoint in {checkpointer.folder.path} was written by an older prunekit that recorded "
+                f"no class names: carried on without checking that the class folders ({', '.join(classes[:6])}"
+                f"{', ...' if len(classes) > 6 else ''}) are the ones its epochs learned (a renamed, added or removed "
+                "class folder shifts the labels); run it anew with --force if they changed")
+        checkpointer.folder.log(line)
+        if checkpointer.folder.writable:
+            warnings.warn(PrunekitWarning(line), stacklevel=2)
     if state.extra.get("model_file_sha256") not in (None, digest):
         warnings.warn(PrunekitWarning("the model file changed since this training started: the epochs left use "
                                       "the new code"), stacklevel=2)

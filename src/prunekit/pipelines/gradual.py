@@ -161,7 +161,9 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
     teacher = copy.deepcopy(model).eval() if opts.finetune_distill else None
     done = resume_stages(ctx)
     # a run folder of a version whose every fine-tune started at the loader's first epoch (its event
-    # records have no first_epoch): carried on so, it ends as it would have uninterrupted
+    # records have no first_epoch): its later fine-tunes start there too. That keeps each fine-tune's
+    # first epoch, not the bits: such versions also read the loader twice per training epoch, so the
+    # run ends as neither version's uninterrupted run would (the checkpointer says so on resume)
     restarting = done > 0 and "first_epoch" not in ctx.history[0]
     start, measured = time.perf_counter(), measure_seconds(ctx.checkpointer)
     for event, event_budget in enumerate(schedule, start=1):
