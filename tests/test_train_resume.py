@@ -62,8 +62,11 @@ def test_a_finished_training_run_again_is_the_same_result(capsys, tmp_path, monk
         out = "run"
     monkeypatch.setattr(train_command, "train_epoch", None)      # nothing left to train
     assert main([*TRAIN, "--epochs", "1", "--out", out]) == 0
-    again = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    again = json.loads(captured.out)
     assert again["accuracy"] == first["accuracy"] and again["history"] == first["history"]
+    assert captured.err.count("\n") == 1 and "holds this training run, finished: its result again, nothing was " \
+        "trained (--force trains it anew)" in captured.err, captured.err
 
 
 def test_a_resumed_training_of_a_model_file_says_when_the_file_changed(capsys, tmp_path, monkeypatch):

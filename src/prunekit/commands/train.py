@@ -156,6 +156,9 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
         if folder.writable and folder.checkpoints.is_dir():    # a kill came between result.json and its removal
             with contextlib.suppress(OSError):                 # (the result is printed all the same)
                 _remove_own_files(folder.checkpoints)
+        if is_main_process():
+            print(f"prunekit: note: {args.out} holds this training run, finished: its result again, nothing was "
+                  "trained (--force trains it anew)", file=sys.stderr)
         emit(args, finished, result_lines(args, finished))
         return 0
     if pruned is not None and not args.json:     # once the folder is claimed: a refusal stays one line
