@@ -77,7 +77,9 @@ def _snapshot_record(record: dict, share: float) -> dict:
 def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loader: Iterable | None, *,
             folder: RunFolder | None = None, describe: dict | None = None, dense: dict | None = None,
             progress: bool = False, on_step: Callable[[dict], None] | None = None, stage_eval: bool = True,
-            about: dict | None = None) -> tuple[dict, nn.Module, dict[float, nn.Module]]:
+            about: dict | None = None,
+            data_fingerprint: dict | None = None,
+            force: bool = False) -> tuple[dict, nn.Module, dict[float, nn.Module]]:
     """Prune as ``plan`` says; returns (record, pruned model, taper's snapshot models by share).
 
     train_batches(): one epoch of (x, y) training batches, the same at every call.
@@ -88,6 +90,10 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         (not only before and after); their seconds are not the pruning's (``eval_seconds``).
     about: keys the record holds besides the measurements, e.g. ``data_file`` (the ``.npz`` the
         command line read its data from), kept in result.json and metrics.json with it.
+    data_fingerprint: ``{split: ImageFolderScan.fingerprint}`` of the image folders the run reads
+        (the command line's), kept in metrics.json: a resume over one whose images changed since is
+        refused (with ``force``, the command line's --force: the unfinished run starts anew over it); a
+        finished run gives its result back, as for any other change of its data.
     """
     describe = describe or python_model_description(plan)
     metrics = folder.read_metrics() if folder is not None else {}
@@ -107,6 +113,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         _tell_changed_code(folder, metrics, describe)
         _refuse_changed_weights(folder, metrics, describe)
         _refuse_changed_classes(folder, metrics, describe)
+        if _refuse_changed_images(folder, metrics, data_fingerprint, force):     # --force: started anew
+            metrics = {}
     if not dense and not metrics.get("dense"):
         dense = measure(plan, plan.request.model, eval_loader)
         if "loss" in dense:           # before any work: name the real cause
@@ -126,6 +134,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         for key in ("model_file_sha256", "checkpoint_sha256", "class_names"):
             if key in describe:
                 metrics[key] = describe[key]
+        if data_fingerprint:
+            metrics["data_fingerprint"] = data_fingerprint
         folder.write_metrics(metrics)
 
         def on_saved(history: list[dict]) -> None:
@@ -293,6 +303,45 @@ def _refuse_changed_classes(folder: RunFolder, metrics: dict, describe: dict) ->
         raise PrunekitError(f"the classes of the data changed since the run in {folder.path} started "
                             f"({shown(before)}; now {shown(now)}): carrying it on would shift its labels; restore "
                             "the class folders to carry the run on, or start a new run in another folder")
+
+
+def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, force: bool = False) -> bool:
+    """A run resumed over an image folder whose images changed since it began (an image added,
+    removed or replaced: ``data.imagefolder.fingerprint_change``) would measure and prune its stages
+    left on other images than its dense model and stages so far: refused, naming what changed.
+    ``now``: ``{split: fingerprint}`` of the folders read now; the run's are in its metrics.json
+    (``data_fingerprint``). A run that recorded none where it recorded its class names (an older
+    prunekit's) is carried on with a warning; one that recorded neither was warned of by
+    ``_refuse_changed_classes``. ``force``: the run's checkpoints are removed instead and True
+    returned: it starts anew over the images as they are now (its metrics are written afresh)."""
+    from .data.imagefolder import fingerprint_change
+    from .runs import _remove_own_files
+    if not now:
+        return False
+    before = metrics.get("data_fingerprint")
+    if isinstance(before, dict):
+        for split, fingerprint in now.items():
+            change = fingerprint_change(before.get(split), fingerprint)
+            if change is not None and force:
+                folder.log(f"the images the run read changed since it started ({change}): --force starts it "
+                           "anew (its stages so far are removed)")
+                if folder.writable and folder.checkpoints.is_dir():
+                    _remove_own_files(folder.checkpoints)
+                return True
+            if change is not None:
+                where = fingerprint.get("folder") or f"the {split} split"
+                raise PrunekitError(f"the images in {where} changed since the run in {folder.path} started ({change}): "
+                                    "its stages left would be pruned and measured on other images than the first; "
+                                    "put the folder back as it was to carry the run on, or start a new run (the "
+                                    "original command with --force, or another --out)")
+    elif metrics.get("stages") and isinstance(metrics.get("class_names"), list):
+        line = (f"{folder.path} was written by an older prunekit that recorded no fingerprint of its images: carried "
+                "on without checking that they are the ones it started with (an image added, removed or replaced "
+                "changes what the stages left are pruned and measured on); run it anew with --force if they changed")
+        folder.log(line)
+        if folder.writable:
+            warnings.warn(worded_warning(line.replace("--force", "force=True"), line), stacklevel=2)
+    return False
 
 
 def _readable_json(*paths) -> bool:

@@ -125,6 +125,17 @@ def _data_file(eval_loader) -> dict:
     return {"data_file": source} if isinstance(source, str) else {}
 
 
+def _fingerprints(plan, eval_loader, train_batches, args) -> dict:
+    """``{split: fingerprint}`` of the image folder splits the run reads (``ImageFolderScan.fingerprint``:
+    the evaluation split, and the training split where the run reads it); {} for other data."""
+    from ..data.imagefolder import folder_fingerprint
+    splits = {args.eval_split: getattr(eval_loader, "dataset", None)}
+    if train_batches is not None and reads_training_data(plan):
+        splits["train"] = train_batches.split()
+    found = {split: folder_fingerprint(ds) for split, ds in splits.items()}
+    return {split: fingerprint for split, fingerprint in found.items() if fingerprint is not None}
+
+
 def _lower_rate_after_resume(args, err: PrunekitError) -> str:
     """How to run a ``--resume``d run that diverged with a lower learning rate (``runs.stopped_by_divergence``'s
     ``cli_fix``): --resume takes no other flag (no --force, no rate), so the original command again
@@ -350,7 +361,10 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
                                    describe=_described(loaded, args.checkpoint if folder is not None else None),
                                    dense=dense, progress=show_progress(args), on_step=step_printer(args),
                                    stage_eval=not getattr(args, "no_stage_eval", False),
-                                   about=_data_file(eval_loader))
+                                   about=_data_file(eval_loader),
+                                   data_fingerprint=_fingerprints(plan, eval_loader, train_batches, args)
+                                   if folder is not None else None,
+                                   force=bool(getattr(args, "force", False)))
     except PrunekitError as err:
         runs.release_refused(folder)
         stopped = runs.stopped_by_divergence(           # a sweep's run folder: no --force, its sweep another --out

@@ -22,6 +22,7 @@ from ..distributed import is_main_process
 from ..errors import PrunekitError, PrunekitWarning
 from ..data import load_dataset, make_loader
 from ..data.dataset import DeferredImageDataset
+from ..data.imagefolder import fingerprint_change, folder_fingerprint
 from ..loading import check_fits, check_normalized, load_model, recorded_classes
 from ..masks import MaskHold, masks_from_weights
 from ..params import ParamSpace
@@ -54,6 +55,8 @@ def cmd_train(args) -> int:
                                                                         resize=args.resize, crop=args.crop,
                                                                         classes=classes, defer=True,
                                                                         same_as=train_ds)
+    # what the training images are (an image folder's files), recorded with each epoch: a resume over other ones is refused
+    fingerprint = folder_fingerprint(train_ds) if args.out else None
     train_ds, test_ds = (ds.dataset if isinstance(ds, DeferredImageDataset) else ds for ds in (train_ds, test_ds))
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
@@ -78,9 +81,9 @@ def cmd_train(args) -> int:
     if args.out and not getattr(args, "force", False) and finished_read_only_on_rank_0(args.out):
         # a finished run in a folder this process may not write: its result again (when it is this
         # command's run), with no lock (its file could not be made) and nothing written
-        return train_into(args, loaded, loader, test_loader, read_only=True, pruned=pruned)
+        return train_into(args, loaded, loader, test_loader, read_only=True, pruned=pruned, fingerprint=fingerprint)
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
-        return train_into(args, loaded, loader, test_loader, pruned=pruned)
+        return train_into(args, loaded, loader, test_loader, pruned=pruned, fingerprint=fingerprint)
 
 
 class PrunedCheckpoint:
@@ -143,11 +146,13 @@ def pruned_checkpoint(args, loaded, costs: CostModel) -> PrunedCheckpoint | None
 
 
 def train_into(args, loaded, loader, test_loader, read_only: bool = False,
-               pruned: PrunedCheckpoint | None = None) -> int:
+               pruned: PrunedCheckpoint | None = None, fingerprint: dict | None = None) -> int:
     """Train ``loaded`` on ``loader`` (into run folder ``args.out`` when given, carrying on from
     its last epoch), evaluate on ``test_loader``, print the result. ``read_only``: ``args.out``
     holds a finished run this process may not write: checked and read, nothing written. ``pruned``:
-    a pruned checkpoint's zeros, held at zero, and its channel layout, saved with the model."""
+    a pruned checkpoint's zeros, held at zero, and its channel layout, saved with the model.
+    ``fingerprint``: the training image folder's (``ImageFolderScan.fingerprint``), recorded with
+    each epoch; a resume over a folder whose images changed since is refused."""
     folder = training_folder(args, read_only=read_only)
     if folder is not None and distributed.current().distributed:   # on several machines: one shared folder
         check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
@@ -167,15 +172,17 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
     optimizer = sgd(loaded.model, args.lr, weight_decay=args.weight_decay)
     schedule = cosine(optimizer, args.epochs * len(loader))
     with MaskHold(pruned.space, pruned.masks, optimizer) if pruned is not None else nullcontext():
-        return _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule, pruned)
+        return _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule, pruned,
+                           fingerprint)
 
 
 def _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule,
-                pruned: PrunedCheckpoint | None) -> int:
+                pruned: PrunedCheckpoint | None, fingerprint: dict | None = None) -> int:
     """``train_into``'s epochs, evaluation and saving (a pruned checkpoint's masks held by the caller)."""
     digest = user_models.file_digest(args.model) if user_models.is_model_file(args.model) else None
     history = resume(checkpointer, loaded.model, optimizer, schedule, loader, digest,
-                     folder_labels=args.data == "imagefolder")
+                     folder_labels=args.data == "imagefolder", fingerprint=fingerprint, data_dir=args.data_dir,
+                     force=bool(getattr(args, "force", False)))
     if history and not args.json:
         print(f"resuming {args.out} after epoch {len(history)}/{args.epochs}", file=sys.stderr)
     for epoch in range(len(history), args.epochs):
@@ -187,7 +194,7 @@ def _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimiz
         if not args.json:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}", file=sys.stderr)
         if checkpointer is not None:
-            save_epoch(checkpointer, loaded.model, optimizer, schedule, loader, history, digest)
+            save_epoch(checkpointer, loaded.model, optimizer, schedule, loader, history, digest, fingerprint)
     loaded.model.eval()
     accuracy = evaluate(loaded.model, test_loader)
     record = {"model": args.model, "data": args.data, "split": args.eval_split, "epochs": args.epochs, "lr": args.lr,
@@ -305,28 +312,53 @@ def _holds_a_prune_run(folder: RunFolder) -> bool:
 
 
 def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loader,
-           digest: str | None = None, folder_labels: bool = False) -> list[dict]:
+           digest: str | None = None, folder_labels: bool = False, fingerprint: dict | None = None,
+           data_dir: str | None = None, force: bool = False) -> list[dict]:
     """Restore model, optimizer, schedule, RNG and data order from the last epoch checkpoint;
     its per-epoch history (empty when starting afresh). ``digest``: the model file's SHA-256,
     compared with the one the checkpoint was written with. ``folder_labels``: the data's labels are
     its class folders' sorted names (an image folder): a checkpoint that recorded no class names
-    (an older prunekit's) is carried on with a warning that they could not be checked."""
+    (an older prunekit's) is carried on with a warning that they could not be checked.
+    ``fingerprint``: the training image folder's now (``ImageFolderScan.fingerprint``; ``data_dir``
+    the folder, to name it): one that differs from the checkpoint's is refused, naming what changed
+    (the epochs left would train on other images than the first); a checkpoint that recorded none
+    (an older prunekit's) is carried on with a warning. ``force`` (--force): where the class names or
+    images changed, the epochs so far are removed and the run starts anew on the data as it is now
+    (without a change, --force carries the same unfinished run on, as it always did)."""
     state = checkpointer.last() if checkpointer is not None else None
     if state is None:
         return []
     started = state.extra.get("class_names")      # None: a checkpoint of a prunekit that recorded none
     classes = list(getattr(loader.dataset, "classes", None) or [])
-    if isinstance(started, list) and classes and started != classes:
+    recorded = state.extra.get("data_fingerprint")      # None: an older prunekit's (or not an image folder)
+    change = fingerprint_change(recorded, fingerprint) if fingerprint is not None else None
+    renamed = isinstance(started, list) and classes and started != classes
+    if force and (renamed or change is not None):
+        return _start_anew(checkpointer, "its classes" if renamed else f"its training images ({change})")
+    if renamed:
         shown = lambda names: ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")     # noqa: E731
         raise PrunekitError(f"the classes of the training data changed since the run in {checkpointer.folder.path} "
                             f"started ({shown(started)}; now {shown(classes)}): its epochs so far learned the labels "
                             "of the first, so carrying it on would shift them; restore the class folders, or "
                             "--force to train anew on these")
+    if change is not None:
+        where = f" in {fingerprint.get('folder') or data_dir}"
+        raise PrunekitError(f"the training images{where} changed since the run in {checkpointer.folder.path} started "
+                            f"({change}): its epochs left would train on other images than its first; put the folder "
+                            "back as it was to carry the run on, or --force to train anew on these")
     if started is None and classes and folder_labels:                # an older run's: which labels its epochs learned is unknown
         line = (f"the epoch checkpoint in {checkpointer.folder.path} was written by an older prunekit that recorded "
                 f"no class names: carried on without checking that the class folders ({', '.join(classes[:6])}"
                 f"{', ...' if len(classes) > 6 else ''}) are the ones its epochs learned (a renamed, added or removed "
-                "class folder shifts the labels); run it anew with --force if they changed")
+                "class folder shifts the labels) or that their images are; run it anew with --force if they changed")
+        checkpointer.folder.log(line)
+        if checkpointer.folder.writable:
+            warnings.warn(PrunekitWarning(line), stacklevel=2)
+    elif recorded is None and fingerprint is not None:      # class names recorded, images not (an older prunekit's)
+        line = (f"the epoch checkpoint in {checkpointer.folder.path} was written by an older prunekit that recorded "
+                "no fingerprint of its training images: carried on without checking that they are the ones its "
+                "epochs so far trained on (an image added, removed or replaced changes what the rest train on); "
+                "run it anew with --force if they changed")
         checkpointer.folder.log(line)
         if checkpointer.folder.writable:
             warnings.warn(PrunekitWarning(line), stacklevel=2)
@@ -340,8 +372,19 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
     return list(state.history)
 
 
+def _start_anew(checkpointer: RunCheckpointer, what: str) -> list[dict]:
+    """--force over a run whose data changed since it started: its epoch checkpoints are removed
+    (by the process that writes the folder) and the run starts from epoch 1; said in run.log."""
+    checkpointer.folder.log(f"{what} changed since this run started: --force starts it anew (its epochs so far "
+                            "are removed)")
+    if checkpointer.folder.writable and checkpointer.folder.checkpoints.is_dir():
+        _remove_own_files(checkpointer.folder.checkpoints)
+    checkpointer.restored_seconds = 0.0
+    return []
+
+
 def save_epoch(checkpointer: RunCheckpointer, model, optimizer, schedule, loader, history: list[dict],
-               digest: str | None = None) -> None:
+               digest: str | None = None, fingerprint: dict | None = None) -> None:
     """One checkpoint after the epoch just done; the one before it is removed (a long run keeps
     one model's worth of checkpoint, written atomically before the old one goes)."""
     tensors, optimizer_state = optimizer_tensors(optimizer, schedule)
@@ -351,7 +394,9 @@ def save_epoch(checkpointer: RunCheckpointer, model, optimizer, schedule, loader
                                  {"optimizer": optimizer_state, "loader_epoch": loader.epoch,
                                   "model_file_sha256": digest,
                                   # the labels these epochs learned: a resume over renamed class folders is refused
-                                  "class_names": list(getattr(loader.dataset, "classes", None) or [])}), model)
+                                  "class_names": list(getattr(loader.dataset, "classes", None) or []),
+                                  # the images they trained on (an image folder's): a resume over others is refused
+                                  **({"data_fingerprint": fingerprint} if fingerprint is not None else {})}), model)
     if checkpointer.folder.writable and epoch > 1:
         checkpointer.path(epoch - 1).unlink(missing_ok=True)
 

@@ -9,9 +9,10 @@ central ``crop`` x ``crop`` pixels (the usual evaluation transform of ImageNet m
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,58 @@ def _check_layout(root: Path, class_dirs: list[Path]) -> None:
                         "DIR/train/<class>/ and DIR/test/<class>/)")
 
 
+HEAD_BYTES = 65536       # the bytes of each image a fingerprint hashes: the whole of a small one
+
+
+def _head_digest(path: Path) -> bytes:
+    """SHA-256 of the first ``HEAD_BYTES`` bytes of ``path`` (its header, read by the scan: cached)."""
+    try:
+        with open(path, "rb") as file:
+            return hashlib.sha256(file.read(HEAD_BYTES)).digest()
+    except OSError as error:
+        raise PrunekitError(f"cannot read {path} ({error}); remove the file or make it readable") from error
+
+
+def folder_fingerprint(ds) -> dict | None:
+    """The ``ImageFolderScan.fingerprint`` of the image folder split ``ds`` was scanned from
+    (a ``DeferredImageDataset``, or one of a subset of such a split: the whole split's); None for
+    other data (decoded already, or not an image folder)."""
+    for _ in range(4):                      # a subset's scan leads to its parent split's
+        scan = getattr(ds, "scan", None)
+        if isinstance(scan, ImageFolderScan):
+            return scan.fingerprint() if scan.root is not None else None
+        ds = getattr(scan, "parent", None)
+        if ds is None:
+            return None
+    return None
+
+
+def fingerprint_change(before: dict, now: dict) -> str | None:
+    """What changed between two ``ImageFolderScan.fingerprint`` s, in words (None: nothing), e.g.
+    "3 images added to class cat, 1 removed from dog, images replaced in class bird"."""
+    if not (isinstance(before, dict) and isinstance(now, dict)) or before.get("sha256") == now.get("sha256"):
+        return None
+    old, new = before.get("classes") or {}, now.get("classes") or {}
+    said = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
+        if a == b:
+            continue
+        if a is None:
+            said.append(f"class folder {name} added ({b['images']} images)")
+        elif b is None:
+            said.append(f"class folder {name} removed ({a['images']} images)")
+        elif b["images"] > a["images"]:
+            said.append(f"{b['images'] - a['images']} images added to class {name}")
+        elif b["images"] < a["images"]:
+            said.append(f"{a['images'] - b['images']} images removed from class {name}")
+        else:
+            said.append(f"images replaced, renamed or changed in class {name}")
+    if not said:
+        return "its images changed"
+    return ", ".join(said[:4]) + (f" and {len(said) - 4} more classes changed" if len(said) > 4 else "")
+
+
 def _open(path: Path) -> Image.Image:
     try:
         return Image.open(path)
@@ -116,6 +169,39 @@ class ImageFolderScan:
     crop: int | None = None
     root: Path | None = None       # the folder of class folders scanned (None: not known)
     complete: bool = True          # every image of ``root`` (no ``limit`` left some out)
+    _fingerprint: dict | None = field(default=None, init=False, repr=False, compare=False)
+
+    def fingerprint(self) -> dict:
+        """The contents of ``root`` as a run folder records them, to tell whether they changed
+        before a killed run carries on (``fingerprint_change``): ``{"folder": root, "images": N,
+        "sha256": hex, "classes": {name: {"images": n, "sha256": hex}}}`` (``folder`` names it, and
+        is not compared: a folder moved with the run keeps its fingerprint), one entry per class folder (an empty one
+        too). A class's digest covers each of its images' path (relative to the class folder), size
+        in bytes and the SHA-256 of its first ``HEAD_BYTES`` bytes: a file added, removed, renamed,
+        resized or rewritten is seen (exactly for a file of at most 64 KiB; beyond that, one changed
+        only after its first 64 KiB keeping its size is not). Modification times are not used: a
+        copy (``cp -r`` without ``-p``, a sync to another disk) changes them, not the images. With
+        a ``limit``, the first bytes of the images kept are read, the others' sizes only. Computed
+        once, on first call (only a run folder needs it): it re-lists ``root`` and reads one block
+        per image the scan read (its header: cached), some 0.2-0.5 s per 10,000 small images."""
+        if self._fingerprint is None:
+            if self.root is None:
+                raise ValueError("a scan without its root folder has no fingerprint")
+            read = None if self.complete else {path for _, path in self.files}
+            classes, total, count = {}, hashlib.sha256(), 0
+            for class_dir in _subfolders(self.root):
+                digest, n = hashlib.sha256(), 0
+                for path in _image_files(class_dir):
+                    digest.update(f"{path.relative_to(class_dir).as_posix()}\0{path.stat().st_size}\0".encode())
+                    if read is None or path in read:
+                        digest.update(_head_digest(path))
+                    n += 1
+                classes[class_dir.name] = {"images": n, "sha256": digest.hexdigest()}
+                total.update(f"{class_dir.name}\0{classes[class_dir.name]['sha256']}\0".encode())
+                count += n
+            self._fingerprint = {"folder": str(self.root), "images": count, "sha256": total.hexdigest(),
+                                 "classes": classes}
+        return self._fingerprint
 
     def __len__(self) -> int:
         return len(self.files)
