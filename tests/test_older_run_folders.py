@@ -118,6 +118,7 @@ def test_an_older_train_checkpoint_without_class_names_warns_that_the_classes_we
     assert main(argv) == 130
     monkeypatch.undo()
     _as_older(out, drop_extra="class_names")
+    _as_older(out, drop_extra="data_fingerprint")       # that version recorded neither
     for split in ("train", "test"):
         (tmp_path / "photos" / split / "a").rename(tmp_path / "photos" / split / "z")
     capsys.readouterr()
@@ -146,6 +147,7 @@ def test_an_older_prune_run_without_class_names_warns_that_the_classes_went_unch
     monkeypatch.undo()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics.pop("class_names") == ["a", "b", "c"] and metrics["stages"]
+    assert metrics.pop("data_fingerprint")              # that version recorded neither
     (out / "metrics.json").write_text(json.dumps(metrics))
     for split in ("train", "test"):
         (tmp_path / "photos" / split / "a").rename(tmp_path / "photos" / split / "z")

@@ -129,6 +129,8 @@ def _fingerprints(plan, eval_loader, train_batches, args) -> dict:
     """``{split: fingerprint}`` of the image folder splits the run reads (``ImageFolderScan.fingerprint``:
     the evaluation split, and the training split where the run reads it); {} for other data."""
     from ..data.imagefolder import folder_fingerprint
+    if args.data != "imagefolder":
+        return {}
     splits = {args.eval_split: getattr(eval_loader, "dataset", None)}
     if train_batches is not None and reads_training_data(plan):
         splits["train"] = train_batches.split()
@@ -362,8 +364,9 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
                                    dense=dense, progress=show_progress(args), on_step=step_printer(args),
                                    stage_eval=not getattr(args, "no_stage_eval", False),
                                    about=_data_file(eval_loader),
+                                   # (a finished run's result is given back: its folders are not read)
                                    data_fingerprint=_fingerprints(plan, eval_loader, train_batches, args)
-                                   if folder is not None else None,
+                                   if folder is not None and not finished else None,
                                    force=bool(getattr(args, "force", False)))
     except PrunekitError as err:
         runs.release_refused(folder)

@@ -55,7 +55,8 @@ def cmd_train(args) -> int:
                                                                         resize=args.resize, crop=args.crop,
                                                                         classes=classes, defer=True,
                                                                         same_as=train_ds)
-    # what the training images are (an image folder's files), recorded with each epoch: a resume over other ones is refused
+    # what the training images are (an image folder's files), recorded with each epoch: a resume
+    # over other ones is refused
     fingerprint = folder_fingerprint(train_ds) if args.out else None
     train_ds, test_ds = (ds.dataset if isinstance(ds, DeferredImageDataset) else ds for ds in (train_ds, test_ds))
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
