@@ -208,9 +208,12 @@ def test_a_plain_checkpoint_pruned_by_another_tool_keeps_its_zeros_saying_so(cap
     main(plain(spec, tmp_path / f"pruned{suffix}", tmp_path / "kept2"))
     told = zero_lines(capsys.readouterr().err)
     assert len(told) == 1 and "held at zero" in told[0] and "--zeros train" in told[0], told
-    trained = run_json(capsys, plain(spec, tmp_path / f"pruned{suffix}", tmp_path / "trained", "--zeros", "train",
-                                     "--json"))
+    assert main(plain(spec, tmp_path / f"pruned{suffix}", tmp_path / "trained", "--zeros", "train", "--json")) == 0
+    captured = capsys.readouterr()
+    assert not zero_lines(captured.err)                 # asked for: nothing to say
+    trained = json.loads(captured.out)
     assert trained["zeros"] == "train" and "pruned" not in trained and "sparsity" not in trained
+    assert trained["trained_zeros"] == sum(int((before[f"{i}.weight"] == 0).sum()) for i in (0, 4, 9))
     after = load_file(tmp_path / "trained" / "model.safetensors")
     revived = after["4.weight"][before["4.weight"] == 0]
     assert (revived != 0).float().mean() > 0.9          # the zeros trained
@@ -351,3 +354,22 @@ def test_train_epochs_keeps_the_zeros_of_a_pruned_model_and_says_so():
     assert (net[0].weight[zeros] == 0).all()
     with pytest.raises(PrunekitError, match="zeros must be"):
         train_epochs(net, data, epochs=1, progress=False, zeros="sparse")
+
+
+def test_an_unfinished_run_whose_checkpoint_lost_its_zeros_is_refused(capsys, runs, tmp_path, monkeypatch):
+    """Its epochs so far held the file's zeros; the file (same path) now holds too few to keep by
+    default: carrying on would train them half way through, so it is refused in one line."""
+    spec, _ = runs
+    plain_checkpoint(runs, tmp_path / "pruned.pth", 0.7)
+    argv = plain(spec, tmp_path / "pruned.pth", tmp_path / "ft")
+    argv[argv.index("--epochs") + 1] = "2"
+    restore = _killed_in_second_epoch(monkeypatch)
+    assert main(argv) == 130
+    restore()
+    plain_checkpoint(runs, tmp_path / "pruned.pth", 0.2)         # replaced in place
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "held the checkpoint's zero weights at zero" in err \
+        and "checkpoint file changed" in err and "--force" in err, err
+    assert not (tmp_path / "ft" / "result.json").exists()

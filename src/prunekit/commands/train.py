@@ -180,14 +180,16 @@ def _plain_zeros(args, space: ParamSpace, costs: CostModel, choice: str | None) 
     if not found.zeros:
         return None
     hold = choice == "keep" or (choice is None and found.looks_pruned)
-    if not hold and (choice == "train" or not found.notable):      # asked for, or a few zeros of chance
+    if not hold and not found.notable:          # a few zeros of chance: nothing to keep or say
         return None
     what = args.checkpoint or args.model
     counted = f"{what} holds {found.zeros:,} exact zero weights ({100 * found.share:.1f}% of the prunable)"
     pruned = PrunedCheckpoint(space, masks_from_weights(space), False, {}, costs, hold=hold,
                               origin={"method": None, "family": None, "plain": True})
     pruned.always_say = True
-    if choice == "keep":
+    if choice == "train":                       # as asked: counted in the record (trained_zeros), not said
+        pruned.note = ""
+    elif choice == "keep":
         pruned.note = f"{counted}: held at zero (--zeros keep), so the trained model stays as sparse"
     elif hold:
         pruned.note = (f"{counted}, at least {PRUNED_LAYER_SHARE:.0%} zeros in layer(s) {found.layers()}: pruned, so "
