@@ -346,6 +346,7 @@ CLI_CASES = [
     ([*TRAIN, "--batch-size", "0"], "--batch-size"),
     ([*TRAIN, "--lr", "inf"], "--lr"),
     ([*TRAIN, "--weight-decay", "inf"], "--weight-decay"),
+    ([*TRAIN, "--zeros", "none"], "invalid choice: 'none' (choose from 'keep', 'train')"),
     ([*TRAIN, "--batch-size", "100000", "--out", f"{H}/trained"], "lower --batch-size"),
     ([*TRAIN, "--out", f"{H}/notes.txt"], "is a file"),
     ([*TRAIN, "--out", f"{H}/adir"], "holding other files"),

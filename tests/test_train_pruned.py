@@ -149,3 +149,227 @@ def test_a_refused_out_folder_stays_one_line(capsys, runs):
     assert main(train(spec, folder / "weights", folder / "channels")) == 2      # a prune run's folder
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds a `prunekit prune` run" in err
+
+
+# --- --zeros: a checkpoint's exact zeros kept or trained -----------------------------------------
+
+def plain_checkpoint(runs, path: Path, amount: float) -> dict:
+    """The dense run's weights pruned by torch.nn.utils.prune (l1, ``amount`` of each conv / linear
+    weight) and made permanent, saved as a plain file with no prunekit record; its state dict."""
+    import sys
+
+    import torch
+    from torch.nn.utils import prune
+
+    spec, folder = runs
+    sys.path.insert(0, str(folder))
+    try:
+        from net import build
+    finally:
+        sys.path.remove(str(folder))
+    net = build()
+    net.load_state_dict(load_file(folder / "dense" / "model.safetensors"))
+    for i in (0, 4, 9):
+        prune.l1_unstructured(net[i], "weight", amount=amount)
+        prune.remove(net[i], "weight")
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    if path.suffix == ".pth":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(state, path)
+    return state
+
+
+def plain(spec, checkpoint, out, *extra):
+    return [*train(spec, checkpoint, out, "--normalize", "0.1307/0.3081"), *extra]
+
+
+def zero_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "exact zero" in line]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_plain_checkpoint_pruned_by_another_tool_keeps_its_zeros_saying_so(capsys, runs, tmp_path, suffix):
+    """A file torch.nn.utils.prune pruned (70% of each layer, made permanent; no prunekit record)
+    trained dense without a word: its sparsity was lost. Now its zeros are held by default, one
+    line naming --zeros train says so, and --zeros train trains them."""
+    spec, _ = runs
+    before = plain_checkpoint(runs, tmp_path / f"pruned{suffix}", 0.7)
+    capsys.readouterr()
+    kept = run_json(capsys, plain(spec, tmp_path / f"pruned{suffix}", tmp_path / "kept", "--json"))
+    after = load_file(tmp_path / "kept" / "model.safetensors")
+    for name in ("0.weight", "4.weight", "9.weight"):
+        zeros = before[name] == 0
+        assert zeros.float().mean() >= 0.69 and (after[name][zeros] == 0).all()
+        assert (after[name] != before[name]).any()
+    assert kept["zeros"] == "keep" and kept["pruned"]["plain"] is True
+    assert kept["sparsity"] == pytest.approx(0.7, abs=0.01)
+    main(plain(spec, tmp_path / f"pruned{suffix}", tmp_path / "kept2"))
+    told = zero_lines(capsys.readouterr().err)
+    assert len(told) == 1 and "held at zero" in told[0] and "--zeros train" in told[0], told
+    assert main(plain(spec, tmp_path / f"pruned{suffix}", tmp_path / "trained", "--zeros", "train", "--json")) == 0
+    captured = capsys.readouterr()
+    assert not zero_lines(captured.err)                 # asked for: nothing to say
+    trained = json.loads(captured.out)
+    assert trained["zeros"] == "train" and "pruned" not in trained and "sparsity" not in trained
+    assert trained["trained_zeros"] == sum(int((before[f"{i}.weight"] == 0).sum()) for i in (0, 4, 9))
+    after = load_file(tmp_path / "trained" / "model.safetensors")
+    revived = after["4.weight"][before["4.weight"] == 0]
+    assert (revived != 0).float().mean() > 0.9          # the zeros trained
+
+
+def test_a_plain_checkpoint_with_fewer_zeros_trains_them_saying_so(capsys, runs, tmp_path):
+    """20% of each layer zero: under half, so trained by default, with one line (under --json too)
+    naming --zeros keep; --zeros keep holds them."""
+    spec, _ = runs
+    before = plain_checkpoint(runs, tmp_path / "light.pth", 0.2)
+    zeros = int(sum((before[f"{i}.weight"] == 0).sum() for i in (0, 4, 9)))
+    capsys.readouterr()
+    assert main(plain(spec, tmp_path / "light.pth", tmp_path / "trained", "--json")) == 0
+    captured = capsys.readouterr()
+    told = zero_lines(captured.err)
+    assert len(told) == 1 and "trained like every weight" in told[0] and "--zeros keep" in told[0], told
+    after = load_file(tmp_path / "trained" / "model.safetensors")
+    assert (after["4.weight"][before["4.weight"] == 0] != 0).float().mean() > 0.9
+    trained = json.loads(captured.out)
+    assert trained["zeros"] == "train" and trained["trained_zeros"] == zeros
+    kept = run_json(capsys, plain(spec, tmp_path / "light.pth", tmp_path / "kept", "--zeros", "keep", "--json"))
+    assert kept["zeros"] == "keep" and kept["nonzeros"] == sum(int((v != 0).sum()) for k, v in before.items()
+                                                               if k in ("0.weight", "4.weight", "9.weight"))
+    after = load_file(tmp_path / "kept" / "model.safetensors")
+    assert (after["4.weight"][before["4.weight"] == 0] == 0).all()
+
+
+def test_zeros_train_trains_a_pruned_run_dense_and_keeps_a_channel_layout(capsys, runs, tmp_path):
+    spec, folder = runs
+    before = load_file(folder / "weights" / "model.safetensors")
+    capsys.readouterr()
+    assert main(train(spec, folder / "weights", tmp_path / "dense", "--zeros", "train")) == 0
+    told = [line for line in capsys.readouterr().err.splitlines() if "pruned model" in line]
+    assert len(told) == 1 and "are trained (--zeros train)" in told[0] and "is dense" in told[0], told
+    record = json.loads((tmp_path / "dense" / "result.json").read_text())
+    assert record["zeros"] == "train" and "pruned" not in record
+    zeros = before["4.weight"] == 0
+    assert record["trained_zeros"] >= int(zeros.sum()) > 0
+    after = load_file(tmp_path / "dense" / "model.safetensors")
+    assert (after["4.weight"][zeros] != 0).float().mean() > 0.9
+    # channels removed: a smaller dense model, its layout saved as before
+    pruned = json.loads((folder / "channels" / "result.json").read_text())
+    small = run_json(capsys, train(spec, folder / "channels", tmp_path / "small", "--zeros", "train", "--json"))
+    assert small["zeros"] == "train" and small["pruned"]["shrunk"] is True
+    assert small["macs"] <= pruned["macs"]
+    assert "channel_layout" in json.loads((tmp_path / "small" / "model.json").read_text())
+
+
+def _killed_in_second_epoch(monkeypatch):
+    calls, real_epoch = [], train_command.train_epoch
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_command, "train_epoch", killed)
+    return lambda: monkeypatch.setattr(train_command, "train_epoch", real_epoch)
+
+
+def test_another_zeros_flag_on_an_unfinished_run_is_refused(capsys, runs, tmp_path, monkeypatch):
+    spec, _ = runs
+    before = plain_checkpoint(runs, tmp_path / "pruned.pth", 0.7)
+    argv = plain(spec, tmp_path / "pruned.pth", tmp_path / "ft")
+    argv[argv.index("--epochs") + 1] = "2"
+    restore = _killed_in_second_epoch(monkeypatch)
+    assert main(argv) == 130
+    restore()
+    capsys.readouterr()
+    assert main([*argv, "--zeros", "train"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unfinished training run (other zeros)" in err, err
+    assert main(argv) == 0                              # the run's own command carries it on, zeros held
+    assert "resuming" in capsys.readouterr().err
+    after = load_file(tmp_path / "ft" / "model.safetensors")
+    assert (after["4.weight"][before["4.weight"] == 0] == 0).all()
+    assert json.loads((tmp_path / "ft" / "result.json").read_text())["zeros"] == "keep"
+
+
+def test_an_older_unfinished_run_over_a_plain_sparse_file_carries_on_training_its_zeros(capsys, runs, tmp_path,
+                                                                                      monkeypatch):
+    """An epoch checkpoint of an older prunekit (no ``zeros`` recorded) over a plain file trained
+    its zeros: carried on so, and said, not switched to holding them half way."""
+    spec, _ = runs
+    before = plain_checkpoint(runs, tmp_path / "pruned.pth", 0.7)
+    argv = plain(spec, tmp_path / "pruned.pth", tmp_path / "ft")
+    argv[argv.index("--epochs") + 1] = "2"
+    real_save = train_command.save_epoch
+    monkeypatch.setattr(train_command, "save_epoch", lambda *a: real_save(*a[:7], None))     # no zeros recorded
+    restore = _killed_in_second_epoch(monkeypatch)
+    assert main(argv) == 130
+    restore()
+    monkeypatch.setattr(train_command, "save_epoch", real_save)
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "started by an older prunekit" in err and "carried on training them" in err, err
+    record = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert record["zeros"] == "train"
+
+
+def test_train_epochs_keeps_the_zeros_of_a_pruned_model_and_says_so():
+    import torch
+    from torch import nn
+    from torch.nn.utils import prune
+
+    from prunekit.errors import PrunekitError, PrunekitWarning
+    from prunekit.train import train_epochs
+
+    def pruned_net(amount):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        for layer in (net[0], net[2]):
+            prune.l1_unstructured(layer, "weight", amount=amount)
+            prune.remove(layer, "weight")
+        return net
+
+    data = (torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    net = pruned_net(0.7)
+    zeros = net[0].weight == 0
+    with pytest.warns(PrunekitWarning, match='held at zero .*zeros="train"'):
+        train_epochs(net, data, epochs=1, lr=0.05, progress=False, batch_size=16)
+    assert (net[0].weight[zeros] == 0).all()
+    net = pruned_net(0.7)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_epochs(net, data, epochs=1, lr=0.05, progress=False, batch_size=16, zeros="train")
+    assert (net[0].weight[zeros] != 0).float().mean() > 0.9
+    net = pruned_net(0.2)
+    zeros = net[0].weight == 0
+    with pytest.warns(PrunekitWarning, match='trained like every weight.*zeros="keep"'):
+        train_epochs(net, data, epochs=1, lr=0.05, progress=False, batch_size=16)
+    assert (net[0].weight[zeros] != 0).float().mean() > 0.9
+    net = pruned_net(0.2)
+    train_epochs(net, data, epochs=1, lr=0.05, progress=False, batch_size=16, zeros="keep")
+    assert (net[0].weight[zeros] == 0).all()
+    with pytest.raises(PrunekitError, match="zeros must be"):
+        train_epochs(net, data, epochs=1, progress=False, zeros="sparse")
+
+
+def test_an_unfinished_run_whose_checkpoint_lost_its_zeros_is_refused(capsys, runs, tmp_path, monkeypatch):
+    """Its epochs so far held the file's zeros; the file (same path) now holds too few to keep by
+    default: carrying on would train them half way through, so it is refused in one line."""
+    spec, _ = runs
+    plain_checkpoint(runs, tmp_path / "pruned.pth", 0.7)
+    argv = plain(spec, tmp_path / "pruned.pth", tmp_path / "ft")
+    argv[argv.index("--epochs") + 1] = "2"
+    restore = _killed_in_second_epoch(monkeypatch)
+    assert main(argv) == 130
+    restore()
+    plain_checkpoint(runs, tmp_path / "pruned.pth", 0.2)         # replaced in place
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "held the checkpoint's zero weights at zero" in err \
+        and "checkpoint file changed" in err and "--force" in err, err
+    assert not (tmp_path / "ft" / "result.json").exists()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import PrunekitError
+from .errors import PrunekitError, PrunekitWarning
 from .options import OptionError
 from .layout import model_input
 from .losses import LossFn, class_indices, class_scores, mean_loss, summed_loss
@@ -368,7 +370,8 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
                  weight_decay: float = 5e-4, optimizer: torch.optim.Optimizer | None = None,
                  on_epoch_end=None, progress: bool = True, teacher: nn.Module | None = None,
                  distill: float = 0.0, temperature: float = 4.0,
-                 loss_fn: LossFn | None = None, batch_size: int = 128) -> torch.optim.Optimizer:
+                 loss_fn: LossFn | None = None, batch_size: int = 128,
+                 zeros: str | None = None) -> torch.optim.Optimizer:
     """SGD with a cosine learning rate over ``epochs`` on cross-entropy (with ``teacher`` and
     ``distill``, on ``distillation_loss``; with ``loss_fn``, on it).
 
@@ -379,19 +382,54 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
     ``on_epoch_end(epoch, mean_loss)`` is called after each epoch. Returns the optimizer
     (pass your own to hold masks on it, see ``MaskHold``).
 
+    ``zeros``: the exact zeros of ``model``'s prunable weights (conv / linear): "keep" holds them
+    at zero (the trained model stays as sparse: a model pruned by prunekit, torch.nn.utils.prune or
+    another tool), "train" trains every weight. Default None: with your own ``optimizer``, every
+    weight trains (hold masks on it yourself); without one, zeros are kept when some layer is at
+    least half exact zeros and not all (pruned; a ``PrunekitWarning`` says so, naming
+    ``zeros="train"``), and trained otherwise (a ``PrunekitWarning`` says so when they are a notable
+    share, naming ``zeros="keep"``), as ``prunekit train`` does.
+
     Raises ``TrainingDiverged`` (a ``PrunekitError``) naming the learning rate as soon as an
     epoch's mean loss or a weight is nan or inf, before ``on_epoch_end`` sees that epoch: ``model``
     is left holding the diverged weights (it trains in place); reload it to train again.
     """
+    if zeros not in (None, "keep", "train"):
+        raise PrunekitError(f'zeros must be "keep" (hold the weights that are exactly zero at zero), "train" (train '
+                            f'every weight) or None (decided by how many there are), got {zeros!r}')
     loader = batches_of(loader, "data", batch_size, shuffle=True, class_labels=loss_fn is None)
+    hold = _zeros_to_hold(model, zeros, own_optimizer=optimizer is not None)
     if optimizer is None:
         optimizer = sgd(model, lr, momentum, weight_decay)
     schedule = cosine(optimizer, epochs * batches_per_pass(loader))
-    for epoch in range(epochs):
-        loss = train_epoch(model, loader, optimizer, schedule, f"epoch {epoch + 1}/{epochs}", progress,
-                           teacher, distill, temperature, loss_fn)
-        check_converging(loss, model, _peak_lr(optimizer), f"epoch {epoch + 1}/{epochs}")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, loss)
+    from .masks import MaskHold
+    with MaskHold(*hold, optimizer) if hold is not None else nullcontext():
+        for epoch in range(epochs):
+            loss = train_epoch(model, loader, optimizer, schedule, f"epoch {epoch + 1}/{epochs}", progress,
+                               teacher, distill, temperature, loss_fn)
+            check_converging(loss, model, _peak_lr(optimizer), f"epoch {epoch + 1}/{epochs}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, loss)
     model.eval()
     return optimizer
+
+
+def _zeros_to_hold(model: nn.Module, zeros: str | None, own_optimizer: bool):
+    """``train_epochs``'s ``zeros``: the (space, masks) to hold, or None to train every weight."""
+    if zeros == "train" or (zeros is None and own_optimizer):
+        return None
+    from .masks import PRUNED_LAYER_SHARE, exact_zeros, masks_from_weights
+    from .params import ParamSpace
+    space = ParamSpace(model)
+    found = exact_zeros(space)
+    counted = f"the model's prunable weights hold {found.zeros:,} exact zeros ({100 * found.share:.1f}%)"
+    if zeros is None and found.looks_pruned:
+        where = f"at least {PRUNED_LAYER_SHARE:.0%} zeros in layer(s) {found.layers()}"
+        warnings.warn(PrunekitWarning(f"{counted}, {where}: pruned, so they are held at zero and the trained model "
+                                      'stays as sparse; zeros="train" trains every weight'), stacklevel=3)
+    elif zeros is None:
+        if found.notable:
+            warnings.warn(PrunekitWarning(f"{counted}: trained like every weight, so the trained model is dense; "
+                                          'zeros="keep" holds them at zero'), stacklevel=3)
+        return None
+    return (space, masks_from_weights(space)) if found.zeros else None

@@ -24,7 +24,7 @@ from ..data import load_dataset, make_loader
 from ..data.dataset import DeferredImageDataset
 from ..data.imagefolder import fingerprint_change, folder_fingerprint
 from ..loading import check_fits, check_normalized, load_model, recorded_classes
-from ..masks import MaskHold, masks_from_weights
+from ..masks import PRUNED_LAYER_SHARE, MaskHold, exact_zeros, masks_from_weights
 from ..params import ParamSpace
 from ..saving import read_meta
 from ..options import OptionError, cli_message
@@ -88,16 +88,26 @@ def cmd_train(args) -> int:
 
 
 class PrunedCheckpoint:
-    """What training keeps of a pruned checkpoint (a `prunekit prune` run's model, or a `train` of
-    one): ``masks`` (its zero prunable weights, held at zero through every step), ``shrunk`` (it has
-    channels removed: its channel layout is saved with the trained model), ``source`` (the record it
-    was saved with, whose dense MACs / params the kept shares are counted against), ``costs`` (the
-    loaded model's cost model, for the nonzero-aware counts of the trained one), ``note`` (the line
-    that says so, printed as training starts)."""
+    """What training keeps of a pruned checkpoint (a `prunekit prune` run's model, a `train` of
+    one, or a plain file whose zeros look pruned): ``masks`` (its zero prunable weights, held at zero
+    through every step when ``hold``; ``--zeros train``: not held, they train like every weight),
+    ``shrunk`` (it has channels removed: its channel layout is saved with the trained model),
+    ``source`` (the record it was saved with, whose dense MACs / params the kept shares are counted
+    against), ``costs`` (the loaded model's cost model, for the nonzero-aware counts of the trained
+    one), ``origin`` (the record's ``pruned`` entry: where the zeros came from), ``note`` (the line
+    that says so, printed as training starts; ``always_say``: printed under --json too, on stderr:
+    the zeros of a file without a prunekit record, whose handling the user did not see coming)."""
 
-    def __init__(self, space: ParamSpace, masks: dict, shrunk: bool, source: dict, costs: CostModel):
+    def __init__(self, space: ParamSpace, masks: dict, shrunk: bool, source: dict, costs: CostModel,
+                 hold: bool = True, origin: dict | None = None):
         self.space, self.masks, self.shrunk, self.source, self.costs = space, masks, shrunk, source, costs
-        self.note = ""
+        self.hold, self.origin = hold, origin
+        self.note, self.always_say = "", False
+
+    @property
+    def choice(self) -> str:
+        """The ``--zeros`` this training uses: "keep" (held at zero) or "train"."""
+        return "keep" if self.hold else "train"
 
     @property
     def zeros(self) -> int:
@@ -105,7 +115,11 @@ class PrunedCheckpoint:
 
     def record(self, model) -> dict:
         """The counts of trained ``model`` as a prune record has them (MACs and params nonzero-aware,
-        kept shares of the dense model's), and where it came from (``pruned``)."""
+        kept shares of the dense model's), and where it came from (``pruned``). Zeros trained
+        (``--zeros train``) of a model with its channels all there: a dense model, so only their
+        count (``trained_zeros``)."""
+        if not (self.hold or self.shrunk):
+            return {"trained_zeros": self.zeros}
         counts = self.costs.count(model)
         dense_macs = self.source.get("dense_macs") or counts.dense_macs
         dense_params = self.source.get("dense_params") or counts.dense_params
@@ -114,35 +128,79 @@ class PrunedCheckpoint:
                   "params": counts.params, "dense_params": dense_params, "params_kept": counts.params / dense_params}
         if self.source.get("sparsity") is not None or not (self.source or self.shrunk):    # a weights method's
             record.update(sparsity=1 - nonzeros / self.space.numel, nonzeros=nonzeros)
-        origin = self.source.get("pruned") or ({"method": self.source.get("method"), "family": self.source.get("family")}
-                                               if self.source else {"method": None, "family": None, "export": True})
-        record["pruned"] = {**origin, "held_zeros": self.zeros, "shrunk": self.shrunk}
+        origin = self.origin or self.source.get("pruned") or (
+            {"method": self.source.get("method"), "family": self.source.get("family")}
+            if self.source else {"method": None, "family": None, "export": True})
+        record["pruned"] = {**origin, "held_zeros": self.zeros if self.hold else 0, "shrunk": self.shrunk}
+        if not self.hold:
+            record["trained_zeros"] = self.zeros
         return record
 
 
 def pruned_checkpoint(args, loaded, costs: CostModel) -> PrunedCheckpoint | None:
-    """The pruning ``args.checkpoint`` carries, or None for a dense checkpoint (or none): a model
-    whose sidecar records a `prunekit prune` run (its ``result`` names a method), a `train` of such a
-    model (its ``result`` has ``pruned``), a channel layout (channels removed), or a file `prunekit
-    export` wrote (model-dense / model-sparse.safetensors, no record) holding zero prunable weights.
-    Its zero prunable weights are held at zero while it trains, and ``note`` says so (printed by
-    ``train_into``); a checkpoint with nothing pruned to keep (no zeros, no layout) is None."""
+    """The pruning the loaded model carries and what ``--zeros`` (``args.zeros``: "keep", "train"
+    or None, the default) does with it, or None when there is nothing to keep or say (no zeros, no
+    channel layout).
+
+    A prunekit-pruned checkpoint (a sidecar recording a `prunekit prune` run, whose ``result`` names
+    a method; a `train` of one, whose ``result`` has ``pruned``; a channel layout; a file `prunekit
+    export` wrote, model-dense / model-sparse.safetensors, no record): its zero prunable weights are
+    held at zero unless ``--zeros train`` (which trains them; a channel layout is kept either way: a
+    model with channels removed is a smaller dense model). Any other weights (a plain .pth /
+    .safetensors, or what a model file's function built) are counted too: where a layer is at least
+    half exact zeros (``exact_zeros``: pruned by another tool, e.g. torch.nn.utils.prune made
+    permanent) they are held at zero by default, saying so and naming ``--zeros train``; fewer zeros
+    (a notable share, or a wholly zero layer: an initialisation) are trained, saying so and naming
+    ``--zeros keep``. ``note`` is that line (printed by ``train_into``)."""
     meta = read_meta(args.checkpoint) if args.checkpoint else {}
     source = meta.get("result") if isinstance(meta.get("result"), dict) else {}
     shrunk = "channel_layout" in meta
     exported = args.checkpoint is not None and _export_kind(Path(args.checkpoint)) is not None
-    if not (shrunk or exported or source.get("method") is not None or source.get("pruned")):
-        return None
+    choice = getattr(args, "zeros", None)
     space = ParamSpace(loaded.model, costs=costs)     # every prunable weight, as the channel fine-tune holds them
-    pruned = PrunedCheckpoint(space, masks_from_weights(space), shrunk, source, costs)
+    if not (shrunk or exported or source.get("method") is not None or source.get("pruned")):
+        return _plain_zeros(args, space, costs, choice)
+    pruned = PrunedCheckpoint(space, masks_from_weights(space), shrunk, source, costs, hold=choice != "train")
     if not (pruned.zeros or shrunk):                  # nothing pruned to keep (a dense model's export)
         return None
     method = (source.get("pruned") or source).get("method") or ("a prunekit export" if exported else "pruned")
     layout = "its channel layout (channels removed) is kept" if shrunk else ""
-    zeros = (f"its {pruned.zeros:,} pruned weights ({100 * pruned.zeros / space.numel:.1f}% of the prunable) "
-             "are held at zero") if pruned.zeros else ""
-    pruned.note = (f"{args.checkpoint} is a pruned model ({method}): {' and '.join(filter(None, (zeros, layout)))}, "
-                   "so the trained model stays pruned")
+    share = f"its {pruned.zeros:,} pruned weights ({100 * pruned.zeros / space.numel:.1f}% of the prunable)"
+    if pruned.hold:
+        zeros = f"{share} are held at zero" if pruned.zeros else ""
+        after = "stays pruned" + (" (--zeros train trains them)" if pruned.zeros else "")
+    else:
+        zeros = f"{share} are trained (--zeros train)" if pruned.zeros else ""
+        after = "is " + ("a smaller dense model, its channels still removed" if shrunk else "dense")
+    kept = " and ".join(filter(None, (zeros, layout)))
+    pruned.note = f"{args.checkpoint} is a pruned model ({method}): {kept}, so the trained model {after}"
+    return pruned
+
+
+def _plain_zeros(args, space: ParamSpace, costs: CostModel, choice: str | None) -> PrunedCheckpoint | None:
+    """``pruned_checkpoint`` of weights without a prunekit record: their exact zeros held (``--zeros
+    keep``, or by default where a layer is at least half zeros) or trained, with the line that says so."""
+    found = exact_zeros(space)
+    if not found.zeros:
+        return None
+    hold = choice == "keep" or (choice is None and found.looks_pruned)
+    if not hold and not found.notable:          # a few zeros of chance: nothing to keep or say
+        return None
+    what = args.checkpoint or args.model
+    counted = f"{what} holds {found.zeros:,} exact zero weights ({100 * found.share:.1f}% of the prunable)"
+    pruned = PrunedCheckpoint(space, masks_from_weights(space), False, {}, costs, hold=hold,
+                              origin={"method": None, "family": None, "plain": True})
+    pruned.always_say = True
+    if choice == "train":                       # as asked: counted in the record (trained_zeros), not said
+        pruned.note = ""
+    elif choice == "keep":
+        pruned.note = f"{counted}: held at zero (--zeros keep), so the trained model stays as sparse"
+    elif hold:
+        pruned.note = (f"{counted}, at least {PRUNED_LAYER_SHARE:.0%} zeros in layer(s) {found.layers()}: pruned, so "
+                       "they are held at zero and the trained model stays as sparse; --zeros train trains every weight")
+    else:
+        pruned.note = (f"{counted}: trained like every weight, so the trained model is dense; --zeros keep holds "
+                       "them at zero")
     return pruned
 
 
@@ -167,23 +225,55 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
                   "trained (--force trains it anew)", file=sys.stderr)
         emit(args, finished, result_lines(args, finished))
         return 0
-    if pruned is not None and not args.json:     # once the folder is claimed: a refusal stays one line
-        print(pruned.note, file=sys.stderr)
     checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
+    state = checkpointer.last() if checkpointer is not None else None
+    check_same_zeros(state, pruned, folder)
+    # once the folder is claimed: a refusal stays one line
+    if pruned is not None and pruned.note and (pruned.always_say or not args.json) and is_main_process():
+        print(pruned.note, file=sys.stderr)
     optimizer = sgd(loaded.model, args.lr, weight_decay=args.weight_decay)
     schedule = cosine(optimizer, args.epochs * len(loader))
-    with MaskHold(pruned.space, pruned.masks, optimizer) if pruned is not None else nullcontext():
+    held = pruned is not None and pruned.hold
+    with MaskHold(pruned.space, pruned.masks, optimizer) if held else nullcontext():
         return _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule, pruned,
-                           fingerprint)
+                           state, fingerprint)
+
+
+def check_same_zeros(state, pruned: PrunedCheckpoint | None, folder: RunFolder | None) -> None:
+    """Carry on a training run with its zeros as its epochs so far had them (the ``zeros`` its last
+    epoch checkpoint ``state`` recorded): the flag is in its config.toml (another is refused as
+    another run), so what gets here is a checkpoint file whose zeros changed since (refused), or the
+    epoch checkpoint of an older prunekit, which trained the zeros of a file without a prunekit
+    record: carried on training them, and said (``pruned.note``)."""
+    if state is None:
+        return
+    now = pruned.choice if pruned is not None else "train"
+    started = state.extra.get("zeros")
+    if started is None:          # an older prunekit's: it held the zeros of prunekit-pruned checkpoints only
+        plain = pruned is not None and bool((pruned.origin or {}).get("plain"))
+        if plain and pruned.hold:
+            pruned.hold = False
+            pruned.note = (f"the training run in {folder.path} was started by an older prunekit, which trained the "
+                           f"{pruned.zeros:,} exact zero weights of its checkpoint: carried on training them "
+                           "(--force trains anew, holding them at zero)")
+        return
+    if started != now:
+        said = {"keep": "held the checkpoint's zero weights at zero", "train": "trained the checkpoint's zero weights"}
+        raise PrunekitError(f"the training run in {folder.path} {said[started]} in its epochs so far, and this one "
+                            f"would have {'held them' if now == 'keep' else 'trained them'}: its checkpoint file "
+                            "changed since; restore it to carry the run on, or add --force to train anew")
 
 
 def _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule,
-                pruned: PrunedCheckpoint | None, fingerprint: dict | None = None) -> int:
-    """``train_into``'s epochs, evaluation and saving (a pruned checkpoint's masks held by the caller)."""
+                pruned: PrunedCheckpoint | None, state=None, fingerprint: dict | None = None) -> int:
+    """``train_into``'s epochs, evaluation and saving (a pruned checkpoint's masks held by the
+    caller; ``state``: the run's last epoch checkpoint, None when starting afresh; ``fingerprint``:
+    the training image folder's, see ``resume``)."""
     digest = user_models.file_digest(args.model) if user_models.is_model_file(args.model) else None
+    zeros = pruned.choice if pruned is not None else "train"
     history = resume(checkpointer, loaded.model, optimizer, schedule, loader, digest,
                      folder_labels=args.data == "imagefolder", fingerprint=fingerprint, data_dir=args.data_dir,
-                     force=bool(getattr(args, "force", False)))
+                     force=bool(getattr(args, "force", False)), state=state)
     if history and not args.json:
         print(f"resuming {args.out} after epoch {len(history)}/{args.epochs}", file=sys.stderr)
     for epoch in range(len(history), args.epochs):
@@ -195,12 +285,13 @@ def _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimiz
         if not args.json:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}", file=sys.stderr)
         if checkpointer is not None:
-            save_epoch(checkpointer, loaded.model, optimizer, schedule, loader, history, digest, fingerprint)
+            save_epoch(checkpointer, loaded.model, optimizer, schedule, loader, history, digest, fingerprint, zeros)
     loaded.model.eval()
     accuracy = evaluate(loaded.model, test_loader)
     record = {"model": args.model, "data": args.data, "split": args.eval_split, "epochs": args.epochs, "lr": args.lr,
               "batch_size": args.batch_size, "seed": args.seed, "train_images": len(loader.dataset), "accuracy": accuracy,
-              "seconds": sum(h["seconds"] for h in history), "history": history, "peak_rss_mb": peak_rss_mb()}
+              "seconds": sum(h["seconds"] for h in history), "history": history, "peak_rss_mb": peak_rss_mb(),
+              "zeros": zeros}
     if pruned is not None:
         record.update(pruned.record(loaded.model))
     if checkpointer is not None and len(checkpointer.world_sizes) > 1:    # resumed with another world size
@@ -240,7 +331,8 @@ def result_lines(args, record: dict) -> list[str]:
     return ([f"{args.model} trained on {args.data}: {record['accuracy']:.2f}% {args.eval_split} accuracy "
              f"({record['seconds']:.1f} s of training"
              + (f"; still pruned: {100 * record['flops_kept']:.2f}% of the dense MACs, {100 * record['params_kept']:.2f}% "
-                "of its params" if "pruned" in record else "") + ")"]
+                "of its params" if "pruned" in record else "")
+            + (f"; {record['trained_zeros']:,} zero weights trained" if record.get("trained_zeros") else "") + ")"]
             + ([f"saved to {args.out}"] if args.out else []))
 
 
@@ -312,9 +404,12 @@ def _holds_a_prune_run(folder: RunFolder) -> bool:
         return False
 
 
+_LAST = object()
+
+
 def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loader,
            digest: str | None = None, folder_labels: bool = False, fingerprint: dict | None = None,
-           data_dir: str | None = None, force: bool = False) -> list[dict]:
+           data_dir: str | None = None, force: bool = False, state=_LAST) -> list[dict]:
     """Restore model, optimizer, schedule, RNG and data order from the last epoch checkpoint;
     its per-epoch history (empty when starting afresh). ``digest``: the model file's SHA-256,
     compared with the one the checkpoint was written with. ``folder_labels``: the data's labels are
@@ -325,8 +420,11 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
     (the epochs left would train on other images than the first); a checkpoint that recorded none
     (an older prunekit's) is carried on with a warning. ``force`` (--force): where the class names or
     images changed, the epochs so far are removed and the run starts anew on the data as it is now
-    (without a change, --force carries the same unfinished run on, as it always did)."""
-    state = checkpointer.last() if checkpointer is not None else None
+    (without a change, --force carries the same unfinished run on, as it always did).
+    ``state``: the checkpoint already read from ``checkpointer`` (default: its last is read here).
+    """
+    if state is _LAST:
+        state = checkpointer.last() if checkpointer is not None else None
     if state is None:
         return []
     started = state.extra.get("class_names")      # None: a checkpoint of a prunekit that recorded none
@@ -385,7 +483,7 @@ def _start_anew(checkpointer: RunCheckpointer, what: str) -> list[dict]:
 
 
 def save_epoch(checkpointer: RunCheckpointer, model, optimizer, schedule, loader, history: list[dict],
-               digest: str | None = None, fingerprint: dict | None = None) -> None:
+               digest: str | None = None, fingerprint: dict | None = None, zeros: str = "train") -> None:
     """One checkpoint after the epoch just done; the one before it is removed (a long run keeps
     one model's worth of checkpoint, written atomically before the old one goes)."""
     tensors, optimizer_state = optimizer_tensors(optimizer, schedule)
@@ -394,6 +492,7 @@ def save_epoch(checkpointer: RunCheckpointer, model, optimizer, schedule, loader
     checkpointer.save(StageState(epoch, tensors, history, capture_rng(),
                                  {"optimizer": optimizer_state, "loader_epoch": loader.epoch,
                                   "model_file_sha256": digest,
+                                  "zeros": zeros,     # --zeros as resolved: a resume doing otherwise is refused
                                   # the labels these epochs learned: a resume over renamed class folders is refused
                                   "class_names": list(getattr(loader.dataset, "classes", None) or []),
                                   # the images they trained on (an image folder's): a resume over others is refused
@@ -432,6 +531,11 @@ def add_parser(sub) -> None:
     p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR-style)")
     p.add_argument("--out", help="run folder for the trained model (safetensors + JSON), with a checkpoint "
                    "after every epoch: the same command again carries on after a kill")
+    p.add_argument("--zeros", choices=("keep", "train"), default=None,
+                   help="exact zero weights of --checkpoint: keep (held at zero: the trained model stays as sparse) "
+                   "or train (every weight trains: dense again; a model with channels removed keeps its smaller "
+                   "layout). Default: keep for a prunekit-pruned checkpoint and for one with a layer at least "
+                   "half zeros (pruned by another tool), train otherwise; a line on stderr says which")
     p.add_argument("--force", action="store_true", help="--out holds another training run (or this one, "
                    "finished): clear that run's files first")
     p.set_defaults(func=cmd_train)
