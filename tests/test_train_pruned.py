@@ -303,7 +303,7 @@ def test_an_older_unfinished_run_over_a_plain_sparse_file_carries_on_training_it
     argv = plain(spec, tmp_path / "pruned.pth", tmp_path / "ft")
     argv[argv.index("--epochs") + 1] = "2"
     real_save = train_command.save_epoch
-    monkeypatch.setattr(train_command, "save_epoch", lambda *a: real_save(*a[:7], None))     # no zeros recorded
+    monkeypatch.setattr(train_command, "save_epoch", lambda *a: real_save(*a[:8], None))     # no zeros recorded
     restore = _killed_in_second_epoch(monkeypatch)
     assert main(argv) == 130
     restore()
