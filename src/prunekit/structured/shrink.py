@@ -2,7 +2,7 @@
 
 ``shrink`` copies the model and cuts the closed channels of every group out of each member
 layer: Conv (plain, depthwise, grouped: each block keeps the same positions) and Linear weights
-and biases, BatchNorm parameters and statistics, the channel map of a zero-pad shortcut
+and biases (a Conv1D-style layer's weight, stored (in, out), is cut on the transposed axes), BatchNorm parameters and statistics, the channel map of a zero-pad shortcut
 (its copies follow the kept input channels, closed ones and pads are zero); a head group replaces its
 ``nn.MultiheadAttention`` by a ``SlimAttention`` holding the kept heads. The result is an
 ordinary ``nn.Module`` with smaller layers, computing what the gated model with 0/1 gates
@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import PrunekitError
 from .attention import slim_copy
 from .gates import GateHooks
-from .groups import GroupSet, no_group_error
+from .groups import GroupSet, is_linear, no_group_error
 
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
@@ -170,6 +170,19 @@ def _cut(module: nn.Module, axis: str, closed: list[int], name: str) -> None:
             if getattr(module, attr) is not None:
                 setattr(module, attr, getattr(module, attr)[keep].clone())
         module.num_features = keep.numel()
+        return
+    if is_linear(module) and not isinstance(module, nn.Linear):     # Conv1D-style: weight (in, out)
+        if axis == "out":
+            keep = _keep(module.weight.shape[1], closed)
+            module.weight = nn.Parameter(module.weight[:, keep].clone())
+            if getattr(module, "bias", None) is not None:
+                module.bias = nn.Parameter(module.bias[keep].clone())
+            module.nf = keep.numel()
+        else:
+            keep = _keep(module.weight.shape[0], closed)
+            module.weight = nn.Parameter(module.weight[keep].clone())
+            if hasattr(module, "nx"):
+                module.nx = keep.numel()
         return
     if isinstance(module, nn.Linear):
         if axis == "out":

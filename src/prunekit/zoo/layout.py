@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..costs import is_conv1d_style
 from ..errors import PrunekitError
 from ..layers import RemovedBlock, SlimAttention
 
@@ -19,7 +20,7 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 
 def channel_layout(model: nn.Module) -> dict[str, dict]:
-    """Per-layer channel counts of every Conv/Linear/BatchNorm, and the channel map of every
+    """Per-layer channel counts of every Conv/Linear/BatchNorm (and Conv1D-style layer: GPT-2's), and the channel map of every
     zero-pad shortcut that lost channels (JSON-ready)."""
     layout = {}
     for name, module in model.named_modules():
@@ -33,6 +34,8 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
             layout[name] = {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
         elif isinstance(module, nn.Linear):
             layout[name] = {"in": module.in_features, "out": module.out_features}
+        elif is_conv1d_style(module):                   # GPT-2's Conv1D: weight (in, out)
+            layout[name] = {"in": module.weight.shape[0], "out": module.weight.shape[1]}
         elif isinstance(module, _BN):
             layout[name] = {"features": module.num_features}
         elif getattr(module, "pads_channels", False) and not getattr(module, "padded", True):
@@ -76,6 +79,14 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                 module.weight = nn.Parameter(torch.empty(cout, cin))
                 if module.bias is not None:
                     module.bias = nn.Parameter(torch.empty(cout))
+            elif is_conv1d_style(module):
+                cin, cout = int(spec["in"]), int(spec["out"])
+                module.nf = cout
+                if hasattr(module, "nx"):
+                    module.nx = cin
+                module.weight = nn.Parameter(torch.empty(cin, cout))
+                if getattr(module, "bias", None) is not None:
+                    module.bias = nn.Parameter(torch.empty(cout))
             elif isinstance(module, _BN):
                 n = int(spec["features"])
                 module.num_features = n
@@ -86,7 +97,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                     module.running_mean = torch.zeros(n)
                     module.running_var = torch.ones(n)
             else:
-                raise PrunekitError(f"layer {name!r} is a {type(module).__name__}, not a Conv/Linear/BatchNorm")
+                raise PrunekitError(f"layer {name!r} is a {type(module).__name__}, not a Conv/Linear/Conv1D/BatchNorm")
         except PrunekitError:
             raise
         except (KeyError, TypeError, ValueError) as err:
@@ -104,6 +115,8 @@ def _check_no_wider(name: str, module: nn.Module, spec: dict) -> None:
         fresh = {"in": module.in_channels, "out": module.out_channels}
     elif isinstance(module, nn.Linear):
         fresh = {"in": module.in_features, "out": module.out_features}
+    elif is_conv1d_style(module):
+        fresh = {"in": module.weight.shape[0], "out": module.weight.shape[1]}
     elif isinstance(module, _BN):
         fresh = {"features": module.num_features}
     else:
