@@ -226,3 +226,19 @@ def test_huggingface_gpt2_mlp_hidden_units_are_channel_pruned():
                                 gate_batches=2, finetune_epochs=0)
     assert result.model.transformer.h[0].mlp.c_fc.nf < 256 or result.model.transformer.h[1].mlp.c_fc.nf < 256
     assert CostModel(result.model, ids[:1]).macs <= 0.7 * CostModel(model, ids[:1]).macs
+
+
+def test_a_shrunk_conv1d_model_exports_to_onnx_with_its_narrower_layers(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+    from prunekit.export import export_onnx
+    model, ids = _model(), _ids()
+    groups = find_groups(model, ids[:1])
+    masks = [torch.arange(group.size) % 2 == 0 for group in groups]       # half the hidden units of each block
+    small = shrink(model, groups, masks, ids[:1]).eval()
+    graph = onnx.load(str(export_onnx(small, ids[:1], tmp_path / "model.onnx")))
+    shapes = {tuple(init.dims) for init in graph.graph.initializer}
+    assert (WIDTH, HIDDEN // 2) in shapes and (HIDDEN // 2, WIDTH) in shapes and (WIDTH, HIDDEN) not in shapes
+    (got,) = ReferenceEvaluator(graph).run(None, {"input": ids.numpy()})
+    with torch.no_grad():
+        assert_close_to_scale(torch.from_numpy(got), small(ids), rel=1e-5)

@@ -2,7 +2,8 @@
 
 ``shrink`` copies the model and cuts the closed channels of every group out of each member
 layer: Conv (plain, depthwise, grouped: each block keeps the same positions) and Linear weights
-and biases (a Conv1D-style layer's weight, stored (in, out), is cut on the transposed axes), BatchNorm parameters and statistics, the channel map of a zero-pad shortcut
+and biases (a Conv1D-style layer's weight, stored (in, out), is cut on the transposed axes),
+BatchNorm parameters and statistics, the channel map of a zero-pad shortcut
 (its copies follow the kept input channels, closed ones and pads are zero); a head group replaces its
 ``nn.MultiheadAttention`` by a ``SlimAttention`` holding the kept heads. The result is an
 ordinary ``nn.Module`` with smaller layers, computing what the gated model with 0/1 gates

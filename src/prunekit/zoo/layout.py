@@ -20,8 +20,9 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 
 def channel_layout(model: nn.Module) -> dict[str, dict]:
-    """Per-layer channel counts of every Conv/Linear/BatchNorm (and Conv1D-style layer: GPT-2's), and the channel map of every
-    zero-pad shortcut that lost channels (JSON-ready)."""
+    """Per-layer channel counts of every Conv/Linear/BatchNorm (and Conv1D-style layer: GPT-2's,
+    "in" = its weight's rows), and the channel map of every zero-pad shortcut that lost channels
+    (JSON-ready)."""
     layout = {}
     for name, module in model.named_modules():
         if isinstance(module, RemovedBlock):            # a block removed by depth pruning
