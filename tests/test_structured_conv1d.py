@@ -242,3 +242,18 @@ def test_a_shrunk_conv1d_model_exports_to_onnx_with_its_narrower_layers(tmp_path
     (got,) = ReferenceEvaluator(graph).run(None, {"input": ids.numpy()})
     with torch.no_grad():
         assert_close_to_scale(torch.from_numpy(got), small(ids), rel=1e-5)
+
+
+def test_reconstruction_names_the_conv1d_layers_it_does_not_refit():
+    # prunekit.refit re-fits Conv2d and Linear only: a Conv1D is listed as skipped, not silently passed over
+    ids = torch.randint(VOCAB, (32, TOKENS), generator=torch.Generator().manual_seed(4))
+
+    def loss(out, y):
+        return F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1))
+
+    result = prunekit.prune(_model(), (ids, ids), method="autobot", flops=0.8, loss=loss, gate_batches=3,
+                            finetune_epochs=0, reconstruct_batches=2)
+    (record,) = result.record["reconstruct"].values()
+    assert sorted(record["skipped_why"]) == [f"h.{i}.{layer}: a Conv1D, not a Conv2d or Linear"
+                                             for i in range(2) for layer in ("c_fc", "c_proj")]
+    assert record["layers"] == 1                                     # the Linear head
