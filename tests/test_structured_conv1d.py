@@ -55,7 +55,8 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """Token embedding, two MLP blocks of Conv1D, a final LayerNorm and a Linear head: (B, T) ids -> (B, T, VOCAB)."""
+    """Token embedding, two MLP blocks of Conv1D, a final LayerNorm and a Linear head tied to the
+    embedding: (B, T) ids -> (B, T, VOCAB)."""
 
     def __init__(self):
         super().__init__()
@@ -63,6 +64,7 @@ class TinyGPT(nn.Module):
         self.h = nn.ModuleList([Block(), Block()])
         self.ln_f = nn.LayerNorm(WIDTH)
         self.head = nn.Linear(WIDTH, VOCAB)
+        self.head.weight = self.wte.weight              # tied, as GPT-2's lm_head
 
     def forward(self, ids):
         x = self.wte(ids)
@@ -195,6 +197,7 @@ def test_autobot_prunes_conv1d_hidden_units_and_the_saved_model_loads_back(tmp_p
     rebuilt = apply_layout(_model(), layout)
     assert tuple(rebuilt.h[1].c_fc.weight.shape) == (WIDTH, widths[1]) and rebuilt.h[1].c_fc.nf == widths[1]
     back = prunekit.load_pruned(_model(), str(tmp_path / "run")).eval()
+    assert back.head.weight is back.wte.weight          # the layout leaves a layer it did not change (and its tie)
     with torch.no_grad():
         assert_close_to_scale(back(ids[:4]), small(ids[:4]), rel=1e-6)
 

@@ -31,18 +31,25 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
             layout[name] = {"heads": module.num_heads, "head_dim": module.head_dim,
                             "embed_dim": module.embed_dim, "bias": module.in_proj_bias is not None,
                             "batch_first": module.batch_first, "dropout": module.dropout}
-        elif isinstance(module, _CONV):
-            layout[name] = {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
-        elif isinstance(module, nn.Linear):
-            layout[name] = {"in": module.in_features, "out": module.out_features}
-        elif is_conv1d_style(module):                   # GPT-2's Conv1D: weight (in, out)
-            layout[name] = {"in": module.weight.shape[0], "out": module.weight.shape[1]}
-        elif isinstance(module, _BN):
-            layout[name] = {"features": module.num_features}
+        elif (entry := _layer_entry(module)) is not None:
+            layout[name] = entry
         elif getattr(module, "pads_channels", False) and not getattr(module, "padded", True):
             # a zero-pad shortcut whose channels were cut: its map from input to output channels
             layout[name] = {"in": module.in_channels, "source": module.source_list()}
     return layout
+
+
+def _layer_entry(module: nn.Module) -> dict | None:
+    """The channel counts ``channel_layout`` records for a Conv/Linear/Conv1D-style/BatchNorm layer; None otherwise."""
+    if isinstance(module, _CONV):
+        return {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
+    if isinstance(module, nn.Linear):
+        return {"in": module.in_features, "out": module.out_features}
+    if is_conv1d_style(module):                      # GPT-2's Conv1D: weight (in, out)
+        return {"in": module.weight.shape[0], "out": module.weight.shape[1]}
+    if isinstance(module, _BN):
+        return {"features": module.num_features}
+    return None
 
 
 def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
@@ -67,6 +74,8 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             if getattr(module, "pads_channels", False) and "source" in spec:
                 module.set_source(int(spec["in"]), [int(v) for v in spec["source"]])
                 continue
+            if _layer_entry(module) == spec:
+                continue        # as saved: its own tensors kept (a weight tied to another layer stays tied)
             _check_no_wider(name, module, spec)
             if isinstance(module, _CONV):
                 cin, cout, groups = int(spec["in"]), int(spec["out"]), int(spec["groups"])
