@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..costs import is_conv1d_style
 from .groups import GroupSet, is_linear
 
 
@@ -21,7 +22,7 @@ def channel_norms(model: nn.Module, groups: GroupSet) -> list[torch.Tensor]:
             if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not is_linear(module):
                 continue
             weight = module.weight.detach().to("cpu", torch.float64)
-            if not isinstance(module, nn.Linear) and is_linear(module):     # Conv1D-style: (in, out)
+            if is_conv1d_style(module):     # Conv1D-style: (in, out)
                 weight = weight.t()
             squares = weight.reshape(weight.shape[0], -1).pow(2).sum(1)
             rows = group.channels(member, torch.arange(group.size))     # segments x size x repeat

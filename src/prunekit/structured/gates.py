@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from ..costs import CostModel, get_mha_fastpath, set_mha_fastpath
+from ..costs import CostModel, get_mha_fastpath, is_conv1d_style, set_mha_fastpath
 from .attention import gated_forward_hook
 from .groups import GroupSet, is_linear, linear_in_out
 
@@ -140,7 +140,7 @@ class GatedMacs:
             groups_of = getattr(module, "groups", 1)
             if _is_depthwise(module):
                 self.terms.append((coef, shape[1], shape[0], [], entry["out"], 1))
-            elif is_linear(module) and not isinstance(module, nn.Linear):    # Conv1D-style: weight (in, out)
+            elif is_conv1d_style(module):    # Conv1D-style: weight (in, out)
                 self.terms.append((coef, shape[0], shape[1], entry["in"], entry["out"], 1))
             else:
                 self.terms.append((coef, shape[1] * groups_of, shape[0], entry["in"], entry["out"], groups_of))
@@ -213,7 +213,7 @@ def fold_gates(model: nn.Module, groups: GroupSet, values: GateValues) -> None:
             scaled.add((id(module.weight), member.offset))
             idx = group.channels(member, torch.arange(group.size)).to(module.weight.device)
             scale = _spread(g, member.repeat, group.segments).to(module.weight.dtype)
-            if is_linear(module) and not isinstance(module, nn.Linear):    # Conv1D-style: inputs are rows
+            if is_conv1d_style(module):    # Conv1D-style: inputs are rows
                 module.weight[idx] *= scale.view(-1, 1)
                 continue
             shape = (1, -1) + (1,) * (module.weight.dim() - 2)

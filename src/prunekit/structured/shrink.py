@@ -23,10 +23,11 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..costs import is_conv1d_style
 from ..errors import PrunekitError
 from .attention import slim_copy
 from .gates import GateHooks
-from .groups import GroupSet, is_linear, no_group_error
+from .groups import GroupSet, no_group_error
 
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
@@ -172,7 +173,7 @@ def _cut(module: nn.Module, axis: str, closed: list[int], name: str) -> None:
                 setattr(module, attr, getattr(module, attr)[keep].clone())
         module.num_features = keep.numel()
         return
-    if is_linear(module) and not isinstance(module, nn.Linear):     # Conv1D-style: weight (in, out)
+    if is_conv1d_style(module):     # Conv1D-style: weight (in, out)
         if axis == "out":
             keep = _keep(module.weight.shape[1], closed)
             module.weight = nn.Parameter(module.weight[:, keep].clone())
