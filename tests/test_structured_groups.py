@@ -238,15 +238,14 @@ class Conv1D(torch.nn.Module):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
 
 
-def test_a_model_of_conv1d_style_layers_is_refused_naming_the_layer_kind_and_the_weight_methods():
-    from prunekit.errors import PrunekitError
+def test_conv1d_style_layers_are_channel_pruned_as_the_linear_layers_they_are():
+    # was refused ("a Conv1D-style layer ... which the channel methods do not shrink") up to session 50
     model = torch.nn.Sequential(torch.nn.Embedding(20, 8), Conv1D(16, 8), torch.nn.GELU(), Conv1D(8, 16),
                                 torch.nn.Linear(8, 20))
-    with pytest.raises(PrunekitError, match=r"^the model has no prunable channel group: .*\(1: a Conv1D-style layer "
-                                            r"\(HuggingFace's GPT-2 Conv1D: a Linear whose weight is stored \(in, out\), "
-                                            r"y = x @ W \+ b\), which the channel methods do not shrink; the weight "
-                                            r"methods \(falcon, chita, magnitude\) prune it; 3: a Conv1D-style"):
-        find_groups(model, torch.randint(20, (2, 5)))
+    groups = find_groups(model, torch.randint(20, (2, 5)))
+    assert sorted((g.root, g.size, sorted((m.module, m.role) for m in g.members)) for g in groups) == [
+        ("1", 16, [("1", "out"), ("3", "in")]), ("3", 8, [("3", "out"), ("4", "in")])]
+    assert [root for root, _ in groups.skipped] == ["4"]          # the logits: the network's output
 
 
 class _SE(torch.nn.Module):

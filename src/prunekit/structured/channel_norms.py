@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .groups import GroupSet
+from ..costs import is_conv1d_style
+from .groups import GroupSet, is_linear
 
 
 def channel_norms(model: nn.Module, groups: GroupSet) -> list[torch.Tensor]:
@@ -18,9 +19,11 @@ def channel_norms(model: nn.Module, groups: GroupSet) -> list[torch.Tensor]:
         total = torch.zeros(group.size, dtype=torch.float64)
         for member in group.layers("out"):
             module = modules[member.module]
-            if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not is_linear(module):
                 continue
             weight = module.weight.detach().to("cpu", torch.float64)
+            if is_conv1d_style(module):     # Conv1D-style: (in, out)
+                weight = weight.t()
             squares = weight.reshape(weight.shape[0], -1).pow(2).sum(1)
             rows = group.channels(member, torch.arange(group.size))     # segments x size x repeat
             total += squares[rows].view(group.segments, group.size, member.repeat).sum((0, 2))

@@ -30,9 +30,9 @@ import math
 import torch
 from torch import nn
 
-from ..costs import CostModel, get_mha_fastpath, set_mha_fastpath
+from ..costs import CostModel, get_mha_fastpath, is_conv1d_style, set_mha_fastpath
 from .attention import gated_forward_hook
-from .groups import GroupSet
+from .groups import GroupSet, is_linear, linear_in_out
 
 GateValues = list[torch.Tensor]   # one (group.size,) tensor per group, in GroupSet order
 
@@ -73,8 +73,8 @@ class GateHooks:
         set_mha_fastpath(False)
 
     def _hook(self, module: nn.Module, entries):
-        linear = isinstance(module, nn.Linear)
-        width = module.in_features if linear else module.in_channels
+        linear = is_linear(module)                # nn.Linear or Conv1D-style: channels on the last axis
+        width = linear_in_out(module)[0] if linear else module.in_channels
 
         def hook(mod, inputs):
             if self.values is None:
@@ -140,6 +140,8 @@ class GatedMacs:
             groups_of = getattr(module, "groups", 1)
             if _is_depthwise(module):
                 self.terms.append((coef, shape[1], shape[0], [], entry["out"], 1))
+            elif is_conv1d_style(module):    # Conv1D-style: weight (in, out)
+                self.terms.append((coef, shape[0], shape[1], entry["in"], entry["out"], 1))
             else:
                 self.terms.append((coef, shape[1] * groups_of, shape[0], entry["in"], entry["out"], groups_of))
             handled += layer.weight_macs
@@ -211,6 +213,9 @@ def fold_gates(model: nn.Module, groups: GroupSet, values: GateValues) -> None:
             scaled.add((id(module.weight), member.offset))
             idx = group.channels(member, torch.arange(group.size)).to(module.weight.device)
             scale = _spread(g, member.repeat, group.segments).to(module.weight.dtype)
+            if is_conv1d_style(module):    # Conv1D-style: inputs are rows
+                module.weight[idx] *= scale.view(-1, 1)
+                continue
             shape = (1, -1) + (1,) * (module.weight.dim() - 2)
             groups_of = getattr(module, "groups", 1)
             if groups_of > 1:                     # weight (out, in/G, ...): block s scales its outputs' inputs

@@ -5,6 +5,13 @@ that residual adds tie channels, depthwise convs tie input to output, concatenat
 and flatten repeats indices). Its groups are turned into :class:`ChannelGroup` objects that
 say, per member layer, which slice of which channel axis the group controls.
 
+A Conv1D-style layer (HuggingFace's GPT-2 ``Conv1D``, recognised by ``costs.is_conv1d_style``:
+class name Conv1D, a 2-D weight (in, out), ``nf`` = out; transformers is never imported) is a
+Linear with its weight stored transposed: it is handed to torch-pruning as a layer of its own
+(``TransposedLinearPruner``: inputs are the weight's rows, outputs its columns) and is a member
+like a Linear ("out", "in"), so GPT-2's MLP hidden units (c_fc -> act -> c_proj) are one group.
+Its fused q/k/v projection (c_attn, split into q, k and v) reaches c_proj only in part: left dense.
+
 Attention heads are groups of their own (``kind == "heads"``): one member, the
 ``nn.MultiheadAttention`` module, role "heads", ``repeat`` = head dimension; removing a head
 removes its rows of the q/k/v projections and its columns of ``out_proj`` (``attention.py``),
@@ -149,6 +156,54 @@ def pad_pruners(model: nn.Module) -> dict:
     return {type(m): PadShortcutPruner() for m in model.modules() if getattr(m, "pads_channels", False)}
 
 
+class TransposedLinearPruner(tp.pruner.function.BasePruningFunc):
+    """torch-pruning's view of a Conv1D-style layer (HuggingFace's GPT-2 ``Conv1D``: ``weight``
+    (in, out), ``bias`` (out,), y = x @ W + b): a Linear whose input channels are the weight's rows
+    and output channels its columns. Used to trace groups only; ``shrink`` does the surgery."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs):
+        closed = {int(i) for i in idxs}
+        keep = [i for i in range(layer.weight.shape[1]) if i not in closed]
+        layer.weight = nn.Parameter(layer.weight.data[:, keep].clone())
+        if getattr(layer, "bias", None) is not None:
+            layer.bias = nn.Parameter(layer.bias.data[keep].clone())
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs):
+        closed = {int(i) for i in idxs}
+        keep = [i for i in range(layer.weight.shape[0]) if i not in closed]
+        layer.weight = nn.Parameter(layer.weight.data[keep].clone())
+        if hasattr(layer, "nx"):
+            layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[1]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[0]
+
+
+def conv1d_pruners(model: nn.Module) -> dict:
+    """``customized_pruners`` for torch-pruning: one ``TransposedLinearPruner`` per Conv1D-style
+    layer type (recognized by ``costs.is_conv1d_style``: named Conv1D, weight (in, out), ``nf`` = out)."""
+    return {type(m): TransposedLinearPruner() for m in model.modules() if is_conv1d_style(m)}
+
+
+def is_linear(module) -> bool:
+    """Whether ``module`` is a Linear layer of either weight layout: ``nn.Linear`` (out, in) or a
+    Conv1D-style layer (in, out)."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Module) and is_conv1d_style(module))
+
+
+def linear_in_out(module: nn.Module) -> tuple[int, int]:
+    """(input features, output features) of a Linear of either layout (see ``is_linear``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]
+
+
 def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bool = True) -> tp.DependencyGraph:
     was_training = model.training
     model.eval()
@@ -160,9 +215,10 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             # Its concat-size inference gives up on deep recurrent graphs (a bidirectional LSTM):
             # those channels are then unknown, and such groups are skipped or caught by shrink's check.
             warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
+            pruners = {**(pad_pruners(model) if pads_residual else {}), **conv1d_pruners(model)}
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_input, output_transform=_output_tensors,
-                customized_pruners=pad_pruners(model) if pads_residual else None)
+                customized_pruners=pruners or None)
     finally:
         model.train(was_training)
 
@@ -263,10 +319,7 @@ def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
             continue
         if isinstance(module, _LAYER_TYPES):
             continue
-        if is_conv1d_style(module):
-            loose.append((module_name, "a Conv1D-style layer (HuggingFace's GPT-2 Conv1D: a Linear whose weight is "
-                                       "stored (in, out), y = x @ W + b), which the channel methods do not shrink; "
-                                       "the weight methods (falcon, chita, magnitude) prune it"))
+        if is_conv1d_style(module):       # a Linear stored (in, out): shrunk as one
             continue
         for name, param in module.named_parameters(recurse=False):
             if param.dim() >= 2:
@@ -306,7 +359,8 @@ def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual:
         graph = build_graph(model, example_input, pads_residual)
         cycles: list = []
         with _bounded_groups(len(graph.module2node)):
-            groups = list(_all_groups(graph, (nn.Conv2d, nn.Conv1d, nn.Linear), cycles))
+            roots = (nn.Conv2d, nn.Conv1d, nn.Linear, *conv1d_pruners(model))    # Conv1D-style types too
+            groups = list(_all_groups(graph, roots, cycles))
             # the output channels of layers the channel methods do not shrink, where no group above
             # holds them: listed too, so that every group left dense is named
             covered = {item.dep.target.module for group in groups for item in group.items
@@ -440,8 +494,8 @@ def _transformer_stream(tp_group, names: dict) -> str | None:
             norms.append(f"{names.get(module, '?')} ({type(module).__name__})")
         elif isinstance(module, (nn.Parameter, nn.MultiheadAttention, nn.Embedding)):
             continue
-        elif not isinstance(module, (*_CONV, nn.Linear, _BN)) and isinstance(module, nn.Module) and \
-                any(True for _ in module.parameters(recurse=False)):
+        elif not isinstance(module, (*_CONV, nn.Linear, _BN)) and not is_linear(module) and \
+                isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
             others = True
     norms = list(dict.fromkeys(norms))
     if others or not norms:
@@ -519,7 +573,7 @@ def no_group_error(skipped: list[tuple[str, str]]) -> PrunekitError:
 
 
 def _size_of(module: nn.Module) -> int:
-    return module.out_channels if isinstance(module, _CONV) else module.out_features
+    return module.out_channels if isinstance(module, _CONV) else linear_in_out(module)[1]
 
 
 def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
@@ -543,7 +597,7 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
             return [], 1, "passes through a zero-pad (option-A) shortcut: block outputs kept dense"
         if isinstance(module, nn.Parameter):     # used bare in forward, outside any layer
             return [], 1, f"touches parameter {names.get(module, '?')} outside a Conv/Linear/BatchNorm layer"
-        if not isinstance(module, (*_CONV, nn.Linear, _BN)) and not pads:
+        if not isinstance(module, (*_CONV, nn.Linear, _BN)) and not pads and not is_linear(module):
             if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)) \
                     or isinstance(module, nn.MultiheadAttention):
                 return [], 1, (f"touches {names.get(module, type(module).__name__)} ({type(module).__name__}), "
@@ -559,7 +613,7 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
         elif out_fn:
             role, extent = "out", _size_of(module)
         else:
-            role, extent = "in", module.in_channels if isinstance(module, _CONV) else module.in_features
+            role, extent = "in", module.in_channels if isinstance(module, _CONV) else linear_in_out(module)[0]
             has_consumer = True
         if isinstance(module, _CONV) and module.groups > 1:
             depthwise = module.groups == module.in_channels == module.out_channels

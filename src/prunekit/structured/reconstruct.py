@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..costs import is_conv1d_style
 from ..refit import refit
-from .groups import GroupSet
+from .groups import GroupSet, linear_in_out
 
 RIDGE = 1e-3          # λ as a share of the mean diagonal of XᵀX
 
@@ -53,6 +54,9 @@ def reconstruct(small: nn.Module, dense: nn.Module, groups: GroupSet, masks: lis
     over ``groups``) on the inputs ``batches`` (each (N, ...)); ``recalibrated``: ``small``'s
     BatchNorm statistics will be re-estimated after. Returns ``prunekit.refit``'s record (layers
     re-fit, skipped with why, mean relative output error before and after, images, seconds)."""
-    names = [n for n, m in small.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    keep = {n: kept_outputs(groups, masks, n, dense.get_submodule(n).weight.shape[0]) for n in names}
+    # a Conv1D-style layer (GPT-2's, weight (in, out)) is named too: refit lists it as skipped, with why
+    names = [n for n, m in small.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) or is_conv1d_style(m)]
+    keep = {n: kept_outputs(groups, masks, n, linear_in_out(dense.get_submodule(n))[1]
+                            if is_conv1d_style(dense.get_submodule(n)) else dense.get_submodule(n).weight.shape[0])
+            for n in names}
     return refit(small, dense, names, batches, ridge=ridge, recalibrated=recalibrated, outputs=keep)

@@ -2,7 +2,8 @@
 
 ``shrink`` copies the model and cuts the closed channels of every group out of each member
 layer: Conv (plain, depthwise, grouped: each block keeps the same positions) and Linear weights
-and biases, BatchNorm parameters and statistics, the channel map of a zero-pad shortcut
+and biases (a Conv1D-style layer's weight, stored (in, out), is cut on the transposed axes),
+BatchNorm parameters and statistics, the channel map of a zero-pad shortcut
 (its copies follow the kept input channels, closed ones and pads are zero); a head group replaces its
 ``nn.MultiheadAttention`` by a ``SlimAttention`` holding the kept heads. The result is an
 ordinary ``nn.Module`` with smaller layers, computing what the gated model with 0/1 gates
@@ -22,6 +23,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..costs import is_conv1d_style
 from ..errors import PrunekitError
 from .attention import slim_copy
 from .gates import GateHooks
@@ -170,6 +172,19 @@ def _cut(module: nn.Module, axis: str, closed: list[int], name: str) -> None:
             if getattr(module, attr) is not None:
                 setattr(module, attr, getattr(module, attr)[keep].clone())
         module.num_features = keep.numel()
+        return
+    if is_conv1d_style(module):     # Conv1D-style: weight (in, out)
+        if axis == "out":
+            keep = _keep(module.weight.shape[1], closed)
+            module.weight = nn.Parameter(module.weight[:, keep].clone())
+            if getattr(module, "bias", None) is not None:
+                module.bias = nn.Parameter(module.bias[keep].clone())
+            module.nf = keep.numel()
+        else:
+            keep = _keep(module.weight.shape[0], closed)
+            module.weight = nn.Parameter(module.weight[keep].clone())
+            if hasattr(module, "nx"):
+                module.nx = keep.numel()
         return
     if isinstance(module, nn.Linear):
         if axis == "out":

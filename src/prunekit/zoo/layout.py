@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..costs import is_conv1d_style
 from ..errors import PrunekitError
 from ..layers import RemovedBlock, SlimAttention
 
@@ -19,8 +20,9 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 
 def channel_layout(model: nn.Module) -> dict[str, dict]:
-    """Per-layer channel counts of every Conv/Linear/BatchNorm, and the channel map of every
-    zero-pad shortcut that lost channels (JSON-ready)."""
+    """Per-layer channel counts of every Conv/Linear/BatchNorm (and Conv1D-style layer: GPT-2's,
+    "in" = its weight's rows), and the channel map of every zero-pad shortcut that lost channels
+    (JSON-ready)."""
     layout = {}
     for name, module in model.named_modules():
         if isinstance(module, RemovedBlock):            # a block removed by depth pruning
@@ -29,16 +31,25 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
             layout[name] = {"heads": module.num_heads, "head_dim": module.head_dim,
                             "embed_dim": module.embed_dim, "bias": module.in_proj_bias is not None,
                             "batch_first": module.batch_first, "dropout": module.dropout}
-        elif isinstance(module, _CONV):
-            layout[name] = {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
-        elif isinstance(module, nn.Linear):
-            layout[name] = {"in": module.in_features, "out": module.out_features}
-        elif isinstance(module, _BN):
-            layout[name] = {"features": module.num_features}
+        elif (entry := _layer_entry(module)) is not None:
+            layout[name] = entry
         elif getattr(module, "pads_channels", False) and not getattr(module, "padded", True):
             # a zero-pad shortcut whose channels were cut: its map from input to output channels
             layout[name] = {"in": module.in_channels, "source": module.source_list()}
     return layout
+
+
+def _layer_entry(module: nn.Module) -> dict | None:
+    """The channel counts ``channel_layout`` records for a Conv/Linear/Conv1D-style/BatchNorm layer; None otherwise."""
+    if isinstance(module, _CONV):
+        return {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
+    if isinstance(module, nn.Linear):
+        return {"in": module.in_features, "out": module.out_features}
+    if is_conv1d_style(module):                      # GPT-2's Conv1D: weight (in, out)
+        return {"in": module.weight.shape[0], "out": module.weight.shape[1]}
+    if isinstance(module, _BN):
+        return {"features": module.num_features}
+    return None
 
 
 def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
@@ -63,6 +74,8 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             if getattr(module, "pads_channels", False) and "source" in spec:
                 module.set_source(int(spec["in"]), [int(v) for v in spec["source"]])
                 continue
+            if _layer_entry(module) == spec:
+                continue        # as saved: its own tensors kept (a weight tied to another layer stays tied)
             _check_no_wider(name, module, spec)
             if isinstance(module, _CONV):
                 cin, cout, groups = int(spec["in"]), int(spec["out"]), int(spec["groups"])
@@ -76,6 +89,14 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                 module.weight = nn.Parameter(torch.empty(cout, cin))
                 if module.bias is not None:
                     module.bias = nn.Parameter(torch.empty(cout))
+            elif is_conv1d_style(module):
+                cin, cout = int(spec["in"]), int(spec["out"])
+                module.nf = cout
+                if hasattr(module, "nx"):
+                    module.nx = cin
+                module.weight = nn.Parameter(torch.empty(cin, cout))
+                if getattr(module, "bias", None) is not None:
+                    module.bias = nn.Parameter(torch.empty(cout))
             elif isinstance(module, _BN):
                 n = int(spec["features"])
                 module.num_features = n
@@ -86,7 +107,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                     module.running_mean = torch.zeros(n)
                     module.running_var = torch.ones(n)
             else:
-                raise PrunekitError(f"layer {name!r} is a {type(module).__name__}, not a Conv/Linear/BatchNorm")
+                raise PrunekitError(f"layer {name!r} is a {type(module).__name__}, not a Conv/Linear/Conv1D/BatchNorm")
         except PrunekitError:
             raise
         except (KeyError, TypeError, ValueError) as err:
@@ -104,6 +125,8 @@ def _check_no_wider(name: str, module: nn.Module, spec: dict) -> None:
         fresh = {"in": module.in_channels, "out": module.out_channels}
     elif isinstance(module, nn.Linear):
         fresh = {"in": module.in_features, "out": module.out_features}
+    elif is_conv1d_style(module):
+        fresh = {"in": module.weight.shape[0], "out": module.weight.shape[1]}
     elif isinstance(module, _BN):
         fresh = {"features": module.num_features}
     else:
