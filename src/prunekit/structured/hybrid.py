@@ -37,6 +37,7 @@ class HybridOptions(AutoBotOptions, FalconOptions):
     structured_flops: the share of the dense MACs the channel phase keeps (above ``flops``)."""
 
     structured_flops: float = 0.5
+    takes_params = False                # its weights phase is asked for MACs alone (not yet params)
     refit_batches: int | str = 0        # the fine-tune follows; its measured rows ran without the re-fit
     constraints = {**AutoBotOptions.constraints, **FalconOptions.constraints,
                    "structured_flops": Real(0, 1, open_low=True)}
