@@ -33,7 +33,13 @@ def mlp():
                          nn.Linear(40, 10))
 
 
-MODELS = {"cnn": cnn, "residual": lambda: zoo.build("resnet20-b"), "mlp": mlp}
+def depthwise():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+MODELS = {"cnn": cnn, "residual": lambda: zoo.build("resnet20-b"), "mlp": mlp, "depthwise": depthwise}
 
 
 def numel(model: nn.Module) -> int:
@@ -80,6 +86,21 @@ def test_autobot_meets_both_budgets_and_stops_at_the_binding_one(name, seed):
     # the bound it names is the one a MAC-only cut would break
     binding = "params" if r.record["flops_alone_params"] > max_params else "flops"
     assert r.record["bound"] == binding
+
+
+def test_attention_heads_carry_their_parameters_too():
+    """ViT-tiny: head groups (q, k, v rows and out_proj columns) and MLP channels, both budgets met,
+    the counts those of the shrunk model counted afresh."""
+    torch.manual_seed(0)
+    model = zoo.build("vit-tiny").eval()
+    x = torch.randn(1, 1, 28, 28)
+    data = [(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)))]
+    dense_macs, dense_params = counts_of(model, x)
+    r = prunekit.prune(model, lambda: data, method="autobot", flops=0.6, params=0.5, example_input=x, gate_batches=2)
+    macs, kept = counts_of(r.model, x)
+    assert macs == r.macs <= 0.6 * dense_macs and kept == r.record["params"] <= 0.5 * dense_params
+    assert kept >= 0.45 * dense_params          # the binding budget (params here) met, not undershot far
+    assert r.record["bound"] == "params"
 
 
 def test_the_binding_budget_is_named_and_both_counts_printed(tmp_path, capsys):
