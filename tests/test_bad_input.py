@@ -279,10 +279,12 @@ CLI_CASES = [
     ([*PRUNE, "--method", "autobot", "--sparsity", "0.5"], "--flops"),
     ([*PRUNE, "--method", "autobot"], "needs --flops"),
     ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--channel-multiple", "0"], "--channel-multiple must be at least 1"),
-    # a params budget with channels: autobot alone takes one; it must be reachable and below the model's
+    # a params budget with channels: autobot (its cut) and hybrid (its weights phase) take one, reachable and
+    # below the model's
     ([*PRUNE, "--method", "taper", "--flops", "0.5", "--params", "0.3"], "takes no --params: for a MAC and a --params "
-     "budget with a real speedup use method autobot"),
-    ([*PRUNE, "--method", "hybrid", "--flops", "0.3", "--params", "0.3"], "use method autobot"),
+     "budget with a real speedup use method autobot (channels cut until both are met, e.g. --flops=0.5 --params=0.4), "
+     "or method hybrid (channels to --structured-flops"),
+    ([*PRUNE, "--method", "hybrid", "--flops", "0.3", "--params", "40000"], "--params 40,000 keeps every parameter"),
     ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--params", "0.001"], "that one channel per group and the "
      "unprunable layers already keep"),
     ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--params", "40000"], "--params 40,000 keeps every parameter"),
@@ -675,6 +677,7 @@ PY_CASES = [
      "reconstruct_ridge shapes the re-fit after the cut, and reconstruct_batches is 0"),
     ({"method": "autobot", "sparsity": None, "flops": 0.5, "params": 0.1}, "ask for at least"),
     ({"method": "taper", "sparsity": None, "flops": 0.5, "params": 0.5}, "takes no params"),
+    ({"method": "hybrid", "sparsity": None, "flops": 0.3, "params": 0.05}, "params 0.05 (8 parameters) is infeasible"),
 ]
 
 

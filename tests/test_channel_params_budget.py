@@ -112,7 +112,7 @@ def test_the_binding_budget_is_named_and_both_counts_printed(tmp_path, capsys):
     assert main([*base, "--params", "0.3"]) in (0, None)
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.strip().startswith("params"))
-    assert "the params budget bound (at most 9,708)" in line, out       # 0.3 x 32,360 parameters
+    assert "the params budget bound (at most 9,708): the gates cut to the flops budget alone keep" in line, out
     assert main([*base, "--params", "0.9"]) in (0, None)
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.strip().startswith("params"))
@@ -145,9 +145,27 @@ def test_an_unreachable_params_budget_is_refused_before_any_work():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-@pytest.mark.parametrize("method", ["taper", "hybrid"])
-def test_channel_methods_without_a_params_budget_name_autobot(method):
+def test_taper_takes_no_params_budget_and_names_autobot_and_hybrid():
     model, x = cnn().eval(), torch.randn(1, 3, 8, 8)
-    with pytest.raises(PrunekitError, match="takes no params: .* use method autobot"):
-        prunekit.prune(model, lambda: [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,)))], method=method,
+    with pytest.raises(PrunekitError, match="takes no params: .* use method autobot .* or method hybrid"):
+        prunekit.prune(model, lambda: [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,)))], method="taper",
                        flops=0.5, params=0.5, example_input=x)
+
+
+@pytest.mark.parametrize("params", [0.3, 0.9])
+def test_hybrid_meets_a_params_budget_in_its_weights_phase(params):
+    """The hybrid: channels to structured_flops, then FALCON's zeros to flops and params (zeros count as
+    removed, as for a weights method); a params budget the channel cut already meets asks FALCON for MACs only."""
+    torch.manual_seed(0)
+    model = zoo.build("resnet20-b").eval()
+    x = torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
+    r = prunekit.prune(model, lambda: data, method="hybrid", flops=0.4, structured_flops=0.6, params=params,
+                       example_input=x, gate_batches=2, fisher_samples=16)
+    fresh = CostModel(zoo.build("resnet20-b"), x)      # a cost model traced afresh counts the result
+    counted = fresh.count(r.model)
+    assert counted.macs == r.macs <= 0.4 * fresh.macs
+    assert counted.params == r.record["params"] <= params * fresh.params
+    assert sum(int(torch.count_nonzero(p)) for p in r.model.parameters()) <= params * fresh.params
+    if params == 0.3:      # binds: FALCON removed weights down to it
+        assert counted.params >= 0.29 * fresh.params

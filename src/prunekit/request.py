@@ -110,7 +110,10 @@ class PruneRequest:
             # their channels), not the weights methods' prunable nonzeros: resolved apart
             resolved = replace(budget, params=None).resolve(costs, space)
             max_params = None if budget.params is None else _channel_params(budget, costs)
-            if max_params is not None and options.channel_multiple != 1:
+            cut_params = max_params if method.sparsify is None else None     # the hybrid's weights phase meets it
+            if max_params is not None and method.sparsify is not None:     # zeros count: the weights methods' floor
+                Budget._params_keep(budget.params, costs.params, costs.params - space.numel)
+            if cut_params is not None and options.channel_multiple != 1:
                 raise OptionError("params with channel_multiple above 1 is not supported: leave channel_multiple "
                                   "at 1 or leave params out", ("params", "channel_multiple"))
             shares = [_share(budget, resolved, costs), *(getattr(options, "snapshots", None) or [])]
@@ -122,7 +125,8 @@ class PruneRequest:
             channels = channel_context(self.model, costs, self.example_input, shares, options.channel_multiple,
                                        batches=None, residual_channels=options.residual_channels, targets=targets,
                                        target_name="flops" if targets == shares else "structured_flops",
-                                       max_params=max_params)
+                                       max_params=cut_params)
+            channels.max_params = max_params
             channels.include, channels.exclude = self.include, self.exclude
             if options.depth_flops is not None and not options.depth_flops > max(shares):
                 above = (f"flops {max(shares):g}" if max(shares) == shares[0]
@@ -255,7 +259,8 @@ def _check_channel_request(method: Method, budget: dict, include, exclude) -> No
     if budget["params"] is not None and not takes_params:
         raise OptionError(f"method {method.name} cuts channels to a MAC budget alone and takes no params: for a MAC "
                           "and a params budget with a real speedup use method autobot (channels cut until both "
-                          "are met, e.g. flops=0.5 params=0.4)", ("flops", "params"))
+                          "are met, e.g. flops=0.5 params=0.4), or method hybrid (channels to structured_flops, "
+                          "then FALCON's zeros to flops and params)", ("flops", "params", "structured_flops"))
     if budget["flops"] is None:
         raise OptionError(f"method {method.name} needs flops, the share of MACs to keep (e.g. flops=0.5)",
                           ("flops",))

@@ -428,11 +428,11 @@ def _channel_bound(one: dict) -> str:
     """"; the params budget bound ..." / "; the flops budget bound ..." where a channel method was
     given both budgets (``bound``: the one that chose the cut), with what the other alone allowed."""
     if one.get("bound") == "params":
-        return (f"; the params budget bound (at most {one['budget_max_params']:,}): the flops budget alone "
-                f"would keep {one['flops_alone_params']:,}")
+        return (f"; the params budget bound (at most {one['budget_max_params']:,}): the gates cut to the flops "
+                f"budget alone keep {one['flops_alone_params']:,}")
     if one.get("bound") == "flops":
-        return (f" (at most {one['budget_max_params']:,}); the flops budget bound: the params budget alone "
-                f"would keep {100 * one['params_alone_flops']:.2f}% of the MACs")
+        return (f" (at most {one['budget_max_params']:,}); the flops budget bound: the gates cut to the params "
+                f"budget alone keep {100 * one['params_alone_flops']:.2f}% of the MACs")
     return ""
 
 

@@ -100,7 +100,8 @@ class ChannelContext:
     hybrid's FALCON) prunes and counts, as a weights method's; max_params: the most parameters the
     shrunk model may keep (all of them, ``sum(p.numel())``; None: no params budget, MACs only), with
     params_counter the ``GatedParams`` that counts them (methods that take a params budget read
-    both through ``params_budget()``)."""
+    both through ``params_budget()``; the hybrid has no counter: its weights phase meets max_params,
+    zeros counting as removed, as for a weights method)."""
 
     model: nn.Module
     costs: CostModel
@@ -118,8 +119,10 @@ class ChannelContext:
     params_counter: GatedParams | None = None
 
     def params_budget(self) -> tuple[GatedParams, int] | None:
-        """(counter, most parameters) of a params budget, or None."""
-        return None if self.max_params is None else (self.params_counter, self.max_params)
+        """(counter, most parameters) of a params budget the channel cut meets, or None (none given,
+        or the hybrid's, which its weights phase meets: no counter)."""
+        return None if self.max_params is None or self.params_counter is None else (self.params_counter,
+                                                                                    self.max_params)
 
 
 @dataclass

@@ -205,9 +205,9 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
         counts = ctx.costs.count(small)
         if counts.macs > share * ctx.costs.macs:
             raise AssertionError(f"shrunk model has {counts.macs} MACs above the budget {share * ctx.costs.macs}")
-        if ctx.max_params is not None and sum(p.numel() for p in small.parameters()) > ctx.max_params:
-            raise AssertionError(f"shrunk model has {sum(p.numel() for p in small.parameters())} parameters above "
-                                 f"the budget {ctx.max_params}")
+        kept = counts.params if sparsify is not None else sum(p.numel() for p in small.parameters())
+        if ctx.max_params is not None and kept > ctx.max_params:      # the hybrid's zeros count as removed
+            raise AssertionError(f"shrunk model has {kept} parameters above the budget {ctx.max_params}")
         nonzeros = sparsity = None
         if sparsify is not None:          # weights zeroed too: count them against the dense model's prunable weights
             prunable = dict(include=ctx.include, exclude=ctx.exclude, costs=ctx.costs)
