@@ -570,7 +570,8 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--flops", **many, help="share of dense MACs kept, in (0, 1] (0.3, 30%%), or MACs kept (20M); alone, it "
                    "leaves the count of weights free (falcon chooses it; count-budget methods prune to the "
                    "largest count that fits)")
-    p.add_argument("--params", **many, help="share of all parameters kept, in (0, 1] (0.1), or count kept (200k)")
+    p.add_argument("--params", **many, help="share of all parameters kept, in (0, 1] (0.1), or count kept (200k); "
+                   "with --method autobot (or hybrid) and --flops, both are met")
     p.add_argument("--train-samples", type=int, default=None,
                    help="training images used for gradients and BN recalibration (>= 1; default: all)")
     p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: every multiplied weight: Conv/Linear, attention, "
