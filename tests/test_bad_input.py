@@ -279,6 +279,17 @@ CLI_CASES = [
     ([*PRUNE, "--method", "autobot", "--sparsity", "0.5"], "--flops"),
     ([*PRUNE, "--method", "autobot"], "needs --flops"),
     ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--channel-multiple", "0"], "--channel-multiple must be at least 1"),
+    # a params budget with channels: autobot (its cut) and hybrid (its weights phase) take one, reachable and
+    # below the model's
+    ([*PRUNE, "--method", "taper", "--flops", "0.5", "--params", "0.3"], "takes no --params: for a MAC and a --params "
+     "budget with a real speedup use method autobot (channels cut until both are met, e.g. --flops=0.5 --params=0.4), "
+     "or method hybrid (channels to --structured-flops"),
+    ([*PRUNE, "--method", "hybrid", "--flops", "0.3", "--params", "40000"], "--params 40,000 keeps every parameter"),
+    ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--params", "0.001"], "that one channel per group and the "
+     "unprunable layers already keep"),
+    ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--params", "40000"], "--params 40,000 keeps every parameter"),
+    ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--params", "0.3", "--channel-multiple", "4"],
+     "--params with --channel-multiple above 1 is not supported"),
     ([*PRUNE, "--method", "magnitude", "--sparsity", "0.5", "--gradual", "--events", "0"], "events"),
     # runaway schedules: refused above a documented cap (each would otherwise run practically forever)
     ([*PRUNE, "--method", "chita", "--sparsity", "0.5", "--stages", "101", "--fisher-samples", "8",
@@ -665,6 +676,9 @@ PY_CASES = [
     ({"force": True}, "force=True clears the run folder out= names, and out is None"),
     ({"method": "autobot", "sparsity": None, "flops": 0.5, "reconstruct_ridge": 0.1},
      "reconstruct_ridge shapes the re-fit after the cut, and reconstruct_batches is 0"),
+    ({"method": "autobot", "sparsity": None, "flops": 0.5, "params": 0.1}, "ask for at least"),
+    ({"method": "taper", "sparsity": None, "flops": 0.5, "params": 0.5}, "takes no params"),
+    ({"method": "hybrid", "sparsity": None, "flops": 0.3, "params": 0.05}, "params 0.05 (8 parameters) is infeasible"),
 ]
 
 

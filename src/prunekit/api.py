@@ -73,7 +73,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         method: a name from ``prunekit.methods.METHODS`` (magnitude, chita, falcon, autobot,
             taper ...) or a ``prunekit.methods.Method`` of your own.
         sparsity, flops, params: the budget, as on the command line (0.9, "90%", "50k"; flops =
-            share of dense MACs kept, or MACs kept as "20M").
+            share of dense MACs kept, or MACs kept as "20M"; params = share of all parameters kept,
+            or their count as "200k": with method autobot, every parameter the shrunk model keeps,
+            channels cut until flops and params are both met).
         example_input: one input batch for counting MACs (its first example is the one traced);
             default: the first training (or evaluation) batch's first example.
         eval_data: evaluation data; gives accuracy and loss before, per stage and after.

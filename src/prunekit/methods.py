@@ -6,6 +6,9 @@ Family ``"weights"``: the method zeroes single weights; it runs one-shot (or in 
 
 Family ``"channels"``: the method removes whole channels to a MAC budget (``flops``) and returns
 smaller models. ``run(ctx: structured.family.ChannelContext, options) -> structured.family.Cut``.
+One whose options class says ``takes_params = True`` also takes a params budget
+(``ctx.max_params``: all the parameters the result keeps): autobot's cut meets both
+(``ctx.params_budget()``), the hybrid's weights phase meets it with zeros; the others refuse ``params``.
 
 A channel method may have a second phase, ``sparsify(ctx, model, share, options, recalibrate_bn)``
 (the hybrid's FALCON on the shrunk model; see ``structured.pipeline``).

@@ -10,6 +10,7 @@ the parameter, raised before any expensive work.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -105,7 +106,16 @@ class PruneRequest:
         channels = None
         if method.family == "channels":
             space = ParamSpace(self.model, include=self.include, exclude=self.exclude, costs=costs)
-            resolved = budget.resolve(costs, space)
+            # a params budget counts every parameter the shrunk model keeps (biases and norms go with
+            # their channels), not the weights methods' prunable nonzeros: resolved apart
+            resolved = replace(budget, params=None).resolve(costs, space)
+            max_params = None if budget.params is None else _channel_params(budget, costs)
+            cut_params = max_params if method.sparsify is None else None     # the hybrid's weights phase meets it
+            if max_params is not None and method.sparsify is not None:     # zeros count: the weights methods' floor
+                Budget._params_keep(budget.params, costs.params, costs.params - space.numel)
+            if cut_params is not None and options.channel_multiple != 1:
+                raise OptionError("params with channel_multiple above 1 is not supported: leave channel_multiple "
+                                  "at 1 or leave params out", ("params", "channel_multiple"))
             shares = [_share(budget, resolved, costs), *(getattr(options, "snapshots", None) or [])]
             if any(not share > shares[0] for share in shares[1:]) or len(set(shares)) != len(shares):
                 raise OptionError(f"snapshots must be distinct shares above flops {shares[0]:g} (taken on the way "
@@ -114,7 +124,9 @@ class PruneRequest:
             targets = options.channel_targets(shares)
             channels = channel_context(self.model, costs, self.example_input, shares, options.channel_multiple,
                                        batches=None, residual_channels=options.residual_channels, targets=targets,
-                                       target_name="flops" if targets == shares else "structured_flops")
+                                       target_name="flops" if targets == shares else "structured_flops",
+                                       max_params=cut_params)
+            channels.max_params = max_params
             channels.include, channels.exclude = self.include, self.exclude
             if options.depth_flops is not None and not options.depth_flops > max(shares):
                 above = (f"flops {max(shares):g}" if max(shares) == shares[0]
@@ -239,9 +251,16 @@ def _split_options(method: Method, options: dict, gradual: bool) -> tuple[dict, 
 
 
 def _check_channel_request(method: Method, budget: dict, include, exclude) -> None:
-    if budget["sparsity"] is not None or budget["params"] is not None:
+    takes_params = getattr(method.options, "takes_params", False)
+    if budget["sparsity"] is not None:
         raise OptionError(f"method {method.name} removes whole channels to a MAC budget: give flops "
-                          "(e.g. flops=0.5), not sparsity or params", ("flops", "sparsity", "params"))
+                          f"(e.g. flops=0.5){' and params' if takes_params else ''}, not sparsity",
+                          ("flops", "sparsity", "params"))
+    if budget["params"] is not None and not takes_params:
+        raise OptionError(f"method {method.name} cuts channels to a MAC budget alone and takes no params: for a MAC "
+                          "and a params budget with a real speedup use method autobot (channels cut until both "
+                          "are met, e.g. flops=0.5 params=0.4), or method hybrid (channels to structured_flops, "
+                          "then FALCON's zeros to flops and params)", ("flops", "params", "structured_flops"))
     if budget["flops"] is None:
         raise OptionError(f"method {method.name} needs flops, the share of MACs to keep (e.g. flops=0.5)",
                           ("flops",))
@@ -249,6 +268,20 @@ def _check_channel_request(method: Method, budget: dict, include, exclude) -> No
         raise OptionError(f"method {method.name} cuts channels wherever the model allows; include and exclude "
                           "choose layers for the weights methods (and the hybrid's weights phase)",
                           ("include", "exclude"))
+
+
+def _channel_params(budget: Budget, costs: CostModel) -> int:
+    """The most parameters (all of them, biases and norms too) a channel method's shrunk model may keep."""
+    amount = budget.params
+    if amount.absolute:
+        if amount.value >= costs.params:
+            raise OptionError(f"params {amount.value:,.0f} keeps every parameter: the model has {costs.params:,}; "
+                              "ask for fewer (e.g. params=0.5)", ("params",))
+        return int(amount.value)
+    if not 0 < amount.value < 1:
+        raise OptionError(f"params {amount.value:g} is out of range: for a channel method the share of all "
+                          "parameters kept must be in (0, 1), e.g. params=0.5", ("params",))
+    return math.floor(amount.value * costs.params)
 
 
 def _share(budget: Budget, resolved: ResolvedBudget, costs: CostModel) -> float:

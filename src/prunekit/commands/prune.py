@@ -441,6 +441,18 @@ def _params_bound(one: dict) -> str:
     return f"; the params budget bound: the sparsity budget allowed {100 * (1 - allowed / prunable):.2f}%"
 
 
+def _channel_bound(one: dict) -> str:
+    """"; the params budget bound ..." / "; the flops budget bound ..." where a channel method was
+    given both budgets (``bound``: the one that chose the cut), with what the other alone allowed."""
+    if one.get("bound") == "params":
+        return (f"; the params budget bound (at most {one['budget_max_params']:,}): the gates cut to the flops "
+                f"budget alone keep {one['flops_alone_params']:,}")
+    if one.get("bound") == "flops":
+        return (f" (at most {one['budget_max_params']:,}); the flops budget bound: the gates cut to the params "
+                f"budget alone keep {100 * one['params_alone_flops']:.2f}% of the MACs")
+    return ""
+
+
 def prune_lines(r: dict) -> list[str]:
     """The summary a run prints: a taper's snapshots first, labelled, so that the result asked for
     is the block right above the time."""
@@ -455,7 +467,7 @@ def prune_lines(r: dict) -> list[str]:
             lines.append(f"  sparsity   {100 * one['sparsity']:.2f}% ({one['nonzeros']:,} prunable weights kept)"
                          f"{_already_sparse(one) or _params_bound(one) + _flops_bound(one)}")
         lines += [f"  MACs kept  {100 * one['flops_kept']:.2f}% ({one['macs']:,} of {one['dense_macs']:,})",
-                  f"  params     {100 * one['params_kept']:.2f}% kept ({one['params']:,})"]
+                  f"  params     {100 * one['params_kept']:.2f}% kept ({one['params']:,}){_channel_bound(one)}"]
         if "kept_channels" in one:
             segments = one.get("group_segments") or [1] * len(one["kept_channels"])
             lines.append(f"  channels   {sum(k * s for k, s in zip(one['kept_channels'], segments)):,} of "
@@ -575,7 +587,8 @@ def add_prune_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--flops", **many, help="share of dense MACs kept, in (0, 1] (0.3, 30%%), or MACs kept (20M); alone, it "
                    "leaves the count of weights free (falcon chooses it; count-budget methods prune to the "
                    "largest count that fits)")
-    p.add_argument("--params", **many, help="share of all parameters kept, in (0, 1] (0.1), or count kept (200k)")
+    p.add_argument("--params", **many, help="share of all parameters kept, in (0, 1] (0.1), or count kept (200k); "
+                   "with --method autobot (or hybrid) and --flops, both are met")
     p.add_argument("--train-samples", type=int, default=None,
                    help="training images used for gradients and BN recalibration (>= 1; default: all)")
     p.add_argument("--include", nargs="+", help="module-name patterns to prune (default: every multiplied weight: Conv/Linear, attention, "

@@ -17,6 +17,11 @@ less at 50% (docs/benchmarks.md, session 13). The gates are then
 cut by one global threshold found by bisection, the kept MACs the most it reaches at or below the
 target, then every closed channel that still fits added (``threshold``): at or below the target,
 short of it by what whole channels leave (the gate-loss estimate alone can miss it by a wide margin).
+
+With a params budget too (``ChannelContext.max_params``, counted per channel by ``GatedParams``
+as the MACs are by ``GatedMacs``), ``L_flops`` becomes the loss of whichever budget binds
+(``budget_loss``) and the cut keeps the largest model meeting both: it lands on the binding one,
+short of it by what whole channels leave; the record says which bound (``bound``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from torch import nn
 from ..fisher import BN_MODES, batchnorm_on_batch_statistics
 from ..losses import LossFn, mean_loss
 from ..options import Integer, OneOf, Real
-from .gates import GatedMacs, GateHooks
+from .gates import GatedMacs, GatedParams, GateHooks
 from .groups import GroupSet
 from .family import ChannelContext, ChannelOptions, Cut
 from .rounding import cut_to_budget
@@ -46,6 +51,7 @@ class AutoBotOptions(ChannelOptions):
     gate_lr: float = 0.6     # Adam learning rate on theta
     init: float = 0.9        # initial gate value
     gate_bn: str = "frozen"  # BatchNorm while the gates train: "frozen" or "batch" (module docstring)
+    takes_params = True      # a params budget as well as flops (module docstring); not an option
     constraints = {**ChannelOptions.constraints, "gate_batches": Integer(1), "beta": Real(0), "gamma": Real(0),
                    "gate_lr": Real(0, open_low=True), "init": Real(0, 1, open_low=True), "gate_bn": OneOf(BN_MODES)}
 
@@ -63,11 +69,28 @@ def bool_loss(gates: list[torch.Tensor]) -> torch.Tensor:
     return (flat - flat.round()).abs().mean()
 
 
+def budget_loss(macs: torch.Tensor, target: float, dense: float, params: torch.Tensor | None = None,
+                params_target: float | None = None, params_dense: float | None = None) -> torch.Tensor:
+    """``flops_loss``, or with a params budget too the loss of the one that binds: the larger
+    over-budget loss while either is over its target, else ``1 - max(F/T, P/T_p)`` (the smaller
+    under-budget loss), which pulls the binding resource, not the other, up to its target."""
+    lf = flops_loss(macs, target, dense)
+    if params is None:
+        return lf
+    lp = flops_loss(params, params_target, params_dense)
+    over_f, over_p = bool(macs > target), bool(params > params_target)
+    if over_f or over_p:
+        return torch.maximum(lf if over_f else torch.zeros_like(lf), lp if over_p else torch.zeros_like(lp))
+    return torch.minimum(lf, lp)
+
+
 def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target_macs: float,
-                  batches, options: AutoBotOptions, progress=None, loss_fn: LossFn | None = None
-                  ) -> tuple[list[torch.Tensor], dict]:
+                  batches, options: AutoBotOptions, progress=None, loss_fn: LossFn | None = None,
+                  params: tuple[GatedParams, int] | None = None) -> tuple[list[torch.Tensor], dict]:
     """Train the bottlenecks on ``batches`` (an iterable of (x, y), cycled) and cut to ``target_macs``;
-    the task loss is ``loss_fn`` (``prunekit.losses``; None: cross-entropy).
+    the task loss is ``loss_fn`` (``prunekit.losses``; None: cross-entropy). ``params``: (counter,
+    most parameters): the gates learn toward whichever budget binds (``budget_loss``) and the cut
+    meets both.
 
     Returns (keep-masks in group order, info with the loss history and the final gate values).
     """
@@ -93,13 +116,17 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
                     hooks.values = gates
                     macs = counter.macs([g.double() for g in gates])
                     ce = mean_loss(loss_fn, model(x.to(device)), y.to(device))
-                    lf, lb = flops_loss(macs, target_macs, counter.dense), bool_loss(gates)
+                    kept = None if params is None else params[0].params([g.double() for g in gates])
+                    lf = budget_loss(macs, target_macs, counter.dense, kept,
+                                     *(() if params is None else (params[1], params[0].dense)))
+                    lb = bool_loss(gates)
                     loss = ce + options.beta * lf.float() + options.gamma * lb
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     history.append({"step": step, "ce": ce.item(), "l_flops": lf.item(), "l_bool": lb.item(),
-                                    "gated_flops_kept": macs.item() / counter.dense})
+                                    "gated_flops_kept": macs.item() / counter.dense,
+                                    **({} if kept is None else {"gated_params_kept": kept.item() / params[0].dense})})
                     if progress is not None:
                         progress(history[-1])
                     step += 1
@@ -113,8 +140,17 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
         model.train(was_training)
     # Cut on the logits: same order as the gates, without sigmoid's saturation into ties.
     scores = [t.detach().cpu() for t in theta]
-    masks, threshold = cut_to_budget(scores, counter, target_macs, options.channel_multiple)
-    info = {"threshold_gate": float(torch.sigmoid(torch.tensor(threshold))), "gate_steps": len(history),
+    masks, threshold = cut_to_budget(scores, counter, target_macs, options.channel_multiple, params=params)
+    bound = {}
+    if params is not None:          # which budget bound: did the params budget change the MAC-only cut?
+        alone, _ = cut_to_budget(scores, counter, target_macs, options.channel_multiple)
+        alone_params = params[0].params_of_masks(alone)
+        bound = {"budget_max_params": params[1], "flops_alone_params": alone_params,
+                 "params_alone_flops": None, "bound": "params" if alone_params > params[1] else "flops"}
+        if bound["bound"] == "flops":   # the params budget alone: how many MACs it would have allowed
+            by_params, _ = cut_to_budget(scores, counter, counter.dense, options.channel_multiple, params=params)
+            bound["params_alone_flops"] = counter.macs_of_masks(by_params) / counter.dense
+    info = {**bound, "threshold_gate": float(torch.sigmoid(torch.tensor(threshold))), "gate_steps": len(history),
             "gate_estimate_flops_kept": history[-1]["gated_flops_kept"] if history else None,
             "history": history[:: max(1, len(history) // 50)]}
     return masks, info
@@ -124,5 +160,5 @@ def run_autobot(ctx: ChannelContext, opts: AutoBotOptions) -> Cut:
     """AutoBot as a channel method: train the bottlenecks, cut to ``ctx.shares[0]``, shrink."""
     share = ctx.shares[0]
     masks, info = autobot_masks(ctx.model, ctx.groups, ctx.counter, share * ctx.costs.macs, ctx.batches, opts,
-                                ctx.progress, ctx.loss_fn)
+                                ctx.progress, ctx.loss_fn, ctx.params_budget())
     return Cut({share: shrink(ctx.model, ctx.groups, masks, ctx.example_input)}, {share: masks}, info)

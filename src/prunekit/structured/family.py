@@ -17,7 +17,7 @@ from torch import nn
 from ..costs import CostModel
 from ..losses import LossFn
 from ..options import Integer, OneOf, OptionError, Options, Real
-from .gates import GatedMacs
+from .gates import GatedMacs, GatedParams
 from .groups import GroupSet
 
 
@@ -97,7 +97,11 @@ class ChannelContext:
     ``pipeline.prune_channels``), for methods that train weights and may learn its outputs;
     loss_fn: the loss the gates, the depth cut and the fine-tune train on (``prunekit.losses``;
     None: cross-entropy); include, exclude: the layers whose single weights a second phase (the
-    hybrid's FALCON) prunes and counts, as a weights method's."""
+    hybrid's FALCON) prunes and counts, as a weights method's; max_params: the most parameters the
+    shrunk model may keep (all of them, ``sum(p.numel())``; None: no params budget, MACs only), with
+    params_counter the ``GatedParams`` that counts them (methods that take a params budget read
+    both through ``params_budget()``; the hybrid has no counter: its weights phase meets max_params,
+    zeros counting as removed, as for a weights method)."""
 
     model: nn.Module
     costs: CostModel
@@ -111,6 +115,14 @@ class ChannelContext:
     loss_fn: LossFn | None = None
     include: list[str] | None = None
     exclude: list[str] | None = None
+    max_params: int | None = None
+    params_counter: GatedParams | None = None
+
+    def params_budget(self) -> tuple[GatedParams, int] | None:
+        """(counter, most parameters) of a params budget the channel cut meets, or None (none given,
+        or the hybrid's, which its weights phase meets: no counter)."""
+        return None if self.max_params is None or self.params_counter is None else (self.params_counter,
+                                                                                    self.max_params)
 
 
 @dataclass

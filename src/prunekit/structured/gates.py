@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..costs import CostModel, get_mha_fastpath, is_conv1d_style, set_mha_fastpath
+from ..errors import PrunekitError
 from .attention import gated_forward_hook
 from .groups import GroupSet, is_linear, linear_in_out
 
@@ -173,17 +174,113 @@ class GatedMacs:
 
     def macs(self, values: GateValues) -> torch.Tensor:
         """Total MACs (a 0-d tensor, float64 if the gates are) for gate ``values``."""
-        closed = [g.numel() - g.sum() for g in values]
-        total = torch.zeros((), dtype=values[0].dtype if values else torch.float64) + self.fixed
-        for coef, dense_in, dense_out, in_groups, out_groups, divisor in self.terms:
-            kept_in = dense_in - sum((closed[i] * r for i, r in in_groups), torch.zeros(()))
-            kept_out = dense_out - sum((closed[i] * r for i, r in out_groups), torch.zeros(()))
-            total = total + coef * kept_in / divisor * kept_out
-        return total
+        return _total(self.terms, self.fixed, values)
 
     def macs_of_masks(self, masks: list[torch.Tensor]) -> int:
         """Exact integer MACs for boolean keep-masks."""
         return int(round(float(self.macs([m.to(torch.float64) for m in masks]))))
+
+
+def _total(terms: list, fixed: float, values: GateValues) -> torch.Tensor:
+    """``fixed`` + the sum over ``terms`` (coef, dense_in, dense_out, in_groups, out_groups, divisor)
+    of ``coef * kept_in / divisor * kept_out``, each kept extent its dense one less the closed
+    channels (``size - sum(g)``) of its groups times their repeat: a 0-d tensor (differentiable)."""
+    closed = [g.numel() - g.sum() for g in values]
+    total = torch.zeros((), dtype=values[0].dtype if values else torch.float64) + fixed
+    for coef, dense_in, dense_out, in_groups, out_groups, divisor in terms:
+        kept_in = dense_in - sum((closed[i] * r for i, r in in_groups), torch.zeros(()))
+        kept_out = dense_out - sum((closed[i] * r for i, r in out_groups), torch.zeros(()))
+        total = total + coef * kept_in / divisor * kept_out
+    return total
+
+
+class ParamsNotCountable(PrunekitError):
+    """A model whose parameters per channel ``GatedParams`` cannot count (a layer kind it does not
+    know, a weight shared between layers): a params budget cannot be cut to by channels."""
+
+
+class GatedParams:
+    """Parameters of the model with gates ``values``: ``params(values)`` (differentiable), counted
+    like ``GatedMacs`` counts MACs, from the groups' members: a tensor keeps ``kernel elements x
+    kept_in / G x kept_out`` entries (a Conv or Linear weight; G its groups), ``kept_out`` (a bias,
+    a BatchNorm's weight and bias), a depthwise conv's weight ``kernel elements x kept_out``; an
+    attention head group the rows of q, k and v of its heads (weight and bias) and the columns of
+    ``out_proj``. Every other parameter is ``fixed``. For 0/1 gates this is
+    ``sum(p.numel() for p in shrink(...).parameters())`` (``check`` compares once).
+
+    ``dense``: the model's parameters; ``minimum``: with one channel kept per group.
+    Raises ``ParamsNotCountable`` for a group member it cannot count.
+    """
+
+    def __init__(self, model: nn.Module, groups: GroupSet):
+        self.groups = groups
+        modules = dict(model.named_modules())
+        self.terms = []
+        axes: dict[str, dict[str, list[tuple[int, int]]]] = {}
+        covered, seen = 0, set()
+        for group in groups:
+            if group.kind == "heads":
+                covered += self._head_terms(group, modules[group.members[0].module], seen)
+                continue
+            for member in group.members:
+                module = modules[member.module]
+                axis = "in" if member.role == "in" and not _is_depthwise(module) else "out"
+                axes.setdefault(member.module, {"in": [], "out": []})[axis].append(
+                    (group.index, member.repeat * group.segments))
+        for name, entry in axes.items():
+            module = modules[name]
+            for pname, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    raise ParamsNotCountable(f"{name}.{pname} is shared with another layer of a channel group")
+                seen.add(id(p))
+                self.terms.append(self._term(module, name, pname, p, entry))
+                covered += p.numel()
+        self.dense = sum(p.numel() for p in model.parameters())
+        self.fixed = self.dense - covered
+        ones = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
+        for v in ones:
+            v[0] = 1.0
+        self.minimum = int(round(float(self.params(ones))))
+
+    @staticmethod
+    def _term(module: nn.Module, name: str, pname: str, p: torch.Tensor, entry: dict) -> tuple:
+        ins, outs = entry["in"], entry["out"]
+        if pname == "bias" or (isinstance(module, nn.modules.batchnorm._BatchNorm) and pname == "weight"):
+            if p.dim() == 1:
+                return (1, 1, p.shape[0], [], outs, 1)
+        elif pname == "weight" and isinstance(module, nn.Linear) and p.dim() == 2:
+            return (1, p.shape[1], p.shape[0], ins, outs, 1)
+        elif pname == "weight" and isinstance(module, nn.modules.conv._ConvNd):
+            kernel = math.prod(p.shape[2:])
+            if _is_depthwise(module):
+                return (kernel, 1, p.shape[0], [], outs, 1)
+            return (kernel, p.shape[1] * module.groups, p.shape[0], ins, outs, module.groups)
+        raise ParamsNotCountable(f"{name}.{pname} ({type(module).__name__}) is not counted per channel")
+
+    def _head_terms(self, group, module: nn.Module, seen: set) -> int:
+        d = group.members[0].repeat
+        inner, covered = group.size * d, 0
+        for p in (module.in_proj_weight, module.in_proj_bias, module.out_proj.weight):
+            if p is None:
+                continue
+            if id(p) in seen:
+                raise ParamsNotCountable(f"{group.root}: a projection shared with another layer")
+            seen.add(id(p))
+            covered += p.numel()
+        embed = module.in_proj_weight.shape[1]
+        self.terms.append((1, embed, 3 * inner, [], [(group.index, 3 * d)], 1))
+        if module.in_proj_bias is not None:
+            self.terms.append((1, 1, 3 * inner, [], [(group.index, 3 * d)], 1))
+        self.terms.append((1, inner, module.out_proj.weight.shape[0], [(group.index, d)], [], 1))
+        return covered
+
+    def params(self, values: GateValues) -> torch.Tensor:
+        """Total parameters (a 0-d tensor, float64 if the gates are) for gate ``values``."""
+        return _total(self.terms, self.fixed, values)
+
+    def params_of_masks(self, masks: list[torch.Tensor]) -> int:
+        """Exact integer parameters for boolean keep-masks."""
+        return int(round(float(self.params([m.to(torch.float64) for m in masks]))))
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ class HybridOptions(AutoBotOptions, FalconOptions):
     structured_flops: the share of the dense MACs the channel phase keeps (above ``flops``)."""
 
     structured_flops: float = 0.5
+    takes_params = True                 # met by its weights phase (``sparsify_shrunk``), zeros counting
     refit_batches: int | str = 0        # the fine-tune follows; its measured rows ran without the re-fit
     constraints = {**AutoBotOptions.constraints, **FalconOptions.constraints,
                    "structured_flops": Real(0, 1, open_low=True)}
@@ -73,17 +74,22 @@ def sparsify_shrunk(ctx: ChannelContext, small: nn.Module, share: float, opts: H
     """Phase 2: FALCON on ``small`` (in place) so that it keeps at most ``share`` of the dense
     MACs. Returns facts to record (nonzeros, MACs, FALCON's stage records). A channel cut that
     already fits (it keeps the largest cut <= structured_flops, which may lie a channel's worth
-    under ``share``) is kept as it is: FALCON would be asked for more MACs than the model has."""
+    under ``share``) is kept as it is: FALCON would be asked for more MACs than the model has.
+    With a params budget (``ctx.max_params``: all parameters, zeros not counted) FALCON meets it as
+    well; a cut already under it is not asked for it (nor for MACs, where it is under those)."""
     costs = CostModel(small, ctx.example_input)
     if costs.macs != ctx.costs.count(small).macs:
         raise AssertionError(f"the shrunk model costs {costs.macs} MACs by its own trace and "
                              f"{ctx.costs.count(small).macs} by the dense model's: one counting rule broken")
     space = ParamSpace(small, include=ctx.include, exclude=ctx.exclude, costs=costs)
-    if costs.macs <= int(share * ctx.costs.macs):   # the channel cut (the largest <= structured_flops)
+    max_macs = int(share * ctx.costs.macs)
+    params_fit = ctx.max_params is None or costs.count(small).params <= ctx.max_params
+    if costs.macs <= max_macs and params_fit:   # the channel cut (the largest <= structured_flops)
         nonzeros = int(torch.count_nonzero(space.vector()))      # already fits: nothing for FALCON
         return {"nonzeros": nonzeros, "prunable_weights": space.numel, "sparsity_of_shrunk": 1 - nonzeros / space.numel,
                 "macs": costs.macs, "falcon": [], "skipped": "the channel cut already meets the budget"}
-    budget = Budget(flops=Amount(float(int(share * ctx.costs.macs)), absolute=True)).resolve(costs, space)
+    budget = Budget(flops=Amount(float(min(max_macs, costs.macs)), absolute=True),
+                    params=None if params_fit else Amount(float(ctx.max_params), absolute=True)).resolve(costs, space)
     batches, moved_on = _one_epoch(ctx.batches)
     pctx = PruneContext(small, space, costs, budget, batches, recalibrate_bn=recalibrate_bn, loss_fn=ctx.loss_fn)
     outcome = prune_weights(pctx, run_falcon, opts.falcon_options())

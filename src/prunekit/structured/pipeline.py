@@ -43,11 +43,11 @@ from ..train import check_converging, cosine, recalibrate_batchnorm, sgd, train_
 from ..zoo.layout import apply_layout, channel_layout
 from .depth import depth_cut
 from .family import ChannelContext, ChannelOptions, Cut
-from .gates import GatedMacs
+from .gates import GatedMacs, GatedParams, ParamsNotCountable
 from .groups import GroupSet, dense_groups_text, find_groups
 from .reconstruct import reconstruct
 from .rounding import minimum_rounded_macs
-from .shrink import checked_groups
+from .shrink import _half_closed, checked_groups, shrink
 
 
 def _rounded_up(share: float) -> str:
@@ -59,11 +59,13 @@ def _rounded_up(share: float) -> str:
 def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Tensor, shares: list[float],
                     channel_multiple: int, batches, progress=None,
                     residual_channels: str = "prune", targets: list[float] | None = None,
-                    target_name: str = "flops") -> ChannelContext:
+                    target_name: str = "flops", max_params: int | None = None) -> ChannelContext:
     """Find the channel groups (those whose removal computes what their gates compute: ``shrink.checked_groups``)
     and refuse channel-cut targets (default: ``shares``; the hybrid's:
     its structured_flops, named ``target_name`` in the message) that one channel (or
-    ``channel_multiple``) per group and the unprunable layers already exceed, before any work."""
+    ``channel_multiple``) per group and the unprunable layers already exceed, before any work;
+    likewise ``max_params`` (a params budget: all the parameters the shrunk model may keep), counted
+    per channel by ``GatedParams`` (checked once against a real shrink)."""
     groups = checked_groups(model, find_groups(model, example_input, pads_residual=residual_channels == "prune"),
                             example_input)
     counter = GatedMacs(model, groups, costs)
@@ -77,7 +79,35 @@ def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Ten
                               f"{_rounded_up(floor / costs.macs)}"
                               + ("" if channel_multiple == 1 else " or a smaller channel_multiple"),
                               (target_name, "channel_multiple"))
-    return ChannelContext(model, costs, groups, counter, list(shares), batches, example_input, progress)
+    ctx = ChannelContext(model, costs, groups, counter, list(shares), batches, example_input, progress)
+    if max_params is not None:
+        ctx.params_counter, ctx.max_params = _params_counter(model, groups, example_input), max_params
+        least = ctx.params_counter.minimum
+        if least > max_params:
+            raise OptionError(f"the params budget of {max_params:,} parameters is below the {least:,} ({least / costs.params:.4%}) "
+                              f"that one channel per group and the unprunable layers already keep"
+                              f"{dense_groups_text(groups.skipped)}: ask for at least "
+                              f"{_rounded_up(least / costs.params)} (or {least:,})", ("params",))
+    return ctx
+
+
+def _params_counter(model: nn.Module, groups: GroupSet, example_input: torch.Tensor) -> GatedParams:
+    """``GatedParams`` of ``model``, checked against the parameters of a real shrink (about half of
+    every group's channels closed, a fixed seed); refuses a params budget it cannot count."""
+    fix = ("the channel methods cannot count its parameters per channel: leave params out, or give it to a weights "
+           "method (e.g. method falcon with flops and params: zeros, no speedup)")
+    try:
+        counter = GatedParams(model, groups)
+    except ParamsNotCountable as why:
+        raise OptionError(f"params: {why}; {fix}", ("params", "flops")) from None
+    gen = torch.Generator().manual_seed(0)
+    masks = [_half_closed(group.size, gen) for group in groups]
+    small = shrink(model, groups, masks, example_input)
+    counted = sum(p.numel() for p in small.parameters())
+    if counted != counter.params_of_masks(masks):
+        raise OptionError(f"params: the shrunk model keeps {counted:,} parameters where their count per channel "
+                          f"says {counter.params_of_masks(masks):,}; {fix}", ("params", "flops"))
+    return counter
 
 
 def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrate_bn: bool = True,
@@ -175,6 +205,9 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
         counts = ctx.costs.count(small)
         if counts.macs > share * ctx.costs.macs:
             raise AssertionError(f"shrunk model has {counts.macs} MACs above the budget {share * ctx.costs.macs}")
+        kept = counts.params if sparsify is not None else sum(p.numel() for p in small.parameters())
+        if ctx.max_params is not None and kept > ctx.max_params:      # the hybrid's zeros count as removed
+            raise AssertionError(f"shrunk model has {kept} parameters above the budget {ctx.max_params}")
         nonzeros = sparsity = None
         if sparsify is not None:          # weights zeroed too: count them against the dense model's prunable weights
             prunable = dict(include=ctx.include, exclude=ctx.exclude, costs=ctx.costs)
@@ -238,7 +271,7 @@ def _depth_then(ctx: ChannelContext, run, opts: ChannelOptions) -> tuple[Cut, Gr
     shares = {share * scale: share for share in ctx.shares}
     inner = channel_context(model, costs, ctx.example_input, list(shares), opts.channel_multiple, ctx.batches,
                             ctx.progress, opts.residual_channels,
-                            targets=[t * scale for t in opts.channel_targets(ctx.shares)])
+                            targets=[t * scale for t in opts.channel_targets(ctx.shares)], max_params=ctx.max_params)
     inner.teacher, inner.loss_fn = ctx.teacher, ctx.loss_fn
     cut = run(inner, opts)
     return Cut({shares[s]: m for s, m in cut.models.items()}, {shares[s]: m for s, m in cut.masks.items()},

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..options import OptionError
-from .gates import GatedMacs
+from .gates import GatedMacs, GatedParams
 from .groups import dense_groups_text
 from .threshold import threshold_to_budget
 
@@ -127,14 +127,19 @@ def round_to_budget(scores: list[torch.Tensor], masks: list[torch.Tensor], count
 
 
 def cut_to_budget(logits: list[torch.Tensor], counter: GatedMacs, max_macs: float, multiple: int = 1,
-                  tiebreak: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], float]:
+                  tiebreak: list[torch.Tensor] | None = None,
+                  params: tuple[GatedParams, int] | None = None) -> tuple[list[torch.Tensor], float]:
     """Gate logits -> keep-masks meeting ``max_macs``: the global threshold cut, then (``multiple`` > 1)
     rounded per group to multiples of ``multiple`` by gate value ``sigmoid(logit)``.
 
     Returns (masks, threshold of the unrounded cut). With ``multiple == 1`` this is exactly
-    ``threshold_to_budget`` (``tiebreak`` orders the channels tied at the threshold).
+    ``threshold_to_budget`` (``tiebreak`` orders the channels tied at the threshold; ``params``:
+    (counter, most parameters) met as well, with ``multiple`` 1 only: ``request`` refuses the two together).
     """
-    masks, threshold = threshold_to_budget(logits, counter, max_macs, tiebreak)
+    if params is not None and multiple != 1:
+        raise OptionError("params with channel_multiple above 1 is not supported: leave channel_multiple at 1 "
+                          "or leave params out", ("params", "channel_multiple"))
+    masks, threshold = threshold_to_budget(logits, counter, max_macs, tiebreak, params)
     if multiple != 1:
         masks = round_to_budget([torch.sigmoid(t.detach().double()) for t in logits], masks, counter,
                                 max_macs, multiple)

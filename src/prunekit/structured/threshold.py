@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PrunekitError
-from .gates import GatedMacs
+from .gates import GatedMacs, GatedParams
 
 
 def masks_at(scores: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
@@ -30,37 +30,50 @@ def masks_at(scores: list[torch.Tensor], threshold: float) -> list[torch.Tensor]
 
 
 def threshold_to_budget(scores: list[torch.Tensor], counter: GatedMacs, max_macs: float,
-                        tiebreak: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], float]:
+                        tiebreak: list[torch.Tensor] | None = None,
+                        params: tuple[GatedParams, int] | None = None) -> tuple[list[torch.Tensor], float]:
     """Keep-masks whose MACs are the largest ``<= max_macs`` reachable by one global threshold,
     then the longest run that fits of the channels tied at it, highest ``tiebreak`` first (per
     group, like ``scores``; None: the lower index first), then every other closed channel that
-    still fits, best score first (``_fill_gaps``).
+    still fits, best score first (``_fill_gaps``). ``params``: (counter, most parameters) to meet
+    as well: "fits" is then both (each only grows as channels open, so every step stays exact).
 
     Returns (masks, threshold). Raises ``PrunekitError`` if even one channel per group costs more.
     """
     if counter.minimum > max_macs:
         raise PrunekitError(f"the budget of {max_macs:,.0f} MACs is below the {counter.minimum:,.0f} MACs "
                             "left with one channel per group and the unprunable layers: ask for a larger --flops")
+    if params is not None and params[0].minimum > params[1]:
+        raise PrunekitError(f"the budget of {params[1]:,.0f} parameters is below the {params[0].minimum:,.0f} left "
+                            "with one channel per group and the unprunable layers: ask for a larger --params")
+    fits = _fits(counter, max_macs, params)
     values = torch.unique(torch.cat([s.detach().double().flatten() for s in scores]))  # sorted ascending
     # Candidate thresholds: below every score (keep all), then each score value.
     candidates = torch.cat([values[:1] - 1.0, values])
     lo, hi = 0, len(candidates) - 1          # macs(candidates[i]) decreases with i
     detached = [s.detach().double() for s in scores]
-    if counter.macs_of_masks(masks_at(detached, float(candidates[0]))) <= max_macs:
+    if fits(masks_at(detached, float(candidates[0]))):
         return masks_at(detached, float(candidates[0])), float(candidates[0])
-    while hi - lo > 1:                       # invariant: macs(lo) > max, macs(hi) <= max
+    while hi - lo > 1:                       # invariant: lo does not fit, hi fits
         mid = (lo + hi) // 2
-        if counter.macs_of_masks(masks_at(detached, float(candidates[mid]))) <= max_macs:
+        if fits(masks_at(detached, float(candidates[mid]))):
             hi = mid
         else:
             lo = mid
     threshold = float(candidates[hi])
-    masks = _fill_ties(masks_at(detached, threshold), detached, threshold, counter, max_macs, tiebreak)
-    return _fill_gaps(masks, detached, counter, max_macs, tiebreak), threshold
+    masks = _fill_ties(masks_at(detached, threshold), detached, threshold, fits, tiebreak)
+    return _fill_gaps(masks, detached, fits, tiebreak), threshold
 
 
-def _fill_ties(masks: list[torch.Tensor], scores: list[torch.Tensor], threshold: float, counter: GatedMacs,
-               max_macs: float, tiebreak: list[torch.Tensor] | None) -> list[torch.Tensor]:
+def _fits(counter: GatedMacs, max_macs: float, params: tuple[GatedParams, int] | None):
+    """masks -> whether their MACs (and, with ``params``, their parameters) are within budget."""
+    if params is None:
+        return lambda masks: counter.macs_of_masks(masks) <= max_macs
+    return lambda masks: counter.macs_of_masks(masks) <= max_macs and params[0].params_of_masks(masks) <= params[1]
+
+
+def _fill_ties(masks: list[torch.Tensor], scores: list[torch.Tensor], threshold: float, fits,
+               tiebreak: list[torch.Tensor] | None) -> list[torch.Tensor]:
     """Add the longest run, in tiebreak order, of the closed channels scoring exactly ``threshold``
     that keeps the MACs within the budget (by bisection: the MACs grow along the run)."""
     tied = [(g, int(j)) for g, s in enumerate(scores) for j in torch.nonzero(s == threshold).flatten()
@@ -76,17 +89,17 @@ def _fill_ties(masks: list[torch.Tensor], scores: list[torch.Tensor], threshold:
             opened[g][j] = True
         return opened
 
-    fits, over = 0, len(tied)              # with_first(len(tied)) is the next threshold down: over budget
-    while over - fits > 1:
-        mid = (fits + over) // 2
-        if counter.macs_of_masks(with_first(mid)) <= max_macs:
-            fits = mid
+    good, over = 0, len(tied)              # with_first(len(tied)) is the next threshold down: over budget
+    while over - good > 1:
+        mid = (good + over) // 2
+        if fits(with_first(mid)):
+            good = mid
         else:
             over = mid
-    return with_first(fits)
+    return with_first(good)
 
 
-def _fill_gaps(masks: list[torch.Tensor], scores: list[torch.Tensor], counter: GatedMacs, max_macs: float,
+def _fill_gaps(masks: list[torch.Tensor], scores: list[torch.Tensor], fits,
                tiebreak: list[torch.Tensor] | None) -> list[torch.Tensor]:
     """Add, best score (then tiebreak) first, every closed channel that still fits the budget.
 
@@ -104,7 +117,7 @@ def _fill_gaps(masks: list[torch.Tensor], scores: list[torch.Tensor], counter: G
         if g in blocked:
             continue
         masks[g][j] = True
-        if counter.macs_of_masks(masks) > max_macs:
+        if not fits(masks):
             masks[g][j] = False
             blocked.add(g)
     return masks
