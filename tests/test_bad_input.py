@@ -147,6 +147,12 @@ def home(tmp_path_factory):
                       {"model": "mlpnet"})
     (d / "oldsweep" / "magnitude_sparsity-0.5").mkdir(parents=True)    # a sweep made with other options
     (d / "oldsweep" / "magnitude_sparsity-0.5" / "config.toml").write_text('model = "mlpnet"\n')
+    (d / "usersweep" / "magnitude_sparsity-0.5").mkdir(parents=True)   # a sweep's run folder holding a file of
+    (d / "usersweep" / "magnitude_sparsity-0.5" / "mine.safetensors").write_bytes(b"x")    # the user's, no run
+    (d / "killedsweep" / "magnitude_sparsity-0.5").mkdir(parents=True)   # a sweep killed in its first run
+    (d / "killedsweep" / ".prunekit-report.json").write_text("{}")      # its mark: no report yet
+    (d / "killedsweep" / "magnitude_sparsity-0.5" / "config.toml").write_text(
+        'model = "mlpnet"\nmethod = "magnitude"\nsparsity = "0.5"\n')
     (d / "other-tool").mkdir()            # a metrics.json another tool wrote
     (d / "other-tool" / "metrics.json").write_text('{"accuracy": 0.9}\n')
     (d / "listrun").mkdir()               # a run folder whose metrics.json is JSON but not an object
@@ -375,6 +381,8 @@ CLI_CASES = [
     (["compare", f"{H}/other-tool", "--out", ""], "--out is an empty path"),
     (["sweep", *MLP, *MNIST, "--sparsity", "0.3", "0.5", "--train-samples", "64", "--out", f"{H}/oldsweep"],
      "magnitude_sparsity-0.5 holds a run made with other options"),
+    (["sweep", *MLP, *MNIST, "--sparsity", "0.5", "--train-samples", "64", "--out", f"{H}/usersweep"],
+     "usersweep/magnitude_sparsity-0.5/mine.safetensors, not a run's: move it out of"),   # the file in its way
     (["export", f"{H}/adir", "--onnx"], "no prunekit model"),
     (["export", f"{H}/nowhere", "--onnx"], "is not a folder"),
     (["export", f"{H}/own", "--onnx"], "name its file again, --model"),
@@ -723,3 +731,14 @@ def test_all_labels_of_a_prunekit_loader_are_checked(untouched):
 def test_load_pruned_and_save_model_refuse_a_model_that_is_not_a_module(call, untouched):
     with pytest.raises(PrunekitError, match="must be a (fresh )?torch.nn.Module"):
         call()
+
+
+@pytest.mark.parametrize("inside", ["magnitude_sparsity-0.7/m.safetensors", "m.safetensors",
+                                    "magnitude_sparsity-0.5/sub/m.safetensors"])
+def test_save_model_refuses_a_path_inside_a_sweeps_folder(inside, home, untouched):
+    """A killed sweep's folder (its mark, a run begun): its later runs' folders are not made yet, and
+    a model saved there stopped the sweep when run again. Refused at any depth, naming the folder."""
+    with pytest.raises(PrunekitError) as err:
+        prunekit.save_model(nn.Linear(2, 2), home / "killedsweep" / inside, {})
+    message = str(err.value)
+    assert "\n" not in message and f"lies inside {home / 'killedsweep'}, the folder of a prunekit sweep" in message

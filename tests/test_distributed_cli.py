@@ -414,3 +414,45 @@ def test_a_lost_launcher_stops_prunekit_work_but_not_the_callers_own_code_after_
     with pytest.raises(KeyboardInterrupt), interrupts.running():
         time.sleep(2.0)
     assert interrupts.stopped_by() == (collective.LAUNCHER_GONE, 1)
+
+
+def test_a_sigterm_to_torchrun_stops_both_ranks_with_one_prunekit_line_and_the_run_resumes(tmp_path):
+    """``kill -TERM`` of the torchrun launcher (a batch scheduler's stop, a user's ``kill``): torchrun
+    sends SIGTERM to every rank. The ranks died at once with no prunekit line (only the launcher's
+    SignalException stack), the run left "running". Now rank 0 marks it interrupted and prints one
+    line saying how to resume, as a SIGTERM of one prunekit process does; the resume finishes it."""
+    from prunekit import run_lock, runs
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
+
+    def torchrun(args: list[str]) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "prunekit",
+                                 *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    args = [a for a in PRUNE if a != "--json"]
+    args[args.index("--stages") + 1] = "4"
+    launcher = torchrun([*args, "--out", str(out)])
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / "stage-001.safetensors").exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, "stage 1 never came"
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    lines = [line for line in err.splitlines() if line.startswith("prunekit")]
+    assert lines == [f"prunekit: interrupted (SIGTERM); resume with `torchrun ... -m prunekit prune --resume {out}`"], \
+        err[-3000:]
+    assert runs.RunFolder(out).read_metrics()["status"] == "interrupted"
+    assert (out / "run.log").read_text().splitlines()[-1].endswith("interrupted (SIGTERM)")
+    assert run_lock.in_use(out) is False
+    resumed = torchrun(["prune", "--resume", str(out), "--json"])
+    code, output, err = _finish(resumed)
+    assert code == 0, err[-3000:]
+    assert json.loads(output)["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    metrics = runs.RunFolder(out).read_metrics()
+    assert metrics["status"] == "done" and [s["stage"] for s in metrics["stages"]] == [1, 2, 3, 4]

@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import prunekit
 from prunekit import run_lock
 from prunekit.cli import main
 from prunekit.commands import train as train_command
+from prunekit.errors import PrunekitError
 
 pytest.importorskip("fcntl")
 
@@ -179,3 +181,81 @@ def test_a_sweep_run_again_removes_the_temporaries_of_its_killed_report(tmp_path
     assert json.loads((out / "runs.json").read_text())[0]["sparsity"] == 0.5
     assert [p.name for p in out.rglob("*.tmp") if p.relative_to(out).as_posix() not in USERS] == []
     assert [name for name in USERS if (out / name).read_bytes() != b"x" * 10] == []
+
+
+# `prunekit ARGS` SIGKILLed as its sweep begins its second run (the first finished, the second's
+# folder not made yet)
+_KILLED_AT_THE_SECOND_RUN = """
+import os, signal, sys
+from prunekit.cli import main
+from prunekit.commands import sweep
+into, begun = sweep.prune_into, []
+def second_or_die(*args, **kwargs):
+    begun.append(1)
+    if len(begun) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return into(*args, **kwargs)
+sweep.prune_into = second_or_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_save_model_refuses_a_killed_sweeps_folder_and_the_sweep_names_what_is_in_its_way(tmp_path, capsys):
+    """``prunekit.save_model`` wrote into a killed sweep's folder (the folder of a run it had not
+    begun: the sweep had no report yet, so nothing marked the folder as a sweep's), and the sweep,
+    run again, was refused with "is a folder holding other files", naming neither the file nor how
+    to finish. Now the sweep marks its folder before its first run, save_model refuses anywhere
+    inside it naming the folder, and a file put there anyway is named by the sweep's refusal."""
+    out = tmp_path / "sweep"
+    argv = [*SWEEP[:SWEEP.index("--sparsity") + 2], "0.7", *SWEEP[SWEEP.index("--sparsity") + 2:], "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AT_THE_SECOND_RUN, *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    second = out / "magnitude_sparsity-0.7"
+    assert (out / "magnitude_sparsity-0.5" / "metrics.json").exists() and not second.exists()   # what the kill left
+    model = torch.nn.Linear(3, 2)
+    inside = (second / "mine.safetensors", out / "mine.safetensors", out / "magnitude_sparsity-0.5" / "m.safetensors")
+    for path in inside:
+        with pytest.raises(PrunekitError) as err:
+            prunekit.save_model(model, path, {})
+        assert f"lies inside {out}, the folder of a prunekit sweep" in str(err.value) and "\n" not in str(err.value)
+        assert not path.exists() and not path.with_suffix(".json").exists()
+    assert not second.exists()
+    # a file put there all the same (by hand, or by a version before): the sweep names it and the fix
+    second.mkdir()
+    (second / "mine.safetensors").write_bytes(b"x")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"holds {second / 'mine.safetensors'}, not a run's: move it out of {second}" in err
+    assert "run this sweep again to finish it" in err, err
+    (second / "mine.safetensors").unlink()
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = json.loads((out / "runs.json").read_text())
+    assert sorted(r["sparsity"] for r in rows) == [0.5, 0.7]
+
+
+def test_a_sweep_names_the_files_a_run_would_overwrite_in_its_run_folder(tmp_path, capsys):
+    """A sweep's run folder holding a model.safetensors but no run's config.toml: the refusal said
+    "holds files a run would overwrite" without naming them."""
+    out = tmp_path / "sweep"
+    run = out / "magnitude_sparsity-0.5"
+    run.mkdir(parents=True)
+    (run / "model.safetensors").write_bytes(b"x")
+    assert main([*SWEEP, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"({run / 'model.safetensors'}), and no run's config.toml: move them out" in err
+
+
+def test_save_model_refuses_a_folder_marked_by_a_sweep_before_its_first_run(tmp_path):
+    """A sweep killed before its first run wrote anything leaves only its mark (an empty report
+    state): that folder is a sweep's too."""
+    from prunekit import report
+    out = tmp_path / "sweep"
+    out.mkdir()
+    report.mark_report_folder(out)
+    with pytest.raises(PrunekitError, match="folder of a prunekit comparison"):
+        prunekit.save_model(torch.nn.Linear(3, 2), out / "magnitude_sparsity-0.5" / "m.safetensors", {})
+    assert [p.name for p in out.iterdir()] == [report.REPORT_STATE]
+    prunekit.save_model(torch.nn.Linear(3, 2), tmp_path / "m.safetensors", {})     # beside it: fine

@@ -441,7 +441,9 @@ def test_a_sweep_refuses_a_run_folder_of_the_users_own(tmp_path, capsys):
     (out / "magnitude_sparsity-0.5" / "notes.txt").write_text("my notes\n")
     assert main(["sweep", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "holding other files" in err and "pick another --out" in err and err.count("\n") == 1, err
+    notes = out / "magnitude_sparsity-0.5" / "notes.txt"          # named, and what to do with it
+    assert f"holds {notes}, not a run's: move it out of" in err and "pick another --out" in err, err
+    assert err.count("\n") == 1, err
     assert sorted(p.name for p in out.rglob("*")) == ["magnitude_sparsity-0.5", "notes.txt"]
 
 

@@ -379,9 +379,13 @@ def test_save_model_refuses_the_own_files_of_every_kind_of_prunekit_folder(tmp_p
             save_model(nn.Linear(2, 5), folder / name, {})
     assert {folder: snapshot(folder) for folder in before} == before
     assert json.loads((train / "model.json").read_text())["normalization"] == [[0.5], [0.25]]
-    for folder in before:           # a file of another name in any of them is the user's to save
+    for folder in (train, prune, export):     # a file of another name in a run's or an export's is the user's
         save_model(nn.Linear(2, 5), folder / "mine.safetensors", {})
         assert (folder / "mine.json").is_file()
+    for folder in (compare, sweep, sweep / "magnitude_sparsity-0.5"):   # a comparison's, a sweep's: any name,
+        with pytest.raises(PrunekitError, match="lies inside .*, the folder of a prunekit (comparison|sweep)"):
+            save_model(nn.Linear(2, 5), folder / "mine.safetensors", {})    # at any depth, is refused
+        assert not (folder / "mine.safetensors").exists()
 
 
 def test_save_model_where_it_cannot_write_is_one_line_naming_the_users_path(tmp_path, monkeypatch):

@@ -292,6 +292,8 @@ def stop_line(err: BaseException) -> str | None:
     if isinstance(err, KeyboardInterrupt):
         return f"interrupted ({interrupts.stopped_by()[0]})"
     if isinstance(err, RuntimeError) and distributed.launched_by_torchrun() and _lost_rank(err):
+        if interrupts.terminated():       # torchrun's SIGTERM to every rank: a peer left first
+            return f"interrupted ({interrupts.stopped_by()[0]})"
         if distributed.launcher_lost() or _first_line(err).startswith(distributed.LAUNCHER_GONE):
             return f"interrupted ({distributed.LAUNCHER_GONE})"
         return f"interrupted: a rank stopped or could not be reached ({_first_line(err)})"
@@ -391,12 +393,7 @@ def _main(argv: list[str] | None) -> int:
             distributed.print_refusal(line)     # under torchrun: once, not once per rank
         return 2
     except KeyboardInterrupt as err:
-        how, code = interrupts.stopped_by()
-        _log_stop(args, f"interrupted ({how})", err)
-        if distributed.is_main_process():          # under torchrun: once, by rank 0
-            print(f"prunekit: interrupted{'' if how == 'Ctrl-C' else f' ({how})'}; {_how_to_resume(args)}",
-                  file=sys.stderr)
-        return code
+        return _interrupted(args, err)
     except BrokenPipeError:  # e.g. `prunekit info resnet50 | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -404,6 +401,8 @@ def _main(argv: list[str] | None) -> int:
         if not (distributed.launched_by_torchrun() and _lost_rank(err)):
             raise
         _ending_on_our_own()
+        if interrupts.terminated():       # the launcher's SIGTERM: a peer obeyed it first and left
+            raise _RankLost(_interrupted(args, err)) from None
         first = _first_line(err)
         if distributed.launcher_lost() or first.startswith(distributed.LAUNCHER_GONE):   # no one waits for it
             interrupts.taken()          # the watcher's SIGINT, if on its way, raises nothing in here
@@ -421,6 +420,25 @@ def _main(argv: list[str] | None) -> int:
     except OSError as err:   # unwritable --out, full disk, unreadable data
         print(f"prunekit: error: {refusal_of(err)}", file=sys.stderr)
         return 2
+
+
+def _interrupted(args, err: BaseException) -> int:
+    """A run stopped by Ctrl-C or SIGTERM (under torchrun: the launcher's, sent to every rank):
+    its run.log and status say so (``_log_stop``) and one line says how to carry on, printed once
+    (by rank 0 under torchrun); the exit code (``interrupts.stopped_by``). Under torchrun, a
+    SIGTERM that came because another rank refused its input (torchrun stops the rest when one
+    exits) adds no line: that rank's refusal is the run's one line, and the code is its 2."""
+    how, code = interrupts.stopped_by()
+    if distributed.launched_by_torchrun():
+        _ending_on_our_own()               # a second SIGTERM does not cut this short
+        if interrupts.terminated() and distributed.peer_refused():
+            return 2
+    _log_stop(args, f"interrupted ({how})", err)
+    if distributed.is_main_process() and (not distributed.launched_by_torchrun()    # once, by rank 0 (also
+                                          or os.environ.get("RANK", "0").strip() == "0"):  # before joining)
+        print(f"prunekit: interrupted{'' if how == 'Ctrl-C' else f' ({how})'}; {_how_to_resume(args)}",
+              file=sys.stderr)
+    return code
 
 
 def _ending_on_our_own() -> None:

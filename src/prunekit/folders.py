@@ -6,7 +6,9 @@ Every kind of folder a prunekit command writes, by what marks it:
 * ``train --out``: a run's ``config.toml`` (``api_checks._is_run_config``) naming no method, and
   no ``metrics.json``;
 * ``sweep --out`` / ``compare --out``: the comparison's report state (``.prunekit-report.json``)
-  or its ``runs.json`` rows; a sweep's also holds its runs' folders (each a prune folder);
+  or its ``runs.json`` rows; a sweep's also holds its runs' folders (each a prune folder). A sweep
+  writes that state (empty: no report yet) before its first run, so a sweep killed before its
+  report is still known as one (``inside_a_comparison``: ``save_model`` writes nothing in it);
 * ``export`` (``prunekit export RUN`` writes ``RUN/export``): the manifest ``exported.json``.
 
 ``own_file(path)`` says whether ``path`` is one of the files the prunekit folder it lies in writes
@@ -35,8 +37,9 @@ def kind(folder: str | Path) -> str | None:
     if _is_run_config(folder / "config.toml"):       # a training run's, or a run killed before its metrics.json
         return "training run" if not _names_a_method(folder / "config.toml") else "run"
     if (folder / REPORT_STATE).is_file() or _is_comparison_rows(folder / "runs.json"):
-        try:
-            runs = any((p / METRICS).is_file() for p in folder.iterdir() if p.is_dir())
+        try:          # a sweep's runs: finished, or begun (a sweep marks its folder before its first run)
+            runs = any((p / METRICS).is_file() or _is_run_config(p / "config.toml")
+                       for p in folder.iterdir() if p.is_dir())
         except OSError:
             runs = False
         return "sweep" if runs else "comparison"
@@ -74,6 +77,16 @@ def own_file(path: str | Path) -> str | None:
             or (path.parent.name.startswith("snapshot-")
                 and path.name in ("model.safetensors", "model.json", "result.json"))):
         return run
+    return None
+
+
+def inside_a_comparison(path: str | Path) -> tuple[str, Path] | None:
+    """(kind, folder) of the nearest folder above ``path`` (at any depth) that is a prunekit sweep's
+    or comparison's (``kind``), or None: such a folder is its command's to write (a killed sweep's
+    next runs go into folders not made yet)."""
+    for folder in Path(path).absolute().parents:
+        if (what := kind(folder)) in ("sweep", "comparison"):
+            return what, folder
     return None
 
 

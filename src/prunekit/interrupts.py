@@ -10,7 +10,6 @@ next safe point (between a sweep's runs, after a stage's checkpoint), so the run
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 
@@ -33,19 +32,19 @@ def _on_signal(signum, frame):
 
 @contextlib.contextmanager
 def caught():
-    """Within the block (on the main thread), SIGINT and, outside torchrun, SIGTERM (``kill``,
-    ``timeout``, a batch scheduler's stop) raise KeyboardInterrupt and are remembered, so both stop
-    a run the same way: its log says so and the resume command is printed."""
+    """Within the block (on the main thread), SIGINT and SIGTERM (``kill``, ``timeout``, a batch
+    scheduler's stop, a ``kill -TERM`` of the torchrun launcher, which sends SIGTERM to every rank)
+    raise KeyboardInterrupt and are remembered, so both stop a run the same way: its log says so and
+    the resume command is printed (under torchrun by rank 0). A rank inside a collective takes it
+    when the collective returns: at once where a peer has left (its connection closes), else at
+    the group's timeout or torchrun's SIGKILL 30 s after its SIGTERM; a rank ending on its own
+    (a refusal, a lost rank) ignores SIGTERM from then on (``cli._ending_on_our_own``)."""
     global _pending, _received, _reason, _taken
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _pending, _received, _reason, _taken = False, signal.SIGINT, None, False
-    # under torchrun SIGTERM is how the launcher stops every rank when one fails: it must act at
-    # once, also inside a blocking collective, where a Python handler would wait for the call
-    ranks = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")   # a bad value is refused later
-    handled = (signal.SIGINT,) if ranks else (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, _on_signal) for signum in handled}
+    previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         with running():
             yield
@@ -99,6 +98,12 @@ def stopped_by() -> tuple[str, int]:
     if _reason is not None:
         return _reason
     return ("Ctrl-C", 130) if _received == signal.SIGINT else (signal.Signals(_received).name, 128 + _received)
+
+
+def terminated() -> bool:
+    """Whether the last stop came by SIGTERM (while ``caught`` was active): under torchrun, the
+    launcher stopping every rank; a collective that failed after it failed because a peer obeyed."""
+    return _reason is None and _received == signal.SIGTERM
 
 
 def check() -> None:

@@ -486,6 +486,17 @@ REPORT_STATE = ".prunekit-report.json"
 EDITED_REPORT = "report.new.md"       # the report, where the user edited report.md
 
 
+def mark_report_folder(out: str | Path) -> None:
+    """Mark ``out`` as a sweep's folder (``folders.kind``) before its first run: an empty report
+    state (no report written yet) where it has no report of prunekit's or anyone's. A sweep killed
+    before its report is then known as one (``save_model`` refuses to write into it); a folder of
+    an older version's (a report.md and no state) is left as it is, its report.md taken as prunekit's."""
+    out = Path(out)
+    if any((out / name).exists() for name in (REPORT_STATE, "report.md", "runs.json", EDITED_REPORT)):
+        return
+    atomic_write_bytes(out / REPORT_STATE, b"{}")
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -78,20 +78,36 @@ def check_run_folder(run_args: argparse.Namespace) -> None:
     """Refuse a run folder of the sweep that holds a run of other options (or files a run would
     overwrite, or files of the user's in a folder that is no run's, as ``prune --out`` refuses)
     in a sweep's words: prune's refusal names --resume and --force, a sweep has neither."""
+    path = Path(run_args.out)
     try:
         runs.check_claim(runs.RunFolder(run_args.out), run_config(run_args))
     except OptionError:
-        what = ("a run made with other options" if (Path(run_args.out) / "config.toml").exists()
-                else "files a run would overwrite")
-        raise PrunekitError(f"{run_args.out} holds {what}: pick another --out for this sweep, or give it that "
-                            "sweep's own options to finish it") from None
+        if (path / "config.toml").exists():
+            raise PrunekitError(f"{run_args.out} holds a run made with other options (its config.toml records them): "
+                                "pick another --out for this sweep, or give it that sweep's own options to finish "
+                                "it") from None
+        in_the_way = _named([path / name for name in runs._present(path)])
+        raise PrunekitError(f"{run_args.out} holds files a run would overwrite ({in_the_way}), and no run's "
+                            f"config.toml: move them out of {path}, then run this sweep again to finish it (or pick "
+                            "another --out for this sweep)") from None
     try:
         check_out(run_args.out)
     except PrunekitError:
-        path = Path(run_args.out)
-        what = "is a file" if path.is_file() else "is a folder holding other files, not a run folder"
-        raise PrunekitError(f"{run_args.out} (this sweep's run folder for {run_args.method}) {what}: pick another "
-                            "--out for this sweep, or move it away, so that nothing there is written over") from None
+        where = f"{run_args.out} (this sweep's run folder for {run_args.method})"
+        if path.is_file() or not path.is_dir():
+            raise PrunekitError(f"{where} is a file: move it away, then run this sweep again to finish it (or "
+                                "pick another --out for this sweep)") from None
+        others = sorted(p for p in path.iterdir() if p.name != run_lock.LOCK_NAME
+                        and p not in set(runs.stale_temporaries(path)))
+        raise PrunekitError(f"{where} holds {_named(others)}, not a run's: move {'it' if len(others) == 1 else 'them'} "
+                            f"out of {path}, then run this sweep again to finish it (or pick another --out for this "
+                            "sweep); nothing there is written over") from None
+
+
+def _named(paths: list[Path], shown: int = 2) -> str:
+    """``paths`` for a one-line message: the first ``shown`` in full, then how many more."""
+    more = len(paths) - shown
+    return ", ".join(str(p) for p in paths[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def cmd_sweep(args) -> int:
@@ -116,6 +132,8 @@ def cmd_sweep(args) -> int:
         check_run_folder(run_args_of(args, method, budget))
     warn_if_random_weights(args)
     with run_lock.held_by_rank_0(args.out):    # one sweep at a time in it (each run locks its own)
+        if distributed.is_main_process():
+            report.mark_report_folder(args.out)    # a sweep's folder from its first run on, killed or not
         table = run_sweep(args, plan, dense_model, eval_loader, train_batches)
     written = report.comparison_report_path(args.out)
     emit(args, {"runs": table, "report": str(written)}, report.table_lines(table) + [_report_line(written)])
