@@ -299,7 +299,7 @@ def test_an_older_unfinished_run_over_a_plain_sparse_file_carries_on_training_it
     """An epoch checkpoint of an older prunekit (no ``zeros`` recorded) over a plain file trained
     its zeros: carried on so, and said, not switched to holding them half way."""
     spec, _ = runs
-    before = plain_checkpoint(runs, tmp_path / "pruned.pth", 0.7)
+    plain_checkpoint(runs, tmp_path / "pruned.pth", 0.7)
     argv = plain(spec, tmp_path / "pruned.pth", tmp_path / "ft")
     argv[argv.index("--epochs") + 1] = "2"
     real_save = train_command.save_epoch
