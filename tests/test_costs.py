@@ -348,6 +348,99 @@ def test_register_cost_prices_a_parameter_tied_to_another_modules_once_whichever
         unregister_cost(Twice)
 
 
+class _CdistWrap(nn.Module):
+    """x (B, T=4, 6) -> (B, 24): cdist meets each element of ``scale`` once per token (4 uses),
+    then a child Linear (traced as everywhere else)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(6, 6))
+        self.gain = nn.Parameter(torch.ones(6))                  # element-wise only: no MACs
+        self.inner = nn.Linear(6, 6, bias=False)
+
+    def forward(self, x):
+        d = torch.cdist(x, self.scale.unsqueeze(0).expand(x.shape[0], 6, 6))
+        return self.inner(d * self.gain).flatten(1)
+
+
+def test_register_cost_that_leaves_out_an_own_parameter_its_forward_multiplies_is_refused():
+    """A cost function returning {} for a layer whose own code multiplies its ``scale`` (cdist) was
+    taken: scale cost 0 MACs, dense 288 where a hand count is 432, and a flops budget was met on the
+    undercount. Now it is refused naming the parameter, the op and the fix; an explicit 0 is taken,
+    and a parameter used only element-wise (``gain``) needs no entry."""
+    from prunekit import register_cost
+    from prunekit.costs import unregister_cost
+    model = nn.Sequential(_CdistWrap(), nn.Linear(24, 6))
+    x = torch.randn(2, 4, 6)
+    try:
+        register_cost(_CdistWrap, lambda m, inputs, out: {})
+        with pytest.raises(PrunekitError, match=r"cost function registered for _CdistWrap returns no entry for its "
+                                                r"parameter 'scale' \(module '0'\).*aten\._cdist_forward.*"
+                                                r"\{'scale': 0\} if it truly costs no MACs"):
+            CostModel(model, x)
+        register_cost(_CdistWrap, lambda m, inputs, out: {"scale": inputs[0].shape[0] * inputs[0].shape[1]})
+        costs = CostModel(model, x)
+        assert costs.macs == 4 * 36 + 4 * 36 + 24 * 6                   # 432, by hand
+        assert costs.layer("0.scale").macs == 4 * 36 and costs.layer("0.scale").is_weight_layer
+        register_cost(_CdistWrap, lambda m, inputs, out: {"scale": 0})   # said explicitly: taken
+        assert CostModel(model, x).macs == 4 * 36 + 24 * 6
+    finally:
+        unregister_cost(_CdistWrap)
+
+
+def test_register_cost_sees_an_own_parameter_multiplied_element_wise_and_summed():
+    """``(x.unsqueeze(-2) * w).sum(-1)`` (a linear layer written element-wise) in a registered
+    module's own code is MACs of ``w``: left out of the cost function, refused; a bias added needs
+    no entry."""
+    from prunekit import register_cost
+    from prunekit.costs import unregister_cost
+
+    class ElementwiseLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 5))
+            self.b = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):                                        # x (B, 5) -> (B, 3)
+            return (x.unsqueeze(-2) * self.w).sum(-1) + self.b
+
+    model = nn.Sequential(ElementwiseLinear())
+    try:
+        register_cost(ElementwiseLinear, lambda m, inputs, out: {})
+        with pytest.raises(PrunekitError, match=r"no entry for its parameter 'w' \(module '0'\)"):
+            CostModel(model, torch.randn(2, 5))
+        register_cost(ElementwiseLinear, lambda m, inputs, out: {"w": 1})
+        assert CostModel(model, torch.randn(2, 5)).macs == 15
+    finally:
+        unregister_cost(ElementwiseLinear)
+
+
+@pytest.mark.parametrize("fn,needle", [
+    (lambda m, i, o: {"scale": i[0].shap[1]},
+     r"the cost function registered for _CdistWrap raised AttributeError: 'Tensor' object has no attribute 'shap' "
+     r"\(on module '0'\); fix it \(it is called as fn\(module, inputs, output\)"),
+    (lambda m, i, o: 1 / 0, r"registered for _CdistWrap raised ZeroDivisionError: division by zero"),
+    (lambda m, i, o: None, r"the cost function registered for _CdistWrap returned None \(on module '0'\); it must "
+                           r"return \{parameter name: .*\} \(a plain dict\) or a prunekit\.ModuleCost"),
+    (lambda m, i, o: 4, r"registered for _CdistWrap returned 4 \(type int\) .*must return"),
+    (lambda m, i, o: {"scale": -1}, r"registered for _CdistWrap gave 'scale' -1 .*whole number >= 0"),
+    (lambda m, i, o: {"scale": 1.5}, r"registered for _CdistWrap gave 'scale' 1\.5 .*whole number >= 0"),
+])
+def test_a_failing_or_ill_formed_cost_function_is_named_not_the_data(fn, needle):
+    """An exception inside a registered cost function (or a return of another type) was reported as
+    "the model failed on one example of its input ... pass data shaped as the model takes it": the
+    data were fine. The line names the cost function, the exception's type and message."""
+    from prunekit import register_cost
+    from prunekit.costs import unregister_cost
+    register_cost(_CdistWrap, fn)
+    try:
+        with pytest.raises(PrunekitError, match=needle) as caught:
+            CostModel(nn.Sequential(_CdistWrap(), nn.Linear(24, 6)), torch.randn(2, 4, 6))
+        assert "\n" not in str(caught.value) and "shaped as the model takes it" not in str(caught.value)
+    finally:
+        unregister_cost(_CdistWrap)
+
+
 def test_masked_attention_projection_costs_nothing():
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
     x = torch.zeros(1, 4, 8)

@@ -346,10 +346,35 @@ def test_a_request_over_max_memory_is_refused_before_any_gradient(monkeypatch):
     monkeypatch.setattr(fisher_methods, "collect_gradients", lambda *a, **k: pytest.fail("gradients computed"))
     # 1 MB holds not even the model: said as such (it was "the largest fisher_samples that fits is 0")
     with pytest.raises(PrunekitError, match="whatever fisher_samples .* raise max_memory to more than"):
-        prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=1000, max_memory="1M")
+        prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=64, max_memory="1M")
     limit = memory_plan.current_usage(torch.device("cpu")) + 400 * MB
+    # data holding the 10**4 samples asked (with fewer, the data's own refusal comes first)
+    many = torch.randn(10**4, 1, 8, 8), torch.randint(0, 10, (10**4,))
     with pytest.raises(PrunekitError, match="largest fisher_samples that fits is [1-9]"):
-        prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=10**4, max_memory=limit)
+        prunekit.prune(wide_model(), many, method="falcon", flops=0.5, fisher_samples=10**4, max_memory=limit)
+
+
+def test_rows_past_the_data_are_refused_before_the_memory_plan_suggests_more(monkeypatch):
+    """fisher_samples far above the data's samples was refused by the memory plan, naming "the
+    largest fisher_samples that fits" (more rows than the data holds): following it got a second
+    refusal, the data's. The data's refusal comes first, so its fix (64) is the one to follow."""
+    monkeypatch.setattr(fisher_methods, "collect_gradients", lambda *a, **k: pytest.fail("gradients computed"))
+    limit = memory_plan.current_usage(torch.device("cpu")) + 400 * MB
+    for method, budget in (("falcon", {"flops": 0.5}), ("chita", {"sparsity": 0.5})):
+        with pytest.raises(PrunekitError, match="holds 64 samples, 10000 gradient rows of one sample asked: lower "
+                                                "fisher_samples to 64 or fewer") as caught:
+            prunekit.prune(wide_model(), data(), method=method, fisher_samples=10**4, max_memory=limit, **budget)
+        assert "largest fisher_samples" not in str(caught.value)
+
+
+def test_cli_refuses_rows_past_the_data_before_the_memory_plan(capsys):
+    """The command line's order too: --fisher-samples past --train-samples is the data's refusal, with
+    --max-memory far too small for them (the memory plan would suggest more rows than 64)."""
+    assert main(["prune", *MLP, *MNIST, "--method", "chita", "--sparsity", "0.5", "--train-samples", "64",
+                 "--fisher-samples", "100000", "--max-memory", "2G"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the training data holds 64 samples" in err and "--fisher-samples to 64 or fewer" in err, err
+    assert "largest" not in err and "\n" not in err
 
 
 def test_auto_and_compact_storage_through_prunekit_prune():

@@ -51,7 +51,7 @@ from .errors import PrunekitError, PrunekitWarning, single_sample_batchnorm
 from .executor import execute, python_model_description
 from .losses import loss_name
 from .methods import Method, lookup
-from .pipelines.fisher_methods import check_planned_rows
+from .pipelines.fisher_methods import check_planned_rows, check_rows_before_plan
 from .record import Result
 from .request import PruneRequest
 from .runs import RunFolder, claim_on_rank_0, release_refused
@@ -169,6 +169,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     budget = {"sparsity": sparsity, "flops": flops, "params": params}
     request = PruneRequest(model, example_input, method, budget, include, exclude, seed, gradual, recalibrate_bn,
                            options, loss=loss)
+    if train_batches is not None:     # rows past the data: refused before the memory plan suggests more rows
+        method_row, _, checked, _ = request.resolved_options()
+        check_rows_before_plan(method_row, checked, samples_per_pass(train_batches()))
     plan = request.plan()
     if train_batches is not None:     # gradient rows past the data: refused before the dense model is measured
         check_planned_rows(plan, samples_per_pass(train_batches()),

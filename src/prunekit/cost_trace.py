@@ -65,8 +65,10 @@ class ModuleCost:
         a child layer is counted by its own operations) -> how many times
         each element of that parameter is multiplied in this call, for the call's whole input
         (a Linear on (B, T, F) inputs: B*T; the trace runs on one example, B = 1). Those
-        parameters become prunable weights costing ``uses`` MACs each. Parameters left out cost
-        no MACs.
+        parameters become prunable weights costing ``uses`` MACs each. A parameter that an
+        operation of the module's own code multiplies (or uses in an operation without a cost
+        rule) must be named (``0`` if it truly costs nothing): leaving it out is refused. One used
+        only element-wise (a scale, a bias) may be left out: it costs no MACs.
     activation_macs: MACs of the call not tied to a parameter, for the call's whole input.
     """
 
@@ -84,7 +86,10 @@ def register_cost(module_type: type, fn: CostFunction) -> None:
     ``fn`` returns a ``ModuleCost`` or a plain dict ``{parameter name: uses in the call}``, naming
     only the module's own direct parameters (``module.named_parameters(recurse=False)``); the
     module's own operations on them (and its activation products) are then not traced. Its child
-    modules are traced and counted as everywhere else, so ``fn`` must not price them. Use it for a layer whose operations
+    modules are traced and counted as everywhere else, so ``fn`` must not price them. An own
+    parameter that the module's own code multiplies and ``fn`` leaves out is refused (name it, with
+    ``0`` if it truly costs nothing); so is an exception inside ``fn`` or a return of another type,
+    naming ``fn``. Use it for a layer whose operations
     prunekit cannot price (it refuses such a model and names the layer). Example: a layer whose
     ``weight`` (out, in) multiplies every token of a (B, T, in) input::
 
@@ -125,6 +130,11 @@ class _OpCounter(TorchDispatchMode):
         # code is running (not one of its children): its cost function prices those parameters
         # and the module's own activation products, so such ops are not traced here.
         self.index, self.scope, self.opaque = index, scope, opaque
+        # per running module (pushed and popped with ``opaque``): {own parameter name: the first
+        # op of the registered module's own code that would have charged or refused it}, so a cost
+        # function that leaves such a parameter out is refused (``costs._registered_uses``)
+        self.seen: list[dict[str, str]] = []
+        self._shadow: _OpCounter | None = None
         self.uses = ParamUses()
         self.activation_macs: dict[str, int] = {}
         self.unpriced: list[Unpriced] = []
@@ -138,7 +148,25 @@ class _OpCounter(TorchDispatchMode):
         own = self.opaque[-1] if self.opaque else None
         if own is None or self._foreign_params_only(args, own):
             self._charge(func, args, out)
+        else:
+            self._observe(func, args, out, own)
         return out
+
+    def _observe(self, func, args, out, own: frozenset) -> None:
+        """An op of a registered module's own code: not charged (its cost function prices it), but
+        note which of the module's own parameters the trace would have charged MACs (or refused),
+        in ``seen[-1]``. A shadow counter does the charging, so a product made here and reduced
+        later here (``(x * w).sum(-1)``) is seen too, and none of it reaches the real counts."""
+        if self._shadow is None:
+            self._shadow = _OpCounter(self.index, self.scope, [])
+        shadow = self._shadow
+        shadow.uses, shadow.unpriced = ParamUses(), []
+        shadow._charge(func, args, out)
+        touched = [*shadow.uses.weights, *(u.param for u in shadow.unpriced)]
+        if self.seen:
+            for name in touched:
+                if name in own:
+                    self.seen[-1].setdefault(name, str(func.overloadpacket.__name__))
 
     def _foreign_params_only(self, args, own: frozenset) -> bool:
         """True if the op uses parameters and none of them is in ``own``: a child layer's weight

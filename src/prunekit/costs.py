@@ -50,6 +50,7 @@ model (channels removed) is traced again by the same code, so every figure is co
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass, field
 
 import torch
@@ -267,9 +268,37 @@ def _empty(module: nn.Module) -> bool:
         and not any(True for _ in module.parameters())
 
 
+_COST_FN_FORM = ("return {parameter name: times each element is multiplied in the call} (a plain dict) "
+                 "or a prunekit.ModuleCost")
+
+
 def _registered_uses(module: nn.Module, fn, inputs, output, name: str) -> ModuleCost:
-    cost = fn(module, inputs, output)
-    cost = ModuleCost(uses=dict(cost)) if isinstance(cost, dict) else cost
+    """What ``fn`` (registered for ``module``'s type) returns for this call, checked: an exception
+    inside it, a return of another type, or uses that are not whole numbers >= 0 are refused in
+    one line naming the cost function (not the data, which ran through the model fine)."""
+    kind = type(module).__name__
+    try:
+        cost = fn(module, inputs, output)
+    except PrunekitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a bug in the user's cost function
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise PrunekitError(
+            f"the cost function registered for {kind} raised {type(err).__name__}"
+            + (f": {message}" if message else "") + f" (on module {name!r}); fix it (it is called as "
+            f"fn(module, inputs, output), inputs the tuple of the module's inputs, for one example) and "
+            f"{_COST_FN_FORM}") from None
+    if isinstance(cost, dict):
+        cost = ModuleCost(uses=dict(cost))
+    if not isinstance(cost, ModuleCost) or not isinstance(cost.uses, dict):
+        got = "None" if cost is None else f"{reprlib.repr(cost)} (type {type(cost).__name__})"
+        raise PrunekitError(f"the cost function registered for {kind} returned {got} (on module {name!r}); "
+                            f"it must {_COST_FN_FORM}")
+    for local, uses in [*cost.uses.items(), ("activation_macs", cost.activation_macs)]:
+        if not _whole(uses):
+            raise PrunekitError(
+                f"the cost function registered for {kind} gave {local!r} {uses!r} (on module {name!r}): "
+                "each figure must be a whole number >= 0 (times each element is multiplied; 0 if it costs nothing)")
     own = dict(module.named_parameters(recurse=False, remove_duplicate=False))   # both names of one tied twice
     unknown = set(cost.uses) - set(own)
     if unknown:
@@ -282,6 +311,41 @@ def _registered_uses(module: nn.Module, fn, inputs, output, name: str) -> Module
         raise PrunekitError(f"the cost function registered for {type(module).__name__} names parameters "
                             f"{sorted(unknown)} that module {name!r} does not have; it has {sorted(own)}")
     return cost
+
+
+def _whole(value) -> bool:
+    """A whole number >= 0 (an int, a Python or 0-dim tensor number with no fraction); not a bool."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return False
+        value = value.item()
+    try:
+        return int(value) == value and value >= 0
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _check_all_priced(module: nn.Module, cost: ModuleCost, own: dict, seen: dict[str, str], canonical: dict,
+                      name: str) -> None:
+    """Refuse a cost function that leaves out an own parameter of ``module`` which an operation of
+    the module's own code multiplies (``seen``: {canonical parameter name: that op}, from
+    ``_OpCounter._observe``): it would cost 0 MACs and a budget be met on an undercount."""
+    priced = {canonical[id(own[local])] for local in cost.uses}
+    missing = [full for full in seen if full not in priced]
+    if not missing:
+        return
+    local_of = {canonical[id(p)]: local for local, p in own.items()}
+    locals_ = [local_of.get(full, full) for full in missing]
+    first = locals_[0]
+    kind = type(module).__name__
+    others = f" (and {', '.join(repr(n) for n in locals_[1:])})" if len(locals_) > 1 else ""
+    raise PrunekitError(
+        f"the cost function registered for {kind} returns no entry for its parameter {first!r}{others} (module "
+        f"{name!r}), which its forward uses in aten.{seen[missing[0]]}: return its uses "
+        f"({{{first!r}: times each element is multiplied in the call}}), or {{{first!r}: 0}} if it truly costs "
+        "no MACs")
 
 
 def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[list[LayerCost], list[str]]:
@@ -303,6 +367,7 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
             scope.append(name)
             leaf_depth[0] += is_leaf
             opaque.append(own)
+            ops.seen.append({})
         return hook
 
     def post_hook(name, is_leaf, fn):
@@ -310,8 +375,9 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
             scope.pop()
             leaf_depth[0] -= is_leaf
             opaque.pop()
+            seen = ops.seen.pop()
             if fn is not None:
-                _charge_registered(module, fn, inputs, output, name)
+                _charge_registered(module, fn, inputs, output, name, seen)
             if not is_leaf:
                 return
             out = output[0] if isinstance(output, (tuple, list)) else output
@@ -328,9 +394,10 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
                 entry["other_ops"] += other
         return hook
 
-    def _charge_registered(module, fn, inputs, output, name):
+    def _charge_registered(module, fn, inputs, output, name, seen):
         cost = _registered_uses(module, fn, inputs, output, name)
         own = dict(module.named_parameters(recurse=False, remove_duplicate=False))
+        _check_all_priced(module, cost, own, seen, canonical, name)
         for local, uses in cost.uses.items():
             full = canonical[id(own[local])]
             ops.uses.mark(full)
@@ -407,7 +474,7 @@ def _refuse_unpriced(unpriced, modules) -> None:
         + (f" ({len(names)} parameters in all: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
            if len(names) > 1 else "")
         + f"; register a cost for it with prunekit.register_cost({kind}, fn) (fn(module, inputs, output) "
-        "returns {parameter name: times each element is multiplied in the call}; {} if it costs no MACs). "
+        "returns {parameter name: times each element is multiplied in the call}; 0 for one that costs no MACs). "
         "exclude= would only leave its weights dense: the MACs must still be counted")
 
 

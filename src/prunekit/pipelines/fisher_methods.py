@@ -219,6 +219,22 @@ def check_planned_rows(plan, available: int | None, first_batch_size) -> None:
         check_sample_count(available, opts.fisher_samples, "fisher_samples" not in opts.given)
 
 
+def check_rows_before_plan(method, opts, available: int | None) -> None:
+    """Refuse, before the request is planned, a fisher_samples the user gave that asks more
+    per-sample rows from one pass than the ``available`` training samples (None: not known): the
+    memory plan would otherwise refuse first, naming a fisher_samples that fits the memory but not
+    the data, and following it would meet this refusal. ``opts``: ``method``'s options
+    (``PruneRequest.resolved_options``). The command line's ``_check_rows_fit_the_data`` does the
+    same with its flags; a method's default rows, and stages "auto" of a weights method (which
+    chooses its schedule on the traced model), are checked after the plan (``check_planned_rows``)."""
+    if available is None or "fisher_samples" not in opts.names() or "fisher_samples" not in opts.given:
+        return
+    if getattr(opts, "stages", 1) == "auto" and method.family == "weights":
+        return
+    if isinstance(opts.fisher_samples, int) and opts.fisher_batch == 1 and not opts.fresh_samples:
+        check_sample_count(available, opts.fisher_samples)
+
+
 def _fresh_stages(ctx: PruneContext, opts: QuadraticOptions, rows: int, stages: int) -> int | None:
     """With fresh_samples, how many stages read images no earlier stage read (the rest read the
     data again from its start), where the data's size is known; a warning when not all of them and
