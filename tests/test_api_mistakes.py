@@ -151,7 +151,7 @@ def test_a_layer_left_with_no_weight_is_named():
         net[0].weight.mul_(100)
     x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
     from prunekit.errors import PrunekitWarning
-    with pytest.warns(PrunekitWarning, match=r"^2 kept no weight"):
+    with pytest.warns(PrunekitWarning, match=r"^layer '2' kept no weight"):      # quoted: "2" read as a count
         result = prunekit.prune(net, (x, y), method="magnitude", sparsity=0.8)
     assert result.record["empty_layers"] == ["2"] and not net[2].weight.any()
     assert "empty_layers" not in prunekit.prune(_net(), _data(), method="magnitude-uniform", sparsity=0.8).record
@@ -502,3 +502,18 @@ def test_other_weights_made_before_each_call_are_refused_naming_their_fold(wrap,
         net[1] = wrap(net[1])
     with pytest.raises(PrunekitError, match=needle):
         prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5)
+
+
+def test_a_run_folders_model_named_before_the_run_was_made_says_to_make_it(tmp_path, monkeypatch):
+    """Session 51: the README's vit-tiny block, run where it sat, read runs/fmnist-vit-tiny/model.safetensors,
+    made by a recipe 40 lines later; the refusal said only "check the path". A missing run folder's
+    model names the command that makes it; any other missing file still says to check the path."""
+    from prunekit.loading import load_model
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(prunekit.PrunekitError, match=r"runs/fmnist-vit-tiny is not made yet: run the `prunekit "
+                                                     r"train` or `prunekit prune` command that writes --out "
+                                                     r"runs/fmnist-vit-tiny first"):
+        load_model("vit-tiny", "runs/fmnist-vit-tiny/model.safetensors")
+    (tmp_path / "runs" / "empty").mkdir(parents=True)              # the folder is there: the path is wrong
+    with pytest.raises(prunekit.PrunekitError, match=r"not found: check the path$"):
+        load_model("vit-tiny", "runs/empty/model.safetensors")

@@ -455,3 +455,29 @@ def test_a_layer_a_branch_skips_is_told_on_the_command_line_in_flags(capsys, tmp
     with pytest.warns(PrunekitWarning, match=r"down did not run .* give an example_input that runs"):
         prunekit.prune(user_models.build_model(f"{tmp_path}/net.py:build"), (x, torch.zeros(8, dtype=torch.long)),
                        method="magnitude", params=0.9)
+
+
+def test_a_channel_run_without_fine_tune_names_how_to_fine_tune_and_that_command_runs(capsys, tmp_path, trained):
+    """Session 51: a new user's AutoBot run on their own CNN lost 21 points and the summary said
+    nothing of --finetune-epochs (default 0) or `train --checkpoint RUN`, which won most of them
+    back. The summary's last line names both, the second written out in full and run as printed;
+    no such line with a fine-tune, for a weights method, or on --json's stdout."""
+    spec, checkpoint = trained
+    base = ["prune", "--model", spec, "--checkpoint", str(checkpoint), *MNIST, "--method", "autobot", "--flops", "0.5",
+            "--gate-batches", "2"]
+    assert main([*base, "--out", str(tmp_path / "ab")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("  fine-tune  none (--finetune-epochs 0)") and "--finetune-epochs 3" in lines[-1]
+    assert sum("fine-tune" in line for line in lines) == 1
+    command = shlex.split(lines[-1].split("fine-tune this run: ", 1)[1])
+    assert command[:2] == ["prunekit", "train"] and command[command.index("--checkpoint") + 1] == str(tmp_path / "ab")
+    assert main(command[1:] + ["--json"]) == 0                      # the line as printed, run
+    tuned = json.loads(capsys.readouterr().out)
+    assert tuned["pruned"]["family"] == "channels" and (tmp_path / "ab-ft" / "model.safetensors").is_file()
+    assert main([*base, "--out", str(tmp_path / "ab-json"), "--json"]) == 0
+    assert "fine-tune" not in json.dumps(json.loads(capsys.readouterr().out))          # one JSON object, no line
+    assert main([*base, "--finetune-epochs", "1"]) == 0
+    assert "fine-tune  none" not in capsys.readouterr().out
+    assert main(["prune", "--model", spec, "--checkpoint", str(checkpoint), *MNIST, "--method", "magnitude-flops",
+                 "--flops", "0.5"]) == 0
+    assert "fine-tune" not in capsys.readouterr().out

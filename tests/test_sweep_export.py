@@ -201,7 +201,12 @@ def test_export_refuses_a_folder_without_a_prunekit_model(tmp_path, capsys):
 def test_onnx_export_without_onnx_names_the_extra_and_writes_nothing(tmp_path, capsys, monkeypatch):
     """Without the onnx package (the README's plain install), `export --onnx` with other formats is
     refused up front (it used to write nothing, failing at the first format, in words of torch's:
-    "Module onnx is not installed!"), and `prune --onnx` before any work; both name the extra."""
+    "Module onnx is not installed!"), and `prune --onnx` before any work; both name the extra. The
+    install command names the interpreter running prunekit (session 51: a bare `pip` on PATH was
+    another environment's, as the README's install never activates .venv)."""
+    import shlex
+    import sys
+    this_pip = f"{shlex.quote(sys.executable)} -m pip install"
     run = tmp_path / "run"
     assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(run), "--json"]) == 0
     capsys.readouterr()
@@ -210,11 +215,14 @@ def test_onnx_export_without_onnx_names_the_extra_and_writes_nothing(tmp_path, c
     assert main(["export", str(run), "--onnx", "--torchscript", "--dense", "--sparse"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'prunekit[export]'" in err and "nothing was written" in err
+    assert f"{this_pip} onnx" in err and f"{this_pip} 'prunekit[export]'" in err
+    assert err.count("pip install") == err.count(this_pip)                # no bare pip
     assert sorted(p.name for p in run.iterdir()) == before                # no export/ folder at all
     assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--onnx",
                  "--out", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "pip install 'prunekit[export]'" in err and "--onnx" in err
+    assert len(err.splitlines()) == 1 and f"{this_pip} onnx" in err and "--onnx" in err
+    assert err.count("pip install") == err.count(this_pip)
     assert not (tmp_path / "other").exists()
     assert main(["export", str(run), "--torchscript"]) == 0              # the other formats need no onnx
     assert (run / "export" / "model.torchscript.pt").is_file()
@@ -224,7 +232,9 @@ def test_reports_without_matplotlib_say_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)     # import fails
     run = tmp_path / "run"
     assert main(["prune", *MLP[:-2], "--method", "magnitude", "--sparsity", "0.5", "--out", str(run)]) == 0
-    assert "pip install 'prunekit[report]'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    this_pip = f"{__import__('sys').executable} -m pip install"          # the running interpreter's pip
+    assert f"{this_pip} 'prunekit[report]'" in err and err.count("pip install") == err.count(this_pip)
     assert (run / "report.md").exists() and not (run / "plots").exists()
 
 

@@ -208,6 +208,7 @@ def test_a_plain_checkpoint_pruned_by_another_tool_keeps_its_zeros_saying_so(cap
     main(plain(spec, tmp_path / f"pruned{suffix}", tmp_path / "kept2"))
     told = zero_lines(capsys.readouterr().err)
     assert len(told) == 1 and "held at zero" in told[0] and "--zeros train" in told[0], told
+    assert "layer(s) '0', '4', '9'" in told[0], told        # quoted: Sequential children's names, not counts
     assert main(plain(spec, tmp_path / f"pruned{suffix}", tmp_path / "trained", "--zeros", "train", "--json")) == 0
     captured = capsys.readouterr()
     assert not zero_lines(captured.err)                 # asked for: nothing to say

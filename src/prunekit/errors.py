@@ -5,9 +5,19 @@ wrong *and what to change*. The CLI prints that message on one line and exits wi
 library users can catch it like any ``ValueError``.
 """
 
+import shlex
+import sys
+
 
 class PrunekitError(ValueError):
     """Bad input from the user: the message names the fix."""
+
+
+def pip_install(what: str) -> str:
+    """The command that installs ``what`` (``onnx``, ``'prunekit[export]'``) into the interpreter
+    running prunekit: ``/path/to/python -m pip install what``. A bare ``pip`` on PATH may be another
+    environment's (a venv never activated), which would install it where prunekit does not look."""
+    return f"{shlex.quote(sys.executable or 'python')} -m pip install {what}"
 
 
 def worded(python: str, command_line: str) -> PrunekitError:

@@ -187,7 +187,9 @@ def _quality(record: dict) -> str:
 
 def empty_layers_warning(layers: list[str]) -> str:
     """What a user is told of layers whose every weight was pruned."""
-    shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+    quoted = [f"'{name}'" for name in layers]          # a Sequential child's name "3" would read as a count
+    shown = (f"layer{'s' if len(layers) > 1 else ''} " + ", ".join(quoted[:6])
+             + (f" and {len(layers) - 6} more" if len(layers) > 6 else ""))
     return (f"{shown} kept no weight: what {'it computes' if len(layers) == 1 else 'they compute'} no longer "
             "depends on its input (without a residual path around it the model's output is the same for every "
             "input); if that is not meant, lower the budget, exclude the layer, or use a method that keeps "

@@ -29,7 +29,7 @@ from safetensors.torch import save
 from torch import nn
 
 from .cost_trace import get_mha_fastpath, set_mha_fastpath
-from .errors import PrunekitError
+from .errors import PrunekitError, pip_install
 from .saving import atomic_write_bytes
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "dense": "model-dense.safetensors",
@@ -115,7 +115,11 @@ def _traced_in_eval(export):
     return run
 
 
-ONNX_INSTALL = "pip install 'prunekit[export]'"     # the extra that brings the onnx package (pyproject.toml)
+def onnx_install() -> str:
+    """The commands that bring the onnx package into this interpreter: the package itself, or
+    prunekit's ``export`` extra (pyproject.toml)."""
+    extra = pip_install("'prunekit[export]'")
+    return f"{pip_install('onnx')} (or prunekit's extra: {extra})"
 
 
 def require_onnx() -> None:
@@ -124,8 +128,8 @@ def require_onnx() -> None:
     try:
         importlib.import_module("onnx")
     except ImportError:
-        raise PrunekitError(f"ONNX export needs the onnx package, which is not installed: {ONNX_INSTALL} "
-                            "(or pip install onnx); nothing was written") from None
+        raise PrunekitError(f"ONNX export needs the onnx package, which is not installed: {onnx_install()}; "
+                            "nothing was written") from None
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, *,
@@ -135,8 +139,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     that runs at another length; for masked and shrunk models alike; checked by ``onnx.checker``.
     ``normalization`` (a ``Normalization``, mean / std per channel for pixels in [0, 1]) is
     recorded in the file's metadata_props; ``normalize_in_graph`` builds ``(x - mean) / std`` into
-    the graph, which then takes pixels in [0, 1]. Needs the onnx package (``pip install
-    'prunekit[export]'``): without it, a one-line ``PrunekitError`` saying so."""
+    the graph, which then takes pixels in [0, 1]. Needs the onnx package (``python -m pip install
+    onnx`` with the interpreter that runs prunekit): without it, a one-line ``PrunekitError`` saying so."""
     atomic_write_bytes(path, onnx_bytes(model, example_input, normalization=normalization,
                                         normalize_in_graph=normalize_in_graph))
     return Path(path)
@@ -409,7 +413,7 @@ HF_DIFF_HINT = ("a HuggingFace model calls it only when no attention_mask is giv
                 "forward is return self.m(ids, attention_mask=torch.ones_like(ids)).logits (built with "
                 "use_cache=False); otherwise ")
 DYNAMO_HINT = ("torch's dynamo exporter may: torch.onnx.export(model, (example,), dynamo=True) from Python "
-               "(needs pip install onnxscript)")
+               f"(needs {pip_install('onnxscript')})")
 
 
 def _torchscript_failure(err: BaseException, model: nn.Module, example_input) -> str:

@@ -55,7 +55,7 @@ class ExactZeros:
 
     def layers(self, limit: int = 3) -> str:
         """The pruned-looking layers, named (at most ``limit``, then a count)."""
-        names = list(self.pruned_layers)
+        names = [f"'{name}'" for name in self.pruned_layers]     # quoted: a Sequential child "3" is no count
         return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 

@@ -6,8 +6,8 @@ share of weights and of MACs per layer, from the CostModel, so it holds for shru
 A comparison report (``prunekit sweep``/``compare``) tabulates runs and draws accuracy against
 sparsity and against MACs kept, one curve per model and method.
 
-Everything is read from ``metrics.json``; the plots need matplotlib (``pip install
-prunekit[report]``). Without it the markdown is still written, and ``MissingPlotting`` says why
+Everything is read from ``metrics.json``; the plots need matplotlib (``python -m pip install
+matplotlib`` with the interpreter that runs prunekit, or the ``report`` extra). Without it the markdown is still written, and ``MissingPlotting`` says why
 it has no plots.
 """
 
@@ -25,7 +25,7 @@ import urllib.parse
 from pathlib import Path
 
 from .budget import budget_text
-from .errors import PrunekitError
+from .errors import PrunekitError, pip_install
 from .runs import METRICS, RUN_PLOTS, RunFolder, is_run, shown_status
 from .saving import atomic_write_bytes
 
@@ -65,14 +65,15 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise MissingPlotting("plots need matplotlib: pip install 'prunekit[report]' "
-                              "(report.md was written without them)") from None
+        extra = pip_install("'prunekit[report]'")
+        raise MissingPlotting(f"plots need matplotlib: {pip_install('matplotlib')} (or prunekit's extra: {extra}); "
+                              "report.md was written without them") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-NO_PLOTS = "No plots: they need matplotlib (`pip install 'prunekit[report]'`)."
+NO_PLOTS = f"No plots: they need matplotlib (`{pip_install('matplotlib')}`)."
 
 
 def _pyplot_or_none() -> tuple:

@@ -114,8 +114,35 @@ def cmd_prune(args) -> int:
         print(f"prunekit: note: {args.out} holds this run, finished: its result again, nothing was run ({anew})",
               file=sys.stderr)
     saved = [f"  saved to   {args.out}" + (f" (ONNX: {record['onnx']})" if record.get("onnx") else "")]
-    emit(args, record, prune_lines(record) + (saved if args.out else []))
+    emit(args, record, prune_lines(record) + (saved if args.out else []) + finetune_hint(args, record))
     return 0
+
+
+FINETUNE_LR = 0.01      # a fine-tune's peak rate: prune's --finetune-lr default, not train's 0.1 from scratch
+
+
+def finetune_hint(args, record: dict) -> list[str]:
+    """The summary's one line after a channel method run with no fine-tune (--finetune-epochs 0):
+    its accuracy drop is mostly won back by a short fine-tune, so name the two ways to run one
+    (``prune --finetune-epochs N``, or ``train --checkpoint`` of the run folder, written out in
+    full from this command's model and data options). No line otherwise."""
+    if record.get("family") != "channels" or (record.get("options") or {}).get("finetune_epochs", 0):
+        return []
+    again = "rerun with --finetune-epochs 3 (a few epochs on the training split)"
+    lead = (f"  fine-tune  none (--finetune-epochs 0): a channel-pruned model regains most of its accuracy when "
+            f"fine-tuned: {again}, or ")
+    if not (args.out and getattr(args, "data", None) and getattr(args, "data_dir", None)):
+        run = str(args.out) if args.out else "DIR"
+        return [lead + (f"fine-tune this run with `prunekit train --checkpoint {run}` and this "
+                "command's --data and --data-dir" if args.out else "add --out DIR and fine-tune that run with "
+                "`prunekit train --checkpoint DIR`")]
+    command = ["prunekit", "train"] + (["--model", args.model] if getattr(args, "model", None) else [])
+    command += ["--checkpoint", str(args.out), "--data", args.data, "--data-dir", str(args.data_dir)]
+    for flag in ("resize", "crop"):
+        if getattr(args, flag, None) is not None:
+            command += [f"--{flag}", str(getattr(args, flag))]
+    command += ["--epochs", "1", "--lr", f"{FINETUNE_LR:g}", "--out", f"{str(args.out).rstrip('/')}-ft"]
+    return [f"{lead}fine-tune this run: {shlex.join(command)}"]
 
 
 def _data_file(eval_loader) -> dict:
@@ -185,12 +212,12 @@ def _check_rows_fit_the_data(args, train_batches, method: str | None = None, pla
 def check_onnx(loaded: LoadedModel) -> None:
     """Refuse ``--onnx`` before any work when the dense model cannot be exported (its pruned form
     runs the same operations), naming the exporter's reason."""
-    from ..export import ONNX_INSTALL, onnx_bytes, require_onnx
+    from ..export import onnx_bytes, onnx_install, require_onnx
     try:
         require_onnx()
     except PrunekitError:
-        raise PrunekitError(f"--onnx needs the onnx package, which is not installed: {ONNX_INSTALL} "
-                            "(or pip install onnx), or leave out --onnx") from None
+        raise PrunekitError(f"--onnx needs the onnx package, which is not installed: {onnx_install()}, "
+                            "or leave out --onnx") from None
     was_training = loaded.model.training
     try:
         onnx_bytes(loaded.model, loaded.example_input())

@@ -56,6 +56,10 @@ def check_checkpoint_path(path: str | Path, hint: str = CHECKPOINT_HINT) -> None
         raise PrunekitError(f"checkpoint {path} is a folder, not a file: pass the checkpoint file{hint}")
     if path.exists() and not path.is_file():
         raise PrunekitError(f"checkpoint {path} is {_special_kind(path)}, not a file: {hint}")
+    if not path.is_file() and path.name == "model.safetensors" and not path.parent.exists():
+        # a run folder's model named before its run was made (a README block run ahead of its recipe)
+        raise PrunekitError(f"checkpoint {path} not found: {path.parent} is not made yet: run the `prunekit train` or "
+                            f"`prunekit prune` command that writes --out {path.parent} first (or check the path)")
     if not path.is_file():
         raise PrunekitError(f"checkpoint {path} not found: check the path")
     refusal = export_refusal(path, "not a checkpoint")
