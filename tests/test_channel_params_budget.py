@@ -169,3 +169,40 @@ def test_hybrid_meets_a_params_budget_in_its_weights_phase(params):
     assert sum(int(torch.count_nonzero(p)) for p in r.model.parameters()) <= params * fresh.params
     if params == 0.3:      # binds: FALCON removed weights down to it
         assert counted.params >= 0.29 * fresh.params
+
+
+@pytest.mark.parametrize("method", ["autobot", "hybrid"])
+def test_a_run_folder_records_a_channel_params_budget_as_its_result_does(tmp_path, capsys, method):
+    """metrics.json's budget holds what result.json's budget_max_* hold: a channel method's params
+    budget as max_params (all parameters kept), no nonzeros budget (was the dense count, as if
+    asked); compare's table then shows the parameters kept."""
+    import json
+    torch.manual_seed(0)
+    model, x = cnn().eval(), torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    dense_params = numel(model)
+    extra = {"structured_flops": 0.7, "fisher_samples": 16} if method == "hybrid" else {}
+    r = prunekit.prune(model, lambda: data, method=method, flops=0.5, params=0.4, example_input=x, gate_batches=2,
+                       out=str(tmp_path / "run"), **extra)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    budget = json.loads((tmp_path / "run" / "metrics.json").read_text())["budget"]
+    assert result["budget_max_params"] == budget["max_params"] == int(0.4 * dense_params)
+    assert result["budget_max_nonzeros"] is budget["max_nonzeros"] is None
+    assert budget["max_macs"] == result["budget_max_macs"]
+    assert r.record["params"] <= budget["max_params"]
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "run")]) in (0, None)
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    assert "params kept" in header and f"{100 * result['params_kept']:.2f}%" in row
+
+
+def test_a_weights_method_records_its_params_budget_as_nonzeros_only(tmp_path):
+    import json
+    torch.manual_seed(0)
+    model, x = mlp().eval(), torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    prunekit.prune(model, lambda: data, method="magnitude", params=0.4, example_input=x, out=str(tmp_path / "run"))
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    budget = json.loads((tmp_path / "run" / "metrics.json").read_text())["budget"]
+    assert budget["max_nonzeros"] == result["budget_max_nonzeros"] is not None
+    assert budget["max_params"] is result["budget_max_params"] is None

@@ -260,3 +260,107 @@ def test_reconstruction_names_the_conv1d_layers_it_does_not_refit():
     assert sorted(record["skipped_why"]) == [f"h.{i}.{layer}: a Conv1D, not a Conv2d or Linear"
                                              for i in range(2) for layer in ("c_fc", "c_proj")]
     assert record["layers"] == 1                                     # the Linear head
+
+
+def _numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())        # a tied weight once
+
+
+def test_autobot_with_a_params_budget_counts_conv1d_weights_and_the_tied_head_once():
+    # GatedParams counts a Conv1D weight (in, out) per channel: both budgets hold by a fresh count of
+    # the shrunk model (MACs by a new CostModel and by hooks, parameters by numel), the head stays
+    # tied to the embedding and is counted once (in the dense count and in the kept one)
+    model, ids = _model(), torch.randint(VOCAB, (32, TOKENS), generator=torch.Generator().manual_seed(4))
+
+    def loss(out, y):
+        return F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1))
+
+    dense_macs, dense_params = CostModel(model, ids[:1]).macs, _numel(model)
+    assert dense_params == sum(p.numel() for n, p in model.named_parameters() if n != "head.weight")
+    result = prunekit.prune(copy.deepcopy(model), (ids, ids), method="autobot", flops=0.9, params=0.8, loss=loss,
+                            gate_batches=3, finetune_epochs=0)
+    small = result.model
+    assert small.head.weight is small.wte.weight
+    macs, params = CostModel(small, ids[:1]).macs, _numel(small)
+    assert macs == _independent_macs(small, ids) == result.macs <= 0.9 * dense_macs
+    assert params == result.record["params"] <= result.record["budget_max_params"] == int(0.8 * dense_params)
+    widths = [small.h[i].c_fc.nf for i in range(2)]
+    removed = sum(HIDDEN - w for w in widths)
+    assert removed > 0 and params == dense_params - removed * (2 * WIDTH + 1)    # c_fc column + bias, c_proj row
+    assert result.record["bound"] == "params"        # 0.8 of the parameters is the tighter budget here
+    # one more hidden unit in any block would break the params budget (each costs 2 * WIDTH + 1)
+    assert params + 2 * WIDTH + 1 > result.record["budget_max_params"]
+
+
+def test_autobot_with_a_params_budget_on_huggingface_gpt2_keeps_lm_head_tied_and_counted_once():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
+                                     use_cache=False, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(100, (16, 8), generator=torch.Generator().manual_seed(1))
+
+    def loss(out, y):
+        logits = out.logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
+
+    dense_macs, dense_params = CostModel(model, ids[:1]).macs, _numel(model)
+    with pytest.warns(PrunekitWarning, match="c_attn"):
+        result = prunekit.prune(copy.deepcopy(model), (ids, ids), method="autobot", flops=0.8, params=0.7,
+                                loss=loss, gate_batches=2, finetune_epochs=0)
+    small = result.model
+    assert small.lm_head.weight is small.transformer.wte.weight
+    macs, params = CostModel(small, ids[:1]).macs, _numel(small)
+    assert macs == result.macs <= 0.8 * dense_macs
+    assert params == result.record["params"] <= result.record["budget_max_params"] == int(0.7 * dense_params)
+    removed = sum(256 - small.transformer.h[i].mlp.c_fc.nf for i in range(2))
+    assert params == dense_params - removed * (2 * 64 + 1)
+
+
+class _FlatLogits(nn.Module):
+    """TinyGPT with its logits flattened to (B*T, VOCAB), for tp-taylor's cross-entropy."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids):
+        return self.m(ids).reshape(-1, VOCAB)
+
+
+@pytest.mark.parametrize("method", ["tp-magnitude", "tp-taylor"])
+def test_torch_pruning_baselines_prune_conv1d_hidden_units_not_the_vocabulary(method):
+    # torch-pruning's own importances pass over Conv1D: the model came back untouched (above its
+    # budget). Now its hidden units are cut to the budget; the head tied to wte keeps all VOCAB outputs.
+    from prunekit.structured.baselines import tp_prune
+    ids = torch.randint(VOCAB, (8, TOKENS), generator=torch.Generator().manual_seed(4))
+    model = _FlatLogits(_model())
+    pruned, _ = tp_prune(model, method, 0.6, ids[:1], [(ids, ids.reshape(-1))], iterations=8)
+    dense_macs = CostModel(model, ids[:1]).macs
+    macs = CostModel(pruned, ids[:1]).macs
+    assert macs == _independent_macs(pruned.m, ids) <= 0.6 * dense_macs
+    assert macs >= 0.45 * dense_macs                       # cut near the budget, not far below it
+    widths = [pruned.m.h[i].c_fc.nf for i in range(2)]
+    assert min(widths) < HIDDEN
+    for i, w in enumerate(widths):
+        assert tuple(pruned.m.h[i].c_fc.weight.shape) == (WIDTH, w) and pruned.m.h[i].c_proj.weight.shape[0] == w
+    assert pruned.m.head.out_features == VOCAB and pruned.m.head.weight is pruned.m.wte.weight
+    with torch.no_grad():
+        assert pruned(ids).shape == (8 * TOKENS, VOCAB)
+    if method == "tp-magnitude":
+        # within a block the kept hidden units are those of largest squared norm over c_fc's column
+        # and c_proj's row (torch-pruning's group L2 score, both Conv1D layers read as in x out)
+        for i, w in enumerate(widths):
+            fc, proj = model.m.h[i].c_fc.weight.detach(), model.m.h[i].c_proj.weight.detach()
+            score = (fc ** 2).sum(0) + (proj ** 2).sum(1)
+            kept = score.topk(w).indices.sort().values
+            assert torch.equal(pruned.m.h[i].c_fc.weight, fc[:, kept])
+
+
+def test_torch_pruning_baselines_refuse_a_model_they_cannot_bring_to_the_budget():
+    # one group of 4 hidden units before a wide head: 10% of the MACs is out of torch-pruning's
+    # reach (it keeps at least one unit); was returned above its budget, nothing said
+    from prunekit.structured.baselines import tp_prune
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 100))
+    with pytest.raises(prunekit.errors.PrunekitError, match="use method autobot or taper"):
+        tp_prune(model, "tp-magnitude", 0.1, torch.randn(1, 8), iterations=4)

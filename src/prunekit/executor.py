@@ -33,7 +33,7 @@ from .structured.groups import dense_groups_warning
 from .methods import BUILT_IN, METHODS, Method
 from .pipelines.weights import Outcome, PruneContext, Pruned, prune_weights
 from .options import OptionError
-from .record import build_record, save_pruned
+from .record import budget_max_params, build_record, save_pruned
 from .request import Plan
 from .runs import RunCheckpointer, RunFolder, StageMeter, layer_density
 from .structured.pipeline import prune_channels
@@ -125,9 +125,12 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     if folder is not None:
         metrics = {"status": "running", "model": plan.name, "method": plan.method.name, "mode": plan.mode,
                    "request": plan.request.budget,
-                   "budget": {"max_nonzeros": plan.budget.max_nonzeros,
+                   # as the record's budget_max_* (record.build_record): a channel method has no
+                   # nonzeros budget; its params budget, if asked, is max_params (all parameters kept)
+                   "budget": {"max_nonzeros": plan.budget.max_nonzeros if plan.method.family == "weights" else None,
                               "max_macs": None if plan.budget.max_macs is None
-                              else plan.budget.max_macs + plan.budget.fixed_macs},
+                              else plan.budget.max_macs + plan.budget.fixed_macs,
+                              "max_params": budget_max_params(plan)},
                    "prunable_weights": plan.space.numel, "dense_macs": plan.costs.macs,
                    "fixed_macs": plan.budget.fixed_macs, "dense": dense, "stages": metrics.get("stages", []),
                    "config": metrics.get("config") or _read_text(folder.config)}     # as the run began

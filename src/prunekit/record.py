@@ -7,7 +7,8 @@ sidecar (and, for a shrunk model, its channel layout) plus ``result.json``.
 
 Record keys: model, method, family, mode (one-shot | multi-stage | gradual | structured),
 request (the budget as asked), sparsity, nonzeros (weights methods), flops_kept, params_kept,
-macs, dense_macs, params, dense_params, budget_max_nonzeros, budget_max_macs, dense_sparsity (the share of
+macs, dense_macs, params, dense_params, budget_max_nonzeros (weights methods), budget_max_macs,
+budget_max_params (a channel method's params budget: all parameters kept), dense_sparsity (the share of
 prunable weights already zero in the model given: weights methods), dense_accuracy,
 accuracy, dense_loss, loss (None without evaluation data; accuracy None with the user's ``loss``,
 named in loss_function), seconds (pruning, BatchNorm included; the evaluations of each stage's
@@ -56,6 +57,14 @@ def peak_rss_mb() -> float:
     return peak_usage() / 2**20
 
 
+def budget_max_params(plan) -> int | None:
+    """A channel method's params budget (all the parameters the result may keep, ``--params`` with
+    autobot or hybrid); None for a weights method (its params budget is ``budget_max_nonzeros``,
+    prunable weights left nonzero) and where none was asked."""
+    channels = getattr(plan, "channels", None)
+    return None if plan.method.family != "channels" or channels is None else channels.max_params
+
+
 def build_record(plan, outcome: Outcome, dense: dict, final: dict, seconds: float) -> dict:
     """The record of ``outcome``, the result of request ``plan`` (a ``request.Plan``).
 
@@ -69,6 +78,7 @@ def build_record(plan, outcome: Outcome, dense: dict, final: dict, seconds: floa
               "dense_macs": c.dense_macs, "params": c.params, "dense_params": c.dense_params,
               "budget_max_nonzeros": budget.max_nonzeros if plan.method.family == "weights" else None,
               "budget_max_macs": None if budget.max_macs is None else budget.max_macs + budget.fixed_macs,
+              "budget_max_params": budget_max_params(plan),
               "dense_sparsity": dense.get("sparsity") if plan.method.family == "weights" else None,
               "dense_accuracy": dense.get("accuracy"), "accuracy": final.get("accuracy"),
               "dense_loss": dense.get("loss"), "loss": final.get("loss"),

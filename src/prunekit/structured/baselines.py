@@ -6,6 +6,12 @@ the zero-pad shortcuts are handed to torch-pruning as layers (``groups.PadShortc
 it prunes the block outputs too; with ``False`` they stay dense (inner channels only). Global
 ranking of channels (see ``tp_prune``), and the pruning ratio found by bisection
 so that ``CostModel.count`` of the pruned model is the largest not above the budget.
+
+GPT-2's Conv1D (weight (in, out)): torch-pruning traces it through ``groups.TransposedLinearPruner``,
+takes it as a group root and scores it with the importances below (``Conv1DAware``): its own
+importances pass over a layer type they do not know, so a model of Conv1D layers came back
+unpruned. A model it cannot bring to the budget (a layer kind neither knows, no channel group) is
+refused in one line naming autobot and taper, never returned above its budget.
 """
 
 from __future__ import annotations
@@ -17,10 +23,62 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..costs import CostModel
-from .groups import find_groups, pad_pruners
+from ..costs import CostModel, is_conv1d_style
+from ..errors import PrunekitError
+from .groups import TransposedLinearPruner, conv1d_pruners, find_groups, pad_pruners
 
 TP_METHODS = ("tp-magnitude", "tp-taylor")
+
+
+class Conv1DAware:
+    """Mixin for a torch-pruning group importance: also scores the members of a group that are
+    Conv1D-style layers (pruned by ``TransposedLinearPruner``), as the base scores an nn.Linear:
+    channel i's output weights are column i of ``weight`` (in, out), its input weights row i
+    (magnitude: ``sum |w|^p``; Taylor: ``sum |w * dw|``). The base class's own per-layer scores
+    are taken as it computes them (its reduction and normalization are held back for the call,
+    then applied to all of them together), so both kinds of layer share one reduction."""
+
+    def _conv1d_score(self, w: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, group):
+        parts: list = []
+        self._reduce = lambda imps, idxs: parts.append((list(imps), list(idxs))) or imps  # noqa: E731
+        self._normalize = lambda imp, normalizer: imp                                      # noqa: E731
+        try:
+            super().__call__(group)
+        finally:
+            del self._reduce, self._normalize          # the class's own methods again
+        imps, idxs = parts[0] if parts else ([], [])
+        for i, (dep, channels) in enumerate(group):
+            layer, handler = dep.target.module, dep.handler
+            if not (is_conv1d_style(layer) and isinstance(getattr(handler, "__self__", None), TransposedLinearPruner)):
+                continue
+            out = handler.__name__ == "prune_out_channels"
+            pick = (lambda t: t[:, channels].t()) if out else (lambda t: t[channels])
+            grad = layer.weight.grad
+            imps.append(self._conv1d_score(pick(layer.weight.data), None if grad is None else pick(grad)))
+            idxs.append(group[i].root_idxs)
+        if not imps:
+            return None
+        return self._normalize(self._reduce(imps, idxs), self.normalizer)
+
+
+class MagnitudeImportance(Conv1DAware, tp.importance.GroupMagnitudeImportance):
+    """torch-pruning's ``GroupMagnitudeImportance`` (p=2), Conv1D layers scored too."""
+
+    def _conv1d_score(self, w, grad):
+        return w.abs().pow(self.p).sum(1)
+
+
+class TaylorImportance(Conv1DAware, tp.importance.GroupTaylorImportance):
+    """torch-pruning's ``GroupTaylorImportance``, Conv1D layers scored too (needs their gradients)."""
+
+    def _conv1d_score(self, w, grad):
+        if grad is None:
+            raise PrunekitError("tp-taylor: a Conv1D layer has no gradient; give gradient batches that reach it")
+        return (w * grad).abs().sum(1)
 
 
 def _prune_once(model, method, ratio, example_input, ignored_names, grads, global_pruning, round_to,
@@ -30,17 +88,20 @@ def _prune_once(model, method, ratio, example_input, ignored_names, grads, globa
         for p, g in zip(pruned.parameters(), grads):
             p.grad = None if g is None else g.clone()
     modules = dict(pruned.named_modules())
-    importance = tp.importance.GroupMagnitudeImportance(p=2) if method == "tp-magnitude" \
-        else tp.importance.GroupTaylorImportance()
+    importance = MagnitudeImportance(p=2) if method == "tp-magnitude" else TaylorImportance()
+    conv1d = conv1d_pruners(pruned)
+    pruners = {**(pad_pruners(pruned) if pads_residual else {}), **conv1d}
     with warnings.catch_warnings():
         # torch-pruning prunes bare parameters itself (their last axis) and says so; a baseline
         # run is its behaviour by definition, so its notice is not for our users.
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
         pruner = tp.pruner.MetaPruner(pruned, example_input, importance=importance, pruning_ratio=ratio,
-                                      ignored_layers=[modules[n] for n in ignored_names],
+                                      ignored_layers=[modules[n] for n in ignored_names if n in modules],
                                       global_pruning=global_pruning, max_pruning_ratio=0.95,
                                       round_to=round_to if round_to > 1 else None,
-                                      customized_pruners=pad_pruners(pruned) if pads_residual else None)
+                                      customized_pruners=pruners or None,
+                                      root_module_types=[tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM,
+                                                         *conv1d])
         pruner.step()
     for p in pruned.parameters():
         p.grad = None
@@ -61,7 +122,13 @@ def tp_prune(model: nn.Module, method: str, flops: float, example_input: torch.T
     costs = CostModel(model, example_input)
     groups = find_groups(model, example_input, pads_residual)
     roots = {m.module for g in groups for m in g.layers("out")}
-    ignored = [layer.name for layer in costs.weight_layers() if layer.name not in roots]
+    # every layer torch-pruning could take as a group root outside our groups is left to it as
+    # ignored: the cost model's weight layers, and by module any Conv, Linear, LSTM or Conv1D (a
+    # head tied to an embedding is traced under the embedding's name, so is named here only)
+    rootable = (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
+    layers = {layer.name for layer in costs.weight_layers()} | \
+        {name for name, m in model.named_modules() if isinstance(m, rootable) or is_conv1d_style(m)}
+    ignored = sorted(layers - roots)
     grads = None
     if method == "tp-taylor":
         model.zero_grad(set_to_none=True)
@@ -85,5 +152,10 @@ def tp_prune(model: nn.Module, method: str, flops: float, example_input: torch.T
             lo = mid
     if best is None:
         best = _prune_once(model, method, hi, example_input, ignored, grads, global_pruning, round_to, pads_residual)
+    reached = costs.count(best).macs
+    if reached > target:
+        raise PrunekitError(f"{method}: torch-pruning cannot bring this model to {flops:g} of its MACs (its "
+                            f"deepest cut keeps {reached / costs.macs:.1%} of them, over {len(groups)} channel "
+                            "group(s)): use method autobot or taper")
     return best, {"pruning_ratio": hi, "global_pruning": global_pruning, "round_to": round_to,
                   "residual_channels": pads_residual}

@@ -202,7 +202,8 @@ class ParamsNotCountable(PrunekitError):
 class GatedParams:
     """Parameters of the model with gates ``values``: ``params(values)`` (differentiable), counted
     like ``GatedMacs`` counts MACs, from the groups' members: a tensor keeps ``kernel elements x
-    kept_in / G x kept_out`` entries (a Conv or Linear weight; G its groups), ``kept_out`` (a bias,
+    kept_in / G x kept_out`` entries (a Conv or Linear weight, a Conv1D-style weight stored (in, out);
+    G its groups), ``kept_out`` (a bias,
     a BatchNorm's weight and bias), a depthwise conv's weight ``kernel elements x kept_out``; an
     attention head group the rows of q, k and v of its heads (weight and bias) and the columns of
     ``out_proj``. Every other parameter is ``fixed``. For 0/1 gates this is
@@ -250,6 +251,8 @@ class GatedParams:
                 return (1, 1, p.shape[0], [], outs, 1)
         elif pname == "weight" and isinstance(module, nn.Linear) and p.dim() == 2:
             return (1, p.shape[1], p.shape[0], ins, outs, 1)
+        elif pname == "weight" and is_conv1d_style(module):     # GPT-2's Conv1D: weight (in, out)
+            return (1, p.shape[0], p.shape[1], ins, outs, 1)
         elif pname == "weight" and isinstance(module, nn.modules.conv._ConvNd):
             kernel = math.prod(p.shape[2:])
             if _is_depthwise(module):
