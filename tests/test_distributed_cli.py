@@ -456,3 +456,33 @@ def test_a_sigterm_to_torchrun_stops_both_ranks_with_one_prunekit_line_and_the_r
     assert json.loads(output)["sparsity"] == pytest.approx(0.9, abs=1e-3)
     metrics = runs.RunFolder(out).read_metrics()
     assert metrics["status"] == "done" and [s["stage"] for s in metrics["stages"]] == [1, 2, 3, 4]
+
+
+def test_a_sigterm_to_torchrun_training_writes_the_stop_to_its_run_log(tmp_path):
+    """``train --out`` under torchrun, the launcher sent SIGTERM: rank 0's one line, and the
+    training folder's run.log ends ``interrupted (SIGTERM)`` as a prune run's does (before, its last
+    line was an epoch's checkpoint: nothing said the run had been stopped)."""
+    from prunekit import run_lock
+    out = tmp_path / "train"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "prunekit",
+                                 "train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"),
+                                 "--epochs", "200", "--lr", "0.05", "--out", str(out)],
+                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / "stage-001.safetensors").exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, "epoch 1 never came"
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    lines = [line for line in err.splitlines() if line.startswith("prunekit")]
+    assert len(lines) == 1 and lines[0].startswith("prunekit: interrupted (SIGTERM)"), err[-3000:]
+    assert (out / "run.log").read_text().splitlines()[-1].endswith("interrupted (SIGTERM)")
+    assert run_lock.in_use(out) is False

@@ -33,6 +33,8 @@ def test_killed_training_resumes_to_the_same_weights(capsys, tmp_path, monkeypat
     assert main([*TRAIN, "--augment", "--out", str(tmp_path / "cut")]) == 130
     assert "run the same command again" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["stage-001.safetensors"]
+    # run.log says why it ended there, as a prune run's does (before, its last line was "epoch 1 saved ...")
+    assert (tmp_path / "cut" / "run.log").read_text().splitlines()[-1].endswith("interrupted (Ctrl-C)")
     monkeypatch.setattr(train_command, "train_epoch", real_epoch)
 
     assert main([*TRAIN, "--augment", "--out", str(tmp_path / "cut")]) == 0

@@ -307,7 +307,7 @@ def _first_line(err: RuntimeError) -> str:
 
 
 def _log_stop(args, line: str, err: BaseException | None = None) -> None:
-    """Under ``prune --out``, write why the run ends here to its run.log (rank 0 alone) and mark a
+    """Under ``prune --out`` (``train --out`` writes its own, ``stop_recorded``), write why the run ends here to its run.log (rank 0 alone) and mark a
     running run interrupted: ``--resume`` carries on from the last completed stage. A run stopped
     while it held its folder has written both before letting its lock go (``prune_into``; ``err``
     says so); one stopped before it took the lock writes them now, holding the lock while it does,

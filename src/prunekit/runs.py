@@ -37,7 +37,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as save_tensors
 from torch import nn
 
 from .costs import CostModel
@@ -46,7 +45,7 @@ from .options import OptionError
 from .pipelines.stages import StageState
 from .record import finite as _finite
 from .run_lock import LOCK_NAME, in_use
-from .saving import atomic_write_bytes, atomic_write_json
+from .saving import atomic_write_bytes, atomic_write_json, tensor_file_bytes
 
 METRICS = "metrics.json"
 
@@ -668,7 +667,7 @@ class RunCheckpointer:
             meta["config"] = self.folder.config.read_text()
         meta["world_sizes"] = json.dumps(self.world_sizes)
         meta["epoch_passes"] = str(EPOCH_PASSES)      # a resume tells this version's checkpoints from older ones
-        atomic_write_bytes(self.path(state.stage), save_tensors(tensors, metadata=meta))
+        atomic_write_bytes(self.path(state.stage), tensor_file_bytes(tensors, meta))
         self.folder.log(f"{self._named(state)} saved to {self.path(state.stage).name}")
         if self.on_saved is not None:
             self.on_saved(state.history)

@@ -19,6 +19,7 @@ user's own safetensors) is refused, not replaced.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -52,6 +53,24 @@ def is_sidecar(obj) -> bool:
         return True
     keys = set(obj)
     return isinstance(obj.get("model"), str) and (keys <= _UNMARKED_KEYS or bool(keys & _DISTINCTIVE_KEYS))
+
+
+def tensor_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The bytes of a .safetensors file holding ``tensors`` (name -> contiguous CPU tensor) and the
+    string ``metadata``, the same bytes for the same input in every process. safetensors' own
+    ``save`` writes the metadata in a per-process random key order (a Rust HashMap), so the same
+    weights would hash differently run to run; here the header is rewritten with the metadata
+    keys sorted (the tensors' entries and data bytes are left as safetensors wrote them, and the
+    data offsets are relative to the data section, so they hold whatever the header's length)."""
+    raw = save(tensors, metadata=metadata)
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + size].decode("utf-8"))
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)      # safetensors pads the header with spaces to a multiple of 8 bytes
+    return struct.pack("<Q", len(text)) + text + raw[8 + size:]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -102,7 +121,7 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     written = None
     try:
-        atomic_write_bytes(path, save(state, metadata={"format": "pt", MODEL_MARK: "1"}))
+        atomic_write_bytes(path, tensor_file_bytes(state, {"format": "pt", MODEL_MARK: "1"}))
         written = path
         atomic_write_bytes(side, sidecar)
     except OSError as err:      # an unwritable folder, a full disk: named by the user's path, not the temporary's

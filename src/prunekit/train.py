@@ -297,8 +297,13 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
 
     Under torch.distributed every rank iterates the same batches (same seed) and trains on its
     share of each (``tensor_split``: what a DistributedSampler gives, batch by batch) through
-    DistributedDataParallel, so with a batch size divisible by the ranks a step is one rank's
-    step on the whole batch. The mean loss returned is over every rank's samples, and the BatchNorm
+    DistributedDataParallel, so a step is one process's step on the whole batch, whatever its size:
+    DDP averages the ranks' gradients, so each rank's mean loss is weighted by ``_share_weight``
+    (R·n_r/n) first, making the average Σ_r (n_r/n)·grad_r, the whole batch's mean-loss gradient
+    (a 3-sample batch on 2 ranks, split 2/1, weighs each sample alike; a rank left with no samples
+    of a batch smaller than R runs its empty share, contributing zeros). Exact for models without
+    BatchNorm (to rounding); a BatchNorm layer in training mode normalises each rank's share by its
+    own statistics, so there it is close, not equal, at any batch size. The mean loss returned is over every rank's samples, and the BatchNorm
     running statistics, each rank's from its own share, are averaged over the ranks (one all-reduce
     at the end of the pass): every rank ends the pass with the same model. The progress bar's
     running figure is rank 0's own."""
@@ -314,8 +319,11 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
     total, count = 0.0, 0
     bar = _progress(loader, desc, progress and rank == 0)
     for x, y in bar:
+        weight = 1.0
         if ranks > 1:
+            whole = x.shape[0]
             x, y = x.tensor_split(ranks)[rank], y.tensor_split(ranks)[rank]
+            weight = _share_weight(x.shape[0], whole, ranks)
         y = y.to(device)
         optimizer.zero_grad(set_to_none=True)
         if teacher is not None and distill:
@@ -324,15 +332,24 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
             loss = distillation_loss(forward(model_input(model, x, device)), target, y, distill, temperature)
         else:
             loss = mean_loss(loss_fn, forward(model_input(model, x, device)), y)
-        loss.backward()
+        (loss if weight == 1.0 else loss * weight).backward()
         optimizer.step()
         schedule.step()
-        total += loss.item() * y.shape[0]
-        count += y.shape[0]
+        if y.shape[0]:           # a rank with no samples of a short batch: its mean loss is nan, and counts for nothing
+            total += loss.item() * y.shape[0]
+            count += y.shape[0]
         bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
     if ranks > 1:
         total, count = _reduce_epoch_end(model, total, count, ranks, device)
     return total / max(count, 1)
+
+
+def _share_weight(share: int, whole: int, ranks: int) -> float:
+    """The factor on a rank's mean loss over its ``share`` of a ``whole`` batch split over ``ranks``
+    ranks, so that DDP's average of the ranks' gradients is the whole batch's mean-loss gradient:
+    (1/R)·Σ_r (R·n_r/n)·grad_r = Σ_r (n_r/n)·grad_r. Exactly 1.0 when the batch divides evenly
+    (nothing changes there); 0.0 for a rank with no samples."""
+    return ranks * share / whole
 
 
 def _batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -28,6 +29,29 @@ from ..loading import (LoadedModel, check_fits, check_normalized, load_data, loa
 
 MODEL_HELP = (f"zoo model ({', '.join(zoo.MODEL_NAMES)}) or your own: net.py:FUNCTION, a function of that "
               "file that returns the nn.Module (called with no arguments)")
+
+
+@contextlib.contextmanager
+def stop_recorded(out: str | None, main: bool):
+    """Around a command's work in run folder ``out`` while it holds the folder's lock: a Ctrl-C,
+    SIGTERM, a lost torchrun rank or launcher (``cli.stop_line``) that stops it is written to the
+    folder's run.log, and a running run marked interrupted, before the lock is let go (by ``main``,
+    the rank that writes); the command line then writes it no more (``prunekit_stop_written``).
+    Used by ``prune --out`` and ``train --out``."""
+    try:
+        yield
+    except (KeyboardInterrupt, RuntimeError) as err:
+        if out and main:
+            from ..cli import stop_line
+            from ..runs import RunFolder, mark_stopped
+            line = stop_line(err)
+            if line is not None:
+                try:
+                    mark_stopped(RunFolder(out), line)
+                except OSError:        # a full disk: the stop itself is what the user is told
+                    pass
+                err.prunekit_stop_written = True
+        raise
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ from ..structured.groups import listed_skips, unexpected_skips
 from . import option_flags
 from .common import (add_data_args, add_device_arg, add_model_args, bytes_to_load, check_out_not_input, describe,
                      emit, eval_data, loaded_model, resolve_model, show_progress, training_batches,
-                     warn_if_random_weights, write_report)
+                     stop_recorded, warn_if_random_weights, write_report)
 from .option_flags import add_option_flags
 
 RUN_ONLY = recipes.NOT_IN_RECIPES     # options about this invocation, not the run
@@ -266,19 +266,8 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
         # torchrun as rank 0 finds the folder, on every rank
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main, read_only=True)
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
-        try:
+        with stop_recorded(args.out, main):      # why the run stops, and its status, written while the lock is held
             return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
-        except (KeyboardInterrupt, RuntimeError) as err:
-            if args.out and main:      # why the run stops, and its status, written while the lock is held
-                from ..cli import stop_line
-                line = stop_line(err)
-                if line is not None:
-                    try:
-                        runs.mark_stopped(runs.RunFolder(args.out), line)
-                    except OSError:        # a full disk: the stop itself is what the user is told
-                        pass
-                    err.prunekit_stop_written = True        # the command line writes it no more
-            raise
 
 
 DATA_FREE_METHODS = ("magnitude", "magnitude-uniform", "magnitude-flops")

@@ -36,7 +36,7 @@ from ..zoo.checkpoints import _export_kind
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
-                     describe, emit, note_classes, resolve_model, show_progress)
+                     describe, emit, note_classes, resolve_model, show_progress, stop_recorded)
 
 
 def cmd_train(args) -> int:
@@ -84,7 +84,8 @@ def cmd_train(args) -> int:
         # command's run), with no lock (its file could not be made) and nothing written
         return train_into(args, loaded, loader, test_loader, read_only=True, pruned=pruned, fingerprint=fingerprint)
     with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
-        return train_into(args, loaded, loader, test_loader, pruned=pruned, fingerprint=fingerprint)
+        with stop_recorded(args.out, distributed.is_main_process()):    # a stop in run.log, as prune's
+            return train_into(args, loaded, loader, test_loader, pruned=pruned, fingerprint=fingerprint)
 
 
 class PrunedCheckpoint:
