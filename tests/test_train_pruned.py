@@ -221,16 +221,19 @@ def test_a_plain_checkpoint_pruned_by_another_tool_keeps_its_zeros_saying_so(cap
 
 
 def test_a_plain_checkpoint_with_fewer_zeros_trains_them_saying_so(capsys, runs, tmp_path):
-    """20% of each layer zero: under half, so trained by default, with one line (under --json too)
-    naming --zeros keep; --zeros keep holds them."""
+    """20% of each layer zero: under half, so trained by default, with one line naming --zeros keep
+    (a note: not under --json, where what plain training does goes without a word); --zeros keep
+    holds them."""
     spec, _ = runs
     before = plain_checkpoint(runs, tmp_path / "light.pth", 0.2)
     zeros = int(sum((before[f"{i}.weight"] == 0).sum() for i in (0, 4, 9)))
     capsys.readouterr()
+    assert main(plain(spec, tmp_path / "light.pth", tmp_path / "said")) == 0
+    told = zero_lines(capsys.readouterr().err)
+    assert len(told) == 1 and "trained like every weight" in told[0] and "--zeros keep" in told[0], told
     assert main(plain(spec, tmp_path / "light.pth", tmp_path / "trained", "--json")) == 0
     captured = capsys.readouterr()
-    told = zero_lines(captured.err)
-    assert len(told) == 1 and "trained like every weight" in told[0] and "--zeros keep" in told[0], told
+    assert not zero_lines(captured.err), captured.err
     after = load_file(tmp_path / "trained" / "model.safetensors")
     assert (after["4.weight"][before["4.weight"] == 0] != 0).float().mean() > 0.9
     trained = json.loads(captured.out)
@@ -317,7 +320,12 @@ def test_an_older_unfinished_run_over_a_plain_sparse_file_carries_on_training_it
     assert record["zeros"] == "train"
 
 
-def test_train_epochs_keeps_the_zeros_of_a_pruned_model_and_says_so():
+def test_train_epochs_holds_zeros_only_when_asked():
+    """The Python API cannot tell pruned weights loaded from a file from weights just initialised
+    with zeros (eye_): by default every weight trains, a warning naming zeros="keep" where a layer
+    is a notable share zeros; zeros="keep" holds them, zeros="train" trains them without a word."""
+    import warnings
+
     import torch
     from torch import nn
     from torch.nn.utils import prune
@@ -336,25 +344,67 @@ def test_train_epochs_keeps_the_zeros_of_a_pruned_model_and_says_so():
     data = (torch.randn(64, 8), torch.randint(0, 3, (64,)))
     net = pruned_net(0.7)
     zeros = net[0].weight == 0
-    with pytest.warns(PrunekitWarning, match='held at zero .*zeros="train"'):
+    with pytest.warns(PrunekitWarning, match='trained like every weight.*zeros="keep"'):
         train_epochs(net, data, epochs=1, lr=0.05, progress=False, batch_size=16)
-    assert (net[0].weight[zeros] == 0).all()
+    assert (net[0].weight[zeros] != 0).float().mean() > 0.9
     net = pruned_net(0.7)
-    import warnings
+    train_epochs(net, data, epochs=1, lr=0.05, progress=False, batch_size=16, zeros="keep")
+    assert (net[0].weight[zeros] == 0).all() and (net[0].weight[~zeros] != 0).all()
+    net = pruned_net(0.7)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train_epochs(net, data, epochs=1, lr=0.05, progress=False, batch_size=16, zeros="train")
     assert (net[0].weight[zeros] != 0).float().mean() > 0.9
-    net = pruned_net(0.2)
-    zeros = net[0].weight == 0
-    with pytest.warns(PrunekitWarning, match='trained like every weight.*zeros="keep"'):
+    # an identity-initialised layer (15/16 zeros): its initialisation, trained
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    nn.init.eye_(net[2].weight)
+    off = ~torch.eye(16, dtype=torch.bool)
+    with pytest.warns(PrunekitWarning, match='layer\\(s\\) 2 .*zeros="keep"'):
         train_epochs(net, data, epochs=1, lr=0.05, progress=False, batch_size=16)
-    assert (net[0].weight[zeros] != 0).float().mean() > 0.9
-    net = pruned_net(0.2)
-    train_epochs(net, data, epochs=1, lr=0.05, progress=False, batch_size=16, zeros="keep")
-    assert (net[0].weight[zeros] == 0).all()
+    assert (net[2].weight[off] != 0).float().mean() > 0.9
     with pytest.raises(PrunekitError, match="zeros must be"):
         train_epochs(net, data, epochs=1, progress=False, zeros="sparse")
+
+
+def test_a_padding_row_or_a_lone_zero_row_is_not_worth_a_line():
+    """An Embedding's padding_idx row (zero by design, never trained) is not counted; a lone zero
+    row of a layer is under NOTABLE_LAYER_SHARE: training either says nothing."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    from prunekit.masks import exact_zeros
+    from prunekit.params import ParamSpace
+    from prunekit.train import train_epochs
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(12, 8, padding_idx=0)
+            self.fc = nn.Linear(8, 12)
+
+        def forward(self, x):
+            return self.fc(self.emb(x).mean(1))
+
+    torch.manual_seed(0)
+    net = Tokens()
+    with torch.no_grad():
+        net.fc.weight[3] = 0                    # one row of 12: 8% of the layer
+    found = exact_zeros(ParamSpace(net))
+    assert found.zeros == 8 and found.numel == 11 * 8 + 12 * 8      # the padding row left out
+    assert not found.notable and not found.looks_pruned
+    with torch.no_grad():
+        net.fc.weight[3:5] = 0                  # two rows of 12: 17%, notable
+    assert exact_zeros(ParamSpace(net)).notable_layers == ("fc",)
+    with torch.no_grad():
+        net.fc.weight[4] = 1.0
+    data = (torch.randint(0, 12, (64, 5)), torch.randint(0, 12, (64,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_epochs(net, data, epochs=1, lr=0.05, progress=False, batch_size=16)
+    assert (net.emb.weight[0] == 0).all()
 
 
 def test_an_unfinished_run_whose_checkpoint_lost_its_zeros_is_refused(capsys, runs, tmp_path, monkeypatch):
@@ -374,3 +424,123 @@ def test_an_unfinished_run_whose_checkpoint_lost_its_zeros_is_refused(capsys, ru
     assert err.count("\n") == 1 and "held the checkpoint's zero weights at zero" in err \
         and "checkpoint file changed" in err and "--force" in err, err
     assert not (tmp_path / "ft" / "result.json").exists()
+
+
+EYE_NET = """from torch import nn
+
+
+def build():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    nn.init.eye_(net[3].weight)         # identity-initialised: 31/32 of the layer exact zeros
+    return net
+"""
+
+
+def test_a_freshly_built_model_trains_its_initial_zeros(capsys, tmp_path):
+    """No --checkpoint: the zeros of what build() returned are its initialisation (eye_), trained
+    by default (they were held at zero through the whole training, the layer stuck at identity);
+    one line (not under --json) names --zeros keep for a build() that loads pruned weights itself;
+    --zeros keep holds them."""
+    import torch
+
+    (tmp_path / "eye.py").write_text(EYE_NET)
+    spec = f"{tmp_path}/eye.py:build"
+    argv = ["train", "--model", spec, *MNIST, "--normalize", "0.1307/0.3081", "--epochs", "1", "--lr", "0.05",
+            "--train-samples", "256"]
+    off = ~torch.eye(32, dtype=torch.bool)
+    capsys.readouterr()
+    record = run_json(capsys, [*argv, "--out", str(tmp_path / "quiet"), "--json"])
+    assert record["zeros"] == "train" and record["trained_zeros"] == 32 * 31 and "pruned" not in record
+    assert (load_file(tmp_path / "quiet" / "model.safetensors")["3.weight"][off] != 0).float().mean() > 0.9
+    assert main([*argv, "--out", str(tmp_path / "said")]) == 0
+    told = [line for line in capsys.readouterr().err.splitlines() if "exact zeros" in line]
+    assert len(told) == 1 and "no --checkpoint" in told[0] and "--zeros keep" in told[0], told
+    kept = run_json(capsys, [*argv, "--out", str(tmp_path / "kept"), "--zeros", "keep", "--json"])
+    assert kept["zeros"] == "keep"
+    assert (load_file(tmp_path / "kept" / "model.safetensors")["3.weight"][off] == 0).all()
+
+
+def test_a_few_zeros_of_a_checkpoint_train_without_a_word(capsys, runs, tmp_path):
+    """A few zeros in one conv filter (36 of its layer's 1,152: 3%, over 1% of the prunable weights,
+    which used to be worth a line): no pruning to speak of, so they train as every weight does and
+    nothing is said, --json or not."""
+    import torch
+
+    spec, folder = runs
+    state = load_file(folder / "dense" / "model.safetensors")
+    state["4.weight"][5, :4] = 0
+    torch.save(state, tmp_path / "row.pth")
+    capsys.readouterr()
+    record = run_json(capsys, plain(spec, tmp_path / "row.pth", tmp_path / "quiet", "--json"))
+    assert record["zeros"] == "train" and "pruned" not in record
+    assert main(plain(spec, tmp_path / "row.pth", tmp_path / "said")) == 0
+    err = capsys.readouterr().err
+    assert not zero_lines(err) and "--zeros" not in err, err
+    assert (load_file(tmp_path / "said" / "model.safetensors")["4.weight"][5, :4] != 0).float().mean() > 0.9
+
+
+def test_force_over_a_run_whose_checkpoint_lost_its_zeros_starts_it_anew(capsys, runs, tmp_path, monkeypatch):
+    """The refusal names --force to train anew: --force removes the epochs so far (which held the
+    zeros the file had) and trains the file as it is now from epoch 1, saying so in run.log."""
+    spec, _ = runs
+    plain_checkpoint(runs, tmp_path / "pruned.pth", 0.7)
+    argv = plain(spec, tmp_path / "pruned.pth", tmp_path / "ft")
+    argv[argv.index("--epochs") + 1] = "2"
+    restore = _killed_in_second_epoch(monkeypatch)
+    assert main(argv) == 130
+    restore()
+    now = plain_checkpoint(runs, tmp_path / "pruned.pth", 0.2)
+    capsys.readouterr()
+    assert main(argv) == 2 and "--force to train anew" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming" not in err
+    record = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert record["zeros"] == "train" and [h["epoch"] for h in record["history"]] == [1, 2]
+    assert "starts it anew" in (tmp_path / "ft" / "run.log").read_text()
+    after = load_file(tmp_path / "ft" / "model.safetensors")
+    assert (after["4.weight"][now["4.weight"] == 0] != 0).float().mean() > 0.9     # trained, as the file is now
+
+
+def test_an_explicit_zeros_flag_naming_the_default_carries_the_same_run_on(capsys, runs, tmp_path, monkeypatch):
+    """A run started with --zeros left out (resolved to keep here), killed: the same command with
+    --zeros keep does the same, so it carries the run on (it was refused as other zeros); and a run
+    started with --zeros keep carries on without it."""
+    spec, _ = runs
+    before = plain_checkpoint(runs, tmp_path / "pruned.pth", 0.7)
+    for first, second, out in (([], ["--zeros", "keep"], "a"), (["--zeros", "keep"], [], "b")):
+        argv = plain(spec, tmp_path / "pruned.pth", tmp_path / out)
+        argv[argv.index("--epochs") + 1] = "2"
+        restore = _killed_in_second_epoch(monkeypatch)
+        assert main([*argv, *first]) == 130
+        restore()
+        capsys.readouterr()
+        assert main([*argv, *second]) == 0, capsys.readouterr().err
+        assert "resuming" in capsys.readouterr().err
+        record = json.loads((tmp_path / out / "result.json").read_text())
+        assert record["zeros"] == "keep"
+        after = load_file(tmp_path / out / "model.safetensors")
+        assert (after["4.weight"][before["4.weight"] == 0] == 0).all()
+
+
+def test_force_over_an_older_run_that_trained_a_plain_files_zeros_starts_it_anew_holding_them(capsys, runs, tmp_path,
+                                                                                              monkeypatch):
+    """The older prunekit's run carries on training the zeros, its line naming --force to train anew
+    holding them: --force does that (it carried on training them)."""
+    spec, _ = runs
+    before = plain_checkpoint(runs, tmp_path / "pruned.pth", 0.7)
+    argv = plain(spec, tmp_path / "pruned.pth", tmp_path / "ft")
+    argv[argv.index("--epochs") + 1] = "2"
+    real_save = train_command.save_epoch
+    monkeypatch.setattr(train_command, "save_epoch", lambda *a: real_save(*a[:8], None))     # no zeros recorded
+    restore = _killed_in_second_epoch(monkeypatch)
+    assert main(argv) == 130
+    restore()
+    monkeypatch.setattr(train_command, "save_epoch", real_save)
+    capsys.readouterr()
+    assert main([*argv, "--force"]) == 0, capsys.readouterr().err
+    assert "resuming" not in capsys.readouterr().err
+    record = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert record["zeros"] == "keep" and [h["epoch"] for h in record["history"]] == [1, 2]
+    after = load_file(tmp_path / "ft" / "model.safetensors")
+    assert (after["4.weight"][before["4.weight"] == 0] == 0).all()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .params import ParamSpace
 
@@ -23,19 +24,23 @@ def masks_from_weights(space: ParamSpace) -> dict[str, torch.Tensor]:
 # A layer at least this share exact zeros (and not all zeros) was pruned: trained float weights
 # are almost never exactly zero, while a wholly zero layer is an initialisation (zero-init), not pruning.
 PRUNED_LAYER_SHARE = 0.5
-# Exact zeros at least this share of the prunable weights are worth a line when they are trained.
-NOTABLE_ZERO_SHARE = 0.01
+# A layer (not all zeros) at least this share exact zeros is worth a line when its zeros are
+# trained: under it (a zero row here and there) they are left to train without a word.
+NOTABLE_LAYER_SHARE = 0.1
 
 
 @dataclass(frozen=True)
 class ExactZeros:
     """The exact zeros of a model's prunable weights (``exact_zeros``): ``zeros`` of ``numel``
-    weights (counts), ``pruned_layers`` (names of layers at least ``PRUNED_LAYER_SHARE`` zeros but
-    not all), ``empty_layers`` (names of layers that are all zeros)."""
+    weights (counts; an Embedding's ``padding_idx`` row, zero by design and never trained, is left
+    out), ``pruned_layers`` (names of layers at least ``PRUNED_LAYER_SHARE`` zeros but not all),
+    ``empty_layers`` (names of layers that are all zeros), ``notable_layers`` (names of layers at
+    least ``NOTABLE_LAYER_SHARE`` zeros but not all; the pruned ones among them)."""
     zeros: int
     numel: int
     pruned_layers: tuple[str, ...]
     empty_layers: tuple[str, ...]
+    notable_layers: tuple[str, ...] = ()
 
     @property
     def share(self) -> float:
@@ -49,27 +54,50 @@ class ExactZeros:
 
     @property
     def notable(self) -> bool:
-        """Whether training these zeros is worth a line: pruned-looking, a wholly zero layer, or
-        at least ``NOTABLE_ZERO_SHARE`` of the prunable weights."""
-        return self.looks_pruned or bool(self.empty_layers) or self.share >= NOTABLE_ZERO_SHARE
+        """Whether training these zeros is worth a line: some layer, not all zeros, is at least
+        ``NOTABLE_LAYER_SHARE`` exact zeros (a lone zero row, a padding row or a wholly zero,
+        zero-initialised layer is not)."""
+        return bool(self.notable_layers)
 
-    def layers(self, limit: int = 3) -> str:
-        """The pruned-looking layers, named (at most ``limit``, then a count)."""
-        names = [f"'{name}'" for name in self.pruned_layers]     # quoted: a Sequential child "3" is no count
+    def layers(self, limit: int = 3, notable: bool = False) -> str:
+        """The pruned-looking layers (``notable``: the notable ones), named (at most ``limit``,
+        then a count)."""
+        chosen = self.notable_layers if notable else self.pruned_layers
+        names = [f"'{name}'" for name in chosen]     # quoted: a Sequential child "3" is no count
         return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _padding_row(space: ParamSpace, entry) -> int | None:
+    """The ``padding_idx`` row of ``entry`` when it is an Embedding's weight, else None."""
+    owner, _, local = entry.param_name.rpartition(".")
+    if local != "weight":
+        return None
+    try:
+        module = space.model.get_submodule(owner)
+    except AttributeError:
+        return None
+    padding = getattr(module, "padding_idx", None) if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) else None
+    return None if padding is None else int(padding) % module.num_embeddings
 
 
 def exact_zeros(space: ParamSpace) -> ExactZeros:
     """Count the exact zeros of ``space``'s weights, per layer (see ``ExactZeros``)."""
-    zeros, numel, pruned, empty = 0, 0, [], []
+    zeros, numel, pruned, empty, notable = 0, 0, [], [], []
     for entry, weight in zip(space.entries, space.weights()):
-        n, z = weight.numel(), int((weight.detach() == 0).sum())
+        weight = weight.detach()
+        padding = _padding_row(space, entry)
+        if padding is not None and weight.dim() == 2:      # zero by design, never trained
+            weight = torch.cat([weight[:padding], weight[padding + 1:]])
+        n, z = weight.numel(), int((weight == 0).sum())
         zeros, numel = zeros + z, numel + n
         if n and z == n:
             empty.append(entry.module_name)
-        elif n and z >= PRUNED_LAYER_SHARE * n:
+            continue
+        if n and z >= PRUNED_LAYER_SHARE * n:
             pruned.append(entry.module_name)
-    return ExactZeros(zeros, numel, tuple(pruned), tuple(empty))
+        if n and z >= NOTABLE_LAYER_SHARE * n:
+            notable.append(entry.module_name)
+    return ExactZeros(zeros, numel, tuple(pruned), tuple(empty), tuple(notable))
 
 
 def masks_from_vector(space: ParamSpace, keep: torch.Tensor) -> dict[str, torch.Tensor]:

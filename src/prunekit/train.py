@@ -399,13 +399,16 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
     ``on_epoch_end(epoch, mean_loss)`` is called after each epoch. Returns the optimizer
     (pass your own to hold masks on it, see ``MaskHold``).
 
-    ``zeros``: the exact zeros of ``model``'s prunable weights (conv / linear): "keep" holds them
-    at zero (the trained model stays as sparse: a model pruned by prunekit, torch.nn.utils.prune or
-    another tool), "train" trains every weight. Default None: with your own ``optimizer``, every
-    weight trains (hold masks on it yourself); without one, zeros are kept when some layer is at
-    least half exact zeros and not all (pruned; a ``PrunekitWarning`` says so, naming
-    ``zeros="train"``), and trained otherwise (a ``PrunekitWarning`` says so when they are a notable
-    share, naming ``zeros="keep"``), as ``prunekit train`` does.
+    ``zeros``: the exact zeros of ``model``'s prunable weights (conv / linear / embedding): "keep"
+    holds them at zero (the trained model stays as sparse: a model pruned by prunekit,
+    torch.nn.utils.prune or another tool), "train" trains every weight. Default None: every weight
+    trains, as torch training does. Only ``zeros="keep"`` holds zeros: a function given a model
+    cannot tell weights just initialised with zeros in them (eye_, dirac_, block-diagonal,
+    zero-init branches), which must train, from pruned weights loaded from a file, so it does what
+    plain training does and, without your own ``optimizer``, a ``PrunekitWarning`` names
+    ``zeros="keep"`` where some layer (not all zeros) is at least 10% exact zeros
+    (``masks.NOTABLE_LAYER_SHARE``). With your own ``optimizer`` nothing is said (hold masks on it
+    yourself, or pass ``zeros="keep"``).
 
     Raises ``TrainingDiverged`` (a ``PrunekitError``) naming the learning rate as soon as an
     epoch's mean loss or a weight is nan or inf, before ``on_epoch_end`` sees that epoch: ``model``
@@ -413,7 +416,8 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
     """
     if zeros not in (None, "keep", "train"):
         raise PrunekitError(f'zeros must be "keep" (hold the weights that are exactly zero at zero), "train" (train '
-                            f'every weight) or None (decided by how many there are), got {zeros!r}')
+                            'every weight) or None (train every weight, saying so where a layer is many zeros), '
+                            f'got {zeros!r}')
     loader = batches_of(loader, "data", batch_size, shuffle=True, class_labels=loss_fn is None)
     hold = _zeros_to_hold(model, zeros, own_optimizer=optimizer is not None)
     if optimizer is None:
@@ -432,21 +436,19 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 0.1, momentu
 
 
 def _zeros_to_hold(model: nn.Module, zeros: str | None, own_optimizer: bool):
-    """``train_epochs``'s ``zeros``: the (space, masks) to hold, or None to train every weight."""
+    """``train_epochs``'s ``zeros``: the (space, masks) to hold, or None to train every weight
+    (``zeros`` None or "train"; None says so where some layer is a notable share exact zeros)."""
     if zeros == "train" or (zeros is None and own_optimizer):
         return None
-    from .masks import PRUNED_LAYER_SHARE, exact_zeros, masks_from_weights
+    from .masks import NOTABLE_LAYER_SHARE, exact_zeros, masks_from_weights
     from .params import ParamSpace
     space = ParamSpace(model)
     found = exact_zeros(space)
-    counted = f"the model's prunable weights hold {found.zeros:,} exact zeros ({100 * found.share:.1f}%)"
-    if zeros is None and found.looks_pruned:
-        where = f"at least {PRUNED_LAYER_SHARE:.0%} zeros in layer(s) {found.layers()}"
-        warnings.warn(PrunekitWarning(f"{counted}, {where}: pruned, so they are held at zero and the trained model "
-                                      'stays as sparse; zeros="train" trains every weight'), stacklevel=3)
-    elif zeros is None:
+    if zeros is None:
         if found.notable:
-            warnings.warn(PrunekitWarning(f"{counted}: trained like every weight, so the trained model is dense; "
-                                          'zeros="keep" holds them at zero'), stacklevel=3)
+            warnings.warn(PrunekitWarning(
+                f"layer(s) {found.layers(notable=True)} of the model are at least {NOTABLE_LAYER_SHARE:.0%} exact "
+                f"zeros ({found.zeros:,} of its prunable weights): trained like every weight, so the trained model "
+                'is dense; if they were pruned, zeros="keep" holds them at zero'), stacklevel=3)
         return None
     return (space, masks_from_weights(space)) if found.zeros else None

@@ -24,7 +24,7 @@ from ..data import load_dataset, make_loader
 from ..data.dataset import DeferredImageDataset
 from ..data.imagefolder import fingerprint_change, folder_fingerprint
 from ..loading import check_fits, check_normalized, load_model, recorded_classes
-from ..masks import PRUNED_LAYER_SHARE, MaskHold, exact_zeros, masks_from_weights
+from ..masks import NOTABLE_LAYER_SHARE, PRUNED_LAYER_SHARE, MaskHold, exact_zeros, masks_from_weights
 from ..params import ParamSpace
 from ..saving import read_meta
 from ..options import OptionError, cli_message
@@ -72,6 +72,9 @@ def cmd_train(args) -> int:
         loaded.model.to(args.device)
     costs = CostModel(loaded.model, loaded.example_input())   # refuses images the model cannot take
     pruned = pruned_checkpoint(args, loaded, costs)
+    if args.out and (pruned is None or args.zeros == pruned.default):
+        # --zeros naming what its default resolves to here: the same run as without it (config.toml)
+        args.zeros = None
     check_fits(loaded, train_ds, f"{args.data} train")
     loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
                          augment=args.augment, seed=args.seed, drop_last=True)
@@ -104,6 +107,7 @@ class PrunedCheckpoint:
         self.space, self.masks, self.shrunk, self.source, self.costs = space, masks, shrunk, source, costs
         self.hold, self.origin = hold, origin
         self.note, self.always_say = "", False
+        self.default = "keep"       # what --zeros left out resolves to for this model
 
     @property
     def choice(self) -> str:
@@ -148,11 +152,13 @@ def pruned_checkpoint(args, loaded, costs: CostModel) -> PrunedCheckpoint | None
     export` wrote, model-dense / model-sparse.safetensors, no record): its zero prunable weights are
     held at zero unless ``--zeros train`` (which trains them; a channel layout is kept either way: a
     model with channels removed is a smaller dense model). Any other weights (a plain .pth /
-    .safetensors, or what a model file's function built) are counted too: where a layer is at least
-    half exact zeros (``exact_zeros``: pruned by another tool, e.g. torch.nn.utils.prune made
-    permanent) they are held at zero by default, saying so and naming ``--zeros train``; fewer zeros
-    (a notable share, or a wholly zero layer: an initialisation) are trained, saying so and naming
-    ``--zeros keep``. ``note`` is that line (printed by ``train_into``)."""
+    .safetensors, or what a model file's function built) are counted too (``_plain_zeros``): where a
+    layer of a ``--checkpoint`` file is at least half exact zeros (``exact_zeros``: pruned by another
+    tool, e.g. torch.nn.utils.prune made permanent) they are held at zero by default, saying so (under
+    --json too) and naming ``--zeros train``; fewer zeros, and the zeros of a model built without
+    ``--checkpoint`` (its initialisation), are trained, a note naming ``--zeros keep`` where a layer
+    is at least ``NOTABLE_LAYER_SHARE`` zeros. ``note`` is that line (printed by ``train_into``);
+    ``default`` what ``--zeros`` left out resolves to."""
     meta = read_meta(args.checkpoint) if args.checkpoint else {}
     source = meta.get("result") if isinstance(meta.get("result"), dict) else {}
     shrunk = "channel_layout" in meta
@@ -180,28 +186,42 @@ def pruned_checkpoint(args, loaded, costs: CostModel) -> PrunedCheckpoint | None
 
 def _plain_zeros(args, space: ParamSpace, costs: CostModel, choice: str | None) -> PrunedCheckpoint | None:
     """``pruned_checkpoint`` of weights without a prunekit record: their exact zeros held (``--zeros
-    keep``, or by default where a layer is at least half zeros) or trained, with the line that says so."""
+    keep``, or by default where a layer of a ``--checkpoint`` file is at least half zeros) or
+    trained, with the line that says so. Without ``--checkpoint`` the model is freshly built (a zoo
+    model, or what a model file's function returned): its zeros are its initialisation (eye_,
+    dirac_, block-diagonal, zero-init branches) and train by default; a function that loads pruned
+    weights itself cannot be told from one that initialises them so, so where a layer is a notable
+    share zeros the line names ``--zeros keep`` for it."""
     found = exact_zeros(space)
     if not found.zeros:
         return None
-    hold = choice == "keep" or (choice is None and found.looks_pruned)
-    if not hold and not found.notable:          # a few zeros of chance: nothing to keep or say
+    loaded = args.checkpoint is not None
+    default = "keep" if loaded and found.looks_pruned else "train"
+    hold = (choice or default) == "keep"
+    if not hold and not found.notable:          # a few zeros of chance, a padding row: nothing to keep or say
         return None
     what = args.checkpoint or args.model
     counted = f"{what} holds {found.zeros:,} exact zero weights ({100 * found.share:.1f}% of the prunable)"
     pruned = PrunedCheckpoint(space, masks_from_weights(space), False, {}, costs, hold=hold,
                               origin={"method": None, "family": None, "plain": True})
-    pruned.always_say = True
+    pruned.default = default
     if choice == "train":                       # as asked: counted in the record (trained_zeros), not said
         pruned.note = ""
     elif choice == "keep":
         pruned.note = f"{counted}: held at zero (--zeros keep), so the trained model stays as sparse"
-    elif hold:
+    elif hold:                                  # not what plain training does: said under --json too
+        pruned.always_say = True
         pruned.note = (f"{counted}, at least {PRUNED_LAYER_SHARE:.0%} zeros in layer(s) {found.layers()}: pruned, so "
                        "they are held at zero and the trained model stays as sparse; --zeros train trains every weight")
+    elif loaded:
+        pruned.note = (f"{counted}, at least {NOTABLE_LAYER_SHARE:.0%} zeros in layer(s) "
+                       f"{found.layers(notable=True)}: trained like every weight, so the trained model is dense; "
+                       "--zeros keep holds them at zero")
     else:
-        pruned.note = (f"{counted}: trained like every weight, so the trained model is dense; --zeros keep holds "
-                       "them at zero")
+        pruned.note = (f"{what} built a model whose layer(s) {found.layers(notable=True)} are at least "
+                       f"{NOTABLE_LAYER_SHARE:.0%} exact zeros ({found.zeros:,} weights): taken as its initialisation "
+                       "(no --checkpoint), so trained like every weight; if it loads pruned weights itself, "
+                       "--zeros keep holds them at zero")
     return pruned
 
 
@@ -228,7 +248,7 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
         return 0
     checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
     state = checkpointer.last() if checkpointer is not None else None
-    check_same_zeros(state, pruned, folder)
+    state = check_same_zeros(state, pruned, checkpointer, force=bool(getattr(args, "force", False)))
     # once the folder is claimed: a refusal stays one line
     if pruned is not None and pruned.note and (pruned.always_say or not args.json) and is_main_process():
         print(pruned.note, file=sys.stderr)
@@ -240,29 +260,40 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
                            state, fingerprint)
 
 
-def check_same_zeros(state, pruned: PrunedCheckpoint | None, folder: RunFolder | None) -> None:
+def check_same_zeros(state, pruned: PrunedCheckpoint | None, checkpointer: RunCheckpointer | None,
+                     force: bool = False):
     """Carry on a training run with its zeros as its epochs so far had them (the ``zeros`` its last
     epoch checkpoint ``state`` recorded): the flag is in its config.toml (another is refused as
-    another run), so what gets here is a checkpoint file whose zeros changed since (refused), or the
-    epoch checkpoint of an older prunekit, which trained the zeros of a file without a prunekit
-    record: carried on training them, and said (``pruned.note``)."""
+    another run), so what gets here is a checkpoint file whose zeros changed since (refused; with
+    ``force``, --force, the run starts anew: its epochs so far are removed), or the epoch checkpoint
+    of an older prunekit, which trained the zeros of a file without a prunekit record: carried on
+    training them, and said (``pruned.note``; with --force started anew, holding them). The state
+    to carry on from: ``state``, or None when the run starts anew."""
     if state is None:
-        return
+        return None
     now = pruned.choice if pruned is not None else "train"
     started = state.extra.get("zeros")
+    folder = checkpointer.folder
     if started is None:          # an older prunekit's: it held the zeros of prunekit-pruned checkpoints only
         plain = pruned is not None and bool((pruned.origin or {}).get("plain"))
+        if plain and pruned.hold and force:
+            _start_anew(checkpointer, "how the checkpoint's zero weights are trained")
+            return None
         if plain and pruned.hold:
             pruned.hold = False
             pruned.note = (f"the training run in {folder.path} was started by an older prunekit, which trained the "
                            f"{pruned.zeros:,} exact zero weights of its checkpoint: carried on training them "
                            "(--force trains anew, holding them at zero)")
-        return
+        return state
+    if started != now and force:
+        _start_anew(checkpointer, "the checkpoint's zero weights")
+        return None
     if started != now:
         said = {"keep": "held the checkpoint's zero weights at zero", "train": "trained the checkpoint's zero weights"}
         raise PrunekitError(f"the training run in {folder.path} {said[started]} in its epochs so far, and this one "
                             f"would have {'held them' if now == 'keep' else 'trained them'}: its checkpoint file "
                             "changed since; restore it to carry the run on, or add --force to train anew")
+    return state
 
 
 def _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule,
@@ -535,8 +566,9 @@ def add_parser(sub) -> None:
     p.add_argument("--zeros", choices=("keep", "train"), default=None,
                    help="exact zero weights of --checkpoint: keep (held at zero: the trained model stays as sparse) "
                    "or train (every weight trains: dense again; a model with channels removed keeps its smaller "
-                   "layout). Default: keep for a prunekit-pruned checkpoint and for one with a layer at least "
-                   "half zeros (pruned by another tool), train otherwise; a line on stderr says which")
+                   "layout). Default: keep for a prunekit-pruned checkpoint and for a --checkpoint file with a "
+                   "layer at least half zeros (pruned by another tool), train otherwise (a model built without "
+                   "--checkpoint trains its initial zeros); a line on stderr says so")
     p.add_argument("--force", action="store_true", help="--out holds another training run (or this one, "
                    "finished): clear that run's files first")
     p.set_defaults(func=cmd_train)
