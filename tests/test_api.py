@@ -409,11 +409,13 @@ def test_a_run_folder_refuses_a_loader_of_other_data_of_the_same_size(tmp_path):
         with pytest.raises(prunekit.PrunekitError, match=r"holds another run \(other data-sha256\)"):
             prunekit.prune(fresh, other, **kwargs)
         assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())    # left as it was
-    # the same data in another order, or a Subset taking all of it in order: the same run
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PrunekitWarning)
+    # the same data in another order, or a Subset taking all of it in order: the same run (given back, said once)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         again = prunekit.prune(_tiny()[0], loader(x, y, shuffle=False), **kwargs)
     assert again.record == first.record
+    said = [str(w.message) for w in said if issubclass(w.category, PrunekitWarning)]
+    assert len(said) == 1 and "holds this run, finished: its stored result is given back" in said[0], said
     # a Subset's indices are part of its contents
     sub = dict(kwargs, out=str(tmp_path / "sub"))
     prunekit.prune(_tiny()[0], DataLoader(Subset(TensorDataset(x, y), range(128)), batch_size=32), **sub)

@@ -50,7 +50,8 @@ from .distributed import check_same_start, current, launched_by_torchrun
 from .errors import PrunekitError, PrunekitWarning, single_sample_batchnorm
 from .executor import execute, python_model_description
 from .losses import loss_name
-from .methods import Method, lookup
+from .callables import fingerprint
+from .methods import BUILT_IN, METHODS, Method, lookup
 from .pipelines.fisher_methods import check_planned_rows, check_rows_before_plan
 from .record import Result
 from .request import PruneRequest
@@ -112,8 +113,11 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             run (other settings, or another model or data: the config records a SHA-256 of the
             starting weights, and of the data's contents where that is exact: ``(X, Y)``
             tensors, a ``TensorDataset`` or a ``Subset`` of one, alone or in a ``DataLoader``,
-            prunekit's loaders; the same data in another form is refused too) is refused unless
-            ``force`` (which clears that run first). Any other Dataset or iterable is compared by
+            prunekit's loaders; the same data in another form is refused too; and a fingerprint of
+            the code given: ``loss``, an ``importance`` function, an own ``Method``, see
+            ``prunekit.callables``) is refused unless ``force`` (which clears that run first).
+            A finished run given back (not run) says so in one ``PrunekitWarning``.
+            Any other Dataset or iterable is compared by
             its form and sample count only: carrying such a run on warns that its contents could
             not be checked. Its
             model.json records the class names the data (else eval_data) carries as ``classes``
@@ -197,13 +201,16 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                       "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
                       **({"loss": loss_name(loss)} if loss is not None else {}),
                       **{k: v for k, v in options.items() if not callable(v)},
+                      **_code_fingerprints(plan.method, loss, options),
                       **_fingerprint(model, data, train_batches, None if force else out),
                       **_eval_fingerprint(eval_data, eval_batches), "batch_size": _batch_size_of(data, eval_data,
                                                                                                  batch_size)}
             folder = claim_on_rank_0(out, recipes.dump_recipe(config), force=force, device=_model_device(model),
                                      python=True)
-            _say_unchecked(folder, config, recipes.dump_recipe(config))
+            told = _say_unchecked(folder, config, recipes.dump_recipe(config))
             _keep_streams(folder, {"data": train_batches, "eval_data": eval_batches})
+            _say_given_back(folder, recipes.dump_recipe(config),
+                            {"data": (data, train_batches), "eval_data": (eval_data, eval_batches)}, told)
         was_training = model.training
         try:
             describe = None if folder is None else {**python_model_description(plan),
@@ -333,6 +340,29 @@ def _fingerprint(model: nn.Module, data, train_batches, out: str | None) -> dict
     return found
 
 
+def _code_fingerprints(method: Method, loss, options: dict) -> dict:
+    """What a run folder records of the code the user hands in, so that a rerun with another
+    function is refused rather than handed this run's result: ``method_fingerprint`` ("built-in"
+    for a method prunekit ships, else a fingerprint of the user's ``Method``: its family, options
+    class, defaults, ``run`` and ``sparsify``), ``loss_fingerprint`` (with ``loss``: its class and
+    state, or its code) and ``<option>_fingerprint`` for each option given as a function (e.g.
+    ``importance``). Each is a SHA-256 (``callables.fingerprint``: the same in every process for
+    the same code and state) or ``"unchecked: <why>"`` where it cannot be hashed faithfully (a
+    rerun then warns that it could not be checked)."""
+    def text(obj) -> str:
+        digest, why = fingerprint(obj)
+        return digest if digest is not None else f"{runs.UNCHECKED}{why}"
+    built_in = method.name in BUILT_IN and METHODS.get(method.name) is method
+    found = {"method_fingerprint": "built-in" if built_in else
+             text((method.family, method.options, method.defaults, method.run, method.sparsify))}
+    if loss is not None:
+        found["loss_fingerprint"] = text(loss)
+    for name, value in sorted(options.items()):
+        if callable(value):
+            found[f"{name}_fingerprint"] = text(value)
+    return found
+
+
 def _eval_fingerprint(eval_data, eval_batches) -> dict:
     """What a run folder records of ``eval_data``, as ``_fingerprint`` of ``data``, under its own
     keys: ``eval_data_sha256`` (its contents, where ``data_identity`` hashes them exactly),
@@ -370,28 +400,63 @@ def _batch_size_of(data, eval_data, batch_size: int) -> int | str:
     return "the data's own"
 
 
-def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> None:
+def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> bool:
     """Warn (once, and in run.log) when the run in ``folder`` is carried on or its result given back
     over data (or eval_data) whose contents could not be fingerprinted (``data_identity``: an
     arbitrary Dataset or iterable): only its form and sample count were compared with what it
-    started with."""
+    started with; or with a function or module of the user's that could not be hashed faithfully
+    (``_code_fingerprints``' "unchecked: ..."). Whether it warned."""
     unchecked = [f"{what} ({config[what + '_form']})"
                  for what in ("data", "eval_data") if what + "_form" in config and what + "_sha256" not in config]
-    if folder.claimed_afresh or not unchecked or current().rank != 0:
-        return          # (under torchrun rank 0 claims the folder: the others' claimed_afresh says nothing)
+    code = [f"{key[:-len('_fingerprint')]}= ({value[len(runs.UNCHECKED):]})" for key, value in config.items()
+            if key.endswith("_fingerprint") and isinstance(value, str) and value.startswith(runs.UNCHECKED)]
+    if folder.claimed_afresh or not (unchecked or code) or current().rank != 0:
+        return False    # (under torchrun rank 0 claims the folder: the others' claimed_afresh says nothing)
     try:
         if folder.config.read_text() != config_text:       # an older folder: ``runs.claim`` said what it checked
-            return
+            return False
     except OSError:
-        return
+        return False
     done = "its stored result is given back" if runs.finished_run(folder) else "it is carried on"
-    message = (f"{folder.path}: {done}, but the contents of this {' and this '.join(unchecked)} could not be "
-               "checked against what it started with, only form and sample count (prunekit fingerprints (X, Y) "
-               "tensors, a TensorDataset or a Subset of one, and its own loaders); clear it with force=True if the "
-               "data changed")
+    said = []
+    if unchecked:
+        said.append(f"the contents of this {' and this '.join(unchecked)} could not be checked against what it "
+                    "started with, only form and sample count (prunekit fingerprints (X, Y) tensors, a TensorDataset "
+                    "or a Subset of one, and its own loaders)")
+    if code:
+        said.append(f"this call's {' and '.join(code)} could not be checked against what it was made with")
+    changed = " or ".join((["the data"] if unchecked else []) + (["that code"] if code else []))
+    message = f"{folder.path}: {done}, but {'; and '.join(said)}; clear it with force=True if {changed} changed"
     if folder.writable:
         folder.log(message)
     warnings.warn(PrunekitWarning(message), stacklevel=3)
+    return True
+
+
+def _say_given_back(folder: RunFolder, config_text: str, streams: dict, told: bool) -> None:
+    """Say once that the finished run in ``folder`` is given back, not run (the command line's
+    "holds this run, finished" note), unless a warning about this folder (``told``, or
+    ``runs.claim``'s about an older folder) said so already: the pruned model and record come from
+    the folder. A user loader whose RNG states at this call (a ``torch.manual_seed`` before it)
+    are not the ones the run recorded at its start is named: they changed nothing."""
+    if told or folder.claimed_afresh or current().rank != 0 or not runs.finished_run(folder):
+        return
+    try:
+        if folder.config.read_text() != config_text:       # an older folder: ``runs.claim`` warned
+            return
+    except OSError:
+        return
+    reseeded = []
+    for what, (data, batches) in streams.items():
+        if batches is None or not hasattr(batches, "states") or batches.states is batches.call_states \
+                or isinstance(data, BatchLoader) or map_style(data) is not None:
+            continue            # prunekit's own loaders, and a Dataset or tensors, shuffle by ``seed``
+        if json.dumps(states_to_json(batches.states)) != json.dumps(states_to_json(batches.call_states)):
+            reseeded.append(what)
+    rng = (f"; this call's RNG state (torch.manual_seed) is not the one that run read its "
+           f"{' and '.join(reseeded)} under ({runs.DATA_RNG}) and changed nothing" if reseeded else "")
+    warnings.warn(PrunekitWarning(f"{folder.path} holds this run, finished: its stored result is given back, nothing "
+                                  f"was run{rng} (force=True runs it anew, or give another out)"), stacklevel=3)
 
 
 def data_identity(data) -> tuple[str | None, str | None]:

@@ -258,6 +258,47 @@ FINGERPRINT_KEYS = ("weights-sha256", "data-sha256", "data-samples", "data-form"
 EVAL_BATCH_KEYS = ("eval-data-sha256", "eval-data-form", "eval-data-samples", "batch-size")
 
 
+# Recorded since: a fingerprint of the code the user hands ``prunekit.prune`` (``api._code_fingerprints``):
+# ``method-fingerprint`` in every such config ("built-in" for prunekit's own methods), ``loss-fingerprint``
+# and ``<option>-fingerprint`` (``importance-fingerprint``) where given; a value starting with
+# ``UNCHECKED`` records one that could not be hashed faithfully. A config without
+# ``method-fingerprint`` is an older prunekit's, carried on with a warning.
+CODE_MARK = "method-fingerprint"
+UNCHECKED = "unchecked: "
+
+
+def _code_key(key: str) -> bool:
+    return key.endswith("-fingerprint")
+
+
+def _before_code(config: dict) -> bool:
+    """Whether a Python run's config was written before prunekit fingerprinted the code it is given."""
+    return CODE_MARK not in config
+
+
+def other_code(folder_path, before: dict, after: dict, keys: list[str]) -> str:
+    """The refusal of a Python run folder whose run was made with other code (``keys``: the
+    ``-fingerprint`` keys, and ``loss``, that differ), naming each argument and the way out."""
+    said = []
+    for key in keys:
+        if key == "loss-fingerprint" and "loss" in keys:        # another class or function: said by its name
+            continue
+        arg = "loss" if key == "loss" else key[:-len("-fingerprint")].replace("-", "_")
+        if key not in before:
+            said.append(f"{arg}= (that run was made without one)")
+        elif key not in after:
+            said.append(f"{arg}= (that run was made with one, this call gives none)")
+        elif arg == "method":
+            said.append(f"method= ({before.get('method')!r}: its run function, options or defaults are not "
+                        "the ones that run was made with)")
+        elif key == "loss":
+            said.append(f"loss= ({before[key]}, now {after[key]})")
+        else:
+            said.append(f"{arg}= ({key} differs: its code or state is not the one that run was made with)")
+    return (f"{folder_path} holds another run, made with another {'; another '.join(said)}: pass what that run "
+            "was made with, pick another out, or clear that run first (force=True)")
+
+
 def _before_eval_batch(config: dict) -> bool:
     """Whether a Python run's config was written before prunekit recorded its eval_data and batch size."""
     return "batch-size" not in config
@@ -419,6 +460,10 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
         old = folder.config.read_text() if folder.config.exists() else None
         if not same_run(old, config_text, folder.path):
             keys = _differing(old, config_text, folder.path) if old is not None else []
+            if python and keys and _before_code(_parsed(old)):      # a version that fingerprinted no code
+                keys = [k for k in keys if not _code_key(k)]
+                if not keys:
+                    return
             if python and keys and _before_eval_batch(_parsed(old)):     # a version that recorded neither
                 keys = [k for k in keys if k not in EVAL_BATCH_KEYS]       # eval_data nor batch size
                 if not keys:
@@ -457,6 +502,8 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
                                   f"({shown} differ{'s' if len(keys) == 1 else ''}): pass the "
                                   "model it started from (as it was before that call, which prunes in place), pick "
                                   "another out, or clear that run first (force=True)", ("out", "force"))
+            if python and old is not None and all(_code_key(k) or k == "loss" for k in keys):
+                raise OptionError(other_code(folder.path, before, after, keys), ("out", "force"))
             if python:
                 raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (the same call "
                                   "as its config.toml records) or clear it first (force=True)", ("out", "force"))
@@ -501,21 +548,27 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
             done = "its stored result is given back" if finished_run(folder) else "it is carried on"
             before = _parsed(old)
             counted = _counted_only(before)
-            if _fingerprinted(old) and (counted or not _before_eval_batch(before)):
+            code = (", nor that this call's loss, importance function or own Method are the ones it was given"
+                    if _before_code(before) else "")
+            if _fingerprinted(old) and not counted and not _before_eval_batch(before):    # only the code unrecorded
+                message = (f"{path} was written by a prunekit that recorded no fingerprint of the code a run is given "
+                           f"(a loss, an importance function, an own Method): {done} without checking that this "
+                           "call's are the ones it was made with (clear it with force=True to run anew)")
+            elif _fingerprinted(old) and (counted or not _before_eval_batch(before)):
                 # the weights are checked; the loader's data by its sample count only
                 unrecorded = ", and neither its eval_data nor its batch size" if _before_eval_batch(before) else ""
                 unchecked = ", eval_data and batch size are" if unrecorded else " is the data"
                 message = (f"{path} was written by a prunekit that recorded its data by sample count only"
-                           f"{unrecorded}: {done} without checking that this data{unchecked} it started from "
+                           f"{unrecorded}: {done} without checking that this data{unchecked} it started from{code} "
                            "(clear it with force=True to run anew)")
             elif _fingerprinted(old):
                 message = (f"{path} was written by a prunekit that recorded neither the eval_data nor the batch size "
                            f"a run reads: {done} without checking that this eval_data and batch size are the ones it "
-                           "started with (clear it with force=True to run anew)")
+                           f"started with{code} (clear it with force=True to run anew)")
             else:
                 message = (f"{path} was written by a prunekit that recorded no fingerprint of the weights (and data) a "
                            f"run starts from: {done} without checking that this model is the one it "
-                           "started from (clear it with force=True to run anew)")
+                           f"started from{code} (clear it with force=True to run anew)")
             folder.log(message)
             warnings.warn(PrunekitWarning(message), stacklevel=4)
     if folder.config.exists() and folder.writable and (made_at := moved_from(folder.config.read_text(), path)):

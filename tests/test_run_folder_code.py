@@ -1,0 +1,184 @@
+"""A Python run folder records a fingerprint of the code it is given (``importance=``, ``loss=``,
+an own ``Method``): a rerun into the same ``out=`` with other code is refused in one line, the
+same code (the same object, or the same function defined again, in this or another process) gets
+the stored result, code that cannot be hashed faithfully is said once, and a finished run given
+back says so (issue s51: the walker's repros 1, 2, 3 and 5)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.errors import PrunekitWarning
+from prunekit.pipelines.magnitude_methods import MagnitudeOptions
+from prunekit.pipelines.weights import Pruned
+
+SRC = Path(prunekit.__file__).resolve().parents[1]
+
+
+def _tiny():
+    """A (256, 16) -> 3 classifier and its data: X (256, 16), Y (256,) class indices."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    y = (x[:, :3].argmax(1)).long()
+    net = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    return net, x, y
+
+
+def _prune(out, **kwargs):
+    """prunekit.prune of a fresh tiny net into ``out``: (result, the PrunekitWarnings said)."""
+    net, x, y = _tiny()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = prunekit.prune(net, (x, y), **{"method": "magnitude", "sparsity": 0.7, "eval_data": (x, y),
+                                                "out": str(out), **kwargs})
+    return result, [str(w.message) for w in said if issubclass(w.category, PrunekitWarning)]
+
+
+def by_size(name, w):
+    return w.abs()
+
+
+def smallest(name, w):
+    return 1.0 / (w.abs() + 1e-3)
+
+
+def test_another_importance_function_is_refused_the_same_one_gets_the_stored_result(tmp_path):
+    first, _ = _prune(tmp_path / "run", importance=by_size)
+    for other in (smallest, None):          # another function, or none: that run's result would be wrong
+        with pytest.raises(prunekit.PrunekitError, match=r"holds another run, made with another importance= .*"
+                                                         r"force=True\)$") as refused:
+            _prune(tmp_path / "run", **({"importance": other} if other else {}))
+        assert "\n" not in str(refused.value)
+    again, said = _prune(tmp_path / "run", importance=by_size)
+    assert again.record == first.record
+    redefined = lambda name, w: w.abs()     # noqa: E731 - the same code, another object
+    _prune(tmp_path / "lambda", importance=lambda name, w: w.abs())
+    again, _ = _prune(tmp_path / "lambda", importance=redefined)
+    with pytest.raises(prunekit.PrunekitError, match="another importance="):
+        _prune(tmp_path / "lambda", importance=lambda name, w: w.abs() ** 2)
+    assert "importance-fingerprint = " in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_a_loss_of_the_same_class_with_other_settings_is_refused(tmp_path):
+    _prune(tmp_path / "run", loss=nn.CrossEntropyLoss())
+    again, _ = _prune(tmp_path / "run", loss=nn.CrossEntropyLoss())
+    for other in (nn.CrossEntropyLoss(label_smoothing=0.5), nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 1.0]))):
+        with pytest.raises(prunekit.PrunekitError, match=r"holds another run, made with another loss= "
+                                                         r"\(loss-fingerprint differs"):
+            _prune(tmp_path / "run", loss=other)
+    with pytest.raises(prunekit.PrunekitError, match=r"another loss= \(CrossEntropyLoss, now <lambda>\)"):
+        _prune(tmp_path / "run", loss=lambda o, y: nn.functional.cross_entropy(o, y))
+
+
+def _v1(ctx, options):                  # keep the largest |w|
+    w = ctx.space.vector().clone()
+    w[torch.argsort(w.abs(), descending=True)[ctx.budget.max_nonzeros:]] = 0
+    return Pruned(w)
+
+
+def _v2(ctx, options):                  # version 2: keep the smallest nonzero |w| (another result)
+    w = ctx.space.vector().clone()
+    w[torch.argsort(w.abs())[ctx.budget.max_nonzeros:]] = 0
+    return Pruned(w)
+
+
+def test_an_own_method_of_the_same_name_with_another_run_function_is_refused(tmp_path):
+    first, _ = _prune(tmp_path / "run", method=prunekit.Method("mine", "weights", MagnitudeOptions, _v1))
+    again, _ = _prune(tmp_path / "run", method=prunekit.Method("mine", "weights", MagnitudeOptions, _v1))
+    assert again.record == first.record
+    with pytest.raises(prunekit.PrunekitError, match=r"another method= \('mine': its run function"):
+        _prune(tmp_path / "run", method=prunekit.Method("mine", "weights", MagnitudeOptions, _v2))
+    _prune(tmp_path / "builtin")
+    assert 'method-fingerprint = "built-in"' in (tmp_path / "builtin" / "config.toml").read_text()
+
+
+def test_a_fingerprint_is_the_same_in_another_process(tmp_path):
+    """No id() or address: the same source gives the same digest under another hash seed, and
+    another source (or module state) another digest."""
+    script = tmp_path / "fp.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        from prunekit.callables import fingerprint
+        K = {"a", "b", "c"}
+        def f(name, w, k=2.0):
+            return w.abs() ** k if name in K else w.abs()
+        g = lambda name, w: w.abs()
+        h = lambda name, w: w.abs()
+        assert fingerprint(g) == fingerprint(h) and fingerprint(g) != fingerprint(lambda name, w: w.abs() ** 2)
+        assert fingerprint(nn.CrossEntropyLoss())[0] != fingerprint(nn.CrossEntropyLoss(label_smoothing=0.1))[0]
+        print(fingerprint(f)[0], fingerprint(nn.CrossEntropyLoss(label_smoothing=0.1))[0],
+              fingerprint(lambda o, y: nn.functional.mse_loss(o, y))[0])
+    """))
+    seen = set()
+    for seed in ("1", "2"):
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(SRC)})
+        seen.add(done.stdout)
+    assert len(seen) == 1 and "None" not in seen.pop()
+
+
+class _Holder:
+    """An object whose state cannot be hashed faithfully (a torch.Generator)."""
+
+    def __init__(self):
+        self.gen = torch.Generator()
+
+    def score(self, name, w):
+        return w.abs()
+
+
+def test_code_that_cannot_be_hashed_is_recorded_and_said_once_on_a_rerun(tmp_path):
+    from prunekit.callables import fingerprint
+    digest, why = fingerprint(_Holder().score)
+    assert digest is None and "Generator" in why
+    _, said = _prune(tmp_path / "run", importance=_Holder().score)
+    assert not any("could not be checked" in s for s in said), said
+    assert 'importance-fingerprint = "unchecked: ' in (tmp_path / "run" / "config.toml").read_text()
+    _, said = _prune(tmp_path / "run", importance=_Holder().score)
+    told = [s for s in said if "importance=" in s]
+    assert len(told) == 1 and "could not be checked" in told[0] and "force=True" in told[0], said
+    assert len(said) == 1, said         # no second note that the result is given back
+
+
+def test_an_older_folder_without_code_fingerprints_is_given_back_with_one_warning(tmp_path):
+    first, _ = _prune(tmp_path / "run", importance=by_size)
+    config = tmp_path / "run" / "config.toml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if "-fingerprint" not in line))
+    again, said = _prune(tmp_path / "run", importance=smallest)        # cannot be told apart: said
+    assert again.record == first.record
+    assert len(said) == 1 and "recorded no fingerprint of the code" in said[0] and "force=True" in said[0], said
+    with pytest.raises(prunekit.PrunekitError, match=r"other sparsity"):   # the rest is compared as before
+        _prune(tmp_path / "run", importance=by_size, sparsity=0.5)
+
+
+def test_a_finished_run_given_back_says_so_once_and_names_a_reseeded_loader(tmp_path):
+    _, said = _prune(tmp_path / "run")
+    assert said == []                       # a run made afresh: nothing to say
+    _, said = _prune(tmp_path / "run")
+    assert len(said) == 1 and "holds this run, finished: its stored result is given back" in said[0], said
+    assert "manual_seed" not in said[0]     # (X, Y) tensors shuffle by seed=, not torch's RNG
+    net, x, y = _tiny()
+    loader = lambda: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64,  # noqa: E731
+                                                 shuffle=True)
+    kwargs = dict(method="magnitude", sparsity=0.7, out=str(tmp_path / "loader"))
+    first, second = _tiny()[0], _tiny()[0]       # (_tiny seeds torch: made before the seeds below)
+    torch.manual_seed(0)
+    prunekit.prune(first, loader(), **kwargs)
+    torch.manual_seed(1)                        # the docstring's way to pick another shuffle: ignored here
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prunekit.prune(second, loader(), **kwargs)
+    said = [str(w.message) for w in caught if issubclass(w.category, PrunekitWarning)]
+    assert len(said) == 1 and "given back" in said[0] and "torch.manual_seed" in said[0], said
