@@ -274,3 +274,71 @@ def test_prune_force_over_changed_images_starts_the_unfinished_run_anew(capsys, 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "done" and metrics["data_fingerprint"]["test"]["images"] == 7
     assert "--force starts it anew" in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_a_sweep_resumed_over_changed_images_names_what_a_sweep_takes(capsys, tmp_path, monkeypatch):
+    """A sweep's run refused over changed images was told "the original command with --force", and
+    `sweep` takes no --force (an argparse error): its refusal names what a sweep takes."""
+    from prunekit import executor
+    from prunekit.commands import common
+    photos = _photos(tmp_path)
+    argv = ["sweep", "--model", f"{tmp_path}/net.py:build", "--data", "imagefolder", "--data-dir", str(photos), *NORM,
+            "--method", "magnitude", "--sparsity", "0.5", "0.7", "--out", str(tmp_path / "sw"), "--json"]
+    monkeypatch.setattr(executor, "prune_weights", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(argv) == 130
+    monkeypatch.undo()
+    _png(photos / "test" / "a" / "extra.png", COLOURS["a"], 5)
+    common.evaluation_split.cache_clear()
+    err = _refused(capsys, argv)
+    assert "1 images added to class a" in err and "--force" not in err, err
+    assert "put the folder back as it was" in err and "run the sweep anew over these images with another --out" in err
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (Linux's /proc/self/io ``rchar``)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts bytes read by /proc/self/io")
+def test_the_fingerprint_reads_no_more_of_each_image_than_the_scan(tmp_path):
+    """The fingerprint read the first 64 KiB of every image where the header scan reads its first
+    block (4 KiB): 16 times the scan's bytes on 140 KiB JPEGs (tens of GB at ImageNet's size, at
+    each start of a run). It hashes the block the scan read, no more."""
+    from PIL import Image
+    from prunekit.data.imagefolder import HEAD_BYTES, scan_image_folder
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for k in range(10):      # noise: some 100 KiB each, as a photo's JPEG
+            Image.fromarray(rng.integers(0, 256, (190, 190, 3), dtype=np.uint8)).save(tmp_path / name / f"{k}.png")
+    assert min(p.stat().st_size for p in tmp_path.rglob("*.png")) > 64 * 1024
+    before = _bytes_read()
+    scan = scan_image_folder(tmp_path, "test")
+    scanned = _bytes_read() - before
+    before = _bytes_read()
+    fingerprint = scan.fingerprint()
+    hashed = _bytes_read() - before
+    assert fingerprint["images"] == 20 and HEAD_BYTES <= 4096
+    slack = 512          # reading /proc/self/io itself
+    assert hashed <= scanned + slack and hashed <= 20 * 4096 + slack, (hashed, scanned)
+
+
+def test_a_finished_training_run_gives_its_result_back_without_fingerprinting_its_images(capsys, tmp_path,
+                                                                                         monkeypatch):
+    """As prune does: a finished run's result is given back without reading its images' first
+    bytes again (train computed the fingerprint at every start, a finished run's too)."""
+    from prunekit.data.imagefolder import ImageFolderScan
+    _photos(tmp_path)
+    argv = _train_argv(tmp_path)
+    real, calls = ImageFolderScan.fingerprint, []
+
+    def counted(self):
+        calls.append(self.root)
+        return real(self)
+    monkeypatch.setattr(ImageFolderScan, "fingerprint", counted)
+    assert main(argv) == 0
+    assert calls == [tmp_path / "photos" / "train"]          # recorded with its epochs
+    first = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == first and len(calls) == 1

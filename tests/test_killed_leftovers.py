@@ -204,8 +204,9 @@ def test_save_model_refuses_a_killed_sweeps_folder_and_the_sweep_names_what_is_i
     """``prunekit.save_model`` wrote into a killed sweep's folder (the folder of a run it had not
     begun: the sweep had no report yet, so nothing marked the folder as a sweep's), and the sweep,
     run again, was refused with "is a folder holding other files", naming neither the file nor how
-    to finish. Now the sweep marks its folder before its first run, save_model refuses anywhere
-    inside it naming the folder, and a file put there anyway is named by the sweep's refusal."""
+    to finish. Now the sweep marks its folder before its first run, naming the run folders it
+    plans, save_model refuses anywhere inside those (made or not) naming the folder, and a file put
+    there anyway is named by the sweep's refusal. Beside them, in the sweep's folder, is not theirs."""
     out = tmp_path / "sweep"
     argv = [*SWEEP[:SWEEP.index("--sparsity") + 2], "0.7", *SWEEP[SWEEP.index("--sparsity") + 2:], "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
@@ -215,13 +216,18 @@ def test_save_model_refuses_a_killed_sweeps_folder_and_the_sweep_names_what_is_i
     second = out / "magnitude_sparsity-0.7"
     assert (out / "magnitude_sparsity-0.5" / "metrics.json").exists() and not second.exists()   # what the kill left
     model = torch.nn.Linear(3, 2)
-    inside = (second / "mine.safetensors", out / "mine.safetensors", out / "magnitude_sparsity-0.5" / "m.safetensors")
+    inside = (second / "mine.safetensors", second / "deeper" / "mine.safetensors",
+              out / "magnitude_sparsity-0.5" / "m.safetensors")
     for path in inside:
+        run = out / path.relative_to(out).parts[0]
         with pytest.raises(PrunekitError) as err:
             prunekit.save_model(model, path, {})
-        assert f"lies inside {out}, the folder of a prunekit sweep" in str(err.value) and "\n" not in str(err.value)
-        assert not path.exists() and not path.with_suffix(".json").exists()
+        assert f"lies inside {run}, a run folder of the prunekit sweep in {out}" in str(err.value), str(err.value)
+        assert "\n" not in str(err.value) and not path.exists() and not path.with_suffix(".json").exists()
     assert not second.exists()
+    prunekit.save_model(model, out / "mine.safetensors", {})      # beside the runs: in no sweep's way
+    (out / "mine.safetensors").unlink()
+    (out / "mine.json").unlink()
     # a file put there all the same (by hand, or by a version before): the sweep names it and the fix
     second.mkdir()
     (second / "mine.safetensors").write_bytes(b"x")
@@ -249,13 +255,76 @@ def test_a_sweep_names_the_files_a_run_would_overwrite_in_its_run_folder(tmp_pat
 
 
 def test_save_model_refuses_a_folder_marked_by_a_sweep_before_its_first_run(tmp_path):
-    """A sweep killed before its first run wrote anything leaves only its mark (an empty report
-    state): that folder is a sweep's too."""
+    """A sweep killed before its first run wrote anything leaves only its mark (a report state
+    naming the run folders it plans): that folder is a sweep's too, and is called one (it was
+    called a "comparison"), in both of save_model's refusals."""
     from prunekit import report
+    from prunekit.folders import kind
     out = tmp_path / "sweep"
     out.mkdir()
     report.mark_report_folder(out)
-    with pytest.raises(PrunekitError, match="folder of a prunekit comparison"):
+    assert kind(out) == "sweep"
+    with pytest.raises(PrunekitError, match="would write runs.json, a file of the prunekit sweep in"):
+        prunekit.save_model(torch.nn.Linear(3, 2), out / "runs.safetensors", {})     # its sidecar: runs.json
+    report.mark_report_folder(out, ["magnitude_sparsity-0.5"])        # as a sweep marks it: its runs named
+    with pytest.raises(PrunekitError, match="a run folder of the prunekit sweep in"):
         prunekit.save_model(torch.nn.Linear(3, 2), out / "magnitude_sparsity-0.5" / "m.safetensors", {})
     assert [p.name for p in out.iterdir()] == [report.REPORT_STATE]
     prunekit.save_model(torch.nn.Linear(3, 2), tmp_path / "m.safetensors", {})     # beside it: fine
+
+
+def _pruned(folder: Path, sparsity: str) -> None:
+    assert main(["prune", *PRUNE[1:PRUNE.index("--sparsity")], "--sparsity", sparsity, "--train-samples", "64",
+                 "--out", str(folder), "--json"]) == 0
+
+
+def test_compare_into_the_runs_own_folder_makes_no_sweep_of_it(tmp_path, capsys):
+    """`compare exp/mag0.5 exp/mag0.7 --out exp` made `exp` a "sweep" (a report beside run folders),
+    and save_model refused anywhere inside it (exp/finetuned/model.safetensors too) as "inside the
+    folder of a prunekit sweep". A comparison writes only its report files, and makes no run folder
+    later: only those are refused, in a comparison's words."""
+    from prunekit.folders import kind
+    exp = tmp_path / "exp"
+    _pruned(exp / "mag0.5", "0.5")
+    _pruned(exp / "mag0.7", "0.7")
+    assert main(["compare", str(exp / "mag0.5"), str(exp / "mag0.7"), "--out", str(exp), "--json"]) == 0
+    assert kind(exp) == "comparison"
+    model = torch.nn.Linear(3, 2)
+    for path in (exp / "finetuned" / "model-ft.safetensors", exp / "mine.safetensors",
+                 exp / "mag0.5" / "tuned" / "m.safetensors"):
+        prunekit.save_model(model, path, {})
+        assert path.exists()
+    with pytest.raises(PrunekitError, match=f"would write runs.json, a file of the prunekit comparison in {exp}"):
+        prunekit.save_model(model, exp / "runs.safetensors", {})     # its sidecar: runs.json
+
+
+def test_a_sweep_into_a_users_folder_leaves_the_rest_of_it_theirs(tmp_path, capsys):
+    """`sweep --out ~/work`, a folder holding the user's own things: save_model is refused inside the
+    sweep's run folders (where it writes, made or not yet), not in the user's other folders of it at
+    any depth, for good. A sweep folder of an older version (its report state names no run folders)
+    is known by its report's title and its runs by its runs.json rows."""
+    from prunekit import report
+    from prunekit.folders import kind
+    work = tmp_path / "work"
+    (work / "project" / "models").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    argv = [*SWEEP[:SWEEP.index("--sparsity") + 2], "0.7", *SWEEP[SWEEP.index("--sparsity") + 2:], "--out", str(work)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert kind(work) == "sweep"
+    model = torch.nn.Linear(3, 2)
+    for path in (work / "project" / "models" / "m.safetensors", work / "other" / "deep" / "m.safetensors",
+                 work / "m.safetensors"):
+        prunekit.save_model(model, path, {})
+        assert path.exists()
+    with pytest.raises(PrunekitError, match="a run folder of the prunekit sweep"):
+        prunekit.save_model(model, work / "magnitude_sparsity-0.7" / "x" / "m.safetensors", {})
+    state = json.loads((work / report.REPORT_STATE).read_text())
+    assert state.pop(report.SWEEP_RUNS) == ["magnitude_sparsity-0.5", "magnitude_sparsity-0.7"]
+    (work / report.REPORT_STATE).write_text(json.dumps(state))       # as an older version left it
+    assert kind(work) == "sweep"
+    with pytest.raises(PrunekitError, match="a run folder of the prunekit sweep"):
+        prunekit.save_model(model, work / "magnitude_sparsity-0.5" / "m2.safetensors", {})
+    prunekit.save_model(model, work / "project" / "m2.safetensors", {})
+    assert main(argv) == 0, capsys.readouterr().err                  # the same sweep again: its result
+    assert json.loads((work / report.REPORT_STATE).read_text())[report.SWEEP_RUNS] == [
+        "magnitude_sparsity-0.5", "magnitude_sparsity-0.7"]

@@ -74,12 +74,16 @@ def _snapshot_record(record: dict, share: float) -> dict:
             "budget_max_macs": math.floor(share * record["dense_macs"])}
 
 
+# How a refusal over changed images says to start the run anew: prune's command line words
+ANEW = "start a new run (the original command with --force, or another --out)"
+
+
 def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loader: Iterable | None, *,
             folder: RunFolder | None = None, describe: dict | None = None, dense: dict | None = None,
             progress: bool = False, on_step: Callable[[dict], None] | None = None, stage_eval: bool = True,
             about: dict | None = None,
             data_fingerprint: dict | None = None,
-            force: bool = False) -> tuple[dict, nn.Module, dict[float, nn.Module]]:
+            force: bool = False, anew: str = ANEW) -> tuple[dict, nn.Module, dict[float, nn.Module]]:
     """Prune as ``plan`` says; returns (record, pruned model, taper's snapshot models by share).
 
     train_batches(): one epoch of (x, y) training batches, the same at every call.
@@ -93,7 +97,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     data_fingerprint: ``{split: ImageFolderScan.fingerprint}`` of the image folders the run reads
         (the command line's), kept in metrics.json: a resume over one whose images changed since is
         refused (with ``force``, the command line's --force: the unfinished run starts anew over it); a
-        finished run gives its result back, as for any other change of its data.
+        finished run gives its result back, as for any other change of its data. ``anew``: how that
+        refusal says to start the run anew instead (a sweep's run has no --force: its sweep's words).
     """
     describe = describe or python_model_description(plan)
     metrics = folder.read_metrics() if folder is not None else {}
@@ -113,7 +118,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         _tell_changed_code(folder, metrics, describe)
         _refuse_changed_weights(folder, metrics, describe)
         _refuse_changed_classes(folder, metrics, describe)
-        if _refuse_changed_images(folder, metrics, data_fingerprint, force):     # --force: started anew
+        if _refuse_changed_images(folder, metrics, data_fingerprint, force, anew):     # --force: started anew
             metrics = {}
     if not dense and not metrics.get("dense"):
         dense = measure(plan, plan.request.model, eval_loader)
@@ -310,7 +315,8 @@ def _refuse_changed_classes(folder: RunFolder, metrics: dict, describe: dict) ->
                             "the class folders to carry the run on, or start a new run in another folder")
 
 
-def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, force: bool = False) -> bool:
+def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, force: bool = False,
+                           anew: str = ANEW) -> bool:
     """A run resumed over an image folder whose images changed since it began (an image added,
     removed or replaced: ``data.imagefolder.fingerprint_change``) would measure and prune its stages
     left on other images than its dense model and stages so far: refused, naming what changed.
@@ -318,7 +324,8 @@ def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, f
     (``data_fingerprint``). A run that recorded none where it recorded its class names (an older
     prunekit's) is carried on with a warning; one that recorded neither was warned of by
     ``_refuse_changed_classes``. ``force``: the run's checkpoints are removed instead and True
-    returned: it starts anew over the images as they are now (its metrics are written afresh)."""
+    returned: it starts anew over the images as they are now (its metrics are written afresh).
+    ``anew``: the refusal's words for starting the run anew (``ANEW``: prune's command line's)."""
     from .data.imagefolder import fingerprint_change
     from .runs import _remove_own_files
     if not now:
@@ -337,8 +344,7 @@ def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, f
                 where = fingerprint.get("folder") or f"the {split} split"
                 raise PrunekitError(f"the images in {where} changed since the run in {folder.path} started ({change}): "
                                     "its stages left would be pruned and measured on other images than the first; "
-                                    "put the folder back as it was to carry the run on, or start a new run (the "
-                                    "original command with --force, or another --out)")
+                                    f"put the folder back as it was to carry the run on, or {anew}")
     elif metrics.get("stages") and isinstance(metrics.get("class_names"), list):
         line = (f"{folder.path} was written by an older prunekit that recorded no fingerprint of its images: carried "
                 "on without checking that they are the ones it started with (an image added, removed or replaced "

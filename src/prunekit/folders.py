@@ -7,8 +7,13 @@ Every kind of folder a prunekit command writes, by what marks it:
   no ``metrics.json``;
 * ``sweep --out`` / ``compare --out``: the comparison's report state (``.prunekit-report.json``)
   or its ``runs.json`` rows; a sweep's also holds its runs' folders (each a prune folder). A sweep
-  writes that state (empty: no report yet) before its first run, so a sweep killed before its
-  report is still known as one (``inside_a_comparison``: ``save_model`` writes nothing in it);
+  writes that state before its first run, naming the run folders it plans (``report.SWEEP_RUNS``),
+  so a sweep killed before its report is still known as one, and ``save_model`` writes nothing
+  inside its run folders, made or not (``inside_a_sweeps_run``); a sweep of an older version is
+  known by its report's title ("# Sweep: ...") or its empty mark, and its runs by its runs.json rows
+  and their folder names ("magnitude_sparsity-0.5"). A comparison writes only its report files
+  (report.md, runs.json, plots/), never runs: only those are its own (``compare --out`` of the
+  runs' own parent folder makes no sweep of it);
 * ``export`` (``prunekit export RUN`` writes ``RUN/export``): the manifest ``exported.json``.
 
 ``own_file(path)`` says whether ``path`` is one of the files the prunekit folder it lies in writes
@@ -37,12 +42,7 @@ def kind(folder: str | Path) -> str | None:
     if _is_run_config(folder / "config.toml"):       # a training run's, or a run killed before its metrics.json
         return "training run" if not _names_a_method(folder / "config.toml") else "run"
     if (folder / REPORT_STATE).is_file() or _is_comparison_rows(folder / "runs.json"):
-        try:          # a sweep's runs: finished, or begun (a sweep marks its folder before its first run)
-            runs = any((p / METRICS).is_file() or _is_run_config(p / "config.toml")
-                       for p in folder.iterdir() if p.is_dir())
-        except OSError:
-            runs = False
-        return "sweep" if runs else "comparison"
+        return "sweep" if _sweeps_runs(folder) is not None else "comparison"
     if _written_before(folder):
         return "export"
     return None
@@ -80,13 +80,73 @@ def own_file(path: str | Path) -> str | None:
     return None
 
 
-def inside_a_comparison(path: str | Path) -> tuple[str, Path] | None:
-    """(kind, folder) of the nearest folder above ``path`` (at any depth) that is a prunekit sweep's
-    or comparison's (``kind``), or None: such a folder is its command's to write (a killed sweep's
-    next runs go into folders not made yet)."""
-    for folder in Path(path).absolute().parents:
-        if (what := kind(folder)) in ("sweep", "comparison"):
-            return what, folder
+# The name of a sweep's run folder (``commands.sweep.run_name``): its method, then each budget
+# ("magnitude_sparsity-0.5", "chita_flops-0.6_params-50k")
+_RUN_NAME = re.compile(r".+?(_(sparsity|flops|params)-[^_/]+)+")
+
+
+def _sweeps_runs(folder: Path) -> tuple[set[str], bool] | None:
+    """(names, named) of the run folders in ``folder`` of the sweeps that wrote it (``folder``
+    holding a report state or runs.json): the names its report state records (``report.SWEEP_RUNS``,
+    written before a sweep's first run) and those of its runs.json rows that lie in it; ``named``:
+    the state records them (else, for a sweep of an older version, any subfolder named as a sweep
+    names its runs, ``_RUN_NAME``, is taken for one). None when no sweep wrote ``folder`` (a
+    comparison's: neither that record, nor an earlier sweep's mark (an empty state, which a
+    comparison never writes), nor a report titled "# Sweep: ...", as a sweep of an older version
+    wrote it)."""
+    import json
+    from .report import EDITED_REPORT, REPORT_STATE, SWEEP_RUNS
+    try:
+        state = json.loads((folder / REPORT_STATE).read_text())
+    except (OSError, ValueError):
+        state = None
+    planned = state.get(SWEEP_RUNS) if isinstance(state, dict) else None
+    named = isinstance(planned, list)
+    if not named and state != {} and not any(_titled_a_sweep(folder / name) for name in ("report.md", EDITED_REPORT)):
+        return None
+    names = {name for name in planned or [] if isinstance(name, str)}
+    try:
+        rows = json.loads((folder / "runs.json").read_text())
+    except (OSError, ValueError):
+        rows = []
+    for row in rows if isinstance(rows, list) else []:
+        run = Path(row.get("run", "")) if isinstance(row, dict) and isinstance(row.get("run"), str) else None
+        if run is not None and run.name and _same_folder(run.parent, folder):
+            names.add(run.name)
+    return names, named
+
+
+def _titled_a_sweep(report: Path) -> bool:
+    try:
+        with open(report, encoding="utf-8") as f:
+            return f.readline().startswith("# Sweep: ")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def inside_a_sweeps_run(path: str | Path) -> tuple[Path, Path] | None:
+    """(sweep folder, run folder) where ``path`` lies (at any depth) inside a run folder of a
+    prunekit sweep (one it planned, made or not yet: ``_sweeps_runs``), or None. Such a folder is
+    the sweep's to write: a killed sweep, run again, finishes its runs into folders not made yet,
+    which a file of another's would be in the way of. The rest of a sweep's folder is not (a sweep
+    into a folder of the user's leaves its other files and folders theirs; the sweep's own files
+    are refused by ``own_file``), nor is anything in a comparison's folder but its own files."""
+    path = Path(path).absolute()
+    for run in (path, *path.parents):        # (a file named as a run folder is in its way too)
+        folder = run.parent
+        if folder == run:
+            break
+        if kind(folder) == "sweep":
+            names, named = _sweeps_runs(folder) or (set(), True)
+            if run.name in names or (not named and _RUN_NAME.fullmatch(run.name)):
+                return folder, run
     return None
 
 

@@ -485,17 +485,32 @@ def _is_comparison_rows(path: Path) -> bool:
 # report.md that is none of them was edited by its user, and is never written over.
 REPORT_STATE = ".prunekit-report.json"
 EDITED_REPORT = "report.new.md"       # the report, where the user edited report.md
+# The report state's key that marks a sweep's folder (a comparison's has none): the names of the
+# run folders its sweeps planned in it (``mark_report_folder``)
+SWEEP_RUNS = "sweep_runs"
 
 
-def mark_report_folder(out: str | Path) -> None:
-    """Mark ``out`` as a sweep's folder (``folders.kind``) before its first run: an empty report
-    state (no report written yet) where it has no report of prunekit's or anyone's. A sweep killed
-    before its report is then known as one (``save_model`` refuses to write into it); a folder of
-    an older version's (a report.md and no state) is left as it is, its report.md taken as prunekit's."""
+def mark_report_folder(out: str | Path, runs: list[str] | tuple[str, ...] = ()) -> None:
+    """Mark ``out`` as a sweep's folder (``folders.kind``) before its first run, and record the
+    names of its run folders (``runs``: the folder names in ``out`` of every run it plans, made or
+    not) in its report state under ``SWEEP_RUNS``, added to those of earlier sweeps into ``out``.
+    A sweep killed before its report is then known as one, and ``save_model`` refuses to write
+    inside those run folders (``folders.inside_a_sweeps_run``), where its later runs go; the rest
+    of ``out`` (a folder of the user's, say) stays theirs. A report.md there without a state (an
+    older version's, taken as prunekit's) is recorded as prunekit's, as it was taken."""
     out = Path(out)
-    if any((out / name).exists() for name in (REPORT_STATE, "report.md", "runs.json", EDITED_REPORT)):
+    hashes = _report_hashes(out)
+    state = dict(hashes) if hashes is not None else {}
+    if hashes is None and (out / "report.md").is_file():
+        try:
+            state["report.md"] = [_sha256((out / "report.md").read_bytes())]
+        except OSError:
+            return          # an unreadable report.md: the folder is left as it is
+    known = [name for name in state.get(SWEEP_RUNS) or [] if isinstance(name, str)]
+    names = known + [name for name in runs if name not in known]
+    if hashes is not None and hashes.get(SWEEP_RUNS) == names:
         return
-    atomic_write_bytes(out / REPORT_STATE, b"{}")
+    atomic_write_bytes(out / REPORT_STATE, json.dumps({**state, SWEEP_RUNS: names}).encode())
 
 
 def _sha256(data: bytes) -> str:
@@ -586,7 +601,7 @@ def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Com
     before = [h for h in ((hashes or {}).get(target.name) or []) if isinstance(h, str)][-1:]
     # the new hash is kept before the file is written, the old one until after: a kill between them
     # leaves a report.md the state knows, never one taken for the user's
-    kept = {k: v for k, v in (hashes or {}).items() if k in ("report.md", EDITED_REPORT)}
+    kept = {k: v for k, v in (hashes or {}).items() if k in ("report.md", EDITED_REPORT, SWEEP_RUNS)}
     atomic_write_bytes(out / REPORT_STATE, json.dumps({**kept, target.name: before + [_sha256(text)]}).encode())
     atomic_write_bytes(target, text)
     if target.name == "report.md" and (out / EDITED_REPORT).exists() and _as_written(out / EDITED_REPORT, hashes):

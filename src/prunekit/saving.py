@@ -163,10 +163,10 @@ def _with_channel_layout(model: nn.Module, meta: dict) -> dict:
 def _refuse_a_prunekit_folders_own(path: Path, side: Path) -> None:
     """Refuse ``path`` (or its sidecar ``side``) where it is a file the prunekit folder it lies in
     writes (``folders.own_file``: a prune or training run's model, a sweep's or comparison's
-    runs.json, an export's manifest, ...): only that command writes it. Anywhere inside a sweep's
-    or comparison's folder (``folders.inside_a_comparison``, at any depth) is refused too: a
+    runs.json, an export's manifest, ...): only that command writes it. Anywhere inside a run folder
+    of a sweep (``folders.inside_a_sweeps_run``, at any depth, made or not yet) is refused too: a
     sweep, run again, finishes its runs into folders a file there would be in the way of."""
-    from .folders import inside_a_comparison, own_file
+    from .folders import inside_a_sweeps_run, own_file
     for target in (path, side):
         if (what := own_file(target)) is None:
             continue
@@ -176,10 +176,10 @@ def _refuse_a_prunekit_folders_own(path: Path, side: Path) -> None:
                                 "changed)")
         raise PrunekitError(f"saving {path} would write {target.name}, a file of the prunekit {what} in "
                             f"{path.parent}: save under another name or folder (nothing was changed)")
-    if (inside := inside_a_comparison(path)) is not None:
-        what, folder = inside
-        raise PrunekitError(f"{path} lies inside {folder}, the folder of a prunekit {what}, which writes its runs and "
-                            f"report there (a killed sweep's later runs too): save outside {folder} (nothing was "
+    if (inside := inside_a_sweeps_run(path)) is not None:
+        folder, run = inside
+        raise PrunekitError(f"{path} lies inside {run}, a run folder of the prunekit sweep in {folder}, which writes "
+                            f"that run there (a killed sweep's later runs too): save outside {run} (nothing was "
                             "changed)")
 
 

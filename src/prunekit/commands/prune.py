@@ -165,6 +165,14 @@ def _fingerprints(plan, eval_loader, train_batches, args) -> dict:
     return {split: fingerprint for split, fingerprint in found.items() if fingerprint is not None}
 
 
+# How a sweep's run refused over changed images is started anew (a sweep has no --force): the whole
+# sweep into another folder, its runs so far having been pruned and measured (the dense model once,
+# shared by its runs) on the images as they were; a run folder removed alone would be rerun beside
+# them, against the old images' dense measurement
+_SWEEP_ANEW = ("run the sweep anew over these images with another --out (its runs so far, and the dense "
+               "measurement they share, were made on the images as they were)")
+
+
 def _lower_rate_after_resume(args, err: PrunekitError) -> str:
     """How to run a ``--resume``d run that diverged with a lower learning rate (``runs.stopped_by_divergence``'s
     ``cli_fix``): --resume takes no other flag (no --force, no rate), so the original command again
@@ -383,7 +391,8 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
                                    # (a finished run's result is given back: its folders are not read)
                                    data_fingerprint=_fingerprints(plan, eval_loader, train_batches, args)
                                    if folder is not None and not finished else None,
-                                   force=bool(getattr(args, "force", False)))
+                                   force=bool(getattr(args, "force", False)),
+                                   **({} if "force" in vars(args) else {"anew": _SWEEP_ANEW}))
     except PrunekitError as err:
         runs.release_refused(folder)
         stopped = runs.stopped_by_divergence(           # a sweep's run folder: no --force, its sweep another --out

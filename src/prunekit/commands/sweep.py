@@ -133,7 +133,8 @@ def cmd_sweep(args) -> int:
     warn_if_random_weights(args)
     with run_lock.held_by_rank_0(args.out):    # one sweep at a time in it (each run locks its own)
         if distributed.is_main_process():
-            report.mark_report_folder(args.out)    # a sweep's folder from its first run on, killed or not
+            # a sweep's folder from its first run on, killed or not, with the run folders it plans
+            report.mark_report_folder(args.out, [Path(run).name for run in planned])
         table = run_sweep(args, plan, dense_model, eval_loader, train_batches)
     written = report.comparison_report_path(args.out)
     emit(args, {"runs": table, "report": str(written)}, report.table_lines(table) + [_report_line(written)])

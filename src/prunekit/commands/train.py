@@ -12,6 +12,7 @@ import tomllib
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -56,8 +57,9 @@ def cmd_train(args) -> int:
                                                                         classes=classes, defer=True,
                                                                         same_as=train_ds)
     # what the training images are (an image folder's files), recorded with each epoch: a resume
-    # over other ones is refused
-    fingerprint = folder_fingerprint(train_ds) if args.out else None
+    # over other ones is refused; computed once the run is known unfinished (train_into)
+    scanned = train_ds
+    fingerprint = (lambda: folder_fingerprint(scanned)) if args.out else None
     train_ds, test_ds = (ds.dataset if isinstance(ds, DeferredImageDataset) else ds for ds in (train_ds, test_ds))
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
@@ -226,13 +228,16 @@ def _plain_zeros(args, space: ParamSpace, costs: CostModel, choice: str | None) 
 
 
 def train_into(args, loaded, loader, test_loader, read_only: bool = False,
-               pruned: PrunedCheckpoint | None = None, fingerprint: dict | None = None) -> int:
+               pruned: PrunedCheckpoint | None = None,
+               fingerprint: dict | Callable[[], dict | None] | None = None) -> int:
     """Train ``loaded`` on ``loader`` (into run folder ``args.out`` when given, carrying on from
     its last epoch), evaluate on ``test_loader``, print the result. ``read_only``: ``args.out``
     holds a finished run this process may not write: checked and read, nothing written. ``pruned``:
     a pruned checkpoint's zeros, held at zero, and its channel layout, saved with the model.
-    ``fingerprint``: the training image folder's (``ImageFolderScan.fingerprint``), recorded with
-    each epoch; a resume over a folder whose images changed since is refused."""
+    ``fingerprint``: the training image folder's (``ImageFolderScan.fingerprint``), or a function
+    that computes it, called only when the run is not finished (a finished one gives its result
+    back without reading the images' first bytes again), recorded with each epoch; a resume over
+    a folder whose images changed since is refused."""
     folder = training_folder(args, read_only=read_only)
     if folder is not None and distributed.current().distributed:   # on several machines: one shared folder
         check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
@@ -246,6 +251,8 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
                   "trained (--force trains it anew)", file=sys.stderr)
         emit(args, finished, result_lines(args, finished))
         return 0
+    if callable(fingerprint):
+        fingerprint = fingerprint()
     checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
     state = checkpointer.last() if checkpointer is not None else None
     state = check_same_zeros(state, pruned, checkpointer, force=bool(getattr(args, "force", False)))

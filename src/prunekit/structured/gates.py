@@ -207,7 +207,7 @@ class GatedParams:
     a BatchNorm's weight and bias), a depthwise conv's weight ``kernel elements x kept_out``; an
     attention head group the rows of q, k and v of its heads (weight and bias) and the columns of
     ``out_proj``. Every other parameter is ``fixed``. For 0/1 gates this is
-    ``sum(p.numel() for p in shrink(...).parameters())`` (``check`` compares once).
+    ``sum(p.numel() for p in shrink(...).parameters())`` (``pipeline._params_counter`` compares once).
 
     ``dense``: the model's parameters; ``minimum``: with one channel kept per group.
     Raises ``ParamsNotCountable`` for a group member it cannot count.
