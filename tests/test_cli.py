@@ -448,3 +448,33 @@ def test_fisher_samples_above_the_training_images_follow_the_api_with_stages_aut
     for stages, needle in (("auto", "reached the run"), (5, "the training data holds 2000 samples")):
         with pytest.raises(prunekit.PrunekitError, match=needle):
             prunekit.prune(model, data, method="falcon++", flops=0.5, fisher_samples=2500, stages=stages)
+
+
+def test_info_refuses_a_time_first_lstm_and_a_scripted_submodule_in_one_line(capsys, tmp_path, monkeypatch):
+    """info counted a time-first LSTM (input (B, *--input-shape) = (1, 7, 5)) as T=1, B=7: 1,974 MACs
+    where one sequence costs 1,866; a torch.jit.script submodule printed a 24-line traceback."""
+    (tmp_path / "seqnets.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Seq(nn.Module):\n"
+        "    def __init__(self, batch_first):\n"
+        "        super().__init__(); self.rnn = nn.LSTM(5, 6, batch_first=batch_first); self.fc = nn.Linear(6, 3)\n"
+        "    def forward(self, x):\n"
+        "        out = self.rnn(x)[0]\n"
+        "        return self.fc(out[:, -1] if self.rnn.batch_first else out[-1])\n"
+        "def time_first(): return Seq(False)\n"
+        "def batch_first(): return Seq(True)\n"
+        "class J(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.s = torch.jit.script(nn.Linear(5, 6)); self.h = nn.Linear(6, 2)\n"
+        "    def forward(self, x): return self.h(self.s(x))\n"
+        "def scripted(): return J()\n")
+    monkeypatch.chdir(tmp_path)
+    for name, needles in (("time_first", ("module 'rnn' (LSTM, batch_first=False) takes its input (T, B, ...)",
+                                          "one time step", "batch_first=True")),
+                          ("scripted", ("submodule 's' is a TorchScript module", "before scripting"))):
+        assert main(["info", f"seqnets.py:{name}", "--input-shape", "7,5"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("prunekit: error: ") and "\n" not in err
+        assert all(needle in err for needle in needles), err
+    assert main(["info", "seqnets.py:batch_first", "--input-shape", "7,5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs"] == 7 * 4 * 6 * (5 + 6) + 6 * 3      # 1,866 by hand

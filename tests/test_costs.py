@@ -1042,3 +1042,98 @@ def test_conv1d_style_layers_are_counted_as_linear_and_a_tied_weight_names_its_o
     assert rows["wte"].macs == 6 * 8 * 50                                     # the vocabulary projection
     assert rows["lm_head"].kind == "Linear (weight tied to wte: its MACs on that row)"
     assert rows["lm_head"].macs == 0
+
+
+# --- time-first sequence layers, TorchScript submodules, dict inputs ---------------------------
+
+class _LastStep(nn.Module):                   # LSTM(F, H) then Linear(H, 3) on the last step's output
+    def __init__(self, F=5, H=6, batch_first=False, transpose=False):
+        super().__init__()
+        self.rnn, self.fc, self.transpose = nn.LSTM(F, H, batch_first=batch_first), nn.Linear(H, 3), transpose
+
+    def forward(self, x):                     # x: (T, B, F) time first, or (B, T, F) if batch_first/transpose
+        out = self.rnn(x.transpose(0, 1) if self.transpose else x)[0]
+        return self.fc(out[-1] if not self.rnn.batch_first else out[:, -1])
+
+
+class _Series(nn.Module):                     # (B, N, T, F): N series per example, run as a (T, B*N, F) batch
+    def __init__(self, N=3, F=5, H=6):
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(F, H), nn.Linear(N * H, 2)
+
+    def forward(self, x):
+        B, N = x.shape[:2]
+        return self.fc(self.rnn(x.flatten(0, 1).transpose(0, 1))[0][-1].reshape(B, -1))
+
+
+def test_a_time_first_layer_fed_time_first_is_refused_and_batch_first_input_counted_by_hand():
+    """CostModel cuts dim 0 to one example: on a time-first (T, B, F) input that is one time step
+    (an LSTM of T=7 counted 1,128 MACs at B=4, 282 at B=1, by hand 1,866), silently."""
+    T, F, H = 7, 5, 6
+    lstm_by_hand = T * 4 * H * (F + H) + H * 3                                  # 1,866
+    D = 8                                     # MHA: in-projections, QK^T and AV, out-projection
+    mha_by_hand = T * 3 * D * D + 2 * T * T * D + T * D * D                     # 2,576 at T = 7
+    layer_by_hand = mha_by_hand + T * (D * 16 + 16 * D)                         # + the feed-forward
+    time_first = [(_LastStep(F, H), torch.randn(T, 4, F)), (_LastStep(F, H), torch.randn(T, 1, F)),
+                  (nn.TransformerEncoderLayer(D, 2, 16), torch.randn(T, 3, D)),
+                  (_LastStep(F, H, batch_first=True, transpose=True), torch.randn(T, 4, F))]
+    for model, x in time_first:
+        with pytest.raises(PrunekitError, match=r"module '(rnn|self_attn)' \((LSTM|MultiheadAttention), batch_first="
+                                                r"(False|True)\) takes its input .*one time step.*batch_first=True"):
+            CostModel(model, x)
+    for B in (1, 4):
+        assert CostModel(_LastStep(F, H, batch_first=True), torch.randn(B, T, F)).macs == lstm_by_hand
+        assert CostModel(_LastStep(F, H, transpose=True), torch.randn(B, T, F)).macs == lstm_by_hand
+        assert CostModel(nn.TransformerEncoderLayer(D, 2, 16, batch_first=True), torch.randn(B, T, D)).macs \
+            == layer_by_hand
+        N = 3                                 # a time-first layer whose batch is B*N per B examples: fine
+        assert CostModel(_Series(N, F, H), torch.randn(B, N, T, F)).macs == N * T * 4 * H * (F + H) + N * H * 2
+
+
+class _Scripted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.s = torch.jit.script(nn.Sequential(nn.Linear(8, 16), nn.ReLU()))
+        self.h = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.h(self.s(x))
+
+
+def test_a_torchscript_submodule_is_refused_by_name_in_counts_and_prune():
+    """It raised torch's RuntimeError 'register_forward_pre_hook is not supported on ScriptModules'."""
+    import prunekit
+    with pytest.raises(PrunekitError, match=r"submodule 's' is a TorchScript module.*before scripting"):
+        CostModel(_Scripted(), torch.randn(2, 8))
+    with pytest.raises(PrunekitError, match=r"the model is a TorchScript module"):
+        CostModel(torch.jit.script(nn.Linear(8, 2)), torch.randn(2, 8))
+    data = (torch.randn(32, 8), torch.randint(0, 2, (32,)))
+    with pytest.raises(PrunekitError, match=r"submodule 's' is a TorchScript module"):
+        prunekit.prune(_Scripted(), data, sparsity=0.5)
+
+
+class _TwoInputs(nn.Module):                  # forward takes a dict
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(5, 4)
+
+    def forward(self, d):
+        return torch.cat([self.a(d["img"]), self.b(d["txt"]).mean(1)], 1)     # (B, 8)
+
+
+class _Positional(nn.Module):                 # the wrapper the refusal names
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, img, txt):
+        return self.model({"img": img, "txt": txt})
+
+
+def test_a_dict_input_is_named_with_the_wrapper_that_counts_it():
+    """A dict was refused as if it were a bad tensor ('a batched tensor (B, ...) ... or a tuple')."""
+    img, txt = torch.randn(3, 8), torch.randn(3, 7, 5)
+    for example in ({"img": img, "txt": txt}, ({"img": img, "txt": txt},)):
+        with pytest.raises(PrunekitError, match=r"is or holds a dict.*wrap the model.*as a tuple \(img, txt\)"):
+            CostModel(_TwoInputs(), example)
+    assert CostModel(_Positional(_TwoInputs()), (img, txt)).macs == 8 * 4 + 7 * 5 * 4

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cost_inputs import batched_inputs, cut_to_one_example, inputs_of
+from .cost_inputs import batched_inputs, cut_to_one_example, inputs_of, refuse_scripted, refuse_time_cut
 from .cost_params import ParamIndex
 from .cost_trace import (_AddCounter, _OpCounter, ModuleCost, get_mha_fastpath,  # noqa: F401
                          register_cost, registered_cost, set_mha_fastpath, unregister_cost)
@@ -160,7 +160,11 @@ class CostModel:
             modules' activation products), then modules' unused parameters, then residual adds.
         unknown: leaf modules with no element-wise rule (their products are counted anyway).
 
-    Raises PrunekitError if a parameter is used by an operation with no cost rule.
+    Raises PrunekitError if a parameter is used by an operation with no cost rule; if a layer with
+    a ``batch_first`` flag (``nn.LSTM``, ``nn.MultiheadAttention``, ...) has its time dimension
+    in ``example_input``'s first dimension (a time-first model fed (T, B, ...): cutting to one
+    example would count one time step); if the model holds a TorchScript module (no hooks run in
+    it); if ``example_input`` is or holds a dict (wrap the model in one taking positional tensors).
     """
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple, *, batched=None):
@@ -168,7 +172,9 @@ class CostModel:
             raise PrunekitError(f"CostModel(model, example_input): model must be a torch.nn.Module, "
                                 f"got {type(model).__name__}")
         self.example_input = example_input
+        refuse_scripted(model)
         self.batched = batched_inputs(model, example_input, batched)
+        refuse_time_cut(model, inputs_of(example_input), self.batched)
         self.layers, self.unknown = _trace(model, example_input, self.batched)
         self._by_name = {layer.name: layer for layer in self.layers}
 
@@ -349,6 +355,7 @@ def _check_all_priced(module: nn.Module, cost: ModuleCost, own: dict, seen: dict
 
 
 def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[list[LayerCost], list[str]]:
+    refuse_scripted(model)
     inputs = cut_to_one_example(inputs_of(example_input), batched)
     modules = dict(model.named_modules())
     index = ParamIndex(model)
