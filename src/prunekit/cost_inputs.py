@@ -85,7 +85,8 @@ def refuse_time_cut(model: nn.Module, inputs: tuple, positions) -> None:
         time = 1 if len(a) == 3 and module.batch_first else 0
         if a[time] != b[time]:
             layout = "(T, ...), unbatched" if len(a) == 2 else ("(B, T, ...)" if module.batch_first else "(T, B, ...)")
-            what = f"module {name!r} ({type(module).__name__}, batch_first={module.batch_first}) takes its input {layout}"
+            what = (f"module {name!r} ({type(module).__name__}, batch_first={module.batch_first}) takes its "
+                    f"input {layout}")
             raise worded(
                 f"{what}, and its time dimension ({a[time]} on one example of example_input, {b[time]} on two) is "
                 "example_input's first dimension, which CostModel cuts to one example: the count would be of one "
