@@ -23,7 +23,7 @@ from prunekit.costs import CostModel
 from prunekit.errors import PrunekitError
 from prunekit.structured.gates import GatedMacs, GatedParams, GateHooks
 from prunekit.structured.groups import dense_groups_warning, find_groups
-from prunekit.structured.rounding import group_multiple, minimum_rounded_macs
+from prunekit.structured import rounding
 from prunekit.structured.shrink import checked_groups, shrink
 from prunekit.zoo.layout import apply_layout, channel_layout
 from closeness import assert_close_to_scale
@@ -181,13 +181,15 @@ def test_a_model_without_some_heads_computes_the_gated_model_and_costs_what_the_
     assert GatedParams(model, groups).params_of_masks(masks) == sum(p.numel() for p in small.parameters())
 
 
-def test_autobot_removes_heads_and_the_saved_run_loads_back(tmp_path):
+@pytest.mark.parametrize("method", ["autobot", "taper"])
+def test_the_channel_methods_remove_heads_and_the_saved_run_loads_back(method, tmp_path):
     model, ids = _model(), _ids(32, seed=4)
     labels = torch.randint(CLASSES, (32,), generator=torch.Generator().manual_seed(5))
+    extra = {"gate_batches": 3} if method == "autobot" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("error", prunekit.errors.PrunekitWarning)     # no group left dense is warned of
-        result = prunekit.prune(copy.deepcopy(model), (ids, labels), method="autobot", flops=0.6, gate_batches=3,
-                                finetune_epochs=0, out=str(tmp_path / "run"))
+        result = prunekit.prune(copy.deepcopy(model), (ids, labels), method=method, flops=0.6, finetune_epochs=0,
+                                out=str(tmp_path / "run"), **extra)
     small = result.model.eval()
     heads = [small.layers[i].self.num_attention_heads for i in range(2)]
     assert min(heads) < HEADS
@@ -208,10 +210,10 @@ def test_channel_multiple_counts_a_head_as_head_size_channels():
     # (was: a group of 4 heads, below 8, was never pruned)
     model, ids = _model(), _ids(32, seed=4)
     groups = checked_groups(model, find_groups(model, ids[:1]), ids[:1])
-    assert sorted(group_multiple(group, 8) for group in groups) == [2, 2, 8, 8]
+    assert sorted(rounding.group_multiple(group, 8) for group in groups) == [2, 2, 8, 8]
     counter = GatedMacs(model, groups, CostModel(model, ids[:1]))
     floor = [torch.arange(g.size) < (2 if g.kind == "qkv_heads" else 8) for g in groups]
-    assert minimum_rounded_macs(counter, 8) == counter.macs_of_masks(floor)
+    assert rounding.minimum_rounded_macs(counter, 8) == counter.macs_of_masks(floor)
     labels = torch.randint(CLASSES, (32,), generator=torch.Generator().manual_seed(5))
     result = prunekit.prune(copy.deepcopy(model), (ids, labels), method="autobot", flops=0.6, gate_batches=3,
                             finetune_epochs=0, channel_multiple=8)
