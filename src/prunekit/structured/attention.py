@@ -7,6 +7,16 @@ module's output with ``layers.attention_forward`` and a gate per head.
 Supported: packed projections (``kdim == vdim == embed_dim``), with or without biases, no
 ``bias_k``/``add_zero_attn``, ``batch_first`` either way, masks as ``nn.MultiheadAttention``
 takes them. Other attention modules are refused by name in ``groups.py``.
+
+HuggingFace-style self-attention (BERT's ``BertSelfAttention``, ViT's and Llama-style
+``q_proj``/``k_proj``/``v_proj``, DistilBERT's ``q_lin``/``k_lin``/``v_lin``) is recognised by
+duck typing (``hf_heads``; transformers is never imported): three separate ``nn.Linear``
+projections, a head count attribute and a head size attribute. Its heads are channel groups of
+kind "qkv_heads" (``groups.py``): a head is its ``head_size`` rows of q, k and v and columns of
+the output projection, cut by the ordinary Linear surgery; ``set_heads`` then writes the kept
+head count into the module (its forward reshapes by them), and ``checked_groups`` verifies that
+the shrunk module computes what the gated one does (a version whose forward reads the head count
+elsewhere, e.g. from its config, is left dense, named).
 """
 
 from __future__ import annotations
@@ -28,6 +38,46 @@ def head_prunable(module: nn.Module) -> str | None:
     if module.bias_k is not None or module.add_zero_attn:
         return "bias_k/add_zero_attn"
     return None
+
+
+# (q, k, v) attribute names, head count names, head size names, in the order tried
+_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
+_HEADS_NAMES = ("num_attention_heads", "num_heads", "n_heads")
+_SIZE_NAMES = ("attention_head_size", "head_dim", "dim_per_head")
+
+
+def hf_heads(module: nn.Module) -> tuple[tuple[str, str, str], str, str] | None:
+    """((q, k, v) attribute names, head count attribute, head size attribute) of a HuggingFace-style
+    self-attention module (separate q/k/v ``nn.Linear`` projections of ``heads x head_size``
+    outputs each, integer head count and head size attributes), else None. Grouped-query attention
+    (``num_key_value_heads`` below the head count: k and v narrower than q) is not one."""
+    spec = hf_heads_attrs(module)
+    if spec is None:
+        return None
+    qkv, heads, size = spec
+    width = getattr(module, heads) * getattr(module, size)
+    if width <= 0 or any(getattr(module, n).out_features != width for n in qkv):
+        return None
+    return qkv, heads, size
+
+
+def set_heads(module: nn.Module, kept: int) -> None:
+    """Write ``kept`` heads into a HuggingFace-style attention module whose q/k/v rows were cut to
+    them: its head count, and ``all_head_size`` (kept x head size) where it has one."""
+    _, heads, size = hf_heads_attrs(module)
+    setattr(module, heads, kept)
+    if type(getattr(module, "all_head_size", None)) is int:
+        module.all_head_size = kept * getattr(module, size)
+
+
+def hf_heads_attrs(module: nn.Module) -> tuple[tuple[str, str, str], str, str] | None:
+    """``hf_heads``' names without its width check (a module already cut to fewer heads, or
+    one a saved layout is about to resize), or None if ``module`` does not look like one."""
+    qkv = next((names for names in _QKV_NAMES
+                if all(isinstance(getattr(module, n, None), nn.Linear) for n in names)), None)
+    heads = next((n for n in _HEADS_NAMES if type(getattr(module, n, None)) is int), None)
+    size = next((n for n in _SIZE_NAMES if type(getattr(module, n, None)) is int), None)
+    return None if qkv is None or heads is None or size is None else (qkv, heads, size)
 
 
 def gated_forward_hook(get_gates):

@@ -18,7 +18,9 @@ from the same per-layer trace: a layer costs
 ``kept = dense - sum_groups (size - sum(g)) * repeat * segments``; a depthwise conv keeps one
 input channel per output channel, so it costs ``coef * 1 * kept_out``, a conv of G groups
 ``coef * kept_in / G * kept_out``. A head group prices the rows of q, k and v of its heads,
-the columns of ``out_proj`` and the attention products (QKᵀ and AV: linear in the kept heads).
+the columns of ``out_proj`` and the attention products (QKᵀ and AV: linear in the kept heads);
+a "qkv_heads" group (HuggingFace-style attention) is priced as the Linear channels it is (q/k/v
+rows and output projection columns, ``repeat`` = head size) plus its module's attention products.
 For 0/1 gates this equals ``CostModel.count`` of the shrunk model; for gates in (0, 1) it is
 the differentiable relaxation.
 """
@@ -127,6 +129,8 @@ class GatedMacs:
             if group.kind == "heads":
                 handled += self._head_terms(group, costs)
                 continue
+            if group.kind == "qkv_heads":
+                handled += self._product_terms(group, costs)
             for member in group.members:
                 if member.role in ("out", "in"):
                     by_layer.setdefault(member.module, {"out": [], "in": []})[member.role].append(
@@ -171,6 +175,16 @@ class GatedMacs:
         products = costs.layer(member.module).activation_macs if costs.has_layer(member.module) else 0
         self.terms.append((products / inner, 1, inner, [], [(group.index, d)], 1))
         return in_proj.weight_macs + out_proj.weight_macs + products
+
+    def _product_terms(self, group, costs: CostModel) -> int:
+        """The attention products (QKᵀ and AV, the activation MACs of module ``group.attention``) of
+        a "qkv_heads" group, each head's share ``products / heads``; returns the dense MACs covered."""
+        if not costs.has_layer(group.attention):
+            return 0
+        products = costs.layer(group.attention).activation_macs
+        if products:
+            self.terms.append((products / group.size, 1, group.size, [], [(group.index, 1)], 1))
+        return products
 
     def macs(self, values: GateValues) -> torch.Tensor:
         """Total MACs (a 0-d tensor, float64 if the gates are) for gate ``values``."""

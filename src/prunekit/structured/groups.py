@@ -16,6 +16,13 @@ Attention heads are groups of their own (``kind == "heads"``): one member, the
 ``nn.MultiheadAttention`` module, role "heads", ``repeat`` = head dimension; removing a head
 removes its rows of the q/k/v projections and its columns of ``out_proj`` (``attention.py``),
 so the embedding width always stays ``heads x head_dim`` of the kept heads.
+HuggingFace-style self-attention with separate q/k/v ``nn.Linear`` projections (BERT, ViT,
+DistilBERT; ``attention.hf_heads``) is traced by torch-pruning as one group of single channels
+(q, k and v outputs, the output projection's inputs), which cannot be cut one channel at a time
+(the module reshapes by its head size); such a group becomes a group of heads
+(``kind == "qkv_heads"``, ``attention`` = the module's name): the same members with ``repeat`` =
+head size, so a head is its rows of q, k, v and its columns of the output projection, cut by the
+Linear surgery, and ``shrink`` writes the kept head count into the module.
 
 A grouped convolution (``groups = G``, not depthwise) splits its channels into G blocks that
 must keep equal counts: a group touching one has ``segments = G`` and group channel ``j``
@@ -68,7 +75,7 @@ from torch import nn
 from ..costs import is_conv1d_style
 from ..errors import PrunekitError
 from ..options import OptionError
-from .attention import head_prunable
+from .attention import head_prunable, hf_heads
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -79,7 +86,9 @@ class Member:
     """One layer's share of a group.
 
     ``role``: "out" (output channels of a Conv/Linear), "in" (input channels of a Conv/Linear),
-    "bn" (BatchNorm features) or "heads" (heads of an attention module, ``repeat`` = head dim).
+    "bn" (BatchNorm features) or "heads" (heads of an attention module, ``repeat`` = head dim);
+    in a "qkv_heads" group the q/k/v Linears are "out" and the output projection "in" members,
+    each with ``repeat`` = head size.
     Group channel ``j`` is the layer's channels ``offset + s * size * repeat + j * repeat ...
     + repeat - 1`` on that axis for each segment ``s < group.segments`` (``repeat`` > 1 only for
     a Linear after a flatten of C x H x W, and for heads).
@@ -93,7 +102,10 @@ class Member:
 
 @dataclass
 class ChannelGroup:
-    """``size`` coupled channels; ``root`` is the layer torch-pruning grouped them from."""
+    """``size`` coupled channels; ``root`` is the layer torch-pruning grouped them from.
+
+    ``kind``: "channels", "heads" (an ``nn.MultiheadAttention``'s heads) or "qkv_heads" (the heads
+    of HuggingFace-style attention ``attention``, the module whose head count follows the group)."""
 
     index: int
     root: str
@@ -101,6 +113,7 @@ class ChannelGroup:
     members: list[Member] = field(default_factory=list)
     segments: int = 1
     kind: str = "channels"
+    attention: str = ""
 
     def layers(self, role: str) -> list[Member]:
         return [m for m in self.members if m.role == role]
@@ -112,7 +125,7 @@ class ChannelGroup:
         return torch.cat([member.offset + s * block + per for s in range(self.segments)])
 
     def __str__(self) -> str:
-        what = "heads" if self.kind == "heads" else "channels"
+        what = "heads" if self.kind in ("heads", "qkv_heads") else "channels"
         extra = f" x {self.segments} blocks" if self.segments > 1 else ""
         return f"group {self.index} ({self.root}, {self.size} {what}{extra}, {len(self.members)} members)"
 
@@ -250,6 +263,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
     option-B projection's, a model of your own), so only channels inside blocks are pruned."""
     names = {module: name for name, module in model.named_modules()}
     names.update({param: name for name, param in model.named_parameters()})
+    modules = dict(model.named_modules())
     groups: list[ChannelGroup] = []
     seen: set[frozenset] = set()
     traced, skipped = _traced_groups(model, example_input, pads_residual)
@@ -277,6 +291,16 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
         if reason is not None:
             skipped.append((root, reason))
             continue
+        heads = _qkv_heads(members, modules) if segments == 1 else None
+        if heads is not None:
+            attention, count, head_size = heads
+            if count < 2:
+                skipped.append((attention, "attention heads kept: a single head"))
+                continue
+            groups.append(ChannelGroup(index=len(groups), root=attention, size=count, kind="qkv_heads",
+                                       members=[Member(m.module, m.role, 0, head_size) for m in members],
+                                       attention=attention))
+            continue
         size = _size_of(root_module) // segments
         if size == 1 and segments > 1:     # one channel per block: no block can lose one
             skipped.append((root, _multiplier_reason(members, segments, model)))
@@ -295,6 +319,27 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
     if not groups:
         raise no_group_error(_loose_weights(model) + skipped)
     return GroupSet(groups, skipped)
+
+
+def _qkv_heads(members: list[Member], modules: dict) -> tuple[str, int, int] | None:
+    """(attention module name, heads, head size) if ``members`` are the q, k and v outputs of one
+    HuggingFace-style attention module (``attention.hf_heads``) whole and the inputs of the
+    layers they feed (its output projection), else None."""
+    outs = [m for m in members if m.role == "out"]
+    if len(outs) != 3 or any(m.role not in ("out", "in") or m.offset or m.repeat != 1 for m in members):
+        return None
+    parents = {m.module.rpartition(".")[0] for m in outs}
+    if len(parents) != 1:
+        return None
+    parent = parents.pop()
+    spec = hf_heads(modules.get(parent))
+    if spec is None:
+        return None
+    qkv, heads, size = spec
+    if {f"{parent}.{n}" if parent else n for n in qkv} != {m.module for m in outs}:
+        return None
+    module = modules[parent]
+    return parent, getattr(module, heads), getattr(module, size)
 
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,

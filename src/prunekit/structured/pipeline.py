@@ -71,10 +71,13 @@ def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Ten
     counter = GatedMacs(model, groups, costs)
     floor = minimum_rounded_macs(counter, channel_multiple)
     per_group = "one channel" if channel_multiple == 1 else f"{channel_multiple} channels (or all, if fewer)"
+    heads = any(group.kind in ("heads", "qkv_heads") for group in groups)
+    per_group += " per group" + ((" (whole heads in a group of attention heads)" if channel_multiple > 1 else
+                                  " (one head per group of attention heads)") if heads else "")
     for share in shares if targets is None else targets:
         if floor > share * costs.macs:
-            raise OptionError(f"{target_name} {share:g} asks for {share * costs.macs:,.0f} MACs but {per_group} per "
-                              f"group and the unprunable layers already cost {floor:,.0f} "
+            raise OptionError(f"{target_name} {share:g} asks for {share * costs.macs:,.0f} MACs but {per_group} "
+                              f"and the unprunable layers already cost {floor:,.0f} "
                               f"({floor / costs.macs:.4%}){dense_groups_text(groups.skipped)}: ask for at least "
                               f"{_rounded_up(floor / costs.macs)}"
                               + ("" if channel_multiple == 1 else " or a smaller channel_multiple"),

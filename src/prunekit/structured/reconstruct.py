@@ -33,7 +33,7 @@ def closed_channels(groups: GroupSet, masks: list[torch.Tensor], name: str, role
     closed: set[int] = set()
     for group, mask in zip(groups, masks):
         gone = torch.nonzero(~mask.bool().cpu()).flatten()
-        if gone.numel() == 0 or group.kind != "channels":
+        if gone.numel() == 0 or group.kind not in ("channels", "qkv_heads"):
             continue
         for member in group.members:
             if member.module == name and member.role == role:

@@ -6,7 +6,10 @@ Why: oneDNN runs convolutions with odd channel counts much slower than with mult
 
 Allowed counts of a group of ``n`` channels: the multiples of ``m`` in ``[m, n]``, plus ``n``
 itself (a group whose size is not a multiple keeps its full size as one more choice). A group
-smaller than ``m`` therefore has a single choice, its full size: it is never pruned.
+smaller than ``m`` therefore has a single choice, its full size: it is never pruned. A group of
+attention heads (kind "heads" or "qkv_heads") counts heads of ``d`` channels each: its multiple
+is the fewest heads whose channels are a multiple of ``m``, ``m / gcd(m, d)`` (any head count
+when ``d`` is a multiple of ``m``).
 
 Within a group the highest-scored channels are kept. Starting from the threshold cut
 (``threshold_to_budget``), every group moves to its nearest allowed count (ties go down);
@@ -18,6 +21,8 @@ counted by ``GatedMacs``, which equals ``CostModel.count`` of the shrunk model.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -35,6 +40,14 @@ def allowed_counts(size: int, multiple: int) -> list[int]:
     return counts
 
 
+def group_multiple(group, multiple: int) -> int:
+    """The multiple ``multiple`` (of channels) as a multiple of ``group``'s units: heads of ``d``
+    channels for a head group (``m / gcd(m, d)`` heads), channels otherwise."""
+    if group.kind in ("heads", "qkv_heads"):
+        return multiple // math.gcd(multiple, group.members[0].repeat)
+    return multiple
+
+
 def _masks(orders: list[torch.Tensor], kept: list[int]) -> list[torch.Tensor]:
     masks = []
     for order, k in zip(orders, kept):
@@ -47,7 +60,7 @@ def _masks(orders: list[torch.Tensor], kept: list[int]) -> list[torch.Tensor]:
 def minimum_rounded_macs(counter: GatedMacs, multiple: int) -> int:
     """MACs with every group at its smallest allowed count (and the unprunable layers)."""
     sizes = [g.size for g in counter.groups]
-    kept = [allowed_counts(n, multiple)[0] for n in sizes]
+    kept = [allowed_counts(n, group_multiple(g, multiple))[0] for n, g in zip(sizes, counter.groups)]
     return counter.macs_of_masks(_masks([torch.arange(n) for n in sizes], kept))
 
 
@@ -76,7 +89,7 @@ def round_to_budget(scores: list[torch.Tensor], masks: list[torch.Tensor], count
     # cumulative importance of the top-k channels: prefix[i][k]
     prefix = [torch.cat([torch.zeros(1, dtype=torch.float64), s.detach().double()[o].cumsum(0)])
               for s, o in zip(scores, orders)]
-    choices = [allowed_counts(s.numel(), multiple) for s in scores]
+    choices = [allowed_counts(s.numel(), group_multiple(g, multiple)) for s, g in zip(scores, counter.groups)]
     kept = []
     for m, c in zip(masks, choices):
         k = int(m.sum())

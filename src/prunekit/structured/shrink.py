@@ -5,7 +5,9 @@ layer: Conv (plain, depthwise, grouped: each block keeps the same positions) and
 and biases (a Conv1D-style layer's weight, stored (in, out), is cut on the transposed axes),
 BatchNorm parameters and statistics, the channel map of a zero-pad shortcut
 (its copies follow the kept input channels, closed ones and pads are zero); a head group replaces its
-``nn.MultiheadAttention`` by a ``SlimAttention`` holding the kept heads. The result is an
+``nn.MultiheadAttention`` by a ``SlimAttention`` holding the kept heads; a "qkv_heads" group
+(HuggingFace-style attention) cuts its q/k/v rows and output projection columns as Linear
+channels and writes the kept head count into the attention module (``attention.set_heads``). The result is an
 ordinary ``nn.Module`` with smaller layers, computing what the gated model with 0/1 gates
 computes. ``zoo.layout`` records and rebuilds its per-layer channel counts for saving.
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from ..costs import is_conv1d_style
 from ..errors import PrunekitError
-from .attention import slim_copy
+from .attention import set_heads, slim_copy
 from .gates import GateHooks
 from .groups import GroupSet, no_group_error
 
@@ -50,6 +52,7 @@ def shrink(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], exampl
     modules = dict(small.named_modules())
     removed: dict[tuple[str, str], set[int]] = {}
     heads: dict[str, torch.Tensor] = {}
+    head_counts: dict[str, int] = {}
     for group, mask in zip(groups, masks):
         closed = torch.nonzero(~mask.bool().cpu()).flatten()
         if closed.numel() == 0:
@@ -57,6 +60,8 @@ def shrink(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], exampl
         if group.kind == "heads":
             heads[group.members[0].module] = mask.bool().cpu()
             continue
+        if group.kind == "qkv_heads":
+            head_counts[group.attention] = int(mask.sum())
         for member in group.members:
             axis = "in" if member.role == "in" and not _is_depthwise(modules[member.module]) else "out"
             removed.setdefault((member.module, axis), set()).update(group.channels(member, closed).tolist())
@@ -69,12 +74,19 @@ def shrink(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], exampl
             _cut(module, axis, sorted(channels), name)
         for name, keep in heads.items():
             _replace(small, name, slim_copy(modules[name], keep))
+        for name, kept in head_counts.items():
+            set_heads(modules[name], kept)
     return small
 
 
 MISMATCH = ("removing its channels does not compute what closing them computes (an operation between its "
             "layers moves or mixes channels, e.g. a channel shuffle, or places them where the dependency analysis "
             "did not map them, e.g. a concatenation after the network's own input): kept dense")
+
+
+HEADS_MISMATCH = ("attention heads kept: with heads removed (their q/k/v rows and output projection columns cut, "
+                  "the module's head count lowered) this attention module does not compute what closing them "
+                  "computes (its forward reads the head count or width from elsewhere, e.g. its config)")
 
 
 def checked_groups(model: nn.Module, groups: GroupSet, example_input: torch.Tensor) -> GroupSet:
@@ -103,7 +115,8 @@ def checked_groups(model: nn.Module, groups: GroupSet, example_input: torch.Tens
     if not bad:
         raise PrunekitError("the model with channels removed does not compute what its gated form computes, "
                             "though each channel group alone does: use a weights method (e.g. --method falcon)")
-    skipped = list(groups.skipped) + [(group.root, MISMATCH) for group in groups if group.index in bad]
+    skipped = list(groups.skipped) + [(group.root, HEADS_MISMATCH if group.kind == "qkv_heads" else MISMATCH)
+                                      for group in groups if group.index in bad]
     kept = [dataclasses.replace(group, index=i) for i, group in
             enumerate(group for group in groups if group.index not in bad)]
     if not kept:

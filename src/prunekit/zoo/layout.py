@@ -3,7 +3,10 @@
 A structurally pruned (shrunk) model has the zoo architecture with smaller Conv/Linear/BatchNorm
 layers (and, after depth pruning, ``RemovedBlock`` where blocks were); its saved sidecar records
 ``channel_layout(model)`` so that ``load_model`` can rebuild it with ``apply_layout`` before
-loading the tensors (no code from the file is executed).
+loading the tensors (no code from the file is executed). A HuggingFace-style attention module
+(``structured.attention.hf_heads_attrs``: BERT's, ViT's) records its head count and head size,
+so that a model with heads removed gets its narrower q/k/v (their own Linear entries) and the
+head count its forward reshapes by.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 from ..costs import is_conv1d_style
 from ..errors import PrunekitError
 from ..layers import RemovedBlock, SlimAttention
+from ..structured.attention import hf_heads_attrs, set_heads
 
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
@@ -33,6 +37,8 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
                             "batch_first": module.batch_first, "dropout": module.dropout}
         elif (entry := _layer_entry(module)) is not None:
             layout[name] = entry
+        elif (attrs := hf_heads_attrs(module)) is not None:   # HuggingFace-style attention: its head count
+            layout[name] = {"attention_heads": getattr(module, attrs[1]), "head_size": getattr(module, attrs[2])}
         elif getattr(module, "pads_channels", False) and not getattr(module, "padded", True):
             # a zero-pad shortcut whose channels were cut: its map from input to output channels
             layout[name] = {"in": module.in_channels, "source": module.source_list()}
@@ -70,6 +76,9 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                                      bool(spec["bias"]), bool(spec["batch_first"]), float(spec["dropout"]))
                 parent_name, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, attr, slim)
+                continue
+            if "attention_heads" in spec:                # HuggingFace-style attention, maybe with heads removed
+                _set_attention_heads(name, module, int(spec["attention_heads"]), int(spec["head_size"]))
                 continue
             if getattr(module, "pads_channels", False) and "source" in spec:
                 module.set_source(int(spec["in"]), [int(v) for v in spec["source"]])
@@ -114,6 +123,22 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             raise PrunekitError(f"bad channel layout entry for {name!r}: {spec!r} ({err}); "
                                 "the sidecar JSON is damaged") from None
     return model
+
+
+def _set_attention_heads(name: str, module: nn.Module, heads: int, head_size: int) -> None:
+    """Give a fresh HuggingFace-style attention module ``module`` the saved head count (its q/k/v and
+    output projection are resized by their own entries)."""
+    attrs = hf_heads_attrs(module)
+    if attrs is None:
+        raise PrunekitError(f"the saved channel layout records attention heads for {name!r}, a "
+                            f"{type(module).__name__} without q/k/v projections and a head count: the file belongs "
+                            "to another architecture")
+    fresh_heads, fresh_size = getattr(module, attrs[1]), getattr(module, attrs[2])
+    if head_size != fresh_size or heads > fresh_heads or heads < 1:
+        raise PrunekitError(f"attention {name!r} has {heads} heads of {head_size} in the saved model, {fresh_heads} of "
+                            f"{fresh_size} in the model passed: pass a fresh, dense instance of the architecture it "
+                            "was pruned from (the same config; not one already pruned)")
+    set_heads(module, heads)
 
 
 def _check_no_wider(name: str, module: nn.Module, spec: dict) -> None:
