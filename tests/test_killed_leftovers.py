@@ -328,3 +328,62 @@ def test_a_sweep_into_a_users_folder_leaves_the_rest_of_it_theirs(tmp_path, caps
     assert main(argv) == 0, capsys.readouterr().err                  # the same sweep again: its result
     assert json.loads((work / report.REPORT_STATE).read_text())[report.SWEEP_RUNS] == [
         "magnitude_sparsity-0.5", "magnitude_sparsity-0.7"]
+
+
+def _older_sweep_killed_between_runs(out: Path, capsys) -> None:
+    """What a sweep of an older version, killed after its first run, left in ``out``: that version
+    marked its folder only with its report (written at its end), so only the kill's leftover lock
+    file and the finished run's folder ("magnitude_sparsity-0.5") are there."""
+    from prunekit import report
+    assert main([*SWEEP, "--out", str(out)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    for name in ("report.md", "runs.json", report.REPORT_STATE):
+        (out / name).unlink()
+    for path in sorted((out / "plots").iterdir()):
+        path.unlink()
+    (out / "plots").rmdir()
+    (out / run_lock.LOCK_NAME).write_text("4242 elsewhere\n")          # the killed sweep's, held by no one
+    assert sorted(p.name for p in out.iterdir()) == [run_lock.LOCK_NAME, "magnitude_sparsity-0.5"]
+
+
+def test_save_model_refuses_the_run_folders_of_an_older_sweep_killed_between_runs(tmp_path, capsys):
+    """An older version's sweep killed between its runs left no mark: save_model wrote into its
+    run folders (the finished one's, and that of a run not begun), and the sweep run again stopped
+    on the user's file. Such a folder (its lock, and run folders named as a sweep names them holding
+    a run's config.toml) is now known as a sweep's. A folder without the lock (runs the user named
+    so, by hand) is not."""
+    from prunekit.folders import kind
+    out = tmp_path / "sweep"
+    _older_sweep_killed_between_runs(out, capsys)
+    assert kind(out) == "sweep"
+    model = torch.nn.Linear(3, 2)
+    for run in ("magnitude_sparsity-0.5", "magnitude_sparsity-0.8"):
+        with pytest.raises(PrunekitError) as err:
+            prunekit.save_model(model, out / run / "mine.safetensors", {})
+        assert f"lies inside {out / run}, a run folder of the prunekit sweep in {out}" in str(err.value), str(err.value)
+        assert not (out / run / "mine.safetensors").exists()
+    prunekit.save_model(model, out / "mine.safetensors", {})      # beside the runs: in no sweep's way
+    (out / run_lock.LOCK_NAME).unlink()
+    for name in ("mine.safetensors", "mine.json"):
+        (out / name).unlink()
+    assert kind(out) is None                                        # the user's folder of runs
+    prunekit.save_model(model, out / "magnitude_sparsity-0.8" / "mine.safetensors", {})
+
+
+def test_a_sweep_refusing_over_a_users_file_marks_an_older_sweeps_folder(tmp_path, capsys):
+    """An older version's sweep killed between runs, a file of the user's put in the folder of its
+    run not begun: the sweep run again refuses (naming the file) and now marks its folder as it
+    marks its own, naming the run folders it plans, so that what is saved there is refused."""
+    from prunekit import report
+    out = tmp_path / "sweep"
+    _older_sweep_killed_between_runs(out, capsys)
+    (out / "magnitude_sparsity-0.8").mkdir()
+    (out / "magnitude_sparsity-0.8" / "mine.txt").write_text("the user's")
+    argv = [*SWEEP[:SWEEP.index("--sparsity") + 2], "0.8", *SWEEP[SWEEP.index("--sparsity") + 2:], "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "mine.txt" in err and len(err.strip().splitlines()) == 1, err
+    state = json.loads((out / report.REPORT_STATE).read_text())
+    assert state[report.SWEEP_RUNS] == ["magnitude_sparsity-0.5", "magnitude_sparsity-0.8"], state
+    assert (out / "magnitude_sparsity-0.8" / "mine.txt").read_text() == "the user's"
+    assert not (out / "magnitude_sparsity-0.8" / "metrics.json").exists()

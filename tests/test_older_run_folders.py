@@ -79,8 +79,11 @@ def test_a_resume_of_an_older_folder_says_its_weights_match_no_uninterrupted_run
         (lambda out: main(["prune", "--resume", str(out), "--json"]))
     assert again(old) == 0
     err = capsys.readouterr().err
-    assert err.count(OLDER) == 1 and f"prunekit: warning: {old} {OLDER}" in err, err
-    assert f"{old} {OLDER}" in (old / "run.log").read_text()
+    # `prune --resume` takes no --force: its warning names the original command with it
+    said = OLDER if case == "train" else OLDER.replace("--force", "the original command and --force (--resume "
+                                                       "takes none)")
+    assert err.count(said) == 1 and f"prunekit: warning: {old} {said}" in err, err
+    assert f"{old} {said}" in (old / "run.log").read_text()
     assert again(new) == 0
     assert "older prunekit" not in capsys.readouterr().err
     assert "older prunekit" not in (new / "run.log").read_text()
@@ -172,3 +175,46 @@ def test_export_of_an_unfinished_training_run_names_the_train_command_not_prune_
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "training run that has not finished" in err, err
     assert "`prunekit train ... --out` command again" in err and "--resume" not in err, err
+
+
+@pytest.mark.parametrize("unrecorded", ["class names", "images", "loader passes"])
+def test_the_older_folder_warnings_of_prune_resume_name_what_resume_takes(unrecorded, tmp_path, capsys, monkeypatch):
+    """`prune --resume DIR` of a run an older prunekit wrote warned "run it anew with --force", yet
+    --resume refuses --force ("leave out --force"). Under --resume the warning names the original
+    command with --force; without --resume it still names --force."""
+    from prunekit.commands import common
+    _write_colours(tmp_path / "photos" / "train", 4, seed=0)
+    _write_colours(tmp_path / "photos" / "test", 2, seed=1)
+    (tmp_path / "net.py").write_text(NET)
+    out = tmp_path / "run"
+    argv = ["prune", "--model", f"{tmp_path}/net.py:build", "--data", "imagefolder", "--data-dir",
+            str(tmp_path / "photos"), "--normalize", "0.5,0.5,0.5/0.25,0.25,0.25", "--method", "magnitude",
+            "--sparsity", "0.5", "--gradual", "--events", "2", "--epochs-per-event", "1", "--final-epochs", "1",
+            "--batch-size", "4", "--out", str(out), "--json"]
+    _stop_after_first_checkpoint(monkeypatch)
+    assert main(argv) == 130
+    monkeypatch.undo()
+    shutil.copytree(out, tmp_path / "again")
+    for folder in (out, tmp_path / "again"):
+        if unrecorded == "loader passes":
+            _as_older(folder, drop_meta="epoch_passes")
+            continue
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics.pop("data_fingerprint")
+        if unrecorded == "class names":
+            assert metrics.pop("class_names") == ["a", "b", "c"]
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    said = {"class names": "recorded no class names", "images": "recorded no fingerprint of its images",
+            "loader passes": "read its loader twice per epoch"}[unrecorded]
+    common.evaluation_split.cache_clear()      # read once per process: a command line run is a new one
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(out), "--json"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if said in line]
+    assert len(lines) == 1 and "the original command and --force" in lines[0], lines
+    assert "anew with --force" not in lines[0]
+    assert "the original command and --force" in (out / "run.log").read_text()
+    common.evaluation_split.cache_clear()
+    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    assert main(argv) == 0                     # the same command: there --force is the fix
+    lines = [line for line in capsys.readouterr().err.splitlines() if said in line]
+    assert len(lines) == 1 and "run it anew with --force" in lines[0], lines

@@ -544,3 +544,68 @@ def test_force_over_an_older_run_that_trained_a_plain_files_zeros_starts_it_anew
     assert record["zeros"] == "keep" and [h["epoch"] for h in record["history"]] == [1, 2]
     after = load_file(tmp_path / "ft" / "model.safetensors")
     assert (after["4.weight"][before["4.weight"] == 0] == 0).all()
+
+
+def _as_an_older_finished_run(out: Path) -> None:
+    """Rewrite the finished `--zeros train` run in ``out`` as the older prunekit wrote it: that
+    version trained a plain file's zeros with no --zeros option, so its config.toml names none and
+    its result.json records neither the zeros choice nor the count trained."""
+    config = (out / "config.toml").read_text()
+    assert 'zeros = "train"' in config
+    (out / "config.toml").write_text("".join(line for line in config.splitlines(keepends=True)
+                                             if not line.startswith("zeros = ")))
+    record = json.loads((out / "result.json").read_text())
+    assert record.pop("zeros") == "train" and record.pop("trained_zeros") > 0
+    (out / "result.json").write_text(json.dumps(record))
+
+
+def test_an_older_finished_run_that_trained_a_plain_files_zeros_says_so_when_given_back(capsys, runs, tmp_path):
+    """A run an older prunekit finished over a plain file with 70% zeros trained them (a dense
+    result). The same command today would hold them: it gave that dense result back with the plain
+    "finished" note, silent on the zeros, and `--zeros train` (what that run did) was refused as
+    "other zeros". Now the same command says, in one line, that the zeros were trained (--force
+    trains anew holding them), its summary counts them, and `--zeros train` gives the result back."""
+    spec, _ = runs
+    plain_checkpoint(runs, tmp_path / "pruned.pth", 0.7)
+    out = tmp_path / "ft"
+    argv = plain(spec, tmp_path / "pruned.pth", out)
+    assert main([*argv, "--zeros", "train"]) == 0, capsys.readouterr().err
+    _as_an_older_finished_run(out)
+    model = (out / "model.safetensors").read_bytes()
+    zeros = sum(int((w == 0).sum()) for k, w in load_file(out / "model.safetensors").items() if k.endswith("weight"))
+    assert zeros < 10                   # trained: dense
+    capsys.readouterr()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    said = [line for line in captured.err.splitlines() if "older prunekit" in line]
+    assert len(said) == 1, captured.err
+    assert said[0].startswith("prunekit: note: ") and "trained the" in said[0] and "exact zero weights" in said[0]
+    assert "--force trains anew, holding them at zero" in said[0], said[0]
+    assert "holds this training run, finished" not in captured.err
+    assert "zero weights trained" in captured.out, captured.out
+    assert (out / "model.safetensors").read_bytes() == model        # given back, nothing trained
+    assert main([*argv, "--zeros", "train"]) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "holds this training run, finished" in captured.err and "older prunekit" not in captured.err
+    assert "zero weights trained" in captured.out, captured.out
+    assert (out / "model.safetensors").read_bytes() == model
+    assert json.loads((out / "result.json").read_text()).get("trained_zeros") is None      # nothing rewritten
+
+
+def test_the_zeros_line_of_an_older_unfinished_run_is_a_prunekit_note(capsys, runs, tmp_path, monkeypatch):
+    """The line saying an older prunekit's unfinished run carries on training a plain file's zeros
+    had no "prunekit: note:" prefix, unlike prunekit's other notes and warnings."""
+    spec, _ = runs
+    plain_checkpoint(runs, tmp_path / "pruned.pth", 0.7)
+    argv = plain(spec, tmp_path / "pruned.pth", tmp_path / "ft")
+    argv[argv.index("--epochs") + 1] = "2"
+    real_save = train_command.save_epoch
+    monkeypatch.setattr(train_command, "save_epoch", lambda *a: real_save(*a[:8], None))     # no zeros recorded
+    restore = _killed_in_second_epoch(monkeypatch)
+    assert main(argv) == 130
+    restore()
+    monkeypatch.setattr(train_command, "save_epoch", real_save)
+    capsys.readouterr()
+    assert main(argv) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "started by an older prunekit" in line]
+    assert len(said) == 1 and said[0].startswith("prunekit: note: the training run in "), said

@@ -76,6 +76,10 @@ def _snapshot_record(record: dict, share: float) -> dict:
 
 # How a refusal over changed images says to start the run anew: prune's command line words
 ANEW = "start a new run (the original command with --force, or another --out)"
+# How a warning over an older folder's unchecked data says to run it anew where that data changed:
+# prune's command line's words (``prune --resume DIR`` takes no --force: ``REDO_RESUMED``)
+REDO = "run it anew with --force"
+REDO_RESUMED = "run it anew with the original command and --force (--resume takes none)"
 
 
 def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loader: Iterable | None, *,
@@ -83,7 +87,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
             progress: bool = False, on_step: Callable[[dict], None] | None = None, stage_eval: bool = True,
             about: dict | None = None,
             data_fingerprint: dict | None = None,
-            force: bool = False, anew: str = ANEW) -> tuple[dict, nn.Module, dict[float, nn.Module]]:
+            force: bool = False, anew: str = ANEW, redo: str = REDO) -> tuple[dict, nn.Module, dict[float, nn.Module]]:
     """Prune as ``plan`` says; returns (record, pruned model, taper's snapshot models by share).
 
     train_batches(): one epoch of (x, y) training batches, the same at every call.
@@ -98,7 +102,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         (the command line's), kept in metrics.json: a resume over one whose images changed since is
         refused (with ``force``, the command line's --force: the unfinished run starts anew over it); a
         finished run gives its result back, as for any other change of its data. ``anew``: how that
-        refusal says to start the run anew instead (a sweep's run has no --force: its sweep's words).
+        refusal says to start the run anew instead (a sweep's run has no --force: its sweep's words);
+        ``redo``: how the warning over an older folder's unchecked classes or images says it (``REDO``).
     """
     describe = describe or python_model_description(plan)
     metrics = folder.read_metrics() if folder is not None else {}
@@ -117,8 +122,8 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
             folder.log(left)
         _tell_changed_code(folder, metrics, describe)
         _refuse_changed_weights(folder, metrics, describe)
-        _refuse_changed_classes(folder, metrics, describe)
-        if _refuse_changed_images(folder, metrics, data_fingerprint, force, anew):     # --force: started anew
+        _refuse_changed_classes(folder, metrics, describe, redo)
+        if _refuse_changed_images(folder, metrics, data_fingerprint, force, anew, redo):     # --force: started anew
             metrics = {}
     if not dense and not metrics.get("dense"):
         dense = measure(plan, plan.request.model, eval_loader)
@@ -153,6 +158,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
                 on_step(history[-1])
         checkpointer = RunCheckpointer(folder, measure_stage, on_saved,
                                        unit=_UNIT.get(plan.mode, "stage"))
+        checkpointer.redo = redo
     else:
         checkpointer = StageMeter(measure_stage, on_step) if eval_loader is not None or on_step else None
     with torch.random.fork_rng(devices=_initialised_cuda_devices()):   # the caller's RNGs as they were
@@ -290,11 +296,12 @@ def _refuse_changed_weights(folder: RunFolder, metrics: dict, describe: dict) ->
                             "folder")
 
 
-def _refuse_changed_classes(folder: RunFolder, metrics: dict, describe: dict) -> None:
+def _refuse_changed_classes(folder: RunFolder, metrics: dict, describe: dict, redo: str = REDO) -> None:
     """A run resumed over data whose class names changed since it began (an image folder's class
     folder renamed, added or removed: the labels are the sorted folder names) would carry on with
     other labels than its stages so far were judged and trained on: refused. The names the run
-    began with are in its metrics.json (``class_names``, from ``describe``)."""
+    began with are in its metrics.json (``class_names``, from ``describe``). ``redo``: the command
+    line's words for running it anew (``REDO``), in the warning over an older folder."""
     before, now = metrics.get("class_names"), describe.get("class_names")
     if before is None and isinstance(now, list) and metrics.get("stages"):
         # a run of an older prunekit, which recorded none: the labels its stages so far learned are unknown
@@ -303,11 +310,10 @@ def _refuse_changed_classes(folder: RunFolder, metrics: dict, describe: dict) ->
         def line(fix: str) -> str:
             return (f"{folder.path} was written by an older prunekit that recorded no class names: carried on "
                     f"without checking that the classes of the data ({names}) are the ones it started with (a "
-                    f"renamed, added or removed class folder shifts the labels); run it anew with {fix} if they "
-                    "changed")
-        folder.log(line("--force"))
+                    f"renamed, added or removed class folder shifts the labels); {fix} if they changed")
+        folder.log(line(redo))
         if folder.writable:
-            warnings.warn(worded_warning(line("force=True"), line("--force")), stacklevel=2)
+            warnings.warn(worded_warning(line("run it anew with force=True"), line(redo)), stacklevel=2)
     if isinstance(before, list) and isinstance(now, list) and before != now:
         shown = lambda names: ", ".join(map(str, names[:6])) + (", ..." if len(names) > 6 else "")   # noqa: E731
         raise PrunekitError(f"the classes of the data changed since the run in {folder.path} started "
@@ -316,7 +322,7 @@ def _refuse_changed_classes(folder: RunFolder, metrics: dict, describe: dict) ->
 
 
 def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, force: bool = False,
-                           anew: str = ANEW) -> bool:
+                           anew: str = ANEW, redo: str = REDO) -> bool:
     """A run resumed over an image folder whose images changed since it began (an image added,
     removed or replaced: ``data.imagefolder.fingerprint_change``) would measure and prune its stages
     left on other images than its dense model and stages so far: refused, naming what changed.
@@ -325,7 +331,8 @@ def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, f
     prunekit's) is carried on with a warning; one that recorded neither was warned of by
     ``_refuse_changed_classes``. ``force``: the run's checkpoints are removed instead and True
     returned: it starts anew over the images as they are now (its metrics are written afresh).
-    ``anew``: the refusal's words for starting the run anew (``ANEW``: prune's command line's)."""
+    ``anew``: the refusal's words for starting the run anew (``ANEW``: prune's command line's);
+    ``redo``: the warning's over an older folder (``REDO``)."""
     from .data.imagefolder import fingerprint_change
     from .runs import _remove_own_files
     if not now:
@@ -346,12 +353,13 @@ def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, f
                                     "its stages left would be pruned and measured on other images than the first; "
                                     f"put the folder back as it was to carry the run on, or {anew}")
     elif metrics.get("stages") and isinstance(metrics.get("class_names"), list):
-        line = (f"{folder.path} was written by an older prunekit that recorded no fingerprint of its images: carried "
-                "on without checking that they are the ones it started with (an image added, removed or replaced "
-                "changes what the stages left are pruned and measured on); run it anew with --force if they changed")
-        folder.log(line)
+        def line(fix: str) -> str:
+            return (f"{folder.path} was written by an older prunekit that recorded no fingerprint of its images: "
+                    "carried on without checking that they are the ones it started with (an image added, removed or "
+                    f"replaced changes what the stages left are pruned and measured on); {fix} if they changed")
+        folder.log(line(redo))
         if folder.writable:
-            warnings.warn(worded_warning(line.replace("--force", "force=True"), line), stacklevel=2)
+            warnings.warn(worded_warning(line("run it anew with force=True"), line(redo)), stacklevel=2)
     return False
 
 

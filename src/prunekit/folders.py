@@ -11,7 +11,9 @@ Every kind of folder a prunekit command writes, by what marks it:
   so a sweep killed before its report is still known as one, and ``save_model`` writes nothing
   inside its run folders, made or not (``inside_a_sweeps_run``); a sweep of an older version is
   known by its report's title ("# Sweep: ...") or its empty mark, and its runs by its runs.json rows
-  and their folder names ("magnitude_sparsity-0.5"). A comparison writes only its report files
+  and their folder names ("magnitude_sparsity-0.5"); one such sweep killed before its report, by
+  its lock file and run folders of those names holding a prune run's config.toml
+  (``_older_killed_sweep``). A comparison writes only its report files
   (report.md, runs.json, plots/), never runs: only those are its own (``compare --out`` of the
   runs' own parent folder makes no sweep of it);
 * ``export`` (``prunekit export RUN`` writes ``RUN/export``): the manifest ``exported.json``.
@@ -43,6 +45,8 @@ def kind(folder: str | Path) -> str | None:
         return "training run" if not _names_a_method(folder / "config.toml") else "run"
     if (folder / REPORT_STATE).is_file() or _is_comparison_rows(folder / "runs.json"):
         return "sweep" if _sweeps_runs(folder) is not None else "comparison"
+    if _older_killed_sweep(folder):
+        return "sweep"
     if _written_before(folder):
         return "export"
     return None
@@ -102,7 +106,8 @@ def _sweeps_runs(folder: Path) -> tuple[set[str], bool] | None:
         state = None
     planned = state.get(SWEEP_RUNS) if isinstance(state, dict) else None
     named = isinstance(planned, list)
-    if not named and state != {} and not any(_titled_a_sweep(folder / name) for name in ("report.md", EDITED_REPORT)):
+    if (not named and state != {} and not any(_titled_a_sweep(folder / name) for name in ("report.md", EDITED_REPORT))
+            and not _older_killed_sweep(folder)):
         return None
     names = {name for name in planned or [] if isinstance(name, str)}
     try:
@@ -114,6 +119,22 @@ def _sweeps_runs(folder: Path) -> tuple[set[str], bool] | None:
         if run is not None and run.name and _same_folder(run.parent, folder):
             names.add(run.name)
     return names, named
+
+
+def _older_killed_sweep(folder: Path) -> bool:
+    """Whether ``folder`` is the folder of a sweep of an older version killed before its report: that
+    version marked it only with its report, so what is left is its lock file (``.prunekit.lock``,
+    which a kill leaves behind) and run folders named as a sweep names them (``_RUN_NAME``) holding a
+    prune run's config.toml (a run's folder of its own has no lock beside it, the sweep's does)."""
+    from .api_checks import _is_run_config
+    from .run_lock import LOCK_NAME
+    if not (folder / LOCK_NAME).is_file() or (folder / "config.toml").exists():
+        return False
+    try:
+        subfolders = [path for path in folder.iterdir() if path.is_dir() and _RUN_NAME.fullmatch(path.name)]
+    except OSError:
+        return False
+    return any(_is_run_config(run / "config.toml") and _names_a_method(run / "config.toml") for run in subfolders)
 
 
 def _titled_a_sweep(report: Path) -> bool:

@@ -684,6 +684,9 @@ class RunCheckpointer:
                  on_saved: Callable[[list[dict]], None] | None = None, unit: str = "stage"):
         self.folder, self.measure, self.on_saved = folder, measure, on_saved
         self.unit = unit                # a checkpoint in run.log: stage, event (gradual), epoch (train), phase (structured)
+        # how a warning over an older folder says to run it anew, in the command line's words (a
+        # sweep's run, or ``prune --resume``, which takes no --force, say it otherwise)
+        self.redo = "run it anew with --force"
         self.restored_seconds = 0.0     # time the stages restored by ``last`` took in earlier runs
         self.measure_seconds = 0.0
         # the world size (torchrun's ranks; 1 alone) of each session whose stages the newest checkpoint
@@ -791,11 +794,11 @@ class RunCheckpointer:
             return
         def said(fix: str) -> str:
             return (f"{self.folder.path} was written by an older prunekit that read its loader twice per epoch: "
-                    "carried on, this run's weights match no uninterrupted run (of either version); run it anew "
-                    f"with {fix} for a reproducible result")
-        self.folder.log(said("--force"))
+                    "carried on, this run's weights match no uninterrupted run (of either version); "
+                    f"{fix} for a reproducible result")
+        self.folder.log(said(self.redo))
         if self.folder.writable:
-            warnings.warn(worded_warning(said("force=True"), said("--force")), stacklevel=2)
+            warnings.warn(worded_warning(said("run it anew with force=True"), said(self.redo)), stacklevel=2)
 
 
 def _world_size() -> int:

@@ -21,7 +21,7 @@ from ..api_checks import check_out
 from ..budget import Amount
 from ..data.loaders import samples_per_pass
 from ..errors import PrunekitError
-from ..executor import execute
+from ..executor import REDO_RESUMED, execute
 from ..fisher_batches import check_sample_count
 from ..pipelines.fisher_methods import check_planned_rows
 from ..loading import LoadedModel
@@ -171,6 +171,10 @@ def _fingerprints(plan, eval_loader, train_batches, args) -> dict:
 # them, against the old images' dense measurement
 _SWEEP_ANEW = ("run the sweep anew over these images with another --out (its runs so far, and the dense "
                "measurement they share, were made on the images as they were)")
+
+
+# How a warning over an older sweep run's unchecked images says to run it anew (a sweep has no --force)
+_SWEEP_REDO = "run the sweep anew with another --out"
 
 
 def _lower_rate_after_resume(args, err: PrunekitError) -> str:
@@ -392,7 +396,8 @@ def _prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, den
                                    data_fingerprint=_fingerprints(plan, eval_loader, train_batches, args)
                                    if folder is not None and not finished else None,
                                    force=bool(getattr(args, "force", False)),
-                                   **({} if "force" in vars(args) else {"anew": _SWEEP_ANEW}))
+                                   **({"anew": _SWEEP_ANEW, "redo": _SWEEP_REDO} if "force" not in vars(args) else
+                                      {"redo": REDO_RESUMED} if getattr(args, "resume", None) else {}))
     except PrunekitError as err:
         runs.release_refused(folder)
         stopped = runs.stopped_by_divergence(           # a sweep's run folder: no --force, its sweep another --out

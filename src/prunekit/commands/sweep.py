@@ -128,8 +128,12 @@ def cmd_sweep(args) -> int:
         _check_rows_fit_the_data(args, train_batches, method)    # prune's own checks, in its order, for every run
         planned_run = plan_of(args, dense_model, eval_loader, train_batches, method, budget)
         _check_rows_fit_the_data(args, train_batches, method, plan=planned_run)
-    for method, budget in plan:           # a run folder of another sweep is refused before the first run
-        check_run_folder(run_args_of(args, method, budget))
+    try:
+        for method, budget in plan:       # a run folder of another sweep is refused before the first run
+            check_run_folder(run_args_of(args, method, budget))
+    except PrunekitError:
+        _mark_before_refusing(args.out, planned)
+        raise
     warn_if_random_weights(args)
     with run_lock.held_by_rank_0(args.out):    # one sweep at a time in it (each run locks its own)
         if distributed.is_main_process():
@@ -139,6 +143,22 @@ def cmd_sweep(args) -> int:
     written = report.comparison_report_path(args.out)
     emit(args, {"runs": table, "report": str(written)}, report.table_lines(table) + [_report_line(written)])
     return 0
+
+
+def _mark_before_refusing(out: str, planned: list[str]) -> None:
+    """Mark ``out`` as this sweep's folder (``report.mark_report_folder``, with the run folders it
+    plans) where it refuses to start over a run folder holding what is not its run, when ``out`` is
+    already a sweep's (an older version's killed before its report wrote no mark): a file saved there
+    meanwhile (``save_model``) is then refused, as in a folder this version's sweep marked. Left as it
+    is where another process holds its lock or it cannot be written (the refusal is said all the same)."""
+    from ..folders import kind
+    if not distributed.is_main_process() or kind(out) != "sweep":
+        return
+    try:
+        with run_lock.held(out):
+            report.mark_report_folder(out, [Path(run).name for run in planned])
+    except (PrunekitError, OSError):
+        pass
 
 
 def _report_line(written: Path) -> str:

@@ -77,6 +77,9 @@ def cmd_train(args) -> int:
     if args.out and (pruned is None or args.zeros == pruned.default):
         # --zeros naming what its default resolves to here: the same run as without it (config.toml)
         args.zeros = None
+    if args.out and args.zeros == "train" and trained_by_an_older_prunekit(RunFolder(args.out), pruned):
+        # what an older prunekit's finished run here did (its config.toml has no --zeros): its run
+        args.zeros = None
     check_fits(loaded, train_ds, f"{args.data} train")
     loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
                          augment=args.augment, seed=args.seed, drop_last=True)
@@ -246,7 +249,14 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
         if folder.writable and folder.checkpoints.is_dir():    # a kill came between result.json and its removal
             with contextlib.suppress(OSError):                 # (the result is printed all the same)
                 _remove_own_files(folder.checkpoints)
-        if is_main_process():
+        older = trained_by_an_older_prunekit(folder, pruned)
+        if older:                       # its zeros were trained: counted in its summary, as a run here counts them
+            finished = {**finished, "trained_zeros": pruned.zeros}
+        if is_main_process() and older and pruned.hold:     # today's same command would have held them
+            print(f"prunekit: note: the training run in {args.out} was finished by an older prunekit, which trained "
+                  f"the {pruned.zeros:,} exact zero weights of its checkpoint: its result again, nothing was trained "
+                  "(--force trains anew, holding them at zero)", file=sys.stderr)
+        elif is_main_process():
             print(f"prunekit: note: {args.out} holds this training run, finished: its result again, nothing was "
                   "trained (--force trains it anew)", file=sys.stderr)
         emit(args, finished, result_lines(args, finished))
@@ -265,6 +275,26 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
     with MaskHold(pruned.space, pruned.masks, optimizer) if held else nullcontext():
         return _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule, pruned,
                            state, fingerprint)
+
+
+def trained_by_an_older_prunekit(folder: RunFolder | None, pruned: PrunedCheckpoint | None) -> bool:
+    """Whether ``folder`` holds a training run an older prunekit finished over a file without a
+    prunekit record whose zeros this version holds by default (``pruned.default``): that version
+    trained them (it held the zeros of prunekit-pruned checkpoints only), and its result.json records
+    none of this version's ``zeros``, ``pruned`` (zeros held) or ``trained_zeros``, nor its
+    config.toml ``--zeros`` (so the same command, and ``--zeros train``, is that run)."""
+    if folder is None or pruned is None or not (pruned.origin or {}).get("plain") or pruned.default != "keep":
+        return False
+    try:
+        record = finished_record(folder)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False            # a damaged result.json: said where the run is read
+    if not isinstance(record, dict) or {"zeros", "pruned", "trained_zeros"} & record.keys():
+        return False
+    try:
+        return "zeros" not in tomllib.loads(folder.config.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
 
 
 def check_same_zeros(state, pruned: PrunedCheckpoint | None, checkpointer: RunCheckpointer | None,
@@ -288,9 +318,9 @@ def check_same_zeros(state, pruned: PrunedCheckpoint | None, checkpointer: RunCh
             return None
         if plain and pruned.hold:
             pruned.hold = False
-            pruned.note = (f"the training run in {folder.path} was started by an older prunekit, which trained the "
-                           f"{pruned.zeros:,} exact zero weights of its checkpoint: carried on training them "
-                           "(--force trains anew, holding them at zero)")
+            pruned.note = (f"prunekit: note: the training run in {folder.path} was started by an older prunekit, "
+                           f"which trained the {pruned.zeros:,} exact zero weights of its checkpoint: carried on "
+                           "training them (--force trains anew, holding them at zero)")
         return state
     if started != now and force:
         _start_anew(checkpointer, "the checkpoint's zero weights")
