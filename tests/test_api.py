@@ -619,3 +619,38 @@ def test_data_identity_of_prunekit_loaders_is_their_contents_not_their_order():
     assert data_identity(make_loader(ImageDataset(ds.images, 1 - ds.labels, ["a", "b"]), norm)) != first
     assert data_identity(make_loader(ds, Normalization((0.4,), (0.5,)))) != first     # other inputs
     assert data_identity(iter([]))[0] is None                                          # an iterable: unchecked
+
+
+def test_a_channel_run_without_fine_tune_names_it_in_python_terms():
+    """``Result.summary()`` of a channel method with finetune_epochs 0 ends with the CLI's fine-tune
+    hint in Python terms (finetune_epochs=3, or ``prunekit.train.train_epochs`` on ``result.model``,
+    the hybrid's zeros held); the call it names runs; no such line after a fine-tune or a weights method."""
+    import prunekit.train
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+
+    def run(method, **options):
+        return prunekit.prune(copy.deepcopy(net), lambda: data, method=method, flops=0.5, example_input=x, **options)
+
+    for method, options in [("autobot", {"gate_batches": 2}),
+                            ("hybrid", {"gate_batches": 2, "structured_flops": 0.7, "fisher_samples": 16})]:
+        result = run(method, **options)
+        lines = result.summary().splitlines()
+        assert len(lines) == 2 and lines[0].startswith(f"{method}: "), lines
+        assert "finetune_epochs=3" in lines[1] and "prunekit.train.train_epochs(result.model, TRAIN_DATA" in lines[1]
+        call = lines[1][lines[1].index("prunekit.train.train_epochs("):]
+        layers = [m for m in result.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        zeros = [m.weight.detach() == 0 for m in layers]
+        before = [m.weight.detach().clone() for m in layers]
+        eval(call[:-1] + ", progress=False)", {"prunekit": prunekit, "result": result, "TRAIN_DATA": data}, {})
+        assert any(not torch.equal(m.weight, b) for m, b in zip(layers, before)), "the call named trained nothing"
+        if method == "hybrid":       # FALCON's zeros held by the call named
+            assert 'zeros="keep"' in call and sum(int(z.sum()) for z in zeros) > 0
+            assert all(bool((m.weight[z] == 0).all()) for m, z in zip(layers, zeros))
+    tuned = run("autobot", gate_batches=2, finetune_epochs=1)
+    assert len(tuned.summary().splitlines()) == 1 and "finetune_epochs" not in tuned.summary()
+    assert "finetune_epochs" not in run("magnitude").summary()

@@ -206,3 +206,44 @@ def test_a_weights_method_records_its_params_budget_as_nonzeros_only(tmp_path):
     budget = json.loads((tmp_path / "run" / "metrics.json").read_text())["budget"]
     assert budget["max_nonzeros"] == result["budget_max_nonzeros"] is not None
     assert budget["max_params"] is result["budget_max_params"] is None
+
+
+@pytest.mark.parametrize("params, binding", [("0.3", "params"), ("0.5", "flops")])
+def test_the_hybrid_names_the_binding_budget_and_its_params_limit(params, binding, capsys):
+    """``--method hybrid --flops F --params P``: the record says which budget bound (``bound``, as
+    autobot's) and the params line gives the limit and what the other budget allowed. MLPNet's
+    weights each cost one MAC, so the smaller share binds."""
+    import json
+    assets = prunekit.__file__.rsplit("/", 1)[0] + "/assets"
+    base = ["prune", "--model", "mlpnet", "--checkpoint", f"{assets}/mlpnet.safetensors", "--data", "mnist",
+            "--data-dir", f"{assets}/mnist", "--method", "hybrid", "--gate-batches", "3", "--structured-flops", "0.7",
+            "--fisher-samples", "64", "--flops", "0.4" if binding == "params" else "0.3", "--params", params]
+    assert main([*base, "--json"]) in (0, None)
+    record = json.loads(capsys.readouterr().out)
+    most = int(float(params) * record["dense_params"])
+    assert record["bound"] == binding and record["budget_max_params"] == most
+    assert record["params"] <= most and record["macs"] <= record["budget_max_macs"]
+    assert main(base) in (0, None)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("params"))
+    if binding == "params":
+        assert line.endswith(f"({record['params']:,}); the params budget bound (at most {most:,}): the flops budget "
+                             "allowed 40.00% of the MACs"), line
+    else:
+        assert line.endswith(f"({record['params']:,}) (at most {most:,}); the flops budget bound: the params budget "
+                             "allowed 50.00% of the parameters"), line
+
+
+def test_the_hybrid_bound_is_the_budget_its_result_is_nearest():
+    """Python: ``bound`` in the record is the budget the result is nearer (kept / most), or the MACs
+    where the channel cut already met the params budget (FALCON asked for MACs alone)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    for params, binding in ((0.3, "params"), (0.6, "flops"), (0.99, "flops")):
+        r = prunekit.prune(cnn().eval(), lambda: data, method="hybrid", flops=0.5, structured_flops=0.7,
+                           params=params, example_input=x, gate_batches=2, fisher_samples=16)
+        record = r.record
+        near_params = record["params"] / record["budget_max_params"] >= record["macs"] / record["budget_max_macs"]
+        assert record["bound"] == binding == ("params" if near_params else "flops"), record
+        assert record["params"] <= record["budget_max_params"] and record["macs"] <= record["budget_max_macs"]
+        assert record["budget_max_params"] == int(params * record["dense_params"])

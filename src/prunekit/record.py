@@ -8,7 +8,8 @@ sidecar (and, for a shrunk model, its channel layout) plus ``result.json``.
 Record keys: model, method, family, mode (one-shot | multi-stage | gradual | structured),
 request (the budget as asked), sparsity, nonzeros (weights methods), flops_kept, params_kept,
 macs, dense_macs, params, dense_params, budget_max_nonzeros (weights methods), budget_max_macs,
-budget_max_params (a channel method's params budget: all parameters kept), dense_sparsity (the share of
+budget_max_params (a channel method's params budget: all parameters kept; with it, bound: the
+budget that bound, "params" or "flops", or the hybrid's "channels" where its channel cut met both), dense_sparsity (the share of
 prunable weights already zero in the model given: weights methods), dense_accuracy,
 accuracy, dense_loss, loss (None without evaluation data; accuracy None with the user's ``loss``,
 named in loss_function), seconds (pruning, BatchNorm included; the evaluations of each stage's
@@ -160,4 +161,18 @@ class Result:
             acc = f", loss {self.dense_loss:.4g} -> {self.loss:.4g}"
         sparsity = "" if self.sparsity is None else f"sparsity {100 * self.sparsity:.2f}%, "
         return (f"{self.method}: {sparsity}MACs kept {100 * self.flops_kept:.2f}% "
-                f"({self.macs:,} of {self.dense_macs:,}){acc}, {self.seconds:.1f} s")
+                f"({self.macs:,} of {self.dense_macs:,}){acc}, {self.seconds:.1f} s{self.finetune_hint()}")
+
+    def finetune_hint(self) -> str:
+        """The summary's second line after a channel method run with no fine-tune (finetune_epochs 0),
+        the CLI's ``fine-tune`` line in Python terms: the two ways to run one (``finetune_epochs=3``,
+        or ``prunekit.train.train_epochs`` on ``result.model``; the hybrid's zeros held with
+        ``zeros="keep"``), at the run's ``finetune_lr``. "" otherwise."""
+        options = self.record.get("options") or {}
+        if self.record.get("family") != "channels" or options.get("finetune_epochs", 0):
+            return ""
+        keep = ', zeros="keep"' if self.sparsity is not None else ""      # the hybrid's FALCON zeros stay zero
+        return ("\nfine-tune: none (finetune_epochs=0): a channel-pruned model regains most of its accuracy when "
+                "fine-tuned: prune again with finetune_epochs=3 (a few epochs on the training data), or fine-tune "
+                f"this one: prunekit.train.train_epochs(result.model, TRAIN_DATA, epochs=1, "
+                f"lr={options.get('finetune_lr', 0.01):g}{keep})")

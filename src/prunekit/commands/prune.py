@@ -473,7 +473,18 @@ def _params_bound(one: dict) -> str:
 
 def _channel_bound(one: dict) -> str:
     """"; the params budget bound ..." / "; the flops budget bound ..." where a channel method was
-    given both budgets (``bound``: the one that chose the cut), with what the other alone allowed."""
+    given both budgets (``bound``: the one that chose the cut), with what the other alone allowed.
+    The hybrid's FALCON phase meets them with zeros (no ``flops_alone_params``): what the other
+    budget allowed, as a weights method's line says it; "channels": its channel cut met both."""
+    if one.get("bound") and "flops_alone_params" not in one:     # the hybrid
+        most = f" (at most {one['budget_max_params']:,})"
+        if one["bound"] == "params":
+            return (f"; the params budget bound{most}: the flops budget allowed "
+                    f"{100 * one['budget_max_macs'] / one['dense_macs']:.2f}% of the MACs")
+        if one["bound"] == "flops":
+            return (f"{most}; the flops budget bound: the params budget allowed "
+                    f"{100 * one['budget_max_params'] / one['dense_params']:.2f}% of the parameters")
+        return f"{most}; neither budget bound: the channel cut (--structured-flops) already met both"
     if one.get("bound") == "params":
         return (f"; the params budget bound (at most {one['budget_max_params']:,}): the gates cut to the flops "
                 f"budget alone keep {one['flops_alone_params']:,}")

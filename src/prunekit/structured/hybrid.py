@@ -76,7 +76,8 @@ def sparsify_shrunk(ctx: ChannelContext, small: nn.Module, share: float, opts: H
     already fits (it keeps the largest cut <= structured_flops, which may lie a channel's worth
     under ``share``) is kept as it is: FALCON would be asked for more MACs than the model has.
     With a params budget (``ctx.max_params``: all parameters, zeros not counted) FALCON meets it as
-    well; a cut already under it is not asked for it (nor for MACs, where it is under those)."""
+    well; a cut already under it is not asked for it (nor for MACs, where it is under those); the
+    facts then say which budget bound (``_bound``)."""
     costs = CostModel(small, ctx.example_input)
     if costs.macs != ctx.costs.count(small).macs:
         raise AssertionError(f"the shrunk model costs {costs.macs} MACs by its own trace and "
@@ -87,16 +88,32 @@ def sparsify_shrunk(ctx: ChannelContext, small: nn.Module, share: float, opts: H
     if costs.macs <= max_macs and params_fit:   # the channel cut (the largest <= structured_flops)
         nonzeros = int(torch.count_nonzero(space.vector()))      # already fits: nothing for FALCON
         return {"nonzeros": nonzeros, "prunable_weights": space.numel, "sparsity_of_shrunk": 1 - nonzeros / space.numel,
-                "macs": costs.macs, "falcon": [], "skipped": "the channel cut already meets the budget"}
+                "macs": costs.macs, "falcon": [], "skipped": "the channel cut already meets the budget",
+                **_bound(ctx, "channels")}
     budget = Budget(flops=Amount(float(min(max_macs, costs.macs)), absolute=True),
                     params=None if params_fit else Amount(float(ctx.max_params), absolute=True)).resolve(costs, space)
     batches, moved_on = _one_epoch(ctx.batches)
     pctx = PruneContext(small, space, costs, budget, batches, recalibrate_bn=recalibrate_bn, loss_fn=ctx.loss_fn)
     outcome = prune_weights(pctx, run_falcon, opts.falcon_options())
     moved_on()
+    kept = outcome.counts.params            # all parameters, zeros not counted
+    binding = ("flops" if params_fit else "params" if costs.macs <= max_macs
+               else "params" if kept / ctx.max_params >= outcome.counts.macs / max_macs else "flops")
     return {"nonzeros": outcome.nonzeros, "prunable_weights": space.numel, "sparsity_of_shrunk": outcome.sparsity,
             "macs": outcome.counts.macs, "falcon": outcome.history, **{k: v for k, v in outcome.info.items()
-                                                                         if isinstance(v, (int, float, str, bool))}}
+                                                                         if isinstance(v, (int, float, str, bool))},
+            **_bound(ctx, binding)}
+
+
+def _bound(ctx: ChannelContext, binding: str) -> dict:
+    """With a params budget (``ctx.max_params``), which budget bound the result, as autobot's record
+    says it (``bound``, ``budget_max_params``; ``pipeline`` lifts them into the run's record):
+    "params" where FALCON was asked for the params budget and the result is at least as near it
+    as to the MAC budget (kept / most, each), or was asked for parameters alone (the channel cut
+    already under the MACs); "flops" where the MACs are the nearer, or the channel cut already
+    met the params budget (FALCON asked for MACs only); "channels" where the channel cut met both
+    (FALCON not run). {} without a params budget."""
+    return {} if ctx.max_params is None else {"bound": binding, "budget_max_params": ctx.max_params}
 
 
 def _one_epoch(batches):

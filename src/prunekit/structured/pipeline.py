@@ -170,6 +170,8 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
         if phase == "sparsify":
             record.update(sparsify(ctx, small, share, opts, recalibrate_bn))
             info.setdefault("sparsify", {})[f"{share:g}"] = {k: v for k, v in record.items() if k != "falcon"}
+            if share == ctx.shares[0]:      # the run's record says which budget bound, as autobot's does
+                info.update({k: record[k] for k in ("bound", "budget_max_params") if k in record})
         elif phase == "bn":
             record["bn_recalibrated"] = bool(recalibrate_bn and recalibrate_batchnorm(small, ctx.batches()))
             optimizer = schedule = None
