@@ -388,6 +388,115 @@ def test_register_cost_that_leaves_out_an_own_parameter_its_forward_multiplies_i
         unregister_cost(_CdistWrap)
 
 
+class _TableGate(nn.Module):
+    """A matmul ``weight`` (16, 8) gated by a learned ``table`` (5, 16) read by ``index_select``
+    (a gather: an operation with no cost rule, not a multiplication)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 8))
+        self.table = nn.Parameter(torch.rand(5, 16) * 0.01 + 0.001)
+
+    def forward(self, x):                                            # x (B, 8) -> (B, 16)
+        idx = (x.abs().sum(-1) * 0).long() % 5
+        return (x @ self.weight.t()) * torch.index_select(self.table, 0, idx)
+
+
+def test_register_cost_parameter_named_with_zero_uses_is_kept_dense():
+    """A registered layer's learned table read by index_select: unregistered it is refused (the
+    gather has no cost rule, as for any parameter op without one); registered without it, refused
+    naming the table; named with 0, as the refusal says, it was made a prunable 0-MAC layer and
+    magnitude at sparsity 0.5 zeroed all of it (the layer output zeros). Now a parameter named
+    with 0 uses is kept dense, as one used only element-wise."""
+    import warnings
+    import prunekit
+    from prunekit import register_cost
+    from prunekit.costs import unregister_cost
+    x = torch.randn(1, 8)
+    with pytest.raises(PrunekitError, match=r"'0\.table'.*index_select"):
+        CostModel(nn.Sequential(_TableGate(), nn.ReLU(), nn.Linear(16, 3)), x)
+    try:
+        register_cost(_TableGate, lambda m, inputs, out: {"weight": 1})
+        with pytest.raises(PrunekitError, match=r"no entry for its parameter 'table' \(module '0'\).*"
+                                                r"aten\.index_select.*\{'table': 0\} if it truly costs no MACs "
+                                                r"\(it is then kept dense, not pruned\)"):
+            CostModel(nn.Sequential(_TableGate(), nn.ReLU(), nn.Linear(16, 3)), x)
+        register_cost(_TableGate, lambda m, inputs, out: {"weight": 1, "table": 0})
+        torch.manual_seed(0)
+        net = nn.Sequential(_TableGate(), nn.ReLU(), nn.Linear(16, 3))
+        table = net[0].table.detach().clone()
+        costs = CostModel(net, x)
+        assert costs.macs == 16 * 8 + 16 * 3
+        assert "0.table" not in [layer.param_name for layer in costs.weight_layers()]
+        assert [layer.param_name for layer in costs.weight_layers()] == ["0.weight", "2.weight"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # the small head loses all its weights: not the point
+            prunekit.prune(net, method="magnitude", sparsity=0.5, example_input=x)
+        assert torch.equal(net[0].table.detach(), table)                # dense, untouched
+        assert float((net[0].weight == 0).float().mean()) > 0          # the weight is pruned
+    finally:
+        unregister_cost(_TableGate)
+
+
+class _Joined(nn.Module):
+    """``x @ join([weight, u]).t()``: two (6, 4) parameters joined by torch.cat (or stacked and
+    flattened) into one (12, 4) matrix; on (B, T, 4) inputs each element is used B*T times."""
+
+    def __init__(self, how="cat"):
+        super().__init__()
+        self.how = how
+        self.weight = nn.Parameter(torch.randn(6, 4))
+        self.u = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):
+        if self.how == "cat":
+            w = torch.cat([self.weight, self.u])
+        else:
+            w = torch.stack([self.weight, self.u]).flatten(0, 1)
+        return x @ w.t()
+
+
+@pytest.mark.parametrize("how", ["cat", "stack"])
+def test_register_cost_sees_own_parameters_joined_by_cat_or_stack(how):
+    """Parameters joined by torch.cat / torch.stack inside a registered module escaped the check: a
+    cost function returning only {'weight': 5} was taken at 120 MACs where the product costs 240.
+    The trace now reads a join of parameters as a view of them (each element charged its uses), so
+    the check names ``u``; unregistered, the 240 MACs are charged to weight and u (prunable, 120
+    each), not to the module as activation MACs."""
+    from prunekit import register_cost
+    from prunekit.costs import unregister_cost
+    x = torch.randn(1, 5, 4)
+    costs = CostModel(nn.Sequential(_Joined(how)), x)
+    assert costs.macs == 5 * 12 * 4
+    assert {layer.param_name: layer.macs for layer in costs.weight_layers()} == {"0.weight": 120, "0.u": 120}
+    assert sum(layer.activation_macs for layer in costs.layers) == 0
+    try:
+        register_cost(_Joined, lambda m, inputs, out: {"weight": 5})
+        with pytest.raises(PrunekitError, match=r"no entry for its parameter 'u' \(module '0'\)"):
+            CostModel(nn.Sequential(_Joined(how)), x)
+        register_cost(_Joined, lambda m, inputs, out: {"weight": 5, "u": 5})
+        assert CostModel(nn.Sequential(_Joined(how)), x).macs == 240
+    finally:
+        unregister_cost(_Joined)
+
+
+def test_a_join_of_a_parameter_and_an_activation_stays_an_activation():
+    """torch.cat of a learned token and activations (a ViT's class token) is not a parameter view:
+    the attention-free product after it is activation MACs of the module, as before."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(torch.randn(1, 4))
+
+        def forward(self, x):                                        # x (B, 3, 4)
+            t = torch.cat([self.cls.expand(x.shape[0], 1, 4), x], 1)  # (B, 4, 4)
+            return t @ t.transpose(1, 2)
+
+    costs = CostModel(nn.Sequential(Tokens()), torch.randn(1, 3, 4))
+    assert costs.weight_layers() == [] and costs.macs == 4 * 4 * 4
+
+
 def test_register_cost_sees_an_own_parameter_multiplied_element_wise_and_summed():
     """``(x.unsqueeze(-2) * w).sum(-1)`` (a linear layer written element-wise) in a registered
     module's own code is MACs of ``w``: left out of the cost function, refused; a bias added needs

@@ -641,3 +641,29 @@ def test_peak_usage_is_the_process_own_not_its_launchers():
     del held
     own, inherited = map(int, out.stdout.split())
     assert own < 1024 * MB <= 1536 * MB <= inherited
+
+
+def test_own_method_with_fisher_samples_but_no_fisher_batch_is_checked_against_the_data():
+    """A user's own Method whose options dataclass has fisher_samples but neither fisher_batch nor
+    fresh_samples crashed with AttributeError in the rows check before the plan: now those read as
+    their defaults (one sample per row, no fresh samples), so rows within the data run and rows
+    past them get the data's one-line refusal."""
+    import dataclasses
+    from prunekit.options import Integer
+    from prunekit.pipelines.magnitude_methods import MagnitudeOptions, run_magnitude
+
+    @dataclasses.dataclass
+    class RowsOnly(MagnitudeOptions):
+        fisher_samples: int = 16
+        constraints = {**getattr(MagnitudeOptions, "constraints", {}), "fisher_samples": Integer(1)}
+
+    assert not hasattr(RowsOnly(), "fisher_batch") and not hasattr(RowsOnly(), "fresh_samples")
+    method = prunekit.Method("rows_only", "weights", RowsOnly, run_magnitude)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    result = prunekit.prune(model, (x, y), method=method, sparsity=0.5, fisher_samples=32)
+    assert result.model is not None
+    with pytest.raises(PrunekitError, match="holds 64 samples, 65 gradient rows of one sample asked: lower "
+                                            "fisher_samples to 64 or fewer"):
+        prunekit.prune(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), (x, y), method=method,
+                       sparsity=0.5, fisher_samples=65)

@@ -111,6 +111,38 @@ class ParamIndex:
         self.keep_alive.append(out)
         return True
 
+    def add_joined(self, out: torch.Tensor, srcs: list, join) -> bool:
+        """``out`` = ``join(srcs)`` (``torch.cat`` / ``torch.stack`` of parameter views, of one
+        parameter or several: ``torch.cat([self.weight, self.u])``): charge ``out``'s uses to the
+        elements it holds, as for a view. ``join`` is the same operation, applied to the parameter
+        element indices of ``srcs``. False (nothing recorded) if an element of a source is not a
+        parameter's, or the result does not match ``out``."""
+        names: list[str] = []
+        flats, owners = [], []
+        for t in srcs:
+            flat, owner, entry_names = self._map(storage_key(t))
+            positions = self.positions(t)
+            mine = owner[positions]
+            if bool((mine < 0).any()):
+                return False
+            names.extend(n for n in entry_names if n not in names)
+            ids = torch.tensor([names.index(n) for n in entry_names], dtype=torch.int64)
+            flats.append(flat[positions])
+            owners.append(ids[mine])
+        idx, which = join(flats), join(owners)
+        if idx.shape != out.shape:
+            return False
+        size = out.untyped_storage().nbytes() // out.element_size()
+        flat = torch.full((size,), -1, dtype=torch.int64)
+        owner = torch.full((size,), -1, dtype=torch.int64)
+        flat.as_strided(out.size(), out.stride(), out.storage_offset()).copy_(idx)
+        owner.as_strided(out.size(), out.stride(), out.storage_offset()).copy_(which)
+        key = storage_key(out)
+        self.by_storage[key] = [(name, None) for name in names]
+        self._maps[key] = (flat, owner, names)
+        self.keep_alive.append(out)
+        return True
+
     @staticmethod
     def _build_map(key, entries):
         size = max(p.storage_offset() + _extent(p) for _, p in entries)

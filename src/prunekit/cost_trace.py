@@ -7,7 +7,8 @@ Three views of the same forward pass:
 * a **``TorchDispatchMode``** sees every aten operation, also those inside functional code
   (``F.linear(x, self.w)``, ``x @ self.w``) and inside composites such as
   ``F.multi_head_attention_forward``. An operand that is a parameter, or a view of one (a
-  transpose, a chunk of a packed ``in_proj_weight``), is found by its storage; each element is
+  transpose, a chunk of a packed ``in_proj_weight``, a ``torch.cat`` / ``torch.stack`` of
+  parameters) is found by its storage; each element is
   charged the number of times it is multiplied. A product of two activations (attention's
   QKᵀ and AV) is charged to the running module as *activation MACs*: real, never prunable. A
   product of two parameters (a weight made in forward from factors, ``U @ V``; an element-wise
@@ -54,6 +55,7 @@ _EMBEDDING_OPS = {"embedding", "_embedding_bag", "_embedding_bag_forward_only"}
 _RNN_OPS = {"mkldnn_rnn_layer", "lstm", "gru", "rnn_tanh", "rnn_relu", "_cudnn_rnn", "miopen_rnn",
             "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell"}
 _COPY_OPS = {"clone", "_to_copy", "contiguous"}
+_JOIN_OPS = {"cat", "stack"}
 _REDUCTIONS = {"sum", "mean", "nansum"}
 
 
@@ -65,10 +67,11 @@ class ModuleCost:
         a child layer is counted by its own operations) -> how many times
         each element of that parameter is multiplied in this call, for the call's whole input
         (a Linear on (B, T, F) inputs: B*T; the trace runs on one example, B = 1). Those
-        parameters become prunable weights costing ``uses`` MACs each. A parameter that an
-        operation of the module's own code multiplies (or uses in an operation without a cost
-        rule) must be named (``0`` if it truly costs nothing): leaving it out is refused. One used
-        only element-wise (a scale, a bias) may be left out: it costs no MACs.
+        parameters become prunable weights costing ``uses`` MACs each; one named with ``0`` costs
+        nothing and is kept dense (not pruned). A parameter that an operation of the module's own
+        code multiplies (or uses in an operation without a cost rule, such as a table read by
+        ``torch.index_select``) must be named (``0`` if it truly costs nothing): leaving it out is
+        refused. One used only element-wise (a scale, a bias) may be left out: it costs no MACs.
     activation_macs: MACs of the call not tied to a parameter, for the call's whole input.
     """
 
@@ -88,8 +91,8 @@ def register_cost(module_type: type, fn: CostFunction) -> None:
     module's own operations on them (and its activation products) are then not traced. Its child
     modules are traced and counted as everywhere else, so ``fn`` must not price them. An own
     parameter that the module's own code multiplies and ``fn`` leaves out is refused (name it, with
-    ``0`` if it truly costs nothing); so is an exception inside ``fn`` or a return of another type,
-    naming ``fn``. Use it for a layer whose operations
+    ``0`` if it truly costs nothing: it is then kept dense, not pruned); so is an exception inside
+    ``fn`` or a return of another type, naming ``fn``. Use it for a layer whose operations
     prunekit cannot price (it refuses such a model and names the layer). Example: a layer whose
     ``weight`` (out, in) multiplies every token of a (B, T, in) input::
 
@@ -294,6 +297,11 @@ class _OpCounter(TorchDispatchMode):
         elif name == "repeat" and self.index.is_param(args[0]) and isinstance(out, torch.Tensor):
             if not self.index.add_alias(out, args[0], repeats=args[1]):
                 self._refuse(func, args[0])
+        elif (name in _JOIN_OPS and tensors and isinstance(out, torch.Tensor)
+              and all(self.index.is_param(t) for t in tensors)):
+            # torch.cat / torch.stack of parameters (views of them): a parameter view too, so the
+            # product that uses it charges each element (not activation MACs of a new tensor)
+            self.index.add_joined(out, list(args[0]), lambda parts: func(parts, *args[1:]))
         elif name in _COPY_OPS and tensors and self.index.is_param(tensors[0]) and isinstance(out, torch.Tensor):
             self.index.add_alias(out, tensors[0])
         elif name in _COPY_OPS and tensors and isinstance(out, torch.Tensor) and self.scaled.holds(tensors[0]):

@@ -351,7 +351,7 @@ def _check_all_priced(module: nn.Module, cost: ModuleCost, own: dict, seen: dict
         f"the cost function registered for {kind} returns no entry for its parameter {first!r}{others} (module "
         f"{name!r}), which its forward uses in aten.{seen[missing[0]]}: return its uses "
         f"({{{first!r}: times each element is multiplied in the call}}), or {{{first!r}: 0}} if it truly costs "
-        "no MACs")
+        "no MACs (it is then kept dense, not pruned)")
 
 
 def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[list[LayerCost], list[str]]:
@@ -406,6 +406,10 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
         own = dict(module.named_parameters(recurse=False, remove_duplicate=False))
         _check_all_priced(module, cost, own, seen, canonical, name)
         for local, uses in cost.uses.items():
+            if not int(uses):
+                # 0: it costs no MACs here (a table read by index, a gain): not a prunable weight
+                # for that, so kept dense (pruning it would save nothing and may zero it all)
+                continue
             full = canonical[id(own[local])]
             ops.uses.mark(full)
             ops.uses.uniform[full] += int(uses)

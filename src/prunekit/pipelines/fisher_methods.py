@@ -215,7 +215,7 @@ def check_planned_rows(plan, available: int | None, first_batch_size) -> None:
                 return
         else:
             opts, _ = auto_stages(opts, (first_batch_size(), plan.costs.macs, plan.space.numel))
-    if isinstance(opts.fisher_samples, int) and opts.fisher_batch == 1 and not opts.fresh_samples:
+    if _rows_from_one_pass(opts):
         check_sample_count(available, opts.fisher_samples, "fisher_samples" not in opts.given)
 
 
@@ -231,8 +231,17 @@ def check_rows_before_plan(method, opts, available: int | None) -> None:
         return
     if getattr(opts, "stages", 1) == "auto" and method.family == "weights":
         return
-    if isinstance(opts.fisher_samples, int) and opts.fisher_batch == 1 and not opts.fresh_samples:
+    if _rows_from_one_pass(opts):
         check_sample_count(available, opts.fisher_samples)
+
+
+def _rows_from_one_pass(opts) -> bool:
+    """True if ``opts.fisher_samples`` (a number) per-sample rows are all read from one pass of the
+    training data. A user's own options class may have fisher_samples without fisher_batch or
+    fresh_samples: read as their defaults (1 sample per row, no fresh samples), as the built-in
+    methods' options default them."""
+    return (isinstance(opts.fisher_samples, int) and getattr(opts, "fisher_batch", 1) == 1
+            and not getattr(opts, "fresh_samples", False))
 
 
 def _fresh_stages(ctx: PruneContext, opts: QuadraticOptions, rows: int, stages: int) -> int | None:
