@@ -205,12 +205,15 @@ def test_a_loss_reaching_the_users_module_by_attribute_is_hashed_by_that_code(tm
     for scale in ("1.0", "100.0", "1.0"):
         helpers = _user_module(monkeypatch, tmp_path, "pk_test_helpers", f"""
             import torch.nn.functional as F
+            log = []
             def my_loss(out, y):
                 return {scale} * F.cross_entropy(out, y)
         """)
         space = {"helpers": helpers}
-        exec("def loss(out, y):\n    return helpers.my_loss(out, y)\n", space)     # a script's loss
+        exec("def loss(out, y):\n    helpers.log.append(0)\n    return helpers.my_loss(out, y)\n", space)
         seen.append(fingerprint(space["loss"])[0])
+        helpers.log.append(1.0)         # a log the loss writes into: not its code
+        assert fingerprint(space["loss"])[0] == seen[-1]
         if scale == "1.0" and len(seen) == 1:
             _prune(tmp_path / "run", loss=space["loss"])
         elif scale == "100.0":

@@ -318,15 +318,16 @@ class _Hasher:
         container the code writes into (``name`` in ``written``: ``history.append(v)``) by its
         type only, anything else as ``add``."""
         if isinstance(value, types.ModuleType) and not _library(value.__name__):
-            self._add_module(value, attributes, depth)
+            self._add_module(value, attributes, written, depth)
         elif isinstance(value, _MUTABLE) and name in written:
             self.put("written", type(value).__module__, type(value).__qualname__)
         else:
             self.add(value, depth)
 
-    def _add_module(self, module: types.ModuleType, attributes: frozenset, depth: int) -> None:
+    def _add_module(self, module: types.ModuleType, attributes: frozenset, written: frozenset, depth: int) -> None:
         """A module of the user's: its name and those of its attributes ``attributes`` names (the
-        ones the code reaching it can read), each as a global of it."""
+        ones the code reaching it can read), each as a value reached by that name (``written``:
+        as in ``_add_reached``)."""
         key = id(module)
         self.put("user module", module.__name__)
         if key in self.open:
@@ -340,7 +341,7 @@ class _Hasher:
                     continue
                 self.put("attribute", name)
                 try:
-                    self._add_reached(found[name], name, attributes, frozenset(), depth + 1)
+                    self._add_reached(found[name], name, attributes, written, depth + 1)
                 except Unhashable as err:
                     message = str(err)
                     raise Unhashable(message if message.startswith("it reads") else
@@ -445,7 +446,7 @@ _HOOK_FLAGS = {"_forward_hooks_with_kwargs": "_forward_hooks", "_forward_hooks_a
 def _reads(code: types.CodeType) -> tuple[frozenset, frozenset, frozenset]:
     """What ``code`` (and the code objects nested in it) reads: the global names it loads, every
     name it can reach an attribute by (``co_names``), and the names whose container it writes
-    into (a load followed by a writing method: ``history.append``)."""
+    into (a load followed by a writing method: ``history.append``, ``helpers.history.append``)."""
     loads, attributes, written = set(), set(code.co_names), set()
     previous = None
     for instruction in dis.get_instructions(code):
@@ -453,7 +454,7 @@ def _reads(code: types.CodeType) -> tuple[frozenset, frozenset, frozenset]:
             loads.add(instruction.argval)
         if instruction.opname in ("LOAD_METHOD", "LOAD_ATTR") and instruction.argval in _WRITES \
                 and previous is not None and previous.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF",
-                                                                 "LOAD_FAST", "LOAD_CLASSDEREF"):
+                                                                 "LOAD_FAST", "LOAD_CLASSDEREF", "LOAD_ATTR"):
             written.add(previous.argval)
         previous = instruction
     for const in code.co_consts:
