@@ -182,3 +182,173 @@ def test_a_finished_run_given_back_says_so_once_and_names_a_reseeded_loader(tmp_
         prunekit.prune(second, loader(), **kwargs)
     said = [str(w.message) for w in caught if issubclass(w.category, PrunekitWarning)]
     assert len(said) == 1 and "given back" in said[0] and "torch.manual_seed" in said[0], said
+
+
+def _user_module(monkeypatch, tmp_path, name, source):
+    """Module ``name`` loaded from ``tmp_path/<name>.py`` holding ``source`` (the user's own file, as
+    one next to a script is), registered in sys.modules for this test only."""
+    import importlib.util
+    path = tmp_path / f"{name}.py"
+    path.write_text(textwrap.dedent(source))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_loss_reaching_the_users_module_by_attribute_is_hashed_by_that_code(tmp_path, monkeypatch):
+    """``import helpers; def loss(o, y): return helpers.my_loss(o, y)``: an edit of helpers.py is
+    another loss, not this run's stored result."""
+    from prunekit.callables import fingerprint
+    seen = []
+    for scale in ("1.0", "100.0", "1.0"):
+        helpers = _user_module(monkeypatch, tmp_path, "pk_test_helpers", f"""
+            import torch.nn.functional as F
+            log = []
+            def my_loss(out, y):
+                return {scale} * F.cross_entropy(out, y)
+        """)
+        space = {"helpers": helpers}
+        exec("def loss(out, y):\n    helpers.log.append(0)\n    return helpers.my_loss(out, y)\n", space)
+        seen.append(fingerprint(space["loss"])[0])
+        helpers.log.append(1.0)         # a log the loss writes into: not its code
+        assert fingerprint(space["loss"])[0] == seen[-1]
+        if scale == "1.0" and len(seen) == 1:
+            _prune(tmp_path / "run", loss=space["loss"])
+        elif scale == "100.0":
+            with pytest.raises(prunekit.PrunekitError, match=r"holds another run, made with another loss="):
+                _prune(tmp_path / "run", loss=space["loss"])
+    assert None not in seen and seen[0] != seen[1] and seen[0] == seen[2], seen
+    _, said = _prune(tmp_path / "run", loss=space["loss"])          # the first code again: given back
+    assert len(said) == 1 and "given back" in said[0], said
+
+
+def test_a_users_module_named_as_a_standard_library_one_is_the_users_code(tmp_path, monkeypatch):
+    """A local profile.py (the standard library has a profile): hashed by its code, not by name."""
+    from prunekit.callables import _library, fingerprint
+    seen = []
+    for scale in ("100", "99"):
+        mine = _user_module(monkeypatch, tmp_path, "profile", f"""
+            import torch.nn.functional as F
+            def my_loss(o, y):
+                return {scale} * F.mse_loss(o, y)
+        """)
+        seen.append(fingerprint(mine.my_loss)[0])
+    assert None not in seen and seen[0] != seen[1], seen
+    assert not _library("profile")
+    for library in ("torch", "torch.nn.functional", "numpy", "math", "os", "builtins", "prunekit.api", "torch._C._nn"):
+        assert _library(library), library
+
+
+class _WeightedCE(nn.Module):
+    """Cross-entropy with class weights (3,) kept in a private plain attribute (a tensor or array)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self._w = w
+
+    def forward(self, o, y):
+        return nn.functional.cross_entropy(o, y, weight=torch.as_tensor(self._w, dtype=o.dtype))
+
+
+class _Unreadable:
+    def __getattribute__(self, name):
+        raise KeyError(name)
+
+
+def test_a_loss_with_a_private_tensor_is_hashed_and_fingerprint_never_raises(tmp_path):
+    import numpy as np
+    from prunekit.callables import fingerprint
+    for make in (torch.tensor, np.array):
+        one, why = fingerprint(_WeightedCE(make([1.0, 2.0, 1.0])))
+        assert one is not None and why is None, why
+        assert one == fingerprint(_WeightedCE(make([1.0, 2.0, 1.0])))[0]
+        assert one != fingerprint(_WeightedCE(make([1.0, 3.0, 1.0])))[0]
+    digest, why = fingerprint(_Unreadable())
+    assert digest is None and "KeyError" in why, why
+    _prune(tmp_path / "run", loss=_WeightedCE(torch.tensor([1.0, 2.0, 1.0])))
+    with pytest.raises(prunekit.PrunekitError, match="another loss="):
+        _prune(tmp_path / "run", loss=_WeightedCE(torch.tensor([1.0, 3.0, 1.0])))
+
+
+_HISTORY = []
+_SEEN = []
+_KEEP = ["a", "b"]
+
+
+def _logging_loss(out, y):
+    value = nn.functional.cross_entropy(out, y)
+    _HISTORY.append(value.item())
+    return value
+
+
+def _log_hook(module, inputs, output):
+    _SEEN.append(float(output))
+
+
+def _keep_loss(out, y):
+    return nn.functional.cross_entropy(out, y) * len(_KEEP)
+
+
+def test_a_loss_logging_into_a_global_list_is_the_same_loss_when_run_again(tmp_path):
+    """A list the code writes into (``history.append``) is a log: its type is hashed, not what it
+    holds; a list the code only reads is hashed by its values."""
+    from prunekit.callables import fingerprint
+    hooked = nn.CrossEntropyLoss()
+    hooked.register_forward_hook(_log_hook)
+    first, _ = _prune(tmp_path / "run", loss=_logging_loss)
+    _prune(tmp_path / "hooked", loss=hooked)
+    before = fingerprint(_logging_loss)[0], fingerprint(hooked)[0]
+    _logging_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))        # the logs grow as the loss runs
+    hooked(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    assert _HISTORY and _SEEN
+    assert (fingerprint(_logging_loss)[0], fingerprint(hooked)[0]) == before
+    again, said = _prune(tmp_path / "run", loss=_logging_loss)
+    assert again.record == first.record and len(said) == 1 and "given back" in said[0], said
+    _, said = _prune(tmp_path / "hooked", loss=hooked)
+    assert len(said) == 1 and "given back" in said[0], said
+    read = fingerprint(_keep_loss)[0]
+    _KEEP.append("c")
+    try:
+        assert fingerprint(_keep_loss)[0] != read
+    finally:
+        _KEEP.pop()
+
+
+def test_a_loss_hook_is_hashed_by_its_function_not_its_handle_id():
+    """Hook handles' ids count every hook made in the process: another hook registered first
+    (on anything) leaves the loss's fingerprint as it was."""
+    from prunekit.callables import fingerprint
+
+    def hooked_loss():
+        loss = nn.CrossEntropyLoss()
+        loss.register_forward_hook(_log_hook)
+        return loss
+
+    first = fingerprint(hooked_loss())[0]
+    for _ in range(3):
+        nn.Linear(2, 2).register_forward_hook(lambda *a: None)
+    assert first is not None and fingerprint(hooked_loss())[0] == first
+    assert first != fingerprint(nn.CrossEntropyLoss())[0]
+    other = nn.CrossEntropyLoss()
+    other.register_forward_hook(lambda module, inputs, output: None)
+    assert fingerprint(other)[0] != first
+    flagged = nn.CrossEntropyLoss()
+    flagged.register_forward_hook(_log_hook, always_call=True)
+    assert fingerprint(flagged)[0] != first
+
+
+def test_a_config_that_differs_only_in_text_gets_the_general_refusal(tmp_path):
+    """A comment added to config.toml (or broken TOML): no key differs, so no "made with another":
+    the refusal of another run."""
+    _prune(tmp_path / "run")
+    config = tmp_path / "run" / "config.toml"
+    text = config.read_text()
+    for edited in ("# my note\n" + text, text + "\n[[["):
+        config.write_text(edited)
+        with pytest.raises(prunekit.PrunekitError) as refused:
+            _prune(tmp_path / "run")
+        message = str(refused.value)
+        assert "holds another run: pick another out" in message and "made with another" not in message, message
+    config.write_text(text)

@@ -9,25 +9,40 @@ plain values). What is hashed:
 
 - a Python function: its code (bytecode ``co_code``, constants ``co_consts`` recursively, names
   ``co_names``/``co_varnames``, argument counts; not its name, file or line numbers), its default
-  values, its closure's values and the values of the globals its code loads (``LOAD_GLOBAL``);
+  values, its closure's values and the values of the globals its code loads (``LOAD_GLOBAL``); a
+  module of the user's among them by the attributes the code can reach on it (those named in its
+  ``co_names``: ``helpers.my_loss`` hashes ``my_loss``'s code);
+- a list, dict, set, bytearray or deque the code writes into (``history.append(v)``: a log, not an
+  input) among those globals, closure values and defaults: by its type only, since what it holds
+  changes as the code runs (the same loss run again in the same process is the same loss); one it
+  only reads (``name in KEEP``) by its values;
 - an ``nn.Module`` (a loss such as ``CrossEntropyLoss(label_smoothing=0.1)``) or another callable
   object: its class (by name; a class of the user's by its methods' code too) and its state
-  (``vars()``: plain attributes, parameters and buffers by their bytes, submodules);
+  (``vars()``: plain attributes, parameters and buffers by their bytes, submodules; a module's hooks
+  by their functions in the order they run, not by their handles' process-wide ids);
 - a value: numbers, strings, None, tensors and arrays (dtype, shape, bytes), lists, tuples, dicts
   and sets of those;
 - anything from a library (torch, numpy, the standard library, prunekit, an installed package):
-  its qualified name (the library's version is not recorded, as for a built-in method).
+  its qualified name (the library's version is not recorded, as for a built-in method). Whether a
+  module is a library's is decided by where its file lies (the standard library's directories,
+  a ``site-packages``/``dist-packages`` directory, prunekit's own), not by its name: a user's own
+  ``profile.py`` is the user's code.
 
-No ``id()`` or ``repr`` with an address enters a digest.
+No ``id()`` or ``repr`` with an address enters a digest, and ``fingerprint`` never raises: what
+it cannot read gives ``(None, why)``.
 """
 
 from __future__ import annotations
 
+import collections
 import dis
 import enum
 import functools
 import hashlib
+import os
+import site
 import sys
+import sysconfig
 import types
 
 import numpy as np
@@ -35,8 +50,10 @@ import torch
 from torch import nn
 
 _DEPTH = 8          # functions calling functions ... deeper than this: not followed (unhashable)
-_LIBRARIES = ("torch", "numpy", "prunekit", "scipy", "safetensors", "tqdm", "transformers", "timm", "torchvision",
-              "typing_extensions")
+# Methods by which code writes into a container it reached (``history.append(v)``).
+_WRITES = frozenset(("append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem", "remove",
+                     "discard", "clear", "appendleft", "extendleft", "__setitem__", "__delitem__", "__iadd__"))
+_MUTABLE = (list, dict, set, bytearray, collections.deque)
 
 
 class Unhashable(Exception):
@@ -53,19 +70,68 @@ def fingerprint(obj) -> tuple[str | None, str | None]:
         return None, str(err)
     except RecursionError:
         return None, "it nests too deeply to be read"
+    except Exception as err:            # noqa: BLE001 - whatever reading it raises: unchecked, never a crash
+        return None, f"reading it failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     return hasher.digest.hexdigest(), None
 
 
 def _library(module_name: str | None) -> bool:
-    """Whether ``module_name`` is a library's (identified by name), not the user's own code."""
+    """Whether module ``module_name`` is a library's, not the user's own code: decided by where its
+    file lies (``_library_file``), so that a user's ``profile.py`` next to the script is the
+    user's though the standard library has a ``profile``. A module compiled into Python or frozen
+    is a library's; a submodule without a file is its package's; a module not loaded at all is a
+    library's only when the standard library names it."""
     if not module_name:
         return False
+    name = module_name
+    while name:
+        module = sys.modules.get(name)
+        if module is not None:
+            path = getattr(module, "__file__", None)
+            if isinstance(path, str):
+                return _library_file(path)
+            paths = [p for p in getattr(module, "__path__", None) or () if isinstance(p, str)]   # a namespace package
+            if paths:
+                return all(_library_file(p) for p in paths)
+            origin = getattr(getattr(module, "__spec__", None), "origin", None)
+            if name in sys.builtin_module_names or origin in ("built-in", "frozen"):
+                return True
+            if "." not in name:         # a module made in code (no file): the user's
+                return False
+        name = name.rpartition(".")[0]     # a submodule without a file (torch._C._nn): its package's
     top = module_name.split(".")[0]
-    if top in sys.stdlib_module_names or top in _LIBRARIES or top == "builtins":
+    return top in sys.builtin_module_names or top in sys.stdlib_module_names
+
+
+@functools.lru_cache(maxsize=None)
+def _library_roots() -> tuple[str, ...]:
+    """The directories whose modules are a library's: the standard library's, the site-packages
+    directories and prunekit's own package."""
+    roots = {os.path.dirname(os.path.abspath(__file__))}
+    for scheme_paths in (sysconfig.get_paths(), sysconfig.get_paths(vars={"base": sys.base_prefix,
+                                                                          "platbase": sys.base_prefix})):
+        for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+            if scheme_paths.get(key):
+                roots.add(scheme_paths[key])
+    try:
+        roots.update(site.getsitepackages())
+        roots.add(site.getusersitepackages())
+    except AttributeError:          # an old virtualenv's site module
+        pass
+    return tuple(sorted({os.path.realpath(r) for r in roots if r}))
+
+
+@functools.lru_cache(maxsize=4096)
+def _library_file(path: str) -> bool:
+    """Whether the module file (or package directory) ``path`` lies in a library's directory."""
+    real = os.path.realpath(path)
+    parts = real.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
         return True
-    module = sys.modules.get(top)
-    path = getattr(module, "__file__", None) or ""
-    return "site-packages" in path or "dist-packages" in path
+    for root in _library_roots():
+        if os.path.commonpath([real, root]) == root:
+            return True
+    return False
 
 
 def _named(obj) -> str | None:
@@ -199,8 +265,23 @@ class _Hasher:
             return
         self.put("function")
         self._add_code(fn.__code__, depth)
-        self.add(fn.__defaults__, depth + 1)
-        self.add(fn.__kwdefaults__, depth + 1)
+        loads, attributes, written = _reads(fn.__code__)
+        # the defaults as a tuple and a dict (as ``add`` puts them), each value as one reached by its name
+        defaults, kwdefaults = fn.__defaults__, fn.__kwdefaults__
+        if defaults is None:
+            self.add(None, depth + 1)
+        else:
+            names = fn.__code__.co_varnames[:fn.__code__.co_argcount][-len(defaults):] if defaults else ()
+            self.put("tuple", len(defaults))
+            for name, value in zip(names, defaults):
+                self._add_reached(value, name, attributes, written, depth + 1)
+        if kwdefaults is None:
+            self.add(None, depth + 1)
+        else:
+            self.put("dict", len(kwdefaults))
+            for key, name in sorted((self._apart(name, depth + 1), name) for name in kwdefaults):
+                self.put(key)
+                self._add_reached(kwdefaults[name], name, attributes, written, depth + 1)
         cells = fn.__closure__ or ()
         for name, cell in zip(fn.__code__.co_freevars, cells):
             try:
@@ -210,11 +291,11 @@ class _Hasher:
                 continue
             self.put("closure", name)
             try:
-                self.add(value, depth + 1)
+                self._add_reached(value, name, attributes, written, depth + 1)
             except Unhashable as err:
                 raise Unhashable(f"its closure's {name} cannot be read ({err})") from None
         builtins = fn.__globals__.get("__builtins__", {})
-        for name in sorted(_global_loads(fn.__code__)):
+        for name in sorted(loads):
             if name in fn.__globals__:
                 value = fn.__globals__[name]
             elif name in (builtins if isinstance(builtins, dict) else vars(builtins)):
@@ -225,11 +306,48 @@ class _Hasher:
                 continue
             self.put("global", name)
             try:
-                self.add(value, depth + 1)
+                self._add_reached(value, name, attributes, written, depth + 1)
             except Unhashable as err:
                 message = str(err)
                 raise Unhashable(message if message.startswith("it reads global") else
                                  f"it reads global {name} ({message})") from None
+
+    def _add_reached(self, value, name: str, attributes: frozenset, written: frozenset, depth: int) -> None:
+        """A value a function reaches by ``name`` (a global, a closure's cell, a default): a module
+        of the user's by the attributes its code names (``attributes``: ``helpers.my_loss``), a
+        container the code writes into (``name`` in ``written``: ``history.append(v)``) by its
+        type only, anything else as ``add``."""
+        if isinstance(value, types.ModuleType) and not _library(value.__name__):
+            self._add_module(value, attributes, written, depth)
+        elif isinstance(value, _MUTABLE) and name in written:
+            self.put("written", type(value).__module__, type(value).__qualname__)
+        else:
+            self.add(value, depth)
+
+    def _add_module(self, module: types.ModuleType, attributes: frozenset, written: frozenset, depth: int) -> None:
+        """A module of the user's: its name and those of its attributes ``attributes`` names (the
+        ones the code reaching it can read), each as a value reached by that name (``written``:
+        as in ``_add_reached``)."""
+        key = id(module)
+        self.put("user module", module.__name__)
+        if key in self.open:
+            self.put("cycle")
+            return
+        self.open.add(key)
+        try:
+            found = vars(module)
+            for name in sorted(attributes):
+                if name not in found:
+                    continue
+                self.put("attribute", name)
+                try:
+                    self._add_reached(found[name], name, attributes, written, depth + 1)
+                except Unhashable as err:
+                    message = str(err)
+                    raise Unhashable(message if message.startswith("it reads") else
+                                     f"it reads {module.__name__}.{name} ({message})") from None
+        finally:
+            self.open.discard(key)
 
     def _add_class(self, cls: type, depth: int) -> None:
         if _library(cls.__module__):
@@ -278,7 +396,7 @@ class _Hasher:
         except TypeError:
             raise Unhashable(f"it is a {cls.__name__}, whose state cannot be read") from None
         if isinstance(obj, nn.Module):
-            state = {k: v for k, v in state.items() if not k.startswith("_") or k in _MODULE_STATE or v}
+            state = _module_state(state)
         try:
             self.add(dict(state), depth + 1)
         except Unhashable as err:
@@ -290,13 +408,59 @@ class _Hasher:
 _MODULE_STATE = ("_parameters", "_buffers", "_modules")
 
 
-def _global_loads(code: types.CodeType) -> set[str]:
-    """The global names ``code`` (and the code objects nested in it) loads."""
-    names = set()
+def _module_state(state: dict) -> dict:
+    """What of an ``nn.Module``'s ``vars()`` is hashed: its public fields, its parameters, buffers
+    and submodules, its other underscored fields when they hold something (``self._w = tensor``;
+    an empty hook table changes nothing), and its hook tables as their functions in the order
+    they run with their flags, not keyed by the handles' ids (which count every hook made in the
+    process: the same loss would get another digest after any other hook was registered)."""
+    kept = {}
+    for name, value in state.items():
+        if name in _HOOK_FLAGS:
+            continue
+        if name.startswith("_") and name not in _MODULE_STATE and (
+                value is None or value is False or isinstance(value, (dict, list, tuple, set, frozenset, str))
+                and len(value) == 0):
+            continue
+        if name in _HOOK_TABLES:
+            if not isinstance(value, dict):
+                kept[name] = value
+                continue
+            flags = [(flag, state.get(flag)) for flag, table in _HOOK_FLAGS.items() if table == name]
+            kept[name] = [(hook, *[isinstance(held, dict) and key in held for _, held in flags])
+                          for key, hook in value.items()]
+            continue
+        kept[name] = value
+    return kept
+
+
+# nn.Module's hook tables ({handle id: hook}) and the tables of flags keyed by the same ids
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                "_load_state_dict_post_hooks")
+_HOOK_FLAGS = {"_forward_hooks_with_kwargs": "_forward_hooks", "_forward_hooks_always_called": "_forward_hooks",
+               "_forward_pre_hooks_with_kwargs": "_forward_pre_hooks"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _reads(code: types.CodeType) -> tuple[frozenset, frozenset, frozenset]:
+    """What ``code`` (and the code objects nested in it) reads: the global names it loads, every
+    name it can reach an attribute by (``co_names``), and the names whose container it writes
+    into (a load followed by a writing method: ``history.append``, ``helpers.history.append``)."""
+    loads, attributes, written = set(), set(code.co_names), set()
+    previous = None
     for instruction in dis.get_instructions(code):
         if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
-            names.add(instruction.argval)
+            loads.add(instruction.argval)
+        if instruction.opname in ("LOAD_METHOD", "LOAD_ATTR") and instruction.argval in _WRITES \
+                and previous is not None and previous.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF",
+                                                                 "LOAD_FAST", "LOAD_CLASSDEREF", "LOAD_ATTR"):
+            written.add(previous.argval)
+        previous = instruction
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _global_loads(const)
-    return names
+            inner = _reads(const)
+            loads |= inner[0]
+            attributes |= inner[1]
+            written |= inner[2]
+    return frozenset(loads), frozenset(attributes), frozenset(written)

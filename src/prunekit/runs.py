@@ -502,7 +502,7 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
                                   f"({shown} differ{'s' if len(keys) == 1 else ''}): pass the "
                                   "model it started from (as it was before that call, which prunes in place), pick "
                                   "another out, or clear that run first (force=True)", ("out", "force"))
-            if python and old is not None and all(_code_key(k) or k == "loss" for k in keys):
+            if python and old is not None and keys and all(_code_key(k) or k == "loss" for k in keys):
                 raise OptionError(other_code(folder.path, before, after, keys), ("out", "force"))
             if python:
                 raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (the same call "
