@@ -8,7 +8,7 @@ few batches only (``--gate-batches`` x ``--gate-batch-size``) and does not fine-
 the pruning's seconds and memory and the shrunk model's cost and speed.
 
 Each row runs in a process of its own (``--row``; the script without it runs every row that way)
-and records: pruning seconds; peak resident memory of the process (VmHWM) after the model is built
+and records: pruning seconds; prunekit's warnings during pruning (a group left dense is named there); peak resident memory of the process (VmHWM) after the model is built
 and after pruning; attention heads and MLP hidden units kept per layer; the share of the MACs kept
 by a fresh ``CostModel`` of the shrunk model (one example); dense vs shrunk latency at each batch
 size, 1 thread, calls alternated in one process after a warm-up (``prunekit.latency.paired_latency``,
@@ -28,12 +28,13 @@ column says so.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,9 +47,10 @@ except ImportError:
     sys.exit(0)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, machine, one_thread_env, peak_rss_mb, refuse, write_json  # noqa: E402
+from common import load_average, one_thread_env, peak_rss_mb, refuse, write_json  # noqa: E402
 
 import prunekit  # noqa: E402
+import prunekit.errors  # noqa: E402
 from prunekit.costs import CostModel  # noqa: E402
 from prunekit.latency import paired_latency  # noqa: E402
 
@@ -136,8 +138,11 @@ def run_row(row: str, args) -> dict:
     dense_params = sum(p.numel() for p in model.parameters())
     rss_built = peak_rss_mb()
     start = time.perf_counter()
-    result = prunekit.prune(copy_of(model), (x, y), method="autobot", flops=args.flops, gate_batches=args.gate_batches,
-                            gate_batch_size=args.gate_batch_size, batch_size=args.gate_batch_size, finetune_epochs=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", prunekit.errors.PrunekitWarning)
+        result = prunekit.prune(copy.deepcopy(model), (x, y), method="autobot", flops=args.flops,
+                                gate_batches=args.gate_batches, gate_batch_size=args.gate_batch_size,
+                                batch_size=args.gate_batch_size, finetune_epochs=0)
     prune_s = time.perf_counter() - start
     rss_pruned = peak_rss_mb()
     small = result.model.eval()
@@ -150,7 +155,9 @@ def run_row(row: str, args) -> dict:
            "params": sum(p.numel() for p in small.parameters()),
            "heads_dense": shape_per_layer(model)[0], "units_dense": shape_per_layer(model)[1],
            "heads": heads, "units": units, "prune_s": prune_s, "rss_built_mb": rss_built,
-           "rss_after_prune_mb": rss_pruned}
+           "rss_after_prune_mb": rss_pruned,
+           "prunekit_warnings": sorted({str(w.message).splitlines()[0][:300] for w in caught
+                                        if issubclass(w.category, prunekit.errors.PrunekitWarning)})}
     out["params_kept"] = out["params"] / dense_params
     latency = []
     for batch in args.batch_sizes:
@@ -162,11 +169,6 @@ def run_row(row: str, args) -> dict:
         out.update(onnx_check(small, task, Path(scratch)))
     out["rss_peak_mb"] = peak_rss_mb()
     return out
-
-
-def copy_of(model: nn.Module) -> nn.Module:
-    import copy
-    return copy.deepcopy(model)
 
 
 def table(rows: list[dict]) -> None:
