@@ -5,9 +5,10 @@ Builds each model from a config with random weights (no download), then:
 * counts it with ``prunekit.costs.CostModel`` and against an independent count: forward hooks
   on every Linear-like module (tokens x in x out; GPT-2's Conv1D keeps its weight as (in, out)),
   the patch convolution (output positions x weights), plus attention's two activation products
-  (2 x T_q x T_k x hidden per layer);
+  (2 x T_q x T_k x the query projection's width per layer: heads x head size, read from the
+  weights, so an attention that lost heads is counted with the heads it has);
 * prunes a fresh copy with each method (magnitude-flops and falcon at 50% of the MACs, autobot
-  at 70%), ``loss=`` reading ``outputs.logits`` (a language model: next-token cross-entropy),
+  at 70% and 50%), ``loss=`` reading ``outputs.logits`` (a language model: next-token cross-entropy),
   and recounts the result independently;
 * also calls ``prunekit.prune`` with no ``loss=`` (what a user tries first on a classifier).
 
@@ -86,9 +87,23 @@ def _is_linear_like(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
-def independent_macs(model: nn.Module, x: torch.Tensor, layers: int, sequence: int, hidden: int) -> int:
+def query_width(model: nn.Module) -> int:
+    """Summed over attention layers, the width of the query projection (heads x head size) from the
+    weights: a ``query``/``q_proj``/``q_lin`` Linear's rows, a third of GPT-2's fused ``c_attn`` columns."""
+    width = 0
+    for name, m in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("query", "q_proj", "q_lin") and isinstance(m, nn.Linear):
+            width += m.out_features
+        elif leaf == "c_attn":
+            width += m.weight.shape[1] // 3
+    return width
+
+
+def independent_macs(model: nn.Module, x: torch.Tensor, sequence: int) -> int:
     """MACs of one example by hooks: a Linear-like layer's tokens x nonzero weights, a Conv2d's
-    output positions x nonzero weights, plus 2 x sequence² x hidden per attention layer."""
+    output positions x nonzero weights, plus 2 x sequence² x the query width per attention layer
+    (``query_width``: a layer's heads x head size)."""
     total = [0]
 
     def hook(m, inputs, out):
@@ -107,7 +122,7 @@ def independent_macs(model: nn.Module, x: torch.Tensor, layers: int, sequence: i
     finally:
         for h in handles:
             h.remove()
-    return total[0] + layers * 2 * sequence * sequence * hidden
+    return total[0] + 2 * sequence * sequence * query_width(model)
 
 
 # --- one run -------------------------------------------------------------------------------------
@@ -130,16 +145,18 @@ def run_method(model, data, method, flops, loss, indep, options) -> dict:
     vmap = any("vmap" in str(w.message) for w in caught)
     pruned = result.model
     kept = indep(pruned) / indep(model)
-    return {"outcome": "ok", "kept": result.flops_kept, "indep_kept": kept, "seconds": seconds,
+    heads = [int(getattr(m, "num_attention_heads", getattr(m, "n_heads", 0))) for m in pruned.modules()
+             if any(isinstance(getattr(m, q, None), nn.Linear) for q in ("query", "q_lin", "q_proj"))]
+    outcome = "ok" + (f" (heads kept {' '.join(map(str, heads))})" if method == "autobot" and heads else "")
+    return {"outcome": outcome, "kept": result.flops_kept, "indep_kept": kept, "seconds": seconds,
             "path": ("vmap" if vmap else "hooks") if method in ("falcon", "chita") else "-",
             "warnings": sorted({str(w.message).splitlines()[0][:120] for w in caught})}
 
 
 def probe(name, model, task, layers) -> list[dict]:
     x, y = _data(task)
-    hidden = 64
     sequence = TOKENS if task != "image" else (IMAGE // 8) ** 2 + 1
-    indep = lambda m: independent_macs(m, x, layers, sequence, hidden)  # noqa: E731
+    indep = lambda m: independent_macs(m, x, sequence)  # noqa: E731
     params = sum(p.numel() for p in model.parameters())
     row = {"model": name, "params": params, "hand": indep(model)}
     try:
@@ -153,7 +170,8 @@ def probe(name, model, task, layers) -> list[dict]:
             ("falcon", 0.5, None, falcon),
             ("magnitude-flops", 0.5, loss, {"eval_data": (x[:16], y[:16])}),
             ("falcon", 0.5, loss, falcon),
-            ("autobot", 0.7, loss, {"gate_batches": 5, "finetune_epochs": 0})]
+            ("autobot", 0.7, loss, {"gate_batches": 5, "finetune_epochs": 0}),
+            ("autobot", 0.5, loss, {"gate_batches": 5, "finetune_epochs": 0})]
     for method, flops, fn, options in runs:
         torch.manual_seed(0)
         result = run_method(model, (x, y), method, flops, fn, indep, options)
