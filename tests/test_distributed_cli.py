@@ -486,3 +486,18 @@ def test_a_sigterm_to_torchrun_training_writes_the_stop_to_its_run_log(tmp_path)
     assert len(lines) == 1 and lines[0].startswith("prunekit: interrupted (SIGTERM)"), err[-3000:]
     assert (out / "run.log").read_text().splitlines()[-1].endswith("interrupted (SIGTERM)")
     assert run_lock.in_use(out) is False
+
+
+def test_train_with_a_batch_size_below_the_ranks_is_refused_in_one_line_on_every_rank(tmp_path):
+    """`train --batch-size 1` as 2 ranks: every batch is whole and split over the ranks, so rank 1
+    would have no sample of any batch (before the fix it raised ZeroDivisionError on its first batch
+    and rank 0 waited for the timeout; guarded, it would only idle). Refused before any data is read."""
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--epochs", "1",
+            "--eval-split", "train", "--batch-size", "1", "--train-samples", "4", "--out", str(out)]
+    done = [_finish(rank, timeout=120) for rank in _launch(args, free_port())]
+    assert [code for code, _, _ in done] == [2, 2], done[0][2][-2000:] + done[1][2][-2000:]
+    err0 = done[0][2]
+    assert err0.count("\n") == 1 and "--batch-size 1 is below the 2 ranks" in err0 and "--batch-size 2" in err0, err0
+    assert "Traceback" not in done[1][2], done[1][2][-2000:]
+    assert not out.exists()

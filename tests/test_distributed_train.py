@@ -89,3 +89,28 @@ def test_batchnorm_under_uneven_batches_is_close_to_one_process(tmp_path):
     for name in ("5.weight", "5.bias"):
         apart = (ranks[0]["state"][name] - one["state"][name]).norm() / one["state"][name].norm()
         assert apart < 0.05, (name, apart)
+
+
+def _train_empty_first_share(rank, world):
+    """Two train_epochs of the plain conv net on batches of 1, 4 and 3 samples: on 2 ranks rank 1
+    has no sample of the first batch of each pass. The weights and the mean losses."""
+    from prunekit.train import cosine, sgd, train_epoch
+    net = _uneven_net(False)
+    batches = _uneven_batches((1, 4, 3))
+    optimizer = sgd(net, 0.2)
+    schedule = cosine(optimizer, 2 * len(batches))
+    losses = [train_epoch(net, batches, optimizer, schedule, progress=False) for _ in range(2)]
+    return {"state": {k: v.clone() for k, v in net.state_dict().items()}, "losses": torch.tensor(losses)}
+
+
+def test_a_rank_with_no_sample_of_the_first_batch_trains_as_one_process_does(tmp_path):
+    """Before, rank 1 raised ZeroDivisionError on the progress figure (0 samples seen yet, bar off
+    or not) and rank 0 waited for gloo's timeout: run_ranks ended in an error. Now the empty share
+    runs (a zero gradient, no samples in the mean loss) and both ranks hold one process's weights."""
+    ranks = run_ranks(_train_empty_first_share, 2, tmp_path, timeout=90)
+    one = _train_empty_first_share(0, 1)
+    assert _apart(ranks[0]["state"], ranks[1]["state"]) == 0
+    assert _apart(ranks[0]["state"], one["state"]) < 1e-5
+    assert torch.isfinite(ranks[0]["losses"]).all()
+    assert torch.allclose(ranks[0]["losses"], one["losses"], rtol=1e-5, atol=0)
+    assert torch.equal(ranks[0]["losses"], ranks[1]["losses"])

@@ -258,6 +258,16 @@ def test_an_unfinished_or_damaged_run_folder_says_what_to_do(tmp_path, capsys, m
     assert main(["prune", "--resume", str(out)]) == 2
     err = capsys.readouterr().err
     assert "this finished run's model, cannot be read" in err and err.count("\n") == 1
+    # --resume takes no --force: it said "run the command again with --force" there
+    assert "restore it, or run it anew with the original command and --force (--resume takes none)" in err, err
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith("restore it, or run it anew with --force"), err
+    from types import SimpleNamespace
+    from prunekit.errors import PrunekitError
+    from prunekit.runs import RunFolder
+    with pytest.raises(PrunekitError, match=r"restore it, or run it anew with force=True$"):     # Python's words
+        executor._load_final(SimpleNamespace(request=SimpleNamespace(model=None)), RunFolder(out))
 
 
 def test_a_finished_run_missing_its_sidecar_or_result_gets_them_back(tmp_path, capsys):
@@ -417,3 +427,20 @@ def test_a_moved_run_folder_is_carried_on_by_the_same_command_and_by_resume(tmp_
     assert command and "--out moved" in command.group(1), command
     assert main(shlex.split(command.group(1))[1:] + ["--json"]) == 0, capsys.readouterr().err
     assert not (tmp_path / "made").exists()          # run anew in the moved folder, not at the old place
+
+
+@pytest.mark.parametrize("redo, said", [(None, "run it anew with --force"),
+                                        ("run it anew with the original command and --force (--resume takes none)",
+                                         "(--resume takes none)"),
+                                        ("run the sweep anew with another --out", "another --out")])
+def test_a_phase_checkpoint_without_the_optimizer_state_says_to_redo_in_the_commands_words(redo, said):
+    """It said "start the run again with --force" under `prune --resume DIR` and in a sweep, neither
+    of which takes --force; the run checkpointer's redo words now (Python's: force=True)."""
+    from prunekit.options import cli_message
+    from prunekit.structured.pipeline import _load_optimizer
+    from prunekit.errors import PrunekitError
+    with pytest.raises(PrunekitError) as caught:
+        _load_optimizer(None, None, None, redo)
+    assert str(caught.value).endswith("optimizer state: run it anew with force=True")
+    assert cli_message(caught.value).endswith(said) and "start the run again" not in cli_message(caught.value)
+

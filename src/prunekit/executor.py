@@ -27,7 +27,7 @@ from torch import nn
 
 from .budget import budget_text
 from .data.loaders import BatchLoader
-from .errors import PrunekitError, PrunekitWarning, worded_warning
+from .errors import PrunekitError, PrunekitWarning, worded, worded_warning
 from .pipelines.gradual import prune_gradual
 from .structured.groups import dense_groups_warning
 from .methods import BUILT_IN, METHODS, Method
@@ -108,7 +108,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     describe = describe or python_model_description(plan)
     metrics = folder.read_metrics() if folder is not None else {}
     if folder is not None and metrics.get("status") == "done":
-        model = _load_final(plan, folder)
+        model = _load_final(plan, folder, redo)
         if folder.writable and not _readable_json(folder.path / "model.json", folder.path / "result.json"):
             save_pruned(folder.path, model, describe, metrics["final"], shrunk=plan.method.family == "channels")
             folder.log("already complete; model.json / result.json written again (one was missing or damaged)")
@@ -378,9 +378,10 @@ def _read_text(path) -> str | None:
     return path.read_text() if path.exists() else None
 
 
-def _load_final(plan: Plan, folder: RunFolder) -> nn.Module:
+def _load_final(plan: Plan, folder: RunFolder, redo: str = REDO) -> nn.Module:
     """The finished run's model: the request's own, with the saved weights (reshaped first when
-    it was shrunk)."""
+    it was shrunk). ``redo``: how a refusal says to run it anew, in the command line's words
+    (``execute``'s; Python's ``force=True`` where the refusal is read in Python)."""
     from .saving import read_meta
     model = plan.request.model
     layout = read_meta(folder.model_path).get("channel_layout")
@@ -389,13 +390,13 @@ def _load_final(plan: Plan, folder: RunFolder) -> nn.Module:
     try:
         state = load_file(folder.model_path)
     except (SafetensorError, OSError) as err:
-        raise PrunekitError(f"{folder.model_path}, this finished run's model, cannot be read "
-                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): restore it, or run "
-                            "the command again with --force to redo the run") from None
+        head = (f"{folder.model_path}, this finished run's model, cannot be read "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): restore it, or ")
+        raise worded(head + "run it anew with force=True", head + redo) from None
     try:
         model.load_state_dict(state)
     except RuntimeError:                 # a shrunk model without the layout its model.json kept
-        raise PrunekitError(f"{folder.model_path} does not fit the model (a channel method's model.json, which "
-                            "holds its layer sizes, is missing or damaged?): restore it, or run the command again "
-                            "with --force to redo the run") from None
+        head = (f"{folder.model_path} does not fit the model (a channel method's model.json, which holds its layer "
+                "sizes, is missing or damaged?): restore it, or ")
+        raise worded(head + "run it anew with force=True", head + redo) from None
     return model.eval()

@@ -29,7 +29,7 @@ from torch import nn
 
 from .cost_trace import get_mha_fastpath, set_mha_fastpath
 from .errors import PrunekitError, pip_install
-from .saving import atomic_write_bytes, tensor_file_bytes
+from .saving import atomic_write_bytes, tensor_file_size, write_tensor_file
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "dense": "model-dense.safetensors",
            "sparse": "model-sparse.safetensors"}
@@ -43,7 +43,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_dense(model: nn.Module, path: str | Path) -> Path:
     """The state dict, pruned weights as zeros (safetensors; metadata ``prunekit-export: dense``,
     which a checkpoint reader names when the file holds a shrunk model)."""
-    atomic_write_bytes(path, tensor_file_bytes(_state(model), {"format": "pt", "prunekit-export": "dense"}))
+    write_tensor_file(path, _state(model), {"format": "pt", "prunekit-export": "dense"})
     return Path(path)
 
 
@@ -61,7 +61,7 @@ def export_sparse(model: nn.Module, path: str | Path) -> Path:
             shapes[name] = list(value.shape)
         else:
             tensors[name] = value
-    atomic_write_bytes(path, tensor_file_bytes(tensors, {"format": "prunekit-sparse", "shapes": json.dumps(shapes)}))
+    write_tensor_file(path, tensors, {"format": "prunekit-sparse", "shapes": json.dumps(shapes)})
     return Path(path)
 
 
@@ -522,7 +522,7 @@ def export_all(model: nn.Module, example_input: torch.Tensor, out: str | Path, f
                         **({"note": "; ".join(notes)} if notes else {})})
     sizes = {f["format"]: f["bytes"] for f in written}
     if "sparse" in sizes:
-        dense_bytes = sizes.get("dense") or len(tensor_file_bytes(_state(model)))
+        dense_bytes = sizes.get("dense") or tensor_file_size(_state(model))
         written[list(sizes).index("sparse")]["note"] = f"{sizes['sparse'] / dense_bytes:.1%} of the dense file's size"
     return written
 

@@ -45,7 +45,7 @@ from .options import OptionError
 from .pipelines.stages import StageState
 from .record import finite as _finite
 from .run_lock import LOCK_NAME, in_use
-from .saving import atomic_write_bytes, atomic_write_json, tensor_file_bytes
+from .saving import atomic_write_bytes, atomic_write_json, write_tensor_file
 
 METRICS = "metrics.json"
 
@@ -723,7 +723,7 @@ class RunCheckpointer:
             meta["config"] = self.folder.config.read_text()
         meta["world_sizes"] = json.dumps(self.world_sizes)
         meta["epoch_passes"] = str(EPOCH_PASSES)      # a resume tells this version's checkpoints from older ones
-        atomic_write_bytes(self.path(state.stage), tensor_file_bytes(tensors, meta))
+        write_tensor_file(self.path(state.stage), tensors, meta)
         self.folder.log(f"{self._named(state)} saved to {self.path(state.stage).name}")
         if self.on_saved is not None:
             self.on_saved(state.history)

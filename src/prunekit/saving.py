@@ -55,22 +55,68 @@ def is_sidecar(obj) -> bool:
     return isinstance(obj.get("model"), str) and (keys <= _UNMARKED_KEYS or bool(keys & _DISTINCTIVE_KEYS))
 
 
+def _header_prefix(header: dict) -> bytes:
+    """The first bytes of a .safetensors file for a parsed ``header``: its length (8 bytes, little
+    endian) and its JSON with the metadata keys sorted, padded with spaces to a multiple of 8 bytes
+    (as safetensors pads it); the tensors' entries stay in the order given (the data's order)."""
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _tensor_file_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, bytes, int]:
+    """(the sorted header's bytes, safetensors' own file bytes, where its data section starts in
+    them): the file is the first followed by the second from that offset on, which a caller writes
+    through a memoryview (no copy of the data: the file is held once, not three times)."""
+    raw = save(tensors, metadata=metadata)
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(bytes(memoryview(raw)[8:8 + size]).decode("utf-8"))
+    return _header_prefix(header), raw, 8 + size
+
+
 def tensor_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """The bytes of a .safetensors file holding ``tensors`` (name -> contiguous CPU tensor) and the
     string ``metadata``, the same bytes for the same input in every process. safetensors' own
     ``save`` writes the metadata in a per-process random key order (a Rust HashMap), so the same
     weights would hash differently run to run; here the header is rewritten with the metadata
     keys sorted (the tensors' entries and data bytes are left as safetensors wrote them, and the
-    data offsets are relative to the data section, so they hold whatever the header's length)."""
-    raw = save(tensors, metadata=metadata)
-    (size,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + size].decode("utf-8"))
-    if "__metadata__" in header:
-        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
-                  **{k: v for k, v in header.items() if k != "__metadata__"}}
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)      # safetensors pads the header with spaces to a multiple of 8 bytes
-    return struct.pack("<Q", len(text)) + text + raw[8 + size:]
+    data offsets are relative to the data section, so they hold whatever the header's length).
+    Holds the file twice at its peak: to write one, ``write_tensor_file`` (once); for its size,
+    ``tensor_file_size`` (no data at all)."""
+    prefix, raw, start = _tensor_file_parts(tensors, metadata)
+    return b"".join((prefix, memoryview(raw)[start:]))
+
+
+def write_tensor_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensor_file_bytes(tensors, metadata)`` to ``path`` atomically, holding the file's
+    bytes once (safetensors' ``save`` output; the sorted header is written, then its data section
+    through a memoryview) where building the bytes first held them three times."""
+    prefix, raw, start = _tensor_file_parts(tensors, metadata)
+    with atomic_output(path) as out:
+        out.write(prefix)
+        out.write(memoryview(raw)[start:])
+
+
+def tensor_file_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """``len(tensor_file_bytes(tensors, metadata))`` in bytes, without building the file: the
+    header of a file of one-element stand-ins of the same dtypes (safetensors orders the data by
+    dtype, then name, whatever the shapes), rewritten with each tensor's shape and byte range."""
+    stand_ins = {name: torch.zeros(1, dtype=t.dtype) for name, t in tensors.items()}
+    prefix, raw, _ = _tensor_file_parts(stand_ins, metadata)
+    (size,) = struct.unpack("<Q", prefix[:8])
+    parsed = json.loads(prefix[8:8 + size].decode("utf-8"))
+    header, offset = {}, 0
+    if "__metadata__" in parsed:
+        header["__metadata__"] = parsed.pop("__metadata__")
+    for name, entry in sorted(parsed.items(), key=lambda item: item[1]["data_offsets"][0]):
+        tensor = tensors[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {**entry, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    return len(_header_prefix(header)) + offset
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -121,7 +167,7 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     written = None
     try:
-        atomic_write_bytes(path, tensor_file_bytes(state, {"format": "pt", MODEL_MARK: "1"}))
+        write_tensor_file(path, state, {"format": "pt", MODEL_MARK: "1"})
         written = path
         atomic_write_bytes(side, sidecar)
     except OSError as err:      # an unwritable folder, a full disk: named by the user's path, not the temporary's

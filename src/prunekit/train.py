@@ -301,7 +301,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
     DDP averages the ranks' gradients, so each rank's mean loss is weighted by ``_share_weight``
     (R·n_r/n) first, making the average Σ_r (n_r/n)·grad_r, the whole batch's mean-loss gradient
     (a 3-sample batch on 2 ranks, split 2/1, weighs each sample alike; a rank left with no samples
-    of a batch smaller than R runs its empty share, contributing zeros). Exact for models without
+    of a batch smaller than R runs its empty share, contributing a zero gradient and no samples to
+    the mean loss, the first batch of the pass included). Exact for models without
     BatchNorm (to rounding); a BatchNorm layer in training mode normalises each rank's share by its
     own statistics, so there it is close, not equal, at any batch size. The mean loss returned is over every rank's samples, and the BatchNorm
     running statistics, each rank's from its own share, are averaged over the ranks (one all-reduce
@@ -338,7 +339,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
         if y.shape[0]:           # a rank with no samples of a short batch: its mean loss is nan, and counts for nothing
             total += loss.item() * y.shape[0]
             count += y.shape[0]
-        bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+        if count:                # none yet: rank 1 of 2 on a first batch of 1 sample (its figure would be 0/0)
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
     if ranks > 1:
         total, count = _reduce_epoch_end(model, total, count, ranks, device)
     return total / max(count, 1)

@@ -581,6 +581,16 @@ def check_train_args(args) -> None:
         raise PrunekitError(f"--weight-decay must be 0 or more (e.g. 5e-4), got {args.weight_decay}")
     if args.batch_size < 1:
         raise PrunekitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    ranks = distributed.current().size
+    if args.batch_size < ranks:
+        # every batch is whole (drop_last) and split over the ranks: the ranks past the batch size
+        # would have no sample of any batch, waiting on the others at every step (the result is one
+        # process's, only slower); a short batch in a Python loader's pass is trained on (train_epoch)
+        idle = ranks - args.batch_size
+        raise PrunekitError(f"--batch-size {args.batch_size} is below the {ranks} ranks torchrun started: each batch "
+                            f"is split over the ranks, so {idle} {'rank' if idle == 1 else 'ranks'} would have no "
+                            f"sample of any batch; use --batch-size {ranks} or more, or start at most "
+                            f"{args.batch_size} {'rank' if args.batch_size == 1 else 'ranks'}")
     if args.train_samples is not None and args.train_samples < 1:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to train on every training image)")
     if not 0 <= args.seed < 2**63:                     # torch.manual_seed's range

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..costs import CostModel
-from ..errors import PrunekitError
+from ..errors import PrunekitError, worded
 from ..masks import MaskHold, masks_from_weights
 from ..options import OptionError
 from ..params import ParamSpace
@@ -180,7 +180,7 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
                 optimizer = sgd(small, opts.finetune_lr)
                 schedule = cosine(optimizer, opts.finetune_epochs * len(loader))
                 if epoch > 1:
-                    _load_optimizer(optimizer, schedule, optimizer_state)
+                    _load_optimizer(optimizer, schedule, optimizer_state, getattr(checkpointer, "redo", None))
             record["epoch"] = epoch
             hold = _hold_zeros(small, ctx.costs, optimizer) if sparsify is not None else None
             try:
@@ -338,8 +338,10 @@ def _restore(state: StageState, dense: nn.Module, loader):
     return models, extra["info"], optimizer_state
 
 
-def _load_optimizer(optimizer, schedule, saved: tuple[dict, dict] | None) -> None:
+def _load_optimizer(optimizer, schedule, saved: tuple[dict, dict] | None, redo: str | None = None) -> None:
+    """``redo``: how the refusal of a checkpoint without the optimizer state says to run it anew on
+    the command line (the run checkpointer's ``redo``: --force, or a sweep's or --resume's words)."""
     if saved is None:
-        raise PrunekitError("the run folder's checkpoint lacks the fine-tune's optimizer state; "
-                            "start the run again with --force")
+        head = "the run folder's checkpoint lacks the fine-tune's optimizer state: "
+        raise worded(head + "run it anew with force=True", head + (redo or "run it anew with --force"))
     load_optimizer(optimizer, schedule, *saved)
