@@ -353,12 +353,13 @@ def test_save_model_refuses_the_own_files_of_every_kind_of_prunekit_folder(tmp_p
     compare = tmp_path / "compare"  # `prunekit compare --out`: its rows and report state
     compare.mkdir()
     (compare / "runs.json").write_text(json.dumps([row]))
-    (compare / ".prunekit-report.json").write_text("{}")
+    (compare / ".prunekit-report.json").write_text('{"report.md": ["0"]}')
     (compare / "report.md").write_text("# Comparison\n")
     sweep = tmp_path / "sweep"      # `prunekit sweep --out`: the same, around its runs' folders
     save_pruned(sweep / "magnitude_sparsity-0.5", nn.Linear(4, 3), {"model": "mlpnet"}, {}, shrunk=False)
     (sweep / "magnitude_sparsity-0.5" / "metrics.json").write_text('{"status": "done"}\n')
-    (sweep / "runs.json").write_text(json.dumps([row]))
+    (sweep / "runs.json").write_text(json.dumps([{**row, "run": str(sweep / "magnitude_sparsity-0.5")}]))
+    (sweep / ".prunekit-report.json").write_text('{"report.md": ["0"], "sweep_runs": ["magnitude_sparsity-0.5"]}')
     export = tmp_path / "export"    # `prunekit export`
     export_all(nn.Linear(4, 3), torch.zeros(1, 4), export, ["dense", "sparse"])
     before = {folder: snapshot(folder) for folder in (train, prune, compare, sweep, export)}
@@ -382,10 +383,14 @@ def test_save_model_refuses_the_own_files_of_every_kind_of_prunekit_folder(tmp_p
     for folder in (train, prune, export):     # a file of another name in a run's or an export's is the user's
         save_model(nn.Linear(2, 5), folder / "mine.safetensors", {})
         assert (folder / "mine.json").is_file()
-    for folder in (compare, sweep, sweep / "magnitude_sparsity-0.5"):   # a comparison's, a sweep's: any name,
-        with pytest.raises(PrunekitError, match="lies inside .*, the folder of a prunekit (comparison|sweep)"):
-            save_model(nn.Linear(2, 5), folder / "mine.safetensors", {})    # at any depth, is refused
-        assert not (folder / "mine.safetensors").exists()
+    for folder in (compare, sweep):     # beside a comparison's or a sweep's own files: the user's
+        save_model(nn.Linear(2, 5), folder / "mine.safetensors", {})
+        assert (folder / "mine.json").is_file()
+    run = sweep / "magnitude_sparsity-0.5"      # a sweep's run folder, at any depth: its runs write there
+    for path in (run / "mine.safetensors", run / "deeper" / "mine.safetensors"):
+        with pytest.raises(PrunekitError, match="lies inside .*, a run folder of the prunekit sweep in"):
+            save_model(nn.Linear(2, 5), path, {})
+        assert not path.exists()
 
 
 def test_save_model_where_it_cannot_write_is_one_line_naming_the_users_path(tmp_path, monkeypatch):

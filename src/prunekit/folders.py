@@ -95,9 +95,8 @@ def _sweeps_runs(folder: Path) -> tuple[set[str], bool] | None:
     written before a sweep's first run) and those of its runs.json rows that lie in it; ``named``:
     the state records them (else, for a sweep of an older version, any subfolder named as a sweep
     names its runs, ``_RUN_NAME``, is taken for one). None when no sweep wrote ``folder`` (a
-    comparison's: neither that record, nor an earlier sweep's mark (an empty state, which a
-    comparison never writes), nor a report titled "# Sweep: ...", as a sweep of an older version
-    wrote it)."""
+    comparison's: neither that record nor a report titled "# Sweep: ...", as a sweep of an older
+    version wrote it, nor an older version's killed sweep, ``_older_killed_sweep``)."""
     import json
     from .report import EDITED_REPORT, REPORT_STATE, SWEEP_RUNS
     try:
@@ -106,7 +105,7 @@ def _sweeps_runs(folder: Path) -> tuple[set[str], bool] | None:
         state = None
     planned = state.get(SWEEP_RUNS) if isinstance(state, dict) else None
     named = isinstance(planned, list)
-    if (not named and state != {} and not any(_titled_a_sweep(folder / name) for name in ("report.md", EDITED_REPORT))
+    if (not named and not any(_titled_a_sweep(folder / name) for name in ("report.md", EDITED_REPORT))
             and not _older_killed_sweep(folder)):
         return None
     names = {name for name in planned or [] if isinstance(name, str)}

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..costs import CostModel
-from ..errors import PrunekitError, worded
+from ..errors import worded
 from ..masks import MaskHold, masks_from_weights
 from ..options import OptionError
 from ..params import ParamSpace
