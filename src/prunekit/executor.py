@@ -48,7 +48,7 @@ def measure(plan: Plan, model: nn.Module, eval_loader) -> dict:
     counts = plan.costs.count(model)
     out = {"model_macs": counts.macs, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept}
     if model is plan.space.model:
-        out["sparsity"] = 1 - int(torch.count_nonzero(plan.space.vector())) / plan.space.numel
+        out["sparsity"] = 1 - plan.space.count_nonzero() / plan.space.numel
     if eval_loader is not None:
         out.update(evaluate_loss_accuracy(model, eval_loader, loss_fn=plan.request.loss))
         out["eval_seconds"] = time.perf_counter() - start

@@ -143,7 +143,7 @@ class PruneRequest:
         if channels is not None and (left := dense_groups_warning(channels.groups.skipped)):
             warnings.warn(PrunekitWarning(left), stacklevel=3)
         if gradual is not None:
-            check_start_keep(resolved, int(space.macs_per_weight(costs).sum()), gradual)
+            check_start_keep(resolved, space.macs_summary(costs)[0], gradual)
         if method.check is not None:
             method.check(resolved, options)
         if distributed.current().distributed:      # under torchrun: refused before a run folder is written

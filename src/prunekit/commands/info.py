@@ -66,7 +66,7 @@ def cmd_info(args) -> int:
                      "macs": macs, "other_ops": layer.other_ops,
                      "share": macs / counts.macs if counts.macs else 0.0,
                      "prunable": layer.name in pruned_layers})
-    prunable_macs = int(space.macs_per_weight(costs).sum())
+    prunable_macs = space.macs_summary(costs)[0]
     totals = {"params": counts.params, "dense_params": costs.params, "macs": counts.macs,
               "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,
               "prunable_macs": prunable_macs, "prunable_excluded": loaded.prune_exclude,

@@ -155,7 +155,7 @@ def prune_gradual(ctx: PruneContext, run, options, opts: GradualOptions, *, eval
         raise OptionError("gradual pruning fine-tunes between events: pass data", ("data",))
     model, space, costs = ctx.model, ctx.space, ctx.costs
     torch.manual_seed(ctx.seed)
-    dense_macs = int(space.macs_per_weight(costs).sum())
+    dense_macs = space.macs_summary(costs)[0]
     schedule = event_budgets(ctx.budget, dense_macs, opts)
     # the teacher is the model as passed in (dense; a resumed run is handed the dense model again)
     teacher = copy.deepcopy(model).eval() if opts.finetune_distill else None

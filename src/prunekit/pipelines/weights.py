@@ -147,7 +147,7 @@ class Outcome:
 def check_budget(space: ParamSpace, costs: CostModel, budget: ResolvedBudget) -> tuple[Counts, int]:
     """Count the model as it is and fail loudly if it breaks the budget."""
     counts = costs.count(space.model)
-    nonzeros = int(torch.count_nonzero(space.vector()))
+    nonzeros = space.count_nonzero()
     prunable_macs = counts.macs - budget.fixed_macs
     if nonzeros > budget.max_nonzeros or (budget.max_macs is not None and prunable_macs > budget.max_macs):
         raise RuntimeError(f"internal error: the pruned model breaks its budget ({nonzeros} nonzeros "

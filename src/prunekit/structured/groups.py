@@ -65,6 +65,7 @@ read by torch-pruning as elementwise) are caught numerically by ``shrink.checked
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 from dataclasses import dataclass, field
 
@@ -261,6 +262,15 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
     traced on ``example_input``. ``pads_residual=False``: every residual stream is left dense
     (groups through a zero-pad shortcut, and groups whose outputs an elementwise add joins: an
     option-B projection's, a model of your own), so only channels inside blocks are pruned."""
+    try:
+        return _find_groups(model, example_input, pads_residual)
+    finally:
+        # torch-pruning's graph holds the trace's activations (with their autograd graph) in
+        # reference cycles: freed now, not at some later collection (72 MB for BERT-base, 128 tokens)
+        gc.collect()
+
+
+def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bool) -> GroupSet:
     names = {module: name for name, module in model.named_modules()}
     names.update({param: name for name, param in model.named_parameters()})
     modules = dict(model.named_modules())

@@ -86,7 +86,7 @@ def sparsify_shrunk(ctx: ChannelContext, small: nn.Module, share: float, opts: H
     max_macs = int(share * ctx.costs.macs)
     params_fit = ctx.max_params is None or costs.count(small).params <= ctx.max_params
     if costs.macs <= max_macs and params_fit:   # the channel cut (the largest <= structured_flops)
-        nonzeros = int(torch.count_nonzero(space.vector()))      # already fits: nothing for FALCON
+        nonzeros = space.count_nonzero()      # already fits: nothing for FALCON
         return {"nonzeros": nonzeros, "prunable_weights": space.numel, "sparsity_of_shrunk": 1 - nonzeros / space.numel,
                 "macs": costs.macs, "falcon": [], "skipped": "the channel cut already meets the budget",
                 **_bound(ctx, "channels")}

@@ -126,8 +126,10 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
     """
     loader = ctx.batches()          # one loader: every pass is a new epoch (new order, new crops)
     ctx.batches = lambda: loader
-    dense = copy.deepcopy(ctx.model)
-    ctx.teacher = dense
+    # a copy of the dense model only where something reads it (a whole model's worth of memory
+    # through every phase, 0.44 GB for BERT-base); otherwise the resume path's rebuild copies ctx.model
+    dense = copy.deepcopy(ctx.model) if _reads_dense(run, opts, sparsify) else ctx.model
+    ctx.teacher = dense if dense is not ctx.model else None
     history: list[dict] = []
     state = checkpointer.last() if checkpointer is not None else None
     optimizer = schedule = optimizer_state = None
@@ -229,6 +231,19 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
     main = outcomes.pop(ctx.shares[0])
     main.snapshots = outcomes
     return main
+
+
+def _reads_dense(run, opts: ChannelOptions, sparsify) -> bool:
+    """Whether a phase reads the untouched dense copy of ``prune_channels``: the re-fit
+    (``reconstruct_batches``), a distilled fine-tune, the taper's distillation (``ctx.teacher``),
+    the hybrid's sparsify (its sparsity is counted against the dense prunable weights), or a
+    method not prunekit's own (its ``ctx.teacher`` is documented as such a copy). The built-in
+    methods leave ``ctx.model`` as it was (they cut copies of it), so a resumed run rebuilds its
+    shrunk models from ``ctx.model`` itself."""
+    if not getattr(run, "__module__", "").startswith("prunekit."):
+        return True
+    return bool(opts.reconstruct_batches or sparsify is not None or getattr(opts, "taper_distill", 0)
+                or (opts.finetune_epochs and opts.finetune_distill))
 
 
 def _advance(bar: tqdm, record: dict) -> None:
