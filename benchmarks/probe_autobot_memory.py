@@ -9,18 +9,30 @@ changed. Needs transformers.
 
 The pruned weights' sha256 is printed last (to compare two source trees). docs/benchmarks.md,
 "Session 51: where autobot's memory went on BERT-base"."""
-import copy, gc, sys, time, functools, hashlib, json
+import copy
+import functools
+import gc
+import hashlib
+import json
+import sys
+import time
 from pathlib import Path
+
 if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
     print("probe_autobot_memory: give the JSON file to write first: probe_autobot_memory.py OUT.json [--scan]")
     sys.exit(2)
 if Path(sys.argv[1]).exists():
     print(f"probe_autobot_memory: {sys.argv[1]} exists: give a new file name (nothing is overwritten)")
     sys.exit(2)
-import torch, transformers
-import prunekit
-import prunekit.structured.pipeline as P, prunekit.structured.autobot as A, prunekit.structured.shrink as S
-import prunekit.structured.groups as G, prunekit.request as R, prunekit.executor as E
+import torch  # noqa: E402  (after the argument checks: a refusal should not wait for torch)
+import transformers  # noqa: E402
+
+import prunekit  # noqa: E402
+import prunekit.executor as E  # noqa: E402
+import prunekit.request as R  # noqa: E402
+import prunekit.structured.autobot as A  # noqa: E402
+import prunekit.structured.pipeline as P  # noqa: E402
+import prunekit.structured.shrink as S  # noqa: E402
 
 def status():
     d = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, fields
 
-import torch
 from torch import nn
 
 from ..budget import Amount, Budget
