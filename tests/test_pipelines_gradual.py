@@ -39,12 +39,21 @@ def _tiny_setup():
     return model, x[:1], (lambda: batches)
 
 
+KILL = {}     # {"at": call}: the call at which a spy raises ``Killed``, once (taken when it does)
+
+
 def _spy(name, calls, kill_at=None):
     """A weights method of our own (magnitude underneath) that records each event's support and
-    raises ``Killed`` at call ``kill_at``: the table takes users' methods as they are."""
+    raises ``Killed`` at call ``kill_at``: the table takes users' methods as they are. The kill
+    switch is a global the run function takes from (not a closure value), so the killed run and
+    its resume run the same code, as a user's would (a run folder fingerprints a method's code)."""
+    KILL.clear()
+    if kill_at is not None:
+        KILL["at"] = kill_at
 
     def run(ctx, opts):
-        if kill_at is not None and len(calls) + 1 == kill_at:
+        if KILL.get("at") == len(calls) + 1:
+            KILL.pop("at")
             raise Killed
         pruned = run_magnitude(ctx, opts)
         calls.append(pruned.weights != 0)
