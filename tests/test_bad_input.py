@@ -150,7 +150,8 @@ def home(tmp_path_factory):
     (d / "usersweep" / "magnitude_sparsity-0.5").mkdir(parents=True)   # a sweep's run folder holding a file of
     (d / "usersweep" / "magnitude_sparsity-0.5" / "mine.safetensors").write_bytes(b"x")    # the user's, no run
     (d / "killedsweep" / "magnitude_sparsity-0.5").mkdir(parents=True)   # a sweep killed in its first run
-    (d / "killedsweep" / ".prunekit-report.json").write_text("{}")      # its mark: no report yet
+    (d / "killedsweep" / ".prunekit-report.json").write_text(      # its mark: its planned runs, no report yet
+        '{"sweep_runs": ["magnitude_sparsity-0.5", "magnitude_sparsity-0.7"]}')
     (d / "killedsweep" / "magnitude_sparsity-0.5" / "config.toml").write_text(
         'model = "mlpnet"\nmethod = "magnitude"\nsparsity = "0.5"\n')
     (d / "other-tool").mkdir()            # a metrics.json another tool wrote
@@ -735,10 +736,10 @@ def test_load_pruned_and_save_model_refuse_a_model_that_is_not_a_module(call, un
 
 @pytest.mark.parametrize("inside", ["magnitude_sparsity-0.7/m.safetensors", "magnitude_sparsity-0.5/sub/m.safetensors"])
 def test_save_model_refuses_a_path_inside_a_sweeps_folder(inside, home, untouched):
-    """A killed sweep's folder (its mark, a run begun): its later runs' folders are not made yet, and
-    a model saved there stopped the sweep when run again. Refused at any depth inside its run
-    folders (a mark naming none, an earlier version's: those named as a sweep names its runs),
-    naming the folder; beside them is the user's (``test_killed_leftovers``)."""
+    """A killed sweep's folder (its mark naming its planned runs, one begun): its later runs'
+    folders are not made yet, and a model saved there stopped the sweep when run again. Refused at
+    any depth inside its run folders, naming the folder; beside them is the user's
+    (``test_killed_leftovers``)."""
     run = home / "killedsweep" / inside.split("/")[0]
     with pytest.raises(PrunekitError) as err:
         prunekit.save_model(nn.Linear(2, 2), home / "killedsweep" / inside, {})
