@@ -50,7 +50,7 @@ from .distributed import check_same_start, current, launched_by_torchrun
 from .errors import PrunekitError, PrunekitWarning, single_sample_batchnorm
 from .executor import execute, python_model_description
 from .losses import loss_name
-from .callables import fingerprint
+from .callables import fingerprint, slots, written_by_run
 from .methods import BUILT_IN, METHODS, Method, lookup
 from .pipelines.fisher_methods import check_planned_rows, check_rows_before_plan
 from .record import Result
@@ -140,6 +140,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                             "batch_size": batch_size, "recalibrate_bn": recalibrate_bn, "progress": progress,
                             "stage_eval": stage_eval, "gradual": gradual, "force": force,
                             "include": include, "exclude": exclude, "out": out, "loss": loss})
+    # the code's state before anything runs it (check_loss calls the loss): what the run writes is its output
+    code_before = {key: slots(obj) for key, obj in _code_objects(method, loss, options).items()} if out else {}
     check_data(data, "data", class_labels=loss is None)
     check_data(eval_data, "eval_data", class_labels=loss is None)
     check_not_meta(example_input, "example_input")
@@ -201,7 +203,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                       "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
                       **({"loss": loss_name(loss)} if loss is not None else {}),
                       **{k: v for k, v in options.items() if not callable(v)},
-                      **_code_fingerprints(plan.method, loss, options),
+                      **_code_fingerprints(plan.method, loss, options, _saved_written(out, force)),
                       **_fingerprint(model, data, train_batches, None if force else out),
                       **_eval_fingerprint(eval_data, eval_batches), "batch_size": _batch_size_of(data, eval_data,
                                                                                                  batch_size)}
@@ -235,6 +237,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                 raise
             release_refused(folder)
             raise refusal from None
+        finally:
+            if folder is not None:
+                _note_written(folder, code_before, _code_objects(plan.method, loss, options), config)
         if folder is not None and folder.writable:
             _note_final_weights(folder, pruned)
             _write_report(folder)
@@ -340,7 +345,23 @@ def _fingerprint(model: nn.Module, data, train_batches, out: str | None) -> dict
     return found
 
 
-def _code_fingerprints(method: Method, loss, options: dict) -> dict:
+def _code_objects(method, loss, options: dict) -> dict:
+    """The code a call hands in that its run folder fingerprints, by its config key: an own
+    ``Method`` (``method_fingerprint``: its family, options class, defaults, ``run`` and
+    ``sparsify``; none for a built-in method or a method's name), ``loss`` (``loss_fingerprint``)
+    and each option given as a function (``importance_fingerprint``)."""
+    found = {}
+    if isinstance(method, Method) and not (method.name in BUILT_IN and METHODS.get(method.name) is method):
+        found["method_fingerprint"] = (method.family, method.options, method.defaults, method.run, method.sparsify)
+    if loss is not None:
+        found["loss_fingerprint"] = loss
+    for name, value in sorted(options.items()):
+        if callable(value):
+            found[f"{name}_fingerprint"] = value
+    return found
+
+
+def _code_fingerprints(method: Method, loss, options: dict, written: dict | None = None) -> dict:
     """What a run folder records of the code the user hands in, so that a rerun with another
     function is refused rather than handed this run's result: ``method_fingerprint`` ("built-in"
     for a method prunekit ships, else a fingerprint of the user's ``Method``: its family, options
@@ -348,19 +369,76 @@ def _code_fingerprints(method: Method, loss, options: dict) -> dict:
     state, or its code) and ``<option>_fingerprint`` for each option given as a function (e.g.
     ``importance``). Each is a SHA-256 (``callables.fingerprint``: the same in every process for
     the same code and state) or ``"unchecked: <why>"`` where it cannot be hashed faithfully (a
-    rerun then warns that it could not be checked)."""
+    rerun then warns that it could not be checked). ``written``: what the run in ``out=`` wrote
+    into that code (``runs.CODE_WRITTEN``, ``_note_written``): code whose state is that run's but
+    for what it wrote (a loss counting its calls in ``self.calls``, run again in the same
+    process) records the fingerprint that run recorded."""
     def text(obj) -> str:
         digest, why = fingerprint(obj)
         return digest if digest is not None else f"{runs.UNCHECKED}{why}"
-    built_in = method.name in BUILT_IN and METHODS.get(method.name) is method
-    found = {"method_fingerprint": "built-in" if built_in else
-             text((method.family, method.options, method.defaults, method.run, method.sparsify))}
-    if loss is not None:
-        found["loss_fingerprint"] = text(loss)
-    for name, value in sorted(options.items()):
-        if callable(value):
-            found[f"{name}_fingerprint"] = text(value)
+    found = {"method_fingerprint": "built-in"}
+    for key, obj in _code_objects(method, loss, options).items():
+        entry = (written or {}).get(key)
+        if entry is not None and fingerprint(obj, skip=entry["written"])[0] == entry["rest"]:
+            found[key] = entry["recorded"]
+        else:
+            found[key] = text(obj)
     return found
+
+
+def _saved_written(out: str | None, force: bool = False) -> dict:
+    """What the run in folder ``out`` wrote into the code it was given (``runs.CODE_WRITTEN``,
+    ``_note_written``), by config key: ``{"written": [slot, ...], "rest": the fingerprint without
+    those slots, "recorded": the config's}``; {} without such a run, with ``force`` (which clears
+    it) or when the file cannot be read (the code is then compared whole: a rerun may be refused,
+    never given another run's result)."""
+    if out is None or force:
+        return {}
+    try:
+        saved = json.loads((RunFolder(out).path / runs.CODE_WRITTEN).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {key: entry for key, entry in saved.items()
+            if isinstance(entry, dict) and isinstance(entry.get("written"), list)
+            and all(isinstance(path, str) for path in entry["written"])
+            and isinstance(entry.get("rest"), str) and isinstance(entry.get("recorded"), str)}
+
+
+def _note_written(folder: RunFolder, before: dict, code: dict, config: dict) -> None:
+    """Record in ``folder`` (``runs.CODE_WRITTEN``) the slots of the code given (``code``, by
+    config key) that this call changed from ``before`` (``callables.slots`` at the call's start:
+    ``self.calls += 1``, ``self.last = loss.item()``, a list it owns appended to), with those of
+    an earlier call into the folder: what the run writes into its loss is its output, not its
+    input, so a rerun leaves those slots out of the comparison (``_code_fingerprints``), while a
+    setting the run did not write (``label_smoothing``) is still compared. Nothing when nothing
+    was written, the folder is not this process's to write (a torchrun rank but 0), or its config
+    is gone (a refused run's); a disk error leaves the file as it was (a rerun then compares the
+    code whole)."""
+    if not before or not folder.writable or not folder.config.exists():
+        return
+    saved = _saved_written(str(folder.path))
+    entries = dict(saved)
+    for key, obj in code.items():
+        recorded, start = config.get(key), before.get(key)
+        if start is None or not isinstance(recorded, str) or recorded.startswith(runs.UNCHECKED):
+            continue
+        after = slots(obj)
+        if after is None:
+            continue
+        old = saved.get(key) if saved.get(key, {}).get("recorded") == recorded else None
+        written = sorted(set(written_by_run(start, after)) | set(old["written"] if old else ()))
+        if not written:
+            continue
+        rest = fingerprint(obj, skip=written)[0]
+        if rest is not None:
+            entries[key] = {"written": written, "rest": rest, "recorded": recorded}
+    if entries != saved:
+        try:
+            atomic_write_json(folder.path / runs.CODE_WRITTEN, entries)
+        except OSError:
+            pass
 
 
 def _eval_fingerprint(eval_data, eval_batches) -> dict:

@@ -11,7 +11,10 @@ plain values). What is hashed:
   ``co_names``/``co_varnames``, argument counts; not its name, file or line numbers), its default
   values, its closure's values and the values of the globals its code loads (``LOAD_GLOBAL``); a
   module of the user's among them by the attributes the code can reach on it (those named in its
-  ``co_names``: ``helpers.my_loss`` hashes ``my_loss``'s code);
+  ``co_names``: ``helpers.my_loss`` hashes ``my_loss``'s code), and so a module of the user's the
+  code imports in its body (``import mylosses`` or ``from mylosses import f`` inside the function,
+  ``from .losses import f`` in a package; one not imported yet is imported, as running the code
+  would);
 - a list, dict, set, bytearray or deque the code writes into (``history.append(v)``: a log, not an
   input) among those globals, closure values and defaults: by its type only, since what it holds
   changes as the code runs (the same loss run again in the same process is the same loss); one it
@@ -19,7 +22,11 @@ plain values). What is hashed:
 - an ``nn.Module`` (a loss such as ``CrossEntropyLoss(label_smoothing=0.1)``) or another callable
   object: its class (by name; a class of the user's by its methods' code too) and its state
   (``vars()``: plain attributes, parameters and buffers by their bytes, submodules; a module's hooks
-  by their functions in the order they run, not by their handles' process-wide ids);
+  by their functions in the order they run, not by their handles' process-wide ids); submodules
+  nest as deep as they are built (a distillation loss holding a teacher model), only functions
+  reaching functions count towards the depth read;
+- a ``logging.Logger`` by its name (its level and handlers say where it writes, not what the
+  code computes), a bare ``object()`` (a sentinel) as such;
 - a value: numbers, strings, None, tensors and arrays (dtype, shape, bytes), lists, tuples, dicts
   and sets of those;
 - anything from a library (torch, numpy, the standard library, prunekit, an installed package):
@@ -27,6 +34,18 @@ plain values). What is hashed:
   module is a library's is decided by where its file lies (the standard library's directories,
   a ``site-packages``/``dist-packages`` directory, prunekit's own), not by its name: a user's own
   ``profile.py`` is the user's code.
+
+A module of the user's is one outside those directories, wherever it lies: next to the script, on
+``PYTHONPATH``, or a package installed with ``pip install -e`` (its edits are edits of the code
+given; it is hashed by what the code reaches of it, not whole).
+
+What a run writes into the code it is given is its output, not its input (issue s52): ``slots(obj)``
+names every place a value is reached by (an object's attribute ``calls``, a dict's key
+``stats.seen``, a submodule's ``_modules.inner.calls``, ``global:COUNT``, ``closure:n``,
+``import:mylosses.f``) with the digest of what it holds; ``written_by_run`` compares them before
+and after a run, and ``fingerprint(obj, skip=...)`` leaves those the run wrote out
+(``api._note_written`` records them in the run folder, ``runs.CODE_WRITTEN``). Without ``skip`` the
+digest is the one ``fingerprint`` always gave.
 
 No ``id()`` or ``repr`` with an address enters a digest, and ``fingerprint`` never raises: what
 it cannot read gives ``(None, why)``.
@@ -39,6 +58,7 @@ import dis
 import enum
 import functools
 import hashlib
+import logging
 import os
 import site
 import sys
@@ -60,10 +80,42 @@ class Unhashable(Exception):
     """``obj`` (or something it reads) cannot be hashed faithfully; the message says what."""
 
 
-def fingerprint(obj) -> tuple[str | None, str | None]:
+def fingerprint(obj, skip=()) -> tuple[str | None, str | None]:
     """``(sha256 hex, None)`` of callable or module ``obj`` (see the module docstring), or
-    ``(None, why)`` when it cannot be hashed faithfully."""
-    hasher = _Hasher()
+    ``(None, why)`` when it cannot be hashed faithfully. ``skip``: slots left out (paths as
+    ``slots`` names them: what a run wrote, ``written_by_run``); without, the digest of all."""
+    hasher = _Hasher(skip=skip)
+    return _digest(hasher, obj)
+
+
+def slots(obj) -> dict[str, str] | None:
+    """Every slot of ``obj`` (a place a value is reached by, named by its path: ``calls`` for a
+    loss's ``self.calls``, ``_modules.inner.calls`` for a submodule's, ``global:COUNT`` for a
+    function's global, ``closure:n``, ``default:x``, ``global:helpers.count`` for an attribute of a
+    user's module, ``import:mylosses.f``, ``class:n``, ``__self__.n`` of a bound method) -> the
+    digest of the value it holds, or None when ``obj`` cannot be hashed faithfully. Compared
+    before and after a run by ``written_by_run``."""
+    hasher = _Hasher(record=True)
+    return hasher.slots if _digest(hasher, obj)[0] is not None else None
+
+
+def written_by_run(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """The slots (``slots``' paths) a run wrote, from ``obj``'s slots before and after it: each
+    slot that came or went (not those under it), and each whose value changed with nothing under
+    it changed (the deepest: ``history`` for a list the run appended to, ``stats.n`` for one key of
+    a dict, not ``stats``), sorted. What is under a slot that came or went is left out with it."""
+    changed = {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)}
+    came_or_went = {path for path in changed if (path in before) != (path in after)}
+
+    def parent(path: str) -> str:
+        return path.rpartition(".")[0]
+    written = {path for path in came_or_went if parent(path) not in came_or_went}
+    written |= {path for path in changed - came_or_went
+                if not any(other.startswith(path + ".") for other in changed)}
+    return sorted(written)
+
+
+def _digest(hasher: "_Hasher", obj) -> tuple[str | None, str | None]:
     try:
         hasher.add(obj, 0)
     except Unhashable as err:
@@ -146,9 +198,45 @@ def _named(obj) -> str | None:
 
 
 class _Hasher:
-    def __init__(self) -> None:
+    def __init__(self, skip=frozenset(), record: bool = False) -> None:
         self.digest = hashlib.sha256()
         self.open: set[int] = set()     # objects being hashed (cycles): never hashed by id
+        self.path: list[str] = []       # the slots (``_slot``) leading to what is hashed now
+        self.skip = frozenset(skip)     # slots left out (what a run wrote: ``fingerprint``'s ``skip``)
+        self.slots: dict[str, str] | None = {} if record else None     # ``slots``: each slot's own digest
+
+    def _slot(self, name: str, hash_value) -> bool:
+        """Hash one named place a value is reached by (an object's attribute, a string key of a
+        dict, a function's global, closure cell, default or import) by calling ``hash_value()``;
+        its path (``self.path`` joined by ".") is left out when in ``self.skip`` (then nothing is
+        hashed and False is returned), and recorded with its own digest in ``self.slots``. With
+        neither, the bytes hashed are those of ``hash_value()`` alone."""
+        self.path.append(name)
+        try:
+            key = ".".join(self.path)
+            if key in self.skip:
+                return False
+            if self.slots is None:
+                hash_value()
+                return True
+            outer, self.digest = self.digest, hashlib.sha256()
+            try:
+                hash_value()
+                own = self.digest.hexdigest()
+            finally:
+                self.digest = outer
+            self.slots[key] = own
+            self.put("slot", own)
+            return True
+        finally:
+            self.path.pop()
+
+    def _skipped(self, names) -> int:
+        """How many of the slots ``names`` under the current path are left out (``self.skip``)."""
+        if not self.skip:
+            return 0
+        prefix = "".join(part + "." for part in self.path)
+        return sum(1 for name in names if prefix + name in self.skip)
 
     def put(self, *parts) -> None:
         for part in parts:
@@ -179,6 +267,12 @@ class _Hasher:
         if isinstance(obj, types.ModuleType):
             self.put("module", obj.__name__)
             return
+        if type(obj) is object:                 # a sentinel (``_MISSING = object()``): no state
+            self.put("object")
+            return
+        if isinstance(obj, logging.Logger):     # by its name: its level and handlers say where it writes
+            self.put("logger", obj.name)
+            return
         if isinstance(obj, enum.Enum):
             self.put("enum", _named(type(obj)) or type(obj).__qualname__, obj.name)
             return
@@ -204,6 +298,14 @@ class _Hasher:
                 self.put(item)
             return
         if isinstance(obj, dict):
+            if all(isinstance(k, str) for k in obj):      # a slot each (``_slot``): an object's state, a table
+                self.put(type(obj).__name__, len(obj) - self._skipped(obj))
+                for key, name in sorted((self._apart(k, depth), k) for k in obj):
+                    if ".".join([*self.path, name]) in self.skip:
+                        continue
+                    self.put(key)
+                    self._slot(name, lambda value=obj[name]: self.add(value, depth))
+                return
             self.put(type(obj).__name__, len(obj))
             for key, value in sorted(((self._apart(k, depth), v) for k, v in obj.items()), key=lambda kv: kv[0]):
                 self.put(key)
@@ -218,7 +320,7 @@ class _Hasher:
         if isinstance(obj, types.MethodType):      # a bound method: its function and its object's state
             self.put("method")
             self.add(obj.__func__, depth + 1)
-            self.add(obj.__self__, depth + 1)
+            self._slot("__self__", lambda: self.add(obj.__self__, depth + 1))
             return
         if isinstance(obj, functools.partial):
             self.put("partial")
@@ -265,7 +367,7 @@ class _Hasher:
             return
         self.put("function")
         self._add_code(fn.__code__, depth)
-        loads, attributes, written = _reads(fn.__code__)
+        loads, attributes, written, imports = _reads(fn.__code__)
         # the defaults as a tuple and a dict (as ``add`` puts them), each value as one reached by its name
         defaults, kwdefaults = fn.__defaults__, fn.__kwdefaults__
         if defaults is None:
@@ -274,26 +376,20 @@ class _Hasher:
             names = fn.__code__.co_varnames[:fn.__code__.co_argcount][-len(defaults):] if defaults else ()
             self.put("tuple", len(defaults))
             for name, value in zip(names, defaults):
-                self._add_reached(value, name, attributes, written, depth + 1)
+                self._slot(f"default:{name}", lambda value=value, name=name: self._add_reached(
+                    value, name, attributes, written, depth + 1))
         if kwdefaults is None:
             self.add(None, depth + 1)
         else:
             self.put("dict", len(kwdefaults))
             for key, name in sorted((self._apart(name, depth + 1), name) for name in kwdefaults):
                 self.put(key)
-                self._add_reached(kwdefaults[name], name, attributes, written, depth + 1)
+                self._slot(f"default:{name}", lambda name=name: self._add_reached(
+                    kwdefaults[name], name, attributes, written, depth + 1))
         cells = fn.__closure__ or ()
         for name, cell in zip(fn.__code__.co_freevars, cells):
-            try:
-                value = cell.cell_contents
-            except ValueError:          # a cell not filled yet
-                self.put(name, "empty cell")
-                continue
-            self.put("closure", name)
-            try:
-                self._add_reached(value, name, attributes, written, depth + 1)
-            except Unhashable as err:
-                raise Unhashable(f"its closure's {name} cannot be read ({err})") from None
+            self._slot(f"closure:{name}", lambda name=name, cell=cell: self._add_cell(
+                name, cell, attributes, written, depth + 1))
         builtins = fn.__globals__.get("__builtins__", {})
         for name in sorted(loads):
             if name in fn.__globals__:
@@ -306,11 +402,39 @@ class _Hasher:
                 continue
             self.put("global", name)
             try:
-                self._add_reached(value, name, attributes, written, depth + 1)
+                self._slot(f"global:{name}", lambda value=value, name=name: self._add_reached(
+                    value, name, attributes, written, depth + 1))
             except Unhashable as err:
                 message = str(err)
                 raise Unhashable(message if message.startswith("it reads global") else
                                  f"it reads global {name} ({message})") from None
+        # modules the code imports when it runs (``import mylosses`` or ``from mylosses import f`` in
+        # its body): a module of the user's by the attributes the code names, as a global module is
+        # (all imported first: a package's submodule is its attribute once imported, whichever is hashed first)
+        modules = [(name, _user_module(name)) for name in sorted(_imported(fn, imports))]
+        for name, module in modules:
+            if module is None:      # a library's (by name, as ever: nothing hashed), or none to be found
+                continue
+            self.put("import", name)
+            try:
+                self._slot(f"import:{name}", lambda module=module: self._add_module(
+                    module, attributes, written, depth + 1))
+            except Unhashable as err:
+                message = str(err)
+                raise Unhashable(message if message.startswith("it reads") else
+                                 f"it imports {name} ({message})") from None
+
+    def _add_cell(self, name: str, cell, attributes: frozenset, written: frozenset, depth: int) -> None:
+        try:
+            value = cell.cell_contents
+        except ValueError:          # a cell not filled yet
+            self.put(name, "empty cell")
+            return
+        self.put("closure", name)
+        try:
+            self._add_reached(value, name, attributes, written, depth)
+        except Unhashable as err:
+            raise Unhashable(f"its closure's {name} cannot be read ({err})") from None
 
     def _add_reached(self, value, name: str, attributes: frozenset, written: frozenset, depth: int) -> None:
         """A value a function reaches by ``name`` (a global, a closure's cell, a default): a module
@@ -337,17 +461,20 @@ class _Hasher:
         try:
             found = vars(module)
             for name in sorted(attributes):
-                if name not in found:
-                    continue
-                self.put("attribute", name)
                 try:
-                    self._add_reached(found[name], name, attributes, written, depth + 1)
+                    self._slot(name, lambda name=name: self._add_attribute(found, name, attributes, written,
+                                                                            depth + 1))
                 except Unhashable as err:
                     message = str(err)
                     raise Unhashable(message if message.startswith("it reads") else
                                      f"it reads {module.__name__}.{name} ({message})") from None
         finally:
             self.open.discard(key)
+
+    def _add_attribute(self, found: dict, name: str, attributes: frozenset, written: frozenset, depth: int) -> None:
+        if name in found:       # (none: nothing hashed)
+            self.put("attribute", name)
+            self._add_reached(found[name], name, attributes, written, depth)
 
     def _add_class(self, cls: type, depth: int) -> None:
         if _library(cls.__module__):
@@ -370,7 +497,7 @@ class _Hasher:
                         "__dataclass_params__", "__match_args__", "_abc_impl"):
                 continue
             self.put(name)
-            self.add(value, depth + 1)
+            self._slot(f"class:{name}", lambda value=value: self.add(value, depth + 1))
 
     def _add_compiled(self, obj) -> None:
         owner = getattr(obj, "__objclass__", None) or getattr(getattr(obj, "__self__", None), "__class__", None)
@@ -397,8 +524,8 @@ class _Hasher:
             raise Unhashable(f"it is a {cls.__name__}, whose state cannot be read") from None
         if isinstance(obj, nn.Module):
             state = _module_state(state)
-        try:
-            self.add(dict(state), depth + 1)
+        try:       # a module's submodules (a teacher model a loss holds) nest as deep as they are built
+            self.add(dict(state), depth if isinstance(obj, nn.Module) else depth + 1)
         except Unhashable as err:
             raise Unhashable(f"the state of its {cls.__name__} cannot be read ({err})") from None
 
@@ -443,12 +570,14 @@ _HOOK_FLAGS = {"_forward_hooks_with_kwargs": "_forward_hooks", "_forward_hooks_a
 
 
 @functools.lru_cache(maxsize=1024)
-def _reads(code: types.CodeType) -> tuple[frozenset, frozenset, frozenset]:
+def _reads(code: types.CodeType) -> tuple[frozenset, frozenset, frozenset, frozenset]:
     """What ``code`` (and the code objects nested in it) reads: the global names it loads, every
-    name it can reach an attribute by (``co_names``), and the names whose container it writes
-    into (a load followed by a writing method: ``history.append``, ``helpers.history.append``)."""
-    loads, attributes, written = set(), set(code.co_names), set()
-    previous = None
+    name it can reach an attribute by (``co_names``), the names whose container it writes
+    into (a load followed by a writing method: ``history.append``, ``helpers.history.append``)
+    and the modules it imports, as ``(name, level)`` (``import a.b``: ``("a.b", 0)``; ``from .
+    import x`` in a package: ``("", 1)``)."""
+    loads, attributes, written, imports = set(), set(code.co_names), set(), set()
+    previous, recent = None, []
     for instruction in dis.get_instructions(code):
         if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
             loads.add(instruction.argval)
@@ -456,6 +585,11 @@ def _reads(code: types.CodeType) -> tuple[frozenset, frozenset, frozenset]:
                 and previous is not None and previous.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF",
                                                                  "LOAD_FAST", "LOAD_CLASSDEREF", "LOAD_ATTR"):
             written.add(previous.argval)
+        if instruction.opname == "IMPORT_NAME":     # LOAD_CONST level; LOAD_CONST fromlist; IMPORT_NAME
+            level = recent[0].argval if len(recent) == 2 and recent[0].opname in ("LOAD_CONST", "LOAD_SMALL_INT") \
+                and isinstance(recent[0].argval, int) else 0
+            imports.add((instruction.argval, level))
+        recent = (recent + [instruction])[-2:]
         previous = instruction
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
@@ -463,4 +597,46 @@ def _reads(code: types.CodeType) -> tuple[frozenset, frozenset, frozenset]:
             loads |= inner[0]
             attributes |= inner[1]
             written |= inner[2]
-    return frozenset(loads), frozenset(attributes), frozenset(written)
+            imports |= inner[3]
+    return frozenset(loads), frozenset(attributes), frozenset(written), frozenset(imports)
+
+
+def _imported(fn: types.FunctionType, imports: frozenset) -> set[str]:
+    """The absolute names of the modules ``imports`` (``_reads``) names, in the package of ``fn``
+    for a relative import (``from . import x``: the package; ``from .losses import f``: its
+    ``losses``); a relative one that cannot be resolved is left out. ``import a.b.c`` binds ``a``
+    and reaches ``a.b.c`` through it: each of ``a``, ``a.b``, ``a.b.c`` is named."""
+    import importlib.util
+    names = set()
+    package = fn.__globals__.get("__package__") or fn.__globals__.get("__name__", "").rpartition(".")[0]
+    for name, level in imports:
+        if level:
+            try:
+                name = importlib.util.resolve_name("." * level + name, package)
+            except (ImportError, ValueError):
+                continue
+        parts = name.split(".")
+        names.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    return names
+
+
+def _user_module(name: str) -> types.ModuleType | None:
+    """Module ``name`` when it is the user's (not a library's, ``_library``): the loaded one, else
+    the one the import would load (imported now, as the code would when it runs: a module found
+    only later would give the same code another digest); None for a library's or one not found."""
+    import importlib
+    import importlib.util
+    module = sys.modules.get(name)
+    if module is None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            return None
+        if spec is None:
+            return None
+        where = [spec.origin] if isinstance(spec.origin, str) and spec.has_location else \
+            [p for p in spec.submodule_search_locations or () if isinstance(p, str)]
+        if not where or all(_library_file(p) for p in where):
+            return None
+        module = importlib.import_module(name)
+    return None if _library(module.__name__) else module

@@ -7,6 +7,7 @@ Layout of ``DIR`` (every file but the log is written atomically)::
     metrics.json                status, dense model, per stage (budget asked, sparsity and MACs
                                 reached, loss, accuracy, seconds), final result, per-layer density
     data-rng.json               a Python run's: the RNG states its data is replayed from (resume reads them)
+    code-written.json           a Python run's: what it wrote into the code it was given (``api._note_written``)
     checkpoints/stage-NNN.safetensors   model state + RNG states + stage history after stage NNN
     model.safetensors, model.json       the final model and its sidecar
     report.md, plots/*.png              written by ``report.write_run_report``
@@ -321,16 +322,17 @@ def is_run(path: str | Path) -> bool:
 
 
 DATA_RNG = "data-rng.json"      # a Python run's: the RNG states its data is replayed from (``api._keep_streams``)
+CODE_WRITTEN = "code-written.json"      # a Python run's: what it wrote into the code it was given (``api._note_written``)
 
 # What a run writes into its folder; ``force`` removes exactly these, nothing a user put there.
-RUN_FILES = ("config.toml", "run.log", METRICS, DATA_RNG, "checkpoints", "model.safetensors", "model.json",
+RUN_FILES = ("config.toml", "run.log", METRICS, DATA_RNG, CODE_WRITTEN, "checkpoints", "model.safetensors", "model.json",
              "result.json", "report.md", "plots", "export", "model.onnx")
 RUN_PLOTS = ("accuracy_vs_budget.png", "accuracy_per_stage.png", "layer_density.png")   # report.md's, in plots/
 
 
 # The files of a run folder prunekit writes atomically (``atomic_output``: a temporary
 # ``.NAME.XXXXXXXX.tmp`` beside it, renamed into place): a kill before the rename leaves the temporary.
-ATOMIC_FILES = ("config.toml", METRICS, DATA_RNG, "model.safetensors", "model.json", "result.json", "report.md",
+ATOMIC_FILES = ("config.toml", METRICS, DATA_RNG, CODE_WRITTEN, "model.safetensors", "model.json", "result.json", "report.md",
                 "model.onnx")
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")        # mkstemp's name: 8 of [a-z0-9_]
 
@@ -608,7 +610,7 @@ def release_refused(folder: RunFolder | None) -> None:
         return
     if folder.model_path.exists() or any(folder.checkpoints.glob("stage-*.safetensors")):
         return
-    for name in ("config.toml", METRICS, DATA_RNG, "run.log"):
+    for name in ("config.toml", METRICS, DATA_RNG, CODE_WRITTEN, "run.log"):
         (folder.path / name).unlink(missing_ok=True)
 
 

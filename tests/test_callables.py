@@ -1,0 +1,258 @@
+"""The fingerprint of the code a Python run is given (``prunekit.callables``), issue s52: what the
+run writes into its loss (``self.calls += 1``, a global counter) is its output, not its input, so
+the same call again in the same process is not refused, while a setting the run did not write is
+still compared (a); imports in a function's body are followed to the user's modules (b); a loss
+holding a deep model (a distillation teacher), a logger or a sentinel object is hashed, not left
+unchecked (c)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.callables import fingerprint
+from prunekit.errors import PrunekitWarning
+
+
+def _prune(out, **kwargs):
+    """prunekit.prune of a fresh (16 -> 12 -> 3) classifier on X (256, 16), Y (256,) into ``out``:
+    (result, the PrunekitWarnings said)."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    y = x[:, :3].argmax(1)
+    net = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = prunekit.prune(net, (x, y), **{"method": "magnitude", "sparsity": 0.7, "out": str(out), **kwargs})
+    return result, [str(w.message) for w in said if issubclass(w.category, PrunekitWarning)]
+
+
+class _Counting(nn.Module):
+    """Cross-entropy times ``scale`` that counts its calls, keeps its last value and logs each
+    value into a list of its own (what the run writes), over outputs (B, 3) and labels (B,)."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+        self.calls = 0
+        self.history = []
+        self.stats = {"seen": 0}
+
+    def forward(self, out, y):
+        value = self.scale * nn.functional.cross_entropy(out, y)
+        self.calls += 1
+        self.last = value.item()
+        self.history.append(self.last)
+        self.stats["seen"] += int(y.shape[0])
+        return value
+
+
+def test_a_loss_writing_into_its_own_attributes_is_the_same_loss_run_again(tmp_path):
+    loss = _Counting()
+    first, _ = _prune(tmp_path / "run", loss=loss)
+    assert loss.calls > 0
+    for again in (loss, _Counting()):       # the same object run again, or a new one: the stored result
+        result, said = _prune(tmp_path / "run", loss=again)
+        assert result.record == first.record and len(said) == 1 and "given back" in said[0], said
+    written = json.loads((tmp_path / "run" / "code-written.json").read_text())["loss_fingerprint"]["written"]
+    assert written == ["calls", "history", "last", "stats.seen"], written
+    loss.scale = 2.0                        # a setting the run did not write: another loss
+    with pytest.raises(prunekit.PrunekitError, match=r"holds another run, made with another loss= "
+                                                     r"\(loss-fingerprint differs"):
+        _prune(tmp_path / "run", loss=loss)
+    loss.stats["other"] = 1                 # a key the run did not write, in a dict it writes into
+    loss.scale = 1.0
+    with pytest.raises(prunekit.PrunekitError, match=r"another loss="):
+        _prune(tmp_path / "run", loss=loss)
+    del loss.stats["other"]
+    _, said = _prune(tmp_path / "run", loss=loss)
+    assert len(said) == 1 and "given back" in said[0], said
+    _prune(tmp_path / "smooth", loss=nn.CrossEntropyLoss())       # nothing written: no file, settings compared
+    assert not (tmp_path / "smooth" / "code-written.json").exists()
+    with pytest.raises(prunekit.PrunekitError, match=r"another loss="):
+        _prune(tmp_path / "smooth", loss=nn.CrossEntropyLoss(label_smoothing=0.5))
+    _, said = _prune(tmp_path / "run", loss=loss, force=True)      # run anew: its own record
+    assert not any("given back" in s for s in said) and (tmp_path / "run" / "code-written.json").is_file()
+
+
+_CALLS = 0
+_SCALE = 1.0
+
+
+def _counting_loss(out, y):
+    global _CALLS
+    _CALLS += 1
+    return _SCALE * nn.functional.cross_entropy(out, y)
+
+
+def _closure_loss():
+    seen = 0
+
+    def loss(out, y):
+        nonlocal seen
+        seen += 1
+        return nn.functional.cross_entropy(out, y)
+    return loss
+
+
+def test_a_function_counting_its_calls_in_a_global_or_closure_is_the_same_run_again(tmp_path):
+    global _SCALE
+    _prune(tmp_path / "global", loss=_counting_loss)
+    _, said = _prune(tmp_path / "global", loss=_counting_loss)
+    assert len(said) == 1 and "given back" in said[0], said
+    _SCALE = 3.0                            # a global it reads and did not write: another loss
+    try:
+        with pytest.raises(prunekit.PrunekitError, match=r"another loss="):
+            _prune(tmp_path / "global", loss=_counting_loss)
+    finally:
+        _SCALE = 1.0
+    loss = _closure_loss()
+    _prune(tmp_path / "closure", loss=loss)
+    _, said = _prune(tmp_path / "closure", loss=loss)
+    assert len(said) == 1 and "given back" in said[0], said
+    assert json.loads((tmp_path / "closure" / "code-written.json").read_text())["loss_fingerprint"]["written"] \
+        == ["closure:seen"]
+
+
+def test_written_by_run_keeps_the_deepest_slot_and_what_came_or_went():
+    from prunekit.callables import slots, written_by_run
+    before = {"calls": "1", "stats": "a", "stats.n": "x", "stats.m": "y", "scale": "s", "gone": "g", "gone.k": "k"}
+    after = {"calls": "2", "stats": "b", "stats.n": "z", "stats.m": "y", "scale": "s", "new": "n", "new.k": "k"}
+    assert written_by_run(before, after) == ["calls", "gone", "new", "stats.n"]
+    assert written_by_run(before, before) == []
+    loss = _Counting()
+    start = slots(loss)
+    assert start is not None and {"scale", "calls", "history", "stats.seen", "_modules"} <= start.keys(), start
+    loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    written = written_by_run(start, slots(loss))
+    assert written == ["calls", "history", "last", "stats.seen"], written
+    left_out = fingerprint(loss, skip=written)[0]
+    assert left_out is not None and left_out != fingerprint(loss)[0]
+    assert fingerprint(_Counting(), skip=written)[0] == left_out       # the run's writes: left out
+    assert fingerprint(_Counting(scale=2.0), skip=written)[0] != left_out
+
+
+def _write(path, source):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+
+
+def _forget(*names):
+    for name in names:
+        sys.modules.pop(name, None)
+    importlib.invalidate_caches()
+
+
+def test_imports_in_a_function_body_are_followed_to_the_users_module(tmp_path, monkeypatch):
+    """``def loss(o, y): import mylosses; return mylosses.f(o, y)`` (or ``from mylosses import f``,
+    or ``from .losses import f`` in a package): an edit of mylosses.f is another loss; a module not
+    imported yet when the fingerprint is taken gives the digest it gives once imported."""
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    names = ("pk_s52_losses", "pk_s52_pkg", "pk_s52_pkg.losses", "pk_s52_pkg.api")
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)       # each edit read from its source
+    space = {}
+    exec(textwrap.dedent("""
+        def plain(out, y):
+            import pk_s52_losses
+            return pk_s52_losses.f(out, y)
+
+        def named(out, y):
+            from pk_s52_losses import f
+            return f(out, y)
+
+        def packaged(out, y):
+            from pk_s52_pkg.api import g
+            return g(out, y)
+    """), space)
+    seen = []
+    for scale in ("1.0", "2.0", "1.0"):
+        _write(tmp_path / "lib" / "pk_s52_losses.py", f"""
+            import torch.nn.functional as F
+            def f(out, y):
+                return {scale} * F.cross_entropy(out, y)
+        """)
+        _write(tmp_path / "lib" / "pk_s52_pkg" / "__init__.py", "")
+        _write(tmp_path / "lib" / "pk_s52_pkg" / "losses.py", f"""
+            import torch.nn.functional as F
+            def h(out, y):
+                return {scale} * F.cross_entropy(out, y)
+        """)
+        _write(tmp_path / "lib" / "pk_s52_pkg" / "api.py", """
+            def g(out, y):
+                from .losses import h
+                return h(out, y)
+        """)
+        _forget(*names)
+        unloaded = [fingerprint(space[name])[0] for name in ("plain", "named", "packaged")]
+        loaded = [fingerprint(space[name])[0] for name in ("plain", "named", "packaged")]
+        assert None not in unloaded and unloaded == loaded, (unloaded, loaded)
+        seen.append(loaded)
+        if len(seen) == 1:
+            _prune(tmp_path / "run", loss=space["plain"])
+        elif scale == "2.0":
+            with pytest.raises(prunekit.PrunekitError, match=r"another loss="):
+                _prune(tmp_path / "run", loss=space["plain"])
+    try:
+        for k in range(3):
+            assert seen[0][k] != seen[1][k] and seen[0][k] == seen[2][k], k
+        _, said = _prune(tmp_path / "run", loss=space["plain"])
+        assert len(said) == 1 and "given back" in said[0], said
+    finally:
+        _forget(*names)
+
+
+def _deep(levels):
+    """nn.Sequential nested ``levels`` deep around one Linear(3, 3): a teacher as deep as a BERT's
+    LayerNorm is (Distill > Bert > BertModel > encoder > ModuleList > layer > attention > ...)."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 3)
+    for _ in range(levels):
+        net = nn.Sequential(net)
+    return net
+
+
+class _Distill(nn.Module):
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, out, y):
+        return nn.functional.cross_entropy(out, y)
+
+
+_LOG = logging.getLogger("pk_s52_test")
+_MISSING = object()
+
+
+def _logging_loss(out, y, weight=_MISSING):
+    _LOG.debug("loss of %s", tuple(out.shape))
+    return nn.functional.cross_entropy(out, y)
+
+
+def test_a_loss_holding_a_teacher_nested_deeper_than_functions_may_is_hashed():
+    teacher = _deep(12)
+    one, why = fingerprint(_Distill(teacher))
+    assert one is not None, why
+    assert fingerprint(_Distill(_deep(12)))[0] == one
+    with torch.no_grad():
+        teacher[0][0][0][0][0][0][0][0][0][0][0][0].weight[0, 0] += 1.0
+    assert fingerprint(_Distill(teacher))[0] != one
+
+
+def test_a_loss_using_a_logger_and_a_sentinel_is_hashed():
+    digest, why = fingerprint(_logging_loss)
+    assert digest is not None, why
+    _LOG.addHandler(logging.NullHandler())     # where it writes: not the loss
+    try:
+        assert fingerprint(_logging_loss)[0] == digest
+    finally:
+        _LOG.handlers.clear()
