@@ -256,3 +256,36 @@ def test_a_loss_using_a_logger_and_a_sentinel_is_hashed():
         assert fingerprint(_logging_loss)[0] == digest
     finally:
         _LOG.handlers.clear()
+
+
+class _Stopping(nn.Module):
+    """Cross-entropy that counts its calls and raises KeyboardInterrupt (Ctrl-C) at call ``stop_at``."""
+
+    def __init__(self, stop_at):
+        super().__init__()
+        self.calls = 0
+        self.stop_at = stop_at
+
+    def forward(self, out, y):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return nn.functional.cross_entropy(out, y)
+
+
+@pytest.mark.parametrize("stop_at", [6, 20])
+def test_a_run_stopped_by_ctrl_c_is_carried_on_by_the_same_call_in_the_same_process(tmp_path, stop_at):
+    """Call 6 falls after the folder is claimed, before metrics.json (the dense model's evaluation;
+    its config.toml, in a Python run's spelling, makes it a run folder), call 20 after a checkpoint:
+    the loss counted its calls meanwhile, which is the run's output, not another loss."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    y = x[:, :3].argmax(1)
+    loss = _Stopping(stop_at)
+    kwargs = {"method": "magnitude", "sparsity": 0.7, "gradual": True, "eval_data": (x, y), "loss": loss}
+    with pytest.raises(KeyboardInterrupt):
+        _prune(tmp_path / "run", **kwargs)
+    assert loss.calls == stop_at and (tmp_path / "run" / "config.toml").is_file()
+    result, said = _prune(tmp_path / "run", **kwargs)
+    assert result.sparsity == pytest.approx(0.7, abs=0.05) and not any("given back" in s for s in said), said
+    assert (tmp_path / "run" / "metrics.json").is_file()

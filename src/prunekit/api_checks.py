@@ -139,7 +139,8 @@ def _is_run_config(path: Path) -> bool:
         config = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
-    return ("model" in config and ("method" in config or "out" in config)) or {"model_class", "method"} <= config.keys()
+    return ("model" in config and ("method" in config or "out" in config)) or {"model_class", "method"} <= config.keys() \
+        or {"model-class", "method"} <= config.keys()       # (as a Python run's config.toml spells it)
 
 
 def check_data(data, what: str, class_labels: bool = True) -> None:
