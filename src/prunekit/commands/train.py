@@ -60,7 +60,9 @@ def cmd_train(args) -> int:
     # over other ones is refused; computed once the run is known unfinished (train_into)
     scanned = train_ds
     fingerprint = (lambda: folder_fingerprint(scanned)) if args.out else None
-    train_ds, test_ds = (ds.dataset if isinstance(ds, DeferredImageDataset) else ds for ds in (train_ds, test_ds))
+    # an image folder stays scanned, not decoded (its loaders decode it on first use): a finished
+    # run in --out gives its result back without decoding a pixel; train_into decodes it once the
+    # run is known unfinished (a decoding refusal then releases a folder claimed afresh)
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
                         in_channels=train_ds.image_shape[0], dataset=args.data,
@@ -240,7 +242,10 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
     ``fingerprint``: the training image folder's (``ImageFolderScan.fingerprint``), or a function
     that computes it, called only when the run is not finished (a finished one gives its result
     back without reading the images' first bytes again), recorded with each epoch; a resume over
-    a folder whose images changed since is refused."""
+    a folder whose images changed since is refused. An image folder's loaders may hold it scanned
+    only (``DeferredImageDataset``): decoded here once the run is known unfinished, so a finished
+    run's result comes back without decoding it (nor checking it: a folder changed under a finished
+    run is not said, as ``prune`` says none for its finished run)."""
     folder = training_folder(args, read_only=read_only)
     if folder is not None and distributed.current().distributed:   # on several machines: one shared folder
         check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
@@ -263,6 +268,7 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
         return 0
     if callable(fingerprint):
         fingerprint = fingerprint()
+    decode_images(folder, loader, test_loader)
     checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
     state = checkpointer.last() if checkpointer is not None else None
     state = check_same_zeros(state, pruned, checkpointer, force=bool(getattr(args, "force", False)))
@@ -275,6 +281,20 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
     with MaskHold(pruned.space, pruned.masks, optimizer) if held else nullcontext():
         return _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule, pruned,
                            state, fingerprint)
+
+
+def decode_images(folder: RunFolder | None, *loaders) -> None:
+    """Decode the scanned image folders ``loaders`` read (``DeferredImageDataset``: the training
+    split, and the test split where it is another; each once), for a run known not to be finished:
+    an image that cannot be decoded is refused in one line before any epoch, and a folder this
+    command claimed afresh is released for the corrected command (``release_refused``)."""
+    try:
+        for loader in loaders:
+            if isinstance(loader.dataset, DeferredImageDataset):
+                loader.dataset.dataset          # noqa: B018 (decodes, once)
+    except PrunekitError:
+        release_refused(folder)
+        raise
 
 
 def trained_by_an_older_prunekit(folder: RunFolder | None, pruned: PrunedCheckpoint | None) -> bool:
