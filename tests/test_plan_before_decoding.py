@@ -195,6 +195,28 @@ def test_a_bad_value_is_refused_before_the_training_split_is_scanned(tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, refusal", [
+    (["--checkpoint", "missing.pth"], "checkpoint missing.pth not found: check the path"),
+    (["--model", "net.py:build", "--normalize", "bogus"], "--normalize 'bogus' is not MEANS/STDS"),
+    (["--model", "net.py:"], "is not a Python function name"),
+])
+def test_train_refuses_a_bad_flag_before_scanning_the_image_folder(tmp_path, capsys, monkeypatch, scanned_splits,
+                                                                   flags, refusal):
+    """train's refusals that need no image (a --checkpoint path that is no file, a --normalize that is
+    not MEANS/STDS, a model file spec without a function) come before the scan of either split."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Flatten(), "
+                                     "nn.Linear(3 * 32 * 32, 2))\n")
+    write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
+    write_tree(tmp_path / "imgs" / "train", {"a": 3, "b": 3})
+    model = [] if "--model" in flags else ["--model", "resnet20"]
+    code = main(["train", *model, "--data", "imagefolder", "--data-dir", "imgs", *flags, "--out", "run"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+    assert code == 2 and len(errors) == 1 and refusal in errors[0], errors
+    assert scanned_splits == [], scanned_splits
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("command", ["prune", "sweep"])
 def test_a_training_split_read_only_for_batchnorm_is_refused_naming_no_bn_recalibration(tmp_path, capsys, command):
     """magnitude with BatchNorm recalibration (resnet20 has BatchNorm) on a folder with only test/:

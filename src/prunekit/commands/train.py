@@ -24,7 +24,7 @@ from ..errors import PrunekitError, PrunekitWarning
 from ..data import load_dataset, make_loader
 from ..data.dataset import DeferredImageDataset
 from ..data.imagefolder import fingerprint_change, folder_fingerprint
-from ..loading import check_fits, check_normalized, load_model, recorded_classes
+from ..loading import check_fits, check_normalized, load_model, parse_normalization, recorded_classes
 from ..masks import NOTABLE_LAYER_SHARE, PRUNED_LAYER_SHARE, MaskHold, exact_zeros, masks_from_weights
 from ..params import ParamSpace
 from ..saving import read_meta
@@ -33,7 +33,7 @@ from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimize
 from ..record import peak_rss_mb, save_pruned
 from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim, check_ranks_share,
                     claim, finished_read_only_on_rank_0, release_refused)
-from ..zoo.checkpoints import _export_kind
+from ..zoo.checkpoints import _export_kind, check_checkpoint_path
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
@@ -47,6 +47,7 @@ def cmd_train(args) -> int:
     if getattr(args, "force", False) and not args.out:
         raise PrunekitError("--force clears the training run in --out: add --out DIR, or leave out --force")
     check_out_not_input(args)
+    check_before_the_data(args)
     classes = recorded_classes(args.checkpoint)     # a prunekit model's own: an image folder is labelled by them
     train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop,
                             limit=args.train_samples, seed=args.seed, classes=classes, defer=True)
@@ -615,6 +616,20 @@ def check_train_args(args) -> None:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to train on every training image)")
     if not 0 <= args.seed < 2**63:                     # torch.manual_seed's range
         raise PrunekitError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
+
+
+def check_before_the_data(args) -> None:
+    """The refusals of flags that need no image, made before the data is read (an image folder's scan
+    reads every image's header: minutes on a huge one): a --checkpoint path that is no file, a
+    --model file spec without a function name, its --normalize that is not MEANS/STDS (the channel
+    count is checked against the images later). The model is built once the data says its classes and
+    image shape."""
+    if args.checkpoint:
+        check_checkpoint_path(args.checkpoint)
+    if args.model is not None and user_models.is_model_file(args.model):     # (a zoo model's --normalize
+        user_models.parse(args.model)                                         # is refused as such later)
+        if args.normalize is not None and args.normalize.strip().lower() != "none":
+            parse_normalization(args.normalize, None)
 
 
 def add_parser(sub) -> None:
