@@ -654,3 +654,29 @@ def test_a_channel_run_without_fine_tune_names_it_in_python_terms():
     tuned = run("autobot", gate_batches=2, finetune_epochs=1)
     assert len(tuned.summary().splitlines()) == 1 and "finetune_epochs" not in tuned.summary()
     assert "finetune_epochs" not in run("magnitude").summary()
+
+
+def test_summary_says_the_parameters_kept_as_the_cli_counts_them():
+    """``Result.summary()`` has a params line beside its MACs line: "params kept P% (N of M)", N the
+    parameters of the returned model (a zero weight not counted), counted again here by a cost model of
+    the dense net, as the CLI's ``params`` line counts them: for a weights method (masked) and for a
+    channel method given a params budget (a smaller model)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    dense_params = sum(p.numel() for p in net.parameters())
+    for method, budget in [("magnitude", {"sparsity": 0.6}), ("autobot", {"flops": 0.9, "params": 0.4, "gate_batches": 2})]:
+        result = prunekit.prune(copy.deepcopy(net), lambda: data, method=method, example_input=x, **budget)
+        counts = CostModel(copy.deepcopy(net), x).count(result.model)
+        assert counts.dense_params == dense_params and 0 < counts.params < 0.9 * dense_params, counts
+        line = result.summary().splitlines()[0]
+        kept = re.search(r"params kept ([\d.]+)% \(([\d,]+) of ([\d,]+)\)", line)
+        assert kept, line
+        assert int(kept[2].replace(",", "")) == counts.params and int(kept[3].replace(",", "")) == dense_params
+        assert float(kept[1]) == pytest.approx(100 * counts.params / dense_params, abs=0.006)
+        assert line.index("MACs kept") < kept.start() < line.rindex(", ")      # beside the MACs, before the time
+        if method == "autobot":
+            assert counts.params <= 0.4 * dense_params                       # the params budget it was given

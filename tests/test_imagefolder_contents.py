@@ -342,3 +342,41 @@ def test_a_finished_training_run_gives_its_result_back_without_fingerprinting_it
     first = json.loads(capsys.readouterr().out)
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out) == first and len(calls) == 1
+
+
+def test_a_finished_training_run_gives_its_result_back_without_decoding_its_images(capsys, tmp_path, monkeypatch):
+    """The same `train --out` again after the run finished: its result, said at once, without decoding an
+    image (train decoded both splits before it looked at the folder: minutes on a big one); a run still
+    to train decodes each split once, as before."""
+    from prunekit.data.imagefolder import ImageFolderScan
+    _photos(tmp_path)
+    argv = _train_argv(tmp_path)
+    real, decoded = ImageFolderScan.decode, []
+
+    def counted(self):
+        decoded.append(self.root)
+        return real(self)
+    monkeypatch.setattr(ImageFolderScan, "decode", counted)
+    assert main(argv) == 0
+    assert sorted(decoded) == [tmp_path / "photos" / "test", tmp_path / "photos" / "train"]
+    first = json.loads(capsys.readouterr().out)
+    decoded.clear()
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == first and decoded == [], decoded
+    assert err.count("\n") == 1 and "holds this training run, finished: its result again" in err, err
+
+
+def test_an_image_that_cannot_be_decoded_is_refused_before_any_epoch_and_frees_the_folder(capsys, tmp_path):
+    """Its header read (the scan passes), its pixels cut short: one line naming the file, before any epoch,
+    and the run folder claimed for it released, so that the command after the file is fixed may use it."""
+    photos = _photos(tmp_path)
+    bad = photos / "train" / "b" / "2.png"
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8), "RGB").save(bad)
+    bad.write_bytes(bad.read_bytes()[:50])            # the IHDR chunk whole (33 bytes), the pixel data cut
+    err = _refused(capsys, _train_argv(tmp_path))
+    assert "cannot decode" in err and "2.png" in err, err
+    assert not (tmp_path / "run" / "config.toml").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+    _png(bad, COLOURS["b"], 5)
+    assert main(_train_argv(tmp_path)) == 0

@@ -172,6 +172,52 @@ def test_a_run_that_reads_no_training_images_neither_loads_nor_needs_them(tmp_pa
 
 
 @pytest.mark.parametrize("command", ["prune", "sweep"])
+@pytest.mark.parametrize("flags, refusal", [
+    (["--method", "chita", "--sparsity", "0.5", "--fisher-samples", "8", "--stages", "0"], "--stages must be at least 1"),
+    (["--method", "falcon", "--sparsity", "0.5", "--fisher-samples", "8"], "falcon needs a --flops budget"),
+    (["--method", "chita", "--sparsity", "0.5", "--fisher-samples", "8", "--gradual", "--start-keep", "0.1"],
+     "--start-keep 0.1 is the share kept before the first event"),
+])
+def test_a_bad_value_is_refused_before_the_training_split_is_scanned(tmp_path, capsys, scanned_splits, command,
+                                                                     flags, refusal):
+    """A refusal that needs no image (a flag value, a budget the method cannot take) comes before the
+    training split's scan (every image header: minutes on a huge train/ folder), which the rows check
+    (--fisher-samples given) and the memory plan ran first; the test split the model is checked
+    against is scanned first as before. One line, nothing written."""
+    write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
+    write_tree(tmp_path / "imgs" / "train", {"a": 5, "b": 5})      # more than the 8 rows asked
+    code = main([command, "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / "imgs"),
+                 *flags, "--out", str(tmp_path / "run")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+    assert code == 2 and len(errors) == 1, errors
+    assert refusal in errors[0], errors
+    assert scanned_splits == ["test"], scanned_splits
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, refusal", [
+    (["--checkpoint", "missing.pth"], "checkpoint missing.pth not found: check the path"),
+    (["--model", "net.py:build", "--normalize", "bogus"], "--normalize 'bogus' is not MEANS/STDS"),
+    (["--model", "net.py:"], "is not a Python function name"),
+])
+def test_train_refuses_a_bad_flag_before_scanning_the_image_folder(tmp_path, capsys, monkeypatch, scanned_splits,
+                                                                   flags, refusal):
+    """train's refusals that need no image (a --checkpoint path that is no file, a --normalize that is
+    not MEANS/STDS, a model file spec without a function) come before the scan of either split."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Flatten(), "
+                                     "nn.Linear(3 * 32 * 32, 2))\n")
+    write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
+    write_tree(tmp_path / "imgs" / "train", {"a": 3, "b": 3})
+    model = [] if "--model" in flags else ["--model", "resnet20"]
+    code = main(["train", *model, "--data", "imagefolder", "--data-dir", "imgs", *flags, "--out", "run"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+    assert code == 2 and len(errors) == 1 and refusal in errors[0], errors
+    assert scanned_splits == [], scanned_splits
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "sweep"])
 def test_a_training_split_read_only_for_batchnorm_is_refused_naming_no_bn_recalibration(tmp_path, capsys, command):
     """magnitude with BatchNorm recalibration (resnet20 has BatchNorm) on a folder with only test/:
     one line naming both fixes (the folder, --no-bn-recalibration), nothing written."""

@@ -161,7 +161,17 @@ class Result:
             acc = f", loss {self.dense_loss:.4g} -> {self.loss:.4g}"
         sparsity = "" if self.sparsity is None else f"sparsity {100 * self.sparsity:.2f}%, "
         return (f"{self.method}: {sparsity}MACs kept {100 * self.flops_kept:.2f}% "
-                f"({self.macs:,} of {self.dense_macs:,}){acc}, {self.seconds:.1f} s{self.finetune_hint()}")
+                f"({self.macs:,} of {self.dense_macs:,}), {self.params_text()}{acc}, {self.seconds:.1f} s"
+                f"{self.finetune_hint()}")
+
+    def params_text(self) -> str:
+        """The summary's parameters: "params kept 41.20% (1,234 of 2,995)", all the model's parameters
+        (biases and BatchNorm included, a weight exactly zero not counted), the record's ``params`` /
+        ``dense_params``: the cost model's recount of the returned model that the CLI's ``params`` line
+        prints. The share alone where a Result was built without a record."""
+        params, dense = self.record.get("params"), self.record.get("dense_params")
+        counts = "" if params is None or dense is None else f" ({params:,} of {dense:,})"
+        return f"params kept {100 * self.params_kept:.2f}%{counts}"
 
     def finetune_hint(self) -> str:
         """The summary's second line after a channel method run with no fine-tune (finetune_epochs 0),

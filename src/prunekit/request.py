@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -46,7 +47,10 @@ class PruneRequest:
     loss: the user's loss (``prunekit.losses``); None: cross-entropy on class indices.
     data_to_load: bytes of data the run will decode and hold after the plan (the commands' image
         folders, scanned but not yet decoded): the memory plan counts them as held. 0: the data
-        is in memory already (what the process holds counts it).
+        is in memory already (what the process holds counts it). Or a function returning them,
+        called by ``plan()`` after every check that needs no data (options, budget, the method's
+        own) and before the memory plan: the commands scan their image folders in it, so a bad
+        value is refused before a huge folder's headers are read.
     """
 
     model: nn.Module
@@ -61,7 +65,7 @@ class PruneRequest:
     options: dict = field(default_factory=dict)
     name: str | None = None
     loss: LossFn | None = None
-    data_to_load: int = 0
+    data_to_load: int | Callable[[], int] = 0
 
     def resolved_options(self) -> tuple[Method, dict, "Options", GradualOptions | None]:
         """The method's row, its options as given, its options checked with its defaults filled in,
@@ -148,8 +152,9 @@ class PruneRequest:
             method.check(resolved, options)
         if distributed.current().distributed:      # under torchrun: refused before a run folder is written
             check_shardable(method.name == "woodfisher", options)
+        data_to_load = self.data_to_load() if callable(self.data_to_load) else self.data_to_load
         if method.plan_memory is not None:
-            _plan_memory(method, self.model, space, self.example_input, resolved, options, self.data_to_load)
+            _plan_memory(method, self.model, space, self.example_input, resolved, options, data_to_load)
         stages = getattr(options, "stages", 1)          # "auto": 5 or 15 (falcon++)
         mode = ("structured" if method.family == "channels" else "gradual" if gradual is not None
                 else "multi-stage" if stages == "auto" or stages > 1 else "one-shot")

@@ -100,7 +100,6 @@ def cmd_prune(args) -> int:
         check_onnx(loaded)
     eval_loader = eval_data(args, loaded)
     train_batches = training_batches(args, loaded, eval_loader)
-    _check_rows_fit_the_data(args, train_batches)
     plan = plan_of(args, loaded, eval_loader, train_batches)    # counts the images still to decode
     _check_rows_fit_the_data(args, train_batches, plan=plan)     # the method's default rows too
     warn_if_random_weights(args)
@@ -203,7 +202,8 @@ def _out_if_moved(out: str) -> str:
 def _check_rows_fit_the_data(args, train_batches, method: str | None = None, plan=None) -> None:
     """More per-sample gradient rows (from one pass) than training images are refused before any work
     and before a run folder is made. Without ``plan``: --fisher-samples as given, checked before the
-    request's memory check, which would otherwise suggest an n the data cannot give. ``plan``: the planned run's
+    request's memory check, which would otherwise suggest an n the data cannot give (``plan_of``: after
+    the request's checks that need no data). ``plan``: the planned run's
     rows (the method's default fisher_samples too, and the schedule --stages auto will choose), checked
     once its options are. ``method``: one run of a sweep."""
     row = lookup(method or args.method)
@@ -314,13 +314,28 @@ def plan_of(args, loaded: LoadedModel, eval_loader, train_batches, method: str |
     decoded and counting the image-folder pixels still to decode that the run will hold: the
     evaluation split's, and the training split's only where the run reads it (``training_use``: a
     split it never reads is neither loaded nor counted). A split read only to re-estimate BatchNorm
-    that cannot be loaded is refused naming --no-bn-recalibration."""
+    that cannot be loaded is refused naming --no-bn-recalibration.
+
+    Cheap refusals first: the training split is scanned (every image's header: minutes on a huge
+    train/ folder) only once the request's options, budget and the method's own checks have passed
+    (``PruneRequest.data_to_load`` as a function, which ``plan()`` calls after them), then the gradient
+    rows asked for are checked against it (``_check_rows_fit_the_data``), then the memory plan."""
     request = request_of(args, loaded, method, budget)
     use = training_use(request)
-    if use == "batchnorm":
-        _check_training_split_for_batchnorm(request.method, train_batches)
-    request.data_to_load = bytes_to_load(eval_loader, train_batches if use else None)
-    return request.plan()
+    counted = []
+
+    def data_to_load() -> int:
+        if not counted:
+            if use == "batchnorm":
+                _check_training_split_for_batchnorm(request.method, train_batches)
+            _check_rows_fit_the_data(args, train_batches, method)     # before the memory plan: its n
+            counted.append(bytes_to_load(eval_loader, train_batches if use else None))
+        return counted[0]
+
+    request.data_to_load = data_to_load
+    plan = request.plan()
+    data_to_load()          # a method without a memory plan: the same checks, after the plan's
+    return plan
 
 
 def _has_batchnorm(model) -> bool:

@@ -125,7 +125,7 @@ def cmd_sweep(args) -> int:
     eval_loader = eval_data(args, dense_model)
     train_batches = training_batches(args, dense_model, eval_loader)
     for method, budget in plan:           # refuse a bad method, option, budget or data size before the first run:
-        _check_rows_fit_the_data(args, train_batches, method)    # prune's own checks, in its order, for every run
+        # prune's own checks, in its order, for every run (plan_of checks the rows against the data)
         planned_run = plan_of(args, dense_model, eval_loader, train_batches, method, budget)
         _check_rows_fit_the_data(args, train_batches, method, plan=planned_run)
     try:

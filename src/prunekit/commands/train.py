@@ -24,7 +24,7 @@ from ..errors import PrunekitError, PrunekitWarning
 from ..data import load_dataset, make_loader
 from ..data.dataset import DeferredImageDataset
 from ..data.imagefolder import fingerprint_change, folder_fingerprint
-from ..loading import check_fits, check_normalized, load_model, recorded_classes
+from ..loading import check_fits, check_normalized, load_model, parse_normalization, recorded_classes
 from ..masks import NOTABLE_LAYER_SHARE, PRUNED_LAYER_SHARE, MaskHold, exact_zeros, masks_from_weights
 from ..params import ParamSpace
 from ..saving import read_meta
@@ -33,7 +33,7 @@ from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimize
 from ..record import peak_rss_mb, save_pruned
 from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim, check_ranks_share,
                     claim, finished_read_only_on_rank_0, release_refused)
-from ..zoo.checkpoints import _export_kind
+from ..zoo.checkpoints import _export_kind, check_checkpoint_path
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
@@ -47,6 +47,7 @@ def cmd_train(args) -> int:
     if getattr(args, "force", False) and not args.out:
         raise PrunekitError("--force clears the training run in --out: add --out DIR, or leave out --force")
     check_out_not_input(args)
+    check_before_the_data(args)
     classes = recorded_classes(args.checkpoint)     # a prunekit model's own: an image folder is labelled by them
     train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop,
                             limit=args.train_samples, seed=args.seed, classes=classes, defer=True)
@@ -60,7 +61,9 @@ def cmd_train(args) -> int:
     # over other ones is refused; computed once the run is known unfinished (train_into)
     scanned = train_ds
     fingerprint = (lambda: folder_fingerprint(scanned)) if args.out else None
-    train_ds, test_ds = (ds.dataset if isinstance(ds, DeferredImageDataset) else ds for ds in (train_ds, test_ds))
+    # an image folder stays scanned, not decoded (its loaders decode it on first use): a finished
+    # run in --out gives its result back without decoding a pixel; train_into decodes it once the
+    # run is known unfinished (a decoding refusal then releases a folder claimed afresh)
     torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
                         in_channels=train_ds.image_shape[0], dataset=args.data,
@@ -240,7 +243,10 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
     ``fingerprint``: the training image folder's (``ImageFolderScan.fingerprint``), or a function
     that computes it, called only when the run is not finished (a finished one gives its result
     back without reading the images' first bytes again), recorded with each epoch; a resume over
-    a folder whose images changed since is refused."""
+    a folder whose images changed since is refused. An image folder's loaders may hold it scanned
+    only (``DeferredImageDataset``): decoded here once the run is known unfinished, so a finished
+    run's result comes back without decoding it (nor checking it: a folder changed under a finished
+    run is not said, as ``prune`` says none for its finished run)."""
     folder = training_folder(args, read_only=read_only)
     if folder is not None and distributed.current().distributed:   # on several machines: one shared folder
         check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
@@ -263,6 +269,7 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
         return 0
     if callable(fingerprint):
         fingerprint = fingerprint()
+    decode_images(folder, loader, test_loader)
     checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
     state = checkpointer.last() if checkpointer is not None else None
     state = check_same_zeros(state, pruned, checkpointer, force=bool(getattr(args, "force", False)))
@@ -275,6 +282,20 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
     with MaskHold(pruned.space, pruned.masks, optimizer) if held else nullcontext():
         return _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule, pruned,
                            state, fingerprint)
+
+
+def decode_images(folder: RunFolder | None, *loaders) -> None:
+    """Decode the scanned image folders ``loaders`` read (``DeferredImageDataset``: the training
+    split, and the test split where it is another; each once), for a run known not to be finished:
+    an image that cannot be decoded is refused in one line before any epoch, and a folder this
+    command claimed afresh is released for the corrected command (``release_refused``)."""
+    try:
+        for loader in loaders:
+            if isinstance(loader.dataset, DeferredImageDataset):
+                loader.dataset.dataset          # noqa: B018 (decodes, once)
+    except PrunekitError:
+        release_refused(folder)
+        raise
 
 
 def trained_by_an_older_prunekit(folder: RunFolder | None, pruned: PrunedCheckpoint | None) -> bool:
@@ -595,6 +616,20 @@ def check_train_args(args) -> None:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to train on every training image)")
     if not 0 <= args.seed < 2**63:                     # torch.manual_seed's range
         raise PrunekitError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}")
+
+
+def check_before_the_data(args) -> None:
+    """The refusals of flags that need no image, made before the data is read (an image folder's scan
+    reads every image's header: minutes on a huge one): a --checkpoint path that is no file, a
+    --model file spec without a function name, its --normalize that is not MEANS/STDS (the channel
+    count is checked against the images later). The model is built once the data says its classes and
+    image shape."""
+    if args.checkpoint:
+        check_checkpoint_path(args.checkpoint)
+    if args.model is not None and user_models.is_model_file(args.model):     # (a zoo model's --normalize
+        user_models.parse(args.model)                                         # is refused as such later)
+        if args.normalize is not None and args.normalize.strip().lower() != "none":
+            parse_normalization(args.normalize, None)
 
 
 def add_parser(sub) -> None:
