@@ -6,6 +6,7 @@ back says so (issue s51: the walker's repros 1, 2, 3 and 5)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -34,14 +35,34 @@ def _tiny():
     return net, x, y
 
 
+class _Notes(logging.Handler):
+    """The notes (``errors.note``) the ``prunekit`` logger says while installed."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.said = []
+
+    def emit(self, record):
+        self.said.append(record.getMessage())
+
+
 def _prune(out, **kwargs):
-    """prunekit.prune of a fresh tiny net into ``out``: (result, the PrunekitWarnings said)."""
+    """prunekit.prune of a fresh tiny net into ``out``: (result, the PrunekitWarnings said, then its
+    notes: a finished run given back is a note, ``errors.note``)."""
     net, x, y = _tiny()
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        result = prunekit.prune(net, (x, y), **{"method": "magnitude", "sparsity": 0.7, "eval_data": (x, y),
-                                                "out": str(out), **kwargs})
-    return result, [str(w.message) for w in said if issubclass(w.category, PrunekitWarning)]
+    logger, notes = logging.getLogger("prunekit"), _Notes()
+    level = logger.level
+    logger.addHandler(notes)
+    logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            result = prunekit.prune(net, (x, y), **{"method": "magnitude", "sparsity": 0.7, "eval_data": (x, y),
+                                                    "out": str(out), **kwargs})
+    finally:
+        logger.removeHandler(notes)
+        logger.setLevel(level)
+    return result, [str(w.message) for w in said if issubclass(w.category, PrunekitWarning)] + notes.said
 
 
 def by_size(name, w):
@@ -340,12 +361,16 @@ def test_a_loss_hook_is_hashed_by_its_function_not_its_handle_id():
 
 
 def test_a_config_that_differs_only_in_text_gets_the_general_refusal(tmp_path):
-    """A comment added to config.toml (or broken TOML): no key differs, so no "made with another":
-    the refusal of another run."""
-    _prune(tmp_path / "run")
+    """Broken TOML in config.toml: no key differs, so no "made with another": the refusal of another
+    run. A comment added (the same keys and values; prunekit's own comments name the functions the
+    digests were taken of) is the same run: given back (issue s52)."""
+    first, _ = _prune(tmp_path / "run")
     config = tmp_path / "run" / "config.toml"
     text = config.read_text()
-    for edited in ("# my note\n" + text, text + "\n[[["):
+    config.write_text("# my note\n" + text)
+    again, said = _prune(tmp_path / "run")
+    assert again.record == first.record and len(said) == 1 and "given back" in said[0], said
+    for edited in (text + "\n[[[",):
         config.write_text(edited)
         with pytest.raises(prunekit.PrunekitError) as refused:
             _prune(tmp_path / "run")

@@ -6,6 +6,7 @@ The public API::
     result = prunekit.prune(model, data, method="falcon", flops=0.3)     # -> prunekit.Result
     prunekit.methods.METHODS                                             # every method, its options
     prunekit.add_method(prunekit.Method(...))                            # your own method
+    prunekit.remove_method(name)                                         # ... gone again
 
     net = prunekit.load_pruned(MyNet(), "runs/x")                        # a saved result, reloaded
 
@@ -27,11 +28,11 @@ from .costs import CostModel, Counts, ModuleCost, register_cost
 from .errors import PrunekitError
 from .loading import load_pruned
 from .masks import MaskHold, masks_from_weights
-from .methods import Method, add_method, method_names
+from .methods import Method, add_method, method_names, remove_method
 from .params import ParamSpace
 from .record import Result
 from .saving import save_model
 
-__all__ = ["prune", "Result", "Method", "add_method", "method_names", "methods", "Budget", "ResolvedBudget",
-           "CostModel", "Counts", "ModuleCost", "register_cost", "PrunekitError", "MaskHold",
+__all__ = ["prune", "Result", "Method", "add_method", "remove_method", "method_names", "methods", "Budget",
+           "ResolvedBudget", "CostModel", "Counts", "ModuleCost", "register_cost", "PrunekitError", "MaskHold",
            "masks_from_weights", "ParamSpace", "save_model", "load_pruned"]

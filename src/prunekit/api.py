@@ -47,7 +47,7 @@ from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pa
 from .data.replay import (ReplayedLoader, loader_generators, rng_states, set_rng_states, states_from_json,
                           states_to_json)
 from .distributed import check_same_start, current, launched_by_torchrun
-from .errors import PrunekitError, PrunekitWarning, single_sample_batchnorm
+from .errors import PrunekitError, PrunekitWarning, note, single_sample_batchnorm
 from .executor import execute, python_model_description
 from .losses import loss_name
 from .callables import fingerprint, slots, written_by_run
@@ -116,7 +116,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             prunekit's loaders; the same data in another form is refused too; and a fingerprint of
             the code given: ``loss``, an ``importance`` function, an own ``Method``, see
             ``prunekit.callables``) is refused unless ``force`` (which clears that run first).
-            A finished run given back (not run) says so in one ``PrunekitWarning``.
+            A finished run given back (not run) says so in one note (``errors.note``: the
+            ``prunekit`` logger, or a ``prunekit: note:`` line on stderr; not a warning), a
+            ``PrunekitWarning`` where a reseeded loader changed nothing.
             Any other Dataset or iterable is compared by
             its form and sample count only: carrying such a run on warns that its contents could
             not be checked. Its
@@ -207,11 +209,11 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                       **_fingerprint(model, data, train_batches, None if force else out),
                       **_eval_fingerprint(eval_data, eval_batches), "batch_size": _batch_size_of(data, eval_data,
                                                                                                  batch_size)}
-            folder = claim_on_rank_0(out, recipes.dump_recipe(config), force=force, device=_model_device(model),
-                                     python=True)
-            told = _say_unchecked(folder, config, recipes.dump_recipe(config))
+            text = _config_text(config, plan.method, loss, options)
+            folder = claim_on_rank_0(out, text, force=force, device=_model_device(model), python=True)
+            told = _say_unchecked(folder, config, text)
             _keep_streams(folder, {"data": train_batches, "eval_data": eval_batches})
-            _say_given_back(folder, recipes.dump_recipe(config),
+            _say_given_back(folder, text,
                             {"data": (data, train_batches), "eval_data": (eval_data, eval_batches)}, told)
         was_training = model.training
         try:
@@ -441,6 +443,39 @@ def _note_written(folder: RunFolder, before: dict, code: dict, config: dict) -> 
             pass
 
 
+CODE_COMMENT = ("# *-fingerprint: a SHA-256 of the code given (prunekit.callables.fingerprint: a function's\n"
+                "# bytecode, constants, defaults, closure and the globals it reads; a module's class and state;\n"
+                "# not names, files or line numbers): a rerun into this folder with other code is refused")
+
+
+def _config_text(config: dict, method: Method, loss, options: dict) -> str:
+    """config.toml's text: ``recipes.dump_recipe(config)``, its ``-fingerprint`` lines (``_code_fingerprints``)
+    preceded by ``CODE_COMMENT`` (what the digests cover) and each followed by a comment naming what it
+    was taken of (``# row_scaled: the function's code``). Comments are not compared (``runs.same_values``):
+    a function renamed, its code the same, is the same run."""
+    named = {} if config.get("method_fingerprint") == "built-in" else \
+        {"method_fingerprint": f"{method.name}: an own Method's family, options class, defaults, run and sparsify"}
+    if loss is not None:
+        named["loss_fingerprint"] = f"{loss_name(loss)}: " + ("its class and state" if isinstance(loss, nn.Module)
+                                                             else "its code")
+    named.update({f"{name}_fingerprint": f"{_callable_name(value)}: the function's code"
+                  for name, value in options.items() if callable(value)})
+    lines, said = [], False
+    for line in recipes.dump_recipe(config).splitlines():
+        key = line.split(" = ", 1)[0].replace("-", "_")
+        if key.endswith("_fingerprint") and not said:
+            lines.append(CODE_COMMENT)
+            said = True
+        lines.append(f"{line}  # {named[key]}" if key in named else line)
+    return "\n".join(lines) + "\n"
+
+
+def _callable_name(value) -> str:
+    """How a config comment names a function (its qualified name) or another callable (its class)."""
+    name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or type(value).__name__
+    return "".join(c for c in str(name) if c.isprintable())
+
+
 def _eval_fingerprint(eval_data, eval_batches) -> dict:
     """What a run folder records of ``eval_data``, as ``_fingerprint`` of ``data``, under its own
     keys: ``eval_data_sha256`` (its contents, where ``data_identity`` hashes them exactly),
@@ -491,8 +526,8 @@ def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> bool:
     if folder.claimed_afresh or not (unchecked or code) or current().rank != 0:
         return False    # (under torchrun rank 0 claims the folder: the others' claimed_afresh says nothing)
     try:
-        if folder.config.read_text() != config_text:       # an older folder: ``runs.claim`` said what it checked
-            return False
+        if not runs.same_values(folder.config.read_text(), config_text):   # an older folder: ``runs.claim``
+            return False                                                    # said what it checked
     except OSError:
         return False
     done = "its stored result is given back" if runs.finished_run(folder) else "it is carried on"
@@ -513,14 +548,16 @@ def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> bool:
 
 def _say_given_back(folder: RunFolder, config_text: str, streams: dict, told: bool) -> None:
     """Say once that the finished run in ``folder`` is given back, not run (the command line's
-    "holds this run, finished" note), unless a warning about this folder (``told``, or
+    "holds this run, finished" note; ``errors.note``, not a warning: the same call again is no
+    mistake, and ``-W error`` must not make it one), unless a warning about this folder (``told``, or
     ``runs.claim``'s about an older folder) said so already: the pruned model and record come from
     the folder. A user loader whose RNG states at this call (a ``torch.manual_seed`` before it)
-    are not the ones the run recorded at its start is named: they changed nothing."""
+    are not the ones the run recorded at its start is named: they changed nothing (a
+    ``PrunekitWarning``: a reseed meant to draw another run is a possible mistake)."""
     if told or folder.claimed_afresh or current().rank != 0 or not runs.finished_run(folder):
         return
     try:
-        if folder.config.read_text() != config_text:       # an older folder: ``runs.claim`` warned
+        if not runs.same_values(folder.config.read_text(), config_text):   # an older folder: ``runs.claim`` warned
             return
     except OSError:
         return
@@ -533,8 +570,12 @@ def _say_given_back(folder: RunFolder, config_text: str, streams: dict, told: bo
             reseeded.append(what)
     rng = (f"; this call's RNG state (torch.manual_seed) is not the one that run read its "
            f"{' and '.join(reseeded)} under ({runs.DATA_RNG}) and changed nothing" if reseeded else "")
-    warnings.warn(PrunekitWarning(f"{folder.path} holds this run, finished: its stored result is given back, nothing "
-                                  f"was run{rng} (force=True runs it anew, or give another out)"), stacklevel=3)
+    said = (f"{folder.path} holds this run, finished: its stored result is given back, nothing was run{rng} "
+            "(force=True runs it anew, or give another out)")
+    if reseeded:        # a reseed meant to draw another run: a possible mistake, warned
+        warnings.warn(PrunekitWarning(said), stacklevel=3)
+    else:               # the same call again (a notebook cell run twice): a note, not a warning
+        note(said)
 
 
 def data_identity(data) -> tuple[str | None, str | None]:

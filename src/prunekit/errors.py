@@ -5,6 +5,7 @@ wrong *and what to change*. The CLI prints that message on one line and exits wi
 library users can catch it like any ``ValueError``.
 """
 
+import logging
 import shlex
 import sys
 
@@ -69,3 +70,19 @@ def worded_warning(python: str, command_line: str) -> PrunekitWarning:
     warning = PrunekitWarning(python)
     warning.cli_text = command_line
     return warning
+
+
+NOTES = logging.getLogger("prunekit")
+
+
+def note(message: str) -> None:
+    """Say something informational that is no possible mistake (a finished run given back, not
+    run): not a ``PrunekitWarning``, so ``python -W error`` (or pytest's ``filterwarnings = error``)
+    does not turn it into an exception. Logged at INFO on the ``"prunekit"`` logger where logging is
+    configured (a handler on it or the root: routed and filtered as configured there); otherwise
+    printed to stderr as ``prunekit: note: ...``, unless that logger's level was set above INFO
+    (``logging.getLogger("prunekit").setLevel(logging.WARNING)`` silences notes)."""
+    if NOTES.hasHandlers():
+        NOTES.info(message)
+    elif NOTES.level == logging.NOTSET or NOTES.isEnabledFor(logging.INFO):
+        print(f"prunekit: note: {message}", file=sys.stderr, flush=True)

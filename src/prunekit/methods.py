@@ -22,7 +22,8 @@ the resident set of the ``MemoryPlan`` it returns and refuses it when it no long
 ``defaults`` are the method's own defaults over its options class's.
 
 Add your own method with ``add_method(Method(...))`` (or pass a ``Method`` as ``method=`` to
-``prunekit.prune``); for a new importance score only, pass ``importance=`` to a magnitude
+``prunekit.prune``; the same method added again is accepted, another under its name needs
+``replace=True``, ``remove_method(name)`` takes it out); for a new importance score only, pass ``importance=`` to a magnitude
 method (see ``pipelines.magnitude_methods``).
 """
 
@@ -120,15 +121,49 @@ def lookup(method: str | Method) -> Method:
     return METHODS[method]
 
 
-def add_method(method: Method) -> Method:
+def add_method(method: Method, replace: bool = False) -> Method:
     """Add your own method to the table (then ``prunekit.prune(..., method=name)`` and the CLI's
-    ``--method`` know it). Refuses a name already taken or an unknown family."""
+    ``--method`` know it). Refuses an unknown family, and a name already taken by another method:
+    adding the same method again (a notebook cell run twice: the same family, options class, defaults,
+    ``run``, ``check``, ``plan_memory`` and ``sparsify`` code, ``code_of``) is accepted, the table then
+    holding this one; another one under that name is refused unless ``replace=True`` (or
+    ``remove_method(name)`` first). A built-in method is never replaced."""
     if not isinstance(method, Method):
         raise PrunekitError(f"add_method takes a prunekit.Method (Method(name, family, options, run)), "
                             f"got {type(method).__name__}")
     if method.family not in FAMILIES:
         raise PrunekitError(f"method family must be one of {', '.join(FAMILIES)}, got {method.family!r}")
-    if method.name in METHODS:
-        raise PrunekitError(f"method {method.name!r} exists already: pick another name")
+    if method.name in BUILT_IN:
+        raise PrunekitError(f"method {method.name!r} is one of prunekit's own and cannot be replaced: "
+                            "give yours another name")
+    before = METHODS.get(method.name)
+    if before is not None and not replace and before != method:
+        now, then = code_of(method), code_of(before)
+        if now is None or now != then:
+            why = ("its code could not be fingerprinted to tell whether it is the same" if now is None or then is None
+                   else "its code, options or defaults differ")
+            raise PrunekitError(f"method {method.name!r} exists already and this is another one ({why}): "
+                                f"pass replace=True to add_method to replace it, or pick another name")
     METHODS[method.name] = method
     return method
+
+
+def remove_method(name: str) -> Method:
+    """Remove your own method ``name`` from the table (returned); refuses a built-in method and a
+    name the table does not hold."""
+    if name in BUILT_IN:
+        raise PrunekitError(f"method {name!r} is one of prunekit's own and cannot be removed")
+    if name not in METHODS:
+        own = [n for n in METHODS if n not in BUILT_IN]
+        raise PrunekitError(f"no method {name!r} of your own to remove: "
+                            + (f"yours are {', '.join(own)}" if own else "add_method added none"))
+    return METHODS.pop(name)
+
+
+def code_of(method: Method) -> str | None:
+    """A SHA-256 (``callables.fingerprint``) of what ``method`` runs: its family, options class,
+    about, defaults, ``run``, ``check``, ``plan_memory`` and ``sparsify`` (not its name); the same
+    for a method defined again from the same source. None when that cannot be hashed faithfully."""
+    from .callables import fingerprint
+    return fingerprint((method.family, method.options, method.about, method.defaults, method.run, method.check,
+                        method.plan_memory, method.sparsify))[0]

@@ -263,7 +263,9 @@ EVAL_BATCH_KEYS = ("eval-data-sha256", "eval-data-form", "eval-data-samples", "b
 # ``method-fingerprint`` in every such config ("built-in" for prunekit's own methods), ``loss-fingerprint``
 # and ``<option>-fingerprint`` (``importance-fingerprint``) where given; a value starting with
 # ``UNCHECKED`` records one that could not be hashed faithfully. A config without
-# ``method-fingerprint`` is an older prunekit's, carried on with a warning.
+# ``method-fingerprint`` is an older prunekit's, carried on with a warning. A ``-fingerprint`` line ends
+# in a comment naming what it was taken of (not "built-in": ``api._config_text``); comments are no part
+# of the run (``same_values``).
 CODE_MARK = "method-fingerprint"
 UNCHECKED = "unchecked: "
 
@@ -441,9 +443,22 @@ def moved_from(config_text: str, here: str | Path) -> str | None:
 
 
 def same_run(old: str | None, new: str, here: str | Path) -> bool:
-    """Whether config ``old`` in folder ``here`` is the run ``new`` asks for: the same text, or
-    one that differs only in an ``out`` naming where the folder was before it moved."""
-    return old is not None and (old == new or not _differing(old, new, here) and bool(moved_from(old, here)))
+    """Whether config ``old`` in folder ``here`` is the run ``new`` asks for: the same values (its
+    comments aside: ``same_values``), or one that differs only in an ``out`` naming where the
+    folder was before it moved."""
+    return old is not None and (same_values(old, new)
+                                or not _differing(old, new, here) and bool(moved_from(old, here)))
+
+
+def same_values(old: str, new: str) -> bool:
+    """Whether run configs ``old`` and ``new`` hold the same keys and values: their comments (the
+    name of the function a ``-fingerprint`` was taken of) are no part of the run."""
+    if old == new:
+        return True
+    try:
+        return tomllib.loads(old) == tomllib.loads(new)
+    except tomllib.TOMLDecodeError:
+        return False
 
 
 def _asks_onnx(config_text: str) -> bool:
@@ -546,7 +561,7 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
             _remove_own_files(target) if target.is_dir() else target.unlink()
     elif not resume:
         check_claim(folder, config_text, python)
-        if python and old is not None and old != config_text and folder.writable:     # accepted: an old folder
+        if python and old is not None and not same_values(old, config_text) and folder.writable:    # an old folder
             done = "its stored result is given back" if finished_run(folder) else "it is carried on"
             before = _parsed(old)
             counted = _counted_only(before)
@@ -837,7 +852,7 @@ def _check_same_config(folder: RunFolder, saved: str | None, name: str) -> None:
     if saved is None or not folder.config.exists():
         return
     now = folder.config.read_text()
-    if now == saved:
+    if same_values(now, saved):         # (a comment is no option)
         return
     try:
         before, after = tomllib.loads(saved), tomllib.loads(now)
