@@ -25,15 +25,35 @@ from prunekit.errors import PrunekitWarning
 
 def _prune(out, **kwargs):
     """prunekit.prune of a fresh (16 -> 12 -> 3) classifier on X (256, 16), Y (256,) into ``out``:
-    (result, the PrunekitWarnings said)."""
+    (result, the PrunekitWarnings said, then its notes)."""
     torch.manual_seed(0)
     x = torch.randn(256, 16)
     y = x[:, :3].argmax(1)
     net = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        result = prunekit.prune(net, (x, y), **{"method": "magnitude", "sparsity": 0.7, "out": str(out), **kwargs})
-    return result, [str(w.message) for w in said if issubclass(w.category, PrunekitWarning)]
+    logger, notes = logging.getLogger("prunekit"), _Notes()
+    level = logger.level
+    logger.addHandler(notes)
+    logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            result = prunekit.prune(net, (x, y), **{"method": "magnitude", "sparsity": 0.7, "out": str(out),
+                                                    **kwargs})
+    finally:
+        logger.removeHandler(notes)
+        logger.setLevel(level)
+    return result, [str(w.message) for w in said if issubclass(w.category, PrunekitWarning)] + notes.said
+
+
+class _Notes(logging.Handler):
+    """The notes (``errors.note``: a finished run given back) the ``prunekit`` logger says while installed."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.said = []
+
+    def emit(self, record):
+        self.said.append(record.getMessage())
 
 
 class _Counting(nn.Module):
