@@ -423,29 +423,36 @@ def test_a_lost_launcher_stops_prunekit_work_but_not_the_callers_own_code_after_
         monkeypatch.setattr(interrupts, name, value)
     parent = [os.getppid()]
     monkeypatch.setattr(collective.os, "getppid", lambda: parent[0])
-
-    collective.watch_launcher(poll_s=0.01)
-    parent[0] = -1                                   # the launcher is gone while the caller's own code runs
-    interrupted = False
+    # SIGINT raises KeyboardInterrupt, as in a process an interactive shell starts: a job a script starts
+    # in the background inherits SIGINT ignored, and the watcher's stop (a SIGINT) came to nothing there
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        deadline = time.monotonic() + 60           # at once, or when a loaded machine gets to the watcher thread
-        while time.monotonic() < deadline and not collective._launcher_lost:
-            time.sleep(0.01)
-        time.sleep(0.2)
-    except KeyboardInterrupt:
-        interrupted = True
-    assert collective._launcher_lost and not interrupted
+        collective.watch_launcher(poll_s=0.01)
+        parent[0] = -1                               # the launcher is gone while the caller's own code runs
+        interrupted = False
+        try:
+            deadline = time.monotonic() + 60     # at once, or when a loaded machine gets to the watcher thread
+            while time.monotonic() < deadline and not collective._launcher_lost:
+                time.sleep(0.01)
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            interrupted = True
+        assert collective._launcher_lost and not interrupted
 
-    monkeypatch.setattr(collective, "_launcher", None)
-    monkeypatch.setattr(collective, "_launcher_lost", False)
-    parent[0] = os.getpid()                         # a new launcher, lost while prunekit works
-    collective.watch_launcher(poll_s=0.01)
-    parent[0] = -1
-    with pytest.raises(KeyboardInterrupt), interrupts.running():
-        deadline = time.monotonic() + 60           # the interrupt ends the wait, however soon it comes
-        while time.monotonic() < deadline:
-            time.sleep(0.01)
-    assert interrupts.stopped_by() == (collective.LAUNCHER_GONE, 1)
+        monkeypatch.setattr(collective, "_launcher", None)
+        monkeypatch.setattr(collective, "_launcher_lost", False)
+        parent[0] = os.getpid()                         # a new launcher, lost while prunekit works
+        collective.watch_launcher(poll_s=0.01)
+        with pytest.raises(KeyboardInterrupt), interrupts.running():
+            # lost once prunekit works: set before ``running()`` began, a watcher thread that ran in
+            # between (a loaded machine switches threads there) saw no run under way: it only marked it lost
+            parent[0] = -1
+            deadline = time.monotonic() + 60           # the interrupt ends the wait, however soon it comes
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert interrupts.stopped_by() == (collective.LAUNCHER_GONE, 1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_sigterm_to_torchrun_stops_both_ranks_with_one_prunekit_line_and_the_run_resumes(tmp_path):
