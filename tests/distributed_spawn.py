@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from datetime import timedelta
@@ -13,8 +14,30 @@ import torch.multiprocessing as mp
 from filelock import FileLock
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999           # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now on 127.0.0.1, below the ephemeral range: a port the kernel hands out for
+    ``bind(0)`` comes from the range it also takes the source ports of new connections from, so the
+    many gloo connections of the other xdist worker's ranks could take it before a store binds it."""
+    low, _ = _ephemeral_ports()
+    first = 10000 if low > 12000 else 1024
+    rng = random.Random()             # not the global generator: a test's seed neither picks nor moves it
+    for _ in range(200):
+        port = rng.randrange(first, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:        # no free port found below the range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -344,9 +344,9 @@ def test_the_probe_makes_no_lock_file_and_never_stops_a_run_taking_the_lock(tmp_
     probe = os.open(lock, os.O_RDONLY)
     run_lock.fcntl.flock(probe, run_lock.fcntl.LOCK_SH | run_lock.fcntl.LOCK_NB)     # a reader mid-probe
     releaser = threading.Timer(0.3, os.close, (probe,))
+    started = time.monotonic()        # before the timer starts: a stall between the two cannot shorten the wait
     releaser.start()
     try:
-        started = time.monotonic()
         with run_lock.held(tmp_path / "run"):
             assert time.monotonic() - started >= 0.2
             assert run_lock.in_use(tmp_path / "run") is True

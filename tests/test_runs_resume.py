@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,32 @@ from prunekit.cli import main
 
 ASSETS = Path(prunekit.__file__).parent / "assets"
 SRC = Path(prunekit.__file__).parent.parent
-# Four CHITA++ stages on the bundled MLPNet: long enough (seconds per stage) to be killed between stages.
+# Four CHITA++ stages on the bundled MLPNet, killed (by itself) right after the first.
 ARGS = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
         "--data-dir", str(ASSETS / "mnist"), "--train-samples", "1024", "--fisher-samples", "256",
         "--method", "chita++", "--stages", "4", "--sparsity", "0.95", "--json"]
 
 
-def _cli(*argv: str) -> subprocess.Popen:
+def _cli(*argv: str, entry: list[str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "prunekit.cli", *argv], env=env,
+    return subprocess.Popen([sys.executable, *(entry or ["-m", "prunekit.cli"]), *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+# `prunekit ARGS` that SIGKILLs itself once its first stage's checkpoint is saved: the kill lands
+# there however fast the machine is (a watcher polling for stage-001 came too late when the test
+# process was descheduled on a loaded machine, or on a quick one where the 4 stages took a second)
+_KILLED_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+from prunekit.runs import RunCheckpointer
+from prunekit.cli import main
+save = RunCheckpointer.save
+def save_then_die(self, state, model):
+    save(self, state, model)
+    os.kill(os.getpid(), signal.SIGKILL)
+RunCheckpointer.save = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _weights(folder: Path) -> dict:
@@ -35,14 +50,10 @@ def _weights(folder: Path) -> dict:
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    victim = _cli(*ARGS, "--out", str(killed))
-    first = killed / "checkpoints" / "stage-001.safetensors"
-    deadline = time.monotonic() + 300
-    while not first.exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    victim = _cli(*ARGS, "--out", str(killed), entry=["-c", _KILLED_AFTER_FIRST_CHECKPOINT])
+    _, err = victim.communicate(timeout=300)
+    assert victim.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert (killed / "checkpoints" / "stage-001.safetensors").exists()
     assert not (killed / "model.safetensors").exists()
     done_before = sorted(p.name for p in (killed / "checkpoints").glob("stage-*.safetensors"))
     assert "stage-004.safetensors" not in done_before and json.loads(
