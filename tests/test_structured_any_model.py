@@ -459,3 +459,50 @@ def test_a_model_load_pruned_returned_saves_its_layout_after_fine_tuning_and_rel
         torch.testing.assert_close(back(x), loaded(x), rtol=0, atol=0)
     prunekit.save_model(BranchyCNN(), tmp_path / "dense.safetensors", {})
     assert "channel_layout" not in json.loads((tmp_path / "dense.json").read_text())
+
+
+class AddOntoConcat(nn.Module):
+    """x + cat([a(x), b(x)]): a residual add onto a concatenation. (B,1,28,28) -> (B,10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 4, 1)
+        self.b = nn.Conv2d(16, 12, 3, padding=1)
+        self.hidden = nn.Linear(16, 32)                   # a group to prune
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + torch.cat([self.a(x), self.b(x)], 1)
+        return self.fc(torch.relu(self.hidden(x.mean((2, 3)))))
+
+
+def test_a_residual_add_onto_a_concatenation_is_left_dense_naming_the_concatenation():
+    groups = find_groups(AddOntoConcat().eval(), torch.randn(2, 1, 28, 28))
+    reasons = [why for _, why in groups.skipped if "reaches the network output" not in why]
+    assert reasons and all("a concatenation of a and b is added to stem's output" in why for why in reasons), reasons
+    model = _AddOntoConcatSE(nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16)))   # the stream's root: se2
+    groups = find_groups(model.eval(), torch.randn(2, 1, 28, 28))
+    reasons = [why for _, why in groups.skipped if "reaches the network output" not in why]
+    assert reasons and all("a concatenation of a.0 and b.0 is added to" in why and "chunk or GLU" not in why
+                           for why in reasons), reasons
+
+
+class _AddOntoConcatSE(nn.Module):
+    """The walk's net3 in small: branches with BatchNorm and SiLU, an add onto their concatenation,
+    then a squeeze-excitation gating the stream. (B,1,28,28) -> (B,10)."""
+
+    def __init__(self, stem):
+        super().__init__()
+        self.stem = stem
+        self.a = nn.Sequential(nn.Conv2d(16, 4, 1), nn.BatchNorm2d(4), nn.SiLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 12, 3, padding=1), nn.BatchNorm2d(12), nn.SiLU())
+        self.se1, self.se2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + torch.cat([self.a(x), self.b(x)], 1)
+        x = x * torch.sigmoid(self.se2(torch.relu(self.se1(x.mean((2, 3), keepdim=True)))))
+        return self.fc(x.mean((2, 3)))
