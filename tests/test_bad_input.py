@@ -110,6 +110,10 @@ class HalfLayer(nn.Module):            # a layer named half hides nn.Module.half
 
 def half_layer():
     return HalfLayer()
+
+
+def fixed_size():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 28 * 28, 10))
 """
 
 
@@ -459,7 +463,12 @@ CLI_CASES = [
     (["info", f"{H}/net.py:rgb_conv", "--input-shape", "1,32,32"], "fails on an input of --input-shape 1,32,32: "),
     # the shape fits, the model's own forward is broken: the exception and its line, not the shape given back
     (["info", f"{H}/net.py:half_layer", "--input-shape", "1,28,28"], "net.py:half_layer's forward raised TypeError on "
-     "an input of --input-shape 1,28,28 (the shape fits its first convolution), at net.py line 73: "),
+     "an input of --input-shape 1,28,28 (its first convolution takes those channels), at net.py line 73: "),
+    # the channels fit, the height and width do not: no shape given back that is the one given
+    (["info", f"{H}/net.py:fixed_size", "--input-shape", "1,14,14"], "forward raised RuntimeError on an input of "
+     "--input-shape 1,14,14 (its first convolution takes those channels): mat1 and mat2 shapes cannot be multiplied "
+     "(1x784 and 3136x10); give the height and width the model was made for (--input-shape C,H,W), or fix its "
+     "forward if those are right"),
     (["eval", "--model", f"{H}/net.py:half_layer", *MNIST, "--normalize", "none"], "forward raised TypeError on one "
      "of the mnist test images, shape (1, 28, 28) (C,H,W), at net.py line 73: "),
     (["info", "mlpnet", "--input-shape", "-1,28,28"], "--input-shape: '-1,28,28' is not a shape"),

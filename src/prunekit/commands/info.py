@@ -125,8 +125,9 @@ def input_shape_refusal(name: str, model, shape: tuple[int, ...], message: str,
     the model's first convolution (its in_channels; the spatial sizes given, or 32 each) or first
     Linear layer (its in_features). Where that shape is the one given, or ``error`` (the exception
     the model raised) is no shape error (a TypeError, an AttributeError: not RuntimeError,
-    ValueError or IndexError) and no other shape can be named, the fault is the model's forward:
-    the line names the exception and the model file's line it passed, and points at the code."""
+    ValueError or IndexError) and no other shape can be named, the line names the exception and
+    the model file's line it passed, and points at the model's code (for a shape error with the
+    channels right: the height and width, or the code)."""
     reason = message.split("): ", 1)[-1].rsplit("; ", 1)[0]
     given = ",".join(map(str, shape))
     wanted = _wanted_shape(model, shape)
@@ -135,10 +136,13 @@ def input_shape_refusal(name: str, model, shape: tuple[int, ...], message: str,
         where = ""
         if error is not None and is_model_file(name):
             where = error_line(error, parse(name)[0])
-        fits = (" (the shape fits its first convolution)" if wanted == given else "")
+        fits = (" (its first convolution takes those channels)" if wanted == given else "")
+        fix = ("the fault is in the model's code, not the input: fix its forward (or what it calls) and run again"
+               if error is None or not isinstance(error, _SHAPE_ERRORS) else
+               "give the height and width the model was made for (--input-shape C,H,W), or fix "
+               "its forward if those are right")
         return (f"{name}'s forward raised {kind} on an input of --input-shape {given}{fits}"
-                f"{f', at {where}' if where else ''}: {reason}; the fault is in the model's code, not the input: "
-                f"fix its forward (or what it calls) and run again")
+                f"{f', at {where}' if where else ''}: {reason}; {fix}")
     first = next(((n, m) for n, m in model.named_modules()
                   if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))), None)
     if first is None:
