@@ -95,6 +95,25 @@ def one_batch():
 
 def rgb_conv():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+
+class _HalfLayer(nn.Module):            # a layer named half hides nn.Module.half: its forward is broken
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.half = nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.half(self.conv(x)).mean((2, 3)))
+
+
+def shadowed_half():
+    return _HalfLayer()
+
+
+def one_size():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 28 * 28, 10))
 """
 
 
@@ -442,6 +461,16 @@ CLI_CASES = [
     (["info", f"{H}/net.py:rgb_conv", "--input-shape", "32,32"],     # H,W without C: the channels are named
      "; give --input-shape 3,32,32 (channels first: its first convolution, 0, takes 3 channels)"),
     (["info", f"{H}/net.py:rgb_conv", "--input-shape", "1,32,32"], "fails on an input of --input-shape 1,32,32: "),
+    # the shape fits, the model's own forward is broken: the exception and its line, not the shape given back
+    (["info", f"{H}/net.py:shadowed_half", "--input-shape", "1,28,28"], "net.py:shadowed_half's forward raised "
+     "TypeError on an input of --input-shape 1,28,28 (its first convolution takes those channels), at net.py line 73: "),
+    # the channels fit, the height and width do not: no shape given back that is the one given
+    (["info", f"{H}/net.py:one_size", "--input-shape", "1,14,14"], "forward raised RuntimeError on an input of "
+     "--input-shape 1,14,14 (its first convolution takes those channels): mat1 and mat2 shapes cannot be multiplied "
+     "(1x784 and 3136x10); give the height and width the model was made for (--input-shape C,H,W), or fix its "
+     "forward if those are right"),
+    (["eval", "--model", f"{H}/net.py:shadowed_half", *MNIST, "--normalize", "none"], "forward raised TypeError on one "
+     "of the mnist test images, shape (1, 28, 28) (C,H,W), at net.py line 73: "),
     (["info", "mlpnet", "--input-shape", "-1,28,28"], "--input-shape: '-1,28,28' is not a shape"),
     ([*PRUNE, "--sparsity", "0.5", "--device", "-cpu"], "'-cpu' is not a torch device"),
     # a path starting with "-" is a mistyped option (it was taken: prune made a folder "-weird")

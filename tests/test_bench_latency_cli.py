@@ -102,3 +102,29 @@ def test_the_json_rows_say_whether_noisy_and_on_what_figures(capsys):
     row = json.loads(capsys.readouterr().out)["rows"][0]
     assert isinstance(row["noisy"], bool) and row["noise"]["limit"] == 0.25
     assert {"dense_spread", "pruned_spread", "ratio_spread", "fastest_ratio", "fastest_gap"} <= set(row["noise"])
+
+
+def test_a_ratio_far_above_the_mac_share_kept_at_odd_channel_counts_hints_at_channel_multiple(capsys, monkeypatch,
+                                                                                              tmp_path):
+    """A shrunk MobileNet whose groups keep half their channels plus one (odd counts): a ratio to
+    dense far above the MAC share kept earns one hint line naming --channel-multiple 8 and a
+    depthwise layer; a ratio near the share, or counts that are multiples of 8, none."""
+    from prunekit import saving, zoo
+    from prunekit.structured.groups import find_groups
+    from prunekit.structured.shrink import shrink
+    x = torch.zeros(1, 3, 32, 32)
+    for keep, folder in ((lambda n: n // 2 + 1, tmp_path / "odd"), (lambda n: n // 2, tmp_path / "even")):
+        model = zoo.build("mobilenetv1-cifar").eval()
+        groups = find_groups(model, x)
+        small = shrink(model, groups, [torch.arange(g.size) < keep(g.size) for g in groups], x)
+        saving.save_model(small, folder / "model.safetensors", {"model": "mobilenetv1-cifar"})
+    bench = ["bench-latency", "--model", "mobilenetv1-cifar", *QUICK]
+    fake_rows(monkeypatch, ratio=0.98)              # about 30% of the MACs kept: about 3x the share
+    assert main([*bench, "--pruned", str(tmp_path / "odd")]) == 0
+    hints = [line for line in capsys.readouterr().out.splitlines() if line.startswith("hint:")]
+    assert len(hints) == 1 and "--channel-multiple 8" in hints[0] and "depthwise or grouped" in hints[0], hints
+    assert main([*bench, "--pruned", str(tmp_path / "even")]) == 0          # multiples of 8 already
+    assert "hint:" not in capsys.readouterr().out
+    fake_rows(monkeypatch, ratio=0.3)               # near the share kept
+    assert main([*bench, "--pruned", str(tmp_path / "odd")]) == 0
+    assert "hint:" not in capsys.readouterr().out

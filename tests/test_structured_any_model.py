@@ -427,3 +427,82 @@ def test_a_transformers_residual_stream_is_kept_whole_without_a_warning_and_a_su
     flat = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
     with pytest.warns(PrunekitWarning, match=r"1 channel group left dense.*1: touches 2 \(LayerNorm\)"):
         prunekit.prune(surprise, lambda: flat, method="autobot", flops=0.7, gate_batches=2, eval_data=flat)
+
+
+def test_a_model_load_pruned_returned_saves_its_layout_after_fine_tuning_and_reloads(tmp_path):
+    """The everyday flow: prune -> save_model -> load_pruned -> a step of one's own training ->
+    save_model -> load_pruned gives the trained model back (load_pruned marks the model it resizes,
+    so save_model records its channel layout), wrapped in another module too; a dense model's
+    sidecar records no layout (it would narrow a fresh model built wider instead of refusing it)."""
+    import json
+    model, x = _model("cnn")
+    torch.manual_seed(1)
+    data = (torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    result = prunekit.prune(model, data, method="autobot", flops=0.5, example_input=x, gate_batches=2,
+                            finetune_epochs=0, batch_size=16)
+    prunekit.save_model(result.model, tmp_path / "a.safetensors", {})
+    loaded = prunekit.load_pruned(BranchyCNN(), tmp_path / "a.safetensors").train()
+    optimizer = torch.optim.SGD(loaded.parameters(), lr=0.1)
+    nn.functional.cross_entropy(loaded(data[0][:16]), data[1][:16]).backward()
+    optimizer.step()
+    loaded.eval()
+    prunekit.save_model(loaded, tmp_path / "b.safetensors", {})
+    again = prunekit.load_pruned(BranchyCNN(), tmp_path / "b.safetensors")
+    assert sum(p.numel() for p in again.parameters()) < sum(p.numel() for p in BranchyCNN().parameters())
+    with torch.no_grad():
+        assert not torch.equal(loaded(x), result.model.eval()(x))      # the step changed it
+        torch.testing.assert_close(again(x), loaded(x), rtol=0, atol=0)
+    wrapped = nn.Sequential(nn.Identity(), again)                        # the user's wrapper of it
+    prunekit.save_model(wrapped, tmp_path / "c.safetensors", {})
+    back = prunekit.load_pruned(nn.Sequential(nn.Identity(), BranchyCNN()), tmp_path / "c.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), loaded(x), rtol=0, atol=0)
+    prunekit.save_model(BranchyCNN(), tmp_path / "dense.safetensors", {})
+    assert "channel_layout" not in json.loads((tmp_path / "dense.json").read_text())
+
+
+class AddOntoConcat(nn.Module):
+    """x + cat([a(x), b(x)]): a residual add onto a concatenation. (B,1,28,28) -> (B,10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 4, 1)
+        self.b = nn.Conv2d(16, 12, 3, padding=1)
+        self.hidden = nn.Linear(16, 32)                   # a group to prune
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + torch.cat([self.a(x), self.b(x)], 1)
+        return self.fc(torch.relu(self.hidden(x.mean((2, 3)))))
+
+
+def test_a_residual_add_onto_a_concatenation_is_left_dense_naming_the_concatenation():
+    groups = find_groups(AddOntoConcat().eval(), torch.randn(2, 1, 28, 28))
+    reasons = [why for _, why in groups.skipped if "reaches the network output" not in why]
+    assert reasons and all("a concatenation of a and b is added to stem's output" in why for why in reasons), reasons
+    model = _AddOntoConcatSE(nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16)))   # the stream's root: se2
+    groups = find_groups(model.eval(), torch.randn(2, 1, 28, 28))
+    reasons = [why for _, why in groups.skipped if "reaches the network output" not in why]
+    assert reasons and all("a concatenation of a.0 and b.0 is added to" in why and "chunk or GLU" not in why
+                           for why in reasons), reasons
+
+
+class _AddOntoConcatSE(nn.Module):
+    """The walk's net3 in small: branches with BatchNorm and SiLU, an add onto their concatenation,
+    then a squeeze-excitation gating the stream. (B,1,28,28) -> (B,10)."""
+
+    def __init__(self, stem):
+        super().__init__()
+        self.stem = stem
+        self.a = nn.Sequential(nn.Conv2d(16, 4, 1), nn.BatchNorm2d(4), nn.SiLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 12, 3, padding=1), nn.BatchNorm2d(12), nn.SiLU())
+        self.se1, self.se2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + torch.cat([self.a(x), self.b(x)], 1)
+        x = x * torch.sigmoid(self.se2(torch.relu(self.se1(x.mean((2, 3), keepdim=True)))))
+        return self.fc(x.mean((2, 3)))

@@ -131,7 +131,8 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sidecar: bool = False) -> Path:
     """Save ``model``'s state dict to ``path`` (.safetensors) and ``meta`` to the sidecar. The
     smaller model a channel method returned (``prunekit.prune(..., method="autobot")``'s
-    ``result.model``) gets its channel layout in the sidecar too, which ``load_pruned`` reads.
+    ``result.model``), or one ``prunekit.load_pruned`` returned (then fine-tuned, say), gets its
+    channel layout in the sidecar too, which ``load_pruned`` reads.
     A JSON of that name that is not prunekit's sidecar, or a file at ``path`` that prunekit did not
     write (no ``MODEL_MARK`` in its metadata, no prunekit sidecar beside it), is refused, not
     replaced, unless ``replace_sidecar`` (a run folder's model.json and model.safetensors, which
@@ -197,12 +198,18 @@ def refuse_non_tensors(model: nn.Module, what: str, fix: str) -> None:
 
 
 def _with_channel_layout(model: nn.Module, meta: dict) -> dict:
-    """``meta`` with the channel layout of a shrunk model ``prunekit.prune`` returned (a channel
-    method's smaller model, marked ``_prunekit_shrunk``), so that ``load_pruned`` can resize a
-    fresh model to it before loading; ``meta`` as it is otherwise, or when it names a layout."""
-    if not getattr(model, "_prunekit_shrunk", False) or "channel_layout" in meta:
+    """``meta`` with the channel layout of a shrunk model (``zoo.layout.is_shrunk``: the smaller model
+    ``prunekit.prune``'s channel methods return, one ``prunekit.load_pruned`` resized to a saved
+    layout, fine-tuned since or not, a wrapper or part of either), so that ``load_pruned`` can resize
+    a fresh model to it before loading; ``meta`` as it is otherwise, or when it names a layout.
+
+    The layout is not recorded for every model: loading applies it, and a dense model's layout
+    would quietly narrow a fresh model built wider (e.g. for 100 classes where the file has 10)
+    instead of refusing the misfit. Nor can it be derived here from the tensors' shapes: that needs
+    the dense model to compare with, which save_model does not have."""
+    from .zoo.layout import channel_layout, is_shrunk
+    if "channel_layout" in meta or not is_shrunk(model):
         return meta
-    from .zoo.layout import channel_layout
     return {**meta, "channel_layout": channel_layout(model)}
 
 

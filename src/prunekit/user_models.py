@@ -134,3 +134,9 @@ def _line(error: BaseException, path: Path) -> str:
     lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
              if Path(frame.filename).resolve() == path.resolve()]
     return f", {path.name} line {lines[-1]}" if lines else ""
+
+
+def error_line(error: BaseException, path: Path) -> str:
+    """``net.py line 12``: the innermost line of the user's file ``path`` that ``error`` passed
+    (its forward, say), or "" when it passed none."""
+    return _line(error, path)[2:]

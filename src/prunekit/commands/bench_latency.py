@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..costs import CostModel
 from ..errors import PrunekitError, PrunekitWarning
@@ -149,8 +150,36 @@ def cmd_bench_latency(args) -> int:
         print(f"note: the pruned model is shrunk to {100 * structure:.1f}% of the dense MACs (channels removed) and "
               f"its kept layers also hold zeroed weights ({100 * kept:.1f}% counting only nonzeros): the zeros run "
               "at dense cost, so the ratios above are judged against the shrunk share")
+    if (hint := channel_multiple_hint(dense.model, pruned.model, rows, masked)) is not None:
+        print(hint)
     if masked:
         print("note: the pruned model is masked, not shrunk (its zeroed weights stay in tensors of the dense shapes), "
               "so dense kernels take about the same time: channel methods (--method autobot, taper, hybrid), "
               "which remove channels, make it faster")
     return 0
+
+
+FAR_ABOVE_SHARE = 1.5     # a ratio to dense this many times the MAC share kept (or more) earns the hint
+
+
+def channel_multiple_hint(dense: nn.Module, pruned: nn.Module, rows: list[dict], masked: bool) -> str | None:
+    """The hint to prune with ``--channel-multiple 8`` when a quiet row's ratio is at least
+    ``FAR_ABOVE_SHARE`` times the MAC share kept and convolutions were cut to channel counts that
+    are not a multiple of 8 (CPU kernels, depthwise and grouped ones most, run slower at such
+    counts); None otherwise (a masked model, counts already multiples of 8)."""
+    worst = max((r["ratio_to_macs_kept"] for r in rows if not r["noisy"] and r["ratio_to_macs_kept"] is not None),
+                default=None)
+    if masked or worst is None or worst < FAR_ABOVE_SHARE:
+        return None
+    fresh = dict(dense.named_modules())
+    odd = [(name, m) for name, m in pruned.named_modules()
+           if isinstance(m, nn.modules.conv._ConvNd) and isinstance(fresh.get(name), nn.modules.conv._ConvNd)
+           and m.out_channels != fresh[name].out_channels and m.out_channels % 8]
+    if not odd:
+        return None
+    grouped = [(name, m) for name, m in odd if m.groups > 1]
+    name, first = (grouped or odd)[0]
+    kind = "depthwise or grouped " if grouped else ""
+    return (f"hint: the pruned model runs at up to {worst:.2f}x its MAC share kept, and {len(odd)} convolution(s) "
+            f"were cut to channel counts that are not a multiple of 8 (e.g. {kind}{name}: {first.out_channels}), "
+            "at which CPU kernels run slower: prune again with --channel-multiple 8 and time that")

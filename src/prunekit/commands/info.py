@@ -14,7 +14,7 @@ from ..costs import CostModel, Counts
 from ..loading import LoadedModel, load_dense_of, load_model
 from ..params import ParamSpace
 from ..saving import read_meta
-from ..user_models import is_model_file
+from ..user_models import error_line, is_model_file, parse
 from ..zoo import MODEL_NAMES
 from ..errors import PrunekitError
 from .common import MODEL_HELP, names_run_folder, model_file, resolve_model
@@ -46,7 +46,8 @@ def cmd_info(args) -> int:
     except PrunekitError as err:
         if args.input_shape is None or not str(err).startswith("the model failed on one example"):
             raise
-        raise PrunekitError(input_shape_refusal(args.model, loaded.model, tuple(args.input_shape), str(err))) from None
+        raise PrunekitError(input_shape_refusal(args.model, loaded.model, tuple(args.input_shape), str(err),
+                                                err.__context__)) from None
     if args.checkpoint is None and args.model in MODEL_NAMES:
         # fresh random weights: an exact zero the initialisation happens to draw is no pruning
         counts = Counts(costs.macs, costs.macs, costs.params, costs.params)
@@ -114,13 +115,34 @@ def cmd_info(args) -> int:
     return 0
 
 
-def input_shape_refusal(name: str, model, shape: tuple[int, ...], message: str) -> str:
+_SHAPE_ERRORS = (RuntimeError, ValueError, IndexError)     # what torch raises on an input of the wrong shape
+
+
+def input_shape_refusal(name: str, model, shape: tuple[int, ...], message: str,
+                        error: BaseException | None = None) -> str:
     """The line for a model that failed on an example of ``--input-shape`` ``shape``: the model's
     own words (from ``message``, CostModel's refusal), then the shape to give, channels first, from
     the model's first convolution (its in_channels; the spatial sizes given, or 32 each) or first
-    Linear layer (its in_features)."""
+    Linear layer (its in_features). Where that shape is the one given, or ``error`` (the exception
+    the model raised) is no shape error (a TypeError, an AttributeError: not RuntimeError,
+    ValueError or IndexError) and no other shape can be named, the line names the exception and
+    the model file's line it passed, and points at the model's code (for a shape error with the
+    channels right: the height and width, or the code)."""
     reason = message.split("): ", 1)[-1].rsplit("; ", 1)[0]
     given = ",".join(map(str, shape))
+    wanted = _wanted_shape(model, shape)
+    if wanted == given or (wanted is None and error is not None and not isinstance(error, _SHAPE_ERRORS)):
+        kind = type(error).__name__ if error is not None else "an error"
+        where = ""
+        if error is not None and is_model_file(name):
+            where = error_line(error, parse(name)[0])
+        fits = (" (its first convolution takes those channels)" if wanted == given else "")
+        fix = ("the fault is in the model's code, not the input: fix its forward (or what it calls) and run again"
+               if error is None or not isinstance(error, _SHAPE_ERRORS) else
+               "give the height and width the model was made for (--input-shape C,H,W), or fix "
+               "its forward if those are right")
+        return (f"{name}'s forward raised {kind} on an input of --input-shape {given}{fits}"
+                f"{f', at {where}' if where else ''}: {reason}; {fix}")
     first = next(((n, m) for n, m in model.named_modules()
                   if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))), None)
     if first is None:
@@ -231,3 +253,15 @@ def input_shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape: positive integers separated by commas "
                                          "(C,H,W for images, e.g. 3,32,32)")
     return shape
+
+
+def _wanted_shape(model, shape: tuple[int, ...]) -> str | None:
+    """The ``--input-shape`` the model's first convolution takes (its in_channels, the spatial sizes
+    of ``shape`` or 32 each), as written on the command line; None when its first layer is no
+    convolution."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))), None)
+    if first is None or isinstance(first, nn.Linear):
+        return None
+    dims = len(first.kernel_size)
+    spatial = shape[-dims:] if len(shape) in (dims, dims + 1) else (32,) * dims
+    return ",".join(map(str, (first.in_channels, *spatial)))

@@ -680,6 +680,11 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
             else:
                 segments = module.groups
         if len(idxs) == 0 or len(idxs) % size:
+            if (branches := _added_concatenation(tp_group, names)) is not None:
+                return [], 1, (f"its {size} channels reach {name} as {len(idxs)}: a concatenation of {branches} "
+                               f"is added to them (x + torch.cat([...])), each branch holding part of the "
+                               "channels, which channel pruning does not follow (it does a concatenation a layer "
+                               "consumes): kept dense")
             return [], 1, (f"its {size} channels reach {name} as {len(idxs)} (an operation between them splits, "
                            "halves or merges channels, e.g. chunk or GLU): kept dense")
         repeat = len(idxs) // size
@@ -692,6 +697,11 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
         if repeat > 1 and role != "in":
             return [], 1, f"{name} repeats channels on its {role} axis"
         if role == "out" and extent != size:        # BatchNorm may see the group at an offset (after a concat)
+            if (branches := _added_concatenation(tp_group, names)) is not None:
+                return [], 1, (f"{name} has {extent} channels where the group has {size}: a concatenation of "
+                               f"{branches} is added to {name}'s output (x + torch.cat([...])), each branch "
+                               "holding part of its channels, which channel pruning does not follow (it does a "
+                               "concatenation a layer consumes): kept dense")
             return [], 1, f"{name} has {extent} channels where the group has {size}"
         member = Member(name, role, offset, repeat)
         if member not in members:
@@ -702,6 +712,27 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
         if size % segments or any(m.repeat > 1 for m in members):
             return [], 1, f"{size} channels do not split into the {segments} blocks of a grouped conv"
     return members, segments, None
+
+
+def _added_concatenation(tp_group, names: dict) -> str | None:
+    """The branches ("a.0 and b.0": the layer making each input) of a concatenation added to a
+    group's channels (a residual add onto ``torch.cat``: each branch's output channels are part of
+    the sum's), or None where no concatenation and add both lie in ``tp_group``."""
+    concat = next((item.dep.target for item in tp_group.items
+                   if isinstance(item.dep.target.module, tp.ops._ConcatOp)), None)
+    if concat is None or not _joined_by_add(tp_group):
+        return None
+    parts = []
+    for node in concat.inputs:
+        for _ in range(64):             # back through BatchNorm, activations, ops to the layer that made it
+            module = node.module
+            if isinstance(module, (*_CONV, nn.Linear)) or is_linear(module) or len(node.inputs) != 1:
+                break
+            node = node.inputs[0]
+        parts.append(names.get(node.module, "a branch"))
+    if not parts:
+        return "branches"
+    return f"{', '.join(parts[:-1])} and {parts[-1]}" if len(parts) > 1 else parts[0]
 
 
 def _is_pad_layer(dep) -> bool:

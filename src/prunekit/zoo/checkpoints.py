@@ -416,8 +416,9 @@ def _misfit_message(
     elif not fits and mismatched and not missing and not unexpected and _narrower_only(own, state, mismatched):
         hint = ("the file's layers are narrower than the model's: a model with channels removed, saved without its "
                 "channel layout; load its run folder (prunekit.prune(..., out=RUNDIR), then "
-                "prunekit.load_pruned(model, RUNDIR)), or save prunekit.prune's result.model with "
-                "prunekit.save_model, which records the layout")
+                "prunekit.load_pruned(model, RUNDIR)), or save the model prunekit.prune or prunekit.load_pruned "
+                "returned with prunekit.save_model, which records the layout (an older prunekit did not for "
+                "load_pruned's: load the run folder and save it again)")
     elif fits:
         hint = f"pick the model it was trained for ({fits!r}?)"
     else:

@@ -21,6 +21,22 @@ from ..structured.attention import hf_heads_attrs, set_heads
 
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
+SHRUNK_MARK = "_prunekit_shrunk"      # set on a model, and on each layer, that channel surgery narrowed
+
+
+def mark_shrunk(module: nn.Module) -> None:
+    """Mark ``module`` as narrowed by channel surgery (``structured.shrink``) or resized to a saved
+    layout (``apply_layout``), so that ``saving.save_model`` records its model's channel layout."""
+    setattr(module, SHRUNK_MARK, True)
+
+
+def is_shrunk(model: nn.Module) -> bool:
+    """Whether ``model`` holds a layer with channels or blocks removed: one marked by ``mark_shrunk``
+    (the model ``prunekit.prune`` or ``prunekit.load_pruned`` returned, a wrapper or part of it, a
+    deep copy), a removed block (depth pruning) or attention with heads removed. A model narrowed by
+    other code than prunekit's carries no mark and cannot be told from a dense one here."""
+    return any(getattr(m, SHRUNK_MARK, False) or isinstance(m, (RemovedBlock, SlimAttention))
+               for m in model.modules())
 
 
 def channel_layout(model: nn.Module) -> dict[str, dict]:
@@ -59,7 +75,8 @@ def _layer_entry(module: nn.Module) -> dict | None:
 
 
 def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
-    """Resize ``model``'s layers in place to ``layout`` (fresh tensors; load weights after)."""
+    """Resize ``model``'s layers in place to ``layout`` (fresh tensors; load weights after); each layer
+    resized, and ``model`` itself, is marked shrunk (``mark_shrunk``: ``save_model`` records the layout)."""
     modules = dict(model.named_modules())
     for name, spec in layout.items():
         module = modules.get(name)
@@ -86,6 +103,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             if _layer_entry(module) == spec:
                 continue        # as saved: its own tensors kept (a weight tied to another layer stays tied)
             _check_no_wider(name, module, spec)
+            mark_shrunk(module)
             if isinstance(module, _CONV):
                 cin, cout, groups = int(spec["in"]), int(spec["out"]), int(spec["groups"])
                 module.in_channels, module.out_channels, module.groups = cin, cout, groups
@@ -122,6 +140,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
         except (KeyError, TypeError, ValueError) as err:
             raise PrunekitError(f"bad channel layout entry for {name!r}: {spec!r} ({err}); "
                                 "the sidecar JSON is damaged") from None
+    mark_shrunk(model)
     return model
 
 
