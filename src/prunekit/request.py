@@ -102,6 +102,8 @@ class PruneRequest:
         budget = Budget.parse(**asked)
         if not 0 <= self.seed < 2**63:                # torch.manual_seed's range
             raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}", ("seed",))
+        if method.check_budget is not None:          # needs no model: before the trace (seconds on a ResNet)
+            method.check_budget(budget, options)
         check_finite_weights(self.model)
         try:
             costs = CostModel(self.model, self.example_input)
