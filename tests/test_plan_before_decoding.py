@@ -295,3 +295,25 @@ def test_a_method_needing_flops_is_refused_before_the_model_is_traced(tmp_path, 
     assert code == 2 and len(errors) == 1 and method in errors[0] and "--flops" in errors[0], errors
     assert traced == [], "traced before the refusal"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method, options", [("woodfisher", {}), ("chita", {"block_size": 64})])
+def test_what_torchrun_cannot_shard_is_refused_before_the_model_is_traced(monkeypatch, method, options):
+    """woodfisher and block_size under torchrun (every column of X in one process): refused from
+    the method and its options alone, before the cost model's trace (it came after it)."""
+    from types import SimpleNamespace
+    from prunekit import request
+    traced = []
+
+    class Traced(request.CostModel):
+        def __init__(self, *args, **kwargs):
+            traced.append(True)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(request, "CostModel", Traced)
+    monkeypatch.setattr(request.distributed, "current", lambda: SimpleNamespace(distributed=True))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    asked = request.PruneRequest(model, torch.zeros(1, 16), method, {"sparsity": "0.5"}, options=options)
+    with pytest.raises(request.OptionError, match="run them without torchrun"):
+        asked.plan()
+    assert traced == [], "traced before the refusal"
