@@ -546,3 +546,27 @@ def test_train_with_a_batch_size_below_the_ranks_is_refused_in_one_line_on_every
     assert err0.count("\n") == 1 and "--batch-size 1 is below the 2 ranks" in err0 and "--batch-size 2" in err0, err0
     assert "Traceback" not in done[1][2], done[1][2][-2000:]
     assert not out.exists()
+
+
+def test_a_warning_every_rank_meets_is_printed_once_by_rank_0(tmp_path):
+    """`eval` as 2 ranks of a 5-output model file on an image folder without train/ and test/,
+    --eval-split train: the folder's "no train/ and test/ folders" and "3 class folders but 5
+    outputs" warnings came once per rank (a walk-through's torchrun train printed the first twice)."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for name in "abc":
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray((rng.random((4, 4, 3)) * 255).astype("uint8")).save(tmp_path / "imgs" / name / f"{k}.png")
+    (tmp_path / "net.py").write_text("import torch.nn as nn\n\ndef build():\n"
+                                     "    return nn.Sequential(nn.Flatten(), nn.Linear(48, 5))\n")
+    args = ["eval", "--model", f"{tmp_path / 'net.py'}:build", "--normalize", "none", "--data", "imagefolder",
+            "--data-dir", str(tmp_path / "imgs"), "--eval-split", "train", "--batch-size", "2"]
+    done = [_finish(rank, timeout=120) for rank in _launch(args, free_port())]
+    assert [code for code, _, _ in done] == [0, 0], done[0][2][-2000:] + done[1][2][-2000:]
+    warned = [[line for line in err.splitlines() if line.startswith("prunekit: warning:")] for _, _, err in done]
+    assert len(warned[0]) == 2, done[0][2][-2000:]
+    assert any("no train/ and test/ folders" in line for line in warned[0]), warned[0]
+    assert any("3 class folders but the model has 5 outputs" in line for line in warned[0]), warned[0]
+    assert warned[1] == [], done[1][2][-2000:]

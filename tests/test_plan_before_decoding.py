@@ -272,3 +272,48 @@ def test_a_plan_memory_of_the_earlier_five_argument_form_still_works_and_counts_
     calls.clear()
     request(mine["new_form"], 700 * 2**20).plan()
     assert calls == [700 * 2**20]
+
+
+@pytest.mark.parametrize("method", ["falcon", "falcon++", "taper"])
+def test_a_method_needing_flops_is_refused_before_the_model_is_traced(tmp_path, capsys, monkeypatch, method):
+    """FALCON without --flops: its refusal needs no model, so it comes before the cost model's trace
+    of the model (5 s of a 20 s refusal on ResNet-20-B in a walk-through; taper's came first already)."""
+    from prunekit import request
+    traced = []
+
+    class Traced(request.CostModel):
+        def __init__(self, *args, **kwargs):
+            traced.append(True)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(request, "CostModel", Traced)
+    assets = Path(__import__("prunekit").__file__).parent / "assets"
+    code = main(["prune", "--model", "mlpnet", "--checkpoint", str(assets / "mlpnet.safetensors"), "--data", "mnist",
+                 "--data-dir", str(assets / "mnist"), "--method", method, "--sparsity", "0.5",
+                 "--out", str(tmp_path / "run")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+    assert code == 2 and len(errors) == 1 and method in errors[0] and "--flops" in errors[0], errors
+    assert traced == [], "traced before the refusal"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method, options", [("woodfisher", {}), ("chita", {"block_size": 64})])
+def test_what_torchrun_cannot_shard_is_refused_before_the_model_is_traced(monkeypatch, method, options):
+    """woodfisher and block_size under torchrun (every column of X in one process): refused from
+    the method and its options alone, before the cost model's trace (it came after it)."""
+    from types import SimpleNamespace
+    from prunekit import request
+    traced = []
+
+    class Traced(request.CostModel):
+        def __init__(self, *args, **kwargs):
+            traced.append(True)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(request, "CostModel", Traced)
+    monkeypatch.setattr(request.distributed, "current", lambda: SimpleNamespace(distributed=True))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    asked = request.PruneRequest(model, torch.zeros(1, 16), method, {"sparsity": "0.5"}, options=options)
+    with pytest.raises(request.OptionError, match="run them without torchrun"):
+        asked.plan()
+    assert traced == [], "traced before the refusal"

@@ -477,3 +477,21 @@ def test_runs_with_a_params_budget_show_the_params_kept_in_the_table_and_the_rep
     values = [c.strip() for c in written[header + 2].strip("|").split("|")]
     assert cells[cells.index("MACs kept") + 1] == "params kept" and values[cells.index("params kept")] == "29.99%"
     assert written[header + 1].count("---") == len(cells)
+
+
+def test_the_seconds_column_is_labelled_pruning_time_and_shows_a_short_run_as_it_was(tmp_path):
+    """A gradual magnitude run of MLPNet prunes and fine-tunes in 0.33 s (its run.log spans about
+    2 s: loading, evaluations); compare's column showed "0" under a bare "s". It is the record's
+    `seconds` (pruning, fine-tunes included, no evaluation), labelled so, with decimals below 100 s."""
+    from prunekit import report
+    row = {"name": "g", "run": str(tmp_path / "g"), "model": "mlpnet", "method": "magnitude", "mode": "gradual",
+           "status": "done", "request": {"sparsity": "0.8"}, "sparsity": 0.8, "flops_kept": 0.2,
+           "dense_accuracy": 96.81, "accuracy": 95.36, "loss": 0.17, "seconds": 0.3262, "stages": 4}
+    head, rule, line = report.table_lines([row])
+    assert head.endswith("prune s") and len(head) == len(line), (head, line)
+    assert line.split()[-1] == "0.33", line
+    assert report.table_lines([{**row, "seconds": 42.04}])[2].split()[-1] == "42.0"
+    assert report.table_lines([{**row, "seconds": 1234.4}])[2].split()[-1] == "1234"
+    written = report.write_comparison_report(tmp_path / "cmp", [row]).read_text().splitlines()
+    header = next(i for i, text in enumerate(written) if text.startswith("| run"))
+    assert written[header].endswith("| accuracy | pruning s |") and written[header + 2].endswith("| 0.33 |"), written

@@ -256,13 +256,30 @@ def _flags(parser: argparse.ArgumentParser, command: str | None = None) -> set[s
 
 def _ours_on_one_line(show_others):
     """A ``warnings.showwarning`` that prints our own warnings as one line in our words and
-    passes any other to ``show_others``."""
+    passes any other to ``show_others``. Under torchrun rank 0 alone prints ours: every rank runs
+    the same command on the same files, so each met it (an image folder without train/ and test/,
+    a zoo model without --checkpoint, --train-samples above the split: once per rank before)."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, PrunekitWarning):      # errors.worded_warning: the command line's words
+            if not _prints_warnings():
+                return
             print(f"prunekit: warning: {getattr(message, 'cli_text', None) or message}", file=sys.stderr)
         else:
             show_others(message, category, filename, lineno, file, line)
     return show
+
+
+def _prints_warnings() -> bool:
+    """Whether this process prints prunekit's warnings: the only process, or rank 0 under torchrun
+    (by its group once joined, else by RANK, as the parser's refusals)."""
+    try:
+        if not distributed.launched_by_torchrun():
+            return True
+    except PrunekitError:             # WORLD_SIZE not a number: refused on its own, in one line
+        return True
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0").strip() == "0"
 
 
 def _lost_rank(err: RuntimeError) -> bool:

@@ -48,7 +48,11 @@ FAMILIES = ("weights", "channels")
 @dataclass(frozen=True)
 class Method:
     """One row of the table. ``options``: an ``options.Options`` dataclass (its fields are the
-    method's options, its ``constraints`` their rules)."""
+    method's options, its ``constraints`` their rules). ``check_budget(budget, options)``: refuses
+    a request from the budget as asked (``budget.Budget``: sparsity, flops, params, None where not
+    given) and the checked options, before the model is traced (FALCON without flops: at once, not
+    after seconds of tracing); ``check(resolved, options)``: from the budget resolved against the
+    model (``budget.ResolvedBudget``: counts and MACs), after the trace."""
 
     name: str
     family: str
@@ -56,7 +60,8 @@ class Method:
     run: Callable
     about: str = ""
     defaults: dict = field(default_factory=dict)
-    check: Callable | None = None
+    check: Callable | None = None        # check(resolved budget, options), after the model is traced
+    check_budget: Callable | None = None   # check_budget(budget as asked, options): before the trace
     plan_memory: Callable | None = None
     sparsify: Callable | None = None     # channels family: a second phase pruning single weights
 
@@ -88,9 +93,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("woodfisher", "weights", WoodFisherOptions, run_woodfisher, "OBS with a block-diagonal inverse Fisher",
            plan_memory=plan_memory("woodfisher")),
     Method("falcon", "weights", FalconOptions, run_falcon, "CHITA's model under a count and a MAC budget",
-           check=needs_flops, plan_memory=plan_memory("falcon")),
+           check_budget=needs_flops, plan_memory=plan_memory("falcon")),
     Method("falcon++", "weights", FalconOptions, run_falcon, "FALCON over a schedule of stages",
-           {"stages": "auto", "fisher_samples": 500}, check=needs_flops, plan_memory=plan_memory("falcon")),
+           {"stages": "auto", "fisher_samples": 500}, check_budget=needs_flops, plan_memory=plan_memory("falcon")),
     # AutoBot's weights stay frozen while its gates train: its fine-tune (and the hybrid's, whose
     # channel phase is AutoBot) gains most from the dense model's outputs (ResNet-56: +1.2 points at
     # 50% MACs, +2.7 at 30%, +3.8 at 20% over three seeds; hybrid +1.9 / +3.2 at 20 / 10%; docs/benchmarks.md)

@@ -99,6 +99,12 @@ def _num(x, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
+def seconds_text(x) -> str:
+    """A run's pruning seconds (its record's ``seconds``) as the comparison tables show them: two
+    decimals under 1 s, one under 100 s (a gradual MLPNet run's 0.33 s showed as "0")."""
+    return "–" if x is None else f"{x:.2f}" if x < 1 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
 def _acc(x) -> str:
     return "–" if x is None else f"{x:.2f}%"
 
@@ -420,13 +426,13 @@ def table_lines(rows: list[dict]) -> list[str]:
     params = shows_params(rows)
     kept = lambda r: f"{_pct(r.get('params_kept')):>11} " if params else ""     # noqa: E731
     head = (f"{'run':<{run}} {model({'model': 'model'})}{'method':<{method}} {'asked':<{asked}} {'sparsity':>9} "
-            f"{'MACs kept':>9} {'params kept ' if params else ''}{'dense':>7} {'acc':>7} {'s':>7}")
+            f"{'MACs kept':>9} {'params kept ' if params else ''}{'dense':>7} {'acc':>7} {'prune s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['name']:<{run}} {model(r)}{method_label(r):<{method}} {_asked(r):<{asked}} "
                      f"{_pct(r['sparsity']):>9} "
                      f"{_pct(r['flops_kept']):>9} {kept(r)}{_acc(r['dense_accuracy']):>7} {_acc(r['accuracy']):>7} "
-                     f"{_num(r['seconds'], '.0f'):>7}"
+                     f"{seconds_text(r['seconds']):>7}"     # pruning (fine-tunes too), not evaluations
                      # "running": a process holds the folder, or (no lock to tell by, another machine's
                      # lock file) a kill left it so; a killed run nobody holds is "interrupted" (shown_status)
                      + ("" if r["status"] == "done" else
@@ -582,14 +588,14 @@ def write_comparison_report(out: str | Path, rows: list[dict], title: str = "Com
     out.mkdir(parents=True, exist_ok=True)
     params = shows_params(rows)          # a params budget asked: the params kept beside the MACs kept
     lines = [f"# {title}", "", "| run | model | method | asked | sparsity | MACs kept | "
-             + ("params kept | " if params else "") + "dense acc. | accuracy | seconds |",
+             + ("params kept | " if params else "") + "dense acc. | accuracy | pruning s |",
              "|---|---|---|---|---|---|---|---|---|" + ("---|" if params else "")]
     for r in rows:
         page = Path(r["run"]) / ("result.json" if r.get("snapshot_of") else "report.md")   # a snapshot has no report
         link = urllib.parse.quote(os.path.relpath(page, out))   # spaces break a link
         lines.append(f"| [{r['name']}]({link}) | {r['model']} | {method_label(r)} | {_asked(r)} | {_pct(r['sparsity'])} | "
                      f"{_pct(r['flops_kept'])} | " + (f"{_pct(r.get('params_kept'))} | " if params else "")
-                     + f"{_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | {_num(r['seconds'], '.0f')} |")
+                     + f"{_acc(r['dense_accuracy'])} | {_acc(r['accuracy'])} | {seconds_text(r['seconds'])} |")
     lines += [""] + notes(rows) if notes(rows) else []
     plt, missing = _pyplot_or_none()
     lines += (["", "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)",

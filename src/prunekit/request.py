@@ -102,6 +102,10 @@ class PruneRequest:
         budget = Budget.parse(**asked)
         if not 0 <= self.seed < 2**63:                # torch.manual_seed's range
             raise OptionError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed}", ("seed",))
+        if method.check_budget is not None:          # needs no model: before the trace (seconds on a ResNet)
+            method.check_budget(budget, options)
+        if distributed.current().distributed:      # under torchrun: refused before a run folder is written
+            check_shardable(method.name == "woodfisher", options)          # (and before the trace)
         check_finite_weights(self.model)
         try:
             costs = CostModel(self.model, self.example_input)
@@ -150,8 +154,6 @@ class PruneRequest:
             check_start_keep(resolved, space.macs_summary(costs)[0], gradual)
         if method.check is not None:
             method.check(resolved, options)
-        if distributed.current().distributed:      # under torchrun: refused before a run folder is written
-            check_shardable(method.name == "woodfisher", options)
         data_to_load = self.data_to_load() if callable(self.data_to_load) else self.data_to_load
         if method.plan_memory is not None:
             _plan_memory(method, self.model, space, self.example_input, resolved, options, data_to_load)

@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from ..api_checks import first_batch
-from ..budget import ResolvedBudget
+from ..budget import Budget, ResolvedBudget
 from ..errors import PrunekitError, PrunekitWarning
 from .. import memory_plan, process_memory
 from ..options import OptionError
@@ -271,9 +271,9 @@ def _search_plan(opts, stage: int, last: bool) -> tuple[int, bool]:
     return (trials if stage == 1 else opts.layer_search_refine if last else 0), True
 
 
-def needs_flops(budget: ResolvedBudget, opts) -> None:
-    """FALCON's check: it solves under a FLOP budget."""
-    if budget.max_macs is None:
+def needs_flops(budget: Budget, opts) -> None:
+    """FALCON's check of the budget as asked (before the model is traced): it solves under a FLOP budget."""
+    if budget.flops is None:
         plus = "++" if getattr(opts, "stages", 1) != 1 else ""      # falcon++'s defaults: stages "auto"
         raise OptionError(f"falcon{plus} needs a flops budget (e.g. flops=0.3); for a sparsity budget alone use "
                           f"chita{plus}", ("flops",))
