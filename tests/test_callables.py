@@ -309,3 +309,150 @@ def test_a_run_stopped_by_ctrl_c_is_carried_on_by_the_same_call_in_the_same_proc
     result, said = _prune(tmp_path / "run", **kwargs)
     assert result.sparsity == pytest.approx(0.7, abs=0.05) and not any("given back" in s for s in said), said
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+# --- round 2 (issue s52): a written dict's settings, torch.compile, random streams, what differs, cost ---
+
+_OPTS = {"smoothing": 0.0}
+
+
+def _opts_loss(out, y):
+    _OPTS.setdefault("calls", 0)                # writes into the dict (a count) ...
+    _OPTS["calls"] += 1
+    return nn.functional.cross_entropy(out, y, label_smoothing=_OPTS["smoothing"])     # ... and reads a setting
+
+
+def test_a_global_dict_written_and_read_is_compared_by_the_keys_the_run_did_not_write(tmp_path):
+    """The walker's repro 2: ``opts.setdefault('calls', 0)`` made ``opts`` a log hashed by its type
+    only, and ``opts['smoothing']`` 0.0 -> 0.5 got the stale result back."""
+    first, _ = _prune(tmp_path / "run", loss=_opts_loss)
+    again, said = _prune(tmp_path / "run", loss=_opts_loss)      # the count grew: the run's own writing
+    assert again.record == first.record and len(said) == 1 and "given back" in said[0], said
+    _OPTS["smoothing"] = 0.5
+    try:
+        with pytest.raises(prunekit.PrunekitError,
+                           match=r"another loss= \(loss-fingerprint differs in global _OPTS\['smoothing'\]\)"):
+            _prune(tmp_path / "run", loss=_opts_loss)
+    finally:
+        _OPTS["smoothing"] = 0.0
+
+
+def test_torch_compiled_code_is_hashed_by_what_it_compiles():
+    """The walker's repro 5: a torch.compile'd function or module was left unchecked with torch's
+    internals named, and a changed compiled function's stale result given back."""
+    def first(out, y):
+        return nn.functional.cross_entropy(out, y)
+
+    def changed(out, y):
+        return 10 * nn.functional.cross_entropy(out, y, label_smoothing=0.5)
+    a, why = fingerprint(torch.compile(first, backend="eager"))
+    assert a is not None, why
+    assert fingerprint(torch.compile(first, backend="eager"))[0] == a
+    assert fingerprint(torch.compile(changed, backend="eager"))[0] not in (a, None)
+    plain = fingerprint(torch.compile(nn.CrossEntropyLoss(), backend="eager"))
+    smooth = fingerprint(torch.compile(nn.CrossEntropyLoss(label_smoothing=0.2), backend="eager"))
+    assert plain[0] is not None and smooth[0] not in (plain[0], None), (plain, smooth)
+
+
+def test_a_random_generator_the_code_reads_is_hashed_by_its_state():
+    import random
+
+    import numpy as np
+    for make in (lambda seed: torch.Generator().manual_seed(seed), lambda seed: np.random.default_rng(seed),
+                 lambda seed: np.random.RandomState(seed), lambda seed: random.Random(seed)):
+        gens = [make(0), make(0), make(1)]
+        digests = [fingerprint(lambda out, y, g=g: nn.functional.cross_entropy(out, y) * 0 + hash(g))[0]
+                   for g in gens]
+        assert None not in digests and digests[0] == digests[1] != digests[2], (make, digests)
+
+
+class _Scaled(nn.Module):
+    """Cross-entropy times ``scale`` over outputs (B, 3) and labels (B,), and a (3,) ``bias`` buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = 1.0
+        self.register_buffer("bias", torch.zeros(3))
+
+    def forward(self, out, y):
+        return self.scale * nn.functional.cross_entropy(out + self.bias, y)
+
+
+def _defined(source: str):
+    """The function ``loss`` defined by ``source`` (a module-level name: run folders record it)."""
+    space = {"nn": nn}
+    exec(textwrap.dedent(source), space)
+    return space["loss"]
+
+
+def test_a_refusal_names_a_changed_code_and_a_docstring_added_is_the_same_loss(tmp_path):
+    """The walker's repro 7: a refusal said only "its code or state is not the one"; a docstring
+    added and ``nn.CrossEntropyLoss().eval()`` (no torch.nn loss reads ``training``) were refused."""
+    plain = _defined("def loss(out, y):\n    return nn.functional.cross_entropy(out, y)\n")
+    documented = _defined('def loss(out, y):\n    "mean cross-entropy (B,)"\n    return nn.functional.cross_entropy(out, y)\n')
+    doubled = _defined("def loss(out, y):\n    return 2 * nn.functional.cross_entropy(out, y)\n")
+    first, _ = _prune(tmp_path / "fn", loss=plain)
+    again, said = _prune(tmp_path / "fn", loss=documented)
+    assert again.record == first.record and len(said) == 1 and "given back" in said[0], said
+    with pytest.raises(prunekit.PrunekitError, match=r"another loss= \(loss-fingerprint differs in its code\)"):
+        _prune(tmp_path / "fn", loss=doubled)
+
+
+def test_a_torch_loss_switched_to_eval_is_the_same_loss(tmp_path):
+    """No torch.nn loss reads ``self.training``: ``nn.CrossEntropyLoss().eval()`` is the same loss."""
+    _prune(tmp_path / "ce", loss=nn.CrossEntropyLoss())
+    _, said = _prune(tmp_path / "ce", loss=nn.CrossEntropyLoss().eval())
+    assert len(said) == 1 and "given back" in said[0], said
+
+
+def test_a_refusal_names_the_attributes_that_differ_and_a_users_training_flag(tmp_path):
+    mine = _Scaled()
+    _prune(tmp_path / "mod", loss=mine)
+    mine.scale, mine.note, mine.extra = 2.0, "tried on Monday", 1
+    with torch.no_grad():
+        mine.bias += 1
+    with pytest.raises(prunekit.PrunekitError) as refused:
+        _prune(tmp_path / "mod", loss=mine)
+    assert "loss-fingerprint differs in its attribute bias, its attribute extra, its attribute note, 1 more place)" \
+        in str(refused.value), refused.value
+    record = tmp_path / "mod" / "code-slots.json"
+    kept = record.read_text()
+    damaged = json.loads(kept)
+    damaged["loss_fingerprint"].update(slots={"scale": 5}, keys=7)
+    record.write_text(json.dumps(damaged))              # a damaged record: the refusal names nothing, never a crash
+    with pytest.raises(prunekit.PrunekitError, match=r"another loss= \(loss-fingerprint differs: its code or state"):
+        _prune(tmp_path / "mod", loss=mine)
+    record.write_text(kept)
+    mine.scale, mine.bias = 1.0, torch.zeros(3)
+    del mine.note, mine.extra
+    mine.eval()                             # a user's module may read self.training: compared, and named
+    with pytest.raises(prunekit.PrunekitError, match=r"differs in its training flag \(\.train\(\)/\.eval\(\)\)"):
+        _prune(tmp_path / "mod", loss=mine)
+    mine.train()
+    _, said = _prune(tmp_path / "mod", loss=mine)
+    assert len(said) == 1 and "given back" in said[0], said
+    assert json.loads((tmp_path / "mod" / "code-slots.json").read_text())["loss_fingerprint"]["slots"]
+    _prune(tmp_path / "mod", loss=mine, force=True)     # cleared with the run's other files, then written anew
+    assert (tmp_path / "mod" / "code-slots.json").is_file()
+
+
+def test_an_unchanged_tensor_is_hashed_once_in_a_call(monkeypatch):
+    """A distillation teacher of 200 MB was read three times a call (before, in the config,
+    after): its digest is kept while its storage, version, shape, dtype and strides are the same."""
+    from prunekit import callables, runs
+    read = []
+    real = runs.tensors_sha256
+    monkeypatch.setattr(runs, "tensors_sha256", lambda named: read.append(1) or real(named))
+    teacher = nn.Linear(64, 64)
+    callables.forget_tensors()
+    first = fingerprint(teacher)[0]
+    assert len(read) == 2                   # weight and bias
+    assert fingerprint(teacher)[0] == first and callables.slots(teacher) and len(read) == 2
+    with torch.no_grad():
+        teacher.weight.mul_(2)              # in place: its version counts it
+    assert fingerprint(teacher)[0] != first and len(read) == 3
+    teacher.weight = nn.Parameter(teacher.weight.detach().clone())    # another tensor, the same values
+    assert len(read) == 3 and fingerprint(teacher)[0] != first and len(read) == 4
+    callables.forget_tensors()              # a new call reads it again
+    fingerprint(teacher)
+    assert len(read) == 6

@@ -50,7 +50,7 @@ from .distributed import check_same_start, current, launched_by_torchrun
 from .errors import PrunekitError, PrunekitWarning, note, single_sample_batchnorm
 from .executor import execute, python_model_description
 from .losses import loss_name
-from .callables import fingerprint, slots, written_by_run
+from .callables import differing, fingerprint, forget_tensors, slot_record, slots, written_by_run
 from .methods import BUILT_IN, METHODS, Method, lookup
 from .pipelines.fisher_methods import check_planned_rows, check_rows_before_plan
 from .record import Result
@@ -143,7 +143,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                             "stage_eval": stage_eval, "gradual": gradual, "force": force,
                             "include": include, "exclude": exclude, "out": out, "loss": loss})
     # the code's state before anything runs it (check_loss calls the loss): what the run writes is its output
-    code_before = {key: slots(obj) for key, obj in _code_objects(method, loss, options).items()} if out else {}
+    forget_tensors()        # (a tensor is hashed once in a call: before, in the config, after)
+    code_before = {key: slot_record(obj, width=64)
+                   for key, obj in _code_objects(method, loss, options).items()} if out else {}
     check_data(data, "data", class_labels=loss is None)
     check_data(eval_data, "eval_data", class_labels=loss is None)
     check_not_meta(example_input, "example_input")
@@ -210,7 +212,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                       **_eval_fingerprint(eval_data, eval_batches), "batch_size": _batch_size_of(data, eval_data,
                                                                                                  batch_size)}
             text = _config_text(config, plan.method, loss, options)
-            folder = claim_on_rank_0(out, text, force=force, device=_model_device(model), python=True)
+            folder = claim_on_rank_0(out, text, force=force, device=_model_device(model), python=True,
+                                     code_detail=_code_detail(out, force, config, code_before))
             told = _say_unchecked(folder, config, text)
             _keep_streams(folder, {"data": train_batches, "eval_data": eval_batches})
             _say_given_back(folder, text,
@@ -420,10 +423,11 @@ def _note_written(folder: RunFolder, before: dict, code: dict, config: dict) -> 
     code whole)."""
     if not before or not folder.writable or not folder.config.exists():
         return
+    _note_slots(folder, before, config)
     saved = _saved_written(str(folder.path))
     entries = dict(saved)
     for key, obj in code.items():
-        recorded, start = config.get(key), before.get(key)
+        recorded, start = config.get(key), (before.get(key) or {}).get("slots")
         if start is None or not isinstance(recorded, str) or recorded.startswith(runs.UNCHECKED):
             continue
         after = slots(obj)
@@ -474,6 +478,53 @@ def _callable_name(value) -> str:
     """How a config comment names a function (its qualified name) or another callable (its class)."""
     name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None) or type(value).__name__
     return "".join(c for c in str(name) if c.isprintable())
+
+
+def _note_slots(folder: RunFolder, before: dict, config: dict) -> None:
+    """Record in ``folder`` (``runs.CODE_SLOTS``) the slots of the code given as this call started
+    (``before``: ``callables.slot_record``, by config key) with the fingerprint its config records,
+    so that a later call with other code is told where it differs (``_code_detail``). A disk error
+    leaves the file as it was (a refusal then says only that the code differs)."""
+    entries = {key: {"recorded": config[key], "slots": {path: digest[:16] for path, digest in start["slots"].items()},
+                     "keys": start["keys"]}
+               for key, start in before.items()
+               if start is not None and isinstance(config.get(key), str) and not config[key].startswith(runs.UNCHECKED)}
+    path = folder.path / runs.CODE_SLOTS
+    try:
+        if entries and (not path.exists() or json.loads(path.read_text()) != entries):
+            atomic_write_json(path, entries)
+    except (OSError, ValueError):
+        pass
+
+
+def _code_detail(out: str, force: bool, config: dict, now: dict) -> dict:
+    """Where the code this call gives (``now``: ``callables.slot_record`` at its start, by config
+    key) differs from the code the run in ``out`` was made with (its ``runs.CODE_SLOTS``, when it
+    records the fingerprint that run's config.toml does), leaving out what that run wrote
+    (``runs.CODE_WRITTEN``): ``{recipe key: ["its attribute scale", "global opts['smoothing']",
+    ...]}`` for ``runs.other_code``'s refusal; {} when nothing can be said."""
+    if force or not now:
+        return {}
+    folder = RunFolder(out)
+    try:
+        saved = json.loads((folder.path / runs.CODE_SLOTS).read_text())
+        old = tomllib.loads(folder.config.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    written = _saved_written(out)
+    found = {}
+    for key, record in now.items():
+        entry, dashed = saved.get(key), key.replace("_", "-")
+        if record is None or not isinstance(entry, dict) or entry.get("recorded") != old.get(dashed) \
+                or entry.get("recorded") == config.get(key):
+            continue
+        skip = written[key]["written"] if written.get(key, {}).get("recorded") == entry.get("recorded") else ()
+        places = differing(entry, record, skip=skip)
+        if places:
+            found[dashed] = places
+    return found
 
 
 def _eval_fingerprint(eval_data, eval_batches) -> dict:
@@ -538,7 +589,7 @@ def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> bool:
                     "or a Subset of one, and its own loaders)")
     if code:
         said.append(f"this call's {' and '.join(code)} could not be checked against what it was made with")
-    changed = " or ".join((["the data"] if unchecked else []) + (["that code"] if code else []))
+    changed = " or ".join((["the data"] if unchecked else []) + (["that code or what it holds"] if code else []))
     message = f"{folder.path}: {done}, but {'; and '.join(said)}; clear it with force=True if {changed} changed"
     if folder.writable:
         folder.log(message)

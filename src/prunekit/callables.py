@@ -9,19 +9,29 @@ plain values). What is hashed:
 
 - a Python function: its code (bytecode ``co_code``, constants ``co_consts`` recursively, names
   ``co_names``/``co_varnames``, argument counts; not its name, file or line numbers), its default
-  values, its closure's values and the values of the globals its code loads (``LOAD_GLOBAL``); a
+  values, its closure's values and the values of the globals its code loads (``LOAD_GLOBAL``); its
+  docstring is not hashed (code reading its own ``__doc__`` is rare: a docstring added is the same code); a
   module of the user's among them by the attributes the code can reach on it (those named in its
   ``co_names``: ``helpers.my_loss`` hashes ``my_loss``'s code), and so a module of the user's the
   code imports in its body (``import mylosses`` or ``from mylosses import f`` inside the function,
   ``from .losses import f`` in a package; one not imported yet is imported, as running the code
   would);
-- a list, dict, set, bytearray or deque the code writes into (``history.append(v)``: a log, not an
-  input) among those globals, closure values and defaults: by its type only, since what it holds
-  changes as the code runs (the same loss run again in the same process is the same loss); one it
-  only reads (``name in KEEP``) by its values;
+- a list, set, bytearray, deque or dict with other than string keys the code writes into
+  (``history.append(v)``: a log, not an input) among those globals, closure values and defaults: by
+  its type only, since what it holds changes as the code runs (the same loss run again in the same
+  process is the same loss); one it only reads (``name in KEEP``) by its values; a dict with string
+  keys it writes into (``opts.setdefault('calls', 0)``) by its keys, a slot each, so that a setting
+  it also reads (``opts['smoothing']``) is compared and the key the run wrote left out (``skip``);
+- a ``torch.compile``'d function or module by the function or module it compiles
+  (``_torchdynamo_orig_callable``, ``_orig_mod``; not its compile options); a ``torch.Generator``
+  (by its device and ``get_state()``), a NumPy ``Generator`` or ``RandomState`` and a
+  ``random.Random`` by their state;
 - an ``nn.Module`` (a loss such as ``CrossEntropyLoss(label_smoothing=0.1)``) or another callable
   object: its class (by name; a class of the user's by its methods' code too) and its state
-  (``vars()``: plain attributes, parameters and buffers by their bytes, submodules; a module's hooks
+  (``vars()``: plain attributes, parameters and buffers by their bytes, submodules; the ``training``
+  flag of a torch.nn loss class, none of which reads it, as ``True`` whatever it is (``.eval()``
+  is the same loss, with the digest it always had), while a module of the user's and a teacher it
+  holds keep theirs: dropout, batch norm; a module's hooks
   by their functions in the order they run, not by their handles' process-wide ids); submodules
   nest as deep as they are built (a distillation loss holding a teacher model), only functions
   reaching functions count towards the depth read;
@@ -47,6 +57,14 @@ and after a run, and ``fingerprint(obj, skip=...)`` leaves those the run wrote o
 (``api._note_written`` records them in the run folder, ``runs.CODE_WRITTEN``). Without ``skip`` the
 digest is the one ``fingerprint`` always gave.
 
+``slot_record`` keeps the slots (digests shortened) for a run folder (``api``'s ``runs.CODE_SLOTS``)
+and ``differing`` names, in words (``describe``), the places in which other code differs from the
+one recorded: "its attribute scale", "global opts['smoothing']", "its code".
+
+A tensor's digest is kept for the call (``forget_tensors`` starts one) while its storage, version,
+shape, dtype and strides are the same object's: a 200 MB teacher is read once a call, not three
+times (before, in the config, after the run).
+
 No ``id()`` or ``repr`` with an address enters a digest, and ``fingerprint`` never raises: what
 it cannot read gives ``(None, why)``.
 """
@@ -63,7 +81,9 @@ import os
 import site
 import sys
 import sysconfig
+import random
 import types
+import weakref
 
 import numpy as np
 import torch
@@ -97,6 +117,106 @@ def slots(obj) -> dict[str, str] | None:
     before and after a run by ``written_by_run``."""
     hasher = _Hasher(record=True)
     return hasher.slots if _digest(hasher, obj)[0] is not None else None
+
+
+def slot_record(obj, width: int = 16) -> dict | None:
+    """What a run folder keeps of ``obj``'s slots (``api``'s ``code-slots.json``) so that a refusal
+    can name what differs: ``{"slots": {path: the first ``width`` hex digits of its digest}, "keys":
+    [the paths that are a dict's key, not an attribute]}``, or None when ``obj`` cannot be hashed."""
+    hasher = _Hasher(record=True)
+    if _digest(hasher, obj)[0] is None:
+        return None
+    return {"slots": {path: digest[:width] for path, digest in hasher.slots.items()}, "keys": sorted(hasher.keys)}
+
+
+def differing(recorded: dict, now: dict, skip=(), limit: int = 3) -> list[str] | None:
+    """The places (``describe``d) in which code whose ``slot_record`` is ``now`` differs from the
+    code whose record is ``recorded`` (the deepest of each, as ``written_by_run`` finds them; its
+    code first), leaving out ``skip`` (the slots a run wrote) and what is under them; at most
+    ``limit`` and then "N more places". None when nothing named differs (the records say nothing,
+    and the caller says only that the code or its state differs)."""
+    try:
+        before, after = dict(recorded["slots"]), dict(now["slots"])
+        keys = {str(path) for path in recorded.get("keys", ())} | set(now.get("keys", ()))
+        width = min((len(digest) for digest in before.values()), default=16)
+        after = {path: digest[:width] for path, digest in after.items()}
+        skip = tuple(str(path) for path in skip)
+        found = [path for path in written_by_run(before, after)
+                 if not any(path == s or path.startswith(s + ".") for s in skip)]
+    except (KeyError, TypeError, ValueError, AttributeError):      # a damaged record: nothing named
+        return None
+    if not found or not all(isinstance(path, str) for path in found):
+        return None
+    found.sort(key=lambda path: (path.split(".")[-1] != "code", path))
+    said = [describe(path, keys) for path in found[:limit]]
+    if len(found) > limit:
+        said.append(f"{len(found) - limit} more place{'s' if len(found) - limit > 1 else ''}")
+    return said
+
+
+def describe(path: str, keys=()) -> str:
+    """A slot's path (``slots``) in words: ``its code``, ``its attribute scale``, ``its attribute
+    teacher.0.weight`` (a submodule's parameter), ``global opts['smoothing']``, ``the code of its
+    class's forward``, ``closure variable n``, ``its training flag (.train()/.eval())``; ``keys``:
+    the paths that are a dict's key."""
+    parts = path.split(".")
+    lead, expr, table, code = "its attribute", "", False, False
+    for i, part in enumerate(parts):
+        here = ".".join(parts[:i + 1])
+        if part == "code" and i == len(parts) - 1:
+            code = True
+        elif i == 0 and ":" in part:
+            kind, _, name = part.partition(":")
+            lead = {"global": "global", "closure": "closure variable", "default": "the default of",
+                    "import": "imported module", "class": "its class's"}.get(kind, kind)
+            expr = name
+        elif part == "__self__":
+            lead, expr = "its object's attribute", ""
+        elif part in ("_modules", "_parameters", "_buffers") and here in keys or \
+                part in ("_modules", "_parameters", "_buffers") and i < len(parts) - 1:
+            table = True
+        elif here in keys and not table:
+            expr += f"[{part!r}]"
+        else:
+            expr += ("." if expr else "") + part
+            table = False
+    if code:
+        return f"the code of {lead} {expr}".replace("its object's attribute ", "its method ").strip() \
+            if expr else "its code"
+    if expr.split(".")[-1] == "training" and lead == "its attribute":
+        owner = expr.rpartition(".")[0]
+        return f"the training flag (.train()/.eval()) of its {owner}" if owner else "its training flag (.train()/.eval())"
+    if not expr:
+        return lead
+    return f"{lead} {expr}"
+
+
+# Tensor digests of this call (``forget_tensors`` starts one): an unchanged tensor is hashed once
+# (a teacher of 200 MB is read before, at and after a run). By id, checked to be the same object
+# (a weak reference) at the same storage, version, shape, dtype and strides.
+_TENSORS: dict[int, tuple] = {}
+
+
+def forget_tensors() -> None:
+    """Forget the tensor digests kept (``prunekit.prune`` calls it as it starts: a tensor written
+    without its version counting it, ``t.data.mul_(2)``, is read again by the next call)."""
+    _TENSORS.clear()
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    from .runs import tensors_sha256
+    try:
+        key = (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, tuple(tensor.stride()),
+               tensor.device)
+        ref = weakref.ref(tensor)
+    except (RuntimeError, TypeError, NotImplementedError):     # a sparse or otherwise storage-less tensor
+        return tensors_sha256([("t", tensor)])
+    held = _TENSORS.get(id(tensor))
+    if held is not None and held[0]() is tensor and held[1] == key:
+        return held[2]
+    digest = tensors_sha256([("t", tensor)])
+    _TENSORS[id(tensor)] = (ref, key, digest)
+    return digest
 
 
 def written_by_run(before: dict[str, str], after: dict[str, str]) -> list[str]:
@@ -204,14 +324,18 @@ class _Hasher:
         self.path: list[str] = []       # the slots (``_slot``) leading to what is hashed now
         self.skip = frozenset(skip)     # slots left out (what a run wrote: ``fingerprint``'s ``skip``)
         self.slots: dict[str, str] | None = {} if record else None     # ``slots``: each slot's own digest
+        self.keys: set[str] = set()     # the recorded slots that are a dict's key (not an object's attribute)
+        self.states: set[int] = set()   # the dicts being hashed that are an object's attributes (``vars``)
 
-    def _slot(self, name: str, hash_value) -> bool:
+    def _slot(self, name: str, hash_value, key: bool = False) -> bool:
         """Hash one named place a value is reached by (an object's attribute, a string key of a
         dict, a function's global, closure cell, default or import) by calling ``hash_value()``;
         its path (``self.path`` joined by ".") is left out when in ``self.skip`` (then nothing is
         hashed and False is returned), and recorded with its own digest in ``self.slots``. With
-        neither, the bytes hashed are those of ``hash_value()`` alone."""
+        neither, the bytes hashed are those of ``hash_value()`` alone. ``key``: the place is a
+        dict's key, not an object's attribute (``self.keys``: ``describe`` says ``opts['s']``)."""
         self.path.append(name)
+        is_key = key
         try:
             key = ".".join(self.path)
             if key in self.skip:
@@ -226,6 +350,8 @@ class _Hasher:
             finally:
                 self.digest = outer
             self.slots[key] = own
+            if is_key:
+                self.keys.add(key)
             self.put("slot", own)
             return True
         finally:
@@ -253,8 +379,25 @@ class _Hasher:
             self.put(type(obj).__name__, str(obj))
             return
         if isinstance(obj, torch.Tensor):
+            self.put("tensor", type(obj).__name__, obj.requires_grad, _tensor_digest(obj))
+            return
+        if isinstance(obj, torch.Generator):        # a random stream: by its device and state
             from .runs import tensors_sha256
-            self.put("tensor", type(obj).__name__, obj.requires_grad, tensors_sha256([("t", obj)]))
+            self.put("torch generator", str(obj.device), tensors_sha256([("state", obj.get_state())]))
+            return
+        if isinstance(obj, np.random.Generator):
+            self.put("numpy generator")
+            self.add(obj.bit_generator.state, depth)
+            return
+        if isinstance(obj, np.random.RandomState):
+            self.put("numpy random state")
+            self.add(obj.get_state(legacy=False), depth)
+            return
+        if isinstance(obj, random.Random):
+            self.put("random", type(obj).__qualname__ if _library(type(obj).__module__) else "user's")
+            self.add(obj.getstate(), depth)
+            if not _library(type(obj).__module__):
+                self._add_class(type(obj), depth + 1)
             return
         if isinstance(obj, np.ndarray):
             if obj.dtype.hasobject:
@@ -299,12 +442,13 @@ class _Hasher:
             return
         if isinstance(obj, dict):
             if all(isinstance(k, str) for k in obj):      # a slot each (``_slot``): an object's state, a table
+                is_key = id(obj) not in self.states
                 self.put(type(obj).__name__, len(obj) - self._skipped(obj))
                 for key, name in sorted((self._apart(k, depth), k) for k in obj):
                     if ".".join([*self.path, name]) in self.skip:
                         continue
                     self.put(key)
-                    self._slot(name, lambda value=obj[name]: self.add(value, depth))
+                    self._slot(name, lambda value=obj[name]: self.add(value, depth), key=is_key)
                 return
             self.put(type(obj).__name__, len(obj))
             for key, value in sorted(((self._apart(k, depth), v) for k, v in obj.items()), key=lambda kv: kv[0]):
@@ -315,6 +459,11 @@ class _Hasher:
             self._add_code(obj, depth)
             return
         if isinstance(obj, types.FunctionType):
+            original = obj.__dict__.get("_torchdynamo_orig_callable")
+            if original is not None and _library(getattr(torch.compile, "__module__", "torch")):
+                self.put("torch.compile")       # torch.compile(f): the function it compiles (its options unread)
+                self.add(original, depth)
+                return
             self._add_function(obj, depth)
             return
         if isinstance(obj, types.MethodType):      # a bound method: its function and its object's state
@@ -353,12 +502,18 @@ class _Hasher:
         inner.add(obj, depth)
         return inner.digest.hexdigest()
 
-    def _add_code(self, code: types.CodeType, depth: int) -> None:
-        self.put("code", code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags,
+    def _add_code(self, code: types.CodeType, depth: int, doc=None) -> None:
+        """``doc``: the docstring of the function whose code it is, hashed as no docstring (code
+        reading its own ``__doc__`` is rare: a docstring added or reworded is the same code)."""
+        consts, flags = code.co_consts, code.co_flags
+        if isinstance(doc, str) and consts and consts[0] == doc:      # a function's docstring: its first constant
+            consts = (None, *consts[1:])
+            flags &= ~0x4000000         # CO_HAS_DOCSTRING (Python 3.14)
+        self.put("code", code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, flags,
                  code.co_code, ",".join(code.co_names), ",".join(code.co_varnames),
                  ",".join(code.co_freevars), ",".join(code.co_cellvars))
-        self.put(len(code.co_consts))
-        for const in code.co_consts:
+        self.put(len(consts))
+        for const in consts:
             self.add(const, depth)
 
     def _add_function(self, fn: types.FunctionType, depth: int) -> None:
@@ -366,7 +521,7 @@ class _Hasher:
             self.put("library function", name)
             return
         self.put("function")
-        self._add_code(fn.__code__, depth)
+        self._slot("code", lambda: self._add_code(fn.__code__, depth, doc=fn.__doc__))
         loads, attributes, written, imports = _reads(fn.__code__)
         # the defaults as a tuple and a dict (as ``add`` puts them), each value as one reached by its name
         defaults, kwdefaults = fn.__defaults__, fn.__kwdefaults__
@@ -443,7 +598,8 @@ class _Hasher:
         type only, anything else as ``add``."""
         if isinstance(value, types.ModuleType) and not _library(value.__name__):
             self._add_module(value, attributes, written, depth)
-        elif isinstance(value, _MUTABLE) and name in written:
+        elif isinstance(value, _MUTABLE) and name in written and not (
+                isinstance(value, dict) and all(isinstance(k, str) for k in value)):
             self.put("written", type(value).__module__, type(value).__qualname__)
         else:
             self.add(value, depth)
@@ -516,6 +672,11 @@ class _Hasher:
 
     def _add_instance(self, obj, depth: int) -> None:
         cls = type(obj)
+        if isinstance(obj, nn.Module) and cls.__name__ == "OptimizedModule" and _library(cls.__module__) \
+                and isinstance(obj.__dict__.get("_modules", {}).get("_orig_mod"), nn.Module):
+            self.put("torch.compile")      # torch.compile(module): the module it compiles (its options unread)
+            self.add(obj._orig_mod, depth)
+            return
         self.put("instance")
         self._add_class(cls, depth + 1)
         try:
@@ -524,10 +685,16 @@ class _Hasher:
             raise Unhashable(f"it is a {cls.__name__}, whose state cannot be read") from None
         if isinstance(obj, nn.Module):
             state = _module_state(state)
+            if cls.__module__ == "torch.nn.modules.loss" and "training" in state:
+                state["training"] = True     # no torch.nn loss reads it: .eval() is the same loss (and digest)
+        state = dict(state)
+        self.states.add(id(state))
         try:       # a module's submodules (a teacher model a loss holds) nest as deep as they are built
-            self.add(dict(state), depth if isinstance(obj, nn.Module) else depth + 1)
+            self.add(state, depth if isinstance(obj, nn.Module) else depth + 1)
         except Unhashable as err:
             raise Unhashable(f"the state of its {cls.__name__} cannot be read ({err})") from None
+        finally:
+            self.states.discard(id(state))
 
 
 # An nn.Module's own fields that hold what it computes with; its other underscored fields (hooks,

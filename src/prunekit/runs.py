@@ -8,6 +8,7 @@ Layout of ``DIR`` (every file but the log is written atomically)::
                                 reached, loss, accuracy, seconds), final result, per-layer density
     data-rng.json               a Python run's: the RNG states its data is replayed from (resume reads them)
     code-written.json           a Python run's: what it wrote into the code it was given (``api._note_written``)
+    code-slots.json             a Python run's: a digest per place of that code, for a refusal to name (``api._note_slots``)
     checkpoints/stage-NNN.safetensors   model state + RNG states + stage history after stage NNN
     model.safetensors, model.json       the final model and its sidecar
     report.md, plots/*.png              written by ``report.write_run_report``
@@ -279,9 +280,10 @@ def _before_code(config: dict) -> bool:
     return CODE_MARK not in config
 
 
-def other_code(folder_path, before: dict, after: dict, keys: list[str]) -> str:
+def other_code(folder_path, before: dict, after: dict, keys: list[str], detail: dict | None = None) -> str:
     """The refusal of a Python run folder whose run was made with other code (``keys``: the
-    ``-fingerprint`` keys, and ``loss``, that differ), naming each argument and the way out."""
+    ``-fingerprint`` keys, and ``loss``, that differ), naming each argument and the way out, and
+    where the code differs (``detail``: ``{key: [place, ...]}``, ``api._code_detail``) when known."""
     said = []
     for key in keys:
         if key == "loss-fingerprint" and "loss" in keys:        # another class or function: said by its name
@@ -296,6 +298,8 @@ def other_code(folder_path, before: dict, after: dict, keys: list[str]) -> str:
                         "the ones that run was made with)")
         elif key == "loss":
             said.append(f"loss= ({before[key]}, now {after[key]})")
+        elif (detail or {}).get(key):
+            said.append(f"{arg}= ({key} differs in {', '.join(detail[key])})")
         else:
             said.append(f"{arg}= ({key} differs: its code or state is not the one that run was made with)")
     return (f"{folder_path} holds another run, made with another {'; another '.join(said)}: pass what that run "
@@ -325,10 +329,11 @@ def is_run(path: str | Path) -> bool:
 
 DATA_RNG = "data-rng.json"      # a Python run's: the RNG states its data is replayed from (``api._keep_streams``)
 CODE_WRITTEN = "code-written.json"      # a Python run's: what it wrote into the code it was given (``api._note_written``)
+CODE_SLOTS = "code-slots.json"          # a Python run's: where a refusal says other code differs (``api._note_slots``)
 
 # What a run writes into its folder; ``force`` removes exactly these, nothing a user put there.
-RUN_FILES = ("config.toml", "run.log", METRICS, DATA_RNG, CODE_WRITTEN, "checkpoints", "model.safetensors", "model.json",
-             "result.json", "report.md", "plots", "export", "model.onnx")
+RUN_FILES = ("config.toml", "run.log", METRICS, DATA_RNG, CODE_WRITTEN, CODE_SLOTS, "checkpoints", "model.safetensors",
+             "model.json", "result.json", "report.md", "plots", "export", "model.onnx")
 RUN_PLOTS = ("accuracy_vs_budget.png", "accuracy_per_stage.png", "layer_density.png")   # report.md's, in plots/
 
 
@@ -468,10 +473,10 @@ def _asks_onnx(config_text: str) -> bool:
         return False
 
 
-def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> None:
+def check_claim(folder: RunFolder, config_text: str, python: bool = False, code_detail: dict | None = None) -> None:
     """Refuse ``folder`` when it holds another run or files a run would overwrite (writes nothing);
     ``python``: the refusal in the API's words (``prunekit.prune`` has no resume, only the same
-    call again)."""
+    call again); ``code_detail``: where the code given differs (``other_code``)."""
     present = _present(folder.path)
     if present:
         old = folder.config.read_text() if folder.config.exists() else None
@@ -520,7 +525,7 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False) -> No
                                   "model it started from (as it was before that call, which prunes in place), pick "
                                   "another out, or clear that run first (force=True)", ("out", "force"))
             if python and old is not None and keys and all(_code_key(k) or k == "loss" for k in keys):
-                raise OptionError(other_code(folder.path, before, after, keys), ("out", "force"))
+                raise OptionError(other_code(folder.path, before, after, keys, code_detail), ("out", "force"))
             if python:
                 raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (the same call "
                                   "as its config.toml records) or clear it first (force=True)", ("out", "force"))
@@ -545,7 +550,7 @@ def _fingerprinted(old: str) -> bool:
 
 
 def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: bool = False,
-          python: bool = False) -> None:
+          python: bool = False, code_detail: dict | None = None) -> None:
     """Make ``folder`` this run's: refuse it when it holds another run or files a run would
     overwrite (unless ``force``, which first removes the other run's files, or this run's own once it
     finished: it runs anew); the same request again (or ``resume``) carries on where it stopped."""
@@ -560,7 +565,7 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
             target = path / name
             _remove_own_files(target) if target.is_dir() else target.unlink()
     elif not resume:
-        check_claim(folder, config_text, python)
+        check_claim(folder, config_text, python, code_detail)
         if python and old is not None and not same_values(old, config_text) and folder.writable:    # an old folder
             done = "its stored result is given back" if finished_run(folder) else "it is carried on"
             before = _parsed(old)
@@ -630,7 +635,7 @@ def release_refused(folder: RunFolder | None) -> None:
 
 
 def claim_on_rank_0(path: str | Path, config_text: str, *, resume: bool = False, force: bool = False,
-                    device="cpu", python: bool = False) -> RunFolder:
+                    device="cpu", python: bool = False, code_detail: dict | None = None) -> RunFolder:
     """``claim`` under torchrun: rank 0, the rank that writes, claims the folder and works in it;
     every other rank gets it read-only (``RunFolder.follower``) once rank 0 has claimed it, and
     then every rank must see the same folder (``check_ranks_share``). A refusal of rank 0's (an
@@ -641,13 +646,13 @@ def claim_on_rank_0(path: str | Path, config_text: str, *, resume: bool = False,
     collective = distributed.current()
     folder = RunFolder(path)
     if not collective.distributed:
-        claim(folder, config_text, resume=resume, force=force, python=python)
+        claim(folder, config_text, resume=resume, force=force, python=python, code_detail=code_detail)
         return folder
     collective.barrier()                 # every rank has checked the folder before rank 0 writes in it
     refusal = None
     if collective.rank == 0:
         try:
-            claim(folder, config_text, resume=resume, force=force, python=python)
+            claim(folder, config_text, resume=resume, force=force, python=python, code_detail=code_detail)
         except PrunekitError as err:
             refusal = err
         except OSError as err:              # a folder rank 0 cannot write: every rank says so
