@@ -456,7 +456,8 @@ def _config_text(config: dict, method: Method, loss, options: dict) -> str:
     """config.toml's text: ``recipes.dump_recipe(config)``, its ``-fingerprint`` lines (``_code_fingerprints``)
     preceded by ``CODE_COMMENT`` (what the digests cover) and each followed by a comment naming what it
     was taken of (``# row_scaled: the function's code``). Comments are not compared (``runs.same_values``):
-    a function renamed, its code the same, is the same run."""
+    an ``importance=`` function renamed, its code the same, is the same run (``loss`` is also a
+    key of its own, by name)."""
     named = {} if config.get("method_fingerprint") == "built-in" else \
         {"method_fingerprint": f"{method.name}: an own Method's family, options class, defaults, run and sparsify"}
     if loss is not None:
