@@ -168,7 +168,8 @@ class Budget:
         if limit < other + 1 or limit > total:
             asked = f"{limit:.0f}" if amount.absolute else f"{amount.value:g} ({limit:.0f} parameters)"
             raise OptionError(f"params {asked} is infeasible: the parameters that are never pruned (biases, "
-                              f"norms, layers excluded or not run, embeddings' padding rows) already take {other}; ask for {other + 1} to "
+                              f"norms, layers excluded or not run, embeddings' padding rows) already take {other}; "
+                              f"ask for {other + 1} to "
                               f"{total} ({_share_text((other + 1) / total)} to 1)", ("params",))
         return int(limit - other)
 

@@ -267,7 +267,8 @@ def padding_zeros(model: nn.Module) -> dict[str, int]:
         index = getattr(module, "padding_idx", None)
         weight = getattr(module, "weight", None)
         if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and index is not None
-                and isinstance(weight, torch.Tensor) and weight.dim() == 2 and -weight.shape[0] <= index < weight.shape[0]):
+                and isinstance(weight, torch.Tensor) and weight.dim() == 2
+                and -weight.shape[0] <= index < weight.shape[0]):
             rows[id(weight)] = int((weight.detach()[index] == 0).sum())
     return {name: rows[id(p)] for name, p in model.named_parameters() if id(p) in rows}
 

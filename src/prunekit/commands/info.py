@@ -165,7 +165,8 @@ def input_shape_refusal(name: str, model, shape: tuple[int, ...], message: str,
     return f"{name} fails on an input of --input-shape {given}: {reason}; {fix}"
 
 
-_EMBEDDING_ERRORS = ("for embedding)", "'indices' to have one of the following scalar types", "index out of range in self")
+_EMBEDDING_ERRORS = ("for embedding)", "'indices' to have one of the following scalar types",
+                     "index out of range in self")
 
 
 def token_ids_refusal(name: str, given: str, reason: str) -> str:
