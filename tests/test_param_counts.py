@@ -189,3 +189,19 @@ def test_heads_and_channels_are_counted_apart_in_the_summary():
     line = next(line for line in prune_lines(record) if line.startswith("  channels"))
     assert (f"heads {kept(heads):,} of {size(heads):,} in {len(heads)} groups, "
             f"channels {kept(units):,} of {size(units):,} in {len(units)} groups") in line, line
+
+
+def test_the_per_layer_weights_kept_count_the_padding_row_as_kept(models):
+    """The report's per-layer rows (``runs.layer_density``) count as ``params`` does: a masked
+    embedding's padding row is kept, its other zeros removed."""
+    from prunekit.costs import CostModel
+    from prunekit.runs import layer_density
+    _, tokens = models
+    torch.manual_seed(4)
+    model = tokens.tiny()
+    ids, _ = _data(19, 4)
+    costs = CostModel(model, ids)
+    with torch.no_grad():
+        model.embed.weight[5:7] = 0          # two rows pruned, beside the padding row (row 0)
+    row = next(r for r in layer_density(costs, model) if r["name"] == "embed")
+    assert row["params"] == row["dense_params"] - 2 * model.embed.weight.shape[1]
