@@ -139,6 +139,7 @@ def test_the_reported_counts_equal_a_recount(method, budget, options, seed, mode
         assert params <= int(budget["params"] * dense_size)
     line = next(line for line in prune_lines(record) if line.startswith("  params"))
     assert f"({params:,})" in line
+    assert f"({params:,} of {dense_size:,})" in result.summary()
 
 
 def _cli_json(argv, capsys) -> dict:

@@ -175,7 +175,8 @@ class Result:
 
     def params_text(self) -> str:
         """The summary's parameters: "params kept 41.20% (1,234 of 2,995)", all the model's parameters
-        (biases and BatchNorm included, a weight exactly zero not counted), the record's ``params`` /
+        (biases and BatchNorm included, a prunable weight exactly zero not counted, an embedding's
+        padding row counted as kept: README "Counting"), the record's ``params`` /
         ``dense_params``: the cost model's recount of the returned model that the CLI's ``params`` line
         prints. The share alone where a Result was built without a record."""
         params, dense = self.record.get("params"), self.record.get("dense_params")
