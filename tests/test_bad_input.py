@@ -114,6 +114,22 @@ def shadowed_half():
 
 def one_size():
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 28 * 28, 10))
+
+
+class TokenLM(nn.Module):        # a language model's layout: a Linear registered before the embedding it follows
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 20, bias=False)
+        self.wte = nn.Embedding(20, 8, padding_idx=0)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.lm_head(nn.functional.relu(self.fc(self.wte(ids))))
+
+
+def tokens():
+    return TokenLM()
 """
 
 
@@ -471,6 +487,9 @@ CLI_CASES = [
      "forward if those are right"),
     (["eval", "--model", f"{H}/net.py:shadowed_half", *MNIST, "--normalize", "none"], "forward raised TypeError on one "
      "of the mnist test images, shape (1, 28, 28) (C,H,W), at net.py line 73: "),
+    # float ids reach the embedding: no --input-shape can work, and no "first layer takes 8 features"
+    (["info", f"{H}/net.py:tokens", "--input-shape", "16"], "; the model takes integer token ids, which no "
+     "--input-shape gives (it makes float inputs): prune it from Python on token ids"),
     (["info", "mlpnet", "--input-shape", "-1,28,28"], "--input-shape: '-1,28,28' is not a shape"),
     ([*PRUNE, "--sparsity", "0.5", "--device", "-cpu"], "'-cpu' is not a torch device"),
     # a path starting with "-" is a mistyped option (it was taken: prune made a folder "-weird")

@@ -19,7 +19,7 @@ import re
 from decimal import Decimal
 from dataclasses import dataclass
 
-from .costs import CostModel
+from .costs import CostModel, padding_zeros
 from .options import OptionError
 from .params import ParamSpace
 
@@ -124,7 +124,9 @@ class Budget:
         """Integers for this model; refuses an infeasible or meaningless budget."""
         p = space.numel
         prunable_params = p
-        other_params = costs.params - prunable_params
+        # never pruned: every other parameter, and the zeros of embeddings' padding rows (counted as
+        # kept, as CostModel.count counts them: zero in the dense model too, no pruning removes them)
+        other_params = costs.params - prunable_params + structural_zeros(space)
         # Everything the prunable weights do not pay for: excluded layers, attention products.
         # sums, not the (p,) vector of space.macs_per_weight: 1.7 GB at its peak for BERT-base
         weight_macs, least_macs, free_weight = space.macs_summary(costs)
@@ -166,7 +168,8 @@ class Budget:
         if limit < other + 1 or limit > total:
             asked = f"{limit:.0f}" if amount.absolute else f"{amount.value:g} ({limit:.0f} parameters)"
             raise OptionError(f"params {asked} is infeasible: the parameters that are never pruned (biases, "
-                              f"norms, layers excluded or not run) already take {other}; ask for {other + 1} to "
+                              f"norms, layers excluded or not run, embeddings' padding rows) already take {other}; "
+                              f"ask for {other + 1} to "
                               f"{total} ({_share_text((other + 1) / total)} to 1)", ("params",))
         return int(limit - other)
 
@@ -189,6 +192,12 @@ class Budget:
                               f"the cheapest costs {cheapest} MACs; ask for at least "
                               f"{(fixed + cheapest) / dense:.6f} (or {fixed + cheapest} MACs)", ("flops",))
         return int(math.floor(limit)) - fixed
+
+
+def structural_zeros(space: ParamSpace) -> int:
+    """Zeros of the padding rows of ``space``'s prunable embedding tables (``costs.padding_zeros``)."""
+    padding = padding_zeros(space.model)
+    return sum(padding.get(name, 0) for name in space.param_names())
 
 
 def _share_text(share: float) -> str:

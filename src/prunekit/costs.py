@@ -123,7 +123,17 @@ class LayerCost:
 
 @dataclass
 class Counts:
-    """Nonzero-aware counts of a (possibly masked) model, for one example."""
+    """Nonzero-aware counts of a (possibly masked or shrunk) model, for one example.
+
+    ``params`` is the parameters the model keeps: ``sum(p.numel())`` over its parameters (a tied
+    tensor once) less the exact zeros of its prunable weights (a zeroed weight is removed), an
+    embedding's padding row (``padding_idx``) excepted: it is zero in the dense model too, so it
+    is never counted as removed. For a shrunk model with no zero weights that is its
+    ``sum(p.numel())``. ``dense_params`` is the dense model's ``sum(p.numel())``, so
+    ``params_kept`` compares like with like (a dense model keeps 1.0). ``nonzero_params`` counts
+    the nonzero values of every parameter (each zero alike, a zero bias or padding row too; None
+    where not counted). ``params_by_layer``: per weight layer, its ``params`` counted that way.
+    """
 
     macs: int
     dense_macs: int
@@ -131,6 +141,8 @@ class Counts:
     dense_params: int
     nonzeros_by_layer: dict[str, int] = field(default_factory=dict)
     macs_by_layer: dict[str, int] = field(default_factory=dict)
+    nonzero_params: int | None = None
+    params_by_layer: dict[str, int] = field(default_factory=dict)
 
     @property
     def flops_kept(self) -> float:
@@ -225,7 +237,8 @@ class CostModel:
                           for layer in self.weight_layers())
         layers = self.layers if same_shapes else _trace(model, self.example_input, self.batched)[0]
         macs, params = 0, 0
-        nonzeros_by_layer, macs_by_layer = {}, {}
+        nonzeros_by_layer, macs_by_layer, params_by_layer = {}, {}, {}
+        padding = padding_zeros(model)
         for layer in layers:
             macs += layer.activation_macs
             if not layer.is_weight_layer:
@@ -236,9 +249,28 @@ class CostModel:
             nonzeros_by_layer[layer.name] = nonzeros
             macs_by_layer[layer.name] = layer.macs_of(weight) + layer.activation_macs
             macs += macs_by_layer[layer.name] - layer.activation_macs
-            params += layer.params - weight.numel() + nonzeros
+            removed = weight.numel() - nonzeros - padding.get(layer.param_name, 0)
+            params_by_layer[layer.name] = layer.params - removed
+            params += params_by_layer[layer.name]
+        nonzero_params = sum(int(torch.count_nonzero(p.detach())) for p in params_of.values())
         return Counts(macs=macs, dense_macs=self.macs, params=params, dense_params=self.params,
-                      nonzeros_by_layer=nonzeros_by_layer, macs_by_layer=macs_by_layer)
+                      nonzeros_by_layer=nonzeros_by_layer, macs_by_layer=macs_by_layer,
+                      nonzero_params=nonzero_params, params_by_layer=params_by_layer)
+
+
+def padding_zeros(model: nn.Module) -> dict[str, int]:
+    """Exact zeros in the padding rows of ``model``'s embeddings (``nn.Embedding`` /
+    ``nn.EmbeddingBag`` with ``padding_idx``), by parameter name (``model.named_parameters()``,
+    a tied table once): structural zeros, zero in the dense model too, never counted as removed."""
+    rows = {}
+    for module in model.modules():
+        index = getattr(module, "padding_idx", None)
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and index is not None
+                and isinstance(weight, torch.Tensor) and weight.dim() == 2
+                and -weight.shape[0] <= index < weight.shape[0]):
+            rows[id(weight)] = int((weight.detach()[index] == 0).sum())
+    return {name: rows[id(p)] for name, p in model.named_parameters() if id(p) in rows}
 
 
 # --- tracing ---------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def build_record(plan, outcome: Outcome, dense: dict, final: dict, seconds: floa
               "request": dict(plan.request.budget), "sparsity": outcome.sparsity, "nonzeros": outcome.nonzeros,
               "flops_kept": c.flops_kept, "params_kept": c.params_kept, "macs": c.macs,
               "dense_macs": c.dense_macs, "params": c.params, "dense_params": c.dense_params,
+              "nonzero_params": c.nonzero_params,
               "budget_max_nonzeros": budget.max_nonzeros if plan.method.family == "weights" else None,
               "budget_max_macs": None if budget.max_macs is None else budget.max_macs + budget.fixed_macs,
               "budget_max_params": budget_max_params(plan),
@@ -116,6 +117,10 @@ class Result:
     model: the pruned model (for weights methods the one passed in, pruned in place; for channel
     methods a new, smaller one). sparsity: share of prunable weights removed (weights methods);
     flops_kept / params_kept: shares of the dense MACs / parameters kept (all in [0, 1]);
+    params / dense_params: the parameters kept (``sum(p.numel())``, a tied tensor once, less
+    the zeros of prunable weights, an embedding's padding row never counted as removed) and the
+    dense model's ``sum(p.numel())``; nonzero_params: the nonzero values of every parameter (each
+    zero alike; None for a record older than it);
     macs: MACs per example; accuracy / dense_accuracy: top-1 % on ``eval_data`` (None without
     it, or with the user's ``loss``); loss / dense_loss: the mean loss on ``eval_data``; history:
     the record's ``stages``, ``events`` or ``phases`` list: one entry per stage of chita,
@@ -143,6 +148,9 @@ class Result:
     out: str | None = None
     record: dict = field(default_factory=dict)
     snapshots: dict = field(default_factory=dict)
+    params: int | None = None
+    dense_params: int | None = None
+    nonzero_params: int | None = None
 
     @classmethod
     def from_record(cls, record: dict, model: nn.Module, out: str | None = None) -> "Result":
@@ -152,7 +160,8 @@ class Result:
                    accuracy=record.get("accuracy"), dense_accuracy=record.get("dense_accuracy"),
                    loss=record.get("loss"), dense_loss=record.get("dense_loss"),
                    history=record.get(HISTORY_KEY[record["mode"]], []), out=out,
-                   record=record)
+                   record=record, params=record.get("params"), dense_params=record.get("dense_params"),
+                   nonzero_params=record.get("nonzero_params"))
 
     def summary(self) -> str:
         acc = ("" if self.accuracy is None else
@@ -166,7 +175,8 @@ class Result:
 
     def params_text(self) -> str:
         """The summary's parameters: "params kept 41.20% (1,234 of 2,995)", all the model's parameters
-        (biases and BatchNorm included, a weight exactly zero not counted), the record's ``params`` /
+        (biases and BatchNorm included, a prunable weight exactly zero not counted, an embedding's
+        padding row counted as kept: README "Counting"), the record's ``params`` /
         ``dense_params``: the cost model's recount of the returned model that the CLI's ``params`` line
         prints. The share alone where a Result was built without a record."""
         params, dense = self.record.get("params"), self.record.get("dense_params")

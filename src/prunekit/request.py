@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed, model_fisher
-from .budget import Budget, ResolvedBudget
+from .budget import Budget, ResolvedBudget, structural_zeros
 from .cost_inputs import AmbiguousBatchError
 from .costs import CostModel
 from .errors import PrunekitWarning, worded_warning
@@ -120,7 +120,7 @@ class PruneRequest:
             max_params = None if budget.params is None else _channel_params(budget, costs)
             cut_params = max_params if method.sparsify is None else None     # the hybrid's weights phase meets it
             if max_params is not None and method.sparsify is not None:     # zeros count: the weights methods' floor
-                Budget._params_keep(budget.params, costs.params, costs.params - space.numel)
+                Budget._params_keep(budget.params, costs.params, costs.params - space.numel + structural_zeros(space))
             if cut_params is not None and options.channel_multiple != 1:
                 raise OptionError("params with channel_multiple above 1 is not supported: leave channel_multiple "
                                   "at 1 or leave params out", ("params", "channel_multiple"))

@@ -41,7 +41,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .costs import CostModel
+from .costs import CostModel, padding_zeros
 from .errors import PrunekitError, PrunekitWarning, refusal_of, worded_warning
 from .options import OptionError
 from .pipelines.stages import StageState
@@ -895,13 +895,15 @@ def _measure_into(record: dict, measure: Callable[[nn.Module], dict], model: nn.
 
 
 def layer_density(costs: CostModel, model: nn.Module) -> list[dict]:
-    """Per weight layer: nonzero weights (``params``, biases aside) and MACs kept against dense
-    (from ``costs.count``, so it holds for masked and for shrunk models alike)."""
+    """Per weight layer: weights kept (``params``, biases aside: its nonzero weights, an embedding's
+    padding row counted as kept, as ``Counts.params`` counts it) and MACs kept against dense (from
+    ``costs.count``, so it holds for masked and for shrunk models alike)."""
     counts = costs.count(model)
+    padding = padding_zeros(model)
     rows = []
     for layer in costs.weight_layers():
         weights = math.prod(layer.weight_shape)
-        params = counts.nonzeros_by_layer.get(layer.name, 0)
+        params = counts.nonzeros_by_layer.get(layer.name, 0) + padding.get(layer.param_name, 0)
         macs = counts.macs_by_layer.get(layer.name, 0)
         rows.append({"name": layer.name, "kind": layer.kind, "dense_params": weights, "params": params,
                      "dense_macs": layer.macs, "macs": macs,

@@ -25,13 +25,27 @@ def cmd_eval(args) -> int:
     payload = {"model": args.model, "data": args.data, "data_file": data_file, "split": args.eval_split,
                "accuracy": measured["accuracy"],
                "loss": measured["loss"], "macs": counts.macs, "params": counts.params,
+               "nonzero_params": counts.nonzero_params,
                "images": len(loader.dataset) if hasattr(loader, "dataset") else None,
                "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     data = f"{data_file} (read as {args.data})" if data_file else args.data
     emit(args, payload, [f"{args.model} on {data} {args.eval_split}: {measured['accuracy']:.2f}% top-1, "
                          f"loss {measured['loss']:.4f} ({counts.macs:,} MACs per example, "
-                         f"{counts.params:,} nonzero params)"])
+                         f"{params_text(counts)})"])
     return 0
+
+
+def params_text(counts) -> str:
+    """"N params" (README's count: every parameter, a tied tensor once, less the zeros of prunable
+    weights), the model's own ``sum(p.numel())`` beside it where zero weights were left out
+    (``counts`` from a cost model of this same model: ``dense_params`` is that sum), and the
+    nonzero values of all parameters where they differ (zero biases, padding rows)."""
+    text = f"{counts.params:,} params"
+    if counts.params != counts.dense_params:
+        text += f" (zero weights not counted; {counts.dense_params:,} with them)"
+    if counts.nonzero_params is not None and counts.nonzero_params != counts.params:
+        text += f", {counts.nonzero_params:,} of all parameter values nonzero"
+    return text
 
 
 def add_parser(sub) -> None:

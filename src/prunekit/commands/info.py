@@ -18,6 +18,7 @@ from ..user_models import error_line, is_model_file, parse
 from ..zoo import MODEL_NAMES
 from ..errors import PrunekitError
 from .common import MODEL_HELP, names_run_folder, model_file, resolve_model
+from .eval import params_text
 
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".tar", ".th", ".ckpt")
@@ -62,13 +63,13 @@ def cmd_info(args) -> int:
         rows.append({"name": layer.name, "type": layer.kind,
                      "shape": list(layer.weight_shape) if layer.weight_shape else None,
                      "params": layer.params, "nonzeros": nonzeros,
-                     "params_kept": layer.params if nonzeros is None
-                     else layer.params - math.prod(layer.weight_shape) + nonzeros,
+                     "params_kept": counts.params_by_layer.get(layer.name, layer.params),
                      "macs": macs, "other_ops": layer.other_ops,
                      "share": macs / counts.macs if counts.macs else 0.0,
                      "prunable": layer.name in pruned_layers})
     prunable_macs = space.macs_summary(costs)[0]
-    totals = {"params": counts.params, "dense_params": costs.params, "macs": counts.macs,
+    totals = {"params": counts.params, "dense_params": costs.params, "nonzero_params": counts.nonzero_params,
+              "macs": counts.macs,
               "dense_macs": costs.macs, "other_ops": costs.other_ops, "prunable_weights": space.numel,
               "prunable_macs": prunable_macs, "prunable_excluded": loaded.prune_exclude,
               "unknown_modules": costs.unknown}
@@ -96,7 +97,7 @@ def cmd_info(args) -> int:
         print(f"{r['name'] or '(model)':<{name_width}} {kind:<{kind_width}} {shape:<20} {r['params_kept']:>10,} "
               f"{macs:>13} {share:>7}")
     print("-" * len(header))
-    print(f"total: {counts.params:,} params, {counts.macs:,} MACs{_millions(counts.macs)}"
+    print(f"total: {params_text(counts)}, {counts.macs:,} MACs{_millions(counts.macs)}"
           + (f", of which {costs.activation_macs:,} in products of two activations (attention's QKᵀ and AV, say: "
              "no weight to prune)" if costs.activation_macs else "")
           + f", {costs.other_ops:,} other ops (BN, pooling, adds)")
@@ -127,9 +128,13 @@ def input_shape_refusal(name: str, model, shape: tuple[int, ...], message: str,
     the model raised) is no shape error (a TypeError, an AttributeError: not RuntimeError,
     ValueError or IndexError) and no other shape can be named, the line names the exception and
     the model file's line it passed, and points at the model's code (for a shape error with the
-    channels right: the height and width, or the code)."""
+    channels right: the height and width, or the code). For a model whose input reached an
+    ``nn.Embedding`` (an embedding's dtype or index error), that it takes integer token ids and
+    the route that gives them."""
     reason = message.split("): ", 1)[-1].rsplit("; ", 1)[0]
     given = ",".join(map(str, shape))
+    if any(text in reason for text in _EMBEDDING_ERRORS):      # the input reached an nn.Embedding: token ids
+        return token_ids_refusal(name, given, reason)
     wanted = _wanted_shape(model, shape)
     if wanted == given or (wanted is None and error is not None and not isinstance(error, _SHAPE_ERRORS)):
         kind = type(error).__name__ if error is not None else "an error"
@@ -158,6 +163,18 @@ def input_shape_refusal(name: str, model, shape: tuple[int, ...], message: str,
         fix = (f"give --input-shape {wanted} (channels first: its first convolution, {first[0]}, takes "
                f"{conv.in_channels} channel{'s' if conv.in_channels != 1 else ''})")
     return f"{name} fails on an input of --input-shape {given}: {reason}; {fix}"
+
+
+_EMBEDDING_ERRORS = ("for embedding)", "'indices' to have one of the following scalar types",
+                     "index out of range in self")
+
+
+def token_ids_refusal(name: str, given: str, reason: str) -> str:
+    """The line for a model taking integer token ids given --input-shape (float inputs only)."""
+    return (f"{name} fails on an input of --input-shape {given}: {reason}; the model takes integer token ids, "
+            "which no --input-shape gives (it makes float inputs): prune it from Python on token ids "
+            "(prunekit.prune(model, (ids, labels), ..., out='runs/X'); the run folder remembers the ids' shape "
+            f"and dtype), then run `prunekit info runs/X --model {name}`")
 
 
 def _zeros(row: dict) -> int:

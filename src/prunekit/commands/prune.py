@@ -486,6 +486,27 @@ def _params_bound(one: dict) -> str:
     return f"; the params budget bound: the sparsity budget allowed {100 * (1 - allowed / prunable):.2f}%"
 
 
+def _channels_line(one: dict) -> str:
+    """The summary's channels line: channels kept of the groups' channels, heads apart from them
+    where the groups hold both (a count of 8 heads and 256 MLP units is no one count)."""
+    n = len(one["kept_channels"])
+    segments = one.get("group_segments") or [1] * n
+    kinds = ["heads" if kind in ("heads", "qkv_heads") else "channels"
+             for kind in (one.get("group_kinds") or ["channels"] * n)]
+    parts = []
+    for what in ("heads", "channels"):
+        chosen = [i for i in range(n) if kinds[i] == what]
+        if chosen:
+            kept = sum(one["kept_channels"][i] * segments[i] for i in chosen)
+            size = sum(one["group_sizes"][i] * segments[i] for i in chosen)
+            parts.append((what, kept, size, len(chosen)))
+    if len(parts) == 1:
+        what, kept, size, groups = parts[0]
+        return f"{what + ' ' * (10 - len(what))} {kept:,} of {size:,} in {groups} groups"
+    return "channels   " + ", ".join(f"{what} {kept:,} of {size:,} in {groups} group{'s' if groups != 1 else ''}"
+                                    for what, kept, size, groups in parts)
+
+
 def _channel_bound(one: dict) -> str:
     """"; the params budget bound ..." / "; the flops budget bound ..." where a channel method was
     given both budgets (``bound``: the one that chose the cut), with what the other alone allowed.
@@ -525,9 +546,7 @@ def prune_lines(r: dict) -> list[str]:
         lines += [f"  MACs kept  {100 * one['flops_kept']:.2f}% ({one['macs']:,} of {one['dense_macs']:,})",
                   f"  params     {100 * one['params_kept']:.2f}% kept ({one['params']:,}){_channel_bound(one)}"]
         if "kept_channels" in one:
-            segments = one.get("group_segments") or [1] * len(one["kept_channels"])
-            lines.append(f"  channels   {sum(k * s for k, s in zip(one['kept_channels'], segments)):,} of "
-                         f"{sum(n * s for n, s in zip(one['group_sizes'], segments)):,} in {one['groups']} groups")
+            lines.append(f"  {_channels_line(one)}")
             dense = unexpected_skips([tuple(entry.split(": ", 1)) for entry in one.get("skipped_groups", [])])
             if dense:
                 lines.append(f"  left dense {listed_skips(dense)}")

@@ -138,7 +138,8 @@ class PrunedCheckpoint:
         dense_params = self.source.get("dense_params") or counts.dense_params
         nonzeros = sum(int((w != 0).sum()) for w in self.space.weights())
         record = {"macs": counts.macs, "dense_macs": dense_macs, "flops_kept": counts.macs / dense_macs,
-                  "params": counts.params, "dense_params": dense_params, "params_kept": counts.params / dense_params}
+                  "params": counts.params, "dense_params": dense_params, "params_kept": counts.params / dense_params,
+                  "nonzero_params": counts.nonzero_params}
         if self.source.get("sparsity") is not None or not (self.source or self.shrunk):    # a weights method's
             record.update(sparsity=1 - nonzeros / self.space.numel, nonzeros=nonzeros)
         origin = self.origin or self.source.get("pruned") or (

@@ -78,9 +78,10 @@ def sparsify_shrunk(ctx: ChannelContext, small: nn.Module, share: float, opts: H
     well; a cut already under it is not asked for it (nor for MACs, where it is under those); the
     facts then say which budget bound (``_bound``)."""
     costs = CostModel(small, ctx.example_input)
-    if costs.macs != ctx.costs.count(small).macs:
-        raise AssertionError(f"the shrunk model costs {costs.macs} MACs by its own trace and "
-                             f"{ctx.costs.count(small).macs} by the dense model's: one counting rule broken")
+    own, by_dense = costs.count(small).macs, ctx.costs.count(small).macs     # both nonzero-aware: a zero the
+    if own != by_dense:                                   # cut kept (a tied table's padding row) costs no MAC in either
+        raise AssertionError(f"the shrunk model costs {own} MACs by its own trace and "
+                             f"{by_dense} by the dense model's: one counting rule broken")
     space = ParamSpace(small, include=ctx.include, exclude=ctx.exclude, costs=costs)
     max_macs = int(share * ctx.costs.macs)
     params_fit = ctx.max_params is None or costs.count(small).params <= ctx.max_params

@@ -224,6 +224,7 @@ def prune_channels(ctx: ChannelContext, run, opts: ChannelOptions, *, recalibrat
                                   {**{k: v for k, v in info.items() if k != "kept_channels"},
                                    "groups": len(ctx.groups), "kept_channels": info["kept_channels"][f"{share:g}"],
                                    "group_sizes": [g.size for g in ctx.groups],
+                                   "group_kinds": [g.kind for g in ctx.groups],     # channels, heads, qkv_heads
                                    # a grouped conv's G blocks keep the same positions: counts above are per block
                                    "group_segments": [g.segments for g in ctx.groups],
                                    "group_roots": [g.root for g in ctx.groups],      # the layer each group is named by
