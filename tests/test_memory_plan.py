@@ -1,6 +1,7 @@
 """The memory plan: sizes, the one-line refusal before any work, fisher_samples="auto"."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -354,17 +355,72 @@ def test_a_request_over_max_memory_is_refused_before_any_gradient(monkeypatch):
         prunekit.prune(wide_model(), many, method="falcon", flops=0.5, fisher_samples=10**4, max_memory=limit)
 
 
-def test_rows_past_the_data_are_refused_before_the_memory_plan_suggests_more(monkeypatch):
+class Reached(Exception):
+    """Raised where the run would compute its first gradient: the plan let the request through."""
+
+
+def _reached(*args, **kwargs):
+    raise Reached
+
+
+def test_rows_past_the_data_are_refused_naming_rows_that_fit_both(monkeypatch):
     """fisher_samples far above the data's samples was refused by the memory plan, naming "the
     largest fisher_samples that fits" (more rows than the data holds): following it got a second
-    refusal, the data's. The data's refusal comes first, so its fix (64) is the one to follow."""
-    monkeypatch.setattr(fisher_methods, "collect_gradients", lambda *a, **k: pytest.fail("gradients computed"))
-    limit = memory_plan.current_usage(torch.device("cpu")) + 400 * MB
-    for method, budget in (("falcon", {"flops": 0.5}), ("chita", {"sparsity": 0.5})):
+    refusal, the data's. Now one refusal names an n that runs: the data's (64) where 64 rows fit
+    the memory, else the memory's, no n in it above the data's 64 samples."""
+    monkeypatch.setattr(fisher_methods, "collect_gradients", _reached)
+    roomy = memory_plan.current_usage(torch.device("cpu")) + 2000 * MB       # 64 rows fit
+    for method, budget, above in (("falcon", {"flops": 0.5}, 400), ("chita", {"sparsity": 0.5}, 700)):
+        tight = memory_plan.current_usage(torch.device("cpu")) + above * MB     # some rows fit, not 64
         with pytest.raises(PrunekitError, match="holds 64 samples, 10000 gradient rows of one sample asked: lower "
                                                 "fisher_samples to 64 or fewer") as caught:
-            prunekit.prune(wide_model(), data(), method=method, fisher_samples=10**4, max_memory=limit, **budget)
+            prunekit.prune(wide_model(), data(), method=method, fisher_samples=10**4, max_memory=roomy, **budget)
         assert "largest fisher_samples" not in str(caught.value)
+        with pytest.raises(PrunekitError, match="largest fisher_samples that fits is") as caught:
+            prunekit.prune(wide_model(), data(), method=method, fisher_samples=10**4, max_memory=tight, **budget)
+        named = [int(n) for n in re.findall(r"(\d+) in (?:float32|bfloat16|float16)",
+                                            str(caught.value).split("fits is")[1])]
+        assert len(named) == 3 and all(0 < n <= 64 for n in named) and named[0] < 64, caught.value
+        with pytest.raises(Reached):            # the n it names runs
+            prunekit.prune(wide_model(), data(), method=method, fisher_samples=named[0], max_memory=tight, **budget)
+
+
+def test_the_default_rows_past_the_data_are_refused_by_the_data_where_its_count_fits(monkeypatch):
+    """The walker's ResNet-50 case in small: the method's default fisher_samples (1000) over the
+    memory and over the 64 samples. The memory plan refused first naming the largest n that fits
+    the memory (above 64), and that n was then refused by the data's check; now the refusal is the
+    data's where 64 rows fit, naming 64, and where the data's count fits one dtype but not another
+    the memory's names no n above 64."""
+    monkeypatch.setattr(fisher_methods, "collect_gradients", _reached)
+    limit = memory_plan.current_usage(torch.device("cpu")) + 1500 * MB        # ~200 rows fit, 1000 do not
+    with pytest.raises(PrunekitError, match=r"holds 64 samples, 1000 gradient rows of one sample asked \(the method's "
+                                            r"default fisher_samples\): lower fisher_samples to 64 or fewer") as caught:
+        prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, max_memory=limit)
+    assert "largest" not in str(caught.value)
+    with pytest.raises(Reached):
+        prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, max_memory=limit, fisher_samples=64)
+
+
+def test_a_memory_refusal_names_no_more_rows_than_the_data_holds(steady_usage):
+    """memory_plan.plan told the data's count (data_samples): an n the memory allows above it is
+    named as the data's count, said as all the data holds; the n that fits below it is named as is."""
+    model, example = wide_model(), torch.zeros(1, 1, 8, 8)
+    space = ParamSpace(model)
+    limit = steady_usage + 1500 * MB
+    free = memory_plan.plan(model, space, example, n="auto", max_memory=limit, most_rows=10**6).n
+    assert 100 < free < 1000
+    with pytest.raises(PrunekitError) as caught:       # bfloat16 and float16 would allow 2 x free
+        memory_plan.plan(model, space, example, n=5000, max_memory=limit, data_samples=free + 10)
+    message = str(caught.value)
+    named = [int(n) for n in re.findall(r"(\d+) in (?:float32|bfloat16|float16)",
+                                        message.split("fits is")[1].replace(",", ""))]
+    assert named[0] <= free and named[1:] == [free + 10, free + 10], message
+    assert "(all the training data holds)" in message
+    with pytest.raises(PrunekitError, match=r"holds 50 samples, 5000 gradient rows"):    # 50 rows fit: the data's
+        memory_plan.plan(model, space, example, n=5000, max_memory=limit, data_samples=50)
+    # unknown data (None): as before, the n the memory allows
+    with pytest.raises(PrunekitError, match="largest fisher_samples that fits is"):
+        memory_plan.plan(model, space, example, n=5000, max_memory=limit)
 
 
 def test_cli_refuses_rows_past_the_data_before_the_memory_plan(capsys):
@@ -375,6 +431,22 @@ def test_cli_refuses_rows_past_the_data_before_the_memory_plan(capsys):
     err = capsys.readouterr().err.strip()
     assert "the training data holds 64 samples" in err and "--fisher-samples to 64 or fewer" in err, err
     assert "largest" not in err and "\n" not in err
+
+
+def test_cli_default_rows_past_the_data_get_one_refusal_naming_rows_that_run(capsys, monkeypatch):
+    """The walker's repro on ResNet-50 (--train-samples 64, default --fisher-samples 1000): refused
+    by the memory plan naming 173, then 173 refused by the data naming 64. Now the first refusal is
+    the data's, naming 64, which fits --max-memory here and runs."""
+    monkeypatch.setattr(fisher_methods, "collect_gradients", _reached)
+    limit = f"{(memory_plan.current_usage(torch.device('cpu')) + 300 * MB) // MB}M"     # 64 rows fit, 1000 do not
+    argv = ["prune", *MLP, *MNIST, "--method", "falcon", "--flops", "0.5", "--train-samples", "64",
+            "--max-memory", limit, "--no-stage-eval"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert ("the training data holds 64 samples, 1000 gradient rows of one sample asked (the method's default "
+            "--fisher-samples): lower --fisher-samples to 64 or fewer") in err and "\n" not in err, err
+    with pytest.raises(Reached):
+        main([*argv, "--fisher-samples", "64"])
 
 
 def test_auto_and_compact_storage_through_prunekit_prune():

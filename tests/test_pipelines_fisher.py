@@ -113,3 +113,44 @@ def test_revived_counts_the_weights_that_come_back():
             assert sum(expected) > 0 and got == expected
         else:
             assert got == [0, 0, 0]
+
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 300), torch.nn.ReLU(),
+                               torch.nn.Linear(300, 300), torch.nn.ReLU(), torch.nn.Linear(300, 10))
+
+
+@pytest.mark.parametrize("method,budget", [("chita", {"sparsity": 0.7}), ("falcon", {"flops": 0.4})])
+def test_a_tiny_fisher_is_solved_as_its_scaled_up_twin(method, budget):
+    """A loss scaled by 2**-70 scales every gradient by exactly 2**-70 and the Fisher by 2**-140
+    (random-weight MobileNetV1 had a mean diagonal of 1e-37: a ridge of 1e-38, float32 subnormals).
+    Its float32 squares underflowed (the ridge became 0.1 of a fallback 1, not of the Fisher) and
+    products went subnormal: CHITA's result broke its budget ("internal error"). The stage's X is
+    scaled by a power of two first (normalising_scale): the same masks as the unscaled loss, and
+    its ridge and objective recorded in the loss's own units (2**-140 of the twin's)."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    results = {}
+    for c in (1.0, 2.0**-70):
+        result = prunekit.prune(_tiny_net(), data, method=method, fisher_samples=64, recalibrate_bn=False,
+                                loss=lambda out, y, c=c: F.cross_entropy(out, y) * c, **budget)
+        mask = torch.cat([p.detach().reshape(-1) != 0 for name, p in result.model.named_parameters()
+                          if name.endswith("weight")])
+        results[c] = mask, result.history[0]
+    (twin, normal), (mask, tiny) = results[1.0], results[2.0**-70]
+    assert torch.equal(mask, twin)
+    assert tiny["ridge"] == pytest.approx(normal["ridge"] * 2.0**-140, rel=1e-6)
+    assert tiny["objective"] == pytest.approx(normal["objective"] * 2.0**-140, rel=1e-4)
+    assert 0 < tiny["objective"] < 1e-40
+
+
+def test_normalising_scale_leaves_ordinary_fishers_alone():
+    from prunekit.pipelines.fisher_methods import normalising_scale
+    assert normalising_scale(1e-6, torch.float32) == 1.0 and normalising_scale(3e7, torch.bfloat16) == 1.0
+    assert normalising_scale(1e-37, torch.float16) == 1.0            # no room in float16's range
+    for diagonal in (1e-37, 2.0**-140, 1e20):
+        scale = normalising_scale(diagonal, torch.float32)
+        assert scale == 2.0 ** round(torch.tensor(scale).log2().item())      # a power of two
+        assert 0.5 <= diagonal * scale**2 <= 2.0

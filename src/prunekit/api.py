@@ -182,6 +182,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     if train_batches is not None:     # rows past the data: refused before the memory plan suggests more rows
         method_row, _, checked, _ = request.resolved_options()
         check_rows_before_plan(method_row, checked, samples_per_pass(train_batches()))
+        request.data_samples = samples_per_pass(train_batches())     # a memory refusal names no more rows
     plan = request.plan()
     if train_batches is not None:     # gradient rows past the data: refused before the dense model is measured
         check_planned_rows(plan, samples_per_pass(train_batches()),

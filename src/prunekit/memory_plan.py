@@ -115,6 +115,7 @@ from torch import nn
 
 from . import attention_explicit, layer_grads
 from .errors import PrunekitError
+from .fisher_batches import check_sample_count
 from .fisher_hooks import hooked_layers      # the collector's own layers (and test): not a copy
 from .memory_probe import activation_bytes, inference_bytes
 from .options import OptionError
@@ -345,7 +346,8 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
          family: str = "falcon", max_memory=None, fisher_batch: int = 1, obs_block_size: int = 128,
          keep_share: float = 1.0, fisher_bn: str = "frozen", ranks: int = 1,
          ranks_here: int = 1, judge_batch: int = 0, refit_samples: int = 0, refit_batch: int = 0,
-         most_rows: int = 1000, data_batch: int = 0, data_to_load: int = 0) -> MemoryPlan:
+         most_rows: int = 1000, data_batch: int = 0, data_to_load: int = 0, data_samples: int | None = None,
+         n_default: bool = False) -> MemoryPlan:
     """The memory plan of gradients + solve for ``space``'s weights, refusing what does not fit.
 
     n:          fisher_samples, an int or "auto" (the largest n ≤ ``most_rows`` that fits; the
@@ -365,6 +367,12 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
     data_batch: samples per training batch the gradients read (0: not counted).
     data_to_load: bytes of data this process will decode and hold during the run but does not hold
                 yet (an image folder scanned, not decoded), counted in ``resident`` on a CPU.
+    data_samples: the samples one pass of the training data holds, where the n rows are per-sample
+                rows read from one pass (None: not known, or rows of another kind). A refusal then
+                names no n above it; and where n is above it but n = data_samples fits, the refusal
+                is the data's (``fisher_batches.check_sample_count``: lower fisher_samples to
+                data_samples), so that the value a refusal names is one that runs.
+    n_default:  n is the method's default fisher_samples, not the user's (the data refusal says so).
     Raises PrunekitError when the request does not fit.
     """
     storage = storage_dtype(dtype)
@@ -391,8 +399,11 @@ def plan(model: nn.Module, space, example_input: torch.Tensor, *, n: int | str, 
         raise PrunekitError(f"fisher_samples must be a positive integer or 'auto', got {n!r}")
     result = estimate(n, storage)
     if not result.fits():
-        raise OptionError(_refusal(result, estimate, limit, refit_samples, ranks, max_memory is not None),
-                          REFUSAL_OPTIONS)
+        if data_samples is not None and 0 < data_samples < n and _fits_with_spare(estimate(data_samples, storage),
+                                                                                  limit):
+            check_sample_count(data_samples, n, n_default)      # refuses: its n (the data's count) fits
+        raise OptionError(_refusal(result, estimate, limit, refit_samples, ranks, max_memory is not None,
+                                   data_samples), REFUSAL_OPTIONS)
     return result
 
 
@@ -463,9 +474,20 @@ REFUSAL_OPTIONS = ("fisher_samples", "max_memory", "refit_batches")      # the o
 SUGGESTION_SPARE = 32 * MiB     # bytes a suggested fisher_samples leaves free, at least (or 1 % of the limit)
 
 
+def _spare(limit: int) -> int:
+    """Bytes a suggested n leaves free: what the process holds moves by some 10 MB from run to run."""
+    return max(SUGGESTION_SPARE, limit // 100)
+
+
+def _fits_with_spare(result: MemoryPlan, limit: int) -> bool:
+    """Whether ``result`` fits ``limit`` with the room a suggested n leaves (``_spare``)."""
+    return replace(result, limit=limit - _spare(limit)).fits()
+
+
 def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, ranks: int = 1,
-             given: bool = True) -> str:
-    """The refusal's one line; ``given``: the limit is max_memory (else the memory available)."""
+             given: bool = True, data_samples: int | None = None) -> str:
+    """The refusal's one line; ``given``: the limit is max_memory (else the memory available);
+    ``data_samples``: the samples one pass of the training data holds (the n it names are no more)."""
     cap = (f"max_memory is {_human(limit)}" if given else
            f"this {'rank' if ranks > 1 else 'process'} may grow to {_human(limit)} ({'its share of ' if ranks > 1 else ''}"
            "the memory available less a margin; max_memory not given)")
@@ -475,8 +497,9 @@ def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, r
                 f"({refit_samples:,} images through the pruned and the dense network) but {cap}: "
                 f"set refit_batches to fewer batches, or 0 (or {more})")
     # the n suggested fits with room to spare: what the process holds moves by some 10 MB from run to run
-    spare = max(SUGGESTION_SPARE, limit // 100)
-    largest = {name: largest_n(lambda rows: replace(estimate(rows, storage), limit=limit - spare), 10**7)
+    spare = _spare(limit)
+    most = data_samples if data_samples is not None and data_samples > 0 else 10**7
+    largest = {name: largest_n(lambda rows: replace(estimate(rows, storage), limit=limit - spare), most)
                for name, storage in STORAGE_DTYPES.items()}
     share = f"; each of {ranks} ranks holds a share of its columns, " if ranks > 1 else " = "
     if not any(largest.values()):        # not one row fits: what the rest of the run takes is the limit
@@ -485,7 +508,8 @@ def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, r
                 f"(the model, its data and the method's work besides the gradients) but {cap}: "
                 + (f"raise max_memory to more than {_human(least + spare)}" if given else
                    f"free memory until more than {_human(least + spare)} is available"))
-    fitting = ", ".join(f"{n:,} in {name}" for name, n in largest.items())
+    fitting = ", ".join(f"{n:,} in {name}" + (" (all the training data holds)" if n == most else "")
+                        for name, n in largest.items())
     return (f"this request needs about {_human(result.total)}{' per rank' if ranks > 1 else ''} (gradients "
             f"{result.n:,} x {result.p:,} in {str(result.dtype).removeprefix('torch.')}{share}"
             f"{_human(result.gradients)}) but {cap}: the largest fisher_samples that fits is {fitting} "

@@ -18,7 +18,10 @@ any work; ``plan_memory(model, space, example_input, resolved_budget, options, d
 refuses one whose estimated peak memory does not fit and returns its ``memory_plan.MemoryPlan``
 (``data_to_load``: bytes of data still to decode that the run will hold, counted as held; a
 plan_memory without that parameter, the earlier form, still works: prunekit adds those bytes to
-the resident set of the ``MemoryPlan`` it returns and refuses it when it no longer fits);
+the resident set of the ``MemoryPlan`` it returns and refuses it when it no longer fits; one that
+names a ``data_samples=None`` parameter is also told the samples one pass of the training data
+holds, and then checks per-sample rows past them itself, as the built-in one does: its refusal
+names no more rows than the data holds);
 ``defaults`` are the method's own defaults over its options class's.
 
 Add your own method with ``add_method(Method(...))`` (or pass a ``Method`` as ``method=`` to

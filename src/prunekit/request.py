@@ -27,7 +27,7 @@ from .losses import LossFn
 from .methods import Method, lookup
 from .options import OptionError, Options
 from .params import ParamSpace
-from .pipelines.fisher_methods import check_shardable
+from .pipelines.fisher_methods import check_shardable, plan_counts_the_data
 from .pipelines.gradual import GradualOptions, check_start_keep
 from .structured.family import ChannelContext
 from .structured.groups import dense_groups_warning
@@ -50,7 +50,9 @@ class PruneRequest:
         is in memory already (what the process holds counts it). Or a function returning them,
         called by ``plan()`` after every check that needs no data (options, budget, the method's
         own) and before the memory plan: the commands scan their image folders in it, so a bad
-        value is refused before a huge folder's headers are read.
+        value is refused before a huge folder's headers are read (it may set ``data_samples``).
+    data_samples: the samples one pass of the training data holds (None: not known): a memory
+        refusal then names no more per-sample gradient rows than the data can give.
     """
 
     model: nn.Module
@@ -66,6 +68,7 @@ class PruneRequest:
     name: str | None = None
     loss: LossFn | None = None
     data_to_load: int | Callable[[], int] = 0
+    data_samples: int | None = None
 
     def resolved_options(self) -> tuple[Method, dict, "Options", GradualOptions | None]:
         """The method's row, its options as given, its options checked with its defaults filled in,
@@ -156,7 +159,8 @@ class PruneRequest:
             method.check(resolved, options)
         data_to_load = self.data_to_load() if callable(self.data_to_load) else self.data_to_load
         if method.plan_memory is not None:
-            _plan_memory(method, self.model, space, self.example_input, resolved, options, data_to_load)
+            _plan_memory(method, self.model, space, self.example_input, resolved, options, data_to_load,
+                         self.data_samples)
         stages = getattr(options, "stages", 1)          # "auto": 5 or 15 (falcon++)
         mode = ("structured" if method.family == "channels" else "gradual" if gradual is not None
                 else "multi-stage" if stages == "auto" or stages > 1 else "one-shot")
@@ -175,15 +179,18 @@ def takes_data_to_load(function) -> bool:
                for p in parameters)
 
 
-def _plan_memory(method: Method, model: nn.Module, space, example_input, resolved, options, data_to_load: int):
+def _plan_memory(method: Method, model: nn.Module, space, example_input, resolved, options, data_to_load: int,
+                 data_samples: int | None = None):
     """Run ``method.plan_memory``, telling it ``data_to_load`` (bytes of data still to decode, held
     during the run) where it takes it. A plan_memory of the earlier five-argument form is called
     with those five; where data is still to load on a CPU (where the data is held too), a
     ``memory_plan.MemoryPlan`` it returns has the data added to its resident set and is refused
     as the method's own plan would be when it no longer fits; one returning anything else cannot
-    be corrected, and a warning says its estimate leaves the data out."""
+    be corrected, and a warning says its estimate leaves the data out. ``data_samples`` (the samples
+    one pass of the training data holds) goes to a plan_memory that names that parameter."""
     if takes_data_to_load(method.plan_memory):
-        return method.plan_memory(model, space, example_input, resolved, options, data_to_load=data_to_load)
+        extra = {"data_samples": data_samples} if plan_counts_the_data(method) else {}
+        return method.plan_memory(model, space, example_input, resolved, options, data_to_load=data_to_load, **extra)
     planned = method.plan_memory(model, space, example_input, resolved, options)
     device = next(iter(model.parameters()), torch.empty(0)).device
     if data_to_load <= 0 or device.type != "cpu":

@@ -23,7 +23,7 @@ from ..data.loaders import samples_per_pass
 from ..errors import PrunekitError
 from ..executor import REDO_RESUMED, execute
 from ..fisher_batches import check_sample_count
-from ..pipelines.fisher_methods import check_planned_rows
+from ..pipelines.fisher_methods import check_planned_rows, plan_counts_the_data
 from ..loading import LoadedModel
 from ..methods import METHODS, lookup
 from ..pipelines.gradual import GradualOptions
@@ -212,6 +212,8 @@ def _check_rows_fit_the_data(args, train_batches, method: str | None = None, pla
     if plan is not None:
         check_planned_rows(plan, train_batches.samples_per_pass(), train_batches.first_batch_size)
         return
+    if plan_counts_the_data(row):
+        return      # its memory plan refuses rows past the data, or names an n that fits both (plan_of)
     given = {k: v for k, v in method_options(args).items() if k in row.options.names()}
     rows, batch, fresh = given.get("fisher_samples"), given.get("fisher_batch") or 1, given.get("fresh_samples")
     stages = given.get("stages", (row.defaults or {}).get("stages"))
@@ -329,6 +331,8 @@ def plan_of(args, loaded: LoadedModel, eval_loader, train_batches, method: str |
             if use == "batchnorm":
                 _check_training_split_for_batchnorm(request.method, train_batches)
             _check_rows_fit_the_data(args, train_batches, method)     # before the memory plan: its n
+            if use and train_batches is not None and "fisher_samples" in lookup(request.method).options.names():
+                request.data_samples = train_batches.samples_per_pass()     # a memory refusal names no more rows
             counted.append(bytes_to_load(eval_loader, train_batches if use else None))
         return counted[0]
 
