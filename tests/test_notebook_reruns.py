@@ -16,6 +16,7 @@ import tomllib
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -241,3 +242,105 @@ def test_an_own_method_digest_is_named_by_the_method(tmp_path, own_table):
     line = next(line for line in (tmp_path / "run" / "config.toml").read_text().splitlines()
                 if line.startswith("method-fingerprint"))
     assert line.endswith("  # nb-keep-first: an own Method's family, options class, defaults, run and sparsify"), line
+
+
+# ---- review s52 part B: the Method's fields, add_method / remove_method, a method by name, temporaries
+
+def _keep(ctx, options):
+    from prunekit.pipelines.weights import Pruned
+    w = ctx.space.vector().clone()
+    w[ctx.budget.max_nonzeros:] = 0
+    return Pruned(w)
+
+
+def _plan(*args, **kwargs):
+    return 0
+
+
+def _refuse_all(budget, options):
+    raise PrunekitError("no budget will do")
+
+
+def test_a_method_built_positionally_means_what_it_did():
+    """(name, family, options, run, about, defaults, check, plan_memory, sparsify) by position, as
+    before check_budget was added: plan_memory is plan_memory; check_budget is keyword-only."""
+    from prunekit.pipelines.magnitude_methods import MagnitudeOptions
+    m = prunekit.Method("pos", "weights", MagnitudeOptions, _keep, "about", {}, None, _plan, None)
+    assert m.plan_memory is _plan and m.check_budget is None and m.sparsify is None
+    with pytest.raises(TypeError):
+        prunekit.Method("pos", "weights", MagnitudeOptions, _keep, "about", {}, None, _plan, None, _refuse_all)
+    assert prunekit.Method("pos", "weights", MagnitudeOptions, _keep, check_budget=_refuse_all).check_budget \
+        is _refuse_all
+
+
+def test_remove_method_takes_the_method_it_was_given_or_its_name(own_table):
+    from prunekit.pipelines.magnitude_methods import MagnitudeOptions
+    m = prunekit.add_method(prunekit.Method("rm-obj", "weights", MagnitudeOptions, _keep))
+    assert prunekit.remove_method(m) is m and "rm-obj" not in METHODS
+    with pytest.raises(PrunekitError, match="remove_method takes a method's name or its prunekit.Method, got int"):
+        prunekit.remove_method(123)
+    with pytest.raises(PrunekitError, match="cannot be removed"):
+        prunekit.remove_method(METHODS["magnitude"])
+
+
+@pytest.mark.parametrize("make", [lambda v: np.full(3, v), lambda v: torch.full((3,), float(v))],
+                         ids=["ndarray", "tensor"])
+def test_a_method_whose_defaults_hold_an_array_is_added_again_and_another_refused(make, own_table):
+    from prunekit.pipelines.magnitude_methods import MagnitudeOptions
+    prunekit.add_method(prunekit.Method("arr", "weights", MagnitudeOptions, _keep, defaults={"w": make(1)}))
+    again = prunekit.Method("arr", "weights", MagnitudeOptions, _keep, defaults={"w": make(1)})
+    assert prunekit.add_method(again) is again and METHODS["arr"] is again
+    other = prunekit.Method("arr", "weights", MagnitudeOptions, _keep, defaults={"w": make(2)})
+    with pytest.raises(PrunekitError, match="exists already and this is another one .*replace=True"):
+        prunekit.add_method(other)
+    assert METHODS["arr"] is again
+
+
+def test_another_check_budget_is_another_method_and_a_reworded_about_is_the_same(own_table):
+    from prunekit.pipelines.magnitude_methods import MagnitudeOptions
+    first = prunekit.add_method(prunekit.Method("cb", "weights", MagnitudeOptions, _keep, "keeps the first weights"))
+    checked = prunekit.Method("cb", "weights", MagnitudeOptions, _keep, "keeps the first weights",
+                              check_budget=_refuse_all)
+    with pytest.raises(PrunekitError, match="exists already and this is another one .*replace=True"):
+        prunekit.add_method(checked)
+    assert METHODS["cb"] is first
+    reworded = prunekit.Method("cb", "weights", MagnitudeOptions, _keep, "keeps the first weights (typo fixed)")
+    assert prunekit.add_method(reworded) is reworded and METHODS["cb"].about == "keeps the first weights (typo fixed)"
+    assert prunekit.add_method(checked, replace=True) is checked and METHODS["cb"].check_budget is _refuse_all
+
+
+def _counting():
+    """A run function that counts its calls in its closure (what it runs changes as it runs)."""
+    calls = 0
+
+    def keep_counted(ctx, options):
+        nonlocal calls
+        calls += 1
+        return _keep(ctx, options)
+    return keep_counted
+
+
+@pytest.mark.filterwarnings("ignore:layer .* kept no weight")  # keep-first empties the last layer
+def test_an_own_method_passed_by_name_is_given_back_on_the_same_call_again(tmp_path, own_table):
+    from prunekit.pipelines.magnitude_methods import MagnitudeOptions
+    prunekit.add_method(prunekit.Method("cnt-name", "weights", MagnitudeOptions, _counting()))
+    net, x, y = _tiny()
+    first = prunekit.prune(net, (x, y), method="cnt-name", sparsity=0.5, out=str(tmp_path / "run"))
+    assert (tmp_path / "run" / "code-written.json").exists()
+    again = prunekit.prune(_tiny()[0], (x, y), method="cnt-name", sparsity=0.5, out=str(tmp_path / "run"))
+    assert again.record == first.record
+
+
+@pytest.mark.parametrize("name", ["code-slots.json", "code-written.json", "data-rng.json"])
+def test_a_killed_write_of_a_code_record_leaves_a_temporary_force_removes(name, tmp_path):
+    from prunekit import runs
+    net, x, y = _tiny()
+    prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5, importance=row_scaled, out=str(tmp_path / "run"))
+    temporary = tmp_path / "run" / f".{name}.abcd1234.tmp"
+    temporary.write_text("{")
+    mine = tmp_path / "run" / ".notes.abcd1234.tmp"            # a file of the user's: not prunekit's
+    mine.write_text("mine")
+    assert runs.stale_temporaries(tmp_path / "run") == [temporary]
+    prunekit.prune(_tiny()[0], (x, y), method="magnitude", sparsity=0.5, importance=row_scaled,
+                   out=str(tmp_path / "run"), force=True)
+    assert not temporary.exists() and mine.read_text() == "mine"

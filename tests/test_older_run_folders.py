@@ -218,3 +218,67 @@ def test_the_older_folder_warnings_of_prune_resume_name_what_resume_takes(unreco
     assert main(argv) == 0                     # the same command: there --force is the fix
     lines = [line for line in capsys.readouterr().err.splitlines() if said in line]
     assert len(lines) == 1 and "run it anew with --force" in lines[0], lines
+
+
+# A Python run folder of the prunekit before this one (81244f6): its code digests were taken by an
+# earlier rule (a function's docstring in, a loss module's train/eval mode out), so a digest of the
+# same code now differs. Whether the code is the same cannot be told: refused, naming the rule and
+# force=True (carried on, a run of other code could be handed back as this call's).
+
+def _documented(name, w):
+    """|w| (the docstring the earlier rule hashed)."""
+    return w.abs()
+
+
+def _tiny_python_run():
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    x = torch.randn(128, 6)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), x, x[:, :3].argmax(1)
+
+
+def _as_earlier_rule(folder: Path, key: str, comments: bool = False) -> None:
+    """Rewrite ``folder``'s config.toml as the earlier version wrote it: no comments (unless
+    ``comments``) and ``key``'s digest another one (the same code's digest by the earlier rule)."""
+    config = folder / "config.toml"
+    lines = []
+    for line in config.read_text().splitlines():
+        if not comments and line.startswith("#"):
+            continue
+        name, _, value = line.partition(" = ")
+        if name == key:
+            line = f'{name} = "{"0" * 64}"' + ("  # " + value.split("  # ")[1] if comments and "  # " in value else "")
+        lines.append(line if comments else line.split("  # ")[0])
+    config.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("given", ["importance", "loss"])
+def test_an_older_python_folder_whose_code_digest_differs_is_refused_naming_the_rule_change(given, tmp_path):
+    from torch import nn
+    kw = {"importance": _documented} if given == "importance" else {"loss": nn.CrossEntropyLoss().eval()}
+    net, x, y = _tiny_python_run()
+    out = tmp_path / "run"
+    prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5, out=str(out), **kw)
+    _as_earlier_rule(out, f"{given}-fingerprint")
+    stored = (out / "config.toml").read_text()
+    with pytest.raises(prunekit.PrunekitError) as refused:
+        prunekit.prune(_tiny_python_run()[0], (x, y), method="magnitude", sparsity=0.5, out=str(out), **kw)
+    said = str(refused.value)
+    assert "older prunekit" in said and f"its {given}= by an earlier rule" in said and "force=True" in said, said
+    assert "\n" not in said and (out / "config.toml").read_text() == stored          # nothing written
+    again = prunekit.prune(_tiny_python_run()[0], (x, y), method="magnitude", sparsity=0.5, out=str(out),
+                           force=True, **kw)
+    assert again.record and "# *-fingerprint:" in (out / "config.toml").read_text()
+
+
+def test_a_folder_of_this_version_whose_code_digest_differs_is_refused_as_other_code(tmp_path):
+    from prunekit import api
+    assert api.CODE_COMMENT.startswith(runs.CODE_RULE_MARK)      # the mark of a config of this version
+    net, x, y = _tiny_python_run()
+    out = tmp_path / "run"
+    prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5, out=str(out), importance=_documented)
+    _as_earlier_rule(out, "importance-fingerprint", comments=True)
+    with pytest.raises(prunekit.PrunekitError, match="holds another run, made with another importance="):
+        prunekit.prune(_tiny_python_run()[0], (x, y), method="magnitude", sparsity=0.5, out=str(out),
+                       importance=_documented)

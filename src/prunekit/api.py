@@ -145,7 +145,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     # the code's state before anything runs it (check_loss calls the loss): what the run writes is its output
     forget_tensors()        # (a tensor is hashed once in a call: before, in the config, after)
     code_before = {key: slot_record(obj, width=64)
-                   for key, obj in _code_objects(method, loss, options).items()} if out else {}
+                   for key, obj in _code_objects(METHODS.get(method, method) if isinstance(method, str) else method,
+                                                    loss, options).items()} if out else {}
     check_data(data, "data", class_labels=loss is None)
     check_data(eval_data, "eval_data", class_labels=loss is None)
     check_not_meta(example_input, "example_input")

@@ -64,9 +64,11 @@ class Method:
     about: str = ""
     defaults: dict = field(default_factory=dict)
     check: Callable | None = None        # check(resolved budget, options), after the model is traced
-    check_budget: Callable | None = None   # check_budget(budget as asked, options): before the trace
     plan_memory: Callable | None = None
     sparsify: Callable | None = None     # channels family: a second phase pruning single weights
+    # added after the fields above and keyword-only, so that a Method built positionally
+    # (name, family, options, run, about, defaults, check, plan_memory, sparsify) means what it did
+    check_budget: Callable | None = field(default=None, kw_only=True)  # check_budget(budget as asked, options): before the trace
 
     def __post_init__(self) -> None:
         """Refuse a row that cannot run, naming the field (a method of your own is built here)."""
@@ -133,9 +135,10 @@ def add_method(method: Method, replace: bool = False) -> Method:
     """Add your own method to the table (then ``prunekit.prune(..., method=name)`` and the CLI's
     ``--method`` know it). Refuses an unknown family, and a name already taken by another method:
     adding the same method again (a notebook cell run twice: the same family, options class, defaults,
-    ``run``, ``check``, ``plan_memory`` and ``sparsify`` code, ``code_of``) is accepted, the table then
-    holding this one; another one under that name is refused unless ``replace=True`` (or
-    ``remove_method(name)`` first). A built-in method is never replaced."""
+    ``run``, ``check``, ``check_budget``, ``plan_memory`` and ``sparsify`` code, ``code_of``) is
+    accepted, the table then holding this one (a reworded ``about`` is only text: the new one is
+    kept); another one under that name is refused unless ``replace=True`` (or ``remove_method(name)``
+    first). A built-in method is never replaced."""
     if not isinstance(method, Method):
         raise PrunekitError(f"add_method takes a prunekit.Method (Method(name, family, options, run)), "
                             f"got {type(method).__name__}")
@@ -145,7 +148,9 @@ def add_method(method: Method, replace: bool = False) -> Method:
         raise PrunekitError(f"method {method.name!r} is one of prunekit's own and cannot be replaced: "
                             "give yours another name")
     before = METHODS.get(method.name)
-    if before is not None and not replace and before != method:
+    if before is not None and not replace and before is not method:
+        # compared by code_of only: ``before != method`` compares defaults with ==, which raises for
+        # an array or a tensor in them, and tells nothing of code defined again from the same source
         now, then = code_of(method), code_of(before)
         if now is None or now != then:
             why = ("its code could not be fingerprinted to tell whether it is the same" if now is None or then is None
@@ -156,9 +161,13 @@ def add_method(method: Method, replace: bool = False) -> Method:
     return method
 
 
-def remove_method(name: str) -> Method:
-    """Remove your own method ``name`` from the table (returned); refuses a built-in method and a
-    name the table does not hold."""
+def remove_method(name: str | Method) -> Method:
+    """Remove your own method ``name`` (its name, or the ``Method`` that ``add_method`` took) from the
+    table (returned); refuses a built-in method and a name the table does not hold."""
+    if isinstance(name, Method):
+        name = name.name
+    if not isinstance(name, str):
+        raise PrunekitError(f"remove_method takes a method's name or its prunekit.Method, got {type(name).__name__}")
     if name in BUILT_IN:
         raise PrunekitError(f"method {name!r} is one of prunekit's own and cannot be removed")
     if name not in METHODS:
@@ -169,9 +178,10 @@ def remove_method(name: str) -> Method:
 
 
 def code_of(method: Method) -> str | None:
-    """A SHA-256 (``callables.fingerprint``) of what ``method`` runs: its family, options class,
-    about, defaults, ``run``, ``check``, ``plan_memory`` and ``sparsify`` (not its name); the same
-    for a method defined again from the same source. None when that cannot be hashed faithfully."""
+    """A SHA-256 (``callables.fingerprint``) of what in ``method`` affects a result: its family,
+    options class, defaults, ``run``, ``check``, ``check_budget``, ``plan_memory`` and ``sparsify``
+    (not its name, nor ``about``: text only); the same for a method defined again from the same
+    source. None when that cannot be hashed faithfully."""
     from .callables import fingerprint
-    return fingerprint((method.family, method.options, method.about, method.defaults, method.run, method.check,
-                        method.plan_memory, method.sparsify))[0]
+    return fingerprint((method.family, method.options, method.defaults, method.run, method.check,
+                        method.check_budget, method.plan_memory, method.sparsify))[0]

@@ -275,6 +275,36 @@ def _code_key(key: str) -> bool:
     return key.endswith("-fingerprint")
 
 
+# The comment that config.toml's ``-fingerprint`` lines start under (``api.CODE_COMMENT``), written
+# since prunekit took a code digest by its present rule (a function's docstring left out, a loss
+# module's train/eval mode in): a config with digests but without it is an older prunekit's, its
+# digests taken by the earlier rule, which a digest of the same code now need not match.
+CODE_RULE_MARK = "# *-fingerprint:"
+
+
+def _earlier_digests(old: str, before: dict, after: dict, keys: list[str]) -> list[str]:
+    """Of ``keys`` (what differs), the code digests that config ``old`` (parsed: ``before``) took by
+    the earlier rule (``CODE_RULE_MARK``) and this call's (``after``) by the present one: both
+    digests, so whether the code is the same cannot be told. Empty where anything else differs."""
+    if CODE_RULE_MARK in old or not keys:
+        return []
+    digest = lambda value: isinstance(value, str) and value != "built-in" and not value.startswith(UNCHECKED)
+    if all(_code_key(k) and digest(before.get(k)) and digest(after.get(k)) for k in keys):
+        return keys
+    return []
+
+
+def earlier_rule(folder_path, keys: list[str]) -> str:
+    """The refusal of a run folder of an older prunekit whose code digests (``keys``) differ from this
+    call's: taken by another rule, they cannot tell whether the code is the same, and carrying the
+    run on could hand back a result of other code."""
+    args = ", ".join(f"{k[:-len('-fingerprint')].replace('-', '_')}=" for k in keys)
+    return (f"{folder_path} holds a run of an older prunekit, which took the digest of its {args} by an earlier "
+            "rule (this version leaves out a function's docstring and counts a loss module's train/eval mode), so "
+            "whether that code is the same as this call's cannot be told: clear that run and run it anew "
+            "(force=True), or pick another out")
+
+
 def _before_code(config: dict) -> bool:
     """Whether a Python run's config was written before prunekit fingerprinted the code it is given."""
     return CODE_MARK not in config
@@ -339,8 +369,8 @@ RUN_PLOTS = ("accuracy_vs_budget.png", "accuracy_per_stage.png", "layer_density.
 
 # The files of a run folder prunekit writes atomically (``atomic_output``: a temporary
 # ``.NAME.XXXXXXXX.tmp`` beside it, renamed into place): a kill before the rename leaves the temporary.
-ATOMIC_FILES = ("config.toml", METRICS, DATA_RNG, CODE_WRITTEN, "model.safetensors", "model.json", "result.json", "report.md",
-                "model.onnx")
+ATOMIC_FILES = ("config.toml", METRICS, DATA_RNG, CODE_WRITTEN, CODE_SLOTS, "model.safetensors", "model.json", "result.json",
+                "report.md", "model.onnx")
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")        # mkstemp's name: 8 of [a-z0-9_]
 
 
@@ -354,8 +384,8 @@ def _temporaries(folder: Path, own: Callable[[str], object]) -> list[Path]:
 
 def stale_temporaries(path: str | Path) -> list[Path]:
     """The temporaries that killed atomic writes of prunekit's own run files left in run folder
-    ``path``: of config.toml, metrics.json, the model and its sidecar, result.json, report.md,
-    model.onnx; ``checkpoints/.stage-NNN.safetensors.*.tmp``; ``plots/`` temporaries of the
+    ``path``: of config.toml, metrics.json, data-rng.json, code-written.json, code-slots.json, the
+    model and its sidecar, result.json, report.md, model.onnx; ``checkpoints/.stage-NNN.safetensors.*.tmp``; ``plots/`` temporaries of the
     report's plots. A file of the user's (another name) is none of them."""
     path = Path(path)
     return (_temporaries(path, ATOMIC_FILES.__contains__)
@@ -524,6 +554,8 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False, code_
                                   f"({shown} differ{'s' if len(keys) == 1 else ''}): pass the "
                                   "model it started from (as it was before that call, which prunes in place), pick "
                                   "another out, or clear that run first (force=True)", ("out", "force"))
+            if python and old is not None and _earlier_digests(old, before, after, keys):
+                raise OptionError(earlier_rule(folder.path, keys), ("out", "force"))
             if python and old is not None and keys and all(_code_key(k) or k == "loss" for k in keys):
                 raise OptionError(other_code(folder.path, before, after, keys, code_detail), ("out", "force"))
             if python:
@@ -630,7 +662,7 @@ def release_refused(folder: RunFolder | None) -> None:
         return
     if folder.model_path.exists() or any(folder.checkpoints.glob("stage-*.safetensors")):
         return
-    for name in ("config.toml", METRICS, DATA_RNG, CODE_WRITTEN, "run.log"):
+    for name in ("config.toml", METRICS, DATA_RNG, CODE_WRITTEN, CODE_SLOTS, "run.log"):
         (folder.path / name).unlink(missing_ok=True)
 
 
