@@ -172,7 +172,7 @@ def main() -> None:
             row.update(threads=THREADS, load_average=load)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(quiet_note(started, f"{THREADS} per rank:"))
+    print(quiet_note(started, THREADS).replace("per row", "per rank"))
     print_table(rows, [("model", "model", ""), ("ranks", "ranks", "d"), ("n", "n", "d"), ("accuracy", "acc %", ".2f"),
                        ("nonzeros", "nonzeros", "d"), ("wall_seconds", "wall s", ".1f"),
                        ("peak_rss_mb_max", "max RSS MB", ".0f"), ("X_mb_per_rank", "X MB/rank", ".1f"),
