@@ -7,6 +7,7 @@ product), and the time to build the CostModel of two zoo models.
 Runs on code before the session too (then ``batched=`` does not exist: that row says so).
 """
 
+import argparse
 import time
 
 import torch
@@ -75,6 +76,7 @@ def pruned_low_rank() -> tuple[str, int, int]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     x = torch.randn(B, T, E)

@@ -28,7 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, peak_rss_mb, print_table, write_json
+from common import DEFAULT_DATA, load_average, peak_rss_mb, print_table, quiet_note, write_json
+
+THREADS = 1          # per rank: every rank runs with OMP_NUM_THREADS=1 (run_ranks) and one torch thread
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,21 +159,25 @@ def main() -> None:
         model, n, dtype, max_memory, method = args.worker.split(",")
         worker_random(model, int(n), dtype, max_memory, method)
         return
+    started = load_average()
     rows = []
     for name in args.rows:
         for ranks in args.ranks:
+            load = load_average()
             if name == "resnet20-b":
                 row = resnet20b_row(ranks, args.n or 256, args.data, args.max_memory, args.timeout, args.method,
                                     tuple(shlex.split(args.prune_args)))
             else:
                 row = random_row(name, ranks, args.n or 16, args.dtype, args.max_memory, args.timeout, args.method)
+            row.update(threads=THREADS, load_average=load)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    print(quiet_note(started, THREADS).replace("per row", "per rank"))
     print_table(rows, [("model", "model", ""), ("ranks", "ranks", "d"), ("n", "n", "d"), ("accuracy", "acc %", ".2f"),
                        ("nonzeros", "nonzeros", "d"), ("wall_seconds", "wall s", ".1f"),
                        ("peak_rss_mb_max", "max RSS MB", ".0f"), ("X_mb_per_rank", "X MB/rank", ".1f"),
                        ("exchange_mb", "exchange MB", ".1f"), ("solver_mb_per_iteration", "MB/iteration", ".2f")])
-    write_json(args.out, {"note": args.note, "rows": rows})
+    write_json(args.out, {"note": args.note, "threads_per_rank": THREADS, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from common import peak_rss_mb, print_table, write_json
+from common import load_average, peak_rss_mb, print_table, quiet_note, write_json
 
 MB = 2**20
 
@@ -180,8 +180,10 @@ def main() -> None:
         print(json.dumps(run_row(spec["model"], spec["n"], spec["chunk"], spec["threads"], spec.get("dtype", "bfloat16"),
                                  spec.get("batch", 16))))
         return
+    started = load_average()
     rows = []
     for chunk in args.chunks:
+        load = load_average()
         spec = json.dumps({"model": args.model, "n": args.n, "chunk": chunk, "threads": args.threads,
                            "dtype": args.dtype, "batch": args.batch})
         out = subprocess.run([sys.executable, __file__, "--row", spec], capture_output=True, text=True)
@@ -189,9 +191,10 @@ def main() -> None:
             rows.append({"chunk": chunk, "error": (out.stderr.strip().splitlines() or ["?"])[-1]})
         else:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows[-1].update(threads=args.threads, load_average=load)
         print(json.dumps(rows[-1]), flush=True)
     write_json(args.out, {"benchmark": "gradient_phase", "rows": rows})
-    print("\nrandom weights and inputs: cost only; one process per row")
+    print("\nrandom weights and inputs: cost only; one process per row; " + quiet_note(started, args.threads))
     print_table([r for r in rows if "seconds" in r],
                 [("model", "model", ""), ("n", "n", ""), ("chunk", "chunk", ""), ("seconds", "seconds", ".1f"),
                  ("phase_estimate_mb", "estimate MB", ".0f"), ("phase_measured_mb", "measured MB", ".0f"),

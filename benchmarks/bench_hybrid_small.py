@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import machine, print_table, write_json
+from common import load_average, machine, one_thread_env, print_table, quiet_note, write_json
+
+THREADS = 1          # per row: the documented figures ran with OMP_NUM_THREADS=1
 
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE.parent / "src" / "prunekit" / "assets"
@@ -28,22 +30,28 @@ def main() -> None:
     p.add_argument("--fisher-samples", type=int, default=500)
     p.add_argument("--out", default=str(HERE / "results" / "hybrid_mlpnet.json"))
     args = p.parse_args()
+    started = load_average()
     rows = []
     for budget in args.budgets:
         for method, extra in (("autobot", []), ("falcon", ["--fisher-samples", str(args.fisher_samples)]),
                               ("hybrid", ["--structured-flops", str(args.structured_flops),
                                           "--fisher-samples", str(args.fisher_samples)])):
-            out = subprocess.run([sys.executable, "-m", "prunekit.cli", *BASE, "--method", method,
-                                  "--flops", str(budget), *extra], capture_output=True, text=True, check=True)
+            load = load_average()
+            command = [sys.executable, "-m", "prunekit.cli", *BASE, "--method", method, "--flops", str(budget), *extra]
+            out = subprocess.run(command, capture_output=True, text=True, env=one_thread_env(THREADS))
+            if out.returncode != 0:
+                raise SystemExit(f"{' '.join(command[2:])} failed:\n{out.stderr[-2000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append({"method": method, "budget": budget, "flops_kept": r["flops_kept"],
                          "params_kept": r["params_kept"], "sparsity": r.get("sparsity"),
                          "accuracy": r["accuracy"], "dense_accuracy": r["dense_accuracy"],
-                         "structured_macs": r.get("structured_macs"), "seconds": r["seconds"]})
+                         "structured_macs": r.get("structured_macs"), "seconds": r["seconds"],
+                         "threads": THREADS, "load_average": load})
             print(rows[-1], flush=True)
+    print(quiet_note(started, THREADS))
     print_table(rows, [("method", "method", ">8"), ("budget", "budget", ".2f"), ("flops_kept", "MACs kept", ".4f"),
                        ("params_kept", "params kept", ".4f"), ("accuracy", "accuracy %", ".2f")])
-    write_json(args.out, {"settings": vars(args), "machine": machine(), "rows": rows})
+    write_json(args.out, {"settings": vars(args), "machine": machine(), "threads_per_row": THREADS, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import peak_rss_mb, print_table, write_json
+
+from common import load_average, peak_rss_mb, print_table, quiet_note, write_json
 
 from prunekit.solvers.ilp import solve_flops_ilp
 from prunekit.solvers.ilp_exact import solve_flops_ilp_exact
@@ -114,12 +115,15 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=300.0, help="HiGHS time limit per solve (s)")
     args = parser.parse_args()
 
+    started, threads = load_average(), torch.get_num_threads()     # in this process: OMP_NUM_THREADS as started
     rows = []
     for p in (int(x) for x in args.sizes):
         for budget in BUDGETS:
-            start = time.perf_counter()
+            start, load = time.perf_counter(), load_average()
             rows.append(bench_one(p, budget, int(args.highs_max_p), int(args.full_highs_max_p), args.time_limit))
+            rows[-1].update(threads=threads, load_average=load)
             print(f"  p={p:,} budget={budget} done in {time.perf_counter() - start:.1f}s", flush=True)
+    print(quiet_note(started, threads))
     print_table(rows, COLUMNS)
     write_json(args.out, {"numpy": np.__version__, "rows": rows})
 

@@ -8,26 +8,40 @@ random weights) with every ILP projection timed, and writes each projection's sc
 and the cost groups to DIR (about 200 MB per projection for ResNet-50). ``replay`` solves each saved
 projection with ``solve_flops_ilp`` cold and with a ``PreviousOrder`` carried along, checks that the
 keep masks, primal and bound are identical, and prints the median seconds of each (``--p``: only the
-first p weights, 30% of their MACs).
+first p weights, 30% of their MACs). ``save`` refuses an existing DIR (it is written as
+DIR.partial and renamed when complete); ``replay --out`` never overwrites a file (``common.write_json``:
+an existing FILE is kept and the results go to FILE-2.json, said on stdout).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import load_average, quiet_note, refuse, write_json
 
-def save(out: Path, model: str) -> None:
+THREADS = 2          # replay's solver threads (the session-26 figures are two-thread ones)
+
+
+def save(folder: Path, model: str) -> None:
+    """Run bench_scale's FALCON row on ``model`` and keep every ILP projection's scores in ``folder``
+    (a new folder: written as ``folder.partial``, renamed when complete)."""
+    import shutil
+
     import bench_scale
 
     import prunekit.solvers.falcon as falcon_module
 
-    out.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        refuse(f"{folder} exists: pass a new folder to save into (replay reads an existing one)")
+    out = folder.with_name(folder.name + ".partial")
+    if out.exists():                                   # this script's own leftover from a killed save
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     real, calls = falcon_module.solve_flops_ilp, []
 
     def timed(value, **kwargs):
@@ -44,6 +58,8 @@ def save(out: Path, model: str) -> None:
     row = bench_scale.run_row(model, 8, "float32", 0.3, 2)
     print(f"p {row['p']}, solver {row['solver_seconds']:.1f} s, {len(calls)} ILP projections "
           f"{sum(calls):.1f} s: {[round(c, 2) for c in calls]}")
+    out.rename(folder)
+    print(f"wrote {folder}")
 
 
 def replay(folder: Path, repeats: int, p: int | None, out: Path | None = None) -> None:
@@ -51,7 +67,10 @@ def replay(folder: Path, repeats: int, p: int | None, out: Path | None = None) -
     from prunekit.solvers.cost_groups import CostGroups
     from prunekit.solvers.grouped_order import PreviousOrder
 
-    torch.set_num_threads(2)
+    if not (folder / "groups.npz").is_file():
+        refuse(f"{folder} holds no groups.npz: pass a folder written by `bench_ilp_warm.py save DIR`")
+    started = load_average()
+    torch.set_num_threads(THREADS)
     saved = np.load(folder / "groups.npz")
     bounds, costs = saved["bounds"], saved["costs"]
     budget = {"max_count": int(saved["k"]), "max_cost": float(saved["F"])}
@@ -79,11 +98,12 @@ def replay(folder: Path, repeats: int, p: int | None, out: Path | None = None) -
         print(f"projection {i}: cold {c:.2f} s  warm {w:.2f} s  x{c / w:.2f}")
     c, w = np.median(cold.sum(1)), np.median(warm.sum(1))
     print(f"all {len(scores)}: cold {c:.2f} s  warm {w:.2f} s  x{c / w:.2f}")
+    print(quiet_note(started, THREADS))
     if out is not None:
-        out.write_text(json.dumps({"p": groups.p, "cost_groups": int(costs.size), "threads": 2, "repeats": repeats,
-                                   "cold_seconds": cold.tolist(), "warm_seconds": warm.tolist(),
-                                   "median_total_cold": c, "median_total_warm": w}, indent=1))
-        print(f"wrote {out}")
+        write_json(out, {"benchmark": "ilp_warm", "p": groups.p, "cost_groups": int(costs.size), "threads": THREADS,
+                         "load_average": started, "repeats": repeats,
+                         "cold_seconds": cold.tolist(), "warm_seconds": warm.tolist(),
+                         "median_total_cold": c, "median_total_warm": w})
 
 
 def main() -> None:
@@ -95,6 +115,10 @@ def main() -> None:
     parser.add_argument("--p", type=float, default=None)
     parser.add_argument("--out", type=Path, default=None, help="replay: write the seconds as JSON here")
     args = parser.parse_args()
+    if args.repeats < 1:
+        refuse(f"--repeats {args.repeats}: pass 1 or more")
+    if args.action == "replay" and not args.folder.is_dir():
+        refuse(f"{args.folder}: no such folder; pass one written by `bench_ilp_warm.py save DIR`")
     if args.action == "save":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         save(args.folder, args.model)

@@ -29,8 +29,10 @@ then measures the pruned model (``model.safetensors`` of the run folder):
   includes loading and the dense evaluation), peak RSS and the memory plan's estimate.
 
 Budgets are shares of the dense MACs kept (``--flops``); MLPNet's MACs are its weights, so its
-budget 0.02 is sparsity 0.98 (both given). Rows append to ``--out`` as they finish; a row already
-there is skipped, so a killed run resumes.
+budget 0.02 is sparsity 0.98 (both given). Rows are written to ``--out`` as they finish. An
+existing ``--out`` is refused (a rerun never passes off stored rows as fresh ones, nor overwrites
+them) unless ``--resume``: then its rows are kept, only the missing ones run, and the run says how
+many of each; a killed run resumes that way.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import time
 from pathlib import Path
 
 from common import (DEFAULT_DATA, FMNIST_CHECKPOINT, FMNIST_MLPNET_CHECKPOINT, jpeg_copies_of, load_average,
-                    one_thread_env, print_table, unpacked_jpeg_test, write_json)
+                    one_thread_env, print_table, refuse, unpacked_jpeg_test, write_json)
 
 SETUPS = {
     "resnet20-b": {"model": "resnet20-b", "checkpoint": "{data}/checkpoints/resnet20_cifar10.pth.tar",
@@ -193,7 +195,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[],
                         help="run every row once per seed (`--seed S`, named ROW-sS) and add a table of the "
                              "means, each gain taken against magnitude-flops of the same seed")
-    parser.add_argument("--out", default="benchmarks/results/oneshot.json")
+    parser.add_argument("--out", default="benchmarks/results/oneshot.json",
+                        help="JSON file for the rows; an existing one is refused unless --resume")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --out and run only the missing ones")
     parser.add_argument("--show", nargs="+", metavar="JSON", help="print the table of these result files, run nothing")
     parser.add_argument("--markdown", action="store_true", help="with --show: also a markdown table per model")
     parser.add_argument("--measure", help=argparse.SUPPRESS)      # internal: measure one pruned model
@@ -204,14 +209,32 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.measure))))
         return
     if args.show:
-        rows = [row for path in args.show for row in json.loads(Path(path).read_text())["rows"]]
+        rows = [row for path in args.show for row in stored_rows(path, "--show")]
         show(rows)
         if args.markdown:
             markdown(rows)
         return
-    rows = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).exists() else []
+    if args.markdown:
+        refuse("--markdown only goes with --show: pass --show RESULTS.json --markdown")
+    if Path(args.out).exists() and not args.resume:
+        refuse(f"{args.out} exists: pass --resume to keep its rows and run only the missing ones, "
+               f"or --out NEW.json for a fresh run (--show {args.out} prints its table)")
+    custom = []
+    for text in args.custom:
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            refuse(f"--custom {text!r} is not JSON ({error}): pass e.g. '{{\"name\": \"x\", \"method\": \"falcon\"}}'")
+        if not isinstance(row, dict) or "name" not in row or "method" not in row:
+            refuse(f"--custom {text!r} needs an object with \"name\" and \"method\"")
+        custom.append(row)
+    rows = stored_rows(args.out, "--out") if args.resume and Path(args.out).exists() else []
     done = {(r["model"], r["name"], r["budget"]) for r in rows}
-    specs = with_seeds([{"name": n, **ROWS[n]} for n in args.rows] + [json.loads(c) for c in args.custom], args.seeds)
+    specs = with_seeds([{"name": n, **ROWS[n]} for n in args.rows] + custom, args.seeds)
+    kept, ran = len(rows), 0
+    if args.resume:
+        print(f"--resume: {kept} row(s) kept from {args.out}" if kept else f"--resume: {args.out} holds no rows yet",
+              flush=True)
     for model in args.model:
         for budget in args.budgets or SETUPS[model]["budgets"]:
             for spec in specs:
@@ -221,10 +244,24 @@ def main() -> None:
                 row = run_row({**spec, "model": model, "budget": budget}, SETUPS[model], args.data)
                 row["wall_seconds"] = time.time() - start
                 rows.append(row)
+                ran += 1
                 print(json.dumps({k: v for k, v in row.items() if k not in ("stages", "spec", "options")}),
                       flush=True)
-                save(args.out, rows)
-    show(rows)
+                save(args.out, rows, args.resume)
+    if args.resume:
+        print(f"{kept} row(s) kept, {ran} run")
+    if rows:
+        show(rows)
+
+
+def stored_rows(path: str, option: str) -> list[dict]:
+    """The rows of a result file this script wrote; a missing or foreign file: one line, exit 2."""
+    try:
+        return json.loads(Path(path).read_text())["rows"]
+    except FileNotFoundError:
+        refuse(f"{option} {path}: no such file; pass a results JSON this script wrote")
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, IsADirectoryError):
+        refuse(f"{option} {path} is not a results file of this script (JSON with \"rows\"): pass one it wrote")
 
 
 def with_seeds(specs: list[dict], seeds: list[int]) -> list[dict]:
@@ -327,13 +364,13 @@ def markdown(rows: list[dict]) -> None:
             print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def save(path: str, rows: list[dict]) -> None:
+def save(path: str, rows: list[dict], resume: bool) -> None:
     write_json(path, {"benchmark": "oneshot", "threads_per_row": 1,
                       "note": "each row its own `prunekit prune` process with one thread; load_average: the "
                               "machine's 1-minute load when the row started (about 1 is this run's previous "
                               "row; clearly above 1 on 2 cores: other jobs ran beside it and its seconds "
                               "are inflated)",
-                      "rows": rows}, extends=True)         # rows already there were read and kept
+                      "rows": rows}, extends=resume)       # --resume: rows already there were read and kept
 
 
 if __name__ == "__main__":

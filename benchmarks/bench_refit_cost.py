@@ -62,9 +62,11 @@ def worker(model_name: str, size: int, batch: int, batches: int, weights_out: st
     layers, totals = [], {"solve_seconds": 0.0, "moments_seconds": 0.0}
     fit, add = refit_module.fit_layer, refit_module.Moments.add
 
-    def timed_fit(layer, moments, centred, ridge=refit_module.RIDGE, collective=None):
+    # the patches pass every argument through unchanged, so they keep working when refit's own
+    # signatures gain one (Moments.add's batch index and image subset, session 51)
+    def timed_fit(layer, moments, *args, **kwargs):
         start = time.perf_counter()
-        figures = fit(layer, moments, centred, ridge, collective)
+        figures = fit(layer, moments, *args, **kwargs)
         seconds = time.perf_counter() - start
         totals["solve_seconds"] += seconds
         fitted_on = moments.fit if isinstance(moments, refit_module.SplitMoments) else moments
@@ -72,15 +74,15 @@ def worker(model_name: str, size: int, batch: int, batches: int, weights_out: st
                        "iterations": figures["iterations"], "seconds": seconds,
                        "error_before": figures["error_before"], "error_after": figures["error_after"],
                        "step": figures.get("step")})
-        if collective is None or collective.rank == 0:
+        if collective.rank == 0:                # the worker's own collective (rank 0 prints)
             print("  D {d:5d}  K {k:5d}  rows {rows:8d}  iterations {iterations:4d}  {seconds:7.1f} s  "
                   "held-out error {error_before:.3f} -> {error_after:.3f}  step {step:.3f}".format(**layers[-1]),
                   file=sys.stderr, flush=True)
         return figures
 
-    def timed_add(self, layer, x, y, index=0):
+    def timed_add(self, *args, **kwargs):
         start = time.perf_counter()
-        add(self, layer, x, y, index)
+        add(self, *args, **kwargs)
         totals["moments_seconds"] += time.perf_counter() - start
 
     refit_module.fit_layer, refit_module.Moments.add = timed_fit, timed_add

@@ -208,6 +208,15 @@ def accuracy_part(args) -> dict:
     return payload
 
 
+def threads_run(args) -> str:
+    """The thread counts of the parts this run ran, for the table's header: the accuracy part runs
+    on one thread, the latency part on --threads; --no-latency and --latency-only leave one out."""
+    parts = [] if args.latency_only else ["1 (accuracy part)"]
+    if not args.no_latency:
+        parts.append(", ".join(map(str, args.threads)) + " (latency)")
+    return " / ".join(parts) or "no"
+
+
 def latency_part(args, payload: dict) -> None:
     """Every saved model against the dense one, dense and pruned calls alternated in one process
     (``prunekit.latency``): per thread count and batch, medians of --repeats pairs after --warmup,
@@ -314,7 +323,7 @@ def main() -> None:
         rows.append({**r, "m": r.get("channel_multiple", 1),
                      **{f"r{n}_{b}": lat.get((n, b)) for n in (1, 2) for b in (1, 64)}})
     print(f"\n{payload['model']} dense {payload['dense_accuracy']:.2f}% ({payload['dense_macs']:,} MACs); "
-          + quiet_note(started, "1 (accuracy part) / " + ", ".join(map(str, args.threads)) + " (latency)"))
+          + quiet_note(started, threads_run(args)))
     print_table(rows, [("method", "method", ">12"), ("m", "multiple", "d"), ("budget", "budget", ".2f"), ("flops_kept", "MACs kept", ".4f"),
                        ("params_kept", "params kept", ".4f"), ("accuracy_pruned_bn", "pruned+BN %", ".2f"),
                        ("accuracy_finetuned", "fine-tuned %", ".2f"), ("prune_seconds", "prune s", ".0f"),

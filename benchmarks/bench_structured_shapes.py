@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, write_json
+from common import load_average, machine, quiet_note, write_json
 from prunekit import zoo
 from prunekit.costs import CostModel
 from prunekit.latency import latency_table
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", help="JSON file (default results/structured_shapes_MODEL.json)")
     args = parser.parse_args()
+    started = load_average()
     torch.manual_seed(0)
     model = zoo.build(args.model).eval()
     for m in model.modules():
@@ -81,14 +82,16 @@ def main() -> None:
             out = small(x)
         rel = float((out - gated).abs().max() / gated.abs().max())
         counts = costs.count(small)
-        start = time.perf_counter()
+        start, load = time.perf_counter(), load_average()
         table = latency_table(model, small, shape, args.batch_sizes, args.threads, args.warmup, args.repeats)
         row = {"flops": share, "flops_kept": counts.flops_kept, "params_kept": counts.params_kept,
                "max_rel_diff_vs_gated": rel, "latency": table, "latency_seconds": time.perf_counter() - start,
+               "threads": args.threads, "load_average": load,
                "widths": [m.out_channels for m in small.modules() if isinstance(m, torch.nn.Conv2d)]}
         payload["rows"].append(row)
         print(f"{args.model} @ {share:g}: MACs kept {counts.flops_kept:.4f}, params kept {counts.params_kept:.4f}, "
-              f"max |shrunk - gated| / max |gated| = {rel:.1e}", flush=True)
+              f"max |shrunk - gated| / max |gated| = {rel:.1e}; latency on "
+              + quiet_note(started, "/".join(map(str, args.threads))), flush=True)
         for t in table:
             print(f"  {t['threads']} thread(s) batch {t['batch']:>3}: dense {t['dense_ms']:8.2f} ms, pruned "
                   f"{t['pruned_ms']:8.2f} ms, ratio {t['ratio']:.3f} [{t['ratio_q1']:.3f}, {t['ratio_q3']:.3f}]"

@@ -18,7 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import machine, print_table, write_json
+from common import load_average, machine, one_thread_env, print_table, quiet_note, write_json
+
+THREADS = 1          # per row: the documented figures ran with OMP_NUM_THREADS=1
 
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE.parent / "src" / "prunekit" / "assets"
@@ -31,7 +33,9 @@ def one(args, temperature: float) -> dict:
            "--final-temperature", str(temperature), "--json"]
     if args.train_samples:
         cmd += ["--train-samples", str(args.train_samples)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=one_thread_env(THREADS))
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[2:])} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -48,22 +52,26 @@ def main() -> None:
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.05])
     p.add_argument("--out", default=str(HERE / "results" / "taper_settle.json"))
     args = p.parse_args()
+    started = load_average()
     rows = []
     for t in args.temperatures:
+        load = load_average()
         record = one(args, t)
         for r in [record, *record.get("snapshots", [])]:
             cuts = record["snapshot_cuts"]
             key = min(cuts, key=lambda k: abs(float(k) - r["flops_kept"]))
             rows.append({"final_temperature": t, "snapshot": key, "flops_kept": r["flops_kept"],
                          "accuracy": r["accuracy"], "step": record["snapshot_steps"][key], **cuts[key],
-                         "taper_steps": record["taper_steps"], "planned_steps": record["planned_steps"]})
+                         "taper_steps": record["taper_steps"], "planned_steps": record["planned_steps"],
+                         "threads": THREADS, "load_average": load})
+    print(quiet_note(started, THREADS))
     print_table(rows, [("final_temperature", "final T", ".2f"), ("snapshot", "budget", ">8"),
                        ("flops_kept", "MACs kept", ".3f"), ("settled", "settled", ">8"),
                        ("held_steps", "held", "d"), ("temperature", "T at cut", ".3f"),
                        ("mean_abs_gate_change", "mean|g-m|", ".3f"), ("kept_gates_below_half", "kept<0.5", "d"),
                        ("closed_gates_above_tenth", "closed>0.1", "d"), ("accuracy", "acc %", ".2f"),
                        ("step", "step", "d"), ("planned_steps", "planned", "d")])
-    write_json(args.out, {"settings": vars(args), "machine": machine(), "rows": rows})
+    write_json(args.out, {"settings": vars(args), "machine": machine(), "threads_per_row": THREADS, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The ResNet-56 rows of issue 16 that have not been measured yet, one process per row, one at a
 # time, most important first. A row whose JSON exists is skipped, so after a kill the script
-# resumes at the first unfinished row (the killed row starts over).
+# resumes at the first unfinished row (the killed row starts over: its stale NAME.json.partial, this
+# script's own temporary, is removed first, so only the new run's rows are published).
 #
+#   bash benchmarks/issue16_rows.sh [--results DIR] WHAT ...   # rows and models under DIR
+#                                                   # (default benchmarks/results, where the committed rows are)
 #   bash benchmarks/issue16_rows.sh                 # every row, then the latency pass
 #   bash benchmarks/issue16_rows.sh accuracy        # accuracy rows only
 #   bash benchmarks/issue16_rows.sh latency         # only the latency pass (needs the rows' models)
@@ -27,6 +30,11 @@ set -euo pipefail
 PY=${PY:-/work/venv/bin/python}
 DATA=${DATA:-../shared/data}
 RES=benchmarks/results
+if [[ ${1:-} == --results ]]; then
+    RES=${2:?--results needs a folder: pass --results DIR}; shift 2
+    mkdir -p "$RES"
+fi
+[[ -d $RES ]] || { echo "$RES: no such folder; run from the repository root or pass --results DIR" >&2; exit 2; }
 MODELS=$RES/structured_models_res
 # FALCON's gradient matrix on ResNet-56 is n x 848,944 floats: n = 256 peaks near 1.5 GB
 # (bench_scale); n = 500 would come close to the 3 GB a process may use here.
@@ -37,6 +45,7 @@ row() {   # row NAME ARGS...: one bench_structured process writing $RES/NAME.jso
     local name=$1; shift
     if [[ -f $RES/$name.json ]]; then echo "skip $name (done)"; return; fi
     echo "[$(date -u +%H:%M:%S)] $name: $*"
+    rm -f "$RES/$name.json.partial"     # a killed run's temporary: bench_structured would keep it and write beside it
     OMP_NUM_THREADS=1 PYTHONPATH=src nice -n 19 "$PY" benchmarks/bench_structured.py --data-dir "$DATA" \
         --no-latency --models-dir "$MODELS" --out "$RES/$name.json.partial" "$@" > "$RES/$name.log" 2>&1
     mv "$RES/$name.json.partial" "$RES/$name.json"     # only a finished row counts as done
@@ -85,6 +94,9 @@ if [[ $what == all || $what == latency ]]; then
         [[ -f $RES/structured_res_$n.json ]] && inputs+=("$RES/structured_res_$n.json")
     done
     ((${#inputs[@]})) || { echo "no models to time: run the accuracy rows first" >&2; exit 2; }
+    if [[ -e $RES/structured_res_latency.json ]]; then
+        echo "$RES/structured_res_latency.json exists: move it away to time the models again" >&2; exit 2
+    fi
     echo "[$(date -u +%H:%M:%S)] latency; $(uptime)" | tee "$RES/structured_res_latency.log"
     PYTHONPATH=src nice -n 19 "$PY" benchmarks/bench_structured.py --data-dir "$DATA" --latency-only \
         --inputs "${inputs[@]}" --threads 1 2 --batch-sizes 1 64 --repeats 15 \
