@@ -132,7 +132,7 @@ def tokens():
     return TokenLM()
 
 
-class AssertSize(nn.Module):      # made for 32x32 inputs, and asserts it (a common idiom)
+class _AssertSize(nn.Module):      # made for 32x32 inputs, and asserts it (a common idiom)
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
@@ -143,18 +143,18 @@ class AssertSize(nn.Module):      # made for 32x32 inputs, and asserts it (a com
         return self.fc(self.conv(x).mean((2, 3)))
 
 
-def assert_size():
-    return AssertSize()
+def sized_by_assert():
+    return _AssertSize()
 
 
-class NoForward(nn.Module):      # its forward never defined
+class _NoForward(nn.Module):      # its forward never defined
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
 
 
 def no_forward():
-    return NoForward()
+    return _NoForward()
 """
 
 
@@ -513,16 +513,16 @@ CLI_CASES = [
     (["eval", "--model", f"{H}/net.py:shadowed_half", *MNIST, "--normalize", "none"], "forward raised TypeError on one "
      "of the mnist test images, shape (1, 28, 28) (C,H,W), at net.py line 73: "),
     # an assert on the input's size: the line it fails at, and both causes (the data's shape, or the forward)
-    (["eval", "--model", f"{H}/net.py:assert_size", *MNIST, "--normalize", "none"], "forward raised AssertionError on "
+    (["eval", "--model", f"{H}/net.py:sized_by_assert", *MNIST, "--normalize", "none"], "forward raised AssertionError on "
      "one of the mnist test images, shape (1, 28, 28) (C,H,W), at net.py line 107: expected 32x32 images; either the "
      "data's shape is not the one the model was made for (pick data the model takes) or its forward is wrong"),
-    (["info", f"{H}/net.py:assert_size", "--input-shape", "1,28,28"], "forward raised AssertionError on an input of "
+    (["info", f"{H}/net.py:sized_by_assert", "--input-shape", "1,28,28"], "forward raised AssertionError on an input of "
      "--input-shape 1,28,28 (its first convolution takes those channels), at net.py line 107: expected 32x32 images; "
      "either that is not the shape the model was made for (give that one as --input-shape, channels first) or its "
      "forward is wrong"),
     # a class without forward: said so, not "pick data the model takes" nor "the height and width"
     (["eval", "--model", f"{H}/net.py:no_forward", *MNIST, "--normalize", "none"], "net.py:no_forward: the model has "
-     "no forward (Module [NoForward] is missing the required \"forward\" function): define forward(self, x)"),
+     "no forward (Module [_NoForward] is missing the required \"forward\" function): define forward(self, x)"),
     (["info", f"{H}/net.py:no_forward", "--input-shape", "1,32,32"], "net.py:no_forward: the model has no forward"),
     # float ids reach the embedding: no --input-shape can work, and no "first layer takes 8 features"
     (["info", f"{H}/net.py:tokens", "--input-shape", "16"], "; the model takes integer token ids, which no "
