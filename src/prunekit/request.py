@@ -153,11 +153,9 @@ class PruneRequest:
             space = ParamSpace(self.model, include=self.include, exclude=self.exclude, costs=costs)
             resolved = budget.resolve(costs, space)
             shares = []
-        held = []           # warned once every check below has passed: a refusal comes alone
-        if space.not_run:
-            held.append(not_run_warning(space.not_run))
-        if channels is not None and (left := dense_groups_warning(channels.groups.skipped)):
-            held.append(PrunekitWarning(left))
+        # warned of (layers the trace never ran, groups left dense) once every check below has passed:
+        # a refusal comes alone
+        left = dense_groups_warning(channels.groups.skipped) if channels is not None else None
         if gradual is not None:
             check_start_keep(resolved, space.macs_summary(costs)[0], gradual)
         if method.check is not None:
@@ -173,8 +171,10 @@ class PruneRequest:
                     self.name or type(self.model).__name__)
         if self.check_plan is not None:
             self.check_plan(plan)
-        for warning in held:
-            warnings.warn(warning, stacklevel=3)
+        if space.not_run:
+            warnings.warn(not_run_warning(space.not_run), stacklevel=3)
+        if left:
+            warnings.warn(PrunekitWarning(left), stacklevel=3)
         return plan
 
 
