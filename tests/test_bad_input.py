@@ -130,6 +130,31 @@ class TokenLM(nn.Module):        # a language model's layout: a Linear registere
 
 def tokens():
     return TokenLM()
+
+
+class _AssertSize(nn.Module):      # made for 32x32 inputs, and asserts it (a common idiom)
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        assert x.shape[-1] == 32, "expected 32x32 images"
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def sized_by_assert():
+    return _AssertSize()
+
+
+class _NoForward(nn.Module):      # its forward never defined
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+
+def no_forward():
+    return _NoForward()
 """
 
 
@@ -427,7 +452,7 @@ CLI_CASES = [
     (["prune", "--model", f"{H}/net.py", *MNIST, "--sparsity", "0.5"], "names a file but no function"),
     (["prune", "--model", f"{H}/net.py:2x", *MNIST, "--sparsity", "0.5"], "not a Python function name"),
     (["prune", "--model", f"{H}/nope.py:build", *MNIST, "--sparsity", "0.5"], "does not exist"),
-    (["prune", "--model", f"{H}/net.py:missing", *MNIST, "--sparsity", "0.5"], "it defines NanOut, Pair, build, nan_out, needs_args"),
+    (["prune", "--model", f"{H}/net.py:missing", *MNIST, "--sparsity", "0.5"], "it defines NanOut, Pair, TokenLM, build, nan_out, needs_args"),
     (["prune", "--model", f"{H}/net.py:needs_args", *MNIST, "--sparsity", "0.5"], "needs arguments (width)"),
     (["prune", "--model", f"{H}/net.py:not_a_model", *MNIST, "--sparsity", "0.5"], "returned a int"),
     (["prune", "--model", f"{H}/broken.py:build", *MNIST, "--sparsity", "0.5"],
@@ -487,6 +512,18 @@ CLI_CASES = [
      "forward if those are right"),
     (["eval", "--model", f"{H}/net.py:shadowed_half", *MNIST, "--normalize", "none"], "forward raised TypeError on one "
      "of the mnist test images, shape (1, 28, 28) (C,H,W), at net.py line 73: "),
+    # an assert on the input's size: the line it fails at, and both causes (the data's shape, or the forward)
+    (["eval", "--model", f"{H}/net.py:sized_by_assert", *MNIST, "--normalize", "none"], "forward raised AssertionError on "
+     "one of the mnist test images, shape (1, 28, 28) (C,H,W), at net.py line 107: expected 32x32 images; either the "
+     "data's shape is not the one the model was made for (pick data the model takes) or its forward is wrong"),
+    (["info", f"{H}/net.py:sized_by_assert", "--input-shape", "1,28,28"], "forward raised AssertionError on an input of "
+     "--input-shape 1,28,28 (its first convolution takes those channels), at net.py line 107: expected 32x32 images; "
+     "either that is not the shape the model was made for (give that one as --input-shape, channels first) or its "
+     "forward is wrong"),
+    # a class without forward: said so, not "pick data the model takes" nor "the height and width"
+    (["eval", "--model", f"{H}/net.py:no_forward", *MNIST, "--normalize", "none"], "net.py:no_forward: the model has "
+     "no forward (Module [_NoForward] is missing the required \"forward\" function): define forward(self, x)"),
+    (["info", f"{H}/net.py:no_forward", "--input-shape", "1,32,32"], "net.py:no_forward: the model has no forward"),
     # float ids reach the embedding: no --input-shape can work, and no "first layer takes 8 features"
     (["info", f"{H}/net.py:tokens", "--input-shape", "16"], "; the model takes integer token ids, which no "
      "--input-shape gives (it makes float inputs): prune it from Python on token ids"),

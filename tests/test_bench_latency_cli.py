@@ -4,6 +4,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import prunekit
@@ -128,3 +129,34 @@ def test_a_ratio_far_above_the_mac_share_kept_at_odd_channel_counts_hints_at_cha
     fake_rows(monkeypatch, ratio=0.3)               # near the share kept
     assert main([*bench, "--pruned", str(tmp_path / "odd")]) == 0
     assert "hint:" not in capsys.readouterr().out
+
+
+def test_the_hint_for_a_run_with_a_params_budget_names_what_takes_a_channel_multiple(capsys, monkeypatch, tmp_path):
+    """A channel method's run with a params budget was told to prune again with --channel-multiple 8,
+    which that budget refuses ("params with channel_multiple above 1 is not supported"); the
+    hybrid's (whose weights phase meets the params budget) takes it, and is told as before."""
+    from prunekit import saving, zoo
+    from prunekit.structured.groups import find_groups
+    from prunekit.structured.shrink import shrink
+    x = torch.zeros(1, 3, 32, 32)
+    model = zoo.build("mobilenetv1-cifar").eval()
+    groups = find_groups(model, x)
+    small = shrink(model, groups, [torch.arange(g.size) < g.size // 2 + 1 for g in groups], x)
+    for method in ("autobot", "hybrid"):
+        record = {"method": method, "family": "channels", "request": {"sparsity": None, "flops": "0.6", "params": "0.5"}}
+        saving.save_model(small, tmp_path / method / "model.safetensors", {"model": "mobilenetv1-cifar",
+                                                                           "result": record})
+    fake_rows(monkeypatch, ratio=0.98)
+    bench = ["bench-latency", "--model", "mobilenetv1-cifar", *QUICK, "--pruned"]
+    assert main([*bench, str(tmp_path / "autobot")]) == 0
+    hints = [line for line in capsys.readouterr().out.splitlines() if line.startswith("hint:")]
+    assert len(hints) == 1 and hints[0].endswith("prune again without --params (its --flops alone) and with "
+                                                 "--channel-multiple 8, and time that"), hints
+    assert main([*bench, str(tmp_path / "hybrid")]) == 0
+    hints = [line for line in capsys.readouterr().out.splitlines() if line.startswith("hint:")]
+    assert len(hints) == 1 and hints[0].endswith(": prune again with --channel-multiple 8 and time that"), hints
+    refused = "params with channel_multiple above 1 is not supported"       # the refusal the hint steers clear of
+    data = (torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    with pytest.raises(prunekit.PrunekitError, match=refused):
+        prunekit.prune(zoo.build("mobilenetv1-cifar"), data, method="autobot", flops=0.6, params=0.5, channel_multiple=8,
+                       example_input=x)

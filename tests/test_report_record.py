@@ -247,3 +247,28 @@ def test_a_fine_tune_phases_loss_is_the_evaluations_and_its_training_loss_has_it
     epochs = [p for p in _metrics(out)["stages"] if p.get("epoch")]
     assert epochs and all(p["finetune_loss"] is not None and p.get("loss") is None for p in epochs)
     assert result.history == _metrics(out)["stages"]
+
+
+@pytest.mark.parametrize("seconds,text", [(0.004, "0.00"), (0.333, "0.33"), (0.994, "0.99"), (0.996, "1.0"),
+                                          (1.0, "1.0"), (99.94, "99.9"), (99.96, "100"), (100.4, "100"),
+                                          (1234.5, "1234"), (None, "–")])
+def test_seconds_keep_their_decimals_on_the_rounded_value(seconds, text):
+    """0.996 s showed as "1.00" and 99.96 s as "100.0": the decimals were chosen on the value
+    before rounding, across the function's own boundaries."""
+    from prunekit.report import seconds_text
+    assert seconds_text(seconds) == text
+
+
+def test_the_summary_of_a_sub_second_run_shows_its_seconds_as_the_tables_do():
+    """Result.summary printed "0.0 s" for a run under 50 ms, and 0.33 s as "0.3 s"; it shows what
+    the comparison tables show (report.seconds_text)."""
+    from prunekit.report import seconds_text
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 4, (8,))
+    result = prunekit.prune(model, (x, y), method="magnitude", sparsity=0.5)
+    for seconds in (0.004, 0.333, 0.996, 12.34):
+        result.seconds = seconds
+        assert result.summary().endswith(f", {seconds_text(seconds)} s"), result.summary()
+    result.seconds = 0.004
+    assert result.summary().endswith(", 0.00 s") and "0.0 s" not in result.summary()

@@ -489,6 +489,33 @@ def test_a_residual_add_onto_a_concatenation_is_left_dense_naming_the_concatenat
                            for why in reasons), reasons
 
 
+class _GLUPlusConsumedConcat(nn.Module):
+    """A GLU inside a residual add, and elsewhere in the same stream a concatenation a conv consumes
+    (nothing is added onto it). (B,1,28,28) -> (B,10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.up = nn.Conv2d(16, 32, 1)                    # GLU: 32 -> 16
+        self.a, self.b = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1)
+        self.mix = nn.Conv2d(32, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + nn.functional.glu(self.up(x), dim=1)
+        y = self.mix(torch.cat([x, self.a(x), self.b(x)], 1))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_concatenation_a_layer_consumes_is_not_said_to_be_added_to_a_residual_stream():
+    """An add and a concatenation in one torch-pruning group: the reason said "a concatenation of a
+    branch, a and b is added to up's output", though the add takes the GLU and a conv the concat."""
+    groups = find_groups(_GLUPlusConsumedConcat().eval(), torch.randn(2, 1, 28, 28))
+    reasons = [why for _, why in groups.skipped if "reaches the network output" not in why]
+    assert reasons and not any("is added to" in why or "concatenation" in why for why in reasons), reasons
+
+
 class _AddOntoConcatSE(nn.Module):
     """The walk's net3 in small: branches with BatchNorm and SiLU, an add onto their concatenation,
     then a squeeze-excitation gating the stream. (B,1,28,28) -> (B,10)."""

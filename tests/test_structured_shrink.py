@@ -279,3 +279,24 @@ def test_threshold_cut_leaves_no_channel_out_that_still_fits():
                     grown = [k.clone() for k in masks]
                     grown[g][j] = True
                     assert counter.macs_of_masks(grown) > budget, (trial, share, macs / counter.dense)
+
+
+def test_a_finished_weights_run_over_a_loaded_shrunk_model_gives_back_into_the_model_passed(tmp_path):
+    """A channel-pruned file loaded with load_pruned, then pruned by a weights method with out=RUN:
+    the run's model.json records the channel layout; given back finished, the weights went into a
+    reshaped copy and the model passed in kept its dense weights (the first run prunes it in place)."""
+    import prunekit
+    model, x = _model("mobilenetv1-cifar")
+    groups = find_groups(model, x)
+    small = shrink(model, groups, _random_masks(groups, torch.Generator().manual_seed(3)), x)
+    prunekit.save_model(small, tmp_path / "small.safetensors", {})
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randn(32, 3, 16, 16, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+    zeros = lambda m: sum(int((p == 0).sum()) for p in m.parameters())   # noqa: E731
+    for attempt in ("first", "given back"):
+        passed = prunekit.load_pruned(zoo.build("mobilenetv1-cifar"), tmp_path / "small.safetensors")
+        dense_zeros = zeros(passed)
+        result = prunekit.prune(passed, data, method="magnitude", sparsity=0.5, example_input=x[:1],
+                                out=str(tmp_path / "run"))
+        assert result.model is passed, attempt
+        assert zeros(passed) > dense_zeros + 0.4 * sum(p.numel() for p in passed.parameters() if p.dim() > 1), attempt

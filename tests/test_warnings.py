@@ -229,3 +229,45 @@ def test_omp_num_threads_that_libgomp_takes_passes():
     from prunekit.threads_env import omp_threads_problem
     assert [omp_threads_problem(v) for v in (None, "1", " 2", "4,2", "16")] == [None] * 5
     assert all(omp_threads_problem(v) for v in ("0", "-1", "1.5", "abc", "", "2,0"))
+
+
+UNUSED_NET = """import torch
+from torch import nn
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(784, 32), nn.Linear(32, 10)
+        self.spare = nn.Linear(32, 32)          # never called: the plan warns of it
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def unused():
+    return Unused()
+"""
+
+
+def test_a_refusal_after_the_plan_comes_without_the_plans_warnings(tmp_path, capsys):
+    """More gradient rows than training samples, refused once the plan is made: the plan's warning
+    (a layer the trace never ran) was printed first, two lines for one refusal."""
+    (tmp_path / "net.py").write_text(UNUSED_NET)
+    argv = ["prune", "--model", f"{tmp_path}/net.py:unused", "--normalize", "0.1307/0.3081", "--data", "mnist",
+            "--data-dir", MNIST_ASSETS, "--method", "chita", "--sparsity", "0.5", "--train-samples", "100",
+            "--fisher-samples", "500", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("prunekit: error: the training data holds 100 samples"), err
+    assert not (tmp_path / "run").exists()
+    import prunekit
+    torch.manual_seed(0)
+    data = (torch.randn(100, 1, 28, 28), torch.randint(0, 10, (100,)))
+    ns = {}
+    exec(UNUSED_NET, ns)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(prunekit.PrunekitError, match="holds 100 samples"):
+            prunekit.prune(ns["unused"](), data, method="chita", sparsity=0.5, fisher_samples=500)
+    assert not [w for w in caught if issubclass(w.category, PrunekitWarning)], [str(w.message) for w in caught]

@@ -184,10 +184,10 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         method_row, _, checked, _ = request.resolved_options()
         check_rows_before_plan(method_row, checked, samples_per_pass(train_batches()))
         request.data_samples = samples_per_pass(train_batches())     # a memory refusal names no more rows
-    plan = request.plan()
     if train_batches is not None:     # gradient rows past the data: refused before the dense model is measured
-        check_planned_rows(plan, samples_per_pass(train_batches()),
-                           lambda: int(first_batch(train_batches, "data")[1].shape[0]))
+        request.check_plan = lambda plan: check_planned_rows(      # (in plan(), before its warnings)
+            plan, samples_per_pass(train_batches()), lambda: int(first_batch(train_batches, "data")[1].shape[0]))
+    plan = request.plan()
     if eval_batches is not None and train_batches is not None:     # the plan ran the model on data's first input
         check_runs_on(model, eval_batches, "eval_data", _model_device(model))
     if loss is not None and train_batches is not None:

@@ -378,14 +378,22 @@ def _read_text(path) -> str | None:
     return path.read_text() if path.exists() else None
 
 
+def _has_layout(model: nn.Module, layout: dict) -> bool:
+    """Whether ``model``'s channel layout (``zoo.layout.channel_layout``) is ``layout`` (as read from
+    a model.json: JSON values)."""
+    from .zoo.layout import channel_layout
+    return json.loads(json.dumps(channel_layout(model))) == layout
+
+
 def _load_final(plan: Plan, folder: RunFolder, redo: str = REDO) -> nn.Module:
-    """The finished run's model: the request's own, with the saved weights (reshaped first when
-    it was shrunk). ``redo``: how a refusal says to run it anew, in the command line's words
+    """The finished run's model: the request's own, with the saved weights (a weights method's
+    always into the model passed in, as its first run pruned that one in place; a channel method's
+    into a copy reshaped to the saved layout). ``redo``: how a refusal says to run it anew, in the command line's words
     (``execute``'s; Python's ``force=True`` where the refusal is read in Python)."""
     from .saving import read_meta
     model = plan.request.model
     layout = read_meta(folder.model_path).get("channel_layout")
-    if layout is not None:
+    if layout is not None and not (plan.method.family == "weights" and _has_layout(model, layout)):
         model = apply_layout(copy.deepcopy(model), layout)
     try:
         state = load_file(folder.model_path)

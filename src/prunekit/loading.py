@@ -297,12 +297,18 @@ def _check_forward(loaded: LoadedModel, what: str) -> None:
             out = loaded.model(loaded.example_input())
     except Exception as error:  # the user's forward: one line, what it said
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if not isinstance(error, (RuntimeError, ValueError, IndexError)):    # no shape error: the code's fault
-            where = user_models.error_line(error, user_models.parse(loaded.name)[0])
-            raise PrunekitError(f"{loaded.name}'s forward raised {type(error).__name__} on one of the {what} images, "
-                                f"shape {tuple(loaded.input_shape)} (C,H,W){f', at {where}' if where else ''}: "
-                                f"{first}; the fault is in the model's code, not the data: fix its forward (or what "
+        fault = user_models.forward_fault(error)
+        if fault == user_models.NO_FORWARD:
+            raise PrunekitError(user_models.no_forward_text(loaded.name, error)) from None
+        where = user_models.error_line(error, user_models.parse(loaded.name)[0])
+        head = (f"{loaded.name}'s forward raised {type(error).__name__} on one of the {what} images, "
+                f"shape {tuple(loaded.input_shape)} (C,H,W){f', at {where}' if where else ''}: {first}; ")
+        if fault == user_models.CODE:
+            raise PrunekitError(head + "the fault is in the model's code, not the data: fix its forward (or what "
                                 "it calls) and run again") from None
+        if fault == user_models.EITHER:
+            raise PrunekitError(head + "either the data's shape is not the one the model was made for (pick data "
+                                "the model takes) or its forward is wrong (fix it)") from None
         raise PrunekitError(f"{loaded.name} fails on one of the {what} images, shape "
                             f"{tuple(loaded.input_shape)} (C,H,W): {first}; pick data the model takes") from None
     if not isinstance(out, torch.Tensor):         # a HuggingFace classifier's output: its .logits, as in Python

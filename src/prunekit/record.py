@@ -164,13 +164,14 @@ class Result:
                    nonzero_params=record.get("nonzero_params"))
 
     def summary(self) -> str:
+        from .report import seconds_text        # as the comparison tables show them
         acc = ("" if self.accuracy is None else
                f", accuracy {self.dense_accuracy:.2f}% -> {self.accuracy:.2f}%")
         if self.accuracy is None and self.loss is not None and self.dense_loss is not None:   # loss= given
             acc = f", loss {self.dense_loss:.4g} -> {self.loss:.4g}"
         sparsity = "" if self.sparsity is None else f"sparsity {100 * self.sparsity:.2f}%, "
         return (f"{self.method}: {sparsity}MACs kept {100 * self.flops_kept:.2f}% "
-                f"({self.macs:,} of {self.dense_macs:,}), {self.params_text()}{acc}, {self.seconds:.1f} s"
+                f"({self.macs:,} of {self.dense_macs:,}), {self.params_text()}{acc}, {seconds_text(self.seconds)} s"
                 f"{self.finetune_hint()}")
 
     def params_text(self) -> str:

@@ -100,9 +100,17 @@ def _num(x, spec: str) -> str:
 
 
 def seconds_text(x) -> str:
-    """A run's pruning seconds (its record's ``seconds``) as the comparison tables show them: two
-    decimals under 1 s, one under 100 s (a gradual MLPNet run's 0.33 s showed as "0")."""
-    return "–" if x is None else f"{x:.2f}" if x < 1 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
+    """A run's pruning seconds (its record's ``seconds``) as the comparison tables and
+    ``Result.summary`` show them: two decimals under 1 s, one under 100 s, none above (a gradual
+    MLPNet run's 0.33 s showed as "0"), the range judged on the rounded value (0.996 is "1.0",
+    not "1.00"; 99.96 is "100", not "100.0"); "–" for None."""
+    if x is None:
+        return "–"
+    for decimals, below in ((2, 1), (1, 100)):
+        text = f"{x:.{decimals}f}"
+        if float(text) < below:
+            return text
+    return f"{x:.0f}"
 
 
 def _acc(x) -> str:

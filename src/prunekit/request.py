@@ -53,6 +53,9 @@ class PruneRequest:
         value is refused before a huge folder's headers are read (it may set ``data_samples``).
     data_samples: the samples one pass of the training data holds (None: not known): a memory
         refusal then names no more per-sample gradient rows than the data can give.
+    check_plan: a check of the finished plan (e.g. its gradient rows against the data), run by
+        ``plan()`` before it gives its warnings (layers the trace never ran, groups left dense),
+        so that a refusal comes alone.
     """
 
     model: nn.Module
@@ -69,6 +72,7 @@ class PruneRequest:
     loss: LossFn | None = None
     data_to_load: int | Callable[[], int] = 0
     data_samples: int | None = None
+    check_plan: Callable[["Plan"], None] | None = None
 
     def resolved_options(self) -> tuple[Method, dict, "Options", GradualOptions | None]:
         """The method's row, its options as given, its options checked with its defaults filled in,
@@ -149,10 +153,9 @@ class PruneRequest:
             space = ParamSpace(self.model, include=self.include, exclude=self.exclude, costs=costs)
             resolved = budget.resolve(costs, space)
             shares = []
-        if space.not_run:
-            warnings.warn(not_run_warning(space.not_run), stacklevel=3)
-        if channels is not None and (left := dense_groups_warning(channels.groups.skipped)):
-            warnings.warn(PrunekitWarning(left), stacklevel=3)
+        # warned of (layers the trace never ran, groups left dense) once every check below has passed:
+        # a refusal comes alone
+        left = dense_groups_warning(channels.groups.skipped) if channels is not None else None
         if gradual is not None:
             check_start_keep(resolved, space.macs_summary(costs)[0], gradual)
         if method.check is not None:
@@ -164,8 +167,15 @@ class PruneRequest:
         stages = getattr(options, "stages", 1)          # "auto": 5 or 15 (falcon++)
         mode = ("structured" if method.family == "channels" else "gradual" if gradual is not None
                 else "multi-stage" if stages == "auto" or stages > 1 else "one-shot")
-        return Plan(self, method, options, gradual, mode, costs, space, resolved, shares, channels,
+        plan = Plan(self, method, options, gradual, mode, costs, space, resolved, shares, channels,
                     self.name or type(self.model).__name__)
+        if self.check_plan is not None:
+            self.check_plan(plan)
+        if space.not_run:
+            warnings.warn(not_run_warning(space.not_run), stacklevel=3)
+        if left:
+            warnings.warn(PrunekitWarning(left), stacklevel=3)
+        return plan
 
 
 def takes_data_to_load(function) -> bool:

@@ -136,6 +136,35 @@ def _line(error: BaseException, path: Path) -> str:
     return f", {path.name} line {lines[-1]}" if lines else ""
 
 
+SHAPE, CODE, EITHER, NO_FORWARD = "shape", "code", "either", "no forward"
+
+
+def forward_fault(error: BaseException) -> str:
+    """What a model's forward raising ``error`` on an example input points at, for the line that
+    says so: ``NO_FORWARD`` where the model defines no forward (``nn.Module._forward_unimplemented``
+    raised NotImplementedError), ``EITHER`` for an AssertionError (an ``assert x.shape[-1] == 32``
+    on the input, or a forward that is wrong), ``SHAPE`` for what torch raises on an input of the
+    wrong shape (RuntimeError, ValueError, IndexError), else ``CODE`` (a TypeError, an
+    AttributeError: the model's code)."""
+    if isinstance(error, NotImplementedError):
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None and tb.tb_frame.f_code.co_name == "_forward_unimplemented":
+            return NO_FORWARD
+    if isinstance(error, AssertionError):
+        return EITHER
+    if isinstance(error, (RuntimeError, ValueError, IndexError)):
+        return SHAPE
+    return CODE
+
+
+def no_forward_text(name: str, error: BaseException) -> str:
+    """The line for model ``name`` whose class defines no forward (``forward_fault``: ``NO_FORWARD``)."""
+    return (f"{name}: the model has no forward ({str(error).strip() or type(error).__name__}): define "
+            "forward(self, x) in its class (a method of the class, indented inside it), or return a model that has one")
+
+
 def error_line(error: BaseException, path: Path) -> str:
     """``net.py line 12``: the innermost line of the user's file ``path`` that ``error`` passed
     (its forward, say), or "" when it passed none."""

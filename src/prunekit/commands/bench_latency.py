@@ -17,6 +17,8 @@ from ..costs import CostModel
 from ..errors import PrunekitError, PrunekitWarning
 from ..latency import MIN_REPEATS, NOISE_LIMIT, check_batch_sizes, latency_table
 from ..loading import load_dense_of, load_model
+from ..methods import lookup
+from ..saving import read_meta
 from ..zoo.checkpoints import check_checkpoint_path
 from .common import model_file, refuse_unfinished, resolve_model
 from .info import input_shape
@@ -150,7 +152,8 @@ def cmd_bench_latency(args) -> int:
         print(f"note: the pruned model is shrunk to {100 * structure:.1f}% of the dense MACs (channels removed) and "
               f"its kept layers also hold zeroed weights ({100 * kept:.1f}% counting only nonzeros): the zeros run "
               "at dense cost, so the ratios above are judged against the shrunk share")
-    if (hint := channel_multiple_hint(dense.model, pruned.model, rows, masked)) is not None:
+    if (hint := channel_multiple_hint(dense.model, pruned.model, rows, masked,
+                                      read_meta(pruned_file).get("result"))) is not None:
         print(hint)
     if masked:
         print("note: the pruned model is masked, not shrunk (its zeroed weights stay in tensors of the dense shapes), "
@@ -162,11 +165,15 @@ def cmd_bench_latency(args) -> int:
 FAR_ABOVE_SHARE = 1.5     # a ratio to dense this many times the MAC share kept (or more) earns the hint
 
 
-def channel_multiple_hint(dense: nn.Module, pruned: nn.Module, rows: list[dict], masked: bool) -> str | None:
+def channel_multiple_hint(dense: nn.Module, pruned: nn.Module, rows: list[dict], masked: bool,
+                          record: dict | None = None) -> str | None:
     """The hint to prune with ``--channel-multiple 8`` when a quiet row's ratio is at least
     ``FAR_ABOVE_SHARE`` times the MAC share kept and convolutions were cut to channel counts that
     are not a multiple of 8 (CPU kernels, depthwise and grouped ones most, run slower at such
-    counts); None otherwise (a masked model, counts already multiples of 8)."""
+    counts); None otherwise (a masked model, counts already multiples of 8). ``record``: the run's
+    (its model file's sidecar "result"; None where it has none): a channel method's run with a
+    params budget, which --channel-multiple above 1 is refused with (``_params_takes_no_multiple``),
+    is told to prune without it."""
     worst = max((r["ratio_to_macs_kept"] for r in rows if not r["noisy"] and r["ratio_to_macs_kept"] is not None),
                 default=None)
     if masked or worst is None or worst < FAR_ABOVE_SHARE:
@@ -180,6 +187,24 @@ def channel_multiple_hint(dense: nn.Module, pruned: nn.Module, rows: list[dict],
     grouped = [(name, m) for name, m in odd if m.groups > 1]
     name, first = (grouped or odd)[0]
     kind = "depthwise or grouped " if grouped else ""
-    return (f"hint: the pruned model runs at up to {worst:.2f}x its MAC share kept, and {len(odd)} convolution(s) "
+    head = (f"hint: the pruned model runs at up to {worst:.2f}x its MAC share kept, and {len(odd)} convolution(s) "
             f"were cut to channel counts that are not a multiple of 8 (e.g. {kind}{name}: {first.out_channels}), "
-            "at which CPU kernels run slower: prune again with --channel-multiple 8 and time that")
+            "at which CPU kernels run slower: ")
+    if _params_takes_no_multiple(record):
+        return head + ("--channel-multiple 8 rounds them, but not with a params budget such as this run's: prune "
+                       "again without --params (its --flops alone) and with --channel-multiple 8, and time that")
+    return head + "prune again with --channel-multiple 8 and time that"
+
+
+def _params_takes_no_multiple(record: dict | None) -> bool:
+    """Whether the run of ``record`` (a prune record) had a params budget that --channel-multiple
+    above 1 is refused with: a channel method's without a weights phase (``Method.sparsify``: the
+    hybrid's meets the params budget there, and takes a channel multiple)."""
+    if not isinstance(record, dict) or record.get("family") != "channels":
+        return False
+    if not isinstance(record.get("request"), dict) or record["request"].get("params") is None:
+        return False
+    try:
+        return lookup(str(record.get("method"))).sparsify is None
+    except (PrunekitError, KeyError, ValueError):
+        return True          # a method not known here: not told to add what it may refuse

@@ -14,7 +14,7 @@ from ..costs import CostModel, Counts
 from ..loading import LoadedModel, load_dense_of, load_model
 from ..params import ParamSpace
 from ..saving import read_meta
-from ..user_models import error_line, is_model_file, parse
+from ..user_models import CODE, EITHER, NO_FORWARD, error_line, forward_fault, is_model_file, no_forward_text, parse
 from ..zoo import MODEL_NAMES
 from ..errors import PrunekitError
 from .common import MODEL_HELP, names_run_folder, model_file, resolve_model
@@ -116,34 +116,39 @@ def cmd_info(args) -> int:
     return 0
 
 
-_SHAPE_ERRORS = (RuntimeError, ValueError, IndexError)     # what torch raises on an input of the wrong shape
-
-
 def input_shape_refusal(name: str, model, shape: tuple[int, ...], message: str,
                         error: BaseException | None = None) -> str:
     """The line for a model that failed on an example of ``--input-shape`` ``shape``: the model's
     own words (from ``message``, CostModel's refusal), then the shape to give, channels first, from
     the model's first convolution (its in_channels; the spatial sizes given, or 32 each) or first
     Linear layer (its in_features). Where that shape is the one given, or ``error`` (the exception
-    the model raised) is no shape error (a TypeError, an AttributeError: not RuntimeError,
-    ValueError or IndexError) and no other shape can be named, the line names the exception and
-    the model file's line it passed, and points at the model's code (for a shape error with the
-    channels right: the height and width, or the code). For a model whose input reached an
+    the model raised) is no shape error (``user_models.forward_fault``: a TypeError, an
+    AttributeError) and no other shape can be named, the line names the exception and the model
+    file's line it passed, and points at the model's code (for a shape error with the channels
+    right: the height and width, or the code). An AssertionError (``assert x.shape[-1] == 32``)
+    names its line and both causes (the shape, or the forward); a model without a forward says
+    so. For a model whose input reached an
     ``nn.Embedding`` (an embedding's dtype or index error), that it takes integer token ids and
     the route that gives them."""
     reason = message.split("): ", 1)[-1].rsplit("; ", 1)[0]
     given = ",".join(map(str, shape))
     if any(text in reason for text in _EMBEDDING_ERRORS):      # the input reached an nn.Embedding: token ids
         return token_ids_refusal(name, given, reason)
+    fault = forward_fault(error) if error is not None else CODE
+    if fault == NO_FORWARD:
+        return no_forward_text(name, error)
     wanted = _wanted_shape(model, shape)
-    if wanted == given or (wanted is None and error is not None and not isinstance(error, _SHAPE_ERRORS)):
+    if wanted == given or fault == EITHER or (wanted is None and fault == CODE):
         kind = type(error).__name__ if error is not None else "an error"
         where = ""
         if error is not None and is_model_file(name):
             where = error_line(error, parse(name)[0])
         fits = (" (its first convolution takes those channels)" if wanted == given else "")
-        fix = ("the fault is in the model's code, not the input: fix its forward (or what it calls) and run again"
-               if error is None or not isinstance(error, _SHAPE_ERRORS) else
+        other = f", e.g. {wanted}" if wanted is not None and wanted != given else ""
+        fix = ("either that is not the shape the model was made for (give that one as --input-shape, channels "
+               f"first{other}) or its forward is wrong (fix it)" if fault == EITHER else
+               "the fault is in the model's code, not the input: fix its forward (or what it calls) and run again"
+               if fault == CODE else
                "give the height and width the model was made for (--input-shape C,H,W), or fix "
                "its forward if those are right")
         return (f"{name}'s forward raised {kind} on an input of --input-shape {given}{fits}"

@@ -100,8 +100,7 @@ def cmd_prune(args) -> int:
         check_onnx(loaded)
     eval_loader = eval_data(args, loaded)
     train_batches = training_batches(args, loaded, eval_loader)
-    plan = plan_of(args, loaded, eval_loader, train_batches)    # counts the images still to decode
-    _check_rows_fit_the_data(args, train_batches, plan=plan)     # the method's default rows too
+    plan = plan_of(args, loaded, eval_loader, train_batches)    # counts the images still to decode, checks the rows
     warn_if_random_weights(args)
     finished = bool(args.out) and not args.force and runs.RunFolder(args.out).read_metrics().get("status") == "done"
     record = prune_into(args, plan, loaded, eval_loader, train_batches)
@@ -321,7 +320,8 @@ def plan_of(args, loaded: LoadedModel, eval_loader, train_batches, method: str |
     Cheap refusals first: the training split is scanned (every image's header: minutes on a huge
     train/ folder) only once the request's options, budget and the method's own checks have passed
     (``PruneRequest.data_to_load`` as a function, which ``plan()`` calls after them), then the gradient
-    rows asked for are checked against it (``_check_rows_fit_the_data``), then the memory plan."""
+    rows asked for are checked against it (``_check_rows_fit_the_data``), then the memory plan, then
+    the planned run's rows (``PruneRequest.check_plan``), all before the plan's warnings."""
     request = request_of(args, loaded, method, budget)
     use = training_use(request)
     counted = []
@@ -337,6 +337,9 @@ def plan_of(args, loaded: LoadedModel, eval_loader, train_batches, method: str |
         return counted[0]
 
     request.data_to_load = data_to_load
+    # the planned rows (the method's default fisher_samples too, the schedule --stages auto will
+    # choose), checked inside plan() before its warnings: a refusal comes alone
+    request.check_plan = lambda plan: _check_rows_fit_the_data(args, train_batches, method, plan=plan)
     plan = request.plan()
     data_to_load()          # a method without a memory plan: the same checks, after the plan's
     return plan

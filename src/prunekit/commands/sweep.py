@@ -17,7 +17,7 @@ from ..options import OptionError
 from .common import (check_out_not_input, emit, eval_data, loaded_model, training_batches, warn_if_random_weights,
                      write_report)
 from . import option_flags
-from .prune import (_check_rows_fit_the_data, add_prune_args, method_options, plan_of, prune_into, run_config,
+from .prune import (add_prune_args, method_options, plan_of, prune_into, run_config,
                     taken_options)
 
 
@@ -126,8 +126,7 @@ def cmd_sweep(args) -> int:
     train_batches = training_batches(args, dense_model, eval_loader)
     for method, budget in plan:           # refuse a bad method, option, budget or data size before the first run:
         # prune's own checks, in its order, for every run (plan_of checks the rows against the data)
-        planned_run = plan_of(args, dense_model, eval_loader, train_batches, method, budget)
-        _check_rows_fit_the_data(args, train_batches, method, plan=planned_run)
+        plan_of(args, dense_model, eval_loader, train_batches, method, budget)
     try:
         for method, budget in plan:       # a run folder of another sweep is refused before the first run
             check_run_folder(run_args_of(args, method, budget))

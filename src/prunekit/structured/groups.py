@@ -719,8 +719,8 @@ def _added_concatenation(tp_group, names: dict) -> str | None:
     group's channels (a residual add onto ``torch.cat``: each branch's output channels are part of
     the sum's), or None where no concatenation and add both lie in ``tp_group``."""
     concat = next((item.dep.target for item in tp_group.items
-                   if isinstance(item.dep.target.module, tp.ops._ConcatOp)), None)
-    if concat is None or not _joined_by_add(tp_group):
+                   if isinstance(item.dep.target.module, tp.ops._ConcatOp) and _feeds_an_add(item.dep.target)), None)
+    if concat is None:
         return None
     parts = []
     for node in concat.inputs:
@@ -733,6 +733,23 @@ def _added_concatenation(tp_group, names: dict) -> str | None:
     if not parts:
         return "branches"
     return f"{', '.join(parts[:-1])} and {parts[-1]}" if len(parts) > 1 else parts[0]
+
+
+def _feeds_an_add(node) -> bool:
+    """Whether torch-pruning graph ``node``'s output reaches an elementwise add before any layer
+    (Conv/Linear) takes it: e.g. ``x + torch.cat([...])``, not ``conv(torch.cat([...]))``."""
+    seen, todo = set(), list(node.outputs)
+    while todo and len(seen) < 256:
+        nxt = todo.pop()
+        if id(nxt) in seen:
+            continue
+        seen.add(id(nxt))
+        if type(getattr(nxt, "grad_fn", None)).__name__.startswith("AddBackward"):
+            return True
+        module = nxt.module
+        if not (isinstance(module, (*_CONV, nn.Linear)) or is_linear(module)):
+            todo.extend(nxt.outputs)
+    return False
 
 
 def _is_pad_layer(dep) -> bool:
