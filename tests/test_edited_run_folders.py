@@ -172,3 +172,30 @@ def test_a_note_is_silent_under_logging_disable():
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
     assert err == "prunekit: note: one\nprunekit: note: three\n", err
+
+
+def test_a_call_asking_for_the_run_as_it_ran_is_told_the_config_was_edited(tmp_path, capsys):
+    """The call the run was made with, over its edited config.toml, read "holds another run (other sparsity)"."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    run = tmp_path / "py"
+    prunekit.prune(_tiny(), (x, y), method="magnitude-uniform", sparsity=0.8, out=str(run))
+    _edit(run, "sparsity = 0.8\n", "sparsity = 0.7\n")
+    with pytest.raises(PrunekitError, match=r"changed \(sparsity\) since metrics\.json was saved; this call asks for "
+                                            r"the run it holds: put config\.toml's values back"):
+        prunekit.prune(_tiny(), (x, y), method="magnitude-uniform", sparsity=0.8, out=str(run))
+    with pytest.raises(PrunekitError, match=r"holds another run \(other sparsity\)"):     # a third value: another run
+        prunekit.prune(_tiny(), (x, y), method="magnitude-uniform", sparsity=0.5, out=str(run))
+    _edit(run, "sparsity = 0.7\n", "sparsity = 0.8\n")      # put back: its result again
+    assert prunekit.prune(_tiny(), (x, y), method="magnitude-uniform", sparsity=0.8, out=str(run)).sparsity \
+        == pytest.approx(0.8, abs=0.02)
+    from prunekit.runs import EditedConfig, RunFolder, check_claim        # a training run: by its result.json
+    folder = RunFolder(tmp_path / "t")
+    folder.path.mkdir()
+    folder.config.write_text('model = "mlpnet"\nbatch-size = 32\nseed = 0\nepochs = 5\nlr = 0.05\n')
+    folder.model_path.write_bytes(b"x")
+    (folder.path / "result.json").write_text(json.dumps({"epochs": 3, "lr": 0.05, "batch_size": 32, "seed": 0}))
+    with pytest.raises(EditedConfig, match=r"this call asks for the run it holds"):
+        check_claim(folder, 'model = "mlpnet"\nbatch-size = 32\nseed = 0\nepochs = 3\nlr = 0.05\n')
+    with pytest.raises(PrunekitError, match=r"holds another run \(other epochs, lr\)"):
+        check_claim(folder, 'model = "mlpnet"\nbatch-size = 32\nseed = 0\nepochs = 3\nlr = 0.1\n')

@@ -502,6 +502,7 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False, code_
     if present:
         old = folder.config.read_text() if folder.config.exists() else None
         if not same_run(old, config_text, folder.path):
+            check_finished_unchanged(folder, python, asked=config_text)     # asked as it ran, config.toml edited since
             keys = _differing(old, config_text, folder.path) if old is not None else []
             if python and keys and _before_code(_parsed(old)):      # a version that fingerprinted no code
                 keys = [k for k in keys if not _code_key(k)]
@@ -569,12 +570,13 @@ class EditedConfig(OptionError):
 TRAINED_AS = {"epochs": "epochs", "lr": "lr", "batch_size": "batch-size", "seed": "seed"}
 
 
-def edited_since_run(folder: RunFolder) -> tuple[list[str], str] | None:
+def edited_since_run(folder: RunFolder, asked: str | None = None) -> tuple[list[str], str] | None:
     """Where ``folder`` holds a finished run whose config.toml is no longer the one it ran under:
     ``(settings changed, the file that recorded them)``: a prune run's metrics.json keeps the
     config it began with; a training run's result.json its epochs, lr, batch size and seed. None
     where it holds no finished run, nothing was changed, or the folder records nothing to compare
-    (an unfinished run is checked at its checkpoints, ``_check_same_config``)."""
+    (an unfinished run is checked at its checkpoints, ``_check_same_config``). ``asked``: only where
+    the run was made with that config (a call asking for the run as it ran)."""
     if not folder.config.exists():
         return None
     try:
@@ -582,9 +584,13 @@ def edited_since_run(folder: RunFolder) -> tuple[list[str], str] | None:
         if folder.metrics_path.exists():
             metrics = folder.read_metrics()
             saved = metrics.get("config")
-            if metrics.get("status") != "done" or not isinstance(saved, str) or same_values(saved, now):
+            if metrics.get("status") != "done" or not isinstance(saved, str) or same_values(saved, now) \
+                    or asked is not None and not same_run(saved, asked, folder.path):
                 return None
-            return (_differing(saved, now, folder.path) or ["its text"]), METRICS
+            changed = _differing(saved, now, folder.path)
+            if asked is not None and (not changed or set(changed) - (_parsed(saved).keys() & _parsed(now).keys())):
+                return None     # a setting added or left out: an older prunekit's folder, said as such by the claim
+            return (changed or ["its text"]), METRICS
         result = folder.path / "result.json"
         if not (result.exists() and folder.model_path.exists()):
             return None
@@ -595,18 +601,29 @@ def edited_since_run(folder: RunFolder) -> tuple[list[str], str] | None:
         return None
     changed = [key for field, key in TRAINED_AS.items()
                if field in record and key in config and record[field] != config[key]]
+    if asked is not None:       # the call asks for what result.json records, and differs from config.toml only there
+        wanted = _parsed(asked)
+        if not changed or any(wanted.get(TRAINED_AS[f]) != record[f] for f in TRAINED_AS if f in record) \
+                or set(_differing(now, asked, folder.path)) - set(changed):
+            return None
     return (changed, "result.json") if changed else None
 
 
-def check_finished_unchanged(folder: RunFolder, python: bool = False) -> None:
+def check_finished_unchanged(folder: RunFolder, python: bool = False, asked: str | None = None) -> None:
     """Refuse to give back the finished run in ``folder`` for a call that asks for what its
     config.toml now says, when that file was edited since the run recorded it
-    (``edited_since_run``): the result there is another setting's, never this call's."""
-    edited = edited_since_run(folder)
+    (``edited_since_run``): the result there is another setting's, never this call's. ``asked``: a
+    call that asks for the run as it ran (config.toml edited since), refused in words saying so
+    (else it would read "holds another run")."""
+    edited = edited_since_run(folder, asked)
     if edited is None:
         return
     changed, since = edited
     anew = "pass force=True" if python else "add --force"
+    if asked is not None:
+        raise EditedConfig(f"{folder.config} was changed ({', '.join(changed[:3])}) since {since} was saved; this "
+                           f"call asks for the run it holds: put config.toml's values back to have that run's result "
+                           f"again, or {anew} to run it anew", changed, since, ("force",))
     raise EditedConfig(f"{folder.config} was changed ({', '.join(changed[:3])}) since {since} was saved, so the "
                        f"finished run there is not the one it now records: put its values back to have that run's "
                        f"result again, or {anew} to run it anew with these values", changed, since, ("force",))
