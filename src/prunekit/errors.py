@@ -81,8 +81,10 @@ def note(message: str) -> None:
     does not turn it into an exception. Logged at INFO on the ``"prunekit"`` logger where logging is
     configured (a handler on it or the root: routed and filtered as configured there); otherwise
     printed to stderr as ``prunekit: note: ...``, unless that logger's level was set above INFO
-    (``logging.getLogger("prunekit").setLevel(logging.WARNING)`` silences notes)."""
+    (``logging.getLogger("prunekit").setLevel(logging.WARNING)`` silences notes) or logging was
+    switched off at INFO or above (``logging.disable(logging.INFO)``, ``logging.disable()``)."""
     if NOTES.hasHandlers():
         NOTES.info(message)
-    elif NOTES.level == logging.NOTSET or NOTES.isEnabledFor(logging.INFO):
+    elif logging.root.manager.disable < logging.INFO \
+            and (NOTES.level == logging.NOTSET or NOTES.isEnabledFor(logging.INFO)):
         print(f"prunekit: note: {message}", file=sys.stderr, flush=True)

@@ -449,7 +449,7 @@ def _differing(old: str, new: str, here: str | Path | None = None) -> list[str]:
     ``here`` is no difference (the folder was moved or copied since its run began; the folder is
     the run, ``moved_from``)."""
     try:
-        before, after = tomllib.loads(old), tomllib.loads(new)
+        before, after = by_value(tomllib.loads(old)), by_value(tomllib.loads(new))
     except tomllib.TOMLDecodeError:
         return []
     keys = [k for k in {**before, **after} if before.get(k) != after.get(k)]
@@ -491,9 +491,30 @@ def same_values(old: str, new: str) -> bool:
     if old == new:
         return True
     try:
-        return tomllib.loads(old) == tomllib.loads(new)
+        return by_value(tomllib.loads(old)) == by_value(tomllib.loads(new))
     except tomllib.TOMLDecodeError:
         return False
+
+
+BUDGET_KEYS = ("sparsity", "flops", "params")
+
+
+def by_value(config: dict) -> dict:
+    """``config`` with its budgets (``BUDGET_KEYS``) as the amounts they spell, ``(value,
+    absolute)``: the command line records a budget as typed, and "0.5", "0.50" and "50%" (or "50k"
+    and "50000") are one budget, the run being made from the parsed amount alone. A value that
+    parses as no budget stays as it is (its run refuses it)."""
+    from .budget import Amount          # (budget imports what imports this module)
+    out = dict(config)
+    for key in BUDGET_KEYS:
+        value = out.get(key)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            try:
+                amount = Amount.parse(value, key)
+            except PrunekitError:
+                continue
+            out[key] = (amount.value, amount.absolute)
+    return out
 
 
 def _asks_onnx(config_text: str) -> bool:
@@ -511,6 +532,7 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False, code_
     if present:
         old = folder.config.read_text() if folder.config.exists() else None
         if not same_run(old, config_text, folder.path):
+            check_finished_unchanged(folder, python, asked=config_text)     # asked as it ran, config.toml edited since
             keys = _differing(old, config_text, folder.path) if old is not None else []
             if python and keys and _before_code(_parsed(old)):      # a version that fingerprinted no code
                 keys = [k for k in keys if not _code_key(k)]
@@ -563,6 +585,80 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False, code_
                                   "as its config.toml records) or clear it first (force=True)", ("out", "force"))
             raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (resume) or clear "
                               "it first (force)", ("out", "resume", "force"))
+        if old is not None:         # this run's config.toml: the run it holds must be the one it says
+            check_finished_unchanged(folder, python)
+
+
+class EditedConfig(OptionError):
+    """A finished run whose config.toml was edited since its run recorded it (``check_finished_unchanged``):
+    ``changed``, the settings edited; ``since``, the file that recorded the run."""
+
+    def __init__(self, message: str, changed: list[str], since: str, params: tuple[str, ...] = ()):
+        super().__init__(message, params)
+        self.changed, self.since = changed, since
+
+
+# A training run's result.json keys and the config.toml settings they record (a train folder has no metrics.json).
+TRAINED_AS = {"epochs": "epochs", "lr": "lr", "batch_size": "batch-size", "seed": "seed"}
+
+
+def edited_since_run(folder: RunFolder, asked: str | None = None) -> tuple[list[str], str] | None:
+    """Where ``folder`` holds a finished run whose config.toml is no longer the one it ran under:
+    ``(settings changed, the file that recorded them)``: a prune run's metrics.json keeps the
+    config it began with; a training run's result.json its epochs, lr, batch size and seed. None
+    where it holds no finished run, nothing was changed, or the folder records nothing to compare
+    (an unfinished run is checked at its checkpoints, ``_check_same_config``). ``asked``: only where
+    the run was made with that config (a call asking for the run as it ran)."""
+    if not folder.config.exists():
+        return None
+    try:
+        now = folder.config.read_text()
+        if folder.metrics_path.exists():
+            metrics = folder.read_metrics()
+            saved = metrics.get("config")
+            if metrics.get("status") != "done" or not isinstance(saved, str) or same_values(saved, now) \
+                    or asked is not None and not same_run(saved, asked, folder.path):
+                return None
+            changed = _differing(saved, now, folder.path)
+            if asked is not None and (not changed or set(changed) - (_parsed(saved).keys() & _parsed(now).keys())):
+                return None     # a setting added or left out: an older prunekit's folder, said as such by the claim
+            return (changed or ["its text"]), METRICS
+        result = folder.path / "result.json"
+        if not (result.exists() and folder.model_path.exists()):
+            return None
+        record, config = json.loads(result.read_text()), tomllib.loads(now)
+    except (OSError, UnicodeDecodeError, ValueError, PrunekitError):     # (TOMLDecodeError is a ValueError)
+        return None         # a damaged file is said where it is read
+    if not isinstance(record, dict):
+        return None
+    changed = [key for field, key in TRAINED_AS.items()
+               if field in record and key in config and record[field] != config[key]]
+    if asked is not None:       # the call asks for what result.json records, and differs from config.toml only there
+        wanted = _parsed(asked)
+        if not changed or any(wanted.get(TRAINED_AS[f]) != record[f] for f in TRAINED_AS if f in record) \
+                or set(_differing(now, asked, folder.path)) - set(changed):
+            return None
+    return (changed, "result.json") if changed else None
+
+
+def check_finished_unchanged(folder: RunFolder, python: bool = False, asked: str | None = None) -> None:
+    """Refuse to give back the finished run in ``folder`` for a call that asks for what its
+    config.toml now says, when that file was edited since the run recorded it
+    (``edited_since_run``): the result there is another setting's, never this call's. ``asked``: a
+    call that asks for the run as it ran (config.toml edited since), refused in words saying so
+    (else it would read "holds another run")."""
+    edited = edited_since_run(folder, asked)
+    if edited is None:
+        return
+    changed, since = edited
+    anew = "pass force=True" if python else "add --force"
+    if asked is not None:
+        raise EditedConfig(f"{folder.config} was changed ({', '.join(changed[:3])}) since {since} was saved; this "
+                           f"call asks for the run it holds: put config.toml's values back to have that run's result "
+                           f"again, or {anew} to run it anew", changed, since, ("force",))
+    raise EditedConfig(f"{folder.config} was changed ({', '.join(changed[:3])}) since {since} was saved, so the "
+                       f"finished run there is not the one it now records: put its values back to have that run's "
+                       f"result again, or {anew} to run it anew with these values", changed, since, ("force",))
 
 
 def _parsed(config_text: str | None) -> dict:

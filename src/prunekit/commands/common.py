@@ -393,6 +393,11 @@ def refuse_unfinished(folder) -> None:
         method = "method" in tomllib.loads((folder / "config.toml").read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
         method = False
+    from ..cli import _is_python_config
+    if _is_python_config(folder / "config.toml"):        # `prune --resume` refuses these: name what carries it on
+        raise PrunekitError(f"{folder} holds a run started from Python that has not finished (no model.safetensors "
+                            f"yet): carry it on first (call prunekit.prune again with the same arguments and "
+                            f"out={str(folder)!r}), then use it")
     if method or (folder / "metrics.json").is_file():      # only prune runs have a method and write metrics
         raise PrunekitError(f"{folder} holds a prune run that has not finished (no model.safetensors yet): resume it "
                             f"with `prunekit prune --resume {folder}`, then use it")

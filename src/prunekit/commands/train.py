@@ -31,8 +31,8 @@ from ..saving import read_meta
 from ..options import OptionError, cli_message
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
-from ..runs import (RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim, check_ranks_share,
-                    claim, finished_read_only_on_rank_0, release_refused)
+from ..runs import (EditedConfig, RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim,
+                    check_ranks_share, claim, finished_read_only_on_rank_0, release_refused)
 from ..zoo.checkpoints import _export_kind, check_checkpoint_path
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
@@ -467,6 +467,8 @@ def training_folder(args, read_only: bool = False) -> RunFolder | None:
             check_claim(folder, config_text)
         else:
             claim(folder, config_text, force=bool(getattr(args, "force", False)))
+    except EditedConfig:        # this run's config.toml, edited since: said as it is (its fix is --force)
+        raise
     except OptionError:
         old = folder.config.read_text() if folder.config.exists() else None
         keys = _differing(old, config_text, folder.path) if old is not None else []

@@ -1,0 +1,201 @@
+"""Run folders whose config.toml was edited by hand, the same budget spelled another way, the advice
+for an unfinished Python run folder, and notes under logging.disable."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.cli import main
+from prunekit.errors import PrunekitError
+
+ASSETS = Path(prunekit.__file__).parent / "assets"
+SRC = Path(prunekit.__file__).parent.parent
+MNIST = ["--data", "mnist", "--data-dir", str(ASSETS / "mnist")]
+PRUNE = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), *MNIST,
+         "--train-samples", "256", "--method", "magnitude", "--json"]
+
+
+def _edit(folder: Path, old: str, new: str) -> None:
+    config = (folder / "config.toml").read_text()
+    assert old in config
+    (folder / "config.toml").write_text(config.replace(old, new))
+
+
+def _one_line(err: str) -> str:
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_cli_prune_over_an_edited_finished_run_is_refused_not_given_back(tmp_path, capsys):
+    """A finished 0.5 run whose config.toml was edited to 0.6, then `prune --sparsity 0.6` into it,
+    gave back the 0.5 run's result as "this run, finished" (exit 0)."""
+    out = tmp_path / "run"
+    assert main([*PRUNE, "--sparsity", "0.5", "--out", str(out)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    model = (out / "model.safetensors").read_bytes()
+    _edit(out, 'sparsity = "0.5"', 'sparsity = "0.6"')
+    assert main([*PRUNE, "--sparsity", "0.6", "--out", str(out)]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "config.toml was changed (sparsity) since metrics.json was saved" in err and "add --force" in err, err
+    assert (out / "model.safetensors").read_bytes() == model          # nothing written over
+    # the fix it names: --force runs the asked budget anew
+    assert main([*PRUNE, "--sparsity", "0.6", "--out", str(out), "--force"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    # a comment added by hand is no edit: the same command gives the run back
+    (out / "config.toml").write_text("# mine\n" + (out / "config.toml").read_text())
+    assert main([*PRUNE, "--sparsity", "0.6", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["sparsity"] == again["sparsity"]
+
+
+@pytest.mark.parametrize("spelled", ["0.50", "50%"])
+def test_cli_prune_takes_the_same_budget_spelled_another_way(tmp_path, capsys, spelled):
+    """`--sparsity 0.50` (or 50%) over a folder made with 0.5 was refused as "holds another run
+    (other sparsity)": config.toml records the budget as typed."""
+    out = tmp_path / "run"
+    assert main([*PRUNE, "--sparsity", "0.5", "--out", str(out)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main([*PRUNE, "--sparsity", spelled, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "holds this run, finished" in captured.err
+    assert json.loads(captured.out)["sparsity"] == first["sparsity"]
+    assert main([*PRUNE, "--sparsity", "0.6", "--out", str(out)]) == 2     # another value is another run
+    assert "other sparsity" in _one_line(capsys.readouterr().err)
+
+
+def test_budgets_compare_by_value():
+    from prunekit.runs import _differing, same_values
+    assert same_values('sparsity = "0.5"\n', 'sparsity = "50%"\n')
+    assert same_values('params = "50k"\n', 'params = "50000"\n')
+    assert same_values('flops = "0.3"\n', 'flops = "30%"\n')
+    assert not same_values('sparsity = "0.5"\n', 'sparsity = "0.6"\n')
+    assert not same_values('sparsity = "0.5"\n', 'params = "0.5"\n')
+    assert _differing('sparsity = "0.5"\nseed = 0\n', 'sparsity = "50%"\nseed = 1\n') == ["seed"]
+    assert not same_values('sparsity = "lots"\n', 'sparsity = "LOTS"\n')   # no budget: compared as written
+
+
+def _tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def test_python_call_over_an_edited_finished_run_is_refused(tmp_path):
+    """prunekit.prune(sparsity=0.7) over a finished 0.8 run whose config.toml was edited to 0.7 gave
+    back the 0.8 result as this call's."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    run = tmp_path / "py"
+    first = prunekit.prune(_tiny(), (x, y), method="magnitude-uniform", sparsity=0.8, out=str(run))
+    assert first.sparsity == pytest.approx(0.8, abs=0.02)
+    _edit(run, "sparsity = 0.8\n", "sparsity = 0.7\n")
+    with pytest.raises(PrunekitError, match=r"config\.toml was changed \(sparsity\) since metrics\.json was saved.*"
+                                            r"pass force=True") as refused:
+        prunekit.prune(_tiny(), (x, y), method="magnitude-uniform", sparsity=0.7, out=str(run))
+    assert "\n" not in str(refused.value)
+    again = prunekit.prune(_tiny(), (x, y), method="magnitude-uniform", sparsity=0.7, out=str(run), force=True)
+    assert again.sparsity == pytest.approx(0.7, abs=0.02)
+
+
+def test_a_finished_training_run_with_edited_epochs_is_refused(tmp_path):
+    """`prunekit train --epochs 5` over a 3-epoch run whose config.toml was edited to 5 gave back
+    the 3-epoch result. Checked where the claim is (the training run's record is result.json)."""
+    from prunekit.runs import EditedConfig, RunFolder, check_claim
+    folder = RunFolder(tmp_path / "t")
+    folder.path.mkdir()
+    config = 'model = "mlpnet"\nbatch-size = 32\nseed = 0\nepochs = 5\nlr = 0.05\n'
+    folder.config.write_text(config)
+    folder.model_path.write_bytes(b"x")
+    (folder.path / "result.json").write_text(json.dumps({"epochs": 3, "lr": 0.05, "batch_size": 32, "seed": 0}))
+    with pytest.raises(EditedConfig, match=r"changed \(epochs\) since result\.json was saved.*add --force"):
+        check_claim(folder, config)
+    (folder.path / "result.json").write_text(json.dumps({"epochs": 5, "lr": 0.05, "batch_size": 32, "seed": 0}))
+    check_claim(folder, config)     # the run it records: given back
+
+
+def test_cli_train_over_an_edited_finished_run_is_refused(tmp_path, capsys):
+    out = tmp_path / "t"
+    train = ["train", "--model", "mlpnet", *MNIST, "--lr", "0.05", "--json", "--out", str(out)]
+    assert main([*train, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    _edit(out, "epochs = 1\n", "epochs = 2\n")
+    assert main([*train, "--epochs", "2"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "config.toml was changed (epochs) since result.json was saved" in err and "--force" in err, err
+
+
+def test_sweep_over_an_edited_finished_run_says_so_in_a_sweeps_words(tmp_path, monkeypatch):
+    from argparse import Namespace
+    from prunekit.commands import sweep
+    folder = tmp_path / "row"
+    folder.mkdir()
+    (folder / "config.toml").write_text('method = "magnitude"\nsparsity = "0.6"\n')
+    (folder / "metrics.json").write_text(json.dumps({"status": "done", "config": 'method = "magnitude"\n'
+                                                                                  'sparsity = "0.5"\n'}))
+    args = Namespace(out=str(folder))
+    monkeypatch.setattr(sweep, "run_config", lambda run_args: 'method = "magnitude"\nsparsity = "0.6"\n')
+    with pytest.raises(PrunekitError, match=r"changed \(sparsity\) since metrics\.json.*move that folder away"):
+        sweep.check_run_folder(args)
+
+
+def test_info_and_eval_of_an_unfinished_python_run_name_the_python_call(tmp_path, capsys):
+    """They said "resume it with `prunekit prune --resume DIR`", which refuses Python run folders."""
+    from prunekit.commands.common import refuse_unfinished
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    run = tmp_path / "py"
+    prunekit.prune(_tiny(), (x, y), method="magnitude", sparsity=0.5, out=str(run))
+    (run / "model.safetensors").unlink()            # as a run killed before its model was written
+    with pytest.raises(PrunekitError) as refused:
+        refuse_unfinished(run)
+    said = str(refused.value)
+    assert f"call prunekit.prune again with the same arguments and out={str(run)!r}" in said, said
+    assert "--resume" not in said
+    assert main(["eval", "--checkpoint", str(run), *MNIST]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "call prunekit.prune again" in err and "--resume" not in err, err
+
+
+def test_a_note_is_silent_under_logging_disable():
+    code = ("import logging, prunekit.errors as e\n"
+            "e.note('one')\n"
+            "logging.disable(logging.CRITICAL)\n"
+            "e.note('two')\n"
+            "logging.disable(logging.NOTSET)\n"
+            "e.note('three')\n")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
+    assert err == "prunekit: note: one\nprunekit: note: three\n", err
+
+
+def test_a_call_asking_for_the_run_as_it_ran_is_told_the_config_was_edited(tmp_path, capsys):
+    """The call the run was made with, over its edited config.toml, read "holds another run (other sparsity)"."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    run = tmp_path / "py"
+    prunekit.prune(_tiny(), (x, y), method="magnitude-uniform", sparsity=0.8, out=str(run))
+    _edit(run, "sparsity = 0.8\n", "sparsity = 0.7\n")
+    with pytest.raises(PrunekitError, match=r"changed \(sparsity\) since metrics\.json was saved; this call asks for "
+                                            r"the run it holds: put config\.toml's values back"):
+        prunekit.prune(_tiny(), (x, y), method="magnitude-uniform", sparsity=0.8, out=str(run))
+    with pytest.raises(PrunekitError, match=r"holds another run \(other sparsity\)"):     # a third value: another run
+        prunekit.prune(_tiny(), (x, y), method="magnitude-uniform", sparsity=0.5, out=str(run))
+    _edit(run, "sparsity = 0.7\n", "sparsity = 0.8\n")      # put back: its result again
+    assert prunekit.prune(_tiny(), (x, y), method="magnitude-uniform", sparsity=0.8, out=str(run)).sparsity \
+        == pytest.approx(0.8, abs=0.02)
+    from prunekit.runs import EditedConfig, RunFolder, check_claim        # a training run: by its result.json
+    folder = RunFolder(tmp_path / "t")
+    folder.path.mkdir()
+    folder.config.write_text('model = "mlpnet"\nbatch-size = 32\nseed = 0\nepochs = 5\nlr = 0.05\n')
+    folder.model_path.write_bytes(b"x")
+    (folder.path / "result.json").write_text(json.dumps({"epochs": 3, "lr": 0.05, "batch_size": 32, "seed": 0}))
+    with pytest.raises(EditedConfig, match=r"this call asks for the run it holds"):
+        check_claim(folder, 'model = "mlpnet"\nbatch-size = 32\nseed = 0\nepochs = 3\nlr = 0.05\n')
+    with pytest.raises(PrunekitError, match=r"holds another run \(other epochs, lr\)"):
+        check_claim(folder, 'model = "mlpnet"\nbatch-size = 32\nseed = 0\nepochs = 3\nlr = 0.1\n')
