@@ -93,8 +93,10 @@ def test_a_loss_writing_into_its_own_attributes_is_the_same_loss_run_again(tmp_p
     loss.scale = 1.0
     with pytest.raises(prunekit.PrunekitError, match=r"another loss="):
         _prune(tmp_path / "run", loss=loss)
-    del loss.stats["other"]
-    _, said = _prune(tmp_path / "run", loss=loss)
+    del loss.stats["other"]                 # (each call ran it: its counters moved past where a run left them)
+    with pytest.raises(prunekit.PrunekitError, match=r"its attribute calls, which its run writes"):
+        _prune(tmp_path / "run", loss=loss)
+    _, said = _prune(tmp_path / "run", loss=_Counting())      # made afresh: the same loss
     assert len(said) == 1 and "given back" in said[0], said
     _prune(tmp_path / "smooth", loss=nn.CrossEntropyLoss())       # nothing written: no file, settings compared
     assert not (tmp_path / "smooth" / "code-written.json").exists()
@@ -485,19 +487,24 @@ class _Noisy(nn.Module):
 
 def test_a_slot_the_run_writes_and_reads_is_compared_at_its_start(tmp_path):
     """(d) ``Annealed(1.0)`` run, then ``Annealed(50.0)`` into the same folder: another loss, refused
-    naming ``t`` (it was given the t=1 result); a fresh ``Annealed(1.0)`` gets the stored result; the
-    object reused after its run (t moved on) is refused naming t and the fix. So for a generator."""
+    naming ``t`` (it was given the t=1 result); a fresh ``Annealed(1.0)`` gets the stored result, as
+    does that object as the call left it (the cell run again); called on since (t moved past where
+    the run left it), it is refused naming t and the fix. So for a generator."""
     _prune(tmp_path / "run", loss=_Annealed(1.0))
-    saved = json.loads((tmp_path / "run" / "code-written.json").read_text())["loss_fingerprint"]
-    assert saved["written"] == ["t"] and set(saved["start"]) == {"t"}, saved
     with pytest.raises(prunekit.PrunekitError, match=r"another loss=.*its attribute t, which its run writes"):
         _prune(tmp_path / "run", loss=_Annealed(50.0))
+    saved = json.loads((tmp_path / "run" / "code-written.json").read_text())["loss_fingerprint"]
+    assert saved["written"] == ["t"] and set(saved["start"]) == {"t"}, saved
     reused = _Annealed(1.0)
     _, said = _prune(tmp_path / "run", loss=reused)
     assert len(said) == 1 and "given back" in said[0], said
-    with pytest.raises(prunekit.PrunekitError, match=r"its attribute t, .*a fresh one, or force=True"):
-        _prune(tmp_path / "run", loss=reused)          # check_loss called it: t is not at its start
-    assert json.loads((tmp_path / "run" / "code-written.json").read_text())["loss_fingerprint"] == saved
+    _, said = _prune(tmp_path / "run", loss=reused)     # as the last call left it
+    assert len(said) == 1 and "given back" in said[0], said
+    reused(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))       # called on since
+    with pytest.raises(prunekit.PrunekitError, match=r"its attribute t, .*a fresh object, or force=True"):
+        _prune(tmp_path / "run", loss=reused)
+    now = json.loads((tmp_path / "run" / "code-written.json").read_text())["loss_fingerprint"]
+    assert now["start"] == saved["start"], (now, saved)       # the first start, never a later call's
     _prune(tmp_path / "gen", loss=_Noisy(0))
     with pytest.raises(prunekit.PrunekitError, match=r"another loss=.*its attribute g"):
         _prune(tmp_path / "gen", loss=_Noisy(12345))
@@ -563,13 +570,14 @@ class _Ema(nn.Module):
 
 def test_a_write_through_data_is_seen(tmp_path):
     """(f) ``self.ema.data.mul_(0.9)`` bumps no tensor version: the run's write is still recorded
-    (code-written.json names the buffer) and the object reused is refused naming it."""
+    (code-written.json names the buffer), and the object called on since is refused naming it."""
     loss = _Ema()
     _prune(tmp_path / "run", loss=loss)
     saved = json.loads((tmp_path / "run" / "code-written.json").read_text())["loss_fingerprint"]
     assert saved["written"] == ["_buffers.ema"], saved
     _, said = _prune(tmp_path / "run", loss=_Ema())
     assert len(said) == 1 and "given back" in said[0], said
+    loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(prunekit.PrunekitError, match=r"ema, which its run writes"):
         _prune(tmp_path / "run", loss=loss)
 

@@ -381,9 +381,9 @@ def _code_fingerprints(method: Method, loss, options: dict, written: dict | None
     into that code (``runs.CODE_WRITTEN``, ``_note_written``); ``now``: the code's slots at this
     call's start (``callables.slot_record``, by config key). Code that is that run's but for what
     it wrote records the fingerprint that run recorded only when each slot it wrote holds, at
-    this call's start, the value it held at that run's first start (``Annealed(t)`` writing and
-    reading ``self.t``: a ``t=50`` loss is not the ``t=1`` one; a loss object reused after its
-    run, its counter moved, is refused naming the slot: a fresh object, or force=True)."""
+    this call's start, the value it held at that run's first start or the one the last call left
+    (``_moved_written``: ``Annealed(t)`` writing and reading ``self.t``: a ``t=50`` loss is not the
+    ``t=1`` one; an object called on since is refused naming the slot: a fresh object, or force=True)."""
     def text(obj) -> str:
         digest, why = fingerprint(obj)
         return digest if digest is not None else f"{runs.UNCHECKED}{why}"
@@ -400,11 +400,15 @@ def _code_fingerprints(method: Method, loss, options: dict, written: dict | None
 
 def _moved_written(entry: dict, record: dict | None) -> list[str] | None:
     """The slots a run wrote (``entry``: ``runs.CODE_WRITTEN``'s, with ``start``: each one's
-    digest, first 16 hex digits, or None where it was not there, at that run's first start) whose
-    value at this call's start (``record``: ``callables.slot_record``) is not that start value;
-    None when that cannot be told (no record, an older folder's entry without ``start``): the code
-    is then compared whole."""
-    start = entry.get("start")
+    digest, first 16 hex digits, or None where it was not there, at that run's first start, and
+    ``end``: as the last call into the folder left it) whose value at this call's start
+    (``record``: ``callables.slot_record``) is neither: the object made afresh as the first was, or
+    the one the last call left (the same cell run again, a run stopped by Ctrl-C carried on), is
+    the same input; ``Annealed(50.0)`` after ``Annealed(1.0)``, or an object called on since, is
+    not. None when that cannot be told (no record, an older folder's entry without ``start``): the
+    code is then compared whole."""
+    start, end = entry.get("start"), entry.get("end")
+    end = end if isinstance(end, dict) else {}
     if record is None or not isinstance(start, dict) or not isinstance(record.get("slots"), dict):
         return None
     now = record["slots"]
@@ -413,7 +417,8 @@ def _moved_written(entry: dict, record: dict | None) -> list[str] | None:
         if path not in start:
             return None
         held = now.get(path)
-        if (held[:16] if isinstance(held, str) else None) != start[path]:
+        held = held[:16] if isinstance(held, str) else None
+        if held != start[path] and (path not in end or held != end[path]):
             moved.append(path)
     return moved
 
@@ -436,9 +441,9 @@ def _saved_written(out: str | None, force: bool = False) -> dict:
             if isinstance(entry, dict) and isinstance(entry.get("written"), list)
             and all(isinstance(path, str) for path in entry["written"])
             and isinstance(entry.get("rest"), str) and isinstance(entry.get("recorded"), str)
-            and (not isinstance(entry.get("start"), dict) and "start" not in entry
-                 or isinstance(entry.get("start"), dict)
-                 and all(v is None or isinstance(v, str) for v in entry["start"].values()))}
+            and all(part not in entry or isinstance(entry[part], dict)
+                    and all(v is None or isinstance(v, str) for v in entry[part].values())
+                    for part in ("start", "end"))}
 
 
 def _note_written(folder: RunFolder, before: dict, code: dict, config: dict) -> None:
@@ -473,7 +478,8 @@ def _note_written(folder: RunFolder, before: dict, code: dict, config: dict) -> 
             first = old.get("start") if old and isinstance(old.get("start"), dict) else {}
             held = {path: digest[:16] for path, digest in start.items()}
             entries[key] = {"written": written, "rest": rest, "recorded": recorded,
-                            "start": {path: first[path] if path in first else held.get(path) for path in written}}
+                            "start": {path: first[path] if path in first else held.get(path) for path in written},
+                            "end": {path: after[path][:16] if path in after else None for path in written}}
     if entries != saved:
         try:
             atomic_write_json(folder.path / runs.CODE_WRITTEN, entries)
@@ -567,10 +573,13 @@ def _code_detail(out: str, force: bool, config: dict, now: dict) -> dict:
         skip = mine["written"] if mine else ()
         items = _METHOD_PARTS if key == "method_fingerprint" else None
         places = differing(entry, record, skip=skip, items=items) or []
-        keys = {*map(str, entry.get("keys", ())), *record.get("keys", ())}
         moved = (_moved_written(mine, record) or []) if mine else []
-        places += [f"{describe(path, keys, items)}, which its run writes and holds other than at that run's start "
-                   "(a loss object reused after a run: pass a fresh one, or force=True)" for path in moved[:3]]
+        try:
+            keys = {*map(str, entry.get("keys", ())), *record.get("keys", ())}
+        except TypeError:       # a damaged record: the places named as attributes
+            keys = set()
+        places += [f"{describe(path, keys, items)}, which its run writes and holds neither as that run started nor as "
+                   "its last call left it (pass a fresh object, or force=True)" for path in moved[:3]]
         if places:
             found[dashed] = places
     return found

@@ -14,8 +14,9 @@ plain values). What is hashed:
   module of the user's among them by the attributes the code can reach on it (those named in its
   ``co_names``: ``helpers.my_loss`` hashes ``my_loss``'s code), and so a module of the user's the
   code imports in its body (``import mylosses`` or ``from mylosses import f`` inside the function,
-  ``from .losses import f`` in a package; one not imported yet is imported, as running the code
-  would);
+  ``from .losses import f`` in a package) by its source file's bytes and the user modules that
+  source imports, loaded or not: never imported here (an import in a branch not taken neither runs
+  nor fails); one loaded without a source file by the attributes the code names;
 - a list, set, bytearray, deque or dict with other than string keys the code writes into
   (``history.append(v)``: a log, not an input) among those globals, closure values and defaults: by
   its type only, since what it holds changes as the code runs (the same loss run again in the same
@@ -52,10 +53,12 @@ given; it is hashed by what the code reaches of it, not whole).
 What a run writes into the code it is given is its output, not its input (issue s52): ``slots(obj)``
 names every place a value is reached by (an object's attribute ``calls``, a dict's key
 ``stats.seen``, a submodule's ``_modules.inner.calls``, ``global:COUNT``, ``closure:n``,
-``import:mylosses.f``) with the digest of what it holds; ``written_by_run`` compares them before
+``import:mylosses``; a dict's key holding ".", ":" or "%" escaped: ``layer1%2E0``; the parts of a
+tuple handed in, an own Method's, ``item:3``) with the digest of what it holds; ``written_by_run`` compares them before
 and after a run, and ``fingerprint(obj, skip=...)`` leaves those the run wrote out
-(``api._note_written`` records them in the run folder, ``runs.CODE_WRITTEN``). Without ``skip`` the
-digest is the one ``fingerprint`` always gave.
+(``api._note_written`` records them in the run folder, ``runs.CODE_WRITTEN``, with each one's
+digest at the run's first start, which a rerun's start must match: a value written may be read).
+Without ``skip`` the digest is the one ``fingerprint`` always gave.
 
 ``slot_record`` keeps the slots (digests shortened) for a run folder (``api``'s ``runs.CODE_SLOTS``)
 and ``differing`` names, in words (``describe``), the places in which other code differs from the
@@ -147,7 +150,7 @@ def differing(recorded: dict, now: dict, skip=(), limit: int = 3, items=None) ->
         return None
     if not found or not all(isinstance(path, str) for path in found):
         return None
-    found.sort(key=lambda path: (path.split(".")[-1] != "code", path.count("."), path))
+    found.sort(key=lambda path: (path.split(".")[-1] != "code", path))
     said = list(dict.fromkeys(describe(path, keys, items) for path in found))    # a place reached twice: said once
     more = len(said) - limit
     return said[:limit] + ([f"{more} more place{'s' if more > 1 else ''}"] if more > 0 else [])
