@@ -93,8 +93,10 @@ def test_a_loss_writing_into_its_own_attributes_is_the_same_loss_run_again(tmp_p
     loss.scale = 1.0
     with pytest.raises(prunekit.PrunekitError, match=r"another loss="):
         _prune(tmp_path / "run", loss=loss)
-    del loss.stats["other"]
-    _, said = _prune(tmp_path / "run", loss=loss)
+    del loss.stats["other"]                 # (each call ran it: its counters moved past where a run left them)
+    with pytest.raises(prunekit.PrunekitError, match=r"its attribute calls, which its run writes"):
+        _prune(tmp_path / "run", loss=loss)
+    _, said = _prune(tmp_path / "run", loss=_Counting())      # made afresh: the same loss
     assert len(said) == 1 and "given back" in said[0], said
     _prune(tmp_path / "smooth", loss=nn.CrossEntropyLoss())       # nothing written: no file, settings compared
     assert not (tmp_path / "smooth" / "code-written.json").exists()
@@ -456,3 +458,195 @@ def test_an_unchanged_tensor_is_hashed_once_in_a_call(monkeypatch):
     callables.forget_tensors()              # a new call reads it again
     fingerprint(teacher)
     assert len(read) == 6
+
+
+# --- review s52 rev1a: a written slot compared at its start (d), imports never executed (e), writes
+# through .data (f), written_by_run in O(n log n) (g), dotted keys (h), refusal wording (i) ---
+
+class _Annealed(nn.Module):
+    """A loss that reads and writes ``self.t`` (annealed each call)."""
+    def __init__(self, t):
+        super().__init__()
+        self.t = t
+
+    def forward(self, out, y):
+        value = nn.functional.cross_entropy(out / self.t, y)
+        self.t *= 0.999
+        return value
+
+
+class _Noisy(nn.Module):
+    """A loss drawing noise from its own generator (its state: written and read)."""
+    def __init__(self, seed):
+        super().__init__()
+        self.g = torch.Generator().manual_seed(seed)
+
+    def forward(self, out, y):
+        return nn.functional.cross_entropy(out + torch.randn(out.shape, generator=self.g), y)
+
+
+def test_a_slot_the_run_writes_and_reads_is_compared_at_its_start(tmp_path):
+    """(d) ``Annealed(1.0)`` run, then ``Annealed(50.0)`` into the same folder: another loss, refused
+    naming ``t`` (it was given the t=1 result); a fresh ``Annealed(1.0)`` gets the stored result, as
+    does that object as the call left it (the cell run again); called on since (t moved past where
+    the run left it), it is refused naming t and the fix. So for a generator."""
+    _prune(tmp_path / "run", loss=_Annealed(1.0))
+    with pytest.raises(prunekit.PrunekitError, match=r"another loss=.*its attribute t, which its run writes"):
+        _prune(tmp_path / "run", loss=_Annealed(50.0))
+    saved = json.loads((tmp_path / "run" / "code-written.json").read_text())["loss_fingerprint"]
+    assert saved["written"] == ["t"] and set(saved["start"]) == {"t"}, saved
+    reused = _Annealed(1.0)
+    _, said = _prune(tmp_path / "run", loss=reused)
+    assert len(said) == 1 and "given back" in said[0], said
+    _, said = _prune(tmp_path / "run", loss=reused)     # as the last call left it
+    assert len(said) == 1 and "given back" in said[0], said
+    reused(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))       # called on since
+    with pytest.raises(prunekit.PrunekitError, match=r"its attribute t, .*a fresh object, or force=True"):
+        _prune(tmp_path / "run", loss=reused)
+    now = json.loads((tmp_path / "run" / "code-written.json").read_text())["loss_fingerprint"]
+    assert now["start"] == saved["start"], (now, saved)       # the first start, never a later call's
+    _prune(tmp_path / "gen", loss=_Noisy(0))
+    with pytest.raises(prunekit.PrunekitError, match=r"another loss=.*its attribute g"):
+        _prune(tmp_path / "gen", loss=_Noisy(12345))
+    _, said = _prune(tmp_path / "gen", loss=_Noisy(0))
+    assert len(said) == 1 and "given back" in said[0], said
+
+
+def test_an_import_in_a_function_body_is_never_executed(tmp_path, monkeypatch):
+    """(e) ``if w.is_cuda: import gpu_only`` (a branch not taken here): the fingerprint neither runs
+    the module (its side effect) nor fails on it (no "unchecked"); the module is hashed by its
+    source's bytes, so an edit of it is another digest."""
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    marker = tmp_path / "ran.txt"
+    names = ("pk_s52_gpu_only", "pk_s52_lazypkg", "pk_s52_lazypkg.sub")
+    space = {}
+    exec(textwrap.dedent("""
+        def importance(name, w):
+            if w.is_cuda:
+                import pk_s52_gpu_only
+                from pk_s52_lazypkg.sub import h
+                return pk_s52_gpu_only.score(w) + h(w)
+            return w.abs()
+    """), space)
+    seen = []
+    try:
+        for scale in ("1", "2"):
+            _write(tmp_path / "lib" / "pk_s52_gpu_only.py", f"""
+                import pathlib
+                pathlib.Path({str(marker)!r}).write_text("ran")
+                raise RuntimeError("needs CUDA")
+                def score(w):
+                    return {scale} * w.abs()
+            """)
+            _write(tmp_path / "lib" / "pk_s52_lazypkg" / "__init__.py", f"""
+                import pathlib
+                pathlib.Path({str(marker)!r}).write_text("package ran")
+            """)
+            _write(tmp_path / "lib" / "pk_s52_lazypkg" / "sub.py", f"""
+                def h(w):
+                    return {scale} * w
+            """)
+            _forget(*names)
+            seen.append(fingerprint(space["importance"]))
+            assert not marker.exists() and not any(name in sys.modules for name in names)
+        assert seen[0][0] is not None and seen[1][0] is not None and seen[0][0] != seen[1][0], seen
+        _, said = _prune(tmp_path / "run", method="magnitude", importance=space["importance"])
+        assert not any("could not be checked" in s for s in said) and not marker.exists(), said
+    finally:
+        _forget(*names)
+
+
+class _Ema(nn.Module):
+    """A loss keeping a running mean in a buffer it writes through ``.data`` (no version bump)."""
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(()))
+
+    def forward(self, out, y):
+        value = nn.functional.cross_entropy(out, y)
+        self.ema.data.mul_(0.9).add_(0.1 * value.detach())
+        return value
+
+
+def test_a_write_through_data_is_seen(tmp_path):
+    """(f) ``self.ema.data.mul_(0.9)`` bumps no tensor version: the run's write is still recorded
+    (code-written.json names the buffer), and the object called on since is refused naming it."""
+    loss = _Ema()
+    _prune(tmp_path / "run", loss=loss)
+    saved = json.loads((tmp_path / "run" / "code-written.json").read_text())["loss_fingerprint"]
+    assert saved["written"] == ["_buffers.ema"], saved
+    _, said = _prune(tmp_path / "run", loss=_Ema())
+    assert len(said) == 1 and "given back" in said[0], said
+    loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(prunekit.PrunekitError, match=r"ema, which its run writes"):
+        _prune(tmp_path / "run", loss=loss)
+
+
+def test_written_by_run_is_not_quadratic():
+    """(g) 20,000 keys a run added and changed: written_by_run in well under a second (it took
+    minutes comparing every changed slot with every other)."""
+    import time
+    from prunekit.callables import written_by_run
+    n = 20_000
+    before = {"global:C": "x", **{f"global:C.k{i}": "a" for i in range(n)}}
+    after = {"global:C": "y", **{f"global:C.k{i}": "b" for i in range(n)}, "global:D": "n",
+             **{f"global:D.k{i}": "d" for i in range(n)}}
+    start = time.perf_counter()
+    found = written_by_run(before, after)
+    assert time.perf_counter() - start < 2.0
+    assert found == sorted([f"global:C.k{i}" for i in range(n)] + ["global:D"])
+
+
+def test_a_dotted_dict_key_is_its_own_slot():
+    """(h) a per-layer counter ``CFG['layer1.0']`` the run writes and a nested setting
+    ``CFG['layer1']['0']`` it reads are two places: with the counter left out, the setting changed
+    is another digest; the refusal names ``CFG['layer1.0']``."""
+    from prunekit.callables import describe, slot_record, slots, written_by_run
+    space = {}
+    exec(textwrap.dedent("""
+        import torch.nn.functional as F
+        CFG = {"layer1": {"0": 1.0}, "layer1.0": 0}
+        def loss(out, y):
+            CFG["layer1.0"] += 1
+            return CFG["layer1"]["0"] * F.cross_entropy(out, y)
+    """), space)
+    before = slots(space["loss"])
+    space["loss"](torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    written = written_by_run(before, slots(space["loss"]))
+    assert len(written) == 1, written
+    first = fingerprint(space["loss"], skip=written)[0]
+    space["CFG"]["layer1"]["0"] = 5.0
+    assert fingerprint(space["loss"], skip=written)[0] != first
+    assert describe(written[0], slot_record(space["loss"])["keys"]) == "global CFG['layer1.0']"
+
+
+SCALE_S52 = 1.0
+
+
+class _ScaledS52(nn.Module):
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, out, y):
+        return SCALE_S52 * nn.functional.cross_entropy(out, y)
+
+
+def test_a_refusal_names_a_place_once_in_words(monkeypatch):
+    """(i) a global an nn.Module's forward reads, changed: named once, in words (it was named twice,
+    with raw ``closure:``/``class:`` prefixes); an own Method's edited ``run`` is named as its run
+    (run and sparsify shared one namespace: nothing was named)."""
+    from prunekit.callables import differing, slot_record
+    before = slot_record(_ScaledS52())
+    monkeypatch.setitem(globals(), "SCALE_S52", 2.0)
+    assert differing(before, slot_record(_ScaledS52())) == ["global SCALE_S52 (read by its class's forward)"]
+    space = {}
+    exec(textwrap.dedent("""
+        A = 1
+        def run(ctx, o): return A
+        def run2(ctx, o): return A + 1
+        def sparsify(ctx, o): return 2
+    """), space)
+    parts = {0: "family", 1: "options class", 2: "defaults", 3: "run", 4: "sparsify"}
+    one = slot_record(("channels", None, {}, space["run"], space["sparsify"]))
+    two = slot_record(("channels", None, {}, space["run2"], space["sparsify"]))
+    assert differing(one, two, items=parts) == ["the code of its run"]

@@ -50,7 +50,7 @@ from .distributed import check_same_start, current, launched_by_torchrun
 from .errors import PrunekitError, PrunekitWarning, note, single_sample_batchnorm
 from .executor import execute, python_model_description
 from .losses import loss_name
-from .callables import differing, fingerprint, forget_tensors, slot_record, slots, written_by_run
+from .callables import describe, differing, fingerprint, forget_tensors, slot_record, slots, written_by_run
 from .methods import BUILT_IN, METHODS, Method, lookup
 from .pipelines.fisher_methods import check_planned_rows, check_rows_before_plan
 from .record import Result
@@ -209,7 +209,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                       "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
                       **({"loss": loss_name(loss)} if loss is not None else {}),
                       **{k: v for k, v in options.items() if not callable(v)},
-                      **_code_fingerprints(plan.method, loss, options, _saved_written(out, force)),
+                      **_code_fingerprints(plan.method, loss, options, _saved_written(out, force),
+                                          code_before),
                       **_fingerprint(model, data, train_batches, None if force else out),
                       **_eval_fingerprint(eval_data, eval_batches), "batch_size": _batch_size_of(data, eval_data,
                                                                                                  batch_size)}
@@ -368,7 +369,8 @@ def _code_objects(method, loss, options: dict) -> dict:
     return found
 
 
-def _code_fingerprints(method: Method, loss, options: dict, written: dict | None = None) -> dict:
+def _code_fingerprints(method: Method, loss, options: dict, written: dict | None = None,
+                       now: dict | None = None) -> dict:
     """What a run folder records of the code the user hands in, so that a rerun with another
     function is refused rather than handed this run's result: ``method_fingerprint`` ("built-in"
     for a method prunekit ships, else a fingerprint of the user's ``Method``: its family, options
@@ -377,20 +379,49 @@ def _code_fingerprints(method: Method, loss, options: dict, written: dict | None
     ``importance``). Each is a SHA-256 (``callables.fingerprint``: the same in every process for
     the same code and state) or ``"unchecked: <why>"`` where it cannot be hashed faithfully (a
     rerun then warns that it could not be checked). ``written``: what the run in ``out=`` wrote
-    into that code (``runs.CODE_WRITTEN``, ``_note_written``): code whose state is that run's but
-    for what it wrote (a loss counting its calls in ``self.calls``, run again in the same
-    process) records the fingerprint that run recorded."""
+    into that code (``runs.CODE_WRITTEN``, ``_note_written``); ``now``: the code's slots at this
+    call's start (``callables.slot_record``, by config key). Code that is that run's but for what
+    it wrote records the fingerprint that run recorded only when each slot it wrote holds, at
+    this call's start, the value it held at that run's first start or the one the last call left
+    (``_moved_written``: ``Annealed(t)`` writing and reading ``self.t``: a ``t=50`` loss is not the
+    ``t=1`` one; an object called on since is refused naming the slot: a fresh object, or force=True)."""
     def text(obj) -> str:
         digest, why = fingerprint(obj)
         return digest if digest is not None else f"{runs.UNCHECKED}{why}"
     found = {"method_fingerprint": "built-in"}
     for key, obj in _code_objects(method, loss, options).items():
         entry = (written or {}).get(key)
-        if entry is not None and fingerprint(obj, skip=entry["written"])[0] == entry["rest"]:
+        if entry is not None and _moved_written(entry, (now or {}).get(key)) == [] \
+                and fingerprint(obj, skip=entry["written"])[0] == entry["rest"]:
             found[key] = entry["recorded"]
         else:
             found[key] = text(obj)
     return found
+
+
+def _moved_written(entry: dict, record: dict | None) -> list[str] | None:
+    """The slots a run wrote (``entry``: ``runs.CODE_WRITTEN``'s, with ``start``: each one's
+    digest, first 16 hex digits, or None where it was not there, at that run's first start, and
+    ``end``: as the last call into the folder left it) whose value at this call's start
+    (``record``: ``callables.slot_record``) is neither: the object made afresh as the first was, or
+    the one the last call left (the same cell run again, a run stopped by Ctrl-C carried on), is
+    the same input; ``Annealed(50.0)`` after ``Annealed(1.0)``, or an object called on since, is
+    not. None when that cannot be told (no record, an older folder's entry without ``start``): the
+    code is then compared whole."""
+    start, end = entry.get("start"), entry.get("end")
+    end = end if isinstance(end, dict) else {}
+    if record is None or not isinstance(start, dict) or not isinstance(record.get("slots"), dict):
+        return None
+    now = record["slots"]
+    moved = []
+    for path in entry["written"]:
+        if path not in start:
+            return None
+        held = now.get(path)
+        held = held[:16] if isinstance(held, str) else None
+        if held != start[path] and (path not in end or held != end[path]):
+            moved.append(path)
+    return moved
 
 
 def _saved_written(out: str | None, force: bool = False) -> dict:
@@ -410,7 +441,10 @@ def _saved_written(out: str | None, force: bool = False) -> dict:
     return {key: entry for key, entry in saved.items()
             if isinstance(entry, dict) and isinstance(entry.get("written"), list)
             and all(isinstance(path, str) for path in entry["written"])
-            and isinstance(entry.get("rest"), str) and isinstance(entry.get("recorded"), str)}
+            and isinstance(entry.get("rest"), str) and isinstance(entry.get("recorded"), str)
+            and all(part not in entry or isinstance(entry[part], dict)
+                    and all(v is None or isinstance(v, str) for v in entry[part].values())
+                    for part in ("start", "end"))}
 
 
 def _note_written(folder: RunFolder, before: dict, code: dict, config: dict) -> None:
@@ -426,6 +460,7 @@ def _note_written(folder: RunFolder, before: dict, code: dict, config: dict) -> 
     if not before or not folder.writable or not folder.config.exists():
         return
     _note_slots(folder, before, config)
+    forget_tensors()        # read anew: a write through .data (self.ema.data.mul_(0.9)) bumps no version
     saved = _saved_written(str(folder.path))
     entries = dict(saved)
     for key, obj in code.items():
@@ -440,8 +475,12 @@ def _note_written(folder: RunFolder, before: dict, code: dict, config: dict) -> 
         if not written:
             continue
         rest = fingerprint(obj, skip=written)[0]
-        if rest is not None:
-            entries[key] = {"written": written, "rest": rest, "recorded": recorded}
+        if rest is not None:        # each slot's value at the run's FIRST start: kept, never the given-back call's
+            first = old.get("start") if old and isinstance(old.get("start"), dict) else {}
+            held = {path: digest[:16] for path, digest in start.items()}
+            entries[key] = {"written": written, "rest": rest, "recorded": recorded,
+                            "start": {path: first[path] if path in first else held.get(path) for path in written},
+                            "end": {path: after[path][:16] if path in after else None for path in written}}
     if entries != saved:
         try:
             atomic_write_json(folder.path / runs.CODE_WRITTEN, entries)
@@ -493,11 +532,19 @@ def _note_slots(folder: RunFolder, before: dict, config: dict) -> None:
                for key, start in before.items()
                if start is not None and isinstance(config.get(key), str) and not config[key].startswith(runs.UNCHECKED)}
     path = folder.path / runs.CODE_SLOTS
-    try:
-        if entries and (not path.exists() or json.loads(path.read_text()) != entries):
-            atomic_write_json(path, entries)
+    try:        # a key's record is its run's first start: a later call (given back, carried on) keeps it
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        saved = saved if isinstance(saved, dict) else {}
+        merged = {**entries, **{key: entry for key, entry in saved.items() if key in entries and
+                                isinstance(entry, dict) and entry.get("recorded") == entries[key]["recorded"]}}
+        if merged and merged != saved:
+            atomic_write_json(path, merged)
     except (OSError, ValueError):
         pass
+
+
+# what each part of ``_code_objects``' method_fingerprint tuple is, as ``callables.describe`` names it
+_METHOD_PARTS = {0: "family", 1: "options class", 2: "defaults", 3: "run", 4: "sparsify"}
 
 
 def _code_detail(out: str, force: bool, config: dict, now: dict) -> dict:
@@ -523,8 +570,17 @@ def _code_detail(out: str, force: bool, config: dict, now: dict) -> dict:
         if record is None or not isinstance(entry, dict) or entry.get("recorded") != old.get(dashed) \
                 or entry.get("recorded") == config.get(key):
             continue
-        skip = written[key]["written"] if written.get(key, {}).get("recorded") == entry.get("recorded") else ()
-        places = differing(entry, record, skip=skip)
+        mine = written.get(key) if written.get(key, {}).get("recorded") == entry.get("recorded") else None
+        skip = mine["written"] if mine else ()
+        items = _METHOD_PARTS if key == "method_fingerprint" else None
+        places = differing(entry, record, skip=skip, items=items) or []
+        moved = (_moved_written(mine, record) or []) if mine else []
+        try:
+            keys = {*map(str, entry.get("keys", ())), *record.get("keys", ())}
+        except TypeError:       # a damaged record: the places named as attributes
+            keys = set()
+        places += [f"{describe(path, keys, items)}, which its run writes and holds neither as that run started nor as "
+                   "its last call left it (pass a fresh object, or force=True)" for path in moved[:3]]
         if places:
             found[dashed] = places
     return found

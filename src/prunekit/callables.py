@@ -14,8 +14,9 @@ plain values). What is hashed:
   module of the user's among them by the attributes the code can reach on it (those named in its
   ``co_names``: ``helpers.my_loss`` hashes ``my_loss``'s code), and so a module of the user's the
   code imports in its body (``import mylosses`` or ``from mylosses import f`` inside the function,
-  ``from .losses import f`` in a package; one not imported yet is imported, as running the code
-  would);
+  ``from .losses import f`` in a package) by its source file's bytes and the user modules that
+  source imports, loaded or not: never imported here (an import in a branch not taken neither runs
+  nor fails); one loaded without a source file by the attributes the code names;
 - a list, set, bytearray, deque or dict with other than string keys the code writes into
   (``history.append(v)``: a log, not an input) among those globals, closure values and defaults: by
   its type only, since what it holds changes as the code runs (the same loss run again in the same
@@ -52,10 +53,12 @@ given; it is hashed by what the code reaches of it, not whole).
 What a run writes into the code it is given is its output, not its input (issue s52): ``slots(obj)``
 names every place a value is reached by (an object's attribute ``calls``, a dict's key
 ``stats.seen``, a submodule's ``_modules.inner.calls``, ``global:COUNT``, ``closure:n``,
-``import:mylosses.f``) with the digest of what it holds; ``written_by_run`` compares them before
+``import:mylosses``; a dict's key holding ".", ":" or "%" escaped: ``layer1%2E0``; the parts of a
+tuple handed in, an own Method's, ``item:3``) with the digest of what it holds; ``written_by_run`` compares them before
 and after a run, and ``fingerprint(obj, skip=...)`` leaves those the run wrote out
-(``api._note_written`` records them in the run folder, ``runs.CODE_WRITTEN``). Without ``skip`` the
-digest is the one ``fingerprint`` always gave.
+(``api._note_written`` records them in the run folder, ``runs.CODE_WRITTEN``, with each one's
+digest at the run's first start, which a rerun's start must match: a value written may be read).
+Without ``skip`` the digest is the one ``fingerprint`` always gave.
 
 ``slot_record`` keeps the slots (digests shortened) for a run folder (``api``'s ``runs.CODE_SLOTS``)
 and ``differing`` names, in words (``describe``), the places in which other code differs from the
@@ -129,11 +132,11 @@ def slot_record(obj, width: int = 16) -> dict | None:
     return {"slots": {path: digest[:width] for path, digest in hasher.slots.items()}, "keys": sorted(hasher.keys)}
 
 
-def differing(recorded: dict, now: dict, skip=(), limit: int = 3) -> list[str] | None:
+def differing(recorded: dict, now: dict, skip=(), limit: int = 3, items=None) -> list[str] | None:
     """The places (``describe``d) in which code whose ``slot_record`` is ``now`` differs from the
     code whose record is ``recorded`` (the deepest of each, as ``written_by_run`` finds them; its
     code first), leaving out ``skip`` (the slots a run wrote) and what is under them; at most
-    ``limit`` and then "N more places". None when nothing named differs (the records say nothing,
+    ``limit`` and then "N more places" (``items``: as ``describe``'s). None when nothing named differs (the records say nothing,
     and the caller says only that the code or its state differs)."""
     try:
         before, after = dict(recorded["slots"]), dict(now["slots"])
@@ -148,37 +151,62 @@ def differing(recorded: dict, now: dict, skip=(), limit: int = 3) -> list[str] |
     if not found or not all(isinstance(path, str) for path in found):
         return None
     found.sort(key=lambda path: (path.split(".")[-1] != "code", path))
-    said = [describe(path, keys) for path in found[:limit]]
-    if len(found) > limit:
-        said.append(f"{len(found) - limit} more place{'s' if len(found) - limit > 1 else ''}")
-    return said
+    said = list(dict.fromkeys(describe(path, keys, items) for path in found))    # a place reached twice: said once
+    more = len(said) - limit
+    return said[:limit] + ([f"{more} more place{'s' if more > 1 else ''}"] if more > 0 else [])
 
 
-def describe(path: str, keys=()) -> str:
+_KINDS = {"global": "global", "closure": "closure variable", "default": "the default of",
+          "import": "imported module", "class": "its class's"}
+
+
+def _kind(kind: str, name: str, items) -> tuple[str, str]:
+    """A path's lead part (``global:opts``) as (lead words, name): an ``item:N`` of a tuple of
+    parts by ``items`` (``{3: "run"}``: "its run")."""
+    if kind == "item":
+        try:
+            return "its", (items or {}).get(int(name)) or f"item {name}"
+        except ValueError:
+            return "its", f"item {name}"
+    return _KINDS.get(kind, kind), _unescape(name)
+
+
+def describe(path: str, keys=(), items=None) -> str:
     """A slot's path (``slots``) in words: ``its code``, ``its attribute scale``, ``its attribute
     teacher.0.weight`` (a submodule's parameter), ``global opts['smoothing']``, ``the code of its
-    class's forward``, ``closure variable n``, ``its training flag (.train()/.eval())``; ``keys``:
-    the paths that are a dict's key."""
+    class's forward``, ``closure variable n``, ``its training flag (.train()/.eval())``; a place a
+    function reached deeper reads, by that function: ``global SCALE (read by its class's
+    forward)``; ``keys``: the paths that are a dict's key; ``items``: what the parts of a tuple
+    handed in are, by index (an own Method's ``{3: "run", 4: "sparsify"}``: "the code of its run")."""
     parts = path.split(".")
+    deeper = [i for i, part in enumerate(parts) if i > 0 and ":" in part]
+    if deeper:      # read by a function it reaches (a method of its class, a function it calls)
+        j = deeper[-1]
+        prefix = ".".join(parts[:j]) + "."
+        inner = describe(".".join(parts[j:]), {str(k)[len(prefix):] for k in keys if str(k).startswith(prefix)},
+                         items if parts[j].startswith("item:") else None)
+        owners = [part for part in parts[:j] if ":" in part]
+        if owners:
+            owner = " ".join(_kind(*owners[-1].split(":", 1), items if owners[-1] == parts[0] else None))
+        else:
+            owner = "its method" if parts[0] == "__self__" else describe(prefix[:-1], keys, items)
+        return f"{inner} (read by {owner})"
     lead, expr, table, code = "its attribute", "", False, False
     for i, part in enumerate(parts):
         here = ".".join(parts[:i + 1])
         if part == "code" and i == len(parts) - 1:
             code = True
         elif i == 0 and ":" in part:
-            kind, _, name = part.partition(":")
-            lead = {"global": "global", "closure": "closure variable", "default": "the default of",
-                    "import": "imported module", "class": "its class's"}.get(kind, kind)
-            expr = name
+            lead, expr = _kind(*part.split(":", 1), items)
         elif part == "__self__":
             lead, expr = "its object's attribute", ""
         elif part in ("_modules", "_parameters", "_buffers") and here in keys or \
                 part in ("_modules", "_parameters", "_buffers") and i < len(parts) - 1:
             table = True
         elif here in keys and not table:
-            expr += f"[{part!r}]"
+            expr += f"[{_unescape(part)!r}]"
         else:
-            expr += ("." if expr else "") + part
+            expr += ("." if expr else "") + _unescape(part)
             table = False
     if code:
         return f"the code of {lead} {expr}".replace("its object's attribute ", "its method ").strip() \
@@ -227,12 +255,28 @@ def written_by_run(before: dict[str, str], after: dict[str, str]) -> list[str]:
     changed = {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)}
     came_or_went = {path for path in changed if (path in before) != (path in after)}
 
-    def parent(path: str) -> str:
-        return path.rpartition(".")[0]
-    written = {path for path in came_or_went if parent(path) not in came_or_went}
-    written |= {path for path in changed - came_or_went
-                if not any(other.startswith(path + ".") for other in changed)}
+    def ancestors(path: str):
+        while "." in path:
+            path = path.rpartition(".")[0]
+            yield path
+    # every changed slot's ancestors, once (O(n * depth), not a scan of all changed per slot)
+    above = {ancestor for path in changed for ancestor in ancestors(path)}
+    written = {path for path in came_or_went if not any(a in came_or_went for a in ancestors(path))}
+    written |= {path for path in changed - came_or_went if path not in above}
     return sorted(written)
+
+
+def _escape(name: str) -> str:
+    """A dict's key (or a module's dotted name) as one part of a slot's path (parts are joined by
+    ".", a kind named before ":"): "." as "%2E", ":" as "%3A" and "%" as "%25", so that a key ``layer1.0`` is not the key ``0`` of a key ``layer1`` (a key with
+    neither, every attribute name, is itself)."""
+    if not any(c in name for c in ".%:"):
+        return name
+    return name.replace("%", "%25").replace(".", "%2E").replace(":", "%3A")
+
+
+def _unescape(part: str) -> str:
+    return part.replace("%3A", ":").replace("%2E", ".").replace("%25", "%") if "%" in part else part
 
 
 def _digest(hasher: "_Hasher", obj) -> tuple[str | None, str | None]:
@@ -326,6 +370,7 @@ class _Hasher:
         self.slots: dict[str, str] | None = {} if record else None     # ``slots``: each slot's own digest
         self.keys: set[str] = set()     # the recorded slots that are a dict's key (not an object's attribute)
         self.states: set[int] = set()   # the dicts being hashed that are an object's attributes (``vars``)
+        self.sources: set[str] = set()  # the source files being hashed (``_add_source``: import cycles)
 
     def _slot(self, name: str, hash_value, key: bool = False) -> bool:
         """Hash one named place a value is reached by (an object's attribute, a string key of a
@@ -432,6 +477,10 @@ class _Hasher:
     def _add_object(self, obj, depth: int) -> None:
         if isinstance(obj, (list, tuple)):
             self.put(type(obj).__name__, len(obj))
+            if type(obj) is tuple and not self.path and depth == 0:      # parts handed in together (an own
+                for i, item in enumerate(obj):                          # Method's run and sparsify): a slot
+                    self._slot(f"item:{i}", lambda item=item: self.add(item, depth))    # each, none shared
+                return
             for item in obj:
                 self.add(item, depth)
             return
@@ -443,12 +492,12 @@ class _Hasher:
         if isinstance(obj, dict):
             if all(isinstance(k, str) for k in obj):      # a slot each (``_slot``): an object's state, a table
                 is_key = id(obj) not in self.states
-                self.put(type(obj).__name__, len(obj) - self._skipped(obj))
+                self.put(type(obj).__name__, len(obj) - self._skipped(map(_escape, obj)))
                 for key, name in sorted((self._apart(k, depth), k) for k in obj):
-                    if ".".join([*self.path, name]) in self.skip:
+                    if ".".join([*self.path, _escape(name)]) in self.skip:
                         continue
                     self.put(key)
-                    self._slot(name, lambda value=obj[name]: self.add(value, depth), key=is_key)
+                    self._slot(_escape(name), lambda value=obj[name]: self.add(value, depth), key=is_key)
                 return
             self.put(type(obj).__name__, len(obj))
             for key, value in sorted(((self._apart(k, depth), v) for k, v in obj.items()), key=lambda kv: kv[0]):
@@ -564,20 +613,61 @@ class _Hasher:
                 raise Unhashable(message if message.startswith("it reads global") else
                                  f"it reads global {name} ({message})") from None
         # modules the code imports when it runs (``import mylosses`` or ``from mylosses import f`` in
-        # its body): a module of the user's by the attributes the code names, as a global module is
-        # (all imported first: a package's submodule is its attribute once imported, whichever is hashed first)
-        modules = [(name, _user_module(name)) for name in sorted(_imported(fn, imports))]
-        for name, module in modules:
-            if module is None:      # a library's (by name, as ever: nothing hashed), or none to be found
+        # its body), never imported here (an import in a branch not taken must not run, nor fail the
+        # fingerprint): a module of the user's with a source file by its bytes (loaded or not: the
+        # same digest before and after a run imports it), one loaded without a source file by the
+        # attributes the code names, as a global module is
+        for name in sorted(_imported(fn, imports)):
+            found = _user_import(name)
+            if found is None:       # a library's (by name, as ever: nothing hashed), or none to be found
                 continue
             self.put("import", name)
             try:
-                self._slot(f"import:{name}", lambda module=module: self._add_module(
-                    module, attributes, written, depth + 1))
+                if isinstance(found, types.ModuleType):
+                    self._slot(f"import:{_escape(name)}", lambda module=found: self._add_module(
+                        module, attributes, written, depth + 1))
+                else:
+                    self._slot(f"import:{_escape(name)}", lambda found=found, name=name: self._add_source(
+                        name, found, depth + 1))
             except Unhashable as err:
                 message = str(err)
                 raise Unhashable(message if message.startswith("it reads") else
                                  f"it imports {name} ({message})") from None
+
+    def _add_source(self, name: str, path: str, depth: int) -> None:
+        """A module of the user's by its source file's bytes (``path``, not executed), and the
+        modules of the user's that source imports, the same way (a package's ``from .losses import
+        h``: an edit of ``losses.py`` is another digest)."""
+        if depth > _DEPTH:
+            raise Unhashable("it imports modules nested too deeply to be read")
+        key = f"source:{os.path.realpath(path)}"
+        if key in self.sources:
+            self.put("cycle")
+            return
+        try:
+            with open(path, "rb") as handle:
+                source = handle.read()
+        except OSError as err:
+            raise Unhashable(f"its source file {path} cannot be read ({err.strerror})") from None
+        self.put("source", source)
+        if not path.endswith(".py"):
+            return
+        try:
+            code = compile(source, path, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError):
+            return          # (it fails when imported: its bytes say all there is)
+        self.sources.add(key)
+        try:
+            package = name if os.path.basename(path) == "__init__.py" else name.rpartition(".")[0]
+            for inner in sorted(_imported_from(_reads(code)[3], package)):
+                found = _user_import(inner)
+                if isinstance(found, str):
+                    self.put("imports", inner)
+                    self._add_source(inner, found, depth + 1)
+                elif found is not None:
+                    self.put("imports", inner, "loaded")
+        finally:
+            self.sources.discard(key)
 
     def _add_cell(self, name: str, cell, attributes: frozenset, written: frozenset, depth: int) -> None:
         try:
@@ -773,9 +863,14 @@ def _imported(fn: types.FunctionType, imports: frozenset) -> set[str]:
     for a relative import (``from . import x``: the package; ``from .losses import f``: its
     ``losses``); a relative one that cannot be resolved is left out. ``import a.b.c`` binds ``a``
     and reaches ``a.b.c`` through it: each of ``a``, ``a.b``, ``a.b.c`` is named."""
+    package = fn.__globals__.get("__package__") or fn.__globals__.get("__name__", "").rpartition(".")[0]
+    return _imported_from(imports, package)
+
+
+def _imported_from(imports, package: str) -> set[str]:
+    """``_imported`` for the code of a module (or function) in ``package``."""
     import importlib.util
     names = set()
-    package = fn.__globals__.get("__package__") or fn.__globals__.get("__name__", "").rpartition(".")[0]
     for name, level in imports:
         if level:
             try:
@@ -787,23 +882,39 @@ def _imported(fn: types.FunctionType, imports: frozenset) -> set[str]:
     return names
 
 
-def _user_module(name: str) -> types.ModuleType | None:
-    """Module ``name`` when it is the user's (not a library's, ``_library``): the loaded one, else
-    the one the import would load (imported now, as the code would when it runs: a module found
-    only later would give the same code another digest); None for a library's or one not found."""
-    import importlib
+def _find_spec(name: str):
+    """The spec an import of ``name`` would load, found without executing any module (for a
+    submodule whose package is not loaded, in the package's directories: ``importlib``'s own
+    ``find_spec`` would import the package); None when not found."""
+    import importlib.machinery
     import importlib.util
+    try:
+        parent, _, last = name.rpartition(".")
+        if not parent or parent in sys.modules:
+            return importlib.util.find_spec(name)
+        outer = _find_spec(parent)
+        places = list(outer.submodule_search_locations or ()) if outer is not None else []
+        return importlib.machinery.PathFinder.find_spec(last, places) if places else None
+    except (ImportError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def _user_import(name: str):
+    """How a module ``name`` a function imports in its body is hashed, never importing it: None
+    for a library's module or one not found; its source file's path for a module of the user's
+    with one (loaded or not); the module itself for a loaded module of the user's without one."""
     module = sys.modules.get(name)
-    if module is None:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
+    if module is not None:
+        if _library(module.__name__):
             return None
-        if spec is None:
-            return None
-        where = [spec.origin] if isinstance(spec.origin, str) and spec.has_location else \
-            [p for p in spec.submodule_search_locations or () if isinstance(p, str)]
-        if not where or all(_library_file(p) for p in where):
-            return None
-        module = importlib.import_module(name)
-    return None if _library(module.__name__) else module
+        path = getattr(module, "__file__", None)
+        return path if isinstance(path, str) and os.path.isfile(path) else module
+    spec = _find_spec(name)
+    if spec is None:
+        return None
+    where = [spec.origin] if isinstance(spec.origin, str) and spec.has_location else \
+        [p for p in spec.submodule_search_locations or () if isinstance(p, str)]
+    if not where or all(_library_file(p) for p in where):
+        return None
+    return spec.origin if isinstance(spec.origin, str) and spec.has_location and os.path.isfile(spec.origin) \
+        else None
