@@ -251,6 +251,11 @@ def _as_earlier_rule(folder: Path, key: str, comments: bool = False) -> None:
             line = f'{name} = "{"0" * 64}"' + ("  # " + value.split("  # ")[1] if comments and "  # " in value else "")
         lines.append(line if comments else line.split("  # ")[0])
     config.write_text("\n".join(lines) + "\n")
+    metrics_path = folder / "metrics.json"          # the earlier version recorded the same config there
+    metrics = json.loads(metrics_path.read_text())
+    if "config" in metrics:
+        metrics["config"] = config.read_text()
+        metrics_path.write_text(json.dumps(metrics))
 
 
 @pytest.mark.parametrize("given", ["importance", "loss"])
