@@ -478,15 +478,20 @@ class AddOntoConcat(nn.Module):
         return self.fc(torch.relu(self.hidden(x.mean((2, 3)))))
 
 
-def test_a_residual_add_onto_a_concatenation_is_left_dense_naming_the_concatenation():
-    groups = find_groups(AddOntoConcat().eval(), torch.randn(2, 1, 28, 28))
-    reasons = [why for _, why in groups.skipped if "reaches the network output" not in why]
-    assert reasons and all("a concatenation of a and b is added to stem's output" in why for why in reasons), reasons
-    model = _AddOntoConcatSE(nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16)))   # the stream's root: se2
-    groups = find_groups(model.eval(), torch.randn(2, 1, 28, 28))
-    reasons = [why for _, why in groups.skipped if "reaches the network output" not in why]
-    assert reasons and all("a concatenation of a.0 and b.0 is added to" in why and "chunk or GLU" not in why
-                           for why in reasons), reasons
+def test_a_residual_add_onto_a_concatenation_is_pruned_in_parts_one_per_branch():
+    """It was left dense ("a concatenation of a and b is added to stem's output"); now x's channels
+    are cut at the concatenation's boundary: channels [0, 4) go with branch a, [4, 16) with branch b
+    (tests/test_structured_concat_add.py covers the shapes and the methods)."""
+    x = torch.randn(2, 1, 28, 28)
+    for model, stem, branches in ((AddOntoConcat(), "stem", ("a", "b")),
+                                  (_AddOntoConcatSE(nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16))),
+                                   "stem.0", ("a.0", "b.0"))):
+        groups = find_groups(model.eval(), x)
+        assert [why for _, why in groups.skipped] == ["reaches the network output (no consuming layer)"]
+        by_root = {g.root: g for g in groups}
+        assert [(by_root[b].size, next(m.offset for m in by_root[b].members if m.module == stem)) for b in branches] \
+            == [(4, 0), (12, 4)]
+        assert len(checked_groups(model, groups, x)) == len(groups)
 
 
 class _GLUPlusConsumedConcat(nn.Module):

@@ -24,6 +24,19 @@ DistilBERT; ``attention.hf_heads``) is traced by torch-pruning as one group of s
 head size, so a head is its rows of q, k, v and its columns of the output projection, cut by the
 Linear surgery, and ``shrink`` writes the kept head count into the module.
 
+A residual add onto a concatenation (``y = x + torch.cat([a(x), b(x)], 1)``: Inception/DenseNet-style
+or split-transform-merge blocks) ties x's channel i to the concatenation's channel i, which is a's
+for i < C_a and b's beyond. Its channels are traced once from the add, over all of them, and cut
+at every boundary of every concatenation in that trace (two concatenations added with different
+splits: at the boundaries of both, their intersection) into parts, each a group of its own whose
+members are slices (``offset``, ``size``) of their layers' channels: x's producer is an "out"
+member of every part, at the part's offset, and each branch an "out" member of the parts it
+holds, so removing channel j of a part removes x's channel and the branch's matching channel.
+Every part keeps at least one channel, as every group does, so no branch loses all its outputs.
+Left dense, naming the concatenation: a split or chunk in the trace, a concatenation whose sizes
+torch-pruning did not find (e.g. flattened straight into a Linear), a grouped conv taking the
+channels, a layer whose outputs the parts hold only in part.
+
 A grouped convolution (``groups = G``, not depthwise) splits its channels into G blocks that
 must keep equal counts: a group touching one has ``segments = G`` and group channel ``j``
 stands for channel ``j`` of every block (so every block keeps the same positions).
@@ -92,7 +105,10 @@ class Member:
     each with ``repeat`` = head size.
     Group channel ``j`` is the layer's channels ``offset + s * size * repeat + j * repeat ...
     + repeat - 1`` on that axis for each segment ``s < group.segments`` (``repeat`` > 1 only for
-    a Linear after a flatten of C x H x W, and for heads).
+    a Linear after a flatten of C x H x W, and for heads): the member is the slice (``offset``,
+    ``size * repeat``) of the layer's channels. An "out" member holds all its layer's outputs
+    except in a part of a residual add onto a concatenation, where x's producer is an "out"
+    member of every part, each at its own offset.
     """
 
     module: str
@@ -288,6 +304,9 @@ def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: b
                 seen.add(key)
                 skipped.append((root, _unshrunk_root_reason(tp_group, root, root_module)))
             continue
+        if (width := getattr(tp_group, "concat_add_width", None)) is not None:
+            _add_concat_parts(tp_group, width, names, pads_residual, groups, skipped, seen)
+            continue
         members, segments, reason = _members(tp_group, names)
         key = frozenset((m.module, m.role) for m in members) if members else frozenset([root])
         if key in seen:
@@ -422,6 +441,7 @@ def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual:
                        if _prunes_out_channels(item.dep)}
             groups += [group for group in _all_groups(graph, _UNSHRUNK_ROOTS, cycles)
                        if group[0].dep.target.module not in covered]
+            groups = _widened(graph, groups)
     except PrunekitError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure inside torch-pruning's trace of the user's model
@@ -631,10 +651,15 @@ def _size_of(module: nn.Module) -> int:
     return module.out_channels if isinstance(module, _CONV) else linear_in_out(module)[1]
 
 
-def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
-    """Our members of a torch-pruning group and its segment count, or a reason why it cannot be pruned."""
+def _members(tp_group, names: dict, size: int | None = None, sliced: bool = False
+             ) -> tuple[list[Member], int, str | None]:
+    """Our members of a torch-pruning group and its segment count, or a reason why it cannot be pruned.
+
+    ``size``: the group's channels (default: the root layer's outputs); ``sliced``: a part of a
+    residual add onto a concatenation (``_concat_parts``), whose "out" members may hold a slice
+    (``offset``, ``size``) of their layer's output channels, the other parts holding the rest."""
     root_module = tp_group[0].dep.target.module
-    size = _size_of(root_module)
+    size = _size_of(root_module) if size is None else size
     members: list[Member] = []
     segments = 1
     has_consumer = False
@@ -696,7 +721,7 @@ def _members(tp_group, names: dict) -> tuple[list[Member], int, str | None]:
                            "them make that operation keep each channel in place, or exclude the layer")
         if repeat > 1 and role != "in":
             return [], 1, f"{name} repeats channels on its {role} axis"
-        if role == "out" and extent != size:        # BatchNorm may see the group at an offset (after a concat)
+        if role == "out" and extent != size and not sliced:   # BatchNorm may see the group at an offset (after a concat)
             if (branches := _added_concatenation(tp_group, names)) is not None:
                 return [], 1, (f"{name} has {extent} channels where the group has {size}: a concatenation of "
                                f"{branches} is added to {name}'s output (x + torch.cat([...])), each branch "
@@ -738,6 +763,12 @@ def _added_concatenation(tp_group, names: dict) -> str | None:
 def _feeds_an_add(node) -> bool:
     """Whether torch-pruning graph ``node``'s output reaches an elementwise add before any layer
     (Conv/Linear) takes it: e.g. ``x + torch.cat([...])``, not ``conv(torch.cat([...]))``."""
+    return _add_fed_by(node) is not None
+
+
+def _add_fed_by(node):
+    """The first elementwise add (a torch-pruning graph node) that ``node``'s output reaches before
+    any layer (Conv/Linear) takes it, or None."""
     seen, todo = set(), list(node.outputs)
     while todo and len(seen) < 256:
         nxt = todo.pop()
@@ -745,11 +776,202 @@ def _feeds_an_add(node) -> bool:
             continue
         seen.add(id(nxt))
         if type(getattr(nxt, "grad_fn", None)).__name__.startswith("AddBackward"):
-            return True
+            return nxt
         module = nxt.module
         if not (isinstance(module, (*_CONV, nn.Linear)) or is_linear(module)):
             todo.extend(nxt.outputs)
-    return False
+    return None
+
+
+# A residual add onto a concatenation (``y = x + torch.cat([a(x), b(x)], 1)``, Inception/DenseNet-style
+# or split-transform-merge blocks): torch-pruning traces it from each branch layer, and each such group
+# holds only the branch's share of x's channels (x's producer "out" at an offset, part of its width).
+# Such groups are traced again from the add over all its channels (``_widened``), then cut into parts
+# at every boundary of every concatenation in the trace (``_concat_parts``: two concatenations added
+# with different splits are cut at the boundaries of both, their intersection): each part is a
+# ChannelGroup whose members are slices (``offset``, ``size``) of their layers' channels, e.g. with
+# C_a = 3, C_b = 5 the parts [0, 3) = {x's producer out at 0, a out at 0, consumers in at 0, ...} and
+# [3, 8) = {x's producer out at 3, b out at 0, consumers in at 3, ...}. Channel j of a part is channel
+# offset + j of each member, so removing it removes x's channel and the matching channel of the branch
+# that holds it. Every part keeps at least one channel (as every group does), so no branch ever loses
+# all its outputs (torch has no Conv with 0 output channels); a layer whose output channels the parts
+# do not cover whole, or a split (chunk) in the trace, leaves them all dense with the reason.
+_SPLITS = tuple(t for t in (getattr(tp.ops, "_SplitOp", None), getattr(tp.ops, "_UnbindOp", None)) if t is not None)
+
+
+class _Item:
+    """One member entry of a part of a concatenation-add group, shaped like torch-pruning's group items."""
+
+    def __init__(self, dep, idxs: list[int], root_idxs: list[int]):
+        self.dep, self.idxs, self.root_idxs = dep, idxs, root_idxs
+
+
+class _Part:
+    """Channels ``[start, start + size)`` of a residual add onto a concatenation, as a torch-pruning-like
+    group (``items``, indexable) whose root channels are counted from ``start``."""
+
+    def __init__(self, items: list[_Item], start: int, size: int):
+        self.items, self.start, self.size = items, start, size
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _concat_add_node(tp_group):
+    """The add node of a residual add onto a concatenation in ``tp_group``, or None."""
+    for item in tp_group.items:
+        if isinstance(item.dep.target.module, tp.ops._ConcatOp):
+            add = _add_fed_by(item.dep.target)
+            if add is not None:
+                return add
+    return None
+
+
+def _width_into(node) -> int | None:
+    """The channels of what add ``node`` sums: a concatenation's total, a layer's outputs or a
+    BatchNorm's features, found back through elementwise ops; None where none is found."""
+    todo, seen = list(node.inputs), set()
+    while todo and len(seen) < 256:
+        nxt = todo.pop(0)
+        if id(nxt) in seen:
+            continue
+        seen.add(id(nxt))
+        module = nxt.module
+        if isinstance(module, tp.ops._ConcatOp) and module.offsets:
+            return int(module.offsets[-1])
+        if isinstance(module, _BN):
+            return module.num_features
+        if isinstance(module, _CONV) or is_linear(module):
+            return _size_of(module)
+        if isinstance(module, tp.ops._ElementWiseOp):
+            todo.extend(nxt.inputs)
+    return None
+
+
+def _widened(graph, groups: list) -> list:
+    """``groups`` with each group that holds a residual add onto a concatenation replaced by the
+    group traced from that add over all its channels (once per add; its ``concat_add_width`` set to
+    their count); a group whose add's width is not found, or whose trace does not end, stays as it is
+    (and is left dense by ``_members``, naming the concatenation)."""
+    out, done = [], set()
+    for group in groups:
+        add = _concat_add_node(group)
+        width = _width_into(add) if add is not None else None
+        if width is None:
+            out.append(group)
+            continue
+        if id(add) in done:
+            continue
+        pruner = graph.get_pruner_of_module(add.module)
+        try:
+            wide = graph.get_pruning_group(add.module, pruner.prune_out_channels, list(range(width)))
+        except _EndlessGroup:
+            out.append(group)
+            continue
+        done.add(id(add))
+        wide.concat_add_width = width
+        out.append(wide)
+    return out
+
+
+def _concat_parts(tp_group, width: int) -> tuple[list[_Part], str | None]:
+    """The parts of a group traced from a residual add over its ``width`` channels: cut wherever
+    some item's channels stop running in step with the add's (a concatenation's boundary, where a
+    branch starts or ends), so that in each part every item holds a run of consecutive channels.
+    ([], reason) where the trace cannot be cut so (a split or chunk in it, an unmapped item)."""
+    cuts, paired = {0, width}, []
+    for item in tp_group.items:
+        if _SPLITS and isinstance(item.dep.target.module, _SPLITS):
+            return [], "a split or chunk of the channels lies in it"
+        if isinstance(item.dep.target.module, tp.ops._ConcatOp) and not item.dep.target.module.offsets:
+            return [], "the dependency analysis did not find the sizes of a concatenation in it"
+        idxs = [int(i) for i in item.idxs]
+        roots = getattr(item, "root_idxs", None)
+        if roots is None or len(roots) != len(idxs):
+            return [], "an operation in it does not map channels one to one"
+        pairs = sorted(zip((int(r) for r in roots), idxs))
+        if not pairs:
+            continue
+        if pairs[0][0] < 0 or pairs[-1][0] >= width:
+            return [], "an operation in it maps channels outside the add's"
+        paired.append((item, pairs))
+        if len({r for r, _ in pairs}) != len(pairs):
+            continue                      # a flatten (channel x positions) repeats channels: no cut of its own
+        cuts.update((pairs[0][0], pairs[-1][0] + 1))
+        for (r0, i0), (r1, i1) in zip(pairs, pairs[1:]):
+            if r1 != r0 + 1 or i1 != i0 + 1:
+                cuts.update((r0 + 1, r1))
+    bounds = sorted(cuts)
+    parts = []
+    for start, end in zip(bounds, bounds[1:]):
+        items = [_Item(item.dep, [i for r, i in pairs if start <= r < end], [r - start for r, _ in pairs
+                                                                               if start <= r < end])
+                 for item, pairs in paired]
+        parts.append(_Part([i for i in items if i.idxs], start, end - start))
+    return parts, None
+
+
+def _add_concat_parts(tp_group, width: int, names: dict, pads_residual: bool, groups: list, skipped: list,
+                      seen: set) -> None:
+    """Append to ``groups`` a ChannelGroup per part (``_concat_parts``) of a residual add onto a
+    concatenation traced whole from the add (``width`` channels), or to ``skipped`` one reason that
+    leaves them all dense."""
+    branches = _added_concatenation(tp_group, names) or "branches"
+    parts, reason = _concat_parts(tp_group, width)
+    found = []
+    for part in parts:
+        members, segments, reason = _members(part, names, part.size, sliced=True)
+        if reason is None and segments > 1:
+            reason = "a grouped conv takes its channels"
+        if reason is not None:
+            break
+        found.append((part, members))
+    if reason is None:
+        reason = _uncovered_outputs(found, names)
+    if reason is None and not pads_residual:
+        reason = "a residual stream (outputs joined by an add): kept at full width (residual_channels keep)"
+    first = branches.split(",")[0].split(" and ")[0]
+    if reason is not None:
+        if ("concat", first) not in seen:
+            seen.add(("concat", first))
+            if "kept" not in reason and "reaches the network output" not in reason:
+                reason = (f"a residual add onto a concatenation of {branches} (x + torch.cat([...])) whose channels "
+                          f"cannot be followed ({reason}): kept dense")
+            skipped.append((first, reason))
+        return
+    key = frozenset((m.module, m.role, m.offset, part.size) for part, members in found for m in members)
+    if key in seen:
+        return
+    seen.add(key)
+    for part, members in found:
+        groups.append(ChannelGroup(index=len(groups), root=_part_root(part, members, names), size=part.size,
+                                   members=members))
+
+
+def _uncovered_outputs(found: list, names: dict) -> str | None:
+    """Why the parts ``found`` ((part, members)) cannot be pruned: a Conv/Linear whose output
+    channels they hold only some of (the rest would be neither kept nor followed); None if none."""
+    modules = {name: module for module, name in names.items() if isinstance(module, nn.Module)}
+    held: dict[str, int] = {}
+    for part, members in found:
+        for m in members:
+            module = modules.get(m.module)
+            if m.role == "out" and (isinstance(module, _CONV) and module.groups == 1 or is_linear(module)):
+                held[m.module] = held.get(m.module, 0) + part.size
+    for name, count in held.items():
+        if count != _size_of(modules[name]):
+            return f"{name}'s {_size_of(modules[name])} output channels reach the add as {count}"
+    return None
+
+
+def _part_root(part: _Part, members: list[Member], names: dict) -> str:
+    """A part's root: the Conv/Linear whose output channels are exactly the part (a branch), else its
+    first Conv/Linear "out" member."""
+    modules = {name: module for module, name in names.items() if isinstance(module, nn.Module)}
+    outs = [m for m in members if m.role == "out" and (isinstance(modules.get(m.module), _CONV)
+                                                       or is_linear(modules.get(m.module)))]
+    whole = [m for m in outs if m.offset == 0 and _size_of(modules[m.module]) == part.size]
+    return (whole or outs or members)[0].module
 
 
 def _is_pad_layer(dep) -> bool:
