@@ -286,3 +286,25 @@ def test_the_hybrid_cuts_channels_through_the_add_then_sparsifies(captured):
     assert len(captured) == 1 and captured[0].stem[0].out_channels < 16
     dense = CostModel(model, x[:1]).macs
     assert r.record["structured_macs"] <= 0.6 * dense and r.macs == independent_count(r.model, x[:1])["macs"] <= 0.3 * dense
+
+
+def test_a_model_cut_through_the_add_saves_and_reloads_to_the_same_outputs(tmp_path):
+    model, x = _model("inception")
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 3, 12, 12), torch.randint(0, 10, (8,))) for _ in range(2)]
+    r = prunekit.prune(model, lambda: data, method="autobot", flops=0.4, example_input=x[:1], finetune_epochs=0,
+                       gate_batches=2)
+    assert r.model.stem[0].out_channels < 16
+    prunekit.save_model(r.model, tmp_path / "m.safetensors", {})
+    back = prunekit.load_pruned(InceptionAdd(), tmp_path / "m.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), r.model.eval()(x), rtol=0, atol=0)
+
+
+def test_residual_channels_keep_leaves_the_add_dense_as_a_residual_stream():
+    model, x = _model("inception")
+    groups = find_groups(model, x, pads_residual=False)
+    assert not any(m.module == "stem.0" for g in groups for m in g.members)
+    reasons = [why for _, why in groups.skipped if "residual stream" in why]
+    assert reasons and not any("cannot be followed" in why for _, why in groups.skipped), groups.skipped
+    assert {g.root for g in groups} >= {"blocks.0.b.0.0", "side.0"}          # inside the blocks: pruned

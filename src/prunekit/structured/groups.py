@@ -928,15 +928,15 @@ def _add_concat_parts(tp_group, width: int, names: dict, pads_residual: bool, gr
         found.append((part, members))
     if reason is None:
         reason = _uncovered_outputs(found, names)
+    if reason is not None and "reaches the network output" not in reason:
+        reason = (f"a residual add onto a concatenation of {branches} (x + torch.cat([...])) whose channels "
+                  f"cannot be followed ({reason.removesuffix(': kept dense')}): kept dense")
     if reason is None and not pads_residual:
         reason = "a residual stream (outputs joined by an add): kept at full width (residual_channels keep)"
     first = branches.split(",")[0].split(" and ")[0]
     if reason is not None:
         if ("concat", first) not in seen:
             seen.add(("concat", first))
-            if "kept" not in reason and "reaches the network output" not in reason:
-                reason = (f"a residual add onto a concatenation of {branches} (x + torch.cat([...])) whose channels "
-                          f"cannot be followed ({reason}): kept dense")
             skipped.append((first, reason))
         return
     key = frozenset((m.module, m.role, m.offset, part.size) for part, members in found for m in members)
