@@ -13,7 +13,7 @@ from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.structured.groups import find_groups
 from prunekit.structured.shrink import shrink
-from prunekit.zoo.layout import apply_layout, channel_layout
+from prunekit.zoo.layout import channel_layout
 
 NET = '''
 import torch
