@@ -192,8 +192,9 @@ def test_autobot_prunes_conv1d_hidden_units_and_the_saved_model_loads_back(tmp_p
     dense_macs = CostModel(model, ids[:1]).macs
     assert _independent_macs(small, ids) == CostModel(small, ids[:1]).macs <= 0.8 * dense_macs
     layout = channel_layout(small)
-    assert layout["h.0.c_fc"] == {"in": WIDTH, "out": widths[0]} and layout["h.0.c_proj"] == {"in": widths[0],
-                                                                                             "out": WIDTH}
+    dense_fc = {"in": WIDTH, "out": _model().h[0].c_fc.weight.shape[1]}
+    assert layout["h.0.c_fc"] == {"in": WIDTH, "out": widths[0], "dense": dense_fc}
+    assert layout["h.0.c_proj"] == {"in": widths[0], "out": WIDTH, "dense": {"in": dense_fc["out"], "out": WIDTH}}
     rebuilt = apply_layout(_model(), layout)
     assert tuple(rebuilt.h[1].c_fc.weight.shape) == (WIDTH, widths[1]) and rebuilt.h[1].c_fc.nf == widths[1]
     back = prunekit.load_pruned(_model(), str(tmp_path / "run")).eval()

@@ -198,7 +198,8 @@ def test_the_channel_methods_remove_heads_and_the_saved_run_loads_back(method, t
     layout = channel_layout(small)
     for i in range(2):
         assert layout[f"layers.{i}.self"] == {"attention_heads": heads[i], "head_size": HEAD_SIZE}
-        assert layout[f"layers.{i}.self.query"] == {"in": WIDTH, "out": heads[i] * HEAD_SIZE}
+        assert layout[f"layers.{i}.self.query"] == {"in": WIDTH, "out": heads[i] * HEAD_SIZE,
+                                                   "dense": {"in": WIDTH, "out": HEADS * HEAD_SIZE}}
     back = prunekit.load_pruned(_model(), str(tmp_path / "run")).eval()
     assert [back.layers[i].self.num_attention_heads for i in range(2)] == heads
     with torch.no_grad():

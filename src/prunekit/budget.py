@@ -19,7 +19,7 @@ import re
 from decimal import Decimal
 from dataclasses import dataclass
 
-from .costs import CostModel, padding_zeros
+from .costs import CostModel, padding_rows, padding_zeros
 from .options import OptionError
 from .params import ParamSpace
 
@@ -130,7 +130,9 @@ class Budget:
         # Everything the prunable weights do not pay for: excluded layers, attention products.
         # sums, not the (p,) vector of space.macs_per_weight: 1.7 GB at its peak for BERT-base
         weight_macs, least_macs, free_weight = space.macs_summary(costs)
-        fixed_macs = costs.macs - weight_macs
+        # and the MACs of the padding rows' zeros (an output head tied to the table computes them:
+        # CostModel.count counts them kept, so the prunable weights may not spend them)
+        fixed_macs = costs.macs - weight_macs + padding_macs(costs, space)
         k = p
         if self.sparsity is not None:
             k = min(k, self._keep_count(self.sparsity, p, "sparsity"))
@@ -192,6 +194,25 @@ class Budget:
                               f"the cheapest costs {cheapest} MACs; ask for at least "
                               f"{(fixed + cheapest) / dense:.6f} (or {fixed + cheapest} MACs)", ("flops",))
         return int(math.floor(limit)) - fixed
+
+
+def padding_macs(costs: CostModel, space: ParamSpace) -> int:
+    """MACs (per example) of the zero weights in the padding rows of ``space``'s prunable embedding
+    tables (``costs.padding_rows``): an output head tied to the table pays them, zero or not
+    (``CostModel.count`` counts them kept), so no pruning removes them."""
+    rows = padding_rows(space.model)
+    if not rows:
+        return 0
+    params = dict(space.model.named_parameters())
+    total = 0
+    for e in space.entries:
+        row = rows.get(e.param_name)
+        layer = costs.layer(e.name) if row is not None and costs.has_layer(e.name) else None
+        if layer is None or layer.param_name != e.param_name or len(layer.weight_shape) != 2:
+            continue
+        zeros = (params[e.param_name].detach()[row] == 0).cpu()
+        total += int(layer.weight_costs().view(layer.weight_shape)[row][zeros].sum())
+    return total
 
 
 def structural_zeros(space: ParamSpace) -> int:

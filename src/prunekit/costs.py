@@ -239,6 +239,7 @@ class CostModel:
         macs, params = 0, 0
         nonzeros_by_layer, macs_by_layer, params_by_layer = {}, {}, {}
         padding = padding_zeros(model)
+        rows = padding_rows(model)
         for layer in layers:
             macs += layer.activation_macs
             if not layer.is_weight_layer:
@@ -247,7 +248,8 @@ class CostModel:
             weight = params_of[layer.param_name].detach()
             nonzeros = int(torch.count_nonzero(weight))
             nonzeros_by_layer[layer.name] = nonzeros
-            macs_by_layer[layer.name] = layer.macs_of(weight) + layer.activation_macs
+            computed = _padding_as_kept(weight, rows.get(layer.param_name))     # computed though zero
+            macs_by_layer[layer.name] = layer.macs_of(computed) + layer.activation_macs
             macs += macs_by_layer[layer.name] - layer.activation_macs
             removed = weight.numel() - nonzeros - padding.get(layer.param_name, 0)
             params_by_layer[layer.name] = layer.params - removed
@@ -258,10 +260,10 @@ class CostModel:
                       nonzero_params=nonzero_params, params_by_layer=params_by_layer)
 
 
-def padding_zeros(model: nn.Module) -> dict[str, int]:
-    """Exact zeros in the padding rows of ``model``'s embeddings (``nn.Embedding`` /
-    ``nn.EmbeddingBag`` with ``padding_idx``), by parameter name (``model.named_parameters()``,
-    a tied table once): structural zeros, zero in the dense model too, never counted as removed."""
+def padding_rows(model: nn.Module) -> dict[str, int]:
+    """The padding row (``padding_idx``, as a row index >= 0) of each of ``model``'s embedding
+    tables (``nn.Embedding`` / ``nn.EmbeddingBag``), by parameter name (``model.named_parameters()``,
+    a tied table once: an output head sharing it too)."""
     rows = {}
     for module in model.modules():
         index = getattr(module, "padding_idx", None)
@@ -269,8 +271,27 @@ def padding_zeros(model: nn.Module) -> dict[str, int]:
         if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and index is not None
                 and isinstance(weight, torch.Tensor) and weight.dim() == 2
                 and -weight.shape[0] <= index < weight.shape[0]):
-            rows[id(weight)] = int((weight.detach()[index] == 0).sum())
+            rows[id(weight)] = index % weight.shape[0]
     return {name: rows[id(p)] for name, p in model.named_parameters() if id(p) in rows}
+
+
+def padding_zeros(model: nn.Module) -> dict[str, int]:
+    """Exact zeros in the padding rows of ``model``'s embeddings (``padding_rows``), by parameter
+    name: structural zeros, zero in the dense model too, never counted as removed."""
+    params = dict(model.named_parameters())
+    return {name: int((params[name].detach()[row] == 0).sum()) for name, row in padding_rows(model).items()}
+
+
+def _padding_as_kept(weight: torch.Tensor, row: int | None) -> torch.Tensor:
+    """``weight`` with the zeros of its padding row ``row`` (None: none) made nonzero, for counting
+    MACs: an output head tied to an embedding table computes that row's outputs as any other's (a
+    zero logit, one MAC a weight), so a dense model keeps all its MACs and a pruned one is charged
+    for the compute it still does."""
+    if row is None or weight.dim() != 2 or not 0 <= row < weight.shape[0]:
+        return weight
+    computed = weight.detach().clone()
+    computed[row] = torch.where(computed[row] == 0, torch.ones_like(computed[row]), computed[row])
+    return computed
 
 
 # --- tracing ---------------------------------------------------------------------------------

@@ -185,8 +185,10 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a model prunekit saved (a run folder, or its ``model.safetensors`` with the JSON
     sidecar) into ``model``, a fresh instance of the architecture it was pruned from: a channel
     method's layers are first resized to the saved channel counts (and removed blocks removed),
-    then every weight is loaded (shapes must fit). Returns ``model``, in eval mode; no code
-    from the files is run.
+    then every weight is loaded (shapes must fit). ``model`` built otherwise than the one pruned
+    (another class count, a wider stem: a layer's counts differ from those the layout records) is
+    refused, naming the layer and both counts, never narrowed to fit. Returns ``model``, in eval
+    mode; no code from the files is run.
     """
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"load_pruned(model, path): model must be a fresh torch.nn.Module of the architecture "

@@ -128,11 +128,19 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sidecar: bool = False) -> Path:
+def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sidecar: bool = False,
+               pruned_from: nn.Module | None = None) -> Path:
     """Save ``model``'s state dict to ``path`` (.safetensors) and ``meta`` to the sidecar. The
     smaller model a channel method returned (``prunekit.prune(..., method="autobot")``'s
     ``result.model``), or one ``prunekit.load_pruned`` returned (then fine-tuned, say), gets its
     channel layout in the sidecar too, which ``load_pruned`` reads.
+    A model whose layers your own code narrowed (a conv's out-channels sliced, say) needs
+    ``pruned_from``: an instance of its architecture as built before the narrowing (fresh weights
+    will do; it is not changed). The sidecar then records both layer sizes (``channel_layout``), so that
+    ``load_pruned(fresh_model, path)`` resizes a fresh model and refuses one built otherwise; without
+    it such a file records no layout and ``load_pruned`` refuses it, saying this; where ``meta``
+    names a zoo model with its build arguments (``"model"``, ``"build_kwargs"``: what ``--model``
+    builds) that model as built stands for ``pruned_from``.
     A JSON of that name that is not prunekit's sidecar, or a file at ``path`` that prunekit did not
     write (no ``MODEL_MARK`` in its metadata, no prunekit sidecar beside it), is refused, not
     replaced, unless ``replace_sidecar`` (a run folder's model.json and model.safetensors, which
@@ -149,7 +157,10 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
         raise PrunekitError(f"save_model(model, path, meta): meta must be a dict of JSON values (the sidecar's "
                             f"fields; {{}} for none), got {type(meta).__name__}")
     refuse_non_tensors(model, "save_model", "save that model with torch.save(model.state_dict(), ...) instead")
-    meta = _with_channel_layout(model, meta)
+    if pruned_from is not None and not isinstance(pruned_from, nn.Module):
+        raise PrunekitError(f"save_model(..., pruned_from=): pruned_from must be a torch.nn.Module built as the model "
+                            f"was before your code narrowed it, got {type(pruned_from).__name__}")
+    meta = _with_channel_layout(model, meta, pruned_from)
     try:                 # checked before anything is written: never a model file without its sidecar
         sidecar = (json.dumps({SIDECAR_MARK: SIDECAR_VERSION, **meta}, indent=2, sort_keys=False) + "\n").encode()
     except (TypeError, ValueError) as err:
@@ -197,7 +208,7 @@ def refuse_non_tensors(model: nn.Module, what: str, fix: str) -> None:
                                 f"get_extra_state), and a .safetensors file holds tensors only: {fix}")
 
 
-def _with_channel_layout(model: nn.Module, meta: dict) -> dict:
+def _with_channel_layout(model: nn.Module, meta: dict, pruned_from: nn.Module | None = None) -> dict:
     """``meta`` with the channel layout of a shrunk model (``zoo.layout.is_shrunk``: the smaller model
     ``prunekit.prune``'s channel methods return, one ``prunekit.load_pruned`` resized to a saved
     layout, fine-tuned since or not, a wrapper or part of either), so that ``load_pruned`` can resize
@@ -206,11 +217,38 @@ def _with_channel_layout(model: nn.Module, meta: dict) -> dict:
     The layout is not recorded for every model: loading applies it, and a dense model's layout
     would quietly narrow a fresh model built wider (e.g. for 100 classes where the file has 10)
     instead of refusing the misfit. Nor can it be derived here from the tensors' shapes: that needs
-    the dense model to compare with, which save_model does not have."""
-    from .zoo.layout import channel_layout, is_shrunk
-    if "channel_layout" in meta or not is_shrunk(model):
+    the dense model to compare with, which the caller gives as ``pruned_from`` for a model its own
+    code narrowed (``layout_against``)."""
+    from .zoo.layout import channel_layout, is_shrunk, layout_against
+    if "channel_layout" in meta:
         return meta
+    if pruned_from is not None:
+        layout = layout_against(model, pruned_from)
+        return {**meta, "channel_layout": layout} if layout is not None else meta
+    if not is_shrunk(model):
+        built = _zoo_model_named(meta)       # a zoo model the sidecar names: compared with it as built
+        try:
+            layout = layout_against(model, built) if built is not None else None
+        except PrunekitError:                # not that model at all: loading it says so
+            layout = None
+        return {**meta, "channel_layout": layout} if layout is not None else meta
     return {**meta, "channel_layout": channel_layout(model)}
+
+
+def _zoo_model_named(meta: dict) -> nn.Module | None:
+    """The zoo model ``meta`` names (``"model"`` with its ``"build_kwargs"``, ``{}`` for the defaults),
+    built on the meta device (shapes only, no memory), or None: none named, or it does not build.
+    Without "build_kwargs" the model is not known: loading builds it with the command line's
+    --num-classes / --in-channels, which another class count than the default's is saved for."""
+    from . import zoo
+    name, kwargs = meta.get("model"), meta.get("build_kwargs")
+    if not isinstance(name, str) or name not in zoo.MODEL_NAMES or meta.get("custom") or not isinstance(kwargs, dict):
+        return None
+    try:
+        with torch.device("meta"):
+            return zoo.build(name, **kwargs)
+    except (PrunekitError, TypeError, ValueError):
+        return None
 
 
 def _refuse_a_prunekit_folders_own(path: Path, side: Path) -> None:

@@ -454,19 +454,79 @@ def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual:
     if not cycles:
         return groups, []
     cyclic = [names.get(root, type(root).__name__) for root in cycles]
+    modules = dict(model.named_modules())
+    gqa = {name: grouped_query_attention(modules, name) for name in cyclic}
     why = "its channel trace (torch-pruning) goes round a cycle without end: kept dense"
-    skipped = [(root, why) for root in cyclic]
+    skipped = [(root, gqa[root] or why) for root in cyclic]
     # a group sharing an axis with a cycling group's reach is as unknown: left dense too
     reach = set().union(*(_reach(graph, root) for root in cycles))
     kept = []
     for group in groups:
         if any((item.dep.target, graph.is_out_channel_pruning_fn(item.dep.handler)) in reach for item in group.items):
             root = names.get(group[0].dep.target.module, str(group[0].dep.target.module))
-            skipped.append((root, f"shares channels with the group of '{cyclic[0]}', whose channel trace goes "
-                                  "round a cycle without end: kept dense"))
+            skipped.append((root, f"shares channels with the group of '{cyclic[0]}', "
+                                  + ("which is in grouped-query attention (k/v heads shared between q heads), which "
+                                     "the channel methods do not prune: kept dense" if gqa[cyclic[0]] else
+                                     "whose channel trace goes round a cycle without end: kept dense")))
         else:
             kept.append(group)
     return kept, skipped
+
+
+_GQA_Q, _GQA_K = ("q_proj", "query", "q", "wq", "q_lin"), ("k_proj", "key", "k", "wk", "k_lin")
+
+
+def grouped_query_attention(modules: dict[str, nn.Module], root: str) -> str | None:
+    """The reason for a group rooted at layer ``root`` (a name of ``modules``, the model's
+    ``named_modules``) whose trace cycles, when ``root`` lies in grouped-query attention (fewer k/v
+    heads than q heads, each k/v head shared by several q heads, as Llama's with
+    ``num_key_value_heads`` < ``num_attention_heads``): the channel methods do not prune it. Told by
+    the attention module's head counts (HuggingFace's attributes or config) or, failing those, by its
+    k projection being narrower than its q projection. None when ``root`` is not in such attention."""
+    parts = root.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:cut])
+        module = modules.get(name)
+        if module is None:
+            continue
+        counts = _head_counts(module)
+        if counts is None:
+            children = dict(module.named_children())
+            q = next((children[n] for n in _GQA_Q if isinstance(children.get(n), nn.Linear)), None)
+            k = next((children[n] for n in _GQA_K if isinstance(children.get(n), nn.Linear)), None)
+            if q is None or k is None:
+                continue
+            if k.out_features >= q.out_features:
+                return None
+            said = f"its k projection has {k.out_features} outputs, its q projection {q.out_features}"
+        else:
+            heads, kv_heads = counts
+            if kv_heads >= heads:
+                return None
+            said = f"{kv_heads} k/v heads for {heads} q heads"
+        return (f"in grouped-query attention '{name}' ({said}: each k/v head is shared between q heads), which the "
+                "channel methods do not prune: kept dense")
+    return None
+
+
+def _head_counts(module: nn.Module) -> tuple[int, int] | None:
+    """(q heads, k/v heads) of a HuggingFace-style attention module, from its attributes or its config."""
+    config = getattr(module, "config", None)
+    for source in (module, config):
+        if source is None:
+            continue
+        heads = next((getattr(source, a) for a in ("num_heads", "num_attention_heads", "n_heads")
+                      if isinstance(getattr(source, a, None), int)), None)
+        kv = next((getattr(source, a) for a in ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+                   if isinstance(getattr(source, a, None), int)), None)
+        if heads is not None and kv is not None:
+            return heads, kv
+    groups = getattr(module, "num_key_value_groups", None)
+    if isinstance(groups, int) and groups > 1:
+        heads = getattr(config, "num_attention_heads", None)
+        if isinstance(heads, int):
+            return heads, heads // groups
+    return None
 
 
 def _all_groups(graph, root_types: tuple, cycles: list):
@@ -592,6 +652,8 @@ _CAUSES = (("output", "reaches the network's output", ("reaches the network outp
             ("cannot resize", "touches parameter", "outside a known layer", "do not shrink", "attention heads kept")),
            ("multiplier", "feeds a depthwise conv with a channel multiplier (one channel per conv group)",
             ("channel multiplier",)),
+           ("gqa", "is in grouped-query attention (k/v heads shared between q heads, as Llama's), which the "
+                   "channel methods do not prune", ("grouped-query attention",)),
            ("cycle", "has a channel trace that goes round a cycle without end (a rotary position embedding feeding "
                      "grouped-query attention, as Llama's)", ("round a cycle",)),
            ("map", "passes an operation the dependency analysis cannot map", ("",)))

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..costs import is_conv1d_style
 from ..errors import PrunekitError
-from ..zoo.layout import mark_shrunk
+from ..zoo.layout import mark_shrunk, remember_dense
 from .attention import set_heads, slim_copy
 from .gates import GateHooks
 from .groups import GroupSet, no_group_error
@@ -177,7 +177,9 @@ def _keep(extent: int, closed: list[int]) -> torch.Tensor:
 
 def _cut(module: nn.Module, axis: str, closed: list[int], name: str) -> None:
     """Remove channels ``closed`` from ``module``'s ``axis`` ("out": outputs/features, "in": inputs),
-    marking it shrunk (``zoo.layout.mark_shrunk``: ``save_model`` records its model's layout)."""
+    marking it shrunk (``zoo.layout.mark_shrunk``: ``save_model`` records its model's layout) and
+    keeping its counts before the first cut (``zoo.layout.remember_dense``: the layout records them)."""
+    remember_dense(module)
     mark_shrunk(module)
     if isinstance(module, _BN):
         keep = _keep(module.num_features, closed)

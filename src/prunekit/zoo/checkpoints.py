@@ -415,7 +415,9 @@ def _misfit_message(
                 "prunekit.load_pruned(model, RUNDIR))")
     elif not fits and mismatched and not missing and not unexpected and _narrower_only(own, state, mismatched):
         hint = ("the file's layers are narrower than the model's: a model with channels removed, saved without its "
-                "channel layout; load its run folder (prunekit.prune(..., out=RUNDIR), then "
+                "channel layout; one your own code narrowed: save it with prunekit.save_model(model, path, meta, "
+                "pruned_from=MODEL_AS_BUILT), which records both layer sizes for load_pruned; a channel method's: "
+                "load its run folder (prunekit.prune(..., out=RUNDIR), then "
                 "prunekit.load_pruned(model, RUNDIR)), or save the model prunekit.prune or prunekit.load_pruned "
                 "returned with prunekit.save_model, which records the layout (an older prunekit did not for "
                 "load_pruned's: load the run folder and save it again)")

@@ -22,6 +22,7 @@ from ..structured.attention import hf_heads_attrs, set_heads
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
 SHRUNK_MARK = "_prunekit_shrunk"      # set on a model, and on each layer, that channel surgery narrowed
+DENSE_MARK = "_prunekit_dense"        # a narrowed layer's channel counts before any cut (None: not known)
 
 
 def mark_shrunk(module: nn.Module) -> None:
@@ -30,11 +31,19 @@ def mark_shrunk(module: nn.Module) -> None:
     setattr(module, SHRUNK_MARK, True)
 
 
+def remember_dense(module: nn.Module) -> None:
+    """Keep ``module``'s channel counts (``_layer_entry``) before its first cut, so that the saved
+    layout records what the fresh model must be built as (``apply_layout`` checks it)."""
+    if not hasattr(module, DENSE_MARK):
+        setattr(module, DENSE_MARK, _layer_entry(module))
+
+
 def is_shrunk(model: nn.Module) -> bool:
     """Whether ``model`` holds a layer with channels or blocks removed: one marked by ``mark_shrunk``
     (the model ``prunekit.prune`` or ``prunekit.load_pruned`` returned, a wrapper or part of it, a
     deep copy), a removed block (depth pruning) or attention with heads removed. A model narrowed by
-    other code than prunekit's carries no mark and cannot be told from a dense one here."""
+    other code than prunekit's carries no mark and cannot be told from a dense one here
+    (``save_model(..., pruned_from=)`` compares it with the model as built: ``layout_against``)."""
     return any(getattr(m, SHRUNK_MARK, False) or isinstance(m, (RemovedBlock, SlimAttention))
                for m in model.modules())
 
@@ -42,7 +51,9 @@ def is_shrunk(model: nn.Module) -> bool:
 def channel_layout(model: nn.Module) -> dict[str, dict]:
     """Per-layer channel counts of every Conv/Linear/BatchNorm (and Conv1D-style layer: GPT-2's,
     "in" = its weight's rows), and the channel map of every zero-pad shortcut that lost channels
-    (JSON-ready)."""
+    (JSON-ready). Each such layer's entry holds under "dense" its counts in the model it was cut
+    from (its own where it was not cut), which ``apply_layout`` requires of the fresh model (a model
+    resized to an older prunekit's layout, which did not record them, records none)."""
     layout = {}
     for name, module in model.named_modules():
         if isinstance(module, RemovedBlock):            # a block removed by depth pruning
@@ -52,13 +63,44 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
                             "embed_dim": module.embed_dim, "bias": module.in_proj_bias is not None,
                             "batch_first": module.batch_first, "dropout": module.dropout}
         elif (entry := _layer_entry(module)) is not None:
-            layout[name] = entry
+            dense = getattr(module, DENSE_MARK, entry)
+            layout[name] = {**entry, "dense": dense} if dense is not None else entry
         elif (attrs := hf_heads_attrs(module)) is not None:   # HuggingFace-style attention: its head count
             layout[name] = {"attention_heads": getattr(module, attrs[1]), "head_size": getattr(module, attrs[2])}
         elif getattr(module, "pads_channels", False) and not getattr(module, "padded", True):
             # a zero-pad shortcut whose channels were cut: its map from input to output channels
             layout[name] = {"in": module.in_channels, "source": module.source_list()}
     return layout
+
+
+def layout_against(model: nn.Module, pruned_from: nn.Module) -> dict[str, dict] | None:
+    """``model``'s channel layout with each Conv/Linear/BatchNorm layer's "dense" counts taken from
+    ``pruned_from`` (the same architecture as built before the caller's code narrowed ``model``);
+    None when no layer differs (``model`` is as built). A layer in one model and not the other, or
+    wider in ``model``, is refused: ``pruned_from`` is not what ``model`` was narrowed from."""
+    ours, theirs = dict(model.named_modules()), dict(pruned_from.named_modules())
+    layout = channel_layout(model)
+    changed = is_shrunk(model)
+    for name, module in ours.items():
+        entry = _layer_entry(module)
+        if entry is None or name not in layout:
+            continue
+        built = _layer_entry(theirs[name]) if name in theirs else None
+        if built is None:
+            raise PrunekitError(f"save_model(..., pruned_from=): the model has layer {name!r} ({_counts(entry)}), which "
+                                "pruned_from lacks: pass the model as built before your code narrowed it")
+        if any(entry[k] > built[k] for k in ("in", "out", "features") if k in entry and k in built):
+            raise PrunekitError(f"save_model(..., pruned_from=): layer {name!r} has {_counts(entry)} in the model but "
+                                f"{_counts(built)} in pruned_from, narrower: pass the model as built before your code "
+                                "narrowed it")
+        if entry != built:
+            changed = True
+        layout[name] = {**entry, "dense": built}
+    missing = [name for name, module in theirs.items() if _layer_entry(module) is not None and name not in ours]
+    if missing:
+        raise PrunekitError(f"save_model(..., pruned_from=): pruned_from has layer {missing[0]!r}, which the model "
+                            "lacks: pass the model as built before your code narrowed it")
+    return layout if changed else None
 
 
 def _layer_entry(module: nn.Module) -> dict | None:
@@ -76,13 +118,31 @@ def _layer_entry(module: nn.Module) -> dict | None:
 
 def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
     """Resize ``model``'s layers in place to ``layout`` (fresh tensors; load weights after); each layer
-    resized, and ``model`` itself, is marked shrunk (``mark_shrunk``: ``save_model`` records the layout)."""
+    resized, and ``model`` itself, is marked shrunk (``mark_shrunk``: ``save_model`` records the layout).
+    ``model`` must be built as the one the layout was pruned from: each layer's counts equal to its
+    entry's "dense" ones (``_check_dense``), no Conv/Linear/BatchNorm layer the layout lacks; else one
+    line names the layer and both counts (a layout without "dense", an older prunekit's, is only
+    checked for layers wider in the file, ``_check_no_wider``)."""
     modules = dict(model.named_modules())
+    replaced = [name for name, spec in layout.items() if isinstance(spec, dict) and (
+        spec.get("removed") or "heads" in spec)]           # layers inside these are the saved ones' own
     for name, spec in layout.items():
         module = modules.get(name)
         if module is None:
             raise PrunekitError(f"the saved channel layout names layer {name!r}, which the model lacks: "
                                 "the file belongs to another architecture")
+        if not _inside(name, replaced):
+            _check_dense(name, module, spec)
+    if any(isinstance(spec, dict) and "dense" in spec for spec in layout.values()):
+        for name, module in modules.items():       # a layer the saved model lacks: another architecture
+            if name not in layout and _layer_entry(module) is not None and not _inside(name, replaced):
+                raise PrunekitError(f"the model passed has layer {name!r} ({_counts(_layer_entry(module))}), which the "
+                                    "saved model lacks: pass a fresh, dense instance of the architecture it was pruned "
+                                    "from (the same code and constructor arguments)")
+    for name, spec in layout.items():
+        module = modules[name]
+        if _inside(name, replaced) and name not in replaced:
+            continue     # built by the removed block / attention that replaced its parent
         try:
             if spec.get("removed"):
                 parent_name, _, attr = name.rpartition(".")
@@ -100,9 +160,13 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             if getattr(module, "pads_channels", False) and "source" in spec:
                 module.set_source(int(spec["in"]), [int(v) for v in spec["source"]])
                 continue
+            dense = spec.get("dense")
+            spec = {k: v for k, v in spec.items() if k != "dense"}
             if _layer_entry(module) == spec:
                 continue        # as saved: its own tensors kept (a weight tied to another layer stays tied)
             _check_no_wider(name, module, spec)
+            if not hasattr(module, DENSE_MARK) or dense is not None:
+                setattr(module, DENSE_MARK, dense)   # None: an older prunekit's layout, which did not record it
             mark_shrunk(module)
             if isinstance(module, _CONV):
                 cin, cout, groups = int(spec["in"]), int(spec["out"]), int(spec["groups"])
@@ -144,6 +208,45 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
     return model
 
 
+def _inside(name: str, parents: list[str]) -> bool:
+    """Whether layer ``name`` is one of ``parents`` or inside one."""
+    return any(name == p or name.startswith(p + ".") or p == "" for p in parents)
+
+
+def _counts(entry: dict) -> str:
+    """A layer's channel counts in words: "in 64, out 10" (a conv's groups where not 1), "64 features"."""
+    if "features" in entry:
+        return f"{entry['features']} features"
+    groups = f", groups {entry['groups']}" if entry.get("groups", 1) != 1 else ""
+    return f"in {entry['in']}, out {entry['out']}{groups}"
+
+
+def _check_dense(name: str, module: nn.Module, spec: dict) -> None:
+    """Refuse a model passed whose layer ``name`` is not built as the one the file was pruned from
+    (``spec["dense"]``, ``channel_layout``'s): wider (another class count, a wider stem) would be
+    narrowed to the saved counts quietly, narrower or other would not load. The model's own counts
+    before any cut are compared, so a model pruned before (load_pruned's, pruned again) passes.
+    Entries without "dense" (an older prunekit's) are checked by ``_check_no_wider`` only."""
+    dense = spec.get("dense") if isinstance(spec, dict) else None
+    if not isinstance(dense, dict):
+        return
+    own = getattr(module, DENSE_MARK, None) or _layer_entry(module)
+    if own is None:
+        raise PrunekitError(f"layer {name!r} is a {type(module).__name__} in the model passed but a layer with "
+                            f"{_counts(dense)} in the one the file was pruned from: pass a fresh, dense instance of "
+                            "that architecture")
+    try:
+        differs = {k: int(v) for k, v in dense.items()} != {k: int(v) for k, v in own.items()}
+        said = _counts(dense)
+    except (KeyError, TypeError, ValueError) as err:
+        raise PrunekitError(f"bad channel layout entry for {name!r}: {spec!r} ({err}); "
+                            "the sidecar JSON is damaged") from None
+    if differs:
+        raise PrunekitError(f"layer {name!r} is built with {_counts(own)} in the model passed but had {said} in the "
+                            "model the file was pruned from: build it as that one was (the same code and constructor "
+                            "arguments, e.g. the class count and widths), fresh and dense")
+
+
 def _set_attention_heads(name: str, module: nn.Module, heads: int, head_size: int) -> None:
     """Give a fresh HuggingFace-style attention module ``module`` the saved head count (its q/k/v and
     output projection are resized by their own entries)."""
@@ -163,8 +266,8 @@ def _set_attention_heads(name: str, module: nn.Module, heads: int, head_size: in
 def _check_no_wider(name: str, module: nn.Module, spec: dict) -> None:
     """Channel pruning only removes channels: a saved layer wider than ``module`` (the fresh
     model's) means the model passed is not the architecture the file was pruned from (e.g. built
-    for 3 classes where the file has 10). A fresh model wider than the saved one cannot be told
-    from a pruned layer here."""
+    for 3 classes where the file has 10). Without the "dense" counts (an older prunekit's layout) a
+    fresh model wider than the saved one cannot be told from a pruned layer here."""
     if isinstance(module, _CONV):
         fresh = {"in": module.in_channels, "out": module.out_channels}
     elif isinstance(module, nn.Linear):

@@ -1,0 +1,215 @@
+"""A channel-pruned model's saved layout records each layer's counts in the model it was pruned
+from ("dense"), and loading refuses a model built otherwise: a wider one (100 classes where the file
+has 10, a wider stem) was narrowed to the saved counts quietly, a wrong model that then ran."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.cli import main
+from prunekit.errors import PrunekitError
+from prunekit.structured.groups import find_groups
+from prunekit.structured.shrink import shrink
+from prunekit.zoo.layout import channel_layout
+
+NET = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, classes=10, stem=8, inputs=3, extra=False, second=True):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(inputs, stem, 3, padding=1), nn.BatchNorm2d(stem)
+        if second:
+            self.c2, self.bn2 = nn.Conv2d(stem, 12, 3, padding=1), nn.BatchNorm2d(12)
+        if extra:
+            self.extra = nn.Linear(4, 4)
+        self.fc = nn.Linear(12 if second else stem, classes)
+        self.second = second
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.c1(x)))
+        if self.second:
+            h = torch.relu(self.bn2(self.c2(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def build():
+    return Net(**KWARGS)
+'''
+
+
+def _write(folder, **kwargs):
+    (folder / "net.py").write_text(NET.replace("KWARGS", repr(kwargs)))
+
+
+def _net(tmp_path, **kwargs):
+    from prunekit import user_models
+    folder = tmp_path / ("net" + "_".join(f"{k}{v}" for k, v in kwargs.items()))
+    folder.mkdir(exist_ok=True)
+    _write(folder, **kwargs)
+    return user_models.build_model(f"{folder}/net.py:build")
+
+
+def _small(model):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    groups = find_groups(model, x)
+    masks = [torch.arange(g.size) % 3 != 1 for g in groups]      # a third of each group's channels go
+    return shrink(model, groups, masks, x).eval(), x
+
+
+@pytest.mark.parametrize("built,layer,said", [
+    ({"classes": 100}, "fc", "in 12, out 100 in the model passed but had in 12, out 10"),     # wider: was narrowed
+    ({"classes": 3}, "fc", "in 12, out 3 in the model passed but had in 12, out 10"),
+    ({"stem": 16}, "c1", "in 3, out 16 in the model passed but had in 3, out 8"),             # a wider stem
+    ({"stem": 4}, "c1", "in 3, out 4 in the model passed but had in 3, out 8"),
+    ({"inputs": 1}, "c1", "in 1, out 8 in the model passed but had in 3, out 8"),
+], ids=["more classes", "fewer classes", "wider stem", "narrower stem", "other inputs"])
+def test_load_pruned_refuses_a_model_built_otherwise_naming_the_layer_and_both_counts(tmp_path, built, layer, said):
+    small, _ = _small(_net(tmp_path))
+    prunekit.save_model(small, tmp_path / "small.safetensors", {})
+    with pytest.raises(PrunekitError) as err:
+        prunekit.load_pruned(_net(tmp_path, **built), tmp_path / "small.safetensors")
+    message = str(err.value)
+    assert f"layer {layer!r} is built with {said} in the model the file was pruned from" in message, message
+    assert "\n" not in message and "constructor arguments" in message
+
+
+def test_load_pruned_refuses_a_model_with_a_layer_more_or_less(tmp_path):
+    small, _ = _small(_net(tmp_path))
+    prunekit.save_model(small, tmp_path / "small.safetensors", {})
+    with pytest.raises(PrunekitError, match=r"the model passed has layer 'extra' \(in 4, out 4\), which the saved "
+                                            "model lacks"):
+        prunekit.load_pruned(_net(tmp_path, extra=True), tmp_path / "small.safetensors")
+    with pytest.raises(PrunekitError, match="names layer 'c2', which the model lacks"):
+        prunekit.load_pruned(_net(tmp_path, second=False), tmp_path / "small.safetensors")
+
+
+def test_the_model_it_was_pruned_from_loads_and_gives_the_same_outputs(tmp_path):
+    small, x = _small(_net(tmp_path))
+    assert small.fc.in_features < 12 and small.c1.out_channels < 8
+    prunekit.save_model(small, tmp_path / "small.safetensors", {})
+    back = prunekit.load_pruned(_net(tmp_path), tmp_path / "small.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+    # pruned again (its layers' counts before any cut are the first model's) and saved: loads too
+    smaller, _ = _small(back)
+    prunekit.save_model(smaller, tmp_path / "smaller.safetensors", {})
+    again = prunekit.load_pruned(_net(tmp_path), tmp_path / "smaller.safetensors")
+    assert again.c1.out_channels == smaller.c1.out_channels < small.c1.out_channels
+    with torch.no_grad():
+        assert torch.equal(again(x), smaller(x))
+
+
+def test_an_older_layout_without_dense_counts_still_loads(tmp_path):
+    small, x = _small(_net(tmp_path))
+    layout = {name: {k: v for k, v in spec.items() if k != "dense"} for name, spec in channel_layout(small).items()}
+    prunekit.save_model(small, tmp_path / "old.safetensors", {"channel_layout": layout})
+    back = prunekit.load_pruned(_net(tmp_path), tmp_path / "old.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+    assert json.loads(json.dumps(channel_layout(back))) == layout          # resaved: the same layout, no guess
+
+
+@pytest.mark.parametrize("command", ["bench-latency", "export"])
+def test_the_command_line_refuses_a_model_file_built_wider_with_exit_2(tmp_path, capsys, command):
+    folder = tmp_path / "code"
+    folder.mkdir()
+    _write(folder)
+    model = f"{folder}/net.py:build"
+    small, _ = _small(_net(tmp_path))
+    (tmp_path / "run").mkdir()
+    prunekit.save_model(small, tmp_path / "run" / "model.safetensors", {"model": model, "input_shape": [3, 8, 8],
+                                                               "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    _write(folder, classes=100)                      # the user's function now builds 100 classes
+    argv = {"bench-latency": ["bench-latency", "--model", model, "--pruned", str(tmp_path / "run"),
+                              "--repeats", "5", "--warmup", "0", "--batch-sizes", "1", "--threads", "1"],
+            "export": ["export", str(tmp_path / "run"), "--model", model, "--torchscript"]}[command]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if not line.startswith("warning")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "layer 'fc' is built with in 12, out 100 in the model passed but had in 12, out 10" in lines[0], err
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def _narrowed_by_hand(model, keep=9):
+    """``model`` with c2's out-channels cut to the first ``keep`` by the user's own code (bn2, fc follow)."""
+    with torch.no_grad():
+        c2 = nn.Conv2d(model.c2.in_channels, keep, 3, padding=1)
+        c2.weight.copy_(model.c2.weight[:keep]), c2.bias.copy_(model.c2.bias[:keep])
+        bn2 = nn.BatchNorm2d(keep)
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn2, attr).copy_(getattr(model.bn2, attr)[:keep])
+        fc = nn.Linear(keep, model.fc.out_features)
+        fc.weight.copy_(model.fc.weight[:, :keep]), fc.bias.copy_(model.fc.bias)
+    model.c2, model.bn2, model.fc = c2, bn2, fc
+    return model.eval()
+
+
+def test_a_model_narrowed_by_the_users_own_code_saves_with_pruned_from_and_loads(tmp_path):
+    """Such a model was saved without its layer sizes and refused at load with a hint only about
+    prunekit's own channel methods; pruned_from= records them (and the counts the model is built with)."""
+    torch.manual_seed(0)
+    mine = _narrowed_by_hand(_net(tmp_path))
+    x = torch.randn(2, 3, 8, 8)
+    prunekit.save_model(mine, tmp_path / "bare.safetensors", {})
+    with pytest.raises(PrunekitError, match=r"one your own code narrowed: save it with prunekit\.save_model\(model, "
+                                            r"path, meta, pruned_from=MODEL_AS_BUILT\)") as err:
+        prunekit.load_pruned(_net(tmp_path), tmp_path / "bare.safetensors")
+    assert "\n" not in str(err.value)
+    prunekit.save_model(mine, tmp_path / "mine.safetensors", {}, pruned_from=_net(tmp_path))
+    layout = prunekit.saving.read_meta(tmp_path / "mine.safetensors")["channel_layout"]
+    assert layout["c2"] == {"in": 8, "out": 9, "groups": 1, "dense": {"in": 8, "out": 12, "groups": 1}}
+    assert layout["fc"] == {"in": 9, "out": 10, "dense": {"in": 12, "out": 10}}
+    back = prunekit.load_pruned(_net(tmp_path), tmp_path / "mine.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x), mine(x))
+    with pytest.raises(PrunekitError, match="layer 'fc' is built with in 12, out 100 in the model passed but had "
+                                            "in 12, out 10"):
+        prunekit.load_pruned(_net(tmp_path, classes=100), tmp_path / "mine.safetensors")
+
+
+def test_save_refuses_a_pruned_from_that_is_not_what_the_model_was_narrowed_from(tmp_path):
+    mine = _narrowed_by_hand(_net(tmp_path))
+    for other, said in ((_narrowed_by_hand(_net(tmp_path), keep=5), "layer 'c2' has in 8, out 9 in the model but "
+                                                                      "in 8, out 5 in pruned_from, narrower"),
+                        (_net(tmp_path, second=False), "the model has layer 'c2' (in 8, out 9), which pruned_from lacks"),
+                        (_net(tmp_path, extra=True), "pruned_from has layer 'extra', which the model lacks")):
+        with pytest.raises(PrunekitError, match=said.replace("(", r"\(").replace(")", r"\)")):
+            prunekit.save_model(mine, tmp_path / "x.safetensors", {}, pruned_from=other)
+        assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.json").exists()
+    # a model as built (nothing narrowed): no layout, as without pruned_from
+    prunekit.save_model(_net(tmp_path), tmp_path / "dense.safetensors", {}, pruned_from=_net(tmp_path))
+    assert "channel_layout" not in prunekit.saving.read_meta(tmp_path / "dense.safetensors")
+
+
+def test_a_zoo_model_narrowed_by_hand_and_saved_naming_it_loads_on_the_command_line(tmp_path, capsys):
+    """The sidecar names the zoo model (what --model builds): save_model compares with it as built
+    and records the layout, so the command line loads the file; built for 100 classes it refuses."""
+    from prunekit import zoo
+    from prunekit.loading import load_model
+    torch.manual_seed(0)
+    model = zoo.build("mlpnet").eval()
+    with torch.no_grad():
+        fc1, fc2 = nn.Linear(784, 30, bias=False), nn.Linear(30, 20, bias=False)
+        fc1.weight.copy_(model.fc1.weight[:30]), fc2.weight.copy_(model.fc2.weight[:, :30])
+    model.fc1, model.fc2 = fc1, fc2
+    (tmp_path / "run").mkdir()
+    prunekit.save_model(model, tmp_path / "run" / "model.safetensors", {"model": "mlpnet", "build_kwargs": {}})
+    assert prunekit.saving.read_meta(tmp_path / "run" / "model.safetensors")["channel_layout"]["fc1"] == {
+        "in": 784, "out": 30, "dense": {"in": 784, "out": 40}}
+    loaded = load_model("mlpnet", tmp_path / "run" / "model.safetensors").model
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert main(["bench-latency", "--model", "mlpnet", "--pruned", str(tmp_path / "run"), "--repeats", "5",
+                 "--warmup", "0", "--batch-sizes", "1", "--threads", "1", "--json"]) == 0
+    capsys.readouterr()
+    with pytest.raises(PrunekitError, match="layer 'fc3' is built with in 20, out 100 in the model passed"):
+        prunekit.load_pruned(zoo.build("mlpnet", num_classes=100), tmp_path / "run")
