@@ -60,10 +60,10 @@ def _image_files(class_dir: Path) -> list[Path]:
 
 
 def _walk_images(class_dir: Path):
-    """Yields the images of one class, as found (a count may stop early): its .jpg/.jpeg/.png files and those of its subfolders at any depth,
-    as torchvision's ``ImageFolder`` reads them (folders in sorted order, a folder's own files
-    first, each folder's files in name order; symbolic links followed, each folder once; hidden
-    subfolders, ``.name``, left out). Nothing: a class with no images (an empty class folder keeps
+    """Yields the images of one class, as found (a count may stop early): its .jpg/.jpeg/.png files
+    and those of its subfolders at any depth, as torchvision's ``ImageFolder`` reads them (folders in
+    sorted order, a folder's own files first, each folder's files in name order; symbolic links
+    followed, each folder once; hidden subfolders, ``.name``, left out). Nothing: a class with no images (an empty class folder keeps
     its name, and so its label, for a folder that has none of that class)."""
     seen = set()
     for folder, subfolders, names in os.walk(class_dir, followlinks=True):     # top down: a folder, then
