@@ -380,3 +380,29 @@ def test_an_image_that_cannot_be_decoded_is_refused_before_any_epoch_and_frees_t
     assert not (tmp_path / "run" / "config.toml").exists() and not (tmp_path / "run" / "model.safetensors").exists()
     _png(bad, COLOURS["b"], 5)
     assert main(_train_argv(tmp_path)) == 0
+
+
+def test_a_finished_training_run_gives_its_result_back_without_scanning_its_images(capsys, tmp_path, monkeypatch):
+    """The same `train --out` again after the run finished: its result, said at once, without scanning
+    either split (the scan reads every image's header: minutes on a big folder; it came before the
+    folder was looked at) or building the model. --zeros, --force and another run's options go the
+    way they went (a scan, then the result, the training or the refusal)."""
+    from prunekit.data import load
+    _photos(tmp_path)
+    argv = _train_argv(tmp_path)
+    real, scanned = load.scan_image_folder, []
+    monkeypatch.setattr(load, "scan_image_folder", lambda path, split, *a, **k: scanned.append(split) or
+                        real(path, split, *a, **k))
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert scanned == ["train", "test"]
+    scanned.clear()
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == first and scanned == [], scanned
+    assert err.count("\n") == 1 and "holds this training run, finished: its result again" in err, err
+    assert main(argv + ["--zeros", "train"]) == 0       # what --zeros resolves to needs the weights: scanned
+    assert json.loads(capsys.readouterr().out) == first and scanned == ["train", "test"], scanned
+    scanned.clear()
+    err = _refused(capsys, [a if a != "0.2" else "0.1" for a in argv])      # another run's --lr: refused as before
+    assert "holds another training run, finished (other lr)" in err and scanned == ["train", "test"], err

@@ -172,18 +172,21 @@ def test_a_run_that_reads_no_training_images_neither_loads_nor_needs_them(tmp_pa
 
 
 @pytest.mark.parametrize("command", ["prune", "sweep"])
-@pytest.mark.parametrize("flags, refusal", [
-    (["--method", "chita", "--sparsity", "0.5", "--fisher-samples", "8", "--stages", "0"], "--stages must be at least 1"),
-    (["--method", "falcon", "--sparsity", "0.5", "--fisher-samples", "8"], "falcon needs a --flops budget"),
+@pytest.mark.parametrize("flags, refusal, scanned", [
+    (["--method", "chita", "--sparsity", "0.5", "--fisher-samples", "8", "--stages", "0"], "--stages must be at least 1",
+     []),
+    (["--method", "falcon", "--sparsity", "0.5", "--fisher-samples", "8"], "falcon needs a --flops budget", []),
+    # checked against the traced model's MACs: after the test split the model is checked against
     (["--method", "chita", "--sparsity", "0.5", "--fisher-samples", "8", "--gradual", "--start-keep", "0.1"],
-     "--start-keep 0.1 is the share kept before the first event"),
+     "--start-keep 0.1 is the share kept before the first event", ["test"]),
 ])
 def test_a_bad_value_is_refused_before_the_training_split_is_scanned(tmp_path, capsys, scanned_splits, command,
-                                                                     flags, refusal):
+                                                                     flags, refusal, scanned):
     """A refusal that needs no image (a flag value, a budget the method cannot take) comes before the
     training split's scan (every image header: minutes on a huge train/ folder), which the rows check
-    (--fisher-samples given) and the memory plan ran first; the test split the model is checked
-    against is scanned first as before. One line, nothing written."""
+    (--fisher-samples given) and the memory plan ran first; one that needs neither the model traced
+    nor data (PruneRequest.check_values) before the test split's too, which came first of all
+    (session 53). One line, nothing written."""
     write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
     write_tree(tmp_path / "imgs" / "train", {"a": 5, "b": 5})      # more than the 8 rows asked
     code = main([command, "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / "imgs"),
@@ -191,14 +194,57 @@ def test_a_bad_value_is_refused_before_the_training_split_is_scanned(tmp_path, c
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
     assert code == 2 and len(errors) == 1, errors
     assert refusal in errors[0], errors
-    assert scanned_splits == ["test"], scanned_splits
+    assert scanned_splits == scanned, scanned_splits
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("budget, refusal, scanned", [
+    (["--sparsity", "0.5", "1.5"], "--sparsity '1.5' is out of range", []),
+    # needs the traced model (its count of weights), not the data: after the test split, before the training one
+    (["--sparsity", "0.5", "900M"], "--sparsity 900000000 weights to keep is out of range", ["test"]),
+])
+def test_a_later_run_of_a_sweep_is_checked_before_the_first_reads_its_data(tmp_path, capsys, scanned_splits,
+                                                                           budget, refusal, scanned):
+    """A sweep refused its second run's bad budget only after its first run's plan had scanned the
+    training split (chita reads it): every run's values are checked before any split is scanned, and
+    every run's checks on the traced model before the training split is. One line, nothing written."""
+    write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
+    write_tree(tmp_path / "imgs" / "train", {"a": 5, "b": 5})
+    code = main(["sweep", "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / "imgs"),
+                 "--method", "chita", *budget, "--fisher-samples", "8", "--out", str(tmp_path / "sweep")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+    assert code == 2 and len(errors) == 1 and refusal in errors[0], errors
+    assert scanned_splits == scanned, scanned_splits
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_prune_refuses_a_budget_past_the_model_before_the_training_split_is_scanned(tmp_path, capsys,
+                                                                                     scanned_splits):
+    """A budget that needs the traced model to refuse (more weights kept than it has) is refused
+    after the test split's scan (the model is checked against its images first) and before the
+    training split's."""
+    write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
+    write_tree(tmp_path / "imgs" / "train", {"a": 5, "b": 5})
+    code = main(["prune", "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / "imgs"),
+                 "--method", "chita", "--sparsity", "900M", "--fisher-samples", "8"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+    assert code == 2 and len(errors) == 1 and "900000000 weights to keep is out of range" in errors[0], errors
+    assert scanned_splits == ["test"], scanned_splits
 
 
 @pytest.mark.parametrize("flags, refusal", [
     (["--checkpoint", "missing.pth"], "checkpoint missing.pth not found: check the path"),
     (["--model", "net.py:build", "--normalize", "bogus"], "--normalize 'bogus' is not MEANS/STDS"),
     (["--model", "net.py:"], "is not a Python function name"),
+    # session 53: these came after both splits were scanned
+    (["--model", "missing.py:build", "--normalize", "none"], "model file missing.py does not exist"),
+    (["--model", "resnet21"], "unknown model 'resnet21'"),
+    (["--normalize", "none"], "--normalize is for a model file (net.py:function); zoo model 'resnet20'"),
+    (["--checkpoint", "pickled.pth"], "checkpoint pickled.pth holds no state dict"),
+    (["--checkpoint", "noise.pth"], "noise.pth is not a model checkpoint"),
+    (["--batch-size", "7"], "--batch-size 7 is more than the 6 imagefolder training images: lower --batch-size"),
+    (["--batch-size", "5", "--train-samples", "4"], "--batch-size 5 is more than the 4 imagefolder training images"),
+    (["--batch-size", "7", "--train-samples", "9"], "--batch-size 7 is more than the 6 imagefolder training images"),
 ])
 def test_train_refuses_a_bad_flag_before_scanning_the_image_folder(tmp_path, capsys, monkeypatch, scanned_splits,
                                                                    flags, refusal):
@@ -209,6 +255,8 @@ def test_train_refuses_a_bad_flag_before_scanning_the_image_folder(tmp_path, cap
                                      "nn.Linear(3 * 32 * 32, 2))\n")
     write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
     write_tree(tmp_path / "imgs" / "train", {"a": 3, "b": 3})
+    torch.save({"sd": {}, "opt": torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)}, "pickled.pth")
+    Path("noise.pth").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     model = [] if "--model" in flags else ["--model", "resnet20"]
     code = main(["train", *model, "--data", "imagefolder", "--data-dir", "imgs", *flags, "--out", "run"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
@@ -317,3 +365,45 @@ def test_what_torchrun_cannot_shard_is_refused_before_the_model_is_traced(monkey
     with pytest.raises(request.OptionError, match="run them without torchrun"):
         asked.plan()
     assert traced == [], "traced before the refusal"
+
+
+def test_train_reads_its_checkpoint_once_and_counts_the_images_it_batches(tmp_path, capsys, monkeypatch,
+                                                                          scanned_splits):
+    """The checkpoint train reads before the scan (refusing a file that does not load) is the one its
+    model loads: read from disk once. A --batch-size of exactly the training images is taken (the
+    count from the listing stops at the batch size), and the run trains as before."""
+    from prunekit.zoo import checkpoints
+    monkeypatch.chdir(tmp_path)
+    write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
+    write_tree(tmp_path / "imgs" / "train", {"a": 3, "b": 3})
+    torch.manual_seed(0)
+    from prunekit.zoo import build
+    torch.save(build("resnet20", num_classes=2).state_dict(), "start.pth")
+    reads, real = [], checkpoints._read_torch
+    monkeypatch.setattr(checkpoints, "_read_torch", lambda path: reads.append(path) or real(path))
+    code = main(["train", "--model", "resnet20", "--checkpoint", "start.pth", "--data", "imagefolder",
+                 "--data-dir", "imgs", "--epochs", "1", "--batch-size", "6", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert len(reads) == 1, reads
+    assert json.loads(out)["train_images"] == 6 and scanned_splits == ["train", "test"]
+
+
+def test_the_count_from_the_listing_is_the_scans(tmp_path):
+    """imagefolder.count_images: the images scan_image_folder finds (subfolders at any depth, hidden ones
+    and other files left out), without opening one; stopped at at_most; None where the scan refuses."""
+    write_tree(tmp_path / "d" / "train" / "a", {"deep": 3})         # a/deep/*.png: a's images too
+    write_tree(tmp_path / "d" / "train", {"a": 2, "b": 4, "c": 0})
+    write_tree(tmp_path / "d" / "train" / "b", {".hidden": 2})
+    (tmp_path / "d" / "train" / "b" / "notes.txt").write_text("not an image")
+    write_tree(tmp_path / "d" / "test", {"a": 1})
+    scan = imagefolder.scan_image_folder(tmp_path / "d", "train")
+    assert len(scan) == 9
+    assert imagefolder.count_images(tmp_path / "d", "train") == 9
+    assert imagefolder.count_images(str(tmp_path / "d"), "train", at_most=4) == 4
+    test = imagefolder.scan_image_folder(tmp_path / "d", "test")
+    assert imagefolder.count_images(tmp_path / "d", "test") == len(test) == 1
+    assert imagefolder.count_images(tmp_path / "d", "train", classes=["a", "b"]) is None     # c: not the model's
+    assert imagefolder.count_images(tmp_path / "nothing", "train") is None
+    write_tree(tmp_path / "only" / "test", {"a": 1})
+    assert imagefolder.count_images(tmp_path / "only", "train") is None     # no train/: the scan says so

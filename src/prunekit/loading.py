@@ -80,10 +80,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
                             f"got {type(checkpoint).__name__}")
     if user_models.is_model_file(name):
         return _load_model_file(name, checkpoint, input_shape, normalization)
-    if normalization is not None:
-        raise PrunekitError(f"--normalize is for a model file (net.py:function); zoo model {name!r} "
-                            "uses the normalization its checkpoint was trained with")
-    spec = zoo.spec(name)   # refuses an unknown name, suggesting the closest
+    spec = check_zoo_model(name, normalization)
     meta = read_meta(checkpoint) if checkpoint is not None else {}
     if meta.get("custom") and meta.get("model") == type(zoo.build(name)).__name__:
         meta = {k: v for k, v in meta.items() if k != "model"}     # a zoo model pruned from Python, named again
@@ -107,6 +104,15 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
         input_shape = tuple(meta["input_shape"])
     return LoadedModel(model.eval(), name, build_kwargs, norm, input_shape, list(spec.prune_exclude),
                        meta.get("image_transform"), class_names=meta.get("class_names"))
+
+
+def check_zoo_model(name: str, normalization=None):
+    """The zoo's spec of model ``name``, refusing an unknown name (suggesting the closest) and a
+    ``normalization`` (--normalize) given for it: a zoo model's is its checkpoint's. Builds nothing."""
+    if normalization is not None:
+        raise PrunekitError(f"--normalize is for a model file (net.py:function); zoo model {name!r} "
+                            "uses the normalization its checkpoint was trained with")
+    return zoo.spec(name)   # refuses an unknown name, suggesting the closest
 
 
 def load_dense_of(name: str, pruned: LoadedModel, checkpoint: str | Path | None = None) -> LoadedModel:

@@ -83,7 +83,15 @@ class PruneRequest:
         options = method.options.from_user(method_options, method.name, **method.defaults)
         return method, method_options, options, gradual
 
-    def plan(self) -> "Plan":
+    def check_values(self) -> tuple[Method, dict, "Options", GradualOptions | None, Budget]:
+        """The checks of ``plan()`` that need neither the model traced nor any data: the method and
+        its options (the gradual mode's too), a channel method's budget kinds, the loss's options,
+        the budget's values (``Budget.parse``), the seed, the method's own budget check
+        (``check_budget``) and, under torchrun, what cannot be sharded. Returns what ``plan()`` goes
+        on from: the method's row, its options as given, its options checked (with a user's loss,
+        distillation off), the gradual mode's options (or None) and the parsed budget. The commands
+        call it before they scan an image folder (a bad value refused in a fraction of a second, not
+        after every image header is read); ``plan()`` calls it first."""
         method, method_options, options, gradual = self.resolved_options()
         asked = {k: self.budget.get(k) for k in ("sparsity", "flops", "params")}
         if method.family == "channels":
@@ -113,6 +121,31 @@ class PruneRequest:
             method.check_budget(budget, options)
         if distributed.current().distributed:      # under torchrun: refused before a run folder is written
             check_shardable(method.name == "woodfisher", options)          # (and before the trace)
+        return method, method_options, options, gradual, budget
+
+    def check(self) -> None:
+        """Every check ``plan()`` makes before it asks for the data (``data_to_load``): those of
+        ``check_values``, then the ones that need the model traced (the budget resolved against its
+        weights and MACs, a channel method's groups, the gradual mode's start, the method's own
+        ``check``). Neither ``data_to_load`` (a function: it is not called) nor the memory plan is
+        run, and no warning is given (``plan()`` gives them). A sweep checks each of its runs so
+        before the first one reads its data."""
+        saved = self.data_to_load
+
+        def stop() -> int:
+            raise _BeforeTheData
+        self.data_to_load = stop
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.plan()
+        except _BeforeTheData:
+            pass
+        finally:
+            self.data_to_load = saved
+
+    def plan(self) -> "Plan":
+        method, method_options, options, gradual, budget = self.check_values()
         check_finite_weights(self.model)
         try:
             costs = CostModel(self.model, self.example_input)
@@ -176,6 +209,11 @@ class PruneRequest:
         if left:
             warnings.warn(PrunekitWarning(left), stacklevel=3)
         return plan
+
+
+class _BeforeTheData(Exception):
+    """Raised in place of ``PruneRequest.data_to_load`` by ``PruneRequest.check``: the checks that
+    need no data are done."""
 
 
 def takes_data_to_load(function) -> bool:

@@ -56,11 +56,17 @@ def file_digest(name: str) -> str:
     return hashlib.sha256(parse(name)[0].read_bytes()).hexdigest()
 
 
-def build_model(name: str) -> nn.Module:
-    """Import the file of ``name`` (``net.py:function``) and return ``function()``, in eval mode."""
+def check_file(name: str) -> tuple[Path, str]:
+    """``parse(name)``, refusing a model file that does not exist (nothing is imported)."""
     path, function = parse(name)
     if not path.is_file():
         raise PrunekitError(f"model file {path} does not exist: pass the .py file that defines {function}()")
+    return path, function
+
+
+def build_model(name: str) -> nn.Module:
+    """Import the file of ``name`` (``net.py:function``) and return ``function()``, in eval mode."""
+    path, function = check_file(name)
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)
     try:

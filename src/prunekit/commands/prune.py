@@ -11,6 +11,7 @@ import json
 import math
 import shlex
 import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -72,6 +73,17 @@ def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dic
                         data_to_load=data_to_load)
 
 
+def check_request_values(args, loaded: LoadedModel, method: str | None = None, budget: dict | None = None) -> None:
+    """The request's checks that need neither the model traced nor any data
+    (``PruneRequest.check_values``: the method, its options, the budget's values, the seed), made
+    before an image folder is scanned (every image's header: minutes on a huge folder) so that a
+    bad value is refused at once, in the words ``plan()`` would use; ``method``, ``budget``: one
+    run of a sweep. Its warnings are left to ``plan()``, which makes these checks again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        request_of(args, loaded, method, budget).check_values()
+
+
 def step_printer(args):
     if args.json:
         return None
@@ -96,6 +108,7 @@ def cmd_prune(args) -> int:
     resolve_model(args)                 # --model DIR: the checkpoint it names
     check_out_not_input(args)
     loaded = loaded_model(args)
+    check_request_values(args, loaded)  # before the evaluation split is scanned (every image header)
     if args.onnx:
         check_onnx(loaded)
     eval_loader = eval_data(args, loaded)

@@ -17,8 +17,8 @@ from ..options import OptionError
 from .common import (check_out_not_input, emit, eval_data, loaded_model, training_batches, warn_if_random_weights,
                      write_report)
 from . import option_flags
-from .prune import (add_prune_args, method_options, plan_of, prune_into, run_config,
-                    taken_options)
+from .prune import (add_prune_args, check_request_values, method_options, plan_of, prune_into, request_of,
+                    run_config, taken_options)
 
 
 def sweep_plan(args) -> list[tuple[str, dict]]:
@@ -126,10 +126,16 @@ def cmd_sweep(args) -> int:
     if unused:
         raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
     report.check_report_folder(args.out, planned=planned)  # and a folder whose own files the report would overwrite
+    for method, budget in plan:           # every run's bad method, option or budget value before any image is read
+        check_request_values(args, dense_model, method, budget)
     eval_loader = eval_data(args, dense_model)
     train_batches = training_batches(args, dense_model, eval_loader)
-    for method, budget in plan:           # refuse a bad method, option, budget or data size before the first run:
-        # prune's own checks, in its order, for every run (plan_of checks the rows against the data)
+    # every run's checks on the traced model (its budget against the model's weights and MACs) before
+    # any run reads the training split (the first run's plan_of scans it); one run: its plan_of's own
+    for method, budget in plan if len(plan) > 1 else []:
+        request_of(args, dense_model, method, budget).check()
+    for method, budget in plan:           # refuse a bad data size before the first run: prune's own checks,
+        # in its order, for every run (plan_of checks the rows against the data)
         plan_of(args, dense_model, eval_loader, train_batches, method, budget)
     try:
         for method, budget in plan:       # a run folder of another sweep is refused before the first run

@@ -23,8 +23,9 @@ from ..distributed import is_main_process
 from ..errors import PrunekitError, PrunekitWarning
 from ..data import load_dataset, make_loader
 from ..data.dataset import DeferredImageDataset
-from ..data.imagefolder import fingerprint_change, folder_fingerprint
-from ..loading import check_fits, check_normalized, load_model, parse_normalization, recorded_classes
+from ..data.imagefolder import count_images, fingerprint_change, folder_fingerprint
+from ..loading import (check_fits, check_normalized, check_zoo_model, load_model, parse_normalization,
+                       recorded_classes)
 from ..masks import NOTABLE_LAYER_SHARE, PRUNED_LAYER_SHARE, MaskHold, exact_zeros, masks_from_weights
 from ..params import ParamSpace
 from ..saving import read_meta
@@ -33,7 +34,7 @@ from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimize
 from ..record import peak_rss_mb, save_pruned
 from ..runs import (EditedConfig, RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim,
                     check_ranks_share, claim, finished_read_only_on_rank_0, release_refused)
-from ..zoo.checkpoints import _export_kind, check_checkpoint_path
+from ..zoo.checkpoints import _export_kind, check_checkpoint_path, read_ahead
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
@@ -48,6 +49,10 @@ def cmd_train(args) -> int:
         raise PrunekitError("--force clears the training run in --out: add --out DIR, or leave out --force")
     check_out_not_input(args)
     check_before_the_data(args)
+    if finished_before_the_data(args):  # this command's run, finished: its result, no image read, no model built
+        given = result_again(args)
+        if given is not None:
+            return given
     classes = recorded_classes(args.checkpoint)     # a prunekit model's own: an image folder is labelled by them
     train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop,
                             limit=args.train_samples, seed=args.seed, classes=classes, defer=True)
@@ -87,8 +92,7 @@ def cmd_train(args) -> int:
     loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
                          augment=args.augment, seed=args.seed, drop_last=True)
     if len(loader) == 0:                # whole batches only: no step would be taken
-        raise PrunekitError(f"--batch-size {args.batch_size} is more than the {len(train_ds):,} {args.data} training "
-                            "images: lower --batch-size")
+        raise batch_size_refusal(args, len(train_ds))
     test_loader = make_loader(test_ds, loaded.normalization, batch_size=512)
     if args.out and not getattr(args, "force", False) and finished_read_only_on_rank_0(args.out):
         # a finished run in a folder this process may not write: its result again (when it is this
@@ -253,21 +257,7 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
         check_ranks_share(folder, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     finished = finished_record(folder)
     if finished is not None:            # the same command after the run ended: its result again
-        if folder.writable and folder.checkpoints.is_dir():    # a kill came between result.json and its removal
-            with contextlib.suppress(OSError):                 # (the result is printed all the same)
-                _remove_own_files(folder.checkpoints)
-        older = trained_by_an_older_prunekit(folder, pruned)
-        if older:                       # its zeros were trained: counted in its summary, as a run here counts them
-            finished = {**finished, "trained_zeros": pruned.zeros}
-        if is_main_process() and older and pruned.hold:     # today's same command would have held them
-            print(f"prunekit: note: the training run in {args.out} was finished by an older prunekit, which trained "
-                  f"the {pruned.zeros:,} exact zero weights of its checkpoint: its result again, nothing was trained "
-                  "(--force trains anew, holding them at zero)", file=sys.stderr)
-        elif is_main_process():
-            print(f"prunekit: note: {args.out} holds this training run, finished: its result again, nothing was "
-                  "trained (--force trains it anew)", file=sys.stderr)
-        emit(args, finished, result_lines(args, finished))
-        return 0
+        return give_back(args, folder, finished, pruned)
     if callable(fingerprint):
         fingerprint = fingerprint()
     decode_images(folder, loader, test_loader)
@@ -283,6 +273,63 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
     with MaskHold(pruned.space, pruned.masks, optimizer) if held else nullcontext():
         return _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimizer, schedule, pruned,
                            state, fingerprint)
+
+
+def give_back(args, folder: RunFolder, finished: dict, pruned: PrunedCheckpoint | None = None) -> int:
+    """The result of the training run ``folder`` holds, finished (``finished``: its record), printed
+    again for the same command, with the line that says so; nothing is trained. ``pruned``: the
+    checkpoint's zeros (None: none, or not read: a run this version finished, whose record says
+    how it trained them)."""
+    if folder.writable and folder.checkpoints.is_dir():    # a kill came between result.json and its removal
+        with contextlib.suppress(OSError):                 # (the result is printed all the same)
+            _remove_own_files(folder.checkpoints)
+    older = trained_by_an_older_prunekit(folder, pruned)
+    if older:                       # its zeros were trained: counted in its summary, as a run here counts them
+        finished = {**finished, "trained_zeros": pruned.zeros}
+    if is_main_process() and older and pruned.hold:     # today's same command would have held them
+        print(f"prunekit: note: the training run in {args.out} was finished by an older prunekit, which trained "
+              f"the {pruned.zeros:,} exact zero weights of its checkpoint: its result again, nothing was trained "
+              "(--force trains anew, holding them at zero)", file=sys.stderr)
+    elif is_main_process():
+        print(f"prunekit: note: {args.out} holds this training run, finished: its result again, nothing was "
+              "trained (--force trains it anew)", file=sys.stderr)
+    emit(args, finished, result_lines(args, finished))
+    return 0
+
+
+def finished_before_the_data(args) -> bool:
+    """Whether ``--out`` holds this command's training run, finished, as the folder alone tells:
+    its model and result.json written by this version (its record says how the checkpoint's zeros
+    trained: ``zeros``) and its config.toml this command's very options. Its result is then given
+    back (``result_again``) before the image folder is scanned (both splits' headers: minutes on a
+    huge one) or the model built. Not with --force (it trains anew), --zeros (what it resolves to
+    needs the model's weights), or under torchrun (the ranks check the folder they share): those,
+    an older version's finished run, and a config.toml that differs in its text only (a folder
+    moved with its run) go the way of an unfinished run, which scans, builds and says the same."""
+    if not args.out or getattr(args, "force", False) or args.zeros is not None or distributed.current().distributed:
+        return False
+    folder = RunFolder(args.out)
+    try:
+        record = finished_record(folder)
+        return (isinstance(record, dict) and "zeros" in record and folder.config.is_file()
+                and folder.config.read_text() == run_config(args))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False        # a damaged folder: said where the run is read
+
+
+def result_again(args) -> int | None:
+    """``give_back`` of the finished run ``finished_before_the_data`` found in ``--out``, with the
+    lock and the checks (``training_folder``) an unfinished run's command takes; None where the run
+    is no longer finished once the folder is held (its command goes on as for an unfinished run)."""
+    if finished_read_only_on_rank_0(args.out):     # a folder this process may not write: nothing written
+        folder = training_folder(args, read_only=True)
+        finished = finished_record(folder)
+        return None if finished is None else give_back(args, folder, finished)
+    with run_lock.held_by_rank_0(args.out):         # one process at a time in it
+        with stop_recorded(args.out, distributed.is_main_process()):
+            folder = training_folder(args)
+            finished = finished_record(folder)
+            return None if finished is None else give_back(args, folder, finished)
 
 
 def decode_images(folder: RunFolder | None, *loaders) -> None:
@@ -450,15 +497,8 @@ def training_folder(args, read_only: bool = False) -> RunFolder | None:
     if not is_main_process():
         collective.barrier()                 # rank 0 claims the folder
         return RunFolder(args.out).follower()
-    # force is about this invocation: kept in the config, the same command without it would be another run
-    config = {k: v for k, v in vars(args).items() if k not in recipes.NOT_IN_RECIPES and k != "force"}
-    for key in ("checkpoint", "data_dir", "out"):       # the same command from any directory
-        if config.get(key) is not None:
-            config[key] = str(Path(config[key]).resolve())
-    if user_models.is_model_file(config["model"]):
-        config["model"] = user_models.resolved(config["model"])
     folder = RunFolder(args.out).follower() if read_only else RunFolder(args.out)
-    config_text = recipes.dump_recipe(config)
+    config_text = run_config(args)
     try:
         if _holds_a_prune_run(folder):          # never cleared by --force, which replaces training runs only
             raise PrunekitError(f"--out {args.out} holds a `prunekit prune` run: pick another --out for the "
@@ -484,6 +524,19 @@ def training_folder(args, read_only: bool = False) -> RunFolder | None:
     finally:
         collective.barrier()
     return folder
+
+
+def run_config(args) -> str:
+    """The config.toml of the training run ``args`` ask for (paths resolved: the same command from
+    any directory is the same run)."""
+    # force is about this invocation: kept in the config, the same command without it would be another run
+    config = {k: v for k, v in vars(args).items() if k not in recipes.NOT_IN_RECIPES and k != "force"}
+    for key in ("checkpoint", "data_dir", "out"):       # the same command from any directory
+        if config.get(key) is not None:
+            config[key] = str(Path(config[key]).resolve())
+    if user_models.is_model_file(config["model"]):
+        config["model"] = user_models.resolved(config["model"])
+    return recipes.dump_recipe(config)
 
 
 def _holds_a_prune_run(folder: RunFolder) -> bool:
@@ -622,17 +675,37 @@ def check_train_args(args) -> None:
 
 
 def check_before_the_data(args) -> None:
-    """The refusals of flags that need no image, made before the data is read (an image folder's scan
-    reads every image's header: minutes on a huge one): a --checkpoint path that is no file, a
-    --model file spec without a function name, its --normalize that is not MEANS/STDS (the channel
-    count is checked against the images later). The model is built once the data says its classes and
-    image shape."""
+    """The refusals that need no image header, made before the data is read (an image folder's scan
+    reads every image's header: minutes on a huge one): a --checkpoint path that is no file, or a file
+    that does not load as a checkpoint (read now and kept for the model: ``zoo.checkpoints.read_ahead``;
+    one whose weights do not fit the model is refused once it is built), a --model file spec without
+    a function name or whose file does not exist, its --normalize that is not MEANS/STDS (the channel
+    count is checked against the images later), an unknown zoo model or --normalize given for one,
+    and a --batch-size above the image folder's training images (counted from its file listing:
+    ``imagefolder.count_images``, no file opened). The model is built once the data says its classes
+    and image shape."""
     if args.checkpoint:
         check_checkpoint_path(args.checkpoint)
-    if args.model is not None and user_models.is_model_file(args.model):     # (a zoo model's --normalize
-        user_models.parse(args.model)                                         # is refused as such later)
+    if args.model is not None and user_models.is_model_file(args.model):
+        user_models.check_file(args.model)
         if args.normalize is not None and args.normalize.strip().lower() != "none":
             parse_normalization(args.normalize, None)
+    elif args.model is not None:
+        check_zoo_model(args.model, args.normalize)
+    if args.checkpoint:
+        read_ahead(args.checkpoint)
+    if args.data == "imagefolder" and args.data_dir:
+        found = count_images(args.data_dir, "train", recorded_classes(args.checkpoint), at_most=args.batch_size)
+        images = found if found is None or args.train_samples is None else min(found, args.train_samples)
+        if images is not None and args.batch_size > images:     # as the loader finds it (whole batches only)
+            raise batch_size_refusal(args, images)
+
+
+def batch_size_refusal(args, images: int) -> PrunekitError:
+    """The refusal of a --batch-size above the ``images`` training images (whole batches only: no
+    step would be taken)."""
+    return PrunekitError(f"--batch-size {args.batch_size} is more than the {images:,} {args.data} training images: "
+                         "lower --batch-size")
 
 
 def add_parser(sub) -> None:

@@ -55,12 +55,17 @@ def _is_image(path: Path) -> bool:
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    """The images of one class: its .jpg/.jpeg/.png files and those of its subfolders at any depth,
-    as torchvision's ``ImageFolder`` reads them (folders in sorted order, a folder's own files
-    first, each folder's files in name order; symbolic links followed, each folder once; hidden
-    subfolders, ``.name``, left out). None: a class with no images (an empty class folder keeps
+    """The images of one class, in order (``_walk_images``)."""
+    return list(_walk_images(class_dir))
+
+
+def _walk_images(class_dir: Path):
+    """Yields the images of one class, as found (a count may stop early): its .jpg/.jpeg/.png files
+    and those of its subfolders at any depth, as torchvision's ``ImageFolder`` reads them (folders in
+    sorted order, a folder's own files first, each folder's files in name order; symbolic links
+    followed, each folder once; hidden subfolders, ``.name``, left out). Nothing: a class with no images (an empty class folder keeps
     its name, and so its label, for a folder that has none of that class)."""
-    files, seen = [], set()
+    seen = set()
     for folder, subfolders, names in os.walk(class_dir, followlinks=True):     # top down: a folder, then
         real = os.path.realpath(folder)                                          # its subfolders in order
         if real in seen:                         # a link back up the tree: read once
@@ -68,8 +73,7 @@ def _image_files(class_dir: Path) -> list[Path]:
             continue
         seen.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        files += [p for p in (Path(folder) / name for name in sorted(names)) if _is_image(p)]
-    return files
+        yield from (p for p in (Path(folder) / name for name in sorted(names)) if _is_image(p))
 
 
 def _check_layout(root: Path, class_dirs: list[Path]) -> None:
@@ -306,6 +310,35 @@ def scan_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
     mode = "L" if modes <= set(_GRAYSCALE_MODES) else "RGB"
     (width, height), = sizes
     return ImageFolderScan(files, names, mode, width, height, resize, crop, root, complete)
+
+
+def count_images(data_dir: str | Path, split: str, classes: list[str] | tuple[str, ...] | None = None,
+                 at_most: int | None = None) -> int | None:
+    """The number of images ``scan_image_folder(data_dir, split, classes=classes)`` finds (no
+    ``limit``), from the file listing alone: no file is opened (the scan reads every image's header:
+    minutes on a huge folder; listing it takes a small part of that). Counting stops once it reaches
+    ``at_most`` (then at least that many are there). None where the scan would refuse the folder
+    before reading a header (no such folder, split or class folders, images only in subfolders, a
+    class the model lacks): its refusal is the scan's to give. Says nothing (a folder without
+    train/ and test/ is warned of by the scan)."""
+    data_dir = Path(data_dir).expanduser()
+    try:
+        if not data_dir.is_dir():
+            return None
+        root = _split_root(data_dir, split, warn=False)
+        class_dirs = _subfolders(root)
+        if not class_dirs:
+            return None
+        _class_names(data_dir, root, class_dirs) if classes is None else _known_names(root, class_dirs, classes)
+    except (PrunekitError, OSError):
+        return None
+    count = 0
+    for class_dir in class_dirs:
+        for _ in _walk_images(class_dir):
+            count += 1
+            if at_most is not None and count >= at_most:
+                return count
+    return count
 
 
 def _check_sizes(resize, crop) -> None:

@@ -152,12 +152,44 @@ _OTHER_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), 
                 (b"\x7fELF", "a program"))
 
 
+# A checkpoint read before the model it goes into can be built (``read_ahead``): {file key: state dict},
+# at most one, given to the next ``read_state_dict`` of the same unchanged file
+_READ_AHEAD: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def _file_key(path: Path) -> tuple:
+    """What tells one file from another, or from itself changed: its resolved path, size and mtime."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def read_ahead(path: str | Path) -> None:
+    """Read checkpoint ``path`` now, before the model it goes into is built (its refusals: a file
+    that is no checkpoint, holds no state dict, or that ``weights_only`` loading refuses), keeping its
+    state dict for the next ``read_state_dict`` of the same unchanged file, so that it is read once:
+    ``prunekit train`` builds its model only once the image folder's scan says its classes and image
+    shape, and refuses such a file before that scan. One file is kept at a time (the next call
+    replaces it; a file changed since is read again)."""
+    path = Path(path)
+    state = read_state_dict(path)
+    _READ_AHEAD.clear()
+    _READ_AHEAD[_file_key(path)] = state
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights stored in checkpoint ``path``, on the CPU, under normalized names.
+    """The model weights stored in checkpoint ``path``, on the CPU, under normalized names (read
+    once where ``read_ahead`` read it already).
 
     Raises :class:`PrunekitError` if the file is missing, unreadable or holds no state dict.
     """
     path = Path(path)
+    if _READ_AHEAD:
+        try:
+            ahead = _READ_AHEAD.pop(_file_key(path), None)
+        except OSError:
+            ahead = None
+        if ahead is not None:
+            return ahead
     check_checkpoint_path(path)
     raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
     if _export_kind(path) == "sparse":
