@@ -115,7 +115,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             tensors, a ``TensorDataset`` or a ``Subset`` of one, alone or in a ``DataLoader``,
             prunekit's loaders; the same data in another form is refused too; and a fingerprint of
             the code given: ``loss``, an ``importance`` function, an own ``Method``, see
-            ``prunekit.callables``) is refused unless ``force`` (which clears that run first).
+            ``prunekit.callables``) is refused unless ``force`` (which clears that run first);
+            so is a run whose config.toml was edited since it ran or began (finished or not):
+            ``force`` runs it anew with the values asked for.
             A finished run given back (not run) says so in one note (``errors.note``: the
             ``prunekit`` logger, or a ``prunekit: note:`` line on stderr; not a warning), a
             ``PrunekitWarning`` where a reseeded loader changed nothing.
