@@ -6,11 +6,22 @@ test batch as JPEG (quality about 75), which costs a model 10 to 13 points, and 
 every model (a fine-tuned pruned model can lose more than the dense one): its figures are accuracy
 on compressed images, about +-0.4 points each.
 
-    python benchmarks/eval_jpeg10k.py --inputs benchmarks/results/structured_s16_*.json \\
-        --out benchmarks/results/structured_jpeg10k_s16.json
-
 Reads every row's saved model (the ``saved`` path a ``bench_structured.py`` row writes: the model
-after its fine-tune), and the dense checkpoint of the rows' model, and evaluates each on the
+after its fine-tune; ``--models-dir``). Those models are not committed: the rows in
+``benchmarks/results/structured_s16_*.json`` name models that are not kept, so make the rows anew,
+with their models, in a folder of your own (``issue16_rows.sh --results DIR`` runs the same rows
+there; over ``benchmarks/results`` it would skip them, their JSON being there), then evaluate those::
+
+    bash benchmarks/issue16_rows.sh --results NEW models50 a     # tp-magnitude-inner, taper-inner, seeds 0-2
+    bash benchmarks/issue16_rows.sh --results NEW models50 b     # autobot-inner, tp-magnitude
+    bash benchmarks/issue16_rows.sh --results NEW models50 c     # tp-taylor-inner
+    python benchmarks/eval_jpeg10k.py --inputs NEW/structured_s16_*_seed0.json \\
+        --out NEW/structured_jpeg10k_s16_seed0.json      # committed: benchmarks/results/structured_jpeg10k_s16_seed0.json
+
+(seeds 1 and 2 the same way: ``--inputs NEW/structured_s16_*_seed[12].json``, committed as
+``structured_jpeg10k_s16_seed12.json``). An input whose saved model is not there is refused in one
+line naming the file and the command that makes it. It reads the dense checkpoint of the rows'
+model too, and evaluates each on the
 1,017 exact and the 10,000 JPEG test images, and on the JPEG set's two parts: the JPEG copies of the
 1,017 exact images (``common.jpeg_copies_of``) and the other 8,983. Exact minus JPEG on the same 1,017 images is what compression costs a
 model; the 8,983 are a sample independent of the exact one. The tar is checked against its published md5 and
@@ -39,6 +50,24 @@ def correct(model: torch.nn.Module, data, normalization) -> torch.Tensor:
         return torch.cat([model(x).argmax(1) == y for x, y in make_loader(data, normalization, batch_size=256)])
 
 
+# The rows of ``issue16_rows.sh models50``, by name: the chain (a, b or c) that makes each.
+MODELS50 = {"tp-magnitude-inner_0.5": "a", "taper-inner": "a", "autobot-inner_0.5": "b", "tp-magnitude_0.5": "b",
+            "tp-taylor-inner_0.5": "c"}
+
+
+def making(path: str) -> str:
+    """The command that makes result file ``path`` anew with its models, for a refusal: a session-16
+    row (``structured_s16_<row>_seed<S>.json``) by ``issue16_rows.sh``, any other by the
+    ``bench_structured.py`` settings the file records."""
+    name = Path(path).name
+    if name.startswith("structured_s16_") and "_seed" in name:
+        row = name[len("structured_s16_"):name.rindex("_seed")]
+        if row in MODELS50:
+            return f"`bash benchmarks/issue16_rows.sh --results NEW models50 {MODELS50[row]}` (into NEW/{name})"
+    return (f"`python benchmarks/bench_structured.py --models-dir NEW --out NEW.json` with the settings {path} "
+            "records (its \"settings\": methods, budgets, seed ...)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", "--data", dest="data_dir", default=str(DEFAULT_DATA),
@@ -50,10 +79,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    payloads = [(path, json.loads(Path(path).read_text())) for path in args.inputs]
+    payloads = []
+    for path in args.inputs:
+        try:
+            payloads.append((path, json.loads(Path(path).read_text())))
+        except (OSError, ValueError) as error:
+            refuse(f"--inputs {path} cannot be read as JSON ({type(error).__name__}): pass bench_structured.py result files")
     for path, payload in payloads:
-        if "settings" not in payload or not all("saved" in row for row in payload.get("rows", [])):
+        if not isinstance(payload, dict) or "settings" not in payload \
+                or not all("saved" in row for row in payload.get("rows", [])):
             refuse(f"{path} is not a bench_structured.py result (rows with saved models): leave it out")
+    for path, payload in payloads:      # before the tar is unpacked and any model is read
+        for row in payload["rows"]:
+            if not Path(row["saved"]).is_file():
+                refuse(f"{row['saved']} (the saved model of {path}'s {row['method']} row) is not there: saved models "
+                       f"are not committed; make the row anew with its model: {making(path)}, and pass the new JSON")
     models = {p["model"] for _, p in payloads}
     if len(models) != 1:
         refuse(f"--inputs mix models {sorted(models)}: give the rows of one model")

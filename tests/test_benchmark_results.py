@@ -245,3 +245,41 @@ def test_the_readme_gives_the_layer_search_cost_of_mlpnet_as_auto_counts_it():
     for said, values in ((said_forward, forward), (said_solves, solves)):
         assert agrees(*said.group(1, 2), values[0]) and agrees(*said.group(3, 4), values[1]), (said.group(0), values)
     assert int(said_solves.group(5)) == round(100 * solves[1] / fm.AUTO_LAYER_SEARCH_WEIGHTS)
+
+
+def test_eval_jpeg10k_names_the_missing_model_and_the_command_that_makes_it(tmp_path):
+    """s53: the committed session-16 rows name saved models that are not kept; eval_jpeg10k read
+    them (after unpacking the tar) and failed with a traceback. Now one line before any work: the
+    missing file, and the issue16_rows.sh chain that makes the row anew with its model."""
+    import os
+    import subprocess
+    import prunekit
+    here = Path(common.__file__).parent
+    row = here / "results" / "structured_s16_autobot-inner_0.5_seed0.json"
+    saved = json.loads(row.read_text())["rows"][0]["saved"]
+    assert not (here.parent / saved).exists()           # (else this test checks nothing)
+    done = subprocess.run([sys.executable, str(here / "eval_jpeg10k.py"), "--inputs", str(row), "--data-dir",
+                           str(tmp_path / "no-data"), "--cache-dir", str(tmp_path / "cache"), "--out",
+                           str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120, cwd=here.parent,
+                          env={**os.environ, "PYTHONPATH": str(Path(prunekit.__file__).parents[1])})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert saved in done.stderr and "bash benchmarks/issue16_rows.sh --results NEW models50 b" in done.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_the_docs_one_shot_commands_name_no_committed_out():
+    """s53: bench_oneshot.py refuses an existing --out unless --resume, and docs/benchmarks.md's
+    commands named the committed result files as --out: each now writes NEW*.json (a second
+    invocation into it with --resume), the committed file named beside it."""
+    import re
+    root = Path(common.__file__).parent.parent
+    committed = {p.name for p in (root / "benchmarks" / "results").glob("*.json")}
+    text = (root / "docs" / "benchmarks.md").read_text()
+    named = []
+    for found in re.finditer(r"--out\s+`?\s*([^\s`;)]+)", text):
+        before = text[max(0, found.start() - 1500):found.start()]
+        scripts = re.findall(r"\b(\w+\.(?:py|sh))\b", before)
+        if scripts and scripts[-1] == "bench_oneshot.py":
+            pattern = re.sub(r"\\\$\\\{?\w+\\\}?|<\w+>", ".*", re.escape(Path(found.group(1)).name))
+            named += [found.group(1) for name in committed if re.fullmatch(pattern, name)]
+    assert text.count("bench_oneshot.py") > 40 and not named, sorted(set(named))

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -140,8 +141,15 @@ def test_sweep_over_an_edited_finished_run_says_so_in_a_sweeps_words(tmp_path, m
                                                                                   'sparsity = "0.5"\n'}))
     args = Namespace(out=str(folder))
     monkeypatch.setattr(sweep, "run_config", lambda run_args: 'method = "magnitude"\nsparsity = "0.6"\n')
-    with pytest.raises(PrunekitError, match=r"changed \(sparsity\) since metrics\.json.*move that folder away"):
+    with pytest.raises(PrunekitError, match=r"changed \(sparsity\) since metrics\.json.*the finished run there.*"
+                                            r"move that folder away"):
         sweep.check_run_folder(args)
+    (folder / "metrics.json").write_text(json.dumps({"status": "running", "config": 'method = "magnitude"\n'
+                                                                                     'sparsity = "0.5"\n'}))
+    with pytest.raises(PrunekitError, match=r"changed \(sparsity\) since metrics\.json.*the unfinished run there.*"
+                                            r"back to carry it on, or move that folder away") as refused:
+        sweep.check_run_folder(args)        # (s53: was carried on, then refused at its first checkpoint)
+    assert "force" not in str(refused.value)
 
 
 def test_info_and_eval_of_an_unfinished_python_run_name_the_python_call(tmp_path, capsys):
@@ -199,3 +207,70 @@ def test_a_call_asking_for_the_run_as_it_ran_is_told_the_config_was_edited(tmp_p
         check_claim(folder, 'model = "mlpnet"\nbatch-size = 32\nseed = 0\nepochs = 3\nlr = 0.05\n')
     with pytest.raises(PrunekitError, match=r"holds another run \(other epochs, lr\)"):
         check_claim(folder, 'model = "mlpnet"\nbatch-size = 32\nseed = 0\nepochs = 3\nlr = 0.1\n')
+
+
+def _killed_after_first_stage(run: Path, monkeypatch, sparsity: float = 0.8):
+    """A 3-stage CHITA run into ``run`` stopped (KeyboardInterrupt) once stage 1 is saved."""
+    from prunekit import runs
+    save = runs.RunCheckpointer.save
+
+    def saved_then_killed(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs.RunCheckpointer, "save", saved_then_killed)
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(_tiny(), (x, y), method="chita", sparsity=sparsity, stages=3, fisher_samples=32, out=str(run))
+    monkeypatch.undo()
+    assert (run / "checkpoints" / "stage-001.safetensors").exists() and not (run / "model.safetensors").exists()
+    return x, y
+
+
+def test_an_unfinished_run_with_an_edited_config_is_run_anew_by_force_and_refused_up_front_without(
+        tmp_path, monkeypatch):
+    """s53: an unfinished run whose config.toml was edited (0.8 -> 0.7), asked for with the edited
+    values and force=True, was carried on (force clears only another run or a finished one), then
+    refused at its stage-1 checkpoint ('put its values back ... or start a new run in another
+    folder'). force=True now runs it anew with these values, as documented; without force the call
+    is refused before anything is written, in one line naming force."""
+    run = tmp_path / "py"
+    x, y = _killed_after_first_stage(run, monkeypatch)
+    _edit(run, "sparsity = 0.8\n", "sparsity = 0.7\n")
+    log = (run / "run.log").read_text()
+    with pytest.raises(PrunekitError, match=r"config\.toml was changed \(sparsity\) since the unfinished run there "
+                                            r"began .*put them back to carry it on, or pass force=True") as refused:
+        prunekit.prune(_tiny(), (x, y), method="chita", sparsity=0.7, stages=3, fisher_samples=32, out=str(run))
+    assert "\n" not in str(refused.value) and (run / "run.log").read_text() == log      # nothing written
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # nor a warning of RNG states left by the cleared run
+        again = prunekit.prune(_tiny(), (x, y), method="chita", sparsity=0.7, stages=3, fisher_samples=32,
+                               out=str(run), force=True)
+    assert again.sparsity == pytest.approx(0.7, abs=0.02)
+    fresh = prunekit.prune(_tiny(), (x, y), method="chita", sparsity=0.7, stages=3, fisher_samples=32,
+                           out=str(tmp_path / "fresh"))
+    def steps(record):          # run anew: not carried on from 0.8's stage 1 (timings aside)
+        return [(h["stage"], h["max_nonzeros"], h["nonzeros"]) for h in record["stages"]]
+    assert steps(again.record) == steps(fresh.record) and len(steps(fresh.record)) == 3
+    assert [h["objective"] for h in again.record["stages"]] == pytest.approx(
+        [h["objective"] for h in fresh.record["stages"]], rel=1e-6)
+    assert "resuming" not in (run / "run.log").read_text()
+
+
+def test_the_cli_says_so_up_front_too(tmp_path, capsys, monkeypatch):
+    """The same over the command line: an edited unfinished run is refused in one line naming --force."""
+    from prunekit import executor
+    out = tmp_path / "run"
+    argv = [*PRUNE, "--sparsity", "0.5", "--out", str(out)]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(executor, "save_pruned", killed)
+    assert main(argv) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    _edit(out, 'sparsity = "0.5"\n', 'sparsity = "0.6"\n')
+    assert main([*PRUNE, "--sparsity", "0.6", "--out", str(out)]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "was changed (sparsity) since the unfinished run there began" in err and "add --force" in err
+    assert main([*PRUNE, "--sparsity", "0.6", "--out", str(out), "--force"]) == 0

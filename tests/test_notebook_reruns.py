@@ -296,17 +296,30 @@ def test_a_method_whose_defaults_hold_an_array_is_added_again_and_another_refuse
     assert METHODS["arr"] is again
 
 
-def test_another_check_budget_is_another_method_and_a_reworded_about_is_the_same(own_table):
+def _accept_all(budget, options):
+    return None
+
+
+def test_an_edited_gate_is_the_same_method_and_a_reworded_about_too(own_table):
+    """s53: ``check``, ``check_budget`` and ``plan_memory`` only accept or refuse (run anew at every
+    call), so add_method follows the run folder's rule (``methods.result_parts``): a cell run again
+    with an edited gate is the same method, the table keeping the new one; another ``run`` or
+    ``sparsify`` is another method (refused without replace=True)."""
+    from prunekit.methods import code_of
     from prunekit.pipelines.magnitude_methods import MagnitudeOptions
     first = prunekit.add_method(prunekit.Method("cb", "weights", MagnitudeOptions, _keep, "keeps the first weights"))
-    checked = prunekit.Method("cb", "weights", MagnitudeOptions, _keep, "keeps the first weights",
-                              check_budget=_refuse_all)
-    with pytest.raises(PrunekitError, match="exists already and this is another one .*replace=True"):
-        prunekit.add_method(checked)
-    assert METHODS["cb"] is first
+    for gate in ({"check_budget": _refuse_all}, {"check": _refuse_all}, {"plan_memory": _plan},
+                 {"check_budget": _accept_all, "check": _accept_all, "plan_memory": _plan}):
+        gated = prunekit.Method("cb", "weights", MagnitudeOptions, _keep, "keeps the first weights", **gate)
+        assert code_of(gated) == code_of(first)
+        assert prunekit.add_method(gated) is gated and METHODS["cb"] is gated       # the new gate is the one kept
     reworded = prunekit.Method("cb", "weights", MagnitudeOptions, _keep, "keeps the first weights (typo fixed)")
     assert prunekit.add_method(reworded) is reworded and METHODS["cb"].about == "keeps the first weights (typo fixed)"
-    assert prunekit.add_method(checked, replace=True) is checked and METHODS["cb"].check_budget is _refuse_all
+    other = prunekit.Method("cb", "weights", MagnitudeOptions, _counting(), "keeps the first weights")
+    with pytest.raises(PrunekitError, match="exists already and this is another one .*replace=True"):
+        prunekit.add_method(other)
+    assert METHODS["cb"] is reworded
+    assert prunekit.add_method(other, replace=True) is other
 
 
 def _counting():

@@ -380,3 +380,50 @@ def test_a_config_that_differs_only_in_text_gets_the_general_refusal(tmp_path):
         message = str(refused.value)
         assert "holds another run: pick another out" in message and "made with another" not in message, message
     config.write_text(text)
+
+
+def _refuse_half(budget, options):
+    if budget.sparsity is not None and budget.sparsity.value < 0.5:
+        raise prunekit.PrunekitError("mine takes a sparsity of 0.5 or more")
+
+
+def _refuse_most(budget, options):
+    if budget.sparsity is not None and budget.sparsity.value < 0.9:
+        raise prunekit.PrunekitError("mine takes a sparsity of 0.9 or more")
+
+
+def _check_resolved(resolved, options):
+    return None
+
+
+def _plan_nothing(*args, **kwargs):
+    return None
+
+
+def test_an_own_methods_fingerprint_is_code_of_and_leaves_its_gates_out(tmp_path):
+    """s53: the run folder's ``method-fingerprint`` is ``methods.code_of`` (one rule with
+    add_method): family, options class, defaults, run and sparsify, as folders recorded it since
+    they fingerprinted a Method (an older folder's stays valid); ``check``, ``check_budget`` and
+    ``plan_memory`` are gates every call runs anew before the folder is looked at: an edited one
+    that still accepts the budget gets the stored result, one that now refuses it refuses the call
+    (its own words, the folder left as it was)."""
+    import tomllib
+    from prunekit.callables import fingerprint
+    from prunekit.methods import code_of
+    gated = prunekit.Method("mine", "weights", MagnitudeOptions, _v1, check_budget=_refuse_half,
+                            check=_check_resolved, plan_memory=_plan_nothing)
+    first, _ = _prune(tmp_path / "run", method=gated)
+    recorded = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["method-fingerprint"]
+    assert recorded == code_of(gated)
+    assert recorded == fingerprint(("weights", MagnitudeOptions, {}, _v1, None))[0]      # the form folders hold
+    ungated = prunekit.Method("mine", "weights", MagnitudeOptions, _v1)
+    again, said = _prune(tmp_path / "run", method=ungated)
+    assert again.record == first.record and any("given back" in line for line in said), said
+    model = (tmp_path / "run" / "model.safetensors").read_bytes()
+    stricter = prunekit.Method("mine", "weights", MagnitudeOptions, _v1, check_budget=_refuse_most)
+    with pytest.raises(prunekit.PrunekitError, match=r"^mine takes a sparsity of 0\.9 or more$"):
+        _prune(tmp_path / "run", method=stricter)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == model
+    with pytest.raises(prunekit.PrunekitError, match=r"another method= \('mine': its run function"):
+        _prune(tmp_path / "run", method=prunekit.Method("mine", "weights", MagnitudeOptions, _v2,
+                                                        check_budget=_refuse_half))

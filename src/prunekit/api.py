@@ -51,7 +51,7 @@ from .errors import PrunekitError, PrunekitWarning, note, single_sample_batchnor
 from .executor import execute, python_model_description
 from .losses import loss_name
 from .callables import describe, differing, fingerprint, forget_tensors, slot_record, slots, written_by_run
-from .methods import BUILT_IN, METHODS, Method, lookup
+from .methods import BUILT_IN, METHODS, Method, lookup, result_parts
 from .pipelines.fisher_methods import check_planned_rows, check_rows_before_plan
 from .record import Result
 from .request import PruneRequest
@@ -115,7 +115,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             tensors, a ``TensorDataset`` or a ``Subset`` of one, alone or in a ``DataLoader``,
             prunekit's loaders; the same data in another form is refused too; and a fingerprint of
             the code given: ``loss``, an ``importance`` function, an own ``Method``, see
-            ``prunekit.callables``) is refused unless ``force`` (which clears that run first).
+            ``prunekit.callables``) is refused unless ``force`` (which clears that run first);
+            so is a run whose config.toml was edited since it ran or began (finished or not):
+            ``force`` runs it anew with the values asked for.
             A finished run given back (not run) says so in one note (``errors.note``: the
             ``prunekit`` logger, or a ``prunekit: note:`` line on stderr; not a warning), a
             ``PrunekitWarning`` where a reseeded loader changed nothing.
@@ -355,12 +357,14 @@ def _fingerprint(model: nn.Module, data, train_batches, out: str | None) -> dict
 
 def _code_objects(method, loss, options: dict) -> dict:
     """The code a call hands in that its run folder fingerprints, by its config key: an own
-    ``Method`` (``method_fingerprint``: its family, options class, defaults, ``run`` and
-    ``sparsify``; none for a built-in method or a method's name), ``loss`` (``loss_fingerprint``)
-    and each option given as a function (``importance_fingerprint``)."""
+    ``Method`` (``method_fingerprint``: ``methods.result_parts``, its family, options class,
+    defaults, ``run`` and ``sparsify``, the rule ``add_method``'s ``code_of`` follows too: its gates
+    ``check``, ``check_budget`` and ``plan_memory`` run anew at every call, before the folder is
+    claimed, and are no part of it; none for a built-in method or a method's name), ``loss``
+    (``loss_fingerprint``) and each option given as a function (``importance_fingerprint``)."""
     found = {}
     if isinstance(method, Method) and not (method.name in BUILT_IN and METHODS.get(method.name) is method):
-        found["method_fingerprint"] = (method.family, method.options, method.defaults, method.run, method.sparsify)
+        found["method_fingerprint"] = result_parts(method)
     if loss is not None:
         found["loss_fingerprint"] = loss
     for name, value in sorted(options.items()):
@@ -374,7 +378,8 @@ def _code_fingerprints(method: Method, loss, options: dict, written: dict | None
     """What a run folder records of the code the user hands in, so that a rerun with another
     function is refused rather than handed this run's result: ``method_fingerprint`` ("built-in"
     for a method prunekit ships, else a fingerprint of the user's ``Method``: its family, options
-    class, defaults, ``run`` and ``sparsify``), ``loss_fingerprint`` (with ``loss``: its class and
+    class, defaults, ``run`` and ``sparsify``, ``methods.code_of`` where nothing was written into
+    it; not its gates ``check``, ``check_budget``, ``plan_memory``), ``loss_fingerprint`` (with ``loss``: its class and
     state, or its code) and ``<option>_fingerprint`` for each option given as a function (e.g.
     ``importance``). Each is a SHA-256 (``callables.fingerprint``: the same in every process for
     the same code and state) or ``"unchecked: <why>"`` where it cannot be hashed faithfully (a

@@ -135,10 +135,11 @@ def add_method(method: Method, replace: bool = False) -> Method:
     """Add your own method to the table (then ``prunekit.prune(..., method=name)`` and the CLI's
     ``--method`` know it). Refuses an unknown family, and a name already taken by another method:
     adding the same method again (a notebook cell run twice: the same family, options class, defaults,
-    ``run``, ``check``, ``check_budget``, ``plan_memory`` and ``sparsify`` code, ``code_of``) is
-    accepted, the table then holding this one (a reworded ``about`` is only text: the new one is
-    kept); another one under that name is refused unless ``replace=True`` (or ``remove_method(name)``
-    first). A built-in method is never replaced."""
+    ``run`` and ``sparsify`` code, ``code_of``) is accepted, the table then holding this one (a
+    reworded ``about`` is only text, an edited ``check``, ``check_budget`` or ``plan_memory`` only a
+    gate, run anew at every call: the new one is kept; ``result_parts``); another one under that name
+    is refused unless ``replace=True`` (or ``remove_method(name)`` first). A built-in method is never
+    replaced."""
     if not isinstance(method, Method):
         raise PrunekitError(f"add_method takes a prunekit.Method (Method(name, family, options, run)), "
                             f"got {type(method).__name__}")
@@ -177,11 +178,24 @@ def remove_method(name: str | Method) -> Method:
     return METHODS.pop(name)
 
 
+def result_parts(method: Method) -> tuple:
+    """What in ``method`` decides a result: its family, options class, defaults, ``run`` and
+    ``sparsify``. This is the method's identity, in one rule for ``add_method`` (``code_of``) and
+    for a run folder's ``method-fingerprint`` (``api._code_objects``). Not its name, nor ``about``
+    (text only), nor its gates ``check``, ``check_budget`` and ``plan_memory``: they only accept or
+    refuse a request, never change what an accepted one computes, and every call runs them anew
+    before a run folder is looked at (``request.PruneRequest.plan``), so an edited gate refuses what
+    it now refuses, run folder or not, and a run it still accepts is the same run (a folder is given
+    back or carried on). Kept as the tuple run folders have hashed since they fingerprinted a
+    Method: their ``method-fingerprint`` stays valid."""
+    return (method.family, method.options, method.defaults, method.run, method.sparsify)
+
+
 def code_of(method: Method) -> str | None:
-    """A SHA-256 (``callables.fingerprint``) of what in ``method`` affects a result: its family,
-    options class, defaults, ``run``, ``check``, ``check_budget``, ``plan_memory`` and ``sparsify``
-    (not its name, nor ``about``: text only); the same for a method defined again from the same
-    source. None when that cannot be hashed faithfully."""
+    """A SHA-256 (``callables.fingerprint``) of ``result_parts(method)``: its family, options class,
+    defaults, ``run`` and ``sparsify`` (not its name, ``about``, nor the gates ``check``,
+    ``check_budget`` and ``plan_memory``); the same for a method defined again from the same
+    source, and the hash a run folder records as ``method-fingerprint`` for it. None when that
+    cannot be hashed faithfully."""
     from .callables import fingerprint
-    return fingerprint((method.family, method.options, method.defaults, method.run, method.check,
-                        method.check_budget, method.plan_memory, method.sparsify))[0]
+    return fingerprint(result_parts(method))[0]

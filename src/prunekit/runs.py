@@ -587,15 +587,18 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False, code_
                               "it first (force)", ("out", "resume", "force"))
         if old is not None:         # this run's config.toml: the run it holds must be the one it says
             check_finished_unchanged(folder, python)
+            check_unfinished_unchanged(folder, python)
 
 
 class EditedConfig(OptionError):
     """A finished run whose config.toml was edited since its run recorded it (``check_finished_unchanged``):
-    ``changed``, the settings edited; ``since``, the file that recorded the run."""
+    ``changed``, the settings edited; ``since``, the file that recorded the run; ``finished``: False
+    for an unfinished run's (``check_unfinished_unchanged``)."""
 
-    def __init__(self, message: str, changed: list[str], since: str, params: tuple[str, ...] = ()):
+    def __init__(self, message: str, changed: list[str], since: str, params: tuple[str, ...] = (),
+                 finished: bool = True):
         super().__init__(message, params)
-        self.changed, self.since = changed, since
+        self.changed, self.since, self.finished = changed, since, finished
 
 
 # A training run's result.json keys and the config.toml settings they record (a train folder has no metrics.json).
@@ -661,6 +664,38 @@ def check_finished_unchanged(folder: RunFolder, python: bool = False, asked: str
                        f"result again, or {anew} to run it anew with these values", changed, since, ("force",))
 
 
+def edited_unfinished(folder: RunFolder) -> list[str] | None:
+    """Where ``folder`` holds an unfinished prune run whose config.toml is no longer the one it
+    began with (metrics.json keeps that one): the settings changed (["its text"] where they cannot
+    be told apart). Its checkpoints are the earlier values' run: carried on, the first one read
+    would refuse it (``_check_same_config``). None where the run finished (``edited_since_run``),
+    nothing was changed, or the folder records no starting config (an older prunekit's: checked at
+    its checkpoints)."""
+    if not (folder.config.exists() and folder.metrics_path.exists()):
+        return None
+    try:
+        metrics, now = folder.read_metrics(), folder.config.read_text()
+    except (OSError, UnicodeDecodeError, ValueError, PrunekitError):
+        return None         # a damaged file is said where it is read
+    saved = metrics.get("config")
+    if metrics.get("status") == "done" or not isinstance(saved, str) or same_values(saved, now):
+        return None
+    return _differing(saved, now, folder.path) or ["its text"]
+
+
+def check_unfinished_unchanged(folder: RunFolder, python: bool = False) -> None:
+    """Refuse, before anything is written, to carry on the unfinished run in ``folder`` when its
+    config.toml was edited since it began (``edited_unfinished``): its checkpoints hold the earlier
+    values' stages. One line naming both ways out: the values back, or ``force`` to run it anew."""
+    changed = edited_unfinished(folder)
+    if changed is None:
+        return
+    anew = "pass force=True" if python else "add --force"
+    raise EditedConfig(f"{folder.config} was changed ({', '.join(changed[:3])}) since the unfinished run there "
+                       f"began ({METRICS} keeps its values): put them back to carry it on, or {anew} to run it "
+                       "anew with these values", changed, METRICS, ("force",), finished=False)
+
+
 def _parsed(config_text: str | None) -> dict:
     try:
         return tomllib.loads(config_text) if config_text is not None else {}
@@ -684,8 +719,10 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
     finished: it runs anew); the same request again (or ``resume``) carries on where it stopped."""
     path = folder.path
     old = folder.config.read_text() if folder.config.exists() else None
-    # another run's files; this run's own are carried on unless it finished (force redoes it)
-    if force and (not same_run(old, config_text, path) or _finished_or_damaged(folder)):
+    # another run's files; this run's own are carried on unless it finished, or its config.toml was
+    # edited since it began (its checkpoints are the earlier values' run): force redoes it
+    if force and (not same_run(old, config_text, path) or _finished_or_damaged(folder)
+                  or edited_unfinished(folder) is not None):
         wrote_onnx = old is not None and _asked_onnx(old)
         for name in _present(path):
             if name == "model.onnx" and not wrote_onnx:       # the user's own file of that name

@@ -82,9 +82,10 @@ def check_run_folder(run_args: argparse.Namespace) -> None:
     try:
         runs.check_claim(runs.RunFolder(run_args.out), run_config(run_args))
     except runs.EditedConfig as err:        # a sweep has no --force: the folder goes by hand
+        state, back = ("finished", "have that run's result again") if err.finished else ("unfinished", "carry it on")
         raise PrunekitError(f"{path / 'config.toml'} was changed ({', '.join(err.changed[:3])}) since {err.since} "
-                            "was saved, so the finished run there is not the one it now records: put its values "
-                            "back to have that run's result again, or move that folder away to run it anew") from None
+                            f"was saved, so the {state} run there is not the one it now records: put its values "
+                            f"back to {back}, or move that folder away to run it anew") from None
     except OptionError:
         if (path / "config.toml").exists():
             raise PrunekitError(f"{run_args.out} holds a run made with other options (its config.toml records them): "
