@@ -291,6 +291,10 @@ CLI_CASES = [
     (["info", "resnet21"], "did you mean 'resnet20'?"),
     ([*PRUNE, "--method", "nope", "--sparsity", "0.5"], "unknown method"),
     ([*PRUNE, "--method", "falcn", "--flops", "0.5"], "unknown method 'falcn' (did you mean 'falcon'?)"),
+    # the budget given is named (was "for a sparsity budget alone" whatever the budget)
+    ([*PRUNE, "--method", "falcon", "--params", "0.5"],
+     "falcon needs a --flops budget (e.g. --flops=0.3); for a --params budget alone use chita"),
+    ([*PRUNE, "--method", "falcon", "--sparsity", "0.5"], "for a --sparsity budget alone use chita"),
     (["eval", "--model", "mlpnet", "--checkpoint", "/no/such/file.pth", *MNIST], "not found"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/adir", *MNIST], "is a folder"),
     (["info", "mlpnet", "--checkpoint", f"{H}/plain.pkl"], "plain pickle"),
@@ -772,6 +776,7 @@ PY_CASES = [
      "reconstruct_ridge shapes the re-fit after the cut, and reconstruct_batches is 0"),
     ({"method": "autobot", "sparsity": None, "flops": 0.5, "params": 0.1}, "ask for at least"),
     ({"method": "taper", "sparsity": None, "flops": 0.5, "params": 0.5}, "takes no params"),
+    ({"method": "falcon", "sparsity": None, "params": 0.5}, "for a params budget alone use chita"),
     ({"method": "hybrid", "sparsity": None, "flops": 0.3, "params": 0.05}, "params 0.05 (8 parameters) is infeasible"),
 ]
 

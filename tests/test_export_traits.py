@@ -294,3 +294,46 @@ def test_the_input_line_of_an_export_names_what_the_graphs_take():
         "std 0.2,0.25,0.3 is built in)")
     assert _input_line(["torchscript"], Normalization((0.0,), (1.0,)), False) == (
         "the torchscript graph takes pixels scaled to [0, 1] (model.json: no normalization)")
+
+
+class _TwoOut(nn.Module):
+    """(N, 4) -> {"logits": (N, 3), "aux": (N, 2)} (``tuple=True``: the same two as a tuple)."""
+
+    def __init__(self, tuple_out: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.aux, self.tuple_out = nn.Linear(4, 3), nn.Linear(4, 2), tuple_out
+
+    def forward(self, x):
+        logits, aux = self.fc(x), self.aux(torch.relu(x))
+        return (logits, aux) if self.tuple_out else {"logits": logits, "aux": aux}
+
+
+@pytest.mark.parametrize("tuple_out, names", [(False, ["logits", "aux"]), (True, ["output_0", "output_1"])])
+def test_the_onnx_outputs_of_a_dict_or_tuple_are_named_by_key_or_position(tmp_path, tuple_out, names):
+    """A dict's outputs were named "output" and an exporter number ("11"): the keys were lost. Now a
+    dict's keys (a tuple's output_0, output_1), each with a batch axis, listed in the metadata too;
+    the graph computes what the model does, output by output, at another batch size."""
+    model, x = _TwoOut(tuple_out).eval(), torch.randn(2, 4)
+    export_all(model, x, tmp_path, ["onnx"])
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    assert [o.name for o in graph.graph.output] == names
+    assert [o.type.tensor_type.shape.dim[0].dim_param for o in graph.graph.output] == ["batch", "batch"]
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["prunekit.outputs"] == ", ".join(names) and meta["prunekit.dynamic_axes"] == "0: batch"
+    x5 = torch.randn(5, 4)
+    got = ReferenceEvaluator(graph).run(None, {"input": x5.numpy()})
+    want = model(x5)
+    for name, value, expected in zip(names, got, want.values() if isinstance(want, dict) else want):
+        assert value.shape == tuple(expected.shape), name
+        assert_close_to_scale(torch.from_numpy(value), expected.detach(), 1e-5)
+
+
+def test_a_single_output_keeps_its_name_output(tmp_path):
+    export_all(_DictOut().eval(), torch.randn(2, 4), tmp_path, ["onnx"])
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    assert [o.name for o in graph.graph.output] == ["logits"]
+    export_all(nn.Linear(4, 3).eval(), torch.randn(2, 4), tmp_path / "plain", ["onnx"])
+    graph = onnx.load(str(tmp_path / "plain" / "model.onnx"))
+    assert [o.name for o in graph.graph.output] == ["output"]
+    assert "prunekit.outputs" not in {p.key for p in graph.metadata_props}

@@ -538,3 +538,166 @@ class _AddOntoConcatSE(nn.Module):
         x = x + torch.cat([self.a(x), self.b(x)], 1)
         x = x * torch.sigmoid(self.se2(torch.relu(self.se1(x.mean((2, 3), keepdim=True)))))
         return self.fc(x.mean((2, 3)))
+
+
+class _Recurrent(nn.Module):
+    """x (B, 12, 10) -> LSTM(16) -> GRU(16) -> last step -> Linear(32) -> logits (B, 5): the recurrent
+    layers hold 98% of the MACs."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.gru = nn.LSTM(10, 16, batch_first=True), nn.GRU(16, 16, batch_first=True)
+        self.fc1, self.fc = nn.Linear(16, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        h, _ = self.lstm(x)
+        h, _ = self.gru(h)
+        return self.fc(torch.relu(self.fc1(h[:, -1])))
+
+
+class _Embeddings(nn.Module):
+    """Token ids (B, 10) -> [Embedding mean, EmbeddingBag] (B, 32) -> Linear(32) -> logits (B, 5): the
+    embeddings hold 57% of the parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.bag = nn.Embedding(50, 16), nn.EmbeddingBag(50, 16, mode="mean")
+        self.fc1, self.fc = nn.Linear(32, 32), nn.Linear(32, 5)
+
+    def forward(self, t):
+        return self.fc(torch.relu(self.fc1(torch.cat([self.emb(t).mean(1), self.bag(t)], 1))))
+
+
+def test_recurrent_layers_and_embeddings_are_named_as_left_dense_in_the_record_warning_and_refusals():
+    """An LSTM/GRU or Embedding/EmbeddingBag stays at full width under the channel methods, but only the
+    output layer fc was named: a refusal said "the unprunable layers already cost ... (98.3%)" without
+    saying which, and a run that met its budget warned of nothing."""
+    from prunekit.commands.prune import prune_lines
+    from prunekit.options import OptionError
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 12, 10), torch.randint(0, 5, (32,))
+    skipped = dict(find_groups(_Recurrent(), x[:1]).skipped)
+    assert set(skipped) == {"fc", "lstm", "gru"}, skipped
+    assert skipped["lstm"].startswith("LSTM: the channel methods do not shrink recurrent layers (hidden width 16)")
+    assert skipped["gru"].startswith("GRU: the channel methods do not shrink recurrent layers")
+    with pytest.raises(OptionError, match=r"left dense among them \(lstm: LSTM: .*; gru: GRU: .*; fc: reaches"):
+        prunekit.prune(_Recurrent(), (x, y), method="autobot", flops=0.5, gate_batches=2)
+    with pytest.warns(PrunekitWarning, match=r"2 channel groups left dense.*lstm: LSTM.*gru: GRU"):
+        result = prunekit.prune(_Recurrent(), (x, y), method="autobot", flops=0.99, gate_batches=2,
+                                eval_data=(x, y))
+    dense = [line for line in prune_lines(result.record) if line.startswith("  left dense")]
+    assert len(dense) == 1 and "lstm" in dense[0] and "gru" in dense[0], dense
+
+    t = torch.randint(0, 50, (32, 10))
+    skipped = dict(find_groups(_Embeddings(), t[:1]).skipped)
+    assert set(skipped) == {"fc", "emb", "bag"}, skipped
+    assert skipped["bag"].startswith("EmbeddingBag: the channel methods do not shrink embeddings (width 16)")
+    with pytest.raises(OptionError, match=r"params budget .* left dense among them \(emb: Embedding: .*; bag: "):
+        prunekit.prune(_Embeddings(), (t, y), method="autobot", flops=0.99, params=0.5, gate_batches=2)
+
+
+class _Norms(nn.Module):
+    """x (B, 3, 8, 8): c1 -> GroupNorm -> c2 -> mean -> fc1 -> LayerNorm -> fc; with or without the norms'
+    affine parameters."""
+
+    def __init__(self, affine: bool):
+        super().__init__()
+        self.c1, self.gn = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16, affine=affine)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1, self.ln = nn.Linear(32, 32), nn.LayerNorm(32, elementwise_affine=affine)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.gn(self.c1(x)))))
+        return self.fc(torch.relu(self.ln(self.fc1(x.mean((2, 3))))))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_norm_without_affine_parameters_is_named_as_what_leaves_its_channels_dense(affine):
+    """Without affine parameters the GroupNorm/LayerNorm went unseen by the analysis and the numerical
+    check named "an operation ... e.g. a channel shuffle"; now the norm is named either way."""
+    torch.manual_seed(0)
+    model, x = _Norms(affine).eval(), torch.randn(1, 3, 8, 8)
+    groups = checked_groups(model, find_groups(model, x), x)
+    skipped = dict(groups.skipped)
+    assert [g.root for g in groups] == ["c2"]
+    for root, norm in (("c1", "gn (GroupNorm)"), ("fc1", "ln (LayerNorm)")):
+        assert skipped[root].startswith(f"touches {norm}, a norm whose statistics mix its channels"), skipped[root]
+        assert "channel shuffle" not in skipped[root]
+
+
+class _AttentionNoNorm(nn.Module):
+    """x (B, 8, 16): x + MHA(x), then x + mlp(x), mean over tokens -> fc: a residual stream without
+    any LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mlp1, self.mlp2, self.fc = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = x + self.mha(x, x, x, need_weights=False)[0]
+        x = x + self.mlp2(torch.relu(self.mlp1(x)))
+        return self.fc(x.mean(1))
+
+
+def test_a_residual_stream_around_attention_without_a_norm_is_expected_and_not_warned_of():
+    """README: the residual stream touching the attention's embedding width is named in skipped_groups
+    without a warning; without a LayerNorm it was warned of as a surprise ("touches mha ... whose
+    channels channel surgery cannot resize"). Heads are pruned, the embedding width stays by design."""
+    import warnings
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8, 16), torch.randint(0, 5, (32,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrunekitWarning)
+        result = prunekit.prune(_AttentionNoNorm(), (x, y), method="autobot", flops=0.6, gate_batches=2)
+    stream = [e for e in result.record["skipped_groups"] if e.startswith("mlp2: ")]
+    assert len(stream) == 1 and "residual stream" in stream[0] and "mha (MultiheadAttention)" in stream[0], stream
+    assert "kept at full width, as expected" in stream[0]
+    assert sorted(result.record["group_roots"]) == ["mha", "mlp1"]
+
+
+class _EinsumHeads(nn.Module):
+    """x (B, 8, 16): hand-written attention, q/k/v viewed as (B, T, 2 heads, 8), einsum, merged back."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (f(x).view(B, T, 2, 8) for f in (self.q, self.k, self.v))
+        a = torch.einsum("bthd,bshd->bhts", q, k).softmax(-1)
+        return self.fc(self.o(torch.einsum("bhts,bshd->bthd", a, v).reshape(B, T, D)).mean(1))
+
+
+def test_a_width_split_into_heads_by_a_reshape_is_named_as_the_reason():
+    """The q/k/v group of hand-written attention was left dense for "an operation ... moves or mixes
+    channels, e.g. a channel shuffle": the reason is the reshape into 2 heads of 8."""
+    torch.manual_seed(0)
+    model, x = _EinsumHeads().eval(), torch.randn(1, 8, 16)
+    groups = checked_groups(model, find_groups(model, x), x)
+    why = dict(groups.skipped)["v"]
+    assert "split into 2 heads of 8 by a reshape" in why and "view(B, T, 2, 8)" in why, why
+    assert "channel shuffle" not in why
+
+
+def test_a_conv3d_refusal_names_each_layer_once():
+    """c2 was named twice (two wordings of one reason), c1's entry hidden behind "and 1 more"."""
+    class Video(nn.Module):                  # x (B, 3, 4, 8, 8) -> (B, 5)
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8)
+            self.c2, self.b2 = nn.Conv3d(8, 16, 3, stride=2, padding=1), nn.BatchNorm3d(16)
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+            return self.fc(x.mean((2, 3, 4)))
+
+    with pytest.raises(PrunekitError) as err:
+        find_groups(Video(), torch.zeros(1, 3, 4, 8, 8))
+    text = str(err.value)
+    assert text.count("c2: ") == 1 and text.count("c1: ") == 1 and "more" not in text, text
+    assert "c1: Conv3d: the channel methods do not shrink" in text

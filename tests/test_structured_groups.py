@@ -245,7 +245,8 @@ def test_conv1d_style_layers_are_channel_pruned_as_the_linear_layers_they_are():
     groups = find_groups(model, torch.randint(20, (2, 5)))
     assert sorted((g.root, g.size, sorted((m.module, m.role) for m in g.members)) for g in groups) == [
         ("1", 16, [("1", "out"), ("3", "in")]), ("3", 8, [("3", "out"), ("4", "in")])]
-    assert [root for root, _ in groups.skipped] == ["4"]          # the logits: the network's output
+    # the logits (the network's output) and the embedding, whose width the channel methods keep
+    assert [root for root, _ in groups.skipped] == ["4", "0"]
 
 
 class _SE(torch.nn.Module):

@@ -174,24 +174,76 @@ def _onnx_bytes(model: nn.Module, example_input: torch.Tensor, metadata: dict, n
             notes.append(f"the ONNX graph takes {length} tokens only (dims [batch, {length}]): the model did not "
                          f"give the same outputs at another length when traced")
     metadata = {**metadata, "prunekit.dynamic_axes": ", ".join(f"{d}: {n}" for d, n in axes.items())}
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), _no_exporter_log():
-        warnings.simplefilter("ignore")     # the exporter's deprecation notes are not for our users
-        try:
-            torch.onnx.export(model, (example_input,), buffer, dynamo=False, opset_version=ONNX_OPSET,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": axes, "output": {0: "batch"}})
-        except Exception as err:  # noqa: BLE001 - report any exporter failure as one line
-            raise PrunekitError(_onnx_failure(err, model, example_input)) from None
+    outputs = _output_names(model, example_input)
+    import onnx
+    proto = None
+    if outputs is not None and outputs != [("output", outputs[0][1])]:
+        proto = _exported(model, example_input, axes, outputs, raise_failure=False)
+        if proto is not None and [len(o.type.tensor_type.shape.dim) for o in proto.graph.output] != \
+                [ndim for _, ndim in outputs]:
+            proto = None            # the exporter flattened the output otherwise: not named by guess
+    if proto is None:
+        outputs = [("output", 1)]
+        proto = _exported(model, example_input, axes, outputs)
+    else:
+        metadata = {**metadata, "prunekit.outputs": ", ".join(name for name, _ in outputs)}
     if traced is not None:
         check_any_batch(traced, model, example_input, "ONNX")
-    import onnx
-    proto = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(proto)
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     return proto.SerializeToString()
+
+
+def _exported(model: nn.Module, example_input: torch.Tensor, axes: dict, outputs: list[tuple[str, int]],
+              raise_failure: bool = True):
+    """The ONNX ModelProto of ``model`` with input "input" (``axes``: its dynamic axes) and outputs named
+    ``outputs`` ((name, ndim) in the order the exporter flattens them: a dynamic axis 0 "batch" each,
+    scalars aside); an exporter failure is a one-line ``PrunekitError`` (None if not ``raise_failure``)."""
+    import onnx
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), _no_exporter_log():
+        warnings.simplefilter("ignore")     # the exporter's deprecation notes are not for our users
+        try:
+            torch.onnx.export(model, (example_input,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["input"], output_names=[name for name, _ in outputs],
+                              dynamic_axes={"input": axes, **{name: {0: "batch"} for name, ndim in outputs if ndim}})
+        except Exception as err:  # noqa: BLE001 - report any exporter failure as one line
+            if not raise_failure:
+                return None
+            raise PrunekitError(_onnx_failure(err, model, example_input)) from None
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _output_names(model: nn.Module, example_input) -> list[tuple[str, int]] | None:
+    """(name, ndim) of each tensor of the model's output on ``example_input``, in the order the ONNX
+    exporter flattens them: "output" for a tensor, a dict's keys ("logits", "aux"; nested: "aux.mask"),
+    "output_0", "output_1" ... for a tuple or list (nested: "output_1.0"). None where the forward fails
+    or the names would not be unique (the exporter's own failure, or "output" and numbers, then)."""
+    try:
+        with torch.no_grad():
+            out = model(example_input)
+    except Exception:  # noqa: BLE001 - the exporter's own message is the one to give then
+        return None
+    names: list[tuple[str, int]] = []
+
+    def walk(value, name: str, depth: int = 0) -> None:
+        if depth > 20:
+            return
+        if isinstance(value, torch.Tensor):
+            names.append((name or "output", value.dim()))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}" if name else str(key), depth + 1)
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                walk(item, f"{name}.{i}" if name else f"output_{i}", depth + 1)
+    walk(out, "")
+    unique = {name for name, _ in names}
+    if not names or len(unique) < len(names) or "input" in unique:
+        return None
+    return names
 
 
 def _takes_token_ids(example_input) -> bool:

@@ -295,8 +295,10 @@ def needs_flops(budget: Budget, opts) -> None:
     """FALCON's check of the budget as asked (before the model is traced): it solves under a FLOP budget."""
     if budget.flops is None:
         plus = "++" if getattr(opts, "stages", 1) != 1 else ""      # falcon++'s defaults: stages "auto"
-        raise OptionError(f"falcon{plus} needs a flops budget (e.g. flops=0.3); for a sparsity budget alone use "
-                          f"chita{plus}", ("flops",))
+        given = [name for name in ("sparsity", "params") if getattr(budget, name) is not None]
+        alone = f"a {given[0]} budget alone" if len(given) == 1 else f"{' and '.join(given)} budgets without flops"
+        raise OptionError(f"falcon{plus} needs a flops budget (e.g. flops=0.3); for {alone} use chita{plus}",
+                          ("flops", *given))
 
 
 def plan_memory(family: str):

@@ -49,6 +49,11 @@ What the adapter refuses (the group is left dense and listed in ``GroupSet.skipp
   in a transformer this is the residual stream, kept at full width;
 * the output channels of a layer the channel methods do not shrink (ConvTranspose, Conv3d), where
   no Conv/Linear-rooted group holds them: traced with that layer as root, only to be named;
+* a recurrent layer (LSTM, GRU, RNN), an embedding (Embedding, EmbeddingBag) or a Bilinear that the
+  trace ran and no traced group touches (no group is rooted at them): named by the layer, at full width;
+* groups touching a norm layer (GroupNorm, LayerNorm, RMSNorm, with or without affine parameters: its
+  statistics mix the channels), named by the norm, or as a transformer's residual stream (an add
+  joining channels through norms or an nn.MultiheadAttention's embedding width: left dense by design);
 * groups whose index maps are not one of the shapes we understand (identity, a concat offset,
   a flatten repeat): anything else would be pruned wrongly, so it is not pruned;
 * groups passing through a bare channel pad (``F.pad`` on the channel axis outside a module that
@@ -72,7 +77,9 @@ shortcut are left dense (block outputs at full width) and only channels inside b
   multiplier, Conv2d(16, 32, groups=16)): no channel can go without removing a whole conv group.
 
 Groups whose index maps look right but are not (a channel shuffle: view, transpose, reshape,
-read by torch-pruning as elementwise) are caught numerically by ``shrink.checked_groups``.
+read by torch-pruning as elementwise) are caught numerically by ``shrink.checked_groups``; where the
+trace shows a reshape of the width into heads (hand-written attention, ``ChannelGroup.split``) its
+refusal says so.
 """
 
 from __future__ import annotations
@@ -122,7 +129,9 @@ class ChannelGroup:
     """``size`` coupled channels; ``root`` is the layer torch-pruning grouped them from.
 
     ``kind``: "channels", "heads" (an ``nn.MultiheadAttention``'s heads) or "qkv_heads" (the heads
-    of HuggingFace-style attention ``attention``, the module whose head count follows the group)."""
+    of HuggingFace-style attention ``attention``, the module whose head count follows the group).
+    ``split``: (heads, head size) when the trace shows a reshape of the group's last axis into two
+    (``view(B, T, 2, 8)``: hand-written multi-head attention), else None; only words a refusal."""
 
     index: int
     root: str
@@ -131,6 +140,7 @@ class ChannelGroup:
     segments: int = 1
     kind: str = "channels"
     attention: str = ""
+    split: tuple[int, int] | None = None    # (heads, head size) where a reshape splits the width into heads
 
     def layers(self, role: str) -> list[Member]:
         return [m for m in self.members if m.role == role]
@@ -292,7 +302,7 @@ def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: b
     modules = dict(model.named_modules())
     groups: list[ChannelGroup] = []
     seen: set[frozenset] = set()
-    traced, skipped = _traced_groups(model, example_input, pads_residual)
+    traced, skipped, in_graph = _traced_groups(model, example_input, pads_residual)
     for tp_group in traced:
         root_module = tp_group[0].dep.target.module
         root = names.get(root_module, str(root_module))
@@ -314,9 +324,9 @@ def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: b
         seen.add(key)
         if reason is None and not pads_residual and _joined_by_add(tp_group):
             reason = "a residual stream (outputs joined by an add): kept at full width (residual_channels keep)"
-        elif reason is not None and (norms := _transformer_stream(tp_group, names)):
-            reason = (f"a transformer's residual stream (outputs joined by adds, through norm layers channel surgery "
-                      f"cannot resize: {norms}): kept at full width, as expected; channels inside the blocks are pruned")
+        elif reason is not None and (through := _transformer_stream(tp_group, names)):
+            reason = (f"a transformer's residual stream (outputs joined by adds, through {through}): kept at full "
+                      "width, as expected; channels inside the blocks are pruned")
         if reason is not None:
             skipped.append((root, reason))
             continue
@@ -334,7 +344,8 @@ def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: b
         if size == 1 and segments > 1:     # one channel per block: no block can lose one
             skipped.append((root, _multiplier_reason(members, segments, model)))
             continue
-        groups.append(ChannelGroup(index=len(groups), root=root, size=size, members=members, segments=segments))
+        groups.append(ChannelGroup(index=len(groups), root=root, size=size, members=members, segments=segments,
+                                   split=_split_width(tp_group, size)))
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             why = head_prunable(module)
@@ -345,6 +356,12 @@ def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: b
                 continue
             groups.append(ChannelGroup(index=len(groups), root=name, size=module.num_heads,
                                        members=[Member(name, "heads", 0, module.head_dim)], kind="heads"))
+    # recurrent layers, embeddings (a layer whose width no traced group holds): at full width, named
+    touched = {item.dep.target.module for tp_group in traced for item in tp_group.items}
+    named = {root for root, _ in skipped}
+    skipped += [(name, _unshrunk_layer_reason(module)) for name, module in model.named_modules()
+                if isinstance(module, _WHOLE_LAYERS) and name not in named
+                and _traced_untouched(module, in_graph, touched)]
     if not groups:
         raise no_group_error(_loose_weights(model) + skipped)
     return GroupSet(groups, skipped)
@@ -379,6 +396,28 @@ _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._NormBase,
 _NOT_SHRUNK = (nn.modules.conv._ConvTransposeNd, nn.Conv3d, nn.EmbeddingBag, nn.Bilinear, nn.RNNBase)
 # of those, the ones whose output channels torch-pruning can trace: such a group is left dense, by name
 _UNSHRUNK_ROOTS = (nn.modules.conv._ConvTransposeNd, nn.Conv3d)
+# layers whose width no group is rooted at (recurrent layers, embeddings): named as left dense where
+# no traced group touches them (one that does is named by that group's reason)
+_WHOLE_LAYERS = (nn.RNNBase, nn.Embedding, nn.EmbeddingBag, nn.Bilinear)
+
+
+def _traced_untouched(module: nn.Module, in_graph: set, touched: set) -> bool:
+    """Whether the trace ran ``module`` (itself a graph node, or a parameter of its own one: torch-pruning
+    sees a GRU or EmbeddingBag by its weights) and no traced group holds it or its parameters."""
+    own = [module, *module.parameters(recurse=False)]
+    return any(x in in_graph for x in own) and not any(x in touched for x in own)
+
+
+def _unshrunk_layer_reason(module: nn.Module) -> str:
+    """Why a layer the channel methods do not shrink keeps its width ("LSTM: the channel methods do not
+    shrink recurrent layers (hidden width 16): kept dense")."""
+    kind = type(module).__name__
+    if isinstance(module, nn.RNNBase):
+        return (f"{kind}: the channel methods do not shrink recurrent layers (hidden width {module.hidden_size}): "
+                "kept dense")
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return f"{kind}: the channel methods do not shrink embeddings (width {module.embedding_dim}): kept dense"
+    return f"{kind}: the channel methods do not shrink this layer type's channels: kept dense"
 
 
 def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
@@ -388,8 +427,7 @@ def _loose_weights(model: nn.Module) -> list[tuple[str, str]]:
     loose = []
     for module_name, module in model.named_modules():
         if isinstance(module, _NOT_SHRUNK):
-            loose.append((module_name, f"{type(module).__name__}: the channel methods do not shrink this layer "
-                                       "type's channels"))
+            loose.append((module_name, _unshrunk_layer_reason(module)))
             continue
         if isinstance(module, _LAYER_TYPES):
             continue
@@ -423,8 +461,9 @@ def _unshrunk_root_reason(tp_group, root: str, root_module: nn.Module) -> str:
             "do not shrink: kept dense")
 
 
-def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bool) -> tuple[list, list]:
-    """torch-pruning's dependency groups rooted at Conv/Linear layers, and the groups left dense
+def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: bool) -> tuple[list, list, set]:
+    """torch-pruning's dependency groups rooted at Conv/Linear layers, the modules its trace saw,
+    and the groups left dense
     because their trace goes round a cycle of index maps without end (``(root, reason)``: a
     rotary embedding feeding grouped-query attention, as Llama's) or shares channels with such a
     group; its failure (on some recurrent models it fails with an IndexError) refused in one line."""
@@ -451,8 +490,9 @@ def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual:
         raise PrunekitError(f"the channel dependency analysis (torch-pruning) failed on this model "
                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else '?'}){suspect}: "
                             "prune its weights instead (falcon, chita, magnitude)") from None
+    in_graph = set(graph.module2node)
     if not cycles:
-        return groups, []
+        return groups, [], in_graph
     cyclic = [names.get(root, type(root).__name__) for root in cycles]
     modules = dict(model.named_modules())
     gqa = {name: grouped_query_attention(modules, name) for name in cyclic}
@@ -470,7 +510,7 @@ def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual:
                                      "whose channel trace goes round a cycle without end: kept dense")))
         else:
             kept.append(group)
-    return kept, skipped
+    return kept, skipped, in_graph
 
 
 _GQA_Q, _GQA_K = ("q_proj", "query", "q", "wq", "q_lin"), ("k_proj", "key", "k", "wk", "k_lin")
@@ -614,28 +654,53 @@ _NORMS = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", No
 
 
 def _transformer_stream(tp_group, names: dict) -> str | None:
-    """The norm layers a transformer's residual stream runs through, named ("norm", "blocks.0.norm1
-    and 4 more"), when ``tp_group`` is one: joined by an add, through at least one norm layer
-    (LayerNorm, GroupNorm, RMSNorm), and what channel surgery cannot resize in it only such norms,
-    attention's embedding width (nn.MultiheadAttention), token embeddings and bare parameters (a
-    class token, a positional embedding). None otherwise: another layer of that kind (a layer of
-    your own, a recurrent one) is a surprise worth a warning."""
+    """What a transformer's residual stream runs through that channel surgery cannot resize, in words
+    ("norm layers channel surgery cannot resize: norm (LayerNorm) and 4 more", "the embedding width of
+    attn (MultiheadAttention), which removing heads keeps"), when ``tp_group`` is one: joined by an add,
+    through at least one norm layer (LayerNorm, GroupNorm, RMSNorm) or ``nn.MultiheadAttention`` (whose
+    embedding width stays: its heads are pruned, each whole), and what channel surgery cannot resize in
+    it only such norms, attention's embedding width, token embeddings and bare parameters (a class
+    token, a positional embedding). None otherwise: another layer of that kind (a layer of your own, a
+    recurrent one) is a surprise worth a warning."""
     if not _joined_by_add(tp_group):
         return None
-    norms, others = [], False
+    norms, attention, others = [], [], False
     for item in tp_group.items:
         module = item.dep.target.module
         if isinstance(module, _NORMS):
             norms.append(f"{names.get(module, '?')} ({type(module).__name__})")
-        elif isinstance(module, (nn.Parameter, nn.MultiheadAttention, nn.Embedding)):
+        elif isinstance(module, nn.MultiheadAttention):
+            attention.append(f"{names.get(module, '?')} ({type(module).__name__})")
+        elif isinstance(module, (nn.Parameter, nn.Embedding)):
             continue
         elif not isinstance(module, (*_CONV, nn.Linear, _BN)) and not is_linear(module) and \
                 isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
             others = True
-    norms = list(dict.fromkeys(norms))
-    if others or not norms:
+    if others or not (norms or attention):
         return None
-    return norms[0] + (f" and {len(norms) - 1} more" if len(norms) > 1 else "")
+
+    def listed(found: list[str]) -> str:
+        found = list(dict.fromkeys(found))
+        return found[0] + (f" and {len(found) - 1} more" if len(found) > 1 else "")
+    if norms:
+        return f"norm layers channel surgery cannot resize: {listed(norms)}"
+    return f"the embedding width of {listed(attention)}, which removing heads keeps"
+
+
+def _split_width(tp_group, size: int) -> tuple[int, int] | None:
+    """(heads, head size) where a reshape in ``tp_group`` reads the group's ``size`` channels as two
+    trailing axes (its input shape ends ``..., heads, head size`` (then only 1s), both over 1: the
+    head merge of hand-written multi-head attention, ``x.view(B, T, 2, 8)`` ... ``.reshape(B, T, 16)``),
+    else None. A channel shuffle's (``view(B, g, C/g, H, W)``) split is followed by spatial axes: not this."""
+    for item in tp_group.items:
+        if not isinstance(item.dep.target.module, tp.ops._ReshapeOp):
+            continue
+        shape = list(getattr(item.dep.target.grad_fn, "_saved_self_sym_sizes", None) or ())
+        while shape and shape[-1] == 1:
+            shape.pop()
+        if len(shape) >= 3 and shape[-2] > 1 and shape[-1] > 1 and shape[-2] * shape[-1] == size:
+            return int(shape[-2]), int(shape[-1])
+    return None
 
 
 def _joined_by_add(tp_group) -> bool:
@@ -701,6 +766,10 @@ def dense_groups_warning(skipped: list[tuple[str, str]]) -> str | None:
 def no_group_error(skipped: list[tuple[str, str]]) -> PrunekitError:
     """The refusal of a model without a prunable group: the causes that apply, the first reasons in
     ``skipped`` (those of groups reaching the output only if nothing else applies), and the fix."""
+    first: dict[str, str] = {}
+    for root, why in skipped:       # one entry per layer: the first reason given for it
+        first.setdefault(root, why)
+    skipped = list(first.items())
     causes = list(dict.fromkeys(_cause(why)[1] for _, why in skipped))
     listed = [(root, why) for root, why in skipped if _cause(why)[0] != "output"] or skipped
     why = (f"every coupled channel set {' or '.join(causes)} ({listed_skips(listed)})" if causes else
@@ -740,6 +809,10 @@ def _members(tp_group, names: dict, size: int | None = None, sliced: bool = Fals
         if isinstance(module, nn.Parameter):     # used bare in forward, outside any layer
             return [], 1, f"touches parameter {names.get(module, '?')} outside a Conv/Linear/BatchNorm layer"
         if not isinstance(module, (*_CONV, nn.Linear, _BN)) and not pads and not is_linear(module):
+            if isinstance(module, _NORMS):       # with or without affine parameters
+                return [], 1, (f"touches {names.get(module, type(module).__name__)} ({type(module).__name__}), a norm "
+                               "whose statistics mix its channels (removing one changes the others), so channel "
+                               "surgery cannot resize it: kept dense")
             if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)) \
                     or isinstance(module, nn.MultiheadAttention):
                 return [], 1, (f"touches {names.get(module, type(module).__name__)} ({type(module).__name__}), "

@@ -116,13 +116,25 @@ def checked_groups(model: nn.Module, groups: GroupSet, example_input: torch.Tens
     if not bad:
         raise PrunekitError("the model with channels removed does not compute what its gated form computes, "
                             "though each channel group alone does: use a weights method (e.g. --method falcon)")
-    skipped = list(groups.skipped) + [(group.root, HEADS_MISMATCH if group.kind == "qkv_heads" else MISMATCH)
-                                      for group in groups if group.index in bad]
+    skipped = list(groups.skipped) + [(group.root, _mismatch(group)) for group in groups if group.index in bad]
     kept = [dataclasses.replace(group, index=i) for i, group in
             enumerate(group for group in groups if group.index not in bad)]
     if not kept:
         raise no_group_error(skipped)
     return GroupSet(kept, skipped)
+
+
+def _mismatch(group) -> str:
+    """Why ``group`` failed the check: its head count, a split of its width into heads, or MISMATCH."""
+    if group.kind == "qkv_heads":
+        return HEADS_MISMATCH
+    if group.split is not None:
+        heads, size = group.split
+        return (f"removing its channels does not compute what closing them computes: its {heads * size} channels "
+                f"are split into {heads} heads of {size} by a reshape (e.g. view(B, T, {heads}, {size}), hand-written "
+                "multi-head attention), so they cannot shrink channel by channel: kept dense; whole heads are removed "
+                "from nn.MultiheadAttention and HuggingFace-style attention modules")
+    return MISMATCH
 
 
 def _half_closed(size: int, gen: torch.Generator) -> torch.Tensor:
