@@ -1,5 +1,6 @@
 """Gradient rows against plain autograd, one sample or one mini-batch at a time."""
 
+import math
 import warnings
 
 import pytest
@@ -514,3 +515,55 @@ def test_half_precision_rows_pass_the_autograd_check_and_a_wrong_term_is_still_c
     tied = _Tied().to(dtype)                            # a use of a weight the hooks miss: 0.7 off
     with pytest.warns(UserWarning, match="disagree with autograd"):
         collect_gradients(tied, ParamSpace(tied), [(x.to(dtype), y) for x, y in data(10)], n=6, progress=False)
+
+
+def _nearly_perfect_classifier():
+    """A 8-16-2 MLP whose 64 training samples all sit 14 logits from the boundary: loss ~4e-7,
+    gradient entries from 2e-5 down to 1e-9 and below (float16's subnormals start at 6.1e-5)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=gen)
+    y = (x[:, 0] > 0).long()
+    x[:, 0] = torch.where(x[:, 0] > 0, 1.0, -1.0) * (1 + 0.1 * x[:, 0].abs())
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(16, 8, generator=gen))
+        model[0].weight[:2] = 0.0
+        model[0].weight[0, 0], model[0].weight[1, 0] = 1.0, -1.0
+        model[0].bias[:2] = 0.0
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+        model[2].weight[1, 0] = model[2].weight[0, 1] = 14.0
+        model[2].weight[1, 2:] = 0.01 * torch.randn(14, generator=gen)
+    return model, x, y
+
+
+def test_float16_rows_of_a_tiny_loss_keep_their_relative_precision():
+    """Float16 rows were rounded from float32 at their own size, before the power-of-two scaling
+    of X (which float16 skipped anyway): entries below 6e-8 became 0 and whole columns of this
+    classifier's rows were lost (a column 100 % off). The loss is now scaled by a power of two
+    before the rows are stored: every column within float16's precision of the float32 rows."""
+    model, x, y = _nearly_perfect_classifier()
+    space = ParamSpace(model)
+    loss = float(nn.functional.cross_entropy(model(x), y))
+    assert 1e-7 < loss < 1e-5
+    exact = collect_gradients(model, space, [(x, y)], 64, dtype=torch.float32, progress=False)
+    scale = fisher.float16_loss_scale(model, space, [(x, y)], 64)
+    assert scale > 2.0**10 and math.frexp(scale)[0] == 0.5             # a power of two
+    half = collect_gradients(model, space, [(x, y)], 64, dtype=torch.float16, progress=False, loss_scale=scale)
+    assert half.dtype == torch.float16 and bool(torch.isfinite(half).all())
+    got = half.double() / scale
+    live = exact.norm(dim=0) > 0
+    column_error = ((got - exact.double()).norm(dim=0)[live] / exact.double().norm(dim=0)[live]).max()
+    assert column_error < 2.0**-10, float(column_error)               # float16: 2^-11 relative rounding
+    assert int((half == 0).sum()) == int((exact == 0).sum())
+
+
+def test_float16_loss_scale_is_one_for_an_ordinary_loss():
+    """Gradients of an ordinary size are stored as ever (scale 1: the same rows bit for bit)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    space = ParamSpace(model)
+    assert fisher.float16_loss_scale(model, space, [(x, y)], 32) == 1.0
+    with pytest.raises(PrunekitError, match="power of two"):
+        collect_gradients(model, space, [(x, y)], 4, progress=False, loss_scale=3.0)

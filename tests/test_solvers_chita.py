@@ -364,3 +364,64 @@ def test_memory_stays_linear_in_p():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env=fixed_mmap_threshold())
     assert float(out.stdout.split()[-1]) < 1024
+
+
+def _tiny_fisher_problem(seed: int, exponent: int, duplicate: bool):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(16, 40, generator=g) * 2.0**exponent
+    if duplicate:
+        X[:, 1::2] = X[:, 0:1]
+    w = torch.randn(40, generator=g)
+    return X, w, 1e-4 * float((X.double() ** 2).mean())       # the relative ridge's value
+
+
+def test_iht_keeps_k_nonzeros_when_the_curvature_underflows():
+    """A Fisher of 2^-140 in float32: ‖Xd‖² underflowed to 0, the exact step τ = ‖d‖²/(λ‖d‖²) came
+    out 1e46, beyond float32, and w − τd made inf·0 = NaN in every weight off the support, which
+    the objective test (NaN >= f is False) accepted: 8 nonzeros for k = 5, 40 for k = 35."""
+    from prunekit.solvers.iht import iht
+    X, w, ridge = _tiny_fisher_problem(0, -70, False)
+    for k in (5, 20, 35):
+        found = iht(QuadraticModel(X, w, ridge), k)
+        assert int((found.w != 0).sum()) <= k and bool(torch.isfinite(found.w).all()), k
+        assert math.isfinite(found.objective)
+
+
+def test_chita_never_keeps_more_than_k_on_degenerate_problems():
+    """Property over many random degenerate problems: zero rows, duplicate or zero columns, no
+    curvature but the ridge, integer ties, all-equal weights, Fishers of 2^-120 to 2^-140. CHITA
+    returns at most k nonzeros, all finite, or refuses a singular model in one line; never more."""
+    checked = refused = 0
+    for seed in range(64):
+        g = torch.Generator().manual_seed(seed)
+        kind = seed % 8
+        n, p = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(2, 14, (1,), generator=g))
+        X = torch.randn(n, p, generator=g)
+        w = torch.randn(p, generator=g).round()
+        ridge = [1e-12, 1e-6, 1e-3][seed % 3]
+        if kind == 0:
+            X[torch.rand(n, generator=g) < 0.5] = 0                  # zero rows
+        elif kind == 1:
+            X[:, 1::2] = X[:, 0:1]                                   # duplicate columns
+        elif kind == 2:
+            X.zero_()                                                # the ridge alone
+        elif kind == 3:
+            X = X.round()                                            # ties
+        elif kind == 4:
+            X[:, : p // 2] = 0                                       # zero columns
+            w.fill_(0.5)                                             # all weights equal
+        elif kind in (5, 6, 7):
+            X, w, ridge = _tiny_fisher_problem(seed, [-60, -65, -70][kind - 5], seed % 2 == 0)
+            p = w.numel()
+        for k in sorted({0, 1, p // 2, p - 1, p}):
+            for variant in ("backsolve", "iht"):
+                try:
+                    sol = chita(QuadraticModel(X.clone(), w.clone(), ridge), k, variant)
+                except PrunekitError as error:
+                    assert "singular" in str(error) and "\n" not in str(error)
+                    refused += 1
+                    continue
+                checked += 1
+                assert int((sol.w != 0).sum()) <= k, (seed, kind, k, variant)
+                assert sol.support_size <= k and bool(torch.isfinite(sol.w).all()), (seed, kind, k, variant)
+    assert checked > 10 * max(refused, 1)

@@ -563,3 +563,24 @@ def test_negative_scores_are_refused_not_sorted_by_magnitude():
     scores = np.array([3.0, -5.0, 1.0, 2.0])
     with pytest.raises(PrunekitError, match="non-negative"):
         solve_flops_ilp(scores, costs_per_weight=np.ones(4), max_count=2, max_cost=10.0)
+
+
+@pytest.mark.parametrize("n_groups,per_group", [(3, 40_000), (50, 997), (1, 31), (2, 1)])
+def test_sorted_groups_running_sums_are_the_cumsums_bit_for_bit(n_groups, per_group):
+    """prefix_at (held every CHECKPOINT_EVERY positions, the rest added one by one) gives the very
+    float64 the running sum of the whole layout gives, at every position, block edges included."""
+    from prunekit.solvers.cost_groups import CostGroups, Squares
+    from prunekit.solvers.ilp_groups import SortedGroups
+    rng = np.random.default_rng(n_groups)
+    roots = (rng.standard_normal(n_groups * per_group) * rng.uniform(1e-3, 1e3, n_groups * per_group)).astype(np.float32)
+    groups = CostGroups.from_layers([slice(g * per_group, (g + 1) * per_group) for g in range(n_groups)],
+                                    np.arange(1.0, n_groups + 1), roots.size)
+    for scores in (roots.astype(np.float64) ** 2, Squares(roots)):
+        sg = SortedGroups(scores, groups, groups.group_costs)
+        laid_out = np.asarray(scores)[sg.perm]
+        assert np.array_equal(sg.s_desc, laid_out)
+        whole = np.concatenate([[0.0], np.cumsum(laid_out)])
+        ends = np.arange(sg.n + 1)
+        assert np.array_equal(sg.prefix_at(ends), whole)
+        pick = rng.integers(0, sg.n + 1, size=(7, 5))
+        assert np.array_equal(sg.prefix_at(pick), whole[pick])

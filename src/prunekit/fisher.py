@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import re
 import warnings
 from typing import Iterable
@@ -53,7 +54,7 @@ from . import fisher_batches, layer_grads, model_fisher
 from .errors import PrunekitError, PrunekitWarning
 from .fisher_hooks import HooksDisagree, collect_with_hooks
 from .fisher_vmap import collect_with_vmap
-from .losses import LossFn
+from .losses import LossFn, mean_loss
 from .options import OptionError
 from .params import ParamSpace
 
@@ -67,7 +68,7 @@ BN_MODES = ("frozen", "batch")
 def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n: int, batch: int = 1,
                       chunk: int = 64, dtype: torch.dtype = torch.float32,
                       progress: bool = True, bn: str = "frozen", loss_fn: LossFn | None = None,
-                      kind: str = "empirical", seed: int = 0) -> torch.Tensor:
+                      kind: str = "empirical", seed: int = 0, loss_scale: float = 1.0) -> torch.Tensor:
     """The (n, p) gradient matrix at the model's current weights, in ``dtype``, on the model's device.
 
     Args:
@@ -83,6 +84,9 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
         kind: "empirical" (gradients of the loss at the data's labels) or "model" (draws of the
             model's Fisher, :mod:`prunekit.model_fisher`: the default cross-entropy, nn.MSELoss()
             or nn.BCEWithLogitsLoss(); ``seed`` seeds the draws).
+        loss_scale: a power of two s: the rows hold s times the gradients (the loss is scaled in
+            float32, before any rounding to ``dtype``: exact where nothing overflows), so that
+            float16 rows of a tiny loss are not subnormal or zero (:func:`float16_loss_scale`).
     """
     if n < 1 or batch < 1 or chunk < 1:
         raise PrunekitError(f"need n >= 1 gradient rows of batch >= 1 samples (chunk >= 1), "
@@ -102,6 +106,10 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
         if not model_fisher.supports(loss_fn):
             raise OptionError(model_fisher.refusal(loss_fn), ("fisher_kind", "loss"))
         batches, loss_fn = model_fisher.with_sample_seeds(batches, seed), model_fisher.draw_loss(loss_fn)
+    if loss_scale != 1.0:
+        if not (loss_scale > 0 and math.frexp(loss_scale)[0] == 0.5):
+            raise PrunekitError(f"loss_scale must be a power of two, got {loss_scale!r}")
+        loss_fn = _scaled_loss(loss_fn, loss_scale)
     device = space.weights()[0].device
     rows = torch.empty(n, space.numel, dtype=dtype, device=device)
     unsupported = layer_grads.unsupported_layers(model, space)
@@ -120,6 +128,37 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
             "has no batched rule for it): exact but slower; mini-batch rows (fisher_batch=8) avoid it"),
             stacklevel=2)
     return rows
+
+
+def _scaled_loss(loss_fn: LossFn | None, scale: float) -> LossFn:
+    """``scale`` times the mean loss (``loss_fn`` None: cross-entropy), as a loss function."""
+    def scaled(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return mean_loss(loss_fn, outputs, targets) * scale
+    return scaled
+
+
+FLOAT16_TOP = 2.0**8        # where float16_loss_scale puts the largest probed gradient entry
+FLOAT16_KEEP = (2.0**-2, 2.0**12)   # largest entries in this range: float16 rows as they are (scale 1)
+PROBE_ROWS = 4
+
+
+def float16_loss_scale(model: nn.Module, space: ParamSpace, batches: Iterable, n: int, **options) -> float:
+    """The power of two by which to scale the loss before float16 rows are stored (1.0: none).
+
+    Float16 holds normal numbers down to 6.1e-5 and nothing below 6e-8, so the rows of a tiny loss
+    (a nearly perfect classifier: loss 1e-6, gradient entries of 1e-6 to 1e-9) were stored
+    subnormal or zero, before any later scaling of X could help. The first min(n, ``PROBE_ROWS``) rows are
+    computed in float32 from ``batches`` (a stream of its own: p floats a row) and the largest
+    entry put at ``FLOAT16_TOP`` (256x headroom below float16's 65,504 for rows the probe did not
+    see); 1.0 while that entry lies in ``FLOAT16_KEEP`` (ordinary losses: the rows as ever).
+    ``options``: collect_gradients' (``progress`` off here)."""
+    options["progress"] = False
+    probe = collect_gradients(model, space, batches, min(n, PROBE_ROWS), dtype=torch.float32, **options)
+    top = float(probe.abs().max()) if probe.numel() else 0.0
+    del probe
+    if not math.isfinite(top) or top == 0.0 or FLOAT16_KEEP[0] <= top <= FLOAT16_KEEP[1]:
+        return 1.0
+    return 2.0 ** (math.floor(math.log2(FLOAT16_TOP / top)))
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from ..errors import PrunekitError, PrunekitWarning
 from .. import memory_plan, process_memory
 from ..options import OptionError
 from .. import distributed
-from ..fisher import collect_gradients, keep_columns, passes, skip_samples
+from ..fisher import collect_gradients, float16_loss_scale, keep_columns, passes, skip_samples
 from ..data.loaders import samples_per_pass
 from ..fisher_batches import check_enough_samples, check_sample_count
 from ..distributed.gradients import collect_sharded_gradients
@@ -416,19 +416,34 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
         if collective.distributed:
             q, ridge, scale = _sharded_model(ctx, plan, opts, w, index, collective, skip, repeat)
         else:
-            batches = passes(ctx.train_batches()) if repeat else ctx.train_batches()
-            batches = skip_samples(batches, skip) if skip else batches
-            grads = collect_gradients(ctx.model, ctx.space, batches, plan.n, batch=opts.fisher_batch,
-                                      chunk=plan.chunk, dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn,
-                                      loss_fn=ctx.loss_fn, kind=kind, seed=ctx.seed)
+            def stream():
+                batches = passes(ctx.train_batches()) if repeat else ctx.train_batches()
+                return skip_samples(batches, skip) if skip else batches
+            options = dict(batch=opts.fisher_batch, chunk=plan.chunk, bn=opts.fisher_bn, loss_fn=ctx.loss_fn,
+                           kind=kind, seed=ctx.seed)
+            # float16 rows of a tiny loss: the loss scaled (a power of two) before they are rounded
+            stored = float16_loss_scale(ctx.model, ctx.space, stream(), plan.n, **options) \
+                if plan.dtype == torch.float16 else 1.0
+            grads = collect_gradients(ctx.model, ctx.space, stream(), plan.n, dtype=plan.dtype,
+                                      progress=ctx.progress, loss_scale=stored, **options)
+            if stored > 1.0 and not gradients_finite(grads):   # a row the probe did not see overflowed
+                warnings.warn(PrunekitWarning(
+                    f"float16 gradient rows overflowed at loss scale {stored:g} (a row far larger than the first "
+                    "ones): collected again unscaled, where tiny entries are subnormal or zero; fisher_dtype="
+                    "'bfloat16' or 'float32' keeps them"), stacklevel=2)
+                del grads
+                stored = 1.0
+                grads = collect_gradients(ctx.model, ctx.space, stream(), plan.n, dtype=plan.dtype,
+                                          progress=ctx.progress, **options)
             check_finite_gradients(grads)
             rows = grads if index.numel() == p else keep_columns(grads, index)
             del grads
-            mean_diagonal = _mean_fisher_diagonal(rows)
+            mean_diagonal = _mean_fisher_diagonal(rows) / stored**2       # of the unscaled gradients
             ridge = opts.ridge if opts.ridge is not None else opts.relative_ridge * mean_diagonal
             scale = normalising_scale(mean_diagonal, rows.dtype)
             if scale != 1.0:
                 rows.mul_(scale)                           # exact: a power of two (the stage's own X)
+            scale *= stored                                # rows = scale x the gradients
             q = QuadraticModel(rows, _free(w, index), ridge * scale**2)
             if opts.first_order:                           # g = the mean of the rows (scale² g, as Q is scaled)
                 q = QuadraticModel(rows, _free(w, index), ridge * scale**2,

@@ -84,7 +84,10 @@ def _contiguous_bounds(layer_slices: Sequence[slice], p: int) -> np.ndarray | No
     return np.array(bounds, dtype=np.int64) if bounds[-1] == p and len(bounds) > 1 else None
 
 def finite_vector(x, name: str) -> np.ndarray:
-    """``x`` (tensor or array-like) as a 1-D float64 array of finite, non-negative values."""
+    """``x`` (tensor or array-like) as a 1-D float64 array of finite, non-negative values
+    (a :class:`Squares`, checked when made, is returned as it is)."""
+    if isinstance(x, Squares):
+        return x
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float64).numpy()
     arr = np.asarray(x, dtype=np.float64)
@@ -95,6 +98,42 @@ def finite_vector(x, name: str) -> np.ndarray:
     if (arr < 0).any():
         raise PrunekitError(f"{name} must be non-negative; found {arr.min():g}.")
     return arr
+
+
+class Squares:
+    """Scores given as the squares of ``roots`` (p,) float32 or float64 (a weight vector, held
+    as it is: no p-long float64 copy), each square computed in float64 when it is read: exact
+    for float32 roots, and bit for bit the square an eager ``roots.double() ** 2`` makes in
+    either case. Reads like the scores array it stands for: ``size``, ``max()``, ``[index]``
+    (a slice, index or bool array: float64 squares), ``np.asarray`` (the whole, materialised)."""
+
+    def __init__(self, roots: np.ndarray):
+        if roots.ndim != 1 or roots.dtype not in (np.float32, np.float64):
+            raise PrunekitError("Squares takes a 1-D float32 or float64 vector; flatten or convert it first.")
+        self.roots = roots
+        self.size = int(roots.size)
+        top = max(abs(float(roots.max())), abs(float(roots.min()))) if roots.size else 0.0
+        if not np.isfinite(top) or not np.isfinite(top * top):
+            raise PrunekitError("scores contains NaN or infinite values (or squares beyond float64); pass finite numbers.")
+        self._max = top * top
+
+    def __getitem__(self, index) -> np.ndarray:
+        r = self.roots[index].astype(np.float64)
+        return np.multiply(r, r, out=r)
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+    def max(self) -> float:
+        return self._max
+
+    def any_positive(self) -> bool:
+        return self._max > 0
+
+
+def any_positive(scores) -> bool:
+    """Whether any score is > 0 (``scores`` non-negative: an array or :class:`Squares`)."""
+    return scores.any_positive() if isinstance(scores, Squares) else bool((scores > 0).any())
 
 
 def accelerator_copy(x) -> torch.Tensor | None:

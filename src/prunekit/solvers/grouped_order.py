@@ -57,6 +57,7 @@ def grouped_order(scores: np.ndarray, group, limits: np.ndarray, values_out: np.
     sizes = np.bincount(group, minlength=n_groups)
     starts = np.r_[0, np.cumsum(sizes)[:-1]]
     if n_groups > LOOP_SORT_MAX_GROUPS:
+        scores = np.asarray(scores)                          # a Squares materialised (float64)
         desc = torch.sort(torch.from_numpy(scores), descending=True, stable=True).indices.numpy()
         order = desc[np.argsort(small[desc], kind="stable")]
         rank_in_group = np.arange(order.size) - np.repeat(starts, sizes)

@@ -110,7 +110,7 @@ def _iht_loop(q: QuadraticModel, k: int, w: torch.Tensor, max_iter: int, tol: fl
             new = _line_search(q, k, cur, grad, max(tau_keep, inv_L), max_search, counters)
         if new is None and tau_keep > 0 and dd > 0:              # still a descent step on S
             new = _step_on_support(q, cur, d, Xd, min(tau_keep, tau_exact))
-        if new is None or new.f >= cur.f:
+        if new is None or not new.f < cur.f:                     # (a NaN objective lowers nothing)
             counters.stalled = True
             break
         counters.iterations += 1
@@ -141,8 +141,12 @@ def _support_keeping_step(q: QuadraticModel, w: torch.Tensor, grad: torch.Tensor
 
 def _step_on_support(q: QuadraticModel, cur: _Iterate, d: torch.Tensor, Xd: torch.Tensor,
                      tau: float) -> _Iterate:
-    """w − τd for d supported on S; the residual is updated, not recomputed."""
-    w = cur.w - tau * d
+    """w − τd for d supported on S; the residual is updated, not recomputed.
+
+    Only the entries where d ≠ 0 move: a τ beyond the weights' float range (a curvature dᵀ∇²Q d
+    that underflowed: a Fisher of 2^-140 in float32) made τ·0 = inf·0 = NaN off S, a nonzero in
+    every pruned weight (more than k). Such a step's objective is NaN and it is refused."""
+    w = torch.where(d != 0, cur.w - tau * d, cur.w)
     r = cur.r - tau * Xd
     return _Iterate(w, r, q.objective(w, r))
 
@@ -166,7 +170,7 @@ def _line_search(q: QuadraticModel, k: int, cur: _Iterate, grad: torch.Tensor, t
         for _ in range(max_search - 1):
             tau *= 2
             new = trial(tau)
-            if new.f >= best.f:
+            if not new.f < best.f:               # (NaN: a step beyond float range)
                 break
             best = new
         return best

@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cost_groups import CostGroups
+from .cost_groups import CostGroups, Squares, any_positive
 from .grouped_order import PreviousOrder
 from .ilp_groups import TINY, Problem, SortedGroups, parse_problem, prefix_limits
 from .ilp_rounding import drop_to_budget, local_search
 
-__all__ = ["ILPResult", "solve_flops_ilp"]
+__all__ = ["ILPResult", "Squares", "solve_flops_ilp"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,9 @@ def solve_flops_ilp(
     """Solve the FLOP + count budgeted selection ILP by Lagrangian duality (fast, certified).
 
     Args:
-        scores: (p,) non-negative importance of each weight (e.g. squared magnitudes).
+        scores: (p,) non-negative importance of each weight (e.g. squared magnitudes); or a
+            :class:`~prunekit.solvers.cost_groups.Squares` of a float32/float64 weight vector (on
+            the CPU): the squares, computed where read, never held whole.
         costs_per_weight: (p,) non-negative MACs of each weight; or instead
         layer_slices: L slices partitioning range(p), with
         layer_costs: (L,) the MACs of every weight in each layer; or instead
@@ -135,7 +137,7 @@ class Solution:
 
 def solve_lagrangian(prob: Problem, tol: float, previous_order: PreviousOrder | None = None) -> Solution:
     """The fast solver on a validated problem (see :func:`solve_flops_ilp`)."""
-    if prob.max_count == 0 or not (prob.scores > 0).any():
+    if prob.max_count == 0 or not any_positive(prob.scores):
         return Solution(np.zeros(prob.scores.size, dtype=bool), 0.0, 0.0, {"method": "trivial"})
     start = time.perf_counter()
     limits = prefix_limits(prob.cost_groups.sizes, prob.group_costs, prob.max_count, prob.max_cost)
@@ -145,6 +147,7 @@ def solve_lagrangian(prob: Problem, tol: float, previous_order: PreviousOrder | 
     m, dual, info = round_lagrangian(groups, prob.max_count, prob.max_cost, tol)
     info["setup_seconds"] = setup_seconds
     keep = groups.keep_mask(m)
+    del groups                          # its order (4 bytes a weight) before the kept scores' copy
     primal = float(prob.scores[keep].sum())
     # The bound is exact up to float64 rounding; never report it below a feasible value.
     return Solution(keep, primal, max(dual, primal), info)

@@ -21,6 +21,7 @@ from .cost_groups import LOOP_SORT_MAX_GROUPS, CostGroups, accelerator_copy, fin
 from .grouped_order import PreviousOrder, grouped_order, grouped_order_on_device
 
 TINY = 1e-300
+CHECKPOINT_EVERY = 32   # positions between the held running sums (SortedGroups.prefix_at)
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,10 @@ class SortedGroups:
     ``group``: (p,) group ids, or the :class:`CostGroups` of the weights.
     A selection that keeps a prefix of every group is described by ``m`` (G,) int64, the
     number kept per group. The layout is group-major: group g occupies positions
-    ``start[g] : start[g] + size[g]`` of ``s_desc``, and ``prefix`` holds the running sums of
-    ``s_desc``. ``limits`` (G,), optional (see ``prefix_limits``): only the best ``limits[g]`` of
+    ``start[g] : start[g] + size[g]`` of the layout (``perm``: position -> weight; the scores in
+    that order are read through it, :meth:`values`, not held), and :meth:`prefix_at` gives its
+    running sums from one held every ``CHECKPOINT_EVERY`` positions: about 4 bytes a weight in
+    all (int32 ``perm``) where the laid-out scores and their running sums held 16 more. ``limits`` (G,), optional (see ``prefix_limits``): only the best ``limits[g]`` of
     group g are sorted and seen (``size[g]``), which spares sorting what no feasible selection keeps.
     ``device_scores``: the scores on an accelerator (see :class:`Problem`); the sort then runs there.
     ``previous``: a :class:`PreviousOrder` to start the (CPU) sort from (the same result), left
@@ -125,25 +128,72 @@ class SortedGroups:
         full_size = group.sizes if isinstance(group, CostGroups) else np.bincount(group, minlength=n_groups)
         self.size = full_size if limits is None else np.minimum(full_size, limits)
         self.p = scores.size
-        if device_scores is None:       # layout position -> weight index, and the scores in that order
-            self.s_desc = np.empty(int(self.size.sum()))
+        self.scores = scores
+        if device_scores is None:       # layout position -> weight index
             warm = previous is not None and previous.perm is not None and previous.groups is group
-            self.perm = grouped_order(scores, group, self.size, values_out=self.s_desc,
-                                       previous=previous if warm else None)
+            self.perm = grouped_order(scores, group, self.size, previous=previous if warm else None)
             if previous is not None:
                 previous.perm, previous.size, previous.groups = self.perm, self.size, group
         else:
             ids = group.group() if isinstance(group, CostGroups) else group
             self.perm = grouped_order_on_device(device_scores, ids, self.size)
-            self.s_desc = scores[self.perm]
-        self.prefix = np.empty(self.s_desc.size + 1)                 # [0, running sums of s_desc]
-        self.prefix[0] = 0.0
-        np.cumsum(self.s_desc, out=self.prefix[1:])
+        self.n = int(self.perm.size)
+        self._checkpoints = self._running_sums()
         self.start = np.concatenate([[0], np.cumsum(self.size)[:-1]])
         self.costs = group_costs
         self.by_cost = np.argsort(group_costs, kind="stable")
         self.max_score = float(scores.max())
         self._steps = [1 << j for j in reversed(range(int(self.size.max()).bit_length()))]
+
+    def values(self, positions) -> np.ndarray:
+        """The scores at layout ``positions`` (any shape, or a slice), float64: ``scores[perm[positions]]``.
+        The layout's scores are not held (8 bytes a weight): they are read through ``perm``."""
+        return self.scores[self.perm[positions]]
+
+    @property
+    def s_desc(self) -> np.ndarray:
+        """(n,) float64, the scores in layout order (materialised: for tests and small problems)."""
+        return self.values(slice(None))
+
+    def _running_sums(self) -> np.ndarray:
+        """(n // CHECKPOINT_EVERY + 1,): the running sum of the laid-out scores at every
+        ``CHECKPOINT_EVERY``-th position (``prefix[i * CHECKPOINT_EVERY]``), accumulated one score
+        after the other in layout order (the same float64 additions as one cumsum of the whole),
+        built a block at a time."""
+        every = CHECKPOINT_EVERY
+        out = np.empty(self.n // every + 1)
+        out[0] = carry = 0.0
+        block = every * 16384               # 4 MB of temporaries a block
+        for a in range(0, self.n, block):
+            b = min(a + block, self.n)
+            sums = np.empty(b - a + 1)
+            sums[0] = carry
+            sums[1:] = self.values(slice(a, b))
+            np.add.accumulate(sums, out=sums)
+            held = sums[::every]            # positions a, a + every, ... (a is a multiple of every)
+            out[a // every:a // every + held.size] = held
+            carry = float(sums[-1])
+        return out
+
+    def prefix_at(self, ends) -> np.ndarray:
+        """``prefix[ends]`` (any shape, int): the sum of the laid-out scores before each position,
+        the same float64 value as the running sum of all of them (``np.cumsum``) gives there:
+        from the checkpoint below, adding the scores after it one by one."""
+        ends = np.asarray(ends, dtype=np.int64)
+        flat = ends.reshape(-1)
+        block, rest = np.divmod(flat, CHECKPOINT_EVERY)
+        out = self._checkpoints[block]
+        todo = np.flatnonzero(rest)
+        if todo.size:
+            width = int(rest[todo].max())
+            base = flat[todo] - rest[todo]
+            pos = np.minimum(base[:, None] + np.arange(width), max(self.n - 1, 0))
+            terms = np.empty((todo.size, width + 1))
+            terms[:, 0] = out[todo]
+            terms[:, 1:] = self.values(pos)
+            np.add.accumulate(terms, axis=1, out=terms)
+            out[todo] = terms[np.arange(todo.size), rest[todo]]
+        return out.reshape(ends.shape)
 
     def count_above(self, thresholds: np.ndarray) -> np.ndarray:
         """m (G,): number of scores of group g strictly above thresholds[g].
@@ -152,13 +202,13 @@ class SortedGroups:
         m = np.zeros_like(self.size)
         for step in self._steps:
             trial = np.minimum(m + step, self.size)
-            above = (trial > m) & (self.s_desc[np.maximum(self.start + trial - 1, 0)] > thresholds)
+            above = (trial > m) & (self.values(np.maximum(self.start + trial - 1, 0)) > thresholds)
             m = np.where(above, trial, m)
         return m
 
     def score_of(self, m: np.ndarray) -> float:
         """Σ of the kept scores of the prefix selection m."""
-        return float((self.prefix[self.start + m] - self.prefix[self.start]).sum())
+        return float((self.prefix_at(self.start + m) - self.prefix_at(self.start)).sum())
 
     def score_above(self, thresholds: np.ndarray) -> tuple[np.ndarray, float]:
         """(m, Σ kept scores) of the selection of every score above its group's threshold."""
@@ -168,7 +218,7 @@ class SortedGroups:
     def tail_sums(self, m: np.ndarray, drops: np.ndarray, n: np.ndarray) -> np.ndarray:
         """(A, D): Σ of the n[a, d] least kept scores of group drops[d] (n ≤ m[drops])."""
         end = self.start[drops] + m[drops]
-        return self.prefix[end] - self.prefix[end - n]
+        return self.prefix_at(end) - self.prefix_at(end - n)
 
     def cost_of(self, m: np.ndarray) -> float:
         """Σ of the kept costs of the prefix selection m."""
@@ -177,13 +227,13 @@ class SortedGroups:
     def next_scores(self, m: np.ndarray) -> np.ndarray:
         """(G,): the best score each group has not kept yet; 0 where the group is used up."""
         left = m < self.size
-        idx = np.minimum(self.start + m, self.s_desc.size - 1)
-        return np.where(left, self.s_desc[idx], 0.0)
+        idx = np.minimum(self.start + m, max(self.n - 1, 0))
+        return np.where(left, self.values(idx), 0.0)
 
     def last_scores(self, m: np.ndarray) -> np.ndarray:
         """(G,): the worst score each group keeps; +inf where it keeps nothing."""
         idx = np.maximum(self.start + m - 1, 0)
-        return np.where(m > 0, self.s_desc[idx], np.inf)
+        return np.where(m > 0, self.values(idx), np.inf)
 
     def take_cheapest_first(self, available: np.ndarray, n: int) -> np.ndarray:
         """(G,): n items spread over groups with ``available`` (G,), cheapest groups first."""

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .ilp import solve_flops_ilp
+from .ilp import Squares, solve_flops_ilp
 from .search import largest_fitting_k
 
 
@@ -114,7 +114,12 @@ def magnitude_flops(w: torch.Tensor, layer_slices: list[slice], layer_macs: list
     """
     if max_macs is None:
         return magnitude_global(w, k), None
-    squares = w.to(torch.float64, copy=True).square_()     # one float64 vector (w.double() ** 2 made two)
+    if w.device.type == "cpu":          # the squares read from w where needed: no p-long float64 vector
+        roots = w.detach().reshape(-1)
+        roots = roots if roots.dtype in (torch.float32, torch.float64) else roots.to(torch.float32)
+        squares = Squares(roots.contiguous().numpy())
+    else:                               # on an accelerator the sort runs there, on the squares
+        squares = w.to(torch.float64, copy=True).square_()
     result = solve_flops_ilp(squares, layer_slices=layer_slices,
                              layer_costs=[float(c) for c in layer_macs],
                              max_count=k, max_cost=float(max_macs))

@@ -154,8 +154,8 @@ class _SlicedGroups(SortedGroups):
         if self.local is None:
             mine = np.full(m.size, -np.inf)
         else:
-            idx = np.minimum(self.local.start + m_local, self.local.s_desc.size - 1)
-            mine = np.where(m_local < self.local.size, self.local.s_desc[idx], -np.inf)
+            idx = np.minimum(self.local.start + m_local, max(self.local.n - 1, 0))
+            mine = np.where(m_local < self.local.size, self.local.values(idx), -np.inf)
         return np.where(m < self.size, self._max(mine), 0.0)
 
     def last_scores(self, m: np.ndarray) -> np.ndarray:
@@ -164,7 +164,7 @@ class _SlicedGroups(SortedGroups):
             mine = np.full(m.size, np.inf)
         else:
             idx = np.maximum(self.local.start + m_local - 1, 0)
-            mine = np.where(m_local > 0, self.local.s_desc[idx], np.inf)
+            mine = np.where(m_local > 0, self.local.values(idx), np.inf)
         return np.where(m > 0, -self._max(-mine), np.inf)
 
     def tail_sums(self, m: np.ndarray, drops: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -181,7 +181,7 @@ class _SlicedGroups(SortedGroups):
             take = min(int(depth[d]), int(m_local[g]))
             if take:
                 end = self.local.start[g] + m_local[g]
-                mine[at:at + take] = self.local.s_desc[end - take:end][::-1]
+                mine[at:at + take] = self.local.values(slice(end - take, end))[::-1]
             at += int(depth[d])
         every = self.collective.all_gather(torch.tensor(mine, device=self.device)).cpu().numpy()
         every = every.reshape(self.collective.size, total)
