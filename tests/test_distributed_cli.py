@@ -570,3 +570,37 @@ def test_a_warning_every_rank_meets_is_printed_once_by_rank_0(tmp_path):
     assert any("no train/ and test/ folders" in line for line in warned[0]), warned[0]
     assert any("3 class folders but the model has 5 outputs" in line for line in warned[0]), warned[0]
     assert warned[1] == [], done[1][2][-2000:]
+
+
+
+def test_an_edited_finished_run_under_torchrun_is_refused_in_one_line_and_exit_code_2(tmp_path):
+    """``torchrun ... -m prunekit prune ... --out R`` over a finished run whose config.toml was
+    edited by hand: rank 0's one-line refusal and exit code 2 on both ranks. Before, rank 1 crashed
+    in ``broadcast_object`` unpickling rank 0's ``EditedConfig`` (``TypeError: EditedConfig.__init__()
+    missing 2 required positional arguments``), a traceback and exit code 1."""
+    out = tmp_path / "run"
+    args = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(ASSETS / "mnist"), "--method", "magnitude", "--sparsity", "0.5", "--train-samples",
+            "256", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
+    made = subprocess.run([sys.executable, "-m", "prunekit", *args], capture_output=True, text=True, env=env,
+                          timeout=240)
+    assert made.returncode == 0, made.stderr[-2000:]
+    config = (out / "config.toml").read_text()
+    assert "train-samples = 256\n" in config
+    (out / "config.toml").write_text(config.replace("train-samples = 256\n", "train-samples = 512\n"))
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "prunekit",
+                                 *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    try:
+        _, err = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    lines = [line for line in err.splitlines() if line.startswith("prunekit:")]      # not torchrun's "prunekit FAILED"
+    assert len(lines) == 1 and lines[0].startswith("prunekit: error: "), err[-3000:]
+    assert "config.toml was changed (train-samples)" in lines[0], lines[0]
+    assert "Error" not in err.replace("ChildFailedError", ""), err[-3000:]     # no rank's traceback
+    assert err.count("exitcode  : 2") == 2, err[-3000:]            # torchrun's report: both ranks exit 2

@@ -10,8 +10,20 @@ import shlex
 import sys
 
 
+def _rebuilt(cls: type, args: tuple) -> BaseException:
+    """``cls`` with ``args`` as its ``.args``, its ``__init__`` not called (``__reduce__``)."""
+    return cls.__new__(cls, *args)
+
+
 class PrunekitError(ValueError):
-    """Bad input from the user: the message names the fix."""
+    """Bad input from the user: the message names the fix.
+
+    Every subclass pickles (rank 0's refusal is broadcast to the other ranks) whatever its
+    ``__init__`` takes: it is rebuilt from ``.args`` (the message) and its attributes
+    (``params``, ``cli_text``, ...), not by calling its constructor again."""
+
+    def __reduce__(self):
+        return _rebuilt, (type(self), self.args), self.__dict__ or None
 
 
 def pip_install(what: str) -> str:
@@ -62,6 +74,8 @@ def input_fix(x, model, otherwise: str) -> str:
 class PrunekitWarning(UserWarning):
     """Something the user should know that does not stop the run (one line, our words; the
     CLI prints it as ``prunekit: warning: ...``)."""
+
+    __reduce__ = PrunekitError.__reduce__
 
 
 def worded_warning(python: str, command_line: str) -> PrunekitWarning:
