@@ -11,7 +11,6 @@ import pkgutil
 import typing
 
 import pytest
-import torch
 
 import prunekit
 from prunekit.errors import PrunekitError, PrunekitWarning
