@@ -293,3 +293,50 @@ def test_ranks_whose_memory_allows_other_row_counts_take_the_least(tmp_path):
     on the first exchange of rows ('Received data size doesn't match expected size')."""
     from distributed_spawn import run_ranks
     assert run_ranks(_prune_with_rank_memory, 2, tmp_path) == [24, 24]
+
+
+def test_a_finished_run_with_an_edited_config_is_refused_on_both_ranks_as_edited_config(tmp_path):
+    """prunekit.prune(out=) over a finished run whose config.toml was edited by hand: rank 0's
+    ``EditedConfig`` is broadcast and raised on every rank (the README: the PrunekitError on every
+    rank). Before, rank 1 crashed unpickling it (``TypeError: EditedConfig.__init__() missing 2
+    required positional arguments``) while rank 0 raised the refusal."""
+    import prunekit
+    from distributed_spawn import run_ranks
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    prunekit.prune(net, (torch.randn(32, 8), torch.randint(0, 3, (32,))), method="magnitude", sparsity=0.5,
+                   recalibrate_bn=False, out=str(out))
+    config = (out / "config.toml").read_text()
+    assert "sparsity = 0.5\n" in config
+    (out / "config.toml").write_text(config.replace("sparsity = 0.5\n", "sparsity = 0.4\n"))
+    said = run_ranks(_prune_into, 2, tmp_path, str(out))
+    assert said[0] == said[1], said
+    assert said[0].startswith("EditedConfig: ") and "config.toml was changed (sparsity)" in said[0], said
+
+
+def _prune_with_bn_and_no_data(rank, world):
+    """prunekit.prune of a BatchNorm net without data (its "not re-estimated" warning), then the
+    caller's own warning: each rank's warnings, as (category name, message start)."""
+    import warnings
+    import prunekit
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
+                              torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prunekit.prune(net, None, method="magnitude", sparsity=0.5, example_input=torch.randn(2, 1, 8, 8))
+        warnings.warn("the script's own", UserWarning)
+    return [(w.category.__name__, str(w.message)[:40]) for w in caught]
+
+
+def test_prunekits_warnings_in_a_script_under_two_ranks_are_rank_0s_alone(tmp_path):
+    """The README: warnings are rank 0's. The CLI printed ours on rank 0 alone, but
+    ``prunekit.prune`` in a script under torchrun warned once per rank. The caller's own warnings are
+    left alone on every rank."""
+    from distributed_spawn import run_ranks
+    said = run_ranks(_prune_with_bn_and_no_data, 2, tmp_path)
+    own = ("UserWarning", "the script's own")
+    assert said[1] == [own], said
+    assert said[0][-1] == own and [c for c, _ in said[0][:-1]] == ["PrunekitWarning"], said
+    assert said[0][0][1].startswith("the model's BatchNorm statistics"), said

@@ -570,3 +570,98 @@ def test_a_warning_every_rank_meets_is_printed_once_by_rank_0(tmp_path):
     assert any("no train/ and test/ folders" in line for line in warned[0]), warned[0]
     assert any("3 class folders but the model has 5 outputs" in line for line in warned[0]), warned[0]
     assert warned[1] == [], done[1][2][-2000:]
+
+
+
+def test_an_edited_finished_run_under_torchrun_is_refused_in_one_line_and_exit_code_2(tmp_path):
+    """``torchrun ... -m prunekit prune ... --out R`` over a finished run whose config.toml was
+    edited by hand: rank 0's one-line refusal and exit code 2 on both ranks. Before, rank 1 crashed
+    in ``broadcast_object`` unpickling rank 0's ``EditedConfig`` (``TypeError: EditedConfig.__init__()
+    missing 2 required positional arguments``), a traceback and exit code 1."""
+    out = tmp_path / "run"
+    args = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
+            "--data-dir", str(ASSETS / "mnist"), "--method", "magnitude", "--sparsity", "0.5", "--train-samples",
+            "256", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
+    made = subprocess.run([sys.executable, "-m", "prunekit", *args], capture_output=True, text=True, env=env,
+                          timeout=240)
+    assert made.returncode == 0, made.stderr[-2000:]
+    config = (out / "config.toml").read_text()
+    assert "train-samples = 256\n" in config
+    (out / "config.toml").write_text(config.replace("train-samples = 256\n", "train-samples = 512\n"))
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "prunekit",
+                                 *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    try:
+        _, err = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    lines = [line for line in err.splitlines() if line.startswith("prunekit:")]      # not torchrun's "prunekit FAILED"
+    assert len(lines) == 1 and lines[0].startswith("prunekit: error: "), err[-3000:]
+    assert "config.toml was changed (train-samples)" in lines[0], lines[0]
+    assert "Error" not in err.replace("ChildFailedError", ""), err[-3000:]     # no rank's traceback
+    assert err.count("exitcode  : 2") == 2, err[-3000:]            # torchrun's report: both ranks exit 2
+
+
+def _ranks_of(launcher: int) -> dict[int, int]:
+    """The rank processes torchrun ``launcher`` started: {RANK: pid}."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = next((int(v.split(b"=", 1)[1]) for v in environ if v.startswith(b"RANK=")), None)
+        if parent == launcher and rank is not None:
+            ranks[rank] = int(entry.name)
+    return ranks
+
+
+@pytest.mark.parametrize("sigterm_first", [True, False], ids=["sigterm-before-the-collective-fails", "kill-alone"])
+def test_a_rank_killed_under_torchrun_is_reported_as_a_lost_rank_not_a_sigterm(tmp_path, sigterm_first):
+    """``kill -9`` of rank 1 under torchrun: rank 0's collective fails, and torchrun sends it SIGTERM
+    (it stops the ranks left once one dies), which raced rank 0's own message: about half the runs
+    said ``prunekit: interrupted (SIGTERM); resume with ...`` (exit 143) and run.log had two lines
+    (the lost rank, then the SIGTERM). The SIGTERM is sent here before the kill (rank 0 waits in a
+    collective: it takes the signal as that collective fails), the order that lost every time, and
+    without it (torchrun's own, at whatever time). Now rank 0 asks the store whether its peer left
+    for a SIGTERM (a stopped launcher) or not: one line naming the lost rank, one in run.log."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
+    script = tmp_path / "paused.py"
+    script.write_text(_RANK_1_PAUSED_AFTER_STAGE_1)
+    args = [a for a in PRUNE if a != "--json"]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script),
+                                 *args, "--out", str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / "stage-001.safetensors").exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, "stage 1 never came"
+            time.sleep(0.2)
+        time.sleep(3)                          # rank 0 is in stage 2's first collective, waiting for rank 1
+        ranks = _ranks_of(launcher.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        if sigterm_first:
+            os.kill(ranks[0], signal.SIGTERM)
+            time.sleep(0.5)
+        os.kill(ranks[1], signal.SIGKILL)
+        _, err = launcher.communicate(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    lines = [line for line in err.splitlines() if line.startswith("prunekit:")]
+    assert len(lines) == 1 and lines[0].startswith("prunekit: error: rank 0: a rank stopped or could not be "
+                                                   "reached ("), err[-3000:]
+    assert lines[0].endswith(f"--resume {out}`"), lines[0]
+    stops = [line for line in (out / "run.log").read_text().splitlines() if "interrupted" in line]
+    assert len(stops) == 1 and "interrupted: a rank stopped or could not be reached (" in stops[0], stops
+    assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"

@@ -739,3 +739,21 @@ def test_own_method_with_fisher_samples_but_no_fisher_batch_is_checked_against_t
                                             "fisher_samples to 64 or fewer"):
         prunekit.prune(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), (x, y), method=method,
                        sparsity=0.5, fisher_samples=65)
+
+
+def test_a_ranks_gradient_share_is_its_columns_plus_a_piece_of_rows_in_transit(steady_usage):
+    """A walk read "gradients 256 x 1,074,000 in float32; each of 2 ranks holds a share of its
+    columns, 74 MB" against 1.0 GB / 2: the figure is right (``distributed.gradients``: a rank holds
+    its n x p/R columns plus, in transit, one piece of n/(4R^2) of its rows x p and a block of it:
+    1/2 + 1/16 + 1/32 of n x p on 2 ranks), and the refusal now says what it counts."""
+    model, example = wide_model(), torch.zeros(1, 1, 8, 8)
+    space = ParamSpace(model)
+    n = 256
+    one = memory_plan.plan(model, space, example, n=n, max_memory="100G")
+    two = memory_plan.plan(model, space, example, n=n, max_memory="100G", ranks=2)
+    assert one.gradients == n * one.p * 4
+    expected = one.gradients * (1 / 2 + 1 / 16 + 1 / 32)
+    assert abs(two.gradients - expected) <= 0.01 * expected, (two.gradients, expected)
+    with pytest.raises(PrunekitError) as refused:
+        memory_plan.plan(model, space, example, n=100_000, max_memory=steady_usage + 400 * MB, ranks=2)
+    assert "each of 2 ranks holds its 1/2 of the columns and a piece of its rows in transit, " in str(refused.value)

@@ -31,7 +31,6 @@ import json
 import os
 import sys
 import tomllib
-import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 
@@ -57,6 +56,7 @@ from .record import Result
 from .request import PruneRequest
 from .runs import RunFolder, claim_on_rank_0, release_refused
 from .saving import atomic_write_json, refuse_non_tensors
+from .errors import warn as warn_ours
 
 
 def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sparsity=None, flops=None,
@@ -153,7 +153,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     check_data(eval_data, "eval_data", class_labels=loss is None)
     check_not_meta(example_input, "example_input")
     if launched_by_torchrun() and not current().distributed:
-        warnings.warn(PrunekitWarning(
+        warn_ours(PrunekitWarning(
             f"this script runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) but joined no process group: "
             "every process prunes alone; call prunekit.distributed.init_from_env() first to share the work"))
     if out is not None:     # the run folder keeps the model (and its checkpoints) as .safetensors
@@ -657,7 +657,7 @@ def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> bool:
     message = f"{folder.path}: {done}, but {'; and '.join(said)}; clear it with force=True if {changed} changed"
     if folder.writable:
         folder.log(message)
-    warnings.warn(PrunekitWarning(message), stacklevel=3)
+    warn_ours(PrunekitWarning(message))
     return True
 
 
@@ -688,7 +688,7 @@ def _say_given_back(folder: RunFolder, config_text: str, streams: dict, told: bo
     said = (f"{folder.path} holds this run, finished: its stored result is given back, nothing was run{rng} "
             "(force=True runs it anew, or give another out)")
     if reseeded:        # a reseed meant to draw another run: a possible mistake, warned
-        warnings.warn(PrunekitWarning(said), stacklevel=3)
+        warn_ours(PrunekitWarning(said))
     else:               # the same call again (a notebook cell run twice): a note, not a warning
         note(said)
 
@@ -825,20 +825,19 @@ def _keep_streams(folder: RunFolder, streams: dict) -> None:
     if kept:
         unfit = [what for what, b in replayed.items() if b.states is b.call_states]
         if unfit and not done:
-            warnings.warn(PrunekitWarning(
+            warn_ours(PrunekitWarning(
                 f"{path} holds no RNG states that fit this call's {' and '.join(unfit)} (another loader?): the "
-                "stages left read it as drawn from this call's RNGs, which an uninterrupted run may not have"),
-                stacklevel=3)
+                "stages left read it as drawn from this call's RNGs, which an uninterrupted run may not have"))
         return
     for batches in replayed.values():
         batches.states = batches.call_states
     if not replayed or done:
         return
     if old_run:       # a run of a version that kept no states
-        warnings.warn(PrunekitWarning(
+        warn_ours(PrunekitWarning(
             f"{folder.path} keeps no RNG states of its data ({runs.DATA_RNG}; written by an older prunekit): the "
             "stages left read a shuffled or randomly transformed loader as drawn from this call's RNGs, so the "
-            "result may differ from an uninterrupted run's (clear it with force=True to run anew)"), stacklevel=3)
+            "result may differ from an uninterrupted run's (clear it with force=True to run anew)"))
         return
     if folder.writable:
         atomic_write_json(path, {what: states_to_json(b.states) for what, b in replayed.items()})

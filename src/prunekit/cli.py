@@ -303,17 +303,56 @@ def shortened(text: str, limit: int = 160) -> str:
     return (text[:word] if word > 0 else text[:limit - 3]).rstrip(" ,:;") + "..."
 
 
+def _chain(err: BaseException):
+    """``err`` and the errors it was raised in the handling of (``__context__``, ``__cause__``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+_verdicts: dict[int, RuntimeError | None] = {}     # id(the collective's error) -> lost_peer's verdict
+
+
+def lost_peer(err: BaseException) -> RuntimeError | None:
+    """Under torchrun, the collective error that stopped this rank where the reason is a rank
+    that stopped on its own (``kill -9``, a crash, the group's timeout): None where nothing
+    failed in a collective (a plain Ctrl-C or SIGTERM), where the launcher is gone, or where every
+    peer left for a SIGTERM or a refusal of its own (``distributed.peers_stopped``). torchrun
+    SIGTERMs the ranks left once one dies, and that SIGTERM could come before, during or after
+    this rank's handling of the failed collective: the store, not the order of arrival, decides.
+    The verdict is kept per error, so run.log and the printed line agree."""
+    if not distributed.launched_by_torchrun():
+        return None
+    failed = next((e for e in _chain(err) if isinstance(e, RuntimeError) and _lost_rank(e)), None)
+    if failed is None:
+        return None
+    if id(failed) not in _verdicts:
+        gone = distributed.launcher_lost() or _first_line(failed).startswith(distributed.LAUNCHER_GONE)
+        stopped = None if gone else distributed.peers_stopped(interrupts.terminated())
+        # no store that answers: as before, a SIGTERM's stop if one came, else a lost rank
+        lost = not gone and (stopped is False or stopped is None and not interrupts.terminated())
+        _verdicts[id(failed)] = failed if lost else None
+    return _verdicts[id(failed)]
+
+
+def _lost_line(failed: RuntimeError) -> str:
+    return f"interrupted: a rank stopped or could not be reached ({_first_line(failed)})"
+
+
 def stop_line(err: BaseException) -> str | None:
     """What run.log says when ``err`` stops a run: a Ctrl-C or SIGTERM, a lost torchrun rank; None
     for any other error (a bug's traceback: the run is shown interrupted by its lock)."""
     if isinstance(err, KeyboardInterrupt):
-        return f"interrupted ({interrupts.stopped_by()[0]})"
+        failed = lost_peer(err)
+        return _lost_line(failed) if failed is not None else f"interrupted ({interrupts.stopped_by()[0]})"
     if isinstance(err, RuntimeError) and distributed.launched_by_torchrun() and _lost_rank(err):
-        if interrupts.terminated():       # torchrun's SIGTERM to every rank: a peer left first
-            return f"interrupted ({interrupts.stopped_by()[0]})"
         if distributed.launcher_lost() or _first_line(err).startswith(distributed.LAUNCHER_GONE):
             return f"interrupted ({distributed.LAUNCHER_GONE})"
-        return f"interrupted: a rank stopped or could not be reached ({_first_line(err)})"
+        if lost_peer(err) is None and (interrupts.terminated() or not distributed.peer_refused()):
+            return "interrupted (SIGTERM)"      # torchrun's SIGTERM to every rank: a peer obeyed it first
+        return _lost_line(err)
     return None
 
 
@@ -330,7 +369,7 @@ def _log_stop(args, line: str, err: BaseException | None = None) -> None:
     says so); one stopped before it took the lock writes them now, holding the lock while it does,
     and not in a folder another process holds by now: that run's log and status are its own."""
     out = getattr(args, "out", None)
-    if getattr(err, "prunekit_stop_written", False):
+    if any(getattr(e, "prunekit_stop_written", False) for e in _chain(err)):   # (a SIGTERM raised while it was handled)
         return
     if not (args.command == "prune" and out and (Path(out) / "run.log").exists() and distributed.is_main_process()):
         return
@@ -418,8 +457,10 @@ def _main(argv: list[str] | None) -> int:
         if not (distributed.launched_by_torchrun() and _lost_rank(err)):
             raise
         _ending_on_our_own()
-        if interrupts.terminated():       # the launcher's SIGTERM: a peer obeyed it first and left
-            raise _RankLost(_interrupted(args, err)) from None
+        if interrupts.terminated() or (lost_peer(err) is None and not distributed.launcher_lost()
+                                       and not _first_line(err).startswith(distributed.LAUNCHER_GONE)
+                                       and not distributed.peer_refused()):
+            raise _RankLost(_interrupted(args, err)) from None     # the launcher's SIGTERM: a peer obeyed it first
         first = _first_line(err)
         if distributed.launcher_lost() or first.startswith(distributed.LAUNCHER_GONE):   # no one waits for it
             interrupts.taken()          # the watcher's SIGINT, if on its way, raises nothing in here
@@ -448,8 +489,18 @@ def _interrupted(args, err: BaseException) -> int:
     how, code = interrupts.stopped_by()
     if distributed.launched_by_torchrun():
         _ending_on_our_own()               # a second SIGTERM does not cut this short
-        if interrupts.terminated() and distributed.peer_refused():
-            return 2
+        if interrupts.terminated():
+            distributed.say_stopped()      # before this rank leaves: its peers tell this from a lost rank
+            if distributed.peer_refused():
+                return 2
+        failed = lost_peer(err)
+        if failed is not None:             # a rank died and torchrun SIGTERMed the rest: the lost rank is the news
+            _log_stop(args, _lost_line(failed), err)
+            print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached "
+                  f"({_first_line(failed)}); {_how_to_resume(args)}", file=sys.stderr)
+            return 1
+        if isinstance(err, RuntimeError) and not interrupts.terminated():     # its SIGTERM was ignored, not lost
+            how, code = "SIGTERM", 128 + signal.SIGTERM
     _log_stop(args, f"interrupted ({how})", err)
     if distributed.is_main_process() and (not distributed.launched_by_torchrun()    # once, by rank 0 (also
                                           or os.environ.get("RANK", "0").strip() == "0"):  # before joining)

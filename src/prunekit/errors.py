@@ -6,12 +6,26 @@ library users can catch it like any ``ValueError``.
 """
 
 import logging
+import os
 import shlex
 import sys
+import warnings
+
+
+def _rebuilt(cls: type, args: tuple) -> BaseException:
+    """``cls`` with ``args`` as its ``.args``, its ``__init__`` not called (``__reduce__``)."""
+    return cls.__new__(cls, *args)
 
 
 class PrunekitError(ValueError):
-    """Bad input from the user: the message names the fix."""
+    """Bad input from the user: the message names the fix.
+
+    Every subclass pickles (rank 0's refusal is broadcast to the other ranks) whatever its
+    ``__init__`` takes: it is rebuilt from ``.args`` (the message) and its attributes
+    (``params``, ``cli_text``, ...), not by calling its constructor again."""
+
+    def __reduce__(self):
+        return _rebuilt, (type(self), self.args), self.__dict__ or None
 
 
 def pip_install(what: str) -> str:
@@ -62,6 +76,40 @@ def input_fix(x, model, otherwise: str) -> str:
 class PrunekitWarning(UserWarning):
     """Something the user should know that does not stop the run (one line, our words; the
     CLI prints it as ``prunekit: warning: ...``)."""
+
+    __reduce__ = PrunekitError.__reduce__
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(warning: PrunekitWarning) -> None:
+    """Issue one of prunekit's warnings (a ``PrunekitWarning``) as the user should see it: located
+    at the user's line that called into prunekit (the caller of the outermost prunekit frame on the
+    stack: the ``prunekit.prune(...)`` line of a script; for the CLI, which prints our warnings as
+    one line, where no location is shown), not at the library line that noticed it; and under
+    torch.distributed (torchrun) on rank 0 alone: every rank runs the same call on the same files,
+    so each would say it (the README: warnings are rank 0's). Filters apply as to any warning
+    (``-W error`` raises it; ``-W ignore`` hides it)."""
+    if _not_rank_0():
+        return
+    frame, level, outermost = sys._getframe(1), 1, 1
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_PACKAGE):
+            outermost = level
+        frame, level = frame.f_back, level + 1
+    warnings.warn(warning, stacklevel=outermost + 2)     # 1: this function; level + 1: the frame at level
+
+
+def _not_rank_0() -> bool:
+    """Whether this process is a rank other than 0 of a torch.distributed group of several."""
+    torch = sys.modules.get("torch")
+    try:
+        dist = torch.distributed if torch is not None else None
+        return bool(dist is not None and dist.is_available() and dist.is_initialized()
+                    and dist.get_world_size() > 1 and dist.get_rank() != 0)
+    except (AttributeError, RuntimeError, ValueError):
+        return False
 
 
 def worded_warning(python: str, command_line: str) -> PrunekitWarning:

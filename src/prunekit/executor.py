@@ -16,7 +16,6 @@ import copy
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
@@ -39,6 +38,7 @@ from .runs import RunCheckpointer, RunFolder, StageMeter, layer_density
 from .structured.pipeline import prune_channels
 from .train import check_finite_loss, evaluate_loss_accuracy
 from .zoo.layout import apply_layout
+from .errors import warn as warn_ours
 
 
 def measure(plan: Plan, model: nn.Module, eval_loader) -> dict:
@@ -171,7 +171,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
     if len(getattr(checkpointer, "world_sizes", ())) > 1:     # resumed with another world size: each session's
         record["world_sizes"] = list(checkpointer.world_sizes)
     if record.get("empty_layers"):
-        warnings.warn(PrunekitWarning(empty_layers_warning(record["empty_layers"])), stacklevel=3)
+        warn_ours(PrunekitWarning(empty_layers_warning(record["empty_layers"])))
     snapshots = {share: _snapshot_record(build_record(replace(plan, shares=[share]), snap, dense,
                                                       measure_now(snap.model), snap.seconds + restored), share)
                  for share, snap in outcome.snapshots.items()}
@@ -283,7 +283,7 @@ def _tell_changed_code(folder: RunFolder, metrics: dict, describe: dict) -> None
         message = (f"the model file changed since this run started ({describe['model']}): the "
                    f"{_UNIT.get(metrics.get('mode'), 'stage')}s left use the new code")
         folder.log(message)
-        warnings.warn(PrunekitWarning(message), stacklevel=3)
+        warn_ours(PrunekitWarning(message))
 
 
 def _refuse_changed_weights(folder: RunFolder, metrics: dict, describe: dict) -> None:
@@ -313,7 +313,7 @@ def _refuse_changed_classes(folder: RunFolder, metrics: dict, describe: dict, re
                     f"renamed, added or removed class folder shifts the labels); {fix} if they changed")
         folder.log(line(redo))
         if folder.writable:
-            warnings.warn(worded_warning(line("run it anew with force=True"), line(redo)), stacklevel=2)
+            warn_ours(worded_warning(line("run it anew with force=True"), line(redo)))
     if isinstance(before, list) and isinstance(now, list) and before != now:
         shown = lambda names: ", ".join(map(str, names[:6])) + (", ..." if len(names) > 6 else "")   # noqa: E731
         raise PrunekitError(f"the classes of the data changed since the run in {folder.path} started "
@@ -359,7 +359,7 @@ def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, f
                     f"replaced changes what the stages left are pruned and measured on); {fix} if they changed")
         folder.log(line(redo))
         if folder.writable:
-            warnings.warn(worded_warning(line("run it anew with force=True"), line(redo)), stacklevel=2)
+            warn_ours(worded_warning(line("run it anew with force=True"), line(redo)))
     return False
 
 

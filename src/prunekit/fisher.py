@@ -57,6 +57,7 @@ from .fisher_vmap import collect_with_vmap
 from .losses import LossFn, mean_loss
 from .options import OptionError
 from .params import ParamSpace
+from .errors import warn as warn_ours
 
 # torch.func's notice for an operation without a batched (vmap) rule; it then loops over the
 # samples, which is exact but slow. We say it once, in our words, after the gradients.
@@ -123,10 +124,9 @@ def collect_gradients(model: nn.Module, space: ParamSpace, batches: Iterable, n:
     finally:
         model.train(was_training)
     if unbatched:
-        warnings.warn(PrunekitWarning(
+        warn_ours(PrunekitWarning(
             f"per-sample gradients loop over the samples for {', '.join(sorted(unbatched))} (torch.func "
-            "has no batched rule for it): exact but slower; mini-batch rows (fisher_batch=8) avoid it"),
-            stacklevel=2)
+            "has no batched rule for it): exact but slower; mini-batch rows (fisher_batch=8) avoid it"))
     return rows
 
 
@@ -244,10 +244,9 @@ def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupport
     """Per-layer hooks where every prunable layer allows them, else (or when they disagree with
     autograd) torch.func over the whole model."""
     if unsupported:
-        warnings.warn(PrunekitWarning(
+        warn_ours(PrunekitWarning(
             f"per-layer gradients handle Linear, embeddings, convolutions and attention only; {', '.join(unsupported[:3])}"
-            f"{' ...' if len(unsupported) > 3 else ''} use the slower vmap path (chunk x p extra memory)"),
-            stacklevel=3)
+            f"{' ...' if len(unsupported) > 3 else ''} use the slower vmap path (chunk x p extra memory)"))
     else:
         replay = _Replay(batches)
         try:
@@ -255,8 +254,8 @@ def _collect_rows(model, space, batches, rows, batch, chunk, progress, unsupport
                                 on_checked=replay.forget)
             return
         except HooksDisagree as error:
-            warnings.warn(PrunekitWarning(f"per-layer gradients disagree with autograd ({error}); using the "
-                                          "slower vmap path (chunk x p extra memory)"), stacklevel=3)
+            warn_ours(PrunekitWarning(f"per-layer gradients disagree with autograd ({error}); using the "
+                                          "slower vmap path (chunk x p extra memory)"))
         batches = replay.again()             # a one-pass iterator loses none of the samples read so far
     collect_with_vmap(model, space, batches, rows, batch, chunk, progress, loss_fn)
 

@@ -4,7 +4,6 @@ samples (or one sample at a time where vmap cannot run the model), mini-batch gr
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -13,6 +12,7 @@ from tqdm.auto import tqdm
 from .errors import PrunekitWarning
 from .fisher_batches import check_filled, gradient_bar, group_size, row_groups
 from .losses import mean_loss
+from .errors import warn as warn_ours
 
 
 def collect_with_vmap(model, space, batches, rows, batch, chunk, progress, loss_fn=None) -> None:
@@ -87,10 +87,9 @@ def _vmap_or_loop(sample_grad):
                 return vmapped(weights, x, y)
             except RuntimeError as err:
                 looped.append(True)
-                warnings.warn(PrunekitWarning(
+                warn_ours(PrunekitWarning(
                     f"torch.func.vmap cannot run the model ({str(err).splitlines()[0]}): per-sample gradients "
-                    "one sample at a time, exact but slower; mini-batch rows (fisher_batch=8) avoid it"),
-                    stacklevel=2)
+                    "one sample at a time, exact but slower; mini-batch rows (fisher_batch=8) avoid it"))
         grads = [sample_grad(weights, xi, yi) for xi, yi in zip(x, y)]
         return {name: torch.stack([g[name] for g in grads]) for name in grads[0]}
     return run

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from .errors import PrunekitError, PrunekitWarning
 from .saving import read_meta
 from .zoo.checkpoints import check_checkpoint_path
 from .zoo.layout import apply_layout
+from .errors import warn as warn_ours
 
 # Input normalization of models trained from scratch, per data set (mean, std in [0,1] units);
 # the mnist and cifar10 ones are the zoo's. Fashion-MNIST: its training set's pixel statistics.
@@ -170,8 +170,8 @@ def _load_model_file(name: str, checkpoint, input_shape, normalization) -> Loade
         raise PrunekitError(f"{checkpoint} holds a {saved} model saved from Python, but {name} builds a "
                             f"{type(model).__name__}: name the function that builds a {saved}")
     if meta.get("model_file_sha256") not in (None, user_models.file_digest(name)):
-        warnings.warn(PrunekitWarning(f"{user_models.parse(name)[0]} changed since {checkpoint} was saved: if "
-                                      "the model's forward changed, so do its outputs"), stacklevel=2)
+        warn_ours(PrunekitWarning(f"{user_models.parse(name)[0]} changed since {checkpoint} was saved: if "
+                                      "the model's forward changed, so do its outputs"))
     _load_weights(model, checkpoint, meta)
     if "input_shape" in meta:
         input_shape = tuple(meta["input_shape"])

@@ -501,7 +501,10 @@ def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, r
     most = data_samples if data_samples is not None and data_samples > 0 else 10**7
     largest = {name: largest_n(lambda rows: replace(estimate(rows, storage), limit=limit - spare), most)
                for name, storage in STORAGE_DTYPES.items()}
-    share = f"; each of {ranks} ranks holds a share of its columns, " if ranks > 1 else " = "
+    # a rank holds its n x p/R columns and, in transit, one piece of its rows (n/(4R^2) x p) and a block of it
+    # (``distributed.gradients``): more than n x p / R (2 ranks: 1/2 + 1/16 + 1/32 of n x p)
+    share = (f"; each of {ranks} ranks holds its 1/{ranks} of the columns and a piece of its rows in transit, "
+             if ranks > 1 else " = ")
     if not any(largest.values()):        # not one row fits: what the rest of the run takes is the limit
         least = estimate(1, STORAGE_DTYPES["bfloat16"]).total
         return (f"this request needs about {_human(least)}{' per rank' if ranks > 1 else ''} whatever fisher_samples "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -33,6 +32,7 @@ from .structured.family import ChannelContext
 from .structured.groups import dense_groups_warning
 from .structured.pipeline import channel_context
 from .train import check_finite_weights
+from .errors import warn as warn_ours
 
 MODES = ("one-shot", "multi-stage", "gradual", "structured")
 
@@ -205,9 +205,9 @@ class PruneRequest:
         if self.check_plan is not None:
             self.check_plan(plan)
         if space.not_run:
-            warnings.warn(not_run_warning(space.not_run), stacklevel=3)
+            warn_ours(not_run_warning(space.not_run))
         if left:
-            warnings.warn(PrunekitWarning(left), stacklevel=3)
+            warn_ours(PrunekitWarning(left))
         return plan
 
 
@@ -245,10 +245,10 @@ def _plan_memory(method: Method, model: nn.Module, space, example_input, resolve
         return planned
     from .memory_plan import MiB, MemoryPlan
     if not isinstance(planned, MemoryPlan):
-        warnings.warn(PrunekitWarning(
+        warn_ours(PrunekitWarning(
             f"method {method.name}'s plan_memory takes no data_to_load: its memory estimate leaves out the "
             f"{data_to_load / MiB:,.0f} MB of data still to decode that the run will hold (add a data_to_load=0 "
-            "parameter to plan_memory to count it)"), stacklevel=4)
+            "parameter to plan_memory to count it)"))
         return planned
     counted = replace(planned, resident=planned.resident + int(data_to_load))
     refusal = None

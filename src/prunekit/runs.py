@@ -33,7 +33,6 @@ import os
 import re
 import time
 import tomllib
-import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +47,7 @@ from .pipelines.stages import StageState
 from .record import finite as _finite
 from .run_lock import LOCK_NAME, in_use
 from .saving import atomic_write_bytes, atomic_write_json, write_tensor_file
+from .errors import warn as warn_ours
 
 METRICS = "metrics.json"
 
@@ -757,7 +757,7 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
                            f"run starts from: {done} without checking that this model is the one it "
                            f"started from{code} (clear it with force=True to run anew)")
             folder.log(message)
-            warnings.warn(PrunekitWarning(message), stacklevel=4)
+            warn_ours(PrunekitWarning(message))
     if folder.config.exists() and folder.writable and (made_at := moved_from(folder.config.read_text(), path)):
         moved = f"this run folder was made at {made_at} and has moved to {Path(path).resolve()}"
         if not _logged(folder, moved):        # once per move, not at every rerun or resume there
@@ -968,7 +968,7 @@ class RunCheckpointer:
                 f"rank{'s' if before[-1] != 1 else ''} for the same bits)")
         self.folder.log(line)
         if self.folder.writable:
-            warnings.warn(PrunekitWarning(line), stacklevel=2)
+            warn_ours(PrunekitWarning(line))
 
 
     def _tell_older_epoch_passes(self, meta: dict) -> None:
@@ -985,7 +985,7 @@ class RunCheckpointer:
                     f"{fix} for a reproducible result")
         self.folder.log(said(self.redo))
         if self.folder.writable:
-            warnings.warn(worded_warning(said("run it anew with force=True"), said(self.redo)), stacklevel=2)
+            warn_ours(worded_warning(said("run it anew with force=True"), said(self.redo)))
 
 
 def _world_size() -> int:

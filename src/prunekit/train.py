@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 
@@ -15,6 +14,7 @@ from .errors import PrunekitError, PrunekitWarning
 from .options import OptionError
 from .layout import model_input
 from .losses import LossFn, class_indices, class_scores, mean_loss, summed_loss
+from .errors import warn as warn_ours
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -448,9 +448,9 @@ def _zeros_to_hold(model: nn.Module, zeros: str | None, own_optimizer: bool):
     found = exact_zeros(space)
     if zeros is None:
         if found.notable:
-            warnings.warn(PrunekitWarning(
+            warn_ours(PrunekitWarning(
                 f"layer(s) {found.layers(notable=True)} of the model are at least {NOTABLE_LAYER_SHARE:.0%} exact "
                 f"zeros ({found.zeros:,} of its prunable weights): trained like every weight, so the trained model "
-                'is dense; if they were pruned, zeros="keep" holds them at zero'), stacklevel=3)
+                'is dense; if they were pruned, zeros="keep" holds them at zero'))
         return None
     return (space, masks_from_weights(space)) if found.zeros else None

@@ -7,7 +7,6 @@ import json
 import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from ..saving import read_meta
 from ..zoo.checkpoints import check_checkpoint_path
 from .common import model_file, refuse_unfinished, resolve_model
 from .info import input_shape
+from ..errors import warn as warn_ours
 
 
 def add_bench_latency_parser(sub) -> None:
@@ -111,7 +111,7 @@ def cmd_bench_latency(args) -> int:
     check_batch_sizes(dense.model, dense.input_shape, args.batch_sizes, dtype=dtype)  # the dense model is the larger
     cpus = available_cpus()
     if max(args.threads) > cpus:
-        warnings.warn(PrunekitWarning(f"--threads {max(args.threads)} is more than the {cpus} CPU core(s) this "
+        warn_ours(PrunekitWarning(f"--threads {max(args.threads)} is more than the {cpus} CPU core(s) this "
                                       "process may use: threads past that share cores and time the contention"))
     rows = latency_table(dense.model, pruned.model, dense.input_shape, args.batch_sizes, args.threads,
                          args.warmup, args.repeats, dtype=dtype)

@@ -8,7 +8,6 @@ import json
 import os
 import sys
 import tomllib
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ..zoo.checkpoints import check_checkpoint_path, export_refusal
 from ..api_checks import first_batch
 from ..loading import (LoadedModel, check_fits, check_normalized, load_data, load_model, model_outputs,
                        python_saved_refusal, recorded_classes)
+from ..errors import warn as warn_ours
 
 
 MODEL_HELP = (f"zoo model ({', '.join(zoo.MODEL_NAMES)}) or your own: net.py:FUNCTION, a function of that "
@@ -41,6 +41,10 @@ def stop_recorded(out: str | None, main: bool):
     try:
         yield
     except (KeyboardInterrupt, RuntimeError) as err:
+        from ..cli import _ending_on_our_own, _lost_rank
+        from ..distributed import launched_by_torchrun
+        if isinstance(err, RuntimeError) and launched_by_torchrun() and _lost_rank(err):
+            _ending_on_our_own()      # torchrun's SIGTERM, if it comes now, does not cut the stop's record short
         if out and main:
             from ..cli import stop_line
             from ..runs import RunFolder, mark_stopped
@@ -215,7 +219,7 @@ def warn_if_random_weights(args) -> None:
     """Say so when a zoo model runs without --checkpoint (after the input checks: no noise on top
     of a refusal). A model file is left alone: its function may load weights itself."""
     if args.checkpoint is None and not user_models.is_model_file(args.model):
-        warnings.warn(PrunekitWarning(f"no --checkpoint: {args.model} has random weights, so its accuracy means "
+        warn_ours(PrunekitWarning(f"no --checkpoint: {args.model} has random weights, so its accuracy means "
                                       "nothing (fine for measuring cost and speed); pass --checkpoint FILE for a "
                                       "trained one"))
 
@@ -258,7 +262,7 @@ def note_classes(args, loaded: LoadedModel, ds) -> None:
         outputs = model_outputs(loaded.model)
         if outputs is not None and len(ds.classes) < outputs:
             # without the model's own names a missing class shifts the labels of every class after it
-            warnings.warn(PrunekitWarning(
+            warn_ours(PrunekitWarning(
                 f"{args.data_dir} has {len(ds.classes)} class folders but the model has {outputs} outputs and "
                 f"records no class names (a zoo checkpoint, or saved by an older prunekit): its images "
                 f"are labelled 0-{len(ds.classes) - 1} by their sorted folder names, right only if the missing "
@@ -277,12 +281,12 @@ def note_label_order(args, loaded: LoadedModel, ds) -> None:
     where = getattr(ds, "source", None) or "the data"
     shown = ", ".join(f"{k}={name}" for k, name in enumerate(list(names)[:10])) + (", ..." if len(names) > 10 else "")
     if not getattr(ds, "named_labels", True):
-        warnings.warn(PrunekitWarning(
+        warn_ours(PrunekitWarning(
             f"the model records its class names ({shown}) but {where} has bare integer labels, whose order cannot "
             "be checked: the accuracy is right only if each label means the class named here; relabel the data in "
             "this order, or evaluate on an image folder (labelled by the model's names)"))
     elif list(ds.classes[:len(names)]) != list(names):
-        warnings.warn(PrunekitWarning(
+        warn_ours(PrunekitWarning(
             f"the model records its class names ({shown}) but {where} names its labels "
             f"{', '.join(f'{k}={name}' for k, name in enumerate(list(ds.classes)[:10]))}: the accuracy counts "
             "label k as the model's class k; relabel the data in the model's order"))

@@ -9,7 +9,6 @@ import shutil
 import sys
 import time
 import tomllib
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -39,6 +38,7 @@ from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sg
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
                      describe, emit, note_classes, resolve_model, show_progress, stop_recorded)
+from ..errors import warn as warn_ours
 
 
 def cmd_train(args) -> int:
@@ -598,7 +598,7 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
                 "class folder shifts the labels) or that their images are; run it anew with --force if they changed")
         checkpointer.folder.log(line)
         if checkpointer.folder.writable:
-            warnings.warn(PrunekitWarning(line), stacklevel=2)
+            warn_ours(PrunekitWarning(line))
     elif recorded is None and fingerprint is not None:      # class names recorded, images not (an older prunekit's)
         line = (f"the epoch checkpoint in {checkpointer.folder.path} was written by an older prunekit that recorded "
                 "no fingerprint of its training images: carried on without checking that they are the ones its "
@@ -606,10 +606,10 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
                 "run it anew with --force if they changed")
         checkpointer.folder.log(line)
         if checkpointer.folder.writable:
-            warnings.warn(PrunekitWarning(line), stacklevel=2)
+            warn_ours(PrunekitWarning(line))
     if state.extra.get("model_file_sha256") not in (None, digest):
-        warnings.warn(PrunekitWarning("the model file changed since this training started: the epochs left use "
-                                      "the new code"), stacklevel=2)
+        warn_ours(PrunekitWarning("the model file changed since this training started: the epochs left use "
+                                      "the new code"))
     model.load_state_dict({k[len("model/"):]: v for k, v in state.model_state.items() if k.startswith("model/")})
     load_optimizer(optimizer, schedule, state.model_state, state.extra["optimizer"])
     restore_rng(state.rng)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image
 
 from prunekit.data.dataset import ImageDataset, subset_indices
 from prunekit.errors import PrunekitError, PrunekitWarning, worded
+from ..errors import warn as warn_ours
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _GRAYSCALE_MODES = ("1", "L", "LA")
@@ -44,9 +44,9 @@ def _split_root(data_dir: Path, split: str, warn: bool = True) -> Path:
                             f"{data_dir}/{split}/<class>/ folders, or read the {others[0]} split instead (the "
                             f"command line's --eval-split {others[0]}, Python's split={others[0]!r})")
     if split == "train" and warn:       # the test split of a folder without splits is the same images
-        warnings.warn(PrunekitWarning(f"{data_dir} has no train/ and test/ folders: its images are the training "
+        warn_ours(PrunekitWarning(f"{data_dir} has no train/ and test/ folders: its images are the training "
                                       "data and the test set alike, so accuracy on them is not held out; put them "
-                                      f"in {data_dir}/train/<class>/ and {data_dir}/test/<class>/"), stacklevel=4)
+                                      f"in {data_dir}/train/<class>/ and {data_dir}/test/<class>/"))
     return data_dir
 
 

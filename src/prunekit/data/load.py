@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 from prunekit.data.cifar import load_cifar10
@@ -11,6 +10,7 @@ from prunekit.data.dataset import DeferredImageDataset, ImageDataset, SubsetScan
 from prunekit.data.imagefolder import scan_image_folder, scans_again
 from prunekit.data.mnist import load_mnist_like
 from prunekit.errors import PrunekitError, PrunekitWarning
+from ..errors import warn as warn_ours
 
 DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "imagefolder")
 SPLITS = ("train", "test")
@@ -95,6 +95,6 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     else:
         ds = load_mnist_like(name, path, split)
     if limit is not None and limit > len(ds):
-        warnings.warn(PrunekitWarning(f"the {name} {split} split holds {len(ds)} images, fewer than the {limit} "
-                                      f"asked for: using all {len(ds)}"), stacklevel=2)
+        warn_ours(PrunekitWarning(f"the {name} {split} split holds {len(ds)} images, fewer than the {limit} "
+                                      f"asked for: using all {len(ds)}"))
     return ds if limit is None or limit >= len(ds) else ds.subset(limit, seed)

@@ -404,6 +404,51 @@ def passed_checks() -> None:
             raise dist.DistError(f"{host}: the group's store could not be reached ({_first_words(err)})") from None
 
 
+STOPPED_WAIT_S = 3.0       # how long a rank whose collective failed after a SIGTERM waits for its peers' word
+
+
+def say_stopped() -> None:
+    """Say (in the group's store) that this rank stops because it was sent SIGTERM: under torchrun
+    every rank gets one when the launcher is stopped, and the survivors get one when a rank dies on
+    its own (``kill -9``, a crash). Posted before this rank leaves, so a peer whose collective then
+    fails tells the two apart (``peers_stopped``). No-op without a group or a store that answers."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or _launcher_lost:
+        return
+    try:
+        store, prefix = _keys()
+        with _quiet_c10d():
+            store.set(f"{prefix}/stopped/{dist.get_rank()}", "1")
+    except Exception:        # noqa: BLE001 - no store that answers: nothing to say it in
+        pass
+
+
+def peers_stopped(sigterm: bool, wait_s: float = STOPPED_WAIT_S) -> bool | None:
+    """After a collective failed because a peer left: whether every other rank left for a SIGTERM
+    (``say_stopped``) or a refusal of its own (``print_refusal``), not on its own (``kill -9``, a
+    crash). ``sigterm``: this rank was sent one too. Where no peer said so and this rank got no
+    SIGTERM, False at once (a rank died; the launcher's SIGTERM to the rest has not come yet); else
+    each peer's word is waited for at most ``wait_s`` seconds (a peer inside a collective says it
+    once that collective fails). None without a group or a store that answers."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or _launcher_lost:
+        return None
+    try:
+        store, prefix = _keys()
+        rank, ranks = dist.get_rank(), dist.get_world_size()
+        with _quiet_c10d():
+            def said(other: int) -> bool:
+                return store.check([f"{prefix}/stopped/{other}"]) or store.check([f"{prefix}/refused/{other}"])
+            waiting = {r for r in range(ranks) if r != rank and not said(r)}
+            if waiting and not sigterm and len(waiting) == ranks - 1:
+                return False
+            deadline = time.monotonic() + wait_s
+            while waiting and time.monotonic() < deadline:
+                time.sleep(0.05)
+                waiting = {r for r in waiting if not said(r)}
+            return not waiting
+    except Exception:        # noqa: BLE001 - no store that answers
+        return None
+
+
 def _first_words(err: BaseException) -> str:
     """The first line of a torch error, without its "[W... file.cpp:N]" prefix."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import math
 import time
-import warnings
 from dataclasses import replace
 
 import torch
@@ -45,6 +44,7 @@ from .fisher_options import ChitaOptions, FalconOptions, QuadraticOptions, WoodF
 from .schedule import keep_schedule
 from .stages import resume_stages, stage_completed
 from .weights import PruneContext, Pruned
+from ..errors import warn as warn_ours
 
 
 # Training batches BatchNorm is re-estimated on between stages (1,024 images at the usual 128):
@@ -275,10 +275,10 @@ def _fresh_stages(ctx: PruneContext, opts: QuadraticOptions, rows: int, stages: 
         return None
     fresh = min(stages, max(1, available // (rows * opts.fisher_batch)))
     if fresh < stages and "fresh_samples" in opts.given:
-        warnings.warn(PrunekitWarning(
+        warn_ours(PrunekitWarning(
             f"fresh_samples: {stages} stages of {rows:,} rows take {stages * rows * opts.fisher_batch:,} images and "
             f"the training data holds {available:,}: stages after {fresh} read images an earlier stage read "
-            "(more training samples, or fewer fisher_samples, keep them all fresh)"), stacklevel=4)
+            "(more training samples, or fewer fisher_samples, keep them all fresh)"))
     return fresh
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -34,6 +33,7 @@ from ..refit import RIDGE, lockstep_images, memory_cap, refit
 from ..train import recalibrate_batchnorm
 from .allocation import LoaderWindow, RecalibratedLoss
 from .stages import StageCheckpointer, measure_seconds
+from ..errors import warn as warn_ours
 
 
 AUTO_REFIT_SAMPLES = 1024   # refit_batches "auto": the first training batches holding this many samples
@@ -193,7 +193,7 @@ def _prune_weights(ctx: PruneContext, run, options) -> Outcome:
     if not recalibrated and ctx.recalibrate_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                                        for m in ctx.model.modules()):
         if ctx.train_batches is None:         # only the magnitude methods, run at once, get this far without data
-            warnings.warn(PrunekitWarning(
+            warn_ours(PrunekitWarning(
                 "the model's BatchNorm statistics were not re-estimated after pruning: no training data was "
                 "given; pass data= to recalibrate them, or recalibrate_bn=False to prune without (and silence this)"))
         else:
