@@ -427,10 +427,10 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             grads = collect_gradients(ctx.model, ctx.space, stream(), plan.n, dtype=plan.dtype,
                                       progress=ctx.progress, loss_scale=stored, **options)
             if stored > 1.0 and not gradients_finite(grads):   # a row the probe did not see overflowed
-                warnings.warn(PrunekitWarning(
+                warn_ours(PrunekitWarning(
                     f"float16 gradient rows overflowed at loss scale {stored:g} (a row far larger than the first "
                     "ones): collected again unscaled, where tiny entries are subnormal or zero; fisher_dtype="
-                    "'bfloat16' or 'float32' keeps them"), stacklevel=2)
+                    "'bfloat16' or 'float32' keeps them"))
                 del grads
                 stored = 1.0
                 grads = collect_gradients(ctx.model, ctx.space, stream(), plan.n, dtype=plan.dtype,
