@@ -214,6 +214,9 @@ def home(tmp_path_factory):
         '{"sweep_runs": ["magnitude_sparsity-0.5", "magnitude_sparsity-0.7"]}')
     (d / "killedsweep" / "magnitude_sparsity-0.5" / "config.toml").write_text(
         'model = "mlpnet"\nmethod = "magnitude"\nsparsity = "0.5"\n')
+    (d / "trained").mkdir()               # a finished `prunekit train` run: the user's trained model
+    saving.save_model(zoo.build("mlpnet"), d / "trained" / "model.safetensors", {"model": "mlpnet"})
+    (d / "trained" / "config.toml").write_text(f'model = "mlpnet"\nepochs = 1\nlr = 0.1\nout = "{d / "trained"}"\n')
     (d / "other-tool").mkdir()            # a metrics.json another tool wrote
     (d / "other-tool" / "metrics.json").write_text('{"accuracy": 0.9}\n')
     (d / "listrun").mkdir()               # a run folder whose metrics.json is JSON but not an object
@@ -576,6 +579,8 @@ CLI_CASES = [
     ([*PRUNE, "--sparsity", "0.5", "--gradual", "--events", "2", "--epochs-per-event", "0", "--final-epochs", "0",
       "--lr", "5"], "--lr shapes the fine-tuning, and --final-epochs is 0 and --epochs-per-event is 0"),
     ([*PRUNE, "--sparsity", "0.5", "--force"], "--force clears the run folder --out names, and there is no --out"),
+    ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/trained"], "trained holds a `prunekit train` run (its trained "
+     "model.safetensors): pick another --out (--force would delete that trained model)"),
     ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--reconstruct-ridge", "0.1"],
      "--reconstruct-ridge shapes the re-fit after the cut, and --reconstruct-batches is 0"),
 ]
@@ -672,6 +677,8 @@ PY_CASES = [
     ({"include": "1"}, "letter by letter"),
     ({"exclude": 3}, "exclude"),
     ({"out": f"{H}/adir"}, "holding other files"),
+    ({"out": f"{H}/trained"}, "trained' holds a `prunekit train` run (its trained model.safetensors): pick another "
+                              "out (force=True would delete that trained model)"),
     ({"out": 5}, "out"),
     # budgets
     ({"sparsity": None}, "no budget"),

@@ -109,6 +109,7 @@ def check_arguments(model, arguments: dict) -> None:
         raise PrunekitError("force=True clears the run folder out= names, and out is None: pass out=, or leave "
                             "force out")
     check_out(arguments.get("out"))
+    check_not_training_run(arguments.get("out"), force=arguments.get("force") is True)
 
 
 def check_out(out, flag: str | None = None) -> None:
@@ -129,6 +130,26 @@ def check_out(out, flag: str | None = None) -> None:
     if others and not (_is_run_config(path / "config.toml") or (path / "metrics.json").exists()):
         raise PrunekitError(f"{named} is a folder holding other files, not a run folder: pass a new "
                             "folder so that nothing there is written over")
+
+
+def check_not_training_run(out, flag: str | None = None, force: bool = False) -> None:
+    """Refuse a prune run's ``out`` that holds a `prunekit train` run (``folders.kind``): neither
+    the same run again nor one to carry on (a training run carries on with its own train command),
+    and clearing it would delete the user's trained model.safetensors (or, unfinished, its epoch
+    checkpoints). ``force``: asked to clear it, the run goes ahead (the refusal says what that
+    deletes). ``flag``: the CLI's name for ``out`` (``--out``); the message names ``out=`` otherwise."""
+    from .folders import kind
+    from .options import OptionError
+    if out is None or force or kind(out) != "training run":
+        return
+    finished = (Path(out) / "model.safetensors").is_file()
+    held = "its trained model.safetensors" if finished else "an unfinished training: its epoch checkpoints"
+    lost = "that trained model" if finished else "that training run"
+    if flag:
+        raise PrunekitError(f"{flag} {out} holds a `prunekit train` run ({held}): pick another {flag} "
+                            f"(--force would delete {lost})")     # (no params: a path may hold the word "out")
+    raise OptionError(f"out={str(out)!r} holds a `prunekit train` run ({held}): pick another out "
+                      f"(force=True would delete {lost})", ("out", "force"))
 
 
 def _is_run_config(path: Path) -> bool:

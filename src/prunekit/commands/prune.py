@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed, recipes, report, run_lock, runs, user_models
-from ..api_checks import check_out
+from ..api_checks import check_not_training_run, check_out
 from ..budget import Amount
 from ..data.loaders import samples_per_pass
 from ..errors import PrunekitError
@@ -98,6 +98,8 @@ def step_printer(args):
 
 def cmd_prune(args) -> int:
     check_out(args.out, "--out")         # before any work: never write over a user's files
+    if not getattr(args, "resume", None):         # (--resume of a train folder is refused as such)
+        check_not_training_run(args.out, "--out", bool(getattr(args, "force", False)))
     if args.train_samples is not None and args.train_samples < 1:
         raise PrunekitError("--train-samples must be at least 1 (leave it out to use every training image)")
     if args.onnx and not args.out:
