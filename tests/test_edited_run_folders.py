@@ -274,3 +274,75 @@ def test_the_cli_says_so_up_front_too(tmp_path, capsys, monkeypatch):
     err = _one_line(capsys.readouterr().err)
     assert "was changed (sparsity) since the unfinished run there began" in err and "add --force" in err
     assert main([*PRUNE, "--sparsity", "0.6", "--out", str(out), "--force"]) == 0
+
+
+def test_the_call_that_began_an_edited_unfinished_run_is_told_so_and_both_fixes_work(tmp_path, monkeypatch):
+    """Walk s53 (old artefacts): an unfinished run whose config.toml was edited (0.8 -> 0.7), called
+    again as it began (0.8, what metrics.json keeps), read "holds another run (other sparsity): ...
+    carry that run on (the same call as its config.toml records)". Now one line says config.toml was
+    edited since the run began and names both fixes, each of which works: its values back (this same
+    call carries it on) or force=True (run anew with this call's values)."""
+    import shutil
+    run = tmp_path / "py"
+    x, y = _killed_after_first_stage(run, monkeypatch)
+    _edit(run, "sparsity = 0.8\n", "sparsity = 0.7\n")
+    shutil.copytree(run, tmp_path / "back")
+    log = (run / "run.log").read_text()
+    with pytest.raises(PrunekitError) as refused:
+        prunekit.prune(_tiny(), (x, y), method="chita", sparsity=0.8, stages=3, fisher_samples=32, out=str(run))
+    said = str(refused.value)
+    assert "\n" not in said and "holds another run" not in said, said
+    assert (f"{run / 'config.toml'} was edited since the unfinished run there began (sparsity; metrics.json keeps "
+            "the values this call asks for): put them back in config.toml and this same call carries the run on, or "
+            "pass force=True to run it anew") == said
+    assert (run / "run.log").read_text() == log and "sparsity = 0.7\n" in (run / "config.toml").read_text()
+    again = prunekit.prune(_tiny(), (x, y), method="chita", sparsity=0.8, stages=3, fisher_samples=32, out=str(run),
+                           force=True)
+    assert again.sparsity == pytest.approx(0.8, abs=0.02) and "sparsity = 0.8\n" in (run / "config.toml").read_text()
+    assert "resuming" not in (run / "run.log").read_text()
+    back = tmp_path / "back"
+    _edit(back, "sparsity = 0.7\n", "sparsity = 0.8\n")         # the other fix: its values back
+    carried = prunekit.prune(_tiny(), (x, y), method="chita", sparsity=0.8, stages=3, fisher_samples=32,
+                             out=str(back))
+    assert carried.sparsity == pytest.approx(0.8, abs=0.02) and "resuming" in (back / "run.log").read_text()
+
+
+def test_the_command_that_began_an_edited_unfinished_run_and_resume_name_fixes_that_work(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """The same over the command line: the original command read "holds another run ... carry that
+    run on (--resume) or ... (--force)"; --resume was then refused ("... start a new run in another
+    folder") and --resume --force said only "leave out --force". Now the original command names the
+    edit and --force (which runs it anew); --resume and --resume --force name a command that runs it
+    anew with config.toml's values, and that command works."""
+    import shlex
+    from prunekit import executor
+    out = tmp_path / "run"
+    argv = [*PRUNE, "--sparsity", "0.5", "--out", str(out)]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(executor, "save_pruned", killed)
+    assert main(argv) == 130
+    monkeypatch.undo()
+    _edit(out, 'sparsity = "0.5"\n', 'sparsity = "0.6"\n')
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "holds another run" not in err and "--resume" not in err, err
+    assert (f"{out / 'config.toml'} was edited since the unfinished run there began (sparsity; metrics.json keeps the "
+            "values this command asks for): put them back in config.toml and this same command carries the run on, "
+            "or add --force to run it anew") in err
+    commands = []
+    for resume in (["prune", "--resume", str(out)], ["prune", "--resume", str(out), "--force"]):
+        assert main(resume) == 2
+        err = _one_line(capsys.readouterr().err)
+        assert "start a new run in another folder" not in err, err
+        found = __import__("re").search(r"`(prunekit prune [^`]*--force)`", err)
+        assert found, err
+        commands.append(found.group(1))
+    assert commands[0] == commands[1]
+    assert main(shlex.split(commands[0])[1:] + ["--json"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["request"]["sparsity"] == "0.6"
+    assert 'sparsity = "0.6"\n' in (out / "config.toml").read_text()
+    assert main([*argv, "--force"]) == 0             # and the original command with --force
+    assert json.loads((out / "metrics.json").read_text())["request"]["sparsity"] == "0.5"

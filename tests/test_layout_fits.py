@@ -10,7 +10,7 @@ from torch import nn
 
 import prunekit
 from prunekit.cli import main
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, PrunekitWarning
 from prunekit.structured.groups import find_groups
 from prunekit.structured.shrink import shrink
 from prunekit.zoo.layout import channel_layout
@@ -110,7 +110,8 @@ def test_an_older_layout_without_dense_counts_still_loads(tmp_path):
     small, x = _small(_net(tmp_path))
     layout = {name: {k: v for k, v in spec.items() if k != "dense"} for name, spec in channel_layout(small).items()}
     prunekit.save_model(small, tmp_path / "old.safetensors", {"channel_layout": layout})
-    back = prunekit.load_pruned(_net(tmp_path), tmp_path / "old.safetensors")
+    with pytest.warns(PrunekitWarning, match="older prunekit"):        # its build cannot be checked
+        back = prunekit.load_pruned(_net(tmp_path), tmp_path / "old.safetensors")
     with torch.no_grad():
         assert torch.equal(back(x), small(x))
     assert json.loads(json.dumps(channel_layout(back))) == layout          # resaved: the same layout, no guess
@@ -213,3 +214,70 @@ def test_a_zoo_model_narrowed_by_hand_and_saved_naming_it_loads_on_the_command_l
     capsys.readouterr()
     with pytest.raises(PrunekitError, match="layer 'fc3' is built with in 20, out 100 in the model passed"):
         prunekit.load_pruned(zoo.build("mlpnet", num_classes=100), tmp_path / "run")
+
+
+def _older(tmp_path, meta=None):
+    """A file as an older prunekit saved it: its layout without "dense" counts."""
+    small, x = _small(_net(tmp_path))
+    layout = {name: {k: v for k, v in spec.items() if k != "dense"} for name, spec in channel_layout(small).items()}
+    prunekit.save_model(small, tmp_path / "old.safetensors", {**(meta or {}), "channel_layout": layout})
+    return small, x
+
+
+def _ours(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, PrunekitWarning)]
+
+
+def test_an_older_layout_loaded_into_a_model_built_otherwise_says_it_cannot_be_checked(tmp_path):
+    """Walk s53 (old artefacts): an older prunekit's file (no "dense" counts) loaded into a model built
+    for 100 classes (the file's had 10) was narrowed to 10 quietly, though load_pruned's docstring
+    promised a refusal. It still loads (older files keep loading), with one PrunekitWarning saying the
+    file is an older prunekit's, so the build cannot be checked, and how to re-save it with the counts
+    (save_model's pruned_from=, which then refuses the 100-class model); a file with them, none."""
+    import warnings
+    _older(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wide = prunekit.load_pruned(_net(tmp_path, classes=100), tmp_path / "old.safetensors")
+    said = _ours(caught)
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert f"{tmp_path / 'old.safetensors'} was saved by an older prunekit" in said[0]
+    assert "layer 'c1' and 4 more" in said[0] and "(class count, widths) cannot be checked" in said[0]
+    assert "pass a model built as that one was" in said[0] and "pruned_from=" in said[0], said
+    assert wide.fc.out_features == 10                   # narrowed, as said (not refused: it may be a pruned layer)
+    with warnings.catch_warnings(record=True) as caught:     # re-saved plainly: still unchecked, still said
+        warnings.simplefilter("always")
+        back = prunekit.load_pruned(_net(tmp_path), tmp_path / "old.safetensors")
+        prunekit.save_model(back, tmp_path / "plain.safetensors", {})
+        prunekit.load_pruned(_net(tmp_path), tmp_path / "plain.safetensors")
+    assert len(_ours(caught)) == 2 and "older prunekit" in _ours(caught)[1]
+    prunekit.save_model(back, tmp_path / "again.safetensors", {}, pruned_from=_net(tmp_path))   # the advice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prunekit.load_pruned(_net(tmp_path), tmp_path / "again.safetensors")
+        with pytest.raises(PrunekitError, match="layer 'fc' is built with in 12, out 100 in the model passed"):
+            prunekit.load_pruned(_net(tmp_path, classes=100), tmp_path / "again.safetensors")
+        small, _ = _small(_net(tmp_path))
+        prunekit.save_model(small, tmp_path / "new.safetensors", {})
+        prunekit.load_pruned(_net(tmp_path), tmp_path / "new.safetensors")          # a file with them: nothing said
+
+
+def test_the_command_line_says_so_of_an_older_layout_in_one_warning_line(tmp_path, capsys):
+    """The same on the command line (a model file's run, loaded by bench-latency): one
+    `prunekit: warning:` line, naming what to build, not a Python call; the run goes on."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    _write(folder)
+    model = f"{folder}/net.py:build"
+    (tmp_path / "run").mkdir()
+    small, _ = _small(_net(tmp_path))
+    layout = {name: {k: v for k, v in spec.items() if k != "dense"} for name, spec in channel_layout(small).items()}
+    prunekit.save_model(small, tmp_path / "run" / "model.safetensors", {
+        "model": model, "input_shape": [3, 8, 8], "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
+        "channel_layout": layout})
+    assert main(["bench-latency", "--model", model, "--pruned", str(tmp_path / "run"), "--repeats", "5", "--warmup",
+                 "0", "--batch-sizes", "1", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "older prunekit" in line]
+    assert len(lines) == 1 and lines[0].startswith("prunekit: warning: "), err
+    assert "build the model as that one was" in lines[0] and "save_model" not in lines[0], lines

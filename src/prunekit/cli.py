@@ -108,8 +108,11 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     if known.resume:
         others = [a for a in argv[1:] if a.startswith("-") and a.split("=")[0] not in ("--resume", "--json")]
         if others:
+            # --force with --resume: it would run anew what --resume carries on; the command that does that
+            anew = (f" (to run it anew with its config.toml's values: `{prune.anew_command(known.resume)}`)"
+                    if any(a.split("=")[0] == "--force" for a in others) and Path(known.resume).is_dir() else "")
             raise PrunekitError(f"--resume takes every option from {Path(known.resume) / 'config.toml'}; "
-                                f"leave out {', '.join(others)}")
+                                f"leave out {', '.join(others)}{anew}")
         config = Path(known.resume) / "config.toml"
         if not Path(known.resume).exists():
             if distributed.launched_by_torchrun() and distributed.on_several_machines():   # there it may be: not shared
@@ -133,7 +136,7 @@ def _apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> None:
             raise PrunekitError(f"{known.resume} is a run started from Python (prunekit.prune(..., out=)): resume it "
                                 f"by calling prunekit.prune again with the same arguments and out={known.resume!r}; "
                                 "`prunekit prune --resume` carries on runs of the command line")
-        runs.check_config_unchanged(known.resume)     # before the config names code to import
+        runs.check_config_unchanged(known.resume, prune.anew_command(known.resume))    # before code is imported
         options = _taken_only(recipes.load_recipe(config, sub))
         data_dir = options.get("data_dir")
         if data_dir and not Path(data_dir).exists():

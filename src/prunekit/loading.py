@@ -18,7 +18,7 @@ from torch import nn
 from . import user_models, zoo
 from .data import ImageDataset, Normalization, load_dataset
 from .data.dataset import DeferredImageDataset
-from .errors import PrunekitError, PrunekitWarning
+from .errors import PrunekitError, PrunekitWarning, worded_warning
 from .saving import read_meta
 from .zoo.checkpoints import check_checkpoint_path
 from .zoo.layout import apply_layout
@@ -91,7 +91,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
                                                 (("num_classes", num_classes), ("in_channels", in_channels))
                                                 if v is not None}
     model = zoo.build(name, **build_kwargs)
-    _load_weights(model, checkpoint, meta)
+    # built with the sidecar's own build arguments: as pruned, whatever its layout records
+    _load_weights(model, checkpoint, meta, built_as_saved="build_kwargs" in meta)
     channels = build_kwargs.get("in_channels", spec.input_shape[0])
     input_shape = (channels, *spec.input_shape[1:])
     if "normalization" in meta:
@@ -193,8 +194,11 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     method's layers are first resized to the saved channel counts (and removed blocks removed),
     then every weight is loaded (shapes must fit). ``model`` built otherwise than the one pruned
     (another class count, a wider stem: a layer's counts differ from those the layout records) is
-    refused, naming the layer and both counts, never narrowed to fit. Returns ``model``, in eval
-    mode; no code from the files is run.
+    refused, naming the layer and both counts, never narrowed to fit. A file an older prunekit
+    saved records no such counts (nor does one saved from a model loaded from it, unless with
+    ``save_model(..., pruned_from=)``): it still loads, but ``model``'s build cannot be checked
+    against it, and a layer built wider is narrowed to the saved counts; a ``PrunekitWarning`` says
+    so. Returns ``model``, in eval mode; no code from the files is run.
     """
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"load_pruned(model, path): model must be a fresh torch.nn.Module of the architecture "
@@ -212,11 +216,38 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def _load_weights(model: nn.Module, checkpoint, meta: dict) -> None:
+def _load_weights(model: nn.Module, checkpoint, meta: dict, built_as_saved: bool = False) -> None:
+    """Resize ``model`` to ``meta``'s channel layout (if any), then load ``checkpoint`` into it.
+    ``built_as_saved``: ``model`` was built from the sidecar's own build arguments (nothing to warn of)."""
     if "channel_layout" in meta:   # a structurally pruned (shrunk) model: resize its layers first
+        if not built_as_saved:
+            _warn_unchecked_layout(meta["channel_layout"], checkpoint)
         apply_layout(model, meta["channel_layout"])
     if checkpoint is not None:
         zoo.load_checkpoint(model, checkpoint)
+
+
+def _warn_unchecked_layout(layout, checkpoint) -> None:
+    """One ``PrunekitWarning`` where channel layout ``layout`` records, for some Conv/Linear/BatchNorm
+    layer, no "dense" counts (those of the model it was pruned from): an older prunekit's file, or
+    one saved from a model loaded from it. There the model passed cannot be checked against the one
+    the file was pruned from (another class count, a wider stem), and a layer built wider is
+    narrowed to the saved counts (``zoo.layout.apply_layout``)."""
+    if not isinstance(layout, dict):
+        return          # apply_layout says the sidecar is damaged
+    unchecked = [name for name, spec in layout.items() if isinstance(spec, dict) and "dense" not in spec
+                 and ("features" in spec or "in" in spec and "out" in spec)]
+    if not unchecked:
+        return
+    more = f" and {len(unchecked) - 1} more" if len(unchecked) > 1 else ""
+    said = (f"{checkpoint} was saved by an older prunekit (or from a model loaded from such a file): its channel "
+            f"layout records no counts from before pruning for layer {unchecked[0]!r}{more}, so the model's build "
+            "(class count, widths) cannot be checked against the one it was pruned from, and a layer built wider "
+            "is narrowed to the saved counts")
+    warnings.warn(worded_warning(
+        f"{said}: pass a model built as that one was (the same code and constructor arguments); "
+        "save_model(model, path, meta, pruned_from=a fresh model built so) re-saves it with those counts",
+        f"{said}: build the model as that one was (the same model code and class count)"), stacklevel=4)
 
 
 def _saved_normalization(meta: dict) -> Normalization:

@@ -580,6 +580,8 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False, code_
                 raise OptionError(earlier_rule(folder.path, keys), ("out", "force"))
             if python and old is not None and keys and all(_code_key(k) or k == "loss" for k in keys):
                 raise OptionError(other_code(folder.path, before, after, keys, code_detail), ("out", "force"))
+            if old is not None:         # the call that began an unfinished run, its config.toml edited since
+                check_asked_as_begun(folder, config_text, keys, python)
             if python:
                 raise OptionError(f"{folder.path} holds {what}: pick another out, carry that run on (the same call "
                                   "as its config.toml records) or clear it first (force=True)", ("out", "force"))
@@ -694,6 +696,28 @@ def check_unfinished_unchanged(folder: RunFolder, python: bool = False) -> None:
     raise EditedConfig(f"{folder.config} was changed ({', '.join(changed[:3])}) since the unfinished run there "
                        f"began ({METRICS} keeps its values): put them back to carry it on, or {anew} to run it "
                        "anew with these values", changed, METRICS, ("force",), finished=False)
+
+
+def check_asked_as_begun(folder: RunFolder, config_text: str, keys: list[str], python: bool = False) -> None:
+    """Refuse, in words saying so, a call asking for the unfinished run in ``folder`` as it began
+    (its values where it differs from config.toml, ``keys``, are those metrics.json keeps) when
+    config.toml was edited since (``edited_unfinished``): else it read "holds another run", whose
+    advice (--resume) is refused too. One line naming both fixes: config.toml's values back (then
+    this same call carries the run on), or ``force`` to run it anew."""
+    changed = edited_unfinished(folder)
+    if not changed or not keys or set(keys) - set(changed):
+        return
+    try:
+        began, asked = by_value(_parsed(folder.read_metrics().get("config"))), by_value(_parsed(config_text))
+    except (OSError, ValueError, PrunekitError):
+        return
+    if any(began.get(key) != asked.get(key) for key in keys):
+        return
+    same, anew = (("call", "pass force=True") if python else ("command", "add --force"))
+    raise EditedConfig(f"{folder.config} was edited since the unfinished run there began ({', '.join(changed[:3])}; "
+                       f"{METRICS} keeps the values this {same} asks for): put them back in config.toml and this same "
+                       f"{same} carries the run on, or {anew} to run it anew", changed, METRICS, ("force",),
+                       finished=False)
 
 
 def _parsed(config_text: str | None) -> dict:
@@ -1005,20 +1029,22 @@ def _world_sizes(meta: dict) -> list[int] | None:
     return sizes
 
 
-def check_config_unchanged(path: str | Path) -> None:
+def check_config_unchanged(path: str | Path, anew: str | None = None) -> None:
     """Refuse, before anything is imported or run, a run folder whose config.toml is no longer the
     one its run began with (kept in metrics.json): ``--resume`` would otherwise import the model
     file an edited config names, or hand back a finished run's result for options it was not run
-    with. Folders written before metrics.json kept the config are checked at their checkpoints."""
+    with. Folders written before metrics.json kept the config are checked at their checkpoints.
+    ``anew``: the command that runs it anew with config.toml's values (``--resume`` takes no --force)."""
     folder = RunFolder(path)
     saved = folder.read_metrics().get("config")
     if isinstance(saved, str):
-        _check_same_config(folder, saved, METRICS)
+        _check_same_config(folder, saved, METRICS, anew)
 
 
-def _check_same_config(folder: RunFolder, saved: str | None, name: str) -> None:
+def _check_same_config(folder: RunFolder, saved: str | None, name: str, anew: str | None = None) -> None:
     """Refuse to resume from checkpoint ``name`` when the folder's config.toml is no longer the
-    ``saved`` one it was written under (the stages left would run with other options)."""
+    ``saved`` one it was written under (the stages left would run with other options). ``anew``:
+    the command that runs it anew with config.toml's values, named as the other fix."""
     if saved is None or not folder.config.exists():
         return
     now = folder.config.read_text()
@@ -1029,8 +1055,10 @@ def _check_same_config(folder: RunFolder, saved: str | None, name: str) -> None:
         changed = [k for k in {**before, **after} if before.get(k) != after.get(k)] or ["its text"]
     except tomllib.TOMLDecodeError:
         changed = ["its text"]
+    other = (f"run it anew with these values (`{anew}`)" if anew is not None
+             else "start a new run in another folder")
     raise PrunekitError(f"{folder.config} was changed ({', '.join(changed[:3])}) since {name} was saved: put "
-                        "its values back to carry the run on, or start a new run in another folder")
+                        f"its values back to carry the run on, or {other}")
 
 
 class StageMeter:

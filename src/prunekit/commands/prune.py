@@ -121,8 +121,7 @@ def cmd_prune(args) -> int:
     record = prune_into(args, plan, loaded, eval_loader, train_batches)
     if finished and distributed.is_main_process():     # (a different request was refused inside prune_into)
         anew = ("--force runs it anew" if not getattr(args, "resume", None) else    # --resume takes no --force
-                f"the original command with --force runs it anew, as does `prunekit prune --recipe "
-                f"{shlex.quote(str(Path(args.out) / 'config.toml'))}{_out_if_moved(args.out)} --force`; "
+                f"the original command with --force runs it anew, as does `{anew_command(args.out)}`; "
                 "or give another --out")
         print(f"prunekit: note: {args.out} holds this run, finished: its result again, nothing was run ({anew})",
               file=sys.stderr)
@@ -200,6 +199,13 @@ def _lower_rate_after_resume(args, err: PrunekitError) -> str:
     return (f"run the original command again with a lower {flag} and --force (it starts over there; --resume takes "
             f"neither), e.g. `prunekit prune --recipe {recipe}{_out_if_moved(args.out)} {flag} LOWER --force`, or "
             "give it another --out")
+
+
+def anew_command(out: str) -> str:
+    """The command that runs the prune run in folder ``out`` anew with its config.toml's values
+    (``--resume`` takes no --force): ``prunekit prune --recipe OUT/config.toml --force``."""
+    return (f"prunekit prune --recipe {shlex.quote(str(Path(out) / 'config.toml'))}{_out_if_moved(out)} "
+            "--force")
 
 
 def _out_if_moved(out: str) -> str:
