@@ -244,10 +244,10 @@ def _warn_unchecked_layout(layout, checkpoint) -> None:
             f"layout records no counts from before pruning for layer {unchecked[0]!r}{more}, so the model's build "
             "(class count, widths) cannot be checked against the one it was pruned from, and a layer built wider "
             "is narrowed to the saved counts")
-    warnings.warn(worded_warning(
+    warn_ours(worded_warning(
         f"{said}: pass a model built as that one was (the same code and constructor arguments); "
         "save_model(model, path, meta, pruned_from=a fresh model built so) re-saves it with those counts",
-        f"{said}: build the model as that one was (the same model code and class count)"), stacklevel=4)
+        f"{said}: build the model as that one was (the same model code and class count)"))
 
 
 def _saved_normalization(meta: dict) -> Normalization:
