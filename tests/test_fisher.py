@@ -519,7 +519,10 @@ def test_half_precision_rows_pass_the_autograd_check_and_a_wrong_term_is_still_c
 
 def _nearly_perfect_classifier():
     """A 8-16-2 MLP whose 64 training samples all sit 14 logits from the boundary: loss ~4e-7,
-    gradient entries from 2e-5 down to 1e-9 and below (float16's subnormals start at 6.1e-5)."""
+    gradient entries from 2e-5 down to 1e-9 and below (float16's subnormals start at 6.1e-5). Every
+    value is drawn from its own generator: nn.Linear's default init draws from torch's global RNG,
+    whose seed at process start is random, so the first layer's biases differed from one process to
+    the next (the ridge and objective ~0.5% apart, read as CHITA not repeating itself)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 8, generator=gen)
     y = (x[:, 0] > 0).long()
@@ -529,6 +532,7 @@ def _nearly_perfect_classifier():
         model[0].weight.copy_(torch.randn(16, 8, generator=gen))
         model[0].weight[:2] = 0.0
         model[0].weight[0, 0], model[0].weight[1, 0] = 1.0, -1.0
+        model[0].bias.copy_(0.1 * torch.randn(16, generator=gen))
         model[0].bias[:2] = 0.0
         model[2].weight.zero_()
         model[2].bias.zero_()
@@ -567,3 +571,37 @@ def test_float16_loss_scale_is_one_for_an_ordinary_loss():
     assert fisher.float16_loss_scale(model, space, [(x, y)], 32) == 1.0
     with pytest.raises(PrunekitError, match="power of two"):
         collect_gradients(model, space, [(x, y)], 4, progress=False, loss_scale=3.0)
+
+
+_SAME_PRUNE = """
+import hashlib, sys, warnings
+import torch
+import prunekit
+from test_fisher import _nearly_perfect_classifier
+warnings.simplefilter("ignore")
+model, x, y = _nearly_perfect_classifier()
+r = prunekit.prune(model, torch.utils.data.TensorDataset(x, y), method="chita", sparsity=0.5, fisher_samples=64,
+                   fisher_dtype=sys.argv[1], recalibrate_bn=False, batch_size=64, stage_eval=False, seed=3)
+masks = b"".join((p != 0).numpy().tobytes() for p in r.model.parameters())
+print(repr(r.history[0]["ridge"]), repr(r.history[0]["objective"]), hashlib.sha256(masks).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_same_prune_in_two_fresh_processes_gives_the_same_ridge_objective_and_masks(dtype):
+    """Same model, data, seed and thread count: the same result, to the bit, in a fresh process each time
+    (torch's global RNG starts from a random seed in every process: the model must not draw from it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    import prunekit
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(prunekit.__file__).parents[1]), str(Path(__file__).parent)])}
+    runs = [subprocess.run([sys.executable, "-c", _SAME_PRUNE, dtype], env=env, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr[-2000:]
+    first, second = (run.stdout.strip().splitlines()[-1] for run in runs)
+    assert first == second
+    ridge, objective = map(float, first.split()[:2])
+    assert ridge > 0 and objective > 0

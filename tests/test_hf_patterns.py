@@ -226,3 +226,45 @@ def test_a_forward_that_sums_a_batch_shared_lookup_falls_back_to_exact_rows():
     with pytest.warns(PrunekitWarning, match="expanding an embedding's batch-shared output changes the loss"):
         rows = collect_gradients(model, space, batches, n=8, chunk=4, progress=False, loss_fn=lm_loss)
     assert_close_to_scale(rows, _per_sample_lm(model, space, ids), rel=1e-4)
+
+
+class _TupleOutput(nn.Module):
+    """A classifier that returns (class scores, an auxiliary head): the default loss cannot know which to read."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc, self.aux = nn.Linear(8, 4), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)).mean((2, 3))
+        return self.fc(h), self.aux(h)
+
+
+@pytest.mark.parametrize("method,budget", [
+    ("autobot", {"flops": 0.5}), ("taper", {"flops": 0.5}), ("hybrid", {"flops": 0.4, "structured_flops": 0.6}),
+    ("chita", {"sparsity": 0.5}), ("falcon", {"flops": 0.5}), ("magnitude", {"sparsity": 0.5, "gradual": True})])
+def test_a_tuple_output_without_loss_is_refused_before_any_work_by_every_method(method, budget, monkeypatch):
+    """Every method and mode refuses a tuple output in the same line, naming loss= and a wrapper, before the
+    method runs (autobot's gates used to meet it only inside autobot_masks, after the trace and the plan)."""
+    import prunekit.api
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the method ran before the tuple output was refused")
+
+    monkeypatch.setattr(prunekit.api, "execute", ran)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    with pytest.raises(PrunekitError, match=r"returns tuple outputs, not a tensor of class scores: pass loss=.*wrap "
+                                            r"the model") as error:
+        prunekit.prune(_TupleOutput(), (x, y), method=method, fisher_samples=8, **budget)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("method,budget", [("autobot", {"flops": 0.5, "gate_batches": 2}),
+                                           ("magnitude", {"sparsity": 0.5})])
+def test_a_tuple_output_prunes_with_a_loss_that_reads_it(method, budget):
+    """loss= reading the tuple's first part serves; a magnitude run at once reads data only for BatchNorm."""
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    loss = (lambda out, t: F.cross_entropy(out[0], t)) if method == "autobot" else None
+    result = prunekit.prune(_TupleOutput(), (x, y), method=method, loss=loss, **budget)
+    assert 0 < result.flops_kept <= 1

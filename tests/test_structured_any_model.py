@@ -580,9 +580,10 @@ def test_recurrent_layers_and_embeddings_are_named_as_left_dense_in_the_record_w
     assert set(skipped) == {"fc", "lstm", "gru"}, skipped
     assert skipped["lstm"].startswith("LSTM: the channel methods do not shrink recurrent layers (hidden width 16)")
     assert skipped["gru"].startswith("GRU: the channel methods do not shrink recurrent layers")
-    with pytest.raises(OptionError, match=r"left dense among them \(lstm: LSTM: .*; gru: GRU: .*; fc: reaches"):
+    with pytest.raises(OptionError, match=r"2 layers and 1 channel group left dense among them \(lstm: LSTM: .*; "
+                                          r"gru: GRU: .*; fc: reaches"):
         prunekit.prune(_Recurrent(), (x, y), method="autobot", flops=0.5, gate_batches=2)
-    with pytest.warns(PrunekitWarning, match=r"2 channel groups left dense.*lstm: LSTM.*gru: GRU"):
+    with pytest.warns(PrunekitWarning, match=r"^2 layers left dense \(the budget.*lstm: LSTM.*gru: GRU"):
         result = prunekit.prune(_Recurrent(), (x, y), method="autobot", flops=0.99, gate_batches=2,
                                 eval_data=(x, y))
     dense = [line for line in prune_lines(result.record) if line.startswith("  left dense")]
@@ -592,8 +593,23 @@ def test_recurrent_layers_and_embeddings_are_named_as_left_dense_in_the_record_w
     skipped = dict(find_groups(_Embeddings(), t[:1]).skipped)
     assert set(skipped) == {"fc", "emb", "bag"}, skipped
     assert skipped["bag"].startswith("EmbeddingBag: the channel methods do not shrink embeddings (width 16)")
-    with pytest.raises(OptionError, match=r"params budget .* left dense among them \(emb: Embedding: .*; bag: "):
+    with pytest.raises(OptionError, match=r"params budget .* 2 layers and 1 channel group left dense among them "
+                                          r"\(emb: Embedding: .*; bag: "):
         prunekit.prune(_Embeddings(), (t, y), method="autobot", flops=0.99, params=0.5, gate_batches=2)
+
+
+def test_layers_and_channel_groups_left_dense_are_counted_apart():
+    """Recurrent layers and embeddings are layers, not channel groups: "2 layers and 1 channel group left
+    dense", in the warning (which run.log keeps) and in the refusals below the floor."""
+    from prunekit.structured.groups import dense_groups_text, dense_groups_warning
+    layers = [(n, why) for n, why in find_groups(_Recurrent(), torch.randn(1, 12, 10)).skipped if n != "fc"]
+    model, x = _Norms(True).eval(), torch.randn(1, 3, 8, 8)
+    norm = [(n, why) for n, why in checked_groups(model, find_groups(model, x), x).skipped if n == "c1"]
+    assert len(layers) == 2 and len(norm) == 1
+    assert dense_groups_warning(layers + norm).startswith("2 layers and 1 channel group left dense (the budget")
+    assert dense_groups_warning(layers[:1]).startswith("1 layer left dense (")
+    assert dense_groups_warning(norm).startswith("1 channel group left dense (")
+    assert dense_groups_text(norm + layers[:1]).startswith(", 1 layer and 1 channel group left dense among them (c1:")
 
 
 class _Norms(nn.Module):

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from . import interrupts, recipes, run_lock, runs
-from .api_checks import (check_arguments, check_data, check_example_batched, check_labels, check_loss, check_not_meta,
-                         check_runs_on, first_batch, plain_numbers)
+from .api_checks import (check_arguments, check_data, check_default_loss, check_example_batched, check_labels,
+                         check_loss, check_not_meta, check_runs_on, first_batch, plain_numbers)
 from .data.dataset import DeferredImageDataset, ImageDataset, refuse_raw_pixels
 from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pass
 from .data.replay import (ReplayedLoader, loader_generators, rng_states, set_rng_states, states_from_json,
@@ -178,6 +178,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     if loss is None:                          # the user's loss decides what its targets are
         check_labels(model, example_input, data, train_batches, "data")
         check_labels(model, example_input, eval_data, eval_batches, "eval_data")
+        if eval_batches is not None or (train_batches is not None and _uses_loss(method, gradual)):
+            check_default_loss(model, example_input)
     eval_loader = eval_batches() if eval_batches is not None else None
     budget = {"sparsity": sparsity, "flops": flops, "params": params}
     request = PruneRequest(model, example_input, method, budget, include, exclude, seed, gradual, recalibrate_bn,
@@ -778,6 +780,17 @@ def _with_fresh_workers(loader: torch.utils.data.DataLoader) -> torch.utils.data
     being read keeps its workers until it is dropped."""
     loader._iterator = None
     return loader
+
+
+def _uses_loss(method: str | Method, gradual: bool) -> bool:
+    """Whether ``method`` (in this mode) trains, scores or takes gradients on the loss: gradual
+    fine-tunes, channel methods' gates, Fisher methods' rows (as ``_without_data`` names them);
+    a magnitude method run at once reads data only for BatchNorm statistics."""
+    try:
+        row = lookup(method)
+    except PrunekitError:           # an unknown name: the request refuses it in its own words
+        return False
+    return gradual or row.family == "channels" or row.plan_memory is not None
 
 
 def _without_data(method: str | Method, gradual: bool) -> str:

@@ -245,6 +245,24 @@ def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: C
                             "pass the labels as indices of the model's outputs")
 
 
+def check_default_loss(model: nn.Module, example_input) -> None:
+    """Without ``loss=`` every method that trains, takes gradients or evaluates reads the model's
+    output as (batch, classes) scores (``losses.class_scores``): refuse one that is not (a tuple, a
+    dict without 2-D ``logits``, one value per example) in one line, before any work, the same for
+    every method and mode (autobot's gates, taper, the hybrid, gradual fine-tunes, CHITA's rows).
+    A model that fails on ``example_input`` is left to the trace, which says so in its words."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example_input)
+    except Exception:  # noqa: BLE001 - the cost model's trace reports a model that cannot run
+        return
+    finally:
+        model.train(was_training)
+    class_scores(out)
+
+
 def check_example_batched(example_input, batches: Callable[[], Iterable] | None, what: str) -> None:
     """``example_input`` must be a batch: one example of the data without its batch dimension
     would be counted as a batch of its first dimension's size (MACs divided by the channels)."""

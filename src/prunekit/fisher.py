@@ -152,10 +152,25 @@ def float16_loss_scale(model: nn.Module, space: ParamSpace, batches: Iterable, n
     entry put at ``FLOAT16_TOP`` (256x headroom below float16's 65,504 for rows the probe did not
     see); 1.0 while that entry lies in ``FLOAT16_KEEP`` (ordinary losses: the rows as ever).
     ``options``: collect_gradients' (``progress`` off here)."""
+    return float16_scale_for(float16_probe_top(model, space, batches, n, **options))
+
+
+def float16_probe_top(model: nn.Module, space: ParamSpace, batches: Iterable, n: int, **options) -> float:
+    """The largest |entry| of the first min(n, ``PROBE_ROWS``) gradient rows of ``batches``, computed
+    in float32 (0.0 without rows): what :func:`float16_loss_scale` scales by. Under torch.distributed
+    every rank probes the same first rows of the same stream and the ranks take the maximum
+    (``collective.all_reduce_max``) before :func:`float16_scale_for`, so that all store their rows at
+    one scale, the one process's."""
     options["progress"] = False
     probe = collect_gradients(model, space, batches, min(n, PROBE_ROWS), dtype=torch.float32, **options)
     top = float(probe.abs().max()) if probe.numel() else 0.0
     del probe
+    return top
+
+
+def float16_scale_for(top: float) -> float:
+    """The power of two putting ``top`` (a probed largest gradient entry) at ``FLOAT16_TOP``; 1.0
+    while it lies in ``FLOAT16_KEEP``, or is 0 or not finite."""
     if not math.isfinite(top) or top == 0.0 or FLOAT16_KEEP[0] <= top <= FLOAT16_KEEP[1]:
         return 1.0
     return 2.0 ** (math.floor(math.log2(FLOAT16_TOP / top)))

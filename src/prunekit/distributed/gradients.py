@@ -35,7 +35,8 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
                               collective: Collective, columns: torch.Tensor | None = None, *, batch: int = 1,
                               chunk: int = 64, dtype: torch.dtype = torch.float32, progress: bool = False,
                               bn: str = "frozen", skip: int = 0, repeat: bool = False,
-                              loss_fn=None, kind: str = "empirical", seed: int = 0) -> tuple[torch.Tensor, int]:
+                              loss_fn=None, kind: str = "empirical", seed: int = 0,
+                              loss_scale: float = 1.0) -> tuple[torch.Tensor, int]:
     """(X_r, offset): this rank's columns of the (n, p') gradient matrix and where they start.
 
     batches: a function returning the stream of (x, y) training batches, the same at every call.
@@ -44,7 +45,8 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
     skip:    samples of the stream before the first row's (``fresh_samples``: earlier stages' rows).
     repeat:  the stream is ``batches()`` pass after pass (:func:`prunekit.fisher.passes`), as one
              process reads it for mini-batch rows or fresh samples.
-    Other arguments as :func:`prunekit.fisher.collect_gradients`; ``batch`` samples make a row,
+    Other arguments as :func:`prunekit.fisher.collect_gradients` (``loss_scale``: the power of two
+    every rank scales the loss by, the same on all of them); ``batch`` samples make a row,
     each on its own statistics with ``bn="batch"``, so the rows are one process's rows.
 
     Each rank computes its rows in 4R pieces and hands each piece's column blocks to their owners
@@ -72,7 +74,7 @@ def collect_sharded_gradients(model, space: ParamSpace, batches: Callable[[], It
                 try:
                     rows = collect_gradients(model, space, skip_samples(stream, skip + first * batch), last - first,
                                              batch=batch, chunk=chunk, dtype=dtype, progress=bar,
-                                             bn=bn, loss_fn=loss_fn, kind=kind, seed=seed)
+                                             bn=bn, loss_fn=loss_fn, kind=kind, seed=seed, loss_scale=loss_scale)
                 except OptionError as error:      # this rank's rows ran past the end of the data
                     short = error
                 if columns is not None and short is None:

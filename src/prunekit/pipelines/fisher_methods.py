@@ -25,7 +25,8 @@ from ..errors import PrunekitError, PrunekitWarning
 from .. import memory_plan, process_memory
 from ..options import OptionError
 from .. import distributed
-from ..fisher import collect_gradients, float16_loss_scale, keep_columns, passes, skip_samples
+from ..fisher import (collect_gradients, float16_loss_scale, float16_probe_top, float16_scale_for, keep_columns, passes,
+                      skip_samples)
 from ..data.loaders import samples_per_pass
 from ..fisher_batches import check_enough_samples, check_sample_count
 from ..distributed.gradients import collect_sharded_gradients
@@ -668,25 +669,54 @@ def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Ten
     """This rank's columns of the stage's gradient matrix (the weights ``index``) as a sharded
     quadratic model (scaled by ``normalising_scale`` where the ridge is relative), the ridge (its mean
     Fisher diagonal summed over the ranks; unscaled) and the scale. ``skip``,
-    ``repeat``: where the rows start in the training stream and whether it is read pass after pass."""
+    ``repeat``: where the rows start in the training stream and whether it is read pass after pass.
+
+    Float16 rows of a tiny loss are stored at the one process's loss scale (``float16_loss_scale``):
+    every rank probes the same first rows of the same stream, the ranks take the largest entry
+    (all_reduce MAX: one scale on all of them, whatever rounding a device adds) and scale the loss by
+    the same power of two; if any rank's rows overflow, every rank collects them again unscaled."""
     columns = None if index.numel() == ctx.space.numel else index
-    rows, offset = collect_sharded_gradients(ctx.model, ctx.space, ctx.train_batches, plan.n, collective,
-                                             columns, batch=opts.fisher_batch, chunk=plan.chunk,
-                                             dtype=plan.dtype, progress=ctx.progress, bn=opts.fisher_bn,
-                                             skip=skip, repeat=repeat, loss_fn=ctx.loss_fn,
-                                             kind=opts.rows_kind(ctx.loss_fn is None), seed=ctx.seed)
-    broken = torch.tensor([0.0 if gradients_finite(rows) else 1.0], dtype=torch.float64, device=rows.device)
-    if float(collective.all_reduce(broken)):            # every rank refuses, none waits on the others
+    options = dict(batch=opts.fisher_batch, chunk=plan.chunk, bn=opts.fisher_bn, loss_fn=ctx.loss_fn,
+                   kind=opts.rows_kind(ctx.loss_fn is None), seed=ctx.seed)
+    device = w.device
+    stored = 1.0
+    if plan.dtype == torch.float16:
+        stream = passes(ctx.train_batches()) if repeat else ctx.train_batches()
+        top = float16_probe_top(ctx.model, ctx.space, skip_samples(stream, skip) if skip else stream, plan.n, **options)
+        top = torch.tensor([top if math.isfinite(top) else 0.0], dtype=torch.float64, device=device)
+        stored = float16_scale_for(float(collective.all_reduce_max(top)))
+
+    def collect(loss_scale: float):
+        return collect_sharded_gradients(ctx.model, ctx.space, ctx.train_batches, plan.n, collective, columns,
+                                         dtype=plan.dtype, progress=ctx.progress, skip=skip, repeat=repeat,
+                                         loss_scale=loss_scale, **options)
+
+    def any_broken(rows) -> bool:
+        broken = torch.tensor([0.0 if gradients_finite(rows) else 1.0], dtype=torch.float64, device=rows.device)
+        return bool(float(collective.all_reduce(broken)))   # every rank decides alike, none waits on the others
+
+    rows, offset = collect(stored)
+    if stored > 1.0 and any_broken(rows):               # a row the probe did not see overflowed (on some rank)
+        if collective.rank == 0:
+            warnings.warn(PrunekitWarning(
+                f"float16 gradient rows overflowed at loss scale {stored:g} (a row far larger than the first "
+                "ones): collected again unscaled, where tiny entries are subnormal or zero; fisher_dtype="
+                "'bfloat16' or 'float32' keeps them"), stacklevel=3)
+        del rows
+        stored = 1.0
+        rows, offset = collect(stored)
+    if any_broken(rows):            # every rank refuses, none waits on the others
         check_finite_gradients(None)
     ridge, scale = opts.ridge, 1.0       # a ridge given: no exchange for the diagonal, X as it is
     if ridge is None:
         local = _sum_of_squares(rows)
         total = float(collective.all_reduce(torch.tensor([local], dtype=torch.float64, device=rows.device)))
-        mean_diagonal = total / (rows.shape[0] * index.numel()) or 1.0
+        mean_diagonal = total / (rows.shape[0] * index.numel()) / stored**2 or 1.0    # of the unscaled gradients
         ridge = opts.relative_ridge * mean_diagonal
         scale = normalising_scale(mean_diagonal, rows.dtype)      # the same on every rank: from the same total
     if scale != 1.0:
         rows.mul_(scale)
+    scale *= stored                                # rows = scale x the gradients
     q = ShardedQuadraticModel(rows, _free(w, index), ridge * scale**2, None, collective, offset)
     if opts.first_order:
         q = ShardedQuadraticModel(rows, _free(w, index), ridge * scale**2,

@@ -742,25 +742,44 @@ def unexpected_skips(skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(root, why) for root, why in skipped if _cause(why)[0] not in _EXPECTED]
 
 
+def is_whole_layer(why: str) -> bool:
+    """Whether a reason in ``GroupSet.skipped`` names a whole layer the channel methods do not shrink
+    (a recurrent layer, an embedding: ``_unshrunk_layer_reason``, "LSTM: the channel methods do not
+    shrink ..."), not a channel group rooted at a traced layer."""
+    kind, sep, rest = why.partition(": ")
+    return bool(sep) and kind.isidentifier() and rest.startswith("the channel methods do not shrink ")
+
+
+def left_dense_count(skipped: list[tuple[str, str]]) -> str:
+    """How many of ``skipped`` are whole layers and how many channel groups, in words: "2 layers and
+    1 channel group", "1 layer", "3 channel groups"."""
+    layers = sum(is_whole_layer(why) for _, why in skipped)
+    groups = len(skipped) - layers
+    parts = ([f"{layers} layer{'s' if layers > 1 else ''}"] if layers else []) + \
+            ([f"{groups} channel group{'s' if groups > 1 else ''}"] if groups else [])
+    return " and ".join(parts)
+
+
 def dense_groups_text(skipped: list[tuple[str, str]]) -> str:
     """", N channel groups left dense among them (root: why; ... and N more)" for a refusal of a budget
     below the channel floor ("" if none): those a user may not expect first (a GroupNorm, a layer
-    channel surgery cannot resize), then those dense by design."""
+    channel surgery cannot resize), then those dense by design. Recurrent layers and embeddings
+    among them are counted as layers ("2 layers and 1 channel group", ``left_dense_count``)."""
     if not skipped:
         return ""
     unexpected = unexpected_skips(skipped)
     ordered = unexpected + [s for s in skipped if s not in unexpected]
-    n = len(ordered)
-    return f", {n} channel group{'s' if n > 1 else ''} left dense among them ({listed_skips(ordered)})"
+    return f", {left_dense_count(ordered)} left dense among them ({listed_skips(ordered)})"
 
 
 def dense_groups_warning(skipped: list[tuple[str, str]]) -> str | None:
-    """What a user is told of the groups left dense that they may expect pruned; None if none."""
+    """What a user is told of the groups (and whole layers: ``left_dense_count``) left dense that they
+    may expect pruned; None if none."""
     unexpected = unexpected_skips(skipped)
     if not unexpected:
         return None
-    return (f"{len(unexpected)} channel group{'s' if len(unexpected) > 1 else ''} left dense (the budget is met "
-            f"from the others): {listed_skips(unexpected)} (skipped_groups in the record lists every group left dense)")
+    return (f"{left_dense_count(unexpected)} left dense (the budget is met "
+            f"from the others): {listed_skips(unexpected)} (skipped_groups in the record lists every one left dense)")
 
 
 def no_group_error(skipped: list[tuple[str, str]]) -> PrunekitError:

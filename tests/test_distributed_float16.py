@@ -1,0 +1,91 @@
+"""Float16 gradient rows of a tiny loss collected across 2 gloo ranks: the ranks agree on the one
+process's loss scale (``fisher.float16_loss_scale``), so the rows, ridge, objective and masks are the
+one process's (relative to scale)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import prunekit
+from closeness import assert_close_to_scale
+from distributed_spawn import run_ranks_once
+from test_fisher import _nearly_perfect_classifier
+
+
+def _tinier_classifier():
+    """``_nearly_perfect_classifier`` 21 logits from the boundary (loss ~1e-9): its gradient entries lie
+    below float16's smallest subnormal (6e-8) unless the loss is scaled, so rows stored unscaled are zero."""
+    model, x, y = _nearly_perfect_classifier()
+    with torch.no_grad():
+        model[2].weight.mul_(1.5)
+    return model, x, y
+
+
+def _prune(fisher_dtype: str) -> dict:
+    model, x, y = _tinier_classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = prunekit.prune(model, (x, y), method="chita", sparsity=0.5, fisher_samples=48, fisher_dtype=fisher_dtype,
+                           fisher_kind="empirical",   # the tiny loss's own gradients (the model Fisher's draws are larger)
+                           recalibrate_bn=False, batch_size=64, stage_eval=False)
+    weights = torch.cat([p.detach().flatten() for p in r.model.parameters()])
+    return {"ridge": torch.tensor(r.history[0]["ridge"], dtype=torch.float64),
+            "objective": torch.tensor(r.history[0]["objective"], dtype=torch.float64), "weights": weights}
+
+
+def _rows(rank=0, world=1) -> dict:
+    """The float16 rows at the loss scale the ranks agree on (each rank's column shard), and that scale."""
+    from prunekit.distributed import current
+    from prunekit.distributed.gradients import collect_sharded_gradients
+    from prunekit.fisher import collect_gradients, float16_loss_scale, float16_probe_top, float16_scale_for
+    from prunekit.params import ParamSpace
+    model, x, y = _tinier_classifier()
+    space = ParamSpace(model)
+    batches = lambda: [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]   # noqa: E731
+    if world == 1:
+        scale = float16_loss_scale(model, space, batches(), 48)
+        rows = collect_gradients(model, space, batches(), 48, dtype=torch.float16, progress=False, loss_scale=scale)
+        return {"rows": rows, "scale": torch.tensor(scale), "offset": torch.tensor(0)}
+    top = torch.tensor([float16_probe_top(model, space, batches(), 48)], dtype=torch.float64)
+    scale = float16_scale_for(float(current().all_reduce_max(top)))
+    rows, offset = collect_sharded_gradients(model, space, batches, 48, current(), dtype=torch.float16, loss_scale=scale)
+    return {"rows": rows.contiguous(), "scale": torch.tensor(scale), "offset": torch.tensor(offset)}
+
+
+def _worker(rank, world):
+    return {"float16": _prune("float16"), "rows": _rows(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_ranks_once("distributed_float16", _worker, 2, tmp_path_factory, timeout=300)
+
+
+def test_two_ranks_store_float16_rows_at_the_one_process_scale(two_ranks):
+    expected = _rows()
+    assert float(expected["scale"]) > 2.0**10                     # a tiny loss: its rows are scaled
+    parts = sorted(((int(r["rows"]["offset"]), r["rows"]["rows"]) for r in two_ranks), key=lambda part: part[0])
+    for result in two_ranks:
+        assert float(result["rows"]["scale"]) == float(expected["scale"])
+    got = torch.cat([part for _, part in parts], 1).double()
+    live = expected["rows"].double().norm(dim=0) > 0
+    assert int((got == 0).sum()) == int((expected["rows"] == 0).sum())
+    error = ((got - expected["rows"].double()).norm(dim=0)[live] / expected["rows"].double().norm(dim=0)[live]).max()
+    assert error < 2.0**-10, float(error)                         # float16's rounding, no more
+
+
+def test_two_rank_float16_prune_matches_one_process(two_ranks):
+    """The ridge and objective as one process records them (unscaled), the same masks and weights:
+    without the agreed scale the sharded rows were stored unscaled, their tiny entries zero."""
+    expected = _prune("float16")
+    exact = _prune("float32")
+    for result in two_ranks:
+        got = result["float16"]
+        for key in ("ridge", "objective"):
+            assert_close_to_scale(got[key], expected[key], 1e-3)
+            assert_close_to_scale(got[key], exact[key], 1e-2)     # float16 rows: near the float32 solve
+        assert torch.equal(got["weights"] != 0, expected["weights"] != 0)
+        assert_close_to_scale(got["weights"], expected["weights"], 1e-3)
