@@ -697,11 +697,10 @@ def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Ten
 
     rows, offset = collect(stored)
     if stored > 1.0 and any_broken(rows):               # a row the probe did not see overflowed (on some rank)
-        if collective.rank == 0:
-            warnings.warn(PrunekitWarning(
-                f"float16 gradient rows overflowed at loss scale {stored:g} (a row far larger than the first "
-                "ones): collected again unscaled, where tiny entries are subnormal or zero; fisher_dtype="
-                "'bfloat16' or 'float32' keeps them"), stacklevel=3)
+        warn_ours(PrunekitWarning(          # rank 0 alone, as every warning of ours
+            f"float16 gradient rows overflowed at loss scale {stored:g} (a row far larger than the first "
+            "ones): collected again unscaled, where tiny entries are subnormal or zero; fisher_dtype="
+            "'bfloat16' or 'float32' keeps them"))
         del rows
         stored = 1.0
         rows, offset = collect(stored)
