@@ -428,10 +428,7 @@ def run_stages(ctx: PruneContext, solve_stage, opts: QuadraticOptions, memory) -
             grads = collect_gradients(ctx.model, ctx.space, stream(), plan.n, dtype=plan.dtype,
                                       progress=ctx.progress, loss_scale=stored, **options)
             if stored > 1.0 and not gradients_finite(grads):   # a row the probe did not see overflowed
-                warn_ours(PrunekitWarning(
-                    f"float16 gradient rows overflowed at loss scale {stored:g} (a row far larger than the first "
-                    "ones): collected again unscaled, where tiny entries are subnormal or zero; fisher_dtype="
-                    "'bfloat16' or 'float32' keeps them"))
+                _say_float16_overflow(stored)
                 del grads
                 stored = 1.0
                 grads = collect_gradients(ctx.model, ctx.space, stream(), plan.n, dtype=plan.dtype,
@@ -697,10 +694,7 @@ def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Ten
 
     rows, offset = collect(stored)
     if stored > 1.0 and any_broken(rows):               # a row the probe did not see overflowed (on some rank)
-        warn_ours(PrunekitWarning(          # rank 0 alone, as every warning of ours
-            f"float16 gradient rows overflowed at loss scale {stored:g} (a row far larger than the first "
-            "ones): collected again unscaled, where tiny entries are subnormal or zero; fisher_dtype="
-            "'bfloat16' or 'float32' keeps them"))
+        _say_float16_overflow(stored)
         del rows
         stored = 1.0
         rows, offset = collect(stored)
@@ -721,3 +715,12 @@ def _sharded_model(ctx: PruneContext, plan, opts: QuadraticOptions, w: torch.Ten
         q = ShardedQuadraticModel(rows, _free(w, index), ridge * scale**2,
                                   q.rmatvec(torch.full((q.n,), 1 / q.n, device=w.device)) * scale, collective, offset)
     return q, ridge, scale
+
+
+def _say_float16_overflow(scale: float) -> None:
+    """Warn (rank 0 alone) that float16 rows overflowed at loss ``scale`` and were collected again
+    unscaled."""
+    warn_ours(PrunekitWarning(
+        f"float16 gradient rows overflowed at loss scale {scale:g} (a row far larger than the first ones): "
+        "collected again unscaled, where tiny entries are subnormal or zero; fisher_dtype='bfloat16' or "
+        "'float32' keeps them"))
