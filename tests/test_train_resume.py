@@ -443,3 +443,23 @@ def test_a_resumed_training_whose_checkpoint_changed_is_refused_and_force_starts
     assert main([*argv, "--force"]) == 0
     assert len(json.loads(capsys.readouterr().out)["history"]) == 2
     assert "its --checkpoint file changed since this run started" in (out / "run.log").read_text()
+
+
+def test_the_checkpoint_read_ahead_is_not_kept_after_the_command(capsys, tmp_path):
+    """train reads --checkpoint before the data (zoo.checkpoints.read_ahead) and kept its whole state
+    dict in a module-level cache after a refusal or a finished run given back (nothing built to take
+    it): a leak in a long process. Kept for the command's call only."""
+    from prunekit.zoo import checkpoints
+    checkpoint, out = tmp_path / "ck.pth", tmp_path / "run"
+    argv = [*TRAIN, "--epochs", "1", "--checkpoint", str(checkpoint), "--out", str(out)]
+    _weights(checkpoint, 1)
+    assert main(argv) == 0 and checkpoints._READ_AHEAD == {}
+    capsys.readouterr()
+    _weights(checkpoint, 2)
+    assert main(argv) == 2                                     # refused after the read, before any model is built
+    assert "holds another training run, finished" in capsys.readouterr().err
+    assert checkpoints._READ_AHEAD == {}
+    _weights(checkpoint, 1)
+    assert main(argv) == 0                                     # given back: no model built to take it
+    assert "holds this training run, finished" in capsys.readouterr().err
+    assert checkpoints._READ_AHEAD == {}

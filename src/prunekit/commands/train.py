@@ -34,7 +34,7 @@ from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimize
 from ..record import peak_rss_mb, save_pruned
 from ..runs import (EditedConfig, RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim,
                     check_ranks_share, claim, finished_read_only_on_rank_0, release_refused)
-from ..zoo.checkpoints import _export_kind, check_checkpoint_path, read_ahead
+from ..zoo.checkpoints import _export_kind, check_checkpoint_path, read_ahead, reading_ahead
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
@@ -42,6 +42,11 @@ from .common import (add_data_args, add_device_arg, add_model_args, check_image_
 
 
 def cmd_train(args) -> int:
+    with reading_ahead():               # the checkpoint read before the data: kept for this call only
+        return _cmd_train(args)
+
+
+def _cmd_train(args) -> int:
     check_train_args(args)
     resolve_model(args)
     check_out(args.out, "--out")
