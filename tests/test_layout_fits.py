@@ -3,6 +3,7 @@ from ("dense"), and loading refuses a model built otherwise: a wider one (100 cl
 has 10, a wider stem) was narrowed to the saved counts quietly, a wrong model that then ran."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -281,3 +282,88 @@ def test_the_command_line_says_so_of_an_older_layout_in_one_warning_line(tmp_pat
     lines = [line for line in err.splitlines() if "older prunekit" in line]
     assert len(lines) == 1 and lines[0].startswith("prunekit: warning: "), err
     assert "build the model as that one was" in lines[0] and "save_model" not in lines[0], lines
+
+
+def test_a_pruned_model_with_a_layer_replaced_by_the_users_code_records_no_dense_counts_for_it(tmp_path):
+    """Transfer learning: a loaded pruned model gets a new 100-class head (the user's own nn.Linear,
+    as wide as the narrowed features). Its size before any cut is not known, so no "dense" counts are
+    recorded for it (its narrowed input count was, and the fresh 100-class model was refused)."""
+    small, x = _small(_net(tmp_path))
+    prunekit.save_model(small, tmp_path / "small.safetensors", {})
+    mine = prunekit.load_pruned(_net(tmp_path), tmp_path / "small.safetensors")
+    torch.manual_seed(1)
+    mine.fc = nn.Linear(mine.fc.in_features, 100)
+    mine.eval()
+    prunekit.save_model(mine, tmp_path / "head.safetensors", {})
+    layout = prunekit.saving.read_meta(tmp_path / "head.safetensors")["channel_layout"]
+    assert layout["fc"] == {"in": mine.fc.in_features, "out": 100}, layout["fc"]
+    assert layout["c1"]["dense"] == {"in": 3, "out": 8, "groups": 1}          # the cut layers keep theirs
+    with warnings.catch_warnings():     # not an older file: no "cannot be checked" warning
+        warnings.simplefilter("error", PrunekitWarning)
+        back = prunekit.load_pruned(_net(tmp_path, classes=100), tmp_path / "head.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x), mine(x))
+    # saved again (not known after loading either): the same layout
+    assert json.loads(json.dumps(channel_layout(back))) == layout
+    with pytest.raises(PrunekitError, match="layer 'c1' is built with in 3, out 16"):   # still checked elsewhere
+        prunekit.load_pruned(_net(tmp_path, classes=100, stem=16), tmp_path / "head.safetensors")
+
+
+def test_pruned_from_a_loaded_pruned_model_records_the_counts_before_its_first_cut(tmp_path):
+    """pruned_from= the model as it was before the user's own narrowing, itself a load_pruned model:
+    its layers' counts before prunekit's cut are recorded as "dense" (not its narrowed ones)."""
+    small, x = _small(_net(tmp_path))
+    prunekit.save_model(small, tmp_path / "small.safetensors", {})
+    before = prunekit.load_pruned(_net(tmp_path), tmp_path / "small.safetensors")
+    import copy
+    mine = _narrowed_by_hand(copy.deepcopy(before), keep=before.c2.out_channels - 2)
+    prunekit.save_model(mine, tmp_path / "mine.safetensors", {}, pruned_from=before)
+    layout = prunekit.saving.read_meta(tmp_path / "mine.safetensors")["channel_layout"]
+    assert layout["c1"]["dense"] == {"in": 3, "out": 8, "groups": 1}, layout["c1"]
+    assert layout["c2"]["dense"] == {"in": 8, "out": 12, "groups": 1}, layout["c2"]
+    back = prunekit.load_pruned(_net(tmp_path), tmp_path / "mine.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x), mine(x))
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn = nn.Linear(6, 16), nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.fc((h + self.attn(h, h, h, need_weights=False)[0]).mean(1))
+
+
+def test_attention_with_heads_removed_records_its_output_projection_as_built():
+    """attn.out_proj of an nn.MultiheadAttention with heads removed was recorded with its narrowed
+    input count as "dense" (in 4 where the model as built has 16)."""
+    from prunekit.layers import SlimAttention
+    torch.manual_seed(0)
+    model, x = _Attention().eval(), torch.randn(2, 7, 6)
+    groups = find_groups(model, x)
+    masks = [torch.arange(g.size) == 0 if g.kind == "heads" else torch.ones(g.size, dtype=torch.bool) for g in groups]
+    small = shrink(model, groups, masks, x).eval()
+    assert isinstance(small.attn, SlimAttention) and small.attn.out_proj.in_features == 4
+    assert channel_layout(small)["attn.out_proj"] == {"in": 4, "out": 16, "dense": {"in": 16, "out": 16}}
+    layout = json.loads(json.dumps(channel_layout(small)))
+    fresh = prunekit.zoo.layout.apply_layout(_Attention(), layout)
+    assert json.loads(json.dumps(channel_layout(fresh))) == layout
+
+
+def test_pruned_from_the_model_as_built_allows_the_layers_of_removed_blocks(tmp_path):
+    """A depth-cut model (blocks removed by prunekit) saved with pruned_from= the zoo model as built
+    was refused: pruned_from has the layers of the removed blocks, which the model records as removed."""
+    from prunekit import zoo
+    from prunekit.structured.depth import remove_blocks
+    torch.manual_seed(0)
+    model = remove_blocks(zoo.build("resnet20").eval(), ["layer2.2"])
+    prunekit.save_model(model, tmp_path / "cut.safetensors", {}, pruned_from=zoo.build("resnet20"))
+    layout = prunekit.saving.read_meta(tmp_path / "cut.safetensors")["channel_layout"]
+    assert layout["layer2.2"] == {"removed": True} and "layer2.2.conv1" not in layout
+    back = prunekit.load_pruned(zoo.build("resnet20"), tmp_path / "cut.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(back.eval()(x), model(x), rtol=1e-5, atol=1e-5 * float(model(x).abs().max()))

@@ -198,6 +198,24 @@ def test_a_bad_value_is_refused_before_the_training_split_is_scanned(tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command, budget", [("prune", ["--sparsity", "1.5"]), ("sweep", ["--sparsity", "0.5", "1.5"])])
+def test_a_bad_value_is_refused_before_a_model_files_input_shape_is_read_from_the_test_split(
+        tmp_path, capsys, scanned_splits, command, budget):
+    """With a model file (--model net.py:FUNCTION) the test split was scanned first (the model's
+    input shape is the evaluation images'), then the budget value refused: it comes first now, as
+    for a zoo model. One line, nothing written."""
+    write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef small():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), "
+                                     "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n")
+    code = main([command, "--model", f"{tmp_path}/net.py:small", "--normalize", "0.5,0.5,0.5/0.5,0.5,0.5", "--data",
+                 "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--method", "magnitude", *budget,
+                 "--out", str(tmp_path / "run")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+    assert code == 2 and len(errors) == 1 and "--sparsity '1.5' is out of range" in errors[0], errors
+    assert scanned_splits == [], scanned_splits
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("budget, refusal, scanned", [
     (["--sparsity", "0.5", "1.5"], "--sparsity '1.5' is out of range", []),
     # needs the traced model (its count of weights), not the data: after the test split, before the training one

@@ -181,9 +181,33 @@ def test_a_model_whose_only_groups_cycle_is_refused_in_one_line_within_seconds()
     torch.manual_seed(0)
     start = time.process_time()     # CPU seconds: a loaded machine's wall clock ran 10x this
     with pytest.raises(PrunekitError, match=r"^the model has no prunable channel group: every coupled channel set "
-                                            r"has a channel trace that goes round a cycle without end \(a rotary .* \(v: .*method falcon$"):
+                                            r"has a channel trace that goes round a cycle without end \(e\.g\. .* \(v: .*method falcon$"):
         _within_seconds(lambda: find_groups(_RotaryGQA(), torch.randint(20, (2, 6))))
     assert time.process_time() - start < 5
+
+
+class _HalvesSwapped(torch.nn.Module):
+    """A layer's output added to a copy of itself with its channel halves swapped (a rotate-half):
+    a channel trace without end, in no attention at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h + torch.cat((-h[..., 4:], h[..., :4]), -1))
+
+
+def test_a_cycle_outside_attention_is_refused_with_an_example_that_fits_it():
+    """The generic cycle's words gave "a rotary position embedding feeding grouped-query attention"
+    as their example, though grouped-query attention has its own cause: an example without it."""
+    from prunekit.errors import PrunekitError
+    with pytest.raises(PrunekitError, match="round a cycle without end") as err:
+        _within_seconds(lambda: find_groups(_HalvesSwapped(), torch.randn(2, 8)))
+    message = str(err.value)
+    assert "grouped-query" not in message and "channel halves swapped" in message, message
+    assert "\n" not in message
 
 
 class _CachedLM(torch.nn.Module):

@@ -375,3 +375,91 @@ def test_compare_out_is_refused_in_a_training_run_folder(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is the folder of a prunekit training run" in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def _weights(path, seed):
+    """A plain checkpoint of mlpnet's weights as built with ``seed``."""
+    from prunekit import zoo
+    torch = prunekit.train.torch
+    torch.manual_seed(seed)
+    torch.save(zoo.build("mlpnet").state_dict(), path)
+
+
+def test_a_finished_training_run_whose_checkpoint_changed_is_another_run(capsys, tmp_path, monkeypatch):
+    """--checkpoint replaced by other weights at the same path: the same command gave the old run's
+    result back ("holds this training run, finished"). The file's SHA-256 is recorded (model.json,
+    as prune records it): another run, refused in one line naming the fix; the same bytes written
+    again are the same run; a folder of an older prunekit (no digest recorded) is given back."""
+    checkpoint, out = tmp_path / "ck.pth", tmp_path / "run"
+    argv = [*TRAIN, "--epochs", "1", "--checkpoint", str(checkpoint), "--out", str(out)]
+    _weights(checkpoint, 1)
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    model = (out / "model.safetensors").read_bytes()
+    assert json.loads((out / "model.json").read_text())["checkpoint_sha256"] == \
+        prunekit.runs.file_sha256(checkpoint)
+    calls = []
+    monkeypatch.setattr(train_command, "train_epoch", lambda *a, **k: calls.append(1) or None)
+    _weights(checkpoint, 2)                                   # other weights, same path
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds another training run, finished: it started from other weights than " \
+        f"--checkpoint {checkpoint}" in err and "--force to replace it" in err, err
+    assert (out / "model.safetensors").read_bytes() == model and not calls
+    _weights(checkpoint, 1)                                   # the same bytes again: this run, given back
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["history"] == first["history"] and "holds this training run" in captured.err
+    # an older prunekit's folder (its model.json records no digest): given back, as before
+    meta = json.loads((out / "model.json").read_text())
+    del meta["checkpoint_sha256"]
+    (out / "model.json").write_text(json.dumps(meta))
+    _weights(checkpoint, 2)
+    assert main(argv) == 0
+    assert "holds this training run, finished" in capsys.readouterr().err and not calls
+
+
+def test_a_resumed_training_whose_checkpoint_changed_is_refused_and_force_starts_it_anew(capsys, tmp_path,
+                                                                                           monkeypatch):
+    checkpoint, out = tmp_path / "ck.pth", tmp_path / "run"
+    argv = [*TRAIN, "--epochs", "2", "--checkpoint", str(checkpoint), "--out", str(out)]
+    _weights(checkpoint, 1)
+    real_epoch, calls = train_command.train_epoch, []
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+    monkeypatch.setattr(train_command, "train_epoch", killed_in_second_epoch)
+    assert main(argv) == 130
+    monkeypatch.setattr(train_command, "train_epoch", real_epoch)
+    _weights(checkpoint, 2)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--checkpoint file the run in" in err and "has changed since" in err, err
+    assert (out / "checkpoints" / "stage-001.safetensors").exists() and not (out / "model.safetensors").exists()
+    assert main([*argv, "--force"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["history"]) == 2
+    assert "its --checkpoint file changed since this run started" in (out / "run.log").read_text()
+
+
+def test_the_checkpoint_read_ahead_is_not_kept_after_the_command(capsys, tmp_path):
+    """train reads --checkpoint before the data (zoo.checkpoints.read_ahead) and kept its whole state
+    dict in a module-level cache after a refusal or a finished run given back (nothing built to take
+    it): a leak in a long process. Kept for the command's call only."""
+    from prunekit.zoo import checkpoints
+    checkpoint, out = tmp_path / "ck.pth", tmp_path / "run"
+    argv = [*TRAIN, "--epochs", "1", "--checkpoint", str(checkpoint), "--out", str(out)]
+    _weights(checkpoint, 1)
+    assert main(argv) == 0 and checkpoints._READ_AHEAD == {}
+    capsys.readouterr()
+    _weights(checkpoint, 2)
+    assert main(argv) == 2                                     # refused after the read, before any model is built
+    assert "holds another training run, finished" in capsys.readouterr().err
+    assert checkpoints._READ_AHEAD == {}
+    _weights(checkpoint, 1)
+    assert main(argv) == 0                                     # given back: no model built to take it
+    assert "holds this training run, finished" in capsys.readouterr().err
+    assert checkpoints._READ_AHEAD == {}

@@ -228,16 +228,19 @@ def _load_weights(model: nn.Module, checkpoint, meta: dict, built_as_saved: bool
 
 
 def _warn_unchecked_layout(layout, checkpoint) -> None:
-    """One ``PrunekitWarning`` where channel layout ``layout`` records, for some Conv/Linear/BatchNorm
-    layer, no "dense" counts (those of the model it was pruned from): an older prunekit's file, or
-    one saved from a model loaded from it. There the model passed cannot be checked against the one
-    the file was pruned from (another class count, a wider stem), and a layer built wider is
-    narrowed to the saved counts (``zoo.layout.apply_layout``)."""
+    """One ``PrunekitWarning`` where channel layout ``layout`` records "dense" counts (those of the
+    model it was pruned from) for none of its Conv/Linear/BatchNorm layers: an older prunekit's file,
+    or one saved from a model loaded from it. There the model passed cannot be checked against the
+    one the file was pruned from (another class count, a wider stem), and a layer built wider is
+    narrowed to the saved counts (``zoo.layout.apply_layout``). A file of today's prunekit may lack
+    them for some layers (one the user's code put into a pruned model has no size before the cut):
+    those are checked only for being no narrower, by design, and not warned of."""
     if not isinstance(layout, dict):
         return          # apply_layout says the sidecar is damaged
-    unchecked = [name for name, spec in layout.items() if isinstance(spec, dict) and "dense" not in spec
-                 and ("features" in spec or "in" in spec and "out" in spec)]
-    if not unchecked:
+    sized = [(name, spec) for name, spec in layout.items() if isinstance(spec, dict)
+             and ("features" in spec or "in" in spec and "out" in spec)]
+    unchecked = [name for name, spec in sized if "dense" not in spec]
+    if not unchecked or len(unchecked) < len(sized):
         return
     more = f" and {len(unchecked) - 1} more" if len(unchecked) > 1 else ""
     said = (f"{checkpoint} was saved by an older prunekit (or from a model loaded from such a file): its channel "

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import distributed, recipes, report, run_lock, runs, user_models
 from ..api_checks import check_not_training_run, check_out
@@ -73,15 +74,18 @@ def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dic
                         data_to_load=data_to_load)
 
 
-def check_request_values(args, loaded: LoadedModel, method: str | None = None, budget: dict | None = None) -> None:
-    """The request's checks that need neither the model traced nor any data
-    (``PruneRequest.check_values``: the method, its options, the budget's values, the seed), made
-    before an image folder is scanned (every image's header: minutes on a huge folder) so that a
-    bad value is refused at once, in the words ``plan()`` would use; ``method``, ``budget``: one
-    run of a sweep. Its warnings are left to ``plan()``, which makes these checks again."""
+def check_request_values(args, method: str | None = None, budget: dict | None = None) -> None:
+    """The request's checks that need neither the model nor any data (``PruneRequest.check_values``:
+    the method, its options, the budget's values, the seed), made before the model is loaded and an
+    image folder is scanned (every image's header: minutes on a huge folder; a model file's input
+    shape is read from the evaluation split) so that a bad value is refused at once, in the words
+    ``plan()`` would use; ``method``, ``budget``: one run of a sweep. Its warnings are left to
+    ``plan()``, which makes these checks again."""
+    # these checks read no model: a stand-in takes its place in the request
+    stand_in = LoadedModel(nn.Identity(), str(args.model), {}, None, (1,), [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        request_of(args, loaded, method, budget).check_values()
+        request_of(args, stand_in, method, budget).check_values()
 
 
 def step_printer(args):
@@ -109,8 +113,8 @@ def cmd_prune(args) -> int:
                             "or leave --force out")
     resolve_model(args)                 # --model DIR: the checkpoint it names
     check_out_not_input(args)
+    check_request_values(args)          # before the model is loaded and the evaluation split scanned
     loaded = loaded_model(args)
-    check_request_values(args, loaded)  # before the evaluation split is scanned (every image header)
     if args.onnx:
         check_onnx(loaded)
     eval_loader = eval_data(args, loaded)

@@ -14,8 +14,8 @@ from ..api_checks import check_out
 from ..budget import budget_text
 from ..errors import PrunekitError
 from ..options import OptionError
-from .common import (check_out_not_input, emit, eval_data, loaded_model, training_batches, warn_if_random_weights,
-                     write_report)
+from .common import (check_out_not_input, emit, eval_data, loaded_model, resolve_model, training_batches,
+                     warn_if_random_weights, write_report)
 from . import option_flags
 from .prune import (add_prune_args, check_request_values, method_options, plan_of, prune_into, request_of,
                     run_config, taken_options)
@@ -117,7 +117,7 @@ def _named(paths: list[Path], shown: int = 2) -> str:
 
 def cmd_sweep(args) -> int:
     plan = sweep_plan(args)
-    dense_model = loaded_model(args)
+    resolve_model(args)                   # --model DIR: the checkpoint it names
     planned = [run_args_of(args, method, budget).out for method, budget in plan]
     # its runs' folders and its report are inside --out: refused where they would write over the input
     check_out_not_input(args, run_folders=planned,
@@ -127,8 +127,9 @@ def cmd_sweep(args) -> int:
     if unused:
         raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
     report.check_report_folder(args.out, planned=planned)  # and a folder whose own files the report would overwrite
-    for method, budget in plan:           # every run's bad method, option or budget value before any image is read
-        check_request_values(args, dense_model, method, budget)
+    for method, budget in plan:           # every run's bad method, option or budget value before the model is
+        check_request_values(args, method, budget)          # loaded and any image read
+    dense_model = loaded_model(args)
     eval_loader = eval_data(args, dense_model)
     train_batches = training_batches(args, dense_model, eval_loader)
     # every run's checks on the traced model (its budget against the model's weights and MACs) before

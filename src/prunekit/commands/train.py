@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .. import distributed, recipes, run_lock, user_models
+from .. import distributed, recipes, run_lock, runs, user_models
 from ..api_checks import check_out
 from ..costs import CostModel
 from ..distributed import is_main_process
@@ -27,13 +27,13 @@ from ..loading import (check_fits, check_normalized, check_zoo_model, load_model
                        recorded_classes)
 from ..masks import NOTABLE_LAYER_SHARE, PRUNED_LAYER_SHARE, MaskHold, exact_zeros, masks_from_weights
 from ..params import ParamSpace
-from ..saving import read_meta
+from ..saving import read_meta, sidecar_path
 from ..options import OptionError, cli_message
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
 from ..runs import (EditedConfig, RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim,
                     check_ranks_share, claim, finished_read_only_on_rank_0, release_refused)
-from ..zoo.checkpoints import _export_kind, check_checkpoint_path, read_ahead
+from ..zoo.checkpoints import _export_kind, check_checkpoint_path, read_ahead, reading_ahead
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
@@ -42,6 +42,11 @@ from ..errors import warn as warn_ours
 
 
 def cmd_train(args) -> int:
+    with reading_ahead():               # the checkpoint read before the data: kept for this call only
+        return _cmd_train(args)
+
+
+def _cmd_train(args) -> int:
     check_train_args(args)
     resolve_model(args)
     check_out(args.out, "--out")
@@ -279,7 +284,9 @@ def give_back(args, folder: RunFolder, finished: dict, pruned: PrunedCheckpoint 
     """The result of the training run ``folder`` holds, finished (``finished``: its record), printed
     again for the same command, with the line that says so; nothing is trained. ``pruned``: the
     checkpoint's zeros (None: none, or not read: a run this version finished, whose record says
-    how it trained them)."""
+    how it trained them). A run that started from other weights than ``--checkpoint`` holds now
+    (``refuse_changed_checkpoint``) is another run: refused."""
+    refuse_changed_checkpoint(args, folder)
     if folder.writable and folder.checkpoints.is_dir():    # a kill came between result.json and its removal
         with contextlib.suppress(OSError):                 # (the result is printed all the same)
             _remove_own_files(folder.checkpoints)
@@ -295,6 +302,28 @@ def give_back(args, folder: RunFolder, finished: dict, pruned: PrunedCheckpoint 
               "trained (--force trains it anew)", file=sys.stderr)
     emit(args, finished, result_lines(args, finished))
     return 0
+
+
+def checkpoint_digest(args) -> str | None:
+    """The SHA-256 of the ``--checkpoint`` file the training starts from (``runs.file_sha256``, as
+    ``prune`` records it: ``checkpoint_sha256``); None without one."""
+    checkpoint = getattr(args, "checkpoint", None)
+    return runs.file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
+
+
+def refuse_changed_checkpoint(args, folder: RunFolder) -> None:
+    """Refuse to give back the finished training run in ``folder`` when the ``--checkpoint`` file
+    it started from has other contents now (other weights at the same path: the same command is
+    another training run, whose result this is not). Its model.json records the file's SHA-256
+    (``checkpoint_sha256``); a run of an older prunekit, which recorded none, is given back."""
+    try:
+        recorded = json.loads(sidecar_path(folder.model_path).read_text()).get("checkpoint_sha256")
+    except (OSError, ValueError, AttributeError):
+        return                      # no readable model.json: nothing to compare with
+    if recorded is not None and recorded != checkpoint_digest(args):
+        raise PrunekitError(f"--out {args.out} holds another training run, finished: it started from other weights "
+                            f"than --checkpoint {args.checkpoint} holds now (its SHA-256 differs): pick another --out, "
+                            "or --force to replace it with this one")
 
 
 def finished_before_the_data(args) -> bool:
@@ -408,10 +437,11 @@ def _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimiz
     caller; ``state``: the run's last epoch checkpoint, None when starting afresh; ``fingerprint``:
     the training image folder's, see ``resume``)."""
     digest = user_models.file_digest(args.model) if user_models.is_model_file(args.model) else None
+    weights = checkpoint_digest(args) if args.out else None     # what it starts from (model.json, each epoch's)
     zeros = pruned.choice if pruned is not None else "train"
     history = resume(checkpointer, loaded.model, optimizer, schedule, loader, digest,
                      folder_labels=args.data == "imagefolder", fingerprint=fingerprint, data_dir=args.data_dir,
-                     force=bool(getattr(args, "force", False)), state=state)
+                     force=bool(getattr(args, "force", False)), state=state, weights=weights)
     if history and not args.json:
         print(f"resuming {args.out} after epoch {len(history)}/{args.epochs}", file=sys.stderr)
     for epoch in range(len(history), args.epochs):
@@ -423,7 +453,8 @@ def _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimiz
         if not args.json:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}", file=sys.stderr)
         if checkpointer is not None:
-            save_epoch(checkpointer, loaded.model, optimizer, schedule, loader, history, digest, fingerprint, zeros)
+            save_epoch(checkpointer, loaded.model, optimizer, schedule, loader, history, digest, fingerprint, zeros,
+                       weights)
     loaded.model.eval()
     accuracy = evaluate(loaded.model, test_loader)
     record = {"model": args.model, "data": args.data, "split": args.eval_split, "epochs": args.epochs, "lr": args.lr,
@@ -437,7 +468,8 @@ def _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimiz
     # under torchrun: the world size and every rank's peak, as prune records them
     record = distributed.with_rank_peaks(record, next(iter(loaded.model.parameters()), torch.empty(0)).device)
     if args.out and is_main_process():     # under torchrun, rank 0 alone writes
-        save_pruned(args.out, loaded.model, describe(loaded), record, shrunk=pruned is not None and pruned.shrunk)
+        described = {**describe(loaded), **({"checkpoint_sha256": weights} if weights is not None else {})}
+        save_pruned(args.out, loaded.model, described, record, shrunk=pruned is not None and pruned.shrunk)
         shutil.rmtree(folder.checkpoints, ignore_errors=True)     # the model and result.json are written
     emit(args, record, result_lines(args, record))
     return 0
@@ -555,7 +587,7 @@ _LAST = object()
 
 def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loader,
            digest: str | None = None, folder_labels: bool = False, fingerprint: dict | None = None,
-           data_dir: str | None = None, force: bool = False, state=_LAST) -> list[dict]:
+           data_dir: str | None = None, force: bool = False, state=_LAST, weights: str | None = None) -> list[dict]:
     """Restore model, optimizer, schedule, RNG and data order from the last epoch checkpoint;
     its per-epoch history (empty when starting afresh). ``digest``: the model file's SHA-256,
     compared with the one the checkpoint was written with. ``folder_labels``: the data's labels are
@@ -568,6 +600,9 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
     images changed, the epochs so far are removed and the run starts anew on the data as it is now
     (without a change, --force carries the same unfinished run on, as it always did).
     ``state``: the checkpoint already read from ``checkpointer`` (default: its last is read here).
+    ``weights``: the SHA-256 of the --checkpoint file now (``checkpoint_digest``): one that differs
+    from the one the run started from is refused (its epochs left would go on from other weights
+    than its first; ``force``: started anew); a checkpoint that recorded none is carried on.
     """
     if state is _LAST:
         state = checkpointer.last() if checkpointer is not None else None
@@ -578,8 +613,14 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
     recorded = state.extra.get("data_fingerprint")      # None: an older prunekit's (or not an image folder)
     change = fingerprint_change(recorded, fingerprint) if fingerprint is not None else None
     renamed = isinstance(started, list) and classes and started != classes
-    if force and (renamed or change is not None):
-        return _start_anew(checkpointer, "its classes" if renamed else f"its training images ({change})")
+    other_weights = state.extra.get("checkpoint_sha256") not in (None, weights)
+    if force and (renamed or change is not None or other_weights):
+        return _start_anew(checkpointer, "its classes" if renamed else "its --checkpoint file" if other_weights
+                           else f"its training images ({change})")
+    if other_weights:
+        raise PrunekitError(f"the --checkpoint file the run in {checkpointer.folder.path} started from has changed "
+                            "since (its SHA-256 differs): put the original back to carry the run on, or --force to "
+                            "train anew from this one")
     if renamed:
         shown = lambda names: ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")     # noqa: E731
         raise PrunekitError(f"the classes of the training data changed since the run in {checkpointer.folder.path} "
@@ -629,7 +670,8 @@ def _start_anew(checkpointer: RunCheckpointer, what: str) -> list[dict]:
 
 
 def save_epoch(checkpointer: RunCheckpointer, model, optimizer, schedule, loader, history: list[dict],
-               digest: str | None = None, fingerprint: dict | None = None, zeros: str = "train") -> None:
+               digest: str | None = None, fingerprint: dict | None = None, zeros: str = "train",
+               weights: str | None = None) -> None:
     """One checkpoint after the epoch just done; the one before it is removed (a long run keeps
     one model's worth of checkpoint, written atomically before the old one goes)."""
     tensors, optimizer_state = optimizer_tensors(optimizer, schedule)
@@ -638,6 +680,8 @@ def save_epoch(checkpointer: RunCheckpointer, model, optimizer, schedule, loader
     checkpointer.save(StageState(epoch, tensors, history, capture_rng(),
                                  {"optimizer": optimizer_state, "loader_epoch": loader.epoch,
                                   "model_file_sha256": digest,
+                                  # the --checkpoint file it started from: a resume from another is refused
+                                  **({"checkpoint_sha256": weights} if weights is not None else {}),
                                   "zeros": zeros,     # --zeros as resolved: a resume doing otherwise is refused
                                   # the labels these epochs learned: a resume over renamed class folders is refused
                                   "class_names": list(getattr(loader.dataset, "classes", None) or []),

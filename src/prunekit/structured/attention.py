@@ -121,5 +121,7 @@ def slim_copy(module: nn.Module, keep: torch.Tensor) -> SlimAttention:
         slim.in_proj_bias.copy_(module.in_proj_bias[rows])
         slim.out_proj.bias.copy_(module.out_proj.bias)
     slim.out_proj.weight.copy_(module.out_proj.weight[:, cols])
+    from ..zoo.layout import keep_out_proj_dense      # (zoo.layout imports this module)
+    keep_out_proj_dense(slim, module)
     slim.train(module.training)
     return slim

@@ -40,6 +40,7 @@ from torch import fx, nn
 
 from ..costs import CostModel
 from ..layers import RemovedBlock
+from ..zoo.layout import remember_dense_all
 from ..losses import LossFn, summed_loss
 
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
@@ -146,7 +147,9 @@ def removable_blocks(model: nn.Module, example_input: torch.Tensor, kinds: dict 
 
 
 def remove_blocks(model: nn.Module, names: list[str]) -> nn.Module:
-    """Replace the named blocks of ``model`` in place by ``RemovedBlock``; returns ``model``."""
+    """Replace the named blocks of ``model`` in place by ``RemovedBlock``; returns ``model`` (its
+    layers' counts kept first: ``zoo.layout.remember_dense_all``)."""
+    remember_dense_all(model)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, RemovedBlock())

@@ -719,8 +719,8 @@ _CAUSES = (("output", "reaches the network's output", ("reaches the network outp
             ("channel multiplier",)),
            ("gqa", "is in grouped-query attention (k/v heads shared between q heads, as Llama's), which the "
                    "channel methods do not prune", ("grouped-query attention",)),
-           ("cycle", "has a channel trace that goes round a cycle without end (a rotary position embedding feeding "
-                     "grouped-query attention, as Llama's)", ("round a cycle",)),
+           ("cycle", "has a channel trace that goes round a cycle without end (e.g. a layer's output added to a "
+                     "copy of itself with its channel halves swapped, as a rotate-half does)", ("round a cycle",)),
            ("map", "passes an operation the dependency analysis cannot map", ("",)))
 _EXPECTED = ("output", "residual")       # left dense by design: no reason to warn
 

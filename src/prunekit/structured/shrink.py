@@ -27,7 +27,7 @@ from torch import nn
 
 from ..costs import is_conv1d_style
 from ..errors import PrunekitError
-from ..zoo.layout import mark_shrunk, remember_dense
+from ..zoo.layout import mark_shrunk, remember_dense, remember_dense_all
 from .attention import set_heads, slim_copy
 from .gates import GateHooks
 from .groups import GroupSet, no_group_error
@@ -50,6 +50,7 @@ def shrink(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], exampl
         if not bool(mask.any()):
             raise PrunekitError(f"{group} would lose every channel; keep at least one")
     small = copy.deepcopy(model)
+    remember_dense_all(small)          # before any cut: the layers left as they are record their own counts
     modules = dict(small.named_modules())
     removed: dict[tuple[str, str], set[int]] = {}
     heads: dict[str, torch.Tensor] = {}

@@ -153,8 +153,21 @@ _OTHER_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), 
 
 
 # A checkpoint read before the model it goes into can be built (``read_ahead``): {file key: state dict},
-# at most one, given to the next ``read_state_dict`` of the same unchanged file
+# at most one, given to the next ``read_state_dict`` of the same unchanged file; kept for one command
+# call only (``reading_ahead``: dropped however the call ends, a refusal or a finished run's result)
 _READ_AHEAD: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+@contextlib.contextmanager
+def reading_ahead():
+    """The scope of ``read_ahead``'s state dict: one command call (``prunekit train``'s), on whose
+    way out it is dropped, used or not (a refusal after the read, a finished run given back
+    without building the model), so that a long process (a notebook calling ``cli.main``) does not
+    keep a whole checkpoint."""
+    try:
+        yield
+    finally:
+        _READ_AHEAD.clear()
 
 
 def _file_key(path: Path) -> tuple:

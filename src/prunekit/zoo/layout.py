@@ -38,6 +38,18 @@ def remember_dense(module: nn.Module) -> None:
         setattr(module, DENSE_MARK, _layer_entry(module))
 
 
+def remember_dense_all(model: nn.Module) -> None:
+    """Keep the counts before any cut of every Conv/Linear/Conv1D-style/BatchNorm layer of ``model``,
+    before channel or depth surgery cuts any: a layer the surgery leaves as it is was built so (its
+    counts are its dense ones), while a layer that later code puts into the cut model carries no
+    mark, and ``channel_layout`` records no dense counts for it. In a model already cut
+    (``is_shrunk``) an unmarked layer is such a layer: its size before any cut is not known (None)."""
+    known = not is_shrunk(model)
+    for module in model.modules():
+        if (entry := _layer_entry(module)) is not None and not hasattr(module, DENSE_MARK):
+            setattr(module, DENSE_MARK, entry if known else None)
+
+
 def is_shrunk(model: nn.Module) -> bool:
     """Whether ``model`` holds a layer with channels or blocks removed: one marked by ``mark_shrunk``
     (the model ``prunekit.prune`` or ``prunekit.load_pruned`` returned, a wrapper or part of it, a
@@ -53,8 +65,13 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
     "in" = its weight's rows), and the channel map of every zero-pad shortcut that lost channels
     (JSON-ready). Each such layer's entry holds under "dense" its counts in the model it was cut
     from (its own where it was not cut), which ``apply_layout`` requires of the fresh model (a model
-    resized to an older prunekit's layout, which did not record them, records none)."""
+    resized to an older prunekit's layout, which did not record them, records none). In a model
+    with channels or blocks removed (``is_shrunk``), a layer the surgery did not see (one the
+    caller's code put in since, e.g. a new head) records none either: only the counts kept by
+    ``remember_dense`` are known, its current ones may be narrowed (``apply_layout`` then checks
+    only that the fresh model's layer is not narrower)."""
     layout = {}
+    shrunk = is_shrunk(model)
     for name, module in model.named_modules():
         if isinstance(module, RemovedBlock):            # a block removed by depth pruning
             layout[name] = {"removed": True}
@@ -63,7 +80,7 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
                             "embed_dim": module.embed_dim, "bias": module.in_proj_bias is not None,
                             "batch_first": module.batch_first, "dropout": module.dropout}
         elif (entry := _layer_entry(module)) is not None:
-            dense = getattr(module, DENSE_MARK, entry)
+            dense = getattr(module, DENSE_MARK, None if shrunk else entry)
             layout[name] = {**entry, "dense": dense} if dense is not None else entry
         elif (attrs := hf_heads_attrs(module)) is not None:   # HuggingFace-style attention: its head count
             layout[name] = {"attention_heads": getattr(module, attrs[1]), "head_size": getattr(module, attrs[2])}
@@ -75,12 +92,17 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
 
 def layout_against(model: nn.Module, pruned_from: nn.Module) -> dict[str, dict] | None:
     """``model``'s channel layout with each Conv/Linear/BatchNorm layer's "dense" counts taken from
-    ``pruned_from`` (the same architecture as built before the caller's code narrowed ``model``);
-    None when no layer differs (``model`` is as built). A layer in one model and not the other, or
-    wider in ``model``, is refused: ``pruned_from`` is not what ``model`` was narrowed from."""
+    ``pruned_from`` (the same architecture as built before the caller's code narrowed ``model``):
+    its layer's counts before any cut where ``pruned_from`` is itself a cut model (``load_pruned``'s,
+    ``prune``'s: the counts ``remember_dense`` kept; none recorded for a layer of such a model whose
+    size before the cut is not known), its current ones otherwise; None when no layer differs
+    (``model`` is as built). A layer in one model and not the other (but for the layers of blocks
+    ``model`` records as removed and of attention it records with heads removed), or wider in
+    ``model``, is refused: ``pruned_from`` is not what ``model`` was narrowed from."""
     ours, theirs = dict(model.named_modules()), dict(pruned_from.named_modules())
     layout = channel_layout(model)
     changed = is_shrunk(model)
+    theirs_cut = is_shrunk(pruned_from)
     for name, module in ours.items():
         entry = _layer_entry(module)
         if entry is None or name not in layout:
@@ -95,8 +117,11 @@ def layout_against(model: nn.Module, pruned_from: nn.Module) -> dict[str, dict] 
                                 "narrowed it")
         if entry != built:
             changed = True
-        layout[name] = {**entry, "dense": built}
-    missing = [name for name, module in theirs.items() if _layer_entry(module) is not None and name not in ours]
+        dense = getattr(theirs[name], DENSE_MARK, None if theirs_cut else built)
+        layout[name] = {**entry, "dense": dense} if dense is not None else entry
+    replaced = [name for name, spec in layout.items() if spec.get("removed") or "heads" in spec]
+    missing = [name for name, module in theirs.items()
+               if _layer_entry(module) is not None and name not in ours and not _inside(name, replaced)]
     if missing:
         raise PrunekitError(f"save_model(..., pruned_from=): pruned_from has layer {missing[0]!r}, which the model "
                             "lacks: pass the model as built before your code narrowed it")
@@ -151,6 +176,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             if "heads" in spec:                          # an nn.MultiheadAttention that lost heads
                 slim = SlimAttention(int(spec["embed_dim"]), int(spec["heads"]), int(spec["head_dim"]),
                                      bool(spec["bias"]), bool(spec["batch_first"]), float(spec["dropout"]))
+                keep_out_proj_dense(slim, module)
                 parent_name, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, attr, slim)
                 continue
@@ -204,8 +230,28 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
         except (KeyError, TypeError, ValueError) as err:
             raise PrunekitError(f"bad channel layout entry for {name!r}: {spec!r} ({err}); "
                                 "the sidecar JSON is damaged") from None
+    recorded = any(isinstance(spec, dict) and "dense" in spec for spec in layout.values())
+    for name, module in model.named_modules():    # left as built (as saved, or not in the layout)
+        if _inside(name, replaced) or _layer_entry(module) is None or hasattr(module, DENSE_MARK):
+            continue
+        spec = layout.get(name)
+        if recorded and isinstance(spec, dict) and isinstance(spec.get("dense"), dict):
+            setattr(module, DENSE_MARK, {k: int(v) for k, v in spec["dense"].items()})
+        elif recorded and isinstance(spec, dict):
+            setattr(module, DENSE_MARK, None)    # the file records no size before a cut: not known
+        else:
+            remember_dense(module)               # as built (an older prunekit's layout: as it recorded)
     mark_shrunk(model)
     return model
+
+
+def keep_out_proj_dense(slim: nn.Module, attention: nn.Module) -> None:
+    """Give ``slim``'s (a ``SlimAttention``'s) output projection the dense counts of ``attention``'s
+    (the ``nn.MultiheadAttention`` it replaces: in = out = embed_dim as built), so that the layout
+    records them rather than its narrowed input count; none where ``attention`` has no such layer."""
+    out_proj = getattr(attention, "out_proj", None)
+    if out_proj is not None and _layer_entry(out_proj) is not None:
+        setattr(slim.out_proj, DENSE_MARK, getattr(out_proj, DENSE_MARK, _layer_entry(out_proj)))
 
 
 def _inside(name: str, parents: list[str]) -> bool:
@@ -228,8 +274,8 @@ def _check_dense(name: str, module: nn.Module, spec: dict) -> None:
     before any cut are compared, so a model pruned before (load_pruned's, pruned again) passes.
     Entries without "dense" (an older prunekit's) are checked by ``_check_no_wider`` only."""
     dense = spec.get("dense") if isinstance(spec, dict) else None
-    if not isinstance(dense, dict):
-        return
+    if not isinstance(dense, dict) or (hasattr(module, DENSE_MARK) and getattr(module, DENSE_MARK) is None):
+        return                  # nothing to compare with: its size before a cut is not known
     own = getattr(module, DENSE_MARK, None) or _layer_entry(module)
     if own is None:
         raise PrunekitError(f"layer {name!r} is a {type(module).__name__} in the model passed but a layer with "
