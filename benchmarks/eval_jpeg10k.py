@@ -68,6 +68,32 @@ def making(path: str) -> str:
             "records (its \"settings\": methods, budgets, seed ...)")
 
 
+# what this script reads of a bench_structured.py row, each with the type it needs
+ROW_KEYS = {"saved": str, "method": str, "budget": (int, float), "flops_kept": (int, float),
+            "accuracy_finetuned": (int, float)}
+
+
+def not_a_result(payload) -> str | None:
+    """What in ``payload`` (a parsed --inputs file) is not what a bench_structured.py result holds and this
+    script reads ("no \"rows\"", "row 2 has no \"method\"", ...), or None where it all is."""
+    if not isinstance(payload, dict):
+        return f"a JSON {type(payload).__name__}, not an object"
+    if not isinstance(payload.get("model"), str):
+        return "no \"model\" name"
+    if not isinstance(payload.get("settings"), dict) or "seed" not in payload["settings"]:
+        return "no \"settings\" with its \"seed\""
+    rows = payload.get("rows")
+    if not isinstance(rows, list) or not rows:
+        return "no \"rows\" list" if not isinstance(rows, list) else "no rows"
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            return f"row {i} is a {type(row).__name__}, not an object"
+        for key, kind in ROW_KEYS.items():
+            if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+                return f"row {i} has no {key!r} ({'a number' if kind is not str else 'a string'})"
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", "--data", dest="data_dir", default=str(DEFAULT_DATA),
@@ -86,9 +112,9 @@ def main() -> None:
         except (OSError, ValueError) as error:
             refuse(f"--inputs {path} cannot be read as JSON ({type(error).__name__}): pass bench_structured.py result files")
     for path, payload in payloads:
-        if not isinstance(payload, dict) or "settings" not in payload \
-                or not all("saved" in row for row in payload.get("rows", [])):
-            refuse(f"{path} is not a bench_structured.py result (rows with saved models): leave it out")
+        if (why := not_a_result(payload)) is not None:
+            refuse(f"{path} is not a bench_structured.py result ({why}): leave it out, or pass the JSON "
+                   "bench_structured.py wrote")
     for path, payload in payloads:      # before the tar is unpacked and any model is read
         for row in payload["rows"]:
             if not Path(row["saved"]).is_file():

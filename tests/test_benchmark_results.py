@@ -267,6 +267,42 @@ def test_eval_jpeg10k_names_the_missing_model_and_the_command_that_makes_it(tmp_
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out.json").exists()
 
 
+GOOD_ROW = {"saved": "/nonexistent/m.safetensors", "method": "x", "budget": 0.5, "flops_kept": 0.5,
+            "accuracy_finetuned": 90.0}
+MALFORMED = {"no rows": ({"settings": {"seed": 0}, "model": "resnet20-b"}, 'no "rows" list'),
+             "rows a number": ({"settings": {"seed": 0}, "model": "resnet20-b", "rows": 5}, 'no "rows" list'),
+             "no row": ({"settings": {"seed": 0}, "model": "resnet20-b", "rows": []}, "no rows"),
+             "a row a string": ({"settings": {"seed": 0}, "model": "resnet20-b", "rows": ["saved-this"]},
+                                "row 0 is a str, not an object"),
+             "a row without method": ({"settings": {"seed": 0}, "model": "resnet20-b",
+                                       "rows": [{k: v for k, v in GOOD_ROW.items() if k != "method"}]},
+                                      "row 0 has no 'method' (a string)"),
+             "no model": ({"settings": {"seed": 0}, "rows": [GOOD_ROW]}, 'no "model" name'),
+             "no seed": ({"settings": {}, "model": "resnet20-b", "rows": [GOOD_ROW]}, '"seed"'),
+             "a list": ([GOOD_ROW], "a JSON list, not an object")}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_eval_jpeg10k_refuses_a_malformed_input_in_one_line(case, tmp_path):
+    """s53 review: the up-front refusal read row["method"] and payload["rows"] unchecked: a row without
+    "method", no "rows", "rows": 5 or a row that is a string ended in a traceback. Now one line naming
+    the file and what it lacks, exit 2, before any work."""
+    import os
+    import subprocess
+    import prunekit
+    here = Path(common.__file__).parent
+    payload, said = MALFORMED[case]
+    given = tmp_path / "in.json"
+    given.write_text(json.dumps(payload))
+    done = subprocess.run([sys.executable, str(here / "eval_jpeg10k.py"), "--inputs", str(given), "--data-dir",
+                           str(tmp_path / "no-data"), "--cache-dir", str(tmp_path / "cache"), "--out",
+                           str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120, cwd=here.parent,
+                          env={**os.environ, "PYTHONPATH": str(Path(prunekit.__file__).parents[1])})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(given) in done.stderr and said in done.stderr, done.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out.json").exists()
+
+
 def test_the_docs_one_shot_commands_name_no_committed_out():
     """s53: bench_oneshot.py refuses an existing --out unless --resume, and docs/benchmarks.md's
     commands named the committed result files as --out: each now writes NEW*.json (a second

@@ -146,6 +146,8 @@ def test_sweep_over_an_edited_finished_run_says_so_in_a_sweeps_words(tmp_path, m
         sweep.check_run_folder(args)
     (folder / "metrics.json").write_text(json.dumps({"status": "running", "config": 'method = "magnitude"\n'
                                                                                      'sparsity = "0.5"\n'}))
+    (folder / "checkpoints").mkdir()             # it saved work (one stopped before any starts anew)
+    (folder / "checkpoints" / "stage-001.safetensors").write_bytes(b"saved work")
     with pytest.raises(PrunekitError, match=r"changed \(sparsity\) since metrics\.json.*the unfinished run there.*"
                                             r"back to carry it on, or move that folder away") as refused:
         sweep.check_run_folder(args)        # (s53: was carried on, then refused at its first checkpoint)
@@ -258,7 +260,11 @@ def test_an_unfinished_run_with_an_edited_config_is_run_anew_by_force_and_refuse
 
 
 def test_the_cli_says_so_up_front_too(tmp_path, capsys, monkeypatch):
-    """The same over the command line: an edited unfinished run is refused in one line naming --force."""
+    """The same over the command line: an edited unfinished run that saved a checkpoint is refused in one
+    line naming --force; one stopped before any (nothing computed) starts with the edited values given on
+    the command line. ``--resume DIR`` (no values given: config.toml's are read, and the model file it
+    names imported) stays refused before anything is imported, as ever."""
+    import shutil
     from prunekit import executor
     out = tmp_path / "run"
     argv = [*PRUNE, "--sparsity", "0.5", "--out", str(out)]
@@ -270,10 +276,52 @@ def test_the_cli_says_so_up_front_too(tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     capsys.readouterr()
     _edit(out, 'sparsity = "0.5"\n', 'sparsity = "0.6"\n')
+    for name in ("idle", "idle-resumed"):
+        shutil.copytree(out, tmp_path / name)
+    (out / "checkpoints").mkdir(exist_ok=True)          # a checkpoint saved (not read before the refusal)
+    (out / "checkpoints" / "stage-001.safetensors").write_bytes(b"saved work")
     assert main([*PRUNE, "--sparsity", "0.6", "--out", str(out)]) == 2
     err = _one_line(capsys.readouterr().err)
     assert "was changed (sparsity) since the unfinished run there began" in err and "add --force" in err
     assert main([*PRUNE, "--sparsity", "0.6", "--out", str(out), "--force"]) == 0
+    assert main([*PRUNE, "--sparsity", "0.6", "--out", str(tmp_path / "idle")]) == 0
+    record = json.loads((tmp_path / "idle" / "metrics.json").read_text())
+    assert record["status"] == "done" and 'sparsity = "0.6"' in record["config"]
+    capsys.readouterr()
+    assert main(["prune", "--resume", str(tmp_path / "idle-resumed"), "--json"]) == 2
+    assert "was changed (sparsity)" in _one_line(capsys.readouterr().err)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_with_the_edited_values(tmp_path, monkeypatch):
+    """s53 review: a run killed before its first checkpoint has computed nothing, so its edited config.toml
+    (0.8 -> 0.7) asked for with the edited values is simply started with them (as before the edited-run
+    refusal), not refused until force: the same stages as a fresh run, config.toml kept as edited,
+    metrics.json recording these values (a later stop and carry-on is not refused), and run.log saying so."""
+    from prunekit import runs
+    run = tmp_path / "py"
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs.RunCheckpointer, "save", killed)
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(_tiny(), (x, y), method="chita", sparsity=0.8, stages=3, fisher_samples=32, out=str(run))
+    monkeypatch.undo()
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    _edit(run, "sparsity = 0.8\n", "sparsity = 0.7\n")
+    edited = (run / "config.toml").read_text()
+    again = prunekit.prune(_tiny(), (x, y), method="chita", sparsity=0.7, stages=3, fisher_samples=32, out=str(run))
+    fresh = prunekit.prune(_tiny(), (x, y), method="chita", sparsity=0.7, stages=3, fisher_samples=32,
+                           out=str(tmp_path / "fresh"))
+
+    def steps(record):
+        return [(h["stage"], h["max_nonzeros"], h["nonzeros"]) for h in record["stages"]]
+    assert steps(again.record) == steps(fresh.record) and len(steps(fresh.record)) == 3
+    assert (run / "config.toml").read_text() == edited
+    assert json.loads((run / "metrics.json").read_text())["config"] == edited
+    assert "stopped before its first checkpoint (nothing computed to lose): started with these values" in \
+        (run / "run.log").read_text()
 
 
 def test_the_call_that_began_an_edited_unfinished_run_is_told_so_and_both_fixes_work(tmp_path, monkeypatch):
@@ -325,6 +373,8 @@ def test_the_command_that_began_an_edited_unfinished_run_and_resume_name_fixes_t
     assert main(argv) == 130
     monkeypatch.undo()
     _edit(out, 'sparsity = "0.5"\n', 'sparsity = "0.6"\n')
+    (out / "checkpoints").mkdir(exist_ok=True)          # a checkpoint saved: work to lose (none: nothing to refuse)
+    (out / "checkpoints" / "stage-001.safetensors").write_bytes(b"saved work")
     capsys.readouterr()
     assert main(argv) == 2
     err = _one_line(capsys.readouterr().err)

@@ -329,6 +329,45 @@ def test_the_onnx_outputs_of_a_dict_or_tuple_are_named_by_key_or_position(tmp_pa
         assert_close_to_scale(torch.from_numpy(value), expected.detach(), 1e-5)
 
 
+class _BatchAndNot(nn.Module):
+    """(N, 4) -> {"b": (4,) a mean over the batch, "a": (N, 4), "k": (1, 4) keepdim mean} (``single``:
+    the mean alone)."""
+
+    def __init__(self, single: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l, self.single = nn.Linear(4, 4), single
+
+    def forward(self, x):
+        if self.single:
+            return self.l(x).mean(0)
+        return {"b": self.l(x).mean(0), "a": self.l(x), "k": self.l(x).mean(0, keepdim=True)}
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_only_outputs_whose_axis_0_follows_the_batch_get_a_dynamic_batch_axis(tmp_path, batch):
+    """s53 review: every output was declared with axis 0 "batch", a mean over the batch (always 4 rows)
+    too. Now "batch" only where axis 0 follows the input's batch; the others keep their fixed size, and the
+    graph computes what the model does at another batch size (at example batch 1 as well, where a
+    keepdim mean's 1 row looks like the batch)."""
+    model, x = _BatchAndNot().eval(), torch.randn(batch, 4)
+    export_all(model, x, tmp_path, ["onnx"])
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.graph.output}
+    assert dims == {"b": [4], "a": ["batch", 4], "k": [1, 4]}
+    x5 = torch.randn(5, 4)
+    got = dict(zip(dims, ReferenceEvaluator(graph).run(None, {"input": x5.numpy()})))
+    for name, expected in model(x5).items():
+        assert_close_to_scale(torch.from_numpy(got[name]), expected.detach(), 1e-5)
+    export_all(_BatchAndNot(single=True).eval(), x, tmp_path / "single", ["onnx"])
+    graph = onnx.load(str(tmp_path / "single" / "model.onnx"))
+    assert [[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.graph.output] == [[4]]
+    export_all(nn.Linear(4, 3).eval(), x, tmp_path / "plain", ["onnx"])
+    graph = onnx.load(str(tmp_path / "plain" / "model.onnx"))
+    assert [[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.graph.output] == \
+        [["batch", 3]]
+
+
 def test_a_single_output_keeps_its_name_output(tmp_path):
     export_all(_DictOut().eval(), torch.randn(2, 4), tmp_path, ["onnx"])
     graph = onnx.load(str(tmp_path / "model.onnx"))

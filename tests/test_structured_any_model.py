@@ -642,6 +642,72 @@ def test_a_norm_without_affine_parameters_is_named_as_what_leaves_its_channels_d
         assert "channel shuffle" not in skipped[root]
 
 
+class _SpatialNorm(nn.Module):
+    """x (B, 3, 8, 8): c1 (8 channels) -> norm -> c2 [-> fc]; the norm's input (B, 8, 8, 8) has as many
+    channels as rows and columns, so only its normalised axes tell whether it mixes channels."""
+
+    def __init__(self, norm: nn.Module, head: bool = True):
+        super().__init__()
+        self.c1, self.n, self.c2 = nn.Conv2d(3, 8, 3, padding=1), norm, nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 64, 10) if head else None
+
+    def forward(self, x):
+        x = self.c2(torch.relu(self.n(self.c1(x))))
+        return self.fc(x.flatten(1)) if self.fc is not None else x
+
+
+NOT_MIXING = {"layernorm_hw": lambda: nn.LayerNorm([8, 8], elementwise_affine=False),
+              "layernorm_w": lambda: nn.LayerNorm(8, elementwise_affine=False),
+              "rmsnorm_hw": lambda: nn.RMSNorm([8, 8], elementwise_affine=False)}
+MIXING = {"layernorm_chw": (lambda: nn.LayerNorm([8, 8, 8], elementwise_affine=False), "LayerNorm"),
+          "groupnorm": (lambda: nn.GroupNorm(2, 8, affine=False), "GroupNorm")}
+
+
+@pytest.mark.parametrize("norm", sorted(NOT_MIXING))
+def test_a_norm_over_other_axes_than_the_channels_does_not_leave_them_dense(norm):
+    """A norm without affine parameters whose statistics never mix channels (LayerNorm/RMSNorm over H, W
+    or W only, GroupNorm with a group per channel) is not named: the numeric check judges, and c1's
+    channels are pruned, shrink computing what the gates compute; without the Linear head the model
+    (c1 its only group) is not refused."""
+    torch.manual_seed(0)
+    model, x = _SpatialNorm(NOT_MIXING[norm]()).eval(), torch.randn(2, 3, 8, 8)
+    groups = checked_groups(model, find_groups(model, x), x)
+    assert sorted(g.root for g in groups) == ["c1", "c2"], groups.skipped
+    masks = [torch.arange(g.size) % 3 != 1 for g in groups]
+    with torch.no_grad(), GateHooks(model, groups) as hooks:
+        hooks.values = [m.float() for m in masks]
+        gated = model(x)
+    with torch.no_grad():
+        small = shrink(model, groups, masks, x)
+        assert small.c1.out_channels == 5
+        assert (small(x) - gated).abs().max() <= 1e-5 * gated.abs().max()
+    headless = _SpatialNorm(NOT_MIXING[norm](), head=False).eval()
+    assert [g.root for g in checked_groups(headless, find_groups(headless, x), x)] == ["c1"]
+
+
+@pytest.mark.parametrize("norm", sorted(MIXING))
+def test_a_norm_over_the_channel_axis_is_named_even_when_other_axes_have_as_many_entries(norm):
+    make, kind = MIXING[norm]
+    model, x = _SpatialNorm(make()).eval(), torch.randn(2, 3, 8, 8)
+    groups = checked_groups(model, find_groups(model, x), x)
+    assert [g.root for g in groups] == ["c2"]
+    assert dict(groups.skipped)["c1"].startswith(f"touches n ({kind}), a norm whose statistics mix its channels")
+
+
+def test_a_norm_that_mixes_no_channels_but_cannot_be_resized_is_named_without_a_false_reason():
+    """GroupNorm(8, 8): a group per channel mixes none, but its channel count stays (the surgery resizes
+    BatchNorm only); an RMSNorm over C, H, W runs as plain tensor operations (the trace sees no module),
+    so the numeric check catches it. Neither is said to mix channels it does not, and c1 stays whole."""
+    x = torch.randn(2, 3, 8, 8)
+    model = _SpatialNorm(nn.GroupNorm(8, 8, affine=False)).eval()
+    groups = checked_groups(model, find_groups(model, x), x)
+    assert [g.root for g in groups] == ["c2"]
+    assert dict(groups.skipped)["c1"] == "touches n (GroupNorm), whose channels channel surgery cannot resize: kept dense"
+    model = _SpatialNorm(nn.RMSNorm([8, 8, 8], elementwise_affine=False)).eval()
+    groups = checked_groups(model, find_groups(model, x), x)
+    assert [g.root for g in groups] == ["c2"] and dict(groups.skipped)["c1"] == MISMATCH
+
+
 class _AttentionNoNorm(nn.Module):
     """x (B, 8, 16): x + MHA(x), then x + mlp(x), mean over tokens -> fc: a residual stream without
     any LayerNorm."""

@@ -177,16 +177,17 @@ def _onnx_bytes(model: nn.Module, example_input: torch.Tensor, metadata: dict, n
     outputs = _output_names(model, example_input)
     import onnx
     proto = None
-    if outputs is not None and outputs != [("output", outputs[0][1])]:
+    if outputs is not None and [name for name, _, _ in outputs] != ["output"]:
         proto = _exported(model, example_input, axes, outputs, raise_failure=False)
         if proto is not None and [len(o.type.tensor_type.shape.dim) for o in proto.graph.output] != \
-                [ndim for _, ndim in outputs]:
+                [ndim for _, ndim, _ in outputs]:
             proto = None            # the exporter flattened the output otherwise: not named by guess
     if proto is None:
-        outputs = [("output", 1)]
+        # one tensor: its own batch axis or none; else the exporter's first output, as ever, with one
+        outputs = outputs if outputs is not None and len(outputs) == 1 else [("output", 1, True)]
         proto = _exported(model, example_input, axes, outputs)
     else:
-        metadata = {**metadata, "prunekit.outputs": ", ".join(name for name, _ in outputs)}
+        metadata = {**metadata, "prunekit.outputs": ", ".join(name for name, _, _ in outputs)}
     if traced is not None:
         check_any_batch(traced, model, example_input, "ONNX")
     onnx.checker.check_model(proto)
@@ -196,19 +197,20 @@ def _onnx_bytes(model: nn.Module, example_input: torch.Tensor, metadata: dict, n
     return proto.SerializeToString()
 
 
-def _exported(model: nn.Module, example_input: torch.Tensor, axes: dict, outputs: list[tuple[str, int]],
+def _exported(model: nn.Module, example_input: torch.Tensor, axes: dict, outputs: list[tuple[str, int, bool]],
               raise_failure: bool = True):
     """The ONNX ModelProto of ``model`` with input "input" (``axes``: its dynamic axes) and outputs named
-    ``outputs`` ((name, ndim) in the order the exporter flattens them: a dynamic axis 0 "batch" each,
-    scalars aside); an exporter failure is a one-line ``PrunekitError`` (None if not ``raise_failure``)."""
+    ``outputs`` ((name, ndim, batched) in the order the exporter flattens them: a dynamic axis 0 "batch"
+    where ``batched``, i.e. the output's axis 0 follows the input's batch; a fixed one elsewhere); an
+    exporter failure is a one-line ``PrunekitError`` (None if not ``raise_failure``)."""
     import onnx
     buffer = io.BytesIO()
     with warnings.catch_warnings(), _no_exporter_log():
         warnings.simplefilter("ignore")     # the exporter's deprecation notes are not for our users
         try:
             torch.onnx.export(model, (example_input,), buffer, dynamo=False, opset_version=ONNX_OPSET,
-                              input_names=["input"], output_names=[name for name, _ in outputs],
-                              dynamic_axes={"input": axes, **{name: {0: "batch"} for name, ndim in outputs if ndim}})
+                              input_names=["input"], output_names=[name for name, _, _ in outputs],
+                              dynamic_axes={"input": axes, **{name: {0: "batch"} for name, _, batched in outputs if batched}})
         except Exception as err:  # noqa: BLE001 - report any exporter failure as one line
             if not raise_failure:
                 return None
@@ -216,31 +218,51 @@ def _exported(model: nn.Module, example_input: torch.Tensor, axes: dict, outputs
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _output_names(model: nn.Module, example_input) -> list[tuple[str, int]] | None:
-    """(name, ndim) of each tensor of the model's output on ``example_input``, in the order the ONNX
-    exporter flattens them: "output" for a tensor, a dict's keys ("logits", "aux"; nested: "aux.mask"),
-    "output_0", "output_1" ... for a tuple or list (nested: "output_1.0"). None where the forward fails
-    or the names would not be unique (the exporter's own failure, or "output" and numbers, then)."""
+def _output_names(model: nn.Module, example_input) -> list[tuple[str, int, bool]] | None:
+    """(name, ndim, batched) of each tensor of the model's output on ``example_input``, in the order the
+    ONNX exporter flattens them: "output" for a tensor, a dict's keys ("logits", "aux"; nested: "aux.mask"),
+    "output_0", "output_1" ... for a tuple or list (nested: "output_1.0"). ``batched``: its axis 0 follows
+    the input's batch, i.e. is the example's batch size B there and B + 1 on a batch one larger (a mean
+    over the batch, ``x.mean(0)``, has none; where the larger batch fails every output of rank >= 1 counts
+    as batched: ``check_any_batch`` refuses such a graph). None where the forward fails or the names
+    would not be unique (the exporter's own failure, or "output" and numbers, then)."""
     try:
         with torch.no_grad():
             out = model(example_input)
     except Exception:  # noqa: BLE001 - the exporter's own message is the one to give then
         return None
-    names: list[tuple[str, int]] = []
 
-    def walk(value, name: str, depth: int = 0) -> None:
+    def walk(value, name: str, found: list, depth: int = 0) -> list[tuple[str, torch.Tensor]]:
         if depth > 20:
-            return
+            return found
         if isinstance(value, torch.Tensor):
-            names.append((name or "output", value.dim()))
+            found.append((name or "output", value))
         elif isinstance(value, dict):
             for key, item in value.items():
-                walk(item, f"{name}.{key}" if name else str(key), depth + 1)
+                walk(item, f"{name}.{key}" if name else str(key), found, depth + 1)
         elif isinstance(value, (tuple, list)):
             for i, item in enumerate(value):
-                walk(item, f"{name}.{i}" if name else f"output_{i}", depth + 1)
-    walk(out, "")
-    unique = {name for name, _ in names}
+                walk(item, f"{name}.{i}" if name else f"output_{i}", found, depth + 1)
+        return found
+    tensors = walk(out, "", [])
+    batch = len(example_input) if isinstance(example_input, torch.Tensor) and example_input.ndim else None
+    larger: dict[str, torch.Tensor] | None = None
+    if batch is not None:
+        try:
+            with torch.no_grad():
+                larger = dict(walk(model(torch.cat([example_input, example_input[:1]])), "", []))
+        except Exception:  # noqa: BLE001 - check_any_batch names that fault
+            larger = None
+
+    def batched(name: str, value: torch.Tensor) -> bool:
+        if value.dim() == 0 or batch is None:
+            return False
+        if larger is None or name not in larger:
+            return True
+        other = larger[name]
+        return value.shape[0] == batch and other.dim() > 0 and other.shape[0] == batch + 1
+    names = [(name, value.dim(), batched(name, value)) for name, value in tensors]
+    unique = {name for name, _, _ in names}
     if not names or len(unique) < len(names) or "input" in unique:
         return None
     return names

@@ -668,11 +668,30 @@ def check_finished_unchanged(folder: RunFolder, python: bool = False, asked: str
 
 def edited_unfinished(folder: RunFolder) -> list[str] | None:
     """Where ``folder`` holds an unfinished prune run whose config.toml is no longer the one it
-    began with (metrics.json keeps that one): the settings changed (["its text"] where they cannot
-    be told apart). Its checkpoints are the earlier values' run: carried on, the first one read
-    would refuse it (``_check_same_config``). None where the run finished (``edited_since_run``),
-    nothing was changed, or the folder records no starting config (an older prunekit's: checked at
-    its checkpoints)."""
+    began with (metrics.json keeps that one) and that saved some work (``_holds_work``): the
+    settings changed (["its text"] where they cannot be told apart). Its checkpoints are the earlier
+    values' run: carried on, the first one read would refuse it (``_check_same_config``). None where
+    the run finished (``edited_since_run``), nothing was changed, the folder records no starting
+    config (an older prunekit's: checked at its checkpoints), or the run stopped before its first
+    checkpoint (nothing to lose: ``claim`` starts it with the edited values, ``_edited_before_work``)."""
+    if not _holds_work(folder):
+        return None
+    return _edited_unfinished(folder)
+
+
+def _holds_work(folder: RunFolder) -> bool:
+    """Whether ``folder``'s run saved anything computed: a checkpoint (any file under checkpoints/), a
+    taper snapshot or the pruned model."""
+    return (folder.model_path.exists() or any(folder.path.glob("snapshot-*"))
+            or (folder.checkpoints.is_dir() and any(folder.checkpoints.iterdir())))
+
+
+def _edited_before_work(folder: RunFolder) -> list[str] | None:
+    """``edited_unfinished`` for a run stopped before its first checkpoint: the settings changed, or None."""
+    return None if _holds_work(folder) else _edited_unfinished(folder)
+
+
+def _edited_unfinished(folder: RunFolder) -> list[str] | None:
     if not (folder.config.exists() and folder.metrics_path.exists()):
         return None
     try:
@@ -782,6 +801,15 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
                            f"started from{code} (clear it with force=True to run anew)")
             folder.log(message)
             warn_ours(PrunekitWarning(message))
+    if folder.writable and (changed := _edited_before_work(folder)) is not None:
+        # Decided (s53 review): an unfinished run stopped before its first checkpoint computed nothing,
+        # so its edited config.toml (the call's values: check_claim refused any other) is simply started,
+        # as before the edited-run refusal; the stopped attempt's own state (its starting config in
+        # metrics.json, its data RNG states and code notes) goes, so the run begins from these values.
+        for name in (METRICS, DATA_RNG, CODE_WRITTEN, CODE_SLOTS):
+            (path / name).unlink(missing_ok=True)
+        folder.log(f"config.toml was changed ({', '.join(changed[:3])}) after the unfinished run there stopped "
+                   "before its first checkpoint (nothing computed to lose): started with these values")
     if folder.config.exists() and folder.writable and (made_at := moved_from(folder.config.read_text(), path)):
         moved = f"this run folder was made at {made_at} and has moved to {Path(path).resolve()}"
         if not _logged(folder, moved):        # once per move, not at every rerun or resume there

@@ -28,12 +28,11 @@ def grouped_order_on_device(scores: torch.Tensor, group: np.ndarray, limits: np.
     return order[rank_in_group < torch.repeat_interleave(torch.from_numpy(limits).to(device), sizes)].cpu().numpy()
 
 
-def grouped_order(scores: np.ndarray, group, limits: np.ndarray, values_out: np.ndarray | None = None,
-                   previous: "PreviousOrder | None" = None) -> np.ndarray:
+def grouped_order(scores: np.ndarray, group, limits: np.ndarray,
+                  previous: "PreviousOrder | None" = None) -> np.ndarray:
     """(Σ limits,) weight indices: group 0's ``limits[0]`` best by descending score (ties by
     index), then group 1's, ... ``group``: (p,) group ids, or :class:`CostGroups` (whose layer
-    form needs no per-weight sort at all: each group is a range of the weights). ``values_out``:
-    (Σ limits,) float64 to receive the scores in that order (``scores[order]``). ``previous``: an
+    form needs no per-weight sort at all: each group is a range of the weights). ``previous``: an
     earlier call's order on the same groups, to start each group's sort from (the same result).
 
     Sorting each group on its own is several times faster than one global sort at
@@ -46,7 +45,7 @@ def grouped_order(scores: np.ndarray, group, limits: np.ndarray, values_out: np.
             at = 0
             for g, (a, b, keep) in enumerate(zip(group.bounds[:-1], group.bounds[1:], limits)):
                 part = out[at:at + keep]
-                part[...] = _sort_group(scores[a:b], int(keep), None if values_out is None else values_out[at:at + keep],
+                part[...] = _sort_group(scores[a:b], int(keep),
                                         None if previous is None else previous.of_group(g) - int(a))
                 part += int(a)
                 at += keep
@@ -61,10 +60,7 @@ def grouped_order(scores: np.ndarray, group, limits: np.ndarray, values_out: np.
         desc = torch.sort(torch.from_numpy(scores), descending=True, stable=True).indices.numpy()
         order = desc[np.argsort(small[desc], kind="stable")]
         rank_in_group = np.arange(order.size) - np.repeat(starts, sizes)
-        order = order[rank_in_group < np.repeat(limits, sizes)]
-        if values_out is not None:
-            values_out[...] = scores[order]
-        return order
+        return order[rank_in_group < np.repeat(limits, sizes)]
     by_group = np.argsort(small, kind="stable")             # each group's weights in index order
     if previous is not None:                                 # weight -> its position among its group's
         position = np.empty(scores.size, dtype=_index_dtype(scores.size))
@@ -74,7 +70,6 @@ def grouped_order(scores: np.ndarray, group, limits: np.ndarray, values_out: np.
     for g, (a, n, keep) in enumerate(zip(starts, sizes, limits)):
         members = by_group[a:a + n]
         out[at:at + keep] = members[_sort_group(scores[members], int(keep),
-                                                None if values_out is None else values_out[at:at + keep],
                                                 None if previous is None else position[previous.of_group(g)])]
         at += keep
     return out
@@ -88,10 +83,10 @@ def _order_array(limits: np.ndarray, p: int, previous: "PreviousOrder | None") -
     return np.empty(int(limits.sum()), dtype=_index_dtype(p))
 
 
-def _sort_group(scores: np.ndarray, keep: int, values_out: np.ndarray | None, previous: np.ndarray | None) -> np.ndarray:
+def _sort_group(scores: np.ndarray, keep: int, previous: np.ndarray | None) -> np.ndarray:
     """:func:`descending`, from the ``previous`` order of the group's positions when given."""
-    order = None if previous is None else descending_from(scores, keep, previous, values_out)
-    return descending(scores, keep, values_out) if order is None else order
+    order = None if previous is None else descending_from(scores, keep, previous)
+    return descending(scores, keep) if order is None else order
 
 
 @dataclass

@@ -150,11 +150,6 @@ class SortedGroups:
         The layout's scores are not held (8 bytes a weight): they are read through ``perm``."""
         return self.scores[self.perm[positions]]
 
-    @property
-    def s_desc(self) -> np.ndarray:
-        """(n,) float64, the scores in layout order (materialised: for tests and small problems)."""
-        return self.values(slice(None))
-
     def _running_sums(self) -> np.ndarray:
         """(n // CHECKPOINT_EVERY + 1,): the running sum of the laid-out scores at every
         ``CHECKPOINT_EVERY``-th position (``prefix[i * CHECKPOINT_EVERY]``), accumulated one score

@@ -51,9 +51,13 @@ What the adapter refuses (the group is left dense and listed in ``GroupSet.skipp
   no Conv/Linear-rooted group holds them: traced with that layer as root, only to be named;
 * a recurrent layer (LSTM, GRU, RNN), an embedding (Embedding, EmbeddingBag) or a Bilinear that the
   trace ran and no traced group touches (no group is rooted at them): named by the layer, at full width;
-* groups touching a norm layer (GroupNorm, LayerNorm, RMSNorm, with or without affine parameters: its
-  statistics mix the channels), named by the norm, or as a transformer's residual stream (an add
-  joining channels through norms or an nn.MultiheadAttention's embedding width: left dense by design);
+* groups touching a norm layer whose normalised axes include the channel axis (GroupNorm with fewer
+  groups than channels, LayerNorm or RMSNorm whose normalized_shape covers the channels, with or without
+  affine parameters: its statistics mix the channels; ``_norm_mixes_channels``), named by the norm, or
+  a GroupNorm or affine norm over other axes (channel surgery does not resize it), or as a
+  transformer's residual stream (an add joining channels through norms or an nn.MultiheadAttention's
+  embedding width: left dense by design); a norm without affine parameters over other axes only
+  (LayerNorm([H, W]) on (B, C, H, W)) is not named: ``shrink.checked_groups`` judges such groups;
 * groups whose index maps are not one of the shapes we understand (identity, a concat offset,
   a flatten repeat): anything else would be pruned wrongly, so it is not pruned;
 * groups passing through a bare channel pad (``F.pad`` on the channel axis outside a module that
@@ -256,9 +260,23 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             # those channels are then unknown, and such groups are skipped or caught by shrink's check.
             warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
             pruners = {**(pad_pruners(model) if pads_residual else {}), **conv1d_pruners(model)}
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input, output_transform=_output_tensors,
-                customized_pruners=pruners or None)
+            shapes: dict[nn.Module, tuple | None] = {}
+
+            def record(module, args):      # a norm's input shape (None: called with several shapes)
+                shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
+                shapes[module] = shape if shapes.get(module, shape) == shape else None
+            hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, _NORMS)]
+            try:
+                graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=example_input, output_transform=_output_tensors,
+                    customized_pruners=pruners or None)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            for module, shape in shapes.items():     # read by _norm_mixes_channels
+                if (node := graph.module2node.get(module)) is not None:
+                    node.prunekit_input_shape = shape
+            return graph
     finally:
         model.train(was_training)
 
@@ -653,6 +671,29 @@ def _bounded_groups(nodes: int):
 _NORMS = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None)
 
 
+def _norm_mixes_channels(module: nn.Module, node, lengths: set[int]) -> bool:
+    """Whether the norm ``module`` (LayerNorm, GroupNorm, RMSNorm; traced as torch-pruning's ``node``)
+    surely normalises over the axis holding a group's channels, so that its statistics mix them (removing
+    one changes the others), with or without affine parameters: a GroupNorm with fewer groups than
+    channels (its channel axis is 1); a LayerNorm or RMSNorm whose ``normalized_shape`` (the trailing
+    axes of its input) covers every axis that could hold the channels, those of the input's axes
+    (the batch axis 0 aside) whose length is one of ``lengths`` (the group's channel count, and that
+    times a flatten's repeat). False where that is not sure (no such axis, the input's shape unknown or
+    different between calls, or an ambiguous axis left out: LayerNorm([H, W]) on (B, C, H, W) with
+    C == H == W): the norm is then not named, and ``shrink.checked_groups``' numeric check judges the
+    group (a norm over H, W alone mixes no channels, so the group is pruned)."""
+    if isinstance(module, nn.GroupNorm):
+        return module.num_groups < module.num_channels
+    shape = getattr(node, "prunekit_input_shape", None)
+    normalized = getattr(module, "normalized_shape", None)
+    if not shape or normalized is None:
+        return False
+    normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
+    first = 0 if len(shape) == 1 else 1
+    candidates = [axis for axis in range(first, len(shape)) if shape[axis] in lengths]
+    return bool(candidates) and all(axis >= len(shape) - len(normalized) for axis in candidates)
+
+
 def _transformer_stream(tp_group, names: dict) -> str | None:
     """What a transformer's residual stream runs through that channel surgery cannot resize, in words
     ("norm layers channel surgery cannot resize: norm (LayerNorm) and 4 more", "the embedding width of
@@ -828,12 +869,12 @@ def _members(tp_group, names: dict, size: int | None = None, sliced: bool = Fals
         if isinstance(module, nn.Parameter):     # used bare in forward, outside any layer
             return [], 1, f"touches parameter {names.get(module, '?')} outside a Conv/Linear/BatchNorm layer"
         if not isinstance(module, (*_CONV, nn.Linear, _BN)) and not pads and not is_linear(module):
-            if isinstance(module, _NORMS):       # with or without affine parameters
+            if isinstance(module, _NORMS) and _norm_mixes_channels(module, dep.target, {size, len(idxs)}):
                 return [], 1, (f"touches {names.get(module, type(module).__name__)} ({type(module).__name__}), a norm "
                                "whose statistics mix its channels (removing one changes the others), so channel "
                                "surgery cannot resize it: kept dense")
             if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)) \
-                    or isinstance(module, nn.MultiheadAttention):
+                    or isinstance(module, (nn.MultiheadAttention, nn.GroupNorm)):    # GroupNorm: its num_channels
                 return [], 1, (f"touches {names.get(module, type(module).__name__)} ({type(module).__name__}), "
                                "whose channels channel surgery cannot resize: kept dense")
             continue
