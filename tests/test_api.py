@@ -260,6 +260,74 @@ def test_data_checks_leave_the_users_data_stream_untouched():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def _image_loader(seed: int = 3):
+    """A shuffling, augmenting prunekit loader over 48 random 3x8x8 images of 10 classes (6 batches)."""
+    from prunekit.data.dataset import ImageDataset
+    from prunekit.data.loaders import Normalization, make_loader
+
+    gen = torch.Generator().manual_seed(0)
+    ds = ImageDataset(torch.randint(0, 256, (48, 3, 8, 8), dtype=torch.uint8, generator=gen),
+                      torch.randint(0, 10, (48,), generator=gen), [str(k) for k in range(10)])
+    return make_loader(ds, Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), batch_size=8, shuffle=True,
+                       augment=True, seed=seed)
+
+
+@pytest.mark.parametrize("method, options", [("taper", {"taper_epochs": 1, "channel_multiple": 1}),
+                                             ("autobot", {"gate_batches": 6, "finetune_epochs": 0})])
+def test_a_function_returning_a_prunekit_loader_trains_from_its_epoch_0(method, options):
+    """``lambda: loader`` (prunekit.prune replays it through a ReplayedLoader): the first-batch
+    checks peek through the wrapper and must not use up epochs of the user's loader, so the first
+    training pass reads the batches of the loader's epoch 0, in order (its labels, as the loss sees them)."""
+    loader = _image_loader()
+    epoch0 = [y.clone() for _, y in _image_loader()]          # a twin's epoch 0, iterated alone
+    assert not all(torch.equal(a, y) for a, (_, y) in zip(epoch0, _second_epoch()))     # epochs differ
+    seen = []
+
+    def loss(outputs, targets):
+        if outputs.requires_grad:                     # a training step (the checks run without autograd)
+            seen.append(targets.clone())
+        return nn.functional.cross_entropy(outputs, targets)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                        nn.Linear(16, 10))
+    prunekit.prune(net, lambda: loader, method=method, flops=0.6, loss=loss, recalibrate_bn=False, **options)
+    assert len(seen) >= len(epoch0)
+    first_pass = seen[:len(epoch0)]
+    assert all(torch.equal(a, b) for a, b in zip(first_pass, epoch0)), \
+        "the first training pass is not the loader's epoch 0: the data checks used up epochs"
+
+
+def _second_epoch():
+    loader = _image_loader()
+    next(iter(loader))
+    return iter(loader)
+
+
+def test_a_function_returning_a_torch_dataloader_reads_the_order_due_at_the_call():
+    """``lambda: torch_loader`` (a shuffling DataLoader drawing from torch's global RNG): the first
+    training pass reads the order the loader would have given next at the call (the checks' peeks
+    and the replay draw nothing from the caller's RNG before it), as before the replay's wrapper."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(48, 3, 8, 8, generator=gen), torch.randint(0, 10, (48,), generator=gen)
+    torch_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                        nn.Linear(16, 10))
+    torch.manual_seed(5)
+    with torch.random.fork_rng(devices=[]):
+        due = [t.clone() for _, t in torch_loader]
+    seen = []
+
+    def loss(outputs, targets):
+        if outputs.requires_grad:
+            seen.append(targets.clone())
+        return nn.functional.cross_entropy(outputs, targets)
+
+    prunekit.prune(net, lambda: torch_loader, method="taper", flops=0.6, loss=loss, recalibrate_bn=False, seed=0,
+                   taper_epochs=1, channel_multiple=1)
+    assert len(seen) >= len(due) and all(torch.equal(a, b) for a, b in zip(seen[:len(due)], due))
+
+
 def test_prune_gives_torchs_global_rng_back_as_it_was():
     """``seed=`` seeds the run's own draws inside ``fork_rng``: the caller's global RNG is not reseeded."""
     net, x, y = _tiny()
@@ -683,3 +751,24 @@ def test_summary_says_the_parameters_kept_as_the_cli_counts_them():
         assert line.index("MACs kept") < kept.start() < line.rindex(", ")      # beside the MACs, before the time
         if method == "autobot":
             assert counts.params <= 0.4 * dense_params                       # the params budget it was given
+
+
+def test_train_epochs_on_a_function_returning_a_prunekit_loader_starts_at_its_epoch_0():
+    """``prunekit.train.train_epochs(model, lambda: loader)``: its first-batch check peeks through
+    the per-pass wrapper and puts the user's loader back, so epoch 1 of training reads the
+    loader's epoch 0 and one training epoch moves the loader on by one epoch only."""
+    from prunekit.train import train_epochs
+
+    loader = _image_loader()
+    epoch0 = [y.clone() for _, y in _image_loader()]
+    seen = []
+
+    def loss(outputs, targets):
+        seen.append(targets.clone())
+        return nn.functional.cross_entropy(outputs, targets)
+
+    torch.manual_seed(0)
+    train_epochs(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)), lambda: loader, epochs=1, loss_fn=loss,
+                 progress=False)
+    assert loader.epoch == 1
+    assert len(seen) == len(epoch0) and all(torch.equal(a, b) for a, b in zip(seen, epoch0))

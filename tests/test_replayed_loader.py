@@ -153,3 +153,33 @@ def test_a_run_resumed_from_other_global_rngs_reads_the_batches_an_uninterrupted
     # the control: a whole run from the other global RNG state does end elsewhere (the test can fail)
     other = call(str(tmp_path / "other"), 2)
     assert not all(torch.equal(whole[k], other[k]) for k in whole)
+
+
+def test_a_peek_through_the_replay_leaves_the_wrapped_prunekit_loader_at_its_epoch():
+    """``first_batch`` on ``lambda: loader`` as prunekit.prune wraps it (a ReplayedLoader over the
+    user's function): the user's BatchLoader and a held replay are put back to the epoch they were
+    at (``epoch_mark``), also through a replay of a replay; a pass the inner replay opened before
+    the peek is not rewound by it."""
+    from prunekit.api_checks import first_batch
+    from prunekit.data.dataset import ImageDataset
+    from prunekit.data.loaders import Normalization, make_loader
+
+    gen = torch.Generator().manual_seed(0)
+    ds = ImageDataset(torch.randint(0, 256, (24, 3, 4, 4), dtype=torch.uint8, generator=gen),
+                      torch.randint(0, 10, (24,), generator=gen), [str(k) for k in range(10)])
+    loader = make_loader(ds, Normalization((0.5,) * 3, (0.25,) * 3), batch_size=8, shuffle=True, seed=1)
+    wrapped = _batches(lambda: loader, 8, shuffle=True, seed=0, what="data")
+    for _ in range(3):
+        first_batch(wrapped, "data")
+    assert loader.epoch == 0
+    held = wrapped()
+    next(iter(held))                                   # the run's first pass: epoch 0 of both
+    assert (held.epoch, loader.epoch) == (1, 1)
+    first_batch(lambda: held, "data")
+    assert (held.epoch, loader.epoch) == (1, 1)
+    twice = _batches(lambda: held, 8, shuffle=True, seed=0, what="data")
+    first_batch(twice, "data")
+    assert (held.epoch, loader.epoch) == (1, 1)
+    twin = make_loader(ds, Normalization((0.5,) * 3, (0.25,) * 3), batch_size=8, shuffle=True, seed=1)
+    twin.epoch = 1                                     # the run's second pass reads the loader's epoch 1
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(held, twin)) and loader.epoch == 2

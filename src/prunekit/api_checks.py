@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .data.loaders import BatchLoader
+from .data.replay import epoch_mark
 from .errors import PrunekitError, input_fix
 from .losses import class_scores
 
@@ -364,16 +365,18 @@ def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tenso
     """The first (x, y) batch of ``batches()``, refusing anything else in one line.
 
     The peek leaves no trace on the user's data stream: torch's global random state is restored
-    (a shuffling DataLoader draws its order from it) and a prunekit loader's epoch is put back, so
-    the run sees the same batches as it would without the check.
+    (a shuffling DataLoader draws its order from it) and a prunekit loader's epoch is put back, that
+    of the loader a ``ReplayedLoader`` wraps too (``epoch_mark``: ``prunekit.prune`` wraps a user's
+    ``lambda: loader``), so the run sees the same batches as it would without the check.
     """
     try:
         with torch.random.fork_rng(devices=[]):
             produced = batches()
-            epoch = produced.epoch if isinstance(produced, BatchLoader) else None
-            first = next(iter(produced), None)
-            if epoch is not None:
-                produced.epoch = epoch
+            put_back = epoch_mark(produced)
+            try:
+                first = next(iter(produced), None)
+            finally:
+                put_back()
     except TypeError as err:           # e.g. a function taking arguments, or returning no iterable
         raise PrunekitError(f"{what} gave no batches ({err}): pass a DataLoader, a Dataset, (X, Y) tensors "
                             "or a function of no arguments returning (x, y) batches") from None

@@ -116,13 +116,20 @@ def _progress(loader: Iterable, desc: str, enabled: bool) -> _Progress:
 
 
 class _EachPass:
-    """A function returning batches, as an iterable: each pass calls it again."""
+    """A function returning batches, as an iterable: each pass calls it again. ``opened``: the
+    ``epoch_mark`` of what the latest pass's call gave (a first-batch peek puts it back)."""
+
+    wraps_passes = True
 
     def __init__(self, make):
         self.make = make
+        self.opened = None
 
     def __iter__(self):
-        return iter(self.make())
+        from .data.replay import epoch_mark
+        made = self.make()
+        self.opened = epoch_mark(made)
+        return iter(made)
 
     def __len__(self):
         return len(self.make())     # a TypeError where what it returns has none (a generator)

@@ -35,11 +35,14 @@ class ReplayedLoader:
     and the epoch alone, not from the caller's RNGs).
     """
 
+    wraps_passes = True         # epoch_mark puts back what a pass opened (``opened``)
+
     def __init__(self, make: Callable[..., Iterable], generators: list[torch.Generator],
                  states: list[torch.Tensor], make_takes_epoch: bool = False):
         self.make, self.generators, self.states = make, generators, states
         self.make_takes_epoch = make_takes_epoch
         self.epoch = 0
+        self.opened: Callable[[], None] | None = None     # puts back the loader the latest pass opened
         draw = torch.Generator()
         draw.set_state(states[0])
         self._seed = int(torch.randint(0, 2**62, (1,), generator=draw))
@@ -64,7 +67,9 @@ class ReplayedLoader:
             set_rng_states(self.generators, own)
             try:
                 if stream is None:      # a DataLoader draws its workers' seed at iter(), its order at the first next()
-                    stream = iter(self.make(epoch) if self.make_takes_epoch else self.make())
+                    made = self.make(epoch) if self.make_takes_epoch else self.make()
+                    self.opened = epoch_mark(made)
+                    stream = iter(made)
                 batch = next(stream, _END)
                 own = rng_states(self.generators)
             finally:
@@ -72,6 +77,28 @@ class ReplayedLoader:
             if batch is _END:
                 return
             yield batch
+
+
+def epoch_mark(loader) -> Callable[[], None]:
+    """A function that puts ``loader``'s pass count back to what it is now, so that a peek at a
+    first batch leaves no trace on the stream: a prunekit ``BatchLoader``'s or ``ReplayedLoader``'s
+    ``epoch`` (each ``iter()`` moves it on by one) and, through a wrapper prunekit adds over a
+    user's function (a ``ReplayedLoader``, ``train``'s per-pass wrapper: a class with
+    ``wraps_passes``, whose ``opened`` is the mark of the loader its latest pass opened), the pass
+    count of the loader the function gave for a pass opened since (``lambda: loader`` over one
+    ``BatchLoader``: every pass moves the user's loader on). Anything else has no count: nothing
+    to put back (its RNG draws are the caller's to restore)."""
+    from .loaders import BatchLoader        # loaders imports this module
+    epoch = loader.epoch if isinstance(loader, (BatchLoader, ReplayedLoader)) else None
+    wraps = getattr(type(loader), "wraps_passes", False)
+    opened_before = loader.opened if wraps else None
+
+    def put_back() -> None:
+        if epoch is not None:
+            loader.epoch = epoch
+        if wraps and loader.opened is not None and loader.opened is not opened_before:
+            loader.opened()
+    return put_back
 
 
 def loader_generators(data) -> list[torch.Generator]:
