@@ -337,6 +337,37 @@ def test_prune_gives_torchs_global_rng_back_as_it_was():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_a_resumed_prune_gives_the_callers_random_and_numpy_rngs_back_as_they_were(tmp_path, monkeypatch):
+    """s54: a run resumed from its folder restores the RNG states of its last checkpoint
+    (``restore_rng``: torch's, Python's ``random``'s and NumPy's, so the rest of the run draws what
+    an uninterrupted run draws); only torch's was given back at the end (``fork_rng``), so after
+    ``prune`` the caller's ``random`` and ``numpy.random`` stood where the killed run's checkpoint
+    left them. Now all three come back as they were when ``prune`` was called."""
+    import random
+
+    import numpy as np
+
+    from prunekit import runs
+    net, x, y = _tiny()
+    save = runs.RunCheckpointer.save
+
+    def saved_then_killed(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs.RunCheckpointer, "save", saved_then_killed)
+    options = dict(method="chita", sparsity=0.8, stages=2, fisher_samples=16, seed=3, out=str(tmp_path / "run"))
+    random.seed(1), np.random.seed(1)                  # the killed run's checkpoint keeps these states
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(copy.deepcopy(net), (x, y), **options)
+    monkeypatch.undo()
+    torch.manual_seed(11), random.seed(11), np.random.seed(11)
+    expected = torch.rand(1).item(), random.random(), float(np.random.rand())
+    torch.manual_seed(11), random.seed(11), np.random.seed(11)
+    result = prunekit.prune(copy.deepcopy(net), (x, y), **options)
+    assert result.record["nonzeros"] > 0 and len(result.history) == 2      # resumed and finished
+    assert (torch.rand(1).item(), random.random(), float(np.random.rand())) == expected
+
+
 class _SlowEvaluation:
     """Evaluation batches that take ``pause`` seconds to start, every pass."""
 
