@@ -272,12 +272,14 @@ def _image_loader(seed: int = 3):
                        augment=True, seed=seed)
 
 
-@pytest.mark.parametrize("method, options", [("taper", {"taper_epochs": 1, "channel_multiple": 1}),
-                                             ("autobot", {"gate_batches": 6, "finetune_epochs": 0})])
+@pytest.mark.parametrize("method, options", [("taper", {"taper_epochs": 1, "channel_multiple": 1, "gate_batch_size": 8}),
+                                             ("autobot", {"gate_batches": 6, "finetune_epochs": 0, "gate_batch_size": 8})])
 def test_a_function_returning_a_prunekit_loader_trains_from_its_epoch_0(method, options):
     """``lambda: loader`` (prunekit.prune replays it through a ReplayedLoader): the first-batch
     checks peek through the wrapper and must not use up epochs of the user's loader, so the first
-    training pass reads the batches of the loader's epoch 0, in order (its labels, as the loss sees them)."""
+    training pass reads the batches of the loader's epoch 0, in order (its labels, as the loss sees them).
+    The channel methods read a prunekit loader in ``gate_batch_size`` batches (s54: through
+    ``lambda:`` too), here the loader's own 8."""
     loader = _image_loader()
     epoch0 = [y.clone() for _, y in _image_loader()]          # a twin's epoch 0, iterated alone
     assert not all(torch.equal(a, y) for a, (_, y) in zip(epoch0, _second_epoch()))     # epochs differ

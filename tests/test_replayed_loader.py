@@ -300,3 +300,22 @@ def test_lambda_loader_runs_resume_to_the_uninterrupted_model_and_read_the_clis_
     assert read == cli_read and read, (read, cli_read)
     for state in (cli, resumed):
         assert state.keys() == whole.keys() and all(torch.equal(whole[k], state[k]) for k in whole)
+
+
+def test_lambda_loader_trains_channel_gates_in_the_gate_batch_size_as_the_loader_itself_does():
+    """s54: the channel methods read a prunekit loader in ``gate_batch_size`` batches (default 64;
+    the executor sets it on a copy), but ``lambda: loader`` (a ReplayedLoader) kept the loader's own
+    batch size (16 here): its gates, BatchNorm re-estimation and fine-tune read other batches than
+    the loader passed as it is (and the CLI's) do. Now the replay reads its copies in that size."""
+    import prunekit
+    ds = _image_set(count=80)
+    runs = []
+    for wrap in (False, True):
+        log: list = []
+        loader = _spy_loader(ds, log)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = prunekit.prune(_net(), (lambda: loader) if wrap else loader, seed=0, method="autobot",
+                                    flops=0.6, gate_batches=3, finetune_epochs=1)
+        runs.append(result.model.state_dict())
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

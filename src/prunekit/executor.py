@@ -29,6 +29,7 @@ from torch import nn
 
 from .budget import budget_text
 from .data.loaders import BatchLoader
+from .data.replay import ReplayedLoader
 from .errors import PrunekitError, PrunekitWarning, worded, worded_warning
 from .pipelines.gradual import prune_gradual
 from .structured.groups import dense_groups_warning
@@ -242,6 +243,10 @@ def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -
         source = train_batches()
         if isinstance(source, BatchLoader) and source.batch_size != plan.options.gate_batch_size:
             source = copy.copy(source)                 # the gates' batch size, on a loader of our own
+            source.batch_size = plan.options.gate_batch_size
+        elif isinstance(source, ReplayedLoader) and not source.make_takes_epoch \
+                and isinstance(source.make(), (BatchLoader, ReplayedLoader)):
+            source = copy.copy(source)                 # lambda: loader over one of ours: read in the gates' batches
             source.batch_size = plan.options.gate_batch_size
         channels = replace(plan.channels, batches=lambda: source, loss_fn=request.loss)
         return prune_channels(channels, plan.method.run, plan.options, recalibrate_bn=request.recalibrate_bn,

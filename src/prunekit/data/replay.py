@@ -44,13 +44,15 @@ class ReplayedLoader:
         self.make, self.generators, self.states = make, generators, states
         self.make_takes_epoch = make_takes_epoch
         self.epoch = 0
+        self.batch_size: int | None = None     # a prunekit loader that make() gives is read in these (gates')
         draw = torch.Generator()
         draw.set_state(states[0])
         self._seed = int(torch.randint(0, 2**62, (1,), generator=draw))
 
     def __len__(self) -> int:
         """Batches per pass, as the loader says (TypeError when it has no length)."""
-        return len(self.make())
+        made = self.make()
+        return len(made if self.make_takes_epoch else at_pass(made, 0, self.batch_size))
 
     def __iter__(self) -> Iterator:
         epoch, self.epoch = self.epoch, self.epoch + 1
@@ -69,7 +71,7 @@ class ReplayedLoader:
             try:
                 if stream is None:      # a DataLoader draws its workers' seed at iter(), its order at the first next()
                     made = self.make(epoch) if self.make_takes_epoch else self.make()
-                    stream = iter(made if self.make_takes_epoch else at_pass(made, epoch))
+                    stream = iter(made if self.make_takes_epoch else at_pass(made, epoch, self.batch_size))
                 batch = next(stream, _END)
                 own = rng_states(self.generators)
             finally:
@@ -79,7 +81,7 @@ class ReplayedLoader:
             yield batch
 
 
-def at_pass(loader, epoch: int):
+def at_pass(loader, epoch: int, batch_size: int | None = None):
     """What pass ``epoch`` of a replay reads from ``loader``, the iterable a user's function gave.
 
     A loader that numbers its passes itself (a prunekit ``BatchLoader`` or ``ReplayedLoader``:
@@ -88,12 +90,16 @@ def at_pass(loader, epoch: int):
     (which a resumed stage pipeline sets, a gradual fine-tune moves on, the hybrid holds) decides
     what it reads, as it does for prunekit's copies of a loader passed as it is (``api._batches``)
     and the CLI's fresh loaders, and the user's loader is left at its epoch. Anything else (a
-    DataLoader, a list) is read as it is: the swapped-in RNG states make its passes."""
+    DataLoader, a list) is read as it is: the swapped-in RNG states make its passes.
+    ``batch_size``: a ``BatchLoader``'s copy is read in batches of this many (the channel methods'
+    ``gate_batch_size``, as the executor sets it on a prunekit loader passed as it is); None: its own."""
     from .loaders import BatchLoader        # loaders imports this module
     if not isinstance(loader, (BatchLoader, ReplayedLoader)):
         return loader
     held = copy.copy(loader)
     held.epoch = loader.epoch + epoch
+    if batch_size is not None:
+        held.batch_size = batch_size
     return held
 
 
