@@ -272,12 +272,14 @@ def _image_loader(seed: int = 3):
                        augment=True, seed=seed)
 
 
-@pytest.mark.parametrize("method, options", [("taper", {"taper_epochs": 1, "channel_multiple": 1}),
-                                             ("autobot", {"gate_batches": 6, "finetune_epochs": 0})])
+@pytest.mark.parametrize("method, options", [("taper", {"taper_epochs": 1, "channel_multiple": 1, "gate_batch_size": 8}),
+                                             ("autobot", {"gate_batches": 6, "finetune_epochs": 0, "gate_batch_size": 8})])
 def test_a_function_returning_a_prunekit_loader_trains_from_its_epoch_0(method, options):
     """``lambda: loader`` (prunekit.prune replays it through a ReplayedLoader): the first-batch
     checks peek through the wrapper and must not use up epochs of the user's loader, so the first
-    training pass reads the batches of the loader's epoch 0, in order (its labels, as the loss sees them)."""
+    training pass reads the batches of the loader's epoch 0, in order (its labels, as the loss sees them).
+    The channel methods read a prunekit loader in ``gate_batch_size`` batches (s54: through
+    ``lambda:`` too), here the loader's own 8."""
     loader = _image_loader()
     epoch0 = [y.clone() for _, y in _image_loader()]          # a twin's epoch 0, iterated alone
     assert not all(torch.equal(a, y) for a, (_, y) in zip(epoch0, _second_epoch()))     # epochs differ
@@ -335,6 +337,37 @@ def test_prune_gives_torchs_global_rng_back_as_it_was():
     before = torch.get_rng_state()
     prunekit.prune(net, (x, y), method="chita", sparsity=0.5, fisher_samples=16, seed=3)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_resumed_prune_gives_the_callers_random_and_numpy_rngs_back_as_they_were(tmp_path, monkeypatch):
+    """s54: a run resumed from its folder restores the RNG states of its last checkpoint
+    (``restore_rng``: torch's, Python's ``random``'s and NumPy's, so the rest of the run draws what
+    an uninterrupted run draws); only torch's was given back at the end (``fork_rng``), so after
+    ``prune`` the caller's ``random`` and ``numpy.random`` stood where the killed run's checkpoint
+    left them. Now all three come back as they were when ``prune`` was called."""
+    import random
+
+    import numpy as np
+
+    from prunekit import runs
+    net, x, y = _tiny()
+    save = runs.RunCheckpointer.save
+
+    def saved_then_killed(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs.RunCheckpointer, "save", saved_then_killed)
+    options = dict(method="chita", sparsity=0.8, stages=2, fisher_samples=16, seed=3, out=str(tmp_path / "run"))
+    random.seed(1), np.random.seed(1)                  # the killed run's checkpoint keeps these states
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(copy.deepcopy(net), (x, y), **options)
+    monkeypatch.undo()
+    torch.manual_seed(11), random.seed(11), np.random.seed(11)
+    expected = torch.rand(1).item(), random.random(), float(np.random.rand())
+    torch.manual_seed(11), random.seed(11), np.random.seed(11)
+    result = prunekit.prune(copy.deepcopy(net), (x, y), **options)
+    assert result.record["nonzeros"] > 0 and len(result.history) == 2      # resumed and finished
+    assert (torch.rand(1).item(), random.random(), float(np.random.rand())) == expected
 
 
 class _SlowEvaluation:

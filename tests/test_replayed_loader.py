@@ -7,6 +7,7 @@ import shutil
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 from prunekit.api import _batches
@@ -157,9 +158,9 @@ def test_a_run_resumed_from_other_global_rngs_reads_the_batches_an_uninterrupted
 
 def test_a_peek_through_the_replay_leaves_the_wrapped_prunekit_loader_at_its_epoch():
     """``first_batch`` on ``lambda: loader`` as prunekit.prune wraps it (a ReplayedLoader over the
-    user's function): the user's BatchLoader and a held replay are put back to the epoch they were
-    at (``epoch_mark``), also through a replay of a replay; a pass the inner replay opened before
-    the peek is not rewound by it."""
+    user's function): a held replay is put back to the epoch it was at (``epoch_mark``), also
+    through a replay of a replay; a pass the replay opened before the peek is not rewound by it.
+    The user's BatchLoader is read from copies (``at_pass``, s54): it stays at its epoch."""
     from prunekit.api_checks import first_batch
     from prunekit.data.dataset import ImageDataset
     from prunekit.data.loaders import Normalization, make_loader
@@ -173,13 +174,148 @@ def test_a_peek_through_the_replay_leaves_the_wrapped_prunekit_loader_at_its_epo
         first_batch(wrapped, "data")
     assert loader.epoch == 0
     held = wrapped()
-    next(iter(held))                                   # the run's first pass: epoch 0 of both
-    assert (held.epoch, loader.epoch) == (1, 1)
+    next(iter(held))                                   # the run's first pass: the loader's epoch 0
+    assert (held.epoch, loader.epoch) == (1, 0)
     first_batch(lambda: held, "data")
-    assert (held.epoch, loader.epoch) == (1, 1)
+    assert (held.epoch, loader.epoch) == (1, 0)
     twice = _batches(lambda: held, 8, shuffle=True, seed=0, what="data")
     first_batch(twice, "data")
-    assert (held.epoch, loader.epoch) == (1, 1)
+    assert (held.epoch, loader.epoch) == (1, 0)
     twin = make_loader(ds, Normalization((0.5,) * 3, (0.25,) * 3), batch_size=8, shuffle=True, seed=1)
     twin.epoch = 1                                     # the run's second pass reads the loader's epoch 1
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(held, twin)) and loader.epoch == 2
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(held, twin)) and loader.epoch == 0
+
+
+def _image_set(count: int = 48, size: int = 8):
+    from prunekit.data.dataset import ImageDataset
+    gen = torch.Generator().manual_seed(0)
+    return ImageDataset(torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=gen),
+                        torch.randint(0, 3, (count,), generator=gen), ["a", "b", "c"])
+
+
+def _spy_loader(ds, log: list, batch_size: int = 16):
+    """A shuffling, augmenting prunekit BatchLoader that appends the epoch of each pass to ``log``."""
+    from prunekit.data.loaders import BatchLoader, Normalization
+
+    class Spy(BatchLoader):
+        def __iter__(self):
+            log.append(self.epoch)
+            return super().__iter__()
+    return Spy(ds, Normalization((0.5,) * 3, (0.25,) * 3), batch_size, True, True, 1, False)
+
+
+def test_a_replay_of_lambda_loader_reads_the_loaders_epoch_moved_on_by_its_own():
+    """s54: a ReplayedLoader over ``lambda: loader`` (a prunekit BatchLoader) read the user's loader
+    at the loader's own pass count, whatever the replay's ``epoch`` said: a stage pipeline resumed
+    at epoch k (``loader.epoch = k``), a gradual fine-tune moved on to the run's epoch and the
+    hybrid's FALCON phase held at one epoch all read other epochs than the CLI's loaders do. Now
+    pass k of the replay reads the user's epoch (its epoch at the call + k), from a copy."""
+    from prunekit.data.loaders import make_loader, Normalization
+
+    ds, log = _image_set(), []
+    loader = _spy_loader(ds, log)
+    loader.epoch = 3                                   # a user's loader already at its epoch 3
+    replay = _batches(lambda: loader, 16, shuffle=True, seed=0, what="data")()
+    passes = [list(replay), list(replay)]
+    replay.epoch = 5                                   # as a resumed pipeline sets it
+    passes.append(list(replay))
+    assert log == [3, 4, 8] and loader.epoch == 3
+    for epoch, seen in zip([3, 4, 8], passes):
+        twin = make_loader(ds, Normalization((0.5,) * 3, (0.25,) * 3), batch_size=16, shuffle=True,
+                           augment=True, seed=1)
+        twin.epoch = epoch
+        assert len(seen) == 3 and all(torch.equal(a, b) and torch.equal(u, v) for (a, u), (b, v) in zip(seen, twin))
+
+
+def test_a_replay_of_lambda_dataloader_still_reads_what_the_dataloader_gives():
+    """For a torch DataLoader behind ``lambda:`` nothing changed with ``at_pass``: epoch 0 is the
+    order the loader gives from the RNG state at the call, and a replay set to epoch 1 (a resumed
+    run) reads the same batches as the uninterrupted replay's second pass."""
+    x, y = torch.arange(24.0).view(12, 2), torch.arange(12) % 3
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True)
+    torch.manual_seed(7)
+    expected = [b for b, _ in data]
+    torch.manual_seed(7)
+    make = _batches(lambda: data, 4, shuffle=True, seed=0, what="data")
+    whole = make()
+    first, second = [b for b, _ in whole], [b for b, _ in whole]
+    assert all(torch.equal(a, b) for a, b in zip(first, expected)) and len(first) == 3
+    resumed = make()
+    resumed.epoch = 1
+    assert all(torch.equal(a, b) for a, b in zip([b for b, _ in resumed], second))
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))      # epoch 1 is another order
+
+
+def _net():
+    from torch import nn
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+_HYBRID = dict(method="hybrid", flops=0.4, structured_flops=0.7, gate_batches=4, gate_batch_size=16,
+               fisher_samples=16, finetune_epochs=2)
+_GRADUAL = dict(method="chita", sparsity=0.6, fisher_samples=16, gradual=True, events=2, epochs_per_event=1,
+                final_epochs=2)
+
+
+@pytest.mark.parametrize("options, kill_at", [(_HYBRID, 2), (_GRADUAL, 1)], ids=["hybrid", "gradual"])
+def test_lambda_loader_runs_resume_to_the_uninterrupted_model_and_read_the_clis_epochs(tmp_path, options, kill_at):
+    """s54: ``prunekit.prune(model, lambda: loader)`` over a prunekit BatchLoader, killed after a
+    checkpoint (the hybrid's channel cut; the gradual run's first event) and resumed with a fresh
+    loader, ends with the uninterrupted run's weights, and both read the epochs the loader passed as
+    it is reads (the CLI's path: a fresh copy of the loader at its epoch for every call) and end
+    with its weights. Before, the hybrid resumed its fine-tune at the user's epoch 0 and its FALCON
+    phase read several epochs; the gradual run's fine-tunes read the epochs the method's passes
+    had left the loader at."""
+    import prunekit
+    from prunekit import runs
+    ds = _image_set()
+
+    def call(wrap: bool, out=None):
+        log: list = []
+        loader = _spy_loader(ds, log)
+        result = prunekit.prune(_net(), (lambda: loader) if wrap else loader, seed=0, out=out, **options)
+        return result.model.state_dict(), [e for e in log if e]        # epoch 0: peeks and the first pass
+
+    save, saved = runs.RunCheckpointer.save, []
+
+    def saved_then_killed(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        saved.append(1)
+        if len(saved) == kill_at:
+            raise KeyboardInterrupt
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole, read = call(True)
+        cli, cli_read = call(False)
+        runs.RunCheckpointer.save = saved_then_killed
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                call(True, str(tmp_path / "run"))
+        finally:
+            runs.RunCheckpointer.save = save
+        resumed, _ = call(True, str(tmp_path / "run"))
+    assert read == cli_read and read, (read, cli_read)
+    for state in (cli, resumed):
+        assert state.keys() == whole.keys() and all(torch.equal(whole[k], state[k]) for k in whole)
+
+
+def test_lambda_loader_trains_channel_gates_in_the_gate_batch_size_as_the_loader_itself_does():
+    """s54: the channel methods read a prunekit loader in ``gate_batch_size`` batches (default 64;
+    the executor sets it on a copy), but ``lambda: loader`` (a ReplayedLoader) kept the loader's own
+    batch size (16 here): its gates, BatchNorm re-estimation and fine-tune read other batches than
+    the loader passed as it is (and the CLI's) do. Now the replay reads its copies in that size."""
+    import prunekit
+    ds = _image_set(count=80)
+    runs = []
+    for wrap in (False, True):
+        log: list = []
+        loader = _spy_loader(ds, log)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = prunekit.prune(_net(), (lambda: loader) if wrap else loader, seed=0, method="autobot",
+                                    flops=0.6, gate_batches=3, finetune_epochs=1)
+        runs.append(result.model.state_dict())
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

@@ -365,9 +365,9 @@ def first_batch(batches: Callable[[], Iterable], what: str) -> tuple[torch.Tenso
     """The first (x, y) batch of ``batches()``, refusing anything else in one line.
 
     The peek leaves no trace on the user's data stream: torch's global random state is restored
-    (a shuffling DataLoader draws its order from it) and a prunekit loader's epoch is put back, that
-    of the loader a ``ReplayedLoader`` wraps too (``epoch_mark``: ``prunekit.prune`` wraps a user's
-    ``lambda: loader``), so the run sees the same batches as it would without the check.
+    (a shuffling DataLoader draws its order from it) and a prunekit loader's epoch is put back
+    (``epoch_mark``; a ``ReplayedLoader``, ``prunekit.prune``'s wrapper of a user's ``lambda: loader``,
+    reads copies of the loader it wraps), so the run sees the same batches as it would without the check.
     """
     try:
         with torch.random.fork_rng(devices=[]):

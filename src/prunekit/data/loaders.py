@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.data.dataset import ImageDataset
-from prunekit.data.replay import ReplayedLoader
+from prunekit.data.replay import ReplayedLoader, at_pass
 from prunekit.errors import PrunekitError
 
 
@@ -220,7 +220,7 @@ def samples_per_pass(batches) -> int | None:
     it: a :class:`BatchLoader`, or a ``torch.utils.data.DataLoader`` with a batch size and a
     sampler of known length; None for anything else (a generator, a custom batch sampler)."""
     if isinstance(batches, ReplayedLoader):
-        batches = batches.make()
+        batches = batches.make() if batches.make_takes_epoch else at_pass(batches.make(), 0, batches.batch_size)
     if isinstance(batches, BatchLoader):
         size, count = batches.batch_size, len(batches.dataset)
         drop_last = batches.drop_last

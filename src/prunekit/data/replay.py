@@ -9,6 +9,7 @@ every piece, and every rank, would read another order than one process reads.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable, Iterable, Iterator
 
@@ -32,24 +33,26 @@ class ReplayedLoader:
     caller's RNGs are left as they were and what the caller draws between batches does not
     change the stream. ``make_takes_epoch``: ``make(epoch)`` builds the loader of that epoch
     (prunekit's own loader over a user's Dataset or tensors, whose order is drawn from ``seed``
-    and the epoch alone, not from the caller's RNGs).
+    and the epoch alone, not from the caller's RNGs). A ``make()`` giving a prunekit loader (``lambda:
+    loader`` over a ``BatchLoader``) is read at its own epoch moved on by this one (``at_pass``),
+    so setting ``epoch`` (a resumed pipeline, a gradual fine-tune, the hybrid's held epoch) moves
+    what it reads, and the user's loader stays where it is.
     """
-
-    wraps_passes = True         # epoch_mark puts back what a pass opened (``opened``)
 
     def __init__(self, make: Callable[..., Iterable], generators: list[torch.Generator],
                  states: list[torch.Tensor], make_takes_epoch: bool = False):
         self.make, self.generators, self.states = make, generators, states
         self.make_takes_epoch = make_takes_epoch
         self.epoch = 0
-        self.opened: Callable[[], None] | None = None     # puts back the loader the latest pass opened
+        self.batch_size: int | None = None     # a prunekit loader that make() gives is read in these (gates')
         draw = torch.Generator()
         draw.set_state(states[0])
         self._seed = int(torch.randint(0, 2**62, (1,), generator=draw))
 
     def __len__(self) -> int:
         """Batches per pass, as the loader says (TypeError when it has no length)."""
-        return len(self.make())
+        made = self.make()
+        return len(made if self.make_takes_epoch else at_pass(made, 0, self.batch_size))
 
     def __iter__(self) -> Iterator:
         epoch, self.epoch = self.epoch, self.epoch + 1
@@ -68,8 +71,7 @@ class ReplayedLoader:
             try:
                 if stream is None:      # a DataLoader draws its workers' seed at iter(), its order at the first next()
                     made = self.make(epoch) if self.make_takes_epoch else self.make()
-                    self.opened = epoch_mark(made)
-                    stream = iter(made)
+                    stream = iter(made if self.make_takes_epoch else at_pass(made, epoch, self.batch_size))
                 batch = next(stream, _END)
                 own = rng_states(self.generators)
             finally:
@@ -79,15 +81,37 @@ class ReplayedLoader:
             yield batch
 
 
+def at_pass(loader, epoch: int, batch_size: int | None = None):
+    """What pass ``epoch`` of a replay reads from ``loader``, the iterable a user's function gave.
+
+    A loader that numbers its passes itself (a prunekit ``BatchLoader`` or ``ReplayedLoader``:
+    its order and augmentation come from its seed and ``epoch``, not from the RNG states a replay
+    swaps in) is read at its own epoch moved on by ``epoch``, from a copy: the replay's epoch
+    (which a resumed stage pipeline sets, a gradual fine-tune moves on, the hybrid holds) decides
+    what it reads, as it does for prunekit's copies of a loader passed as it is (``api._batches``)
+    and the CLI's fresh loaders, and the user's loader is left at its epoch. Anything else (a
+    DataLoader, a list) is read as it is: the swapped-in RNG states make its passes.
+    ``batch_size``: a ``BatchLoader``'s copy is read in batches of this many (the channel methods'
+    ``gate_batch_size``, as the executor sets it on a prunekit loader passed as it is); None: its own."""
+    from .loaders import BatchLoader        # loaders imports this module
+    if not isinstance(loader, (BatchLoader, ReplayedLoader)):
+        return loader
+    held = copy.copy(loader)
+    held.epoch = loader.epoch + epoch
+    if batch_size is not None:
+        held.batch_size = batch_size
+    return held
+
+
 def epoch_mark(loader) -> Callable[[], None]:
     """A function that puts ``loader``'s pass count back to what it is now, so that a peek at a
     first batch leaves no trace on the stream: a prunekit ``BatchLoader``'s or ``ReplayedLoader``'s
-    ``epoch`` (each ``iter()`` moves it on by one) and, through a wrapper prunekit adds over a
-    user's function (a ``ReplayedLoader``, ``train``'s per-pass wrapper: a class with
-    ``wraps_passes``, whose ``opened`` is the mark of the loader its latest pass opened), the pass
-    count of the loader the function gave for a pass opened since (``lambda: loader`` over one
-    ``BatchLoader``: every pass moves the user's loader on). Anything else has no count: nothing
-    to put back (its RNG draws are the caller's to restore)."""
+    ``epoch`` (each ``iter()`` moves it on by one) and, through ``train``'s per-pass wrapper over a
+    user's function (a class with ``wraps_passes``, whose ``opened`` is the mark of the loader its
+    latest pass opened), the pass count of the loader the function gave for a pass opened since
+    (``lambda: loader`` over one ``BatchLoader``: there every pass moves the user's loader on; a
+    ``ReplayedLoader`` reads copies, ``at_pass``, and leaves it where it is). Anything else has no
+    count: nothing to put back (its RNG draws are the caller's to restore)."""
     from .loaders import BatchLoader        # loaders imports this module
     epoch = loader.epoch if isinstance(loader, (BatchLoader, ReplayedLoader)) else None
     wraps = getattr(type(loader), "wraps_passes", False)
