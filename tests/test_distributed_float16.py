@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import prunekit
+from prunekit.errors import PrunekitWarning
 from closeness import assert_close_to_scale
 from distributed_spawn import run_ranks, run_ranks_once
 from test_fisher import _nearly_perfect_classifier
@@ -146,3 +147,26 @@ def test_a_float16_overflow_on_one_rank_makes_every_rank_collect_again_unscaled(
         assert torch.equal(got["weights"] != 0, expected["weights"] != 0)
         assert_close_to_scale(got["weights"], expected["weights"], 1e-3)
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])           # the ranks agree exactly
+
+
+def _overflow_as_error_worker(rank, world):
+    """The overflowing prune with prunekit's warnings turned into errors (``python -W error``): what each rank
+    raised, and its rows' scale would not matter. The rank leaves through ``run_ranks``' barrier afterwards."""
+    model, x, y = _overflowing_classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrunekitWarning)
+        try:
+            prunekit.prune(model, (x, y), method="chita", sparsity=0.5, fisher_samples=48, fisher_dtype="float16",
+                           fisher_kind="empirical", recalibrate_bn=False, batch_size=64, stage_eval=False)
+        except Exception as err:           # noqa: BLE001 - what it was is the result
+            return {"raised": type(err).__name__, "message": str(err)[:80]}
+    return {"raised": "nothing", "message": ""}
+
+
+def test_a_warning_made_an_error_is_raised_on_every_rank_not_rank_0_alone(tmp_path):
+    """Under ``python -W error`` prunekit's warning (issued on rank 0 alone) raised on rank 0 only: rank 1
+    went on into the rows' gathers and failed on a raw gloo error ("Connection closed by peer") once rank 0
+    left (or waited for the timeout). Every rank now raises the same warning at the same point."""
+    ranks = run_ranks(_overflow_as_error_worker, 2, tmp_path, timeout=150)
+    assert [r["raised"] for r in ranks] == ["PrunekitWarning"] * 2, ranks
+    assert "overflowed at loss scale" in ranks[0]["message"] and ranks[1]["message"] == ranks[0]["message"]
