@@ -75,7 +75,8 @@ def _sigterm_told():
         yield
     finally:
         signal.set_wakeup_fd(previous)
-        writer.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            writer.shutdown(socket.SHUT_RDWR)
         writer.close()
         thread.join(timeout=1.0)
         reader.close()
