@@ -245,6 +245,15 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                 except OSError:         # a full disk: the stop itself is what the caller is told
                     pass
             raise
+        except RuntimeError as err:
+            if (lost := lost_rank_refusal(err, out)) is None:
+                raise
+            if folder is not None:           # said while the lock is held, as the command line does
+                try:
+                    runs.mark_stopped(folder, lost.stop_line)
+                except OSError:             # a full disk: the lost rank itself is what the caller is told
+                    pass
+            raise lost from None
         except ValueError as err:
             if (refusal := single_sample_batchnorm(err)) is None:
                 raise
@@ -264,6 +273,32 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     result.snapshots = {share: Result.from_record(snap, snapshots[share]) for share, snap in
                         zip(snapshots, record.get("snapshots", []))}
     return result
+
+
+class LostRank(PrunekitError):
+    """Under torchrun, a collective of ``prunekit.prune`` failed because another rank stopped (killed,
+    crashed, out of memory) or could not be reached (its machine, the group's timeout): the command
+    line's one line, "rank R: a rank stopped or could not be reached (torch's words); ..." and how to
+    carry on, in place of torch's raw ``DistBackendError``/``RuntimeError`` (a page of gloo text).
+    ``stop_line``: what the run folder's run.log says (``interrupted: ...``, as the command line's)."""
+
+
+def lost_rank_refusal(err: RuntimeError, out) -> LostRank | None:
+    """``err`` (a collective's failure under torchrun) as a :class:`LostRank` naming how to carry on
+    (``out``: the run folder, resumed by the same call again); None for any other error."""
+    if not (launched_by_torchrun() and current().distributed):
+        return None
+    from .cli import _first_line, _lost_rank           # the command line's wording, one line
+    if not _lost_rank(err):
+        return None
+    first = _first_line(err)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else os.environ.get("RANK", "?")
+    resume = (f"run the same script again under torchrun: prunekit.prune(..., out={str(out)!r}) carries on from "
+              "the last completed stage" if out is not None else
+              "nothing was saved: run the script again (with out=DIR, a prune run can be resumed)")
+    lost = LostRank(f"rank {rank}: a rank stopped or could not be reached ({first}); {resume}")
+    lost.stop_line = f"interrupted: a rank stopped or could not be reached ({first})"
+    return lost
 
 
 def _class_names(model: nn.Module, *datas) -> dict:

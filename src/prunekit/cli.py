@@ -349,6 +349,8 @@ def stop_line(err: BaseException) -> str | None:
     for any other error (a bug's traceback: the run is shown interrupted by its lock)."""
     if isinstance(err, KeyboardInterrupt):
         failed = lost_peer(err)
+        if failed is None and (what := _lost_outside_collectives(err)) is not None:
+            return f"interrupted: a rank stopped or could not be reached ({what})"
         return _lost_line(failed) if failed is not None else f"interrupted ({interrupts.stopped_by()[0]})"
     if isinstance(err, RuntimeError) and distributed.launched_by_torchrun() and _lost_rank(err):
         if distributed.launcher_lost() or _first_line(err).startswith(distributed.LAUNCHER_GONE):
@@ -502,6 +504,12 @@ def _interrupted(args, err: BaseException) -> int:
             print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached "
                   f"({_first_line(failed)}); {_how_to_resume(args)}", file=sys.stderr)
             return 1
+        what = _lost_outside_collectives(err)
+        if what is not None:               # a rank died while this one computed; torchrun SIGTERMed the rest
+            _log_stop(args, f"interrupted: a rank stopped or could not be reached ({what})", err)
+            print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached ({what}); "
+                  f"{_how_to_resume(args)}", file=sys.stderr)
+            return 1
         if isinstance(err, RuntimeError) and not interrupts.terminated():     # its SIGTERM was ignored, not lost
             how, code = "SIGTERM", 128 + signal.SIGTERM
     _log_stop(args, f"interrupted ({how})", err)
@@ -510,6 +518,30 @@ def _interrupted(args, err: BaseException) -> int:
         print(f"prunekit: interrupted{'' if how == 'Ctrl-C' else f' ({how})'}; {_how_to_resume(args)}",
               file=sys.stderr)
     return code
+
+
+_silent_verdicts: dict[int, str | None] = {}     # id(the KeyboardInterrupt) -> _lost_outside_collectives
+
+
+def _lost_outside_collectives(err: BaseException) -> str | None:
+    """Under torchrun, after a SIGTERM that stopped this rank outside any collective (it was computing:
+    nothing failed, so ``lost_peer`` has no error to judge): the ranks that never said they stopped for a
+    SIGTERM or a refusal (``distributed.silent_peers``). torchrun sends SIGTERM to the ranks left once
+    one dies, and such a stop was reported as ``interrupted (SIGTERM)``, the lost rank unnamed. [] for a
+    stop every rank was sent (a stopped launcher: each rank says so the moment its SIGTERM comes, even
+    inside a collective), without a store that answers, or for any other stop. Said as what happened
+    ("rank 1 was lost: ..."), None where no rank was lost; the verdict is kept per stop, so run.log
+    (``stop_line``) and the printed line agree."""
+    if not (distributed.launched_by_torchrun() and isinstance(err, KeyboardInterrupt) and interrupts.terminated()):
+        return None
+    if distributed.launcher_lost() or any(isinstance(e, RuntimeError) and _lost_rank(e) for e in _chain(err)):
+        return None
+    if id(err) not in _silent_verdicts:
+        silent = distributed.silent_peers() or []
+        _silent_verdicts[id(err)] = (f"rank {', '.join(map(str, silent))} was lost: it stopped on its own (killed, "
+                                     "crashed or out of memory), not for a SIGTERM, and torchrun stopped the others"
+                                     if silent else None)
+    return _silent_verdicts[id(err)]
 
 
 def _ending_on_our_own() -> None:

@@ -90,14 +90,21 @@ def warn(warning: PrunekitWarning) -> None:
     one line, where no location is shown), not at the library line that noticed it; and under
     torch.distributed (torchrun) on rank 0 alone: every rank runs the same call on the same files,
     so each would say it (the README: warnings are rank 0's). Filters apply as to any warning
-    (``-W error`` raises it; ``-W ignore`` hides it)."""
-    if _not_rank_0():
-        return
+    (``-W error`` raises it; ``-W ignore`` hides it), on every rank: a filter that turns it into an
+    error raises it on the other ranks too (each rank runs the same script, with the same filters),
+    though they print nothing. Before, rank 0 alone raised under ``python -W error`` and the others
+    went on to their next collective, to fail there on a raw connection error (or wait for rank 0
+    until the group's timeout): now every rank raises the same warning at the same point, no
+    collective needed (a rank may meet a warning where the others wait in none)."""
     frame, level, outermost = sys._getframe(1), 1, 1
     while frame is not None:
         if frame.f_code.co_filename.startswith(_PACKAGE):
             outermost = level
         frame, level = frame.f_back, level + 1
+    if _not_rank_0():
+        with warnings.catch_warnings(record=True):       # shown nowhere; an "error" filter still raises it
+            warnings.warn(warning, stacklevel=outermost + 2)
+        return
     warnings.warn(warning, stacklevel=outermost + 2)     # 1: this function; level + 1: the frame at level
 
 

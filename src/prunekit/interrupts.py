@@ -10,7 +10,9 @@ next safe point (between a sweep's runs, after a stage's checkpoint), so the run
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import socket
 import threading
 
 _pending = False
@@ -18,6 +20,66 @@ _received = signal.SIGINT          # the last signal that stopped the run
 _reason: tuple[str, int] | None = None   # a stop prunekit asked for itself (``stop``): its name, exit code
 _taken = False                     # that stop is being handled already: its SIGINT raises nothing more
 _runs = 0                          # prunekit work under way on the main thread (``caught``, ``running``)
+_on_sigterm: list = []             # called from a thread of their own the moment a SIGTERM comes (``on_sigterm``)
+
+
+def on_sigterm(callback) -> None:
+    """Call ``callback()`` (no arguments, quick, never raising) from a thread of its own the moment a
+    SIGTERM reaches this process while :func:`caught` is active, whatever the main thread is doing:
+    Python runs a signal handler only when the main thread is back in the interpreter, so a rank
+    waiting inside a collective (C++) said nothing of its SIGTERM until that collective ended. Under
+    torchrun ``distributed.say_stopped`` is registered (once), so a peer that gets its own SIGTERM
+    meanwhile tells a stopped launcher (every rank got one) from a rank lost on its own."""
+    if callback not in _on_sigterm:
+        _on_sigterm.append(callback)
+
+
+@contextlib.contextmanager
+def _sigterm_told():
+    """While active (main thread), a thread reads the signals Python's C-level handler writes to a
+    wakeup socket (``signal.set_wakeup_fd``: written at once, even while the main thread waits in C++)
+    and calls the ``on_sigterm`` callbacks (those registered by then) at a SIGTERM. Only under a
+    launcher of several processes (WORLD_SIZE above 1: torchrun), where the CLI joins the group, and
+    registers ``say_stopped``, inside this block."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
+        yield
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    try:
+        previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        reader.close()
+        writer.close()
+        yield
+        return
+
+    def read() -> None:
+        while True:
+            try:
+                got = reader.recv(64)
+            except OSError:
+                return
+            if not got:
+                return
+            if signal.SIGTERM in got:
+                for callback in list(_on_sigterm):
+                    try:
+                        callback()
+                    except Exception:      # noqa: BLE001 - a store gone: nothing to tell
+                        pass
+
+    thread = threading.Thread(target=read, name="prunekit-sigterm", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        with contextlib.suppress(OSError):
+            writer.shutdown(socket.SHUT_RDWR)
+        writer.close()
+        thread.join(timeout=1.0)
+        reader.close()
 
 
 def _on_signal(signum, frame):
@@ -46,7 +108,7 @@ def caught():
     _pending, _received, _reason, _taken = False, signal.SIGINT, None, False
     previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with running():
+        with running(), _sigterm_told():
             yield
     finally:
         for signum, handler in previous.items():

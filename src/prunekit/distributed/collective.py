@@ -160,6 +160,7 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
     dist.init_process_group(group_backend(), timeout=timedelta(seconds=timeout_s))
     atexit.register(_leave_at_exit, dist.GroupMember.WORLD)
     watch_launcher()
+    interrupts.on_sigterm(say_stopped)       # said at once, even while this rank waits in a collective
     return True
 
 
@@ -445,6 +446,31 @@ def peers_stopped(sigterm: bool, wait_s: float = STOPPED_WAIT_S) -> bool | None:
                 time.sleep(0.05)
                 waiting = {r for r in waiting if not said(r)}
             return not waiting
+    except Exception:        # noqa: BLE001 - no store that answers
+        return None
+
+
+def silent_peers(wait_s: float = STOPPED_WAIT_S) -> list[int] | None:
+    """After this rank got a SIGTERM outside any collective (its work under way, nothing failed): the
+    other ranks that said neither that they stopped for a SIGTERM (``say_stopped``, posted the moment
+    the signal comes) nor a refusal (``print_refusal``) within ``wait_s`` seconds, rank order. torchrun
+    sends SIGTERM to every rank when its launcher is stopped, and to the ranks left when one dies: a
+    rank that never says so was lost (``kill -9``, a crash, ``os._exit``). None without a group or a
+    store that answers (or with the launcher gone)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or _launcher_lost:
+        return None
+    try:
+        store, prefix = _keys()
+        rank, ranks = dist.get_rank(), dist.get_world_size()
+        with _quiet_c10d():
+            def said(other: int) -> bool:
+                return store.check([f"{prefix}/stopped/{other}"]) or store.check([f"{prefix}/refused/{other}"])
+            waiting = {r for r in range(ranks) if r != rank and not said(r)}
+            deadline = time.monotonic() + wait_s
+            while waiting and time.monotonic() < deadline:
+                time.sleep(0.05)
+                waiting = {r for r in waiting if not said(r)}
+            return sorted(waiting)
     except Exception:        # noqa: BLE001 - no store that answers
         return None
 

@@ -1,0 +1,140 @@
+"""A rank lost under torchrun, as the ranks left are told: ``prunekit.prune`` in a script raises the command
+line's one line as a ``PrunekitError``, not torch's raw gloo error."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed_spawn import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# rank 1 dies (os._exit: a crash, the OOM killer) as it starts its gradient rows; rank 0 prints what it was told
+_SCRIPT = """
+import os, sys, datetime
+sys.path.insert(0, {tests!r})
+import torch.distributed as dist
+import prunekit
+import prunekit.distributed.gradients as gradients
+from prunekit.errors import PrunekitError
+from test_distributed_float16 import _tinier_classifier
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+model, x, y = _tinier_classifier()
+if dist.get_rank() == 1:
+    gradients.collect_gradients = lambda *args, **kwargs: os._exit(9)
+try:
+    prunekit.prune(model, (x, y), method="chita", sparsity=0.5, fisher_samples=48, fisher_kind="empirical",
+                   recalibrate_bn=False, batch_size=64, stage_eval=False, out={out!r})
+except PrunekitError as err:
+    print("PrunekitError:", err, flush=True)
+except BaseException as err:
+    print(type(err).__name__ + ":", str(err).splitlines()[0] if str(err) else "", flush=True)
+os._exit(0)
+"""
+
+
+def test_a_rank_lost_in_prunekit_prune_raises_the_command_lines_one_line_as_a_prunekit_error(tmp_path):
+    """Before, rank 0 got torch's ``RuntimeError``/``DistBackendError`` ("[.../gloo/transport/tcp/pair.cc:537]
+    Read error ...: Connection reset by peer. This is typically caused by ..."): now a ``PrunekitError`` whose
+    one line names the lost rank's trouble and how to carry on (the same call again, out= resumes), and
+    the run folder's run.log says it was interrupted, as the command line writes it."""
+    out = tmp_path / "run"
+    script = tmp_path / "lost.py"
+    script.write_text(_SCRIPT.format(tests=str(ROOT / "tests"), out=str(out)))
+    port = free_port()
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(ROOT / "src")}
+        ranks.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        said, err = ranks[0].communicate(timeout=150)
+        ranks[1].communicate(timeout=30)
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+    assert ranks[1].returncode == 9
+    lines = said.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("PrunekitError: rank 0: a rank stopped or could not be "
+                                                   "reached ("), (said, err[-2000:])
+    assert lines[0].endswith(f"prunekit.prune(..., out={str(out)!r}) carries on from the last completed stage"), lines[0]
+    assert "\n" not in lines[0] and "pair.cc" not in lines[0]
+    stops = [line for line in (out / "run.log").read_text().splitlines() if "interrupted" in line]
+    assert len(stops) == 1 and "interrupted: a rank stopped or could not be reached (" in stops[0], stops
+
+
+# `prunekit ARGS` whose rank 0 computes (sleeps in Python, in no collective) once stage 1 is saved; rank 1,
+# which has no file to write, goes on to stage 2's first collective and waits there for rank 0, or (DIE=1)
+# dies on its own (os._exit: a crash, the OOM killer) a moment after it saved stage 1
+_RANK_0_COMPUTING_AFTER_STAGE_1 = """
+import os, sys, time
+from prunekit.runs import RunCheckpointer
+from prunekit.cli import main
+save = RunCheckpointer.save
+def save_then_compute(self, state, model):
+    save(self, state, model)
+    if os.environ["RANK"] == "0":
+        open(os.environ["MARK"], "w").close()
+        time.sleep(600)
+    elif os.environ.get("DIE") == "1":
+        time.sleep(1)
+        os._exit(9)
+RunCheckpointer.save = save_then_compute
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("die", [True, False], ids=["rank-1-dies", "launcher-sigterm"])
+def test_a_rank_lost_while_rank_0_computes_is_named_and_a_stopped_launcher_is_not_taken_for_one(tmp_path, die):
+    """rank 1 dies on its own while rank 0 computes (in no collective): torchrun sends rank 0 SIGTERM, and
+    rank 0, with no failed collective to judge, said ``prunekit: interrupted (SIGTERM)`` (exit 143), run.log
+    ``interrupted (SIGTERM)``. Now it names the lost rank and how to resume (exit 1). A ``kill -TERM`` of the
+    launcher while rank 1 waits inside a collective (it cannot run a Python handler there) is still a
+    SIGTERM stop: each rank says so in the store the moment its SIGTERM comes, from a thread of its own."""
+    from test_distributed_cli import PRUNE
+    out = tmp_path / "run"
+    mark = tmp_path / "rank-0-computes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src"),
+           "MARK": str(mark), "DIE": "1" if die else "0"}
+    script = tmp_path / "computing.py"
+    script.write_text(_RANK_0_COMPUTING_AFTER_STAGE_1)
+    args = [a for a in PRUNE if a != "--json"]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script),
+                                 *args, "--out", str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not mark.exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, "stage 1 never came"
+            time.sleep(0.2)
+        if not die:
+            time.sleep(3)                       # rank 1 waits in stage 2's first collective
+            launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    lines = [line for line in err.splitlines() if line.startswith("prunekit:")]
+    stops = [line for line in (out / "run.log").read_text().splitlines() if "interrupted" in line]
+    if die:
+        assert len(lines) == 1 and lines[0].startswith("prunekit: error: rank 0: a rank stopped or could not be "
+                                                       "reached (rank 1 was lost: it stopped on its own"), err[-3000:]
+        assert lines[0].endswith(f"resume with `torchrun ... -m prunekit prune --resume {out}`"), lines[0]
+        assert len(stops) == 1 and "interrupted: a rank stopped or could not be reached (rank 1 was lost" in stops[0], \
+            stops
+    else:
+        assert lines == [f"prunekit: interrupted (SIGTERM); resume with `torchrun ... -m prunekit prune --resume "
+                         f"{out}`"], err[-3000:]
+        assert len(stops) == 1 and stops[0].endswith("interrupted (SIGTERM)"), stops
+    assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
