@@ -176,9 +176,10 @@ def test_a_run_that_reads_no_training_images_neither_loads_nor_needs_them(tmp_pa
     (["--method", "chita", "--sparsity", "0.5", "--fisher-samples", "8", "--stages", "0"], "--stages must be at least 1",
      []),
     (["--method", "falcon", "--sparsity", "0.5", "--fisher-samples", "8"], "falcon needs a --flops budget", []),
-    # checked against the traced model's MACs: after the test split the model is checked against
+    # checked against the traced model's MACs: a zoo model's example input is its own, so before the
+    # test split's scan too (session 54; it came after it)
     (["--method", "chita", "--sparsity", "0.5", "--fisher-samples", "8", "--gradual", "--start-keep", "0.1"],
-     "--start-keep 0.1 is the share kept before the first event", ["test"]),
+     "--start-keep 0.1 is the share kept before the first event", []),
 ])
 def test_a_bad_value_is_refused_before_the_training_split_is_scanned(tmp_path, capsys, scanned_splits, command,
                                                                      flags, refusal, scanned):
@@ -218,8 +219,9 @@ def test_a_bad_value_is_refused_before_a_model_files_input_shape_is_read_from_th
 
 @pytest.mark.parametrize("budget, refusal, scanned", [
     (["--sparsity", "0.5", "1.5"], "--sparsity '1.5' is out of range", []),
-    # needs the traced model (its count of weights), not the data: after the test split, before the training one
-    (["--sparsity", "0.5", "900M"], "--sparsity 900000000 weights to keep is out of range", ["test"]),
+    # needs the traced model (its count of weights), not the data: a zoo model's before either split (session 54)
+    (["--sparsity", "0.5", "900M"], "--sparsity 900000000 weights to keep is out of range", []),
+    (["--sparsity", "900M"], "--sparsity 900000000 weights to keep is out of range", []),      # one run: its plan's
 ])
 def test_a_later_run_of_a_sweep_is_checked_before_the_first_reads_its_data(tmp_path, capsys, scanned_splits,
                                                                            budget, refusal, scanned):
@@ -236,18 +238,42 @@ def test_a_later_run_of_a_sweep_is_checked_before_the_first_reads_its_data(tmp_p
     assert not (tmp_path / "sweep").exists()
 
 
-def test_prune_refuses_a_budget_past_the_model_before_the_training_split_is_scanned(tmp_path, capsys,
-                                                                                     scanned_splits):
-    """A budget that needs the traced model to refuse (more weights kept than it has) is refused
-    after the test split's scan (the model is checked against its images first) and before the
-    training split's."""
+@pytest.mark.parametrize("flags, refusal", [
+    (["--method", "chita", "--sparsity", "900M", "--fisher-samples", "8"], "900000000 weights to keep is out of range"),
+    (["--method", "taper", "--flops", "900M"], "--flops 900000000 MACs is infeasible"),    # a channel method's
+])
+def test_prune_refuses_a_budget_past_the_model_before_either_split_is_scanned(tmp_path, capsys, scanned_splits,
+                                                                              flags, refusal):
+    """A budget that needs the traced model to refuse (more weights or MACs kept than it has) was
+    refused after the test split's scan (every image header: minutes on a huge folder); a zoo
+    model's example input is its own, so it is refused before either split is scanned (session 54)."""
     write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
     write_tree(tmp_path / "imgs" / "train", {"a": 5, "b": 5})
     code = main(["prune", "--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / "imgs"),
-                 "--method", "chita", "--sparsity", "900M", "--fisher-samples", "8"])
+                 *flags, "--out", str(tmp_path / "run")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+    assert code == 2 and len(errors) == 1 and refusal in errors[0], errors
+    assert scanned_splits == [], scanned_splits
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "sweep"])
+def test_a_model_files_budget_past_it_is_refused_after_its_test_split_as_before(tmp_path, capsys, scanned_splits,
+                                                                                 command):
+    """A model file's input shape is its evaluation images' (and its forward is checked on them before
+    the trace): its traced checks stay after the test split's scan, before the training split's."""
+    write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
+    write_tree(tmp_path / "imgs" / "train", {"a": 5, "b": 5})
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef small():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), "
+                                     "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n")
+    budget = ["--sparsity", "0.5", "900M"] if command == "sweep" else ["--sparsity", "900M"]
+    code = main([command, "--model", f"{tmp_path}/net.py:small", "--normalize", "0.5,0.5,0.5/0.5,0.5,0.5", "--data",
+                 "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--method", "chita", "--fisher-samples", "8",
+                 *budget, "--out", str(tmp_path / "run")])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
     assert code == 2 and len(errors) == 1 and "900000000 weights to keep is out of range" in errors[0], errors
     assert scanned_splits == ["test"], scanned_splits
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flags, refusal", [
@@ -281,6 +307,124 @@ def test_train_refuses_a_bad_flag_before_scanning_the_image_folder(tmp_path, cap
     assert code == 2 and len(errors) == 1 and refusal in errors[0], errors
     assert scanned_splits == [], scanned_splits
     assert not (tmp_path / "run").exists()
+
+
+def _train_refusal(tmp_path, capsys, flags, mode="RGB"):
+    """``prunekit train`` on a folder of 2 classes (train/: 3 images each, test/: 2) in ``mode``:
+    its exit code and its error lines."""
+    write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2}, mode=mode)
+    write_tree(tmp_path / "imgs" / "train", {"a": 3, "b": 3}, mode=mode)
+    code = main(["train", "--data", "imagefolder", "--data-dir", "imgs", "--batch-size", "2", *flags, "--epochs", "1",
+                 "--out", "run"])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_train_refuses_a_checkpoint_that_does_not_fit_before_scanning_the_image_folder(tmp_path, capsys, monkeypatch,
+                                                                                        scanned_splits, mode):
+    """A --checkpoint that loads but does not fit the zoo model built for the folder (its weights
+    of another class count; a prunekit file of another zoo model) was refused once both splits were
+    scanned (every image header: minutes on a huge folder); now before either, in the same words
+    (the model built on the meta device with the listing's class count, the channels from the first
+    image headers; where they are all grayscale, a refusal that is the same for 1 and 3 channels)."""
+    from prunekit.loading import load_model
+    from prunekit.saving import save_model
+    from prunekit.zoo import build
+    monkeypatch.chdir(tmp_path)
+    if mode == "RGB":
+        torch.save(build("resnet20", num_classes=5).state_dict(), "five.pth")
+        checkpoint, said = "five.pth", "does not fit model 'resnet20'"
+    else:
+        save_model(build("resnet32", num_classes=2, in_channels=1), "r32.safetensors",
+                   {"model": "resnet32", "build_kwargs": {"num_classes": 2, "in_channels": 1},
+                    "input_shape": [1, 32, 32], "normalization": {"mean": [0.5], "std": [0.5]}})
+        checkpoint, said = "r32.safetensors", "holds a 'resnet32' model, not 'resnet20'"
+    with pytest.raises(Exception) as expected:      # what load_model says once the data is known
+        load_model("resnet20", checkpoint, num_classes=2, in_channels=1 if mode == "L" else 3)
+    code, errors = _train_refusal(tmp_path, capsys, ["--model", "resnet20", "--checkpoint", checkpoint], mode)
+    assert code == 2 and errors == [f"prunekit: error: {expected.value}"], (errors, expected.value)
+    assert said in errors[0], errors
+    assert scanned_splits == [], scanned_splits
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_leaves_a_misfit_that_depends_on_grayscale_images_to_the_scan(tmp_path, capsys, monkeypatch,
+                                                                              scanned_splits):
+    """Grayscale images at the head of the folder do not say its channels (one colour image later
+    makes them 3), and a plain checkpoint's misfit names other shapes for 1 and 3: that refusal
+    comes after the scan, as before, with the scan's channel count."""
+    from prunekit.zoo import build
+    monkeypatch.chdir(tmp_path)
+    torch.save(build("resnet20", num_classes=5).state_dict(), "five.pth")
+    code, errors = _train_refusal(tmp_path, capsys, ["--model", "resnet20", "--checkpoint", "five.pth"], "L")
+    assert code == 2 and len(errors) == 1 and "3 shape mismatches" in errors[0], errors    # conv1 (1 channel) too
+    assert scanned_splits == ["train", "test"], scanned_splits
+
+
+@pytest.mark.parametrize("source, refusal", [
+    ("from torch import nn\n\n\ndef other():\n    return nn.Linear(2, 2)\n",
+     "net.py defines no function 'build'; it defines other"),
+    ("raise ValueError('no model here')\n", "importing net.py failed: ValueError: no model here (net.py line 1)"),
+    ("def build(width):\n    pass\n", "net.py:build needs arguments (width)"),
+])
+def test_train_refuses_a_model_file_without_its_function_before_scanning_the_image_folder(
+        tmp_path, capsys, monkeypatch, scanned_splits, source, refusal):
+    """A model file that does not define the function --model names (or does not import, or whose
+    function needs arguments) was refused when the model was built, after both splits' scans; it is
+    imported before them now (once: the build takes that module). One line, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text(source)
+    code, errors = _train_refusal(tmp_path, capsys, ["--model", "net.py:build", "--normalize", "none"])
+    assert code == 2 and len(errors) == 1 and refusal in errors[0], errors
+    assert scanned_splits == [], scanned_splits
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_imports_a_model_file_once_and_builds_it_after_the_scan(tmp_path, capsys, monkeypatch, scanned_splits):
+    """The import before the scan is the one the model is built from: the file runs once per call
+    (a second call imports it afresh, an edit seen); its function is called once, after the scan."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text(
+        "from pathlib import Path\nfrom torch import nn\n\nwith open('imports.txt', 'a') as f:\n    f.write('i')\n\n\n"
+        "def build():\n    with open('imports.txt', 'a') as f:\n        f.write('b')\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2))\n")
+    code, errors = _train_refusal(tmp_path, capsys, ["--model", "net.py:build", "--normalize", "none"])
+    assert code == 0 and errors == [], errors
+    assert (tmp_path / "imports.txt").read_text() == "ib" and scanned_splits == ["train", "test"]
+    code = main(["train", "--model", "net.py:build", "--normalize", "none", "--data", "imagefolder", "--data-dir",
+                 "imgs", "--batch-size", "2", "--epochs", "1", "--json"])
+    assert code == 0 and (tmp_path / "imports.txt").read_text() == "ibib"
+
+
+def test_a_sweep_traces_its_model_once_for_every_run(tmp_path, capsys, monkeypatch):
+    """A sweep of 3 runs traced its model 9 times (each run's checks, each run's plan before the
+    first run, each run's own plan): traced once now, every plan taking a copy of that trace; its
+    runs' results are those of prune runs with the same flags (each tracing its own model)."""
+    from prunekit import request
+    traced = []
+
+    class Traced(request.CostModel):
+        def __init__(self, *args, **kwargs):
+            traced.append(True)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(request, "CostModel", Traced)
+    write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2})
+    flags = ["--model", "resnet20", "--data", "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--method",
+             "magnitude", "--no-bn-recalibration", "--json"]
+    code = main(["sweep", *flags, "--sparsity", "0.3", "0.5", "0.7", "--out", str(tmp_path / "sweep")])
+    out = capsys.readouterr().out
+    assert code == 0 and len(traced) == 1, len(traced)
+    swept = {run["sparsity"]: run for run in json.loads(out)["runs"]}
+    for share in ("0.3", "0.7"):
+        traced.clear()
+        assert main(["prune", *flags, "--sparsity", share, "--out", str(tmp_path / f"prune{share}")]) == 0
+        alone = json.loads(capsys.readouterr().out)
+        assert len(traced) == 1
+        assert swept[alone["sparsity"]]["flops_kept"] == alone["flops_kept"]
+        name = "magnitude_sparsity-" + share
+        assert ((tmp_path / "sweep" / name / "model.safetensors").read_bytes()
+                == (tmp_path / f"prune{share}" / "model.safetensors").read_bytes())
 
 
 @pytest.mark.parametrize("command", ["prune", "sweep"])

@@ -81,15 +81,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
     if user_models.is_model_file(name):
         return _load_model_file(name, checkpoint, input_shape, normalization)
     spec = check_zoo_model(name, normalization)
-    meta = read_meta(checkpoint) if checkpoint is not None else {}
-    if meta.get("custom") and meta.get("model") == type(zoo.build(name)).__name__:
-        meta = {k: v for k, v in meta.items() if k != "model"}     # a zoo model pruned from Python, named again
-    if meta.get("model") not in (None, name):
-        raise PrunekitError(python_saved_refusal(checkpoint, meta) if meta.get("custom") else
-                            f"{checkpoint} holds a {meta['model']!r} model, not {name!r}: load it as --model {meta['model']}")
-    build_kwargs = meta.get("build_kwargs") or {k: v for k, v in
-                                                (("num_classes", num_classes), ("in_channels", in_channels))
-                                                if v is not None}
+    meta, build_kwargs = _zoo_build_args(name, checkpoint, num_classes, in_channels)
     model = zoo.build(name, **build_kwargs)
     # built with the sidecar's own build arguments: as pruned, whatever its layout records
     _load_weights(model, checkpoint, meta, built_as_saved="build_kwargs" in meta)
@@ -105,6 +97,40 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: 
         input_shape = tuple(meta["input_shape"])
     return LoadedModel(model.eval(), name, build_kwargs, norm, input_shape, list(spec.prune_exclude),
                        meta.get("image_transform"), class_names=meta.get("class_names"))
+
+
+def _zoo_build_args(name: str, checkpoint, num_classes: int | None, in_channels: int | None) -> tuple[dict, dict]:
+    """``checkpoint``'s sidecar (``read_meta``; {} without one) and the build arguments of zoo model
+    ``name`` for it: the sidecar's own, else ``num_classes`` / ``in_channels`` as given; refusing a
+    sidecar that names another model."""
+    meta = read_meta(checkpoint) if checkpoint is not None else {}
+    if meta.get("custom") and meta.get("model") == type(zoo.build(name)).__name__:
+        meta = {k: v for k, v in meta.items() if k != "model"}     # a zoo model pruned from Python, named again
+    if meta.get("model") not in (None, name):
+        raise PrunekitError(python_saved_refusal(checkpoint, meta) if meta.get("custom") else
+                            f"{checkpoint} holds a {meta['model']!r} model, not {name!r}: load it as --model {meta['model']}")
+    build_kwargs = meta.get("build_kwargs") or {k: v for k, v in
+                                                (("num_classes", num_classes), ("in_channels", in_channels))
+                                                if v is not None}
+    return meta, build_kwargs
+
+
+def check_checkpoint_fits(name: str, checkpoint: str | Path, *, num_classes: int | None = None,
+                          in_channels: int | None = None) -> None:
+    """Refuse ``checkpoint`` for zoo model ``name`` as ``load_model(name, checkpoint, num_classes=,
+    in_channels=)`` would (a sidecar naming another model; weights that do not fit the model built
+    with the sidecar's build arguments, else ``num_classes`` classes and ``in_channels`` input
+    channels: other shapes, missing or unexpected keys), in the same words, loading nothing: the
+    model is built on the meta device (no memory, no draw from torch's random generator) and the
+    checkpoint's state dict compared with it (``read_ahead``'s, kept for ``load_model``). ``prunekit
+    train`` checks so before an image folder's scan. A sidecar recording a channel layout is left to
+    ``load_model`` (the layout resizes the built layers before the weights load)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        meta, build_kwargs = _zoo_build_args(name, checkpoint, num_classes, in_channels)
+        if "channel_layout" in meta:
+            return
+        model = zoo.build(name, **build_kwargs)
+    zoo.checkpoints.check_fits_checkpoint(model, checkpoint)
 
 
 def check_zoo_model(name: str, normalization=None):

@@ -9,6 +9,7 @@ the parameter, raised before any expensive work.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import warnings
@@ -57,6 +58,10 @@ class PruneRequest:
     check_plan: a check of the finished plan (e.g. its gradient rows against the data), run by
         ``plan()`` before it gives its warnings (layers the trace never ran, groups left dense),
         so that a refusal comes alone.
+    costs: the cost model's trace of ``model`` on ``example_input`` made before, or of a model equal
+        to it (``copy.deepcopy`` of it: a sweep's runs over one model) on an example of the same shape:
+        ``plan()`` takes a copy of it rather than tracing again (a sweep traced each of its runs three
+        times). None: ``plan()`` traces the model and keeps that trace here (its plan's ``costs``).
     """
 
     model: nn.Module
@@ -74,6 +79,7 @@ class PruneRequest:
     data_to_load: int | Callable[[], int] = 0
     data_samples: int | None = None
     check_plan: Callable[["Plan"], None] | None = None
+    costs: CostModel | None = None
 
     def resolved_options(self) -> tuple[Method, dict, "Options", GradualOptions | None]:
         """The method's row, its options as given, its options checked with its defaults filled in,
@@ -148,10 +154,13 @@ class PruneRequest:
     def plan(self) -> "Plan":
         method, method_options, options, gradual, budget = self.check_values()
         check_finite_weights(self.model)
-        try:
-            costs = CostModel(self.model, self.example_input)
-        except AmbiguousBatchError as error:        # prune has no batched= to pass
-            raise error.for_prune() from None
+        if self.costs is None:
+            try:
+                costs = self.costs = CostModel(self.model, self.example_input)     # kept: a sweep's next runs'
+            except AmbiguousBatchError as error:        # prune has no batched= to pass
+                raise error.for_prune() from None
+        else:
+            costs = copy.deepcopy(self.costs)       # the plan's own (a copy: one run may not change another's)
         channels = None
         if method.family == "channels":
             space = ParamSpace(self.model, include=self.include, exclude=self.exclude, costs=costs)

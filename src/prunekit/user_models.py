@@ -9,6 +9,7 @@ is the user's own file named on the command line, never a path read from a check
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -64,20 +65,73 @@ def check_file(name: str) -> tuple[Path, str]:
     return path, function
 
 
-def build_model(name: str) -> nn.Module:
-    """Import the file of ``name`` (``net.py:function``) and return ``function()``, in eval mode."""
+# Model files imported within ``importing_once`` (one command call): {(resolved path, size, mtime): module},
+# so that a file checked before the data is read (``check_function``) is not run a second time to build
+# its model; None outside that scope (each build imports the file afresh: a notebook sees its edits)
+_IMPORTED: dict[tuple, object] | None = None
+
+
+@contextlib.contextmanager
+def importing_once():
+    """The scope (one command call) in which a model file is imported once: ``check_function``
+    imports it before the data is read and ``build_model`` takes that module (the same unchanged
+    file) rather than running the file again. Dropped on the way out, however the call ends."""
+    global _IMPORTED
+    outer = _IMPORTED
+    _IMPORTED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _IMPORTED = outer
+
+
+def _module(path: Path):
+    """``_import(path)``, or the module imported already from the same unchanged file in this
+    ``importing_once`` scope."""
+    if _IMPORTED is None:
+        return _import(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _IMPORTED:
+        _IMPORTED[key] = _import(path)
+    return _IMPORTED[key]
+
+
+def _factory(path: Path, function: str, name: str):
+    """The function ``function`` of model file ``path`` (imported: ``sys.path`` holds its folder),
+    refusing a file that does not define it or whose function needs arguments."""
+    module = _module(path)
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        found = sorted(n for n, v in vars(module).items()
+                       if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+        raise PrunekitError(f"{path} defines no function {function!r}"
+                            + (f"; it defines {', '.join(found)}" if found else ""))
+    _check_takes_no_arguments(factory, name)
+    return factory
+
+
+def check_function(name: str) -> None:
+    """Refuse a model file ``name`` (``net.py:function``) that does not exist, fails to import, does
+    not define its function or whose function needs arguments, without calling the function: the
+    file is imported (run, as ``build_model`` runs it), within ``importing_once`` once for the call."""
     path, function = check_file(name)
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)
     try:
-        module = _import(path)
-        factory = getattr(module, function, None)
-        if not callable(factory):
-            found = sorted(n for n, v in vars(module).items()
-                           if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
-            raise PrunekitError(f"{path} defines no function {function!r}"
-                                + (f"; it defines {', '.join(found)}" if found else ""))
-        _check_takes_no_arguments(factory, name)
+        _factory(path, function, name)
+    finally:
+        sys.path.remove(folder)
+
+
+def build_model(name: str) -> nn.Module:
+    """Import the file of ``name`` (``net.py:function``) and return ``function()``, in eval mode
+    (within ``importing_once``, the module ``check_function`` imported is taken)."""
+    path, function = check_file(name)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        factory = _factory(path, function, name)
         try:
             model = factory()
         except Exception as error:  # the user's code: one line that says where, not a traceback

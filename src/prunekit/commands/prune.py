@@ -57,10 +57,11 @@ def taken_options(method: str, gradual: bool) -> set[str]:
 
 
 def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dict | None = None,
-               data_to_load: int = 0) -> PruneRequest:
+               data_to_load: int = 0, costs=None) -> PruneRequest:
     """The request of ``args`` (with ``method`` and ``budget``: one run of a sweep, which gives
     each method only the options it takes); ``data_to_load``: bytes of data scanned but not yet
-    decoded that the run will hold (``common.bytes_to_load``), which its memory plan counts."""
+    decoded that the run will hold (``common.bytes_to_load``), which its memory plan counts;
+    ``costs``: the model's trace made before (``PruneRequest.costs``: a sweep's, once for its runs)."""
     row = lookup(method or args.method)
     weights = row.family == "weights" or row.sparsify is not None       # the hybrid's FALCON phase too
     exclude = loaded.prune_exclude if args.exclude is None and weights else args.exclude
@@ -71,7 +72,7 @@ def request_of(args, loaded: LoadedModel, method: str | None = None, budget: dic
         options = {k: v for k, v in options.items() if k in taken}
     return PruneRequest(loaded.model, loaded.example_input(), row.name, budget, args.include, exclude, args.seed,
                         bool(args.gradual), not args.no_bn_recalibration, options, loaded.name,
-                        data_to_load=data_to_load)
+                        data_to_load=data_to_load, costs=costs)
 
 
 def check_request_values(args, method: str | None = None, budget: dict | None = None) -> None:
@@ -117,9 +118,14 @@ def cmd_prune(args) -> int:
     loaded = loaded_model(args)
     if args.onnx:
         check_onnx(loaded)
-    eval_loader = eval_data(args, loaded)
-    train_batches = training_batches(args, loaded, eval_loader)
-    plan = plan_of(args, loaded, eval_loader, train_batches)    # counts the images still to decode, checks the rows
+    if traced_before_the_scan(args):    # a zoo model's budget against its weights before the folder's scan
+        data = data_on_demand(args, loaded)
+        plan = plan_of(args, loaded, None, None, data=data)
+        eval_loader, train_batches = data()
+    else:
+        eval_loader = eval_data(args, loaded)
+        train_batches = training_batches(args, loaded, eval_loader)
+        plan = plan_of(args, loaded, eval_loader, train_batches)    # counts the images still to decode, checks the rows
     warn_if_random_weights(args)
     finished = bool(args.out) and not args.force and runs.RunFolder(args.out).read_metrics().get("status") == "done"
     record = prune_into(args, plan, loaded, eval_loader, train_batches)
@@ -334,8 +340,32 @@ def training_use(request: PruneRequest) -> str | None:
     return _training_use(method.name, options, gradual is not None, request.recalibrate_bn, request.model)
 
 
+def traced_before_the_scan(args) -> bool:
+    """Whether the request's checks on the traced model (its budget against the model's weights and
+    MACs, a channel method's groups, the gradual mode's start) come before the evaluation split is
+    read (``data_on_demand``): a zoo model on an image folder, whose scan reads every image's header
+    (minutes on a huge folder) while the model's example input is its own. A model file's input shape
+    is the evaluation images' (read already, and its forward checked on them first); other data sets
+    are read in moments."""
+    return getattr(args, "data", None) == "imagefolder" and not user_models.is_model_file(args.model)
+
+
+def data_on_demand(args, loaded: LoadedModel):
+    """A function giving ``(eval_loader, train_batches)`` (``eval_data``, ``training_batches``),
+    made on its first call only: ``plan_of(..., data=)`` calls it once the request's checks that
+    need no data have passed."""
+    made = []
+
+    def data():
+        if not made:
+            eval_loader = eval_data(args, loaded)
+            made.append((eval_loader, training_batches(args, loaded, eval_loader)))
+        return made[0]
+    return data
+
+
 def plan_of(args, loaded: LoadedModel, eval_loader, train_batches, method: str | None = None,
-            budget: dict | None = None):
+            budget: dict | None = None, data=None, traced: dict | None = None):
     """``request_of(args, loaded, method, budget).plan()``, its memory plan made before any image is
     decoded and counting the image-folder pixels still to decode that the run will hold: the
     evaluation split's, and the training split's only where the run reads it (``training_use``: a
@@ -346,12 +376,20 @@ def plan_of(args, loaded: LoadedModel, eval_loader, train_batches, method: str |
     train/ folder) only once the request's options, budget and the method's own checks have passed
     (``PruneRequest.data_to_load`` as a function, which ``plan()`` calls after them), then the gradient
     rows asked for are checked against it (``_check_rows_fit_the_data``), then the memory plan, then
-    the planned run's rows (``PruneRequest.check_plan``), all before the plan's warnings."""
-    request = request_of(args, loaded, method, budget)
+    the planned run's rows (``PruneRequest.check_plan``), all before the plan's warnings.
+
+    ``data``: a ``data_on_demand`` function in place of ``eval_loader`` and ``train_batches`` (None
+    then): called with the data's checks, after the checks on the traced model, so that the
+    evaluation split too is scanned only once they pass. ``traced``: a sweep's ``{"costs": CostModel}``
+    (empty before its first plan, which fills it): the model's one trace, taken by every run's plan."""
+    request = request_of(args, loaded, method, budget, costs=(traced or {}).get("costs"))
     use = training_use(request)
     counted = []
 
     def data_to_load() -> int:
+        nonlocal eval_loader, train_batches
+        if data is not None and not counted:
+            eval_loader, train_batches = data()
         if not counted:
             if use == "batchnorm":
                 _check_training_split_for_batchnorm(request.method, train_batches)
@@ -366,6 +404,8 @@ def plan_of(args, loaded: LoadedModel, eval_loader, train_batches, method: str |
     # choose), checked inside plan() before its warnings: a refusal comes alone
     request.check_plan = lambda plan: _check_rows_fit_the_data(args, train_batches, method, plan=plan)
     plan = request.plan()
+    if traced is not None:
+        traced.setdefault("costs", request.costs)
     data_to_load()          # a method without a memory plan: the same checks, after the plan's
     return plan
 

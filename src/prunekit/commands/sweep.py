@@ -14,11 +14,10 @@ from ..api_checks import check_out
 from ..budget import budget_text
 from ..errors import PrunekitError
 from ..options import OptionError
-from .common import (check_out_not_input, emit, eval_data, loaded_model, resolve_model, training_batches,
-                     warn_if_random_weights, write_report)
+from .common import check_out_not_input, emit, loaded_model, resolve_model, warn_if_random_weights, write_report
 from . import option_flags
-from .prune import (add_prune_args, check_request_values, method_options, plan_of, prune_into, request_of,
-                    run_config, taken_options)
+from .prune import (add_prune_args, check_request_values, data_on_demand, method_options, plan_of, prune_into,
+                    request_of, run_config, taken_options, traced_before_the_scan)
 
 
 def sweep_plan(args) -> list[tuple[str, dict]]:
@@ -130,15 +129,22 @@ def cmd_sweep(args) -> int:
     for method, budget in plan:           # every run's bad method, option or budget value before the model is
         check_request_values(args, method, budget)          # loaded and any image read
     dense_model = loaded_model(args)
-    eval_loader = eval_data(args, dense_model)
-    train_batches = training_batches(args, dense_model, eval_loader)
+    data = data_on_demand(args, dense_model)
+    if not traced_before_the_scan(args):  # a model file's evaluation split first (read already: its input shape)
+        data()
     # every run's checks on the traced model (its budget against the model's weights and MACs) before
-    # any run reads the training split (the first run's plan_of scans it); one run: its plan_of's own
+    # any run reads the training split (the first run's plan_of scans it), and a zoo model's before an
+    # image folder's evaluation split is scanned too; one run: its plan_of's own
+    traced = {}                           # the model traced once, its trace taken by every run's plan
     for method, budget in plan if len(plan) > 1 else []:
-        request_of(args, dense_model, method, budget).check()
+        request = request_of(args, dense_model, method, budget, costs=traced.get("costs"))
+        request.check()
+        if request.costs is not None:
+            traced.setdefault("costs", request.costs)
     for method, budget in plan:           # refuse a bad data size before the first run: prune's own checks,
         # in its order, for every run (plan_of checks the rows against the data)
-        plan_of(args, dense_model, eval_loader, train_batches, method, budget)
+        plan_of(args, dense_model, None, None, method, budget, data=data, traced=traced)
+    eval_loader, train_batches = data()
     try:
         for method, budget in plan:       # a run folder of another sweep is refused before the first run
             check_run_folder(run_args_of(args, method, budget))
@@ -150,7 +156,7 @@ def cmd_sweep(args) -> int:
         if distributed.is_main_process():
             # a sweep's folder from its first run on, killed or not, with the run folders it plans
             report.mark_report_folder(args.out, [Path(run).name for run in planned])
-        table = run_sweep(args, plan, dense_model, eval_loader, train_batches)
+        table = run_sweep(args, plan, dense_model, eval_loader, train_batches, traced)
     written = report.comparison_report_path(args.out)
     emit(args, {"runs": table, "report": str(written)}, report.table_lines(table) + [_report_line(written)])
     return 0
@@ -196,9 +202,11 @@ def _other_finished_runs(out: Path, folders: list[Path]) -> list[Path]:
     return found
 
 
-def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, train_batches) -> list[dict]:
+def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, train_batches,
+              traced: dict | None = None) -> list[dict]:
     """Run every method and budget of ``plan`` into its folder, then write the sweep's report;
-    returns the report's table."""
+    returns the report's table. ``traced``: ``{"costs": CostModel}``, ``dense_model``'s trace, which
+    each run's model (a copy of it) is planned with rather than traced again."""
     folders, dense = [], None
     for i, (method, budget) in enumerate(plan, start=1):
         interrupts.check()               # a Ctrl-C the last run's cleanup swallowed stops the sweep here
@@ -208,8 +216,8 @@ def run_sweep(args, plan: list[tuple[str, dict]], dense_model, eval_loader, trai
             print(f"[{i}/{len(plan)}] {method}, {budget_text(budget)} -> {run_args.out}"
                   + (" (finished before: its result again)" if finished else ""), file=sys.stderr)
         loaded = copy.deepcopy(dense_model)
-        prune_into(run_args, plan_of(run_args, loaded, eval_loader, train_batches, method, budget), loaded,
-                   eval_loader, train_batches, dense)
+        prune_into(run_args, plan_of(run_args, loaded, eval_loader, train_batches, method, budget, traced=traced),
+                   loaded, eval_loader, train_batches, dense)
         dense = dense or runs.RunFolder(run_args.out).read_metrics().get("dense")
         folders.append(Path(run_args.out))
     if not distributed.is_main_process():     # under torchrun, rank 0 alone reads the runs back and reports

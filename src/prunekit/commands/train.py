@@ -22,9 +22,9 @@ from ..distributed import is_main_process
 from ..errors import PrunekitError, PrunekitWarning
 from ..data import load_dataset, make_loader
 from ..data.dataset import DeferredImageDataset
-from ..data.imagefolder import count_images, fingerprint_change, folder_fingerprint
-from ..loading import (check_fits, check_normalized, check_zoo_model, load_model, parse_normalization,
-                       recorded_classes)
+from ..data.imagefolder import count_images, fingerprint_change, folder_fingerprint, peek_classes_and_channels
+from ..loading import (check_checkpoint_fits, check_fits, check_normalized, check_zoo_model, load_model,
+                       parse_normalization, recorded_classes)
 from ..masks import NOTABLE_LAYER_SHARE, PRUNED_LAYER_SHARE, MaskHold, exact_zeros, masks_from_weights
 from ..params import ParamSpace
 from ..saving import read_meta, sidecar_path
@@ -42,7 +42,8 @@ from ..errors import warn as warn_ours
 
 
 def cmd_train(args) -> int:
-    with reading_ahead():               # the checkpoint read before the data: kept for this call only
+    # the checkpoint read, and a model file imported, before the data: kept for this call only
+    with reading_ahead(), user_models.importing_once():
         return _cmd_train(args)
 
 
@@ -58,6 +59,7 @@ def _cmd_train(args) -> int:
         given = result_again(args)
         if given is not None:
             return given
+    check_model_before_the_data(args)
     classes = recorded_classes(args.checkpoint)     # a prunekit model's own: an image folder is labelled by them
     train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop,
                             limit=args.train_samples, seed=args.seed, classes=classes, defer=True)
@@ -743,6 +745,40 @@ def check_before_the_data(args) -> None:
         images = found if found is None or args.train_samples is None else min(found, args.train_samples)
         if images is not None and args.batch_size > images:     # as the loader finds it (whole batches only)
             raise batch_size_refusal(args, images)
+
+
+def check_model_before_the_data(args) -> None:
+    """The model's refusals that need no image header, made before an image folder's scan (every
+    image's header: minutes on a huge folder) once the run is known unfinished (a finished run gives
+    its result back without building the model): a model file that does not import or defines no
+    such function (imported now, once for the call: ``user_models.importing_once``; the function is
+    called once the data says the input shape), and a zoo model's --checkpoint that does not fit it
+    (``loading.check_checkpoint_fits``: built on the meta device with the class count of the folder's
+    listing and its images' channels, known from the first image headers where one is in colour; with
+    only grayscale ones there, refused where neither 1 nor 3 channels fit, alike). Each in the words
+    ``load_model`` uses after the scan."""
+    if args.model is None:
+        return
+    if user_models.is_model_file(args.model):
+        user_models.check_function(args.model)
+        return
+    if not args.checkpoint or args.data != "imagefolder" or not args.data_dir:
+        return          # (other data sets are read in moments: load_model refuses after them)
+    found = peek_classes_and_channels(args.data_dir, "train", recorded_classes(args.checkpoint),
+                                      limit=args.train_samples, seed=args.seed)
+    if found is None:
+        return          # the scan refuses the folder, in its own words
+    classes, channels = found
+    refusals = {}
+    for tried in [channels] if channels is not None else [1, 3]:
+        try:
+            check_checkpoint_fits(args.model, args.checkpoint, num_classes=classes, in_channels=tried)
+        except PrunekitError as refusal:
+            refusals.setdefault(str(refusal), refusal)
+        else:
+            return      # it fits (with one of the channel counts: the scan says which)
+    if len(refusals) == 1:      # the same line whatever the images' channels
+        raise next(iter(refusals.values()))
 
 
 def batch_size_refusal(args, images: int) -> PrunekitError:

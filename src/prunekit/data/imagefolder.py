@@ -341,6 +341,41 @@ def count_images(data_dir: str | Path, split: str, classes: list[str] | tuple[st
     return count
 
 
+def peek_classes_and_channels(data_dir: str | Path, split: str, classes: list[str] | tuple[str, ...] | None = None,
+                              limit: int | None = None, seed: int | None = None,
+                              headers: int = 8) -> tuple[int, int | None] | None:
+    """What ``scan_image_folder(data_dir, split, limit=limit, seed=seed, classes=classes)`` will say
+    of the model the images go into, from the file listing and at most ``headers`` image headers:
+    ``(number of classes, channels)``, channels 3 (RGB) where one of the first ``headers`` images the
+    scan keeps is not grayscale (one such image makes the scan's mode RGB), None where they all are
+    (1 only if every image is: the scan reads them all to tell). None where the scan would refuse the
+    folder before reading a header (``count_images``' cases) or the listing fails. Says nothing (a
+    folder without train/ and test/ is warned of by the scan)."""
+    data_dir = Path(data_dir).expanduser()
+    try:
+        if not data_dir.is_dir():
+            return None
+        root = _split_root(data_dir, split, warn=False)
+        class_dirs = _subfolders(root)
+        if not class_dirs:
+            return None
+        names = _class_names(data_dir, root, class_dirs) if classes is None else _known_names(root, class_dirs, classes)
+        paths = (path for class_dir in class_dirs for path in _walk_images(class_dir))
+        if limit is not None:           # the scan keeps a seeded subset when limit is below the count
+            listed = list(paths)
+            kept = listed if limit >= len(listed) else [listed[i] for i in subset_indices(len(listed), limit, seed)]
+            paths = iter(kept)
+        channels = None
+        for _, path in zip(range(headers), paths):
+            with Image.open(path) as image:
+                if image.mode not in _GRAYSCALE_MODES:
+                    channels = 3
+                    break
+    except (PrunekitError, OSError):    # (PIL's UnidentifiedImageError is an OSError): the scan's to say
+        return None
+    return len(names), channels
+
+
 def _check_sizes(resize, crop) -> None:
     for name, value in (("resize", resize), ("crop", crop)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

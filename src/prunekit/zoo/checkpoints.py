@@ -220,6 +220,32 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     which zoo model the checkpoint was made for. The model is left unchanged on error.
     """
     state = _without_wrapper_prefix(read_state_dict(path), model.state_dict())
+    refusal = misfit(model, state, path)
+    if refusal is not None:
+        raise PrunekitError(refusal)
+    own = model.state_dict()
+    kept = {k: v for k, v in own.items() if k not in state}  # tolerated num_batches_tracked
+    model.load_state_dict({**state, **kept}, strict=True)
+
+
+def check_fits_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Refuse checkpoint ``path`` as ``load_checkpoint(model, path)`` would, loading nothing: ``model``
+    may be built on the meta device (its names, shapes and dtypes are what is compared). The state
+    dict ``read_ahead`` keeps is looked at, not taken (``load_checkpoint`` takes it)."""
+    try:
+        ahead = _READ_AHEAD.get(_file_key(Path(path))) if _READ_AHEAD else None
+    except OSError:
+        ahead = None
+    state = ahead if ahead is not None else read_state_dict(path)     # (the refusal names path as given)
+    refusal = misfit(model, _without_wrapper_prefix(state, model.state_dict()), path)
+    if refusal is not None:
+        raise PrunekitError(refusal)
+
+
+def misfit(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> str | None:
+    """The line refusing state dict ``state`` (checkpoint ``path``'s, its wrapper prefix removed) for
+    ``model``: a layer pruned with torch.nn.utils.prune, missing / unexpected keys or other shapes
+    (``_misfit_message``), integer weights for a float model; None where it loads."""
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith(_TOLERATED_MISSING)]
     unexpected = [k for k in state if k not in own]
@@ -228,19 +254,18 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
               if k.endswith("_orig") and k[:-len("_orig")] + "_mask" in state and k[:-len("_orig")] in missing]
     if masked:              # torch.nn.utils.prune's state dict: weight_orig and weight_mask, no weight
         module, _, local = masked[0].rpartition(".")
-        raise PrunekitError(f"checkpoint {path} holds '{masked[0]}_orig' and '{masked[0]}_mask' in place of "
-                            f"'{masked[0]}' (a layer pruned with torch.nn.utils.prune): call "
-                            f"torch.nn.utils.prune.remove(model.{module or '<module>'}, {local!r}) on each such "
-                            "layer before saving its state_dict, then load that file")
+        return (f"checkpoint {path} holds '{masked[0]}_orig' and '{masked[0]}_mask' in place of "
+                f"'{masked[0]}' (a layer pruned with torch.nn.utils.prune): call "
+                f"torch.nn.utils.prune.remove(model.{module or '<module>'}, {local!r}) on each such "
+                "layer before saving its state_dict, then load that file")
     if missing or unexpected or mismatched:
-        raise PrunekitError(_misfit_message(model, state, path, missing, unexpected, mismatched))
+        return _misfit_message(model, state, path, missing, unexpected, mismatched)
     lossy = next((k for k in state if k in own and own[k].is_floating_point()
                   and not (state[k].is_floating_point() or state[k].is_complex())), None)
     if lossy is not None:           # int8 weights copied into a float model: a silently wrong model
-        raise PrunekitError(f"checkpoint {path} holds '{lossy}' as {state[lossy].dtype}, where the model has "
-                            f"{own[lossy].dtype} weights: a quantized or integer checkpoint; load the float one")
-    kept = {k: v for k, v in own.items() if k not in state}  # tolerated num_batches_tracked
-    model.load_state_dict({**state, **kept}, strict=True)
+        return (f"checkpoint {path} holds '{lossy}' as {state[lossy].dtype}, where the model has "
+                f"{own[lossy].dtype} weights: a quantized or integer checkpoint; load the float one")
+    return None
 
 
 def _without_wrapper_prefix(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict:
