@@ -84,3 +84,82 @@ def test_attention_with_as_many_kv_heads_is_not_called_grouped_query():
     assert grouped_query_attention(modules, "attn.q_proj") is None
     model.attn = _Attention(heads=4, kv_heads=4, counts=False)
     assert grouped_query_attention(dict(model.named_modules()), "attn.k_proj") is None
+
+
+class _HandGQA(nn.Module):
+    """Hand-written grouped-query attention without head-count attributes: q (``hq`` heads of 8), k and v
+    (``hkv`` heads) repeated to ``hq`` by ``repeat_interleave`` or by ``unsqueeze().expand().reshape()``,
+    then an MLP; tokens (B, T, 16) -> logits (B, 10)."""
+
+    def __init__(self, hq=4, hkv=2, expand=False):
+        super().__init__()
+        self.hq, self.hkv, self.d, self.expand = hq, hkv, 8, expand
+        self.inp = nn.Linear(16, 32)
+        self.q, self.k, self.v = nn.Linear(32, hq * 8), nn.Linear(32, hkv * 8), nn.Linear(32, hkv * 8)
+        self.o = nn.Linear(hq * 8, 32)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 10)
+
+    def _repeat(self, t):                      # (B, hkv, T, d) -> (B, hq, T, d)
+        rep = self.hq // self.hkv
+        if not self.expand:
+            return t.repeat_interleave(rep, 1)
+        b, _, n, d = t.shape
+        return t.unsqueeze(2).expand(b, self.hkv, rep, n, d).reshape(b, self.hq, n, d)
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.hq, self.d).transpose(1, 2)
+        k = self._repeat(self.k(x).view(b, n, self.hkv, self.d).transpose(1, 2))
+        v = self._repeat(self.v(x).view(b, n, self.hkv, self.d).transpose(1, 2))
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, -1) @ v
+        x = x + self.o(a.transpose(1, 2).reshape(b, n, self.hq * self.d))
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
+class _Nested(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.blk = _HandGQA(**kw)
+
+    def forward(self, x):
+        return self.blk(x)
+
+
+@pytest.mark.parametrize("hq, hkv, expand, nested", [(4, 2, False, False), (4, 2, True, False), (4, 2, False, True),
+                                                     (4, 2, True, True), (4, 4, False, False)],
+                         ids=["repeat_interleave", "expand", "submodule", "submodule-expand", "as-many-kv-heads"])
+def test_hand_written_grouped_query_attention_keeps_qkv_dense_and_named(hq, hkv, expand, nested):
+    """Its k/v repeat gave torch-pruning's trace channels without a root index: find_groups crashed
+    (TypeError in _members) for every channel method. Now q, k and v are left dense, named, the rest pruned."""
+    torch.manual_seed(0)
+    model = (_Nested if nested else _HandGQA)(hq=hq, hkv=hkv, expand=expand).eval()
+    groups = find_groups(model, torch.randn(1, 6, 16))
+    pre = "blk." if nested else ""
+    qkv = {f"{pre}q", f"{pre}k", f"{pre}v"}
+    assert not qkv & {m.module for g in groups for m in g.layers("out")}     # their outputs kept
+    assert any(m.module == f"{pre}mlp.0" and m.role == "out" for g in groups for m in g.members)   # the rest pruned
+    reasons = dict(groups.skipped)
+    assert qkv <= set(reasons), groups.skipped
+    where = "'blk'" if nested else "the model"
+    for name in qkv:
+        if hkv < hq:
+            assert f"grouped-query attention {where} (its k projection has {hkv * 8} outputs" in reasons[name]
+        else:
+            assert "repeats them" in reasons[name] and "kept dense" in reasons[name]
+
+
+def test_hand_written_grouped_query_attention_prunes_the_rest():
+    import prunekit
+    torch.manual_seed(0)
+    model = _HandGQA().eval()
+    x, y = torch.randn(32, 6, 16), torch.randint(0, 10, (32,))
+    r = prunekit.prune(model, (x, y), method="autobot", flops=0.7, gate_batches=2)
+    small = dict(r.model.named_modules())
+    assert (small["q"].out_features, small["k"].out_features, small["v"].out_features) == (32, 16, 16)
+    assert small["mlp.0"].out_features < 64
+    assert r.model(x[:2]).shape == (2, 10)
+    named = [s for s in r.record["skipped_groups"] if s.split(": ")[0] in ("q", "k", "v")]
+    assert len(named) == 3 and all("grouped-query attention the model" in s for s in named), named

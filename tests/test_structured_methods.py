@@ -391,3 +391,122 @@ def test_the_taper_gate_bar_has_its_planned_steps_as_total(tiny, capsys):
     batches = len(data)
     prune_structured(copy.deepcopy(model), "taper", 0.5, x, data, taper_epochs=2, progress=True)
     assert f"/{2 * batches}" in capsys.readouterr().err
+
+
+def _cbr(i, o, k, **kw):
+    return torch.nn.Sequential(torch.nn.Conv2d(i, o, k, padding=k // 2, **kw), torch.nn.BatchNorm2d(o),
+                               torch.nn.ReLU())
+
+
+class _ShuffleBlock(torch.nn.Module):
+    """ShuffleNet-style: grouped 1x1, channel shuffle (view, transpose, reshape), depthwise, grouped 1x1."""
+
+    def __init__(self, shuffle=True):
+        super().__init__()
+        self.shuffle = shuffle
+        self.stem, self.g1 = _cbr(3, 16, 3), _cbr(16, 16, 1, groups=4)
+        self.dw = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.BatchNorm2d(16))
+        self.g2, self.head = _cbr(16, 24, 1, groups=4), torch.nn.Linear(24, 10)
+
+    def forward(self, x):                         # (B, 3, H, W) -> (B, 10)
+        x = self.g1(self.stem(x))
+        if self.shuffle:
+            b, c, h, w = x.shape
+            x = x.view(b, 4, c // 4, h, w).transpose(1, 2).reshape(b, c, h, w)
+        x = self.g2(self.dw(x))
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_torch_pruning_baseline_is_a_true_pruning_across_a_channel_shuffle(shuffle):
+    """tp_prune cut the channels around a channel shuffle (which torch-pruning reads as elementwise):
+    the shrunk model differed from the dense one with those channels closed. It now leaves the groups
+    our numeric check rejects to torch-pruning as ignored: shrunk == dense with the removed channels gated."""
+    torch.manual_seed(0)
+    dense = _ShuffleBlock(shuffle)
+    with torch.no_grad():
+        for m in dense.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+    dense.eval()
+    x = torch.randn(8, 3, 8, 8)
+    small, _ = tp_prune(copy.deepcopy(dense), "tp-magnitude", 0.7, x[:1], iterations=8)
+    costs = CostModel(dense, x[:1])
+    assert costs.count(small).macs <= 0.7 * costs.macs
+    D, S = dict(dense.named_modules()), dict(small.named_modules())
+    hooks = []
+    for name, conv in (("stem", "stem.0"), ("g1", "g1.0"), ("dw", "dw.0"), ("g2", "g2.0")):
+        kept = torch.tensor([bool((S[conv].bias == b).any()) for b in D[conv].bias], dtype=torch.float32)
+        hooks.append(D[name].register_forward_hook(lambda m, i, o, k=kept: o * k.view(1, -1, 1, 1)))
+    with torch.no_grad():
+        gated, shrunk = dense(x), small(x)
+    assert float((gated - shrunk).abs().max()) <= 1e-5 * float(gated.abs().max())
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_torch_pruning_baseline_leaves_a_layernorm_over_time_whole(affine):
+    """Tokens (B, T=16, C=16), LayerNorm(16) over T (by transpose): torch-pruning resized the norm with
+    fc1's 16 channels, and the pruned model's failure blamed the input shape. Norms are now ignored
+    layers for torch-pruning (our groups never resize them): the norm keeps its 16, the model runs."""
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.norm = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16, elementwise_affine=affine)
+            self.fc2, self.fc3, self.head = torch.nn.Linear(16, 48), torch.nn.Linear(48, 16), torch.nn.Linear(16, 10)
+
+        def forward(self, x):                      # (B, T, C) -> (B, 10)
+            h = torch.relu(self.fc1(x))
+            h = self.norm(h.transpose(1, 2)).transpose(1, 2)
+            return self.head(torch.relu(self.fc3(torch.relu(self.fc2(h)))).mean(1))
+
+    torch.manual_seed(0)
+    model, x = Tokens().eval(), torch.randn(4, 16, 16)
+    small, _ = tp_prune(copy.deepcopy(model), "tp-magnitude", 0.6, x[:1], iterations=8)
+    assert small.norm.normalized_shape == (16,) and small.fc1.out_features == 16
+    costs = CostModel(model, x[:1])
+    assert costs.count(small).macs <= 0.6 * costs.macs and small(x).shape == (4, 10)
+
+
+def test_torch_pruning_baseline_failure_does_not_blame_the_input(monkeypatch):
+    """A model torch-pruning pruned that fails on the example input (which the dense model ran) is
+    refused naming torch-pruning, not the input's shape."""
+    import prunekit.structured.baselines as baselines
+    model, x = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval(), \
+        torch.randn(1, 8)
+
+    def broken(*args, **kwargs):
+        return torch.nn.Sequential(torch.nn.Linear(5, 4))       # takes 5 features: fails on x
+    monkeypatch.setattr(baselines, "_prune_once", broken)
+    with pytest.raises(PrunekitError) as err:
+        tp_prune(model, "tp-magnitude", 0.5, x, iterations=2)
+    assert "torch-pruning pruned fails on the example input the dense model runs on" in str(err.value)
+    assert "shaped as the model takes it" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_torch_pruning_baseline_on_hand_written_grouped_query_attention():
+    """Hand-written grouped-query attention (k/v repeated by repeat_interleave) crashed tp_prune in
+    find_groups; q, k and v now stay whole, the MLP is pruned."""
+
+    class GQA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = torch.nn.Linear(16, 16), torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+            self.o, self.up, self.down = torch.nn.Linear(16, 16), torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x):                      # (B, T, 16) -> (B, 10)
+            b, n, _ = x.shape
+            q = self.q(x).view(b, n, 4, 4).transpose(1, 2)
+            k = self.k(x).view(b, n, 2, 4).transpose(1, 2).repeat_interleave(2, 1)
+            v = self.v(x).view(b, n, 2, 4).transpose(1, 2).repeat_interleave(2, 1)
+            a = torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v
+            h = self.o(a.transpose(1, 2).reshape(b, n, 16))
+            return self.head(self.down(torch.relu(self.up(h))).mean(1))
+
+    torch.manual_seed(0)
+    model, x = GQA().eval(), torch.randn(2, 6, 16)
+    small, _ = tp_prune(copy.deepcopy(model), "tp-magnitude", 0.7, x[:1], iterations=8)
+    assert (small.q.out_features, small.k.out_features, small.v.out_features) == (16, 8, 8)
+    assert small.up.out_features < 64 and small(x).shape == (2, 10)

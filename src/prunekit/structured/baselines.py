@@ -1,7 +1,12 @@
 """torch-pruning's own pruners (GroupMagnitudeImportance, GroupTaylorImportance) at a MAC budget.
 
 Reference points for our methods: the same prunable channel groups (layers outside our groups
-are passed to torch-pruning as ignored). Option-A ResNets: with ``pads_residual=True`` (default)
+are passed to torch-pruning as ignored), after the same numeric check (``shrink.checked_groups``:
+a group whose shrunk model differs from its gated one, e.g. across a channel shuffle, is ignored
+too), and every norm layer ignored (our groups never resize one; torch-pruning would resize a
+LayerNorm over the time axis whose length equals the channel count), so a baseline is always a
+true pruning of the dense model. A pruned model that fails on the example input is refused naming
+torch-pruning's cut, not the input. Option-A ResNets: with ``pads_residual=True`` (default)
 the zero-pad shortcuts are handed to torch-pruning as layers (``groups.PadShortcutPruner``), so
 it prunes the block outputs too; with ``False`` they stay dense (inner channels only). Global
 ranking of channels (see ``tp_prune``), and the pruning ratio found by bisection
@@ -25,7 +30,8 @@ from torch import nn
 
 from ..costs import CostModel, is_conv1d_style
 from ..errors import PrunekitError
-from .groups import TransposedLinearPruner, conv1d_pruners, find_groups, pad_pruners
+from .groups import _NORMS, TransposedLinearPruner, conv1d_pruners, find_groups, pad_pruners
+from .shrink import checked_groups
 
 TP_METHODS = ("tp-magnitude", "tp-taylor")
 
@@ -108,6 +114,18 @@ def _prune_once(model, method, ratio, example_input, ignored_names, grads, globa
     return pruned
 
 
+def _pruned_macs(costs: CostModel, pruned: nn.Module, method: str) -> float:
+    """MACs of torch-pruning's ``pruned`` model; its failure on the example input (which the dense
+    model ran, counted by ``costs``) is torch-pruning's cut, refused in one line that says so."""
+    try:
+        return costs.count(pruned).macs
+    except PrunekitError as err:
+        said = str(err).split(": ", 1)[-1].split("; ")[0]
+        raise PrunekitError(f"{method}: the model torch-pruning pruned fails on the example input the dense "
+                            f"model runs on ({said}): torch-pruning resized a layer our channel groups keep; "
+                            "use method autobot or taper") from None
+
+
 def tp_prune(model: nn.Module, method: str, flops: float, example_input: torch.Tensor,
              gradient_batches=None, iterations: int = 14, global_pruning: bool = True, round_to: int = 1,
              pads_residual: bool = True) -> tuple[nn.Module, dict]:
@@ -120,15 +138,25 @@ def tp_prune(model: nn.Module, method: str, flops: float, example_input: torch.T
     each layer's kept channels to a multiple (1: none).
     """
     costs = CostModel(model, example_input)
-    groups = find_groups(model, example_input, pads_residual)
-    roots = {m.module for g in groups for m in g.layers("out")}
+    found = find_groups(model, example_input, pads_residual)
+    # the groups whose shrunk model computes the gated one (as our methods prune them): a group
+    # the numeric check rejects (a channel shuffle torch-pruning reads as elementwise) is left to
+    # torch-pruning as ignored, so the baseline is always a true pruning of the dense model
+    groups = checked_groups(model, found, example_input)
+    kept = {(g.root, tuple(g.members)) for g in groups}
+    rejected = {m.module for g in found if (g.root, tuple(g.members)) not in kept for m in g.layers("out")}
+    roots = {m.module for g in groups for m in g.layers("out")} - rejected
     # every layer torch-pruning could take as a group root outside our groups is left to it as
     # ignored: the cost model's weight layers, and by module any Conv, Linear, LSTM or Conv1D (a
-    # head tied to an embedding is traced under the embedding's name, so is named here only)
+    # head tied to an embedding is traced under the embedding's name, so is named here only);
+    # and every norm layer (LayerNorm, GroupNorm, RMSNorm), which our groups never resize: a group
+    # holding one is then not pruned by torch-pruning either (it would resize a LayerNorm over the
+    # time axis whose length equals the channel count along with the channels)
     rootable = (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
     layers = {layer.name for layer in costs.weight_layers()} | \
         {name for name, m in model.named_modules() if isinstance(m, rootable) or is_conv1d_style(m)}
-    ignored = sorted(layers - roots)
+    norms = {name for name, m in model.named_modules() if isinstance(m, _NORMS)}
+    ignored = sorted((layers - roots) | norms)
     grads = None
     if method == "tp-taylor":
         model.zero_grad(set_to_none=True)
@@ -146,13 +174,13 @@ def tp_prune(model: nn.Module, method: str, flops: float, example_input: torch.T
     for _ in range(iterations):
         mid = (lo + hi) / 2
         pruned = _prune_once(model, method, mid, example_input, ignored, grads, global_pruning, round_to, pads_residual)
-        if costs.count(pruned).macs <= target:
+        if _pruned_macs(costs, pruned, method) <= target:
             hi, best = mid, pruned
         else:
             lo = mid
     if best is None:
         best = _prune_once(model, method, hi, example_input, ignored, grads, global_pruning, round_to, pads_residual)
-    reached = costs.count(best).macs
+    reached = _pruned_macs(costs, best, method)
     if reached > target:
         raise PrunekitError(f"{method}: torch-pruning cannot bring this model to {flops:g} of its MACs (its "
                             f"deepest cut keeps {reached / costs.macs:.1%} of them, over {len(groups)} channel "

@@ -76,6 +76,10 @@ shortcut are left dense (block outputs at full width) and only channels inside b
 * groups whose trace goes round a cycle of index maps without end (a rotary embedding feeding
   grouped-query attention, as Llama's: torch-pruning 1.6 never ends there), stopped past
   GROUP_ITEMS_PER_NODE items per graph node, and groups sharing an axis with such a group's reach;
+* the groups of layers whose output channels an operation repeats (``repeat_interleave``, or
+  ``unsqueeze().expand().reshape()``: hand-written grouped-query attention's k/v heads, shared between
+  query heads), which torch-pruning maps without root channels: named as grouped-query attention where
+  the k projection is narrower than the q projection (``grouped_query_attention``), else by the repeat;
 * groups touching grouped convs of different G, or a grouped conv through a flatten;
 * groups of one channel per block of a grouped conv (the input of a depthwise conv with a channel
   multiplier, Conv2d(16, 32, groups=16)): no channel can go without removing a whole conv group.
@@ -321,11 +325,17 @@ def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: b
     groups: list[ChannelGroup] = []
     seen: set[frozenset] = set()
     traced, skipped, in_graph = _traced_groups(model, example_input, pads_residual)
+    repeated = _repeated_layers(traced, names, modules)
     for tp_group in traced:
         root_module = tp_group[0].dep.target.module
         root = names.get(root_module, str(root_module))
         if isinstance(root_module, nn.modules.linear.NonDynamicallyQuantizableLinear):
             continue               # an attention's out_proj: its heads are a group of their own
+        if root_module in repeated:
+            if frozenset([root]) not in seen:
+                seen.add(frozenset([root]))
+                skipped.append((root, repeated[root_module]))
+            continue
         if isinstance(root_module, _UNSHRUNK_ROOTS):
             key = frozenset([root])
             if key not in seen:
@@ -383,6 +393,28 @@ def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: b
     if not groups:
         raise no_group_error(_loose_weights(model) + skipped)
     return GroupSet(groups, skipped)
+
+
+def _repeated_layers(traced: list, names: dict, modules: dict) -> dict:
+    """{layer: reason} for every Conv/Linear whose output channels a traced group holds through an
+    operation that repeats them (torch-pruning gives such items no root channel: ``root_idxs`` with
+    None), e.g. hand-written grouped-query attention's ``k.repeat_interleave(2, 1)`` or
+    ``k[:, :, None].expand(...).reshape(...)``; every such layer's group is left dense, named as
+    grouped-query attention (``grouped_query_attention``) where its k projection is the narrower."""
+    found: dict = {}
+    for tp_group in traced:
+        if not any(None in (getattr(item, "root_idxs", None) or ()) for item in tp_group.items):
+            continue
+        layers = [item.dep.target.module for item in tp_group.items if _prunes_out_channels(item.dep)
+                  and (isinstance(item.dep.target.module, _CONV) or is_linear(item.dep.target.module))]
+        gqa = next((why for layer in layers
+                    if (why := grouped_query_attention(modules, names.get(layer, ""), model_level=True))), None)
+        for layer in layers:
+            found.setdefault(layer, gqa or (
+                f"{names.get(layer, type(layer).__name__)}'s output channels pass an operation that repeats them "
+                "(repeat_interleave, or expand then reshape, as attention sharing k/v heads between query heads "
+                "does), which the dependency analysis cannot map channel by channel: kept dense"))
+    return found
 
 
 def _qkv_heads(members: list[Member], modules: dict) -> tuple[str, int, int] | None:
@@ -534,15 +566,17 @@ def _traced_groups(model: nn.Module, example_input: torch.Tensor, pads_residual:
 _GQA_Q, _GQA_K = ("q_proj", "query", "q", "wq", "q_lin"), ("k_proj", "key", "k", "wk", "k_lin")
 
 
-def grouped_query_attention(modules: dict[str, nn.Module], root: str) -> str | None:
+def grouped_query_attention(modules: dict[str, nn.Module], root: str, model_level: bool = False) -> str | None:
     """The reason for a group rooted at layer ``root`` (a name of ``modules``, the model's
     ``named_modules``) whose trace cycles, when ``root`` lies in grouped-query attention (fewer k/v
     heads than q heads, each k/v head shared by several q heads, as Llama's with
     ``num_key_value_heads`` < ``num_attention_heads``): the channel methods do not prune it. Told by
     the attention module's head counts (HuggingFace's attributes or config) or, failing those, by its
-    k projection being narrower than its q projection. None when ``root`` is not in such attention."""
+    k projection being narrower than its q projection. None when ``root`` is not in such attention.
+    ``model_level``: the model itself (``modules[""]``) may be that attention too (a layer's repeated k/v
+    heads, ``_repeated_layers``; a cycling trace is named so only inside a submodule)."""
     parts = root.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
+    for cut in range(len(parts) - 1, -1 if model_level else 0, -1):     # cut 0: the model itself
         name = ".".join(parts[:cut])
         module = modules.get(name)
         if module is None:
@@ -562,7 +596,8 @@ def grouped_query_attention(modules: dict[str, nn.Module], root: str) -> str | N
             if kv_heads >= heads:
                 return None
             said = f"{kv_heads} k/v heads for {heads} q heads"
-        return (f"in grouped-query attention '{name}' ({said}: each k/v head is shared between q heads), which the "
+        where = f"'{name}'" if name else "the model"
+        return (f"in grouped-query attention {where} ({said}: each k/v head is shared between q heads), which the "
                 "channel methods do not prune: kept dense")
     return None
 
@@ -857,6 +892,10 @@ def _members(tp_group, names: dict, size: int | None = None, sliced: bool = Fals
     for item in tp_group.items:
         dep, idxs = item.dep, [int(i) for i in item.idxs]
         roots = getattr(item, "root_idxs", None)
+        if roots is not None and None in roots:    # a repeat (repeat_interleave, expand): no root channel
+            return [], 1, (f"its channels reach {names.get(dep.target.module, 'a layer')} through an operation that "
+                           "repeats them (repeat_interleave, expand), which the dependency analysis cannot map "
+                           "channel by channel: kept dense")
         if roots is not None and len(roots) == len(idxs):
             # torch-pruning's map is root channel -> member channel; a flatten read backwards hands
             # the member's channels over as a set (any order), so they are put in root order here
@@ -1082,7 +1121,7 @@ def _concat_parts(tp_group, width: int) -> tuple[list[_Part], str | None]:
             return [], "the dependency analysis did not find the sizes of a concatenation in it"
         idxs = [int(i) for i in item.idxs]
         roots = getattr(item, "root_idxs", None)
-        if roots is None or len(roots) != len(idxs):
+        if roots is None or len(roots) != len(idxs) or None in roots:     # None: a repeat (repeat_interleave)
             return [], "an operation in it does not map channels one to one"
         pairs = sorted(zip((int(r) for r in roots), idxs))
         if not pairs:
