@@ -469,3 +469,51 @@ def test_the_command_line_refuses_a_pruned_resnet_whose_shortcut_option_differs_
     lines = [line for line in err.splitlines() if not line.startswith("warning")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "layer 'layer2.0.shortcut' is built with in 16, out 32, stride 1 in the model passed" in lines[0], err
+
+
+MNIST_NET = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, width=WIDTH):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Linear(8 * 14 * 14, width), nn.Linear(width, 10)
+
+    def forward(self, x):
+        h = torch.nn.functional.max_pool2d(torch.relu(self.bn1(self.c1(x))), 2).flatten(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def build():
+    return Net()
+'''
+
+
+def test_a_model_file_pruned_on_the_command_line_records_its_dense_counts_without_pruned_from(tmp_path, capsys):
+    """Session 54 (b): `prunekit prune --model net.py:build` with a channel method saves every layer's
+    counts as built ("dense") by itself (no pruned_from= to pass), and eval of the run with a model
+    file now built otherwise is refused in one line, exit 2."""
+    from pathlib import Path
+    assets = Path(prunekit.__file__).parent / "assets"
+    (tmp_path / "net.py").write_text(MNIST_NET.replace("WIDTH", "32"))
+    model = f"{tmp_path / 'net.py'}:build"
+    data = ["--data", "mnist", "--data-dir", str(assets / "mnist"), "--normalize", "0.1307/0.3081"]
+    assert main(["prune", "--model", model, *data, "--train-samples", "256", "--method", "autobot", "--flops", "0.5",
+                 "--gate-batches", "3", "--out", str(tmp_path / "run"), "--json"]) == 0
+    capsys.readouterr()
+    layout = prunekit.saving.read_meta(tmp_path / "run" / "model.safetensors")["channel_layout"]
+    built = {"c1": {"in": 1, "out": 8, "groups": 1}, "bn1": {"features": 8}, "fc1": {"in": 8 * 14 * 14, "out": 32},
+             "fc2": {"in": 32, "out": 10}}
+    assert {name: spec["dense"] for name, spec in layout.items()} == built, layout
+    assert layout["fc1"]["out"] < 32 or layout["c1"]["out"] < 8                      # it was cut
+    assert main(["eval", "--model", model, "--checkpoint", str(tmp_path / "run"), *data[:4]]) == 0
+    capsys.readouterr()
+    (tmp_path / "net.py").write_text(MNIST_NET.replace("WIDTH", "64"))          # the file now builds fc1 wider
+    assert main(["eval", "--model", model, "--checkpoint", str(tmp_path / "run"), *data[:4]]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("prunekit: warning")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "layer 'fc1' is built with in 1568, out 64 in the model passed but had in 1568, out 32" in lines[0], err
