@@ -448,7 +448,8 @@ def test_a_cut_zero_pad_shortcut_refuses_a_model_whose_shortcut_is_built_otherwi
     assert json.loads(json.dumps(channel_layout(back))) == json.loads(json.dumps(layout))   # resaved: the same
 
 
-def test_the_command_line_refuses_a_pruned_resnet_whose_shortcut_option_differs_with_exit_2(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["bench-latency", "export"])
+def test_the_command_line_refuses_a_pruned_resnet_whose_shortcut_differs_with_exit_2(tmp_path, capsys, command):
     """eval/export/bench-latency of a cut option-A ResNet20 into a model file whose function builds the
     shortcut with stride 1: one line, exit 2 (it loaded, and failed in forward with a traceback)."""
     folder = tmp_path / "code"
@@ -463,12 +464,15 @@ def test_the_command_line_refuses_a_pruned_resnet_whose_shortcut_option_differs_
     prunekit.save_model(small, tmp_path / "run" / "model.safetensors", {"model": model, "input_shape": [3, 32, 32],
                                                                "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
     (folder / "net.py").write_text(code.replace("STRIDE", "1"))
-    assert main(["bench-latency", "--model", model, "--pruned", str(tmp_path / "run"), "--repeats", "5", "--warmup",
-                 "0", "--batch-sizes", "1", "--threads", "1"]) == 2
+    argv = {"bench-latency": ["bench-latency", "--model", model, "--pruned", str(tmp_path / "run"), "--repeats", "5",
+                              "--warmup", "0", "--batch-sizes", "1", "--threads", "1"],
+            "export": ["export", str(tmp_path / "run"), "--model", model, "--torchscript"]}[command]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if not line.startswith("warning")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "layer 'layer2.0.shortcut' is built with in 16, out 32, stride 1 in the model passed" in lines[0], err
+    assert not (tmp_path / "run" / "export").exists()
 
 
 MNIST_NET = '''

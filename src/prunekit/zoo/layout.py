@@ -65,9 +65,10 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
     """Per-layer channel counts of every Conv/Linear/BatchNorm (and Conv1D-style layer: GPT-2's,
     "in" = its weight's rows), and the channel map of every zero-pad shortcut that lost channels
     (JSON-ready). Each such layer's entry holds under "dense" its counts in the model it was cut
-    from (a zero-pad shortcut's in, out and stride, HuggingFace-style attention's head count and
-    head size, ``_built_entry``; an nn.MultiheadAttention with heads removed needs none: its
-    embed_dim and head_dim fix the head count it was built with) (its own where it was not cut), which ``apply_layout`` requires of the fresh model (a model
+    from (its own where it was not cut; a zero-pad shortcut's in, out and stride and HuggingFace-style
+    attention's head count and head size, ``_built_entry``; an nn.MultiheadAttention with heads
+    removed needs none: its embed_dim and head_dim fix the head count it was built with), which
+    ``apply_layout`` requires of the fresh model (a model
     resized to an older prunekit's layout, which did not record them, records none). In a model
     with channels or blocks removed (``is_shrunk``), a layer the surgery did not see (one the
     caller's code put in since, e.g. a new head) records none either: only the counts kept by
@@ -182,8 +183,9 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
     entry's "dense" ones (``_check_dense``: a zero-pad shortcut's in/out/stride and HuggingFace-style
     attention's head count too), an nn.MultiheadAttention that lost heads built with the saved embed_dim,
     head_dim, bias and batch_first (``_check_attention``), no Conv/Linear/BatchNorm layer the layout
-    lacks; all checked before any layer is resized; else one line names the layer and both counts (a layout without "dense", an older prunekit's, is only
-    checked for layers wider in the file, ``_check_no_wider``)."""
+    lacks; all checked before any layer is resized; else one line names the layer and both counts
+    (a layout without "dense", an older prunekit's, is only checked for layers wider in the file,
+    ``_check_no_wider``)."""
     modules = dict(model.named_modules())
     replaced = [name for name, spec in layout.items() if isinstance(spec, dict) and (
         spec.get("removed") or "heads" in spec)]           # layers inside these are the saved ones' own
