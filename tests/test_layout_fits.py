@@ -367,3 +367,157 @@ def test_pruned_from_the_model_as_built_allows_the_layers_of_removed_blocks(tmp_
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(back.eval()(x), model(x), rtol=1e-5, atol=1e-5 * float(model(x).abs().max()))
+
+
+class _Heads(nn.Module):
+    """_Attention with the head count (and batch_first) as build arguments."""
+
+    def __init__(self, heads=4, batch_first=True):
+        super().__init__()
+        self.emb, self.attn = nn.Linear(6, 16), nn.MultiheadAttention(16, heads, batch_first=batch_first)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.fc((h + self.attn(h, h, h, need_weights=False)[0]).mean(1))
+
+
+@pytest.mark.parametrize("built,said", [
+    ({"heads": 8}, "attention 'attn' is built with 8 heads of 2 (embed_dim 16) in the model passed but had 4 heads of "
+                   "4 (embed_dim 16) in the model the file was pruned from"),
+    ({"heads": 2}, "attention 'attn' is built with 2 heads of 8 (embed_dim 16) in the model passed but had 4 heads of "
+                   "4 (embed_dim 16)"),
+    ({"batch_first": False}, "attention 'attn' is built with bias=True, batch_first=False in the model passed but "
+                             "bias=True, batch_first=True"),
+], ids=["more heads", "fewer heads", "not batch first"])
+def test_attention_with_heads_removed_refuses_a_model_built_with_another_head_count(tmp_path, built, said):
+    """An nn.MultiheadAttention that lost heads is replaced by the saved SlimAttention: a model built
+    with another head count (same embed_dim, so every Linear fits) loaded quietly as the saved one."""
+    torch.manual_seed(0)
+    model, x = _Heads().eval(), torch.randn(2, 7, 6)
+    groups = find_groups(model, x)
+    masks = [torch.arange(g.size) < 2 if g.kind == "heads" else torch.ones(g.size, dtype=torch.bool) for g in groups]
+    small = shrink(model, groups, masks, x).eval()
+    prunekit.save_model(small, tmp_path / "heads.safetensors", {})
+    fresh = _Heads(**built)
+    with pytest.raises(PrunekitError) as err:
+        prunekit.load_pruned(fresh, tmp_path / "heads.safetensors")
+    assert said in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert isinstance(fresh.attn, nn.MultiheadAttention)                  # refused before anything was resized
+    back = prunekit.load_pruned(_Heads(), tmp_path / "heads.safetensors")  # as built: loads, the same outputs
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+
+
+def _cut_resnet20():
+    from prunekit import zoo
+    torch.manual_seed(0)
+    model, x = zoo.build("resnet20").eval(), torch.randn(2, 3, 32, 32)
+    groups = find_groups(model, x)
+    masks = [torch.arange(g.size) % 3 != 1 for g in groups]
+    return shrink(model, groups, masks, x).eval(), x
+
+
+@pytest.mark.parametrize("shortcut,said", [
+    ("stride 1", "layer 'layer2.0.shortcut' is built with in 16, out 32, stride 1 in the model passed but had in 16, "
+                 "out 32, stride 2 in the model the file was pruned from"),
+    ("narrower in", "layer 'layer2.0.shortcut' is built with in 8, out 32, stride 2 in the model passed but had in 16, "
+                    "out 32, stride 2"),
+    ("identity", "layer 'layer2.0.shortcut' is a Identity in the model passed but a zero-pad (option-A) shortcut in "
+                 "the model the file was pruned from"),
+])
+def test_a_cut_zero_pad_shortcut_refuses_a_model_whose_shortcut_is_built_otherwise(tmp_path, shortcut, said):
+    """A zero-pad shortcut's saved channel map was set on whatever shortcut the model passed had: one
+    built with another stride or channel count loaded quietly (a stride-1 one then failed in forward)."""
+    from prunekit import zoo
+    from prunekit.zoo.cifar_resnet import ZeroPadShortcut
+    small, x = _cut_resnet20()
+    layout = channel_layout(small)
+    assert layout["layer2.0.shortcut"]["dense"] == {"in": 16, "out": 32, "stride": 2}, layout["layer2.0.shortcut"]
+    prunekit.save_model(small, tmp_path / "r20.safetensors", {})
+    fresh = zoo.build("resnet20")
+    fresh.layer2[0].shortcut = {"stride 1": ZeroPadShortcut(16, 32, 1), "narrower in": ZeroPadShortcut(8, 32, 2),
+                                "identity": nn.Identity()}[shortcut]
+    with pytest.raises(PrunekitError) as err:
+        prunekit.load_pruned(fresh, tmp_path / "r20.safetensors")
+    assert said in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert fresh.conv1.out_channels == 16                                  # refused before anything was resized
+    back = prunekit.load_pruned(zoo.build("resnet20"), tmp_path / "r20.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), small(x))
+    assert json.loads(json.dumps(channel_layout(back))) == json.loads(json.dumps(layout))   # resaved: the same
+
+
+@pytest.mark.parametrize("command", ["bench-latency", "export"])
+def test_the_command_line_refuses_a_pruned_resnet_whose_shortcut_differs_with_exit_2(tmp_path, capsys, command):
+    """eval/export/bench-latency of a cut option-A ResNet20 into a model file whose function builds the
+    shortcut with stride 1: one line, exit 2 (it loaded, and failed in forward with a traceback)."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    code = ("from prunekit import zoo\nfrom prunekit.zoo.cifar_resnet import ZeroPadShortcut\n\n\ndef build():\n"
+            "    model = zoo.build('resnet20')\n    model.layer2[0].shortcut = ZeroPadShortcut(16, 32, STRIDE)\n"
+            "    return model\n")
+    (folder / "net.py").write_text(code.replace("STRIDE", "2"))
+    model = f"{folder}/net.py:build"
+    small, _ = _cut_resnet20()
+    (tmp_path / "run").mkdir()
+    prunekit.save_model(small, tmp_path / "run" / "model.safetensors", {"model": model, "input_shape": [3, 32, 32],
+                                                               "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    (folder / "net.py").write_text(code.replace("STRIDE", "1"))
+    argv = {"bench-latency": ["bench-latency", "--model", model, "--pruned", str(tmp_path / "run"), "--repeats", "5",
+                              "--warmup", "0", "--batch-sizes", "1", "--threads", "1"],
+            "export": ["export", str(tmp_path / "run"), "--model", model, "--torchscript"]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("warning")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "layer 'layer2.0.shortcut' is built with in 16, out 32, stride 1 in the model passed" in lines[0], err
+    assert not (tmp_path / "run" / "export").exists()
+
+
+MNIST_NET = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, width=WIDTH):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Linear(8 * 14 * 14, width), nn.Linear(width, 10)
+
+    def forward(self, x):
+        h = torch.nn.functional.max_pool2d(torch.relu(self.bn1(self.c1(x))), 2).flatten(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def build():
+    return Net()
+'''
+
+
+def test_a_model_file_pruned_on_the_command_line_records_its_dense_counts_without_pruned_from(tmp_path, capsys):
+    """Session 54 (b): `prunekit prune --model net.py:build` with a channel method saves every layer's
+    counts as built ("dense") by itself (no pruned_from= to pass), and eval of the run with a model
+    file now built otherwise is refused in one line, exit 2."""
+    from pathlib import Path
+    assets = Path(prunekit.__file__).parent / "assets"
+    (tmp_path / "net.py").write_text(MNIST_NET.replace("WIDTH", "32"))
+    model = f"{tmp_path / 'net.py'}:build"
+    data = ["--data", "mnist", "--data-dir", str(assets / "mnist"), "--normalize", "0.1307/0.3081"]
+    assert main(["prune", "--model", model, *data, "--train-samples", "256", "--method", "autobot", "--flops", "0.5",
+                 "--gate-batches", "3", "--out", str(tmp_path / "run"), "--json"]) == 0
+    capsys.readouterr()
+    layout = prunekit.saving.read_meta(tmp_path / "run" / "model.safetensors")["channel_layout"]
+    built = {"c1": {"in": 1, "out": 8, "groups": 1}, "bn1": {"features": 8}, "fc1": {"in": 8 * 14 * 14, "out": 32},
+             "fc2": {"in": 32, "out": 10}}
+    assert {name: spec["dense"] for name, spec in layout.items()} == built, layout
+    assert layout["fc1"]["out"] < 32 or layout["c1"]["out"] < 8                      # it was cut
+    assert main(["eval", "--model", model, "--checkpoint", str(tmp_path / "run"), *data[:4]]) == 0
+    capsys.readouterr()
+    (tmp_path / "net.py").write_text(MNIST_NET.replace("WIDTH", "64"))          # the file now builds fc1 wider
+    assert main(["eval", "--model", model, "--checkpoint", str(tmp_path / "run"), *data[:4]]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("prunekit: warning")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "layer 'fc1' is built with in 1568, out 64 in the model passed but had in 1568, out 32" in lines[0], err

@@ -696,8 +696,8 @@ def test_a_norm_over_the_channel_axis_is_named_even_when_other_axes_have_as_many
 
 def test_a_norm_that_mixes_no_channels_but_cannot_be_resized_is_named_without_a_false_reason():
     """GroupNorm(8, 8): a group per channel mixes none, but its channel count stays (the surgery resizes
-    BatchNorm only); an RMSNorm over C, H, W runs as plain tensor operations (the trace sees no module),
-    so the numeric check catches it. Neither is said to mix channels it does not, and c1 stays whole."""
+    BatchNorm only); an RMSNorm over C, H, W runs as plain tensor operations (the trace sees no module):
+    its mean over the channel axis names it. Neither is said to mix channels it does not, and c1 stays whole."""
     x = torch.randn(2, 3, 8, 8)
     model = _SpatialNorm(nn.GroupNorm(8, 8, affine=False)).eval()
     groups = checked_groups(model, find_groups(model, x), x)
@@ -705,7 +705,9 @@ def test_a_norm_that_mixes_no_channels_but_cannot_be_resized_is_named_without_a_
     assert dict(groups.skipped)["c1"] == "touches n (GroupNorm), whose channels channel surgery cannot resize: kept dense"
     model = _SpatialNorm(nn.RMSNorm([8, 8, 8], elementwise_affine=False)).eval()
     groups = checked_groups(model, find_groups(model, x), x)
-    assert [g.root for g in groups] == ["c2"] and dict(groups.skipped)["c1"] == MISMATCH
+    assert [g.root for g in groups] == ["c2"]
+    assert dict(groups.skipped)["c1"].startswith("touches n (RMSNorm), whose forward takes a mean over the channel "
+                                                 "axis, which mixes its channels"), groups.skipped
 
 
 class _AttentionNoNorm(nn.Module):
@@ -783,3 +785,108 @@ def test_a_conv3d_refusal_names_each_layer_once():
     text = str(err.value)
     assert text.count("c2: ") == 1 and text.count("c1: ") == 1 and "more" not in text, text
     assert "c1: Conv3d: the channel methods do not shrink" in text
+
+
+class _HandRMSNorm(nn.Module):
+    """RMSNorm written by hand (as many models carry their own): x * rsqrt(mean(x², last axis)) [* weight]."""
+
+    def __init__(self, width: int, weight: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width)) if weight else None
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x * self.weight if self.weight is not None else x
+
+
+class _Tokens(nn.Module):
+    """x (B, T, 6): a (16 channels) -> norm -> b (12) -> c, mean over the T tokens."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.a, self.norm, self.b, self.c = nn.Linear(6, 16), norm, nn.Linear(16, 12), nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.norm(self.a(x)))))).mean(1)
+
+
+RMS_NORMS = {"torch": (lambda: nn.RMSNorm(16), "RMSNorm"),
+             "torch_plain": (lambda: nn.RMSNorm(16, elementwise_affine=False), "RMSNorm"),
+             "hand": (lambda: _HandRMSNorm(16), "_HandRMSNorm"),
+             "hand_plain": (lambda: _HandRMSNorm(16, weight=False), "_HandRMSNorm")}
+
+
+@pytest.mark.parametrize("norm", sorted(RMS_NORMS))
+def test_an_rmsnorm_over_the_channels_is_named_as_what_leaves_them_dense(norm):
+    """torch.nn.RMSNorm runs as pow, mean, rsqrt on the CPU (the trace sees no module) and a hand-written
+    one the same: with a weight the group was left dense as "touches parameter norm.weight", without one
+    the numeric check named "an operation ... e.g. a channel shuffle". Now the norm is named by its
+    module and its mean over the channels, in the warning's words."""
+    from prunekit.structured.groups import dense_groups_warning
+    make, kind = RMS_NORMS[norm]
+    torch.manual_seed(0)
+    model, x = _Tokens(make()).eval(), torch.randn(2, 7, 6)
+    groups = checked_groups(model, find_groups(model, x), x)
+    assert [g.root for g in groups] == ["b"], groups.skipped
+    why = dict(groups.skipped)["a"]
+    assert why.startswith(f"touches norm ({kind}), whose forward takes a mean over the channel axis, which mixes "
+                          "its channels"), why
+    assert "channel shuffle" not in why and "parameter" not in why
+    assert f"a: touches norm ({kind})" in dense_groups_warning(groups.skipped)
+
+
+AMBIGUOUS = {"layernorm": (lambda: nn.LayerNorm(16, elementwise_affine=False), "LayerNorm"),
+             "rmsnorm": (lambda: nn.RMSNorm(16, elementwise_affine=False), "RMSNorm"),
+             "hand": (lambda: _HandRMSNorm(16, weight=False), "_HandRMSNorm")}
+
+
+@pytest.mark.parametrize("norm", sorted(AMBIGUOUS))
+def test_a_norm_over_an_axis_as_long_as_the_channels_is_named_when_the_check_finds_it_mixes_them(norm):
+    """16 tokens of 16 channels: the norm's last axis (the channels) has as many entries as the token
+    axis, so the trace cannot tell which it normalises and the numeric check decides. It finds that
+    removing channels changes the statistics, and its reason names the norm (it named a channel shuffle)."""
+    make, kind = AMBIGUOUS[norm]
+    torch.manual_seed(0)
+    model, x = _Tokens(make()).eval(), torch.randn(2, 16, 6)
+    found = find_groups(model, x)
+    assert {g.root: g.norm for g in found}["a"] == f"norm ({kind})"
+    groups = checked_groups(model, found, x)
+    assert [g.root for g in groups] == ["b"], groups.skipped
+    why = dict(groups.skipped)["a"]
+    assert why.startswith(f"removing its channels does not compute what closing them computes: it passes norm "
+                          f"({kind}), a norm over an axis as long as its channels"), why
+    assert "channel shuffle" not in why
+
+
+class _Sequence(nn.Module):
+    """x (B, 3, 8): a Conv1d (8 channels) -> norm over the last axis (8 steps: as many as the channels)
+    -> b -> fc."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv1d(3, 8, 3, padding=1), norm, nn.Conv1d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.norm(self.a(x))))).flatten(1))
+
+
+@pytest.mark.parametrize("norm", sorted(AMBIGUOUS))
+def test_a_norm_over_an_axis_as_long_as_the_channels_but_not_them_is_pruned_as_gated(norm):
+    """(B, C, T) with C == T == 8, the norm over T: it mixes no channels, so the numeric check passes and
+    a's channels are pruned; the shrunk model computes what the gated one does."""
+    make = {"layernorm": lambda: nn.LayerNorm(8, elementwise_affine=False),
+            "rmsnorm": lambda: nn.RMSNorm(8, elementwise_affine=False),
+            "hand": lambda: _HandRMSNorm(8, weight=False)}[norm]
+    torch.manual_seed(0)
+    model, x = _Sequence(make()).eval(), torch.randn(2, 3, 8)
+    groups = checked_groups(model, find_groups(model, x), x)
+    assert sorted(g.root for g in groups) == ["a", "b"], groups.skipped
+    masks = [torch.arange(g.size) % 3 != 1 for g in groups]
+    with torch.no_grad(), GateHooks(model, groups) as hooks:
+        hooks.values = [m.float() for m in masks]
+        gated = model(x)
+    with torch.no_grad():
+        small = shrink(model, groups, masks, x)
+        assert small.a.out_channels == 5
+        assert (small(x) - gated).abs().max() <= 1e-5 * gated.abs().max()

@@ -197,7 +197,8 @@ def test_the_channel_methods_remove_heads_and_the_saved_run_loads_back(method, t
     assert _independent_macs(small, ids) == CostModel(small, ids[:1]).macs == result.macs <= 0.6 * dense_macs
     layout = channel_layout(small)
     for i in range(2):
-        assert layout[f"layers.{i}.self"] == {"attention_heads": heads[i], "head_size": HEAD_SIZE}
+        assert layout[f"layers.{i}.self"] == {"attention_heads": heads[i], "head_size": HEAD_SIZE,
+                                              "dense": {"attention_heads": HEADS, "head_size": HEAD_SIZE}}
         assert layout[f"layers.{i}.self.query"] == {"in": WIDTH, "out": heads[i] * HEAD_SIZE,
                                                    "dense": {"in": WIDTH, "out": HEADS * HEAD_SIZE}}
     back = prunekit.load_pruned(_model(), str(tmp_path / "run")).eval()

@@ -53,11 +53,14 @@ What the adapter refuses (the group is left dense and listed in ``GroupSet.skipp
   trace ran and no traced group touches (no group is rooted at them): named by the layer, at full width;
 * groups touching a norm layer whose normalised axes include the channel axis (GroupNorm with fewer
   groups than channels, LayerNorm or RMSNorm whose normalized_shape covers the channels, with or without
-  affine parameters: its statistics mix the channels; ``_norm_mixes_channels``), named by the norm, or
+  affine parameters: its statistics mix the channels; ``_norm_mixes_channels``; torch.nn.RMSNorm and a
+  hand-written RMSNorm, which the trace sees as a mean over the channel axis, ``_statistic_over_channels``),
+  named by the norm, or
   a GroupNorm or affine norm over other axes (channel surgery does not resize it), or as a
   transformer's residual stream (an add joining channels through norms or an nn.MultiheadAttention's
   embedding width: left dense by design); a norm without affine parameters over other axes only
-  (LayerNorm([H, W]) on (B, C, H, W)) is not named: ``shrink.checked_groups`` judges such groups;
+  (LayerNorm([H, W]) on (B, C, H, W)) is not named: ``shrink.checked_groups`` judges such groups (and
+  a norm over an axis as long as the channels, ``ChannelGroup.norm``, is named where the check fails);
 * groups whose index maps are not one of the shapes we understand (identity, a concat offset,
   a flatten repeat): anything else would be pruned wrongly, so it is not pruned;
 * groups passing through a bare channel pad (``F.pad`` on the channel axis outside a module that
@@ -139,7 +142,11 @@ class ChannelGroup:
     ``kind``: "channels", "heads" (an ``nn.MultiheadAttention``'s heads) or "qkv_heads" (the heads
     of HuggingFace-style attention ``attention``, the module whose head count follows the group).
     ``split``: (heads, head size) when the trace shows a reshape of the group's last axis into two
-    (``view(B, T, 2, 8)``: hand-written multi-head attention), else None; only words a refusal."""
+    (``view(B, T, 2, 8)``: hand-written multi-head attention), else None; only words a refusal.
+    ``norm``: a norm (a LayerNorm/RMSNorm/GroupNorm, or the statistic of a hand-written one: a mean,
+    var or std) whose normalised axes hold an axis as long as the channels but not every such axis
+    (LayerNorm(T) on (B, C, T) with T == C), so the trace cannot tell whether it mixes them; the
+    numeric check (``shrink.checked_groups``) decides, and its refusal names it; else None."""
 
     index: int
     root: str
@@ -149,6 +156,7 @@ class ChannelGroup:
     kind: str = "channels"
     attention: str = ""
     split: tuple[int, int] | None = None    # (heads, head size) where a reshape splits the width into heads
+    norm: str | None = None                 # a norm over an axis as long as the channels, not surely theirs (words)
 
     def layers(self, role: str) -> list[Member]:
         return [m for m in self.members if m.role == role]
@@ -269,7 +277,13 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             def record(module, args):      # a norm's input shape (None: called with several shapes)
                 shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
                 shapes[module] = shape if shapes.get(module, shape) == shape else None
+            made_by: dict[int, tuple[object, nn.Module]] = {}
+
+            def made(module, args, out):   # the module whose output an op's result is (names a norm's ops)
+                if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                    made_by.setdefault(id(out.grad_fn), (out.grad_fn, module))
             hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, _NORMS)]
+            hooks += [m.register_forward_hook(made) for m in model.modules()]
             try:
                 graph = tp.DependencyGraph().build_dependency(
                     model, example_inputs=example_input, output_transform=_output_tensors,
@@ -280,6 +294,9 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             for module, shape in shapes.items():     # read by _norm_mixes_channels
                 if (node := graph.module2node.get(module)) is not None:
                     node.prunekit_input_shape = shape
+            for node in graph.module2node.values():   # read by _statistic_module
+                if (entry := made_by.get(id(getattr(node, "grad_fn", None)))) is not None and entry[0] is node.grad_fn:
+                    node.prunekit_made_by = entry[1]
             return graph
     finally:
         model.train(was_training)
@@ -373,7 +390,7 @@ def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: b
             skipped.append((root, _multiplier_reason(members, segments, model)))
             continue
         groups.append(ChannelGroup(index=len(groups), root=root, size=size, members=members, segments=segments,
-                                   split=_split_width(tp_group, size)))
+                                   split=_split_width(tp_group, size), norm=_ambiguous_norm(tp_group, size, names)))
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             why = head_prunable(module)
@@ -729,6 +746,107 @@ def _norm_mixes_channels(module: nn.Module, node, lengths: set[int]) -> bool:
     return bool(candidates) and all(axis >= len(shape) - len(normalized) for axis in candidates)
 
 
+# autograd ops of a norm's statistics (torch.nn.RMSNorm runs as pow, mean, rsqrt on the CPU; a hand-written
+# RMSNorm or LayerNorm the same): torch-pruning reads them as elementwise, channel for channel
+_STATISTICS = ("MeanBackward", "VarBackward", "StdBackward", "VarMeanBackward", "StdMeanBackward")
+
+
+def _statistic_axes(grad_fn) -> tuple[tuple[int, ...], set[int]] | None:
+    """(input shape, axes reduced) of a mean/var/std autograd op, None for another op or where
+    its saved fields do not say."""
+    if not type(grad_fn).__name__.startswith(_STATISTICS):
+        return None
+    shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if shape is None:
+        saved = getattr(grad_fn, "_saved_self", None)
+        shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else None
+    if not shape:
+        return None
+    shape = tuple(int(v) for v in shape)
+    dims = getattr(grad_fn, "_saved_dim", None)
+    if dims is None:                                 # a mean of every element
+        return shape, set(range(len(shape)))
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return shape, {(d - 2 ** 64 if d >= 2 ** 63 else d) % len(shape) for d in (int(v) for v in dims)}
+
+
+def _channel_axes(shape: tuple, lengths: set[int]) -> list[int]:
+    """The axes of an activation ``shape`` that could hold a group's channels (the batch axis 0 aside):
+    those whose length is one of ``lengths``."""
+    first = 0 if len(shape) == 1 else 1
+    return [axis for axis in range(first, len(shape)) if shape[axis] in lengths]
+
+
+def _owner(param: nn.Parameter, names: dict) -> nn.Module | None:
+    """The module holding ``param`` as its own (``names``: module and parameter -> name), or None."""
+    full = names.get(param)
+    if not full:
+        return None
+    prefix = full.rpartition(".")[0]
+    return next((m for m, n in names.items() if n == prefix and isinstance(m, nn.Module)), None)
+
+
+def _statistic_module(node, names: dict) -> str:
+    """The module whose forward ran the op ``node`` (the first module output reached from it), in
+    words: "norm (RMSNorm)"; "the model's forward" where none is found."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen or len(seen) > 64:
+            continue
+        seen.add(id(current))
+        module = getattr(current, "prunekit_made_by", None)
+        if module is not None:
+            name = names.get(module, "")
+            return f"{name} ({type(module).__name__})" if name else "the model's forward"
+        todo.extend(getattr(current, "outputs", ()))
+    return "the model's forward"
+
+
+def _statistic_over_channels(item, names: dict, size: int) -> str | None:
+    """Where ``item`` of a group of ``size`` channels is a mean/var/std (a norm's statistic: torch.nn.RMSNorm's,
+    a hand-written one's) over every axis that could hold the channels, which torch-pruning reads as
+    elementwise though the shrunk model's statistic differs from the gated one's: its module in
+    words, with the op ("norm (RMSNorm), whose forward takes a mean"); else None."""
+    axes = _statistic_axes(getattr(item.dep.target, "grad_fn", None))
+    if axes is None:
+        return None
+    shape, reduced = axes
+    candidates = _channel_axes(shape, {size, len(item.idxs)})
+    if not candidates or not all(axis in reduced for axis in candidates):
+        return None
+    op = type(item.dep.target.grad_fn).__name__.split("Backward")[0].lower()
+    return f"{_statistic_module(item.dep.target, names)}, whose forward takes a {op}"
+
+
+def _ambiguous_norm(tp_group, size: int, names: dict) -> str | None:
+    """A norm in ``tp_group`` (a LayerNorm/RMSNorm module, or a mean/var/std with kept dims: a
+    hand-written one's) whose normalised axes hold one but not every axis as long as the channels, in words
+    ("norm (LayerNorm)"), else None: the trace cannot tell whether it normalises over the channels."""
+    for item in tp_group.items:
+        target = item.dep.target
+        module = target.module
+        lengths = {size, len(item.idxs)}
+        if isinstance(module, _NORMS) and not isinstance(module, nn.GroupNorm):
+            shape = getattr(target, "prunekit_input_shape", None)
+            normalized = getattr(module, "normalized_shape", None)
+            if not shape or normalized is None:
+                continue
+            count = 1 if isinstance(normalized, int) else len(tuple(normalized))
+            reduced = set(range(len(shape) - count, len(shape)))
+            described = f"{names.get(module, '?')} ({type(module).__name__})"
+        elif (axes := _statistic_axes(getattr(target, "grad_fn", None))) is not None and \
+                getattr(target.grad_fn, "_saved_keepdim", False):     # kept dims: a norm's, not a pooling's
+            shape, reduced = axes
+            described = _statistic_module(target, names)
+        else:
+            continue
+        candidates = _channel_axes(tuple(shape), lengths)
+        if any(axis in reduced for axis in candidates) and not all(axis in reduced for axis in candidates):
+            return described
+    return None
+
+
 def _transformer_stream(tp_group, names: dict) -> str | None:
     """What a transformer's residual stream runs through that channel surgery cannot resize, in words
     ("norm layers channel surgery cannot resize: norm (LayerNorm) and 4 more", "the embedding width of
@@ -889,6 +1007,11 @@ def _members(tp_group, names: dict, size: int | None = None, sliced: bool = Fals
     members: list[Member] = []
     segments = 1
     has_consumer = False
+    for item in tp_group.items:            # first: a norm's statistic over the channels (named by its module)
+        if (said := _statistic_over_channels(item, names, size)) is not None:
+            return [], 1, (f"touches {said} over the channel axis, which mixes its channels (a norm's "
+                           "statistics, as torch.nn.RMSNorm's or a hand-written RMSNorm's: removing one changes the "
+                           "others), so channel surgery cannot resize it: kept dense")
     for item in tp_group.items:
         dep, idxs = item.dep, [int(i) for i in item.idxs]
         roots = getattr(item, "root_idxs", None)
@@ -906,6 +1029,9 @@ def _members(tp_group, names: dict, size: int | None = None, sliced: bool = Fals
         if not pads and ("ConstantPadNd" in grad_name or getattr(module, "pads_channels", False)):
             return [], 1, "passes through a zero-pad (option-A) shortcut: block outputs kept dense"
         if isinstance(module, nn.Parameter):     # used bare in forward, outside any layer
+            if isinstance(owner := _owner(module, names), _NORMS):     # torch.nn.RMSNorm's weight
+                return [], 1, (f"touches {names.get(owner, '?')} ({type(owner).__name__}), whose channels channel "
+                               "surgery cannot resize: kept dense")
             return [], 1, f"touches parameter {names.get(module, '?')} outside a Conv/Linear/BatchNorm layer"
         if not isinstance(module, (*_CONV, nn.Linear, _BN)) and not pads and not is_linear(module):
             if isinstance(module, _NORMS) and _norm_mixes_channels(module, dep.target, {size, len(idxs)}):

@@ -126,7 +126,8 @@ def checked_groups(model: nn.Module, groups: GroupSet, example_input: torch.Tens
 
 
 def _mismatch(group) -> str:
-    """Why ``group`` failed the check: its head count, a split of its width into heads, or MISMATCH."""
+    """Why ``group`` failed the check: its head count, a split of its width into heads, a norm over
+    an axis as long as its channels (``ChannelGroup.norm``), or MISMATCH."""
     if group.kind == "qkv_heads":
         return HEADS_MISMATCH
     if group.split is not None:
@@ -135,6 +136,10 @@ def _mismatch(group) -> str:
                 f"are split into {heads} heads of {size} by a reshape (e.g. view(B, T, {heads}, {size}), hand-written "
                 "multi-head attention), so they cannot shrink channel by channel: kept dense; whole heads are removed "
                 "from nn.MultiheadAttention and HuggingFace-style attention modules")
+    if group.norm is not None:
+        return (f"removing its channels does not compute what closing them computes: it passes {group.norm}, a norm "
+                "over an axis as long as its channels, which the dependency analysis could not tell from the "
+                "channel axis; its statistics mix the channels here (removing one changes the others): kept dense")
     return MISMATCH
 
 

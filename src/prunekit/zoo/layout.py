@@ -32,21 +32,22 @@ def mark_shrunk(module: nn.Module) -> None:
 
 
 def remember_dense(module: nn.Module) -> None:
-    """Keep ``module``'s channel counts (``_layer_entry``) before its first cut, so that the saved
+    """Keep ``module``'s channel counts (``_dense_entry``) before its first cut, so that the saved
     layout records what the fresh model must be built as (``apply_layout`` checks it)."""
     if not hasattr(module, DENSE_MARK):
-        setattr(module, DENSE_MARK, _layer_entry(module))
+        setattr(module, DENSE_MARK, _dense_entry(module))
 
 
 def remember_dense_all(model: nn.Module) -> None:
     """Keep the counts before any cut of every Conv/Linear/Conv1D-style/BatchNorm layer of ``model``,
     before channel or depth surgery cuts any: a layer the surgery leaves as it is was built so (its
-    counts are its dense ones), while a layer that later code puts into the cut model carries no
+    counts are its dense ones; a zero-pad shortcut's and HuggingFace-style attention's as built too,
+    ``_built_entry``), while a layer that later code puts into the cut model carries no
     mark, and ``channel_layout`` records no dense counts for it. In a model already cut
     (``is_shrunk``) an unmarked layer is such a layer: its size before any cut is not known (None)."""
     known = not is_shrunk(model)
     for module in model.modules():
-        if (entry := _layer_entry(module)) is not None and not hasattr(module, DENSE_MARK):
+        if (entry := _dense_entry(module)) is not None and not hasattr(module, DENSE_MARK):
             setattr(module, DENSE_MARK, entry if known else None)
 
 
@@ -64,7 +65,10 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
     """Per-layer channel counts of every Conv/Linear/BatchNorm (and Conv1D-style layer: GPT-2's,
     "in" = its weight's rows), and the channel map of every zero-pad shortcut that lost channels
     (JSON-ready). Each such layer's entry holds under "dense" its counts in the model it was cut
-    from (its own where it was not cut), which ``apply_layout`` requires of the fresh model (a model
+    from (its own where it was not cut; a zero-pad shortcut's in, out and stride and HuggingFace-style
+    attention's head count and head size, ``_built_entry``; an nn.MultiheadAttention with heads
+    removed needs none: its embed_dim and head_dim fix the head count it was built with), which
+    ``apply_layout`` requires of the fresh model (a model
     resized to an older prunekit's layout, which did not record them, records none). In a model
     with channels or blocks removed (``is_shrunk``), a layer the surgery did not see (one the
     caller's code put in since, e.g. a new head) records none either: only the counts kept by
@@ -83,10 +87,14 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
             dense = getattr(module, DENSE_MARK, None if shrunk else entry)
             layout[name] = {**entry, "dense": dense} if dense is not None else entry
         elif (attrs := hf_heads_attrs(module)) is not None:   # HuggingFace-style attention: its head count
-            layout[name] = {"attention_heads": getattr(module, attrs[1]), "head_size": getattr(module, attrs[2])}
+            entry = {"attention_heads": getattr(module, attrs[1]), "head_size": getattr(module, attrs[2])}
+            dense = getattr(module, DENSE_MARK, None if shrunk else _built_entry(module))
+            layout[name] = {**entry, "dense": dense} if dense is not None else entry
         elif getattr(module, "pads_channels", False) and not getattr(module, "padded", True):
             # a zero-pad shortcut whose channels were cut: its map from input to output channels
-            layout[name] = {"in": module.in_channels, "source": module.source_list()}
+            entry = {"in": module.in_channels, "source": module.source_list()}
+            dense = getattr(module, DENSE_MARK, None if shrunk else _built_entry(module))
+            layout[name] = {**entry, "dense": dense} if dense is not None else entry
     return layout
 
 
@@ -119,6 +127,13 @@ def layout_against(model: nn.Module, pruned_from: nn.Module) -> dict[str, dict] 
             changed = True
         dense = getattr(theirs[name], DENSE_MARK, None if theirs_cut else built)
         layout[name] = {**entry, "dense": dense} if dense is not None else entry
+    for name, spec in layout.items():       # a cut zero-pad shortcut, HuggingFace-style attention: as built there
+        if ("source" in spec or "attention_heads" in spec) and name in theirs and name in ours:
+            built = _built_entry(theirs[name])
+            dense = getattr(theirs[name], DENSE_MARK, None if theirs_cut else built)
+            spec.pop("dense", None)
+            if dense is not None and built is not None:
+                spec["dense"] = dense
     replaced = [name for name, spec in layout.items() if spec.get("removed") or "heads" in spec]
     missing = [name for name, module in theirs.items()
                if _layer_entry(module) is not None and name not in ours and not _inside(name, replaced)]
@@ -141,13 +156,36 @@ def _layer_entry(module: nn.Module) -> dict | None:
     return None
 
 
+def _built_entry(module: nn.Module) -> dict | None:
+    """What a zero-pad shortcut (``pads_channels``: its in and out channels, and its stride where it
+    is a number) or HuggingFace-style attention (its head count and head size) is built with, which
+    its layout entry records as "dense" and ``apply_layout`` requires of the fresh model; None otherwise."""
+    if getattr(module, "pads_channels", False):
+        cin, cout, stride = (getattr(module, k, None) for k in ("in_channels", "out_channels", "stride"))
+        if type(cin) is int and type(cout) is int:
+            return {"in": cin, "out": cout, **({"stride": stride} if type(stride) is int else {})}
+        return None
+    if (attrs := hf_heads_attrs(module)) is not None:
+        return {"attention_heads": getattr(module, attrs[1]), "head_size": getattr(module, attrs[2])}
+    return None
+
+
+def _dense_entry(module: nn.Module) -> dict | None:
+    """``_layer_entry``, else ``_built_entry``: the counts a layout's "dense" records for ``module``."""
+    entry = _layer_entry(module)
+    return entry if entry is not None else _built_entry(module)
+
+
 def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
     """Resize ``model``'s layers in place to ``layout`` (fresh tensors; load weights after); each layer
     resized, and ``model`` itself, is marked shrunk (``mark_shrunk``: ``save_model`` records the layout).
     ``model`` must be built as the one the layout was pruned from: each layer's counts equal to its
-    entry's "dense" ones (``_check_dense``), no Conv/Linear/BatchNorm layer the layout lacks; else one
-    line names the layer and both counts (a layout without "dense", an older prunekit's, is only
-    checked for layers wider in the file, ``_check_no_wider``)."""
+    entry's "dense" ones (``_check_dense``: a zero-pad shortcut's in/out/stride and HuggingFace-style
+    attention's head count too), an nn.MultiheadAttention that lost heads built with the saved embed_dim,
+    head_dim, bias and batch_first (``_check_attention``), no Conv/Linear/BatchNorm layer the layout
+    lacks; all checked before any layer is resized; else one line names the layer and both counts
+    (a layout without "dense", an older prunekit's, is only checked for layers wider in the file,
+    ``_check_no_wider``)."""
     modules = dict(model.named_modules())
     replaced = [name for name, spec in layout.items() if isinstance(spec, dict) and (
         spec.get("removed") or "heads" in spec)]           # layers inside these are the saved ones' own
@@ -157,7 +195,10 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             raise PrunekitError(f"the saved channel layout names layer {name!r}, which the model lacks: "
                                 "the file belongs to another architecture")
         if not _inside(name, replaced):
+            _check_kind(name, module, spec)
             _check_dense(name, module, spec)
+        elif name in replaced and isinstance(spec, dict) and "heads" in spec:
+            _check_attention(name, module, spec)
     if any(isinstance(spec, dict) and "dense" in spec for spec in layout.values()):
         for name, module in modules.items():       # a layer the saved model lacks: another architecture
             if name not in layout and _layer_entry(module) is not None and not _inside(name, replaced):
@@ -182,9 +223,12 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                 continue
             if "attention_heads" in spec:                # HuggingFace-style attention, maybe with heads removed
                 _set_attention_heads(name, module, int(spec["attention_heads"]), int(spec["head_size"]))
+                _keep_dense_as_saved(module, spec)
                 continue
             if getattr(module, "pads_channels", False) and "source" in spec:
+                _keep_dense_as_saved(module, spec)
                 module.set_source(int(spec["in"]), [int(v) for v in spec["source"]])
+                mark_shrunk(module)
                 continue
             dense = spec.get("dense")
             spec = {k: v for k, v in spec.items() if k != "dense"}
@@ -232,7 +276,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                                 "the sidecar JSON is damaged") from None
     recorded = any(isinstance(spec, dict) and "dense" in spec for spec in layout.values())
     for name, module in model.named_modules():    # left as built (as saved, or not in the layout)
-        if _inside(name, replaced) or _layer_entry(module) is None or hasattr(module, DENSE_MARK):
+        if _inside(name, replaced) or _dense_entry(module) is None or hasattr(module, DENSE_MARK):
             continue
         spec = layout.get(name)
         if recorded and isinstance(spec, dict) and isinstance(spec.get("dense"), dict):
@@ -243,6 +287,14 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             remember_dense(module)               # as built (an older prunekit's layout: as it recorded)
     mark_shrunk(model)
     return model
+
+
+def _keep_dense_as_saved(module: nn.Module, spec: dict) -> None:
+    """Give a shortcut or attention module resized to ``spec`` the counts before any cut that the
+    file records (None where it records none: an older prunekit's, resaved as it was)."""
+    dense = spec.get("dense")
+    if not hasattr(module, DENSE_MARK) or isinstance(dense, dict):
+        setattr(module, DENSE_MARK, {k: int(v) for k, v in dense.items()} if isinstance(dense, dict) else None)
 
 
 def keep_out_proj_dense(slim: nn.Module, attention: nn.Module) -> None:
@@ -260,9 +312,14 @@ def _inside(name: str, parents: list[str]) -> bool:
 
 
 def _counts(entry: dict) -> str:
-    """A layer's channel counts in words: "in 64, out 10" (a conv's groups where not 1), "64 features"."""
+    """A layer's channel counts in words: "in 64, out 10" (a conv's groups where not 1), "64 features",
+    "4 heads of 16" (HuggingFace-style attention), "in 16, out 32, stride 2" (a zero-pad shortcut)."""
     if "features" in entry:
         return f"{entry['features']} features"
+    if "attention_heads" in entry:
+        return f"{entry['attention_heads']} heads of {entry.get('head_size', '?')}"
+    if "stride" in entry:
+        return f"in {entry['in']}, out {entry['out']}, stride {entry['stride']}"
     groups = f", groups {entry['groups']}" if entry.get("groups", 1) != 1 else ""
     return f"in {entry['in']}, out {entry['out']}{groups}"
 
@@ -276,7 +333,7 @@ def _check_dense(name: str, module: nn.Module, spec: dict) -> None:
     dense = spec.get("dense") if isinstance(spec, dict) else None
     if not isinstance(dense, dict) or (hasattr(module, DENSE_MARK) and getattr(module, DENSE_MARK) is None):
         return                  # nothing to compare with: its size before a cut is not known
-    own = getattr(module, DENSE_MARK, None) or _layer_entry(module)
+    own = getattr(module, DENSE_MARK, None) or _dense_entry(module)
     if own is None:
         raise PrunekitError(f"layer {name!r} is a {type(module).__name__} in the model passed but a layer with "
                             f"{_counts(dense)} in the one the file was pruned from: pass a fresh, dense instance of "
@@ -291,6 +348,50 @@ def _check_dense(name: str, module: nn.Module, spec: dict) -> None:
         raise PrunekitError(f"layer {name!r} is built with {_counts(own)} in the model passed but had {said} in the "
                             "model the file was pruned from: build it as that one was (the same code and constructor "
                             "arguments, e.g. the class count and widths), fresh and dense")
+
+
+def _check_kind(name: str, module: nn.Module, spec: dict) -> None:
+    """Refuse, before anything is resized, a model passed whose module ``name`` is not the kind the
+    saved entry ``spec`` resizes: a zero-pad shortcut's channel map ("source") or HuggingFace-style
+    attention's head count ("attention_heads") on another module (an option-B or identity shortcut)."""
+    if not isinstance(spec, dict):
+        return
+    if "source" in spec and not getattr(module, "pads_channels", False):
+        raise PrunekitError(f"layer {name!r} is a {type(module).__name__} in the model passed but a zero-pad "
+                            "(option-A) shortcut in the model the file was pruned from: build it as that one was "
+                            "(the same code and constructor arguments, e.g. the shortcut option), fresh and dense")
+    if "attention_heads" in spec and hf_heads_attrs(module) is None:
+        raise PrunekitError(f"the saved channel layout records attention heads for {name!r}, a "
+                            f"{type(module).__name__} without q/k/v projections and a head count: the file belongs "
+                            "to another architecture")
+
+
+def _check_attention(name: str, module: nn.Module, spec: dict) -> None:
+    """Refuse a model passed whose ``name`` is not an nn.MultiheadAttention built as the one the file
+    removed heads from: the saved embed_dim and head_dim (embed_dim / head_dim heads as built), bias
+    and batch_first. Checked before anything is resized; the saved attention replaces it."""
+    try:
+        embed, size = int(spec["embed_dim"]), int(spec["head_dim"])
+        bias, batch_first = bool(spec["bias"]), bool(spec["batch_first"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise PrunekitError(f"bad channel layout entry for {name!r}: {spec!r} ({err}); "
+                            "the sidecar JSON is damaged") from None
+    said = f"{embed // size if size > 0 else '?'} heads of {size} (embed_dim {embed})"
+    fix = ("build it as that one was (the same code and constructor arguments, e.g. the head count), fresh and "
+           "dense")
+    if not isinstance(module, (nn.MultiheadAttention, SlimAttention)):
+        raise PrunekitError(f"layer {name!r} is a {type(module).__name__} in the model passed but an "
+                            f"nn.MultiheadAttention with {said} in the model the file was pruned from: {fix}")
+    built_heads = module.embed_dim // module.head_dim if module.head_dim else module.num_heads
+    own = f"{built_heads} heads of {module.head_dim} (embed_dim {module.embed_dim})"
+    if (module.embed_dim, module.head_dim) != (embed, size) or int(spec["heads"]) > built_heads:
+        raise PrunekitError(f"attention {name!r} is built with {own} in the model passed but had {said} in the "
+                            f"model the file was pruned from: {fix}")
+    own_bias = module.in_proj_bias is not None
+    if own_bias != bias or bool(getattr(module, "batch_first", False)) != batch_first:
+        raise PrunekitError(f"attention {name!r} is built with bias={own_bias}, batch_first="
+                            f"{bool(getattr(module, 'batch_first', False))} in the model passed but bias={bias}, "
+                            f"batch_first={batch_first} in the model the file was pruned from: {fix}")
 
 
 def _set_attention_heads(name: str, module: nn.Module, heads: int, head_size: int) -> None:
