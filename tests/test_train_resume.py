@@ -463,3 +463,49 @@ def test_the_checkpoint_read_ahead_is_not_kept_after_the_command(capsys, tmp_pat
     assert main(argv) == 0                                     # given back: no model built to take it
     assert "holds this training run, finished" in capsys.readouterr().err
     assert checkpoints._READ_AHEAD == {}
+
+
+def test_train_run_log_says_start_stop_resume_and_done_as_prune_s_does(capsys, tmp_path, monkeypatch):
+    """Session 54: a SIGTERM in the first epoch left run.log unwritten (the folder held only
+    config.toml: its stop recorded nowhere), and a training's run.log had only "epoch N saved" lines.
+    Now it has prune's: start, the stop, resume, done, and "already complete" for the same command again."""
+    import os
+    import signal
+    out = tmp_path / "run"
+    argv = [*TRAIN, "--epochs", "2", "--out", str(out)]
+    real_epoch = train_command.train_epoch
+
+    def terminated_in_first_epoch(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_command, "train_epoch", terminated_in_first_epoch)
+    assert main(argv) == 143
+    assert "prunekit: interrupted (SIGTERM)" in capsys.readouterr().err
+    lines = [line.split(" ", 2)[2] for line in (out / "run.log").read_text().splitlines()]
+    assert lines == ["start: train mlpnet on mnist, 2 epochs, lr 0.05, seed 0", "interrupted (SIGTERM)"], lines
+    assert not (out / "checkpoints").exists()
+
+    # stopped in its second epoch: the epoch checkpointed before it is where the same command resumes
+    calls = []
+
+    def interrupted_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_command, "train_epoch", interrupted_in_second_epoch)
+    assert main(argv) == 130
+    monkeypatch.setattr(train_command, "train_epoch", real_epoch)
+    assert main(argv) == 0
+    accuracy = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"]
+    assert main(argv) == 0
+    lines = [line.split(" ", 2)[2] for line in (out / "run.log").read_text().splitlines()]
+    assert lines[2:] == ["start: train mlpnet on mnist, 2 epochs, lr 0.05, seed 0",
+                         "epoch 1 saved to stage-001.safetensors", "interrupted (Ctrl-C)",
+                         "resume: train mlpnet on mnist, 2 epochs, lr 0.05, seed 0",
+                         "resuming after epoch 1 from stage-001.safetensors",
+                         "epoch 2 saved to stage-002.safetensors",
+                         f"done: test accuracy {accuracy:.2f}% after 2 epochs",
+                         "already complete; nothing to do"], lines

@@ -14,7 +14,10 @@ prunable weights already zero in the model given: weights methods), dense_accura
 accuracy, dense_loss, loss (None without evaluation data; accuracy None with the user's ``loss``,
 named in loss_function), seconds (pruning, BatchNorm included; the evaluations of each stage's
 record are not: their time is the stage's ``eval_seconds``), peak_rss_mb (this process's peak
-resident memory when the record was made), options (the method's, resolved), then the method's own facts (``ilp_gap``, ``kept_channels`` ...) and
+resident memory when the record was made), options (the method's, resolved), then the method's own facts (``ilp_gap``, ``kept_channels`` ...;
+a quadratic method's ``memory_estimate_mb``, its memory plan's estimated peak RSS in MB, counts what the
+process held when it planned, so like seconds and peak_rss_mb it is a measurement that differs from run to
+run, a resumed one's too: a comparison of records leaves the three out) and
 its history: ``stages`` (weights), ``events`` (gradual), ``phases`` (structured). A history
 entry's ``macs`` / ``max_macs`` count the whole model's MACs as ``macs`` / ``budget_max_macs``
 do (fixed ones such as attention products included); its ``loss`` / ``accuracy`` are the

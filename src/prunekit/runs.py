@@ -912,7 +912,8 @@ class RunCheckpointer:
 
     One file per stage holds the model state (``model/<key>``), the pipeline's own tensors
     (``kept/<key>``), the torch RNG states (``rng/torch``; each GPU's ``rng/cuda/<i>``) and, in the safetensors metadata, the
-    stage number, history and the numpy / ``random`` RNG states as JSON; one atomic write, so a
+    stage number and history as JSON (and ``rng``: ``{}``; an older version's held NumPy's and
+    ``random``'s states there, read as before and left unused: ``stages.capture_rng``); one atomic write, so a
     file is complete or absent. ``measure(model) -> dict`` (optional) adds measurements (accuracy,
     loss, counts) to the stage's record before it is written; ``on_saved(history)`` is told after
     each write. ``measure_seconds``: the time spent in ``measure`` so far, which pipelines leave

@@ -289,6 +289,7 @@ def give_back(args, folder: RunFolder, finished: dict, pruned: PrunedCheckpoint 
     how it trained them). A run that started from other weights than ``--checkpoint`` holds now
     (``refuse_changed_checkpoint``) is another run: refused."""
     refuse_changed_checkpoint(args, folder)
+    folder.log("already complete; nothing to do")       # as prune's run.log says it (read-only: nothing)
     if folder.writable and folder.checkpoints.is_dir():    # a kill came between result.json and its removal
         with contextlib.suppress(OSError):                 # (the result is printed all the same)
             _remove_own_files(folder.checkpoints)
@@ -472,6 +473,7 @@ def _train_held(args, loaded, loader, test_loader, folder, checkpointer, optimiz
     if args.out and is_main_process():     # under torchrun, rank 0 alone writes
         described = {**describe(loaded), **({"checkpoint_sha256": weights} if weights is not None else {})}
         save_pruned(args.out, loaded.model, described, record, shrunk=pruned is not None and pruned.shrunk)
+        folder.log(f"done: {args.eval_split} accuracy {accuracy:.2f}% after {args.epochs} epochs")
         shutil.rmtree(folder.checkpoints, ignore_errors=True)     # the model and result.json are written
     emit(args, record, result_lines(args, record))
     return 0
@@ -557,7 +559,22 @@ def training_folder(args, read_only: bool = False) -> RunFolder | None:
                             "to carry it on, pick another --out, or --force to replace it with this one") from None
     finally:
         collective.barrier()
+    if not read_only:
+        log_start(args, folder)
     return folder
+
+
+def log_start(args, folder: RunFolder) -> None:
+    """run.log's first line of this command in ``folder`` (just claimed, by the process that
+    writes it), as ``prune`` writes its own (``executor.execute``): "start: ..." or, where epochs are
+    checkpointed there already, "resume: ...". Written at once, before any image is decoded, so that
+    a stop from there on is written after it (``stop_recorded``). A finished run writes nothing here
+    (``give_back`` says it was given back)."""
+    if finished_record(folder) is not None:
+        return
+    begun = any(folder.checkpoints.glob("stage-*.safetensors"))
+    folder.log(f"{'resume' if begun else 'start'}: train {args.model} on {args.data}, {args.epochs} epochs, "
+               f"lr {args.lr:g}, seed {args.seed}")
 
 
 def run_config(args) -> str:

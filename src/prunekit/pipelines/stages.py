@@ -14,7 +14,7 @@ pruning with fine-tuning) plugs in with two calls and nothing else::
 
 Contract for the pipeline:
   * Everything the next stage depends on lives in the model's ``state_dict()`` (weights, masks as
-    zeros, BatchNorm buffers), in ``ctx.history``, in the torch / numpy / ``random`` RNG states,
+    zeros, BatchNorm buffers), in ``ctx.history``, in the torch RNG states (CPU, each GPU's),
     or in the tensors the pipeline hands ``stage_completed`` (``resume_stages`` gives them back).
     A pipeline with other state (an optimizer's momentum, a mask not implied by zeros) must put
     it into the model, the history or those tensors before ``stage_completed``.
@@ -33,11 +33,9 @@ moment and resumed ends with bit-identical weights to one never interrupted.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -80,30 +78,28 @@ def measure_seconds(checkpointer: StageCheckpointer | None) -> float:
 
 
 def capture_rng() -> dict:
-    """The torch (CPU), numpy and ``random`` generator states, as JSON-able data + one tensor,
-    and, once this process has used CUDA, each GPU's generator (``"cuda"``: a list of tensors;
-    dropout on a GPU draws from it)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state().clone(),
-             "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
-             "random": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    """The torch CPU generator's state (``"torch"``: a uint8 tensor) and, once this process has
+    used CUDA, each GPU's generator (``"cuda"``: a list of tensors; dropout on a GPU draws from it).
+
+    NumPy's and Python's ``random`` global generators are not captured: nothing prunekit runs draws
+    from them (a user's loader that does is replayed with its own states, ``data.replay``), and
+    prunekit never seeds them, so their states only made two runs' checkpoints differ in bytes
+    (session 54). Checkpoints of older versions that hold them still load (``restore_rng`` leaves
+    them unread)."""
+    state = {"torch": torch.get_rng_state().clone()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [torch.cuda.get_rng_state(i).clone() for i in range(torch.cuda.device_count())]
     return state
 
 
 def restore_rng(state: dict) -> None:
-    """Undo ``capture_rng`` (GPU generators only where this process has as many GPUs)."""
+    """Undo ``capture_rng`` (GPU generators only where this process has as many GPUs). An older
+    checkpoint's ``"numpy"`` / ``"random"`` states are left unread: nothing prunekit runs draws from
+    those generators, and setting them would only change the caller's."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available() and torch.cuda.device_count() >= len(state["cuda"]):
         for index, cuda_state in enumerate(state["cuda"]):
             torch.cuda.set_rng_state(cuda_state, index)
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    r = state["random"]
-    random.setstate((r["version"], tuple(r["internal"]), r["gauss_next"]))
 
 
 def resume_stages(ctx, tensors: dict | None = None) -> int:
