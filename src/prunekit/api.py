@@ -43,8 +43,8 @@ from .api_checks import (check_arguments, check_data, check_default_loss, check_
                          check_loss, check_not_meta, check_runs_on, first_batch, plain_numbers)
 from .data.dataset import DeferredImageDataset, ImageDataset, refuse_raw_pixels
 from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pass
-from .data.replay import (ReplayedLoader, loader_generators, rng_states, set_rng_states, states_from_json,
-                          states_to_json)
+from .data.replay import (READS_AT_PASS, ReplayedLoader, loader_generators, rng_states, set_rng_states,
+                          states_from_json, states_to_json)
 from .distributed import check_same_start, current, launched_by_torchrun
 from .errors import PrunekitError, PrunekitWarning, note, single_sample_batchnorm
 from .executor import execute, python_model_description
@@ -222,7 +222,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             text = _config_text(config, plan.method, loss, options)
             folder = claim_on_rank_0(out, text, force=force, device=_model_device(model), python=True,
                                      code_detail=_code_detail(out, force, config, code_before))
-            told = _say_unchecked(folder, config, text)
+            older = _read_otherwise(folder, data)
+            told = _say_unchecked(folder, config, text, older)
             _keep_streams(folder, {"data": train_batches, "eval_data": eval_batches})
             _say_given_back(folder, text,
                             {"data": (data, train_batches), "eval_data": (eval_data, eval_batches)}, told)
@@ -666,12 +667,13 @@ def _batch_size_of(data, eval_data, batch_size: int) -> int | str:
     return "the data's own"
 
 
-def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> bool:
+def _say_unchecked(folder: RunFolder, config: dict, config_text: str, older: bool = False) -> bool:
     """Warn (once, and in run.log) when the run in ``folder`` is carried on or its result given back
     over data (or eval_data) whose contents could not be fingerprinted (``data_identity``: an
     arbitrary Dataset or iterable): only its form and sample count were compared with what it
     started with; or with a function or module of the user's that could not be hashed faithfully
-    (``_code_fingerprints``' "unchecked: ..."). Whether it warned."""
+    (``_code_fingerprints``' "unchecked: ..."). ``older``: a finished run started by a prunekit that
+    read ``lambda: loader`` otherwise (``_read_otherwise``), said too. Whether it warned."""
     unchecked = [f"{what} ({config[what + '_form']})"
                  for what in ("data", "eval_data") if what + "_form" in config and what + "_sha256" not in config]
     code = [f"{key[:-len('_fingerprint')]}= ({value[len(runs.UNCHECKED):]})" for key, value in config.items()
@@ -693,6 +695,9 @@ def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> bool:
         said.append(f"this call's {' and '.join(code)} could not be checked against what it was made with")
     changed = " or ".join((["the data"] if unchecked else []) + (["that code or what it holds"] if code else []))
     message = f"{folder.path}: {done}, but {'; and '.join(said)}; clear it with force=True if {changed} changed"
+    if older and runs.finished_run(folder):
+        message += (" (it was written by a prunekit that read `lambda: loader` otherwise: this one would compute "
+                    "another model; force=True runs it anew)")
     if folder.writable:
         folder.log(message)
     warn_ours(PrunekitWarning(message))
@@ -888,8 +893,48 @@ def _keep_streams(folder: RunFolder, streams: dict) -> None:
             "stages left read a shuffled or randomly transformed loader as drawn from this call's RNGs, so the "
             "result may differ from an uninterrupted run's (clear it with force=True to run anew)"))
         return
-    if folder.writable:
-        atomic_write_json(path, {what: states_to_json(b.states) for what, b in replayed.items()})
+    if folder.writable:         # (how a prunekit loader a function gives is read: _read_otherwise)
+        atomic_write_json(path, {what: {**states_to_json(b.states), "prunekit_loader": READS_AT_PASS}
+                                 for what, b in replayed.items()})
+
+
+def _read_otherwise(folder: RunFolder, data) -> bool:
+    """Whether the run in ``folder``, unfinished with checkpoints or finished, was started by a
+    prunekit that read ``data``, a function giving a prunekit loader (``lambda: loader`` over a
+    ``BatchLoader``), otherwise than this one does (``replay.at_pass``): its ``runs.DATA_RNG`` has
+    no ``prunekit_loader`` for ``data`` (that version read the user's loader itself, pass after
+    pass, in its own batches). Carried on, its stages mix the two versions' batches, so its model
+    is neither version's: said here once, in run.log and on stderr (a ``PrunekitWarning``, rank 0);
+    a finished one is given back as stored (``_say_unchecked`` says so). The function is called once,
+    under RNG states put back after, only for such a folder. False for anything else (tensors, a
+    Dataset, a DataLoader, a prunekit loader passed as it is, a folder claimed afresh)."""
+    if folder.claimed_afresh or current().rank != 0 or not callable(data) or map_style(data) is not None \
+            or isinstance(data, (BatchLoader, torch.utils.data.DataLoader)):
+        return False
+    try:
+        saved = json.loads((folder.path / runs.DATA_RNG).read_text())
+        done = runs.finished_run(folder)
+    except (OSError, ValueError, PrunekitError):     # none (an older prunekit's: _keep_streams says so)
+        return False
+    entry = saved.get("data") if isinstance(saved, dict) else None
+    if not isinstance(entry, dict) or "prunekit_loader" in entry \
+            or not (done or any(folder.checkpoints.glob("stage-*.safetensors"))):
+        return False
+    theirs = rng_states([])
+    try:
+        made = data()
+    finally:
+        set_rng_states([], theirs)
+    if not isinstance(made, (BatchLoader, ReplayedLoader)):
+        return False
+    if not done:
+        line = (f"{folder.path} was written by a prunekit that read `lambda: loader` (a function giving a prunekit "
+                "loader) otherwise: carried on, this run's weights match no uninterrupted run (of either version); "
+                "run it anew with force=True for a reproducible result")
+        if folder.writable:
+            folder.log(line)
+        warn_ours(PrunekitWarning(line))
+    return True
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -18,6 +18,12 @@ import torch
 
 _END = object()
 
+# how this version's replay reads a prunekit loader that a user's function gives (``at_pass``: a copy
+# at the loader's epoch moved on by the replay's, in ``ReplayedLoader.batch_size`` batches): a run
+# folder's data-rng.json records it with each stream's states (key ``prunekit_loader``); one started
+# by an older prunekit, which read that loader itself, pass after pass, in its own batches, has none
+READS_AT_PASS = "at_pass"
+
 
 class ReplayedLoader:
     """The batches of ``make()`` with the randomness they draw replayed.
