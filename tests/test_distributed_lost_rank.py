@@ -3,6 +3,7 @@ line's one line as a ``PrunekitError``, not torch's raw gloo error."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def test_a_rank_lost_in_prunekit_prune_raises_the_command_lines_one_line_as_a_pr
 
 # `prunekit ARGS` whose rank 0 computes (sleeps in Python, in no collective) once stage 1 is saved; rank 1,
 # which has no file to write, goes on to stage 2's first collective and waits there for rank 0, or (DIE=1)
-# dies on its own (os._exit: a crash, the OOM killer) a moment after it saved stage 1
+# dies on its own (os._exit: a crash, the OOM killer) a moment after it saved stage 1 (a rank 2 waits as rank 1 does)
 _RANK_0_COMPUTING_AFTER_STAGE_1 = """
 import os, sys, time
 from prunekit.runs import RunCheckpointer
@@ -83,9 +84,9 @@ save = RunCheckpointer.save
 def save_then_compute(self, state, model):
     save(self, state, model)
     if os.environ["RANK"] == "0":
-        open(os.environ["MARK"], "w").close()
+        open(os.environ["MARK"], "w").write(str(os.getpid()))
         time.sleep(600)
-    elif os.environ.get("DIE") == "1":
+    elif os.environ.get("DIE") == "1" and os.environ["RANK"] == "1":
         time.sleep(1)
         os._exit(9)
 RunCheckpointer.save = save_then_compute
@@ -138,3 +139,67 @@ def test_a_rank_lost_while_rank_0_computes_is_named_and_a_stopped_launcher_is_no
                          f"{out}`"], err[-3000:]
         assert len(stops) == 1 and stops[0].endswith("interrupted (SIGTERM)"), stops
     assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def _launch_computing(tmp_path, ranks: int, die: bool):
+    """torchrun of ``_RANK_0_COMPUTING_AFTER_STAGE_1`` with ``ranks`` ranks; returns (launcher, out, mark)."""
+    from test_distributed_cli import PRUNE
+    out, mark, script = tmp_path / "run", tmp_path / "rank-0-computes", tmp_path / "computing.py"
+    script.write_text(_RANK_0_COMPUTING_AFTER_STAGE_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src"),
+           "MARK": str(mark), "DIE": "1" if die else "0"}
+    args = [a for a in PRUNE if a != "--json"]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script),
+                                 *args, "--out", str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return launcher, out, mark
+
+
+def _rank_0_pid(launcher, mark) -> int:
+    deadline = time.monotonic() + 180
+    while not (mark.exists() and mark.read_text()):
+        assert time.monotonic() < deadline and launcher.poll() is None, "stage 1 never came"
+        time.sleep(0.2)
+    return int(mark.read_text())
+
+
+def test_a_sigterm_to_rank_0_alone_is_a_sigterm_stop_not_a_lost_rank_1(tmp_path):
+    """``kill -TERM`` of rank 0 alone (the process a user sees) while rank 1 waits, alive, inside a
+    collective: rank 1 says nothing in the store (it got no SIGTERM), and its silence was taken as its
+    death: "rank 1 was lost: it stopped on its own", exit 1. A silent rank whose process still runs is
+    not lost: ``interrupted (SIGTERM)``, exit 143."""
+    launcher, out, mark = _launch_computing(tmp_path, 2, die=False)
+    try:
+        pid = _rank_0_pid(launcher, mark)
+        time.sleep(3)                               # rank 1 waits in stage 2's first collective
+        os.kill(pid, signal.SIGTERM)
+        _, err = launcher.communicate(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    lines = [line for line in err.splitlines() if line.startswith("prunekit:")]
+    assert lines == [f"prunekit: interrupted (SIGTERM); resume with `torchrun ... -m prunekit prune --resume "
+                     f"{out}`"], err[-3000:]
+    stops = [line for line in (out / "run.log").read_text().splitlines() if "interrupted" in line]
+    assert len(stops) == 1 and stops[0].endswith("interrupted (SIGTERM)"), stops
+    assert re.search(r"rank\s*:\s*0 .*\n.*\n?\s*exitcode\s*:\s*143", err) or "exitcode  : 143" in err, err[-3000:]
+
+
+def test_three_ranks_one_dies_names_that_rank_alone_not_the_one_that_reported_it(tmp_path):
+    """Three ranks: rank 1 dies on its own while rank 0 computes and rank 2 waits in a collective. Rank 2's
+    collective fails at once and it reports the loss itself (it ignores SIGTERM from then on, so it never
+    says "stopped"); rank 0, SIGTERMed by torchrun, named it too: "rank 1, 2 was lost". Only rank 1 is."""
+    launcher, out, mark = _launch_computing(tmp_path, 3, die=True)
+    try:
+        _rank_0_pid(launcher, mark)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    rank_0 = [line for line in err.splitlines() if line.startswith("prunekit: error: rank 0:")]
+    assert len(rank_0) == 1 and "(rank 1 was lost: it stopped on its own" in rank_0[0], err[-3000:]
+    stops = [line for line in (out / "run.log").read_text().splitlines() if "interrupted" in line]
+    assert len(stops) == 1 and "rank 2" not in stops[0], stops

@@ -372,14 +372,18 @@ def test_pruned_from_the_model_as_built_allows_the_layers_of_removed_blocks(tmp_
 class _Heads(nn.Module):
     """_Attention with the head count (and batch_first) as build arguments."""
 
-    def __init__(self, heads=4, batch_first=True):
+    def __init__(self, heads=4, batch_first=True, kdim=None, add_bias_kv=False):
         super().__init__()
-        self.emb, self.attn = nn.Linear(6, 16), nn.MultiheadAttention(16, heads, batch_first=batch_first)
+        self.kdim = kdim
+        self.emb = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, heads, batch_first=batch_first, kdim=kdim, vdim=kdim,
+                                          add_bias_kv=add_bias_kv)
         self.fc = nn.Linear(16, 5)
 
     def forward(self, x):
         h = self.emb(x)
-        return self.fc((h + self.attn(h, h, h, need_weights=False)[0]).mean(1))
+        kv = x if self.kdim else h          # keys and values: the raw 6 features where kdim=6
+        return self.fc((h + self.attn(h, kv, kv, need_weights=False)[0]).mean(1))
 
 
 @pytest.mark.parametrize("built,said", [
@@ -389,7 +393,10 @@ class _Heads(nn.Module):
                    "4 (embed_dim 16)"),
     ({"batch_first": False}, "attention 'attn' is built with bias=True, batch_first=False in the model passed but "
                              "bias=True, batch_first=True"),
-], ids=["more heads", "fewer heads", "not batch first"])
+    ({"kdim": 6}, "attention 'attn' is built with kdim=6, vdim=6 in the model passed but kdim=vdim=16 (its "
+                  "embed_dim), add_bias_kv=False, add_zero_attn=False in the model the file was pruned from"),
+    ({"add_bias_kv": True}, "attention 'attn' is built with add_bias_kv=True in the model passed but kdim=vdim=16"),
+], ids=["more heads", "fewer heads", "not batch first", "kdim vdim", "add_bias_kv"])
 def test_attention_with_heads_removed_refuses_a_model_built_with_another_head_count(tmp_path, built, said):
     """An nn.MultiheadAttention that lost heads is replaced by the saved SlimAttention: a model built
     with another head count (same embed_dim, so every Linear fits) loaded quietly as the saved one."""
@@ -423,7 +430,7 @@ def _cut_resnet20():
                  "out 32, stride 2 in the model the file was pruned from"),
     ("narrower in", "layer 'layer2.0.shortcut' is built with in 8, out 32, stride 2 in the model passed but had in 16, "
                     "out 32, stride 2"),
-    ("identity", "layer 'layer2.0.shortcut' is a Identity in the model passed but a zero-pad (option-A) shortcut in "
+    ("identity", "layer 'layer2.0.shortcut' is an Identity in the model passed but a zero-pad (option-A) shortcut in "
                  "the model the file was pruned from"),
 ])
 def test_a_cut_zero_pad_shortcut_refuses_a_model_whose_shortcut_is_built_otherwise(tmp_path, shortcut, said):

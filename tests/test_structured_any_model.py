@@ -890,3 +890,69 @@ def test_a_norm_over_an_axis_as_long_as_the_channels_but_not_them_is_pruned_as_g
         small = shrink(model, groups, masks, x)
         assert small.a.out_channels == 5
         assert (small(x) - gated).abs().max() <= 1e-5 * gated.abs().max()
+
+
+class _SEShuffle(nn.Module):
+    """x (B, 3, S, S): a (8 channels) -> squeeze-and-excitation (a spatial mean, fc1, fc2) -> a channel
+    shuffle -> b -> head: with S == 8 the SE mean's axes (H, W) are as long as the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        s = x.mean((2, 3), keepdim=True).flatten(1)
+        x = x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))[:, :, None, None]
+        B, C, H, W = x.shape
+        x = x.view(B, 2, C // 2, H, W).transpose(1, 2).reshape(B, C, H, W)
+        return self.head(torch.relu(self.b(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("side", [8, 9])
+def test_a_squeeze_and_excitation_mean_is_not_taken_for_a_norm_when_its_spatial_size_equals_the_channels(side):
+    """An SE block's spatial mean with C == H == W was recorded as a norm over an axis as long as the
+    channels, and the channel shuffle's refusal blamed it ("a norm ... its statistics mix the channels").
+    Its mean feeds Linear layers, not its own input: the same reason as with H == W == 9."""
+    torch.manual_seed(0)
+    model, x = _SEShuffle().eval(), torch.randn(2, 3, side, side)
+    found = find_groups(model, x)
+    assert all(g.norm is None for g in found), [(g.root, g.norm) for g in found]
+    skipped = dict(checked_groups(model, found, x).skipped)
+    assert skipped["fc2"].startswith("removing its channels does not compute what closing them computes (an "
+                                     "operation between its layers moves or mixes channels"), skipped
+
+
+class _InlineRMS(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.proj, self.head = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.up(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)     # an RMSNorm in the model's own forward
+        return self.head(torch.relu(self.proj(h)))
+
+
+def test_a_statistic_in_the_models_own_forward_is_not_pinned_on_the_layer_it_feeds():
+    """"touches proj (Linear), whose forward takes a mean": proj's forward takes none, the model's does."""
+    groups = find_groups(_InlineRMS().eval(), torch.randn(4, 12))
+    why = dict(groups.skipped)["up"]
+    assert why.startswith("touches a mean taken in the model's forward over the channel axis"), why
+    assert "proj" not in why
+
+
+def test_find_groups_works_on_a_model_with_a_torchscript_submodule():
+    """A torch.jit.script submodule takes no forward hooks: find_groups raised (from register_forward_hook),
+    refused as a torch-pruning failure; it finds the groups around it again."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.s, self.b = nn.Linear(8, 16), torch.jit.script(nn.ReLU()), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(self.s(self.a(x)))
+    assert [g.root for g in find_groups(Net().eval(), torch.randn(2, 8))] == ["a"]

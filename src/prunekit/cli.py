@@ -315,9 +315,6 @@ def _chain(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
-_verdicts: dict[int, RuntimeError | None] = {}     # id(the collective's error) -> lost_peer's verdict
-
-
 def lost_peer(err: BaseException) -> RuntimeError | None:
     """Under torchrun, the collective error that stopped this rank where the reason is a rank
     that stopped on its own (``kill -9``, a crash, the group's timeout): None where nothing
@@ -325,19 +322,18 @@ def lost_peer(err: BaseException) -> RuntimeError | None:
     peer left for a SIGTERM or a refusal of its own (``distributed.peers_stopped``). torchrun
     SIGTERMs the ranks left once one dies, and that SIGTERM could come before, during or after
     this rank's handling of the failed collective: the store, not the order of arrival, decides.
-    The verdict is kept per error, so run.log and the printed line agree."""
+    The verdict is kept on the error, so run.log and the printed line agree."""
     if not distributed.launched_by_torchrun():
         return None
     failed = next((e for e in _chain(err) if isinstance(e, RuntimeError) and _lost_rank(e)), None)
     if failed is None:
         return None
-    if id(failed) not in _verdicts:
+    if not hasattr(failed, "prunekit_rank_lost"):      # (kept on the error: asked again, the same answer)
         gone = distributed.launcher_lost() or _first_line(failed).startswith(distributed.LAUNCHER_GONE)
         stopped = None if gone else distributed.peers_stopped(interrupts.terminated())
         # no store that answers: as before, a SIGTERM's stop if one came, else a lost rank
-        lost = not gone and (stopped is False or stopped is None and not interrupts.terminated())
-        _verdicts[id(failed)] = failed if lost else None
-    return _verdicts[id(failed)]
+        failed.prunekit_rank_lost = not gone and (stopped is False or stopped is None and not interrupts.terminated())
+    return failed if failed.prunekit_rank_lost else None
 
 
 def _lost_line(failed: RuntimeError) -> str:
@@ -473,6 +469,7 @@ def _main(argv: list[str] | None) -> int:
             if distributed.is_main_process():
                 print(f"prunekit: interrupted ({distributed.LAUNCHER_GONE}); {_how_to_resume(args)}", file=sys.stderr)
             raise _RankLost from None
+        distributed.say_reported()          # a peer SIGTERMed meanwhile names the lost rank, not this one
         _log_stop(args, f"interrupted: a rank stopped or could not be reached ({first})", err)
         if distributed.peer_refused():      # that rank printed its refusal: the one line of this run
             raise _RankLost(2) from None
@@ -500,6 +497,7 @@ def _interrupted(args, err: BaseException) -> int:
                 return 2
         failed = lost_peer(err)
         if failed is not None:             # a rank died and torchrun SIGTERMed the rest: the lost rank is the news
+            distributed.say_reported()
             _log_stop(args, _lost_line(failed), err)
             print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached "
                   f"({_first_line(failed)}); {_how_to_resume(args)}", file=sys.stderr)
@@ -520,28 +518,31 @@ def _interrupted(args, err: BaseException) -> int:
     return code
 
 
-_silent_verdicts: dict[int, str | None] = {}     # id(the KeyboardInterrupt) -> _lost_outside_collectives
-
-
 def _lost_outside_collectives(err: BaseException) -> str | None:
     """Under torchrun, after a SIGTERM that stopped this rank outside any collective (it was computing:
-    nothing failed, so ``lost_peer`` has no error to judge): the ranks that never said they stopped for a
-    SIGTERM or a refusal (``distributed.silent_peers``). torchrun sends SIGTERM to the ranks left once
-    one dies, and such a stop was reported as ``interrupted (SIGTERM)``, the lost rank unnamed. [] for a
-    stop every rank was sent (a stopped launcher: each rank says so the moment its SIGTERM comes, even
-    inside a collective), without a store that answers, or for any other stop. Said as what happened
-    ("rank 1 was lost: ..."), None where no rank was lost; the verdict is kept per stop, so run.log
-    (``stop_line``) and the printed line agree."""
+    nothing failed, so ``lost_peer`` has no error to judge): the ranks known to be lost
+    (``distributed.silent_peers``: silent in the store and their process ended). torchrun sends SIGTERM
+    to the ranks left once one dies, and such a stop was reported as ``interrupted (SIGTERM)``, the lost
+    rank unnamed. None for a stop every rank was sent (a stopped launcher: each rank says so the moment
+    its SIGTERM comes, even inside a collective), a SIGTERM sent to this rank alone (its peers alive),
+    a peer that only reported the loss itself, no store that answers, or any other stop. Said as what
+    happened ("rank 1 was lost: ..."); the verdict is kept on ``err``, so run.log (``stop_line``) and the
+    printed line agree."""
     if not (distributed.launched_by_torchrun() and isinstance(err, KeyboardInterrupt) and interrupts.terminated()):
         return None
     if distributed.launcher_lost() or any(isinstance(e, RuntimeError) and _lost_rank(e) for e in _chain(err)):
         return None
-    if id(err) not in _silent_verdicts:
-        silent = distributed.silent_peers() or []
-        _silent_verdicts[id(err)] = (f"rank {', '.join(map(str, silent))} was lost: it stopped on its own (killed, "
-                                     "crashed or out of memory), not for a SIGTERM, and torchrun stopped the others"
-                                     if silent else None)
-    return _silent_verdicts[id(err)]
+    if not hasattr(err, "prunekit_lost_ranks"):
+        err.prunekit_lost_ranks = distributed.silent_peers() or []
+    lost = err.prunekit_lost_ranks
+    if not lost:
+        return None
+    if len(lost) == 1:
+        return (f"rank {lost[0]} was lost: it stopped on its own (killed, crashed or out of memory), not for a "
+                "SIGTERM, and torchrun stopped the others")
+    names = ", ".join(map(str, lost[:-1])) + f" and {lost[-1]}"
+    return (f"ranks {names} were lost: they stopped on their own (killed, crashed or out of memory), not for a "
+            "SIGTERM, and torchrun stopped the others")
 
 
 def _ending_on_our_own() -> None:

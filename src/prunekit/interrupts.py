@@ -5,6 +5,10 @@ callback that the interpreter runs for itself (a weakref's or ``__del__``'s: a D
 ``WeakSet`` cleanup, session 44), it is printed as "Exception ignored" and the run goes on. While
 :func:`caught` is active, a SIGINT is also remembered, and :func:`check` raises it again at the
 next safe point (between a sweep's runs, after a stage's checkpoint), so the run stops there.
+Under a launcher of several processes (WORLD_SIZE above 1: torchrun) :func:`caught` also starts a
+thread that sees a SIGTERM the moment it comes, even while the main thread waits in a collective
+(``_sigterm_told``), and calls the ``on_sigterm`` callbacks; the program's own signal wakeup fd
+(asyncio's) still gets every signal.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ _on_sigterm: list = []             # called from a thread of their own the momen
 
 def on_sigterm(callback) -> None:
     """Call ``callback()`` (no arguments, quick, never raising) from a thread of its own the moment a
-    SIGTERM reaches this process while :func:`caught` is active, whatever the main thread is doing:
+    SIGTERM reaches this process while :func:`caught` is active under a launcher of several processes
+    (WORLD_SIZE above 1; with one process nothing calls it), whatever the main thread is doing:
     Python runs a signal handler only when the main thread is back in the interpreter, so a rank
     waiting inside a collective (C++) said nothing of its SIGTERM until that collective ended. Under
     torchrun ``distributed.say_stopped`` is registered (once), so a peer that gets its own SIGTERM
@@ -38,7 +43,9 @@ def on_sigterm(callback) -> None:
 def _sigterm_told():
     """While active (main thread), a thread reads the signals Python's C-level handler writes to a
     wakeup socket (``signal.set_wakeup_fd``: written at once, even while the main thread waits in C++)
-    and calls the ``on_sigterm`` callbacks (those registered by then) at a SIGTERM. Only under a
+    and calls the ``on_sigterm`` callbacks (those registered by then) at a SIGTERM. Every byte read is
+    passed on to the wakeup fd the program had set before (asyncio's, for ``add_signal_handler``), so
+    its signals still reach it. Only under a
     launcher of several processes (WORLD_SIZE above 1: torchrun), where the CLI joins the group, and
     registers ``say_stopped``, inside this block."""
     if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
@@ -62,6 +69,9 @@ def _sigterm_told():
                 return
             if not got:
                 return
+            if previous >= 0:                   # the program's own wakeup fd (asyncio's): every byte, as it would have had it
+                with contextlib.suppress(OSError):
+                    os.write(previous, got)
             if signal.SIGTERM in got:
                 for callback in list(_on_sigterm):
                     try:

@@ -160,6 +160,7 @@ def init_from_env(device: str | None = None, timeout_s: float | None = None) -> 
     dist.init_process_group(group_backend(), timeout=timedelta(seconds=timeout_s))
     atexit.register(_leave_at_exit, dist.GroupMember.WORLD)
     watch_launcher()
+    say_process()
     interrupts.on_sigterm(say_stopped)       # said at once, even while this rank waits in a collective
     return True
 
@@ -423,6 +424,26 @@ def say_stopped() -> None:
         pass
 
 
+def _said(store, prefix: str, whys: tuple[str, ...]):
+    """rank -> whether that rank posted one of ``whys`` for itself: "stopped" (a SIGTERM,
+    ``say_stopped``), "refused" (``print_refusal``), "reported" (a lost rank it reported, ``say_reported``)."""
+    return lambda other: any(store.check([f"{prefix}/{why}/{other}"]) for why in whys)
+
+
+def _await_words(waiting: set[int], said, wait_s: float, gone=None) -> set[int]:
+    """The ranks of ``waiting`` still silent (``said`` false) after at most ``wait_s`` seconds; with
+    ``gone`` (rank -> whether its process is known to have ended), the wait ends early once every
+    silent rank is gone (a rank posts its word before it ends: silent and gone stays silent)."""
+    deadline = time.monotonic() + wait_s
+    waiting = {r for r in waiting if not said(r)}
+    while waiting and time.monotonic() < deadline:
+        if gone is not None and all(gone(r) for r in waiting):
+            return {r for r in waiting if not said(r)}      # (said just before it ended)
+        time.sleep(0.05)
+        waiting = {r for r in waiting if not said(r)}
+    return waiting
+
+
 def peers_stopped(sigterm: bool, wait_s: float = STOPPED_WAIT_S) -> bool | None:
     """After a collective failed because a peer left: whether every other rank left for a SIGTERM
     (``say_stopped``) or a refusal of its own (``print_refusal``), not on its own (``kill -9``, a
@@ -436,41 +457,97 @@ def peers_stopped(sigterm: bool, wait_s: float = STOPPED_WAIT_S) -> bool | None:
         store, prefix = _keys()
         rank, ranks = dist.get_rank(), dist.get_world_size()
         with _quiet_c10d():
-            def said(other: int) -> bool:
-                return store.check([f"{prefix}/stopped/{other}"]) or store.check([f"{prefix}/refused/{other}"])
+            said = _said(store, prefix, ("stopped", "refused"))
             waiting = {r for r in range(ranks) if r != rank and not said(r)}
             if waiting and not sigterm and len(waiting) == ranks - 1:
                 return False
-            deadline = time.monotonic() + wait_s
-            while waiting and time.monotonic() < deadline:
-                time.sleep(0.05)
-                waiting = {r for r in waiting if not said(r)}
-            return not waiting
+            return not _await_words(waiting, said, wait_s)
     except Exception:        # noqa: BLE001 - no store that answers
         return None
 
 
+def say_reported() -> None:
+    """Say (in the group's store) that this rank ends reporting a lost rank itself (its collective
+    failed: ``cli``), before it leaves: a peer stopped by torchrun's SIGTERM then names the rank that
+    died, not this one (``silent_peers``). No-op without a group or a store that answers."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or _launcher_lost:
+        return
+    try:
+        store, prefix = _keys()
+        with _quiet_c10d():
+            store.set(f"{prefix}/reported/{dist.get_rank()}", "1")
+    except Exception:        # noqa: BLE001 - no store that answers: nothing to say it in
+        pass
+
+
+def _this_process() -> str:
+    """"MACHINE PID": MACHINE names this process's pid namespace on this boot (host name, boot id,
+    the namespace's inode), so two ranks with the same MACHINE can look at each other's pid."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(open(path).read().strip() if path.startswith("/proc/sys") else str(os.stat(path).st_ino))
+        except OSError:
+            parts.append("?")
+    return f"{'|'.join(parts).replace(' ', '_')} {os.getpid()}"
+
+
+def say_process() -> None:
+    """Post this rank's process (``_this_process``) in the group's store once it joined: a peer on the
+    same machine can then tell whether this rank's process still runs (``silent_peers``)."""
+    try:
+        store, prefix = _keys()
+        with _quiet_c10d():
+            store.set(f"{prefix}/process/{dist.get_rank()}", _this_process())
+    except Exception:        # noqa: BLE001 - no store that answers: a peer will not know (it says SIGTERM)
+        pass
+
+
+def _process_ended(pid: int) -> bool:
+    """Whether process ``pid`` (on this machine) has ended: no such process, or a zombie not yet reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def silent_peers(wait_s: float = STOPPED_WAIT_S) -> list[int] | None:
     """After this rank got a SIGTERM outside any collective (its work under way, nothing failed): the
-    other ranks that said neither that they stopped for a SIGTERM (``say_stopped``, posted the moment
-    the signal comes) nor a refusal (``print_refusal``) within ``wait_s`` seconds, rank order. torchrun
-    sends SIGTERM to every rank when its launcher is stopped, and to the ranks left when one dies: a
-    rank that never says so was lost (``kill -9``, a crash, ``os._exit``). None without a group or a
-    store that answers (or with the launcher gone)."""
+    other ranks known to be lost, rank order. torchrun sends SIGTERM to every rank when its launcher is
+    stopped, and to the ranks left when one dies; a SIGTERM may also be sent to this process alone. A
+    rank counts as lost only on evidence: it said nothing (``say_stopped``, ``print_refusal``,
+    ``say_reported``) within ``wait_s`` seconds AND its process, on this machine, has ended (``kill
+    -9``, a crash, ``os._exit``). A silent rank whose process runs (waiting in a collective) or that
+    runs on another machine is not named: the stop is then this rank's SIGTERM. None without a group
+    or a store that answers (or with the launcher gone)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or _launcher_lost:
         return None
     try:
         store, prefix = _keys()
         rank, ranks = dist.get_rank(), dist.get_world_size()
+        machine = _this_process().split(" ")[0]
         with _quiet_c10d():
-            def said(other: int) -> bool:
-                return store.check([f"{prefix}/stopped/{other}"]) or store.check([f"{prefix}/refused/{other}"])
-            waiting = {r for r in range(ranks) if r != rank and not said(r)}
-            deadline = time.monotonic() + wait_s
-            while waiting and time.monotonic() < deadline:
-                time.sleep(0.05)
-                waiting = {r for r in waiting if not said(r)}
-            return sorted(waiting)
+            pids = {}
+            for other in range(ranks):
+                key = f"{prefix}/process/{other}"
+                if other != rank and store.check([key]):
+                    where, pid = store.get(key).decode().rsplit(" ", 1)
+                    if where == machine:
+                        pids[other] = int(pid)
+
+            def gone(other: int) -> bool:
+                return other in pids and _process_ended(pids[other])
+
+            said = _said(store, prefix, ("stopped", "refused", "reported"))
+            silent = _await_words({r for r in range(ranks) if r != rank}, said, wait_s, gone)
+            return sorted(r for r in silent if gone(r))
     except Exception:        # noqa: BLE001 - no store that answers
         return None
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..costs import CostModel, is_conv1d_style
 from ..errors import PrunekitError
-from .groups import _NORMS, TransposedLinearPruner, conv1d_pruners, find_groups, pad_pruners
+from .groups import NORM_LAYERS, TransposedLinearPruner, conv1d_pruners, find_groups, pad_pruners
 from .shrink import checked_groups
 
 TP_METHODS = ("tp-magnitude", "tp-taylor")
@@ -155,7 +155,7 @@ def tp_prune(model: nn.Module, method: str, flops: float, example_input: torch.T
     rootable = (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
     layers = {layer.name for layer in costs.weight_layers()} | \
         {name for name, m in model.named_modules() if isinstance(m, rootable) or is_conv1d_style(m)}
-    norms = {name for name, m in model.named_modules() if isinstance(m, _NORMS)}
+    norms = {name for name, m in model.named_modules() if isinstance(m, NORM_LAYERS)}
     ignored = sorted((layers - roots) | norms)
     grads = None
     if method == "tp-taylor":

@@ -281,9 +281,11 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
 
             def made(module, args, out):   # the module whose output an op's result is (names a norm's ops)
                 if isinstance(out, torch.Tensor) and out.grad_fn is not None:
-                    made_by.setdefault(id(out.grad_fn), (out.grad_fn, module))
-            hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, _NORMS)]
-            hooks += [m.register_forward_hook(made) for m in model.modules()]
+                    took = frozenset(id(a.grad_fn) for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None)
+                    made_by.setdefault(id(out.grad_fn), (out.grad_fn, module, took))
+            hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, NORM_LAYERS)]
+            hooks += [m.register_forward_hook(made) for m in model.modules()    # (a ScriptModule takes no hooks:
+                      if not isinstance(m, torch.jit.ScriptModule)]            # its ops stay unnamed)
             try:
                 graph = tp.DependencyGraph().build_dependency(
                     model, example_inputs=example_input, output_transform=_output_tensors,
@@ -296,7 +298,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
                     node.prunekit_input_shape = shape
             for node in graph.module2node.values():   # read by _statistic_module
                 if (entry := made_by.get(id(getattr(node, "grad_fn", None)))) is not None and entry[0] is node.grad_fn:
-                    node.prunekit_made_by = entry[1]
+                    node.prunekit_made_by, node.prunekit_made_from = entry[1], entry[2]
             return graph
     finally:
         model.train(was_training)
@@ -720,7 +722,8 @@ def _bounded_groups(nodes: int):
         tp_graph.Group = plain
 
 
-_NORMS = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None)
+# the norm layers whose channels channel surgery cannot resize (BatchNorm it resizes): public, baselines reads it too
+NORM_LAYERS = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None)
 
 
 def _norm_mixes_channels(module: nn.Module, node, lengths: set[int]) -> bool:
@@ -787,27 +790,57 @@ def _owner(param: nn.Parameter, names: dict) -> nn.Module | None:
 
 
 def _statistic_module(node, names: dict) -> str:
-    """The module whose forward ran the op ``node`` (the first module output reached from it), in
-    words: "norm (RMSNorm)"; "the model's forward" where none is found."""
-    seen, todo = set(), [node]
+    """The module whose forward ran the op ``node`` (the first module output reached from it, by a
+    path that does not pass through that module's input: a module whose input the op made ran after
+    it), in words: "norm (RMSNorm)"; "the model's forward" where none is found (an op in the model's
+    own forward, or in a ScriptModule's)."""
+    seen, todo = set(), [(node, frozenset())]
     while todo:
-        current = todo.pop(0)
+        current, path = todo.pop(0)
         if id(current) in seen or len(seen) > 64:
             continue
         seen.add(id(current))
         module = getattr(current, "prunekit_made_by", None)
-        if module is not None:
+        if module is not None and not (getattr(current, "prunekit_made_from", frozenset()) & path):
             name = names.get(module, "")
             return f"{name} ({type(module).__name__})" if name else "the model's forward"
-        todo.extend(getattr(current, "outputs", ()))
+        path = path | {id(getattr(current, "grad_fn", None))}
+        todo.extend((following, path) for following in getattr(current, "outputs", ()))
     return "the model's forward"
+
+
+def _normalises_its_input(node, depth: int = 6) -> bool:
+    """Whether the statistic ``node`` (a mean/var/std) is combined again with the tensor it was taken
+    of (x - mean, x * rsqrt(mean(x**2))), a norm's use, before any layer with weights: a
+    squeeze-and-excitation block's spatial mean feeds its Linear layers instead."""
+    sources, frontier = set(), list(getattr(node, "inputs", ()))
+    for _ in range(3):                          # its input, and what that was made of (x**2 of x)
+        sources |= {id(n) for n in frontier}
+        frontier = [i for n in frontier if not _has_weights(n) for i in getattr(n, "inputs", ())]
+    seen, todo = {id(node)}, [(n, 1) for n in getattr(node, "outputs", ())]
+    while todo:
+        current, level = todo.pop(0)
+        if id(current) in seen or level > depth:
+            continue
+        seen.add(id(current))
+        if any(id(i) in sources for i in getattr(current, "inputs", ())):
+            return True
+        if not _has_weights(current):
+            todo.extend((n, level + 1) for n in getattr(current, "outputs", ()))
+    return False
+
+
+def _has_weights(node) -> bool:
+    module = getattr(node, "module", None)
+    return isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False))
 
 
 def _statistic_over_channels(item, names: dict, size: int) -> str | None:
     """Where ``item`` of a group of ``size`` channels is a mean/var/std (a norm's statistic: torch.nn.RMSNorm's,
     a hand-written one's) over every axis that could hold the channels, which torch-pruning reads as
     elementwise though the shrunk model's statistic differs from the gated one's: its module in
-    words, with the op ("norm (RMSNorm), whose forward takes a mean"); else None."""
+    words, with the op ("norm (RMSNorm), whose forward takes a mean"; "a mean taken in the model's
+    forward"); else None."""
     axes = _statistic_axes(getattr(item.dep.target, "grad_fn", None))
     if axes is None:
         return None
@@ -816,7 +849,10 @@ def _statistic_over_channels(item, names: dict, size: int) -> str | None:
     if not candidates or not all(axis in reduced for axis in candidates):
         return None
     op = type(item.dep.target.grad_fn).__name__.split("Backward")[0].lower()
-    return f"{_statistic_module(item.dep.target, names)}, whose forward takes a {op}"
+    where = _statistic_module(item.dep.target, names)
+    if where == "the model's forward":
+        return f"a {op} taken in the model's forward"
+    return f"{where}, whose forward takes a {op}"
 
 
 def _ambiguous_norm(tp_group, size: int, names: dict) -> str | None:
@@ -827,7 +863,7 @@ def _ambiguous_norm(tp_group, size: int, names: dict) -> str | None:
         target = item.dep.target
         module = target.module
         lengths = {size, len(item.idxs)}
-        if isinstance(module, _NORMS) and not isinstance(module, nn.GroupNorm):
+        if isinstance(module, NORM_LAYERS) and not isinstance(module, nn.GroupNorm):
             shape = getattr(target, "prunekit_input_shape", None)
             normalized = getattr(module, "normalized_shape", None)
             if not shape or normalized is None:
@@ -836,7 +872,8 @@ def _ambiguous_norm(tp_group, size: int, names: dict) -> str | None:
             reduced = set(range(len(shape) - count, len(shape)))
             described = f"{names.get(module, '?')} ({type(module).__name__})"
         elif (axes := _statistic_axes(getattr(target, "grad_fn", None))) is not None and \
-                getattr(target.grad_fn, "_saved_keepdim", False):     # kept dims: a norm's, not a pooling's
+                getattr(target.grad_fn, "_saved_keepdim", False) and \
+                _normalises_its_input(target):     # kept dims and used on its input: a norm's, not a pooling's (SE)
             shape, reduced = axes
             described = _statistic_module(target, names)
         else:
@@ -861,7 +898,7 @@ def _transformer_stream(tp_group, names: dict) -> str | None:
     norms, attention, others = [], [], False
     for item in tp_group.items:
         module = item.dep.target.module
-        if isinstance(module, _NORMS):
+        if isinstance(module, NORM_LAYERS):
             norms.append(f"{names.get(module, '?')} ({type(module).__name__})")
         elif isinstance(module, nn.MultiheadAttention):
             attention.append(f"{names.get(module, '?')} ({type(module).__name__})")
@@ -1029,12 +1066,12 @@ def _members(tp_group, names: dict, size: int | None = None, sliced: bool = Fals
         if not pads and ("ConstantPadNd" in grad_name or getattr(module, "pads_channels", False)):
             return [], 1, "passes through a zero-pad (option-A) shortcut: block outputs kept dense"
         if isinstance(module, nn.Parameter):     # used bare in forward, outside any layer
-            if isinstance(owner := _owner(module, names), _NORMS):     # torch.nn.RMSNorm's weight
+            if isinstance(owner := _owner(module, names), NORM_LAYERS):     # torch.nn.RMSNorm's weight
                 return [], 1, (f"touches {names.get(owner, '?')} ({type(owner).__name__}), whose channels channel "
                                "surgery cannot resize: kept dense")
             return [], 1, f"touches parameter {names.get(module, '?')} outside a Conv/Linear/BatchNorm layer"
         if not isinstance(module, (*_CONV, nn.Linear, _BN)) and not pads and not is_linear(module):
-            if isinstance(module, _NORMS) and _norm_mixes_channels(module, dep.target, {size, len(idxs)}):
+            if isinstance(module, NORM_LAYERS) and _norm_mixes_channels(module, dep.target, {size, len(idxs)}):
                 return [], 1, (f"touches {names.get(module, type(module).__name__)} ({type(module).__name__}), a norm "
                                "whose statistics mix its channels (removing one changes the others), so channel "
                                "surgery cannot resize it: kept dense")

@@ -61,6 +61,18 @@ def is_shrunk(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def _with_dense(entry: dict, module: nn.Module, otherwise: dict | None) -> dict:
+    """``entry`` with the counts ``module`` had as built ("dense": ``remember_dense``'s mark, else
+    ``otherwise``), or ``entry`` alone where neither is known."""
+    dense = getattr(module, DENSE_MARK, otherwise)
+    return {**entry, "dense": dense} if dense is not None else entry
+
+
+def _a(word: str) -> str:
+    """``word`` with its article: "a Linear", "an Identity"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 def channel_layout(model: nn.Module) -> dict[str, dict]:
     """Per-layer channel counts of every Conv/Linear/BatchNorm (and Conv1D-style layer: GPT-2's,
     "in" = its weight's rows), and the channel map of every zero-pad shortcut that lost channels
@@ -84,17 +96,14 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
                             "embed_dim": module.embed_dim, "bias": module.in_proj_bias is not None,
                             "batch_first": module.batch_first, "dropout": module.dropout}
         elif (entry := _layer_entry(module)) is not None:
-            dense = getattr(module, DENSE_MARK, None if shrunk else entry)
-            layout[name] = {**entry, "dense": dense} if dense is not None else entry
+            layout[name] = _with_dense(entry, module, None if shrunk else entry)
         elif (attrs := hf_heads_attrs(module)) is not None:   # HuggingFace-style attention: its head count
             entry = {"attention_heads": getattr(module, attrs[1]), "head_size": getattr(module, attrs[2])}
-            dense = getattr(module, DENSE_MARK, None if shrunk else _built_entry(module))
-            layout[name] = {**entry, "dense": dense} if dense is not None else entry
+            layout[name] = _with_dense(entry, module, None if shrunk else _built_entry(module))
         elif getattr(module, "pads_channels", False) and not getattr(module, "padded", True):
             # a zero-pad shortcut whose channels were cut: its map from input to output channels
             entry = {"in": module.in_channels, "source": module.source_list()}
-            dense = getattr(module, DENSE_MARK, None if shrunk else _built_entry(module))
-            layout[name] = {**entry, "dense": dense} if dense is not None else entry
+            layout[name] = _with_dense(entry, module, None if shrunk else _built_entry(module))
     return layout
 
 
@@ -125,15 +134,13 @@ def layout_against(model: nn.Module, pruned_from: nn.Module) -> dict[str, dict] 
                                 "narrowed it")
         if entry != built:
             changed = True
-        dense = getattr(theirs[name], DENSE_MARK, None if theirs_cut else built)
-        layout[name] = {**entry, "dense": dense} if dense is not None else entry
+        layout[name] = _with_dense(entry, theirs[name], None if theirs_cut else built)
     for name, spec in layout.items():       # a cut zero-pad shortcut, HuggingFace-style attention: as built there
         if ("source" in spec or "attention_heads" in spec) and name in theirs and name in ours:
             built = _built_entry(theirs[name])
-            dense = getattr(theirs[name], DENSE_MARK, None if theirs_cut else built)
             spec.pop("dense", None)
-            if dense is not None and built is not None:
-                spec["dense"] = dense
+            if built is not None:
+                spec.update(_with_dense({}, theirs[name], None if theirs_cut else built))
     replaced = [name for name, spec in layout.items() if spec.get("removed") or "heads" in spec]
     missing = [name for name, module in theirs.items()
                if _layer_entry(module) is not None and name not in ours and not _inside(name, replaced)]
@@ -268,7 +275,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                     module.running_mean = torch.zeros(n)
                     module.running_var = torch.ones(n)
             else:
-                raise PrunekitError(f"layer {name!r} is a {type(module).__name__}, not a Conv/Linear/Conv1D/BatchNorm")
+                raise PrunekitError(f"layer {name!r} is {_a(type(module).__name__)}, not a Conv/Linear/Conv1D/BatchNorm")
         except PrunekitError:
             raise
         except (KeyError, TypeError, ValueError) as err:
@@ -335,7 +342,7 @@ def _check_dense(name: str, module: nn.Module, spec: dict) -> None:
         return                  # nothing to compare with: its size before a cut is not known
     own = getattr(module, DENSE_MARK, None) or _dense_entry(module)
     if own is None:
-        raise PrunekitError(f"layer {name!r} is a {type(module).__name__} in the model passed but a layer with "
+        raise PrunekitError(f"layer {name!r} is {_a(type(module).__name__)} in the model passed but a layer with "
                             f"{_counts(dense)} in the one the file was pruned from: pass a fresh, dense instance of "
                             "that architecture")
     try:
@@ -357,7 +364,7 @@ def _check_kind(name: str, module: nn.Module, spec: dict) -> None:
     if not isinstance(spec, dict):
         return
     if "source" in spec and not getattr(module, "pads_channels", False):
-        raise PrunekitError(f"layer {name!r} is a {type(module).__name__} in the model passed but a zero-pad "
+        raise PrunekitError(f"layer {name!r} is {_a(type(module).__name__)} in the model passed but a zero-pad "
                             "(option-A) shortcut in the model the file was pruned from: build it as that one was "
                             "(the same code and constructor arguments, e.g. the shortcut option), fresh and dense")
     if "attention_heads" in spec and hf_heads_attrs(module) is None:
@@ -369,7 +376,8 @@ def _check_kind(name: str, module: nn.Module, spec: dict) -> None:
 def _check_attention(name: str, module: nn.Module, spec: dict) -> None:
     """Refuse a model passed whose ``name`` is not an nn.MultiheadAttention built as the one the file
     removed heads from: the saved embed_dim and head_dim (embed_dim / head_dim heads as built), bias
-    and batch_first. Checked before anything is resized; the saved attention replaces it."""
+    and batch_first, and keys and values of embed_dim features (kdim, vdim) with no add_bias_kv or
+    add_zero_attn (the saved one's SlimAttention computes without them). Checked before anything is resized; the saved attention replaces it."""
     try:
         embed, size = int(spec["embed_dim"]), int(spec["head_dim"])
         bias, batch_first = bool(spec["bias"]), bool(spec["batch_first"])
@@ -380,13 +388,22 @@ def _check_attention(name: str, module: nn.Module, spec: dict) -> None:
     fix = ("build it as that one was (the same code and constructor arguments, e.g. the head count), fresh and "
            "dense")
     if not isinstance(module, (nn.MultiheadAttention, SlimAttention)):
-        raise PrunekitError(f"layer {name!r} is a {type(module).__name__} in the model passed but an "
+        raise PrunekitError(f"layer {name!r} is {_a(type(module).__name__)} in the model passed but an "
                             f"nn.MultiheadAttention with {said} in the model the file was pruned from: {fix}")
     built_heads = module.embed_dim // module.head_dim if module.head_dim else module.num_heads
     own = f"{built_heads} heads of {module.head_dim} (embed_dim {module.embed_dim})"
     if (module.embed_dim, module.head_dim) != (embed, size) or int(spec["heads"]) > built_heads:
         raise PrunekitError(f"attention {name!r} is built with {own} in the model passed but had {said} in the "
                             f"model the file was pruned from: {fix}")
+    built = {"kdim": getattr(module, "kdim", module.embed_dim), "vdim": getattr(module, "vdim", module.embed_dim),
+             "add_bias_kv": getattr(module, "bias_k", None) is not None,
+             "add_zero_attn": bool(getattr(module, "add_zero_attn", False))}
+    saved = {"kdim": embed, "vdim": embed, "add_bias_kv": False, "add_zero_attn": False}   # as SlimAttention computes
+    if built != saved:
+        differ = ", ".join(f"{k}={built[k]}" for k in built if built[k] != saved[k])
+        raise PrunekitError(f"attention {name!r} is built with {differ} in the model passed but kdim=vdim={embed} "
+                            f"(its embed_dim), add_bias_kv=False, add_zero_attn=False in the model the file was "
+                            f"pruned from: {fix}")
     own_bias = module.in_proj_bias is not None
     if own_bias != bias or bool(getattr(module, "batch_first", False)) != batch_first:
         raise PrunekitError(f"attention {name!r} is built with bias={own_bias}, batch_first="
