@@ -96,8 +96,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             generator is seeded with it), and everything the method draws (gradient sample rows,
             gate initialisation, fine-tuning), as ``prune`` calls ``torch.manual_seed(seed)``
             before pruning (inside ``torch.random.fork_rng``: torch's global RNG is given back
-            as it was when ``prune`` was called, Python's ``random`` and NumPy's too, which a
-            resumed run sets to its checkpoint's states). Same model, data and
+            as it was when ``prune`` was called). Python's ``random`` and NumPy's global RNGs are
+            neither seeded nor set (a resumed run restores torch's states alone); a loss or
+            Method of yours that draws from them draws from yours. Same model, data and
             seed give the same result. A DataLoader of your own that shuffles (or random
             transforms) draws its order from its own generator or from torch's global RNG as it
             stands when ``prune`` is called (replayed at every pass, see the module docstring),

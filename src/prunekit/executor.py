@@ -12,16 +12,13 @@ accuracy is still measured when there is evaluation data.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -165,7 +162,11 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         checkpointer.redo = redo
     else:
         checkpointer = StageMeter(measure_stage, on_step) if eval_loader is not None or on_step else None
-    with _callers_rngs_kept():
+    # the caller's torch RNGs as they were (the run reseeds them); Python's random and NumPy's are
+    # neither seeded nor set by prunekit, a resumed run included (restore_rng): a user's loader that
+    # draws from them is replayed on its own states (data.replay), and a loss or Method of the user's
+    # that draws from them draws from the caller's, as any call of it would
+    with torch.random.fork_rng(devices=_initialised_cuda_devices()):
         torch.manual_seed(plan.request.seed)
         outcome = _run(plan, train_batches, eval_loader, checkpointer, progress)
     restored = getattr(checkpointer, "restored_seconds", 0.0)
@@ -212,20 +213,6 @@ def empty_layers_warning(layers: list[str]) -> str:
             "depends on its input (without a residual path around it the model's output is the same for every "
             "input); if that is not meant, lower the budget, exclude the layer, or use a method that keeps "
             "every layer (magnitude-uniform)")
-
-
-@contextlib.contextmanager
-def _callers_rngs_kept():
-    """The caller's global RNGs given back as they were, however the run ends: torch's (CPU, and
-    the GPUs CUDA has initialised; the run reseeds it from ``seed``), Python's ``random`` and
-    NumPy's (a resumed run sets all of them to its last checkpoint's states, ``restore_rng``)."""
-    kept = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=_initialised_cuda_devices()):
-            yield
-    finally:
-        random.setstate(kept[0])
-        np.random.set_state(kept[1])
 
 
 def _initialised_cuda_devices() -> list[int]:
