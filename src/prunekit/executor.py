@@ -231,9 +231,11 @@ def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -
         if isinstance(source, BatchLoader) and source.batch_size != plan.options.gate_batch_size:
             source = copy.copy(source)                 # the gates' batch size, on a loader of our own
             source.batch_size = plan.options.gate_batch_size
-        elif isinstance(source, ReplayedLoader) and not source.make_takes_epoch \
-                and isinstance(source.make(), (BatchLoader, ReplayedLoader)):
-            source = copy.copy(source)                 # lambda: loader over one of ours: read in the gates' batches
+        elif isinstance(source, ReplayedLoader) and not source.make_takes_epoch:
+            # lambda: loader over one of ours is read in the gates' batches: at_pass applies them to each
+            # loader the function makes that is one of ours (known at each replayed make, not by a call
+            # of the user's function of its own) and reads any other as it is
+            source = copy.copy(source)
             source.batch_size = plan.options.gate_batch_size
         channels = replace(plan.channels, batches=lambda: source, loss_fn=request.loss)
         return prune_channels(channels, plan.method.run, plan.options, recalibrate_bn=request.recalibrate_bn,
