@@ -46,6 +46,7 @@ from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pa
 from .data.replay import (ReplayedLoader, loader_generators, rng_states, set_rng_states, states_from_json,
                           states_to_json)
 from .distributed import check_same_start, current, launched_by_torchrun
+from .distributed.lost import first_line, is_lost_rank
 from .errors import PrunekitError, PrunekitWarning, note, single_sample_batchnorm
 from .executor import execute, python_model_description
 from .losses import loss_name
@@ -289,10 +290,9 @@ def lost_rank_refusal(err: RuntimeError, out) -> LostRank | None:
     (``out``: the run folder, resumed by the same call again); None for any other error."""
     if not (launched_by_torchrun() and current().distributed):
         return None
-    from .cli import _first_line, _lost_rank           # the command line's wording, one line
-    if not _lost_rank(err):
+    if not is_lost_rank(err):
         return None
-    first = _first_line(err)
+    first = first_line(err)         # the command line's wording (distributed.lost), one line
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else os.environ.get("RANK", "?")
     resume = (f"run the same script again under torchrun: prunekit.prune(..., out={str(out)!r}) carries on from "
               "the last completed stage" if out is not None else
