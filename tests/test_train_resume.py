@@ -504,8 +504,7 @@ def test_train_run_log_says_start_stop_resume_and_done_as_prune_s_does(capsys, t
     lines = [line.split(" ", 2)[2] for line in (out / "run.log").read_text().splitlines()]
     assert lines[2:] == ["start: train mlpnet on mnist, 2 epochs, lr 0.05, seed 0",
                          "epoch 1 saved to stage-001.safetensors", "interrupted (Ctrl-C)",
-                         "resume: train mlpnet on mnist, 2 epochs, lr 0.05, seed 0",
-                         "resuming after epoch 1 from stage-001.safetensors",
+                         "resume: train mlpnet on mnist, 2 epochs, lr 0.05, seed 0",     # one line (s54: two)
                          "epoch 2 saved to stage-002.safetensors",
                          f"done: test accuracy {accuracy:.2f}% after 2 epochs",
                          "already complete; nothing to do"], lines

@@ -274,6 +274,8 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
         fingerprint = fingerprint()
     decode_images(folder, loader, test_loader)
     checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
+    if checkpointer is not None:        # run.log said "resume: train ..." already (log_start): one line
+        checkpointer.log_resuming = False
     state = checkpointer.last() if checkpointer is not None else None
     state = check_same_zeros(state, pruned, checkpointer, force=bool(getattr(args, "force", False)))
     # once the folder is claimed: a refusal stays one line
