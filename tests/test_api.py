@@ -339,12 +339,12 @@ def test_prune_gives_torchs_global_rng_back_as_it_was():
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_a_resumed_prune_gives_the_callers_random_and_numpy_rngs_back_as_they_were(tmp_path, monkeypatch):
-    """s54: a run resumed from its folder restores the RNG states of its last checkpoint
-    (``restore_rng``: torch's, Python's ``random``'s and NumPy's, so the rest of the run draws what
-    an uninterrupted run draws); only torch's was given back at the end (``fork_rng``), so after
-    ``prune`` the caller's ``random`` and ``numpy.random`` stood where the killed run's checkpoint
-    left them. Now all three come back as they were when ``prune`` was called."""
+def test_a_resumed_prune_leaves_the_callers_random_and_numpy_rngs_as_they_were(tmp_path, monkeypatch):
+    """s54: a run resumed from its folder restores torch's RNG states of its last checkpoint alone
+    (``capture_rng`` / ``restore_rng``): Python's ``random`` and NumPy's, which prunekit never seeds,
+    are neither kept in a checkpoint nor set from one, so after a resumed ``prune`` the caller's
+    stand where the caller left them (before, they stood where the killed run's checkpoint caught
+    them: seeded with 1 here), as torch's does (``fork_rng``)."""
     import random
 
     import numpy as np
@@ -358,7 +358,7 @@ def test_a_resumed_prune_gives_the_callers_random_and_numpy_rngs_back_as_they_we
         raise KeyboardInterrupt
     monkeypatch.setattr(runs.RunCheckpointer, "save", saved_then_killed)
     options = dict(method="chita", sparsity=0.8, stages=2, fisher_samples=16, seed=3, out=str(tmp_path / "run"))
-    random.seed(1), np.random.seed(1)                  # the killed run's checkpoint keeps these states
+    random.seed(1), np.random.seed(1)                  # where the caller's stand when the run is killed
     with pytest.raises(KeyboardInterrupt):
         prunekit.prune(copy.deepcopy(net), (x, y), **options)
     monkeypatch.undo()

@@ -262,7 +262,7 @@ def test_info_takes_a_checkpoint_file_given_positionally(capsys, tmp_path):
 
 def test_a_lost_ranks_torch_error_is_cut_at_a_sentence_or_word_never_mid_word():
     """Before, torch's text was cut at 160 characters: "... Check the logs of the re); resume with ..."."""
-    from prunekit.cli import shortened
+    from prunekit.distributed.lost import shortened
     torch_said = ("Read error [127.0.0.1]:54703: Connection reset by peer. This is typically caused by a remote "
                   "worker hanging or bugs in the application. Check the logs of the remote worker.")
     assert shortened(torch_said) == ("Read error [127.0.0.1]:54703: Connection reset by peer. This is typically "

@@ -319,3 +319,46 @@ def test_lambda_loader_trains_channel_gates_in_the_gate_batch_size_as_the_loader
                                     flops=0.6, gate_batches=3, finetune_epochs=1)
         runs.append(result.model.state_dict())
     assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+
+@pytest.mark.parametrize("method, options", [("taper", {"taper_epochs": 1, "channel_multiple": 1}),
+                                             ("autobot", {"gate_batches": 3, "finetune_epochs": 0})])
+def test_a_channel_method_is_handed_the_users_data_function_without_a_call_of_its_own(method, options,
+                                                                                      monkeypatch):
+    """s54: the executor called the user's data function once more, outside the replay's RNG swap
+    (whatever it draws from torch's global RNG shifting the run's seeded stream), only to see
+    whether it gives a prunekit loader to read in the gates' batches: a loader made and never read,
+    one call more than at 4ce381c (taper 26, was 25). Now the replayed makes themselves tell
+    (``at_pass``): between the executor's dispatch and the method's start the function is not
+    called (the repro's full count for taper is 25 again)."""
+    import prunekit
+    from prunekit import executor
+    torch.manual_seed(0)
+    x = torch.randn(96, 3, 8, 8)
+    y = (x[:, 0].mean((1, 2)) > 0).long()
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 2))
+    calls = []
+
+    def data():
+        calls.append(1)
+        return [(x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
+
+    at = {}
+    real_run, real_channels = executor._run, executor.prune_channels
+
+    def run(*args, **kwargs):
+        at["dispatch"] = len(calls)
+        return real_run(*args, **kwargs)
+
+    def channels(*args, **kwargs):
+        at["method"] = len(calls)
+        return real_channels(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "_run", run)
+    monkeypatch.setattr(executor, "prune_channels", channels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prunekit.prune(net, data, method=method, flops=0.6, seed=3, **options)
+    assert at["method"] == at["dispatch"] > 0, at

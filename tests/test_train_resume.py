@@ -504,8 +504,48 @@ def test_train_run_log_says_start_stop_resume_and_done_as_prune_s_does(capsys, t
     lines = [line.split(" ", 2)[2] for line in (out / "run.log").read_text().splitlines()]
     assert lines[2:] == ["start: train mlpnet on mnist, 2 epochs, lr 0.05, seed 0",
                          "epoch 1 saved to stage-001.safetensors", "interrupted (Ctrl-C)",
-                         "resume: train mlpnet on mnist, 2 epochs, lr 0.05, seed 0",
-                         "resuming after epoch 1 from stage-001.safetensors",
+                         "resume: train mlpnet on mnist, 2 epochs, lr 0.05, seed 0",     # one line (s54: two)
                          "epoch 2 saved to stage-002.safetensors",
                          f"done: test accuracy {accuracy:.2f}% after 2 epochs",
                          "already complete; nothing to do"], lines
+
+
+def test_a_model_file_drawing_at_import_trains_the_same_for_one_seed(capsys, tmp_path, monkeypatch):
+    """A model file that draws at import time (a fixed random projection) gets its draws from --seed,
+    as the build's own: the import comes under ``torch.manual_seed(seed)`` and the model's initial
+    weights are the draws that follow it, whatever the RNG held before the command (each process,
+    rank and resume draws the same). The figure expected is a seeded reference build's."""
+    import torch
+    from torch import nn
+
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\nPROJ = torch.randn(784, 16)\n\n\n"
+        "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.register_buffer('proj', PROJ.clone())\n        self.fc = nn.Linear(16, 10)\n\n"
+        "    def forward(self, x):\n        return self.fc(x.flatten(1) @ self.proj)\n\n\n"
+        "def build():\n    return Net()\n")
+    argv = ["train", "--model", f"{tmp_path}/net.py:build", "--normalize", "none", *MNIST, "--epochs", "1",
+            "--train-samples", "256", "--seed", "3", "--json"]
+    real_epoch = train_command.train_epoch
+    initial = []
+
+    def first_weights(model, *args, **kwargs):
+        initial.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_epoch(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_command, "train_epoch", first_weights)
+    results = []
+    for before in (100, 200):           # whatever the process drew before the command
+        torch.manual_seed(before)
+        torch.rand(5)
+        assert main(argv) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    with torch.random.fork_rng(devices=[]):    # the reference: import then build, under the seed
+        torch.manual_seed(3)
+        proj = torch.randn(784, 16)
+        fc = nn.Linear(16, 10)
+    for weights in initial:
+        assert torch.equal(weights["proj"], proj)
+        assert torch.equal(weights["fc.weight"], fc.weight) and torch.equal(weights["fc.bias"], fc.bias)
+    assert results[0]["accuracy"] == results[1]["accuracy"]
+    assert [h["loss"] for h in results[0]["history"]] == [h["loss"] for h in results[1]["history"]]

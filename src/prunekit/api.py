@@ -46,6 +46,7 @@ from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pa
 from .data.replay import (READS_AT_PASS, ReplayedLoader, loader_generators, rng_states, set_rng_states,
                           states_from_json, states_to_json)
 from .distributed import check_same_start, current, launched_by_torchrun
+from .distributed.lost import first_line, is_lost_rank
 from .errors import PrunekitError, PrunekitWarning, note, single_sample_batchnorm
 from .executor import execute, python_model_description
 from .losses import loss_name
@@ -96,8 +97,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             generator is seeded with it), and everything the method draws (gradient sample rows,
             gate initialisation, fine-tuning), as ``prune`` calls ``torch.manual_seed(seed)``
             before pruning (inside ``torch.random.fork_rng``: torch's global RNG is given back
-            as it was when ``prune`` was called, Python's ``random`` and NumPy's too, which a
-            resumed run sets to its checkpoint's states). Same model, data and
+            as it was when ``prune`` was called). Python's ``random`` and NumPy's global RNGs are
+            neither seeded nor set (a resumed run restores torch's states alone); a loss or
+            Method of yours that draws from them draws from yours. Same model, data and
             seed give the same result. A DataLoader of your own that shuffles (or random
             transforms) draws its order from its own generator or from torch's global RNG as it
             stands when ``prune`` is called (replayed at every pass, see the module docstring),
@@ -289,10 +291,9 @@ def lost_rank_refusal(err: RuntimeError, out) -> LostRank | None:
     (``out``: the run folder, resumed by the same call again); None for any other error."""
     if not (launched_by_torchrun() and current().distributed):
         return None
-    from .cli import _first_line, _lost_rank           # the command line's wording, one line
-    if not _lost_rank(err):
+    if not is_lost_rank(err):
         return None
-    first = _first_line(err)
+    first = first_line(err)         # the command line's wording (distributed.lost), one line
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else os.environ.get("RANK", "?")
     resume = (f"run the same script again under torchrun: prunekit.prune(..., out={str(out)!r}) carries on from "
               "the last completed stage" if out is not None else

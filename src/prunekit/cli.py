@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch.distributed
 
 from . import __version__, distributed, interrupts, recipes, run_lock, runs
+from .distributed.lost import first_line as _first_line, is_lost_rank as _lost_rank
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
 from .errors import PrunekitError, PrunekitWarning, refusal_of
 from .options import cli_message
@@ -285,27 +285,6 @@ def _prints_warnings() -> bool:
     return os.environ.get("RANK", "0").strip() == "0"
 
 
-def _lost_rank(err: RuntimeError) -> bool:
-    """Whether ``err`` is a collective failing because another rank died or timed out."""
-    text = str(err).lower()
-    return isinstance(err, torch.distributed.DistError) or any(
-        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
-
-
-def shortened(text: str, limit: int = 160) -> str:
-    """``text`` (torch's error) cut to at most ``limit`` characters at the end of a sentence, else
-    of a word (with "..."): never mid-word ("Check the logs of the re")."""
-    if len(text) <= limit:
-        return text
-    head = text[:limit + 1]
-    sentence = max(head.rfind(". ", 0, limit), head.rfind("! ", 0, limit), head.rfind("? ", 0, limit),
-                   head.rfind("; ", 0, limit))
-    if sentence >= limit // 4:
-        return text[:sentence + 1].rstrip(";")
-    word = text.rfind(" ", 0, limit - 2)
-    return (text[:word] if word > 0 else text[:limit - 3]).rstrip(" ,:;") + "..."
-
-
 def _chain(err: BaseException):
     """``err`` and the errors it was raised in the handling of (``__context__``, ``__cause__``)."""
     seen = set()
@@ -355,12 +334,6 @@ def stop_line(err: BaseException) -> str | None:
             return "interrupted (SIGTERM)"      # torchrun's SIGTERM to every rank: a peer obeyed it first
         return _lost_line(err)
     return None
-
-
-def _first_line(err: RuntimeError) -> str:
-    """A lost rank's torch error, one line, cut short."""
-    first = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
-    return shortened(first)
 
 
 def _log_stop(args, line: str, err: BaseException | None = None) -> None:

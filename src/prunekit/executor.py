@@ -12,16 +12,13 @@ accuracy is still measured when there is evaluation data.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -165,7 +162,11 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         checkpointer.redo = redo
     else:
         checkpointer = StageMeter(measure_stage, on_step) if eval_loader is not None or on_step else None
-    with _callers_rngs_kept():
+    # the caller's torch RNGs as they were (the run reseeds them); Python's random and NumPy's are
+    # neither seeded nor set by prunekit, a resumed run included (restore_rng): a user's loader that
+    # draws from them is replayed on its own states (data.replay), and a loss or Method of the user's
+    # that draws from them draws from the caller's, as any call of it would
+    with torch.random.fork_rng(devices=_initialised_cuda_devices()):
         torch.manual_seed(plan.request.seed)
         outcome = _run(plan, train_batches, eval_loader, checkpointer, progress)
     restored = getattr(checkpointer, "restored_seconds", 0.0)
@@ -214,20 +215,6 @@ def empty_layers_warning(layers: list[str]) -> str:
             "every layer (magnitude-uniform)")
 
 
-@contextlib.contextmanager
-def _callers_rngs_kept():
-    """The caller's global RNGs given back as they were, however the run ends: torch's (CPU, and
-    the GPUs CUDA has initialised; the run reseeds it from ``seed``), Python's ``random`` and
-    NumPy's (a resumed run sets all of them to its last checkpoint's states, ``restore_rng``)."""
-    kept = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=_initialised_cuda_devices()):
-            yield
-    finally:
-        random.setstate(kept[0])
-        np.random.set_state(kept[1])
-
-
 def _initialised_cuda_devices() -> list[int]:
     """The CUDA devices whose RNG ``torch.manual_seed`` would change and the caller may have drawn
     from: every device once CUDA is initialised, none before (nothing to keep)."""
@@ -244,9 +231,11 @@ def _run(plan: Plan, train_batches, eval_loader, checkpointer, progress: bool) -
         if isinstance(source, BatchLoader) and source.batch_size != plan.options.gate_batch_size:
             source = copy.copy(source)                 # the gates' batch size, on a loader of our own
             source.batch_size = plan.options.gate_batch_size
-        elif isinstance(source, ReplayedLoader) and not source.make_takes_epoch \
-                and isinstance(source.make(), (BatchLoader, ReplayedLoader)):
-            source = copy.copy(source)                 # lambda: loader over one of ours: read in the gates' batches
+        elif isinstance(source, ReplayedLoader) and not source.make_takes_epoch:
+            # lambda: loader over one of ours is read in the gates' batches: at_pass applies them to each
+            # loader the function makes that is one of ours (known at each replayed make, not by a call
+            # of the user's function of its own) and reads any other as it is
+            source = copy.copy(source)
             source.batch_size = plan.options.gate_batch_size
         channels = replace(plan.channels, batches=lambda: source, loss_fn=request.loss)
         return prune_channels(channels, plan.method.run, plan.options, recalibrate_bn=request.recalibrate_bn,

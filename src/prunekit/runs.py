@@ -929,6 +929,9 @@ class RunCheckpointer:
         self.redo = "run it anew with --force"
         self.restored_seconds = 0.0     # time the stages restored by ``last`` took in earlier runs
         self.measure_seconds = 0.0
+        # run.log's "resuming after stage N from ..." as ``last`` resumes; off where the command's own
+        # "resume: ..." line said it already (``train``: one line per resume)
+        self.log_resuming = True
         # the world size (torchrun's ranks; 1 alone) of each session whose stages the newest checkpoint
         # carries, this one last, once each time it changed: [2, 1] for a 2-rank run resumed with 1
         self.world_sizes = [_world_size()]
@@ -991,7 +994,8 @@ class RunCheckpointer:
                 unreadable.append(f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
                 continue
             _check_same_config(self.folder, meta.get("config"), path.name)
-            self.folder.log(f"resuming after {self._named(state)} from {path.name}")
+            if self.log_resuming:
+                self.folder.log(f"resuming after {self._named(state)} from {path.name}")
             if self.folder.echo is not None:        # the console says what run.log says
                 self.folder.echo(f"resuming {self.folder.path} after {self._named(state)}")
             self._tell_other_world_size(_world_sizes(meta), path.name)

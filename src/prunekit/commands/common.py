@@ -41,9 +41,10 @@ def stop_recorded(out: str | None, main: bool):
     try:
         yield
     except (KeyboardInterrupt, RuntimeError) as err:
-        from ..cli import _ending_on_our_own, _lost_rank
+        from ..cli import _ending_on_our_own
         from ..distributed import launched_by_torchrun
-        if isinstance(err, RuntimeError) and launched_by_torchrun() and _lost_rank(err):
+        from ..distributed.lost import is_lost_rank
+        if isinstance(err, RuntimeError) and launched_by_torchrun() and is_lost_rank(err):
             _ending_on_our_own()      # torchrun's SIGTERM, if it comes now, does not cut the stop's record short
         if out and main:
             from ..cli import stop_line

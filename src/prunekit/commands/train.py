@@ -59,7 +59,7 @@ def _cmd_train(args) -> int:
         given = result_again(args)
         if given is not None:
             return given
-    check_model_before_the_data(args)
+    seeded = check_model_before_the_data(args)     # a model file imported under --seed: the RNG state after it
     classes = recorded_classes(args.checkpoint)     # a prunekit model's own: an image folder is labelled by them
     train_ds = load_dataset(args.data, args.data_dir, "train", resize=args.resize, crop=args.crop,
                             limit=args.train_samples, seed=args.seed, classes=classes, defer=True)
@@ -76,7 +76,12 @@ def _cmd_train(args) -> int:
     # an image folder stays scanned, not decoded (its loaders decode it on first use): a finished
     # run in --out gives its result back without decoding a pixel; train_into decodes it once the
     # run is known unfinished (a decoding refusal then releases a folder claimed afresh)
-    torch.manual_seed(args.seed)            # before building: the seed picks the initial weights
+    # before building: the seed picks the initial weights (and a model file's draws when imported, as
+    # one imported here would: its import came first, under the seed, and the build carries on from there)
+    if seeded is None:
+        torch.manual_seed(args.seed)
+    else:
+        torch.set_rng_state(seeded)
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
                         in_channels=train_ds.image_shape[0], dataset=args.data,
                         input_shape=tuple(train_ds.image_shape), normalization=args.normalize)
@@ -269,6 +274,8 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
         fingerprint = fingerprint()
     decode_images(folder, loader, test_loader)
     checkpointer = RunCheckpointer(folder, unit="epoch") if folder is not None else None
+    if checkpointer is not None:        # run.log said "resume: train ..." already (log_start): one line
+        checkpointer.log_resuming = False
     state = checkpointer.last() if checkpointer is not None else None
     state = check_same_zeros(state, pruned, checkpointer, force=bool(getattr(args, "force", False)))
     # once the folder is claimed: a refusal stays one line
@@ -764,7 +771,7 @@ def check_before_the_data(args) -> None:
             raise batch_size_refusal(args, images)
 
 
-def check_model_before_the_data(args) -> None:
+def check_model_before_the_data(args) -> torch.Tensor | None:
     """The model's refusals that need no image header, made before an image folder's scan (every
     image's header: minutes on a huge folder) once the run is known unfinished (a finished run gives
     its result back without building the model): a model file that does not import or defines no
@@ -773,14 +780,21 @@ def check_model_before_the_data(args) -> None:
     (``loading.check_checkpoint_fits``: built on the meta device with the class count of the folder's
     listing and its images' channels, known from the first image headers where one is in colour; with
     only grayscale ones there, refused where neither 1 nor 3 channels fit, alike). Each in the words
-    ``load_model`` uses after the scan."""
+    ``load_model`` uses after the scan.
+
+    Returns torch's (CPU) RNG state just after a model file's import, which is made under
+    ``torch.manual_seed(args.seed)`` as the build's import always was (a file drawing at import time,
+    ``PROJ = torch.randn(...)``, draws the same in every run, rank and resume): the build sets it
+    back rather than seeding again, so its draws are those that follow the import's, whatever the
+    data's reading drew in between. None for a zoo model (the build seeds as before)."""
     if args.model is None:
-        return
+        return None
     if user_models.is_model_file(args.model):
+        torch.manual_seed(args.seed)
         user_models.check_function(args.model)
-        return
+        return torch.get_rng_state()
     if not args.checkpoint or args.data != "imagefolder" or not args.data_dir:
-        return          # (other data sets are read in moments: load_model refuses after them)
+        return None     # (other data sets are read in moments: load_model refuses after them)
     found = peek_classes_and_channels(args.data_dir, "train", recorded_classes(args.checkpoint),
                                       limit=args.train_samples, seed=args.seed)
     if found is None:

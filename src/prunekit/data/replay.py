@@ -87,6 +87,19 @@ class ReplayedLoader:
             yield batch
 
 
+_ours: tuple[type, ...] = ()
+
+
+def _prunekit_loaders() -> tuple[type, ...]:
+    """(``BatchLoader``, ``ReplayedLoader``): the loaders that number their passes themselves.
+    ``loaders`` imports this module, so ``BatchLoader`` is imported on the first call (once)."""
+    global _ours
+    if not _ours:
+        from .loaders import BatchLoader
+        _ours = (BatchLoader, ReplayedLoader)
+    return _ours
+
+
 def at_pass(loader, epoch: int, batch_size: int | None = None):
     """What pass ``epoch`` of a replay reads from ``loader``, the iterable a user's function gave.
 
@@ -99,8 +112,7 @@ def at_pass(loader, epoch: int, batch_size: int | None = None):
     DataLoader, a list) is read as it is: the swapped-in RNG states make its passes.
     ``batch_size``: a ``BatchLoader``'s copy is read in batches of this many (the channel methods'
     ``gate_batch_size``, as the executor sets it on a prunekit loader passed as it is); None: its own."""
-    from .loaders import BatchLoader        # loaders imports this module
-    if not isinstance(loader, (BatchLoader, ReplayedLoader)):
+    if not isinstance(loader, _prunekit_loaders()):
         return loader
     held = copy.copy(loader)
     held.epoch = loader.epoch + epoch
@@ -118,8 +130,7 @@ def epoch_mark(loader) -> Callable[[], None]:
     (``lambda: loader`` over one ``BatchLoader``: there every pass moves the user's loader on; a
     ``ReplayedLoader`` reads copies, ``at_pass``, and leaves it where it is). Anything else has no
     count: nothing to put back (its RNG draws are the caller's to restore)."""
-    from .loaders import BatchLoader        # loaders imports this module
-    epoch = loader.epoch if isinstance(loader, (BatchLoader, ReplayedLoader)) else None
+    epoch = loader.epoch if isinstance(loader, _prunekit_loaders()) else None
     wraps = getattr(type(loader), "wraps_passes", False)
     opened_before = loader.opened if wraps else None
 
