@@ -671,18 +671,52 @@ def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> bool:
     over data (or eval_data) whose contents could not be fingerprinted (``data_identity``: an
     arbitrary Dataset or iterable): only its form and sample count were compared with what it
     started with; or with a function or module of the user's that could not be hashed faithfully
-    (``_code_fingerprints``' "unchecked: ..."). Whether it warned."""
+    (``_code_fingerprints``' "unchecked: ..."). Whether it warned. Under torchrun rank 0 decides
+    (it claimed the folder) and every rank issues the warning (``errors.warn``: shown by rank 0,
+    raised by every rank under an "error" filter, so none goes on alone); a collective: every rank
+    calls it."""
+    collective = current()
+    message = _on_rank_0(collective, lambda: _unchecked_message(folder, config, config_text))
+    if message is None:
+        return False
+    if folder.writable:
+        folder.log(message)
+    warn_ours(PrunekitWarning(message))
+    return True
+
+
+def _on_rank_0(collective, decide):
+    """``decide()`` as rank 0 finds it, told to every rank (one process: ``decide()``); a
+    ``PrunekitError`` of rank 0's is raised on every rank. A collective: every rank calls it."""
+    if collective.rank == 0:
+        try:
+            said = decide()
+        except PrunekitError as err:
+            if not collective.distributed:
+                raise
+            said = err
+    else:
+        said = None
+    if collective.distributed:
+        said = collective.broadcast_object(said)
+    if isinstance(said, PrunekitError):
+        raise said
+    return said
+
+
+def _unchecked_message(folder: RunFolder, config: dict, config_text: str) -> str | None:
+    """``_say_unchecked``'s warning as rank 0 (the rank that claimed ``folder``) finds it, or None."""
     unchecked = [f"{what} ({config[what + '_form']})"
                  for what in ("data", "eval_data") if what + "_form" in config and what + "_sha256" not in config]
     code = [f"{key[:-len('_fingerprint')]}= ({value[len(runs.UNCHECKED):]})" for key, value in config.items()
             if key.endswith("_fingerprint") and isinstance(value, str) and value.startswith(runs.UNCHECKED)]
-    if folder.claimed_afresh or not (unchecked or code) or current().rank != 0:
-        return False    # (under torchrun rank 0 claims the folder: the others' claimed_afresh says nothing)
+    if folder.claimed_afresh or not (unchecked or code):
+        return None
     try:
         if not runs.same_values(folder.config.read_text(), config_text):   # an older folder: ``runs.claim``
-            return False                                                    # said what it checked
+            return None                                                     # said what it checked
     except OSError:
-        return False
+        return None
     done = "its stored result is given back" if runs.finished_run(folder) else "it is carried on"
     said = []
     if unchecked:
@@ -692,11 +726,7 @@ def _say_unchecked(folder: RunFolder, config: dict, config_text: str) -> bool:
     if code:
         said.append(f"this call's {' and '.join(code)} could not be checked against what it was made with")
     changed = " or ".join((["the data"] if unchecked else []) + (["that code or what it holds"] if code else []))
-    message = f"{folder.path}: {done}, but {'; and '.join(said)}; clear it with force=True if {changed} changed"
-    if folder.writable:
-        folder.log(message)
-    warn_ours(PrunekitWarning(message))
-    return True
+    return f"{folder.path}: {done}, but {'; and '.join(said)}; clear it with force=True if {changed} changed"
 
 
 def _say_given_back(folder: RunFolder, config_text: str, streams: dict, told: bool) -> None:
@@ -706,14 +736,29 @@ def _say_given_back(folder: RunFolder, config_text: str, streams: dict, told: bo
     ``runs.claim``'s about an older folder) said so already: the pruned model and record come from
     the folder. A user loader whose RNG states at this call (a ``torch.manual_seed`` before it)
     are not the ones the run recorded at its start is named: they changed nothing (a
-    ``PrunekitWarning``: a reseed meant to draw another run is a possible mistake)."""
-    if told or folder.claimed_afresh or current().rank != 0 or not runs.finished_run(folder):
+    ``PrunekitWarning``: a reseed meant to draw another run is a possible mistake). Under torchrun
+    rank 0 decides and notes; its warning is issued on every rank (``errors.warn``), so that an
+    "error" filter raises it on every rank. A collective: every rank calls it."""
+    collective = current()
+    said = _on_rank_0(collective, lambda: _given_back_message(folder, config_text, streams, told))
+    if said is None:
         return
+    text, reseeded = said
+    if reseeded:        # a reseed meant to draw another run: a possible mistake, warned
+        warn_ours(PrunekitWarning(text))
+    elif collective.rank == 0:      # the same call again (a notebook cell run twice): a note, not a warning
+        note(text)
+
+
+def _given_back_message(folder: RunFolder, config_text: str, streams: dict, told: bool) -> tuple[str, bool] | None:
+    """``_say_given_back``'s words as rank 0 finds them and whether they are a warning, or None."""
+    if told or folder.claimed_afresh or not runs.finished_run(folder):
+        return None
     try:
         if not runs.same_values(folder.config.read_text(), config_text):   # an older folder: ``runs.claim`` warned
-            return
+            return None
     except OSError:
-        return
+        return None
     reseeded = []
     for what, (data, batches) in streams.items():
         if batches is None or not hasattr(batches, "states") or batches.states is batches.call_states \
@@ -723,12 +768,8 @@ def _say_given_back(folder: RunFolder, config_text: str, streams: dict, told: bo
             reseeded.append(what)
     rng = (f"; this call's RNG state (torch.manual_seed) is not the one that run read its "
            f"{' and '.join(reseeded)} under ({runs.DATA_RNG}) and changed nothing" if reseeded else "")
-    said = (f"{folder.path} holds this run, finished: its stored result is given back, nothing was run{rng} "
-            "(force=True runs it anew, or give another out)")
-    if reseeded:        # a reseed meant to draw another run: a possible mistake, warned
-        warn_ours(PrunekitWarning(said))
-    else:               # the same call again (a notebook cell run twice): a note, not a warning
-        note(said)
+    return (f"{folder.path} holds this run, finished: its stored result is given back, nothing was run{rng} "
+            "(force=True runs it anew, or give another out)"), bool(reseeded)
 
 
 def data_identity(data) -> tuple[str | None, str | None]:
