@@ -340,3 +340,83 @@ def test_prunekits_warnings_in_a_script_under_two_ranks_are_rank_0s_alone(tmp_pa
     assert said[1] == [own], said
     assert said[0][-1] == own and [c for c, _ in said[0][:-1]] == ["PrunekitWarning"], said
     assert said[0][0][1].startswith("the model's BatchNorm statistics"), said
+
+
+class _Unfingerprinted(torch.utils.data.Dataset):
+    """A Dataset prunekit cannot fingerprint (not tensors, not its own): a run over it records its
+    form and sample count only, so calling it again warns that its contents could not be checked."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(32, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def _prune_over_a_dataloader(rank, world, out, as_error):
+    """prunekit.prune over a plain torch DataLoader into ``out`` (``as_error``: prunekit's warnings
+    made errors, as ``python -W error`` does): what each rank raised, as type and message."""
+    import warnings
+    import prunekit
+    from prunekit.errors import PrunekitWarning
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if as_error else "ignore", PrunekitWarning)
+        try:
+            prunekit.prune(net, torch.utils.data.DataLoader(_Unfingerprinted(), batch_size=16), method="magnitude",
+                           sparsity=0.5, recalibrate_bn=False, out=out)
+        except Exception as err:     # noqa: BLE001 - what each rank met
+            return f"{type(err).__name__}: {err}"
+    return "not raised"
+
+
+def test_a_finished_run_over_a_dataloader_called_again_under_w_error_raises_on_every_rank(tmp_path):
+    """``python -W error`` script under torchrun, calling prunekit.prune(out=) again on a finished run
+    over a plain DataLoader: rank 0 raised the "could not be checked" PrunekitWarning, but rank 1
+    never issued it (``api._say_unchecked`` returned early off rank 0), went on to the next
+    collective and waited for rank 0 until the group's timeout (a raw gloo error). Every rank now
+    raises the same warning at the same point."""
+    from distributed_spawn import run_ranks
+    out = str(tmp_path / "run")
+    (tmp_path / "first").mkdir()
+    (tmp_path / "again").mkdir()
+    assert run_ranks(_prune_over_a_dataloader, 2, tmp_path / "first", out, False, timeout=150) == ["not raised"] * 2
+    said = run_ranks(_prune_over_a_dataloader, 2, tmp_path / "again", out, True, timeout=150)
+    assert said[0] == said[1], said
+    assert said[0].startswith("PrunekitWarning: ") and "its stored result is given back" in said[0] \
+        and "could not be checked" in said[0], said
+
+
+def _claim_warning_as_error(rank, world, out):
+    """claim_on_rank_0 where rank 0's claim warns (as over an older prunekit's folder: "... it is
+    carried on without checking ...") under an "error" filter: each rank's exception."""
+    import warnings
+    from prunekit import runs
+    from prunekit.errors import PrunekitWarning
+
+    def older(folder, *_, **__):
+        runs.warn_ours(PrunekitWarning(f"{folder.path} was written by an older prunekit: it is carried on"))
+    if rank == 0:
+        runs.claim = older
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrunekitWarning)
+        try:
+            runs.claim_on_rank_0(out, "method = 'magnitude'\n")
+        except Exception as err:     # noqa: BLE001 - what each rank met
+            return f"{type(err).__name__}: {err}"
+    return "not raised"
+
+
+def test_a_claim_warning_made_an_error_is_raised_on_every_rank(tmp_path):
+    """Rank 0's warning in ``runs.claim`` (an older folder, carried on or given back) under ``-W error``
+    left claim_on_rank_0 on rank 0 before its broadcast: rank 1 waited in it until the group's timeout."""
+    from distributed_spawn import run_ranks
+    (tmp_path / "run").mkdir()
+    said = run_ranks(_claim_warning_as_error, 2, tmp_path, str(tmp_path / "run"), timeout=150)
+    assert said[0] == said[1], said
+    assert said[0].startswith("PrunekitWarning: ") and "it is carried on" in said[0], said

@@ -674,18 +674,52 @@ def _say_unchecked(folder: RunFolder, config: dict, config_text: str, older: boo
     arbitrary Dataset or iterable): only its form and sample count were compared with what it
     started with; or with a function or module of the user's that could not be hashed faithfully
     (``_code_fingerprints``' "unchecked: ..."). ``older``: a finished run started by a prunekit that
-    read ``lambda: loader`` otherwise (``_read_otherwise``), said too. Whether it warned."""
+    read ``lambda: loader`` otherwise (``_read_otherwise``), said too. Whether it warned. Under torchrun rank 0 decides
+    (it claimed the folder) and every rank issues the warning (``errors.warn``: shown by rank 0,
+    raised by every rank under an "error" filter, so none goes on alone); a collective: every rank
+    calls it."""
+    collective = current()
+    message = _on_rank_0(collective, lambda: _unchecked_message(folder, config, config_text, older))
+    if message is None:
+        return False
+    if folder.writable:
+        folder.log(message)
+    warn_ours(PrunekitWarning(message))
+    return True
+
+
+def _on_rank_0(collective, decide):
+    """``decide()`` as rank 0 finds it, told to every rank (one process: ``decide()``); a
+    ``PrunekitError`` of rank 0's is raised on every rank. A collective: every rank calls it."""
+    if collective.rank == 0:
+        try:
+            said = decide()
+        except PrunekitError as err:
+            if not collective.distributed:
+                raise
+            said = err
+    else:
+        said = None
+    if collective.distributed:
+        said = collective.broadcast_object(said)
+    if isinstance(said, PrunekitError):
+        raise said
+    return said
+
+
+def _unchecked_message(folder: RunFolder, config: dict, config_text: str, older: bool = False) -> str | None:
+    """``_say_unchecked``'s warning as rank 0 (the rank that claimed ``folder``) finds it, or None."""
     unchecked = [f"{what} ({config[what + '_form']})"
                  for what in ("data", "eval_data") if what + "_form" in config and what + "_sha256" not in config]
     code = [f"{key[:-len('_fingerprint')]}= ({value[len(runs.UNCHECKED):]})" for key, value in config.items()
             if key.endswith("_fingerprint") and isinstance(value, str) and value.startswith(runs.UNCHECKED)]
-    if folder.claimed_afresh or not (unchecked or code) or current().rank != 0:
-        return False    # (under torchrun rank 0 claims the folder: the others' claimed_afresh says nothing)
+    if folder.claimed_afresh or not (unchecked or code):
+        return None
     try:
         if not runs.same_values(folder.config.read_text(), config_text):   # an older folder: ``runs.claim``
-            return False                                                    # said what it checked
+            return None                                                     # said what it checked
     except OSError:
-        return False
+        return None
     done = "its stored result is given back" if runs.finished_run(folder) else "it is carried on"
     said = []
     if unchecked:
@@ -699,10 +733,7 @@ def _say_unchecked(folder: RunFolder, config: dict, config_text: str, older: boo
     if older and runs.finished_run(folder):
         message += (" (it was written by a prunekit that read `lambda: loader` otherwise: this one would compute "
                     "another model; force=True runs it anew)")
-    if folder.writable:
-        folder.log(message)
-    warn_ours(PrunekitWarning(message))
-    return True
+    return message
 
 
 def _say_given_back(folder: RunFolder, config_text: str, streams: dict, told: bool) -> None:
@@ -712,14 +743,29 @@ def _say_given_back(folder: RunFolder, config_text: str, streams: dict, told: bo
     ``runs.claim``'s about an older folder) said so already: the pruned model and record come from
     the folder. A user loader whose RNG states at this call (a ``torch.manual_seed`` before it)
     are not the ones the run recorded at its start is named: they changed nothing (a
-    ``PrunekitWarning``: a reseed meant to draw another run is a possible mistake)."""
-    if told or folder.claimed_afresh or current().rank != 0 or not runs.finished_run(folder):
+    ``PrunekitWarning``: a reseed meant to draw another run is a possible mistake). Under torchrun
+    rank 0 decides and notes; its warning is issued on every rank (``errors.warn``), so that an
+    "error" filter raises it on every rank. A collective: every rank calls it."""
+    collective = current()
+    said = _on_rank_0(collective, lambda: _given_back_message(folder, config_text, streams, told))
+    if said is None:
         return
+    text, reseeded = said
+    if reseeded:        # a reseed meant to draw another run: a possible mistake, warned
+        warn_ours(PrunekitWarning(text))
+    elif collective.rank == 0:      # the same call again (a notebook cell run twice): a note, not a warning
+        note(text)
+
+
+def _given_back_message(folder: RunFolder, config_text: str, streams: dict, told: bool) -> tuple[str, bool] | None:
+    """``_say_given_back``'s words as rank 0 finds them and whether they are a warning, or None."""
+    if told or folder.claimed_afresh or not runs.finished_run(folder):
+        return None
     try:
         if not runs.same_values(folder.config.read_text(), config_text):   # an older folder: ``runs.claim`` warned
-            return
+            return None
     except OSError:
-        return
+        return None
     reseeded = []
     for what, (data, batches) in streams.items():
         if batches is None or not hasattr(batches, "states") or batches.states is batches.call_states \
@@ -729,12 +775,8 @@ def _say_given_back(folder: RunFolder, config_text: str, streams: dict, told: bo
             reseeded.append(what)
     rng = (f"; this call's RNG state (torch.manual_seed) is not the one that run read its "
            f"{' and '.join(reseeded)} under ({runs.DATA_RNG}) and changed nothing" if reseeded else "")
-    said = (f"{folder.path} holds this run, finished: its stored result is given back, nothing was run{rng} "
-            "(force=True runs it anew, or give another out)")
-    if reseeded:        # a reseed meant to draw another run: a possible mistake, warned
-        warn_ours(PrunekitWarning(said))
-    else:               # the same call again (a notebook cell run twice): a note, not a warning
-        note(said)
+    return (f"{folder.path} holds this run, finished: its stored result is given back, nothing was run{rng} "
+            "(force=True runs it anew, or give another out)"), bool(reseeded)
 
 
 def data_identity(data) -> tuple[str | None, str | None]:
@@ -900,42 +942,54 @@ def _keep_streams(folder: RunFolder, streams: dict) -> None:
 
 
 def _read_otherwise(folder: RunFolder, data) -> bool:
+    """Whether the run in ``folder`` was started by a prunekit that read ``data`` otherwise
+    (``_older_replay``, as rank 0 finds it); an unfinished one is said once, in run.log and as a
+    ``PrunekitWarning`` issued on every rank (shown by rank 0; raised by every rank under an
+    "error" filter). A collective: every rank calls it."""
+    said = _on_rank_0(current(), lambda: _older_replay(folder, data))
+    if said is None:
+        return False
+    if said != "finished":
+        if folder.writable:
+            folder.log(said)
+        warn_ours(PrunekitWarning(said))
+    return True
+
+
+def _older_replay(folder: RunFolder, data) -> str | None:
     """Whether the run in ``folder``, unfinished with checkpoints or finished, was started by a
     prunekit that read ``data``, a function giving a prunekit loader (``lambda: loader`` over a
     ``BatchLoader``), otherwise than this one does (``replay.at_pass``): its ``runs.DATA_RNG`` has
     no ``prunekit_loader`` for ``data`` (that version read the user's loader itself, pass after
     pass, in its own batches). Carried on, its stages mix the two versions' batches, so its model
-    is neither version's: said here once, in run.log and on stderr (a ``PrunekitWarning``, rank 0);
-    a finished one is given back as stored (``_say_unchecked`` says so). The function is called once,
-    under RNG states put back after, only for such a folder. False for anything else (tensors, a
-    Dataset, a DataLoader, a prunekit loader passed as it is, a folder claimed afresh)."""
-    if folder.claimed_afresh or current().rank != 0 or not callable(data) or map_style(data) is not None \
+    is neither version's: the line that says so for an unfinished run, "finished" for a finished one
+    (given back as stored; ``_say_unchecked`` says so). The function is called once, under RNG
+    states put back after, only for such a folder. None for anything else (tensors, a Dataset, a
+    DataLoader, a prunekit loader passed as it is, a folder claimed afresh)."""
+    if folder.claimed_afresh or not callable(data) or map_style(data) is not None \
             or isinstance(data, (BatchLoader, torch.utils.data.DataLoader)):
-        return False
+        return None
     try:
         saved = json.loads((folder.path / runs.DATA_RNG).read_text())
         done = runs.finished_run(folder)
     except (OSError, ValueError, PrunekitError):     # none (an older prunekit's: _keep_streams says so)
-        return False
+        return None
     entry = saved.get("data") if isinstance(saved, dict) else None
     if not isinstance(entry, dict) or "prunekit_loader" in entry \
             or not (done or any(folder.checkpoints.glob("stage-*.safetensors"))):
-        return False
+        return None
     theirs = rng_states([])
     try:
         made = data()
     finally:
         set_rng_states([], theirs)
     if not isinstance(made, (BatchLoader, ReplayedLoader)):
-        return False
-    if not done:
-        line = (f"{folder.path} was written by a prunekit that read `lambda: loader` (a function giving a prunekit "
-                "loader) otherwise: carried on, this run's weights match no uninterrupted run (of either version); "
-                "run it anew with force=True for a reproducible result")
-        if folder.writable:
-            folder.log(line)
-        warn_ours(PrunekitWarning(line))
-    return True
+        return None
+    if done:
+        return "finished"
+    return (f"{folder.path} was written by a prunekit that read `lambda: loader` (a function giving a prunekit "
+            "loader) otherwise: carried on, this run's weights match no uninterrupted run (of either version); "
+            "run it anew with force=True for a reproducible result")
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -323,8 +323,7 @@ def _refuse_changed_classes(folder: RunFolder, metrics: dict, describe: dict, re
                     f"without checking that the classes of the data ({names}) are the ones it started with (a "
                     f"renamed, added or removed class folder shifts the labels); {fix} if they changed")
         folder.log(line(redo))
-        if folder.writable:
-            warn_ours(worded_warning(line("run it anew with force=True"), line(redo)))
+        warn_ours(worded_warning(line("run it anew with force=True"), line(redo)))   # every rank (errors.warn)
     if isinstance(before, list) and isinstance(now, list) and before != now:
         shown = lambda names: ", ".join(map(str, names[:6])) + (", ..." if len(names) > 6 else "")   # noqa: E731
         raise PrunekitError(f"the classes of the data changed since the run in {folder.path} started "
@@ -369,8 +368,7 @@ def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, f
                     "carried on without checking that they are the ones it started with (an image added, removed or "
                     f"replaced changes what the stages left are pruned and measured on); {fix} if they changed")
         folder.log(line(redo))
-        if folder.writable:
-            warn_ours(worded_warning(line("run it anew with force=True"), line(redo)))
+        warn_ours(worded_warning(line("run it anew with force=True"), line(redo)))   # every rank (errors.warn)
     return False
 
 

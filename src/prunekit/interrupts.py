@@ -20,7 +20,8 @@ import socket
 import threading
 
 _pending = False
-_received = signal.SIGINT          # the last signal that stopped the run
+_received = signal.SIGINT          # the signal that stopped the run: the first one while ``caught`` was active
+_signalled = False                 # a signal came while ``caught`` was active (``_received`` is its)
 _reason: tuple[str, int] | None = None   # a stop prunekit asked for itself (``stop``): its name, exit code
 _taken = False                     # that stop is being handled already: its SIGINT raises nothing more
 _runs = 0                          # prunekit work under way on the main thread (``caught``, ``running``)
@@ -93,12 +94,19 @@ def _sigterm_told():
 
 
 def _on_signal(signum, frame):
-    global _pending, _received, _taken
+    """SIGINT or SIGTERM while ``caught`` is active: remembered and raised as KeyboardInterrupt. The
+    first signal names the stop (``stopped_by``): a Ctrl-C under torchrun reaches each rank as SIGINT
+    and, a millisecond later, SIGTERM (the launcher closing its ranks again as a second SIGINT reaches
+    it), and Python runs the second handler while the first KeyboardInterrupt is handled; it
+    still raises, but the stop stays a Ctrl-C, as README says (it was logged "interrupted (SIGTERM)")."""
+    global _pending, _received, _taken, _signalled
     if _reason is not None:           # ``stop``'s SIGINT: one KeyboardInterrupt, never one inside its handling
         if _taken:
             return
         _taken = True
-    _pending, _received = True, signum
+    if not _signalled:
+        _received, _signalled = signum, True
+    _pending = True
     raise KeyboardInterrupt
 
 
@@ -111,11 +119,11 @@ def caught():
     when the collective returns: at once where a peer has left (its connection closes), else at
     the group's timeout or torchrun's SIGKILL 30 s after its SIGTERM; a rank ending on its own
     (a refusal, a lost rank) ignores SIGTERM from then on (``cli._ending_on_our_own``)."""
-    global _pending, _received, _reason, _taken
+    global _pending, _received, _reason, _taken, _signalled
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _pending, _received, _reason, _taken = False, signal.SIGINT, None, False
+    _pending, _received, _reason, _taken, _signalled = False, signal.SIGINT, None, False, False
     previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         with running(), _sigterm_told():

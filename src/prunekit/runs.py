@@ -874,6 +874,8 @@ def claim_on_rank_0(path: str | Path, config_text: str, *, resume: bool = False,
             refusal = err
         except OSError as err:              # a folder rank 0 cannot write: every rank says so
             refusal = refusal_of(err)
+        except PrunekitWarning as warning:  # its warning over an older folder, made an error (-W error):
+            refusal = warning               # raised on every rank, as ``errors.warn`` does, none waits alone
     refusal = collective.broadcast_object(refusal)
     if refusal is not None:
         raise refusal
@@ -1024,8 +1026,7 @@ class RunCheckpointer:
                 f"matches an uninterrupted run only within the documented rounding (resume with {before[-1]} "
                 f"rank{'s' if before[-1] != 1 else ''} for the same bits)")
         self.folder.log(line)
-        if self.folder.writable:
-            warn_ours(PrunekitWarning(line))
+        warn_ours(PrunekitWarning(line))        # every rank: ``errors.warn`` shows it on rank 0 alone
 
 
     def _tell_older_epoch_passes(self, meta: dict) -> None:
@@ -1041,8 +1042,7 @@ class RunCheckpointer:
                     "carried on, this run's weights match no uninterrupted run (of either version); "
                     f"{fix} for a reproducible result")
         self.folder.log(said(self.redo))
-        if self.folder.writable:
-            warn_ours(worded_warning(said("run it anew with force=True"), said(self.redo)))
+        warn_ours(worded_warning(said("run it anew with force=True"), said(self.redo)))     # every rank (errors.warn)
 
 
 def _world_size() -> int:

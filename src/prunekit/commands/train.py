@@ -664,16 +664,14 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
                 f"{', ...' if len(classes) > 6 else ''}) are the ones its epochs learned (a renamed, added or removed "
                 "class folder shifts the labels) or that their images are; run it anew with --force if they changed")
         checkpointer.folder.log(line)
-        if checkpointer.folder.writable:
-            warn_ours(PrunekitWarning(line))
+        warn_ours(PrunekitWarning(line))        # every rank: errors.warn shows it on rank 0 alone
     elif recorded is None and fingerprint is not None:      # class names recorded, images not (an older prunekit's)
         line = (f"the epoch checkpoint in {checkpointer.folder.path} was written by an older prunekit that recorded "
                 "no fingerprint of its training images: carried on without checking that they are the ones its "
                 "epochs so far trained on (an image added, removed or replaced changes what the rest train on); "
                 "run it anew with --force if they changed")
         checkpointer.folder.log(line)
-        if checkpointer.folder.writable:
-            warn_ours(PrunekitWarning(line))
+        warn_ours(PrunekitWarning(line))        # every rank: errors.warn shows it on rank 0 alone
     if state.extra.get("model_file_sha256") not in (None, digest):
         warn_ours(PrunekitWarning("the model file changed since this training started: the epochs left use "
                                       "the new code"))
