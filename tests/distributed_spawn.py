@@ -78,12 +78,34 @@ def run_ranks_once(name: str, fn, world: int, tmp_path_factory, *args, timeout: 
     of one module can go to both workers, and each would spawn the ranks again (the spawn of
     test_distributed_pipelines took 75-82 s on each worker): the first worker to get here runs them
     and the other waits for its files, in the session's shared temporary folder."""
+    return run_ranks_in_folder_once(name, None, fn, world, tmp_path_factory, *args, timeout=timeout)[1]
+
+
+def run_ranks_in_folder_once(name: str, prepare, fn, world: int, tmp_path_factory, *args,
+                             timeout: float = 120.0) -> tuple:
+    """``run_ranks_once`` whose ranks work in a folder of their own: ``prepare(folder)`` (unless None)
+    fills it first, then ``fn(rank, world, str(folder), *args)`` runs in the ranks (``fn(rank, world,
+    *args)`` when ``prepare`` is None), both once per test session. Returns (folder, each rank's
+    result): the folder is the one every xdist worker's tests read."""
     if "PYTEST_XDIST_WORKER" not in os.environ:
-        return run_ranks(fn, world, tmp_path_factory.mktemp(name), *args, timeout=timeout)
-    shared = tmp_path_factory.getbasetemp().parent / name
-    with FileLock(f"{shared}.lock"):
+        shared = tmp_path_factory.mktemp(name)
+        lock = None
+    else:
+        shared = tmp_path_factory.getbasetemp().parent / name
+        lock = FileLock(f"{shared}.lock")
+    if prepare is not None:
+        args = (str(shared / "work"), *args)
+    if lock is not None:
+        lock.acquire()
+    try:
         if not (shared / "done").exists():
             shared.mkdir(exist_ok=True)
+            if prepare is not None:
+                (shared / "work").mkdir()
+                prepare(shared / "work")
             run_ranks(fn, world, shared, *args, timeout=timeout)
             (shared / "done").touch()
-    return [torch.load(shared / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    finally:
+        if lock is not None:
+            lock.release()
+    return shared / "work", [torch.load(shared / f"rank{r}.pt", weights_only=True) for r in range(world)]

@@ -283,23 +283,28 @@ MALFORMED = {"no rows": ({"settings": {"seed": 0}, "model": "resnet20-b"}, 'no "
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_eval_jpeg10k_refuses_a_malformed_input_in_one_line(case, tmp_path):
+def test_eval_jpeg10k_refuses_a_malformed_input_in_one_line(case, tmp_path, monkeypatch, capsys):
     """s53 review: the up-front refusal read row["method"] and payload["rows"] unchecked: a row without
     "method", no "rows", "rows": 5 or a row that is a string ended in a traceback. Now one line naming
-    the file and what it lacks, exit 2, before any work."""
-    import os
-    import subprocess
-    import prunekit
-    here = Path(common.__file__).parent
+    the file and what it lacks, exit 2, before any work. The script's main() runs in this process (a
+    traceback is an exception here); the script run as a program, a refusal's exit code and its one
+    line on stderr, is test_eval_jpeg10k_names_the_missing_model_and_the_command_that_makes_it's."""
+    import torch
+    import eval_jpeg10k
     payload, said = MALFORMED[case]
     given = tmp_path / "in.json"
     given.write_text(json.dumps(payload))
-    done = subprocess.run([sys.executable, str(here / "eval_jpeg10k.py"), "--inputs", str(given), "--data-dir",
-                           str(tmp_path / "no-data"), "--cache-dir", str(tmp_path / "cache"), "--out",
-                           str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120, cwd=here.parent,
-                          env={**os.environ, "PYTHONPATH": str(Path(prunekit.__file__).parents[1])})
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
-    assert str(given) in done.stderr and said in done.stderr, done.stderr
+    monkeypatch.setattr(sys, "argv", ["eval_jpeg10k.py", "--inputs", str(given), "--data-dir", str(tmp_path / "no-data"),
+                                      "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out.json")])
+    threads = torch.get_num_threads()                    # main() sets its --threads (1) for the process
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            eval_jpeg10k.main()
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 2 and err.count("\n") == 1 and out == "", (out, err)
+    assert str(given) in err and said in err, err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out.json").exists()
 
 

@@ -146,20 +146,13 @@ def _prune_into_another_run(rank, world, out):
     return "not refused"
 
 
-def test_a_folder_holding_another_run_is_refused_on_both_ranks_in_the_same_words(tmp_path):
+def test_a_folder_holding_another_run_is_refused_on_both_ranks_in_the_same_words(two_rank_cases):
     """Rank 0 claims the folder for the ranks and tells rank 1 its refusal (rank 1 reads nothing
     of the folder itself): both stop with the same words and the folder is left as it was."""
-    import prunekit
-    from distributed_spawn import run_ranks
-    out = tmp_path / "run"
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
-    prunekit.prune(net, (torch.randn(32, 8), torch.randint(0, 3, (32,))), method="magnitude", sparsity=0.3,
-                   recalibrate_bn=False, out=str(out))
-    before = sorted(p.name for p in out.iterdir())
-    said = run_ranks(_prune_into_another_run, 2, tmp_path, str(out))
+    folder, said = _case(two_rank_cases, "another_run")
     assert said[0] == said[1] and "holds another run" in said[0], said
-    assert sorted(p.name for p in out.iterdir()) == before
+    before = json.loads((folder / "another_run_files.json").read_text())
+    assert len(before) > 3 and sorted(p.name for p in (folder / "another" / "run").iterdir()) == before
 
 
 def _prune_into(rank, world, out):
@@ -181,25 +174,26 @@ def _claim_denied_on_rank_0(rank, world, out):
 
     def denied(folder, *_, **__):
         raise PermissionError(13, "Permission denied", str(folder.config))
+    real = runs.claim
     if rank == 0:
         runs.claim = denied
     try:
         runs.claim_on_rank_0(out, "method = 'magnitude'\n")
     except Exception as err:     # noqa: BLE001 - what each rank met
         return f"{type(err).__name__}: {err}"
+    finally:
+        runs.claim = real
     return "not refused"
 
 
-def test_an_out_rank_0_cannot_write_is_refused_on_both_ranks_in_the_same_words(tmp_path):
+def test_an_out_rank_0_cannot_write_is_refused_on_both_ranks_in_the_same_words(two_rank_cases):
     """out= under a regular file (the lock's folder cannot be made; so for root too), and a
     config.toml rank 0 may not write (its claim): every rank gets one PrunekitError naming the path.
     Before, rank 0 alone met the OSError and rank 1 waited in the collective until rank 0 was gone."""
-    from distributed_spawn import run_ranks
-    (tmp_path / "file").write_text("")
-    out = tmp_path / "file" / "run"
-    said = run_ranks(_prune_into, 2, tmp_path, str(out))
+    folder, said = _case(two_rank_cases, "not_a_directory")
+    out = folder / "file" / "run"
     assert said[0] == said[1] and said[0].startswith("PrunekitError: Not a directory") and str(out) in said[0], said
-    said = run_ranks(_claim_denied_on_rank_0, 2, tmp_path, str(tmp_path / "run"))
+    _, said = _case(two_rank_cases, "claim_denied")
     assert said[0] == said[1] and "Permission denied" in said[0] and "config.toml" in said[0], said
     assert "PrunekitError" in said[0] and "check the path and its permissions" in said[0], said
 
@@ -230,10 +224,9 @@ def _prune_apart(rank, world, what):
 
 
 @pytest.mark.parametrize("what", ["weights", "data"])
-def test_ranks_of_a_script_with_other_weights_or_data_are_refused(tmp_path, what):
+def test_ranks_of_a_script_with_other_weights_or_data_are_refused(two_rank_cases, what):
     """Each rank went on with its own start and returned its own pruned model (the CLI refused it)."""
-    from distributed_spawn import run_ranks
-    said = run_ranks(_prune_apart, 2, tmp_path, what)
+    _, said = _case(two_rank_cases, what)
     assert said[0] == said[1] and f"rank 1 has other {'model weights' if what == 'weights' else 'data'}" in said[0]
     if what == "weights":    # each message says what to change for what differs, not the other's fix
         assert "the same seed, or load the same checkpoint" in said[0] and "DistributedSampler" not in said[0], said
@@ -242,21 +235,19 @@ def test_ranks_of_a_script_with_other_weights_or_data_are_refused(tmp_path, what
         assert "seed" not in said[0] and "model weights" not in said[0], said
 
 
-def test_ranks_of_a_script_given_other_options_are_refused(tmp_path):
+def test_ranks_of_a_script_given_other_options_are_refused(two_rank_cases):
     """Rank 0 with sparsity 0.5 and rank 1 with 0.6: they waited on each other's collectives until the
     timeout (a script's own process group: without end)."""
-    from distributed_spawn import run_ranks
-    said = run_ranks(_prune_apart, 2, tmp_path, "options")
+    _, said = _case(two_rank_cases, "options")
     assert said[0] == said[1] and said[0].startswith("OptionError: rank 1 was given other options than rank 0 "
                                                      "(fisher_samples 32 against 16, sparsity 0.6 against 0.5): "
                                                      "every rank must run the same call"), said
 
 
-def test_ranks_of_a_script_whose_data_run_longer_on_one_rank_are_refused(tmp_path):
+def test_ranks_of_a_script_whose_data_run_longer_on_one_rank_are_refused(two_rank_cases):
     """Rank 1's data set had 8 images more at the end, its first batch rank 0's: only the first
     batches were compared, and rank 1 waited for ever on its extra batch's collectives."""
-    from distributed_spawn import run_ranks
-    said = run_ranks(_prune_apart, 2, tmp_path, "samples")
+    _, said = _case(two_rank_cases, "samples")
     assert said[0] == said[1] and said[0].startswith(
         "PrunekitError: rank 1 has other data than rank 0 (72 samples a pass against 64): "
         "every rank must pass the same data, whole"), said
@@ -285,32 +276,24 @@ def _prune_with_rank_memory(rank, world):
         result = prunekit.prune(net, (x, y), method="falcon", flops=0.5, fisher_samples=32, recalibrate_bn=False)
     except Exception as err:     # noqa: BLE001 - what each rank met
         return f"{type(err).__name__}: {err}"
+    finally:
+        fisher_methods.plan_memory = real
     return result.record["fisher_samples"]
 
 
-def test_ranks_whose_memory_allows_other_row_counts_take_the_least(tmp_path):
+def test_ranks_whose_memory_allows_other_row_counts_take_the_least(two_rank_cases):
     """--fisher-samples auto under a tight --max-memory: each rank chose its own n, and gloo aborted
     on the first exchange of rows ('Received data size doesn't match expected size')."""
-    from distributed_spawn import run_ranks
-    assert run_ranks(_prune_with_rank_memory, 2, tmp_path) == [24, 24]
+    assert _case(two_rank_cases, "rank_memory")[1] == [24, 24]
 
 
-def test_a_finished_run_with_an_edited_config_is_refused_on_both_ranks_as_edited_config(tmp_path):
+def test_a_finished_run_with_an_edited_config_is_refused_on_both_ranks_as_edited_config(two_rank_cases):
     """prunekit.prune(out=) over a finished run whose config.toml was edited by hand: rank 0's
     ``EditedConfig`` is broadcast and raised on every rank (the README: the PrunekitError on every
     rank). Before, rank 1 crashed unpickling it (``TypeError: EditedConfig.__init__() missing 2
     required positional arguments``) while rank 0 raised the refusal."""
-    import prunekit
-    from distributed_spawn import run_ranks
-    out = tmp_path / "run"
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
-    prunekit.prune(net, (torch.randn(32, 8), torch.randint(0, 3, (32,))), method="magnitude", sparsity=0.5,
-                   recalibrate_bn=False, out=str(out))
-    config = (out / "config.toml").read_text()
-    assert "sparsity = 0.5\n" in config
-    (out / "config.toml").write_text(config.replace("sparsity = 0.5\n", "sparsity = 0.4\n"))
-    said = run_ranks(_prune_into, 2, tmp_path, str(out))
+    folder, said = _case(two_rank_cases, "edited_config")
+    assert "sparsity = 0.4\n" in (folder / "edited" / "run" / "config.toml").read_text()   # edited in _prepare
     assert said[0] == said[1], said
     assert said[0].startswith("EditedConfig: ") and "config.toml was changed (sparsity)" in said[0], said
 
@@ -330,12 +313,11 @@ def _prune_with_bn_and_no_data(rank, world):
     return [(w.category.__name__, str(w.message)[:40]) for w in caught]
 
 
-def test_prunekits_warnings_in_a_script_under_two_ranks_are_rank_0s_alone(tmp_path):
+def test_prunekits_warnings_in_a_script_under_two_ranks_are_rank_0s_alone(two_rank_cases):
     """The README: warnings are rank 0's. The CLI printed ours on rank 0 alone, but
     ``prunekit.prune`` in a script under torchrun warned once per rank. The caller's own warnings are
     left alone on every rank."""
-    from distributed_spawn import run_ranks
-    said = run_ranks(_prune_with_bn_and_no_data, 2, tmp_path)
+    _, said = _case(two_rank_cases, "bn_and_no_data")
     own = ("UserWarning", "the script's own")
     assert said[1] == [own], said
     assert said[0][-1] == own and [c for c, _ in said[0][:-1]] == ["PrunekitWarning"], said
@@ -375,18 +357,14 @@ def _prune_over_a_dataloader(rank, world, out, as_error):
     return "not raised"
 
 
-def test_a_finished_run_over_a_dataloader_called_again_under_w_error_raises_on_every_rank(tmp_path):
+def test_a_finished_run_over_a_dataloader_called_again_under_w_error_raises_on_every_rank(two_rank_cases):
     """``python -W error`` script under torchrun, calling prunekit.prune(out=) again on a finished run
     over a plain DataLoader: rank 0 raised the "could not be checked" PrunekitWarning, but rank 1
     never issued it (``api._say_unchecked`` returned early off rank 0), went on to the next
     collective and waited for rank 0 until the group's timeout (a raw gloo error). Every rank now
     raises the same warning at the same point."""
-    from distributed_spawn import run_ranks
-    out = str(tmp_path / "run")
-    (tmp_path / "first").mkdir()
-    (tmp_path / "again").mkdir()
-    assert run_ranks(_prune_over_a_dataloader, 2, tmp_path / "first", out, False, timeout=150) == ["not raised"] * 2
-    said = run_ranks(_prune_over_a_dataloader, 2, tmp_path / "again", out, True, timeout=150)
+    assert _case(two_rank_cases, "dataloader_first")[1] == ["not raised"] * 2
+    _, said = _case(two_rank_cases, "dataloader_again")
     assert said[0] == said[1], said
     assert said[0].startswith("PrunekitWarning: ") and "its stored result is given back" in said[0] \
         and "could not be checked" in said[0], said
@@ -401,6 +379,7 @@ def _claim_warning_as_error(rank, world, out):
 
     def older(folder, *_, **__):
         runs.warn_ours(PrunekitWarning(f"{folder.path} was written by an older prunekit: it is carried on"))
+    real = runs.claim
     if rank == 0:
         runs.claim = older
     with warnings.catch_warnings():
@@ -409,14 +388,75 @@ def _claim_warning_as_error(rank, world, out):
             runs.claim_on_rank_0(out, "method = 'magnitude'\n")
         except Exception as err:     # noqa: BLE001 - what each rank met
             return f"{type(err).__name__}: {err}"
+        finally:
+            runs.claim = real
     return "not raised"
 
 
-def test_a_claim_warning_made_an_error_is_raised_on_every_rank(tmp_path):
+def test_a_claim_warning_made_an_error_is_raised_on_every_rank(two_rank_cases):
     """Rank 0's warning in ``runs.claim`` (an older folder, carried on or given back) under ``-W error``
     left claim_on_rank_0 on rank 0 before its broadcast: rank 1 waited in it until the group's timeout."""
-    from distributed_spawn import run_ranks
-    (tmp_path / "run").mkdir()
-    said = run_ranks(_claim_warning_as_error, 2, tmp_path, str(tmp_path / "run"), timeout=150)
+    _, said = _case(two_rank_cases, "claim_warning")
     assert said[0] == said[1], said
     assert said[0].startswith("PrunekitWarning: ") and "it is carried on" in said[0], said
+
+
+def _prepare(folder: Path) -> None:
+    """The folders the two-rank cases below start from, made by this (one) process: a finished run
+    (another/run: its file names in another_run_files.json), a regular file to put out= under, a
+    finished run whose config.toml was edited (sparsity 0.5 to 0.4), empty folders."""
+    import prunekit
+    for sparsity, out in ((0.3, folder / "another" / "run"), (0.5, folder / "edited" / "run")):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+        prunekit.prune(net, (torch.randn(32, 8), torch.randint(0, 3, (32,))), method="magnitude",
+                       sparsity=sparsity, recalibrate_bn=False, out=str(out))
+    (folder / "another_run_files.json").write_text(json.dumps(sorted(p.name for p in (folder / "another" / "run").iterdir())))
+    config = (folder / "edited" / "run" / "config.toml").read_text()
+    assert "sparsity = 0.5\n" in config
+    (folder / "edited" / "run" / "config.toml").write_text(config.replace("sparsity = 0.5\n", "sparsity = 0.4\n"))
+    (folder / "file").write_text("")
+    for name in ("denied", "loader", "older/run"):
+        (folder / name).mkdir(parents=True)
+
+
+def _every_case(rank, world, folder):
+    """Every two-rank case of this module's ``run_ranks`` tests, one after the other in one spawn of
+    the ranks (a spawn, each rank importing torch and prunekit, costs more than these tiny prunes):
+    {case: this rank's result}. Each case is one call that every rank ends alike (a refusal, a
+    warning raised or a result), and patches it makes are undone after it; a barrier between cases
+    would hang (and the fixture fail) if a case left the ranks' collectives unpaired."""
+    import torch.distributed as dist
+    folder = Path(folder)
+    cases = {
+        "another_run": lambda: _prune_into_another_run(rank, world, str(folder / "another" / "run")),
+        "not_a_directory": lambda: _prune_into(rank, world, str(folder / "file" / "run")),
+        "claim_denied": lambda: _claim_denied_on_rank_0(rank, world, str(folder / "denied" / "run")),
+        **{what: (lambda what=what: _prune_apart(rank, world, what))
+           for what in ("weights", "data", "options", "samples")},
+        "rank_memory": lambda: _prune_with_rank_memory(rank, world),
+        "edited_config": lambda: _prune_into(rank, world, str(folder / "edited" / "run")),
+        "bn_and_no_data": lambda: _prune_with_bn_and_no_data(rank, world),
+        "dataloader_first": lambda: _prune_over_a_dataloader(rank, world, str(folder / "loader" / "run"), False),
+        "dataloader_again": lambda: _prune_over_a_dataloader(rank, world, str(folder / "loader" / "run"), True),
+        "claim_warning": lambda: _claim_warning_as_error(rank, world, str(folder / "older" / "run")),
+    }
+    said = {}
+    for name, case in cases.items():
+        said[name] = case()
+        dist.barrier()
+    return said
+
+
+@pytest.fixture(scope="module")
+def two_rank_cases(tmp_path_factory):
+    """(the cases' folder, each rank's {case: result}) of ``_every_case``, run once for the module
+    (and both xdist workers)."""
+    from distributed_spawn import run_ranks_in_folder_once
+    return run_ranks_in_folder_once("distributed_api_out", _prepare, _every_case, 2, tmp_path_factory, timeout=300)
+
+
+def _case(two_rank_cases, name: str) -> tuple[Path, list]:
+    """(the cases' folder, [rank 0's result of case ``name``, rank 1's])."""
+    folder, ranks = two_rank_cases
+    return folder, [said[name] for said in ranks]

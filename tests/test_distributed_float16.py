@@ -12,7 +12,7 @@ import torch
 import prunekit
 from prunekit.errors import PrunekitWarning
 from closeness import assert_close_to_scale
-from distributed_spawn import run_ranks, run_ranks_once
+from distributed_spawn import run_ranks_once
 from test_fisher import _nearly_perfect_classifier
 
 
@@ -57,7 +57,11 @@ def _rows(rank=0, world=1) -> dict:
 
 
 def _worker(rank, world):
-    return {"float16": _prune("float16"), "rows": _rows(rank, world)}
+    """Every two-rank case of this module in one spawn of the ranks (a spawn costs more than these
+    tiny prunes): the overflow cases (defined below) last, the one made an error at the very end, as
+    it leaves through a raised warning."""
+    return {"float16": _prune("float16"), "rows": _rows(rank, world), "overflow": _prune_overflowing(),
+            "as_error": _overflow_as_error_worker(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +120,7 @@ def _prune_overflowing() -> dict:
             "warned": torch.tensor(len(said))}
 
 
-def _overflow_worker(rank, world):
-    return _prune_overflowing()
-
-
-def test_a_float16_overflow_on_one_rank_makes_every_rank_collect_again_unscaled(tmp_path):
+def test_a_float16_overflow_on_one_rank_makes_every_rank_collect_again_unscaled(two_ranks):
     """The retry after a float16 overflow is decided across the ranks (``any_broken``: a sum of every rank's
     verdict): rank 1's columns overflow, rank 0's do not, and both collect their rows again unscaled. Were
     the verdict each rank's own, rank 1 would gather its rows again while rank 0 went on to the ridge's
@@ -139,7 +139,7 @@ def test_a_float16_overflow_on_one_rank_makes_every_rank_collect_again_unscaled(
     assert scale > 1.0 and not over[a:b].any() and over[c:d].any()      # one rank's columns overflow, not the other's
     expected = _prune_overflowing()
     assert int(expected["warned"]) == 1                                    # one process collected again too
-    ranks = run_ranks(_overflow_worker, 2, tmp_path, timeout=150)
+    ranks = [r["overflow"] for r in two_ranks]
     assert [int(r["warned"]) for r in ranks] == [1, 0]                      # rank 0 says it, once
     for got in ranks:
         for key in ("ridge", "objective"):
@@ -151,7 +151,8 @@ def test_a_float16_overflow_on_one_rank_makes_every_rank_collect_again_unscaled(
 
 def _overflow_as_error_worker(rank, world):
     """The overflowing prune with prunekit's warnings turned into errors (``python -W error``): what each rank
-    raised, and its rows' scale would not matter. The rank leaves through ``run_ranks``' barrier afterwards."""
+    raised, and its rows' scale would not matter. The rank leaves through ``run_ranks``' barrier afterwards
+    (``_worker`` runs it last)."""
     model, x, y = _overflowing_classifier()
     with warnings.catch_warnings():
         warnings.simplefilter("error", PrunekitWarning)
@@ -163,10 +164,10 @@ def _overflow_as_error_worker(rank, world):
     return {"raised": "nothing", "message": ""}
 
 
-def test_a_warning_made_an_error_is_raised_on_every_rank_not_rank_0_alone(tmp_path):
+def test_a_warning_made_an_error_is_raised_on_every_rank_not_rank_0_alone(two_ranks):
     """Under ``python -W error`` prunekit's warning (issued on rank 0 alone) raised on rank 0 only: rank 1
     went on into the rows' gathers and failed on a raw gloo error ("Connection closed by peer") once rank 0
     left (or waited for the timeout). Every rank now raises the same warning at the same point."""
-    ranks = run_ranks(_overflow_as_error_worker, 2, tmp_path, timeout=150)
+    ranks = [r["as_error"] for r in two_ranks]
     assert [r["raised"] for r in ranks] == ["PrunekitWarning"] * 2, ranks
     assert "overflowed at loss scale" in ranks[0]["message"] and ranks[1]["message"] == ranks[0]["message"]

@@ -2,9 +2,10 @@
 so each BatchNorm's running statistics came out of other samples on each rank; train_epoch averages
 them over the ranks at the end of the pass and every rank holds the same model."""
 
+import pytest
 import torch
 
-from distributed_spawn import run_ranks
+from distributed_spawn import run_ranks_once
 
 
 def _train_conv_bn(rank, world):
@@ -22,10 +23,10 @@ def _train_conv_bn(rank, world):
     return {"buffers": buffers, "loss": torch.tensor(loss)}
 
 
-def test_train_epoch_leaves_the_same_batchnorm_statistics_on_every_rank(tmp_path):
+def test_train_epoch_leaves_the_same_batchnorm_statistics_on_every_rank(two_ranks):
     """Before, rank 1's running_mean / running_var were from its own half of each batch (and DDP's
     broadcast of rank 0's buffers before each forward left the last step's apart)."""
-    ranks = run_ranks(_train_conv_bn, 2, tmp_path)
+    ranks = [r["conv_bn"] for r in two_ranks]
     assert ranks[0]["buffers"].keys() == ranks[1]["buffers"].keys() and len(ranks[0]["buffers"]) == 6
     for name, value in ranks[0]["buffers"].items():
         assert torch.equal(value, ranks[1]["buffers"][name]), name
@@ -64,25 +65,25 @@ def _apart(a: dict, b: dict) -> float:
                for k in a if a[k].is_floating_point())
 
 
-def test_a_batch_the_ranks_do_not_divide_trains_as_one_process_does(tmp_path):
+def test_a_batch_the_ranks_do_not_divide_trains_as_one_process_does(two_ranks):
     """Each rank's gradient weighs by its share of the batch: 2 ranks on batches of 3, 5, 1 and 4
     samples (one rank has none of the 1-sample batch) give one process's weights to rounding.
     Before, DDP averaged the ranks' mean gradients, so a lone sample on one rank counted double
     (and the empty share's nan loss reached the reported mean)."""
-    ranks = run_ranks(_train_uneven, 2, tmp_path, False)
+    ranks = [r["uneven"] for r in two_ranks]
     one = _train_uneven(0, 1, False)
     assert _apart(ranks[0]["state"], ranks[1]["state"]) == 0
     assert _apart(ranks[0]["state"], one["state"]) < 1e-5
     assert torch.allclose(ranks[0]["losses"], one["losses"], rtol=1e-5, atol=0)
 
 
-def test_batchnorm_under_uneven_batches_is_close_to_one_process(tmp_path):
+def test_batchnorm_under_uneven_batches_is_close_to_one_process(two_ranks):
     """With BatchNorm each rank normalises its share by its own statistics, so 2 ranks cannot give
     one process's weights exactly (the conv before the BatchNorm, whose gradient passes through the
     share's statistics, lands ~0.1 of its norm apart at these sizes); weighted by share, the mean
     losses and the classifier after it stay close (unweighted: the losses were nan, the classifier
     0.14 to 0.29 of its norm apart)."""
-    ranks = run_ranks(_train_uneven, 2, tmp_path, True)
+    ranks = [r["uneven_bn"] for r in two_ranks]
     one = _train_uneven(0, 1, True)
     assert torch.isfinite(ranks[0]["losses"]).all()
     assert torch.allclose(ranks[0]["losses"], one["losses"], rtol=0.01, atol=0)
@@ -103,14 +104,28 @@ def _train_empty_first_share(rank, world):
     return {"state": {k: v.clone() for k, v in net.state_dict().items()}, "losses": torch.tensor(losses)}
 
 
-def test_a_rank_with_no_sample_of_the_first_batch_trains_as_one_process_does(tmp_path):
+def test_a_rank_with_no_sample_of_the_first_batch_trains_as_one_process_does(two_ranks):
     """Before, rank 1 raised ZeroDivisionError on the progress figure (0 samples seen yet, bar off
     or not) and rank 0 waited for gloo's timeout: run_ranks ended in an error. Now the empty share
     runs (a zero gradient, no samples in the mean loss) and both ranks hold one process's weights."""
-    ranks = run_ranks(_train_empty_first_share, 2, tmp_path, timeout=90)
+    ranks = [r["empty_first_share"] for r in two_ranks]
     one = _train_empty_first_share(0, 1)
     assert _apart(ranks[0]["state"], ranks[1]["state"]) == 0
     assert _apart(ranks[0]["state"], one["state"]) < 1e-5
     assert torch.isfinite(ranks[0]["losses"]).all()
     assert torch.allclose(ranks[0]["losses"], one["losses"], rtol=1e-5, atol=0)
     assert torch.equal(ranks[0]["losses"], ranks[1]["losses"])
+
+
+def _every_training(rank, world):
+    """The four trainings above in one spawn of the ranks (each seeds its own net and batches, so
+    their order does not matter): a spawn of 2 ranks costs more than the trainings themselves."""
+    return {"conv_bn": _train_conv_bn(rank, world), "uneven": _train_uneven(rank, world, False),
+            "uneven_bn": _train_uneven(rank, world, True),
+            "empty_first_share": _train_empty_first_share(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Each rank's results of ``_every_training``, spawned once for the module (and both xdist workers)."""
+    return run_ranks_once("distributed_train", _every_training, 2, tmp_path_factory, timeout=150)
