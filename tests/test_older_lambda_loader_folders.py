@@ -134,7 +134,7 @@ def test_other_data_of_an_older_folder_carries_on_without_the_lambda_loader_warn
     if (out / runs.DATA_RNG).exists():           # (a prunekit loader passed as it is keeps no states)
         _as_older(out)
     _, said = _prune(kind, out)
-    assert "resuming" in (out / "run.log").read_text()
+    assert ", after stage 1 from stage-001.safetensors" in (out / "run.log").read_text()
     assert not [m for m in said if "otherwise" in m], said
 
 
@@ -154,5 +154,5 @@ def test_a_command_line_folder_carries_on_without_the_lambda_loader_warning(tmp_
     monkeypatch.undo()
     capsys.readouterr()
     assert main(args) == 0
-    assert "resuming" in (tmp_path / "run" / "run.log").read_text()
+    assert ", after stage 1 from stage-001.safetensors" in (tmp_path / "run" / "run.log").read_text()
     assert "otherwise" not in capsys.readouterr().err
