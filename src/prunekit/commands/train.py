@@ -81,7 +81,7 @@ def _cmd_train(args) -> int:
     if seeded is None:
         torch.manual_seed(args.seed)
     else:
-        torch.set_rng_state(seeded)
+        restore_rng(seeded)         # torch's CPU generator and, where the import used CUDA, each GPU's
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
                         in_channels=train_ds.image_shape[0], dataset=args.data,
                         input_shape=tuple(train_ds.image_shape), normalization=args.normalize)
@@ -771,7 +771,7 @@ def check_before_the_data(args) -> None:
             raise batch_size_refusal(args, images)
 
 
-def check_model_before_the_data(args) -> torch.Tensor | None:
+def check_model_before_the_data(args) -> dict | None:
     """The model's refusals that need no image header, made before an image folder's scan (every
     image's header: minutes on a huge folder) once the run is known unfinished (a finished run gives
     its result back without building the model): a model file that does not import or defines no
@@ -783,7 +783,8 @@ def check_model_before_the_data(args) -> torch.Tensor | None:
     fit, from the headers read on until one is in colour: an all-grayscale folder is refused before
     either split's scan, not after). Each in the words ``load_model`` uses after the scan.
 
-    Returns torch's (CPU) RNG state just after a model file's import, which is made under
+    Returns torch's RNG states just after a model file's import (``stages.capture_rng``: the CPU
+    generator's and, where the import used CUDA, each GPU's, as ``restore_rng`` takes them), made under
     ``torch.manual_seed(args.seed)`` as the build's import always was (a file drawing at import time,
     ``PROJ = torch.randn(...)``, draws the same in every run, rank and resume): the build sets it
     back rather than seeding again, so its draws are those that follow the import's, whatever the
@@ -793,7 +794,7 @@ def check_model_before_the_data(args) -> torch.Tensor | None:
     if user_models.is_model_file(args.model):
         torch.manual_seed(args.seed)
         user_models.check_function(args.model)
-        return torch.get_rng_state()
+        return capture_rng()
     if not args.checkpoint or args.data != "imagefolder" or not args.data_dir:
         return None     # (other data sets are read in moments: load_model refuses after them)
     found = peek_classes_and_channels(args.data_dir, "train", recorded_classes(args.checkpoint),
