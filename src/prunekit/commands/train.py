@@ -101,7 +101,9 @@ def _cmd_train(args) -> int:
         # what an older prunekit's finished run here did (its config.toml has no --zeros): its run
         args.zeros = None
     check_fits(loaded, train_ds, f"{args.data} train")
-    if test_ds is not train_ds:         # before any epoch: an all-grayscale test split of colour training images
+    if test_ds is not train_ds and test_ds.image_shape[0] != train_ds.image_shape[0]:
+        # before any epoch (its normalization refused it after training): an all-grayscale test split
+        # of colour training images; other sizes are left to the model, as before
         check_fits(loaded, test_ds, f"{args.data} {args.eval_split}")
     loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
                          augment=args.augment, seed=args.seed, drop_last=True)
