@@ -788,8 +788,9 @@ def test_summary_says_the_parameters_kept_as_the_cli_counts_them():
 
 def test_train_epochs_on_a_function_returning_a_prunekit_loader_starts_at_its_epoch_0():
     """``prunekit.train.train_epochs(model, lambda: loader)``: its first-batch check peeks through
-    the per-pass wrapper and puts the user's loader back, so epoch 1 of training reads the
-    loader's epoch 0 and one training epoch moves the loader on by one epoch only."""
+    the per-pass wrapper and puts its pass count back, so epoch 1 of training reads the loader's
+    epoch 0; the user's loader is read from copies and stays at its epoch (s55: it moved on by one
+    epoch per training epoch, where ``prunekit.prune``'s replay of the same function leaves it)."""
     from prunekit.train import train_epochs
 
     loader = _image_loader()
@@ -803,5 +804,45 @@ def test_train_epochs_on_a_function_returning_a_prunekit_loader_starts_at_its_ep
     torch.manual_seed(0)
     train_epochs(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)), lambda: loader, epochs=1, loss_fn=loss,
                  progress=False)
-    assert loader.epoch == 1
+    assert loader.epoch == 0
     assert len(seen) == len(epoch0) and all(torch.equal(a, b) for a, b in zip(seen, epoch0))
+
+
+def test_train_helpers_read_lambda_loader_as_prune_does_and_a_carried_on_training_reads_the_same():
+    """``lambda: loader`` over a prunekit loader in ``train_epochs``, ``evaluate`` and
+    ``recalibrate_batchnorm``: pass k reads the loader's epoch moved on by k, from a copy (the
+    replay's rule, ``at_pass``), and the user's loader stays at its epoch. Two epochs at once read
+    what one epoch, then one more with ``loader.epoch = 1`` (a training carried on), read; the
+    batches differ from epoch to epoch (the loader shuffles), so reading one epoch twice would show."""
+    from prunekit.train import batches_of, evaluate, recalibrate_batchnorm, train_epochs
+
+    def read(epochs: int, start: int = 0) -> list[torch.Tensor]:
+        loader = _image_loader()
+        loader.epoch = start
+        seen = []
+
+        def loss(outputs, targets):
+            seen.append(targets.clone())
+            return nn.functional.cross_entropy(outputs, targets)
+        torch.manual_seed(0)
+        train_epochs(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)), lambda: loader, epochs=epochs,
+                     loss_fn=loss, progress=False)
+        assert loader.epoch == start
+        return seen
+
+    def epoch(k: int) -> list[torch.Tensor]:
+        loader = _image_loader()
+        loader.epoch = k
+        return [y.clone() for _, y in loader]
+
+    whole, first, then = read(2), read(1), read(1, start=1)
+    assert len(whole) == len(first) + len(then) == 2 * len(epoch(0))
+    assert all(torch.equal(got, want) for got, want in zip(whole, epoch(0) + epoch(1)))
+    assert all(torch.equal(a, b) for a, b in zip(whole, first + then))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch(0), epoch(1)))
+    loader = _image_loader()
+    loader.epoch = 2
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    evaluate(net, lambda: loader)
+    assert recalibrate_batchnorm(net, batches_of(lambda: loader))
+    assert loader.epoch == 2

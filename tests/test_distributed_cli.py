@@ -101,7 +101,7 @@ def test_two_ranks_write_one_folder_and_a_killed_rank_resumes(tmp_path, capsys):
     assert results[1][1] == ""                                   # rank 1 prints nothing
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "done" and [s["stage"] for s in metrics["stages"]] == [1, 2, 3]
-    assert "resuming after stage" in (out / "run.log").read_text()
+    assert "resume: " in (out / "run.log").read_text() and ", after stage " in (out / "run.log").read_text()
 
 
 def test_the_backend_follows_the_device_unless_the_environment_names_one(monkeypatch):

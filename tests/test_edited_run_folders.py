@@ -256,7 +256,7 @@ def test_an_unfinished_run_with_an_edited_config_is_run_anew_by_force_and_refuse
     assert steps(again.record) == steps(fresh.record) and len(steps(fresh.record)) == 3
     assert [h["objective"] for h in again.record["stages"]] == pytest.approx(
         [h["objective"] for h in fresh.record["stages"]], rel=1e-6)
-    assert "resuming" not in (run / "run.log").read_text()
+    assert ", after stage " not in (run / "run.log").read_text()
 
 
 def test_the_cli_says_so_up_front_too(tmp_path, capsys, monkeypatch):
@@ -347,12 +347,12 @@ def test_the_call_that_began_an_edited_unfinished_run_is_told_so_and_both_fixes_
     again = prunekit.prune(_tiny(), (x, y), method="chita", sparsity=0.8, stages=3, fisher_samples=32, out=str(run),
                            force=True)
     assert again.sparsity == pytest.approx(0.8, abs=0.02) and "sparsity = 0.8\n" in (run / "config.toml").read_text()
-    assert "resuming" not in (run / "run.log").read_text()
+    assert ", after stage " not in (run / "run.log").read_text()
     back = tmp_path / "back"
     _edit(back, "sparsity = 0.7\n", "sparsity = 0.8\n")         # the other fix: its values back
     carried = prunekit.prune(_tiny(), (x, y), method="chita", sparsity=0.8, stages=3, fisher_samples=32,
                              out=str(back))
-    assert carried.sparsity == pytest.approx(0.8, abs=0.02) and "resuming" in (back / "run.log").read_text()
+    assert carried.sparsity == pytest.approx(0.8, abs=0.02) and ", after stage " in (back / "run.log").read_text()
 
 
 def test_the_command_that_began_an_edited_unfinished_run_and_resume_name_fixes_that_work(tmp_path, capsys,

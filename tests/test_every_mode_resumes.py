@@ -218,7 +218,7 @@ def test_a_run_started_with_force_resumes_instead_of_being_cleared_again(tmp_pat
     monkeypatch.setattr(RunCheckpointer, "save", save)
     assert main(["prune", "--resume", str(out), "--json"]) == 0
     log = (out / "run.log").read_text()
-    assert "resuming after stage 1" in log and log.count("start:") == 1
+    assert ", after stage 1 from stage-001.safetensors" in log and log.count("start:") == 1
     assert main([*BASE, *flags, "--out", str(out), "--json"]) == 0        # the same command, unforced: done
     assert "already complete" in (out / "run.log").read_text()
 
@@ -272,7 +272,7 @@ def test_a_resume_after_its_config_was_edited_is_refused_in_one_line(edit, tmp_p
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints" / "stage-002.safetensors").exists()
     config.write_text(original)                                         # put back: the run carries on
     assert main(["prune", "--resume", str(out)]) == 0
-    assert "resuming after stage 1" in (out / "run.log").read_text()
+    assert ", after stage 1 from stage-001.safetensors" in (out / "run.log").read_text()
 
 
 def test_a_folder_with_a_config_toml_of_its_own_is_not_taken_for_a_run_nor_cleared_by_force(tmp_path, capsys):
@@ -323,7 +323,7 @@ def test_the_same_forced_command_again_carries_its_own_run_on(tmp_path, monkeypa
     monkeypatch.setattr(RunCheckpointer, "save", save)
     assert main([*BASE, *flags, "--out", str(out)]) == 0
     log = (out / "run.log").read_text()
-    assert "resuming after stage 1" in log and log.count("start:") == 1
+    assert ", after stage 1 from stage-001.safetensors" in log and log.count("start:") == 1
 
 
 def test_a_resumed_run_says_on_the_console_where_it_carries_on(tmp_path, monkeypatch, capsys):

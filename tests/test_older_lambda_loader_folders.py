@@ -134,7 +134,7 @@ def test_other_data_of_an_older_folder_carries_on_without_the_lambda_loader_warn
     if (out / runs.DATA_RNG).exists():           # (a prunekit loader passed as it is keeps no states)
         _as_older(out)
     _, said = _prune(kind, out)
-    assert "resuming" in (out / "run.log").read_text()
+    assert ", after stage 1 from stage-001.safetensors" in (out / "run.log").read_text()
     assert not [m for m in said if "otherwise" in m], said
 
 
@@ -154,5 +154,39 @@ def test_a_command_line_folder_carries_on_without_the_lambda_loader_warning(tmp_
     monkeypatch.undo()
     capsys.readouterr()
     assert main(args) == 0
-    assert "resuming" in (tmp_path / "run" / "run.log").read_text()
+    assert ", after stage 1 from stage-001.safetensors" in (tmp_path / "run" / "run.log").read_text()
     assert "otherwise" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gate_batch_size, warned", [(16, False), (64, True)])
+def test_an_older_autobot_folder_is_warned_only_where_the_older_reading_changes_its_model(
+        gate_batch_size, warned, tmp_path, monkeypatch):
+    """AutoBot reads one replay pass after pass: the older reading (the user's loader itself, in its
+    own batches of 16) gave it the batches this version gives where its gate_batch_size is the
+    loader's, and a folder of the older reading carried on ends at the uninterrupted model, with no
+    warning (s54 warned); in batches of another size the older reading was another stream: warned."""
+    options = dict(method="autobot", flops=0.6, gate_batches=4, finetune_epochs=1, gate_batch_size=gate_batch_size,
+                   seed=0)
+
+    def run(out: Path):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = prunekit.prune(_net(), DATA["lambda-loader"](), out=str(out), **options)
+        return result, [str(w.message) for w in caught if issubclass(w.category, PrunekitWarning)]
+    save = runs.RunCheckpointer.save
+
+    def save_then_stop(self, state, model):
+        save(self, state, model)
+        raise KeyboardInterrupt
+    old = tmp_path / "old"
+    monkeypatch.setattr(runs.RunCheckpointer, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(old)
+    monkeypatch.undo()
+    _as_older(old)
+    carried, said = run(old)
+    assert [m for m in said if "otherwise" in m] == ([f"{old} {OTHERWISE}"] if warned else []), said
+    if not warned:
+        whole, _ = run(tmp_path / "whole")
+        a, b = carried.model.state_dict(), whole.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -348,16 +348,63 @@ def test_train_refuses_a_checkpoint_that_does_not_fit_before_scanning_the_image_
     assert not (tmp_path / "run").exists()
 
 
-def test_train_leaves_a_misfit_that_depends_on_grayscale_images_to_the_scan(tmp_path, capsys, monkeypatch,
-                                                                              scanned_splits):
+@pytest.mark.parametrize("checkpoint_classes", [5, 2])
+def test_train_refuses_an_all_grayscale_folder_that_a_checkpoint_does_not_fit_before_scanning(
+        tmp_path, capsys, monkeypatch, scanned_splits, checkpoint_classes):
     """Grayscale images at the head of the folder do not say its channels (one colour image later
-    makes them 3), and a plain checkpoint's misfit names other shapes for 1 and 3: that refusal
-    comes after the scan, as before, with the scan's channel count."""
+    makes them 3): where 1 channel does not fit a plain checkpoint (of 5 classes: its conv1 and head;
+    of the folder's 2: its conv1 alone, 3 channels fitting), the headers are read on, and an
+    all-grayscale folder is refused before either split's scan (it was after both, s54), in the
+    words load_model uses with 1 channel."""
+    from prunekit.loading import load_model
     from prunekit.zoo import build
     monkeypatch.chdir(tmp_path)
-    torch.save(build("resnet20", num_classes=5).state_dict(), "five.pth")
-    code, errors = _train_refusal(tmp_path, capsys, ["--model", "resnet20", "--checkpoint", "five.pth"], "L")
-    assert code == 2 and len(errors) == 1 and "3 shape mismatches" in errors[0], errors    # conv1 (1 channel) too
+    torch.save(build("resnet20", num_classes=checkpoint_classes).state_dict(), "plain.pth")
+    with pytest.raises(Exception) as expected:
+        load_model("resnet20", "plain.pth", num_classes=2, in_channels=1)
+    code, errors = _train_refusal(tmp_path, capsys, ["--model", "resnet20", "--checkpoint", "plain.pth"], "L")
+    assert code == 2 and errors == [f"prunekit: error: {expected.value}"], (errors, expected.value)
+    assert "conv1.weight" in errors[0], errors
+    assert scanned_splits == [], scanned_splits
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_reads_the_channels_of_a_grayscale_headed_folder_with_a_colour_image_later(tmp_path, capsys,
+                                                                                          monkeypatch, scanned_splits):
+    """A folder whose first 8 train images are grayscale and whose 9th is in colour is RGB: a
+    checkpoint of 3 channels and the folder's 2 classes fits it (trained, both splits scanned),
+    and one of 5 classes is refused in the 3-channel words (its head alone), before the scans. An
+    all-grayscale test split of such a folder is refused before any epoch (it was after training)."""
+    from prunekit.loading import load_model
+    from prunekit.zoo import build
+    monkeypatch.chdir(tmp_path)
+    write_tree(tmp_path / "imgs" / "test", {"a": 2, "b": 2}, mode="L")
+    write_tree(tmp_path / "imgs" / "train", {"a": 4, "b": 4}, mode="L")
+    write_tree(tmp_path / "imgs" / "train", {"c": 1}, mode="RGB")        # the 9th image in walking order
+    (tmp_path / "imgs" / "test" / "c").mkdir()
+    write_tree(tmp_path / "imgs" / "test", {"c": 1}, mode="L")
+    for classes in (3, 5):
+        torch.save(build("resnet20", num_classes=classes).state_dict(), f"plain{classes}.pth")
+    with pytest.raises(Exception) as expected:
+        load_model("resnet20", "plain5.pth", num_classes=3, in_channels=3)
+    scanned_splits.clear()
+    code = main(["train", "--data", "imagefolder", "--data-dir", "imgs", "--batch-size", "3", "--model", "resnet20",
+                 "--checkpoint", "plain5.pth", "--epochs", "1", "--out", "run5"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit: error")]
+    assert code == 2 and errors == [f"prunekit: error: {expected.value}"], (errors, expected.value)
+    assert "conv1" not in errors[0] and scanned_splits == [], (errors, scanned_splits)
+    code = main(["train", "--data", "imagefolder", "--data-dir", "imgs", "--batch-size", "3", "--model", "resnet20",
+                 "--checkpoint", "plain3.pth", "--epochs", "1", "--out", "run3"])
+    said = capsys.readouterr().err
+    assert code == 2 and "epoch 1" not in said, said       # an all-grayscale test split: refused before training
+    assert said.strip().splitlines()[-1] == ("prunekit: error: the imagefolder test images are (1, 32, 32) (C,H,W) "
+                                             "but model 'resnet20' takes (3, 32, 32): pick the data set the model "
+                                             "was made for, or another model"), said
+    write_tree(tmp_path / "imgs" / "test", {"c": 1}, mode="RGB")        # the test split in colour too
+    scanned_splits.clear()
+    code = main(["train", "--data", "imagefolder", "--data-dir", "imgs", "--batch-size", "3", "--model", "resnet20",
+                 "--checkpoint", "plain3.pth", "--epochs", "1", "--out", "run3b"])
+    assert code == 0, capsys.readouterr().err
     assert scanned_splits == ["train", "test"], scanned_splits
 
 

@@ -162,12 +162,16 @@ def test_run_log_names_a_gradual_runs_checkpoints_events(tmp_path, monkeypatch):
     prunekit.prune(model, loader, method="magnitude-uniform", example_input=example, out=str(out), **GRADUAL)
     log = (out / "run.log").read_text()
     assert "event 1 saved to stage-001.safetensors" in log and "event 2 saved to stage-002.safetensors" in log
-    assert "resuming after event 1 from stage-001.safetensors" in log and "stage 1" not in log
+    assert "stage 1" not in log
+    # one line says the run is carried on, and from where (s54: "resume: ..." then "resuming after ...")
+    said = [line.split(" ", 2)[2] for line in log.splitlines() if "resum" in line]
+    assert len(said) == 1 and said[0].startswith("resume: ") \
+        and said[0].endswith(", after event 1 from stage-001.safetensors"), said
 
 
 def test_run_log_names_a_structured_runs_checkpoints_phases(tmp_path, monkeypatch):
     """A structured run's run.log said 'stage 1 saved', 'resuming after stage 1' of its gates,
-    BatchNorm and fine-tune phases."""
+    BatchNorm and fine-tune phases; its one resume line names the phase."""
     from prunekit.runs import RunCheckpointer
     save = RunCheckpointer.save
 
@@ -185,7 +189,8 @@ def test_run_log_names_a_structured_runs_checkpoints_phases(tmp_path, monkeypatc
     prunekit.prune(model, loader, example_input=example, **options)
     log = (out / "run.log").read_text()
     assert "phase 1 (gates) saved to stage-001.safetensors" in log
-    assert "resuming after phase 1 (gates) from stage-001.safetensors" in log
+    said = [line.split(" ", 2)[2] for line in log.splitlines() if "resum" in line]
+    assert len(said) == 1 and said[0].endswith(", after phase 1 (gates) from stage-001.safetensors"), said
     assert "phase 2 (bn, flops 0.6) saved" in log and "phase 3 (finetune, flops 0.6, epoch 1) saved" in log
     assert "stage 1" not in log and "stage 2" not in log
 

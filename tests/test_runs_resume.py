@@ -67,7 +67,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert reference.returncode == 0, err.decode()[-2000:]
 
     log = (killed / "run.log").read_text()
-    assert "resuming after stage" in log
+    assert ", after stage " in log
     a, b = _weights(killed), _weights(whole)
     assert a.keys() == b.keys()
     for key in a:
@@ -429,7 +429,7 @@ def test_a_moved_run_folder_is_carried_on_by_the_same_command_and_by_resume(tmp_
     assert (tmp_path / "moved" / "config.toml").read_text() == config
     log = (tmp_path / "moved" / "run.log").read_text()
     assert f"this run folder was made at {tmp_path / 'made'} and has moved to {tmp_path / 'moved'}" in log
-    assert "resuming after stage 1" in log, log          # carried on from its checkpoint, not run anew
+    assert ", after stage 1 from stage-001.safetensors" in log, log      # carried on from its checkpoint, not anew
     assert main(["prune", "--resume", "moved", "--json"]) == 0
     command = re.search(r"as does `(prunekit prune [^`]*)`", capsys.readouterr().err)
     assert main([*args, "--out", "moved"]) == 0                        # the same command again

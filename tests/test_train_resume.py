@@ -549,3 +549,45 @@ def test_a_model_file_drawing_at_import_trains_the_same_for_one_seed(capsys, tmp
         assert torch.equal(weights["fc.weight"], fc.weight) and torch.equal(weights["fc.bias"], fc.bias)
     assert results[0]["accuracy"] == results[1]["accuracy"]
     assert [h["loss"] for h in results[0]["history"]] == [h["loss"] for h in results[1]["history"]]
+
+
+def test_a_model_file_drawing_from_cuda_at_import_builds_from_the_cuda_state_after_its_import(capsys, tmp_path,
+                                                                                            monkeypatch):
+    """As the CPU generator's, each GPU generator's state just after the seeded import of a model
+    file is the one its build carries on from, whatever was drawn between (the data's reading):
+    ``capture_rng`` / ``restore_rng``. No GPU here: torch.cuda is a fake one-GPU generator (a byte
+    of state; ``manual_seed`` sets it to the seed), and the code path is the one a GPU takes. The
+    import draws (+1), the data's reading draws (+50 each split), the build records what it finds."""
+    import torch
+    fake = {"state": torch.zeros(1, dtype=torch.uint8)}
+    for name, value in {"is_available": lambda: True, "is_initialized": lambda: True, "device_count": lambda: 1,
+                        "get_rng_state": lambda device=0: fake["state"].clone(),
+                        "set_rng_state": lambda state, device=0: fake.update(state=state.clone()),
+                        "manual_seed_all": lambda seed: fake.update(state=torch.tensor([seed % 256],
+                                                                                      dtype=torch.uint8)),
+                        }.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    real_load = train_command.load_dataset
+
+    def drawing_load(*args, **kwargs):          # a draw from the GPU's generator between import and build
+        fake["state"] = fake["state"] + 50
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(train_command, "load_dataset", drawing_load)
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "torch.cuda.set_rng_state(torch.cuda.get_rng_state(0) + 1, 0)      # a draw at import\n\n\n"
+        "def build():\n    SEEN.append(int(torch.cuda.get_rng_state(0)[0]))\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n\n\nSEEN = []\n")
+    seen = []
+    argv = ["train", "--model", f"{tmp_path}/net.py:build", "--normalize", "none", *MNIST, "--epochs", "1",
+            "--train-samples", "64", "--batch-size", "32", "--seed", "7", "--json"]
+    from prunekit import user_models
+    real_factory = user_models._factory
+
+    def factory_seen(path, function, name):
+        made = real_factory(path, function, name)
+        seen.append(made.__globals__["SEEN"])
+        return made
+    monkeypatch.setattr(user_models, "_factory", factory_seen)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert seen and seen[-1] == [7 + 1], (seen, fake)      # the seed, the import's draw; not the data's +100

@@ -224,7 +224,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             text = _config_text(config, plan.method, loss, options)
             folder = claim_on_rank_0(out, text, force=force, device=_model_device(model), python=True,
                                      code_detail=_code_detail(out, force, config, code_before))
-            older = _read_otherwise(folder, data)
+            older = _read_otherwise(folder, data, plan)
             told = _say_unchecked(folder, config, text, older)
             _keep_streams(folder, {"data": train_batches, "eval_data": eval_batches})
             _say_given_back(folder, text,
@@ -941,12 +941,12 @@ def _keep_streams(folder: RunFolder, streams: dict) -> None:
                                  for what, b in replayed.items()})
 
 
-def _read_otherwise(folder: RunFolder, data) -> bool:
+def _read_otherwise(folder: RunFolder, data, plan) -> bool:
     """Whether the run in ``folder`` was started by a prunekit that read ``data`` otherwise
     (``_older_replay``, as rank 0 finds it); an unfinished one is said once, in run.log and as a
     ``PrunekitWarning`` issued on every rank (shown by rank 0; raised by every rank under an
     "error" filter). A collective: every rank calls it."""
-    said = _on_rank_0(current(), lambda: _older_replay(folder, data))
+    said = _on_rank_0(current(), lambda: _older_replay(folder, data, plan))
     if said is None:
         return False
     if said != "finished":
@@ -956,7 +956,7 @@ def _read_otherwise(folder: RunFolder, data) -> bool:
     return True
 
 
-def _older_replay(folder: RunFolder, data) -> str | None:
+def _older_replay(folder: RunFolder, data, plan) -> str | None:
     """Whether the run in ``folder``, unfinished with checkpoints or finished, was started by a
     prunekit that read ``data``, a function giving a prunekit loader (``lambda: loader`` over a
     ``BatchLoader``), otherwise than this one does (``replay.at_pass``): its ``runs.DATA_RNG`` has
@@ -965,7 +965,11 @@ def _older_replay(folder: RunFolder, data) -> str | None:
     is neither version's: the line that says so for an unfinished run, "finished" for a finished one
     (given back as stored; ``_say_unchecked`` says so). The function is called once, under RNG
     states put back after, only for such a folder. None for anything else (tensors, a Dataset, a
-    DataLoader, a prunekit loader passed as it is, a folder claimed afresh)."""
+    DataLoader, a prunekit loader passed as it is, a folder claimed afresh), and where the older
+    reading computes what this one does (``_reads_alike``: AutoBot and the taper over a loader of
+    their ``gate_batch_size``). ``eval_data`` is not looked at: its passes (one per measurement, from
+    one replay for the call) read the epochs the older reading read, in one process and after a
+    resume alike (both start the user's loader's epochs anew in a new process), and change no weight."""
     if folder.claimed_afresh or not callable(data) or map_style(data) is not None \
             or isinstance(data, (BatchLoader, torch.utils.data.DataLoader)):
         return None
@@ -983,13 +987,30 @@ def _older_replay(folder: RunFolder, data) -> str | None:
         made = data()
     finally:
         set_rng_states([], theirs)
-    if not isinstance(made, (BatchLoader, ReplayedLoader)):
+    if not isinstance(made, (BatchLoader, ReplayedLoader)) or _reads_alike(plan, made):
         return None
     if done:
         return "finished"
     return (f"{folder.path} was written by a prunekit that read `lambda: loader` (a function giving a prunekit "
             "loader) otherwise: carried on, this run's weights match no uninterrupted run (of either version); "
             "run it anew with force=True for a reproducible result")
+
+
+def _reads_alike(plan, made) -> bool:
+    """Whether the older reading of ``lambda: loader`` (the user's loader read itself, pass after
+    pass, in its own batches) and this one (``replay.at_pass``) give method ``plan.method`` the same
+    batches, so that a folder of the older reading carried on ends where an uninterrupted run of
+    this version does: a channel method that reads one replay for the whole run, pass after pass
+    (AutoBot, the taper: in one process the copies at the user's epoch plus the pass are the
+    epochs the user's loader went through; a resume sets the replay's epoch to the run's, which
+    this version reads), over a prunekit loader ``made`` of the gates' batch size (the older reading
+    took the loader's own), without ``reconstruct_batches`` (whose reads put the replay's epoch back,
+    where the older reading had moved the user's loader on). Not the hybrid (its FALCON passes
+    hold an epoch) nor a weights method (each stage, event and fine-tune starts a replay of its
+    own at the run's epoch)."""
+    return (plan.method.family == "channels" and plan.method.name in ("autobot", "taper")
+            and not getattr(plan.options, "reconstruct_batches", 0)     # (it puts the replay's epoch back)
+            and isinstance(made, BatchLoader) and made.batch_size == plan.options.gate_batch_size)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

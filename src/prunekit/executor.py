@@ -117,8 +117,12 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
             folder.log("already complete; nothing to do")
         return metrics["final"], model, {}
     if folder is not None:
+        # one line where a run is carried on, naming the checkpoint it carries on from (the
+        # checkpointer's own "resuming after ..." line is off: resume_point)
+        probe = RunCheckpointer(folder, unit=_UNIT.get(plan.mode, "stage"))
+        point = probe.resume_point() if metrics else None
         folder.log(f"{'resume' if metrics else 'start'}: {plan.name}, method {plan.method.name}, "
-                   f"budget {budget_text(plan.request.budget)}")
+                   f"budget {budget_text(plan.request.budget)}{f', {point}' if point else ''}")
         if plan.channels is not None and (left := dense_groups_warning(plan.channels.groups.skipped)):
             folder.log(left)
         _tell_changed_code(folder, metrics, describe)
@@ -160,6 +164,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         checkpointer = RunCheckpointer(folder, measure_stage, on_saved,
                                        unit=_UNIT.get(plan.mode, "stage"))
         checkpointer.redo = redo
+        checkpointer.log_resuming, checkpointer.announced = probe.log_resuming, probe.announced
     else:
         checkpointer = StageMeter(measure_stage, on_step) if eval_loader is not None or on_step else None
     # the caller's torch RNGs as they were (the run reseeds them); Python's random and NumPy's are

@@ -934,18 +934,40 @@ class RunCheckpointer:
         # run.log's "resuming after stage N from ..." as ``last`` resumes; off where the command's own
         # "resume: ..." line said it already (``train``: one line per resume)
         self.log_resuming = True
+        self.announced: str | None = None      # the checkpoint the "resume: ..." line named (resume_point)
         # the world size (torchrun's ranks; 1 alone) of each session whose stages the newest checkpoint
         # carries, this one last, once each time it changed: [2, 1] for a 2-rank run resumed with 1
         self.world_sizes = [_world_size()]
 
     def _named(self, state: StageState) -> str:
         """'stage 2'; a phase with what it was: 'phase 3 (finetune, flops 0.5, epoch 1)'."""
-        last = state.history[-1] if self.unit == "phase" and state.history else {}
+        return self._named_at(state.stage, state.history)
+
+    def _named_at(self, stage: int, history: list[dict]) -> str:
+        last = history[-1] if self.unit == "phase" and history else {}
         if "phase" not in last:
-            return f"{self.unit} {state.stage}"
+            return f"{self.unit} {stage}"
         what = [str(last["phase"])] + [f"{k} {last[k]:g}" for k in ("flops", "epoch")
                                        if isinstance(last.get(k), (int, float))]
-        return f"{self.unit} {state.stage} ({', '.join(what)})"
+        return f"{self.unit} {stage} ({', '.join(what)})"
+
+    def resume_point(self) -> str | None:
+        """Where a resume carries on, for run.log's one "resume: ..." line: "after stage 2 from
+        stage-002.safetensors" (a phase named with what it was), read from the newest checkpoint
+        whose header reads (its tensors are read by ``last``); None when there is none. It turns
+        ``last``'s own "resuming after ..." line off (``log_resuming``): ``last`` says where it
+        resumed only where it had to fall back past a checkpoint that does not read."""
+        for path in sorted(self.folder.checkpoints.glob("stage-*.safetensors"), reverse=True):
+            try:
+                with safe_open(str(path), "pt") as handle:
+                    meta = handle.metadata()
+                named = self._named_at(int(meta["stage"]), json.loads(meta["history"]))
+            except (SafetensorError, KeyError, ValueError, TypeError, OSError):
+                continue
+            self.log_resuming = False
+            self.announced = path.name
+            return f"after {named} from {path.name}"
+        return None
 
     def path(self, stage: int) -> Path:
         return self.folder.checkpoints / f"stage-{stage:03d}.safetensors"
@@ -996,7 +1018,7 @@ class RunCheckpointer:
                 unreadable.append(f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
                 continue
             _check_same_config(self.folder, meta.get("config"), path.name)
-            if self.log_resuming:
+            if self.log_resuming or (unreadable and path.name != self.announced):
                 self.folder.log(f"resuming after {self._named(state)} from {path.name}")
             if self.folder.echo is not None:        # the console says what run.log says
                 self.folder.echo(f"resuming {self.folder.path} after {self._named(state)}")

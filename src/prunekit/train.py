@@ -116,20 +116,25 @@ def _progress(loader: Iterable, desc: str, enabled: bool) -> _Progress:
 
 
 class _EachPass:
-    """A function returning batches, as an iterable: each pass calls it again. ``opened``: the
-    ``epoch_mark`` of what the latest pass's call gave (a first-batch peek puts it back)."""
+    """A function returning batches, as an iterable: each pass calls it again.
+
+    A prunekit loader it gives (``lambda: loader`` over a ``BatchLoader``) is read as
+    ``prunekit.prune``'s replay reads it (``replay.at_pass``): pass ``k`` of this wrapper (``epoch``,
+    counted from 0) reads a copy at the loader's own epoch moved on by ``k``, so the user's loader
+    stays at its epoch, and a training carried on by setting ``loader.epoch`` to the epochs done
+    reads what an uninterrupted one reads. A first-batch peek puts ``epoch`` back
+    (``replay.epoch_mark``). Anything else it gives (a DataLoader, a list) is read as it comes."""
 
     wraps_passes = True
 
     def __init__(self, make):
         self.make = make
-        self.opened = None
+        self.epoch = 0
 
     def __iter__(self):
-        from .data.replay import epoch_mark
-        made = self.make()
-        self.opened = epoch_mark(made)
-        return iter(made)
+        from .data.replay import at_pass
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return iter(at_pass(self.make(), epoch))
 
     def __len__(self):
         return len(self.make())     # a TypeError where what it returns has none (a generator)

@@ -81,7 +81,7 @@ def _cmd_train(args) -> int:
     if seeded is None:
         torch.manual_seed(args.seed)
     else:
-        torch.set_rng_state(seeded)
+        restore_rng(seeded)         # torch's CPU generator and, where the import used CUDA, each GPU's
     loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
                         in_channels=train_ds.image_shape[0], dataset=args.data,
                         input_shape=tuple(train_ds.image_shape), normalization=args.normalize)
@@ -101,6 +101,10 @@ def _cmd_train(args) -> int:
         # what an older prunekit's finished run here did (its config.toml has no --zeros): its run
         args.zeros = None
     check_fits(loaded, train_ds, f"{args.data} train")
+    if test_ds is not train_ds and test_ds.image_shape[0] != train_ds.image_shape[0]:
+        # before any epoch (its normalization refused it after training): an all-grayscale test split
+        # of colour training images; other sizes are left to the model, as before
+        check_fits(loaded, test_ds, f"{args.data} {args.eval_split}")
     loader = make_loader(train_ds, loaded.normalization, batch_size=args.batch_size, shuffle=True,
                          augment=args.augment, seed=args.seed, drop_last=True)
     if len(loader) == 0:                # whole batches only: no step would be taken
@@ -769,7 +773,7 @@ def check_before_the_data(args) -> None:
             raise batch_size_refusal(args, images)
 
 
-def check_model_before_the_data(args) -> torch.Tensor | None:
+def check_model_before_the_data(args) -> dict | None:
     """The model's refusals that need no image header, made before an image folder's scan (every
     image's header: minutes on a huge folder) once the run is known unfinished (a finished run gives
     its result back without building the model): a model file that does not import or defines no
@@ -777,10 +781,12 @@ def check_model_before_the_data(args) -> torch.Tensor | None:
     called once the data says the input shape), and a zoo model's --checkpoint that does not fit it
     (``loading.check_checkpoint_fits``: built on the meta device with the class count of the folder's
     listing and its images' channels, known from the first image headers where one is in colour; with
-    only grayscale ones there, refused where neither 1 nor 3 channels fit, alike). Each in the words
-    ``load_model`` uses after the scan.
+    only grayscale ones there, refused where neither 1 nor 3 channels fit, alike, and where 1 does not
+    fit, from the headers read on until one is in colour: an all-grayscale folder is refused before
+    either split's scan, not after). Each in the words ``load_model`` uses after the scan.
 
-    Returns torch's (CPU) RNG state just after a model file's import, which is made under
+    Returns torch's RNG states just after a model file's import (``stages.capture_rng``: the CPU
+    generator's and, where the import used CUDA, each GPU's, as ``restore_rng`` takes them), made under
     ``torch.manual_seed(args.seed)`` as the build's import always was (a file drawing at import time,
     ``PROJ = torch.randn(...)``, draws the same in every run, rank and resume): the build sets it
     back rather than seeding again, so its draws are those that follow the import's, whatever the
@@ -790,7 +796,7 @@ def check_model_before_the_data(args) -> torch.Tensor | None:
     if user_models.is_model_file(args.model):
         torch.manual_seed(args.seed)
         user_models.check_function(args.model)
-        return torch.get_rng_state()
+        return capture_rng()
     if not args.checkpoint or args.data != "imagefolder" or not args.data_dir:
         return None     # (other data sets are read in moments: load_model refuses after them)
     found = peek_classes_and_channels(args.data_dir, "train", recorded_classes(args.checkpoint),
@@ -803,11 +809,18 @@ def check_model_before_the_data(args) -> torch.Tensor | None:
         try:
             check_checkpoint_fits(args.model, args.checkpoint, num_classes=classes, in_channels=tried)
         except PrunekitError as refusal:
-            refusals.setdefault(str(refusal), refusal)
+            refusals[tried] = refusal
         else:
-            return      # it fits (with one of the channel counts: the scan says which)
-    if len(refusals) == 1:      # the same line whatever the images' channels
-        raise next(iter(refusals.values()))
+            if tried != 3 or channels is not None:
+                return      # it fits (with 1 channel: the scan says whether a colour image makes it 3)
+    if len(refusals) == 1 and channels is not None or len({str(r) for r in refusals.values()}) == 1 < len(refusals):
+        raise next(iter(refusals.values()))     # the same line whatever the images' channels
+    # grayscale images alone so far, and 1 channel does not fit: the headers read on (until one is in
+    # colour) say the channels, so an all-grayscale folder is refused here, not after both splits' scans
+    found = peek_classes_and_channels(args.data_dir, "train", recorded_classes(args.checkpoint),
+                                      limit=args.train_samples, seed=args.seed, headers=None)
+    if found is not None and found[1] in refusals:
+        raise refusals[found[1]]
 
 
 def batch_size_refusal(args, images: int) -> PrunekitError:

@@ -10,6 +10,7 @@ central ``crop`` x ``crop`` pixels (the usual evaluation transform of ImageNet m
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,12 +344,13 @@ def count_images(data_dir: str | Path, split: str, classes: list[str] | tuple[st
 
 def peek_classes_and_channels(data_dir: str | Path, split: str, classes: list[str] | tuple[str, ...] | None = None,
                               limit: int | None = None, seed: int | None = None,
-                              headers: int = 8) -> tuple[int, int | None] | None:
+                              headers: int | None = 8) -> tuple[int, int | None] | None:
     """What ``scan_image_folder(data_dir, split, limit=limit, seed=seed, classes=classes)`` will say
     of the model the images go into, from the file listing and at most ``headers`` image headers:
     ``(number of classes, channels)``, channels 3 (RGB) where one of the first ``headers`` images the
     scan keeps is not grayscale (one such image makes the scan's mode RGB), None where they all are
-    (1 only if every image is: the scan reads them all to tell). None where the scan would refuse the
+    (1 only if every image is: the scan reads them all to tell; ``headers=None`` reads on until one
+    is not, or to the last image the scan keeps, and says 1 where all are). None where the scan would refuse the
     folder before reading a header (``count_images``' cases) or the listing fails. Says nothing (a
     folder without train/ and test/ is warned of by the scan)."""
     data_dir = Path(data_dir).expanduser()
@@ -365,12 +367,15 @@ def peek_classes_and_channels(data_dir: str | Path, split: str, classes: list[st
             listed = list(paths)
             kept = listed if limit >= len(listed) else [listed[i] for i in subset_indices(len(listed), limit, seed)]
             paths = iter(kept)
-        channels = None
-        for _, path in zip(range(headers), paths):
+        channels, read = None, 0
+        for path in (paths if headers is None else itertools.islice(paths, headers)):
             with Image.open(path) as image:
+                read += 1
                 if image.mode not in _GRAYSCALE_MODES:
                     channels = 3
                     break
+        if channels is None and headers is None and read:       # every image the scan keeps is grayscale
+            channels = 1
     except (PrunekitError, OSError):    # (PIL's UnidentifiedImageError is an OSError): the scan's to say
         return None
     return len(names), channels

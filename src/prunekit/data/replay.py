@@ -123,22 +123,17 @@ def at_pass(loader, epoch: int, batch_size: int | None = None):
 
 def epoch_mark(loader) -> Callable[[], None]:
     """A function that puts ``loader``'s pass count back to what it is now, so that a peek at a
-    first batch leaves no trace on the stream: a prunekit ``BatchLoader``'s or ``ReplayedLoader``'s
-    ``epoch`` (each ``iter()`` moves it on by one) and, through ``train``'s per-pass wrapper over a
-    user's function (a class with ``wraps_passes``, whose ``opened`` is the mark of the loader its
-    latest pass opened), the pass count of the loader the function gave for a pass opened since
-    (``lambda: loader`` over one ``BatchLoader``: there every pass moves the user's loader on; a
-    ``ReplayedLoader`` reads copies, ``at_pass``, and leaves it where it is). Anything else has no
-    count: nothing to put back (its RNG draws are the caller's to restore)."""
-    epoch = loader.epoch if isinstance(loader, _prunekit_loaders()) else None
-    wraps = getattr(type(loader), "wraps_passes", False)
-    opened_before = loader.opened if wraps else None
+    first batch leaves no trace on the stream: the ``epoch`` of a prunekit ``BatchLoader`` or
+    ``ReplayedLoader`` (each ``iter()`` moves it on by one) or of ``train``'s per-pass wrapper over a
+    user's function (a class with ``wraps_passes``; like a ``ReplayedLoader`` it reads copies of a
+    prunekit loader the function gives, ``at_pass``, and leaves that loader where it is). Anything
+    else has no count: nothing to put back (its RNG draws are the caller's to restore)."""
+    counts = isinstance(loader, _prunekit_loaders()) or getattr(type(loader), "wraps_passes", False)
+    epoch = loader.epoch if counts else None
 
     def put_back() -> None:
         if epoch is not None:
             loader.epoch = epoch
-        if wraps and loader.opened is not None and loader.opened is not opened_before:
-            loader.opened()
     return put_back
 
 
