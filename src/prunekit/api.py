@@ -295,12 +295,22 @@ def lost_rank_refusal(err: RuntimeError, out) -> LostRank | None:
         return None
     first = first_line(err)         # the command line's wording (distributed.lost), one line
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else os.environ.get("RANK", "?")
-    resume = (f"run the same script again under torchrun: prunekit.prune(..., out={str(out)!r}) carries on from "
+    again = f"prunekit.prune(..., out={str(out)!r})"
+    resume = (runs.finished_note(out, f"{again} again") if out is not None and _finished(out) else
+              f"run the same script again under torchrun: {again} carries on from "
               "the last completed stage" if out is not None else
               "nothing was saved: run the script again (with out=DIR, a prune run can be resumed)")
     lost = LostRank(f"rank {rank}: a rank stopped or could not be reached ({first}); {resume}")
     lost.stop_line = f"interrupted: a rank stopped or could not be reached ({first})"
     return lost
+
+
+def _finished(out) -> bool:
+    """Whether the run in ``out`` had finished (metrics.json says "done"); False where it cannot be read."""
+    try:
+        return runs.finished_run(RunFolder(out))
+    except (PrunekitError, OSError):
+        return False
 
 
 def _class_names(model: nn.Module, *datas) -> dict:
