@@ -498,7 +498,11 @@ def _this_process() -> str:
     parts = [socket.gethostname()]
     for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
         try:
-            parts.append(open(path).read().strip() if path.startswith("/proc/sys") else str(os.stat(path).st_ino))
+            if path.startswith("/proc/sys"):
+                with open(path) as text:        # closed: no ResourceWarning in a script's warnings
+                    parts.append(text.read().strip())
+            else:
+                parts.append(str(os.stat(path).st_ino))
         except OSError:
             parts.append("?")
     return f"{'|'.join(parts).replace(' ', '_')} {os.getpid()}"
