@@ -203,3 +203,122 @@ def test_three_ranks_one_dies_names_that_rank_alone_not_the_one_that_reported_it
     assert len(rank_0) == 1 and "(rank 1 was lost: it stopped on its own" in rank_0[0], err[-3000:]
     stops = [line for line in (out / "run.log").read_text().splitlines() if "interrupted" in line]
     assert len(stops) == 1 and "rank 2" not in stops[0], stops
+
+
+def test_lost_rank_is_exported_at_the_top_level():
+    """``prunekit.LostRank`` (users catching it imported the private ``prunekit.api`` path before)."""
+    import prunekit
+    import prunekit.api
+    assert prunekit.LostRank is prunekit.api.LostRank and "LostRank" in prunekit.__all__
+    assert issubclass(prunekit.LostRank, prunekit.PrunekitError)
+
+
+# rank 0 writes the report (sleeps in it) once the run is done; rank 1, done too, dies on its way out
+_RANK_1_LOST_WHILE_RANK_0_REPORTS = """
+import os, sys, time
+import prunekit.distributed as distributed
+from prunekit import report
+from prunekit.cli import main
+write = report.write_run_report
+def slow_report(path, *args, **kwargs):
+    open(os.environ["MARK"], "w").write(str(os.getpid()))
+    time.sleep(600)
+def dies_on_its_way_out():
+    time.sleep(1)
+    os._exit(9)
+if os.environ["RANK"] == "0":
+    report.write_run_report = slow_report
+else:
+    distributed.barrier_if_alive = dies_on_its_way_out
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_lost_after_the_run_finished_says_so_not_resume(tmp_path):
+    """rank 1 dies once the run is done, while rank 0 writes the report: rank 0 (SIGTERMed by torchrun) said
+    "resume with `torchrun ... --resume DIR`" for a finished run. Now: the run had finished, where its result
+    is, no resume needed (report.md not written: the resume writes it); metrics.json stays "done"."""
+    from test_distributed_cli import PRUNE
+    out, mark, script = tmp_path / "run", tmp_path / "rank-0-reports", tmp_path / "reporting.py"
+    script.write_text(_RANK_1_LOST_WHILE_RANK_0_REPORTS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src"),
+           "MARK": str(mark)}
+    args = [a for a in PRUNE if a != "--json"] + ["--no-stage-eval"]
+    args[args.index("--stages") + 1] = "1"              # one stage: the run is done in seconds
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script),
+                                 *args, "--out", str(out)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _rank_0_pid(launcher, mark)
+        _, err = launcher.communicate(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    lines = [line for line in err.splitlines() if line.startswith("prunekit:")]
+    assert len(lines) == 1 and lines[0].startswith("prunekit: error: rank 0: a rank stopped or could not be "
+                                                   "reached (rank 1 was lost"), err[-3000:]
+    assert lines[0].endswith(f"the run had finished: its result is in {out} (no resume needed; report.md was not "
+                             f"written: `torchrun ... -m prunekit prune --resume {out}` writes it)"), lines[0]
+    assert json.loads((out / "metrics.json").read_text())["status"] == "done"
+    assert (out / "run.log").read_text().splitlines()[-1].endswith("after the run finished (its result stands)")
+
+
+# a script with no SIGTERM handler: rank 0 computes (sleeps, in no collective) once stage 1 is saved; rank 1
+# dies on its own a moment later (os._exit: a crash, the OOM killer); rank 0 prints what it was told
+_SCRIPT_RANK_0_COMPUTING = """
+import os, sys, time, datetime
+sys.path.insert(0, {tests!r})
+import torch.distributed as dist
+import prunekit
+from prunekit.runs import RunCheckpointer
+from test_distributed_float16 import _tinier_classifier
+save = RunCheckpointer.save
+def save_then_compute(self, state, model):
+    save(self, state, model)
+    if dist.get_rank() == 0:
+        open({mark!r}, "w").write(str(os.getpid()))
+        time.sleep(600)
+    else:
+        time.sleep(1)
+        os._exit(9)
+RunCheckpointer.save = save_then_compute
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+model, x, y = _tinier_classifier()
+try:
+    prunekit.prune(model, (x, y), method="chita++", sparsity=0.5, stages=2, fisher_samples=48,
+                   fisher_kind="empirical", recalibrate_bn=False, batch_size=64, stage_eval=False, out={out!r})
+except prunekit.LostRank as err:
+    print("LostRank:", err, flush=True)
+    os._exit(3)
+os._exit(0)
+"""
+
+
+def test_a_script_without_a_sigterm_handler_is_told_of_a_rank_lost_while_rank_0_computes(tmp_path):
+    """torchrun SIGTERMs the ranks left once rank 1 died; a script with no SIGTERM handler of its own was
+    killed by it (exit -15, torchrun's page, no prunekit line, run.log silent, the run left "running"). Now
+    ``prunekit.prune`` takes SIGTERM for the call alone: it raises ``LostRank`` naming rank 1, and run.log
+    says so."""
+    out, mark, script = tmp_path / "run", tmp_path / "rank-0-computes", tmp_path / "script.py"
+    script.write_text(_SCRIPT_RANK_0_COMPUTING.format(tests=str(ROOT / "tests"), out=str(out), mark=str(mark)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)],
+                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        said, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    lines = [line for line in said.splitlines() if line.startswith("LostRank:")]
+    assert len(lines) == 1 and lines[0].startswith("LostRank: rank 0: a rank stopped or could not be reached "
+                                                   "(rank 1 was lost: it stopped on its own"), (said, err[-3000:])
+    assert lines[0].endswith(f"prunekit.prune(..., out={str(out)!r}) carries on from the last completed stage")
+    assert re.search(r"rank\s*:\s*0 .*\n.*\n?\s*exitcode\s*:\s*3\b", err), err[-3000:]
+    stops = [line for line in (out / "run.log").read_text().splitlines() if "interrupted" in line]
+    assert len(stops) == 1 and "interrupted: a rank stopped or could not be reached (rank 1 was lost" in stops[0], stops
+    assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"

@@ -51,3 +51,102 @@ def test_the_first_of_two_signals_names_the_stop(world_size, first, second, paus
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == said, (done.stdout, done.stderr[-2000:])
+
+
+def test_one_store_client_shared_by_the_sigterm_thread_and_the_main_thread_keeps_each_answer_its_own():
+    """The SIGTERM thread (``say_stopped``) and the main thread (``silent_peers``, ``print_refusal``) use
+    the group's one store client at once. torch's TCPStore client serializes each request under a mutex
+    (``activeOpLock_``, set/get/check/wait in TCPStore.cpp) and the bindings release the GIL: here two
+    threads hammer one client (a PrefixStore over a TCPStore, as the group's store is) for ~1 s, and every
+    answer must be the one asked for (a reply read by the wrong thread would show as a wrong value or an
+    error)."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from distributed_spawn import free_port
+    server = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=timedelta(seconds=10))
+    store = dist.PrefixStore("prunekit/0", server)
+    errors, counts = [], [0, 0]
+    deadline = time.monotonic() + 1.0
+
+    def hammer(who: int) -> None:
+        i = 0
+        try:
+            while time.monotonic() < deadline:
+                key, value = f"{who}/{i % 50}", f"{who}-{i}-" + "x" * (i % 300)
+                store.set(key, value)
+                assert store.check([key])
+                got = store.get(key).decode()
+                assert got == value, (who, got[:40], value[:40])
+                i += 1
+        except BaseException as err:        # noqa: BLE001 - reported by the test
+            errors.append(err)
+        counts[who] = i
+
+    other = threading.Thread(target=hammer, args=(1,))
+    other.start()
+    hammer(0)
+    other.join(10)
+    assert not errors, errors
+    assert min(counts) > 50, counts            # both really ran at once, many times each
+
+
+def test_the_c10d_log_level_is_put_back_when_two_threads_quiet_it_at_once(monkeypatch):
+    """``_quiet_c10d`` raises c10's log level while prunekit uses the store, from the main thread and the
+    SIGTERM thread alike. Each saved the level it found: thread B, finding the level thread A had just
+    raised, put back ERROR after A put back the user's level, and c10d's warnings stayed hidden for the
+    rest of the process. The interleaving is forced here by a level whose reads wait on the other thread."""
+    import threading
+
+    from prunekit.distributed import collective
+    b_checked, a_raised, b_read_again, a_done = (threading.Event() for _ in range(4))
+
+    class Level:
+        def __init__(self):
+            self._value, self.reads = 0, {"A": 0, "B": 0}
+
+        @property
+        def value(self):
+            me = threading.current_thread().name
+            self.reads[me] += 1
+            if me == "A":
+                b_checked.wait(0.5)
+            elif self.reads[me] == 1:
+                b_checked.set()
+            else:
+                a_raised.wait(0.5)
+                value = self._value
+                b_read_again.set()
+                return value
+            return self._value
+
+        @value.setter
+        def value(self, level):
+            self._value = level
+            if threading.current_thread().name == "A" and level == 2:
+                a_raised.set()
+
+    level = Level()
+    monkeypatch.setattr(collective, "_c10_log_level", lambda: level)
+    inside = []
+
+    def a():
+        with collective._quiet_c10d():
+            b_read_again.wait(0.5)
+            inside.append(("A", level._value))
+        a_done.set()
+
+    def b():
+        with collective._quiet_c10d():
+            a_done.wait(2)
+            inside.append(("B", level._value))
+
+    threads = [threading.Thread(target=b, name="B"), threading.Thread(target=a, name="A")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert sorted(inside) == [("A", 2), ("B", 2)], inside       # quiet inside, for each
+    assert level._value == 0                                    # and the user's level back after both

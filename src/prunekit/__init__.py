@@ -22,7 +22,7 @@ if threads_env.run_as_program():      # before torch loads: libgomp reads OMP_NU
     threads_env.refuse_bad_omp_threads()
 
 from . import methods
-from .api import prune
+from .api import LostRank, prune
 from .budget import Budget, ResolvedBudget
 from .costs import CostModel, Counts, ModuleCost, register_cost
 from .errors import PrunekitError
@@ -34,5 +34,5 @@ from .record import Result
 from .saving import save_model
 
 __all__ = ["prune", "Result", "Method", "add_method", "remove_method", "method_names", "methods", "Budget",
-           "ResolvedBudget", "CostModel", "Counts", "ModuleCost", "register_cost", "PrunekitError", "MaskHold",
+           "ResolvedBudget", "CostModel", "Counts", "ModuleCost", "register_cost", "PrunekitError", "LostRank", "MaskHold",
            "masks_from_weights", "ParamSpace", "save_model", "load_pruned"]

@@ -29,6 +29,7 @@ import copy
 import hashlib
 import json
 import os
+import signal
 import sys
 import tomllib
 from collections.abc import Callable, Iterable
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from . import interrupts, recipes, run_lock, runs
+from .distributed import collective as distributed
 from .api_checks import (check_arguments, check_data, check_default_loss, check_example_batched, check_labels,
                          check_loss, check_not_meta, check_runs_on, first_batch, plain_numbers)
 from .data.dataset import DeferredImageDataset, ImageDataset, refuse_raw_pixels
@@ -46,7 +48,7 @@ from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pa
 from .data.replay import (READS_AT_PASS, ReplayedLoader, loader_generators, rng_states, set_rng_states,
                           states_from_json, states_to_json)
 from .distributed import check_same_start, current, launched_by_torchrun
-from .distributed.lost import first_line, is_lost_rank
+from .distributed.lost import first_line, is_lost_rank, lost_ranks_words
 from .errors import PrunekitError, PrunekitWarning, note, single_sample_batchnorm
 from .executor import execute, python_model_description
 from .losses import loss_name
@@ -208,8 +210,17 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                          **{what: first_batch(batches, what) if batches is not None else None
                             for what, batches in given.items()})
     folder = None
+    resend = []
     with ExitStack() as lock:
+        lock.callback(lambda: resend and interrupts.resend_sigterm())    # last: after the lock and the handler
         lock.enter_context(interrupts.running())      # a lost torchrun launcher stops this call, not the caller after it
+        took_sigterm = False
+        if current().distributed and launched_by_torchrun():
+            # torchrun's SIGTERM to the ranks left once one died killed a script with no handler of its own
+            # before a lost rank could be told: taken for this call alone (never over a handler of the script's)
+            took_sigterm = lock.enter_context(interrupts.sigterm_in_call())
+            distributed.say_process()                # so a peer can tell this rank's process ended
+            interrupts.on_sigterm(distributed.say_stopped)
         if out is not None:       # under torchrun rank 0 alone holds the lock and writes; every rank computes
             lock.enter_context(run_lock.held_by_rank_0(out, "out="))        # one process at a time in the folder
             config = {"model_class": type(model).__name__, "method": plan.method.name, **budget, "include": include,
@@ -242,6 +253,17 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                 raise stopped from None
             raise
         except KeyboardInterrupt:       # Ctrl-C, or a lost torchrun launcher: said while the lock is held
+            if took_sigterm and interrupts.terminated():
+                lost = [] if distributed.launcher_lost() else distributed.silent_peers() or []
+                if lost:                # torchrun's SIGTERM because a rank died: that rank is the news
+                    error = _lost_rank(lost_ranks_words(lost), out)
+                    if folder is not None:
+                        try:
+                            runs.mark_stopped(folder, error.stop_line)
+                        except OSError:
+                            pass
+                    raise error from None
+                resend.append(True)     # a stop: the process ends by SIGTERM, as without this call's handler
             if folder is not None:
                 try:
                     runs.mark_stopped(folder, f"interrupted ({interrupts.stopped_by()[0]})")
@@ -251,6 +273,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         except RuntimeError as err:
             if (lost := lost_rank_refusal(err, out)) is None:
                 raise
+            if took_sigterm:        # torchrun's SIGTERM to the ranks left, on its way: not raised inside this
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)     # (the default is put back as the call ends)
             if folder is not None:           # said while the lock is held, as the command line does
                 try:
                     runs.mark_stopped(folder, lost.stop_line)
@@ -293,14 +317,28 @@ def lost_rank_refusal(err: RuntimeError, out) -> LostRank | None:
         return None
     if not is_lost_rank(err):
         return None
-    first = first_line(err)         # the command line's wording (distributed.lost), one line
+    return _lost_rank(first_line(err), out)     # the command line's wording (distributed.lost), one line
+
+
+def _lost_rank(first: str, out) -> LostRank:
+    """The :class:`LostRank` for a lost rank described by ``first`` (torch's words, or the lost ranks)."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else os.environ.get("RANK", "?")
-    resume = (f"run the same script again under torchrun: prunekit.prune(..., out={str(out)!r}) carries on from "
+    again = f"prunekit.prune(..., out={str(out)!r})"
+    resume = (runs.finished_note(out, f"{again} again") if out is not None and _finished(out) else
+              f"run the same script again under torchrun: {again} carries on from "
               "the last completed stage" if out is not None else
               "nothing was saved: run the script again (with out=DIR, a prune run can be resumed)")
     lost = LostRank(f"rank {rank}: a rank stopped or could not be reached ({first}); {resume}")
     lost.stop_line = f"interrupted: a rank stopped or could not be reached ({first})"
     return lost
+
+
+def _finished(out) -> bool:
+    """Whether the run in ``out`` had finished (metrics.json says "done"); False where it cannot be read."""
+    try:
+        return runs.finished_run(RunFolder(out))
+    except (PrunekitError, OSError):
+        return False
 
 
 def _class_names(model: nn.Module, *datas) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch.distributed
 
 from . import __version__, distributed, interrupts, recipes, run_lock, runs
-from .distributed.lost import first_line as _first_line, is_lost_rank as _lost_rank
+from .distributed.lost import first_line as _first_line, is_lost_rank as _lost_rank, lost_ranks_words
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
 from .errors import PrunekitError, PrunekitWarning, refusal_of
 from .options import cli_message
@@ -241,12 +241,22 @@ def _how_to_resume(args) -> str:
     if args.command == "prune" and out:
         if (Path(out) / "config.toml").exists():
             launcher = "torchrun ... -m prunekit" if distributed.launched_by_torchrun() else "prunekit"
+            if _finished(Path(out)):     # stopped after metrics.json said "done" (writing the report, leaving)
+                return runs.finished_note(out, f"`{launcher} prune --resume {out}`")
             return f"resume with `{launcher} prune --resume {out}`"
         return f"stopped before {out} held a run: run the same command again"
     if args.command == "train" and out:
         return "run the same command again to carry on after the last completed epoch"
     return "nothing was saved: run the command again" + (
         " (with --out DIR, a prune run can be resumed)" if args.command == "prune" and not out else "")
+
+
+def _finished(out: Path) -> bool:
+    """Whether the run in ``out`` had finished (metrics.json says "done"); False where it cannot be read."""
+    try:
+        return runs.finished_run(runs.RunFolder(out))
+    except (PrunekitError, OSError):
+        return False
 
 
 def _flags(parser: argparse.ArgumentParser, command: str | None = None) -> set[str]:
@@ -508,14 +518,7 @@ def _lost_outside_collectives(err: BaseException) -> str | None:
     if not hasattr(err, "prunekit_lost_ranks"):
         err.prunekit_lost_ranks = distributed.silent_peers() or []
     lost = err.prunekit_lost_ranks
-    if not lost:
-        return None
-    if len(lost) == 1:
-        return (f"rank {lost[0]} was lost: it stopped on its own (killed, crashed or out of memory), not for a "
-                "SIGTERM, and torchrun stopped the others")
-    names = ", ".join(map(str, lost[:-1])) + f" and {lost[-1]}"
-    return (f"ranks {names} were lost: they stopped on their own (killed, crashed or out of memory), not for a "
-            "SIGTERM, and torchrun stopped the others")
+    return lost_ranks_words(lost) if lost else None
 
 
 def _ending_on_our_own() -> None:

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 _pending = False
 _received = signal.SIGINT          # the signal that stopped the run: the first one while ``caught`` was active
@@ -132,6 +133,39 @@ def caught():
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _pending = False
+
+
+@contextlib.contextmanager
+def sigterm_in_call():
+    """Within the block (a ``prunekit.prune`` call in a script under torchrun, main thread), a SIGTERM
+    raises KeyboardInterrupt and is remembered (``terminated``), as under :func:`caught`, so the call
+    can tell a rank lost on its own (torchrun's SIGTERM to the ranks left) from a stop, and write its
+    run folder's stop; the caller re-sends the SIGTERM (``resend_sigterm``) where it was a stop. Only
+    where the program has no SIGTERM handler of its own (the default: the process dies at once): a
+    handler of the program's is left alone. The default is put back when the block ends. Yields
+    whether it took SIGTERM."""
+    global _pending, _received, _reason, _taken, _signalled
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield False
+        return
+    _pending, _received, _reason, _taken, _signalled = False, signal.SIGINT, None, False, False
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        with _sigterm_told():
+            yield True
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def resend_sigterm() -> None:
+    """End this process by SIGTERM's default action (exit status -15, 143 in a shell), as it would
+    have ended without :func:`sigterm_in_call`. SIGTERM must be back at its default (the block ended)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    while True:                       # delivered to some thread; the process ends within moments
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -176,6 +176,14 @@ def check_claim_on_rank_0(folder: RunFolder, config_text: str, device="cpu") -> 
     check_ranks_share(folder, device)
 
 
+def finished_note(out, again: str) -> str:
+    """The end of the one line for a run stopped after it had finished (metrics.json "done": a rank lost,
+    or a SIGTERM, while rank 0 wrote the report or the ranks left): nothing to resume. ``again``: the
+    call that gives the finished run back (and writes a report.md the stop left unwritten)."""
+    missing = "" if (Path(out) / "report.md").exists() else f"; report.md was not written: {again} writes it"
+    return f"the run had finished: its result is in {out} (no resume needed{missing})"
+
+
 def mark_stopped(folder: RunFolder, line: str, status: str = "interrupted") -> None:
     """Write why the run in ``folder`` ends here (``line``) to its run.log and mark a running run
     ``status``: "interrupted" (``--resume`` carries it on), "stopped" (its training diverged:
@@ -185,11 +193,12 @@ def mark_stopped(folder: RunFolder, line: str, status: str = "interrupted") -> N
     alone; a damaged metrics.json keeps what it holds."""
     if not folder.writable or not (folder.path / "run.log").exists():
         return
-    folder.log(line)
     try:
         metrics = folder.read_metrics()
     except PrunekitError:
+        folder.log(line)
         return
+    folder.log(line if metrics.get("status") != "done" else f"{line}, after the run finished (its result stands)")
     if metrics.get("status") == "running":
         folder.write_metrics({**metrics, "status": status})
 

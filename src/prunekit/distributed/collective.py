@@ -223,14 +223,26 @@ def _quiet_c10d():
     (FLAGS_caffe2_log_level in libc10) is raised to ERROR here for the call, then put back. Where
     that symbol is not found (another build, another system), nothing changes."""
     level = _c10_log_level()
-    if level is None or level.value >= 2:
+    if level is None:
         yield
         return
-    before, level.value = level.value, 2
+    with _quiet_lock:        # the SIGTERM thread (``say_stopped``) and the main thread may be here at once:
+        if _quiet[0] == 0:   # the first in saves the level, the last out puts it back (each saving its own
+            _quiet[1] = level.value        # left c10d at ERROR for good when they interleaved)
+            if _quiet[1] < 2:
+                level.value = 2
+        _quiet[0] += 1
     try:
         yield
     finally:
-        level.value = before
+        with _quiet_lock:
+            _quiet[0] -= 1
+            if _quiet[0] == 0 and _quiet[1] < 2:
+                level.value = _quiet[1]
+
+
+_quiet_lock = threading.Lock()
+_quiet = [0, 0]            # [threads inside ``_quiet_c10d``, c10's log level before the first of them]
 
 
 _c10_level = []            # [the ctypes int of c10's log level, or None], once looked up
@@ -486,7 +498,11 @@ def _this_process() -> str:
     parts = [socket.gethostname()]
     for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
         try:
-            parts.append(open(path).read().strip() if path.startswith("/proc/sys") else str(os.stat(path).st_ino))
+            if path.startswith("/proc/sys"):
+                with open(path) as text:        # closed: no ResourceWarning in a script's warnings
+                    parts.append(text.read().strip())
+            else:
+                parts.append(str(os.stat(path).st_ino))
         except OSError:
             parts.append("?")
     return f"{'|'.join(parts).replace(' ', '_')} {os.getpid()}"

@@ -33,3 +33,13 @@ def first_line(err: RuntimeError) -> str:
     """A lost rank's torch error, one line (its "[host:port]" prefix dropped), cut short (``shortened``)."""
     first = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
     return shortened(first)
+
+
+def lost_ranks_words(lost: list[int]) -> str:
+    """What happened, for ranks known lost while this one computed (``silent_peers``): "rank 1 was lost: ..."."""
+    if len(lost) == 1:
+        return (f"rank {lost[0]} was lost: it stopped on its own (killed, crashed or out of memory), not for a "
+                "SIGTERM, and torchrun stopped the others")
+    names = ", ".join(map(str, lost[:-1])) + f" and {lost[-1]}"
+    return (f"ranks {names} were lost: they stopped on their own (killed, crashed or out of memory), not for a "
+            "SIGTERM, and torchrun stopped the others")
