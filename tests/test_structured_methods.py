@@ -534,12 +534,11 @@ class _Shuffled(torch.nn.Module):
 
 def test_torch_pruning_baseline_without_a_group_left_is_refused_in_one_line_naming_it():
     """The numeric check leaving no group refused tp_prune with the channel methods' words only (and the same
-    reason once per layer); now the line names the baseline, and layers left dense for one reason together."""
+    no word of the baseline); now the line names it and why it cannot run."""
     torch.manual_seed(0)
     with pytest.raises(PrunekitError) as err:
         tp_prune(_Shuffled().eval(), "tp-magnitude", 0.5, torch.randn(1, 3, 8, 8), iterations=2)
     message = str(err.value)
     assert "\n" not in message and message.startswith("tp-magnitude (torch-pruning's baseline"), message
     assert "cannot run on this model: the model has no prunable channel group" in message, message
-    assert re.search(r"\((c2, c1|c1, c2): removing its channels does not compute", message), message
-    assert message.count("removing its channels does not compute") == 1, message
+    assert "c1: removing its channels does not compute" in message and "c2: removing" in message, message

@@ -1041,10 +1041,6 @@ def no_group_error(skipped: list[tuple[str, str]]) -> PrunekitError:
     skipped = list(first.items())
     causes = list(dict.fromkeys(_cause(why)[1] for _, why in skipped))
     listed = [(root, why) for root, why in skipped if _cause(why)[0] != "output"] or skipped
-    merged: dict[str, list[str]] = {}          # layers left dense for the same reason: named together, once
-    for root, why in listed:
-        merged.setdefault(why, []).append(root)
-    listed = [(", ".join(roots), why) for why, roots in merged.items()]
     why = (f"every coupled channel set {' or '.join(causes)} ({listed_skips(listed)})" if causes else
            "structured pruning needs Conv/Linear layers with channels feeding other layers")
     return OptionError(f"the model has no prunable channel group: {why}; prune its weights instead, e.g. "
