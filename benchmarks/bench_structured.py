@@ -334,4 +334,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except prunekit.errors.PrunekitError as error:     # a refusal (a baseline with no group to cut): one line
+        print(f"bench_structured: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -22,11 +22,11 @@ from torch import nn
 
 
 class Net(nn.Module):
-    def __init__(self, classes=10, stem=8, inputs=3, extra=False, second=True):
+    def __init__(self, classes=10, stem=8, inputs=3, extra=False, second=True, c2=None):
         super().__init__()
         self.c1, self.bn1 = nn.Conv2d(inputs, stem, 3, padding=1), nn.BatchNorm2d(stem)
         if second:
-            self.c2, self.bn2 = nn.Conv2d(stem, 12, 3, padding=1), nn.BatchNorm2d(12)
+            self.c2, self.bn2 = nn.Conv2d(stem, 12, **{"kernel_size": 3, "padding": 1, **(c2 or {})}), nn.BatchNorm2d(12)
         if extra:
             self.extra = nn.Linear(4, 4)
         self.fc = nn.Linear(12 if second else stem, classes)
@@ -167,7 +167,9 @@ def test_a_model_narrowed_by_the_users_own_code_saves_with_pruned_from_and_loads
     assert "\n" not in str(err.value)
     prunekit.save_model(mine, tmp_path / "mine.safetensors", {}, pruned_from=_net(tmp_path))
     layout = prunekit.saving.read_meta(tmp_path / "mine.safetensors")["channel_layout"]
-    assert layout["c2"] == {"in": 8, "out": 9, "groups": 1, "dense": {"in": 8, "out": 12, "groups": 1}}
+    assert layout["c2"] == {"in": 8, "out": 9, "groups": 1, "dense": {"in": 8, "out": 12, "groups": 1},
+                            "geometry": {"kernel_size": [3, 3], "stride": [1, 1], "padding": [1, 1],
+                                         "dilation": [1, 1], "padding_mode": "zeros"}}
     assert layout["fc"] == {"in": 9, "out": 10, "dense": {"in": 12, "out": 10}}
     back = prunekit.load_pruned(_net(tmp_path), tmp_path / "mine.safetensors")
     with torch.no_grad():
@@ -528,3 +530,94 @@ def test_a_model_file_pruned_on_the_command_line_records_its_dense_counts_withou
     lines = [line for line in err.splitlines() if not line.startswith("prunekit: warning")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "layer 'fc1' is built with in 1568, out 64 in the model passed but had in 1568, out 32" in lines[0], err
+
+
+@pytest.mark.parametrize("built,said", [
+    ({"stride": 2}, "stride 2x2 in the model passed but had stride 1x1"),
+    ({"dilation": 2, "padding": 2}, "padding 2x2, dilation 2x2 in the model passed but had padding 1x1, dilation 1x1"),
+    ({"padding": 0}, "padding 0x0 in the model passed but had padding 1x1"),
+    ({"padding": "same"}, "padding same in the model passed but had padding 1x1"),
+    ({"padding_mode": "reflect"}, "padding_mode reflect in the model passed but had padding_mode zeros"),
+], ids=["stride", "dilation", "padding", "padding same", "padding mode"])
+def test_load_pruned_refuses_a_conv_built_with_another_geometry(tmp_path, built, said):
+    """A conv's stride, padding, dilation (kernel size, padding mode) were not in the layout: a model built with
+    stride 2 took the saved weights quietly and computed something else. Now recorded and refused in one line."""
+    small, _ = _small(_net(tmp_path))
+    prunekit.save_model(small, tmp_path / "small.safetensors", {})
+    assert prunekit.saving.read_meta(tmp_path / "small.safetensors")["channel_layout"]["c2"]["geometry"] == {
+        "kernel_size": [3, 3], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "padding_mode": "zeros"}
+    with pytest.raises(PrunekitError) as err:
+        prunekit.load_pruned(_net(tmp_path, c2=built), tmp_path / "small.safetensors")
+    message = str(err.value)
+    assert f"conv 'c2' is built with {said} in the model the file was pruned from" in message, message
+    assert "\n" not in message and "constructor arguments" in message
+
+
+def test_a_layout_without_conv_geometry_still_loads(tmp_path):
+    """A file of a prunekit before the geometry was recorded loads as before (its geometry unchecked)."""
+    small, x = _small(_net(tmp_path))
+    layout = {name: {k: v for k, v in spec.items() if k != "geometry"} for name, spec in channel_layout(small).items()}
+    prunekit.save_model(small, tmp_path / "old.safetensors", {"channel_layout": layout})
+    back = prunekit.load_pruned(_net(tmp_path), tmp_path / "old.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+    assert "geometry" in channel_layout(back)["c2"]          # resaved: now recorded
+
+
+def test_the_command_line_refuses_a_conv_built_with_another_stride_with_exit_2(tmp_path, capsys):
+    folder = tmp_path / "code"
+    folder.mkdir()
+    _write(folder)
+    model = f"{folder}/net.py:build"
+    small, _ = _small(_net(tmp_path))
+    (tmp_path / "run").mkdir()
+    prunekit.save_model(small, tmp_path / "run" / "model.safetensors", {"model": model, "input_shape": [3, 8, 8],
+                                                               "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    _write(folder, c2={"stride": 2})
+    assert main(["export", str(tmp_path / "run"), "--model", model, "--torchscript"]) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if not line.startswith("warning")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "conv 'c2' is built with stride 2x2 in the model passed but had stride 1x1" in lines[0], err
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_save_refuses_a_pruned_from_with_another_conv_geometry(tmp_path):
+    mine = _narrowed_by_hand(_net(tmp_path))
+    with pytest.raises(PrunekitError, match=r"conv 'c2' has kernel_size 3x3, stride 1x1, .* in the model but "
+                                            r"kernel_size 3x3, stride 2x2, .* in pruned_from"):
+        prunekit.save_model(mine, tmp_path / "mine.safetensors", {}, pruned_from=_net(tmp_path, c2={"stride": 2}))
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_a_model_file_model_narrowed_by_hand_and_saved_without_pruned_from_is_named_so(tmp_path, capsys, command):
+    """Saved without pruned_from, such a model records no layout (nothing tells it from a dense one): eval and
+    export refused it saying the model's code had changed since prunekit saved it, which it had not. Now the
+    one line names the fix (save it again with pruned_from), and the file so saved then loads."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    _write(folder)
+    model = f"{folder}/net.py:build"
+    meta = {"model": model, "input_shape": [3, 32, 32], "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    mine = _narrowed_by_hand(_net(tmp_path))
+    (tmp_path / "run").mkdir()
+    prunekit.save_model(mine, tmp_path / "run" / "model.safetensors", meta)
+    assert "channel_layout" not in prunekit.saving.read_meta(tmp_path / "run" / "model.safetensors")
+    import numpy as np
+    rng = np.random.default_rng(0)
+    images = {f"x_{s}": rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8) for s in ("train", "test")}
+    np.savez(tmp_path / "cifar.npz", **images, **{f"y_{s}": np.arange(20) % 10 for s in ("train", "test")})
+    argv = {"eval": ["eval", "--model", model, "--checkpoint", str(tmp_path / "run" / "model.safetensors"),
+                     "--data", "cifar10", "--data-dir", str(tmp_path / "cifar.npz")],
+            "export": ["export", str(tmp_path / "run"), "--model", model, "--torchscript"]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("warning")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "'c2.weight' is (9, 8, 3, 3) in the file but (12, 8, 3, 3) in the model" in lines[0], err
+    assert "saved without its layer sizes; save it again with prunekit.save_model(model, path, meta, " \
+           "pruned_from=MODEL_AS_BUILT)" in lines[0], err
+    if command == "export":          # saved again so, it loads
+        prunekit.save_model(mine, tmp_path / "run" / "model.safetensors", meta, pruned_from=_net(tmp_path))
+        assert main(argv) == 0, capsys.readouterr().err
+        assert (tmp_path / "run" / "export").exists()

@@ -163,3 +163,43 @@ def test_hand_written_grouped_query_attention_prunes_the_rest():
     assert r.model(x[:2]).shape == (2, 10)
     named = [s for s in r.record["skipped_groups"] if s.split(": ")[0] in ("q", "k", "v")]
     assert len(named) == 3 and all("grouped-query attention the model" in s for s in named), named
+
+
+class _BroadcastGQA(_HandGQA):
+    """Grouped-query attention written by broadcasting: k/v (B, hkv, 1, T, d) against q's (B, hkv, G, T, d),
+    no repeat_interleave or expand; tokens (B, T, 16) -> logits (B, 10)."""
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, n, _ = x.shape
+        g = self.hq // self.hkv
+        q = self.q(x).view(b, n, self.hkv, g, self.d).permute(0, 2, 3, 1, 4)          # B, hkv, G, T, d
+        k = self.k(x).view(b, n, self.hkv, self.d).transpose(1, 2)[:, :, None]       # B, hkv, 1, T, d
+        v = self.v(x).view(b, n, self.hkv, self.d).transpose(1, 2)[:, :, None]
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, -1) @ v          # B, hkv, G, T, d
+        a = a.permute(0, 3, 1, 2, 4).reshape(b, n, self.hq * self.d)
+        x = x + self.o(a)
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["model", "submodule"])
+def test_broadcast_grouped_query_attention_is_named_as_such(nested):
+    """k/v heads shared by broadcasting lose torch-pruning's trace at the matmul: q, k and v were named
+    "reaches the network output", which they do not; now named as grouped-query attention, as the
+    repeat_interleave / expand forms are, while the real output layer keeps its reason."""
+    torch.manual_seed(0)
+    model = _BroadcastGQA().eval()
+    if nested:
+        model = _Nested()
+        model.blk = _BroadcastGQA().eval()
+    x = torch.randn(1, 6, 16)
+    groups = find_groups(model, x)
+    pre = "blk." if nested else ""
+    reasons = dict(groups.skipped)
+    where = "'blk'" if nested else "the model"
+    for name in ("q", "k", "v"):
+        assert f"grouped-query attention {where} (its k projection has 16 outputs" in reasons[pre + name], reasons
+        assert "network output" not in reasons[pre + name]
+    assert "reaches the network output" in reasons[pre + "head"]
+    assert not {pre + n for n in "qkv"} & {m.module for g in groups for m in g.layers("out")}

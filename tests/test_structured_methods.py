@@ -510,3 +510,35 @@ def test_torch_pruning_baseline_on_hand_written_grouped_query_attention():
     small, _ = tp_prune(copy.deepcopy(model), "tp-magnitude", 0.7, x[:1], iterations=8)
     assert (small.q.out_features, small.k.out_features, small.v.out_features) == (16, 8, 8)
     assert small.up.out_features < 64 and small(x).shape == (2, 10)
+
+
+class _Shuffled(torch.nn.Module):
+    """Every channel group passes a channel shuffle (which torch-pruning reads as elementwise): the numeric
+    check leaves no group; images (B, 3, H, W) -> logits (B, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    @staticmethod
+    def _shuffle(h):
+        b, c, height, width = h.shape
+        return h.view(b, 2, c // 2, height, width).transpose(1, 2).reshape(b, c, height, width)
+
+    def forward(self, x):
+        h = self._shuffle(torch.relu(self.c1(x)))
+        h = self._shuffle(torch.relu(self.c2(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_torch_pruning_baseline_without_a_group_left_is_refused_in_one_line_naming_it():
+    """The numeric check leaving no group refused tp_prune with the channel methods' words only (and the same
+    no word of the baseline); now the line names it and why it cannot run."""
+    torch.manual_seed(0)
+    with pytest.raises(PrunekitError) as err:
+        tp_prune(_Shuffled().eval(), "tp-magnitude", 0.5, torch.randn(1, 3, 8, 8), iterations=2)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("tp-magnitude (torch-pruning's baseline"), message
+    assert "cannot run on this model: the model has no prunable channel group" in message, message
+    assert "c1: removing its channels does not compute" in message and "c2: removing" in message, message

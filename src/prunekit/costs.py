@@ -189,6 +189,9 @@ class CostModel:
         refuse_time_cut(model, inputs_of(example_input), self.batched)
         self.layers, self.unknown = _trace(model, example_input, self.batched)
         self._by_name = {layer.name: layer for layer in self.layers}
+        # the channel-group search on this trace's model and input (``structured.pipeline.found_groups``),
+        # per residual mode: a sweep's runs plan copies of one model with this trace, and search once
+        self.channel_groups: dict = {}
 
     # --- dense totals -------------------------------------------------------------------
     @property

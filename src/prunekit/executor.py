@@ -396,7 +396,11 @@ def _has_layout(model: nn.Module, layout: dict) -> bool:
     """Whether ``model``'s channel layout (``zoo.layout.channel_layout``) is ``layout`` (as read from
     a model.json: JSON values)."""
     from .zoo.layout import channel_layout
-    return json.loads(json.dumps(channel_layout(model))) == layout
+
+    def plain(entries):      # a conv's "geometry" aside: a folder of a prunekit before it recorded none
+        return {name: {k: v for k, v in spec.items() if k != "geometry"} if isinstance(spec, dict) else spec
+                for name, spec in entries.items()} if isinstance(entries, dict) else entries
+    return plain(json.loads(json.dumps(channel_layout(model)))) == plain(layout)
 
 
 def _load_final(plan: Plan, folder: RunFolder, redo: str = REDO) -> nn.Module:

@@ -161,6 +161,10 @@ class PruneRequest:
                 raise error.for_prune() from None
         else:
             costs = copy.deepcopy(self.costs)       # the plan's own (a copy: one run may not change another's)
+            # but for its channel-group searches, shared: searched once for a sweep's runs (found_groups)
+            costs.channel_groups = getattr(self.costs, "channel_groups", None)
+            if costs.channel_groups is None:
+                costs.channel_groups = self.costs.channel_groups = {}
         channels = None
         if method.family == "channels":
             space = ParamSpace(self.model, include=self.include, exclude=self.exclude, costs=costs)

@@ -138,11 +138,15 @@ def tp_prune(model: nn.Module, method: str, flops: float, example_input: torch.T
     each layer's kept channels to a multiple (1: none).
     """
     costs = CostModel(model, example_input)
-    found = find_groups(model, example_input, pads_residual)
     # the groups whose shrunk model computes the gated one (as our methods prune them): a group
     # the numeric check rejects (a channel shuffle torch-pruning reads as elementwise) is left to
     # torch-pruning as ignored, so the baseline is always a true pruning of the dense model
-    groups = checked_groups(model, found, example_input)
+    try:
+        found = find_groups(model, example_input, pads_residual)
+        groups = checked_groups(model, found, example_input)
+    except PrunekitError as err:       # no group left: the baseline has nothing it may cut
+        raise PrunekitError(f"{method} (torch-pruning's baseline, which cuts only the channel groups prunekit's "
+                            f"own channel methods can prune) cannot run on this model: {err}") from None
     kept = {(g.root, tuple(g.members)) for g in groups}
     rejected = {m.module for g in found if (g.root, tuple(g.members)) not in kept for m in g.layers("out")}
     roots = {m.module for g in groups for m in g.layers("out")} - rejected

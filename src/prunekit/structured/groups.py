@@ -369,6 +369,8 @@ def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: b
         if key in seen:
             continue
         seen.add(key)
+        if reason == _NO_CONSUMER and (gqa := _broadcast_gqa(tp_group, root, modules)):
+            reason = gqa
         if reason is None and not pads_residual and _joined_by_add(tp_group):
             reason = "a residual stream (outputs joined by an add): kept at full width (residual_channels keep)"
         elif reason is not None and (through := _transformer_stream(tp_group, names)):
@@ -434,6 +436,23 @@ def _repeated_layers(traced: list, names: dict, modules: dict) -> dict:
                 "(repeat_interleave, or expand then reshape, as attention sharing k/v heads between query heads "
                 "does), which the dependency analysis cannot map channel by channel: kept dense"))
     return found
+
+
+_NO_CONSUMER = "reaches the network output (no consuming layer)"
+_GQA_V = ("v_proj", "value", "v", "wv", "v_lin")
+
+
+def _broadcast_gqa(tp_group, root: str, modules: dict) -> str | None:
+    """The grouped-query attention reason for a group whose trace found no consuming layer although
+    its root layer's output goes on to further operations (not the network's output): a q, k or v
+    projection of attention that shares k/v heads by broadcasting (k/v ``[B, Hkv, 1, T, d]`` against
+    q's ``[B, Hkv, G, T, d]``, no repeat_interleave or expand), where torch-pruning's trace loses the
+    channels. None when the layer is not such a projection (by name) or its attention is not
+    grouped-query (``grouped_query_attention``)."""
+    if root.rpartition(".")[2] not in (*_GQA_Q, *_GQA_K, *_GQA_V) or not getattr(tp_group[0].dep.target,
+                                                                                 "outputs", None):
+        return None
+    return grouped_query_attention(modules, root, model_level=True)
 
 
 def _qkv_heads(members: list[Member], modules: dict) -> tuple[str, int, int] | None:
@@ -1129,7 +1148,7 @@ def _members(tp_group, names: dict, size: int | None = None, sliced: bool = Fals
         if member not in members:
             members.append(member)
     if not has_consumer:
-        return [], 1, "reaches the network output (no consuming layer)"
+        return [], 1, _NO_CONSUMER
     if segments > 1:
         if size % segments or any(m.repeat > 1 for m in members):
             return [], 1, f"{size} channels do not split into the {segments} blocks of a grouped conv"

@@ -66,8 +66,7 @@ def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Ten
     ``channel_multiple``) per group and the unprunable layers already exceed, before any work;
     likewise ``max_params`` (a params budget: all the parameters the shrunk model may keep), counted
     per channel by ``GatedParams`` (checked once against a real shrink)."""
-    groups = checked_groups(model, find_groups(model, example_input, pads_residual=residual_channels == "prune"),
-                            example_input)
+    groups = found_groups(model, example_input, residual_channels == "prune", costs)
     counter = GatedMacs(model, groups, costs)
     floor = minimum_rounded_macs(counter, channel_multiple)
     per_group = "one channel" if channel_multiple == 1 else f"{channel_multiple} channels (or all, if fewer)"
@@ -92,6 +91,41 @@ def channel_context(model: nn.Module, costs: CostModel, example_input: torch.Ten
                               f"{dense_groups_text(groups.skipped)}: ask for at least "
                               f"{_rounded_up(least / costs.params)} (or {least:,})", ("params",))
     return ctx
+
+
+def found_groups(model: nn.Module, example_input, pads_residual: bool, costs: CostModel | None = None) -> GroupSet:
+    """``model``'s channel groups that pass the numeric check (``checked_groups(find_groups(...))``),
+    searched once per ``costs``: where ``costs`` (the trace of ``model``, or of a model equal to it, a
+    sweep's ``PruneRequest.costs``) holds a search on an input equal to ``example_input`` in this residual
+    mode, a copy of that one (the search is deterministic: the same groups and reasons; about 1 s on
+    ResNet-56 per run and check), else a new search, kept there (a copy: a run may not change another's)."""
+    cache = getattr(costs, "channel_groups", None)
+    found = cache.get(pads_residual) if isinstance(cache, dict) else None
+    if found is not None and _same_input(found[0], example_input):
+        return copy.deepcopy(found[1])
+    groups = checked_groups(model, find_groups(model, example_input, pads_residual=pads_residual), example_input)
+    if isinstance(cache, dict):
+        cache[pads_residual] = (_kept_input(example_input), copy.deepcopy(groups))
+    return groups
+
+
+def _kept_input(x):
+    """A copy of an example input (a tensor, or a tuple / list of them) to compare later ones with."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_kept_input(v) for v in x)
+    return x
+
+
+def _same_input(a, b) -> bool:
+    """Whether example inputs ``a`` and ``b`` are equal: the same types, shapes, dtypes, devices and values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b.detach()))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_input(u, v) for u, v in zip(a, b))
+    return type(a) is type(b) and a == b
 
 
 def _params_counter(model: nn.Module, groups: GroupSet, example_input: torch.Tensor) -> GatedParams:

@@ -528,6 +528,16 @@ def _changed_model(path: Path, state: Mapping[str, torch.Tensor], own: Mapping[s
     else:
         first = f"the file holds '{unexpected[0]}', which the model lacks"
     what = f"the model file ({saved})" if is_model_file(saved) else f"your {saved} class"
+    if "channel_layout" not in meta and "result" not in meta and mismatched and not missing and not unexpected \
+            and _narrower_only(own, state, mismatched):
+        # narrower only, no layout, saved by the user's save_model (a run's and train's sidecar holds its
+        # "result"): a model the user's code narrowed after building it and saved without pruned_from (no
+        # mark tells it from a dense model then), or code changed to build wider layers
+        return (f"checkpoint {path} does not fit {what}: {first}, the file's layers narrower only and its sidecar "
+                "recording no channel layout: a model your own code narrowed after building it was saved without "
+                "its layer sizes; save it again with prunekit.save_model(model, path, meta, "
+                "pruned_from=MODEL_AS_BUILT), which records both for loading; or, if the model's code changed since "
+                "prunekit saved it, restore that code")
     return (f"checkpoint {path} no longer fits {what}: {first}; the model's code differs from the code prunekit "
             "saved it with: restore that code, or train (or prune) again with this one")
 

@@ -96,7 +96,7 @@ def channel_layout(model: nn.Module) -> dict[str, dict]:
                             "embed_dim": module.embed_dim, "bias": module.in_proj_bias is not None,
                             "batch_first": module.batch_first, "dropout": module.dropout}
         elif (entry := _layer_entry(module)) is not None:
-            layout[name] = _with_dense(entry, module, None if shrunk else entry)
+            layout[name] = _with_geometry(_with_dense(entry, module, None if shrunk else entry), module)
         elif (attrs := hf_heads_attrs(module)) is not None:   # HuggingFace-style attention: its head count
             entry = {"attention_heads": getattr(module, attrs[1]), "head_size": getattr(module, attrs[2])}
             layout[name] = _with_dense(entry, module, None if shrunk else _built_entry(module))
@@ -134,7 +134,12 @@ def layout_against(model: nn.Module, pruned_from: nn.Module) -> dict[str, dict] 
                                 "narrowed it")
         if entry != built:
             changed = True
-        layout[name] = _with_dense(entry, theirs[name], None if theirs_cut else built)
+        if isinstance(module, _CONV) and isinstance(theirs[name], _CONV) \
+                and conv_geometry(module) != conv_geometry(theirs[name]):
+            raise PrunekitError(f"save_model(..., pruned_from=): conv {name!r} has {_geometry_words(module)} in the "
+                                f"model but {_geometry_words(theirs[name])} in pruned_from: pass the model as built "
+                                "before your code narrowed it")
+        layout[name] = _with_geometry(_with_dense(entry, theirs[name], None if theirs_cut else built), module)
     for name, spec in layout.items():       # a cut zero-pad shortcut, HuggingFace-style attention: as built there
         if ("source" in spec or "attention_heads" in spec) and name in theirs and name in ours:
             built = _built_entry(theirs[name])
@@ -161,6 +166,60 @@ def _layer_entry(module: nn.Module) -> dict | None:
     if isinstance(module, _BN):
         return {"features": module.num_features}
     return None
+
+
+def conv_geometry(module: nn.Module) -> dict | None:
+    """A conv's geometry as JSON values (kernel_size, stride, padding, dilation: lists of ints, one per
+    spatial axis; padding may be "same" or "valid"; padding_mode), which channel pruning never changes:
+    ``channel_layout`` records it under "geometry" and ``apply_layout`` requires it of the fresh model
+    (its groups are in the entry's counts). None for a module that is not a conv."""
+    if not isinstance(module, _CONV):
+        return None
+    def listed(value):
+        return value if isinstance(value, str) else [int(v) for v in value]
+    return {"kernel_size": listed(module.kernel_size), "stride": listed(module.stride),
+            "padding": listed(module.padding), "dilation": listed(module.dilation),
+            "padding_mode": str(module.padding_mode)}
+
+
+def _with_geometry(entry: dict, module: nn.Module) -> dict:
+    """``entry`` with a conv's ``conv_geometry`` under "geometry" (other layers: ``entry`` as it is)."""
+    geometry = conv_geometry(module)
+    return {**entry, "geometry": geometry} if geometry is not None else entry
+
+
+def _geometry_words(geometry) -> str:
+    """A conv geometry (``conv_geometry``'s, or the conv itself) in words: "kernel_size 3x3, stride 2x2, ..."."""
+    if isinstance(geometry, nn.Module):
+        geometry = conv_geometry(geometry)
+    def said(value):
+        return value if isinstance(value, str) else "x".join(str(v) for v in value) \
+            if isinstance(value, (list, tuple)) else str(value)
+    return ", ".join(f"{k} {said(v)}" for k, v in geometry.items())
+
+
+def _check_geometry(name: str, module: nn.Module, spec: dict) -> None:
+    """Refuse, before anything is resized, a model passed whose conv ``name`` has another kernel size,
+    stride, padding, dilation or padding mode than the saved entry's "geometry" records (loaded
+    quietly, it would compute something else with the saved weights). An entry without "geometry"
+    (an older prunekit's file) is not checked."""
+    saved = spec.get("geometry") if isinstance(spec, dict) else None
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise PrunekitError(f"bad channel layout entry for {name!r}: {spec!r} (geometry is not a mapping); "
+                            "the sidecar JSON is damaged")
+    own = conv_geometry(module)
+    if own is None:
+        raise PrunekitError(f"layer {name!r} is {_a(type(module).__name__)} in the model passed but a conv in the "
+                            "model the file was pruned from: pass a fresh, dense instance of that architecture")
+    differ = [k for k in saved if own.get(k) != saved[k]]
+    if differ:
+        mine = _geometry_words({k: own.get(k) for k in differ})
+        theirs = _geometry_words({k: saved[k] for k in differ})
+        raise PrunekitError(f"conv {name!r} is built with {mine} in the model passed but had {theirs} in the model "
+                            "the file was pruned from: build it as that one was (the same code and constructor "
+                            "arguments), fresh and dense")
 
 
 def _built_entry(module: nn.Module) -> dict | None:
@@ -204,6 +263,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
         if not _inside(name, replaced):
             _check_kind(name, module, spec)
             _check_dense(name, module, spec)
+            _check_geometry(name, module, spec)
         elif name in replaced and isinstance(spec, dict) and "heads" in spec:
             _check_attention(name, module, spec)
     if any(isinstance(spec, dict) and "dense" in spec for spec in layout.values()):
@@ -238,7 +298,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                 mark_shrunk(module)
                 continue
             dense = spec.get("dense")
-            spec = {k: v for k, v in spec.items() if k != "dense"}
+            spec = {k: v for k, v in spec.items() if k not in ("dense", "geometry")}
             if _layer_entry(module) == spec:
                 continue        # as saved: its own tensors kept (a weight tied to another layer stays tied)
             _check_no_wider(name, module, spec)
