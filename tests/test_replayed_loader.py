@@ -362,3 +362,54 @@ def test_a_channel_method_is_handed_the_users_data_function_without_a_call_of_it
         warnings.simplefilter("ignore")
         prunekit.prune(net, data, method=method, flops=0.6, seed=3, **options)
     assert at["method"] == at["dispatch"] > 0, at
+
+
+def _measures(folder) -> dict:
+    """A run folder's measurements on the evaluation data (dense, each event, final), no timings."""
+    import json
+    metrics = json.loads((folder / "metrics.json").read_text())
+    pick = lambda record: (record.get("accuracy"), record.get("loss"))     # noqa: E731
+    return {"dense": pick(metrics["dense"]), "events": [pick(h) for h in metrics["stages"]],
+            "final": pick(metrics["final"])}
+
+
+@pytest.mark.parametrize("wrap, kill_at", [(True, 1), (False, 0)],
+                         ids=["lambda, killed after event 1", "as it is, killed before the first checkpoint"])
+def test_a_resumed_runs_measures_read_the_eval_epochs_an_uninterrupted_run_reads(tmp_path, monkeypatch, wrap,
+                                                                                 kill_at):
+    """s55: every measurement (dense, each event, final) reads one pass of eval_data, and an
+    augmenting prunekit loader crops and flips otherwise at each epoch. A resumed run measured its
+    events left from the loader's epoch 0 again, where an uninterrupted run reads epoch 2 on: its
+    record's accuracies and losses were another run's. Now the same, for ``lambda: loader`` killed
+    after a checkpoint and for the loader passed as it is, killed after the dense measurement
+    alone (no checkpoint: the pass the dense model took is still counted)."""
+    import prunekit
+    from prunekit import runs
+    ds = _image_set()
+    probe = _spy_loader(ds, [])
+    assert not torch.equal(next(iter(probe))[0], next(iter(probe))[0])       # epochs 0 and 1 differ
+    options = dict(method="magnitude", sparsity=0.6, gradual=True, events=2, epochs_per_event=1, final_epochs=1)
+
+    def call(out):
+        train, evaluation = _spy_loader(ds, []), _spy_loader(ds, [])
+        prunekit.prune(_net(), lambda: train, eval_data=(lambda: evaluation) if wrap else evaluation, seed=0,
+                       out=str(out), **options)
+
+    save, saved = runs.RunCheckpointer.save, []
+
+    def killed(self, *args, **kwargs):
+        if len(saved) == kill_at:
+            raise KeyboardInterrupt
+        save(self, *args, **kwargs)
+        saved.append(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        call(tmp_path / "whole")
+        monkeypatch.setattr(runs.RunCheckpointer, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            call(tmp_path / "resumed")
+        monkeypatch.setattr(runs.RunCheckpointer, "save", save)
+        call(tmp_path / "resumed")
+    whole, resumed = _measures(tmp_path / "whole"), _measures(tmp_path / "resumed")
+    assert len(whole["events"]) == 2 and whole["final"][1] is not None
+    assert resumed == whole

@@ -1006,8 +1006,9 @@ def _older_replay(folder: RunFolder, data, plan) -> str | None:
     DataLoader, a prunekit loader passed as it is, a folder claimed afresh), and where the older
     reading computes what this one does (``_reads_alike``: AutoBot and the taper over a loader of
     their ``gate_batch_size``). ``eval_data`` is not looked at: its passes (one per measurement, from
-    one replay for the call) read the epochs the older reading read, in one process and after a
-    resume alike (both start the user's loader's epochs anew in a new process), and change no weight."""
+    one replay for the call) read the epochs the older reading read in one process (a resume now
+    sets the replay at the pass an uninterrupted run reads: ``executor._eval_resumer``, where the
+    older reading started the user's loader's epochs anew), and change no weight."""
     if folder.claimed_afresh or not callable(data) or map_style(data) is not None \
             or isinstance(data, (BatchLoader, torch.utils.data.DataLoader)):
         return None

@@ -130,6 +130,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         _refuse_changed_classes(folder, metrics, describe, redo)
         if _refuse_changed_images(folder, metrics, data_fingerprint, force, anew, redo):     # --force: started anew
             metrics = {}
+    at_eval = _eval_resumer(eval_loader, dense_read=bool(not dense and metrics.get("dense")))
     if not dense and not metrics.get("dense"):
         dense = measure(plan, plan.request.model, eval_loader)
         if "loss" in dense:           # before any work: name the real cause
@@ -165,6 +166,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
                                        unit=_UNIT.get(plan.mode, "stage"))
         checkpointer.redo = redo
         checkpointer.log_resuming, checkpointer.announced = probe.log_resuming, probe.announced
+        checkpointer.restored = at_eval
     else:
         checkpointer = StageMeter(measure_stage, on_step) if eval_loader is not None or on_step else None
     # the caller's torch RNGs as they were (the run reseeds them); Python's random and NumPy's are
@@ -197,6 +199,29 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         folder.write_metrics(metrics)
         folder.log(f"done: MACs kept {record['flops_kept']:.4f}, {_quality(record)}")
     return record, outcome.model, {share: snap.model for share, snap in outcome.snapshots.items()}
+
+
+def _eval_resumer(eval_loader, dense_read: bool) -> Callable | None:
+    """Keep a resumed run's measurements those of an uninterrupted run: every measurement reads one
+    pass of ``eval_loader`` (dense, each stage, event or phase, final), and a prunekit loader or a
+    replay (one with an ``epoch``: an augmenting loader's crops and flips, a shuffling one's order)
+    reads another epoch at each pass. A resumed call measures only what is left, so its first pass
+    must read the epoch an uninterrupted run reads there, not the loader's first again.
+
+    ``dense_read``: the dense measurement is the run's own, read from its metrics.json (its first
+    call took the loader's first pass): the loader is moved on by that pass now. Returns the
+    checkpointer's ``restored(state)``, which moves it on by the passes the restored records took
+    (those with ``eval_seconds``: measured on the evaluation data; a run with ``stage_eval`` off
+    measured none). None without such a loader (its passes are all alike, or not ours to number)."""
+    if eval_loader is None or not isinstance(getattr(eval_loader, "epoch", None), int):
+        return None
+    first = eval_loader.epoch             # the loader's epoch as this call got it: a run's first pass
+    before = 1 if dense_read else 0
+    eval_loader.epoch = first + before
+
+    def restored(state) -> None:
+        eval_loader.epoch = first + before + sum("eval_seconds" in h for h in state.history)
+    return restored
 
 
 def _quality(record: dict) -> str:

@@ -947,6 +947,9 @@ class RunCheckpointer:
         # the world size (torchrun's ranks; 1 alone) of each session whose stages the newest checkpoint
         # carries, this one last, once each time it changed: [2, 1] for a 2-rank run resumed with 1
         self.world_sizes = [_world_size()]
+        # told the state ``last`` resumes from, before the pipeline carries on (the executor sets its
+        # evaluation replay at the pass an uninterrupted run would read next)
+        self.restored: Callable[[StageState], None] | None = None
 
     def _named(self, state: StageState) -> str:
         """'stage 2'; a phase with what it was: 'phase 3 (finetune, flops 0.5, epoch 1)'."""
@@ -1034,6 +1037,8 @@ class RunCheckpointer:
             self._tell_other_world_size(_world_sizes(meta), path.name)
             self._tell_older_epoch_passes(meta)
             self.restored_seconds = sum(h.get("seconds") or 0.0 for h in state.history)
+            if self.restored is not None:
+                self.restored(state)
             return state
         if unreadable:
             raise PrunekitError(f"no checkpoint in {self.folder.checkpoints} can be read ({unreadable[0]}): restore "
