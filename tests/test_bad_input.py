@@ -10,15 +10,20 @@ file, a folder, a binary file, checkpoints, a run folder), snapshotted before an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import pickle
 import random
+import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import prunekit
@@ -155,7 +160,29 @@ class _NoForward(nn.Module):      # its forward never defined
 
 def no_forward():
     return _NoForward()
+
+def whole_scores():        # (its class inside: the module-level names another case lists stay as they are)
+    class IntOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(784, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)).long()
+
+    return IntOut()
 """
+
+
+class Planted:
+    """A pickled object that makes a folder when unpickled: a checkpoint holding one is refused
+    without running it (the ``untouched`` snapshot would see the folder)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __reduce__(self):
+        return os.mkdir, (self.folder,)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +206,16 @@ def home(tmp_path_factory):
     numpy_state = {k: v.numpy() for k, v in zoo.build("mlpnet").state_dict().items()}
     torch.save(numpy_state, d / "numpy.pth")
     torch.save({"state_dict": numpy_state, "epoch": 3}, d / "numpy-nested.pth")
+    mlp_state = zoo.build("mlpnet").state_dict()
+    torch.save({k: v.to(torch.complex64) for k, v in mlp_state.items()}, d / "complex.pth")
+    torch.save(mlp_state, d / "whole.pth")
+    (d / "cut.pth").write_bytes((d / "whole.pth").read_bytes()[:(d / "whole.pth").stat().st_size // 2])
+    with zipfile.ZipFile(d / "garbage.pth", "w") as archive:     # a zip archive whose pickle is noise
+        archive.writestr("archive/data.pkl", random.Random(1).randbytes(300))
+        archive.writestr("archive/version", "3\n")
+    torch.save({"state_dict": Planted(str(d / "PLANTED"))}, d / "object.pth")     # would make a folder if run
+    save_file({**mlp_state, "fc1.weight": torch.zeros(40, 783)}, d / "narrow-input.safetensors")
+    (d / "bom.toml").write_bytes(b'\xef\xbb\xbfmehtod = "chita"\n')     # Notepad's byte-order mark
     (d / "net.py").write_text(MODEL_FILE)
     (d / "broken.py").write_text("import torch\nSCALE = 1 / 0\n")
     (d / "own").mkdir()
@@ -316,6 +353,20 @@ CLI_CASES = [
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/numpy.pth", *MNIST],
      "holds NumPy arrays ('fc1.weight' ...), not torch tensors"),
     (["info", "mlpnet", "--checkpoint", f"{H}/numpy-nested.pth"], "holds NumPy arrays ('fc1.weight' ...)"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/complex.pth", *MNIST],
+     "holds 'fc1.weight' as torch.complex64, where the model has torch.float32 weights: a complex-valued checkpoint"),
+    (["info", "mlpnet", "--checkpoint", f"{H}/cut.pth"], "cut.pth as a torch.save file ("),
+    (["info", "mlpnet", "--checkpoint", f"{H}/cut.pth"], "): the file is truncated or damaged; save or download it"),
+    (["info", "mlpnet", "--checkpoint", f"{H}/garbage.pth"], "the file is truncated or damaged; save or download it"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/object.pth", *MNIST],
+     "object.pth holds Python objects (posix.mkdir under 'state_dict') that prunekit will not load"),
+    (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/narrow-input.safetensors", *MNIST],
+     "in the model): its first layer 'fc1.weight' takes 783 inputs, the model's 784"),
+    (["prune", "--recipe", f"{H}/bom.toml"], "unknown key 'mehtod' in"),
+    (["eval", "--model", f"{H}/net.py:whole_scores", *MNIST, "--normalize", "none"],
+     "whole_scores returns int64 outputs for one image; the model's outputs must be floating point"),
+    (["prune", "--model", f"{H}/net.py:whole_scores", *MNIST, "--normalize", "none", "--sparsity", "0.5"],
+     "the model's outputs must be floating point"),
     # data
     (["eval", *MLP, "--data", "mnist", "--data-dir", "/no/such/dir"], "does not exist"),
     (["eval", "--model", "resnet20", *MNIST], "(C,H,W)"),
@@ -651,7 +702,19 @@ class NanOut(nn.Module):
         return self.fc(x.flatten(1)) * float("nan")
 
 
+class IntScores(nn.Module):
+    """Class scores converted to integers (int64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)).long()
+
+
 PY_CASES = [
+    ({"model": IntScores(), "method": "chita"}, "the model's outputs are int64, not floating point"),
     # the five of the issue
     ({"method": "chita", "fisher_samples": "10"}, "fisher_samples"),
     ({"data": (X, Y + 3)}, "class indices"),
@@ -843,3 +906,60 @@ def test_save_model_refuses_a_path_inside_a_sweeps_folder(inside, home, untouche
     message = str(err.value)
     assert "\n" not in message and f"lies inside {run}, a run folder of the prunekit sweep in {home / 'killedsweep'}" \
         in message, message
+
+
+# --- where the output goes --------------------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_output_is_said_in_one_line(monkeypatch, capsys, untouched):
+    """stdout on a full disk was "No space left on device:  (check the path and its permissions)":
+    an empty path, and advice for no path at fault."""
+    full = open("/dev/full", "w", buffering=1)       # line-buffered: the first line meets the full disk
+    monkeypatch.setattr(sys, "stdout", full)
+    code = main(["info", "mlpnet"])
+    monkeypatch.undo()
+    with contextlib.suppress(OSError):          # what the buffer kept meets the full disk again
+        full.close()
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "writing the output: the disk (or the quota) it goes to is full" in err and "permissions" not in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_refusal_whose_stderr_is_full_still_exits_2(monkeypatch):
+    """Printing the refusal to a full stderr raised from the handler: a traceback, exit 1."""
+    full = open("/dev/full", "w", buffering=1)
+    monkeypatch.setattr(sys, "stderr", full)
+    code = main(["info", "resnet21"])
+    monkeypatch.undo()
+    with contextlib.suppress(OSError):
+        full.close()
+    assert code == 2
+
+
+def test_a_path_whose_name_is_not_utf8_prints_on_a_strict_stdout(monkeypatch):
+    """A path with bytes that are not UTF-8 (read with surrogates) raised UnicodeEncodeError from
+    print on a stdout of strict UTF-8 (PYTHONIOENCODING=utf-8), after the run was saved."""
+    from prunekit.errors import printable_paths
+    raw = io.BytesIO()
+    strict = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True)
+    monkeypatch.setattr(sys, "stdout", strict)
+    name = os.fsdecode(b"/tmp/bad\xff\xfename")
+    with printable_paths():
+        print(f"saved to {name}, \u2713")
+    assert raw.getvalue() == "saved to /tmp/bad\\xff\\xfename, \u2713\n".encode()
+    assert strict.errors == "strict"            # put back as it was
+    with pytest.raises(UnicodeEncodeError):     # what printable_paths is for
+        print(name)
+
+
+def test_a_run_into_a_folder_whose_name_is_not_utf8_prints_its_summary(tmp_path, monkeypatch):
+    """The run was saved, then printing its summary ("saved to DIR") raised UnicodeEncodeError:
+    a traceback and exit 1 where stdout is strict UTF-8."""
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True))
+    out = tmp_path / os.fsdecode(b"bad\xffname")
+    code = main([*PRUNE, "--sparsity", "0.5", "--train-samples", "64", "--no-stage-eval", "--out", str(out)])
+    monkeypatch.undo()
+    assert code == 0 and (out / "model.safetensors").is_file()
+    assert b"bad\\xffname" in raw.getvalue()

@@ -111,8 +111,32 @@ def test_shape_mismatch_suggests_num_classes(tmp_path):
     with pytest.raises(PrunekitError, match=expected):
         zoo.load_model("resnet20", tmp_path / "a.th", num_classes=100)
     torch.save(zoo.build("resnet20", in_channels=1).state_dict(), tmp_path / "gray.th")
-    with pytest.raises(PrunekitError, match=r"build the model with the checkpoint's num_classes / in_channels$"):
+    with pytest.raises(PrunekitError, match=r"build the model with the checkpoint's in_channels \(1\)$"):
         zoo.load_model("resnet20", tmp_path / "gray.th")
+
+
+def test_a_first_linear_layers_input_width_is_no_class_count(tmp_path):
+    """fc1.weight (40, 783) vs (40, 784) was told to build the model with the checkpoint's
+    num_classes / in_channels: the class count is the last layer's outputs."""
+    state = zoo.build("mlpnet").state_dict()
+    save_file({**state, "fc1.weight": torch.zeros(40, 783)}, tmp_path / "narrow.safetensors")
+    with pytest.raises(PrunekitError) as err:
+        zoo.load_model("mlpnet", tmp_path / "narrow.safetensors")
+    assert "num_classes" not in str(err.value) and "in_channels" not in str(err.value)
+    assert str(err.value).endswith("its first layer 'fc1.weight' takes 783 inputs, the model's 784: the checkpoint was "
+                                   "made for inputs of another size; pick the model (and data) it was trained for")
+    save_file({**state, "fc3.weight": torch.zeros(7, 20)}, tmp_path / "seven.safetensors")
+    with pytest.raises(PrunekitError, match=r"build the model with the checkpoint's num_classes \(7\)$"):
+        zoo.load_model("mlpnet", tmp_path / "seven.safetensors")
+
+
+def test_damaged_torch_files_are_called_damaged(tmp_path):
+    """A truncated torch.save file was refused with torch's "[Errno 22] Invalid argument"."""
+    torch.save(zoo.build("mlpnet").state_dict(), tmp_path / "whole.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:20000])
+    with pytest.raises(PrunekitError, match=r"cut\.pth as a torch\.save file \(.*\): the file is truncated or "
+                                            r"damaged; save or download it again$"):
+        zoo.read_state_dict(tmp_path / "cut.pth")
 
 
 def test_a_shrunk_models_loose_dense_file_is_not_called_another_class_count(tmp_path):
@@ -419,6 +443,15 @@ def test_save_model_where_it_cannot_write_is_one_line_naming_the_users_path(tmp_
     assert message == (f"cannot save {ro}/m.safetensors: Permission denied writing in {ro}: save into a folder you can "
                        "write (or make this one writable)") and ".tmp" not in message
     assert list(ro.iterdir()) == [] and atomic.tempfile.mkstemp is refused
+
+
+    def full(*args, dir=None, prefix="", suffix="", **kwargs):      # a full disk is no matter of permissions
+        raise OSError(28, "No space left on device", f"{dir}/{prefix}abcd1234{suffix}")
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    with pytest.raises(PrunekitError) as caught:
+        save_model(nn.Linear(4, 3), ro / "m.safetensors", {})
+    assert str(caught.value) == (f"cannot save {ro}/m.safetensors: No space left on device writing in {ro}: the disk "
+                                 "(or the quota) is full; free some space there, or save elsewhere")
 
 
 @pytest.mark.parametrize("name,suggested", [(".safetensors", "model.safetensors"), ("net.pt", "net.safetensors"),

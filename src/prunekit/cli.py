@@ -24,7 +24,7 @@ import torch.distributed
 from . import __version__, distributed, interrupts, recipes, run_lock, runs
 from .distributed.lost import first_line as _first_line, is_lost_rank as _lost_rank, lost_ranks_words
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
-from .errors import PrunekitError, PrunekitWarning, refusal_of
+from .errors import PrunekitError, PrunekitWarning, printable_paths, refusal_of, say
 from .options import cli_message
 from .suggest import closest
 
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
         code, returned = 1, False
         try:
-            with interrupts.caught():
+            with interrupts.caught(), printable_paths():
                 code = _main(argv)
             returned = True
             return code
@@ -428,7 +428,7 @@ def _main(argv: list[str] | None) -> int:
         line = f"prunekit: error: {cli_message(err, _flags(parser, args.command))}{_from_config(err, args)}"
         if isinstance(err, distributed.MachineRefusal):   # met before joining by every rank on this machine
             if os.environ.get("LOCAL_RANK", "0") == "0":
-                print(line, file=sys.stderr)
+                say(line)
         else:
             distributed.print_refusal(line)     # under torchrun: once, not once per rank
         return 2
@@ -461,7 +461,7 @@ def _main(argv: list[str] | None) -> int:
               file=sys.stderr)
         raise _RankLost from None
     except OSError as err:   # unwritable --out, full disk, unreadable data
-        print(f"prunekit: error: {refusal_of(err)}", file=sys.stderr)
+        say(f"prunekit: error: {refusal_of(err)}")
         return 2
 
 
@@ -573,7 +573,7 @@ def _refuse_before_joining(line: str) -> int:
             said_by_rank_0 = False
         if said_by_rank_0:
             return 2
-    print(line, file=sys.stderr)
+    say(line)
     return 2
 
 

@@ -5,6 +5,9 @@ wrong *and what to change*. The CLI prints that message on one line and exits wi
 library users can catch it like any ``ValueError``.
 """
 
+import codecs
+import contextlib
+import errno
 import logging
 import os
 import shlex
@@ -45,8 +48,72 @@ def worded(python: str, command_line: str) -> PrunekitError:
 
 
 def refusal_of(err: OSError) -> PrunekitError:
-    """An ``OSError`` (an unwritable --out, a full disk, unreadable data) as our one line."""
-    return PrunekitError(f"{err.strerror or err}: {err.filename or ''} (check the path and its permissions)")
+    """An ``OSError`` (an unwritable --out, a full disk, unreadable data) as our one line. A full
+    disk is no matter of paths or permissions, and an error with no file named (a write to an open
+    file or to stdout: ``prunekit info > /dev/full``) names none."""
+    where = f" {err.filename}" if err.filename else ""
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return PrunekitError(f"{err.strerror or err} writing{where or ' the output'}: the disk (or the quota) it "
+                             "goes to is full; free some space there, or write the output elsewhere")
+    if not where:
+        return PrunekitError(f"{err.strerror or err} reading or writing a file or the output: check the files and "
+                             "folders the command uses, where its output goes, and their permissions")
+    return PrunekitError(f"{err.strerror or err}:{where} (check the path and its permissions)")
+
+
+def say(line: str) -> None:
+    """Print ``line`` (a refusal) to stderr. Where stderr cannot be written (``2>/dev/full``, a
+    closed pipe), the line is lost but the exit code (2) still says it: stderr is pointed at
+    os.devnull, so neither this write nor the interpreter's last flush raises (exit 1, 120)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
+            sys.stderr.flush()                  # what was kept of the line goes to devnull
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _shown(err: UnicodeError) -> tuple[str, int]:
+    """Codec error handler "prunekit-shown": a character the output's encoding cannot take, shown
+    as its escape: a byte of a file name that is not valid UTF-8 (read as a surrogate, U+DC80..U+DCFF)
+    as that byte, ``\\xff``; any other as ``\\uXXXX`` (as "backslashreplace" does)."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    text = err.object[err.start:err.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("ascii", "backslashreplace").decode("ascii") for c in text), err.end
+
+
+codecs.register_error("prunekit-shown", _shown)
+
+
+@contextlib.contextmanager
+def printable_paths():
+    """While in it, stdout and stderr print any user path: a path whose name is not valid UTF-8
+    (``--out $'bad\\xffname'``, read by Python with surrogates in it) would raise
+    UnicodeEncodeError from print on a stream of strict encoding errors (a UTF-8 locale's stdout),
+    after the run was done; here it prints as ``bad\\xffname`` (``_shown``). A stream that already
+    copes (the C locale's surrogateescape writes the bytes back as they were) is left as it is,
+    and each is put back as it was."""
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) in ("strict", "backslashreplace") and hasattr(stream, "reconfigure"):
+            try:
+                before = stream.errors
+                stream.reconfigure(errors="prunekit-shown")
+                changed.append((stream, before))
+            except (OSError, ValueError, AttributeError):    # closed, or its buffer cannot be flushed
+                pass
+    try:
+        yield
+    finally:
+        for stream, before in changed:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.reconfigure(errors=before)
 
 
 def single_sample_batchnorm(err: ValueError) -> PrunekitError | None:

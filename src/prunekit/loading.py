@@ -388,6 +388,10 @@ def _check_forward(loaded: LoadedModel, what: str) -> None:
                else f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}")
         raise PrunekitError(f"{loaded.name} returns {got} for one image; the command line needs class scores of "
                             "shape (batch, classes): return them from the function's model (e.g. wrap it)")
+    if not out.is_floating_point():
+        raise PrunekitError(f"{loaded.name} returns {str(out.dtype).removeprefix('torch.')} outputs for one image; "
+                            "the model's outputs must be floating point (class scores, logits): return them as "
+                            "computed, without converting them (.long(), .round(), .argmax())")
 
 
 def model_outputs(model: nn.Module) -> int | None:

@@ -57,11 +57,23 @@ def class_scores(outputs) -> torch.Tensor:
             raise PrunekitError(f"the model returns scores of shape {tuple(outputs.shape)}, one value per example, not "
                                 "(batch, classes) class scores: pass loss=f with f(outputs, targets) giving the mean "
                                 "loss (e.g. nn.BCEWithLogitsLoss() for one logit, nn.MSELoss() for a regression)")
+        if not outputs.is_floating_point():       # cross-entropy's log-softmax takes float scores alone
+            raise PrunekitError(not_float_scores(outputs.dtype))
         return outputs
     logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
     if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+        if not logits.is_floating_point():
+            raise PrunekitError(not_float_scores(logits.dtype))
         return logits
     hint = f" (its .logits are {tuple(logits.shape)}, not (batch, classes))" if isinstance(logits, torch.Tensor) else ""
     raise PrunekitError(f"the model returns {type(outputs).__name__} outputs, not a tensor of class scores{hint}: "
                         "pass loss=f with f(outputs, targets) giving the mean loss, or wrap the model in a "
                         "module whose forward returns (batch, classes) scores")
+
+
+def not_float_scores(dtype: torch.dtype) -> str:
+    """The refusal of class scores of ``dtype`` (integer, bool or complex): cross-entropy, accuracy
+    and every method's gradients need floating-point scores."""
+    return (f"the model's outputs are {str(dtype).removeprefix('torch.')}, not floating point: its class scores must "
+            "be floating point (logits): return them as computed, without converting them (.long(), .round(), "
+            ".argmax())")

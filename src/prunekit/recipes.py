@@ -46,7 +46,7 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict:
     if path.is_dir():
         raise PrunekitError(f"recipe {path} is a folder: pass the TOML file (e.g. {path / 'config.toml'})")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))     # -sig: a byte-order mark (Notepad) is no key
     except FileNotFoundError:
         raise PrunekitError(f"recipe {path} does not exist: check the path") from None
     except UnicodeDecodeError:

@@ -18,6 +18,7 @@ user's own safetensors) is refused, not replaced.
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 from pathlib import Path
@@ -183,9 +184,11 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
         written = path
         atomic_write_bytes(side, sidecar)
     except OSError as err:      # an unwritable folder, a full disk: named by the user's path, not the temporary's
+        full = err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
         raise PrunekitError(f"cannot save {path}: {err.strerror or err} writing in {path.parent}"
                             + (f" ({side.name} was not written beside it)" if written else "")
-                            + ": save into a folder you can write (or make this one writable)") from None
+                            + (": the disk (or the quota) is full; free some space there, or save elsewhere" if full
+                               else ": save into a folder you can write (or make this one writable)")) from None
     return path
 
 

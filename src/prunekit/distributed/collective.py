@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .. import interrupts
-from ..errors import PrunekitError
+from ..errors import PrunekitError, say
 from ..options import OptionError
 from ..solvers.collective import Collective
 
@@ -591,11 +591,11 @@ def print_refusal(line: str) -> None:
     answers, every rank prints.
     """
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        print(line, file=sys.stderr, flush=True)
+        say(line)
         return
     rank, ranks = dist.get_rank(), dist.get_world_size()
     if rank == 0:
-        print(line, file=sys.stderr, flush=True)
+        say(line)
     deadline = time.monotonic() + REFUSAL_WAIT_S
     try:
         with _quiet_c10d():     # a store whose host is gone: prunekit says it, not c10d's stack
@@ -623,7 +623,7 @@ def print_refusal(line: str) -> None:
     except Exception:        # noqa: BLE001 - no store, or none that answers: say it here
         said = None
     if rank != 0 and (said is None or _figures_apart(said) != _figures_apart(line)):
-        print(line, file=sys.stderr, flush=True)
+        say(line)
 
 
 def peer_refused() -> bool:

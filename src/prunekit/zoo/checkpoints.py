@@ -261,7 +261,11 @@ def misfit(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path
     if missing or unexpected or mismatched:
         return _misfit_message(model, state, path, missing, unexpected, mismatched)
     lossy = next((k for k in state if k in own and own[k].is_floating_point()
-                  and not (state[k].is_floating_point() or state[k].is_complex())), None)
+                  and not state[k].is_floating_point()), None)
+    if lossy is not None and state[lossy].is_complex():   # copied in, its imaginary parts dropped
+        return (f"checkpoint {path} holds '{lossy}' as {state[lossy].dtype}, where the model has "
+                f"{own[lossy].dtype} weights: a complex-valued checkpoint, whose imaginary parts would be dropped; "
+                "load the real-valued one")
     if lossy is not None:           # int8 weights copied into a float model: a silently wrong model
         return (f"checkpoint {path} holds '{lossy}' as {state[lossy].dtype}, where the model has "
                 f"{own[lossy].dtype} weights: a quantized or integer checkpoint; load the float one")
@@ -321,7 +325,7 @@ def _read_torch(path: Path) -> object:
     except pickle.UnpicklingError:
         pass  # it pickles non-tensor objects: read it again, neutralizing them
     except Exception as err:  # torch raises many types for files that are not checkpoints
-        raise PrunekitError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+        raise _damaged(path, err) from None
     try:
         # weights_only=False is required to pass a pickle_module; the restricted module
         # resolves only tensor-rebuild functions, so nothing from the file is executed.
@@ -330,7 +334,20 @@ def _read_torch(path: Path) -> object:
                 path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle
             )
     except Exception as err:
-        raise PrunekitError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+        raise _damaged(path, err) from None
+
+
+def _damaged(path: Path, err: BaseException) -> PrunekitError:
+    """The refusal of torch.save file ``path`` that torch.load failed on (``err``: a truncated zip
+    archive's "[Errno 22] Invalid argument", a damaged pickle's "invalid load key", a damaged
+    archive's "[enforce fail at inline_container.cc...]"), its detail in brackets, torch's source
+    location left out, the fix first."""
+    detail = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", _first_line(err)).strip() or type(err).__name__
+    if isinstance(err, MemoryError):
+        return PrunekitError(f"cannot read checkpoint {path}: out of memory reading it; free memory, or load it on a "
+                             "machine with more")
+    return PrunekitError(f"cannot read checkpoint {path} as a torch.save file ({detail}): the file is truncated or "
+                         "damaged; save or download it again")
 
 
 # torch.save's two formats: a zip archive, or (legacy) a pickle that starts with this magic number.
@@ -380,6 +397,13 @@ def _find_state_dict(raw: object, path: Path) -> Mapping[str, torch.Tensor]:
                 raise PrunekitError(
                     f"checkpoint {path} holds NumPy arrays ('{array}' ...), not torch tensors, and prunekit never "
                     "unpickles NumPy objects: save {name: torch.from_numpy(array)} with torch.save, or as .safetensors")
+        inert = _inert_entry(raw)
+        if inert is not None:        # weights_only refused it: read as a placeholder, nothing executed
+            key, source = inert
+            raise PrunekitError(
+                f"checkpoint {path} holds Python objects ({source} under {key!r}) that prunekit will not load (it "
+                "loads tensors only, as torch.load(..., weights_only=True) does): re-save the weights as a plain "
+                "state dict, torch.save(model.state_dict(), path), or as .safetensors")
         found = ", ".join(repr(k) for k in list(raw)[:8])
         raise PrunekitError(
             f"checkpoint {path} holds no state dict (top-level keys: {found}): "
@@ -390,6 +414,20 @@ def _find_state_dict(raw: object, path: Path) -> Mapping[str, torch.Tensor]:
         f"checkpoint {path} holds an object ({kind}), not a state dict: "
         "save model.state_dict() rather than the model object"
     )
+
+
+def _inert_entry(raw: Mapping) -> tuple[str, str] | None:
+    """The key and refused class ("module.name") of the first pickled object (read as an inert
+    placeholder) where the weights would be: under one of the state-dict keys (``{"model": net}``,
+    or inside the dict there); None if none (an optimizer beside no state dict is no such case)."""
+    for state in (raw.get(k) for k in _STATE_DICT_KEYS):
+        if isinstance(state, Mapping):
+            for key, value in state.items():
+                if isinstance(value, restricted_pickle.InertObject):
+                    return str(key), value.source
+        elif isinstance(state, restricted_pickle.InertObject):
+            return next(k for k in _STATE_DICT_KEYS if raw.get(k) is state), state.source
+    return None
 
 
 def _numpy_entry(state: object) -> str | None:
@@ -478,7 +516,11 @@ def _misfit_message(
                 f"its run folder: load {run} instead (the command line's --checkpoint {run}, Python's "
                 f"prunekit.load_pruned(model, {str(run)!r}))")
     elif fits and fits == model_name and _ends_only(own, state, mismatched):
-        hint = "build the model with the checkpoint's num_classes / in_channels"
+        hint = f"build the model with the checkpoint's {_ends_only(own, state, mismatched)}"
+    elif fits and fits == model_name and _first_input_only(own, state, mismatched):
+        k = mismatched[0]
+        hint = (f"its first layer '{k}' takes {state[k].shape[1]} inputs, the model's {own[k].shape[1]}: the "
+                "checkpoint was made for inputs of another size; pick the model (and data) it was trained for")
     elif fits and fits == model_name:
         hint = ("the file's layer widths differ from the model's, e.g. a model with channels removed: load its run "
                 "folder, which records the channel layout (the command line's --checkpoint RUNDIR, Python's "
@@ -549,25 +591,43 @@ def _narrower_only(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Te
                for k in mismatched)
 
 
-def _ends_only(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], mismatched: list[str]) -> bool:
-    """Whether the shape mismatches are confined to the first layer's input channels and the last
-    layer's outputs (what another num_classes / in_channels changes), not to inner widths."""
-    layers = [k for k, v in own.items() if k.endswith(".weight") and v.dim() >= 2]
+def _weight_layers(own: Mapping[str, torch.Tensor]) -> list[str]:
+    """The model's weight tensors of layers (2+ dimensions: Linear, convolutions), in order."""
+    return [k for k, v in own.items() if k.endswith(".weight") and v.dim() >= 2]
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor) -> set[int]:
+    """The dimensions in which the shapes of ``a`` and ``b`` differ (all past the shorter one's)."""
+    a, b = tuple(a.shape), tuple(b.shape)
+    return {i for i in range(max(len(a), len(b))) if i >= min(len(a), len(b)) or a[i] != b[i]}
+
+
+def _ends_only(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], mismatched: list[str]) -> str:
+    """What another num_classes / in_channels would change, where the shape mismatches are confined
+    to the last layer's outputs ("num_classes (10)") and a first convolution's input channels
+    ("in_channels (1)"), not to inner widths (nor a Linear first layer's input features: the image
+    size, which in_channels alone does not set); "" otherwise."""
+    layers = _weight_layers(own)
     if not layers:
-        return False
+        return ""
     first, last = layers[0], layers[-1].removesuffix(".weight")
-
-    def differ(k: str) -> set[int]:
-        a, b = tuple(state[k].shape), tuple(own[k].shape)
-        return {i for i in range(max(len(a), len(b))) if i >= min(len(a), len(b)) or a[i] != b[i]}
-
+    said = {}
     for k in mismatched:
-        if k.removesuffix(".weight").removesuffix(".bias") == last and differ(k) <= {0}:
-            continue
-        if k == first and differ(k) <= {1}:
-            continue
-        return False
-    return True
+        if k.removesuffix(".weight").removesuffix(".bias") == last and _differ(state[k], own[k]) <= {0}:
+            said["num_classes"] = state[k].shape[0] if state[k].dim() else "?"
+        elif k == first and own[k].dim() >= 3 and _differ(state[k], own[k]) <= {1}:
+            said["in_channels"] = state[k].shape[1] if state[k].dim() > 1 else "?"
+        else:
+            return ""
+    return " and ".join(f"{name} ({value})" for name, value in said.items())
+
+
+def _first_input_only(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                      mismatched: list[str]) -> bool:
+    """Whether the one shape mismatch is the first layer's input width (dimension 1) alone."""
+    layers = _weight_layers(own)
+    return (len(mismatched) == 1 and bool(layers) and mismatched[0] == layers[0]
+            and state[layers[0]].dim() == own[layers[0]].dim() and _differ(state[layers[0]], own[layers[0]]) == {1})
 
 
 def _counted(n: int, noun: str) -> str:
