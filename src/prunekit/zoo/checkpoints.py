@@ -268,6 +268,17 @@ def misfit(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path
     return None
 
 
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module an ``nn.DataParallel`` / ``DistributedDataParallel`` wrapper holds (through nested
+    wrappers), else ``model``. A saved model's weights and channel layout are named as the wrapped
+    module names them (no ``module.`` prefix), so that a file loads into the plain class and into
+    the wrapper alike; they share their parameters."""
+    from torch.nn.parallel import DistributedDataParallel
+    while isinstance(model, (nn.DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
 def _without_wrapper_prefix(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict:
     """``state`` with a prefix every key shares removed when that makes its keys the model's (a
     training wrapper's attribute, e.g. Lightning's ``model.``); else ``state`` as it is."""
