@@ -14,6 +14,7 @@ from torch import nn
 
 import prunekit
 from prunekit.errors import PrunekitError
+from prunekit.zoo.checkpoints import load_checkpoint
 
 torch.manual_seed(0)
 X, Y = torch.randn(128, 64), torch.randint(0, 4, (128,))
@@ -78,12 +79,15 @@ class _Tied(nn.Module):
         return self.out(torch.relu(h))
 
 
-def test_a_tied_weight_cut_alike_stays_tied_and_one_cut_apart_is_refused_naming_the_tie():
+def test_a_tied_weight_cut_alike_stays_tied_and_one_cut_apart_is_refused_naming_the_tie(tmp_path):
     model = _Tied(parallel=True)
     result, _ = _prune(model)
     small = result.model
     assert small.a.weight is small.b.weight and small.a.weight.shape[0] < 32
     assert len(list(small.parameters())) == len(list(model.parameters())) == 7
+    prunekit.save_model(small, tmp_path / "small.safetensors", {})
+    back = prunekit.load_pruned(_Tied(parallel=True), tmp_path / "small.safetensors")    # resized, tied again
+    assert back.a.weight is back.b.weight and torch.equal(back.a.weight, small.a.weight)
     with pytest.raises(PrunekitError, match=r"b\.weight = a\.weight \(one tensor, tied\).*untying them"):
         _prune(_Tied(parallel=False))
 
@@ -176,3 +180,17 @@ def test_a_traced_model_is_called_traced():
     traced = torch.jit.trace(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 4)), X[:2])
     with pytest.raises(PrunekitError, match=r"TorchScript module \(torch\.jit\.trace\).*before tracing"):
         prunekit.prune(traced, (X, Y), method="magnitude", sparsity=0.5)
+
+
+def test_a_file_with_different_values_for_a_tied_weight_is_refused(tmp_path):
+    """Loading kept the last of the two names silently."""
+    from safetensors.torch import save_file
+    model = _Tied(parallel=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["b.weight"] += 1
+    save_file(state, str(tmp_path / "w.safetensors"))
+    with pytest.raises(PrunekitError, match=r"holds different 'a\.weight' and 'b\.weight', which the model ties"):
+        load_checkpoint(_Tied(parallel=True), tmp_path / "w.safetensors")
+    state["b.weight"] = state["a.weight"].clone()
+    save_file(state, str(tmp_path / "w.safetensors"))
+    load_checkpoint(_Tied(parallel=True), tmp_path / "w.safetensors")

@@ -81,7 +81,7 @@ def _own_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """(module, buffer name, a copy of it) for every buffer of ``model`` outside BatchNorm layers."""
     return [(module, name, buffer.detach().clone()) for module in model.modules()
             if not isinstance(module, nn.modules.batchnorm._BatchNorm)
-            for name, buffer in module._buffers.items() if isinstance(buffer, torch.Tensor)]
+            for name, buffer in module._buffers.items() if isinstance(buffer, torch.Tensor) and not buffer.is_meta]
 
 
 def _put_back(kept: list[tuple[nn.Module, str, torch.Tensor]]) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..costs import is_conv1d_style
 from ..errors import PrunekitError
-from ..zoo.layout import mark_shrunk, remember_dense, remember_dense_all
+from ..zoo.layout import mark_shrunk, remember_dense, remember_dense_all, tied_parameters
 from .attention import set_heads, slim_copy
 from .gates import GateHooks
 from .groups import GroupSet, no_group_error
@@ -131,16 +131,6 @@ def checked_groups(model: nn.Module, groups: GroupSet, example_input: torch.Tens
     if not kept:
         raise no_group_error(skipped)
     return GroupSet(kept, skipped)
-
-
-def tied_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
-    """Each parameter two or more modules hold (``b.weight = a.weight``), as its holders'
-    [(module name, attribute), ...], in ``named_modules`` order."""
-    holders: dict[int, list[tuple[str, str]]] = {}
-    for name, module in model.named_modules():
-        for attr, p in module.named_parameters(recurse=False):
-            holders.setdefault(id(p), []).append((name, attr))
-    return [h for h in holders.values() if len(h) > 1]
 
 
 def _tie_text(holders: list[tuple[str, str]]) -> str:
