@@ -169,11 +169,15 @@ class _ZeroWide(nn.Module):
         return self.out(torch.relu(torch.cat([self.a(x), self.z(x)], 1)))
 
 
-def test_a_layer_of_no_weights_is_not_warned_of_as_not_run():
+def test_a_layer_of_no_weights_is_not_warned_of_as_not_run_nor_as_a_group_left_dense():
+    """Its weights were "not run on the example input" (it ran); autobot left its "0 channels" dense."""
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         prunekit.prune(_ZeroWide(), (X, Y), method="magnitude", sparsity=0.5)
     assert not [w for w in said if "did not run" in str(w.message)]
+    result, said = _prune(_ZeroWide())
+    assert result.model.a.weight.shape[0] < 32 and not [w for w in said if " z: " in w], said
+    assert not any(s.startswith("z:") for s in result.record["skipped_groups"])
 
 
 def test_a_traced_model_is_called_traced():

@@ -360,6 +360,8 @@ def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: b
         root = names.get(root_module, str(root_module))
         if isinstance(root_module, nn.modules.linear.NonDynamicallyQuantizableLinear):
             continue               # an attention's out_proj: its heads are a group of their own
+        if isinstance(root_module, (_CONV, nn.Linear)) and _size_of(root_module) == 0:
+            continue               # a layer of no outputs (nn.Linear(64, 0)): no channel to prune, nothing to say
         if root_module in repeated:
             if frozenset([root]) not in seen:
                 seen.add(frozenset([root]))

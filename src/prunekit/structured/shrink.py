@@ -76,9 +76,10 @@ def shrink(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], exampl
                 continue
             _cut(module, axis, sorted(channels), name)
         for holders in ties:           # b.weight = a.weight: cut alike, they share the cut tensor again
-            if any(_axes_cut(removed, name, attr) != _axes_cut(removed, *holders[0]) for name, attr in holders[1:]):
-                raise PrunekitError(f"{_tie_text(holders)}: the cut would untie them")
             first = getattr(modules[holders[0][0]], holders[0][1])
+            if any(_axes_cut(removed, name, attr) != _axes_cut(removed, *holders[0])
+                   or getattr(modules[name], attr).shape != first.shape for name, attr in holders[1:]):
+                raise PrunekitError(f"{_tie_text(holders)}: the cut would untie them")
             for name, attr in holders[1:]:
                 setattr(modules[name], attr, first)
         for name, keep in heads.items():
