@@ -1104,11 +1104,17 @@ def test_a_scale_summed_through_a_view_of_the_product_is_a_dot_product():
 
 def test_weight_normalization_is_told_to_be_folded_first():
     """register_cost(Linear, fn), which the generic refusal suggested, cannot see a weight made from
-    g and v before the call: the refusal names the fold, and the folded model counts as a Linear."""
+    g and v before the call: pruning it is refused naming the fold (or exclude=); since session 55
+    the weight it makes is counted where the layer uses it (the parametrization's own ops, once per
+    call, are not MACs), so the unfolded and folded models count as the same Linear layers."""
+    import prunekit
     layer = torch.nn.utils.parametrizations.weight_norm(nn.Linear(10, 20))
     model = nn.Sequential(layer, nn.ReLU(), nn.Linear(20, 3))
-    with pytest.raises(PrunekitError, match=r"module '0' has weight normalization.*remove_parametrizations"):
-        CostModel(model, torch.randn(2, 10))
+    assert CostModel(model, torch.randn(2, 10)).macs == 10 * 20 + 20 * 3
+    x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    with pytest.raises(PrunekitError, match=r"^0\.weight is under a torch parametrization \(_WeightNorm\).*"
+                                            r"remove_parametrizations\(module, 'weight'\), or exclude '0'$"):
+        prunekit.prune(model, (x, y), method="magnitude", sparsity=0.5)
     torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
     assert CostModel(model, torch.randn(2, 10)).macs == 10 * 20 + 20 * 3
 

@@ -26,6 +26,7 @@ weights (and data), so the same call with another model is refused, not resumed.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -62,6 +63,44 @@ from .saving import atomic_write_json, refuse_non_tensors
 from .errors import warn as warn_ours
 
 
+def _buffers_kept(prune_call):
+    """``prune_call`` (``prune``) leaving the buffers of the model passed in as they were, but for
+    BatchNorm's (a weights method recalibrates them on purpose; a channel method leaves them as
+    they were already) and those of a gradual run (which trains the model in place): a buffer the
+    model's own forward updates (a call counter, an EMA of its outputs) is not changed by prunekit's
+    forward passes (measuring the model, checking its labels, training gates on it)."""
+    @functools.wraps(prune_call)
+    def call(model, *args, gradual: bool = False, **kwargs):
+        kept = _own_buffers(model) if isinstance(model, nn.Module) and gradual is not True else []
+        try:
+            return prune_call(model, *args, gradual=gradual, **kwargs)
+        finally:
+            _put_back(kept)
+    return call
+
+
+def _own_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, buffer name, a copy of it) for every buffer of ``model`` outside BatchNorm layers."""
+    return [(module, name, buffer.detach().clone()) for module in model.modules()
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for name, buffer in module._buffers.items() if isinstance(buffer, torch.Tensor) and not buffer.is_meta]
+
+
+def _put_back(kept: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """Each buffer of ``kept`` (``_own_buffers``) set back to its copy where it changed: in place where
+    it still has that shape and dtype, else the copy itself takes its place."""
+    with torch.no_grad():
+        for module, name, before in kept:
+            now = module._buffers.get(name)
+            if isinstance(now, torch.Tensor) and now.shape == before.shape and now.dtype == before.dtype \
+                    and now.device == before.device and not now.is_inference():
+                if not torch.equal(now, before):
+                    now.copy_(before)
+            elif name in module._buffers:
+                module._buffers[name] = before
+
+
+@_buffers_kept
 def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sparsity=None, flops=None,
           params=None, example_input: torch.Tensor | None = None, eval_data=None, include: list[str] | None = None,
           exclude: list[str] | None = None, seed: int = 0, recalibrate_bn: bool = True, gradual: bool = False,

@@ -49,14 +49,17 @@ DICT_INPUT_FIX = ("wrap the model in a module whose forward takes the tensors as
 
 
 def refuse_scripted(model: nn.Module) -> None:
-    """Refuse a model that is, or holds, a TorchScript module (``torch.jit.script``): TorchScript
+    """Refuse a model that is, or holds, a TorchScript module (``torch.jit.script`` or ``torch.jit.trace``,
+    each named so): TorchScript
     runs no forward hooks, and ``CostModel`` counts through them."""
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
             where = f"the model's submodule {name!r}" if name else "the model"
-            raise PrunekitError(f"{where} is a TorchScript module (torch.jit.script), which runs without the hooks "
-                                "prunekit counts and prunes through: pass the module before scripting "
-                                "(script it after pruning)")
+            how, done = (("torch.jit.trace", "tracing") if isinstance(module, torch.jit.TracedModule)
+                         else ("torch.jit.script", "scripting"))
+            raise PrunekitError(f"{where} is a TorchScript module ({how}), which runs without the hooks "
+                                f"prunekit counts and prunes through: pass the module before {done} "
+                                f"({how.rpartition('.')[2]} it after pruning)")
 
 
 def refuse_time_cut(model: nn.Module, inputs: tuple, positions) -> None:

@@ -116,6 +116,12 @@ def registered_cost(module: nn.Module) -> CostFunction | None:
     return None
 
 
+def in_parametrization(scope: str) -> bool:
+    """Whether module ``scope`` is (inside) a ``torch.nn.utils.parametrize`` parametrization
+    (``layer.parametrizations.weight.0``)."""
+    return ".parametrizations." in f".{scope}."
+
+
 @dataclass
 class Unpriced:
     """A parameter used by an operation that has no cost rule."""
@@ -148,6 +154,11 @@ class _OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.scope and in_parametrization(self.scope[-1]):
+            # a torch parametrization making its weight from the original (orthogonal's tril and
+            # matrix_exp, spectral_norm's sigma): once per call, not per example, and no product of the
+            # input; the weight it makes is priced where the layer uses it
+            return out
         own = self.opaque[-1] if self.opaque else None
         if own is None or self._foreign_params_only(args, own):
             self._charge(func, args, out)

@@ -420,12 +420,13 @@ def _read_text(path) -> str | None:
 def _has_layout(model: nn.Module, layout: dict) -> bool:
     """Whether ``model``'s channel layout (``zoo.layout.channel_layout``) is ``layout`` (as read from
     a model.json: JSON values)."""
+    from .zoo.checkpoints import unwrap_parallel
     from .zoo.layout import channel_layout
 
     def plain(entries):      # a conv's "geometry" aside: a folder of a prunekit before it recorded none
         return {name: {k: v for k, v in spec.items() if k != "geometry"} if isinstance(spec, dict) else spec
                 for name, spec in entries.items()} if isinstance(entries, dict) else entries
-    return plain(json.loads(json.dumps(channel_layout(model)))) == plain(layout)
+    return plain(json.loads(json.dumps(channel_layout(unwrap_parallel(model))))) == plain(layout)
 
 
 def _load_final(plan: Plan, folder: RunFolder, redo: str = REDO) -> nn.Module:
@@ -433,19 +434,22 @@ def _load_final(plan: Plan, folder: RunFolder, redo: str = REDO) -> nn.Module:
     always into the model passed in, as its first run pruned that one in place; a channel method's
     into a copy reshaped to the saved layout). ``redo``: how a refusal says to run it anew, in the command line's words
     (``execute``'s; Python's ``force=True`` where the refusal is read in Python)."""
+    from .loading import without_parallel_prefix
     from .saving import read_meta
+    from .zoo.checkpoints import unwrap_parallel
     model = plan.request.model
     layout = read_meta(folder.model_path).get("channel_layout")
     if layout is not None and not (plan.method.family == "weights" and _has_layout(model, layout)):
-        model = apply_layout(copy.deepcopy(model), layout)
+        model = copy.deepcopy(model)      # (an nn.DataParallel's layout names its module's layers)
+        apply_layout(unwrap_parallel(model), without_parallel_prefix(layout, unwrap_parallel(model)))
     try:
         state = load_file(folder.model_path)
     except (SafetensorError, OSError) as err:
         head = (f"{folder.model_path}, this finished run's model, cannot be read "
                 f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): restore it, or ")
         raise worded(head + "run it anew with force=True", head + redo) from None
-    try:
-        model.load_state_dict(state)
+    try:       # saved under an nn.DataParallel's module's names (an older prunekit's file: the wrapper's)
+        (model if set(state) == set(model.state_dict()) else unwrap_parallel(model)).load_state_dict(state)
     except RuntimeError:                 # a shrunk model without the layout its model.json kept
         head = (f"{folder.model_path} does not fit the model (a channel method's model.json, which holds its layer "
                 "sizes, is missing or damaged?): restore it, or ")

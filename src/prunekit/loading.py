@@ -20,7 +20,7 @@ from .data import ImageDataset, Normalization, load_dataset
 from .data.dataset import DeferredImageDataset
 from .errors import PrunekitError, PrunekitWarning, worded_warning
 from .saving import read_meta
-from .zoo.checkpoints import check_checkpoint_path
+from .zoo.checkpoints import check_checkpoint_path, unwrap_parallel
 from .zoo.layout import apply_layout
 from .errors import warn as warn_ours
 
@@ -245,12 +245,24 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
 def _load_weights(model: nn.Module, checkpoint, meta: dict, built_as_saved: bool = False) -> None:
     """Resize ``model`` to ``meta``'s channel layout (if any), then load ``checkpoint`` into it.
     ``built_as_saved``: ``model`` was built from the sidecar's own build arguments (nothing to warn of)."""
+    model = unwrap_parallel(model)      # an nn.DataParallel: its module, named as the file names it
     if "channel_layout" in meta:   # a structurally pruned (shrunk) model: resize its layers first
         if not built_as_saved:
             _warn_unchecked_layout(meta["channel_layout"], checkpoint)
-        apply_layout(model, meta["channel_layout"])
+        apply_layout(model, without_parallel_prefix(meta["channel_layout"], model))
     if checkpoint is not None:
         zoo.load_checkpoint(model, checkpoint)
+
+
+def without_parallel_prefix(layout, model: nn.Module):
+    """``layout`` with the ``module.`` prefix of every layer name removed where the file was saved from
+    an ``nn.DataParallel`` by a prunekit that kept it (and ``model`` has the names without it); else as it is."""
+    if not isinstance(layout, dict) or not layout or not all(str(k).startswith("module.") for k in layout):
+        return layout
+    names = dict(model.named_modules())
+    if any(k in names for k in layout) or not all(k[len("module."):] in names for k in layout):
+        return layout
+    return {k[len("module."):]: v for k, v in layout.items()}
 
 
 def _warn_unchecked_layout(layout, checkpoint) -> None:

@@ -127,7 +127,8 @@ class ParamSpace:
             if exclude is not None and _matches(exclude, name, owners):
                 continue
             if param_name not in seen:
-                self.not_run.append(name)
+                if params[param_name].numel():      # a layer of no weights (nn.Linear(64, 0)): none to prune
+                    self.not_run.append(name)
                 continue
             p = params[param_name]
             self.entries.append(Entry(name, param_name, owners[0], tuple(p.shape), slice(start, start + p.numel())))

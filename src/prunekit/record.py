@@ -40,6 +40,7 @@ from .losses import loss_name
 from .pipelines.weights import Outcome
 from .process_memory import peak_usage
 from .saving import atomic_write_json, save_model
+from .zoo.checkpoints import unwrap_parallel
 from .zoo.layout import channel_layout
 
 HISTORY_KEY = {"one-shot": "stages", "multi-stage": "stages", "gradual": "events", "structured": "phases"}
@@ -107,7 +108,9 @@ def save_pruned(folder: str | Path, model: nn.Module, describe: dict, record: di
     e.g. zoo name and build arguments; ``result``: the record; a shrunk model's channel layout)
     and ``folder/result.json``."""
     folder = Path(folder)
-    meta = {**describe, "result": record, **({"channel_layout": channel_layout(model)} if shrunk else {})}
+    # named as save_model names the weights: an nn.DataParallel's module's names (no "module.")
+    meta = {**describe, "result": record,
+            **({"channel_layout": channel_layout(unwrap_parallel(model))} if shrunk else {})}
     save_model(model, folder / "model.safetensors", meta, replace_sidecar=True)
     atomic_write_json(folder / "result.json", record)
     return folder / "model.safetensors"

@@ -161,6 +161,11 @@ def save_model(model: nn.Module, path: str | Path, meta: dict, *, replace_sideca
     if pruned_from is not None and not isinstance(pruned_from, nn.Module):
         raise PrunekitError(f"save_model(..., pruned_from=): pruned_from must be a torch.nn.Module built as the model "
                             f"was before your code narrowed it, got {type(pruned_from).__name__}")
+    from .zoo.checkpoints import unwrap_parallel
+    # an nn.DataParallel's weights and layout under the names of the module it wraps: the file loads
+    # into the plain class and into the wrapper (load_pruned unwraps it) alike
+    model = unwrap_parallel(model)
+    pruned_from = unwrap_parallel(pruned_from) if pruned_from is not None else None
     meta = _with_channel_layout(model, meta, pruned_from)
     try:                 # checked before anything is written: never a model file without its sidecar
         sidecar = (json.dumps({SIDECAR_MARK: SIDECAR_VERSION, **meta}, indent=2, sort_keys=False) + "\n").encode()

@@ -96,6 +96,7 @@ refusal says so.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import warnings
 from dataclasses import dataclass, field
@@ -286,11 +287,18 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
             hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, NORM_LAYERS)]
             hooks += [m.register_forward_hook(made) for m in model.modules()    # (a ScriptModule takes no hooks:
                       if not isinstance(m, torch.jit.ScriptModule)]            # its ops stay unnamed)
+            # traced through autograd: a frozen layer (requires_grad=False) gives no graph (a frozen first
+            # layer none at all), so its channels would go unseen; traced as if trainable, then frozen again
+            frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
             try:
+                for p in frozen:
+                    p.requires_grad_(True)
                 graph = tp.DependencyGraph().build_dependency(
                     model, example_inputs=example_input, output_transform=_output_tensors,
                     customized_pruners=pruners or None)
             finally:
+                for p in frozen:
+                    p.requires_grad_(False)
                 for hook in hooks:
                     hook.remove()
             for module, shape in shapes.items():     # read by _norm_mixes_channels
@@ -305,7 +313,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, pads_residual: bo
 
 
 def _output_tensors(out, where: str = "output") -> list[torch.Tensor]:
-    """The tensors of a model's output ``out`` (a tensor, or tuples, lists and dicts of them: a
+    """The tensors of a model's output ``out`` (a tensor, or tuples, lists, dicts and dataclasses of them: a
     HuggingFace ModelOutput is a dict), flattened for torch-pruning's trace; None, numbers and
     strings are dropped (no graph behind them). Any other object (a KV cache such as
     HuggingFace's DynamicCache, which holds tensors torch-pruning cannot see into) is refused
@@ -318,6 +326,8 @@ def _output_tensors(out, where: str = "output") -> list[torch.Tensor]:
         return [t for key, value in out.items() for t in _output_tensors(value, f"{where}[{key!r}]")]
     if isinstance(out, (list, tuple)):
         return [t for i, value in enumerate(out) for t in _output_tensors(value, f"{where}[{i}]")]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):     # a plain @dataclass: its fields
+        return [t for f in dataclasses.fields(out) for t in _output_tensors(getattr(out, f.name), f"{where}.{f.name}")]
     raise PrunekitError(f"the model's {where} is a {type(out).__name__}, not a tensor (a key/value cache, say), "
                         "which the channel dependency analysis cannot follow: build the model without it "
                         "(HuggingFace: use_cache=False, or model.config.use_cache = False) or wrap it in a module "
@@ -350,6 +360,8 @@ def _find_groups(model: nn.Module, example_input: torch.Tensor, pads_residual: b
         root = names.get(root_module, str(root_module))
         if isinstance(root_module, nn.modules.linear.NonDynamicallyQuantizableLinear):
             continue               # an attention's out_proj: its heads are a group of their own
+        if isinstance(root_module, (_CONV, nn.Linear)) and _size_of(root_module) == 0:
+            continue               # a layer of no outputs (nn.Linear(64, 0)): no channel to prune, nothing to say
         if root_module in repeated:
             if frozenset([root]) not in seen:
                 seen.add(frozenset([root]))

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..costs import is_conv1d_style
 from ..errors import PrunekitError
-from ..zoo.layout import mark_shrunk, remember_dense, remember_dense_all
+from ..zoo.layout import mark_shrunk, remember_dense, remember_dense_all, tied_parameters
 from .attention import set_heads, slim_copy
 from .gates import GateHooks
 from .groups import GroupSet, no_group_error
@@ -52,6 +52,7 @@ def shrink(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], exampl
     small = copy.deepcopy(model)
     remember_dense_all(small)          # before any cut: the layers left as they are record their own counts
     modules = dict(small.named_modules())
+    ties = tied_parameters(small)
     removed: dict[tuple[str, str], set[int]] = {}
     heads: dict[str, torch.Tensor] = {}
     head_counts: dict[str, int] = {}
@@ -74,6 +75,13 @@ def shrink(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], exampl
                 (module.remove_inputs if axis == "in" else module.remove_outputs)(sorted(channels))
                 continue
             _cut(module, axis, sorted(channels), name)
+        for holders in ties:           # b.weight = a.weight: cut alike, they share the cut tensor again
+            first = getattr(modules[holders[0][0]], holders[0][1])
+            if any(_axes_cut(removed, name, attr) != _axes_cut(removed, *holders[0])
+                   or getattr(modules[name], attr).shape != first.shape for name, attr in holders[1:]):
+                raise PrunekitError(f"{_tie_text(holders)}: the cut would untie them")
+            for name, attr in holders[1:]:
+                setattr(modules[name], attr, first)
         for name, keep in heads.items():
             _replace(small, name, slim_copy(modules[name], keep))
         for name, kept in head_counts.items():
@@ -99,6 +107,7 @@ def checked_groups(model: nn.Module, groups: GroupSet, example_input: torch.Tens
     and compares the outputs; if they differ, each group is tried alone to find the culprits.
     Refuses (``PrunekitError``) a model left without a group.
     """
+    groups = _keeping_ties(model, groups)
     gen = torch.Generator().manual_seed(0)
     x = example_input
     if x.is_floating_point():
@@ -118,6 +127,56 @@ def checked_groups(model: nn.Module, groups: GroupSet, example_input: torch.Tens
         raise PrunekitError("the model with channels removed does not compute what its gated form computes, "
                             "though each channel group alone does: use a weights method (e.g. --method falcon)")
     skipped = list(groups.skipped) + [(group.root, _mismatch(group)) for group in groups if group.index in bad]
+    kept = [dataclasses.replace(group, index=i) for i, group in
+            enumerate(group for group in groups if group.index not in bad)]
+    if not kept:
+        raise no_group_error(skipped)
+    return GroupSet(kept, skipped)
+
+
+def _tie_text(holders: list[tuple[str, str]]) -> str:
+    """"b.weight = a.weight (one tensor, tied)" for the holders of a tied parameter."""
+    names = [f"{name}.{attr}" if name else attr for name, attr in holders]
+    return f"{' = '.join(names[1:])} = {names[0]} (one tensor, tied)"
+
+
+def _axes(module: nn.Module, member) -> str:
+    return "in" if member.role == "in" and not _is_depthwise(module) else "out"
+
+
+def _axes_cut(removed: dict, name: str, attr: str) -> tuple:
+    """The channels ``shrink`` removes from parameter ``attr`` of module ``name``: its "out" axis, and
+    its "in" axis for a weight (a bias has outputs only)."""
+    axes = ("out",) if attr != "weight" else ("out", "in")
+    return tuple(sorted(removed.get((name, axis), ())) for axis in axes)
+
+
+def _keeping_ties(model: nn.Module, groups: GroupSet) -> GroupSet:
+    """``groups`` less those that would cut the holders of a tied parameter (``tied_parameters``) on
+    one axis differently, which would untie it; those join ``skipped``, kept dense, naming the tie.
+    Holders cut by the same groups on every axis are cut alike and share the cut tensor."""
+    ties = tied_parameters(model)
+    if not ties:
+        return groups
+    modules = dict(model.named_modules())
+    cutting: dict[tuple[str, str], set[int]] = {}
+    for group in groups:
+        if group.kind == "heads":
+            continue
+        for member in group.members:
+            cutting.setdefault((member.module, _axes(modules[member.module], member)), set()).add(group.index)
+    bad: dict[int, str] = {}
+    for holders in ties:
+        for axis in (("out",) if holders[0][1] != "weight" else ("out", "in")):
+            cuts = [frozenset(cutting.get((name, axis), ())) for name, _ in holders]
+            if len(set(cuts)) > 1:
+                why = (f"{_tie_text(holders)}: a cut here would cut their {axis}puts differently, which channel "
+                       "surgery cannot resize without untying them: kept dense")
+                for index in frozenset().union(*cuts):
+                    bad.setdefault(index, why)
+    if not bad:
+        return groups
+    skipped = list(groups.skipped) + [(group.root, bad[group.index]) for group in groups if group.index in bad]
     kept = [dataclasses.replace(group, index=i) for i, group in
             enumerate(group for group in groups if group.index not in bad)]
     if not kept:
@@ -173,13 +232,15 @@ def _agrees(model: nn.Module, groups: GroupSet, masks: list[torch.Tensor], x: to
 
 
 def _tensors(output) -> list[torch.Tensor]:
-    """The floating-point tensors of a model's output (a tensor, or a tuple, list or dict of them)."""
+    """The floating-point tensors of a model's output (a tensor, or a tuple, list, dict or dataclass of them)."""
     if isinstance(output, torch.Tensor):
         return [output] if output.is_floating_point() else []
     if isinstance(output, dict):
         output = list(output.values())
     if isinstance(output, (tuple, list)):
         return [t for item in output for t in _tensors(item)]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):      # a plain @dataclass: its fields
+        return [t for f in dataclasses.fields(output) for t in _tensors(getattr(output, f.name))]
     return []
 
 
@@ -196,7 +257,16 @@ def _keep(extent: int, closed: list[int]) -> torch.Tensor:
 def _cut(module: nn.Module, axis: str, closed: list[int], name: str) -> None:
     """Remove channels ``closed`` from ``module``'s ``axis`` ("out": outputs/features, "in": inputs),
     marking it shrunk (``zoo.layout.mark_shrunk``: ``save_model`` records its model's layout) and
-    keeping its counts before the first cut (``zoo.layout.remember_dense``: the layout records them)."""
+    keeping its counts before the first cut (``zoo.layout.remember_dense``: the layout records them).
+    Each new parameter keeps its old one's ``requires_grad`` (a frozen layer stays frozen)."""
+    frozen = {attr for attr, p in module.named_parameters(recurse=False) if not p.requires_grad}
+    _cut_tensors(module, axis, closed, name)
+    for attr, p in module.named_parameters(recurse=False):
+        if attr in frozen:
+            p.requires_grad_(False)
+
+
+def _cut_tensors(module: nn.Module, axis: str, closed: list[int], name: str) -> None:
     remember_dense(module)
     mark_shrunk(module)
     if isinstance(module, _BN):

@@ -269,7 +269,33 @@ def misfit(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path
     if lossy is not None:           # int8 weights copied into a float model: a silently wrong model
         return (f"checkpoint {path} holds '{lossy}' as {state[lossy].dtype}, where the model has "
                 f"{own[lossy].dtype} weights: a quantized or integer checkpoint; load the float one")
+    return _untied(model, state, path)
+
+
+def _untied(model: nn.Module, state: Mapping[str, torch.Tensor], path) -> str | None:
+    """The refusal of ``state`` where it holds different values for the names of one parameter the
+    model ties (``b.weight = a.weight``: loading would keep the last, silently); else None."""
+    from prunekit.zoo.layout import tied_parameters
+    for holders in tied_parameters(model):
+        keys = [f"{name}.{attr}" if name else attr for name, attr in holders]
+        keys = [k for k in keys if k in state]
+        differ = next((k for k in keys[1:] if state[k].shape != state[keys[0]].shape
+                       or not torch.equal(state[k], state[keys[0]])), None)
+        if differ is not None:
+            return (f"checkpoint {path} holds different '{keys[0]}' and '{differ}', which the model ties (one "
+                    f"tensor): build the model without the tie ({differ} = {keys[0]}) to load this file")
     return None
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module an ``nn.DataParallel`` / ``DistributedDataParallel`` wrapper holds (through nested
+    wrappers), else ``model``. A saved model's weights and channel layout are named as the wrapped
+    module names them (no ``module.`` prefix), so that a file loads into the plain class and into
+    the wrapper alike; they share their parameters."""
+    from torch.nn.parallel import DistributedDataParallel
+    while isinstance(model, (nn.DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
 
 
 def _without_wrapper_prefix(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict:

@@ -242,6 +242,30 @@ def _dense_entry(module: nn.Module) -> dict | None:
     return entry if entry is not None else _built_entry(module)
 
 
+def tied_parameters(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """Each parameter two or more modules hold (``b.weight = a.weight``), as its holders'
+    [(module name, attribute), ...], in ``named_modules`` order."""
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for name, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((name, attr))
+    return [h for h in holders.values() if len(h) > 1]
+
+
+def _tie_again(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
+    """Give the holders of each tied parameter of ``ties`` (``tied_parameters`` before resizing) one
+    tensor again where they were resized alike (the channel methods cut a tie alike or not at all)."""
+    for holders in ties:
+        try:
+            params = [getattr(model.get_submodule(name), attr) for name, attr in holders]
+        except AttributeError:         # inside a removed block
+            continue
+        if all(isinstance(p, nn.Parameter) and p.shape == params[0].shape for p in params):
+            for (name, attr), p in zip(holders[1:], params[1:]):
+                if p is not params[0]:
+                    setattr(model.get_submodule(name), attr, params[0])
+
+
 def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
     """Resize ``model``'s layers in place to ``layout`` (fresh tensors; load weights after); each layer
     resized, and ``model`` itself, is marked shrunk (``mark_shrunk``: ``save_model`` records the layout).
@@ -253,6 +277,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
     (a layout without "dense", an older prunekit's, is only checked for layers wider in the file,
     ``_check_no_wider``)."""
     modules = dict(model.named_modules())
+    ties = tied_parameters(model)
     replaced = [name for name, spec in layout.items() if isinstance(spec, dict) and (
         spec.get("removed") or "heads" in spec)]           # layers inside these are the saved ones' own
     for name, spec in layout.items():
@@ -341,6 +366,7 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
         except (KeyError, TypeError, ValueError) as err:
             raise PrunekitError(f"bad channel layout entry for {name!r}: {spec!r} ({err}); "
                                 "the sidecar JSON is damaged") from None
+    _tie_again(model, ties)
     recorded = any(isinstance(spec, dict) and "dense" in spec for spec in layout.values())
     for name, module in model.named_modules():    # left as built (as saved, or not in the layout)
         if _inside(name, replaced) or _dense_entry(module) is None or hasattr(module, DENSE_MARK):
