@@ -17,6 +17,7 @@ import os
 import pickle
 import random
 import sys
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import prunekit
+import prunekit.commands.prune
 from prunekit import saving, zoo
 from prunekit.cli import main
 from prunekit.errors import PrunekitError
@@ -635,6 +637,46 @@ CLI_CASES = [
     ([*PRUNE, "--method", "autobot", "--flops", "0.5", "--reconstruct-ridge", "0.1"],
      "--reconstruct-ridge shapes the re-fit after the cut, and --reconstruct-batches is 0"),
 ]
+CLI_CASES += [
+    # session 55's walk: each was accepted, hung, or refused in words that did not name the fix
+    # --out inside --data-dir: an image folder read the run's folder as a class (refused before any file is read)
+    ([*PRUNE, "--sparsity", "0.5", "--out", f"{MNIST_DIR}/run"], f"--out {MNIST_DIR}/run is inside --data-dir "
+     f"{MNIST_DIR}: the run's files would be read as data"),
+    # an option given twice: the last one won without a word
+    ([*PRUNE, "--sparsity", "0.5", "--sparsity", "0.9"], "--sparsity given twice: keep the one you mean"),
+    ([*PRUNE, "--method", "chita", "--method", "magnitude", "--sparsity", "0.5"], "--method given twice"),
+    ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/a", "--out", f"{H}/b"], "--out given twice"),
+    (["sweep", *MLP, *MNIST, "--method", "magnitude", "--method", "chita", "--sparsity", "0.5", "--out", f"{H}/sw"],
+     "--method given twice: give all its values after one --method"),
+    (["bench-latency", "--pruned", CKPT, "--threads", "1", "--threads", "2"], "--threads given twice"),
+    # a recipe that is no file (a pipe blocked forever: test_recipe_that_is_a_pipe_is_refused)
+    (["prune", "--recipe", "/dev/null"], "recipe /dev/null is a device, not a file"),
+    # PATH:FUNCTION whose PATH is no Python file: what is wrong with PATH, not the zoo's names
+    (["info", f"{H}/adir:build", "--input-shape", "1,28,28"], "adir is a folder; write path/to/net.py:FUNCTION"),
+    (["info", f"{H}/notes.txt:build", "--input-shape", "1,28,28"], "notes.txt is not a .py file"),
+    (["info", "/dev/null:build", "--input-shape", "1,28,28"], "/dev/null is a device, not a .py file"),
+    (["info", f"{H}/net.py:build:x", "--input-shape", "1,28,28"], "'build:x' after the colon of model"),
+    # --out under a file: "Not a directory" after the model and data were loaded
+    ([*PRUNE, "--sparsity", "0.5", "--out", f"{H}/notes.txt/sub"], "notes.txt is a file, not a folder: pass an "
+     "--out whose parent is a folder"),
+    # --data-dir "": read as the current folder
+    (["eval", *MLP, "--data", "mnist", "--data-dir", ""], "--data-dir is an empty path"),
+    (["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", " ", "--epochs", "1"], "--data-dir is an empty path"),
+    # budgets past float's range, digits other than 0-9
+    ([*PRUNE, "--sparsity", "1e309"], "--sparsity '1e309' is not a finite number: as a share"),
+    ([*PRUNE, "--flops", "1e309"], "--flops '1e309' is not a finite number"),
+    ([*PRUNE, "--sparsity", "0.5", "--method", "chita", "--fisher-samples", "\uff18"],
+     "--fisher-samples \uff18: write the number with the digits 0-9"),
+    ([*PRUNE, "--sparsity", "\uff10.\uff15"], "write the number with the digits 0-9"),
+    # sweep into a folder of the user's files, which prune and train refuse
+    (["sweep", *MLP, *MNIST, "--method", "magnitude", "--sparsity", "0.5", "--out", f"{H}/adir"],
+     "adir is a folder holding other files ("),
+    # patterns shown as Python reprs ("None/['*']")
+    ([*PRUNE, "--sparsity", "0.5", "--exclude", "*"], "no prunable weights matched: --exclude * leaves no layer to "
+     "prune; check those patterns against the layer names (fc1, fc2, fc3)"),
+    # an option of another command: "did you mean --crop?"
+    ([*PRUNE, "--sparsity", "0.5", "--zeros", "keep"], "--zeros is an option of `prunekit train`, not of prune"),
+]
 if not torch.cuda.is_available():         # on a machine with a GPU this is no error
     CLI_CASES.append(([*PRUNE, "--sparsity", "0.5", "--device", "cuda"], "sees no CUDA device"))
 
@@ -659,6 +701,47 @@ def test_command_line_refuses_in_one_line(argv, needle, home, untouched, capsys)
     assert "Traceback" not in err and err.startswith("prunekit")
     assert needle in err, f"{needle!r} not in {err!r}"
     assert out == ""
+
+
+def test_recipe_that_is_a_pipe_is_refused(tmp_path, capsys):
+    """A FIFO as --recipe blocked prune forever on its read; without the refusal a writer opens and
+    closes it after 5 s, so that the test fails (an empty recipe) rather than hangs."""
+    fifo = tmp_path / "recipe.toml"
+    os.mkfifo(fifo)
+
+    def unblock():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:             # no reader: refused as it should be
+            pass
+    timer = threading.Timer(5, unblock)
+    timer.start()
+    try:
+        code, out, err = run_cli(["prune", "--recipe", str(fifo)], capsys)
+    finally:
+        timer.cancel()
+    assert code == 2 and err.count("\n") == 1 and out == ""
+    assert f"recipe {fifo} is a pipe, not a file" in err, err
+
+
+def test_out_a_symlink_to_nothing_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """--out a dangling symbolic link: refused only after model and data, as "File exists"."""
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setattr(prunekit.commands.prune, "loaded_model", None)     # loading it is already too late
+    code, out, err = run_cli([*PRUNE, "--sparsity", "0.5", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1 and out == ""
+    assert f"--out {tmp_path / 'out'} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist" in err, err
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_repeated_switches_and_list_values_still_parse():
+    """Refusing an option given twice leaves switches (repeated, the same thing) and lists alone."""
+    from prunekit.cli import build_parser
+    args = build_parser().parse_args([*PRUNE, "--sparsity", "0.5", "--no-stage-eval", "--no-stage-eval",
+                                      "--exclude", "fc1", "fc2"])
+    assert args.no_stage_eval is True and args.exclude == ["fc1", "fc2"] and args.sparsity == "0.5"
+    args = build_parser().parse_args(["bench-latency", "--pruned", CKPT, "--threads", "1", "2"])
+    assert args.threads == [1, 2]
 
 
 # --- Python -----------------------------------------------------------------------------------

@@ -175,3 +175,22 @@ def test_a_resumed_prune_over_renamed_class_folders_is_refused(capsys, tmp_path,
     common.evaluation_split.cache_clear()
     assert main(["prune", "--resume", str(out), "--json"]) == 0
     assert json.loads((out / "model.json").read_text())["class_names"] == ["a", "b", "c"]
+
+
+def test_more_class_folders_than_outputs_record_no_class_names():
+    """An image folder with a folder more than the model's outputs (a run folder made inside the
+    data's folder) had all its names recorded: a later folder was labelled by a class the model
+    cannot give. None are recorded, and a warning says why."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from prunekit.commands.common import note_classes
+    from prunekit.errors import PrunekitWarning
+    loaded = SimpleNamespace(model=nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), class_names=None)
+    args = SimpleNamespace(data="imagefolder", data_dir="imgs")
+    with pytest.warns(PrunekitWarning, match=r"imgs has 3 class folders \(a, b, run\) but the model has 2 outputs"):
+        note_classes(args, loaded, SimpleNamespace(classes=["a", "b", "run"]))
+    assert loaded.class_names is None
+    note_classes(args, loaded, SimpleNamespace(classes=["a", "b"]))     # as many as its outputs: recorded
+    assert loaded.class_names == ["a", "b"]

@@ -299,17 +299,24 @@ def test_compare_into_the_runs_own_folder_makes_no_sweep_of_it(tmp_path, capsys)
 
 
 def test_a_sweep_into_a_users_folder_leaves_the_rest_of_it_theirs(tmp_path, capsys):
-    """`sweep --out ~/work`, a folder holding the user's own things: save_model is refused inside the
-    sweep's run folders (where it writes, made or not yet), not in the user's other folders of it at
-    any depth, for good. A sweep folder of an older version (its report state names no run folders)
-    is known by its report's title and its runs by its runs.json rows."""
+    """A sweep's folder the user keeps things of their own in (``sweep --out`` into a folder holding
+    them is refused, as prune's and train's are: they were put there after): save_model is refused
+    inside the sweep's run folders (where it writes, made or not yet), not in the user's other
+    folders of it at any depth, for good. A sweep folder of an older version (its report state names
+    no run folders) is known by its report's title and its runs by its runs.json rows."""
     from prunekit import report
     from prunekit.folders import kind
     work = tmp_path / "work"
     (work / "project" / "models").mkdir(parents=True)
     (work / "notes.txt").write_text("mine")
     argv = [*SWEEP[:SWEEP.index("--sparsity") + 2], "0.7", *SWEEP[SWEEP.index("--sparsity") + 2:], "--out", str(work)]
+    assert main(argv) == 2 and "is a folder holding other files" in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt", "project"]      # nothing written there
+    (work / "notes.txt").rename(tmp_path / "notes.txt")
+    (work / "project").rename(tmp_path / "project")
     assert main(argv) == 0, capsys.readouterr().err
+    (tmp_path / "notes.txt").rename(work / "notes.txt")               # the user's things, put there since
+    (tmp_path / "project").rename(work / "project")
     assert kind(work) == "sweep"
     model = torch.nn.Linear(3, 2)
     for path in (work / "project" / "models" / "m.safetensors", work / "other" / "deep" / "m.safetensors",

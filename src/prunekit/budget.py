@@ -59,11 +59,15 @@ class Amount:
     def parse(cls, text: str | float | int, what: str) -> "Amount":
         if isinstance(text, (int, float)):
             text = repr(text)
+        if any(not c.isascii() and c.isnumeric() for c in str(text)):    # (as the command line's numbers)
+            raise OptionError(f"{what} {text!r}: write the number with the digits 0-9", (what,))
         match = _NUMBER.match(str(text))
         if not match:
             raise OptionError(f"{what} {text!r} is not a number: write a fraction (0.9), a "
                                 f"percent (90%) or a count (50k, 20M)", (what,))
         number, suffix = Decimal(match.group(1)), match.group(2).lower()
+        if not math.isfinite(float(number * _SUFFIX[suffix] if suffix != "%" else number)):
+            raise OptionError(f"{what} {text!r} is not a finite number: {_range_hint(what)}", (what,))
         if number < 0:
             raise OptionError(f"{what} {text!r} is out of range: {_range_hint(what)}", (what,))
         if suffix == "%":

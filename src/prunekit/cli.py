@@ -43,24 +43,78 @@ class _Parser(argparse.ArgumentParser):
         quiet = distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
         self.exit(2, None if quiet else f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._given: set[int] = set()          # the options met so far in this parse (``_get_values``)
+        return super().parse_known_args(args, namespace)
+
+    def _get_values(self, action, arg_strings):
+        """argparse's, refusing an option that takes a value given twice (``--sparsity 0.5
+        --sparsity 0.9`` pruned 90% without a word: the last one won). Switches (``--force``
+        twice says the same thing twice) and appending options may repeat; an option taking a
+        list takes all its values after one flag (``--threads 1 2``)."""
+        repeatable = action.nargs == 0 or isinstance(action, (argparse._AppendAction, argparse._CountAction))
+        if action.option_strings and not repeatable:
+            if id(action) in self._given:
+                flag = action.option_strings[-1]
+                fix = (f"give all its values after one {flag}" if action.nargs in ("+", "*")
+                       else "keep the one you mean")
+                raise argparse.ArgumentError(None, f"{flag} given twice: {fix}")
+            self._given.add(id(action))
+        return super()._get_values(action, arg_strings)
+
+    def _get_value(self, action, arg_string):
+        """argparse's, refusing digits other than 0-9 in a number (``--fisher-samples ８``: int()
+        reads full-width and other scripts' digits, the budgets do not)."""
+        if action.type is not None and isinstance(arg_string, str) and _foreign_digits(arg_string):
+            flag = action.option_strings[-1] if action.option_strings else action.dest
+            raise argparse.ArgumentError(None, f"{flag} {arg_string}: {NOT_ASCII_DIGITS}")
+        return super()._get_value(action, arg_string)
+
     def parse_args(self, args=None, namespace=None):
         """argparse's, with options no command takes reported by the command's own parser and
-        a mistyped flag's likely spelling ("--sparsty" -> "did you mean --sparsity?")."""
+        a mistyped flag's likely spelling ("--sparsty" -> "did you mean --sparsity?"), or the
+        command that takes it (``prune --zeros`` -> "--zeros is an option of `prunekit train`")."""
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            command = self._command(getattr(parsed, "command", None))
+            name = getattr(parsed, "command", None)
+            command = self._command(name)
             flags = [flag for action in command._actions for flag in action.option_strings]
-            guesses = (closest(extra.split("=", 1)[0], flags) for extra in extras if extra.startswith("--"))
+            given = [extra.split("=", 1)[0] for extra in extras if extra.startswith("--")]
+            elsewhere = next((hint for flag in given if flag not in flags
+                              and (hint := self._taken_by_other(flag, name))), None)
+            guesses = (closest(flag, flags) for flag in given)
             close = next((guess for guess in guesses if guess), None)
-            command.error(f"unrecognized arguments: {' '.join(extras)}"
-                          + (f" (did you mean {close}?)" if close else ""))
+            hint = f" ({elsewhere})" if elsewhere else f" (did you mean {close}?)" if close else ""
+            command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return parsed
+
+    def _taken_by_other(self, flag: str, name: str | None) -> str | None:
+        """"--zeros is an option of `prunekit train`, not of prune" when ``flag`` is no option of
+        command ``name`` but is one of other commands (None otherwise)."""
+        if self._subparsers is None or name is None:
+            return None
+        choices = self._subparsers._group_actions[0].choices
+        others = [other for other, p in choices.items() if other != name
+                  and any(flag in action.option_strings for action in p._actions)]
+        if not others:
+            return None
+        named = [f"`prunekit {other}`" for other in others[:3]]
+        named = ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else named[0]
+        return f"{flag} is an option of {named}, not of {name}"
 
     def _command(self, name: str | None) -> argparse.ArgumentParser:
         """The subcommand's parser (this parser itself where there is none)."""
         if self._subparsers is None or name is None:
             return self
         return self._subparsers._group_actions[0].choices.get(name, self)
+
+
+NOT_ASCII_DIGITS = "write the number with the digits 0-9"
+
+
+def _foreign_digits(text: str) -> bool:
+    """Whether ``text`` holds a digit other than 0-9 (full-width ８, Arabic-Indic ٨, ...)."""
+    return any(not c.isascii() and c.isnumeric() for c in text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +252,37 @@ def _refuse_dash_paths(args, parser: argparse.ArgumentParser) -> None:
         if dest in flags and isinstance(value, str) and value.startswith("-"):
             raise PrunekitError(f"{flags[dest]} {value}: a path starting with '-' is most likely a mistyped "
                                 f"option; give the path (for a file or folder of that name, write ./{value})")
+
+
+def _refuse_bad_paths(args) -> None:
+    """Refuse, before any file is read or written, the paths no command can use: an empty
+    ``--data-dir`` (it read the current folder), an ``--out`` that is a symbolic link to nothing
+    or lies under a file (refused late, as "File exists" or "Not a directory"), and an ``--out``
+    inside ``--data-dir`` (the run's folder became a class of an image folder, its files data)."""
+    data_dir, out = getattr(args, "data_dir", None), getattr(args, "out", None)
+    if isinstance(data_dir, str) and not data_dir.strip():
+        raise PrunekitError("--data-dir is an empty path: name the folder holding the data (e.g. --data-dir data/mnist)")
+    if not isinstance(out, str) or not out.strip():
+        return              # an empty --out: each command's own check says so
+    try:
+        _refuse_bad_out(out, data_dir)
+    except OSError:         # a folder it may not look into: the command's own checks say what is wrong
+        return
+
+
+def _refuse_bad_out(out: str, data_dir: str | None) -> None:
+    path = Path(out)
+    if path.is_symlink() and not path.exists():
+        raise PrunekitError(f"--out {out} is a symbolic link to {os.readlink(path)}, which does not exist: create "
+                            "that folder, or pass another --out")
+    above = next((p for p in path.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise PrunekitError(f"--out {out}: {above} is a file, not a folder: pass an --out whose parent is a folder")
+    if isinstance(data_dir, str) and Path(data_dir).is_dir():
+        data, run = Path(data_dir).resolve(), path.resolve()
+        if run == data or data in run.parents:
+            raise PrunekitError(f"--out {out} is inside --data-dir {data_dir}: the run's files would be read as "
+                                "data (an image folder's subfolder is a class); pick an --out outside the data's folder")
 
 
 def _from_config(err: PrunekitError, args) -> str:
@@ -413,6 +498,7 @@ def _main(argv: list[str] | None) -> int:
     _expand_home(args)
     try:
         _refuse_dash_paths(args, parser._command(args.command))
+        _refuse_bad_paths(args)
     except PrunekitError as err:
         return _refuse_before_joining(f"prunekit: error: {err}")
     try:

@@ -144,8 +144,15 @@ class ParamSpace:
                          "examples take the branch they are in, or --include layers that run")
         if not self.entries:
             candidates = sorted({e.rpartition(".")[0] or e for e in chosen})
-            raise PrunekitError(f"no prunable weights matched: check the include/exclude patterns "
-                                f"{include!r}/{exclude!r} against the layer names ({_listed(candidates)})")
+            given = [(flag, patterns) for flag, patterns in (("include", include), ("exclude", exclude))
+                     if patterns is not None]
+            python = " and ".join(f"{flag}={list(patterns)!r}" for flag, patterns in given)
+            flags = " and ".join(f"--{flag} {' '.join(patterns)}" for flag, patterns in given)
+            leave = "leaves" if len(given) == 1 else "leave"
+            raise worded(f"no prunable weights matched: {python} {leave} no layer to prune; check those patterns "
+                         f"against the layer names ({_listed(candidates)})",
+                         f"no prunable weights matched: {flags} {leave} no layer to prune; check those patterns "
+                         f"against the layer names ({_listed(candidates)})")
         self._params = {e.name: params[e.param_name] for e in self.entries}
         self.numel = start
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 import tomllib
 from pathlib import Path
 
@@ -40,11 +41,22 @@ def schema(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest not in NOT_IN_RECIPES and a.option_strings}
 
 
+def _special_kind(path: Path) -> str:
+    """What a path that exists but is neither a file nor a folder is (``/dev/null``: a device)."""
+    mode = path.stat().st_mode
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
 def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict:
     """Read and validate a TOML recipe against ``parser``; returns {dest: value}."""
     path = Path(path)
     if path.is_dir():
         raise PrunekitError(f"recipe {path} is a folder: pass the TOML file (e.g. {path / 'config.toml'})")
+    if path.exists() and not path.is_file():        # a pipe would block the read until a writer came
+        raise PrunekitError(f"recipe {path} is {_special_kind(path)}, not a file: pass the TOML file (keys = "
+                            "option names)")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))     # -sig: a byte-order mark (Notepad) is no key
     except FileNotFoundError:

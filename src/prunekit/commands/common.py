@@ -269,6 +269,13 @@ def note_classes(args, loaded: LoadedModel, ds) -> None:
                 f"are labelled 0-{len(ds.classes) - 1} by their sorted folder names, right only if the missing "
                 f"classes sort after them; add an (empty) folder for each missing class"))
             return           # names of some of its outputs only: not recorded
+        if outputs is not None and len(ds.classes) > outputs:
+            # more names than outputs would label a later folder by a class the model cannot give
+            warn_ours(PrunekitWarning(
+                f"{args.data_dir} has {len(ds.classes)} class folders ({', '.join(list(ds.classes)[:outputs + 2])}"
+                f"{', ...' if len(ds.classes) > outputs + 2 else ''}) but the model has {outputs} outputs: its class "
+                "names are not recorded; remove the folders that are no class of the model"))
+            return
         loaded.class_names = list(ds.classes)
 
 

@@ -108,6 +108,25 @@ def check_run_folder(run_args: argparse.Namespace) -> None:
                             "sweep); nothing there is written over") from None
 
 
+def check_sweep_folder(out: str, planned: list[str]) -> None:
+    """Refuse an ``--out`` holding files of the user's, as ``prune --out`` and ``train --out`` do:
+    a folder no prunekit command wrote (``folders.kind``) holding anything but this sweep's own
+    run folders, folders prunekit wrote (``sweep --out .`` next to the run ./r5 it reads) and a
+    killed process's leftovers (``runs.stale_temporaries``, the lock). Nothing there would be
+    written over, but the sweep's runs, report and plots would land among the user's files."""
+    from ..folders import kind
+    path = Path(out)
+    if not path.is_dir() or kind(path) is not None:
+        return
+    ours = {Path(run).name for run in planned}
+    stale = set(runs.stale_temporaries(path))
+    others = sorted(p for p in path.iterdir() if p.name != run_lock.LOCK_NAME and p not in stale
+                    and p.name not in ours and kind(p) is None)      # (a run folder there is prunekit's: read)
+    if others:
+        raise PrunekitError(f"--out {out} is a folder holding other files ({_named(others)}), not a sweep's folder: "
+                            "pass a new folder so that nothing there is written over")
+
+
 def _named(paths: list[Path], shown: int = 2) -> str:
     """``paths`` for a one-line message: the first ``shown`` in full, then how many more."""
     more = len(paths) - shown
@@ -126,6 +145,7 @@ def cmd_sweep(args) -> int:
     if unused:
         raise OptionError(f"no method of this sweep takes {unused[0]}", (unused[0],))
     report.check_report_folder(args.out, planned=planned)  # and a folder whose own files the report would overwrite
+    check_sweep_folder(args.out, planned)
     for method, budget in plan:           # every run's bad method, option or budget value before the model is
         check_request_values(args, method, budget)          # loaded and any image read
     dense_model = loaded_model(args)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -82,9 +84,38 @@ _REGISTRY: dict[str, tuple[ModelSpec, Builder]] = dict(
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
+def _refuse_path_spec(name: str) -> None:
+    """``PATH:FUNCTION`` whose PATH exists but is no Python file (a folder, notes.txt, /dev/null,
+    a pipe), or ``net.py:build:x``: say what is wrong with it, not the zoo's names."""
+    example = "write path/to/net.py:FUNCTION, the function that returns your nn.Module"
+    for i, char in enumerate(name):
+        if char != ":" or i == 0:
+            continue
+        path, function = Path(name[:i]), name[i + 1:]
+        if name[:i].endswith(".py") and ":" in function:
+            raise PrunekitError(f"{function!r} after the colon of model {name} is not a Python function name: "
+                                f"{example}")
+        try:
+            mode = path.stat().st_mode
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISDIR(mode):
+            what = "a folder"
+        elif stat.S_ISREG(mode):
+            what = "not a .py file"
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            what = "a device, not a .py file"
+        elif stat.S_ISFIFO(mode):
+            what = "a pipe, not a .py file"
+        else:
+            what = "not a .py file"
+        raise PrunekitError(f"model {name}: {path} is {what}; {example} (a Python file ending in .py)")
+
+
 def _lookup(name: str) -> tuple[ModelSpec, Builder]:
     if name in _REGISTRY:
         return _REGISTRY[name]
+    _refuse_path_spec(name)
     close = closest(name, MODEL_NAMES)
     hint = f"did you mean '{close}'? " if close else ""
     raise PrunekitError(f"unknown model '{name}': {hint}pick one of {', '.join(MODEL_NAMES)}")
