@@ -86,7 +86,9 @@ def run_ranks_in_folder_once(name: str, prepare, fn, world: int, tmp_path_factor
     """``run_ranks_once`` whose ranks work in a folder of their own: ``prepare(folder)`` (unless None)
     fills it first, then ``fn(rank, world, str(folder), *args)`` runs in the ranks (``fn(rank, world,
     *args)`` when ``prepare`` is None), both once per test session. Returns (folder, each rank's
-    result): the folder is the one every xdist worker's tests read."""
+    result): the folder is the one every xdist worker's tests read. Where the first worker's ranks (or
+    ``prepare``) fail, their error is kept in the folder ("failed") and raised again to every worker
+    that comes after (it was hidden: the next worker made the folder anew and failed on that)."""
     if "PYTEST_XDIST_WORKER" not in os.environ:
         shared = tmp_path_factory.mktemp(name)
         lock = None
@@ -98,12 +100,20 @@ def run_ranks_in_folder_once(name: str, prepare, fn, world: int, tmp_path_factor
     if lock is not None:
         lock.acquire()
     try:
+        if (shared / "failed").exists():
+            raise RuntimeError(f"{name}: the ranks failed on another xdist worker: "
+                               f"{(shared / 'failed').read_text()}")
         if not (shared / "done").exists():
             shared.mkdir(exist_ok=True)
-            if prepare is not None:
-                (shared / "work").mkdir()
-                prepare(shared / "work")
-            run_ranks(fn, world, shared, *args, timeout=timeout)
+            try:
+                if prepare is not None:
+                    (shared / "work").mkdir()
+                    prepare(shared / "work")
+                run_ranks(fn, world, shared, *args, timeout=timeout)
+            except Exception as err:
+                if lock is not None:        # the next worker's tests fail with it too
+                    (shared / "failed").write_text(f"{type(err).__name__}: {err}")
+                raise
             (shared / "done").touch()
     finally:
         if lock is not None:

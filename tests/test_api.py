@@ -370,6 +370,23 @@ def test_a_resumed_prune_leaves_the_callers_random_and_numpy_rngs_as_they_were(t
     assert (torch.rand(1).item(), random.random(), float(np.random.rand())) == expected
 
 
+def test_a_stop_while_prune_writes_its_report_is_said_in_run_log_as_after_the_run_finished(tmp_path, monkeypatch):
+    """The part of ``prunekit.prune(out=)`` after the run (its final-weights note and report) lay outside the
+    try that says a stop: a Ctrl-C (under torchrun, the SIGTERM of a lost rank, which was to raise LostRank
+    "the run had finished") there left a bare KeyboardInterrupt and run.log silent. Now it is said there."""
+    from prunekit import api
+    net, x, y = _tiny()
+
+    def stopped(folder):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(api, "_write_report", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(net, (x, y), method="magnitude", sparsity=0.5, out=str(tmp_path / "run"))
+    last = (tmp_path / "run" / "run.log").read_text().splitlines()[-1]
+    assert "interrupted (Ctrl-C)" in last and last.endswith("after the run finished (its result stands)"), last
+    assert '"done"' in (tmp_path / "run" / "metrics.json").read_text()
+
+
 class _SlowEvaluation:
     """Evaluation batches that take ``pause`` seconds to start, every pass."""
 

@@ -273,7 +273,11 @@ def test_prune_force_over_changed_images_starts_the_unfinished_run_anew(capsys, 
     assert main([*argv, "--force"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "done" and metrics["data_fingerprint"]["test"]["images"] == 7
-    assert "--force starts it anew" in (tmp_path / "run" / "run.log").read_text()
+    log = [line.split(" ", 2)[2] for line in (tmp_path / "run" / "run.log").read_text().splitlines()]
+    anew = [i for i, line in enumerate(log) if "--force starts it anew" in line]
+    assert len(anew) == 1, log
+    # the one start line follows; no "resume: ..., after stage 1 from stage-001" logged before the stages went
+    assert not any(line.startswith("resume:") for line in log) and log[anew[0] + 1].startswith("start:"), log
 
 
 def test_a_sweep_resumed_over_changed_images_names_what_a_sweep_takes(capsys, tmp_path, monkeypatch):

@@ -536,9 +536,10 @@ def test_a_model_file_pruned_on_the_command_line_records_its_dense_counts_withou
     ({"stride": 2}, "stride 2x2 in the model passed but had stride 1x1"),
     ({"dilation": 2, "padding": 2}, "padding 2x2, dilation 2x2 in the model passed but had padding 1x1, dilation 1x1"),
     ({"padding": 0}, "padding 0x0 in the model passed but had padding 1x1"),
-    ({"padding": "same"}, "padding same in the model passed but had padding 1x1"),
+    ({"padding": "valid"}, "padding valid in the model passed but had padding 1x1"),
+    ({"padding": "same", "dilation": 2}, "padding same, dilation 2x2 in the model passed but had padding 1x1, dilation 1x1"),
     ({"padding_mode": "reflect"}, "padding_mode reflect in the model passed but had padding_mode zeros"),
-], ids=["stride", "dilation", "padding", "padding same", "padding mode"])
+], ids=["stride", "dilation", "padding", "padding valid", "padding same dilated", "padding mode"])
 def test_load_pruned_refuses_a_conv_built_with_another_geometry(tmp_path, built, said):
     """A conv's stride, padding, dilation (kernel size, padding mode) were not in the layout: a model built with
     stride 2 took the saved weights quietly and computed something else. Now recorded and refused in one line."""
@@ -582,11 +583,69 @@ def test_the_command_line_refuses_a_conv_built_with_another_stride_with_exit_2(t
     assert not (tmp_path / "run" / "export").exists()
 
 
-def test_save_refuses_a_pruned_from_with_another_conv_geometry(tmp_path):
+def test_save_refuses_a_pruned_from_with_another_conv_geometry_naming_only_what_differs(tmp_path):
     mine = _narrowed_by_hand(_net(tmp_path))
-    with pytest.raises(PrunekitError, match=r"conv 'c2' has kernel_size 3x3, stride 1x1, .* in the model but "
-                                            r"kernel_size 3x3, stride 2x2, .* in pruned_from"):
+    with pytest.raises(PrunekitError, match=r"conv 'c2' has stride 1x1 in the model but stride 2x2 in pruned_from: "):
         prunekit.save_model(mine, tmp_path / "mine.safetensors", {}, pruned_from=_net(tmp_path, c2={"stride": 2}))
+
+
+@pytest.mark.parametrize("saved,built", [({"padding": 1}, {"padding": "same"}), ({"padding": 0}, {"padding": "valid"})],
+                         ids=["same", "valid"])
+def test_a_conv_padded_same_or_valid_fits_a_file_from_the_padding_it_computes(tmp_path, saved, built):
+    """padding="same" at kernel 3, stride 1 computes what padding=1 does ("valid": 0): it was refused as another
+    geometry (compared as written); now compared as computed, at load and in save_model(pruned_from=)."""
+    small, x = _small(_net(tmp_path, c2=saved))
+    prunekit.save_model(small, tmp_path / "small.safetensors", {})
+    back = prunekit.load_pruned(_net(tmp_path, c2=built), tmp_path / "small.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+    mine = _narrowed_by_hand(_net(tmp_path))          # its c2 has padding 1
+    if saved["padding"] == 1:
+        prunekit.save_model(mine, tmp_path / "mine.safetensors", {}, pruned_from=_net(tmp_path, c2=built))
+
+
+class _UpNet(nn.Module):
+    """A conv, a ConvTranspose2d (stride 2, ``output_padding``) and a 1x1 conv head: (N, 3, 8, 8) -> (N, 2, 15|16, 15|16)."""
+
+    def __init__(self, width=8, output_padding=0):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, width, 3, padding=1)
+        self.up = nn.ConvTranspose2d(width, 4, 3, stride=2, padding=1, output_padding=output_padding)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(torch.relu(self.c1(x)))))
+
+
+def _up_narrowed(tmp_path):
+    """A ``_UpNet`` whose c1 (so up's input) is cut 8 -> 5 by hand, saved with pruned_from; returns it and an input."""
+    torch.manual_seed(0)
+    built, small = _UpNet(), _UpNet(width=5)
+    with torch.no_grad():
+        small.c1.weight.copy_(built.c1.weight[:5]), small.c1.bias.copy_(built.c1.bias[:5])
+        small.up.weight.copy_(built.up.weight[:5]), small.up.bias.copy_(built.up.bias)
+        small.head.load_state_dict(built.head.state_dict())
+    prunekit.save_model(small, tmp_path / "up.safetensors", {}, pruned_from=_UpNet())
+    return small.eval(), torch.randn(1, 3, 8, 8)
+
+
+def test_a_narrowed_conv_transpose_loads_and_its_output_padding_is_checked(tmp_path):
+    """A ConvTranspose's weight is (in, out/groups, k, k): apply_layout rebuilt it as (out, in, k, k), so a
+    narrowed one did not load; and its output_padding (which sets the output size) was not recorded, so a
+    model built with output_padding=1 loaded a file from 0 quietly and computed a larger output."""
+    small, x = _up_narrowed(tmp_path)
+    back = prunekit.load_pruned(_UpNet(), tmp_path / "up.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+    with pytest.raises(PrunekitError) as err:
+        prunekit.load_pruned(_UpNet(output_padding=1), tmp_path / "up.safetensors")
+    assert "conv 'up' is built with output_padding 1x1 in the model passed but had output_padding 0x0" in str(err.value)
+    meta = prunekit.saving.read_meta(tmp_path / "up.safetensors")       # an older file, without output_padding: loads
+    for spec in meta["channel_layout"].values():
+        spec.get("geometry", {}).pop("output_padding", None)
+    prunekit.save_model(small, tmp_path / "old.safetensors", {"channel_layout": meta["channel_layout"]})
+    with torch.no_grad():
+        assert torch.equal(prunekit.load_pruned(_UpNet(), tmp_path / "old.safetensors")(x), small(x))
 
 
 @pytest.mark.parametrize("command", ["eval", "export"])

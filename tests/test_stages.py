@@ -76,6 +76,19 @@ def test_checkpoints_round_trip_and_a_broken_one_is_skipped(tmp_path):
     assert not [p for p in tmp_path.rglob("*.tmp")]        # no temporary file left behind
 
 
+def test_a_checkpoint_without_metadata_is_skipped_by_last_as_by_resume_point(tmp_path):
+    """A stage file with no safetensors metadata (``metadata()`` None): resume_point skipped it (TypeError),
+    while ``last`` raised that TypeError; both now take the checkpoint before it."""
+    from safetensors.torch import save_file
+    folder = RunFolder(tmp_path)
+    model = nn.Linear(2, 2)
+    RunCheckpointer(folder).save(StageState(1, model.state_dict(), [{"stage": 1}], capture_rng()), model)
+    save_file({"model/weight": torch.zeros(2, 2)}, str(RunCheckpointer(folder).path(2)))
+    assert RunCheckpointer(folder).resume_point().endswith("stage-001.safetensors")
+    assert RunCheckpointer(folder).last().stage == 1
+    assert "skipping unreadable checkpoint stage-002" in (tmp_path / "run.log").read_text()
+
+
 def test_a_prunekit_loader_gives_every_stage_the_same_batches():
     images = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8)
     ds = ImageDataset(images, torch.arange(40) % 3, classes=["a", "b", "c"])

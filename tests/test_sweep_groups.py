@@ -33,11 +33,14 @@ def _counted(monkeypatch) -> list:
 def _result(folder: Path) -> dict:
     """A run's metrics less what differs between any two runs (timings, memory, paths, dates)."""
     metrics = json.loads((folder / "metrics.json").read_text())
-    varies = ("seconds", "rss", "time", "date", "started", "finished", "path", "run", "out", "host", "pid", "version", "config")
+    # whole keys (a substring filter, "run", dropped prunable_weights): any *_seconds, the peak memory, the config
+    # text (its paths), and the names of dates, hosts and versions should a record hold them
+    varies = {"seconds", "peak_rss_mb", "time", "date", "started", "finished", "path", "run", "out", "host", "pid",
+              "version", "config"}
 
     def kept(value, key=""):
         if isinstance(value, dict):        # a request's budget kinds not asked: None alone, or left out (a sweep's)
-            return {k: kept(v, k) for k, v in value.items() if not any(w in k.lower() for w in varies)
+            return {k: kept(v, k) for k, v in value.items() if not (k in varies or k.endswith("_seconds"))
                     and not (key == "request" and v is None)}
         if isinstance(value, list):
             return [kept(v) for v in value]
@@ -59,4 +62,5 @@ def test_a_sweeps_channel_runs_search_the_groups_once_and_equal_separate_runs(tm
         swept = Path(r["run"])
         assert (swept / "model.safetensors").read_bytes() == (alone / "model.safetensors").read_bytes(), flops
         assert _result(swept) == _result(alone), flops
+        assert {"prunable_weights", "dense_macs", "final"} <= set(_result(swept)), flops      # compared, not filtered
     assert len(calls) == 3       # each run alone searches its own

@@ -254,39 +254,45 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         lock.callback(lambda: resend and interrupts.resend_sigterm())    # last: after the lock and the handler
         lock.enter_context(interrupts.running())      # a lost torchrun launcher stops this call, not the caller after it
         took_sigterm = False
-        if current().distributed and launched_by_torchrun():
-            # torchrun's SIGTERM to the ranks left once one died killed a script with no handler of its own
-            # before a lost rank could be told: taken for this call alone (never over a handler of the script's)
-            took_sigterm = lock.enter_context(interrupts.sigterm_in_call())
-            distributed.say_process()                # so a peer can tell this rank's process ended
-            interrupts.on_sigterm(distributed.say_stopped)
-        if out is not None:       # under torchrun rank 0 alone holds the lock and writes; every rank computes
-            lock.enter_context(run_lock.held_by_rank_0(out, "out="))        # one process at a time in the folder
-            config = {"model_class": type(model).__name__, "method": plan.method.name, **budget, "include": include,
-                      "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn, "gradual": gradual,
-                      **({"loss": loss_name(loss)} if loss is not None else {}),
-                      **{k: v for k, v in options.items() if not callable(v)},
-                      **_code_fingerprints(plan.method, loss, options, _saved_written(out, force),
-                                          code_before),
-                      **_fingerprint(model, data, train_batches, None if force else out),
-                      **_eval_fingerprint(eval_data, eval_batches), "batch_size": _batch_size_of(data, eval_data,
-                                                                                                 batch_size)}
-            text = _config_text(config, plan.method, loss, options)
-            folder = claim_on_rank_0(out, text, force=force, device=_model_device(model), python=True,
-                                     code_detail=_code_detail(out, force, config, code_before))
-            older = _read_otherwise(folder, data, plan)
-            told = _say_unchecked(folder, config, text, older)
-            _keep_streams(folder, {"data": train_batches, "eval_data": eval_batches})
-            _say_given_back(folder, text,
-                            {"data": (data, train_batches), "eval_data": (eval_data, eval_batches)}, told)
+        pruning = False         # from the run's start on, a refusal or a single-sample batch releases a fresh claim
         was_training = model.training
-        try:
+        try:        # the span of sigterm_in_call's handler: a SIGTERM it raises anywhere in it is said here
+            if current().distributed and launched_by_torchrun():
+                # torchrun's SIGTERM to the ranks left once one died killed a script with no handler of its own
+                # before a lost rank could be told: taken for this call alone (never over a handler of the script's)
+                took_sigterm = lock.enter_context(interrupts.sigterm_in_call())
+                distributed.say_process()                # so a peer can tell this rank's process ended
+                interrupts.on_sigterm(distributed.say_stopped)
+            if out is not None:       # under torchrun rank 0 alone holds the lock and writes; every rank computes
+                lock.enter_context(run_lock.held_by_rank_0(out, "out="))        # one process at a time in the folder
+                config = {"model_class": type(model).__name__, "method": plan.method.name, **budget,
+                          "include": include, "exclude": exclude, "seed": seed, "recalibrate_bn": recalibrate_bn,
+                          "gradual": gradual, **({"loss": loss_name(loss)} if loss is not None else {}),
+                          **{k: v for k, v in options.items() if not callable(v)},
+                          **_code_fingerprints(plan.method, loss, options, _saved_written(out, force),
+                                              code_before),
+                          **_fingerprint(model, data, train_batches, None if force else out),
+                          **_eval_fingerprint(eval_data, eval_batches),
+                          "batch_size": _batch_size_of(data, eval_data, batch_size)}
+                text = _config_text(config, plan.method, loss, options)
+                folder = claim_on_rank_0(out, text, force=force, device=_model_device(model), python=True,
+                                         code_detail=_code_detail(out, force, config, code_before))
+                older = _read_otherwise(folder, data, plan)
+                told = _say_unchecked(folder, config, text, older)
+                _keep_streams(folder, {"data": train_batches, "eval_data": eval_batches})
+                _say_given_back(folder, text,
+                                {"data": (data, train_batches), "eval_data": (eval_data, eval_batches)}, told)
+            pruning = True
             describe = None if folder is None else {**python_model_description(plan),
                                                     **_class_names(model, data, eval_data)}
             record, pruned, snapshots = execute(plan, train_batches, eval_loader, folder=folder, describe=describe,
                                                 progress=progress, stage_eval=stage_eval)
+            if folder is not None and folder.writable:
+                _note_final_weights(folder, pruned)
+                _write_report(folder)
         except PrunekitError as err:
-            release_refused(folder)
+            if pruning:
+                release_refused(folder)
             stopped = runs.stopped_by_divergence(folder, err)
             if stopped is not err:
                 raise stopped from None
@@ -321,16 +327,13 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
                     pass
             raise lost from None
         except ValueError as err:
-            if (refusal := single_sample_batchnorm(err)) is None:
+            if not pruning or (refusal := single_sample_batchnorm(err)) is None:
                 raise
             release_refused(folder)
             raise refusal from None
         finally:
             if folder is not None:
                 _note_written(folder, code_before, _code_objects(plan.method, loss, options), config)
-        if folder is not None and folder.writable:
-            _note_final_weights(folder, pruned)
-            _write_report(folder)
     for returned in (pruned, *snapshots.values()):     # in the mode the model came in (gradual and channel
         returned.train(was_training)                   # methods ended in eval mode)
         if plan.method.family == "channels":           # save_model records its channel layout
@@ -363,7 +366,7 @@ def _lost_rank(first: str, out) -> LostRank:
     """The :class:`LostRank` for a lost rank described by ``first`` (torch's words, or the lost ranks)."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else os.environ.get("RANK", "?")
     again = f"prunekit.prune(..., out={str(out)!r})"
-    resume = (runs.finished_note(out, f"{again} again") if out is not None and _finished(out) else
+    resume = (runs.finished_note(out, f"{again} again") if out is not None and run_had_finished(out) else
               f"run the same script again under torchrun: {again} carries on from "
               "the last completed stage" if out is not None else
               "nothing was saved: run the script again (with out=DIR, a prune run can be resumed)")
@@ -372,8 +375,9 @@ def _lost_rank(first: str, out) -> LostRank:
     return lost
 
 
-def _finished(out) -> bool:
-    """Whether the run in ``out`` had finished (metrics.json says "done"); False where it cannot be read."""
+def run_had_finished(out) -> bool:
+    """Whether the run in folder ``out`` had finished (metrics.json says "done"), for the one line of a run
+    stopped after it (``runs.finished_note``; the command line's too); False where it cannot be read."""
     try:
         return runs.finished_run(RunFolder(out))
     except (PrunekitError, OSError):

@@ -23,6 +23,7 @@ import torch.distributed
 
 from . import __version__, distributed, interrupts, recipes, run_lock, runs
 from .distributed.lost import first_line as _first_line, is_lost_rank as _lost_rank, lost_ranks_words
+from .api import run_had_finished
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
 from .errors import PrunekitError, PrunekitWarning, printable_paths, refusal_of, say
 from .options import cli_message
@@ -326,7 +327,7 @@ def _how_to_resume(args) -> str:
     if args.command == "prune" and out:
         if (Path(out) / "config.toml").exists():
             launcher = "torchrun ... -m prunekit" if distributed.launched_by_torchrun() else "prunekit"
-            if _finished(Path(out)):     # stopped after metrics.json said "done" (writing the report, leaving)
+            if run_had_finished(Path(out)):     # stopped after metrics.json said "done" (writing the report, leaving)
                 return runs.finished_note(out, f"`{launcher} prune --resume {out}`")
             return f"resume with `{launcher} prune --resume {out}`"
         return f"stopped before {out} held a run: run the same command again"
@@ -334,14 +335,6 @@ def _how_to_resume(args) -> str:
         return "run the same command again to carry on after the last completed epoch"
     return "nothing was saved: run the command again" + (
         " (with --out DIR, a prune run can be resumed)" if args.command == "prune" and not out else "")
-
-
-def _finished(out: Path) -> bool:
-    """Whether the run in ``out`` had finished (metrics.json says "done"); False where it cannot be read."""
-    try:
-        return runs.finished_run(runs.RunFolder(out))
-    except (PrunekitError, OSError):
-        return False
 
 
 def _flags(parser: argparse.ArgumentParser, command: str | None = None) -> set[str]:

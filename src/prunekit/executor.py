@@ -117,19 +117,19 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
             folder.log("already complete; nothing to do")
         return metrics["final"], model, {}
     if folder is not None:
-        # one line where a run is carried on, naming the checkpoint it carries on from (the
-        # checkpointer's own "resuming after ..." line is off: resume_point)
+        _tell_changed_code(folder, metrics, describe)
+        _refuse_changed_weights(folder, metrics, describe)
+        _refuse_changed_classes(folder, metrics, describe, redo)
+        if _refuse_changed_images(folder, metrics, data_fingerprint, force, anew, redo):     # --force: started anew
+            metrics = {}
+        # one line once the run goes ahead (past the refusals above, and --force's start anew), naming
+        # the checkpoint it carries on from (the checkpointer's own "resuming after ..." line is off: resume_point)
         probe = RunCheckpointer(folder, unit=_UNIT.get(plan.mode, "stage"))
         point = probe.resume_point() if metrics else None
         folder.log(f"{'resume' if metrics else 'start'}: {plan.name}, method {plan.method.name}, "
                    f"budget {budget_text(plan.request.budget)}{f', {point}' if point else ''}")
         if plan.channels is not None and (left := dense_groups_warning(plan.channels.groups.skipped)):
             folder.log(left)
-        _tell_changed_code(folder, metrics, describe)
-        _refuse_changed_weights(folder, metrics, describe)
-        _refuse_changed_classes(folder, metrics, describe, redo)
-        if _refuse_changed_images(folder, metrics, data_fingerprint, force, anew, redo):     # --force: started anew
-            metrics = {}
     at_eval = _eval_resumer(eval_loader, dense_read=bool(not dense and metrics.get("dense")))
     if not dense and not metrics.get("dense"):
         dense = measure(plan, plan.request.model, eval_loader)

@@ -111,6 +111,13 @@ def _on_signal(signum, frame):
     raise KeyboardInterrupt
 
 
+def _forget_signals() -> None:
+    """Forget any signal taken before: no stop pending, none received (``terminated`` False), no
+    ``stop`` reason; as ``caught`` and ``sigterm_in_call`` begin their block."""
+    global _pending, _received, _reason, _taken, _signalled
+    _pending, _received, _reason, _taken, _signalled = False, signal.SIGINT, None, False, False
+
+
 @contextlib.contextmanager
 def caught():
     """Within the block (on the main thread), SIGINT and SIGTERM (``kill``, ``timeout``, a batch
@@ -120,11 +127,11 @@ def caught():
     when the collective returns: at once where a peer has left (its connection closes), else at
     the group's timeout or torchrun's SIGKILL 30 s after its SIGTERM; a rank ending on its own
     (a refusal, a lost rank) ignores SIGTERM from then on (``cli._ending_on_our_own``)."""
-    global _pending, _received, _reason, _taken, _signalled
+    global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _pending, _received, _reason, _taken, _signalled = False, signal.SIGINT, None, False, False
+    _forget_signals()
     previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         with running(), _sigterm_told():
@@ -144,12 +151,11 @@ def sigterm_in_call():
     where the program has no SIGTERM handler of its own (the default: the process dies at once): a
     handler of the program's is left alone. The default is put back when the block ends. Yields
     whether it took SIGTERM."""
-    global _pending, _received, _reason, _taken, _signalled
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield False
         return
-    _pending, _received, _reason, _taken, _signalled = False, signal.SIGINT, None, False, False
+    _forget_signals()
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         with _sigterm_told():

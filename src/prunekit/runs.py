@@ -1025,7 +1025,7 @@ class RunCheckpointer:
                 kept = {k[len("kept/"):]: v for k, v in tensors.items() if k.startswith("kept/")}
                 state = StageState(int(meta["stage"]), model_state, json.loads(meta["history"]), rng,
                                    json.loads(meta.get("extra", "{}")), kept)
-            except (SafetensorError, KeyError, ValueError, OSError) as err:
+            except (SafetensorError, KeyError, ValueError, TypeError, OSError) as err:     # as resume_point's
                 self.folder.log(f"skipping unreadable checkpoint {path.name}: {err}")
                 unreadable.append(f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
                 continue

@@ -134,11 +134,13 @@ def layout_against(model: nn.Module, pruned_from: nn.Module) -> dict[str, dict] 
                                 "narrowed it")
         if entry != built:
             changed = True
-        if isinstance(module, _CONV) and isinstance(theirs[name], _CONV) \
-                and conv_geometry(module) != conv_geometry(theirs[name]):
-            raise PrunekitError(f"save_model(..., pruned_from=): conv {name!r} has {_geometry_words(module)} in the "
-                                f"model but {_geometry_words(theirs[name])} in pruned_from: pass the model as built "
-                                "before your code narrowed it")
+        if isinstance(module, _CONV) and isinstance(theirs[name], _CONV):
+            own, built_geometry = conv_geometry(module), conv_geometry(theirs[name])
+            if differ := geometry_differs(own, built_geometry):
+                raise PrunekitError(f"save_model(..., pruned_from=): conv {name!r} has "
+                                    f"{_geometry_words({k: own.get(k) for k in differ})} in the model but "
+                                    f"{_geometry_words({k: built_geometry.get(k) for k in differ})} in pruned_from: "
+                                    "pass the model as built before your code narrowed it")
         layout[name] = _with_geometry(_with_dense(entry, theirs[name], None if theirs_cut else built), module)
     for name, spec in layout.items():       # a cut zero-pad shortcut, HuggingFace-style attention: as built there
         if ("source" in spec or "attention_heads" in spec) and name in theirs and name in ours:
@@ -170,16 +172,50 @@ def _layer_entry(module: nn.Module) -> dict | None:
 
 def conv_geometry(module: nn.Module) -> dict | None:
     """A conv's geometry as JSON values (kernel_size, stride, padding, dilation: lists of ints, one per
-    spatial axis; padding may be "same" or "valid"; padding_mode), which channel pruning never changes:
-    ``channel_layout`` records it under "geometry" and ``apply_layout`` requires it of the fresh model
-    (its groups are in the entry's counts). None for a module that is not a conv."""
+    spatial axis; padding may be "same" or "valid"; padding_mode; a ConvTranspose's output_padding,
+    a list of ints too), which channel pruning never changes: ``channel_layout`` records it under
+    "geometry" and ``apply_layout`` requires it of the fresh model (``geometry_differs``; its groups
+    are in the entry's counts). None for a module that is not a conv."""
     if not isinstance(module, _CONV):
         return None
     def listed(value):
         return value if isinstance(value, str) else [int(v) for v in value]
-    return {"kernel_size": listed(module.kernel_size), "stride": listed(module.stride),
-            "padding": listed(module.padding), "dilation": listed(module.dilation),
-            "padding_mode": str(module.padding_mode)}
+    geometry = {"kernel_size": listed(module.kernel_size), "stride": listed(module.stride),
+                "padding": listed(module.padding), "dilation": listed(module.dilation),
+                "padding_mode": str(module.padding_mode)}
+    if module.transposed:
+        geometry["output_padding"] = listed(module.output_padding)
+    return geometry
+
+
+def _as_computed(geometry: dict) -> dict:
+    """``geometry`` (``conv_geometry``'s) with padding "valid" as zeros and "same" as the per-axis
+    padding torch computes it with (dilation * (kernel_size - 1) / 2, torch allows "same" only at
+    stride 1) where that is a whole number on every axis (else "same" is kept: it pads unevenly)."""
+    padding = geometry.get("padding")
+    kernel, dilation = geometry.get("kernel_size"), geometry.get("dilation")
+    if padding not in ("same", "valid") or not isinstance(kernel, list):
+        return geometry
+    if padding == "valid":
+        return {**geometry, "padding": [0] * len(kernel)}
+    if not isinstance(dilation, list) or len(dilation) != len(kernel):
+        return geometry
+    try:
+        total = [int(d) * (int(k) - 1) for d, k in zip(dilation, kernel)]
+    except (TypeError, ValueError):
+        return geometry
+    if any(t % 2 for t in total):
+        return geometry
+    return {**geometry, "padding": [t // 2 for t in total]}
+
+
+def geometry_differs(own: dict, saved: dict) -> list[str]:
+    """The fields of ``saved`` (a conv geometry, ``conv_geometry``'s) in which ``own`` computes
+    otherwise: padding compared as computed ("same" at kernel 3 is padding 1, "valid" is 0,
+    ``_as_computed``); a field ``saved`` lacks (output_padding in an older prunekit's file) is not
+    compared."""
+    mine, theirs = _as_computed(own), _as_computed(saved)
+    return [k for k in saved if mine.get(k) != theirs[k]]
 
 
 def _with_geometry(entry: dict, module: nn.Module) -> dict:
@@ -200,9 +236,10 @@ def _geometry_words(geometry) -> str:
 
 def _check_geometry(name: str, module: nn.Module, spec: dict) -> None:
     """Refuse, before anything is resized, a model passed whose conv ``name`` has another kernel size,
-    stride, padding, dilation or padding mode than the saved entry's "geometry" records (loaded
-    quietly, it would compute something else with the saved weights). An entry without "geometry"
-    (an older prunekit's file) is not checked."""
+    stride, padding (as computed: "same" at kernel 3 is padding 1), dilation, padding mode or
+    ConvTranspose output_padding than the saved entry's "geometry" records (loaded quietly, it would
+    compute something else with the saved weights). An entry without "geometry" (an older prunekit's
+    file) is not checked, nor output_padding where the entry lacks it."""
     saved = spec.get("geometry") if isinstance(spec, dict) else None
     if saved is None:
         return
@@ -213,7 +250,7 @@ def _check_geometry(name: str, module: nn.Module, spec: dict) -> None:
     if own is None:
         raise PrunekitError(f"layer {name!r} is {_a(type(module).__name__)} in the model passed but a conv in the "
                             "model the file was pruned from: pass a fresh, dense instance of that architecture")
-    differ = [k for k in saved if own.get(k) != saved[k]]
+    differ = geometry_differs(own, saved)
     if differ:
         mine = _geometry_words({k: own.get(k) for k in differ})
         theirs = _geometry_words({k: saved[k] for k in differ})
@@ -333,7 +370,8 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             if isinstance(module, _CONV):
                 cin, cout, groups = int(spec["in"]), int(spec["out"]), int(spec["groups"])
                 module.in_channels, module.out_channels, module.groups = cin, cout, groups
-                module.weight = nn.Parameter(torch.empty(cout, cin // groups, *module.kernel_size))
+                shape = (cin, cout // groups) if module.transposed else (cout, cin // groups)   # ConvTranspose: (in, out/groups, k...)
+                module.weight = nn.Parameter(torch.empty(*shape, *module.kernel_size))
                 if module.bias is not None:
                     module.bias = nn.Parameter(torch.empty(cout))
             elif isinstance(module, nn.Linear):
