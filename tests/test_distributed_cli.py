@@ -457,6 +457,88 @@ def test_a_lost_launcher_stops_prunekit_work_but_not_the_callers_own_code_after_
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_group_the_script_joined_itself_has_its_launcher_watched_for_a_prune_call_alone(monkeypatch):
+    """A script that joins with its own ``dist.init_process_group`` (not ``init_from_env``, which starts the
+    watcher for the process) was not watched: after a ``kill -9`` of torchrun its ranks ran on as orphans
+    for ~20 s holding the run lock, then raised LostRank in other words than the command line's. Now
+    ``launcher_watched`` (entered by ``prunekit.prune``) watches it for the call: a launcher lost in it
+    stops the call as the watcher stops a command (``interrupts.stop``, named "the torchrun launcher
+    stopped"); after the call nothing watches (the script's own code is not interrupted), and a group
+    watched already is left to its watcher. The launcher's death is played by the parent pid it reads."""
+    import torch.distributed as dist
+    from prunekit import interrupts
+    from prunekit.distributed import collective
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    for name, value in (("_launcher", None), ("_launcher_lost", False)):
+        monkeypatch.setattr(collective, name, value)
+    for name, value in (("_reason", None), ("_taken", False), ("_runs", 0)):
+        monkeypatch.setattr(interrupts, name, value)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    launcher = os.getppid()
+    parent = [launcher]
+    monkeypatch.setattr(collective.os, "getppid", lambda: parent[0])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)     # (see the test above)
+    try:
+        with interrupts.running(), collective.launcher_watched(poll_s=0.01):     # a call whose launcher lives on
+            assert collective._launcher == parent[0]
+        assert collective._launcher is None
+        parent[0] = -1                                  # lost after the call: the script's own code goes on
+        time.sleep(0.3)
+        assert not collective._launcher_lost
+
+        parent[0] = launcher
+        with pytest.raises(KeyboardInterrupt), interrupts.running(), collective.launcher_watched(poll_s=0.01):
+            parent[0] = -1                              # lost while the call works
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert interrupts.stopped_by() == (collective.LAUNCHER_GONE, 1) and collective.launcher_lost()
+
+        monkeypatch.setattr(collective, "_launcher", 12345)     # init_from_env's watch: left as it is
+        with collective.launcher_watched(poll_s=0.01):
+            pass
+        assert collective._launcher == 12345
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_prune_watches_the_launcher_while_it_works_and_says_a_lost_launchers_failed_collective_in_its_words(monkeypatch):
+    """``prunekit.prune`` enters ``launcher_watched`` inside its ``running`` span (a stop there is the
+    call's), and a collective that fails because the launcher (and the group's store with it) is gone is
+    said as the command line says it: "interrupted (the torchrun launcher stopped)", not "a rank stopped
+    or could not be reached (the torchrun launcher stopped: ...)"."""
+    import contextlib
+    import torch
+    from torch import nn
+    import prunekit
+    from prunekit import api, interrupts
+    from prunekit.distributed import collective
+    entered = []
+
+    @contextlib.contextmanager
+    def watched(poll_s=1.0):
+        entered.append(interrupts.under_way())
+        yield
+        entered.append("left")
+
+    monkeypatch.setattr(collective, "launcher_watched", watched)
+    torch.manual_seed(0)
+    prunekit.prune(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), method="magnitude", sparsity=0.5,
+                   example_input=torch.randn(1, 8))
+    assert entered == [True, "left"]
+
+    monkeypatch.setattr(api, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(api, "current", lambda: type("Group", (), {"distributed": True})())
+    monkeypatch.setattr(collective, "_launcher_lost", True)
+    failed = torch.distributed.DistError("the torchrun launcher stopped: the group's store could not be reached "
+                                         "(Broken pipe)")       # as ``passed_checks`` raises it
+    lost = api.lost_rank_refusal(failed, "/runs/a")
+    assert lost.stop_line == "interrupted (the torchrun launcher stopped)"
+    assert str(lost).startswith("rank ") and ": interrupted (the torchrun launcher stopped); run the same script " \
+        "again under torchrun: prunekit.prune(..., out='/runs/a') carries on" in str(lost), str(lost)
+
+
 def test_a_sigterm_to_torchrun_stops_both_ranks_with_one_prunekit_line_and_the_run_resumes(tmp_path):
     """``kill -TERM`` of the torchrun launcher (a batch scheduler's stop, a user's ``kill``): torchrun
     sends SIGTERM to every rank. The ranks died at once with no prunekit line (only the launcher's

@@ -150,3 +150,117 @@ def test_the_c10d_log_level_is_put_back_when_two_threads_quiet_it_at_once(monkey
         thread.join(5)
     assert sorted(inside) == [("A", 2), ("B", 2)], inside       # quiet inside, for each
     assert level._value == 0                                    # and the user's level back after both
+
+
+def _as_rank(monkeypatch, rank: int) -> None:
+    """This process as rank ``rank`` of two under torchrun whose peer stopped for the same Ctrl-C: it
+    posted nothing in the store (a Ctrl-C is no SIGTERM: ``say_stopped`` is not called for it)."""
+    from prunekit import distributed
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in (("launched_by_torchrun", True), ("launcher_lost", False), ("peer_refused", False),
+                        ("is_main_process", rank == 0), ("silent_peers", [])):
+        monkeypatch.setattr(distributed, name, lambda *a, value=value, **k: value)
+    monkeypatch.setattr(distributed, "peers_stopped", lambda *a, **k: False)   # no peer said a SIGTERM or refusal
+    for name in ("say_stopped", "say_reported"):
+        monkeypatch.setattr(distributed, name, lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_ctrl_c_that_reached_this_rank_in_a_collective_is_its_stop_not_a_lost_peer(monkeypatch, capsys, rank):
+    """Ctrl-C (SIGINT to the torchrun launcher's process group) while rank 0 computed and rank 1 waited
+    in a collective: rank 0 stopped at once and its leaving failed rank 1's collective ("Connection
+    closed by peer"), and rank 1 printed "prunekit: error: rank 1: a rank stopped or could not be
+    reached (...)" next to rank 0's "prunekit: interrupted; ...": two lines where README says one, rank
+    0's. Rank 1 got the SIGINT too: its failed collective is its own Ctrl-C, said by rank 0 alone (exit
+    130, run.log "interrupted (Ctrl-C)"). Played here: the SIGINT comes while the collective's error is
+    being handled (where Python runs the handler once the collective returns)."""
+    import argparse
+    import signal
+    import time
+
+    from prunekit import cli, interrupts
+    _as_rank(monkeypatch, rank)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with interrupts.caught():
+            try:
+                raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:6040")
+            except RuntimeError:
+                os.kill(os.getpid(), signal.SIGINT)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+    err = stopped.value
+    assert isinstance(err.__context__, RuntimeError)
+    code = cli._interrupted(argparse.Namespace(command="prune", out=None), err)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit")]
+    assert lines == (["prunekit: interrupted; nothing was saved: run the command again (with --out DIR, a prune "
+                      "run can be resumed)"] if rank == 0 else [])
+    assert code == 130 and cli.stop_line(err) == "interrupted (Ctrl-C)"
+    assert cli.lost_peer(err) is None and interrupts.sigint_here()
+
+
+def test_a_failed_collective_after_this_ranks_own_ctrl_c_not_raised_yet_is_a_ctrl_c_stop(monkeypatch, capsys):
+    """The same Ctrl-C known from the SIGINT thread alone (``_sigterm_told`` reads it from the wakeup fd
+    while the main thread waits in the collective) and the collective's RuntimeError handled before
+    Python ran the SIGINT's handler: a Ctrl-C stop, rank 0 saying it (run.log "interrupted (Ctrl-C)",
+    exit 130), not a lost rank nor "interrupted (SIGTERM)"."""
+    import argparse
+
+    from prunekit import cli, interrupts
+    _as_rank(monkeypatch, 0)
+    for name, value in (("_sigint_here", True), ("_reason", None), ("_signalled", False)):
+        monkeypatch.setattr(interrupts, name, value, raising=False)
+    err = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:6040")
+    code = cli._interrupted(argparse.Namespace(command="prune", out=None), err)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prunekit")]
+    assert lines == ["prunekit: interrupted; nothing was saved: run the command again (with --out DIR, a prune run "
+                     "can be resumed)"]
+    assert code == 130 and cli.stop_line(err) == "interrupted (Ctrl-C)" and cli.lost_peer(err) is None
+
+
+# A SIGINT while the main thread waits in C (here ``select``, as in a gloo collective, with SIGINT blocked
+# on the main thread so the kernel hands it to the SIGINT thread): ``sigint_here`` says so before Python
+# has run the handler (which only the main thread runs, once back in the interpreter); ``stop``'s own
+# SIGINT (the launcher watcher's) does not count. Prints: seen early, raised, seen after stop().
+_SIGINT_IN_C = """
+import os, select, signal, threading, time
+from prunekit import interrupts
+seen = []
+def look():
+    deadline = time.monotonic() + 20
+    while not getattr(interrupts, "sigint_here", lambda: False)() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    seen.append(getattr(interrupts, "sigint_here", lambda: False)() and not interrupts._signalled)
+raised = False
+try:
+    with interrupts.caught():
+        watcher = threading.Thread(target=look)
+        watcher.start()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            select.select([], [], [], 1)        # its handler runs as this returns
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            watcher.join()
+except KeyboardInterrupt:
+    raised = True
+try:
+    with interrupts.caught():
+        threading.Thread(target=interrupts.stop, args=("the torchrun launcher stopped", 1)).start()
+        time.sleep(10)
+except KeyboardInterrupt:
+    pass
+print(seen == [True], raised, getattr(interrupts, "sigint_here", lambda: None)())
+"""
+
+
+def test_a_sigint_is_known_from_the_sigint_thread_while_the_main_thread_waits_in_c():
+    """Under torchrun (WORLD_SIZE 2) a rank waiting in a collective learns of its own Ctrl-C from the
+    SIGINT thread before its collective fails (``_SIGINT_IN_C``); the launcher watcher's stop is no Ctrl-C."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _SIGINT_IN_C], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True True False", (done.stdout, done.stderr[-2000:])

@@ -253,6 +253,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     with ExitStack() as lock:
         lock.callback(lambda: resend and interrupts.resend_sigterm())    # last: after the lock and the handler
         lock.enter_context(interrupts.running())      # a lost torchrun launcher stops this call, not the caller after it
+        lock.enter_context(distributed.launcher_watched())   # a group the script joined itself: watched for this call
         took_sigterm = False
         pruning = False         # from the run's start on, a refusal or a single-sample batch releases a fresh claim
         was_training = model.training
@@ -359,17 +360,24 @@ def lost_rank_refusal(err: RuntimeError, out) -> LostRank | None:
         return None
     if not is_lost_rank(err):
         return None
+    if distributed.launcher_lost() or first_line(err).startswith(distributed.LAUNCHER_GONE):
+        return _lost_rank(None, out)            # its store went with it: the watcher's stop, in its words
     return _lost_rank(first_line(err), out)     # the command line's wording (distributed.lost), one line
 
 
-def _lost_rank(first: str, out) -> LostRank:
-    """The :class:`LostRank` for a lost rank described by ``first`` (torch's words, or the lost ranks)."""
+def _lost_rank(first: str | None, out) -> LostRank:
+    """The :class:`LostRank` for a lost rank described by ``first`` (torch's words, or the lost ranks);
+    None: no rank was lost, the torchrun launcher stopped (said as the command line says it)."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else os.environ.get("RANK", "?")
     again = f"prunekit.prune(..., out={str(out)!r})"
     resume = (runs.finished_note(out, f"{again} again") if out is not None and run_had_finished(out) else
               f"run the same script again under torchrun: {again} carries on from "
               "the last completed stage" if out is not None else
               "nothing was saved: run the script again (with out=DIR, a prune run can be resumed)")
+    if first is None:                   # the torchrun launcher stopped: the command line's "interrupted (...)"
+        lost = LostRank(f"rank {rank}: interrupted ({distributed.LAUNCHER_GONE}); {resume}")
+        lost.stop_line = f"interrupted ({distributed.LAUNCHER_GONE})"
+        return lost
     lost = LostRank(f"rank {rank}: a rank stopped or could not be reached ({first}); {resume}")
     lost.stop_line = f"interrupted: a rank stopped or could not be reached ({first})"
     return lost

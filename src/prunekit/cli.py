@@ -396,6 +396,9 @@ def lost_peer(err: BaseException) -> RuntimeError | None:
     if failed is None:
         return None
     if not hasattr(failed, "prunekit_rank_lost"):      # (kept on the error: asked again, the same answer)
+        if interrupts.sigint_here():   # this rank got the Ctrl-C too (the launcher's process group): a peer obeyed it
+            failed.prunekit_rank_lost = False
+            return None
         gone = distributed.launcher_lost() or _first_line(failed).startswith(distributed.LAUNCHER_GONE)
         stopped = None if gone else distributed.peers_stopped(interrupts.terminated())
         # no store that answers: as before, a SIGTERM's stop if one came, else a lost rank
@@ -418,6 +421,8 @@ def stop_line(err: BaseException) -> str | None:
     if isinstance(err, RuntimeError) and distributed.launched_by_torchrun() and _lost_rank(err):
         if distributed.launcher_lost() or _first_line(err).startswith(distributed.LAUNCHER_GONE):
             return f"interrupted ({distributed.LAUNCHER_GONE})"
+        if lost_peer(err) is None and interrupts.sigint_here():
+            return "interrupted (Ctrl-C)"       # the Ctrl-C every rank got: a peer obeyed it first
         if lost_peer(err) is None and (interrupts.terminated() or not distributed.peer_refused()):
             return "interrupted (SIGTERM)"      # torchrun's SIGTERM to every rank: a peer obeyed it first
         return _lost_line(err)
@@ -570,7 +575,9 @@ def _interrupted(args, err: BaseException) -> int:
             print(f"prunekit: error: rank {os.environ.get('RANK')}: a rank stopped or could not be reached ({what}); "
                   f"{_how_to_resume(args)}", file=sys.stderr)
             return 1
-        if isinstance(err, RuntimeError) and not interrupts.terminated():     # its SIGTERM was ignored, not lost
+        if isinstance(err, RuntimeError) and interrupts.sigint_here():    # its Ctrl-C, not raised yet
+            how, code = "Ctrl-C", 128 + signal.SIGINT
+        elif isinstance(err, RuntimeError) and not interrupts.terminated():     # its SIGTERM was ignored, not lost
             how, code = "SIGTERM", 128 + signal.SIGTERM
     _log_stop(args, f"interrupted ({how})", err)
     if distributed.is_main_process() and (not distributed.launched_by_torchrun()    # once, by rank 0 (also

@@ -27,6 +27,7 @@ _reason: tuple[str, int] | None = None   # a stop prunekit asked for itself (``s
 _taken = False                     # that stop is being handled already: its SIGINT raises nothing more
 _runs = 0                          # prunekit work under way on the main thread (``caught``, ``running``)
 _on_sigterm: list = []             # called from a thread of their own the moment a SIGTERM comes (``on_sigterm``)
+_sigint_here = False               # a SIGINT of its own (not ``stop``'s) reached this process while ``caught`` was active
 
 
 def on_sigterm(callback) -> None:
@@ -74,6 +75,8 @@ def _sigterm_told():
             if previous >= 0:                   # the program's own wakeup fd (asyncio's): every byte, as it would have had it
                 with contextlib.suppress(OSError):
                     os.write(previous, got)
+            if signal.SIGINT in got and _reason is None:     # (``stop`` names its reason before its SIGINT)
+                _note_sigint()
             if signal.SIGTERM in got:
                 for callback in list(_on_sigterm):
                     try:
@@ -107,15 +110,33 @@ def _on_signal(signum, frame):
         _taken = True
     if not _signalled:
         _received, _signalled = signum, True
+    if signum == signal.SIGINT and _reason is None:
+        _note_sigint()
     _pending = True
     raise KeyboardInterrupt
 
 
 def _forget_signals() -> None:
     """Forget any signal taken before: no stop pending, none received (``terminated`` False), no
-    ``stop`` reason; as ``caught`` and ``sigterm_in_call`` begin their block."""
-    global _pending, _received, _reason, _taken, _signalled
+    ``stop`` reason, no SIGINT of its own; as ``caught`` and ``sigterm_in_call`` begin their block."""
+    global _pending, _received, _reason, _taken, _signalled, _sigint_here
     _pending, _received, _reason, _taken, _signalled = False, signal.SIGINT, None, False, False
+    _sigint_here = False
+
+
+def _note_sigint() -> None:
+    global _sigint_here
+    _sigint_here = True
+
+
+def sigint_here() -> bool:
+    """Whether this process was itself sent SIGINT while :func:`caught` was active (a Ctrl-C, which
+    under torchrun reaches every rank on the machine: the launcher's process group, and the launcher
+    passing its own on), not :func:`stop`'s. Known the moment it comes, also while the main thread
+    waits in a collective (``_sigterm_told``'s thread reads it from the wakeup fd) and before its
+    KeyboardInterrupt is raised: a collective that fails then failed because a peer obeyed the same
+    Ctrl-C, not because a rank was lost."""
+    return _sigint_here and _reason is None
 
 
 @contextlib.contextmanager

@@ -261,7 +261,7 @@ def _c10_log_level():
     return _c10_level[0]
 
 
-def watch_launcher(poll_s: float = LAUNCHER_POLL_S) -> None:
+def watch_launcher(poll_s: float = LAUNCHER_POLL_S, until: threading.Event | None = None) -> None:
     """Stop this rank soon after the torchrun launcher that started it dies (its parent process: a
     ``kill -9`` of torchrun, a batch scheduler that kills the launcher alone). The ranks would go on
     as orphans otherwise, holding the run folder's lock, with the group's store (it lives in the
@@ -270,21 +270,59 @@ def watch_launcher(poll_s: float = LAUNCHER_POLL_S) -> None:
     marked interrupted and rank 0 prints how to resume. Each process watches its own launcher, so on
     several machines a dead launcher stops its own ranks, and the others lose them (a lost rank).
     Only under torchrun's launcher (``init_from_env``; it sets TORCHELASTIC_RUN_ID: ranks a script
-    or scheduler started by hand may outlive the shell that started them); once per process."""
+    or scheduler started by hand may outlive the shell that started them); once per process. With
+    ``until`` (``launcher_watched``: a ``prunekit.prune`` call in a group the script joined itself),
+    the watch ends, stopping nothing, once that event is set."""
     global _launcher
     if _launcher is not None or not ({"TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE"} & set(os.environ)):
         return
-    _launcher = os.getppid()
+    _launcher = launcher = os.getppid()
 
     def watch() -> None:
-        while not _launcher_lost and os.getppid() == _launcher:
-            time.sleep(poll_s)
+        while not _launcher_lost and os.getppid() == launcher:
+            if until is None:
+                time.sleep(poll_s)
+            elif until.wait(poll_s):
+                return
+        if until is not None and until.is_set():
+            return
         # a run under way stops; after it (a user's script going on past prunekit.prune), only the
         # next prunekit collective fails (``passed_checks``): the caller's own code is not interrupted
         if _first_to_see_launcher_lost() and interrupts.under_way():
             interrupts.stop(LAUNCHER_GONE, 1)
 
     threading.Thread(target=watch, name="prunekit-launcher-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def launcher_watched(poll_s: float = LAUNCHER_POLL_S):
+    """Within the block (a ``prunekit.prune`` call under torchrun), watch the launcher as
+    ``init_from_env`` does for a whole process (``watch_launcher``), where nothing watches it yet: a
+    script that joined the group with its own ``torch.distributed.init_process_group``. Without it the
+    ranks of such a script ran on as orphans after a ``kill -9`` of torchrun, holding the run folder's
+    lock until a collective failed (about 20 s), and said so as a lost rank. The watch ends with the
+    block (a launcher lost after it is the script's own business: the next prunekit collective fails on
+    it); a launcher lost in it stays lost (``launcher_lost``). A no-op without a group, outside torchrun,
+    or where the launcher is watched already."""
+    if _launcher is not None or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    done = threading.Event()
+    watch_launcher(poll_s, until=done)
+    watched = _launcher is not None
+    try:
+        yield
+    finally:
+        if watched:
+            _stop_watching(done)
+
+
+def _stop_watching(done: threading.Event) -> None:
+    """End a watch ``launcher_watched`` started: its thread sees ``done`` at once and stops nothing;
+    the next call watches afresh."""
+    global _launcher
+    done.set()
+    _launcher = None
 
 
 def _leave_at_exit(group) -> None:
