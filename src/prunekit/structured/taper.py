@@ -105,7 +105,7 @@ class TaperOptions(ChannelOptions):
                    "hold_cooling": Real(0, 1, open_low=True), "logit_bound": Real(0, open_low=True),
                    "check_every": Integer(1), "slow_down": Real(0, 1, open_low=True),
                    "speed_up": Real(1), "taper_distill": Real(0, 1),
-                   "taper_temperature": Real(0, open_low=True), "rise_tol": Real(0), "flat_tol": Real(0), "loss_average": Real(0, 1)}
+                   "taper_temperature": Real(0, open_low=True, squared=True), "rise_tol": Real(0), "flat_tol": Real(0), "loss_average": Real(0, 1)}
 
     def check_given(self) -> None:
         super().check_given()
