@@ -711,6 +711,10 @@ CLI_CASES += [
      "--refit-batches must be 'auto' or at most 9223372036854775807"),
     (["bench-latency", "--pruned", f"{H}/mlprun", "--threads", "2147483648"],
      "--threads 2147483648 is far more than the"),
+    # a share and a count naming one budget (mlpnet: 32,360 weights): the same pruning run twice
+    (["sweep", *MLP, *MNIST, "--method", "magnitude", "--params", "0.5", "16180", "--train-samples", "64",
+      "--no-stage-eval", "--out", f"{H}/sw2"], "this sweep would run the same pruning twice: magnitude_params-0.5 "
+     "and magnitude_params-16180 name one budget of mlpnet"),
     # an input shape or a --resize too large to allocate: torch's allocator traceback
     (["info", f"{H}/net.py:build", "--input-shape", "1,1000000,1000000"],
      "one example of input shape 1,1000000,1000000 needs about 3725.3 GB for its input alone"),
