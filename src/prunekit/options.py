@@ -58,15 +58,21 @@ FLOAT32_TINY = 1.1754943508222875e-38
 MAX_COUNT = sys.maxsize
 
 
-def float32_problem(value: float, positive: bool = False, squared: bool = False) -> str | None:
+# Real(..., use=...): how a value is used beyond itself, that must fit float32 too: (the largest
+# value whose use fits, why)
+SQUARED = (math.sqrt(FLOAT32_MAX), "its square scales the loss in float32")
+ADAM_LR = (FLOAT32_MAX / 10, "Adam's first step is 10 times it, in float32")
+
+
+def float32_problem(value: float, positive: bool = False, use: tuple[float, str] | None = None) -> str | None:
     """What is wrong with a finite number that a model uses in float32 (an lr, a decay, a
     temperature, a std), completing "must be ...", or None when it fits: beyond float32's range
     (it would overflow to inf mid-run), or, with ``positive`` (0 refused), nonzero but below
     float32's smallest normal number (0 or all precision lost there: an lr of 1e-320 trains
-    nothing). ``squared``: its square must fit too (a distillation temperature scales the loss by T²)."""
-    top = math.sqrt(FLOAT32_MAX) if squared else FLOAT32_MAX
+    nothing). ``use``: (top, why): its use overflows past ``top`` (``SQUARED``: a distillation
+    temperature scales the loss by T²; ``ADAM_LR``)."""
+    top, why = use or (FLOAT32_MAX, "the model computes in float32")
     if abs(value) > top:
-        why = "its square scales the loss in float32" if squared else "the model computes in float32"
         return f"at most {top:.3g} ({why}), got {value!r}"
     if positive and 0 < abs(value) < FLOAT32_TINY:
         return f"at least {FLOAT32_TINY:.3g} (smaller is 0 in float32, which the model computes in), got {value!r}"
@@ -113,12 +119,12 @@ class Memory:
 @dataclass(frozen=True)
 class Real:
     """A number in (``low``, ...) when ``open_low`` else [``low``, ...]; ``high`` likewise; and
-    one that float32 holds (``float32_problem``; ``squared``: its square too)."""
+    one that float32 holds (``float32_problem``; ``use``: its use too, e.g. ``SQUARED``)."""
 
     low: float | None = None
     high: float | None = None
     open_low: bool = False
-    squared: bool = False
+    use: tuple[float, str] | None = None
 
     def check(self, value) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -128,7 +134,7 @@ class Real:
         if self.open_low and self.low is not None and not value > self.low:
             return f"above {self.low:g}, got {value!r}"
         return _range(value, self.low, self.high) or float32_problem(
-            value, positive=self.open_low and self.low == 0, squared=self.squared)
+            value, positive=self.open_low and self.low == 0, use=self.use)
 
 
 @dataclass(frozen=True)
