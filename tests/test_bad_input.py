@@ -677,6 +677,55 @@ CLI_CASES += [
     # an option of another command: "did you mean --crop?"
     ([*PRUNE, "--sparsity", "0.5", "--zeros", "keep"], "--zeros is an option of `prunekit train`, not of prune"),
 ]
+HUGE = "99999999999999999999999"       # past sys.maxsize: itertools.islice failed mid-run
+GRADUAL = [*PRUNE, "--sparsity", "0.5", "--gradual", "--events", "2", "--epochs-per-event", "1", "--out", f"{H}/g"]
+TAPER = [*PRUNE, "--method", "taper", "--flops", "0.5", "--taper-epochs", "0.5", "--out", f"{H}/tp"]
+AUTOBOT = [*PRUNE, "--method", "autobot", "--flops", "0.5", "--gate-batches", "2", "--out", f"{H}/ab"]
+CLI_CASES += [
+    # session 55's second walk: numbers that pass "finite, > 0" but not float32, and counts past C's
+    # long: each crashed mid-run leaving a folder, or "succeeded" with nothing trained
+    ([*TRAIN, "--lr", "1e308", "--out", f"{H}/t"], "--lr must be at most 3.4e+38 (the model computes in float32)"),
+    ([*TRAIN, "--lr", "3.5e38", "--out", f"{H}/t"], "--lr must be at most 3.4e+38"),
+    ([*TRAIN, "--lr", "1e-320", "--out", f"{H}/t"], "--lr must be at least 1.18e-38 (smaller is 0 in float32"),
+    ([*TRAIN, "--weight-decay", "1e308", "--out", f"{H}/t"], "--weight-decay must be at most 3.4e+38"),
+    (["train", "--model", f"{H}/net.py:build", *MNIST, "--normalize", "0.5/1e-320", "--out", f"{H}/t"],
+     "--normalize 0.5/1e-320: stds must be at least 1.18e-38"),
+    (["train", "--model", f"{H}/net.py:build", *MNIST, "--normalize", "0.5/1e-40", "--out", f"{H}/t"],
+     "stds must be at least 1.18e-38"),
+    ([*GRADUAL, "--lr", "1e308"], "--lr must be at most 3.4e+38"),
+    ([*GRADUAL, "--finetune-distill", "0.5", "--finetune-temperature", "1e308"],
+     "--finetune-temperature must be at most 1.84e+19 (its square scales the loss in float32)"),
+    ([*GRADUAL, "--finetune-distill", "0.5", "--finetune-temperature", "1e-320"],
+     "--finetune-temperature must be at least 1.18e-38"),
+    ([*TAPER, "--gate-lr", "1e308"], "--gate-lr must be at most 3.4e+37 (Adam's first step is 10 times it"),
+    ([*TAPER, "--taper-distill", "0.5", "--taper-temperature", "1e308"], "--taper-temperature must be at most 1.84e+19"),
+    ([*AUTOBOT, "--finetune-lr", "1e308"], "--finetune-lr must be at most 3.4e+38"),
+    ([*AUTOBOT, "--finetune-epochs", "1", "--finetune-distill", "0.5", "--finetune-temperature", "1e308"],
+     "--finetune-temperature must be at most 1.84e+19"),
+    ([*AUTOBOT, "--gate-lr", "3.5e37"], "--gate-lr must be at most 3.4e+37"),
+    ([*AUTOBOT, "--beta", "1e308"], "--beta must be at most 3.4e+38"),
+    ([*AUTOBOT, "--gamma", "1e308"], "--gamma must be at most 3.4e+38"),
+    ([*AUTOBOT, "--reconstruct-batches", HUGE], f"--reconstruct-batches must be at most 9223372036854775807, got {HUGE}"),
+    ([*TAPER, "--depth-flops", "0.8", "--depth-batches", HUGE], "--depth-batches must be at most 9223372036854775807"),
+    ([*PRUNE, "--sparsity", "0.5", "--refit-batches", HUGE, "--out", f"{H}/m"],
+     "--refit-batches must be 'auto' or at most 9223372036854775807"),
+    (["bench-latency", "--pruned", f"{H}/mlprun", "--threads", "2147483648"],
+     "--threads 2147483648 is far more than the"),
+    # gates that blew up (finite options, each below float32's bound): refused, not cut at 2% "successfully"
+    ([*AUTOBOT, "--gate-lr", "1e30", "--beta", "1e30", "--gamma", "1e30", "--train-samples", "64", "--no-stage-eval"],
+     "AutoBot's gate training diverged (--gate-lr 1e+30, --beta 1e+30, --gamma 1e+30)"),
+    # a share and a count naming one budget (mlpnet: 32,360 weights): the same pruning run twice
+    (["sweep", *MLP, *MNIST, "--method", "magnitude", "--params", "0.5", "16180", "--train-samples", "64",
+      "--no-stage-eval", "--out", f"{H}/sw2"], "this sweep would run the same pruning twice: magnitude_params-0.5 "
+     "and magnitude_params-16180 name one budget of mlpnet"),
+    # an input shape or a --resize too large to allocate: torch's allocator traceback
+    (["info", f"{H}/net.py:build", "--input-shape", "1,1000000,1000000"],
+     "one example of input shape 1,1000000,1000000 needs about 3725.3 GB for its input alone"),
+    (["eval", "--model", f"{H}/net.py:build", "--normalize", "none", "--data", "imagefolder", "--data-dir",
+      f"{H}/adir", "--resize", "100000"], "--resize must be a whole number of pixels from 1 to 16384"),
+    (["train", "--model", f"{H}/net.py:build", "--normalize", "none", "--data", "imagefolder", "--data-dir",
+      f"{H}/adir", "--resize", HUGE, "--out", f"{H}/t"], "--resize must be a whole number of pixels from 1 to 16384"),
+]
 if not torch.cuda.is_available():         # on a machine with a GPU this is no error
     CLI_CASES.append(([*PRUNE, "--sparsity", "0.5", "--device", "cuda"], "sees no CUDA device"))
 

@@ -346,8 +346,11 @@ def test_auto_takes_the_largest_n_up_to_1000_that_fits(steady_usage):
 def test_a_request_over_max_memory_is_refused_before_any_gradient(monkeypatch):
     monkeypatch.setattr(fisher_methods, "collect_gradients", lambda *a, **k: pytest.fail("gradients computed"))
     # 1 MB holds not even the model: said as such (it was "the largest fisher_samples that fits is 0")
-    with pytest.raises(PrunekitError, match="whatever fisher_samples .* raise max_memory to more than"):
+    with pytest.raises(PrunekitError, match="whatever fisher_samples .* raise max_memory to more than") as caught:
         prunekit.prune(wide_model(), data(), method="falcon", flops=0.5, fisher_samples=64, max_memory="1M")
+    # the two sizes it names agree: the one to raise to is the need plus the margin it says
+    assert re.search(r"needs about (\S+ [KMG]B) .* to more than \S+ [KMG]B \(the \1 it needs and \S+ [KMG]B to spare",
+                     str(caught.value)), str(caught.value)
     limit = memory_plan.current_usage(torch.device("cpu")) + 400 * MB
     # data holding the 10**4 samples asked (with fewer, the data's own refusal comes first)
     many = torch.randn(10**4, 1, 8, 8), torch.randint(0, 10, (10**4,))

@@ -8,6 +8,7 @@ shape or class count does not fit the model.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,28 @@ class LoadedModel:
         """One example of zeros, (1, *input_shape), of the model's input dtype."""
         if self.input_shape is None:
             raise PrunekitError(f"the input shape of {self.name} is unknown: give --input-shape (C,H,W for images)")
-        return torch.zeros(1, *self.input_shape, dtype=getattr(torch, self.input_dtype),
-                           device=next(self.model.parameters(), torch.empty(0)).device)
+        dtype = getattr(torch, self.input_dtype)
+        device = next(self.model.parameters(), torch.empty(0)).device
+        check_example_fits(self.input_shape, dtype, device)
+        return torch.zeros(1, *self.input_shape, dtype=dtype, device=device)
+
+
+def check_example_fits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse (one line) an example of ``shape`` (one example's, no batch) and ``dtype`` whose input
+    alone (bytes: the product of ``shape`` times the dtype's size) is more than ``device`` has
+    available (``process_memory.available_memory``): an --input-shape of 1,100000,100000 asked
+    40 GB of the allocator, which failed with a traceback."""
+    from .memory_plan import _human
+    from .process_memory import available_memory
+    need = math.prod(shape) * dtype.itemsize
+    if need <= 2**30:                          # 1 GB or less: no input of a model one prunes is refused
+        return
+    available = available_memory(device)
+    if need > available:
+        given = ",".join(map(str, shape))
+        raise PrunekitError(f"one example of input shape {given} needs about {_human(need)} for its input alone but "
+                            f"about {_human(available)} is available: give the shape the model takes (--input-shape "
+                            "C,H,W for images), or smaller images")
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, *, num_classes: int | None = None,

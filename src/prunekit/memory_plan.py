@@ -510,7 +510,8 @@ def _refusal(result: MemoryPlan, estimate, limit: int, refit_samples: int = 0, r
         return (f"this request needs about {_human(least)}{' per rank' if ranks > 1 else ''} whatever fisher_samples "
                 f"(the model, its data and the method's work besides the gradients) but {cap}: "
                 + (f"raise max_memory to more than {_human(least + spare)}" if given else
-                   f"free memory until more than {_human(least + spare)} is available"))
+                   f"free memory until more than {_human(least + spare)} is available")
+                + f" (the {_human(least)} it needs and {_human(spare)} to spare: what a process holds moves from run to run)")
     fitting = ", ".join(f"{n:,} in {name}" + (" (all the training data holds)" if n == most else "")
                         for name, n in largest.items())
     return (f"this request needs about {_human(result.total)}{' per rank' if ranks > 1 else ''} (gradients "

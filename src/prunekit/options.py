@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
@@ -50,9 +51,37 @@ def cli_message(err: PrunekitError, flags: set[str] | None = None) -> str:
     return text
 
 
+# float32, the precision models compute in: its largest finite value and its smallest normal one
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
+# counts (batches, samples, steps) are bounded by what Python's islice / range take
+MAX_COUNT = sys.maxsize
+
+
+# Real(..., use=...): how a value is used beyond itself, that must fit float32 too: (the largest
+# value whose use fits, why)
+SQUARED = (math.sqrt(FLOAT32_MAX), "its square scales the loss in float32")
+ADAM_LR = (FLOAT32_MAX / 10, "Adam's first step is 10 times it, in float32")
+
+
+def float32_problem(value: float, positive: bool = False, use: tuple[float, str] | None = None) -> str | None:
+    """What is wrong with a finite number that a model uses in float32 (an lr, a decay, a
+    temperature, a std), completing "must be ...", or None when it fits: beyond float32's range
+    (it would overflow to inf mid-run), or, with ``positive`` (0 refused), nonzero but below
+    float32's smallest normal number (0 or all precision lost there: an lr of 1e-320 trains
+    nothing). ``use``: (top, why): its use overflows past ``top`` (``SQUARED``: a distillation
+    temperature scales the loss by T²; ``ADAM_LR``)."""
+    top, why = use or (FLOAT32_MAX, "the model computes in float32")
+    if abs(value) > top:
+        return f"at most {top:.3g} ({why}), got {value!r}"
+    if positive and 0 < abs(value) < FLOAT32_TINY:
+        return f"at least {FLOAT32_TINY:.3g} (smaller is 0 in float32, which the model computes in), got {value!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class Integer:
-    """A whole number >= ``low`` (and <= ``high`` when given)."""
+    """A whole number >= ``low`` (and <= ``high`` when given; at most ``MAX_COUNT`` always)."""
 
     low: int | None = None
     high: int | None = None
@@ -60,7 +89,7 @@ class Integer:
     def check(self, value) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int):
             return f"a whole number, got {value!r}"
-        return _range(value, self.low, self.high)
+        return _range(value, self.low, self.high if self.high is not None else MAX_COUNT)
 
 
 @dataclass(frozen=True)
@@ -89,11 +118,13 @@ class Memory:
 
 @dataclass(frozen=True)
 class Real:
-    """A number in (``low``, ...) when ``open_low`` else [``low``, ...]; ``high`` likewise."""
+    """A number in (``low``, ...) when ``open_low`` else [``low``, ...]; ``high`` likewise; and
+    one that float32 holds (``float32_problem``; ``use``: its use too, e.g. ``SQUARED``)."""
 
     low: float | None = None
     high: float | None = None
     open_low: bool = False
+    use: tuple[float, str] | None = None
 
     def check(self, value) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -102,7 +133,8 @@ class Real:
             return f"a finite number, got {value!r}"
         if self.open_low and self.low is not None and not value > self.low:
             return f"above {self.low:g}, got {value!r}"
-        return _range(value, self.low, self.high)
+        return _range(value, self.low, self.high) or float32_problem(
+            value, positive=self.open_low and self.low == 0, use=self.use)
 
 
 @dataclass(frozen=True)
@@ -139,10 +171,11 @@ class Callable_:
 
 
 def _range(value, low, high) -> str | None:
+    shown = lambda bound: str(bound) if isinstance(bound, int) else f"{bound:g}"     # noqa: E731
     if low is not None and value < low:
-        return f"at least {low:g}, got {value!r}"
+        return f"at least {shown(low)}, got {value!r}"
     if high is not None and value > high:
-        return f"at most {high:g}, got {value!r}"
+        return f"at most {shown(high)}, got {value!r}"
     return None
 
 

@@ -207,6 +207,9 @@ class PruneRequest:
             check_start_keep(resolved, space.macs_summary(costs)[0], gradual)
         if method.check is not None:
             method.check(resolved, options)
+        # what the run will prune to, in the model's integers: a sweep's two runs resolving alike (a
+        # share and a count naming one budget: params 0.5 and 16180) would run the same pruning twice
+        self.resolved_key = (method.name, resolved, tuple(shares), channels.max_params if channels else None)
         data_to_load = self.data_to_load() if callable(self.data_to_load) else self.data_to_load
         if method.plan_memory is not None:
             _plan_memory(method, self.model, space, self.example_input, resolved, options, data_to_load,

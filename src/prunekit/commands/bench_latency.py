@@ -79,6 +79,12 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def max_threads(cpus: int) -> int:
+    """The most --threads timed for ``cpus`` cores: 16 per core, at least 64 (oversubscription
+    is timed with a warning up to there; far past it is a typo, and past 2**31 - 1 torch fails)."""
+    return max(64, 16 * cpus)
+
+
 def cmd_bench_latency(args) -> int:
     for flag, values in (("--batch-sizes", args.batch_sizes), ("--threads", args.threads)):
         bad = [v for v in values if v < 1]
@@ -87,6 +93,10 @@ def cmd_bench_latency(args) -> int:
         twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if twice is not None:
             raise PrunekitError(f"{flag} gives {twice} twice: give each once (each is its own row)")
+    most = max_threads(available_cpus())
+    if max(args.threads) > most:     # torch takes a C int; thousands of threads per core time nothing useful
+        raise PrunekitError(f"--threads {max(args.threads)} is far more than the {available_cpus()} CPU core(s) this "
+                            f"process may use: give at most {most}")
     if args.warmup < 0:
         raise PrunekitError(f"--warmup {args.warmup}: --warmup must be 0 or more (untimed calls of each model)")
     if args.repeats < MIN_REPEATS:

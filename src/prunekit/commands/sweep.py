@@ -156,11 +156,20 @@ def cmd_sweep(args) -> int:
     # any run reads the training split (the first run's plan_of scans it), and a zoo model's before an
     # image folder's evaluation split is scanned too; one run: its plan_of's own
     traced = {}                           # the model traced once, its trace taken by every run's plan
+    resolved = {}                         # each run's budget in the model's integers -> the run
     for method, budget in plan if len(plan) > 1 else []:
         request = request_of(args, dense_model, method, budget, costs=traced.get("costs"))
         request.check()
         if request.costs is not None:
             traced.setdefault("costs", request.costs)
+        key = getattr(request, "resolved_key", None)
+        if key is not None and key in resolved:     # 0.5 and 16180 of 32,360 weights: one pruning, twice
+            first = resolved[key]
+            raise PrunekitError(f"this sweep would run the same pruning twice: {run_name(*first)} and "
+                                f"{run_name(method, budget)} name one budget of {args.model} "
+                                f"({budget_text(first[1])} and {budget_text(budget)}): give each budget once")
+        if key is not None:
+            resolved[key] = (method, budget)
     for method, budget in plan:           # refuse a bad data size before the first run: prune's own checks,
         # in its order, for every run (plan_of checks the rows against the data)
         plan_of(args, dense_model, None, None, method, budget, data=data, traced=traced)

@@ -28,7 +28,7 @@ from ..loading import (check_checkpoint_fits, check_fits, check_normalized, chec
 from ..masks import NOTABLE_LAYER_SHARE, PRUNED_LAYER_SHARE, MaskHold, exact_zeros, masks_from_weights
 from ..params import ParamSpace
 from ..saving import read_meta, sidecar_path
-from ..options import OptionError, cli_message
+from ..options import OptionError, cli_message, float32_problem
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
 from ..runs import (EditedConfig, RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim,
@@ -726,8 +726,12 @@ def check_train_args(args) -> None:
                             "untrained model")
     if not 0 < args.lr < math.inf:
         raise PrunekitError(f"--lr must be a positive learning rate (e.g. 0.1), got {args.lr}")
+    if problem := float32_problem(args.lr, positive=True):
+        raise PrunekitError(f"--lr must be {problem}: give a learning rate like 0.1")
     if not 0 <= args.weight_decay < math.inf:
         raise PrunekitError(f"--weight-decay must be 0 or more (e.g. 5e-4), got {args.weight_decay}")
+    if problem := float32_problem(args.weight_decay):
+        raise PrunekitError(f"--weight-decay must be {problem}: give a decay like 5e-4")
     if args.batch_size < 1:
         raise PrunekitError(f"--batch-size must be at least 1, got {args.batch_size}")
     ranks = distributed.current().size

@@ -9,11 +9,28 @@ from prunekit.data.cifar import load_cifar10
 from prunekit.data.dataset import DeferredImageDataset, ImageDataset, SubsetScan
 from prunekit.data.imagefolder import scan_image_folder, scans_again
 from prunekit.data.mnist import load_mnist_like
-from prunekit.errors import PrunekitError, PrunekitWarning
+from prunekit.errors import PrunekitError, PrunekitWarning, worded
 from ..errors import warn as warn_ours
 
 DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10", "imagefolder")
 SPLITS = ("train", "test")
+
+
+# the largest --resize / --crop side: a 16384 x 16384 colour image is 805 MB of pixels, 3.2 GB as float32
+MAX_IMAGE_SIDE = 16384
+
+
+def check_image_sizes(resize, crop) -> None:
+    """Refuse a ``resize`` / ``crop`` (pixels; None: not given) that is no whole number from 1 to
+    ``MAX_IMAGE_SIDE``: 0 has no image, and far larger sides cannot be held (one image of side
+    100000 is 40 GB as float32; past 2**63 PIL cannot even be asked)."""
+    for flag, value in (("resize", resize), ("crop", crop)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_IMAGE_SIDE:
+            raise worded(f"{flag} must be a whole number of pixels from 1 to {MAX_IMAGE_SIDE}, got {value!r}",
+                         f"--{flag} must be a whole number of pixels from 1 to {MAX_IMAGE_SIDE} (one image of "
+                         f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} is 3.2 GB as float32), got {value!r}")
 
 
 def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize: int | None = None,
@@ -66,6 +83,7 @@ def load_dataset(name: str, data_dir: str | Path, split: str = "test", *, resize
     if name != "imagefolder" and (resize is not None or crop is not None):
         raise PrunekitError(f"resizing and cropping are for image folders: {name} images all have one size already; "
                             "leave out resize and crop")
+    check_image_sizes(resize, crop)
     if classes is not None and (isinstance(classes, str) or not all(isinstance(c, str) for c in classes)):
         raise PrunekitError("classes must be a list of class names (strings) in the order of the model's outputs, "
                             f"got {classes!r}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from prunekit.data.dataset import ImageDataset
 from prunekit.data.replay import ReplayedLoader, at_pass
 from prunekit.errors import PrunekitError
+from prunekit.options import FLOAT32_TINY
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class Normalization:
                                 f"{','.join(f'{v:g}' for v in self.std)}: give each channel's standard deviation")
         if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
             raise PrunekitError(f"normalization means and stds must be finite numbers, got {self.mean}/{self.std}")
+        if any(s < FLOAT32_TINY for s in self.std):   # 0 or subnormal once in float32: inputs divided by it blow up
+            raise PrunekitError(f"normalization stds must be at least {FLOAT32_TINY:.3g} (smaller is 0 or loses its "
+                                f"precision in float32, which the inputs are divided in), got "
+                                f"{','.join(map(repr, self.std))}: give each channel's standard deviation")
         # pixels are scaled to [0, 1] first: a mean above 1, or a std above 1, is the 0-255 convention
         text = lambda values: ",".join(f"{v:g}" for v in values)                           # noqa: E731
         if any(m < 0 for m in self.mean):

@@ -24,7 +24,7 @@ import torch
 
 from ..budget import ResolvedBudget
 from ..masks import MaskHold, masks_from_weights
-from ..options import Integer, OneOf, OptionError, Options, Real
+from ..options import Integer, OneOf, OptionError, Options, Real, SQUARED
 from ..train import TrainingDiverged, evaluate_loss_accuracy, sgd, train_epochs
 from .schedule import KINDS, keep_schedule
 from .stages import measure_seconds, resume_stages, stage_completed
@@ -54,7 +54,7 @@ class GradualOptions(Options):
     start_keep: float = 0.9
     finetune_distill: float = 0.0
     finetune_temperature: float = 4.0
-    constraints = {"finetune_distill": Real(0, 1), "finetune_temperature": Real(0, open_low=True),
+    constraints = {"finetune_distill": Real(0, 1), "finetune_temperature": Real(0, open_low=True, use=SQUARED),
                    "events": Integer(1, MAX_EVENTS), "epochs_per_event": Integer(0), "final_epochs": Integer(0),
                    "lr": Real(0, open_low=True), "momentum": Real(0, 1), "weight_decay": Real(0),
                    "event_schedule": OneOf(KINDS), "start_keep": Real(0, 1, open_low=True)}

@@ -35,7 +35,8 @@ from torch import nn
 
 from ..fisher import BN_MODES, batchnorm_on_batch_statistics
 from ..losses import LossFn, mean_loss
-from ..options import Integer, OneOf, Real
+from ..errors import warn as warn_ours, worded_warning
+from ..options import ADAM_LR, Integer, OneOf, OptionError, Real
 from .gates import GatedMacs, GatedParams, GateHooks
 from .groups import GroupSet
 from .family import ChannelContext, ChannelOptions, Cut
@@ -53,7 +54,7 @@ class AutoBotOptions(ChannelOptions):
     gate_bn: str = "frozen"  # BatchNorm while the gates train: "frozen" or "batch" (module docstring)
     takes_params = True      # a params budget as well as flops (module docstring); not an option
     constraints = {**ChannelOptions.constraints, "gate_batches": Integer(1), "beta": Real(0), "gamma": Real(0),
-                   "gate_lr": Real(0, open_low=True), "init": Real(0, 1, open_low=True), "gate_bn": OneOf(BN_MODES)}
+                   "gate_lr": Real(0, open_low=True, use=ADAM_LR), "init": Real(0, 1, open_low=True), "gate_bn": OneOf(BN_MODES)}
 
 
 def flops_loss(macs: torch.Tensor, target: float, dense: float) -> torch.Tensor:
@@ -138,9 +139,11 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         model.train(was_training)
+    check_gates_finite(theta, history, options)
     # Cut on the logits: same order as the gates, without sigmoid's saturation into ties.
     scores = [t.detach().cpu() for t in theta]
     masks, threshold = cut_to_budget(scores, counter, target_macs, options.channel_multiple, params=params)
+    warn_if_far_below(counter.macs_of_masks(masks) / counter.dense, target_macs / counter.dense, options)
     bound = {}
     if params is not None:          # which budget bound: did the params budget change the MAC-only cut?
         alone, _ = cut_to_budget(scores, counter, target_macs, options.channel_multiple)
@@ -154,6 +157,36 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
             "gate_estimate_flops_kept": history[-1]["gated_flops_kept"] if history else None,
             "history": history[:: max(1, len(history) // 50)]}
     return masks, info
+
+
+GATE_KNOBS = ("gate_lr", "beta", "gamma")
+
+
+def _knobs(options: AutoBotOptions) -> str:
+    return ", ".join(f"{name} {getattr(options, name):g}" for name in GATE_KNOBS)
+
+
+def check_gates_finite(theta: list[torch.Tensor], history: list[dict], options: AutoBotOptions) -> None:
+    """Refuse gates whose training blew up (a logit or the last step's loss not finite: a huge
+    gate_lr, beta or gamma): their cut would be arbitrary (2% of the MACs kept for a budget of
+    50%, accuracy at chance), reported as a success."""
+    last = history[-1] if history else {}
+    broken = not all(bool(torch.isfinite(t).all()) for t in theta) or not all(
+        math.isfinite(last.get(k, 0.0)) for k in ("ce", "l_flops", "l_bool"))
+    if broken:
+        raise OptionError(f"AutoBot's gate training diverged ({_knobs(options)}): its gates or loss are not finite "
+                          f"after {len(history)} step(s), so no cut can be trusted; lower gate_lr, beta or gamma "
+                          "(defaults: leave them out)", GATE_KNOBS)
+
+
+def warn_if_far_below(kept: float, share: float, options: AutoBotOptions) -> None:
+    """Warn where the cut keeps far fewer MACs (``kept``, a share of the dense model's) than the
+    budget's ``share``: under half of it. The cut meets the budget from below; far below, the
+    gates saturated (gate_lr, beta or gamma too large) and ties were cut together."""
+    if kept < 0.5 * share:
+        said = (f"AutoBot's cut keeps {kept:.2%} of the MACs for a budget of {share:.2%} ({_knobs(options)}): "
+                "its gates saturated, so whole ties were cut together")
+        warn_ours(worded_warning(f"{said}; lower gate_lr, beta or gamma", f"{said}; lower --gate-lr, --beta or --gamma"))
 
 
 def run_autobot(ctx: ChannelContext, opts: AutoBotOptions) -> Cut:

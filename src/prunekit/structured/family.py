@@ -16,7 +16,7 @@ from torch import nn
 
 from ..costs import CostModel
 from ..losses import LossFn
-from ..options import Integer, OneOf, OptionError, Options, Real
+from ..options import Integer, OneOf, OptionError, Options, Real, SQUARED
 from .gates import GatedMacs, GatedParams
 from .groups import GroupSet
 
@@ -54,7 +54,7 @@ class ChannelOptions(Options):
     constraints = {"reconstruct_batches": Integer(0), "reconstruct_ridge": Real(0, open_low=True),
                    "residual_channels": OneOf(("prune", "keep")), "gate_batch_size": Integer(1), "channel_multiple": Integer(1), "finetune_epochs": Integer(0),
                    "finetune_lr": Real(0, open_low=True), "finetune_distill": Real(0, 1),
-                   "finetune_temperature": Real(0, open_low=True), "depth_flops": Real(0, 1, open_low=True),
+                   "finetune_temperature": Real(0, open_low=True, use=SQUARED), "depth_flops": Real(0, 1, open_low=True),
                    "depth_batches": Integer(1), "depth_per": OneOf(("macs", "time"))}
 
     def check_given(self) -> None:

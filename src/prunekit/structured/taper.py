@@ -56,7 +56,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..losses import LossFn, mean_loss
-from ..options import Integer, OptionError, Real, Shares
+from ..options import Integer, OptionError, Real, Shares, ADAM_LR, SQUARED
 from ..train import distillation_loss
 from .gates import GatedMacs, GateHooks, fold_gates
 from .groups import GroupSet
@@ -97,7 +97,7 @@ class TaperOptions(ChannelOptions):
     flat_tol: float = 0.02       # relative change below which the loss counts as flat
     loss_average: float = 0.95   # decay of the exponential average of the task loss
     constraints = {**ChannelOptions.constraints, "taper_epochs": Real(0, open_low=True), "lr": Real(0, open_low=True),
-                   "momentum": Real(0, 1), "weight_decay": Real(0), "gate_lr": Real(0, open_low=True),
+                   "momentum": Real(0, 1), "weight_decay": Real(0), "gate_lr": Real(0, open_low=True, use=ADAM_LR),
                    "dual_lr": Real(0), "penalty": Real(0), "gamma": Real(0), "init": Real(0, 1, open_low=True),
                    "max_taper_rate": Real(0, open_low=True), "snapshots": Shares(), "settle_steps": Integer(1),
                    "settle_tol": Real(0), "settled_share": Real(0, 1), "settle_margin": Real(0, 0.5),
@@ -105,7 +105,7 @@ class TaperOptions(ChannelOptions):
                    "hold_cooling": Real(0, 1, open_low=True), "logit_bound": Real(0, open_low=True),
                    "check_every": Integer(1), "slow_down": Real(0, 1, open_low=True),
                    "speed_up": Real(1), "taper_distill": Real(0, 1),
-                   "taper_temperature": Real(0, open_low=True), "rise_tol": Real(0), "flat_tol": Real(0), "loss_average": Real(0, 1)}
+                   "taper_temperature": Real(0, open_low=True, use=SQUARED), "rise_tol": Real(0), "flat_tol": Real(0), "loss_average": Real(0, 1)}
 
     def check_given(self) -> None:
         super().check_given()
