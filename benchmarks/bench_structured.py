@@ -54,6 +54,14 @@ def shrunk_widths(model) -> list[int]:
     return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
+def _depth_options(args, depth_flops: float | None) -> dict:
+    """prunekit.prune's depth-cut options for one budget: none where the budget has no depth cut
+    (``prunekit.prune`` refuses ``depth_batches`` / ``depth_per`` without ``depth_flops``)."""
+    if depth_flops is None:
+        return {}
+    return {"depth_flops": depth_flops, "depth_batches": args.depth_batches, "depth_per": args.depth_per}
+
+
 def accuracy_part(args) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -134,8 +142,7 @@ def accuracy_part(args) -> dict:
                                         taper_distill=args.taper_distill,
                                         residual_channels=args.residual_channels,
                                         reconstruct_batches=args.reconstruct_batches,
-                                        reconstruct_ridge=args.reconstruct_ridge if args.reconstruct_batches else None, depth_flops=depth_of[budget],
-                                        depth_batches=args.depth_batches, depth_per=args.depth_per)
+                                        reconstruct_ridge=args.reconstruct_ridge if args.reconstruct_batches else None, **_depth_options(args, depth_of[budget]))
                 info = {k: result.record[k] for k in ("taper_steps", "planned_steps", "snapshot_steps",
                                                       "snapshot_cuts", "on_schedule", "final_lambda", "history")}
                 name = ("taper-inner+depth" if args.residual_channels == "keep" else "taper+depth") + distilled
@@ -189,8 +196,7 @@ def accuracy_part(args) -> dict:
                                         residual_channels=args.residual_channels,
                                         reconstruct_batches=args.reconstruct_batches,
                                         reconstruct_ridge=args.reconstruct_ridge if args.reconstruct_batches else None,
-                                        depth_flops=depth_of.get(budget),
-                                        depth_batches=args.depth_batches, depth_per=args.depth_per)
+                                        **_depth_options(args, depth_of.get(budget)))
                 small = result.model
                 info = {k: result.record[k] for k in ("threshold_gate", "gate_steps", "gate_estimate_flops_kept",
                                                       "history")}

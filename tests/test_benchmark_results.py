@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import prunekit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import common  # noqa: E402
@@ -324,3 +327,31 @@ def test_the_docs_one_shot_commands_name_no_committed_out():
             pattern = re.sub(r"\\\$\\\{?\w+\\\}?|<\w+>", ".*", re.escape(Path(found.group(1)).name))
             named += [found.group(1) for name in committed if re.fullmatch(pattern, name)]
     assert text.count("bench_oneshot.py") > 40 and not named, sorted(set(named))
+
+
+def test_the_structured_benchmarks_autobot_call_passes_depth_options_only_with_a_depth_cut(tmp_path, monkeypatch):
+    """Every autobot row of bench_structured.py stopped on a refusal (depth_batches / depth_per given
+    without depth_flops) after prunekit.prune began refusing them (session 55's walk)."""
+    import bench_structured
+    seen = {}
+
+    def accuracy_part(args):
+        seen["args"] = args
+        return {"model": "m", "dense_accuracy": 90.0, "dense_macs": 1, "rows": []}
+    monkeypatch.setattr(bench_structured, "accuracy_part", accuracy_part)
+    monkeypatch.setattr(common, "_TARGETS", {})
+    monkeypatch.setattr(sys, "argv", ["bench_structured", "--data", "/some/data", "--out", str(tmp_path / "s.json"),
+                                      "--no-latency", "--methods", "autobot"])
+    bench_structured.main()
+    args = seen["args"]
+    assert bench_structured._depth_options(args, None) == {}
+    assert bench_structured._depth_options(args, 0.4) == {"depth_flops": 0.4, "depth_batches": args.depth_batches,
+                                                          "depth_per": args.depth_per}
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 3, (32,))
+    result = prunekit.prune(net, (x, y), method="autobot", flops=0.6, example_input=x[:1], gate_batches=2,
+                            **bench_structured._depth_options(args, None))
+    assert result.record["flops_kept"] <= 0.6
