@@ -49,17 +49,14 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def _get_values(self, action, arg_strings):
-        """argparse's, refusing an option that takes a value given twice (``--sparsity 0.5
-        --sparsity 0.9`` pruned 90% without a word: the last one won). Switches (``--force``
-        twice says the same thing twice) and appending options may repeat; an option taking a
-        list takes all its values after one flag (``--threads 1 2``)."""
-        repeatable = action.nargs == 0 or isinstance(action, (argparse._AppendAction, argparse._CountAction))
-        if action.option_strings and not repeatable:
+        """argparse's, refusing an option that takes a list given twice (``sweep --method magnitude
+        --method chita`` ran chita alone: the second list replaced the first). An option taking one
+        value keeps argparse's rule, the last one given wins (``--epochs 2 ... --epochs 5``: a
+        command line written once and overridden at its end, as scripts do)."""
+        if action.option_strings and action.nargs in ("+", "*"):
             if id(action) in self._given:
                 flag = action.option_strings[-1]
-                fix = (f"give all its values after one {flag}" if action.nargs in ("+", "*")
-                       else "keep the one you mean")
-                raise argparse.ArgumentError(None, f"{flag} given twice: {fix}")
+                raise argparse.ArgumentError(None, f"{flag} given twice: give all its values after one {flag}")
             self._given.add(id(action))
         return super()._get_values(action, arg_strings)
 
