@@ -170,19 +170,19 @@ def _prune_into(rank, world, out):
 
 def _claim_denied_on_rank_0(rank, world, out):
     """claim_on_rank_0 where rank 0's write of config.toml is denied: each rank's exception."""
-    from prunekit import runs
+    from prunekit import run_claims, runs
 
     def denied(folder, *_, **__):
         raise PermissionError(13, "Permission denied", str(folder.config))
-    real = runs.claim
+    real = run_claims.claim      # the claim claim_on_rank_0 calls
     if rank == 0:
-        runs.claim = denied
+        run_claims.claim = denied
     try:
         runs.claim_on_rank_0(out, "method = 'magnitude'\n")
     except Exception as err:     # noqa: BLE001 - what each rank met
         return f"{type(err).__name__}: {err}"
     finally:
-        runs.claim = real
+        run_claims.claim = real
     return "not refused"
 
 
@@ -374,14 +374,14 @@ def _claim_warning_as_error(rank, world, out):
     """claim_on_rank_0 where rank 0's claim warns (as over an older prunekit's folder: "... it is
     carried on without checking ...") under an "error" filter: each rank's exception."""
     import warnings
-    from prunekit import runs
+    from prunekit import run_claims, runs
     from prunekit.errors import PrunekitWarning
 
     def older(folder, *_, **__):
-        runs.warn_ours(PrunekitWarning(f"{folder.path} was written by an older prunekit: it is carried on"))
-    real = runs.claim
+        run_claims.warn_ours(PrunekitWarning(f"{folder.path} was written by an older prunekit: it is carried on"))
+    real = run_claims.claim      # the claim claim_on_rank_0 calls
     if rank == 0:
-        runs.claim = older
+        run_claims.claim = older
     with warnings.catch_warnings():
         warnings.simplefilter("error", PrunekitWarning)
         try:
@@ -389,7 +389,7 @@ def _claim_warning_as_error(rank, world, out):
         except Exception as err:     # noqa: BLE001 - what each rank met
             return f"{type(err).__name__}: {err}"
         finally:
-            runs.claim = real
+            run_claims.claim = real
     return "not raised"
 
 

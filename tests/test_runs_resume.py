@@ -367,11 +367,11 @@ def test_resume_of_a_finished_run_says_a_command_that_runs_it_anew(tmp_path, cap
 
 
 def test_a_resume_with_another_world_size_says_so_and_records_each_sessions(tmp_path, capsys, monkeypatch):
-    """A run whose stage 1 was written by 2 torchrun ranks (``runs._world_size`` stands in for the
+    """A run whose stage 1 was written by 2 torchrun ranks (``run_checkpoints._world_size`` stands in for the
     group), resumed by one process: run.log and stderr say the world size changed and that the result
     matches an uninterrupted run only within the rounding; result.json's ``world_sizes`` is [2, 1].
     Before, nothing was said and the record described the last session alone (no ``ranks`` at all)."""
-    from prunekit import runs
+    from prunekit import run_checkpoints, runs
     out = tmp_path / "run"
     argv = ["prune", "--model", "mlpnet", "--checkpoint", str(ASSETS / "mlpnet.safetensors"), "--data", "mnist",
             "--data-dir", str(ASSETS / "mnist"), "--train-samples", "256", "--fisher-samples", "32", "--method",
@@ -381,7 +381,7 @@ def test_a_resume_with_another_world_size_says_so_and_records_each_sessions(tmp_
     def save_then_stop(self, state, model):
         save(self, state, model)
         raise KeyboardInterrupt
-    monkeypatch.setattr(runs, "_world_size", lambda: 2, raising=False)
+    monkeypatch.setattr(run_checkpoints, "_world_size", lambda: 2)     # where RunCheckpointer calls it
     monkeypatch.setattr(runs.RunCheckpointer, "save", save_then_stop)
     assert main(argv) == 130
     monkeypatch.undo()
