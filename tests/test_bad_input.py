@@ -640,8 +640,8 @@ CLI_CASES = [
 CLI_CASES += [
     # session 55's walk: each was accepted, hung, or refused in words that did not name the fix
     # --out inside --data-dir: an image folder read the run's folder as a class (refused before any file is read)
-    ([*PRUNE, "--sparsity", "0.5", "--out", f"{MNIST_DIR}/run"], f"--out {MNIST_DIR}/run is inside --data-dir "
-     f"{MNIST_DIR}: the run's files would be read as data"),
+    (["train", "--model", f"{H}/net.py:build", "--normalize", "none", "--data", "imagefolder", "--data-dir",
+      f"{H}/adir", "--out", f"{H}/adir/train/run"], f"--out {H}/adir/train/run is inside the image folder --data-dir"),
     # a list option given twice: the second list replaced the first without a word (an option of one
     # value keeps argparse's rule, the last one wins: test_repeated_switches_and_list_values_still_parse)
     (["sweep", *MLP, *MNIST, "--method", "magnitude", "--method", "chita", "--sparsity", "0.5", "--out", f"{H}/sw"],
@@ -768,7 +768,32 @@ def test_recipe_that_is_a_pipe_is_refused(tmp_path, capsys):
     finally:
         timer.cancel()
     assert code == 2 and err.count("\n") == 1 and out == ""
-    assert f"recipe {fifo} is a pipe, not a file" in err, err
+    assert f"recipe {fifo} is a pipe nothing was written to" in err, err
+
+
+def test_out_beside_files_of_a_data_set_other_than_an_image_folder_is_theirs_to_place(tmp_path):
+    """Only an image folder reads its subfolders (as classes): MNIST's folder may hold the run."""
+    import argparse
+    from prunekit.cli import _refuse_bad_paths
+    _refuse_bad_paths(argparse.Namespace(data="mnist", data_dir=str(tmp_path), out=str(tmp_path / "runs" / "r1")))
+    with pytest.raises(PrunekitError, match="inside the image folder"):
+        _refuse_bad_paths(argparse.Namespace(data="imagefolder", data_dir=str(tmp_path), out=str(tmp_path / "r1")))
+
+
+def test_recipe_read_through_a_pipe_with_a_writer():
+    """``--recipe <(sed ... base.toml)`` and ``--recipe /dev/stdin`` name a pipe whose writer is there
+    from the start: read as a file is (the refusal of a pipe is for one nobody writes to)."""
+    from prunekit.recipes import load_recipe
+    from prunekit.cli import build_parser_for
+    read_end, write_end = os.pipe()
+    try:
+        writer = threading.Thread(target=lambda: (os.write(write_end, b'sparsity = "0.5"\n'), os.close(write_end)))
+        writer.start()
+        values = load_recipe(f"/dev/fd/{read_end}", build_parser_for("prune"))
+        writer.join(timeout=30)
+    finally:
+        os.close(read_end)
+    assert values["sparsity"] == "0.5"
 
 
 def test_out_a_symlink_to_nothing_is_refused_before_loading(tmp_path, capsys, monkeypatch):

@@ -106,13 +106,30 @@ class _Counting(nn.Module):
         return y
 
 
-@pytest.mark.parametrize("method, budget", [("autobot", dict(flops=0.5, gate_batches=3)),
-                                            ("magnitude", dict(sparsity=0.5))])
-def test_the_passed_models_own_buffers_are_left_as_they_were(method, budget):
+def test_the_model_passed_to_a_channel_method_keeps_its_own_buffers():
     model = _Counting()
-    result, _ = _prune(model, method=method, **budget)
+    result, _ = _prune(model, method="autobot", flops=0.5, gate_batches=3)
     assert float(model.calls) == 0 and not model.ema.any()
-    assert (result.model is model) == (method == "magnitude")
+    assert result.model is not model
+
+
+def test_a_weights_methods_saved_model_holds_the_buffers_result_model_holds(tmp_path):
+    """A weights method prunes in place: result.model is the model passed and what the run folder
+    saves (the buffers were put back after the save, so the folder held other buffers)."""
+    from safetensors.torch import load_file
+    model = _Counting()
+    result, _ = _prune(model, method="magnitude", sparsity=0.5, eval_data=(X, Y), out=str(tmp_path / "run"))
+    assert result.model is model and float(model.calls) > 0
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert torch.equal(saved["calls"], model.calls) and torch.equal(saved["ema"], model.ema)
+
+
+def test_a_lazy_modules_buffer_not_made_yet_is_no_obstacle():
+    model = nn.Sequential(nn.Linear(64, 8), nn.Unflatten(1, (8, 1, 1)), nn.LazyInstanceNorm2d(track_running_stats=True),
+                          nn.Flatten(), nn.Linear(8, 4))
+    from prunekit.api import _own_buffers
+    kept = _own_buffers(model)          # was torch's ValueError: an uninitialized buffer cannot be cloned
+    assert [name for _, name, _ in kept] == ["num_batches_tracked"]
 
 
 def test_a_frozen_first_layer_is_seen_and_cut_by_the_channel_analysis():

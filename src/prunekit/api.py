@@ -64,14 +64,15 @@ from .errors import warn as warn_ours
 
 
 def _buffers_kept(prune_call):
-    """``prune_call`` (``prune``) leaving the buffers of the model passed in as they were, but for
-    BatchNorm's (a weights method recalibrates them on purpose; a channel method leaves them as
-    they were already) and those of a gradual run (which trains the model in place): a buffer the
-    model's own forward updates (a call counter, an EMA of its outputs) is not changed by prunekit's
-    forward passes (measuring the model, checking its labels, training gates on it)."""
+    """``prune_call`` (``prune``) leaving the buffers of the model passed to a channel method as they
+    were (BatchNorm's are left so already): a buffer the model's own forward updates (a call counter,
+    an EMA of its outputs) is not changed by prunekit's forward passes (measuring the model, checking
+    its labels, training gates on it). A weights method prunes the model in place: the model passed
+    is ``result.model`` and what a run folder saves, so its buffers stay as those passes left them."""
     @functools.wraps(prune_call)
     def call(model, *args, gradual: bool = False, **kwargs):
-        kept = _own_buffers(model) if isinstance(model, nn.Module) and gradual is not True else []
+        kept = _own_buffers(model) if isinstance(model, nn.Module) and gradual is not True \
+            and _channel_method(kwargs.get("method", "magnitude")) else []
         try:
             return prune_call(model, *args, gradual=gradual, **kwargs)
         finally:
@@ -79,11 +80,21 @@ def _buffers_kept(prune_call):
     return call
 
 
+def _channel_method(method) -> bool:
+    """Whether ``method`` (a name or a Method) is a channel method; False for a name prune refuses."""
+    try:
+        return lookup(method).family == "channels"
+    except PrunekitError:
+        return False
+
+
 def _own_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """(module, buffer name, a copy of it) for every buffer of ``model`` outside BatchNorm layers."""
+    """(module, buffer name, a copy of it) for every buffer of ``model`` outside BatchNorm layers (but
+    a lazy module's buffer not made yet: nothing to copy)."""
     return [(module, name, buffer.detach().clone()) for module in model.modules()
             if not isinstance(module, nn.modules.batchnorm._BatchNorm)
-            for name, buffer in module._buffers.items() if isinstance(buffer, torch.Tensor) and not buffer.is_meta]
+            for name, buffer in module._buffers.items()
+            if isinstance(buffer, torch.Tensor) and not buffer.is_meta and not nn.parameter.is_lazy(buffer)]
 
 
 def _put_back(kept: list[tuple[nn.Module, str, torch.Tensor]]) -> None:

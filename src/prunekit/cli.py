@@ -256,14 +256,15 @@ def _refuse_bad_paths(args) -> None:
     """Refuse, before any file is read or written, the paths no command can use: an empty
     ``--data-dir`` (it read the current folder), an ``--out`` that is a symbolic link to nothing
     or lies under a file (refused late, as "File exists" or "Not a directory"), and an ``--out``
-    inside ``--data-dir`` (the run's folder became a class of an image folder, its files data)."""
+    inside an image folder's ``--data-dir`` (the run's folder became a class, its files data; the
+    other data sets read only their own files, so a run beside them is theirs to place)."""
     data_dir, out = getattr(args, "data_dir", None), getattr(args, "out", None)
     if isinstance(data_dir, str) and not data_dir.strip():
         raise PrunekitError("--data-dir is an empty path: name the folder holding the data (e.g. --data-dir data/mnist)")
     if not isinstance(out, str) or not out.strip():
         return              # an empty --out: each command's own check says so
     try:
-        _refuse_bad_out(out, data_dir)
+        _refuse_bad_out(out, data_dir if getattr(args, "data", None) == "imagefolder" else None)
     except OSError:         # a folder it may not look into: the command's own checks say what is wrong
         return
 
@@ -279,8 +280,8 @@ def _refuse_bad_out(out: str, data_dir: str | None) -> None:
     if isinstance(data_dir, str) and Path(data_dir).is_dir():
         data, run = Path(data_dir).resolve(), path.resolve()
         if run == data or data in run.parents:
-            raise PrunekitError(f"--out {out} is inside --data-dir {data_dir}: the run's files would be read as "
-                                "data (an image folder's subfolder is a class); pick an --out outside the data's folder")
+            raise PrunekitError(f"--out {out} is inside the image folder --data-dir {data_dir}: the run's files "
+                                "would be read as data (each subfolder is a class); pick an --out outside it")
 
 
 def _from_config(err: PrunekitError, args) -> str:

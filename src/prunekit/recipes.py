@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import stat
 import tomllib
 from pathlib import Path
@@ -49,16 +50,32 @@ def _special_kind(path: Path) -> str:
     return "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
 
 
+def _recipe_text(path: Path) -> str:
+    """The recipe's text (utf-8-sig: a byte-order mark, as Notepad writes, is no key). A pipe is read
+    as a file is (``--recipe <(sed ... base.toml)``, ``/dev/stdin``), but opened without waiting for a
+    writer: a named pipe nobody writes to is refused instead of blocking the read forever."""
+    if not (path.exists() and stat.S_ISFIFO(path.stat().st_mode)):
+        return path.read_text(encoding="utf-8-sig")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    os.set_blocking(fd, True)            # a writer there: read to its end; none: the end at once
+    with os.fdopen(fd, "rb") as pipe:
+        data = pipe.read()
+    if not data:
+        raise PrunekitError(f"recipe {path} is a pipe nothing was written to: pass the TOML file (keys = option "
+                            "names), or write the recipe into the pipe")
+    return data.decode("utf-8-sig")
+
+
 def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict:
     """Read and validate a TOML recipe against ``parser``; returns {dest: value}."""
     path = Path(path)
     if path.is_dir():
         raise PrunekitError(f"recipe {path} is a folder: pass the TOML file (e.g. {path / 'config.toml'})")
-    if path.exists() and not path.is_file():        # a pipe would block the read until a writer came
+    if path.exists() and not path.is_file() and not stat.S_ISFIFO(path.stat().st_mode):
         raise PrunekitError(f"recipe {path} is {_special_kind(path)}, not a file: pass the TOML file (keys = "
                             "option names)")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))     # -sig: a byte-order mark (Notepad) is no key
+        raw = tomllib.loads(_recipe_text(path))
     except FileNotFoundError:
         raise PrunekitError(f"recipe {path} does not exist: check the path") from None
     except UnicodeDecodeError:

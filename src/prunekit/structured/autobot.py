@@ -143,8 +143,7 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
     # Cut on the logits: same order as the gates, without sigmoid's saturation into ties.
     scores = [t.detach().cpu() for t in theta]
     masks, threshold = cut_to_budget(scores, counter, target_macs, options.channel_multiple, params=params)
-    warn_if_far_below(counter.macs_of_masks(masks) / counter.dense, target_macs / counter.dense, options)
-    bound = {}
+    bound, alone = {}, masks
     if params is not None:          # which budget bound: did the params budget change the MAC-only cut?
         alone, _ = cut_to_budget(scores, counter, target_macs, options.channel_multiple)
         alone_params = params[0].params_of_masks(alone)
@@ -153,6 +152,8 @@ def autobot_masks(model: nn.Module, groups: GroupSet, counter: GatedMacs, target
         if bound["bound"] == "flops":   # the params budget alone: how many MACs it would have allowed
             by_params, _ = cut_to_budget(scores, counter, counter.dense, options.channel_multiple, params=params)
             bound["params_alone_flops"] = counter.macs_of_masks(by_params) / counter.dense
+    # the MAC budget's own cut: a params budget that binds keeps fewer MACs by design, not by saturated gates
+    warn_if_far_below(counter.macs_of_masks(alone) / counter.dense, target_macs / counter.dense, options)
     info = {**bound, "threshold_gate": float(torch.sigmoid(torch.tensor(threshold))), "gate_steps": len(history),
             "gate_estimate_flops_kept": history[-1]["gated_flops_kept"] if history else None,
             "history": history[:: max(1, len(history) // 50)]}
