@@ -411,7 +411,7 @@ def test_chita_never_keeps_more_than_k_on_degenerate_problems():
     curvature but the ridge, integer ties, all-equal weights, Fishers of 2^-120 to 2^-140. CHITA
     returns at most k nonzeros, all finite, or refuses a singular model in one line; never more."""
     checked = refused = 0
-    for seed in range(64):
+    for seed in range(32):          # every kind (seed % 8) with every ridge (seed % 3), 4 problems each
         g = torch.Generator().manual_seed(seed)
         kind = seed % 8
         n, p = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(2, 14, (1,), generator=g))
@@ -443,4 +443,4 @@ def test_chita_never_keeps_more_than_k_on_degenerate_problems():
                 checked += 1
                 assert int((sol.w != 0).sum()) <= k, (seed, kind, k, variant)
                 assert sol.support_size <= k and bool(torch.isfinite(sol.w).all()), (seed, kind, k, variant)
-    assert checked > 10 * max(refused, 1)
+    assert checked > 10 * max(refused, 1), (checked, refused)
