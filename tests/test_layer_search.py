@@ -276,7 +276,8 @@ def test_a_run_judged_at_the_final_budget_ends_with_the_best_candidate_the_judge
 def test_a_multi_stage_run_without_a_search_weighs_its_result_against_the_one_shot_solution(method):
     net = bn_net()
     x, y = torch.randn(200, 1, 6, 6), torch.randint(0, 3, (200,))
-    budget = {"flops": 0.4, "sparsity": 0.7} if method == "falcon++" else {"sparsity": 0.7}
+    # falcon++ searches by default since layer_search auto (685ed8a): 0 keeps this run without one
+    budget = {"flops": 0.4, "sparsity": 0.7, "layer_search": 0} if method == "falcon++" else {"sparsity": 0.7}
     runs = {pick: prunekit.prune(copy.deepcopy(net), (x, y), method=method, batch_size=10, fisher_samples=8,
                                  stages=3, final_pick=pick, **budget) for pick in ("judge", "last")}
     choice = runs["judge"].history[-1]["final_choice"]
