@@ -380,8 +380,8 @@ def test_image_folder_resize_and_crop_bring_sizes_to_one(tmp_path):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"crop": 25}, "smaller than the crop of 25"),
     ({"resize": 8, "crop": 9}, "after resizing to 8"),
-    ({"resize": 0}, "positive number of pixels"),
-    ({"crop": 2.5}, "positive number of pixels"),
+    ({"resize": 0}, "whole number of pixels from 1 to 16384, got 0"),
+    ({"crop": 2.5}, "whole number of pixels from 1 to 16384, got 2.5"),
 ])
 def test_image_folder_resize_and_crop_refusals(tmp_path, kwargs, message):
     write_png_tree(tmp_path, {"a": 1}, size=(40, 20))
