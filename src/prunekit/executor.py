@@ -29,7 +29,7 @@ from .data.loaders import BatchLoader
 from .data.replay import ReplayedLoader
 from .errors import PrunekitError, PrunekitWarning, worded, worded_warning
 from .pipelines.gradual import prune_gradual
-from .structured.groups import dense_groups_warning
+from .structured.left_dense import dense_groups_warning
 from .methods import BUILT_IN, METHODS, Method
 from .pipelines.weights import Outcome, PruneContext, Pruned, prune_weights
 from .options import OptionError
