@@ -374,7 +374,7 @@ def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, f
     ``anew``: the refusal's words for starting the run anew (``ANEW``: prune's command line's);
     ``redo``: the warning's over an older folder (``REDO``)."""
     from .data.imagefolder import fingerprint_change
-    from .runs import _remove_own_files
+    from .run_folder import _remove_own_files
     if not now:
         return False
     before = metrics.get("data_fingerprint")
