@@ -1119,6 +1119,51 @@ def test_weight_normalization_is_told_to_be_folded_first():
     assert CostModel(model, torch.randn(2, 10)).macs == 10 * 20 + 20 * 3
 
 
+
+def test_each_refusal_of_an_unpriced_parameter_is_reached():
+    """The three refusals of a parameter used by an op without a cost rule, each by the input that
+    reaches it now that a parametrization's own ops are not traced (session 55): the old-form weight
+    norm (a forward pre-hook making the weight from g and v, outside any parametrization), a
+    parametrization's original read by the model's own code, and any other parameter (the root's)."""
+    import warnings
+    from torch.nn.utils import parametrize
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)       # torch.nn.utils.weight_norm is deprecated
+        old_form = nn.utils.weight_norm(nn.Linear(8, 8))
+    with pytest.raises(PrunekitError, match=r"^module '0' has weight normalization \(its weight is made from "
+                                            r"0\.weight_g, 0\.weight_v before each call\).*remove_weight_norm"):
+        CostModel(nn.Sequential(old_form, nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 8))
+
+    class Abs(nn.Module):
+        def forward(self, w):
+            return w.abs()
+
+    class ReadsOriginal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 8)
+            parametrize.register_parametrization(self.layer, "weight", Abs())
+
+        def forward(self, x):
+            return x @ torch.cumsum(self.layer.parametrizations.weight.original, 0).t()
+
+    with pytest.raises(PrunekitError, match=r"^layer\.weight is under a torch parametrization, made anew before each "
+                                            r"call from layer\.parametrizations\.weight\.original by aten\.cumsum"):
+        CostModel(ReadsOriginal(), torch.randn(2, 8))
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return x @ torch.cumsum(self.w, 0).t()
+
+    with pytest.raises(PrunekitError, match=r"^cannot count the MACs of parameter 'w' \(module '\(root\)', Root\): "
+                                            r"it is used by the operation aten\.cumsum"):
+        CostModel(Root(), torch.randn(2, 8))
+
+
 class Conv1D(nn.Module):
     """HuggingFace's GPT-2 Conv1D in small: a Linear whose weight is stored (in, out), y = x @ W + b."""
 

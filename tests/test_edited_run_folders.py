@@ -72,7 +72,8 @@ def test_cli_prune_takes_the_same_budget_spelled_another_way(tmp_path, capsys, s
 
 
 def test_budgets_compare_by_value():
-    from prunekit.runs import _differing, same_values
+    from prunekit.run_configs import _differing
+    from prunekit.runs import same_values
     assert same_values('sparsity = "0.5"\n', 'sparsity = "50%"\n')
     assert same_values('params = "50k"\n', 'params = "50000"\n')
     assert same_values('flops = "0.3"\n', 'flops = "30%"\n')

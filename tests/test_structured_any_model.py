@@ -601,7 +601,7 @@ def test_recurrent_layers_and_embeddings_are_named_as_left_dense_in_the_record_w
 def test_layers_and_channel_groups_left_dense_are_counted_apart():
     """Recurrent layers and embeddings are layers, not channel groups: "2 layers and 1 channel group left
     dense", in the warning (which run.log keeps) and in the refusals below the floor."""
-    from prunekit.structured.groups import dense_groups_text, dense_groups_warning
+    from prunekit.structured.left_dense import dense_groups_text, dense_groups_warning
     layers = [(n, why) for n, why in find_groups(_Recurrent(), torch.randn(1, 12, 10)).skipped if n != "fc"]
     model, x = _Norms(True).eval(), torch.randn(1, 3, 8, 8)
     norm = [(n, why) for n, why in checked_groups(model, find_groups(model, x), x).skipped if n == "c1"]
@@ -822,7 +822,7 @@ def test_an_rmsnorm_over_the_channels_is_named_as_what_leaves_them_dense(norm):
     one the same: with a weight the group was left dense as "touches parameter norm.weight", without one
     the numeric check named "an operation ... e.g. a channel shuffle". Now the norm is named by its
     module and its mean over the channels, in the warning's words."""
-    from prunekit.structured.groups import dense_groups_warning
+    from prunekit.structured.left_dense import dense_groups_warning
     make, kind = RMS_NORMS[norm]
     torch.manual_seed(0)
     model, x = _Tokens(make()).eval(), torch.randn(2, 7, 6)

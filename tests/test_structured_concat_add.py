@@ -1,7 +1,7 @@
 """A residual add onto a concatenation (``y = x + torch.cat([a(x), b(x)], 1)``, Inception/DenseNet-style
 or split-transform-merge blocks) is pruned, not left dense: its channels are cut into parts at every
 concatenation boundary, each part a channel group whose members are slices (offset, size) of their
-layers' channels (``groups._concat_parts``). Shrunk models are recounted by the independent hook
+layers' channels (``concat_add._concat_parts``). Shrunk models are recounted by the independent hook
 counter of ``gallery.py`` and compared with the gated (masked dense) model."""
 
 import pytest

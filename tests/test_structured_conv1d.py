@@ -18,7 +18,8 @@ from prunekit.costs import CostModel
 from prunekit.errors import PrunekitWarning
 from prunekit.structured.channel_norms import channel_norms
 from prunekit.structured.gates import GatedMacs, GateHooks, fold_gates
-from prunekit.structured.groups import build_graph, find_groups
+from prunekit.structured.dependency_trace import build_graph
+from prunekit.structured.groups import find_groups
 from prunekit.structured.shrink import checked_groups, shrink
 from prunekit.zoo.layout import apply_layout, channel_layout
 from closeness import assert_close_to_scale

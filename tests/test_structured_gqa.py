@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.structured.groups import find_groups, unexpected_skips
+from prunekit.structured.groups import find_groups
+from prunekit.structured.left_dense import unexpected_skips
 
 
 def _rotate_half(x):
@@ -77,7 +78,7 @@ def test_grouped_query_attention_is_kept_dense_and_named(counts):
 
 
 def test_attention_with_as_many_kv_heads_is_not_called_grouped_query():
-    from prunekit.structured.groups import grouped_query_attention
+    from prunekit.structured.grouped_query import grouped_query_attention
     model = nn.Module()
     model.attn = _Attention(heads=4, kv_heads=4)
     modules = dict(model.named_modules())

@@ -22,7 +22,8 @@ import prunekit
 from prunekit.costs import CostModel
 from prunekit.errors import PrunekitError
 from prunekit.structured.gates import GatedMacs, GatedParams, GateHooks
-from prunekit.structured.groups import dense_groups_warning, find_groups
+from prunekit.structured.groups import find_groups
+from prunekit.structured.left_dense import dense_groups_warning
 from prunekit.structured import rounding
 from prunekit.structured.shrink import checked_groups, shrink
 from prunekit.zoo.layout import apply_layout, channel_layout

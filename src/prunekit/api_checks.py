@@ -246,22 +246,31 @@ def check_labels(model: nn.Module, example_input: torch.Tensor, data, batches: C
                             "pass the labels as indices of the model's outputs")
 
 
+_FAILED = object()       # what ``_output`` gives for a model that fails on its input
+
+
+def _output(model: nn.Module, x):
+    """The model's output on ``x`` in eval mode without gradients (its training mode restored), or
+    ``_FAILED`` where it raises: the cost model's trace reports a model that cannot run."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    except Exception:  # noqa: BLE001 - the cost model's trace reports a model that cannot run
+        return _FAILED
+    finally:
+        model.train(was_training)
+
+
 def check_default_loss(model: nn.Module, example_input) -> None:
     """Without ``loss=`` every method that trains, takes gradients or evaluates reads the model's
     output as (batch, classes) scores (``losses.class_scores``): refuse one that is not (a tuple, a
     dict without 2-D ``logits``, one value per example) in one line, before any work, the same for
     every method and mode (autobot's gates, taper, the hybrid, gradual fine-tunes, CHITA's rows).
     A model that fails on ``example_input`` is left to the trace, which says so in its words."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(example_input)
-    except Exception:  # noqa: BLE001 - the cost model's trace reports a model that cannot run
-        return
-    finally:
-        model.train(was_training)
-    class_scores(out)
+    if (out := _output(model, example_input)) is not _FAILED:
+        class_scores(out)
 
 
 def check_example_batched(example_input, batches: Callable[[], Iterable] | None, what: str) -> None:
@@ -300,15 +309,8 @@ def check_loss(model: nn.Module, loss, batches: Callable[[], Iterable], device: 
     over the batch and not a sum (``_check_loss_is_a_mean``)."""
     x, y = first_batch(batches, "data")
     x, y = x[:2].to(device), y[:2].to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outputs = model(x)
-    except Exception:  # noqa: BLE001 - the cost model's trace reports a model that cannot run
+    if (outputs := _output(model, x)) is _FAILED:
         return
-    finally:
-        model.train(was_training)
     try:
         value = loss(outputs, y)
     except Exception as err:  # noqa: BLE001 - any failure of the user's loss

@@ -517,9 +517,9 @@ def _refuse_unpriced(unpriced, modules) -> None:
     if not unpriced:
         return
     first = unpriced[0]
-    owner = first.param.rsplit(".", 1)[0] if "." in first.param else ""
-    module = modules.get(owner)
-    kind = type(module).__name__ if module is not None else "module"
+    owner = first.param.rpartition(".")[0]
+    # a parameter's name is that of a module in named_modules() (the root: "") and its own
+    kind = type(modules[owner]).__name__
     names = sorted({u.param for u in unpriced})
     if "weight_norm" in first.op:          # the weight is made from g and v in a hook: no cost rule can see it
         layer = owner.removesuffix(".parametrizations.weight") or "(root)"

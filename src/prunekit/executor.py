@@ -29,7 +29,7 @@ from .data.loaders import BatchLoader
 from .data.replay import ReplayedLoader
 from .errors import PrunekitError, PrunekitWarning, worded, worded_warning
 from .pipelines.gradual import prune_gradual
-from .structured.groups import dense_groups_warning
+from .structured.left_dense import dense_groups_warning
 from .methods import BUILT_IN, METHODS, Method
 from .pipelines.weights import Outcome, PruneContext, Pruned, prune_weights
 from .options import OptionError
@@ -374,7 +374,7 @@ def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, f
     ``anew``: the refusal's words for starting the run anew (``ANEW``: prune's command line's);
     ``redo``: the warning's over an older folder (``REDO``)."""
     from .data.imagefolder import fingerprint_change
-    from .runs import _remove_own_files
+    from .run_folder import _remove_own_files
     if not now:
         return False
     before = metrics.get("data_fingerprint")

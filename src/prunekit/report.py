@@ -558,7 +558,7 @@ def report_temporaries(out: str | Path) -> list[Path]:
     """The temporaries (``.NAME.XXXXXXXX.tmp``) that killed atomic writes of a sweep's or
     comparison's own report files left in folder ``out``: of report.md, report.new.md, runs.json,
     its hash state, and its plots in ``plots/``. A file of the user's (another name) is none of them."""
-    from .runs import _temporaries
+    from .run_folder import _temporaries
     out = Path(out)
     own = {"report.md", EDITED_REPORT, "runs.json", REPORT_STATE}
     plots = {Path(name).name for name in COMPARISON_FILES if name.startswith("plots/")}

@@ -31,7 +31,7 @@ from .params import ParamSpace
 from .pipelines.fisher_methods import check_shardable, plan_counts_the_data
 from .pipelines.gradual import GradualOptions, check_start_keep
 from .structured.family import ChannelContext
-from .structured.groups import dense_groups_warning
+from .structured.left_dense import dense_groups_warning
 from .structured.pipeline import channel_context
 from .train import check_finite_weights
 from .errors import warn as warn_ours

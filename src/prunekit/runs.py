@@ -25,16 +25,15 @@ no caller inside those modules: patch it where it is called (``run_claims.claim`
 
 from .run_checkpoints import EPOCH_PASSES, RunCheckpointer
 from .run_claims import check_claim, check_claim_on_rank_0, check_ranks_share, claim, claim_on_rank_0, release_refused
-from .run_configs import BUDGET_KEYS, _differing, by_value, moved_from, same_run, same_values
+from .run_configs import BUDGET_KEYS, by_value, moved_from, same_run, same_values
 from .run_digests import (CODE_MARK, CODE_RULE_MARK, EVAL_BATCH_KEYS, FINGERPRINT_KEYS, UNCHECKED, earlier_rule,
                           file_sha256, other_code, tensors_sha256)
 from .run_edits import (TRAINED_AS, EditedConfig, check_asked_as_begun, check_config_unchanged,
                         check_finished_unchanged, check_unfinished_unchanged, edited_since_run, edited_unfinished)
 from .run_folder import (ATOMIC_FILES, CODE_SLOTS, CODE_WRITTEN, DATA_RNG, METRICS, RUN_FILES, RUN_PLOTS, RunFolder,
-                         _present, _remove_own_files, _temporaries, finished_note, finished_read_only,
-                         finished_read_only_on_rank_0, finished_run, is_run, mark_stopped, only_leftovers,
-                         pending_config, remove_stale_temporaries, shown_status, stale_temporaries,
-                         stopped_by_divergence)
+                         finished_note, finished_read_only, finished_read_only_on_rank_0, finished_run, is_run,
+                         mark_stopped, only_leftovers, pending_config, remove_stale_temporaries, shown_status,
+                         stale_temporaries, stopped_by_divergence)
 from .run_measures import StageMeter, layer_density
 
 __all__ = [
@@ -58,6 +57,3 @@ __all__ = [
     # run_measures
     "StageMeter", "layer_density",
 ]
-
-# The private names other modules import from here (``report``, ``executor``, ``commands``): given too.
-_GIVEN_PRIVATE = (_differing, _present, _remove_own_files, _temporaries)

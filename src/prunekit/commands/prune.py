@@ -31,7 +31,7 @@ from ..methods import METHODS, lookup
 from ..pipelines.gradual import GradualOptions
 from ..request import PruneRequest
 from ..saving import atomic_write_json
-from ..structured.groups import listed_skips, unexpected_skips
+from ..structured.left_dense import listed_skips, unexpected_skips
 from . import option_flags
 from .common import (add_data_args, add_device_arg, add_model_args, bytes_to_load, check_out_not_input, describe,
                      emit, eval_data, loaded_model, resolve_model, show_progress, training_batches,

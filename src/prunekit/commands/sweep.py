@@ -9,7 +9,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from .. import distributed, interrupts, report, run_lock, runs
+from .. import distributed, interrupts, report, run_folder, run_lock, runs
 from ..api_checks import check_out
 from ..budget import budget_text
 from ..errors import PrunekitError
@@ -90,7 +90,7 @@ def check_run_folder(run_args: argparse.Namespace) -> None:
             raise PrunekitError(f"{run_args.out} holds a run made with other options (its config.toml records them): "
                                 "pick another --out for this sweep, or give it that sweep's own options to finish "
                                 "it") from None
-        in_the_way = _named([path / name for name in runs._present(path)])
+        in_the_way = _named([path / name for name in run_folder._present(path)])
         raise PrunekitError(f"{run_args.out} holds files a run would overwrite ({in_the_way}), and no run's "
                             f"config.toml: move them out of {path}, then run this sweep again to finish it (or pick "
                             "another --out for this sweep)") from None

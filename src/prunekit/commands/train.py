@@ -31,8 +31,10 @@ from ..saving import read_meta, sidecar_path
 from ..options import OptionError, cli_message, float32_problem
 from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimizer_tensors, restore_rng
 from ..record import peak_rss_mb, save_pruned
-from ..runs import (EditedConfig, RunCheckpointer, RunFolder, _differing, _remove_own_files, check_claim,
-                    check_ranks_share, claim, finished_read_only_on_rank_0, release_refused)
+from ..run_configs import _differing
+from ..run_folder import _remove_own_files
+from ..runs import (EditedConfig, RunCheckpointer, RunFolder, check_claim, check_ranks_share, claim,
+                    finished_read_only_on_rank_0, release_refused)
 from ..zoo.checkpoints import _export_kind, check_checkpoint_path, read_ahead, reading_ahead
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged

@@ -313,6 +313,26 @@ def scan_image_folder(data_dir: Path, split: str, resize: int | None = None, cro
     return ImageFolderScan(files, names, mode, width, height, resize, crop, root, complete)
 
 
+def _listed_classes(data_dir: str | Path, split: str, classes: list[str] | tuple[str, ...] | None
+                    ) -> tuple[list[str], list[Path]] | None:
+    """(class names, class folders) that ``scan_image_folder(data_dir, split, classes=classes)`` labels,
+    from folder names alone; None where the scan would refuse the folder before reading a header (no
+    such folder, split or class folders, images only in subfolders, a class the model lacks) or the
+    listing fails: its refusal is the scan's to give. Says nothing."""
+    data_dir = Path(data_dir).expanduser()
+    try:
+        if not data_dir.is_dir():
+            return None
+        root = _split_root(data_dir, split, warn=False)
+        class_dirs = _subfolders(root)
+        if not class_dirs:
+            return None
+        names = _class_names(data_dir, root, class_dirs) if classes is None else _known_names(root, class_dirs, classes)
+    except (PrunekitError, OSError):
+        return None
+    return names, class_dirs
+
+
 def count_images(data_dir: str | Path, split: str, classes: list[str] | tuple[str, ...] | None = None,
                  at_most: int | None = None) -> int | None:
     """The number of images ``scan_image_folder(data_dir, split, classes=classes)`` finds (no
@@ -322,17 +342,10 @@ def count_images(data_dir: str | Path, split: str, classes: list[str] | tuple[st
     before reading a header (no such folder, split or class folders, images only in subfolders, a
     class the model lacks): its refusal is the scan's to give. Says nothing (a folder without
     train/ and test/ is warned of by the scan)."""
-    data_dir = Path(data_dir).expanduser()
-    try:
-        if not data_dir.is_dir():
-            return None
-        root = _split_root(data_dir, split, warn=False)
-        class_dirs = _subfolders(root)
-        if not class_dirs:
-            return None
-        _class_names(data_dir, root, class_dirs) if classes is None else _known_names(root, class_dirs, classes)
-    except (PrunekitError, OSError):
+    found = _listed_classes(data_dir, split, classes)
+    if found is None:
         return None
+    _, class_dirs = found
     count = 0
     for class_dir in class_dirs:
         for _ in _walk_images(class_dir):
@@ -353,15 +366,11 @@ def peek_classes_and_channels(data_dir: str | Path, split: str, classes: list[st
     is not, or to the last image the scan keeps, and says 1 where all are). None where the scan would refuse the
     folder before reading a header (``count_images``' cases) or the listing fails. Says nothing (a
     folder without train/ and test/ is warned of by the scan)."""
-    data_dir = Path(data_dir).expanduser()
+    found = _listed_classes(data_dir, split, classes)
+    if found is None:
+        return None
+    names, class_dirs = found
     try:
-        if not data_dir.is_dir():
-            return None
-        root = _split_root(data_dir, split, warn=False)
-        class_dirs = _subfolders(root)
-        if not class_dirs:
-            return None
-        names = _class_names(data_dir, root, class_dirs) if classes is None else _known_names(root, class_dirs, classes)
         paths = (path for class_dir in class_dirs for path in _walk_images(class_dir))
         if limit is not None:           # the scan keeps a seeded subset when limit is below the count
             listed = list(paths)

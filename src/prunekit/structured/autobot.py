@@ -38,7 +38,7 @@ from ..losses import LossFn, mean_loss
 from ..errors import warn as warn_ours, worded_warning
 from ..options import ADAM_LR, Integer, OneOf, OptionError, Real
 from .gates import GatedMacs, GatedParams, GateHooks
-from .groups import GroupSet
+from .group_types import GroupSet
 from .family import ChannelContext, ChannelOptions, Cut
 from .rounding import cut_to_budget
 from .shrink import shrink

@@ -7,12 +7,12 @@ too), and every norm layer ignored (our groups never resize one; torch-pruning w
 LayerNorm over the time axis whose length equals the channel count), so a baseline is always a
 true pruning of the dense model. A pruned model that fails on the example input is refused naming
 torch-pruning's cut, not the input. Option-A ResNets: with ``pads_residual=True`` (default)
-the zero-pad shortcuts are handed to torch-pruning as layers (``groups.PadShortcutPruner``), so
+the zero-pad shortcuts are handed to torch-pruning as layers (``dependency_trace.PadShortcutPruner``), so
 it prunes the block outputs too; with ``False`` they stay dense (inner channels only). Global
 ranking of channels (see ``tp_prune``), and the pruning ratio found by bisection
 so that ``CostModel.count`` of the pruned model is the largest not above the budget.
 
-GPT-2's Conv1D (weight (in, out)): torch-pruning traces it through ``groups.TransposedLinearPruner``,
+GPT-2's Conv1D (weight (in, out)): torch-pruning traces it through ``dependency_trace.TransposedLinearPruner``,
 takes it as a group root and scores it with the importances below (``Conv1DAware``): its own
 importances pass over a layer type they do not know, so a model of Conv1D layers came back
 unpruned. A model it cannot bring to the budget (a layer kind neither knows, no channel group) is
@@ -30,7 +30,9 @@ from torch import nn
 
 from ..costs import CostModel, is_conv1d_style
 from ..errors import PrunekitError
-from .groups import NORM_LAYERS, TransposedLinearPruner, conv1d_pruners, find_groups, pad_pruners
+from .dependency_trace import TransposedLinearPruner, conv1d_pruners, pad_pruners
+from .groups import find_groups
+from .mixing_norms import NORM_LAYERS
 from .shrink import checked_groups
 
 TP_METHODS = ("tp-magnitude", "tp-taylor")

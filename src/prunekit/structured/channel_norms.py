@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ..costs import is_conv1d_style
-from .groups import GroupSet, is_linear
+from .group_types import GroupSet
+from .layer_kinds import is_linear
 
 
 def channel_norms(model: nn.Module, groups: GroupSet) -> list[torch.Tensor]:

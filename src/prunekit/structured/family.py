@@ -18,7 +18,7 @@ from ..costs import CostModel
 from ..losses import LossFn
 from ..options import Integer, OneOf, OptionError, Options, Real, SQUARED
 from .gates import GatedMacs, GatedParams
-from .groups import GroupSet
+from .group_types import GroupSet
 
 
 @dataclass

@@ -35,7 +35,8 @@ from torch import nn
 from ..costs import CostModel, get_mha_fastpath, is_conv1d_style, set_mha_fastpath
 from ..errors import PrunekitError
 from .attention import gated_forward_hook
-from .groups import GroupSet, is_linear, linear_in_out
+from .group_types import GroupSet
+from .layer_kinds import is_linear, linear_in_out
 
 GateValues = list[torch.Tensor]   # one (group.size,) tensor per group, in GroupSet order
 

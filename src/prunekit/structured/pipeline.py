@@ -44,7 +44,9 @@ from ..zoo.layout import apply_layout, channel_layout
 from .depth import depth_cut
 from .family import ChannelContext, ChannelOptions, Cut
 from .gates import GatedMacs, GatedParams, ParamsNotCountable
-from .groups import GroupSet, dense_groups_text, find_groups
+from .group_types import GroupSet
+from .groups import find_groups
+from .left_dense import dense_groups_text
 from .reconstruct import reconstruct
 from .rounding import minimum_rounded_macs
 from .shrink import _half_closed, checked_groups, shrink

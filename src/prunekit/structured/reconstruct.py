@@ -22,7 +22,8 @@ from torch import nn
 
 from ..costs import is_conv1d_style
 from ..refit import refit
-from .groups import GroupSet, linear_in_out
+from .group_types import GroupSet
+from .layer_kinds import linear_in_out
 
 RIDGE = 1e-3          # λ as a share of the mean diagonal of XᵀX
 

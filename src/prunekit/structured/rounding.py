@@ -28,7 +28,7 @@ import torch
 
 from ..options import OptionError
 from .gates import GatedMacs, GatedParams
-from .groups import dense_groups_text
+from .left_dense import dense_groups_text
 from .threshold import threshold_to_budget
 
 

@@ -30,7 +30,8 @@ from ..errors import PrunekitError
 from ..zoo.layout import mark_shrunk, remember_dense, remember_dense_all, tied_parameters
 from .attention import set_heads, slim_copy
 from .gates import GateHooks
-from .groups import GroupSet, no_group_error
+from .group_types import GroupSet
+from .left_dense import no_group_error
 
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm

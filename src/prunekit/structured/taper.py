@@ -59,7 +59,7 @@ from ..losses import LossFn, mean_loss
 from ..options import Integer, OptionError, Real, Shares, ADAM_LR, SQUARED
 from ..train import distillation_loss
 from .gates import GatedMacs, GateHooks, fold_gates
-from .groups import GroupSet
+from .group_types import GroupSet
 from .family import ChannelContext, ChannelOptions, Cut
 from .autobot import bool_loss
 from .shrink import shrink
