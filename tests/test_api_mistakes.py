@@ -494,7 +494,7 @@ def test_other_weights_made_before_each_call_are_refused_naming_their_fold(wrap,
     """The old spectral_norm (weight_orig divided in a pre-hook) was left out silently like a
     torch.nn.utils.prune layer (sparsity 0.50 reported, 0.14 real); an orthogonal parametrization
     was refused asking for a cost rule of the parametrization's op (since session 55: as any
-    parametrization, naming the fold or exclude=, which works: test_s55_models)."""
+    parametrization, naming the fold or exclude=, which works: test_channel_methods_unusual_models)."""
     import warnings
     x, y = _data()
     net = _net()

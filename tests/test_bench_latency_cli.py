@@ -160,3 +160,8 @@ def test_the_hint_for_a_run_with_a_params_budget_names_what_takes_a_channel_mult
     with pytest.raises(prunekit.PrunekitError, match=refused):
         prunekit.prune(zoo.build("mobilenetv1-cifar"), data, method="autobot", flops=0.6, params=0.5, channel_multiple=8,
                        example_input=x)
+
+
+def test_bench_latency_thread_bound():
+    from prunekit.commands.bench_latency import max_threads
+    assert max_threads(2) == 64 and max_threads(16) == 256

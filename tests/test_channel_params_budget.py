@@ -4,6 +4,7 @@ the shrunk model, parameters by ``sum(p.numel())``), and the cut lands on whiche
 one more channel of any group would break one of them."""
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -247,3 +248,17 @@ def test_the_hybrid_bound_is_the_budget_its_result_is_nearest():
         assert record["bound"] == binding == ("params" if near_params else "flops"), record
         assert record["params"] <= record["budget_max_params"] and record["macs"] <= record["budget_max_macs"]
         assert record["budget_max_params"] == int(params * record["dense_params"])
+
+
+def test_a_params_budget_that_binds_is_no_saturation():
+    """flops 0.9 with params 0.2: the params budget keeps a quarter of the MACs by design; the
+    "gates saturated" warning (lower gate_lr, beta or gamma) named the wrong cause."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 10))
+    x, y = torch.randn(64, 3, 8, 8), torch.randint(0, 10, (64,))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = prunekit.prune(m, (x, y), method="autobot", batch_size=16, gate_batches=5, flops=0.9, params=0.2)
+    assert result.flops_kept < 0.45 and result.record["bound"] == "params"
+    assert not [w for w in said if "saturated" in str(w.message)]

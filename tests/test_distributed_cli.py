@@ -12,7 +12,8 @@ import time
 import pytest
 from pathlib import Path
 
-from distributed_spawn import free_port
+from cli_in_ranks import cli
+from distributed_spawn import free_port, run_ranks_in_folder_once
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "src" / "prunekit" / "assets"
@@ -210,33 +211,17 @@ def test_a_rank_with_a_cuda_recipe_and_one_without_its_recipe_both_refuse_at_onc
     assert took < 100, took
 
 
-_SHORT_OF_MEMORY = """
-import os, sys
-from prunekit import process_memory
-if os.environ["RANK"] == "1":         # this rank's machine has little memory left
-    process_memory.available_memory = lambda device: 600 * 2**20
-from prunekit.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_a_rank_short_of_memory_is_refused_on_every_rank_rank_0_saying_why(tmp_path):
+def test_a_rank_short_of_memory_is_refused_on_every_rank_rank_0_saying_why(shared):
     """The memory plan's verdict is agreed: one rank short of memory (no --max-memory: each rank's
     limit is its machine's) stops every rank, exit 2, and rank 0 prints that rank's refusal, once
     (rank 0 went on into the run and ended on "a rank stopped", saying nothing of memory)."""
-    port, ranks = free_port(), []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
-        ranks.append(subprocess.Popen([sys.executable, "-c", _SHORT_OF_MEMORY, *PRUNE, "--out", str(tmp_path / "run")],
-                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    (code0, _, err0), (code1, _, err1) = [_finish(process, timeout=120) for process in ranks]
+    folder, [(code0, _, err0), (code1, _, err1)] = _case(shared, "short_of_memory")
     assert (code0, code1) == (2, 2), err0[-2000:] + err1[-2000:]
     lines = [line for line in err0.splitlines() if line.startswith("prunekit: error")]
     assert len(lines) == 1 and lines[0].startswith("prunekit: error: rank 1: this request needs about"), err0[-2000:]
     assert "but this rank may grow to" in lines[0] and "Traceback" not in err0 + err1
     assert not [line for line in err1.splitlines() if line.startswith("prunekit: error")], err1[-2000:]
+    assert not (folder / "memory").exists()
     print(lines[0])
 
 
@@ -617,37 +602,23 @@ def test_a_sigterm_to_torchrun_training_writes_the_stop_to_its_run_log(tmp_path)
     assert run_lock.in_use(out) is False
 
 
-def test_train_with_a_batch_size_below_the_ranks_is_refused_in_one_line_on_every_rank(tmp_path):
+def test_train_with_a_batch_size_below_the_ranks_is_refused_in_one_line_on_every_rank(shared):
     """`train --batch-size 1` as 2 ranks: every batch is whole and split over the ranks, so rank 1
     would have no sample of any batch (before the fix it raised ZeroDivisionError on its first batch
     and rank 0 waited for the timeout; guarded, it would only idle). Refused before any data is read."""
-    out = tmp_path / "run"
-    args = ["train", "--model", "mlpnet", "--data", "mnist", "--data-dir", str(ASSETS / "mnist"), "--epochs", "1",
-            "--eval-split", "train", "--batch-size", "1", "--train-samples", "4", "--out", str(out)]
-    done = [_finish(rank, timeout=120) for rank in _launch(args, free_port())]
+    folder, done = _case(shared, "batch_size_below_ranks")
     assert [code for code, _, _ in done] == [2, 2], done[0][2][-2000:] + done[1][2][-2000:]
     err0 = done[0][2]
     assert err0.count("\n") == 1 and "--batch-size 1 is below the 2 ranks" in err0 and "--batch-size 2" in err0, err0
     assert "Traceback" not in done[1][2], done[1][2][-2000:]
-    assert not out.exists()
+    assert not (folder / "small_batches").exists()
 
 
-def test_a_warning_every_rank_meets_is_printed_once_by_rank_0(tmp_path):
+def test_a_warning_every_rank_meets_is_printed_once_by_rank_0(shared):
     """`eval` as 2 ranks of a 5-output model file on an image folder without train/ and test/,
     --eval-split train: the folder's "no train/ and test/ folders" and "3 class folders but 5
     outputs" warnings came once per rank (a walk-through's torchrun train printed the first twice)."""
-    from PIL import Image
-    import numpy as np
-    rng = np.random.default_rng(0)
-    for name in "abc":
-        (tmp_path / "imgs" / name).mkdir(parents=True)
-        for k in range(2):
-            Image.fromarray((rng.random((4, 4, 3)) * 255).astype("uint8")).save(tmp_path / "imgs" / name / f"{k}.png")
-    (tmp_path / "net.py").write_text("import torch.nn as nn\n\ndef build():\n"
-                                     "    return nn.Sequential(nn.Flatten(), nn.Linear(48, 5))\n")
-    args = ["eval", "--model", f"{tmp_path / 'net.py'}:build", "--normalize", "none", "--data", "imagefolder",
-            "--data-dir", str(tmp_path / "imgs"), "--eval-split", "train", "--batch-size", "2"]
-    done = [_finish(rank, timeout=120) for rank in _launch(args, free_port())]
+    _, done = _case(shared, "warning_once")
     assert [code for code, _, _ in done] == [0, 0], done[0][2][-2000:] + done[1][2][-2000:]
     warned = [[line for line in err.splitlines() if line.startswith("prunekit: warning:")] for _, _, err in done]
     assert len(warned[0]) == 2, done[0][2][-2000:]
@@ -655,6 +626,70 @@ def test_a_warning_every_rank_meets_is_printed_once_by_rank_0(tmp_path):
     assert any("3 class folders but the model has 5 outputs" in line for line in warned[0]), warned[0]
     assert warned[1] == [], done[1][2][-2000:]
 
+
+# The cases above that run after the ranks joined their group share one spawn of the two ranks, each
+# a call of ``prunekit.cli.main`` in both (``cli_in_ranks.cli``: exit code, stdout, stderr as a
+# launched rank's); the others are about a process (a kill, a signal, torchrun, a refusal before
+# joining) and launch their own.
+def _prepare(folder: Path) -> None:
+    """An image folder of 3 classes without train/ and test/, and a model file of 5 outputs."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for name in "abc":
+        (folder / "imgs" / name).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray((rng.random((4, 4, 3)) * 255).astype("uint8")).save(folder / "imgs" / name / f"{k}.png")
+    (folder / "net.py").write_text("import torch.nn as nn\n\ndef build():\n"
+                                   "    return nn.Sequential(nn.Flatten(), nn.Linear(48, 5))\n")
+
+
+def _short_of_memory(rank: int, folder: Path) -> tuple:
+    """``PRUNE`` where rank 1's machine has little memory left (600 MiB available to the memory plan,
+    ``process_memory.available_memory``; ``refit``, imported with prunekit, keeps its own name for it)."""
+    from prunekit import process_memory
+    real = process_memory.available_memory
+    if rank == 1:
+        process_memory.available_memory = lambda device: 600 * 2**20
+    try:
+        return cli([*PRUNE, "--out", folder / "memory"])
+    finally:
+        process_memory.available_memory = real
+
+
+def _every_case(rank: int, world: int, folder: str) -> dict:
+    """Every shared case, one after the other in one spawn of the ranks: {case: this rank's result}.
+    The warnings' case comes first: no earlier call in the process has shown them."""
+    import torch.distributed as dist
+    folder = Path(folder)
+    cases = {
+        "warning_once": lambda: cli(["eval", "--model", f"{folder / 'net.py'}:build", "--normalize", "none", "--data",
+                                     "imagefolder", "--data-dir", folder / "imgs", "--eval-split", "train",
+                                     "--batch-size", "2"]),
+        "short_of_memory": lambda: _short_of_memory(rank, folder),
+        "batch_size_below_ranks": lambda: cli(["train", "--model", "mlpnet", "--data", "mnist", "--data-dir",
+                                               ASSETS / "mnist", "--epochs", "1", "--eval-split", "train",
+                                               "--batch-size", "1", "--train-samples", "4", "--out",
+                                               folder / "small_batches"]),
+    }
+    said = {}
+    for name, case in cases.items():
+        said[name] = case()
+        dist.barrier()
+    return said
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """(the cases' folder, each rank's {case: result}) of ``_every_case``, run once for the module
+    (and both xdist workers)."""
+    return run_ranks_in_folder_once("distributed_cli", _prepare, _every_case, 2, tmp_path_factory, timeout=600)
+
+
+def _case(shared, name: str) -> tuple[Path, list]:
+    """(the cases' folder, [rank 0's result of case ``name``, rank 1's])."""
+    folder, ranks = shared
+    return folder, [said[name] for said in ranks]
 
 
 def test_an_edited_finished_run_under_torchrun_is_refused_in_one_line_and_exit_code_2(tmp_path):

@@ -1,4 +1,4 @@
-"""Session 55's walk of unusual model objects through the channel methods (autobot, taper, hybrid)
+"""Unusual model objects through the channel methods (autobot, taper, hybrid)
 and the cost model: an nn.DataParallel run folder that load_pruned could not load, a frozen layer
 made trainable by the cut, a tied weight untied, the passed model's own buffers changed, a frozen
 first layer the dependency analysis did not see, a @dataclass output refused, an orthogonal
