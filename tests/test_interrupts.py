@@ -219,7 +219,59 @@ def test_a_failed_collective_after_this_ranks_own_ctrl_c_not_raised_yet_is_a_ctr
     assert code == 130 and cli.stop_line(err) == "interrupted (Ctrl-C)" and cli.lost_peer(err) is None
 
 
-# A SIGINT while the main thread waits in C (here ``select``, as in a gloo collective, with SIGINT blocked
-# on the main thread so the kernel hands it to the SIGINT thread): ``sigint_here`` says so before Python
-# has run the handler (which only the main thread runs, once back in the interpreter); ``stop``'s own
-# SIGINT (the launcher watcher's) does not count. Prints: seen early, raised, seen after stop().
+# A real SIGINT (``os.kill``) to a torchrun rank (WORLD_SIZE 2) inside ``caught``: the wakeup-fd thread
+# (``_sigterm_told``) must say so itself, as it does while the main thread waits in a collective and Python
+# cannot run the handler yet. Which thread noted it is observed by wrapping ``_note_sigint``: the removed
+# test (commit 46a5a5d) read "sigint_here() and no handler ran yet", but blocking SIGINT on the main thread
+# only picks the thread that runs CPython's C-level handler; the Python handler still runs on the main thread
+# at its next bytecode (there, between ``os.kill`` and ``watcher.join``), so it failed about 1 run in 20
+# under load with the thread working. The main thread waits on an event set by the thread's note (the
+# KeyboardInterrupt of its own handler may come first: waited through). Then ``stop``'s SIGINT (the launcher
+# watcher's) is no Ctrl-C. Loads interrupts.py alone (stdlib only: no torch import, ~0.1 s).
+# Prints: told by the thread, sigint_here, sigint_here after stop().
+_SIGINT_TOLD = """
+import importlib.util, os, signal, sys, threading
+spec = importlib.util.spec_from_file_location("interrupts", sys.argv[1])
+interrupts = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(interrupts)
+told = threading.Event()
+note = interrupts._note_sigint
+def noted():
+    if threading.current_thread().name == "prunekit-sigterm":
+        told.set()
+    note()
+interrupts._note_sigint = noted
+sent = ok = False
+try:
+    with interrupts.caught():
+        while True:
+            try:
+                if not sent:
+                    sent = True
+                    os.kill(os.getpid(), signal.SIGINT)
+                ok = told.wait(120)
+                break
+            except KeyboardInterrupt:    # the handler, on the main thread: not what this asks
+                pass
+except KeyboardInterrupt:
+    pass
+here = interrupts.sigint_here()
+try:
+    with interrupts.caught():
+        threading.Thread(target=interrupts.stop, args=("the torchrun launcher stopped", 1)).start()
+        threading.Event().wait(120)
+except KeyboardInterrupt:
+    pass
+print(ok, here, interrupts.sigint_here())
+"""
+
+
+def test_a_real_sigint_is_told_by_the_wakeup_fd_thread():
+    """Under torchrun (WORLD_SIZE 2) a rank waiting in a collective learns of its own Ctrl-C from the
+    wakeup-fd thread, not from the handler Python runs only once the main thread is back in the
+    interpreter (``_SIGINT_TOLD``); the launcher watcher's stop is no Ctrl-C."""
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    done = subprocess.run([sys.executable, "-c", _SIGINT_TOLD, str(ROOT / "src" / "prunekit" / "interrupts.py")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True True False", (done.stdout, done.stderr[-2000:])
