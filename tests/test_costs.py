@@ -1297,3 +1297,94 @@ def test_a_dict_input_is_named_with_the_wrapper_that_counts_it():
         with pytest.raises(PrunekitError, match=r"is or holds a dict.*wrap the model.*as a tuple \(img, txt\)"):
             CostModel(_TwoInputs(), example)
     assert CostModel(_Positional(_TwoInputs()), (img, txt)).macs == 8 * 4 + 7 * 5 * 4
+
+
+class _ByBatchSize(nn.Module):            # a 'single example' fast path
+    def __init__(self):
+        super().__init__()
+        self.small, self.big1, self.big2 = nn.Linear(8, 3), nn.Linear(8, 256), nn.Linear(256, 3)
+
+    def forward(self, x):
+        return self.small(x) if x.shape[0] == 1 else self.big2(torch.relu(self.big1(x)))
+
+
+def test_a_forward_that_branches_on_the_batch_size_is_refused_at_batch_two_or_more():
+    """On a batch of 4 the count was of the batch-1 path (24 MACs, where the model does 2816 per
+    example), big1/big2 were said not to run, and prune reported 50% kept where the model keeps 100%."""
+    import prunekit
+    x = torch.randn(4, 8)
+    with pytest.raises(PrunekitError, match=r"small only on one; big1, big2 only on two.*same path at every batch size"):
+        CostModel(_ByBatchSize(), x)
+    with pytest.raises(PrunekitError, match=r"small only on one; big1, big2 only on two"):
+        prunekit.prune(_ByBatchSize(), None, method="magnitude", flops=0.5, example_input=x)
+    with pytest.raises(PrunekitError, match=r"small only on one; big1, big2 only on two"):
+        prunekit.prune(_ByBatchSize(), (x, torch.randint(0, 3, (4,))), method="magnitude", flops=0.5)
+    assert CostModel(_ByBatchSize(), x[:1]).macs == 24      # at batch 1 the model runs its batch-1 path
+
+
+class _TimeFirstLoop(nn.Module):          # x (T, B, 5): a cell over x[t], no batch_first flag anywhere
+    def __init__(self):
+        super().__init__()
+        self.c, self.h = nn.GRUCell(5, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[1], 8)
+        for t in range(x.shape[0]):
+            h = self.c(x[t], h)
+        return self.h(h)
+
+
+class _BatchFirst(nn.Module):             # the wrapper the refusal names
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x.transpose(0, 1))
+
+
+def test_a_time_first_loop_without_a_batch_first_layer_is_refused_and_counted_through_the_wrapper():
+    """It was counted on one time step over the whole batch: 984 MACs 'per example' of (6, 3, 5)."""
+    with pytest.raises(PrunekitError, match=r"output has the same shape \(3, 2\) on one example.*x.transpose\(0, 1\)"):
+        CostModel(_TimeFirstLoop(), torch.randn(6, 3, 5))
+    per_example = 6 * 24 * (5 + 8) + 8 * 2          # six steps of the cell's two products, then the head
+    assert CostModel(_BatchFirst(_TimeFirstLoop()), torch.randn(3, 6, 5)).macs == per_example
+
+
+def _lazy():
+    return nn.Sequential(nn.LazyConv2d(6, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+
+
+def test_a_lazy_module_not_made_yet_is_refused_naming_the_forward_that_makes_it(tmp_path):
+    """CostModel and prune raised torch's ValueError 'Attempted to use an uninitialized parameter'."""
+    import prunekit
+    x = torch.randn(2, 2, 6, 6)
+    with pytest.raises(PrunekitError, match=r"lazy modules '0' \(LazyConv2d\), '3' \(LazyLinear\) have no "
+                                            r"parameters yet.*run the model once"):
+        CostModel(_lazy(), x)
+    with pytest.raises(PrunekitError, match=r"lazy modules '0' \(LazyConv2d\), '3' \(LazyLinear\)"):
+        prunekit.prune(_lazy(), None, method="magnitude", flops=0.5, example_input=x)
+    model = _lazy()
+    model(x[:1])
+    assert CostModel(model, x).macs == 6 * 2 * 9 * 16 + 96 * 3
+
+
+def test_a_lazy_model_on_the_command_line_is_refused_in_one_line_or_counted_from_its_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    """`prunekit info net.py:lazy` printed a traceback (rc 1); with --checkpoint the shape check
+    raised torch's RuntimeError on the lazy parameters before load_state_dict could make them."""
+    import json
+    from prunekit.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text("from torch import nn\n"
+                                     "def lazy(): return nn.Sequential(nn.LazyConv2d(6, 3), nn.ReLU(), nn.Flatten(), "
+                                     "nn.LazyLinear(3))\n")
+    model = _lazy()
+    model(torch.zeros(1, 2, 6, 6))
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    info = ["info", "net.py:lazy", "--input-shape", "2,6,6"]
+    assert main(info) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "make the builder run the model once" in err and out == ""
+    assert main([*info, "--checkpoint", "ck.pt", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs"] == 6 * 2 * 9 * 16 + 96 * 3

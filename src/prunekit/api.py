@@ -44,6 +44,8 @@ from . import interrupts, recipes, run_lock, runs
 from .distributed import collective as distributed
 from .api_checks import (check_arguments, check_data, check_default_loss, check_example_batched, check_labels,
                          check_loss, check_not_meta, check_runs_on, first_batch, plain_numbers)
+from .cost_cut import check_cut
+from .cost_inputs import refuse_lazy
 from .data.dataset import DeferredImageDataset, ImageDataset, refuse_raw_pixels
 from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pass
 from .data.replay import (READS_AT_PASS, ReplayedLoader, loader_generators, rng_states, set_rng_states,
@@ -221,15 +223,21 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
         source, what = (train_batches, "data") if train_batches is not None else (eval_batches, "eval_data")
         if source is None:
             raise PrunekitError(_without_data(method, gradual))
-        example_input = first_batch(source, what)[0][:1]
+        first = first_batch(source, what)[0]
+        example_input = first if isinstance(first, torch.Tensor) else first[:1]
     else:
         check_example_batched(example_input, train_batches or eval_batches, "data" if train_batches else "eval_data")
-        if isinstance(example_input, torch.Tensor) and example_input.ndim > 0:
-            # MACs are per example; traced at batch 1, work that does not grow with the batch
-            # (learned latents through a layer) is not divided among the examples and rounded down
-            example_input = example_input[:1]
+    if isinstance(example_input, torch.Tensor) and example_input.ndim > 0:
+        example_input = example_input[:2]
     if isinstance(example_input, torch.Tensor):                 # the data may stay on the CPU
         example_input = example_input.to(_model_device(model))
+    if isinstance(example_input, torch.Tensor) and example_input.ndim > 0:
+        # MACs are per example; traced at batch 1, work that does not grow with the batch
+        # (learned latents through a layer) is not divided among the examples and rounded down.
+        # Two examples first: a model whose work does not scale example by example is refused
+        refuse_lazy(model)
+        check_cut(model, (example_input[:2],), (0,))
+        example_input = example_input[:1]
     if loss is None:                          # the user's loss decides what its targets are
         check_labels(model, example_input, data, train_batches, "data")
         check_labels(model, example_input, eval_data, eval_batches, "eval_data")

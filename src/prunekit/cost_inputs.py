@@ -62,75 +62,21 @@ def refuse_scripted(model: nn.Module) -> None:
                                 f"({how.rpartition('.')[2]} it after pruning)")
 
 
-def refuse_time_cut(model: nn.Module, inputs: tuple, positions) -> None:
-    """Refuse a model whose sequence layer's time dimension is ``inputs``' first dimension.
-
-    A layer with a ``batch_first`` flag (``nn.LSTM``/``GRU``/``RNN``, ``nn.MultiheadAttention``
-    and so the ``nn.Transformer*Layer`` that call it) takes (T, B, ...) when it is False, (B, T, ...)
-    when True, (T, ...) unbatched. The model is run on one example and on two of the inputs at
-    ``positions``; a layer whose time dimension changes between the two runs had its time cut
-    with the batch, so a count on one example would be of one time step. A layer that only sees
-    its batch dimension change (a model that transposes batch-first input itself) is fine. A model
-    that fails on two examples is not judged here.
-    """
-    watched = {name: m for name, m in model.named_modules() if isinstance(getattr(m, "batch_first", None), bool)}
-    if not watched:
+def refuse_lazy(model: nn.Module) -> None:
+    """Refuse a model holding a lazy module (``nn.LazyConv2d``, ``nn.LazyLinear``, ...) whose
+    parameters are not made yet: their shapes come from the first call, and nothing can be counted
+    or pruned before it (torch raises a ValueError on any use of them)."""
+    lazy = [(name or "(model)", type(m).__name__) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if not lazy:
         return
-    one = _first_input_shapes(model, watched, cut_to_one_example(inputs, positions))
-    two = _first_input_shapes(model, watched, tuple(_two_examples(t) if i in positions else t
-                                                    for i, t in enumerate(inputs)))
-    if one is None or two is None:
-        return
-    for name, module in watched.items():
-        a, b = one.get(name), two.get(name)
-        if a is None or b is None or len(a) != len(b) or len(a) not in (2, 3):
-            continue
-        time = 1 if len(a) == 3 and module.batch_first else 0
-        if a[time] != b[time]:
-            layout = "(T, ...), unbatched" if len(a) == 2 else ("(B, T, ...)" if module.batch_first else "(T, B, ...)")
-            what = (f"module {name!r} ({type(module).__name__}, batch_first={module.batch_first}) takes its "
-                    f"input {layout}")
-            raise worded(
-                f"{what}, and its time dimension ({a[time]} on one example of example_input, {b[time]} on two) is "
-                "example_input's first dimension, which CostModel cuts to one example: the count would be of one "
-                "time step. Give a batch-first example input (B, T, ...) to a model that takes one: layers built "
-                "with batch_first=True, or a wrapper whose forward takes (B, T, ...) and passes x.transpose(0, 1) "
-                "to the model",
-                f"{what}, and its time dimension is the first dimension of the model's input (B, *--input-shape), "
-                "the batch, which prunekit cuts to one example to count: the count would be of one time step. Give "
-                "a model that takes batch-first input (B, T, ...): layers built with batch_first=True, or a builder "
-                "that returns a wrapper whose forward passes x.transpose(0, 1) to the model")
-
-
-def _two_examples(t: torch.Tensor) -> torch.Tensor:
-    """Two examples (2, ...) of a batched input: its first two rows, or its one row twice."""
-    return t[:2] if t.shape[0] >= 2 else torch.cat([t[:1], t[:1]])
-
-
-def _first_input_shapes(model: nn.Module, watched: dict, inputs: tuple) -> dict | None:
-    """Shape of the first tensor input of each module in ``watched`` at its first call when
-    ``model`` runs on ``inputs`` (eval mode, no gradients, fused attention off so that a
-    ``TransformerEncoderLayer`` calls its attention module); None if the model fails."""
-    from .cost_trace import get_mha_fastpath, set_mha_fastpath
-    shapes: dict = {}
-
-    def hook(name):
-        def record(module, args, kwargs):
-            values = (*args, *(kwargs[k] for k in ("query", "input", "src") if k in kwargs))
-            first = values[0] if values else None
-            if name not in shapes and isinstance(first, torch.Tensor):
-                shapes[name] = tuple(first.shape)
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in watched.items()]
-    fastpath = get_mha_fastpath()
-    set_mha_fastpath(False)
-    try:
-        return shapes if _runs(model, inputs) else None
-    finally:
-        set_mha_fastpath(fastpath)
-        for handle in handles:
-            handle.remove()
+    shown = ", ".join(f"{name!r} ({kind})" for name, kind in lazy[:3]) + (f" and {len(lazy) - 3} more" if len(lazy) > 3 else "")
+    what = (f"the model's lazy module{'s' if len(lazy) > 1 else ''} {shown} {'have' if len(lazy) > 1 else 'has'} "
+            "no parameters yet (a lazy module makes them, shaped by the input, at its first call): ")
+    raise worded(what + "run the model once on an example input (model(example_input)) to make them, or load "
+                 "its trained weights (load_state_dict), then count or prune it",
+                 what + "make the builder run the model once on an input of its shape before it returns it, or "
+                 "give --checkpoint with its trained weights")
 
 
 class AmbiguousBatchError(PrunekitError):

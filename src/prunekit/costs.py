@@ -56,7 +56,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cost_inputs import batched_inputs, cut_to_one_example, inputs_of, refuse_scripted, refuse_time_cut
+from .cost_cut import Observed, check_cut, observing
+from .cost_inputs import batched_inputs, cut_to_one_example, inputs_of, refuse_lazy, refuse_scripted
 from .cost_params import ParamIndex
 from .cost_trace import (_AddCounter, _OpCounter, ModuleCost, get_mha_fastpath,  # noqa: F401
                          register_cost, registered_cost, set_mha_fastpath, unregister_cost)
@@ -185,9 +186,11 @@ class CostModel:
                                 f"got {type(model).__name__}")
         self.example_input = example_input
         refuse_scripted(model)
+        refuse_lazy(model)
         self.batched = batched_inputs(model, example_input, batched)
-        refuse_time_cut(model, inputs_of(example_input), self.batched)
-        self.layers, self.unknown = _trace(model, example_input, self.batched)
+        with observing(model, Observed()) as one:
+            self.layers, self.unknown = _trace(model, example_input, self.batched)
+        check_cut(model, inputs_of(example_input), self.batched, one)
         self._by_name = {layer.name: layer for layer in self.layers}
         # the channel-group search on this trace's model and input (``structured.pipeline.found_groups``),
         # per residual mode: a sweep's runs plan copies of one model with this trace, and search once

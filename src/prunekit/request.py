@@ -284,12 +284,14 @@ def not_run_warning(layers: list[str]) -> PrunekitWarning:
     from the data, and has no example input to give), data whose images take that branch, or
     ``--exclude`` them."""
     shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
-    what = (f"{shown} did not run on the example input (or {'its' if len(layers) == 1 else 'their'} weights were "
-            "made into other tensors before the product): left dense, MACs not counted in the budget; ")
+    what = (f"{shown} did not run on the example input's first example, the one counted (or "
+            f"{'its' if len(layers) == 1 else 'their'} weights were made into other tensors before the product): left "
+            "dense, MACs not counted in the budget; ")
     return worded_warning(
         what + "give an example_input that runs every layer to prune (a branch only some inputs take cannot be "
         "counted from one example), or exclude them",
-        what.replace("the example input", "the data's first example") + f"leave them out with "
+        what.replace("the example input's first example, the one counted", "the data's first example")
+        + f"leave them out with "
         f"--exclude {' '.join(layers)} (dense as now, without this warning), or prune with --data whose examples take "
         "the branch they are in")
 

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from tqdm.auto import tqdm
 
 from .errors import PrunekitError, PrunekitWarning
@@ -24,9 +25,11 @@ def _device(model: nn.Module) -> torch.device:
 
 def nonfinite_weight(model: nn.Module) -> str | None:
     """The name of the first floating parameter of ``model`` holding nan or inf; None if all are
-    finite (buffers are not looked at: they may hold -inf masks)."""
+    finite (buffers are not looked at: they may hold -inf masks; nor are a lazy module's parameters
+    not made yet: ``CostModel`` refuses those, naming the fix)."""
     return next((name for name, t in model.named_parameters()
-                 if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())), None)
+                 if not is_lazy(t) and t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())),
+                None)
 
 
 def check_finite_weights(model: nn.Module) -> None:

@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from prunekit.errors import PrunekitError
 from prunekit.zoo import restricted_pickle
@@ -249,6 +250,8 @@ def misfit(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith(_TOLERATED_MISSING)]
     unexpected = [k for k in state if k not in own]
+    # a lazy module's parameter not made yet (no shape) is made to the checkpoint's by load_state_dict
+    own = {k: v for k, v in own.items() if not is_lazy(v)}
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
     masked = [k[:-len("_orig")] for k in unexpected
               if k.endswith("_orig") and k[:-len("_orig")] + "_mask" in state and k[:-len("_orig")] in missing]
