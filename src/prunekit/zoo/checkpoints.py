@@ -368,13 +368,13 @@ def _damaged(path: Path, err: BaseException, kind: str = "torch.save") -> Prunek
     failed on: one line naming the file and the fix. The reader's own words (a truncated zip
     archive's "[Errno 22] Invalid argument", a damaged pickle's "invalid load key, '\\xf5'", a
     safetensors header's "incomplete metadata") say nothing more to the user than "damaged", so they
-    are left out; a read error of the disk (EIO, ...) is the cause, so it is named."""
+    are left out; an error of reading the file (EIO, EACCES, ...) is the cause, so it is named."""
     if isinstance(err, MemoryError):
         return PrunekitError(f"cannot read checkpoint {path}: out of memory reading it; free memory, or load it on a "
                              "machine with more")
     if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL) and err.strerror:
-        return PrunekitError(f"cannot read checkpoint {path}: {err.strerror} (a fault of the disk or the file system "
-                             "it is on): check it, or copy the file elsewhere and pass that copy")
+        return PrunekitError(f"cannot read checkpoint {path}: {err.strerror}: check the file and the disk it is on "
+                             "(or copy it elsewhere and pass that copy)")
     if kind == "torch.save" and _truncated_zip(path):
         return PrunekitError(f"checkpoint {path} is cut short (its zip archive has no end, as a copy or download that "
                              "stopped leaves it): save or download it again")
