@@ -357,9 +357,11 @@ CLI_CASES = [
     (["info", "mlpnet", "--checkpoint", f"{H}/numpy-nested.pth"], "holds NumPy arrays ('fc1.weight' ...)"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/complex.pth", *MNIST],
      "holds 'fc1.weight' as torch.complex64, where the model has torch.float32 weights: a complex-valued checkpoint"),
-    (["info", "mlpnet", "--checkpoint", f"{H}/cut.pth"], "cut.pth as a torch.save file ("),
-    (["info", "mlpnet", "--checkpoint", f"{H}/cut.pth"], "): the file is truncated or damaged; save or download it"),
-    (["info", "mlpnet", "--checkpoint", f"{H}/garbage.pth"], "the file is truncated or damaged; save or download it"),
+    # s56: torch's own words ("[Errno 22] Invalid argument", "invalid load key, '\\xf5'") left out: they say no more
+    (["info", "mlpnet", "--checkpoint", f"{H}/cut.pth"], "cut.pth is cut short (its zip archive has no end, as a "
+     "copy or download that stopped leaves it): save or download it again\n"),
+    (["info", "mlpnet", "--checkpoint", f"{H}/garbage.pth"], "garbage.pth is damaged (it does not read as a torch.save "
+     "file): save or download it again\n"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/object.pth", *MNIST],
      "object.pth holds Python objects (posix.mkdir under 'state_dict') that prunekit will not load"),
     (["eval", "--model", "mlpnet", "--checkpoint", f"{H}/narrow-input.safetensors", *MNIST],
@@ -373,7 +375,7 @@ CLI_CASES = [
     (["eval", *MLP, "--data", "mnist", "--data-dir", "/no/such/dir"], "does not exist"),
     (["eval", "--model", "resnet20", *MNIST], "(C,H,W)"),
     (["eval", *MLP, "--data", "cifar10", "--data-dir", MNIST_DIR], "cifar"),
-    (["eval", *MLP, *MNIST, "--batch-size", "0"], "batch size"),
+    (["eval", *MLP, *MNIST, "--batch-size", "0"], "--batch-size must be at least 1 (samples per batch), got 0"),
     ([*PRUNE, "--sparsity", "0.5", "--train-samples", "0"], "--train-samples"),
     ([*PRUNE, "--sparsity", "0.5", "--resize", "32"], "for image folders"),
     ([*PRUNE, "--sparsity", "0.5", "--device", "gpu0"], "is not a torch device"),
@@ -707,6 +709,10 @@ CLI_CASES += [
     ([*TAPER, "--depth-flops", "0.8", "--depth-batches", HUGE], "--depth-batches must be at most 9223372036854775807"),
     ([*PRUNE, "--sparsity", "0.5", "--refit-batches", HUGE, "--out", f"{H}/m"],
      "--refit-batches must be 'auto' or at most 9223372036854775807"),
+    # s56: a --batch-size past Python's counts ran as the whole split; eval refused 0 only after loading
+    ([*PRUNE, "--sparsity", "0.5", "--batch-size", HUGE], f"--batch-size must be at most 9223372036854775807, got {HUGE}"),
+    (["eval", *MLP, *MNIST, "--batch-size", HUGE], "--batch-size must be at most 9223372036854775807"),
+    (["bench-latency", "--pruned", CKPT, "--repeats", HUGE], "--repeats must be at most 9223372036854775807"),
     (["bench-latency", "--pruned", f"{H}/mlprun", "--threads", "2147483648"],
      "--threads 2147483648 is far more than the"),
     # gates that blew up (finite options, each below float32's bound): refused, not cut at 2% "successfully"
@@ -806,6 +812,31 @@ def test_out_a_symlink_to_nothing_is_refused_before_loading(tmp_path, capsys, mo
     assert not (tmp_path / "nowhere").exists()
 
 
+def test_python_out_a_symlink_to_nothing_is_refused_before_any_work(tmp_path):
+    """s56: ``prunekit.prune(..., out=)`` a dangling symbolic link raised FileExistsError (an OSError,
+    not a PrunekitError) after the model's first pass; refused up front as the CLI's --out is."""
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    model = tiny_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrunekitError) as err:
+        prunekit.prune(model, (X, Y), method="magnitude", sparsity=0.5, out=str(tmp_path / "out"))
+    assert f"out={str(tmp_path / 'out')!r} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist" \
+        in str(err.value), err.value
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("given,needle", [(["--batch-size", "0"], "--batch-size must be at least 1"),
+                                          (["--resize", "0"], "--resize must be a whole number of pixels from 1")])
+def test_eval_refuses_counts_before_loading_the_model(given, needle, capsys, monkeypatch):
+    """s56: eval refused --batch-size 0 and --resize 0 only after loading the model (a model file
+    imported, a checkpoint read): both need nothing from it."""
+    import prunekit.commands.eval
+    monkeypatch.setattr(prunekit.commands.eval, "loaded_model", None)     # loading it is already too late
+    code, out, err = run_cli(["eval", *MLP, *MNIST, *given], capsys)
+    assert code == 2 and err.count("\n") == 1 and out == "" and needle in err, err
+
+
 def test_repeated_switches_and_list_values_still_parse():
     """Refusing a list option given twice leaves switches (repeated, the same thing), lists given once
     and options of one value (the last one wins, as argparse has it) alone."""
@@ -889,6 +920,7 @@ PY_CASES = [
     ({"seed": -1}, "seed"),
     ({"seed": 1.5}, "seed"),
     ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": 10**30}, "batch_size must be a whole number from 1 to 9223372036854775807"),   # islice's ValueError
     ({"recalibrate_bn": "no"}, "recalibrate_bn"),
     ({"progress": 1}, "progress"),
     ({"gradual": "no"}, "gradual must be True or False"),
@@ -899,6 +931,7 @@ PY_CASES = [
     ({"out": f"{H}/trained"}, "trained' holds a `prunekit train` run (its trained model.safetensors): pick another "
                               "out (force=True would delete that trained model)"),
     ({"out": 5}, "out"),
+    ({"out": f"{H}/notes.txt/sub"}, "notes.txt is a file, not a folder: pass an out= whose parent is a folder"),
     # budgets
     ({"sparsity": None}, "no budget"),
     ({"sparsity": 1.5}, "out of range"),
@@ -914,6 +947,9 @@ PY_CASES = [
     ({"method": "chita", "ridge": -1.0}, "ridge"),
     ({"method": "autobot", "sparsity": None, "flops": 0.5, "gate_lr": float("inf")}, "gate_lr must be a finite number"),
     ({"method": "chita", "relative_ridge": 0}, "relative_ridge"),
+    # s56: a multiplier step past float32 within a few steps: the gates all closed, a 4% cut "succeeded"
+    ({"method": "taper", "sparsity": None, "flops": 0.5, "dual_lr": 3e38}, "the taper's gate training diverged "
+     "(gate_lr 0.1, dual_lr 3e+38, penalty 50, gamma 0.1): its multiplier, gates or loss are not finite in float32"),
     ({"method": "chita", "ridge": 1.0, "relative_ridge": 0.5}, "relative_ridge sets λ when ridge is not given"),
     ({"method": "chita", "final_pick": "last"}, "final_pick shapes the stages of a multi-stage run, and stages is 1"),
     ({"method": "autobot", "sparsity": None, "flops": 0.5, "finetune_lr": 5.0},

@@ -397,3 +397,24 @@ def test_the_command_that_began_an_edited_unfinished_run_and_resume_name_fixes_t
     assert 'sparsity = "0.6"\n' in (out / "config.toml").read_text()
     assert main([*argv, "--force"]) == 0             # and the original command with --force
     assert json.loads((out / "metrics.json").read_text())["request"]["sparsity"] == "0.5"
+
+
+def test_a_config_saved_again_with_a_byte_order_mark_is_no_edit(tmp_path, capsys, monkeypatch):
+    """s56: a run folder whose config.toml an editor (Notepad) saved again with a UTF-8 byte-order
+    mark, its values unchanged: `--resume` refused it as "config.toml was changed (its text)", finished
+    or not (a recipe with a BOM has been read since s55). Both are carried on as the run was."""
+    from prunekit import executor
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    argv = [*PRUNE, "--sparsity", "0.5", "--no-stage-eval"]
+    monkeypatch.setattr(executor, "save_pruned", killed)
+    assert main([*argv, "--out", str(tmp_path / "killed")]) == 130
+    monkeypatch.undo()
+    assert main([*argv, "--out", str(tmp_path / "done")]) == 0
+    capsys.readouterr()
+    for name in ("killed", "done"):
+        config = tmp_path / name / "config.toml"
+        config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+        assert main(["prune", "--resume", str(tmp_path / name), "--json"]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.5, abs=1e-3)

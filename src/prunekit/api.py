@@ -484,7 +484,7 @@ def _fingerprint(model: nn.Module, data, train_batches, out: str | None) -> dict
         folder = RunFolder(out)
         try:
             metrics = folder.read_metrics()
-            started = tomllib.loads(folder.config.read_text()).get("weights-sha256") \
+            started = tomllib.loads(folder.config_text()).get("weights-sha256") \
                 if folder.config.is_file() else None
         except (PrunekitError, OSError, UnicodeDecodeError, ValueError):
             metrics, started = {}, None
@@ -711,7 +711,7 @@ def _code_detail(out: str, force: bool, config: dict, now: dict) -> dict:
     folder = RunFolder(out)
     try:
         saved = json.loads((folder.path / runs.CODE_SLOTS).read_text())
-        old = tomllib.loads(folder.config.read_text())
+        old = tomllib.loads(folder.config_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(saved, dict):
@@ -824,7 +824,7 @@ def _unchecked_message(folder: RunFolder, config: dict, config_text: str, older:
     if folder.claimed_afresh or not (unchecked or code):
         return None
     try:
-        if not runs.same_values(folder.config.read_text(), config_text):   # an older folder: ``runs.claim``
+        if not runs.same_values(folder.config_text(), config_text):   # an older folder: ``runs.claim``
             return None                                                     # said what it checked
     except OSError:
         return None
@@ -870,7 +870,7 @@ def _given_back_message(folder: RunFolder, config_text: str, streams: dict, told
     if told or folder.claimed_afresh or not runs.finished_run(folder):
         return None
     try:
-        if not runs.same_values(folder.config.read_text(), config_text):   # an older folder: ``runs.claim`` warned
+        if not runs.same_values(folder.config_text(), config_text):   # an older folder: ``runs.claim`` warned
             return None
     except OSError:
         return None

@@ -24,6 +24,7 @@ from .data.loaders import BatchLoader
 from .data.replay import epoch_mark
 from .errors import PrunekitError, input_fix
 from .losses import class_scores
+from .options import MAX_COUNT
 
 
 def _whole(v) -> bool:
@@ -66,7 +67,7 @@ def _positive_number(v) -> bool:
 ARGUMENT_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "method": (lambda v: isinstance(v, str), "a method name, e.g. 'chita'"),
     "seed": (lambda v: _whole(v) and 0 <= v < 2**63, "a whole number >= 0"),
-    "batch_size": (_positive_whole, "a whole number >= 1"),
+    "batch_size": (lambda v: _positive_whole(v) and v <= MAX_COUNT, f"a whole number from 1 to {MAX_COUNT}"),
     "recalibrate_bn": (lambda v: isinstance(v, bool), "True or False"),
     "progress": (lambda v: isinstance(v, bool), "True or False"),
     "stage_eval": (lambda v: isinstance(v, bool), "True or False"),
@@ -124,6 +125,7 @@ def check_out(out, flag: str | None = None) -> None:
                             + ("" if flag else ", or leave out at None for no run folder"))
     path = Path(out)
     named = f"{flag} {out}" if flag else f"out={str(out)!r}"
+    check_out_place(out, flag)
     if path.exists() and not path.is_dir():
         raise PrunekitError(f"{named} is a file: pass a new folder for the run (or a run folder to resume)")
     from .runs import only_leftovers
@@ -131,6 +133,20 @@ def check_out(out, flag: str | None = None) -> None:
     if others and not (_is_run_config(path / "config.toml") or (path / "metrics.json").exists()):
         raise PrunekitError(f"{named} is a folder holding other files, not a run folder: pass a new "
                             "folder so that nothing there is written over")
+
+
+def check_out_place(out, flag: str | None = None) -> None:
+    """Refuse an ``out`` no run can be made at: a symbolic link to nothing (``mkdir`` said "File
+    exists") or a path under a file ("Not a directory"), each raised as an OSError after the model
+    and data were loaded. ``flag``: the CLI's name for it (``--out``); ``out=`` otherwise."""
+    path = Path(out)
+    named, which = (f"{flag} {out}", flag) if flag else (f"out={str(out)!r}", "out=")
+    if path.is_symlink() and not path.exists():
+        raise PrunekitError(f"{named} is a symbolic link to {os.readlink(path)}, which does not exist: create "
+                            f"that folder, or pass another {which}")
+    above = next((p for p in path.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise PrunekitError(f"{named}: {above} is a file, not a folder: pass an {which} whose parent is a folder")
 
 
 def check_not_training_run(out, flag: str | None = None, force: bool = False) -> None:
@@ -157,8 +173,9 @@ def _is_run_config(path: Path) -> bool:
     """Whether ``path`` is the config.toml of a prunekit run (prune names the model and the method,
     train the model and the run folder, prunekit.prune the model's class and the method), not a
     config.toml of the user's own in a folder of theirs."""
+    from .run_folder import read_config     # (run_folder imports what imports this module)
     try:
-        config = tomllib.loads(path.read_text())
+        config = tomllib.loads(read_config(path))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
     return ("model" in config and ("method" in config or "out" in config)) or {"model_class", "method"} <= config.keys() \

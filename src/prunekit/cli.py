@@ -24,9 +24,12 @@ import torch.distributed
 from . import __version__, distributed, interrupts, recipes, run_lock, runs
 from .distributed.lost import first_line as _first_line, is_lost_rank as _lost_rank, lost_ranks_words
 from .api import run_had_finished
+from .api_checks import check_out_place
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
 from .errors import PrunekitError, PrunekitWarning, printable_paths, refusal_of, say
-from .options import cli_message
+from .data.load import check_image_sizes
+from .options import MAX_COUNT, cli_message
+from .run_folder import read_config
 from .suggest import closest
 
 
@@ -269,14 +272,30 @@ def _refuse_bad_paths(args) -> None:
         return
 
 
+# counts every command checks before it loads anything: dest -> (flag, least value); the most is
+# what Python's range and islice take (``MAX_COUNT``: past it a huge --batch-size ran as the whole split)
+COUNTS = {"batch_size": ("--batch-size", 1), "train_samples": ("--train-samples", 1), "epochs": ("--epochs", 1),
+          "warmup": ("--warmup", 0), "repeats": ("--repeats", 1)}
+
+
+def _refuse_bad_counts(args) -> None:
+    """Refuse, before the model or data are loaded, a count past ``MAX_COUNT``, a ``--batch-size``
+    below 1 and a ``--resize`` / ``--crop`` out of range (eval refused them after loading the model;
+    the other lower bounds are each command's own)."""
+    check_image_sizes(getattr(args, "resize", None), getattr(args, "crop", None))
+    for dest, (flag, least) in COUNTS.items():
+        value = getattr(args, dest, None)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if value > MAX_COUNT:
+            raise PrunekitError(f"{flag} must be at most {MAX_COUNT}, got {value}")
+        if dest == "batch_size" and value < least:
+            raise PrunekitError(f"{flag} must be at least {least} (samples per batch), got {value}")
+
+
 def _refuse_bad_out(out: str, data_dir: str | None) -> None:
     path = Path(out)
-    if path.is_symlink() and not path.exists():
-        raise PrunekitError(f"--out {out} is a symbolic link to {os.readlink(path)}, which does not exist: create "
-                            "that folder, or pass another --out")
-    above = next((p for p in path.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise PrunekitError(f"--out {out}: {above} is a file, not a folder: pass an --out whose parent is a folder")
+    check_out_place(out, "--out")
     if isinstance(data_dir, str) and Path(data_dir).is_dir():
         data, run = Path(data_dir).resolve(), path.resolve()
         if run == data or data in run.parents:
@@ -292,7 +311,7 @@ def _from_config(err: PrunekitError, args) -> str:
         return ""
     config = Path(resume) / "config.toml"
     try:
-        keys = {k.replace("-", "_") for k in tomllib.loads(config.read_text())}
+        keys = {k.replace("-", "_") for k in tomllib.loads(read_config(config))}
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return ""
     return f" (in {config})" if any(p in keys for p in params) else ""
@@ -302,7 +321,7 @@ def _is_python_config(config: Path) -> bool:
     """Whether ``config`` is the config.toml of ``prunekit.prune(..., out=)`` (it records the
     model's class, not a model the command line names)."""
     try:
-        keys = {k.replace("-", "_") for k in tomllib.loads(config.read_text())}
+        keys = {k.replace("-", "_") for k in tomllib.loads(read_config(config))}
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False        # load_recipe says what is wrong with it
     return "model_class" in keys and "model" not in keys
@@ -311,7 +330,7 @@ def _is_python_config(config: Path) -> bool:
 def _is_training_config(config: Path) -> bool:
     """Whether ``config`` is the config.toml of a `prunekit train` run (it has epochs, no method)."""
     try:
-        keys = tomllib.loads(config.read_text()).keys()
+        keys = tomllib.loads(read_config(config)).keys()
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False        # load_recipe says what is wrong with it
     return "epochs" in keys and "method" not in keys
@@ -495,8 +514,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         _refuse_dash_paths(args, parser._command(args.command))
         _refuse_bad_paths(args)
+        _refuse_bad_counts(args)
     except PrunekitError as err:
-        return _refuse_before_joining(f"prunekit: error: {err}")
+        return _refuse_before_joining(f"prunekit: error: {cli_message(err)}")     # (--resize in the CLI's words)
     try:
         if distributed.init_from_env(getattr(args, "device", None)):
             if any(distributed.early_refusals(None)):      # another rank refused: it said why

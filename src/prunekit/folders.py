@@ -172,7 +172,8 @@ def inside_a_sweeps_run(path: str | Path) -> tuple[Path, Path] | None:
 
 def _names_a_method(config: Path) -> bool:
     import tomllib
+    from .run_folder import read_config
     try:
-        return "method" in tomllib.loads(config.read_text())
+        return "method" in tomllib.loads(read_config(config))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False

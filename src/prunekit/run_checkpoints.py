@@ -108,7 +108,7 @@ class RunCheckpointer:
                 "rng": json.dumps({k: v for k, v in state.rng.items() if k not in ("torch", "cuda")}),
                 "extra": json.dumps(_finite(state.extra))}
         if self.folder.config.exists():       # the options the stage ran with: a resume under others is refused
-            meta["config"] = self.folder.config.read_text()
+            meta["config"] = self.folder.config_text()
         meta["world_sizes"] = json.dumps(self.world_sizes)
         meta["epoch_passes"] = str(EPOCH_PASSES)      # a resume tells this version's checkpoints from older ones
         write_tensor_file(self.path(state.stage), tensors, meta)

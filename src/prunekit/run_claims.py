@@ -49,7 +49,7 @@ def check_claim(folder: RunFolder, config_text: str, python: bool = False, code_
     call again); ``code_detail``: where the code given differs (``other_code``)."""
     present = _present(folder.path)
     if present:
-        old = folder.config.read_text() if folder.config.exists() else None
+        old = folder.config_text() if folder.config.exists() else None
         if not same_run(old, config_text, folder.path):
             check_finished_unchanged(folder, python, asked=config_text)     # asked as it ran, config.toml edited since
             keys = _differing(old, config_text, folder.path) if old is not None else []
@@ -117,7 +117,7 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
     overwrite (unless ``force``, which first removes the other run's files, or this run's own once it
     finished: it runs anew); the same request again (or ``resume``) carries on where it stopped."""
     path = folder.path
-    old = folder.config.read_text() if folder.config.exists() else None
+    old = folder.config_text() if folder.config.exists() else None
     # another run's files; this run's own are carried on unless it finished, or its config.toml was
     # edited since it began (its checkpoints are the earlier values' run): force redoes it
     if force and (not same_run(old, config_text, path) or _finished_or_damaged(folder)
@@ -166,7 +166,7 @@ def claim(folder: RunFolder, config_text: str, *, resume: bool = False, force: b
             (path / name).unlink(missing_ok=True)
         folder.log(f"config.toml was changed ({', '.join(changed[:3])}) after the unfinished run there stopped "
                    "before its first checkpoint (nothing computed to lose): started with these values")
-    if folder.config.exists() and folder.writable and (made_at := moved_from(folder.config.read_text(), path)):
+    if folder.config.exists() and folder.writable and (made_at := moved_from(folder.config_text(), path)):
         moved = f"this run folder was made at {made_at} and has moved to {Path(path).resolve()}"
         if not _logged(folder, moved):        # once per move, not at every rerun or resume there
             folder.log(f"{moved}: carried on here (its config.toml keeps the out it was made with)")

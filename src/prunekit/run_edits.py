@@ -40,7 +40,7 @@ def edited_since_run(folder: RunFolder, asked: str | None = None) -> tuple[list[
     if not folder.config.exists():
         return None
     try:
-        now = folder.config.read_text()
+        now = folder.config_text()
         if folder.metrics_path.exists():
             metrics = folder.read_metrics()
             saved = metrics.get("config")
@@ -118,7 +118,7 @@ def _edited_unfinished(folder: RunFolder) -> list[str] | None:
     if not (folder.config.exists() and folder.metrics_path.exists()):
         return None
     try:
-        metrics, now = folder.read_metrics(), folder.config.read_text()
+        metrics, now = folder.read_metrics(), folder.config_text()
     except (OSError, UnicodeDecodeError, ValueError, PrunekitError):
         return None         # a damaged file is said where it is read
     saved = metrics.get("config")
@@ -180,7 +180,7 @@ def _check_same_config(folder: RunFolder, saved: str | None, name: str, anew: st
     the command that runs it anew with config.toml's values, named as the other fix."""
     if saved is None or not folder.config.exists():
         return
-    now = folder.config.read_text()
+    now = folder.config_text()
     if same_values(now, saved):         # (a comment is no option)
         return
     try:

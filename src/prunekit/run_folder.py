@@ -63,6 +63,10 @@ class RunFolder:
     def exists(self) -> bool:
         return self.metrics_path.exists() or self.config.exists()
 
+    def config_text(self) -> str:
+        """config.toml's text (``read_config``)."""
+        return read_config(self.config)
+
     def log(self, message: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -254,6 +258,12 @@ def remove_stale_temporaries(folder: RunFolder) -> None:
         temp.unlink(missing_ok=True)
 
 
+def read_config(path: str | Path) -> str:
+    """The text of a run's config.toml (or of its temporary), without the byte-order mark an editor
+    such as Notepad writes when the user saves it (it would read as an edit, or not as TOML)."""
+    return Path(path).read_text(encoding="utf-8-sig")
+
+
 def pending_config(path: str | Path) -> Path | None:
     """The config.toml of a run killed while it took folder ``path``, between writing the file's
     temporary (written whole and fsynced before its rename) and renaming it: in a folder holding
@@ -265,7 +275,7 @@ def pending_config(path: str | Path) -> Path | None:
     found = []
     for temp in _temporaries(path, "config.toml".__eq__):
         try:
-            out = tomllib.loads(temp.read_text(encoding="utf-8")).get("out")
+            out = tomllib.loads(read_config(temp)).get("out")
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             continue
         if isinstance(out, str) and Path(out).resolve() == path.resolve():

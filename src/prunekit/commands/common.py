@@ -19,6 +19,7 @@ from ..data.dataset import pending_bytes
 from ..data.loaders import leaves_one_over, samples_per_pass
 from .. import report
 from ..errors import PrunekitError, PrunekitWarning
+from ..run_folder import read_config
 from ..saving import read_meta
 from ..zoo.checkpoints import check_checkpoint_path, export_refusal
 from ..api_checks import first_batch
@@ -402,7 +403,7 @@ def refuse_unfinished(folder) -> None:
         return
     refuse_running(folder)
     try:
-        method = "method" in tomllib.loads((folder / "config.toml").read_text())
+        method = "method" in tomllib.loads(read_config(folder / "config.toml"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
         method = False
     from ..cli import _is_python_config

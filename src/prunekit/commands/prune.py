@@ -30,6 +30,7 @@ from ..loading import LoadedModel
 from ..methods import METHODS, lookup
 from ..pipelines.gradual import GradualOptions
 from ..request import PruneRequest
+from ..run_folder import read_config
 from ..saving import atomic_write_json
 from ..structured.left_dense import listed_skips, unexpected_skips
 from . import option_flags
@@ -223,7 +224,7 @@ def _out_if_moved(out: str) -> str:
     names the old place, where a ``--recipe`` of it would write."""
     config = runs.RunFolder(out).config
     try:
-        moved = runs.moved_from(config.read_text(), out)
+        moved = runs.moved_from(read_config(config), out)
     except (OSError, UnicodeDecodeError):
         return ""
     return f" --out {shlex.quote(str(out))}" if moved else ""

@@ -357,7 +357,7 @@ def finished_before_the_data(args) -> bool:
     try:
         record = finished_record(folder)
         return (isinstance(record, dict) and "zeros" in record and folder.config.is_file()
-                and folder.config.read_text() == run_config(args))
+                and folder.config_text() == run_config(args))
     except (OSError, UnicodeDecodeError, ValueError):
         return False        # a damaged folder: said where the run is read
 
@@ -406,7 +406,7 @@ def trained_by_an_older_prunekit(folder: RunFolder | None, pruned: PrunedCheckpo
     if not isinstance(record, dict) or {"zeros", "pruned", "trained_zeros"} & record.keys():
         return False
     try:
-        return "zeros" not in tomllib.loads(folder.config.read_text())
+        return "zeros" not in tomllib.loads(folder.config_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
 
@@ -559,7 +559,7 @@ def training_folder(args, read_only: bool = False) -> RunFolder | None:
     except EditedConfig:        # this run's config.toml, edited since: said as it is (its fix is --force)
         raise
     except OptionError:
-        old = folder.config.read_text() if folder.config.exists() else None
+        old = folder.config_text() if folder.config.exists() else None
         keys = _differing(old, config_text, folder.path) if old is not None else []
         other = f" (other {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
         if old is None:
@@ -609,7 +609,7 @@ def _holds_a_prune_run(folder: RunFolder) -> bool:
     if folder.metrics_path.exists():            # only prune runs write one
         return True
     try:
-        return "method" in tomllib.loads(folder.config.read_text())
+        return "method" in tomllib.loads(folder.config_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
 

@@ -56,7 +56,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..losses import LossFn, mean_loss
-from ..options import Integer, OptionError, Real, Shares, ADAM_LR, SQUARED
+from ..options import FLOAT32_MAX, Integer, OptionError, Real, Shares, ADAM_LR, SQUARED
 from ..train import distillation_loss
 from .gates import GatedMacs, GateHooks, fold_gates
 from .group_types import GroupSet
@@ -205,6 +205,7 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
                 lam += options.dual_lr * c.item()
                 gated = macs.item()
                 step += 1
+                _check_finite(loss, lam, theta, step, options)
                 loss_avg = task.item() if loss_avg is None else \
                     options.loss_average * loss_avg + (1 - options.loss_average) * task.item()
                 if step % options.check_every == 0:
@@ -247,6 +248,24 @@ def taper_snapshots(model: nn.Module, groups: GroupSet, counter: GatedMacs, budg
             "snapshot_steps": {f"{s.budget:g}": s.step for s in snapshots},
             "snapshot_cuts": {f"{s.budget:g}": s.cut for s in snapshots}}
     return snapshots, info
+
+
+# the options that drive the gates and the multiplier: too large, they blow the gate training up
+GATE_KNOBS = ("gate_lr", "dual_lr", "penalty", "gamma")
+
+
+def _check_finite(loss: torch.Tensor, lam: float, theta: list[torch.Tensor], step: int, options: TaperOptions) -> None:
+    """Refuse a taper whose gate training blew up (each option finite and within float32, but a
+    huge dual_lr grows the multiplier past float32's range within a few steps, a huge penalty or
+    gamma makes the loss or a logit inf or nan): the gates then all close and the cut keeps a few
+    percent of the MACs for any budget, reported as a success. ``lam``: the multiplier (it scales
+    the float32 loss, so past ``FLOAT32_MAX`` it is inf there)."""
+    if abs(lam) <= FLOAT32_MAX and math.isfinite(loss.item()) and all(bool(torch.isfinite(t).all()) for t in theta):
+        return
+    knobs = ", ".join(f"{name} {getattr(options, name):g}" for name in GATE_KNOBS)
+    raise OptionError(f"the taper's gate training diverged ({knobs}): its multiplier, gates or loss are not finite in "
+                      f"float32 after {step} step(s), so no cut can be trusted; lower dual_lr, penalty, gamma or "
+                      "gate_lr (defaults: leave them out)", GATE_KNOBS)
 
 
 def _temperature(options: TaperOptions, reached_share: float, last_share: float, cooled: int) -> float:

@@ -19,6 +19,7 @@ Lightning's ``model.``) is dropped where the keys then are the model's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import pickle
@@ -338,8 +339,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError) as err:
-        raise PrunekitError(f"cannot read checkpoint {path} as safetensors ({err}): the file is truncated or "
-                            "damaged; download or save it again") from None
+        raise _damaged(path, err, "safetensors") from None
 
 
 def _read_torch(path: Path) -> object:
@@ -366,17 +366,37 @@ def _read_torch(path: Path) -> object:
         raise _damaged(path, err) from None
 
 
-def _damaged(path: Path, err: BaseException) -> PrunekitError:
-    """The refusal of torch.save file ``path`` that torch.load failed on (``err``: a truncated zip
-    archive's "[Errno 22] Invalid argument", a damaged pickle's "invalid load key", a damaged
-    archive's "[enforce fail at inline_container.cc...]"), its detail in brackets, torch's source
-    location left out, the fix first."""
-    detail = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", _first_line(err)).strip() or type(err).__name__
+def _damaged(path: Path, err: BaseException, kind: str = "torch.save") -> PrunekitError:
+    """The refusal of checkpoint ``path`` that torch.load (``kind`` "torch.save") or safetensors
+    failed on: one line naming the file and the fix. The reader's own words (a truncated zip
+    archive's "[Errno 22] Invalid argument", a damaged pickle's "invalid load key, '\\xf5'", a
+    safetensors header's "incomplete metadata") say nothing more to the user than "damaged", so they
+    are left out; an error of reading the file (EIO, EACCES, ...) is the cause, so it is named."""
     if isinstance(err, MemoryError):
         return PrunekitError(f"cannot read checkpoint {path}: out of memory reading it; free memory, or load it on a "
                              "machine with more")
-    return PrunekitError(f"cannot read checkpoint {path} as a torch.save file ({detail}): the file is truncated or "
-                         "damaged; save or download it again")
+    if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL) and err.strerror:
+        return PrunekitError(f"cannot read checkpoint {path}: {err.strerror}: check the file and the disk it is on "
+                             "(or copy it elsewhere and pass that copy)")
+    if kind == "torch.save" and _truncated_zip(path):
+        return PrunekitError(f"checkpoint {path} is cut short (its zip archive has no end, as a copy or download that "
+                             "stopped leaves it): save or download it again")
+    return PrunekitError(f"checkpoint {path} is damaged (it does not read as a {kind} file): save or download it again")
+
+
+def _truncated_zip(path: Path) -> bool:
+    """Whether ``path`` starts as a zip archive (torch.save's format) but has no end (its central
+    directory), as a copy or download cut short leaves it."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != _ZIP_START:
+                return False
+        zipfile.ZipFile(path).close()
+    except zipfile.BadZipFile:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 # torch.save's two formats: a zip archive, or (legacy) a pickle that starts with this magic number.
@@ -398,11 +418,6 @@ def _quiet_torch_load():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         yield
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _is_state_dict(obj: object) -> bool:
