@@ -301,3 +301,61 @@ def test_a_finished_weights_run_over_a_loaded_shrunk_model_gives_back_into_the_m
                                 out=str(tmp_path / "run"))
         assert result.model is passed, attempt
         assert zeros(passed) > dense_zeros + 0.4 * sum(p.numel() for p in passed.parameters() if p.dim() > 1), attempt
+
+
+def _conv_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 6, 3, padding=1, groups=2), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 4)).eval()
+
+
+def _channels_last(model):
+    """Whether each conv weight of ``model`` is channels-last (and not also contiguous: 3x3 kernels, several inputs)."""
+    return [m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+            for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_shrink_and_apply_layout_keep_channels_last_weights():
+    """A model converted to channels_last keeps its conv weights so after the cut (cut on inputs too)
+    and after resizing a fresh channels_last instance to the saved layout; outputs unchanged."""
+    model = _conv_net().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8)
+    groups = find_groups(model, x)
+    masks = [torch.arange(g.size) % 2 == 0 for g in groups]
+    small = shrink(model, groups, masks, x)
+    assert _channels_last(small) == [True, True, True]
+    with torch.no_grad(), GateHooks(model, groups) as hooks:
+        hooks.values = [m.float() for m in masks]
+        gated = model(x)
+    assert_close_to_scale(small(x), gated, rel=1e-5)
+    rebuilt = apply_layout(_conv_net(seed=1).to(memory_format=torch.channels_last), channel_layout(small))
+    assert _channels_last(rebuilt) == [True, True, True]
+    rebuilt.load_state_dict(small.state_dict())
+    assert _channels_last(rebuilt) == [True, True, True]
+    assert torch.equal(rebuilt(x), small(x))
+    plain = apply_layout(_conv_net(seed=1), channel_layout(small))      # a default-layout model stays so
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_apply_layout_keeps_dtype_and_a_conv_transpose_or_3d_weights_layout():
+    """Resized layers keep the model's dtype (float64 here) and each weight its memory format, a
+    ConvTranspose's (in, out, k, k) and a Conv3d's (channels_last_3d) too; BatchNorm buffers their dtype."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ConvTranspose2d(8, 6, 3),
+                              torch.nn.Linear(6, 5)).double().to(memory_format=torch.channels_last)
+    net3d = torch.nn.Conv3d(4, 6, 3).double().to(memory_format=torch.channels_last_3d)
+    net.append(net3d)
+    layout = {"0": {"in": 3, "out": 5, "groups": 1, "dense": {"in": 3, "out": 8, "groups": 1}},
+              "1": {"features": 5, "dense": {"features": 8}},
+              "2": {"in": 5, "out": 4, "groups": 1, "dense": {"in": 8, "out": 6, "groups": 1}},
+              "3": {"in": 6, "out": 3, "dense": {"in": 6, "out": 5}},
+              "4": {"in": 4, "out": 2, "groups": 1, "dense": {"in": 4, "out": 6, "groups": 1}}}
+    apply_layout(net, layout)
+    assert net[0].weight.shape == (5, 3, 3, 3) and net[2].weight.shape == (5, 4, 3, 3)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last) and not net[0].weight.is_contiguous()
+    assert net[2].weight.is_contiguous(memory_format=torch.channels_last) and not net[2].weight.is_contiguous()
+    assert net[4].weight.is_contiguous(memory_format=torch.channels_last_3d) and not net[4].weight.is_contiguous()
+    assert {t.dtype for t in net.parameters()} == {torch.float64}
+    assert net[1].running_mean.dtype == net[1].running_var.dtype == torch.float64

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..costs import is_conv1d_style
 from ..errors import PrunekitError
+from ..memory_format import memory_format
 from ..zoo.layout import mark_shrunk, remember_dense, remember_dense_all, tied_parameters
 from .attention import set_heads, slim_copy
 from .gates import GateHooks
@@ -259,7 +260,8 @@ def _cut(module: nn.Module, axis: str, closed: list[int], name: str) -> None:
     """Remove channels ``closed`` from ``module``'s ``axis`` ("out": outputs/features, "in": inputs),
     marking it shrunk (``zoo.layout.mark_shrunk``: ``save_model`` records its model's layout) and
     keeping its counts before the first cut (``zoo.layout.remember_dense``: the layout records them).
-    Each new parameter keeps its old one's ``requires_grad`` (a frozen layer stays frozen)."""
+    Each new parameter keeps its old one's ``requires_grad`` (a frozen layer stays frozen), and a conv
+    weight its memory format (``memory_format``: channels-last stays channels-last)."""
     frozen = {attr for attr, p in module.named_parameters(recurse=False) if not p.requires_grad}
     _cut_tensors(module, axis, closed, name)
     for attr, p in module.named_parameters(recurse=False):
@@ -310,7 +312,7 @@ def _cut_tensors(module: nn.Module, axis: str, closed: list[int], name: str) -> 
     depthwise = _is_depthwise(module)
     if axis == "out" or depthwise:
         keep = _keep(module.out_channels, closed)
-        module.weight = nn.Parameter(module.weight[keep].clone())
+        module.weight = nn.Parameter(module.weight[keep].clone(memory_format=memory_format(module.weight)))
         if module.bias is not None:
             module.bias = nn.Parameter(module.bias[keep].clone())
         module.out_channels = keep.numel()
@@ -324,7 +326,7 @@ def _cut_tensors(module: nn.Module, axis: str, closed: list[int], name: str) -> 
             torch.equal(keep[(keep >= s * per) & (keep < (s + 1) * per)] - s * per, local)
             for s in range(module.groups)):
         raise AssertionError(f"{name}: the kept input channels differ between its {module.groups} groups")
-    module.weight = nn.Parameter(module.weight[:, local].clone())
+    module.weight = nn.Parameter(module.weight[:, local].clone(memory_format=memory_format(module.weight)))
     module.in_channels = keep.numel()
 
 

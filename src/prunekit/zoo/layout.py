@@ -17,6 +17,7 @@ from torch import nn
 from ..costs import is_conv1d_style
 from ..errors import PrunekitError
 from ..layers import RemovedBlock, SlimAttention
+from ..memory_format import memory_format
 from ..structured.attention import hf_heads_attrs, set_heads
 
 _CONV = nn.modules.conv._ConvNd
@@ -346,6 +347,8 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             if "heads" in spec:                          # an nn.MultiheadAttention that lost heads
                 slim = SlimAttention(int(spec["embed_dim"]), int(spec["heads"]), int(spec["head_dim"]),
                                      bool(spec["bias"]), bool(spec["batch_first"]), float(spec["dropout"]))
+                if (old := next(module.parameters(), None)) is not None:
+                    slim.to(**_like(old))
                 keep_out_proj_dense(slim, module)
                 parent_name, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, attr, slim)
@@ -371,32 +374,33 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
                 cin, cout, groups = int(spec["in"]), int(spec["out"]), int(spec["groups"])
                 module.in_channels, module.out_channels, module.groups = cin, cout, groups
                 shape = (cin, cout // groups) if module.transposed else (cout, cin // groups)   # ConvTranspose: (in, out/groups, k...)
-                module.weight = nn.Parameter(torch.empty(*shape, *module.kernel_size))
+                module.weight = nn.Parameter(torch.empty(*shape, *module.kernel_size, **_like(module.weight),
+                                                         memory_format=memory_format(module.weight)))
                 if module.bias is not None:
-                    module.bias = nn.Parameter(torch.empty(cout))
+                    module.bias = nn.Parameter(torch.empty(cout, **_like(module.bias)))
             elif isinstance(module, nn.Linear):
                 cin, cout = int(spec["in"]), int(spec["out"])
                 module.in_features, module.out_features = cin, cout
-                module.weight = nn.Parameter(torch.empty(cout, cin))
+                module.weight = nn.Parameter(torch.empty(cout, cin, **_like(module.weight)))
                 if module.bias is not None:
-                    module.bias = nn.Parameter(torch.empty(cout))
+                    module.bias = nn.Parameter(torch.empty(cout, **_like(module.bias)))
             elif is_conv1d_style(module):
                 cin, cout = int(spec["in"]), int(spec["out"])
                 module.nf = cout
                 if hasattr(module, "nx"):
                     module.nx = cin
-                module.weight = nn.Parameter(torch.empty(cin, cout))
+                module.weight = nn.Parameter(torch.empty(cin, cout, **_like(module.weight)))
                 if getattr(module, "bias", None) is not None:
-                    module.bias = nn.Parameter(torch.empty(cout))
+                    module.bias = nn.Parameter(torch.empty(cout, **_like(module.bias)))
             elif isinstance(module, _BN):
                 n = int(spec["features"])
                 module.num_features = n
                 if module.affine:
-                    module.weight = nn.Parameter(torch.ones(n))
-                    module.bias = nn.Parameter(torch.zeros(n))
+                    module.weight = nn.Parameter(torch.ones(n, **_like(module.weight)))
+                    module.bias = nn.Parameter(torch.zeros(n, **_like(module.bias)))
                 if module.track_running_stats:
-                    module.running_mean = torch.zeros(n)
-                    module.running_var = torch.ones(n)
+                    module.running_mean = torch.zeros(n, **_like(module.running_mean))
+                    module.running_var = torch.ones(n, **_like(module.running_var))
             else:
                 raise PrunekitError(f"layer {name!r} is {_a(type(module).__name__)}, not a Conv/Linear/Conv1D/BatchNorm")
         except PrunekitError:
@@ -418,6 +422,12 @@ def apply_layout(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
             remember_dense(module)               # as built (an older prunekit's layout: as it recorded)
     mark_shrunk(model)
     return model
+
+
+def _like(old: torch.Tensor) -> dict:
+    """The dtype and device of ``old``, for the tensor that replaces it at another size (a model built
+    in float64 or on a GPU keeps its resized layers so)."""
+    return {"dtype": old.dtype, "device": old.device}
 
 
 def _keep_dense_as_saved(module: nn.Module, spec: dict) -> None:
