@@ -175,15 +175,16 @@ def _data_file(eval_loader) -> dict:
 
 
 def _fingerprints(plan, eval_loader, train_batches, args) -> dict:
-    """``{split: fingerprint}`` of the image folder splits the run reads (``ImageFolderScan.fingerprint``:
-    the evaluation split, and the training split where the run reads it); {} for other data."""
+    """``{split: fingerprint}`` of the splits the run reads (the evaluation split, and the training
+    split where the run reads it): an image folder's ``ImageFolderScan.fingerprint``, any other data
+    set's ``contents_fingerprint`` (its images and labels as read)."""
+    from ..data.dataset import contents_fingerprint
     from ..data.imagefolder import folder_fingerprint
-    if args.data != "imagefolder":
-        return {}
     splits = {args.eval_split: getattr(eval_loader, "dataset", None)}
     if train_batches is not None and reads_training_data(plan):
         splits["train"] = train_batches.split()
-    found = {split: folder_fingerprint(ds) for split, ds in splits.items()}
+    found = {split: folder_fingerprint(ds) if args.data == "imagefolder" else
+             contents_fingerprint(ds, args.data, args.data_dir) for split, ds in splits.items()}
     return {split: fingerprint for split, fingerprint in found.items() if fingerprint is not None}
 
 
