@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch.distributed
 
-from . import __version__, distributed, interrupts, recipes, run_lock, runs
+from . import __version__, distributed, interrupts, recipes, run_lock, runs, startup
 from .distributed.lost import first_line as _first_line, is_lost_rank as _lost_rank, lost_ranks_words
 from .api import run_had_finished
 from .commands import bench_latency, demo, eval as eval_command, export, info, prune, sweep, train
@@ -454,9 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _ours_on_one_line(warnings.showwarning)
         joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
         code, returned = 1, False
+        startup.started()               # a Ctrl-C from here on is the command's (``interrupts.caught``)
         try:
             with interrupts.caught(), printable_paths():
                 code = _main(argv)
+                if startup.is_the_program():    # done, its result printed: a Ctrl-C while the process ends
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)     # is ignored (README), at once: in C
             returned = True
             return code
         except _RankLost as lost:

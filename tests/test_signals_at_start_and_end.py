@@ -1,0 +1,81 @@
+"""A Ctrl-C before the command line's work begins (torch and prunekit still importing) and after it
+has ended (its result printed, the process ending) is one line, or none, never a traceback.
+
+A walk sent SIGINT 1-8 s into `python -m prunekit prune ...`: a 15-50 line traceback of the import it
+cut short, killed by SIGINT (rc -2). And SIGINT just after `prune --out` printed "saved to": a
+traceback from ``interrupts._on_signal`` raised as ``cli.main`` left its ``with`` block (rc -2), or
+"Exception ignored in: ... KeyboardInterrupt" from a finalizer. Each child here is the command line
+as the ``prunekit`` script runs it (``sys.argv[0]`` is the script: ``startup.is_the_program``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+# the SIGINT sent the moment prunekit's package imports its first heavy module (torch comes with it)
+DURING_IMPORT = """
+import os, signal, sys
+sys.argv = ["/usr/bin/prunekit", "info", "mlpnet"]
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "prunekit.methods":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+from prunekit.cli import main
+sys.exit(main())
+"""
+
+# the SIGINT sent as cli.main leaves its block (``leaving``) or once it has returned (``after``)
+AT_THE_END = """
+import contextlib, os, signal, sys, time
+sys.argv = ["/usr/bin/prunekit", "info", "mlpnet"]
+from prunekit import cli
+
+@contextlib.contextmanager
+def leaving():
+    yield
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+
+if "{when}" == "leaving":
+    cli.printable_paths = leaving
+code = cli.main()
+if "{when}" == "after":
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+sys.exit(code)
+"""
+
+
+def _child(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_ctrl_c_while_prunekit_imports_is_one_line_and_exit_130():
+    done = _child(DURING_IMPORT)
+    assert done.returncode == 130, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.strip() == "prunekit: interrupted while starting; nothing was run", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("when", ["leaving", "after"])
+def test_a_ctrl_c_once_the_command_has_ended_is_ignored(when):
+    done = _child(AT_THE_END.replace("{when}", when))
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr[-2000:]
+    assert "mlpnet" in done.stdout
+
+
+def test_prunekit_imported_by_another_program_leaves_its_ctrl_c_alone():
+    """Another program (``python -m theirs``, a script) importing prunekit keeps Python's handler."""
+    done = _child("import signal, prunekit; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
