@@ -1,10 +1,12 @@
-"""A Ctrl-C before the command line's work begins (torch and prunekit still importing) and after it
-has ended (its result printed, the process ending) is one line, or none, never a traceback.
+"""A Ctrl-C before the command line's work begins (torch and prunekit still importing) is one line
+and exit 130; a Ctrl-C or SIGTERM after it has ended (its result printed, the process ending) is
+ignored: never a traceback, nor a death by the signal.
 
 A walk sent SIGINT 1-8 s into `python -m prunekit prune ...`: a 15-50 line traceback of the import it
 cut short, killed by SIGINT (rc -2). And SIGINT just after `prune --out` printed "saved to": a
 traceback from ``interrupts._on_signal`` raised as ``cli.main`` left its ``with`` block (rc -2), or
-"Exception ignored in: ... KeyboardInterrupt" from a finalizer. Each child here is the command line
+"Exception ignored in: ... KeyboardInterrupt" from a finalizer; a sweep SIGTERMed after printing its
+report's path died by it (rc -15, no line). Each child here is the command line
 as the ``prunekit`` script runs it (``sys.argv[0]`` is the script: ``startup.is_the_program``)."""
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from prunekit.cli import main
 sys.exit(main())
 """
 
-# the SIGINT sent as cli.main leaves its block (``leaving``) or once it has returned (``after``)
+# the signal sent as cli.main leaves its block (``leaving``) or once it has returned (``after``)
 AT_THE_END = """
 import contextlib, os, signal, sys, time
 sys.argv = ["/usr/bin/prunekit", "info", "mlpnet"]
@@ -43,14 +45,14 @@ from prunekit import cli
 @contextlib.contextmanager
 def leaving():
     yield
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.{sig})
     time.sleep(0.2)
 
 if "{when}" == "leaving":
     cli.printable_paths = leaving
 code = cli.main()
 if "{when}" == "after":
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.{sig})
     time.sleep(0.2)
 sys.exit(code)
 """
@@ -67,9 +69,11 @@ def test_a_ctrl_c_while_prunekit_imports_is_one_line_and_exit_130():
     assert done.stderr.strip() == "prunekit: interrupted while starting; nothing was run", done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("when", ["leaving", "after"])
-def test_a_ctrl_c_once_the_command_has_ended_is_ignored(when):
-    done = _child(AT_THE_END.replace("{when}", when))
+def test_a_ctrl_c_or_sigterm_once_the_command_has_ended_is_ignored(when, sig):
+    """SIGTERM too: a sweep SIGTERMed once it had printed its report's path died by it (-15, no word)."""
+    done = _child(AT_THE_END.replace("{when}", when).replace("{sig}", sig))
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr[-2000:]
     assert "mlpnet" in done.stdout
