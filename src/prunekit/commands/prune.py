@@ -310,7 +310,9 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
         # (its file could not be made) and nothing written (no claim, log or report); under
         # torchrun as rank 0 finds the folder, on every rank
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main, read_only=True)
-    with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
+    # one process at a time in it (a --resume refused so is told to wait, not to pick another --out)
+    flag = "--resume" if getattr(args, "resume", None) else "--out"
+    with run_lock.held_by_rank_0(args.out, flag) if args.out else nullcontext():
         with stop_recorded(args.out, main):      # why the run stops, and its status, written while the lock is held
             return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
 
