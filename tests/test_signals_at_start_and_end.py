@@ -83,3 +83,15 @@ def test_prunekit_imported_by_another_program_leaves_its_ctrl_c_alone():
     """Another program (``python -m theirs``, a script) importing prunekit keeps Python's handler."""
     done = _child("import signal, prunekit; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command, ours", [("-m prunekit prune", True), ("-u -m prunekit", True),
+                                           ("-X importtime -m prunekit", True), ("-mprunekit", True),
+                                           ("-m pytest -m prunekit", False), ("-c pass -m prunekit", False),
+                                           ("theirs.py -m prunekit", False), ("-m theirs", False)])
+def test_the_program_is_told_by_the_interpreter_s_own_options(monkeypatch, command, ours):
+    """Only the module the interpreter runs counts (``python -m pytest -m prunekit`` is pytest)."""
+    from prunekit import startup
+    monkeypatch.setattr(sys, "orig_argv", ["python", *command.split()])
+    monkeypatch.setattr(sys, "argv", ["-c" if "-c" in command else "x"])
+    assert startup.is_the_program() is ours

@@ -23,9 +23,17 @@ def is_the_program() -> bool:
     """Whether this process runs prunekit's command line: ``python -m prunekit`` (torchrun's ranks
     included: ``python -u -m prunekit``) or the ``prunekit`` script, not another program importing
     prunekit (``python -m theirs``, whose package imports prunekit, is not)."""
-    argv = list(getattr(sys, "orig_argv", None) or [])
-    if any(a == "-m" and b == "prunekit" for a, b in zip(argv, argv[1:])) or "-mprunekit" in argv:
-        return True
+    argv = list(getattr(sys, "orig_argv", None) or [])[1:]
+    while argv:                 # the interpreter's own options, up to the module, command or script
+        option = argv.pop(0)
+        if option == "-m":
+            return argv[:1] == ["prunekit"]
+        if option.startswith("-m"):
+            return option == "-mprunekit"
+        if option in ("-X", "-W"):          # each takes a value (``-X importtime``)
+            argv = argv[1:]
+        elif option == "-c" or not option.startswith("-"):
+            break
     program = (getattr(sys, "argv", None) or [""])[0]
     return os.path.basename(program) in ("prunekit", "prunekit.exe")
 
