@@ -86,6 +86,8 @@ def test_resume_and_sweep_are_refused_too(holders, tmp_path, capsys):
     code, out = _run(["prune", "--resume", str(folder)], capsys)
     assert code == 2 and out.err.count("\n") == 1, out.err
     assert f"in use by another prunekit process (pid {holder.pid})" in out.err
+    # the user named the folder with --resume (two resumes at once): told to wait, not to pick an --out
+    assert "wait for it to finish, then --resume again" in out.err and "--out" not in out.err, out.err
     sweep_folder = tmp_path / "sweep"
     holder = holders(sweep_folder)
     code, out = _run(["sweep", *PRUNE[1:], "--out", str(sweep_folder)], capsys)
@@ -460,3 +462,13 @@ def test_a_python_run_stopped_by_ctrl_c_is_marked_interrupted_before_its_lock_is
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
     assert "interrupted (Ctrl-C)" in (run / "run.log").read_text()
     assert not run_lock.in_use(str(run))
+
+
+def test_a_resume_refused_over_an_unwritable_folder_names_no_other_resume(tmp_path):
+    """``prune --resume DIR`` names the run's folder, not a place to write: an unwritable one is not
+    told to "choose another --resume"."""
+    for read_only_system in (True, False):
+        said = run_lock._unwritable(tmp_path, "--resume", read_only_system)
+        assert "copy the run folder somewhere writable and --resume it there" in said, said
+        assert "another --resume" not in said
+    assert run_lock._unwritable(tmp_path, "--out", True).endswith("choose another --out")

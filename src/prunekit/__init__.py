@@ -16,6 +16,11 @@ and the building blocks ``Budget``, ``CostModel``, ``ParamSpace``, ``MaskHold``,
 
 __version__ = "0.1.0"     # the package version (pyproject.toml reads it from here)
 
+from . import startup
+
+if startup.is_the_program():          # a Ctrl-C while torch and prunekit import: one line, exit 130
+    startup.quiet_until_started()
+
 from . import threads_env
 
 if threads_env.run_as_program():      # before torch loads: libgomp reads OMP_NUM_THREADS then

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch.distributed
 
-from . import __version__, distributed, interrupts, recipes, run_lock, runs
+from . import __version__, distributed, interrupts, recipes, run_lock, runs, startup
 from .distributed.lost import first_line as _first_line, is_lost_rank as _lost_rank, lost_ranks_words
 from .api import run_had_finished
 from .api_checks import check_out_place
@@ -473,9 +473,17 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _ours_on_one_line(warnings.showwarning)
         joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
         code, returned = 1, False
+        startup.started()               # a Ctrl-C from here on is the command's (``interrupts.caught``)
+        # the program alone (not a caller's process, not a torchrun rank: _end_now ends those at once)
+        ends_here = startup.is_the_program() and not distributed.launched_by_torchrun()
         try:
             with interrupts.caught(), printable_paths():
                 code = _main(argv)
+                if ends_here:
+                    try:
+                        _ignore_stops()
+                    except KeyboardInterrupt:       # one that came as the command returned: ignored too
+                        _ignore_stops()
             returned = True
             return code
         except _RankLost as lost:
@@ -487,6 +495,15 @@ def main(argv: list[str] | None = None) -> int:
                 _end_now(code)
             if not joined_before:         # an unexpected error: leave the group, show the traceback
                 distributed.shutdown(wait=False)
+
+
+def _ignore_stops() -> None:
+    """The command has ended, its result printed and its files written: a Ctrl-C or SIGTERM while
+    the process exits (flushing, finalizers) is ignored and the exit code stays the command's (README).
+    They had raised KeyboardInterrupt (a traceback, or "Exception ignored in" a finalizer) or ended it
+    by the signal, with no word, after a sweep had printed its report's path (exit -15)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _end_now(code: int) -> None:

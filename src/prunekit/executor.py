@@ -99,8 +99,9 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         (not only before and after); their seconds are not the pruning's (``eval_seconds``).
     about: keys the record holds besides the measurements, e.g. ``data_file`` (the ``.npz`` the
         command line read its data from), kept in result.json and metrics.json with it.
-    data_fingerprint: ``{split: ImageFolderScan.fingerprint}`` of the image folders the run reads
-        (the command line's), kept in metrics.json: a resume over one whose images changed since is
+    data_fingerprint: ``{split: fingerprint}`` of the data the run reads (the command line's: an image
+        folder's ``ImageFolderScan.fingerprint``, another data set's ``data.dataset.contents_fingerprint``),
+        kept in metrics.json: a resume over one whose images changed since is
         refused (with ``force``, the command line's --force: the unfinished run starts anew over it); a
         finished run gives its result back, as for any other change of its data. ``anew``: how that
         refusal says to start the run anew instead (a sweep's run has no --force: its sweep's words);
@@ -364,11 +365,12 @@ def _refuse_changed_classes(folder: RunFolder, metrics: dict, describe: dict, re
 def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, force: bool = False,
                            anew: str = ANEW, redo: str = REDO) -> bool:
     """A run resumed over an image folder whose images changed since it began (an image added,
-    removed or replaced: ``data.imagefolder.fingerprint_change``) would measure and prune its stages
+    removed or replaced: ``data.imagefolder.fingerprint_change``), or over another data set whose
+    images or labels did (``data.dataset.contents_fingerprint``), would measure and prune its stages
     left on other images than its dense model and stages so far: refused, naming what changed.
     ``now``: ``{split: fingerprint}`` of the folders read now; the run's are in its metrics.json
-    (``data_fingerprint``). A run that recorded none where it recorded its class names (an older
-    prunekit's) is carried on with a warning; one that recorded neither was warned of by
+    (``data_fingerprint``). A run that recorded none where it recorded its class names, or over a
+    data set read whole (an older prunekit's), is carried on with a warning; one that recorded neither was warned of by
     ``_refuse_changed_classes``. ``force``: the run's checkpoints are removed instead and True
     returned: it starts anew over the images as they are now (its metrics are written afresh).
     ``anew``: the refusal's words for starting the run anew (``ANEW``: prune's command line's);
@@ -389,10 +391,14 @@ def _refuse_changed_images(folder: RunFolder, metrics: dict, now: dict | None, f
                 return True
             if change is not None:
                 where = fingerprint.get("folder") or f"the {split} split"
-                raise PrunekitError(f"the images in {where} changed since the run in {folder.path} started ({change}): "
-                                    "its stages left would be pruned and measured on other images than the first; "
-                                    f"put the folder back as it was to carry the run on, or {anew}")
-    elif metrics.get("stages") and isinstance(metrics.get("class_names"), list):
+                whole = "data" in fingerprint           # a data set read whole: its files, one split of them
+                raise PrunekitError(f"the images in {where} changed since the run in {folder.path} started "
+                                    f"({f'the {split} split: ' if whole else ''}{change}): its stages left would be "
+                                    "pruned and measured on other images than the first; put "
+                                    f"{'the files' if whole else 'the folder'} back as "
+                                    f"{'they were' if whole else 'it was'} to carry the run on, or {anew}")
+    elif metrics.get("stages") and (isinstance(metrics.get("class_names"), list)
+                                    or any("data" in fingerprint for fingerprint in now.values())):
         def line(fix: str) -> str:
             return (f"{folder.path} was written by an older prunekit that recorded no fingerprint of its images: "
                     "carried on without checking that they are the ones it started with (an image added, removed or "

@@ -159,7 +159,8 @@ def caught():
             yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            if signal.getsignal(signum) is _on_signal:      # (not one the block put in place: cli.main's end)
+                signal.signal(signum, handler)
         _pending = False
 
 

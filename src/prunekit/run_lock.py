@@ -38,7 +38,8 @@ LOCK_NAME = ".prunekit.lock"
 @contextmanager
 def held(folder: str | Path, flag: str = "--out") -> Iterator[None]:
     """Hold ``folder``'s lock for the block (creating ``folder`` if needed); ``flag``: the option
-    that named the folder, for the refusal (``--out`` on the command line, ``out=`` in Python)."""
+    that named the folder, for the refusal (``--out`` on the command line, ``--resume`` for
+    ``prune --resume DIR``, ``out=`` in Python)."""
     if fcntl is None:
         yield
         return
@@ -117,9 +118,11 @@ def _unwritable(folder: Path, flag: str, read_only_system: bool) -> str:
     """The refusal of a run folder this process may not write (or make: its parent's then)."""
     there = next(p for p in (folder, *folder.parents) if p.exists())
     what = f"{folder} is not writable" if there == folder else f"cannot make {folder}: {there} is not writable"
+    other = "copy the run folder somewhere writable and --resume it there" if flag == "--resume" \
+        else f"choose another {flag}"
     if read_only_system:
-        return f"{what} (a read-only file system): choose another {flag}"
-    return f"{what} (permission denied): make it writable (chmod u+w {there}) or choose another {flag}"
+        return f"{what} (a read-only file system): {other}"
+    return f"{what} (permission denied): make it writable (chmod u+w {there}) or {other}"
 
 
 def _acquire(path: Path, folder: Path, flag: str) -> int:
@@ -132,8 +135,7 @@ def _acquire(path: Path, folder: Path, flag: str) -> int:
             pid = _holder(fd)
             os.close(fd)
             raise PrunekitError(f"{folder} is in use by another prunekit process"
-                                + (f" (pid {pid})" if pid else "")
-                                + f": wait for it to finish or choose another {flag}") from None
+                                + (f" (pid {pid})" if pid else "") + f": {_wait(flag)}") from None
         except BaseException:
             os.close(fd)
             raise
@@ -144,6 +146,14 @@ def _acquire(path: Path, folder: Path, flag: str) -> int:
         if same:
             return fd
         os.close(fd)
+
+
+def _wait(flag: str) -> str:
+    """The way out of a folder held by another process, for the option that named it: another folder,
+    or for ``--resume`` (that run's folder: most likely the same run, carried on by the other) waiting."""
+    if flag == "--resume":
+        return "wait for it to finish, then --resume again gives back its result (or carries on where it stopped)"
+    return f"wait for it to finish or choose another {flag}"
 
 
 def _lock_past_probes(fd: int, wait: float = 2.0) -> None:

@@ -176,15 +176,16 @@ def _data_file(eval_loader) -> dict:
 
 
 def _fingerprints(plan, eval_loader, train_batches, args) -> dict:
-    """``{split: fingerprint}`` of the image folder splits the run reads (``ImageFolderScan.fingerprint``:
-    the evaluation split, and the training split where the run reads it); {} for other data."""
+    """``{split: fingerprint}`` of the splits the run reads (the evaluation split, and the training
+    split where the run reads it): an image folder's ``ImageFolderScan.fingerprint``, any other data
+    set's ``contents_fingerprint`` (its images and labels as read)."""
+    from ..data.dataset import contents_fingerprint
     from ..data.imagefolder import folder_fingerprint
-    if args.data != "imagefolder":
-        return {}
     splits = {args.eval_split: getattr(eval_loader, "dataset", None)}
     if train_batches is not None and reads_training_data(plan):
         splits["train"] = train_batches.split()
-    found = {split: folder_fingerprint(ds) for split, ds in splits.items()}
+    found = {split: folder_fingerprint(ds) if args.data == "imagefolder" else
+             contents_fingerprint(ds, args.data, args.data_dir) for split, ds in splits.items()}
     return {split: fingerprint for split, fingerprint in found.items() if fingerprint is not None}
 
 
@@ -310,7 +311,9 @@ def prune_into(args, plan, loaded: LoadedModel, eval_loader, train_batches, dens
         # (its file could not be made) and nothing written (no claim, log or report); under
         # torchrun as rank 0 finds the folder, on every rank
         return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main, read_only=True)
-    with run_lock.held_by_rank_0(args.out) if args.out else nullcontext():     # one process at a time in it
+    # one process at a time in it (a --resume refused so is told to wait, not to pick another --out)
+    flag = "--resume" if getattr(args, "resume", None) else "--out"
+    with run_lock.held_by_rank_0(args.out, flag) if args.out else nullcontext():
         with stop_recorded(args.out, main):      # why the run stops, and its status, written while the lock is held
             return _prune_into(args, plan, loaded, eval_loader, train_batches, dense, main)
 

@@ -21,7 +21,7 @@ from ..costs import CostModel
 from ..distributed import is_main_process
 from ..errors import PrunekitError, PrunekitWarning
 from ..data import load_dataset, make_loader
-from ..data.dataset import DeferredImageDataset
+from ..data.dataset import DeferredImageDataset, contents_fingerprint
 from ..data.imagefolder import count_images, fingerprint_change, folder_fingerprint, peek_classes_and_channels
 from ..loading import (check_checkpoint_fits, check_fits, check_normalized, check_zoo_model, load_model,
                        parse_normalization, recorded_classes)
@@ -71,10 +71,12 @@ def _cmd_train(args) -> int:
                                                                         resize=args.resize, crop=args.crop,
                                                                         classes=classes, defer=True,
                                                                         same_as=train_ds)
-    # what the training images are (an image folder's files), recorded with each epoch: a resume
-    # over other ones is refused; computed once the run is known unfinished (train_into)
+    # what the training images are (an image folder's files, another data set's images and labels),
+    # recorded with each epoch: a resume over other ones is refused; computed once the run is known
+    # unfinished (train_into)
     scanned = train_ds
-    fingerprint = (lambda: folder_fingerprint(scanned)) if args.out else None
+    fingerprint = (lambda: folder_fingerprint(scanned) if args.data == "imagefolder" else
+                   contents_fingerprint(scanned, args.data, args.data_dir)) if args.out else None
     # an image folder stays scanned, not decoded (its loaders decode it on first use): a finished
     # run in --out gives its result back without decoding a pixel; train_into decodes it once the
     # run is known unfinished (a decoding refusal then releases a folder claimed afresh)
@@ -263,7 +265,8 @@ def train_into(args, loaded, loader, test_loader, read_only: bool = False,
     its last epoch), evaluate on ``test_loader``, print the result. ``read_only``: ``args.out``
     holds a finished run this process may not write: checked and read, nothing written. ``pruned``:
     a pruned checkpoint's zeros, held at zero, and its channel layout, saved with the model.
-    ``fingerprint``: the training image folder's (``ImageFolderScan.fingerprint``), or a function
+    ``fingerprint``: the training image folder's (``ImageFolderScan.fingerprint``; another data set's
+    ``data.dataset.contents_fingerprint``), or a function
     that computes it, called only when the run is not finished (a finished one gives its result
     back without reading the images' first bytes again), recorded with each epoch; a resume over
     a folder whose images changed since is refused. An image folder's loaders may hold it scanned
@@ -661,9 +664,10 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
                             "--force to train anew on these")
     if change is not None:
         where = f" in {fingerprint.get('folder') or data_dir}"
+        back = "the files back as they were" if "data" in fingerprint else "the folder back as it was"
         raise PrunekitError(f"the training images{where} changed since the run in {checkpointer.folder.path} started "
-                            f"({change}): its epochs left would train on other images than its first; put the folder "
-                            "back as it was to carry the run on, or --force to train anew on these")
+                            f"({change}): its epochs left would train on other images than its first; put {back} "
+                            "to carry the run on, or --force to train anew on these")
     if started is None and classes and folder_labels:                # an older run's: which labels its epochs learned is unknown
         line = (f"the epoch checkpoint in {checkpointer.folder.path} was written by an older prunekit that recorded "
                 f"no class names: carried on without checking that the class folders ({', '.join(classes[:6])}"

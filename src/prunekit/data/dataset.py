@@ -70,6 +70,26 @@ class ImageDataset:
         return ImageDataset(self.images[index], self.labels[index], list(self.classes), self.named_labels, self.source)
 
 
+def contents_fingerprint(ds, kind: str, where) -> dict | None:
+    """What a run folder records of a split read whole into memory (MNIST, Fashion-MNIST, CIFAR-10's
+    batches or ``.npz``: an ``ImageDataset``), to tell before a killed run carries on whether its data
+    changed since (``data.imagefolder.fingerprint_change``): ``{"data": kind, "folder": where,
+    "images": N, "sha256": hex}``, the SHA-256 of the images and labels the run reads (after
+    ``--train-samples``; ``folder``, the ``--data-dir`` or the ``.npz``, names it and is not compared).
+    Its decoded pixels, not its files: an edit in place that keeps a file's size and time is seen, and
+    a gzipped copy of the same images is the same data. Some 0.4 s a GB, once per data set (kept on it:
+    a sweep's runs share it). None for anything else (an image folder's split: ``folder_fingerprint``)."""
+    if not isinstance(ds, ImageDataset):
+        return None
+    known = ds.__dict__.get("_contents_fingerprint")
+    if known is None:
+        from prunekit.run_digests import tensors_sha256
+        known = ds.__dict__["_contents_fingerprint"] = {
+            "data": kind, "folder": str(ds.source or where), "images": len(ds),
+            "sha256": tensors_sha256([("images", ds.images), ("labels", ds.labels)])}
+    return dict(known)
+
+
 def subset_indices(total: int, n: int | None, seed: int | None) -> torch.Tensor:
     """The indices ``ImageDataset.subset(n, seed)`` keeps of ``total`` images: ``0..n-1`` without
     a seed, else the first ``n`` of a permutation drawn from ``seed``."""

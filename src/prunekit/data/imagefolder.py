@@ -147,8 +147,8 @@ def fingerprint_change(before: dict, now: dict) -> str | None:
             said.append(f"{a['images'] - b['images']} images removed from class {name}")
         else:
             said.append(f"images replaced, renamed or changed in class {name}")
-    if not said:
-        return "its images changed"
+    if not said:        # (a data set read whole, ``contents_fingerprint``, has no classes to name)
+        return "its images changed" if old or new else "its images or labels changed"
     return ", ".join(said[:4]) + (f" and {len(said) - 4} more classes changed" if len(said) > 4 else "")
 
 
