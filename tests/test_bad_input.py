@@ -699,6 +699,8 @@ CLI_CASES += [
      "--finetune-temperature must be at least 1.18e-38"),
     ([*TAPER, "--gate-lr", "1e308"], "--gate-lr must be at most 3.4e+37 (Adam's first step is 10 times it"),
     ([*TAPER, "--taper-distill", "0.5", "--taper-temperature", "1e308"], "--taper-temperature must be at most 1.84e+19"),
+    # s56 review: the advice named dual_lr and penalty, which have no flag, and not --lr
+    ([*TAPER, "--lr", "1e3"], "so no cut can be trusted; lower one of --lr, --gate-lr, --gamma (defaults: leave them out)"),
     ([*AUTOBOT, "--finetune-lr", "1e308"], "--finetune-lr must be at most 3.4e+38"),
     ([*AUTOBOT, "--finetune-epochs", "1", "--finetune-distill", "0.5", "--finetune-temperature", "1e308"],
      "--finetune-temperature must be at most 1.84e+19"),
@@ -949,7 +951,9 @@ PY_CASES = [
     ({"method": "chita", "relative_ridge": 0}, "relative_ridge"),
     # s56: a multiplier step past float32 within a few steps: the gates all closed, a 4% cut "succeeded"
     ({"method": "taper", "sparsity": None, "flops": 0.5, "dual_lr": 3e38}, "the taper's gate training diverged "
-     "(gate_lr 0.1, dual_lr 3e+38, penalty 50, gamma 0.1): its multiplier, gates or loss are not finite in float32"),
+     "(lr 0.01, gate_lr 0.1, dual_lr 3e+38, penalty 50, gamma 0.1): its multiplier"),
+    # s56 review: weights that blow up (the weights' lr) made the loss inf, and lr was not named
+    ({"method": "taper", "sparsity": None, "flops": 0.5, "lr": 1e3}, "its loss is not finite in float32 after"),
     ({"method": "chita", "ridge": 1.0, "relative_ridge": 0.5}, "relative_ridge sets λ when ridge is not given"),
     ({"method": "chita", "final_pick": "last"}, "final_pick shapes the stages of a multi-stage run, and stages is 1"),
     ({"method": "autobot", "sparsity": None, "flops": 0.5, "finetune_lr": 5.0},

@@ -418,3 +418,28 @@ def test_a_config_saved_again_with_a_byte_order_mark_is_no_edit(tmp_path, capsys
         config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
         assert main(["prune", "--resume", str(tmp_path / name), "--json"]) == 0, capsys.readouterr().err
         assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_a_run_carried_on_after_a_bom_edit_before_its_first_checkpoint_stays_resumable(tmp_path, capsys, monkeypatch):
+    """s56 review: a run stopped before its first checkpoint, its config.toml edited in an editor that
+    writes a byte-order mark (sparsity 0.5 -> 0.6), run again with the new value: metrics.json kept the
+    text with its mark while every comparison reads config.toml without it, so each later rerun and
+    `--resume` was refused as "config.toml was changed (its text)" although nothing had changed."""
+    from prunekit import executor
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    out = tmp_path / "run"
+    argv = [*PRUNE, "--no-stage-eval", "--out", str(out)]
+    monkeypatch.setattr(executor, "_run", killed)
+    assert main([*argv, "--sparsity", "0.5"]) == 130
+    monkeypatch.undo()
+    config = out / "config.toml"
+    text = config.read_text()
+    assert 'sparsity = "0.5"' in text
+    config.write_bytes(b"\xef\xbb\xbf" + text.replace('sparsity = "0.5"', 'sparsity = "0.6"').encode())
+    assert main([*argv, "--sparsity", "0.6"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*argv, "--sparsity", "0.6", "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert main(["prune", "--resume", str(out)]) == 0, capsys.readouterr().err

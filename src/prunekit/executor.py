@@ -150,7 +150,7 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
                               "max_params": budget_max_params(plan)},
                    "prunable_weights": plan.space.numel, "dense_macs": plan.costs.macs,
                    "fixed_macs": plan.budget.fixed_macs, "dense": dense, "stages": metrics.get("stages", []),
-                   "config": metrics.get("config") or _read_text(folder.config)}     # as the run began
+                   "config": metrics.get("config") or (folder.config_text() if folder.config.exists() else None)}     # as the run began
         for key in ("model_file_sha256", "checkpoint_sha256", "class_names"):
             if key in describe:
                 metrics[key] = describe[key]
@@ -417,10 +417,6 @@ def _readable_json(*paths) -> bool:
         except (OSError, ValueError):
             return False
     return True
-
-
-def _read_text(path) -> str | None:
-    return path.read_text() if path.exists() else None
 
 
 def _has_layout(model: nn.Module, layout: dict) -> bool:

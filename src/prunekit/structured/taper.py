@@ -260,12 +260,16 @@ def _check_finite(loss: torch.Tensor, lam: float, theta: list[torch.Tensor], ste
     gamma makes the loss or a logit inf or nan): the gates then all close and the cut keeps a few
     percent of the MACs for any budget, reported as a success. ``lam``: the multiplier (it scales
     the float32 loss, so past ``FLOAT32_MAX`` it is inf there)."""
-    if abs(lam) <= FLOAT32_MAX and math.isfinite(loss.item()) and all(bool(torch.isfinite(t).all()) for t in theta):
+    bad = [what for what, fine in (("multiplier", abs(lam) <= FLOAT32_MAX),
+                                   ("gates", all(bool(torch.isfinite(t).all()) for t in theta)),
+                                   ("loss", math.isfinite(loss.item()))) if not fine]
+    if not bad:
         return
-    knobs = ", ".join(f"{name} {getattr(options, name):g}" for name in GATE_KNOBS)
-    raise OptionError(f"the taper's gate training diverged ({knobs}): its multiplier, gates or loss are not finite in "
-                      f"float32 after {step} step(s), so no cut can be trusted; lower dual_lr, penalty, gamma or "
-                      "gate_lr (defaults: leave them out)", GATE_KNOBS)
+    knobs = ("lr", *GATE_KNOBS)     # the weights' rate too: weights that blow up make the loss inf
+    values = ", ".join(f"{name} {getattr(options, name):g}" for name in knobs)
+    raise OptionError(f"the taper's gate training diverged ({values}): its {' and '.join(bad)} "
+                      f"{'is' if len(bad) == 1 else 'are'} not finite in float32 after {step} step(s), so no cut can "
+                      f"be trusted; lower one of {', '.join(knobs)} (defaults: leave them out)", knobs, listed=knobs)
 
 
 def _temperature(options: TaperOptions, reached_share: float, last_share: float, cooled: int) -> float:
