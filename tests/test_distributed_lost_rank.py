@@ -213,7 +213,8 @@ def test_lost_rank_is_exported_at_the_top_level():
     assert issubclass(prunekit.LostRank, prunekit.PrunekitError)
 
 
-# rank 0 writes the report (sleeps in it) once the run is done; rank 1, done too, dies on its way out
+# rank 0 writes the report (sleeps in it) once the run is done; rank 1, done too, dies on its way out (DIE=1)
+# or waits for rank 0 in the last barrier
 _RANK_1_LOST_WHILE_RANK_0_REPORTS = """
 import os, sys, time
 import prunekit.distributed as distributed
@@ -228,21 +229,25 @@ def dies_on_its_way_out():
     os._exit(9)
 if os.environ["RANK"] == "0":
     report.write_run_report = slow_report
-else:
+elif os.environ["DIE"] == "1":
     distributed.barrier_if_alive = dies_on_its_way_out
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_rank_lost_after_the_run_finished_says_so_not_resume(tmp_path):
+@pytest.mark.parametrize("die", [True, False], ids=["rank-1-dies", "launcher-sigterm"])
+def test_a_rank_lost_after_the_run_finished_says_so_not_resume(tmp_path, die):
     """rank 1 dies once the run is done, while rank 0 writes the report: rank 0 (SIGTERMed by torchrun) said
     "resume with `torchrun ... --resume DIR`" for a finished run. Now: the run had finished, where its result
-    is, no resume needed (report.md not written: the resume writes it); metrics.json stays "done"."""
+    is, no resume needed (report.md not written: the resume writes it); metrics.json stays "done".
+    A ``kill -TERM`` of the launcher meanwhile (rank 1, done, waits for rank 0 in the last barrier) is a
+    SIGTERM stop, not a lost rank 1: that barrier ran after ``caught`` had put SIGTERM back at its default,
+    so rank 1 died of it saying nothing and rank 0 named it lost ("rank 1 was lost: it stopped on its own")."""
     from test_distributed_cli import PRUNE
     out, mark, script = tmp_path / "run", tmp_path / "rank-0-reports", tmp_path / "reporting.py"
     script.write_text(_RANK_1_LOST_WHILE_RANK_0_REPORTS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNEKIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src"),
-           "MARK": str(mark)}
+           "MARK": str(mark), "DIE": "1" if die else "0"}
     args = [a for a in PRUNE if a != "--json"] + ["--no-stage-eval"]
     args[args.index("--stages") + 1] = "1"              # one stage: the run is done in seconds
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -251,18 +256,27 @@ def test_a_rank_lost_after_the_run_finished_says_so_not_resume(tmp_path):
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _rank_0_pid(launcher, mark)
+        if not die:
+            time.sleep(3)                       # rank 1 waits for rank 0 in the last barrier
+            launcher.send_signal(signal.SIGTERM)
         _, err = launcher.communicate(timeout=90)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.communicate()
     lines = [line for line in err.splitlines() if line.startswith("prunekit:")]
-    assert len(lines) == 1 and lines[0].startswith("prunekit: error: rank 0: a rank stopped or could not be "
-                                                   "reached (rank 1 was lost"), err[-3000:]
-    assert lines[0].endswith(f"the run had finished: its result is in {out} (no resume needed; report.md was not "
-                             f"written: `torchrun ... -m prunekit prune --resume {out}` writes it)"), lines[0]
+    finished = (f"the run had finished: its result is in {out} (no resume needed; report.md was not "
+                f"written: `torchrun ... -m prunekit prune --resume {out}` writes it)")
+    last = (out / "run.log").read_text().splitlines()[-1]
+    if die:
+        assert len(lines) == 1 and lines[0].startswith("prunekit: error: rank 0: a rank stopped or could not be "
+                                                       "reached (rank 1 was lost"), err[-3000:]
+        assert lines[0].endswith(finished), lines[0]
+    else:
+        assert lines == [f"prunekit: interrupted (SIGTERM); {finished}"], err[-3000:]
+        assert last.endswith("interrupted (SIGTERM), after the run finished (its result stands)"), last
     assert json.loads((out / "metrics.json").read_text())["status"] == "done"
-    assert (out / "run.log").read_text().splitlines()[-1].endswith("after the run finished (its result stands)")
+    assert last.endswith("after the run finished (its result stands)"), last
 
 
 # a script with no SIGTERM handler: rank 0 computes (sleeps, in no collective) once stage 1 is saved; rank 1
@@ -322,3 +336,57 @@ def test_a_script_without_a_sigterm_handler_is_told_of_a_rank_lost_while_rank_0_
     stops = [line for line in (out / "run.log").read_text().splitlines() if "interrupted" in line]
     assert len(stops) == 1 and "interrupted: a rank stopped or could not be reached (rank 1 was lost" in stops[0], stops
     assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
+
+
+# a script with no SIGTERM handler: rank 0 writes the report (sleeps in it) once the run is done; each rank
+# prints what its call ended with
+_SCRIPT_RANK_0_REPORTING = """
+import os, sys, time, datetime
+sys.path.insert(0, {tests!r})
+import torch.distributed as dist
+import prunekit
+from prunekit import api
+from test_distributed_float16 import _tinier_classifier
+def slow_report(folder):
+    open({mark!r}, "w").write(str(os.getpid()))
+    time.sleep(600)
+api._write_report = slow_report
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+model, x, y = _tinier_classifier()
+try:
+    prunekit.prune(model, (x, y), method="chita", sparsity=0.5, fisher_samples=48, fisher_kind="empirical",
+                   recalibrate_bn=False, batch_size=64, stage_eval=False, out={out!r})
+except BaseException as err:
+    print(f"rank {{dist.get_rank()}}:", type(err).__name__, flush=True)
+    raise
+print(f"rank {{dist.get_rank()}}: returned", flush=True)
+time.sleep(600)         # the script's own work after the call
+"""
+
+
+def test_a_launcher_sigterm_while_rank_0_reports_stops_a_script_it_does_not_lose_rank_1(tmp_path):
+    """``kill -TERM`` of the launcher while rank 0's ``prunekit.prune`` still wrote the report: rank 1's call
+    had returned (SIGTERM back at its default), so rank 1 died of it saying nothing and rank 0 raised
+    ``LostRank`` ("rank 1 was lost: it stopped on its own"). Now no rank leaves the call before the others:
+    each ends by SIGTERM as a stop, run.log says it came after the run finished, no ``LostRank``."""
+    out, mark, script = tmp_path / "run", tmp_path / "rank-0-reports", tmp_path / "script.py"
+    script.write_text(_SCRIPT_RANK_0_REPORTING.format(tests=str(ROOT / "tests"), out=str(out), mark=str(mark)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)],
+                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        _rank_0_pid(launcher, mark)
+        time.sleep(3)                           # rank 1's work is done
+        launcher.send_signal(signal.SIGTERM)
+        said, err = launcher.communicate(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.communicate()
+    # a stop ends each rank by SIGTERM inside its call (``resend_sigterm``): neither returns nor raises to the script
+    assert said.strip() == "", (said, err[-3000:])
+    assert (out / "run.log").read_text().splitlines()[-1].endswith(
+        "interrupted (SIGTERM), after the run finished (its result stands)")
+    assert json.loads((out / "metrics.json").read_text())["status"] == "done"

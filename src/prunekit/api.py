@@ -310,6 +310,8 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             if folder is not None and folder.writable:
                 _note_final_weights(folder, pruned)
                 _write_report(folder)
+            if took_sigterm:    # no rank returns (SIGTERM at its default again) while rank 0 writes the report:
+                distributed.barrier_if_alive()      # a SIGTERM meanwhile is said (say_stopped), not taken for a loss
         except PrunekitError as err:
             if pruning:
                 release_refused(folder)

@@ -479,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with interrupts.caught(), printable_paths():
                 code = _main(argv)
+                if code == 0 and not joined_before and torch.distributed.is_initialized():
+                    code = _last_barrier()
                 if ends_here:
                     try:
                         _ignore_stops()
@@ -490,8 +492,6 @@ def main(argv: list[str] | None = None) -> int:
             _end_now(lost.args[0] if lost.args else 1)      # the run folder is already on disk
         finally:
             if not joined_before and returned and torch.distributed.is_initialized():
-                if code == 0:                 # no rank leaves while another has a collective in flight
-                    distributed.barrier_if_alive()
                 _end_now(code)
             if not joined_before:         # an unexpected error: leave the group, show the traceback
                 distributed.shutdown(wait=False)
@@ -504,6 +504,23 @@ def _ignore_stops() -> None:
     by the signal, with no word, after a sweep had printed its report's path (exit -15)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _last_barrier() -> int:
+    """Under torchrun, after this rank's command succeeded: wait for the other ranks (no rank leaves while
+    another has a collective in flight, or rank 0 still writes the run's report), inside ``caught``. There
+    a SIGTERM (a ``kill -TERM`` of the launcher) is said in the store the moment it comes (``say_stopped``,
+    from ``caught``'s thread): outside it, SIGTERM at its default ended the waiting rank saying nothing, and
+    rank 0, stopped by the same SIGTERM, took it for a rank lost on its own. A rank stopped here prints
+    nothing (rank 0 says the stop; a rank 0 stopped here had finished its own work) and returns the stop's
+    exit code; the exit code is 0 otherwise."""
+    try:
+        distributed.barrier_if_alive()
+        _ending_on_our_own()        # all done: a SIGTERM from here on is no stop of anything
+    except KeyboardInterrupt:       # a SIGTERM or Ctrl-C while it waited (raised once the barrier ended)
+        _ending_on_our_own()
+        return interrupts.stopped_by()[1]
+    return 0
 
 
 def _end_now(code: int) -> None:
