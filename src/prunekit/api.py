@@ -132,8 +132,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             share of dense MACs kept, or MACs kept as "20M"; params = share of all parameters kept,
             or their count as "200k": with method autobot, every parameter the shrunk model keeps,
             channels cut until flops and params are both met).
-        example_input: one input batch for counting MACs (its first example is the one traced);
-            default: the first training (or evaluation) batch's first example.
+        example_input: one input batch for counting MACs (its first example is the one traced;
+            its first two rows check that cut: ``cost_cut``); default: the first training (or
+            evaluation) batch.
         eval_data: evaluation data; gives accuracy and loss before, per stage and after.
         stage_eval: False: accuracy and loss before and after only, not after every stage, event
             or phase (each reads all of ``eval_data``; pruning seconds never include them).

@@ -20,8 +20,9 @@ the inputs that carry the batch cut to their first two rows, or their one row tw
 Not checked, as it cannot be told in general: a model whose first input dimension is not the
 batch with no torch sequence layer to see (a time-first loop over a cell, ``for t in
 range(x.shape[0])``, has outputs shaped like a model's fixed-size output). The cost is one forward
-on two examples (no trace): on one CPU thread, for a ResNet-50 input of 224x224, 0.8 s beside the
-trace's 0.5 s (the trace's own forward, of one example, is the other side).
+on two examples (no trace): on one CPU thread of a loaded shared machine, for a ResNet-50 input of
+224x224, 0.8 to 1.0 s beside the trace's 0.7 to 0.8 s (the trace's own forward, of one example, is
+the other side).
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ def check_cut(model: nn.Module, inputs: tuple, positions, one: Observed, *, rows
     """Refuse ``model`` if its count on one example of ``inputs`` (those at ``positions`` cut to
     their first row) would be of one time step; return the warning to give if it takes another path
     on one example than on two (its Python and command-line wordings, for ``worded_warning``; None:
-    none). See the module docstring. ``one``: what the trace's
-    forward on that example showed (``observing``). ``rows``: the inputs the two examples are taken
-    from (default ``inputs``); ``source``: their name in messages.
+    none). See the module docstring. ``one``: what the trace's forward on that example showed
+    (``observing``). ``rows``: the inputs the two examples are taken from (default ``inputs``);
+    ``source``: their name in messages.
 
     At batch 1 only the time dimension is checked (on the one row twice): nothing is cut, so the
     count is of the model as it runs on the example given. A model that fails on two examples is
@@ -123,8 +124,8 @@ def _refuse_time_cut(model: nn.Module, one: Observed, two: Observed, source: str
         what = (f"module {name!r} ({type(module).__name__}, batch_first={module.batch_first}) takes its "
                 f"input {layout}")
         raise worded(
-            f"{what}, and its time dimension (1 on one example of {source}, 2 on two) is {source}'s first "
-            "dimension, which prunekit cuts to one example to count: the count would be of one time step. "
+            f"{what}, and its time dimension (1 on one example of {source}, 2 on two) is the first dimension of "
+            f"{source}, which prunekit cuts to one example to count: the count would be of one time step. "
             f"{_BATCH_FIRST_FIX}",
             f"{what}, and its time dimension is the first dimension of the model's input (B, *--input-shape), "
             "the batch, which prunekit cuts to one example to count: the count would be of one time step. "
