@@ -44,7 +44,7 @@ from . import interrupts, recipes, run_lock, runs
 from .distributed import collective as distributed
 from .api_checks import (check_arguments, check_data, check_default_loss, check_example_batched, check_labels,
                          check_loss, check_not_meta, check_runs_on, first_batch, plain_numbers)
-from .cost_cut import check_cut
+from .cost_cut import CutCheck
 from .cost_inputs import refuse_lazy
 from .data.dataset import DeferredImageDataset, ImageDataset, refuse_raw_pixels
 from .data.loaders import BatchLoader, dataset_loader, map_style, samples_per_pass
@@ -132,8 +132,9 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             share of dense MACs kept, or MACs kept as "20M"; params = share of all parameters kept,
             or their count as "200k": with method autobot, every parameter the shrunk model keeps,
             channels cut until flops and params are both met).
-        example_input: one input batch for counting MACs (its first example is the one traced);
-            default: the first training (or evaluation) batch's first example.
+        example_input: one input batch for counting MACs (its first example is the one traced;
+            its first two rows check that cut: ``cost_cut``); default: the first training (or
+            evaluation) batch.
         eval_data: evaluation data; gives accuracy and loss before, per stage and after.
         stage_eval: False: accuracy and loss before and after only, not after every stage, event
             or phase (each reads all of ``eval_data``; pruning seconds never include them).
@@ -225,18 +226,21 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
             raise PrunekitError(_without_data(method, gradual))
         first = first_batch(source, what)[0]
         example_input = first if isinstance(first, torch.Tensor) else first[:1]
+        named = f"the first batch of {what}"
     else:
         check_example_batched(example_input, train_batches or eval_batches, "data" if train_batches else "eval_data")
+        named = "example_input"
     if isinstance(example_input, torch.Tensor) and example_input.ndim > 0:
         example_input = example_input[:2]
     if isinstance(example_input, torch.Tensor):                 # the data may stay on the CPU
         example_input = example_input.to(_model_device(model))
+    cut_check = None
     if isinstance(example_input, torch.Tensor) and example_input.ndim > 0:
         # MACs are per example; traced at batch 1, work that does not grow with the batch
         # (learned latents through a layer) is not divided among the examples and rounded down.
-        # Two examples first: a model whose work does not scale example by example is refused
+        # The plan's trace checks its cut on the first two rows (cost_cut)
         refuse_lazy(model)
-        check_cut(model, (example_input[:2],), (0,))
+        cut_check = CutCheck(example_input, named)
         example_input = example_input[:1]
     if loss is None:                          # the user's loss decides what its targets are
         check_labels(model, example_input, data, train_batches, "data")
@@ -246,7 +250,7 @@ def prune(model: nn.Module, data=None, *, method: str | Method = "magnitude", sp
     eval_loader = eval_batches() if eval_batches is not None else None
     budget = {"sparsity": sparsity, "flops": flops, "params": params}
     request = PruneRequest(model, example_input, method, budget, include, exclude, seed, gradual, recalibrate_bn,
-                           options, loss=loss)
+                           options, loss=loss, cut_check=cut_check)
     if train_batches is not None:     # rows past the data: refused before the memory plan suggests more rows
         method_row, _, checked, _ = request.resolved_options()
         check_rows_before_plan(method_row, checked, samples_per_pass(train_batches()))

@@ -56,12 +56,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cost_cut import Observed, check_cut, observing
+from .cost_cut import CutCheck, Observed, check_cut, observing, rng_devices
 from .cost_inputs import batched_inputs, cut_to_one_example, inputs_of, refuse_lazy, refuse_scripted
 from .cost_params import ParamIndex
 from .cost_trace import (_AddCounter, _OpCounter, ModuleCost, get_mha_fastpath,  # noqa: F401
                          register_cost, registered_cost, set_mha_fastpath, unregister_cost)
-from .errors import PrunekitError, input_fix
+from .errors import PrunekitError, input_fix, worded_warning
+from .errors import warn as warn_ours
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
@@ -167,20 +168,26 @@ class CostModel:
             input 0 and each other input with first dimension B that the model cannot take whole
             beside one example (an input it takes either way, at B > 1, is refused as ambiguous).
             Attribute ``batched`` holds the positions used.
+        _check: ``prune``'s (``cost_cut.CutCheck``): the rows the cut is checked on, and the
+            example's name in messages; the path warning is then left to it.
 
     Attributes:
         layers: ``LayerCost`` entries in order of first use (leaf modules, weight tensors,
             modules' activation products), then modules' unused parameters, then residual adds.
         unknown: leaf modules with no element-wise rule (their products are counted anyway).
+        path_warning: the warning given (its Python and command-line wordings) when the model runs
+            other modules on one example than on two, each side some the other does not (a forward
+            that branches on the batch size: the count is of one example's path); else None.
 
-    Raises PrunekitError if a parameter is used by an operation with no cost rule; if a layer with
-    a ``batch_first`` flag (``nn.LSTM``, ``nn.MultiheadAttention``, ...) has its time dimension
-    in ``example_input``'s first dimension (a time-first model fed (T, B, ...): cutting to one
-    example would count one time step); if the model holds a TorchScript module (no hooks run in
+    Raises PrunekitError if a parameter is used by an operation with no cost rule; if a torch
+    sequence layer (``nn.LSTM``, ``nn.MultiheadAttention``, ...) has its time dimension in
+    ``example_input``'s first dimension (a time-first model fed (T, B, ...): cutting to one
+    example would count one time step; ``cost_cut``); if the model holds a TorchScript module (no hooks run in
     it); if ``example_input`` is or holds a dict (wrap the model in one taking positional tensors).
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple, *, batched=None):
+    def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple, *, batched=None,
+                 _check: CutCheck | None = None):
         if not isinstance(model, nn.Module):
             raise PrunekitError(f"CostModel(model, example_input): model must be a torch.nn.Module, "
                                 f"got {type(model).__name__}")
@@ -190,7 +197,13 @@ class CostModel:
         self.batched = batched_inputs(model, example_input, batched)
         with observing(model, Observed()) as one:
             self.layers, self.unknown = _trace(model, example_input, self.batched)
-        check_cut(model, inputs_of(example_input), self.batched, one)
+        inputs = inputs_of(example_input)
+        rows = None if _check is None or _check.rows is None else inputs_of(_check.rows)
+        # a forward that takes another path on one example than on two: said here, or by prune
+        self.path_warning = check_cut(model, inputs, self.batched, one, rows=rows,
+                                      source="example_input" if _check is None else _check.source)
+        if self.path_warning is not None and _check is None:
+            warn_ours(worded_warning(*self.path_warning))
         self._by_name = {layer.name: layer for layer in self.layers}
         # the channel-group search on this trace's model and input (``structured.pipeline.found_groups``),
         # per residual mode: a sweep's runs plan copies of one model with this trace, and search once
@@ -498,7 +511,8 @@ def _trace(model: nn.Module, example_input, batched: tuple[int, ...]) -> tuple[l
         # The fused fast path of nn.MultiheadAttention / TransformerEncoderLayer is one opaque
         # op; the ordinary path is the same arithmetic, op by op.
         set_mha_fastpath(False)
-        with torch.no_grad(), adds, ops:
+        # a model that draws (noise in eval) leaves the caller's RNG as it was: prune promises it
+        with torch.random.fork_rng(devices=rng_devices(model)), torch.no_grad(), adds, ops:
             model(*inputs)
     except PrunekitError:
         raise

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import distributed, model_fisher
 from .budget import Budget, ResolvedBudget, structural_zeros
+from .cost_cut import CutCheck
 from .cost_inputs import AmbiguousBatchError
 from .costs import CostModel
 from .errors import PrunekitWarning, worded_warning
@@ -62,6 +63,8 @@ class PruneRequest:
         to it (``copy.deepcopy`` of it: a sweep's runs over one model) on an example of the same shape:
         ``plan()`` takes a copy of it rather than tracing again (a sweep traced each of its runs three
         times). None: ``plan()`` traces the model and keeps that trace here (its plan's ``costs``).
+    cut_check: the rows the trace's cut to one example is checked on and the example's name
+        (``cost_cut.CutCheck``; ``prune``'s: its example's first two rows); None: ``example_input``.
     """
 
     model: nn.Module
@@ -80,6 +83,7 @@ class PruneRequest:
     data_samples: int | None = None
     check_plan: Callable[["Plan"], None] | None = None
     costs: CostModel | None = None
+    cut_check: CutCheck | None = None
 
     def resolved_options(self) -> tuple[Method, dict, "Options", GradualOptions | None]:
         """The method's row, its options as given, its options checked with its defaults filled in,
@@ -156,7 +160,8 @@ class PruneRequest:
         check_finite_weights(self.model)
         if self.costs is None:
             try:
-                costs = self.costs = CostModel(self.model, self.example_input)     # kept: a sweep's next runs'
+                costs = self.costs = CostModel(self.model, self.example_input,     # kept: a sweep's next runs'
+                                               _check=self.cut_check or CutCheck(None))
             except AmbiguousBatchError as error:        # prune has no batched= to pass
                 raise error.for_prune() from None
         else:
@@ -221,6 +226,10 @@ class PruneRequest:
                     self.name or type(self.model).__name__)
         if self.check_plan is not None:
             self.check_plan(plan)
+        from .api import _on_rank_0                 # (api imports this module)
+        path = _on_rank_0(distributed.current(), lambda: costs.path_warning)   # may be random: rank 0's word
+        if path is not None:
+            warn_ours(worded_warning(*path))
         if space.not_run:
             warn_ours(not_run_warning(space.not_run))
         if left:
