@@ -89,6 +89,9 @@ def test_a_model_file_widened_after_a_kill_is_refused_before_any_work_and_its_re
         assert "the model file changed since the run in" in error and "stage-001.safetensors" in error
         assert "put the model file back as it was" in error
         assert _records(run) == before          # metrics.json keeps the digest of the file stage 1 ran
+    if mode == "chita++":       # as it says: the original command with --force runs it anew on the edited file
+        assert main([*argv, "--force"]) == 0
+        assert "--force starts the run anew" in (run / "run.log").read_text()
     if mode == "falcon++":      # put back: the run carries on
         net.write_text(NET)
         assert main(["prune", "--resume", str(run), "--json"]) == 0
@@ -132,5 +135,8 @@ def test_an_edited_model_file_is_refused_when_a_training_run_is_carried_on(tmp_p
     assert main(argv) == 2
     error = _one_error(capsys.readouterr().err)
     assert "the model file changed since the run in" in error and "stage-001.safetensors" in error, error
+    assert "or --force to train anew with it" in error
     assert _records(run) == before
+    assert main([*argv, "--force"]) == 0        # as it says: trained anew with the edited file
+    assert "its model changed since this run started: --force starts it anew" in (run / "run.log").read_text()
 

@@ -122,8 +122,9 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
         _refuse_changed_classes(folder, metrics, describe, redo)
         if _refuse_changed_images(folder, metrics, data_fingerprint, force, anew, redo):     # --force: started anew
             metrics = {}
-        if metrics:         # before the folder's records are written again: a refused resume leaves them be
-            _refuse_unfit_checkpoint(folder, plan, metrics, describe, anew)
+        # before the folder's records are written again: a refused resume leaves them be
+        if metrics and _refuse_unfit_checkpoint(folder, plan, metrics, describe, force, anew):   # --force: anew
+            metrics = {}
         _tell_changed_code(folder, metrics, describe)
         # one line once the run goes ahead (past the refusals above, and --force's start anew), naming
         # the checkpoint it carries on from (the checkpointer's own "resuming after ..." line is off: resume_point)
@@ -330,15 +331,25 @@ def _tell_changed_code(folder: RunFolder, metrics: dict, describe: dict) -> None
         warn_ours(PrunekitWarning(message))
 
 
-def _refuse_unfit_checkpoint(folder: RunFolder, plan: Plan, metrics: dict, describe: dict, anew: str) -> None:
+def _refuse_unfit_checkpoint(folder: RunFolder, plan: Plan, metrics: dict, describe: dict, force: bool = False,
+                             anew: str = ANEW) -> bool:
     """A resume whose model no longer fits the run's newest checkpoint (its model file edited since
     the run began, a layer widened; or another model passed from Python) would fail loading it:
-    refused before any work, naming the change and its fix."""
+    refused before any work, naming the change and its fix. ``force`` (the command line's --force,
+    which otherwise carries an unfinished run on): the run's checkpoints are removed instead and True
+    returned, as ``_refuse_changed_images`` does: it starts anew on the model as it is now."""
     channels = plan.method.family == "channels"
     found = checkpoint_misfit(folder.checkpoints, plan.channels.model if channels else plan.request.model, channels)
     if found is None:
-        return
+        return False
     name, misfit = found
+    if force:
+        from .run_folder import _remove_own_files
+        folder.log(f"the model no longer fits {name} ({misfit}): --force starts the run anew (its stages so far "
+                   "are removed)")
+        if folder.writable and folder.checkpoints.is_dir():
+            _remove_own_files(folder.checkpoints)
+        return True
     before, now = metrics.get("model_file_sha256"), describe.get("model_file_sha256")
     if before is not None and now is not None and before != now:
         head = (f"the model file changed since the run in {folder.path} started ({describe['model']}), and the model "

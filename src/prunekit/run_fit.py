@@ -41,12 +41,12 @@ def shape_misfit(model: nn.Module, saved: Mapping[str, tuple[int, ...]], where: 
     but (24, 40) in the model"), with how many tensors differ; None where they fit, as a strict
     ``load_state_dict`` would take them."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    differ = [k for k in own.keys() & saved.keys() if own[k] != tuple(saved[k])]
-    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    differ = [k for k in own if k in saved and own[k] != tuple(saved[k])]      # in the model's order
+    missing, unexpected = [k for k in own if k not in saved], [k for k in saved if k not in own]
     count = len(differ) + len(missing) + len(unexpected)
     more = f"; {count} tensors differ" if count > 1 else ""
     if differ:
-        k = sorted(differ)[0]
+        k = differ[0]
         return f"'{k}' is {tuple(saved[k])} in {where} but {own[k]} in the model{more}"
     if missing:
         return f"the model has '{missing[0]}', which {where} lacks{more}"
