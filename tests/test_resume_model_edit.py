@@ -60,7 +60,8 @@ def _stop_after_first_checkpoint(monkeypatch):
 
 def _records(run: Path) -> dict[str, bytes]:
     """The folder's files but its log (a refusal may say itself there)."""
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != "run.log"}
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != "run.log"}
 
 
 def _one_error(err: str) -> str:
