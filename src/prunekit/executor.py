@@ -35,6 +35,7 @@ from .pipelines.weights import Outcome, PruneContext, Pruned, prune_weights
 from .options import OptionError
 from .record import budget_max_params, build_record, save_pruned
 from .request import Plan
+from .run_fit import checkpoint_misfit
 from .runs import RunCheckpointer, RunFolder, StageMeter, layer_density
 from .structured.pipeline import prune_channels
 from .train import check_finite_loss, evaluate_loss_accuracy
@@ -118,11 +119,14 @@ def execute(plan: Plan, train_batches: Callable[[], Iterable] | None, eval_loade
             folder.log("already complete; nothing to do")
         return metrics["final"], model, {}
     if folder is not None:
-        _tell_changed_code(folder, metrics, describe)
         _refuse_changed_weights(folder, metrics, describe)
         _refuse_changed_classes(folder, metrics, describe, redo)
         if _refuse_changed_images(folder, metrics, data_fingerprint, force, anew, redo):     # --force: started anew
             metrics = {}
+        # before the folder's records are written again: a refused resume leaves them be
+        if metrics and _refuse_unfit_checkpoint(folder, plan, metrics, describe, force, anew):   # --force: anew
+            metrics = {}
+        _tell_changed_code(folder, metrics, describe)
         # one line once the run goes ahead (past the refusals above, and --force's start anew), naming
         # the checkpoint it carries on from (the checkpointer's own "resuming after ..." line is off: resume_point)
         probe = RunCheckpointer(folder, unit=_UNIT.get(plan.mode, "stage"))
@@ -326,6 +330,36 @@ def _tell_changed_code(folder: RunFolder, metrics: dict, describe: dict) -> None
                    f"{_UNIT.get(metrics.get('mode'), 'stage')}s left use the new code")
         folder.log(message)
         warn_ours(PrunekitWarning(message))
+
+
+def _refuse_unfit_checkpoint(folder: RunFolder, plan: Plan, metrics: dict, describe: dict, force: bool = False,
+                             anew: str = ANEW) -> bool:
+    """A resume whose model no longer fits the run's newest checkpoint (its model file edited since
+    the run began, a layer widened; or another model passed from Python) would fail loading it:
+    refused before any work, naming the change and its fix. ``force`` (the command line's --force,
+    which otherwise carries an unfinished run on): the run's checkpoints are removed instead and True
+    returned, as ``_refuse_changed_images`` does: it starts anew on the model as it is now."""
+    channels = plan.method.family == "channels"
+    found = checkpoint_misfit(folder.checkpoints, plan.channels.model if channels else plan.request.model, channels)
+    if found is None:
+        return False
+    name, misfit = found
+    if force:
+        from .run_folder import _remove_own_files
+        folder.log(f"the model no longer fits {name} ({misfit}): --force starts the run anew (its stages so far "
+                   "are removed)")
+        if folder.writable and folder.checkpoints.is_dir():
+            _remove_own_files(folder.checkpoints)
+        return True
+    before, now = metrics.get("model_file_sha256"), describe.get("model_file_sha256")
+    if before is not None and now is not None and before != now:
+        head = (f"the model file changed since the run in {folder.path} started ({describe['model']}), and the model "
+                f"it builds no longer fits the run's checkpoint {name} ({misfit}): put the model file back as it was "
+                "to carry the run on, or ")
+    else:
+        head = (f"the model does not fit the run's checkpoint {name} in {folder.path} ({misfit}): pass the model the "
+                "run started with, built as it was, to carry the run on, or ")
+    raise worded(head + "start a new run (force=True, or another out)", head + anew)
 
 
 def _refuse_changed_weights(folder: RunFolder, metrics: dict, describe: dict) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed, run_lock, user_models, zoo
+from .. import distributed, run_fit, run_lock, user_models, zoo
 from ..data import DATASET_NAMES, make_loader
 from ..data.dataset import pending_bytes
 from ..data.loaders import leaves_one_over, samples_per_pass
@@ -21,7 +21,8 @@ from .. import report
 from ..errors import PrunekitError, PrunekitWarning
 from ..run_folder import read_config
 from ..saving import read_meta
-from ..zoo.checkpoints import check_checkpoint_path, export_refusal
+from ..run_digests import file_sha256
+from ..zoo.checkpoints import check_checkpoint_path, export_refusal, read_state_dict
 from ..api_checks import first_batch
 from ..loading import (LoadedModel, check_fits, check_normalized, load_data, load_model, model_outputs,
                        python_saved_refusal, recorded_classes)
@@ -208,13 +209,45 @@ def loaded_model(args) -> LoadedModel:
     with torch.random.fork_rng(devices=[]):     # weights a checkpoint does not give are drawn from --seed
         if 0 <= seed < 2**63:                   # (one out of torch's range is refused with the request)
             torch.manual_seed(seed)
-        loaded = load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None),
-                            input_shape=input_shape, normalization=getattr(args, "normalize", None))
+        try:
+            loaded = load_model(args.model, args.checkpoint, dataset=getattr(args, "data", None),
+                                input_shape=input_shape, normalization=getattr(args, "normalize", None))
+        except PrunekitError as err:
+            raise edited_model_file(args, err) from None
     if getattr(args, "data", None):
         check_image_transform(loaded, args)
     if getattr(args, "device", None):           # every tensor follows the model (solvers included)
         loaded.model.to(args.device)
     return loaded
+
+
+def edited_model_file(args, err: PrunekitError) -> PrunekitError:
+    """``err``, the refusal of ``--checkpoint`` for the model ``--model net.py:FUNCTION`` builds, as
+    the edit it is where the unfinished run in ``--out`` began from that same checkpoint with another
+    version of the file (a layer widened since): the checkpoint loaded then, so the file is named,
+    not the checkpoint (whose own refusal advises a channel layout). ``err`` itself otherwise (a
+    file that does not build, a checkpoint changed too: the run refuses that as such)."""
+    out, checkpoint, model = getattr(args, "out", None), getattr(args, "checkpoint", None), args.model
+    if not (out and checkpoint and model and user_models.is_model_file(model) and Path(checkpoint).is_file()):
+        return err
+    began = run_fit.started_with(Path(out))
+    if began.get("model_file_sha256") in (None, user_models.file_digest(model)):
+        return err
+    if began.get("checkpoint_sha256") not in (None, file_sha256(checkpoint)):
+        return err
+    try:
+        with torch.device("meta"):          # names and shapes only
+            built = user_models.build_model(model)
+        state = read_state_dict(checkpoint)
+    except PrunekitError:
+        return err
+    misfit = run_fit.shape_misfit(built, {k: tuple(v.shape) for k, v in state.items()}, Path(checkpoint).name)
+    if misfit is None:
+        return err
+    return PrunekitError(f"the model file changed since the run in {out} started ({model}), and the checkpoint it "
+                         f"started from, {checkpoint}, no longer fits the model it builds ({misfit}): put the model "
+                         "file back as it was to carry the run on (a run of the edited code needs a checkpoint "
+                         "that fits it)")
 
 
 def warn_if_random_weights(args) -> None:

@@ -33,13 +33,14 @@ from ..pipelines.stages import StageState, capture_rng, load_optimizer, optimize
 from ..record import peak_rss_mb, save_pruned
 from ..run_configs import _differing
 from ..run_folder import _remove_own_files
+from ..run_fit import shape_misfit
 from ..runs import (EditedConfig, RunCheckpointer, RunFolder, check_claim, check_ranks_share, claim,
                     finished_read_only_on_rank_0, release_refused)
 from ..zoo.checkpoints import _export_kind, check_checkpoint_path, read_ahead, reading_ahead
 from ..train import TrainingDiverged, check_finite_weights, cosine, evaluate, sgd, train_epoch
 from ..train import check_converging as diverged
 from .common import (add_data_args, add_device_arg, add_model_args, check_image_transform, check_out_not_input,
-                     describe, emit, note_classes, resolve_model, show_progress, stop_recorded)
+                     describe, edited_model_file, emit, note_classes, resolve_model, show_progress, stop_recorded)
 from ..errors import warn as warn_ours
 
 
@@ -86,9 +87,12 @@ def _cmd_train(args) -> int:
         torch.manual_seed(args.seed)
     else:
         restore_rng(seeded)         # torch's CPU generator and, where the import used CUDA, each GPU's
-    loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
-                        in_channels=train_ds.image_shape[0], dataset=args.data,
-                        input_shape=tuple(train_ds.image_shape), normalization=args.normalize)
+    try:
+        loaded = load_model(args.model, args.checkpoint, num_classes=len(train_ds.classes),
+                            in_channels=train_ds.image_shape[0], dataset=args.data,
+                            input_shape=tuple(train_ds.image_shape), normalization=args.normalize)
+    except PrunekitError as err:
+        raise edited_model_file(args, err) from None
     loaded.input_shape = tuple(train_ds.image_shape)
     note_classes(args, loaded, train_ds)    # recorded in the sidecar: later folders are labelled the same
     check_finite_weights(loaded.model)      # as prune does: training would only spread them
@@ -649,9 +653,20 @@ def resume(checkpointer: RunCheckpointer | None, model, optimizer, schedule, loa
     change = fingerprint_change(recorded, fingerprint) if fingerprint is not None else None
     renamed = isinstance(started, list) and classes and started != classes
     other_weights = state.extra.get("checkpoint_sha256") not in (None, weights)
-    if force and (renamed or change is not None or other_weights):
+    name = checkpointer.path(state.stage).name
+    misfit = shape_misfit(model, {k[len("model/"):]: tuple(v.shape) for k, v in state.model_state.items()
+                                  if k.startswith("model/")}, name)
+    if force and (renamed or change is not None or other_weights or misfit):
         return _start_anew(checkpointer, "its classes" if renamed else "its --checkpoint file" if other_weights
-                           else f"its training images ({change})")
+                           else "its model" if misfit else f"its training images ({change})")
+    if misfit:      # its model file edited since (a layer widened): the epochs so far do not load into it
+        edited = state.extra.get("model_file_sha256") not in (None, digest)
+        raise PrunekitError((f"the model file changed since the run in {checkpointer.folder.path} started, and the "
+                             f"model it builds no longer fits the run's checkpoint {name} ({misfit}): put the model "
+                             "file back as it was to carry the run on" if edited else
+                             f"the model does not fit the run's checkpoint {name} in {checkpointer.folder.path} "
+                             f"({misfit}): build it as the run began to carry the run on") +
+                            ", or --force to train anew with it")
     if other_weights:
         raise PrunekitError(f"the --checkpoint file the run in {checkpointer.folder.path} started from has changed "
                             "since (its SHA-256 differs): put the original back to carry the run on, or --force to "
