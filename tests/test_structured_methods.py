@@ -174,6 +174,23 @@ def test_torch_pruning_on_option_a_in_both_modes(residual):
         assert widths == {16, 32, 64}
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_torch_pruning_baseline_saved_as_the_structured_bench_saves_it_loads_back(residual, tmp_path):
+    """bench_structured saves a tp row with save_pruned(..., shrunk=True): the layout recorded the
+    cut widths as the widths the model was built with (torch-pruning marks none of its cuts), so
+    loading it into a fresh resnet20 was refused ("layer 'layer1.0.conv1' is built with in 16, out 16
+    ... but had in 16, out 6 in the model the file was pruned from"). Also saved naming no zoo model."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    pruned, _ = tp_prune(zoo.build("resnet20").eval(), "tp-magnitude", 0.5, x[:1], iterations=6,
+                         pads_residual=residual)
+    path = save_pruned(tmp_path / "bench", pruned, {"model": "resnet20", "build_kwargs": {}}, {}, shrunk=True)
+    assert torch.equal(load_model("resnet20", path).model.eval()(x), pruned(x))
+    prunekit.save_model(pruned, tmp_path / "plain.safetensors", {})
+    fresh = prunekit.load_pruned(zoo.build("resnet20"), tmp_path / "plain.safetensors").eval()
+    assert torch.equal(fresh(x), pruned(x))
+
+
 def test_hybrid_cuts_channels_then_sparsifies_to_one_budget_and_holds_the_zeros(tiny):
     model, x, data = tiny
     costs = CostModel(model, x)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..costs import CostModel, is_conv1d_style
 from ..errors import PrunekitError
+from ..zoo.layout import mark_cut_since_remembered, remember_dense_all
 from .dependency_trace import TransposedLinearPruner, conv1d_pruners, pad_pruners
 from .groups import find_groups
 from .mixing_norms import NORM_LAYERS
@@ -92,6 +93,7 @@ class TaylorImportance(Conv1DAware, tp.importance.GroupTaylorImportance):
 def _prune_once(model, method, ratio, example_input, ignored_names, grads, global_pruning, round_to,
                 pads_residual=True):
     pruned = copy.deepcopy(model).eval()
+    remember_dense_all(pruned)          # each layer's counts before torch-pruning's cut, which the saved layout needs
     if grads is not None:
         for p, g in zip(pruned.parameters(), grads):
             p.grad = None if g is None else g.clone()
@@ -113,6 +115,7 @@ def _prune_once(model, method, ratio, example_input, ignored_names, grads, globa
         pruner.step()
     for p in pruned.parameters():
         p.grad = None
+    mark_cut_since_remembered(pruned)
     return pruned
 
 
@@ -137,7 +140,9 @@ def tp_prune(model: nn.Module, method: str, flops: float, example_input: torch.T
     than one uniform per-layer ratio, so the budget is met more closely). No layer loses more
     than 95% of its channels. ``gradient_batches``: iterable of (x, y) whose summed cross-entropy gradient feeds the
     Taylor criterion (needed for tp-taylor). ``round_to``: torch-pruning's own rounding of
-    each layer's kept channels to a multiple (1: none).
+    each layer's kept channels to a multiple (1: none). The model returned carries the marks of
+    prunekit's own channel surgery (each cut layer's counts before the cut: ``zoo.layout``), so that
+    ``save_model`` records a layout that ``load_pruned`` applies to a fresh model.
     """
     costs = CostModel(model, example_input)
     # the groups whose shrunk model computes the gated one (as our methods prune them): a group

@@ -52,6 +52,16 @@ def remember_dense_all(model: nn.Module) -> None:
             setattr(module, DENSE_MARK, entry if known else None)
 
 
+def mark_cut_since_remembered(model: nn.Module) -> None:
+    """Mark shrunk (``mark_shrunk``) each layer of ``model`` whose counts now differ from those
+    ``remember_dense_all`` kept: for a model narrowed by code that marks none of its cuts (torch-pruning's,
+    ``structured.baselines``), so that ``channel_layout`` records each cut layer's counts before the cut
+    and ``saving.save_model`` records the layout, as for a model ``shrink`` narrowed."""
+    for module in model.modules():
+        if hasattr(module, DENSE_MARK) and _dense_entry(module) != getattr(module, DENSE_MARK):
+            mark_shrunk(module)
+
+
 def is_shrunk(model: nn.Module) -> bool:
     """Whether ``model`` holds a layer with channels or blocks removed: one marked by ``mark_shrunk``
     (the model ``prunekit.prune`` or ``prunekit.load_pruned`` returned, a wrapper or part of it, a
