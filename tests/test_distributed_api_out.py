@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# its tests share one spawn of the ranks: all on one xdist worker (`--dist loadgroup`), so the other
+# worker goes on with other tests instead of waiting for that spawn
+pytestmark = pytest.mark.xdist_group("distributed_api_out")
+
 from distributed_spawn import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

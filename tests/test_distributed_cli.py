@@ -12,6 +12,10 @@ import time
 import pytest
 from pathlib import Path
 
+# its tests share one spawn of the ranks: all on one xdist worker (`--dist loadgroup`), so the other
+# worker goes on with other tests instead of waiting for that spawn
+pytestmark = pytest.mark.xdist_group("distributed_cli")
+
 from cli_in_ranks import cli
 from distributed_spawn import free_port, run_ranks_in_folder_once
 

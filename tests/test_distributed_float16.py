@@ -9,6 +9,10 @@ import warnings
 import pytest
 import torch
 
+# its tests share one spawn of the ranks: all on one xdist worker (`--dist loadgroup`), so the other
+# worker goes on with other tests instead of waiting for that spawn
+pytestmark = pytest.mark.xdist_group("distributed_float16")
+
 import prunekit
 from prunekit.errors import PrunekitWarning
 from closeness import assert_close_to_scale

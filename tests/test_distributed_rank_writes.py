@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# its tests share one spawn of the ranks: all on one xdist worker (`--dist loadgroup`), so the other
+# worker goes on with other tests instead of waiting for that spawn
+pytestmark = pytest.mark.xdist_group("distributed_rank_writes")
+
 from cli_in_ranks import cli as _cli, watch_writes
 from distributed_spawn import free_port
 

@@ -15,6 +15,10 @@ every storage dtype."""
 import pytest
 import torch
 
+# its tests share one spawn of the ranks: all on one xdist worker (`--dist loadgroup`), so the other
+# worker goes on with other tests instead of waiting for that spawn
+pytestmark = pytest.mark.xdist_group("distributed_solvers")
+
 from closeness import assert_close_to_scale
 from distributed_spawn import run_ranks_once
 from prunekit.distributed import TorchCollective

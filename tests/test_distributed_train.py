@@ -5,6 +5,10 @@ them over the ranks at the end of the pass and every rank holds the same model."
 import pytest
 import torch
 
+# its tests share one spawn of the ranks: all on one xdist worker (`--dist loadgroup`), so the other
+# worker goes on with other tests instead of waiting for that spawn
+pytestmark = pytest.mark.xdist_group("distributed_train")
+
 from distributed_spawn import run_ranks_once
 
 

@@ -7,6 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+# its tests share one spawn of the ranks: all on one xdist worker (`--dist loadgroup`), so the other
+# worker goes on with other tests instead of waiting for that spawn
+pytestmark = pytest.mark.xdist_group("distributed_user_loader")
+
 import prunekit
 from closeness import assert_close_to_scale
 from distributed_spawn import run_ranks_once
