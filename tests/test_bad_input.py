@@ -1153,7 +1153,8 @@ def test_a_run_into_a_folder_whose_name_is_not_utf8_prints_its_summary(tmp_path,
     """The run was saved, then printing its summary ("saved to DIR") raised UnicodeEncodeError:
     a traceback and exit 1 where stdout is strict UTF-8."""
     raw = io.BytesIO()
-    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True))
+    strict = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True)   # kept: collected, it closes raw
+    monkeypatch.setattr(sys, "stdout", strict)
     out = tmp_path / os.fsdecode(b"bad\xffname")
     code = main([*PRUNE, "--sparsity", "0.5", "--train-samples", "64", "--no-stage-eval", "--out", str(out)])
     monkeypatch.undo()
